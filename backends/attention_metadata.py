@@ -1,0 +1,33 @@
+"""What an attention kernel needs to know about one batch: where each new token's K/V goes in the paged cache and
+which cached tokens each query may see.
+
+A batch is laid out decodes first (one token per sequence), then prefill chunks (several tokens of one sequence
+each), the order the scheduler emits. The runner builds this once per step; every layer reuses it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # offset of the chunk's first token in the batch's token dimension
+    query_len: int  # tokens of this sequence computed in this step
+    context_len: int  # tokens of this sequence in the cache after this step (earlier context + query_len)
+    block_table: torch.Tensor  # int32 [num_blocks_of_seq]: the cache blocks holding the sequence, in order
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [T]: flat cache slot (block * block_size + offset) of each new token
+    block_size: int
+    num_decode_tokens: int = 0  # the first num_decode_tokens tokens are single-token decodes, one per sequence
+    decode_block_tables: torch.Tensor | None = None  # int32 [num_decode, max_blocks], padded with 0
+    decode_context_lens: torch.Tensor | None = None  # int32 [num_decode]: cached tokens incl. the new one
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])

@@ -1,0 +1,76 @@
+"""The contract between the runtime and a hardware backend.
+
+A backend is a device plus a kernel table: op name -> callable. Lowering a model graph binds every node to an entry
+of this table, so adding hardware means writing these ops, not touching the model or the engine. The ops and their
+shapes (T tokens in the batch, H hidden, Hq/Hk query/kv heads, D head dim, I intermediate, V vocab):
+
+  embedding(ids[T] int64, weight[V, H]) -> [T, H]
+  rmsnorm(x[T, H], weight[H], eps) -> [T, H]
+  add_rmsnorm(x[T, H], residual[T, H], weight[H], eps) -> (normed[T, H], summed[T, H])   # summed = x + residual
+  linear(x[T, K], weight: packed, bias[N] | None) -> [T, N]        # weight packed by prepare_linear_weight
+  rope(q[T, Hq, D], k[T, Hk, D], positions[T] int64, cos_sin[max_pos, D]) -> (q, k)
+        # rotate-half (Hugging Face / NeoX) style; cos_sin = cat(cos[:, :D/2], sin[:, :D/2], dim=-1)
+  silu_mul(x[T, 2I]) -> [T, I]                                      # silu(x[:, :I]) * x[:, I:]
+  add(x, y) -> x + y
+  attention(q[T, Hq, D], k[T, Hk, D], v[T, Hk, D], k_cache, v_cache, meta: AttentionMetadata, scale) -> [T, Hq, D]
+        # first writes k, v at meta.slot_mapping, then attends; caches are [num_blocks, block_size, Hk, D]
+  paged_decode_attention(q[B, Hq, D], k_cache, v_cache, block_tables[B, M] int32, context_lens[B] int32, scale)
+        -> [B, Hq, D]
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+KernelTable = dict[str, Callable[..., Any]]
+
+REQUIRED_OPS = (
+    "embedding",
+    "rmsnorm",
+    "add_rmsnorm",
+    "linear",
+    "rope",
+    "silu_mul",
+    "add",
+    "attention",
+    "paged_decode_attention",
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend is registered but its software stack or device is missing on this machine."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str  # why not, or what was found ("torch 2.13.0, 2 threads")
+
+
+class HardwareBackend(ABC):
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        status = self.availability()
+        if not status.available:
+            raise BackendUnavailableError(f"backend {self.name!r} is not available: {status.reason}")
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> Availability: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def kernels(self) -> KernelTable: ...
+
+    def prepare_linear_weight(self, weight: torch.Tensor) -> Any:
+        """Packs a [out, in] weight into the layout this backend's `linear` reads fastest."""
+        return weight.to(self.device).contiguous()

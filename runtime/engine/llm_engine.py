@@ -1,0 +1,195 @@
+"""The engine: requests in, token deltas out, one `step()` at a time.
+
+    step = schedule -> run the model -> sample -> append tokens, detokenize, check stops
+
+It knows nothing of sockets or event loops; the offline `LLM`, the prefill/decode operators and the servers all
+drive it through `add_request` / `step` / `abort_request`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from sagellm.backends import get_backend
+from sagellm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from sagellm.runtime.engine.block_manager import BlockManager
+from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
+from sagellm.runtime.engine.kv_cache import num_blocks_for_budget
+from sagellm.runtime.engine.model_runner import ModelRunner
+from sagellm.runtime.engine.sampler import Sampler, make_generator
+from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
+from sagellm.runtime.engine.sequence import Sequence
+from sagellm.runtime.models.loader import LoadedModel, load_model
+from sagellm.sampling_params import SamplingParams
+
+log = structlog.get_logger("sagellm.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    backend: str = "auto"
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's context, capped by the KV cache
+    block_size: int = 16
+    kv_cache_memory_gb: float = 1.0
+    num_kv_blocks: int | None = None  # overrides the memory budget (tests force preemption with it)
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch intra-op threads on the CPU; default: all cores
+
+
+@dataclass(eq=False)
+class _RequestState:
+    seq: Sequence
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    metrics: RequestMetrics
+    logprobs: list | None = field(default=None)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.model = loaded or load_model(config.model)
+        if self.model.tokenizer is None:
+            raise ValueError(f"{self.model.source}: the engine needs a tokenizer, and this model has none")
+        self.tokenizer = self.model.tokenizer
+        model_config = self.model.config
+        self.backend = get_backend(config.backend)
+        num_blocks = config.num_kv_blocks or num_blocks_for_budget(
+            model_config, config.block_size, int(config.kv_cache_memory_gb * 2**30)
+        )
+        max_len = config.max_model_len or model_config.max_position_embeddings
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+        )
+        self.runner = ModelRunner(
+            model_config,
+            self.model.weights,
+            self.backend,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+        )
+        self.model.weights = {}  # the plan holds what it needs (packed); drop the loader's copies
+        self.sampler = Sampler()
+        self.eos_token_ids = set(model_config.eos_token_ids)
+        self._requests: dict[str, _RequestState] = {}
+        log.info(
+            "engine_ready",
+            model=self.model.name,
+            backend=self.backend.name,
+            kv_blocks=num_blocks,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+        )
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, *, priority: int = 0
+    ) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            text, token_ids = None, list(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        budget = self.max_model_len - len(token_ids)
+        if budget <= 0:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; this engine's context is {self.max_model_len} tokens"
+            )
+        seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
+        detok = IncrementalDetokenizer.from_params(self.tokenizer, token_ids, params)
+        metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
+        logprobs = [] if params.logprobs is not None else None
+        self._requests[request_id] = _RequestState(seq, text, detok, metrics, logprobs)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        state = self._requests.pop(request_id, None)
+        if state is not None and not state.seq.is_finished:
+            self.scheduler.finish(state.seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        logits = self.runner.execute(batch)  # [N, V] for the sequences sampled this step
+        sampled = self.scheduler.complete_step(batch)
+        if not sampled:
+            return []
+        result = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        now = time.monotonic()
+        return [
+            self._append(seq, token, logprob, now)
+            for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)
+        ]
+
+    def _append(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
+        state = self._requests[seq.request_id]
+        seq.append_token(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if state.logprobs is not None:
+            state.logprobs.append(logprob)
+        params = seq.params
+        finish, stop_reason = None, None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            finish = "stop"
+        elif token in params.stop_token_ids:
+            finish, stop_reason = "stop", token
+        detok = state.detokenizer
+        delta = "" if finish else detok.add([token])
+        if finish is None and detok.stop_string is not None:
+            finish, stop_reason = "stop", detok.stop_string
+        if finish is None and (
+            (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
+            or seq.num_tokens >= self.max_model_len
+        ):
+            finish = "length"
+        if finish is not None:
+            self.scheduler.finish(seq, finish)
+            delta += detok.flush()
+            del self._requests[seq.request_id]
+        return self._output(state, delta, [token], stop_reason, now)
+
+    def _output(self, state: _RequestState, delta: str, new_ids: list[int], stop_reason, now: float):
+        seq, m = state.seq, state.metrics
+        m.first_scheduled_time, m.first_token_time = seq.first_scheduled_time, seq.first_token_time
+        m.num_output_tokens, m.num_cached_tokens = seq.num_output_tokens, seq.num_cached_tokens
+        m.num_preemptions = seq.num_preemptions
+        if seq.is_finished:
+            m.finished_time = now
+        completion = CompletionOutput(
+            index=0,
+            text=state.detokenizer.text,
+            token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=stop_reason,
+            logprobs=state.logprobs,
+            text_delta=delta,
+            token_ids_delta=new_ids,
+        )
+        return RequestOutput(seq.request_id, state.prompt, seq.prompt_token_ids, [completion], seq.is_finished, m)

@@ -1,0 +1,126 @@
+"""Picks the work of each engine step under one token budget (the vLLM v1 shape).
+
+Running sequences go first: each needs its next token (decode) or the rest of a chunked prefill. Waiting sequences
+then fill what is left of the budget, their cached prefix skipped. When the KV cache cannot grow a running sequence,
+the most recently admitted one is preempted: its blocks are freed and it is recomputed later (its prefix blocks
+are likely still cached). Requests join and leave the running batch between steps: continuous batching."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from sagellm.runtime.engine.block_manager import BlockManager
+from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16  # sequences in one batch
+    max_num_batched_tokens: int = 512  # token budget of one step (chunked prefill cuts prompts to fit)
+    max_model_len: int = 2048  # prompt + output tokens of one sequence
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: `seqs[i]` computes `num_new_tokens[i]` tokens. Single-token entries come first (decodes)."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for n in self.num_new_tokens if n == 1)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, n))
+                budget -= n
+                index += 1
+                continue
+            break
+        if not batch.preempted:
+            self._admit_waiting(scheduled, budget)
+        scheduled.sort(key=lambda item: item[1] != 1)  # decodes first, order otherwise kept
+        batch.seqs = [seq for seq, _ in scheduled]
+        batch.num_new_tokens = [n for _, n in scheduled]
+        return batch
+
+    def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.block_manager.find_cached_prefix(seq)
+            computed = len(cached) * self.block_manager.block_size
+            n = min(seq.num_tokens - computed, budget)
+            if not self.block_manager.allocate(seq, n, cached):
+                break
+            self.waiting.popleft()
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = computed
+            seq.num_computed_tokens = computed
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends `seq` (stop condition, abort or error) and releases its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def complete_step(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Advances each sequence past the tokens just computed; returns those whose next token is sampled now."""
+        sampled = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampled.append(seq)
+        return sampled

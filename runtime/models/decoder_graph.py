@@ -1,0 +1,67 @@
+"""The forward pass of a Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Qwen2) as an IR graph.
+
+The graph is written the way the model reads in its paper, one op per line, unfused; passes fuse it and lowering
+binds it to a backend. One graph serves prefill and decode and any mix of the two in a batch: attention reads the
+batch layout from its metadata input. Weights are named by their canonical Hugging Face names and bound at lowering.
+
+Graph inputs: input_ids [T], positions [T], attn_metadata, logits_indices [N] (rows whose next token is sampled,
+so the lm_head runs on N rows, not T). Output: logits [N, V]."""
+
+from __future__ import annotations
+
+from sagellm.runtime.execution_graph.graph import Graph, Value
+from sagellm.runtime.models.config import ModelConfig
+
+# Architectures whose forward this graph describes; they differ only in what ModelConfig records (qkv bias, rope).
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+
+def build_decoder_graph(config: ModelConfig) -> Graph:
+    if config.architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"no model graph for architecture {config.architecture!r}; have {SUPPORTED_ARCHITECTURES}")
+    g = Graph(attrs={"model": config.architecture, "num_layers": config.num_layers})
+    input_ids = g.add("input", id="input_ids", name="input_ids")
+    positions = g.add("input", id="positions", name="positions")
+    meta = g.add("input", id="attn_metadata", name="attn_metadata")
+    logits_indices = g.add("input", id="logits_indices", name="logits_indices")
+
+    hidden = g.add("embedding", [input_ids], weight="model.embed_tokens.weight")
+    residual: Value | None = None
+    for layer in range(config.num_layers):
+        hidden, residual = _decoder_layer(g, config, layer, hidden, residual, positions, meta)
+
+    # Only the sampled rows go through the final norm and the lm_head.
+    hidden = g.add("index_rows", [hidden, logits_indices])
+    residual = g.add("index_rows", [residual, logits_indices])
+    summed = g.add("add", [hidden, residual])
+    normed = g.add("rmsnorm", [summed], weight="model.norm.weight", eps=config.rms_norm_eps)
+    lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    logits = g.add("linear", [normed], weight=lm_head, out_features=config.vocab_size)
+    g.add("output", [logits], id="logits", name="logits")
+    return g
+
+
+def _decoder_layer(
+    g: Graph, c: ModelConfig, i: int, hidden: Value, residual: Value | None, positions: Value, meta: Value
+) -> tuple[Value, Value]:
+    p = f"model.layers.{i}."
+    # In the first layer the embedding is the residual stream.
+    residual = hidden if residual is None else g.add("add", [hidden, residual])
+    x = g.add("rmsnorm", [residual], weight=p + "input_layernorm.weight", eps=c.rms_norm_eps)
+
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    bias = {"bias": True} if c.qkv_bias else {}
+    q = g.add("linear", [x], weight=p + "self_attn.q_proj.weight", out_features=q_size, **bias)
+    k = g.add("linear", [x], weight=p + "self_attn.k_proj.weight", out_features=kv_size, **bias)
+    v = g.add("linear", [x], weight=p + "self_attn.v_proj.weight", out_features=kv_size, **bias)
+    q, k = g.add_multi("rope", [q, k, positions], 2, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
+    attn = g.add("attention", [q, k, v, meta], layer=i, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
+    hidden = g.add("linear", [attn], weight=p + "self_attn.o_proj.weight", out_features=c.hidden_size)
+
+    residual = g.add("add", [hidden, residual])
+    x = g.add("rmsnorm", [residual], weight=p + "post_attention_layernorm.weight", eps=c.rms_norm_eps)
+    gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=c.intermediate_size)
+    up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=c.intermediate_size)
+    act = g.add("mul", [g.add("silu", [gate]), up])
+    hidden = g.add("linear", [act], weight=p + "mlp.down_proj.weight", out_features=c.hidden_size)
+    return hidden, residual

@@ -1,0 +1,180 @@
+"""`sagellm bench offline`: our engine against Hugging Face `transformers` on workloads W1 and W2, in one run.
+
+Prints a table (and a markdown copy for the README), and writes every number with the machine's description to a
+JSON file and a bar chart to a PNG. Times on a shared machine drift; the ratio between engines in one run holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sagellm.bench.workloads import WORKLOAD_GROUPS
+
+if TYPE_CHECKING:
+    from sagellm.bench.offline import OfflineReport, Row
+
+COLUMNS = (  # (metric, header, format)
+    ("out_tok_s", "out tok/s", "{:.1f}"),
+    ("req_s", "req/s", "{:.3f}"),
+    ("ttft_p50_ms", "TTFT p50 ms", "{:.0f}"),
+    ("ttft_p99_ms", "TTFT p99 ms", "{:.0f}"),
+    ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
+    ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"),
+    ("wall_s", "wall s", "{:.1f}"),
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark the engine against peers", description=__doc__)
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    o = kinds.add_parser("offline", help="LLM.generate vs transformers generate (W1, W2)", description=__doc__)
+    o.add_argument(
+        "--model", "-m", default=None, help="path, .gguf file or cache alias (default: smollm2-135m-instruct)"
+    )
+    o.add_argument("--workloads", default=",".join(WORKLOAD_GROUPS), help="comma list of %(default)s")
+    o.add_argument("--num-prompts", type=int, default=None, help="cap every workload's prompt count (quick runs)")
+    o.add_argument("--input-len", type=int, default=256, help="prompt tokens (default: %(default)s)")
+    o.add_argument("--output-len", type=int, default=128, help="output tokens, EOS ignored (default: %(default)s)")
+    o.add_argument("--peers", default="transformers", help="transformers or none (default: %(default)s)")
+    o.add_argument("--repeats", type=int, default=3, help="runs per workload; tables show medians (default: 3)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    o.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for every engine")
+    o.add_argument("--backend", default="cpu", help="our engine's backend (default: %(default)s)")
+    o.add_argument("--max-num-batched-tokens", type=int, default=512, help="our engine's per-step token budget")
+    o.add_argument("--out", type=Path, default=Path("benchmarks/results/offline.json"), help="JSON results file")
+    o.add_argument("--plot", type=Path, default=Path("benchmarks/results/offline.png"), help="PNG chart ('' = none)")
+    o.add_argument("--markdown", type=Path, default=None, help="write the markdown table here instead of stdout")
+    o.add_argument("--log-level", default="warning")
+    o.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sagellm.bench.offline import OfflineConfig, run_offline
+    from sagellm.bench.workloads import standard_workloads
+    from sagellm.model_cache import DEFAULT_MODEL, resolve_model
+
+    groups = [g.strip() for g in args.workloads.split(",") if g.strip()]
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none")
+    workloads = standard_workloads(
+        groups, input_len=args.input_len, output_len=args.output_len, max_num_prompts=args.num_prompts
+    )
+    config = OfflineConfig(
+        model=Path(resolve_model(args.model or DEFAULT_MODEL)),
+        workloads=workloads,
+        peers=peers,
+        repeats=args.repeats,
+        seed=args.seed,
+        threads=args.threads,
+        backend=args.backend,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    report = run_offline(config)
+    command = "sagellm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "sagellm bench offline"
+    results = report.to_json() | {"command": command}
+
+    _print_table(report)
+    markdown = _markdown(report, command)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown)
+    else:
+        print(markdown)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    print(f"results: {args.out}", file=sys.stderr)
+    if str(args.plot):
+        _plot(report, args.plot)
+        print(f"chart: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cells(report: OfflineReport, row: Row) -> list[str]:
+    """The formatted metrics of one row, then its output tok/s as a multiple of the peer's on the same workload."""
+    cells = ["–" if math.isnan(row.median[m]) else fmt.format(row.median[m]) for m, _, fmt in COLUMNS]
+    peer = report.row(row.workload, "transformers")
+    ratio = row.median["out_tok_s"] / peer.median["out_tok_s"] if peer else math.nan
+    return [*cells, "–" if math.isnan(ratio) else f"{ratio:.2f}×"]
+
+
+def _ordered(report: OfflineReport) -> list[Row]:
+    """Rows grouped by workload (in run order), engines side by side within each."""
+    order = {w.name: i for i, w in enumerate(report.workloads)}
+    return sorted(report.rows, key=lambda r: order[r.workload])
+
+
+def _headers() -> list[str]:
+    return ["workload", "engine", *(header for _, header, _ in COLUMNS), "tok/s vs transformers"]
+
+
+def _print_table(report: OfflineReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*_headers(), title=f"offline benchmark: {Path(report.model).name}", caption=_caption(report))
+    for row in _ordered(report):
+        table.add_row(row.workload, row.engine, *_cells(report, row))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: no 80-column squeeze
+
+
+def _machine(report: OfflineReport) -> str:
+    m = report.machine
+    return f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, median of {report.repeats} run(s)"
+
+
+def _caption(report: OfflineReport) -> str:
+    m = report.machine
+    agree = ", ".join(f"{w} {100 * a['identical']:.0f}%" for w, a in report.agreement().items())
+    return f"{report.note}; {_machine(report)}; torch {m['torch']}, transformers {m['transformers']}" + (
+        f"; requests with identical greedy outputs across engines: {agree}" if agree else ""
+    )
+
+
+def _markdown(report: OfflineReport, command: str) -> str:
+    headers = _headers()
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in _ordered(report):
+        lines.append("| " + " | ".join([row.workload, row.engine, *_cells(report, row)]) + " |")
+    return "\n".join([*lines, "", f"{_caption(report)}. Command: `{command}`", ""])
+
+
+def _plot(report: OfflineReport, path: Path) -> None:
+    """Bars per engine: output tok/s for each workload, and single-stream TTFT / TPOT p50 and p99 if W1-c1 ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = list(dict.fromkeys(r.engine for r in report.rows))
+    workloads = [w.name for w in report.workloads]
+    panels = [("output tokens/s (higher is better)", workloads, ["out_tok_s"] * len(workloads))]
+    if "w1-c1" in workloads:
+        panels.append(("W1-c1 TTFT ms (lower is better)", ["p50", "p99"], ["ttft_p50_ms", "ttft_p99_ms"]))
+        panels.append(("W1-c1 TPOT ms (lower is better)", ["p50", "p99"], ["tpot_p50_ms", "tpot_p99_ms"]))
+    widths = [max(len(labels), 2) for _, labels, _ in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 1.6 * sum(widths), 4.8), width_ratios=widths, squeeze=False)
+    bar = 0.8 / len(engines)
+    for ax, (title, labels, metrics) in zip(axes[0], panels, strict=True):
+        for i, engine in enumerate(engines):
+            values = []
+            for label, metric in zip(labels, metrics, strict=True):
+                row = report.row(label if metric == "out_tok_s" else "w1-c1", engine)
+                values.append(row.median[metric] if row else 0.0)
+            xs = [x + (i - (len(engines) - 1) / 2) * bar for x in range(len(labels))]
+            bars = ax.bar(xs, values, bar, label=engine, color=f"C{i}")
+            ax.bar_label(bars, fmt="%.0f" if max(values, default=0) >= 100 else "%.1f", fontsize=8, padding=2)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.15)
+    axes[0][0].legend()
+    fig.suptitle(f"{Path(report.model).name}: {' vs '.join(engines)}\n{report.note}", fontsize=10)
+    fig.text(0.5, 0.01, _machine(report), ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,46 @@
+"""`sagellm inspect MODEL`: the model's execution graph before and after the optimization passes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="print a model's graph before and after passes", description=__doc__)
+    p.add_argument("model", nargs="?", default=None, help="path, .gguf file or cache alias")
+    p.add_argument("--layers", type=int, default=1, help="decoder layers to print in full (0 = all)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from sagellm.model_cache import DEFAULT_MODEL, resolve_model
+    from sagellm.runtime.execution_graph.passes import optimize
+    from sagellm.runtime.models.decoder_graph import build_decoder_graph
+    from sagellm.runtime.models.loader import load_model
+
+    console = Console()
+    config = load_model(resolve_model(args.model or DEFAULT_MODEL), load_tokenizer=False, load_weights=False).config
+    console.print(
+        f"[bold]{config.architecture}[/]: {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_heads}/{config.num_kv_heads} heads, vocab {config.vocab_size}"
+    )
+    before = build_decoder_graph(config)
+    after = optimize(before)
+    table = Table("op", "before passes", "after passes")
+    b, a = before.op_counts(), after.op_counts()
+    for op in sorted(set(b) | set(a)):
+        table.add_row(op, str(b.get(op, 0)), str(a.get(op, 0)))
+    table.add_row("[bold]nodes[/]", str(len(before.nodes)), str(len(after.nodes)))
+    table.add_row("[bold]buffer slots[/]", str(len(before.nodes)), str(after.attrs["num_slots"]))
+    console.print(table)
+    shown = config if args.layers == 0 else replace(config, num_layers=min(args.layers, config.num_layers))
+    small = build_decoder_graph(shown)
+    for title, graph in (("before passes", small), ("after passes", optimize(small))):
+        console.rule(f"{title} ({shown.num_layers} of {config.num_layers} layers)")
+        console.print(graph.pretty(), markup=False, highlight=False)
+    return 0

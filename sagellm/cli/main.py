@@ -1,0 +1,40 @@
+"""The `sagellm` command: one subcommand per file in this folder, each with `add_parser` and `run`.
+
+Heavy imports (torch, transformers) happen inside `run`, so `sagellm --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sagellm.cli import backends_cmd, bench_cmd, generate_cmd, inspect_cmd, model_cmd
+
+COMMANDS = (generate_cmd, model_cmd, inspect_cmd, backends_cmd, bench_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sagellm", description="sageLLM: LLM serving as a dataflow of operators")
+    parser.add_argument("--version", action="version", version=f"sagellm {__import__('sagellm').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sagellm.logging import configure_logging
+
+    configure_logging(args.log_level if hasattr(args, "log_level") else "warning")
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # Known failures (bad model path, unavailable backend, bad parameter) get one line, not a traceback.
+        print(f"sagellm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

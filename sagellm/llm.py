@@ -1,0 +1,113 @@
+"""The offline API: `LLM(model).generate(prompts, params)`, `.chat(messages)` and `.stream(prompt)`.
+
+A thin loop around `LLMEngine`: add every request, step until all finish. Batching, chunked prefill and prefix
+reuse happen inside the engine, so a list of prompts runs as one continuous batch."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+
+from tqdm import tqdm
+
+from sagellm.outputs import RequestOutput
+from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+from sagellm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """An engine on one model. `model` is a path (HF directory or .gguf file) or a cache alias such as
+    "smollm2-135m-instruct" (downloaded on first use). Keyword arguments are `EngineConfig` fields."""
+
+    def __init__(self, model: str | None = None, **engine_args) -> None:
+        from sagellm.model_cache import DEFAULT_MODEL, resolve_model
+
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(engine_args) - known
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {sorted(unknown)}; have {sorted(known - {'model'})}")
+        path = resolve_model(model or DEFAULT_MODEL)
+        self.engine = LLMEngine(EngineConfig(model=str(path), **engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in prompt order. A prompt is text or token ids."""
+        batch = _as_batch(prompts)
+        all_params = _per_prompt(params, len(batch))
+        request_ids = []
+        for prompt, p in zip(batch, all_params):
+            request_ids.append(self._add(prompt, p))
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(batch), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[rid] for rid in request_ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        params: SamplingParams | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation or a list of them, then generates."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+        return self.generate(prompts, params)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yields an output per new token of one request (`outputs[0].text_delta` is the new text)."""
+        request_id = self._add(prompt, params or SamplingParams())
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(request_id)
+
+    def apply_chat_template(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.engine.model.name!r} has no chat template; use generate() with text")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        request_id = str(next(self._ids))
+        self.engine.add_request(request_id, prompt, params)
+        return request_id
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return list(params)

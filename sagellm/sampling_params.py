@@ -1,0 +1,105 @@
+"""How one request wants its tokens chosen and when its generation stops.
+
+The field names and meanings follow vLLM's `SamplingParams` so OpenAI-style requests and vLLM users' code map onto it
+one to one. Every value is checked once, here, when the request enters the system: the sampler and the detokenizer
+trust it and never re-validate. A bad value raises `ValueError` naming the field and the allowed range, which the
+gateway turns into an `invalid_request` error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # the most top-N alternatives a request may ask for, as vLLM's default `max_logprobs`
+GREEDY_TEMPERATURE = 1e-5  # below this, temperature is greedy (vLLM's _SAMPLING_EPS): dividing by ~0 is pointless
+_SEED_MIN, _SEED_END = -(2**63), 2**64  # the range torch.Generator.manual_seed accepts
+
+
+def _require(ok: bool, name: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # completions per request; only 1 is supported
+    max_tokens: int | None = 16  # None: generate up to the model's context limit
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1: off
+    min_p: float = 0.0  # drop tokens less likely than min_p * (probability of the most likely token)
+    seed: int | None = None  # per-request RNG: the same seed gives the same tokens whatever shares the batch
+    stop: str | list[str] | None = None  # normalized to a list of non-empty strings
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N alternatives per token; 0: only the sampled token's logprob
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.n == 1 and _is_int(self.n), "n", "1 (one completion per request is supported)", self.n)
+        _require(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            "max_tokens",
+            "an integer >= 1 or None",
+            self.max_tokens,
+        )
+        _require(_is_number(self.temperature) and self.temperature >= 0, "temperature", ">= 0", self.temperature)
+        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        _require(_is_int(self.top_k) and (self.top_k >= -1), "top_k", "-1 or 0 (off) or an integer >= 1", self.top_k)
+        _require(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
+        _require(
+            self.seed is None or (_is_int(self.seed) and _SEED_MIN <= self.seed < _SEED_END),
+            "seed",
+            "None or an integer in [-2**63, 2**64)",
+            self.seed,
+        )
+        self.stop = self._normalize_stop(self.stop)
+        self.stop_token_ids = self._normalize_stop_token_ids(self.stop_token_ids)
+        _require(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs",
+            f"None or an integer in [0, {MAX_LOGPROBS}]",
+            self.logprobs,
+        )
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _require(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
+
+    @staticmethod
+    def _normalize_stop(stop: object) -> list[str]:
+        if stop is None:
+            return []
+        stops = [stop] if isinstance(stop, str) else stop
+        _require(
+            isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops),
+            "stop",
+            "a non-empty string or a list of non-empty strings",
+            stop,
+        )
+        return list(stops)
+
+    @staticmethod
+    def _normalize_stop_token_ids(ids: object) -> list[int]:
+        if ids is None:
+            return []
+        _require(
+            isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids),
+            "stop_token_ids",
+            "a list of integers >= 0",
+            ids,
+        )
+        return list(ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the token is the argmax: top_k, top_p, min_p and seed then change nothing."""
+        return self.temperature < GREEDY_TEMPERATURE

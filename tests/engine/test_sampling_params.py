@@ -1,0 +1,71 @@
+"""SamplingParams: vLLM-compatible defaults, normalization, and a ValueError naming the field for every bad value."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sagellm.sampling_params import SamplingParams
+
+
+def test_defaults_match_vllm() -> None:
+    p = SamplingParams()
+    assert (p.n, p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (1, 16, 1.0, 1.0, 0, 0.0)
+    assert (p.seed, p.stop, p.stop_token_ids, p.logprobs) == (None, [], [], None)
+    assert (p.ignore_eos, p.include_stop_str_in_output, p.skip_special_tokens) == (False, False, True)
+    assert not p.is_greedy
+
+
+def test_normalization() -> None:
+    assert SamplingParams(stop="###").stop == ["###"]
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == []  # type: ignore[arg-type]
+    assert SamplingParams(stop_token_ids=(2, 7)).stop_token_ids == [2, 7]  # type: ignore[arg-type]
+
+
+def test_accepted_edges() -> None:
+    SamplingParams(max_tokens=None, temperature=0, top_p=1e-3, top_k=-1, min_p=1.0, seed=0, logprobs=0)
+    SamplingParams(top_k=1, logprobs=20, seed=2**64 - 1)
+    assert SamplingParams(temperature=0).is_greedy
+    assert SamplingParams(temperature=0, top_k=5, seed=3).is_greedy
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("n", 2, "1 (one completion per request is supported)"),
+        ("n", 0, "1 (one completion per request is supported)"),
+        ("max_tokens", 0, "an integer >= 1 or None"),
+        ("max_tokens", 1.5, "an integer >= 1 or None"),
+        ("temperature", -1, ">= 0"),
+        ("temperature", float("nan"), ">= 0"),
+        ("temperature", "hot", ">= 0"),
+        ("top_p", 0.0, "in (0, 1]"),
+        ("top_p", 1.01, "in (0, 1]"),
+        ("top_k", -2, "-1 or 0 (off) or an integer >= 1"),
+        ("top_k", 2.0, "-1 or 0 (off) or an integer >= 1"),
+        ("min_p", -0.1, "in [0, 1]"),
+        ("min_p", 1.5, "in [0, 1]"),
+        ("seed", "abc", "None or an integer"),
+        ("seed", 2**64, "None or an integer"),
+        ("stop", "", "non-empty string"),
+        ("stop", ["ok", ""], "non-empty string"),
+        ("stop", 5, "non-empty string"),
+        ("stop_token_ids", [-1], "integers >= 0"),
+        ("stop_token_ids", 5, "integers >= 0"),
+        ("logprobs", 21, "in [0, 20]"),
+        ("logprobs", -1, "in [0, 20]"),
+        ("ignore_eos", "yes", "a bool"),
+        ("include_stop_str_in_output", 1, "a bool"),
+        ("skip_special_tokens", None, "a bool"),
+    ],
+)
+def test_invalid_value_names_field_and_range(field: str, value: object, rule: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field} must be .*{re.escape(rule)}.*, got {re.escape(repr(value))}$"):
+        SamplingParams(**{field: value})
+
+
+def test_message_reads_naturally() -> None:
+    with pytest.raises(ValueError, match=r"^temperature must be >= 0, got -1$"):
+        SamplingParams(temperature=-1)

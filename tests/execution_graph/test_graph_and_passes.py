@@ -1,0 +1,116 @@
+"""The IR: building, ordering, errors, and each optimization pass on a real model graph."""
+
+import pytest
+
+from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
+from sagellm.runtime.execution_graph.passes import (
+    fuse_add_rmsnorm,
+    fuse_sibling_linears,
+    fuse_silu_mul,
+    optimize,
+    plan_buffers,
+)
+from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.decoder_graph import build_decoder_graph
+
+CONFIG = ModelConfig(
+    architecture="llama",
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
+
+
+def test_duplicate_and_unknown_nodes_are_errors():
+    g = Graph()
+    x = g.add("input", id="x", name="x")
+    with pytest.raises(GraphError, match="duplicate node id 'x'"):
+        g.add("input", id="x")
+    with pytest.raises(GraphError, match="unknown node 'nope'"):
+        g.add("relu", [Value("nope")])
+    g.add("relu", [x])
+
+
+def test_cycle_is_reported_with_its_nodes():
+    g = Graph()
+    a = g.add("input", id="a")
+    b = g.add("relu", [a], id="b")
+    c = g.add("relu", [b], id="c")
+    g.redirect(a, c)  # b now reads c, which reads b
+    with pytest.raises(GraphError, match="cycle through b, c"):
+        g.topological_order()
+
+
+def test_decoder_graph_shape():
+    g = build_decoder_graph(CONFIG)
+    counts = g.op_counts()
+    assert counts["linear"] == 7 * 3 + 1  # q k v o gate up down per layer, plus lm_head
+    assert counts["attention"] == 3 and counts["rope"] == 3
+    assert [n.id for n in g.topological_order()][:4] == ["input_ids", "positions", "attn_metadata", "logits_indices"]
+
+
+def test_qwen2_graph_asks_for_qkv_biases():
+    from dataclasses import replace
+
+    g = build_decoder_graph(replace(CONFIG, architecture="qwen2", qkv_bias=True))
+    biased = [n for n in g.nodes.values() if n.op == "linear" and n.params.get("bias")]
+    assert len(biased) == 3 * 3
+
+
+def test_unknown_architecture_is_refused():
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="no model graph for architecture 'mamba'"):
+        build_decoder_graph(replace(CONFIG, architecture="mamba"))
+
+
+def test_fuse_sibling_linears_makes_qkv_and_gate_up():
+    g = fuse_sibling_linears(build_decoder_graph(CONFIG))
+    linears = [n for n in g.nodes.values() if n.op == "linear"]
+    assert len(linears) == 4 * 3 + 1  # qkv, o, gate_up, down per layer + lm_head
+    qkv = [n for n in linears if isinstance(n.params["weight"], list) and len(n.params["weight"]) == 3]
+    assert len(qkv) == 3 and qkv[0].params["out_features"] == 32 + 16 + 16
+    assert g.op_counts()["split"] == 6
+
+
+def test_fuse_silu_mul_then_add_rmsnorm():
+    g = fuse_silu_mul(fuse_sibling_linears(build_decoder_graph(CONFIG)))
+    counts = g.op_counts()
+    assert counts["silu_mul"] == 3 and counts["silu"] == 0 and counts["mul"] == 0
+    assert counts["split"] == 3  # only the qkv splits remain
+    g = fuse_add_rmsnorm(g)
+    counts = g.op_counts()
+    # layer 0's first norm reads the embedding (no add); every other norm, and the final one, fuses
+    assert counts["add_rmsnorm"] == 2 * 3 - 1 + 1
+    assert counts["rmsnorm"] == 1 and counts["add"] == 0
+
+
+def test_fusion_keeps_every_reader_connected():
+    g = optimize(build_decoder_graph(CONFIG))
+    order = g.topological_order()
+    assert {n.op for n in order} >= {"linear", "split", "silu_mul", "add_rmsnorm", "attention", "output"}
+    for edge in g.edges:
+        assert edge.src_port < g.nodes[edge.src].num_outputs
+
+
+def test_plan_buffers_never_shares_a_slot_between_live_values():
+    g = plan_buffers(optimize(build_decoder_graph(CONFIG)))
+    plan, order = g.attrs["buffer_plan"], g.attrs["order"]
+    position = {node_id: i for i, node_id in enumerate(order)}
+    last_read = {}
+    for e in g.edges:
+        last_read[Value(e.src, e.src_port)] = max(last_read.get(Value(e.src, e.src_port), -1), position[e.dst])
+    intervals = [(position[v.node], last_read.get(v, position[v.node]), slot, v) for v, slot in plan.items()]
+    for start, end, slot, value in intervals:
+        for start2, end2, slot2, value2 in intervals:
+            if value != value2 and slot == slot2:
+                assert end < start2 or end2 < start, (value, value2)
+    assert g.attrs["num_slots"] < len(plan) / 4  # reuse, not one slot per value
