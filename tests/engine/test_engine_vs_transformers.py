@@ -11,6 +11,7 @@ from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
+from tests.oracle import hf_greedy
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -27,11 +28,6 @@ def tiny(request, tmp_path_factory):
 def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(prompt) :].tolist()
 
 
 def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):

@@ -1,0 +1,128 @@
+"""Loads a GGUF file (llama.cpp's format): config from its metadata, weights dequantized to dense tensors under
+the canonical Hugging Face names, tokenizer and chat template from its metadata.
+
+Dequantization is gguf-py's vectorized numpy code (`gguf.quants.dequantize`); our runtime computes in dense
+floats, so a quantized file saves download size and disk, not memory. Two llama.cpp conventions are undone here so
+the weights equal the Hugging Face ones: llama-arch q/k rows are permuted for llama.cpp's rope kernel, and tied
+embeddings are expressed by leaving out output.weight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderTensor
+from gguf.quants import dequantize
+
+from sagellm.runtime.models.architectures import BY_NAME, check_weights, config_from_gguf
+from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.loader import LoadedModel, ModelLoadError, describe
+from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES = frozenset(
+    {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+)
+_SUPPORTED_NAMES = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling as per-frequency divisors; consumed by the config
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def load_gguf(path: Path, *, name: str, dtype: torch.dtype, load_tokenizer: bool, load_weights: bool) -> LoadedModel:
+    reader = _open(path)
+    for tensor in reader.tensors:  # refuse what we cannot load before any slow work
+        _check_type(path, tensor)
+    metadata = {k: f.contents() for k, f in reader.fields.items() if f.types and f.types[0] != GGUFValueType.ARRAY}
+    tensors = {t.name: t for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    rope_freqs = _dequantize(path, tensors.pop(ROPE_FREQS)) if ROPE_FREQS in tensors else None
+    config = config_from_gguf(
+        metadata,
+        tied="output.weight" not in tensors,
+        token_count=len(tokens.data) if tokens is not None else None,
+        rope_freqs=rope_freqs,
+        source=path,
+    )
+    weights = _read_weights(path, tensors, config, dtype) if load_weights else {}
+    tokenizer = load_gguf_tokenizer(path) if load_tokenizer else None
+    return LoadedModel(config, weights, tokenizer, metadata.get("tokenizer.chat_template"), path, name)
+
+
+def _read_weights(
+    path: Path, tensors: dict[str, ReaderTensor], config: ModelConfig, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    permuted = BY_NAME[config.architecture].gguf_qk_permuted
+    hf_names = {gguf_name: _hf_name(path, gguf_name) for gguf_name in tensors}  # fail before the slow part
+    weights: dict[str, torch.Tensor] = {}
+    for gguf_name, tensor in tensors.items():
+        values = _dequantize(path, tensor)  # [out, in] or [n]
+        hf_name = hf_names[gguf_name]
+        if permuted and hf_name.endswith("q_proj.weight"):
+            values = _unpermute_rows(values, config.num_heads)
+        elif permuted and hf_name.endswith("k_proj.weight"):
+            values = _unpermute_rows(values, config.num_kv_heads)
+        weights[hf_name] = torch.from_numpy(values).to(dtype)
+    check_weights(config, weights, path)
+    return weights
+
+
+def _open(path: Path) -> GGUFReader:
+    """The parsed file; GGUFReader maps every tensor while parsing, so a truncated file fails here."""
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file: {describe(e)}") from e
+
+
+def _check_type(path: Path, tensor: ReaderTensor) -> None:
+    if tensor.tensor_type not in SUPPORTED_TYPES:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name} has unsupported quantization type {tensor.tensor_type.name} "
+            f"(supported: {_SUPPORTED_NAMES})"
+        )
+
+
+def _hf_name(path: Path, gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)  # blk.{i}.{rest}
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    raise ModelLoadError(f"{path}: unexpected tensor {gguf_name} (not part of a llama/qwen2 graph)")
+
+
+def _dequantize(path: Path, tensor: ReaderTensor) -> np.ndarray:
+    """The tensor as float32 in numpy (row-major, HF) order; GGUF lists dimensions innermost first."""
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    values: Any = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    # F32 comes back as a read-only view of the memory-mapped file; the tensor must own its memory.
+    return values if values.flags.writeable else values.copy()
+
+
+def _unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: per head it stores the rotary pairs interleaved ([d/2, 2]) where Hugging
+    Face keeps the two rotate_half halves apart ([2, d/2])."""
+    rows, cols = weight.shape  # [heads * d, hidden]
+    return weight.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)

@@ -1,0 +1,76 @@
+"""Loads a Hugging Face model directory: config.json (+ generation_config.json), *.safetensors (single file or
+sharded with model.safetensors.index.json) and the tokenizer files.
+
+Hugging Face names are already our canonical names, so this loader only reads, casts and checks them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from sagellm.runtime.models.architectures import check_weights, config_from_hf
+from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.loader import LoadedModel, ModelLoadError, describe
+from sagellm.runtime.models.tokenizer import load_hf_tokenizer, read_hf_chat_template
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def load_hf_dir(model_dir: Path, *, dtype: torch.dtype, load_tokenizer: bool, load_weights: bool) -> LoadedModel:
+    generation_path = model_dir / "generation_config.json"
+    generation = _read_json(generation_path) if generation_path.is_file() else None
+    config = config_from_hf(_read_json(model_dir / "config.json"), generation, model_dir / "config.json")
+    weights = _read_weights(model_dir, config, dtype) if load_weights else {}
+    tokenizer = load_hf_tokenizer(model_dir) if load_tokenizer else None
+    return LoadedModel(config, weights, tokenizer, read_hf_chat_template(model_dir), model_dir, model_dir.name)
+
+
+def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for path in _safetensors_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 -- safe_open is not a Mapping
+                    if _ignored(name, config):
+                        continue
+                    weights[name] = f.get_tensor(name).to(dtype)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelLoadError(f"{path}: corrupt or truncated safetensors file: {describe(e)}") from e
+    check_weights(config, weights, model_dir)
+    return weights
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index_path}: no weight_map")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index_path}: lists shard {missing[0]}, which is not in the directory")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
+    return files
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    """Tensors some checkpoints carry that the graph recomputes or shares: rope tables, a tied lm_head copy."""
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable JSON: {describe(e)}") from e
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return value

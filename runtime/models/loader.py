@@ -1,0 +1,77 @@
+"""`load_model`: the one entry point that turns a path on disk into weights, a ModelConfig and a tokenizer.
+
+It only decides which format a path holds (a Hugging Face directory with config.json + safetensors, or a GGUF file)
+and hands it to that format's loader; every loader returns the same `LoadedModel`, with weights under the canonical
+Hugging Face names, so nothing downstream ever knows which format a model came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sagellm.runtime.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the file and the problem in one line."""
+
+
+def describe(error: BaseException) -> str:
+    """A third-party exception as one line, for the tail of a ModelLoadError message."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    # Canonical Hugging Face names (model.layers.{i}.self_attn.q_proj.weight, ...); lm_head.weight only when untied.
+    # Empty when loaded with load_weights=False.
+    weights: dict[str, torch.Tensor]
+    tokenizer: PreTrainedTokenizerBase | None
+    chat_template: str | None
+    source: Path  # the directory or the .gguf file the weights were read from
+    name: str
+
+
+def load_model(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, load_tokenizer: bool = True, load_weights: bool = True
+) -> LoadedModel:
+    """Load the model at `path`: a Hugging Face directory, a .gguf file, or a directory holding exactly one .gguf.
+
+    `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model."""
+    # The format loaders import ModelLoadError and LoadedModel from this module, so they are imported here.
+    from sagellm.runtime.models.gguf_loader import load_gguf
+    from sagellm.runtime.models.hf_loader import load_hf_dir
+
+    options = {"dtype": dtype, "load_tokenizer": load_tokenizer, "load_weights": load_weights}
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise ModelLoadError(f"{source}: no such file or directory")
+    if source.is_file():
+        if not _is_gguf(source):
+            raise ModelLoadError(
+                f"{source}: not a GGUF file; pass a .gguf file or a model directory with config.json + *.safetensors"
+            )
+        return load_gguf(source, name=source.stem, **options)
+    if (source / "config.json").is_file():
+        return load_hf_dir(source, **options)
+    ggufs = sorted(source.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return load_gguf(ggufs[0], name=source.name, **options)
+    if ggufs:
+        names = ", ".join(p.name for p in ggufs)
+        raise ModelLoadError(f"{source}: holds several .gguf files ({names}); pass one of them")
+    raise ModelLoadError(f"{source}: not a model directory (no config.json and no .gguf file)")
+
+
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC

@@ -1,0 +1,269 @@
+"""Tiny random models on disk for tests: Hugging Face directories (safetensors + a real byte-level BPE tokenizer
+with a chat template) and GGUF files holding the same weights, written the way llama.cpp's converter writes them.
+
+Everything is built offline and deterministically (fixed seeds); a model is a few hundred KB. Import it from any
+test directory as `from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, write_tiny_gguf`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, TokenType
+from safetensors.numpy import load_file
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2: bos, turn start, eos
+BOS_ID, EOS_ID = 0, 2
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! How are you today? I am fine, thank you.",
+    "sageLLM serves language models as a dataflow pipeline of streaming operators.",
+    "A tokenizer splits text into tokens; the model predicts the next token.",
+    "user assistant system: what is the capital of France? Paris is the capital.",
+    "Numbers like 12345 and 67890 and symbols like + - * / = appear in text.",
+]
+
+_LLAMA_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+)
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences, with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(_CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=SPECIAL_TOKENS[BOS_ID], eos_token=SPECIAL_TOKENS[EOS_ID]
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_llama(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny LlamaForCausalLM (+ tokenizer) to `directory`; `overrides` go to LlamaConfig."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_model(Path(directory), LlamaConfig, LlamaForCausalLM, seed, overrides)
+
+
+def make_tiny_qwen2(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Qwen2ForCausalLM (+ tokenizer, tied embeddings by default) to `directory`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _save_model(Path(directory), Qwen2Config, Qwen2ForCausalLM, seed, {"tie_word_embeddings": True} | overrides)
+
+
+def _save_model(directory: Path, config_class: type, model_class: type, seed: int, overrides: dict) -> Path:
+    tokenizer = make_tokenizer()
+    config = config_class(**(_LLAMA_DEFAULTS | {"vocab_size": len(tokenizer)} | overrides))
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # HF initializes norms to 1 and biases to 0; make every tensor distinct and checkable
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------- GGUF
+
+_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+_GGUF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_tiny_gguf(path: str | Path, hf_dir: str | Path, qtype: GGMLQuantizationType | str = "F32") -> Path:
+    """Write the weights, config and tokenizer of the HF model in `hf_dir` as a GGUF file, like llama.cpp's
+    convert_hf_to_gguf.py: 2-D weights in `qtype`, norms and biases in F32, llama q/k rows permuted, no
+    output.weight when embeddings are tied, llama3 rope scaling as a rope_freqs.weight tensor."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path, hf_dir = Path(path), Path(hf_dir)
+    qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype
+    config = AutoConfig.from_pretrained(hf_dir)
+    arch = config.model_type
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = dict(config.rope_parameters)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(hf_dir.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    _add_tokenizer(writer, AutoTokenizer.from_pretrained(hf_dir), config.vocab_size)
+
+    for name, values in load_file(hf_dir / "model.safetensors").items():
+        values = values.astype(np.float32)
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            values = _permute_rows(values, config.num_attention_heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            values = _permute_rows(values, config.num_key_value_heads)
+        tensor_type = qtype if values.ndim == 2 else GGMLQuantizationType.F32
+        writer.add_tensor(_gguf_name(name), quantize(values, tensor_type), raw_dtype=tensor_type)
+    if rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, head_dim), raw_dtype=GGMLQuantizationType.F32)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    if hf_name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
+    return f"blk.{layer}.{_GGUF_LAYER[rest]}"
+
+
+def _permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order: each head's two rotate_half halves interleaved into (x0, x_{d/2}), ... pairs."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's per-frequency divisors for llama3 rope scaling."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    divisors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            divisors.append(1.0)
+        elif wavelen > original / low:
+            divisors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
+    """llama.cpp's "gpt2" (byte-level BPE) tokenizer metadata: tokens by id, their types, merges, special ids."""
+    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    types = [
+        TokenType.CONTROL if i in special else TokenType.NORMAL if i < len(vocab) else TokenType.UNUSED
+        for i in range(vocab_size)
+    ]
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+
+
+def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """`values` [rows, cols] as raw GGUF blocks: gguf-py's quantizers, plus simple valid Q4_K/Q6_K encoders
+    because gguf-py cannot quantize k-quants."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == GGMLQuantizationType.Q4_K:
+        return _quantize_q4_k(values)
+    if qtype == GGMLQuantizationType.Q6_K:
+        return _quantize_q6_k(values)
+    return gguf.quants.quantize(values, qtype)
+
+
+def _blocks(values: np.ndarray) -> np.ndarray:
+    rows, cols = values.shape
+    if cols % 256:
+        raise ValueError(f"k-quants need rows of a multiple of 256 values, got {cols}")
+    return values.reshape(-1, 256).astype(np.float32)  # [n_blocks, 256]
+
+
+def _quantize_q4_k(values: np.ndarray) -> np.ndarray:
+    """Q4_K with every 6-bit sub-block scale and min set to 1, so x ~= d * q - dmin with q in 0..15 per block."""
+    x = _blocks(values)
+    low, high = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)  # [n, 1]
+    d = ((high - low) / 15).astype(np.float16)
+    dmin = (-low).astype(np.float16)
+    step = np.where(d == 0, 1, d.astype(np.float32))
+    q = np.clip(np.rint((x + dmin.astype(np.float32)) / step), 0, 15).astype(np.uint8)  # [n, 256]
+    q = q.reshape(-1, 4, 2, 32)  # [n, chunk, half, 32]: each 64-chunk packs its halves into low/high nibbles
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    scales = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0x11, 0x11, 0x11, 0x11], dtype=np.uint8)
+    scales = np.broadcast_to(scales, (len(x), 12))
+    blocks = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, qs], axis=1)  # [n, 144]
+    return blocks.reshape(values.shape[0], -1)
+
+
+def _quantize_q6_k(values: np.ndarray) -> np.ndarray:
+    """Q6_K with every 8-bit sub-block scale set to 1, so x ~= d * (q - 32) with q in 1..63 per block."""
+    x = _blocks(values)
+    d = (np.abs(x).max(axis=1, keepdims=True) / 31).astype(np.float16)  # [n, 1]
+    step = np.where(d == 0, 1, d.astype(np.float32))
+    q = (np.clip(np.rint(x / step), -32, 31) + 32).astype(np.uint8)  # [n, 256]
+    q = q.reshape(-1, 2, 4, 32)  # [n, half, quarter, 32]
+    ql = np.concatenate([q[:, :, 0] & 15 | (q[:, :, 2] & 15) << 4, q[:, :, 1] & 15 | (q[:, :, 3] & 15) << 4], axis=2)
+    qh = q[:, :, 0] >> 4 | (q[:, :, 1] >> 4) << 2 | (q[:, :, 2] >> 4) << 4 | (q[:, :, 3] >> 4) << 6
+    scales = np.ones((len(x), 16), dtype=np.int8).view(np.uint8)
+    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales, d.view(np.uint8)], axis=1)  # [n, 210]
+    return blocks.reshape(values.shape[0], -1)
