@@ -1,0 +1,78 @@
+"""The CUDA backend's triton kernels against the torch ops they replace.
+
+Not collected by default (no test_ prefix): test_triton_kernels.py runs this file in a fresh interpreter with
+TRITON_INTERPRET=1 (on the CPU), because triton reads that variable when it is first imported, and again natively on
+a CUDA machine. Run by hand: `TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/backends/triton_kernel_checks.py`."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+from sagellm.backends import torch_ops
+
+pytest.importorskip("triton")
+import sagellm.backends.triton_kernels as kernels  # noqa: E402  (after the skip: needs triton)
+
+DEVICE = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).to(DEVICE)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 64), (5, 576), (3, 100)])
+def test_rmsnorm_and_add_rmsnorm(tokens: int, hidden: int) -> None:
+    x, residual, weight = randn(tokens, hidden), randn(tokens, hidden), randn(hidden).abs() + 0.5
+    close(kernels.rmsnorm(x, weight, 1e-6), torch_ops.rmsnorm(x, weight, 1e-6))
+    normed, summed = kernels.add_rmsnorm(x, residual, weight, 1e-5)
+    expected_normed, expected_summed = torch_ops.add_rmsnorm(x, residual, weight, 1e-5)
+    close(summed, expected_summed)
+    close(normed, expected_normed)
+
+
+@pytest.mark.parametrize(("hq", "hk", "d"), [(4, 4, 64), (9, 3, 64), (6, 2, 80)])
+def test_rope_on_strided_qkv_views(hq: int, hk: int, d: int) -> None:
+    tokens = 7
+    qkv = randn(tokens, (hq + 2 * hk) * d)
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
+    positions = torch.tensor([0, 1, 5, 16, 17, 200, 255], device=DEVICE)
+    cos_sin = randn(256, d)
+    for actual, expected in zip(kernels.rope(q, k, positions, cos_sin), torch_ops.rope(q, k, positions, cos_sin)):
+        close(actual, expected)
+
+
+@pytest.mark.parametrize(("tokens", "inter"), [(1, 1536), (4, 100), (3, 2500)])
+def test_silu_mul(tokens: int, inter: int) -> None:
+    x = randn(tokens, 2 * inter)
+    close(kernels.silu_mul(x), torch_ops.silu_mul(x))
+
+
+@pytest.mark.parametrize(("hq", "hk", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 32), (7, 1, 48)])
+def test_paged_decode_attention(paged_sequences: type, hq: int, hk: int, d: int) -> None:
+    seqs = paged_sequences(hq, hk, d, seed=hq + d, device=DEVICE)
+    for decodes, prefills in [([], [("a", 1), ("b", 15), ("c", 16), ("d", 33), ("e", 58)]), (list("abcde"), [])]:
+        q, k, v, meta, _ = seqs.step(decodes, prefills)
+        torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, d**-0.5)
+    close(kernels.paged_decode_attention(*args), torch_ops.paged_decode_attention(*args))
+
+
+def test_attention_with_triton_decode_matches_torch(paged_sequences: type) -> None:
+    """The CUDA backend's attention: the shared torch op with the triton kernel as its decode half."""
+    triton_attention = functools.partial(torch_ops.attention, decode=kernels.paged_decode_attention)
+    seqs = paged_sequences(9, 3, 64, device=DEVICE)
+    for decodes, prefills in [([], [("a", 20), ("b", 17)]), (["a", "b"], [("c", 9)]), (["c", "a"], [("b", 12)])]:
+        q, k, v, meta, _ = seqs.step(decodes, prefills)
+        k_cache, v_cache = seqs.k_cache.clone(), seqs.v_cache.clone()
+        expected = torch_ops.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, 0.125)
+        close(triton_attention(q, k, v, k_cache, v_cache, meta, 0.125), expected)
+        assert torch.equal(k_cache, seqs.k_cache) and torch.equal(v_cache, seqs.v_cache)
