@@ -98,6 +98,20 @@ class GatherBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._mask_key: tuple[int, int] | None = None
+        self._mask: torch.Tensor | None = None
+        self._mask_owner: torch.Tensor | None = None
+
+    def visibility(self, context_lens: torch.Tensor, length: int) -> torch.Tensor | None:
+        """The decode mask, built once per step: every layer of a step passes the same `context_lens` tensor."""
+        key = (id(context_lens), length)
+        if self._mask_key != key:
+            mask = None
+            if len(context_lens) > 1 or int(context_lens[0]) != length:
+                mask = _visibility(context_lens, length, None)
+            # Holding the tensor keeps its id from being reused by a later step's tensor while the key is live.
+            self._mask_key, self._mask, self._mask_owner = key, mask, context_lens
+        return self._mask
 
     def gather(self, name: str, cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         index = block_table.reshape(-1)
@@ -122,6 +136,13 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, buffers: GatherBuffe
     return blocks.flatten(0, 1)
 
 
+def _visibility(context_lens: torch.Tensor, length: int, buffers: GatherBuffers | None) -> torch.Tensor | None:
+    """Which of the `length` gathered positions each sequence may see, or None when none is padding."""
+    if buffers is not None:
+        return buffers.visibility(context_lens, length)
+    return (torch.arange(length, device=context_lens.device) < context_lens[:, None]).view(len(context_lens), 1, 1, -1)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -137,13 +158,12 @@ def paged_decode_attention(
     sharing a kv head attend as G rows of one [B, Hk, G, D] query, so GQA needs no repeated K/V. Padded positions are
     masked out, so the caches must hold finite values there (allocate them zeroed)."""
     batch, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    num_blocks = -(-int(context_lens.max()) // block_size)
-    tables = block_tables[:, :num_blocks]  # [B, nb]
-    keys = _gather(k_cache, tables, buffers, "k").unflatten(0, (batch, -1))  # [B, L, Hk, D]
-    values = _gather(v_cache, tables, buffers, "v").unflatten(0, (batch, -1))
-    positions = torch.arange(num_blocks * block_size, device=q.device)  # [L]
-    visible = (positions < context_lens[:, None]).view(batch, 1, 1, -1)  # [B, 1, 1, L]
+    num_kv_heads = k_cache.shape[2]
+    # The table's width bounds the context (the runner sends exactly the blocks the longest context needs), so no
+    # per-layer reduction over context_lens, and no host-device sync, is needed to size the gather.
+    keys = _gather(k_cache, block_tables, buffers, "k").unflatten(0, (batch, -1))  # [B, L, Hk, D]
+    values = _gather(v_cache, block_tables, buffers, "v").unflatten(0, (batch, -1))
+    visible = _visibility(context_lens, keys.shape[1], buffers)  # [B, 1, 1, L] or None
     out = F.scaled_dot_product_attention(
         q.unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads)),  # [B, Hk, G, D]
         keys.transpose(1, 2),  # [B, Hk, L, D]

@@ -4,7 +4,13 @@ The public face re-exports from private modules; heavy imports (torch, transform
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
+
+# OpenMP threads that spin while waiting turn every torch op into a scheduler time slice as soon as anything else
+# (the gateway, a tokenizer, a load generator) shares the cores: measured 25-100x slower steps on 2 cores. Passive
+# waiting costs a little on an idle machine and saves the shared one; it must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

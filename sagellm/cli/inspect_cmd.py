@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from sagellm.model_cache import DEFAULT_MODEL, resolve_model
-    from sagellm.runtime.execution_graph.passes import optimize
+    from sagellm.runtime.execution_graph.passes import optimize, plan_buffers
     from sagellm.runtime.models.decoder_graph import build_decoder_graph
     from sagellm.runtime.models.loader import load_model
 
@@ -36,11 +36,12 @@ def run(args: argparse.Namespace) -> int:
     for op in sorted(set(b) | set(a)):
         table.add_row(op, str(b.get(op, 0)), str(a.get(op, 0)))
     table.add_row("[bold]nodes[/]", str(len(before.nodes)), str(len(after.nodes)))
-    table.add_row("[bold]buffer slots[/]", str(len(before.nodes)), str(after.attrs["num_slots"]))
+    slots_before = plan_buffers(before).attrs["num_slots"]
+    table.add_row("[bold]buffer slots[/]", str(slots_before), str(after.attrs["num_slots"]))
     console.print(table)
     shown = config if args.layers == 0 else replace(config, num_layers=min(args.layers, config.num_layers))
     small = build_decoder_graph(shown)
     for title, graph in (("before passes", small), ("after passes", optimize(small))):
         console.rule(f"{title} ({shown.num_layers} of {config.num_layers} layers)")
-        console.print(graph.pretty(), markup=False, highlight=False)
+        console.print(graph.pretty(), markup=False, highlight=False, soft_wrap=True)
     return 0
