@@ -14,7 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,12 +25,21 @@ from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from sagellm.bench.workloads import Workload, random_token_prompts
+from sagellm.runtime.models.loader import load_model
 
-ENGINES = ("sagellm", "transformers")
 PEERS = ("transformers",)
 KV_BLOCK_SIZE = 16
 WARMUP_PROMPTS, WARMUP_TOKENS = 4, 4
 METRICS = ("out_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "wall_s")
+DEFINITIONS = {
+    "out_tok_s": "output tokens of all requests / wall time of the workload",
+    "req_s": "requests / wall time of the workload",
+    "ttft": "arrival (workload start; a one-at-a-time request's own call) to the first output token, per request",
+    "tpot": "(last token time - first token time) / (output tokens - 1), per request",
+    "median": "each metric is the median over repeats; every repeat has fresh random prompts, the same on each engine",
+    "sagellm": "one LLM per workload: max_num_seqs = the workload's batch size, KV cache sized for the whole batch",
+    "transformers": "generate on static left-padded batches of the workload's batch size, min_new_tokens = max",
+}
 
 
 class BenchmarkError(RuntimeError):
@@ -39,7 +48,7 @@ class BenchmarkError(RuntimeError):
 
 @dataclass
 class OfflineConfig:
-    model: Path  # a .gguf file or a Hugging Face directory, already resolved
+    model: Path  # a .gguf file, a Hugging Face directory, or a directory holding one .gguf
     workloads: list[Workload]
     peers: tuple[str, ...] = PEERS
     repeats: int = 1
@@ -120,7 +129,7 @@ class OfflineReport:
                 for r in self.rows
             ],
             "agreement": self.agreement(),
-            "definitions": __doc__,
+            "definitions": DEFINITIONS,
         }
 
 
@@ -131,7 +140,13 @@ def run_offline(config: OfflineConfig) -> OfflineReport:
         raise ValueError(f"unknown peer(s) {sorted(unknown)}; choose from {', '.join(PEERS)} or none")
     if config.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {config.repeats}")
-    tokenizer = _load_tokenizer(config.model)
+    # Our loader's view of the model: the exact file to hand transformers (a cache directory holds one .gguf among
+    # tokenizer files), and the tokenizer both engines' prompts are drawn from.
+    meta = load_model(config.model, load_weights=False)
+    if meta.tokenizer is None:
+        raise ValueError(f"{meta.source}: the model has no tokenizer, which the engines need")
+    config = replace(config, model=meta.source)
+    tokenizer = meta.tokenizer
     prompt_sets = {
         w.name: [
             random_token_prompts(tokenizer, w.num_prompts, w.input_len, (config.seed, i, r))
@@ -155,8 +170,8 @@ def run_offline(config: OfflineConfig) -> OfflineReport:
         gc.collect()
     return OfflineReport(
         model=str(config.model),
-        note=f"both engines run fp32 weights loaded from {config.model.name}"
-        + (" (dequantized)" if config.model.suffix == ".gguf" else ""),
+        note=f"every engine runs fp32 weights {'dequantized ' if config.model.suffix == '.gguf' else ''}"
+        f"from {config.model.name}",
         machine=machine_info(config.threads),
         workloads=config.workloads,
         rows=rows,
@@ -307,13 +322,6 @@ def _nan(value: float | None) -> float:
 def _hf_location(model: Path) -> tuple[Path, dict[str, str]]:
     """transformers loads a GGUF as (its folder, gguf_file=name) and dequantizes it; a directory as is."""
     return (model.parent, {"gguf_file": model.name}) if model.suffix == ".gguf" else (model, {})
-
-
-def _load_tokenizer(model: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    root, kwargs = _hf_location(model)
-    return AutoTokenizer.from_pretrained(root, **kwargs)
 
 
 def machine_info(threads: int) -> dict[str, object]:

@@ -28,6 +28,9 @@ COLUMNS = (  # (metric, header, format)
     ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"),
     ("wall_s", "wall s", "{:.1f}"),
 )
+# The options that change what is measured, written out in the reproduce command stored with the results.
+REPRODUCE_FLAGS = ("model", "num_prompts", "input_len", "output_len", "repeats", "seed", "threads", "backend")
+REPRODUCE_FLAGS += ("max_num_batched_tokens",)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--backend", default="cpu", help="our engine's backend (default: %(default)s)")
     o.add_argument("--max-num-batched-tokens", type=int, default=512, help="our engine's per-step token budget")
     o.add_argument("--out", type=Path, default=Path("benchmarks/results/offline.json"), help="JSON results file")
-    o.add_argument("--plot", type=Path, default=Path("benchmarks/results/offline.png"), help="PNG chart ('' = none)")
+    o.add_argument("--plot", default="benchmarks/results/offline.png", help="PNG chart ('' = none)")
     o.add_argument("--markdown", type=Path, default=None, help="write the markdown table here instead of stdout")
     o.add_argument("--log-level", default="warning")
     o.set_defaults(run=run)
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
     report = run_offline(config)
-    command = "sagellm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "sagellm bench offline"
+    command = _command(args, groups, peers)
     results = report.to_json() | {"command": command}
 
     _print_table(report)
@@ -88,10 +91,20 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     print(f"results: {args.out}", file=sys.stderr)
-    if str(args.plot):
-        _plot(report, args.plot)
+    if args.plot:
+        _plot(report, Path(args.plot))
         print(f"chart: {args.plot}", file=sys.stderr)
     return 0
+
+
+def _command(args: argparse.Namespace, groups: list[str], peers: tuple[str, ...]) -> str:
+    """The run spelled out in full (every default made explicit), so the table's numbers can be reproduced."""
+    parts = ["sagellm", "bench", "offline", "--workloads", ",".join(groups), "--peers", ",".join(peers) or "none"]
+    for flag in REPRODUCE_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            parts += ["--" + flag.replace("_", "-"), str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _cells(report: OfflineReport, row: Row) -> list[str]:
