@@ -86,7 +86,7 @@ class LLM:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.engine.model.name!r} has no chat template; use generate() with text")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in newer transformers
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
         request_id = str(next(self._ids))

@@ -22,7 +22,7 @@ def test_gguf_matches_its_dequantized_reference(tmp_path, arch, qtype):
     reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     loaded = load_model(gguf_path)
     if qtype != "F32":  # the reference holds exactly the dequantized weights we load
-        state = {k: v for k, v in loaded.weights.items()}
+        state = dict(loaded.weights)
         if reference.config.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         missing, unexpected = reference.load_state_dict(state, strict=False)

@@ -9,10 +9,6 @@ import pytest
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "network: downloads from PyPI (about 90 MB, reusing pip's cache)")
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
