@@ -26,6 +26,9 @@ class AttentionMetadata:
     num_decode_tokens: int = 0  # the first num_decode_tokens tokens are single-token decodes, one per sequence
     decode_block_tables: torch.Tensor | None = None  # int32 [num_decode, max_blocks], padded with 0
     decode_context_lens: torch.Tensor | None = None  # int32 [num_decode]: cached tokens incl. the new one
+    # The decode rows are the same sequences, in the same order, as the previous step's, each one token further:
+    # a kernel may extend what it read last step instead of reading every context again.
+    decode_continues: bool = False
     prefills: list[PrefillChunk] = field(default_factory=list)
 
     @property

@@ -89,6 +89,9 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
+DECODE_KV_HEADROOM = 256  # tokens of growth a decode batch's kept K/V has room for before it is gathered again
+
+
 class GatherBuffers:
     """Reusable destination of the K/V gathers, grown on demand and owned by one backend instance.
 
@@ -98,6 +101,9 @@ class GatherBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        # Decode K/V as gathered last step, per (k|v, cache): [B, capacity, Hk, D], zero beyond what was written.
+        self._decode_kv: dict[tuple[str, int], torch.Tensor] = {}
+        self.decode_continues = False  # set by `attention` from AttentionMetadata.decode_continues, per call
         self._mask_key: tuple[int, int] | None = None
         self._mask: torch.Tensor | None = None
         self._mask_owner: torch.Tensor | None = None
@@ -112,6 +118,33 @@ class GatherBuffers:
             # Holding the tensor keeps its id from being reused by a later step's tensor while the key is live.
             self._mask_key, self._mask, self._mask_owner = key, mask, context_lens
         return self._mask
+
+    def decode_kv(
+        self, name: str, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """The decode rows' cached K (or V) as [B, L, Hk, D], L = the table's width in tokens.
+
+        When the rows are the same sequences as last step, each one token further (`decode_continues`), only the
+        new token of each row is copied in: O(batch) instead of re-gathering O(batch x context) every step."""
+        batch, width = block_tables.shape
+        block_size = cache.shape[1]
+        length = width * block_size
+        key = (name, cache.data_ptr())
+        kept = self._decode_kv.get(key)
+        if kept is None or kept.shape[0] != batch or kept.shape[1] < length:
+            # Zeroed once: padding must be finite (masked NaN still poisons softmax), and every later write into
+            # this buffer comes from the cache, so stale rows beyond a context stay finite too.
+            capacity = length + DECODE_KV_HEADROOM
+            kept = torch.zeros((batch, capacity, *cache.shape[2:]), dtype=cache.dtype, device=cache.device)
+            self._decode_kv[key] = kept
+        elif self.decode_continues:
+            position = context_lens.long() - 1  # [B]: the token this step wrote
+            slot = block_tables.gather(1, (position // block_size)[:, None]).squeeze(1).long() * block_size
+            rows = torch.arange(batch, device=cache.device)
+            kept[rows, position] = cache.flatten(0, 1).index_select(0, slot + position % block_size)
+            return kept[:, :length]
+        kept[:, :length] = cache.index_select(0, block_tables.reshape(-1)).view(batch, length, *cache.shape[2:])
+        return kept[:, :length]
 
     def gather(self, name: str, cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         index = block_table.reshape(-1)
@@ -161,8 +194,12 @@ def paged_decode_attention(
     num_kv_heads = k_cache.shape[2]
     # The table's width bounds the context (the runner sends exactly the blocks the longest context needs), so no
     # per-layer reduction over context_lens, and no host-device sync, is needed to size the gather.
-    keys = _gather(k_cache, block_tables, buffers, "k").unflatten(0, (batch, -1))  # [B, L, Hk, D]
-    values = _gather(v_cache, block_tables, buffers, "v").unflatten(0, (batch, -1))
+    if buffers is None:
+        keys = _gather(k_cache, block_tables, None, "k").unflatten(0, (batch, -1))  # [B, L, Hk, D]
+        values = _gather(v_cache, block_tables, None, "v").unflatten(0, (batch, -1))
+    else:
+        keys = buffers.decode_kv("k", k_cache, block_tables, context_lens)  # [B, L, Hk, D]
+        values = buffers.decode_kv("v", v_cache, block_tables, context_lens)
     visible = _visibility(context_lens, keys.shape[1], buffers)  # [B, 1, 1, L] or None
     out = F.scaled_dot_product_attention(
         q.unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads)),  # [B, Hk, G, D]
@@ -232,6 +269,8 @@ def attention(
     decoded = None
     if nd:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        if buffers is not None:
+            buffers.decode_continues = meta.decode_continues
         decoded = decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
         if nd == q.shape[0]:  # a decode-only step, the steady state: no staging copy
             return decoded

@@ -11,6 +11,7 @@ from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import HardwareBackend
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches
 from sagellm.runtime.engine.scheduler import ScheduledBatch
+from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.execution_graph.lowering import LoweringContext, Plan, lower
 from sagellm.runtime.execution_graph.passes import optimize
 from sagellm.runtime.models.config import ModelConfig
@@ -44,6 +45,7 @@ class ModelRunner:
             scale=config.head_dim**-0.5,
         )
         self.plan: Plan = lower(self.graph, context)
+        self._last_decodes: list[tuple[Sequence, int]] = []  # (sequence, computed tokens) of last step's decodes
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -76,6 +78,12 @@ class ModelRunner:
             num_decode_tokens=num_decodes,
             prefills=prefills,
         )
+        # Same decode rows as last step, each one token further: attention may extend last step's reads.
+        progress = [(s, s.num_computed_tokens) for s in decodes]
+        last = self._last_decodes
+        meta.decode_continues = bool(progress) and len(progress) == len(last)
+        meta.decode_continues &= all(s is t and n == m + 1 for (s, n), (t, m) in zip(progress, last))
+        self._last_decodes = progress
         if num_decodes:
             width = max(len(s.block_table) for s in decodes)
             tables = [s.block_table + [0] * (width - len(s.block_table)) for s in decodes]
