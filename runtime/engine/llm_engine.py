@@ -8,7 +8,7 @@ drive it through `add_request` / `step` / `abort_request`."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 import torch
@@ -48,7 +48,7 @@ class _RequestState:
     prompt: str | None
     detokenizer: IncrementalDetokenizer
     metrics: RequestMetrics
-    logprobs: list | None = field(default=None)
+    logprobs: list | None = None
 
 
 class LLMEngine:
