@@ -29,3 +29,27 @@ def allocate_kv_caches(
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(config.num_layers)
     ]
+
+
+def token_slots(block_table: list[int], start: int, end: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """Flat cache slots (block * block_size + offset) of token positions [start, end) of one sequence."""
+    positions = torch.arange(start, end)
+    table = torch.tensor(block_table, dtype=torch.int64)
+    return (table[positions // block_size] * block_size + positions % block_size).to(device)  # [end - start]
+
+
+def read_tokens(caches: KVCaches, slots: torch.Tensor) -> torch.Tensor:
+    """The K and V of the given slots in every layer, as one [num_layers, 2, n, Hk, D] tensor (a copy): what a
+    prefill worker sends to a decode worker."""
+    layers = [torch.stack([k.flatten(0, 1)[slots], v.flatten(0, 1)[slots]]) for k, v in caches]  # [2, n, Hk, D]
+    return torch.stack(layers)
+
+
+def write_tokens(caches: KVCaches, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    """Stores [num_layers, 2, n, Hk, D] K/V (from `read_tokens`, possibly another process's) at the given slots."""
+    if kv.shape[0] != len(caches) or kv.shape[1] != 2 or kv.shape[2] != slots.numel():
+        raise ValueError(f"KV of shape {tuple(kv.shape)} does not fit {len(caches)} layers x {slots.numel()} tokens")
+    kv = kv.to(device=caches[0][0].device, dtype=caches[0][0].dtype)
+    for (k, v), layer in zip(caches, kv):
+        k.flatten(0, 1).index_copy_(0, slots, layer[0])
+        v.flatten(0, 1).index_copy_(0, slots, layer[1])

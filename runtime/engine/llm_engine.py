@@ -17,7 +17,7 @@ from sagellm.backends import get_backend
 from sagellm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.block_manager import BlockManager
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
-from sagellm.runtime.engine.kv_cache import num_blocks_for_budget
+from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, read_tokens, token_slots, write_tokens
 from sagellm.runtime.engine.model_runner import ModelRunner
 from sagellm.runtime.engine.sampler import Sampler, make_generator
 from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
@@ -49,6 +49,7 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer
     metrics: RequestMetrics
     logprobs: list | None = None
+    prefill_only: bool = False  # a prefill worker's request: stop after the first token and hand over the KV
 
 
 class LLMEngine:
@@ -94,8 +95,58 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, *, priority: int = 0
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        prefill_only: bool = False,
     ) -> None:
+        """Queues a request. With `prefill_only` (a prefill worker), it ends after its first token with finish reason
+        "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it."""
+        seq, state = self._new_request(request_id, prompt, params, priority)
+        state.prefill_only = prefill_only
+        self.scheduler.add(seq)
+
+    def add_prefilled_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        first_token: int,
+        kv: torch.Tensor,
+        *,
+        priority: int = 0,
+    ) -> RequestOutput:
+        """Continues a request a prefill worker started: its prompt's KV `kv` [num_layers, 2, prompt_len, Hk, D]
+        goes into this engine's own cache (blocks already cached here are shared, not written), and `first_token`
+        is appended as if sampled here. Returns the first token's output. Without room for the blocks the prompt
+        is recomputed instead: slower, same tokens."""
+        seq, state = self._new_request(request_id, prompt_token_ids, params, priority)
+        n = seq.num_prompt_tokens
+        if kv.shape[2] != n:
+            del self._requests[request_id]
+            raise ValueError(f"KV covers {kv.shape[2]} tokens, the prompt has {n}")
+        manager = self.scheduler.block_manager
+        cached = manager.find_cached_prefix(seq)
+        start = len(cached) * manager.block_size
+        if manager.allocate(seq, n - start, cached):
+            slots = token_slots(seq.block_table, start, n, manager.block_size, self.runner.device)
+            write_tokens(self.runner.kv_caches, slots, kv[:, :, start:])
+            seq.num_computed_tokens = n  # counted as cached tokens when admitted: none computed here
+            manager.cache_full_blocks(seq)
+        else:
+            log.warning("kv_import_no_room", request_id=request_id, prompt_tokens=n)
+        seq.first_scheduled_time = time.monotonic()
+        output = self._append(seq, first_token, None, seq.first_scheduled_time)
+        if not seq.is_finished:
+            self.scheduler.add(seq)
+        return output
+
+    def _new_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int
+    ) -> tuple[Sequence, _RequestState]:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
         if isinstance(prompt, str):
@@ -116,8 +167,9 @@ class LLMEngine:
         detok = IncrementalDetokenizer.from_params(self.tokenizer, token_ids, params)
         metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
         logprobs = [] if params.logprobs is not None else None
-        self._requests[request_id] = _RequestState(seq, text, detok, metrics, logprobs)
-        self.scheduler.add(seq)
+        state = _RequestState(seq, text, detok, metrics, logprobs)
+        self._requests[request_id] = state
+        return seq, state
 
     def abort_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
@@ -169,11 +221,18 @@ class LLMEngine:
             or seq.num_tokens >= self.max_model_len
         ):
             finish = "length"
+        kv = None
+        if finish is None and state.prefill_only:
+            finish = "prefilled"
+            slots = token_slots(seq.block_table, 0, seq.num_prompt_tokens, self.runner.block_size, self.runner.device)
+            kv = read_tokens(self.runner.kv_caches, slots)  # [num_layers, 2, prompt_len, Hk, D]
         if finish is not None:
             self.scheduler.finish(seq, finish)
             delta += detok.flush()
             del self._requests[seq.request_id]
-        return self._output(state, delta, [token], stop_reason, now)
+        output = self._output(state, delta, [token], stop_reason, now)
+        output.kv = kv
+        return output
 
     def _output(self, state: _RequestState, delta: str, new_ids: list[int], stop_reason, now: float):
         seq, m = state.seq, state.metrics

@@ -84,11 +84,16 @@ class Scheduler:
     def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.block_manager.find_cached_prefix(seq)
-            computed = len(cached) * self.block_manager.block_size
+            if seq.block_table:  # its prompt's KV came from a prefill worker: already in its own blocks
+                cached, computed = [], seq.num_computed_tokens
+            else:
+                cached = self.block_manager.find_cached_prefix(seq)
+                computed = len(cached) * self.block_manager.block_size
             n = min(seq.num_tokens - computed, budget)
             if not self.block_manager.allocate(seq, n, cached):
-                break
+                if self.running or not self._release_imported_kv():
+                    break
+                continue  # the head may fit now
             self.waiting.popleft()
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = computed
@@ -97,6 +102,16 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
+
+    def _release_imported_kv(self) -> bool:
+        """Frees the imported KV that waiting sequences hold: with nothing running, those blocks are all that can stop
+        the head from starting, and waiting on them would deadlock. Their full blocks stay in the prefix cache, so
+        the recompute that follows may still find them."""
+        holders = [seq for seq in self.waiting if seq.block_table]
+        for seq in holders:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+        return bool(holders)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -30,7 +30,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
+    num_cached_tokens: int = 0  # prompt tokens not computed here (prefix cache hits, KV imported from prefill)
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None

@@ -55,6 +55,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--markdown", type=Path, default=None, help="write the markdown table here instead of stdout")
     o.add_argument("--log-level", default="warning")
     o.set_defaults(run=run)
+    k = kinds.add_parser("kv-transfer", help="KV prefill → decode: in-process, ipc, tcp vs memcpy (W7)")
+    k.description = "W7: one prompt's KV moved prefill → decode in-process, over ipc:// and tcp://, against memcpy."
+    k.add_argument("--model", "-m", default=None, help="take the KV shape from this model (default: SmolLM2-135M's)")
+    k.add_argument("--tokens", type=int, default=1024, help="prompt tokens whose KV moves (default: %(default)s)")
+    k.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="KV dtype")
+    k.add_argument("--repeats", type=int, default=20, help="timed transfers per path; medians (default: 20)")
+    k.add_argument("--warmup", type=int, default=2, help="untimed transfers per path first (default: 2)")
+    k.add_argument("--paths", default="memcpy,in-process,ipc,tcp", help="comma list of %(default)s")
+    k.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for kv_transfer.json/.png")
+    k.add_argument("--log-level", default="warning")
+    k.set_defaults(run=run_kv_transfer)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +105,18 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(report, Path(args.plot))
         print(f"chart: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def run_kv_transfer(args: argparse.Namespace) -> int:
+    from sagellm.bench.kv_transfer import KVTransferConfig, kv_shape, print_table, run_kv_transfer, write_results
+
+    paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    config = KVTransferConfig(kv_shape(args.model, args.tokens), args.dtype, args.repeats, args.warmup, paths)
+    report = run_kv_transfer(config)
+    print_table(report)
+    for path in write_results(report, args.out):
+        print(f"results: {path}", file=sys.stderr)
     return 0
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sagellm.cli import backends_cmd, bench_cmd, generate_cmd, inspect_cmd, model_cmd
+from sagellm.cli import backends_cmd, bench_cmd, generate_cmd, inspect_cmd, model_cmd, run_cmd
 
-COMMANDS = (generate_cmd, model_cmd, inspect_cmd, backends_cmd, bench_cmd)
+COMMANDS = (run_cmd, generate_cmd, model_cmd, inspect_cmd, backends_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

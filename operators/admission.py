@@ -1,0 +1,147 @@
+"""The admission operator: the graph's front door, which decides whether a request may enter at all.
+
+It rejects as items (never raises) so a rejection reaches the sinks like any other terminal: `overloaded` when the
+graph already holds `max_queue` requests, `rate_limited` when a user exceeds their token bucket, `invalid_request`
+for an empty or untokenizable prompt or token ids outside the vocabulary, and `context_length_exceeded` when prompt
+plus completion cannot fit the model's context. The cheap O(1) load checks run first, so an overloaded server spends
+no tokenizer time on requests it would shed anyway. Admitted requests leave with `prompt_token_ids` filled in (the
+engines never tokenize) and `admitted_time` stamped.
+
+What it learns from the graph at `open()` (`ctx.graph_attrs`, filled by the executor):
+- "tokenizer": a Hugging Face tokenizer, used when a request carries text but no token ids;
+- "model_config": the served `ModelConfig` (vocab size, and the context length when `max_model_len` is not set);
+- "max_model_len": the engines' real context (e.g. capped by the KV cache), preferred over the model's.
+Tests give the same keys in their `OperatorContext`, and replace the `clock` attribute (wall clock by default)
+before `open()`: it is an attribute, not a parameter, so YAML and the DSL never see it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sagellm.messages import ErrorCode, Request, RequestError
+from sagellm.operators.base import MapOperator, OperatorContext, OperatorError, register_operator
+
+_PRUNE_AT = 10_000  # buckets kept before refilled (idle) users' buckets are forgotten
+
+
+@register_operator
+class Admission(MapOperator):
+    """Load shedding, per-user rate limiting, tokenization and request validation, in that order."""
+
+    name = "admission"
+    accepts = (Request,)
+
+    def __init__(
+        self,
+        max_queue: int = 1024,
+        max_model_len: int | None = None,
+        rate_limit_per_user: float | None = None,
+        burst: int = 10,
+    ) -> None:
+        """`max_queue`: most requests in flight in the graph; `max_model_len`: context length (default: from the
+        graph's model); `rate_limit_per_user`: sustained requests/s per `Request.user` (None: unlimited), with
+        `burst` requests allowed at once. Requests without a user share one anonymous bucket."""
+        if max_queue < 1:
+            raise OperatorError(f"admission: max_queue must be >= 1, got {max_queue}")
+        if max_model_len is not None and max_model_len < 1:
+            raise OperatorError(f"admission: max_model_len must be >= 1 or unset, got {max_model_len}")
+        if rate_limit_per_user is not None and not rate_limit_per_user > 0:
+            raise OperatorError(f"admission: rate_limit_per_user must be > 0 or unset, got {rate_limit_per_user}")
+        if burst < 1:
+            raise OperatorError(f"admission: burst must be >= 1, got {burst}")
+        self.max_queue = max_queue
+        self.max_model_len = max_model_len
+        self.rate_limit_per_user = rate_limit_per_user
+        self.burst = burst
+        self.clock: Callable[[], float] = time.time
+        self.tokenizer: Any = None
+        self.vocab_size: int | None = None
+        self._buckets: dict[str | None, tuple[float, float]] = {}  # user -> (tokens left, when last refilled)
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        self.tokenizer = ctx.graph_attrs.get("tokenizer")
+        model_config = ctx.graph_attrs.get("model_config")
+        if model_config is not None:
+            self.vocab_size = model_config.vocab_size
+        elif self.tokenizer is not None:
+            self.vocab_size = len(self.tokenizer)
+        if self.max_model_len is None:
+            self.max_model_len = ctx.graph_attrs.get("max_model_len") or getattr(
+                model_config, "max_position_embeddings", None
+            )
+
+    def execute(self, item: Request) -> Request | RequestError:
+        if self.ctx.load.in_flight >= self.max_queue:
+            return self._reject(item, "overloaded", f"server is at capacity ({self.max_queue} requests in flight)")
+        if self.rate_limit_per_user is not None and not self._take_token(item.user):
+            return self._reject(
+                item, "rate_limited", f"user {item.user!r} exceeds {self.rate_limit_per_user:g} requests/s"
+            )
+        problem = self._tokenize(item)
+        if problem is not None:
+            return self._reject(item, "invalid_request", problem)
+        completion = item.sampling.max_tokens or 1
+        total = item.num_prompt_tokens + completion
+        if self.max_model_len is not None and total > self.max_model_len:
+            return self._reject(
+                item,
+                "context_length_exceeded",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({item.num_prompt_tokens} in the messages, {completion} in the completion). "
+                "Please reduce the length of the messages or completion.",
+            )
+        item.admitted_time = self.clock()
+        return item
+
+    def _tokenize(self, request: Request) -> str | None:
+        """Fills `prompt_token_ids` from `prompt` when missing; returns what is wrong with the prompt, if anything."""
+        if request.prompt_token_ids is None and request.prompt is None and request.messages:
+            if self.tokenizer is None:
+                return "no tokenizer is loaded to render the chat messages: send prompt_token_ids instead"
+            try:
+                request.prompt = self.tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc:  # a template error names what is wrong with the messages
+                return f"messages cannot be rendered with the model's chat template: {exc}"
+        if request.prompt_token_ids is None:
+            if not request.prompt:
+                return "prompt is empty: give a prompt or prompt_token_ids"
+            if self.tokenizer is None:
+                return "no tokenizer is loaded to tokenize the prompt: send prompt_token_ids instead"
+            request.prompt_token_ids = self.tokenizer.encode(request.prompt, add_special_tokens=True)
+        if not request.prompt_token_ids:
+            return "prompt is empty: it has no tokens"
+        vocab = self.vocab_size
+        if vocab is not None and any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            return f"prompt_token_ids must be in [0, {vocab}) (the model's vocabulary)"
+        return None
+
+    def _take_token(self, user: str | None) -> bool:
+        """Token bucket: `burst` tokens, refilled at `rate_limit_per_user`/s; a request takes one."""
+        rate, now = self.rate_limit_per_user, self.clock()
+        tokens, last = self._buckets.get(user, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * rate)
+        allowed = tokens >= 1.0
+        self._buckets[user] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > _PRUNE_AT:
+            self._forget_idle_users(now)
+        return allowed
+
+    def _forget_idle_users(self, now: float) -> None:
+        """A bucket refilled to `burst` is the same as no bucket, so dropping it bounds memory without effect."""
+        rate = self.rate_limit_per_user
+        self._buckets = {
+            user: (tokens, last)
+            for user, (tokens, last) in self._buckets.items()
+            if tokens + (now - last) * rate < self.burst
+        }
+
+    def _reject(self, request: Request, code: ErrorCode, message: str) -> RequestError:
+        retryable = code in ("overloaded", "rate_limited")
+        return RequestError(
+            request_id=request.request_id, code=code, message=message, retryable=retryable, time=self.clock()
+        )

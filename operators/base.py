@@ -1,0 +1,208 @@
+"""What a pipeline operator is: four kinds of synchronous logic that the executors drive, and the registry by name.
+
+As in SAGE, operator logic does no I/O and never waits: the executor (trio tasks in one process, or a process on a
+ZeroMQ link) owns every channel, thread and socket, so the same operator runs unchanged under either placement.
+- `SourceOperator`: `poll()` returns new items (or None at the end); the executor calls it off the event loop when
+  the source is `blocking` (stdin), inline otherwise.
+- `MapOperator`: `execute(item)` returns an item, a list of items, or None (dropped); an error item is an item too.
+- `QueueOperator`: `push(item)`, `pop()`; the executor pops only when downstream has room, so a queue's order is
+  exactly what reaches the engines under load.
+- `StepOperator`: `add(item)`, `step() -> items`, `has_work()`; the executor runs `step()` off the event loop, in
+  vLLM's busy-loop-fed-by-a-queue shape. Prefill and decode engines are Step operators.
+
+An operator with several downstream nodes either returns `Emit(to=node_id, item=...)` to choose one, or plain items,
+which go to every downstream node. `OperatorContext` tells an operator its downstream node ids and gives it the
+shared `InstanceStats` of the engine nodes, which route, pd_split and the policies read."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+
+class OperatorError(ValueError):
+    """An operator that does not exist or was given parameters it does not take."""
+
+
+@dataclass(frozen=True)
+class Emit:
+    """An item addressed to one downstream node (by node id) of an operator with several outputs."""
+
+    to: str
+    item: Any
+
+
+@dataclass
+class InstanceStats:
+    """What the control operators know about one engine node; the executor and the engine's Step operator keep it
+    current (in-process directly, across processes from heartbeats)."""
+
+    name: str
+    role: str = "colocated"  # "colocated" | "prefill" | "decode"
+    healthy: bool = True
+    max_running: int = 16  # requests the engine runs at once
+    running: int = 0  # requests admitted and not yet finished
+    queued_prefill_tokens: int = 0  # uncached prompt tokens waiting or in prefill
+    queued_decode_tokens: int = 0  # output tokens still to generate for running requests
+    price_per_1k_tokens: float = 0.0  # cost_optimized reads it; set per node in the graph
+    tokens_per_s: float = 100.0  # throughput estimate, refreshed from measurements; predicts service time
+    kv_transfer_failures: int = 0  # consecutive failed transfers into this node; pd_split avoids unhealthy PD
+
+    @property
+    def predicted_work(self) -> int:
+        """Load in one unit, tokens: what a new request would wait behind (cache_aware adds its own prefill)."""
+        return self.queued_prefill_tokens + self.queued_decode_tokens
+
+    @property
+    def saturated(self) -> bool:
+        return self.running >= self.max_running
+
+
+@dataclass
+class PipelineLoad:
+    """Counters of the whole graph the executor keeps from what enters and what ends: admission bounds `in_flight`,
+    the adaptive policy reads the SLO-violation rate."""
+
+    in_flight: int = 0  # requests past the source that have not reached a terminal item
+    completed: int = 0
+    failed: int = 0
+    slo_checked: int = 0  # finished requests that had an SLO
+    slo_violations: int = 0
+
+    @property
+    def slo_violation_rate(self) -> float:
+        return self.slo_violations / self.slo_checked if self.slo_checked else 0.0
+
+
+@dataclass
+class OperatorContext:
+    """Given to `Operator.open`: the node's id, its downstream node ids, and the engines' shared stats."""
+
+    node_id: str
+    outputs: list[str] = field(default_factory=list)
+    instances: dict[str, InstanceStats] = field(default_factory=dict)
+    load: PipelineLoad = field(default_factory=PipelineLoad)
+    graph_attrs: dict[str, Any] = field(default_factory=dict)  # e.g. the model path the graph serves
+
+    def instances_among(self, names: list[str]) -> list[InstanceStats]:
+        """Stats of the given downstream nodes that are engines (route's candidates), in the given order."""
+        return [self.instances[n] for n in names if n in self.instances]
+
+
+class Operator:
+    """Base of the four kinds. Parameters are keyword arguments of `__init__` with type hints: the YAML loader and the
+    DSL validate against them (`parameter_types`)."""
+
+    name: ClassVar[str] = ""  # registry name, as written in YAML `op:`
+    kind: ClassVar[str] = ""
+    # Item types the logic handles; any other item passes through unchanged (to the first output). Empty: all.
+    accepts: ClassVar[tuple[type, ...]] = ()
+    # Whether the node may have several downstream nodes; it must then address what it returns with `Emit`.
+    multi_output: ClassVar[bool] = False
+
+    def open(self, ctx: OperatorContext) -> None:
+        """Called once before the first item, in the process that runs the node."""
+        self.ctx = ctx
+
+    def close(self) -> None:
+        """Called once after the last item (also after an error); release engines, files, threads."""
+
+
+class SourceOperator(Operator):
+    kind = "source"
+    blocking: ClassVar[bool] = False  # True: poll() may block (stdin), so the executor runs it in a thread
+
+    def poll(self) -> list[Any] | None:
+        """New items (possibly none yet), or None when the source is exhausted."""
+        raise NotImplementedError
+
+
+class MapOperator(Operator):
+    kind = "map"
+
+    def execute(self, item: Any) -> Any | list[Any] | None:
+        raise NotImplementedError
+
+
+class QueueOperator(Operator):
+    kind = "queue"
+
+    def push(self, item: Any) -> list[Any]:
+        """Enqueues; returns items to send on at once (e.g. errors for requests the queue sheds)."""
+        raise NotImplementedError
+
+    def pop(self) -> Any | None:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+class StepOperator(Operator):
+    kind = "step"
+
+    def add(self, item: Any) -> list[Any]:
+        """Takes an item in; returns items to send on at once (errors, pass-through of items it does not handle)."""
+        raise NotImplementedError
+
+    def step(self) -> list[Any]:
+        """One unit of work (an engine step); blocking, so the executor runs it off the event loop."""
+        raise NotImplementedError
+
+    def has_work(self) -> bool:
+        raise NotImplementedError
+
+    def capacity(self) -> int:
+        """How many more items it wants now; the executor leaves the rest upstream (in a policy queue)."""
+        return 1 << 30
+
+    def in_flight(self) -> list[str]:
+        """Request ids this operator holds: the executor fails them if `step()` raises."""
+        return []
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Forgets the given requests (they failed or their client left); frees what they hold."""
+
+
+_REGISTRY: dict[str, type[Operator]] = {}
+OperatorClass = TypeVar("OperatorClass", bound=type[Operator])
+
+
+def register_operator(cls: OperatorClass) -> OperatorClass:
+    if not cls.name:
+        raise OperatorError(f"{cls.__qualname__} has no `name` to register under")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise OperatorError(f"operator {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_operator(name: str) -> type[Operator]:
+    _import_builtin_operators()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise OperatorError(f"unknown operator {name!r}; have {sorted(_REGISTRY)}") from None
+
+
+def list_operators() -> dict[str, type[Operator]]:
+    _import_builtin_operators()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def parameter_types(cls: type[Operator]) -> dict[str, tuple[Any, bool]]:
+    """The operator's parameters: name -> (type hint, required)."""
+    signature = inspect.signature(cls.__init__)
+    hints = get_type_hints(cls.__init__)
+    params: dict[str, tuple[Any, bool]] = {}
+    for pname, p in signature.parameters.items():
+        if pname == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        params[pname] = (hints.get(pname, Any), p.default is inspect.Parameter.empty)
+    return params
+
+
+def _import_builtin_operators() -> None:
+    """Importing the operator modules registers them; done lazily so `base` imports nothing heavy."""
+    from sagellm import operators  # noqa: F401  (its __init__ imports every built-in operator)

@@ -1,0 +1,228 @@
+"""The engine nodes of a pipeline: Step operators around `LLMEngine`, in three roles.
+
+- `engine` (colocated): a request in, its tokens out.
+- `prefill`: runs a request's prompt, samples its first token and hands over `PrefillDone` with the prompt's KV.
+- `decode`: continues `PrefillDone`s from its own paged cache (and, being a full engine, serves plain requests
+  that pd_split kept colocated).
+
+The executor calls `add()` between steps and `step()` off the event loop, so the engine is never touched by two
+threads at once. Each step refreshes this node's `InstanceStats` (running requests, queued prefill and decode
+tokens, measured tokens/s), which route, pd_split and the policies read. Per-request timings are taken here on the
+wall clock against the request's arrival, so they mean the same whichever process served which phase."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from sagellm.messages import KVBlocks, PrefillDone, Request, RequestError, RequestMetrics, TokenDelta
+from sagellm.operators.base import InstanceStats, OperatorContext, StepOperator, register_operator
+
+DEFAULT_MAX_TOKENS = 256  # decode work predicted for a request without max_tokens
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    first_token_time: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    prefilled_elsewhere: bool = False  # a PrefillDone: its cache hits were counted by the prefill worker
+
+
+class EngineOperator(StepOperator):
+    """A colocated engine: the whole request, prefill and decode, on this node."""
+
+    name = "engine"
+    role: ClassVar[str] = "colocated"
+    accepts = (Request, PrefillDone)
+
+    def __init__(
+        self,
+        model: str | None = None,
+        backend: str = "auto",
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+        kv_cache_memory_gb: float = 1.0,
+        enable_prefix_caching: bool = True,
+        num_threads: int | None = None,
+        price_per_1k_tokens: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.engine_args = dict(
+            backend=backend,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            kv_cache_memory_gb=kv_cache_memory_gb,
+            enable_prefix_caching=enable_prefix_caching,
+            num_threads=num_threads,
+        )
+        self.price_per_1k_tokens = price_per_1k_tokens
+        self._tracked: dict[str, _Tracked] = {}
+        self.engine: Any = None
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        from sagellm.model_cache import resolve_model
+        from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+
+        model = self.model or ctx.graph_attrs.get("model")
+        if not model:
+            raise ValueError(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
+        self.engine = LLMEngine(EngineConfig(model=str(resolve_model(model)), **self.engine_args))
+        self.stats = ctx.instances.setdefault(ctx.node_id, InstanceStats(ctx.node_id))
+        self.stats.role, self.stats.price_per_1k_tokens = self.role, self.price_per_1k_tokens
+        self.stats.max_running = self.engine_args["max_num_seqs"]
+        self._refresh_stats()
+
+    def close(self) -> None:
+        self.engine = None
+
+    # -- the Step contract ------------------------------------------------------------------------------------------
+    def add(self, item: Any) -> list[Any]:
+        rid = item.request_id
+        if rid in self._tracked:
+            return [RequestError(request_id=rid, code="invalid_request", message=f"request id {rid!r} is in use")]
+        request = item.request if isinstance(item, PrefillDone) else item
+        self._tracked[rid] = tracked = _Tracked(request)
+        try:
+            if isinstance(item, PrefillDone):
+                tracked.cached_tokens, tracked.prefilled_elsewhere = item.num_cached_tokens, True
+                out = self.engine.add_prefilled_request(
+                    rid, request.prompt_token_ids, request.sampling, item.first_token, item.kv.data
+                )
+                return self._emit(out, time.time())
+            prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+            self.engine.add_request(
+                rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill"
+            )
+        except ValueError as exc:
+            del self._tracked[rid]
+            return [RequestError(request_id=rid, code="invalid_request", message=str(exc))]
+        finally:
+            self._refresh_stats()
+        return []
+
+    def step(self) -> list[Any]:
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        now = time.time()
+        items = [item for out in outputs for item in self._emit(out, now)]
+        elapsed = time.perf_counter() - started
+        if outputs and elapsed > 0:  # a moving estimate of throughput, for predicted service times
+            self.stats.tokens_per_s = 0.8 * self.stats.tokens_per_s + 0.2 * (len(outputs) / elapsed)
+        self._refresh_stats()
+        return items
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def capacity(self) -> int:
+        """Requests this engine takes now: as many as it can run at once, so a policy queue upstream keeps the
+        rest and decides their order."""
+        return max(0, self.engine_args["max_num_seqs"] - len(self._tracked))
+
+    def in_flight(self) -> list[str]:
+        return list(self._tracked)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.engine.abort_request(rid)
+            self._tracked.pop(rid, None)
+        self._refresh_stats()
+
+    # -- outputs ------------------------------------------------------------------------------------------------
+    def _emit(self, out: Any, now: float) -> list[Any]:
+        tracked = self._tracked[out.request_id]
+        completion = out.outputs[0]
+        if completion.finish_reason == "prefilled":
+            del self._tracked[out.request_id]
+            kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv)
+            cached = out.metrics.num_cached_tokens
+            done = PrefillDone(
+                request_id=out.request_id,
+                request=tracked.request,
+                first_token=completion.token_ids[0],
+                first_token_time=now,
+                kv=kv,
+                num_cached_tokens=cached,
+            )
+            return [done]
+        if tracked.first_token_time is None:
+            tracked.first_token_time = now
+        tracked.prompt_tokens = len(out.prompt_token_ids)
+        tracked.output_tokens += len(completion.token_ids_delta)
+        delta = TokenDelta(
+            request_id=out.request_id, token_ids=list(completion.token_ids_delta), text=completion.text_delta, time=now
+        )
+        if out.finished:
+            del self._tracked[out.request_id]
+            delta.finish_reason = completion.finish_reason
+            if not tracked.prefilled_elsewhere:
+                tracked.cached_tokens = out.metrics.num_cached_tokens
+            delta.metrics = request_metrics(tracked, now)
+        return [delta]
+
+    def _refresh_stats(self) -> None:
+        waiting = self.engine.scheduler.waiting
+        running = self.engine.scheduler.running
+        self.stats.running = len(self._tracked)
+        self.stats.queued_prefill_tokens = sum(s.num_tokens - s.num_computed_tokens for s in waiting) + sum(
+            s.num_tokens - s.num_computed_tokens - 1 for s in running if s.num_computed_tokens < s.num_prompt_tokens
+        )
+        self.stats.queued_decode_tokens = (
+            0  # a prefill worker samples one token per request; the decoding happens elsewhere
+            if self.role == "prefill"
+            else sum((s.params.max_tokens or DEFAULT_MAX_TOKENS) - s.num_output_tokens for s in (*waiting, *running))
+        )
+
+
+def request_metrics(tracked: _Tracked, now: float) -> RequestMetrics:
+    """A finished request's metrics, wall clock from its arrival; SLO met when every target it set was met."""
+    request = tracked.request
+    ttft = tracked.first_token_time - request.arrival_time if tracked.first_token_time is not None else None
+    tpot = None
+    if tracked.output_tokens > 1 and tracked.first_token_time is not None:
+        tpot = (now - tracked.first_token_time) / (tracked.output_tokens - 1)
+    queue = request.dispatched_time - request.arrival_time if request.dispatched_time is not None else None
+    checks = []
+    if request.ttft_slo_ms is not None:
+        checks.append(ttft is not None and ttft * 1000 <= request.ttft_slo_ms)
+    if request.tpot_slo_ms is not None:
+        checks.append(tpot is None or tpot * 1000 <= request.tpot_slo_ms)
+    if request.deadline is not None:
+        checks.append(now <= request.deadline)
+    return RequestMetrics(
+        queue_s=queue,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        e2e_s=now - request.arrival_time,
+        prompt_tokens=tracked.prompt_tokens,
+        output_tokens=tracked.output_tokens,
+        cached_tokens=tracked.cached_tokens,
+        slo_met=all(checks) if checks else None,
+    )
+
+
+register_operator(EngineOperator)
+
+
+@register_operator
+class PrefillOperator(EngineOperator):
+    """A prefill worker: each request's prompt and first token, then its KV goes to a decode worker."""
+
+    name = "prefill"
+    role = "prefill"
+    accepts = (Request,)
+
+
+@register_operator
+class DecodeOperator(EngineOperator):
+    """A decode worker: continues prefilled requests from their transferred KV; serves colocated ones whole."""
+
+    name = "decode"
+    role = "decode"

@@ -1,0 +1,89 @@
+"""The `pd_split` operator: decides per request whether prefill and decode run on separate workers (PD
+disaggregation) or together on one engine, by how much prefill work the request really brings.
+
+Splitting pays when the prompt's uncached part is long: the prefill then runs on a prefill worker without stalling
+the decode batch, at the price of moving the prompt's KV. Below `threshold_tokens` uncached prompt tokens it does not
+pay, so the request stays colocated. The measure is tokens (admission fills `prompt_token_ids`), never characters.
+
+What is cached: pd_split sees only its own decisions, not which instance route later picks, so it keeps one
+`PrefixIndex` for the whole pool of decode-capable instances and records every prompt it passes on (colocated ones
+are cached by the engine that runs them; PD ones land, as transferred KV, on a decode worker's cache). A prefix counts
+as cached if any of them was sent before: optimistic when route spreads equal prefixes over instances, which the
+cache_aware and locality strategies avoid.
+
+Even a long prompt stays colocated when the PD path cannot take it, each reason counted in `decisions`:
+"no_prompt_tokens" (not tokenized, so unmeasurable), "no_prefill_instance", "prefill_unhealthy",
+"no_decode_instance", "decode_unhealthy", "kv_transfer_failing" (every healthy decode worker has had
+`max_transfer_failures` failed transfers in a row), "decode_saturated" (every usable decode worker is full).
+The other counts are "short_prompt" (colocated by the threshold) and "pd" (sent to prefill)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sagellm.messages import Request
+from sagellm.operators.base import InstanceStats, MapOperator, register_operator
+from sagellm.operators.prefix_index import PrefixIndex
+
+POOL = "decode_capable"  # the one key of the index: the pool of instances a prompt may be cached on
+
+
+@register_operator
+class PDSplit(MapOperator):
+    name = "pd_split"
+    accepts = (Request,)
+
+    def __init__(self, threshold_tokens: int = 512, block_size: int = 16, max_transfer_failures: int = 3) -> None:
+        if threshold_tokens < 0:
+            raise ValueError(f"threshold_tokens must be >= 0, got {threshold_tokens}")
+        if max_transfer_failures < 1:
+            raise ValueError(f"max_transfer_failures must be >= 1, got {max_transfer_failures}")
+        self.threshold_tokens = threshold_tokens
+        self.max_transfer_failures = max_transfer_failures
+        self.prefix_index = PrefixIndex(block_size=block_size)
+        self.decisions: Counter[str] = Counter()
+
+    def execute(self, item: Request) -> Request:
+        reason = self._decide(item)
+        self.decisions[reason] += 1
+        item.phase = "prefill" if reason == "pd" else "colocated"
+        return item
+
+    def uncached_tokens(self, request: Request) -> int:
+        tokens = request.prompt_token_ids or []
+        return len(tokens) - self.prefix_index.cached_tokens(POOL, tokens)
+
+    def _decide(self, request: Request) -> str:
+        """The reason for this request's phase: "pd" for the PD path, any other reason means colocated."""
+        if request.prompt_token_ids is None:
+            return "no_prompt_tokens"
+        uncached = self.uncached_tokens(request)
+        self.prefix_index.record(POOL, request.prompt_token_ids)
+        if uncached < self.threshold_tokens:
+            return "short_prompt"
+        return self._pd_unavailable() or "pd"
+
+    def _pd_unavailable(self) -> str | None:
+        """Why the PD path cannot take a request now, or None when it can."""
+        instances = list(self.ctx.instances.values())
+        prefill = _with_role(instances, "prefill")
+        if not prefill:
+            return "no_prefill_instance"
+        if not any(s.healthy for s in prefill):
+            return "prefill_unhealthy"
+        decode = _with_role(instances, "decode")
+        if not decode:
+            return "no_decode_instance"
+        healthy = [s for s in decode if s.healthy]
+        if not healthy:
+            return "decode_unhealthy"
+        transferring = [s for s in healthy if s.kv_transfer_failures < self.max_transfer_failures]
+        if not transferring:
+            return "kv_transfer_failing"
+        if all(s.saturated for s in transferring):
+            return "decode_saturated"
+        return None
+
+
+def _with_role(instances: list[InstanceStats], role: str) -> list[InstanceStats]:
+    return [s for s in instances if s.role == role]

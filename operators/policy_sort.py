@@ -1,0 +1,65 @@
+"""The policy_sort operator: the queue in front of the engines, ordered by a scheduling policy (`policies`).
+
+The executor pops only when downstream has room, so this queue's order is exactly the order in which requests reach
+the engines under load, and its bound (`max_len`) is where the graph sheds: when full, the lowest-ranked request by
+the policy's own order (the newcomer or one already waiting) leaves at once as an `overloaded` RequestError. Items
+other than requests pass through (the executor does that from `accepts`).
+
+The clock is an attribute (wall clock by default), not a parameter: tests replace it before `open()`, which hands it
+to the policy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sagellm.messages import Request, RequestError
+from sagellm.operators.base import OperatorContext, OperatorError, QueueOperator, register_operator
+from sagellm.operators.policies import Policy, make_policy
+
+
+@register_operator
+class PolicySort(QueueOperator):
+    name = "policy_sort"
+    accepts = (Request,)
+
+    def __init__(self, policy: str = "fifo", max_len: int | None = None, policy_args: dict[str, float] | None = None):
+        """`policy`: a name from `policies` (fifo, priority, slo_aware, cost_optimized, adaptive); `max_len`: most
+        waiting requests (None: unbounded); `policy_args`: the policy's own settings, e.g. adaptive's thresholds."""
+        if max_len is not None and max_len < 1:
+            raise OperatorError(f"policy_sort: max_len must be >= 1 or unset, got {max_len}")
+        self.clock: Callable[[], float] = time.time
+        # Built once here so a bad name or argument fails when the graph is built; rebuilt with the real context.
+        self.policy: Policy = make_policy(policy, OperatorContext(node_id=self.name), self.clock, policy_args)
+        self.policy_name, self.policy_args, self.max_len = policy, policy_args, max_len
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        self.policy = make_policy(self.policy_name, ctx, self.clock, self.policy_args)
+
+    def push(self, item: Request) -> list[RequestError]:
+        rejection = self.policy.check(item)
+        if rejection is not None:
+            return [rejection]
+        self.policy.push(item)
+        if self.max_len is None or len(self.policy) <= self.max_len:
+            return []
+        shed = self.policy.shed()
+        return [
+            RequestError(
+                request_id=shed.request_id,
+                code="overloaded",
+                message=f"the {self.policy_name} queue is full ({self.max_len} waiting); retry later",
+                retryable=True,
+                time=self.clock(),
+            )
+        ]
+
+    def pop(self) -> Request | RequestError | None:
+        item = self.policy.pop()
+        if isinstance(item, Request):
+            item.dispatched_time = self.clock()
+        return item
+
+    def __len__(self) -> int:
+        return len(self.policy)

@@ -1,0 +1,86 @@
+"""The `route` operator: sends each request to one engine instance downstream, chosen by a routing strategy.
+
+Candidates are the node's outputs that are engine instances, healthy, and of a role that runs the request's phase:
+a "prefill" request needs a prefill worker; a "colocated" one runs on a colocated engine or on a decode worker (a full
+engine that also prefills). A request already pinned to a candidate (`request.instance`, set by a policy) keeps it.
+
+After choosing, route charges the instance's `InstanceStats` at once (uncached prompt tokens, expected output tokens,
+one more running request), so a burst routed before the engine reports back is still spread by the strategies that
+read load; the engine operator overwrites these numbers with its own accounting. The prompt is recorded in the
+`PrefixIndex` of what each instance has cached, which cache_aware reads and which gives the uncached-token charge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sagellm.messages import Request, RequestError
+from sagellm.operators.base import Emit, InstanceStats, MapOperator, register_operator
+from sagellm.operators.prefix_index import PrefixIndex
+from sagellm.operators.routing import make_strategy
+
+# Roles of the instances that can take a request, by its phase.
+ROLES_FOR_PHASE: dict[str, frozenset[str]] = {
+    "prefill": frozenset({"prefill"}),
+    "colocated": frozenset({"colocated", "decode"}),
+    "decode": frozenset({"decode"}),
+}
+DEFAULT_DECODE_TOKENS = 256  # charged for a request without max_tokens: a typical answer, not the context limit
+
+
+@register_operator
+class Route(MapOperator):
+    name = "route"
+    accepts = (Request,)
+    multi_output = True
+
+    def __init__(self, strategy: str = "load_balanced", seed: int | None = None, block_size: int = 16) -> None:
+        self.prefix_index = PrefixIndex(block_size=block_size)
+        self.strategy = make_strategy(strategy, prefix_index=self.prefix_index, seed=seed)
+
+    def execute(self, item: Request) -> Emit | RequestError:
+        engines = self.ctx.instances_among(self.ctx.outputs)
+        roles = ROLES_FOR_PHASE[item.phase]
+        fitting = [s for s in engines if s.role in roles]
+        candidates = [s for s in fitting if s.healthy]
+        if not candidates:
+            return self._no_candidate(item, engines, fitting)
+        tokens = item.prompt_token_ids or []
+        hashes = self.prefix_index.hashes(tokens)
+        chosen = next((c for c in candidates if c.name == item.instance), None)
+        if chosen is None:
+            chosen = self.strategy.choose(item, candidates, hashes)
+        self._charge(item, chosen, tokens, hashes)
+        item.instance = chosen.name
+        return Emit(to=chosen.name, item=item)
+
+    def _charge(self, request: Request, instance: InstanceStats, tokens: list[int], hashes: list[int]) -> None:
+        """Count the request on the instance now, and remember its prompt as cached there."""
+        cached = self.prefix_index.cached_tokens(instance.name, tokens, hashes)
+        self.prefix_index.record(instance.name, tokens, hashes)
+        instance.queued_prefill_tokens += len(tokens) - cached
+        if request.phase != "prefill":  # a prefill worker hands decoding to another instance
+            max_tokens = request.sampling.max_tokens
+            instance.queued_decode_tokens += max_tokens if max_tokens is not None else DEFAULT_DECODE_TOKENS
+        instance.running += 1
+
+    def _no_candidate(
+        self, request: Request, engines: Sequence[InstanceStats], fitting: Sequence[InstanceStats]
+    ) -> RequestError:
+        """Instances of the right role that are all unhealthy may recover: overloaded, retryable. No instance of the
+        right role downstream at all is a graph that cannot serve this phase: internal, not worth retrying."""
+        roles = " or ".join(sorted(ROLES_FOR_PHASE[request.phase]))
+        if fitting:
+            return RequestError(
+                request_id=request.request_id,
+                code="overloaded",
+                message=f"no healthy {roles} instance for a {request.phase} request "
+                f"({len(fitting)} unhealthy: {', '.join(s.name for s in fitting)}); retry later",
+                retryable=True,
+            )
+        have = ", ".join(f"{s.name} ({s.role})" for s in engines) or "none"
+        return RequestError(
+            request_id=request.request_id,
+            code="internal",
+            message=f"route {self.ctx.node_id!r} has no {roles} instance downstream for a {request.phase} request; "
+            f"engines downstream: {have}",
+        )

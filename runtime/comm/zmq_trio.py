@@ -1,0 +1,277 @@
+"""ZeroMQ sockets driven from trio tasks: the links of a pipeline graph whose nodes run in several processes.
+
+pyzmq has no trio integration, so a socket is used non-blocking and a task that must wait sleeps on the socket's
+`zmq.FD` with `trio.lowlevel.wait_readable`. That FD is edge-triggered: it fires when the socket's events *may* have
+changed, and any call on the socket, a send included, can consume the edge meant for a waiting receive. So every
+operation is tried first, a waiter re-checks `zmq.EVENTS` before sleeping again, and after each send or receive every
+waiting task whose event is then ready is woken (`_check_events`). Trio lets one task wait on an FD, so one waiter
+sleeps on it and the others park until it wakes.
+
+Edges are PUSH → PULL: the downstream node binds a PULL (all its in-edges merge there, as a node's inputs merge into
+one stream), each upstream connects a PUSH. HWMs bound the messages queued on each side, so a slow consumer makes its
+producers wait in `send` (backpressure) instead of growing memory; LINGER bounds how long closing waits for unsent
+messages, so shutdown never hangs.
+
+Use from a trio task (one `zmq.Context` per process, never shared across fork: children are spawned):
+
+    ctx = zmq.Context()
+    pull, endpoint = bind_pull(ctx, "ipc", "decode")       # give `endpoint` to the upstream process
+    with pull:
+        item = await pull.receive()
+
+and in a child process's main: `trio.run(main)` where `main` does `with connect_push(ctx, endpoint) as push:
+await push.send(Ready(node=..., pid=os.getpid()))`, then the child's work; `ctx.term()` after `trio.run` returns."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import trio
+import zmq
+
+from sagellm.runtime.comm import wire
+from sagellm.runtime.comm.wire import Heartbeat, Ready, WireMessage
+
+DEFAULT_HWM = 64  # messages queued per socket (each side) before `send` waits
+DEFAULT_LINGER_MS = 1000  # how long closing may wait to flush unsent messages
+_IPC_PATH_MAX = 107  # sun_path of a Unix socket, minus its terminating NUL
+
+
+class TrioSocket:
+    """A ZeroMQ socket whose sends and receives are trio checkpoints that wait without blocking the event loop.
+
+    Any number of tasks may send or receive concurrently; each multipart message is sent and received whole.
+    Cancelling a waiting `send` or `receive` loses nothing: the message was not taken."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+        self._fd: int = socket.getsockopt(zmq.FD)
+        self._fd_waiter: trio.CancelScope | None = None  # the one waiting task that sleeps on the FD
+        self._fd_waiter_event = 0  # and what it waits for
+        # The other waiting tasks, by the event they wait for; they exist only while there is an FD waiter.
+        self._parked = {zmq.POLLIN: trio.lowlevel.ParkingLot(), zmq.POLLOUT: trio.lowlevel.ParkingLot()}
+        self._closed = False
+
+    async def send(self, msg: WireMessage) -> None:
+        """Sends an item or a control message; waits while the peer's queue is full (the HWM) or no peer is up."""
+        await self.send_frames(wire.encode(msg))
+
+    async def receive(self) -> WireMessage:
+        """The next message; its tensors alias the received frames (see `wire`). Raises `wire.WireError` on a
+        malformed message (which is consumed)."""
+        return wire.decode(await self.receive_frames())
+
+    async def send_frames(self, frames: Sequence[bytes | memoryview | zmq.Frame]) -> None:
+        """Sends one multipart message without copying its buffers (do not write into them afterwards)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check_open()
+            try:
+                # ZeroMQ queues a multipart message atomically: only the first part can meet the HWM.
+                self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                await self._wait_for(zmq.POLLOUT)
+            else:
+                self._after_operation()
+                await trio.lowlevel.cancel_shielded_checkpoint()  # done: yield, but a cancel must not lose it
+                return
+
+    async def receive_frames(self) -> list[zmq.Frame]:
+        """The next multipart message as frames that own their memory (received with copy=False)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            self._check_open()
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                await self._wait_for(zmq.POLLIN)
+            else:
+                self._after_operation()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return frames
+
+    def close(self) -> None:
+        """Closes the socket (idempotent); tasks waiting on it get `trio.ClosedResourceError`. Unsent messages get
+        LINGER to leave."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self._fd)
+            for lot in self._parked.values():
+                lot.unpark_all()
+        except RuntimeError:
+            pass  # outside trio.run: no task can be waiting
+        self.socket.close()
+
+    def __enter__(self) -> TrioSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _after_operation(self) -> None:
+        """A send or receive may have consumed the FD's edge: tasks waiting for what is now ready must hear of it."""
+        if self._fd_waiter is not None:
+            self._check_events()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the socket was closed")
+
+    async def _wait_for(self, event: int) -> None:
+        """Until the socket can do `event` (zmq.POLLIN or zmq.POLLOUT)."""
+        while True:
+            self._check_open()
+            if self._check_events() & event:
+                return
+            if self._fd_waiter is not None:
+                await self._parked[event].park()
+                continue
+            self._fd_waiter_event = event
+            try:
+                with trio.CancelScope() as self._fd_waiter:
+                    await trio.lowlevel.wait_readable(self._fd)
+            finally:
+                self._fd_waiter = None
+                for lot in self._parked.values():
+                    lot.unpark_all()  # the FD fired or its waiter left: the others re-check, one takes the FD
+
+    def _check_events(self) -> int:
+        """The socket's events now. Reading them (or sending, or receiving) may consume the FD edge that another
+        task sleeps on, so every waiting task whose event is ready is woken here."""
+        events = self.socket.getsockopt(zmq.EVENTS)
+        if self._fd_waiter is not None and events & self._fd_waiter_event:
+            self._fd_waiter.cancel()
+        for flag, lot in self._parked.items():
+            if events & flag:
+                lot.unpark_all()
+        return events
+
+
+def address(transport: str, name: str, host: str = "127.0.0.1") -> str:
+    """Where to bind a socket for node `name`: an ipc:// path unique in the run's temp dir (one host), or
+    tcp:// on `host` with port `*` (the OS picks a free one; read the real endpoint back after binding)."""
+    if transport == "tcp":
+        return f"tcp://{host}:*"
+    if transport != "ipc":
+        raise ValueError(f"unknown transport {transport!r}; use 'ipc' (one host) or 'tcp' (across hosts)")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:40]
+    path = os.path.join(_ipc_dir(), f"{stem}-{os.getpid()}-{next(_ipc_serial)}")
+    if len(path) > _IPC_PATH_MAX:
+        raise ValueError(f"ipc path {path!r} is longer than {_IPC_PATH_MAX} characters; set TMPDIR to a short path")
+    return "ipc://" + path
+
+
+def bind_pull(
+    ctx: zmq.Context, transport: str, name: str, *, hwm: int = DEFAULT_HWM, host: str = "127.0.0.1"
+) -> tuple[TrioSocket, str]:
+    """A PULL socket bound for node `name`, and the endpoint its upstream peers connect to."""
+    socket = _socket(ctx, zmq.PULL, hwm)
+    try:
+        socket.bind(address(transport, name, host))
+    except zmq.ZMQError as error:
+        socket.close(linger=0)
+        raise OSError(f"cannot bind {transport} socket for {name!r}: {error}") from None
+    return TrioSocket(socket), socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def connect_push(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM) -> TrioSocket:
+    """A PUSH socket connected to a peer's PULL. Connecting never waits: sends queue (up to the HWM) until the peer
+    is up."""
+    socket = _socket(ctx, zmq.PUSH, hwm)
+    socket.connect(endpoint)
+    return TrioSocket(socket)
+
+
+def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
+    if hwm < 1:
+        raise ValueError(f"hwm must be >= 1 (0 would mean unbounded queues), got {hwm}")
+    socket = ctx.socket(kind)
+    socket.setsockopt(zmq.LINGER, DEFAULT_LINGER_MS)
+    socket.setsockopt(zmq.SNDHWM, hwm)
+    socket.setsockopt(zmq.RCVHWM, hwm)
+    return socket
+
+
+_ipc_serial = itertools.count()
+IPC_DIR_ENV = "SAGELLM_IPC_DIR"  # the run's ipc directory, inherited by spawned children
+
+
+def _ipc_dir() -> str:
+    """The run's directory for ipc socket files: made by the first process that binds one (removed when it exits)
+    and handed to the processes it spawns through the environment. Falls back to /tmp when TMPDIR is too long for
+    socket paths."""
+    path = os.environ.get(IPC_DIR_ENV)
+    if path and os.path.isdir(path):
+        return path
+    parent = tempfile.gettempdir()
+    if len(parent) > _IPC_PATH_MAX - 70:
+        parent = "/tmp"
+    path = tempfile.mkdtemp(prefix="sagellm-", dir=parent)
+    os.environ[IPC_DIR_ENV] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+async def announce_ready(sock: TrioSocket, node: str, info: dict[str, Any] | None = None) -> None:
+    """Tells the peer on `sock` that `node` is up (e.g. `info={"endpoint": ...}` for the PULL it bound)."""
+    await sock.send(Ready(node=node, pid=os.getpid(), info=info or {}))
+
+
+async def heartbeat_loop(
+    sock: TrioSocket, node: str, interval: float, stats_fn: Callable[[], dict[str, dict[str, Any]]] = dict
+) -> NoReturn:
+    """Sends a Heartbeat with `stats_fn()` (per-instance stats) every `interval` seconds, until cancelled. Send it on
+    a control socket of its own: on a data socket it would queue behind backpressured items."""
+    while True:
+        await sock.send(Heartbeat(node=node, time=time.time(), stats=stats_fn()))
+        await trio.sleep(interval)
+
+
+class PeerMonitor:
+    """Last-seen times of peers; a peer silent for `timeout` or longer is lost. Times are the receiver's own clock
+    (trio's by default), so clock skew between hosts does not matter and tests run on a virtual clock."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = trio.current_time) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        self.timeout = timeout
+        self._clock = clock
+        self._last_seen: dict[str, float] = {}
+
+    def seen(self, peer: str) -> None:
+        """Any message from `peer` (Ready starts watching it, Heartbeat keeps it alive)."""
+        self._last_seen[peer] = self._clock()
+
+    def forget(self, peer: str) -> None:
+        """Stops watching `peer` (it sent End, or was reported lost)."""
+        self._last_seen.pop(peer, None)
+
+    def lost(self) -> list[str]:
+        """Watched peers silent for `timeout` or longer."""
+        now = self._clock()
+        return [peer for peer, last in self._last_seen.items() if now >= last + self.timeout]
+
+    def next_deadline(self) -> float:
+        """When the earliest watched peer is lost unless heard from (inf when none is watched)."""
+        return min((last + self.timeout for last in self._last_seen.values()), default=math.inf)
+
+    async def watch(self, on_lost: Callable[[str], object]) -> NoReturn:
+        """Calls `on_lost(peer)` once for each peer as it is lost (and stops watching it), until cancelled. Sleeps
+        until the next deadline but at most `timeout`, so peers seen later are caught in time."""
+        while True:
+            for peer in self.lost():
+                self.forget(peer)
+                on_lost(peer)
+            now = self._clock()
+            await trio.sleep(max(0.0, min(self.next_deadline(), now + self.timeout) - now))

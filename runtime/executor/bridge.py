@@ -1,0 +1,117 @@
+"""A process's end of the graph edges that cross processes: ZeroMQ sockets in place of memory channels.
+
+Each process binds one PULL socket that all its cross-process in-edges share. A message on it is
+`[dst node, src node, *wire frames]`; an `End` from `src` closes that edge's sender into `dst`'s input, exactly as
+closing a memory channel would, so shutdown flows across processes the same way it flows inside one. Each edge
+out of the process is a memory channel whose forwarding task pushes items to the destination process's socket (one
+PUSH socket per destination process), tensors as zero-copy frames."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+import zmq
+
+from sagellm.runtime.comm import wire
+from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_push
+from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.executor.local import LocalExecutor
+
+log = structlog.get_logger("sagellm.bridge")
+MAIN = "main"  # the group of nodes placed as tasks in the process that runs the graph
+
+
+def group_of(node_id: str, placement: str) -> str:
+    """`task` runs in the main process; `process` in a process of its own; `process:NAME` in process NAME."""
+    if placement == "task":
+        return MAIN
+    if placement == "process":
+        return node_id
+    if placement.startswith("process:") and placement[len("process:") :]:
+        return placement[len("process:") :]
+    raise ValueError(f"node {node_id!r}: unknown placement {placement!r} (task | process | process:NAME)")
+
+
+def groups_of(graph: Graph) -> dict[str, str]:
+    return {node.id: group_of(node.id, node.placement) for node in graph.nodes.values()}
+
+
+class Bridge:
+    def __init__(self, executor: LocalExecutor, group: str, zctx: zmq.Context) -> None:
+        self.executor = executor
+        self.group = group
+        self.zctx = zctx
+        self.groups = groups_of(executor.graph)
+        self.pushes: dict[str, TrioSocket] = {}
+        self.inbound: dict[tuple[str, str], trio.MemorySendChannel] = {}
+        self.nursery: trio.Nursery | None = None
+        self.before_send: Callable[[str, Any], bool] | None = None  # (dst group, item) -> send it? (False: dropped)
+        executor.remote_sender = self._remote_sender
+
+    def cross_edges(self) -> list[tuple[str, str]]:
+        return [(e.src, e.dst) for e in self.executor.graph.edges if self.groups[e.src] != self.groups[e.dst]]
+
+    def connect(self, endpoints: dict[str, str]) -> None:
+        """PUSH sockets to every process this one sends to; `endpoints` maps process group -> its PULL endpoint."""
+        for src, dst in self.cross_edges():
+            target = self.groups[dst]
+            if self.groups[src] == self.group and target not in self.pushes:
+                self.pushes[target] = connect_push(self.zctx, endpoints[target])
+
+    def open_inbound(self) -> None:
+        """Senders into local inputs for every edge arriving from another process (before the executor wires its
+        own edges, which closes the original senders)."""
+        for src, dst in self.cross_edges():
+            if self.groups[dst] == self.group:
+                self.inbound[(src, dst)] = self.executor.inbox(dst)
+
+    def close_inbound_from(self, group: str) -> None:
+        """Ends the edges from a process that is gone, as its `End`s would have."""
+        for (src, dst), send in list(self.inbound.items()):
+            if self.groups[src] == group:
+                send.close()
+                del self.inbound[(src, dst)]
+
+    async def receive_loop(self, sock: TrioSocket) -> None:
+        """Delivers items from other processes until every inbound edge has ended."""
+        while self.inbound:
+            frames = await sock.receive_frames()
+            dst, src = frames[0].bytes.decode(), frames[1].bytes.decode()
+            message = wire.decode(frames[2:])
+            send = self.inbound.get((src, dst))
+            if send is None:
+                log.warning("message_on_closed_edge", src=src, dst=dst, message=type(message).__name__)
+            elif isinstance(message, wire.End):
+                send.close()
+                del self.inbound[(src, dst)]
+            else:
+                await send.send(message)
+
+    def _remote_sender(self, src: str, dst: str) -> trio.MemorySendChannel:
+        send, recv = trio.open_memory_channel(0)
+        assert self.nursery is not None, "Bridge.nursery must be set before the executor runs"
+        self.nursery.start_soon(self._forward, src, dst, recv)
+        return send
+
+    async def _forward(self, src: str, dst: str, recv: trio.MemoryReceiveChannel) -> None:
+        target = self.groups[dst]
+        header = [dst.encode(), src.encode()]
+        async with recv:
+            async for item in recv:
+                if self.before_send is None or self.before_send(target, item):
+                    await self.pushes[target].send_frames(header + wire.encode(item))
+        if self.before_send is None or self.before_send(target, None):
+            await self.pushes[target].send_frames(header + wire.encode(wire.End(node=src)))
+
+    async def send_end_for(self, src: str, dst: str) -> None:
+        """Sends an edge's `End` on behalf of a lost process, so the receiving process stops waiting on it."""
+        target = self.groups[dst]
+        if target in self.pushes:
+            await self.pushes[target].send_frames([dst.encode(), src.encode(), *wire.encode(wire.End(node=src))])
+
+    def close(self) -> None:
+        for sock in self.pushes.values():
+            sock.close()

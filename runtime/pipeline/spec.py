@@ -1,0 +1,225 @@
+"""What makes a pipeline graph valid, checked before anything runs, with errors that point at the line to fix.
+
+Both front ends, YAML files (`yaml_io`) and the Python DSL (`sagellm.dsl`), build the IR `Graph` and hand it here with
+`locations`, a map from a field path ("nodes.route.params.strategy", "edges.3" for the fourth IR edge) to the line that
+wrote it, so a mistake found only when the whole graph is known still reads `pd.yaml:14: nodes.route.params.strategy:
+...`. Front ends keep the file and the locations in the private graph attrs `_file` and `_locations`, so a later
+`validate(graph)` (the executor's) points at the same lines. Operators are looked up in the registry at validation
+time and their parameters checked against `parameter_types`, so a typo fails at load, not deep inside a run."""
+
+from __future__ import annotations
+
+import re
+import types
+from collections import defaultdict
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin
+
+from sagellm.operators.base import (
+    Operator,
+    OperatorError,
+    SourceOperator,
+    get_operator,
+    list_operators,
+    parameter_types,
+)
+from sagellm.runtime.execution_graph.graph import Edge, Graph
+
+# Graph-level settings a pipeline may set (graph.attrs), with their types.
+GRAPH_ATTRS: dict[str, Any] = {"name": str, "description": str, "model": str, "transport": Literal["ipc", "tcp"]}
+FILE_KEY = "_file"  # graph.attrs key: the file the graph came from
+LOCATIONS_KEY = "_locations"  # graph.attrs key: field path -> line in that file
+NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # no '.', '->', '[' or ',': ids appear in edges and --set keys
+PLACEMENT = re.compile(r"task|process(:[A-Za-z0-9_-]+)?")
+
+
+class PipelineError(ValueError):
+    """A pipeline graph that cannot run, formatted `{file}:{line}: {field}: {problem}` (unknown parts left out)."""
+
+    def __init__(self, problem: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
+        self.problem, self.file, self.line, self.field = problem, file, line, field
+        if file is not None:
+            where = f"{file}:{line}" if line is not None else file
+        else:
+            where = f"line {line}" if line is not None else None
+        super().__init__(": ".join(part for part in (where, field, problem) if part is not None))
+
+
+def add_edge(graph: Graph, src: str, dst: str) -> Edge:
+    """Appends `src -> dst`; its port is its index among dst's in-edges, which all merge into one input stream."""
+    edge = Edge(src, dst, port=sum(e.dst == dst for e in graph.edges))
+    graph.edges.append(edge)
+    return edge
+
+
+def same_graph(a: Graph, b: Graph) -> bool:
+    """Equality of what a pipeline graph means: nodes, edges in order, and the public attrs (not `_file` etc.)."""
+    return a.nodes == b.nodes and a.edges == b.edges and public_attrs(a) == public_attrs(b)
+
+
+def public_attrs(graph: Graph) -> dict[str, Any]:
+    return {k: v for k, v in graph.attrs.items() if not k.startswith("_")}
+
+
+def conforms(value: Any, hint: Any) -> bool:
+    """Whether a parameter value fits its type hint. bool is not an int; an int is a float (YAML writes 1 for 1.0)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(conforms(value, arg) for arg in args)
+    if origin is Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(conforms(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (
+            not args or all(conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items())
+        )
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(origin, type):  # other generics (Callable[[], float], tuple[int, ...]): check the container only
+        return isinstance(value, origin)
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def describe(hint: Any) -> str:
+    """A type hint as a reader writes it: `int | None`, `list[str]`, `one of 'fifo', 'priority'`."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(describe(arg) for arg in args)
+    if hint is type(None):
+        return "None"
+    if args and isinstance(origin, type):
+        return f"{origin.__name__}[{', '.join(describe(arg) for arg in args)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def validate(graph: Graph, locations: dict[str, int] | None = None, *, file: str | None = None) -> Graph:
+    """Raises `PipelineError` at the first problem found; returns the graph so callers can chain.
+
+    `locations` and `file` default to what the front end stored in the graph's attrs."""
+    if locations is None:
+        locations = graph.attrs.get(LOCATIONS_KEY, {})
+    _Validator(graph, locations, file if file is not None else graph.attrs.get(FILE_KEY)).run()
+    return graph
+
+
+class _Validator:
+    def __init__(self, graph: Graph, locations: dict[str, int], file: str | None):
+        self.graph, self.locations, self.file = graph, locations, file
+        self.classes: dict[str, type[Operator]] = {}
+
+    def fail(self, field: str, problem: str, at: str | None = None) -> NoReturn:
+        """Raises for `field`, at the line of `at` (default: the field), or of its nearest located parent."""
+        key = at or field
+        while key and key not in self.locations:
+            key = key.rpartition(".")[0]
+        raise PipelineError(problem, file=self.file, line=self.locations.get(key), field=field)
+
+    def run(self) -> None:
+        self.check_attrs()
+        if not self.graph.nodes:
+            self.fail("nodes", "the pipeline has no nodes")
+        for node_id in self.graph.nodes:
+            self.check_node(node_id)
+        self.check_edges()
+        self.check_cycles()
+        self.check_shape()
+
+    def check_attrs(self) -> None:
+        for key, value in self.graph.attrs.items():
+            if key.startswith("_"):
+                continue
+            if key not in GRAPH_ATTRS:
+                self.fail(key, f"unknown graph setting; the settings are {', '.join(GRAPH_ATTRS)}")
+            if not conforms(value, GRAPH_ATTRS[key]):
+                self.fail(key, f"expected {describe(GRAPH_ATTRS[key])}, got {type(value).__name__} {value!r}")
+
+    def check_node(self, node_id: str) -> None:
+        node, at = self.graph.nodes[node_id], f"nodes.{node_id}"
+        if not isinstance(node_id, str) or not NODE_ID.fullmatch(node_id):
+            self.fail(at, f"node id {node_id!r} must be letters, digits, '_' or '-', not starting with a digit or '-'")
+        try:
+            cls = self.classes[node_id] = get_operator(node.op)
+        except (OperatorError, TypeError):
+            self.fail(f"{at}.op", f"unknown operator {node.op!r}; known operators: {', '.join(list_operators())}")
+        types_ = parameter_types(cls)
+        for pname, value in node.params.items():
+            if pname not in types_:
+                takes = ", ".join(types_) or "no parameters"
+                self.fail(f"{at}.params.{pname}", f"unknown parameter {pname!r}; {node.op} takes {takes}")
+            hint = types_[pname][0]
+            if not conforms(value, hint):
+                got = f"{type(value).__name__} {value!r}"
+                self.fail(f"{at}.params.{pname}", f"expected {describe(hint)}, got {got}")
+        for pname, (hint, required) in types_.items():
+            if required and pname not in node.params:
+                self.fail(f"{at}.params", f"{node.op} needs parameter {pname!r} ({describe(hint)})")
+        if not isinstance(node.placement, str) or not PLACEMENT.fullmatch(node.placement):
+            self.fail(f"{at}.placement", f"placement {node.placement!r} must be 'task', 'process' or 'process:GROUP'")
+
+    def check_edges(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for i, e in enumerate(self.graph.edges):
+            for end in (e.src, e.dst):
+                if end not in self.graph.nodes:
+                    nodes = ", ".join(self.graph.nodes)
+                    self.fail("edges", f"edge {e.src} -> {e.dst}: no node {end!r}; the nodes are {nodes}", f"edges.{i}")
+            if (e.src, e.dst) in seen:
+                self.fail("edges", f"edge {e.src} -> {e.dst} is listed twice", f"edges.{i}")
+            seen.add((e.src, e.dst))
+
+    def check_cycles(self) -> None:
+        """Depth-first search; the first edge back into the current path closes the cycle that gets reported."""
+        successors: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for i, e in enumerate(self.graph.edges):
+            successors[e.src].append((e.dst, i))
+        done: set[str] = set()
+        path: list[str] = []
+
+        def visit(node_id: str) -> None:
+            path.append(node_id)
+            for dst, i in successors[node_id]:
+                if dst in path:
+                    cycle = " -> ".join([*path[path.index(dst) :], dst])
+                    self.fail("edges", f"cycle {cycle}; a pipeline graph must flow one way", f"edges.{i}")
+                if dst not in done:
+                    visit(dst)
+            path.pop()
+            done.add(node_id)
+
+        for node_id in self.graph.nodes:
+            if node_id not in done:
+                visit(node_id)
+
+    def check_shape(self) -> None:
+        """At least one source, sources fed by nothing, every other node fed, and fan-out only where allowed."""
+        sources = [n for n, cls in self.classes.items() if issubclass(cls, SourceOperator)]
+        if not sources:
+            self.fail("nodes", "no source node; start the pipeline with a source operator such as prompt_source")
+        feeds: dict[str, list[str]] = defaultdict(list)
+        fed: set[str] = set()
+        for i, e in enumerate(self.graph.edges):
+            if e.dst in sources:
+                self.fail("edges", f"edge {e.src} -> {e.dst}: source node {e.dst!r} takes no input", f"edges.{i}")
+            feeds[e.src].append(e.dst)
+            fed.add(e.dst)
+        for node_id, node in self.graph.nodes.items():
+            at = f"nodes.{node_id}"
+            if node_id in sources and not feeds[node_id]:
+                self.fail(at, f"node {node_id!r} is not connected: the source feeds no edge")
+            if node_id not in sources and node_id not in fed:
+                self.fail(at, f"node {node_id!r} is not connected: no edge feeds it")
+            if len(feeds[node_id]) > 1 and not self.classes[node_id].multi_output:
+                outs = ", ".join(feeds[node_id])
+                self.fail(
+                    at,
+                    f"{node.op} has one output but node {node_id!r} feeds {outs}; "
+                    "put a multi_output operator such as route in between",
+                )

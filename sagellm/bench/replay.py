@@ -1,0 +1,65 @@
+"""A benchmark source: replays prepared requests into a pipeline, open loop (each at its arrival offset, e.g. Poisson)
+or closed loop (a new one whenever fewer than `max_in_flight` are in the graph), or both.
+
+It is an ordinary `SourceOperator`, so benchmarks drive the real executors exactly as `sagellm run` does. Requests
+are handed over in `open()`-time order; their `arrival_time` is stamped when released, so queueing inside the graph
+counts toward TTFT and end-to-end latency, as a client would see it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from sagellm.messages import Request
+from sagellm.operators.base import SourceOperator, register_operator
+
+
+@register_operator
+class ReplaySource(SourceOperator):
+    """Registered when a benchmark imports this module; the benchmark builds the instance with its requests and
+    hands it to the executor (`LocalExecutor(..., operators={node_id: instance})`)."""
+
+    name = "replay_source"
+
+    def __init__(
+        self,
+        requests: Sequence[Request] = (),
+        offsets_s: Sequence[float] | None = None,
+        max_in_flight: int | None = None,
+    ) -> None:
+        if offsets_s is not None and len(offsets_s) != len(requests):
+            raise ValueError(f"{len(offsets_s)} offsets for {len(requests)} requests")
+        self.requests = list(requests)
+        self.offsets_s = list(offsets_s) if offsets_s is not None else [0.0] * len(self.requests)
+        self.max_in_flight = max_in_flight
+        self.clock: Callable[[], float] = time.time
+        self._next = 0
+        self._start: float | None = None
+
+    def poll(self) -> list[Request] | None:
+        if self._next >= len(self.requests):
+            return None
+        now = self.clock()
+        if self._start is None:
+            self._start = now
+        released: list[Request] = []
+        room = None if self.max_in_flight is None else self.max_in_flight - self.ctx.load.in_flight
+        while self._next < len(self.requests) and self._start + self.offsets_s[self._next] <= now:
+            if room is not None and len(released) >= room:
+                break
+            request = self.requests[self._next]
+            request.arrival_time = now
+            released.append(request)
+            self._next += 1
+        return released
+
+
+def poisson_offsets(count: int, rate_per_s: float, seed: int = 0) -> list[float]:
+    """Arrival offsets of a Poisson process (exponential gaps), the first at 0."""
+    import random
+
+    rng, t, offsets = random.Random(seed), 0.0, []
+    for _ in range(count):
+        offsets.append(t)
+        t += rng.expovariate(rate_per_s)
+    return offsets

@@ -1,0 +1,133 @@
+"""The items that flow along a pipeline graph's edges, in one process or across ZeroMQ links.
+
+They are msgspec Structs so the same objects are passed by reference between trio tasks and encoded without pickle
+between processes (`array_like` keeps them compact on the wire, `omit_defaults` skips unset fields). Each is tagged,
+so a receiver decodes the union `Message` without being told which one arrives. Tensors (the KV blocks) are not
+encoded in the struct: the wire layer sends them as extra zero-copy frames (`sagellm.runtime.comm.wire`).
+
+Times are wall-clock seconds (`time.time()`), because a request's stamps are compared across processes and hosts.
+Every request ends with exactly one terminal item: a `TokenDelta` with `finish_reason` set, or a `RequestError`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+
+from sagellm.sampling_params import SamplingParams
+
+Phase = Literal["colocated", "prefill", "decode"]
+
+
+class _Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw_only=True):
+    """Base of every pipeline item: `request_id` is what the executor tracks in-flight work by."""
+
+    request_id: str
+
+
+class Request(_Message):
+    """A request as it enters the graph with one of `prompt`, `prompt_token_ids` or `messages`; admission fills
+    `prompt_token_ids`, pd_split `phase`, route `instance`."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None  # a chat: admission renders it with the model's chat template
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    priority: int = 0  # lower runs first (vLLM's convention); W6 classes: 0 high, 1 normal, 2 low
+    user: str | None = None
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    deadline: float | None = None  # wall-clock time by which the request should be finished
+    cost_budget: float | None = None  # most this request may cost, in the instances' price unit per 1k tokens
+    model: str | None = None
+    arrival_time: float = msgspec.field(default_factory=time.time)
+    phase: Phase = "colocated"
+    instance: str | None = None  # the engine node route chose
+    admitted_time: float | None = None
+    dispatched_time: float | None = None  # when it left the policy queue
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids or ())
+
+
+class KVBlocks(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """A request's prompt KV, layer-major, out of the prefill worker's paged cache.
+
+    `data` is [num_layers, 2 (k, v), num_tokens, num_kv_heads, head_dim]; on the wire it travels as a frame."""
+
+    num_tokens: int
+    data: Any  # torch.Tensor; typed Any so msgspec leaves it to the wire layer's hooks
+
+
+class PrefillDone(_Message):
+    """Prefill's product for one request: its first token and its KV, ready for a decode worker."""
+
+    request: Request
+    first_token: int
+    first_token_time: float
+    kv: KVBlocks
+    num_cached_tokens: int = 0
+    first_logprob: float | None = None
+
+
+class RequestMetrics(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """Per-request timings in seconds (None where the request never got that far) and token counts."""
+
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    slo_met: bool | None = None  # None: the request set no SLO
+
+
+class TokenDelta(_Message):
+    """New output of one request; the last one of a request has `finish_reason` and its `metrics`."""
+
+    token_ids: list[int]
+    text: str = ""
+    time: float = msgspec.field(default_factory=time.time)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[float] | None = None
+    metrics: RequestMetrics | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+ErrorCode = Literal[
+    "invalid_request", "context_length_exceeded", "overloaded", "rate_limited", "instance_lost", "timeout", "internal"
+]
+
+
+class RequestError(_Message):
+    """A request's terminal failure. `code` maps to an HTTP status at the gateway (`HTTP_STATUS`)."""
+
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    time: float = msgspec.field(default_factory=time.time)
+    metrics: RequestMetrics | None = None
+
+
+HTTP_STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "context_length_exceeded": 400,
+    "overloaded": 429,
+    "rate_limited": 429,
+    "instance_lost": 503,
+    "timeout": 504,
+    "internal": 500,
+}
+
+Message = Request | PrefillDone | TokenDelta | RequestError
+
+
+def is_terminal(item: object) -> bool:
+    """True for the one item that ends a request."""
+    return isinstance(item, RequestError) or (isinstance(item, TokenDelta) and item.finished)

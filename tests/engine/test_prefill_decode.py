@@ -1,0 +1,95 @@
+"""Disaggregated prefill/decode at the engine level: a prefill-only engine hands its prompt KV to a second engine,
+which continues with greedy tokens identical to one engine doing both (and to the oracle's, through that test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sagellm import SamplingParams
+from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+from tests.tiny_models import make_tiny_llama
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("pd") / "llama")
+
+
+def engine(path, **overrides) -> LLMEngine:
+    args = dict(model=str(path), backend="cpu", block_size=4, num_kv_blocks=128) | overrides
+    return LLMEngine(EngineConfig(**args))
+
+
+def run_to_end(eng: LLMEngine, first_outputs=()) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {o.request_id: list(o.outputs[0].token_ids_delta) for o in first_outputs}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids_delta)
+    return tokens
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 200, (8,), generator=g).tolist()  # two blocks: later prompts share a cached prefix
+    return [shared + torch.randint(3, 200, (n,), generator=g).tolist() for n in lengths]
+
+
+def colocated(path, batch: list[list[int]]) -> dict[str, list[int]]:
+    eng = engine(path)
+    for i, p in enumerate(batch):
+        eng.add_request(str(i), p, GREEDY)
+    return run_to_end(eng)
+
+
+def prefill_then_decode(path, batch: list[list[int]], **decode_overrides) -> tuple[dict[str, list[int]], list[int]]:
+    """The tokens of each request, and how many prompt tokens of each the decode engine took as imported KV."""
+    prefill, decode = engine(path), engine(path, **decode_overrides)
+    for i, p in enumerate(batch):
+        prefill.add_request(str(i), p, GREEDY, prefill_only=True)
+    handed = [out for out in run_to_end_outputs(prefill)]
+    assert all(o.outputs[0].finish_reason == "prefilled" and o.kv is not None for o in handed)
+    assert not prefill.scheduler.block_manager.num_blocks - prefill.scheduler.block_manager.num_free_blocks
+    firsts, imported = [], []
+    for o in handed:
+        assert o.kv.shape[:3] == (2, 2, len(o.prompt_token_ids))  # [layers, k/v, tokens, Hk, D]
+        first = o.outputs[0].token_ids[0]
+        firsts.append(decode.add_prefilled_request(o.request_id, o.prompt_token_ids, GREEDY, first, o.kv))
+        imported.append(decode._requests[o.request_id].seq.num_computed_tokens)
+    return run_to_end(decode, firsts), imported
+
+
+def run_to_end_outputs(eng: LLMEngine):
+    while eng.has_unfinished_requests():
+        yield from (o for o in eng.step() if o.finished)
+
+
+def test_decode_worker_continues_with_identical_greedy_tokens(model_path):
+    batch = prompts([1, 8, 5, 13])  # prompt lengths 9, 16 (a whole number of blocks), 13, 21
+    tokens, imported = prefill_then_decode(model_path, batch)
+    assert imported == [len(p) for p in batch]
+    assert tokens == colocated(model_path, batch)
+
+
+def test_without_room_for_the_kv_the_decode_worker_recomputes_and_still_agrees(model_path):
+    batch = prompts([17, 17])  # 25 tokens each, the first 8 shared
+    # 9 blocks of 4 tokens: the first prompt takes 7, the second needs 5 more than the 2 it shares: recomputed.
+    tokens, imported = prefill_then_decode(model_path, batch, num_kv_blocks=9, max_num_seqs=1)
+    assert imported == [25, 0]
+    assert tokens == colocated(model_path, batch)
+
+
+def test_a_request_finished_by_its_first_token_ends_at_the_prefill_worker(model_path):
+    eng = engine(model_path)
+    eng.add_request("one", prompts([4])[0], SamplingParams(max_tokens=1, temperature=0), prefill_only=True)
+    (out,) = list(run_to_end_outputs(eng))
+    assert out.outputs[0].finish_reason == "length" and out.kv is None
+
+
+def test_kv_for_the_wrong_prompt_length_is_refused(model_path):
+    eng = engine(model_path)
+    with pytest.raises(ValueError, match="KV covers 3 tokens, the prompt has 5"):
+        eng.add_prefilled_request("x", [5, 6, 7, 8, 9], GREEDY, 11, torch.zeros(2, 2, 3, 2, 16))
+    assert not eng.has_unfinished_requests()

@@ -1,0 +1,136 @@
+"""Executor behaviour on small operators written for the test (no model): items flow and the graph ends, an operator
+that raises turns its items into errors while the graph keeps serving, a Step operator that fails ends what it
+held, and every request ends exactly once. Runs on trio's virtual clock (`autojump_clock`)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import trio
+
+from sagellm.messages import Request, TokenDelta
+from sagellm.operators.base import MapOperator, SourceOperator, StepOperator, register_operator
+from sagellm.runtime.executor.local import LocalExecutor
+from sagellm.runtime.pipeline.yaml_io import load_pipeline
+
+
+@register_operator
+class TickingSource(SourceOperator):
+    """Releases one request per poll, with empty polls in between (a source fed over time)."""
+
+    name = "test_exec_ticking_source"
+
+    def __init__(self, count: int = 5) -> None:
+        self.count, self.polls = count, 0
+
+    def poll(self) -> list[Any] | None:
+        self.polls += 1
+        if self.polls > 2 * self.count:
+            return None
+        if self.polls % 2:
+            return []
+        return [Request(request_id=f"r{self.polls // 2 - 1}", prompt_token_ids=[1, 2, 3])]
+
+
+@register_operator
+class Flaky(MapOperator):
+    """Raises on the requests named in `fail`."""
+
+    name = "test_exec_flaky"
+    accepts = (Request,)
+
+    def __init__(self, fail: list[str] | None = None) -> None:
+        self.fail = set(fail or [])
+
+    def execute(self, item: Request) -> Request:
+        if item.request_id in self.fail:
+            raise RuntimeError("boom")
+        return item
+
+
+@register_operator
+class Counter(StepOperator):
+    """An engine stand-in for executor logic only: each request needs `steps` steps, one token per step;
+    `crash_at` makes one step raise."""
+
+    name = "test_exec_counter"
+    accepts = (Request,)
+    steps_taken: ClassVar[int] = 0
+
+    def __init__(self, steps: int = 3, crash_at: int = -1, max_running: int = 2) -> None:
+        self.steps, self.crash_at, self.max_running = steps, crash_at, max_running
+        self.left: dict[str, int] = {}
+        self.calls = 0
+
+    def add(self, item: Request) -> list[Any]:
+        self.left[item.request_id] = self.steps
+        return []
+
+    def step(self) -> list[Any]:
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("engine fell over")
+        out = []
+        for rid in list(self.left):
+            self.left[rid] -= 1
+            done = self.left[rid] == 0
+            out.append(TokenDelta(request_id=rid, token_ids=[7], finish_reason="length" if done else None))
+            if done:
+                del self.left[rid]
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self.left)
+
+    def capacity(self) -> int:
+        return self.max_running - len(self.left)
+
+    def in_flight(self) -> list[str]:
+        return list(self.left)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.left.pop(rid, None)
+
+
+def graph(flaky: str = "[]", crash_at: int = -1):
+    return load_pipeline(f"""
+name: behaviour
+nodes:
+  source: {{op: test_exec_ticking_source, params: {{count: 6}}}}
+  flaky: {{op: test_exec_flaky, params: {{fail: {flaky}}}}}
+  sort: {{op: policy_sort}}
+  engine: {{op: test_exec_counter, params: {{crash_at: {crash_at}}}}}
+  metrics: {{op: metrics_sink}}
+edges:
+  - source -> flaky -> sort -> engine -> metrics
+""")
+
+
+async def test_items_flow_and_the_graph_ends(autojump_clock):
+    result = await LocalExecutor(graph()).run()
+    assert sorted(result.outcomes) == [f"r{i}" for i in range(6)]
+    assert all(o.finish_reason == "length" and o.token_ids == [7, 7, 7] for o in result.outcomes.values())
+    assert result.metrics().completed == 6
+
+
+async def test_an_operator_that_raises_fails_only_its_item(autojump_clock):
+    result = await LocalExecutor(graph(flaky="[r1, r4]")).run()
+    errors = {rid: o.error for rid, o in result.outcomes.items() if o.error is not None}
+    assert sorted(errors) == ["r1", "r4"]
+    assert all(e.code == "internal" and "flaky: boom" in e.message for e in errors.values())
+    assert sum(o.finish_reason == "length" for o in result.outcomes.values()) == 4
+
+
+async def test_a_failing_step_ends_what_it_held_and_keeps_serving(autojump_clock):
+    executor = LocalExecutor(graph(crash_at=2))
+    result = await executor.run()
+    failed = sorted(rid for rid, o in result.outcomes.items() if o.error is not None)
+    assert failed and all(result.outcomes[rid].error.message == "engine: engine fell over" for rid in failed)
+    assert len(result.outcomes) == 6 and all(o.finished for o in result.outcomes.values())
+    assert executor.load.in_flight == 0 and executor.load.failed == len(failed)
+
+
+async def test_the_graph_can_be_cancelled_without_hanging(autojump_clock):
+    with trio.move_on_after(0.001):
+        await LocalExecutor(graph()).run()  # cancelled mid-run: returns, nothing waits forever

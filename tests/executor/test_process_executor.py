@@ -1,0 +1,88 @@
+"""The process executor over real ZeroMQ sockets and real worker processes: prefill and decode in two processes give
+the same greedy tokens as one colocated engine, and a killed worker ends its requests with `instance_lost`."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import trio
+
+from sagellm.runtime.executor.local import run_pipeline
+from sagellm.runtime.executor.process import ProcessExecutor, WorkerStartError
+from sagellm.runtime.pipeline.yaml_io import load_pipeline
+from tests.tiny_models import make_tiny_llama
+
+PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "over the lazy dog and far away"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("proc") / "llama")
+
+
+def pd_yaml(model, prompts, transport="ipc", threshold=1, max_tokens=8, processes=True) -> str:
+    items = ", ".join(f'"{p}"' for p in prompts)
+    prefill_at, decode_at = (
+        ('placement: "process:prefill", ', 'placement: "process:decode", ') if processes else ("", "")
+    )
+    return f"""
+name: pd-test
+model: {model}
+transport: {transport}
+nodes:
+  source: {{op: prompt_source, params: {{prompts: [{items}], max_tokens: {max_tokens}, ignore_eos: true}}}}
+  admission: {{op: admission}}
+  sort: {{op: policy_sort}}
+  pd_split: {{op: pd_split, params: {{threshold_tokens: {threshold}}}}}
+  route: {{op: route}}
+  prefill: {{op: prefill, {prefill_at}params: {{max_num_seqs: 4}}}}
+  kv_transfer: {{op: kv_transfer, {decode_at.rstrip(", ")}}}
+  decode: {{op: decode, {decode_at}params: {{max_num_seqs: 4}}}}
+  metrics: {{op: metrics_sink}}
+edges:
+  - source -> admission -> sort -> pd_split -> route
+  - route -> [prefill, decode]
+  - prefill -> kv_transfer -> decode -> metrics
+"""
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_pd_across_processes_equals_pd_in_one_process(model_path, transport):
+    pd = run_pipeline(load_pipeline(pd_yaml(model_path, PROMPTS, transport)))
+    local = run_pipeline(load_pipeline(pd_yaml(model_path, PROMPTS, processes=False)))
+    assert {rid: o.token_ids for rid, o in pd.outcomes.items()} == {r: o.token_ids for r, o in local.outcomes.items()}
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 8 for o in pd.outcomes.values())
+    assert pd.operators["pd_split"].decisions["pd"] == len(PROMPTS)
+
+
+async def test_a_killed_worker_ends_its_requests_with_instance_lost(tmp_path):
+    long_context = make_tiny_llama(tmp_path / "long", max_position_embeddings=8192)
+    graph = load_pipeline(pd_yaml(long_context, PROMPTS, max_tokens=8000))  # would run for a minute or more
+    executor = ProcessExecutor(graph, peer_timeout_s=5)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            outcome = {}
+
+            async def run() -> None:
+                outcome["result"] = await executor.run()
+
+            nursery.start_soon(run)
+            while not any(rid in executor.executor.outcomes for rid in ("req-0", "req-1")):  # tokens are flowing
+                await trio.sleep(0.1)
+            os.kill(executor.pids["decode"], signal.SIGKILL)
+    result = outcome["result"]
+    assert sorted(result.outcomes) == [f"req-{i}" for i in range(len(PROMPTS))]
+    assert {o.error.code for o in result.outcomes.values()} == {"instance_lost"}
+    assert all("'decode'" in o.error.message for o in result.outcomes.values())
+    assert executor.executor.instances["decode"].healthy is False
+
+
+def test_a_worker_that_fails_to_start_fails_the_run_at_once(model_path, tmp_path):
+    good = 'decode: {op: decode, placement: "process:decode", params: {max_num_seqs: 4}}'
+    bad = f'decode: {{op: decode, placement: "process:decode", params: {{model: "{tmp_path}/missing"}}}}'
+    text = pd_yaml(model_path, PROMPTS)
+    assert good in text
+    with pytest.raises(WorkerStartError, match="'decode' exited with code 1 before it was ready"):
+        trio.run(ProcessExecutor(load_pipeline(text.replace(good, bad)), startup_timeout_s=60).run)

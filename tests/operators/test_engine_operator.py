@@ -1,0 +1,69 @@
+"""The engine Step operators on a tiny real model: what they emit, the stats route reads, SLO verdicts, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from sagellm import SamplingParams
+from sagellm.messages import PrefillDone, Request, RequestError, TokenDelta
+from sagellm.operators.base import OperatorContext, get_operator
+from tests.tiny_models import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("engine_op") / "llama")
+
+
+def opened(name: str, model_path, **params):
+    op = get_operator(name)(model=str(model_path), max_num_seqs=2, **params)
+    ctx = OperatorContext(name, instances={})
+    op.open(ctx)
+    return op, ctx
+
+
+def drain(op) -> list:
+    items = []
+    while op.has_work():
+        items += op.step()
+    return items
+
+
+def request(rid: str, **kw) -> Request:
+    return Request(request_id=rid, prompt_token_ids=[5, 6, 7, 8], sampling=SamplingParams(max_tokens=4, temperature=0,
+                   ignore_eos=True), **kw)  # fmt: skip
+
+
+def test_engine_streams_deltas_and_judges_slos(model_path):
+    op, ctx = opened("engine", model_path)
+    assert ctx.instances["engine"].role == "colocated" and op.capacity() == 2
+    assert op.add(request("fast", ttft_slo_ms=60_000)) == [] and op.add(request("slow", tpot_slo_ms=1e-6)) == []
+    assert op.capacity() == 0 and ctx.instances["engine"].running == 2
+    items = drain(op)
+    final = {d.request_id: d for d in items if isinstance(d, TokenDelta) and d.finished}
+    assert final["fast"].metrics.slo_met is True and final["slow"].metrics.slo_met is False
+    assert all(d.metrics.output_tokens == 4 and d.metrics.prompt_tokens == 4 for d in final.values())
+    assert op.capacity() == 2 and ctx.instances["engine"].running == 0
+
+
+def test_prefill_hands_over_and_decode_continues(model_path):
+    prefill, _ = opened("prefill", model_path)
+    decode, ctx = opened("decode", model_path)
+    prefill.add(request("r"))
+    (done,) = drain(prefill)
+    assert isinstance(done, PrefillDone) and tuple(done.kv.data.shape[:3]) == (2, 2, 4)
+    first = decode.add(done)
+    tokens = [t for d in first + drain(decode) for t in d.token_ids]
+    colocated, _ = opened("engine", model_path)
+    colocated.add(request("r"))
+    assert tokens == [t for d in drain(colocated) for t in d.token_ids]
+    assert ctx.instances["decode"].role == "decode"
+
+
+def test_bad_requests_become_errors(model_path):
+    op, _ = opened("engine", model_path)
+    (error,) = op.add(Request(request_id="x", prompt_token_ids=[10**9]))
+    assert isinstance(error, RequestError) and error.code == "invalid_request"
+    op.add(request("dup"))
+    (error,) = op.add(request("dup"))
+    assert error.code == "invalid_request" and "in use" in error.message
