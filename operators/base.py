@@ -141,6 +141,7 @@ class QueueOperator(Operator):
 
 class StepOperator(Operator):
     kind = "step"
+    inline: ClassVar[bool] = False  # True: step() is cheap (no model), run it on the event loop, not in a thread
 
     def add(self, item: Any) -> list[Any]:
         """Takes an item in; returns items to send on at once (errors, pass-through of items it does not handle)."""

@@ -13,6 +13,8 @@ reuses this class for the nodes each process runs, with ZeroMQ bridges for the e
 
 from __future__ import annotations
 
+import signal
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +38,7 @@ from sagellm.operators.base import (
 from sagellm.runtime.execution_graph.graph import Graph
 
 log = structlog.get_logger("sagellm.executor")
-IDLE_POLL_S = 0.005  # how often a non-blocking source that had nothing is polled again
+IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
 
 
 @dataclass
@@ -105,6 +107,7 @@ class LocalExecutor:
         self.outcomes: dict[str, RequestOutcome] = {}
         self.operators: dict[str, Operator] = {}
         self._given = dict(operators or {})
+        self._progress = _Signal()  # fired whenever a request ends
         self._counted: set[str] = set()  # requests that entered from a source here and count in load.in_flight
         self._inbox_send: dict[str, trio.MemorySendChannel] = {}
         self._inbox_recv: dict[str, trio.MemoryReceiveChannel] = {}
@@ -198,7 +201,8 @@ class LocalExecutor:
             if items is None:
                 return
             if not items and not op.blocking:
-                await trio.sleep(IDLE_POLL_S)
+                with trio.move_on_after(IDLE_POLL_S):  # or sooner, when a request ends (a closed-loop source)
+                    await self._progress.wait()
             for item in items:
                 if isinstance(item, Request):
                     self._counted.add(item.request_id)
@@ -237,37 +241,50 @@ class LocalExecutor:
             await changed.wait()
             changed = trio.Event()
 
-    async def _run_step(self, node_id: str, op: StepOperator, _: trio.Nursery) -> None:
-        inbox, closed = self._inbox_recv[node_id], False
-        while True:
-            while not closed and op.capacity() > 0:
+    async def _run_step(self, node_id: str, op: StepOperator, nursery: trio.Nursery) -> None:
+        """A feeder task takes items while `step()` runs, up to the operator's `capacity()`, so an engine admits a
+        whole batch's worth between two steps (not one item per step), and whatever it has no room for stays
+        upstream, where a policy queue orders it."""
+        buffer: deque[Any] = deque()
+        arrived, room = _Signal(), _Signal()
+        closed = False
+
+        async def feed() -> None:
+            nonlocal closed
+            inbox = self._inbox_recv[node_id]
+            while True:
+                while len(buffer) >= op.capacity():
+                    await room.wait()
                 try:
-                    item = inbox.receive_nowait()
-                except trio.WouldBlock:
-                    break
+                    item = await inbox.receive()
                 except trio.EndOfChannel:
                     closed = True
-                    break
-                await self._feed(node_id, op, item)
+                    arrived.fire()
+                    return
+                buffer.append(item)
+                arrived.fire()
+
+        nursery.start_soon(feed)
+        while True:
+            while buffer:
+                await self._feed(node_id, op, buffer.popleft())
             if op.has_work():
                 try:
-                    outs = await trio.to_thread.run_sync(op.step)
+                    outs = op.step() if op.inline else await trio.to_thread.run_sync(op.step)
                 except Exception as exc:  # the engine failed: its requests end, the node keeps serving
                     held = op.in_flight()
                     log.exception("step_failed", node=node_id, requests=len(held))
                     op.abort(held)
                     outs = [_internal(rid, node_id, exc) for rid in held]
+                room.fire()
                 for out in outs:
                     await self._send(node_id, out)
+                if op.inline:
+                    await trio.lowlevel.checkpoint()
                 continue
             if closed:
                 return
-            try:
-                item = await inbox.receive()
-            except trio.EndOfChannel:
-                closed = True
-                continue
-            await self._feed(node_id, op, item)
+            await arrived.wait()
 
     async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
         for out in self._apply(node_id, op, op.add, item):
@@ -338,6 +355,7 @@ class LocalExecutor:
         if item.metrics is not None and item.metrics.slo_met is not None:
             self.load.slo_checked += 1
             self.load.slo_violations += not item.metrics.slo_met
+        self._progress.fire()
         if self.on_terminal is not None:
             self.on_terminal(item)
 
@@ -350,6 +368,20 @@ class LocalExecutor:
             error = RequestError(request_id=rid, code=code, message=message, retryable=code != "internal")
             outcome.error = error
             self._terminal(error, outcome)
+
+
+class _Signal:
+    """Wakes whoever waits now; a fire with no waiter is not kept (waiters re-check their condition first)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 def model_attrs(model: str) -> dict[str, Any]:
@@ -367,9 +399,33 @@ def _internal(request_id: str, node_id: str, problem: object) -> RequestError:
 
 def run_pipeline(graph: Graph, **executor_args: Any) -> PipelineResult:
     """Runs a graph to completion (sources exhausted, every request ended) in this process; nodes placed in other
-    processes start there (see `sagellm.runtime.executor.process`)."""
+    processes start there (see `sagellm.runtime.executor.process`). Ctrl-C or SIGTERM stops it cleanly (workers
+    killed, sockets closed) and raises KeyboardInterrupt."""
     if any(node.placement != "task" for node in graph.nodes.values()):
         from sagellm.runtime.executor.process import ProcessExecutor
 
-        return trio.run(ProcessExecutor(graph, **executor_args).run)
-    return trio.run(LocalExecutor(graph, **executor_args).run)
+        return trio.run(_until_interrupted, ProcessExecutor(graph, **executor_args).run)
+    return trio.run(_until_interrupted, LocalExecutor(graph, **executor_args).run)
+
+
+async def _until_interrupted(run: Callable[[], Any]) -> Any:
+    """Runs `run()` until it returns or a SIGINT/SIGTERM arrives. A signal cancels it: trio would otherwise raise
+    KeyboardInterrupt only at the main task's next checkpoint, which a main task waiting on its nursery never
+    reaches."""
+    result, interrupted = None, False
+
+    async def watch(nursery: trio.Nursery) -> None:
+        nonlocal interrupted
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                interrupted = True
+                nursery.cancel_scope.cancel()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch, nursery)
+        result = await run()
+        nursery.cancel_scope.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+    return result

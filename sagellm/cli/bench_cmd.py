@@ -6,6 +6,7 @@ JSON file and a bar chart to a PNG. Times on a shared machine drift; the ratio b
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -31,6 +32,11 @@ COLUMNS = (  # (metric, header, format)
 # The options that change what is measured, written out in the reproduce command stored with the results.
 REPRODUCE_FLAGS = ("model", "num_prompts", "input_len", "output_len", "repeats", "seed", "threads", "backend")
 REPRODUCE_FLAGS += ("max_num_batched_tokens",)
+# Benchmarks of the pipeline, each a module of sagellm.bench with `add_arguments(parser)` and `run(args)`.
+PIPELINE_BENCHES = (
+    ("pipeline", "pipeline_overhead", "control-plane overhead: the pipeline vs an instant fixture (W5)"),
+    ("pd", "pd_split", "colocated vs prefill/decode split on mixed prompt lengths (W4)"),
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for kv_transfer.json/.png")
     k.add_argument("--log-level", default="warning")
     k.set_defaults(run=run_kv_transfer)
+    for kind, module, summary in PIPELINE_BENCHES:
+        bench = importlib.import_module(f"sagellm.bench.{module}")
+        parser = kinds.add_parser(kind, help=summary, description=bench.__doc__.split("\n\n")[0])
+        bench.add_arguments(parser)
+        parser.set_defaults(run=bench.run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,12 +4,15 @@ decode in two worker processes) streams the same greedy reply as the colocated g
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from sagellm import LLM, SamplingParams
-from tests.cli.test_cli import run
+from tests.cli.test_cli import SAGELLM, run
 from tests.tiny_models import make_tiny_llama
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
@@ -45,3 +48,27 @@ def test_bad_override_names_the_field(tiny):
     result = run("run", str(GRAPHS / "colocated.yaml"), "--model", str(tiny), "--set", "sort.policy=nonsense")
     assert result.returncode == 2
     assert "nonsense" in result.stderr and "fifo" in result.stderr
+
+
+def test_ctrl_c_stops_the_run_and_its_worker_processes(tmp_path):
+    long_context = make_tiny_llama(tmp_path / "long", max_position_embeddings=8192)
+    command = [SAGELLM, "run", str(GRAPHS / "pd.yaml"), "--model", str(long_context), "--prompt", "hi"]
+    process = subprocess.Popen([*command, "--max-tokens", "8000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(children(process.pid)) < 2 and time.monotonic() < deadline:  # both workers up
+            time.sleep(0.2)
+        workers = children(process.pid)
+        assert len(workers) == 2, process.stderr.read1().decode() if process.poll() is not None else "no workers"
+        time.sleep(2.0)  # generating now
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        time.sleep(0.5)
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    finally:
+        process.kill()
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
