@@ -266,8 +266,10 @@ class LocalExecutor:
 
         nursery.start_soon(feed)
         while True:
-            while buffer:
-                await self._feed(node_id, op, buffer.popleft())
+            if buffer:
+                while buffer:
+                    await self._feed(node_id, op, buffer.popleft())
+                room.fire()  # the buffer is empty again (and what passed through took no capacity)
             if op.has_work():
                 try:
                     outs = op.step() if op.inline else await trio.to_thread.run_sync(op.step)

@@ -134,3 +134,22 @@ async def test_a_failing_step_ends_what_it_held_and_keeps_serving(autojump_clock
 async def test_the_graph_can_be_cancelled_without_hanging(autojump_clock):
     with trio.move_on_after(0.001):
         await LocalExecutor(graph()).run()  # cancelled mid-run: returns, nothing waits forever
+
+
+async def test_errors_passing_a_full_engine_do_not_stall_it():  # real clock: fail_after guards a stall
+    """A bounded queue sheds into errors that pass through the engine node: they must not leave its feeder
+    waiting for room that was freed by draining them (a stall seen with policy_sort max_len=1)."""
+    text = """
+name: shed
+nodes:
+  source: {op: test_exec_ticking_source, params: {count: 6}}
+  sort: {op: policy_sort, params: {max_len: 1}}
+  engine: {op: test_exec_counter, params: {steps: 50, max_running: 1}}
+  metrics: {op: metrics_sink}
+edges:
+  - source -> sort -> engine -> metrics
+"""
+    with trio.fail_after(30):
+        result = await LocalExecutor(load_pipeline(text)).run()
+    assert len(result.outcomes) == 6 and all(o.finished for o in result.outcomes.values())
+    assert any(o.error is not None and o.error.code == "overloaded" for o in result.outcomes.values())
