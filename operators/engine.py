@@ -113,8 +113,9 @@ class EngineOperator(StepOperator):
         now = time.time()
         items = [item for out in outputs for item in self._emit(out, now)]
         elapsed = time.perf_counter() - started
-        if outputs and elapsed > 0:  # a moving estimate of throughput, for predicted service times
-            self.stats.tokens_per_s = 0.8 * self.stats.tokens_per_s + 0.2 * (len(outputs) / elapsed)
+        tokens = self.engine.last_step_tokens
+        if tokens and elapsed > 0:  # tokens computed per second (prefill and decode): predicts service times
+            self.stats.tokens_per_s = 0.8 * self.stats.tokens_per_s + 0.2 * (tokens / elapsed)
         self._refresh_stats()
         return items
 

@@ -131,8 +131,10 @@ class SloAware(Policy):
     """Least slack first: slack = deadline - now - prompt tokens / the fastest healthy instance's tokens_per_s.
 
     The deadline is `request.deadline`, else `arrival_time + ttft_slo_ms`, else never (infinite slack: served in
-    arrival order after every request with an SLO). `now` shifts every slack alike; what reorders requests is the
-    throughput estimate, which is why the ranking is redone on each pop rather than kept in a heap."""
+    arrival order after every request with an SLO). A request whose slack is already negative can no longer make
+    its SLO: it goes after every request that still can (least late first), and is the first shed, so under overload
+    capacity goes to requests it can still save (plain earliest-deadline-first spends it on the already lost).
+    The ranking is redone on each pop rather than kept in a heap, because slack changes with time."""
 
     name = "slo_aware"
 
@@ -152,26 +154,27 @@ class SloAware(Policy):
             return request.arrival_time + request.ttft_slo_ms / 1000
         return math.inf
 
-    def _ranks(self) -> list[tuple[float, int, int]]:
-        """(slack, seq, index) of every waiting request, against the instances' present throughput."""
+    def _ranks(self) -> list[tuple[bool, float, int, int]]:
+        """(late, slack or lateness, seq, index) of every waiting request, against the instances' throughput."""
         rates = [s.tokens_per_s for s in self.ctx.instances.values() if s.healthy and s.tokens_per_s > 0]
         tokens_per_s, now = max(rates, default=self.default_tokens_per_s), self.clock()
-        return [
-            (self.deadline(r) - now - r.num_prompt_tokens / tokens_per_s, seq, i)
-            for i, (seq, r) in enumerate(self._waiting)
-        ]
+        ranks = []
+        for i, (seq, r) in enumerate(self._waiting):
+            slack = self.deadline(r) - now - r.num_prompt_tokens / tokens_per_s
+            ranks.append((slack < 0, -slack if slack < 0 else slack, seq, i))
+        return ranks
 
     def push(self, request: Request) -> None:
         self._waiting.append((next(self._seq), request))
 
     def pop(self) -> Request | RequestError | None:
-        return self._waiting.pop(min(self._ranks())[2])[1] if self._waiting else None
+        return self._waiting.pop(min(self._ranks())[-1])[1] if self._waiting else None
 
     def shed(self) -> Request:
-        return self._waiting.pop(max(self._ranks())[2])[1]
+        return self._waiting.pop(max(self._ranks())[-1])[1]
 
     def drain(self) -> list[Request]:
-        requests = [self._waiting[i][1] for _, _, i in sorted(self._ranks())]
+        requests = [self._waiting[rank[-1]][1] for rank in sorted(self._ranks())]
         self._waiting.clear()
         return requests
 
@@ -235,11 +238,14 @@ class CostOptimized(SloAware):
                 time=self.clock(),
             )
         slack = self.deadline(request) - self.clock()
-        # predicted time to the first token there: the prompt tokens queued on the instance, then this prompt
+        # predicted time to the first token there: the prompt tokens queued on the instance, then this prompt; a
+        # saturated instance has no slot to start it at all
         in_time = [
             s
             for s in affordable
-            if s.tokens_per_s > 0 and (s.queued_prefill_tokens + request.num_prompt_tokens) / s.tokens_per_s <= slack
+            if s.tokens_per_s > 0
+            and not s.saturated
+            and (s.queued_prefill_tokens + request.num_prompt_tokens) / s.tokens_per_s <= slack
         ]
         if not in_time:
             self.slo_misses += 1

@@ -84,6 +84,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.eos_token_ids = set(model_config.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
+        self.last_step_tokens = 0
         log.info(
             "engine_ready",
             model=self.model.name,
@@ -182,6 +183,7 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.last_step_tokens = batch.total_tokens  # prompt and output tokens computed: the operators' throughput
         if not batch:
             return []
         now = time.monotonic()

@@ -28,8 +28,8 @@ import numpy as np
 import trio
 from tqdm import tqdm
 
-from sagellm.bench.replay import ReplaySource, poisson_offsets
 from sagellm.messages import Request
+from sagellm.operators.replay_source import ReplaySource, poisson_offsets
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
 from sagellm.sampling_params import SamplingParams
@@ -40,9 +40,7 @@ DESCRIPTIONS = {
     "pd": "prefill and decode engines in two worker processes, KV over ZeroMQ ipc://",
     "2x-colocated": "two engines in two worker processes behind route (load_balanced)",
 }
-# The worker processes validate the whole graph, but `replay_source` is registered only where sagellm.bench.replay
-# is imported; the source node therefore names a built-in source, and the executor runs the given ReplaySource.
-SOURCE_OP = "prompt_source"
+SOURCE_OP = "replay_source"
 PROGRESS_POLL_S = 0.2
 
 

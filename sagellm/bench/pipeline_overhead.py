@@ -28,10 +28,10 @@ import trio
 from tqdm import tqdm
 
 from sagellm.bench.instant_engine import InstantEngine
-from sagellm.bench.replay import ReplaySource
 from sagellm.dsl import Pipeline
 from sagellm.messages import Request
 from sagellm.metrics import LatencyStats
+from sagellm.operators.replay_source import ReplaySource
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
 from sagellm.sampling_params import SamplingParams

@@ -36,6 +36,7 @@ REPRODUCE_FLAGS += ("max_num_batched_tokens",)
 PIPELINE_BENCHES = (
     ("pipeline", "pipeline_overhead", "control-plane overhead: the pipeline vs an instant fixture (W5)"),
     ("pd", "pd_split", "colocated vs prefill/decode split on mixed prompt lengths (W4)"),
+    ("policies", "policies", "scheduling policies under overload: real engine and a 1,000-instance simulator (W6)"),
 )
 
 

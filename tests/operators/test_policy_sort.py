@@ -111,6 +111,10 @@ def test_cost_optimized_pins_the_cheapest_instance_meeting_slo_and_budget() -> N
     instances[2].healthy = False  # nothing healthy in time: the cheapest affordable, counted
     op.push(costly("down"))
     assert op.pop().instance == "cheap" and op.policy.slo_misses == 2
+    instances[1].queued_prefill_tokens, instances[2].healthy = 0, True
+    instances[1].running = instances[1].max_running  # mid is fast enough but has no free slot: not in time
+    op.push(costly("saturated"))
+    assert op.pop().instance == "dear"
 
 
 def test_cost_optimized_rejects_what_no_instance_can_serve_within_budget() -> None:
@@ -146,6 +150,15 @@ def test_full_queue_sheds_a_waiting_request_that_ranks_below_the_newcomer() -> N
     [error] = op.push(req("high", 3.0, priority=0))
     assert error.request_id == "low"
     assert drain(op) == ["high", "normal"]
+
+
+def test_slo_aware_serves_requests_that_can_still_make_it_before_late_ones() -> None:
+    op = make_queue("slo_aware", max_len=3)
+    op.push(req("late", deadline=NOW - 5))
+    op.push(req("later", deadline=NOW - 9))
+    op.push(req("fresh", deadline=NOW + 2))
+    assert [e.request_id for e in op.push(req("best_effort"))] == ["later"]  # the most late is shed first
+    assert drain(op) == ["fresh", "best_effort", "late"]
 
 
 def test_slo_aware_sheds_the_most_slack() -> None:

@@ -1,9 +1,9 @@
-"""A benchmark source: replays prepared requests into a pipeline, open loop (each at its arrival offset, e.g. Poisson)
-or closed loop (a new one whenever fewer than `max_in_flight` are in the graph), or both.
+"""Replays prepared requests into a pipeline, open loop (each at its arrival offset, e.g. Poisson) or closed loop (a
+new one whenever fewer than `max_in_flight` are in the graph), or both: the source of the benchmarks.
 
-It is an ordinary `SourceOperator`, so benchmarks drive the real executors exactly as `sagellm run` does. Requests
-are handed over in `open()`-time order; their `arrival_time` is stamped when released, so queueing inside the graph
-counts toward TTFT and end-to-end latency, as a client would see it."""
+It is an ordinary `SourceOperator`, so benchmarks drive the real executors exactly as `sagellm run` does. A request's
+`arrival_time` is its intended arrival (start + offset), or its release in closed loop: if the graph pushes back and
+the source falls behind, that delay counts toward TTFT and end-to-end latency, as a client would see it."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from sagellm.operators.base import SourceOperator, register_operator
 
 @register_operator
 class ReplaySource(SourceOperator):
-    """Registered when a benchmark imports this module; the benchmark builds the instance with its requests and
-    hands it to the executor (`LocalExecutor(..., operators={node_id: instance})`)."""
+    """Built in code with its requests and handed to the executor (`LocalExecutor(..., operators={node_id:
+    instance})`); as a registered operator, graphs naming it validate in every process."""
 
     name = "replay_source"
 
@@ -48,7 +48,7 @@ class ReplaySource(SourceOperator):
             if room is not None and len(released) >= room:
                 break
             request = self.requests[self._next]
-            request.arrival_time = now
+            request.arrival_time = now if self.max_in_flight is not None else self._start + self.offsets_s[self._next]
             released.append(request)
             self._next += 1
         return released
