@@ -14,8 +14,10 @@ reuses this class for the nodes each process runs, with ZeroMQ bridges for the e
 from __future__ import annotations
 
 import signal
+import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,9 @@ from sagellm.operators.base import (
     get_operator,
 )
 from sagellm.runtime.execution_graph.graph import Graph
+
+if sys.version_info < (3, 11):  # trio brings the backport on 3.10
+    from exceptiongroup import BaseExceptionGroup
 
 log = structlog.get_logger("sagellm.executor")
 IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
@@ -386,6 +391,18 @@ class _Signal:
         await self._event.wait()
 
 
+@contextmanager
+def single_errors() -> Iterator[None]:
+    """Re-raises a nursery's lone failure as itself (a bad parameter, a model that will not load), so callers and
+    the CLI see the error they can act on, not an exception group around it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
+
+
 def model_attrs(model: str) -> dict[str, Any]:
     """What admission needs of the served model, without its weights: the tokenizer and the config."""
     from sagellm.model_cache import resolve_model
@@ -424,10 +441,11 @@ async def _until_interrupted(run: Callable[[], Any]) -> Any:
                 nursery.cancel_scope.cancel()
                 return
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch, nursery)
-        result = await run()
-        nursery.cancel_scope.cancel()
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery)
+            result = await run()
+            nursery.cancel_scope.cancel()
     if interrupted:
         raise KeyboardInterrupt
     return result

@@ -12,9 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-
-if sys.version_info < (3, 11):  # trio brings the backport on 3.10
-    from exceptiongroup import BaseExceptionGroup
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import PeerMonitor, bind_pull, connect_push
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import MAIN, Bridge, groups_of
-from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
+from sagellm.runtime.executor.local import LocalExecutor, PipelineResult, single_errors
 from sagellm.runtime.executor.worker import HEARTBEAT_S, REQUESTS_KEY
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 
@@ -67,12 +64,8 @@ class ProcessExecutor:
         self.executor.on_terminal = lambda item: self._forget(item.request_id)
 
     async def run(self) -> PipelineResult:
-        try:
+        with single_errors():  # one failure (a worker that did not start): raised as itself
             return await self._run()
-        except BaseExceptionGroup as group:  # one failure (a worker that did not start): raise it as itself
-            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-                raise group.exceptions[0] from None
-            raise
 
     async def _run(self) -> PipelineResult:
         zctx = zmq.Context()

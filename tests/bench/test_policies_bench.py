@@ -13,17 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sagellm.bench.policies import (
-    CLASSES,
-    POLICIES,
-    SimConfig,
-    Simulation,
-    add_arguments,
-    class_sequence,
-    run,
-    run_sim,
-    sim_trace,
-)
+from sagellm.bench.policies import add_arguments, run
+from sagellm.bench.policy_sim import SimConfig, Simulation, run_sim, sim_trace
+from sagellm.bench.policy_workload import CLASSES, POLICIES, class_sequence
 from tests.tiny_models import make_tiny_llama
 
 pytest.importorskip("matplotlib")
