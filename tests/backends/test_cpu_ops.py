@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sagellm.backends.base import REQUIRED_OPS
-from sagellm.backends.cpu import GEMV_COPY_MIN_OUT, CpuBackend
+from sagellm.backends.cpu import GEMV_COPY_OUT, CpuBackend
 from sagellm.backends.torch_ops import write_kv
 
 
@@ -60,8 +60,9 @@ def test_rmsnorm_and_add_rmsnorm(ops: dict, hidden: int) -> None:
     [
         (1, 96, 200, torch.float32),  # oneDNN-packed weight
         (17, 96, 200, torch.float32),
-        (1, 8, GEMV_COPY_MIN_OUT, torch.float32),  # vocabulary-sized: one row reads the [in, out] copy
-        (3, 8, GEMV_COPY_MIN_OUT, torch.float32),
+        (1, 8, GEMV_COPY_OUT.start, torch.float32),  # gate_up-sized: one row reads the [in, out] copy
+        (3, 8, GEMV_COPY_OUT.start, torch.float32),
+        (1, 8, GEMV_COPY_OUT.stop, torch.float32),  # vocabulary-sized: oneDNN again
         (2, 24, 40, torch.float64),  # a dtype oneDNN does not take: dense weight, F.linear
     ],
 )
