@@ -12,7 +12,6 @@ Every path's destination is checked to equal the payload afterwards, so a path t
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import statistics
@@ -28,6 +27,7 @@ import trio
 import zmq
 from tqdm import tqdm
 
+from sagellm.bench.report import write_json_and_plot
 from sagellm.messages import KVBlocks, PrefillDone, Request
 from sagellm.runtime.comm.wire import End, Ready
 from sagellm.runtime.comm.zmq_trio import announce_ready, bind_pull, connect_push
@@ -290,11 +290,7 @@ def print_table(report: KVTransferReport) -> None:
 
 def write_results(report: KVTransferReport, out_dir: Path) -> tuple[Path, Path]:
     """kv_transfer.json (every number, the machine) and kv_transfer.png (GB/s per path) under `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "kv_transfer.json", out_dir / "kv_transfer.png"
-    json_path.write_text(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
-    _plot(report, png_path)
-    return json_path, png_path
+    return write_json_and_plot(out_dir / "kv_transfer", report.to_json(), lambda png: _plot(report, png))
 
 
 def _machine_line(report: KVTransferReport) -> str:

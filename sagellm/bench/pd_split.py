@@ -16,7 +16,6 @@ requests meeting both SLOs per second of the run."""
 from __future__ import annotations
 
 import gc
-import json
 import math
 import random
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 import trio
 from tqdm import tqdm
 
+from sagellm.bench.report import write_json_and_plot
 from sagellm.messages import Request
 from sagellm.operators.replay_source import ReplaySource, poisson_offsets
 from sagellm.runtime.execution_graph.graph import Graph
@@ -346,11 +346,7 @@ def print_table(report: PDBenchReport) -> None:
 
 def write_results(report: PDBenchReport, out: Path) -> tuple[Path, Path]:
     """`out` with .json (every number, every request, the machine) and .png (latencies and goodput)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
-    json_path.write_text(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
-    _plot(report, png_path)
-    return json_path, png_path
+    return write_json_and_plot(out, report.to_json(), lambda png: _plot(report, png))
 
 
 def _plot(report: PDBenchReport, path: Path) -> None:

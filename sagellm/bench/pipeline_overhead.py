@@ -15,7 +15,6 @@ cannot look fast."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter, deque
@@ -28,6 +27,7 @@ import trio
 from tqdm import tqdm
 
 from sagellm.bench.instant_engine import InstantEngine
+from sagellm.bench.report import write_json_and_plot
 from sagellm.dsl import Pipeline
 from sagellm.messages import Request
 from sagellm.metrics import LatencyStats
@@ -261,11 +261,7 @@ def print_table(report: OverheadReport) -> None:
 
 def write_results(report: OverheadReport, out_dir: Path) -> tuple[Path, Path]:
     """pipeline_overhead.json (every number, the machine) and pipeline_overhead.png under `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "pipeline_overhead.json", out_dir / "pipeline_overhead.png"
-    json_path.write_text(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
-    _plot(report, png_path)
-    return json_path, png_path
+    return write_json_and_plot(out_dir / "pipeline_overhead", report.to_json(), lambda png: _plot(report, png))
 
 
 def _machine_line(report: OverheadReport) -> str:

@@ -19,7 +19,6 @@ the report and the command line)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -44,6 +43,7 @@ from sagellm.bench.policy_workload import (
     percentiles,
     policy_state,
 )
+from sagellm.bench.report import write_json_and_plot
 from sagellm.messages import Request
 from sagellm.sampling_params import SamplingParams
 
@@ -384,10 +384,7 @@ def run(args: argparse.Namespace) -> int:
     machine = machine_info(args.threads or torch.get_num_threads())
     print_tables(parts, machine)
     results = report_json(parts, machine, _command(args), time.perf_counter() - started)
-    json_path, png_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(_finite(results), indent=2, allow_nan=False) + "\n")
-    plot(parts, png_path)
+    json_path, png_path = write_json_and_plot(args.out, _finite(results), lambda png: plot(parts, png))
     print(f"results: {json_path}\nchart: {png_path}", file=sys.stderr)
     return 0
 
