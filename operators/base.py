@@ -33,6 +33,11 @@ class Emit:
     item: Any
 
 
+# Decode work predicted for a request without max_tokens (route charges it, engines report it): a typical answer,
+# not the context limit.
+DEFAULT_DECODE_TOKENS = 256
+
+
 @dataclass
 class InstanceStats:
     """What the control operators know about one engine node; the executor and the engine's Step operator keep it

@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sagellm.messages import KVBlocks, PrefillDone, Request, RequestError, RequestMetrics, TokenDelta
-from sagellm.operators.base import InstanceStats, OperatorContext, StepOperator, register_operator
-
-DEFAULT_MAX_TOKENS = 256  # decode work predicted for a request without max_tokens
+from sagellm.operators.base import (
+    DEFAULT_DECODE_TOKENS,
+    InstanceStats,
+    OperatorContext,
+    StepOperator,
+    register_operator,
+)
 
 
 @dataclass
@@ -178,7 +182,7 @@ class EngineOperator(StepOperator):
         self.stats.queued_decode_tokens = (
             0  # a prefill worker samples one token per request; the decoding happens elsewhere
             if self.role == "prefill"
-            else sum((s.params.max_tokens or DEFAULT_MAX_TOKENS) - s.num_output_tokens for s in (*waiting, *running))
+            else sum((s.params.max_tokens or DEFAULT_DECODE_TOKENS) - s.num_output_tokens for s in (*waiting, *running))
         )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sagellm.messages import Request, RequestError
-from sagellm.operators.base import Emit, InstanceStats, MapOperator, register_operator
+from sagellm.operators.base import DEFAULT_DECODE_TOKENS, Emit, InstanceStats, MapOperator, register_operator
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.operators.routing import make_strategy
 
@@ -24,7 +24,6 @@ ROLES_FOR_PHASE: dict[str, frozenset[str]] = {
     "colocated": frozenset({"colocated", "decode"}),
     "decode": frozenset({"decode"}),
 }
-DEFAULT_DECODE_TOKENS = 256  # charged for a request without max_tokens: a typical answer, not the context limit
 
 
 @register_operator

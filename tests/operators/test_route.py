@@ -10,9 +10,17 @@ from collections import Counter
 import pytest
 
 from sagellm.messages import Request, RequestError
-from sagellm.operators.base import Emit, InstanceStats, OperatorContext, OperatorError, get_operator, parameter_types
+from sagellm.operators.base import (
+    DEFAULT_DECODE_TOKENS,
+    Emit,
+    InstanceStats,
+    OperatorContext,
+    OperatorError,
+    get_operator,
+    parameter_types,
+)
 from sagellm.operators.prefix_index import PrefixIndex, block_hashes
-from sagellm.operators.route import DEFAULT_DECODE_TOKENS, Route
+from sagellm.operators.route import Route
 from sagellm.operators.routing import STRATEGIES
 from sagellm.sampling_params import SamplingParams
 
