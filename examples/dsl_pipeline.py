@@ -5,7 +5,7 @@
 Both build the same IR the YAML files load into; `execute()` runs it (nodes placed in processes start there)."""
 
 from sagellm.dsl import Environment, Pipeline
-from sagellm.runtime.executor.local import run_pipeline
+from sagellm.runtime.executor.run import run_pipeline
 
 # A straight pipeline, one engine: source -> admission -> priority queue -> engine -> metrics -> stdout.
 env = Environment("dsl-demo", model="smollm2-135m-instruct")

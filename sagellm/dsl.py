@@ -112,7 +112,7 @@ class Environment:
 
     def execute(self) -> PipelineResult:
         """Runs the graph to completion with the local executor (trio tasks, and processes where placed)."""
-        from sagellm.runtime.executor.local import run_pipeline
+        from sagellm.runtime.executor.run import run_pipeline
 
         return run_pipeline(self.graph())
 

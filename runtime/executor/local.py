@@ -13,11 +13,8 @@ reuses this class for the nodes each process runs, with ZeroMQ bridges for the e
 
 from __future__ import annotations
 
-import signal
-import sys
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +35,6 @@ from sagellm.operators.base import (
     get_operator,
 )
 from sagellm.runtime.execution_graph.graph import Graph
-
-if sys.version_info < (3, 11):  # trio brings the backport on 3.10
-    from exceptiongroup import BaseExceptionGroup
 
 log = structlog.get_logger("sagellm.executor")
 IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
@@ -391,18 +385,6 @@ class _Signal:
         await self._event.wait()
 
 
-@contextmanager
-def single_errors() -> Iterator[None]:
-    """Re-raises a nursery's lone failure as itself (a bad parameter, a model that will not load), so callers and
-    the CLI see the error they can act on, not an exception group around it."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-            raise group.exceptions[0] from None
-        raise
-
-
 def model_attrs(model: str) -> dict[str, Any]:
     """What admission needs of the served model, without its weights: the tokenizer and the config."""
     from sagellm.model_cache import resolve_model
@@ -414,38 +396,3 @@ def model_attrs(model: str) -> dict[str, Any]:
 
 def _internal(request_id: str, node_id: str, problem: object) -> RequestError:
     return RequestError(request_id=request_id, code="internal", message=f"{node_id}: {problem}")
-
-
-def run_pipeline(graph: Graph, **executor_args: Any) -> PipelineResult:
-    """Runs a graph to completion (sources exhausted, every request ended) in this process; nodes placed in other
-    processes start there (see `sagellm.runtime.executor.process`). Ctrl-C or SIGTERM stops it cleanly (workers
-    killed, sockets closed) and raises KeyboardInterrupt."""
-    if any(node.placement != "task" for node in graph.nodes.values()):
-        from sagellm.runtime.executor.process import ProcessExecutor
-
-        return trio.run(_until_interrupted, ProcessExecutor(graph, **executor_args).run)
-    return trio.run(_until_interrupted, LocalExecutor(graph, **executor_args).run)
-
-
-async def _until_interrupted(run: Callable[[], Any]) -> Any:
-    """Runs `run()` until it returns or a SIGINT/SIGTERM arrives. A signal cancels it: trio would otherwise raise
-    KeyboardInterrupt only at the main task's next checkpoint, which a main task waiting on its nursery never
-    reaches."""
-    result, interrupted = None, False
-
-    async def watch(nursery: trio.Nursery) -> None:
-        nonlocal interrupted
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                interrupted = True
-                nursery.cancel_scope.cancel()
-                return
-
-    with single_errors():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch, nursery)
-            result = await run()
-            nursery.cancel_scope.cancel()
-    if interrupted:
-        raise KeyboardInterrupt
-    return result

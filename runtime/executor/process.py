@@ -25,7 +25,8 @@ from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import PeerMonitor, bind_pull, connect_push
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import MAIN, Bridge, groups_of
-from sagellm.runtime.executor.local import LocalExecutor, PipelineResult, single_errors
+from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
+from sagellm.runtime.executor.run import single_errors
 from sagellm.runtime.executor.worker import HEARTBEAT_S, REQUESTS_KEY
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 

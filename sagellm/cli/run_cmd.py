@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from sagellm.metrics import render_metrics_table
-    from sagellm.runtime.executor.local import run_pipeline
+    from sagellm.runtime.executor.run import run_pipeline
 
     graph = build_graph(args)
     _ensure_model(graph.attrs.get("model"))

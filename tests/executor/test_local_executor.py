@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sagellm import LLM, SamplingParams
-from sagellm.runtime.executor.local import run_pipeline
+from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.tiny_models import make_tiny_llama
 

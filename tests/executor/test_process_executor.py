@@ -9,8 +9,8 @@ import signal
 import pytest
 import trio
 
-from sagellm.runtime.executor.local import run_pipeline
 from sagellm.runtime.executor.process import ProcessExecutor, WorkerStartError
+from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.tiny_models import make_tiny_llama
 

@@ -1,0 +1,65 @@
+"""Running a pipeline graph to completion from synchronous code: `run_pipeline(graph)` picks the local executor, or
+the process executor when any node is placed in a process, and stops cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
+
+if sys.version_info < (3, 11):  # trio brings the backport on 3.10
+    from exceptiongroup import BaseExceptionGroup
+
+
+def run_pipeline(graph: Graph, **executor_args: Any) -> PipelineResult:
+    """Runs a graph to completion (sources exhausted, every request ended) in this process; nodes placed in other
+    processes start there (see `sagellm.runtime.executor.process`). Ctrl-C or SIGTERM stops it cleanly (workers
+    killed, sockets closed) and raises KeyboardInterrupt."""
+    if any(node.placement != "task" for node in graph.nodes.values()):
+        from sagellm.runtime.executor.process import ProcessExecutor
+
+        return trio.run(_until_interrupted, ProcessExecutor(graph, **executor_args).run)
+    return trio.run(_until_interrupted, LocalExecutor(graph, **executor_args).run)
+
+
+async def _until_interrupted(run: Callable[[], Any]) -> Any:
+    """Runs `run()` until it returns or a SIGINT/SIGTERM arrives. A signal cancels it: trio would otherwise raise
+    KeyboardInterrupt only at the main task's next checkpoint, which a main task waiting on its nursery never
+    reaches."""
+    result, interrupted = None, False
+
+    async def watch(nursery: trio.Nursery) -> None:
+        nonlocal interrupted
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                interrupted = True
+                nursery.cancel_scope.cancel()
+                return
+
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery)
+            result = await run()
+            nursery.cancel_scope.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+@contextmanager
+def single_errors() -> Iterator[None]:
+    """Re-raises a nursery's lone failure as itself (a bad parameter, a model that will not load), so callers and
+    the CLI see the error they can act on, not an exception group around it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
