@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-from typing import ClassVar, Protocol
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -122,23 +123,18 @@ class GatherBuffers:
         # Decode K/V as gathered last step, per (k|v, cache): [B, capacity, Hk, D], zero beyond what was written.
         self._decode_kv: dict[tuple[str, int], torch.Tensor] = {}
         self.decode_continues = False  # set by `attention` from AttentionMetadata.decode_continues, per call
-        self._mask_key: tuple[int, int] | None = None
-        self._mask: torch.Tensor | None = None
-        self._mask_owner: torch.Tensor | None = None
-        self._index_key: tuple[int, int] | None = None
-        self._index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._index_owner: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mask = _PerStep()
+        self._new_tokens = _PerStep()
 
     def visibility(self, context_lens: torch.Tensor, length: int) -> torch.Tensor | None:
         """The decode mask, built once per step: every layer of a step passes the same `context_lens` tensor."""
-        key = (id(context_lens), length)
-        if self._mask_key != key:
-            mask = None
+
+        def build() -> torch.Tensor | None:
             if len(context_lens) > 1 or int(context_lens[0]) != length:
-                mask = _visibility(context_lens, length, None)
-            # Holding the tensor keeps its id from being reused by a later step's tensor while the key is live.
-            self._mask_key, self._mask, self._mask_owner = key, mask, context_lens
-        return self._mask
+                return _visibility(context_lens, length, None)
+            return None
+
+        return self._mask.get((context_lens,), length, build)
 
     def decode_kv(
         self, name: str, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
@@ -170,15 +166,14 @@ class GatherBuffers:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position, flat cache slot) of the token each decode row wrote this step; computed once per step
         (every layer's K and V pass the same tensors), not 2 x layers times."""
-        key = (id(block_tables), id(context_lens))
-        if self._index_key != key:
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             position = context_lens.long() - 1  # [B]
             block = block_tables.gather(1, (position // block_size)[:, None]).squeeze(1).long()  # [B]
             rows = torch.arange(len(position), device=position.device)
-            self._index = (rows, position, block * block_size + position % block_size)
-            # Holding the tensors keeps their ids from being reused by a later step's while the key is live.
-            self._index_key, self._index_owner = key, (block_tables, context_lens)
-        return self._index
+            return rows, position, block * block_size + position % block_size
+
+        return self._new_tokens.get((block_tables, context_lens), block_size, build)
 
     def gather(self, name: str, cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         index = block_table.reshape(-1)
@@ -193,6 +188,23 @@ class GatherBuffers:
             buffer = torch.empty((n, *cache.shape[1:]), dtype=cache.dtype, device=cache.device)
             self._buffers[name] = buffer
         return torch.index_select(cache, 0, index, out=buffer[:n])  # [n, bs, Hk, D]
+
+
+class _PerStep:
+    """One value derived from a step's metadata tensors, kept while the next call passes the very same tensors: all
+    layers of a step do. Tensors are matched by identity; holding them keeps their ids from being reused by a later
+    step's tensors while the value is live."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._owners: tuple[torch.Tensor, ...] = ()
+        self._value: Any = None
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: Any, build: Callable[[], Any]) -> Any:
+        key = (*map(id, tensors), extra)
+        if self._key != key:
+            self._key, self._owners, self._value = key, tensors, build()
+        return self._value
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, buffers: GatherBuffers | None, name: str) -> torch.Tensor:
