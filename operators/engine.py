@@ -27,7 +27,9 @@ from sagellm.operators.base import (
 
 
 @dataclass
-class _Tracked:
+class TrackedRequest:
+    """What an engine operator keeps per request to report its metrics (the W5 fixture keeps the same)."""
+
     request: Request
     first_token_time: float | None = None
     prompt_tokens: int = 0
@@ -66,7 +68,7 @@ class EngineOperator(StepOperator):
             num_threads=num_threads,
         )
         self.price_per_1k_tokens = price_per_1k_tokens
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, TrackedRequest] = {}
         self.engine: Any = None
 
     def open(self, ctx: OperatorContext) -> None:
@@ -92,7 +94,7 @@ class EngineOperator(StepOperator):
         if rid in self._tracked:
             return [RequestError(request_id=rid, code="invalid_request", message=f"request id {rid!r} is in use")]
         request = item.request if isinstance(item, PrefillDone) else item
-        self._tracked[rid] = tracked = _Tracked(request)
+        self._tracked[rid] = tracked = TrackedRequest(request)
         try:
             if isinstance(item, PrefillDone):
                 tracked.cached_tokens, tracked.prefilled_elsewhere = item.num_cached_tokens, True
@@ -186,7 +188,7 @@ class EngineOperator(StepOperator):
         )
 
 
-def request_metrics(tracked: _Tracked, now: float) -> RequestMetrics:
+def request_metrics(tracked: TrackedRequest, now: float) -> RequestMetrics:
     """A finished request's metrics, wall clock from its arrival; SLO met when every target it set was met."""
     request = tracked.request
     ttft = tracked.first_token_time - request.arrival_time if tracked.first_token_time is not None else None

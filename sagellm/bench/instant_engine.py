@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from sagellm.messages import Request, RequestError, TokenDelta
 from sagellm.operators.base import InstanceStats, OperatorContext, OperatorError, StepOperator, register_operator
-from sagellm.operators.engine import _Tracked, request_metrics
+from sagellm.operators.engine import TrackedRequest, request_metrics
 
 
 @register_operator
@@ -37,7 +37,7 @@ class InstantEngine(StepOperator):
         self.tokens = tokens
         self.max_running = max_running
         self.clock: Callable[[], float] = time.time
-        self._held: dict[str, _Tracked] = {}
+        self._held: dict[str, TrackedRequest] = {}
         self.stats = InstanceStats(self.name, max_running=max_running)  # replaced by the graph's own in open()
 
     def open(self, ctx: OperatorContext) -> None:
@@ -50,7 +50,7 @@ class InstantEngine(StepOperator):
         rid = item.request_id
         if rid in self._held:
             return [RequestError(request_id=rid, code="invalid_request", message=f"request id {rid!r} is in use")]
-        self._held[rid] = _Tracked(item, prompt_tokens=item.num_prompt_tokens)
+        self._held[rid] = TrackedRequest(item, prompt_tokens=item.num_prompt_tokens)
         self._refresh_stats()
         return []
 
