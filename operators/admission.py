@@ -74,7 +74,7 @@ class Admission(MapOperator):
             )
 
     def execute(self, item: Request) -> Request | RequestError:
-        if self.ctx.load.in_flight >= self.max_queue:
+        if self.ctx.load.in_flight > self.max_queue:  # the count includes this request: the source counted it
             return self._reject(item, "overloaded", f"server is at capacity ({self.max_queue} requests in flight)")
         if self.rate_limit_per_user is not None and not self._take_token(item.user):
             return self._reject(

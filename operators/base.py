@@ -53,6 +53,10 @@ class InstanceStats:
     price_per_1k_tokens: float = 0.0  # cost_optimized reads it; set per node in the graph
     tokens_per_s: float = 100.0  # throughput estimate, refreshed from measurements; predicts service time
     kv_transfer_failures: int = 0  # consecutive failed transfers into this node; pd_split avoids unhealthy PD
+    waiting: int = 0  # requests admitted to the engine and not yet scheduled (vLLM's num_requests_waiting)
+    kv_cache_usage: float = 0.0  # fraction of KV cache blocks in use
+    prefix_cache_queries: int = 0  # prompt blocks looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # ... and found there
 
     @property
     def predicted_work(self) -> int:

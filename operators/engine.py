@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sagellm.messages import KVBlocks, PrefillDone, Request, RequestError, RequestMetrics, TokenDelta
+from sagellm.messages import KVBlocks, PrefillDone, Request, RequestError, RequestMetrics, TokenDelta, TokenLogprob
 from sagellm.operators.base import (
     DEFAULT_DECODE_TOKENS,
     InstanceStats,
@@ -101,7 +101,10 @@ class EngineOperator(StepOperator):
                 out = self.engine.add_prefilled_request(
                     rid, request.prompt_token_ids, request.sampling, item.first_token, item.kv.data
                 )
-                return self._emit(out, time.time())
+                items = self._emit(out, time.time())
+                if item.first_logprob is not None:  # the prefill worker sampled the first token
+                    items[0].logprobs = [item.first_logprob]
+                return items
             prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
             self.engine.add_request(
                 rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill"
@@ -157,15 +160,17 @@ class EngineOperator(StepOperator):
                 first_token_time=now,
                 kv=kv,
                 num_cached_tokens=cached,
+                first_logprob=_logprobs(completion, 1)[0] if completion.logprobs else None,
             )
             return [done]
         if tracked.first_token_time is None:
             tracked.first_token_time = now
         tracked.prompt_tokens = len(out.prompt_token_ids)
         tracked.output_tokens += len(completion.token_ids_delta)
-        delta = TokenDelta(
-            request_id=out.request_id, token_ids=list(completion.token_ids_delta), text=completion.text_delta, time=now
-        )
+        new_ids = list(completion.token_ids_delta)
+        delta = TokenDelta(request_id=out.request_id, token_ids=new_ids, text=completion.text_delta, time=now)
+        if completion.logprobs:
+            delta.logprobs = _logprobs(completion, len(new_ids))
         if out.finished:
             del self._tracked[out.request_id]
             delta.finish_reason = completion.finish_reason
@@ -178,6 +183,10 @@ class EngineOperator(StepOperator):
         waiting = self.engine.scheduler.waiting
         running = self.engine.scheduler.running
         self.stats.running = len(self._tracked)
+        self.stats.waiting = len(waiting)
+        blocks = self.engine.scheduler.block_manager
+        self.stats.kv_cache_usage = blocks.usage
+        self.stats.prefix_cache_queries, self.stats.prefix_cache_hits = blocks.prefix_queries, blocks.prefix_hits
         self.stats.queued_prefill_tokens = sum(s.num_tokens - s.num_computed_tokens for s in waiting) + sum(
             s.num_tokens - s.num_computed_tokens - 1 for s in running if s.num_computed_tokens < s.num_prompt_tokens
         )
@@ -186,6 +195,11 @@ class EngineOperator(StepOperator):
             if self.role == "prefill"
             else sum((s.params.max_tokens or DEFAULT_DECODE_TOKENS) - s.num_output_tokens for s in (*waiting, *running))
         )
+
+
+def _logprobs(completion: Any, count: int) -> list[TokenLogprob]:
+    """The engine's logprobs of the last `count` tokens, as pipeline items carry them."""
+    return [TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=lp.top) for lp in completion.logprobs[-count:]]
 
 
 def request_metrics(tracked: TrackedRequest, now: float) -> RequestMetrics:

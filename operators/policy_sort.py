@@ -37,6 +37,14 @@ class PolicySort(QueueOperator):
         super().open(ctx)
         self.policy = make_policy(self.policy_name, ctx, self.clock, self.policy_args)
 
+    def switch_policy(self, policy: str, policy_args: dict[str, float] | None = None) -> None:
+        """Replaces the policy while serving (the gateway's `/admin/set_policy`): whatever waits moves over and
+        leaves in the new policy's order. A bad name raises before anything moves."""
+        new = make_policy(policy, self.ctx, self.clock, policy_args)
+        for request in self.policy.drain():
+            new.push(request)
+        self.policy, self.policy_name, self.policy_args = new, policy, policy_args
+
     def push(self, item: Request) -> list[RequestError]:
         rejection = self.policy.check(item)
         if rejection is not None:

@@ -65,13 +65,13 @@ class Route(MapOperator):
     def _no_candidate(
         self, request: Request, engines: Sequence[InstanceStats], fitting: Sequence[InstanceStats]
     ) -> RequestError:
-        """Instances of the right role that are all unhealthy may recover: overloaded, retryable. No instance of the
+        """Instances of the right role that are all unhealthy may recover: unavailable, retryable. No instance of the
         right role downstream at all is a graph that cannot serve this phase: internal, not worth retrying."""
         roles = " or ".join(sorted(ROLES_FOR_PHASE[request.phase]))
         if fitting:
             return RequestError(
                 request_id=request.request_id,
-                code="overloaded",
+                code="unavailable",
                 message=f"no healthy {roles} instance for a {request.phase} request "
                 f"({len(fitting)} unhealthy: {', '.join(s.name for s in fitting)}); retry later",
                 retryable=True,

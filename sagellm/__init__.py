@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "UnifiedInferenceClient"]
 
 if TYPE_CHECKING:
+    from sagellm.client import UnifiedInferenceClient
     from sagellm.llm import LLM
     from sagellm.outputs import CompletionOutput, RequestOutput
     from sagellm.sampling_params import SamplingParams
@@ -25,6 +26,7 @@ _LAZY = {
     "SamplingParams": "sagellm.sampling_params",
     "RequestOutput": "sagellm.outputs",
     "CompletionOutput": "sagellm.outputs",
+    "UnifiedInferenceClient": "sagellm.client",
 }
 
 

@@ -52,6 +52,14 @@ class Request(_Message):
         return len(self.prompt_token_ids or ())
 
 
+class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """One output token's log-probability and its most likely alternatives, for OpenAI's `logprobs`."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = msgspec.field(default_factory=list)  # (token id, logprob), most likely first
+
+
 class KVBlocks(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     """A request's prompt KV, layer-major, out of the prefill worker's paged cache.
 
@@ -69,7 +77,7 @@ class PrefillDone(_Message):
     first_token_time: float
     kv: KVBlocks
     num_cached_tokens: int = 0
-    first_logprob: float | None = None
+    first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 class RequestMetrics(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -92,7 +100,7 @@ class TokenDelta(_Message):
     text: str = ""
     time: float = msgspec.field(default_factory=time.time)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    logprobs: list[float] | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
     metrics: RequestMetrics | None = None
 
     @property
@@ -101,7 +109,14 @@ class TokenDelta(_Message):
 
 
 ErrorCode = Literal[
-    "invalid_request", "context_length_exceeded", "overloaded", "rate_limited", "instance_lost", "timeout", "internal"
+    "invalid_request",
+    "context_length_exceeded",
+    "overloaded",
+    "rate_limited",
+    "unavailable",
+    "instance_lost",
+    "timeout",
+    "internal",
 ]
 
 
@@ -120,6 +135,7 @@ HTTP_STATUS: dict[str, int] = {
     "context_length_exceeded": 400,
     "overloaded": 429,
     "rate_limited": 429,
+    "unavailable": 503,  # no healthy instance can take it now
     "instance_lost": 503,
     "timeout": 504,
     "internal": 500,

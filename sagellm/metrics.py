@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from sagellm.messages import Request, RequestError, RequestMetrics, TokenDelta, is_terminal
+
+disable_created_metrics()  # no `*_created` series next to every counter and histogram (vLLM turns them off too)
 
 if TYPE_CHECKING:
     from rich.table import Table

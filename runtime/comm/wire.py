@@ -1,7 +1,7 @@
 """The wire format of a pipeline edge between processes: a message is a list of ZeroMQ frames.
 
     frame 0   one byte, the frame type: DATA (a `sagellm.messages.Message` item) or a control message
-              (READY, HEARTBEAT, END)
+              (READY, HEARTBEAT, END; HELLO and ASSIGN, a worker joining the run)
     frame 1   the struct, msgspec msgpack (`array_like`, `omit_defaults`: positional and compact)
     frame 2.. tensors, one frame each, their raw bytes
 
@@ -45,6 +45,8 @@ class FrameType(enum.IntEnum):
     READY = 2
     HEARTBEAT = 3
     END = 4
+    HELLO = 5
+    ASSIGN = 6
 
 
 class Ready(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -71,7 +73,26 @@ class End(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     node: str
 
 
-Control = Ready | Heartbeat | End
+class Hello(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """A worker's first message to the parent's control socket: the process group it offers to run. Who it is
+    (pid, host) names it in logs and errors; `version` lets the parent refuse a worker whose wire format may differ."""
+
+    node: str  # the process group
+    pid: int
+    host: str
+    version: str
+
+
+class Assign(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """The parent's answer to a Hello: the graph (YAML text, so the worker's host needs no copy of the file) and how
+    long the parent may stay silent before the worker takes it for gone; or, with `error`, why it is refused."""
+
+    graph: str = ""
+    peer_timeout_s: float = 0.0
+    error: str = ""
+
+
+Control = Ready | Heartbeat | End | Hello | Assign
 WireMessage = Message | Control
 
 _FRAME_TYPES: dict[type, FrameType] = {
@@ -79,12 +100,16 @@ _FRAME_TYPES: dict[type, FrameType] = {
     Ready: FrameType.READY,
     Heartbeat: FrameType.HEARTBEAT,
     End: FrameType.END,
+    Hello: FrameType.HELLO,
+    Assign: FrameType.ASSIGN,
 }
 _STRUCT_TYPES: dict[FrameType, Any] = {
     FrameType.DATA: Message,
     FrameType.READY: Ready,
     FrameType.HEARTBEAT: Heartbeat,
     FrameType.END: End,
+    FrameType.HELLO: Hello,
+    FrameType.ASSIGN: Assign,
 }
 
 

@@ -10,7 +10,8 @@ sleeps on it and the others park until it wakes.
 Edges are PUSH → PULL: the downstream node binds a PULL (all its in-edges merge there, as a node's inputs merge into
 one stream), each upstream connects a PUSH. HWMs bound the messages queued on each side, so a slow consumer makes its
 producers wait in `send` (backpressure) instead of growing memory; LINGER bounds how long closing waits for unsent
-messages, so shutdown never hangs.
+messages, so shutdown never hangs. The control channel between the process that runs a graph and its workers is
+ROUTER ← DEALER: one port the parent binds, both directions, which is all a worker on another host must find.
 
 Use from a trio task (one `zmq.Context` per process, never shared across fork: children are spawned):
 
@@ -30,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -158,11 +160,11 @@ class TrioSocket:
         return events
 
 
-def address(transport: str, name: str, host: str = "127.0.0.1") -> str:
+def address(transport: str, name: str, host: str = "127.0.0.1", port: int | None = None) -> str:
     """Where to bind a socket for node `name`: an ipc:// path unique in the run's temp dir (one host), or
-    tcp:// on `host` with port `*` (the OS picks a free one; read the real endpoint back after binding)."""
+    tcp:// on `host` and `port` (default `*`: the OS picks a free one; read the real endpoint back after binding)."""
     if transport == "tcp":
-        return f"tcp://{host}:*"
+        return f"tcp://{host}:{port or '*'}"
     if transport != "ipc":
         raise ValueError(f"unknown transport {transport!r}; use 'ipc' (one host) or 'tcp' (across hosts)")
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:40]
@@ -173,16 +175,25 @@ def address(transport: str, name: str, host: str = "127.0.0.1") -> str:
 
 
 def bind_pull(
-    ctx: zmq.Context, transport: str, name: str, *, hwm: int = DEFAULT_HWM, host: str = "127.0.0.1"
+    ctx: zmq.Context,
+    transport: str,
+    name: str,
+    *,
+    hwm: int = DEFAULT_HWM,
+    host: str = "127.0.0.1",
+    port: int | None = None,
 ) -> tuple[TrioSocket, str]:
-    """A PULL socket bound for node `name`, and the endpoint its upstream peers connect to."""
-    socket = _socket(ctx, zmq.PULL, hwm)
-    try:
-        socket.bind(address(transport, name, host))
-    except zmq.ZMQError as error:
-        socket.close(linger=0)
-        raise OSError(f"cannot bind {transport} socket for {name!r}: {error}") from None
-    return TrioSocket(socket), socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    """A PULL socket bound for node `name`, and the endpoint its upstream peers connect to (as bound: see
+    `with_host` when the host is a wildcard)."""
+    return _bind(ctx, zmq.PULL, address(transport, name, host, port), name, hwm)
+
+
+def bind_router(
+    ctx: zmq.Context, transport: str, name: str, *, host: str = "127.0.0.1", port: int | None = None
+) -> tuple[TrioSocket, str]:
+    """A ROUTER socket bound for `name` (the parent's control socket): received messages start with the sender's
+    routing id, and a send starts with the recipient's."""
+    return _bind(ctx, zmq.ROUTER, address(transport, name, host, port), name, DEFAULT_HWM)
 
 
 def connect_push(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM) -> TrioSocket:
@@ -191,6 +202,44 @@ def connect_push(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM) -> 
     socket = _socket(ctx, zmq.PUSH, hwm)
     socket.connect(endpoint)
     return TrioSocket(socket)
+
+
+def connect_dealer(ctx: zmq.Context, endpoint: str) -> TrioSocket:
+    """A DEALER socket connected to a ROUTER (a worker's end of the control channel); retries until the peer is up."""
+    socket = _socket(ctx, zmq.DEALER, DEFAULT_HWM)
+    socket.connect(endpoint)
+    return TrioSocket(socket)
+
+
+def with_host(endpoint: str, host: str) -> str:
+    """A bound tcp endpoint as others reach it: `tcp://0.0.0.0:5555` with host `node7` is `tcp://node7:5555`
+    (ipc endpoints are returned unchanged)."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    return f"tcp://{host}:{endpoint.rpartition(':')[2]}"
+
+
+def host_toward(endpoint: str) -> str:
+    """This host's IPv4 address on the route to `endpoint`'s host: an address that host can reach us at. Nothing is
+    sent (a UDP socket's `connect` only picks the route)."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        family, kind, _, _, peer = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.connect(peer)
+            return probe.getsockname()[0]
+    except (OSError, ValueError) as error:
+        raise OSError(f"cannot find a route to {endpoint}: {error}") from None
+
+
+def _bind(ctx: zmq.Context, kind: int, addr: str, name: str, hwm: int) -> tuple[TrioSocket, str]:
+    socket = _socket(ctx, kind, hwm)
+    try:
+        socket.bind(addr)
+    except zmq.ZMQError as error:
+        socket.close(linger=0)
+        raise OSError(f"cannot bind {addr} for {name!r}: {error}") from None
+    return TrioSocket(socket), socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:

@@ -24,7 +24,7 @@ class Node:
     id: str
     op: str
     params: dict[str, Any] = field(default_factory=dict)
-    placement: str = "task"  # pipeline graphs: "task", "process" or a host; model graphs: unused
+    placement: str = "task"  # pipeline graphs: "task", "process[:GROUP]" or "remote[:GROUP]"; model graphs: unused
     num_outputs: int = 1
 
 

@@ -19,24 +19,20 @@ from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_push
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
+from sagellm.runtime.pipeline.spec import placement_group
 
 log = structlog.get_logger("sagellm.bridge")
-MAIN = "main"  # the group of nodes placed as tasks in the process that runs the graph
-
-
-def group_of(node_id: str, placement: str) -> str:
-    """`task` runs in the main process; `process` in a process of its own; `process:NAME` in process NAME."""
-    if placement == "task":
-        return MAIN
-    if placement == "process":
-        return node_id
-    if placement.startswith("process:") and placement[len("process:") :]:
-        return placement[len("process:") :]
-    raise ValueError(f"node {node_id!r}: unknown placement {placement!r} (task | process | process:NAME)")
 
 
 def groups_of(graph: Graph) -> dict[str, str]:
-    return {node.id: group_of(node.id, node.placement) for node in graph.nodes.values()}
+    """Node id -> the process group that runs it (spec.MAIN: the process that runs the graph)."""
+    return {node.id: placement_group(node.id, node.placement)[1] for node in graph.nodes.values()}
+
+
+def remote_groups(graph: Graph) -> list[str]:
+    """The process groups that workers started by hand (`sagellm worker`) run, in name order."""
+    placements = (placement_group(node.id, node.placement) for node in graph.nodes.values())
+    return sorted({group for kind, group in placements if kind == "remote"})
 
 
 class Bridge:

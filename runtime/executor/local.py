@@ -38,6 +38,7 @@ from sagellm.runtime.execution_graph.graph import Graph
 
 log = structlog.get_logger("sagellm.executor")
 IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
+ENDED_REMEMBERED = 100_000  # ids of ended requests kept to drop duplicates when outcomes are not kept
 
 
 @dataclass
@@ -95,9 +96,12 @@ class LocalExecutor:
         graph_attrs: dict[str, Any] | None = None,
         channel_size: int = 0,
         operators: dict[str, Operator] | None = None,
+        keep_outcomes: bool = True,
     ) -> None:
         """`nodes`: the ones this process runs (default all); edges to other nodes go through `remote_sender`.
-        `operators`: instances built by the caller for some nodes (benchmarks hand in their prepared sources)."""
+        `operators`: instances built by the caller for some nodes (benchmarks hand in their prepared sources, the
+        gateway its HTTP source). `keep_outcomes=False` forgets each request's outcome once it ended, as a server
+        that runs for weeks must (its replies went to `on_leaf_item`)."""
         self.graph = graph
         self.local = list(nodes if nodes is not None else graph.nodes)
         self.instances = instances if instances is not None else instances_of(graph)
@@ -114,6 +118,11 @@ class LocalExecutor:
         self._channel_size = channel_size
         self.remote_sender: Callable[[str, str], trio.MemorySendChannel] | None = None  # (src, dst) -> channel
         self.on_terminal: Callable[[Any], None] | None = None  # extra observer (the process executor's bookkeeping)
+        self.on_leaf_item: Callable[[Any], None] | None = None  # every item that reaches a leaf (the gateway's replies)
+        self.keep_outcomes = keep_outcomes
+        self._ended: deque[str] = deque()  # with keep_outcomes off: recently ended ids, to still drop duplicates
+        self._ended_ids: set[str] = set()
+        self._cancelled: set[str] = set()  # requests whose client left (see `cancel`)
         # The code and message of requests still unfinished when the graph ends (the process executor names a
         # lost worker here); anything else left unfinished is a bug, reported as `internal`.
         self.unfinished_error: tuple[str, str] = ("internal", "the pipeline ended without finishing it")
@@ -200,7 +209,7 @@ class LocalExecutor:
             if items is None:
                 return
             if not items and not op.blocking:
-                with trio.move_on_after(IDLE_POLL_S):  # or sooner, when a request ends (a closed-loop source)
+                with trio.move_on_after(IDLE_POLL_S):  # or sooner: a request ended, or `wake_sources()`
                     await self._progress.wait()
             for item in items:
                 if isinstance(item, Request):
@@ -269,6 +278,8 @@ class LocalExecutor:
                 while buffer:
                     await self._feed(node_id, op, buffer.popleft())
                 room.fire()  # the buffer is empty again (and what passed through took no capacity)
+            if self._cancelled:
+                await self._end_cancelled(node_id, op)
             if op.has_work():
                 try:
                     outs = op.step() if op.inline else await trio.to_thread.run_sync(op.step)
@@ -288,6 +299,10 @@ class LocalExecutor:
             await arrived.wait()
 
     async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
+        rid = getattr(item, "request_id", None)
+        if rid in self._cancelled:  # its client left while it waited upstream
+            await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
+            return
         for out in self._apply(node_id, op, op.add, item):
             await self._send(node_id, out)
 
@@ -327,10 +342,12 @@ class LocalExecutor:
         rid = getattr(item, "request_id", None)
         if rid is None:
             return True
-        outcome = self.outcomes.setdefault(rid, RequestOutcome(rid))
-        if outcome.finished:
+        outcome = self.outcomes.get(rid)
+        if outcome.finished if outcome is not None else rid in self._ended_ids:
             log.error("duplicate_terminal_dropped", request_id=rid, item=type(item).__name__)
             return False
+        if outcome is None:
+            outcome = self.outcomes[rid] = RequestOutcome(rid)
         if isinstance(item, TokenDelta):
             outcome.token_ids.extend(item.token_ids)
             outcome.text += item.text
@@ -339,13 +356,47 @@ class LocalExecutor:
             outcome.error, outcome.metrics = item, item.metrics
         if is_terminal(item):
             self._terminal(item, outcome)
+        if self.on_leaf_item is not None:
+            self.on_leaf_item(item)
+        if outcome.finished and not self.keep_outcomes:
+            self._forget_outcome(rid)
         return True
+
+    def _forget_outcome(self, rid: str) -> None:
+        """Drops an ended request's outcome but remembers its id a while, so a stray second terminal is still seen
+        as one (an outcome is created anew for an id not remembered)."""
+        del self.outcomes[rid]
+        self._ended.append(rid)
+        self._ended_ids.add(rid)
+        if len(self._ended) > ENDED_REMEMBERED:
+            self._ended_ids.discard(self._ended.popleft())
+
+    def wake_sources(self) -> None:
+        """Polls the non-blocking sources now instead of at their next idle tick (the gateway just queued a
+        request into its source)."""
+        self._progress.fire()
+
+    def cancel(self, request_id: str) -> None:
+        """Ends a request whose client left. The engine node here that holds it aborts it between two steps and
+        sends its terminal (finish reason `abort`, as vLLM's) down the graph, so the metrics sink counts it; one
+        still upstream is ended the same way where it reaches an engine here. An engine in another process
+        finishes it unseen (its replies are dropped by the gateway)."""
+        if request_id in self._counted:
+            self._cancelled.add(request_id)
+
+    async def _end_cancelled(self, node_id: str, op: StepOperator) -> None:
+        held = [rid for rid in op.in_flight() if rid in self._cancelled]
+        if held:
+            op.abort(held)
+            for rid in held:
+                await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
 
     def deliver_terminal(self, item: Any) -> None:
         """Records a terminal item that cannot travel through the graph any more (its path is gone)."""
         self._observe(item)
 
     def _terminal(self, item: Any, outcome: RequestOutcome) -> None:
+        self._cancelled.discard(outcome.request_id)
         if outcome.request_id in self._counted:
             self._counted.discard(outcome.request_id)
             self.load.in_flight -= 1
@@ -369,6 +420,8 @@ class LocalExecutor:
             error = RequestError(request_id=rid, code=code, message=message, retryable=code != "internal")
             outcome.error = error
             self._terminal(error, outcome)
+            if self.on_leaf_item is not None:
+                self.on_leaf_item(error)
 
 
 class _Signal:

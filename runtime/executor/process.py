@@ -1,19 +1,20 @@
-"""Runs a pipeline graph across OS processes: nodes placed `process` or `process:NAME` run in worker processes
-(`sagellm.runtime.executor.worker`), the rest as trio tasks here, every cross-process edge a ZeroMQ link.
+"""Runs a pipeline graph across OS processes and hosts: nodes placed `process` or `process:NAME` run in worker
+processes this one starts, nodes placed `remote:NAME` in workers started by hand (`sagellm worker`, on any host),
+the rest as trio tasks here; every cross-process edge is a ZeroMQ link.
 
-The parent starts the workers, waits for each one's Ready (its models loaded, its socket bound), sends every worker
-the map of endpoints, then runs its own nodes. Workers heartbeat their engine stats (route and pd_split here read
-them) and the requests they hold. A worker that exits without saying `End`, or falls silent, is lost: its engines
-turn unhealthy, its edges are ended on its behalf (so nothing waits on it), and every request it held, or was sent
-since its last heartbeat, ends with an `instance_lost` error. Never a hang."""
+The parent binds its control socket (at the graph's `control_port` when set, so a remote worker can be told where
+it is), starts its own workers, prints the command that starts each remote one, and waits until every worker has
+joined and is ready (`control`); then it sends all of them the map of endpoints and runs its own nodes. Sockets bind
+the graph's `bind_host` and are given out as `advertise_host` (default: the bind host, or this host's name when
+binding 0.0.0.0). A worker that exits without saying `End`, or falls silent, is lost: its engines turn unhealthy,
+its edges are ended on its behalf (so nothing waits on it), and every request it held, or was sent since its last
+heartbeat, ends with an `instance_lost` error. Never a hang."""
 
 from __future__ import annotations
 
-import os
+import socket
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,19 +23,21 @@ import zmq
 
 from sagellm.messages import RequestError
 from sagellm.runtime.comm import wire
-from sagellm.runtime.comm.zmq_trio import PeerMonitor, bind_pull, connect_push
+from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, with_host
 from sagellm.runtime.execution_graph.graph import Graph
-from sagellm.runtime.executor.bridge import MAIN, Bridge, groups_of
+from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
+from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
 from sagellm.runtime.executor.run import single_errors
 from sagellm.runtime.executor.worker import HEARTBEAT_S, REQUESTS_KEY
+from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 
 log = structlog.get_logger("sagellm.process_executor")
 
 
 class WorkerStartError(RuntimeError):
-    """A worker process failed before it was ready (its log, on stderr, says why)."""
+    """A worker failed, or never came, before it was ready (the message names it and says what to do)."""
 
 
 class ProcessExecutor:
@@ -50,12 +53,18 @@ class ProcessExecutor:
         self.graph = graph
         self.groups = groups_of(graph)
         self.children = sorted({g for g in self.groups.values() if g != MAIN})
+        self.remote = remote_groups(graph)
         self.executor = LocalExecutor(graph, nodes=[n for n, g in self.groups.items() if g == MAIN], **local_args)
         self.peer_timeout_s = peer_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
+        self.transport: str = graph.attrs.get("transport", "ipc")
+        self.bind_host: str = graph.attrs.get("bind_host", "127.0.0.1")
+        default_advertise = socket.gethostname() if self.bind_host == WILDCARD_HOST else self.bind_host
+        self.advertise_host: str = graph.attrs.get("advertise_host", default_advertise)
+        self.control_endpoint: str | None = None  # where workers connect, once bound
         self.processes: dict[str, trio.Process] = {}
-        self.pids: dict[str, int] = {}
+        self.pids: dict[str, int] = {}  # the workers this process started
         self._finished: set[str] = set()  # workers that said End
         self._lost: set[str] = set()
         self._held: dict[str, set[str]] = {g: set() for g in self.children}  # from each worker's last heartbeat
@@ -64,124 +73,154 @@ class ProcessExecutor:
         self._inject: trio.MemorySendChannel | None = None
         self.executor.on_terminal = lambda item: self._forget(item.request_id)
 
-    async def run(self) -> PipelineResult:
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> PipelineResult:
+        """Runs the graph to its end; `task_status.started()` once every worker is ready and this process's nodes
+        run (for `nursery.start`, as `LocalExecutor.run`)."""
         with single_errors():  # one failure (a worker that did not start): raised as itself
-            return await self._run()
+            return await self._run(task_status)
 
-    async def _run(self) -> PipelineResult:
+    async def _run(self, task_status: trio.TaskStatus) -> PipelineResult:
         zctx = zmq.Context()
-        transport = self.graph.attrs.get("transport", "ipc")
-        data, data_endpoint = bind_pull(zctx, transport, MAIN)
-        control, control_endpoint = bind_pull(zctx, transport, "control")
-        bridge = Bridge(self.executor, MAIN, zctx)
-        self.bridge = bridge
         try:
-            with tempfile.TemporaryDirectory(prefix="sagellm-graph-") as tmp:
-                graph_file = Path(tmp) / "graph.yaml"
-                graph_file.write_text(dump_pipeline(self.graph))
-                async with trio.open_nursery() as nursery:
-                    for group in self.children:
-                        await self._spawn(nursery, group, graph_file, control_endpoint)
-                    await self.executor.open_operators()
-                    endpoints = await self._await_ready(control)
-                    peers = {**endpoints, MAIN: data_endpoint}
-                    bridge.connect(peers)
-                    for group in self.children:  # every worker gets a push, also those only fed by others
-                        if group not in bridge.pushes:
-                            bridge.pushes[group] = connect_push(zctx, endpoints[group])
-                        await bridge.pushes[group].send(wire.Ready(node=MAIN, pid=os.getpid(), info={"peers": peers}))
-                    monitor = PeerMonitor(self.peer_timeout_s)
-                    for group in self.children:
-                        monitor.seen(group)
-                    nursery.start_soon(self._control_loop, control, monitor)
-                    nursery.start_soon(monitor.watch, lambda g: self._lose(nursery, g, "stopped heartbeating"))
-                    bridge.nursery = nursery
-                    bridge.before_send = self._before_send
-                    bridge.open_inbound()
-                    self._open_injection()
-                    nursery.start_soon(self._receive, data)
-                    result = await self.executor.run()
-                    await self._await_exit()
-                    nursery.cancel_scope.cancel()
+            data, data_endpoint = bind_pull(zctx, self.transport, MAIN, host=self.bind_host)
+            with data:
+                port = self.graph.attrs.get("control_port")
+                sock, bound = bind_router(zctx, self.transport, "control", host=self.bind_host, port=port)
+                with sock:
+                    endpoint = with_host(data_endpoint, self.advertise_host)
+                    return await self._serve(zctx, data, endpoint, sock, bound, task_status)
         finally:
+            zctx.term()
+
+    async def _serve(
+        self,
+        zctx: zmq.Context,
+        data: TrioSocket,
+        data_endpoint: str,
+        sock: TrioSocket,
+        bound: str,
+        task_status: trio.TaskStatus,
+    ) -> PipelineResult:
+        """Runs the graph once this process's data and control sockets are bound."""
+        self.control_endpoint = with_host(bound, self.advertise_host)
+        local_control = with_host(bound, "127.0.0.1") if self.bind_host == WILDCARD_HOST else bound
+        self.control = control = ControlServer(
+            sock, dump_pipeline(self.graph), spawned=self.pids, remote=self.remote, peer_timeout_s=self.peer_timeout_s
+        )
+        self.bridge = bridge = Bridge(self.executor, MAIN, zctx)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(control.serve, self._on_heartbeat, self._finished.add)
+                nursery.start_soon(control.monitor.watch, lambda g: self._lose(nursery, g, "stopped heartbeating"))
+                nursery.start_soon(control.heartbeat_loop)
+                for group in self.children:
+                    if group not in self.remote:
+                        await self._spawn(nursery, group, local_control)
+                self._announce_remote()
+                await self.executor.open_operators()
+                await self._await_ready()
+                peers = {**control.endpoints, MAIN: data_endpoint}
+                bridge.connect(peers)
+                await control.start_all(peers)
+                bridge.nursery = nursery
+                bridge.before_send = self._before_send
+                bridge.open_inbound()
+                self._open_injection()
+                nursery.start_soon(self._receive, data)
+                result = await self.executor.run(task_status=task_status)
+                await self._await_exit()
+                nursery.cancel_scope.cancel()
+        finally:
+            control.end_all()
             for process in self.processes.values():
                 if process.returncode is None:
                     process.kill()
             bridge.close()
-            data.close()
-            control.close()
-            zctx.term()
         return result
 
     # -- workers --------------------------------------------------------------------------------------------------
-    async def _spawn(self, nursery: trio.Nursery, group: str, graph_file: Path, control: str) -> None:
-        command = [sys.executable, "-m", "sagellm.runtime.executor.worker"]
-        command += ["--graph", str(graph_file), "--group", group, "--control", control]
+    async def _spawn(self, nursery: trio.Nursery, group: str, control: str) -> None:
+        command = [sys.executable, "-m", "sagellm.runtime.executor.worker", "--connect", control, "--group", group]
+        if self.transport == "tcp":  # on this host, so it listens and is reached as this process is
+            command += ["--bind-host", self.bind_host, "--advertise-host", self.advertise_host]
         process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL)
         self.processes[group], self.pids[group] = process, process.pid
         nursery.start_soon(self._watch_exit, nursery, group, process)
+
+    def worker_command(self, group: str) -> str:
+        """The shell command that starts the worker of a remote group on its host."""
+        return f"sagellm worker --connect {self.control_endpoint} --group {group}"
+
+    def _announce_remote(self) -> None:
+        """The user starts remote workers: say exactly how (stderr, whatever the log level)."""
+        for group in self.remote:
+            command = self.worker_command(group)
+            log.info("waiting_for_remote_worker", group=group, command=command)
+            print(f"sagellm: waiting for group {group!r}; on its host run: {command}", file=sys.stderr, flush=True)
+        if self.remote and (self.advertise_host.startswith("127.") or self.advertise_host == "localhost"):
+            print("sagellm: (only this host can connect: set bind_host: 0.0.0.0 to accept others)", file=sys.stderr)
 
     async def _watch_exit(self, nursery: trio.Nursery, group: str, process: trio.Process) -> None:
         code = await process.wait()
         if group not in self._finished:
             self._lose(nursery, group, f"exited with code {code}")
 
-    async def _await_ready(self, control: Any) -> dict[str, str]:
-        """Each worker's endpoint, once it is ready; a worker that dies first fails the start at once."""
-        endpoints: dict[str, str] = {}
+    async def _await_ready(self) -> None:
+        """Until every worker is ready; a worker that fails or falls silent first fails the start at once."""
         deadline = trio.current_time() + self.startup_timeout_s
-        while len(endpoints) < len(self.children):
+        while missing := [g for g in self.children if g not in self.control.endpoints]:
             if self._lost:
-                raise WorkerStartError(f"{self.executor.unfinished_error[1]} before it was ready (its log is above)")
+                raise WorkerStartError(f"{self.executor.unfinished_error[1]} before it was ready (see its log)")
             if trio.current_time() > deadline:
-                missing = sorted(set(self.children) - set(endpoints))
-                raise WorkerStartError(f"workers {missing} were not ready after {self.startup_timeout_s:.0f} s")
-            with trio.move_on_after(0.25):
-                message = await control.receive()
-                if isinstance(message, wire.Ready):
-                    endpoints[message.node] = message.info["endpoint"]
-                    log.info("worker_ready", group=message.node, pid=message.pid)
-        return endpoints
+                raise WorkerStartError(self._not_ready(missing))
+            with trio.move_on_at(deadline + 0.01):
+                await self.control.wait_changed()
 
-    async def _control_loop(self, control: Any, monitor: PeerMonitor) -> None:
-        while True:
-            message = await control.receive()
-            if isinstance(message, wire.Heartbeat):
-                monitor.seen(message.node)
-                self._last_heartbeat[message.node] = trio.current_time()
-                stats = dict(message.stats)
-                self._held[message.node] = set(stats.pop(REQUESTS_KEY, {}).get("ids", ()))
-                self._fail_passed_on(message.node)
-                for name, fields in stats.items():
-                    instance = self.executor.instances.get(name)
-                    if instance is not None and message.node not in self._lost:
-                        for key, value in fields.items():
-                            setattr(instance, key, value)
-            elif isinstance(message, wire.End):
-                self._finished.add(message.node)
-                monitor.forget(message.node)
+    def _not_ready(self, missing: list[str]) -> str:
+        waited = f"{self.startup_timeout_s:.0f} s"
+        absent = [g for g in missing if g in self.remote and g not in self.control.workers]
+        if absent:
+            commands = "; ".join(self.worker_command(g) for g in absent)
+            return f"remote worker group(s) {absent} did not connect within {waited}; start them: {commands}"
+        return f"{', '.join(self.control.describe(g) for g in missing)}: not ready after {waited}"
 
     async def _await_exit(self) -> None:
+        """Workers finish by themselves once their inputs end; those still there after the exit timeout are told
+        to stop (spawned ones killed)."""
         with trio.move_on_after(self.exit_timeout_s):
             for process in self.processes.values():
                 await process.wait()
+            while any(g not in self._finished and g not in self._lost for g in self.remote):
+                await self.control.wait_changed()
+
+    def _on_heartbeat(self, group: str, message: wire.Heartbeat) -> None:
+        self._last_heartbeat[group] = trio.current_time()
+        stats = dict(message.stats)
+        self._held[group] = set(stats.pop(REQUESTS_KEY, {}).get("ids", ()))
+        self._fail_passed_on(group)
+        for name, fields in stats.items():
+            instance = self.executor.instances.get(name)
+            if instance is not None and group not in self._lost:
+                for key, value in fields.items():
+                    setattr(instance, key, value)
 
     # -- losing a worker ------------------------------------------------------------------------------------------
     def _lose(self, nursery: trio.Nursery, group: str, why: str) -> None:
         if group in self._lost or group in self._finished:
             return
         self._lost.add(group)
-        log.error("worker_lost", group=group, pid=self.pids.get(group), why=why)
-        self.executor.unfinished_error = ("instance_lost", f"worker process {group!r} {why}")
+        who = self.control.describe(group)
+        log.error("worker_lost", worker=who, why=why)
+        self.control.end(group)
+        self.executor.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
         for node, g in self.groups.items():
             if g == group and node in self.executor.instances:
                 self.executor.instances[node].healthy = False
         grace = 2 * HEARTBEAT_S
         since = self._last_heartbeat.get(group, -float("inf")) - grace
         doomed = self._held[group] | {rid for rid, t in self._sent[group].items() if t >= since}
-        message = f"worker process {group!r} (pid {self.pids.get(group)}) {why}"
         for rid in sorted(doomed):
-            self._fail(rid, message)
+            self._fail(rid, f"{who} {why}")
         self.bridge.close_inbound_from(group)
         for src, dst in self.bridge.cross_edges():
             if self.groups[src] == group and self.groups[dst] not in (MAIN, group):
@@ -214,7 +253,7 @@ class ProcessExecutor:
         rid = getattr(item, "request_id", None)
         if target in self._lost:
             if rid is not None:
-                self._fail(rid, f"worker process {target!r} is gone")
+                self._fail(rid, f"{self.control.describe(target)} is gone")
             return False
         if rid is not None:
             self._sent[target][rid] = trio.current_time()

@@ -1,33 +1,55 @@
-"""The main of a worker process: runs one process group of a pipeline graph and links it to the others over ZeroMQ.
+"""A worker: runs one process group of a pipeline graph and links it to the other processes over ZeroMQ.
 
-    python -m sagellm.runtime.executor.worker --graph GRAPH.yaml --group NAME --control ENDPOINT
+    sagellm worker --connect tcp://HEAD:5555 --group decode          # started by hand, on any host
+    python -m sagellm.runtime.executor.worker --connect ... --group   # how the parent starts `process` groups
 
-Startup handshake: bind this group's PULL socket, open the operators (engines load their models), announce Ready
-with the endpoint on the parent's control socket, then wait for the parent's Ready carrying every group's
-endpoint. While running, a Heartbeat on the control socket carries this group's engine stats and the requests it
-holds, which is how the parent routes by load and knows what to fail if this process dies. The worker exits by
-itself when its inputs end (clean: it says `End` on the control socket first) or when its parent is gone."""
+Either way the worker knows only the parent's control endpoint and its group. It says Hello, gets the graph (YAML
+text: no file is shared), binds its data socket, opens its nodes (engines load their models), says Ready with the
+endpoint, and runs once the parent sends every group's endpoint (see `control` for the whole exchange). While it
+runs, it heartbeats its engine stats and held requests, which is how the parent routes by load and knows what to fail
+if this worker is lost. It exits when its inputs end (saying End first), when the parent says End, or when the
+parent falls silent for the peer timeout: a worker on another host has no parent process to watch."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-from typing import Any
+import socket
+from typing import Any, NoReturn
 
+import structlog
 import trio
 import zmq
 
+import sagellm
 from sagellm.logging import configure_logging
 from sagellm.operators.base import StepOperator
 from sagellm.runtime.comm import wire
-from sagellm.runtime.comm.zmq_trio import announce_ready, bind_pull, connect_push, heartbeat_loop
-from sagellm.runtime.executor.bridge import MAIN, Bridge, groups_of
+from sagellm.runtime.comm.zmq_trio import (
+    PeerMonitor,
+    TrioSocket,
+    announce_ready,
+    bind_pull,
+    connect_dealer,
+    heartbeat_loop,
+    host_toward,
+    with_host,
+)
+from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.executor.bridge import Bridge, groups_of
 from sagellm.runtime.executor.local import LocalExecutor, instances_of
+from sagellm.runtime.executor.run import single_errors
+from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, host_problem
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
+log = structlog.get_logger("sagellm.worker")
 HEARTBEAT_S = 0.5
 REQUESTS_KEY = "_requests"  # heartbeat stats entry listing the request ids this process holds
+
+
+class WorkerError(RuntimeError):
+    """The worker cannot run: the parent refused it, never answered, or fell silent (the message says which)."""
 
 
 def stats_of(executor: LocalExecutor) -> dict[str, dict[str, Any]]:
@@ -39,52 +61,139 @@ def stats_of(executor: LocalExecutor) -> dict[str, dict[str, Any]]:
     return stats
 
 
-async def run_worker(graph_path: str, group: str, control: str) -> None:
-    graph = load_pipeline(graph_path)
-    nodes = [node for node, g in groups_of(graph).items() if g == group]
-    executor = LocalExecutor(graph, nodes=nodes, instances=instances_of(graph))
+async def run_worker(
+    connect: str,
+    group: str,
+    *,
+    bind_host: str | None = None,
+    advertise_host: str | None = None,
+    connect_timeout_s: float = 300.0,
+) -> None:
+    if not connect.startswith(("tcp://", "ipc://")):
+        raise ValueError(f"--connect: expected the endpoint the run printed, tcp://HOST:PORT, got {connect!r}")
+    for option, host in (("--bind-host", bind_host), ("--advertise-host", advertise_host)):
+        problem = host is not None and host_problem(host, wildcard_ok=option == "--bind-host")
+        if problem:
+            raise ValueError(f"{option}: {problem}")
     zctx = zmq.Context()
-    parent = os.getppid()
     try:
-        with connect_push(zctx, control) as ctrl:
-            data, endpoint = bind_pull(zctx, graph.attrs.get("transport", "ipc"), group)
+        with single_errors(), connect_dealer(zctx, connect) as ctrl:
+            graph, peer_timeout_s = await _join(ctrl, connect, group, connect_timeout_s)
+            transport = graph.attrs.get("transport", "ipc")
+            try:
+                bind, advertise = _hosts(connect, transport, bind_host, advertise_host)
+                data, endpoint = bind_pull(zctx, transport, group, host=bind)
+            except OSError as error:  # no route to the run, or not an address of this host
+                raise WorkerError(str(error)) from None
             with data:
-                await executor.open_operators()
-                await announce_ready(ctrl, group, {"endpoint": endpoint})
-                start = await data.receive()
-                if not isinstance(start, wire.Ready) or start.node != MAIN:
-                    raise RuntimeError(f"worker {group}: expected the parent's Ready, got {start!r}")
-                bridge = Bridge(executor, group, zctx)
-                bridge.connect(start.info["peers"])
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(heartbeat_loop, ctrl, group, HEARTBEAT_S, lambda: stats_of(executor))
-                    nursery.start_soon(_exit_with_parent, parent)
-                    bridge.nursery = nursery
-                    bridge.open_inbound()
-                    nursery.start_soon(bridge.receive_loop, data)
-                    await executor.run()
-                    await ctrl.send(wire.End(node=group))
-                    nursery.cancel_scope.cancel()
-                bridge.close()
+                await _serve(zctx, ctrl, data, with_host(endpoint, advertise), graph, group, peer_timeout_s)
     finally:
         zctx.term()
 
 
-async def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent died (reparented) has no one to serve: it stops instead of lingering."""
-    while os.getppid() == parent:
-        await trio.sleep(1.0)
-    os._exit(3)
+async def _join(ctrl: TrioSocket, connect: str, group: str, timeout_s: float) -> tuple[Graph, float]:
+    """Hello -> Assign: the graph this worker runs a group of, and how long the parent may stay silent."""
+    await ctrl.send(wire.Hello(node=group, pid=os.getpid(), host=socket.gethostname(), version=sagellm.__version__))
+    answer = None
+    with trio.move_on_after(timeout_s):
+        while not isinstance(answer, wire.Assign):
+            answer = await ctrl.receive()
+    if not isinstance(answer, wire.Assign):
+        raise WorkerError(f"no answer from {connect} after {timeout_s:.0f} s: is the graph running, the port open?")
+    if answer.error:
+        raise WorkerError(f"{connect} refused group {group!r}: {answer.error}")
+    log.info("worker_joined", connect=connect, group=group)
+    return load_pipeline(answer.graph), answer.peer_timeout_s
+
+
+def _hosts(connect: str, transport: str, bind: str | None, advertise: str | None) -> tuple[str, str]:
+    """Where this worker listens and the address it gives the others. By default the address of its interface
+    toward the parent: reachable from there, and nothing is exposed on other interfaces."""
+    if transport != "tcp":
+        return "127.0.0.1", "127.0.0.1"  # ipc: one host, paths instead of addresses
+    bind = bind or host_toward(connect)
+    return bind, advertise or (host_toward(connect) if bind == WILDCARD_HOST else bind)
+
+
+async def _serve(
+    zctx: zmq.Context, ctrl: TrioSocket, data: TrioSocket, endpoint: str, graph: Graph, group: str, timeout_s: float
+) -> None:
+    nodes = [node for node, g in groups_of(graph).items() if g == group]
+    executor = LocalExecutor(graph, nodes=nodes, instances=instances_of(graph))
+    parent = _Parent(timeout_s)
+    bridge = Bridge(executor, group, zctx)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeat_loop, ctrl, group, HEARTBEAT_S, lambda: stats_of(executor))
+            nursery.start_soon(parent.listen, ctrl, nursery.cancel_scope)
+            nursery.start_soon(parent.monitor.watch, parent.lost)
+            await executor.open_operators()
+            await announce_ready(ctrl, group, {"endpoint": endpoint})
+            log.info("worker_ready", group=group, nodes=nodes, endpoint=endpoint)
+            bridge.connect(await parent.peers())
+            bridge.nursery = nursery
+            bridge.open_inbound()
+            nursery.start_soon(bridge.receive_loop, data)
+            await executor.run()
+            await ctrl.send(wire.End(node=group))
+            nursery.cancel_scope.cancel()
+    finally:
+        bridge.close()
+
+
+class _Parent:
+    """What the worker hears from the parent on the control socket: its heartbeats, the endpoints, its End."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.monitor = PeerMonitor(timeout_s)
+        self.monitor.seen(MAIN)
+        self._peers: dict[str, str] | None = None
+        self._started = trio.Event()
+
+    async def listen(self, ctrl: TrioSocket, scope: trio.CancelScope) -> None:
+        while True:
+            message = await ctrl.receive()
+            if getattr(message, "node", None) != MAIN:
+                continue
+            self.monitor.seen(MAIN)
+            if isinstance(message, wire.Ready):
+                self._peers = message.info["peers"]
+                self._started.set()
+            elif isinstance(message, wire.End):
+                log.info("worker_stopped_by_parent")
+                scope.cancel()
+                return
+
+    async def peers(self) -> dict[str, str]:
+        """Every group's data endpoint, sent when all workers are ready."""
+        await self._started.wait()
+        assert self._peers is not None
+        return self._peers
+
+    def lost(self, _: str) -> NoReturn:
+        raise WorkerError(f"the run fell silent for {self.monitor.timeout:.0f} s (gone or unreachable); stopping")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The entry the parent spawns: errors end the process with a traceback on stderr (exit code 1)."""
+    from sagellm.cli.worker_cmd import add_arguments
+
     parser = argparse.ArgumentParser(prog="sagellm-worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--graph", required=True)
-    parser.add_argument("--group", required=True)
-    parser.add_argument("--control", required=True)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "warning"))
-    trio.run(run_worker, args.graph, args.group, args.control)
+    trio.run(serve_args, args)
+
+
+async def serve_args(args: argparse.Namespace) -> None:
+    """Runs the worker the parsed command line describes."""
+    await run_worker(
+        args.connect,
+        args.group,
+        bind_host=args.bind_host,
+        advertise_host=args.advertise_host,
+        connect_timeout_s=args.connect_timeout,
+    )
 
 
 if __name__ == "__main__":

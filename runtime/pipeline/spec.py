@@ -24,12 +24,48 @@ from sagellm.operators.base import (
 )
 from sagellm.runtime.execution_graph.graph import Edge, Graph
 
-# Graph-level settings a pipeline may set (graph.attrs), with their types.
-GRAPH_ATTRS: dict[str, Any] = {"name": str, "description": str, "model": str, "transport": Literal["ipc", "tcp"]}
+# Graph-level settings a pipeline may set (graph.attrs), with their types. The last three place the sockets of a
+# graph run across hosts (transport tcp): the interface this host listens on, the address others reach it at, and
+# the fixed port of the control socket that workers started on other hosts connect to.
+GRAPH_ATTRS: dict[str, Any] = {
+    "name": str,
+    "description": str,
+    "model": str,
+    "transport": Literal["ipc", "tcp"],
+    "bind_host": str,
+    "advertise_host": str,
+    "control_port": int,
+}
+TCP_ONLY_ATTRS = ("bind_host", "advertise_host", "control_port")
 FILE_KEY = "_file"  # graph.attrs key: the file the graph came from
 LOCATIONS_KEY = "_locations"  # graph.attrs key: field path -> line in that file
 NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # no '.', '->', '[' or ',': ids appear in edges and --set keys
-PLACEMENT = re.compile(r"task|process(:[A-Za-z0-9_-]+)?")
+PLACEMENT = re.compile(r"task|(?P<kind>process|remote)(?::(?P<group>[A-Za-z0-9_-]+))?")
+PLACEMENTS = "'task', 'process', 'process:GROUP' or 'remote:GROUP'"
+MAIN = "main"  # the process group of nodes placed as tasks: the process that runs the graph
+HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")  # an IPv4 address or a host name
+WILDCARD_HOST = "0.0.0.0"  # listen on every interface
+
+
+def placement_group(node_id: str, placement: str) -> tuple[str, str]:
+    """(kind, process group) of a node: `task` runs in the process that runs the graph (group MAIN); `process` in a
+    process of its own (group = the node id) and `process:NAME` in process NAME, both started by that process;
+    `remote:NAME` (or `remote`) in a worker started by hand, possibly on another host (`sagellm worker`)."""
+    match = PLACEMENT.fullmatch(placement) if isinstance(placement, str) else None
+    if match is None:
+        raise ValueError(f"node {node_id!r}: placement {placement!r} must be {PLACEMENTS}")
+    if match["kind"] is None:
+        return "task", MAIN
+    return match["kind"], match["group"] or node_id
+
+
+def host_problem(host: str, *, wildcard_ok: bool) -> str | None:
+    """What is wrong with a host setting (None: nothing). IPv6 is not supported: ZeroMQ needs it switched on."""
+    if host == WILDCARD_HOST:
+        return None if wildcard_ok else "must be an address other hosts can connect to, not the wildcard 0.0.0.0"
+    if not HOST.fullmatch(host):
+        return f"{host!r} is not an IPv4 address or a host name" + (" (IPv6 is not supported)" if ":" in host else "")
+    return None
 
 
 class PipelineError(ValueError):
@@ -128,6 +164,7 @@ class _Validator:
             self.fail("nodes", "the pipeline has no nodes")
         for node_id in self.graph.nodes:
             self.check_node(node_id)
+        self.check_groups()
         self.check_edges()
         self.check_cycles()
         self.check_shape()
@@ -140,6 +177,15 @@ class _Validator:
                 self.fail(key, f"unknown graph setting; the settings are {', '.join(GRAPH_ATTRS)}")
             if not conforms(value, GRAPH_ATTRS[key]):
                 self.fail(key, f"expected {describe(GRAPH_ATTRS[key])}, got {type(value).__name__} {value!r}")
+            if key in TCP_ONLY_ATTRS and self.graph.attrs.get("transport", "ipc") != "tcp":
+                self.fail(key, "applies to sockets on tcp only; set transport: tcp")
+        port = self.graph.attrs.get("control_port")
+        if port is not None and not 1 <= port <= 65535:
+            self.fail("control_port", f"expected a port in 1..65535, got {port}")
+        for key in ("bind_host", "advertise_host"):
+            problem = key in self.graph.attrs and host_problem(self.graph.attrs[key], wildcard_ok=key == "bind_host")
+            if problem:
+                self.fail(key, problem)
 
     def check_node(self, node_id: str) -> None:
         node, at = self.graph.nodes[node_id], f"nodes.{node_id}"
@@ -161,8 +207,24 @@ class _Validator:
         for pname, (hint, required) in types_.items():
             if required and pname not in node.params:
                 self.fail(f"{at}.params", f"{node.op} needs parameter {pname!r} ({describe(hint)})")
-        if not isinstance(node.placement, str) or not PLACEMENT.fullmatch(node.placement):
-            self.fail(f"{at}.placement", f"placement {node.placement!r} must be 'task', 'process' or 'process:GROUP'")
+        try:
+            kind, group = placement_group(node_id, node.placement)
+        except ValueError:
+            self.fail(f"{at}.placement", f"placement {node.placement!r} must be {PLACEMENTS}")
+        if kind != "task" and group == MAIN:
+            self.fail(f"{at}.placement", f"group name {MAIN!r} is the process that runs the graph; pick another")
+        if kind == "remote" and self.graph.attrs.get("transport", "ipc") != "tcp":
+            self.fail(f"{at}.placement", "a remote worker connects over tcp; set transport: tcp")
+
+    def check_groups(self) -> None:
+        """A process group is started either by the parent (process) or by hand (remote), not both."""
+        kinds: dict[str, tuple[str, str]] = {}  # group -> (kind, first node)
+        for node_id, node in self.graph.nodes.items():
+            kind, group = placement_group(node_id, node.placement)
+            first = kinds.setdefault(group, (kind, node_id))
+            if first[0] != kind:
+                other = f"{first[0]} on node {first[1]!r}"
+                self.fail(f"nodes.{node_id}.placement", f"group {group!r} is {kind} here but {other}; pick one")
 
     def check_edges(self) -> None:
         seen: set[tuple[str, str]] = set()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # `sagellm --help` and every command import this module; transformers is slow to import
+    from transformers import PreTrainedTokenizerBase
 
 W1_NUM_PROMPTS = 64
 W1_C1_NUM_PROMPTS = 8

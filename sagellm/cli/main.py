@@ -7,9 +7,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sagellm.cli import backends_cmd, bench_cmd, generate_cmd, inspect_cmd, model_cmd, run_cmd
+from sagellm.cli import (
+    backends_cmd,
+    bench_cmd,
+    engine_cmd,
+    gateway_cmd,
+    generate_cmd,
+    gpu_cmd,
+    inspect_cmd,
+    model_cmd,
+    preset_cmd,
+    run_cmd,
+    serve_cmd,
+    worker_cmd,
+)
 
-COMMANDS = (run_cmd, generate_cmd, model_cmd, inspect_cmd, backends_cmd, bench_cmd)
+COMMANDS = (
+    run_cmd,
+    serve_cmd,
+    gateway_cmd,
+    engine_cmd,
+    preset_cmd,
+    generate_cmd,
+    model_cmd,
+    inspect_cmd,
+    backends_cmd,
+    gpu_cmd,
+    bench_cmd,
+    worker_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level if hasattr(args, "log_level") else "warning")
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         # Known failures (bad model path, unavailable backend, bad parameter) get one line, not a traceback.
         print(f"sagellm {args.command}: error: {error}", file=sys.stderr)
         return 2

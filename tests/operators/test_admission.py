@@ -111,10 +111,10 @@ def test_context_length_parameter_and_graph_attr_override_the_model(model: Loade
 
 
 def test_overloaded_when_graph_is_full() -> None:
-    load = PipelineLoad(in_flight=2)
+    load = PipelineLoad(in_flight=3)  # as the executor counts: this request and two more
     op = make_admission(load=load, max_queue=3)
     assert isinstance(op.execute(Request(request_id="ok", prompt_token_ids=[1])), Request)
-    load.in_flight = 3
+    load.in_flight = 4
     out = expect_error(op.execute(Request(request_id="r", prompt_token_ids=[1])), "overloaded", "3", retryable=True)
     assert out.time == 1000.0
 

@@ -128,7 +128,7 @@ def test_no_candidate_errors_name_the_phase():
     for s in instances:
         s.healthy = False
     error = make_route(instances).execute(make_request(1))
-    assert isinstance(error, RequestError) and error.code == "overloaded" and error.retryable
+    assert isinstance(error, RequestError) and error.code == "unavailable" and error.retryable
     assert "colocated" in error.message and "e0" in error.message
     error = make_route(pool(2)).execute(make_request(2, phase="prefill"))
     assert isinstance(error, RequestError) and error.code == "internal" and not error.retryable

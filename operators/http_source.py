@@ -1,0 +1,41 @@
+"""The gateway's source: where requests accepted over HTTP enter the graph.
+
+The operator does no I/O, like every operator: the gateway (`sagellm.gateway`) owns the HTTP server and hands each
+parsed request to `submit()`, which queues it for the executor's next `poll()` and wakes the executor so the
+request does not wait for an idle tick. `finish()` ends the stream (server shutdown): what was queued still enters,
+then the source is exhausted and the graph drains."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from sagellm.operators.base import SourceOperator, register_operator
+
+
+@register_operator
+class HttpSource(SourceOperator):
+    name = "http_source"
+
+    def __init__(self) -> None:
+        self._queue: deque[Any] = deque()
+        self.finished = False
+        self.wake: Callable[[], None] = lambda: None  # the gateway sets the executor's `wake_sources`
+
+    def submit(self, item: Any) -> None:
+        if self.finished:
+            raise RuntimeError("the gateway is shutting down")
+        self._queue.append(item)
+        self.wake()
+
+    def finish(self) -> None:
+        self.finished = True
+        self.wake()
+
+    def poll(self) -> list[Any] | None:
+        if not self._queue:
+            return None if self.finished else []
+        items = list(self._queue)
+        self._queue.clear()
+        return items

@@ -1,0 +1,139 @@
+"""`EmbeddingEngine`: texts (or token ids) in, one vector per input out, for `POST /v1/embeddings`.
+
+An embedding request is a single forward pass with no KV cache and no decoding, so the engine is synchronous:
+tokenize everything, check every input before any compute (one bad input fails the request, as OpenAI does), sort
+by length and cut into batches so each pads only to its own longest input, run the encoder, pool, normalize."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sagellm.runtime.embedding.encoder import load_encoder
+from sagellm.runtime.embedding.pooling import pool
+
+DEFAULT_MAX_BATCH_TOKENS = 8192
+
+
+class EmbeddingInputError(ValueError):
+    """An input the model cannot embed (empty, or bad token ids): the request is invalid (HTTP 400)."""
+
+    def __init__(self, message: str, index: int | None) -> None:
+        super().__init__(message)
+        self.index = index  # position of the offending input; None when the request as a whole is wrong
+
+
+class InputTooLongError(EmbeddingInputError):
+    """An input has more tokens than the model accepts (OpenAI's `context_length_exceeded`)."""
+
+    def __init__(self, index: int, num_tokens: int, limit: int) -> None:
+        super().__init__(
+            f"input {index} has {num_tokens} tokens, more than this model's limit of {limit}; shorten or split it",
+            index,
+        )
+        self.num_tokens = num_tokens
+        self.limit = limit
+
+
+@dataclass
+class EmbeddingResult:
+    embeddings: torch.Tensor  # [N, dim] float32, in input order
+    prompt_tokens: list[int]  # tokens per input, special tokens ([CLS], [SEP]) included
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.prompt_tokens)
+
+
+class EmbeddingEngine:
+    """One embedding model in this process. `model` is an encoder directory (sentence-transformers or Hugging Face)
+    or a cache name such as "all-minilm-l6-v2" (downloaded on first use). `max_batch_tokens` bounds a batch's
+    padded size (inputs x longest input); `num_threads` sets torch's intra-op threads for the whole process.
+
+    Not re-entrant: call `embed` from one thread at a time."""
+
+    def __init__(
+        self, model: str | Path, *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, num_threads: int | None = None
+    ) -> None:
+        from sagellm.model_cache import resolve_model
+
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        path = resolve_model(model)
+        self.name = path.name if Path(model).expanduser().exists() else str(model)
+        self._encoder = load_encoder(path)
+        self.tokenizer = self._encoder.tokenizer
+        self.dim = self._encoder.dim
+        self.max_length = self._encoder.max_length
+        self.normalized = self._encoder.spec.normalize  # unit-length vectors: cosine similarity is a dot product
+        self.max_batch_tokens = max_batch_tokens
+        # Padding is masked out, but RoBERTa-style models number positions from the pad id, so use the real one.
+        self._pad_id = self.tokenizer.pad_token_id or 0
+
+    def embed(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> EmbeddingResult:
+        """One vector per input, in order. A text is tokenized with the model's special tokens; token ids are the
+        model's input as given (what `tokenizer(text).input_ids` returns, special tokens included).
+
+        Raises EmbeddingInputError (a ValueError) for no inputs, an empty input or an out-of-range token id, and
+        its subclass InputTooLongError for an input over `max_length` tokens; nothing is computed then."""
+        token_ids = self._token_ids(inputs)
+        embeddings = torch.empty(len(token_ids), self.dim, dtype=torch.float32)  # [N, D]
+        for batch in _length_batches([len(ids) for ids in token_ids], self.max_batch_tokens):
+            embeddings[batch] = self._forward([token_ids[i] for i in batch])  # [B, D]
+        return EmbeddingResult(embeddings, [len(ids) for ids in token_ids])
+
+    def _token_ids(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(inputs, str):
+            raise TypeError("embed() takes a list of inputs; wrap a single text as [text]")
+        if not inputs:
+            raise EmbeddingInputError("no inputs; send at least one text or token-id list", None)
+        texts = {i: item for i, item in enumerate(inputs) if isinstance(item, str)}
+        for i, text in texts.items():
+            if not text:
+                raise EmbeddingInputError(f"input {i} is an empty string; embeddings need at least one character", i)
+        if self._encoder.spec.lowercase:
+            texts = {i: text.lower() for i, text in texts.items()}
+        encoded = dict(zip(texts, self.tokenizer(list(texts.values()), verbose=False)["input_ids"])) if texts else {}
+        token_ids = [encoded[i] if i in encoded else self._checked_ids(i, item) for i, item in enumerate(inputs)]
+        for i, ids in enumerate(token_ids):
+            if len(ids) > self.max_length:
+                raise InputTooLongError(i, len(ids), self.max_length)
+        return token_ids
+
+    def _checked_ids(self, index: int, ids: Sequence[int]) -> list[int]:
+        vocab = self._encoder.vocab_size
+        if not ids:
+            raise EmbeddingInputError(f"input {index} is an empty token list; embeddings need a token", index)
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise EmbeddingInputError(f"input {index} has token ids outside the vocabulary [0, {vocab})", index)
+        return list(ids)
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        """The vectors of a batch of token-id lists, longest first: right-padded to the first one's length."""
+        input_ids = torch.full((len(batch), len(batch[0])), self._pad_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros_like(input_ids)  # [B, T]
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        hidden = self._encoder.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+        vectors = pool(hidden, mask, self._encoder.spec.pooling)  # [B, D]
+        return F.normalize(vectors, p=2, dim=-1) if self.normalized else vectors  # [B, D]
+
+
+def _length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Input indexes grouped longest first, so each batch pads only to its own longest input; a batch's padded size
+    (inputs x its longest) stays within `max_batch_tokens`, except that a batch always holds at least one input."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

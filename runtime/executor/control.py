@@ -1,0 +1,183 @@
+"""The parent's end of the control channel to its workers: one ROUTER socket, the only address a worker must know.
+
+Every worker, spawned by the parent or started by hand on another host (`sagellm worker --connect ENDPOINT
+--group NAME`), joins the same way:
+
+    worker -> Hello(group, pid, host, version)     parent -> Assign(graph YAML, peer timeout) or Assign(error)
+    worker -> Ready(endpoint of its data socket)    parent -> Ready(every group's endpoint), once all are ready
+    both   -> Heartbeat every HEARTBEAT_S           (worker heartbeats carry its engine stats and held requests)
+    worker -> End: it finished                      parent -> End: stop now (the run ended, or gave the worker up)
+
+The graph travels as text so the worker's host needs no copy of the file. A Hello is refused, with a reason the
+worker prints, for a group the graph does not place by hand, a group that already has a worker, or another sageLLM
+version (the wire format may differ). Messages from anyone who has not joined are ignored, and a malformed message
+is logged and dropped: this socket may listen on a network."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import structlog
+import trio
+import zmq
+
+import sagellm
+from sagellm.runtime.comm import wire
+from sagellm.runtime.comm.zmq_trio import PeerMonitor, TrioSocket
+from sagellm.runtime.executor.worker import HEARTBEAT_S
+from sagellm.runtime.pipeline.spec import MAIN
+
+log = structlog.get_logger("sagellm.control")
+
+
+@dataclass
+class Worker:
+    """A worker that joined: where to send to it, and who it is (for logs and errors)."""
+
+    identity: bytes  # its ZeroMQ routing id on the control socket
+    pid: int
+    host: str
+
+
+class ControlServer:
+    def __init__(
+        self,
+        sock: TrioSocket,
+        graph_text: str,
+        *,
+        spawned: dict[str, int],
+        remote: list[str],
+        peer_timeout_s: float,
+    ) -> None:
+        """`spawned`: group -> pid of the workers the parent starts (filled as it starts them); `remote`: the groups
+        whose workers are started by hand."""
+        self.sock = sock
+        self.graph_text = graph_text
+        self.spawned = spawned
+        self.remote = remote
+        self.peer_timeout_s = peer_timeout_s
+        self.monitor = PeerMonitor(peer_timeout_s)
+        self.workers: dict[str, Worker] = {}  # groups that joined
+        self.endpoints: dict[str, str] = {}  # group -> its data endpoint, once Ready
+        self.gone: set[str] = set()  # groups that said End or were given up: no more heartbeats, messages ignored
+        self._changed = trio.Event()
+
+    def name(self, group: str) -> str:
+        """`worker process 'decode'` (started here) or `remote worker 'decode'` (started by hand)."""
+        return f"remote worker {group!r}" if group in self.remote else f"worker process {group!r}"
+
+    def describe(self, group: str) -> str:
+        """The name with who runs it: `worker process 'decode' (pid 12)`, `remote worker 'decode' (pid 12 on h)`."""
+        worker = self.workers.get(group)
+        if group in self.remote:
+            return self.name(group) + (f" (pid {worker.pid} on {worker.host})" if worker else "")
+        return f"{self.name(group)} (pid {self.spawned.get(group)})"
+
+    async def wait_changed(self) -> None:
+        """Until a worker joins, becomes ready, ends or is given up."""
+        await self._changed.wait()
+
+    def _fire(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- receiving ------------------------------------------------------------------------------------------------
+    async def serve(
+        self, on_heartbeat: Callable[[str, wire.Heartbeat], None], on_end: Callable[[str], None]
+    ) -> NoReturn:
+        """Answers Hellos and records Ready; hands heartbeats and Ends of joined workers on, until cancelled."""
+        while True:
+            frames = await self.sock.receive_frames()
+            try:
+                message = wire.decode(frames[1:])
+            except wire.WireError as error:
+                log.warning("control_message_dropped", problem=str(error))
+                continue
+            identity = frames[0].bytes
+            if isinstance(message, wire.Hello):
+                await self._hello(identity, message)
+                continue
+            group = getattr(message, "node", None)
+            worker = self.workers.get(group)
+            if worker is None or worker.identity != identity or group in self.gone:
+                log.debug("control_message_ignored", group=group, message=type(message).__name__)
+                continue
+            self.monitor.seen(group)
+            if isinstance(message, wire.Ready):
+                self.endpoints[group] = message.info["endpoint"]
+                log.info("worker_ready", worker=self.describe(group), endpoint=self.endpoints[group])
+            elif isinstance(message, wire.Heartbeat):
+                on_heartbeat(group, message)
+            elif isinstance(message, wire.End):
+                self.monitor.forget(group)
+                self.gone.add(group)
+                on_end(group)
+            self._fire()
+
+    async def _hello(self, identity: bytes, hello: wire.Hello) -> None:
+        problem = self._refusal(hello)
+        if problem is not None:
+            log.warning("worker_refused", group=hello.node, pid=hello.pid, host=hello.host, problem=problem)
+            await self._send(identity, wire.Assign(error=problem))
+            return
+        self.workers[hello.node] = Worker(identity, hello.pid, hello.host)
+        self.monitor.seen(hello.node)
+        log.info("worker_joined", worker=self.describe(hello.node))
+        await self._send(identity, wire.Assign(graph=self.graph_text, peer_timeout_s=self.peer_timeout_s))
+        self._fire()
+
+    def _refusal(self, hello: wire.Hello) -> str | None:
+        group = hello.node
+        if hello.version != sagellm.__version__:
+            return f"the worker runs sageLLM {hello.version}, the graph {sagellm.__version__}; install one version"
+        if group in self.spawned:
+            if hello.pid != self.spawned[group]:  # not the worker the parent started for it
+                return f"group {group!r} is placed 'process': the graph starts its worker itself (or: remote:{group})"
+        elif group not in self.remote:
+            groups = ", ".join(self.remote) or "none"
+            return f"the graph has no group {group!r} for a worker started by hand; its remote groups: {groups}"
+        if group in self.workers:
+            return f"group {group!r} already has a worker: {self.describe(group)}"
+        return None
+
+    # -- sending --------------------------------------------------------------------------------------------------
+    async def start_all(self, peers: dict[str, str]) -> None:
+        """Sends every worker the endpoints of all groups: the go to connect its edges and run."""
+        for worker in self.workers.values():
+            await self._send(worker.identity, wire.Ready(node=MAIN, pid=os.getpid(), info={"peers": peers}))
+
+    async def heartbeat_loop(self) -> NoReturn:
+        """Tells the workers the parent is alive (a worker that stops hearing it exits), until cancelled."""
+        while True:
+            for group, worker in list(self.workers.items()):
+                if group not in self.gone:
+                    await self._send(worker.identity, wire.Heartbeat(node=MAIN, time=time.time()))
+            await trio.sleep(HEARTBEAT_S)
+
+    def end(self, group: str) -> None:
+        """Gives a worker up: tells it to stop (it may be alive behind a stall or a partition) and ignores it."""
+        self.monitor.forget(group)
+        self.gone.add(group)
+        if group in self.workers:
+            self._send_now(self.workers[group].identity, wire.End(node=MAIN))
+        self._fire()
+
+    def end_all(self) -> None:
+        """The run is over: every worker still there stops (also from a `finally`, so it never waits)."""
+        for group in self.workers:
+            if group not in self.gone:
+                self.end(group)
+
+    async def _send(self, identity: bytes, message: Any) -> None:
+        # A ROUTER never waits: a message to a peer that is gone or whose queue is full is dropped.
+        await self.sock.send_frames([identity, *wire.encode(message)])
+
+    def _send_now(self, identity: bytes, message: Any) -> None:
+        try:
+            self.sock.socket.send_multipart([identity, *wire.encode(message)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as error:  # a closed socket, or a full queue
+            log.debug("control_send_dropped", message=type(message).__name__, problem=str(error))

@@ -1,0 +1,113 @@
+"""Health, Prometheus metrics, and the admin routes that steer a running gateway.
+
+`/health` answers 200 while some engine is healthy (503 otherwise) so load balancers and `sagellm gateway status`
+can tell. `/metrics` is the metrics sink's registry (TTFT, TPOT, e2e histograms, request counts) plus live gauges read
+from the engines' stats at scrape time (running and waiting requests, KV cache usage, prefix cache hits), named as
+vLLM names them with a `sagellm:` prefix. `/admin/set_policy` switches the scheduling policy of the graph's queues
+while serving; `/admin/metrics` is the metrics snapshot as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from sagellm.gateway.core import ServingCore
+from sagellm.gateway.errors import ApiError
+from sagellm.gateway.http import App, Guard, HttpRequest, Response
+from sagellm.operators.base import OperatorError
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SetPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    policy: str
+    policy_args: dict[str, float] | None = None
+
+
+class EngineGauges:
+    """A Prometheus collector over the engines' live stats (read at each scrape, so never stale)."""
+
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def collect(self) -> Any:
+        families = {
+            "running": GaugeMetricFamily(
+                "sagellm:num_requests_running", "Requests running in the engine.", labels=["engine"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "sagellm:num_requests_waiting", "Requests waiting in the engine.", labels=["engine"]
+            ),
+            "kv_cache_usage": GaugeMetricFamily(
+                "sagellm:kv_cache_usage_perc", "KV cache blocks in use (0-1).", labels=["engine"]
+            ),
+            "prefix_cache_queries": CounterMetricFamily(
+                "sagellm:prefix_cache_queries", "Prompt blocks looked up in the prefix cache.", labels=["engine"]
+            ),
+            "prefix_cache_hits": CounterMetricFamily(
+                "sagellm:prefix_cache_hits", "Prompt blocks found in the prefix cache.", labels=["engine"]
+            ),
+        }
+        for name, stats in self.core.instances().items():
+            for field, family in families.items():
+                family.add_metric([name], getattr(stats, field))
+        healthy = GaugeMetricFamily(
+            "sagellm:engine_healthy", "1 when the engine is healthy.", labels=["engine", "role"]
+        )
+        for name, stats in self.core.instances().items():
+            healthy.add_metric([name, stats.role], float(stats.healthy))
+        yield from families.values()
+        yield healthy
+        yield GaugeMetricFamily(
+            "sagellm:gateway_requests_in_flight", "Requests the gateway is answering.", value=self.core.in_flight
+        )
+
+
+class AdminRoutes:
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+        self.engine_registry = CollectorRegistry()
+        self.engine_registry.register(EngineGauges(core))
+
+    def register(self, app: App, admin: Guard | None) -> None:
+        app.route("GET", "/health", self.health)
+        app.route("GET", "/metrics", self.metrics)
+        app.route("POST", "/admin/set_policy", self.set_policy, admin)
+        app.route("GET", "/admin/metrics", self.admin_metrics, admin)
+
+    async def health(self, _: HttpRequest) -> Response:
+        engines = [
+            {"name": s.name, "role": s.role, "healthy": s.healthy, "running": s.running}
+            for s in self.core.instances().values()
+        ]
+        ok = any(e["healthy"] for e in engines)
+        body = {
+            "status": "ok" if ok else "unhealthy",
+            "model": self.core.model_name,
+            "engines": engines,
+            "in_flight": self.core.in_flight,
+        }
+        return Response(body, 200 if ok else 503)
+
+    async def metrics(self, _: HttpRequest) -> Response:
+        text = generate_latest(self.engine_registry)
+        for sink in self.core.operators_of("metrics_sink"):
+            text += generate_latest(sink.prometheus.registry)
+        return Response(text, content_type=PROMETHEUS_TEXT)
+
+    async def set_policy(self, http: HttpRequest) -> Response:
+        body = http.json(SetPolicy)
+        try:
+            nodes = self.core.set_policy(body.policy, body.policy_args)
+        except (OperatorError, ValueError) as exc:
+            raise ApiError(400, str(exc), param="policy") from None
+        return Response({"policy": body.policy, "nodes": nodes})
+
+    async def admin_metrics(self, _: HttpRequest) -> Response:
+        snapshot = self.core.metrics_snapshot()
+        if snapshot is None:
+            raise ApiError(404, "the served graph has no metrics_sink node")
+        return Response(msgspec.to_builtins(snapshot))

@@ -1,0 +1,58 @@
+"""API keys: `Authorization: Bearer KEY` (or `X-API-Key`) checked in constant time.
+
+Two kinds: API keys for `/v1` (none configured: open, as vLLM is by default on 127.0.0.1) and the admin key for the
+management and admin routes, which are never open: without a configured admin key the gateway makes one at start
+and writes it, readable by its owner only, into its state directory, where the CLI on the same machine finds it."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from sagellm.gateway.errors import ApiError
+from sagellm.gateway.http import Guard, HttpRequest
+
+ADMIN_KEY_FILE = "admin.key"
+
+
+def presented_key(request: HttpRequest) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def key_guard(keys: list[str], what: str) -> Guard | None:
+    """A guard accepting any of `keys`; None (no check) when there are none."""
+    if not keys:
+        return None
+    encoded = [k.encode() for k in keys]
+
+    def guard(request: HttpRequest) -> None:
+        key = presented_key(request)
+        if key is None:
+            raise ApiError(401, f"missing {what} key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+        if not any(hmac.compare_digest(key.encode(), k) for k in encoded):
+            raise ApiError(401, f"invalid {what} key", code="invalid_api_key")
+
+    return guard
+
+
+def admin_key(state_dir: Path, configured: str | None) -> str:
+    """The configured admin key, else a fresh one written to `state_dir/admin.key` (mode 0600)."""
+    if configured:
+        return configured
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(24)
+    path = state_dir / ADMIN_KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def read_admin_key(state_dir: Path) -> str | None:
+    path = state_dir / ADMIN_KEY_FILE
+    return path.read_text().strip() if path.exists() else None

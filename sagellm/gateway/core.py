@@ -1,0 +1,176 @@
+"""The pipeline behind the gateway: runs a graph for as long as the server lives, takes requests in through its
+HTTP source, and streams each request's items back to whoever submitted it.
+
+The graph is the one the user chose (default `graphs/colocated.yaml`), served: its source nodes are replaced by the
+`http_source` and its printing sinks (`stdout_sink`, `jsonl_sink`) dropped, so the same YAML runs as a batch job
+with `sagellm run` and as a server with `sagellm serve`. Every item that reaches a leaf goes to the request's
+stream; the executor keeps no per-request state after a request ends. The HTTP routes and the Python client's
+embedded mode both use this class."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+import trio
+
+from sagellm.gateway.errors import ApiError
+from sagellm.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.operators.base import SourceOperator, get_operator
+from sagellm.operators.http_source import HttpSource
+from sagellm.runtime.execution_graph.graph import Edge, Graph
+from sagellm.runtime.executor.local import LocalExecutor
+
+log = structlog.get_logger("sagellm.gateway")
+SOURCE_NODE = "http"
+PRINTING_SINKS = ("stdout_sink", "jsonl_sink")
+
+
+def served_graph(graph: Graph) -> Graph:
+    """The graph with one `http_source` in place of its sources and without its printing sinks."""
+    graph = graph.copy()
+    sources = [n.id for n in graph.nodes.values() if issubclass(get_operator(n.op), SourceOperator)]
+    if not sources:
+        raise ValueError("the graph has no source node for the gateway to take the place of")
+    targets = list(dict.fromkeys(e.dst for e in graph.edges if e.src in sources))
+    for node_id in sources:
+        graph.remove_node(node_id)
+    for node_id in [n.id for n in graph.nodes.values() if n.op in PRINTING_SINKS]:
+        graph.remove_node(node_id)
+    graph.add("http_source", id=SOURCE_NODE)
+    graph.edges += [Edge(SOURCE_NODE, dst, port=sum(e.dst == dst for e in graph.edges)) for dst in targets]
+    leaves = [n for n in graph.nodes if not any(e.src == n for e in graph.edges)]
+    remote = [n for n in leaves if graph.nodes[n].placement != "task"]
+    if remote:
+        raise ValueError(f"the gateway reads replies in its own process; place the leaf nodes {remote} as `task`")
+    return graph
+
+
+class RequestStream:
+    """One request's items (TokenDelta, then a terminal TokenDelta or RequestError) as they reach the leaves."""
+
+    def __init__(self, core: ServingCore, request: Request) -> None:
+        self.core, self.request = core, request
+        self._send, self._receive = trio.open_memory_channel[Any](float("inf"))
+        self.done = False
+
+    def __aiter__(self) -> AsyncIterator[TokenDelta | RequestError]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[TokenDelta | RequestError]:
+        async for item in self._receive:
+            yield item
+            if is_terminal(item):
+                self.done = True
+                return
+
+    def cancel(self) -> None:
+        """The client left: the request is aborted wherever it is."""
+        if not self.done:
+            self.done = True
+            self.core.cancel(self.request.request_id)
+
+
+class ServingCore:
+    def __init__(self, graph: Graph, *, served_model_name: str | None = None, executor_args: Any = None) -> None:
+        self.graph = served_graph(graph)
+        self.source = HttpSource()
+        self.model_name = served_model_name or str(graph.attrs.get("model") or "default")
+        self.executor_args = dict(executor_args or {})
+        self.local: LocalExecutor | None = None  # the executor of this process's nodes, once running
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Opens every operator (engines load their models), then serves until `shutdown()` and the graph drains."""
+        args = dict(operators={SOURCE_NODE: self.source}, keep_outcomes=False, **self.executor_args)
+        if any(node.placement != "task" for node in self.graph.nodes.values()):
+            from sagellm.runtime.executor.process import ProcessExecutor
+
+            executor: Any = ProcessExecutor(self.graph, **args)
+            self.local = executor.executor
+        else:
+            executor = self.local = LocalExecutor(self.graph, **args)
+        self.local.on_leaf_item = self._deliver
+        self.source.wake = self.local.wake_sources
+        await executor.run(task_status=task_status)
+        for stream in list(self._streams.values()):  # anything still open ends now (the executor failed it)
+            self._end(stream.request.request_id, "the gateway stopped before the request finished")
+
+    def shutdown(self) -> None:
+        """No new requests; those in flight finish, then `run` returns."""
+        self.source.finish()
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def new_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{self._prefix}-{next(self._ids)}"
+
+    def submit(self, request: Request) -> RequestStream:
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is in use")
+        if self.source.finished:
+            raise ApiError(503, "the gateway is shutting down", code="unavailable")
+        stream = self._streams[request.request_id] = RequestStream(self, request)
+        self.source.submit(request)
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        if self.local is not None and request_id in self._streams:
+            self.local.cancel(request_id)
+
+    def _deliver(self, item: Any) -> None:
+        rid = getattr(item, "request_id", None)
+        stream = self._streams.get(rid)
+        if stream is None:
+            return
+        stream._send.send_nowait(item)
+        if is_terminal(item):
+            del self._streams[rid]
+
+    def _end(self, rid: str, message: str) -> None:
+        self._deliver(RequestError(request_id=rid, code="internal", message=message))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    # -- what the routes read -------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.local.graph_attrs.get("tokenizer") if self.local else None
+
+    @property
+    def max_model_len(self) -> int | None:
+        config = self.local.graph_attrs.get("model_config") if self.local else None
+        return getattr(config, "max_position_embeddings", None)
+
+    def operators_of(self, op_name: str) -> list[Any]:
+        if self.local is None:
+            return []
+        return [op for node_id, op in self.local.operators.items() if self.graph.nodes[node_id].op == op_name]
+
+    def metrics_snapshot(self) -> Any:
+        sinks = self.operators_of("metrics_sink")
+        return sinks[0].get_metrics() if sinks else None
+
+    def instances(self) -> dict[str, Any]:
+        return dict(self.local.instances) if self.local else {}
+
+    def set_policy(self, policy: str, policy_args: dict[str, float] | None = None) -> list[str]:
+        """Switches every policy queue of the graph to `policy`, keeping what waits in it; returns the node ids."""
+        queues = [
+            (node_id, op)
+            for node_id, op in (self.local.operators.items() if self.local else ())
+            if self.graph.nodes[node_id].op == "policy_sort"
+        ]
+        if not queues:
+            raise ValueError("the served graph has no policy_sort node")
+        for _, queue in queues:
+            queue.switch_policy(policy, policy_args)
+        log.info("policy_set", policy=policy, nodes=[n for n, _ in queues])
+        return [n for n, _ in queues]

@@ -1,0 +1,248 @@
+"""The lifecycle of the control plane's engines: the supervisor spawns a managed process, waits for its health check,
+watches it, and restarts it; an `openai` engine (a server we did not start) it only health-checks.
+
+A process that dies after having served is restarted with exponential backoff, a bounded number of times in a row;
+one that never became ready is failed at once with the last line it logged, since a bad model or port does not heal
+by retrying. Managed processes run in their own session (a Ctrl-C at the gateway's terminal reaches the gateway,
+which stops them in order), with their log, pid file and state in their own folder; a gateway killed outright
+leaves them running, so the next one on that state directory stops such orphans first (`stop_orphans`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import structlog
+import trio
+
+from sagellm.gateway import proxy
+from sagellm.gateway.engine_spec import FAILED, READY, STARTING, UNHEALTHY, ManagedEngine
+
+log = structlog.get_logger("sagellm.gateway")
+
+LOG_FILE, PID_FILE = "engine.log", "engine.pid"
+
+
+class Supervisor:
+    """Runs engines' processes and health checks; the manager owns the registry and decides when to stop them."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        health_interval_s: float = 5.0,
+        startup_timeout_s: float = 600.0,
+        stop_grace_s: float = 15.0,
+        max_restarts: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
+        """`startup_timeout_s` covers a first-run model download; `stop_grace_s` is how long a process may take to
+        stop after SIGTERM before it is killed."""
+        self._client = client
+        self.health_interval_s, self.startup_timeout_s = health_interval_s, startup_timeout_s
+        self.stop_grace_s, self.max_restarts, self.backoff_s = stop_grace_s, max_restarts, backoff_s
+
+    async def supervise(self, engine: ManagedEngine) -> None:
+        """Runs the engine's process until it is stopped or failed, restarting it when it dies after serving."""
+        while True:
+            try:
+                timed_out = await self._run_process(engine)
+            except OSError as exc:  # the interpreter could not be started
+                engine.state, engine.last_error = FAILED, f"could not start the process: {exc}"
+                return
+            if engine.stopping:
+                return
+            engine.last_error = self._death_cause(engine, timed_out)
+            if timed_out or not engine.ever_ready or engine.failures >= self.max_restarts:
+                engine.state = FAILED
+                log.warning("engine_failed", engine=engine.id, error=engine.last_error)
+                return
+            engine.failures += 1
+            engine.restarts += 1
+            engine.state = STARTING
+            delay = self.backoff_s * 2 ** (engine.failures - 1)
+            log.warning("engine_restarting", engine=engine.id, attempt=engine.failures, delay_s=delay)
+            await trio.sleep(delay)
+            if engine.stopping:
+                return
+
+    async def _run_process(self, engine: ManagedEngine) -> bool:
+        """Spawns the engine and watches it until it exits; True when it was killed for not becoming ready."""
+        engine.directory.mkdir(parents=True, exist_ok=True)
+        with (engine.directory / LOG_FILE).open("ab") as logfile:
+            process = engine.process = await trio.lowlevel.open_process(
+                _command(engine), stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                env=_environment(engine), start_new_session=True,
+            )  # fmt: skip
+        (engine.directory / PID_FILE).write_text(f"{process.pid}\n")
+        if engine.stopping:  # stopped while it was being spawned
+            process.kill()
+            await process.wait()
+            return False
+        timed_out = False
+        async with trio.open_nursery() as nursery:
+
+            async def exited() -> None:
+                await process.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(exited)
+            with trio.move_on_after(self.startup_timeout_s) as startup:
+                await self._until_ready(engine, "/health")
+            if startup.cancelled_caught:
+                timed_out = True
+                process.kill()
+            if not timed_out:
+                engine.upstream_model = await self._served_model(engine)
+            if timed_out or engine.stopping:
+                await trio.sleep_forever()  # until `exited` sees it go (stop() or the kill ends it)
+            engine.state, engine.ever_ready, engine.failures = READY, True, 0
+            log.info("engine_ready", engine=engine.id, pid=process.pid, url=engine.url)
+            await self._check_health(engine, "/health")
+        return timed_out
+
+    def _death_cause(self, engine: ManagedEngine, timed_out: bool) -> str:
+        """One line: killed by a signal, or its exit code and the last line it logged (its error message)."""
+        if timed_out:
+            return f"not ready after {self.startup_timeout_s:g} s (log: {engine.directory / LOG_FILE})"
+        code = engine.process.returncode
+        if code < 0:
+            return f"the process was killed by {signal.Signals(-code).name}"
+        last = log_tail(engine.directory / LOG_FILE, 1)[-300:]
+        return f"the process exited with code {code}" + (f": {last}" if last else "")
+
+    async def end_process(self, engine: ManagedEngine, force: bool) -> None:
+        """SIGTERM, then SIGKILL after `stop_grace_s` (at once with `force`); the caller set `engine.stopping`."""
+        process = engine.process
+        if process is None or process.returncode is not None:
+            return
+        if not force:
+            process.terminate()
+            with trio.move_on_after(self.stop_grace_s):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    async def _served_model(self, engine: ManagedEngine) -> str | None:
+        """The first model our own server lists: the name it checks requests against."""
+        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
+            reply = await self._client.get(f"{engine.url}/v1/models", headers=proxy.auth(engine), timeout=5)
+            return reply.json()["data"][0]["id"]
+        return None
+
+    # -- health ---------------------------------------------------------------------------------------------------
+    async def _healthy(self, engine: ManagedEngine, path: str) -> bool:
+        try:
+            reply = await self._client.get(engine.url + path, headers=proxy.auth(engine), timeout=5)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+    async def _until_ready(self, engine: ManagedEngine, path: str) -> None:
+        """Returns once the check passes (or the engine is being stopped)."""
+        while not engine.stopping and not await self._healthy(engine, path):
+            await trio.sleep(0.25)
+
+    async def _check_health(self, engine: ManagedEngine, path: str) -> None:
+        """Every `health_interval_s`: ready while the check passes, unhealthy while it fails."""
+        while True:
+            await trio.sleep(self.health_interval_s)
+            if engine.stopping:
+                return
+            ok = await self._healthy(engine, path)
+            if engine.stopping:
+                return
+            if ok != (engine.state == READY):
+                log.warning("engine_health", engine=engine.id, healthy=ok)
+            engine.state = READY if ok else UNHEALTHY
+
+    async def watch_remote(self, engine: ManagedEngine) -> None:
+        """An openai engine is not ours to restart: it is ready whenever its `/v1/models` answers."""
+        with trio.move_on_after(self.startup_timeout_s):
+            await self._until_ready(engine, "/v1/models")
+            if engine.stopping:
+                return
+            engine.state, engine.ever_ready = READY, True
+        if not engine.ever_ready:
+            engine.state, engine.last_error = UNHEALTHY, f"{engine.url}/v1/models does not answer 200"
+        await self._check_health(engine, "/v1/models")
+
+
+def _command(engine: ManagedEngine) -> list[str]:
+    from sagellm.cli.serve_cmd import DEFAULT_GRAPH
+
+    serve = [sys.executable, "-m", "sagellm.cli.main", "serve"]
+    common = ["--host", "127.0.0.1", "--port", str(engine.port), "--state-dir", str(engine.directory)]
+    if engine.spec.kind == "embedding":
+        return [*serve, "--no-llm", "--embedding-model", engine.spec.model, *common]
+    backend = "cuda" if engine.gpus else "cpu"
+    graph = [str(DEFAULT_GRAPH), "--model", engine.spec.model, "--served-model-name", engine.name, "--no-embedding"]
+    return [*serve, *graph, "--set", f"engine.backend={backend}", *common]
+
+
+def _environment(engine: ManagedEngine) -> dict[str, str]:
+    from sagellm.gateway.server import ADMIN_KEY_ENV, API_KEY_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV}
+    env[API_KEY_ENV] = engine.api_key
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, engine.gpus))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log file ("" if there is none), for error messages."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_orphans(engines_root: Path) -> None:
+    """Each manager keeps its engines in `engines_root/<its pid>/`. For every such folder whose manager is gone (it
+    was killed), stops the engine processes it left behind and removes the folder; live managers are not touched."""
+    for folder in engines_root.glob("*"):
+        if not folder.name.isdigit() or _alive(int(folder.name)):
+            continue
+        for pid_file in folder.glob(f"*/{PID_FILE}"):
+            with contextlib.suppress(ValueError, OSError):
+                pid = int(pid_file.read_text())
+                if str(pid_file.parent) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    os.kill(pid, signal.SIGKILL)
+                    log.warning("engine_orphan_stopped", pid=pid, directory=str(pid_file.parent))
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

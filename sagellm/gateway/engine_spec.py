@@ -1,0 +1,104 @@
+"""What an engine of the control plane is: the start request (`EngineSpec`, the body of `POST
+/v1/management/engines` and an engine of a preset), the checks any such request must pass, and the record the
+management API shows (`ManagedEngine`) with its state.
+
+States: starting -> ready (its health check passes) <-> unhealthy (checks fail while it lives); draining -> stopped
+when the API stops it; failed (it could not start, or died too often)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import trio
+
+STARTING, READY, UNHEALTHY = "starting", "ready", "unhealthy"
+DRAINING, STOPPED, FAILED = "draining", "stopped", "failed"
+
+
+class SpecError(ValueError):
+    """A field of an engine spec that no engine of its kind can take; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The body of `POST /v1/management/engines` (and an engine of a preset)."""
+
+    model: str  # path, alias or org/name (llm, embedding); the model name the server expects (openai)
+    kind: Literal["llm", "embedding", "openai"] = "llm"
+    tp: int = 1
+    port: int | None = None  # None or 0: a free port (llm, embedding)
+    label: str | None = None
+    max_concurrent: int | None = None  # proxied requests in flight at once; more are answered 429
+    use_gpu: bool = False
+    url: str | None = None  # openai: the server's base URL
+    api_key: str | None = None  # openai: the key the server expects
+    served_model_name: str | None = None  # the name clients send here (default: model)
+
+    def check(self) -> None:
+        """Raises SpecError for a bad field; whether the name, port or GPUs are free is the manager's to check."""
+        if self.tp < 1:
+            raise SpecError("tp", f"tp must be >= 1, got {self.tp}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise SpecError("max_concurrent", f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.kind == "openai":
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise SpecError("url", "an openai engine needs `url`, the server's http(s) base URL")
+            if self.port or self.use_gpu or self.tp > 1:
+                raise SpecError("kind", "port, tp and use_gpu are an openai server's own settings; leave them out")
+            return
+        if self.url or self.api_key:
+            raise SpecError("url", f"url and api_key are for openai engines; a {self.kind} engine is spawned here")
+        if self.port is not None and not 0 <= self.port < 65536:
+            raise SpecError("port", f"port must be 0-65535, got {self.port}")
+
+
+@dataclass
+class ManagedEngine:
+    id: str
+    spec: EngineSpec
+    url: str
+    port: int | None
+    api_key: str | None  # sent to the engine; a managed process gets a fresh one so only the gateway reaches it
+    directory: Path | None = None  # log, pid and state of a managed process
+    gpus: list[int] = field(default_factory=list)
+    state: str = STARTING
+    process: trio.Process | None = None
+    upstream_model: str | None = None  # the model's name at the engine, once known
+    restarts: int = 0
+    failures: int = 0  # consecutive deaths since it last became ready
+    ever_ready: bool = False
+    stopping: bool = False
+    last_error: str | None = None
+    in_flight: int = 0
+    created: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        """The model name clients use at the gateway."""
+        return self.spec.served_model_name or self.spec.model
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.spec.kind,
+            "model": self.name,
+            "source": self.spec.model,
+            "label": self.spec.label,
+            "url": self.url,
+            "state": self.state,
+            "pid": self.process.pid if self.process is not None and self.process.returncode is None else None,
+            "port": self.port,
+            "max_concurrent": self.spec.max_concurrent,
+            "in_flight": self.in_flight,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "gpus": self.gpus,
+            "uptime_s": round(time.time() - self.created, 1),
+        }

@@ -1,0 +1,200 @@
+"""The control plane's lifecycle manager: the engines a gateway runs or reaches besides its graph's own.
+
+Kinds: `llm` spawns our engine as a process (`sagellm serve` of the colocated graph on one model, an
+OpenAI-compatible server on 127.0.0.1), `embedding` the same serving one embedding model (`sagellm serve --no-llm
+-e MODEL`), `openai` registers a server that already runs (vLLM, llama.cpp, another sageLLM). The manager keeps the
+registry behind `/v1/management/engines`, checks a start request (names, ports, GPUs), gives each managed process
+a fresh API key so only the gateway reaches it, and proxies requests for an engine's model to it
+(sagellm.gateway.proxy), counting them so a stop can drain. What an engine is: sagellm.gateway.engine_spec; the
+processes themselves are run by the Supervisor (sagellm.gateway.engine_process)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+import trio
+
+from sagellm.gateway import proxy
+from sagellm.gateway.engine_process import Supervisor, free_port, port_free, stop_orphans
+from sagellm.gateway.engine_spec import DRAINING, FAILED, READY, STOPPED, EngineSpec, ManagedEngine, SpecError
+from sagellm.gateway.errors import ApiError
+from sagellm.gateway.http import EventStream, Handler, HttpRequest, Response
+
+log = structlog.get_logger("sagellm.gateway")
+ENGINES_DIR = "engines"
+
+
+class EngineManager:
+    def __init__(
+        self,
+        gateway_state_dir: Path,
+        *,
+        reserved_names: Callable[[], Iterable[str]] = tuple,
+        drain_timeout_s: float = 30.0,
+        **supervision: float,
+    ) -> None:
+        """Engines keep their files in `gateway_state_dir/engines/<this pid>/ID/`. `reserved_names`: the model
+        names the gateway itself serves (its graph's and embedding model), which no managed engine may take.
+        `drain_timeout_s`: how long a stop waits for the engine's requests in flight. `supervision`: Supervisor's
+        timings and limits."""
+        self.engines_root = gateway_state_dir / ENGINES_DIR
+        self.state_dir = self.engines_root / str(os.getpid())
+        self.reserved_names = reserved_names
+        self.drain_timeout_s = drain_timeout_s
+        self.supervision = supervision
+        self.engines: dict[str, ManagedEngine] = {}
+        self._ids = itertools.count(1)
+        self._closed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._supervisor: Supervisor | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    # -- lifecycle of the manager ---------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Serves until `shutdown()`, then stops every managed process (SIGTERM, SIGKILL after the grace period)."""
+        stop_orphans(self.engines_root)
+        async with proxy.client() as client, trio.open_nursery() as nursery:
+            self._client, self._nursery = client, nursery
+            self._supervisor = Supervisor(client, **self.supervision)
+            try:
+                task_status.started()
+                await self._closed.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    async with trio.open_nursery() as stopping:
+                        for engine in list(self.engines.values()):
+                            engine.stopping = True
+                            stopping.start_soon(self._supervisor.end_process, engine, False)
+                nursery.cancel_scope.cancel()
+
+    def shutdown(self) -> None:
+        self._closed.set()
+
+    # -- the management API ---------------------------------------------------------------------------------------
+    async def start(self, spec: EngineSpec) -> ManagedEngine:
+        """Registers the engine and, for llm and embedding, spawns its process; returns at once (state starting)."""
+        if self._nursery is None or self._closed.is_set():
+            raise ApiError(503, "the engine manager is not running", code="unavailable")
+        gpus = await self._gpus_for(spec) if spec.kind != "openai" else []
+        self._check(spec)  # no await from here to the registration: two starts cannot both take a name or port
+        engine_id = f"{spec.kind}-{next(self._ids)}"
+        if spec.kind == "openai":
+            url = spec.url.rstrip("/").removesuffix("/v1")
+            engine = ManagedEngine(engine_id, spec, url, None, spec.api_key, upstream_model=spec.model)
+            self.engines[engine_id] = engine
+            self._nursery.start_soon(self._supervisor.watch_remote, engine)
+        else:
+            port = spec.port or free_port()
+            engine = ManagedEngine(
+                engine_id, spec, f"http://127.0.0.1:{port}", port, secrets.token_urlsafe(24), gpus=gpus
+            )
+            engine.directory = self.state_dir / engine_id
+            self.engines[engine_id] = engine
+            self._nursery.start_soon(self._supervisor.supervise, engine)
+        log.info("engine_registered", engine=engine_id, kind=spec.kind, model=engine.name, url=engine.url)
+        return engine
+
+    async def stop(self, engine_id: str, *, force: bool = False) -> ManagedEngine:
+        """Drains the engine (new requests get 503; those in flight finish, up to `drain_timeout_s`) then ends its
+        process; `force` kills it at once. Returns when it is stopped and forgotten."""
+        engine = self.get(engine_id)
+        if engine.stopping:
+            raise ApiError(409, f"engine {engine_id} is already stopping", code="conflict")
+        engine.stopping, engine.state = True, DRAINING
+        if not force:
+            with trio.move_on_after(self.drain_timeout_s):
+                while engine.in_flight:
+                    await trio.sleep(0.05)
+        await self._supervisor.end_process(engine, force)
+        engine.state = STOPPED
+        self.engines.pop(engine_id, None)
+        log.info("engine_stopped", engine=engine_id, force=force)
+        return engine
+
+    def get(self, engine_id: str) -> ManagedEngine:
+        engine = self.engines.get(engine_id)
+        if engine is None:
+            known = ", ".join(self.engines) or "none"
+            raise ApiError(404, f"no managed engine {engine_id!r} (managed: {known})", code="not_found")
+        return engine
+
+    # -- what the OpenAI routes call ------------------------------------------------------------------------------
+    def route(self, model: str | None) -> ManagedEngine | None:
+        """The managed engine serving `model`, or None (the graph's own model, or unknown: the route answers)."""
+        return next((e for e in self.engines.values() if e.name == model), None) if model else None
+
+    async def proxy(self, engine: ManagedEngine, http: HttpRequest) -> Response | EventStream:
+        """Forwards the request to the engine; one that is not ready is a 503, one at `max_concurrent` a 429."""
+        if engine.state != READY:
+            why = f": {engine.last_error}" if engine.last_error else ""
+            message = f"engine {engine.id} serving {engine.name!r} is {engine.state}{why}"
+            raise ApiError(503, message, code="unavailable")
+        limit = engine.spec.max_concurrent
+        if limit is not None and engine.in_flight >= limit:
+            raise ApiError(429, f"engine {engine.id} is at its limit of {limit} requests in flight", code="overloaded")
+        engine.in_flight += 1
+
+        def release() -> None:
+            engine.in_flight -= 1
+
+        return await proxy.forward(self._client, engine, http, release)
+
+    def routed(self, handler: Handler) -> Handler:
+        """`handler`, except that a request naming a managed engine's model is proxied to that engine."""
+
+        async def handle(http: HttpRequest) -> Response | EventStream:
+            engine = self.route(proxy.requested_model(http))
+            return await (handler(http) if engine is None else self.proxy(engine, http))
+
+        return handle
+
+    def model_cards(self, created: int) -> list[dict[str, Any]]:
+        """`/v1/models` entries for the managed engines' models (failed ones left out)."""
+        return [
+            {"id": e.name, "object": "model", "created": created, "owned_by": "sagellm", "engine": e.id}
+            for e in self.engines.values()
+            if e.state != FAILED
+        ]
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+    def _check(self, spec: EngineSpec) -> None:
+        try:
+            spec.check()
+        except SpecError as error:
+            raise ApiError(400, str(error), param=error.param, code="invalid_request") from None
+        name = spec.served_model_name or spec.model
+        if name in set(self.reserved_names()):
+            raise ApiError(409, f"the gateway itself serves {name!r}; set served_model_name", code="conflict")
+        taken = self.route(name)
+        if taken is not None:
+            raise ApiError(409, f"engine {taken.id} already serves {name!r}; stop it first", code="conflict")
+        if spec.port and (not port_free(spec.port) or any(e.port == spec.port for e in self.engines.values())):
+            raise ApiError(409, f"port {spec.port} is in use; pick another or leave port out", code="conflict")
+
+    async def _gpus_for(self, spec: EngineSpec) -> list[int]:
+        """The GPU indexes given to the engine: none unless `use_gpu` or `tp` > 1, which need that many free GPUs."""
+        needed = spec.tp if spec.use_gpu or spec.tp > 1 else 0
+        if not needed:
+            return []
+        from sagellm.gpu import gpu_inventory
+
+        inventory = await trio.to_thread.run_sync(gpu_inventory)
+        taken = {i for e in self.engines.values() for i in e.gpus}
+        free = [g.index for g in inventory.gpus if g.index not in taken]
+        if len(free) < needed:
+            found = f"found {len(free)} free of {len(inventory.gpus)}" if inventory.gpus else "found none"
+            why = f" ({inventory.reason})" if inventory.reason else ""
+            asked, param = (f"tp={spec.tp}", "tp") if spec.tp > 1 else ("use_gpu", "use_gpu")
+            raise ApiError(400, f"{asked} needs {needed} GPU(s); {found}{why}", param=param, code="no_gpu")
+        if spec.tp > 1:
+            raise ApiError(400, "the sageLLM engine has no tensor parallelism yet; use tp=1 or an openai engine")
+        if spec.kind == "embedding":
+            raise ApiError(400, "embedding engines run on the CPU; leave use_gpu out", param="use_gpu")
+        return free[:needed]

@@ -1,0 +1,54 @@
+"""OpenAI-shaped errors: one exception type for every failure a route reports, and the body every client expects.
+
+`{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses for it; a pipeline
+`RequestError` maps through its code (`sagellm.messages.HTTP_STATUS`), so an `overloaded` request is a 429 with
+`Retry-After` whether admission, the policy queue or a router shed it."""
+
+from __future__ import annotations
+
+import msgspec
+
+from sagellm.messages import HTTP_STATUS, RequestError
+
+RETRY_AFTER_S = 1  # what a shed request is told to wait before retrying
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(RETRY_AFTER_S).encode())] if self.status in (429, 503) else []
+
+    def body(self) -> dict:
+        error_type = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
+
+    def json(self) -> bytes:
+        return msgspec.json.encode(self.body())
+
+    @classmethod
+    def from_request_error(cls, error: RequestError) -> ApiError:
+        return cls(HTTP_STATUS.get(error.code, 500), error.message, code=error.code)
+
+    @classmethod
+    def from_value_error(cls, error: ValueError) -> ApiError:
+        """A SamplingParams or request check: its message starts with the field's name (`top_p must be ...`)."""
+        message = str(error)
+        field = message.split(" ", 1)[0]
+        return cls(400, message, param=field if field.isidentifier() else None, code="invalid_request")

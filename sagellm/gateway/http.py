@@ -1,0 +1,195 @@
+"""A small ASGI application: routes, JSON bodies with a size limit, Server-Sent Events, client disconnects.
+
+Why not a web framework: the gateway needs exactly these pieces, on trio (hypercorn's trio worker), with msgspec for
+JSON; a framework would bring its own validation, JSON and concurrency model for a dozen routes. A handler is
+`async (HttpRequest) -> Response | EventStream`; raising `ApiError` answers with an OpenAI-shaped error. An event
+stream's producer is cancelled when the client disconnects, so the request behind it is cancelled too."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+import structlog
+import trio
+
+from sagellm.gateway.errors import ApiError
+
+log = structlog.get_logger("sagellm.gateway")
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    query: dict[str, str]
+    body: bytes
+    path_params: dict[str, str] = field(default_factory=dict)
+    scope: dict[str, Any] = field(default_factory=dict)
+
+    def json(self, into: type | None = None) -> Any:
+        """The body decoded (and validated into the msgspec type `into`); a bad body is a 400 naming the field."""
+        if not self.body:
+            raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_request")
+        try:
+            return msgspec.json.decode(self.body, type=into) if into else msgspec.json.decode(self.body)
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, f"invalid request: {exc}", param=_field_of(str(exc)), code="invalid_request") from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_request") from None
+
+
+@dataclass
+class Response:
+    body: bytes | Any = b""  # bytes as is; anything else is encoded as JSON
+    status: int = 200
+    content_type: str = "application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def encoded(self) -> bytes:
+        return self.body if isinstance(self.body, bytes) else msgspec.json.encode(self.body)
+
+
+@dataclass
+class EventStream:
+    """`text/event-stream`: each item from `events` is sent as one `data: ...` event (bytes as is, anything else as
+    JSON); `on_disconnect` runs if the client leaves first."""
+
+    events: AsyncIterator[Any]
+    on_disconnect: Callable[[], None] = lambda: None
+
+
+Handler = Callable[[HttpRequest], Awaitable[Response | EventStream]]
+Guard = Callable[[HttpRequest], None]  # raises ApiError to refuse (API keys)
+
+
+@dataclass
+class Route:
+    method: str
+    pattern: re.Pattern
+    handler: Handler
+    guard: Guard | None
+
+
+class App:
+    def __init__(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.routes: list[Route] = []
+        self.max_body_bytes = max_body_bytes
+
+    def route(self, method: str, path: str, handler: Handler, guard: Guard | None = None) -> None:
+        """`path` may hold `{name}` segments, given to the handler in `path_params`."""
+        pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+        self.routes.append(Route(method, pattern, handler, guard))
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            route, params = self._match(scope["method"], scope["path"])
+            request = await self._read(scope, receive, params)
+            if route.guard is not None:
+                route.guard(request)
+            result = await route.handler(request)
+        except ApiError as error:
+            result = Response(error.json(), error.status, headers=error.headers)
+        except Exception:
+            log.exception("handler_failed", path=scope.get("path"))
+            error = ApiError(500, "internal server error (see the gateway log)", code="internal")
+            result = Response(error.json(), 500)
+        if isinstance(result, EventStream):
+            await _stream(result, receive, send)
+        else:
+            await _respond(send, result)
+
+    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed = False
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found is not None:
+                if route.method == method:
+                    return route, found.groupdict()
+                allowed = True
+        if allowed:
+            raise ApiError(405, f"method {method} is not allowed on {path}")
+        raise ApiError(404, f"no route {method} {path}", code="not_found")
+
+    async def _read(self, scope: dict, receive: Callable, params: dict[str, str]) -> HttpRequest:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise ApiError(413, f"request body of {declared} bytes is over the limit of {self.max_body_bytes}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise ApiError(413, f"request body is over the limit of {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        return HttpRequest(scope["method"], scope["path"], headers, query, b"".join(chunks), params, scope)
+
+
+def _field_of(message: str) -> str | None:
+    """`Expected int, got str - at $.max_tokens` -> `max_tokens` (msgspec names the field in its message)."""
+    found = re.search(r"at `?\$\.([\w.\[\]]+)", message)
+    return found.group(1) if found else None
+
+
+async def _respond(send: Callable, response: Response) -> None:
+    body = response.encoded()
+    headers = [(b"content-type", response.content_type.encode()), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers + response.headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _stream(stream: EventStream, receive: Callable, send: Callable) -> None:
+    headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    disconnected = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch_disconnect() -> None:
+            nonlocal disconnected
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_disconnect)
+        try:
+            async with aclosing(stream.events):
+                async for event in stream.events:
+                    data = event if isinstance(event, bytes) else msgspec.json.encode(event)
+                    await send({"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except OSError:  # the transport went away mid-send
+            disconnected = True
+        nursery.cancel_scope.cancel()
+    if disconnected:
+        stream.on_disconnect()
+
+
+async def _lifespan(receive: Callable, send: Callable) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

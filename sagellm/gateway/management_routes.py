@@ -1,0 +1,96 @@
+"""The management API (admin key): the engines behind the gateway, the GPUs and the hardware backends.
+
+    GET    /v1/management/engines             the graph's engines (kind "graph") and the managed ones
+    POST   /v1/management/engines             start one: {model, kind, tp, port, label, max_concurrent, use_gpu, ...}
+    GET    /v1/management/engines/{id}        one engine
+    DELETE /v1/management/engines/{id}        drain then stop a managed engine (?force=true: kill it now)
+    GET    /v1/management/gpu                 the NVIDIA GPUs (NVML), or why there are none
+    GET    /v1/management/backends            every hardware backend and whether it runs here
+
+The graph's engines belong to the served graph: they are listed but not stoppable here (409)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from sagellm.gateway.core import ServingCore
+from sagellm.gateway.engine_spec import EngineSpec
+from sagellm.gateway.engines import EngineManager
+from sagellm.gateway.errors import ApiError
+from sagellm.gateway.http import App, Guard, HttpRequest, Response
+
+PREFIX = "/v1/management"
+
+
+class ManagementRoutes:
+    def __init__(self, core: ServingCore, engines: EngineManager) -> None:
+        self.core, self.engines = core, engines
+
+    def register(self, app: App, admin: Guard | None) -> None:
+        app.route("GET", f"{PREFIX}/engines", self.list_engines, admin)
+        app.route("POST", f"{PREFIX}/engines", self.start_engine, admin)
+        app.route("GET", f"{PREFIX}/engines/{{engine_id}}", self.get_engine, admin)
+        app.route("DELETE", f"{PREFIX}/engines/{{engine_id}}", self.stop_engine, admin)
+        app.route("GET", f"{PREFIX}/gpu", self.gpu, admin)
+        app.route("GET", f"{PREFIX}/backends", self.backends, admin)
+
+    # -- engines --------------------------------------------------------------------------------------------------
+    def _graph_engines(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "id": name,
+                "kind": "graph",
+                "model": self.core.model_name,
+                "label": stats.role,
+                "url": None,
+                "state": "ready" if stats.healthy else "unhealthy",
+                "pid": None,
+                "port": None,
+                "max_concurrent": stats.max_running,
+                "in_flight": stats.running + stats.waiting,
+                "restarts": 0,
+                "last_error": None,
+            }
+            for name, stats in self.core.instances().items()
+        }
+
+    async def list_engines(self, _: HttpRequest) -> Response:
+        managed = [engine.to_json() for engine in self.engines.engines.values()]
+        return Response({"object": "list", "data": [*self._graph_engines().values(), *managed]})
+
+    async def start_engine(self, http: HttpRequest) -> Response:
+        engine = await self.engines.start(http.json(EngineSpec))
+        return Response(engine.to_json(), 201)
+
+    async def get_engine(self, http: HttpRequest) -> Response:
+        engine_id = http.path_params["engine_id"]
+        graph = self._graph_engines().get(engine_id)
+        return Response(graph if graph is not None else self.engines.get(engine_id).to_json())
+
+    async def stop_engine(self, http: HttpRequest) -> Response:
+        engine_id = http.path_params["engine_id"]
+        if engine_id in self._graph_engines():
+            raise ApiError(
+                409,
+                f"{engine_id} is an engine of the served graph; stop the gateway or change its graph instead",
+                code="conflict",
+            )
+        force = http.query.get("force", "false").lower() in ("1", "true", "yes")
+        engine = await self.engines.stop(engine_id, force=force)
+        return Response(engine.to_json())
+
+    # -- hardware -------------------------------------------------------------------------------------------------
+    async def gpu(self, _: HttpRequest) -> Response:
+        from sagellm.gpu import gpu_inventory
+
+        inventory = await trio.to_thread.run_sync(gpu_inventory)
+        return Response(inventory.to_json())
+
+    async def backends(self, _: HttpRequest) -> Response:
+        from sagellm.backends import list_backends
+
+        found = await trio.to_thread.run_sync(list_backends)
+        data = [{"name": name, "available": status.available, "reason": status.reason} for name, status in found]
+        return Response({"object": "list", "data": data})

@@ -1,0 +1,235 @@
+"""The OpenAI request bodies the gateway accepts, and their translation into pipeline `Request`s.
+
+Bodies decode with msgspec into these Structs (a wrong type is a 400 naming the field). Fields OpenAI defines that
+sageLLM cannot honour are refused with a 400 naming them (`n` > 1, tools, penalties, logit_bias, echo, suffix)
+rather than silently ignored; unknown extra fields are ignored, as vLLM does, because SDKs add new ones all the time.
+vLLM's extensions (`top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, ...) and sageLLM's scheduling fields
+(`priority`, SLOs; also as `X-Request-Priority` / `X-SLO-Deadline-Ms` headers) are accepted in the body."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+
+from sagellm.gateway.errors import ApiError
+from sagellm.messages import Request
+from sagellm.sampling_params import MAX_LOGPROBS, SamplingParams
+
+Unset = msgspec.UnsetType
+UNSET = msgspec.UNSET
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class _Generation(msgspec.Struct, kw_only=True):
+    """What completions and chat completions share."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # sageLLM's scheduling fields
+    priority: int | None = None
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    slo_deadline_ms: float | None = None
+
+
+class CompletionRequest(_Generation, kw_only=True):
+    prompt: str | list[Any]  # a batch of strings, token ids, or a batch of token-id lists (checked by _prompts)
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Generation, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    input: str | list[Any]  # like `prompt`
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+def _refuse(name: str, why: str) -> None:
+    raise ApiError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+
+
+def _check_unsupported(body: _Generation) -> None:
+    if body.n != 1:
+        _refuse("n", f"only n=1 is supported, got {body.n}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0, 0.0):
+            _refuse(name, "penalties are not supported; leave it unset or 0")
+    if body.logit_bias:
+        _refuse("logit_bias", "not supported")
+
+
+def sampling_params(body: _Generation, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """OpenAI defaults where the body is silent (temperature 1, top_p 1); a bad value is a 400 naming it."""
+    args: dict[str, Any] = dict(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        stop=body.stop,
+        stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+    )
+    try:
+        return SamplingParams(**args)
+    except ValueError as exc:
+        raise ApiError.from_value_error(exc) from None
+
+
+def scheduling(body: _Generation, headers: dict[str, str], now: float) -> dict[str, Any]:
+    """Priority and SLOs from the body or the `X-Request-Priority` / `X-SLO-Deadline-Ms` headers (body first)."""
+    priority = body.priority if body.priority is not None else _header_number(headers, "x-request-priority", int)
+    deadline_ms = body.slo_deadline_ms
+    if deadline_ms is None:
+        deadline_ms = _header_number(headers, "x-slo-deadline-ms", float)
+    slos = (("ttft_slo_ms", body.ttft_slo_ms), ("tpot_slo_ms", body.tpot_slo_ms), ("slo_deadline_ms", deadline_ms))
+    for name, value in slos:
+        if value is not None and not value > 0:
+            _refuse(name, f"must be > 0, got {value}")
+    return dict(
+        priority=priority or 0,
+        user=body.user,
+        ttft_slo_ms=body.ttft_slo_ms,
+        tpot_slo_ms=body.tpot_slo_ms,
+        deadline=now + deadline_ms / 1000 if deadline_ms is not None else None,
+    )
+
+
+def _header_number(headers: dict[str, str], name: str, kind: type) -> Any:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ApiError(400, f"header {name}: expected a number, got {raw!r}", param=name) from None
+
+
+def completion_requests(body: CompletionRequest, headers: dict[str, str], new_id: Any) -> list[Request]:
+    """One pipeline request per prompt (OpenAI accepts a batch of prompts: one choice each)."""
+    _check_unsupported(body)
+    if body.echo:
+        _refuse("echo", "not supported")
+    if body.suffix:
+        _refuse("suffix", "not supported")
+    if body.best_of not in (None, 1):
+        _refuse("best_of", "only 1 is supported")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        _refuse("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
+    prompts = _prompts(body.prompt)
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    params = sampling_params(body, max_tokens, body.logprobs)
+    now = time.time()
+    extra = scheduling(body, headers, now)
+    return [
+        Request(
+            request_id=new_id(),
+            sampling=params,
+            model=body.model,
+            arrival_time=now,
+            **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}),
+            **extra,
+        )
+        for p in prompts
+    ]
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        _refuse("prompt", "must not be empty")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        if any(not p for p in prompt):
+            _refuse("prompt", "no prompt in the list may be empty")
+        return list(prompt)
+    _refuse("prompt", "must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    return []
+
+
+def chat_request(body: ChatCompletionRequest, headers: dict[str, str], request_id: str) -> Request:
+    _check_unsupported(body)
+    if body.tools:
+        _refuse("tools", "tool calling is not supported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        _refuse("response_format", "only {'type': 'text'} is supported")
+    if not body.messages:
+        _refuse("messages", "must hold at least one message")
+    if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= MAX_LOGPROBS):
+        _refuse("top_logprobs", f"needs logprobs=true and a value in [0, {MAX_LOGPROBS}]")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    now = time.time()
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+    return Request(
+        request_id=request_id,
+        messages=messages,
+        sampling=params,
+        model=body.model,
+        arrival_time=now,
+        **scheduling(body, headers, now),
+    )
+
+
+def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+    """Text content as the chat template wants it; content parts of type text are joined, others refused."""
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                _refuse(f"messages[{index}].content", "only text content parts are supported")
+            texts.append(part["text"])
+        content = "".join(texts)
+    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name is not None:
+        out["name"] = message.name
+    return out

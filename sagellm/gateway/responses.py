@@ -1,0 +1,99 @@
+"""OpenAI response bodies and stream chunks, built from what a request's stream delivered.
+
+Kept apart from the routes so the shapes (which SDKs parse strictly) live in one place: `usage` with cached prompt
+tokens, completions' `logprobs` (tokens, token_logprobs, top_logprobs, text_offset) and chat's (`content` entries with
+`bytes` and `top_logprobs`). Token strings are each token decoded on its own, as vLLM reports them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagellm.messages import RequestMetrics, TokenDelta, TokenLogprob
+
+
+@dataclass
+class Choice:
+    """What one request produced, accumulated from its deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    metrics: RequestMetrics | None = None
+
+    def add(self, delta: TokenDelta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs or []
+        if delta.finished:
+            self.finish_reason, self.metrics = delta.finish_reason, delta.metrics
+
+
+def usage(choices: list[Choice]) -> dict[str, Any]:
+    prompt = sum(c.metrics.prompt_tokens for c in choices if c.metrics)
+    completion = sum(len(c.token_ids) for c in choices)
+    cached = sum(c.metrics.cached_tokens for c in choices if c.metrics)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _token(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+def completion_logprobs(tokenizer: Any, logprobs: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    tokens = [_token(tokenizer, lp.token_id) for lp in logprobs]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{_token(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        token = _token(tokenizer, token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs
+        ]
+    }
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """The engine's reasons are OpenAI's, except a cancelled request, which OpenAI has no word for."""
+    return "stop" if reason == "abort" else reason
+
+
+@dataclass
+class Envelope:
+    """The fields every response and chunk of one HTTP request share."""
+
+    id: str
+    model: str
+    object: str  # "text_completion" | "chat.completion" | "chat.completion.chunk"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }

@@ -1,0 +1,185 @@
+"""`serve()`: the gateway process. Loads the graph's engines and the embedding model, then answers HTTP on
+hypercorn's trio worker in the same event loop as the pipeline, so a request goes from socket to engine without a
+thread or process hop. SIGINT/SIGTERM stop it gracefully: no new connections, requests in flight finish (up to
+`graceful_timeout_s`), the graph drains, then the process exits."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from sagellm.gateway import openapi
+from sagellm.gateway.admin_routes import AdminRoutes
+from sagellm.gateway.auth import admin_key, key_guard
+from sagellm.gateway.core import ServingCore
+from sagellm.gateway.embeddings import EmbeddingService
+from sagellm.gateway.engines import EngineManager
+from sagellm.gateway.http import DEFAULT_MAX_BODY_BYTES, App
+from sagellm.gateway.management_routes import ManagementRoutes
+from sagellm.gateway.openai_routes import OpenAIRoutes
+from sagellm.gateway.session_routes import SessionRoutes
+from sagellm.gateway.sessions import SessionStore
+from sagellm.runtime.execution_graph.graph import Graph
+
+log = structlog.get_logger("sagellm.gateway")
+DEFAULT_PORT = 8000
+API_KEY_ENV = "SAGELLM_API_KEY"
+ADMIN_KEY_ENV = "SAGELLM_ADMIN_KEY"
+
+
+def default_state_dir() -> Path:
+    """Where a gateway keeps its admin key, pid and log files and sessions: $SAGELLM_HOME/gateway."""
+    return Path(os.environ.get("SAGELLM_HOME") or "~/.cache/sagellm").expanduser() / "gateway"
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0: any free port (tests)
+    api_keys: list[str] = field(default_factory=list)
+    admin_key: str | None = None
+    embedding_model: str | None = None
+    served_model_name: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    state_dir: Path = field(default_factory=default_state_dir)
+    graceful_timeout_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> GatewayConfig:
+        """Keys from the environment unless given: SAGELLM_API_KEY (comma-separated) and SAGELLM_ADMIN_KEY."""
+        keys = [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
+        config = cls(api_keys=keys, admin_key=os.environ.get(ADMIN_KEY_ENV) or None)
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(config, name, value)
+        return config
+
+
+@dataclass
+class Gateway:
+    """A running gateway: its address and the pieces tests and the embedded client reach into."""
+
+    url: str
+    core: ServingCore
+    embeddings: EmbeddingService | None
+    admin_key: str
+    stop: trio.Event
+    engines: EngineManager
+
+
+def build_app(
+    core: ServingCore,
+    embeddings: EmbeddingService | None,
+    config: GatewayConfig,
+    admin: str,
+    engines: EngineManager,
+) -> App:
+    app = App(max_body_bytes=config.max_body_bytes)
+    admin_guard, api_guard = key_guard([admin], "admin"), key_guard(config.api_keys, "API")
+    openai_routes = OpenAIRoutes(core, embeddings, engines)
+    openai_routes.register(app, api_guard)
+    SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
+    AdminRoutes(core).register(app, admin_guard)
+    ManagementRoutes(core, engines).register(app, admin_guard)
+    openapi.register(app, __import__("sagellm").__version__)
+    return app
+
+
+def hypercorn_config(config: GatewayConfig) -> HypercornConfig:
+    hyper = HypercornConfig()
+    hyper.bind = [f"{config.host}:{config.port}"]
+    hyper.graceful_timeout = config.graceful_timeout_s
+    hyper.accesslog = None
+    return hyper
+
+
+async def serve(
+    graph: Graph,
+    config: GatewayConfig,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Runs until `Gateway.stop` is set (or, with `handle_signals`, a SIGINT/SIGTERM arrives); hands the running
+    `Gateway` to `task_status` once it answers HTTP."""
+    core = ServingCore(graph, served_model_name=config.served_model_name)
+    embeddings = EmbeddingService(config.embedding_model) if config.embedding_model else None
+    engines = EngineManager(config.state_dir, reserved_names=lambda: _served_names(core, embeddings))
+    admin = admin_key(config.state_dir, config.admin_key)
+    app = build_app(core, embeddings, config, admin, engines)
+    hyper = hypercorn_config(config)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(core.run)
+        await nursery.start(engines.run)
+        if embeddings is not None:
+            await embeddings.load()
+        signals = trio.CancelScope()
+        if handle_signals:
+            nursery.start_soon(stop_on_signal, stop, signals)
+        async with trio.open_nursery() as http:
+            binds = await http.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait))
+            log.info("gateway_ready", url=binds[0], model=core.model_name, embedding=embeddings and embeddings.name)
+            task_status.started(Gateway(binds[0], core, embeddings, admin, stop, engines))
+        signals.cancel()  # hypercorn returned: stop was set and the requests it held have finished
+        engines.shutdown()  # managed engine processes stop
+        core.shutdown()  # the graph drains what is left, then core.run returns
+
+
+def _served_names(core: ServingCore, embeddings: EmbeddingService | None) -> list[str]:
+    """The model names the gateway answers itself, which no managed engine may take."""
+    return [core.model_name, *([embeddings.name] if embeddings is not None and embeddings.engine else [])]
+
+
+async def stop_on_signal(stop: trio.Event, scope: trio.CancelScope) -> None:
+    with scope, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("gateway_stopping", signal=signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+class GatewayThread:
+    """A gateway on its own trio loop in a daemon thread of this process: the Python client's embedded mode, and the
+    tests, whose synchronous clients (the `openai` SDK) talk to it over real sockets."""
+
+    def __init__(self, graph: Graph, config: GatewayConfig, *, name: str = "sagellm-gateway") -> None:
+        ready: queue.Queue = queue.Queue()
+
+        async def main() -> None:
+            try:
+                async with trio.open_nursery() as nursery:
+                    gateway = await nursery.start(serve, graph, config)
+                    ready.put((gateway, trio.lowlevel.current_trio_token()))
+            except BaseException as exc:  # a start failure reaches the caller instead of hanging it
+                ready.put(exc)
+                raise
+
+        self.thread = threading.Thread(target=trio.run, args=(main,), name=name, daemon=True)
+        self.thread.start()
+        started = ready.get()
+        if isinstance(started, BaseException):
+            raise started
+        self.gateway, self._token = started
+        self.url, self.core = self.gateway.url, self.gateway.core
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Runs `fn(*args)` on the gateway's event loop (its state is the loop's alone)."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Graceful: requests in flight finish, the graph drains, the thread ends."""
+        if self.thread.is_alive():
+            self.call(self.gateway.stop.set)
+            self.thread.join(timeout=timeout_s)

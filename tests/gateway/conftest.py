@@ -1,0 +1,43 @@
+"""A real gateway for the tests: `sagellm.gateway.server.serve` on 127.0.0.1 (a free port) in a thread with its own
+trio loop (`GatewayThread`), so synchronous clients (the official `openai` SDK, httpx) talk to it over real sockets
+as users do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sagellm.gateway.server import GatewayConfig, GatewayThread
+from sagellm.runtime.pipeline.yaml_io import load_pipeline
+from tests.tiny_models import make_tiny_llama
+
+GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
+
+
+@contextmanager
+def running_gateway(
+    graph: str | Path, config: GatewayConfig, model: Path | None = None, **overrides: Any
+) -> Iterator[GatewayThread]:
+    """`overrides`: `{"node.param": value}` as `--set` takes them."""
+    pipeline = load_pipeline(graph, overrides=overrides or None)
+    if model is not None:
+        pipeline.attrs["model"] = str(model)
+    running = GatewayThread(pipeline, config)
+    try:
+        yield running
+    finally:
+        running.stop()
+        assert not running.thread.is_alive(), "the gateway did not stop"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("gateway") / "tiny-llama")
+
+
+def tiny_config(tmp_path: Path, **fields: Any) -> GatewayConfig:
+    return GatewayConfig(host="127.0.0.1", port=0, state_dir=tmp_path / "state", **fields)

@@ -1,0 +1,204 @@
+"""The management API on a real gateway (a tiny Llama behind graphs/colocated.yaml): the admin key, every error
+status, the GPU and backend inventories, and an `openai` engine (a second real gateway) whose model the first one
+proxies, plain, streamed and failing, until it is stopped or goes down; spawned `embedding` and `llm` engines (one
+that serves, one that cannot start and is failed with its own error message)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from sagellm.backends import list_backends
+from sagellm.runtime.embedding import EmbeddingEngine
+from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
+from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+
+ENGINES = "/v1/management/engines"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_model, tmp_path_factory):
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path_factory.mktemp("main")), tiny_model) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def admin(gateway) -> httpx.Client:
+    headers = {"authorization": f"Bearer {gateway.gateway.admin_key}"}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as client:
+        yield client
+
+
+def wait_for(admin: httpx.Client, engine_id: str, states: set[str], timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        engine = admin.get(f"{ENGINES}/{engine_id}").json()
+        if engine["state"] in states or time.monotonic() > deadline:
+            return engine
+        time.sleep(0.1)
+
+
+def test_management_needs_the_admin_key(gateway):
+    for path in (ENGINES, "/v1/management/gpu", "/v1/management/backends"):
+        assert httpx.get(gateway.url + path).status_code == 401
+        reply = httpx.get(gateway.url + path, headers={"authorization": "Bearer wrong"})
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.post(gateway.url + ENGINES, json={"model": "x"}).status_code == 401
+
+
+def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
+    engines = admin.get(ENGINES).json()["data"]
+    graph = [e for e in engines if e["kind"] == "graph"]
+    assert [e["id"] for e in graph] == list(gateway.core.instances())
+    assert graph[0]["state"] == "ready" and graph[0]["model"] == gateway.core.model_name
+    reply = admin.delete(f"{ENGINES}/{graph[0]['id']}")
+    assert reply.status_code == 409 and reply.json()["error"]["code"] == "conflict"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"kind": "llm"}, None, "missing required field `model`"),
+        ({"model": "m", "replicas": 2}, None, "unknown field `replicas`"),
+        ({"model": "m", "tp": "two"}, "tp", "Expected `int`"),
+        ({"model": "m", "tp": 0}, "tp", "tp must be >= 1"),
+        ({"model": "m", "tp": 2}, "tp", "tp=2 needs 2 GPU(s); found none (no NVIDIA GPU found (NVML:"),
+        ({"model": "m", "use_gpu": True}, "use_gpu", "use_gpu needs 1 GPU(s); found none"),
+        ({"model": "m", "kind": "openai"}, "url", "an openai engine needs `url`"),
+        ({"model": "m", "url": "http://127.0.0.1:1"}, "url", "url and api_key are for openai engines"),
+        ({"model": "m", "max_concurrent": 0}, "max_concurrent", "max_concurrent must be >= 1"),
+        ({"model": "m", "port": 70000}, "port", "port must be 0-65535"),
+    ],
+)
+def test_bad_start_bodies_are_400(admin, body, param, words):
+    reply = admin.post(ENGINES, json=body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"] and error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_empty_or_malformed_body_is_400(admin):
+    assert admin.post(ENGINES, content=b"").status_code == 400
+    assert admin.post(ENGINES, content=b"{not json").status_code == 400
+
+
+def test_unknown_engine_is_404(admin):
+    for method in ("GET", "DELETE"):
+        reply = admin.request(method, f"{ENGINES}/llm-99")
+        assert reply.status_code == 404 and "no managed engine 'llm-99'" in reply.json()["error"]["message"]
+
+
+def test_the_gateways_own_model_name_is_409(admin, gateway):
+    reply = admin.post(ENGINES, json={"model": gateway.core.model_name})
+    assert reply.status_code == 409 and "served_model_name" in reply.json()["error"]["message"]
+
+
+def test_gpu_route_says_why_there_is_none(admin):
+    reply = admin.get("/v1/management/gpu").json()
+    assert reply["gpus"] == [] and reply["driver_version"] is None
+    assert reply["reason"].startswith("no NVIDIA GPU found (NVML: ")
+
+
+def test_backends_route_matches_the_registry(admin):
+    data = admin.get("/v1/management/backends").json()["data"]
+    assert [(b["name"], b["available"]) for b in data] == [(n, s.available) for n, s in list_backends()]
+    assert {b["name"]: b["available"] for b in data}["cpu"] is True
+
+
+def test_openai_engine_is_proxied_until_it_stops_or_goes_down(admin, gateway, tiny_model, tmp_path):
+    """A second gateway serving the same weights as `upstream` is registered as `remote`: requests for `remote`
+    reach it (model renamed on the way), with its replies, stream framing and error statuses."""
+    config = tiny_config(tmp_path, served_model_name="upstream")
+    with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as upstream:
+        body = {"model": "upstream", "kind": "openai", "url": upstream.url + "/v1/", "served_model_name": "remote"}
+        created = admin.post(ENGINES, json=body | {"label": "peer", "max_concurrent": 1})
+        assert created.status_code == 201 and created.json()["state"] == "starting"
+        engine = wait_for(admin, created.json()["id"], {"ready"})
+        assert engine["state"] == "ready" and engine["url"] == upstream.url and engine["model"] == "remote"
+
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        assert "remote" in [m.id for m in client.models.list().data]
+        params: dict[str, Any] = dict(messages=CHAT, temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+        direct = openai.OpenAI(base_url=upstream.url + "/v1", api_key="unused", max_retries=0)
+        expected = direct.chat.completions.create(model="upstream", **params).choices[0].message.content
+        assert client.chat.completions.create(model="remote", **params).choices[0].message.content == expected
+        chunks = list(client.chat.completions.create(model="remote", stream=True, **params))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=_chat("remote", stream=True)) as reply:
+            assert reply.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in reply.iter_lines() if line]
+        assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+        bad = httpx.post(gateway.url + "/v1/completions", json={"model": "remote", "prompt": "x", "max_tokens": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+        _over_the_limit_is_429(gateway.url)
+
+    # the upstream has stopped under the gateway: requests for its model are 503s (unreachable or unhealthy)
+    down = httpx.post(gateway.url + "/v1/chat/completions", json=_chat("remote"))
+    assert down.status_code == 503 and down.json()["error"]["code"] == "unavailable"
+    stopped = admin.delete(f"{ENGINES}/{engine['id']}")
+    assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
+    assert admin.get(f"{ENGINES}/{engine['id']}").status_code == 404
+    gone = httpx.post(gateway.url + "/v1/chat/completions", json=_chat("remote"))
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+
+def _chat(model: str, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": CHAT, "max_tokens": 4, **fields}
+
+
+def _over_the_limit_is_429(url: str) -> None:
+    """With max_concurrent 1, a second request while a long stream is in flight is refused with Retry-After."""
+    opened = threading.Event()
+    long = _chat("remote", stream=True, max_tokens=200, ignore_eos=True)
+
+    def hold_a_stream() -> None:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=long, timeout=60) as reply:
+            opened.set()
+            for _ in reply.iter_lines():
+                pass
+
+    holder = threading.Thread(target=hold_a_stream)
+    holder.start()
+    assert opened.wait(30)
+    second = httpx.post(url + "/v1/chat/completions", json=_chat("remote"))
+    holder.join(60)
+    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+
+
+def test_spawned_engines_serve_or_fail_with_their_error(admin, gateway, tmp_path):
+    """Two processes at once: an embedding engine on a tiny sentence-transformers model, whose vectors reach the
+    client under the gateway's name for it, and an llm engine on a missing model, failed with its own message."""
+    model = write_sentence_transformers_files(make_tiny_bert(tmp_path / "tiny-st"))
+    embedding = admin.post(ENGINES, json={"model": str(model), "kind": "embedding", "served_model_name": "vectors"})
+    broken = admin.post(ENGINES, json={"model": str(tmp_path / "missing"), "served_model_name": "broken"})
+    assert embedding.status_code == broken.status_code == 201
+
+    failed = wait_for(admin, broken.json()["id"], {"failed"})
+    assert failed["state"] == "failed" and failed["restarts"] == 0
+    assert "exited with code 2" in failed["last_error"] and "no such file or directory" in failed["last_error"]
+    reply = httpx.post(gateway.url + "/v1/chat/completions", json=_chat("broken"))
+    assert reply.status_code == 503 and "is failed" in reply.json()["error"]["message"]
+
+    ready = wait_for(admin, embedding.json()["id"], {"ready", "failed"})
+    assert ready["state"] == "ready", ready["last_error"]
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    served = {m.id for m in client.models.list().data}
+    assert "vectors" in served and "broken" not in served  # a failed engine is not offered
+    texts = ["hello world", "the quick brown fox"]
+    vectors = [d.embedding for d in client.embeddings.create(model="vectors", input=texts).data]
+    expected = EmbeddingEngine(model).embed(texts).embeddings
+    assert np.allclose(np.asarray(vectors), np.asarray(expected), atol=1e-5)
+
+    for engine in (ready, failed):
+        assert admin.delete(f"{ENGINES}/{engine['id']}").json()["state"] == "stopped"

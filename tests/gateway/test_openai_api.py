@@ -1,0 +1,230 @@
+"""The gateway through the official `openai` SDK and raw HTTP, on a tiny Llama behind graphs/colocated.yaml: replies
+equal the offline API's, streams are framed as OpenAI frames them, and every error has OpenAI's shape and status."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from sagellm import LLM, SamplingParams
+from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+
+KEY = "sk-test"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_model, tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("gw"), api_keys=[KEY], max_body_bytes=64 * 1024)
+    with running_gateway(GRAPHS / "colocated.yaml", config, model=tiny_model) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def client(gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model) -> LLM:
+    return LLM(str(tiny_model))
+
+
+def test_models_lists_the_served_model(client, gateway):
+    models = client.models.list().data
+    assert [m.id for m in models] == [gateway.core.model_name]
+
+
+def test_chat_plain_and_streamed_equal_the_offline_api(client, gateway, offline):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = offline.chat(CHAT, params)[0].outputs[0]
+    reply = client.chat.completions.create(
+        model=gateway.core.model_name, messages=CHAT, temperature=0, max_tokens=12, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 12
+    assert reply.usage.prompt_tokens == len(offline.chat(CHAT, params)[0].prompt_token_ids)
+
+    chunks = list(
+        client.chat.completions.create(
+            messages=CHAT, model=gateway.core.model_name, temperature=0, max_tokens=12, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_completions_batch_logprobs_and_max_completion_tokens(client, offline):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = ["Hello there", "One two three"]
+    expected = [o.outputs[0].text for o in offline.generate(prompts, params)]
+    reply = client.completions.create(
+        model=None or client.models.list().data[0].id, prompt=prompts, temperature=0, max_tokens=6, logprobs=2,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == expected
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    assert reply.usage.completion_tokens == 12
+
+    chat = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=CHAT, temperature=0, max_completion_tokens=3,
+        logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    entries = chat.choices[0].logprobs.content
+    assert chat.usage.completion_tokens == len(entries) <= 3 and all(len(e.top_logprobs) == 3 for e in entries)
+
+
+def test_sse_framing_at_the_http_level(gateway):
+    body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=auth()) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert all(p["object"] == "text_completion" for p in payloads)
+    assert payloads[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_error_statuses_and_shapes(client, gateway):
+    model = gateway.core.model_name
+    cases = [
+        (openai.BadRequestError, dict(temperature=-1), "temperature"),
+        (openai.BadRequestError, dict(n=2), "n"),
+        (openai.BadRequestError, dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (openai.NotFoundError, dict(model="no-such-model"), "model"),
+    ]
+    for error, extra, param in cases:
+        with pytest.raises(error) as raised:
+            client.chat.completions.create(**{"model": model, "messages": CHAT, "max_tokens": 2, **extra})
+        body = raised.value.body
+        assert set(body) == {"message", "type", "param", "code"} and body["param"] == param, body
+
+    too_long = "hello " * 5000  # the tiny model's context is far shorter
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=model, prompt=too_long, max_tokens=2)
+    assert raised.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as raised:  # streamed: the status, not a 200 holding an error
+        client.completions.create(model=model, prompt=too_long, max_tokens=2, stream=True)
+    assert raised.value.body["code"] == "context_length_exceeded"
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(gateway.url + "/v1/models").status_code == 401
+
+    big = httpx.post(gateway.url + "/v1/completions", content=b"x" * (65 * 1024), headers=auth())
+    assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
+    bad_json = httpx.post(gateway.url + "/v1/completions", content=b"{not json", headers=auth())
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    wrong_type = httpx.post(gateway.url + "/v1/completions", json={"prompt": "x", "max_tokens": "many"}, headers=auth())
+    assert wrong_type.status_code == 400 and wrong_type.json()["error"]["param"] == "max_tokens"
+
+
+def test_no_healthy_instance_is_503_and_recovers(client, gateway):
+    engine = gateway.core.instances()["engine"]
+    gateway.call(setattr, engine, "healthy", False)
+    try:
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.chat.completions.create(model=gateway.core.model_name, messages=CHAT, max_tokens=2)
+        assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"]
+        assert httpx.get(gateway.url + "/health").status_code == 503
+    finally:
+        gateway.call(setattr, engine, "healthy", True)
+    assert client.chat.completions.create(model=gateway.core.model_name, messages=CHAT, max_tokens=2).choices
+
+
+def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(gateway):
+    (engine,) = gateway.core.operators_of("engine")
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected engine failure")
+        return real_step()
+
+    gateway.call(setattr, engine, "step", failing_step)
+    try:
+        body = {"prompt": "Hello", "max_tokens": 20, "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=auth()) as response:
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    finally:
+        gateway.call(delattr, engine, "step")
+    assert response.status_code == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "internal" and "injected engine failure" in error["message"]
+    assert all("choices" in json.loads(e) for e in events[:-2])  # the failure is not assistant text
+
+
+def test_a_client_that_leaves_cancels_its_request(gateway):
+    body = {"prompt": "Hello", "max_tokens": 240, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=auth()) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    (engine,) = gateway.core.operators_of("engine")
+    for _ in range(200):
+        if not gateway.call(engine.in_flight) and gateway.core.in_flight == 0:
+            break
+        httpx.get(gateway.url + "/health")  # a short wait that also proves the loop is responsive
+    assert gateway.call(engine.in_flight) == [] and gateway.core.in_flight == 0
+    snapshot = gateway.call(gateway.core.metrics_snapshot)
+    assert snapshot.active == 0
+
+
+def test_health_metrics_openapi_and_admin(gateway):
+    health = httpx.get(gateway.url + "/health").json()
+    assert health["status"] == "ok" and health["engines"][0]["role"] == "colocated"
+    text = httpx.get(gateway.url + "/metrics").text
+    for name in (
+        "time_to_first_token_seconds",
+        "time_per_output_token_seconds",
+        "e2e_request_latency_seconds",
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prefix_cache_hits",
+    ):
+        assert f"sagellm:{name}" in text, name  # fmt: skip
+    spec = httpx.get(gateway.url + "/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"] and "ChatCompletionRequest" in spec["components"]["schemas"]
+
+    admin = {"Authorization": f"Bearer {gateway.gateway.admin_key}"}
+    assert httpx.post(gateway.url + "/admin/set_policy", json={"policy": "priority"}).status_code == 401
+    assert httpx.post(gateway.url + "/admin/set_policy", json={"policy": "priority"}, headers=auth()).status_code == 401
+    switched = httpx.post(gateway.url + "/admin/set_policy", json={"policy": "priority"}, headers=admin)
+    assert switched.status_code == 200 and switched.json()["nodes"] == ["sort"]
+    assert gateway.core.operators_of("policy_sort")[0].policy_name == "priority"
+    bad = httpx.post(gateway.url + "/admin/set_policy", json={"policy": "nope"}, headers=admin)
+    assert bad.status_code == 400 and "fifo" in bad.json()["error"]["message"]
+    metrics = httpx.get(gateway.url + "/admin/metrics", headers=admin).json()
+    assert metrics["completed"] >= 1 and "ttft" in metrics
+
+
+def test_the_pd_graph_serves_the_same_replies(tiny_model, tmp_path, offline):
+    """graphs/pd.yaml behind the gateway: prefill and decode in two worker processes, the KV moved over ZeroMQ."""
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = offline.chat(CHAT, params)[0].outputs[0].text
+    with running_gateway(GRAPHS / "pd.yaml", tiny_config(tmp_path), model=tiny_model) as gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0)
+        body = dict(
+            model=gw.core.model_name, messages=CHAT, temperature=0, max_tokens=10, extra_body={"ignore_eos": True}
+        )
+        assert client.chat.completions.create(**body).choices[0].message.content == expected
+        chunks = client.chat.completions.create(**body, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+        roles = {s.role: s.healthy for s in gw.core.instances().values()}
+        assert roles == {"prefill": True, "decode": True}
