@@ -37,7 +37,7 @@ PIPELINE_BENCHES = (
     ("pipeline", "pipeline_overhead", "control-plane overhead: the pipeline vs an instant fixture (W5)"),
     ("pd", "pd_split", "colocated vs prefill/decode split on mixed prompt lengths (W4)"),
     ("policies", "policies", "scheduling policies under overload: real engine and a 1,000-instance simulator (W6)"),
-    ("serve", "serve", "streaming load on OpenAI-compatible servers, several compared in one run (W1)"),
+    ("serve", "serve_cli", "streaming load on OpenAI-compatible servers, several compared in one run (W1)"),
 )
 
 

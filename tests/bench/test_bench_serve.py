@@ -25,10 +25,9 @@ from sagellm.bench.serve import (
     goodput,
     median_summary,
     meets_slos,
-    parse_goodput,
-    parse_targets,
     summarize,
 )
+from sagellm.bench.serve_cli import parse_goodput, parse_targets
 from sagellm.bench.serve_datasets import DatasetError, SampleRequest, jsonl_requests, random_requests
 from sagellm.bench.sse_fixture import StreamingFixture, serve, serving_in_thread
 from sagellm.cli.main import main
