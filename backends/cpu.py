@@ -1,12 +1,21 @@
-"""The CPU backend: the shared torch ops, with `linear` on weight layouts measured to be fastest on x86 CPUs.
+"""The CPU backend: the shared torch ops, with `linear` on weight layouts measured to be fastest on x86 CPUs, and
+native C kernels (backends/native) for small-batch decode.
 
 A CPU LLM server is memory-bound at decode: every step streams every weight once. Measured on the 2-core AVX-512
 machine this was written on (torch 2.13, MKL + oneDNN, fp32), oneDNN's matmul on a weight reordered once into its
 blocked layout beats `F.linear` on the [out, in] weight and `torch.mm` on an [in, out] copy by 1.5-3x from two rows
-up (batched decode, prefill), and matches them for one row on hidden-sized outputs. The exception is a single row
-against a wide output (gate_up and the lm_head during batch-1 decode), where MKL's GEMV on a contiguous [in, out]
-copy is 1.4-2x faster (2x for gate_up 576->3072 at 2 threads), so weights that wide keep that copy as well; the
-vocabulary projection, wider still, is again oneDNN's (`GEMV_COPY_OUT`)."""
+up (batched decode, prefill). For one or two rows (small-batch decode) the native `linear_f32`, streaming the dense
+[out, in] weight on one thread, beats them all: one core reads memory as fast as two here (~20 GB/s), and it wakes
+no second thread (SmolLM2's 121 linears of a batch-1 step: 24 vs 40 ms). So fp32 weights keep their dense layout
+beside the blocked one when the native kernels are available: twice the linears' memory, except a vocabulary
+projection tied to the embedding, which shares the embedding's tensor. Without them, a single row against a wide
+output (gate_up) uses MKL's GEMV on an [in, out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`).
+
+Around the linears, at a few rows per step torch spends more on dispatching RMSNorm, RoPE, SiLU and attention and on
+waking its OpenMP worker than on their math, and its decode attention first copies every context into a padded
+tensor; the C kernels do each op in one call on the calling thread and read the paged cache in place.
+`NativeDispatch` picks per call, by shape, and falls back to the torch ops for anything the C code does not take
+(other dtypes, more rows) or when no C compiler is found."""
 
 from __future__ import annotations
 
@@ -16,38 +25,163 @@ import torch
 import torch.nn.functional as F
 
 from sagellm.backends import torch_ops
+from sagellm.backends.attention_metadata import AttentionMetadata
 from sagellm.backends.base import Availability, KernelTable
+from sagellm.backends.native import (
+    NativeKernels,
+    fits_decode_attention,
+    fits_dense,
+    fits_heads,
+    fits_rows,
+)
 from sagellm.backends.registry import register_backend
 
-# Outputs this wide (gate_up) also keep an [in, out] copy for one-row calls, where MKL's GEMV streams the weight
-# fastest. A vocabulary projection (49152 wide) is one call big enough that oneDNN's two threads beat it (4.9 vs
-# 6.0 ms for SmolLM2's lm_head at 2 threads), and its copy would cost another 113 MB.
+# Without native kernels, outputs this wide (gate_up) also keep an [in, out] copy for one-row calls, where MKL's GEMV
+# streams the weight fastest. A vocabulary projection (49152 wide) is one call big enough that oneDNN's two threads
+# beat it (4.9 vs 6.0 ms for SmolLM2's lm_head at 2 threads), and its copy would cost another 113 MB.
 GEMV_COPY_OUT = range(2048, 16384)
 PACK_BATCH_HINT = 16  # rows oneDNN tunes the blocked layout for; measured as good at 1, 16 and 256 rows
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# Rows up to which the single-threaded native RMSNorm / RoPE / SiLU beat torch's ops, which wake a second thread.
+NATIVE_MAX_ROWS = 64
+# Rows up to which the native linear, streaming the dense weight on one thread, beats oneDNN's blocked one.
+NATIVE_LINEAR_ROWS = 2
+# Cached keys (rows x context) from which native decode attention shares its (row, kv head) tasks among torch's
+# threads; below it one thread finishes before a sleeping second one would wake up.
+NATIVE_PARALLEL_KEYS = 2048
 
 
 @dataclass(frozen=True)
 class CpuLinearWeight:
     packed: torch.Tensor  # [out, in], oneDNN-blocked (opaque mkldnn tensor) when the dtype allows, else dense
-    rows: torch.Tensor | None  # [in, out] contiguous, only for outputs in GEMV_COPY_OUT
+    rows: torch.Tensor | None  # [in, out] contiguous, for outputs in GEMV_COPY_OUT when there is no `dense`
+    dense: torch.Tensor | None = None  # [out, in] contiguous fp32, for the native linear
 
 
-def pack_linear_weight(weight: torch.Tensor) -> CpuLinearWeight:
+def pack_linear_weight(weight: torch.Tensor, keep_dense: bool = False) -> CpuLinearWeight:
+    """The layouts `linear` reads; `keep_dense` (native kernels available) also keeps an fp32 weight as it is."""
     weight = weight.to("cpu").contiguous()  # [N, K]
-    rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT else None  # [K, N]
+    dense = weight if keep_dense and weight.dtype == torch.float32 else None
+    rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT and dense is None else None  # [K, N]
     if torch.backends.mkldnn.is_available() and weight.dtype in _ONEDNN_DTYPES:
-        return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows)
-    return CpuLinearWeight(weight, rows)
+        return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows, dense)
+    return CpuLinearWeight(weight, rows, dense)
 
 
 def linear(x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] -> [T, N] (+ bias [N]) on a weight packed by `pack_linear_weight`."""
+    """x [T, K] -> [T, N] (+ bias [N]) on a weight packed by `pack_linear_weight`, with torch's GEMMs."""
     if weight.rows is not None and x.shape[0] == 1:
         return torch.mm(x, weight.rows) if bias is None else torch.addmm(bias, x, weight.rows)  # [1, N]
     if weight.packed.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")  # [T, N]
     return F.linear(x, weight.packed, bias)
+
+
+class NativeDispatch:
+    """The kernel-table ops that run a native kernel or the torch op, chosen per call by shape and layout."""
+
+    def __init__(self, native: NativeKernels) -> None:
+        self.native = native
+        self.buffers = torch_ops.GatherBuffers()  # for the torch decode attention, and prefill chunks' gathers
+
+    def ops(self) -> KernelTable:
+        return {
+            "linear": self.linear,
+            "rmsnorm": self.rmsnorm,
+            "add_rmsnorm": self.add_rmsnorm,
+            "rope": self.rope,
+            "silu_mul": self.silu_mul,
+            "attention": self.attention,
+            "paged_decode_attention": self.paged_decode_attention,
+        }
+
+    def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        fits = weight.dense is not None and fits_rows(x) and (bias is None or fits_dense(bias))
+        if x.shape[0] <= NATIVE_LINEAR_ROWS and fits:
+            return self.native.linear(x, weight.dense, bias)
+        return linear(x, weight, bias)
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.shape[0] <= NATIVE_MAX_ROWS and fits_rows(x) and fits_dense(weight):
+            return self.native.rmsnorm(x, weight, eps)
+        return torch_ops.rmsnorm(x, weight, eps)
+
+    def add_rmsnorm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] <= NATIVE_MAX_ROWS and fits_rows(x, residual) and fits_dense(weight):
+            return self.native.add_rmsnorm(x, residual, weight, eps)
+        return torch_ops.add_rmsnorm(x, residual, weight, eps)
+
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        fits = fits_heads(q, k) and fits_dense(cos_sin) and fits_dense(positions, dtype=torch.int64)
+        if q.shape[0] <= NATIVE_MAX_ROWS and fits:
+            return self.native.rope(q, k, positions, cos_sin)
+        return torch_ops.rope(q, k, positions, cos_sin)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= NATIVE_MAX_ROWS and fits_rows(x):
+            return self.native.silu_mul(x)
+        return torch_ops.silu_mul(x)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """A decode-only batch (the steady state) writes its K/V and attends natively; a batch with prefill chunks
+        runs the torch op, with `paged_decode_attention` below as its decode half.
+
+        Whether decode attention is native depends only on the model and the cache (dtype, head size, layouts), not
+        on the step, so a model's decodes all go one way: the torch path's kept K/V (GatherBuffers) is never left
+        missing the tokens of steps that ran natively."""
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        if (
+            meta.num_decode_tokens == q.shape[0]  # so tables and lens are set
+            and fits_heads(k, v)
+            and fits_dense(meta.slot_mapping, dtype=torch.int64)
+            and fits_decode_attention(q, k_cache, v_cache, tables, lens)
+        ):
+            self.native.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            return self._native_decode(q, k_cache, v_cache, tables, lens, scale)
+        return torch_ops.attention(
+            q, k, v, k_cache, v_cache, meta, scale, decode=self.paged_decode_attention, buffers=self.buffers
+        )
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        if fits_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
+            return self._native_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return torch_ops.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale, buffers=self.buffers
+        )
+
+    def _native_decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        keys = q.shape[0] * block_tables.shape[1] * k_cache.shape[1]  # an upper bound: tables span the contexts
+        threads = torch.get_num_threads() if keys >= NATIVE_PARALLEL_KEYS else 1
+        return self.native.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, threads)
 
 
 @register_backend
@@ -60,7 +194,10 @@ class CpuBackend(torch_ops.TorchOpsBackend):
         return Availability(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def prepare_linear_weight(self, weight: torch.Tensor) -> CpuLinearWeight:
-        return pack_linear_weight(weight)
+        return pack_linear_weight(weight, keep_dense=NativeKernels.load() is not None)
 
     def kernels(self) -> KernelTable:
-        return {**super().kernels(), "linear": linear}
+        """The torch ops with the CPU `linear`, and native kernels where a C compiler built them."""
+        table = {**super().kernels(), "linear": linear}
+        native = NativeKernels.load()
+        return table if native is None else {**table, **NativeDispatch(native).ops()}

@@ -58,9 +58,9 @@ def test_rmsnorm_and_add_rmsnorm(ops: dict, hidden: int) -> None:
 @pytest.mark.parametrize(
     ("tokens", "k", "n", "dtype"),
     [
-        (1, 96, 200, torch.float32),  # oneDNN-packed weight
-        (17, 96, 200, torch.float32),
-        (1, 8, GEMV_COPY_OUT.start, torch.float32),  # gate_up-sized: one row reads the [in, out] copy
+        (1, 96, 200, torch.float32),  # one row: the native GEMV on the dense weight (oneDNN without a compiler)
+        (17, 96, 200, torch.float32),  # oneDNN-packed weight
+        (1, 8, GEMV_COPY_OUT.start, torch.float32),  # gate_up-sized: native, or MKL on the [in, out] copy
         (3, 8, GEMV_COPY_OUT.start, torch.float32),
         (1, 8, GEMV_COPY_OUT.stop, torch.float32),  # vocabulary-sized: oneDNN again
         (2, 24, 40, torch.float64),  # a dtype oneDNN does not take: dense weight, F.linear

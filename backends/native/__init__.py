@@ -1,0 +1,26 @@
+"""Native (plain C) CPU kernels for small-batch decode, compiled with the system compiler on first use.
+
+`NativeKernels.load()` gives the ops (or None where no library can be built, or with SAGELLM_NATIVE_KERNELS=0); the
+CPU backend's kernel table calls them for the shapes where they beat torch and runs the torch ops otherwise."""
+
+from sagellm.backends.native.build import DISABLE_ENV, NativeBuildError, native_library
+from sagellm.backends.native.ops import (
+    NativeKernels,
+    NativeShapeError,
+    fits_decode_attention,
+    fits_dense,
+    fits_heads,
+    fits_rows,
+)
+
+__all__ = [
+    "DISABLE_ENV",
+    "NativeBuildError",
+    "NativeKernels",
+    "NativeShapeError",
+    "fits_decode_attention",
+    "fits_dense",
+    "fits_heads",
+    "fits_rows",
+    "native_library",
+]

@@ -1,0 +1,126 @@
+"""Builds the native kernels' C source with the system C compiler on first use and loads the library with ctypes.
+
+Plain C and ctypes, not a torch extension: compiling against torch's headers takes about a minute, this takes about
+a second, once per machine. The library is cached as $SAGELLM_HOME/kernels/<key>.so (default ~/.cache/sagellm),
+keyed by the source, the flags and the CPU: `-march=native` code must never be loaded on a CPU it was not built for
+(a shared home directory). Builds go to a temporary file renamed into place, so processes starting at once (the
+workers of a pipeline) never load a half-written library. Any failure (no compiler, a failed build or load) is
+logged once and reported as None: the CPU backend then runs its torch ops, it never fails the engine."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import structlog
+
+from sagellm.model_cache import DEFAULT_HOME, HOME_ENV
+
+log = structlog.get_logger("sagellm.native")
+
+SOURCE = Path(__file__).with_name("decode_kernels.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+BUILD_TIMEOUT_S = 120  # the build takes ~1-2 s; a compiler stuck longer must not hold up the engine's start
+DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+# Each exported function's arguments, in the order decode_kernels.c declares them; all return void.
+PROTOTYPES: dict[str, tuple[type, ...]] = {
+    "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32),
+    "rope_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64),
+    "silu_mul_f32": (_P, _I64, _P, _I64, _I64),
+    "write_kv_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64),
+    "linear_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64),
+    "paged_decode_attention_f32": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I32),
+}
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded here; the message says why in one line."""
+
+
+def kernels_dir() -> Path:
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser() / "kernels"
+
+
+def library_key(source: bytes) -> str:
+    """Hash of what the built library depends on: the source, the flags and the CPU it is tuned for."""
+    digest = hashlib.sha256(source)
+    digest.update(" ".join(CFLAGS).encode())
+    digest.update(f"{platform.machine()} {_cpu_identity()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (what -march=native reads), or the platform's processor name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags")
+    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
+
+
+def build(directory: Path | None = None) -> Path:
+    """The compiled library's path, compiling it first if this source/CPU pair has none yet."""
+    source = SOURCE.read_bytes()
+    directory = directory or kernels_dir()
+    target = directory / f"decode_kernels-{library_key(source)}.so"
+    if target.exists():
+        return target
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise NativeBuildError("no C compiler (gcc or cc) on PATH")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=directory)
+    os.close(fd)
+    try:
+        command = [compiler, *CFLAGS, "-o", partial, str(SOURCE), "-lm"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise NativeBuildError(f"{compiler} took over {BUILD_TIMEOUT_S} s on {SOURCE.name}") from None
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            first_error = next((line for line in lines if "error" in line), lines[0])
+            raise NativeBuildError(f"{compiler} failed on {SOURCE.name} (exit {done.returncode}): {first_error}")
+        os.chmod(partial, 0o755)  # mkstemp's 0600 would hide the library from other users of a shared cache
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    log.info("native_kernels_built", path=str(target))
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Opens the library and declares every function's argument types, so ctypes converts arguments correctly."""
+    try:
+        library = ctypes.CDLL(str(path))
+        for name, argtypes in PROTOTYPES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, None
+    except (OSError, AttributeError) as exc:
+        raise NativeBuildError(f"cannot load {path}: {exc}") from exc
+    return library
+
+
+def native_library() -> ctypes.CDLL | None:
+    """The loaded library, built on first use; None when turned off by $SAGELLM_NATIVE_KERNELS=0 or unavailable."""
+    return None if os.environ.get(DISABLE_ENV) == "0" else _build_and_load()
+
+
+@functools.cache
+def _build_and_load() -> ctypes.CDLL | None:
+    """Once per process, so an unavailable library is tried and logged once, not per engine."""
+    try:
+        return load(build())
+    except (NativeBuildError, OSError) as exc:
+        log.warning("native_kernels_unavailable", reason=str(exc), fallback="torch ops")
+        return None

@@ -1,0 +1,218 @@
+"""The native kernels as kernel-table ops on torch tensors: allocate the output, pass pointers and strides, return
+what the torch op of the same name returns (backends/base.py).
+
+The C code trusts its arguments, so `fits_*` predicates say whether tensors have the dtype and layout it reads; the
+CPU backend's dispatch asks them before calling and runs the torch op otherwise. The wrappers also check that the
+shapes agree (raising NativeShapeError, where C would read out of bounds); what they do not check is stated per op.
+Outputs are fresh tensors, never views of an input, like the torch ops'."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from sagellm.backends.native.build import native_library
+
+F32 = torch.float32
+MAX_HEAD_DIM = 256  # decode_kernels.c MAX_HEAD_DIM
+
+
+def fits_rows(*tensors: torch.Tensor) -> bool:
+    """fp32 [T, N] with unit-stride rows (any row stride), as the norm and SiLU kernels read them."""
+    return all(t.dtype == F32 and t.dim() == 2 and t.stride(1) == 1 for t in tensors)
+
+
+def fits_heads(*tensors: torch.Tensor) -> bool:
+    """fp32 [T, H, D] with the heads of a row packed (any row stride): views of a fused qkv output qualify."""
+    return all(t.dtype == F32 and t.dim() == 3 and t.stride()[1:] == (t.shape[2], 1) for t in tensors)
+
+
+def fits_dense(*tensors: torch.Tensor, dtype: torch.dtype = F32) -> bool:
+    """Contiguous tensors of `dtype`: weights, the rotary table, the caches, index tensors."""
+    return all(t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
+def fits_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor
+) -> bool:
+    """What `paged_decode_attention` reads: packed fp32 heads of a size the C code vectorizes (a multiple of 8, at
+    most MAX_HEAD_DIM), contiguous fp32 caches and int32 tables."""
+    d = q.shape[-1]
+    return (
+        d % 8 == 0
+        and d <= MAX_HEAD_DIM
+        and fits_heads(q)
+        and fits_dense(k_cache, v_cache)
+        and fits_dense(block_tables, lens, dtype=torch.int32)
+    )
+
+
+class NativeShapeError(ValueError):
+    """Tensors passed to a native kernel whose shapes do not fit together."""
+
+
+class NativeKernels:
+    """The ops of the loaded library; `load()` is None where it cannot be built (see build.py)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._lib = library
+
+    @classmethod
+    def load(cls) -> NativeKernels | None:
+        library = native_library()
+        return None if library is None else cls(library)
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rows, hidden = x.shape
+        _expect(weight.shape == (hidden,), "rmsnorm weight", weight, x)
+        normed = torch.empty((rows, hidden), dtype=F32)  # [T, H]
+        self._lib.rmsnorm_f32(
+            x.data_ptr(), x.stride(0), None, 0, _f32(weight), normed.data_ptr(), None, rows, hidden, eps
+        )
+        return normed
+
+    def add_rmsnorm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, hidden = x.shape
+        _expect(residual.shape == x.shape, "add_rmsnorm residual", residual, x)
+        _expect(weight.shape == (hidden,), "add_rmsnorm weight", weight, x)
+        normed = torch.empty((rows, hidden), dtype=F32)  # [T, H]
+        summed = torch.empty((rows, hidden), dtype=F32)  # [T, H] = x + residual
+        self._lib.rmsnorm_f32(
+            x.data_ptr(),
+            x.stride(0),
+            residual.data_ptr(),
+            residual.stride(0),
+            _f32(weight),
+            normed.data_ptr(),
+            summed.data_ptr(),
+            rows,
+            hidden,
+            eps,
+        )
+        return normed, summed
+
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hk, D] rotated into one [T, Hq + Hk, D] tensor, returned as its q and k views.
+        Positions are not checked against the table's length (the runner's are below max_model_len, its size)."""
+        tokens, hq, d = q.shape
+        hk = k.shape[1]
+        _expect(k.shape == (tokens, hk, d) and positions.shape == (tokens,), "rope k and positions", k, q)
+        _expect(cos_sin.dim() == 2 and cos_sin.shape[1] == d, "rope cos_sin table", cos_sin, q)
+        out = torch.empty((tokens, hq + hk, d), dtype=F32)  # [T, Hq + Hk, D]
+        self._lib.rope_f32(
+            q.data_ptr(),
+            q.stride(0),
+            k.data_ptr(),
+            k.stride(0),
+            _contiguous(positions, torch.int64),
+            _f32(cos_sin),
+            out.data_ptr(),
+            tokens,
+            hq,
+            hk,
+            d,
+        )
+        return out[:, :hq], out[:, hq:]  # [T, Hq, D], [T, Hk, D]
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        rows, inter = x.shape[0], x.shape[1] // 2
+        _expect(x.shape[1] % 2 == 0, "silu_mul input (gate and up halves)", x, x)
+        out = torch.empty((rows, inter), dtype=F32)  # [T, I]
+        self._lib.silu_mul_f32(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inter)
+        return out
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, K] @ weight [N, K]^T (+ bias [N]) -> [T, N]; weight and bias contiguous fp32."""
+        tokens, k = x.shape
+        n = weight.shape[0]
+        _expect(weight.shape == (n, k) and (bias is None or bias.shape == (n,)), "linear weight and bias", weight, x)
+        out = torch.empty((tokens, n), dtype=F32)  # [T, N]
+        self._lib.linear_f32(
+            x.data_ptr(),
+            x.stride(0),
+            _f32(weight),
+            None if bias is None else _f32(bias),
+            out.data_ptr(),
+            tokens,
+            n,
+            k,
+        )
+        return out
+
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """Stores k, v [T, Hk, D] at their flat slots of the caches [num_blocks, block_size, Hk, D]; the slots are
+        not checked against the caches' size (the runner's come from the block manager)."""
+        tokens, hk, d = k.shape
+        _expect(v.shape == k.shape and slots.shape == (tokens,), "write_kv v and slots", v, k)
+        _expect(k_cache.shape == v_cache.shape and k_cache.shape[2:] == (hk, d), "write_kv caches", k_cache, k)
+        self._lib.write_kv_f32(
+            k.data_ptr(),
+            k.stride(0),
+            v.data_ptr(),
+            v.stride(0),
+            _contiguous(slots, torch.int64),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            tokens,
+            hk,
+            d,
+        )
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        num_threads: int = 1,
+    ) -> torch.Tensor:
+        """q [B, Hq, D] against each row's context_lens[b] cached tokens; [B, Hq, D]. Block tables must only name
+        blocks of the caches and context_lens be at most the table's width in tokens, as the runner's are."""
+        batch, hq, d = q.shape
+        _, block_size, hk, _ = k_cache.shape
+        _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
+        _expect(block_tables.shape[0] == batch and context_lens.shape == (batch,), "tables", block_tables, q)
+        out = torch.empty((batch, hq, d), dtype=F32)  # [B, Hq, D]
+        self._lib.paged_decode_attention_f32(
+            q.data_ptr(),
+            q.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            _contiguous(block_tables, torch.int32),
+            block_tables.shape[1],
+            _contiguous(context_lens, torch.int32),
+            out.data_ptr(),
+            batch,
+            hq,
+            hk,
+            d,
+            block_size,
+            scale,
+            num_threads,
+        )
+        return out
+
+
+def _expect(fits: bool, what: str, tensor: torch.Tensor, against: torch.Tensor) -> None:
+    if not fits:
+        raise NativeShapeError(f"{what} of shape {tuple(tensor.shape)} does not fit {tuple(against.shape)}")
+
+
+def _f32(t: torch.Tensor) -> int:
+    return _contiguous(t, F32)
+
+
+def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> int:
+    """The address of t's data, which the C code reads as a dense array of `dtype`."""
+    if t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(f"native kernel input must be contiguous {dtype}, got {t.dtype} with strides {t.stride()}")
+    return t.data_ptr()

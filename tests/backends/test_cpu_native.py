@@ -1,0 +1,273 @@
+"""The native C kernels of the CPU backend against the torch ops they replace, the backend's dispatch between the
+two, the build's failure modes, and greedy tokens of an engine with native kernels == an engine without them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import structlog
+import torch
+
+from sagellm import SamplingParams
+from sagellm.backends import torch_ops
+from sagellm.backends.cpu import (
+    NATIVE_LINEAR_ROWS,
+    NATIVE_MAX_ROWS,
+    CpuBackend,
+    NativeDispatch,
+    linear,
+    pack_linear_weight,
+)
+from sagellm.backends.native import DISABLE_ENV, NativeBuildError, NativeKernels, NativeShapeError, build
+from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler (gcc or cc)"
+)
+
+
+@pytest.fixture(scope="module")
+def native() -> NativeKernels:
+    kernels = NativeKernels.load()
+    assert kernels is not None, "a C compiler is on PATH, so the native kernels must build"
+    return kernels
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-5, atol=atol)
+
+
+def strided_rows(rows: int, cols: int, pad: int = 8) -> torch.Tensor:
+    """[rows, cols] fp32 whose rows are `cols + pad` apart: a view, like the column slices the model graph makes."""
+    return torch.randn(rows, cols + pad)[:, :cols]
+
+
+@pytest.mark.parametrize("rows", [1, NATIVE_LINEAR_ROWS, 5])
+@pytest.mark.parametrize(("k", "n"), [(576, 960), (1536, 576), (40, 7)])  # 40: not a multiple of the 32-wide loop
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear(native: NativeKernels, rows: int, k: int, n: int, with_bias: bool) -> None:
+    x, weight = strided_rows(rows, k), torch.randn(n, k)
+    bias = torch.randn(n) if with_bias else None
+    expected = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    close(native.linear(x, weight, bias), expected, atol=1e-4)
+
+
+def test_fp32_weights_keep_their_dense_layout_for_the_native_linear() -> None:
+    embedding = torch.randn(4096, 64)  # a vocabulary projection tied to the embedding: the same tensor
+    assert pack_linear_weight(embedding, keep_dense=True).dense is embedding
+    gate_up = pack_linear_weight(torch.randn(3072, 64), keep_dense=True)
+    assert gate_up.rows is None, "the dense weight serves one-row calls; no [in, out] copy besides"
+    assert pack_linear_weight(torch.randn(8, 8, dtype=torch.float64), keep_dense=True).dense is None
+    assert pack_linear_weight(embedding).dense is None
+
+
+@pytest.mark.parametrize("rows", [1, NATIVE_LINEAR_ROWS + 1])
+def test_dispatched_linear(dispatch: NativeDispatch, rows: int) -> None:
+    weight = pack_linear_weight(torch.randn(96, 64), keep_dense=True)
+    x, bias = torch.randn(rows, 64), torch.randn(96)
+    close(dispatch.linear(x, weight, bias), linear(x, weight, bias), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS])
+@pytest.mark.parametrize("hidden", [64, 576, 100])
+def test_rmsnorm_and_add_rmsnorm(native: NativeKernels, rows: int, hidden: int) -> None:
+    x, residual, weight = strided_rows(rows, hidden), torch.randn(rows, hidden), torch.rand(hidden) + 0.5
+    close(native.rmsnorm(x, weight, 1e-6), torch_ops.rmsnorm(x, weight, 1e-6))
+    normed, summed = native.add_rmsnorm(x, residual, weight, 1e-5)
+    expected_normed, expected_summed = torch_ops.add_rmsnorm(x, residual, weight, 1e-5)
+    assert torch.equal(summed, expected_summed)
+    close(normed, expected_normed)
+
+
+@pytest.mark.parametrize(("hq", "hk", "d"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+def test_rope_on_fused_qkv_views_and_separate_tensors(native: NativeKernels, hq: int, hk: int, d: int) -> None:
+    tokens = 5
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d)
+    q = qkv[:, : hq * d].view(tokens, hq, d)  # strided views of the fused qkv output, as the graph gives them
+    k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
+    positions = torch.tensor([0, 1, 17, 300, 511])
+    cos_sin = torch.randn(512, d)
+    before = qkv.clone()
+    for q_in, k_in in [(q, k), (q.contiguous(), k.contiguous())]:
+        q_rot, k_rot = native.rope(q_in, k_in, positions, cos_sin)
+        expected_q, expected_k = torch_ops.rope(q_in, k_in, positions, cos_sin)
+        close(q_rot, expected_q)
+        close(k_rot, expected_k)
+    assert torch.equal(qkv, before), "rotated into new tensors, the input left as it was"
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_silu_mul(native: NativeKernels, rows: int) -> None:
+    x = strided_rows(rows, 2 * 1536) * 4  # gate values far into both tails of the sigmoid
+    close(native.silu_mul(x), torch_ops.silu_mul(x))
+
+
+def decode_batch(paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: list[int], block_size: int = 16):
+    """Sequences prefilled to `prompt_lens` tokens in a paged cache, then one decode step's q, k, v and metadata."""
+    seqs = paged_sequences(hq, hk, d, block_size=block_size, seed=len(prompt_lens))
+    names = [f"s{i}" for i in range(len(prompt_lens))]
+    q, k, v, meta, _ = seqs.step([], list(zip(names, prompt_lens)))
+    torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    q, k, v, meta, owners = seqs.step(names, [])
+    return seqs, q, k, v, meta, owners
+
+
+@pytest.mark.parametrize(
+    ("hq", "hk", "d", "prompt_lens"),
+    [
+        (9, 3, 64, [255]),  # SmolLM2's heads; 256 cached tokens, 8 chunks of 32 keys
+        (9, 3, 64, [0, 15, 16, 31, 100]),  # contexts 1, 16 (one whole block), 17, 32 (one chunk) and 101
+        (8, 1, 128, [40, 3]),  # multi-query, the other specialised head size
+        (4, 2, 24, [70, 33]),  # a head size without a specialised loop
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paged_decode_attention(
+    native: NativeKernels, paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: list[int], threads: int
+) -> None:
+    seqs, q, k, v, meta, owners = decode_batch(paged_sequences, hq, hk, d, prompt_lens)
+    native.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
+    assert torch.equal(seqs.v_cache.flatten(0, 1)[meta.slot_mapping], v)
+    tables, lens = meta.decode_block_tables, meta.decode_context_lens
+    out = native.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, d**-0.5, threads)
+    close(out, seqs.reference(q, owners, d**-0.5))
+    close(out, torch_ops.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, d**-0.5))
+
+
+def test_shapes_that_do_not_fit_raise_instead_of_reading_out_of_bounds(native: NativeKernels) -> None:
+    with pytest.raises(NativeShapeError, match=r"linear weight and bias of shape \(8, 32\) does not fit \(1, 64\)"):
+        native.linear(torch.randn(1, 64), torch.randn(8, 32), None)
+    with pytest.raises(NativeShapeError, match="add_rmsnorm residual"):
+        native.add_rmsnorm(torch.randn(2, 8), torch.randn(1, 8), torch.rand(8), 1e-6)
+    cache = torch.zeros(4, 16, 2, 32)
+    with pytest.raises(NativeShapeError, match="caches"):  # head size 64 against a cache of 32
+        native.paged_decode_attention(
+            torch.randn(1, 4, 64),
+            cache,
+            cache,
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32),
+            1.0,
+        )
+
+
+@pytest.fixture
+def dispatch(native: NativeKernels) -> NativeDispatch:
+    return NativeDispatch(native)
+
+
+def test_the_cpu_kernel_table_uses_the_native_ops(dispatch: NativeDispatch) -> None:
+    ops = CpuBackend().kernels()
+    for name in dispatch.ops():
+        assert getattr(ops[name], "__func__", None) is getattr(NativeDispatch, name), name
+
+
+def test_the_kernel_table_is_torch_only_when_native_kernels_are_turned_off(monkeypatch) -> None:
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    backend = CpuBackend()
+    ops = backend.kernels()
+    assert ops["rmsnorm"] is torch_ops.rmsnorm and ops["rope"] is torch_ops.rope and ops["linear"] is linear
+    wide = torch.randn(3072, 64)  # gate_up-sized: one row reads MKL's GEMV on an [in, out] copy instead
+    packed = backend.prepare_linear_weight(wide)
+    assert packed.dense is None and packed.rows is not None
+    x = torch.randn(1, 64)
+    close(ops["linear"](x, packed), x.double() @ wide.double().T, atol=1e-4)
+
+
+def test_dispatch_falls_back_to_torch_for_what_the_c_code_does_not_take(dispatch: NativeDispatch) -> None:
+    many = torch.randn(NATIVE_MAX_ROWS + 1, 64)
+    weight = torch.rand(64)
+    assert torch.equal(dispatch.rmsnorm(many, weight, 1e-6), torch_ops.rmsnorm(many, weight, 1e-6))
+    wide = torch.randn(2, 64, dtype=torch.float64)
+    assert dispatch.rmsnorm(wide, weight.double(), 1e-6).dtype == torch.float64  # not fp32: torch's op
+    assert dispatch.silu_mul(wide).dtype == torch.float64
+
+
+@pytest.mark.parametrize(("hq", "hk", "d"), [(9, 3, 64), (4, 2, 12)], ids=["native", "head-size-12-torch"])
+def test_dispatched_attention_over_mixed_and_decode_only_steps(
+    dispatch: NativeDispatch, paged_sequences: type, hq: int, hk: int, d: int
+) -> None:
+    seqs = paged_sequences(hq, hk, d, block_size=4)
+    schedule = [
+        ([], [("a", 37), ("b", 9)]),
+        (["a", "b"], []),  # decode-only: native write and attention
+        (["a", "b"], [("c", 6)]),  # mixed: torch prefill, native decode half
+        (["a", "b", "c"], []),
+        (["b"], [("a", 3)]),
+    ]
+    for decodes, prefills in schedule:
+        q, k, v, meta, owners = seqs.step(decodes, prefills)
+        out = dispatch.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, d**-0.5)
+        close(out, seqs.reference(q, owners, d**-0.5))
+        assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
+
+
+def test_a_failed_build_is_an_error_naming_the_compiler_output(tmp_path, monkeypatch) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("void f(void) { this is not C }\n")
+    monkeypatch.setattr(build, "SOURCE", broken)
+    with pytest.raises(NativeBuildError, match=r"failed on broken\.c \(exit \d+\): .*error"):
+        build.build(tmp_path / "kernels")
+    assert not list((tmp_path / "kernels").iterdir()), "no partial library is left behind"
+
+
+def test_without_a_compiler_the_build_says_so(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(NativeBuildError, match="no C compiler"):
+        build.build(tmp_path / "kernels")
+
+
+def test_an_unavailable_library_is_logged_once_and_the_backend_runs_torch_ops(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("SAGELLM_HOME", str(tmp_path / "home"))  # nothing cached there: it must build, and cannot
+    build._build_and_load.cache_clear()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            first, second = CpuBackend().kernels(), CpuBackend().kernels()
+    finally:
+        build._build_and_load.cache_clear()  # the next user builds (or finds) the real library again
+    assert first["silu_mul"] is torch_ops.silu_mul and second["silu_mul"] is torch_ops.silu_mul
+    events = [e for e in logs if e["event"] == "native_kernels_unavailable"]
+    assert len(events) == 1 and "no C compiler" in events[0]["reason"]
+
+
+def test_the_library_is_built_once_per_source_and_cpu(tmp_path) -> None:
+    first = build.build(tmp_path)
+    assert first.name == f"decode_kernels-{build.library_key(build.SOURCE.read_bytes())}.so"
+    assert first.stat().st_mode & 0o044 == 0o044, "readable by the other users of a shared cache"
+    modified = first.stat().st_mtime_ns
+    assert build.build(tmp_path) == first and first.stat().st_mtime_ns == modified
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+    build.load(first)  # declares every prototype, so every function the wrappers call is exported
+
+
+GREEDY = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_qwen2], ids=["llama", "qwen2"])
+def test_engine_greedy_tokens_are_the_same_with_and_without_native_kernels(make, tmp_path, monkeypatch) -> None:
+    path = make(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (1, 9, 22, 40)]
+
+    def generate() -> dict[str, list[int]]:
+        # Block size 4 and a budget of 16 tokens: contexts span many blocks, prefills are chunked next to decodes,
+        # and the later prompts join a running batch.
+        engine = LLMEngine(
+            EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=64, max_num_batched_tokens=16)
+        )
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, GREEDY)
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids_delta)
+        return tokens
+
+    with_native = generate()
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    assert with_native == generate()
+    assert all(len(t) == GREEDY.max_tokens for t in with_native.values())
