@@ -121,6 +121,9 @@ class Operator:
 class SourceOperator(Operator):
     kind = "source"
     blocking: ClassVar[bool] = False  # True: poll() may block (stdin), so the executor runs it in a thread
+    # True: whoever feeds the source calls the executor's `wake_sources()`, so an idle source needs no polling tick
+    # (a gateway that waits for clients for hours should not wake 200 times a second).
+    wakes: ClassVar[bool] = False
 
     def poll(self) -> list[Any] | None:
         """New items (possibly none yet), or None when the source is exhausted."""

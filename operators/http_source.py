@@ -17,6 +17,7 @@ from sagellm.operators.base import SourceOperator, register_operator
 @register_operator
 class HttpSource(SourceOperator):
     name = "http_source"
+    wakes = True
 
     def __init__(self) -> None:
         self._queue: deque[Any] = deque()

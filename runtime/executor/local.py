@@ -209,7 +209,8 @@ class LocalExecutor:
             if items is None:
                 return
             if not items and not op.blocking:
-                with trio.move_on_after(IDLE_POLL_S):  # or sooner: a request ended, or `wake_sources()`
+                idle_s = float("inf") if op.wakes else IDLE_POLL_S
+                with trio.move_on_after(idle_s):  # or sooner: a request ended, or `wake_sources()`
                     await self._progress.wait()
             for item in items:
                 if isinstance(item, Request):
