@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import trio
 
+from sagellm.gateway.http import lifespan
+
 FailMode = Literal["429", "500", "error-event"]
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 Scope = dict[str, Any]
@@ -56,7 +58,7 @@ class StreamingFixture:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
         elif scope["type"] != "http":
             return
         elif scope["method"] == "GET" and scope["path"] == "/v1/models":
@@ -122,16 +124,6 @@ def _chunk(chat: bool, text: str, finish_reason: str | None, *, role: bool = Fal
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish_reason}
     return {"id": "fixture", "object": "chunk", "model": "fixture", "choices": [choice]}
-
-
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def _read_body(receive: Any) -> bytes:

@@ -90,7 +90,7 @@ class App:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
 
@@ -185,7 +185,9 @@ async def _stream(stream: EventStream, receive: Callable, send: Callable) -> Non
         stream.on_disconnect()
 
 
-async def _lifespan(receive: Callable, send: Callable) -> None:
+async def lifespan(receive: Callable, send: Callable) -> None:
+    """ASGI lifespan: nothing to set up or tear down (the gateway starts its graph before serving); the benchmark's
+    fixture server answers with it too."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
