@@ -67,6 +67,9 @@ class RequestStream:
                 self.done = True
                 return
 
+    def deliver(self, item: TokenDelta | RequestError) -> None:
+        self._send.send_nowait(item)  # unbounded: the engine never waits on a slow client
+
     def cancel(self) -> None:
         """The client left: the request is aborted wherever it is."""
         if not self.done:
@@ -128,7 +131,7 @@ class ServingCore:
         stream = self._streams.get(rid)
         if stream is None:
             return
-        stream._send.send_nowait(item)
+        stream.deliver(item)
         if is_terminal(item):
             del self._streams[rid]
 
@@ -149,10 +152,13 @@ class ServingCore:
         config = self.local.graph_attrs.get("model_config") if self.local else None
         return getattr(config, "max_position_embeddings", None)
 
+    def nodes_of(self, op_name: str) -> dict[str, Any]:
+        """This process's operators of the served graph that run `op_name`, by node id."""
+        operators = self.local.operators if self.local is not None else {}
+        return {node_id: op for node_id, op in operators.items() if self.graph.nodes[node_id].op == op_name}
+
     def operators_of(self, op_name: str) -> list[Any]:
-        if self.local is None:
-            return []
-        return [op for node_id, op in self.local.operators.items() if self.graph.nodes[node_id].op == op_name]
+        return list(self.nodes_of(op_name).values())
 
     def metrics_snapshot(self) -> Any:
         sinks = self.operators_of("metrics_sink")
@@ -163,14 +169,10 @@ class ServingCore:
 
     def set_policy(self, policy: str, policy_args: dict[str, float] | None = None) -> list[str]:
         """Switches every policy queue of the graph to `policy`, keeping what waits in it; returns the node ids."""
-        queues = [
-            (node_id, op)
-            for node_id, op in (self.local.operators.items() if self.local else ())
-            if self.graph.nodes[node_id].op == "policy_sort"
-        ]
+        queues = self.nodes_of("policy_sort")
         if not queues:
             raise ValueError("the served graph has no policy_sort node")
-        for _, queue in queues:
+        for queue in queues.values():
             queue.switch_policy(policy, policy_args)
-        log.info("policy_set", policy=policy, nodes=[n for n, _ in queues])
-        return [n for n, _ in queues]
+        log.info("policy_set", policy=policy, nodes=list(queues))
+        return list(queues)
