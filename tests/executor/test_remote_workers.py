@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -73,10 +74,18 @@ def worker(port: int, group: str = "decode", *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-async def listening(executor: ProcessExecutor) -> str:
+async def started(nursery: trio.Nursery, executor: ProcessExecutor) -> dict[str, Any]:
+    """Runs `executor` in `nursery` and returns once it listens for workers; its result lands in the returned
+    dict's "result" when the run ends."""
+    outcome: dict[str, Any] = {}
+
+    async def run() -> None:
+        outcome["result"] = await executor.run()
+
+    nursery.start_soon(run)
     while executor.control_endpoint is None:
         await trio.sleep(0.05)
-    return executor.control_endpoint
+    return outcome
 
 
 async def test_a_remote_decode_worker_gives_the_tokens_of_one_process(model_path):
@@ -84,13 +93,8 @@ async def test_a_remote_decode_worker_gives_the_tokens_of_one_process(model_path
     executor = ProcessExecutor(load_pipeline(pd_yaml(model_path, port)))
     with trio.fail_after(240):
         async with trio.open_nursery() as nursery:
-            outcome = {}
-
-            async def run() -> None:
-                outcome["result"] = await executor.run()
-
-            nursery.start_soon(run)
-            assert await listening(executor) == f"tcp://127.0.0.1:{port}"
+            outcome = await started(nursery, executor)
+            assert executor.control_endpoint == f"tcp://127.0.0.1:{port}"
             decode = worker(port)
     local = await LocalExecutor(load_pipeline(pd_yaml(model_path, port, prefill="task", decode="task"))).run()
     result = outcome["result"]
@@ -115,13 +119,7 @@ async def test_a_killed_remote_worker_ends_its_requests_with_instance_lost(tmp_p
     executor = ProcessExecutor(graph, peer_timeout_s=3)
     with trio.fail_after(240):
         async with trio.open_nursery() as nursery:
-            outcome = {}
-
-            async def run() -> None:
-                outcome["result"] = await executor.run()
-
-            nursery.start_soon(run)
-            await listening(executor)
+            outcome = await started(nursery, executor)
             decode = worker(port)
             while not executor.executor.outcomes:  # tokens are flowing back from the remote decode
                 await trio.sleep(0.1)

@@ -12,6 +12,7 @@ from sagellm.operators.base import MapOperator, SourceOperator, register_operato
 from sagellm.runtime.executor.bridge import groups_of, remote_groups
 from sagellm.runtime.pipeline.spec import PipelineError, placement_group, same_graph
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline, load_pipeline
+from tests.pipeline.test_yaml import assert_error_at
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 
@@ -119,19 +120,7 @@ ERRORS = {  # case: (replacements in VALID, field, text on the reported line, pr
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_errors_name_file_line_and_field(case: str, tmp_path: Path) -> None:
-    replacements, field, on_line, problem = ERRORS[case]
-    text = VALID
-    for old, new in replacements.items():
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    path = tmp_path / "g.yaml"
-    path.write_text(text)
-    line = next(i for i, row in enumerate(text.splitlines(), 1) if on_line in row)
-    with pytest.raises(PipelineError) as info:
-        load_pipeline(path)
-    err = info.value
-    assert (err.file, err.line, err.field) == (str(path), line, field)
-    assert problem in err.problem
+    assert_error_at(VALID, ERRORS[case], tmp_path)
 
 
 def test_a_bad_override_names_the_override() -> None:

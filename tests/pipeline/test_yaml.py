@@ -218,8 +218,14 @@ ERRORS: dict[str, tuple[dict[str, str], str, str, str]] = {
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_errors_name_file_line_and_field(case: str, tmp_path: Path) -> None:
-    replacements, field, on_line, problem = ERRORS[case]
-    text = VALID
+    assert_error_at(VALID, ERRORS[case], tmp_path)
+
+
+def assert_error_at(valid: str, case: tuple[dict[str, str], str, str, str], tmp_path: Path) -> None:
+    """`valid` with the case's replacements, written to a file, fails to load naming the file, the line holding the
+    case's text, the field and the problem (test_remote_settings checks its own cases with it)."""
+    replacements, field, on_line, problem = case
+    text = valid
     for old, new in replacements.items():
         assert text.count(old) == 1, old
         text = text.replace(old, new)
