@@ -224,8 +224,7 @@ def _chat_text(lines: Any) -> Iterator[str]:
 
 
 def _local_gateway_url(state_dir: Path | None) -> str:
-    from sagellm.cli.gateway_client import read_record
-    from sagellm.gateway.server import default_state_dir
+    from sagellm.gateway.state import default_state_dir, read_record
 
     record = read_record(state_dir or default_state_dir())
     return record.url if record is not None else DEFAULT_LOCAL_URL

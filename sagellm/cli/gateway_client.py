@@ -7,31 +7,24 @@ gateway writes; the other commands find the gateway there, or take `--url` and `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-PID_FILE, RECORD_FILE, LOG_FILE = "gateway.pid", "gateway.json", "gateway.log"
+from sagellm.gateway.state import (
+    PID_FILE,
+    default_state_dir,
+    read_record,
+)
+
 ENGINES_PATH = "/v1/management/engines"
 
 
 class GatewayError(RuntimeError):
     """The gateway cannot be found or reached, or refused a management call (its message is in ours)."""
-
-
-@dataclass
-class GatewayRecord:
-    """What `gateway.json` holds about a gateway started in the background."""
-
-    url: str
-    pid: int
-    started_at: float
-    log: str
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,26 +38,7 @@ def add_state_dir_argument(p: argparse.ArgumentParser) -> None:
 
 
 def state_dir_of(args: argparse.Namespace) -> Path:
-    from sagellm.gateway.server import default_state_dir
-
     return args.state_dir or default_state_dir()
-
-
-def write_record(state_dir: Path, record: GatewayRecord) -> None:
-    (state_dir / PID_FILE).write_text(f"{record.pid}\n")
-    (state_dir / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
-
-
-def read_record(state_dir: Path) -> GatewayRecord | None:
-    try:
-        return GatewayRecord(**json.loads((state_dir / RECORD_FILE).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def remove_record(state_dir: Path) -> None:
-    for name in (PID_FILE, RECORD_FILE):
-        (state_dir / name).unlink(missing_ok=True)
 
 
 def running_pid(state_dir: Path) -> int | None:

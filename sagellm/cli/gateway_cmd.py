@@ -22,18 +22,14 @@ import time
 from pathlib import Path
 
 from sagellm.cli.gateway_client import (
-    LOG_FILE,
     GatewayError,
-    GatewayRecord,
     ManagementClient,
     add_state_dir_argument,
     engines_table,
-    read_record,
-    remove_record,
     running_pid,
     state_dir_of,
-    write_record,
 )
+from sagellm.gateway.state import LOG_FILE, GatewayRecord, read_record, remove_record, write_record
 
 # Options of `start` not passed on as arguments: its own, and the keys, which go in the environment (a command
 # line is visible to every user of the machine in `ps`).

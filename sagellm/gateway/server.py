@@ -30,17 +30,13 @@ from sagellm.gateway.management_routes import ManagementRoutes
 from sagellm.gateway.openai_routes import OpenAIRoutes
 from sagellm.gateway.session_routes import SessionRoutes
 from sagellm.gateway.sessions import SessionStore
+from sagellm.gateway.state import default_state_dir
 from sagellm.runtime.execution_graph.graph import Graph
 
 log = structlog.get_logger("sagellm.gateway")
 DEFAULT_PORT = 8000
 API_KEY_ENV = "SAGELLM_API_KEY"
 ADMIN_KEY_ENV = "SAGELLM_ADMIN_KEY"
-
-
-def default_state_dir() -> Path:
-    """Where a gateway keeps its admin key, pid and log files and sessions: $SAGELLM_HOME/gateway."""
-    return Path(os.environ.get("SAGELLM_HOME") or "~/.cache/sagellm").expanduser() / "gateway"
 
 
 @dataclass

@@ -6,8 +6,8 @@ import pytest
 import trio
 
 from sagellm import SamplingParams, UnifiedInferenceClient
-from sagellm.cli.gateway_client import GatewayRecord, write_record
 from sagellm.client import BadRequestError, GatewayNotFoundError, NotFoundError
+from sagellm.gateway.state import GatewayRecord, write_record
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 
 KEY = "sk-client"
