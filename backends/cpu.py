@@ -13,7 +13,8 @@ output (gate_up) uses MKL's GEMV on an [in, out] copy, 1.4-2x faster than oneDNN
 
 Around the linears, at a few rows per step torch spends more on dispatching RMSNorm, RoPE, SiLU and attention and on
 waking its OpenMP worker than on their math, and its decode attention first copies every context into a padded
-tensor; the C kernels do each op in one call on the calling thread and read the paged cache in place.
+tensor; the C kernels do each op in one call on the calling thread and read the paged cache in place. At prefill's
+hundreds of rows they share the rows among torch's threads, one pass over memory where torch's RMSNorm makes five.
 `NativeDispatch` picks per call, by shape, and falls back to the torch ops for anything the C code does not take
 (other dtypes, more rows) or when no C compiler is found."""
 
@@ -42,8 +43,9 @@ from sagellm.backends.registry import register_backend
 GEMV_COPY_OUT = range(2048, 16384)
 PACK_BATCH_HINT = 16  # rows oneDNN tunes the blocked layout for; measured as good at 1, 16 and 256 rows
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-# Rows up to which the single-threaded native RMSNorm / RoPE / SiLU beat torch's ops, which wake a second thread.
-NATIVE_MAX_ROWS = 64
+# Rows up to which the native RMSNorm / RoPE / SiLU run on the calling thread; more rows (prefill) are shared
+# among torch's threads.
+NATIVE_SERIAL_ROWS = 64
 # Rows up to which the native linear, streaming the dense weight on one thread, beats oneDNN's blocked one.
 NATIVE_LINEAR_ROWS = 2
 # Cached keys (rows x context) from which native decode attention shares its (row, kv head) tasks among torch's
@@ -102,28 +104,27 @@ class NativeDispatch:
         return linear(x, weight, bias)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if x.shape[0] <= NATIVE_MAX_ROWS and fits_rows(x) and fits_dense(weight):
-            return self.native.rmsnorm(x, weight, eps)
+        if fits_rows(x) and fits_dense(weight):
+            return self.native.rmsnorm(x, weight, eps, _row_threads(x))
         return torch_ops.rmsnorm(x, weight, eps)
 
     def add_rmsnorm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] <= NATIVE_MAX_ROWS and fits_rows(x, residual) and fits_dense(weight):
-            return self.native.add_rmsnorm(x, residual, weight, eps)
+        if fits_rows(x, residual) and fits_dense(weight):
+            return self.native.add_rmsnorm(x, residual, weight, eps, _row_threads(x))
         return torch_ops.add_rmsnorm(x, residual, weight, eps)
 
     def rope(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        fits = fits_heads(q, k) and fits_dense(cos_sin) and fits_dense(positions, dtype=torch.int64)
-        if q.shape[0] <= NATIVE_MAX_ROWS and fits:
-            return self.native.rope(q, k, positions, cos_sin)
+        if fits_heads(q, k) and fits_dense(cos_sin) and fits_dense(positions, dtype=torch.int64):
+            return self.native.rope(q, k, positions, cos_sin, _row_threads(q))
         return torch_ops.rope(q, k, positions, cos_sin)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= NATIVE_MAX_ROWS and fits_rows(x):
-            return self.native.silu_mul(x)
+        if fits_rows(x):
+            return self.native.silu_mul(x, _row_threads(x))
         return torch_ops.silu_mul(x)
 
     def attention(
@@ -182,6 +183,11 @@ class NativeDispatch:
         keys = q.shape[0] * block_tables.shape[1] * k_cache.shape[1]  # an upper bound: tables span the contexts
         threads = torch.get_num_threads() if keys >= NATIVE_PARALLEL_KEYS else 1
         return self.native.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, threads)
+
+
+def _row_threads(x: torch.Tensor) -> int:
+    """Threads for a native row-wise op: the calling one alone for a decode's few rows, torch's for a prefill's."""
+    return 1 if x.shape[0] <= NATIVE_SERIAL_ROWS else torch.get_num_threads()
 
 
 @register_backend

@@ -33,9 +33,9 @@ DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 # Each exported function's arguments, in the order decode_kernels.c declares them; all return void.
 PROTOTYPES: dict[str, tuple[type, ...]] = {
-    "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32),
-    "rope_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64),
-    "silu_mul_f32": (_P, _I64, _P, _I64, _I64),
+    "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32),
+    "rope_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I32),
+    "silu_mul_f32": (_P, _I64, _P, _I64, _I64, _I32),
     "write_kv_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "linear_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "paged_decode_attention_f32": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I32),

@@ -5,8 +5,9 @@
  * each under OMP_WAIT_POLICY=PASSIVE); its linears read blocked weight layouts no faster than one core streams a
  * plain one. Each function here does one op in one call on the calling thread. They take raw pointers and element
  * strides, allocate nothing on the heap and cannot fail: the Python wrappers check dtypes, shapes and layouts
- * first. Built with -O3 -march=native -fopenmp, so the `omp simd` loops use the machine's widest vectors, and
- * attention spreads its tasks over threads only when asked to. */
+ * first. Built with -O3 -march=native -fopenmp, so the `omp simd` loops use the machine's widest vectors. Kernels
+ * taking `num_threads` share their rows (attention: its tasks) among that many OpenMP threads, for the hundreds of
+ * rows of a prefill; with 1 no parallel region is entered, so no sleeping worker is woken at decode. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -36,7 +37,8 @@ static inline float exp_f32(float x) {
 /* normed = s / sqrt(mean(s^2) + eps) * weight with s = x + residual (also stored to `summed`), or s = x when residual
  * is NULL: the pre-attention and pre-MLP norms with the residual add folded into the same pass over the row. */
 void rmsnorm_f32(const float *x, int64_t x_row, const float *residual, int64_t residual_row, const float *weight,
-                 float *normed, float *summed, int64_t rows, int64_t hidden, float eps) {
+                 float *normed, float *summed, int64_t rows, int64_t hidden, float eps, int32_t num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t t = 0; t < rows; ++t) {
         const float *xt = x + t * x_row;
         const float *src = xt;
@@ -66,8 +68,10 @@ void rmsnorm_f32(const float *x, int64_t x_row, const float *residual, int64_t r
  * of the fused qkv output) into out [T, Hq + Hk, D], one pass over both. cos_sin [max_pos, D] holds cos in its first
  * half and sin in its second; positions must lie inside it (the runner's are below max_model_len, its size). */
 void rope_f32(const float *q, int64_t q_row, const float *k, int64_t k_row, const int64_t *positions,
-              const float *cos_sin, float *out, int64_t tokens, int64_t hq, int64_t hk, int64_t d) {
+              const float *cos_sin, float *out, int64_t tokens, int64_t hq, int64_t hk, int64_t d,
+              int32_t num_threads) {
     const int64_t half = d / 2;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t t = 0; t < tokens; ++t) {
         const float *cos = cos_sin + positions[t] * d, *sin = cos + half;
         for (int64_t h = 0; h < hq + hk; ++h) {
@@ -84,7 +88,8 @@ void rope_f32(const float *q, int64_t q_row, const float *k, int64_t k_row, cons
 }
 
 /* out[T, I] = silu(x[:, :I]) * x[:, I:], the MLP activation on the fused gate_up output (rows `x_row` apart). */
-void silu_mul_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_t inter) {
+void silu_mul_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_t inter, int32_t num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t t = 0; t < rows; ++t) {
         const float *gate = x + t * x_row, *up = gate + inter;
         float *ot = out + t * inter;

@@ -63,17 +63,17 @@ class NativeKernels:
         library = native_library()
         return None if library is None else cls(library)
 
-    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1) -> torch.Tensor:
         rows, hidden = x.shape
         _expect(weight.shape == (hidden,), "rmsnorm weight", weight, x)
         normed = torch.empty((rows, hidden), dtype=F32)  # [T, H]
         self._lib.rmsnorm_f32(
-            x.data_ptr(), x.stride(0), None, 0, _f32(weight), normed.data_ptr(), None, rows, hidden, eps
+            x.data_ptr(), x.stride(0), None, 0, _f32(weight), normed.data_ptr(), None, rows, hidden, eps, num_threads
         )
         return normed
 
     def add_rmsnorm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows, hidden = x.shape
         _expect(residual.shape == x.shape, "add_rmsnorm residual", residual, x)
@@ -91,11 +91,12 @@ class NativeKernels:
             rows,
             hidden,
             eps,
+            num_threads,
         )
         return normed, summed
 
     def rope(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, num_threads: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hk, D] rotated into one [T, Hq + Hk, D] tensor, returned as its q and k views.
         Positions are not checked against the table's length (the runner's are below max_model_len, its size)."""
@@ -116,14 +117,15 @@ class NativeKernels:
             hq,
             hk,
             d,
+            num_threads,
         )
         return out[:, :hq], out[:, hq:]  # [T, Hq, D], [T, Hk, D]
 
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+    def silu_mul(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
         rows, inter = x.shape[0], x.shape[1] // 2
         _expect(x.shape[1] % 2 == 0, "silu_mul input (gate and up halves)", x, x)
         out = torch.empty((rows, inter), dtype=F32)  # [T, I]
-        self._lib.silu_mul_f32(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inter)
+        self._lib.silu_mul_f32(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inter, num_threads)
         return out
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -24,13 +24,13 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
+from sagellm.bench.report import median_summary
 from sagellm.bench.workloads import Workload, random_token_prompts
 from sagellm.runtime.models.loader import load_model
 
 PEERS = ("transformers",)
 KV_BLOCK_SIZE = 16
 WARMUP_PROMPTS, WARMUP_TOKENS = 4, 4
-METRICS = ("out_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "wall_s")
 DEFINITIONS = {
     "out_tok_s": "output tokens of all requests / wall time of the workload",
     "req_s": "requests / wall time of the workload",
@@ -284,7 +284,7 @@ def _timed(w: Workload, prompts: Prompts, generate: GroupGenerator, group_size: 
 
 def _row(w: Workload, engine: str, runs: list[Run]) -> Row:
     summaries = [_summarize(wall, timings) for wall, timings in runs]
-    median = {m: float(np.nanmedian([s[m] for s in summaries])) for m in METRICS}
+    median = {m: _nan(v) for m, v in median_summary(summaries).items()}
     return Row(w.name, engine, median, summaries, [t.token_ids for t in runs[0][1]])
 
 

@@ -1,6 +1,10 @@
 """W6's simulator: many instances (tiers with prefill and decode speeds, slots and prices) on a simulated clock, fed
 by the real `PolicySort` operator and routed by the real `load_balanced` strategy, so every scheduling decision is
-our code's, and its CPU time a real measurement at that scale; only the service is modelled."""
+our code's, and its CPU time a real measurement at that scale; only the service is modelled.
+
+Given its seed a simulation's outcomes are deterministic (events run on the simulated clock, ties in event order,
+policies read that clock), so repeats replay fresh traces (seed + repeat): their medians cover trace-to-trace
+variation, and the decisions' CPU times, which do vary, are measured once per repeat."""
 
 from __future__ import annotations
 
@@ -39,9 +43,14 @@ class SimConfig:
     output_median: int = 96
     load: float = 2.0
     queue_s: float = 10.0
-    seed: int = 0
+    seed: int = 0  # repeat r's trace uses seed + r
+    repeats: int = 1
     policies: tuple[str, ...] = POLICIES
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
 
 
 @dataclass
@@ -58,11 +67,12 @@ def tier_counts(config: SimConfig) -> list[int]:
     return [*counts, config.instances - sum(counts)]
 
 
-def sim_trace(config: SimConfig) -> tuple[SimTrace, float]:
-    """The trace and the capacity it gives: every slot busy with the trace's mean request, summed over instances."""
+def sim_trace(config: SimConfig, seed: int) -> tuple[SimTrace, float]:
+    """The trace of `seed` and the capacity it gives: every slot busy with the trace's mean request, summed over
+    instances."""
     from sagellm.operators.replay_source import poisson_offsets
 
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
     prompts = np.clip(rng.lognormal(math.log(config.prompt_median), 0.8, config.requests), 16, 2048).astype(int)
     outputs = np.clip(rng.lognormal(math.log(config.output_median), 0.6, config.requests), 8, 512).astype(int)
     mean_prompt, mean_output = float(prompts.mean()), float(outputs.mean())
@@ -71,7 +81,7 @@ def sim_trace(config: SimConfig) -> tuple[SimTrace, float]:
         for n, t in zip(tier_counts(config), config.tiers)
     )
     arrival = config.load * capacity
-    offsets = poisson_offsets(config.requests, arrival, config.seed)
+    offsets = poisson_offsets(config.requests, arrival, seed)
     slots = sum(n * t.max_running for n, t in zip(tier_counts(config), config.tiers))
     bound = max_queue(config.queue_s, capacity) or 0
     fill = slots / arrival + (bound / (arrival - capacity) if arrival > capacity else 0.0)
@@ -112,7 +122,7 @@ class Simulation:
 
     ARRIVE, FIRST, DONE = 0, 1, 2
 
-    def __init__(self, config: SimConfig, trace: SimTrace, capacity: float, policy: str) -> None:
+    def __init__(self, config: SimConfig, trace: SimTrace, capacity: float, policy: str, repeat: int = 0) -> None:
         from sagellm.operators.base import InstanceStats, OperatorContext
         from sagellm.operators.policy_sort import PolicySort
         from sagellm.operators.prefix_index import PrefixIndex
@@ -140,7 +150,7 @@ class Simulation:
         self.jobs: dict[str, _Job] = {}
         self.events: list[tuple[float, int, int, Any]] = []
         self.seq = 0
-        self.run = new_run(policy)
+        self.run = new_run(policy, repeat)
         self.cpu_ns: dict[str, list[int]] = {"push": [], "pop": [], "route": []}
         self.queue_at_pop: list[int] = []
         self.progress: Any = None
@@ -279,25 +289,37 @@ def _tokens(n: int) -> list[int]:
 
 
 def run_sim(config: SimConfig) -> Part:
-    """Every policy over one trace, each in a fresh simulation."""
-    trace, capacity = sim_trace(config)
-    part = Part("sim", _sim_json(config, trace), capacity, config.load * capacity, max_queue(config.queue_s, capacity))
-    for policy in config.policies:
-        with tqdm(total=config.requests, desc=f"sim {policy}", unit="req", disable=not config.progress) as bar:
-            started = time.perf_counter()
-            run = Simulation(config, trace, capacity, policy).simulate(bar.update)
-        run.stats["wall_s"] = time.perf_counter() - started
-        part.runs.append(run)
+    """Per repeat a fresh trace (seed + repeat), every policy over it, each in a fresh simulation."""
+    part = Part("sim", _sim_json(config))
+    for repeat in range(config.repeats):
+        seed = config.seed + repeat
+        trace, capacity = sim_trace(config, seed)
+        part.traces.append(_trace_json(config, seed, trace, capacity))
+        for policy in config.policies:
+            desc = f"sim {policy}" if config.repeats == 1 else f"sim {policy} run {repeat + 1}/{config.repeats}"
+            with tqdm(total=config.requests, desc=desc, unit="req", disable=not config.progress) as bar:
+                started = time.perf_counter()
+                run = Simulation(config, trace, capacity, policy, repeat).simulate(bar.update)
+            run.stats["wall_s"] = time.perf_counter() - started
+            part.runs.append(run)
     return part
 
 
-def _sim_json(config: SimConfig, trace: SimTrace) -> dict[str, Any]:
-    counted = sum(offset >= trace.warmup_s for offset in trace.offsets)
-    keys = ("instances", "requests", "prompt_median", "output_median", "load", "queue_s", "seed")
+def _sim_json(config: SimConfig) -> dict[str, Any]:
+    keys = ("instances", "requests", "prompt_median", "output_median", "load", "queue_s", "seed", "repeats")
     return {k: getattr(config, k) for k in keys} | {
         "tiers": [vars(t) | {"instances": n} for t, n in zip(config.tiers, tier_counts(config))],
-        "warmup_s": trace.warmup_s,
-        "counted_requests": counted,
-        "duration_s": trace.offsets[-1],
         "routing": "load_balanced among instances with a free slot; a request its policy pinned keeps its instance",
+    }
+
+
+def _trace_json(config: SimConfig, seed: int, trace: SimTrace, capacity: float) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "capacity_rps": capacity,
+        "arrival_rps": config.load * capacity,
+        "max_queue": max_queue(config.queue_s, capacity),
+        "warmup_s": trace.warmup_s,
+        "counted_requests": sum(offset >= trace.warmup_s for offset in trace.offsets),
+        "duration_s": trace.offsets[-1],
     }

@@ -302,12 +302,3 @@ def _values(records: list[RequestRecord], metric: str) -> list[float]:
         return [gap for r in records for gap in r.itl_s]
     values = {"ttft": lambda r: r.ttft_s, "tpot": lambda r: r.tpot_s, "e2el": lambda r: r.e2e_s}[metric]
     return [v for v in map(values, records) if v is not None]
-
-
-def median_summary(summaries: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
-    """Each number's median over repeats (None where no repeat measured it); request counts summed."""
-    merged: dict[str, float | None] = {}
-    for key in summaries[0]:
-        values = [s[key] for s in summaries if s[key] is not None]
-        merged[key] = sum(values) if key in ("completed", "failed") else float(np.median(values)) if values else None
-    return merged

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from sagellm.bench.report import add_repeats_argument, median_summary
 from sagellm.bench.serve import (
     DEFAULT_NUM_PROMPTS,
     ENDPOINTS,
@@ -24,7 +25,6 @@ from sagellm.bench.serve import (
     ServeConfig,
     Target,
     benchmark,
-    median_summary,
     summarize,
 )
 from sagellm.bench.serve_datasets import SampleRequest
@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--percentile-metrics", default=",".join(METRICS), help="comma list of %(default)s")
     a("--metric-percentiles", default="50,90,99", help="comma list (default: %(default)s)")
     a("--goodput", nargs="+", default=[], metavar="METRIC:MS", help="SLOs, e.g. ttft:2000 tpot:200 e2el:30000")
-    a("--repeats", type=int, default=1, help="runs per target, interleaved; tables show medians (default: 1)")
+    add_repeats_argument(parser, "targets")
     a("--timeout", type=float, default=600.0, help="seconds one network read may take (default: %(default)s)")
     a("--save-result", action="store_true", help="write the JSON results and a PNG chart")
     a("--result-filename", type=Path, default=Path("benchmarks/results/serve.json"), help="(PNG: same stem)")
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if not all(0 < q <= 100 for q in percentiles):
         raise ValueError(f"--metric-percentiles must be in (0, 100], got {args.metric_percentiles}")
     slos = parse_goodput(args.goodput)
-    for flag in ("repeats", "max_concurrency", "num_prompts"):
+    for flag in ("max_concurrency", "num_prompts"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     config = ServeConfig(

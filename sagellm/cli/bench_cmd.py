@@ -35,7 +35,7 @@ REPRODUCE_FLAGS += ("max_num_batched_tokens",)
 # Benchmarks of the pipeline, each a module of sagellm.bench with `add_arguments(parser)` and `run(args)`.
 PIPELINE_BENCHES = (
     ("pipeline", "pipeline_overhead", "control-plane overhead: the pipeline vs an instant fixture (W5)"),
-    ("pd", "pd_split", "colocated vs prefill/decode split on mixed prompt lengths (W4)"),
+    ("pd", "pd_split_report", "colocated vs prefill/decode split on mixed prompt lengths (W4)"),
     ("policies", "policies", "scheduling policies under overload: real engine and a 1,000-instance simulator (W6)"),
     ("serve", "serve_cli", "streaming load on OpenAI-compatible servers, several compared in one run (W1)"),
 )

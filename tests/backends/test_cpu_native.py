@@ -13,7 +13,7 @@ from sagellm import SamplingParams
 from sagellm.backends import torch_ops
 from sagellm.backends.cpu import (
     NATIVE_LINEAR_ROWS,
-    NATIVE_MAX_ROWS,
+    NATIVE_SERIAL_ROWS,
     CpuBackend,
     NativeDispatch,
     linear,
@@ -70,38 +70,40 @@ def test_dispatched_linear(dispatch: NativeDispatch, rows: int) -> None:
     close(dispatch.linear(x, weight, bias), linear(x, weight, bias), atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS])
+@pytest.mark.parametrize(("rows", "threads"), [(1, 1), (3, 1), (NATIVE_SERIAL_ROWS, 1), (301, 2)])
 @pytest.mark.parametrize("hidden", [64, 576, 100])
-def test_rmsnorm_and_add_rmsnorm(native: NativeKernels, rows: int, hidden: int) -> None:
+def test_rmsnorm_and_add_rmsnorm(native: NativeKernels, rows: int, threads: int, hidden: int) -> None:
     x, residual, weight = strided_rows(rows, hidden), torch.randn(rows, hidden), torch.rand(hidden) + 0.5
-    close(native.rmsnorm(x, weight, 1e-6), torch_ops.rmsnorm(x, weight, 1e-6))
-    normed, summed = native.add_rmsnorm(x, residual, weight, 1e-5)
+    close(native.rmsnorm(x, weight, 1e-6, threads), torch_ops.rmsnorm(x, weight, 1e-6))
+    normed, summed = native.add_rmsnorm(x, residual, weight, 1e-5, threads)
     expected_normed, expected_summed = torch_ops.add_rmsnorm(x, residual, weight, 1e-5)
     assert torch.equal(summed, expected_summed)
     close(normed, expected_normed)
 
 
 @pytest.mark.parametrize(("hq", "hk", "d"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
-def test_rope_on_fused_qkv_views_and_separate_tensors(native: NativeKernels, hq: int, hk: int, d: int) -> None:
-    tokens = 5
+@pytest.mark.parametrize(("tokens", "threads"), [(5, 1), (130, 2)])
+def test_rope_on_fused_qkv_views_and_separate_tensors(
+    native: NativeKernels, hq: int, hk: int, d: int, tokens: int, threads: int
+) -> None:
     qkv = torch.randn(tokens, (hq + 2 * hk) * d)
     q = qkv[:, : hq * d].view(tokens, hq, d)  # strided views of the fused qkv output, as the graph gives them
     k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
-    positions = torch.tensor([0, 1, 17, 300, 511])
+    positions = torch.tensor([0, 1, 17, 300, 511, *range(2, tokens - 3)])
     cos_sin = torch.randn(512, d)
     before = qkv.clone()
     for q_in, k_in in [(q, k), (q.contiguous(), k.contiguous())]:
-        q_rot, k_rot = native.rope(q_in, k_in, positions, cos_sin)
+        q_rot, k_rot = native.rope(q_in, k_in, positions, cos_sin, threads)
         expected_q, expected_k = torch_ops.rope(q_in, k_in, positions, cos_sin)
         close(q_rot, expected_q)
         close(k_rot, expected_k)
     assert torch.equal(qkv, before), "rotated into new tensors, the input left as it was"
 
 
-@pytest.mark.parametrize("rows", [1, 7])
-def test_silu_mul(native: NativeKernels, rows: int) -> None:
+@pytest.mark.parametrize(("rows", "threads"), [(1, 1), (7, 1), (257, 2)])
+def test_silu_mul(native: NativeKernels, rows: int, threads: int) -> None:
     x = strided_rows(rows, 2 * 1536) * 4  # gate values far into both tails of the sigmoid
-    close(native.silu_mul(x), torch_ops.silu_mul(x))
+    close(native.silu_mul(x, threads), torch_ops.silu_mul(x))
 
 
 def decode_batch(paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: list[int], block_size: int = 16):
@@ -177,10 +179,19 @@ def test_the_kernel_table_is_torch_only_when_native_kernels_are_turned_off(monke
     close(ops["linear"](x, packed), x.double() @ wide.double().T, atol=1e-4)
 
 
+def test_dispatch_shares_prefill_sized_rows_among_threads(dispatch: NativeDispatch) -> None:
+    rows = NATIVE_SERIAL_ROWS * 4
+    x, residual, weight = strided_rows(rows, 576), torch.randn(rows, 576), torch.rand(576) + 0.5
+    normed, summed = dispatch.add_rmsnorm(x, residual, weight, 1e-5)
+    expected_normed, expected_summed = torch_ops.add_rmsnorm(x, residual, weight, 1e-5)
+    assert torch.equal(summed, expected_summed)
+    close(normed, expected_normed)
+    gate_up = strided_rows(rows, 2 * 1536)
+    close(dispatch.silu_mul(gate_up), torch_ops.silu_mul(gate_up))
+
+
 def test_dispatch_falls_back_to_torch_for_what_the_c_code_does_not_take(dispatch: NativeDispatch) -> None:
-    many = torch.randn(NATIVE_MAX_ROWS + 1, 64)
     weight = torch.rand(64)
-    assert torch.equal(dispatch.rmsnorm(many, weight, 1e-6), torch_ops.rmsnorm(many, weight, 1e-6))
     wide = torch.randn(2, 64, dtype=torch.float64)
     assert dispatch.rmsnorm(wide, weight.double(), 1e-6).dtype == torch.float64  # not fp32: torch's op
     assert dispatch.silu_mul(wide).dtype == torch.float64

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from sagellm.bench.report import median_summary
 from sagellm.bench.serve import (
     PROBE_PROMPT,
     RequestRecord,
@@ -23,7 +24,6 @@ from sagellm.bench.serve import (
     arrival_times,
     benchmark,
     goodput,
-    median_summary,
     meets_slos,
     summarize,
 )

@@ -1,21 +1,24 @@
 """Smoke tests of the W6 scheduling benchmark: the simulator at tiny scale drives the real policy_sort queue and
-leaves every instance idle and every request accounted for; the priority policy protects the high class that fifo
-lets down; and the command runs both parts (the real part on a tiny random Llama) and writes its JSON and PNG.
-Nothing here is timed; the numbers come from `sagellm bench policies` itself."""
+leaves every instance idle and every request accounted for, and replays a seed's outcomes exactly; the priority policy
+protects the high class that fifo lets down; and the command runs both parts (the real part on a tiny random Llama)
+with repeats on fresh traces, reports medians of the repeats' own numbers with counts summed, and writes its JSON and
+PNG. Nothing here is timed; the numbers come from `sagellm bench policies` itself."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sagellm.bench.policies import add_arguments, run
+from sagellm.bench.policies import RealConfig, add_arguments, run
 from sagellm.bench.policy_sim import SimConfig, Simulation, run_sim, sim_trace
 from sagellm.bench.policy_workload import CLASSES, POLICIES, class_sequence
+from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 
 pytest.importorskip("matplotlib")
@@ -31,7 +34,7 @@ def test_class_sequence_has_exact_shares() -> None:
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_simulation_accounts_for_every_request_and_frees_every_instance(policy: str) -> None:
-    trace, capacity = sim_trace(TINY_SIM)
+    trace, capacity = sim_trace(TINY_SIM, TINY_SIM.seed)
     sim = Simulation(TINY_SIM, trace, capacity, policy)
     ended = []
     run = sim.simulate(ended.append)
@@ -59,15 +62,44 @@ def test_priority_protects_the_high_class_that_fifo_lets_down() -> None:
     assert "adaptive_switches" in runs["adaptive"].stats
 
 
-def test_command_runs_both_parts_and_writes_json_and_png(tmp_path: Path) -> None:
-    model = make_tiny_llama(tmp_path / "tiny-llama")
+def test_simulation_outcomes_are_deterministic_given_the_seed() -> None:
+    """Why repeats of the sim need fresh seeds: the same seed gives the same decisions (only their CPU time varies)."""
+
+    def outcomes(seed: int) -> list[dict[str, tuple]]:
+        trace, capacity = sim_trace(TINY_SIM, seed)
+        runs = [Simulation(TINY_SIM, trace, capacity, policy).simulate() for policy in POLICIES]
+        return [{n: (t.requests, t.met, t.shed, tuple(t.ttft_s)) for n, t in r.tallies.items()} for r in runs]
+
+    assert outcomes(0) == outcomes(0)
+    assert outcomes(1) != outcomes(0)
+
+
+def test_sim_repeats_interleave_policies_on_fresh_traces() -> None:
+    config = replace(TINY_SIM, seed=3, repeats=2, policies=("fifo", "priority"))
+    part = run_sim(config)
+    assert [(r.policy, r.repeat) for r in part.runs] == [("fifo", 0), ("priority", 0), ("fifo", 1), ("priority", 1)]
+    assert [t["seed"] for t in part.traces] == [3, 4]
+    for repeat, seed in enumerate((3, 4)):  # repeat r is exactly the one-repeat run of seed + r
+        alone = run_sim(replace(config, seed=seed, repeats=1))
+        assert [r.to_json()["classes"] for r in alone.runs] == [
+            r.to_json()["classes"] for r in part.runs if r.repeat == repeat
+        ]
+    assert part.runs[0].to_json()["classes"] != part.runs[2].to_json()["classes"]
+
+
+def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_command_runs_both_parts_with_repeats_and_reports_medians(tmp_path: Path) -> None:
+    model = make_tiny_llama(tmp_path / "tiny-llama")
     out = tmp_path / "policies"
-    args = parser.parse_args(
-        ["--model", str(model), "--requests", "8", "--capacity-requests", "6", "--prompt-len", "16"]
-        + ["--output-len", "4", "--policies", "priority", "--sim-instances", "10", "--sim-requests", "200"]
-        + ["--threads", "1", "--out", str(out), "--no-progress"]
+    args = _parse(
+        *["--model", str(model), "--requests", "8", "--capacity-requests", "6", "--prompt-len", "16"],
+        *["--output-len", "4", "--policies", "fifo,priority", "--sim-instances", "10", "--sim-requests", "200"],
+        *["--threads", "1", "--seed", "3", "--repeats", "2", "--out", str(out), "--no-progress"],
     )
 
     assert run(args) == 0
@@ -75,13 +107,45 @@ def test_command_runs_both_parts_and_writes_json_and_png(tmp_path: Path) -> None
     results = json.loads(out.with_suffix(".json").read_text())
     assert [c["name"] for c in results["classes"]] == [c.name for c in CLASSES]
     assert results["machine"]["cores"] >= 1 and "--sim-instances 10" in results["command"]
+    assert "--repeats 2" in results["command"]
     for name in ("real", "sim"):
         part = results[name]
+        assert part["config"]["repeats"] == 2
+        assert [t["seed"] for t in part["traces"]] == [3, 4]  # a fresh trace per repeat
+        assert part["capacity_rps"] == pytest.approx(np.median([t["capacity_rps"] for t in part["traces"]]))
         assert part["capacity_rps"] > 0 and part["arrival_rps"] == pytest.approx(2 * part["capacity_rps"])
-        assert [r["policy"] for r in part["results"]] == ["priority"]
+        assert [r["policy"] for r in part["results"]] == ["fifo", "priority"]
         for result in part["results"]:
-            assert set(result["classes"]) == {"high", "normal", "low"}
+            runs = result["runs"]
+            assert [r["repeat"] for r in runs] == [0, 1] and {r["policy"] for r in runs} == {result["policy"]}
+            assert result["overall"] == pytest.approx(np.median([r["overall"] for r in runs]))
             assert 0 <= result["overall"] <= 1
-    real = results["real"]["results"][0]["classes"]
-    assert sum(c["requests"] for c in real.values()) == 8
+            for cls, medians in result["classes"].items():
+                own = [r["classes"][cls] for r in runs]
+                for key in ("requests", "met", "shed"):  # counts summed
+                    assert medians[key] == sum(o[key] for o in own), (cls, key)
+                for key in ("attainment", "ttft_p50_ms", "ttft_p99_ms"):
+                    measured = [o[key] for o in own if o[key] is not None]
+                    expected = float(np.median(measured)) if measured else None
+                    assert medians[key] == pytest.approx(expected), (cls, key)
+            assert result["stats"]["wall_s"] == pytest.approx(np.median([r["stats"]["wall_s"] for r in runs]))
+    real = results["real"]
+    assert len({t["capacity_rps"] for t in real["traces"]}) == 1  # measured once, before every repeat
+    for result in real["results"]:
+        assert [sum(c["requests"] for c in r["classes"].values()) for r in result["runs"]] == [8, 8]
+        assert sum(c["requests"] for c in result["classes"].values()) == 16
+    sim = results["sim"]
+    assert sim["traces"][0]["capacity_rps"] != sim["traces"][1]["capacity_rps"]  # each seed's trace gives its own
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_cli_takes_repeats_and_rejects_fewer_than_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _parse("--repeats", "3").repeats == 3 and _parse().repeats == 1
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "policies", "--repeats", bad])
+        assert exit_info.value.code == 2
+        assert "--repeats: must be an integer >= 1" in capsys.readouterr().err
+    for config in (RealConfig, SimConfig):
+        with pytest.raises(ValueError, match="repeats must be >= 1"):
+            config(repeats=0)
