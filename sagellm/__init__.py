@@ -7,10 +7,16 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-# OpenMP threads that spin while waiting turn every torch op into a scheduler time slice as soon as anything else
-# (the gateway, a tokenizer, a load generator) shares the cores: measured 25-100x slower steps on 2 cores. Passive
-# waiting costs a little on an idle machine and saves the shared one; it must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How OpenMP's workers wait between parallel regions (libgomp reads it when torch loads it, so it is set here, before
+# torch is imported). Spinning long (libgomp's default 300,000 spins, or forever under ACTIVE) turns every op into a
+# scheduler time slice as soon as anything else shares the cores: steps 25-100x slower on 2 cores. Sleeping at once
+# (PASSIVE) pays a futex wake-up for each of the ~120 regions of a step, slower still while a load generator or the
+# gateway's own thread keeps waking on the other core. A short spin catches the next region of the same step: W1 at
+# 16 concurrent through the gateway 129 -> 150 tok/s; a busy process on one of the two cores costs a decode step
+# 150 ms instead of PASSIVE's 88. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "5000"
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "UnifiedInferenceClient"]

@@ -1,8 +1,8 @@
 /* Native fp32 CPU kernels for small-batch decode, called through ctypes by sagellm.backends.native.
  *
  * At a few tokens per step the arithmetic of a layer's norms, rotary embedding, SiLU and attention is microseconds,
- * while torch pays an op dispatch per step of it and wakes its sleeping OpenMP worker for the larger ones (~50 us
- * each under OMP_WAIT_POLICY=PASSIVE); its linears read blocked weight layouts no faster than one core streams a
+ * while torch pays an op dispatch per step of it and wakes its OpenMP worker for the larger ones (~50 us each once
+ * the worker has gone to sleep); its linears read blocked weight layouts no faster than one core streams a
  * plain one. Each function here does one op in one call on the calling thread. They take raw pointers and element
  * strides, allocate nothing on the heap and cannot fail: the Python wrappers check dtypes, shapes and layouts
  * first. Built with -O3 -march=native -fopenmp, so the `omp simd` loops use the machine's widest vectors. Kernels
@@ -125,6 +125,20 @@ static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof(v)); }
 
 static inline float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 
+/* The eight lane sums of v[0..7] as one vector: a transposing tree of shuffles and adds, three levels for all eight
+ * where eight sum8 calls take three levels each, their lanes extracted one by one. */
+static inline f32x8 sum8x8(const f32x8 v[8]) {
+    f32x8 pairs[4], quads[2];
+    for (int i = 0; i < 4; ++i) /* lanes 2m, 2m+1: v[2i] and v[2i+1] summed over their lanes 2m..2m+1 */
+        pairs[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                   __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; ++i) /* lanes 0-3: four vectors over lanes 0..3; lanes 4-7: the same over lanes 4..7 */
+        quads[i] = __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+                   __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(quads[0], quads[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 /* y[T, N] = x[T, K] . w[N, K]^T (+ bias[N]), x's rows `x_row` apart: a linear over a few rows (decode), on the
  * calling thread. It reads the weight once, row after row, which one core streams at this machine's full memory
  * bandwidth (measured ~20 GB/s, the same as two threads), while the GEMM libraries' small-batch paths read blocked
@@ -188,7 +202,20 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
                 __builtin_prefetch(v_cache + row * token_stride + i);
             }
         }
-        for (int64_t j = 0; j < n; ++j) { /* p = q . k * scale */
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) { /* p = q . k * scale, eight keys at a time: one reduction for all eight */
+            for (int64_t h = 0; h < nq; ++h) {
+                const float *qh = q + h * d;
+                const int64_t offset = (h / group) * d;
+                f32x8 lanes[8] = {{0}};
+                for (int64_t i = 0; i < d; i += 8) {
+                    const f32x8 qv = load8(qh + i);
+                    for (int u = 0; u < 8; ++u) lanes[u] += qv * load8(keys[j + u] + offset + i);
+                }
+                store8(p + h * KEY_CHUNK + j, sum8x8(lanes) * scale);
+            }
+        }
+        for (; j < n; ++j) { /* the chunk's last keys, one at a time */
             for (int64_t h = 0; h < nq; ++h) {
                 const float *qh = q + h * d, *key = keys[j] + (h / group) * d;
                 f32x8 lanes = {0};
