@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from sagellm.backends.quantized import QuantizedWeight
+
 KernelTable = dict[str, Callable[..., Any]]
 
 REQUIRED_OPS = (
@@ -71,6 +73,7 @@ class HardwareBackend(ABC):
     @abstractmethod
     def kernels(self) -> KernelTable: ...
 
-    def prepare_linear_weight(self, weight: torch.Tensor) -> Any:
-        """Packs a [out, in] weight into the layout this backend's `linear` reads fastest."""
+    def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> Any:
+        """Packs a [out, in] weight into the layout this backend's `linear` reads fastest; `quantized` is the same
+        weight in the GGUF file's blocks when it held a kind in KEPT_KINDS, for backends with kernels reading them."""
         return weight.to(self.device).contiguous()

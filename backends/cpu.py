@@ -4,12 +4,13 @@ native C kernels (backends/native) for small-batch decode.
 A CPU LLM server is memory-bound at decode: every step streams every weight once. Measured on the 2-core AVX-512
 machine this was written on (torch 2.13, MKL + oneDNN, fp32), oneDNN's matmul on a weight reordered once into its
 blocked layout beats `F.linear` on the [out, in] weight and `torch.mm` on an [in, out] copy by 1.5-3x from two rows
-up (batched decode, prefill). For one or two rows (small-batch decode) the native `linear_f32`, streaming the dense
-[out, in] weight on one thread, beats them all: one core reads memory as fast as two here (~20 GB/s), and it wakes
-no second thread (SmolLM2's 121 linears of a batch-1 step: 24 vs 40 ms). So fp32 weights keep their dense layout
-beside the blocked one when the native kernels are available: twice the linears' memory, except a vocabulary
-projection tied to the embedding, which shares the embedding's tensor. Without them, a single row against a wide
-output (gate_up) uses MKL's GEMV on an [in, out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`).
+up (batched decode, prefill). Up to NATIVE_BLOCK_ROWS rows a weight the GGUF file stored as Q4_0/Q4_1/Q8_0 is read
+from its blocks instead (block_linear.c: a quarter to a fifth of the bytes, dequantized in registers to the same
+floats): SmolLM2's 210 layer linears at 16 rows 20.5 vs 26.7 ms, at 1 row 4 vs 21 ms. Other fp32 weights keep their
+dense layout beside the blocked one for one or two rows, where the native `linear_f32` streaming it on one thread
+beats oneDNN (24 vs 40 ms a batch-1 step), except a vocabulary projection tied to the embedding, which shares the
+embedding's tensor. Without native kernels, a single row against a wide output (gate_up) uses MKL's GEMV on an [in,
+out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`).
 
 Around the linears, at a few rows per step torch spends more on dispatching RMSNorm, RoPE, SiLU and attention and on
 waking its OpenMP worker than on their math, and its decode attention first copies every context into a padded
@@ -29,12 +30,15 @@ from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata
 from sagellm.backends.base import Availability, KernelTable
 from sagellm.backends.native import (
+    InterleavedBlocks,
     NativeKernels,
     fits_decode_attention,
     fits_dense,
     fits_heads,
     fits_rows,
+    interleave,
 )
+from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 
 # Without native kernels, outputs this wide (gate_up) also keep an [in, out] copy for one-row calls, where MKL's GEMV
@@ -48,6 +52,9 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 NATIVE_SERIAL_ROWS = 64
 # Rows up to which the native linear, streaming the dense weight on one thread, beats oneDNN's blocked one.
 NATIVE_LINEAR_ROWS = 2
+# Rows up to which the native linear on a GGUF weight's interleaved blocks beats oneDNN on its fp32 copy (SmolLM2's
+# layer linears, cold: 16 rows 20.5 vs 26.7 ms, 32: 39.1 vs 41.3, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4).
+NATIVE_BLOCK_ROWS = 48
 # Cached keys (rows x context) from which native decode attention shares its (row, kv head) tasks among torch's
 # threads; below it one thread finishes before a sleeping second one would wake up.
 NATIVE_PARALLEL_KEYS = 2048
@@ -58,16 +65,21 @@ class CpuLinearWeight:
     packed: torch.Tensor  # [out, in], oneDNN-blocked (opaque mkldnn tensor) when the dtype allows, else dense
     rows: torch.Tensor | None  # [in, out] contiguous, for outputs in GEMV_COPY_OUT when there is no `dense`
     dense: torch.Tensor | None = None  # [out, in] contiguous fp32, for the native linear
+    blocks: InterleavedBlocks | None = None  # the GGUF blocks, for the native block linear (then no `dense`)
 
 
-def pack_linear_weight(weight: torch.Tensor, keep_dense: bool = False) -> CpuLinearWeight:
-    """The layouts `linear` reads; `keep_dense` (native kernels available) also keeps an fp32 weight as it is."""
+def pack_linear_weight(
+    weight: torch.Tensor, keep_dense: bool = False, quantized: QuantizedWeight | None = None
+) -> CpuLinearWeight:
+    """The layouts `linear` reads. With native kernels (`keep_dense`) an fp32 weight also keeps its GGUF blocks
+    interleaved when the file held some the kernels read, else its dense [out, in] self."""
     weight = weight.to("cpu").contiguous()  # [N, K]
-    dense = weight if keep_dense and weight.dtype == torch.float32 else None
+    blocks = interleave(quantized) if keep_dense and quantized is not None else None
+    dense = weight if keep_dense and blocks is None and weight.dtype == torch.float32 else None
     rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT and dense is None else None  # [K, N]
     if torch.backends.mkldnn.is_available() and weight.dtype in _ONEDNN_DTYPES:
-        return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows, dense)
-    return CpuLinearWeight(weight, rows, dense)
+        return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows, dense, blocks)
+    return CpuLinearWeight(weight, rows, dense, blocks)
 
 
 def linear(x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,8 +110,10 @@ class NativeDispatch:
         }
 
     def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        fits = weight.dense is not None and fits_rows(x) and (bias is None or fits_dense(bias))
-        if x.shape[0] <= NATIVE_LINEAR_ROWS and fits:
+        rows, fits = x.shape[0], fits_rows(x) and (bias is None or fits_dense(bias))
+        if weight.blocks is not None and rows <= NATIVE_BLOCK_ROWS and fits:
+            return self.native.block_linear(x, weight.blocks, bias, torch.get_num_threads())
+        if weight.dense is not None and rows <= NATIVE_LINEAR_ROWS and fits:
             return self.native.linear(x, weight.dense, bias)
         return linear(x, weight, bias)
 
@@ -199,8 +213,8 @@ class CpuBackend(torch_ops.TorchOpsBackend):
     def availability(cls) -> Availability:
         return Availability(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    def prepare_linear_weight(self, weight: torch.Tensor) -> CpuLinearWeight:
-        return pack_linear_weight(weight, keep_dense=NativeKernels.load() is not None)
+    def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> CpuLinearWeight:
+        return pack_linear_weight(weight, keep_dense=NativeKernels.load() is not None, quantized=quantized)
 
     def kernels(self) -> KernelTable:
         """The torch ops with the CPU `linear`, and native kernels where a C compiler built them."""

@@ -55,6 +55,7 @@ class EngineOperator(StepOperator):
         kv_cache_memory_gb: float = 1.0,
         enable_prefix_caching: bool = True,
         num_threads: int | None = None,
+        quantized_weights: bool = True,
         price_per_1k_tokens: float = 0.0,
     ) -> None:
         self.model = model
@@ -66,6 +67,7 @@ class EngineOperator(StepOperator):
             kv_cache_memory_gb=kv_cache_memory_gb,
             enable_prefix_caching=enable_prefix_caching,
             num_threads=num_threads,
+            quantized_weights=quantized_weights,
         )
         self.price_per_1k_tokens = price_per_1k_tokens
         self._tracked: dict[str, TrackedRequest] = {}

@@ -1,4 +1,4 @@
-"""Builds the native kernels' C source with the system C compiler on first use and loads the library with ctypes.
+"""Builds the native kernels' C sources with the system C compiler on first use and loads the library with ctypes.
 
 Plain C and ctypes, not a torch extension: compiling against torch's headers takes about a minute, this takes about
 a second, once per machine. The library is cached as $SAGELLM_HOME/kernels/<key>.so (default ~/.cache/sagellm),
@@ -25,7 +25,8 @@ from sagellm.model_cache import DEFAULT_HOME, HOME_ENV
 
 log = structlog.get_logger("sagellm.native")
 
-SOURCE = Path(__file__).with_name("decode_kernels.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "decode_kernels.c", HERE / "block_linear.c")  # compiled together into one library
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 BUILD_TIMEOUT_S = 120  # the build takes ~1-2 s; a compiler stuck longer must not hold up the engine's start
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
@@ -39,6 +40,8 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "write_kv_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "linear_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "paged_decode_attention_f32": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I32),
+    "linear_q4x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q8x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
 }
 
 
@@ -50,9 +53,11 @@ def kernels_dir() -> Path:
     return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser() / "kernels"
 
 
-def library_key(source: bytes) -> str:
-    """Hash of what the built library depends on: the source, the flags and the CPU it is tuned for."""
-    digest = hashlib.sha256(source)
+def library_key(sources: tuple[Path, ...]) -> str:
+    """Hash of what the built library depends on: the sources, the flags and the CPU it is tuned for."""
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.read_bytes())
     digest.update(" ".join(CFLAGS).encode())
     digest.update(f"{platform.machine()} {_cpu_identity()}".encode())
     return digest.hexdigest()[:16]
@@ -70,9 +75,8 @@ def _cpu_identity() -> str:
 
 def build(directory: Path | None = None) -> Path:
     """The compiled library's path, compiling it first if this source/CPU pair has none yet."""
-    source = SOURCE.read_bytes()
     directory = directory or kernels_dir()
-    target = directory / f"decode_kernels-{library_key(source)}.so"
+    target = directory / f"sagellm_kernels-{library_key(SOURCES)}.so"
     if target.exists():
         return target
     compiler = shutil.which("gcc") or shutil.which("cc")
@@ -82,21 +86,25 @@ def build(directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=directory)
     os.close(fd)
     try:
-        command = [compiler, *CFLAGS, "-o", partial, str(SOURCE), "-lm"]
+        command = [compiler, *CFLAGS, "-o", partial, *map(str, SOURCES), "-lm"]
         try:
             done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise NativeBuildError(f"{compiler} took over {BUILD_TIMEOUT_S} s on {SOURCE.name}") from None
+            raise NativeBuildError(f"{compiler} took over {BUILD_TIMEOUT_S} s on {_names()}") from None
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ["(no output)"]
             first_error = next((line for line in lines if "error" in line), lines[0])
-            raise NativeBuildError(f"{compiler} failed on {SOURCE.name} (exit {done.returncode}): {first_error}")
+            raise NativeBuildError(f"{compiler} failed on {_names()} (exit {done.returncode}): {first_error}")
         os.chmod(partial, 0o755)  # mkstemp's 0600 would hide the library from other users of a shared cache
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
     log.info("native_kernels_built", path=str(target))
     return target
+
+
+def _names() -> str:
+    return ", ".join(source.name for source in SOURCES)
 
 
 def load(path: Path) -> ctypes.CDLL:

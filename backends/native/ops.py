@@ -12,6 +12,7 @@ import ctypes
 
 import torch
 
+from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.build import native_library
 
 F32 = torch.float32
@@ -143,6 +144,30 @@ class NativeKernels:
             tokens,
             n,
             k,
+        )
+        return out
+
+    def block_linear(
+        self, x: torch.Tensor, weight: InterleavedBlocks, bias: torch.Tensor | None, num_threads: int = 1
+    ) -> torch.Tensor:
+        """x [T, K] @ the dequantized weight^T (+ bias [N]) -> [T, N], reading the interleaved blocks."""
+        tokens, k = x.shape
+        n = weight.out_features
+        _expect(k == weight.in_features and (bias is None or bias.shape == (n,)), "block weight and bias", x, x)
+        out = torch.empty((tokens, n), dtype=F32)  # [T, N]
+        scratch = torch.empty(tokens * k, dtype=F32)  # x's rows repacked k-major by the kernel
+        kernel = self._lib.linear_q4x8_f32 if weight.layout == "q4x8" else self._lib.linear_q8x8_f32
+        kernel(
+            x.data_ptr(),
+            x.stride(0),
+            weight.data.data_ptr(),
+            None if bias is None else _f32(bias),
+            out.data_ptr(),
+            tokens,
+            n,
+            k,
+            scratch.data_ptr(),
+            num_threads,
         )
         return out
 

@@ -9,6 +9,7 @@ import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import HardwareBackend
+from sagellm.backends.quantized import QuantizedWeight
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
@@ -29,6 +30,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         max_model_len: int,
+        quantized: dict[str, QuantizedWeight] | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -43,6 +45,7 @@ class ModelRunner:
             cos_sin=cos_sin_table(config, max_model_len, self.device),
             head_dim=config.head_dim,
             scale=config.head_dim**-0.5,
+            quantized=quantized or {},
         )
         self.plan: Plan = lower(self.graph, context)
         self._last_decodes: list[tuple[Sequence, int]] = []  # (sequence, computed tokens) of last step's decodes

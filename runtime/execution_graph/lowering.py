@@ -7,12 +7,13 @@ concatenated and packed once here, so the hot path never touches a weight name."
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sagellm.backends.base import HardwareBackend
+from sagellm.backends.quantized import QuantizedWeight
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.execution_graph.passes import plan_buffers
 
@@ -57,6 +58,7 @@ class LoweringContext:
     cos_sin: torch.Tensor  # [max_positions, head_dim]
     head_dim: int
     scale: float
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -102,7 +104,8 @@ def _bind_linear(params, ctx, kernels):
     if params.get("bias"):
         bias = torch.cat([_weight(ctx, n.removesuffix(".weight") + ".bias") for n in names])
         bias = bias.to(ctx.backend.device)
-    return kernels["linear"], (ctx.backend.prepare_linear_weight(weight), bias)
+    quantized = QuantizedWeight.concat([ctx.quantized.get(n) for n in names])
+    return kernels["linear"], (ctx.backend.prepare_linear_weight(weight, quantized), bias)
 
 
 def _bind_norm(op):

@@ -2,7 +2,8 @@
 the canonical Hugging Face names, tokenizer and chat template from its metadata.
 
 Dequantization is gguf-py's vectorized numpy code (`gguf.quants.dequantize`); our runtime computes in dense
-floats, so a quantized file saves download size and disk, not memory. Two llama.cpp conventions are undone here so
+floats. Weights stored in a kind some backend's kernels read directly (Q4_0, Q4_1, Q8_0) are also kept as their
+blocks (`LoadedModel.quantized`): the CPU backend streams those at decode. Two llama.cpp conventions are undone here so
 the weights equal the Hugging Face ones: llama-arch q/k rows are permuted for llama.cpp's rope kernel, and tied
 embeddings are expressed by leaving out output.weight."""
 
@@ -17,6 +18,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
+from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
 from sagellm.runtime.models.architectures import BY_NAME, check_weights, config_from_gguf
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loader import LoadedModel, ModelLoadError, describe
@@ -65,27 +67,33 @@ def load_gguf(path: Path, *, name: str, dtype: torch.dtype, load_tokenizer: bool
         rope_freqs=rope_freqs,
         source=path,
     )
-    weights = _read_weights(path, tensors, config, dtype) if load_weights else {}
+    weights, quantized = _read_weights(path, tensors, config, dtype) if load_weights else ({}, {})
     tokenizer = load_gguf_tokenizer(path) if load_tokenizer else None
-    return LoadedModel(config, weights, tokenizer, metadata.get("tokenizer.chat_template"), path, name)
+    template = metadata.get("tokenizer.chat_template")
+    return LoadedModel(config, weights, tokenizer, template, path, name, quantized)
 
 
 def _read_weights(
     path: Path, tensors: dict[str, ReaderTensor], config: ModelConfig, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """Every tensor dequantized to `dtype`, and the 2-D ones of a kept kind also as their blocks (fp32 models only:
+    the block kernels compute in fp32)."""
     permuted = BY_NAME[config.architecture].gguf_qk_permuted
     hf_names = {gguf_name: _hf_name(path, gguf_name) for gguf_name in tensors}  # fail before the slow part
     weights: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedWeight] = {}
     for gguf_name, tensor in tensors.items():
-        values = _dequantize(path, tensor)  # [out, in] or [n]
         hf_name = hf_names[gguf_name]
-        if permuted and hf_name.endswith("q_proj.weight"):
-            values = _unpermute_rows(values, config.num_heads)
-        elif permuted and hf_name.endswith("k_proj.weight"):
-            values = _unpermute_rows(values, config.num_kv_heads)
-        weights[hf_name] = torch.from_numpy(values).to(dtype)
+        heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads
+        unpermute = permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
+        values = _dequantize(path, tensor)  # [out, in] or [n]
+        weights[hf_name] = torch.from_numpy(_unpermute_rows(values, heads) if unpermute else values).to(dtype)
+        if tensor.tensor_type.name in KEPT_KINDS and values.ndim == 2 and dtype == torch.float32:
+            blocks = np.array(tensor.data).reshape(values.shape[0], -1)  # [out, row bytes], a copy off the mmap
+            blocks = _unpermute_rows(blocks, heads) if unpermute else blocks
+            quantized[hf_name] = QuantizedWeight(tensor.tensor_type.name, torch.from_numpy(blocks), values.shape[1])
     check_weights(config, weights, path)
-    return weights
+    return weights, quantized
 
 
 def _open(path: Path) -> GGUFReader:
@@ -123,6 +131,6 @@ def _dequantize(path: Path, tensor: ReaderTensor) -> np.ndarray:
 
 def _unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row order: per head it stores the rotary pairs interleaved ([d/2, 2]) where Hugging
-    Face keeps the two rotate_half halves apart ([2, d/2])."""
+    Face keeps the two rotate_half halves apart ([2, d/2]). Rows only move, so this serves values and blocks."""
     rows, cols = weight.shape  # [heads * d, hidden]
     return weight.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)

@@ -6,12 +6,13 @@ Hugging Face names, so nothing downstream ever knows which format a model came f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from sagellm.backends.quantized import QuantizedWeight
 from sagellm.runtime.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ class LoadedModel:
     chat_template: str | None
     source: Path  # the directory or the .gguf file the weights were read from
     name: str
+    # The 2-D weights a GGUF file stored in a kind some backend's kernels read (KEPT_KINDS), as stored, under the
+    # same names; `weights` still holds every one of them dequantized.
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
 
 
 def load_model(

@@ -219,8 +219,8 @@ def test_dispatched_attention_over_mixed_and_decode_only_steps(
 def test_a_failed_build_is_an_error_naming_the_compiler_output(tmp_path, monkeypatch) -> None:
     broken = tmp_path / "broken.c"
     broken.write_text("void f(void) { this is not C }\n")
-    monkeypatch.setattr(build, "SOURCE", broken)
-    with pytest.raises(NativeBuildError, match=r"failed on broken\.c \(exit \d+\): .*error"):
+    monkeypatch.setattr(build, "SOURCES", (*build.SOURCES, broken))
+    with pytest.raises(NativeBuildError, match=r"failed on .*broken\.c \(exit \d+\): .*error"):
         build.build(tmp_path / "kernels")
     assert not list((tmp_path / "kernels").iterdir()), "no partial library is left behind"
 
@@ -247,7 +247,7 @@ def test_an_unavailable_library_is_logged_once_and_the_backend_runs_torch_ops(tm
 
 def test_the_library_is_built_once_per_source_and_cpu(tmp_path) -> None:
     first = build.build(tmp_path)
-    assert first.name == f"decode_kernels-{build.library_key(build.SOURCE.read_bytes())}.so"
+    assert first.name == f"sagellm_kernels-{build.library_key(build.SOURCES)}.so"
     assert first.stat().st_mode & 0o044 == 0o044, "readable by the other users of a shared cache"
     modified = first.stat().st_mtime_ns
     assert build.build(tmp_path) == first and first.stat().st_mtime_ns == modified

@@ -1,0 +1,37 @@
+"""A linear weight as the GGUF file stored it: llama.cpp's quantized blocks, kept beside the dequantized fp32 copy
+so a backend whose kernels read blocks can stream a quarter of the bytes at decode.
+
+The loader keeps the kinds some backend reads (`KEPT_KINDS`); every backend still gets the dense weight and may
+ignore this. Blocks hold 32 inputs of one output row, so rows stay independent: fusing linears (q, k, v) is a
+concatenation of rows, and llama.cpp's q/k row permutation is undone on blocks exactly as on dense rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_INPUTS = 32  # inputs per block in every kept kind
+KEPT_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # GGML type names; what backends/native/block_layout.py packs
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    kind: str  # GGML type name, one of KEPT_KINDS
+    blocks: torch.Tensor  # uint8 [out_features, in_features / 32 * block bytes], GGML blocks row after row
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks.shape[0]
+
+    @staticmethod
+    def concat(parts: Sequence[QuantizedWeight | None]) -> QuantizedWeight | None:
+        """The rows of `parts` stacked (a fused linear), or None unless all are present, of one kind and width."""
+        first = parts[0] if parts else None
+        if first is None or any(p is None or (p.kind, p.in_features) != (first.kind, first.in_features) for p in parts):
+            return None
+        if len(parts) == 1:
+            return first
+        return QuantizedWeight(first.kind, torch.cat([p.blocks for p in parts]), first.in_features)  # type: ignore[union-attr]

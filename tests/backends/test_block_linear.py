@@ -1,0 +1,94 @@
+"""The native linear on GGUF blocks (block_linear.c, block_layout.py) against the fp32 linear on the same weights
+dequantized by gguf-py, the CPU backend's choice between the two, and the loader keeping blocks that match its
+dequantized weights row for row (llama's permuted q/k included)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from sagellm.backends.cpu import NATIVE_BLOCK_ROWS, NativeDispatch, pack_linear_weight
+from sagellm.backends.native import NativeKernels, interleave
+from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
+from sagellm.runtime.models.loader import load_model
+from tests.tiny_models import make_tiny_llama, quantize, write_tiny_gguf
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler (gcc or cc)"
+)
+
+
+@pytest.fixture(scope="module")
+def native() -> NativeKernels:
+    kernels = NativeKernels.load()
+    assert kernels is not None, "a C compiler is on PATH, so the native kernels must build"
+    return kernels
+
+
+def quantized_weight(kind: str, n: int, k: int, seed: int = 0) -> tuple[QuantizedWeight, torch.Tensor]:
+    """Random weights as GGUF blocks of `kind`, and gguf-py's dequantization of them: the dense reference."""
+    values = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    qtype = GGMLQuantizationType[kind]
+    blocks = quantize(values, qtype)  # uint8 [n, row bytes]
+    dense = torch.from_numpy(dequantize(blocks, qtype).reshape(n, k).copy())
+    return QuantizedWeight(kind, torch.from_numpy(blocks.reshape(n, -1)), k), dense
+
+
+@pytest.mark.parametrize("kind", KEPT_KINDS)
+def test_the_kernels_dequantize_to_exactly_gguf_pys_floats(native: NativeKernels, kind: str) -> None:
+    """One-hot rows pick single weights out, with no sum to round: y = I @ W^T must equal W^T bit for bit, so every
+    value of the layout sits where the kernel reads it and dequantizes exactly (an fp16 scale times a small int)."""
+    weight, dense = quantized_weight(kind, n=24, k=64)
+    identity = torch.eye(64)
+    assert torch.equal(native.block_linear(identity, interleave(weight), None), dense.T)
+
+
+@pytest.mark.parametrize("kind", KEPT_KINDS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 40])  # every tile size class, and tiles of 16 plus a rest
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_linear_equals_the_fp32_linear_on_the_dequantized_weight(
+    native: NativeKernels, kind: str, rows: int, threads: int
+) -> None:
+    weight, dense = quantized_weight(kind, n=200, k=576)
+    x, bias = torch.randn(rows, 576 + 8)[:, :576], torch.randn(200)  # rows of a wider tensor, as the graph's views
+    expected = x.double() @ dense.double().T + bias.double()
+    actual = native.block_linear(x, interleave(weight), bias, threads)
+    torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=2e-5)
+
+
+def test_shapes_the_kernels_do_not_take_keep_the_dense_fp32_weight() -> None:
+    weight, dense = quantized_weight("Q8_0", n=12, k=64)  # 12 outputs: not whole groups of eight
+    assert interleave(weight) is None
+    packed = pack_linear_weight(dense, keep_dense=True, quantized=weight)
+    assert packed.blocks is None and packed.dense is dense
+
+
+def test_dispatch_reads_blocks_up_to_its_row_limit_and_the_fp32_gemm_above(native: NativeKernels) -> None:
+    weight, dense = quantized_weight("Q4_1", n=96, k=128)
+    packed = pack_linear_weight(dense, keep_dense=True, quantized=weight)
+    assert packed.blocks is not None and packed.dense is None, "blocks replace the dense copy"
+    dispatch = NativeDispatch(native)
+    for rows in (1, NATIVE_BLOCK_ROWS, NATIVE_BLOCK_ROWS + 1, 300):
+        x = torch.randn(rows, 128)
+        torch.testing.assert_close(dispatch.linear(x, packed), x @ dense.T, rtol=1e-5, atol=2e-5)
+
+
+def test_the_loader_keeps_blocks_that_dequantize_to_its_weights(tmp_path) -> None:
+    hf_dir = make_tiny_llama(tmp_path / "llama", hidden_size=64, intermediate_size=128)
+    loaded = load_model(write_tiny_gguf(tmp_path / "llama.gguf", hf_dir, "Q4_1"))
+    assert {name for name, w in loaded.weights.items() if w.dim() == 2} == set(loaded.quantized)
+    for name, weight in loaded.quantized.items():  # q/k rows unpermuted the same way for blocks and values
+        qtype = GGMLQuantizationType[weight.kind]
+        values = dequantize(weight.blocks.numpy(), qtype).reshape(weight.out_features, weight.in_features)
+        assert torch.equal(torch.from_numpy(values), loaded.weights[name]), name
+    fused = QuantizedWeight.concat([loaded.quantized[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert fused is not None and fused.out_features == sum(
+        loaded.weights[f"model.layers.0.self_attn.{p}_proj.weight"].shape[0] for p in "qkv"
+    )
+    f32 = load_model(write_tiny_gguf(tmp_path / "llama.f32.gguf", hf_dir, "F32"))
+    assert f32.quantized == {}, "only kinds a backend reads are kept"
