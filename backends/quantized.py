@@ -29,9 +29,12 @@ class QuantizedWeight:
     @staticmethod
     def concat(parts: Sequence[QuantizedWeight | None]) -> QuantizedWeight | None:
         """The rows of `parts` stacked (a fused linear), or None unless all are present, of one kind and width."""
-        first = parts[0] if parts else None
-        if first is None or any(p is None or (p.kind, p.in_features) != (first.kind, first.in_features) for p in parts):
+        kept = [p for p in parts if p is not None]
+        if not kept or len(kept) < len(parts):
             return None
-        if len(parts) == 1:
+        first = kept[0]
+        if any((p.kind, p.in_features) != (first.kind, first.in_features) for p in kept):
+            return None
+        if len(kept) == 1:
             return first
-        return QuantizedWeight(first.kind, torch.cat([p.blocks for p in parts]), first.in_features)  # type: ignore[union-attr]
+        return QuantizedWeight(first.kind, torch.cat([p.blocks for p in kept]), first.in_features)
