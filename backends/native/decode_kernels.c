@@ -173,6 +173,7 @@ void linear_f32(const float *x, int64_t x_row, const float *w, const float *bias
 }
 
 enum { KEY_CHUNK = 32 }; /* keys scored between two softmax rescales; their scores live on the stack */
+enum { PREFETCH_CHUNKS = 3 }; /* chunks of keys asked for ahead of the one being scored */
 enum { MAX_HEAD_DIM = 256 };
 
 /* The query heads of kv heads [h0, h0 + heads) of one sequence, q [heads * group, D], against its `ctx` cached
@@ -202,12 +203,16 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
             values[j] = v_cache + row * token_stride;
         }
         /* Blocks are scattered, so the hardware prefetcher loses the stream at each block's end: ask for the next
-         * chunk's rows while this one is scored (measured ~8% faster on a cold cache). */
-        for (int64_t pos = start + KEY_CHUNK; pos < ctx && pos < start + 2 * KEY_CHUNK; ++pos) {
+         * PREFETCH_CHUNKS chunks' rows into L2 while this one is scored. Each line is asked for again at every chunk
+         * until it is reached: requests dropped by a full miss queue are made again, and a line already in L2
+         * costs little. Cold caches, 16 sequences x 272 tokens x 30 layers: 16.5 -> 11.6 ms (the next chunk
+         * only, into L1: a chunk's K and V, 48 KB, overflow L1 while the current one is used); 2048 tokens of one
+         * sequence 13.3 -> 8.4 ms. */
+        for (int64_t pos = start + KEY_CHUNK; pos < ctx && pos < start + (1 + PREFETCH_CHUNKS) * KEY_CHUNK; ++pos) {
             const int64_t row = (int64_t)table[pos / block_size] * block_size + pos % block_size;
             for (int64_t i = 0; i < heads * d; i += 16) {
-                __builtin_prefetch(k_cache + row * token_stride + i);
-                __builtin_prefetch(v_cache + row * token_stride + i);
+                __builtin_prefetch(k_cache + row * token_stride + i, 0, 1); /* read, keep in L2 (prefetcht2) */
+                __builtin_prefetch(v_cache + row * token_stride + i, 0, 1);
             }
         }
         int64_t j = 0;
