@@ -1,5 +1,5 @@
-"""Shared test helpers: sequences living in a block-paged KV cache, stepped like the engine schedules them, and the
-naive attention they are checked against."""
+"""Shared test helpers: the native kernels, sequences living in a block-paged KV cache, stepped like the engine
+schedules them, and the naive attention they are checked against."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ import pytest
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.native import NativeKernels
+
+
+@pytest.fixture(scope="session")
+def native() -> NativeKernels:
+    """The built library; its modules skip themselves where no C compiler is on PATH."""
+    kernels = NativeKernels.load()
+    assert kernels is not None, "a C compiler is on PATH, so the native kernels must build"
+    return kernels
 
 
 class PagedSequences:

@@ -23,13 +23,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def native() -> NativeKernels:
-    kernels = NativeKernels.load()
-    assert kernels is not None, "a C compiler is on PATH, so the native kernels must build"
-    return kernels
-
-
 def quantized_weight(kind: str, n: int, k: int, seed: int = 0) -> tuple[QuantizedWeight, torch.Tensor]:
     """Random weights as GGUF blocks of `kind`, and gguf-py's dequantization of them: the dense reference."""
     values = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05

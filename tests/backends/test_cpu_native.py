@@ -28,13 +28,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def native() -> NativeKernels:
-    kernels = NativeKernels.load()
-    assert kernels is not None, "a C compiler is on PATH, so the native kernels must build"
-    return kernels
-
-
 def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
     torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-5, atol=atol)
 
