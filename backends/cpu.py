@@ -69,13 +69,13 @@ class CpuLinearWeight:
 
 
 def pack_linear_weight(
-    weight: torch.Tensor, keep_dense: bool = False, quantized: QuantizedWeight | None = None
+    weight: torch.Tensor, for_native: bool = False, quantized: QuantizedWeight | None = None
 ) -> CpuLinearWeight:
-    """The layouts `linear` reads. With native kernels (`keep_dense`) an fp32 weight also keeps its GGUF blocks
+    """The layouts `linear` reads. For the native kernels (`for_native`) an fp32 weight also keeps its GGUF blocks
     interleaved when the file held some the kernels read, else its dense [out, in] self."""
     weight = weight.to("cpu").contiguous()  # [N, K]
-    blocks = interleave(quantized) if keep_dense and quantized is not None else None
-    dense = weight if keep_dense and blocks is None and weight.dtype == torch.float32 else None
+    blocks = interleave(quantized) if for_native and quantized is not None else None
+    dense = weight if for_native and blocks is None and weight.dtype == torch.float32 else None
     rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT and dense is None else None  # [K, N]
     if torch.backends.mkldnn.is_available() and weight.dtype in _ONEDNN_DTYPES:
         return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows, dense, blocks)
@@ -214,7 +214,7 @@ class CpuBackend(torch_ops.TorchOpsBackend):
         return Availability(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> CpuLinearWeight:
-        return pack_linear_weight(weight, keep_dense=NativeKernels.load() is not None, quantized=quantized)
+        return pack_linear_weight(weight, for_native=NativeKernels.load() is not None, quantized=quantized)
 
     def kernels(self) -> KernelTable:
         """The torch ops with the CPU `linear`, and native kernels where a C compiler built them."""

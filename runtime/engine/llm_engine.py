@@ -84,7 +84,8 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             quantized=self.model.quantized if config.quantized_weights else {},
         )
-        self.model.weights, self.model.quantized = {}, {}  # the plan holds what it needs (packed); drop the loader's
+        # The plan holds what it needs (packed): drop the loader's copies.
+        self.model.weights, self.model.quantized = {}, {}
         self.sampler = Sampler()
         self.eos_token_ids = set(model_config.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}

@@ -57,13 +57,13 @@ def test_block_linear_equals_the_fp32_linear_on_the_dequantized_weight(
 def test_shapes_the_kernels_do_not_take_keep_the_dense_fp32_weight() -> None:
     weight, dense = quantized_weight("Q8_0", n=12, k=64)  # 12 outputs: not whole groups of eight
     assert interleave(weight) is None
-    packed = pack_linear_weight(dense, keep_dense=True, quantized=weight)
+    packed = pack_linear_weight(dense, for_native=True, quantized=weight)
     assert packed.blocks is None and packed.dense is dense
 
 
 def test_dispatch_reads_blocks_up_to_its_row_limit_and_the_fp32_gemm_above(native: NativeKernels) -> None:
     weight, dense = quantized_weight("Q4_1", n=96, k=128)
-    packed = pack_linear_weight(dense, keep_dense=True, quantized=weight)
+    packed = pack_linear_weight(dense, for_native=True, quantized=weight)
     assert packed.blocks is not None and packed.dense is None, "blocks replace the dense copy"
     dispatch = NativeDispatch(native)
     for rows in (1, NATIVE_BLOCK_ROWS, NATIVE_BLOCK_ROWS + 1, 300):

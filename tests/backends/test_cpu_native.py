@@ -49,16 +49,16 @@ def test_linear(native: NativeKernels, rows: int, k: int, n: int, with_bias: boo
 
 def test_fp32_weights_keep_their_dense_layout_for_the_native_linear() -> None:
     embedding = torch.randn(4096, 64)  # a vocabulary projection tied to the embedding: the same tensor
-    assert pack_linear_weight(embedding, keep_dense=True).dense is embedding
-    gate_up = pack_linear_weight(torch.randn(3072, 64), keep_dense=True)
+    assert pack_linear_weight(embedding, for_native=True).dense is embedding
+    gate_up = pack_linear_weight(torch.randn(3072, 64), for_native=True)
     assert gate_up.rows is None, "the dense weight serves one-row calls; no [in, out] copy besides"
-    assert pack_linear_weight(torch.randn(8, 8, dtype=torch.float64), keep_dense=True).dense is None
+    assert pack_linear_weight(torch.randn(8, 8, dtype=torch.float64), for_native=True).dense is None
     assert pack_linear_weight(embedding).dense is None
 
 
 @pytest.mark.parametrize("rows", [1, NATIVE_LINEAR_ROWS + 1])
 def test_dispatched_linear(dispatch: NativeDispatch, rows: int) -> None:
-    weight = pack_linear_weight(torch.randn(96, 64), keep_dense=True)
+    weight = pack_linear_weight(torch.randn(96, 64), for_native=True)
     x, bias = torch.randn(rows, 64), torch.randn(96)
     close(dispatch.linear(x, weight, bias), linear(x, weight, bias), atol=1e-4)
 
