@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 BLOCK_INPUTS = 32  # inputs per block in every kept kind
-KEPT_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # GGML type names; what backends/native/block_layout.py packs
+# Bytes per block of the kept kinds (GGML type names): fp16 d [, fp16 m], then the packed values.
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+KEPT_KINDS = tuple(BLOCK_BYTES)  # what backends/native/block_layout.py packs
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sagellm.backends.quantized import BLOCK_INPUTS, QuantizedWeight
+from sagellm.backends.quantized import BLOCK_BYTES, BLOCK_INPUTS, QuantizedWeight
 
 GROUP = 8  # outputs per interleaved group: one 8-float vector
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # GGML: fp16 d [, fp16 m], then the packed values
 
 
 @dataclass(frozen=True)
@@ -29,9 +28,9 @@ class InterleavedBlocks:
 def interleave(weight: QuantizedWeight) -> InterleavedBlocks | None:
     """The kernels' layout of `weight`, or None for a shape they do not take (outputs not a multiple of 8)."""
     n, k = weight.out_features, weight.in_features
-    if n % GROUP or k % BLOCK_INPUTS or weight.kind not in _BLOCK_BYTES:
+    if n % GROUP or k % BLOCK_INPUTS or weight.kind not in BLOCK_BYTES:
         return None
-    blocks = weight.blocks.numpy().reshape(n, k // BLOCK_INPUTS, _BLOCK_BYTES[weight.kind])
+    blocks = weight.blocks.numpy().reshape(n, k // BLOCK_INPUTS, BLOCK_BYTES[weight.kind])
     d = _fp16_to_f32(blocks[..., 0:2])  # [N, B]
     if weight.kind == "Q8_0":
         q = _by_group(blocks[..., 2:]).reshape(n // GROUP, -1, BLOCK_INPUTS * GROUP)  # int8 bytes [G, B, 32 * 8]
