@@ -1,12 +1,12 @@
 """Maps the top-level code folders into the one `sagellm` distribution (metadata lives in pyproject.toml).
 
-`operators/`, `runtime/` and `backends/` install as `sagellm.operators`, `sagellm.runtime` and `sagellm.backends`;
-`package-dir` in pyproject.toml says where each lives, and this file lists the subpackages under their new names,
-which `packages.find` cannot do."""
+`common/`, `backends/`, `runtime/`, `operators/` and `benchmarks/` install as `sagellm.common`, `sagellm.backends`,
+... `sagellm.benchmarks`; `package-dir` in pyproject.toml says where each lives, and this file lists the subpackages
+under their new names, which `packages.find` cannot do."""
 
 from setuptools import find_packages, setup
 
-MAPPED = ("operators", "runtime", "backends")
+MAPPED = ("common", "backends", "runtime", "operators", "benchmarks")
 packages = find_packages(include=["sagellm", "sagellm.*"])
 for top in MAPPED:
     packages += [f"sagellm.{top}"] + [f"sagellm.{top}.{sub}" for sub in find_packages(top)]

@@ -19,9 +19,9 @@ import sys
 from rich.console import Console
 from sage.runtime import LocalEnvironment
 
-from sagellm.metrics import render_metrics_table
-from sagellm.model_cache import DEFAULT_MODEL, resolve_model
 from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
+from sagellm.runtime.pipeline.metrics import render_metrics_table
 from sagellm.sage import engine_caller, sage_function, sage_service
 
 

@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sagellm.messages import ErrorCode, Request, RequestError
-from sagellm.operators.base import MapOperator, OperatorContext, OperatorError, register_operator
+from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
+from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, OperatorError, register_operator
 
 _PRUNE_AT = 10_000  # buckets kept before refilled (idle) users' buckets are forgotten
 

@@ -16,8 +16,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sagellm.messages import KVBlocks, PrefillDone, Request, RequestError, RequestMetrics, TokenDelta, TokenLogprob
-from sagellm.operators.base import (
+from sagellm.runtime.pipeline.messages import (
+    KVBlocks,
+    PrefillDone,
+    Request,
+    RequestError,
+    RequestMetrics,
+    TokenDelta,
+    TokenLogprob,
+)
+from sagellm.runtime.pipeline.operator import (
     DEFAULT_DECODE_TOKENS,
     InstanceStats,
     OperatorContext,
@@ -75,8 +83,8 @@ class EngineOperator(StepOperator):
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
-        from sagellm.model_cache import resolve_model
         from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+        from sagellm.runtime.models.model_cache import resolve_model
 
         model = self.model or ctx.graph_attrs.get("model")
         if not model:

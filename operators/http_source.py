@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from sagellm.operators.base import SourceOperator, register_operator
+from sagellm.runtime.pipeline.operator import SourceOperator, register_operator
 
 
 @register_operator

@@ -13,8 +13,8 @@ from typing import Any
 
 import structlog
 
-from sagellm.messages import PrefillDone, RequestError
-from sagellm.operators.base import MapOperator, register_operator
+from sagellm.runtime.pipeline.messages import PrefillDone, RequestError
+from sagellm.runtime.pipeline.operator import MapOperator, register_operator
 
 log = structlog.get_logger("sagellm.kv_transfer")
 

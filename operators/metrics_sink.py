@@ -1,16 +1,16 @@
 """Measures the replies flowing past it and hands every item on unchanged, so it sits just before the real sink.
 
-The aggregation lives in `sagellm.metrics.MetricsCollector` (the gateway reuses it); this operator is its place in
-a graph. Its numbers are read in the process that runs the node: the CLI's end-of-run table calls `get_metrics()`,
-and `prometheus.registry` is what a `/metrics` endpoint exposes."""
+The aggregation lives in `sagellm.runtime.pipeline.metrics.MetricsCollector` (the gateway reuses it); this
+operator is its place in a graph. Its numbers are read in the process that runs the node: the CLI's end-of-run
+table calls `get_metrics()`, and `prometheus.registry` is what a `/metrics` endpoint exposes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sagellm.messages import Request, RequestError, TokenDelta
-from sagellm.metrics import MetricsCollector, MetricsSnapshot, PipelineMetrics
-from sagellm.operators.base import MapOperator, register_operator
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.metrics import MetricsCollector, MetricsSnapshot, PipelineMetrics
+from sagellm.runtime.pipeline.operator import MapOperator, register_operator
 
 
 @register_operator

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sagellm.messages import Request
-from sagellm.operators.base import InstanceStats, MapOperator, register_operator
 from sagellm.operators.prefix_index import PrefixIndex
+from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.operator import InstanceStats, MapOperator, register_operator
 
 POOL = "decode_capable"  # the one key of the index: the pool of instances a prompt may be cached on
 

@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import structlog
 
-from sagellm.messages import Request, RequestError
-from sagellm.operators.base import InstanceStats, OperatorContext, OperatorError
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, OperatorError
 
 Clock = Callable[[], float]
 

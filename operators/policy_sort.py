@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sagellm.messages import Request, RequestError
-from sagellm.operators.base import OperatorContext, OperatorError, QueueOperator, register_operator
 from sagellm.operators.policies import Policy, make_policy
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import OperatorContext, OperatorError, QueueOperator, register_operator
 
 
 @register_operator

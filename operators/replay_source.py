@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from sagellm.messages import Request
-from sagellm.operators.base import SourceOperator, register_operator
+from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.operator import SourceOperator, register_operator
 
 
 @register_operator

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sagellm.messages import Request, RequestError
-from sagellm.operators.base import DEFAULT_DECODE_TOKENS, Emit, InstanceStats, MapOperator, register_operator
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.operators.routing import make_strategy
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import DEFAULT_DECODE_TOKENS, Emit, InstanceStats, MapOperator, register_operator
 
 # Roles of the instances that can take a request, by its phase.
 ROLES_FOR_PHASE: dict[str, frozenset[str]] = {

@@ -22,9 +22,9 @@ import random
 from collections import OrderedDict
 from typing import ClassVar
 
-from sagellm.messages import Request
-from sagellm.operators.base import InstanceStats, OperatorError
 from sagellm.operators.prefix_index import ROOT_HASH, PrefixIndex, hash_block, stable_hash
+from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorError
 
 VIRTUAL_NODES = 160  # ring points per instance: keeps each instance's share within a few % of 1/N
 

@@ -13,8 +13,8 @@ from typing import IO, Any
 
 import msgspec
 
-from sagellm.messages import RequestError, TokenDelta, is_terminal
-from sagellm.operators.base import MapOperator, OperatorContext, register_operator
+from sagellm.runtime.pipeline.messages import RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, register_operator
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import IO, Annotated, Any
 
 import msgspec
 
-from sagellm.messages import Request, RequestError
-from sagellm.operators.base import OperatorContext, SourceOperator, register_operator
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import OperatorContext, SourceOperator, register_operator
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 TokenId = Annotated[int, msgspec.Meta(ge=0)]

@@ -1,37 +1,31 @@
 """sageLLM: LLM serving as a dataflow pipeline of streaming operators, on its own inference runtime.
 
-The public face re-exports from private modules; heavy imports (torch, transformers) happen on first use."""
+The public face re-exports names from the floors below; heavy imports (torch, transformers) happen on first use, and
+importing it changes nothing in the process (no environment, no logging set-up: the CLI and workers do that).
+
+The floors, bottom to top (ARCHITECTURE.md): `sagellm.common`, `sagellm.backends`, `sagellm.runtime`,
+`sagellm.operators`, this package's library (gateway, client, `LLM`, DSL, SAGE adapter), `sagellm.benchmarks`, and
+the CLI. A floor imports only the floors below it."""
 
 from __future__ import annotations
 
-import os
+from importlib.metadata import version
 from typing import TYPE_CHECKING
 
-# How OpenMP's workers wait between parallel regions (libgomp reads it when torch loads it, so it is set here, before
-# torch is imported). Spinning long (libgomp's default 300,000 spins, or forever under ACTIVE) turns every op into a
-# scheduler time slice as soon as anything else shares the cores: steps 25-100x slower on 2 cores. Sleeping at once
-# (PASSIVE) pays a futex wake-up for each of the ~120 regions of a step, slower still while a load generator or the
-# gateway's own thread keeps waking on the other core. A short spin catches the next region of the same step: W1 at
-# 16 concurrent through the gateway 129 -> 150 tok/s; a busy process on one of the two cores costs a decode step
-# 150 ms instead of PASSIVE's 88. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.environ["GOMP_SPINCOUNT"] = "5000"
-
-__version__ = "0.1.0"
+__version__ = version("sagellm")  # pyproject.toml's, the one place the version is written
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "UnifiedInferenceClient"]
 
 if TYPE_CHECKING:
     from sagellm.client import UnifiedInferenceClient
     from sagellm.llm import LLM
-    from sagellm.outputs import CompletionOutput, RequestOutput
-    from sagellm.sampling_params import SamplingParams
+    from sagellm.runtime.engine.outputs import CompletionOutput, RequestOutput
+    from sagellm.runtime.engine.sampling_params import SamplingParams
 
 _LAZY = {
     "LLM": "sagellm.llm",
-    "SamplingParams": "sagellm.sampling_params",
-    "RequestOutput": "sagellm.outputs",
-    "CompletionOutput": "sagellm.outputs",
+    "SamplingParams": "sagellm.runtime.engine.sampling_params",
+    "RequestOutput": "sagellm.runtime.engine.outputs",
+    "CompletionOutput": "sagellm.runtime.engine.outputs",
     "UnifiedInferenceClient": "sagellm.client",
 }
 

@@ -224,9 +224,10 @@ def _chat_text(lines: Any) -> Iterator[str]:
 
 
 def _local_gateway_url(state_dir: Path | None) -> str:
-    from sagellm.gateway.state import default_state_dir, read_record
+    from sagellm.common.home import gateway_dir
+    from sagellm.gateway.state import read_record
 
-    record = read_record(state_dir or default_state_dir())
+    record = read_record(state_dir or gateway_dir())
     return record.url if record is not None else DEFAULT_LOCAL_URL
 
 
@@ -236,9 +237,9 @@ class _EmbeddedGateway:
     def __init__(self, graph: str | Path | None, model: str | None, embedding_model: str | None, state_dir: Any):
         import tempfile
 
-        from sagellm.cli.serve_cmd import DEFAULT_GRAPH
-        from sagellm.gateway.server import GatewayConfig, GatewayThread
-        from sagellm.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
+        from sagellm.gateway.config import DEFAULT_GRAPH, GatewayConfig
+        from sagellm.gateway.server import GatewayThread
+        from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
         from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
         pipeline = load_pipeline(graph or DEFAULT_GRAPH)

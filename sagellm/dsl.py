@@ -20,8 +20,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from sagellm.operators.base import Operator, OperatorError, get_operator
 from sagellm.runtime.execution_graph.graph import Graph, Node
+from sagellm.runtime.pipeline.operator import Operator, OperatorError, get_operator
 from sagellm.runtime.pipeline.spec import FILE_KEY, LOCATIONS_KEY, PipelineError, add_edge, validate
 
 if TYPE_CHECKING:

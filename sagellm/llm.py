@@ -11,9 +11,9 @@ from dataclasses import fields
 
 from tqdm import tqdm
 
-from sagellm.outputs import RequestOutput
 from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.outputs import RequestOutput
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -24,7 +24,7 @@ class LLM:
     "smollm2-135m-instruct" (downloaded on first use). Keyword arguments are `EngineConfig` fields."""
 
     def __init__(self, model: str | None = None, **engine_args) -> None:
-        from sagellm.model_cache import DEFAULT_MODEL, resolve_model
+        from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 
         known = {f.name for f in fields(EngineConfig)}
         unknown = set(engine_args) - known

@@ -23,8 +23,8 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sagellm.messages import RequestError, is_terminal
-from sagellm.operators.base import (
+from sagellm.runtime.pipeline.messages import RequestError, is_terminal
+from sagellm.runtime.pipeline.operator import (
     InstanceStats,
     MapOperator,
     Operator,

@@ -7,6 +7,10 @@ from __future__ import annotations
 import pytest
 import structlog
 
+from sagellm.common.openmp import prefer_short_spin
+
+prefer_short_spin()  # the suite is a front end too: set before any test module imports torch
+
 
 @pytest.fixture(autouse=True)
 def _default_structlog():

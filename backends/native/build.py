@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from sagellm.model_cache import DEFAULT_HOME, HOME_ENV
+from sagellm.common.home import kernels_dir
 
 log = structlog.get_logger("sagellm.native")
 
@@ -47,10 +47,6 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
 
 class NativeBuildError(RuntimeError):
     """The native kernels could not be compiled or loaded here; the message says why in one line."""
-
-
-def kernels_dir() -> Path:
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser() / "kernels"
 
 
 def library_key(sources: tuple[Path, ...]) -> str:

@@ -1,6 +1,6 @@
 """The wire format of a pipeline edge between processes: a message is a list of ZeroMQ frames.
 
-    frame 0   one byte, the frame type: DATA (a `sagellm.messages.Message` item) or a control message
+    frame 0   one byte, the frame type: DATA (a `sagellm.runtime.pipeline.messages.Message` item) or a control message
               (READY, HEARTBEAT, END; HELLO and ASSIGN, a worker joining the run)
     frame 1   the struct, msgspec msgpack (`array_like`, `omit_defaults`: positional and compact)
     frame 2.. tensors, one frame each, their raw bytes
@@ -26,11 +26,14 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
-from sagellm.messages import Message
+from sagellm.runtime.pipeline.messages import Message
 
 if TYPE_CHECKING:
     import torch
 
+PROTOCOL = 1  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
+HEARTBEAT_S = 0.5  # how often both ends of a control channel send a Heartbeat
+REQUESTS_KEY = "_requests"  # the Heartbeat stats entry listing the request ids the sender holds
 _TENSOR_EXT = 1  # msgpack extension type code of a tensor reference
 
 
@@ -75,12 +78,13 @@ class End(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
 
 class Hello(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     """A worker's first message to the parent's control socket: the process group it offers to run. Who it is
-    (pid, host) names it in logs and errors; `version` lets the parent refuse a worker whose wire format may differ."""
+    (pid, host) names it in logs and errors; `protocol` lets the parent refuse a worker that speaks another wire
+    format. Hello's own layout never changes, so any two versions can still tell each other that much."""
 
     node: str  # the process group
     pid: int
     host: str
-    version: str
+    protocol: int
 
 
 class Assign(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):

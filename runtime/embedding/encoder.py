@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sagellm.runtime.embedding.spec import EncoderSpec, read_encoder_spec
-from sagellm.runtime.models.loader import ModelLoadError, describe
+from sagellm.runtime.models.loaded import ModelLoadError, describe
 from sagellm.runtime.models.tokenizer import load_hf_tokenizer
 
 if TYPE_CHECKING:

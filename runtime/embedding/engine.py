@@ -59,7 +59,7 @@ class EmbeddingEngine:
     def __init__(
         self, model: str | Path, *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, num_threads: int | None = None
     ) -> None:
-        from sagellm.model_cache import resolve_model
+        from sagellm.runtime.models.model_cache import resolve_model
 
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sagellm.runtime.models.loader import ModelLoadError, describe
+from sagellm.runtime.models.loaded import ModelLoadError, describe
 
 PoolingMode = Literal["cls", "max", "mean", "mean_sqrt_len_tokens"]
 POOLING_MODES: tuple[PoolingMode, ...] = ("cls", "max", "mean", "mean_sqrt_len_tokens")

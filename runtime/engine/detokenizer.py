@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 # Prompt tokens decoded as context for the first output token, as in vLLM: enough for leading-space rules.
 PROMPT_CONTEXT_TOKENS = 5

@@ -14,16 +14,17 @@ import structlog
 import torch
 
 from sagellm.backends import get_backend
-from sagellm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.block_manager import BlockManager
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, read_tokens, token_slots, write_tokens
 from sagellm.runtime.engine.model_runner import ModelRunner
+from sagellm.runtime.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.sampler import Sampler, make_generator
+from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
-from sagellm.runtime.models.loader import LoadedModel, load_model
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.models.loaded import LoadedModel
+from sagellm.runtime.models.loader import load_model
 
 log = structlog.get_logger("sagellm.engine")
 

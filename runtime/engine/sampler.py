@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 TOP_P_CANDIDATES = 1024  # largest logits searched first for a top-p cutoff; the whole vocab only if it lies beyond
 

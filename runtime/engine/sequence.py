@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

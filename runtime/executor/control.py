@@ -3,14 +3,14 @@
 Every worker, spawned by the parent or started by hand on another host (`sagellm worker --connect ENDPOINT
 --group NAME`), joins the same way:
 
-    worker -> Hello(group, pid, host, version)     parent -> Assign(graph YAML, peer timeout) or Assign(error)
+    worker -> Hello(group, pid, host, protocol)     parent -> Assign(graph YAML, peer timeout) or Assign(error)
     worker -> Ready(endpoint of its data socket)    parent -> Ready(every group's endpoint), once all are ready
     both   -> Heartbeat every HEARTBEAT_S           (worker heartbeats carry its engine stats and held requests)
     worker -> End: it finished                      parent -> End: stop now (the run ended, or gave the worker up)
 
 The graph travels as text so the worker's host needs no copy of the file. A Hello is refused, with a reason the
-worker prints, for a group the graph does not place by hand, a group that already has a worker, or another sageLLM
-version (the wire format may differ). Messages from anyone who has not joined are ignored, and a malformed message
+worker prints, for a group the graph does not place by hand, a group that already has a worker, or another wire
+protocol (another sageLLM version). Messages from anyone who has not joined are ignored, and a malformed message
 is logged and dropped: this socket may listen on a network."""
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import structlog
 import trio
 import zmq
 
-import sagellm
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import PeerMonitor, TrioSocket
-from sagellm.runtime.executor.worker import HEARTBEAT_S
 from sagellm.runtime.pipeline.spec import MAIN
 
 log = structlog.get_logger("sagellm.control")
@@ -132,8 +130,11 @@ class ControlServer:
 
     def _refusal(self, hello: wire.Hello) -> str | None:
         group = hello.node
-        if hello.version != sagellm.__version__:
-            return f"the worker runs sageLLM {hello.version}, the graph {sagellm.__version__}; install one version"
+        if hello.protocol != wire.PROTOCOL:
+            return (
+                f"the worker speaks wire protocol {hello.protocol}, this run {wire.PROTOCOL}: "
+                "install the same sageLLM version on both hosts"
+            )
         if group in self.spawned:
             if hello.pid != self.spawned[group]:  # not the worker the parent started for it
                 return f"group {group!r} is placed 'process': the graph starts its worker itself (or: remote:{group})"
@@ -156,7 +157,7 @@ class ControlServer:
             for group, worker in list(self.workers.items()):
                 if group not in self.gone:
                     await self._send(worker.identity, wire.Heartbeat(node=MAIN, time=time.time()))
-            await trio.sleep(HEARTBEAT_S)
+            await trio.sleep(wire.HEARTBEAT_S)
 
     def end(self, group: str) -> None:
         """Gives a worker up: tells it to stop (it may be alive behind a stall or a partition) and ignores it."""

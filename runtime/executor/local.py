@@ -21,8 +21,9 @@ from typing import Any
 import structlog
 import trio
 
-from sagellm.messages import Request, RequestError, RequestMetrics, TokenDelta, is_terminal
-from sagellm.operators.base import (
+from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.operator import (
     Emit,
     InstanceStats,
     MapOperator,
@@ -34,7 +35,6 @@ from sagellm.operators.base import (
     StepOperator,
     get_operator,
 )
-from sagellm.runtime.execution_graph.graph import Graph
 
 log = structlog.get_logger("sagellm.executor")
 IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
@@ -441,8 +441,8 @@ class _Signal:
 
 def model_attrs(model: str) -> dict[str, Any]:
     """What admission needs of the served model, without its weights: the tokenizer and the config."""
-    from sagellm.model_cache import resolve_model
     from sagellm.runtime.models.loader import load_model
+    from sagellm.runtime.models.model_cache import resolve_model
 
     loaded = load_model(resolve_model(model), load_weights=False)
     return {"tokenizer": loaded.tokenizer, "model_config": loaded.config}

@@ -21,15 +21,14 @@ import structlog
 import trio
 import zmq
 
-from sagellm.messages import RequestError
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, with_host
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
-from sagellm.runtime.executor.run import single_errors
-from sagellm.runtime.executor.worker import HEARTBEAT_S, REQUESTS_KEY
+from sagellm.runtime.executor.nursery_errors import single_errors
+from sagellm.runtime.pipeline.messages import RequestError
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 
@@ -196,7 +195,7 @@ class ProcessExecutor:
     def _on_heartbeat(self, group: str, message: wire.Heartbeat) -> None:
         self._last_heartbeat[group] = trio.current_time()
         stats = dict(message.stats)
-        self._held[group] = set(stats.pop(REQUESTS_KEY, {}).get("ids", ()))
+        self._held[group] = set(stats.pop(wire.REQUESTS_KEY, {}).get("ids", ()))
         self._fail_passed_on(group)
         for name, fields in stats.items():
             instance = self.executor.instances.get(name)
@@ -216,7 +215,7 @@ class ProcessExecutor:
         for node, g in self.groups.items():
             if g == group and node in self.executor.instances:
                 self.executor.instances[node].healthy = False
-        grace = 2 * HEARTBEAT_S
+        grace = 2 * wire.HEARTBEAT_S
         since = self._last_heartbeat.get(group, -float("inf")) - grace
         doomed = self._held[group] | {rid for rid, t in self._sent[group].items() if t >= since}
         for rid in sorted(doomed):

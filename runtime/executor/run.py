@@ -4,18 +4,15 @@ the process executor when any node is placed in a process, and stops cleanly on 
 from __future__ import annotations
 
 import signal
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
-
-if sys.version_info < (3, 11):  # trio brings the backport on 3.10
-    from exceptiongroup import BaseExceptionGroup
+from sagellm.runtime.executor.nursery_errors import single_errors
+from sagellm.runtime.executor.process import ProcessExecutor
 
 
 def run_pipeline(graph: Graph, **executor_args: Any) -> PipelineResult:
@@ -23,8 +20,6 @@ def run_pipeline(graph: Graph, **executor_args: Any) -> PipelineResult:
     processes start there (see `sagellm.runtime.executor.process`). Ctrl-C or SIGTERM stops it cleanly (workers
     killed, sockets closed) and raises KeyboardInterrupt."""
     if any(node.placement != "task" for node in graph.nodes.values()):
-        from sagellm.runtime.executor.process import ProcessExecutor
-
         return trio.run(_until_interrupted, ProcessExecutor(graph, **executor_args).run)
     return trio.run(_until_interrupted, LocalExecutor(graph, **executor_args).run)
 
@@ -51,15 +46,3 @@ async def _until_interrupted(run: Callable[[], Any]) -> Any:
     if interrupted:
         raise KeyboardInterrupt
     return result
-
-
-@contextmanager
-def single_errors() -> Iterator[None]:
-    """Re-raises a nursery's lone failure as itself (a bad parameter, a model that will not load), so callers and
-    the CLI see the error they can act on, not an exception group around it."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-            raise group.exceptions[0] from None
-        raise

@@ -22,9 +22,8 @@ import structlog
 import trio
 import zmq
 
-import sagellm
-from sagellm.logging import configure_logging
-from sagellm.operators.base import StepOperator
+from sagellm.common.logging import configure_logging
+from sagellm.common.openmp import prefer_short_spin
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import (
     PeerMonitor,
@@ -39,13 +38,13 @@ from sagellm.runtime.comm.zmq_trio import (
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of
 from sagellm.runtime.executor.local import LocalExecutor, instances_of
-from sagellm.runtime.executor.run import single_errors
+from sagellm.runtime.executor.nursery_errors import single_errors
+from sagellm.runtime.executor.worker_args import add_arguments
+from sagellm.runtime.pipeline.operator import StepOperator
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, host_problem
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
 log = structlog.get_logger("sagellm.worker")
-HEARTBEAT_S = 0.5
-REQUESTS_KEY = "_requests"  # heartbeat stats entry listing the request ids this process holds
 
 
 class WorkerError(RuntimeError):
@@ -57,7 +56,7 @@ def stats_of(executor: LocalExecutor) -> dict[str, dict[str, Any]]:
     local = executor.operators
     stats = {name: dataclasses.asdict(s) for name, s in executor.instances.items() if name in local}
     held = [rid for op in executor.operators.values() if isinstance(op, StepOperator) for rid in op.in_flight()]
-    stats[REQUESTS_KEY] = {"ids": held}
+    stats[wire.REQUESTS_KEY] = {"ids": held}
     return stats
 
 
@@ -93,7 +92,7 @@ async def run_worker(
 
 async def _join(ctrl: TrioSocket, connect: str, group: str, timeout_s: float) -> tuple[Graph, float]:
     """Hello -> Assign: the graph this worker runs a group of, and how long the parent may stay silent."""
-    await ctrl.send(wire.Hello(node=group, pid=os.getpid(), host=socket.gethostname(), version=sagellm.__version__))
+    await ctrl.send(wire.Hello(node=group, pid=os.getpid(), host=socket.gethostname(), protocol=wire.PROTOCOL))
     answer = None
     with trio.move_on_after(timeout_s):
         while not isinstance(answer, wire.Assign):
@@ -124,7 +123,7 @@ async def _serve(
     bridge = Bridge(executor, group, zctx)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(heartbeat_loop, ctrl, group, HEARTBEAT_S, lambda: stats_of(executor))
+            nursery.start_soon(heartbeat_loop, ctrl, group, wire.HEARTBEAT_S, lambda: stats_of(executor))
             nursery.start_soon(parent.listen, ctrl, nursery.cancel_scope)
             nursery.start_soon(parent.monitor.watch, parent.lost)
             await executor.open_operators()
@@ -176,8 +175,7 @@ class _Parent:
 
 def main(argv: list[str] | None = None) -> None:
     """The entry the parent spawns: errors end the process with a traceback on stderr (exit code 1)."""
-    from sagellm.cli.worker_cmd import add_arguments
-
+    prefer_short_spin()  # nothing imported so far loads torch; the engines this worker opens will
     parser = argparse.ArgumentParser(prog="sagellm-worker", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

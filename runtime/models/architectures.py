@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.loader import ModelLoadError
+from sagellm.runtime.models.loaded import ModelLoadError
 
 
 @dataclass(frozen=True)

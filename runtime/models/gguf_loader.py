@@ -21,7 +21,7 @@ from gguf.quants import dequantize
 from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
 from sagellm.runtime.models.architectures import BY_NAME, check_weights, config_from_gguf
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.loader import LoadedModel, ModelLoadError, describe
+from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, describe
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 
 Q = GGMLQuantizationType

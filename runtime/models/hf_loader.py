@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from sagellm.runtime.models.architectures import check_weights, config_from_hf
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.loader import LoadedModel, ModelLoadError, describe
+from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, describe
 from sagellm.runtime.models.tokenizer import load_hf_tokenizer, read_hf_chat_template
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -6,43 +6,15 @@ Hugging Face names, so nothing downstream ever knows which format a model came f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from sagellm.backends.quantized import QuantizedWeight
-from sagellm.runtime.models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from sagellm.runtime.models.gguf_loader import load_gguf
+from sagellm.runtime.models.hf_loader import load_hf_dir
+from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message names the file and the problem in one line."""
-
-
-def describe(error: BaseException) -> str:
-    """A third-party exception as one line, for the tail of a ModelLoadError message."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
-
-
-@dataclass
-class LoadedModel:
-    config: ModelConfig
-    # Canonical Hugging Face names (model.layers.{i}.self_attn.q_proj.weight, ...); lm_head.weight only when untied.
-    # Empty when loaded with load_weights=False.
-    weights: dict[str, torch.Tensor]
-    tokenizer: PreTrainedTokenizerBase | None
-    chat_template: str | None
-    source: Path  # the directory or the .gguf file the weights were read from
-    name: str
-    # The 2-D weights a GGUF file stored in a kind some backend's kernels read (KEPT_KINDS), as stored, under the
-    # same names; `weights` still holds every one of them dequantized.
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
 
 
 def load_model(
@@ -51,10 +23,6 @@ def load_model(
     """Load the model at `path`: a Hugging Face directory, a .gguf file, or a directory holding exactly one .gguf.
 
     `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model."""
-    # The format loaders import ModelLoadError and LoadedModel from this module, so they are imported here.
-    from sagellm.runtime.models.gguf_loader import load_gguf
-    from sagellm.runtime.models.hf_loader import load_hf_dir
-
     options = {"dtype": dtype, "load_tokenizer": load_tokenizer, "load_weights": load_weights}
     source = Path(path).expanduser()
     if not source.exists():

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sagellm.runtime.models.loader import ModelLoadError, describe
+from sagellm.runtime.models.loaded import ModelLoadError, describe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

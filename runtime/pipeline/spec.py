@@ -14,7 +14,8 @@ import types
 from collections import defaultdict
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
-from sagellm.operators.base import (
+from sagellm.runtime.execution_graph.graph import Edge, Graph
+from sagellm.runtime.pipeline.operator import (
     Operator,
     OperatorError,
     SourceOperator,
@@ -22,7 +23,6 @@ from sagellm.operators.base import (
     list_operators,
     parameter_types,
 )
-from sagellm.runtime.execution_graph.graph import Edge, Graph
 
 # Graph-level settings a pipeline may set (graph.attrs), with their types. The last three place the sockets of a
 # graph run across hosts (transport tcp): the interface this host listens on, the address others reach it at, and

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sagellm.bench.workloads import WORKLOAD_GROUPS
+from sagellm.benchmarks.workloads import WORKLOAD_GROUPS
 
 if TYPE_CHECKING:
-    from sagellm.bench.offline import OfflineReport, Row
+    from sagellm.benchmarks.offline import OfflineReport, Row
 
 COLUMNS = (  # (metric, header, format)
     ("out_tok_s", "out tok/s", "{:.1f}"),
@@ -32,7 +32,7 @@ COLUMNS = (  # (metric, header, format)
 # The options that change what is measured, written out in the reproduce command stored with the results.
 REPRODUCE_FLAGS = ("model", "num_prompts", "input_len", "output_len", "repeats", "seed", "threads", "backend")
 REPRODUCE_FLAGS += ("max_num_batched_tokens",)
-# Benchmarks of the pipeline, each a module of sagellm.bench with `add_arguments(parser)` and `run(args)`.
+# Benchmarks of the pipeline, each a module of sagellm.benchmarks with `add_arguments(parser)` and `run(args)`.
 PIPELINE_BENCHES = (
     ("pipeline", "pipeline_overhead", "control-plane overhead: the pipeline vs an instant fixture (W5)"),
     ("pd", "pd_split_report", "colocated vs prefill/decode split on mixed prompt lengths (W4)"),
@@ -75,16 +75,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--log-level", default="warning")
     k.set_defaults(run=run_kv_transfer)
     for kind, module, summary in PIPELINE_BENCHES:
-        bench = importlib.import_module(f"sagellm.bench.{module}")
+        bench = importlib.import_module(f"sagellm.benchmarks.{module}")
         parser = kinds.add_parser(kind, help=summary, description=bench.__doc__.split("\n\n")[0])
         bench.add_arguments(parser)
         parser.set_defaults(run=bench.run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sagellm.bench.offline import OfflineConfig, run_offline
-    from sagellm.bench.workloads import standard_workloads
-    from sagellm.model_cache import DEFAULT_MODEL, resolve_model
+    from sagellm.benchmarks.offline import OfflineConfig, run_offline
+    from sagellm.benchmarks.workloads import standard_workloads
+    from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 
     groups = [g.strip() for g in args.workloads.split(",") if g.strip()]
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none")
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_kv_transfer(args: argparse.Namespace) -> int:
-    from sagellm.bench.kv_transfer import KVTransferConfig, kv_shape, print_table, run_kv_transfer, write_results
+    from sagellm.benchmarks.kv_transfer import KVTransferConfig, kv_shape, print_table, run_kv_transfer, write_results
 
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
     config = KVTransferConfig(kv_shape(args.model, args.tokens), args.dtype, args.repeats, args.warmup, paths)

@@ -14,11 +14,8 @@ from typing import Any
 
 import httpx
 
-from sagellm.gateway.state import (
-    PID_FILE,
-    default_state_dir,
-    read_record,
-)
+from sagellm.common.home import gateway_dir
+from sagellm.gateway.state import PID_FILE, read_record
 
 ENGINES_PATH = "/v1/management/engines"
 
@@ -38,7 +35,7 @@ def add_state_dir_argument(p: argparse.ArgumentParser) -> None:
 
 
 def state_dir_of(args: argparse.Namespace) -> Path:
-    return args.state_dir or default_state_dir()
+    return args.state_dir or gateway_dir()
 
 
 def running_pid(state_dir: Path) -> int | None:
@@ -63,7 +60,7 @@ class ManagementClient:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ManagementClient:
         from sagellm.gateway.auth import read_admin_key
-        from sagellm.gateway.server import ADMIN_KEY_ENV
+        from sagellm.gateway.config import ADMIN_KEY_ENV
 
         state_dir = state_dir_of(args)
         url = args.url

@@ -66,8 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_start(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV
     from sagellm.gateway.engine_process import free_port, log_tail, port_free
-    from sagellm.gateway.server import ADMIN_KEY_ENV, API_KEY_ENV
 
     console = Console(stderr=True)
     state_dir = state_dir_of(args).resolve()

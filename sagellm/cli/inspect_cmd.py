@@ -18,10 +18,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from sagellm.model_cache import DEFAULT_MODEL, resolve_model
     from sagellm.runtime.execution_graph.passes import optimize, plan_buffers
     from sagellm.runtime.models.decoder_graph import build_decoder_graph
     from sagellm.runtime.models.loader import load_model
+    from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 
     console = Console()
     config = load_model(resolve_model(args.model or DEFAULT_MODEL), load_tokenizer=False, load_weights=False).config

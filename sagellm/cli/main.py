@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 
 from sagellm.cli import (
     backends_cmd,
@@ -21,6 +22,8 @@ from sagellm.cli import (
     serve_cmd,
     worker_cmd,
 )
+from sagellm.common.logging import configure_logging
+from sagellm.common.openmp import prefer_short_spin
 
 COMMANDS = (
     run_cmd,
@@ -40,7 +43,7 @@ COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sagellm", description="sageLLM: LLM serving as a dataflow of operators")
-    parser.add_argument("--version", action="version", version=f"sagellm {__import__('sagellm').__version__}")
+    parser.add_argument("--version", action="version", version=f"sagellm {version('sagellm')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
@@ -48,9 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_short_spin()  # before any command imports torch (the command modules themselves import nothing heavy)
     args = build_parser().parse_args(argv)
-    from sagellm.logging import configure_logging
-
     configure_logging(args.log_level if hasattr(args, "log_level") else "warning")
     try:
         return args.run(args) or 0

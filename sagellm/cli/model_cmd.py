@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from sagellm.model_cache import DEFAULT_MODEL, download_model
+    from sagellm.runtime.models.model_cache import DEFAULT_MODEL, download_model
 
     path = download_model(args.name or DEFAULT_MODEL, force=args.force)
     print(path)
@@ -28,7 +28,7 @@ def run_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from sagellm.model_cache import list_cached_models
+    from sagellm.runtime.models.model_cache import list_cached_models
 
     table = Table("name", "format", "size", "path")
     for model in list_cached_models():

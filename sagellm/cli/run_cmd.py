@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from sagellm.metrics import render_metrics_table
     from sagellm.runtime.executor.run import run_pipeline
+    from sagellm.runtime.pipeline.metrics import render_metrics_table
 
     graph = build_graph(args)
     _ensure_model(graph.attrs.get("model"))
@@ -92,7 +92,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _ensure_model(model: str | None) -> None:
     """Downloads a known model that is not cached yet, once, before any worker process looks for it."""
-    from sagellm.model_cache import resolve_model
+    from sagellm.runtime.models.model_cache import resolve_model
 
     if model:
         resolve_model(model)

@@ -13,8 +13,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-DEFAULT_GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "colocated.yaml"
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -26,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Shared with `sagellm gateway start`, which runs `sagellm serve` in the background with the same options."""
-    from sagellm.gateway.server import DEFAULT_PORT
+    from sagellm.gateway.config import DEFAULT_GRAPH, DEFAULT_PORT
 
     p.add_argument("graph", nargs="?", default=str(DEFAULT_GRAPH), help="pipeline YAML (default graphs/colocated.yaml)")
     p.add_argument("--model", "-m", help="the LLM (path, .gguf, alias or org/name; default: the graph's model)")
@@ -54,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sagellm.cli.run_cmd import build_graph
     from sagellm.gateway.server import serve
-    from sagellm.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
+    from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
 
     embedding = None if args.no_embedding else (args.embedding_model or DEFAULT_EMBEDDING_MODEL)
     if args.no_llm:
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace, embedding: str | None) -> Any:
-    from sagellm.gateway.server import GatewayConfig
+    from sagellm.gateway.config import GatewayConfig
 
     return GatewayConfig.from_env(
         host=args.host,
@@ -88,7 +86,7 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
     import trio
 
     from sagellm.gateway.embedding_server import serve_embeddings
-    from sagellm.model_cache import resolve_model
+    from sagellm.runtime.models.model_cache import resolve_model
 
     if embedding is None:
         raise ValueError("--no-llm with --no-embedding leaves nothing to serve")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from sagellm.runtime.executor.worker_args import add_arguments
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,24 +24,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
     p.add_argument("--log-level", default="info")
     p.set_defaults(run=run)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The worker's options, shared with the command line the parent spawns its own workers with."""
-    parser.add_argument("--connect", required=True, metavar="ENDPOINT", help="the control endpoint the run printed")
-    parser.add_argument("--group", required=True, help="the process group to run (its placement: remote:GROUP)")
-    parser.add_argument(
-        "--bind-host",
-        help="interface to listen on for graph edges (default: this host's address toward the run; 0.0.0.0: all)",
-    )
-    parser.add_argument(
-        "--advertise-host",
-        help="address the other processes reach this worker at (default: the bind host; with 0.0.0.0, this host's "
-        "address toward the run)",
-    )
-    parser.add_argument(
-        "--connect-timeout", type=float, default=300.0, metavar="S", help="seconds to wait for the run to answer"
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import App, Guard, HttpRequest, Response
-from sagellm.operators.base import OperatorError
+from sagellm.runtime.pipeline.operator import OperatorError
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -18,11 +18,11 @@ import structlog
 import trio
 
 from sagellm.gateway.errors import ApiError
-from sagellm.messages import Request, RequestError, TokenDelta, is_terminal
-from sagellm.operators.base import SourceOperator, get_operator
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Edge, Graph
 from sagellm.runtime.executor.local import LocalExecutor
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.operator import SourceOperator, get_operator
 
 log = structlog.get_logger("sagellm.gateway")
 SOURCE_NODE = "http"

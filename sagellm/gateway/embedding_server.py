@@ -14,10 +14,11 @@ import trio
 from hypercorn.trio import serve as hypercorn_serve
 
 from sagellm.gateway.auth import key_guard
+from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.embeddings import EmbeddingService
 from sagellm.gateway.http import App, HttpRequest, Response
 from sagellm.gateway.openai_routes import OpenAIRoutes
-from sagellm.gateway.server import GatewayConfig, hypercorn_config, stop_on_signal
+from sagellm.gateway.server import hypercorn_config, stop_on_signal
 
 log = structlog.get_logger("sagellm.gateway")
 

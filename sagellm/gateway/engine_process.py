@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from sagellm.gateway import proxy
+from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_GRAPH
 from sagellm.gateway.engine_spec import FAILED, READY, STARTING, UNHEALTHY, ManagedEngine
 
 log = structlog.get_logger("sagellm.gateway")
@@ -177,8 +178,6 @@ class Supervisor:
 
 
 def _command(engine: ManagedEngine) -> list[str]:
-    from sagellm.cli.serve_cmd import DEFAULT_GRAPH
-
     serve = [sys.executable, "-m", "sagellm.cli.main", "serve"]
     common = ["--host", "127.0.0.1", "--port", str(engine.port), "--state-dir", str(engine.directory)]
     if engine.spec.kind == "embedding":
@@ -189,8 +188,6 @@ def _command(engine: ManagedEngine) -> list[str]:
 
 
 def _environment(engine: ManagedEngine) -> dict[str, str]:
-    from sagellm.gateway.server import ADMIN_KEY_ENV, API_KEY_ENV
-
     env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV}
     env[API_KEY_ENV] = engine.api_key
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, engine.gpus))

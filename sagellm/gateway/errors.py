@@ -1,14 +1,14 @@
 """OpenAI-shaped errors: one exception type for every failure a route reports, and the body every client expects.
 
 `{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses for it; a pipeline
-`RequestError` maps through its code (`sagellm.messages.HTTP_STATUS`), so an `overloaded` request is a 429 with
-`Retry-After` whether admission, the policy queue or a router shed it."""
+`RequestError` maps through its code (`sagellm.runtime.pipeline.messages.HTTP_STATUS`), so an `overloaded` request
+is a 429 with `Retry-After` whether admission, the policy queue or a router shed it."""
 
 from __future__ import annotations
 
 import msgspec
 
-from sagellm.messages import HTTP_STATUS, RequestError
+from sagellm.runtime.pipeline.messages import HTTP_STATUS, RequestError
 
 RETRY_AFTER_S = 1  # what a shed request is told to wait before retrying
 

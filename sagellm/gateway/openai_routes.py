@@ -28,7 +28,7 @@ from sagellm.gateway.protocol import (
     completion_requests,
 )
 from sagellm.gateway.responses import Choice, Envelope, chat_logprobs, completion_logprobs, finish_reason, usage
-from sagellm.messages import RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 
 DONE = b"[DONE]"
 

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import msgspec
 
 from sagellm.gateway.errors import ApiError
-from sagellm.messages import Request
-from sagellm.sampling_params import MAX_LOGPROBS, SamplingParams
+from sagellm.runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from sagellm.runtime.pipeline.messages import Request
 
 Unset = msgspec.UnsetType
 UNSET = msgspec.UNSET

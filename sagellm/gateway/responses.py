@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagellm.messages import RequestMetrics, TokenDelta, TokenLogprob
+from sagellm.runtime.pipeline.messages import RequestMetrics, TokenDelta, TokenLogprob
 
 
 @dataclass

@@ -5,13 +5,12 @@ thread or process hop. SIGINT/SIGTERM stop it gracefully: no new connections, re
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from importlib.metadata import version
 from typing import Any
 
 import structlog
@@ -22,44 +21,18 @@ from hypercorn.trio import serve as hypercorn_serve
 from sagellm.gateway import openapi
 from sagellm.gateway.admin_routes import AdminRoutes
 from sagellm.gateway.auth import admin_key, key_guard
+from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.embeddings import EmbeddingService
 from sagellm.gateway.engines import EngineManager
-from sagellm.gateway.http import DEFAULT_MAX_BODY_BYTES, App
+from sagellm.gateway.http import App
 from sagellm.gateway.management_routes import ManagementRoutes
 from sagellm.gateway.openai_routes import OpenAIRoutes
 from sagellm.gateway.session_routes import SessionRoutes
 from sagellm.gateway.sessions import SessionStore
-from sagellm.gateway.state import default_state_dir
 from sagellm.runtime.execution_graph.graph import Graph
 
 log = structlog.get_logger("sagellm.gateway")
-DEFAULT_PORT = 8000
-API_KEY_ENV = "SAGELLM_API_KEY"
-ADMIN_KEY_ENV = "SAGELLM_ADMIN_KEY"
-
-
-@dataclass
-class GatewayConfig:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT  # 0: any free port (tests)
-    api_keys: list[str] = field(default_factory=list)
-    admin_key: str | None = None
-    embedding_model: str | None = None
-    served_model_name: str | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    state_dir: Path = field(default_factory=default_state_dir)
-    graceful_timeout_s: float = 30.0
-
-    @classmethod
-    def from_env(cls, **overrides: Any) -> GatewayConfig:
-        """Keys from the environment unless given: SAGELLM_API_KEY (comma-separated) and SAGELLM_ADMIN_KEY."""
-        keys = [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
-        config = cls(api_keys=keys, admin_key=os.environ.get(ADMIN_KEY_ENV) or None)
-        for name, value in overrides.items():
-            if value is not None:
-                setattr(config, name, value)
-        return config
 
 
 @dataclass
@@ -88,7 +61,7 @@ def build_app(
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
     AdminRoutes(core).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
-    openapi.register(app, __import__("sagellm").__version__)
+    openapi.register(app, version("sagellm"))
     return app
 
 

@@ -4,16 +4,10 @@ log) so the CLI and the Python client find it; the gateway itself keeps its admi
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PID_FILE, RECORD_FILE, LOG_FILE = "gateway.pid", "gateway.json", "gateway.log"
-
-
-def default_state_dir() -> Path:
-    """$SAGELLM_HOME/gateway (default ~/.cache/sagellm/gateway)."""
-    return Path(os.environ.get("SAGELLM_HOME") or "~/.cache/sagellm").expanduser() / "gateway"
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from sagellm.bench.report import median_summary
-from sagellm.bench.serve import (
+from sagellm.benchmarks.report import median_summary
+from sagellm.benchmarks.serve import (
     PROBE_PROMPT,
     RequestRecord,
     ServeConfig,
@@ -27,9 +27,9 @@ from sagellm.bench.serve import (
     meets_slos,
     summarize,
 )
-from sagellm.bench.serve_cli import parse_goodput, parse_targets
-from sagellm.bench.serve_datasets import DatasetError, SampleRequest, jsonl_requests, random_requests
-from sagellm.bench.sse_fixture import StreamingFixture, serve, serving_in_thread
+from sagellm.benchmarks.serve_cli import parse_goodput, parse_targets
+from sagellm.benchmarks.serve_datasets import DatasetError, SampleRequest, jsonl_requests, random_requests
+from sagellm.benchmarks.sse_fixture import StreamingFixture, serve, serving_in_thread
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama, make_tokenizer
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sagellm.bench import pd_split, pd_split_report
+from sagellm.benchmarks import pd_split, pd_split_report
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama, make_tokenizer
 

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from sagellm.bench.instant_engine import InstantEngine
-from sagellm.bench.pipeline_overhead import PATHS, BenchmarkError, OverheadConfig, add_arguments, check_complete, run
-from sagellm.messages import Request
+from sagellm.benchmarks.instant_engine import InstantEngine
+from sagellm.benchmarks.pipeline_overhead import (
+    PATHS,
+    BenchmarkError,
+    OverheadConfig,
+    add_arguments,
+    check_complete,
+    run,
+)
+from sagellm.runtime.pipeline.messages import Request
 
 pytest.importorskip("matplotlib")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sagellm.bench.policies import RealConfig, add_arguments, run
-from sagellm.bench.policy_sim import SimConfig, Simulation, run_sim, sim_trace
-from sagellm.bench.policy_workload import CLASSES, POLICIES, class_sequence
+from sagellm.benchmarks.policies import RealConfig, add_arguments, run
+from sagellm.benchmarks.policy_sim import SimConfig, Simulation, run_sim, sim_trace
+from sagellm.benchmarks.policy_workload import CLASSES, POLICIES, class_sequence
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 

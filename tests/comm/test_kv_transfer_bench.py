@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sagellm.bench.kv_transfer import KVShape, kv_shape
+from sagellm.benchmarks.kv_transfer import KVShape, kv_shape
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 

@@ -9,9 +9,17 @@ import pytest
 import torch
 import zmq
 
-from sagellm.messages import KVBlocks, PrefillDone, Request, RequestError, RequestMetrics, TokenDelta, TokenLogprob
 from sagellm.runtime.comm.wire import End, FrameType, Heartbeat, Ready, WireError, decode, encode
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import (
+    KVBlocks,
+    PrefillDone,
+    Request,
+    RequestError,
+    RequestMetrics,
+    TokenDelta,
+    TokenLogprob,
+)
 
 KV_SHAPE = (30, 2, 64, 3, 64)  # [layers, k/v, tokens, kv heads, head_dim]: SmolLM2, 64 tokens
 

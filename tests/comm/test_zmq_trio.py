@@ -14,7 +14,6 @@ import torch
 import trio
 import zmq
 
-from sagellm.messages import KVBlocks, PrefillDone, Request, TokenDelta
 from sagellm.runtime.comm.wire import End, Heartbeat, Ready, encode
 from sagellm.runtime.comm.zmq_trio import (
     IPC_DIR_ENV,
@@ -26,6 +25,7 @@ from sagellm.runtime.comm.zmq_trio import (
     connect_push,
     heartbeat_loop,
 )
+from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, TokenDelta
 
 TRANSPORTS = ["ipc", "tcp"]
 

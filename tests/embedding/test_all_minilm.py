@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagellm.model_cache import DEFAULT_EMBEDDING_MODEL, list_cached_models, resolve_model
 from sagellm.runtime.embedding import EmbeddingEngine, InputTooLongError
+from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, list_cached_models, resolve_model
 
 pytestmark = pytest.mark.network
 

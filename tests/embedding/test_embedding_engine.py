@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sagellm.runtime.embedding import EmbeddingEngine, EmbeddingInputError, EmbeddingResult, InputTooLongError
 from sagellm.runtime.embedding.engine import _length_batches
-from sagellm.runtime.models.loader import ModelLoadError
+from sagellm.runtime.models.loaded import ModelLoadError
 from tests.embedding.conftest import MAX_SEQ_LENGTH, write_sentence_transformers_files
 from tests.tiny_models import make_tiny_llama
 

@@ -1,8 +1,8 @@
 """Block manager: allocation, ref counts, prefix hits by chained hashes, LRU eviction, full-cache answers."""
 
 from sagellm.runtime.engine.block_manager import BlockManager
+from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.sequence import Sequence
-from sagellm.sampling_params import SamplingParams
 
 
 def seq(request_id: str, tokens: list[int]) -> Sequence:

@@ -20,7 +20,7 @@ from sagellm.runtime.engine.detokenizer import (
     IncrementalDetokenizer,
     find_stop_string,
 )
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 CORPUS = [
     "Hello world, this is a test of the tokenizer.",

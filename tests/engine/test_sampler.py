@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sagellm.runtime.engine.sampler import TOP_P_CANDIDATES, Sampler, make_generator, mask_top_k_top_p
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 VOCAB = 64
 

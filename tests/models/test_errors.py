@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from sagellm.runtime.models.loader import ModelLoadError, load_model
+from sagellm.runtime.models.loaded import ModelLoadError
+from sagellm.runtime.models.loader import load_model
 from tests.tiny_models import write_tiny_gguf
 
 

@@ -11,7 +11,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from sagellm.runtime.models.loader import LoadedModel, load_model
+from sagellm.runtime.models.loaded import LoadedModel
+from sagellm.runtime.models.loader import load_model
 from tests.tiny_models import CHAT_TEMPLATE, make_tiny_llama, quantize, write_tiny_gguf
 
 Q = GGMLQuantizationType

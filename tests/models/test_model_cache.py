@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sagellm import model_cache
-from sagellm.model_cache import (
+from sagellm.runtime.models import model_cache
+from sagellm.runtime.models.loaded import ModelLoadError
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.models.model_cache import (
     DEFAULT_MODEL,
     CachedModel,
     ModelCacheError,
@@ -20,7 +22,6 @@ from sagellm.model_cache import (
     models_dir,
     resolve_model,
 )
-from sagellm.runtime.models.loader import ModelLoadError, load_model
 from tests.tiny_models import write_tiny_gguf
 
 

@@ -12,8 +12,9 @@ import gguf
 import pytest
 import torch
 
-from sagellm.model_cache import DEFAULT_MODEL, list_cached_models, resolve_model
-from sagellm.runtime.models.loader import LoadedModel, load_model
+from sagellm.runtime.models.loaded import LoadedModel
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.models.model_cache import DEFAULT_MODEL, list_cached_models, resolve_model
 
 pytestmark = pytest.mark.network
 

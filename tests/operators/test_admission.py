@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from sagellm.messages import Request, RequestError
 from sagellm.operators.admission import Admission
-from sagellm.operators.base import OperatorContext, OperatorError, PipelineLoad
-from sagellm.runtime.models.loader import LoadedModel, load_model
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.models.loaded import LoadedModel
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import OperatorContext, OperatorError, PipelineLoad
 from tests.tiny_models import make_tiny_llama
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sagellm import SamplingParams
-from sagellm.messages import PrefillDone, Request, RequestError, TokenDelta
-from sagellm.operators.base import OperatorContext, get_operator
+from sagellm.runtime.pipeline.messages import PrefillDone, Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.operator import OperatorContext, get_operator
 from tests.tiny_models import make_tiny_llama
 
 

@@ -11,10 +11,10 @@ from prometheus_client import generate_latest
 from rich.console import Console
 from structlog.testing import capture_logs
 
-from sagellm.messages import Request, RequestError, RequestMetrics, TokenDelta
-from sagellm.metrics import MetricsCollector, PipelineMetrics, render_metrics_table
-from sagellm.operators.base import get_operator
 from sagellm.operators.metrics_sink import MetricsSink
+from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta
+from sagellm.runtime.pipeline.metrics import MetricsCollector, PipelineMetrics, render_metrics_table
+from sagellm.runtime.pipeline.operator import get_operator
 
 
 class FakeClock:

@@ -3,9 +3,9 @@ long prompt keeps it colocated and is counted."""
 
 import pytest
 
-from sagellm.messages import Request
-from sagellm.operators.base import InstanceStats, OperatorContext, get_operator, parameter_types
 from sagellm.operators.pd_split import PDSplit
+from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, get_operator, parameter_types
 
 
 def make_split(instances: list[InstanceStats] | None = None, **params) -> PDSplit:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from sagellm.messages import Request, RequestError
-from sagellm.operators.base import InstanceStats, OperatorContext, OperatorError, PipelineLoad
 from sagellm.operators.policy_sort import PolicySort
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, OperatorError, PipelineLoad
 
 NOW = 1000.0
 

@@ -9,8 +9,12 @@ from collections import Counter
 
 import pytest
 
-from sagellm.messages import Request, RequestError
-from sagellm.operators.base import (
+from sagellm.operators.prefix_index import PrefixIndex, block_hashes
+from sagellm.operators.route import Route
+from sagellm.operators.routing import STRATEGIES
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import (
     DEFAULT_DECODE_TOKENS,
     Emit,
     InstanceStats,
@@ -19,10 +23,6 @@ from sagellm.operators.base import (
     get_operator,
     parameter_types,
 )
-from sagellm.operators.prefix_index import PrefixIndex, block_hashes
-from sagellm.operators.route import Route
-from sagellm.operators.routing import STRATEGIES
-from sagellm.sampling_params import SamplingParams
 
 
 def make_route(instances: list[InstanceStats], outputs: list[str] | None = None, **params) -> Route:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sagellm.messages import Request, RequestError, RequestMetrics, TokenDelta
-from sagellm.operators.base import OperatorContext, get_operator, parameter_types
 from sagellm.operators.sinks import JsonlSink, StdoutSink
 from sagellm.operators.sources import JsonlSource, PromptSource, StdinSource
+from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta
+from sagellm.runtime.pipeline.operator import OperatorContext, get_operator, parameter_types
 
 NOW = 1000.0
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from sagellm.dsl import Environment, Pipeline
-from sagellm.operators.base import MapOperator, SourceOperator, register_operator
+from sagellm.runtime.pipeline.operator import MapOperator, SourceOperator, register_operator
 from sagellm.runtime.pipeline.spec import PipelineError, same_graph
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline, load_pipeline
 

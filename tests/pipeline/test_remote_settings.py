@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import sagellm.operators  # noqa: F401  (registers the operators the shipped graphs name)
-from sagellm.operators.base import MapOperator, SourceOperator, register_operator
 from sagellm.runtime.executor.bridge import groups_of, remote_groups
+from sagellm.runtime.pipeline.operator import MapOperator, SourceOperator, register_operator
 from sagellm.runtime.pipeline.spec import PipelineError, placement_group, same_graph
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline, load_pipeline
 from tests.pipeline.test_yaml import assert_error_at

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 import pytest
 
-from sagellm.operators.base import MapOperator, SourceOperator, list_operators, register_operator
 from sagellm.runtime.execution_graph.graph import Edge, Graph, Node
+from sagellm.runtime.pipeline.operator import MapOperator, SourceOperator, list_operators, register_operator
 from sagellm.runtime.pipeline.spec import PipelineError, conforms, describe, same_graph
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline, load_pipeline
 

@@ -16,8 +16,8 @@ pytest.importorskip("sage.runtime", reason="SAGE is not installed (pip install i
 from sage.foundation import FlatMapFunction, MapFunction, SinkFunction, SourceFunction  # noqa: E402
 from sage.runtime import BaseService, LocalEnvironment  # noqa: E402
 
-from sagellm.messages import Request, RequestError, TokenDelta, is_terminal  # noqa: E402
-from sagellm.operators.base import (  # noqa: E402
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal  # noqa: E402
+from sagellm.runtime.pipeline.operator import (  # noqa: E402
     MapOperator,
     OperatorError,
     SourceOperator,

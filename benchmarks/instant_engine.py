@@ -13,9 +13,15 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from sagellm.messages import Request, RequestError, TokenDelta
-from sagellm.operators.base import InstanceStats, OperatorContext, OperatorError, StepOperator, register_operator
 from sagellm.operators.engine import TrackedRequest, request_metrics
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.operator import (
+    InstanceStats,
+    OperatorContext,
+    OperatorError,
+    StepOperator,
+    register_operator,
+)
 
 
 @register_operator

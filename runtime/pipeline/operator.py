@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, get_type_hints
+from typing import Any, ClassVar, get_type_hints
+
+from sagellm.common.registry import Registry, load_entry_points
 
 
 class OperatorError(ValueError):
@@ -101,7 +103,9 @@ class OperatorContext:
 
 class Operator:
     """Base of the four kinds. Parameters are keyword arguments of `__init__` with type hints: the YAML loader and the
-    DSL validate against them (`parameter_types`)."""
+    DSL check values against them (`parameters`), then build the operator once, so the range checks its constructor
+    makes (raising `FieldError` naming the parameter) also fail at load time, at the parameter's line. Constructors
+    must therefore be cheap and touch nothing outside the object: models load and files open in `open`."""
 
     name: ClassVar[str] = ""  # registry name, as written in YAML `op:`
     kind: ClassVar[str] = ""
@@ -109,6 +113,24 @@ class Operator:
     accepts: ClassVar[tuple[type, ...]] = ()
     # Whether the node may have several downstream nodes; it must then address what it returns with `Emit`.
     multi_output: ClassVar[bool] = False
+
+    @classmethod
+    def parameters(cls) -> dict[str, tuple[Any, bool]]:
+        """name -> (type hint, required), read from `__init__`'s signature."""
+        signature = inspect.signature(cls.__init__)
+        hints = get_type_hints(cls.__init__)
+        params: dict[str, tuple[Any, bool]] = {}
+        for pname, p in signature.parameters.items():
+            if pname == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            params[pname] = (hints.get(pname, Any), p.default is inspect.Parameter.empty)
+        return params
+
+    @classmethod
+    def instance_stats(cls, node_id: str, params: dict[str, Any]) -> InstanceStats | None:
+        """The stats of the engine instance a node of this operator is (None: not an engine), made before any
+        operator opens so route sees every instance, remote ones too, with its role and size from the start."""
+        return None
 
     def open(self, ctx: OperatorContext) -> None:
         """Called once before the first item, in the process that runs the node."""
@@ -178,44 +200,17 @@ class StepOperator(Operator):
         """Forgets the given requests (they failed or their client left); frees what they hold."""
 
 
-_REGISTRY: dict[str, type[Operator]] = {}
-OperatorClass = TypeVar("OperatorClass", bound=type[Operator])
-
-
-def register_operator(cls: OperatorClass) -> OperatorClass:
-    if not cls.name:
-        raise OperatorError(f"{cls.__qualname__} has no `name` to register under")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise OperatorError(f"operator {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_operator(name: str) -> type[Operator]:
-    _import_builtin_operators()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise OperatorError(f"unknown operator {name!r}; have {sorted(_REGISTRY)}") from None
+OPERATORS: Registry[type[Operator]] = Registry(
+    "operator", discover=load_entry_points("sagellm.operators"), error=OperatorError
+)
+register_operator = OPERATORS.register
+get_operator = OPERATORS.get
 
 
 def list_operators() -> dict[str, type[Operator]]:
-    _import_builtin_operators()
-    return dict(sorted(_REGISTRY.items()))
+    return dict(sorted(OPERATORS.items().items()))
 
 
 def parameter_types(cls: type[Operator]) -> dict[str, tuple[Any, bool]]:
     """The operator's parameters: name -> (type hint, required)."""
-    signature = inspect.signature(cls.__init__)
-    hints = get_type_hints(cls.__init__)
-    params: dict[str, tuple[Any, bool]] = {}
-    for pname, p in signature.parameters.items():
-        if pname == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        params[pname] = (hints.get(pname, Any), p.default is inspect.Parameter.empty)
-    return params
-
-
-def _import_builtin_operators() -> None:
-    """Importing the operator modules registers them; done lazily so `base` imports nothing heavy."""
-    from sagellm import operators  # noqa: F401  (its __init__ imports every built-in operator)
+    return cls.parameters()

@@ -21,7 +21,7 @@ import msgspec
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from sagellm.messages import Request, RequestError, RequestMetrics, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta, is_terminal
 
 disable_created_metrics()  # no `*_created` series next to every counter and histogram (vLLM turns them off too)
 
@@ -35,7 +35,7 @@ TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 _TIMINGS = ("queue_s", "ttft_s", "tpot_s", "e2e_s")
 
-_log = structlog.get_logger("sagellm.metrics")
+_log = structlog.get_logger("sagellm.runtime.pipeline.metrics")
 
 
 class LatencyStats(msgspec.Struct, frozen=True, kw_only=True):

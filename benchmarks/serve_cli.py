@@ -1,5 +1,5 @@
 """The command line of `sagellm bench serve`: options, targets, the rich tables, the JSON result and the PNG chart.
-The load generator and the metrics are `sagellm.bench.serve`."""
+The load generator and the metrics are `sagellm.benchmarks.serve`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import trio
 
-from sagellm.bench.report import add_repeats_argument, median_summary
-from sagellm.bench.serve import (
+from sagellm.benchmarks.report import add_repeats_argument, median_summary
+from sagellm.benchmarks.serve import (
     DEFAULT_NUM_PROMPTS,
     ENDPOINTS,
     METRICS,
@@ -27,7 +27,7 @@ from sagellm.bench.serve import (
     benchmark,
     summarize,
 )
-from sagellm.bench.serve_datasets import SampleRequest
+from sagellm.benchmarks.serve_datasets import SampleRequest
 
 COLUMNS = (  # (summary key, header, format); every request count is summed over repeats, the rest are medians
     ("out_tok_s", "out tok/s", "{:.1f}"),
@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; 0 when every target completed requests in every run, else 1 (reasons are printed)."""
-    from sagellm.bench.report import write_json_and_plot
+    from sagellm.benchmarks.report import write_json_and_plot
 
     targets = parse_targets(args.target, args.base_url)
     metrics = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 def _request_sets(args: argparse.Namespace) -> list[list[SampleRequest]]:
     """One prompt list per repeat: fresh random prompts each round (no prefix-cache hits across rounds); a JSONL
     file's lines every round."""
-    from sagellm.bench.serve_datasets import jsonl_requests, load_tokenizer, random_requests
+    from sagellm.benchmarks.serve_datasets import jsonl_requests, load_tokenizer, random_requests
 
     if args.dataset_name == "jsonl":
         if args.dataset_path is None:
@@ -220,7 +220,7 @@ def _payload(
     summaries: list[dict[str, float | None]],
     medians: dict[str, dict[str, float | None]],
 ) -> dict[str, Any]:
-    from sagellm.bench.offline import machine_info
+    from sagellm.benchmarks.offline import machine_info
 
     options = {k: _jsonable(v) for k, v in vars(args).items() if not callable(v)}
     options["api_key"] = options["api_key"] and "(set, not stored)"

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sagellm.bench.policies_report import command, plot, print_tables, report_json
-from sagellm.bench.policy_sim import SimConfig, run_sim
-from sagellm.bench.policy_workload import (
+from sagellm.benchmarks.policies_report import command, plot, print_tables, report_json
+from sagellm.benchmarks.policy_sim import SimConfig, run_sim
+from sagellm.benchmarks.policy_workload import (
     POLICIES,
     Part,
     PolicyRun,
@@ -42,9 +42,9 @@ from sagellm.bench.policy_workload import (
     new_run,
     policy_state,
 )
-from sagellm.bench.report import add_repeats_argument, write_json_and_plot
-from sagellm.messages import Request
-from sagellm.sampling_params import SamplingParams
+from sagellm.benchmarks.report import add_repeats_argument, write_json_and_plot
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request
 
 # -- real engine ------------------------------------------------------------------------------------------------
 
@@ -73,10 +73,10 @@ class RealConfig:
 def run_real(config: RealConfig) -> Part:
     """Capacity first (closed loop at 2 × max_num_seqs in flight), then per repeat a fresh Poisson trace (seed +
     repeat) through every policy in turn."""
-    from sagellm.bench.workloads import random_token_prompts
-    from sagellm.model_cache import resolve_model
+    from sagellm.benchmarks.workloads import random_token_prompts
     from sagellm.operators.replay_source import poisson_offsets
     from sagellm.runtime.executor.local import model_attrs
+    from sagellm.runtime.models.model_cache import resolve_model
 
     model = str(resolve_model(config.model))
     attrs = model_attrs(model)  # once: every run reuses the tokenizer and config
@@ -242,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sagellm.bench.offline import machine_info
+    from sagellm.benchmarks.offline import machine_info
 
     started = time.perf_counter()
     parts_wanted = [p.strip() for p in args.parts.split(",") if p.strip()]

@@ -26,11 +26,11 @@ from typing import Any
 import trio
 from tqdm import tqdm
 
-from sagellm.messages import Request
 from sagellm.operators.replay_source import ReplaySource, poisson_offsets
+from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request
 
 CONFIGS = ("colocated", "pd", "2x-colocated")
 DESCRIPTIONS = {
@@ -123,7 +123,7 @@ class PDBenchReport:
 def make_trace(tokenizer: Any, config: PDBenchConfig, count: int, rate: float | None, *, seed: int) -> Trace:
     """Exactly round(long_fraction × count) long prompts at seeded random positions; Poisson offsets at `rate`
     (all at 0 without a rate). Prompts, positions and arrivals all come from `seed`."""
-    from sagellm.bench.workloads import random_token_prompts
+    from sagellm.benchmarks.workloads import random_token_prompts
 
     num_long = round(config.long_fraction * count)
     long = random_token_prompts(tokenizer, num_long, config.long_len, (seed, 1))
@@ -204,7 +204,7 @@ def run_config(
 
 def run_pd_bench(config: PDBenchConfig) -> PDBenchReport:
     """Capacity first (unless `rate` is given), then per repeat a fresh trace through every configuration in turn."""
-    from sagellm.bench.offline import machine_info
+    from sagellm.benchmarks.offline import machine_info
     from sagellm.runtime.models.loader import load_model
 
     tokenizer = load_model(config.model, load_weights=False).tokenizer

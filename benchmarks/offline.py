@@ -24,8 +24,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
-from sagellm.bench.report import median_summary
-from sagellm.bench.workloads import Workload, random_token_prompts
+from sagellm.benchmarks.report import median_summary
+from sagellm.benchmarks.workloads import Workload, random_token_prompts
 from sagellm.runtime.models.loader import load_model
 
 PEERS = ("transformers",)

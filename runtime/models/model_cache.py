@@ -8,7 +8,6 @@ cache entry is either complete or absent."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -20,11 +19,10 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from sagellm.runtime.models.loader import ModelLoadError, describe
+from sagellm.common.home import models_dir
+from sagellm.runtime.models.loaded import ModelLoadError, describe
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 
-HOME_ENV = "SAGELLM_HOME"
-DEFAULT_HOME = "~/.cache/sagellm"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -55,10 +53,6 @@ class CachedModel:
     path: Path
     size_bytes: int
     format: str  # "gguf", "sentence-transformers" or "hf"
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser() / "models"
 
 
 def resolve_model(name_or_path: str | Path) -> Path:

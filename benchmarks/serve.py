@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
-from sagellm.bench.serve_datasets import SampleRequest
+from sagellm.benchmarks.serve_datasets import SampleRequest
 
 if TYPE_CHECKING:
     import httpx

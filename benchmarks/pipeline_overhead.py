@@ -26,15 +26,15 @@ from typing import Any
 import trio
 from tqdm import tqdm
 
-from sagellm.bench.instant_engine import InstantEngine
-from sagellm.bench.report import write_json_and_plot
+from sagellm.benchmarks.instant_engine import InstantEngine
+from sagellm.benchmarks.report import write_json_and_plot
 from sagellm.dsl import Pipeline
-from sagellm.messages import Request
-from sagellm.metrics import LatencyStats
 from sagellm.operators.replay_source import ReplaySource
+from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.metrics import LatencyStats
 
 PATHS = ("direct", "pipeline", "pipeline-2-engines")
 DESCRIPTIONS = {
@@ -133,7 +133,7 @@ def run_pipeline_overhead(config: OverheadConfig) -> OverheadReport:
             tick.flush()
     import torch
 
-    from sagellm.bench.offline import machine_info
+    from sagellm.benchmarks.offline import machine_info
 
     return OverheadReport(config, machine_info(torch.get_num_threads()), results)
 

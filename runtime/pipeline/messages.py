@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 Phase = Literal["colocated", "prefill", "decode"]
 

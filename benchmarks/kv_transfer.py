@@ -27,10 +27,10 @@ import trio
 import zmq
 from tqdm import tqdm
 
-from sagellm.bench.report import write_json_and_plot
-from sagellm.messages import KVBlocks, PrefillDone, Request
+from sagellm.benchmarks.report import write_json_and_plot
 from sagellm.runtime.comm.wire import End, Ready
 from sagellm.runtime.comm.zmq_trio import announce_ready, bind_pull, connect_push
+from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request
 
 PATHS = ("memcpy", "in-process", "ipc", "tcp")
 DESCRIPTIONS = {
@@ -147,7 +147,7 @@ def run_kv_transfer(config: KVTransferConfig) -> KVTransferReport:
             if not torch.equal(dst, src):
                 raise BenchmarkError(f"{path}: the destination does not hold the payload after the transfers")
             results.append(PathResult(path, seconds[config.warmup :]))
-    from sagellm.bench.offline import machine_info
+    from sagellm.benchmarks.offline import machine_info
 
     return KVTransferReport(config, src.numel() * src.element_size(), machine_info(torch.get_num_threads()), results)
 

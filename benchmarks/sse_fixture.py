@@ -6,7 +6,7 @@ as llama.cpp's server sometimes groups them), a final `usage` chunk when asked f
 it receives (0-based) can be told to fail: with HTTP 429 or 500, or with an `error` event halfway through its stream.
 It records what a test needs to check the client: arrival times, bodies and the most requests in flight at once.
 Run it on hypercorn + trio: `await nursery.start(serve, app)`, `with serving_in_thread(app)` from sync code, or
-`python -m sagellm.bench.sse_fixture --port 8001`."""
+`python -m sagellm.benchmarks.sse_fixture --port 8001`."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sagellm.bench.policy_workload import (
+from sagellm.benchmarks.policy_workload import (
     POLICIES,
     SIM_TIERS,
     Part,
@@ -30,8 +30,8 @@ from sagellm.bench.policy_workload import (
     new_run,
     policy_state,
 )
-from sagellm.messages import Request, RequestError
-from sagellm.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request, RequestError
 
 
 @dataclass
@@ -123,10 +123,10 @@ class Simulation:
     ARRIVE, FIRST, DONE = 0, 1, 2
 
     def __init__(self, config: SimConfig, trace: SimTrace, capacity: float, policy: str, repeat: int = 0) -> None:
-        from sagellm.operators.base import InstanceStats, OperatorContext
         from sagellm.operators.policy_sort import PolicySort
         from sagellm.operators.prefix_index import PrefixIndex
         from sagellm.operators.routing import make_strategy
+        from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext
 
         self.config, self.trace, self.now = config, trace, 0.0
         self.instances: dict[str, _Instance] = {}

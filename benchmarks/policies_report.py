@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sagellm.bench.policy_workload import CLASSES, Part
+from sagellm.benchmarks.policy_workload import CLASSES, Part
 
 DEFINITIONS = {
     "attainment": "requests of the class whose first token came within its TTFT SLO / all requests of the class",

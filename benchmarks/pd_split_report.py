@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from sagellm.bench.pd_split import CONFIGS, DESCRIPTIONS, ConfigResult, PDBenchConfig, PDBenchReport, run_pd_bench
-from sagellm.bench.report import add_repeats_argument, median_summary, write_json_and_plot
+from sagellm.benchmarks.pd_split import CONFIGS, DESCRIPTIONS, ConfigResult, PDBenchConfig, PDBenchReport, run_pd_bench
+from sagellm.benchmarks.report import add_repeats_argument, median_summary, write_json_and_plot
 
 Summary = dict[str, float | None]
 COLUMNS = (  # (summary key, header, format); medians over repeats
@@ -224,7 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sagellm.model_cache import DEFAULT_MODEL, resolve_model
+    from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 
     config = PDBenchConfig(
         model=str(resolve_model(args.model or DEFAULT_MODEL)),

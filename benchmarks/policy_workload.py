@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from sagellm.bench.report import median_summary
+from sagellm.benchmarks.report import median_summary
 
 POLICIES = ("fifo", "priority", "slo_aware", "cost_optimized", "adaptive")
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sagellm.bench.workloads import random_token_prompts
+from sagellm.benchmarks.workloads import random_token_prompts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,8 +38,8 @@ class SampleRequest:
 
 def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
     """The tokenizer of a model path or cache alias (default: our default model), read without its weights."""
-    from sagellm.model_cache import DEFAULT_MODEL, resolve_model
     from sagellm.runtime.models.loader import load_model
+    from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 
     meta = load_model(resolve_model(name_or_path or DEFAULT_MODEL), load_weights=False)
     if meta.tokenizer is None:

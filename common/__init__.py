@@ -1,0 +1,6 @@
+"""The ground floor (`sagellm.common`): what every other floor may use and which uses nothing of sageLLM.
+
+- `home`: where sageLLM keeps files on this machine ($SAGELLM_HOME).
+- `logging`: structlog set-up for the processes a user starts (CLI, workers, servers).
+- `openmp`: the OpenMP wait policy those processes set before torch loads.
+- `registry`: name -> class registries (operators, policies, routing strategies, backends)."""

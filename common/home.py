@@ -1,0 +1,32 @@
+"""Where sageLLM keeps its files on this machine: $SAGELLM_HOME, by default ~/.cache/sagellm.
+
+    models/     the model cache (downloads, wheel models)
+    kernels/    native CPU kernels compiled for this CPU
+    gateway/    a local gateway's state: admin key, sessions, pid, log
+
+One function per folder, so a user who moves the home moves everything, and no floor computes the path twice."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "SAGELLM_HOME"
+DEFAULT_HOME = "~/.cache/sagellm"
+
+
+def sagellm_home() -> Path:
+    """Read at every call, not at import: tests and users change $SAGELLM_HOME at run time."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
+
+
+def models_dir() -> Path:
+    return sagellm_home() / "models"
+
+
+def kernels_dir() -> Path:
+    return sagellm_home() / "kernels"
+
+
+def gateway_dir() -> Path:
+    return sagellm_home() / "gateway"

@@ -1,0 +1,60 @@
+"""The engine's settings, in one struct that every way of configuring an engine derives from: `LLM(**kwargs)`, the
+engine operators' graph parameters (`engine`, `prefill`, `decode`), a managed engine's `engine` settings (the
+management API and presets) and the CLI's engine flags. Each value is checked here, once, and a bad one raises
+`FieldError` naming its field, so a graph file reports it at its line and an HTTP API as its `param`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from sagellm.common.errors import FieldError
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = _help("model path (a .gguf file or an HF directory); engine operators take the graph's", None)
+    backend: str = _help("hardware backend: auto, cpu, cuda, ascend, cambricon, hygon", "auto")
+    max_num_seqs: int = _help("requests the engine runs at once", 16)
+    max_num_batched_tokens: int = _help("token budget of one step; chunked prefill cuts prompts to fit", 512)
+    max_model_len: int | None = _help("context length (default: the model's, capped by the KV cache)", None)
+    block_size: int = _help("tokens per KV cache block", 16)
+    kv_cache_memory_gb: float = _help("memory for the KV cache, GiB", 1.0)
+    num_kv_blocks: int | None = _help("KV cache blocks, overriding kv_cache_memory_gb", None)
+    enable_prefix_caching: bool = _help("share the KV of equal prompt prefixes between requests", True)
+    num_threads: int | None = _help("torch intra-op threads on the CPU (default: all cores)", None)
+    # A GGUF file's Q4_0/Q4_1/Q8_0 blocks for small batches (decode) instead of their fp32 copy: the same weight values,
+    # a quarter to a fifth of the bytes per step. False: the fp32 copy everywhere.
+    quantized_weights: bool = _help("decode reads a GGUF's Q4_0/Q4_1/Q8_0 blocks instead of their fp32 copy", True)
+
+    def __post_init__(self) -> None:
+        _at_least(self, "max_num_seqs", 1)
+        _at_least(self, "max_num_batched_tokens", 1)
+        _at_least(self, "block_size", 1)
+        for name in ("max_model_len", "num_kv_blocks", "num_threads"):
+            if getattr(self, name) is not None:
+                _at_least(self, name, 1)
+        if not self.kv_cache_memory_gb > 0:
+            raise FieldError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def engine_fields() -> dict[str, tuple[Any, Any, str]]:
+    """name -> (type hint, default, help) of every setting but `model`: what the graph parameters, a managed
+    engine's settings and the CLI flags are made of."""
+    hints = get_type_hints(EngineConfig)
+    fields = [f for f in dataclasses.fields(EngineConfig) if f.name != "model"]
+    return {f.name: (hints[f.name], f.default, f.metadata["help"]) for f in fields}
+
+
+def _at_least(config: EngineConfig, name: str, low: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FieldError(name, f"{name} must be an integer >= {low}, got {value!r}")

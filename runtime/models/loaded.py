@@ -1,0 +1,42 @@
+"""What every model format's loader returns (`LoadedModel`), and the one error they raise (`ModelLoadError`).
+
+The format loaders (`gguf_loader`, `hf_loader`) and `loader.load_model`, which picks between them, all build on this
+module, which imports none of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sagellm.backends.quantized import QuantizedWeight
+from sagellm.runtime.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the file and the problem in one line."""
+
+
+def describe(error: BaseException) -> str:
+    """A third-party exception as one line, for the tail of a ModelLoadError message."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    # Canonical Hugging Face names (model.layers.{i}.self_attn.q_proj.weight, ...); lm_head.weight only when untied.
+    # Empty when loaded with load_weights=False.
+    weights: dict[str, torch.Tensor]
+    tokenizer: PreTrainedTokenizerBase | None
+    chat_template: str | None
+    source: Path  # the directory or the .gguf file the weights were read from
+    name: str
+    # The 2-D weights a GGUF file stored in a kind some backend's kernels read (KEPT_KINDS), as stored, under the
+    # same names; `weights` still holds every one of them dequantized.
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)

@@ -1,0 +1,41 @@
+"""What a gateway is started with: its address, keys, models and limits, and the defaults every front end shares
+(`sagellm serve`, `sagellm gateway start`, the embedded client, the engine processes a gateway spawns)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sagellm.common.home import gateway_dir
+from sagellm.gateway.http import DEFAULT_MAX_BODY_BYTES
+
+# The graph a gateway serves unless given one: one colocated engine (the repository's graphs/colocated.yaml).
+DEFAULT_GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "colocated.yaml"
+DEFAULT_PORT = 8000
+API_KEY_ENV = "SAGELLM_API_KEY"
+ADMIN_KEY_ENV = "SAGELLM_ADMIN_KEY"
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0: any free port (tests)
+    api_keys: list[str] = field(default_factory=list)
+    admin_key: str | None = None
+    embedding_model: str | None = None
+    served_model_name: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    state_dir: Path = field(default_factory=gateway_dir)
+    graceful_timeout_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> GatewayConfig:
+        """Keys from the environment unless given: SAGELLM_API_KEY (comma-separated) and SAGELLM_ADMIN_KEY."""
+        keys = [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
+        config = cls(api_keys=keys, admin_key=os.environ.get(ADMIN_KEY_ENV) or None)
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(config, name, value)
+        return config
