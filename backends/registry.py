@@ -9,30 +9,24 @@ from __future__ import annotations
 import importlib
 
 from sagellm.backends.base import Availability, BackendUnavailableError, HardwareBackend
+from sagellm.common.registry import Registry
 
 AUTO = "auto"
 AUTO_ORDER = ("cuda", "cpu")  # "auto" picks the first available
 _BUILTIN_MODULES = ("cpu", "cuda", "ascend", "cambricon", "hygon")
 
-_REGISTRY: dict[str, type[HardwareBackend]] = {}
-
-
-def register_backend(cls: type[HardwareBackend]) -> type[HardwareBackend]:
-    """Class decorator: makes `cls` reachable as `get_backend(cls.name)`."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"backend {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
 
 def _load_builtins() -> None:
     for module in _BUILTIN_MODULES:
-        importlib.import_module(f"sagellm.backends.{module}")  # a no-op after the first time
+        importlib.import_module(f"sagellm.backends.{module}")
+
+
+BACKENDS: Registry[type[HardwareBackend]] = Registry("backend", discover=_load_builtins)
+register_backend = BACKENDS.register
 
 
 def backend_names() -> list[str]:
-    _load_builtins()
-    return list(_REGISTRY)
+    return BACKENDS.names()
 
 
 def availability_of(cls: type[HardwareBackend]) -> Availability:
@@ -44,21 +38,19 @@ def availability_of(cls: type[HardwareBackend]) -> Availability:
 
 
 def list_backends() -> list[tuple[str, Availability]]:
-    _load_builtins()
-    return [(name, availability_of(cls)) for name, cls in _REGISTRY.items()]
+    return [(name, availability_of(cls)) for name, cls in BACKENDS.items().items()]
 
 
 def get_backend(name: str) -> HardwareBackend:
     """Instantiates the backend `name` ("auto": cuda if available, else cpu).
 
     Raises ValueError for an unknown name and BackendUnavailableError when it cannot run here."""
-    _load_builtins()
     if name == AUTO:
-        name = next(n for n in AUTO_ORDER if availability_of(_REGISTRY[n]).available)
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        known = ", ".join([AUTO, *_REGISTRY])
+        name = next(n for n in AUTO_ORDER if availability_of(BACKENDS.get(n)).available)
+    if name not in BACKENDS:
+        known = ", ".join([AUTO, *BACKENDS.names()])
         raise ValueError(f"unknown backend {name!r}; known backends: {known}")
+    cls = BACKENDS.get(name)
     status = availability_of(cls)
     if not status.available:
         raise BackendUnavailableError(f"backend {name!r} is not available: {status.reason}")

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import structlog
 
+from sagellm.common.registry import Registry
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, OperatorError
 
@@ -54,19 +55,13 @@ class Policy:
         raise NotImplementedError
 
 
-_POLICIES: dict[str, type[Policy]] = {}
-
-
-def register_policy(cls: type[Policy]) -> type[Policy]:
-    _POLICIES[cls.name] = cls
-    return cls
+POLICIES: Registry[type[Policy]] = Registry("scheduling policy", error=OperatorError)
+register_policy = POLICIES.register
 
 
 def make_policy(name: str, ctx: OperatorContext, clock: Clock, args: dict[str, float] | None = None) -> Policy:
     """The policy `name`, with its own keyword `args` (e.g. adaptive's thresholds), checked by name."""
-    if name not in _POLICIES:
-        raise OperatorError(f"unknown scheduling policy {name!r}; have {sorted(_POLICIES)}")
-    cls = _POLICIES[name]
+    cls = POLICIES.get(name)
     takes = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx", "clock")]
     unknown = sorted(set(args or {}) - set(takes))
     if unknown:
@@ -296,7 +291,7 @@ class Adaptive(Policy):
         target, reason = self._target()
         if target == self.current.name:
             return
-        successor = _POLICIES[target](self.ctx, self.clock)
+        successor = POLICIES.get(target)(self.ctx, self.clock)
         for request in self.current.drain():
             successor.push(request)
         self._log.info("policy_switch", **{"from": self.current.name}, to=target, reason=reason)

@@ -22,6 +22,7 @@ import random
 from collections import OrderedDict
 from typing import ClassVar
 
+from sagellm.common.registry import Registry
 from sagellm.operators.prefix_index import ROOT_HASH, PrefixIndex, hash_block, stable_hash
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorError
@@ -42,20 +43,12 @@ class RoutingStrategy:
         raise NotImplementedError
 
 
-STRATEGIES: dict[str, type[RoutingStrategy]] = {}
-
-
-def _strategy(cls: type[RoutingStrategy]) -> type[RoutingStrategy]:
-    STRATEGIES[cls.name] = cls
-    return cls
+STRATEGIES: Registry[type[RoutingStrategy]] = Registry("routing strategy", error=OperatorError)
+register_strategy = STRATEGIES.register
 
 
 def make_strategy(name: str, *, prefix_index: PrefixIndex, seed: int | None = None) -> RoutingStrategy:
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise OperatorError(f"unknown routing strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None
-    return cls(prefix_index=prefix_index, seed=seed)
+    return STRATEGIES.get(name)(prefix_index=prefix_index, seed=seed)
 
 
 class HashRing:
@@ -96,7 +89,7 @@ class _ConsistentHashing(RoutingStrategy):
         return next(c for c in candidates if c.name == owner)
 
 
-@_strategy
+@register_strategy
 class LoadBalanced(RoutingStrategy):
     name = "load_balanced"
 
@@ -104,7 +97,7 @@ class LoadBalanced(RoutingStrategy):
         return min(candidates, key=lambda c: (c.predicted_work, c.running))  # min keeps the first of equals
 
 
-@_strategy
+@register_strategy
 class RoundRobin(RoutingStrategy):
     name = "round_robin"
 
@@ -118,7 +111,7 @@ class RoundRobin(RoutingStrategy):
         return chosen
 
 
-@_strategy
+@register_strategy
 class Random(RoutingStrategy):
     name = "random"
 
@@ -130,7 +123,7 @@ class Random(RoutingStrategy):
         return self._rng.choice(candidates)
 
 
-@_strategy
+@register_strategy
 class Affinity(_ConsistentHashing):
     name = "affinity"
 
@@ -138,7 +131,7 @@ class Affinity(_ConsistentHashing):
         return stable_hash((request.user if request.user is not None else request.request_id).encode())
 
 
-@_strategy
+@register_strategy
 class Locality(_ConsistentHashing):
     """Keyed by the prompt's first block (all of it when shorter than a block), as chained-hashed by the index."""
 
@@ -152,7 +145,7 @@ class Locality(_ConsistentHashing):
         return stable_hash(request.request_id.encode())
 
 
-@_strategy
+@register_strategy
 class CacheAware(RoutingStrategy):
     name = "cache_aware"
 

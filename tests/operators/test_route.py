@@ -59,7 +59,7 @@ def test_registered_with_typed_params_and_validates_strategy():
         Route(strategy="fastest")
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES.names()))
 def test_same_inputs_give_same_choices(strategy):
     def run() -> list[str]:
         route = make_route(pool(3), strategy=strategy, seed=3)
