@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sagellm.common.errors import FieldError
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
-from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, OperatorError, register_operator
+from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, register_operator
 
 _PRUNE_AT = 10_000  # buckets kept before refilled (idle) users' buckets are forgotten
 
@@ -44,13 +45,15 @@ class Admission(MapOperator):
         graph's model); `rate_limit_per_user`: sustained requests/s per `Request.user` (None: unlimited), with
         `burst` requests allowed at once. Requests without a user share one anonymous bucket."""
         if max_queue < 1:
-            raise OperatorError(f"admission: max_queue must be >= 1, got {max_queue}")
+            raise FieldError("max_queue", f"admission: max_queue must be >= 1, got {max_queue}")
         if max_model_len is not None and max_model_len < 1:
-            raise OperatorError(f"admission: max_model_len must be >= 1 or unset, got {max_model_len}")
+            raise FieldError("max_model_len", f"admission: max_model_len must be >= 1 or unset, got {max_model_len}")
         if rate_limit_per_user is not None and not rate_limit_per_user > 0:
-            raise OperatorError(f"admission: rate_limit_per_user must be > 0 or unset, got {rate_limit_per_user}")
+            raise FieldError(
+                "rate_limit_per_user", f"admission: rate_limit_per_user must be > 0 or unset, got {rate_limit_per_user}"
+            )
         if burst < 1:
-            raise OperatorError(f"admission: burst must be >= 1, got {burst}")
+            raise FieldError("burst", f"admission: burst must be >= 1, got {burst}")
         self.max_queue = max_queue
         self.max_model_len = max_model_len
         self.rate_limit_per_user = rate_limit_per_user

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from sagellm.common.errors import FieldError
+from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
 from sagellm.runtime.pipeline.messages import (
     KVBlocks,
     PrefillDone,
@@ -25,13 +27,7 @@ from sagellm.runtime.pipeline.messages import (
     TokenDelta,
     TokenLogprob,
 )
-from sagellm.runtime.pipeline.operator import (
-    DEFAULT_DECODE_TOKENS,
-    InstanceStats,
-    OperatorContext,
-    StepOperator,
-    register_operator,
-)
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
 
 
 @dataclass
@@ -53,46 +49,40 @@ class EngineOperator(StepOperator):
     role: ClassVar[str] = "colocated"
     accepts = (Request, PrefillDone)
 
-    def __init__(
-        self,
-        model: str | None = None,
-        backend: str = "auto",
-        max_num_seqs: int = 16,
-        max_num_batched_tokens: int = 512,
-        max_model_len: int | None = None,
-        kv_cache_memory_gb: float = 1.0,
-        enable_prefix_caching: bool = True,
-        num_threads: int | None = None,
-        quantized_weights: bool = True,
-        price_per_1k_tokens: float = 0.0,
-    ) -> None:
-        self.model = model
-        self.engine_args = dict(
-            backend=backend,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            kv_cache_memory_gb=kv_cache_memory_gb,
-            enable_prefix_caching=enable_prefix_caching,
-            num_threads=num_threads,
-            quantized_weights=quantized_weights,
-        )
+    def __init__(self, price_per_1k_tokens: float = 0.0, **engine: Any) -> None:
+        """The parameters are `EngineConfig`'s settings (`model` defaults to the graph's) and the price that
+        cost_optimized reads; a bad value raises `FieldError` naming it, which a graph file reports at its line."""
+        if price_per_1k_tokens < 0:
+            raise FieldError("price_per_1k_tokens", f"price_per_1k_tokens must be >= 0, got {price_per_1k_tokens}")
+        self.config = EngineConfig(**engine)
         self.price_per_1k_tokens = price_per_1k_tokens
         self._tracked: dict[str, TrackedRequest] = {}
         self.engine: Any = None
 
+    @classmethod
+    def parameters(cls) -> dict[str, tuple[Any, bool]]:
+        engine = {name: (hint, False) for name, (hint, _, _) in ENGINE_FIELDS.items()}
+        return {**engine, "price_per_1k_tokens": (float, False)}
+
+    @classmethod
+    def instance_stats(cls, node_id: str, params: dict[str, Any]) -> InstanceStats:
+        node = cls(**params)
+        return InstanceStats(
+            node_id, role=cls.role, max_running=node.config.max_num_seqs, price_per_1k_tokens=node.price_per_1k_tokens
+        )
+
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
-        from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
-        from sagellm.runtime.models.model_cache import resolve_model
+        # Imported here, not at the top: listing or validating operators must not load torch.
+        from sagellm.runtime.engine.llm_engine import LLMEngine
 
-        model = self.model or ctx.graph_attrs.get("model")
+        model = self.config.model or ctx.graph_attrs.get("model")
         if not model:
             raise ValueError(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
-        self.engine = LLMEngine(EngineConfig(model=str(resolve_model(model)), **self.engine_args))
+        self.engine = LLMEngine(self.config.replace(model=model))
         self.stats = ctx.instances.setdefault(ctx.node_id, InstanceStats(ctx.node_id))
         self.stats.role, self.stats.price_per_1k_tokens = self.role, self.price_per_1k_tokens
-        self.stats.max_running = self.engine_args["max_num_seqs"]
+        self.stats.max_running = self.config.max_num_seqs
         self._refresh_stats()
 
     def close(self) -> None:
@@ -144,7 +134,7 @@ class EngineOperator(StepOperator):
     def capacity(self) -> int:
         """Requests this engine takes now: as many as it can run at once, so a policy queue upstream keeps the
         rest and decides their order."""
-        return max(0, self.engine_args["max_num_seqs"] - len(self._tracked))
+        return max(0, self.config.max_num_seqs - len(self._tracked))
 
     def in_flight(self) -> list[str]:
         return list(self._tracked)
@@ -190,21 +180,14 @@ class EngineOperator(StepOperator):
         return [delta]
 
     def _refresh_stats(self) -> None:
-        waiting = self.engine.scheduler.waiting
-        running = self.engine.scheduler.running
+        engine = self.engine.stats()
         self.stats.running = len(self._tracked)
-        self.stats.waiting = len(waiting)
-        blocks = self.engine.scheduler.block_manager
-        self.stats.kv_cache_usage = blocks.usage
-        self.stats.prefix_cache_queries, self.stats.prefix_cache_hits = blocks.prefix_queries, blocks.prefix_hits
-        self.stats.queued_prefill_tokens = sum(s.num_tokens - s.num_computed_tokens for s in waiting) + sum(
-            s.num_tokens - s.num_computed_tokens - 1 for s in running if s.num_computed_tokens < s.num_prompt_tokens
-        )
-        self.stats.queued_decode_tokens = (
-            0  # a prefill worker samples one token per request; the decoding happens elsewhere
-            if self.role == "prefill"
-            else sum((s.params.max_tokens or DEFAULT_DECODE_TOKENS) - s.num_output_tokens for s in (*waiting, *running))
-        )
+        self.stats.waiting = engine.num_waiting
+        self.stats.kv_cache_usage = engine.kv_cache_usage
+        self.stats.prefix_cache_queries = engine.prefix_cache_queries
+        self.stats.prefix_cache_hits = engine.prefix_cache_hits
+        self.stats.queued_prefill_tokens = engine.pending_prefill_tokens
+        self.stats.queued_decode_tokens = engine.pending_decode_tokens
 
 
 def _logprobs(completion: Any, count: int) -> list[TokenLogprob]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from sagellm.common.errors import FieldError
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import InstanceStats, MapOperator, register_operator
@@ -35,9 +36,11 @@ class PDSplit(MapOperator):
 
     def __init__(self, threshold_tokens: int = 512, block_size: int = 16, max_transfer_failures: int = 3) -> None:
         if threshold_tokens < 0:
-            raise ValueError(f"threshold_tokens must be >= 0, got {threshold_tokens}")
+            raise FieldError("threshold_tokens", f"threshold_tokens must be >= 0, got {threshold_tokens}")
         if max_transfer_failures < 1:
-            raise ValueError(f"max_transfer_failures must be >= 1, got {max_transfer_failures}")
+            raise FieldError(
+                "max_transfer_failures", f"max_transfer_failures must be >= 1, got {max_transfer_failures}"
+            )
         self.threshold_tokens = threshold_tokens
         self.max_transfer_failures = max_transfer_failures
         self.prefix_index = PrefixIndex(block_size=block_size)

@@ -182,7 +182,7 @@ class CostOptimized(SloAware):
     """slo_aware's order; on pop, pins (`request.instance`, which route honors) the cheapest healthy instance
     predicted to meet the request's deadline within its cost budget. The prediction on an instance counts the prompt
     tokens already queued there (route charges them at once), so pins move to dearer instances as the cheapest falls
-    behind. Cost is (prompt + max_tokens) / 1000 * price_per_1k_tokens.
+    behind. Cost is (prompt + expected output tokens) / 1000 * price_per_1k_tokens.
 
     When nothing fits: no healthy instance in time -> the cheapest in budget, counted in `slo_misses` (a late answer
     is still an answer). No instance at all within budget -> rejected at push as `invalid_request`: it can never be
@@ -197,7 +197,7 @@ class CostOptimized(SloAware):
 
     @staticmethod
     def cost(request: Request, instance: InstanceStats) -> float:
-        tokens = request.num_prompt_tokens + (request.sampling.max_tokens or 1)
+        tokens = request.num_prompt_tokens + request.sampling.expected_output_tokens
         return tokens / 1000 * instance.price_per_1k_tokens
 
     def _affordable(self, request: Request, instances: list[InstanceStats]) -> list[InstanceStats]:
@@ -215,7 +215,7 @@ class CostOptimized(SloAware):
             request_id=request.request_id,
             code="invalid_request",
             message=f"cost_budget {request.cost_budget:g} is below the cheapest instance's cost {cheapest:g} "
-            f"for {request.num_prompt_tokens} prompt + {request.sampling.max_tokens or 1} completion tokens",
+            f"for {request.num_prompt_tokens} prompt + {request.sampling.expected_output_tokens} completion tokens",
             time=self.clock(),
         )
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sagellm.operators.policies import Policy, make_policy
+from sagellm.common.errors import FieldError
+from sagellm.operators.policies import POLICIES, Policy, make_policy
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import OperatorContext, OperatorError, QueueOperator, register_operator
 
@@ -27,10 +28,13 @@ class PolicySort(QueueOperator):
         """`policy`: a name from `policies` (fifo, priority, slo_aware, cost_optimized, adaptive); `max_len`: most
         waiting requests (None: unbounded); `policy_args`: the policy's own settings, e.g. adaptive's thresholds."""
         if max_len is not None and max_len < 1:
-            raise OperatorError(f"policy_sort: max_len must be >= 1 or unset, got {max_len}")
+            raise FieldError("max_len", f"policy_sort: max_len must be >= 1 or unset, got {max_len}")
         self.clock: Callable[[], float] = time.time
         # Built once here so a bad name or argument fails when the graph is built; rebuilt with the real context.
-        self.policy: Policy = make_policy(policy, OperatorContext(node_id=self.name), self.clock, policy_args)
+        try:
+            self.policy: Policy = make_policy(policy, OperatorContext(node_id=self.name), self.clock, policy_args)
+        except OperatorError as error:  # a bad name, or arguments the policy does not take
+            raise FieldError("policy" if policy not in POLICIES else "policy_args", str(error)) from None
         self.policy_name, self.policy_args, self.max_len = policy, policy_args, max_len
 
     def open(self, ctx: OperatorContext) -> None:

@@ -18,6 +18,8 @@ import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from sagellm.common.errors import FieldError
+
 ROOT_HASH = 0  # the parent of a prompt's first block
 
 
@@ -34,7 +36,7 @@ def hash_block(parent: int, tokens: Sequence[int]) -> int:
 def block_hashes(token_ids: Sequence[int], block_size: int = 16) -> list[int]:
     """Chained hashes of the full blocks of `token_ids` (a trailing partial block is never cached, so not hashed)."""
     if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+        raise FieldError("block_size", f"block_size must be >= 1, got {block_size}")
     hashes: list[int] = []
     parent = ROOT_HASH
     for start in range(0, len(token_ids) - block_size + 1, block_size):
@@ -51,7 +53,7 @@ class PrefixIndex:
 
     def __init__(self, block_size: int = 16, max_blocks_per_instance: int = 100_000) -> None:
         if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+            raise FieldError("block_size", f"block_size must be >= 1, got {block_size}")
         if max_blocks_per_instance < 1:
             raise ValueError(f"max_blocks_per_instance must be >= 1, got {max_blocks_per_instance}")
         self.block_size = block_size

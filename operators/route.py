@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sagellm.common.errors import FieldError
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.operators.routing import make_strategy
 from sagellm.runtime.pipeline.messages import Request, RequestError
-from sagellm.runtime.pipeline.operator import DEFAULT_DECODE_TOKENS, Emit, InstanceStats, MapOperator, register_operator
+from sagellm.runtime.pipeline.operator import Emit, InstanceStats, MapOperator, OperatorError, register_operator
 
 # Roles of the instances that can take a request, by its phase.
 ROLES_FOR_PHASE: dict[str, frozenset[str]] = {
@@ -34,7 +35,10 @@ class Route(MapOperator):
 
     def __init__(self, strategy: str = "load_balanced", seed: int | None = None, block_size: int = 16) -> None:
         self.prefix_index = PrefixIndex(block_size=block_size)
-        self.strategy = make_strategy(strategy, prefix_index=self.prefix_index, seed=seed)
+        try:
+            self.strategy = make_strategy(strategy, prefix_index=self.prefix_index, seed=seed)
+        except OperatorError as error:
+            raise FieldError("strategy", str(error)) from None
 
     def execute(self, item: Request) -> Emit | RequestError:
         engines = self.ctx.instances_among(self.ctx.outputs)
@@ -58,8 +62,7 @@ class Route(MapOperator):
         self.prefix_index.record(instance.name, tokens, hashes)
         instance.queued_prefill_tokens += len(tokens) - cached
         if request.phase != "prefill":  # a prefill worker hands decoding to another instance
-            max_tokens = request.sampling.max_tokens
-            instance.queued_decode_tokens += max_tokens if max_tokens is not None else DEFAULT_DECODE_TOKENS
+            instance.queued_decode_tokens += request.sampling.expected_output_tokens
         instance.running += 1
 
     def _no_candidate(

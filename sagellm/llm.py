@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import fields
 
 from tqdm import tqdm
 
-from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
+from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.outputs import RequestOutput
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
@@ -26,10 +26,11 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args) -> None:
         from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 
-        known = {f.name for f in fields(EngineConfig)}
-        unknown = set(engine_args) - known
+        unknown = set(engine_args) - set(ENGINE_FIELDS)
         if unknown:
-            raise TypeError(f"unknown engine argument(s) {sorted(unknown)}; have {sorted(known - {'model'})}")
+            raise TypeError(
+                f"unknown engine argument(s) {sorted(unknown)}; have {sorted(set(ENGINE_FIELDS) - {'model'})}"
+            )
         path = resolve_model(model or DEFAULT_MODEL)
         self.engine = LLMEngine(EngineConfig(model=str(path), **engine_args))
         self.tokenizer = self.engine.tokenizer

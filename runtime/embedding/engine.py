@@ -50,23 +50,26 @@ class EmbeddingResult:
 
 
 class EmbeddingEngine:
-    """One embedding model in this process. `model` is an encoder directory (sentence-transformers or Hugging Face)
-    or a cache name such as "all-minilm-l6-v2" (downloaded on first use). `max_batch_tokens` bounds a batch's
-    padded size (inputs x longest input); `num_threads` sets torch's intra-op threads for the whole process.
+    """One embedding model in this process. `model` is an encoder directory (sentence-transformers or Hugging Face);
+    `name` is what clients call it (default: the directory's name). `max_batch_tokens` bounds a batch's padded size
+    (inputs x longest input); `num_threads` sets torch's intra-op threads for the whole process.
 
     Not re-entrant: call `embed` from one thread at a time."""
 
     def __init__(
-        self, model: str | Path, *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, num_threads: int | None = None
+        self,
+        model: str | Path,
+        *,
+        name: str | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        num_threads: int | None = None,
     ) -> None:
-        from sagellm.runtime.models.model_cache import resolve_model
-
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")
         if num_threads:
             torch.set_num_threads(num_threads)
-        path = resolve_model(model)
-        self.name = path.name if Path(model).expanduser().exists() else str(model)
+        path = Path(model).expanduser()
+        self.name = name or path.name
         self._encoder = load_encoder(path)
         self.tokenizer = self._encoder.tokenizer
         self.dim = self._encoder.dim

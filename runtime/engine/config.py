@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from sagellm.common.errors import FieldError
+from sagellm.common.hints import conforms, describe
 
 
 def _help(text: str, default: Any) -> Any:
@@ -33,6 +34,10 @@ class EngineConfig:
     quantized_weights: bool = _help("decode reads a GGUF's Q4_0/Q4_1/Q8_0 blocks instead of their fp32 copy", True)
 
     def __post_init__(self) -> None:
+        for name, (hint, _, _) in ENGINE_FIELDS.items():
+            value = getattr(self, name)
+            if not conforms(value, hint):
+                raise FieldError(name, f"{name} must be {describe(hint)}, got {type(value).__name__} {value!r}")
         _at_least(self, "max_num_seqs", 1)
         _at_least(self, "max_num_batched_tokens", 1)
         _at_least(self, "block_size", 1)
@@ -46,15 +51,17 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
-def engine_fields() -> dict[str, tuple[Any, Any, str]]:
-    """name -> (type hint, default, help) of every setting but `model`: what the graph parameters, a managed
-    engine's settings and the CLI flags are made of."""
+def _fields() -> dict[str, tuple[Any, Any, str]]:
     hints = get_type_hints(EngineConfig)
-    fields = [f for f in dataclasses.fields(EngineConfig) if f.name != "model"]
-    return {f.name: (hints[f.name], f.default, f.metadata["help"]) for f in fields}
+    return {f.name: (hints[f.name], f.default, f.metadata["help"]) for f in dataclasses.fields(EngineConfig)}
+
+
+# name -> (type hint, default, help) of every setting: what the graph parameters, a managed engine's settings and the
+# CLI flags are made of.
+ENGINE_FIELDS: dict[str, tuple[Any, Any, str]] = _fields()
 
 
 def _at_least(config: EngineConfig, name: str, low: int) -> None:
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise FieldError(name, f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise FieldError(name, f"{name} must be >= {low}, got {value!r}")

@@ -14,11 +14,11 @@ import structlog
 import torch
 
 from sagellm.backends import get_backend
-from sagellm.runtime.engine.block_manager import BlockManager
+from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, read_tokens, token_slots, write_tokens
 from sagellm.runtime.engine.model_runner import ModelRunner
-from sagellm.runtime.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.sampler import Sampler, make_generator
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
@@ -27,23 +27,6 @@ from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
 
 log = structlog.get_logger("sagellm.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str
-    backend: str = "auto"
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None  # default: the model's context, capped by the KV cache
-    block_size: int = 16
-    kv_cache_memory_gb: float = 1.0
-    num_kv_blocks: int | None = None  # overrides the memory budget (tests force preemption with it)
-    enable_prefix_caching: bool = True
-    num_threads: int | None = None  # torch intra-op threads on the CPU; default: all cores
-    # Let the backend read a GGUF file's Q4_0/Q4_1/Q8_0 blocks for small batches (decode) instead of their fp32
-    # copy: the same weight values, a quarter to a fifth of the bytes per step. False: the fp32 copy everywhere.
-    quantized_weights: bool = True
 
 
 @dataclass(eq=False)
@@ -60,6 +43,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if loaded is None and not config.model:
+            raise ValueError("EngineConfig.model: give the path of the model to load")
         self.config = config
         self.model = loaded or load_model(config.model)
         if self.model.tokenizer is None:
@@ -73,8 +58,14 @@ class LLMEngine:
         max_len = config.max_model_len or model_config.max_position_embeddings
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
-            BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                num_blocks=num_blocks,
+                block_size=config.block_size,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
         )
         self.runner = ModelRunner(
             model_config,
@@ -135,15 +126,12 @@ class LLMEngine:
         if kv.shape[2] != n:
             del self._requests[request_id]
             raise ValueError(f"KV covers {kv.shape[2]} tokens, the prompt has {n}")
-        manager = self.scheduler.block_manager
-        cached = manager.find_cached_prefix(seq)
-        start = len(cached) * manager.block_size
-        if manager.allocate(seq, n - start, cached):
-            slots = token_slots(seq.block_table, start, n, manager.block_size, self.runner.device)
+
+        def write_kv(start: int) -> None:
+            slots = token_slots(seq.block_table, start, n, self.runner.block_size, self.runner.device)
             write_tokens(self.runner.kv_caches, slots, kv[:, :, start:])
-            seq.num_computed_tokens = n  # counted as cached tokens when admitted: none computed here
-            manager.cache_full_blocks(seq)
-        else:
+
+        if not self.scheduler.import_prompt(seq, write_kv):
             log.warning("kv_import_no_room", request_id=request_id, prompt_tokens=n)
         seq.first_scheduled_time = time.monotonic()
         output = self._append(seq, first_token, None, seq.first_scheduled_time)
@@ -185,6 +173,28 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """The engine's load now, for whoever places requests on engines."""
+        waiting, running = self.scheduler.waiting, self.scheduler.running
+        blocks = self.scheduler.block_manager
+        prefill = sum(s.num_tokens - s.num_computed_tokens for s in waiting) + sum(
+            s.num_tokens - s.num_computed_tokens - 1 for s in running if s.num_computed_tokens < s.num_prompt_tokens
+        )
+        decode = sum(
+            s.params.expected_output_tokens - s.num_output_tokens
+            for s in (*waiting, *running)
+            if not self._requests[s.request_id].prefill_only  # decoded on another engine
+        )
+        return EngineStats(
+            num_waiting=len(waiting),
+            num_running=len(running),
+            kv_cache_usage=blocks.usage,
+            prefix_cache_queries=blocks.prefix_queries,
+            prefix_cache_hits=blocks.prefix_hits,
+            pending_prefill_tokens=prefill,
+            pending_decode_tokens=decode,
+        )
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

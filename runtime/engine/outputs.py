@@ -33,6 +33,19 @@ class RequestMetrics:
         return (self.finished_time - self.first_token_time) / (self.num_output_tokens - 1)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of one engine's load, which route, pd_split and the policies weigh engines by."""
+
+    num_waiting: int  # requests not yet scheduled (vLLM's num_requests_waiting)
+    num_running: int
+    kv_cache_usage: float  # fraction of KV cache blocks in use
+    prefix_cache_queries: int  # prompt blocks looked up in the prefix cache, since start
+    prefix_cache_hits: int  # ... and found there
+    pending_prefill_tokens: int  # prompt tokens still to compute
+    pending_decode_tokens: int  # expected output tokens still to generate (none for a prefill worker's requests)
+
+
 @dataclass
 class CompletionOutput:
     index: int

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# The output a request without max_tokens is expected to produce: a typical answer, not the context limit. Route,
+# the policies and the engines' load reports all predict decode work with `expected_output_tokens`.
+EXPECTED_OUTPUT_TOKENS = 256
 MAX_LOGPROBS = 20  # the most top-N alternatives a request may ask for, as vLLM's default `max_logprobs`
 GREEDY_TEMPERATURE = 1e-5  # below this, temperature is greedy (vLLM's _SAMPLING_EPS): dividing by ~0 is pointless
 _SEED_MIN, _SEED_END = -(2**63), 2**64  # the range torch.Generator.manual_seed accepts
@@ -98,6 +101,10 @@ class SamplingParams:
             ids,
         )
         return list(ids)
+
+    @property
+    def expected_output_tokens(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else EXPECTED_OUTPUT_TOKENS
 
     @property
     def is_greedy(self) -> bool:

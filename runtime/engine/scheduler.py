@@ -3,11 +3,15 @@
 Running sequences go first: each needs its next token (decode) or the rest of a chunked prefill. Waiting sequences
 then fill what is left of the budget, their cached prefix skipped. When the KV cache cannot grow a running sequence,
 the most recently admitted one is preempted: its blocks are freed and it is recomputed later (its prefix blocks
-are likely still cached). Requests join and leave the running batch between steps: continuous batching."""
+are likely still cached). Requests join and leave the running batch between steps: continuous batching.
+
+The scheduler owns the block manager (as in nano-vllm): every block a sequence gets or gives back goes through it,
+so the engine and the runner never allocate."""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sagellm.runtime.engine.block_manager import BlockManager
@@ -16,9 +20,12 @@ from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16  # sequences in one batch
-    max_num_batched_tokens: int = 512  # token budget of one step (chunked prefill cuts prompts to fit)
-    max_model_len: int = 2048  # prompt + output tokens of one sequence
+    max_num_seqs: int  # sequences in one batch
+    max_num_batched_tokens: int  # token budget of one step (chunked prefill cuts prompts to fit)
+    max_model_len: int  # prompt + output tokens of one sequence
+    num_blocks: int  # KV cache blocks
+    block_size: int  # tokens per block
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -42,14 +49,27 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.block_manager = block_manager
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def import_prompt(self, seq: Sequence, write_kv: Callable[[int], None]) -> bool:
+        """Gives a sequence whose prompt KV was computed elsewhere (a prefill worker) the blocks of its whole prompt,
+        sharing those of its prefix already cached here; `write_kv(start)` then copies the prompt's KV from token
+        `start` on into them. False without room: nothing changes, and the prompt is recomputed when scheduled."""
+        cached = self.block_manager.find_cached_prefix(seq)
+        start = len(cached) * self.block_manager.block_size
+        if not self.block_manager.allocate(seq, seq.num_prompt_tokens - start, cached):
+            return False
+        write_kv(start)
+        seq.num_computed_tokens = seq.num_prompt_tokens  # counted as cached tokens when admitted: none computed here
+        self.block_manager.cache_full_blocks(seq)
+        return True
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

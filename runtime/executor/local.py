@@ -22,6 +22,7 @@ import structlog
 import trio
 
 from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.models.model_cache import resolve_model
 from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta, is_terminal
 from sagellm.runtime.pipeline.operator import (
     Emit,
@@ -135,12 +136,16 @@ class LocalExecutor:
         return not self.out_nodes(node_id)
 
     async def open_operators(self) -> None:
-        """Builds and opens every local operator (engines load their models here, in a worker thread)."""
+        """Builds and opens every local operator (engines load their models here, in a worker thread).
+
+        Model names (the graph's `model`, a node's `model`) are resolved here, once per process, into paths: an alias
+        is downloaded on the host that runs the node, and operators only ever see a path."""
+        params = await trio.to_thread.run_sync(self._resolve_models)
         if self.graph_attrs.get("model") and "tokenizer" not in self.graph_attrs:
             self.graph_attrs.update(await trio.to_thread.run_sync(model_attrs, self.graph_attrs["model"]))
         for node_id in self.local:
             node = self.graph.nodes[node_id]
-            op = self._given.get(node_id) or get_operator(node.op)(**node.params)
+            op = self._given.get(node_id) or get_operator(node.op)(**params[node_id])
             ctx = OperatorContext(node_id, self.out_nodes(node_id), self.instances, self.load, self.graph_attrs)
             await trio.to_thread.run_sync(op.open, ctx)
             self.operators[node_id] = op
@@ -148,6 +153,19 @@ class LocalExecutor:
             if not isinstance(self.operators[node_id], SourceOperator):
                 send, recv = trio.open_memory_channel(self._channel_size)
                 self._inbox_send[node_id], self._inbox_recv[node_id] = send, recv
+
+    def _resolve_models(self) -> dict[str, dict[str, Any]]:
+        """The local nodes' parameters with model names resolved to paths (the graph itself is left as written: the
+        process executor sends it to workers on other hosts, which resolve the names there)."""
+        if self.graph_attrs.get("model"):
+            self.graph_attrs["model"] = str(resolve_model(self.graph_attrs["model"]))
+        params = {}
+        for node_id in self.local:
+            node_params = dict(self.graph.nodes[node_id].params)
+            if node_params.get("model"):
+                node_params["model"] = str(resolve_model(node_params["model"]))
+            params[node_id] = node_params
+        return params
 
     def inbox(self, node_id: str) -> trio.MemorySendChannel:
         """A new sender into a local node's input (one per in-edge: the input ends when all are closed)."""
@@ -440,11 +458,10 @@ class _Signal:
 
 
 def model_attrs(model: str) -> dict[str, Any]:
-    """What admission needs of the served model, without its weights: the tokenizer and the config."""
-    from sagellm.runtime.models.loader import load_model
-    from sagellm.runtime.models.model_cache import resolve_model
+    """What admission needs of the served model (a path), without its weights: the tokenizer and the config."""
+    from sagellm.runtime.models.loader import load_model  # here: importing the executor must not load torch
 
-    loaded = load_model(resolve_model(model), load_weights=False)
+    loaded = load_model(model, load_weights=False)
     return {"tokenizer": loaded.tokenizer, "model_config": loaded.config}
 
 

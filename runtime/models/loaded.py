@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from sagellm.backends.quantized import QuantizedWeight
 from sagellm.runtime.models.config import ModelConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the model cache and the executors import this module without loading torch
+    import torch
     from transformers import PreTrainedTokenizerBase
+
+    from sagellm.backends.quantized import QuantizedWeight
 
 
 class ModelLoadError(ValueError):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_type_hints
 
 from sagellm.common.registry import Registry, load_entry_points
+from sagellm.runtime.engine.config import EngineConfig
 
 
 class OperatorError(ValueError):
@@ -35,11 +36,6 @@ class Emit:
     item: Any
 
 
-# Decode work predicted for a request without max_tokens (route charges it, engines report it): a typical answer,
-# not the context limit.
-DEFAULT_DECODE_TOKENS = 256
-
-
 @dataclass
 class InstanceStats:
     """What the control operators know about one engine node; the executor and the engine's Step operator keep it
@@ -48,7 +44,7 @@ class InstanceStats:
     name: str
     role: str = "colocated"  # "colocated" | "prefill" | "decode"
     healthy: bool = True
-    max_running: int = 16  # requests the engine runs at once
+    max_running: int = EngineConfig.max_num_seqs  # requests the engine runs at once
     running: int = 0  # requests admitted and not yet finished
     queued_prefill_tokens: int = 0  # uncached prompt tokens waiting or in prefill
     queued_decode_tokens: int = 0  # output tokens still to generate for running requests

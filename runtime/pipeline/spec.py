@@ -10,10 +10,11 @@ time and their parameters checked against `parameter_types`, so a typo fails at 
 from __future__ import annotations
 
 import re
-import types
 from collections import defaultdict
-from typing import Any, Literal, NoReturn, Union, get_args, get_origin
+from typing import Any, Literal, NoReturn
 
+from sagellm.common.errors import FieldError
+from sagellm.common.hints import conforms, describe
 from sagellm.runtime.execution_graph.graph import Edge, Graph
 from sagellm.runtime.pipeline.operator import (
     Operator,
@@ -96,46 +97,6 @@ def public_attrs(graph: Graph) -> dict[str, Any]:
     return {k: v for k, v in graph.attrs.items() if not k.startswith("_")}
 
 
-def conforms(value: Any, hint: Any) -> bool:
-    """Whether a parameter value fits its type hint. bool is not an int; an int is a float (YAML writes 1 for 1.0)."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return True
-    if hint is None or hint is type(None):
-        return value is None
-    if origin in (Union, types.UnionType):
-        return any(conforms(value, arg) for arg in args)
-    if origin is Literal:
-        return any(type(value) is type(arg) and value == arg for arg in args)
-    if origin is list:
-        return isinstance(value, list) and (not args or all(conforms(v, args[0]) for v in value))
-    if origin is dict:
-        return isinstance(value, dict) and (
-            not args or all(conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items())
-        )
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(origin, type):  # other generics (Callable[[], float], tuple[int, ...]): check the container only
-        return isinstance(value, origin)
-    return isinstance(hint, type) and isinstance(value, hint)
-
-
-def describe(hint: Any) -> str:
-    """A type hint as a reader writes it: `int | None`, `list[str]`, `one of 'fifo', 'priority'`."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(arg) for arg in args)
-    if origin in (Union, types.UnionType):
-        return " | ".join(describe(arg) for arg in args)
-    if hint is type(None):
-        return "None"
-    if args and isinstance(origin, type):
-        return f"{origin.__name__}[{', '.join(describe(arg) for arg in args)}]"
-    return getattr(hint, "__name__", str(hint))
-
-
 def validate(graph: Graph, locations: dict[str, int] | None = None, *, file: str | None = None) -> Graph:
     """Raises `PipelineError` at the first problem found; returns the graph so callers can chain.
 
@@ -207,6 +168,12 @@ class _Validator:
         for pname, (hint, required) in types_.items():
             if required and pname not in node.params:
                 self.fail(f"{at}.params", f"{node.op} needs parameter {pname!r} ({describe(hint)})")
+        try:  # the constructor's range checks (operators are cheap to build: nothing loads before `open`)
+            cls(**node.params)
+        except FieldError as error:
+            self.fail(f"{at}.params.{error.field}", str(error))
+        except ValueError as error:
+            self.fail(f"{at}.params", str(error))
         try:
             kind, group = placement_group(node_id, node.placement)
         except ValueError:

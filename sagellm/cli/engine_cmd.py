@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
 from sagellm.cli.gateway_client import ManagementClient, add_connection_arguments, engines_table, failures
 
 
@@ -31,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start = actions.add_parser("start", help="start an engine (llm, embedding) or register a server (openai)")
     start.add_argument("model", help="path, alias or org/name (llm, embedding); the server's model name (openai)")
     start.add_argument("--kind", choices=("llm", "embedding", "openai"), default="llm")
-    start.add_argument("--tp", type=int, default=1, help="tensor parallel GPUs (needs that many GPUs)")
+    start.add_argument(
+        "--tensor-parallel", "--tp", type=int, default=1, help="tensor parallel GPUs (needs that many GPUs)"
+    )
     start.add_argument("--port", type=int, help="port of the engine process (default: a free one)")
     start.add_argument("--label", help="a free-form label shown in lists")
     start.add_argument("--max-concurrent", type=int, help="requests in flight at once; more get 429")
@@ -42,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--no-wait", action="store_true", help="return at once instead of waiting until ready")
     start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for ready (default 900)")
     add_connection_arguments(start)
+    add_engine_arguments(start)
     start.set_defaults(run=run_start)
 
     stop = actions.add_parser("stop", help="drain then stop a managed engine")
@@ -70,7 +74,7 @@ def run_start(args: argparse.Namespace) -> int:
     body = {
         "model": args.model,
         "kind": args.kind,
-        "tp": args.tp,
+        "tensor_parallel": args.tensor_parallel,
         "port": args.port,
         "label": args.label,
         "max_concurrent": args.max_concurrent,
@@ -78,6 +82,7 @@ def run_start(args: argparse.Namespace) -> int:
         "served_model_name": args.served_model_name,
         "url": args.engine_url,
         "api_key": args.engine_api_key,
+        "engine": engine_settings(args),
     }
     engine = client.start_engine(body)
     if not args.no_wait:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a reply on the local engine", description=__doc__)
@@ -16,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--backend", default="auto", help="cpu, cuda, ... (see `sagellm backends`)")
     p.add_argument("--log-level", default="warning")
+    add_engine_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    llm = LLM(args.model, backend=args.backend)
+    llm = LLM(args.model, **engine_settings(args))
     prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
     final = None
     for out in llm.stream(prompt, params):

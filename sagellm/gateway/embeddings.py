@@ -4,22 +4,30 @@ requests queue on a lock rather than oversubscribing them)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from sagellm.gateway.errors import ApiError
 from sagellm.runtime.embedding import EmbeddingEngine, EmbeddingInputError, InputTooLongError
+from sagellm.runtime.models.model_cache import resolve_model
 
 
 class EmbeddingService:
     def __init__(self, model: str) -> None:
+        """`model`: a path or a cache name (downloaded on first use); clients call it by that name, or a path by the
+        directory's name."""
         self.model = model
         self.engine: Any = None
         self._lock = trio.Lock()
 
     async def load(self) -> None:
-        self.engine = await trio.to_thread.run_sync(EmbeddingEngine, self.model)
+        self.engine = await trio.to_thread.run_sync(self._load)
+
+    def _load(self) -> EmbeddingEngine:
+        path = resolve_model(self.model)
+        return EmbeddingEngine(path, name=None if Path(self.model).expanduser().exists() else self.model)
 
     @property
     def name(self) -> str:

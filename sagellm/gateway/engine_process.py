@@ -10,6 +10,7 @@ leaves them running, so the next one on that state directory stops such orphans 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -182,9 +183,11 @@ def _command(engine: ManagedEngine) -> list[str]:
     common = ["--host", "127.0.0.1", "--port", str(engine.port), "--state-dir", str(engine.directory)]
     if engine.spec.kind == "embedding":
         return [*serve, "--no-llm", "--embedding-model", engine.spec.model, *common]
-    backend = "cuda" if engine.gpus else "cpu"
+    settings = {"backend": "cuda" if engine.gpus else "cpu", **engine.spec.engine}
     graph = [str(DEFAULT_GRAPH), "--model", engine.spec.model, "--served-model-name", engine.name, "--no-embedding"]
-    return [*serve, *graph, "--set", f"engine.backend={backend}", *common]
+    # Each value as JSON, which `--set` reads as the YAML scalar it is (true, null, 0.5, "text").
+    overrides = [arg for name, value in settings.items() for arg in ("--set", f"engine.{name}={json.dumps(value)}")]
+    return [*serve, *graph, *overrides, *common]
 
 
 def _environment(engine: ManagedEngine) -> dict[str, str]:

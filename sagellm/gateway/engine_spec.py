@@ -15,24 +15,19 @@ from typing import Any, Literal
 import msgspec
 import trio
 
+from sagellm.common.errors import FieldError
+from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
+
 STARTING, READY, UNHEALTHY = "starting", "ready", "unhealthy"
 DRAINING, STOPPED, FAILED = "draining", "stopped", "failed"
 
 
-class SpecError(ValueError):
-    """A field of an engine spec that no engine of its kind can take; `param` names it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The body of `POST /v1/management/engines` (and an engine of a preset)."""
+    """The body of `POST /v1/management/engines` (and, with a `name`, an engine of a preset)."""
 
     model: str  # path, alias or org/name (llm, embedding); the model name the server expects (openai)
     kind: Literal["llm", "embedding", "openai"] = "llm"
-    tp: int = 1
+    tensor_parallel: int = 1
     port: int | None = None  # None or 0: a free port (llm, embedding)
     label: str | None = None
     max_concurrent: int | None = None  # proxied requests in flight at once; more are answered 429
@@ -40,23 +35,42 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url: str | None = None  # openai: the server's base URL
     api_key: str | None = None  # openai: the key the server expects
     served_model_name: str | None = None  # the name clients send here (default: model)
+    # llm: the engine's settings, `EngineConfig`'s fields by name (max_num_seqs, kv_cache_memory_gb, ...)
+    engine: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def check(self) -> None:
-        """Raises SpecError for a bad field; whether the name, port or GPUs are free is the manager's to check."""
-        if self.tp < 1:
-            raise SpecError("tp", f"tp must be >= 1, got {self.tp}")
+        """Raises FieldError for a bad field (`engine.NAME` for an engine setting); whether the name, port or GPUs
+        are free is the manager's to check."""
+        if self.tensor_parallel < 1:
+            raise FieldError("tensor_parallel", f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise SpecError("max_concurrent", f"max_concurrent must be >= 1, got {self.max_concurrent}")
+            raise FieldError("max_concurrent", f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.engine:
+            self._check_engine_settings()
         if self.kind == "openai":
             if not self.url or not self.url.startswith(("http://", "https://")):
-                raise SpecError("url", "an openai engine needs `url`, the server's http(s) base URL")
-            if self.port or self.use_gpu or self.tp > 1:
-                raise SpecError("kind", "port, tp and use_gpu are an openai server's own settings; leave them out")
+                raise FieldError("url", "an openai engine needs `url`, the server's http(s) base URL")
+            if self.port or self.use_gpu or self.tensor_parallel > 1:
+                raise FieldError(
+                    "kind", "port, tensor_parallel and use_gpu are an openai server's own settings; leave them out"
+                )
             return
         if self.url or self.api_key:
-            raise SpecError("url", f"url and api_key are for openai engines; a {self.kind} engine is spawned here")
+            raise FieldError("url", f"url and api_key are for openai engines; a {self.kind} engine is spawned here")
         if self.port is not None and not 0 <= self.port < 65536:
-            raise SpecError("port", f"port must be 0-65535, got {self.port}")
+            raise FieldError("port", f"port must be 0-65535, got {self.port}")
+
+    def _check_engine_settings(self) -> None:
+        if self.kind != "llm":
+            raise FieldError("engine", f"engine settings are for llm engines; a {self.kind} engine takes none")
+        for name in self.engine:
+            if name not in ENGINE_FIELDS or name == "model":
+                settings = ", ".join(n for n in ENGINE_FIELDS if n != "model")
+                raise FieldError(f"engine.{name}", f"unknown engine setting {name!r}; the settings are {settings}")
+        try:
+            EngineConfig(**self.engine)
+        except FieldError as error:
+            raise FieldError(f"engine.{error.field}", str(error)) from None
 
 
 @dataclass

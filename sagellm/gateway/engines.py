@@ -21,9 +21,10 @@ import httpx
 import structlog
 import trio
 
+from sagellm.common.errors import FieldError
 from sagellm.gateway import proxy
 from sagellm.gateway.engine_process import Supervisor, free_port, port_free, stop_orphans
-from sagellm.gateway.engine_spec import DRAINING, FAILED, READY, STOPPED, EngineSpec, ManagedEngine, SpecError
+from sagellm.gateway.engine_spec import DRAINING, FAILED, READY, STOPPED, EngineSpec, ManagedEngine
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import EventStream, Handler, HttpRequest, Response
 
@@ -167,8 +168,8 @@ class EngineManager:
     def _check(self, spec: EngineSpec) -> None:
         try:
             spec.check()
-        except SpecError as error:
-            raise ApiError(400, str(error), param=error.param, code="invalid_request") from None
+        except FieldError as error:
+            raise ApiError(400, str(error), param=error.field, code="invalid_request") from None
         name = spec.served_model_name or spec.model
         if name in set(self.reserved_names()):
             raise ApiError(409, f"the gateway itself serves {name!r}; set served_model_name", code="conflict")
@@ -179,8 +180,10 @@ class EngineManager:
             raise ApiError(409, f"port {spec.port} is in use; pick another or leave port out", code="conflict")
 
     async def _gpus_for(self, spec: EngineSpec) -> list[int]:
-        """The GPU indexes given to the engine: none unless `use_gpu` or `tp` > 1, which need that many free GPUs."""
-        needed = spec.tp if spec.use_gpu or spec.tp > 1 else 0
+        """The GPU indexes given to the engine: none unless `use_gpu` or `tensor_parallel` > 1, which need that many
+        free GPUs."""
+        tp = spec.tensor_parallel
+        needed = tp if spec.use_gpu or tp > 1 else 0
         if not needed:
             return []
         from sagellm.gpu import gpu_inventory
@@ -191,10 +194,12 @@ class EngineManager:
         if len(free) < needed:
             found = f"found {len(free)} free of {len(inventory.gpus)}" if inventory.gpus else "found none"
             why = f" ({inventory.reason})" if inventory.reason else ""
-            asked, param = (f"tp={spec.tp}", "tp") if spec.tp > 1 else ("use_gpu", "use_gpu")
+            asked, param = (f"tensor_parallel={tp}", "tensor_parallel") if tp > 1 else ("use_gpu", "use_gpu")
             raise ApiError(400, f"{asked} needs {needed} GPU(s); {found}{why}", param=param, code="no_gpu")
-        if spec.tp > 1:
-            raise ApiError(400, "the sageLLM engine has no tensor parallelism yet; use tp=1 or an openai engine")
+        if tp > 1:
+            raise ApiError(
+                400, "the sageLLM engine has no tensor parallelism yet; use tensor_parallel=1 or an openai engine"
+            )
         if spec.kind == "embedding":
             raise ApiError(400, "embedding engines run on the CPU; leave use_gpu out", param="use_gpu")
         return free[:needed]

@@ -5,50 +5,39 @@
     description: One SmolLM2 llm engine on the CPU.
     engines:
       - {name: smollm2, kind: llm, model: smollm2-135m-instruct, tensor_parallel: 1, port: null, label: cpu,
-         max_concurrent: 16, use_gpu: false}
+         max_concurrent: 16, use_gpu: false, engine: {max_num_seqs: 16}}
 
-An engine takes the fields of `POST /v1/management/engines` (`tensor_parallel` is its `tp`; `url`, `api_key` and
-`served_model_name` too); its `name` is its label when it has none. The built-in presets are the YAML files in this
-folder, for the models `sagellm model download` can fetch here. A file is checked whole before anything starts, and
-every error names the file and the field (`my.yaml: engines[1].kind: ...`)."""
+An engine is the body of `POST /v1/management/engines` (`EngineSpec`: kind, model, `engine` settings, `url`,
+`api_key`, `served_model_name`, ...) with a `name`, which is its label when it has none. The built-in presets are
+the YAML files in this folder, for the models `sagellm model download` can fetch here. A file is checked whole before
+anything starts, and every error names the file and the field (`my.yaml: engines[1].engine.max_num_seqs: ...`)."""
 
 from __future__ import annotations
 
 import re
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import yaml
 
-from sagellm.gateway.engine_spec import EngineSpec, SpecError
+from sagellm.common.errors import FieldError
+from sagellm.gateway.engine_spec import EngineSpec
 
 VERSION = 1
-_SPEC_FIELDS = {"tp": "tensor_parallel"}  # EngineSpec's names that a preset spells otherwise
 
 
 class PresetError(ValueError):
     """A preset that cannot be found or is not valid; the message starts with the file (and field)."""
 
 
-class PresetEngine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class PresetEngine(EngineSpec, kw_only=True, forbid_unknown_fields=True):
     name: str
-    kind: Literal["llm", "embedding", "openai"] = "llm"
-    model: str
-    tensor_parallel: int = 1
-    port: int | None = None
-    label: str | None = None
-    max_concurrent: int | None = None
-    use_gpu: bool = False
-    url: str | None = None
-    api_key: str | None = None
-    served_model_name: str | None = None
 
     def spec(self) -> EngineSpec:
         """The engine as the management API takes it."""
         fields = msgspec.structs.asdict(self)
-        fields["tp"] = fields.pop("tensor_parallel")
         name = fields.pop("name")
         fields["label"] = fields["label"] or name
         return EngineSpec(**fields)
@@ -108,8 +97,8 @@ def _check(path: Path, preset: Preset) -> None:
         seen[engine.name] = i
         try:
             engine.spec().check()
-        except SpecError as error:
-            raise PresetError(f"{path}: engines[{i}].{_SPEC_FIELDS.get(error.param, error.param)}: {error}") from None
+        except FieldError as error:
+            raise PresetError(f"{path}: engines[{i}].{error.field}: {error}") from None
 
 
 def _located(message: str) -> str:

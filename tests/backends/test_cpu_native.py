@@ -20,7 +20,8 @@ from sagellm.backends.cpu import (
     pack_linear_weight,
 )
 from sagellm.backends.native import DISABLE_ENV, NativeBuildError, NativeKernels, NativeShapeError, build
-from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.llm_engine import LLMEngine
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 pytestmark = pytest.mark.skipif(

@@ -30,8 +30,8 @@ def test_builtin_presets_are_valid_and_name_the_local_models():
         ("embedding", "all-minilm-l6-v2"),
     ]
     spec = load_preset(find_preset("smollm2-cpu")).engines[0].spec()
-    assert spec == EngineSpec(model="smollm2-135m-instruct", kind="llm", tp=1, label="cpu", max_concurrent=16,
-                              served_model_name="smollm2")  # fmt: skip
+    assert spec == EngineSpec(model="smollm2-135m-instruct", kind="llm", tensor_parallel=1, label="cpu",
+                              max_concurrent=16, served_model_name="smollm2")  # fmt: skip
 
 
 def test_an_engine_without_label_is_labelled_by_its_name(tmp_path):
@@ -45,7 +45,9 @@ def test_an_engine_without_label_is_labelled_by_its_name(tmp_path):
         ("version: 1\nname: p\nengines:\n  - {name: a, model: m, tensor_parallel: two}\n",
          "engines[0].tensor_parallel: Expected `int`, got `str`"),
         ("version: 1\nname: p\nengines:\n  - {name: a, model: m, tensor_parallel: 0}\n",
-         "engines[0].tensor_parallel: tp must be >= 1"),
+         "engines[0].tensor_parallel: tensor_parallel must be >= 1"),
+        ("version: 1\nname: p\nengines:\n  - {name: a, model: m, engine: {max_num_seqs: 0}}\n",
+         "engines[0].engine.max_num_seqs: max_num_seqs must be >= 1"),
         ("version: 1\nname: p\nengines:\n  - " + GOOD_ENGINE + "\n  - {name: b, model: m, kind: gpu}\n",
          "engines[1].kind: Invalid enum value 'gpu'"),
         ("version: 1\nname: p\nengines:\n  - {name: a}\n", "engines[0]: Object missing required field `model`"),

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from tests.oracle import hf_greedy

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sagellm import SamplingParams
-from sagellm.runtime.engine.llm_engine import EngineConfig, LLMEngine
+from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.llm_engine import LLMEngine
 from tests.tiny_models import make_tiny_llama
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)

@@ -1,13 +1,12 @@
 """Scheduler: token budget, decodes first, chunked prefill, max running, preemption by recompute."""
 
-from sagellm.runtime.engine.block_manager import BlockManager
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=4, budget=16) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_num_seqs, budget, 256), BlockManager(num_blocks, block_size))
+    return Scheduler(SchedulerConfig(max_num_seqs, budget, 256, num_blocks, block_size))
 
 
 def seq(request_id: str, n: int, start: int = 0) -> Sequence:

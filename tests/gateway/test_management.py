@@ -15,7 +15,11 @@ import openai
 import pytest
 
 from sagellm.backends import list_backends
+from sagellm.gateway.config import DEFAULT_GRAPH
+from sagellm.gateway.engine_process import _command
+from sagellm.gateway.engine_spec import EngineSpec, ManagedEngine
 from sagellm.runtime.embedding import EmbeddingEngine
+from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 
@@ -67,9 +71,17 @@ def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
     [
         ({"kind": "llm"}, None, "missing required field `model`"),
         ({"model": "m", "replicas": 2}, None, "unknown field `replicas`"),
-        ({"model": "m", "tp": "two"}, "tp", "Expected `int`"),
-        ({"model": "m", "tp": 0}, "tp", "tp must be >= 1"),
-        ({"model": "m", "tp": 2}, "tp", "tp=2 needs 2 GPU(s); found none (no NVIDIA GPU found (NVML:"),
+        ({"model": "m", "tensor_parallel": "two"}, "tensor_parallel", "Expected `int`"),
+        ({"model": "m", "tensor_parallel": 0}, "tensor_parallel", "tensor_parallel must be >= 1"),
+        (
+            {"model": "m", "tensor_parallel": 2},
+            "tensor_parallel",
+            "tensor_parallel=2 needs 2 GPU(s); found none (no NVIDIA GPU found (NVML:",
+        ),
+        ({"model": "m", "engine": {"max_num_seqs": 0}}, "engine.max_num_seqs", "max_num_seqs must be >= 1"),
+        ({"model": "m", "engine": {"max_num_seqs": "8"}}, "engine.max_num_seqs", "max_num_seqs must be int"),
+        ({"model": "m", "engine": {"batch": 8}}, "engine.batch", "unknown engine setting 'batch'"),
+        ({"model": "m", "kind": "embedding", "engine": {"max_num_seqs": 8}}, "engine", "for llm engines"),
         ({"model": "m", "use_gpu": True}, "use_gpu", "use_gpu needs 1 GPU(s); found none"),
         ({"model": "m", "kind": "openai"}, "url", "an openai engine needs `url`"),
         ({"model": "m", "url": "http://127.0.0.1:1"}, "url", "url and api_key are for openai engines"),
@@ -202,3 +214,17 @@ def test_spawned_engines_serve_or_fail_with_their_error(admin, gateway, tmp_path
 
     for engine in (ready, failed):
         assert admin.delete(f"{ENGINES}/{engine['id']}").json()["state"] == "stopped"
+
+
+def test_a_spawned_engine_gets_its_engine_settings_as_graph_parameters(tmp_path):
+    """The settings of a start body reach the engine process's graph node with their types (a bool stays a bool,
+    None stays None), through the `--set` overrides of its command line."""
+    settings = {"max_num_seqs": 4, "enable_prefix_caching": False, "max_model_len": None, "kv_cache_memory_gb": 0.5}
+    spec = EngineSpec(model="m", engine=settings)
+    spec.check()
+    engine = ManagedEngine("e1", spec, "http://127.0.0.1:1", 1, "key", directory=tmp_path)
+    command = _command(engine)
+    overrides = dict(command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "--set")
+    graph = load_pipeline(DEFAULT_GRAPH, overrides=overrides)
+    assert {k: graph.nodes["engine"].params[k] for k in settings} == settings
+    assert graph.nodes["engine"].params["backend"] == "cpu"

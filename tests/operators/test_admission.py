@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from sagellm.common.errors import FieldError
 from sagellm.operators.admission import Admission
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.messages import Request, RequestError
-from sagellm.runtime.pipeline.operator import OperatorContext, OperatorError, PipelineLoad
+from sagellm.runtime.pipeline.operator import OperatorContext, PipelineLoad
 from tests.tiny_models import make_tiny_llama
 
 
@@ -142,8 +143,10 @@ def test_rate_limit_token_bucket_per_user() -> None:
     [{"max_queue": 0}, {"max_model_len": 0}, {"rate_limit_per_user": 0.0}, {"burst": 0}],
 )
 def test_bad_parameters_are_rejected(params: dict) -> None:
-    with pytest.raises(OperatorError, match=next(iter(params))):
+    name = next(iter(params))
+    with pytest.raises(FieldError, match=name) as raised:
         Admission(**params)
+    assert raised.value.field == name
 
 
 def test_chat_messages_are_rendered_with_the_model_template_then_tokenized(model: LoadedModel) -> None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
+from sagellm.common.errors import FieldError
 from sagellm.operators.policy_sort import PolicySort
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError
-from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, OperatorError, PipelineLoad
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, PipelineLoad
 
 NOW = 1000.0
 
@@ -200,11 +201,18 @@ def test_adaptive_switches_with_hysteresis_and_counts() -> None:
 
 
 def test_unknown_policy_and_arguments_are_rejected_with_the_choices() -> None:
-    with pytest.raises(OperatorError, match=r"unknown scheduling policy 'lifo'; known: adaptive, .*fifo"):
-        PolicySort(policy="lifo")
-    with pytest.raises(OperatorError, match=r"takes no \['queue_hi'\].*queue_high"):
-        PolicySort(policy="adaptive", policy_args={"queue_hi": 3})
-    with pytest.raises(OperatorError, match="queue_low < queue_high"):
-        PolicySort(policy="adaptive", policy_args={"queue_low": 9, "queue_high": 3})
-    with pytest.raises(OperatorError, match="max_len"):
-        PolicySort(max_len=0)
+    """Each error names the parameter it is about, which is how a graph file points at the line to fix."""
+    cases = [
+        ({"policy": "lifo"}, "policy", r"unknown scheduling policy 'lifo'; known: adaptive, .*fifo"),
+        ({"policy": "adaptive", "policy_args": {"queue_hi": 3}}, "policy_args", r"no \['queue_hi'\].*queue_high"),
+        (
+            {"policy": "adaptive", "policy_args": {"queue_low": 9, "queue_high": 3}},
+            "policy_args",
+            "queue_low < queue_high",
+        ),
+        ({"max_len": 0}, "max_len", "max_len"),
+    ]
+    for params, field, message in cases:
+        with pytest.raises(FieldError, match=message) as raised:
+            PolicySort(**params)
+        assert raised.value.field == field

@@ -9,17 +9,16 @@ from collections import Counter
 
 import pytest
 
+from sagellm.common.errors import FieldError
 from sagellm.operators.prefix_index import PrefixIndex, block_hashes
 from sagellm.operators.route import Route
 from sagellm.operators.routing import STRATEGIES
-from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import EXPECTED_OUTPUT_TOKENS, SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import (
-    DEFAULT_DECODE_TOKENS,
     Emit,
     InstanceStats,
     OperatorContext,
-    OperatorError,
     get_operator,
     parameter_types,
 )
@@ -55,8 +54,9 @@ def send(route: Route, request: Request) -> str:
 def test_registered_with_typed_params_and_validates_strategy():
     assert get_operator("route") is Route and Route.multi_output
     assert parameter_types(Route) == {"strategy": (str, False), "seed": (int | None, False), "block_size": (int, False)}
-    with pytest.raises(OperatorError, match=r"'fastest'.*cache_aware.*round_robin"):
+    with pytest.raises(FieldError, match=r"'fastest'.*cache_aware.*round_robin") as raised:
         Route(strategy="fastest")
+    assert raised.value.field == "strategy"
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES.names()))
@@ -143,7 +143,7 @@ def test_charges_the_chosen_instance_optimistically():
     assert (instances[0].queued_prefill_tokens, instances[0].queued_decode_tokens, instances[0].running) == (40, 30, 1)
     send(route, make_request(2, tokens=prompt, sampling=SamplingParams(max_tokens=None)))
     assert instances[0].queued_prefill_tokens == 40 + 8  # the two cached blocks are not charged again
-    assert instances[0].queued_decode_tokens == 30 + DEFAULT_DECODE_TOKENS
+    assert instances[0].queued_decode_tokens == 30 + EXPECTED_OUTPUT_TOKENS
     send(route, make_request(3, tokens=prompt, phase="prefill"))
     assert (instances[1].queued_prefill_tokens, instances[1].queued_decode_tokens, instances[1].running) == (40, 0, 1)
 

@@ -11,9 +11,10 @@ from typing import Any, Literal
 
 import pytest
 
+from sagellm.common.hints import conforms, describe
 from sagellm.runtime.execution_graph.graph import Edge, Graph, Node
 from sagellm.runtime.pipeline.operator import MapOperator, SourceOperator, list_operators, register_operator
-from sagellm.runtime.pipeline.spec import PipelineError, conforms, describe, same_graph
+from sagellm.runtime.pipeline.spec import PipelineError, same_graph
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline, load_pipeline
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
@@ -310,3 +311,46 @@ def test_conforms(value: Any, hint: Any, ok: bool) -> None:
 def test_describe() -> None:
     assert describe(dict[str, float] | None) == "dict[str, float] | None"
     assert describe(Literal["a", "b"]) == "one of 'a', 'b'"
+
+
+REAL = """\
+model: some-model
+nodes:
+  src: {op: prompt_source}
+  admission: {op: admission, params: {max_queue: 64}}
+  sort: {op: policy_sort, params: {policy: fifo}}
+  route: {op: route, params: {strategy: load_balanced}}
+  engine: {op: engine, params: {max_num_seqs: 4, kv_cache_memory_gb: 0.5}}
+  out: {op: stdout_sink}
+edges:
+  - src -> admission -> sort -> route -> engine -> out
+"""
+# Values of the right type but out of range: the operator's own checks (and the engine's settings) say so at load.
+RANGE_ERRORS: dict[str, tuple[dict[str, str], str, str, str]] = {
+    "queue bound": ({"max_queue: 64": "max_queue: 0"}, "nodes.admission.params.max_queue", "max_queue", ">= 1"),
+    "engine batch": (
+        {"max_num_seqs: 4": "max_num_seqs: 0"},
+        "nodes.engine.params.max_num_seqs",
+        "max_num_seqs",
+        ">= 1",
+    ),
+    "engine memory": (
+        {"kv_cache_memory_gb: 0.5": "kv_cache_memory_gb: -1"},
+        "nodes.engine.params.kv_cache_memory_gb",
+        "kv_cache_memory_gb",
+        "> 0",
+    ),
+    "policy name": ({"policy: fifo": "policy: lifo"}, "nodes.sort.params.policy", "lifo", "unknown scheduling policy"),
+    "strategy name": (
+        {"strategy: load_balanced": "strategy: fastest"},
+        "nodes.route.params.strategy",
+        "fastest",
+        "unknown routing strategy",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RANGE_ERRORS))
+def test_range_errors_name_file_line_and_parameter(case: str, tmp_path: Path) -> None:
+    load_pipeline(REAL)  # the graph as written is valid
+    assert_error_at(REAL, RANGE_ERRORS[case], tmp_path)

@@ -1,0 +1,43 @@
+"""The engine's settings as command-line flags, made from `EngineConfig`'s fields so every command that starts or
+configures an engine (`generate`, `engine start`, ...) offers the same flags with the same meaning and checks:
+`--max-num-seqs 8`, `--kv-cache-memory-gb 2`, `--no-enable-prefix-caching`."""
+
+from __future__ import annotations
+
+import argparse
+import types
+from typing import Any, Union, get_args, get_origin
+
+from sagellm.runtime.engine.config import ENGINE_FIELDS
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None) -> None:
+    """One flag per setting but `model` (each command names its model its own way). A flag not given leaves the
+    setting to its default: `EngineConfig`'s, or this command's in `defaults`."""
+    defaults = defaults or {}
+    group = parser.add_argument_group("engine settings")
+    for name, (hint, default, text) in ENGINE_FIELDS.items():
+        if name == "model":
+            continue
+        default = defaults.get(name, default)
+        flag, kind = "--" + name.replace("_", "-"), _scalar(hint)
+        shown = text if default is None else f"{text} (default: {default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
+        else:
+            group.add_argument(flag, type=kind, default=None, metavar=name.split("_")[-1].upper(), help=shown)
+    parser.set_defaults(_engine_defaults=defaults)
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the command line chose (the command's own defaults included), by `EngineConfig` field name."""
+    chosen = dict(getattr(args, "_engine_defaults", {}))
+    chosen.update({name: getattr(args, name) for name in ENGINE_FIELDS if getattr(args, name, None) is not None})
+    return chosen
+
+
+def _scalar(hint: Any) -> type:
+    """`int | None` -> int: the type a flag's text converts to."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return next(arg for arg in get_args(hint) if arg is not type(None))
+    return hint
