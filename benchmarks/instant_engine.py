@@ -2,10 +2,10 @@
 and no compute, so that whatever time a pipeline spends around it is the pipeline's own (workload W5).
 
 It plays an engine node's part in the graph exactly: role "colocated" (route picks it), `capacity()` from
-`max_running`, its `InstanceStats` kept current, and per-request `RequestMetrics` from the real engine operator's
-`request_metrics`, wall clock from `Request.arrival_time`. Each `step()` emits one `TokenDelta` per held request;
-a request's `tokens`-th delta ends it with finish_reason "length". Registered as "instant_engine" only when this
-module is imported (benchmarks and their tests), never among the built-in operators."""
+`max_running`, its `InstanceStats` kept current, and per-request `RequestMetrics` kept by the real engine
+operator's `TrackedRequest`, wall clock from `Request.arrival_time`. Each `step()` emits one `TokenDelta` per held
+request; a request's `tokens`-th delta ends it with finish_reason "length". Registered as "instant_engine" only when
+this module is imported (benchmarks and their tests), never among the built-in operators."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from sagellm.operators.engine import TrackedRequest, request_metrics
+from sagellm.operators.engine import TrackedRequest
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import (
     InstanceStats,
@@ -56,7 +56,8 @@ class InstantEngine(StepOperator):
         rid = item.request_id
         if rid in self._held:
             return [RequestError(request_id=rid, code="invalid_request", message=f"request id {rid!r} is in use")]
-        self._held[rid] = TrackedRequest(item, prompt_tokens=item.num_prompt_tokens)
+        self._held[rid] = tracked = TrackedRequest.of(item)
+        tracked.metrics.num_prompt_tokens = item.num_prompt_tokens
         self._refresh_stats()
         return []
 
@@ -64,14 +65,12 @@ class InstantEngine(StepOperator):
         now = self.clock()
         deltas = []
         for rid, tracked in list(self._held.items()):
-            if tracked.first_token_time is None:
-                tracked.first_token_time = now
-            delta = TokenDelta(request_id=rid, token_ids=[tracked.output_tokens], time=now)
-            tracked.output_tokens += 1
-            if tracked.output_tokens == self.tokens:
+            delta = TokenDelta(request_id=rid, token_ids=[tracked.metrics.num_output_tokens], time=now)
+            tracked.token(now)
+            if tracked.metrics.num_output_tokens == self.tokens:
                 del self._held[rid]
                 delta.finish_reason = "length"
-                delta.metrics = request_metrics(tracked, now)
+                delta.metrics = tracked.finish(now)
             deltas.append(delta)
         self._refresh_stats()
         return deltas
@@ -94,5 +93,5 @@ class InstantEngine(StepOperator):
         """What route's strategies read, as the real engine reports it: held requests and tokens still to stream."""
         self.stats.running = len(self._held)
         self.stats.queued_decode_tokens = self.tokens * len(self._held) - sum(
-            t.output_tokens for t in self._held.values()
+            t.metrics.num_output_tokens for t in self._held.values()
         )

@@ -199,7 +199,7 @@ def _sagellm_runner(config: OfflineConfig) -> WorkloadRunner:
         def generate(group: Prompts, arrival: float) -> list[RequestTiming]:
             # The engine stamps arrival itself when the request is added, which is `arrival` here.
             outs = llm.generate(group, params)
-            return [RequestTiming(o.metrics.ttft, _nan(o.metrics.tpot), list(o.outputs[0].token_ids)) for o in outs]
+            return [RequestTiming(o.metrics.ttft_s, _nan(o.metrics.tpot_s), list(o.outputs[0].token_ids)) for o in outs]
 
         llm.generate(warmup[: w.batch_size], SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0, ignore_eos=True))
         group_size = 1 if w.one_at_a_time else w.num_prompts  # all requests at once: the engine batches them

@@ -24,6 +24,7 @@ import numpy as np
 import trio
 
 from sagellm.benchmarks.serve_datasets import SampleRequest
+from sagellm.runtime.engine.outputs import RequestMetrics
 
 if TYPE_CHECKING:
     import httpx
@@ -75,18 +76,35 @@ class RequestRecord:
     start_s: float = 0.0  # when it was sent, from the start of its run
     ok: bool = False
     error: str | None = None
-    ttft_s: float | None = None
-    e2e_s: float | None = None
+    # Sent, first text, end of stream and output tokens, in the client's `perf_counter` seconds: TTFT and TPOT come
+    # from the same formulas as every server-side report.
+    timeline: RequestMetrics = field(default_factory=RequestMetrics)
     itl_s: list[float] = field(default_factory=list)
     chunks: int = 0  # chunks with text
-    output_tokens: int = 0
     usage: dict[str, Any] | None = None  # the server's own count, when it sent one
 
     @property
+    def ttft_s(self) -> float | None:
+        return self.timeline.ttft_s
+
+    @property
     def tpot_s(self) -> float | None:
-        if self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
-            return None
-        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+        return self.timeline.tpot_s
+
+    @property
+    def e2e_s(self) -> float | None:
+        return self.timeline.e2e_s
+
+    @property
+    def output_tokens(self) -> int:
+        return self.timeline.num_output_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as the results file keeps it: latencies in seconds from the request's send, not stamps."""
+        fields = {name: getattr(self, name) for name in ("prompt_len", "max_tokens", "start_s", "ok", "error")}
+        latencies = {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
+        rest = {"itl_s": self.itl_s, "chunks": self.chunks, "output_tokens": self.output_tokens, "usage": self.usage}
+        return fields | latencies | rest
 
     @property
     def input_tokens(self) -> int:
@@ -205,7 +223,7 @@ async def _send(client: httpx.AsyncClient, url: str, body: dict[str, Any], recor
     """One streamed request into `record`; every failure ends up in `record.error`, never raised."""
     import httpx
 
-    start = last = time.perf_counter()
+    record.timeline.arrival_time = last = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -232,16 +250,16 @@ async def _send(client: httpx.AsyncClient, url: str, body: dict[str, Any], recor
                 if _text(chunk):
                     now = time.perf_counter()
                     if record.chunks == 0:
-                        record.ttft_s = now - start
+                        record.timeline.first_token_time = now
                     else:
                         record.itl_s.append(now - last)
                     last, record.chunks = now, record.chunks + 1
-        record.e2e_s = time.perf_counter() - start
+        record.timeline.finished_time = time.perf_counter()
     except (httpx.HTTPError, OSError, ValueError) as error:  # ValueError: a data line that is not JSON
         record.error = _describe(error)[:ERROR_CHARS]
         return
     reported = (record.usage or {}).get("completion_tokens")
-    record.output_tokens = int(reported) if reported is not None else record.chunks
+    record.timeline.num_output_tokens = int(reported) if reported is not None else record.chunks
     record.ok = record.chunks > 0
     record.error = None if record.ok else "the stream ended without any text"
 

@@ -8,7 +8,6 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +238,7 @@ def _payload(
         ],
         "summary": medians,
         "runs": [
-            {"target": r.target, "repeat": r.repeat, "summary": s, "requests": [asdict(x) for x in r.records]}
+            {"target": r.target, "repeat": r.repeat, "summary": s, "requests": [x.to_json() for x in r.records]}
             for r, s in zip(result.runs, summaries)
         ],
         "definitions": DEFINITIONS,

@@ -18,28 +18,37 @@ from typing import Any, ClassVar
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
-from sagellm.runtime.pipeline.messages import (
-    KVBlocks,
-    PrefillDone,
-    Request,
-    RequestError,
-    RequestMetrics,
-    TokenDelta,
-    TokenLogprob,
-)
+from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
+from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
 
 
 @dataclass
 class TrackedRequest:
-    """What an engine operator keeps per request to report its metrics (the W5 fixture keeps the same)."""
+    """What an engine node keeps per request to report its metrics (the W5 fixture keeps the same): the timeline
+    from the request's own arrival, wall clock, so it means the same whichever process served which phase."""
 
     request: Request
-    first_token_time: float | None = None
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
+    metrics: RequestMetrics
     prefilled_elsewhere: bool = False  # a PrefillDone: its cache hits were counted by the prefill worker
+
+    @classmethod
+    def of(cls, request: Request) -> TrackedRequest:
+        return cls(
+            request, RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time)
+        )
+
+    def token(self, now: float, count: int = 1) -> None:
+        """`count` new output tokens at `now`."""
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+        self.metrics.num_output_tokens += count
+
+    def finish(self, now: float) -> RequestMetrics:
+        """The metrics of the finished request, its SLO judged."""
+        self.metrics.finished_time = now
+        self.metrics.slo_met = self.request.slo_met(self.metrics)
+        return self.metrics
 
 
 class EngineOperator(StepOperator):
@@ -94,10 +103,10 @@ class EngineOperator(StepOperator):
         if rid in self._tracked:
             return [RequestError(request_id=rid, code="invalid_request", message=f"request id {rid!r} is in use")]
         request = item.request if isinstance(item, PrefillDone) else item
-        self._tracked[rid] = tracked = TrackedRequest(request)
+        self._tracked[rid] = tracked = TrackedRequest.of(request)
         try:
             if isinstance(item, PrefillDone):
-                tracked.cached_tokens, tracked.prefilled_elsewhere = item.num_cached_tokens, True
+                tracked.metrics.num_cached_tokens, tracked.prefilled_elsewhere = item.num_cached_tokens, True
                 out = self.engine.add_prefilled_request(
                     rid, request.prompt_token_ids, request.sampling, item.first_token, item.kv.data
                 )
@@ -163,11 +172,9 @@ class EngineOperator(StepOperator):
                 first_logprob=_logprobs(completion, 1)[0] if completion.logprobs else None,
             )
             return [done]
-        if tracked.first_token_time is None:
-            tracked.first_token_time = now
-        tracked.prompt_tokens = len(out.prompt_token_ids)
-        tracked.output_tokens += len(completion.token_ids_delta)
         new_ids = list(completion.token_ids_delta)
+        tracked.token(now, len(new_ids))
+        tracked.metrics.num_prompt_tokens = len(out.prompt_token_ids)
         delta = TokenDelta(request_id=out.request_id, token_ids=new_ids, text=completion.text_delta, time=now)
         if completion.logprobs:
             delta.logprobs = _logprobs(completion, len(new_ids))
@@ -175,8 +182,9 @@ class EngineOperator(StepOperator):
             del self._tracked[out.request_id]
             delta.finish_reason = completion.finish_reason
             if not tracked.prefilled_elsewhere:
-                tracked.cached_tokens = out.metrics.num_cached_tokens
-            delta.metrics = request_metrics(tracked, now)
+                tracked.metrics.num_cached_tokens = out.metrics.num_cached_tokens
+            tracked.metrics.num_preemptions = out.metrics.num_preemptions
+            delta.metrics = tracked.finish(now)
         return [delta]
 
     def _refresh_stats(self) -> None:
@@ -191,35 +199,8 @@ class EngineOperator(StepOperator):
 
 
 def _logprobs(completion: Any, count: int) -> list[TokenLogprob]:
-    """The engine's logprobs of the last `count` tokens, as pipeline items carry them."""
-    return [TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=lp.top) for lp in completion.logprobs[-count:]]
-
-
-def request_metrics(tracked: TrackedRequest, now: float) -> RequestMetrics:
-    """A finished request's metrics, wall clock from its arrival; SLO met when every target it set was met."""
-    request = tracked.request
-    ttft = tracked.first_token_time - request.arrival_time if tracked.first_token_time is not None else None
-    tpot = None
-    if tracked.output_tokens > 1 and tracked.first_token_time is not None:
-        tpot = (now - tracked.first_token_time) / (tracked.output_tokens - 1)
-    queue = request.dispatched_time - request.arrival_time if request.dispatched_time is not None else None
-    checks = []
-    if request.ttft_slo_ms is not None:
-        checks.append(ttft is not None and ttft * 1000 <= request.ttft_slo_ms)
-    if request.tpot_slo_ms is not None:
-        checks.append(tpot is None or tpot * 1000 <= request.tpot_slo_ms)
-    if request.deadline is not None:
-        checks.append(now <= request.deadline)
-    return RequestMetrics(
-        queue_s=queue,
-        ttft_s=ttft,
-        tpot_s=tpot,
-        e2e_s=now - request.arrival_time,
-        prompt_tokens=tracked.prompt_tokens,
-        output_tokens=tracked.output_tokens,
-        cached_tokens=tracked.cached_tokens,
-        slo_met=all(checks) if checks else None,
-    )
+    """The engine's logprobs of the last `count` tokens: the structs pipeline items carry."""
+    return completion.logprobs[-count:]
 
 
 register_operator(EngineOperator)

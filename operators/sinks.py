@@ -126,7 +126,7 @@ class JsonlSink(MapOperator):
         else:
             record.error = {"code": item.code, "message": item.message, "retryable": item.retryable}
         if item.metrics is not None:
-            record.metrics = msgspec.structs.asdict(item.metrics)  # a dict: RequestMetrics encodes as an array
+            record.metrics = item.metrics.to_dict()  # RequestMetrics itself encodes as an array
         self._write(record)
 
     def _write(self, record: _Record) -> None:

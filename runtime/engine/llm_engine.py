@@ -133,7 +133,7 @@ class LLMEngine:
 
         if not self.scheduler.import_prompt(seq, write_kv):
             log.warning("kv_import_no_room", request_id=request_id, prompt_tokens=n)
-        seq.first_scheduled_time = time.monotonic()
+        seq.first_scheduled_time = time.time()
         output = self._append(seq, first_token, None, seq.first_scheduled_time)
         if not seq.is_finished:
             self.scheduler.add(seq)
@@ -202,7 +202,7 @@ class LLMEngine:
         self.last_step_tokens = batch.total_tokens  # prompt and output tokens computed: the operators' throughput
         if not batch:
             return []
-        now = time.monotonic()
+        now = time.time()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
@@ -211,7 +211,7 @@ class LLMEngine:
         if not sampled:
             return []
         result = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
-        now = time.monotonic()
+        now = time.time()
         return [
             self._append(seq, token, logprob, now)
             for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)

@@ -7,30 +7,65 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagellm.runtime.engine.sampler import TokenLogprobs
+import msgspec
 
 
-@dataclass
-class RequestMetrics:
-    arrival_time: float
-    first_scheduled_time: float | None = None
+class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """One output token's log-probability (under the raw logits) and its most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = msgspec.field(default_factory=list)  # (token id, logprob), most likely first
+
+
+class RequestMetrics(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """One request's timeline and token counts: what the engine reports, what the pipeline's items carry across
+    processes, what the metrics sink and the benchmarks aggregate. Times are wall clock (`time.time()`), so stamps
+    taken in different processes compare; None where the request never got that far. Every latency anyone reports is
+    derived here, so TTFT means the same in the offline API, a graph, the gateway and a benchmark."""
+
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None  # it left the queue: first scheduled by an engine, or dispatched
     first_token_time: float | None = None
-    finished_time: float | None = None
+    finished_time: float | None = None  # the last token (or the error)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache, or computed by a prefill worker
     num_preemptions: int = 0
+    slo_met: bool | None = None  # None: the request set no SLO
 
     @property
-    def ttft(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+    def queue_s(self) -> float | None:
+        return _between(self.arrival_time, self.first_scheduled_time)
 
     @property
-    def tpot(self) -> float | None:
+    def ttft_s(self) -> float | None:
+        return _between(self.arrival_time, self.first_token_time)
+
+    @property
+    def e2e_s(self) -> float | None:
+        return _between(self.arrival_time, self.finished_time)
+
+    @property
+    def tpot_s(self) -> float | None:
         """Mean time per output token after the first."""
-        if self.finished_time is None or self.first_token_time is None or self.num_output_tokens < 2:
-            return None
-        return (self.finished_time - self.first_token_time) / (self.num_output_tokens - 1)
+        span = _between(self.first_token_time, self.finished_time)
+        return None if span is None or self.num_output_tokens < 2 else span / (self.num_output_tokens - 1)
+
+    def latencies(self) -> dict[str, float | None]:
+        """queue_s, ttft_s, tpot_s and e2e_s by name."""
+        return {name: getattr(self, name) for name in LATENCIES}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every stamp and count, and the latencies derived from them, by name: a request's line in a JSONL file."""
+        return {**msgspec.structs.asdict(self), **self.latencies()}
+
+
+LATENCIES = ("queue_s", "ttft_s", "tpot_s", "e2e_s")
+
+
+def _between(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
 
 
 @dataclass(frozen=True)
@@ -53,7 +88,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs: list[TokenLogprob] | None = None
     text_delta: str = ""
     token_ids_delta: list[int] = field(default_factory=list)
 

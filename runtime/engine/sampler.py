@@ -17,22 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
+from sagellm.runtime.engine.outputs import TokenLogprob
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
 TOP_P_CANDIDATES = 1024  # largest logits searched first for a top-p cutoff; the whole vocab only if it lies beyond
 
 
 @dataclass
-class TokenLogprobs:
-    token_id: int  # the sampled token
-    logprob: float  # its log-probability under the raw logits
-    top: list[tuple[int, float]]  # the params.logprobs most likely (token_id, logprob), most likely first
-
-
-@dataclass
 class SamplerOutput:
     token_ids: list[int]  # one per row
-    logprobs: list[TokenLogprobs | None]  # one per row; None where the request did not ask for logprobs
+    logprobs: list[TokenLogprob | None]  # one per row; None where the request did not ask for logprobs
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -148,7 +142,7 @@ class Sampler:
         token_ids: torch.Tensor,  # [N]
         ids: list[int],  # token_ids as a list
         params: Sequence[SamplingParams],
-    ) -> list[TokenLogprobs | None]:
+    ) -> list[TokenLogprob | None]:
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
         sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # [N]
         top_n = max(p.logprobs or 0 for p in params)
@@ -157,6 +151,8 @@ class Sampler:
         return [
             None
             if p.logprobs is None
-            else TokenLogprobs(ids[i], sampled[i], list(zip(top_ids[i], top_values[i], strict=True))[: p.logprobs])
+            else TokenLogprob(
+                token_id=ids[i], logprob=sampled[i], top=list(zip(top_ids[i], top_values[i]))[: p.logprobs]
+            )
             for i, p in enumerate(params)
         ]

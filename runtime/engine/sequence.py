@@ -27,7 +27,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     priority: int = 0  # lower runs first among equals, as in vLLM
-    arrival_time: float = field(default_factory=time.monotonic)
+    arrival_time: float = field(default_factory=time.time)  # wall clock, as every RequestMetrics stamp
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens not computed here (prefix cache hits, KV imported from prefill)

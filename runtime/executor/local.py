@@ -21,9 +21,10 @@ from typing import Any
 import structlog
 import trio
 
+from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.models.model_cache import resolve_model
-from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
 from sagellm.runtime.pipeline.operator import (
     Emit,
     InstanceStats,

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
 Phase = Literal["colocated", "prefill", "decode"]
@@ -51,13 +52,16 @@ class Request(_Message):
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids or ())
 
-
-class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
-    """One output token's log-probability and its most likely alternatives, for OpenAI's `logprobs`."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = msgspec.field(default_factory=list)  # (token id, logprob), most likely first
+    def slo_met(self, metrics: RequestMetrics) -> bool | None:
+        """Whether the finished request met every target it set (None: it set none)."""
+        checks = []
+        if self.ttft_slo_ms is not None:
+            checks.append(metrics.ttft_s is not None and metrics.ttft_s * 1000 <= self.ttft_slo_ms)
+        if self.tpot_slo_ms is not None:
+            checks.append(metrics.tpot_s is None or metrics.tpot_s * 1000 <= self.tpot_slo_ms)
+        if self.deadline is not None:
+            checks.append(metrics.finished_time is not None and metrics.finished_time <= self.deadline)
+        return all(checks) if checks else None
 
 
 class KVBlocks(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -78,19 +82,6 @@ class PrefillDone(_Message):
     kv: KVBlocks
     num_cached_tokens: int = 0
     first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
-
-
-class RequestMetrics(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
-    """Per-request timings in seconds (None where the request never got that far) and token counts."""
-
-    queue_s: float | None = None
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-    e2e_s: float | None = None
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    slo_met: bool | None = None  # None: the request set no SLO
 
 
 class TokenDelta(_Message):

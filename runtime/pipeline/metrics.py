@@ -14,14 +14,14 @@ import time
 from collections import Counter as CountByKey
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta, is_terminal
+from sagellm.runtime.engine.outputs import LATENCIES, RequestMetrics
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
 
 disable_created_metrics()  # no `*_created` series next to every counter and histogram (vLLM turns them off too)
 
@@ -33,7 +33,6 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-_TIMINGS = ("queue_s", "ttft_s", "tpot_s", "e2e_s")
 
 _log = structlog.get_logger("sagellm.runtime.pipeline.metrics")
 
@@ -131,11 +130,11 @@ class PipelineMetrics:
             self.failure.labels(code=error_code).inc()
         else:
             self.success.labels(finished_reason=finish_reason or "unknown").inc()
-            for histogram, value in zip((self.queue_time, self.ttft, self.tpot, self.e2e), _timings(m)):
+            for histogram, value in zip((self.queue_time, self.ttft, self.tpot, self.e2e), _latencies(m)):
                 if value is not None:
                     histogram.observe(value)
-        self.prompt_tokens.inc(m.prompt_tokens)
-        self.generation_tokens.inc(m.output_tokens)
+        self.prompt_tokens.inc(m.num_prompt_tokens)
+        self.generation_tokens.inc(m.num_output_tokens)
         if m.slo_met is not None:
             self.slo_checked.inc()
             if not m.slo_met:
@@ -144,29 +143,8 @@ class PipelineMetrics:
             self.cache_hit_rate.set(cache_hit_rate)
 
 
-def _timings(m: RequestMetrics) -> tuple[float | None, ...]:
-    return tuple(getattr(m, name) for name in _TIMINGS)
-
-
-@dataclass
-class _Seen:
-    """What the collector itself saw of a request in flight: the fallback for timings the engine did not report."""
-
-    arrival: float | None = None
-    prompt_tokens: int = 0
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    output_tokens: int = 0
-
-    def metrics(self, end_time: float) -> RequestMetrics:
-        first, last, n = self.first_token_time, self.last_token_time, self.output_tokens
-        return RequestMetrics(
-            ttft_s=None if first is None or self.arrival is None else first - self.arrival,
-            tpot_s=(last - first) / (n - 1) if first is not None and last is not None and n > 1 else None,
-            e2e_s=None if self.arrival is None else end_time - self.arrival,
-            prompt_tokens=self.prompt_tokens,
-            output_tokens=n,
-        )
+def _latencies(m: RequestMetrics) -> tuple[float | None, ...]:
+    return tuple(getattr(m, name) for name in LATENCIES)
 
 
 class MetricsCollector:
@@ -182,8 +160,8 @@ class MetricsCollector:
             raise ValueError(f"window must be >= 1 (latency samples kept), got {window}")
         self.prometheus = prometheus
         self.clock = clock
-        self._in_flight: dict[str, _Seen] = {}
-        self._samples: dict[str, deque[float]] = {name: deque(maxlen=window) for name in _TIMINGS}
+        self._in_flight: dict[str, RequestMetrics] = {}  # what this collector saw of each request: stamps, counts
+        self._samples: dict[str, deque[float]] = {name: deque(maxlen=window) for name in LATENCIES}
         self._errors: CountByKey[str] = CountByKey()
         self._totals: CountByKey[str] = CountByKey()  # completed, prompt_tokens, output_tokens, cached_tokens, slo_*
         self._first_time: float | None = None
@@ -196,33 +174,34 @@ class MetricsCollector:
         now = self.clock()
         self._first_time = now if self._first_time is None else self._first_time
         self._last_time = now
-        seen = self._in_flight.setdefault(item.request_id, _Seen())
+        seen = self._in_flight.setdefault(item.request_id, RequestMetrics())
         if isinstance(item, Request):
-            seen.arrival, seen.prompt_tokens = item.arrival_time, item.num_prompt_tokens
+            seen.arrival_time, seen.num_prompt_tokens = item.arrival_time, item.num_prompt_tokens
         elif isinstance(item, TokenDelta) and item.token_ids:
             seen.first_token_time = item.time if seen.first_token_time is None else seen.first_token_time
-            seen.last_token_time = item.time
-            seen.output_tokens += len(item.token_ids)
+            seen.num_output_tokens += len(item.token_ids)
         if is_terminal(item):
             del self._in_flight[item.request_id]
+            seen.finished_time = item.time
             self._finish(item, seen)
 
-    def _finish(self, item: TokenDelta | RequestError, seen: _Seen) -> None:
-        observed = seen.metrics(end_time=item.time)
-        m = observed
+    def _finish(self, item: TokenDelta | RequestError, seen: RequestMetrics) -> None:
+        m = seen
         if item.metrics is not None:  # the engine's numbers win; ours fill only what it left unset
             fields = msgspec.structs.asdict(item.metrics)
-            m = RequestMetrics(**{k: getattr(observed, k) if _unset(v) else v for k, v in fields.items()})
+            m = RequestMetrics(**{k: getattr(seen, k) if _unset(v) else v for k, v in fields.items()})
         error_code = item.code if isinstance(item, RequestError) else None
         finish_reason = item.finish_reason if isinstance(item, TokenDelta) else None
         if error_code is None:
             self._totals["completed"] += 1
-            for name, value in zip(_TIMINGS, _timings(m)):
+            for name, value in zip(LATENCIES, _latencies(m)):
                 if value is not None:
                     self._samples[name].append(value)
         else:
             self._errors[error_code] += 1
-        self._totals.update(prompt_tokens=m.prompt_tokens, output_tokens=m.output_tokens, cached_tokens=m.cached_tokens)
+        self._totals.update(
+            prompt_tokens=m.num_prompt_tokens, output_tokens=m.num_output_tokens, cached_tokens=m.num_cached_tokens
+        )
         if m.slo_met is not None:
             self._totals["slo_checked"] += 1
             self._totals["slo_violations"] += int(not m.slo_met)
@@ -230,7 +209,7 @@ class MetricsCollector:
             hit_rate = _ratio(self._totals["cached_tokens"], self._totals["prompt_tokens"])
             self.prometheus.record(m, finish_reason=finish_reason, error_code=error_code, cache_hit_rate=hit_rate)
         timings_ms = {
-            f"{name[:-2]}_ms": None if v is None else round(v * 1000.0, 3) for name, v in zip(_TIMINGS, _timings(m))
+            f"{name[:-2]}_ms": None if v is None else round(v * 1000.0, 3) for name, v in zip(LATENCIES, _latencies(m))
         }
         _log.info(
             "request_finished",
@@ -238,9 +217,9 @@ class MetricsCollector:
             finish_reason=finish_reason,
             error=error_code,
             **timings_ms,
-            prompt_tokens=m.prompt_tokens,
-            output_tokens=m.output_tokens,
-            cached_tokens=m.cached_tokens,
+            prompt_tokens=m.num_prompt_tokens,
+            output_tokens=m.num_output_tokens,
+            cached_tokens=m.num_cached_tokens,
             slo_met=m.slo_met,
         )
 

@@ -32,7 +32,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str,
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the command line chose (the command's own defaults included), by `EngineConfig` field name."""
     chosen = dict(getattr(args, "_engine_defaults", {}))
-    chosen.update({name: getattr(args, name) for name in ENGINE_FIELDS if getattr(args, name, None) is not None})
+    flags = [name for name in ENGINE_FIELDS if name != "model"]  # `--model` is the command's own, not one of these
+    chosen.update({name: getattr(args, name) for name in flags if getattr(args, name, None) is not None})
     return chosen
 
 

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         m = final.metrics
         print(
             f"[{m.num_prompt_tokens} prompt + {m.num_output_tokens} output tokens, "
-            f"TTFT {1000 * (m.ttft or 0):.0f} ms, TPOT {1000 * (m.tpot or 0):.1f} ms, "
+            f"TTFT {1000 * (m.ttft_s or 0):.0f} ms, TPOT {1000 * (m.tpot_s or 0):.1f} ms, "
             f"finish: {final.outputs[0].finish_reason}]",
             file=sys.stderr,
         )

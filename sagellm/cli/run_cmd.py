@@ -108,5 +108,5 @@ def _write_results(result: Any, path: Path) -> None:
             else:
                 line["finish_reason"] = o.finish_reason
             if o.metrics is not None:
-                line["metrics"] = {k: getattr(o.metrics, k) for k in o.metrics.__struct_fields__}
+                line["metrics"] = o.metrics.to_dict()
             f.write(json.dumps(line) + "\n")

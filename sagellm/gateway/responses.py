@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagellm.runtime.pipeline.messages import RequestMetrics, TokenDelta, TokenLogprob
+from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
+from sagellm.runtime.pipeline.messages import TokenDelta
 
 
 @dataclass
@@ -33,9 +34,9 @@ class Choice:
 
 
 def usage(choices: list[Choice]) -> dict[str, Any]:
-    prompt = sum(c.metrics.prompt_tokens for c in choices if c.metrics)
+    prompt = sum(c.metrics.num_prompt_tokens for c in choices if c.metrics)
     completion = sum(len(c.token_ids) for c in choices)
-    cached = sum(c.metrics.cached_tokens for c in choices if c.metrics)
+    cached = sum(c.metrics.num_cached_tokens for c in choices if c.metrics)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -31,6 +31,7 @@ from sagellm.benchmarks.serve_cli import parse_goodput, parse_targets
 from sagellm.benchmarks.serve_datasets import DatasetError, SampleRequest, jsonl_requests, random_requests
 from sagellm.benchmarks.sse_fixture import StreamingFixture, serve, serving_in_thread
 from sagellm.cli.main import main
+from sagellm.runtime.engine.outputs import RequestMetrics
 from tests.tiny_models import make_tiny_llama, make_tokenizer
 
 pytest.importorskip("hypercorn")
@@ -145,7 +146,8 @@ async def test_failures_are_recorded_not_raised() -> None:
 
 
 def record(ttft: float, e2e: float, tokens: int, ok: bool = True) -> RequestRecord:
-    return RequestRecord(None, tokens, ok=ok, ttft_s=ttft, e2e_s=e2e, output_tokens=tokens)
+    timeline = RequestMetrics(arrival_time=0.0, first_token_time=ttft, finished_time=e2e, num_output_tokens=tokens)
+    return RequestRecord(None, tokens, ok=ok, timeline=timeline)
 
 
 def test_goodput_counts_requests_within_every_slo() -> None:

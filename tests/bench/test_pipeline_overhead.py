@@ -38,7 +38,7 @@ def test_instant_engine_streams_its_tokens_then_ends_with_metrics() -> None:
     assert [d.finish_reason for d in steps[-1]] == ["length", "length"]
     assert all(d.finish_reason is None and d.metrics is None for d in steps[0] + steps[1])
     metrics = steps[-1][0].metrics
-    assert metrics.output_tokens == 3 and metrics.prompt_tokens == 2
+    assert metrics.num_output_tokens == 3 and metrics.num_prompt_tokens == 2
     assert metrics.ttft_s > 0 and metrics.e2e_s >= metrics.ttft_s and metrics.tpot_s >= 0
     assert engine.capacity() == 2 and engine.stats.running == 0 and engine.stats.queued_decode_tokens == 0
 

@@ -10,16 +10,9 @@ import torch
 import zmq
 
 from sagellm.runtime.comm.wire import End, FrameType, Heartbeat, Ready, WireError, decode, encode
+from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.sampling_params import SamplingParams
-from sagellm.runtime.pipeline.messages import (
-    KVBlocks,
-    PrefillDone,
-    Request,
-    RequestError,
-    RequestMetrics,
-    TokenDelta,
-    TokenLogprob,
-)
+from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 
 KV_SHAPE = (30, 2, 64, 3, 64)  # [layers, k/v, tokens, kv heads, head_dim]: SmolLM2, 64 tokens
 
@@ -90,7 +83,7 @@ def test_prefill_done_kv_travels_as_a_frame_without_copies(pair) -> None:
             text="ab",
             finish_reason="stop",
             logprobs=[TokenLogprob(token_id=1, logprob=-0.1), TokenLogprob(token_id=2, logprob=-0.2, top=[(2, -0.2)])],
-            metrics=RequestMetrics(ttft_s=0.1, output_tokens=2, slo_met=True),
+            metrics=RequestMetrics(arrival_time=1.0, first_token_time=1.1, num_output_tokens=2, slo_met=True),
         ),
         RequestError(request_id="c", code="instance_lost", message="decode-0 stopped heartbeating", retryable=True),
         Ready(node="prefill-0", pid=4242, info={"endpoint": "ipc:///tmp/x", "threads": 2}),

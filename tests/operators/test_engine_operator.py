@@ -42,7 +42,7 @@ def test_engine_streams_deltas_and_judges_slos(model_path):
     items = drain(op)
     final = {d.request_id: d for d in items if isinstance(d, TokenDelta) and d.finished}
     assert final["fast"].metrics.slo_met is True and final["slow"].metrics.slo_met is False
-    assert all(d.metrics.output_tokens == 4 and d.metrics.prompt_tokens == 4 for d in final.values())
+    assert all(d.metrics.num_output_tokens == 4 and d.metrics.num_prompt_tokens == 4 for d in final.values())
     assert op.capacity() == 2 and ctx.instances["engine"].running == 0
 
 

@@ -12,7 +12,8 @@ from rich.console import Console
 from structlog.testing import capture_logs
 
 from sagellm.operators.metrics_sink import MetricsSink
-from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta
+from sagellm.runtime.engine.outputs import RequestMetrics
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.metrics import MetricsCollector, PipelineMetrics, render_metrics_table
 from sagellm.runtime.pipeline.operator import get_operator
 
@@ -38,8 +39,15 @@ def test_latency_percentiles_match_numpy_and_throughput_uses_the_wall_clock():
     tpot = rng.uniform(0.01, 0.2, 101)
     for i, (t, p) in enumerate(zip(ttft, tpot)):
         clock.now = 100.0 + i * 0.1  # 101 items over 10 s
-        m = dict(queue_s=t / 10, ttft_s=t, tpot_s=p, e2e_s=t + 9 * p, prompt_tokens=20, output_tokens=10)
-        collector.observe(_final(f"r{i}", tokens=10, cached_tokens=5 if i % 2 else 0, **m))
+        m = dict(
+            arrival_time=0.0,
+            first_scheduled_time=t / 10,
+            first_token_time=t,
+            finished_time=t + 9 * p,
+            num_prompt_tokens=20,
+            num_output_tokens=10,
+        )
+        collector.observe(_final(f"r{i}", tokens=10, num_cached_tokens=5 if i % 2 else 0, **m))
     s = collector.snapshot()
     assert (s.total, s.completed, s.failed, s.active) == (101, 101, 0, 0)
     for stats, seconds in ((s.ttft, ttft), (s.tpot, tpot), (s.e2e, ttft + 9 * tpot), (s.queue, ttft / 10)):
@@ -55,10 +63,10 @@ def test_latency_percentiles_match_numpy_and_throughput_uses_the_wall_clock():
 
 def test_slo_compliance_errors_by_code_and_active_requests():
     collector = MetricsCollector()
-    collector.observe(_final("ok1", ttft_s=0.1, slo_met=True))
-    collector.observe(_final("ok2", ttft_s=0.2, slo_met=True))
-    collector.observe(_final("late", ttft_s=0.9, slo_met=False))
-    collector.observe(_final("no-slo", ttft_s=0.3))
+    collector.observe(_final("ok1", arrival_time=0.0, first_token_time=0.1, slo_met=True))
+    collector.observe(_final("ok2", arrival_time=0.0, first_token_time=0.2, slo_met=True))
+    collector.observe(_final("late", arrival_time=0.0, first_token_time=0.9, slo_met=False))
+    collector.observe(_final("no-slo", arrival_time=0.0, first_token_time=0.3))
     collector.observe(RequestError(request_id="shed", code="overloaded", message="queue full"))
     collector.observe(
         RequestError(request_id="t1", code="timeout", message="deadline", metrics=RequestMetrics(slo_met=False))
@@ -78,8 +86,8 @@ def test_missing_engine_metrics_fall_back_to_observed_item_times():
     collector.observe(Request(request_id="r", prompt_token_ids=[1, 2, 3, 4], arrival_time=10.0))
     collector.observe(TokenDelta(request_id="r", token_ids=[5], time=10.5))
     collector.observe(TokenDelta(request_id="r", token_ids=[6, 7], time=10.7))
-    # The engine reported only queue time and the cache: the rest comes from what the collector saw.
-    collector.observe(_final("r", time=10.9, queue_s=0.2, cached_tokens=2))
+    # The engine reported only when it scheduled the request and the cache: the rest comes from what the collector saw.
+    collector.observe(_final("r", time=10.9, first_scheduled_time=10.2, num_cached_tokens=2))
     s = collector.snapshot()
     assert s.queue.avg_ms == pytest.approx(200.0)
     assert s.ttft.avg_ms == pytest.approx(500.0)
@@ -89,7 +97,7 @@ def test_missing_engine_metrics_fall_back_to_observed_item_times():
 
     other = MetricsCollector()
     other.observe(Request(request_id="q", prompt_token_ids=[1, 2], arrival_time=1.0))
-    other.observe(_final("q", time=3.0, tokens=2, output_tokens=9))  # the engine's non-zero count wins
+    other.observe(_final("q", time=3.0, tokens=2, num_output_tokens=9))  # the engine's non-zero count wins
     s = other.snapshot()
     assert (s.e2e.avg_ms, s.prompt_tokens, s.output_tokens) == (pytest.approx(2000.0), 2, 9)
 
@@ -106,9 +114,11 @@ def test_metrics_sink_passes_items_through_and_exposes_prometheus_series():
     items = [
         Request(request_id="a", prompt="hi"),
         TokenDelta(request_id="a", token_ids=[1], text="x"),
-        _final("a", ttft_s=0.05, tpot_s=0.02, e2e_s=0.3, queue_s=0.01, prompt_tokens=8, output_tokens=6,
-               cached_tokens=4, slo_met=False),
-        _final("b", reason="length", ttft_s=1.5, prompt_tokens=8, output_tokens=2, slo_met=True),
+        # a: TTFT 1/32 s, TPOT 1/64 s over 6 tokens, queued 1/128 s (binary fractions: the sums print exactly)
+        _final("a", arrival_time=0.0, first_scheduled_time=0.0078125, first_token_time=0.03125, finished_time=0.109375,
+               num_prompt_tokens=8, num_output_tokens=6, num_cached_tokens=4, slo_met=False),
+        _final("b", time=2.0, reason="length", arrival_time=0.0, first_token_time=1.5, num_prompt_tokens=8,
+               num_output_tokens=2, slo_met=True),
         RequestError(request_id="c", code="rate_limited", message="slow down"),
     ]  # fmt: skip
     with capture_logs() as logs:
@@ -120,7 +130,7 @@ def test_metrics_sink_passes_items_through_and_exposes_prometheus_series():
 
     finished = [e for e in logs if e["event"] == "request_finished"]
     assert [e["request_id"] for e in finished] == ["a", "b", "c"]
-    assert finished[0]["ttft_ms"] == 50.0 and finished[0]["slo_met"] is False and finished[2]["error"] == "rate_limited"
+    assert finished[0]["ttft_ms"] == 31.25 and finished[0]["slo_met"] is False and finished[2]["error"] == "rate_limited"
 
     text = generate_latest(sink.prometheus.registry).decode()
     for line in (
@@ -129,8 +139,8 @@ def test_metrics_sink_passes_items_through_and_exposes_prometheus_series():
         'sagellm:request_failure_total{code="rate_limited"} 1.0',
         "sagellm:time_to_first_token_seconds_count 2.0",
         'sagellm:time_to_first_token_seconds_bucket{le="0.05"} 1.0',
-        "sagellm:time_per_output_token_seconds_sum 0.02",
-        "sagellm:e2e_request_latency_seconds_count 1.0",
+        "sagellm:time_per_output_token_seconds_sum 0.515625",  # a's 1/64, b's (2.0 - 1.5) / 1
+        "sagellm:e2e_request_latency_seconds_count 2.0",
         "sagellm:request_queue_time_seconds_count 1.0",
         "sagellm:prompt_tokens_total 16.0",
         "sagellm:generation_tokens_total 8.0",
@@ -146,7 +156,17 @@ def test_metrics_sink_passes_items_through_and_exposes_prometheus_series():
 
 def test_render_metrics_table_shows_the_snapshot():
     collector = MetricsCollector(prometheus=PipelineMetrics())
-    collector.observe(_final("a", ttft_s=0.25, slo_met=True, prompt_tokens=10, cached_tokens=5, output_tokens=3))
+    collector.observe(
+        _final(
+            "a",
+            arrival_time=0.0,
+            first_token_time=0.25,
+            slo_met=True,
+            num_prompt_tokens=10,
+            num_cached_tokens=5,
+            num_output_tokens=3,
+        )
+    )
     collector.observe(RequestError(request_id="b", code="timeout", message="late"))
     out = io.StringIO()
     Console(file=out, width=140).print(render_metrics_table(collector.snapshot()))

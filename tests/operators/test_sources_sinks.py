@@ -12,7 +12,8 @@ import pytest
 
 from sagellm.operators.sinks import JsonlSink, StdoutSink
 from sagellm.operators.sources import JsonlSource, PromptSource, StdinSource
-from sagellm.runtime.pipeline.messages import Request, RequestError, RequestMetrics, TokenDelta
+from sagellm.runtime.engine.outputs import RequestMetrics
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import OperatorContext, get_operator, parameter_types
 
 NOW = 1000.0
@@ -170,7 +171,14 @@ def test_jsonl_sink_writes_one_line_per_finished_request(tmp_path: Path):
     path = tmp_path / "out" / "replies.jsonl"
     sink = JsonlSink(path=str(path))
     sink.open(OperatorContext(node_id="sink"))
-    metrics = RequestMetrics(ttft_s=0.1, e2e_s=0.5, prompt_tokens=3, output_tokens=3, slo_met=True)
+    metrics = RequestMetrics(
+        arrival_time=1.0,
+        first_token_time=1.1,
+        finished_time=1.5,
+        num_prompt_tokens=3,
+        num_output_tokens=3,
+        slo_met=True,
+    )
     sink.execute(_delta("a", "Hel"))
     sink.execute(_delta("b", "x"))
     sink.execute(_delta("a", "lo", "stop", metrics=metrics))
@@ -180,8 +188,10 @@ def test_jsonl_sink_writes_one_line_per_finished_request(tmp_path: Path):
     a, b = (json.loads(line) for line in path.read_text().splitlines())
     assert a == {
         "request_id": "a", "text": "Hello", "token_ids": [3, 2], "finish_reason": "stop",
-        "metrics": {"queue_s": None, "ttft_s": 0.1, "tpot_s": None, "e2e_s": 0.5, "prompt_tokens": 3,
-                    "output_tokens": 3, "cached_tokens": 0, "slo_met": True},
+        "metrics": {"arrival_time": 1.0, "first_scheduled_time": None, "first_token_time": 1.1, "finished_time": 1.5,
+                    "num_prompt_tokens": 3, "num_output_tokens": 3, "num_cached_tokens": 0, "num_preemptions": 0,
+                    "slo_met": True, "queue_s": None, "ttft_s": pytest.approx(0.1), "tpot_s": pytest.approx(0.2),
+                    "e2e_s": 0.5},
     }  # fmt: skip
     assert b == {
         "request_id": "b", "text": "x", "token_ids": [1],

@@ -1,0 +1,35 @@
+"""The engine flags every engine-starting command shares, made from EngineConfig's fields."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
+from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
+
+
+def parse(*argv: str, defaults: dict | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")  # a command's own model flag is not an engine setting
+    add_engine_arguments(parser, defaults=defaults)
+    return parser.parse_args(argv)
+
+
+def test_one_flag_per_setting_and_only_the_given_ones_are_chosen() -> None:
+    args = parse("--model", "m", "--max-num-seqs", "8", "--kv-cache-memory-gb", "0.5", "--no-enable-prefix-caching")
+    assert engine_settings(args) == {"max_num_seqs": 8, "kv_cache_memory_gb": 0.5, "enable_prefix_caching": False}
+    assert engine_settings(parse()) == {}
+    assert {name for name in ENGINE_FIELDS if name != "model"} <= set(vars(parse()))
+    EngineConfig(**engine_settings(args))  # what the flags give, the config takes
+
+
+def test_a_command_s_own_defaults_apply_unless_a_flag_says_otherwise() -> None:
+    assert engine_settings(parse(defaults={"backend": "cpu"})) == {"backend": "cpu"}
+    assert engine_settings(parse("--backend", "cuda", defaults={"backend": "cpu"})) == {"backend": "cuda"}
+
+
+def test_a_bad_value_is_refused_by_argparse() -> None:
+    with pytest.raises(SystemExit):
+        parse("--max-num-seqs", "many")
