@@ -8,41 +8,16 @@ remembers what it sent where and treats that as cached: a bounded LRU per instan
 least recently sent prompts first, like the engine's own cache. It is an estimate (the engine may have evicted sooner),
 which is all routing needs.
 
-Hashes are blake2b, not Python's `hash()`: that one is salted per process, and these hashes must agree between the
-processes of a distributed graph and between runs (tests, replays)."""
+Hashes are the engines' own (`sagellm.runtime.engine.prefix_hash`), so what the index remembers names exactly the
+blocks an engine's prefix cache finds, in every process and run."""
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from sagellm.common.errors import FieldError
-
-ROOT_HASH = 0  # the parent of a prompt's first block
-
-
-def stable_hash(data: bytes) -> int:
-    """64-bit hash that is the same in every process and run."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
-def hash_block(parent: int, tokens: Sequence[int]) -> int:
-    """Hash of one block of token ids chained to the hash of the prefix before it."""
-    return stable_hash(struct.pack(f"<Q{len(tokens)}q", parent, *tokens))
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int = 16) -> list[int]:
-    """Chained hashes of the full blocks of `token_ids` (a trailing partial block is never cached, so not hashed)."""
-    if block_size < 1:
-        raise FieldError("block_size", f"block_size must be >= 1, got {block_size}")
-    hashes: list[int] = []
-    parent = ROOT_HASH
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
-        hashes.append(parent)
-    return hashes
+from sagellm.runtime.engine.prefix_hash import block_hashes
 
 
 class PrefixIndex:

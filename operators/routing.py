@@ -23,7 +23,8 @@ from collections import OrderedDict
 from typing import ClassVar
 
 from sagellm.common.registry import Registry
-from sagellm.operators.prefix_index import ROOT_HASH, PrefixIndex, hash_block, stable_hash
+from sagellm.operators.prefix_index import PrefixIndex
+from sagellm.runtime.engine.prefix_hash import ROOT_HASH, hash_block, stable_hash
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorError
 

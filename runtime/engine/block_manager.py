@@ -1,7 +1,8 @@
 """The paged KV cache's bookkeeping: which fixed-size block holds which tokens of which sequence.
 
 Blocks are ref-counted so sequences sharing a prompt prefix share blocks. A full block is named by a chained hash
-(its tokens plus the hash of the block before it), so equal prefixes find equal blocks. Freed blocks keep their hash
+(its tokens plus the hash of the block before it: `prefix_hash`, the same numbers the router predicts with), so equal
+prefixes find equal blocks. Freed blocks keep their hash
 and stay findable until a new allocation needs them; they are reused least-recently-freed first (LRU).
 Allocation answers False, never raises, when the cache is full: the scheduler then preempts."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from sagellm.runtime.engine.prefix_hash import ROOT_HASH, hash_block
 from sagellm.runtime.engine.sequence import Sequence
 
 
@@ -50,7 +52,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         found: list[int] = []
-        parent: int | None = None
+        parent = ROOT_HASH
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
             parent = self._hash(parent, seq.token_ids, i)
@@ -68,16 +70,16 @@ class BlockManager:
             return
         hashes = self._seq_hashes.setdefault(seq.request_id, [])
         for i in range(len(hashes), seq.num_computed_tokens // self.block_size):
-            h = self._hash(hashes[-1] if hashes else None, seq.token_ids, i)
+            h = self._hash(hashes[-1] if hashes else ROOT_HASH, seq.token_ids, i)
             hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and h not in self._cached:
                 block.hash = h
                 self._cached[h] = block.id
 
-    def _hash(self, parent: int | None, token_ids: list[int], index: int) -> int:
+    def _hash(self, parent: int, token_ids: list[int], index: int) -> int:
         start = index * self.block_size
-        return hash((parent, tuple(token_ids[start : start + self.block_size])))
+        return hash_block(parent, token_ids[start : start + self.block_size])
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:

@@ -1,6 +1,7 @@
 """Block manager: allocation, ref counts, prefix hits by chained hashes, LRU eviction, full-cache answers."""
 
 from sagellm.runtime.engine.block_manager import BlockManager
+from sagellm.runtime.engine.prefix_hash import block_hashes
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.sequence import Sequence
 
@@ -96,3 +97,13 @@ def test_reviving_cached_blocks_counts_against_free_space():
     assert len(cached) == 2
     assert not bm.allocate(b, 3, cached)  # needs 2 more blocks, only 1 left after reviving 2
     assert bm.allocate(b, 1, cached)
+
+
+def test_blocks_are_named_by_the_hash_the_router_predicts_with():
+    """The control plane's PrefixIndex and the engine's prefix cache must agree on what names a prefix."""
+    manager = BlockManager(num_blocks=8, block_size=4)
+    seq = Sequence("a", list(range(10)), SamplingParams())
+    assert manager.allocate(seq, 10)
+    seq.num_computed_tokens = 10
+    manager.cache_full_blocks(seq)
+    assert [manager.blocks[b].hash for b in seq.block_table[:2]] == block_hashes(seq.token_ids, 4)

@@ -10,9 +10,10 @@ from collections import Counter
 import pytest
 
 from sagellm.common.errors import FieldError
-from sagellm.operators.prefix_index import PrefixIndex, block_hashes
+from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.operators.route import Route
 from sagellm.operators.routing import STRATEGIES
+from sagellm.runtime.engine.prefix_hash import block_hashes
 from sagellm.runtime.engine.sampling_params import EXPECTED_OUTPUT_TOKENS, SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import (
@@ -217,7 +218,7 @@ def test_prefix_index_hashes_chain_and_evict_tails_first():
 
 
 def test_block_hashes_are_the_same_in_another_process():
-    code = "from sagellm.operators.prefix_index import block_hashes; print(block_hashes(list(range(40)), 8))"
+    code = "from sagellm.runtime.engine.prefix_hash import block_hashes; print(block_hashes(list(range(40)), 8))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(block_hashes(list(range(40)), 8))

@@ -1,0 +1,39 @@
+"""The one hash that names a prefix of tokens: chained hashes of full blocks, as vLLM's automatic prefix caching.
+
+Block i's hash covers (block i-1's hash, block i's tokens), so one hash names a whole prefix and two prompts share a
+block exactly when they share every token up to its end. The engine's block manager finds cached KV by it, and the
+control plane (route's cache_aware and locality strategies, pd_split) predicts which engine holds a prefix by it, so
+both must compute the same numbers in every process: blake2b, not Python's `hash()` (salted per process for str and
+bytes, and only 64 bits of a weak mix for tuples, where a collision would serve another prompt's KV)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+from sagellm.common.errors import FieldError
+
+ROOT_HASH = 0  # the parent of a prompt's first block
+
+
+def stable_hash(data: bytes) -> int:
+    """64-bit hash that is the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def hash_block(parent: int, tokens: Sequence[int]) -> int:
+    """Hash of one block of token ids chained to the hash of the prefix before it."""
+    return stable_hash(struct.pack(f"<Q{len(tokens)}q", parent, *tokens))
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int = 16) -> list[int]:
+    """Chained hashes of the full blocks of `token_ids` (a trailing partial block is never cached, so not hashed)."""
+    if block_size < 1:
+        raise FieldError("block_size", f"block_size must be >= 1, got {block_size}")
+    hashes: list[int] = []
+    parent = ROOT_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
