@@ -186,7 +186,7 @@ def _run_graph(config: OverheadConfig, path: str, tick: Callable[[], None]) -> P
         done[item.request_id] = time.time()
         tick()
 
-    executor.on_terminal = on_terminal
+    executor.ledger.on_terminal.append(on_terminal)
 
     async def drive() -> tuple[Any, float, float]:
         await executor.open_operators()  # untimed: builds the nodes

@@ -180,7 +180,7 @@ def _replay(
     async def main() -> tuple[Any, float]:
         await executor.open_operators()  # the engine loads here, outside the timed replay
         with tqdm(total=len(requests), desc=f"real {label}", unit="req", disable=not config.progress) as bar:
-            executor.on_terminal = lambda _: bar.update(1)
+            executor.ledger.on_terminal.append(lambda _: bar.update(1))
             started = time.time()
             return await executor.run(), started
 

@@ -6,32 +6,32 @@ operator that holds it, so a policy queue decides the order of everything the en
 engine takes only up to its `capacity()`. Step operators' `step()` runs in a worker thread; `add()` runs between
 steps on the event loop, so an engine never sees two threads.
 
-Every request ends with exactly one terminal item: the executor watches the graph's leaves, drops a second terminal
-for a request (and logs it), turns an operator's exception into an `internal` RequestError for the item (or, for a
-Step operator, for everything it held), and at the end fails any request that never finished. The process executor
+Every request ends with exactly one terminal item: the executor hands what reaches the graph's leaves to its
+`RequestLedger` (which drops a second terminal for a request and fails, at the end, any request that never finished)
+and turns an operator's exception into an `internal` RequestError for the item (or, for a Step operator, for
+everything it held). The process executor
 reuses this class for the nodes each process runs, with ZeroMQ bridges for the edges that cross processes."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import trio
 
-from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.executor.ledger import RequestLedger, RequestOutcome
 from sagellm.runtime.models.model_cache import resolve_model
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import (
     Emit,
     InstanceStats,
     MapOperator,
     Operator,
     OperatorContext,
-    PipelineLoad,
     QueueOperator,
     SourceOperator,
     StepOperator,
@@ -40,23 +40,6 @@ from sagellm.runtime.pipeline.operator import (
 
 log = structlog.get_logger("sagellm.executor")
 IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
-ENDED_REMEMBERED = 100_000  # ids of ended requests kept to drop duplicates when outcomes are not kept
-
-
-@dataclass
-class RequestOutcome:
-    """What one request produced, as the graph's leaves saw it."""
-
-    request_id: str
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    error: RequestError | None = None
-    metrics: RequestMetrics | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
 
 
 @dataclass
@@ -108,26 +91,17 @@ class LocalExecutor:
         self.local = list(nodes if nodes is not None else graph.nodes)
         self.instances = instances if instances is not None else instances_of(graph)
         self.graph_attrs = {**graph.attrs, **(graph_attrs or {})}
-        self.load = PipelineLoad()
-        self.outcomes: dict[str, RequestOutcome] = {}
+        self.ledger = RequestLedger(keep_outcomes=keep_outcomes)
+        self.ledger.on_terminal.append(lambda _: self._progress.fire())
+        self.load = self.ledger.load
         self.operators: dict[str, Operator] = {}
         self._given = dict(operators or {})
         self._progress = _Signal()  # fired whenever a request ends
-        self._counted: set[str] = set()  # requests that entered from a source here and count in load.in_flight
         self._inbox_send: dict[str, trio.MemorySendChannel] = {}
         self._inbox_recv: dict[str, trio.MemoryReceiveChannel] = {}
         self._outputs: dict[str, dict[str, trio.MemorySendChannel]] = {}
         self._channel_size = channel_size
         self.remote_sender: Callable[[str, str], trio.MemorySendChannel] | None = None  # (src, dst) -> channel
-        self.on_terminal: Callable[[Any], None] | None = None  # extra observer (the process executor's bookkeeping)
-        self.on_leaf_item: Callable[[Any], None] | None = None  # every item that reaches a leaf (the gateway's replies)
-        self.keep_outcomes = keep_outcomes
-        self._ended: deque[str] = deque()  # with keep_outcomes off: recently ended ids, to still drop duplicates
-        self._ended_ids: set[str] = set()
-        self._cancelled: set[str] = set()  # requests whose client left (see `cancel`)
-        # The code and message of requests still unfinished when the graph ends (the process executor names a
-        # lost worker here); anything else left unfinished is a bug, reported as `internal`.
-        self.unfinished_error: tuple[str, str] = ("internal", "the pipeline ended without finishing it")
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def out_nodes(self, node_id: str) -> list[str]:
@@ -199,8 +173,12 @@ class LocalExecutor:
         finally:
             for op in self.operators.values():
                 op.close()
-        self._fail_unfinished()
+        self.ledger.fail_unfinished()
         return PipelineResult(self.outcomes, self.operators)
+
+    @property
+    def outcomes(self) -> dict[str, RequestOutcome]:
+        return self.ledger.outcomes
 
     async def _run_node(self, node_id: str, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         op = self.operators[node_id]
@@ -233,14 +211,13 @@ class LocalExecutor:
                     await self._progress.wait()
             for item in items:
                 if isinstance(item, Request):
-                    self._counted.add(item.request_id)
-                    self.load.in_flight += 1
+                    self.ledger.entered(item.request_id)
                 await self._send(node_id, item)
 
     async def _run_map(self, node_id: str, op: MapOperator, _: trio.Nursery) -> None:
         leaf = self.is_leaf(node_id)
         async for item in self._inbox_recv[node_id]:
-            if leaf and not self._observe(item):
+            if leaf and not self.ledger.observe(item):
                 continue
             for out in self._apply(node_id, op, op.execute, item):
                 await self._send(node_id, out)
@@ -298,7 +275,7 @@ class LocalExecutor:
                 while buffer:
                     await self._feed(node_id, op, buffer.popleft())
                 room.fire()  # the buffer is empty again (and what passed through took no capacity)
-            if self._cancelled:
+            if self.ledger.any_cancelled:
                 await self._end_cancelled(node_id, op)
             if op.has_work():
                 try:
@@ -320,7 +297,7 @@ class LocalExecutor:
 
     async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
         rid = getattr(item, "request_id", None)
-        if rid in self._cancelled:  # its client left while it waited upstream
+        if self.ledger.is_cancelled(rid):  # its client left while it waited upstream
             await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
             return
         for out in self._apply(node_id, op, op.add, item):
@@ -357,40 +334,6 @@ class LocalExecutor:
             return
         await target.send(item)
 
-    def _observe(self, item: Any) -> bool:
-        """Bookkeeping of what reaches a leaf; False drops a second terminal item for a request."""
-        rid = getattr(item, "request_id", None)
-        if rid is None:
-            return True
-        outcome = self.outcomes.get(rid)
-        if outcome.finished if outcome is not None else rid in self._ended_ids:
-            log.error("duplicate_terminal_dropped", request_id=rid, item=type(item).__name__)
-            return False
-        if outcome is None:
-            outcome = self.outcomes[rid] = RequestOutcome(rid)
-        if isinstance(item, TokenDelta):
-            outcome.token_ids.extend(item.token_ids)
-            outcome.text += item.text
-            outcome.finish_reason, outcome.metrics = item.finish_reason, item.metrics
-        elif isinstance(item, RequestError):
-            outcome.error, outcome.metrics = item, item.metrics
-        if is_terminal(item):
-            self._terminal(item, outcome)
-        if self.on_leaf_item is not None:
-            self.on_leaf_item(item)
-        if outcome.finished and not self.keep_outcomes:
-            self._forget_outcome(rid)
-        return True
-
-    def _forget_outcome(self, rid: str) -> None:
-        """Drops an ended request's outcome but remembers its id a while, so a stray second terminal is still seen
-        as one (an outcome is created anew for an id not remembered)."""
-        del self.outcomes[rid]
-        self._ended.append(rid)
-        self._ended_ids.add(rid)
-        if len(self._ended) > ENDED_REMEMBERED:
-            self._ended_ids.discard(self._ended.popleft())
-
     def wake_sources(self) -> None:
         """Polls the non-blocking sources now instead of at their next idle tick (the gateway just queued a
         request into its source)."""
@@ -401,47 +344,14 @@ class LocalExecutor:
         sends its terminal (finish reason `abort`, as vLLM's) down the graph, so the metrics sink counts it; one
         still upstream is ended the same way where it reaches an engine here. An engine in another process
         finishes it unseen (its replies are dropped by the gateway)."""
-        if request_id in self._counted:
-            self._cancelled.add(request_id)
+        self.ledger.cancel(request_id)
 
     async def _end_cancelled(self, node_id: str, op: StepOperator) -> None:
-        held = [rid for rid in op.in_flight() if rid in self._cancelled]
+        held = [rid for rid in op.in_flight() if self.ledger.is_cancelled(rid)]
         if held:
             op.abort(held)
             for rid in held:
                 await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
-
-    def deliver_terminal(self, item: Any) -> None:
-        """Records a terminal item that cannot travel through the graph any more (its path is gone)."""
-        self._observe(item)
-
-    def _terminal(self, item: Any, outcome: RequestOutcome) -> None:
-        self._cancelled.discard(outcome.request_id)
-        if outcome.request_id in self._counted:
-            self._counted.discard(outcome.request_id)
-            self.load.in_flight -= 1
-        if isinstance(item, RequestError):
-            self.load.failed += 1
-        else:
-            self.load.completed += 1
-        if item.metrics is not None and item.metrics.slo_met is not None:
-            self.load.slo_checked += 1
-            self.load.slo_violations += not item.metrics.slo_met
-        self._progress.fire()
-        if self.on_terminal is not None:
-            self.on_terminal(item)
-
-    def _fail_unfinished(self) -> None:
-        """Requests that entered and never ended are a bug somewhere: they still get their one terminal item."""
-        for rid in sorted(self._counted):
-            log.error("request_lost", request_id=rid)
-            outcome = self.outcomes.setdefault(rid, RequestOutcome(rid))
-            code, message = self.unfinished_error
-            error = RequestError(request_id=rid, code=code, message=message, retryable=code != "internal")
-            outcome.error = error
-            self._terminal(error, outcome)
-            if self.on_leaf_item is not None:
-                self.on_leaf_item(error)
 
 
 class _Signal:

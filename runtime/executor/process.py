@@ -70,7 +70,7 @@ class ProcessExecutor:
         self._sent: dict[str, dict[str, float]] = {g: {} for g in self.children}  # request -> when sent there
         self._last_heartbeat: dict[str, float] = {}
         self._inject: trio.MemorySendChannel | None = None
-        self.executor.on_terminal = lambda item: self._forget(item.request_id)
+        self.executor.ledger.on_terminal.append(lambda item: self._forget(item.request_id))
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> PipelineResult:
         """Runs the graph to its end; `task_status.started()` once every worker is ready and this process's nodes
@@ -169,7 +169,7 @@ class ProcessExecutor:
         deadline = trio.current_time() + self.startup_timeout_s
         while missing := [g for g in self.children if g not in self.control.endpoints]:
             if self._lost:
-                raise WorkerStartError(f"{self.executor.unfinished_error[1]} before it was ready (see its log)")
+                raise WorkerStartError(f"{self.executor.ledger.unfinished_error[1]} before it was ready (see its log)")
             if trio.current_time() > deadline:
                 raise WorkerStartError(self._not_ready(missing))
             with trio.move_on_at(deadline + 0.01):
@@ -211,7 +211,7 @@ class ProcessExecutor:
         who = self.control.describe(group)
         log.error("worker_lost", worker=who, why=why)
         self.control.end(group)
-        self.executor.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
+        self.executor.ledger.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
         for node, g in self.groups.items():
             if g == group and node in self.executor.instances:
                 self.executor.instances[node].healthy = False
@@ -267,7 +267,7 @@ class ProcessExecutor:
                 return
             except (trio.WouldBlock, trio.ClosedResourceError):
                 pass
-        self.executor.deliver_terminal(error)
+        self.executor.ledger.observe(error)  # its path through the graph is gone
 
     def _forget(self, rid: str) -> None:
         """The request ended (or is being failed): nothing to fail for it any more."""

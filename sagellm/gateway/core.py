@@ -99,7 +99,7 @@ class ServingCore:
             self.local = executor.executor
         else:
             executor = self.local = LocalExecutor(self.graph, **args)
-        self.local.on_leaf_item = self._deliver
+        self.local.ledger.on_leaf_item = self._deliver
         self.source.wake = self.local.wake_sources
         await executor.run(task_status=task_status)
         for stream in list(self._streams.values()):  # anything still open ends now (the executor failed it)
