@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sagellm.common.errors import FieldError
+from sagellm.runtime.engine.prompt import prompt_token_problem
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, register_operator
 
@@ -116,12 +117,7 @@ class Admission(MapOperator):
             if self.tokenizer is None:
                 return "no tokenizer is loaded to tokenize the prompt: send prompt_token_ids instead"
             request.prompt_token_ids = self.tokenizer.encode(request.prompt, add_special_tokens=True)
-        if not request.prompt_token_ids:
-            return "prompt is empty: it has no tokens"
-        vocab = self.vocab_size
-        if vocab is not None and any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            return f"prompt_token_ids must be in [0, {vocab}) (the model's vocabulary)"
-        return None
+        return prompt_token_problem(request.prompt_token_ids, self.vocab_size)
 
     def _take_token(self, user: str | None) -> bool:
         """Token bucket: `burst` tokens, refilled at `rate_limit_per_user`/s; a request takes one."""

@@ -19,6 +19,7 @@ from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, read_tokens, token_slots, write_tokens
 from sagellm.runtime.engine.model_runner import ModelRunner
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from sagellm.runtime.engine.prompt import prompt_token_problem
 from sagellm.runtime.engine.sampler import Sampler, make_generator
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
@@ -148,11 +149,9 @@ class LLMEngine:
             text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, token_ids = None, list(prompt)
-        if not token_ids:
-            raise ValueError("prompt is empty: give at least one token")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        problem = prompt_token_problem(token_ids, self.model.config.vocab_size)
+        if problem is not None:
+            raise ValueError(problem)
         budget = self.max_model_len - len(token_ids)
         if budget <= 0:
             raise ValueError(

@@ -26,7 +26,7 @@ from sagellm.gateway import proxy
 from sagellm.gateway.engine_process import Supervisor, free_port, port_free, stop_orphans
 from sagellm.gateway.engine_spec import DRAINING, FAILED, READY, STOPPED, EngineSpec, ManagedEngine
 from sagellm.gateway.errors import ApiError
-from sagellm.gateway.http import EventStream, Handler, HttpRequest, Response
+from sagellm.gateway.http import EventStream, HttpRequest, Response
 
 log = structlog.get_logger("sagellm.gateway")
 ENGINES_DIR = "engines"
@@ -146,15 +146,6 @@ class EngineManager:
             engine.in_flight -= 1
 
         return await proxy.forward(self._client, engine, http, release)
-
-    def routed(self, handler: Handler) -> Handler:
-        """`handler`, except that a request naming a managed engine's model is proxied to that engine."""
-
-        async def handle(http: HttpRequest) -> Response | EventStream:
-            engine = self.route(proxy.requested_model(http))
-            return await (handler(http) if engine is None else self.proxy(engine, http))
-
-        return handle
 
     def model_cards(self, created: int) -> list[dict[str, Any]]:
         """`/v1/models` entries for the managed engines' models (failed ones left out)."""

@@ -46,11 +46,15 @@ class OpenAIRoutes:
         self.created = int(time.time())
 
     def register(self, app: App, guard: Guard | None) -> None:
-        routed = self.engines.routed if self.engines is not None else (lambda handler: handler)
         app.route("GET", "/v1/models", self.models, guard)
-        app.route("POST", "/v1/completions", routed(self.completions), guard)
-        app.route("POST", "/v1/chat/completions", routed(self.chat), guard)
-        app.route("POST", "/v1/embeddings", routed(self.embeddings), guard)
+        app.route("POST", "/v1/completions", self.completions, guard)
+        app.route("POST", "/v1/chat/completions", self.chat, guard)
+        app.route("POST", "/v1/embeddings", self.embeddings, guard)
+
+    async def _proxied(self, model: str | None, http: HttpRequest) -> Response | EventStream | None:
+        """The managed engine's reply when `model` names one (the body, decoded once by the route, goes as is)."""
+        engine = self.engines.route(model) if self.engines is not None else None
+        return None if engine is None else await self.engines.proxy(engine, http)
 
     # -- models ---------------------------------------------------------------------------------------------------
     async def models(self, _: HttpRequest) -> Response:
@@ -76,6 +80,8 @@ class OpenAIRoutes:
     # -- completions ----------------------------------------------------------------------------------------------
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
+        if (proxied := await self._proxied(body.model, http)) is not None:
+            return proxied
         self._check_model(body.model, self.core.model_name, "text generation")
         requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"))
         envelope = Envelope(requests[0].request_id, self.core.model_name, "text_completion")
@@ -121,6 +127,8 @@ class OpenAIRoutes:
     # -- chat -----------------------------------------------------------------------------------------------------
     async def chat(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(ChatCompletionRequest)
+        if (proxied := await self._proxied(body.model, http)) is not None:
+            return proxied
         if not body.stream:
             return Response(await self.complete_chat(body, http.headers))
         self._check_model(body.model, self.core.model_name, "chat")
@@ -155,8 +163,10 @@ class OpenAIRoutes:
         return _events(envelope, first, stream, render, logprobs, include_usage, opening=opening)
 
     # -- embeddings -----------------------------------------------------------------------------------------------
-    async def embeddings(self, http: HttpRequest) -> Response:
+    async def embeddings(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(EmbeddingRequest)
+        if (proxied := await self._proxied(body.model, http)) is not None:
+            return proxied
         if self.embedding is None:
             raise ApiError(
                 404,

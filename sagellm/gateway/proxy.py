@@ -10,7 +10,7 @@ the request at the engine."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 import msgspec
@@ -31,10 +31,6 @@ _NOT_FORWARDED = {
 _KEPT_REPLY_HEADERS = ("retry-after",)
 
 
-class _ModelField(msgspec.Struct):
-    model: Any = None
-
-
 def client() -> httpx.AsyncClient:
     """The manager's client: no read timeout (a long generation streams for minutes) and no pool cap below what
     `max_concurrent` and the engines' own admission already bound."""
@@ -42,15 +38,6 @@ def client() -> httpx.AsyncClient:
         timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=60.0),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
     )
-
-
-def requested_model(http: HttpRequest) -> str | None:
-    """The body's `model` field, or None (no body, not JSON: the route's own decoding reports that)."""
-    try:
-        model = msgspec.json.decode(http.body, type=_ModelField).model
-    except msgspec.DecodeError:
-        return None
-    return model if isinstance(model, str) else None
 
 
 def auth(engine: ManagedEngine) -> dict[str, str]:

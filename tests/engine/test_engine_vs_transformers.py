@@ -133,7 +133,8 @@ def test_chat_applies_the_template(tiny):
     ("prompt", "message"),
     [
         ([], "prompt is empty"),
-        ([10**9], "prompt token ids must be in"),
+        ([10**9], "prompt_token_ids must be in"),
+        ([1.5, 2.0], "prompt_token_ids must be integers"),
         (list(range(3, 300)), "this engine's context is 256 tokens"),
     ],
 )

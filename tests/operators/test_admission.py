@@ -155,3 +155,10 @@ def test_chat_messages_are_rendered_with_the_model_template_then_tokenized(model
     out = admission.execute(Request(request_id="c", messages=messages))
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert out.prompt == expected and out.prompt_token_ids == tokenizer.encode(expected, add_special_tokens=True)
+
+
+@pytest.mark.parametrize("ids", [[1.5, 2.0], [True, 2], [1, "2"]])
+def test_token_ids_that_are_not_integers_are_invalid(model: LoadedModel, ids: list) -> None:
+    """A JSON body gives floats and booleans as easily as integers: they are refused here, before any engine."""
+    out = make_admission(attrs(model)).execute(Request(request_id="r", prompt_token_ids=ids))
+    expect_error(out, "invalid_request", "prompt_token_ids must be integers")
