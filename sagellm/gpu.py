@@ -1,6 +1,6 @@
 """The NVIDIA GPU inventory, read through NVML (`pynvml`, from the `nvidia-ml-py` distribution).
 
-The control plane asks it how many GPUs an engine can have (`tp`, `use_gpu`), and `sagellm gpu` and
+The control plane asks it how many GPUs an engine can have (`tensor_parallel`, `use_gpu`), and `sagellm gpu` and
 `GET /v1/management/gpu` show it. A machine without an NVIDIA driver or GPU is a normal answer, not an error: an
 empty list and the reason ("no NVIDIA GPU found (NVML: ...)"), so every caller can say why in one line. A value one
 GPU does not report (temperature on some boards, utilization under MIG) is None rather than a failure."""

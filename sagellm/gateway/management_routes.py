@@ -1,7 +1,7 @@
 """The management API (admin key): the engines behind the gateway, the GPUs and the hardware backends.
 
     GET    /v1/management/engines             the graph's engines (kind "graph") and the managed ones
-    POST   /v1/management/engines             start one: {model, kind, tp, port, label, max_concurrent, use_gpu, ...}
+    POST   /v1/management/engines             start one: {model, kind, tensor_parallel, engine, port, ...}
     GET    /v1/management/engines/{id}        one engine
     DELETE /v1/management/engines/{id}        drain then stop a managed engine (?force=true: kill it now)
     GET    /v1/management/gpu                 the NVIDIA GPUs (NVML), or why there are none
