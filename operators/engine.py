@@ -75,9 +75,11 @@ class EngineOperator(StepOperator):
 
     @classmethod
     def instance_stats(cls, node_id: str, params: dict[str, Any]) -> InstanceStats:
-        node = cls(**params)
+        return cls(**params)._new_stats(node_id)
+
+    def _new_stats(self, node_id: str) -> InstanceStats:
         return InstanceStats(
-            node_id, role=cls.role, max_running=node.config.max_num_seqs, price_per_1k_tokens=node.price_per_1k_tokens
+            node_id, role=self.role, max_running=self.config.max_num_seqs, price_per_1k_tokens=self.price_per_1k_tokens
         )
 
     def open(self, ctx: OperatorContext) -> None:
@@ -89,9 +91,8 @@ class EngineOperator(StepOperator):
         if not model:
             raise ValueError(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
         self.engine = LLMEngine(self.config.replace(model=model))
-        self.stats = ctx.instances.setdefault(ctx.node_id, InstanceStats(ctx.node_id))
-        self.stats.role, self.stats.price_per_1k_tokens = self.role, self.price_per_1k_tokens
-        self.stats.max_running = self.config.max_num_seqs
+        # The executor made this node's stats from the same parameters (route saw them before any engine opened).
+        self.stats = ctx.instances.setdefault(ctx.node_id, self._new_stats(ctx.node_id))
         self._refresh_stats()
 
     def close(self) -> None:

@@ -9,8 +9,8 @@ steps on the event loop, so an engine never sees two threads.
 Every request ends with exactly one terminal item: the executor hands what reaches the graph's leaves to its
 `RequestLedger` (which drops a second terminal for a request and fails, at the end, any request that never finished)
 and turns an operator's exception into an `internal` RequestError for the item (or, for a Step operator, for
-everything it held). The process executor
-reuses this class for the nodes each process runs, with ZeroMQ bridges for the edges that cross processes."""
+everything it held). The process executor reuses this class for the nodes each process runs, with ZeroMQ bridges for
+the edges that cross processes."""
 
 from __future__ import annotations
 
@@ -91,12 +91,12 @@ class LocalExecutor:
         self.local = list(nodes if nodes is not None else graph.nodes)
         self.instances = instances if instances is not None else instances_of(graph)
         self.graph_attrs = {**graph.attrs, **(graph_attrs or {})}
+        self._progress = _Signal()  # fired whenever a request ends
         self.ledger = RequestLedger(keep_outcomes=keep_outcomes)
         self.ledger.on_terminal.append(lambda _: self._progress.fire())
         self.load = self.ledger.load
         self.operators: dict[str, Operator] = {}
         self._given = dict(operators or {})
-        self._progress = _Signal()  # fired whenever a request ends
         self._inbox_send: dict[str, trio.MemorySendChannel] = {}
         self._inbox_recv: dict[str, trio.MemoryReceiveChannel] = {}
         self._outputs: dict[str, dict[str, trio.MemorySendChannel]] = {}
