@@ -94,6 +94,7 @@ def test_duplicate_name_raises_and_new_name_registers(monkeypatch: pytest.Monkey
         registry.get_backend("broken")
 
 
+@pytest.mark.slow
 def test_listing_imports_no_vendor_stack() -> None:
     code = (
         "import sys\n"

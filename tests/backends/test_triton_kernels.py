@@ -27,6 +27,7 @@ def run_checks(interpret: bool) -> None:
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_cpu_interpreter() -> None:
     pytest.importorskip("triton")
     run_checks(interpret=True)

@@ -12,6 +12,7 @@ from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 
 pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.slow  # a benchmark command, both engines on every workload
 
 
 def test_bench_offline_writes_json_png_and_markdown(tmp_path: Path) -> None:

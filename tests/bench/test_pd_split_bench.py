@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@pytest.mark.slow
 def test_pd_bench_repeats_serve_every_request_and_report_medians(tmp_path: Path) -> None:
     model = make_tiny_llama(tmp_path / "tiny-llama", max_position_embeddings=1024)
     args = _parser().parse_args(

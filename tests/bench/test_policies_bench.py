@@ -93,6 +93,7 @@ def _parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+@pytest.mark.slow
 def test_command_runs_both_parts_with_repeats_and_reports_medians(tmp_path: Path) -> None:
     model = make_tiny_llama(tmp_path / "tiny-llama")
     out = tmp_path / "policies"

@@ -48,6 +48,7 @@ def engine(home: Path, engine_id: str) -> dict:
     return next(e for e in json.loads(listed.stdout) if e["id"] == engine_id)
 
 
+@pytest.mark.slow
 def test_gateway_lifecycle(tiny, tmp_path, capsys, monkeypatch):
     home, port = tmp_path / "home", free_port()
     state = home / "gateway"

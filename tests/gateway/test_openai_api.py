@@ -214,6 +214,7 @@ def test_health_metrics_openapi_and_admin(gateway):
     assert metrics["completed"] >= 1 and "ttft" in metrics
 
 
+@pytest.mark.slow
 def test_the_pd_graph_serves_the_same_replies(tiny_model, tmp_path, offline):
     """graphs/pd.yaml behind the gateway: prefill and decode in two worker processes, the KV moved over ZeroMQ."""
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from sagellm import LLM, SamplingParams
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+
+pytestmark = pytest.mark.slow  # two gateway lifecycles
 
 
 def test_session_chat_keeps_history_and_survives_a_restart(tiny_model, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -16,7 +16,7 @@ from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.model_cache import DEFAULT_MODEL, list_cached_models, resolve_model
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
