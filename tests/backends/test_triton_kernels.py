@@ -22,7 +22,7 @@ def run_checks(interpret: bool) -> None:
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     command = [sys.executable, "-m", "pytest", str(CHECKS), "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run(command, cwd=CHECKS.parents[2], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=CHECKS.parents[2], env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout
 

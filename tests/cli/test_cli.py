@@ -19,7 +19,7 @@ def run(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if home is not None:
         env["SAGELLM_HOME"] = str(home)
-    return subprocess.run([SAGELLM, *args], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([SAGELLM, *args], capture_output=True, text=True, timeout=240, env=env)
 
 
 @pytest.fixture(scope="module")
