@@ -17,7 +17,7 @@ import pytest
 from sagellm.backends import list_backends
 from sagellm.runtime.embedding import EmbeddingEngine
 from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
-from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 
 ENGINES = "/v1/management/engines"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -134,7 +134,8 @@ def test_openai_engine_is_proxied_until_it_stops_or_goes_down(admin, gateway, ti
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
         assert chunks[-1].choices[0].finish_reason == "length"
 
-        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=_chat("remote", stream=True)) as reply:
+        stream = _chat("remote", stream=True)
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=stream, timeout=REPLY_TIMEOUT_S) as reply:
             assert reply.headers["content-type"].startswith("text/event-stream")
             events = [line for line in reply.iter_lines() if line]
         assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
