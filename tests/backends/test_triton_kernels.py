@@ -7,6 +7,7 @@ functions), so the interpreter cannot be switched on in a process where anything
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,10 @@ def run_checks(interpret: bool) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(  # where pyproject.toml installs triton; there, a missing one must fail
+    (platform.system(), platform.machine()) != ("Linux", "x86_64"), reason="triton is a dependency on Linux x86_64 only"
+)
 def test_triton_kernels_under_cpu_interpreter() -> None:
-    pytest.importorskip("triton")
     run_checks(interpret=True)
 
 

@@ -11,7 +11,6 @@ import pytest
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 
-pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.slow  # a benchmark command, both engines on every workload
 
 

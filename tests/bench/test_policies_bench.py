@@ -21,8 +21,6 @@ from sagellm.benchmarks.policy_workload import CLASSES, POLICIES, class_sequence
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 
-pytest.importorskip("matplotlib")
-
 TINY_SIM = SimConfig(instances=10, requests=200, progress=False)
 
 

@@ -13,8 +13,6 @@ from sagellm.benchmarks.kv_transfer import KVShape, kv_shape
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 
-pytest.importorskip("matplotlib")
-
 
 def test_kv_shape_comes_from_the_model_config(tmp_path: Path) -> None:
     model = make_tiny_llama(tmp_path / "tiny-llama")

@@ -64,7 +64,6 @@ def test_tokenizer_and_chat_template(smollm2: LoadedModel) -> None:
 def test_weights_equal_transformers(smollm2: LoadedModel, tmp_path: Path) -> None:
     """transformers dequantizes and un-permutes the same Q4_1/Q8_0 blocks to the same numbers. Loading all of
     SmolLM2 into transformers takes ~25 s, so it reads a copy of the file cut to its first two layers."""
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
     from transformers import AutoModelForCausalLM
 
     _first_layers(smollm2.source, tmp_path / "two-layers.gguf", layers=2)
