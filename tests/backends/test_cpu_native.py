@@ -210,6 +210,7 @@ def test_dispatched_attention_over_mixed_and_decode_only_steps(
         assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
 
 
+@pytest.mark.slow
 def test_a_failed_build_is_an_error_naming_the_compiler_output(tmp_path, monkeypatch) -> None:
     broken = tmp_path / "broken.c"
     broken.write_text("void f(void) { this is not C }\n")
@@ -239,6 +240,7 @@ def test_an_unavailable_library_is_logged_once_and_the_backend_runs_torch_ops(tm
     assert len(events) == 1 and "no C compiler" in events[0]["reason"]
 
 
+@pytest.mark.slow
 def test_the_library_is_built_once_per_source_and_cpu(tmp_path) -> None:
     first = build.build(tmp_path)
     assert first.name == f"sagellm_kernels-{build.library_key(build.SOURCES)}.so"

@@ -93,6 +93,7 @@ def test_a_name_taken_by_another_class_raises_and_a_new_name_registers(monkeypat
         registry.get_backend("broken")
 
 
+@pytest.mark.slow
 def test_listing_imports_no_vendor_stack() -> None:
     code = (
         "import sys\n"

@@ -7,6 +7,7 @@ functions), so the interpreter cannot be switched on in a process where anything
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +23,16 @@ def run_checks(interpret: bool) -> None:
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     command = [sys.executable, "-m", "pytest", str(CHECKS), "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run(command, cwd=CHECKS.parents[2], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=CHECKS.parents[2], env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(  # where pyproject.toml installs triton; there, a missing one must fail
+    (platform.system(), platform.machine()) != ("Linux", "x86_64"), reason="triton is a dependency on Linux x86_64 only"
+)
 def test_triton_kernels_under_cpu_interpreter() -> None:
-    pytest.importorskip("triton")
     run_checks(interpret=True)
 
 

@@ -11,7 +11,7 @@ import pytest
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 
-pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.slow  # a benchmark command, both engines on every workload
 
 
 def test_bench_offline_writes_json_png_and_markdown(tmp_path: Path) -> None:

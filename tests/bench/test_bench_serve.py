@@ -34,8 +34,6 @@ from sagellm.cli.main import main
 from sagellm.runtime.engine.outputs import RequestMetrics
 from tests.tiny_models import make_tiny_llama, make_tokenizer
 
-pytest.importorskip("hypercorn")
-
 
 @asynccontextmanager
 async def fixture_server(app: StreamingFixture) -> AsyncIterator[str]:
@@ -211,7 +209,6 @@ def test_jsonl_requests(tmp_path: Path) -> None:
 
 
 def test_cli_compares_two_targets_and_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("matplotlib")
     model = make_tiny_llama(tmp_path / "tiny-llama")
     out = tmp_path / "results" / "serve.json"
     app = StreamingFixture(first_delay_s=0.005, delay_s=0.001)

@@ -17,8 +17,6 @@ from sagellm.benchmarks import pd_split, pd_split_report
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama, make_tokenizer
 
-pytest.importorskip("matplotlib")
-
 NUM_REQUESTS, SHORT, LONG, OUTPUT, REPEATS = 6, 8, 40, 4, 2
 MEDIANS = ("ttft_p50_ms", "ttft_p99_ms", "ttft_short_p50_ms", "ttft_long_p50_ms", "tpot_p50_ms", "tpot_p99_ms")
 MEDIANS += ("slo_attainment", "goodput_req_s", "throughput_req_s", "out_tok_s", "wall_s")
@@ -30,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@pytest.mark.slow
 def test_pd_bench_repeats_serve_every_request_and_report_medians(tmp_path: Path) -> None:
     model = make_tiny_llama(tmp_path / "tiny-llama", max_position_embeddings=1024)
     args = _parser().parse_args(

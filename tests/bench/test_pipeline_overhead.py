@@ -21,8 +21,6 @@ from sagellm.benchmarks.pipeline_overhead import (
 )
 from sagellm.runtime.pipeline.messages import Request
 
-pytest.importorskip("matplotlib")
-
 
 def test_instant_engine_streams_its_tokens_then_ends_with_metrics() -> None:
     engine = InstantEngine(tokens=3, max_running=2)

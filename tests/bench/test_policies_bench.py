@@ -21,8 +21,6 @@ from sagellm.benchmarks.policy_workload import CLASSES, POLICIES, class_sequence
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 
-pytest.importorskip("matplotlib")
-
 TINY_SIM = SimConfig(instances=10, requests=200, progress=False)
 
 
@@ -93,6 +91,7 @@ def _parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+@pytest.mark.slow
 def test_command_runs_both_parts_with_repeats_and_reports_medians(tmp_path: Path) -> None:
     model = make_tiny_llama(tmp_path / "tiny-llama")
     out = tmp_path / "policies"

@@ -30,7 +30,7 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("gateway-cli") / "tiny-llama")
 
 
-def sagellm(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def sagellm(home: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, SAGELLM_HOME=str(home), COLUMNS="200")
     env.pop("SAGELLM_ADMIN_KEY", None)
     return subprocess.run([SAGELLM, *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -48,6 +48,7 @@ def engine(home: Path, engine_id: str) -> dict:
     return next(e for e in json.loads(listed.stdout) if e["id"] == engine_id)
 
 
+@pytest.mark.slow
 def test_gateway_lifecycle(tiny, tmp_path, capsys, monkeypatch):
     home, port = tmp_path / "home", free_port()
     state = home / "gateway"

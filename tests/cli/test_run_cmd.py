@@ -15,6 +15,8 @@ from sagellm import LLM, SamplingParams
 from tests.cli.test_cli import SAGELLM, run
 from tests.tiny_models import make_tiny_llama
 
+pytestmark = pytest.mark.slow  # `sagellm run` subprocesses, some with worker processes of their own
+
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 PROMPTS = ["What is the capital of France?", "Name three colors."]
 
@@ -63,8 +65,12 @@ def test_ctrl_c_stops_the_run_and_its_worker_processes(tmp_path):
         time.sleep(2.0)  # generating now
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 130
-        time.sleep(0.5)
-        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        # Stopped by the run (told to end, or killed), they exit at once, though a loaded machine may take a moment;
+        # 5 s is half the 10 s peer timeout after which workers the run left behind would stop by themselves.
+        deadline = time.monotonic() + 5
+        while (alive := [pid for pid in workers if Path(f"/proc/{pid}").exists()]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive
     finally:
         process.kill()
 

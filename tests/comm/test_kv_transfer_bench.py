@@ -13,8 +13,6 @@ from sagellm.benchmarks.kv_transfer import KVShape, kv_shape
 from sagellm.cli.main import main
 from tests.tiny_models import make_tiny_llama
 
-pytest.importorskip("matplotlib")
-
 
 def test_kv_shape_comes_from_the_model_config(tmp_path: Path) -> None:
     model = make_tiny_llama(tmp_path / "tiny-llama")
@@ -25,6 +23,7 @@ def test_kv_shape_comes_from_the_model_config(tmp_path: Path) -> None:
     assert kv_shape(None, 1024) == KVShape() and KVShape().dims == (30, 2, 1024, 3, 64)  # SmolLM2-135M
 
 
+@pytest.mark.slow
 def test_bench_kv_transfer_writes_json_and_png(tmp_path: Path) -> None:
     argv = ["bench", "kv-transfer", "--tokens", "8", "--repeats", "3", "--warmup", "1", "--out", str(tmp_path)]
 

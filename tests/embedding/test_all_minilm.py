@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sagellm.runtime.embedding import EmbeddingEngine, InputTooLongError
 from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, list_cached_models, resolve_model
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 LONG = " ".join(["the quick brown fox jumps over the lazy dog."] * 24)  # 24 x 10 words + [CLS] + [SEP] = 242 tokens
 TEXTS = [

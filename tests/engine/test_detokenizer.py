@@ -1,14 +1,13 @@
 """Incremental detokenization against a full `tokenizer.decode`, on real tokenizers of both byte-handling kinds.
 
 Tokenizers: a GPT-2/SmolLM2-style byte-level BPE and a Llama-style SentencePiece BPE with byte fallback, both trained
-here with `tokenizers`, plus the real SmolLM2 tokenizer when the model downloader has already cached it.
+here with `tokenizers`, plus the real SmolLM2 tokenizer (downloaded with the model: marked `network` and `slow`).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -68,21 +67,16 @@ def _byte_fallback_bpe() -> PreTrainedTokenizerBase:
     )
 
 
-def _cached_smollm2() -> PreTrainedTokenizerBase | None:
-    root = Path.home() / ".cache" / "sagellm" / "models"
-    found = sorted(p.parent for p in root.rglob("tokenizer.json") if "smollm2" in str(p).lower())
-    return AutoTokenizer.from_pretrained(found[0]) if found else None
+TOKENIZERS = {"byte_level": _byte_level_bpe, "byte_fallback": _byte_fallback_bpe}
 
 
-TOKENIZERS = {"byte_level": _byte_level_bpe, "byte_fallback": _byte_fallback_bpe, "smollm2": _cached_smollm2}
-
-
-@pytest.fixture(scope="module", params=list(TOKENIZERS))
+@pytest.fixture(
+    scope="module", params=[*TOKENIZERS, pytest.param("smollm2", marks=[pytest.mark.network, pytest.mark.slow])]
+)
 def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
-    tok = TOKENIZERS[request.param]()
-    if tok is None:
-        pytest.skip("SmolLM2 tokenizer not downloaded to ~/.cache/sagellm/models")
-    return tok
+    if request.param == "smollm2":
+        return AutoTokenizer.from_pretrained(request.getfixturevalue("smollm2_dir"))
+    return TOKENIZERS[request.param]()
 
 
 @pytest.fixture(scope="module")

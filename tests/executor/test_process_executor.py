@@ -14,6 +14,8 @@ from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.tiny_models import make_tiny_llama
 
+pytestmark = pytest.mark.slow  # worker processes
+
 PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "over the lazy dog and far away"]
 
 

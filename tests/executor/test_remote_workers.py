@@ -88,6 +88,7 @@ async def started(nursery: trio.Nursery, executor: ProcessExecutor) -> dict[str,
     return outcome
 
 
+@pytest.mark.slow
 async def test_a_remote_decode_worker_gives_the_tokens_of_one_process(model_path):
     port = free_port()
     executor = ProcessExecutor(load_pipeline(pd_yaml(model_path, port)))
@@ -103,6 +104,7 @@ async def test_a_remote_decode_worker_gives_the_tokens_of_one_process(model_path
     assert decode.wait(timeout=30) == 0  # it ended with the run
 
 
+@pytest.mark.slow
 def test_a_remote_worker_that_never_connects_fails_the_start_naming_the_command(model_path):
     port = free_port()
     executor = ProcessExecutor(load_pipeline(pd_yaml(model_path, port)), startup_timeout_s=2)
@@ -111,6 +113,7 @@ def test_a_remote_worker_that_never_connects_fails_the_start_naming_the_command(
         trio.run(executor.run)
 
 
+@pytest.mark.slow
 async def test_a_killed_remote_worker_ends_its_requests_with_instance_lost(tmp_path):
     """Workers the run must refuse are tried first, while it runs (it generates for minutes unless stopped)."""
     long_context = make_tiny_llama(tmp_path / "long", max_position_embeddings=8192)
@@ -139,6 +142,7 @@ async def test_a_killed_remote_worker_ends_its_requests_with_instance_lost(tmp_p
     assert executor.executor.instances["decode"].healthy is False
 
 
+@pytest.mark.slow
 async def test_a_worker_stops_by_itself_when_no_run_answers_or_the_run_falls_silent(model_path):
     """The silent run is a bare control socket that answers the Hello and then says nothing more, as a run on a host
     that crashed or dropped off the network would."""

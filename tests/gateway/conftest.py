@@ -17,6 +17,10 @@ from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.tiny_models import make_tiny_llama
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
+# For raw HTTP requests that wait on the model, in place of httpx's default of 5 s between bytes: a loaded machine
+# can spend that on real work (an engine failure's error event waits ~0.7 s here while its traceback is logged).
+# Only a hang should reach it.
+REPLY_TIMEOUT_S = 60
 
 
 @contextmanager

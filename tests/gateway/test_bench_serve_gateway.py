@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sagellm.cli.main import main
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+
+pytestmark = pytest.mark.slow  # a gateway of its own and a benchmark command
 
 
 def test_bench_serve_measures_the_gateway(tiny_model, tmp_path):

@@ -56,6 +56,7 @@ def test_local_mode_finds_the_recorded_gateway_or_says_how_to_start_one(gateway,
         UnifiedInferenceClient.create(state_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_embedded_mode_runs_the_pipeline_in_process(tiny_model, tmp_path):
     with UnifiedInferenceClient.create(embedded=True, model=str(tiny_model), embedding_model=None) as client:
         assert client.base_url.startswith("http://127.0.0.1:")

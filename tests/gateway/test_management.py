@@ -21,7 +21,7 @@ from sagellm.gateway.engine_spec import EngineSpec, ManagedEngine
 from sagellm.runtime.embedding import EmbeddingEngine
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
-from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 
 ENGINES = "/v1/management/engines"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -124,6 +124,7 @@ def test_backends_route_matches_the_registry(admin):
     assert {b["name"]: b["available"] for b in data}["cpu"] is True
 
 
+@pytest.mark.slow
 def test_openai_engine_is_proxied_until_it_stops_or_goes_down(admin, gateway, tiny_model, tmp_path):
     """A second gateway serving the same weights as `upstream` is registered as `remote`: requests for `remote`
     reach it (model renamed on the way), with its replies, stream framing and error statuses."""
@@ -145,7 +146,8 @@ def test_openai_engine_is_proxied_until_it_stops_or_goes_down(admin, gateway, ti
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
         assert chunks[-1].choices[0].finish_reason == "length"
 
-        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=_chat("remote", stream=True)) as reply:
+        stream = _chat("remote", stream=True)
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=stream, timeout=REPLY_TIMEOUT_S) as reply:
             assert reply.headers["content-type"].startswith("text/event-stream")
             events = [line for line in reply.iter_lines() if line]
         assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -188,6 +190,7 @@ def _over_the_limit_is_429(url: str) -> None:
     assert second.status_code == 429 and second.headers["retry-after"] == "1"
 
 
+@pytest.mark.slow
 def test_spawned_engines_serve_or_fail_with_their_error(admin, gateway, tmp_path):
     """Two processes at once: an embedding engine on a tiny sentence-transformers model, whose vectors reach the
     client under the gateway's name for it, and an llm engine on a missing model, failed with its own message."""

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from sagellm import LLM, SamplingParams
-from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 
 KEY = "sk-test"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -84,7 +84,9 @@ def test_completions_batch_logprobs_and_max_completion_tokens(client, offline):
 
 def test_sse_framing_at_the_http_level(gateway):
     body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=auth()) as response:
+    with httpx.stream(
+        "POST", gateway.url + "/v1/completions", json=body, headers=auth(), timeout=REPLY_TIMEOUT_S
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = response.read().decode()
@@ -160,7 +162,9 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(gateway):
     gateway.call(setattr, engine, "step", failing_step)
     try:
         body = {"prompt": "Hello", "max_tokens": 20, "temperature": 0, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=auth()) as response:
+        with httpx.stream(
+            "POST", gateway.url + "/v1/completions", json=body, headers=auth(), timeout=REPLY_TIMEOUT_S
+        ) as response:
             events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
     finally:
         gateway.call(delattr, engine, "step")
@@ -172,7 +176,9 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(gateway):
 
 def test_a_client_that_leaves_cancels_its_request(gateway):
     body = {"prompt": "Hello", "max_tokens": 240, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=auth()) as response:
+    with httpx.stream(
+        "POST", gateway.url + "/v1/completions", json=body, headers=auth(), timeout=REPLY_TIMEOUT_S
+    ) as response:
         assert response.status_code == 200
         next(response.iter_lines())
     (engine,) = gateway.core.operators_of("engine")
@@ -214,6 +220,7 @@ def test_health_metrics_openapi_and_admin(gateway):
     assert metrics["completed"] >= 1 and "ttft" in metrics
 
 
+@pytest.mark.slow
 def test_the_pd_graph_serves_the_same_replies(tiny_model, tmp_path, offline):
     """graphs/pd.yaml behind the gateway: prefill and decode in two worker processes, the KV moved over ZeroMQ."""
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from sagellm import LLM, SamplingParams
-from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+
+pytestmark = pytest.mark.slow  # two gateway lifecycles
 
 
 def test_session_chat_keeps_history_and_survives_a_restart(tiny_model, tmp_path):
@@ -16,11 +19,15 @@ def test_session_chat_keeps_history_and_survives_a_restart(tiny_model, tmp_path)
         assert created.status_code == 201
         sid = created.json()["id"]
         first = httpx.post(
-            f"{gw.url}/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "Hi"}], **params}
+            f"{gw.url}/sessions/{sid}/chat",
+            json={"messages": [{"role": "user", "content": "Hi"}], **params},
+            timeout=REPLY_TIMEOUT_S,
         )
         assert first.status_code == 200 and first.json()["session_id"] == sid
         second = httpx.post(
-            f"{gw.url}/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "And then?"}], **params}
+            f"{gw.url}/sessions/{sid}/chat",
+            json={"messages": [{"role": "user", "content": "And then?"}], **params},
+            timeout=REPLY_TIMEOUT_S,
         )
         history = httpx.get(f"{gw.url}/sessions/{sid}").json()["messages"]
         assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]

@@ -13,7 +13,8 @@ import numpy as np
 import openai
 import pytest
 
-pytestmark = pytest.mark.network
+# Over the suite's 300 s timeout: `gateway start` downloads both models, so its CLI calls (start, stop) get 900 s each.
+pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(1800)]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -97,6 +97,7 @@ def _write_wheel(path: Path, files: dict[str, bytes]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_wheel_alias_with_a_model_directory(
     home: Path, tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

