@@ -1,1 +1,1 @@
-"""Benchmarks of sageLLM against peer engines on the workloads of BENCHMARKS.md (`sagellm bench ...`)."""
+"""Benchmarks of sageLLM against peer engines on the workloads of benchmarks/README.md (`sagellm bench ...`)."""

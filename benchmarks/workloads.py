@@ -1,4 +1,4 @@
-"""The benchmark workloads of BENCHMARKS.md (W1, W2) as data, and their prompts: seeded random token ids.
+"""The benchmark workloads of benchmarks/README.md (W1, W2) as data, and their prompts: seeded random token ids.
 
 Random ids (special tokens excluded, exactly `input_len` of them) give every engine bit-identical inputs with no
 text round trip, and no two prompts share a prefix block, so a prefix cache cannot turn a throughput run into a
