@@ -46,6 +46,10 @@ class InstantEngine(StepOperator):
         self._held: dict[str, TrackedRequest] = {}
         self.stats = InstanceStats(self.name, max_running=max_running)  # replaced by the graph's own in open()
 
+    @classmethod
+    def instance_stats(cls, node_id: str, params: dict[str, Any]) -> InstanceStats:
+        return InstanceStats(node_id, role=cls.role, max_running=cls(**params).max_running)
+
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
         self.stats = ctx.instances.setdefault(ctx.node_id, InstanceStats(ctx.node_id))

@@ -60,14 +60,9 @@ def instances_of(graph: Graph) -> dict[str, InstanceStats]:
     with their roles from the start."""
     stats = {}
     for node in graph.nodes.values():
-        role = getattr(get_operator(node.op), "role", None)
-        if role is not None:
-            stats[node.id] = InstanceStats(
-                node.id,
-                role=role,
-                max_running=node.params.get("max_num_seqs", 16),
-                price_per_1k_tokens=node.params.get("price_per_1k_tokens", 0.0),
-            )
+        made = get_operator(node.op).instance_stats(node.id, node.params)
+        if made is not None:
+            stats[node.id] = made
     return stats
 
 
