@@ -18,11 +18,10 @@ from typing import IO, Annotated, Any
 import msgspec
 
 from sagellm.runtime.engine.sampling_params import SamplingParams
-from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.messages import Priority, Request, RequestError, TokenId
 from sagellm.runtime.pipeline.operator import OperatorContext, SourceOperator, register_operator
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
-TokenId = Annotated[int, msgspec.Meta(ge=0)]
 _UNSET = msgspec.UNSET
 
 
@@ -45,7 +44,7 @@ class RequestLine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop_token_ids: list[int] | msgspec.UnsetType = _UNSET
     ignore_eos: bool | msgspec.UnsetType = _UNSET
     logprobs: int | None | msgspec.UnsetType = _UNSET
-    priority: int = 0
+    priority: Priority = 0
     user: str | None = None
     ttft_slo_ms: Positive | None = None
     tpot_slo_ms: Positive | None = None

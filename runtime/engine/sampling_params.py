@@ -17,6 +17,8 @@ EXPECTED_OUTPUT_TOKENS = 256
 MAX_LOGPROBS = 20  # the most top-N alternatives a request may ask for, as vLLM's default `max_logprobs`
 GREEDY_TEMPERATURE = 1e-5  # below this, temperature is greedy (vLLM's _SAMPLING_EPS): dividing by ~0 is pointless
 _SEED_MIN, _SEED_END = -(2**63), 2**64  # the range torch.Generator.manual_seed accepts
+# Integers stay below 2**63, so every value fits the wire's 64-bit msgpack integers when a request crosses processes.
+INT_END = 2**63
 
 
 def _require(ok: bool, name: str, rule: str, value: object) -> None:
@@ -51,14 +53,16 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _require(self.n == 1 and _is_int(self.n), "n", "1 (one completion per request is supported)", self.n)
         _require(
-            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens < INT_END),
             "max_tokens",
-            "an integer >= 1 or None",
+            "an integer in [1, 2**63) or None",
             self.max_tokens,
         )
         _require(_is_number(self.temperature) and self.temperature >= 0, "temperature", ">= 0", self.temperature)
         _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _require(_is_int(self.top_k) and (self.top_k >= -1), "top_k", "-1 or 0 (off) or an integer >= 1", self.top_k)
+        _require(
+            _is_int(self.top_k) and -1 <= self.top_k < INT_END, "top_k", "-1 or 0 (off) or an integer >= 1", self.top_k
+        )
         _require(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
         _require(
             self.seed is None or (_is_int(self.seed) and _SEED_MIN <= self.seed < _SEED_END),
@@ -95,9 +99,9 @@ class SamplingParams:
         if ids is None:
             return []
         _require(
-            isinstance(ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in ids),
+            isinstance(ids, (list, tuple)) and all(_is_int(i) and 0 <= i < INT_END for i in ids),
             "stop_token_ids",
-            "a list of integers >= 0",
+            "a list of integers in [0, 2**63)",
             ids,
         )
         return list(ids)

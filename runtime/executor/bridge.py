@@ -9,16 +9,18 @@ PUSH socket per destination process), tensors as zero-copy frames."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import structlog
 import trio
 import zmq
 
 from sagellm.runtime.comm import wire
+from sagellm.runtime.comm.wire import WireError
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_push
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
+from sagellm.runtime.pipeline.messages import Message, RequestError
 from sagellm.runtime.pipeline.spec import placement_group
 
 log = structlog.get_logger("sagellm.bridge")
@@ -72,11 +74,16 @@ class Bridge:
                 del self.inbound[(src, dst)]
 
     async def receive_loop(self, sock: TrioSocket) -> None:
-        """Delivers items from other processes until every inbound edge has ended."""
+        """Delivers items from other processes until every inbound edge has ended. A message that is not one another
+        process of this graph could have sent (this socket may listen on a network) is logged and dropped: no input
+        ends the loop or the process."""
         while self.inbound:
             frames = await sock.receive_frames()
-            dst, src = frames[0].bytes.decode(), frames[1].bytes.decode()
-            message = wire.decode(frames[2:])
+            try:
+                src, dst, message = _parse(frames)
+            except Exception as error:  # WireError, a frame that is not UTF-8, or anything else a stranger can send
+                log.warning("bad_message_dropped", frames=len(frames), problem=f"{type(error).__name__}: {error}")
+                continue
             send = self.inbound.get((src, dst))
             if send is None:
                 log.warning("message_on_closed_edge", src=src, dst=dst, message=type(message).__name__)
@@ -98,7 +105,12 @@ class Bridge:
         async with recv:
             async for item in recv:
                 if self.before_send is None or self.before_send(target, item):
-                    await self.pushes[target].send_frames(header + wire.encode(item))
+                    try:
+                        frames = wire.encode(item)
+                    except (TypeError, ValueError, OverflowError) as error:  # this item's data, not the edge
+                        self._fail_unsendable(item, dst, error)
+                        continue
+                    await self.pushes[target].send_frames(header + frames)
         if self.before_send is None or self.before_send(target, None):
             await self.pushes[target].send_frames(header + wire.encode(wire.End(node=src)))
 
@@ -108,6 +120,25 @@ class Bridge:
         if target in self.pushes:
             await self.pushes[target].send_frames([dst.encode(), src.encode(), *wire.encode(wire.End(node=src))])
 
+    def _fail_unsendable(self, item: Any, dst: str, error: Exception) -> None:
+        """An item that cannot be encoded ends its own request here; the edge and every other request go on."""
+        rid = getattr(item, "request_id", None)
+        log.error("unsendable_item", request_id=rid, dst=dst, item=type(item).__name__, error=repr(error))
+        if rid is not None:
+            message = f"cannot send the request to {dst!r}: {type(error).__name__}: {error}"
+            self.executor.ledger.observe(RequestError(request_id=rid, code="internal", message=message))
+
     def close(self) -> None:
         for sock in self.pushes.values():
             sock.close()
+
+
+def _parse(frames: list[Any]) -> tuple[str, str, Any]:
+    """(src, dst, message) of `[dst node, src node, *wire frames]`; WireError (or UnicodeDecodeError) if it is not."""
+    if len(frames) < 3:
+        raise WireError(f"a data message has at least 3 frames (dst, src, type), got {len(frames)}")
+    dst, src = frames[0].bytes.decode(), frames[1].bytes.decode()
+    message = wire.decode(frames[2:])
+    if not isinstance(message, (*get_args(Message), wire.End)):
+        raise WireError(f"a {type(message).__name__} has no place on a data socket")
+    return src, dst, message

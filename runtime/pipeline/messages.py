@@ -11,7 +11,7 @@ Every request ends with exactly one terminal item: a `TokenDelta` with `finish_r
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -19,6 +19,10 @@ from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
 Phase = Literal["colocated", "prefill", "decode"]
+# Bounded integers for what a client writes: whatever decodes into them also fits the wire's 64-bit msgpack integers,
+# so no value a client sends can fail to encode when its request crosses processes.
+Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # the model's vocabulary is checked at admission
 
 
 class _Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw_only=True):
@@ -32,10 +36,10 @@ class Request(_Message):
     `prompt_token_ids`, pd_split `phase`, route `instance`."""
 
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[TokenId] | None = None
     messages: list[dict[str, Any]] | None = None  # a chat: admission renders it with the model's chat template
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
-    priority: int = 0  # lower runs first (vLLM's convention); W6 classes: 0 high, 1 normal, 2 low
+    priority: Priority = 0  # lower runs first (vLLM's convention); W6 classes: 0 high, 1 normal, 2 low
     user: str | None = None
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None

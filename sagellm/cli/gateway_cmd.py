@@ -29,6 +29,7 @@ from sagellm.cli.gateway_client import (
     running_pid,
     state_dir_of,
 )
+from sagellm.common.processes import python_module
 from sagellm.gateway.state import LOG_FILE, GatewayRecord, read_record, remove_record, write_record
 
 # Options of `start` not passed on as arguments: its own, and the keys, which go in the environment (a command
@@ -90,7 +91,7 @@ def run_start(args: argparse.Namespace) -> int:
     if args.admin_key:
         env[ADMIN_KEY_ENV] = args.admin_key
     log_path = state_dir / LOG_FILE
-    command = [sys.executable, "-m", "sagellm.cli.main", "serve", *_serve_argv(args.serve_parser, args)]
+    command = python_module("sagellm.cli.main", "serve", *_serve_argv(args.serve_parser, args))
     with log_path.open("ab") as log:
         log.write(f"\n== sagellm gateway start {time.strftime('%Y-%m-%d %H:%M:%S')}: {url}\n".encode())
         log.flush()

@@ -16,13 +16,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import structlog
 import trio
 
+from sagellm.common.processes import python_module
 from sagellm.gateway import proxy
 from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_GRAPH
 from sagellm.gateway.engine_spec import FAILED, READY, STARTING, UNHEALTHY, ManagedEngine
@@ -179,7 +179,7 @@ class Supervisor:
 
 
 def _command(engine: ManagedEngine) -> list[str]:
-    serve = [sys.executable, "-m", "sagellm.cli.main", "serve"]
+    serve = python_module("sagellm.cli.main", "serve")
     common = ["--host", "127.0.0.1", "--port", str(engine.port), "--state-dir", str(engine.directory)]
     if engine.spec.kind == "embedding":
         return [*serve, "--no-llm", "--embedding-model", engine.spec.model, *common]

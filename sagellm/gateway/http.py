@@ -8,6 +8,7 @@ stream's producer is cancelled when the client disconnects, so the request behin
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -103,10 +104,11 @@ class App:
             result = await route.handler(request)
         except ApiError as error:
             result = Response(error.json(), error.status, headers=error.headers)
-        except Exception:
-            log.exception("handler_failed", path=scope.get("path"))
-            error = ApiError(500, "internal server error (see the gateway log)", code="internal")
-            result = Response(error.json(), 500)
+        except Exception as exc:
+            error_id = secrets.token_hex(6)  # finds the traceback in the gateway's log
+            log.exception("handler_failed", path=scope.get("path"), error_id=error_id)
+            message = f"internal server error {type(exc).__name__} (error id {error_id} in the gateway log)"
+            result = Response(ApiError(500, message, code="internal").json(), 500)
         if isinstance(result, EventStream):
             await _stream(result, receive, send)
         else:

@@ -15,10 +15,11 @@ import msgspec
 
 from sagellm.gateway.errors import ApiError
 from sagellm.runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.messages import Priority, Request, TokenId
 
 Unset = msgspec.UnsetType
 UNSET = msgspec.UNSET
+_PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1  # Priority's bounds, for the header that bypasses the struct
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -45,11 +46,11 @@ class _Generation(msgspec.Struct, kw_only=True):
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # sageLLM's scheduling fields
-    priority: int | None = None
+    priority: Priority | None = None
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
     slo_deadline_ms: float | None = None
@@ -125,6 +126,8 @@ def sampling_params(body: _Generation, max_tokens: int | None, logprobs: int | N
 def scheduling(body: _Generation, headers: dict[str, str], now: float) -> dict[str, Any]:
     """Priority and SLOs from the body or the `X-Request-Priority` / `X-SLO-Deadline-Ms` headers (body first)."""
     priority = body.priority if body.priority is not None else _header_number(headers, "x-request-priority", int)
+    if priority is not None and not _PRIORITY_MIN <= priority <= _PRIORITY_MAX:
+        _refuse("priority", f"must be in [{_PRIORITY_MIN}, {_PRIORITY_MAX}], got {priority}")
     deadline_ms = body.slo_deadline_ms
     if deadline_ms is None:
         deadline_ms = _header_number(headers, "x-slo-deadline-ms", float)
@@ -185,14 +188,21 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
         return [prompt]
     if not prompt:
         _refuse("prompt", "must not be empty")
-    if all(isinstance(p, int) for p in prompt):
+    if all(_is_token_id(p) for p in prompt):
         return [list(prompt)]
-    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+    if all(isinstance(p, str) for p in prompt) or (
+        all(isinstance(p, list) for p in prompt) and all(_is_token_id(t) for p in prompt for t in p)
+    ):
         if any(not p for p in prompt):
             _refuse("prompt", "no prompt in the list may be empty")
         return list(prompt)
     _refuse("prompt", "must be a string, a list of strings, a list of token ids or a list of token-id lists")
     return []
+
+
+def _is_token_id(value: Any) -> bool:
+    """An integer a token id can be (JSON gives 1.5 and true as easily; the vocabulary is checked at admission)."""
+    return type(value) is int and 0 <= value < 2**63
 
 
 def chat_request(body: ChatCompletionRequest, headers: dict[str, str], request_id: str) -> Request:

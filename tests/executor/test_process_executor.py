@@ -88,3 +88,45 @@ def test_a_worker_that_fails_to_start_fails_the_run_at_once(model_path, tmp_path
     assert good in text
     with pytest.raises(WorkerStartError, match="'decode' exited with code 1 before it was ready"):
         trio.run(ProcessExecutor(load_pipeline(text.replace(good, bad)), startup_timeout_s=60).run)
+
+
+JUNK = [
+    [b"\xff\xfe", b"\x80", b"\x01", b"x"],  # node names that are not UTF-8 (a UnicodeDecodeError once killed the run)
+    [b"decode"],  # too few frames
+    [b"decode", b"source", b"\x09", b""],  # an unknown frame type
+    [b"decode", b"source", b"\x01", b"\xc1\xc1\xc1"],  # not msgpack
+    [b"decode", b"source", b"\x01", b"\x92\x01"],  # truncated msgpack
+    [b"decode", b"source", b"\x01", b"\xdd\xff\xff\xff\xff"],  # an array claiming 4 billion items
+    [b"decode", b"source", b"\x03", b"\x93\xa1x\x01\x80"],  # a heartbeat: no place on a data socket
+    [b"nobody", b"nowhere", b"\x04", b"\x91\xa6source"],  # an End for an edge that does not exist
+]
+
+
+async def test_junk_on_every_data_socket_is_dropped_and_the_run_serves_on(model_path):
+    """Each process's data socket may listen on a network: nothing sent to it can end the run or a request."""
+    import zmq
+
+    graph = load_pipeline(pd_yaml(model_path, PROMPTS, transport="tcp", max_tokens=64))
+    executor = ProcessExecutor(graph, peer_timeout_s=10)
+    zctx = zmq.Context()
+    try:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                outcome = {}
+
+                async def run() -> None:
+                    outcome["result"] = await executor.run()
+
+                nursery.start_soon(run)
+                while not executor.data_endpoints:
+                    await trio.sleep(0.05)
+                for endpoint in executor.data_endpoints.values():
+                    with zctx.socket(zmq.PUSH) as push:
+                        push.connect(endpoint)
+                        for frames in JUNK * 3:
+                            push.send_multipart(frames)
+    finally:
+        zctx.term()
+    result = outcome["result"]
+    assert sorted(result.outcomes) == [f"req-{i}" for i in range(len(PROMPTS))]
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 64 for o in result.outcomes.values())

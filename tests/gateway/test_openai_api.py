@@ -136,6 +136,32 @@ def test_error_statuses_and_shapes(client, gateway):
     assert wrong_type.status_code == 400 and wrong_type.json()["error"]["param"] == "max_tokens"
 
 
+# Values that once passed validation and then failed in shared code (msgpack encoding, the engine's batch): each is
+# now a 400 naming its field, and the gateway serves on.
+HUGE = 10**30
+BAD_BODIES = [
+    ({"messages": CHAT, "priority": HUGE}, {}, "priority"),
+    ({"messages": CHAT}, {"X-Request-Priority": str(HUGE)}, "priority"),
+    ({"messages": CHAT, "top_k": HUGE}, {}, "top_k"),
+    ({"messages": CHAT, "stop_token_ids": [HUGE]}, {}, "stop_token_ids[0]"),
+    ({"messages": CHAT, "max_tokens": HUGE}, {}, "max_tokens"),
+    ({"prompt": [[1.5, 2.0]]}, {}, "prompt"),
+    ({"prompt": [["a"]]}, {}, "prompt"),
+    ({"prompt": [True, 2]}, {}, "prompt"),
+    ({"prompt": [HUGE]}, {}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "param"), BAD_BODIES)
+def test_out_of_range_and_mistyped_values_are_400_naming_the_field(gateway, body, headers, param):
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    reply = httpx.post(gateway.url + route, json={"max_tokens": 2, **body}, headers={**auth(), **headers})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param, reply.text
+    fine = httpx.post(gateway.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=auth())
+    assert fine.status_code == 200
+
+
 def test_no_healthy_instance_is_503_and_recovers(client, gateway):
     engine = gateway.core.instances()["engine"]
     gateway.call(setattr, engine, "healthy", False)

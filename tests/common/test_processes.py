@@ -1,0 +1,26 @@
+"""The processes sageLLM starts import the installed sageLLM, whatever folder the user stands in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sagellm.common.processes import python_module
+
+
+@pytest.mark.slow  # two interpreters start
+def test_a_sagellm_folder_in_the_working_directory_is_not_imported(tmp_path: Path) -> None:
+    impostor = tmp_path / "sagellm"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("raise SystemExit('the impostor was imported')\n")
+
+    def run(command: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    ours = run(python_module("sagellm.cli.main", "--version"))
+    assert ours.returncode == 0 and ours.stdout.startswith("sagellm "), ours.stderr
+    plain = run([sys.executable, "-m", "sagellm.cli.main", "--version"])
+    assert "impostor" in plain.stderr  # without isolation the folder would have won
