@@ -101,7 +101,9 @@ class App:
             request = await self._read(scope, receive, params)
             if route.guard is not None:
                 route.guard(request)
-            result = await route.handler(request)
+            result = await _unless_disconnected(route.handler, request, receive)
+            if result is None:
+                return  # the client left before the reply: the handler was cancelled, and with it the request
         except ApiError as error:
             result = Response(error.json(), error.status, headers=error.headers)
         except Exception as exc:
@@ -151,6 +153,26 @@ def _field_of(message: str) -> str | None:
     """`Expected int, got str - at $.max_tokens` -> `max_tokens` (msgspec names the field in its message)."""
     found = re.search(r"at `?\$\.([\w.\[\]]+)", message)
     return found.group(1) if found else None
+
+
+async def _unless_disconnected(
+    handler: Handler, request: HttpRequest, receive: Callable
+) -> Response | EventStream | None:
+    """The handler's reply, or None when the client disconnects first: the handler is cancelled then, so a request
+    whose client gave up (a timeout, a retry) stops using the engine instead of running to its end unread. A stream,
+    once returned, watches for its own disconnect (`_stream`)."""
+    result: Response | EventStream | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        result = await handler(request)
+        nursery.cancel_scope.cancel()
+    return result
 
 
 async def _respond(send: Callable, response: Response) -> None:

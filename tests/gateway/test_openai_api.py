@@ -217,6 +217,30 @@ def test_a_client_that_leaves_cancels_its_request(gateway):
     assert snapshot.active == 0
 
 
+def _aborted(gateway) -> float:
+    """Requests ended by their client leaving, from the gateway's Prometheus series."""
+    text = httpx.get(gateway.url + "/metrics").text
+    line = next(
+        (ln for ln in text.splitlines() if ln.startswith('sagellm:request_success_total{finished_reason="abort"}')), ""
+    )
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_a_client_that_gives_up_on_a_plain_request_cancels_it_too(gateway):
+    """Not streamed: the client times out and closes the connection; the request stops instead of running unread."""
+    before = _aborted(gateway)
+    body = {"prompt": "Hello", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/completions", json=body, headers=auth(), timeout=httpx.Timeout(5, read=0.05))
+    (engine,) = gateway.core.operators_of("engine")
+    for _ in range(200):
+        if not gateway.call(engine.in_flight) and gateway.core.in_flight == 0:
+            break
+        httpx.get(gateway.url + "/health")
+    assert gateway.call(engine.in_flight) == [] and gateway.core.in_flight == 0
+    assert _aborted(gateway) == before + 1
+
+
 def test_health_metrics_openapi_and_admin(gateway):
     health = httpx.get(gateway.url + "/health").json()
     assert health["status"] == "ok" and health["engines"][0]["role"] == "colocated"
