@@ -132,7 +132,7 @@ class _Reader:
     """Walks the composed YAML node tree, recording the line of every key it reads."""
 
     def __init__(self, text: str, file: str | None):
-        self.file = file
+        self.file, self.text = file, text
         self.loader = yaml.SafeLoader(text)
         self.locations: dict[str, int] = {}
 
@@ -141,7 +141,11 @@ class _Reader:
         raise PipelineError(problem, file=self.file, line=line, field=field)
 
     def value(self, node: yaml.Node) -> Any:
-        return self.loader.construct_object(node, deep=True)
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError as e:  # a tag safe YAML does not build (`!!python/object/...`), a bad timestamp
+            problem = getattr(e, "problem", None) or str(e)
+            self.fail(node, None, f"cannot read this value: {' '.join(problem.split())}")
 
     def mapping(self, node: yaml.Node, field: str | None, what: str) -> list[tuple[Any, yaml.Node, yaml.Node]]:
         """(key, key node, value node) of a YAML mapping; duplicate keys are errors."""
@@ -160,6 +164,7 @@ class _Reader:
 
     def read(self) -> Graph:
         try:
+            self.refuse_aliases()
             root = self.loader.get_single_node()
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
@@ -185,6 +190,16 @@ class _Reader:
             graph.attrs[FILE_KEY] = self.file
         graph.attrs[LOCATIONS_KEY] = self.locations
         return graph
+
+    def refuse_aliases(self) -> None:
+        """Anchors and aliases (`&a`, `*a`) are refused before anything is built: a graph never needs them, and a
+        few lines of nested aliases expand to billions of items (an alias bomb) that no check should walk."""
+        for event in yaml.parse(self.text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                line = event.start_mark.line + 1
+                raise PipelineError(
+                    "anchors and aliases (&, *) are not supported in a pipeline file", file=self.file, line=line
+                )
 
     def deep_duplicates(self, node: yaml.Node, field: str | None) -> None:
         """Duplicate keys anywhere (inside params too), which YAML would otherwise resolve to the last one."""

@@ -354,3 +354,25 @@ RANGE_ERRORS: dict[str, tuple[dict[str, str], str, str, str]] = {
 def test_range_errors_name_file_line_and_parameter(case: str, tmp_path: Path) -> None:
     load_pipeline(REAL)  # the graph as written is valid
     assert_error_at(REAL, RANGE_ERRORS[case], tmp_path)
+
+
+BOMB = "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['x'] * 9)}]\n"
+    for p, c in zip(["", *"abcdefgh"], "abcdefghi")
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        (BOMB + "nodes: {}\n", 1, "anchors and aliases (&, *) are not supported"),  # 9**9 items if expanded
+        ("nodes:\n  src: &s {op: prompt_source}\n  again: *s\n", 2, "anchors and aliases"),
+        ("name: !!python/object/apply:os.system [echo hi]\nnodes: {}\n", 1, "cannot read this value: could not"),
+    ],
+)
+def test_yaml_that_would_hang_or_run_code_is_a_located_error(text: str, line: int, problem: str, tmp_path: Path):
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    with pytest.raises(PipelineError) as raised:
+        load_pipeline(path)
+    assert (raised.value.file, raised.value.line) == (str(path), line) and problem in str(raised.value)
