@@ -3,4 +3,7 @@
 - `home`: where sageLLM keeps files on this machine ($SAGELLM_HOME).
 - `logging`: structlog set-up for the processes a user starts (CLI, workers, servers).
 - `openmp`: the OpenMP wait policy those processes set before torch loads.
-- `registry`: name -> class registries (operators, policies, routing strategies, backends)."""
+- `registry`: name -> class registries (operators, policies, routing strategies, backends).
+- `errors`, `hints`: `FieldError` and type-hint checks for settings written by hand.
+- `nursery_errors`: a trio nursery's lone failure raised as itself.
+- `processes`: how sageLLM starts a Python process of its own."""

@@ -21,6 +21,7 @@ import structlog
 import trio
 import zmq
 
+from sagellm.common.nursery_errors import single_errors
 from sagellm.common.processes import python_module
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, with_host
@@ -28,7 +29,6 @@ from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
-from sagellm.runtime.executor.nursery_errors import single_errors
 from sagellm.runtime.pipeline.messages import RequestError
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline

@@ -9,9 +9,9 @@ from typing import Any
 
 import trio
 
+from sagellm.common.nursery_errors import single_errors
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
-from sagellm.runtime.executor.nursery_errors import single_errors
 from sagellm.runtime.executor.process import ProcessExecutor
 
 

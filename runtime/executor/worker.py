@@ -23,6 +23,7 @@ import trio
 import zmq
 
 from sagellm.common.logging import configure_logging
+from sagellm.common.nursery_errors import single_errors
 from sagellm.common.openmp import prefer_short_spin
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import (
@@ -38,7 +39,6 @@ from sagellm.runtime.comm.zmq_trio import (
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of
 from sagellm.runtime.executor.local import LocalExecutor, instances_of
-from sagellm.runtime.executor.nursery_errors import single_errors
 from sagellm.runtime.executor.worker_args import add_arguments
 from sagellm.runtime.pipeline.operator import StepOperator
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, host_problem

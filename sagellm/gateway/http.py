@@ -19,6 +19,7 @@ import msgspec
 import structlog
 import trio
 
+from sagellm.common.nursery_errors import single_errors
 from sagellm.gateway.errors import ApiError
 
 log = structlog.get_logger("sagellm.gateway")
@@ -45,6 +46,10 @@ class HttpRequest:
             raise ApiError(400, f"invalid request: {exc}", param=_field_of(str(exc)), code="invalid_request") from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_request") from None
+        except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
+            raise ApiError(400, f"the request body is not UTF-8: {exc}", code="invalid_request") from None
+        except RecursionError:
+            raise ApiError(400, "the request body nests arrays or objects too deeply", code="invalid_request") from None
 
 
 @dataclass
@@ -162,16 +167,17 @@ async def _unless_disconnected(
     whose client gave up (a timeout, a retry) stops using the engine instead of running to its end unread. A stream,
     once returned, watches for its own disconnect (`_stream`)."""
     result: Response | EventStream | None = None
-    async with trio.open_nursery() as nursery:
+    with single_errors():  # the handler's ApiError, raised as itself
+        async with trio.open_nursery() as nursery:
 
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            result = await handler(request)
             nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
-        result = await handler(request)
-        nursery.cancel_scope.cancel()
     return result
 
 

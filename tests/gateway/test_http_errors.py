@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import trio
 from structlog.testing import capture_logs
 
 from sagellm.gateway.http import App, HttpRequest, Response
@@ -14,9 +15,13 @@ from sagellm.gateway.http import App, HttpRequest, Response
 async def call(app: App, method: str, path: str) -> tuple[int, dict[str, Any]]:
     """One request through the ASGI app, without a server."""
     sent: list[dict[str, Any]] = []
+    bodies = [{"type": "http.request", "body": b"", "more_body": False}]
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        if bodies:
+            return bodies.pop()
+        await trio.sleep_forever()  # as a server does until the client disconnects
+        raise AssertionError("unreachable")
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)

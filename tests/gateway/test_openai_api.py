@@ -132,6 +132,12 @@ def test_error_statuses_and_shapes(client, gateway):
     assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
     bad_json = httpx.post(gateway.url + "/v1/completions", content=b"{not json", headers=auth())
     assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    for body, words in (
+        (b'{"prompt": "\xff"}', "not UTF-8"),
+        (b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "too deeply"),
+    ):
+        odd = httpx.post(gateway.url + "/v1/completions", content=body, headers=auth())
+        assert odd.status_code == 400 and words in odd.json()["error"]["message"], odd.text
     wrong_type = httpx.post(gateway.url + "/v1/completions", json={"prompt": "x", "max_tokens": "many"}, headers=auth())
     assert wrong_type.status_code == 400 and wrong_type.json()["error"]["param"] == "max_tokens"
 
