@@ -31,6 +31,9 @@ from sagellm.gateway.responses import Choice, Envelope, chat_logprobs, completio
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 
 DONE = b"[DONE]"
+# Inputs one embedding request may carry: a batch this size takes about a second of CPU here; more would hold the
+# model (one batch at a time) from every other client for as long as a client cares to send.
+MAX_EMBEDDING_INPUTS = 256
 
 
 class OpenAIRoutes:
@@ -204,6 +207,10 @@ def _embedding_inputs(value: Any) -> list[str] | list[list[int]]:
     if value and all(isinstance(v, int) for v in value):
         return [list(value)]
     if value and (all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value)):
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ApiError(
+                400, f"input: at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(value)}", param="input"
+            )
         return list(value)
     raise ApiError(
         400, "input: a non-empty string, list of strings, token ids or list of token-id lists", param="input"

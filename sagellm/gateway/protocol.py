@@ -65,7 +65,7 @@ class CompletionRequest(_Generation, kw_only=True):
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]  # tool messages: tool calling is not supported
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 

@@ -2,8 +2,10 @@
 
 A session is a list of chat messages; `POST /sessions/{id}/chat` appends the user's message, runs a chat completion
 over the whole history through the same pipeline as `/v1/chat/completions`, and appends the reply. Sessions live in
-one JSON file under the state directory, rewritten atomically (temp file + rename) on every change, so a restarted
-gateway has them all and a crash mid-write never leaves a torn file."""
+one JSON file under the state directory, readable by its owner only, rewritten atomically (temp file + rename) on
+every change, so a restarted gateway has them all and a crash mid-write never leaves a torn file. A file that cannot
+be read (damaged by hand, or by a full disk) is moved aside as `sessions.json.bad-TIME` with a warning naming it, and
+the gateway starts with no sessions rather than not at all."""
 
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
+
+from sagellm.gateway.auth import write_private
 
 SESSIONS_FILE = "sessions.json"
+log = structlog.get_logger("sagellm.gateway")
 
 
 class Session(msgspec.Struct, kw_only=True):
@@ -35,8 +41,16 @@ class SessionStore:
         self.path = state_dir / SESSIONS_FILE
         self.sessions: dict[str, Session] = {}
         if self.path.exists():
-            loaded = msgspec.json.decode(self.path.read_bytes(), type=list[Session])
-            self.sessions = {s.id: s for s in loaded}
+            self.sessions = {s.id: s for s in self._load()}
+
+    def _load(self) -> list[Session]:
+        try:
+            return msgspec.json.decode(self.path.read_bytes(), type=list[Session])
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as error:
+            kept = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
+            os.replace(self.path, kept)
+            log.warning("sessions_file_unreadable", path=str(self.path), moved_to=str(kept), problem=str(error))
+            return []
 
     def create(self, title: str | None = None, messages: list[dict[str, Any]] | None = None) -> Session:
         now = time.time()
@@ -62,6 +76,4 @@ class SessionStore:
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(msgspec.json.encode(sorted(self.sessions.values(), key=lambda s: s.created)))
-        os.replace(tmp, self.path)
+        write_private(self.path, msgspec.json.encode(sorted(self.sessions.values(), key=lambda s: s.created)))

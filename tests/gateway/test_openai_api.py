@@ -155,6 +155,7 @@ BAD_BODIES = [
     ({"prompt": [["a"]]}, {}, "prompt"),
     ({"prompt": [True, 2]}, {}, "prompt"),
     ({"prompt": [HUGE]}, {}, "prompt"),
+    ({"messages": [{"role": "hacker", "content": "hi"}]}, {}, "messages[0].role"),
 ]
 
 
