@@ -216,7 +216,7 @@ class ProcessExecutor:
         self.executor.ledger.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
         for node, g in self.groups.items():
             if g == group and node in self.executor.instances:
-                self.executor.instances[node].healthy = False
+                self.executor.instances[node].lose()
         grace = 2 * wire.HEARTBEAT_S
         since = self._last_heartbeat.get(group, -float("inf")) - grace
         doomed = self._held[group] | {rid for rid, t in self._sent[group].items() if t >= since}

@@ -56,6 +56,13 @@ class InstanceStats:
     prefix_cache_queries: int = 0  # prompt blocks looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # ... and found there
 
+    def lose(self) -> None:
+        """The engine's process is gone: unhealthy, and nothing is running or queued on it any more (its requests
+        ended with `instance_lost`), so no gauge keeps reporting a dead engine's last load."""
+        self.healthy = False
+        self.running = self.waiting = self.queued_prefill_tokens = self.queued_decode_tokens = 0
+        self.kv_cache_usage = 0.0
+
     @property
     def predicted_work(self) -> int:
         """Load in one unit, tokens: what a new request would wait behind (cache_aware adds its own prefill)."""

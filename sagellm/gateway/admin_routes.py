@@ -1,7 +1,11 @@
 """Health, Prometheus metrics, and the admin routes that steer a running gateway.
 
-`/health` answers 200 while some engine is healthy (503 otherwise) so load balancers and `sagellm gateway status`
-can tell. `/metrics` is the metrics sink's registry (TTFT, TPOT, e2e histograms, request counts) plus live gauges read
+`/health` (liveness) and `/ready` (readiness) say whether the graph can serve: "ok" when every engine is healthy,
+"degraded" when some are not but a healthy engine can still run a request from its prompt to its last token (a lost
+prefill worker: pd_split keeps requests colocated on the decode worker), "unavailable" (503) when none can, with
+each engine's state in the body, so load balancers, Kubernetes probes and `sagellm gateway status` can tell.
+(While nothing restarts a lost worker the two agree; once something does, liveness stays up while it recovers.)
+`/metrics` is the metrics sink's registry (TTFT, TPOT, e2e histograms, request counts) plus live gauges read
 from the engines' stats at scrape time (running and waiting requests, KV cache usage, prefix cache hits), named as
 vLLM names them with a `sagellm:` prefix. `/admin/set_policy` switches the scheduling policy of the graph's queues
 while serving; `/admin/metrics` is the metrics snapshot as JSON."""
@@ -17,7 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import App, Guard, HttpRequest, Response
-from sagellm.runtime.pipeline.operator import OperatorError
+from sagellm.operators.route import ROLES_FOR_PHASE
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorError
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,6 +71,14 @@ class EngineGauges:
         )
 
 
+def service_status(instances: list[InstanceStats]) -> str:
+    """ok | degraded | unavailable: can some healthy engine run a request whole (a colocated request's roles)?"""
+    whole = [s for s in instances if s.healthy and s.role in ROLES_FOR_PHASE["colocated"]]
+    if not whole:
+        return "unavailable"
+    return "ok" if all(s.healthy for s in instances) else "degraded"
+
+
 class AdminRoutes:
     def __init__(self, core: ServingCore) -> None:
         self.core = core
@@ -74,23 +87,23 @@ class AdminRoutes:
 
     def register(self, app: App, admin: Guard | None) -> None:
         app.route("GET", "/health", self.health)
+        app.route("GET", "/ready", self.health)
         app.route("GET", "/metrics", self.metrics)
         app.route("POST", "/admin/set_policy", self.set_policy, admin)
         app.route("GET", "/admin/metrics", self.admin_metrics, admin)
 
     async def health(self, _: HttpRequest) -> Response:
-        engines = [
-            {"name": s.name, "role": s.role, "healthy": s.healthy, "running": s.running}
-            for s in self.core.instances().values()
-        ]
-        ok = any(e["healthy"] for e in engines)
+        instances = list(self.core.instances().values())
+        status = service_status(instances)
         body = {
-            "status": "ok" if ok else "unhealthy",
+            "status": status,
             "model": self.core.model_name,
-            "engines": engines,
+            "engines": [
+                {"name": s.name, "role": s.role, "healthy": s.healthy, "running": s.running} for s in instances
+            ],
             "in_flight": self.core.in_flight,
         }
-        return Response(body, 200 if ok else 503)
+        return Response(body, 503 if status == "unavailable" else 200)
 
     async def metrics(self, _: HttpRequest) -> Response:
         text = generate_latest(self.engine_registry)

@@ -176,7 +176,9 @@ def test_no_healthy_instance_is_503_and_recovers(client, gateway):
         with pytest.raises(openai.InternalServerError) as raised:
             client.chat.completions.create(model=gateway.core.model_name, messages=CHAT, max_tokens=2)
         assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"]
-        assert httpx.get(gateway.url + "/health").status_code == 503
+        for probe in ("/health", "/ready"):
+            reply = httpx.get(gateway.url + probe)
+            assert reply.status_code == 503 and reply.json()["status"] == "unavailable"
     finally:
         gateway.call(setattr, engine, "healthy", True)
     assert client.chat.completions.create(model=gateway.core.model_name, messages=CHAT, max_tokens=2).choices
