@@ -27,13 +27,26 @@ _TYPES = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        allow: list[str] | None = None,
+    ) -> None:
+        """`allow`: the methods a 405's path takes (its `Allow` header, as HTTP requires)."""
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.allow = allow or []
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", str(RETRY_AFTER_S).encode())] if self.status in (429, 503) else []
+        headers = [(b"retry-after", str(RETRY_AFTER_S).encode())] if self.status in (429, 503) else []
+        if self.allow:
+            headers.append((b"allow", ", ".join(sorted(set(self.allow))).encode()))
+        return headers
 
     def body(self) -> dict:
         error_type = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")

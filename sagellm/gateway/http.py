@@ -122,15 +122,15 @@ class App:
             await _respond(send, result)
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed = False
+        allowed: list[str] = []
         for route in self.routes:
             found = route.pattern.match(path)
             if found is not None:
                 if route.method == method:
                     return route, found.groupdict()
-                allowed = True
+                allowed.append(route.method)
         if allowed:
-            raise ApiError(405, f"method {method} is not allowed on {path}")
+            raise ApiError(405, f"method {method} is not allowed on {path}", allow=allowed)
         raise ApiError(404, f"no route {method} {path}", code="not_found")
 
     async def _read(self, scope: dict, receive: Callable, params: dict[str, str]) -> HttpRequest:

@@ -48,6 +48,10 @@ def openapi_document(app: App, version: str) -> dict[str, Any]:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_refs[path]}}}
         if route.guard is not None:
             operation["security"] = [{"bearer": []}]
+        names = route.pattern.groupindex  # `{session_id}`, `{engine_id}`: every path parameter is declared
+        if names:
+            schema = {"type": "string"}
+            operation["parameters"] = [{"name": n, "in": "path", "required": True, "schema": schema} for n in names]
         paths.setdefault(path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -266,6 +266,10 @@ def test_health_metrics_openapi_and_admin(gateway):
         assert f"sagellm:{name}" in text, name  # fmt: skip
     spec = httpx.get(gateway.url + "/openapi.json").json()
     assert "/v1/chat/completions" in spec["paths"] and "ChatCompletionRequest" in spec["components"]["schemas"]
+    (session_id,) = spec["paths"]["/sessions/{session_id}"]["get"]["parameters"]
+    assert session_id == {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    wrong_method = httpx.put(gateway.url + "/v1/models", headers=auth())
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET"
 
     admin = {"Authorization": f"Bearer {gateway.gateway.admin_key}"}
     assert httpx.post(gateway.url + "/admin/set_policy", json={"policy": "priority"}).status_code == 401
