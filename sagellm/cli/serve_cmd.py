@@ -32,6 +32,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-embedding", action="store_true", help="serve no embedding model")
     p.add_argument("--no-llm", action="store_true", help="serve only the embedding model (no graph, no LLM)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        metavar="NAME",
+        help="a host name clients address the gateway by (repeat; default: loopback names on loopback, any otherwise)",
+    )
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--api-key", action="append", default=None, help="accepted API key (repeat; env SAGELLM_API_KEY)")
     p.add_argument("--admin-key", help="admin key for management routes (env SAGELLM_ADMIN_KEY; default: generated)")
@@ -78,6 +85,7 @@ def _config(args: argparse.Namespace, embedding: str | None) -> Any:
         served_model_name=args.served_model_name,
         state_dir=args.state_dir,
         max_body_bytes=args.max_body_bytes,
+        allowed_hosts=args.allowed_hosts,
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from sagellm.common.home import gateway_dir
 from sagellm.gateway.http import DEFAULT_MAX_BODY_BYTES
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 # The graph a gateway serves unless given one: one colocated engine (the repository's graphs/colocated.yaml).
 DEFAULT_GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "colocated.yaml"
 DEFAULT_PORT = 8000
@@ -29,6 +30,14 @@ class GatewayConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     state_dir: Path = field(default_factory=gateway_dir)
     graceful_timeout_s: float = 30.0
+    # Host names requests may address the gateway by (Host, a browser's Origin). None: loopback names when bound to
+    # loopback (a page cannot rebind a name to 127.0.0.1 and drive the gateway), any when bound elsewhere.
+    allowed_hosts: list[str] | None = None
+
+    def host_names(self) -> frozenset[str] | None:
+        if self.allowed_hosts is not None:
+            return frozenset(h.lower() for h in self.allowed_hosts)
+        return LOOPBACK_NAMES if self.host in LOOPBACK_NAMES else None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewayConfig:

@@ -24,7 +24,7 @@ log = structlog.get_logger("sagellm.gateway")
 
 
 def build_embedding_app(embeddings: EmbeddingService, config: GatewayConfig) -> App:
-    app = App(max_body_bytes=config.max_body_bytes)
+    app = App(max_body_bytes=config.max_body_bytes, allowed_hosts=config.host_names())
     guard = key_guard(config.api_keys, "API")
     created = int(time.time())
 

@@ -24,6 +24,7 @@ from sagellm.gateway.errors import ApiError
 
 log = structlog.get_logger("sagellm.gateway")
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+BODY_TIMEOUT_S = 30.0  # a body still arriving after this is given up: a slow client cannot hold a request open
 
 
 @dataclass
@@ -85,9 +86,20 @@ class Route:
 
 
 class App:
-    def __init__(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        allowed_hosts: frozenset[str] | None = None,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+    ) -> None:
+        """`allowed_hosts`: the host names a request's `Host` (and a browser's `Origin`) may carry; None: any. A
+        gateway on loopback takes only loopback names, so a web page cannot reach it through DNS rebinding, nor
+        drive it from another site with a form a browser posts (a cross-site request carries that site's Origin)."""
         self.routes: list[Route] = []
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = allowed_hosts
+        self.body_timeout_s = body_timeout_s
 
     def route(self, method: str, path: str, handler: Handler, guard: Guard | None = None) -> None:
         """`path` may hold `{name}` segments, given to the handler in `path_params`."""
@@ -104,6 +116,7 @@ class App:
         try:
             route, params = self._match(scope["method"], scope["path"])
             request = await self._read(scope, receive, params)
+            self._check_host(request)
             if route.guard is not None:
                 route.guard(request)
             result = await _unless_disconnected(route.handler, request, receive)
@@ -140,7 +153,10 @@ class App:
             raise ApiError(413, f"request body of {declared} bytes is over the limit of {self.max_body_bytes}")
         chunks, size = [], 0
         while True:
-            message = await receive()
+            with trio.move_on_after(self.body_timeout_s) as waited:
+                message = await receive()
+            if waited.cancelled_caught:
+                raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s", code="timeout")
             if message["type"] == "http.disconnect":
                 break
             chunk = message.get("body", b"")
@@ -152,6 +168,25 @@ class App:
                 break
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         return HttpRequest(scope["method"], scope["path"], headers, query, b"".join(chunks), params, scope)
+
+    def _check_host(self, request: HttpRequest) -> None:
+        if self.allowed_hosts is None:
+            return
+        for header in ("host", "origin"):
+            value = request.headers.get(header)
+            if value is not None and host_name(value) not in self.allowed_hosts:
+                allowed = ", ".join(sorted(self.allowed_hosts))
+                raise ApiError(
+                    403, f"{header} {value!r} is not one this gateway answers to ({allowed})", code="forbidden"
+                )
+
+
+def host_name(value: str) -> str:
+    """The host of a `Host` header or an `Origin` ("http://host:port"): no scheme, port or IPv6 brackets."""
+    authority = value.split("://", 1)[-1].split("/", 1)[0].lower()
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 def _field_of(message: str) -> str | None:

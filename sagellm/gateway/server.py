@@ -54,7 +54,7 @@ def build_app(
     admin: str,
     engines: EngineManager,
 ) -> App:
-    app = App(max_body_bytes=config.max_body_bytes)
+    app = App(max_body_bytes=config.max_body_bytes, allowed_hosts=config.host_names())
     admin_guard, api_guard = key_guard([admin], "admin"), key_guard(config.api_keys, "API")
     openai_routes = OpenAIRoutes(core, embeddings, engines)
     openai_routes.register(app, api_guard)

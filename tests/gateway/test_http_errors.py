@@ -9,13 +9,16 @@ from typing import Any
 import trio
 from structlog.testing import capture_logs
 
-from sagellm.gateway.http import App, HttpRequest, Response
+from sagellm.gateway.config import LOOPBACK_NAMES
+from sagellm.gateway.http import App, HttpRequest, Response, host_name
 
 
-async def call(app: App, method: str, path: str) -> tuple[int, dict[str, Any]]:
+async def call(
+    app: App, method: str, path: str, headers: dict[str, str] | None = None, *, body_arrives: bool = True
+) -> tuple[int, dict[str, Any]]:
     """One request through the ASGI app, without a server."""
     sent: list[dict[str, Any]] = []
-    bodies = [{"type": "http.request", "body": b"", "more_body": False}]
+    bodies = [{"type": "http.request", "body": b"", "more_body": False}] if body_arrives else []
 
     async def receive() -> dict[str, Any]:
         if bodies:
@@ -26,7 +29,8 @@ async def call(app: App, method: str, path: str) -> tuple[int, dict[str, Any]]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": []}
+    raw = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": raw}
     await app(scope, receive, send)
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -44,3 +48,39 @@ async def test_an_unexpected_failure_is_a_500_with_an_error_id_in_the_log() -> N
     assert status == 500 and body["error"]["code"] == "internal" and "KeyError" in body["error"]["message"]
     (logged,) = [e for e in logs if e["event"] == "handler_failed"]
     assert logged["error_id"] in body["error"]["message"] and logged["path"] == "/broken" and logged["exc_info"]
+
+
+async def ok(_: HttpRequest) -> Response:
+    return Response({"ok": True})
+
+
+async def test_a_loopback_gateway_answers_only_to_loopback_names_and_same_site_pages() -> None:
+    """DNS rebinding points evil.example at 127.0.0.1 (its requests carry Host: evil.example); a page on another
+    site posting a form carries that site's Origin. Clients that are not browsers send no Origin."""
+    app = App(allowed_hosts=LOOPBACK_NAMES)
+    app.route("GET", "/x", ok)
+    for headers, status in [
+        ({"host": "127.0.0.1:8000"}, 200),
+        ({"host": "localhost:8000", "origin": "http://localhost:3000"}, 200),
+        ({"host": "[::1]:8000"}, 200),
+        ({}, 200),  # HTTP/1.0 without Host
+        ({"host": "evil.example:8000"}, 403),
+        ({"host": "127.0.0.1:8000", "origin": "https://evil.example"}, 403),
+    ]:
+        assert (await call(app, "GET", "/x", headers))[0] == status, headers
+    anywhere = App(allowed_hosts=None)
+    anywhere.route("GET", "/x", ok)
+    assert (await call(anywhere, "GET", "/x", {"host": "evil.example"}))[0] == 200
+
+
+def test_host_names_without_port_scheme_or_brackets() -> None:
+    assert [host_name(v) for v in ("127.0.0.1:8000", "LocalHost", "[::1]:80", "http://a.b:9/x", "::1")] == [
+        "127.0.0.1", "localhost", "::1", "a.b", "::1"
+    ]  # fmt: skip
+
+
+async def test_a_body_that_never_arrives_is_a_408(autojump_clock) -> None:
+    app = App(body_timeout_s=30)
+    app.route("POST", "/x", ok)
+    status, body = await call(app, "POST", "/x", body_arrives=False)
+    assert status == 408 and body["error"]["code"] == "timeout"
