@@ -28,6 +28,26 @@ from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, regi
 _PRUNE_AT = 10_000  # buckets kept before refilled (idle) users' buckets are forgotten
 
 
+def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -> str | None:
+    """Fills `prompt_token_ids` (rendering chat `messages` with the model's template first) when missing; returns
+    what is wrong with the prompt, if anything. Admission does it for every request that arrives as text; a front end
+    that can wait in a thread (the gateway, for a long prompt) does it before, so the event loop never does."""
+    if request.prompt_token_ids is None and request.prompt is None and request.messages:
+        if tokenizer is None:
+            return "no tokenizer is loaded to render the chat messages: send prompt_token_ids instead"
+        try:
+            request.prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template error names what is wrong with the messages
+            return f"messages cannot be rendered with the model's chat template: {exc}"
+    if request.prompt_token_ids is None:
+        if not request.prompt:
+            return "prompt is empty: give a prompt or prompt_token_ids"
+        if tokenizer is None:
+            return "no tokenizer is loaded to tokenize the prompt: send prompt_token_ids instead"
+        request.prompt_token_ids = tokenizer.encode(request.prompt, add_special_tokens=True)
+    return prompt_token_problem(request.prompt_token_ids, vocab_size)
+
+
 @register_operator
 class Admission(MapOperator):
     """Load shedding, per-user rate limiting, tokenization and request validation, in that order."""
@@ -101,23 +121,7 @@ class Admission(MapOperator):
         return item
 
     def _tokenize(self, request: Request) -> str | None:
-        """Fills `prompt_token_ids` from `prompt` when missing; returns what is wrong with the prompt, if anything."""
-        if request.prompt_token_ids is None and request.prompt is None and request.messages:
-            if self.tokenizer is None:
-                return "no tokenizer is loaded to render the chat messages: send prompt_token_ids instead"
-            try:
-                request.prompt = self.tokenizer.apply_chat_template(
-                    request.messages, tokenize=False, add_generation_prompt=True
-                )
-            except Exception as exc:  # a template error names what is wrong with the messages
-                return f"messages cannot be rendered with the model's chat template: {exc}"
-        if request.prompt_token_ids is None:
-            if not request.prompt:
-                return "prompt is empty: give a prompt or prompt_token_ids"
-            if self.tokenizer is None:
-                return "no tokenizer is loaded to tokenize the prompt: send prompt_token_ids instead"
-            request.prompt_token_ids = self.tokenizer.encode(request.prompt, add_special_tokens=True)
-        return prompt_token_problem(request.prompt_token_ids, self.vocab_size)
+        return tokenize_request(request, self.tokenizer, self.vocab_size)
 
     def _take_token(self, user: str | None) -> bool:
         """Token bucket: `burst` tokens, refilled at `rate_limit_per_user`/s; a request takes one."""

@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from sagellm.gateway.errors import ApiError
+from sagellm.operators.admission import tokenize_request
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Edge, Graph
 from sagellm.runtime.executor.local import LocalExecutor
@@ -27,6 +28,10 @@ from sagellm.runtime.pipeline.operator import SourceOperator, get_operator
 log = structlog.get_logger("sagellm.gateway")
 SOURCE_NODE = "http"
 PRINTING_SINKS = ("stdout_sink", "jsonl_sink")
+# Prompts longer than this are tokenized in a worker thread before they enter the graph (a short one costs less
+# inline than the thread hop); a prompt longer than its context times MAX_CHARS_PER_TOKEN is refused untokenized.
+OFF_LOOP_CHARS = 4096
+MAX_CHARS_PER_TOKEN = 64
 
 
 def served_graph(graph: Graph) -> Graph:
@@ -113,6 +118,29 @@ class ServingCore:
     def new_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{self._prefix}-{next(self._ids)}"
 
+    async def tokenize_long_prompts(self, requests: list[Request]) -> None:
+        """Renders and tokenizes, in a worker thread, the prompts too long to tokenize on the event loop (which
+        every stream and /health share), so admission finds their token ids ready; a prompt with more characters than
+        the context could hold tokens is refused at once, before any tokenizing. Raises ApiError (400)."""
+        long = [r for r in requests if r.prompt_token_ids is None and _characters(r) > OFF_LOOP_CHARS]
+        if not long:
+            return
+        limit = (self.max_model_len or 0) * MAX_CHARS_PER_TOKEN
+        for request in long:
+            if limit and _characters(request) > limit:
+                raise ApiError(
+                    400,
+                    f"the prompt has {_characters(request)} characters; this model's context of {self.max_model_len} "
+                    f"tokens holds at most about {limit}",
+                    code="context_length_exceeded",
+                )
+        config = self.local.graph_attrs.get("model_config") if self.local else None
+        vocab = getattr(config, "vocab_size", None)
+        problems = await trio.to_thread.run_sync(lambda: [tokenize_request(r, self.tokenizer, vocab) for r in long])
+        for problem in problems:
+            if problem is not None:
+                raise ApiError(400, problem, code="invalid_request")
+
     def submit(self, request: Request) -> RequestStream:
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is in use")
@@ -176,3 +204,10 @@ class ServingCore:
             queue.switch_policy(policy, policy_args)
         log.info("policy_set", policy=policy, nodes=list(queues))
         return list(queues)
+
+
+def _characters(request: Request) -> int:
+    """A prompt's length in characters: its text, or the text of its chat messages."""
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(m.get("content") or "") for m in request.messages or () if isinstance(m.get("content"), str))

@@ -87,6 +87,7 @@ class OpenAIRoutes:
             return proxied
         self._check_model(body.model, self.core.model_name, "text generation")
         requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"))
+        await self.core.tokenize_long_prompts(requests)
         envelope = Envelope(requests[0].request_id, self.core.model_name, "text_completion")
         wants_logprobs = body.logprobs is not None
         if body.stream:
@@ -136,6 +137,7 @@ class OpenAIRoutes:
             return Response(await self.complete_chat(body, http.headers))
         self._check_model(body.model, self.core.model_name, "chat")
         request = chat_request(body, http.headers, self.core.new_id("chatcmpl"))
+        await self.core.tokenize_long_prompts([request])
         envelope = Envelope(request.request_id, self.core.model_name, "chat.completion.chunk")
         stream = self.core.submit(request)
         first = await _first_or_raise(stream)
@@ -147,6 +149,7 @@ class OpenAIRoutes:
         """A whole chat completion as OpenAI's response body (the sessions route uses it too)."""
         self._check_model(body.model, self.core.model_name, "chat")
         request = chat_request(body, headers, self.core.new_id("chatcmpl"))
+        await self.core.tokenize_long_prompts([request])
         envelope = Envelope(request.request_id, self.core.model_name, "chat.completion")
         (choice,) = await _collect([self.core.submit(request)])
         message = {"role": "assistant", "content": choice.text}

@@ -169,6 +169,34 @@ def test_out_of_range_and_mistyped_values_are_400_naming_the_field(gateway, body
     assert fine.status_code == 200
 
 
+def test_long_prompts_are_tokenized_off_the_event_loop_and_overlong_ones_refused_untokenized(gateway, monkeypatch):
+    import threading
+
+    import sagellm.gateway.core as core
+
+    threads, real = [], core.tokenize_request
+
+    def recording(*args):
+        threads.append(threading.current_thread())
+        return real(*args)
+
+    body = {"prompt": "the quick brown fox jumps over the lazy dog", "max_tokens": 3, "temperature": 0}
+    inline = httpx.post(gateway.url + "/v1/completions", json=body, headers=auth()).json()
+    monkeypatch.setattr(core, "OFF_LOOP_CHARS", 10)  # this prompt now counts as long
+    monkeypatch.setattr(core, "tokenize_request", recording)
+    threaded = httpx.post(gateway.url + "/v1/completions", json=body, headers=auth()).json()
+    assert threads and all(t is not gateway.thread for t in threads)  # a worker thread, not the gateway's loop
+    assert threaded["choices"][0]["text"] == inline["choices"][0]["text"]
+    assert threaded["usage"]["prompt_tokens"] == inline["usage"]["prompt_tokens"]  # (the second hits the prefix cache)
+
+    monkeypatch.setattr(core, "OFF_LOOP_CHARS", 4096)
+    threads.clear()
+    huge = {"prompt": "x" * 60_000, "max_tokens": 2}  # 60,000 characters cannot fit 256 tokens
+    reply = httpx.post(gateway.url + "/v1/completions", json=huge, headers=auth())
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
+    assert "characters" in reply.json()["error"]["message"] and threads == []  # refused without tokenizing
+
+
 def test_no_healthy_instance_is_503_and_recovers(client, gateway):
     engine = gateway.core.instances()["engine"]
     gateway.call(setattr, engine, "healthy", False)
