@@ -159,6 +159,10 @@ class EngineOperator(StepOperator):
     def _emit(self, out: Any, now: float) -> list[Any]:
         tracked = self._tracked[out.request_id]
         completion = out.outputs[0]
+        if out.error is not None:  # the engine ended this request alone: a step failed on its data
+            del self._tracked[out.request_id]
+            message = f"{self.ctx.node_id}: {out.error}"
+            return [RequestError(request_id=out.request_id, code="internal", message=message, time=now)]
         if completion.finish_reason == "prefilled":
             del self._tracked[out.request_id]
             kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv)

@@ -22,7 +22,7 @@ from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, Reques
 from sagellm.runtime.engine.prompt import prompt_token_problem
 from sagellm.runtime.engine.sampler import Sampler, make_generator
 from sagellm.runtime.engine.sampling_params import SamplingParams
-from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
+from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
@@ -205,16 +205,55 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        logits = self.runner.execute(batch)  # [N, V] for the sequences sampled this step
+        failed: list[RequestOutput] = []
+        try:
+            logits = self.runner.execute(batch)  # [N, V] for the sequences sampled this step
+        except Exception as error:
+            batch, failed = self._without_culprits(batch, error)
+            if not batch:
+                return failed
+            logits = self.runner.execute(batch)
         sampled = self.scheduler.complete_step(batch)
         if not sampled:
-            return []
+            return failed
         result = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         now = time.time()
-        return [
+        return failed + [
             self._append(seq, token, logprob, now)
             for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)
         ]
+
+    def _without_culprits(self, batch: ScheduledBatch, error: Exception) -> tuple[ScheduledBatch, list[RequestOutput]]:
+        """After a failed step: runs each sequence's part alone (the same KV written again, nothing sampled) to find
+        the ones that fail by themselves, ends those with the error, and returns the batch without them. A step that
+        fails only together is not one request's doing (memory, a bug): it raises, and the caller fails them all."""
+        culprits = [
+            seq
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)
+            if len(batch.seqs) == 1 or not self._runs_alone(seq, n)
+        ]
+        if not culprits:
+            raise error
+        log.error("step_failed_for", request_ids=[s.request_id for s in culprits], error=repr(error))
+        outputs = [self._fail(seq, f"{type(error).__name__}: {error}") for seq in culprits]
+        keep = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if s not in culprits]
+        rest = ScheduledBatch([s for s, _ in keep], [n for _, n in keep], batch.preempted)
+        return rest, outputs
+
+    def _runs_alone(self, seq: Sequence, num_new_tokens: int) -> bool:
+        try:
+            self.runner.execute(ScheduledBatch([seq], [num_new_tokens]))
+        except Exception:
+            return False
+        return True
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        """Ends a request whose own data made a step fail; its blocks are freed, no other request is touched."""
+        state = self._requests.pop(seq.request_id)
+        self.scheduler.finish(seq, "error")
+        output = self._output(state, "", [], None, time.time())
+        output.error = message
+        return output
 
     def _append(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
         state = self._requests[seq.request_id]

@@ -102,3 +102,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     kv: Any = None  # prefill-only requests (finish reason "prefilled"): the prompt's KV, [layers, 2, len, Hk, D]
+    error: str | None = None  # finish reason "error": what made a step fail for this request alone

@@ -68,3 +68,23 @@ def test_bad_requests_become_errors(model_path):
     op.add(request("dup"))
     (error,) = op.add(request("dup"))
     assert error.code == "invalid_request" and "in use" in error.message
+
+
+def test_a_request_whose_step_fails_ends_with_its_own_error_and_the_other_finishes(model_path):
+    op, ctx = opened("engine", model_path)
+    execute = op.engine.runner.execute
+
+    def failing_for_poison(batch):  # an injected fault where the model runs
+        if any(seq.request_id == "poison" for seq in batch.seqs):
+            raise RuntimeError("injected")
+        return execute(batch)
+
+    op.engine.runner.execute = failing_for_poison
+    op.add(request("poison"))
+    op.add(request("fine"))
+    items = drain(op)
+    (error,) = [i for i in items if isinstance(i, RequestError)]
+    assert error.request_id == "poison" and error.code == "internal" and "RuntimeError: injected" in error.message
+    fine = [i for i in items if isinstance(i, TokenDelta) and i.request_id == "fine"]
+    assert sum(len(d.token_ids) for d in fine) == 4 and fine[-1].finished
+    assert op.in_flight() == [] and ctx.instances["engine"].running == 0
