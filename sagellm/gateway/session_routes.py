@@ -1,20 +1,25 @@
 """`/sessions`: create, list, read, append to, chat in, and delete the conversations of `sessions.SessionStore`.
 
 `POST /sessions/{id}/chat` takes an OpenAI chat body whose `messages` are the new turn (usually one user message):
-they are appended to the session's history, the whole history is completed as `/v1/chat/completions` would, and the
-assistant's reply is appended too. Guarded by the API key, like `/v1`: sessions are users' data."""
+they are appended to the session's history, the history is completed as `/v1/chat/completions` would, and the
+assistant's reply is appended too. A history longer than the model's context is completed over its latest turns
+(the oldest dropped from the prompt, one at a time, never from the session; system messages kept), so a long session
+goes on instead of failing every turn. Guarded by the API key, like `/v1`, and each key sees only its own sessions."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
 
+from sagellm.gateway.auth import presented_key
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import App, Guard, HttpRequest, Response
 from sagellm.gateway.openai_routes import OpenAIRoutes
 from sagellm.gateway.protocol import ChatCompletionRequest, ChatMessage
-from sagellm.gateway.sessions import Session, SessionStore
+from sagellm.gateway.sessions import Session, SessionLimitError, SessionStore, owner_of
 
 
 class NewSession(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -43,29 +48,35 @@ class SessionRoutes:
         app.route("POST", "/sessions/{session_id}/chat", self.chat, guard)
 
     def _session(self, http: HttpRequest) -> Session:
-        session = self.store.get(http.path_params["session_id"])
+        session = self.store.get(http.path_params["session_id"], _owner(http))
         if session is None:
             raise ApiError(404, f"no session {http.path_params['session_id']!r}", code="session_not_found")
         return session
 
     async def create(self, http: HttpRequest) -> Response:
         body = http.json(NewSession) if http.body else NewSession()
-        return Response(msgspec.to_builtins(self.store.create(body.title, _plain(body.messages))), 201)
+        with _limits():
+            session = self.store.create(_owner(http), body.title, _plain(body.messages))
+        await self.store.save()
+        return Response(session.public(), 201)
 
-    async def list(self, _: HttpRequest) -> Response:
-        return Response({"object": "list", "data": [s.summary() for s in self.store.sessions.values()]})
+    async def list(self, http: HttpRequest) -> Response:
+        return Response({"object": "list", "data": [s.summary() for s in self.store.owned_by(_owner(http))]})
 
     async def read(self, http: HttpRequest) -> Response:
-        return Response(msgspec.to_builtins(self._session(http)))
+        return Response(self._session(http).public())
 
     async def delete(self, http: HttpRequest) -> Response:
         session = self._session(http)
         self.store.delete(session.id)
+        await self.store.save()
         return Response({"id": session.id, "deleted": True})
 
     async def append(self, http: HttpRequest) -> Response:
         session = self._session(http)
-        self.store.append(session, *_plain(http.json(Append).messages))
+        with _limits():
+            self.store.append(session, *_plain(http.json(Append).messages))
+        await self.store.save()
         return Response(session.summary())
 
     async def chat(self, http: HttpRequest) -> Response:
@@ -74,7 +85,43 @@ class SessionRoutes:
         if body.stream:
             raise ApiError(400, "stream: session chat replies are not streamed", param="stream")
         turn = _plain(body.messages)
+        with _limits():
+            self.store.check_room(session, *turn)
         history = msgspec.convert(session.messages + turn, list[ChatMessage])
-        reply = await self.chat_routes.complete_chat(msgspec.structs.replace(body, messages=history), http.headers)
-        self.store.append(session, *turn, {"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+        while True:
+            try:
+                reply = await self.chat_routes.complete_chat(
+                    msgspec.structs.replace(body, messages=history), http.headers
+                )
+                break
+            except ApiError as error:
+                shorter = _without_oldest_turn(history, keep=len(turn))
+                if error.code != "context_length_exceeded" or shorter is None:
+                    raise
+                history = shorter
+        answer = {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
+        with _limits():
+            self.store.append(session, *turn, answer)
+        await self.store.save()
         return Response({**reply, "session_id": session.id})
+
+
+def _owner(http: HttpRequest) -> str:
+    return owner_of(presented_key(http))
+
+
+@contextmanager
+def _limits() -> Iterator[None]:
+    try:
+        yield
+    except SessionLimitError as error:
+        raise ApiError(400, str(error), code="session_limit") from None
+
+
+def _without_oldest_turn(history: list[ChatMessage], *, keep: int) -> list[ChatMessage] | None:
+    """The history without its oldest message that is neither a system message nor one of the last `keep` (the new
+    turn); None when nothing is left to drop."""
+    for i, message in enumerate(history[: len(history) - keep]):
+        if message.role not in ("system", "developer"):
+            return history[:i] + history[i + 1 :]
+    return None

@@ -13,12 +13,13 @@ from sagellm import LLM, SamplingParams
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 
 KEY = "sk-test"
+OTHER_KEY = "sk-other"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def gateway(tiny_model, tmp_path_factory):
-    config = tiny_config(tmp_path_factory.mktemp("gw"), api_keys=[KEY], max_body_bytes=64 * 1024)
+    config = tiny_config(tmp_path_factory.mktemp("gw"), api_keys=[KEY, OTHER_KEY], max_body_bytes=64 * 1024)
     with running_gateway(GRAPHS / "colocated.yaml", config, model=tiny_model) as gw:
         yield gw
 
@@ -195,6 +196,25 @@ def test_long_prompts_are_tokenized_off_the_event_loop_and_overlong_ones_refused
     reply = httpx.post(gateway.url + "/v1/completions", json=huge, headers=auth())
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
     assert "characters" in reply.json()["error"]["message"] and threads == []  # refused without tokenizing
+
+
+def test_sessions_belong_to_their_key_and_a_long_history_is_completed_over_its_latest_turns(gateway):
+    created = httpx.post(gateway.url + "/sessions", json={"title": "mine"}, headers=auth())
+    sid = created.json()["id"]
+    assert created.status_code == 201 and "owner" not in created.json()
+    mine = httpx.get(gateway.url + "/sessions", headers=auth()).json()["data"]
+    theirs = httpx.get(gateway.url + "/sessions", headers=auth(OTHER_KEY)).json()["data"]
+    assert sid in [s["id"] for s in mine] and sid not in [s["id"] for s in theirs]
+    assert httpx.get(f"{gateway.url}/sessions/{sid}", headers=auth(OTHER_KEY)).status_code == 404
+    assert httpx.delete(f"{gateway.url}/sessions/{sid}", headers=auth(OTHER_KEY)).status_code == 404
+
+    long = {"role": "user", "content": "x" * 300}  # alone over the tiny model's 256-token context
+    httpx.post(f"{gateway.url}/sessions/{sid}/messages", json={"messages": [long]}, headers=auth())
+    turn = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    reply = httpx.post(f"{gateway.url}/sessions/{sid}/chat", json=turn, headers=auth(), timeout=REPLY_TIMEOUT_S)
+    assert reply.status_code == 200, reply.text  # completed over the latest turn; the long one stays in the session
+    history = httpx.get(f"{gateway.url}/sessions/{sid}", headers=auth()).json()["messages"]
+    assert [m["role"] for m in history] == ["user", "user", "assistant"] and history[0]["content"] == long["content"]
 
 
 def test_no_healthy_instance_is_503_and_recovers(client, gateway):

@@ -5,10 +5,18 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from sagellm.gateway.auth import ADMIN_KEY_FILE, admin_key, read_admin_key
-from sagellm.gateway.sessions import SESSIONS_FILE, SessionStore
+from sagellm.gateway.sessions import (
+    MAX_SESSION_BYTES,
+    MAX_SESSIONS,
+    SESSIONS_FILE,
+    SessionLimitError,
+    SessionStore,
+    owner_of,
+)
 
 
 def mode(path: Path) -> int:
@@ -24,16 +32,34 @@ def test_the_admin_key_file_is_private_even_when_it_was_not(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir()] == [ADMIN_KEY_FILE]  # no temporary file left behind
 
 
-def test_sessions_are_kept_privately_and_survive_a_reload(tmp_path: Path) -> None:
+async def test_sessions_are_kept_privately_per_key_and_survive_a_reload(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
-    session = store.create("t", [{"role": "user", "content": "hi"}])
-    assert mode(tmp_path / SESSIONS_FILE) == 0o600
-    assert SessionStore(tmp_path).get(session.id).messages == [{"role": "user", "content": "hi"}]
+    alice, bob = owner_of("sk-alice"), owner_of("sk-bob")
+    session = store.create(alice, "t", [{"role": "user", "content": "hi"}])
+    await store.save()
+    assert mode(tmp_path / SESSIONS_FILE) == 0o600 and b"sk-alice" not in (tmp_path / SESSIONS_FILE).read_bytes()
+    reloaded = SessionStore(tmp_path)
+    assert reloaded.get(session.id, alice).messages == [{"role": "user", "content": "hi"}]
+    assert reloaded.get(session.id, bob) is None and reloaded.owned_by(bob) == []
 
 
-def test_a_damaged_sessions_file_is_moved_aside_named_and_the_store_starts_empty(tmp_path: Path) -> None:
+def test_a_key_keeps_a_bounded_number_of_sessions_of_bounded_size(tmp_path: Path) -> None:
     store = SessionStore(tmp_path)
-    store.create("t")
+    sessions = [store.create("k") for _ in range(MAX_SESSIONS)]
+    with pytest.raises(SessionLimitError, match=f"already has {MAX_SESSIONS} sessions"):
+        store.create("k")
+    store.create("another key")  # the limit is per key
+    big = {"role": "user", "content": "x" * (MAX_SESSION_BYTES // 2)}
+    store.append(sessions[0], big)
+    with pytest.raises(SessionLimitError, match="over its limit"):
+        store.append(sessions[0], big, big)
+    assert len(sessions[0].messages) == 1  # nothing of a refused append is kept
+
+
+async def test_a_damaged_sessions_file_is_moved_aside_named_and_the_store_starts_empty(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    store.create("")
+    await store.save()
     path = tmp_path / SESSIONS_FILE
     path.write_bytes(path.read_bytes()[:7])  # truncated, as a full disk leaves it
     with capture_logs() as logs:
@@ -42,5 +68,6 @@ def test_a_damaged_sessions_file_is_moved_aside_named_and_the_store_starts_empty
     (kept,) = tmp_path.glob(f"{SESSIONS_FILE}.bad-*")
     (warning,) = [e for e in logs if e["event"] == "sessions_file_unreadable"]
     assert warning["path"] == str(path) and warning["moved_to"] == str(kept)
-    reopened.create("fresh")  # and it writes again
+    reopened.create("")  # and it writes again
+    await reopened.save()
     assert len(SessionStore(tmp_path).sessions) == 1
