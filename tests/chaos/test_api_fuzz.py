@@ -1,0 +1,36 @@
+"""Thousands of requests generated from the gateway's own OpenAPI document (schemathesis, valid and invalid bodies,
+headers and paths, every route, the admin ones with the admin key): none may get a 5xx, and the gateway serves on."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.tiny_models import make_tiny_llama
+
+pytestmark = pytest.mark.slow  # about two minutes
+
+SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
+CASES = 5000  # at least this many generated requests
+
+
+def test_generated_requests_never_get_a_server_error(tmp_path: Path) -> None:
+    model = make_tiny_llama(tmp_path / "tiny-llama")
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path), model=model) as gw:
+        command = [
+            SCHEMATHESIS, "run", gw.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "600",
+            "--seed", "1", "--request-timeout", "30", "-H", f"Authorization: Bearer {gw.gateway.admin_key}",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout[-4000:]
+        generated = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
+        assert generated is not None and int(generated[1]) >= CASES and generated[1] == generated[2], done.stdout[
+            -2000:
+        ]
+        assert httpx.get(gw.url + "/health").json()["status"] == "ok"
