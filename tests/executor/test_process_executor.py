@@ -78,6 +78,8 @@ async def test_a_killed_worker_ends_its_requests_with_instance_lost(tmp_path):
     assert sorted(result.outcomes) == [f"req-{i}" for i in range(len(PROMPTS))]
     assert {o.error.code for o in result.outcomes.values()} == {"instance_lost"}
     assert all("'decode'" in o.error.message for o in result.outcomes.values())
+    decode = executor.executor.instances["decode"]  # what /health and the gauges read: a dead engine, no load
+    assert not decode.healthy and (decode.running, decode.waiting, decode.predicted_work) == (0, 0, 0)
     assert executor.executor.instances["decode"].healthy is False
 
 
