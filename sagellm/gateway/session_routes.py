@@ -3,8 +3,9 @@
 `POST /sessions/{id}/chat` takes an OpenAI chat body whose `messages` are the new turn (usually one user message):
 they are appended to the session's history, the history is completed as `/v1/chat/completions` would, and the
 assistant's reply is appended too. A history longer than the model's context is completed over its latest turns
-(the oldest dropped from the prompt, one at a time, never from the session; system messages kept), so a long session
-goes on instead of failing every turn. Guarded by the API key, like `/v1`, and each key sees only its own sessions."""
+(the oldest dropped from the prompt, 1, 2, 4, ... at a time, never from the session; system messages kept), so a
+long session goes on instead of failing every turn. Guarded by the API key, like `/v1`, and each key sees only its
+own sessions."""
 
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ class SessionRoutes:
         with _limits():
             self.store.check_room(session, *turn)
         history = msgspec.convert(session.messages + turn, list[ChatMessage])
+        dropped = 1  # then 2, 4, ...: a history far over the context takes a few tries, not one per message
         while True:
             try:
                 reply = await self.chat_routes.complete_chat(
@@ -95,10 +97,10 @@ class SessionRoutes:
                 )
                 break
             except ApiError as error:
-                shorter = _without_oldest_turn(history, keep=len(turn))
+                shorter = _without_oldest(history, dropped, keep=len(turn))
                 if error.code != "context_length_exceeded" or shorter is None:
                     raise
-                history = shorter
+                history, dropped = shorter, dropped * 2
         answer = {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
         with _limits():
             self.store.append(session, *turn, answer)
@@ -118,10 +120,11 @@ def _limits() -> Iterator[None]:
         raise ApiError(400, str(error), code="session_limit") from None
 
 
-def _without_oldest_turn(history: list[ChatMessage], *, keep: int) -> list[ChatMessage] | None:
-    """The history without its oldest message that is neither a system message nor one of the last `keep` (the new
-    turn); None when nothing is left to drop."""
-    for i, message in enumerate(history[: len(history) - keep]):
-        if message.role not in ("system", "developer"):
-            return history[:i] + history[i + 1 :]
-    return None
+def _without_oldest(history: list[ChatMessage], count: int, *, keep: int) -> list[ChatMessage] | None:
+    """The history without its `count` oldest messages that are neither system messages nor among the last `keep`
+    (the new turn); None when there is nothing left to drop."""
+    droppable = [i for i, m in enumerate(history[: len(history) - keep]) if m.role not in ("system", "developer")]
+    if not droppable:
+        return None
+    gone = set(droppable[:count])
+    return [m for i, m in enumerate(history) if i not in gone]

@@ -9,6 +9,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from sagellm.gateway.auth import ADMIN_KEY_FILE, admin_key, read_admin_key
+from sagellm.gateway.protocol import ChatMessage
+from sagellm.gateway.session_routes import _without_oldest
 from sagellm.gateway.sessions import (
     MAX_SESSION_BYTES,
     MAX_SESSIONS,
@@ -71,3 +73,13 @@ async def test_a_damaged_sessions_file_is_moved_aside_named_and_the_store_starts
     reopened.create("")  # and it writes again
     await reopened.save()
     assert len(SessionStore(tmp_path).sessions) == 1
+
+
+def test_a_long_history_drops_its_oldest_turns_but_never_the_system_message_or_the_new_turn() -> None:
+    history = [ChatMessage(role="system", content="be brief")] + [
+        ChatMessage(role="user" if i % 2 == 0 else "assistant", content=str(i)) for i in range(6)
+    ]
+    assert [m.content for m in _without_oldest(history, 1, keep=1)] == ["be brief", "1", "2", "3", "4", "5"]
+    assert [m.content for m in _without_oldest(history, 4, keep=1)] == ["be brief", "4", "5"]
+    assert [m.content for m in _without_oldest(history, 99, keep=1)] == ["be brief", "5"]
+    assert _without_oldest(history[:1] + history[-1:], 1, keep=1) is None  # only the system message and the turn
