@@ -8,6 +8,7 @@ PUSH socket per destination process), tensors as zero-copy frames."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, get_args
 
@@ -44,6 +45,7 @@ class Bridge:
         self.zctx = zctx
         self.groups = groups_of(executor.graph)
         self.pushes: dict[str, TrioSocket] = {}
+        self.endpoints: dict[str, str] = {}  # process group -> the endpoint its PUSH socket is connected to
         self.inbound: dict[tuple[str, str], trio.MemorySendChannel] = {}
         self.nursery: trio.Nursery | None = None
         self.before_send: Callable[[str, Any], bool] | None = None  # (dst group, item) -> send it? (False: dropped)
@@ -58,6 +60,20 @@ class Bridge:
             target = self.groups[dst]
             if self.groups[src] == self.group and target not in self.pushes:
                 self.pushes[target] = connect_push(self.zctx, endpoints[target])
+                self.endpoints[target] = endpoints[target]
+
+    def repoint(self, endpoints: dict[str, str]) -> None:
+        """A lost process was replaced and its successor listens elsewhere: the PUSH socket toward it drops the old
+        endpoint (and what was queued for the dead one) and connects to the new one. A send waiting on it goes on
+        to the successor."""
+        for target, sock in self.pushes.items():
+            new = endpoints.get(target, self.endpoints[target])
+            if new != self.endpoints[target]:
+                with contextlib.suppress(zmq.ZMQError):  # already gone
+                    sock.socket.disconnect(self.endpoints[target])
+                sock.socket.connect(new)
+                self.endpoints[target] = new
+                log.info("peer_repointed", group=target, endpoint=new)
 
     def open_inbound(self) -> None:
         """Senders into local inputs for every edge arriving from another process (before the executor wires its

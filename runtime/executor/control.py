@@ -7,6 +7,8 @@ Every worker, spawned by the parent or started by hand on another host (`sagellm
     worker -> Ready(endpoint of its data socket)    parent -> Ready(every group's endpoint), once all are ready
     both   -> Heartbeat every HEARTBEAT_S           (worker heartbeats carry its engine stats and held requests)
     worker -> End: it finished                      parent -> End: stop now (the run ended, or gave the worker up)
+                                                    parent -> Ready(every group's endpoint) again, to the others,
+                                                              when a lost worker's successor is ready elsewhere
 
 The graph travels as text so the worker's host needs no copy of the file. A Hello is refused, with a reason the
 worker prints, for a group the graph does not place by hand, a group that already has a worker, or another wire
@@ -145,11 +147,26 @@ class ControlServer:
             return f"group {group!r} already has a worker: {self.describe(group)}"
         return None
 
+    def reopen(self, group: str) -> None:
+        """The group of a lost worker takes a new one (a restart): its Hello is accepted as a first one was, and
+        anything the old worker still sends is ignored."""
+        self.workers.pop(group, None)
+        self.endpoints.pop(group, None)
+        self.gone.discard(group)
+        self.monitor.forget(group)
+
     # -- sending --------------------------------------------------------------------------------------------------
     async def start_all(self, peers: dict[str, str]) -> None:
         """Sends every worker the endpoints of all groups: the go to connect its edges and run."""
-        for worker in self.workers.values():
-            await self._send(worker.identity, wire.Ready(node=MAIN, pid=os.getpid(), info={"peers": peers}))
+        for group in list(self.workers):
+            await self.send_peers(group, peers)
+
+    async def send_peers(self, group: str, peers: dict[str, str]) -> None:
+        """Every group's endpoint, to one worker: the go to run, or (to one running) where a restarted group now
+        listens."""
+        if group in self.workers and group not in self.gone:
+            message = wire.Ready(node=MAIN, pid=os.getpid(), info={"peers": peers})
+            await self._send(self.workers[group].identity, message)
 
     async def heartbeat_loop(self) -> NoReturn:
         """Tells the workers the parent is alive (a worker that stops hearing it exits), until cancelled."""

@@ -6,9 +6,15 @@ The parent binds its control socket (at the graph's `control_port` when set, so 
 it is), starts its own workers, prints the command that starts each remote one, and waits until every worker has
 joined and is ready (`control`); then it sends all of them the map of endpoints and runs its own nodes. Sockets bind
 the graph's `bind_host` and are given out as `advertise_host` (default: the bind host, or this host's name when
-binding 0.0.0.0). A worker that exits without saying `End`, or falls silent, is lost: its engines turn unhealthy,
-its edges are ended on its behalf (so nothing waits on it), and every request it held, or was sent since its last
-heartbeat, ends with an `instance_lost` error. Never a hang."""
+binding 0.0.0.0).
+
+A worker that exits without saying `End`, or falls silent, is lost: its engines turn unhealthy, and every request it
+held, or was sent since its last heartbeat, ends with an `instance_lost` error. Never a hang. A worker this process
+started is then killed (it may be stopped, not dead) and started again under the graph's `restart` policy (backoff
+with jitter, attempts in a row): its successor joins as the first one did, binds a new data socket, and every process
+that sends to the group is pointed at it; its engines turn healthy with its first heartbeat. A worker given up (a
+remote one, attempts exhausted, or lost while the run ends) has its edges ended on its behalf, so nothing waits on
+it."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import zmq
 
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.processes import python_module
+from sagellm.common.restart import RestartPolicy, Restarts
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, with_host
 from sagellm.runtime.execution_graph.graph import Graph
@@ -72,6 +79,12 @@ class ProcessExecutor:
         self._sent: dict[str, dict[str, float]] = {g: {} for g in self.children}  # request -> when sent there
         self._last_heartbeat: dict[str, float] = {}
         self._inject: trio.MemorySendChannel | None = None
+        self.restart = RestartPolicy.from_settings(graph.attrs.get("restart"))
+        self.restarts = {g: Restarts(self.restart) for g in self.children}
+        self._running = False  # every worker was ready once: from then on a lost worker of ours is restarted
+        self._stopping = False  # the edges toward the workers are ending: nothing is restarted any more
+        self._recovering: dict[str, trio.CancelScope] = {}  # groups being restarted
+        self._local_control = ""  # the control endpoint for the workers this process starts
         self.executor.ledger.on_terminal.append(lambda item: self._forget(item.request_id))
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> PipelineResult:
@@ -104,7 +117,7 @@ class ProcessExecutor:
     ) -> PipelineResult:
         """Runs the graph once this process's data and control sockets are bound."""
         self.control_endpoint = with_host(bound, self.advertise_host)
-        local_control = with_host(bound, "127.0.0.1") if self.bind_host == WILDCARD_HOST else bound
+        self._local_control = with_host(bound, "127.0.0.1") if self.bind_host == WILDCARD_HOST else bound
         self.control = control = ControlServer(
             sock, dump_pipeline(self.graph), spawned=self.pids, remote=self.remote, peer_timeout_s=self.peer_timeout_s
         )
@@ -116,13 +129,16 @@ class ProcessExecutor:
                 nursery.start_soon(control.heartbeat_loop)
                 for group in self.children:
                     if group not in self.remote:
-                        await self._spawn(nursery, group, local_control)
+                        await self._spawn(nursery, group)
                 self._announce_remote()
                 await self.executor.open_operators()
                 await self._await_ready()
                 self.data_endpoints = peers = {**control.endpoints, MAIN: data_endpoint}
                 bridge.connect(peers)
                 await control.start_all(peers)
+                self._running = True
+                for restarts in self.restarts.values():
+                    restarts.started(trio.current_time())
                 bridge.nursery = nursery
                 bridge.before_send = self._before_send
                 bridge.open_inbound()
@@ -140,8 +156,8 @@ class ProcessExecutor:
         return result
 
     # -- workers --------------------------------------------------------------------------------------------------
-    async def _spawn(self, nursery: trio.Nursery, group: str, control: str) -> None:
-        command = python_module("sagellm.runtime.executor.worker", "--connect", control, "--group", group)
+    async def _spawn(self, nursery: trio.Nursery, group: str) -> None:
+        command = python_module("sagellm.runtime.executor.worker", "--connect", self._local_control, "--group", group)
         if self.transport == "tcp":  # on this host, so it listens and is reached as this process is
             command += ["--bind-host", self.bind_host, "--advertise-host", self.advertise_host]
         process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL)
@@ -163,8 +179,14 @@ class ProcessExecutor:
 
     async def _watch_exit(self, nursery: trio.Nursery, group: str, process: trio.Process) -> None:
         code = await process.wait()
-        if group not in self._finished:
+        if self.processes.get(group) is process and group not in self._finished:  # not a predecessor's exit
             self._lose(nursery, group, f"exited with code {code}")
+
+    def _kill(self, group: str) -> None:
+        """Makes sure a worker of ours that was given up is gone (a stopped or hung one never says so itself)."""
+        process = self.processes.get(group)
+        if process is not None and process.returncode is None:
+            process.kill()
 
     async def _await_ready(self) -> None:
         """Until every worker is ready; a worker that fails or falls silent first fails the start at once."""
@@ -207,26 +229,100 @@ class ProcessExecutor:
 
     # -- losing a worker ------------------------------------------------------------------------------------------
     def _lose(self, nursery: trio.Nursery, group: str, why: str) -> None:
-        if group in self._lost or group in self._finished:
+        if group in self._finished:
+            return
+        who = self.control.describe(group)
+        self._kill(group)
+        if group in self._lost:  # a restarted worker that failed before it was ready: that attempt is over
+            if group not in self.control.gone:
+                log.error("worker_restart_failed", worker=who, why=why)
+                self.control.end(group)
             return
         self._lost.add(group)
-        who = self.control.describe(group)
         log.error("worker_lost", worker=who, why=why)
         self.control.end(group)
         self.executor.ledger.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
-        for node, g in self.groups.items():
-            if g == group and node in self.executor.instances:
-                self.executor.instances[node].lose()
+        restart = self._running and not self._stopping and group not in self.remote
+        for instance in self._instances_of(group):
+            instance.lose(recovering=restart)
         grace = 2 * wire.HEARTBEAT_S
         since = self._last_heartbeat.get(group, -float("inf")) - grace
         doomed = self._held[group] | {rid for rid, t in self._sent[group].items() if t >= since}
         for rid in sorted(doomed):
             self._fail(rid, f"{who} {why}")
+        if restart:
+            nursery.start_soon(self._recover, nursery, group)
+        else:
+            self._give_up(nursery, group)
+
+    def _instances_of(self, group: str) -> list[Any]:
+        instances = self.executor.instances
+        return [instances[node] for node, g in self.groups.items() if g == group and node in instances]
+
+    def _give_up(self, nursery: trio.Nursery, group: str) -> None:
+        """No worker will run the group again: its edges end on its behalf, so nothing waits on it."""
+        for instance in self._instances_of(group):
+            instance.recovering = False
         self.bridge.close_inbound_from(group)
         for src, dst in self.bridge.cross_edges():
             if self.groups[src] == group and self.groups[dst] not in (MAIN, group):
                 nursery.start_soon(self.bridge.send_end_for, src, dst)
         self._close_injection_if_done()
+
+    # -- restarting a lost worker ---------------------------------------------------------------------------------
+    async def _recover(self, nursery: trio.Nursery, group: str) -> None:
+        """Starts the group's worker again until one is ready (the group rejoins the run), the policy gives up, or
+        the run ends (the group is given up)."""
+        ready = False
+        with trio.CancelScope() as self._recovering[group]:
+            ready = await self._restart(nursery, group)
+        del self._recovering[group]
+        if ready and not self._stopping:
+            await self._rejoin(group)
+            return
+        log.error("worker_given_up", worker=self.control.name(group), attempts=self.restarts[group].attempts)
+        self._kill(group)
+        self.control.end(group)
+        self._give_up(nursery, group)
+
+    async def _restart(self, nursery: trio.Nursery, group: str) -> bool:
+        restarts = self.restarts[group]
+        while (delay := restarts.next_delay(trio.current_time())) is not None:
+            name = self.control.name(group)
+            log.warning("worker_restarting", worker=name, attempt=restarts.attempts, delay_s=round(delay, 2))
+            await trio.sleep(delay)
+            self.control.reopen(group)
+            await self._spawn(nursery, group)
+            with trio.move_on_after(self.startup_timeout_s):
+                while group not in self.control.endpoints and group not in self.control.gone:
+                    await self.control.wait_changed()
+            if group in self.control.endpoints and group not in self.control.gone:
+                return True
+            self._kill(group)  # it failed, or is still not ready after the startup timeout
+            self.control.end(group)
+        return False
+
+    async def _rejoin(self, group: str) -> None:
+        """A restarted worker is ready: it takes the group's requests again, and every process that sends to the
+        group (this one included) is pointed at its new data socket."""
+        self.data_endpoints = peers = {**self.data_endpoints, group: self.control.endpoints[group]}
+        self._lost.discard(group)
+        self._held[group], self._sent[group] = set(), {}
+        self.restarts[group].started(trio.current_time())
+        self.bridge.repoint(peers)
+        for instance in self._instances_of(group):
+            instance.healthy, instance.recovering = True, False  # its heartbeats bring the rest
+        log.warning("worker_restarted", worker=self.control.describe(group), restarts=self.restarts[group].total)
+        await self.control.send_peers(group, peers)  # the go for the new worker
+        for other in list(self.control.workers):
+            if other != group:
+                await self.control.send_peers(other, peers)
+
+    def _stop_restarting(self) -> None:
+        """The run is ending (edges toward the workers end): a group not running now never will again."""
+        self._stopping = True
+        for scope in self._recovering.values():
+            scope.cancel()
 
     def _fail_passed_on(self, group: str) -> None:
         """Requests this worker passed on toward a lost worker are lost too: its heartbeat no longer holds them."""
@@ -250,6 +346,7 @@ class ProcessExecutor:
     def _before_send(self, target: str, item: Any) -> bool:
         """Items for a lost worker end as errors here instead of waiting on its socket."""
         if item is None:
+            self._stop_restarting()
             return target not in self._lost
         rid = getattr(item, "request_id", None)
         if target in self._lost:

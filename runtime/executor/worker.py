@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import socket
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import structlog
@@ -119,8 +120,8 @@ async def _serve(
 ) -> None:
     nodes = [node for node, g in groups_of(graph).items() if g == group]
     executor = LocalExecutor(graph, nodes=nodes, instances=instances_of(graph))
-    parent = _Parent(timeout_s)
     bridge = Bridge(executor, group, zctx)
+    parent = _Parent(timeout_s, bridge.repoint)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat_loop, ctrl, group, wire.HEARTBEAT_S, lambda: stats_of(executor))
@@ -141,21 +142,29 @@ async def _serve(
 
 
 class _Parent:
-    """What the worker hears from the parent on the control socket: its heartbeats, the endpoints, its End."""
+    """What the worker hears from the parent on the control socket: its heartbeats, the endpoints (again when a
+    restarted group listens elsewhere: `on_peers`), its End."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, on_peers: Callable[[dict[str, str]], None]) -> None:
         self.monitor = PeerMonitor(timeout_s)
         self.monitor.seen(MAIN)
+        self.on_peers = on_peers
         self._peers: dict[str, str] | None = None
         self._started = trio.Event()
 
     async def listen(self, ctrl: TrioSocket, scope: trio.CancelScope) -> None:
         while True:
-            message = await ctrl.receive()
+            try:
+                message = await ctrl.receive()
+            except wire.WireError as error:
+                log.warning("control_message_dropped", problem=str(error))
+                continue
             if getattr(message, "node", None) != MAIN:
                 continue
             self.monitor.seen(MAIN)
-            if isinstance(message, wire.Ready):
+            if isinstance(message, wire.Ready) and self._started.is_set():
+                self.on_peers(message.info["peers"])
+            elif isinstance(message, wire.Ready):
                 self._peers = message.info["peers"]
                 self._started.set()
             elif isinstance(message, wire.End):

@@ -55,11 +55,13 @@ class InstanceStats:
     kv_cache_usage: float = 0.0  # fraction of KV cache blocks in use
     prefix_cache_queries: int = 0  # prompt blocks looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # ... and found there
+    recovering: bool = False  # unhealthy while its lost process is being started again
 
-    def lose(self) -> None:
+    def lose(self, *, recovering: bool = False) -> None:
         """The engine's process is gone: unhealthy, and nothing is running or queued on it any more (its requests
-        ended with `instance_lost`), so no gauge keeps reporting a dead engine's last load."""
-        self.healthy = False
+        ended with `instance_lost`), so no gauge keeps reporting a dead engine's last load. `recovering`: a new
+        process is on its way (health reports it so; the next heartbeat of that process makes it healthy)."""
+        self.healthy, self.recovering = False, recovering
         self.running = self.waiting = self.queued_prefill_tokens = self.queued_decode_tokens = 0
         self.kv_cache_usage = 0.0
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, NoReturn
 
 from sagellm.common.errors import FieldError
 from sagellm.common.hints import conforms, describe
+from sagellm.common.restart import RestartPolicy
 from sagellm.runtime.execution_graph.graph import Edge, Graph
 from sagellm.runtime.pipeline.operator import (
     Operator,
@@ -25,14 +26,16 @@ from sagellm.runtime.pipeline.operator import (
     parameter_types,
 )
 
-# Graph-level settings a pipeline may set (graph.attrs), with their types. The last three place the sockets of a
-# graph run across hosts (transport tcp): the interface this host listens on, the address others reach it at, and
-# the fixed port of the control socket that workers started on other hosts connect to.
+# Graph-level settings a pipeline may set (graph.attrs), with their types. `restart` is the RestartPolicy of the
+# worker processes the run starts. The last three place the sockets of a graph run across hosts (transport tcp): the
+# interface this host listens on, the address others reach it at, and the fixed port of the control socket that
+# workers started on other hosts connect to.
 GRAPH_ATTRS: dict[str, Any] = {
     "name": str,
     "description": str,
     "model": str,
     "transport": Literal["ipc", "tcp"],
+    "restart": dict[str, Any],
     "bind_host": str,
     "advertise_host": str,
     "control_port": int,
@@ -140,6 +143,10 @@ class _Validator:
                 self.fail(key, f"expected {describe(GRAPH_ATTRS[key])}, got {type(value).__name__} {value!r}")
             if key in TCP_ONLY_ATTRS and self.graph.attrs.get("transport", "ipc") != "tcp":
                 self.fail(key, "applies to sockets on tcp only; set transport: tcp")
+        try:
+            RestartPolicy.from_settings(self.graph.attrs.get("restart"))
+        except FieldError as error:
+            self.fail(f"restart.{error.field}", str(error))
         port = self.graph.attrs.get("control_port")
         if port is not None and not 1 <= port <= 65535:
             self.fail("control_port", f"expected a port in 1..65535, got {port}")

@@ -2,9 +2,11 @@
 
 `/health` (liveness) and `/ready` (readiness) say whether the graph can serve: "ok" when every engine is healthy,
 "degraded" when some are not but a healthy engine can still run a request from its prompt to its last token (a lost
-prefill worker: pd_split keeps requests colocated on the decode worker), "unavailable" (503) when none can, with
-each engine's state in the body, so load balancers, Kubernetes probes and `sagellm gateway status` can tell.
-(While nothing restarts a lost worker the two agree; once something does, liveness stays up while it recovers.)
+prefill worker: pd_split keeps requests colocated on the decode worker), "unavailable" when none can, with each
+engine's state (ready, recovering: its worker is being restarted, lost: given up) in the body, so load balancers,
+Kubernetes probes and `sagellm gateway status` can tell. `/ready` answers 503 whenever the graph is unavailable: send
+no traffic. `/health` answers 503 only when it is unavailable and nothing is being restarted: a gateway waiting for its
+workers to come back is alive, and restarting it would only lose that.
 `/metrics` is the metrics sink's registry (TTFT, TPOT, e2e histograms, request counts) plus live gauges read
 from the engines' stats at scrape time (running and waiting requests, KV cache usage, prefix cache hits), named as
 vLLM names them with a `sagellm:` prefix. `/admin/set_policy` switches the scheduling policy of the graph's queues
@@ -79,6 +81,11 @@ def service_status(instances: list[InstanceStats]) -> str:
     return "ok" if all(s.healthy for s in instances) else "degraded"
 
 
+def engine_state(stats: InstanceStats) -> str:
+    """ready | recovering (its worker is being started again) | lost (given up)."""
+    return "ready" if stats.healthy else "recovering" if stats.recovering else "lost"
+
+
 class AdminRoutes:
     def __init__(self, core: ServingCore) -> None:
         self.core = core
@@ -87,23 +94,31 @@ class AdminRoutes:
 
     def register(self, app: App, admin: Guard | None) -> None:
         app.route("GET", "/health", self.health)
-        app.route("GET", "/ready", self.health)
+        app.route("GET", "/ready", self.ready)
         app.route("GET", "/metrics", self.metrics)
         app.route("POST", "/admin/set_policy", self.set_policy, admin)
         app.route("GET", "/admin/metrics", self.admin_metrics, admin)
 
     async def health(self, _: HttpRequest) -> Response:
+        body = self._status()
+        recovering = any(engine["state"] == "recovering" for engine in body["engines"])
+        return Response(body, 503 if body["status"] == "unavailable" and not recovering else 200)
+
+    async def ready(self, _: HttpRequest) -> Response:
+        body = self._status()
+        return Response(body, 503 if body["status"] == "unavailable" else 200)
+
+    def _status(self) -> dict[str, Any]:
         instances = list(self.core.instances().values())
-        status = service_status(instances)
-        body = {
-            "status": status,
+        return {
+            "status": service_status(instances),
             "model": self.core.model_name,
             "engines": [
-                {"name": s.name, "role": s.role, "healthy": s.healthy, "running": s.running} for s in instances
+                {"name": s.name, "role": s.role, "state": engine_state(s), "healthy": s.healthy, "running": s.running}
+                for s in instances
             ],
             "in_flight": self.core.in_flight,
         }
-        return Response(body, 503 if status == "unavailable" else 200)
 
     async def metrics(self, _: HttpRequest) -> Response:
         text = generate_latest(self.engine_registry)

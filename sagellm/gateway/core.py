@@ -89,6 +89,7 @@ class ServingCore:
         self.model_name = served_model_name or str(graph.attrs.get("model") or "default")
         self.executor_args = dict(executor_args or {})
         self.local: LocalExecutor | None = None  # the executor of this process's nodes, once running
+        self.executor: Any = None  # the graph's executor (a ProcessExecutor when nodes run in other processes)
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
@@ -104,6 +105,7 @@ class ServingCore:
             self.local = executor.executor
         else:
             executor = self.local = LocalExecutor(self.graph, **args)
+        self.executor = executor
         self.local.ledger.on_leaf_item = self._deliver
         self.source.wake = self.local.wake_sources
         await executor.run(task_status=task_status)

@@ -1,11 +1,12 @@
 """The lifecycle of the control plane's engines: the supervisor spawns a managed process, waits for its health check,
 watches it, and restarts it; an `openai` engine (a server we did not start) it only health-checks.
 
-A process that dies after having served is restarted with exponential backoff, a bounded number of times in a row;
-one that never became ready is failed at once with the last line it logged, since a bad model or port does not heal
-by retrying. Managed processes run in their own session (a Ctrl-C at the gateway's terminal reaches the gateway,
-which stops them in order), with their log, pid file and state in their own folder; a gateway killed outright
-leaves them running, so the next one on that state directory stops such orphans first (`stop_orphans`)."""
+A process that dies after having served is restarted under the `RestartPolicy` (backoff with jitter, a bounded number
+of attempts in a row); one that never became ready is failed at once with the last line it logged, since a bad model
+or port does not heal by retrying. Managed processes run in their own session (a Ctrl-C at the gateway's terminal
+reaches the gateway, which stops them in order), with their log, pid file and state in their own folder; a gateway
+killed outright leaves them running, so the next one on that state directory stops such orphans first
+(`stop_orphans`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import structlog
 import trio
 
 from sagellm.common.processes import python_module
+from sagellm.common.restart import RestartPolicy, Restarts
 from sagellm.gateway import proxy
 from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_GRAPH
 from sagellm.gateway.engine_spec import FAILED, READY, STARTING, UNHEALTHY, ManagedEngine
@@ -42,40 +44,38 @@ class Supervisor:
         health_interval_s: float = 5.0,
         startup_timeout_s: float = 600.0,
         stop_grace_s: float = 15.0,
-        max_restarts: int = 3,
-        backoff_s: float = 1.0,
+        restart: RestartPolicy | None = None,
     ) -> None:
         """`startup_timeout_s` covers a first-run model download; `stop_grace_s` is how long a process may take to
-        stop after SIGTERM before it is killed."""
+        stop after SIGTERM before it is killed; `restart`: when a process that died after serving is started again."""
         self._client = client
         self.health_interval_s, self.startup_timeout_s = health_interval_s, startup_timeout_s
-        self.stop_grace_s, self.max_restarts, self.backoff_s = stop_grace_s, max_restarts, backoff_s
+        self.stop_grace_s, self.restart = stop_grace_s, restart or RestartPolicy()
 
     async def supervise(self, engine: ManagedEngine) -> None:
         """Runs the engine's process until it is stopped or failed, restarting it when it dies after serving."""
+        restarts = Restarts(self.restart)
         while True:
             try:
-                timed_out = await self._run_process(engine)
+                timed_out = await self._run_process(engine, restarts)
             except OSError as exc:  # the interpreter could not be started
                 engine.state, engine.last_error = FAILED, f"could not start the process: {exc}"
                 return
             if engine.stopping:
                 return
             engine.last_error = self._death_cause(engine, timed_out)
-            if timed_out or not engine.ever_ready or engine.failures >= self.max_restarts:
+            delay = restarts.next_delay(trio.current_time()) if engine.ever_ready and not timed_out else None
+            if delay is None:
                 engine.state = FAILED
                 log.warning("engine_failed", engine=engine.id, error=engine.last_error)
                 return
-            engine.failures += 1
-            engine.restarts += 1
-            engine.state = STARTING
-            delay = self.backoff_s * 2 ** (engine.failures - 1)
-            log.warning("engine_restarting", engine=engine.id, attempt=engine.failures, delay_s=delay)
+            engine.restarts, engine.state = restarts.total, STARTING
+            log.warning("engine_restarting", engine=engine.id, attempt=restarts.attempts, delay_s=round(delay, 2))
             await trio.sleep(delay)
             if engine.stopping:
                 return
 
-    async def _run_process(self, engine: ManagedEngine) -> bool:
+    async def _run_process(self, engine: ManagedEngine, restarts: Restarts) -> bool:
         """Spawns the engine and watches it until it exits; True when it was killed for not becoming ready."""
         engine.directory.mkdir(parents=True, exist_ok=True)
         with (engine.directory / LOG_FILE).open("ab") as logfile:
@@ -105,7 +105,8 @@ class Supervisor:
                 engine.upstream_model = await self._served_model(engine)
             if timed_out or engine.stopping:
                 await trio.sleep_forever()  # until `exited` sees it go (stop() or the kill ends it)
-            engine.state, engine.ever_ready, engine.failures = READY, True, 0
+            engine.state, engine.ever_ready = READY, True
+            restarts.started(trio.current_time())
             log.info("engine_ready", engine=engine.id, pid=process.pid, url=engine.url)
             await self._check_health(engine, "/health")
         return timed_out

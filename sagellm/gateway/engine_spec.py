@@ -86,7 +86,6 @@ class ManagedEngine:
     process: trio.Process | None = None
     upstream_model: str | None = None  # the model's name at the engine, once known
     restarts: int = 0
-    failures: int = 0  # consecutive deaths since it last became ready
     ever_ready: bool = False
     stopping: bool = False
     last_error: str | None = None

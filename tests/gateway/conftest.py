@@ -25,10 +25,16 @@ REPLY_TIMEOUT_S = 60
 
 @contextmanager
 def running_gateway(
-    graph: str | Path, config: GatewayConfig, model: Path | None = None, **overrides: Any
+    graph: str | Path,
+    config: GatewayConfig,
+    model: Path | None = None,
+    attrs: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Iterator[GatewayThread]:
-    """`overrides`: `{"node.param": value}` as `--set` takes them."""
+    """`attrs`: graph settings to set (`{"restart": {...}}`); `overrides`: `{"node.param": value}` as `--set` takes
+    them."""
     pipeline = load_pipeline(graph, overrides=overrides or None)
+    pipeline.attrs.update(attrs or {})
     if model is not None:
         pipeline.attrs["model"] = str(model)
     running = GatewayThread(pipeline, config)
