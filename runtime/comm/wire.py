@@ -1,7 +1,7 @@
 """The wire format of a pipeline edge between processes: a message is a list of ZeroMQ frames.
 
     frame 0   one byte, the frame type: DATA (a `sagellm.runtime.pipeline.messages.Message` item) or a control message
-              (READY, HEARTBEAT, END; HELLO and ASSIGN, a worker joining the run)
+              (READY, HEARTBEAT, END, CANCEL; HELLO and ASSIGN, a worker joining the run)
     frame 1   the struct, msgspec msgpack (`array_like`, `omit_defaults`: positional and compact)
     frame 2.. tensors, one frame each, their raw bytes
 
@@ -31,7 +31,7 @@ from sagellm.runtime.pipeline.messages import Message
 if TYPE_CHECKING:
     import torch
 
-PROTOCOL = 1  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
+PROTOCOL = 2  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
 HEARTBEAT_S = 0.5  # how often both ends of a control channel send a Heartbeat
 REQUESTS_KEY = "_requests"  # the Heartbeat stats entry listing the request ids the sender holds
 _TENSOR_EXT = 1  # msgpack extension type code of a tensor reference
@@ -50,6 +50,7 @@ class FrameType(enum.IntEnum):
     END = 4
     HELLO = 5
     ASSIGN = 6
+    CANCEL = 7
 
 
 class Ready(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -96,7 +97,15 @@ class Assign(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     error: str = ""
 
 
-Control = Ready | Heartbeat | End | Hello | Assign
+class Cancel(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """The parent tells its workers that these requests' clients left: whichever engine holds one aborts it between
+    two steps (its blocks are freed) and sends its `abort` end down the graph."""
+
+    node: str
+    request_ids: list[str]
+
+
+Control = Ready | Heartbeat | End | Hello | Assign | Cancel
 WireMessage = Message | Control
 
 _FRAME_TYPES: dict[type, FrameType] = {
@@ -106,6 +115,7 @@ _FRAME_TYPES: dict[type, FrameType] = {
     End: FrameType.END,
     Hello: FrameType.HELLO,
     Assign: FrameType.ASSIGN,
+    Cancel: FrameType.CANCEL,
 }
 _STRUCT_TYPES: dict[FrameType, Any] = {
     FrameType.DATA: Message,
@@ -114,6 +124,7 @@ _STRUCT_TYPES: dict[FrameType, Any] = {
     FrameType.END: End,
     FrameType.HELLO: Hello,
     FrameType.ASSIGN: Assign,
+    FrameType.CANCEL: Cancel,
 }
 
 

@@ -7,6 +7,7 @@ Every worker, spawned by the parent or started by hand on another host (`sagellm
     worker -> Ready(endpoint of its data socket)    parent -> Ready(every group's endpoint), once all are ready
     both   -> Heartbeat every HEARTBEAT_S           (worker heartbeats carry its engine stats and held requests)
     worker -> End: it finished                      parent -> End: stop now (the run ended, or gave the worker up)
+                                                    parent -> Cancel(request ids): their clients left
                                                     parent -> Ready(every group's endpoint) again, to the others,
                                                               when a lost worker's successor is ready elsewhere
 
@@ -175,6 +176,12 @@ class ControlServer:
                 if group not in self.gone:
                     await self._send(worker.identity, wire.Heartbeat(node=MAIN, time=time.time()))
             await trio.sleep(wire.HEARTBEAT_S)
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """Tells every worker that these requests' clients left (whichever holds one aborts it)."""
+        for group, worker in self.workers.items():
+            if group not in self.gone:
+                self._send_now(worker.identity, wire.Cancel(node=MAIN, request_ids=request_ids))
 
     def end(self, group: str) -> None:
         """Gives a worker up: tells it to stop (it may be alive behind a stall or a partition) and ignores it."""

@@ -21,6 +21,7 @@ from sagellm.runtime.pipeline.operator import PipelineLoad
 
 log = structlog.get_logger("sagellm.executor")
 ENDED_REMEMBERED = 100_000  # ids of ended requests kept to drop duplicates when outcomes are not kept
+PASSING_CANCELS_REMEMBERED = 10_000  # cancelled requests that only pass through this process (a worker's)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RequestLedger:
         self.unfinished_error: tuple[str, str] = ("internal", "the pipeline ended without finishing it")
         self._in_flight: set[str] = set()  # entered from a source here, counted in load.in_flight, not yet ended
         self._cancelled: set[str] = set()  # in flight, and their client left
+        self._passing_cancels: deque[str] = deque()  # cancelled, and not entered here: their end may never pass here
         self._ended: deque[str] = deque()
         self._ended_ids: set[str] = set()
 
@@ -60,9 +62,21 @@ class RequestLedger:
         self._in_flight.add(request_id)
         self.load.in_flight += 1
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str, *, passing: bool = False) -> None:
+        """Marks a request whose client left. `passing`: it did not enter here (a worker is told by the parent), so
+        it is remembered until an engine here aborts it, or among the last PASSING_CANCELS_REMEMBERED."""
         if request_id in self._in_flight:
             self._cancelled.add(request_id)
+        elif passing and request_id not in self._cancelled:
+            self._cancelled.add(request_id)
+            self._passing_cancels.append(request_id)
+            if len(self._passing_cancels) > PASSING_CANCELS_REMEMBERED:
+                self._cancelled.discard(self._passing_cancels.popleft())
+
+    def aborted(self, request_id: str) -> None:
+        """An engine here aborted a cancelled request that only passes through: nothing more to do for it here."""
+        if request_id not in self._in_flight:
+            self._cancelled.discard(request_id)
 
     def is_cancelled(self, request_id: str | None) -> bool:
         return request_id in self._cancelled

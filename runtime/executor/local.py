@@ -97,6 +97,7 @@ class LocalExecutor:
         self._outputs: dict[str, dict[str, trio.MemorySendChannel]] = {}
         self._channel_size = channel_size
         self.remote_sender: Callable[[str, str], trio.MemorySendChannel] | None = None  # (src, dst) -> channel
+        self.on_cancel: Callable[[str], None] | None = None  # tells other processes (the process executor's)
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def out_nodes(self, node_id: str) -> list[str]:
@@ -293,6 +294,7 @@ class LocalExecutor:
     async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
         rid = getattr(item, "request_id", None)
         if self.ledger.is_cancelled(rid):  # its client left while it waited upstream
+            self.ledger.aborted(rid)
             await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
             return
         for out in self._apply(node_id, op, op.add, item):
@@ -337,15 +339,24 @@ class LocalExecutor:
     def cancel(self, request_id: str) -> None:
         """Ends a request whose client left. The engine node here that holds it aborts it between two steps and
         sends its terminal (finish reason `abort`, as vLLM's) down the graph, so the metrics sink counts it; one
-        still upstream is ended the same way where it reaches an engine here. An engine in another process
-        finishes it unseen (its replies are dropped by the gateway)."""
+        still upstream is ended the same way where it reaches an engine here. Engines in other processes are told
+        (`on_cancel`), and do the same there."""
         self.ledger.cancel(request_id)
+        if self.on_cancel is not None and self.ledger.is_cancelled(request_id):
+            self.on_cancel(request_id)
+
+    def cancel_passing(self, request_ids: list[str]) -> None:
+        """Requests whose client left, told by the process that runs the graph (this is a worker's executor): an
+        engine here aborts them as they are held or arrive."""
+        for rid in request_ids:
+            self.ledger.cancel(rid, passing=True)
 
     async def _end_cancelled(self, node_id: str, op: StepOperator) -> None:
         held = [rid for rid in op.in_flight() if self.ledger.is_cancelled(rid)]
         if held:
             op.abort(held)
             for rid in held:
+                self.ledger.aborted(rid)
                 await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
 
 

@@ -86,6 +86,7 @@ class ProcessExecutor:
         self._recovering: dict[str, trio.CancelScope] = {}  # groups being restarted
         self._local_control = ""  # the control endpoint for the workers this process starts
         self.executor.ledger.on_terminal.append(lambda item: self._forget(item.request_id))
+        self.executor.on_cancel = lambda rid: self.control.cancel([rid])
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> PipelineResult:
         """Runs the graph to its end; `task_status.started()` once every worker is ready and this process's nodes

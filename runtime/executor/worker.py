@@ -121,7 +121,7 @@ async def _serve(
     nodes = [node for node, g in groups_of(graph).items() if g == group]
     executor = LocalExecutor(graph, nodes=nodes, instances=instances_of(graph))
     bridge = Bridge(executor, group, zctx)
-    parent = _Parent(timeout_s, bridge.repoint)
+    parent = _Parent(timeout_s, bridge.repoint, executor.cancel_passing)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat_loop, ctrl, group, wire.HEARTBEAT_S, lambda: stats_of(executor))
@@ -143,12 +143,17 @@ async def _serve(
 
 class _Parent:
     """What the worker hears from the parent on the control socket: its heartbeats, the endpoints (again when a
-    restarted group listens elsewhere: `on_peers`), its End."""
+    restarted group listens elsewhere: `on_peers`), requests whose clients left (`on_cancel`), its End."""
 
-    def __init__(self, timeout_s: float, on_peers: Callable[[dict[str, str]], None]) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        on_peers: Callable[[dict[str, str]], None],
+        on_cancel: Callable[[list[str]], None],
+    ) -> None:
         self.monitor = PeerMonitor(timeout_s)
         self.monitor.seen(MAIN)
-        self.on_peers = on_peers
+        self.on_peers, self.on_cancel = on_peers, on_cancel
         self._peers: dict[str, str] | None = None
         self._started = trio.Event()
 
@@ -162,7 +167,9 @@ class _Parent:
             if getattr(message, "node", None) != MAIN:
                 continue
             self.monitor.seen(MAIN)
-            if isinstance(message, wire.Ready) and self._started.is_set():
+            if isinstance(message, wire.Cancel):
+                self.on_cancel(message.request_ids)
+            elif isinstance(message, wire.Ready) and self._started.is_set():
                 self.on_peers(message.info["peers"])
             elif isinstance(message, wire.Ready):
                 self._peers = message.info["peers"]

@@ -125,3 +125,29 @@ def test_a_worker_is_given_up_when_its_policy_says_so(long_model, tmp_path):
         assert probe(gw.url) == (503, 503, ["ready", "lost"])
         reply = httpx.post(gw.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert reply.status_code == 503
+
+
+def aborted(url: str) -> float:
+    """Requests ended by their client leaving, from the gateway's Prometheus series."""
+    prefix = 'sagellm:request_success_total{finished_reason="abort"}'
+    line = next((ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith(prefix)), "")
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_a_client_that_leaves_frees_the_engine_in_a_worker(long_model, tmp_path):
+    """The gateway tells the workers: the decode worker aborts the request between two steps (its blocks freed)
+    instead of running it unread to its last token, streamed or not."""
+    with running_gateway(GRAPHS / "pd.yaml", tiny_config(tmp_path), model=long_model) as gw:
+        decode = gw.core.local.instances["decode"]
+        body = {"prompt": "Hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
+        with httpx.stream("POST", gw.url + "/v1/completions", json={**body, "stream": True}) as reply:
+            next(reply.iter_lines())
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gw.url + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.5))
+        deadline = time.monotonic() + 20  # 4,000 tokens would take far longer
+        while (aborted(gw.url), gw.core.in_flight) != (2, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (aborted(gw.url), gw.core.in_flight) == (2, 0)
+        while decode.running and time.monotonic() < deadline:  # from the worker's next heartbeat
+            time.sleep(0.05)
+        assert decode.running == 0 and decode.healthy
