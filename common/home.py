@@ -3,6 +3,7 @@
     models/     the model cache (downloads, wheel models)
     kernels/    native CPU kernels compiled for this CPU
     gateway/    a local gateway's state: admin key, sessions, pid, log
+    keys/       the key of a secure pipeline run, for the workers started by hand on other hosts
 
 One function per folder, so a user who moves the home moves everything, and no floor computes the path twice."""
 
@@ -30,3 +31,7 @@ def kernels_dir() -> Path:
 
 def gateway_dir() -> Path:
     return sagellm_home() / "gateway"
+
+
+def keys_dir() -> Path:
+    return sagellm_home() / "keys"

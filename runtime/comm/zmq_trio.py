@@ -12,6 +12,8 @@ one stream), each upstream connects a PUSH. HWMs bound the messages queued on ea
 producers wait in `send` (backpressure) instead of growing memory; LINGER bounds how long closing waits for unsent
 messages, so shutdown never hangs. The control channel between the process that runs a graph and its workers is
 ROUTER ← DEALER: one port the parent binds, both directions, which is all a worker on another host must find.
+Every helper takes the run's `keys` (`curve.RunKeys`) when the run is secure: bound sockets are then CURVE servers and
+connected ones CURVE clients, so links are encrypted and only processes holding the run's key can connect.
 
 Use from a trio task (one `zmq.Context` per process, never shared across fork: children are spawned):
 
@@ -41,6 +43,7 @@ import trio
 import zmq
 
 from sagellm.runtime.comm import wire
+from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.wire import Heartbeat, Ready, WireMessage
 
 DEFAULT_HWM = 64  # messages queued per socket (each side) before `send` waits
@@ -182,33 +185,37 @@ def bind_pull(
     hwm: int = DEFAULT_HWM,
     host: str = "127.0.0.1",
     port: int | None = None,
+    keys: RunKeys | None = None,
 ) -> tuple[TrioSocket, str]:
     """A PULL socket bound for node `name`, and the endpoint its upstream peers connect to (as bound: see
     `with_host` when the host is a wildcard)."""
-    return _bind(ctx, zmq.PULL, address(transport, name, host, port), name, hwm)
+    return _bind(ctx, zmq.PULL, address(transport, name, host, port), name, hwm, keys)
 
 
 def bind_router(
-    ctx: zmq.Context, transport: str, name: str, *, host: str = "127.0.0.1", port: int | None = None
+    ctx: zmq.Context,
+    transport: str,
+    name: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    keys: RunKeys | None = None,
 ) -> tuple[TrioSocket, str]:
     """A ROUTER socket bound for `name` (the parent's control socket): received messages start with the sender's
     routing id, and a send starts with the recipient's."""
-    return _bind(ctx, zmq.ROUTER, address(transport, name, host, port), name, DEFAULT_HWM)
+    return _bind(ctx, zmq.ROUTER, address(transport, name, host, port), name, DEFAULT_HWM, keys)
 
 
-def connect_push(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM) -> TrioSocket:
+def connect_push(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM, keys: RunKeys | None = None) -> TrioSocket:
     """A PUSH socket connected to a peer's PULL. Connecting never waits: sends queue (up to the HWM) until the peer
-    is up."""
-    socket = _socket(ctx, zmq.PUSH, hwm)
-    socket.connect(endpoint)
-    return TrioSocket(socket)
+    is up (and, with `keys`, has accepted the handshake)."""
+    return _connect(ctx, zmq.PUSH, endpoint, hwm, keys)
 
 
-def connect_dealer(ctx: zmq.Context, endpoint: str) -> TrioSocket:
-    """A DEALER socket connected to a ROUTER (a worker's end of the control channel); retries until the peer is up."""
-    socket = _socket(ctx, zmq.DEALER, DEFAULT_HWM)
-    socket.connect(endpoint)
-    return TrioSocket(socket)
+def connect_dealer(ctx: zmq.Context, endpoint: str, *, keys: RunKeys | None = None) -> TrioSocket:
+    """A DEALER socket connected to a ROUTER (a worker's end of the control channel); retries until the peer is up
+    (with `keys`: until it accepts the handshake; one that never does looks like a peer that is not up)."""
+    return _connect(ctx, zmq.DEALER, endpoint, DEFAULT_HWM, keys)
 
 
 def with_host(endpoint: str, host: str) -> str:
@@ -232,14 +239,24 @@ def host_toward(endpoint: str) -> str:
         raise OSError(f"cannot find a route to {endpoint}: {error}") from None
 
 
-def _bind(ctx: zmq.Context, kind: int, addr: str, name: str, hwm: int) -> tuple[TrioSocket, str]:
+def _bind(ctx: zmq.Context, kind: int, addr: str, name: str, hwm: int, keys: RunKeys | None) -> tuple[TrioSocket, str]:
     socket = _socket(ctx, kind, hwm)
+    if keys is not None:
+        keys.serve(socket)
     try:
         socket.bind(addr)
     except zmq.ZMQError as error:
         socket.close(linger=0)
         raise OSError(f"cannot bind {addr} for {name!r}: {error}") from None
     return TrioSocket(socket), socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _connect(ctx: zmq.Context, kind: int, endpoint: str, hwm: int, keys: RunKeys | None) -> TrioSocket:
+    socket = _socket(ctx, kind, hwm)
+    if keys is not None:
+        keys.join(socket)
+    socket.connect(endpoint)
+    return TrioSocket(socket)
 
 
 def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:

@@ -4,7 +4,8 @@ Each process binds one PULL socket that all its cross-process in-edges share. A 
 `[dst node, src node, *wire frames]`; an `End` from `src` closes that edge's sender into `dst`'s input, exactly as
 closing a memory channel would, so shutdown flows across processes the same way it flows inside one. Each edge
 out of the process is a memory channel whose forwarding task pushes items to the destination process's socket (one
-PUSH socket per destination process), tensors as zero-copy frames."""
+PUSH socket per destination process), tensors as zero-copy frames; with the run's `keys` (a secure run: see
+`comm.curve`) every PUSH is a CURVE client."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import trio
 import zmq
 
 from sagellm.runtime.comm import wire
+from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.wire import WireError
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_push
 from sagellm.runtime.execution_graph.graph import Graph
@@ -39,10 +41,11 @@ def remote_groups(graph: Graph) -> list[str]:
 
 
 class Bridge:
-    def __init__(self, executor: LocalExecutor, group: str, zctx: zmq.Context) -> None:
+    def __init__(self, executor: LocalExecutor, group: str, zctx: zmq.Context, *, keys: RunKeys | None = None) -> None:
         self.executor = executor
         self.group = group
         self.zctx = zctx
+        self.keys = keys
         self.groups = groups_of(executor.graph)
         self.pushes: dict[str, TrioSocket] = {}
         self.endpoints: dict[str, str] = {}  # process group -> the endpoint its PUSH socket is connected to
@@ -59,7 +62,7 @@ class Bridge:
         for src, dst in self.cross_edges():
             target = self.groups[dst]
             if self.groups[src] == self.group and target not in self.pushes:
-                self.pushes[target] = connect_push(self.zctx, endpoints[target])
+                self.pushes[target] = connect_push(self.zctx, endpoints[target], keys=self.keys)
                 self.endpoints[target] = endpoints[target]
 
     def repoint(self, endpoints: dict[str, str]) -> None:

@@ -6,38 +6,44 @@ The parent binds its control socket (at the graph's `control_port` when set, so 
 it is), starts its own workers, prints the command that starts each remote one, and waits until every worker has
 joined and is ready (`control`); then it sends all of them the map of endpoints and runs its own nodes. Sockets bind
 the graph's `bind_host` and are given out as `advertise_host` (default: the bind host, or this host's name when
-binding 0.0.0.0).
+binding 0.0.0.0). When they listen where other hosts can reach them (or the graph sets `secure: true`), every link is
+CURVE-encrypted and only processes holding the run's key, made here for this run, can connect (`comm.curve`): the
+workers this process starts get it in their environment, remote ones from a key file the user copies to their host.
 
 A worker that exits without saying `End`, or falls silent, is lost: its engines turn unhealthy, and every request it
-held, or was sent since its last heartbeat, ends with an `instance_lost` error. Never a hang. A worker this process
-started is then killed (it may be stopped, not dead) and started again under the graph's `restart` policy (backoff
-with jitter, attempts in a row): its successor joins as the first one did, binds a new data socket, and every process
-that sends to the group is pointed at it; its engines turn healthy with its first heartbeat. A worker given up (a
-remote one, attempts exhausted, or lost while the run ends) has its edges ended on its behalf, so nothing waits on
-it."""
+may hold (held at its last heartbeat, or sent to it and seen by no live worker since) ends with an `instance_lost`
+error. Never a hang. A worker this process started is then killed (it may be stopped, not dead) and started again
+under the graph's `restart` policy (backoff with jitter, attempts in a row): its successor joins as the first one did,
+binds a new data socket, and every process that sends to the group is pointed at it; its engines turn healthy with
+its first heartbeat. A worker given up (a remote one, attempts exhausted, or lost while the run ends) has its edges
+ended on its behalf, so nothing waits on it."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 import zmq
 
+from sagellm.common.home import keys_dir
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy, Restarts
 from sagellm.runtime.comm import wire
+from sagellm.runtime.comm.curve import RunKeys, authenticator, child_env
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, with_host
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
 from sagellm.runtime.pipeline.messages import RequestError
-from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST
+from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, is_loopback, is_secure
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 
 log = structlog.get_logger("sagellm.process_executor")
@@ -69,6 +75,8 @@ class ProcessExecutor:
         self.bind_host: str = graph.attrs.get("bind_host", "127.0.0.1")
         default_advertise = socket.gethostname() if self.bind_host == WILDCARD_HOST else self.bind_host
         self.advertise_host: str = graph.attrs.get("advertise_host", default_advertise)
+        self.keys = RunKeys.generate() if is_secure(graph.attrs) else None  # one key per run
+        self.key_file: Path | None = None  # the key for remote workers, while the run lives
         self.control_endpoint: str | None = None  # where workers connect, once bound
         self.data_endpoints: dict[str, str] = {}  # process group -> its data socket, once every worker is ready
         self.processes: dict[str, trio.Process] = {}
@@ -77,7 +85,6 @@ class ProcessExecutor:
         self._lost: set[str] = set()
         self._held: dict[str, set[str]] = {g: set() for g in self.children}  # from each worker's last heartbeat
         self._sent: dict[str, dict[str, float]] = {g: {} for g in self.children}  # request -> when sent there
-        self._last_heartbeat: dict[str, float] = {}
         self._inject: trio.MemorySendChannel | None = None
         self.restart = RestartPolicy.from_settings(graph.attrs.get("restart"))
         self.restarts = {g: Restarts(self.restart) for g in self.children}
@@ -96,16 +103,32 @@ class ProcessExecutor:
 
     async def _run(self, task_status: trio.TaskStatus) -> PipelineResult:
         zctx = zmq.Context()
+        keys = self.keys
         try:
-            data, data_endpoint = bind_pull(zctx, self.transport, MAIN, host=self.bind_host)
-            with data:
-                port = self.graph.attrs.get("control_port")
-                sock, bound = bind_router(zctx, self.transport, "control", host=self.bind_host, port=port)
-                with sock:
-                    endpoint = with_host(data_endpoint, self.advertise_host)
-                    return await self._serve(zctx, data, endpoint, sock, bound, task_status)
+            with authenticator(zctx, keys):
+                data, data_endpoint = bind_pull(zctx, self.transport, MAIN, host=self.bind_host, keys=keys)
+                with data:
+                    port = self.graph.attrs.get("control_port")
+                    sock, bound = bind_router(
+                        zctx, self.transport, "control", host=self.bind_host, port=port, keys=keys
+                    )
+                    with sock:
+                        self._write_key_file(bound)
+                        endpoint = with_host(data_endpoint, self.advertise_host)
+                        return await self._serve(zctx, data, endpoint, sock, bound, task_status)
         finally:
+            if self.key_file is not None:
+                self.key_file.unlink(missing_ok=True)  # the key dies with the run
             zctx.term()
+
+    def _write_key_file(self, control_endpoint: str) -> None:
+        """The run's key, for the workers started by hand (`--key-file`): a file only its owner can read, named after
+        the graph and the control port, under the sageLLM home."""
+        if self.keys is None or not self.remote:
+            return
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.graph.attrs.get("name", "graph"))
+        self.key_file = keys_dir() / f"{name}-{control_endpoint.rpartition(':')[2]}.key"
+        self.keys.write(self.key_file)
 
     async def _serve(
         self,
@@ -122,7 +145,7 @@ class ProcessExecutor:
         self.control = control = ControlServer(
             sock, dump_pipeline(self.graph), spawned=self.pids, remote=self.remote, peer_timeout_s=self.peer_timeout_s
         )
-        self.bridge = bridge = Bridge(self.executor, MAIN, zctx)
+        self.bridge = bridge = Bridge(self.executor, MAIN, zctx, keys=self.keys)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(control.serve, self._on_heartbeat, self._finished.add)
@@ -161,13 +184,15 @@ class ProcessExecutor:
         command = python_module("sagellm.runtime.executor.worker", "--connect", self._local_control, "--group", group)
         if self.transport == "tcp":  # on this host, so it listens and is reached as this process is
             command += ["--bind-host", self.bind_host, "--advertise-host", self.advertise_host]
-        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL)
+        env = child_env(self.keys)  # the key in the environment: a command line is readable by every user
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=env)
         self.processes[group], self.pids[group] = process, process.pid
         nursery.start_soon(self._watch_exit, nursery, group, process)
 
     def worker_command(self, group: str) -> str:
         """The shell command that starts the worker of a remote group on its host."""
-        return f"sagellm worker --connect {self.control_endpoint} --group {group}"
+        key = f" --key-file {self.key_file}" if self.key_file is not None else ""
+        return f"sagellm worker --connect {self.control_endpoint} --group {group}{key}"
 
     def _announce_remote(self) -> None:
         """The user starts remote workers: say exactly how (stderr, whatever the log level)."""
@@ -175,7 +200,14 @@ class ProcessExecutor:
             command = self.worker_command(group)
             log.info("waiting_for_remote_worker", group=group, command=command)
             print(f"sagellm: waiting for group {group!r}; on its host run: {command}", file=sys.stderr, flush=True)
-        if self.remote and (self.advertise_host.startswith("127.") or self.advertise_host == "localhost"):
+        if self.remote and self.key_file is not None:
+            print(
+                f"sagellm: the run is encrypted: first copy its key {self.key_file} to that host over a secure channel "
+                "(scp -p, keeping it readable by its owner only) and give its path there to --key-file",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.remote and is_loopback(self.advertise_host):
             print("sagellm: (only this host can connect: set bind_host: 0.0.0.0 to accept others)", file=sys.stderr)
 
     async def _watch_exit(self, nursery: trio.Nursery, group: str, process: trio.Process) -> None:
@@ -218,7 +250,6 @@ class ProcessExecutor:
                 await self.control.wait_changed()
 
     def _on_heartbeat(self, group: str, message: wire.Heartbeat) -> None:
-        self._last_heartbeat[group] = trio.current_time()
         stats = dict(message.stats)
         self._held[group] = set(stats.pop(wire.REQUESTS_KEY, {}).get("ids", ()))
         self._fail_passed_on(group)
@@ -246,15 +277,19 @@ class ProcessExecutor:
         restart = self._running and not self._stopping and group not in self.remote
         for instance in self._instances_of(group):
             instance.lose(recovering=restart)
-        grace = 2 * wire.HEARTBEAT_S
-        since = self._last_heartbeat.get(group, -float("inf")) - grace
-        doomed = self._held[group] | {rid for rid, t in self._sent[group].items() if t >= since}
-        for rid in sorted(doomed):
+        for rid in sorted(self._doomed(group)):
             self._fail(rid, f"{who} {why}")
         if restart:
             nursery.start_soon(self._recover, nursery, group)
         else:
             self._give_up(nursery, group)
+
+    def _doomed(self, group: str) -> set[str]:
+        """What a lost worker may have held: the requests of its last heartbeat, and every request sent to it that
+        no live worker has reported since (one may sit unseen in a socket queue while its engine is full). One that
+        had just moved on may be failed too (its later end is dropped as a duplicate); none is left to hang."""
+        elsewhere = set().union(*(held for g, held in self._held.items() if g != group and g not in self._lost))
+        return self._held[group] | (set(self._sent[group]) - elsewhere)
 
     def _instances_of(self, group: str) -> list[Any]:
         instances = self.executor.instances

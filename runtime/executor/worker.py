@@ -1,14 +1,18 @@
 """A worker: runs one process group of a pipeline graph and links it to the other processes over ZeroMQ.
 
-    sagellm worker --connect tcp://HEAD:5555 --group decode          # started by hand, on any host
-    python -m sagellm.runtime.executor.worker --connect ... --group   # how the parent starts `process` groups
+    sagellm worker --connect tcp://HEAD:5555 --group decode [--key-file K]  # started by hand, on any host
+    python -m sagellm.runtime.executor.worker --connect ... --group          # how the parent starts `process` groups
 
 Either way the worker knows only the parent's control endpoint and its group. It says Hello, gets the graph (YAML
 text: no file is shared), binds its data socket, opens its nodes (engines load their models), says Ready with the
 endpoint, and runs once the parent sends every group's endpoint (see `control` for the whole exchange). While it
 runs, it heartbeats its engine stats and held requests, which is how the parent routes by load and knows what to fail
 if this worker is lost. It exits when its inputs end (saying End first), when the parent says End, or when the
-parent falls silent for the peer timeout: a worker on another host has no parent process to watch."""
+parent falls silent for the peer timeout: a worker on another host has no parent process to watch.
+
+In a secure run (`comm.curve`) the worker uses the run's key for every socket: from `--key-file` (a worker started by
+hand) or `SAGELLM_RUN_KEY` (set by the parent for the workers it starts). Without it the handshake with the parent
+fails, which the worker cannot tell from a run that is not there: both end in the connect timeout."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import dataclasses
 import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import structlog
@@ -27,6 +32,7 @@ from sagellm.common.logging import configure_logging
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.openmp import prefer_short_spin
 from sagellm.runtime.comm import wire
+from sagellm.runtime.comm.curve import RunKeys, authenticator
 from sagellm.runtime.comm.zmq_trio import (
     PeerMonitor,
     TrioSocket,
@@ -68,7 +74,9 @@ async def run_worker(
     bind_host: str | None = None,
     advertise_host: str | None = None,
     connect_timeout_s: float = 300.0,
+    keys: RunKeys | None = None,
 ) -> None:
+    """Runs `group` of the graph running at `connect` until it ends; `keys`: the run's key, when it is secure."""
     if not connect.startswith(("tcp://", "ipc://")):
         raise ValueError(f"--connect: expected the endpoint the run printed, tcp://HOST:PORT, got {connect!r}")
     for option, host in (("--bind-host", bind_host), ("--advertise-host", advertise_host)):
@@ -77,16 +85,17 @@ async def run_worker(
             raise ValueError(f"{option}: {problem}")
     zctx = zmq.Context()
     try:
-        with single_errors(), connect_dealer(zctx, connect) as ctrl:
+        with authenticator(zctx, keys), single_errors(), connect_dealer(zctx, connect, keys=keys) as ctrl:
             graph, peer_timeout_s = await _join(ctrl, connect, group, connect_timeout_s)
             transport = graph.attrs.get("transport", "ipc")
             try:
                 bind, advertise = _hosts(connect, transport, bind_host, advertise_host)
-                data, endpoint = bind_pull(zctx, transport, group, host=bind)
+                data, endpoint = bind_pull(zctx, transport, group, host=bind, keys=keys)
             except OSError as error:  # no route to the run, or not an address of this host
                 raise WorkerError(str(error)) from None
             with data:
-                await _serve(zctx, ctrl, data, with_host(endpoint, advertise), graph, group, peer_timeout_s)
+                advertised = with_host(endpoint, advertise)
+                await _serve(zctx, ctrl, data, advertised, graph, group, peer_timeout_s, keys)
     finally:
         zctx.term()
 
@@ -99,7 +108,10 @@ async def _join(ctrl: TrioSocket, connect: str, group: str, timeout_s: float) ->
         while not isinstance(answer, wire.Assign):
             answer = await ctrl.receive()
     if not isinstance(answer, wire.Assign):
-        raise WorkerError(f"no answer from {connect} after {timeout_s:.0f} s: is the graph running, the port open?")
+        raise WorkerError(
+            f"no answer from {connect} after {timeout_s:.0f} s: is the graph running, the port open? If the run is "
+            "secure, pass --key-file with this run's key (each run makes a new one)"
+        )
     if answer.error:
         raise WorkerError(f"{connect} refused group {group!r}: {answer.error}")
     log.info("worker_joined", connect=connect, group=group)
@@ -116,11 +128,18 @@ def _hosts(connect: str, transport: str, bind: str | None, advertise: str | None
 
 
 async def _serve(
-    zctx: zmq.Context, ctrl: TrioSocket, data: TrioSocket, endpoint: str, graph: Graph, group: str, timeout_s: float
+    zctx: zmq.Context,
+    ctrl: TrioSocket,
+    data: TrioSocket,
+    endpoint: str,
+    graph: Graph,
+    group: str,
+    timeout_s: float,
+    keys: RunKeys | None,
 ) -> None:
     nodes = [node for node, g in groups_of(graph).items() if g == group]
     executor = LocalExecutor(graph, nodes=nodes, instances=instances_of(graph))
-    bridge = Bridge(executor, group, zctx)
+    bridge = Bridge(executor, group, zctx, keys=keys)
     parent = _Parent(timeout_s, bridge.repoint, executor.cancel_passing)
     try:
         async with trio.open_nursery() as nursery:
@@ -200,13 +219,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def serve_args(args: argparse.Namespace) -> None:
-    """Runs the worker the parsed command line describes."""
+    """Runs the worker the parsed command line describes (the run's key from --key-file, else SAGELLM_RUN_KEY)."""
+    keys = RunKeys.read(Path(args.key_file)) if args.key_file else RunKeys.from_env()
     await run_worker(
         args.connect,
         args.group,
         bind_host=args.bind_host,
         advertise_host=args.advertise_host,
         connect_timeout_s=args.connect_timeout,
+        keys=keys,
     )
 
 

@@ -20,5 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "address toward the run)",
     )
     parser.add_argument(
+        "--key-file",
+        metavar="PATH",
+        help="the run's key, when its links are encrypted (the run prints the file to copy here; mode 0600). "
+        "Default: $SAGELLM_RUN_KEY if set",
+    )
+    parser.add_argument(
         "--connect-timeout", type=float, default=300.0, metavar="S", help="seconds to wait for the run to answer"
     )

@@ -27,9 +27,9 @@ from sagellm.runtime.pipeline.operator import (
 )
 
 # Graph-level settings a pipeline may set (graph.attrs), with their types. `restart` is the RestartPolicy of the
-# worker processes the run starts. The last three place the sockets of a graph run across hosts (transport tcp): the
-# interface this host listens on, the address others reach it at, and the fixed port of the control socket that
-# workers started on other hosts connect to.
+# worker processes the run starts. The last four are for the sockets of a graph run across hosts (transport tcp): the
+# interface this host listens on, the address others reach it at, the fixed port of the control socket that workers
+# started on other hosts connect to, and whether links are encrypted and authenticated (`is_secure`).
 GRAPH_ATTRS: dict[str, Any] = {
     "name": str,
     "description": str,
@@ -39,8 +39,9 @@ GRAPH_ATTRS: dict[str, Any] = {
     "bind_host": str,
     "advertise_host": str,
     "control_port": int,
+    "secure": bool,
 }
-TCP_ONLY_ATTRS = ("bind_host", "advertise_host", "control_port")
+TCP_ONLY_ATTRS = ("bind_host", "advertise_host", "control_port", "secure")
 FILE_KEY = "_file"  # graph.attrs key: the file the graph came from
 LOCATIONS_KEY = "_locations"  # graph.attrs key: field path -> line in that file
 NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # no '.', '->', '[' or ',': ids appear in edges and --set keys
@@ -70,6 +71,20 @@ def host_problem(host: str, *, wildcard_ok: bool) -> str | None:
     if not HOST.fullmatch(host):
         return f"{host!r} is not an IPv4 address or a host name" + (" (IPv6 is not supported)" if ":" in host else "")
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this host's loopback interface, which no other host can reach."""
+    return host == "localhost" or host.startswith("127.")
+
+
+def is_secure(attrs: dict[str, Any]) -> bool:
+    """Whether a run's links use CURVE (encrypted, and only processes holding the run's key connect). By default
+    exactly when its sockets listen where other hosts can reach them (tcp on a bind host that is not loopback): ipc and
+    loopback tcp keep the faster plaintext path. The graph setting `secure` forces it either way."""
+    if attrs.get("transport", "ipc") != "tcp":
+        return False
+    return attrs.get("secure", not is_loopback(attrs.get("bind_host", "127.0.0.1")))
 
 
 class PipelineError(ValueError):

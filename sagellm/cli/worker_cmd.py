@@ -5,7 +5,11 @@
 
 The graph places the group `remote:GROUP`. The worker gets the graph from the run over the control socket (no file
 to copy), but the model must be on this host too (the same path, or an alias it can download). It exits when the
-run ends, or when the run falls silent for its peer timeout."""
+run ends, or when the run falls silent for its peer timeout.
+
+A run that listens beyond its host encrypts its links and admits only processes holding its key: it writes the key
+to a file (mode 0600) and prints the command with `--key-file PATH`; copy that file here over a secure channel (scp)
+first. Each run makes a new key."""
 
 from __future__ import annotations
 

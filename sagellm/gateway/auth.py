@@ -7,10 +7,10 @@ and writes it, readable by its owner only, into its state directory, where the C
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from pathlib import Path
 
+from sagellm.common.private_files import write_private
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import Guard, HttpRequest
 
@@ -48,19 +48,6 @@ def admin_key(state_dir: Path, configured: str | None) -> str:
     key = secrets.token_urlsafe(24)
     write_private(state_dir / ADMIN_KEY_FILE, (key + "\n").encode())
     return key
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Writes `data` readable by its owner only, atomically: a new file (mode 0600) renamed over `path`, so an
-    existing file's looser mode is never kept and a reader never sees half a write."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_admin_key(state_dir: Path) -> str | None:

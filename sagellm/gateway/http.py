@@ -117,6 +117,7 @@ class App:
             route, params = self._match(scope["method"], scope["path"])
             request = await self._read(scope, receive, params)
             self._check_host(request)
+            _check_content_type(request)
             if route.guard is not None:
                 route.guard(request)
             result = await _unless_disconnected(route.handler, request, receive)
@@ -179,6 +180,14 @@ class App:
                 raise ApiError(
                     403, f"{header} {value!r} is not one this gateway answers to ({allowed})", code="forbidden"
                 )
+
+
+def _check_content_type(request: HttpRequest) -> None:
+    """A body sent as text/plain is refused: it is the one type a web page's form can post cross-site, without a
+    CORS preflight, whose body can still be valid JSON (a CSRF). Urlencoded and multipart bodies never parse as JSON,
+    so `curl -d` (urlencoded by default) keeps working."""
+    if request.body and request.headers.get("content-type", "").lower().startswith("text/plain"):
+        raise ApiError(415, "send JSON bodies as Content-Type: application/json, not text/plain", code="unsupported")
 
 
 def host_name(value: str) -> str:
