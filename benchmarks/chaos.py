@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -47,6 +48,7 @@ FAULTS = (("decode", signal.SIGKILL), ("prefill", signal.SIGKILL), ("decode", si
 READY_TIMEOUT_S = 900  # a first run may download or convert the model
 STREAM_TIMEOUT_S = 120  # a stream with nothing for this long hung
 WORKER_MODULE = "sagellm.runtime.executor.worker"
+RETRIED: list[str] = []  # requests sent again after the server closed their pooled connection (reported)
 SAGELLM = python_module("sagellm.cli.main")  # the CLI with this interpreter, on PATH or not
 
 
@@ -223,27 +225,41 @@ async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, ends: 
     """One streamed completion: appends what ended it (a finish reason or an error code) to `ends`, once per end
     seen, and its time to the first token to `ttft`."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "temperature": 0}
-    sent = time.monotonic()
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as reply:
-            if reply.status_code != 200:
-                code = json.loads(await reply.aread())["error"]["code"]
-                unsaid = reply.status_code == 429 and "retry-after" not in reply.headers
-                ends.append(f"{reply.status_code} {code}" + (" without Retry-After" if unsaid else ""))
+    for attempt in range(2):
+        sent = time.monotonic()
+        try:
+            await _stream_once(client, body, ends, ttft, sent)
+            return
+        except httpx.RemoteProtocolError as error:
+            if attempt or ends or ttft:  # not the pooled-connection race: a lost request
+                ends.append(f"transport {type(error).__name__}")
                 return
-            async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line.removeprefix("data: "))
-                if "error" in event:
-                    ends.append(event["error"]["code"])
-                    continue
-                if not ttft:
-                    ttft.append(time.monotonic() - sent)
-                if event["choices"][0]["finish_reason"] is not None:
-                    ends.append(event["choices"][0]["finish_reason"])
-    except httpx.HTTPError as error:
-        ends.append(f"transport {type(error).__name__}")
+            RETRIED.append(prompt)  # the server closed a pooled connection as it was reused: sent again, as SDKs do
+        except httpx.HTTPError as error:
+            ends.append(f"transport {type(error).__name__}")
+            return
+
+
+async def _stream_once(
+    client: httpx.AsyncClient, body: dict[str, Any], ends: list[str], ttft: list[float], sent: float
+) -> None:
+    async with client.stream("POST", "/v1/completions", json=body) as reply:
+        if reply.status_code != 200:
+            code = json.loads(await reply.aread())["error"]["code"]
+            unsaid = reply.status_code == 429 and "retry-after" not in reply.headers
+            ends.append(f"{reply.status_code} {code}" + (" without Retry-After" if unsaid else ""))
+            return
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if "error" in event:
+                ends.append(event["error"]["code"])
+                continue
+            if not ttft:
+                ttft.append(time.monotonic() - sent)
+            if event["choices"][0]["finish_reason"] is not None:
+                ends.append(event["choices"][0]["finish_reason"])
 
 
 def lost_count(ends: list[list[str]], ok: set[str]) -> int:
@@ -335,8 +351,11 @@ async def big_prompts(client: httpx.AsyncClient) -> Row:
     ends: list[list[str]] = []
     done = trio.Event()
 
+    body = json.dumps({"prompt": "word " * 1_600_000, "max_tokens": 4}).encode()  # 8 MB, encoded before the clock
+
     async def big(i: int) -> None:
-        reply = await client.post("/v1/completions", json={"prompt": "word " * ((8 << 20) // 5), "max_tokens": 4})
+        headers = {"Content-Type": "application/json"}
+        reply = await client.post("/v1/completions", content=body, headers=headers)
         statuses.append(f"{reply.status_code} {reply.json().get('error', {}).get('code', '')}".strip())
 
     async def probe() -> None:
@@ -374,6 +393,7 @@ async def overload(client: httpx.AsyncClient, server: Server, args: argparse.Nam
     *_, ttfts_1x = await closed_loop(server, args.max_queue, 10.0)
     baseline = np.percentile(ttfts_1x, [50, 99]) if ttfts_1x else [float("nan")] * 2
     clients = args.overload_factor * args.max_queue
+    RETRIED.clear()
     progress(f"overload: {clients} clients for {args.overload_s:.0f} s (admission bound {args.max_queue})")
     statuses, ends, no_retry_after, rss, ttfts = await closed_loop(server, clients, args.overload_s)
     p = np.percentile(ttfts, [50, 99]) if ttfts else [float("nan")] * 2
@@ -382,6 +402,7 @@ async def overload(client: httpx.AsyncClient, server: Server, args: argparse.Nam
         f"{tally(statuses)}; 429s without Retry-After: {no_retry_after}; admitted TTFT p50/p99 {p[0]:.0f}/{p[1]:.0f}"
         f" ms (at 1×: {baseline[0]:.0f}/{baseline[1]:.0f} ms); RSS {rss[0]:.0f} → max {max(rss):.0f} MB"
         + (f"; other ends: {tally(odd)}" if odd else "")
+        + (f"; sent again after a closed pooled connection: {len(RETRIED)}" if RETRIED else "")
     )
     return Row(f"overload {args.overload_factor}× for {args.overload_s:.0f} s", f"{len(statuses)} requests, {clients}"
                " clients", answers, server_errors=sum(s.startswith("5") for s in statuses),

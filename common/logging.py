@@ -8,6 +8,14 @@ import sys
 import structlog
 
 
+def default_logging() -> None:
+    """For a program that uses sageLLM as a library and set up no logging: our events go to stderr (stdout is the
+    program's), warnings and above, as JSON lines. A program that configured structlog itself keeps its own set-up.
+    (structlog's own default prints to stdout and renders each traceback slowly with rich.)"""
+    if not structlog.is_configured():
+        configure_logging("warning")
+
+
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):

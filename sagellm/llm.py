@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
+from sagellm.common.logging import default_logging
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.outputs import RequestOutput
@@ -26,6 +27,7 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args) -> None:
         from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 
+        default_logging()
         unknown = set(engine_args) - set(ENGINE_FIELDS)
         if unknown:
             raise TypeError(

@@ -251,7 +251,9 @@ class ProcessExecutor:
 
     def _on_heartbeat(self, group: str, message: wire.Heartbeat) -> None:
         stats = dict(message.stats)
-        self._held[group] = set(stats.pop(wire.REQUESTS_KEY, {}).get("ids", ()))
+        held = set(stats.pop(wire.REQUESTS_KEY, {}).get("ids", ()))
+        if group not in self._lost:  # a restarted worker holds nothing before it rejoins; its predecessor's stay
+            self._held[group] = held
         self._fail_passed_on(group)
         for name, fields in stats.items():
             instance = self.executor.instances.get(name)
@@ -277,19 +279,26 @@ class ProcessExecutor:
         restart = self._running and not self._stopping and group not in self.remote
         for instance in self._instances_of(group):
             instance.lose(recovering=restart)
-        for rid in sorted(self._doomed(group)):
-            self._fail(rid, f"{who} {why}")
+        nursery.start_soon(self._fail_doomed, group, f"{who} {why}")
         if restart:
             nursery.start_soon(self._recover, nursery, group)
         else:
             self._give_up(nursery, group)
 
+    async def _fail_doomed(self, group: str, message: str) -> None:
+        """Fails what the lost worker may have held, once the live workers have heartbeated again: a request it had
+        just handed on is by then reported by the worker that took it, and goes on."""
+        await trio.sleep(2 * wire.HEARTBEAT_S)
+        for rid in sorted(self._doomed(group)):
+            self._fail(rid, message)
+
     def _doomed(self, group: str) -> set[str]:
-        """What a lost worker may have held: the requests of its last heartbeat, and every request sent to it that
-        no live worker has reported since (one may sit unseen in a socket queue while its engine is full). One that
-        had just moved on may be failed too (its later end is dropped as a duplicate); none is left to hang."""
+        """What a lost worker may have held: the requests of its last heartbeat and every request sent to it (one may
+        sit unseen in a socket queue while its engine is full), except those a live worker reports holding: they
+        moved on (a prefill engine still lists what it handed to decode). One that moved on since the last heartbeats
+        may be failed too (its later end is dropped as a duplicate); none is left to hang."""
         elsewhere = set().union(*(held for g, held in self._held.items() if g != group and g not in self._lost))
-        return self._held[group] | (set(self._sent[group]) - elsewhere)
+        return (self._held[group] | set(self._sent[group])) - elsewhere
 
     def _instances_of(self, group: str) -> list[Any]:
         instances = self.executor.instances

@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from sagellm.common.logging import default_logging
 from sagellm.common.nursery_errors import single_errors
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
@@ -19,6 +20,7 @@ def run_pipeline(graph: Graph, **executor_args: Any) -> PipelineResult:
     """Runs a graph to completion (sources exhausted, every request ended) in this process; nodes placed in other
     processes start there (see `sagellm.runtime.executor.process`). Ctrl-C or SIGTERM stops it cleanly (workers
     killed, sockets closed) and raises KeyboardInterrupt."""
+    default_logging()
     if any(node.placement != "task" for node in graph.nodes.values()):
         return trio.run(_until_interrupted, ProcessExecutor(graph, **executor_args).run)
     return trio.run(_until_interrupted, LocalExecutor(graph, **executor_args).run)

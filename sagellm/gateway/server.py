@@ -18,6 +18,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from sagellm.common.logging import default_logging
 from sagellm.gateway import openapi
 from sagellm.gateway.admin_routes import AdminRoutes
 from sagellm.gateway.auth import admin_key, key_guard
@@ -70,6 +71,11 @@ def hypercorn_config(config: GatewayConfig) -> HypercornConfig:
     hyper.bind = [f"{config.host}:{config.port}"]
     hyper.graceful_timeout = config.graceful_timeout_s
     hyper.accesslog = None
+    # Clients pool connections: an idle one the server closes just as a client reuses it fails that request
+    # ("server disconnected"), so idle connections are kept as long as common proxies keep theirs (nginx: 75 s), and
+    # a burst of new clients queues in the kernel instead of being refused.
+    hyper.keep_alive_timeout = 75
+    hyper.backlog = 1024
     return hyper
 
 
@@ -124,6 +130,7 @@ class GatewayThread:
     tests, whose synchronous clients (the `openai` SDK) talk to it over real sockets."""
 
     def __init__(self, graph: Graph, config: GatewayConfig, *, name: str = "sagellm-gateway") -> None:
+        default_logging()
         ready: queue.Queue = queue.Queue()
 
         async def main() -> None:

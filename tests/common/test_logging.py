@@ -25,3 +25,36 @@ def test_an_exception_is_logged_with_its_type_message_and_frames(capsys: pytest.
 def test_a_bad_level_is_refused() -> None:
     with pytest.raises(ValueError, match="log level"):
         configure_logging("loud")
+
+
+LIBRARY_USE = """
+import structlog
+from sagellm.common.logging import default_logging
+default_logging()
+log = structlog.get_logger("sagellm.test")
+log.info("quiet")
+try:
+    raise ValueError("boom")
+except ValueError:
+    log.exception("step_failed")
+print("the program's own output")
+"""
+USER_CONFIGURED = """
+import structlog
+structlog.configure(logger_factory=structlog.PrintLoggerFactory())  # the program's own choice: stdout
+from sagellm.common.logging import default_logging
+default_logging()
+structlog.get_logger().warning("kept")
+"""
+
+
+def test_a_library_user_gets_our_warnings_on_stderr_and_keeps_stdout() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LIBRARY_USE], capture_output=True, text=True, check=True)
+    assert done.stdout == "the program's own output\n"
+    (line,) = [json.loads(x) for x in done.stderr.splitlines()]  # info is below the default level
+    assert line["event"] == "step_failed" and line["exception"][0]["exc_type"] == "ValueError"
+    kept = subprocess.run([sys.executable, "-c", USER_CONFIGURED], capture_output=True, text=True, check=True)
+    assert "kept" in kept.stdout and not kept.stderr
