@@ -175,6 +175,18 @@ class Server:
         pids = [self.process.pid, *_children(self.process.pid)]
         return sum(_rss_kb(pid) for pid in pids) / 1024
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server and its workers have used so far."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            try:
+                fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -395,12 +407,15 @@ async def overload(client: httpx.AsyncClient, server: Server, args: argparse.Nam
     clients = args.overload_factor * args.max_queue
     RETRIED.clear()
     progress(f"overload: {clients} clients for {args.overload_s:.0f} s (admission bound {args.max_queue})")
+    server_cpu, client_cpu = server.cpu_s(), sum(os.times()[:2])
     statuses, ends, no_retry_after, rss, ttfts = await closed_loop(server, clients, args.overload_s)
+    server_cpu, client_cpu = server.cpu_s() - server_cpu, sum(os.times()[:2]) - client_cpu
     p = np.percentile(ttfts, [50, 99]) if ttfts else [float("nan")] * 2
     odd = [x for e in ends for x in e if x != "length"]
     answers = (
         f"{tally(statuses)}; 429s without Retry-After: {no_retry_after}; admitted TTFT p50/p99 {p[0]:.0f}/{p[1]:.0f}"
-        f" ms (at 1×: {baseline[0]:.0f}/{baseline[1]:.0f} ms); RSS {rss[0]:.0f} → max {max(rss):.0f} MB"
+        f" ms (at 1×: {baseline[0]:.0f}/{baseline[1]:.0f} ms); RSS {rss[0]:.0f} → max {max(rss):.0f} MB; CPU s:"
+        f" server {server_cpu:.0f}, load generator {client_cpu:.0f}"
         + (f"; other ends: {tally(odd)}" if odd else "")
         + (f"; sent again after a closed pooled connection: {len(RETRIED)}" if RETRIED else "")
     )
