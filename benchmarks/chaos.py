@@ -262,16 +262,22 @@ async def _stream_once(
             ends.append(f"{reply.status_code} {code}" + (" without Retry-After" if unsaid else ""))
             return
         async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line.removeprefix("data: "))
-            if "error" in event:
-                ends.append(event["error"]["code"])
-                continue
-            if not ttft:
+            end, token = stream_event(line)
+            if token and not ttft:
                 ttft.append(time.monotonic() - sent)
-            if event["choices"][0]["finish_reason"] is not None:
-                ends.append(event["choices"][0]["finish_reason"])
+            if end is not None:
+                ends.append(end)
+
+
+def stream_event(line: str) -> tuple[str | None, bool]:
+    """One line of a streamed completion: what it ends the stream with (a finish reason or an error code), if
+    anything, and whether it carries a token."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None, False
+    event = json.loads(line.removeprefix("data: "))
+    if "error" in event:
+        return event["error"]["code"], False
+    return event["choices"][0]["finish_reason"], True
 
 
 def lost_count(ends: list[list[str]], ok: set[str]) -> int:

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from sagellm.benchmarks.chaos import stream_event
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.tiny_models import make_tiny_llama
 
@@ -45,15 +46,11 @@ def stream(url: str, index: int, outcomes: dict[int, list[str]], first_token: th
                 ends.append(json.loads(reply.read())["error"]["code"])
                 return
             for line in reply.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line.removeprefix("data: "))
-                if "error" in event:
-                    ends.append(event["error"]["code"])
-                    continue
-                first_token.set()
-                if event["choices"][0]["finish_reason"] is not None:
-                    ends.append(event["choices"][0]["finish_reason"])
+                end, token = stream_event(line)
+                if token:
+                    first_token.set()
+                if end is not None:
+                    ends.append(end)
     except httpx.HTTPError as error:  # a hang (read timeout) or a dropped connection: never expected
         ends.append(f"transport: {error!r}")
 
