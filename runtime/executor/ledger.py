@@ -57,6 +57,7 @@ class RequestLedger:
         self._passing_cancels: deque[str] = deque()  # cancelled, and not entered here: their end may never pass here
         self._ended: deque[str] = deque()
         self._ended_ids: set[str] = set()
+        self._failed_as_lost: set[str] = set()  # ended with instance_lost, among the remembered ended ids
 
     def entered(self, request_id: str) -> None:
         self._in_flight.add(request_id)
@@ -92,7 +93,10 @@ class RequestLedger:
             return True
         outcome = self.outcomes.get(rid)
         if outcome.finished if outcome is not None else rid in self._ended_ids:
-            log.error("duplicate_terminal_dropped", request_id=rid, item=type(item).__name__)
+            if rid in self._failed_as_lost:  # expected: failed when its worker was lost, it lived on elsewhere
+                log.debug("late_item_dropped", request_id=rid, item=type(item).__name__)
+            else:
+                log.error("duplicate_terminal_dropped", request_id=rid, item=type(item).__name__)
             return False
         if outcome is None:
             outcome = self.outcomes[rid] = RequestOutcome(rid)
@@ -126,6 +130,8 @@ class RequestLedger:
             self.load.in_flight -= 1
         if isinstance(item, RequestError):
             self.load.failed += 1
+            if item.code == "instance_lost":
+                self._failed_as_lost.add(rid)
         else:
             self.load.completed += 1
         if item.metrics is not None and item.metrics.slo_met is not None:
@@ -141,4 +147,6 @@ class RequestLedger:
         self._ended.append(rid)
         self._ended_ids.add(rid)
         if len(self._ended) > ENDED_REMEMBERED:
-            self._ended_ids.discard(self._ended.popleft())
+            oldest = self._ended.popleft()
+            self._ended_ids.discard(oldest)
+            self._failed_as_lost.discard(oldest)

@@ -289,8 +289,11 @@ class ProcessExecutor:
         """Fails what the lost worker may have held, once the live workers have heartbeated again: a request it had
         just handed on is by then reported by the worker that took it, and goes on."""
         await trio.sleep(2 * wire.HEARTBEAT_S)
-        for rid in sorted(self._doomed(group)):
+        doomed = sorted(self._doomed(group))
+        for rid in doomed:
             self._fail(rid, message)
+        if doomed:  # one that lived on elsewhere after all stops there too, freeing its engine's room
+            self.control.cancel(doomed)
 
     def _doomed(self, group: str) -> set[str]:
         """What a lost worker may have held: the requests of its last heartbeat and every request sent to it (one may
