@@ -13,9 +13,10 @@ workers this process starts get it in their environment, remote ones from a key 
 A worker that exits without saying `End`, or falls silent, is lost: its engines turn unhealthy, and every request it
 may hold (held at its last heartbeat, or sent to it and seen by no live worker since) ends with an `instance_lost`
 error. Never a hang. A worker this process started is then killed (it may be stopped, not dead) and started again
-under the graph's `restart` policy (backoff with jitter, attempts in a row): its successor joins as the first one did,
-binds a new data socket, and every process that sends to the group is pointed at it; its engines turn healthy with
-its first heartbeat. A worker given up (a remote one, attempts exhausted, or lost while the run ends) has its edges
+under the graph's `restart` policy (backoff with jitter, attempts in a row); a remote group waits for its worker to
+be started again on its host (the run prints the command). The successor joins as the first one did, binds a new
+data socket, and every process that sends to the group is pointed at it; its engines turn healthy with its first
+heartbeat. A worker given up (attempts exhausted, `auto_restart: false`, or lost while the run ends) has its edges
 ended on its behalf, so nothing waits on it."""
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ class ProcessExecutor:
         log.error("worker_lost", worker=who, why=why)
         self.control.end(group)
         self.executor.ledger.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
-        restart = self._running and not self._stopping and group not in self.remote
+        restart = self._running and not self._stopping
         for instance in self._instances_of(group):
             instance.lose(recovering=restart)
         nursery.start_soon(self._fail_doomed, group, f"{who} {why}")
@@ -319,11 +320,11 @@ class ProcessExecutor:
 
     # -- restarting a lost worker ---------------------------------------------------------------------------------
     async def _recover(self, nursery: trio.Nursery, group: str) -> None:
-        """Starts the group's worker again until one is ready (the group rejoins the run), the policy gives up, or
-        the run ends (the group is given up)."""
+        """Starts the group's worker again (or, for a remote group, waits for whoever started it to do so) until one
+        is ready (the group rejoins the run), the policy gives up, or the run ends (the group is given up)."""
         ready = False
         with trio.CancelScope() as self._recovering[group]:
-            ready = await self._restart(nursery, group)
+            ready = await (self._await_rejoin(group) if group in self.remote else self._restart(nursery, group))
         del self._recovering[group]
         if ready and not self._stopping:
             await self._rejoin(group)
@@ -349,6 +350,24 @@ class ProcessExecutor:
             self._kill(group)  # it failed, or is still not ready after the startup timeout
             self.control.end(group)
         return False
+
+    async def _await_rejoin(self, group: str) -> bool:
+        """A remote worker comes back when it is started again on its host (the same command): the group's slot stays
+        open for it until one joins and is ready, or the run ends."""
+        if not self.restart.auto_restart:
+            return False
+        self.control.reopen(group)
+        print(
+            f"sagellm: {self.control.name(group)} was lost; to bring it back, on its host run: "
+            f"{self.worker_command(group)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        while group not in self.control.endpoints:
+            await self.control.wait_changed()
+            if group in self.control.gone:  # a new worker failed before it was ready: the slot opens again
+                self.control.reopen(group)
+        return True
 
     async def _rejoin(self, group: str) -> None:
         """A restarted worker is ready: it takes the group's requests again, and every process that sends to the

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,36 @@ def test_endpoints_as_others_reach_them():
     assert host_toward("tcp://127.0.0.1:5555") == "127.0.0.1"
     with pytest.raises(OSError, match="cannot find a route to tcp://no-such-host.invalid:1"):
         host_toward("tcp://no-such-host.invalid:1")
+
+
+@pytest.mark.slow
+def test_a_lost_remote_worker_started_again_rejoins_the_serving_run(tmp_path):
+    """Behind the gateway (a run that goes on): the remote decode is killed, the user starts it again with the same
+    command, and it takes its group back; the graph serves the same greedy text as before."""
+    from tests.chaos.test_worker_faults import complete, probe
+    from tests.gateway.conftest import running_gateway, tiny_config
+
+    def wait_for(url: str, state: tuple[int, int, list[str]]) -> tuple[int, int, list[str]]:
+        deadline = time.monotonic() + 120
+        while probe(url) != state and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return probe(url)
+
+    model, port = make_tiny_llama(tmp_path / "llama"), free_port()
+    path = tmp_path / "pd_remote.yaml"
+    path.write_text(pd_yaml(model, port))
+    first = worker(port)
+    try:
+        with running_gateway(path, tiny_config(tmp_path)) as gw:
+            reference = complete(gw.url)
+            first.kill()
+            waiting = (200, 503, ["ready", "recovering"])  # alive, not ready: waiting for its worker
+            assert wait_for(gw.url, waiting) == waiting
+            second = worker(port)
+            try:
+                assert wait_for(gw.url, (200, 200, ["ready", "ready"])) == (200, 200, ["ready", "ready"])
+                assert complete(gw.url) == reference
+            finally:
+                second.terminate()
+    finally:
+        first.kill()
