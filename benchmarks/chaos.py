@@ -177,15 +177,8 @@ class Server:
 
     def cpu_s(self) -> float:
         """CPU seconds the server and its workers have used so far."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for pid in [self.process.pid, *_children(self.process.pid)]:
-            try:
-                fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / ticks
+        stats = [_stat(pid) for pid in [self.process.pid, *_children(self.process.pid)]]
+        return sum(int(s[11]) + int(s[12]) for s in stats if s) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -196,17 +189,17 @@ class Server:
                 self.process.kill()
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first, then the parent's pid); [] once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
 def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
+    entries = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [child for child in entries if (stat := _stat(child)) and int(stat[1]) == pid]
 
 
 def _cmdline(pid: int) -> list[str]:

@@ -158,16 +158,12 @@ class ControlServer:
 
     # -- sending --------------------------------------------------------------------------------------------------
     async def start_all(self, peers: dict[str, str]) -> None:
-        """Sends every worker the endpoints of all groups: the go to connect its edges and run."""
-        for group in list(self.workers):
-            await self.send_peers(group, peers)
-
-    async def send_peers(self, group: str, peers: dict[str, str]) -> None:
-        """Every group's endpoint, to one worker: the go to run, or (to one running) where a restarted group now
-        listens."""
-        if group in self.workers and group not in self.gone:
-            message = wire.Ready(node=MAIN, pid=os.getpid(), info={"peers": peers})
-            await self._send(self.workers[group].identity, message)
+        """Sends every worker the endpoints of all groups: the go to connect its edges and run (again after a restart:
+        the new worker's go, and where the others now reach it)."""
+        message = wire.Ready(node=MAIN, pid=os.getpid(), info={"peers": peers})
+        for group, worker in list(self.workers.items()):
+            if group not in self.gone:
+                await self._send(worker.identity, message)
 
     async def heartbeat_loop(self) -> NoReturn:
         """Tells the workers the parent is alive (a worker that stops hearing it exits), until cancelled."""

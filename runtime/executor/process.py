@@ -85,7 +85,7 @@ class ProcessExecutor:
         self._finished: set[str] = set()  # workers that said End
         self._lost: set[str] = set()
         self._held: dict[str, set[str]] = {g: set() for g in self.children}  # from each worker's last heartbeat
-        self._sent: dict[str, dict[str, float]] = {g: {} for g in self.children}  # request -> when sent there
+        self._sent: dict[str, set[str]] = {g: set() for g in self.children}  # requests sent there, not yet ended
         self._inject: trio.MemorySendChannel | None = None
         self.restart = RestartPolicy.from_settings(graph.attrs.get("restart"))
         self.restarts = {g: Restarts(self.restart) for g in self.children}
@@ -302,7 +302,7 @@ class ProcessExecutor:
         moved on (a prefill engine still lists what it handed to decode). One that moved on since the last heartbeats
         may be failed too (its later end is dropped as a duplicate); none is left to hang."""
         elsewhere = set().union(*(held for g, held in self._held.items() if g != group and g not in self._lost))
-        return (self._held[group] | set(self._sent[group])) - elsewhere
+        return (self._held[group] | self._sent[group]) - elsewhere
 
     def _instances_of(self, group: str) -> list[Any]:
         instances = self.executor.instances
@@ -374,16 +374,13 @@ class ProcessExecutor:
         group (this one included) is pointed at its new data socket."""
         self.data_endpoints = peers = {**self.data_endpoints, group: self.control.endpoints[group]}
         self._lost.discard(group)
-        self._held[group], self._sent[group] = set(), {}
+        self._held[group], self._sent[group] = set(), set()
         self.restarts[group].started(trio.current_time())
         self.bridge.repoint(peers)
         for instance in self._instances_of(group):
             instance.healthy, instance.recovering = True, False  # its heartbeats bring the rest
         log.warning("worker_restarted", worker=self.control.describe(group), restarts=self.restarts[group].total)
-        await self.control.send_peers(group, peers)  # the go for the new worker
-        for other in list(self.control.workers):
-            if other != group:
-                await self.control.send_peers(other, peers)
+        await self.control.start_all(peers)  # the go for the new worker; the others re-point
 
     def _stop_restarting(self) -> None:
         """The run is ending (edges toward the workers end): a group not running now never will again."""
@@ -395,7 +392,7 @@ class ProcessExecutor:
         """Requests this worker passed on toward a lost worker are lost too: its heartbeat no longer holds them."""
         if group in self._lost or not any(lost in self._downstream(group) for lost in self._lost):
             return
-        for rid in [rid for rid in self._sent[group] if rid not in self._held[group]]:
+        for rid in sorted(self._sent[group] - self._held[group]):
             self._fail(rid, f"it was passed on from {group!r} toward a lost worker {sorted(self._lost)}")
 
     def _downstream(self, group: str) -> set[str]:
@@ -421,7 +418,7 @@ class ProcessExecutor:
                 self._fail(rid, f"{self.control.describe(target)} is gone")
             return False
         if rid is not None:
-            self._sent[target][rid] = trio.current_time()
+            self._sent[target].add(rid)
         return True
 
     def _fail(self, rid: str, message: str) -> None:
@@ -440,7 +437,7 @@ class ProcessExecutor:
         for held in self._held.values():
             held.discard(rid)
         for sent in self._sent.values():
-            sent.pop(rid, None)
+            sent.discard(rid)
 
     # -- errors into the graph ------------------------------------------------------------------------------------
     def _open_injection(self) -> None:

@@ -253,12 +253,7 @@ async def test_plaintext_junk_on_every_endpoint_of_a_secure_run_never_arrives(tm
     try:
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
-                outcome: dict[str, Any] = {}
-
-                async def run() -> None:
-                    outcome["result"] = await executor.run()
-
-                nursery.start_soon(run)
+                outcome = await started(nursery, executor)
                 while not executor.data_endpoints:
                     await trio.sleep(0.05)
                 assert executor.control_endpoint is not None

@@ -12,6 +12,7 @@ import trio
 from sagellm.runtime.executor.process import ProcessExecutor, WorkerStartError
 from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
+from tests.executor.test_remote_workers import started
 from tests.tiny_models import make_tiny_llama
 
 pytestmark = pytest.mark.slow  # worker processes
@@ -65,12 +66,7 @@ async def test_a_killed_worker_ends_its_requests_with_instance_lost(tmp_path):
     executor = ProcessExecutor(graph, peer_timeout_s=5)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            outcome = {}
-
-            async def run() -> None:
-                outcome["result"] = await executor.run()
-
-            nursery.start_soon(run)
+            outcome = await started(nursery, executor)
             while not any(rid in executor.executor.outcomes for rid in ("req-0", "req-1")):  # tokens are flowing
                 await trio.sleep(0.1)
             os.kill(executor.pids["decode"], signal.SIGKILL)
@@ -114,12 +110,7 @@ async def test_junk_on_every_data_socket_is_dropped_and_the_run_serves_on(model_
     try:
         with trio.fail_after(120):
             async with trio.open_nursery() as nursery:
-                outcome = {}
-
-                async def run() -> None:
-                    outcome["result"] = await executor.run()
-
-                nursery.start_soon(run)
+                outcome = await started(nursery, executor)
                 while not executor.data_endpoints:
                     await trio.sleep(0.05)
                 for endpoint in executor.data_endpoints.values():
