@@ -104,8 +104,8 @@ async def _run(args: argparse.Namespace) -> list[Row]:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="sagellm-chaos-") as scratch:
         work = Path(scratch)
-        server = Server(args, work)
-        rows = [await server.start()]
+        server = Server(work, args.graph, args.model, ("--set", f"admission.max_queue={args.max_queue}"))
+        rows = [await start_over_damaged_sessions(server)]
         try:
             async with httpx.AsyncClient(base_url=server.url, timeout=STREAM_TIMEOUT_S) as client:
                 rows.append(await bad_inputs(client))
@@ -126,10 +126,11 @@ async def _run(args: argparse.Namespace) -> list[Row]:
 
 # -- the server ---------------------------------------------------------------------------------------------------
 class Server:
-    """`sagellm serve` in its own process, ipc sockets in a folder of ours (so the junk phase finds them all)."""
+    """`sagellm serve GRAPH` in its own process (also the faults benchmark's), ipc sockets in a folder of ours (so the
+    junk phase finds them all); `extra`: more command-line options."""
 
-    def __init__(self, args: argparse.Namespace, work: Path) -> None:
-        self.args, self.work = args, work
+    def __init__(self, work: Path, graph: str, model: str | None, extra: tuple[str, ...] = ()) -> None:
+        self.work, self.graph, self.model, self.extra = work, graph, model, extra
         self.state, self.ipc, self.log = work / "state", work / "ipc", work / "server.log"
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -137,16 +138,15 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    async def start(self) -> Row:
-        """Starts it over a damaged sessions file: the server must start anyway and keep the bad file aside."""
-        self.state.mkdir(parents=True)
-        self.ipc.mkdir()
-        (self.state / "sessions.json").write_text('{"sessions": [ {"id": "torn')
-        command = [*SAGELLM, "serve", self.args.graph, "--port", str(self.port), "--no-embedding"]
-        command += ["--state-dir", str(self.state), "--set", f"admission.max_queue={self.args.max_queue}"]
-        command += ["--model", self.args.model] if self.args.model else []
+    async def start(self) -> float:
+        """Starts it and waits until `/ready`; the seconds that took."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.ipc.mkdir(exist_ok=True)
+        command = [*SAGELLM, "serve", self.graph, "--port", str(self.port), "--no-embedding"]
+        command += ["--state-dir", str(self.state), *self.extra]
+        command += ["--model", self.model] if self.model else []
         env = {**os.environ, IPC_DIR_ENV: str(self.ipc), "SAGELLM_LOG_LEVEL": "warning"}
-        progress(f"starting sagellm {' '.join(command[4:])}")
+        progress(f"starting sagellm {' '.join(command[len(SAGELLM) :])}")
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         started = time.monotonic()
@@ -156,10 +156,7 @@ class Server:
                     raise RuntimeError(f"the server did not start; its log: {self.log}\n{self.log.read_text()[-2000:]}")
                 await trio.sleep(0.5)
         progress(f"ready in {time.monotonic() - started:.0f} s; workers {self.workers()}")
-        kept = sorted(p.name for p in self.state.glob("sessions.json.bad-*"))
-        said = "sessions_file_unreadable" in self.log.read_text()
-        answer = f"started; the file moved aside as {kept[0]} and logged" if kept and said else "NOT moved aside/said"
-        return Row("start over a damaged sessions.json", "1 file", answer, lost=0 if kept and said else 1)
+        return time.monotonic() - started
 
     def workers(self) -> dict[str, int]:
         """Worker group -> pid, of the workers running under the server now."""
@@ -187,6 +184,17 @@ class Server:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+async def start_over_damaged_sessions(server: Server) -> Row:
+    """The server must start anyway, keep the bad sessions file aside and say so."""
+    server.state.mkdir(parents=True)
+    (server.state / "sessions.json").write_text('{"sessions": [ {"id": "torn')
+    await server.start()
+    kept = sorted(p.name for p in server.state.glob("sessions.json.bad-*"))
+    said = "sessions_file_unreadable" in server.log.read_text()
+    answer = f"started; the file moved aside as {kept[0]} and logged" if kept and said else "NOT moved aside/said"
+    return Row("start over a damaged sessions.json", "1 file", answer, lost=0 if kept and said else 1)
 
 
 def _stat(pid: int) -> list[str]:

@@ -5,7 +5,8 @@ graph already holds `max_queue` requests, `rate_limited` when a user exceeds the
 for an empty or untokenizable prompt or token ids outside the vocabulary, and `context_length_exceeded` when prompt
 plus completion cannot fit the model's context. The cheap O(1) load checks run first, so an overloaded server spends
 no tokenizer time on requests it would shed anyway. Admitted requests leave with `prompt_token_ids` filled in (the
-engines never tokenize) and `admitted_time` stamped.
+engines never tokenize) and `admitted_time` stamped. A request for another model (`Request.model` set: instances
+the gateway reaches serve it) is only load-checked: its server tokenizes and checks it with its own tokenizer.
 
 What it learns from the graph at `open()` (`ctx.graph_attrs`, filled by the executor):
 - "tokenizer": a Hugging Face tokenizer, used when a request carries text but no token ids;
@@ -104,6 +105,9 @@ class Admission(MapOperator):
             return self._reject(
                 item, "rate_limited", f"user {item.user!r} exceeds {self.rate_limit_per_user:g} requests/s"
             )
+        if item.model is not None:
+            item.admitted_time = self.clock()
+            return item
         problem = self._tokenize(item)
         if problem is not None:
             return self._reject(item, "invalid_request", problem)

@@ -109,16 +109,18 @@ class EngineOperator(StepOperator):
             if isinstance(item, PrefillDone):
                 tracked.metrics.num_cached_tokens, tracked.prefilled_elsewhere = item.num_cached_tokens, True
                 out = self.engine.add_prefilled_request(
-                    rid, request.prompt_token_ids, request.sampling, item.first_token, item.kv.data
-                )
+                    rid, request.prompt_token_ids, request.sampling, item.first_token, item.kv.data,
+                    resumed_tokens=request.resumed_tokens,
+                )  # fmt: skip
                 items = self._emit(out, time.time())
                 if item.first_logprob is not None:  # the prefill worker sampled the first token
                     items[0].logprobs = [item.first_logprob]
                 return items
             prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
             self.engine.add_request(
-                rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill"
-            )
+                rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill",
+                resumed_tokens=request.resumed_tokens,
+            )  # fmt: skip
         except ValueError as exc:
             del self._tracked[rid]
             return [RequestError(request_id=rid, code="invalid_request", message=str(exc))]

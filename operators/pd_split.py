@@ -58,6 +58,8 @@ class PDSplit(MapOperator):
 
     def _decide(self, request: Request) -> str:
         """The reason for this request's phase: "pd" for the PD path, any other reason means colocated."""
+        if request.model is not None:  # served by instances of another model, which run it whole
+            return "other_model"
         if request.prompt_token_ids is None:
             return "no_prompt_tokens"
         uncached = self.uncached_tokens(request)

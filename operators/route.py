@@ -1,8 +1,11 @@
 """The `route` operator: sends each request to one engine instance downstream, chosen by a routing strategy.
 
-Candidates are the node's outputs that are engine instances, healthy, and of a role that runs the request's phase:
-a "prefill" request needs a prefill worker; a "colocated" one runs on a colocated engine or on a decode worker (a full
-engine that also prefills). A request already pinned to a candidate (`request.instance`, set by a policy) keeps it.
+Candidates are the instances served by the node's outputs (engine nodes, and the instances that came at run time
+through a stream node such as `remote_engine`) that serve the request's model, are healthy, and are of a role that
+runs the request's phase: a "prefill" request needs a prefill worker; a "colocated" one runs on a colocated engine or
+on a decode worker (a full engine that also prefills). A request already pinned to a candidate (`request.instance`,
+set by a policy) keeps it; one retried after a failure avoids the instances that failed it (`request.exclude`) while
+any other can take it. The request goes to the node that serves the chosen instance, named in `request.instance`.
 
 After choosing, route charges the instance's `InstanceStats` at once (uncached prompt tokens, expected output tokens,
 one more running request), so a burst routed before the engine reports back is still spread by the strategies that
@@ -41,7 +44,7 @@ class Route(MapOperator):
             raise FieldError("strategy", str(error)) from None
 
     def execute(self, item: Request) -> Emit | RequestError:
-        engines = self.ctx.instances_among(self.ctx.outputs)
+        engines = [s for s in self.ctx.instances_among(self.ctx.outputs) if s.model == item.model]
         roles = ROLES_FOR_PHASE[item.phase]
         fitting = [s for s in engines if s.role in roles]
         candidates = [s for s in fitting if s.healthy]
@@ -51,10 +54,11 @@ class Route(MapOperator):
         hashes = self.prefix_index.hashes(tokens)
         chosen = next((c for c in candidates if c.name == item.instance), None)
         if chosen is None:
-            chosen = self.strategy.choose(item, candidates, hashes)
+            untried = [c for c in candidates if c.name not in item.exclude] or candidates
+            chosen = self.strategy.choose(item, untried, hashes)
         self._charge(item, chosen, tokens, hashes)
         item.instance = chosen.name
-        return Emit(to=chosen.name, item=item)
+        return Emit(to=chosen.target, item=item)
 
     def _charge(self, request: Request, instance: InstanceStats, tokens: list[int], hashes: list[int]) -> None:
         """Count the request on the instance now, and remember its prompt as cached there."""
@@ -71,12 +75,19 @@ class Route(MapOperator):
         """Instances of the right role that are all unhealthy may recover: unavailable, retryable. No instance of the
         right role downstream at all is a graph that cannot serve this phase: internal, not worth retrying."""
         roles = " or ".join(sorted(ROLES_FOR_PHASE[request.phase]))
-        if fitting:
+        if request.model is not None and not engines:  # its last instance left after the gateway looked
             return RequestError(
                 request_id=request.request_id,
                 code="unavailable",
-                message=f"no healthy {roles} instance for a {request.phase} request "
-                f"({len(fitting)} unhealthy: {', '.join(s.name for s in fitting)}); retry later",
+                message=f"no instance serves the model {request.model!r} any more",
+            )
+        if fitting:
+            wanted = f"instance of {request.model!r}" if request.model is not None else f"{roles} instance"
+            why = "; ".join(f"{s.name} is {s.problem or s.state}" for s in fitting)
+            return RequestError(
+                request_id=request.request_id,
+                code="unavailable",
+                message=f"no healthy {wanted} for a {request.phase} request ({why}); retry later",
                 retryable=True,
             )
         have = ", ".join(f"{s.name} ({s.role})" for s in engines) or "none"

@@ -86,7 +86,8 @@ def _messages(messages: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class UnifiedInferenceClient:
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
-        self.base_url = base_url.rstrip("/")
+        """`base_url`: the gateway's address, with or without the `/v1` that OpenAI clients are given."""
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self._async_args = dict(base_url=self.base_url, headers=headers, timeout=timeout)
@@ -106,17 +107,17 @@ class UnifiedInferenceClient:
         embedding_model: str | None = "default",
         state_dir: Path | None = None,
     ) -> UnifiedInferenceClient:
-        """A client for `control_plane_url`; else, with `embedded`, for a gateway started in this process on
-        `graph` (default graphs/colocated.yaml) and `model`; else for the local gateway (the one
+        """A client for `control_plane_url` (with or without `/v1`); else, with `embedded`, for a gateway started in
+        this process on `graph` (default graphs/colocated.yaml) and `model`; else for the local gateway (the one
         `sagellm gateway start` recorded, or 127.0.0.1:8000). `embedding_model=None` serves no embeddings."""
         if embedded:
             gateway = _EmbeddedGateway(graph, model, embedding_model, state_dir)
             client = cls(gateway.url, api_key=gateway.api_key, timeout=timeout)
             client._embedded = gateway
             return client
-        url = control_plane_url or _local_gateway_url(state_dir)
+        url = (control_plane_url or _local_gateway_url(state_dir)).rstrip("/").removesuffix("/v1")
         try:
-            httpx.get(url.rstrip("/") + "/health", timeout=5.0)
+            httpx.get(url + "/health", timeout=5.0)
         except httpx.HTTPError as exc:
             raise GatewayNotFoundError(
                 f"no sageLLM gateway answers at {url} ({exc.__class__.__name__}); start one with "
@@ -237,12 +238,13 @@ class _EmbeddedGateway:
     def __init__(self, graph: str | Path | None, model: str | None, embedding_model: str | None, state_dir: Any):
         import tempfile
 
+        from sagellm import graphs
         from sagellm.gateway.config import DEFAULT_GRAPH, GatewayConfig
         from sagellm.gateway.server import GatewayThread
         from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
         from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
-        pipeline = load_pipeline(graph or DEFAULT_GRAPH)
+        pipeline = load_pipeline(graphs.find(graph) if graph else DEFAULT_GRAPH)
         if model is not None:
             pipeline.attrs["model"] = str(model)
         embedding = DEFAULT_EMBEDDING_MODEL if embedding_model == "default" else embedding_model

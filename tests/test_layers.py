@@ -22,11 +22,12 @@ PACKAGES = {
     "operators": "sagellm.operators",
     "sagellm": "sagellm",
     "benchmarks": "sagellm.benchmarks",
+    "graphs": "sagellm.graphs",
 }
 # Bottom to top. A module's floor is that of the longest prefix listed; each floor may import only floors below it
 # (and itself). Inside the runtime, the engine knows nothing of pipelines, and pipelines nothing of executors.
 FLOORS = [
-    ["sagellm.common"],
+    ["sagellm.common", "sagellm.graphs"],
     ["sagellm.backends"],
     ["sagellm.runtime.execution_graph"],
     ["sagellm.runtime.models"],

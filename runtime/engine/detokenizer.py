@@ -73,10 +73,24 @@ class IncrementalDetokenizer:
 
     @classmethod
     def from_params(
-        cls, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: Sequence[int], params: SamplingParams
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        resumed_tokens: int = 0,
     ) -> IncrementalDetokenizer:
+        """`resumed_tokens`: the prompt's last tokens are the output of an earlier run of this request (a resume on
+        another engine): they are replayed one at a time, as that run added them, their text discarded (its client
+        has it), so the text that run still held back (a character cut between tokens, a possible stop string's
+        start) comes out as it would have."""
         stop = params.stop or ()  # a list once SamplingParams has normalized it
-        return cls(tokenizer, prompt_token_ids, params.skip_special_tokens, stop, params.include_stop_str_in_output)
+        cut = len(prompt_token_ids) - resumed_tokens
+        detok = cls(
+            tokenizer, prompt_token_ids[:cut], params.skip_special_tokens, stop, params.include_stop_str_in_output
+        )
+        for token in prompt_token_ids[cut:]:
+            detok.add([token])
+        return detok
 
     @property
     def text(self) -> str:

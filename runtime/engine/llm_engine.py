@@ -20,7 +20,7 @@ from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, read_tokens, 
 from sagellm.runtime.engine.model_runner import ModelRunner
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.prompt import prompt_token_problem
-from sagellm.runtime.engine.sampler import Sampler, make_generator
+from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
@@ -101,10 +101,13 @@ class LLMEngine:
         *,
         priority: int = 0,
         prefill_only: bool = False,
+        resumed_tokens: int = 0,
     ) -> None:
         """Queues a request. With `prefill_only` (a prefill worker), it ends after its first token with finish reason
-        "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it."""
-        seq, state = self._new_request(request_id, prompt, params, priority)
+        "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it.
+        `resumed_tokens`: the prompt ends with that many tokens another engine generated for this request (a resume):
+        the text continues from them as that engine's would have."""
+        seq, state = self._new_request(request_id, prompt, params, priority, resumed_tokens)
         state.prefill_only = prefill_only
         self.scheduler.add(seq)
 
@@ -117,12 +120,13 @@ class LLMEngine:
         kv: torch.Tensor,
         *,
         priority: int = 0,
+        resumed_tokens: int = 0,
     ) -> RequestOutput:
         """Continues a request a prefill worker started: its prompt's KV `kv` [num_layers, 2, prompt_len, Hk, D]
         goes into this engine's own cache (blocks already cached here are shared, not written), and `first_token`
         is appended as if sampled here. Returns the first token's output. Without room for the blocks the prompt
         is recomputed instead: slower, same tokens."""
-        seq, state = self._new_request(request_id, prompt_token_ids, params, priority)
+        seq, state = self._new_request(request_id, prompt_token_ids, params, priority, resumed_tokens)
         n = seq.num_prompt_tokens
         if kv.shape[2] != n:
             del self._requests[request_id]
@@ -141,7 +145,7 @@ class LLMEngine:
         return output
 
     def _new_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int, resumed_tokens: int = 0
     ) -> tuple[Sequence, _RequestState]:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -158,7 +162,7 @@ class LLMEngine:
                 f"prompt has {len(token_ids)} tokens; this engine's context is {self.max_model_len} tokens"
             )
         seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
-        detok = IncrementalDetokenizer.from_params(self.tokenizer, token_ids, params)
+        detok = IncrementalDetokenizer.from_params(self.tokenizer, token_ids, params, resumed_tokens)
         metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
         logprobs = [] if params.logprobs is not None else None
         state = _RequestState(seq, text, detok, metrics, logprobs)
@@ -216,6 +220,9 @@ class LLMEngine:
         sampled = self.scheduler.complete_step(batch)
         if not sampled:
             return failed
+        for seq in sampled:
+            if seq.generator is not None:
+                seed_at(seq.generator, seq.params.seed, seq.num_tokens)  # the position of the token it draws now
         result = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         now = time.time()
         return failed + [

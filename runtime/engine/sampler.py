@@ -3,7 +3,10 @@
 The whole batch is processed with a few tensor ops, per-row parameters held as tensors, and every stage that no row
 needs is skipped: an all-greedy batch without logprobs costs one argmax. Random rows use the exponential race,
 argmax(p / q) with q ~ Exp(1), which draws exactly from p without a cumulative-sum search; a seeded request draws its
-q from its own torch.Generator, so its tokens depend only on its seed and its logits, never on its batch neighbours.
+q from its own torch.Generator, seeded for each token from (seed, the token's position in the sequence): its tokens
+depend only on its seed, its logits and where they stand, never on its batch neighbours nor on which engine drew the
+tokens before, so a request split across prefill and decode workers, or resumed on another instance from its prompt
+and the tokens so far, draws what one engine would have drawn.
 
 Filters follow Hugging Face's order (the numerical oracle): temperature, top-k, top-p, then min-p. Logprobs come from
 log_softmax of the raw logits, before any of them (vLLM's default "raw_logprobs").
@@ -11,6 +14,7 @@ log_softmax of the raw logits, before any of them (vLLM's default "raw_logprobs"
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,12 +34,18 @@ class SamplerOutput:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A request's private RNG; created once per request and passed to every `Sampler.sample` call for its row."""
+    """A request's private RNG; created once per request, seeded with `seed_at` before each of its draws."""
     if seed is None:
         return None
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def seed_at(generator: torch.Generator, seed: int, position: int) -> None:
+    """Seeds `generator` for the token at `position` (0-based, prompt included) of a request seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    generator.manual_seed(int.from_bytes(digest, "little"))
 
 
 def mask_top_k_top_p(

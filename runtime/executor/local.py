@@ -4,7 +4,8 @@ Every node's in-edges feed one memory channel; closing all of a node's senders i
 flows down the graph as sources run dry. Channels are rendezvous (buffer 0 by default): an item waits in the
 operator that holds it, so a policy queue decides the order of everything the engines have not yet taken, and an
 engine takes only up to its `capacity()`. Step operators' `step()` runs in a worker thread; `add()` runs between
-steps on the event loop, so an engine never sees two threads.
+steps on the event loop, so an engine never sees two threads. A Stream operator serves each item in a task of its
+own, which a client's cancel cancels.
 
 Every request ends with exactly one terminal item: the executor hands what reaches the graph's leaves to its
 `RequestLedger` (which drops a second terminal for a request and fails, at the end, any request that never finished)
@@ -14,6 +15,7 @@ the edges that cross processes."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import trio
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.ledger import RequestLedger, RequestOutcome
 from sagellm.runtime.models.model_cache import resolve_model
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
 from sagellm.runtime.pipeline.operator import (
     Emit,
     InstanceStats,
@@ -35,6 +37,7 @@ from sagellm.runtime.pipeline.operator import (
     QueueOperator,
     SourceOperator,
     StepOperator,
+    StreamOperator,
     get_operator,
 )
 
@@ -98,6 +101,7 @@ class LocalExecutor:
         self._channel_size = channel_size
         self.remote_sender: Callable[[str, str], trio.MemorySendChannel] | None = None  # (src, dst) -> channel
         self.on_cancel: Callable[[str], None] | None = None  # tells other processes (the process executor's)
+        self._serving: dict[str, dict[str, trio.CancelScope]] = {}  # stream node -> request id -> its task's scope
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def out_nodes(self, node_id: str) -> list[str]:
@@ -183,6 +187,7 @@ class LocalExecutor:
             MapOperator: self._run_map,
             QueueOperator: self._run_queue,
             StepOperator: self._run_step,
+            StreamOperator: self._run_stream,
         }
         kind = next(k for k in runner if isinstance(op, k))
         task_status.started()
@@ -291,11 +296,59 @@ class LocalExecutor:
                 return
             await arrived.wait()
 
+    async def _run_stream(self, node_id: str, op: StreamOperator, nursery: trio.Nursery) -> None:
+        """One task per item, at most `capacity()` at once; the node ends when its input has and every task did."""
+        serving = self._serving[node_id] = {}
+        room = _Signal()
+        try:
+            async for item in self._inbox_recv[node_id]:
+                if op.accepts and not isinstance(item, op.accepts):
+                    await self._send(node_id, item)
+                    continue
+                rid = item.request_id
+                if self.ledger.is_cancelled(rid):  # its client left while it waited upstream
+                    await self._send_abort(node_id, rid)
+                    continue
+                while len(serving) >= op.capacity():
+                    await room.wait()
+                serving[rid] = trio.CancelScope()
+                nursery.start_soon(self._serve_one, node_id, op, item, room)
+            while serving:
+                await room.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await op.drained()
+
+    async def _serve_one(self, node_id: str, op: StreamOperator, item: Any, room: _Signal) -> None:
+        """Sends on what `op.serve(item)` yields; a cancelled or failed item still ends with one terminal."""
+        rid, serving = item.request_id, self._serving[node_id]
+        ended = False
+        try:
+            with serving[rid]:
+                async with contextlib.aclosing(op.serve(item)) as outputs:
+                    async for out in outputs:
+                        await self._send(node_id, out)
+                        ended = is_terminal(out)
+            if not ended and self.ledger.is_cancelled(rid):
+                await self._send_abort(node_id, rid)
+            elif not ended:
+                await self._send(node_id, _internal(rid, node_id, "the stream ended without a result"))
+        except Exception as exc:
+            log.exception("operator_failed", node=node_id, request_id=rid)
+            if not ended:
+                await self._send(node_id, _internal(rid, node_id, exc))
+        finally:
+            del serving[rid]
+            room.fire()
+
+    async def _send_abort(self, node_id: str, rid: str) -> None:
+        self.ledger.aborted(rid)
+        await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
+
     async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
         rid = getattr(item, "request_id", None)
         if self.ledger.is_cancelled(rid):  # its client left while it waited upstream
-            self.ledger.aborted(rid)
-            await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
+            await self._send_abort(node_id, rid)
             return
         for out in self._apply(node_id, op, op.add, item):
             await self._send(node_id, out)
@@ -342,6 +395,7 @@ class LocalExecutor:
         still upstream is ended the same way where it reaches an engine here. Engines in other processes are told
         (`on_cancel`), and do the same there."""
         self.ledger.cancel(request_id)
+        self._cancel_served(request_id)
         if self.on_cancel is not None and self.ledger.is_cancelled(request_id):
             self.on_cancel(request_id)
 
@@ -350,14 +404,27 @@ class LocalExecutor:
         engine here aborts them as they are held or arrive."""
         for rid in request_ids:
             self.ledger.cancel(rid, passing=True)
+            self._cancel_served(rid)
+
+    def _cancel_served(self, request_id: str) -> None:
+        """A stream node serving the request stops (its task sends the abort terminal)."""
+        if not self.ledger.is_cancelled(request_id):
+            return
+        for serving in self._serving.values():
+            if request_id in serving:
+                serving[request_id].cancel()
+
+    def held_requests(self) -> list[str]:
+        """Request ids held by this process's engines and stream nodes (a worker's heartbeat reports them)."""
+        held = [rid for op in self.operators.values() if isinstance(op, StepOperator) for rid in op.in_flight()]
+        return held + [rid for serving in self._serving.values() for rid in serving]
 
     async def _end_cancelled(self, node_id: str, op: StepOperator) -> None:
         held = [rid for rid in op.in_flight() if self.ledger.is_cancelled(rid)]
         if held:
             op.abort(held)
             for rid in held:
-                self.ledger.aborted(rid)
-                await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
+                await self._send_abort(node_id, rid)
 
 
 class _Signal:

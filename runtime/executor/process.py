@@ -311,7 +311,7 @@ class ProcessExecutor:
     def _give_up(self, nursery: trio.Nursery, group: str) -> None:
         """No worker will run the group again: its edges end on its behalf, so nothing waits on it."""
         for instance in self._instances_of(group):
-            instance.recovering = False
+            instance.recovering, instance.failed = False, True
         self.bridge.close_inbound_from(group)
         for src, dst in self.bridge.cross_edges():
             if self.groups[src] == group and self.groups[dst] not in (MAIN, group):

@@ -47,7 +47,6 @@ from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of
 from sagellm.runtime.executor.local import LocalExecutor, instances_of
 from sagellm.runtime.executor.worker_args import add_arguments
-from sagellm.runtime.pipeline.operator import StepOperator
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, host_problem
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
@@ -62,8 +61,7 @@ def stats_of(executor: LocalExecutor) -> dict[str, dict[str, Any]]:
     """This process's engine stats and held requests, for a Heartbeat."""
     local = executor.operators
     stats = {name: dataclasses.asdict(s) for name, s in executor.instances.items() if name in local}
-    held = [rid for op in executor.operators.values() if isinstance(op, StepOperator) for rid in op.in_flight()]
-    stats[wire.REQUESTS_KEY] = {"ids": held}
+    stats[wire.REQUESTS_KEY] = {"ids": executor.held_requests()}
     return stats
 
 

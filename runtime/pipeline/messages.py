@@ -22,6 +22,8 @@ Phase = Literal["colocated", "prefill", "decode"]
 # Bounded integers for what a client writes: whatever decodes into them also fits the wire's 64-bit msgpack integers,
 # so no value a client sends can fail to encode when its request crosses processes.
 Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+# Priority classes by name (the control-plane API's RequestPriority, a body's `priority`); lower runs first.
+PRIORITY_CLASSES = {"critical": -1, "high": 0, "normal": 1, "low": 2}
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # the model's vocabulary is checked at admission
 
 
@@ -49,6 +51,10 @@ class Request(_Message):
     arrival_time: float = msgspec.field(default_factory=time.time)
     phase: Phase = "colocated"
     instance: str | None = None  # the engine node route chose
+    exclude: list[str] = msgspec.field(default_factory=list)  # instances that failed it: route avoids them if it can
+    resumed_tokens: int = 0  # a resume: the prompt ends with this many tokens of the request's output so far
+    first_token_timeout_s: float | None = None  # the gateway's failover reads these (None: its defaults)
+    token_timeout_s: float | None = None
     admitted_time: float | None = None
     dispatched_time: float | None = None  # when it left the policy queue
 

@@ -1,7 +1,8 @@
-"""What a pipeline operator is: four kinds of synchronous logic that the executors drive, and the registry by name.
+"""What a pipeline operator is: five kinds of logic that the executors drive, and the registry by name.
 
 As in SAGE, operator logic does no I/O and never waits: the executor (trio tasks in one process, or a process on a
-ZeroMQ link) owns every channel, thread and socket, so the same operator runs unchanged under either placement.
+ZeroMQ link) owns every channel, thread and socket, so the same operator runs unchanged under either placement. The
+one exception is the kind whose whole job is a conversation with a server outside the graph.
 - `SourceOperator`: `poll()` returns new items (or None at the end); the executor calls it off the event loop when
   the source is `blocking` (stdin), inline otherwise.
 - `MapOperator`: `execute(item)` returns an item, a list of items, or None (dropped); an error item is an item too.
@@ -9,14 +10,20 @@ ZeroMQ link) owns every channel, thread and socket, so the same operator runs un
   exactly what reaches the engines under load.
 - `StepOperator`: `add(item)`, `step() -> items`, `has_work()`; the executor runs `step()` off the event loop, in
   vLLM's busy-loop-fed-by-a-queue shape. Prefill and decode engines are Step operators.
+- `StreamOperator`: `serve(item)` is an async generator of the item's outputs; the executor runs one trio task per
+  item (at most `capacity()` at once) and cancels it when the request's client leaves. The engine instances reached
+  over HTTP (an OpenAI-compatible server) are served by one.
 
 An operator with several downstream nodes either returns `Emit(to=node_id, item=...)` to choose one, or plain items,
 which go to every downstream node. `OperatorContext` tells an operator its downstream node ids and gives it the
-shared `InstanceStats` of the engine nodes, which route, pd_split and the policies read."""
+shared `InstanceStats` of the engine instances, which route, pd_split and the policies read. An instance is usually an
+engine node itself; instances that come and go at run time (servers the gateway reaches) are served through one node
+(`InstanceStats.node`), which route emits to with the chosen instance named in the request."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_type_hints
 
@@ -43,6 +50,8 @@ class InstanceStats:
 
     name: str
     role: str = "colocated"  # "colocated" | "prefill" | "decode"
+    node: str | None = None  # the graph node that serves this instance (None: the engine node `name` itself)
+    model: str | None = None  # the model name clients ask it for (None: the graph's own model)
     healthy: bool = True
     max_running: int = EngineConfig.max_num_seqs  # requests the engine runs at once
     running: int = 0  # requests admitted and not yet finished
@@ -56,6 +65,8 @@ class InstanceStats:
     prefix_cache_queries: int = 0  # prompt blocks looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # ... and found there
     recovering: bool = False  # unhealthy while its lost process is being started again
+    problem: str | None = None  # why it is unhealthy, when its keeper knows (an attached server: "failed: ...")
+    failed: bool = False  # its keeper gave up bringing it back (it could not start, or died too often)
 
     def lose(self, *, recovering: bool = False) -> None:
         """The engine's process is gone: unhealthy, and nothing is running or queued on it any more (its requests
@@ -64,6 +75,16 @@ class InstanceStats:
         self.healthy, self.recovering = False, recovering
         self.running = self.waiting = self.queued_prefill_tokens = self.queued_decode_tokens = 0
         self.kv_cache_usage = 0.0
+
+    @property
+    def state(self) -> str:
+        """ready | recovering (its process is being started again) | lost (unhealthy, nothing on its way)."""
+        return "ready" if self.healthy else "recovering" if self.recovering else "lost"
+
+    @property
+    def target(self) -> str:
+        """The node a request for this instance is sent to."""
+        return self.node or self.name
 
     @property
     def predicted_work(self) -> int:
@@ -101,9 +122,12 @@ class OperatorContext:
     load: PipelineLoad = field(default_factory=PipelineLoad)
     graph_attrs: dict[str, Any] = field(default_factory=dict)  # e.g. the model path the graph serves
 
-    def instances_among(self, names: list[str]) -> list[InstanceStats]:
-        """Stats of the given downstream nodes that are engines (route's candidates), in the given order."""
-        return [self.instances[n] for n in names if n in self.instances]
+    def instances_among(self, nodes: list[str]) -> list[InstanceStats]:
+        """The instances served by the given downstream nodes (route's candidates): the nodes' own, in the given
+        order, then the ones that came at run time, in the order they came."""
+        own = [self.instances[n] for n in nodes if n in self.instances and self.instances[n].node is None]
+        came = [s for s in list(self.instances.values()) if s.node is not None and s.node in nodes]
+        return own + came
 
 
 class Operator:
@@ -203,6 +227,22 @@ class StepOperator(Operator):
 
     def abort(self, request_ids: list[str]) -> None:
         """Forgets the given requests (they failed or their client left); frees what they hold."""
+
+
+class StreamOperator(Operator):
+    kind = "stream"
+
+    def capacity(self) -> int:
+        """How many items it serves at once; the executor leaves the rest upstream."""
+        return 1 << 30
+
+    def serve(self, item: Any) -> AsyncIterator[Any]:
+        """An async generator of `item`'s outputs (for a request: its deltas, then exactly one terminal). Cancelled
+        when the request's client leaves: its `finally` closes what it opened; the executor sends the terminal."""
+        raise NotImplementedError
+
+    async def drained(self) -> None:
+        """Called once after the last item was served: close connections (`close()` cannot await)."""
 
 
 OPERATORS: Registry[type[Operator]] = Registry(

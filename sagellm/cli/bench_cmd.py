@@ -39,6 +39,7 @@ PIPELINE_BENCHES = (
     ("policies", "policies", "scheduling policies under overload: real engine and a 1,000-instance simulator (W6)"),
     ("serve", "serve_cli", "streaming load on OpenAI-compatible servers, several compared in one run (W1)"),
     ("chaos", "chaos", "bad input, junk, overload and killed workers against `sagellm serve` (the reliability table)"),
+    ("faults", "faults", "one of three engine workers killed mid-run, failover off and on (the failover table)"),
     ("vllm-results", "vllm_results", "the table and chart of `vllm bench serve` result files (W1 against peers)"),
 )
 

@@ -7,7 +7,8 @@
     sagellm engine stop llm-1 [--force]
 
 `start` waits until the engine is ready (or failed) unless --no-wait. Requests for the engine's model at the
-gateway are then proxied to it. The gateway is the one `sagellm gateway start` recorded, or --url."""
+gateway then reach it (a generation engine is one more instance route chooses among). The gateway is the one
+`sagellm gateway start` recorded, or --url."""
 
 from __future__ import annotations
 

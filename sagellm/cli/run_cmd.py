@@ -17,7 +17,7 @@ from typing import Any
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a pipeline graph (YAML)", description=__doc__.split("\n\n")[0])
-    p.add_argument("graph", help="a pipeline YAML file, e.g. graphs/pd.yaml")
+    p.add_argument("graph", help="a pipeline YAML file, or a shipped graph by name (pd, graphs/pd.yaml)")
     p.add_argument("--prompt", "-p", action="append", default=[], help="a user message (repeat for several)")
     p.add_argument("--requests", help="a JSONL file of requests (prompt/messages/prompt_token_ids, sampling, ...)")
     p.add_argument("--output", "-o", help="write one JSON line per request here (default with --requests)")
@@ -55,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
 def build_graph(args: argparse.Namespace) -> Any:
     """The graph file with the command line applied: the source replaced by the given prompts or request file,
     `--policy`/`--routing` on every node of that kind, then `--set` (validated like the file)."""
+    from sagellm import graphs
     from sagellm.runtime.pipeline.spec import validate
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
-    graph = load_pipeline(args.graph, overrides=_overrides(args.set))
+    graph = load_pipeline(graphs.find(args.graph), overrides=_overrides(args.set))
     if args.model:
         graph.attrs["model"] = args.model
     sources = [n for n in graph.nodes.values() if n.op in ("prompt_source", "jsonl_source", "stdin_source")]

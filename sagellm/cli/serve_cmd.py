@@ -50,6 +50,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", help="strategy of every route node")
     p.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE", help="override a parameter")
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
+    failover = p.add_argument_group("failover (a request whose instance fails is tried again, resumed after tokens)")
+    failover.add_argument("--max-retries", type=int, default=2, help="attempts after the first (default 2; 0: off)")
+    failover.add_argument(
+        "--retry-wait", type=float, default=60.0, help="seconds a retry waits for a healthy instance (default 60)"
+    )
+    failover.add_argument(
+        "--first-token-timeout", type=float, default=300.0, help="seconds to the first token, queue included (300)"
+    )
+    failover.add_argument("--token-timeout", type=float, default=60.0, help="seconds between two tokens (default 60)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(prompt=[], requests=None, max_tokens=None, temperature=None)
 
@@ -74,9 +83,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace, embedding: str | None) -> Any:
-    from sagellm.gateway.config import GatewayConfig
+    from sagellm.gateway.config import FailoverPolicy, GatewayConfig
 
+    failover = FailoverPolicy(
+        max_retries=args.max_retries,
+        retry_wait_s=args.retry_wait,
+        first_token_timeout_s=args.first_token_timeout,
+        token_timeout_s=args.token_timeout,
+    )
     return GatewayConfig.from_env(
+        failover=failover,
         host=args.host,
         port=args.port,
         api_keys=args.api_key,

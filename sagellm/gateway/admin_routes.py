@@ -9,8 +9,8 @@ no traffic. `/health` answers 503 only when it is unavailable and nothing is bei
 workers to come back is alive, and restarting it would only lose that.
 `/metrics` is the metrics sink's registry (TTFT, TPOT, e2e histograms, request counts) plus live gauges read
 from the engines' stats at scrape time (running and waiting requests, KV cache usage, prefix cache hits), named as
-vLLM names them with a `sagellm:` prefix. `/admin/set_policy` switches the scheduling policy of the graph's queues
-while serving; `/admin/metrics` is the metrics snapshot as JSON."""
+vLLM names them with a `sagellm:` prefix, and the failover's retries. `/admin/set_policy` switches the scheduling
+policy of the graph's queues while serving; `/admin/metrics` is the metrics snapshot as JSON."""
 
 from __future__ import annotations
 
@@ -66,8 +66,16 @@ class EngineGauges:
         )
         for name, stats in self.core.instances().items():
             healthy.add_metric([name, stats.role], float(stats.healthy))
+        retries = CounterMetricFamily(
+            "sagellm:request_retries",
+            "Attempts started again after a failure (failover), by its code and whether tokens had been streamed.",
+            labels=["code", "resumed"],
+        )
+        for (code, resumed), count in self.core.retries.items():
+            retries.add_metric([code, str(resumed).lower()], count)
         yield from families.values()
         yield healthy
+        yield retries
         yield GaugeMetricFamily(
             "sagellm:gateway_requests_in_flight", "Requests the gateway is answering.", value=self.core.in_flight
         )
@@ -79,11 +87,6 @@ def service_status(instances: list[InstanceStats]) -> str:
     if not whole:
         return "unavailable"
     return "ok" if all(s.healthy for s in instances) else "degraded"
-
-
-def engine_state(stats: InstanceStats) -> str:
-    """ready | recovering (its worker is being started again) | lost (given up)."""
-    return "ready" if stats.healthy else "recovering" if stats.recovering else "lost"
 
 
 class AdminRoutes:
@@ -114,7 +117,7 @@ class AdminRoutes:
             "status": service_status(instances),
             "model": self.core.model_name,
             "engines": [
-                {"name": s.name, "role": s.role, "state": engine_state(s), "healthy": s.healthy, "running": s.running}
+                {"name": s.name, "role": s.role, "state": s.state, "healthy": s.healthy, "running": s.running}
                 for s in instances
             ],
             "in_flight": self.core.in_flight,

@@ -8,15 +8,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sagellm import graphs
+from sagellm.common.errors import FieldError
 from sagellm.common.home import gateway_dir
 from sagellm.gateway.http import DEFAULT_MAX_BODY_BYTES
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
-# The graph a gateway serves unless given one: one colocated engine (the repository's graphs/colocated.yaml).
-DEFAULT_GRAPH = Path(__file__).resolve().parents[2] / "graphs" / "colocated.yaml"
+# The graph a gateway serves unless given one: one colocated engine (graphs/colocated.yaml, shipped in the package).
+DEFAULT_GRAPH = graphs.DEFAULT
 DEFAULT_PORT = 8000
 API_KEY_ENV = "SAGELLM_API_KEY"
 ADMIN_KEY_ENV = "SAGELLM_ADMIN_KEY"
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """When a request whose attempt failed is tried again (sagellm.gateway.request_stream)."""
+
+    max_retries: int = 2  # attempts after the first
+    retry_wait_s: float = 60.0  # how long a retry waits for a healthy instance (a lost worker restarts in ~15 s)
+    first_token_timeout_s: float = 300.0  # queueing included: a loaded CPU server can take minutes
+    token_timeout_s: float = 60.0  # between two tokens
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise FieldError("max_retries", f"max_retries must be >= 0, got {self.max_retries}")
+        for name in ("retry_wait_s", "first_token_timeout_s", "token_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise FieldError(name, f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -33,6 +52,7 @@ class GatewayConfig:
     # Host names requests may address the gateway by (Host, a browser's Origin). None: loopback names when bound to
     # loopback (a page cannot rebind a name to 127.0.0.1 and drive the gateway), any when bound elsewhere.
     allowed_hosts: list[str] | None = None
+    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
 
     def host_names(self) -> frozenset[str] | None:
         if self.allowed_hosts is not None:

@@ -2,36 +2,46 @@
 HTTP source, and streams each request's items back to whoever submitted it.
 
 The graph is the one the user chose (default `graphs/colocated.yaml`), served: its source nodes are replaced by the
-`http_source` and its printing sinks (`stdout_sink`, `jsonl_sink`) dropped, so the same YAML runs as a batch job
-with `sagellm run` and as a server with `sagellm serve`. Every item that reaches a leaf goes to the request's
-stream; the executor keeps no per-request state after a request ends. The HTTP routes and the Python client's
-embedded mode both use this class."""
+`http_source`, its printing sinks (`stdout_sink`, `jsonl_sink`) dropped, and a `remote_engine` node added beside its
+engines (fed by its route, feeding its metrics sink), so the same YAML runs as a batch job with `sagellm run` and as
+a server with `sagellm serve`. Every item that reaches a leaf goes to the request's stream; the executor keeps no
+per-request state after a request ends. The HTTP routes and the Python client's embedded mode both use this class.
+
+The core is also the registry of instances every request chooses from: the graph's engine nodes, and the servers
+attached at run time through the remote node (engine processes the gateway spawns, servers it only reaches). A
+request names a model; the graph's own model runs on the graph's engines, any other on the attached instances that
+serve it: one path, admission to metrics, for all."""
 
 from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter, OrderedDict
 from typing import Any
 
 import structlog
 import trio
 
+from sagellm.gateway.config import FailoverPolicy
 from sagellm.gateway.errors import ApiError
+from sagellm.gateway.request_stream import RequestStream
 from sagellm.operators.admission import tokenize_request
 from sagellm.operators.http_source import HttpSource
+from sagellm.operators.route import ROLES_FOR_PHASE
 from sagellm.runtime.execution_graph.graph import Edge, Graph
 from sagellm.runtime.executor.local import LocalExecutor
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
 from sagellm.runtime.pipeline.operator import SourceOperator, get_operator
 
 log = structlog.get_logger("sagellm.gateway")
 SOURCE_NODE = "http"
+REMOTE_NODE = "remote"
 PRINTING_SINKS = ("stdout_sink", "jsonl_sink")
 # Prompts longer than this are tokenized in a worker thread before they enter the graph (a short one costs less
 # inline than the thread hop); a prompt longer than its context times MAX_CHARS_PER_TOKEN is refused untokenized.
 OFF_LOOP_CHARS = 4096
 MAX_CHARS_PER_TOKEN = 64
+RECENT_REQUESTS = 10_000  # ended requests whose status is still kept (GET /v1/requests/{id})
 
 
 def served_graph(graph: Graph) -> Graph:
@@ -47,6 +57,7 @@ def served_graph(graph: Graph) -> Graph:
         graph.remove_node(node_id)
     graph.add("http_source", id=SOURCE_NODE)
     graph.edges += [Edge(SOURCE_NODE, dst, port=sum(e.dst == dst for e in graph.edges)) for dst in targets]
+    _add_remote_node(graph)
     leaves = [n for n in graph.nodes if not any(e.src == n for e in graph.edges)]
     remote = [n for n in leaves if graph.nodes[n].placement != "task"]
     if remote:
@@ -54,43 +65,39 @@ def served_graph(graph: Graph) -> Graph:
     return graph
 
 
-class RequestStream:
-    """One request's items (TokenDelta, then a terminal TokenDelta or RequestError) as they reach the leaves."""
-
-    def __init__(self, core: ServingCore, request: Request) -> None:
-        self.core, self.request = core, request
-        self._send, self._receive = trio.open_memory_channel[Any](float("inf"))
-        self.done = False
-
-    def __aiter__(self) -> AsyncIterator[TokenDelta | RequestError]:
-        return self._items()
-
-    async def _items(self) -> AsyncIterator[TokenDelta | RequestError]:
-        async for item in self._receive:
-            yield item
-            if is_terminal(item):
-                self.done = True
-                return
-
-    def deliver(self, item: TokenDelta | RequestError) -> None:
-        self._send.send_nowait(item)  # unbounded: the engine never waits on a slow client
-
-    def cancel(self) -> None:
-        """The client left: the request is aborted wherever it is."""
-        if not self.done:
-            self.done = True
-            self.core.cancel(self.request.request_id)
+def _add_remote_node(graph: Graph) -> None:
+    """The node that serves instances attached at run time: beside the engines, fed by every route of this process
+    (a route in a worker process cannot see instances attached here) and feeding the first metrics sink."""
+    routes = [n.id for n in graph.nodes.values() if n.op == "route" and n.placement == "task"]
+    if not routes:
+        return
+    graph.add("remote_engine", id=REMOTE_NODE)
+    graph.edges += [Edge(route, REMOTE_NODE, port=port) for port, route in enumerate(routes)]
+    sink = next((n.id for n in graph.nodes.values() if n.op == "metrics_sink"), None)
+    if sink is not None:
+        graph.edges.append(Edge(REMOTE_NODE, sink, port=sum(e.dst == sink for e in graph.edges)))
 
 
 class ServingCore:
-    def __init__(self, graph: Graph, *, served_model_name: str | None = None, executor_args: Any = None) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        *,
+        served_model_name: str | None = None,
+        executor_args: Any = None,
+        failover: FailoverPolicy | None = None,
+    ) -> None:
         self.graph = served_graph(graph)
+        self.failover = failover or FailoverPolicy()
+        self.retries: Counter[tuple[str, bool]] = Counter()  # (failure code, resumed after tokens) -> retries
         self.source = HttpSource()
         self.model_name = served_model_name or str(graph.attrs.get("model") or "default")
         self.executor_args = dict(executor_args or {})
         self.local: LocalExecutor | None = None  # the executor of this process's nodes, once running
         self.executor: Any = None  # the graph's executor (a ProcessExecutor when nodes run in other processes)
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, RequestStream] = {}  # by the id of the attempt running now
+        self._live: dict[str, RequestStream] = {}  # by the client's request id, until the request ends
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # ended requests' last status, oldest first
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
 
@@ -109,8 +116,8 @@ class ServingCore:
         self.local.ledger.on_leaf_item = self._deliver
         self.source.wake = self.local.wake_sources
         await executor.run(task_status=task_status)
-        for stream in list(self._streams.values()):  # anything still open ends now (the executor failed it)
-            self._end(stream.request.request_id, "the gateway stopped before the request finished")
+        for rid in list(self._streams):  # anything still open ends now (the executor failed it)
+            self._end(rid, "the gateway stopped before the request finished")
 
     def shutdown(self) -> None:
         """No new requests; those in flight finish, then `run` returns."""
@@ -124,7 +131,8 @@ class ServingCore:
         """Renders and tokenizes, in a worker thread, the prompts too long to tokenize on the event loop (which
         every stream and /health share), so admission finds their token ids ready; a prompt with more characters than
         the context could hold tokens is refused at once, before any tokenizing. Raises ApiError (400)."""
-        long = [r for r in requests if r.prompt_token_ids is None and _characters(r) > OFF_LOOP_CHARS]
+        ours = [r for r in requests if r.model is None]  # another model's server tokenizes its prompts
+        long = [r for r in ours if r.prompt_token_ids is None and _characters(r) > OFF_LOOP_CHARS]
         if not long:
             return
         limit = (self.max_model_len or 0) * MAX_CHARS_PER_TOKEN
@@ -148,13 +156,57 @@ class ServingCore:
             raise ValueError(f"request id {request.request_id!r} is in use")
         if self.source.finished:
             raise ApiError(503, "the gateway is shutting down", code="unavailable")
-        stream = self._streams[request.request_id] = RequestStream(self, request)
+        stream = self._streams[request.request_id] = RequestStream(self, request, self.failover)
+        self._live[request.request_id] = stream
         self.source.submit(request)
         return stream
+
+    def resubmit(self, stream: RequestStream, attempt: Request) -> bool:
+        """Sends a stream's next attempt into the graph; False if the gateway is shutting down."""
+        if self.source.finished:
+            return False
+        self._streams[attempt.request_id] = stream
+        self.source.submit(attempt)
+        return True
 
     def cancel(self, request_id: str) -> None:
         if self.local is not None and request_id in self._streams:
             self.local.cancel(request_id)
+
+    def abandon(self, request_id: str) -> None:
+        """Cancels an attempt whose stream gave up on it; whatever it still sends is dropped."""
+        self.cancel(request_id)
+        self._streams.pop(request_id, None)
+
+    async def instance_ready(self, model: str | None, within_s: float) -> bool:
+        """Waits up to `within_s` until an instance of `model` (None: the graph's) that can run a request whole (not
+        a prefill worker alone) is healthy; False at once when none is healthy and none is being restarted (an
+        attached server that stopped answering may never do so again: its clients are not kept waiting on it)."""
+        whole = ROLES_FOR_PHASE["colocated"]
+        with trio.move_on_after(within_s):
+            while True:
+                fitting = [s for s in self.instances().values() if s.model == model and s.role in whole]
+                if any(s.healthy for s in fitting):
+                    return True
+                if not any(s.recovering for s in fitting):  # nothing is on its way back either
+                    return False
+                await trio.sleep(0.1)
+        return False
+
+    def count_retry(self, code: str, resumed: bool) -> None:
+        self.retries[code, resumed] += 1
+
+    def ended(self, stream: RequestStream) -> None:
+        """A request's client got its last item (or left): its status is kept among the recent ones."""
+        self._live.pop(stream.request.request_id, None)
+        self._recent[stream.request.request_id] = stream.status()
+        while len(self._recent) > RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+
+    def request_status(self, request_id: str) -> dict[str, Any] | None:
+        """A request's status while it runs and for a while after (the last RECENT_REQUESTS ended); None: unknown."""
+        stream = self._live.get(request_id)
+        return stream.status() if stream is not None else self._recent.get(request_id)
 
     def _deliver(self, item: Any) -> None:
         rid = getattr(item, "request_id", None)
@@ -171,6 +223,42 @@ class ServingCore:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    # -- the instances --------------------------------------------------------------------------------------------
+    @property
+    def remote(self) -> Any:
+        """The node serving the instances attached at run time (None: the graph has no route in this process)."""
+        return self.local.operators.get(REMOTE_NODE) if self.local is not None else None
+
+    def attach(self, instance_id: str, model: str, endpoint: Any, *, healthy: bool = False) -> Any:
+        """Adds a server as an instance of `model` (a `remote_engine.Endpoint`); returns its InstanceStats."""
+        if self.remote is None:
+            raise ApiError(
+                409, "the served graph has no route in the gateway's process to send requests to other instances"
+            )
+        return self.remote.attach(instance_id, model, endpoint, healthy=healthy)
+
+    def detach(self, instance_id: str) -> None:
+        if self.remote is not None:
+            self.remote.detach(instance_id)
+
+    def models(self) -> list[str]:
+        """The model names served: the graph's own, then those of attached instances that are not all failed."""
+        attached = [s.model for s in self.instances().values() if s.model is not None and not s.failed]
+        return list(dict.fromkeys([self.model_name, *attached]))
+
+    def instance_model(self, name: str | None) -> str | None:
+        """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
+        name itself for a model attached instances serve. Raises ApiError 404 for any other."""
+        if name is None or name == self.model_name:
+            return None
+        if any(s.model == name for s in self.instances().values()):
+            return name  # even if all its instances failed: the request learns why
+        served = ", ".join(repr(m) for m in self.models())
+        raise ApiError(
+            404, f"the model {name!r} does not exist here; this server has {served}", param="model",
+            code="model_not_found",
+        )  # fmt: skip
 
     # -- what the routes read -------------------------------------------------------------------------------------
     @property

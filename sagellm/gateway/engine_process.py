@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,11 @@ from sagellm.gateway.engine_spec import FAILED, READY, STARTING, UNHEALTHY, Mana
 log = structlog.get_logger("sagellm.gateway")
 
 LOG_FILE, PID_FILE = "engine.log", "engine.pid"
+# The gauge of queued requests in the Prometheus text of vLLM, llama.cpp and sageLLM servers.
+WAITING = re.compile(
+    r"^(?:vllm:num_requests_waiting|llamacpp:requests_deferred|sagellm:num_requests_waiting)(?:\{[^}]*\})? (\S+)$",
+    re.MULTILINE,
+)
 
 
 class Supervisor:
@@ -149,6 +155,13 @@ class Supervisor:
             return False
         return reply.status_code == 200
 
+    async def probe(self, engine: ManagedEngine) -> bool:
+        """Checks the engine's health now (what the periodic check does), moving it between ready and unhealthy."""
+        ok = await self._healthy(engine, "/v1/models" if engine.spec.kind == "openai" else "/health")
+        if engine.state in (READY, UNHEALTHY) and not engine.stopping:
+            engine.state = READY if ok else UNHEALTHY
+        return ok
+
     async def _until_ready(self, engine: ManagedEngine, path: str) -> None:
         """Returns once the check passes (or the engine is being stopped)."""
         while not engine.stopping and not await self._healthy(engine, path):
@@ -166,6 +179,19 @@ class Supervisor:
             if ok != (engine.state == READY):
                 log.warning("engine_health", engine=engine.id, healthy=ok)
             engine.state = READY if ok else UNHEALTHY
+            if ok and engine.stats is not None:
+                engine.stats.waiting = await self._waiting(engine)
+
+    async def _waiting(self, engine: ManagedEngine) -> int:
+        """Requests waiting at the server, from its Prometheus metrics (vLLM's, llama.cpp's or ours); 0 where it
+        exposes none. Requests running there are counted by the gateway itself, which sent them."""
+        try:
+            reply = await self._client.get(engine.url + "/metrics", headers=proxy.auth(engine), timeout=5)
+        except httpx.HTTPError:
+            return 0
+        if reply.status_code != 200:
+            return 0
+        return round(sum(float(value) for value in WAITING.findall(reply.text)))
 
     async def watch_remote(self, engine: ManagedEngine) -> None:
         """An openai engine is not ours to restart: it is ready whenever its `/v1/models` answers."""

@@ -3,7 +3,8 @@
 management API shows (`ManagedEngine`) with its state.
 
 States: starting -> ready (its health check passes) <-> unhealthy (checks fail while it lives); draining -> stopped
-when the API stops it; failed (it could not start, or died too often)."""
+when the API stops it; failed (it could not start, or died too often). A generation engine is an instance in the
+gateway's registry (`stats`): route chooses it only while it is ready."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import trio
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
+from sagellm.runtime.pipeline.operator import InstanceStats
 
 STARTING, READY, UNHEALTHY = "starting", "ready", "unhealthy"
 DRAINING, STOPPED, FAILED = "draining", "stopped", "failed"
@@ -30,7 +32,7 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tensor_parallel: int = 1
     port: int | None = None  # None or 0: a free port (llm, embedding)
     label: str | None = None
-    max_concurrent: int | None = None  # proxied requests in flight at once; more are answered 429
+    max_concurrent: int | None = None  # requests sent to it at once; more are answered 429
     use_gpu: bool = False
     url: str | None = None  # openai: the server's base URL
     api_key: str | None = None  # openai: the key the server expects
@@ -82,15 +84,33 @@ class ManagedEngine:
     api_key: str | None  # sent to the engine; a managed process gets a fresh one so only the gateway reaches it
     directory: Path | None = None  # log, pid and state of a managed process
     gpus: list[int] = field(default_factory=list)
-    state: str = STARTING
+    _state: str = STARTING
     process: trio.Process | None = None
     upstream_model: str | None = None  # the model's name at the engine, once known
     restarts: int = 0
     ever_ready: bool = False
     stopping: bool = False
     last_error: str | None = None
-    in_flight: int = 0
+    proxied: int = 0  # requests in flight through the proxy (embedding engines, which are not instances)
     created: float = field(default_factory=time.time)
+    stats: InstanceStats | None = None  # its entry in the gateway's registry of instances (generation engines)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._state = state
+        if self.stats is not None:
+            self.stats.healthy = state == READY
+            self.stats.recovering = state == STARTING and self.ever_ready
+            self.stats.failed = state == FAILED
+            self.stats.problem = None if state == READY else f"{state}: {self.last_error}" if self.last_error else state
+
+    @property
+    def in_flight(self) -> int:
+        return self.stats.running if self.stats is not None else self.proxied
 
     @property
     def name(self) -> str:

@@ -3,19 +3,22 @@
 Kinds: `llm` spawns our engine as a process (`sagellm serve` of the colocated graph on one model, an
 OpenAI-compatible server on 127.0.0.1), `embedding` the same serving one embedding model (`sagellm serve --no-llm
 -e MODEL`), `openai` registers a server that already runs (vLLM, llama.cpp, another sageLLM). The manager keeps the
-registry behind `/v1/management/engines`, checks a start request (names, ports, GPUs), gives each managed process
-a fresh API key so only the gateway reaches it, and proxies requests for an engine's model to it
-(sagellm.gateway.proxy), counting them so a stop can drain. What an engine is: sagellm.gateway.engine_spec; the
-processes themselves are run by the Supervisor (sagellm.gateway.engine_process)."""
+list behind `/v1/management/engines`, checks a start request (names, ports, GPUs) and gives each managed process a
+fresh API key so only the gateway reaches it. A generation engine (`llm`, `openai`) becomes an instance in the
+serving core's registry, so its requests take the graph's path (admission, the policy queue, route among every
+instance of the model, metrics); several may serve one model name. Requests for an embedding engine's model are
+proxied to it (sagellm.gateway.proxy), counted so a stop can drain. What an engine is:
+sagellm.gateway.engine_spec; the processes themselves are run by the Supervisor (sagellm.gateway.engine_process)."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -27,6 +30,10 @@ from sagellm.gateway.engine_process import Supervisor, free_port, port_free, sto
 from sagellm.gateway.engine_spec import DRAINING, FAILED, READY, STOPPED, EngineSpec, ManagedEngine
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import EventStream, HttpRequest, Response
+from sagellm.operators.remote_engine import Endpoint
+
+if TYPE_CHECKING:
+    from sagellm.gateway.core import ServingCore
 
 log = structlog.get_logger("sagellm.gateway")
 ENGINES_DIR = "engines"
@@ -36,17 +43,20 @@ class EngineManager:
     def __init__(
         self,
         gateway_state_dir: Path,
+        registry: ServingCore,
         *,
         reserved_names: Callable[[], Iterable[str]] = tuple,
         drain_timeout_s: float = 30.0,
         **supervision: float,
     ) -> None:
-        """Engines keep their files in `gateway_state_dir/engines/<this pid>/ID/`. `reserved_names`: the model
+        """Engines keep their files in `gateway_state_dir/engines/<this pid>/ID/`; generation engines are instances in
+        `registry`. `reserved_names`: the model
         names the gateway itself serves (its graph's and embedding model), which no managed engine may take.
         `drain_timeout_s`: how long a stop waits for the engine's requests in flight. `supervision`: Supervisor's
         timings and limits."""
         self.engines_root = gateway_state_dir / ENGINES_DIR
         self.state_dir = self.engines_root / str(os.getpid())
+        self.registry = registry
         self.reserved_names = reserved_names
         self.drain_timeout_s = drain_timeout_s
         self.supervision = supervision
@@ -79,26 +89,31 @@ class EngineManager:
         self._closed.set()
 
     # -- the management API ---------------------------------------------------------------------------------------
-    async def start(self, spec: EngineSpec) -> ManagedEngine:
-        """Registers the engine and, for llm and embedding, spawns its process; returns at once (state starting)."""
+    async def start(self, spec: EngineSpec, engine_id: str | None = None) -> ManagedEngine:
+        """Registers the engine (as `engine_id`, or a new id) and, for llm and embedding, spawns its process; returns
+        at once (state starting)."""
         if self._nursery is None or self._closed.is_set():
             raise ApiError(503, "the engine manager is not running", code="unavailable")
         gpus = await self._gpus_for(spec) if spec.kind != "openai" else []
         self._check(spec)  # no await from here to the registration: two starts cannot both take a name or port
-        engine_id = f"{spec.kind}-{next(self._ids)}"
+        if engine_id is not None and (engine_id in self.engines or engine_id in self.registry.instances()):
+            raise ApiError(409, f"an engine or instance named {engine_id!r} exists", code="conflict")
+        engine_id = engine_id or f"{spec.kind}-{next(self._ids)}"
         if spec.kind == "openai":
             url = spec.url.rstrip("/").removesuffix("/v1")
             engine = ManagedEngine(engine_id, spec, url, None, spec.api_key, upstream_model=spec.model)
-            self.engines[engine_id] = engine
-            self._nursery.start_soon(self._supervisor.watch_remote, engine)
         else:
             port = spec.port or free_port()
             engine = ManagedEngine(
                 engine_id, spec, f"http://127.0.0.1:{port}", port, secrets.token_urlsafe(24), gpus=gpus
             )
             engine.directory = self.state_dir / engine_id
-            self.engines[engine_id] = engine
-            self._nursery.start_soon(self._supervisor.supervise, engine)
+        if spec.kind != "embedding":  # our spawned server answers to the name the gateway gave it
+            endpoint = Endpoint(engine.url, engine.upstream_model or engine.name, engine.api_key, spec.max_concurrent)
+            engine.stats = self.registry.attach(engine_id, engine.name, endpoint)
+        self.engines[engine_id] = engine
+        watch = self._supervisor.watch_remote if spec.kind == "openai" else self._supervisor.supervise
+        self._nursery.start_soon(watch, engine)
         log.info("engine_registered", engine=engine_id, kind=spec.kind, model=engine.name, url=engine.url)
         return engine
 
@@ -115,9 +130,18 @@ class EngineManager:
                     await trio.sleep(0.05)
         await self._supervisor.end_process(engine, force)
         engine.state = STOPPED
+        self.registry.detach(engine_id)
         self.engines.pop(engine_id, None)
         log.info("engine_stopped", engine=engine_id, force=force)
         return engine
+
+    async def health_check(self, engine_id: str) -> dict[str, Any]:
+        """Probes one engine now: whether it answered, how long that took, and its state after."""
+        engine = self.get(engine_id)
+        started = time.perf_counter()
+        ok = await self._supervisor.probe(engine)
+        took_ms = round(1000 * (time.perf_counter() - started), 1)
+        return {"id": engine.id, "healthy": ok, "state": engine.state, "latency_ms": took_ms}
 
     def get(self, engine_id: str) -> ManagedEngine:
         engine = self.engines.get(engine_id)
@@ -127,9 +151,12 @@ class EngineManager:
         return engine
 
     # -- what the OpenAI routes call ------------------------------------------------------------------------------
-    def route(self, model: str | None) -> ManagedEngine | None:
-        """The managed engine serving `model`, or None (the graph's own model, or unknown: the route answers)."""
-        return next((e for e in self.engines.values() if e.name == model), None) if model else None
+    def embedding_engine(self, model: str | None) -> ManagedEngine | None:
+        """The embedding engine serving `model`, or None (the gateway's own, or unknown: the route answers)."""
+        return next((e for e in self._embedding_engines() if e.name == model), None) if model else None
+
+    def _embedding_engines(self) -> list[ManagedEngine]:
+        return [e for e in self.engines.values() if e.spec.kind == "embedding"]
 
     async def proxy(self, engine: ManagedEngine, http: HttpRequest) -> Response | EventStream:
         """Forwards the request to the engine; one that is not ready is a 503, one at `max_concurrent` a 429."""
@@ -138,20 +165,21 @@ class EngineManager:
             message = f"engine {engine.id} serving {engine.name!r} is {engine.state}{why}"
             raise ApiError(503, message, code="unavailable")
         limit = engine.spec.max_concurrent
-        if limit is not None and engine.in_flight >= limit:
+        if limit is not None and engine.proxied >= limit:
             raise ApiError(429, f"engine {engine.id} is at its limit of {limit} requests in flight", code="overloaded")
-        engine.in_flight += 1
+        engine.proxied += 1
 
         def release() -> None:
-            engine.in_flight -= 1
+            engine.proxied -= 1
 
         return await proxy.forward(self._client, engine, http, release)
 
     def model_cards(self, created: int) -> list[dict[str, Any]]:
-        """`/v1/models` entries for the managed engines' models (failed ones left out)."""
+        """`/v1/models` entries for the embedding engines' models (failed ones left out); generation models are the
+        registry's."""
         return [
             {"id": e.name, "object": "model", "created": created, "owned_by": "sagellm", "engine": e.id}
-            for e in self.engines.values()
+            for e in self._embedding_engines()
             if e.state != FAILED
         ]
 
@@ -164,8 +192,9 @@ class EngineManager:
         name = spec.served_model_name or spec.model
         if name in set(self.reserved_names()):
             raise ApiError(409, f"the gateway itself serves {name!r}; set served_model_name", code="conflict")
-        taken = self.route(name)
-        if taken is not None:
+        # Several generation engines may serve one name (route chooses among them); an embedding model has one.
+        taken = next((e for e in self.engines.values() if e.name == name), None)
+        if taken is not None and "embedding" in (spec.kind, taken.spec.kind):
             raise ApiError(409, f"engine {taken.id} already serves {name!r}; stop it first", code="conflict")
         if spec.port and (not port_free(spec.port) or any(e.port == spec.port for e in self.engines.values())):
             raise ApiError(409, f"port {spec.port} is in use; pick another or leave port out", code="conflict")

@@ -4,6 +4,8 @@
     POST   /v1/management/engines             start one: {model, kind, tensor_parallel, engine, port, ...}
     GET    /v1/management/engines/{id}        one engine
     DELETE /v1/management/engines/{id}        drain then stop a managed engine (?force=true: kill it now)
+    GET    /v1/management/engines/{id}/health health-check one engine now
+    GET    /v1/management/health              health-check every engine now
     GET    /v1/management/gpu                 the NVIDIA GPUs (NVML), or why there are none
     GET    /v1/management/backends            every hardware backend and whether it runs here
 
@@ -11,6 +13,7 @@ The graph's engines belong to the served graph: they are listed but not stoppabl
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import trio
@@ -33,6 +36,8 @@ class ManagementRoutes:
         app.route("POST", f"{PREFIX}/engines", self.start_engine, admin)
         app.route("GET", f"{PREFIX}/engines/{{engine_id}}", self.get_engine, admin)
         app.route("DELETE", f"{PREFIX}/engines/{{engine_id}}", self.stop_engine, admin)
+        app.route("GET", f"{PREFIX}/engines/{{engine_id}}/health", self.health_check, admin)
+        app.route("GET", f"{PREFIX}/health", self.health_check_all, admin)
         app.route("GET", f"{PREFIX}/gpu", self.gpu, admin)
         app.route("GET", f"{PREFIX}/backends", self.backends, admin)
 
@@ -54,6 +59,7 @@ class ManagementRoutes:
                 "last_error": None,
             }
             for name, stats in self.core.instances().items()
+            if stats.node is None  # the others are the managed engines, listed as such
         }
 
     async def list_engines(self, _: HttpRequest) -> Response:
@@ -80,6 +86,30 @@ class ManagementRoutes:
         force = http.query.get("force", "false").lower() in ("1", "true", "yes")
         engine = await self.engines.stop(engine_id, force=force)
         return Response(engine.to_json())
+
+    async def health_check(self, http: HttpRequest) -> Response:
+        return Response(await self._health_of(http.path_params["engine_id"]))
+
+    async def health_check_all(self, _: HttpRequest) -> Response:
+        ids = [*self._graph_engines(), *self.engines.engines]
+        results: dict[str, dict[str, Any]] = {}
+
+        async def check(engine_id: str) -> None:
+            with contextlib.suppress(ApiError):  # stopped while the others were checked: no longer listed
+                results[engine_id] = await self._health_of(engine_id)
+
+        async with trio.open_nursery() as nursery:
+            for engine_id in ids:
+                nursery.start_soon(check, engine_id)
+        return Response({"object": "list", "data": [results[i] for i in ids if i in results]})
+
+    async def _health_of(self, engine_id: str) -> dict[str, Any]:
+        """A graph engine's health is what its process last reported (heartbeats, every 0.5 s); a managed one is
+        probed now."""
+        graph = self._graph_engines().get(engine_id)
+        if graph is not None:
+            return {"id": engine_id, "healthy": graph["state"] == "ready", "state": graph["state"], "latency_ms": None}
+        return await self.engines.health_check(engine_id)
 
     # -- hardware -------------------------------------------------------------------------------------------------
     async def gpu(self, _: HttpRequest) -> Response:

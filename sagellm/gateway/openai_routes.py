@@ -1,9 +1,11 @@
-"""The OpenAI API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`.
+"""The OpenAI API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`, and sageLLM's
+`/v1/requests/{id}` (a request's status).
 
-A generation request becomes pipeline `Request`s submitted to the serving core; the reply is read from the request's
-stream. A streamed request waits for its first item before answering, so a request the graph rejects up front
-(context too long, overloaded, no healthy instance) gets its proper HTTP status instead of a 200 stream holding an
-error; a failure after the first token ends the stream with an `error` event and `[DONE]`, never as text."""
+A generation request becomes pipeline `Request`s submitted to the serving core, whichever instance serves its model
+(the graph's engines, or servers attached to the registry); the reply is read from the request's stream. A streamed
+request waits for its first item before answering, so a request the graph rejects up front (context too long,
+overloaded, no healthy instance) gets its proper HTTP status instead of a 200 stream holding an error; a failure
+after the first token ends the stream with an `error` event and `[DONE]`, never as text."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from sagellm.gateway.core import RequestStream, ServingCore
+from sagellm.gateway.core import ServingCore
 from sagellm.gateway.embeddings import EmbeddingService
 from sagellm.gateway.engines import EngineManager
 from sagellm.gateway.errors import ApiError
@@ -27,8 +29,9 @@ from sagellm.gateway.protocol import (
     chat_request,
     completion_requests,
 )
+from sagellm.gateway.request_stream import RequestStream
 from sagellm.gateway.responses import Choice, Envelope, chat_logprobs, completion_logprobs, finish_reason, usage
-from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 
 DONE = b"[DONE]"
 # Inputs one embedding request may carry: a batch this size takes about a second of CPU here; more would hold the
@@ -44,7 +47,7 @@ class OpenAIRoutes:
         engines: EngineManager | None = None,
     ) -> None:
         """`core` None: an embedding-only server (sagellm.gateway.embedding_server) uses just `embeddings()`.
-        `engines`: requests naming a managed engine's model are proxied to it."""
+        `engines`: embedding requests naming a managed embedding engine's model are proxied to it."""
         self.core, self.embedding, self.engines = core, embeddings, engines
         self.created = int(time.time())
 
@@ -53,18 +56,23 @@ class OpenAIRoutes:
         app.route("POST", "/v1/completions", self.completions, guard)
         app.route("POST", "/v1/chat/completions", self.chat, guard)
         app.route("POST", "/v1/embeddings", self.embeddings, guard)
+        app.route("GET", "/v1/requests/{request_id}", self.request_status, guard)
 
-    async def _proxied(self, model: str | None, http: HttpRequest) -> Response | EventStream | None:
-        """The managed engine's reply when `model` names one (the body, decoded once by the route, goes as is)."""
-        engine = self.engines.route(model) if self.engines is not None else None
-        return None if engine is None else await self.engines.proxy(engine, http)
+    async def request_status(self, http: HttpRequest) -> Response:
+        """Where a request is (queued, running, completed, failed, cancelled), by the `id` of its reply."""
+        request_id = http.path_params["request_id"]
+        status = self.core.request_status(request_id)
+        if status is None:
+            raise ApiError(404, f"no request {request_id!r} here (or it ended long ago)", code="not_found")
+        return Response(status)
 
     # -- models ---------------------------------------------------------------------------------------------------
     async def models(self, _: HttpRequest) -> Response:
         def card(name: str, **extra: Any) -> dict[str, Any]:
             return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **extra}
 
-        data = [card(self.core.model_name, max_model_len=self.core.max_model_len)]
+        own, *attached = self.core.models()
+        data = [card(own, max_model_len=self.core.max_model_len), *map(card, attached)]
         if self.embedding is not None:
             data.append(card(self.embedding.name, max_model_len=self.embedding.max_length))
         if self.engines is not None:
@@ -83,12 +91,12 @@ class OpenAIRoutes:
     # -- completions ----------------------------------------------------------------------------------------------
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
-        if (proxied := await self._proxied(body.model, http)) is not None:
-            return proxied
-        self._check_model(body.model, self.core.model_name, "text generation")
+        model = self.core.instance_model(body.model)
         requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"))
+        for request in requests:
+            request.model = model
         await self.core.tokenize_long_prompts(requests)
-        envelope = Envelope(requests[0].request_id, self.core.model_name, "text_completion")
+        envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion")
         wants_logprobs = body.logprobs is not None
         if body.stream:
             if len(requests) > 1:
@@ -131,14 +139,11 @@ class OpenAIRoutes:
     # -- chat -----------------------------------------------------------------------------------------------------
     async def chat(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(ChatCompletionRequest)
-        if (proxied := await self._proxied(body.model, http)) is not None:
-            return proxied
         if not body.stream:
             return Response(await self.complete_chat(body, http.headers))
-        self._check_model(body.model, self.core.model_name, "chat")
-        request = chat_request(body, http.headers, self.core.new_id("chatcmpl"))
+        request = self._chat_request(body, http.headers)
         await self.core.tokenize_long_prompts([request])
-        envelope = Envelope(request.request_id, self.core.model_name, "chat.completion.chunk")
+        envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
         stream = self.core.submit(request)
         first = await _first_or_raise(stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -147,15 +152,20 @@ class OpenAIRoutes:
 
     async def complete_chat(self, body: ChatCompletionRequest, headers: dict[str, str]) -> dict[str, Any]:
         """A whole chat completion as OpenAI's response body (the sessions route uses it too)."""
-        self._check_model(body.model, self.core.model_name, "chat")
-        request = chat_request(body, headers, self.core.new_id("chatcmpl"))
+        request = self._chat_request(body, headers)
         await self.core.tokenize_long_prompts([request])
-        envelope = Envelope(request.request_id, self.core.model_name, "chat.completion")
+        envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
         (choice,) = await _collect([self.core.submit(request)])
         message = {"role": "assistant", "content": choice.text}
         lp = chat_logprobs(self.core.tokenizer, choice.logprobs) if body.logprobs else None
         fields = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(choice.finish_reason)}
         return envelope.body([fields], usage=usage([choice]))
+
+    def _chat_request(self, body: ChatCompletionRequest, headers: dict[str, str]) -> Request:
+        model = self.core.instance_model(body.model)
+        request = chat_request(body, headers, self.core.new_id("chatcmpl"))
+        request.model = model
+        return request
 
     def _chat_events(
         self, envelope: Envelope, stream: RequestStream, first: TokenDelta, logprobs: bool, include_usage: bool
@@ -171,8 +181,9 @@ class OpenAIRoutes:
     # -- embeddings -----------------------------------------------------------------------------------------------
     async def embeddings(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(EmbeddingRequest)
-        if (proxied := await self._proxied(body.model, http)) is not None:
-            return proxied
+        engine = self.engines.embedding_engine(body.model) if self.engines is not None else None
+        if engine is not None:
+            return await self.engines.proxy(engine, http)
         if self.embedding is None:
             raise ApiError(
                 404,

@@ -4,22 +4,26 @@ Bodies decode with msgspec into these Structs (a wrong type is a 400 naming the 
 sageLLM cannot honour are refused with a 400 naming them (`n` > 1, tools, penalties, logit_bias, echo, suffix)
 rather than silently ignored; unknown extra fields are ignored, as vLLM does, because SDKs add new ones all the time.
 vLLM's extensions (`top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, ...) and sageLLM's scheduling fields
-(`priority`, SLOs; also as `X-Request-Priority` / `X-SLO-Deadline-Ms` headers) are accepted in the body."""
+(`priority` by number or class name, SLOs, `cost_budget`; also as `X-Request-Priority` / `X-SLO-Deadline-Ms`
+headers) and failover timeouts are accepted in the body."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from sagellm.gateway.errors import ApiError
 from sagellm.runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from sagellm.runtime.pipeline.messages import Priority, Request, TokenId
+from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES, Priority, Request, TokenId
 
 Unset = msgspec.UnsetType
 UNSET = msgspec.UNSET
 _PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1  # Priority's bounds, for the header that bypasses the struct
+PriorityName = Literal["critical", "high", "normal", "low"]
+# A request's own failover timeout, seconds: under a second it would only turn a busy moment into a 504.
+Timeout = Annotated[float, msgspec.Meta(ge=1, le=86_400)]
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -50,10 +54,14 @@ class _Generation(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # sageLLM's scheduling fields
-    priority: Priority | None = None
+    priority: Priority | PriorityName | None = None  # a number (lower runs first) or a class name
+    cost_budget: Annotated[float, msgspec.Meta(ge=0)] | None = None  # most it may cost, in the instances' price unit
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
     slo_deadline_ms: float | None = None
+    # sageLLM's failover timeouts, seconds (None: the gateway's defaults)
+    first_token_timeout: Timeout | None = None
+    token_timeout: Timeout | None = None
 
 
 class CompletionRequest(_Generation, kw_only=True):
@@ -124,8 +132,10 @@ def sampling_params(body: _Generation, max_tokens: int | None, logprobs: int | N
 
 
 def scheduling(body: _Generation, headers: dict[str, str], now: float) -> dict[str, Any]:
-    """Priority and SLOs from the body or the `X-Request-Priority` / `X-SLO-Deadline-Ms` headers (body first)."""
-    priority = body.priority if body.priority is not None else _header_number(headers, "x-request-priority", int)
+    """Priority and SLOs from the body or the `X-Request-Priority` / `X-SLO-Deadline-Ms` headers (body first), and
+    the request's own failover timeouts."""
+    priority = body.priority if body.priority is not None else _header_priority(headers)
+    priority = PRIORITY_CLASSES[priority] if isinstance(priority, str) else priority
     if priority is not None and not _PRIORITY_MIN <= priority <= _PRIORITY_MAX:
         _refuse("priority", f"must be in [{_PRIORITY_MIN}, {_PRIORITY_MAX}], got {priority}")
     deadline_ms = body.slo_deadline_ms
@@ -138,9 +148,21 @@ def scheduling(body: _Generation, headers: dict[str, str], now: float) -> dict[s
     return dict(
         priority=priority or 0,
         user=body.user,
+        cost_budget=body.cost_budget,
         ttft_slo_ms=body.ttft_slo_ms,
         tpot_slo_ms=body.tpot_slo_ms,
         deadline=now + deadline_ms / 1000 if deadline_ms is not None else None,
+        first_token_timeout_s=body.first_token_timeout,
+        token_timeout_s=body.token_timeout,
+    )
+
+
+def _header_priority(headers: dict[str, str]) -> int | str | None:
+    raw = headers.get("x-request-priority")
+    return (
+        raw.lower()
+        if raw is not None and raw.lower() in PRIORITY_CLASSES
+        else _header_number(headers, "x-request-priority", int)
     )
 
 

@@ -16,6 +16,7 @@ import httpx
 import msgspec
 import trio
 
+from sagellm.common.sse import sse_data
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import EventStream, HttpRequest, Response
 
@@ -80,15 +81,8 @@ async def forward(
 async def _relay(engine: ManagedEngine, reply: httpx.Response, release: Callable[[], None]) -> AsyncIterator[bytes]:
     """Each SSE event's data, as the gateway's EventStream frames it again (`data: ...`)."""
     try:
-        lines: list[str] = []
-        async for line in reply.aiter_lines():
-            if line.startswith("data:"):
-                lines.append(line[5:].removeprefix(" "))
-            elif not line and lines:
-                yield "\n".join(lines).encode()
-                lines = []
-        if lines:
-            yield "\n".join(lines).encode()
+        async for data in sse_data(reply.aiter_lines()):
+            yield data.encode()
     except httpx.HTTPError as exc:
         error = ApiError(503, f"engine {engine.id} failed mid-stream: {exc}", code="instance_lost")
         yield msgspec.json.encode(error.body())

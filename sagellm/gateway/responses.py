@@ -35,7 +35,8 @@ class Choice:
 
 def usage(choices: list[Choice]) -> dict[str, Any]:
     prompt = sum(c.metrics.num_prompt_tokens for c in choices if c.metrics)
-    completion = sum(len(c.token_ids) for c in choices)
+    # Another model's server streams text only: its own count of the tokens is in the metrics.
+    completion = sum(len(c.token_ids) or (c.metrics.num_output_tokens if c.metrics else 0) for c in choices)
     cached = sum(c.metrics.num_cached_tokens for c in choices if c.metrics)
     return {
         "prompt_tokens": prompt,

@@ -88,9 +88,9 @@ async def serve(
 ) -> None:
     """Runs until `Gateway.stop` is set (or, with `handle_signals`, a SIGINT/SIGTERM arrives); hands the running
     `Gateway` to `task_status` once it answers HTTP."""
-    core = ServingCore(graph, served_model_name=config.served_model_name)
+    core = ServingCore(graph, served_model_name=config.served_model_name, failover=config.failover)
     embeddings = EmbeddingService(config.embedding_model) if config.embedding_model else None
-    engines = EngineManager(config.state_dir, reserved_names=lambda: _served_names(core, embeddings))
+    engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core, embeddings))
     admin = admin_key(config.state_dir, config.admin_key)
     app = build_app(core, embeddings, config, admin, engines)
     hyper = hypercorn_config(config)
@@ -137,7 +137,7 @@ class GatewayThread:
             try:
                 async with trio.open_nursery() as nursery:
                     gateway = await nursery.start(serve, graph, config)
-                    ready.put((gateway, trio.lowlevel.current_trio_token()))
+                    ready.put((gateway, nursery, trio.lowlevel.current_trio_token()))
             except BaseException as exc:  # a start failure reaches the caller instead of hanging it
                 ready.put(exc)
                 raise
@@ -147,12 +147,20 @@ class GatewayThread:
         started = ready.get()
         if isinstance(started, BaseException):
             raise started
-        self.gateway, self._token = started
+        self.gateway, self._nursery, self._token = started
         self.url, self.core = self.gateway.url, self.gateway.core
 
     def call(self, fn: Any, *args: Any) -> Any:
         """Runs `fn(*args)` on the gateway's event loop (its state is the loop's alone)."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def wait(self, afn: Any, *args: Any) -> Any:
+        """Runs the async function `afn(*args)` on the gateway's event loop and returns its result."""
+        return trio.from_thread.run(afn, *args, trio_token=self._token)
+
+    def start_soon(self, afn: Any, *args: Any) -> None:
+        """Starts `afn(*args)` as a task of the gateway's loop (it ends with the gateway)."""
+        self.call(self._nursery.start_soon, afn, *args)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Graceful: requests in flight finish, the graph drains, the thread ends."""

@@ -1,5 +1,5 @@
 """The background gateway's lifecycle as a user drives it, every step a real `sagellm` subprocess on a tiny Llama:
-`gateway start` -> `status` -> `engine start` -> `engine list` -> chat proxied to the engine -> the engine's process
+`gateway start` -> `status` -> `engine start` -> `engine list` -> chat served by the engine -> the engine's process
 killed and restarted -> `engine stop` -> `gateway stop`. A command costs a Python start-up (seconds on busy cores),
 so the side steps (a second start refused, `preset apply` of an openai engine, `gateway logs`) run the same `main()`
 in this process."""

@@ -230,3 +230,19 @@ def test_add_after_stop_raises(byte_level: PreTrainedTokenizerBase) -> None:
     assert detok.stop_string == "world" and detok.text == "Hello "
     with pytest.raises(DetokenizerFinishedError):
         detok.add(_encode(byte_level, "x"))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_resume_at_any_token_continues_the_text_exactly(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
+    """A request resumed on another engine after k tokens: the first run streamed some text (holding back a character
+    cut between tokens and a possible stop string's start); the second, given the prompt and those k tokens as
+    `resumed_tokens`, streams the rest. Together: exactly the uninterrupted run's text, at every k."""
+    prompt, output = _encode(tokenizer, "Answer: "), _encode(tokenizer, text)
+    params = SamplingParams(stop=["xyz"])  # holds back 2 characters: the replay must hold back the same
+    whole = IncrementalDetokenizer.from_params(tokenizer, prompt, params)
+    expected = "".join(_stream(whole, output)) + whole.flush()
+    for k in range(len(output) + 1):
+        first = IncrementalDetokenizer.from_params(tokenizer, prompt, params)
+        sent = "".join(_stream(first, output[:k]))
+        second = IncrementalDetokenizer.from_params(tokenizer, prompt + output[:k], params, resumed_tokens=k)
+        assert sent + "".join(_stream(second, output[k:])) + second.flush() == expected, f"resumed after {k} tokens"

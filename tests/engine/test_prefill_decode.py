@@ -94,3 +94,26 @@ def test_kv_for_the_wrong_prompt_length_is_refused(model_path):
     with pytest.raises(ValueError, match="KV covers 3 tokens, the prompt has 5"):
         eng.add_prefilled_request("x", [5, 6, 7, 8, 9], GREEDY, 11, torch.zeros(2, 2, 3, 2, 16))
     assert not eng.has_unfinished_requests()
+
+
+def test_seeded_sampling_is_the_same_split_over_prefill_and_decode_or_resumed_elsewhere(model_path):
+    """A seeded request draws each token from (seed, position): the same tokens from one engine, from a prefill
+    worker then a decode worker, and from a second engine given the prompt and the first tokens (a resume)."""
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
+    (prompt,) = prompts([9])
+    one = engine(model_path)
+    one.add_request("r", prompt, sampled)
+    whole = run_to_end(one)["r"]
+    assert len(set(whole)) > 3  # really sampled, not one token over and over
+
+    prefill, decode = engine(model_path), engine(model_path)
+    prefill.add_request("r", prompt, sampled, prefill_only=True)
+    (handed,) = run_to_end_outputs(prefill)
+    first = handed.outputs[0].token_ids[0]
+    decode.add_prefilled_request("r", handed.prompt_token_ids, sampled, first, handed.kv)
+    assert [first, *run_to_end(decode)["r"]] == whole
+
+    resumed = engine(model_path)
+    rest = SamplingParams(max_tokens=7, temperature=1.0, seed=1234, ignore_eos=True)
+    resumed.add_request("r", prompt + whole[:5], rest)
+    assert whole[:5] + run_to_end(resumed)["r"] == whole

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from sagellm.gateway.config import GatewayConfig
@@ -52,3 +53,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def tiny_config(tmp_path: Path, **fields: Any) -> GatewayConfig:
     return GatewayConfig(host="127.0.0.1", port=0, state_dir=tmp_path / "state", **fields)
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_model, tmp_path_factory):
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path_factory.mktemp("main")), tiny_model) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def admin(gateway) -> httpx.Client:
+    headers = {"authorization": f"Bearer {gateway.gateway.admin_key}"}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as client:
+        yield client

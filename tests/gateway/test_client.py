@@ -38,6 +38,8 @@ def test_url_mode_sync_and_async_calls_and_typed_errors(gateway, tiny_model):
         assert raised.value.param == "temperature" and raised.value.status == 400
         with pytest.raises(NotFoundError):
             client.embed(["no embedding model here"])
+    with UnifiedInferenceClient.create(control_plane_url=gateway.url + "/v1/", api_key=KEY) as client:
+        assert client.chat(CHAT, temperature=0, max_tokens=8) == reply  # the URL OpenAI clients are given works too
 
         async def both() -> tuple[str, str]:
             text = await client.achat(CHAT, temperature=0, max_tokens=8)

@@ -1,7 +1,7 @@
 """The management API on a real gateway (a tiny Llama behind graphs/colocated.yaml): the admin key, every error
-status, the GPU and backend inventories, and an `openai` engine (a second real gateway) whose model the first one
-proxies, plain, streamed and failing, until it is stopped or goes down; spawned `embedding` and `llm` engines (one
-that serves, one that cannot start and is failed with its own error message)."""
+status, the GPU and backend inventories, and an `openai` engine (a second real gateway) that serves its model as an
+instance of the first one's registry, plain, streamed and failing, until it is stopped or goes down; spawned
+`embedding` and `llm` engines (one that serves, one that cannot start and is failed with its own error message)."""
 
 from __future__ import annotations
 
@@ -25,19 +25,6 @@ from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tin
 
 ENGINES = "/v1/management/engines"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def gateway(tiny_model, tmp_path_factory):
-    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path_factory.mktemp("main")), tiny_model) as gw:
-        yield gw
-
-
-@pytest.fixture(scope="module")
-def admin(gateway) -> httpx.Client:
-    headers = {"authorization": f"Bearer {gateway.gateway.admin_key}"}
-    with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as client:
-        yield client
 
 
 def wait_for(admin: httpx.Client, engine_id: str, states: set[str], timeout: float = 120) -> dict[str, Any]:
@@ -125,9 +112,9 @@ def test_backends_route_matches_the_registry(admin):
 
 
 @pytest.mark.slow
-def test_openai_engine_is_proxied_until_it_stops_or_goes_down(admin, gateway, tiny_model, tmp_path):
+def test_openai_engine_serves_its_model_until_it_stops_or_goes_down(admin, gateway, tiny_model, tmp_path):
     """A second gateway serving the same weights as `upstream` is registered as `remote`: requests for `remote`
-    reach it (model renamed on the way), with its replies, stream framing and error statuses."""
+    reach it through the graph (model renamed on the way), with its replies, stream framing and error statuses."""
     config = tiny_config(tmp_path, served_model_name="upstream")
     with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as upstream:
         body = {"model": "upstream", "kind": "openai", "url": upstream.url + "/v1/", "served_model_name": "remote"}

@@ -1,0 +1,248 @@
+"""The `remote_engine` operator: the engine instances reached over HTTP, served from one node of the graph.
+
+An instance here is an OpenAI-compatible server: vLLM, llama.cpp, another sageLLM, or an engine process the gateway
+spawned. The control plane attaches one at run time (`attach`) with the endpoint it is reached at and the model name
+clients ask for; its `InstanceStats` names this node, so route chooses among these instances like among engine nodes
+(with the same strategies) and names the chosen one in `request.instance`.
+
+Each request is one streamed call: a chat (`messages`) to /v1/chat/completions, a prompt or token ids to
+/v1/completions, with the request's sampling settings (vLLM's names for what OpenAI lacks: top_k, min_p, ...). The
+server's events become TokenDeltas with text only (its token ids are its own vocabulary's), and its `usage` the
+finished request's metrics. The server's own refusals keep their meaning (its 400 is the client's invalid request,
+with the server's message); a server that cannot be reached is `unavailable`, one that drops a stream
+`instance_lost`, both retryable. A client that leaves cancels the call, which closes its connection: the server
+aborts the request. The instance's `running` and expected decode work are this node's count of its requests there;
+its `waiting` is the server's own queue, which whoever keeps the instance reads from the server's metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import structlog
+
+from sagellm.common.errors import FieldError
+from sagellm.common.sse import sse_data
+from sagellm.runtime.engine.outputs import RequestMetrics
+from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StreamOperator, register_operator
+
+log = structlog.get_logger("sagellm.remote_engine")
+UNLIMITED = 1 << 30
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where an instance is reached and how it is asked."""
+
+    url: str  # the server's base URL, without /v1
+    model: str  # the model's name at the server (what its requests say in `model`)
+    api_key: str | None = None
+    max_concurrent: int | None = None  # requests sent to it at once; more are refused as overloaded
+
+
+@register_operator
+class RemoteEngine(StreamOperator):
+    name = "remote_engine"
+    accepts = (Request,)
+
+    def __init__(self, connect_timeout_s: float = 5.0) -> None:
+        """`connect_timeout_s`: how long to wait for a connection to an instance before it counts as unreachable."""
+        if not connect_timeout_s > 0:
+            raise FieldError("connect_timeout_s", f"connect_timeout_s must be > 0, got {connect_timeout_s}")
+        self.connect_timeout_s = connect_timeout_s
+        self.endpoints: dict[str, Endpoint] = {}
+        self._sent: dict[str, dict[str, int]] = {}  # instance -> its requests here -> their expected output tokens
+        self._client: httpx.AsyncClient | None = None
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        # No read timeout: a long generation streams for minutes; no pool cap below what admission already bounds.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=self.connect_timeout_s, read=None, write=60.0, pool=60.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    async def drained(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- the instances ----------------------------------------------------------------------------------------------
+    def attach(self, instance_id: str, model: str, endpoint: Endpoint, *, healthy: bool = True) -> InstanceStats:
+        """Serves a new instance of `model` (the name clients ask for) from this node; returns its stats, which the
+        control plane keeps current (health)."""
+        if instance_id in self.ctx.instances:
+            raise ValueError(f"an instance named {instance_id!r} already exists")
+        stats = InstanceStats(
+            instance_id,
+            node=self.ctx.node_id,
+            model=model,
+            healthy=healthy,
+            max_running=endpoint.max_concurrent or UNLIMITED,
+        )
+        self.ctx.instances[instance_id] = stats
+        self.endpoints[instance_id] = endpoint
+        self._sent[instance_id] = {}
+        return stats
+
+    def detach(self, instance_id: str) -> None:
+        """Route no longer sees the instance; requests already sent to it finish there."""
+        self.ctx.instances.pop(instance_id, None)
+        self.endpoints.pop(instance_id, None)
+        self._sent.pop(instance_id, None)
+
+    # -- requests ---------------------------------------------------------------------------------------------------
+    async def serve(self, item: Request) -> AsyncIterator[TokenDelta | RequestError]:
+        name = item.instance or ""
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            yield _error(item, "unavailable", f"instance {name!r} left before the request reached it", retryable=True)
+            return
+        if item.sampling.logprobs is not None:  # its tokens are the server's vocabulary: not ours to name
+            yield _error(item, "invalid_request", f"logprobs are not relayed from {name} (a server of another model)")
+            return
+        sent = self._sent[name]
+        if endpoint.max_concurrent is not None and len(sent) >= endpoint.max_concurrent:
+            message = f"instance {name} is at its limit of {endpoint.max_concurrent} requests in flight"
+            yield _error(item, "overloaded", message, retryable=True)
+            return
+        sent[item.request_id] = item.sampling.expected_output_tokens
+        self._report(name, sent)
+        try:
+            async for out in self._call(name, endpoint, item):
+                yield out
+        finally:
+            del sent[item.request_id]
+            self._report(name, sent)
+
+    def _report(self, name: str, sent: dict[str, int]) -> None:
+        stats = self.ctx.instances.get(name)
+        if stats is not None:
+            stats.running = len(sent)
+            stats.queued_prefill_tokens = 0  # the server's to know; route's estimate gives way to what is known
+            stats.queued_decode_tokens = sum(sent.values())
+
+    async def _call(self, name: str, endpoint: Endpoint, request: Request) -> AsyncIterator[TokenDelta | RequestError]:
+        path, body = openai_call(request, endpoint.model)
+        headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        metrics = RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time)
+        chunks, finish = 0, None
+        try:
+            async with self._client.stream("POST", endpoint.url + path, json=body, headers=headers) as reply:
+                if reply.status_code != 200:
+                    yield _refusal(request, name, reply.status_code, await reply.aread())
+                    return
+                async for data in sse_data(reply.aiter_lines()):
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if isinstance(chunk.get("error"), dict):  # the server failed the request mid-stream
+                        yield _error(request, "internal", f"{name}: {chunk['error'].get('message')}")
+                        return
+                    _count_usage(metrics, chunk.get("usage"))
+                    for choice in chunk.get("choices") or ():
+                        text = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content")
+                        finish = choice.get("finish_reason") or finish
+                        if text:
+                            chunks += 1
+                            metrics.first_token_time = metrics.first_token_time or time.time()
+                            yield TokenDelta(request_id=request.request_id, token_ids=[], text=text)
+        except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            code: ErrorCode = "instance_lost" if chunks else "unavailable"
+            yield _error(request, code, f"instance {name} at {endpoint.url}: {_reason(exc)}", retryable=True)
+            return
+        if finish is None:
+            message = f"instance {name} ended the stream before the request finished"
+            yield _error(request, "instance_lost", message, retryable=True)
+            return
+        now = time.time()
+        metrics.finished_time = now
+        metrics.num_output_tokens = metrics.num_output_tokens or chunks  # servers stream about a token per event
+        metrics.slo_met = request.slo_met(metrics)
+        yield TokenDelta(request_id=request.request_id, token_ids=[], finish_reason=finish, time=now, metrics=metrics)
+
+
+def openai_call(request: Request, model: str) -> tuple[str, dict[str, Any]]:
+    """The path and JSON body that ask an OpenAI-compatible server for `request`, streamed with usage."""
+    s = request.sampling
+    body: dict[str, Any] = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+    }
+    optional = {
+        "max_tokens": s.max_tokens,
+        "seed": s.seed,
+        "stop": s.stop or None,
+        "user": request.user,
+        # vLLM's (and llama.cpp's) names for what OpenAI's API lacks; sent only when they change something.
+        "top_k": s.top_k if s.top_k > 0 else None,
+        "min_p": s.min_p or None,
+        "stop_token_ids": s.stop_token_ids or None,
+        "ignore_eos": s.ignore_eos or None,
+        "include_stop_str_in_output": s.include_stop_str_in_output or None,
+        "skip_special_tokens": False if not s.skip_special_tokens else None,
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    if request.messages is not None and request.prompt_token_ids is None:
+        return "/v1/chat/completions", {**body, "messages": request.messages}
+    prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+    return "/v1/completions", {**body, "prompt": prompt}
+
+
+def _count_usage(metrics: RequestMetrics, usage: Any) -> None:
+    if isinstance(usage, dict):
+        metrics.num_prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        metrics.num_output_tokens = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            metrics.num_cached_tokens = int(details.get("cached_tokens") or 0)
+
+
+# A server's refusal, by HTTP status, as the request's error: its meaning for the client is kept.
+_REFUSALS: dict[int, tuple[ErrorCode, bool]] = {
+    400: ("invalid_request", False),
+    413: ("invalid_request", False),
+    422: ("invalid_request", False),
+    429: ("overloaded", True),
+    503: ("unavailable", True),
+    504: ("timeout", True),
+}
+
+
+def _refusal(request: Request, name: str, status: int, content: bytes) -> RequestError:
+    message = _error_message(content) or f"HTTP {status}"
+    code, retryable = _REFUSALS.get(status, ("unavailable" if status == 404 else "internal", False))
+    if code == "invalid_request" and "context length" in message.lower():
+        code = "context_length_exceeded"
+    if code in ("invalid_request", "context_length_exceeded"):
+        return _error(request, code, message)  # the client's to fix: the server's words
+    return _error(request, code, f"instance {name} answered {status}: {message}", retryable=retryable)
+
+
+def _error_message(content: bytes) -> str:
+    """The message of an OpenAI-style (or FastAPI-style) error body, else its text."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content.decode("utf-8", "replace").strip()[:500]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(body, dict) and body.get("detail"):
+        return str(body["detail"])
+    return json.dumps(body)[:500]
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _error(request: Request, code: ErrorCode, message: str, *, retryable: bool = False) -> RequestError:
+    return RequestError(request_id=request.request_id, code=code, message=message, retryable=retryable)
