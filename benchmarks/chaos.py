@@ -96,8 +96,8 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def progress(message: str) -> None:
-    print(f"[chaos] {message}", file=sys.stderr, flush=True)
+def progress(message: str, bench: str = "chaos") -> None:
+    print(f"[{bench}] {message}", file=sys.stderr, flush=True)
 
 
 async def _run(args: argparse.Namespace) -> list[Row]:
@@ -129,8 +129,10 @@ class Server:
     """`sagellm serve GRAPH` in its own process (also the faults benchmark's), ipc sockets in a folder of ours (so the
     junk phase finds them all); `extra`: more command-line options."""
 
-    def __init__(self, work: Path, graph: str, model: str | None, extra: tuple[str, ...] = ()) -> None:
-        self.work, self.graph, self.model, self.extra = work, graph, model, extra
+    def __init__(
+        self, work: Path, graph: str, model: str | None, extra: tuple[str, ...] = (), bench: str = "chaos"
+    ) -> None:
+        self.work, self.graph, self.model, self.extra, self.bench = work, graph, model, extra, bench
         self.state, self.ipc, self.log = work / "state", work / "ipc", work / "server.log"
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -146,7 +148,7 @@ class Server:
         command += ["--state-dir", str(self.state), *self.extra]
         command += ["--model", self.model] if self.model else []
         env = {**os.environ, IPC_DIR_ENV: str(self.ipc), "SAGELLM_LOG_LEVEL": "warning"}
-        progress(f"starting sagellm {' '.join(command[len(SAGELLM) :])}")
+        progress(f"starting sagellm {' '.join(command[len(SAGELLM) :])}", self.bench)
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         started = time.monotonic()
@@ -155,7 +157,7 @@ class Server:
                 if self.process.poll() is not None or time.monotonic() - started > READY_TIMEOUT_S:
                     raise RuntimeError(f"the server did not start; its log: {self.log}\n{self.log.read_text()[-2000:]}")
                 await trio.sleep(0.5)
-        progress(f"ready in {time.monotonic() - started:.0f} s; workers {self.workers()}")
+        progress(f"ready in {time.monotonic() - started:.0f} s; workers {self.workers()}", self.bench)
         return time.monotonic() - started
 
     def workers(self) -> dict[str, int]:

@@ -26,13 +26,14 @@ import httpx
 import numpy as np
 import trio
 
-from sagellm.benchmarks.chaos import READY_TIMEOUT_S, STREAM_TIMEOUT_S, Server, lost_count, tally
+from sagellm.benchmarks.chaos import READY_TIMEOUT_S, STREAM_TIMEOUT_S, Server, lost_count, progress, tally
 from sagellm.benchmarks.report import write_json_and_plot
 from sagellm.benchmarks.vllm_results import cpu_description
 
 GRAPH = """\
 name: three_workers
 description: Three engine worker processes of one model behind the router (the faults benchmark).
+model: smollm2-135m-instruct
 transport: ipc
 nodes:
   source: {op: prompt_source}
@@ -95,10 +96,6 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r.lost == 0 for r in runs) else 1
 
 
-def progress(message: str) -> None:
-    print(f"[faults] {message}", file=sys.stderr, flush=True)
-
-
 async def _run(args: argparse.Namespace) -> list[Run]:
     with tempfile.TemporaryDirectory(prefix="sagellm-faults-") as scratch:
         graph = Path(scratch) / "three_workers.yaml"
@@ -109,7 +106,7 @@ async def _run(args: argparse.Namespace) -> list[Run]:
             ("kill -9 one of 3, failover off", ("--max-retries", "0"), True),
             ("kill -9 one of 3, failover on", (), True),
         ):
-            server = Server(Path(scratch) / name.replace(" ", "-"), str(graph), args.model, extra)
+            server = Server(Path(scratch) / name.replace(" ", "-"), str(graph), args.model, extra, bench="faults")
             await server.start()
             try:
                 streams, recovery = await _streams(server, args, kill)
@@ -118,7 +115,7 @@ async def _run(args: argparse.Namespace) -> list[Run]:
                 server.stop()
             runs.append(_summary(name, streams, reference, resumed, recovery))
             reference = reference or streams
-            progress(f"{name}: {runs[-1]}")
+            progress(f"{name}: {runs[-1]}", "faults")
     return runs
 
 
@@ -139,7 +136,7 @@ async def _streams(server: Server, args: argparse.Namespace, kill: bool) -> tupl
                 await trio.sleep(0.05)
             pid = server.workers()[KILLED]
             os.kill(pid, signal.SIGKILL)
-            progress(f"killed {KILLED} (pid {pid})")
+            progress(f"killed {KILLED} (pid {pid})", "faults")
             struck = time.monotonic()
             while time.monotonic() - struck < READY_TIMEOUT_S:
                 health = (await client.get("/ready")).json()
