@@ -140,8 +140,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    async def start(self) -> float:
-        """Starts it and waits until `/ready`; the seconds that took."""
+    async def start(self, ready_path: str = "/ready") -> float:
+        """Starts it and waits until `ready_path` answers 200 (a gateway with no engine yet is never ready: wait for
+        `/v1/models`); the seconds that took."""
         self.state.mkdir(parents=True, exist_ok=True)
         self.ipc.mkdir(exist_ok=True)
         command = [*SAGELLM, "serve", self.graph, "--port", str(self.port), "--no-embedding"]
@@ -153,7 +154,7 @@ class Server:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         started = time.monotonic()
         async with httpx.AsyncClient(base_url=self.url) as client:
-            while not await _answers(client, "/ready"):
+            while not await _answers(client, ready_path):
                 if self.process.poll() is not None or time.monotonic() - started > READY_TIMEOUT_S:
                     raise RuntimeError(f"the server did not start; its log: {self.log}\n{self.log.read_text()[-2000:]}")
                 await trio.sleep(0.5)

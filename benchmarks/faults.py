@@ -1,13 +1,17 @@
 """`sagellm bench faults`: an engine instance killed mid-run, with and without failover, as a user runs the server.
 
-`sagellm serve` on a graph of three engine worker processes of one model (route: round robin, so a third of the
-streams run on each), three times: without a fault (the reference), then killing one worker (SIGKILL) once half of
-the streams have their first token, with failover off (`--max-retries 0`) and on (the default). Each run sends the
-same `--streams` greedy completions at once. Per run: streams completed, failed with a clear error, lost (no end,
-two ends or a hang: must be 0), how many were resumed after tokens (the gateway's
-`sagellm:request_retries_total{resumed="true"}`), texts identical to the reference run's, end-to-end latency
-(p50, p99, and the most any stream took beyond its reference), and the time from the kill until every engine is
-ready again (its worker restarted). A table on stdout (markdown, for the README), JSON and a PNG."""
+Two setups of three instances of one model, each run three times: without a fault (the reference), then killing one
+instance (SIGKILL) once half of the streams have their first token, with failover off (`--max-retries 0`) and on (the
+default). Route is round robin, so a third of the streams run on each instance.
+- workers: `sagellm serve` on a graph of three engine worker processes (the pipeline restarts the killed one);
+- engines: `sagellm serve` on a graph with no engine of its own and three `llm` engines started through the
+  management API, each its own server process (the gateway's supervisor restarts the killed one); with `--peer-url`
+  the third is that server instead (vLLM-CPU, llama.cpp: `../shared/peers/serve.sh`), attached as an `openai` engine.
+Each run sends the same `--streams` greedy completions at once. Per run: streams completed, failed with a clear
+error, lost (no end, two ends or a hang: must be 0), how many were resumed after tokens (the gateway's
+`sagellm:request_retries_total{resumed="true"}`), texts identical to the reference run's, end-to-end latency (p50,
+p99, and the most any stream took beyond its reference), and the time from the kill until the killed instance is
+ready again. A table on stdout (markdown, for the README), JSON and a PNG."""
 
 from __future__ import annotations
 
@@ -50,7 +54,21 @@ edges:
   - engine_b -> metrics
   - engine_c -> metrics
 """
-KILLED = "engine_a"
+NO_ENGINES = """\
+name: front
+description: The gateway's pipeline with no engine of its own; its instances are engines started through its API.
+transport: ipc
+nodes:
+  source: {op: prompt_source}
+  admission: {op: admission}
+  sort: {op: policy_sort}
+  route: {op: route, params: {strategy: round_robin}}
+  metrics: {op: metrics_sink}
+edges:
+  - source -> admission -> sort -> route -> metrics
+"""
+KILLED = "engine_a"  # the worker killed in the workers setup
+POOL = "pool"  # the model name the engines setup serves under
 RESUMED = re.compile(r'^sagellm:request_retries_total\{code="\w+",resumed="true"\} (\S+)$', re.MULTILINE)
 
 
@@ -81,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, help="the model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams per run (default: 64)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default: 64)")
+    parser.add_argument("--setups", default="workers,engines", help="comma list of workers, engines (default: both)")
+    parser.add_argument("--peer-url", help="engines setup: this OpenAI-compatible server is the third instance")
+    parser.add_argument("--peer-model", default="smollm2", help="the model's name at the peer (default: smollm2)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/faults.json"), help="JSON results")
 
 
@@ -97,29 +118,83 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> list[Run]:
+    runs = []
     with tempfile.TemporaryDirectory(prefix="sagellm-faults-") as scratch:
-        graph = Path(scratch) / "three_workers.yaml"
-        graph.write_text(GRAPH)
-        reference, runs = None, []
-        for name, extra, kill in (
-            ("no fault", (), False),
-            ("kill -9 one of 3, failover off", ("--max-retries", "0"), True),
-            ("kill -9 one of 3, failover on", (), True),
-        ):
-            server = Server(Path(scratch) / name.replace(" ", "-"), str(graph), args.model, extra, bench="faults")
-            await server.start()
-            try:
-                streams, recovery = await _streams(server, args, kill)
-                resumed = _resumed(httpx.get(server.url + "/metrics").text)
-            finally:
-                server.stop()
-            runs.append(_summary(name, streams, reference, resumed, recovery))
-            reference = reference or streams
-            progress(f"{name}: {runs[-1]}", "faults")
+        for setup in args.setups.split(","):
+            graph = Path(scratch) / f"{setup}.yaml"
+            graph.write_text(GRAPH if setup == "workers" else NO_ENGINES)
+            reference = None
+            for name, extra, kill in (
+                ("no fault", (), False),
+                ("kill -9 one of 3, failover off", ("--max-retries", "0"), True),
+                ("kill -9 one of 3, failover on", (), True),
+            ):
+                work = Path(scratch) / f"{setup}-{len(runs)}"
+                server = Server(work, str(graph), args.model, extra, bench="faults")
+                await server.start("/ready" if setup == "workers" else "/v1/models")
+                try:
+                    instances = Workers(server) if setup == "workers" else await Engines.start(server, args)
+                    streams, recovery = await _streams(server, instances, args, kill)
+                    resumed = _resumed(httpx.get(server.url + "/metrics").text)
+                finally:
+                    server.stop()
+                runs.append(_summary(f"{setup}: {name}", streams, reference, resumed, recovery))
+                reference = reference or streams
+                progress(f"{runs[-1]}", "faults")
     return runs
 
 
-async def _streams(server: Server, args: argparse.Namespace, kill: bool) -> tuple[list[Stream], float | None]:
+class Workers:
+    """The workers setup's instances: engine worker processes of the served graph."""
+
+    model: str | None = None
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def victim(self) -> int:
+        return self.server.workers()[KILLED]
+
+    async def back(self, client: httpx.AsyncClient, pid: int) -> bool:
+        health = (await client.get("/ready")).json()
+        return self.server.workers().get(KILLED, pid) != pid and all(e["state"] == "ready" for e in health["engines"])
+
+
+class Engines:
+    """The engines setup's instances: engines started through the management API (and the peer, if given)."""
+
+    model = POOL
+
+    def __init__(self, admin: httpx.Client, ids: list[str]) -> None:
+        self.admin, self.ids = admin, ids
+
+    @classmethod
+    async def start(cls, server: Server, args: argparse.Namespace) -> Engines:
+        key = (server.state / "admin.key").read_text().strip()
+        admin = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {key}"}, timeout=60)
+        bodies = [{"model": args.model or "smollm2-135m-instruct", "served_model_name": POOL}] * 3
+        if args.peer_url:
+            bodies[2] = {"kind": "openai", "url": args.peer_url, "model": args.peer_model, "served_model_name": POOL}
+        ids = [admin.post("/v1/management/engines", json=body).json()["id"] for body in bodies]
+        started = time.monotonic()
+        while not all(admin.get(f"/v1/management/engines/{i}").json()["state"] == "ready" for i in ids):
+            if time.monotonic() - started > READY_TIMEOUT_S:
+                raise RuntimeError(f"the engines did not become ready: {admin.get('/v1/management/engines').text}")
+            await trio.sleep(0.5)
+        progress(f"engines ready in {time.monotonic() - started:.0f} s: {ids}", "faults")
+        return cls(admin, ids)
+
+    def victim(self) -> int:
+        return self.admin.get(f"/v1/management/engines/{self.ids[0]}").json()["pid"]
+
+    async def back(self, client: httpx.AsyncClient, pid: int) -> bool:
+        engine = self.admin.get(f"/v1/management/engines/{self.ids[0]}").json()
+        return engine["state"] == "ready" and engine["pid"] not in (None, pid)
+
+
+async def _streams(
+    server: Server, instances: Workers | Engines, args: argparse.Namespace, kill: bool
+) -> tuple[list[Stream], float | None]:
     streams = [Stream() for _ in range(args.streams)]
     recovery: float | None = None
     limits = httpx.Limits(max_connections=args.streams + 8)
@@ -128,27 +203,29 @@ async def _streams(server: Server, args: argparse.Namespace, kill: bool) -> tupl
         trio.open_nursery() as nursery,
     ):
         for i, stream in enumerate(streams):
-            nursery.start_soon(_stream, client, f"Request {i}: tell me about rivers.", args.max_tokens, stream)
+            prompt = f"Request {i}: tell me about rivers."
+            nursery.start_soon(_stream, client, prompt, instances.model, args.max_tokens, stream)
         if kill:
             while sum(s.first_token_s is not None for s in streams) < len(streams) // 2 and not all(
                 s.ends for s in streams
             ):
                 await trio.sleep(0.05)
-            pid = server.workers()[KILLED]
+            pid = instances.victim()
             os.kill(pid, signal.SIGKILL)
-            progress(f"killed {KILLED} (pid {pid})", "faults")
+            progress(f"killed pid {pid}", "faults")
             struck = time.monotonic()
             while time.monotonic() - struck < READY_TIMEOUT_S:
-                health = (await client.get("/ready")).json()
-                if server.workers().get(KILLED, pid) != pid and all(e["state"] == "ready" for e in health["engines"]):
+                if await instances.back(client, pid):
                     recovery = time.monotonic() - struck
                     break
                 await trio.sleep(0.1)
     return streams, recovery
 
 
-async def _stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, out: Stream) -> None:
+async def _stream(client: httpx.AsyncClient, prompt: str, model: str | None, max_tokens: int, out: Stream) -> None:
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "temperature": 0}
+    if model is not None:
+        body["model"] = model
     sent = time.monotonic()
     try:
         async with client.stream("POST", "/v1/completions", json=body) as reply:

@@ -28,7 +28,7 @@ import structlog
 from sagellm.common.errors import FieldError
 from sagellm.common.sse import sse_data
 from sagellm.runtime.engine.outputs import RequestMetrics
-from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import HTTP_STATUS, ErrorCode, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StreamOperator, register_operator
 
 log = structlog.get_logger("sagellm.remote_engine")
@@ -90,7 +90,8 @@ class RemoteEngine(StreamOperator):
         return stats
 
     def detach(self, instance_id: str) -> None:
-        """Route no longer sees the instance; requests already sent to it finish there."""
+        """Route no longer sees the instance; requests still streaming from it end at their next event with
+        `instance_lost` (retryable: the gateway's failover moves them). A graceful stop detaches once drained."""
         self.ctx.instances.pop(instance_id, None)
         self.endpoints.pop(instance_id, None)
         self._sent.pop(instance_id, None)
@@ -139,9 +140,12 @@ class RemoteEngine(StreamOperator):
                 async for data in sse_data(reply.aiter_lines()):
                     if data == "[DONE]":
                         break
+                    if name not in self.endpoints:  # detached while streaming: a forced stop
+                        yield _error(request, "instance_lost", f"instance {name} was stopped", retryable=True)
+                        return
                     chunk = json.loads(data)
                     if isinstance(chunk.get("error"), dict):  # the server failed the request mid-stream
-                        yield _error(request, "internal", f"{name}: {chunk['error'].get('message')}")
+                        yield _streamed_error(request, name, chunk["error"])
                         return
                     _count_usage(metrics, chunk.get("usage"))
                     for choice in chunk.get("choices") or ():
@@ -224,6 +228,15 @@ def _refusal(request: Request, name: str, status: int, content: bytes) -> Reques
     if code in ("invalid_request", "context_length_exceeded"):
         return _error(request, code, message)  # the client's to fix: the server's words
     return _error(request, code, f"instance {name} answered {status}: {message}", retryable=retryable)
+
+
+def _streamed_error(request: Request, name: str, error: dict[str, Any]) -> RequestError:
+    """An error event in the server's stream: a code of ours keeps its meaning (another sageLLM lost its worker: the
+    request may be tried elsewhere), any other is the server's internal failure."""
+    code = error.get("code")
+    known: ErrorCode = code if code in HTTP_STATUS else "internal"
+    retryable = known in ("instance_lost", "unavailable", "timeout")
+    return _error(request, known, f"{name}: {error.get('message')}", retryable=retryable)
 
 
 def _error_message(content: bytes) -> str:

@@ -76,7 +76,8 @@ def mask_top_k_top_p(
         if width == vocab or not bool(((k == vocab) & (mass[:, -1] < p) & torch.isfinite(p)).any()):
             break
         width = vocab  # some top-p row's nucleus is wider than the candidates
-    kept = ((mass - probs < p.unsqueeze(1)) & (ranks < k.unsqueeze(1))).sum(dim=-1)  # [R] >= 1: rank 0 stays
+    # [R]; rank 0 always stays, also for a top_p so small that it rounds to 0 in float32 (1e-213 is a valid top_p)
+    kept = ((mass - probs < p.unsqueeze(1)) & (ranks < k.unsqueeze(1))).sum(dim=-1).clamp(min=1)
     cutoff = largest.gather(1, (kept - 1).unsqueeze(1))  # [R, 1]
     unfiltered = (k == vocab) & torch.isinf(p)  # [R]
     cutoff = cutoff.masked_fill(unfiltered.unsqueeze(1), -math.inf)

@@ -118,8 +118,10 @@ class EngineManager:
         return engine
 
     async def stop(self, engine_id: str, *, force: bool = False) -> ManagedEngine:
-        """Drains the engine (new requests get 503; those in flight finish, up to `drain_timeout_s`) then ends its
-        process; `force` kills it at once. Returns when it is stopped and forgotten."""
+        """Drains the engine (route sends it nothing new; those in flight finish, up to `drain_timeout_s`) then ends
+        its process; `force` kills it at once. What is still running on it then ends (a killed process's streams
+        break; an `openai` server's are cut) and the failover moves it to another instance, or it fails with
+        `instance_lost`. Returns when it is stopped and forgotten."""
         engine = self.get(engine_id)
         if engine.stopping:
             raise ApiError(409, f"engine {engine_id} is already stopping", code="conflict")

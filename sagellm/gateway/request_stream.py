@@ -130,7 +130,7 @@ class RequestStream:
         """Starts the next attempt after `failure`; False when there is none to start."""
         if self.retries >= self.policy.max_retries or self.done:
             return False
-        attempt = self._next_attempt(failure)
+        attempt = self._next_attempt()
         if attempt is None or not await self.core.instance_ready(self.request.model, self.policy.retry_wait_s):
             return False
         if self.done:  # the client left while it waited
@@ -145,7 +145,8 @@ class RequestStream:
         self.attempt = attempt
         return self.core.resubmit(self, attempt)
 
-    def _next_attempt(self, failure: RequestError) -> Request | None:
+    def _next_attempt(self) -> Request | None:
+        """The next attempt: the request again, or a resume from what the client got; None if it cannot resume."""
         first, previous = self.request, self.attempt
         exclude = list(dict.fromkeys([*previous.exclude, *([previous.instance] if previous.instance else [])]))
         fields: dict[str, Any] = dict(

@@ -180,3 +180,10 @@ def test_mismatched_inputs_are_rejected() -> None:
         Sampler().sample(torch.randn(2, VOCAB), [SamplingParams()], [None, None])
     with pytest.raises(ValueError, match="logits"):
         Sampler().sample(torch.randn(VOCAB), [SamplingParams()], [None])
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
+    """Found by the API fuzzer: top_p=1.46e-213 is valid, but 0 in float32; the sampler must still keep one token."""
+    logits = torch.tensor([[0.1, 2.0, 0.3, -1.0]])
+    params = SamplingParams(temperature=1.0, top_p=1.4579910458286498e-213)
+    assert Sampler().sample(logits, [params], [None]).token_ids == [1]

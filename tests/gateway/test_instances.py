@@ -125,3 +125,24 @@ def test_a_health_check_on_demand_marks_a_gone_server_and_route_skips_it(admin, 
     reply = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "checked", "messages": CHAT}, timeout=60)
     assert reply.status_code == 503 and f"{engine_id} is unhealthy" in reply.json()["error"]["message"]
     assert admin.delete(f"{ENGINES}/{engine_id}").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_forced_stop_cuts_the_streams_on_a_server_at_once(admin, gateway, tiny_model, tmp_path):
+    """A chat streaming from the stopped server ends at its next event with `instance_lost` (a chat on another
+    model's server is not resumed: no portable way to continue an assistant message), well before its 220 tokens."""
+    config = tiny_config(tmp_path / "up", served_model_name="upstream")
+    with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as upstream:
+        engine_id = attach(admin, upstream.url, "cut")
+        body = {"model": "cut", "messages": CHAT, "max_tokens": 220, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=REPLY_TIMEOUT_S) as reply:
+            for line in reply.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if len(events) == 2:
+                    assert admin.delete(f"{ENGINES}/{engine_id}", params={"force": "true"}).status_code == 200
+                events.append(line)
+        errors = [e for e in events if '"error"' in e]
+        assert len(errors) == 1 and "instance_lost" in errors[0] and f"instance {engine_id} was stopped" in errors[0]
+        assert events[-1] == "data: [DONE]" and sum('"content"' in e for e in events) < 200

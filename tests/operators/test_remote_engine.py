@@ -1,0 +1,39 @@
+"""What the remote_engine operator sends a server and how it reads the server's refusals (the streaming itself runs
+against real servers in tests/gateway/test_instances.py and tests/chaos/test_failover.py)."""
+
+from __future__ import annotations
+
+import json
+
+from sagellm.operators.remote_engine import _refusal, _streamed_error, openai_call
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request
+
+
+def test_a_request_becomes_the_call_an_openai_compatible_server_expects():
+    sampling = SamplingParams(max_tokens=8, temperature=0, top_k=5, stop=["\n"], ignore_eos=True)
+    chat = Request(request_id="c", messages=[{"role": "user", "content": "hi"}], user="u", sampling=sampling)
+    path, body = openai_call(chat, "served-name")
+    assert path == "/v1/chat/completions" and body["messages"] == chat.messages and body["model"] == "served-name"
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_k", "stop", "ignore_eos", "user")} == {
+        "max_tokens": 8, "temperature": 0, "top_k": 5, "stop": ["\n"], "ignore_eos": True, "user": "u"}  # fmt: skip
+    assert "min_p" not in body and "seed" not in body  # extensions only when they change something
+    path, body = openai_call(Request(request_id="t", prompt_token_ids=[1, 2, 3]), "m")
+    assert path == "/v1/completions" and body["prompt"] == [1, 2, 3]
+
+
+def test_a_servers_refusal_keeps_its_meaning():
+    request = Request(request_id="r", prompt="x")
+    vllm_400 = json.dumps({"error": {"message": "This model's maximum context length is 2048 tokens."}}).encode()
+    error = _refusal(request, "vllm-1", 400, vllm_400)
+    assert (error.code, error.retryable) == ("context_length_exceeded", False) and error.message.startswith("This")
+    assert _refusal(request, "a", 422, b'{"detail": "field required"}').message == "field required"
+    assert (_refusal(request, "a", 429, b"busy").code, _refusal(request, "a", 429, b"busy").retryable) == (
+        "overloaded", True)  # fmt: skip
+    assert _refusal(request, "a", 503, b"").code == "unavailable" and _refusal(request, "a", 504, b"").code == "timeout"
+    assert _refusal(request, "a", 500, b"boom").code == "internal" and "answered 500: boom" in _refusal(
+        request, "a", 500, b"boom").message  # fmt: skip
+    lost = _streamed_error(request, "b", {"code": "instance_lost", "message": "worker gone"})
+    assert (lost.code, lost.retryable, lost.message) == ("instance_lost", True, "b: worker gone")
+    assert _streamed_error(request, "b", {"code": "weird", "message": "?"}).code == "internal"
