@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 import trio
 
+from sagellm import graphs
 from sagellm.benchmarks.chaos import READY_TIMEOUT_S, STREAM_TIMEOUT_S, Server, lost_count, progress, tally
 from sagellm.benchmarks.report import write_json_and_plot
 from sagellm.benchmarks.vllm_results import cpu_description
@@ -53,19 +54,6 @@ edges:
   - engine_a -> metrics
   - engine_b -> metrics
   - engine_c -> metrics
-"""
-NO_ENGINES = """\
-name: front
-description: The gateway's pipeline with no engine of its own; its instances are engines started through its API.
-transport: ipc
-nodes:
-  source: {op: prompt_source}
-  admission: {op: admission}
-  sort: {op: policy_sort}
-  route: {op: route, params: {strategy: round_robin}}
-  metrics: {op: metrics_sink}
-edges:
-  - source -> admission -> sort -> route -> metrics
 """
 KILLED = "engine_a"  # the worker killed in the workers setup
 POOL = "pool"  # the model name the engines setup serves under
@@ -122,7 +110,7 @@ async def _run(args: argparse.Namespace) -> list[Run]:
     with tempfile.TemporaryDirectory(prefix="sagellm-faults-") as scratch:
         for setup in args.setups.split(","):
             graph = Path(scratch) / f"{setup}.yaml"
-            graph.write_text(GRAPH if setup == "workers" else NO_ENGINES)
+            graph.write_text(GRAPH if setup == "workers" else graphs.find("control_plane").read_text())
             reference = None
             for name, extra, kill in (
                 ("no fault", (), False),
@@ -130,7 +118,7 @@ async def _run(args: argparse.Namespace) -> list[Run]:
                 ("kill -9 one of 3, failover on", (), True),
             ):
                 work = Path(scratch) / f"{setup}-{len(runs)}"
-                server = Server(work, str(graph), args.model, extra, bench="faults")
+                server = Server(work, str(graph), args.model, (*extra, "--routing", "round_robin"), bench="faults")
                 await server.start("/ready" if setup == "workers" else "/v1/models")
                 try:
                     instances = Workers(server) if setup == "workers" else await Engines.start(server, args)

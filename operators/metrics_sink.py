@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.metrics import MetricsCollector, MetricsSnapshot, PipelineMetrics
 from sagellm.runtime.pipeline.operator import MapOperator, register_operator
 
@@ -18,7 +18,8 @@ class MetricsSink(MapOperator):
     """Records each request's timings, tokens, SLO outcome and errors; passes every item through."""
 
     name = "metrics_sink"
-    accepts = (Request, TokenDelta, RequestError)  # Requests too: their arrival and prompt size back up timings
+    # Requests too: their arrival and prompt size back up timings.
+    accepts = (Request, TokenDelta, Embedding, RequestError)
 
     def __init__(self, window: int = 100_000) -> None:
         self.prometheus = PipelineMetrics()

@@ -47,6 +47,8 @@ class PDSplit(MapOperator):
         self.decisions: Counter[str] = Counter()
 
     def execute(self, item: Request) -> Request:
+        if item.phase == "embed":  # an embedding is one pass of another model: nothing to split
+            return item
         reason = self._decide(item)
         self.decisions[reason] += 1
         item.phase = "prefill" if reason == "pd" else "colocated"

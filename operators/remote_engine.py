@@ -7,12 +7,13 @@ clients ask for; its `InstanceStats` names this node, so route chooses among the
 
 Each request is one streamed call: a chat (`messages`) to /v1/chat/completions, a prompt or token ids to
 /v1/completions, with the request's sampling settings (vLLM's names for what OpenAI lacks: top_k, min_p, ...). The
-server's events become TokenDeltas with text only (its token ids are its own vocabulary's), and its `usage` the
-finished request's metrics. The server's own refusals keep their meaning (its 400 is the client's invalid request,
-with the server's message); a server that cannot be reached is `unavailable`, one that drops a stream
-`instance_lost`, both retryable. A client that leaves cancels the call, which closes its connection: the server
-aborts the request. The instance's `running` and expected decode work are this node's count of its requests there;
-its `waiting` is the server's own queue, which whoever keeps the instance reads from the server's metrics."""
+server's events become TokenDeltas with text only (its token ids are its own vocabulary's), and its `usage` the finished
+request's metrics. An embed request is one call to /v1/embeddings; its vector comes back as an Embedding. The server's
+own refusals keep their meaning (its 400 is the client's invalid request, with the server's message); a server that
+cannot be reached is `unavailable`, one that drops a stream `instance_lost`, both retryable. A client that leaves
+cancels the call, which closes its connection: the server aborts the request. The instance's `running` and expected
+decode work are this node's count of its requests there; its `waiting` is the server's own queue, which whoever keeps
+the instance reads from the server's metrics."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import structlog
 from sagellm.common.errors import FieldError
 from sagellm.common.sse import sse_data
 from sagellm.runtime.engine.outputs import RequestMetrics
-from sagellm.runtime.pipeline.messages import HTTP_STATUS, ErrorCode, Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import HTTP_STATUS, Embedding, ErrorCode, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StreamOperator, register_operator
 
 log = structlog.get_logger("sagellm.remote_engine")
@@ -72,13 +73,16 @@ class RemoteEngine(StreamOperator):
             await self._client.aclose()
 
     # -- the instances ----------------------------------------------------------------------------------------------
-    def attach(self, instance_id: str, model: str, endpoint: Endpoint, *, healthy: bool = True) -> InstanceStats:
-        """Serves a new instance of `model` (the name clients ask for) from this node; returns its stats, which the
-        control plane keeps current (health)."""
+    def attach(
+        self, instance_id: str, model: str, endpoint: Endpoint, *, healthy: bool = True, role: str = "colocated"
+    ) -> InstanceStats:
+        """Serves a new instance of `model` (the name clients ask for) from this node, as a whole-request engine or
+        (`role="embedding"`) an embedding server; returns its stats, which the control plane keeps current."""
         if instance_id in self.ctx.instances:
             raise ValueError(f"an instance named {instance_id!r} already exists")
         stats = InstanceStats(
             instance_id,
+            role=role,
             node=self.ctx.node_id,
             model=model,
             healthy=healthy,
@@ -114,7 +118,8 @@ class RemoteEngine(StreamOperator):
         sent[item.request_id] = item.sampling.expected_output_tokens
         self._report(name, sent)
         try:
-            async for out in self._call(name, endpoint, item):
+            call = self._embed(name, endpoint, item) if item.phase == "embed" else self._call(name, endpoint, item)
+            async for out in call:
                 yield out
         finally:
             del sent[item.request_id]
@@ -168,6 +173,29 @@ class RemoteEngine(StreamOperator):
         metrics.num_output_tokens = metrics.num_output_tokens or chunks  # servers stream about a token per event
         metrics.slo_met = request.slo_met(metrics)
         yield TokenDelta(request_id=request.request_id, token_ids=[], finish_reason=finish, time=now, metrics=metrics)
+
+    async def _embed(self, name: str, endpoint: Endpoint, request: Request) -> AsyncIterator[Embedding | RequestError]:
+        """An embed request: one call to /v1/embeddings, its one vector back."""
+        headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+        body = {"model": endpoint.model, "input": [prompt], "encoding_format": "float"}
+        try:
+            reply = await self._client.post(endpoint.url + "/v1/embeddings", json=body, headers=headers)
+            if reply.status_code != 200:
+                yield _refusal(request, name, reply.status_code, reply.content)
+                return
+            answer = reply.json()
+            vector = [float(x) for x in answer["data"][0]["embedding"]]
+            tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            yield _error(request, "unavailable", f"instance {name} at {endpoint.url}: {_reason(exc)}", retryable=True)
+            return
+        now = time.time()
+        metrics = RequestMetrics(
+            arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time, first_token_time=now,
+            finished_time=now, num_prompt_tokens=tokens,
+        )  # fmt: skip
+        yield Embedding(request_id=request.request_id, vector=vector, prompt_tokens=tokens, time=now, metrics=metrics)
 
 
 def openai_call(request: Request, model: str) -> tuple[str, dict[str, Any]]:

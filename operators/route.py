@@ -27,6 +27,7 @@ ROLES_FOR_PHASE: dict[str, frozenset[str]] = {
     "prefill": frozenset({"prefill"}),
     "colocated": frozenset({"colocated", "decode"}),
     "decode": frozenset({"decode"}),
+    "embed": frozenset({"embedding"}),
 }
 
 
@@ -65,7 +66,7 @@ class Route(MapOperator):
         cached = self.prefix_index.cached_tokens(instance.name, tokens, hashes)
         self.prefix_index.record(instance.name, tokens, hashes)
         instance.queued_prefill_tokens += len(tokens) - cached
-        if request.phase != "prefill":  # a prefill worker hands decoding to another instance
+        if request.phase not in ("prefill", "embed"):  # a prefill worker hands decoding on; an embedding has none
             instance.queued_decode_tokens += request.sampling.expected_output_tokens
         instance.running += 1
 

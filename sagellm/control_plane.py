@@ -312,7 +312,7 @@ class ControlPlaneManager:
         """The model a request without one asks for: our own, else the one model the instances serve."""
         if self.model is not None:
             return None
-        served = self._gateway.call(self._gateway.core.models)[1:]
+        served = self._gateway.call(self._gateway.core.models)  # no engine of our own: all are instances
         if len(served) == 1:
             return served[0]
         raise ValueError(f"model_name: this control plane serves {served}; say which")
@@ -324,7 +324,7 @@ class ControlPlaneManager:
             graph = load_pipeline(graphs.find("pd" if self.enable_pd_separation else "colocated"))
             graph.attrs["model"] = self.model
         else:
-            graph = load_pipeline(NO_ENGINES)
+            graph = load_pipeline(graphs.find("control_plane"))
         for node in graph.nodes.values():
             if node.op == "policy_sort":
                 node.params["policy"] = self.scheduling_policy
@@ -337,17 +337,3 @@ class ControlPlaneManager:
             for node_id in [n.id for n in graph.nodes.values() if n.op == "metrics_sink"]:
                 graph.remove_node(node_id)
         return graph
-
-
-NO_ENGINES = """\
-name: control_plane
-description: The control plane alone, no engine of its own (every instance is a server registered by address).
-nodes:
-  source: {op: prompt_source}
-  admission: {op: admission}
-  sort: {op: policy_sort}
-  route: {op: route}
-  metrics: {op: metrics_sink}
-edges:
-  - source -> admission -> sort -> route -> metrics
-"""

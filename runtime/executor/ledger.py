@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from sagellm.runtime.engine.outputs import RequestMetrics
-from sagellm.runtime.pipeline.messages import RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import Embedding, RequestError, TokenDelta, is_terminal
 from sagellm.runtime.pipeline.operator import PipelineLoad
 
 log = structlog.get_logger("sagellm.executor")
@@ -34,10 +34,11 @@ class RequestOutcome:
     finish_reason: str | None = None
     error: RequestError | None = None
     metrics: RequestMetrics | None = None
+    embedding: list[float] | None = None  # an embed request's vector
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
+        return self.finish_reason is not None or self.error is not None or self.embedding is not None
 
 
 class RequestLedger:
@@ -106,6 +107,8 @@ class RequestLedger:
             outcome.finish_reason, outcome.metrics = item.finish_reason, item.metrics
         elif isinstance(item, RequestError):
             outcome.error, outcome.metrics = item, item.metrics
+        elif isinstance(item, Embedding):
+            outcome.embedding, outcome.metrics = item.vector, item.metrics
         if is_terminal(item):
             self._end(item)
         if self.on_leaf_item is not None:
@@ -122,7 +125,7 @@ class RequestLedger:
             code, message = self.unfinished_error
             self.observe(RequestError(request_id=rid, code=code, message=message, retryable=code != "internal"))
 
-    def _end(self, item: TokenDelta | RequestError) -> None:
+    def _end(self, item: TokenDelta | Embedding | RequestError) -> None:
         rid = item.request_id
         self._cancelled.discard(rid)
         if rid in self._in_flight:

@@ -6,7 +6,8 @@ so a receiver decodes the union `Message` without being told which one arrives. 
 encoded in the struct: the wire layer sends them as extra zero-copy frames (`sagellm.runtime.comm.wire`).
 
 Times are wall-clock seconds (`time.time()`), because a request's stamps are compared across processes and hosts.
-Every request ends with exactly one terminal item: a `TokenDelta` with `finish_reason` set, or a `RequestError`."""
+Every request ends with exactly one terminal item: a `TokenDelta` with `finish_reason` set, an `Embedding` (an embed
+request's result), or a `RequestError`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import msgspec
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
-Phase = Literal["colocated", "prefill", "decode"]
+Phase = Literal["colocated", "prefill", "decode", "embed"]  # embed: the prompt's vector, from an embedding model
 # Bounded integers for what a client writes: whatever decodes into them also fits the wire's 64-bit msgpack integers,
 # so no value a client sends can fail to encode when its request crosses processes.
 Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
@@ -109,6 +110,15 @@ class TokenDelta(_Message):
         return self.finish_reason is not None
 
 
+class Embedding(_Message):
+    """An embed request's result: the prompt's vector (and its token count, special tokens included)."""
+
+    vector: list[float]
+    prompt_tokens: int
+    time: float = msgspec.field(default_factory=time.time)
+    metrics: RequestMetrics | None = None
+
+
 ErrorCode = Literal[
     "invalid_request",
     "context_length_exceeded",
@@ -142,9 +152,9 @@ HTTP_STATUS: dict[str, int] = {
     "internal": 500,
 }
 
-Message = Request | PrefillDone | TokenDelta | RequestError
+Message = Request | PrefillDone | TokenDelta | Embedding | RequestError
 
 
 def is_terminal(item: object) -> bool:
     """True for the one item that ends a request."""
-    return isinstance(item, RequestError) or (isinstance(item, TokenDelta) and item.finished)
+    return isinstance(item, (RequestError, Embedding)) or (isinstance(item, TokenDelta) and item.finished)

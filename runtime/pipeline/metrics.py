@@ -21,7 +21,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from sagellm.runtime.engine.outputs import LATENCIES, RequestMetrics
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
 
 disable_created_metrics()  # no `*_created` series next to every counter and histogram (vLLM turns them off too)
 
@@ -168,8 +168,8 @@ class MetricsCollector:
         self._last_time = 0.0
 
     def observe(self, item: Any) -> None:
-        """Takes one item of any kind; only Requests, TokenDeltas and RequestErrors count."""
-        if not isinstance(item, (Request, TokenDelta, RequestError)):
+        """Takes one item of any kind; only Requests, TokenDeltas, Embeddings and RequestErrors count."""
+        if not isinstance(item, (Request, TokenDelta, Embedding, RequestError)):
             return
         now = self.clock()
         self._first_time = now if self._first_time is None else self._first_time
@@ -185,13 +185,14 @@ class MetricsCollector:
             seen.finished_time = item.time
             self._finish(item, seen)
 
-    def _finish(self, item: TokenDelta | RequestError, seen: RequestMetrics) -> None:
+    def _finish(self, item: TokenDelta | Embedding | RequestError, seen: RequestMetrics) -> None:
         m = seen
         if item.metrics is not None:  # the engine's numbers win; ours fill only what it left unset
             fields = msgspec.structs.asdict(item.metrics)
             m = RequestMetrics(**{k: getattr(seen, k) if _unset(v) else v for k, v in fields.items()})
         error_code = item.code if isinstance(item, RequestError) else None
         finish_reason = item.finish_reason if isinstance(item, TokenDelta) else None
+        finish_reason = "embedding" if isinstance(item, Embedding) else finish_reason
         if error_code is None:
             self._totals["completed"] += 1
             for name, value in zip(LATENCIES, _latencies(m)):

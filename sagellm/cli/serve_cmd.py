@@ -106,14 +106,18 @@ def _config(args: argparse.Namespace, embedding: str | None) -> Any:
 
 
 def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> int:
-    """`--no-llm`: the embedding model alone (an `embedding` engine of the control plane)."""
+    """`--no-llm`: the embedding model alone (an `embedding` engine of the control plane), on the graph with no
+    engine of its own."""
     import trio
 
-    from sagellm.gateway.embedding_server import serve_embeddings
+    from sagellm import graphs
+    from sagellm.gateway.server import serve
     from sagellm.runtime.models.model_cache import resolve_model
+    from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
     if embedding is None:
         raise ValueError("--no-llm with --no-embedding leaves nothing to serve")
     resolve_model(embedding)
-    trio.run(lambda: serve_embeddings(embedding, _config(args, embedding), handle_signals=True))
+    graph = load_pipeline(graphs.find("control_plane"))
+    trio.run(lambda: serve(graph, _config(args, embedding), handle_signals=True))
     return 0

@@ -82,8 +82,9 @@ class EngineGauges:
 
 
 def service_status(instances: list[InstanceStats]) -> str:
-    """ok | degraded | unavailable: can some healthy engine run a request whole (a colocated request's roles)?"""
-    whole = [s for s in instances if s.healthy and s.role in ROLES_FOR_PHASE["colocated"]]
+    """ok | degraded | unavailable: can some healthy engine run a request whole (a colocated request's roles, or an
+    embedding)?"""
+    whole = [s for s in instances if s.healthy and s.role in ROLES_FOR_PHASE["colocated"] | ROLES_FOR_PHASE["embed"]]
     if not whole:
         return "unavailable"
     return "ok" if all(s.healthy for s in instances) else "degraded"

@@ -26,6 +26,7 @@ from sagellm.gateway.config import FailoverPolicy
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.request_stream import RequestStream
 from sagellm.operators.admission import tokenize_request
+from sagellm.operators.embedding import served_name
 from sagellm.operators.http_source import HttpSource
 from sagellm.operators.route import ROLES_FOR_PHASE
 from sagellm.runtime.execution_graph.graph import Edge, Graph
@@ -36,6 +37,7 @@ from sagellm.runtime.pipeline.operator import SourceOperator, get_operator
 log = structlog.get_logger("sagellm.gateway")
 SOURCE_NODE = "http"
 REMOTE_NODE = "remote"
+EMBEDDING_NODE = "embedding"
 PRINTING_SINKS = ("stdout_sink", "jsonl_sink")
 # Prompts longer than this are tokenized in a worker thread before they enter the graph (a short one costs less
 # inline than the thread hop); a prompt longer than its context times MAX_CHARS_PER_TOKEN is refused untokenized.
@@ -44,8 +46,9 @@ MAX_CHARS_PER_TOKEN = 64
 RECENT_REQUESTS = 10_000  # ended requests whose status is still kept (GET /v1/requests/{id})
 
 
-def served_graph(graph: Graph) -> Graph:
-    """The graph with one `http_source` in place of its sources and without its printing sinks."""
+def served_graph(graph: Graph, embedding_model: str | None = None) -> Graph:
+    """The graph with one `http_source` in place of its sources, without its printing sinks, with the node that
+    serves instances attached at run time and, given `embedding_model`, an embedding node beside its engines."""
     graph = graph.copy()
     sources = [n.id for n in graph.nodes.values() if issubclass(get_operator(n.op), SourceOperator)]
     if not sources:
@@ -57,7 +60,11 @@ def served_graph(graph: Graph) -> Graph:
         graph.remove_node(node_id)
     graph.add("http_source", id=SOURCE_NODE)
     graph.edges += [Edge(SOURCE_NODE, dst, port=sum(e.dst == dst for e in graph.edges)) for dst in targets]
-    _add_remote_node(graph)
+    _add_beside_engines(graph, "remote_engine", REMOTE_NODE)
+    if embedding_model:
+        name = served_name(embedding_model)
+        if not _add_beside_engines(graph, "embedding", EMBEDDING_NODE, model=embedding_model, served_model_name=name):
+            raise ValueError("the graph has no route in the gateway's process to send embedding requests to")
     leaves = [n for n in graph.nodes if not any(e.src == n for e in graph.edges)]
     remote = [n for n in leaves if graph.nodes[n].placement != "task"]
     if remote:
@@ -65,17 +72,18 @@ def served_graph(graph: Graph) -> Graph:
     return graph
 
 
-def _add_remote_node(graph: Graph) -> None:
-    """The node that serves instances attached at run time: beside the engines, fed by every route of this process
-    (a route in a worker process cannot see instances attached here) and feeding the first metrics sink."""
+def _add_beside_engines(graph: Graph, op: str, node_id: str, **params: Any) -> bool:
+    """Adds a node fed by every route of this process (a route in a worker process cannot see what is attached
+    here) and feeding the first metrics sink; False when there is no such route."""
     routes = [n.id for n in graph.nodes.values() if n.op == "route" and n.placement == "task"]
     if not routes:
-        return
-    graph.add("remote_engine", id=REMOTE_NODE)
-    graph.edges += [Edge(route, REMOTE_NODE, port=port) for port, route in enumerate(routes)]
+        return False
+    graph.add(op, id=node_id, **params)
+    graph.edges += [Edge(route, node_id, port=port) for port, route in enumerate(routes)]
     sink = next((n.id for n in graph.nodes.values() if n.op == "metrics_sink"), None)
     if sink is not None:
-        graph.edges.append(Edge(REMOTE_NODE, sink, port=sum(e.dst == sink for e in graph.edges)))
+        graph.edges.append(Edge(node_id, sink, port=sum(e.dst == sink for e in graph.edges)))
+    return True
 
 
 class ServingCore:
@@ -86,8 +94,10 @@ class ServingCore:
         served_model_name: str | None = None,
         executor_args: Any = None,
         failover: FailoverPolicy | None = None,
+        embedding_model: str | None = None,
     ) -> None:
-        self.graph = served_graph(graph)
+        """`embedding_model`: also serve this embedding model, on a node of the graph (sagellm.operators.embedding)."""
+        self.graph = served_graph(graph, embedding_model)
         self.failover = failover or FailoverPolicy()
         self.retries: Counter[tuple[str, bool]] = Counter()  # (failure code, resumed after tokens) -> retries
         self.source = HttpSource()
@@ -178,11 +188,11 @@ class ServingCore:
         self.cancel(request_id)
         self._streams.pop(request_id, None)
 
-    async def instance_ready(self, model: str | None, within_s: float) -> bool:
-        """Waits up to `within_s` until an instance of `model` (None: the graph's) that can run a request whole (not
-        a prefill worker alone) is healthy; False at once when none is healthy and none is being restarted (an
-        attached server that stopped answering may never do so again: its clients are not kept waiting on it)."""
-        whole = ROLES_FOR_PHASE["colocated"]
+    async def instance_ready(self, model: str | None, within_s: float, phase: str = "colocated") -> bool:
+        """Waits up to `within_s` until an instance of `model` (None: the graph's) that can run a `phase` request
+        whole (not a prefill worker alone) is healthy; False at once when none is healthy and none is being restarted
+        (an attached server that stopped answering may never do so again: its clients are not kept waiting on it)."""
+        whole = ROLES_FOR_PHASE["embed" if phase == "embed" else "colocated"]
         with trio.move_on_after(within_s):
             while True:
                 fitting = [s for s in self.instances().values() if s.model == model and s.role in whole]
@@ -230,22 +240,36 @@ class ServingCore:
         """The node serving the instances attached at run time (None: the graph has no route in this process)."""
         return self.local.operators.get(REMOTE_NODE) if self.local is not None else None
 
-    def attach(self, instance_id: str, model: str, endpoint: Any, *, healthy: bool = False) -> Any:
-        """Adds a server as an instance of `model` (a `remote_engine.Endpoint`); returns its InstanceStats."""
+    def attach(
+        self, instance_id: str, model: str, endpoint: Any, *, healthy: bool = False, role: str = "colocated"
+    ) -> Any:
+        """Adds a server as an instance of `model` (a `remote_engine.Endpoint`; `role="embedding"` for an embedding
+        server); returns its InstanceStats."""
         if self.remote is None:
             raise ApiError(
                 409, "the served graph has no route in the gateway's process to send requests to other instances"
             )
-        return self.remote.attach(instance_id, model, endpoint, healthy=healthy)
+        return self.remote.attach(instance_id, model, endpoint, healthy=healthy, role=role)
 
     def detach(self, instance_id: str) -> None:
         if self.remote is not None:
             self.remote.detach(instance_id)
 
     def models(self) -> list[str]:
-        """The model names served: the graph's own, then those of attached instances that are not all failed."""
-        attached = [s.model for s in self.instances().values() if s.model is not None and not s.failed]
-        return list(dict.fromkeys([self.model_name, *attached]))
+        """The model names served: the graph's own generation model (if it has engines), then the others (its
+        embedding model, those of attached instances that are not all failed), each once."""
+        stats = self.instances().values()
+        own = [self.model_name] if any(s.model is None for s in stats) else []
+        others = [s.model for s in stats if s.model is not None and not s.failed]
+        return list(dict.fromkeys([*own, *others]))
+
+    def embedder(self, model: str) -> Any:
+        """This process's embedding node serving `model` (its `dim` and `max_length`), or None."""
+        return next((op for op in self.operators_of("embedding") if op.served_model_name == model), None)
+
+    def embedding_models(self) -> list[str]:
+        """The embedding models served here or by attached instances, own first."""
+        return list(dict.fromkeys(s.model for s in self.instances().values() if s.role == "embedding" and s.model))
 
     def instance_model(self, name: str | None) -> str | None:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the

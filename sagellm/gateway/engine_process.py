@@ -26,7 +26,6 @@ import trio
 
 from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy, Restarts
-from sagellm.gateway import proxy
 from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_GRAPH
 from sagellm.gateway.engine_spec import FAILED, READY, STARTING, UNHEALTHY, ManagedEngine
 
@@ -107,8 +106,6 @@ class Supervisor:
             if startup.cancelled_caught:
                 timed_out = True
                 process.kill()
-            if not timed_out:
-                engine.upstream_model = await self._served_model(engine)
             if timed_out or engine.stopping:
                 await trio.sleep_forever()  # until `exited` sees it go (stop() or the kill ends it)
             engine.state, engine.ever_ready = READY, True
@@ -140,17 +137,10 @@ class Supervisor:
             process.kill()
             await process.wait()
 
-    async def _served_model(self, engine: ManagedEngine) -> str | None:
-        """The first model our own server lists: the name it checks requests against."""
-        with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
-            reply = await self._client.get(f"{engine.url}/v1/models", headers=proxy.auth(engine), timeout=5)
-            return reply.json()["data"][0]["id"]
-        return None
-
     # -- health ---------------------------------------------------------------------------------------------------
     async def _healthy(self, engine: ManagedEngine, path: str) -> bool:
         try:
-            reply = await self._client.get(engine.url + path, headers=proxy.auth(engine), timeout=5)
+            reply = await self._client.get(engine.url + path, headers=_auth(engine), timeout=5)
         except httpx.HTTPError:
             return False
         return reply.status_code == 200
@@ -186,7 +176,7 @@ class Supervisor:
         """Requests waiting at the server, from its Prometheus metrics (vLLM's, llama.cpp's or ours); 0 where it
         exposes none. Requests running there are counted by the gateway itself, which sent them."""
         try:
-            reply = await self._client.get(engine.url + "/metrics", headers=proxy.auth(engine), timeout=5)
+            reply = await self._client.get(engine.url + "/metrics", headers=_auth(engine), timeout=5)
         except httpx.HTTPError:
             return 0
         if reply.status_code != 200:
@@ -203,6 +193,11 @@ class Supervisor:
         if not engine.ever_ready:
             engine.state, engine.last_error = UNHEALTHY, f"{engine.url}/v1/models does not answer 200"
         await self._check_health(engine, "/v1/models")
+
+
+def _auth(engine: ManagedEngine) -> dict[str, str]:
+    """The engine's own key (a managed process gets a fresh one; an openai server the one registered with it)."""
+    return {"authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
 
 
 def _command(engine: ManagedEngine) -> list[str]:

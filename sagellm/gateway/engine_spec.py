@@ -86,14 +86,12 @@ class ManagedEngine:
     gpus: list[int] = field(default_factory=list)
     _state: str = STARTING
     process: trio.Process | None = None
-    upstream_model: str | None = None  # the model's name at the engine, once known
     restarts: int = 0
     ever_ready: bool = False
     stopping: bool = False
     last_error: str | None = None
-    proxied: int = 0  # requests in flight through the proxy (embedding engines, which are not instances)
     created: float = field(default_factory=time.time)
-    stats: InstanceStats | None = None  # its entry in the gateway's registry of instances (generation engines)
+    stats: InstanceStats | None = None  # its entry in the gateway's registry of instances
 
     @property
     def state(self) -> str:
@@ -110,7 +108,7 @@ class ManagedEngine:
 
     @property
     def in_flight(self) -> int:
-        return self.stats.running if self.stats is not None else self.proxied
+        return self.stats.running if self.stats is not None else 0
 
     @property
     def name(self) -> str:

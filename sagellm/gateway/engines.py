@@ -4,10 +4,9 @@ Kinds: `llm` spawns our engine as a process (`sagellm serve` of the colocated gr
 OpenAI-compatible server on 127.0.0.1), `embedding` the same serving one embedding model (`sagellm serve --no-llm
 -e MODEL`), `openai` registers a server that already runs (vLLM, llama.cpp, another sageLLM). The manager keeps the
 list behind `/v1/management/engines`, checks a start request (names, ports, GPUs) and gives each managed process a
-fresh API key so only the gateway reaches it. A generation engine (`llm`, `openai`) becomes an instance in the
-serving core's registry, so its requests take the graph's path (admission, the policy queue, route among every
-instance of the model, metrics); several may serve one model name. Requests for an embedding engine's model are
-proxied to it (sagellm.gateway.proxy), counted so a stop can drain. What an engine is:
+fresh API key so only the gateway reaches it. Every engine becomes an instance in the serving core's registry (an
+embedding engine one of role "embedding"), so its requests take the graph's path (admission, the policy queue, route
+among every instance of the model, metrics); several may serve one model name. What an engine is:
 sagellm.gateway.engine_spec; the processes themselves are run by the Supervisor (sagellm.gateway.engine_process)."""
 
 from __future__ import annotations
@@ -25,11 +24,10 @@ import structlog
 import trio
 
 from sagellm.common.errors import FieldError
-from sagellm.gateway import proxy
 from sagellm.gateway.engine_process import Supervisor, free_port, port_free, stop_orphans
-from sagellm.gateway.engine_spec import DRAINING, FAILED, READY, STOPPED, EngineSpec, ManagedEngine
+from sagellm.gateway.engine_spec import DRAINING, STOPPED, EngineSpec, ManagedEngine
 from sagellm.gateway.errors import ApiError
-from sagellm.gateway.http import EventStream, HttpRequest, Response
+from sagellm.operators.embedding import served_name
 from sagellm.operators.remote_engine import Endpoint
 
 if TYPE_CHECKING:
@@ -71,7 +69,7 @@ class EngineManager:
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `shutdown()`, then stops every managed process (SIGTERM, SIGKILL after the grace period)."""
         stop_orphans(self.engines_root)
-        async with proxy.client() as client, trio.open_nursery() as nursery:
+        async with _client() as client, trio.open_nursery() as nursery:
             self._client, self._nursery = client, nursery
             self._supervisor = Supervisor(client, **self.supervision)
             try:
@@ -101,16 +99,19 @@ class EngineManager:
         engine_id = engine_id or f"{spec.kind}-{next(self._ids)}"
         if spec.kind == "openai":
             url = spec.url.rstrip("/").removesuffix("/v1")
-            engine = ManagedEngine(engine_id, spec, url, None, spec.api_key, upstream_model=spec.model)
+            engine = ManagedEngine(engine_id, spec, url, None, spec.api_key)
         else:
             port = spec.port or free_port()
             engine = ManagedEngine(
                 engine_id, spec, f"http://127.0.0.1:{port}", port, secrets.token_urlsafe(24), gpus=gpus
             )
             engine.directory = self.state_dir / engine_id
-        if spec.kind != "embedding":  # our spawned server answers to the name the gateway gave it
-            endpoint = Endpoint(engine.url, engine.upstream_model or engine.name, engine.api_key, spec.max_concurrent)
-            engine.stats = self.registry.attach(engine_id, engine.name, endpoint)
+        # The model's name at the server: an openai server's as registered, a spawned llm server's the name the gateway
+        # gave it, a spawned embedding server's its model's default name.
+        upstream = {"openai": spec.model, "embedding": served_name(spec.model)}.get(spec.kind, engine.name)
+        endpoint = Endpoint(engine.url, upstream, engine.api_key, spec.max_concurrent)
+        role = "embedding" if spec.kind == "embedding" else "colocated"
+        engine.stats = self.registry.attach(engine_id, engine.name, endpoint, role=role)
         self.engines[engine_id] = engine
         watch = self._supervisor.watch_remote if spec.kind == "openai" else self._supervisor.supervise
         self._nursery.start_soon(watch, engine)
@@ -153,38 +154,6 @@ class EngineManager:
         return engine
 
     # -- what the OpenAI routes call ------------------------------------------------------------------------------
-    def embedding_engine(self, model: str | None) -> ManagedEngine | None:
-        """The embedding engine serving `model`, or None (the gateway's own, or unknown: the route answers)."""
-        return next((e for e in self._embedding_engines() if e.name == model), None) if model else None
-
-    def _embedding_engines(self) -> list[ManagedEngine]:
-        return [e for e in self.engines.values() if e.spec.kind == "embedding"]
-
-    async def proxy(self, engine: ManagedEngine, http: HttpRequest) -> Response | EventStream:
-        """Forwards the request to the engine; one that is not ready is a 503, one at `max_concurrent` a 429."""
-        if engine.state != READY:
-            why = f": {engine.last_error}" if engine.last_error else ""
-            message = f"engine {engine.id} serving {engine.name!r} is {engine.state}{why}"
-            raise ApiError(503, message, code="unavailable")
-        limit = engine.spec.max_concurrent
-        if limit is not None and engine.proxied >= limit:
-            raise ApiError(429, f"engine {engine.id} is at its limit of {limit} requests in flight", code="overloaded")
-        engine.proxied += 1
-
-        def release() -> None:
-            engine.proxied -= 1
-
-        return await proxy.forward(self._client, engine, http, release)
-
-    def model_cards(self, created: int) -> list[dict[str, Any]]:
-        """`/v1/models` entries for the embedding engines' models (failed ones left out); generation models are the
-        registry's."""
-        return [
-            {"id": e.name, "object": "model", "created": created, "owned_by": "sagellm", "engine": e.id}
-            for e in self._embedding_engines()
-            if e.state != FAILED
-        ]
-
     # -- checks ---------------------------------------------------------------------------------------------------
     def _check(self, spec: EngineSpec) -> None:
         try:
@@ -196,7 +165,7 @@ class EngineManager:
             raise ApiError(409, f"the gateway itself serves {name!r}; set served_model_name", code="conflict")
         # Several generation engines may serve one name (route chooses among them); an embedding model has one.
         taken = next((e for e in self.engines.values() if e.name == name), None)
-        if taken is not None and "embedding" in (spec.kind, taken.spec.kind):
+        if taken is not None and (spec.kind == "embedding") != (taken.spec.kind == "embedding"):
             raise ApiError(409, f"engine {taken.id} already serves {name!r}; stop it first", code="conflict")
         if spec.port and (not port_free(spec.port) or any(e.port == spec.port for e in self.engines.values())):
             raise ApiError(409, f"port {spec.port} is in use; pick another or leave port out", code="conflict")
@@ -225,3 +194,8 @@ class EngineManager:
         if spec.kind == "embedding":
             raise ApiError(400, "embedding engines run on the CPU; leave use_gpu out", param="use_gpu")
         return free[:needed]
+
+
+def _client() -> httpx.AsyncClient:
+    """The supervisor's client for health checks and metrics: short requests, a small pool."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_keepalive_connections=8))

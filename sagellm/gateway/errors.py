@@ -57,8 +57,8 @@ class ApiError(Exception):
         return msgspec.json.encode(self.body())
 
     @classmethod
-    def from_request_error(cls, error: RequestError) -> ApiError:
-        return cls(HTTP_STATUS.get(error.code, 500), error.message, code=error.code)
+    def from_request_error(cls, error: RequestError, param: str | None = None) -> ApiError:
+        return cls(HTTP_STATUS.get(error.code, 500), error.message, param=param, code=error.code)
 
     @classmethod
     def from_value_error(cls, error: ValueError) -> ApiError:

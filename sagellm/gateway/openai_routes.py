@@ -14,12 +14,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 import trio
 
 from sagellm.gateway.core import ServingCore
-from sagellm.gateway.embeddings import EmbeddingService
-from sagellm.gateway.engines import EngineManager
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import App, EventStream, Guard, HttpRequest, Response
 from sagellm.gateway.protocol import (
@@ -31,7 +30,7 @@ from sagellm.gateway.protocol import (
 )
 from sagellm.gateway.request_stream import RequestStream
 from sagellm.gateway.responses import Choice, Envelope, chat_logprobs, completion_logprobs, finish_reason, usage
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta
 
 DONE = b"[DONE]"
 # Inputs one embedding request may carry: a batch this size takes about a second of CPU here; more would hold the
@@ -40,15 +39,8 @@ MAX_EMBEDDING_INPUTS = 256
 
 
 class OpenAIRoutes:
-    def __init__(
-        self,
-        core: ServingCore | None,
-        embeddings: EmbeddingService | None = None,
-        engines: EngineManager | None = None,
-    ) -> None:
-        """`core` None: an embedding-only server (sagellm.gateway.embedding_server) uses just `embeddings()`.
-        `engines`: embedding requests naming a managed embedding engine's model are proxied to it."""
-        self.core, self.embedding, self.engines = core, embeddings, engines
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
         self.created = int(time.time())
 
     def register(self, app: App, guard: Guard | None) -> None:
@@ -68,25 +60,13 @@ class OpenAIRoutes:
 
     # -- models ---------------------------------------------------------------------------------------------------
     async def models(self, _: HttpRequest) -> Response:
-        def card(name: str, **extra: Any) -> dict[str, Any]:
-            return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **extra}
+        def card(name: str) -> dict[str, Any]:
+            embedder = self.core.embedder(name)
+            own = self.core.max_model_len if name == self.core.model_name else None
+            length = {"max_model_len": embedder.max_length if embedder is not None else own}
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length}
 
-        own, *attached = self.core.models()
-        data = [card(own, max_model_len=self.core.max_model_len), *map(card, attached)]
-        if self.embedding is not None:
-            data.append(card(self.embedding.name, max_model_len=self.embedding.max_length))
-        if self.engines is not None:
-            data += self.engines.model_cards(self.created)
-        return Response({"object": "list", "data": data})
-
-    def _check_model(self, name: str | None, served: str | None, kind: str) -> None:
-        if name is not None and name != served:
-            raise ApiError(
-                404,
-                f"the {kind} model {name!r} does not exist here; this server has {served!r}",
-                param="model",
-                code="model_not_found",
-            )
+        return Response({"object": "list", "data": [card(name) for name in self.core.models()]})
 
     # -- completions ----------------------------------------------------------------------------------------------
     async def completions(self, http: HttpRequest) -> Response | EventStream:
@@ -179,40 +159,45 @@ class OpenAIRoutes:
         return _events(envelope, first, stream, render, logprobs, include_usage, opening=opening)
 
     # -- embeddings -----------------------------------------------------------------------------------------------
-    async def embeddings(self, http: HttpRequest) -> Response | EventStream:
+    async def embeddings(self, http: HttpRequest) -> Response:
         body = http.json(EmbeddingRequest)
-        engine = self.engines.embedding_engine(body.model) if self.engines is not None else None
-        if engine is not None:
-            return await self.engines.proxy(engine, http)
-        if self.embedding is None:
-            raise ApiError(
-                404,
-                "this server runs no embedding model (start it without --no-embedding)",
-                param="model",
-                code="model_not_found",
-            )
-        self._check_model(body.model, self.embedding.name, "embedding")
+        model = self._embedding_model(body.model)
         inputs = _embedding_inputs(body.input)
-        if body.dimensions is not None and body.dimensions != self.embedding.dim:
-            raise ApiError(
-                400,
-                f"dimensions: {self.embedding.name} has {self.embedding.dim}, got {body.dimensions}",
-                param="dimensions",
-            )
-        vectors, prompt_tokens = await self.embedding.embed(inputs)
-        data = [
-            {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
-            for i, v in enumerate(vectors)
+        embedder = self.core.embedder(model)
+        if body.dimensions is not None and (embedder is None or body.dimensions != embedder.dim):
+            has = f"has {embedder.dim}" if embedder is not None else "is served elsewhere; its size is not asked for"
+            raise ApiError(400, f"dimensions: {model} {has}, got {body.dimensions}", param="dimensions")
+        now = time.time()
+        requests = [
+            Request(
+                request_id=self.core.new_id("embd"),
+                phase="embed",
+                model=model,
+                user=body.user,
+                arrival_time=now,
+                **({"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}),
+            )  # fmt: skip
+            for item in inputs
         ]
-        tokens = sum(prompt_tokens)
-        return Response(
-            {
-                "object": "list",
-                "data": data,
-                "model": self.embedding.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+        results = await _embedded([self.core.submit(r) for r in requests])
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(r.vector, body.encoding_format)}
+            for i, r in enumerate(results)
+        ]
+        tokens = sum(r.prompt_tokens for r in results)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return Response({"object": "list", "data": data, "model": model, "usage": usage})
+
+    def _embedding_model(self, name: str | None) -> str:
+        """The embedding model a request asks for: the one named, else the first served (the gateway's own)."""
+        served = self.core.embedding_models()
+        if name is None and served:
+            return served[0]
+        if name in served:
+            return name
+        have = f"the embedding models here are {', '.join(map(repr, served))}" if served else "no embedding model here"
+        message = f"the embedding model {name!r} does not exist; {have}"
+        raise ApiError(404, message, param="model", code="model_not_found")
 
 
 def _embedding_inputs(value: Any) -> list[str] | list[list[int]]:
@@ -279,6 +264,35 @@ async def _resume(first: TokenDelta, stream: RequestStream) -> AsyncIterator[Tok
     if not first.finished:
         async for item in stream:
             yield item
+
+
+async def _embedded(streams: list[RequestStream]) -> list[Embedding]:
+    """Each input's vector, in order; the first input that fails cancels the rest and answers for all."""
+    results: list[Embedding | None] = [None] * len(streams)
+    failure: tuple[int, RequestError] | None = None
+
+    async def wait(index: int, stream: RequestStream, scope: trio.CancelScope) -> None:
+        nonlocal failure
+        async for item in stream:
+            if isinstance(item, RequestError):
+                failure = failure or (index, item)
+                scope.cancel()
+                return
+            if isinstance(item, Embedding):
+                results[index] = item
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, stream in enumerate(streams):
+                nursery.start_soon(wait, index, stream, nursery.cancel_scope)
+    finally:
+        for stream in streams:
+            stream.cancel()  # no-op for those that ended; a client that left cancels the rest
+    if failure is not None:
+        index, error = failure
+        numbered = msgspec.structs.replace(error, message=f"input {index}: {error.message.removeprefix('input: ')}")
+        raise ApiError.from_request_error(numbered, param="input")
+    return [r for r in results if r is not None]
 
 
 async def _collect(streams: list[RequestStream]) -> list[Choice]:

@@ -25,7 +25,7 @@ import structlog
 import trio
 
 from sagellm.gateway.config import FailoverPolicy
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
 
 log = structlog.get_logger("sagellm.gateway")
 RETRIED_CODES = frozenset({"instance_lost", "unavailable", "timeout"})  # what another attempt may not meet
@@ -37,7 +37,7 @@ class Attempts(Protocol):
     def cancel(self, request_id: str) -> None: ...
     def abandon(self, request_id: str) -> None: ...
     def resubmit(self, stream: RequestStream, attempt: Request) -> bool: ...
-    async def instance_ready(self, model: str | None, within_s: float) -> bool: ...
+    async def instance_ready(self, model: str | None, within_s: float, phase: str) -> bool: ...
     def count_retry(self, code: str, resumed: bool) -> None: ...
     def ended(self, stream: RequestStream) -> None: ...
 
@@ -58,7 +58,7 @@ class RequestStream:
         self._first_token_timeout_s = request.first_token_timeout_s or policy.first_token_timeout_s
         self._token_timeout_s = request.token_timeout_s or policy.token_timeout_s
 
-    def __aiter__(self) -> AsyncIterator[TokenDelta | RequestError]:
+    def __aiter__(self) -> AsyncIterator[TokenDelta | Embedding | RequestError]:
         return self._items()
 
     def deliver(self, item: TokenDelta | RequestError) -> None:
@@ -91,7 +91,7 @@ class RequestStream:
             "error": {"code": error.code, "message": error.message} if error is not None else None,
         }
 
-    async def _items(self) -> AsyncIterator[TokenDelta | RequestError]:
+    async def _items(self) -> AsyncIterator[TokenDelta | Embedding | RequestError]:
         while not self.done:
             item = await self._next()
             if isinstance(item, RequestError) and _worth_retrying(item) and await self._retry(item):
@@ -131,7 +131,9 @@ class RequestStream:
         if self.retries >= self.policy.max_retries or self.done:
             return False
         attempt = self._next_attempt()
-        if attempt is None or not await self.core.instance_ready(self.request.model, self.policy.retry_wait_s):
+        if attempt is None:
+            return False
+        if not await self.core.instance_ready(self.request.model, self.policy.retry_wait_s, self.request.phase):
             return False
         if self.done:  # the client left while it waited
             return False
@@ -149,8 +151,9 @@ class RequestStream:
         """The next attempt: the request again, or a resume from what the client got; None if it cannot resume."""
         first, previous = self.request, self.attempt
         exclude = list(dict.fromkeys([*previous.exclude, *([previous.instance] if previous.instance else [])]))
+        phase = "embed" if first.phase == "embed" else "colocated"  # pd_split decides the rest anew
         fields: dict[str, Any] = dict(
-            request_id=f"{first.request_id}.{self.retries + 1}", exclude=exclude, instance=None, phase="colocated",
+            request_id=f"{first.request_id}.{self.retries + 1}", exclude=exclude, instance=None, phase=phase,
             admitted_time=None, dispatched_time=None,
         )  # fmt: skip
         produced = len(self._token_ids) if first.model is None else len(self._text)

@@ -1,4 +1,4 @@
-"""`serve()`: the gateway process. Loads the graph's engines and the embedding model, then answers HTTP on
+"""`serve()`: the gateway process. Loads the graph's engines (the embedding model is one of them), then answers HTTP on
 hypercorn's trio worker in the same event loop as the pipeline, so a request goes from socket to engine without a
 thread or process hop. SIGINT/SIGTERM stop it gracefully: no new connections, requests in flight finish (up to
 `graceful_timeout_s`), the graph drains, then the process exits."""
@@ -24,7 +24,6 @@ from sagellm.gateway.admin_routes import AdminRoutes
 from sagellm.gateway.auth import admin_key, key_guard
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.core import ServingCore
-from sagellm.gateway.embeddings import EmbeddingService
 from sagellm.gateway.engines import EngineManager
 from sagellm.gateway.http import App
 from sagellm.gateway.management_routes import ManagementRoutes
@@ -42,22 +41,15 @@ class Gateway:
 
     url: str
     core: ServingCore
-    embeddings: EmbeddingService | None
     admin_key: str
     stop: trio.Event
     engines: EngineManager
 
 
-def build_app(
-    core: ServingCore,
-    embeddings: EmbeddingService | None,
-    config: GatewayConfig,
-    admin: str,
-    engines: EngineManager,
-) -> App:
+def build_app(core: ServingCore, config: GatewayConfig, admin: str, engines: EngineManager) -> App:
     app = App(max_body_bytes=config.max_body_bytes, allowed_hosts=config.host_names())
     admin_guard, api_guard = key_guard([admin], "admin"), key_guard(config.api_keys, "API")
-    openai_routes = OpenAIRoutes(core, embeddings, engines)
+    openai_routes = OpenAIRoutes(core)
     openai_routes.register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
     AdminRoutes(core).register(app, admin_guard)
@@ -88,33 +80,33 @@ async def serve(
 ) -> None:
     """Runs until `Gateway.stop` is set (or, with `handle_signals`, a SIGINT/SIGTERM arrives); hands the running
     `Gateway` to `task_status` once it answers HTTP."""
-    core = ServingCore(graph, served_model_name=config.served_model_name, failover=config.failover)
-    embeddings = EmbeddingService(config.embedding_model) if config.embedding_model else None
-    engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core, embeddings))
+    core = ServingCore(
+        graph, served_model_name=config.served_model_name, failover=config.failover,
+        embedding_model=config.embedding_model,
+    )  # fmt: skip
+    engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core))
     admin = admin_key(config.state_dir, config.admin_key)
-    app = build_app(core, embeddings, config, admin, engines)
+    app = build_app(core, config, admin, engines)
     hyper = hypercorn_config(config)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(core.run)
         await nursery.start(engines.run)
-        if embeddings is not None:
-            await embeddings.load()
         signals = trio.CancelScope()
         if handle_signals:
             nursery.start_soon(stop_on_signal, stop, signals)
         async with trio.open_nursery() as http:
             binds = await http.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait))
-            log.info("gateway_ready", url=binds[0], model=core.model_name, embedding=embeddings and embeddings.name)
-            task_status.started(Gateway(binds[0], core, embeddings, admin, stop, engines))
+            log.info("gateway_ready", url=binds[0], models=core.models())
+            task_status.started(Gateway(binds[0], core, admin, stop, engines))
         signals.cancel()  # hypercorn returned: stop was set and the requests it held have finished
         engines.shutdown()  # managed engine processes stop
         core.shutdown()  # the graph drains what is left, then core.run returns
 
 
-def _served_names(core: ServingCore, embeddings: EmbeddingService | None) -> list[str]:
+def _served_names(core: ServingCore) -> list[str]:
     """The model names the gateway answers itself, which no managed engine may take."""
-    return [core.model_name, *([embeddings.name] if embeddings is not None and embeddings.engine else [])]
+    return [core.model_name, *(op.served_model_name for op in core.operators_of("embedding"))]
 
 
 async def stop_on_signal(stop: trio.Event, scope: trio.CancelScope) -> None:

@@ -1,0 +1,138 @@
+"""The `embedding` operator: an embedding model as an engine node, one instance of its model for route.
+
+Each embed request (`Request.phase == "embed"`) holds one input, its text (`prompt`) or token ids; the node takes up
+to `max_batch` of them between steps and embeds them in one pass of `EmbeddingEngine` (which sorts by length and pads
+each batch to its own longest), so concurrent requests share the model's passes as decode steps do. An input the
+model cannot take fails that request alone: the batch is embedded again without it. The result is an `Embedding`
+item: the vector and the input's token count."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sagellm.common.errors import FieldError
+from sagellm.runtime.engine.outputs import RequestMetrics
+from sagellm.runtime.pipeline.messages import Embedding, ErrorCode, Request, RequestError
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
+
+
+@register_operator
+class EmbeddingOperator(StepOperator):
+    name = "embedding"
+    accepts = (Request,)
+
+    def __init__(self, model: str, served_model_name: str | None = None, max_batch: int = 64) -> None:
+        """`model`: a path or a cache name; `served_model_name`: the name requests ask for (default: the cache name,
+        or the directory's name of a path); `max_batch`: requests embedded in one step."""
+        if max_batch < 1:
+            raise FieldError("max_batch", f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.served_model_name = served_model_name or served_name(model)
+        self.engine: Any = None
+        self._queue: list[Request] = []
+
+    @classmethod
+    def instance_stats(cls, node_id: str, params: dict[str, Any]) -> InstanceStats:
+        op = cls(**params)
+        return InstanceStats(node_id, role="embedding", model=op.served_model_name, max_running=op.max_batch)
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        from sagellm.runtime.embedding import EmbeddingEngine  # here: listing operators must not load torch
+
+        self.engine = EmbeddingEngine(self.model, name=self.served_model_name)
+        self.stats = ctx.instances.setdefault(ctx.node_id, self.instance_stats(ctx.node_id, self._params()))
+
+    def _params(self) -> dict[str, Any]:
+        return {"model": self.model, "served_model_name": self.served_model_name, "max_batch": self.max_batch}
+
+    def close(self) -> None:
+        self.engine = None
+
+    # -- the Step contract ----------------------------------------------------------------------------------------
+    def add(self, item: Request) -> list[Any]:
+        if item.phase != "embed":
+            message = f"{self.ctx.node_id} embeds; it was sent a {item.phase} request"
+            return [RequestError(request_id=item.request_id, code="internal", message=message)]
+        self._queue.append(item)
+        self.stats.running = len(self._queue)
+        return []
+
+    def step(self) -> list[Any]:
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        started = time.time()
+        out = self._embed(batch, started)
+        self.stats.running = len(self._queue)
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def capacity(self) -> int:
+        return max(0, self.max_batch - len(self._queue))
+
+    def in_flight(self) -> list[str]:
+        return [r.request_id for r in self._queue]
+
+    def abort(self, request_ids: list[str]) -> None:
+        gone = set(request_ids)
+        self._queue = [r for r in self._queue if r.request_id not in gone]
+        self.stats.running = len(self._queue)
+
+    # -- embedding ------------------------------------------------------------------------------------------------
+    def _embed(self, batch: list[Request], started: float) -> list[Any]:
+        """The batch's items; an input the model refuses fails alone, the others are embedded without it."""
+        texts = [r for r in batch if r.prompt_token_ids is None]
+        ids = [r for r in batch if r.prompt_token_ids is not None]
+        out: list[Any] = []
+        for group, inputs in ((texts, [r.prompt or "" for r in texts]), (ids, [r.prompt_token_ids for r in ids])):
+            if group:
+                out += self._embed_group(group, inputs, started)
+        return out
+
+    def _embed_group(self, group: list[Request], inputs: list[Any], started: float) -> list[Any]:
+        from sagellm.runtime.embedding import EmbeddingInputError, InputTooLongError
+
+        try:
+            result = self.engine.embed(inputs)
+        except EmbeddingInputError as error:
+            code: ErrorCode = "context_length_exceeded" if isinstance(error, InputTooLongError) else "invalid_request"
+            index = error.index if error.index is not None else 0
+            refused = RequestError(request_id=group[index].request_id, code=code, message=_of_one_input(str(error)))
+            rest = [i for i in range(len(group)) if i != index]
+            return (
+                [refused, *self._embed_group([group[i] for i in rest], [inputs[i] for i in rest], started)]
+                if rest
+                else [refused]
+            )
+        now = time.time()
+        out: list[Any] = []
+        for request, vector, tokens in zip(group, result.embeddings.tolist(), result.prompt_tokens):
+            metrics = RequestMetrics(
+                arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time or started,
+                first_token_time=now, finished_time=now, num_prompt_tokens=tokens,
+            )  # fmt: skip
+            out.append(Embedding(request_id=request.request_id, vector=vector, prompt_tokens=tokens, time=now,
+                                 metrics=metrics))  # fmt: skip
+        return out
+
+    @property
+    def dim(self) -> int:
+        return self.engine.dim
+
+    @property
+    def max_length(self) -> int:
+        return self.engine.max_length
+
+
+def served_name(model: str) -> str:
+    """What clients call a model by default: a path by its directory's name, a cache name or org/name as given."""
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
+def _of_one_input(message: str) -> str:
+    """The engine's words about "input N" of its batch, said of the request's one input (the gateway numbers it)."""
+    return "input" + message.split(" ", 2)[2].join([" ", ""]) if message.startswith("input ") else message
