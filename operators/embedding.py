@@ -35,18 +35,17 @@ class EmbeddingOperator(StepOperator):
 
     @classmethod
     def instance_stats(cls, node_id: str, params: dict[str, Any]) -> InstanceStats:
-        op = cls(**params)
-        return InstanceStats(node_id, role="embedding", model=op.served_model_name, max_running=op.max_batch)
+        return cls(**params)._new_stats(node_id)
+
+    def _new_stats(self, node_id: str) -> InstanceStats:
+        return InstanceStats(node_id, role="embedding", model=self.served_model_name, max_running=self.max_batch)
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
         from sagellm.runtime.embedding import EmbeddingEngine  # here: listing operators must not load torch
 
         self.engine = EmbeddingEngine(self.model, name=self.served_model_name)
-        self.stats = ctx.instances.setdefault(ctx.node_id, self.instance_stats(ctx.node_id, self._params()))
-
-    def _params(self) -> dict[str, Any]:
-        return {"model": self.model, "served_model_name": self.served_model_name, "max_batch": self.max_batch}
+        self.stats = ctx.instances.setdefault(ctx.node_id, self._new_stats(ctx.node_id))
 
     def close(self) -> None:
         self.engine = None
@@ -134,5 +133,6 @@ def served_name(model: str) -> str:
 
 
 def _of_one_input(message: str) -> str:
-    """The engine's words about "input N" of its batch, said of the request's one input (the gateway numbers it)."""
-    return "input" + message.split(" ", 2)[2].join([" ", ""]) if message.startswith("input ") else message
+    """The engine's words about "input N" of its batch without that number, which means nothing to the request's
+    one input (the gateway puts the input's number in the client's batch in front)."""
+    return message.split(" ", 2)[2] if message.startswith("input ") else message

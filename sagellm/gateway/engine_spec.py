@@ -3,8 +3,8 @@
 management API shows (`ManagedEngine`) with its state.
 
 States: starting -> ready (its health check passes) <-> unhealthy (checks fail while it lives); draining -> stopped
-when the API stops it; failed (it could not start, or died too often). A generation engine is an instance in the
-gateway's registry (`stats`): route chooses it only while it is ready."""
+when the API stops it; failed (it could not start, or died too often). Every engine is an instance in the gateway's
+registry (`stats`): route chooses it only while it is ready."""
 
 from __future__ import annotations
 

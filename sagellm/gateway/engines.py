@@ -47,7 +47,7 @@ class EngineManager:
         drain_timeout_s: float = 30.0,
         **supervision: float,
     ) -> None:
-        """Engines keep their files in `gateway_state_dir/engines/<this pid>/ID/`; generation engines are instances in
+        """Engines keep their files in `gateway_state_dir/engines/<this pid>/ID/`; every engine is an instance in
         `registry`. `reserved_names`: the model
         names the gateway itself serves (its graph's and embedding model), which no managed engine may take.
         `drain_timeout_s`: how long a stop waits for the engine's requests in flight. `supervision`: Supervisor's
@@ -163,7 +163,8 @@ class EngineManager:
         name = spec.served_model_name or spec.model
         if name in set(self.reserved_names()):
             raise ApiError(409, f"the gateway itself serves {name!r}; set served_model_name", code="conflict")
-        # Several generation engines may serve one name (route chooses among them); an embedding model has one.
+        # Several engines of one kind may serve one name (route chooses among them), not a generation and an
+        # embedding engine.
         taken = next((e for e in self.engines.values() if e.name == name), None)
         if taken is not None and (spec.kind == "embedding") != (taken.spec.kind == "embedding"):
             raise ApiError(409, f"engine {taken.id} already serves {name!r}; stop it first", code="conflict")

@@ -290,7 +290,7 @@ async def _embedded(streams: list[RequestStream]) -> list[Embedding]:
             stream.cancel()  # no-op for those that ended; a client that left cancels the rest
     if failure is not None:
         index, error = failure
-        numbered = msgspec.structs.replace(error, message=f"input {index}: {error.message.removeprefix('input: ')}")
+        numbered = msgspec.structs.replace(error, message=f"input {index}: {error.message}")
         raise ApiError.from_request_error(numbered, param="input")
     return [r for r in results if r is not None]
 

@@ -43,8 +43,8 @@ class Attempts(Protocol):
 
 
 class RequestStream:
-    """The items of one client request (TokenDeltas, then one terminal TokenDelta or RequestError), whichever
-    attempts produced them. Iterating it again goes on where the last iteration stopped."""
+    """The items of one client request (TokenDeltas, then one terminal TokenDelta, Embedding or RequestError),
+    whichever attempts produced them. Iterating it again goes on where the last iteration stopped."""
 
     def __init__(self, core: Attempts, request: Request, policy: FailoverPolicy) -> None:
         self.core, self.request, self.policy = core, request, policy
@@ -52,7 +52,7 @@ class RequestStream:
         self.retries = 0
         self._send, self._receive = trio.open_memory_channel[Any](float("inf"))
         self.done = False
-        self.outcome: TokenDelta | RequestError | None = None  # the terminal item the client got
+        self.outcome: TokenDelta | Embedding | RequestError | None = None  # the terminal item the client got
         self._token_ids: list[int] = []  # what the client got so far
         self._text = ""
         self._first_token_timeout_s = request.first_token_timeout_s or policy.first_token_timeout_s
@@ -61,7 +61,7 @@ class RequestStream:
     def __aiter__(self) -> AsyncIterator[TokenDelta | Embedding | RequestError]:
         return self._items()
 
-    def deliver(self, item: TokenDelta | RequestError) -> None:
+    def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
         self._send.send_nowait(item)  # unbounded: the engine never waits on a slow client
 
     def cancel(self) -> None:
@@ -103,7 +103,7 @@ class RequestStream:
                 self.core.ended(self)
             yield item
 
-    async def _next(self) -> TokenDelta | RequestError:
+    async def _next(self) -> TokenDelta | Embedding | RequestError:
         """The attempt's next item, or its timeout (the attempt is then abandoned: cancelled, its late items
         dropped)."""
         started = bool(self._token_ids or self._text)
