@@ -268,6 +268,9 @@ class ProcessExecutor:
             return
         who = self.control.describe(group)
         self._kill(group)
+        # Retired: a killed worker's exit may arrive late (a stopped one is reaped after SIGKILL, maybe during the
+        # next attempt's spawn), and must not read as that attempt failing.
+        self.processes.pop(group, None)
         if group in self._lost:  # a restarted worker that failed before it was ready: that attempt is over
             if group not in self.control.gone:
                 log.error("worker_restart_failed", worker=who, why=why)
