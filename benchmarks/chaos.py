@@ -7,12 +7,17 @@ Phases, in order, against the one server unless said:
 - start: a damaged sessions.json in the state dir; the server must start, move it aside and say so.
 - bad inputs: the hand-made cases of `chaos_cases` (each once a crash, a failed batch or a 500), beside 8 streams.
 - junk: random bytes, truncated and oversized msgpack on every ZeroMQ socket of the run (its ipc files).
-- big prompts: three 8 MB prompts at once while `/health` and small streams are timed (their p99 must stay small).
-- overload: `--overload-factor` × the admission bound of clients in a closed loop for `--overload-s`; shed requests
-  must get 429 + Retry-After (and are retried after it), memory must stay bounded.
+- big prompts: three 8 MB prompts at once, ten times, while `/health` and small streams are timed (their p99 must
+  stay small: the small streams' TTFT is shown beside theirs alone, just before); against the server, and against
+  the gateway in front of the instant engine (`instant_server`, W5: no model compute), where the < 50 ms holds.
 - faults: kill -9 of the decode and the prefill worker, and SIGSTOP of the decode worker, each under 32 streams;
   every stream must end once, and the worker must be restarted (recovery: the signal → `/ready` with every engine
   ready again).
+- overload: `--overload-factor` × the admission bound of clients in a closed loop for `--overload-s`, each on one
+  keep-alive raw connection (`raw_http`: ~0.4 ms of CPU per streamed request, where httpx took 15-30); shed requests
+  must get 429 + Retry-After (and are retried after it), memory must stay bounded, and 99% of the admitted requests
+  must get their first token within the `--ttft-slo-ms` the server is given (admission adapts its bound to it).
+  The overload comes after the faults: the bound it leaves low grows back only as traffic flows.
 - files: `sagellm run` on a YAML alias bomb, and on a truncated model file: a clear error, soon, never a hang."""
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import trio
 import zmq
 
 from sagellm.benchmarks.chaos_cases import BAD_INPUTS
+from sagellm.benchmarks.raw_http import ConnectionClosed, RawClient, lines
 from sagellm.benchmarks.vllm_results import cpu_description
 from sagellm.common.processes import python_module
 from sagellm.gateway.errors import RETRY_AFTER_S
@@ -45,6 +51,7 @@ from sagellm.runtime.comm.zmq_trio import IPC_DIR_ENV
 
 FAULT_STREAMS = 32
 FAULTS = (("decode", signal.SIGKILL), ("prefill", signal.SIGKILL), ("decode", signal.SIGSTOP))
+PHASES = ("bad-inputs", "junk", "big-prompts", "faults", "overload", "files")  # after the start, in this order
 READY_TIMEOUT_S = 900  # a first run may download or convert the model
 STREAM_TIMEOUT_S = 120  # a stream with nothing for this long hung
 WORKER_MODULE = "sagellm.runtime.executor.worker"
@@ -68,7 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=32, help="admission bound during the run (default: 32)")
     parser.add_argument("--overload-factor", type=int, default=10, help="clients per admission slot (default: 10)")
     parser.add_argument("--overload-s", type=float, default=60.0, help="how long the overload lasts (default: 60)")
+    parser.add_argument(
+        "--ttft-slo-ms", type=float, default=2500.0, help="the server's TTFT target (admission.ttft_slo_ms)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the junk")
+    parser.add_argument("--only", action="append", choices=PHASES, help="run only this phase (repeat; default: all)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/chaos.json"), help="JSON results")
 
 
@@ -102,25 +113,30 @@ def progress(message: str, bench: str = "chaos") -> None:
 
 async def _run(args: argparse.Namespace) -> list[Row]:
     rng = random.Random(args.seed)
+    wanted = set(args.only or PHASES)
     with tempfile.TemporaryDirectory(prefix="sagellm-chaos-") as scratch:
         work = Path(scratch)
-        server = Server(work, args.graph, args.model, ("--set", f"admission.max_queue={args.max_queue}"))
+        admission = (f"admission.max_queue={args.max_queue}", f"admission.ttft_slo_ms={args.ttft_slo_ms:g}")
+        server = Server(work, args.graph, args.model, tuple(x for pair in admission for x in ("--set", pair)))
         rows = [await start_over_damaged_sessions(server)]
         try:
             async with httpx.AsyncClient(base_url=server.url, timeout=STREAM_TIMEOUT_S) as client:
-                rows.append(await bad_inputs(client))
-                rows.append(await junk(client, server, rng))
-                rows.append(await big_prompts(client))
-                rows.append(await overload(client, server, args))
-                for group, fault in (
-                    ("decode", signal.SIGKILL),
-                    ("prefill", signal.SIGKILL),
-                    ("decode", signal.SIGSTOP),
-                ):
-                    rows.append(await lost_worker(client, server, group, fault))
+                if "bad-inputs" in wanted:
+                    rows.append(await bad_inputs(client))
+                if "junk" in wanted:
+                    rows.append(await junk(client, server, rng))
+                if "big-prompts" in wanted:
+                    rows.append(await big_prompts(server.port, work, "small", "SmolLM2, pd.yaml"))
+                    rows.append(await big_prompts_instant(client, work))
+                if "faults" in wanted:
+                    for group, fault in FAULTS:
+                        rows.append(await lost_worker(client, server, group, fault))
+                if "overload" in wanted:  # last: the admission bound it leaves low takes traffic to grow back
+                    rows.append(await overload(client, server, args))
         finally:
             server.stop()
-        rows += [await alias_bomb(work), await truncated_model(work, args.model)]
+        if "files" in wanted:
+            rows += [await alias_bomb(work), await truncated_model(work, args.model)]
     return rows
 
 
@@ -134,9 +150,7 @@ class Server:
     ) -> None:
         self.work, self.graph, self.model, self.extra, self.bench = work, graph, model, extra, bench
         self.state, self.ipc, self.log = work / "state", work / "ipc", work / "server.log"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -174,6 +188,11 @@ class Server:
         """Resident memory of the server and its workers."""
         pids = [self.process.pid, *_children(self.process.pid)]
         return sum(_rss_kb(pid) for pid in pids) / 1024
+
+    def gateway_cpu_s(self) -> float:
+        """CPU seconds the gateway's own process has used so far (its workers not counted)."""
+        stat = _stat(self.process.pid)
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK") if stat else 0.0
 
     def cpu_s(self) -> float:
         """CPU seconds the server and its workers have used so far."""
@@ -229,6 +248,12 @@ def _rss_kb(pid: int) -> int:
     return int(line.split()[1])
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 async def _answers(client: httpx.AsyncClient, path: str) -> bool:
     try:
         return (await client.get(path)).status_code == 200
@@ -250,7 +275,9 @@ async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, ends: 
             if attempt or ends or ttft:  # not the pooled-connection race: a lost request
                 ends.append(f"transport {type(error).__name__}")
                 return
-            RETRIED.append(prompt)  # the server closed a pooled connection as it was reused: sent again, as SDKs do
+            RETRIED.append(
+                str(prompt)
+            )  # the server closed a pooled connection as it was reused: sent again, as SDKs do
         except httpx.HTTPError as error:
             ends.append(f"transport {type(error).__name__}")
             return
@@ -271,6 +298,37 @@ async def _stream_once(
                 ttft.append(time.monotonic() - sent)
             if end is not None:
                 ends.append(end)
+
+
+async def raw_stream(
+    client: RawClient, prompt: str | list[int], max_tokens: int, ends: list[str], ttft: list[float]
+) -> None:
+    """`stream` over one keep-alive raw connection (the overload's clients: cheap enough not to be what is measured).
+    A connection the server closed as it was reused is opened again and the request sent again, once."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "temperature": 0}
+    for attempt in range(2):
+        sent, answered = time.monotonic(), False
+        try:
+            reply, chunks = await client.post("/v1/completions", body)
+            answered = True
+            if reply.status != 200:
+                code = json.loads(b"".join([c async for c in chunks]))["error"]["code"]
+                unsaid = reply.status == 429 and "retry-after" not in reply.headers
+                ends.append(f"{reply.status} {code}" + (" without Retry-After" if unsaid else ""))
+                return
+            async for line in lines(chunks):
+                end, token = stream_event(line)
+                if token and not ttft:
+                    ttft.append(time.monotonic() - sent)
+                if end is not None:
+                    ends.append(end)
+            return
+        except (OSError, ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, ValueError) as error:
+            await client.aclose()
+            if attempt or answered:
+                ends.append(f"transport {type(error).__name__}")
+                return
+            RETRIED.append(str(prompt))
 
 
 def stream_event(line: str) -> tuple[str | None, bool]:
@@ -365,49 +423,95 @@ async def junk(client: httpx.AsyncClient, server: Server, rng: random.Random) ->
                answers, lost=lost_count([ends], {"length"}) + (not same))  # fmt: skip
 
 
-async def big_prompts(client: httpx.AsyncClient) -> Row:
-    progress("big prompts: three 8 MB prompts while /health and small streams are timed")
+async def big_prompts(port: int, work: Path, small_prompt: str | list[int], phase: str, rounds: int = 10) -> Row:
+    """`rounds` times three 8 MB prompts at once to the server on `port`, from curl processes (so the probes' own
+    event loop never blocks on sending them), while `/health` and two small streams are timed over raw connections
+    (cheap: the prober's own lag stays out of the numbers); the small streams alone just before, to compare."""
+    progress(f"big prompts ({phase}): {rounds} × three 8 MB prompts while /health and small streams are timed")
     health_ms: list[float] = []
     ttfts: list[float] = []
     statuses: list[str] = []
     ends: list[list[str]] = []
     done = trio.Event()
 
-    body = json.dumps({"prompt": "word " * 1_600_000, "max_tokens": 4}).encode()  # 8 MB, encoded before the clock
+    body = work / "big.json"
+    body.write_text(json.dumps({"prompt": "word " * 1_600_000, "max_tokens": 4}))  # 8 MB
 
-    async def big(i: int) -> None:
-        headers = {"Content-Type": "application/json"}
-        reply = await client.post("/v1/completions", content=body, headers=headers)
-        statuses.append(f"{reply.status_code} {reply.json().get('error', {}).get('code', '')}".strip())
+    async def big() -> None:
+        command = ["curl", "-s", "-w", "\n%{http_code}", "-H", "Content-Type: application/json"]
+        done = await trio.run_process([*command, "--data-binary", f"@{body}", f"http://127.0.0.1:{port}/v1/completions"],
+                                      capture_stdout=True, check=False)  # fmt: skip
+        answer, _, status = done.stdout.decode().rpartition("\n")
+        try:
+            code = json.loads(answer).get("error", {}).get("code", "")
+        except ValueError:
+            code = "unreadable"
+        statuses.append(f"{status} {code}".strip())
 
     async def probe() -> None:
+        connection = RawClient("127.0.0.1", port)
         while not done.is_set():
             sent = time.monotonic()
-            await client.get("/health")
+            await connection.get("/health")
             health_ms.append((time.monotonic() - sent) * 1000)
-            await trio.sleep(0.02)
+            await trio.sleep(0.01)
+        await connection.aclose()
 
-    async def small() -> None:
+    async def small(ttfts: list[float]) -> None:
+        connection = RawClient("127.0.0.1", port)
         while not done.is_set():
             e: list[str] = []
             t: list[float] = []
-            await stream(client, "small", 8, e, t)
+            await raw_stream(connection, small_prompt, 8, e, t)
             ends.append(e)
             ttfts.extend(x * 1000 for x in t)
+        await connection.aclose()
 
+    alone: list[float] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(small, alone)
+        await trio.sleep(5)
+        done.set()
+    done = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(probe)
         for _ in range(2):
-            nursery.start_soon(small)
-        async with trio.open_nursery() as bigs:
-            for i in range(3):
-                bigs.start_soon(big, i)
+            nursery.start_soon(small, ttfts)
+        for _ in range(rounds):
+            async with trio.open_nursery() as bigs:
+                for _ in range(3):
+                    bigs.start_soon(big)
         done.set()
     p99 = (
         f"/health p99 {np.percentile(health_ms, 99):.0f} ms, small streams' TTFT p99 {np.percentile(ttfts, 99):.0f} ms"
+        f" (alone just before: {np.percentile(alone, 99):.0f} ms)"
     )
-    return Row("8 MB prompts ×3 at once", "3 requests", f"{tally(statuses)}; {p99}",
-               server_errors=sum(s.startswith("5") for s in statuses), lost=lost_count(ends, {"length"}))  # fmt: skip
+    errors = sum(s.startswith("5") for s in statuses)
+    phase_name = f"8 MB prompts ×3 at once, {rounds} times ({phase})"
+    answers = f"{tally(statuses)}; {p99}"
+    return Row(phase_name, f"{3 * rounds} requests", answers, server_errors=errors, lost=lost_count(ends, {"length"}))
+
+
+async def big_prompts_instant(client: httpx.AsyncClient, work: Path) -> Row:
+    """The same in front of the instant engine (W5: no model compute), the gateway's own share of the wait."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = python_module("sagellm.benchmarks.instant_server", "--port", str(port))
+    env = {**os.environ, "SAGELLM_LOG_LEVEL": "warning"}
+    with (work / "instant.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        with trio.fail_after(60):
+            while not await _answers(client, f"{url}/ready"):
+                await trio.sleep(0.2)
+        return await big_prompts(port, work, list(range(32)), "instant engine, W5")
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)  # hypercorn may wait out its graceful timeout for a kept-alive connection that streamed
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 async def overload(client: httpx.AsyncClient, server: Server, args: argparse.Namespace) -> Row:
@@ -417,21 +521,38 @@ async def overload(client: httpx.AsyncClient, server: Server, args: argparse.Nam
     clients = args.overload_factor * args.max_queue
     RETRIED.clear()
     progress(f"overload: {clients} clients for {args.overload_s:.0f} s (admission bound {args.max_queue})")
-    server_cpu, client_cpu = server.cpu_s(), sum(os.times()[:2])
+    server_cpu, gateway_cpu, client_cpu = server.cpu_s(), server.gateway_cpu_s(), sum(os.times()[:2])
+    slo_before = await slo_counts(client)
     statuses, ends, no_retry_after, rss, ttfts = await closed_loop(server, clients, args.overload_s)
+    checked, missed = (after - before for after, before in zip(await slo_counts(client), slo_before))
     server_cpu, client_cpu = server.cpu_s() - server_cpu, sum(os.times()[:2]) - client_cpu
+    gateway_cpu = server.gateway_cpu_s() - gateway_cpu
     p = np.percentile(ttfts, [50, 99]) if ttfts else [float("nan")] * 2
     odd = [x for e in ends for x in e if x != "length"]
+    met = f"{100 * (checked - missed) / checked:.1f}%" if checked else "n/a"
     answers = (
-        f"{tally(statuses)}; 429s without Retry-After: {no_retry_after}; admitted TTFT p50/p99 {p[0]:.0f}/{p[1]:.0f}"
-        f" ms (at 1×: {baseline[0]:.0f}/{baseline[1]:.0f} ms); RSS {rss[0]:.0f} → max {max(rss):.0f} MB; CPU s:"
-        f" server {server_cpu:.0f}, load generator {client_cpu:.0f}"
+        f"{tally(statuses)}; 429s without Retry-After: {no_retry_after}; admitted requests within the"
+        f" {args.ttft_slo_ms:g} ms TTFT SLO as the server timed them: {met} ({checked - missed:.0f}/{checked:.0f});"
+        f" TTFT p50/p99 as the load generator saw it {p[0]:.0f}/{p[1]:.0f} ms (at 1×: {baseline[0]:.0f}/"
+        f"{baseline[1]:.0f} ms); RSS {rss[0]:.0f} → max {max(rss):.0f} MB; CPU s: gateway {gateway_cpu:.0f},"
+        f" workers {server_cpu - gateway_cpu:.0f}, load generator {client_cpu:.0f}"
         + (f"; other ends: {tally(odd)}" if odd else "")
         + (f"; sent again after a closed pooled connection: {len(RETRIED)}" if RETRIED else "")
     )
     return Row(f"overload {args.overload_factor}× for {args.overload_s:.0f} s", f"{len(statuses)} requests, {clients}"
                " clients", answers, server_errors=sum(s.startswith("5") for s in statuses),
                lost=lost_count(ends, {"length"}) + no_retry_after)  # fmt: skip
+
+
+async def slo_counts(client: httpx.AsyncClient) -> tuple[float, float]:
+    """The server's count of finished requests that had an SLO, and of those that missed it (its /metrics)."""
+    text = (await client.get("/metrics")).text
+    totals = {"sagellm:slo_checked_total": 0.0, "sagellm:slo_violations_total": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.split("{")[0] in totals:
+            totals[name.split("{")[0]] += float(value)
+    return totals["sagellm:slo_checked_total"], totals["sagellm:slo_violations_total"]
 
 
 async def closed_loop(
@@ -446,32 +567,36 @@ async def closed_loop(
     no_retry_after = 0
     rss = [server.rss_mb()]
     deadline = trio.current_time() + duration_s
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    async with httpx.AsyncClient(base_url=server.url, timeout=STREAM_TIMEOUT_S, limits=limits) as many:
 
-        async def one_client(i: int) -> None:
-            nonlocal no_retry_after
-            while trio.current_time() < deadline:
-                e: list[str] = []
-                t: list[float] = []
-                await stream(many, f"overload {i}", 16, e, t)
-                statuses.append(status_of(e))
-                if e and e[0].startswith("429"):
-                    no_retry_after += e[0].endswith("without Retry-After")
-                    await trio.sleep(RETRY_AFTER_S)  # what the gateway says (a client that did not wait: no load)
-                    continue
-                ends.append(e)
-                ttfts.extend(x * 1000 for x in t)
+    async def one_client(i: int) -> None:
+        nonlocal no_retry_after
+        connection = RawClient("127.0.0.1", server.port)
+        while trio.current_time() < deadline:
+            e: list[str] = []
+            t: list[float] = []
+            with trio.move_on_after(STREAM_TIMEOUT_S) as waited:
+                await raw_stream(connection, f"overload {i}", 16, e, t)
+            if waited.cancelled_caught:
+                await connection.aclose()
+                e.append("transport hung")
+            statuses.append(status_of(e))
+            if e and e[0].startswith("429"):
+                no_retry_after += e[0].endswith("without Retry-After")
+                await trio.sleep(RETRY_AFTER_S)  # what the gateway says (a client that did not wait: no load)
+                continue
+            ends.append(e)
+            ttfts.extend(x * 1000 for x in t)
+        await connection.aclose()
 
-        async def sample_memory() -> None:
-            while trio.current_time() < deadline:
-                rss.append(server.rss_mb())
-                await trio.sleep(1)
+    async def sample_memory() -> None:
+        while trio.current_time() < deadline:
+            rss.append(server.rss_mb())
+            await trio.sleep(1)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sample_memory)
-            for i in range(clients):
-                nursery.start_soon(one_client, i)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sample_memory)
+        for i in range(clients):
+            nursery.start_soon(one_client, i)
     return statuses, ends, no_retry_after, rss, ttfts
 
 

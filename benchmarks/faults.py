@@ -7,6 +7,10 @@ default). Route is round robin, so a third of the streams run on each instance.
 - engines: `sagellm serve` on a graph with no engine of its own and three `llm` engines started through the
   management API, each its own server process (the gateway's supervisor restarts the killed one); with `--peer-url`
   the third is that server instead (vLLM-CPU, llama.cpp: `../shared/peers/serve.sh`), attached as an `openai` engine.
+  They serve a name of their own, so the gateway resumes a request there from its text.
+- replicas: `sagellm serve` of the colocated graph (its own engine) and two `llm` engines under the gateway's own model
+  name, replicas of it (with `--peer-url` the second is that server): requests are tokenized at the gateway and the
+  replicas stream token ids back, so a resume on any of the three is by tokens. The killed one is the first replica.
 Each run sends the same `--streams` greedy completions at once. Per run: streams completed, failed with a clear
 error, lost (no end, two ends or a hang: must be 0), how many were resumed after tokens (the gateway's
 `sagellm:request_retries_total{resumed="true"}`), texts identical to the reference run's, end-to-end latency (p50,
@@ -87,8 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, help="the model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams per run (default: 64)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default: 64)")
-    parser.add_argument("--setups", default="workers,engines", help="comma list of workers, engines (default: both)")
-    parser.add_argument("--peer-url", help="engines setup: this OpenAI-compatible server is the third instance")
+    parser.add_argument(
+        "--setups", default="workers,engines", help="comma list of workers, engines, replicas (default: %(default)s)"
+    )
+    parser.add_argument("--peer-url", help="engines/replicas: this OpenAI-compatible server is one of the instances")
     parser.add_argument("--peer-model", default="smollm2", help="the model's name at the peer (default: smollm2)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/faults.json"), help="JSON results")
 
@@ -110,7 +116,8 @@ async def _run(args: argparse.Namespace) -> list[Run]:
     with tempfile.TemporaryDirectory(prefix="sagellm-faults-") as scratch:
         for setup in args.setups.split(","):
             graph = Path(scratch) / f"{setup}.yaml"
-            graph.write_text(GRAPH if setup == "workers" else graphs.find("control_plane").read_text())
+            shipped = {"engines": "control_plane", "replicas": "colocated"}
+            graph.write_text(GRAPH if setup == "workers" else graphs.find(shipped[setup]).read_text())
             reference = None
             for name, extra, kill in (
                 ("no fault", (), False),
@@ -119,9 +126,12 @@ async def _run(args: argparse.Namespace) -> list[Run]:
             ):
                 work = Path(scratch) / f"{setup}-{len(runs)}"
                 server = Server(work, str(graph), args.model, (*extra, "--routing", "round_robin"), bench="faults")
-                await server.start("/ready" if setup == "workers" else "/v1/models")
+                await server.start("/v1/models" if setup == "engines" else "/ready")
                 try:
-                    instances = Workers(server) if setup == "workers" else await Engines.start(server, args)
+                    if setup == "workers":
+                        instances: Workers | Engines = Workers(server)
+                    else:
+                        instances = await Engines.start(server, args, replicas=setup == "replicas")
                     streams, recovery = await _streams(server, instances, args, kill)
                     resumed = _resumed(httpx.get(server.url + "/metrics").text)
                 finally:
@@ -149,20 +159,21 @@ class Workers:
 
 
 class Engines:
-    """The engines setup's instances: engines started through the management API (and the peer, if given)."""
+    """The engines and replicas setups' instances: engines started through the management API (and the peer, if
+    given): three under a name of their own, or two under the gateway's own model name beside its engine."""
 
-    model = POOL
-
-    def __init__(self, admin: httpx.Client, ids: list[str]) -> None:
-        self.admin, self.ids = admin, ids
+    def __init__(self, admin: httpx.Client, ids: list[str], model: str | None) -> None:
+        self.admin, self.ids, self.model = admin, ids, model
 
     @classmethod
-    async def start(cls, server: Server, args: argparse.Namespace) -> Engines:
+    async def start(cls, server: Server, args: argparse.Namespace, *, replicas: bool = False) -> Engines:
         key = (server.state / "admin.key").read_text().strip()
         admin = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {key}"}, timeout=60)
-        bodies = [{"model": args.model or "smollm2-135m-instruct", "served_model_name": POOL}] * 3
+        name = admin.get("/v1/models").json()["data"][0]["id"] if replicas else POOL
+        bodies = [{"model": args.model or "smollm2-135m-instruct", "served_model_name": name}] * (2 if replicas else 3)
         if args.peer_url:
-            bodies[2] = {"kind": "openai", "url": args.peer_url, "model": args.peer_model, "served_model_name": POOL}
+            peer = {"kind": "openai", "url": args.peer_url, "model": args.peer_model, "served_model_name": name}
+            bodies[-1] = peer
         ids = [admin.post("/v1/management/engines", json=body).json()["id"] for body in bodies]
         started = time.monotonic()
         while not all(admin.get(f"/v1/management/engines/{i}").json()["state"] == "ready" for i in ids):
@@ -170,7 +181,7 @@ class Engines:
                 raise RuntimeError(f"the engines did not become ready: {admin.get('/v1/management/engines').text}")
             await trio.sleep(0.5)
         progress(f"engines ready in {time.monotonic() - started:.0f} s: {ids}", "faults")
-        return cls(admin, ids)
+        return cls(admin, ids, None if replicas else POOL)
 
     def victim(self) -> int:
         return self.admin.get(f"/v1/management/engines/{self.ids[0]}").json()["pid"]

@@ -1,12 +1,15 @@
 """The admission operator: the graph's front door, which decides whether a request may enter at all.
 
-It rejects as items (never raises) so a rejection reaches the sinks like any other terminal: `overloaded` when the
-graph already holds `max_queue` requests, `rate_limited` when a user exceeds their token bucket, `invalid_request`
-for an empty or untokenizable prompt or token ids outside the vocabulary, and `context_length_exceeded` when prompt
-plus completion cannot fit the model's context. The cheap O(1) load checks run first, so an overloaded server spends
-no tokenizer time on requests it would shed anyway. Admitted requests leave with `prompt_token_ids` filled in (the
-engines never tokenize) and `admitted_time` stamped. A request for another model (`Request.model` set: instances
-the gateway reaches serve it) is only load-checked: its server tokenizes and checks it with its own tokenizer.
+It rejects as items (never raises) so a rejection reaches the sinks like any other terminal: `overloaded` when the graph
+already holds `max_queue` requests, `rate_limited` when a user exceeds their token bucket, `invalid_request` for an
+empty or untokenizable prompt or token ids outside the vocabulary, and `context_length_exceeded` when prompt plus
+completion cannot fit the model's context. With `ttft_slo_ms` the in-flight bound also adapts to that target
+(`SloLimit`): fewer requests are let in while first tokens come near it, so the ones admitted under overload still get
+their first token in time and the rest are shed at once with a 429 rather than queued past it. The cheap O(1) load
+checks run first, so an overloaded server spends no tokenizer time on requests it would shed anyway. Admitted requests
+leave with `prompt_token_ids` filled in (the engines never tokenize) and `admitted_time` stamped. A request for another
+model (`Request.model` set: instances the gateway reaches serve it) is only load-checked: its server tokenizes and
+checks it with its own tokenizer.
 
 What it learns from the graph at `open()` (`ctx.graph_attrs`, filled by the executor):
 - "tokenizer": a Hugging Face tokenizer, used when a request carries text but no token ids;
@@ -24,9 +27,49 @@ from typing import Any
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.prompt import prompt_token_problem
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
-from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, register_operator
+from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, PipelineLoad, register_operator
 
 _PRUNE_AT = 10_000  # buckets kept before refilled (idle) users' buckets are forgotten
+
+
+class SloLimit:
+    """An in-flight bound that keeps time to first token within `target_s`: additive increase, multiplicative
+    decrease (as TCP and Envoy's adaptive concurrency), on the executor's record (`PipelineLoad`): the first-token
+    times of the latest requests, and the arrival of the oldest one still waiting for its first token.
+
+    A request waiting longer than `margin` of the target cuts the bound by `backoff` at once (at most once per
+    `margin` of the target: the queue shrinks before requests miss it, not after they finished late). Otherwise the
+    bound is judged once per `window` new first tokens by the slowest of them: over the margin, cut; under half of
+    it, a quarter more (at least one: quick recovery after a burst); in between, one more (probing near the target).
+    Never below 1 nor above `ceiling`."""
+
+    def __init__(
+        self, ceiling: int, target_s: float, window: int = 8, margin: float = 0.7, backoff: float = 0.75
+    ) -> None:
+        self.ceiling, self.target_s, self.window, self.margin, self.backoff = ceiling, target_s, window, margin, backoff
+        self.bound = float(ceiling)
+        self._seen = 0  # `ttfts_seen` when last judged
+        self._cut_at = float("-inf")
+
+    def update(self, load: PipelineLoad, now: float) -> int:
+        """The bound now (`now`: the wall clock `Request.arrival_time` is on)."""
+        limit_s = self.margin * self.target_s
+        new = load.ttfts_seen - self._seen
+        if load.oldest_waiting is not None and now - load.oldest_waiting > limit_s and now - self._cut_at > limit_s:
+            self._cut(load, now)
+        elif new >= self.window:
+            slowest = max(list(load.recent_ttfts)[-min(new, len(load.recent_ttfts)) :])
+            if slowest > limit_s:
+                self._cut(load, now)
+            else:
+                self._seen = load.ttfts_seen
+                self.bound += max(1.0, self.bound / 4) if slowest < limit_s / 2 else 1.0
+                self.bound = min(float(self.ceiling), self.bound)
+        return int(self.bound)
+
+    def _cut(self, load: PipelineLoad, now: float) -> None:
+        self.bound = max(1.0, self.bound * self.backoff)
+        self._cut_at, self._seen = now, load.ttfts_seen
 
 
 def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -> str | None:
@@ -62,10 +105,13 @@ class Admission(MapOperator):
         max_model_len: int | None = None,
         rate_limit_per_user: float | None = None,
         burst: int = 10,
+        ttft_slo_ms: float | None = None,
     ) -> None:
         """`max_queue`: most requests in flight in the graph; `max_model_len`: context length (default: from the
         graph's model); `rate_limit_per_user`: sustained requests/s per `Request.user` (None: unlimited), with
-        `burst` requests allowed at once. Requests without a user share one anonymous bucket."""
+        `burst` requests allowed at once. Requests without a user share one anonymous bucket. `ttft_slo_ms`: the
+        time-to-first-token target of requests that set none (None: no default target, a fixed bound); with it the
+        bound adapts below `max_queue` to keep it."""
         if max_queue < 1:
             raise FieldError("max_queue", f"admission: max_queue must be >= 1, got {max_queue}")
         if max_model_len is not None and max_model_len < 1:
@@ -76,10 +122,14 @@ class Admission(MapOperator):
             )
         if burst < 1:
             raise FieldError("burst", f"admission: burst must be >= 1, got {burst}")
+        if ttft_slo_ms is not None and not ttft_slo_ms > 0:
+            raise FieldError("ttft_slo_ms", f"admission: ttft_slo_ms must be > 0 or unset, got {ttft_slo_ms}")
         self.max_queue = max_queue
         self.max_model_len = max_model_len
         self.rate_limit_per_user = rate_limit_per_user
         self.burst = burst
+        self.ttft_slo_ms = ttft_slo_ms
+        self.limit = SloLimit(max_queue, ttft_slo_ms / 1000) if ttft_slo_ms is not None else None
         self.clock: Callable[[], float] = time.time
         self.tokenizer: Any = None
         self.vocab_size: int | None = None
@@ -99,9 +149,17 @@ class Admission(MapOperator):
             )
 
     def execute(self, item: Request) -> Request | RequestError:
-        if self.ctx.load.in_flight > self.max_queue:  # the count includes this request: the source counted it
-            return self._reject(item, "overloaded", f"server is at capacity ({self.max_queue} requests in flight)")
-        if self.rate_limit_per_user is not None and not self._take_token(item.user):
+        if self.limit is not None:
+            self.limit.update(self.ctx.load, self.clock())
+        bound = self.bound()
+        # The count includes this request (the source counted it). A retry was admitted once and may hold a client's
+        # half-streamed answer: shedding it now would lose work the load bound was there to protect.
+        if self.ctx.load.in_flight > bound and not item.retry:
+            why = "" if bound == self.max_queue else f", fewer than {self.max_queue} while requests miss their TTFT SLO"
+            return self._reject(item, "overloaded", f"server is at capacity ({bound} requests in flight{why})")
+        if item.ttft_slo_ms is None and self.ttft_slo_ms is not None:
+            item.ttft_slo_ms = self.ttft_slo_ms
+        if self.rate_limit_per_user is not None and not item.retry and not self._take_token(item.user):
             return self._reject(
                 item, "rate_limited", f"user {item.user!r} exceeds {self.rate_limit_per_user:g} requests/s"
             )
@@ -123,6 +181,10 @@ class Admission(MapOperator):
             )
         item.admitted_time = self.clock()
         return item
+
+    def bound(self) -> int:
+        """Requests let be in flight now: `max_queue`, or less while a TTFT SLO is being kept."""
+        return self.max_queue if self.limit is None else int(self.limit.bound)
 
     def _tokenize(self, request: Request) -> str | None:
         return tokenize_request(request, self.tokenizer, self.vocab_size)

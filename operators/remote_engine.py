@@ -7,13 +7,15 @@ clients ask for; its `InstanceStats` names this node, so route chooses among the
 
 Each request is one streamed call: a chat (`messages`) to /v1/chat/completions, a prompt or token ids to
 /v1/completions, with the request's sampling settings (vLLM's names for what OpenAI lacks: top_k, min_p, ...). The
-server's events become TokenDeltas with text only (its token ids are its own vocabulary's), and its `usage` the finished
-request's metrics. An embed request is one call to /v1/embeddings; its vector comes back as an Embedding. The server's
-own refusals keep their meaning (its 400 is the client's invalid request, with the server's message); a server that
-cannot be reached is `unavailable`, one that drops a stream `instance_lost`, both retryable. A client that leaves
-cancels the call, which closes its connection: the server aborts the request. The instance's `running` and expected
-decode work are this node's count of its requests there; its `waiting` is the server's own queue, which whoever keeps
-the instance reads from the server's metrics."""
+server's events become TokenDeltas with text only (its token ids are its own vocabulary's), except from an instance of
+the graph's own model (`InstanceStats.model` None: a replica with the same tokenizer), which is asked for its token ids
+too (`return_token_ids`, vLLM's and ours) so the gateway can resume a request there token for token; its `usage` becomes
+the finished request's metrics. An embed request is one call to /v1/embeddings; its vector comes back as an Embedding.
+The server's own refusals keep their meaning (its 400 is the client's invalid request, with the server's message); a
+server that cannot be reached is `unavailable`, one that drops a stream `instance_lost`, both retryable. A client that
+leaves cancels the call, which closes its connection: the server aborts the request. The instance's `running` and
+expected decode work are this node's count of its requests there; its `waiting` is the server's own queue, which whoever
+keeps the instance reads from the server's metrics."""
 
 from __future__ import annotations
 
@@ -108,7 +110,7 @@ class RemoteEngine(StreamOperator):
             yield _error(item, "unavailable", f"instance {name!r} left before the request reached it", retryable=True)
             return
         if item.sampling.logprobs is not None:  # its tokens are the server's vocabulary: not ours to name
-            yield _error(item, "invalid_request", f"logprobs are not relayed from {name} (a server of another model)")
+            yield _error(item, "invalid_request", f"logprobs are not relayed from {name}, a server reached over HTTP")
             return
         sent = self._sent[name]
         if endpoint.max_concurrent is not None and len(sent) >= endpoint.max_concurrent:
@@ -133,7 +135,9 @@ class RemoteEngine(StreamOperator):
             stats.queued_decode_tokens = sum(sent.values())
 
     async def _call(self, name: str, endpoint: Endpoint, request: Request) -> AsyncIterator[TokenDelta | RequestError]:
-        path, body = openai_call(request, endpoint.model)
+        stats = self.ctx.instances.get(name)
+        ours = stats is not None and stats.model is None  # the graph's vocabulary: its token ids mean ours
+        path, body = openai_call(request, endpoint.model, return_token_ids=ours)
         headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         metrics = RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time)
         chunks, finish = 0, None
@@ -156,11 +160,12 @@ class RemoteEngine(StreamOperator):
                     for choice in chunk.get("choices") or ():
                         text = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content")
                         finish = choice.get("finish_reason") or finish
-                        if text:
+                        ids = [int(t) for t in choice.get("token_ids") or ()] if ours else []
+                        if text or ids:
                             chunks += 1
                             metrics.first_token_time = metrics.first_token_time or time.time()
-                            yield TokenDelta(request_id=request.request_id, token_ids=[], text=text)
-        except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                            yield TokenDelta(request_id=request.request_id, token_ids=ids, text=text or "")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:  # ValueError: bad JSON or a bad token id
             code: ErrorCode = "instance_lost" if chunks else "unavailable"
             yield _error(request, code, f"instance {name} at {endpoint.url}: {_reason(exc)}", retryable=True)
             return
@@ -198,8 +203,9 @@ class RemoteEngine(StreamOperator):
         yield Embedding(request_id=request.request_id, vector=vector, prompt_tokens=tokens, time=now, metrics=metrics)
 
 
-def openai_call(request: Request, model: str) -> tuple[str, dict[str, Any]]:
-    """The path and JSON body that ask an OpenAI-compatible server for `request`, streamed with usage."""
+def openai_call(request: Request, model: str, return_token_ids: bool = False) -> tuple[str, dict[str, Any]]:
+    """The path and JSON body that ask an OpenAI-compatible server for `request`, streamed with usage (and the
+    output's token ids, if asked: servers that do not know the field ignore it)."""
     s = request.sampling
     body: dict[str, Any] = {
         "model": model,
@@ -220,6 +226,7 @@ def openai_call(request: Request, model: str) -> tuple[str, dict[str, Any]]:
         "ignore_eos": s.ignore_eos or None,
         "include_stop_str_in_output": s.include_stop_str_in_output or None,
         "skip_special_tokens": False if not s.skip_special_tokens else None,
+        "return_token_ids": return_token_ids or None,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     if request.messages is not None and request.prompt_token_ids is None:

@@ -49,6 +49,8 @@ class Route(MapOperator):
         roles = ROLES_FOR_PHASE[item.phase]
         fitting = [s for s in engines if s.role in roles]
         candidates = [s for s in fitting if s.healthy]
+        if item.sampling.logprobs is not None:  # servers reached over HTTP do not relay them: the graph's engines do
+            candidates = [s for s in candidates if s.node is None] or candidates
         if not candidates:
             return self._no_candidate(item, engines, fitting)
         tokens = item.prompt_token_ids or []

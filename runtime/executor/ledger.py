@@ -59,10 +59,17 @@ class RequestLedger:
         self._ended: deque[str] = deque()
         self._ended_ids: set[str] = set()
         self._failed_as_lost: set[str] = set()  # ended with instance_lost, among the remembered ended ids
+        self._awaiting_first: dict[str, float] = {}  # entered here, no token yet -> arrival time, oldest first
 
-    def entered(self, request_id: str) -> None:
+    def entered(self, request_id: str, arrival_time: float | None = None) -> None:
+        """A request entered the graph here; given its `arrival_time`, its time to first token is recorded when its
+        first token reaches a leaf (`PipelineLoad.recent_ttfts`), and until then it counts among those waiting."""
         self._in_flight.add(request_id)
         self.load.in_flight += 1
+        if arrival_time is not None:
+            self._awaiting_first[request_id] = arrival_time
+            if self.load.oldest_waiting is None:
+                self.load.oldest_waiting = arrival_time
 
     def cancel(self, request_id: str, *, passing: bool = False) -> None:
         """Marks a request whose client left. `passing`: it did not enter here (a worker is told by the parent), so
@@ -101,6 +108,8 @@ class RequestLedger:
             return False
         if outcome is None:
             outcome = self.outcomes[rid] = RequestOutcome(rid)
+        if rid in self._awaiting_first:
+            self._first_item(rid, item)
         if isinstance(item, TokenDelta):
             outcome.token_ids.extend(item.token_ids)
             outcome.text += item.text
@@ -116,6 +125,15 @@ class RequestLedger:
         if outcome.finished and not self.keep_outcomes:
             self._forget(rid)
         return True
+
+    def _first_item(self, rid: str, item: Any) -> None:
+        """The request's first item: its time to first token if it is a token (a finished delta without one, or an
+        error, says nothing of the queue), and the oldest request still waiting moves on."""
+        arrival = self._awaiting_first.pop(rid)
+        if isinstance(item, TokenDelta) and (item.token_ids or item.text):
+            self.load.recent_ttfts.append(item.time - arrival)
+            self.load.ttfts_seen += 1
+        self.load.oldest_waiting = next(iter(self._awaiting_first.values()), None)
 
     def fail_unfinished(self) -> None:
         """Requests that entered and never ended are a bug somewhere, or a lost worker's: they still get their one

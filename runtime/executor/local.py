@@ -118,6 +118,8 @@ class LocalExecutor:
         params = await trio.to_thread.run_sync(self._resolve_models)
         if self.graph_attrs.get("model") and "tokenizer" not in self.graph_attrs:
             self.graph_attrs.update(await trio.to_thread.run_sync(model_attrs, self.graph_attrs["model"]))
+        if "max_model_len" not in self.graph_attrs:
+            self.graph_attrs["max_model_len"] = served_context(self.graph, self.graph_attrs.get("model_config"))
         for node_id in self.local:
             node = self.graph.nodes[node_id]
             op = self._given.get(node_id) or get_operator(node.op)(**params[node_id])
@@ -211,8 +213,8 @@ class LocalExecutor:
                 with trio.move_on_after(idle_s):  # or sooner: a request ended, or `wake_sources()`
                     await self._progress.wait()
             for item in items:
-                if isinstance(item, Request):
-                    self.ledger.entered(item.request_id)
+                if isinstance(item, Request):  # a failover attempt's first token says nothing of the queue
+                    self.ledger.entered(item.request_id, None if item.retry else item.arrival_time)
                 await self._send(node_id, item)
 
     async def _run_map(self, node_id: str, op: MapOperator, _: trio.Nursery) -> None:
@@ -439,6 +441,14 @@ class _Signal:
 
     async def wait(self) -> None:
         await self._event.wait()
+
+
+def served_context(graph: Graph, model_config: Any) -> int | None:
+    """The context the graph's engines serve: the smallest `max_model_len` any of its nodes sets (in any process),
+    else the model's own; None when neither is known. Admission checks prompts against it and the gateway shows it."""
+    lengths = [n.params["max_model_len"] for n in graph.nodes.values() if n.params.get("max_model_len") is not None]
+    own = getattr(model_config, "max_position_embeddings", None)
+    return min([*lengths, *([own] if own else [])], default=None)
 
 
 def model_attrs(model: str) -> dict[str, Any]:

@@ -16,17 +16,18 @@ from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
 from sagellm.runtime.executor.process import ProcessExecutor
 
 
-def run_pipeline(graph: Graph, **executor_args: Any) -> PipelineResult:
+def run_pipeline(graph: Graph, *, on_ready: Callable[[], None] | None = None, **executor_args: Any) -> PipelineResult:
     """Runs a graph to completion (sources exhausted, every request ended) in this process; nodes placed in other
-    processes start there (see `sagellm.runtime.executor.process`). Ctrl-C or SIGTERM stops it cleanly (workers
-    killed, sockets closed) and raises KeyboardInterrupt."""
+    processes start there (see `sagellm.runtime.executor.process`). `on_ready` is called once every operator is open
+    (models loaded, workers joined) and requests start to flow. Ctrl-C or SIGTERM stops it cleanly (workers killed,
+    sockets closed) and raises KeyboardInterrupt."""
     default_logging()
     if any(node.placement != "task" for node in graph.nodes.values()):
-        return trio.run(_until_interrupted, ProcessExecutor(graph, **executor_args).run)
-    return trio.run(_until_interrupted, LocalExecutor(graph, **executor_args).run)
+        return trio.run(_until_interrupted, ProcessExecutor(graph, **executor_args).run, on_ready)
+    return trio.run(_until_interrupted, LocalExecutor(graph, **executor_args).run, on_ready)
 
 
-async def _until_interrupted(run: Callable[[], Any]) -> Any:
+async def _until_interrupted(run: Callable[..., Any], on_ready: Callable[[], None] | None) -> Any:
     """Runs `run()` until it returns or a SIGINT/SIGTERM arrives. A signal cancels it: trio would otherwise raise
     KeyboardInterrupt only at the main task's next checkpoint, which a main task waiting on its nursery never
     reaches."""
@@ -40,10 +41,17 @@ async def _until_interrupted(run: Callable[[], Any]) -> Any:
                 nursery.cancel_scope.cancel()
                 return
 
+    async def running(task_status: trio.TaskStatus) -> None:
+        nonlocal result
+        result = await run(task_status=task_status)
+
     with single_errors():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, nursery)
-            result = await run()
+            async with trio.open_nursery() as graph:
+                await graph.start(running)
+                if on_ready is not None:
+                    on_ready()
             nursery.cancel_scope.cancel()
     if interrupted:
         raise KeyboardInterrupt

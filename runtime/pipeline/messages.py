@@ -54,6 +54,7 @@ class Request(_Message):
     instance: str | None = None  # the engine node route chose
     exclude: list[str] = msgspec.field(default_factory=list)  # instances that failed it: route avoids them if it can
     resumed_tokens: int = 0  # a resume: the prompt ends with this many tokens of the request's output so far
+    retry: int = 0  # attempts before this one (failover): admitted once, it is not shed again for load
     first_token_timeout_s: float | None = None  # the gateway's failover reads these (None: its defaults)
     token_timeout_s: float | None = None
     admitted_time: float | None = None

@@ -82,7 +82,7 @@ class MetricsSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: int
     output_tokens: int
     cached_tokens: int
-    wall_s: float  # from the first item observed to the last
+    wall_s: float  # from the first request's arrival (or the first item observed) to the last item
     output_tokens_per_s: float | None
     requests_per_s: float | None  # completed requests per wall second
     slo_checked: int
@@ -172,11 +172,12 @@ class MetricsCollector:
         if not isinstance(item, (Request, TokenDelta, Embedding, RequestError)):
             return
         now = self.clock()
-        self._first_time = now if self._first_time is None else self._first_time
+        self._started(now)
         self._last_time = now
         seen = self._in_flight.setdefault(item.request_id, RequestMetrics())
         if isinstance(item, Request):
             seen.arrival_time, seen.num_prompt_tokens = item.arrival_time, item.num_prompt_tokens
+            self._started(item.arrival_time)
         elif isinstance(item, TokenDelta) and item.token_ids:
             seen.first_token_time = item.time if seen.first_token_time is None else seen.first_token_time
             seen.num_output_tokens += len(item.token_ids)
@@ -190,6 +191,8 @@ class MetricsCollector:
         if item.metrics is not None:  # the engine's numbers win; ours fill only what it left unset
             fields = msgspec.structs.asdict(item.metrics)
             m = RequestMetrics(**{k: getattr(seen, k) if _unset(v) else v for k, v in fields.items()})
+        if m.arrival_time is not None:
+            self._started(m.arrival_time)  # a sink after the engines sees a request first at its first token
         error_code = item.code if isinstance(item, RequestError) else None
         finish_reason = item.finish_reason if isinstance(item, TokenDelta) else None
         finish_reason = "embedding" if isinstance(item, Embedding) else finish_reason
@@ -223,6 +226,10 @@ class MetricsCollector:
             cached_tokens=m.num_cached_tokens,
             slo_met=m.slo_met,
         )
+
+    def _started(self, when: float) -> None:
+        """The wall time rates are over starts at the first arrival seen, not at the first item to reach the sink."""
+        self._first_time = when if self._first_time is None else min(self._first_time, when)
 
     def snapshot(self) -> MetricsSnapshot:
         t = self._totals

@@ -23,12 +23,15 @@ engine node itself; instances that come and go at run time (servers the gateway 
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_type_hints
 
 from sagellm.common.registry import Registry, load_entry_points
 from sagellm.runtime.engine.config import EngineConfig
+
+RECENT_TTFTS = 256  # first-token times the graph keeps (admission judges windows of them)
 
 
 class OperatorError(ValueError):
@@ -98,14 +101,20 @@ class InstanceStats:
 
 @dataclass
 class PipelineLoad:
-    """Counters of the whole graph the executor keeps from what enters and what ends: admission bounds `in_flight`,
-    the adaptive policy reads the SLO-violation rate."""
+    """Counters of the whole graph the executor keeps from what enters and what ends: admission bounds `in_flight`
+    (and adapts the bound to the recent TTFTs), the adaptive policy reads the SLO-violation rate."""
 
     in_flight: int = 0  # requests past the source that have not reached a terminal item
     completed: int = 0
     failed: int = 0
     slo_checked: int = 0  # finished requests that had an SLO
     slo_violations: int = 0
+    # Time to first token of the latest requests that got one (seconds, recorded as the token reaches a leaf), how
+    # many ever did, and the arrival time of the oldest request still waiting for its first: admission adapts its
+    # bound to them. Measured, not judged against any request's own target, so no client can tighten the bound.
+    recent_ttfts: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_TTFTS))
+    ttfts_seen: int = 0
+    oldest_waiting: float | None = None
 
     @property
     def slo_violation_rate(self) -> float:

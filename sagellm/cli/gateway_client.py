@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from sagellm.common.home import gateway_dir
 from sagellm.gateway.state import PID_FILE, read_record
 
@@ -54,6 +52,8 @@ class ManagementClient:
 
     def __init__(self, url: str, admin_key: str | None) -> None:
         self.url = url.rstrip("/")
+        import httpx  # here: `sagellm --help` must not pay for it
+
         headers = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10.0, read=120.0))
 
@@ -74,6 +74,8 @@ class ManagementClient:
         return cls(url, key)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:
+        import httpx
+
         try:
             reply = self.http.request(method, path, json=body, params=params or None)
         except httpx.HTTPError as exc:

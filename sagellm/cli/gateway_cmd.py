@@ -126,6 +126,8 @@ def _serve_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> li
         flag = action.option_strings[-1] if action.option_strings else None
         if flag is None:
             argv.append(str(value))
+        elif isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x
+            argv.append(action.option_strings[0 if value else 1])
         elif action.nargs == 0:  # store_true
             argv.append(flag)
         elif isinstance(value, list):  # append

@@ -11,6 +11,7 @@ from importlib.metadata import version
 from sagellm.cli import (
     backends_cmd,
     bench_cmd,
+    chat_cmd,
     engine_cmd,
     gateway_cmd,
     generate_cmd,
@@ -28,6 +29,7 @@ from sagellm.common.openmp import prefer_short_spin
 COMMANDS = (
     run_cmd,
     serve_cmd,
+    chat_cmd,
     gateway_cmd,
     engine_cmd,
     preset_cmd,
@@ -41,18 +43,24 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Every command; of `sagellm bench`'s benchmarks only the one `argv` runs brings its options (importing them all
+    is most of what any `--help` would otherwise cost)."""
     parser = argparse.ArgumentParser(prog="sagellm", description="sageLLM: LLM serving as a dataflow of operators")
     parser.add_argument("--version", action="version", version=f"sagellm {version('sagellm')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
-        command.add_parser(sub)
+    words = [arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")]
+    for module in COMMANDS:
+        if module is bench_cmd:
+            bench_cmd.add_parser(sub, kind=words[1] if words[:1] == ["bench"] and len(words) > 1 else None)
+        else:
+            module.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     prefer_short_spin()  # before any command imports torch (the command modules themselves import nothing heavy)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     configure_logging(args.log_level if hasattr(args, "log_level") else "warning")
     try:
         return args.run(args) or 0

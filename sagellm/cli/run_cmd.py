@@ -4,22 +4,42 @@
     sagellm run graphs/colocated.yaml --requests reqs.jsonl --output results.jsonl --policy priority
 
 Replies stream to stdout; the metrics table and logs go to stderr. The graph's model (default SmolLM2) is
-downloaded first if it is a known alias not yet in the cache."""
+downloaded first if it is a known alias not yet in the cache. Exit status: 0 when every request finished, 1 when any
+failed (the count by error code is said), 2 for a bad graph, model or command line, or no request at all."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+REQUESTS_FORMAT = """\
+--requests FILE.jsonl: one request per line, a JSON object with exactly one of
+  prompt (text), messages (OpenAI chat messages: the model's chat template renders them) or prompt_token_ids,
+and optionally request_id, the sampling fields max_tokens, temperature, top_p, top_k, min_p, seed, stop,
+stop_token_ids, ignore_eos, logprobs (left out: --max-tokens/--temperature or the source's defaults), and the
+scheduling fields priority (lower first), user, ttft_slo_ms, tpot_slo_ms, deadline_s (from when the line is read),
+cost_budget. An unknown key is an error naming it. For example:
+  {"prompt": "Hello", "max_tokens": 32}
+  {"messages": [{"role": "user", "content": "Name three rivers."}], "temperature": 0, "priority": 0}
+The results (--output, default FILE.results.jsonl): request_id, text, token_ids, finish_reason or error, metrics."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a pipeline graph (YAML)", description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "run",
+        help="run a pipeline graph (YAML)",
+        description=__doc__.split("\n\n")[0],
+        epilog=REQUESTS_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("graph", help="a pipeline YAML file, or a shipped graph by name (pd, graphs/pd.yaml)")
     p.add_argument("--prompt", "-p", action="append", default=[], help="a user message (repeat for several)")
-    p.add_argument("--requests", help="a JSONL file of requests (prompt/messages/prompt_token_ids, sampling, ...)")
+    p.add_argument("--requests", help="a JSONL file of requests, one JSON object per line (the format: below)")
     p.add_argument("--output", "-o", help="write one JSON line per request here (default with --requests)")
     p.add_argument("--model", "-m", help="override the graph's model (path, .gguf or alias)")
     p.add_argument("--max-tokens", type=int, help="default max_tokens of the source")
@@ -39,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
 
     graph = build_graph(args)
     _ensure_model(graph.attrs.get("model"))
-    result = run_pipeline(graph)
+    started = time.monotonic()
+    print(f"sagellm run: {_starting(graph)}", file=sys.stderr, flush=True)
+
+    def ready() -> None:
+        print(f"sagellm run: ready in {time.monotonic() - started:.1f} s; requests flow", file=sys.stderr, flush=True)
+
+    result = run_pipeline(graph, on_ready=ready)
     if args.output or args.requests:
         path = Path(args.output or Path(args.requests).with_suffix(".results.jsonl"))
         _write_results(result, path)
@@ -48,8 +74,16 @@ def run(args: argparse.Namespace) -> int:
     snapshot = result.metrics()
     if snapshot is not None:
         Console(stderr=True).print(render_metrics_table(snapshot))
-    failed = [o for o in result.outcomes.values() if o.error is not None]
-    return 1 if failed and len(failed) == len(result.outcomes) else 0
+    if not result.outcomes:
+        raise ValueError(
+            f"{args.graph}: no request ran: give --prompt TEXT, --requests FILE.jsonl, or prompts in the graph's source"
+        )
+    failed = [o.error.code for o in result.outcomes.values() if o.error is not None]
+    if failed:
+        codes = ", ".join(f"{code} ×{n}" for code, n in Counter(failed).most_common())
+        print(f"sagellm run: {len(failed)} of {len(result.outcomes)} requests failed ({codes})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_graph(args: argparse.Namespace) -> Any:
@@ -89,6 +123,17 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"--set {pair!r}: expected NODE.PARAM=VALUE")
         overrides[key] = value
     return overrides
+
+
+def _starting(graph: Any) -> str:
+    """What start-up waits for, said before it (loading a model takes seconds, in every process that runs one)."""
+    from sagellm.runtime.pipeline.spec import MAIN, placement_group
+
+    groups = sorted({placement_group(n.id, n.placement)[1] for n in graph.nodes.values()} - {MAIN})
+    model = graph.attrs.get("model") or "the graph's models"
+    if groups:
+        return f"starting {len(groups)} worker process(es) ({', '.join(groups)}); each loads {model}"
+    return f"loading {model}"
 
 
 def _ensure_model(model: str | None) -> None:

@@ -1,11 +1,16 @@
-"""`sagellm serve [GRAPH]`: the OpenAI-compatible gateway in the foreground, on a pipeline graph.
+"""`sagellm serve [MODEL_OR_GRAPH]`: the OpenAI-compatible gateway in the foreground, on a model or a pipeline graph.
 
     sagellm serve                                   # graphs/colocated.yaml, SmolLM2 + all-MiniLM-L6-v2
+    sagellm serve smollm2-135m-instruct --max-model-len 2048 --max-num-seqs 8   # a model, vLLM's flags
     sagellm serve graphs/pd.yaml --port 8001 --api-key sk-local --no-embedding
     sagellm serve --no-llm -e all-minilm-l6-v2 --port 8002   # embeddings only (an `embedding` engine)
+    sagellm serve --host 0.0.0.0 --join http://head:8000 --join-key ADMIN_KEY   # one more instance of the head's
 
-The graph's sources are replaced by the HTTP source and its printing sinks dropped (see sagellm.gateway.core).
-Models that are known aliases are downloaded first. Ctrl-C or SIGTERM stop it gracefully."""
+A model (a path, a .gguf file, an alias or a hub id) is served on the default graph (colocated: one engine); a .yaml
+file or a shipped graph's name is served as that graph. The engine flags (vLLM's names: `--max-model-len`,
+`--max-num-seqs`, `--max-num-batched-tokens`, `--enable-prefix-caching`, ...) set every engine node of the graph, with
+the same checks as the graph file. The graph's sources are replaced by the HTTP source and its printing sinks dropped
+(see sagellm.gateway.core). Models that are known aliases are downloaded first. Ctrl-C or SIGTERM stop it gracefully."""
 
 from __future__ import annotations
 
@@ -24,9 +29,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Shared with `sagellm gateway start`, which runs `sagellm serve` in the background with the same options."""
+    from sagellm.cli.engine_flags import add_engine_arguments
     from sagellm.gateway.config import DEFAULT_GRAPH, DEFAULT_PORT
 
-    p.add_argument("graph", nargs="?", default=str(DEFAULT_GRAPH), help="pipeline YAML (default graphs/colocated.yaml)")
+    p.add_argument(
+        "graph",
+        nargs="?",
+        default=str(DEFAULT_GRAPH),
+        metavar="MODEL_OR_GRAPH",
+        help="a model (path, .gguf, alias or org/name) on the default graph, or a pipeline YAML / shipped graph name "
+        "(default: graphs/colocated.yaml with its model)",
+    )
     p.add_argument("--model", "-m", help="the LLM (path, .gguf, alias or org/name; default: the graph's model)")
     p.add_argument("--embedding-model", "-e", help="the embedding model (default all-minilm-l6-v2)")
     p.add_argument("--no-embedding", action="store_true", help="serve no embedding model")
@@ -59,6 +72,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--first-token-timeout", type=float, default=300.0, help="seconds to the first token, queue included (300)"
     )
     failover.add_argument("--token-timeout", type=float, default=60.0, help="seconds between two tokens (default 60)")
+    join = p.add_argument_group("joining another gateway as one of its instances (sagellm.gateway.join)")
+    join.add_argument("--join", metavar="URL", help="the head gateway to join; leaves it (drained) on SIGINT/SIGTERM")
+    join.add_argument("--join-key", help="the head's admin key (env SAGELLM_JOIN_KEY)")
+    join.add_argument(
+        "--advertise-url", help="where the head reaches this server (default: http://HOST:PORT it listens on)"
+    )
+    add_engine_arguments(p)
+    vllm = p.add_argument_group("vLLM's flags this engine takes one value of (so vLLM command lines run)")
+    vllm.add_argument("--dtype", default="auto", help="auto or float32: the CPU engine computes in float32")
+    vllm.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="1 (the engine has no tensor parallelism yet)"
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(prompt=[], requests=None, max_tokens=None, temperature=None)
 
@@ -73,16 +98,56 @@ def run(args: argparse.Namespace) -> int:
     embedding = None if args.no_embedding else (args.embedding_model or DEFAULT_EMBEDDING_MODEL)
     if args.no_llm:
         return _serve_embeddings_only(args, embedding)
-    graph = build_graph(args)
+    _model_or_graph(args)
+    graph = apply_engine_settings(build_graph(args), args)
     for model in (graph.attrs.get("model"), embedding):
         if model:
             resolve_model(model)  # download once, before any worker process looks for it
-    config = _config(args, embedding)
+    config = _config(args, embedding, args.served_model_name or str(graph.attrs.get("model") or "default"))
     trio.run(lambda: serve(graph, config, handle_signals=True))
     return 0
 
 
-def _config(args: argparse.Namespace, embedding: str | None) -> Any:
+def _model_or_graph(args: argparse.Namespace) -> None:
+    """The positional argument names a graph (a .yaml file, or a shipped graph's name) or else a model, served on the
+    default graph (a model given both ways is an error: which one was meant?)."""
+    from sagellm import graphs
+    from sagellm.gateway.config import DEFAULT_GRAPH
+
+    target = Path(args.graph)
+    if target.suffix in (".yaml", ".yml") or graphs.find(args.graph).suffix in (".yaml", ".yml"):
+        return
+    if args.model:
+        raise ValueError(f"{args.graph!r} is not a graph file, and --model names the model: give one or the other")
+    args.model, args.graph = args.graph, str(DEFAULT_GRAPH)
+
+
+def apply_engine_settings(graph: Any, args: argparse.Namespace) -> Any:
+    """Sets the engine flags given on every node whose operator takes them (the engines), checked as the graph file's
+    own values are; `--dtype` and `-tp` are checked for what this engine can do."""
+    from sagellm.cli.engine_flags import engine_settings
+    from sagellm.runtime.pipeline.operator import get_operator
+    from sagellm.runtime.pipeline.spec import validate
+
+    if args.dtype not in ("auto", "float32", "float", "fp32"):
+        raise ValueError(f"--dtype {args.dtype}: this engine computes in float32 on the CPU (auto or float32)")
+    if args.tensor_parallel_size != 1:
+        raise ValueError(
+            f"--tensor-parallel-size {args.tensor_parallel_size}: the engine has no tensor parallelism yet"
+        )
+    settings = engine_settings(args)
+    if not settings:
+        return graph
+    engines = [n for n in graph.nodes.values() if set(settings) <= set(get_operator(n.op).parameters())]
+    if not engines:
+        raise ValueError(f"{args.graph}: the graph has no engine node to take {', '.join(settings)}")
+    for node in engines:
+        node.params.update(settings)
+    return validate(graph, graph.attrs.get("_locations"), file=graph.attrs.get("_file"))
+
+
+def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
+    """The gateway's settings; `model`: the name it serves its generation model (its embedding model's without one)."""
     from sagellm.gateway.config import FailoverPolicy, GatewayConfig
 
     failover = FailoverPolicy(
@@ -93,6 +158,7 @@ def _config(args: argparse.Namespace, embedding: str | None) -> Any:
     )
     return GatewayConfig.from_env(
         failover=failover,
+        join=_join_settings(args, model) if args.join else None,
         host=args.host,
         port=args.port,
         api_keys=args.api_key,
@@ -105,6 +171,23 @@ def _config(args: argparse.Namespace, embedding: str | None) -> Any:
     )
 
 
+def _join_settings(args: argparse.Namespace, model: str) -> Any:
+    """What `--join` asks: this server's `model` (the name it serves) as one more instance of the head's, reached at
+    `--advertise-url` or where it listens (0.0.0.0: this host's name)."""
+    import os
+    import socket
+
+    from sagellm.gateway.config import API_KEY_ENV, JOIN_KEY_ENV, JoinSettings
+
+    host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+    url = args.advertise_url or (f"http://{host}:{args.port}" if args.port else None)
+    keys = args.api_key or [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k]
+    return JoinSettings(
+        gateway=args.join, model=model, url=url, admin_key=args.join_key or os.environ.get(JOIN_KEY_ENV),
+        api_key=keys[0] if keys else None, label=socket.gethostname(),
+    )  # fmt: skip
+
+
 def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> int:
     """`--no-llm`: the embedding model alone (an `embedding` engine of the control plane), on the graph with no
     engine of its own."""
@@ -112,12 +195,16 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
 
     from sagellm import graphs
     from sagellm.gateway.server import serve
+    from sagellm.operators.embedding import served_name
     from sagellm.runtime.models.model_cache import resolve_model
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
     if embedding is None:
         raise ValueError("--no-llm with --no-embedding leaves nothing to serve")
+    if args.join:
+        raise ValueError("--join adds a generation server to another gateway; an embeddings-only one cannot join")
     resolve_model(embedding)
     graph = load_pipeline(graphs.find("control_plane"))
-    trio.run(lambda: serve(graph, _config(args, embedding), handle_signals=True))
+    config = _config(args, embedding, args.served_model_name or served_name(embedding))
+    trio.run(lambda: serve(graph, config, handle_signals=True))
     return 0

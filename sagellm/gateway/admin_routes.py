@@ -79,6 +79,14 @@ class EngineGauges:
         yield GaugeMetricFamily(
             "sagellm:gateway_requests_in_flight", "Requests the gateway is answering.", value=self.core.in_flight
         )
+        bound = GaugeMetricFamily(
+            "sagellm:admission_bound",
+            "Requests admission lets be in flight now (below its max_queue while it keeps a TTFT SLO).",
+            labels=["node"],
+        )
+        for node_id, admission in self.core.nodes_of("admission").items():
+            bound.add_metric([node_id], admission.bound())
+        yield bound
 
 
 def service_status(instances: list[InstanceStats]) -> str:
@@ -122,6 +130,7 @@ class AdminRoutes:
                 for s in instances
             ],
             "in_flight": self.core.in_flight,
+            "boot_id": self.core.boot_id,
         }
 
     async def metrics(self, _: HttpRequest) -> Response:

@@ -11,14 +11,15 @@ from typing import Any
 from sagellm import graphs
 from sagellm.common.errors import FieldError
 from sagellm.common.home import gateway_dir
-from sagellm.gateway.http import DEFAULT_MAX_BODY_BYTES
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 # The graph a gateway serves unless given one: one colocated engine (graphs/colocated.yaml, shipped in the package).
 DEFAULT_GRAPH = graphs.DEFAULT
 DEFAULT_PORT = 8000
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # the largest request body read
 API_KEY_ENV = "SAGELLM_API_KEY"
 ADMIN_KEY_ENV = "SAGELLM_ADMIN_KEY"
+JOIN_KEY_ENV = "SAGELLM_JOIN_KEY"  # the admin key of a gateway `sagellm serve --join` joins
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,20 @@ class FailoverPolicy:
                 raise FieldError(name, f"{name} must be > 0, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class JoinSettings:
+    """Another gateway this one joins as one of its instances (`sagellm serve --join`; sagellm.gateway.join)."""
+
+    gateway: str  # the head's base URL
+    model: str  # the name this server serves (the head's own model name: a replica of it)
+    url: str | None = None  # where the head reaches this server (default: the address it listens on)
+    admin_key: str | None = None  # the head's admin key
+    api_key: str | None = None  # a key this server accepts, for the head's calls
+    label: str | None = None
+    recheck_s: float = 10.0
+    drain_timeout_s: float = 120.0  # how long leaving waits for the head to drain this server
+
+
 @dataclass
 class GatewayConfig:
     host: str = "127.0.0.1"
@@ -53,6 +68,7 @@ class GatewayConfig:
     # loopback (a page cannot rebind a name to 127.0.0.1 and drive the gateway), any when bound elsewhere.
     allowed_hosts: list[str] | None = None
     failover: FailoverPolicy = field(default_factory=FailoverPolicy)
+    join: JoinSettings | None = None  # another gateway this one joins as an instance (sagellm.gateway.join)
 
     def host_names(self) -> frozenset[str] | None:
         if self.allowed_hosts is not None:

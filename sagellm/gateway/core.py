@@ -102,6 +102,7 @@ class ServingCore:
         self.retries: Counter[tuple[str, bool]] = Counter()  # (failure code, resumed after tokens) -> retries
         self.source = HttpSource()
         self.model_name = served_model_name or str(graph.attrs.get("model") or "default")
+        self.boot_id = uuid.uuid4().hex  # this run of the gateway: a server that joined it tells a restart by it
         self.executor_args = dict(executor_args or {})
         self.local: LocalExecutor | None = None  # the executor of this process's nodes, once running
         self.executor: Any = None  # the graph's executor (a ProcessExecutor when nodes run in other processes)
@@ -291,8 +292,8 @@ class ServingCore:
 
     @property
     def max_model_len(self) -> int | None:
-        config = self.local.graph_attrs.get("model_config") if self.local else None
-        return getattr(config, "max_position_embeddings", None)
+        """The context the graph's engines serve (`served_context`): what /v1/models shows and prompts must fit."""
+        return self.local.graph_attrs.get("max_model_len") if self.local else None
 
     def nodes_of(self, op_name: str) -> dict[str, Any]:
         """This process's operators of the served graph that run `op_name`, by node id."""

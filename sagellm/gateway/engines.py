@@ -48,8 +48,8 @@ class EngineManager:
         **supervision: float,
     ) -> None:
         """Engines keep their files in `gateway_state_dir/engines/<this pid>/ID/`; every engine is an instance in
-        `registry`. `reserved_names`: the model
-        names the gateway itself serves (its graph's and embedding model), which no managed engine may take.
+        `registry`. `reserved_names`: the embedding models the gateway itself serves, which no managed engine may
+        take; a generation engine named as the gateway's own model is one more instance of it (`_registry_model`).
         `drain_timeout_s`: how long a stop waits for the engine's requests in flight. `supervision`: Supervisor's
         timings and limits."""
         self.engines_root = gateway_state_dir / ENGINES_DIR
@@ -111,7 +111,7 @@ class EngineManager:
         upstream = {"openai": spec.model, "embedding": served_name(spec.model)}.get(spec.kind, engine.name)
         endpoint = Endpoint(engine.url, upstream, engine.api_key, spec.max_concurrent)
         role = "embedding" if spec.kind == "embedding" else "colocated"
-        engine.stats = self.registry.attach(engine_id, engine.name, endpoint, role=role)
+        engine.stats = self.registry.attach(engine_id, self._registry_model(engine), endpoint, role=role)
         self.engines[engine_id] = engine
         watch = self._supervisor.watch_remote if spec.kind == "openai" else self._supervisor.supervise
         self._nursery.start_soon(watch, engine)
@@ -153,7 +153,14 @@ class EngineManager:
             raise ApiError(404, f"no managed engine {engine_id!r} (managed: {known})", code="not_found")
         return engine
 
-    # -- what the OpenAI routes call ------------------------------------------------------------------------------
+    def _registry_model(self, engine: ManagedEngine) -> str | None:
+        """The model the engine is an instance of in the registry: None, the graph's own, for a generation engine
+        serving the gateway's own model name when the gateway holds that model's tokenizer (a replica, on this host or
+        one that joined: admission tokenizes its requests, route chooses it beside the graph's engines, failover
+        moves requests between them); else its own name."""
+        own = engine.name == self.registry.model_name and self.registry.tokenizer is not None
+        return None if own and engine.spec.kind != "embedding" else engine.name
+
     # -- checks ---------------------------------------------------------------------------------------------------
     def _check(self, spec: EngineSpec) -> None:
         try:
@@ -161,7 +168,8 @@ class EngineManager:
         except FieldError as error:
             raise ApiError(400, str(error), param=error.field, code="invalid_request") from None
         name = spec.served_model_name or spec.model
-        if name in set(self.reserved_names()):
+        own = name == self.registry.model_name and spec.kind == "embedding"
+        if name in set(self.reserved_names()) or own:
             raise ApiError(409, f"the gateway itself serves {name!r}; set served_model_name", code="conflict")
         # Several engines of one kind may serve one name (route chooses among them), not a generation and an
         # embedding engine.

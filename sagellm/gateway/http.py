@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -20,10 +20,10 @@ import structlog
 import trio
 
 from sagellm.common.nursery_errors import single_errors
+from sagellm.gateway.config import DEFAULT_MAX_BODY_BYTES
 from sagellm.gateway.errors import ApiError
 
 log = structlog.get_logger("sagellm.gateway")
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 BODY_TIMEOUT_S = 30.0  # a body still arriving after this is given up: a slow client cannot hold a request open
 
 
@@ -251,12 +251,17 @@ async def _stream(stream: EventStream, receive: Callable, send: Callable) -> Non
                 async for event in stream.events:
                     data = event if isinstance(event, bytes) else msgspec.json.encode(event)
                     await send({"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
         except OSError:  # the transport went away mid-send
             disconnected = True
         nursery.cancel_scope.cancel()
     if disconnected:
         stream.on_disconnect()
+        return
+    # The end is sent once nothing watches for a disconnect: the server readies the connection for its next request
+    # inside this call (and tells this app the stream closed), which a watcher's cancel must not interrupt, or the
+    # kept-alive connection is never seen idle and a graceful shutdown waits its whole timeout for it.
+    with suppress(OSError):
+        await send({"type": "http.response.body", "body": b""})
 
 
 async def lifespan(receive: Callable, send: Callable) -> None:

@@ -38,6 +38,10 @@ DONE = b"[DONE]"
 MAX_EMBEDDING_INPUTS = 256
 
 
+# A streamed chat's first chunk: the assistant's role, before any content (as OpenAI's streams open).
+CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
 class OpenAIRoutes:
     def __init__(self, core: ServingCore) -> None:
         self.core = core
@@ -77,14 +81,15 @@ class OpenAIRoutes:
             request.model = model
         await self.core.tokenize_long_prompts(requests)
         envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion")
-        wants_logprobs = body.logprobs is not None
+        wants_logprobs, ids = body.logprobs is not None, body.return_token_ids
         if body.stream:
             if len(requests) > 1:
                 raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
             stream = self.core.submit(requests[0])
             first = await _first_or_raise(stream)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._completion_events(envelope, stream, first, wants_logprobs, include_usage)
+            render = self._completion_render(wants_logprobs)
+            events = _events(envelope, first, stream, render, wants_logprobs, include_usage, ids=ids)
             return EventStream(events, on_disconnect=stream.cancel)
         choices = await _collect([self.core.submit(r) for r in requests])
         tokenizer = self.core.tokenizer
@@ -96,6 +101,7 @@ class OpenAIRoutes:
                         "text": c.text,
                         "logprobs": completion_logprobs(tokenizer, c.logprobs, 0) if wants_logprobs else None,
                         "finish_reason": finish_reason(c.finish_reason),
+                        **({"token_ids": c.token_ids} if ids else {}),
                     }
                     for c in choices
                 ],
@@ -103,9 +109,8 @@ class OpenAIRoutes:
             )
         )
 
-    def _completion_events(
-        self, envelope: Envelope, stream: RequestStream, first: TokenDelta, logprobs: bool, include_usage: bool
-    ) -> AsyncIterator[Any]:
+    def _completion_render(self, logprobs: bool) -> Callable[[TokenDelta], dict[str, Any]]:
+        """A streamed completion's choice fields for each delta (logprobs count their text offset along)."""
         offset = 0
 
         def render(item: TokenDelta) -> dict[str, Any]:
@@ -114,7 +119,7 @@ class OpenAIRoutes:
             offset += len(item.text)
             return {"index": 0, "text": item.text, "logprobs": lp, "finish_reason": finish_reason(item.finish_reason)}
 
-        return _events(envelope, first, stream, render, logprobs, include_usage)
+        return render
 
     # -- chat -----------------------------------------------------------------------------------------------------
     async def chat(self, http: HttpRequest) -> Response | EventStream:
@@ -127,7 +132,9 @@ class OpenAIRoutes:
         stream = self.core.submit(request)
         first = await _first_or_raise(stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = self._chat_events(envelope, stream, first, body.logprobs, include_usage)
+        render = self._chat_render(body.logprobs)
+        events = _events(envelope, first, stream, render, body.logprobs, include_usage, opening=CHAT_OPENING,
+                         ids=body.return_token_ids)  # fmt: skip
         return EventStream(events, on_disconnect=stream.cancel)
 
     async def complete_chat(self, body: ChatCompletionRequest, headers: dict[str, str]) -> dict[str, Any]:
@@ -139,6 +146,8 @@ class OpenAIRoutes:
         message = {"role": "assistant", "content": choice.text}
         lp = chat_logprobs(self.core.tokenizer, choice.logprobs) if body.logprobs else None
         fields = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(choice.finish_reason)}
+        if body.return_token_ids:
+            fields["token_ids"] = choice.token_ids
         return envelope.body([fields], usage=usage([choice]))
 
     def _chat_request(self, body: ChatCompletionRequest, headers: dict[str, str]) -> Request:
@@ -147,16 +156,15 @@ class OpenAIRoutes:
         request.model = model
         return request
 
-    def _chat_events(
-        self, envelope: Envelope, stream: RequestStream, first: TokenDelta, logprobs: bool, include_usage: bool
-    ) -> AsyncIterator[Any]:
+    def _chat_render(self, logprobs: bool) -> Callable[[TokenDelta], dict[str, Any]]:
+        """A streamed chat's choice fields for each delta."""
+
         def render(item: TokenDelta) -> dict[str, Any]:
             lp = chat_logprobs(self.core.tokenizer, item.logprobs or []) if logprobs else None
             delta = {"content": item.text} if item.text else {}
             return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason(item.finish_reason)}
 
-        opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return _events(envelope, first, stream, render, logprobs, include_usage, opening=opening)
+        return render
 
     # -- embeddings -----------------------------------------------------------------------------------------------
     async def embeddings(self, http: HttpRequest) -> Response:
@@ -231,9 +239,11 @@ async def _events(
     logprobs: bool,
     include_usage: bool,
     opening: dict[str, Any] | None = None,
+    ids: bool = False,
 ) -> AsyncIterator[Any]:
-    """The SSE events of one streamed choice: `render` turns a delta into the choice's fields; deltas with nothing to
-    show (a token that ends mid-character) are skipped; a failure is an `error` event; usage last when asked."""
+    """The SSE events of one streamed choice: `render` turns a delta into the choice's fields (and its token ids are
+    added when asked: `ids`); deltas with nothing to show (a token that ends mid-character, unless its token ids are
+    asked for) are skipped; a failure is an `error` event; usage last when asked."""
     choice = Choice(0)
     extra = {"usage": None} if include_usage else {}
     if opening is not None:
@@ -243,8 +253,9 @@ async def _events(
             yield ApiError.from_request_error(item).body()
             break
         choice.add(item)
-        if item.text or item.finished or (logprobs and item.logprobs):
-            yield envelope.body([render(item)], **extra)
+        if item.text or item.finished or (logprobs and item.logprobs) or (ids and item.token_ids):
+            fields = render(item)
+            yield envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra)
     if include_usage and choice.finish_reason is not None:
         yield envelope.body([], usage=usage([choice]))
     yield DONE

@@ -53,6 +53,7 @@ class _Generation(msgspec.Struct, kw_only=True):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # each choice also carries its output token ids (what a resume elsewhere needs)
     # sageLLM's scheduling fields
     priority: Priority | PriorityName | None = None  # a number (lower runs first) or a class name
     cost_budget: Annotated[float, msgspec.Meta(ge=0)] | None = None  # most it may cost, in the instances' price unit

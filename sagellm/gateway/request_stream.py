@@ -54,6 +54,7 @@ class RequestStream:
         self.done = False
         self.outcome: TokenDelta | Embedding | RequestError | None = None  # the terminal item the client got
         self._token_ids: list[int] = []  # what the client got so far
+        self._text_without_ids = False  # some of the graph's model's text came without its token ids
         self._text = ""
         self._first_token_timeout_s = request.first_token_timeout_s or policy.first_token_timeout_s
         self._token_timeout_s = request.token_timeout_s or policy.token_timeout_s
@@ -119,6 +120,7 @@ class RequestStream:
     def _as_client_sees(self, delta: TokenDelta) -> TokenDelta:
         self._token_ids += delta.token_ids
         self._text += delta.text
+        self._text_without_ids |= bool(delta.text and not delta.token_ids and self.request.model is None)
         resumed = self.attempt is not self.request and self.attempt.prompt_token_ids is not None
         if delta.metrics is not None and resumed:  # the resume's prompt held tokens the client counts as output
             extra = len(self.attempt.prompt_token_ids) - len(self.request.prompt_token_ids or ())
@@ -153,9 +155,11 @@ class RequestStream:
         exclude = list(dict.fromkeys([*previous.exclude, *([previous.instance] if previous.instance else [])]))
         phase = "embed" if first.phase == "embed" else "colocated"  # pd_split decides the rest anew
         fields: dict[str, Any] = dict(
-            request_id=f"{first.request_id}.{self.retries + 1}", exclude=exclude, instance=None, phase=phase,
-            admitted_time=None, dispatched_time=None,
+            request_id=f"{first.request_id}.{self.retries + 1}", retry=self.retries + 1, exclude=exclude,
+            instance=None, phase=phase, admitted_time=None, dispatched_time=None,
         )  # fmt: skip
+        if self._text_without_ids:  # a replica that gave no token ids: where to resume is not known exactly
+            return None
         produced = len(self._token_ids) if first.model is None else len(self._text)
         if not produced:
             return msgspec.structs.replace(first, **fields)

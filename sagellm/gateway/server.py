@@ -1,7 +1,8 @@
 """`serve()`: the gateway process. Loads the graph's engines (the embedding model is one of them), then answers HTTP on
 hypercorn's trio worker in the same event loop as the pipeline, so a request goes from socket to engine without a
 thread or process hop. SIGINT/SIGTERM stop it gracefully: no new connections, requests in flight finish (up to
-`graceful_timeout_s`), the graph drains, then the process exits."""
+`graceful_timeout_s`), the graph drains, then the process exits; a server that joined another gateway leaves it
+first (drained there), so no request sent to it is cut."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from sagellm.common.logging import default_logging
+from sagellm.common.nursery_errors import single_errors
 from sagellm.gateway import openapi
 from sagellm.gateway.admin_routes import AdminRoutes
 from sagellm.gateway.auth import admin_key, key_guard
@@ -26,6 +28,7 @@ from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.engines import EngineManager
 from sagellm.gateway.http import App
+from sagellm.gateway.join import Membership
 from sagellm.gateway.management_routes import ManagementRoutes
 from sagellm.gateway.openai_routes import OpenAIRoutes
 from sagellm.gateway.session_routes import SessionRoutes
@@ -89,30 +92,55 @@ async def serve(
     app = build_app(core, config, admin, engines)
     hyper = hypercorn_config(config)
     stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(core.run)
-        await nursery.start(engines.run)
-        signals = trio.CancelScope()
-        if handle_signals:
-            nursery.start_soon(stop_on_signal, stop, signals)
-        async with trio.open_nursery() as http:
-            binds = await http.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait))
-            log.info("gateway_ready", url=binds[0], models=core.models())
-            task_status.started(Gateway(binds[0], core, admin, stop, engines))
-        signals.cancel()  # hypercorn returned: stop was set and the requests it held have finished
-        engines.shutdown()  # managed engine processes stop
-        core.shutdown()  # the graph drains what is left, then core.run returns
+    membership = Membership(config.join) if config.join is not None else None
+    with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
+        async with trio.open_nursery() as nursery:
+            await nursery.start(core.run)
+            await nursery.start(engines.run)
+            signals, member = trio.CancelScope(), trio.CancelScope()
+            if handle_signals:
+                nursery.start_soon(stop_on_signal, stop, signals, membership)
+            async with trio.open_nursery() as http:
+                binds = await http.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait))
+                log.info("gateway_ready", url=binds[0], models=core.models())
+                if membership is not None:
+                    nursery.start_soon(_keep_membership, membership, binds[0], member)
+                task_status.started(Gateway(binds[0], core, admin, stop, engines))
+            signals.cancel()  # hypercorn returned: stop was set and the requests it held have finished
+            if membership is not None:
+                with trio.CancelScope(shield=True):
+                    await membership.leave()  # no-op if a signal already made it leave
+                member.cancel()
+            engines.shutdown()  # managed engine processes stop
+            core.shutdown()  # the graph drains what is left, then core.run returns
 
 
 def _served_names(core: ServingCore) -> list[str]:
-    """The model names the gateway answers itself, which no managed engine may take."""
-    return [core.model_name, *(op.served_model_name for op in core.operators_of("embedding"))]
+    """The embedding models the gateway answers itself, which no managed engine may take."""
+    return [op.served_model_name for op in core.operators_of("embedding")]
 
 
-async def stop_on_signal(stop: trio.Event, scope: trio.CancelScope) -> None:
+async def _keep_membership(membership: Membership, listening: str, scope: trio.CancelScope) -> None:
+    with scope:
+        await membership.run(listening)
+
+
+async def stop_on_signal(stop: trio.Event, scope: trio.CancelScope, membership: Membership | None = None) -> None:
+    """Stops the gateway at SIGINT/SIGTERM; one that joined another gateway leaves it first (a second signal does
+    not wait for that)."""
     with scope, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("gateway_stopping", signal=signal.Signals(signum).name)
+            if membership is not None and not stop.is_set():
+                async with trio.open_nursery() as leaving:
+
+                    async def leave() -> None:
+                        await membership.leave()
+                        leaving.cancel_scope.cancel()
+
+                    leaving.start_soon(leave)
+                    async for _ in signals:  # a second signal: stop without waiting
+                        leaving.cancel_scope.cancel()
             stop.set()
             return
 

@@ -30,10 +30,11 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("gateway-cli") / "tiny-llama")
 
 
-def sagellm(home: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def sagellm(home: Path, *args: str, timeout: float = 240, input_text: str = "") -> subprocess.CompletedProcess:
+    """The CLI in a subprocess with SAGELLM_HOME=`home`; `input_text` is its stdin (a pipe, never the terminal)."""
     env = dict(os.environ, SAGELLM_HOME=str(home), COLUMNS="200")
     env.pop("SAGELLM_ADMIN_KEY", None)
-    return subprocess.run([SAGELLM, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([SAGELLM, *args], capture_output=True, text=True, timeout=timeout, env=env, input=input_text)
 
 
 def free_port() -> int:

@@ -32,6 +32,7 @@ def run_graph(graph: str, model: Path, out: Path, *extra: str) -> list[dict]:
                  "--output", str(out), *extra)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "pipeline metrics" in result.stderr and "2 completed" in result.stderr
+    assert "sagellm run: ready in" in result.stderr  # it says what start-up waits for, and when it is over
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert "".join(line["text"] + "\n" for line in lines) == result.stdout  # streamed replies, in order
     return lines
@@ -78,3 +79,17 @@ def test_ctrl_c_stops_the_run_and_its_worker_processes(tmp_path):
 def children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
+
+
+def test_no_request_is_an_error_and_any_failed_request_fails_the_run(tiny, tmp_path):
+    empty = run("run", str(GRAPHS / "colocated.yaml"), "--model", str(tiny), "--requests", str(_lines(tmp_path, [])))
+    assert empty.returncode == 2 and "no request ran" in empty.stderr
+    lines = [{"prompt": "Hello", "max_tokens": 3}, {"prompt_token_ids": [1, 999_999], "max_tokens": 3}]
+    mixed = run("run", str(GRAPHS / "colocated.yaml"), "--model", str(tiny), "--requests", str(_lines(tmp_path, lines)))
+    assert mixed.returncode == 1 and "1 of 2 requests failed (invalid_request ×1)" in mixed.stderr
+
+
+def _lines(tmp_path: Path, requests: list[dict]) -> Path:
+    path = tmp_path / f"requests-{len(requests)}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    return path

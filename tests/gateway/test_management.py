@@ -94,8 +94,9 @@ def test_unknown_engine_is_404(admin):
         assert reply.status_code == 404 and "no managed engine 'llm-99'" in reply.json()["error"]["message"]
 
 
-def test_the_gateways_own_model_name_is_409(admin, gateway):
-    reply = admin.post(ENGINES, json={"model": gateway.core.model_name})
+def test_the_gateways_own_model_name_is_409_for_an_embedding_engine(admin, gateway):
+    """(A generation engine of that name is one more instance of the gateway's model: tests/gateway/test_join.py.)"""
+    reply = admin.post(ENGINES, json={"model": gateway.core.model_name, "kind": "embedding"})
     assert reply.status_code == 409 and "served_model_name" in reply.json()["error"]["message"]
 
 

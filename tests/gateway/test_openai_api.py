@@ -346,3 +346,22 @@ def test_the_pd_graph_serves_the_same_replies(tiny_model, tmp_path, offline):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
         roles = {s.role: s.healthy for s in gw.core.instances().values()}
         assert roles == {"prefill": True, "decode": True}
+
+
+def test_return_token_ids_gives_each_choice_and_each_chunk_its_output_token_ids(gateway):
+    """vLLM's `return_token_ids`: what a control plane in front of this server needs to resume a request exactly."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(gateway.url + "/v1/chat/completions", json={**chat, "return_token_ids": True}, headers=auth(),
+                       timeout=REPLY_TIMEOUT_S).json()  # fmt: skip
+    ids = whole["choices"][0]["token_ids"]
+    assert len(ids) == whole["usage"]["completion_tokens"] == 6
+    streamed: list[int] = []
+    body = {**chat, "return_token_ids": True, "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, headers=auth(),
+                      timeout=REPLY_TIMEOUT_S) as reply:  # fmt: skip
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                streamed += json.loads(line[6:])["choices"][0].get("token_ids", [])
+    assert streamed == ids
+    plain = httpx.post(gateway.url + "/v1/chat/completions", json=chat, headers=auth(), timeout=REPLY_TIMEOUT_S).json()
+    assert "token_ids" not in plain["choices"][0]  # only when asked

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sagellm.common.errors import FieldError
-from sagellm.operators.admission import Admission
+from sagellm.operators.admission import Admission, SloLimit
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
@@ -119,6 +119,8 @@ def test_overloaded_when_graph_is_full() -> None:
     load.in_flight = 4
     out = expect_error(op.execute(Request(request_id="r", prompt_token_ids=[1])), "overloaded", "3", retryable=True)
     assert out.time == 1000.0
+    retried = op.execute(Request(request_id="r.2", prompt_token_ids=[1], retry=1))
+    assert isinstance(retried, Request)  # a failover attempt was admitted once: never shed for load
 
 
 def test_rate_limit_token_bucket_per_user() -> None:
@@ -140,7 +142,7 @@ def test_rate_limit_token_bucket_per_user() -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{"max_queue": 0}, {"max_model_len": 0}, {"rate_limit_per_user": 0.0}, {"burst": 0}],
+    [{"max_queue": 0}, {"max_model_len": 0}, {"rate_limit_per_user": 0.0}, {"burst": 0}, {"ttft_slo_ms": 0.0}],
 )
 def test_bad_parameters_are_rejected(params: dict) -> None:
     name = next(iter(params))
@@ -162,3 +164,53 @@ def test_token_ids_that_are_not_integers_are_invalid(model: LoadedModel, ids: li
     """A JSON body gives floats and booleans as easily as integers: they are refused here, before any engine."""
     out = make_admission(attrs(model)).execute(Request(request_id="r", prompt_token_ids=ids))
     expect_error(out, "invalid_request", "prompt_token_ids must be integers")
+
+
+def first_tokens(load: PipelineLoad, *ttfts_s: float) -> None:
+    """Requests getting their first token after these waits, as the executor records them."""
+    load.recent_ttfts.extend(ttfts_s)
+    load.ttfts_seen += len(ttfts_s)
+
+
+def test_slo_limit_cuts_before_the_target_is_missed_recovers_fast_far_from_it_and_probes_near_it() -> None:
+    load, limit = PipelineLoad(), SloLimit(ceiling=32, target_s=1.0, window=8)  # margin 0.7: cut above 0.7 s
+    first_tokens(load, *[0.1] * 7)
+    assert limit.update(load, 0.0) == 32  # a window is not judged before it is full
+    first_tokens(load, 0.85)
+    assert limit.update(load, 0.0) == 24  # its slowest came within the margin of the target: cut by a quarter
+    first_tokens(load, *[0.5] * 8)
+    assert limit.update(load, 0.0) == 25  # near the target (0.35-0.7 s): one more
+    first_tokens(load, *[0.1] * 8)
+    assert limit.update(load, 0.0) == 31  # far below it: a quarter more
+    first_tokens(load, *[0.1] * 16)
+    assert limit.update(load, 0.0) == 32  # both windows at once count as one; never above the configured bound
+    for _ in range(20):
+        first_tokens(load, *[3.0] * 8)
+        limit.update(load, 0.0)
+    assert limit.update(load, 0.0) == 1  # never below one request
+
+
+def test_slo_limit_cuts_as_soon_as_a_waiting_request_nears_the_target_once_per_margin() -> None:
+    load, limit = PipelineLoad(oldest_waiting=100.0), SloLimit(ceiling=32, target_s=1.0, window=8)
+    assert limit.update(load, 100.6) == 32  # waited 0.6 s: within the margin
+    assert limit.update(load, 100.9) == 24  # 0.9 s: it is about to miss; cut before any first token says so
+    assert limit.update(load, 101.5) == 24  # the cut needs time to act: not again within 0.7 s
+    assert limit.update(load, 101.8) == 18
+    first_tokens(load, *[0.1] * 8)
+    load.oldest_waiting = None
+    assert limit.update(load, 102.0) == 22  # nothing waits, first tokens come fast: grows back
+
+
+def test_a_ttft_slo_stamps_requests_and_tightens_the_bound_while_first_tokens_come_late() -> None:
+    load = PipelineLoad(in_flight=10)
+    op = make_admission(load=load, max_queue=16, ttft_slo_ms=2000)
+    admitted = op.execute(Request(request_id="a", prompt_token_ids=[1]))
+    own = op.execute(Request(request_id="b", prompt_token_ids=[1], ttft_slo_ms=1))
+    assert isinstance(admitted, Request) and admitted.ttft_slo_ms == 2000  # the default target
+    assert isinstance(own, Request) and own.ttft_slo_ms == 1  # a request's own target is kept, and judges nothing
+    first_tokens(load, *[0.1] * 6, 1.7, 2.5)  # a window whose slowest came near the 2 s target: the bound drops to 12
+    load.in_flight = 13
+    out = expect_error(op.execute(Request(request_id="r", prompt_token_ids=[1])), "overloaded", "TTFT SLO", True)
+    assert "12 requests in flight" in out.message
+    load.in_flight = 12
+    assert isinstance(op.execute(Request(request_id="d", prompt_token_ids=[1])), Request)

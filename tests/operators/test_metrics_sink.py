@@ -40,10 +40,10 @@ def test_latency_percentiles_match_numpy_and_throughput_uses_the_wall_clock():
     for i, (t, p) in enumerate(zip(ttft, tpot)):
         clock.now = 100.0 + i * 0.1  # 101 items over 10 s
         m = dict(
-            arrival_time=0.0,
-            first_scheduled_time=t / 10,
-            first_token_time=t,
-            finished_time=t + 9 * p,
+            arrival_time=99.0,  # all arrived a second before the first item reached the sink
+            first_scheduled_time=99.0 + t / 10,
+            first_token_time=99.0 + t,
+            finished_time=99.0 + t + 9 * p,
             num_prompt_tokens=20,
             num_output_tokens=10,
         )
@@ -55,9 +55,9 @@ def test_latency_percentiles_match_numpy_and_throughput_uses_the_wall_clock():
         assert stats.avg_ms == pytest.approx(np.mean(seconds) * 1000)
         for got, q in ((stats.p50_ms, 50), (stats.p95_ms, 95), (stats.p99_ms, 99)):
             assert got == pytest.approx(np.percentile(seconds * 1000, q))
-    assert s.wall_s == pytest.approx(10.0)
-    assert s.output_tokens == 1010 and s.output_tokens_per_s == pytest.approx(101.0)
-    assert s.requests_per_s == pytest.approx(10.1)
+    assert s.wall_s == pytest.approx(11.0)  # from the first arrival, not from the first item the sink saw
+    assert s.output_tokens == 1010 and s.output_tokens_per_s == pytest.approx(1010 / 11)
+    assert s.requests_per_s == pytest.approx(101 / 11)
     assert s.prompt_tokens == 2020 and s.cached_tokens == 250 and s.cache_hit_rate == pytest.approx(250 / 2020)
 
 

@@ -124,6 +124,25 @@ def test_pinned_instance_is_honored_only_when_it_is_a_candidate():
     assert send(route, make_request(9, instance="e2")) != "e2"
 
 
+def test_logprobs_go_to_the_graphs_own_engines_while_one_is_healthy():
+    from sagellm.runtime.engine.sampling_params import SamplingParams
+
+    own = InstanceStats(name="engine", role="colocated", max_running=10_000)
+    replica = InstanceStats(name="joined", role="colocated", node="remote", max_running=10_000)
+    route = make_route([own, replica], outputs=["engine", "remote"], strategy="round_robin")
+
+    def chosen(request: Request) -> str:
+        out = route.execute(request)
+        assert isinstance(out, Emit)
+        return request.instance
+
+    wants = SamplingParams(logprobs=2)
+    assert [chosen(make_request(i, sampling=wants)) for i in range(3)] == ["engine"] * 3
+    assert {chosen(make_request(i)) for i in range(4)} == {"engine", "joined"}  # the others go to both
+    own.healthy = False
+    assert chosen(make_request(9, sampling=wants)) == "joined"  # its server refuses them itself, saying why
+
+
 def test_no_candidate_errors_name_the_phase():
     instances = pool(2)
     for s in instances:

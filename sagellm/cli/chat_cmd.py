@@ -1,0 +1,128 @@
+"""`sagellm chat [MODEL]`: an interactive chat, each reply streamed as it is generated.
+
+    sagellm chat                                     # SmolLM2-135M-Instruct on this machine's engine
+    sagellm chat ./model.gguf --temperature 0.7
+    sagellm chat --url http://127.0.0.1:8000         # a running server (ours, vLLM, llama.cpp: the OpenAI API)
+    echo "Why is the sky blue?" | sagellm chat       # piped: the input is one message, the reply goes to stdout
+
+At the prompt: an empty line does nothing, `/clear` forgets the conversation, `/bye` or Ctrl-D ends it. The whole
+conversation is sent each turn (the model's chat template renders it); once it no longer fits the context, the oldest
+turns are dropped."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
+
+Message = dict[str, str]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model, replies streamed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default=None, help="path, .gguf, alias or org/name (default: SmolLM2)")
+    p.add_argument("--url", help="chat with this OpenAI-compatible server instead of a local engine")
+    p.add_argument("--api-key", help="the server's API key (with --url)")
+    p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default: 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--log-level", default="warning")
+    add_engine_arguments(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    reply = _remote(args) if args.url else _local(args)
+    history: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
+    if not sys.stdin.isatty():
+        text = sys.stdin.read().strip()
+        if not text:
+            raise ValueError("nothing to say: stdin was empty")
+        _turn(reply, history, text)
+        return 0
+    print("sagellm chat: /clear forgets the conversation, /bye or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if text == "/bye":
+            return 0
+        if text == "/clear":
+            del history[1 if args.system else 0 :]
+            continue
+        if text:
+            _turn(reply, history, text)
+
+
+def _turn(reply: Callable[[list[Message]], Iterator[str]], history: list[Message], text: str) -> None:
+    history.append({"role": "user", "content": text})
+    parts = []
+    for piece in reply(history):
+        parts.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    history.append({"role": "assistant", "content": "".join(parts)})
+
+
+def _local(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]]:
+    """Replies from the engine in this process; the oldest turns go when the conversation outgrows the context."""
+    from sagellm import LLM, SamplingParams
+
+    print("sagellm chat: loading the model ...", file=sys.stderr, flush=True)
+    llm = LLM(args.model, **engine_settings(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    context = llm.engine.max_model_len
+
+    def reply(history: list[Message]) -> Iterator[str]:
+        prompt = llm.apply_chat_template(history)
+        while len(prompt) + args.max_tokens > context and len(history) > 2:
+            del history[1 if history[0]["role"] == "system" else 0]  # the oldest turn
+            prompt = llm.apply_chat_template(history)
+        for out in llm.stream(prompt, params):
+            yield out.outputs[0].text_delta
+
+    return reply
+
+
+def _remote(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]]:
+    """Replies from a server's /v1/chat/completions, streamed; its first model unless `model` names one."""
+    import httpx
+
+    base = args.url.rstrip("/").removesuffix("/v1")
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    client = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10.0, read=None))
+    model = args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+
+    def reply(history: list[Message]) -> Iterator[str]:
+        body: dict[str, Any] = {
+            "model": model, "messages": history, "stream": True, "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "top_p": args.top_p,
+        }  # fmt: skip
+        if args.seed is not None:
+            body["seed"] = args.seed
+        with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+            if answer.status_code != 200:
+                raise RuntimeError(f"{base} answered {answer.status_code}: {answer.read().decode()[:500]}")
+            for line in answer.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RuntimeError(f"{base}: {event['error'].get('message')}")
+                    for choice in event.get("choices") or ():
+                        yield (choice.get("delta") or {}).get("content") or ""
+
+    return reply

@@ -1,0 +1,119 @@
+"""vLLM habits at the front door: `sagellm serve MODEL` with vLLM's engine flags (a real server subprocess whose
+context is the flag's, not the model's: /v1/models says it and a longer prompt is a 400), the positional argument
+read as a model or a graph, the flags set on every engine node, and `sagellm chat` piped and against a server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sagellm.cli.gateway_cmd import _serve_argv
+from sagellm.cli.run_cmd import build_graph
+from sagellm.cli.serve_cmd import _model_or_graph, add_serve_arguments, apply_engine_settings
+from tests.cli.test_cli import SAGELLM
+from tests.cli.test_gateway_cli import free_port, sagellm
+from tests.tiny_models import make_tiny_llama
+
+SAGELLM_ARGS = ("--no-embedding",)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("serve-model") / "tiny-llama", max_position_embeddings=512)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "graph_name", "model"),
+    [
+        ((), "colocated.yaml", None),
+        (("pd",), "pd", None),
+        (("graphs/pd.yaml",), "graphs/pd.yaml", None),
+        (("smollm2-135m-instruct",), "colocated.yaml", "smollm2-135m-instruct"),
+        (("/models/x.gguf",), "colocated.yaml", "/models/x.gguf"),
+    ],
+)
+def test_the_positional_argument_is_a_graph_or_else_a_model(argv, graph_name, model):
+    args = parse(*argv)
+    _model_or_graph(args)
+    assert args.graph.endswith(graph_name) and args.model == model
+
+
+def test_a_model_named_twice_is_refused():
+    with pytest.raises(ValueError, match="give one or the other"):
+        _model_or_graph(parse("smollm2-135m-instruct", "--model", "other"))
+
+
+def test_engine_flags_set_every_engine_node_and_are_checked_as_the_file_is(tiny):
+    args = parse("pd", "--model", str(tiny), "--max-model-len", "128", "--max-num-seqs", "4")
+    _model_or_graph(args)
+    graph = apply_engine_settings(build_graph(args), args)
+    engines = {n.id: n.params for n in graph.nodes.values() if "max_num_seqs" in n.params}
+    assert set(engines) == {"prefill", "decode"}
+    assert all(p["max_model_len"] == 128 and p["max_num_seqs"] == 4 for p in engines.values())
+    for bad, message in ((("--dtype", "bfloat16"), "float32"), (("-tp", "2"), "tensor parallelism")):
+        args = parse("pd", *bad)
+        with pytest.raises(ValueError, match=message):
+            apply_engine_settings(build_graph(args), args)
+
+
+def test_gateway_start_forwards_boolean_flags_both_ways():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    on = _serve_argv(parser, parser.parse_args(["--enable-prefix-caching"]))
+    off = _serve_argv(parser, parser.parse_args(["--no-enable-prefix-caching", "-tp", "1"]))
+    assert "--enable-prefix-caching" in on and "--no-enable-prefix-caching" not in on
+    assert "--no-enable-prefix-caching" in off
+
+
+@pytest.mark.slow
+def test_serve_a_model_with_vllm_flags_and_chat_with_it(tiny, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [SAGELLM, "serve", str(tiny), "--max-model-len", "64", "--port", str(port), *SAGELLM_ARGS]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=_env(tmp_path))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert [(m["id"], m["max_model_len"]) for m in models] == [(str(tiny), 64)]  # the flag's, not the model's 512
+        long = httpx.post(url + "/v1/completions", json={"prompt": list(range(1, 101)), "max_tokens": 4}, timeout=60)
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+        short = httpx.post(url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=60)
+        assert short.status_code == 200, short.text
+
+        chatted = sagellm(tmp_path / "home", "chat", "--url", url, "--max-tokens", "5", input_text="Hello there")
+        assert chatted.returncode == 0 and chatted.stdout.strip(), chatted.stderr
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+@pytest.mark.slow
+def test_chat_piped_to_a_local_model_answers_once_on_stdout(tiny, tmp_path):
+    ran = sagellm(tmp_path, "chat", str(tiny), "--max-tokens", "6", input_text="Hello")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() and "loading the model" in ran.stderr  # the reply alone on stdout
+    empty = sagellm(tmp_path, "chat", str(tiny), input_text="")
+    assert empty.returncode == 2 and "stdin was empty" in empty.stderr
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "SAGELLM_HOME": str(tmp_path / "home"), "SAGELLM_LOG_LEVEL": "warning"}

@@ -1,0 +1,131 @@
+"""A server joining a running gateway as one more instance of its model (`sagellm serve --join`), a real
+`sagellm serve` subprocess beside a gateway on the same tiny weights: it registers itself, route sends it a share of
+the head's own model's requests with the same greedy text, its streams carry token ids (what an exact resume needs),
+and SIGTERM makes it leave (drained) before it stops. The membership itself, against a real gateway: an admin's
+removal is final, a restarted head (another boot id) is joined again."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import trio
+
+from sagellm.gateway.config import JoinSettings
+from sagellm.gateway.join import JoinRefused, Membership
+from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.gateway.test_management import ENGINES
+
+BODY = {"prompt": "The river flows", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def completed(url: str) -> float:
+    """Requests the server's metrics sink counted as finished."""
+    text = httpx.get(url + "/metrics").text
+    return sum(float(v) for v in re.findall(r"^sagellm:request_success_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
+
+
+def joined_engine(admin: httpx.Client, url: str, timeout: float = 180) -> dict | None:
+    """The head's record of the server at `url` once it is ready (None if it never is)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mine = [e for e in admin.get(ENGINES).json()["data"] if e.get("url") == url]
+        if mine and mine[0]["state"] == "ready":
+            return mine[0]
+        time.sleep(0.2)
+    return None
+
+
+@pytest.mark.slow
+def test_a_joined_server_shares_the_heads_model_with_token_ids_and_leaves_drained(tiny_model, tmp_path):
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path / "head"), tiny_model) as head:
+        admin = httpx.Client(base_url=head.url, headers={"authorization": f"Bearer {head.gateway.admin_key}"})
+        asked = {**BODY, "return_token_ids": True}
+        reference = httpx.post(head.url + "/v1/completions", json=asked, timeout=REPLY_TIMEOUT_S).json()["choices"][0]
+        assert len(reference["token_ids"]) == BODY["max_tokens"]
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "sagellm.cli.main", "serve", str(GRAPHS / "colocated.yaml"),
+                   "--model", str(tiny_model), "--port", str(port), "--no-embedding", "--state-dir",
+                   str(tmp_path / "joiner"), "--join", head.url, "--join-key", head.gateway.admin_key]  # fmt: skip
+        log = (tmp_path / "joiner.log").open("wb")
+        env = {**os.environ, "SAGELLM_LOG_LEVEL": "info"}
+        joiner = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            engine = joined_engine(admin, url)
+            assert engine is not None, (tmp_path / "joiner.log").read_text()[-3000:]
+            models = httpx.get(head.url + "/v1/models").json()["data"]
+            assert [m["id"] for m in models] == [str(tiny_model)]  # one more instance of the head's model, no new name
+
+            # Route gives the joined server a share; the token ids it streams back (what a resume needs) reach the
+            # client as the head's own engine's do.
+            with ThreadPoolExecutor(6) as pool:
+                replies = list(pool.map(lambda _: _complete(head.url, asked), range(12)))
+            assert all(r["choices"][0] == {**reference, "index": 0} for r in replies), replies
+            assert completed(url) > 0
+
+            joiner.send_signal(signal.SIGTERM)
+            assert joiner.wait(60) == 0
+            assert all(e.get("url") != url for e in admin.get(ENGINES).json()["data"])  # it left before it stopped
+            after = httpx.post(head.url + "/v1/completions", json=BODY, timeout=REPLY_TIMEOUT_S)
+            assert after.status_code == 200 and after.json()["choices"][0]["text"] == reference["text"]
+            assert "left" in (tmp_path / "joiner.log").read_text()
+        finally:
+            if joiner.poll() is None:
+                joiner.kill()
+            log.close()
+
+
+def _complete(url: str, body: dict) -> dict:
+    return httpx.post(url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S).json()
+
+
+def test_an_admins_removal_is_final_and_a_restarted_head_is_joined_again(gateway, admin):
+    settings = JoinSettings(
+        gateway=gateway.url, model="elsewhere", url="http://127.0.0.1:9/v1", admin_key=gateway.gateway.admin_key,
+        recheck_s=0.1,
+    )  # fmt: skip
+
+    async def removed_by_admin() -> str:
+        membership = Membership(settings)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(membership.run, "unused")
+            first = membership.engine_id
+            assert admin.get(f"{ENGINES}/{first}").status_code == 200
+            gateway.core.boot_id = "a-restarted-head"  # as if the head restarted (one attribute: no race to fear)
+            assert admin.delete(f"{ENGINES}/{first}?force=true").status_code == 200
+            with trio.fail_after(10):
+                while membership.engine_id == first:
+                    await trio.sleep(0.05)
+            second = membership.engine_id
+            assert admin.get(f"{ENGINES}/{second}").status_code == 200  # joined the "restarted" head again
+            assert admin.delete(f"{ENGINES}/{second}?force=true").status_code == 200  # same head: a removal
+        return second  # run() returned by itself: it stopped asking
+
+    second = trio.run(removed_by_admin)
+    time.sleep(0.3)
+    assert all(e["id"] != second and e["model"] != "elsewhere" for e in admin.get(ENGINES).json()["data"])
+
+
+def test_a_join_the_head_refuses_is_said_not_retried(gateway):
+    wrong = JoinSettings(gateway=gateway.url, model="elsewhere", url="http://127.0.0.1:9", admin_key="not-the-key")
+
+    async def join() -> None:
+        await Membership(wrong).run("unused")
+
+    with pytest.raises(JoinRefused, match="refused to add this server"):
+        trio.run(join)
