@@ -5,6 +5,10 @@ and never touches these tensors."""
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
+import numpy as np
 import torch
 
 from sagellm.runtime.models.config import ModelConfig
@@ -25,10 +29,15 @@ def allocate_kv_caches(
     config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> KVCaches:
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(config.num_layers)
-    ]
+    zeros = _untouched_zeros if device.type == "cpu" else partial(torch.zeros, device=device)
+    return [(zeros(shape, dtype=dtype), zeros(shape, dtype=dtype)) for _ in range(config.num_layers)]
+
+
+def _untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in calloc'd memory: the kernel maps pages of zeros as they are first written, so a cache of a GiB costs
+    no time and no resident memory until it fills (torch.zeros writes every byte: seconds per worker at start-up)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def token_slots(block_table: list[int], start: int, end: int, block_size: int, device: torch.device) -> torch.Tensor:
