@@ -98,6 +98,7 @@ class Admission(MapOperator):
 
     name = "admission"
     accepts = (Request,)
+    reads_model = True  # the tokenizer and the context length
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from sagellm.runtime.pipeline.operator import SourceOperator, register_operator
 class HttpSource(SourceOperator):
     name = "http_source"
     wakes = True
+    reads_model = True  # the gateway in front reads the tokenizer, the context and the sampling defaults
 
     def __init__(self) -> None:
         self._queue: deque[Any] = deque()

@@ -86,13 +86,14 @@ class PromptSource(SourceOperator):
     """A fixed list of prompts, all released at once on the first poll (the offline `generate` workload)."""
 
     name = "prompt_source"
+    reads_model = True  # the model's sampling defaults
 
     def __init__(
         self,
         prompts: list[str] | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         ignore_eos: bool = False,
         priority: int = 0,
@@ -101,16 +102,20 @@ class PromptSource(SourceOperator):
         chat: bool = True,
     ) -> None:
         """`chat`: each prompt is a user message, rendered with the model's chat template (instruct models answer
-        it); False completes the raw text."""
+        it); False completes the raw text. Sampling fields left None take the model's defaults (SamplingParams)."""
         self.prompts = list(prompts or [])
         self.chat = chat
-        # Built once here so a bad value fails when the graph is built, not when the first request flows.
-        self.sampling = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos
-        )
+        given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
+        self.given = {k: v for k, v in given.items() if v is not None}
+        # Built here too, so a bad value fails when the graph is built, not when the first request flows.
+        self.sampling = SamplingParams.with_defaults(None, **self.given)
         self.priority, self.user, self.id_prefix = priority, user, id_prefix
         self.clock: Callable[[], float] = time.time
         self._released = False
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        self.sampling = SamplingParams.with_defaults(ctx.graph_attrs.get("sampling_defaults"), **self.given)
 
     def poll(self) -> list[Request] | None:
         if self._released:
@@ -136,10 +141,13 @@ class _LineSource(SourceOperator):
 
     where = ""  # how error messages name the input
     chunk_lines = 64
+    reads_model = True  # the model's sampling defaults
 
-    def __init__(self, max_tokens: int, temperature: float, id_prefix: str) -> None:
-        SamplingParams(max_tokens=max_tokens, temperature=temperature)  # fail at build time on bad defaults
-        self.defaults: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    def __init__(self, max_tokens: int | None, temperature: float | None, id_prefix: str) -> None:
+        given = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
+        SamplingParams.with_defaults(None, **given)  # fail at build time on bad defaults
+        self.given = given
+        self.defaults: dict[str, Any] = dict(given)  # the model's defaults join them at open()
         self.id_prefix = id_prefix
         self.clock: Callable[[], float] = time.time
         self.stream: IO[Any] | None = None
@@ -147,6 +155,10 @@ class _LineSource(SourceOperator):
         self._next_id = 0
         self._seen: set[str] = set()
         self._exhausted = False
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        self.defaults = {**(ctx.graph_attrs.get("sampling_defaults") or {}), **self.given}
 
     def poll(self) -> list[Request | RequestError] | None:
         if self._exhausted or self.stream is None:
@@ -191,7 +203,9 @@ class JsonlSource(_LineSource):
 
     name = "jsonl_source"
 
-    def __init__(self, path: str, max_tokens: int = 256, temperature: float = 0.0, id_prefix: str = "req-") -> None:
+    def __init__(
+        self, path: str, max_tokens: int | None = None, temperature: float | None = None, id_prefix: str = "req-"
+    ) -> None:
         super().__init__(max_tokens, temperature, id_prefix)
         self.path = path
         self.where = path
@@ -218,7 +232,9 @@ class StdinSource(_LineSource):
     chunk_lines = 1
     where = "<stdin>"
 
-    def __init__(self, max_tokens: int = 256, temperature: float = 0.0, id_prefix: str = "req-") -> None:
+    def __init__(
+        self, max_tokens: int | None = None, temperature: float | None = None, id_prefix: str = "req-"
+    ) -> None:
         super().__init__(max_tokens, temperature, id_prefix)
 
     def open(self, ctx: OperatorContext) -> None:

@@ -47,7 +47,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in prompt order. A prompt is text or token ids."""
         batch = _as_batch(prompts)
-        all_params = _per_prompt(params, len(batch))
+        all_params = _per_prompt(params or self.default_sampling_params(), len(batch))
         request_ids = []
         for prompt, p in zip(batch, all_params):
             request_ids.append(self._add(prompt, p))
@@ -74,7 +74,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yields an output per new token of one request (`outputs[0].text_delta` is the new text)."""
-        request_id = self._add(prompt, params or SamplingParams())
+        request_id = self._add(prompt, params or self.default_sampling_params())
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
@@ -84,6 +84,11 @@ class LLM:
                             return
         finally:
             self.engine.abort_request(request_id)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """What a call without `params` uses: the model's own sampling defaults (its generation config), else
+        SamplingParams' (temperature 1, no `max_tokens` bound but the context), as vLLM's `LLM` does."""
+        return SamplingParams.with_defaults(self.engine.sampling_defaults)
 
     def apply_chat_template(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -106,9 +111,7 @@ def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return prompts
 
 
-def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
+def _per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * n
     if len(params) != n:

@@ -116,10 +116,13 @@ _GGUF_LAYER = {
 }
 
 
-def write_tiny_gguf(path: str | Path, hf_dir: str | Path, qtype: GGMLQuantizationType | str = "F32") -> Path:
+def write_tiny_gguf(
+    path: str | Path, hf_dir: str | Path, qtype: GGMLQuantizationType | str = "F32", sampling: dict | None = None
+) -> Path:
     """Write the weights, config and tokenizer of the HF model in `hf_dir` as a GGUF file, like llama.cpp's
     convert_hf_to_gguf.py: 2-D weights in `qtype`, norms and biases in F32, llama q/k rows permuted, no
-    output.weight when embeddings are tied, llama3 rope scaling as a rope_freqs.weight tensor."""
+    output.weight when embeddings are tied, llama3 rope scaling as a rope_freqs.weight tensor; `sampling`: llama.cpp's
+    `general.sampling.*` keys (temp, top_p: float32; top_k: int32)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path, hf_dir = Path(path), Path(hf_dir)
@@ -130,6 +133,9 @@ def write_tiny_gguf(path: str | Path, hf_dir: str | Path, qtype: GGMLQuantizatio
     rope = dict(config.rope_parameters)
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(hf_dir.name)
+    for key, value in (sampling or {}).items():
+        add = writer.add_int32 if isinstance(value, int) else writer.add_float32
+        add(f"general.sampling.{key}", value)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

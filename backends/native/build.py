@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from sagellm.common.home import kernels_dir
+from sagellm.common.progress import stage
 
 log = structlog.get_logger("sagellm.native")
 
@@ -84,7 +85,8 @@ def build(directory: Path | None = None) -> Path:
     try:
         command = [compiler, *CFLAGS, "-o", partial, *map(str, SOURCES), "-lm"]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
+            with stage("compiling the CPU kernels (once per machine)"):
+                done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise NativeBuildError(f"{compiler} took over {BUILD_TIMEOUT_S} s on {_names()}") from None
         if done.returncode != 0:

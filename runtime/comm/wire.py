@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 PROTOCOL = 2  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
 HEARTBEAT_S = 0.5  # how often both ends of a control channel send a Heartbeat
 REQUESTS_KEY = "_requests"  # the Heartbeat stats entry listing the request ids the sender holds
+STAGE_KEY = "_stage"  # the Heartbeat stats entry saying what a starting worker waits on (common.progress)
 _TENSOR_EXT = 1  # msgpack extension type code of a tensor reference
 
 

@@ -32,6 +32,8 @@ class EngineConfig:
     # A GGUF file's Q4_0/Q4_1/Q8_0 blocks for small batches (decode) instead of their fp32 copy: the same weight values,
     # a quarter to a fifth of the bytes per step. False: the fp32 copy everywhere.
     quantized_weights: bool = _help("decode reads a GGUF's Q4_0/Q4_1/Q8_0 blocks instead of their fp32 copy", True)
+    # vLLM's --seed: the process's random state, from which requests without a seed of their own draw.
+    seed: int | None = _help("random seed of the engine: unseeded requests sample the same way every run", None)
 
     def __post_init__(self) -> None:
         for name, (hint, _, _) in ENGINE_FIELDS.items():

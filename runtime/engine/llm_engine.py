@@ -14,6 +14,7 @@ import structlog
 import torch
 
 from sagellm.backends import get_backend
+from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, read_tokens, token_slots, write_tokens
@@ -21,7 +22,7 @@ from sagellm.runtime.engine.model_runner import ModelRunner
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.prompt import prompt_token_problem
 from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at
-from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.models.loaded import LoadedModel
@@ -44,6 +45,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)  # unseeded rows draw from the global generator (the sampler)
         if loaded is None and not config.model:
             raise ValueError("EngineConfig.model: give the path of the model to load")
         self.config = config
@@ -51,6 +54,7 @@ class LLMEngine:
         if self.model.tokenizer is None:
             raise ValueError(f"{self.model.source}: the engine needs a tokenizer, and this model has none")
         self.tokenizer = self.model.tokenizer
+        self.sampling_defaults = model_sampling_defaults(self.model)  # what a request that sets nothing gets
         model_config = self.model.config
         self.backend = get_backend(config.backend)
         num_blocks = config.num_kv_blocks or num_blocks_for_budget(
@@ -68,15 +72,16 @@ class LLMEngine:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
-        self.runner = ModelRunner(
-            model_config,
-            self.model.weights,
-            self.backend,
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            max_model_len=self.max_model_len,
-            quantized=self.model.quantized if config.quantized_weights else {},
-        )
+        with stage(f"preparing the weights for the {self.backend.name} backend"):
+            self.runner = ModelRunner(
+                model_config,
+                self.model.weights,
+                self.backend,
+                num_blocks=num_blocks,
+                block_size=config.block_size,
+                max_model_len=self.max_model_len,
+                quantized=self.model.quantized if config.quantized_weights else {},
+            )
         # The plan holds what it needs (packed): drop the loader's copies.
         self.model.weights, self.model.quantized = {}, {}
         self.sampler = Sampler()

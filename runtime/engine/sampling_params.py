@@ -4,12 +4,19 @@ The field names and meanings follow vLLM's `SamplingParams` so OpenAI-style requ
 one to one. Every value is checked once, here, when the request enters the system: the sampler and the detokenizer
 trust it and never re-validate. A bad value raises `ValueError` naming the field and the allowed range, which the
 gateway turns into an `invalid_request` error.
+
+Every entry point (`LLM`, the CLI, the graph's sources, the gateway) builds a request's settings one way,
+`SamplingParams.with_defaults`: what the request gave, else the model's own defaults (its generation config), else
+this class's, which are vLLM's and OpenAI's (temperature 1, top_p 1, no top_k or min_p) with no `max_tokens` bound but
+the context. The one exception is the OpenAI API's own: /v1/completions defaults `max_tokens` to 16.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # The output a request without max_tokens is expected to produce: a typical answer, not the context limit. Route,
 # the policies and the engines' load reports all predict decode work with `expected_output_tokens`.
@@ -37,7 +44,7 @@ def _is_number(value: object) -> bool:
 @dataclass
 class SamplingParams:
     n: int = 1  # completions per request; only 1 is supported
-    max_tokens: int | None = 16  # None: generate up to the model's context limit
+    max_tokens: int | None = None  # None: generate up to the model's context limit
     temperature: float = 1.0  # 0: greedy (argmax)
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0  # keep the k most likely tokens; 0 or -1: off
@@ -106,6 +113,12 @@ class SamplingParams:
         )
         return list(ids)
 
+    @classmethod
+    def with_defaults(cls, model_defaults: Mapping[str, Any] | None = None, **given: Any) -> SamplingParams:
+        """A request's settings: the `given` ones that are not None, else the model's (`model_sampling_defaults`),
+        else this class's."""
+        return cls(**{**(model_defaults or {}), **{k: v for k, v in given.items() if v is not None}})
+
     @property
     def expected_output_tokens(self) -> int:
         return self.max_tokens if self.max_tokens is not None else EXPECTED_OUTPUT_TOKENS
@@ -114,3 +127,14 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when the token is the argmax: top_k, top_p, min_p and seed then change nothing."""
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def model_sampling_defaults(model: Any) -> dict[str, Any]:
+    """A loaded model's own sampling defaults (`LoadedModel.sampling_defaults`), checked once when it loads: a bad
+    value in its files is named there, not in every request's error."""
+    defaults = dict(getattr(model, "sampling_defaults", None) or {})
+    try:
+        SamplingParams(**defaults)
+    except ValueError as exc:
+        raise ValueError(f"{model.source}: its sampling defaults (generation config): {exc}") from None
+    return defaults

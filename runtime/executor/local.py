@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 import trio
 
+from sagellm.runtime.engine.sampling_params import model_sampling_defaults
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.ledger import RequestLedger, RequestOutcome
 from sagellm.runtime.models.model_cache import resolve_model
@@ -116,7 +117,8 @@ class LocalExecutor:
         Model names (the graph's `model`, a node's `model`) are resolved here, once per process, into paths: an alias
         is downloaded on the host that runs the node, and operators only ever see a path."""
         params = await trio.to_thread.run_sync(self._resolve_models)
-        if self.graph_attrs.get("model") and "tokenizer" not in self.graph_attrs:
+        reads_model = any(get_operator(self.graph.nodes[n].op).reads_model for n in self.local)
+        if reads_model and self.graph_attrs.get("model") and "tokenizer" not in self.graph_attrs:
             self.graph_attrs.update(await trio.to_thread.run_sync(model_attrs, self.graph_attrs["model"]))
         if "max_model_len" not in self.graph_attrs:
             self.graph_attrs["max_model_len"] = served_context(self.graph, self.graph_attrs.get("model_config"))
@@ -452,11 +454,13 @@ def served_context(graph: Graph, model_config: Any) -> int | None:
 
 
 def model_attrs(model: str) -> dict[str, Any]:
-    """What admission needs of the served model (a path), without its weights: the tokenizer and the config."""
+    """What the graph's front needs of the served model (a path), without its weights: the tokenizer and the config
+    (admission), and its sampling defaults (the sources and the gateway fill unset fields with them)."""
     from sagellm.runtime.models.loader import load_model  # here: importing the executor must not load torch
 
     loaded = load_model(model, load_weights=False)
-    return {"tokenizer": loaded.tokenizer, "model_config": loaded.config}
+    defaults = model_sampling_defaults(loaded)
+    return {"tokenizer": loaded.tokenizer, "model_config": loaded.config, "sampling_defaults": defaults}
 
 
 def _internal(request_id: str, node_id: str, problem: object) -> RequestError:

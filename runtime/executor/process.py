@@ -32,6 +32,7 @@ import structlog
 import trio
 import zmq
 
+from sagellm.common import progress
 from sagellm.common.home import keys_dir
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.processes import python_module
@@ -253,6 +254,8 @@ class ProcessExecutor:
     def _on_heartbeat(self, group: str, message: wire.Heartbeat) -> None:
         stats = dict(message.stats)
         held = set(stats.pop(wire.REQUESTS_KEY, {}).get("ids", ()))
+        busy = stats.pop(wire.STAGE_KEY, {})
+        progress.report(group, busy.get("what"), busy.get("elapsed_s", 0.0))
         if group not in self._lost:  # a restarted worker holds nothing before it rejoins; its predecessor's stay
             self._held[group] = held
         self._fail_passed_on(group)

@@ -1,27 +1,28 @@
 """Loads a GGUF file (llama.cpp's format): config from its metadata, weights dequantized to dense tensors under
 the canonical Hugging Face names, tokenizer and chat template from its metadata.
 
-Dequantization is gguf-py's vectorized numpy code (`gguf.quants.dequantize`); our runtime computes in dense
-floats. Weights stored in a kind some backend's kernels read directly (Q4_0, Q4_1, Q8_0) are also kept as their
-blocks (`LoadedModel.quantized`): the CPU backend streams those at decode. Two llama.cpp conventions are undone here so
-the weights equal the Hugging Face ones: llama-arch q/k rows are permuted for llama.cpp's rope kernel, and tied
-embeddings are expressed by leaving out output.weight."""
+The file is read by `gguf_file` (a memory map; metadata arrays left undecoded) and dequantized by `dequantize`
+(whole tensors in numpy, bit for bit gguf-py's results); our runtime computes in dense floats. Weights stored in a
+kind some backend's kernels read directly (Q4_0, Q4_1, Q8_0) are also kept as their blocks (`LoadedModel.quantized`):
+the CPU backend streams those at decode. Two llama.cpp conventions are undone here so the weights equal the Hugging
+Face ones: llama-arch q/k rows are permuted for llama.cpp's rope kernel, and tied embeddings are expressed by leaving
+out output.weight."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
-from gguf.gguf_reader import ReaderTensor
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType
 
 from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
 from sagellm.runtime.models.architectures import BY_NAME, check_weights, config_from_gguf
 from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.dequantize import dequantize
+from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, GGUFTensor, read_gguf
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, describe
+from sagellm.runtime.models.sampling_defaults import from_gguf_metadata
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 
 Q = GGMLQuantizationType
@@ -53,28 +54,28 @@ _LAYER_NAMES = {
 
 
 def load_gguf(path: Path, *, name: str, dtype: torch.dtype, load_tokenizer: bool, load_weights: bool) -> LoadedModel:
-    reader = _open(path)
-    for tensor in reader.tensors:  # refuse what we cannot load before any slow work
+    parsed = _open(path)
+    for tensor in parsed.tensors.values():  # refuse what we cannot load before any slow work
         _check_type(path, tensor)
-    metadata = {k: f.contents() for k, f in reader.fields.items() if f.types and f.types[0] != GGUFValueType.ARRAY}
-    tensors = {t.name: t for t in reader.tensors}
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    rope_freqs = _dequantize(path, tensors.pop(ROPE_FREQS)) if ROPE_FREQS in tensors else None
+    metadata, tensors = parsed.metadata, dict(parsed.tensors)
+    tokens = metadata.get("tokenizer.ggml.tokens")  # only its length is read: the strings stay undecoded
+    rope_freqs = _dense(tensors.pop(ROPE_FREQS)) if ROPE_FREQS in tensors else None
     config = config_from_gguf(
         metadata,
         tied="output.weight" not in tensors,
-        token_count=len(tokens.data) if tokens is not None else None,
+        token_count=len(tokens) if tokens is not None else None,
         rope_freqs=rope_freqs,
         source=path,
     )
     weights, quantized = _read_weights(path, tensors, config, dtype) if load_weights else ({}, {})
     tokenizer = load_gguf_tokenizer(path) if load_tokenizer else None
     template = metadata.get("tokenizer.chat_template")
-    return LoadedModel(config, weights, tokenizer, template, path, name, quantized)
+    defaults = from_gguf_metadata(metadata)
+    return LoadedModel(config, weights, tokenizer, template, path, name, quantized, sampling_defaults=defaults)
 
 
 def _read_weights(
-    path: Path, tensors: dict[str, ReaderTensor], config: ModelConfig, dtype: torch.dtype
+    path: Path, tensors: dict[str, GGUFTensor], config: ModelConfig, dtype: torch.dtype
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
     """Every tensor dequantized to `dtype`, and the 2-D ones of a kept kind also as their blocks (fp32 models only:
     the block kernels compute in fp32)."""
@@ -86,28 +87,30 @@ def _read_weights(
         hf_name = hf_names[gguf_name]
         heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads
         unpermute = permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
-        values = _dequantize(path, tensor)  # [out, in] or [n]
+        values = _dense(tensor)  # [out, in] or [n]
         weights[hf_name] = torch.from_numpy(_unpermute_rows(values, heads) if unpermute else values).to(dtype)
-        if tensor.tensor_type.name in KEPT_KINDS and values.ndim == 2 and dtype == torch.float32:
+        if tensor.kind.name in KEPT_KINDS and values.ndim == 2 and dtype == torch.float32:
             blocks = np.array(tensor.data).reshape(values.shape[0], -1)  # [out, row bytes], a copy off the mmap
             blocks = _unpermute_rows(blocks, heads) if unpermute else blocks
-            quantized[hf_name] = QuantizedWeight(tensor.tensor_type.name, torch.from_numpy(blocks), values.shape[1])
+            quantized[hf_name] = QuantizedWeight(tensor.kind.name, torch.from_numpy(blocks), values.shape[1])
     check_weights(config, weights, path)
     return weights, quantized
 
 
-def _open(path: Path) -> GGUFReader:
-    """The parsed file; GGUFReader maps every tensor while parsing, so a truncated file fails here."""
+def _open(path: Path) -> GGUFFile:
+    """The parsed file; every tensor's data is bounds-checked while parsing, so a truncated file fails here."""
     try:
-        return GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file: {describe(e)}") from e
+        return read_gguf(path)
+    except CorruptGGUF as e:
+        raise ModelLoadError(f"{path}: corrupt or truncated GGUF file: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read GGUF file: {describe(e)}") from e
 
 
-def _check_type(path: Path, tensor: ReaderTensor) -> None:
-    if tensor.tensor_type not in SUPPORTED_TYPES:
+def _check_type(path: Path, tensor: GGUFTensor) -> None:
+    if tensor.kind not in SUPPORTED_TYPES:
         raise ModelLoadError(
-            f"{path}: tensor {tensor.name} has unsupported quantization type {tensor.tensor_type.name} "
+            f"{path}: tensor {tensor.name} has unsupported quantization type {tensor.kind.name} "
             f"(supported: {_SUPPORTED_NAMES})"
         )
 
@@ -121,12 +124,9 @@ def _hf_name(path: Path, gguf_name: str) -> str:
     raise ModelLoadError(f"{path}: unexpected tensor {gguf_name} (not part of a llama/qwen2 graph)")
 
 
-def _dequantize(path: Path, tensor: ReaderTensor) -> np.ndarray:
-    """The tensor as float32 in numpy (row-major, HF) order; GGUF lists dimensions innermost first."""
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-    values: Any = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-    # F32 comes back as a read-only view of the memory-mapped file; the tensor must own its memory.
-    return values if values.flags.writeable else values.copy()
+def _dense(tensor: GGUFTensor) -> np.ndarray:
+    """The tensor as float32 in numpy (row-major, HF) order, in memory of its own (not the mapped file's)."""
+    return dequantize(tensor.data, tensor.kind, tensor.shape)
 
 
 def _unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:

@@ -5,16 +5,15 @@ Hugging Face names are already our canonical names, so this loader only reads, c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from sagellm.runtime.models.architectures import check_weights, config_from_hf
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, describe
+from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, describe, read_json
+from sagellm.runtime.models.sampling_defaults import from_generation_config
 from sagellm.runtime.models.tokenizer import load_hf_tokenizer, read_hf_chat_template
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -22,11 +21,13 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def load_hf_dir(model_dir: Path, *, dtype: torch.dtype, load_tokenizer: bool, load_weights: bool) -> LoadedModel:
     generation_path = model_dir / "generation_config.json"
-    generation = _read_json(generation_path) if generation_path.is_file() else None
-    config = config_from_hf(_read_json(model_dir / "config.json"), generation, model_dir / "config.json")
+    generation = read_json(generation_path) if generation_path.is_file() else None
+    config = config_from_hf(read_json(model_dir / "config.json"), generation, model_dir / "config.json")
     weights = _read_weights(model_dir, config, dtype) if load_weights else {}
     tokenizer = load_hf_tokenizer(model_dir) if load_tokenizer else None
-    return LoadedModel(config, weights, tokenizer, read_hf_chat_template(model_dir), model_dir, model_dir.name)
+    template = read_hf_chat_template(model_dir)
+    defaults = from_generation_config(generation)
+    return LoadedModel(config, weights, tokenizer, template, model_dir, model_dir.name, sampling_defaults=defaults)
 
 
 def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -47,7 +48,7 @@ def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> d
 def _safetensors_files(model_dir: Path) -> list[Path]:
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index_path}: no weight_map")
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
@@ -64,13 +65,3 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 def _ignored(name: str, config: ModelConfig) -> bool:
     """Tensors some checkpoints carry that the graph recomputes or shares: rope tables, a tied lm_head copy."""
     return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: unreadable JSON: {describe(e)}") from e
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object")
-    return value

@@ -5,9 +5,10 @@ module, which imports none of them."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sagellm.runtime.models.config import ModelConfig
 
@@ -20,6 +21,17 @@ if TYPE_CHECKING:  # annotations only: the model cache and the executors import 
 
 class ModelLoadError(ValueError):
     """A model could not be loaded; the message names the file and the problem in one line."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A model file's JSON object (config.json, generation_config.json): a bad one is an error naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable JSON: {describe(e)}") from e
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return value
 
 
 def describe(error: BaseException) -> str:
@@ -40,3 +52,5 @@ class LoadedModel:
     # The 2-D weights a GGUF file stored in a kind some backend's kernels read (KEPT_KINDS), as stored, under the
     # same names; `weights` still holds every one of them dequantized.
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    # The model's own sampling defaults (its generation config; `sampling_defaults`), under SamplingParams' names.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)

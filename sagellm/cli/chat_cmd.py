@@ -33,9 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="chat with this OpenAI-compatible server instead of a local engine")
     p.add_argument("--api-key", help="the server's API key (with --url)")
     p.add_argument("--system", help="a system message to start the conversation with")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply (default: 512)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, help="most tokens per reply (default: up to the context)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, else 1)")
+    p.add_argument("--top-p", type=float, help="(default: the model's, else 1)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-level", default="warning")
     add_engine_arguments(p)
@@ -81,15 +81,21 @@ def _turn(reply: Callable[[list[Message]], Iterator[str]], history: list[Message
 def _local(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]]:
     """Replies from the engine in this process; the oldest turns go when the conversation outgrows the context."""
     from sagellm import LLM, SamplingParams
+    from sagellm.cli.progress_display import showing_progress
+    from sagellm.runtime.engine.sampling_params import EXPECTED_OUTPUT_TOKENS
 
-    print("sagellm chat: loading the model ...", file=sys.stderr, flush=True)
-    llm = LLM(args.model, **engine_settings(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    with showing_progress("sagellm chat"):
+        llm = LLM(args.model, **engine_settings(args))
+    params = SamplingParams.with_defaults(
+        llm.engine.sampling_defaults,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
     context = llm.engine.max_model_len
+    room = args.max_tokens or EXPECTED_OUTPUT_TOKENS  # kept free for the reply when old turns must go
 
     def reply(history: list[Message]) -> Iterator[str]:
         prompt = llm.apply_chat_template(history)
-        while len(prompt) + args.max_tokens > context and len(history) > 2:
+        while len(prompt) + room > context and len(history) > 2:
             del history[1 if history[0]["role"] == "system" else 0]  # the oldest turn
             prompt = llm.apply_chat_template(history)
         for out in llm.stream(prompt, params):
@@ -108,12 +114,9 @@ def _remote(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]
     model = args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
 
     def reply(history: list[Message]) -> Iterator[str]:
-        body: dict[str, Any] = {
-            "model": model, "messages": history, "stream": True, "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "top_p": args.top_p,
-        }  # fmt: skip
-        if args.seed is not None:
-            body["seed"] = args.seed
+        given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+        body: dict[str, Any] = {"model": model, "messages": history, "stream": True}
+        body |= {k: v for k, v in given.items() if v is not None}  # the rest: the server's defaults
         with client.stream("POST", "/v1/chat/completions", json=body) as answer:
             if answer.status_code != 200:
                 raise RuntimeError(f"{base} answered {answer.status_code}: {answer.read().decode()[:500]}")

@@ -12,27 +12,30 @@ from sagellm.runtime.engine.config import ENGINE_FIELDS
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None) -> None:
-    """One flag per setting but `model` (each command names its model its own way). A flag not given leaves the
-    setting to its default: `EngineConfig`'s, or this command's in `defaults`."""
+    """One flag per setting but `model` (each command names its model its own way), and but a flag the command has
+    already (`generate --seed` is a request's seed). A flag not given leaves the setting to its default:
+    `EngineConfig`'s, or this command's in `defaults`."""
     defaults = defaults or {}
     group = parser.add_argument_group("engine settings")
+    added = []
     for name, (hint, default, text) in ENGINE_FIELDS.items():
-        if name == "model":
+        flag, kind = "--" + name.replace("_", "-"), _scalar(hint)
+        if name == "model" or flag in parser._option_string_actions:
             continue
         default = defaults.get(name, default)
-        flag, kind = "--" + name.replace("_", "-"), _scalar(hint)
         shown = text if default is None else f"{text} (default: {default})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
         else:
             group.add_argument(flag, type=kind, default=None, metavar=name.split("_")[-1].upper(), help=shown)
-    parser.set_defaults(_engine_defaults=defaults)
+        added.append(name)
+    parser.set_defaults(_engine_defaults=defaults, _engine_flags=added)
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the command line chose (the command's own defaults included), by `EngineConfig` field name."""
     chosen = dict(getattr(args, "_engine_defaults", {}))
-    flags = [name for name in ENGINE_FIELDS if name != "model"]  # `--model` is the command's own, not one of these
+    flags = getattr(args, "_engine_flags", ())
     chosen.update({name: getattr(args, name) for name in flags if getattr(args, name, None) is not None})
     return chosen
 

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ REQUESTS_FORMAT = """\
 --requests FILE.jsonl: one request per line, a JSON object with exactly one of
   prompt (text), messages (OpenAI chat messages: the model's chat template renders them) or prompt_token_ids,
 and optionally request_id, the sampling fields max_tokens, temperature, top_p, top_k, min_p, seed, stop,
-stop_token_ids, ignore_eos, logprobs (left out: --max-tokens/--temperature or the source's defaults), and the
+stop_token_ids, ignore_eos, logprobs (left out: --max-tokens/--temperature, else the model's defaults), and the
 scheduling fields priority (lower first), user, ttft_slo_ms, tpot_slo_ms, deadline_s (from when the line is read),
 cost_budget. An unknown key is an error naming it. For example:
   {"prompt": "Hello", "max_tokens": 32}
@@ -42,8 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", help="a JSONL file of requests, one JSON object per line (the format: below)")
     p.add_argument("--output", "-o", help="write one JSON line per request here (default with --requests)")
     p.add_argument("--model", "-m", help="override the graph's model (path, .gguf or alias)")
-    p.add_argument("--max-tokens", type=int, help="default max_tokens of the source")
-    p.add_argument("--temperature", type=float, help="default temperature of the source (0 = greedy)")
+    p.add_argument("--max-tokens", type=int, help="the requests' max_tokens (default: up to the context)")
+    p.add_argument(
+        "--temperature", type=float, help="the requests' temperature, 0 = greedy (default: the model's, else 1)"
+    )
     p.add_argument("--policy", help="scheduling policy of every policy_sort node (fifo, priority, slo_aware, ...)")
     p.add_argument("--routing", help="strategy of every route node (load_balanced, round_robin, cache_aware, ...)")
     p.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE", help="override a parameter")
@@ -54,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from sagellm.cli.progress_display import showing_progress
     from sagellm.runtime.executor.run import run_pipeline
     from sagellm.runtime.pipeline.metrics import render_metrics_table
 
@@ -62,10 +66,15 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     print(f"sagellm run: {_starting(graph)}", file=sys.stderr, flush=True)
 
+    starting = ExitStack()
+    starting.enter_context(showing_progress("sagellm run"))
+
     def ready() -> None:
+        starting.close()  # the progress display ends before the replies start
         print(f"sagellm run: ready in {time.monotonic() - started:.1f} s; requests flow", file=sys.stderr, flush=True)
 
-    result = run_pipeline(graph, on_ready=ready)
+    with starting:  # closed here too when the start fails
+        result = run_pipeline(graph, on_ready=ready)
     if args.output or args.requests:
         path = Path(args.output or Path(args.requests).with_suffix(".results.jsonl"))
         _write_results(result, path)

@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from sagellm.cli.run_cmd import build_graph
-    from sagellm.gateway.server import serve
     from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
 
     embedding = None if args.no_embedding else (args.embedding_model or DEFAULT_EMBEDDING_MODEL)
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         if model:
             resolve_model(model)  # download once, before any worker process looks for it
     config = _config(args, embedding, args.served_model_name or str(graph.attrs.get("model") or "default"))
-    trio.run(lambda: serve(graph, config, handle_signals=True))
+    trio.run(_serve_showing_progress, graph, config)
     return 0
 
 
@@ -188,13 +187,26 @@ def _join_settings(args: argparse.Namespace, model: str) -> Any:
     )  # fmt: skip
 
 
+async def _serve_showing_progress(graph: Any, config: Any) -> None:
+    """The gateway until it stops, saying what its start-up waits for until it answers."""
+    from functools import partial
+
+    import trio
+
+    from sagellm.cli.progress_display import showing_progress
+    from sagellm.gateway.server import serve
+
+    async with trio.open_nursery() as nursery:
+        with showing_progress("sagellm serve"):
+            await nursery.start(partial(serve, graph, config, handle_signals=True))
+
+
 def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> int:
     """`--no-llm`: the embedding model alone (an `embedding` engine of the control plane), on the graph with no
     engine of its own."""
     import trio
 
     from sagellm import graphs
-    from sagellm.gateway.server import serve
     from sagellm.operators.embedding import served_name
     from sagellm.runtime.models.model_cache import resolve_model
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
@@ -206,5 +218,5 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
     resolve_model(embedding)
     graph = load_pipeline(graphs.find("control_plane"))
     config = _config(args, embedding, args.served_model_name or served_name(embedding))
-    trio.run(lambda: serve(graph, config, handle_signals=True))
+    trio.run(_serve_showing_progress, graph, config)
     return 0

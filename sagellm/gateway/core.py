@@ -291,6 +291,11 @@ class ServingCore:
         return self.local.graph_attrs.get("tokenizer") if self.local else None
 
     @property
+    def sampling_defaults(self) -> dict[str, Any] | None:
+        """The graph's model's own sampling defaults: what a request for it leaves unset takes."""
+        return self.local.graph_attrs.get("sampling_defaults") if self.local else None
+
+    @property
     def max_model_len(self) -> int | None:
         """The context the graph's engines serve (`served_context`): what /v1/models shows and prompts must fit."""
         return self.local.graph_attrs.get("max_model_len") if self.local else None

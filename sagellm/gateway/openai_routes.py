@@ -76,7 +76,8 @@ class OpenAIRoutes:
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
         model = self.core.instance_model(body.model)
-        requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"))
+        defaults = self.core.sampling_defaults if model is None else None
+        requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults)
         for request in requests:
             request.model = model
         await self.core.tokenize_long_prompts(requests)
@@ -152,7 +153,8 @@ class OpenAIRoutes:
 
     def _chat_request(self, body: ChatCompletionRequest, headers: dict[str, str]) -> Request:
         model = self.core.instance_model(body.model)
-        request = chat_request(body, headers, self.core.new_id("chatcmpl"))
+        defaults = self.core.sampling_defaults if model is None else None
+        request = chat_request(body, headers, self.core.new_id("chatcmpl"), defaults)
         request.model = model
         return request
 

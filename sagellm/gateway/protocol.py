@@ -20,6 +20,7 @@ from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES, Priority, Reques
 
 Unset = msgspec.UnsetType
 UNSET = msgspec.UNSET
+COMPLETIONS_MAX_TOKENS = 16  # a completion that sets no max_tokens: the OpenAI API's default
 _PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1  # Priority's bounds, for the header that bypasses the struct
 PriorityName = Literal["critical", "high", "normal", "low"]
 # A request's own failover timeout, seconds: under a second it would only turn a busy moment into a 504.
@@ -110,14 +111,17 @@ def _check_unsupported(body: _Generation) -> None:
         _refuse("logit_bias", "not supported")
 
 
-def sampling_params(body: _Generation, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """OpenAI defaults where the body is silent (temperature 1, top_p 1); a bad value is a 400 naming it."""
+def sampling_params(
+    body: _Generation, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any] | None
+) -> SamplingParams:
+    """Where the body is silent, the served model's `defaults` (its generation config; None for another model's
+    request), else SamplingParams' (OpenAI's: temperature 1, top_p 1); a bad value is a 400 naming it."""
     args: dict[str, Any] = dict(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
         seed=body.seed,
         stop=body.stop,
         stop_token_ids=body.stop_token_ids or [],
@@ -127,7 +131,7 @@ def sampling_params(body: _Generation, max_tokens: int | None, logprobs: int | N
         include_stop_str_in_output=body.include_stop_str_in_output,
     )
     try:
-        return SamplingParams(**args)
+        return SamplingParams.with_defaults(defaults, **args)
     except ValueError as exc:
         raise ApiError.from_value_error(exc) from None
 
@@ -177,8 +181,11 @@ def _header_number(headers: dict[str, str], name: str, kind: type) -> Any:
         raise ApiError(400, f"header {name}: expected a number, got {raw!r}", param=name) from None
 
 
-def completion_requests(body: CompletionRequest, headers: dict[str, str], new_id: Any) -> list[Request]:
-    """One pipeline request per prompt (OpenAI accepts a batch of prompts: one choice each)."""
+def completion_requests(
+    body: CompletionRequest, headers: dict[str, str], new_id: Any, defaults: dict[str, Any] | None
+) -> list[Request]:
+    """One pipeline request per prompt (OpenAI accepts a batch of prompts: one choice each); `defaults`: the model's
+    sampling defaults. `max_tokens` is 16 when left out, the OpenAI API's default for completions (vLLM's too)."""
     _check_unsupported(body)
     if body.echo:
         _refuse("echo", "not supported")
@@ -189,8 +196,8 @@ def completion_requests(body: CompletionRequest, headers: dict[str, str], new_id
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         _refuse("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
     prompts = _prompts(body.prompt)
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    params = sampling_params(body, max_tokens, body.logprobs)
+    max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    params = sampling_params(body, max_tokens, body.logprobs, defaults)
     now = time.time()
     extra = scheduling(body, headers, now)
     return [
@@ -228,7 +235,11 @@ def _is_token_id(value: Any) -> bool:
     return type(value) is int and 0 <= value < 2**63
 
 
-def chat_request(body: ChatCompletionRequest, headers: dict[str, str], request_id: str) -> Request:
+def chat_request(
+    body: ChatCompletionRequest, headers: dict[str, str], request_id: str, defaults: dict[str, Any] | None
+) -> Request:
+    """The pipeline request of a chat; `defaults`: the model's sampling defaults. Without `max_tokens` (or
+    `max_completion_tokens`) the reply is bounded by the context alone, as OpenAI's and vLLM's chats are."""
     _check_unsupported(body)
     if body.tools:
         _refuse("tools", "tool calling is not supported")
@@ -239,7 +250,7 @@ def chat_request(body: ChatCompletionRequest, headers: dict[str, str], request_i
     if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= MAX_LOGPROBS):
         _refuse("top_logprobs", f"needs logprobs=true and a value in [0, {MAX_LOGPROBS}]")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, defaults)
     now = time.time()
     messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
     return Request(

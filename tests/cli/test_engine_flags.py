@@ -30,6 +30,15 @@ def test_a_command_s_own_defaults_apply_unless_a_flag_says_otherwise() -> None:
     assert engine_settings(parse("--backend", "cuda", defaults={"backend": "cpu"})) == {"backend": "cuda"}
 
 
+def test_a_flag_the_command_has_keeps_its_meaning_there() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int)  # `generate --seed`: the request's seed, not the engine's
+    add_engine_arguments(parser)
+    args = parser.parse_args(["--seed", "7", "--max-num-seqs", "2"])
+    assert engine_settings(args) == {"max_num_seqs": 2} and args.seed == 7
+    assert engine_settings(parse("--seed", "3")) == {"seed": 3}  # where the command has none: vLLM's engine seed
+
+
 def test_a_bad_value_is_refused_by_argparse() -> None:
     with pytest.raises(SystemExit):
         parse("--max-num-seqs", "many")

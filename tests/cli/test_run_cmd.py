@@ -29,7 +29,7 @@ def tiny(tmp_path_factory) -> Path:
 def run_graph(graph: str, model: Path, out: Path, *extra: str) -> list[dict]:
     prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
     result = run("run", str(GRAPHS / graph), "--model", str(model), *prompts, "--max-tokens", "12",
-                 "--output", str(out), *extra)  # fmt: skip
+                 "--temperature", "0", "--output", str(out), *extra)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "pipeline metrics" in result.stderr and "2 completed" in result.stderr
     assert "sagellm run: ready in" in result.stderr  # it says what start-up waits for, and when it is over

@@ -110,7 +110,7 @@ def test_serve_a_model_with_vllm_flags_and_chat_with_it(tiny, tmp_path):
 def test_chat_piped_to_a_local_model_answers_once_on_stdout(tiny, tmp_path):
     ran = sagellm(tmp_path, "chat", str(tiny), "--max-tokens", "6", input_text="Hello")
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.strip() and "loading the model" in ran.stderr  # the reply alone on stdout
+    assert ran.stdout.strip() and "sagellm chat: main: loading" in ran.stderr  # the reply alone on stdout
     empty = sagellm(tmp_path, "chat", str(tiny), input_text="")
     assert empty.returncode == 2 and "stdin was empty" in empty.stderr
 

@@ -23,11 +23,13 @@ from sagellm.common.private_files import OpenFileError
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RUN_KEY_ENV, RunKeyError, RunKeys, authenticator, child_env
 from sagellm.runtime.comm.zmq_trio import bind_pull, bind_router, connect_push
+from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.executor import process
 from sagellm.runtime.executor.local import LocalExecutor
 from sagellm.runtime.executor.process import ProcessExecutor
 from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.executor.worker import WorkerError, run_worker
+from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.spec import PipelineError, is_secure
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.executor.test_process_executor import JUNK, PROMPTS, pd_yaml
@@ -246,9 +248,11 @@ def test_pd_over_secure_links_equals_pd_in_one_process(model_path: Path, tmp_pat
 async def test_plaintext_junk_on_every_endpoint_of_a_secure_run_never_arrives(tmp_path: Path) -> None:
     """Junk, forged Ends of every edge and a Hello, all in plaintext, to every data socket and the control socket:
     none arrives (a forged End would end its edge early, a Hello would be answered), and the run finishes every
-    request. Every endpoint is a CURVE server that admits the run's key: the run lasts long enough to check them."""
+    request. Every endpoint is a CURVE server that admits the run's key. The requests enter only after the checks
+    (the test feeds the run's source): a worker whose input has ended exits, and its socket with it."""
     long_context = make_tiny_llama(tmp_path / "long", max_position_embeddings=2048)
     graph = load_pipeline(secure_pd_yaml(long_context, max_tokens=MANY_TOKENS))
+    graph.nodes["source"].op, graph.nodes["source"].params = "http_source", {}
     executor = ProcessExecutor(graph, peer_timeout_s=10)
     assert executor.keys is not None and executor.key_file is None  # no remote group: no key file
     edges = [("route", "decode"), ("route", "prefill"), ("prefill", "kv_transfer"), ("decode", "metrics")]
@@ -277,6 +281,12 @@ async def test_plaintext_junk_on_every_endpoint_of_a_secure_run_never_arrives(tm
                 assert await received(lambda: answer(sockets[-1])) is None, "the run answered a plaintext Hello"
                 for sock in sockets:
                     sock.close()
+                source = executor.executor.operators["source"]
+                source.wake = executor.executor.wake_sources
+                sampling = SamplingParams(max_tokens=MANY_TOKENS, temperature=0, ignore_eos=True)
+                for i, prompt in enumerate(PROMPTS):
+                    source.submit(Request(request_id=f"req-{i}", prompt=prompt, sampling=sampling, arrival_time=0.0))
+                source.finish()
     finally:
         zctx.destroy(linger=0)
     result = outcome["result"]

@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 
 
-def test_defaults_match_vllm() -> None:
+def test_defaults_are_vllms_with_no_max_tokens_bound_but_the_context() -> None:
     p = SamplingParams()
-    assert (p.n, p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (1, 16, 1.0, 1.0, 0, 0.0)
+    assert (p.n, p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (1, None, 1.0, 1.0, 0, 0.0)
     assert (p.seed, p.stop, p.stop_token_ids, p.logprobs) == (None, [], [], None)
     assert (p.ignore_eos, p.include_stop_str_in_output, p.skip_special_tokens) == (False, False, True)
     assert not p.is_greedy
+
+
+def test_a_request_s_values_win_over_the_model_s_which_win_over_the_class_s() -> None:
+    model = {"temperature": 0.6, "top_p": 0.9, "max_tokens": 512}
+    p = SamplingParams.with_defaults(model, temperature=0.0, top_p=None, seed=7)
+    assert (p.temperature, p.top_p, p.max_tokens, p.seed, p.top_k) == (0.0, 0.9, 512, 7, 0)
+    assert SamplingParams.with_defaults(None) == SamplingParams()
+
+
+def test_a_model_s_bad_default_is_named_with_its_file_when_it_loads() -> None:
+    class Loaded:
+        source = Path("/models/odd")
+        sampling_defaults = {"temperature": -1.0}
+
+    with pytest.raises(ValueError, match=r"/models/odd: its sampling defaults .*temperature must be >= 0"):
+        model_sampling_defaults(Loaded())
+    Loaded.sampling_defaults = {"temperature": 0.7, "top_k": 20}
+    assert model_sampling_defaults(Loaded()) == {"temperature": 0.7, "top_k": 20}
 
 
 def test_normalization() -> None:

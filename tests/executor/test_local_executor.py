@@ -26,7 +26,8 @@ def colocated_yaml(model, prompts, extra_nodes="", engine_params="{max_num_seqs:
 name: test
 model: {model}
 nodes:
-  source: {{op: prompt_source, params: {{prompts: [{items}], max_tokens: 8, ignore_eos: true, chat: false}}}}
+  source:
+    {{op: prompt_source, params: {{prompts: [{items}], max_tokens: 8, temperature: 0, ignore_eos: true, chat: false}}}}
   admission: {{op: admission}}
   sort: {{op: policy_sort, params: {{policy: fifo}}}}
   route: {{op: route}}
@@ -69,8 +70,8 @@ def test_priority_requests_finish_ahead_of_low_ones_under_load(model_path, tmp_p
     ]
     requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
     text = colocated_yaml(model_path, []).replace(
-        "prompt_source, params: {prompts: [], max_tokens: 8, ignore_eos: true, chat: false}",
-        f"jsonl_source, params: {{path: {requests}, max_tokens: 8}}",
+        "prompt_source, params: {prompts: [], max_tokens: 8, temperature: 0, ignore_eos: true, chat: false}",
+        f"jsonl_source, params: {{path: {requests}, max_tokens: 8, temperature: 0}}",
     )
     for policy, window in (("priority", slice(0, 6)), ("fifo", slice(7, 10))):
         graph = load_pipeline(

@@ -9,8 +9,10 @@ import signal
 import pytest
 import trio
 
+from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.executor.process import ProcessExecutor, WorkerStartError
 from sagellm.runtime.executor.run import run_pipeline
+from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.executor.test_remote_workers import started
 from tests.tiny_models import make_tiny_llama
@@ -35,7 +37,8 @@ name: pd-test
 model: {model}
 transport: {transport}
 nodes:
-  source: {{op: prompt_source, params: {{prompts: [{items}], max_tokens: {max_tokens}, ignore_eos: true}}}}
+  source:
+    {{op: prompt_source, params: {{prompts: [{items}], max_tokens: {max_tokens}, temperature: 0, ignore_eos: true}}}}
   admission: {{op: admission}}
   sort: {{op: policy_sort}}
   pd_split: {{op: pd_split, params: {{threshold_tokens: {threshold}}}}}
@@ -101,10 +104,13 @@ JUNK = [
 
 
 async def test_junk_on_every_data_socket_is_dropped_and_the_run_serves_on(model_path):
-    """Each process's data socket may listen on a network: nothing sent to it can end the run or a request."""
+    """Each process's data socket may listen on a network: nothing sent to it can end the run or a request. The
+    requests enter after the junk (the test feeds the run's source): a worker whose input has ended exits, and its
+    socket with it."""
     import zmq
 
     graph = load_pipeline(pd_yaml(model_path, PROMPTS, transport="tcp", max_tokens=64))
+    graph.nodes["source"].op, graph.nodes["source"].params = "http_source", {}
     executor = ProcessExecutor(graph, peer_timeout_s=10)
     zctx = zmq.Context()
     try:
@@ -115,11 +121,18 @@ async def test_junk_on_every_data_socket_is_dropped_and_the_run_serves_on(model_
                     await trio.sleep(0.05)
                 for endpoint in executor.data_endpoints.values():
                     with zctx.socket(zmq.PUSH) as push:
+                        push.linger = 10_000  # delivered by then, or the test fails instead of hanging
                         push.connect(endpoint)
                         for frames in JUNK * 3:
                             push.send_multipart(frames)
+                source = executor.executor.operators["source"]
+                source.wake = executor.executor.wake_sources
+                sampling = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+                for i, prompt in enumerate(PROMPTS):
+                    source.submit(Request(request_id=f"req-{i}", prompt=prompt, sampling=sampling, arrival_time=0.0))
+                source.finish()
     finally:
-        zctx.term()
+        zctx.destroy(linger=0)
     result = outcome["result"]
     assert sorted(result.outcomes) == [f"req-{i}" for i in range(len(PROMPTS))]
     assert all(o.finish_reason == "length" and len(o.token_ids) == 64 for o in result.outcomes.values())

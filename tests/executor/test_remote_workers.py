@@ -53,7 +53,8 @@ model: {model}
 transport: tcp
 control_port: {port}
 nodes:
-  source: {{op: prompt_source, params: {{prompts: [{items}], max_tokens: {max_tokens}, ignore_eos: true}}}}
+  source:
+    {{op: prompt_source, params: {{prompts: [{items}], max_tokens: {max_tokens}, temperature: 0, ignore_eos: true}}}}
   admission: {{op: admission}}
   sort: {{op: policy_sort}}
   pd_split: {{op: pd_split, params: {{threshold_tokens: 1}}}}

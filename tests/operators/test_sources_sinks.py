@@ -13,6 +13,7 @@ import pytest
 from sagellm.operators.sinks import JsonlSink, StdoutSink
 from sagellm.operators.sources import JsonlSource, PromptSource, StdinSource
 from sagellm.runtime.engine.outputs import RequestMetrics
+from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import OperatorContext, get_operator, parameter_types
 
@@ -26,16 +27,21 @@ def _drain(source) -> list:
     return items
 
 
+MODEL_DEFAULTS = {"temperature": 0.2, "max_tokens": 100}  # what the graph's model recommends (its generation config)
+
+
 def test_prompt_source_releases_all_requests_once_with_unique_ids():
     source = get_operator("prompt_source")(prompts=["a", "b", "c"], max_tokens=8, seed=3, priority=2, user="u")
     source.clock = lambda: NOW
+    source.open(OperatorContext(node_id="src", graph_attrs={"sampling_defaults": MODEL_DEFAULTS}))
     first = source.poll()
     assert source.poll() is None
     assert [r.request_id for r in first] == ["req-0", "req-1", "req-2"]
     assert [r.messages for r in first] == [[{"role": "user", "content": p}] for p in "abc"]  # chat by default
     assert [r.prompt for r in PromptSource(prompts=["raw"], chat=False).poll()] == ["raw"]
     r = first[0]
-    assert (r.sampling.max_tokens, r.sampling.temperature, r.sampling.seed, r.priority, r.user) == (8, 0.0, 3, 2, "u")
+    assert (r.sampling.max_tokens, r.sampling.temperature, r.sampling.seed, r.priority, r.user) == (8, 0.2, 3, 2, "u")
+    assert PromptSource(prompts=["x"]).poll()[0].sampling == SamplingParams()  # no model's defaults: the class's
     assert r.arrival_time == NOW
     assert first[0].sampling is not first[1].sampling
     assert [r.request_id for r in PromptSource(prompts=["x"], id_prefix="b-").poll()] == ["b-0"]
@@ -71,7 +77,7 @@ def test_jsonl_source_parses_requests_and_turns_bad_lines_into_errors(tmp_path: 
     source = JsonlSource(path=str(path), max_tokens=32)
     source.clock = lambda: NOW
     source.chunk_lines = 5
-    source.open(OperatorContext(node_id="src"))
+    source.open(OperatorContext(node_id="src", graph_attrs={"sampling_defaults": MODEL_DEFAULTS}))
     first = source.poll()
     assert len(first) == 4  # five lines read, one of them blank: lazy, chunk by chunk
     items = first + _drain(source)
@@ -83,7 +89,7 @@ def test_jsonl_source_parses_requests_and_turns_bad_lines_into_errors(tmp_path: 
     assert (hello.sampling.max_tokens, hello.sampling.temperature, hello.sampling.top_k) == (4, 0.7, 5)
     assert hello.sampling.stop == ["\n"] and hello.arrival_time == NOW
     assert mine.request_id == "mine" and mine.prompt_token_ids == [1, 2, 3] and mine.prompt is None
-    assert mine.sampling.max_tokens == 32 and mine.sampling.temperature == 0.0  # the source's defaults
+    assert mine.sampling.max_tokens == 32 and mine.sampling.temperature == 0.2  # the source's, then the model's
     assert (mine.ttft_slo_ms, mine.deadline, mine.sampling.seed) == (200.0, NOW + 30, 7)
     plain = by_line[12]
     assert (plain.user, plain.cost_budget, plain.sampling.logprobs, plain.sampling.ignore_eos) == (
