@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
+from sagellm.cli.sampling_flags import add_sampling_arguments, given_sampling
 
 Message = dict[str, str]
 
@@ -33,10 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="chat with this OpenAI-compatible server instead of a local engine")
     p.add_argument("--api-key", help="the server's API key (with --url)")
     p.add_argument("--system", help="a system message to start the conversation with")
-    p.add_argument("--max-tokens", type=int, help="most tokens per reply (default: up to the context)")
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, else 1)")
-    p.add_argument("--top-p", type=float, help="(default: the model's, else 1)")
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(p, top_k=False, max_tokens_help="most tokens per reply (default: up to the context)")
     p.add_argument("--log-level", default="warning")
     add_engine_arguments(p)
     p.set_defaults(run=run)
@@ -86,10 +84,7 @@ def _local(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]]
 
     with showing_progress("sagellm chat"):
         llm = LLM(args.model, **engine_settings(args))
-    params = SamplingParams.with_defaults(
-        llm.engine.sampling_defaults,
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-    )  # fmt: skip
+    params = SamplingParams.with_defaults(llm.engine.sampling_defaults, **given_sampling(args))
     context = llm.engine.max_model_len
     room = args.max_tokens or EXPECTED_OUTPUT_TOKENS  # kept free for the reply when old turns must go
 
@@ -114,9 +109,8 @@ def _remote(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]
     model = args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
 
     def reply(history: list[Message]) -> Iterator[str]:
-        given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-        body: dict[str, Any] = {"model": model, "messages": history, "stream": True}
-        body |= {k: v for k, v in given.items() if v is not None}  # the rest: the server's defaults
+        # what the command line left out, the server's defaults decide
+        body: dict[str, Any] = {"model": model, "messages": history, "stream": True, **given_sampling(args)}
         with client.stream("POST", "/v1/chat/completions", json=body) as answer:
             if answer.status_code != 200:
                 raise RuntimeError(f"{base} answered {answer.status_code}: {answer.read().decode()[:500]}")

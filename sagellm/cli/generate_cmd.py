@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
+from sagellm.cli.sampling_flags import add_sampling_arguments, given_sampling
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", "-p", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--model", "-m", default=None, help="path, .gguf or alias (default: smollm2-135m-instruct)")
     p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
-    p.add_argument("--max-tokens", type=int, help="(default: up to the context)")
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, else 1)")
-    p.add_argument("--top-p", type=float, help="(default: the model's, else 1)")
-    p.add_argument("--top-k", type=int, help="(default: the model's, else off)")
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(p)
     p.add_argument("--log-level", default="warning")
     add_engine_arguments(p)
     p.set_defaults(run=run)
@@ -29,10 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     with showing_progress("sagellm generate"):
         llm = LLM(args.model, **engine_settings(args))
-    params = SamplingParams.with_defaults(
-        llm.engine.sampling_defaults,
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-    )  # fmt: skip
+    params = SamplingParams.with_defaults(llm.engine.sampling_defaults, **given_sampling(args))
     prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
     final = None
     for out in llm.stream(prompt, params):
