@@ -4,7 +4,8 @@
   their prompt and the tokens so far), and the gateway counts the resumed retries;
 - one of two attached servers gone between two health checks: the requests sent to it are tried again on the other
   before any token, and all succeed;
-- a request whose instance gives no token in time ends with a `timeout` (HTTP 504) once nothing is left to try."""
+- a request whose instance gives no token in time ends with a `timeout` (HTTP 504, or an error event once
+  streaming) once nothing is left to try."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ edges:
   - source -> admission -> sort -> route -> [engine_a, engine_b]
   - engine_a -> metrics
   - engine_b -> metrics
+"""
+ONE_WORKER = """
+name: one_worker
+model: {model}
+transport: ipc
+nodes:
+  source: {{op: prompt_source}}
+  admission: {{op: admission}}
+  engine_a: {{op: engine, placement: process}}
+  metrics: {{op: metrics_sink}}
+edges:
+  - source -> admission -> engine_a -> metrics
 """
 
 
@@ -131,17 +144,50 @@ def test_requests_for_a_server_gone_between_health_checks_go_to_the_other(long_m
         assert retries(gw.url).get(("unavailable", "false"), 0) >= 1
 
 
-def test_no_token_in_time_is_a_504_timeout(long_model, tmp_path):
-    failover = FailoverPolicy(max_retries=1, retry_wait_s=1, token_timeout_s=0.001)  # no engine keeps up with that
-    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path, failover=failover), long_model) as gw:
-        body = {"prompt": "hello", "max_tokens": 400, "ignore_eos": True}
-        reply = httpx.post(gw.url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S)
+def stream_until_first_token(url: str, body: dict, first: threading.Event, events: list[dict]) -> None:
+    """A streamed completion's events (data lines), `first` set at its first token."""
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=REPLY_TIMEOUT_S) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line.removeprefix("data: ")))
+                first.set()
+
+
+def test_no_token_in_time_is_a_timeout_once_nothing_is_left_to_try(long_model, tmp_path):
+    """The only engine worker is stopped (SIGSTOP, well within the 10 s it may be silent before it counts as lost):
+    before a request, its attempt and the retry each give no first token in time (HTTP 504); after a stream's first
+    token, the next one does not come in time and the retry gives no first token (an error event ends the stream)."""
+    graph = tmp_path / "one.yaml"
+    graph.write_text(ONE_WORKER.format(model=long_model))
+    failover = FailoverPolicy(max_retries=1, retry_wait_s=1, first_token_timeout_s=0.5, token_timeout_s=0.5)
+    body = {"prompt": "hello", "max_tokens": 2000, "ignore_eos": True}
+    with running_gateway(graph, tiny_config(tmp_path, failover=failover)) as gw:
+        worker = gw.core.executor.pids["engine_a"]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            reply = httpx.post(gw.url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S)
+        finally:
+            os.kill(worker, signal.SIGCONT)
         assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
-        assert "within 0.001 s" in reply.json()["error"]["message"]
+        assert re.fullmatch(r"no first token( from \w+)? within 0.5 s", reply.json()["error"]["message"])
+        assert retries(gw.url) == {("timeout", "false"): 1}
+
+        first, events = threading.Event(), []
+        streaming = threading.Thread(target=stream_until_first_token, args=(gw.url, body, first, events))
+        streaming.start()
+        assert first.wait(REPLY_TIMEOUT_S)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            streaming.join(REPLY_TIMEOUT_S)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert not streaming.is_alive(), "the stream hung"
+        assert events[-1]["error"]["code"] == "timeout" and "error" not in events[0]
+        assert retries(gw.url) == {("timeout", "false"): 1, ("timeout", "true"): 1}
+
         too_short = httpx.post(gw.url + "/v1/completions", json={**body, "token_timeout": 0.5}, timeout=REPLY_TIMEOUT_S)
         assert too_short.status_code == 400 and too_short.json()["error"]["param"] == "token_timeout"
-        assert retries(gw.url) == {("timeout", "true"): 1}
-        own = {**body, "max_tokens": 4, "token_timeout": 30}  # a request's own timeout replaces the gateway's
+        own = {**body, "max_tokens": 4, "first_token_timeout": 30}  # a request's own timeout replaces the gateway's
         assert httpx.post(gw.url + "/v1/completions", json=own, timeout=60).status_code == 200
         deadline = time.monotonic() + 10  # an abandoned attempt ends as its cancellation reaches the engine
         while gw.core.in_flight and time.monotonic() < deadline:
