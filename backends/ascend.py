@@ -11,6 +11,7 @@ from sagellm.backends.torch_ops import TorchOpsBackend, plugin_availability
 class AscendBackend(TorchOpsBackend):
     name = "ascend"
     device_type = "npu"
+    collective_library = "hccl"
 
     @classmethod
     def availability(cls) -> Availability:

@@ -2,7 +2,8 @@
 
 A backend is a device plus a kernel table: op name -> callable. Lowering a model graph binds every node to an entry
 of this table, so adding hardware means writing these ops, not touching the model or the engine. The ops and their
-shapes (T tokens in the batch, H hidden, Hq/Hk query/kv heads, D head dim, I intermediate, V vocab):
+shapes (T tokens in the batch, H hidden, Hq/Hk query/kv heads, D head dim, I intermediate, V vocab, E experts of
+which L are held):
 
   embedding(ids[T] int64, weight[V, H]) -> [T, H]
   rmsnorm(x[T, H], weight[H], eps) -> [T, H]
@@ -12,6 +13,10 @@ shapes (T tokens in the batch, H hidden, Hq/Hk query/kv heads, D head dim, I int
         # rotate-half (Hugging Face / NeoX) style; cos_sin = cat(cos[:, :D/2], sin[:, :D/2], dim=-1)
   silu_mul(x[T, 2I]) -> [T, I]                                      # silu(x[:, :I]) * x[:, I:]
   add(x, y) -> x + y
+  moe(x[T, H], router[E, H], gate_up[L, 2I, H], down[L, H, I], top_k, first_expert) -> [T, H]
+        # Mixtral's sparse MLP: softmax over the router's E experts, top_k, weights renormalized to sum to 1, then
+        # the weighted sum of (silu(x W1^T) * x W3^T) W2^T over the chosen experts that are among the L held, numbers
+        # first_expert.. (all E, or an expert parallel rank's share); gate_up[e] = cat(W1, W3)
   attention(q[T, Hq, D], k[T, Hk, D], v[T, Hk, D], k_cache, v_cache, meta: AttentionMetadata, scale) -> [T, Hq, D]
         # first writes k, v at meta.slot_mapping, then attends; caches are [num_blocks, block_size, Hk, D]
   paged_decode_attention(q[B, Hq, D], k_cache, v_cache, block_tables[B, M] int32, context_lens[B] int32, scale)
@@ -39,6 +44,7 @@ REQUIRED_OPS = (
     "rope",
     "silu_mul",
     "add",
+    "moe",
     "attention",
     "paged_decode_attention",
 )
@@ -56,6 +62,8 @@ class Availability:
 
 class HardwareBackend(ABC):
     name: ClassVar[str]
+    # The library the ranks of a model split over this backend's devices talk through (runtime/comm/collectives.py).
+    collective_library: ClassVar[str] = "gloo"
 
     def __init__(self) -> None:
         status = self.availability()
@@ -72,6 +80,10 @@ class HardwareBackend(ABC):
 
     @abstractmethod
     def kernels(self) -> KernelTable: ...
+
+    def select_device(self, index: int) -> None:
+        """Makes device `index` this process's current one (an engine given `device_ids`)."""
+        raise ValueError(f"backend {self.name!r} has no numbered devices to select")
 
     def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> Any:
         """Packs a [out, in] weight into the layout this backend's `linear` reads fastest; `quantized` is the same

@@ -11,6 +11,7 @@ from sagellm.backends.torch_ops import TorchOpsBackend, plugin_availability
 class CambriconBackend(TorchOpsBackend):
     name = "cambricon"
     device_type = "mlu"
+    collective_library = "cncl"
 
     @classmethod
     def availability(cls) -> Availability:

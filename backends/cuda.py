@@ -19,6 +19,7 @@ from sagellm.backends.registry import register_backend
 @register_backend
 class CudaBackend(torch_ops.TorchOpsBackend):
     name = "cuda"
+    collective_library = "nccl"
     device_type = "cuda"
 
     @classmethod

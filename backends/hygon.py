@@ -13,6 +13,7 @@ from sagellm.backends.torch_ops import TorchOpsBackend
 class HygonBackend(TorchOpsBackend):
     name = "hygon"
     device_type = "cuda"  # HIP devices keep torch's "cuda" device type
+    collective_library = "nccl"  # RCCL, under NCCL's name in ROCm builds of torch
 
     @classmethod
     def availability(cls) -> Availability:

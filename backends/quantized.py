@@ -40,3 +40,14 @@ class QuantizedWeight:
         if len(kept) == 1:
             return first
         return QuantizedWeight(first.kind, torch.cat([p.blocks for p in kept]), first.in_features)
+
+    def narrow(self, dim: int, start: int, stop: int) -> QuantizedWeight | None:
+        """Rows [start, stop) (dim 0), or inputs [start, stop) (dim 1) when they fall on block bounds; else None
+        (a tensor parallel rank's slice that cuts blocks reads the dense copy)."""
+        if dim == 0:
+            return QuantizedWeight(self.kind, self.blocks[start:stop], self.in_features)
+        if start % BLOCK_INPUTS or stop % BLOCK_INPUTS:
+            return None
+        size = BLOCK_BYTES[self.kind]
+        blocks = self.blocks[:, start // BLOCK_INPUTS * size : stop // BLOCK_INPUTS * size].contiguous()
+        return QuantizedWeight(self.kind, blocks, stop - start)

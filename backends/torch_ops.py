@@ -99,6 +99,37 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+def moe(
+    x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, first_expert: int
+) -> torch.Tensor:
+    """Mixtral's sparse MLP, computed by the experts `gate_up` and `down` hold: numbers first_expert.. of the E the
+    router [E, H] scores (all of them, or one expert parallel rank's share).
+
+    Each token is routed over all E experts (softmax, top_k, the chosen weights renormalized to sum to 1, in fp32 as
+    transformers does); the (token, choice) pairs are then sorted by expert so each held expert runs once, one matmul
+    over the tokens that chose it, and its weighted output is added to theirs. Pairs routed to experts held elsewhere
+    add nothing here, so the ranks' outputs sum to the whole layer's."""
+    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # [T, E]
+    weights, chosen = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).flatten()  # [T * K], fp32
+    held = gate_up.shape[0]
+    local = chosen.flatten() - first_expert  # [T * K]: 0..held-1 for experts held here
+    order = local.argsort(stable=True)  # pairs grouped by expert, those held elsewhere below 0 first
+    counts = torch.bincount(local.clamp(-1, held) + 1, minlength=held + 2).tolist()  # [below, expert 0.., above]
+    out = torch.zeros_like(x)  # [T, H]
+    start = counts[0]
+    for expert, count in enumerate(counts[1:-1]):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]  # [n]
+        start += count
+        tokens = pairs // top_k  # [n]
+        hidden = silu_mul(F.linear(x.index_select(0, tokens), gate_up[expert]))  # [n, I]
+        contribution = F.linear(hidden, down[expert]) * weights[pairs, None]  # [n, H]
+        out.index_add_(0, tokens, contribution.to(x.dtype))
+    return out
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -337,6 +368,7 @@ TORCH_KERNELS: KernelTable = {
     "rope": rope,
     "silu_mul": silu_mul,
     "add": add,
+    "moe": moe,
     "attention": attention,
     "paged_decode_attention": paged_decode_attention,
 }
@@ -350,6 +382,11 @@ class TorchOpsBackend(HardwareBackend):
     @property
     def device(self) -> torch.device:
         return torch.device(self.device_type)
+
+    def select_device(self, index: int) -> None:
+        if self.device_type == "cpu":
+            super().select_device(index)
+        getattr(torch, self.device_type).set_device(index)
 
     def kernels(self) -> KernelTable:
         """The module's ops, with attention bound to gather buffers of this table's own."""

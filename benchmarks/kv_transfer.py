@@ -7,7 +7,11 @@ own paged cache. Paths, all in one run because the machine is shared and only si
 - memcpy: `dst.copy_(src)` of the same bytes, the floor every path pays once;
 - in-process: prefill and decode as trio tasks, the `PrefillDone` handed over a memory channel, then the copy;
 - ipc / tcp: prefill in its own spawned OS process, the `PrefillDone` sent over ZeroMQ (ipc://, or tcp:// on
-  127.0.0.1) with the KV as a zero-copy frame (`sagellm.runtime.comm`), then the copy.
+  127.0.0.1) with the KV as a zero-copy frame (`sagellm.runtime.comm`), then the copy;
+- shm: the same over ipc://, the KV through shared memory (`sagellm.runtime.comm.shared_memory`): the prefill side
+  copies it into a reused segment and sends a handle, the decode side copies out of its mapping of the segment;
+- shm-zero-copy: the same, the KV already in shared memory (`Arena.empty`, as a prefill engine that gathers its KV
+  straight into shared memory would hold it), so only the decode side's copy moves bytes.
 Every path's destination is checked to equal the payload afterwards, so a path that moved nothing cannot look fast."""
 
 from __future__ import annotations
@@ -28,16 +32,21 @@ import zmq
 from tqdm import tqdm
 
 from sagellm.benchmarks.report import write_json_and_plot
+from sagellm.runtime.comm import shared_memory, wire
 from sagellm.runtime.comm.wire import End, Ready
-from sagellm.runtime.comm.zmq_trio import announce_ready, bind_pull, connect_push
+from sagellm.runtime.comm.zmq_trio import TrioSocket, announce_ready, bind_pull, connect_push
 from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request
 
-PATHS = ("memcpy", "in-process", "ipc", "tcp")
+PATHS = ("memcpy", "in-process", "ipc", "tcp", "shm", "shm-zero-copy")
 DESCRIPTIONS = {
     "memcpy": "dst.copy_(src) of the same bytes in the receiving process",
     "in-process": "trio tasks: PrefillDone over a memory channel, then the copy into the destination",
     "ipc": "separate processes: PrefillDone over ZeroMQ ipc:// (KV as a zero-copy frame), then the copy",
     "tcp": "separate processes: PrefillDone over ZeroMQ tcp://127.0.0.1 (KV as a zero-copy frame), then the copy",
+    "shm": "separate processes: PrefillDone over ipc://, the KV copied into shared memory and sent as a handle, then "
+    "the copy out of it",
+    "shm-zero-copy": "separate processes: as shm, the KV already in shared memory (gathered there by prefill), so "
+    "the copy out of it is the only one",
 }
 SEED = 0
 
@@ -218,13 +227,14 @@ async def _in_process(
 
 
 async def _across_processes(
-    transport: str, config: KVTransferConfig, dst: torch.Tensor, count: int, progress: Callable[[int], object]
+    path: str, config: KVTransferConfig, dst: torch.Tensor, count: int, progress: Callable[[int], object]
 ) -> list[float]:
     """Binds the decode side's PULL, spawns the prefill process, which binds its own PULL and reports it in Ready,
     then runs the transfers. The child exiting early fails the run at once."""
+    transport = "tcp" if path == "tcp" else "ipc"
     ctx = zmq.Context()
     replies, endpoint = bind_pull(ctx, transport, "kv-decode", hwm=1)
-    args = (transport, endpoint, config.shape.dims, config.dtype)
+    args = (path, endpoint, config.shape.dims, config.dtype)
     process = multiprocessing.get_context("spawn").Process(target=prefill_process, args=args, daemon=True)
     process.start()
     try:
@@ -234,8 +244,9 @@ async def _across_processes(
                 ready = await replies.receive()
                 if not isinstance(ready, Ready):
                     raise BenchmarkError(f"{transport}: expected Ready from the prefill process, got {ready!r}")
+                received = _SharedOnly(replies, path) if path.startswith("shm") else replies
                 with connect_push(ctx, ready.info["endpoint"], hwm=1) as requests:
-                    seconds = await _fetch_kv(requests, replies, dst, count, progress)
+                    seconds = await _fetch_kv(requests, received, dst, count, progress)
                 nursery.cancel_scope.cancel()
         return seconds
     finally:
@@ -251,19 +262,37 @@ async def _fail_if_exits(process: multiprocessing.process.BaseProcess) -> None:
     raise BenchmarkError(f"the prefill process exited early with code {process.exitcode}")
 
 
-def prefill_process(transport: str, endpoint: str, dims: tuple[int, ...], dtype: str) -> None:
+class _SharedOnly:
+    """The decode side of an shm path: a reply whose KV came as a frame (no room in shared memory) fails the run
+    rather than timing ipc under the shm name."""
+
+    def __init__(self, replies: TrioSocket, path: str) -> None:
+        self.replies, self.path = replies, path
+
+    async def receive(self) -> Any:
+        frames = await self.replies.receive_frames()
+        if len(frames) != 2:  # type, struct: no tensor frame
+            raise BenchmarkError(f"{self.path}: the KV came as a ZeroMQ frame, not through shared memory")
+        return wire.decode(frames)
+
+
+def prefill_process(path: str, endpoint: str, dims: tuple[int, ...], dtype: str) -> None:
     """The prefill side's process main (spawned): one zmq.Context, `trio.run`, then the context's end."""
     kv = _payload(dims, dtype)  # [L, 2, T, H, D]
+    if path == "shm-zero-copy":
+        kv = shared_memory.arena().empty(kv.shape, kv.dtype).copy_(kv)  # [L, 2, T, H, D], in shared memory
     ctx = zmq.Context()
     try:
-        trio.run(_prefill_main, ctx, transport, endpoint, kv)
+        trio.run(_prefill_main, ctx, path, endpoint, kv)
     finally:
         ctx.term()  # every socket is closed; LINGER bounds the wait for the last reply
 
 
-async def _prefill_main(ctx: zmq.Context, transport: str, endpoint: str, kv: torch.Tensor) -> None:
+async def _prefill_main(ctx: zmq.Context, path: str, endpoint: str, kv: torch.Tensor) -> None:
+    transport = "tcp" if path == "tcp" else "ipc"
     requests, requests_endpoint = bind_pull(ctx, transport, "kv-prefill", hwm=1)
-    with requests, connect_push(ctx, endpoint, hwm=1) as replies:
+    shared = path.startswith("shm")
+    with requests, connect_push(ctx, endpoint, hwm=1, shared_memory=shared) as replies:
         await announce_ready(replies, "prefill", {"endpoint": requests_endpoint})
         await _serve_kv(requests, replies, kv)
 

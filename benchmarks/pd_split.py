@@ -7,9 +7,10 @@ same run (a closed loop of `max_num_seqs` requests in flight). Every configurati
 through the real executors (`LocalExecutor`, `ProcessExecutor`), so the graph's queueing, routing and KV transfer
 are all inside the numbers. Configurations:
 - colocated: one `engine` in this process with every core's torch threads;
-- pd: `prefill` and `decode` in two worker processes (one torch thread each on a 2-core machine), pd_split sending
+- pd: `prefill` and `decode` in two worker processes, each pinned to its own half of the cores (`device_ids`: one
+  core each on a 2-core machine, a thread per core), pd_split sending
   prompts of at least `threshold_tokens` uncached tokens the PD path and keeping short ones colocated on decode;
-- 2x-colocated: two `engine`s in two worker processes behind route, the same thread split as pd.
+- 2x-colocated: two `engine`s in two worker processes behind route, the same core split as pd.
 Per request (from `RequestMetrics`, wall clock from its release by the source): TTFT, TPOT; goodput counts the
 requests meeting both SLOs per second of the run. With `repeats` > 1 every repeat replays a fresh trace (seed +
 repeat) through every configuration in turn, so slow drift of a shared machine hits each alike; the report shows
@@ -26,6 +27,7 @@ from typing import Any
 import trio
 from tqdm import tqdm
 
+from sagellm.common.affinity import usable_cores
 from sagellm.operators.replay_source import ReplaySource, poisson_offsets
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.execution_graph.graph import Graph
@@ -58,7 +60,6 @@ class PDBenchConfig:
     tpot_slo_s: float = 0.2
     configs: tuple[str, ...] = ("colocated", "pd")
     colocated_threads: int = 2  # torch threads of the single colocated engine
-    split_threads: int = 1  # torch threads of each engine when two engine processes share the cores
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     seed: int = 0  # repeat r's trace uses seed + r
@@ -149,17 +150,17 @@ def build_graph(kind: str, config: PDBenchConfig) -> Graph:
     if kind == "colocated":
         ends = [p.add("engine", num_threads=config.colocated_threads, **engine)]
         p.connect(route, *ends)
-    elif kind == "pd":
-        threads = config.split_threads
-        prefill = p.add("prefill", placement="process:prefill", num_threads=threads, **engine)
+    elif kind == "pd":  # each role on its own half of the cores
+        first, second = halves(usable_cores())
+        prefill = p.add("prefill", placement="process:prefill", device_ids=first, **engine)
         transfer = p.add("kv_transfer", placement="process:decode")
-        ends = [p.add("decode", placement="process:decode", num_threads=threads, **engine)]
+        ends = [p.add("decode", placement="process:decode", device_ids=second, **engine)]
         p.connect(route, prefill, ends[0])
         p.chain(prefill, transfer, ends[0])
     else:
         ends = [
-            p.add("engine", f"engine_{i}", placement=f"process:engine_{i}", num_threads=config.split_threads, **engine)
-            for i in (1, 2)
+            p.add("engine", f"engine_{i}", placement=f"process:engine_{i}", device_ids=cores, **engine)
+            for i, cores in enumerate(halves(usable_cores()), 1)
         ]
         p.connect(route, *ends)
     metrics = p.add("metrics_sink", "metrics")
@@ -253,3 +254,10 @@ def _request_row(request: Request, result: PipelineResult) -> dict[str, Any]:
 
 def _e2e(outcome: Any) -> bool:
     return outcome.metrics is not None and outcome.metrics.e2e_s is not None
+
+
+def halves(cores: list[int]) -> tuple[list[int], list[int]]:
+    """Two engines' cores: the first and second half (one each on a 2-core machine; both all of one core on one)."""
+    if len(cores) == 1:
+        return cores, cores
+    return cores[: len(cores) // 2], cores[len(cores) // 2 :]

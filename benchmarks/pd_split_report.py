@@ -17,8 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from sagellm.benchmarks.pd_split import CONFIGS, DESCRIPTIONS, ConfigResult, PDBenchConfig, PDBenchReport, run_pd_bench
+from sagellm.benchmarks.pd_split import (
+    CONFIGS,
+    DESCRIPTIONS,
+    ConfigResult,
+    PDBenchConfig,
+    PDBenchReport,
+    halves,
+    run_pd_bench,
+)
 from sagellm.benchmarks.report import add_repeats_argument, median_summary, write_json_and_plot
+from sagellm.common.affinity import usable_cores
 
 Summary = dict[str, float | None]
 COLUMNS = (  # (summary key, header, format); medians over repeats
@@ -109,7 +118,14 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def _threads(report: PDBenchReport, kind: str) -> str:
     c = report.config
-    return f"{c.colocated_threads}" if kind == "colocated" else f"{c.split_threads} + {c.split_threads}"
+    if kind == "colocated":
+        return f"{c.colocated_threads}"
+    first, second = halves(usable_cores())
+    return f"cores {_span(first)} + {_span(second)}"
+
+
+def _span(cores: list[int]) -> str:
+    return str(cores[0]) if len(cores) == 1 else f"{cores[0]}-{cores[-1]}"
 
 
 def _caption(report: PDBenchReport) -> str:
@@ -213,7 +229,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpot-slo-ms", type=float, default=1000 * d.tpot_slo_s, help="TPOT SLO (%(default)s)")
     parser.add_argument("--configs", default=",".join(d.configs), help=f"comma list of {', '.join(CONFIGS)}")
     parser.add_argument("--colocated-threads", type=int, default=d.colocated_threads, help="single engine's threads")
-    parser.add_argument("--split-threads", type=int, default=d.split_threads, help="threads per engine process")
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="per engine (%(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="per step")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of prompts and arrivals (+ repeat)")
@@ -241,7 +256,6 @@ def run(args: argparse.Namespace) -> int:
         tpot_slo_s=args.tpot_slo_ms / 1000,
         configs=tuple(c.strip() for c in args.configs.split(",") if c.strip()),
         colocated_threads=args.colocated_threads,
-        split_threads=args.split_threads,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,

@@ -58,11 +58,16 @@ class EngineOperator(StepOperator):
     role: ClassVar[str] = "colocated"
     accepts = (Request, PrefillDone)
 
-    def __init__(self, price_per_1k_tokens: float = 0.0, **engine: Any) -> None:
-        """The parameters are `EngineConfig`'s settings (`model` defaults to the graph's) and the price that
-        cost_optimized reads; a bad value raises `FieldError` naming it, which a graph file reports at its line."""
+    def __init__(self, price_per_1k_tokens: float = 0.0, tp: int | None = None, **engine: Any) -> None:
+        """The parameters are `EngineConfig`'s settings (`model` defaults to the graph's; `tp` short for
+        `tensor_parallel_size`) and the price that cost_optimized reads; a bad value raises `FieldError` naming it,
+        which a graph file reports at its line."""
         if price_per_1k_tokens < 0:
             raise FieldError("price_per_1k_tokens", f"price_per_1k_tokens must be >= 0, got {price_per_1k_tokens}")
+        if tp is not None:
+            if engine.get("tensor_parallel_size", tp) != tp:
+                raise FieldError("tp", "tp and tensor_parallel_size are one setting: give one")
+            engine["tensor_parallel_size"] = tp
         self.config = EngineConfig(**engine)
         self.price_per_1k_tokens = price_per_1k_tokens
         self._tracked: dict[str, TrackedRequest] = {}
@@ -71,7 +76,7 @@ class EngineOperator(StepOperator):
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:
         engine = {name: (hint, False) for name, (hint, _, _) in ENGINE_FIELDS.items()}
-        return {**engine, "price_per_1k_tokens": (float, False)}
+        return {**engine, "tp": (int, False), "price_per_1k_tokens": (float, False)}
 
     @classmethod
     def instance_stats(cls, node_id: str, params: dict[str, Any]) -> InstanceStats:
@@ -85,17 +90,19 @@ class EngineOperator(StepOperator):
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
         # Imported here, not at the top: listing or validating operators must not load torch.
-        from sagellm.runtime.engine.llm_engine import LLMEngine
+        from sagellm.runtime.parallel.engine import start_engine
 
         model = self.config.model or ctx.graph_attrs.get("model")
         if not model:
             raise ValueError(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
-        self.engine = LLMEngine(self.config.replace(model=model))
+        self.engine = start_engine(self.config.replace(model=model))
         # The executor made this node's stats from the same parameters (route saw them before any engine opened).
         self.stats = ctx.instances.setdefault(ctx.node_id, self._new_stats(ctx.node_id))
         self._refresh_stats()
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
         self.engine = None
 
     # -- the Step contract ------------------------------------------------------------------------------------------
@@ -220,6 +227,15 @@ class PrefillOperator(EngineOperator):
     name = "prefill"
     role = "prefill"
     accepts = (Request,)
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        from sagellm.runtime.comm import shared_memory
+
+        cpu = self.engine.backend.device.type == "cpu"
+        if cpu and ctx.graph_attrs.get("shared_memory", True) and shared_memory.available():
+            # The KV is gathered straight into shared memory: a decode worker on this host maps it, nothing copied.
+            self.engine.kv_buffer = shared_memory.arena().empty
 
 
 @register_operator

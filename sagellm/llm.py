@@ -12,9 +12,9 @@ from tqdm import tqdm
 
 from sagellm.common.logging import default_logging
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
-from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.outputs import RequestOutput
 from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.parallel.engine import start_engine
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -34,7 +34,7 @@ class LLM:
                 f"unknown engine argument(s) {sorted(unknown)}; have {sorted(set(ENGINE_FIELDS) - {'model'})}"
             )
         path = resolve_model(model or DEFAULT_MODEL)
-        self.engine = LLMEngine(EngineConfig(model=str(path), **engine_args))
+        self.engine = start_engine(EngineConfig(model=str(path), **engine_args))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

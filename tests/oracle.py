@@ -19,3 +19,25 @@ def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
         out.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return out
+
+
+def assert_last_logits_match(engine, model, prompts: list[list[int]]) -> None:
+    """One prefill step of `prompts` as a batch through `engine`'s runner: each prompt's last-position logits equal
+    the Hugging Face `model`'s within fp32 tolerance. The blocks are freed after, so the engine can go on."""
+    from sagellm import SamplingParams
+    from sagellm.runtime.engine.scheduler import ScheduledBatch
+    from sagellm.runtime.engine.sequence import Sequence
+
+    batch = ScheduledBatch()
+    for i, prompt in enumerate(prompts):
+        seq = Sequence(f"logits-{i}", prompt, SamplingParams(max_tokens=1))
+        assert engine.scheduler.block_manager.allocate(seq, len(prompt))
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(len(prompt))
+    ours = engine.runner.execute(batch)  # [N, V]: each prompt's last position
+    for seq in batch.seqs:
+        engine.scheduler.block_manager.free(seq)
+    for row, prompt in zip(ours, prompts):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt])).logits[0, -1]
+        assert torch.allclose(row, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), (row - ref).abs().max()

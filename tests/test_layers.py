@@ -34,7 +34,7 @@ FLOORS = [
     ["sagellm.runtime.engine", "sagellm.runtime.embedding"],
     ["sagellm.runtime.pipeline"],
     ["sagellm.runtime.comm"],
-    ["sagellm.runtime.executor", "sagellm.runtime"],
+    ["sagellm.runtime.executor", "sagellm.runtime.parallel", "sagellm.runtime"],
     ["sagellm.operators"],
     ["sagellm"],  # the library's top floor: gateway, client, LLM, DSL, SAGE adapter, presets
     ["sagellm.benchmarks"],

@@ -2,7 +2,8 @@
 with a chat template) and GGUF files holding the same weights, written the way llama.cpp's converter writes them.
 
 Everything is built offline and deterministically (fixed seeds); a model is a few hundred KB. Import it from any
-test directory as `from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, write_tiny_gguf`."""
+test directory as `from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, write_tiny_gguf` (and
+`make_tiny_mixtral`, a mixture of experts)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,14 @@ def make_tiny_qwen2(directory: str | Path, seed: int = 0, **overrides: Any) -> P
     return _save_model(Path(directory), Qwen2Config, Qwen2ForCausalLM, seed, {"tie_word_embeddings": True} | overrides)
 
 
+def make_tiny_mixtral(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny MixtralForCausalLM (+ tokenizer) to `directory`: 4 experts per layer, 2 used per token."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    experts = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    return _save_model(Path(directory), MixtralConfig, MixtralForCausalLM, seed, experts | overrides)
+
+
 def _save_model(directory: Path, config_class: type, model_class: type, seed: int, overrides: dict) -> Path:
     tokenizer = make_tokenizer()
     config = config_class(**(_LLAMA_DEFAULTS | {"vocab_size": len(tokenizer)} | overrides))
@@ -91,6 +100,8 @@ def _save_model(directory: Path, config_class: type, model_class: type, seed: in
                 param.copy_(1 + 0.1 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn_like(param))
+            elif name.endswith("mlp.gate.weight"):  # a MoE router: decisive choices, not near ties of tiny logits
+                param.copy_(0.5 * torch.randn_like(param))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -113,6 +124,10 @@ _GGUF_LAYER = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",
+    "block_sparse_moe.experts.w1.weight": "ffn_gate_exps.weight",  # a layer's experts stacked: [E, out, in]
+    "block_sparse_moe.experts.w3.weight": "ffn_up_exps.weight",
+    "block_sparse_moe.experts.w2.weight": "ffn_down_exps.weight",
 }
 
 
@@ -121,14 +136,15 @@ def write_tiny_gguf(
 ) -> Path:
     """Write the weights, config and tokenizer of the HF model in `hf_dir` as a GGUF file, like llama.cpp's
     convert_hf_to_gguf.py: 2-D weights in `qtype`, norms and biases in F32, llama q/k rows permuted, no
-    output.weight when embeddings are tied, llama3 rope scaling as a rope_freqs.weight tensor; `sampling`: llama.cpp's
+    output.weight when embeddings are tied, llama3 rope scaling as a rope_freqs.weight tensor, Mixtral as a "llama"
+    model with expert counts, each layer's experts stacked and its router in F32; `sampling`: llama.cpp's
     `general.sampling.*` keys (temp, top_p: float32; top_k: int32)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path, hf_dir = Path(path), Path(hf_dir)
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype
     config = AutoConfig.from_pretrained(hf_dir)
-    arch = config.model_type
+    arch = "llama" if config.model_type == "mixtral" else config.model_type
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = dict(config.rope_parameters)
     writer = gguf.GGUFWriter(path, arch)
@@ -146,9 +162,12 @@ def write_tiny_gguf(
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type == "mixtral":
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
     _add_tokenizer(writer, AutoTokenizer.from_pretrained(hf_dir), config.vocab_size)
 
-    for name, values in load_file(hf_dir / "model.safetensors").items():
+    for name, values in _stack_experts(load_file(hf_dir / "model.safetensors")).items():
         values = values.astype(np.float32)
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -156,7 +175,8 @@ def write_tiny_gguf(
             values = _permute_rows(values, config.num_attention_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             values = _permute_rows(values, config.num_key_value_heads)
-        tensor_type = qtype if values.ndim == 2 else GGMLQuantizationType.F32
+        router = name.endswith("block_sparse_moe.gate.weight")  # llama.cpp never quantizes a router
+        tensor_type = qtype if values.ndim >= 2 and not router else GGMLQuantizationType.F32
         writer.add_tensor(_gguf_name(name), quantize(values, tensor_type), raw_dtype=tensor_type)
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, head_dim), raw_dtype=GGMLQuantizationType.F32)
@@ -166,6 +186,20 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer's experts.{e}.w1/w2/w3 as one [E, out, in] tensor named experts.w1/w2/w3, the others as they are."""
+    out: dict[str, np.ndarray] = {}
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    for name, values in tensors.items():
+        head, found, tail = name.partition(".block_sparse_moe.experts.")
+        if not found:
+            out[name] = values
+            continue
+        expert, projection = tail.split(".", 1)
+        stacks.setdefault(f"{head}{found}{projection}", {})[int(expert)] = values
+    return out | {name: np.stack([experts[e] for e in sorted(experts)]) for name, experts in stacks.items()}
 
 
 def _gguf_name(hf_name: str) -> str:

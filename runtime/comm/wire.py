@@ -3,17 +3,20 @@
     frame 0   one byte, the frame type: DATA (a `sagellm.runtime.pipeline.messages.Message` item) or a control message
               (READY, HEARTBEAT, END, CANCEL; HELLO and ASSIGN, a worker joining the run)
     frame 1   the struct, msgspec msgpack (`array_like`, `omit_defaults`: positional and compact)
-    frame 2.. tensors, one frame each, their raw bytes
+    frame 2.. tensors, one frame each, their raw bytes (none for tensors sent through shared memory)
 
 A tensor inside a struct (`KVBlocks.data`, typed Any) is not serialized: encoding replaces it by a msgpack extension
 holding a reference (frame index, dtype, shape) and appends the tensor's own memory as a frame, so a 47 MB KV payload
 is never copied by us on the way out (ZeroMQ sends straight from the tensor's buffer). Decoding turns each reference
 back into a tensor over the received frame's buffer, again without a copy. That is the vLLM v1 shape; there is no
-pickle anywhere, so a peer can only ever send data, never code.
+pickle anywhere, so a peer can only ever send data, never code. On a link whose both ends are on this host, `encode`
+is given the socket's `shared_memory.Link` and a tensor becomes a reference to a shared-memory segment instead (a
+second extension type): the bytes never enter ZeroMQ or the kernel's socket buffers, and `decode` maps the segment.
 
-Aliasing, both ways. Sending: ZeroMQ may still be reading a sent tensor after `send` returns, so never write into a
-tensor after sending it (KV gathered out of the paged cache is a fresh tensor, so that holds). Receiving: a decoded
-tensor aliases its frame's memory, which nobody else references, so it may be read, kept or written freely; a
+Aliasing, both ways. Sending: ZeroMQ (or, through shared memory, the receiver) may still be reading a sent tensor
+after `send` returns, so never write into a tensor after sending it (KV gathered out of the paged cache is a fresh
+tensor, so that holds). Receiving: a decoded tensor aliases its frame's memory, which nobody else references (or a
+shared-memory slot its sender leaves alone until the tensor is gone), so it may be read, kept or written freely; a
 receiver that keeps data (the decode worker's paged cache) copies it into its own buffers anyway. Frames given as
 read-only buffers (`bytes`) are copied once, so a decoded tensor is always safe to write."""
 
@@ -26,20 +29,32 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
+from sagellm.runtime.comm import shared_memory
+from sagellm.runtime.comm.shared_memory import Handle, Link, SegmentError
 from sagellm.runtime.pipeline.messages import Message
 
 if TYPE_CHECKING:
     import torch
 
-PROTOCOL = 2  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
+PROTOCOL = 3  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
 HEARTBEAT_S = 0.5  # how often both ends of a control channel send a Heartbeat
 REQUESTS_KEY = "_requests"  # the Heartbeat stats entry listing the request ids the sender holds
 STAGE_KEY = "_stage"  # the Heartbeat stats entry saying what a starting worker waits on (common.progress)
-_TENSOR_EXT = 1  # msgpack extension type code of a tensor reference
+_TENSOR_EXT = 1  # msgpack extension type code of a tensor reference (to a frame)
+_SHARED_EXT = 2  # msgpack extension type code of a tensor in shared memory (a `shared_memory.Handle`)
 
 
 class WireError(ValueError):
     """A received message that is not a well-formed sageLLM wire message (the message names the bad part)."""
+
+
+class TensorLost(WireError):
+    """A well-formed message whose tensor could not be had (its shared-memory segment is gone, stale or too small):
+    `message` is the rest of it, decoded, so its request can be failed alone."""
+
+    def __init__(self, problem: str, message: WireMessage) -> None:
+        super().__init__(problem)
+        self.message = message
 
 
 class FrameType(enum.IntEnum):
@@ -139,10 +154,12 @@ class _TensorRef(msgspec.Struct, array_like=True):
 
 _ref_encoder = msgspec.msgpack.Encoder()
 _ref_decoder = msgspec.msgpack.Decoder(_TensorRef)
+_handle_decoder = msgspec.msgpack.Decoder(Handle)
 
 
-def encode(msg: WireMessage) -> list[bytes | memoryview]:
-    """The frames of `msg`, ready for `send_multipart(copy=False)`; tensor frames view the tensors' memory."""
+def encode(msg: WireMessage, link: Link | None = None) -> list[bytes | memoryview]:
+    """The frames of `msg`, ready for `send_multipart(copy=False)`; tensor frames view the tensors' memory. With
+    `link` (the receiver is on this host) tensors go through shared memory, as frames only when it has no room."""
     frame_type = _FRAME_TYPES.get(type(msg))
     if frame_type is None:
         names = ", ".join(t.__name__ for t in _FRAME_TYPES)
@@ -154,6 +171,9 @@ def encode(msg: WireMessage) -> list[bytes | memoryview]:
 
         if not isinstance(obj, torch.Tensor):
             raise TypeError(f"cannot encode a {type(obj).__name__} inside a {type(msg).__name__}")
+        handle = link.share(obj) if link is not None else None
+        if handle is not None:
+            return msgspec.msgpack.Ext(_SHARED_EXT, _ref_encoder.encode(handle))
         frames.append(_tensor_bytes(obj))
         ref = _TensorRef(len(frames) - 1, str(obj.dtype).removeprefix("torch."), list(obj.shape))
         return msgspec.msgpack.Ext(_TENSOR_EXT, _ref_encoder.encode(ref))
@@ -164,7 +184,8 @@ def encode(msg: WireMessage) -> list[bytes | memoryview]:
 
 def decode(frames: Sequence[Any]) -> WireMessage:
     """The message in `frames` (`zmq.Frame`s from `recv_multipart(copy=False)`, or any byte buffers); its tensors
-    alias the frames' memory. Raises WireError when the frames are not a message `encode` could have produced."""
+    alias the frames' memory (or shared memory). Raises WireError when the frames are not a message `encode` could
+    have produced, TensorLost when one of its shared-memory tensors cannot be had."""
     if len(frames) < 2:
         raise WireError(f"a message has at least 2 frames (type, struct), got {len(frames)}")
     head = _buffer(frames[0])
@@ -172,8 +193,11 @@ def decode(frames: Sequence[Any]) -> WireMessage:
         raise WireError(f"frame 0 must be one byte in {[int(t) for t in FrameType]}, got {bytes(head[:8])!r}")
     frame_type = FrameType(head[0])
     referenced: set[int] = set()
+    lost: list[str] = []
 
-    def ref_to_tensor(code: int, data: memoryview) -> torch.Tensor:
+    def ref_to_tensor(code: int, data: memoryview) -> torch.Tensor | None:
+        if code == _SHARED_EXT:
+            return _shared_tensor(data, lost)
         if code != _TENSOR_EXT:
             raise WireError(f"unknown msgpack extension type {code} in a {frame_type.name} message")
         try:
@@ -192,7 +216,20 @@ def decode(frames: Sequence[Any]) -> WireMessage:
         raise WireError(f"frame 1 is not a valid {frame_type.name} struct: {error}") from None
     if len(referenced) != len(frames) - 2:
         raise WireError(f"{len(frames) - 2 - len(referenced)} tensor frame(s) that no field references")
+    if lost:
+        raise TensorLost("; ".join(lost), msg)
     return msg
+
+
+def _shared_tensor(data: memoryview, lost: list[str]) -> torch.Tensor | None:
+    """The tensor a shared-memory handle names; None (the problem noted in `lost`) when it cannot be had."""
+    try:
+        return shared_memory.tensor_of(_handle_decoder.decode(data))
+    except msgspec.DecodeError as error:
+        raise WireError(f"malformed shared-memory handle: {error}") from None
+    except SegmentError as error:
+        lost.append(str(error))
+        return None
 
 
 def _buffer(frame: Any) -> memoryview:

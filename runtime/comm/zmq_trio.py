@@ -10,8 +10,10 @@ sleeps on it and the others park until it wakes.
 Edges are PUSH → PULL: the downstream node binds a PULL (all its in-edges merge there, as a node's inputs merge into
 one stream), each upstream connects a PUSH. HWMs bound the messages queued on each side, so a slow consumer makes its
 producers wait in `send` (backpressure) instead of growing memory; LINGER bounds how long closing waits for unsent
-messages, so shutdown never hangs. The control channel between the process that runs a graph and its workers is
-ROUTER ← DEALER: one port the parent binds, both directions, which is all a worker on another host must find.
+messages, so shutdown never hangs. A PUSH connected with `shared_memory=True` to a peer on this host (ipc://, or
+tcp:// on loopback) sends tensors through shared memory (`comm.shared_memory`): only a handle enters ZeroMQ. The
+control channel between the process that runs a graph and its workers is ROUTER ← DEALER: one port the parent binds,
+both directions, which is all a worker on another host must find.
 Every helper takes the run's `keys` (`curve.RunKeys`) when the run is secure: bound sockets are then CURVE servers and
 connected ones CURVE clients, so links are encrypted and only processes holding the run's key can connect.
 
@@ -44,6 +46,7 @@ import zmq
 
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
+from sagellm.runtime.comm.shared_memory import Link, link_to
 from sagellm.runtime.comm.wire import Heartbeat, Ready, WireMessage
 
 DEFAULT_HWM = 64  # messages queued per socket (each side) before `send` waits
@@ -59,6 +62,7 @@ class TrioSocket:
 
     def __init__(self, socket: zmq.Socket) -> None:
         self.socket = socket
+        self.link: Link | None = None  # where tensors go when the peer shares this host's memory
         self._fd: int = socket.getsockopt(zmq.FD)
         self._fd_waiter: trio.CancelScope | None = None  # the one waiting task that sleeps on the FD
         self._fd_waiter_event = 0  # and what it waits for
@@ -68,7 +72,7 @@ class TrioSocket:
 
     async def send(self, msg: WireMessage) -> None:
         """Sends an item or a control message; waits while the peer's queue is full (the HWM) or no peer is up."""
-        await self.send_frames(wire.encode(msg))
+        await self.send_frames(wire.encode(msg, self.link))
 
     async def receive(self) -> WireMessage:
         """The next message; its tensors alias the received frames (see `wire`). Raises `wire.WireError` on a
@@ -106,10 +110,12 @@ class TrioSocket:
 
     def close(self) -> None:
         """Closes the socket (idempotent); tasks waiting on it get `trio.ClosedResourceError`. Unsent messages get
-        LINGER to leave."""
+        LINGER to leave; tensors sent through shared memory get the link's own linger."""
         if self._closed:
             return
         self._closed = True
+        if self.link is not None:
+            self.link.close()
         try:
             trio.lowlevel.notify_closing(self._fd)
             for lot in self._parked.values():
@@ -206,10 +212,20 @@ def bind_router(
     return _bind(ctx, zmq.ROUTER, address(transport, name, host, port), name, DEFAULT_HWM, keys)
 
 
-def connect_push(ctx: zmq.Context, endpoint: str, *, hwm: int = DEFAULT_HWM, keys: RunKeys | None = None) -> TrioSocket:
+def connect_push(
+    ctx: zmq.Context,
+    endpoint: str,
+    *,
+    hwm: int = DEFAULT_HWM,
+    keys: RunKeys | None = None,
+    shared_memory: bool = False,
+) -> TrioSocket:
     """A PUSH socket connected to a peer's PULL. Connecting never waits: sends queue (up to the HWM) until the peer
-    is up (and, with `keys`, has accepted the handshake)."""
-    return _connect(ctx, zmq.PUSH, endpoint, hwm, keys)
+    is up (and, with `keys`, has accepted the handshake). With `shared_memory`, tensors to a peer on this host go
+    through shared memory."""
+    sock = _connect(ctx, zmq.PUSH, endpoint, hwm, keys)
+    sock.link = link_to(endpoint) if shared_memory else None
+    return sock
 
 
 def connect_dealer(ctx: zmq.Context, endpoint: str, *, keys: RunKeys | None = None) -> TrioSocket:

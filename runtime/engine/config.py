@@ -34,6 +34,14 @@ class EngineConfig:
     quantized_weights: bool = _help("decode reads a GGUF's Q4_0/Q4_1/Q8_0 blocks instead of their fp32 copy", True)
     # vLLM's --seed: the process's random state, from which requests without a seed of their own draw.
     seed: int | None = _help("random seed of the engine: unseeded requests sample the same way every run", None)
+    # vLLM's --tensor-parallel-size: the model's heads, MLP and vocabulary split over this many ranks, one process
+    # (and one device) each, every layer's two partial sums joined by an all-reduce.
+    tensor_parallel_size: int = _help("ranks (processes, devices) each layer is split over: tensor parallelism", 1)
+    # Where the engine runs: GPU (or NPU, MLU) indexes on an accelerator, one per tensor parallel rank; CPU cores on
+    # the cpu backend, shared out among its ranks, its threads pinned there (a prefill and a decode engine apart).
+    device_ids: list[int] | None = _help(
+        "the engine's devices: accelerator indexes, or CPU cores on the cpu backend", None
+    )
 
     def __post_init__(self) -> None:
         for name, (hint, _, _) in ENGINE_FIELDS.items():
@@ -43,9 +51,12 @@ class EngineConfig:
         _at_least(self, "max_num_seqs", 1)
         _at_least(self, "max_num_batched_tokens", 1)
         _at_least(self, "block_size", 1)
+        _at_least(self, "tensor_parallel_size", 1)
         for name in ("max_model_len", "num_kv_blocks", "num_threads"):
             if getattr(self, name) is not None:
                 _at_least(self, name, 1)
+        if self.device_ids is not None and (not self.device_ids or min(self.device_ids) < 0):
+            raise FieldError("device_ids", f"device_ids must be device numbers >= 0, got {self.device_ids!r}")
         if not self.kv_cache_memory_gb > 0:
             raise FieldError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 

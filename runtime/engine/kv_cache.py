@@ -47,11 +47,17 @@ def token_slots(block_table: list[int], start: int, end: int, block_size: int, d
     return (table[positions // block_size] * block_size + positions % block_size).to(device)  # [end - start]
 
 
-def read_tokens(caches: KVCaches, slots: torch.Tensor) -> torch.Tensor:
+def read_tokens(caches: KVCaches, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The K and V of the given slots in every layer, as one [num_layers, 2, n, Hk, D] tensor (a copy): what a
-    prefill worker sends to a decode worker."""
-    layers = [torch.stack([k.flatten(0, 1)[slots], v.flatten(0, 1)[slots]]) for k, v in caches]  # [2, n, Hk, D]
-    return torch.stack(layers)
+    prefill worker sends to a decode worker. `out`: where to gather them (shared memory the sender sends without
+    copying again), else a new tensor."""
+    k0 = caches[0][0]
+    if out is None:
+        out = torch.empty((len(caches), 2, slots.numel(), *k0.shape[2:]), dtype=k0.dtype, device=k0.device)
+    for layer, (k, v) in enumerate(caches):
+        torch.index_select(k.flatten(0, 1), 0, slots, out=out[layer, 0])
+        torch.index_select(v.flatten(0, 1), 0, slots, out=out[layer, 1])
+    return out
 
 
 def write_tokens(caches: KVCaches, slots: torch.Tensor, kv: torch.Tensor) -> None:

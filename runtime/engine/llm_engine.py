@@ -8,6 +8,7 @@ drive it through `add_request` / `step` / `abort_request`."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -17,9 +18,10 @@ from sagellm.backends import get_backend
 from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
-from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, read_tokens, token_slots, write_tokens
-from sagellm.runtime.engine.model_runner import ModelRunner
+from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, token_slots
+from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from sagellm.runtime.engine.placement import place
 from sagellm.runtime.engine.prompt import prompt_token_problem
 from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at
 from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
@@ -27,6 +29,7 @@ from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, Schedule
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config
 
 log = structlog.get_logger("sagellm.engine")
 
@@ -42,9 +45,20 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        *,
+        make_runner: Callable[..., ModelRunner] = ModelRunner,
+    ) -> None:
+        """`make_runner` takes `ModelRunner`'s arguments: a tensor parallel group's is rank 0's runner, which starts
+        the other ranks (`sagellm.runtime.parallel.engine.start_engine` gives it)."""
+        if config.tensor_parallel_size > 1 and make_runner is ModelRunner:
+            raise ValueError(
+                "tensor_parallel_size > 1 needs ranks in other processes: start the engine with "
+                "sagellm.runtime.parallel.engine.start_engine"
+            )
         if config.seed is not None:
             torch.manual_seed(config.seed)  # unseeded rows draw from the global generator (the sampler)
         if loaded is None and not config.model:
@@ -57,8 +71,12 @@ class LLMEngine:
         self.sampling_defaults = model_sampling_defaults(self.model)  # what a request that sets nothing gets
         model_config = self.model.config
         self.backend = get_backend(config.backend)
+        if config.tensor_parallel_size == 1:  # a group's rank 0 is placed by its runner, with the other ranks
+            place(self.backend, config.device_ids, config.num_threads)
+        # The budget is each rank's: rank 0 holds the most KV heads of a tensor parallel group.
+        rank0 = rank_config(model_config, TensorShard(0, config.tensor_parallel_size))
         num_blocks = config.num_kv_blocks or num_blocks_for_budget(
-            model_config, config.block_size, int(config.kv_cache_memory_gb * 2**30)
+            rank0, config.block_size, int(config.kv_cache_memory_gb * 2**30)
         )
         max_len = config.max_model_len or model_config.max_position_embeddings
         self.max_model_len = min(max_len, num_blocks * config.block_size)
@@ -73,7 +91,7 @@ class LLMEngine:
             )
         )
         with stage(f"preparing the weights for the {self.backend.name} backend"):
-            self.runner = ModelRunner(
+            self.runner = make_runner(
                 model_config,
                 self.model.weights,
                 self.backend,
@@ -87,6 +105,9 @@ class LLMEngine:
         self.sampler = Sampler()
         self.eos_token_ids = set(model_config.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
+        # Where a prefill's KV is gathered for its hand-over, (shape, dtype) -> tensor: shared memory when it leaves
+        # the process (set by the prefill operator), so sending it copies nothing more; None: a new tensor.
+        self.kv_buffer: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
         self.last_step_tokens = 0
         log.info(
             "engine_ready",
@@ -139,7 +160,7 @@ class LLMEngine:
 
         def write_kv(start: int) -> None:
             slots = token_slots(seq.block_table, start, n, self.runner.block_size, self.runner.device)
-            write_tokens(self.runner.kv_caches, slots, kv[:, :, start:])
+            self.runner.write_kv(slots, kv[:, :, start:])
 
         if not self.scheduler.import_prompt(seq, write_kv):
             log.warning("kv_import_no_room", request_id=request_id, prompt_tokens=n)
@@ -179,6 +200,10 @@ class LLMEngine:
         if state is not None and not state.seq.is_finished:
             self.scheduler.finish(state.seq, "abort")
 
+    def close(self) -> None:
+        """Stops what the engine started besides itself (a tensor parallel group's ranks)."""
+        self.runner.close()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -217,6 +242,8 @@ class LLMEngine:
         failed: list[RequestOutput] = []
         try:
             logits = self.runner.execute(batch)  # [N, V] for the sequences sampled this step
+        except RunnerLostError:
+            raise
         except Exception as error:
             batch, failed = self._without_culprits(batch, error)
             if not batch:
@@ -293,7 +320,10 @@ class LLMEngine:
         if finish is None and state.prefill_only:
             finish = "prefilled"
             slots = token_slots(seq.block_table, 0, seq.num_prompt_tokens, self.runner.block_size, self.runner.device)
-            kv = read_tokens(self.runner.kv_caches, slots)  # [num_layers, 2, prompt_len, Hk, D]
+            c = self.model.config
+            shape = (c.num_layers, 2, seq.num_prompt_tokens, c.num_kv_heads, c.head_dim)
+            out = self.kv_buffer(shape, torch.float32) if self.kv_buffer else None
+            kv = self.runner.read_kv(slots, out)  # [num_layers, 2, prompt_len, Hk, D]
         if finish is not None:
             self.scheduler.finish(seq, finish)
             delta += detok.flush()

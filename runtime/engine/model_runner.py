@@ -1,23 +1,45 @@
 """Runs one scheduled batch through the lowered model graph and returns the logits of the rows to sample.
 
 The runner owns the KV cache tensors and the plan; it turns a `ScheduledBatch` (sequences and how many tokens each
-computes) into flat tensors: token ids, positions, cache slots, and the attention metadata every layer shares."""
+computes) into a `StepInputs` (plain numbers: token ids, positions, cache slots, the batch layout), then into the
+tensors and attention metadata every layer shares. The first half needs the scheduler's sequences; the second only
+the numbers, which is what a tensor parallel rank without a scheduler receives from rank 0 each step."""
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.quantized import QuantizedWeight
-from sagellm.runtime.engine.kv_cache import allocate_kv_caches
+from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, write_tokens
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
-from sagellm.runtime.execution_graph.lowering import LoweringContext, Plan, lower
+from sagellm.runtime.execution_graph.lowering import Collectives, LoweringContext, Plan, lower
 from sagellm.runtime.execution_graph.passes import optimize
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.rope import cos_sin_table
+from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, shard_tensor_parallel
+
+
+class RunnerLostError(RuntimeError):
+    """The runner cannot run any step any more (a tensor parallel rank is gone): no request's doing."""
+
+
+class StepInputs(msgspec.Struct, array_like=True, kw_only=True, tag="step"):
+    """One step's batch as numbers (`ModelRunner.step_inputs`); `ModelRunner.tensors` makes the model's inputs."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    num_decodes: int
+    decode_tables: list[list[int]]  # the decodes' block tables, padded with 0 to one width
+    decode_context_lens: list[int]
+    decode_continues: bool
+    prefills: list[tuple[int, int, int, list[int]]]  # (query start, query length, context length, block table)
+    logits_rows: list[int] | None  # None: every row is sampled
 
 
 class ModelRunner:
@@ -31,13 +53,18 @@ class ModelRunner:
         block_size: int,
         max_model_len: int,
         quantized: dict[str, QuantizedWeight] | None = None,
+        shard: TensorShard | None = None,
+        collectives: Collectives | None = None,
     ) -> None:
+        """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches."""
         self.config = config
+        self.shard = shard
         self.backend = backend
         self.block_size = block_size
         self.device = backend.device
-        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, self.device)
-        self.graph = optimize(build_decoder_graph(config))
+        self.kv_caches = allocate_kv_caches(rank_config(config, shard), num_blocks, block_size, self.device)
+        graph = build_decoder_graph(config)
+        self.graph = optimize(shard_tensor_parallel(graph, config, shard) if shard else graph)
         context = LoweringContext(
             backend=backend,
             weights=weights,
@@ -46,6 +73,7 @@ class ModelRunner:
             head_dim=config.head_dim,
             scale=config.head_dim**-0.5,
             quantized=quantized or {},
+            collectives=collectives,
         )
         self.plan: Plan = lower(self.graph, context)
         self._last_decodes: list[tuple[Sequence, int]] = []  # (sequence, computed tokens) of last step's decodes
@@ -53,52 +81,79 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [N, V] for the sequences whose last token this step computes, in batch order."""
-        inputs = self.prepare_inputs(batch)
-        return self.plan.run(**inputs)["logits"]
+        return self.run(self.step_inputs(batch))
 
-    def prepare_inputs(self, batch: ScheduledBatch) -> dict[str, object]:
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> torch.Tensor:
+        return self.plan.run(**self.tensors(step))["logits"]
+
+    def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
-        prefills: list[PrefillChunk] = []
-        num_decodes = batch.num_decodes
+        prefills: list[tuple[int, int, int, list[int]]] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, table = seq.num_computed_tokens, seq.block_table
             if n > 1:
-                prefills.append(PrefillChunk(len(ids), n, start + n, self._tensor(table, torch.int32)))
+                prefills.append((len(ids), n, start + n, table))
             ids.extend(seq.token_ids[start : start + n])
             span = range(start, start + n)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             if start + n == seq.num_tokens:
                 logits_rows.append(len(ids) - 1)
-        decodes = batch.seqs[:num_decodes]
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            block_size=bs,
-            num_decode_tokens=num_decodes,
-            prefills=prefills,
-        )
+        decodes = batch.seqs[: batch.num_decodes]
         # Same decode rows as last step, each one token further: attention may extend last step's reads.
         progress = [(s, s.num_computed_tokens) for s in decodes]
         last = self._last_decodes
-        meta.decode_continues = bool(progress) and len(progress) == len(last)
-        meta.decode_continues &= all(s is t and n == m + 1 for (s, n), (t, m) in zip(progress, last))
+        continues = bool(progress) and len(progress) == len(last)
+        continues &= all(s is t and n == m + 1 for (s, n), (t, m) in zip(progress, last))
         self._last_decodes = progress
-        if num_decodes:
-            width = max(len(s.block_table) for s in decodes)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in decodes]
-            meta.decode_block_tables = self._tensor(tables, torch.int32)
-            meta.decode_context_lens = self._tensor([s.num_computed_tokens + 1 for s in decodes], torch.int32)
+        width = max((len(s.block_table) for s in decodes), default=0)
+        return StepInputs(
+            input_ids=ids,
+            positions=positions,
+            slots=slots,
+            num_decodes=batch.num_decodes,
+            decode_tables=[s.block_table + [0] * (width - len(s.block_table)) for s in decodes],
+            decode_context_lens=[s.num_computed_tokens + 1 for s in decodes],
+            decode_continues=continues,
+            prefills=prefills,
+            logits_rows=None if len(logits_rows) == len(ids) else logits_rows,
+        )
+
+    def tensors(self, step: StepInputs) -> dict[str, object]:
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(step.slots, torch.int64),
+            block_size=self.block_size,
+            num_decode_tokens=step.num_decodes,
+            prefills=[PrefillChunk(a, n, c, self._tensor(t, torch.int32)) for a, n, c, t in step.prefills],
+            decode_continues=step.decode_continues,
+        )
+        if step.num_decodes:
+            meta.decode_block_tables = self._tensor(step.decode_tables, torch.int32)
+            meta.decode_context_lens = self._tensor(step.decode_context_lens, torch.int32)
         return {
-            "input_ids": self._tensor(ids, torch.int64),
-            "positions": self._tensor(positions, torch.int64),
+            "input_ids": self._tensor(step.input_ids, torch.int64),
+            "positions": self._tensor(step.positions, torch.int64),
             "attn_metadata": meta,
             # None = every row is sampled (a pure decode batch): the lm_head input needs no gather.
-            "logits_indices": None if len(logits_rows) == len(ids) else self._tensor(logits_rows, torch.int64),
+            "logits_indices": None if step.logits_rows is None else self._tensor(step.logits_rows, torch.int64),
         }
+
+    def read_kv(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The K and V at `slots` in every layer, [num_layers, 2, n, Hk, D] (into `out` if given): a prompt's KV for
+        a decode worker."""
+        return read_tokens(self.kv_caches, slots, out)
+
+    def write_kv(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Stores `read_kv`'s K and V (another engine's) at `slots`."""
+        write_tokens(self.kv_caches, slots, kv)
+
+    def close(self) -> None:
+        """Releases what the runner started (a tensor parallel group's other ranks); this one holds nothing."""
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)

@@ -2,13 +2,14 @@
 
 A plan is a list of instructions `(kernel, input slots, constants, output slots)` run in order over a slot table;
 the whole forward is one loop of plain calls, readable in one screen and cheap per op. Weights of fused linears are
-concatenated and packed once here, so the hot path never touches a weight name."""
+concatenated and packed once here, and a mixture of experts' experts stacked once, so the hot path never touches a
+weight name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -48,6 +49,14 @@ class Plan:
         return {name: env[slot] for name, slot in self.output_slots.items()}
 
 
+class Collectives(Protocol):
+    """What a tensor parallel rank's graph calls between ranks (runtime/comm/collectives.py `Communicator`)."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor: ...
+
+
 @dataclass
 class LoweringContext:
     """What binding needs besides the graph: weights by canonical name, the KV caches, the rotary table."""
@@ -59,6 +68,7 @@ class LoweringContext:
     head_dim: int
     scale: float
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
+    collectives: Collectives | None = None  # a tensor parallel rank's group
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -98,14 +108,26 @@ def _weight(ctx: LoweringContext, name: str) -> torch.Tensor:
 
 
 def _bind_linear(params, ctx, kernels):
+    """One packed weight of the node's weights (several when fused), each cut to this rank's `shard` if it has one."""
     names = params["weight"] if isinstance(params["weight"], list) else [params["weight"]]
-    weight = torch.cat([_weight(ctx, n) for n in names]) if len(names) > 1 else _weight(ctx, names[0])
+    shards = params.get("shard") or [None] * len(names)
+    shards = shards if isinstance(shards, list) else [shards]
+    weights = [_cut(_weight(ctx, n), shard) for n, shard in zip(names, shards)]
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
     bias = None
     if params.get("bias"):
-        bias = torch.cat([_weight(ctx, n.removesuffix(".weight") + ".bias") for n in names])
-        bias = bias.to(ctx.backend.device)
-    quantized = QuantizedWeight.concat([ctx.quantized.get(n) for n in names])
+        biases = [_cut(_weight(ctx, n.removesuffix(".weight") + ".bias"), shard) for n, shard in zip(names, shards)]
+        bias = torch.cat(biases).to(ctx.backend.device)
+    quantized = QuantizedWeight.concat([_cut_blocks(ctx.quantized.get(n), shard) for n, shard in zip(names, shards)])
     return kernels["linear"], (ctx.backend.prepare_linear_weight(weight, quantized), bias)
+
+
+def _cut(tensor: torch.Tensor, shard: tuple[int, int, int] | None) -> torch.Tensor:
+    """A rank's slice `(dim, start, stop)` of a weight (or a bias, whose only dimension is the output's)."""
+    if shard is None:
+        return tensor
+    dim, start, stop = shard
+    return tensor.narrow(min(dim, tensor.dim() - 1), start, stop - start).contiguous()
 
 
 def _bind_norm(op):
@@ -137,6 +159,29 @@ def _bind_attention(params, ctx, kernels):
     return attention_flat, (k_cache, v_cache, ctx.scale)
 
 
+def _bind_moe(params, ctx, kernels):
+    """The router whole, and the experts this rank holds (`experts`: (first, end), every one when absent) stacked
+    once: gate and up projections as one [L, 2I, H], down projections as [L, H, I]."""
+    first, end = params.get("experts") or (0, params["num_experts"])
+    held = range(first, end)
+    gate_up = [torch.cat([_weight(ctx, params["gate"].format(e)), _weight(ctx, params["up"].format(e))]) for e in held]
+    down = [_weight(ctx, params["down"].format(e)) for e in held]
+    device = ctx.backend.device
+    router = _weight(ctx, params["router"]).to(device)
+    stacked = torch.stack(gate_up).to(device), torch.stack(down).to(device)
+    return kernels["moe"], (router, *stacked, params["top_k"], first)
+
+
+def _cut_blocks(blocks: QuantizedWeight | None, shard: tuple[int, int, int] | None) -> QuantizedWeight | None:
+    return blocks if blocks is None or shard is None else blocks.narrow(*shard)
+
+
+def _group(ctx: LoweringContext):
+    if ctx.collectives is None:
+        raise GraphError("the graph is one tensor parallel rank's, but lowering was given no collectives")
+    return ctx.collectives
+
+
 def _split(x, sizes):
     return torch.split(x, sizes, dim=-1)
 
@@ -152,10 +197,13 @@ _BINDERS: dict[str, Callable] = {
     "add_rmsnorm": _bind_norm("add_rmsnorm"),
     "rope": _bind_rope,
     "attention": _bind_attention,
+    "moe": _bind_moe,
     "silu_mul": lambda p, ctx, k: (k["silu_mul"], ()),
     "add": lambda p, ctx, k: (k["add"], ()),
     "split": lambda p, ctx, k: (_split, (p["sizes"],)),
     "index_rows": lambda p, ctx, k: (_index_rows, ()),
     "silu": lambda p, ctx, k: (torch.nn.functional.silu, ()),
     "mul": lambda p, ctx, k: (torch.mul, ()),
+    "all_reduce": lambda p, ctx, k: (_group(ctx).all_reduce, ()),
+    "all_gather": lambda p, ctx, k: (_group(ctx).all_gather, (p["sizes"],)),
 }

@@ -11,11 +11,12 @@ from sagellm.runtime.execution_graph.graph import Graph, Value
 
 
 def fuse_sibling_linears(graph: Graph) -> Graph:
-    """Linears reading the same input (q/k/v, gate/up) become one wide linear and a split: one GEMM, not three."""
+    """Linears reading the same input (q/k/v, gate/up) become one wide linear and a split: one GEMM, not three.
+    A tensor parallel rank's slices of their weights (`shard`, all along the output features) become one per weight."""
     g = graph.copy()
     groups: dict[tuple[Value, bool], list[str]] = defaultdict(list)
     for node in g.topological_order():
-        if node.op == "linear":
+        if node.op == "linear" and all(shard is None or shard[0] == 0 for shard in _shards(node.params)):
             (x,) = g.inputs_of(node.id)
             groups[(x, bool(node.params.get("bias")))].append(node.id)
     for (x, has_bias), members in groups.items():
@@ -24,8 +25,10 @@ def fuse_sibling_linears(graph: Graph) -> Graph:
         nodes = [g.nodes[m] for m in members]
         sizes = [n.params["out_features"] for n in nodes]
         weights = [w for n in nodes for w in _as_list(n.params["weight"])]
-        bias = {"bias": True} if has_bias else {}
-        fused = g.add("linear", [x], weight=weights, out_features=sum(sizes), **bias)
+        extra = {"bias": True} if has_bias else {}
+        if any("shard" in n.params for n in nodes):
+            extra["shard"] = [s for n in nodes for s in _shards(n.params)]
+        fused = g.add("linear", [x], weight=weights, out_features=sum(sizes), **extra)
         parts = g.add_multi("split", [fused], len(members), sizes=sizes)
         for member, part in zip(members, parts):
             g.redirect(Value(member), part)
@@ -116,3 +119,11 @@ def optimize(graph: Graph) -> Graph:
 
 def _as_list(weight: str | list[str]) -> list[str]:
     return weight if isinstance(weight, list) else [weight]
+
+
+def _shards(params: dict) -> list:
+    """One slice (or None: the whole weight) per weight of a linear."""
+    shard = params.get("shard")
+    if isinstance(params["weight"], list):
+        return shard or [None] * len(params["weight"])
+    return [shard]

@@ -4,8 +4,9 @@ Each process binds one PULL socket that all its cross-process in-edges share. A 
 `[dst node, src node, *wire frames]`; an `End` from `src` closes that edge's sender into `dst`'s input, exactly as
 closing a memory channel would, so shutdown flows across processes the same way it flows inside one. Each edge
 out of the process is a memory channel whose forwarding task pushes items to the destination process's socket (one
-PUSH socket per destination process), tensors as zero-copy frames; with the run's `keys` (a secure run: see
-`comm.curve`) every PUSH is a CURVE client."""
+PUSH socket per destination process), tensors as zero-copy frames, or through shared memory to a process on this
+host (`comm.shared_memory`; the graph setting `shared_memory: false` keeps frames); with the run's `keys` (a secure
+run: see `comm.curve`) every PUSH is a CURVE client."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import structlog
 import trio
 import zmq
 
-from sagellm.runtime.comm import wire
+from sagellm.runtime.comm import shared_memory, wire
 from sagellm.runtime.comm.curve import RunKeys
-from sagellm.runtime.comm.wire import WireError
+from sagellm.runtime.comm.wire import TensorLost, WireError
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_push
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
@@ -46,6 +47,7 @@ class Bridge:
         self.group = group
         self.zctx = zctx
         self.keys = keys
+        self.shared_memory: bool = executor.graph.attrs.get("shared_memory", True)
         self.groups = groups_of(executor.graph)
         self.pushes: dict[str, TrioSocket] = {}
         self.endpoints: dict[str, str] = {}  # process group -> the endpoint its PUSH socket is connected to
@@ -62,7 +64,9 @@ class Bridge:
         for src, dst in self.cross_edges():
             target = self.groups[dst]
             if self.groups[src] == self.group and target not in self.pushes:
-                self.pushes[target] = connect_push(self.zctx, endpoints[target], keys=self.keys)
+                self.pushes[target] = connect_push(
+                    self.zctx, endpoints[target], keys=self.keys, shared_memory=self.shared_memory
+                )
                 self.endpoints[target] = endpoints[target]
 
     def repoint(self, endpoints: dict[str, str]) -> None:
@@ -75,6 +79,9 @@ class Bridge:
                 with contextlib.suppress(zmq.ZMQError):  # already gone
                     sock.socket.disconnect(self.endpoints[target])
                 sock.socket.connect(new)
+                if sock.link is not None:
+                    sock.link.close(linger_s=0)  # its receiver is gone
+                sock.link = shared_memory.link_to(new) if self.shared_memory else None
                 self.endpoints[target] = new
                 log.info("peer_repointed", group=target, endpoint=new)
 
@@ -125,7 +132,7 @@ class Bridge:
             async for item in recv:
                 if self.before_send is None or self.before_send(target, item):
                     try:
-                        frames = wire.encode(item)
+                        frames = wire.encode(item, self.pushes[target].link)
                     except (TypeError, ValueError, OverflowError) as error:  # this item's data, not the edge
                         self._fail_unsendable(item, dst, error)
                         continue
@@ -150,6 +157,8 @@ class Bridge:
     def close(self) -> None:
         for sock in self.pushes.values():
             sock.close()
+        if self.shared_memory and shared_memory.available():
+            shared_memory.sweep()  # what crashed processes of this run (or an earlier one) left
 
 
 def _parse(frames: list[Any]) -> tuple[str, str, Any]:
@@ -157,7 +166,14 @@ def _parse(frames: list[Any]) -> tuple[str, str, Any]:
     if len(frames) < 3:
         raise WireError(f"a data message has at least 3 frames (dst, src, type), got {len(frames)}")
     dst, src = frames[0].bytes.decode(), frames[1].bytes.decode()
-    message = wire.decode(frames[2:])
+    try:
+        message = wire.decode(frames[2:])
+    except TensorLost as error:  # its KV is gone (the sender gave up its shared memory): that request fails alone
+        rid = getattr(error.message, "request_id", None)
+        if rid is None:
+            raise
+        log.warning("tensor_lost", request_id=rid, src=src, dst=dst, problem=str(error))
+        message = RequestError(request_id=rid, code="internal", message=f"KV transfer: {error}")
     if not isinstance(message, (*get_args(Message), wire.End)):
         raise WireError(f"a {type(message).__name__} has no place on a data socket")
     return src, dst, message

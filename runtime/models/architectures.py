@@ -1,7 +1,7 @@
 """The architectures the runtime can run, and the translation of each format's metadata into a ModelConfig.
 
 A Hugging Face config.json names its class in `architectures`; a GGUF file names its graph in
-`general.architecture`. Both map here to one of our graph builders ("llama" or "qwen2"), and anything else is
+`general.architecture`. Both map here to one of our graph builders ("llama", "qwen2" or "mixtral"), and anything else is
 refused at load time with a clear error instead of failing later inside the model graph. This module also knows
 which tensors (names and shapes) a ModelConfig implies, so every loader checks its weights the same way."""
 
@@ -28,15 +28,18 @@ class Architecture:
     qkv_bias: bool
     # llama.cpp's converter reorders the rows of q/k of llama-arch models to suit its rope kernel; not for qwen2.
     gguf_qk_permuted: bool
+    # Each layer's MLP is a router over experts. llama.cpp writes Mixtral as a "llama" GGUF with expert counts.
+    moe: bool = False
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", ("LlamaForCausalLM",), "llama", qkv_bias=False, gguf_qk_permuted=True),
     Architecture("qwen2", ("Qwen2ForCausalLM",), "qwen2", qkv_bias=True, gguf_qk_permuted=False),
+    Architecture("mixtral", ("MixtralForCausalLM",), "llama", qkv_bias=False, gguf_qk_permuted=True, moe=True),
 )
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
 _SUPPORTED_HF = ", ".join(c for a in ARCHITECTURES for c in a.hf_classes)
-_SUPPORTED_GGUF = ", ".join(a.gguf_arch for a in ARCHITECTURES)
+_SUPPORTED_GGUF = ", ".join(dict.fromkeys(a.gguf_arch for a in ARCHITECTURES))
 
 
 def architecture_for_hf(hf_config: Mapping[str, Any], source: Path) -> Architecture:
@@ -48,11 +51,15 @@ def architecture_for_hf(hf_config: Mapping[str, Any], source: Path) -> Architect
     raise ModelLoadError(f"{source}: unsupported architecture {found} (supported: {_SUPPORTED_HF})")
 
 
-def architecture_for_gguf(gguf_arch: str | None, source: Path) -> Architecture:
-    for arch in ARCHITECTURES:
-        if arch.gguf_arch == gguf_arch:
+def architecture_for_gguf(gguf_arch: str | None, moe: bool, source: Path) -> Architecture:
+    """`moe`: the metadata counts experts (a "llama" GGUF with experts is Mixtral)."""
+    matches = [arch for arch in ARCHITECTURES if arch.gguf_arch == gguf_arch]
+    if not matches:
+        raise ModelLoadError(f"{source}: unsupported GGUF architecture {gguf_arch!r} (supported: {_SUPPORTED_GGUF})")
+    for arch in matches:
+        if arch.moe == moe:
             return arch
-    raise ModelLoadError(f"{source}: unsupported GGUF architecture {gguf_arch!r} (supported: {_SUPPORTED_GGUF})")
+    raise ModelLoadError(f"{source}: a GGUF {gguf_arch!r} model with experts is not supported (only llama's: Mixtral)")
 
 
 def config_from_hf(
@@ -70,6 +77,7 @@ def config_from_hf(
         hidden, heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
         theta, rope_scaling = _hf_rope(hf_config)
         eos = [*_ids(hf_config.get("eos_token_id")), *_ids((generation_config or {}).get("eos_token_id"))]
+        experts, per_token = _hf_experts(arch, hf_config, source)
         return ModelConfig(
             architecture=arch.name,
             vocab_size=int(hf_config["vocab_size"]),
@@ -87,6 +95,8 @@ def config_from_hf(
             rope_scaling=rope_scaling,
             bos_token_id=_first(_ids(hf_config.get("bos_token_id"))),
             eos_token_ids=tuple(dict.fromkeys(eos)),
+            num_experts=experts,
+            experts_per_token=per_token,
         )
     except KeyError as e:
         raise ModelLoadError(f"{source}: config.json lacks {e.args[0]!r}") from e
@@ -97,7 +107,11 @@ def config_from_gguf(
 ) -> ModelConfig:
     """Translate GGUF metadata (scalar keys only); `tied` is whether the file lacks output.weight and `rope_freqs`
     the llama3-style per-frequency divisors llama.cpp stores as a tensor instead of as metadata."""
-    arch = architecture_for_gguf(metadata.get("general.architecture"), source)
+    gguf_arch = metadata.get("general.architecture")
+    experts = int(metadata.get(f"{gguf_arch}.expert_count", 0))
+    per_token = int(metadata.get(f"{gguf_arch}.expert_used_count", 0))
+    arch = architecture_for_gguf(gguf_arch, experts > 0, source)
+    _check_experts(experts, per_token, f"{gguf_arch}.expert_count/expert_used_count", source)
     prefix = arch.gguf_arch
 
     def key(name: str, default: Any = None) -> Any:
@@ -127,6 +141,8 @@ def config_from_gguf(
         rope_scaling=_gguf_rope_scaling(metadata, prefix, rope_freqs, theta, head_dim, source),
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(metadata[k]) for k in eos_keys if k in metadata)),
+        num_experts=experts,
+        experts_per_token=per_token,
     )
 
 
@@ -144,12 +160,17 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             f"{p}self_attn.k_proj.weight": (kv, h),
             f"{p}self_attn.v_proj.weight": (kv, h),
             f"{p}self_attn.o_proj.weight": (h, q),
-            f"{p}mlp.gate_proj.weight": (inter, h),
-            f"{p}mlp.up_proj.weight": (inter, h),
-            f"{p}mlp.down_proj.weight": (h, inter),
             f"{p}input_layernorm.weight": (h,),
             f"{p}post_attention_layernorm.weight": (h,),
         }
+        if config.is_moe:
+            shapes[f"{p}block_sparse_moe.gate.weight"] = (config.num_experts, h)
+            for e in range(config.num_experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                shapes |= {f"{x}w1.weight": (inter, h), f"{x}w3.weight": (inter, h), f"{x}w2.weight": (h, inter)}
+        else:
+            shapes |= {f"{p}mlp.gate_proj.weight": (inter, h), f"{p}mlp.up_proj.weight": (inter, h)}
+            shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
         if config.qkv_bias:
             shapes |= {f"{p}self_attn.q_proj.bias": (q,), f"{p}self_attn.k_proj.bias": (kv,)}
             shapes[f"{p}self_attn.v_proj.bias"] = (kv,)
@@ -169,6 +190,23 @@ def check_weights(config: ModelConfig, weights: Mapping[str, torch.Tensor], sour
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
             raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+
+
+def _hf_experts(arch: Architecture, hf_config: Mapping[str, Any], source: Path) -> tuple[int, int]:
+    """(num_experts, experts_per_token) of a mixture of experts, (0, 0) for a dense model."""
+    if not arch.moe:
+        return 0, 0
+    window = hf_config.get("sliding_window")
+    if window and int(window) < int(hf_config.get("max_position_embeddings", 2048)):
+        raise ModelLoadError(f"{source}: sliding-window attention (sliding_window={window}) is not supported")
+    experts, per_token = int(hf_config["num_local_experts"]), int(hf_config["num_experts_per_tok"])
+    _check_experts(experts, per_token, "num_local_experts/num_experts_per_tok", source)
+    return experts, per_token
+
+
+def _check_experts(experts: int, per_token: int, keys: str, source: Path) -> None:
+    if experts and not 1 <= per_token <= experts:
+        raise ModelLoadError(f"{source}: {keys} = {experts}/{per_token}: a token must use 1 to {experts} experts")
 
 
 def _hf_rope(hf_config: Mapping[str, Any]) -> tuple[float, dict | None]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # registry name of the graph builder: "llama" or "qwen2"
+    architecture: str  # registry name of the graph builder: "llama", "qwen2" or "mixtral"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -27,14 +27,24 @@ class ModelConfig:
     rope_scaling: dict | None = field(default=None, hash=False, compare=False)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # A mixture of experts (Mixtral): each layer's MLP is `num_experts` MLPs of `intermediate_size`, of which a router
+    # picks `experts_per_token` per token. 0 and 0: a dense model, one MLP per layer.
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     @property
     def kv_heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
     def num_params(self) -> int:
+        """Every parameter, every expert counted (not only those a token uses)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        layer = attn + 3 * h * i + 2 * h
+        mlp = 3 * h * i * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
+        layer = attn + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embed + h

@@ -1,8 +1,10 @@
-"""The forward pass of a Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Qwen2) as an IR graph.
+"""The forward pass of a Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Qwen2, Mixtral) as an IR graph.
 
 The graph is written the way the model reads in its paper, one op per line, unfused; passes fuse it and lowering
 binds it to a backend. One graph serves prefill and decode and any mix of the two in a batch: attention reads the
 batch layout from its metadata input. Weights are named by their canonical Hugging Face names and bound at lowering.
+A mixture of experts (Mixtral) differs only in its MLP: one `moe` op per layer, holding the router and every expert,
+whose weights lowering stacks once.
 
 Graph inputs: input_ids [T], positions [T], attn_metadata, logits_indices [N] (rows whose next token is sampled,
 so the lm_head runs on N rows, not T). Output: logits [N, V]."""
@@ -12,8 +14,9 @@ from __future__ import annotations
 from sagellm.runtime.execution_graph.graph import Graph, Value
 from sagellm.runtime.models.config import ModelConfig
 
-# Architectures whose forward this graph describes; they differ only in what ModelConfig records (qkv bias, rope).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# Architectures whose forward this graph describes; they differ only in what ModelConfig records (qkv bias, rope,
+# experts).
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mixtral")
 
 
 def build_decoder_graph(config: ModelConfig) -> Graph:
@@ -60,8 +63,26 @@ def _decoder_layer(
 
     residual = g.add("add", [hidden, residual])
     x = g.add("rmsnorm", [residual], weight=p + "post_attention_layernorm.weight", eps=c.rms_norm_eps)
+    if c.is_moe:
+        return _sparse_moe(g, c, i, x), residual
     gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=c.intermediate_size)
     up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=c.intermediate_size)
     act = g.add("mul", [g.add("silu", [gate]), up])
     hidden = g.add("linear", [act], weight=p + "mlp.down_proj.weight", out_features=c.hidden_size)
     return hidden, residual
+
+
+def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
+    """Mixtral's block: the router picks `top_k` experts per token; the output is their MLPs' weighted sum."""
+    experts = f"model.layers.{i}.block_sparse_moe.experts.{{}}."  # {} is an expert's number
+    return g.add(
+        "moe",
+        [x],
+        layer=i,
+        num_experts=c.num_experts,
+        top_k=c.experts_per_token,
+        router=f"model.layers.{i}.block_sparse_moe.gate.weight",
+        gate=experts + "w1.weight",
+        up=experts + "w3.weight",
+        down=experts + "w2.weight",
+    )

@@ -6,7 +6,8 @@ The file is read by `gguf_file` (a memory map; metadata arrays left undecoded) a
 kind some backend's kernels read directly (Q4_0, Q4_1, Q8_0) are also kept as their blocks (`LoadedModel.quantized`):
 the CPU backend streams those at decode. Two llama.cpp conventions are undone here so the weights equal the Hugging
 Face ones: llama-arch q/k rows are permuted for llama.cpp's rope kernel, and tied embeddings are expressed by leaving
-out output.weight."""
+out output.weight. A mixture of experts (Mixtral, a "llama" GGUF with `llama.expert_count`) stacks each layer's
+experts into one tensor per projection, [E, out, in]; each expert becomes its own Hugging Face name again."""
 
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+}
+_EXPERT_NAMES = {  # a layer's experts stacked, [E, out, in] -> each expert's projection
+    "ffn_gate_exps.weight": "w1.weight",
+    "ffn_up_exps.weight": "w3.weight",
+    "ffn_down_exps.weight": "w2.weight",
 }
 
 
@@ -85,6 +92,10 @@ def _read_weights(
     quantized: dict[str, QuantizedWeight] = {}
     for gguf_name, tensor in tensors.items():
         hf_name = hf_names[gguf_name]
+        if gguf_name.endswith("_exps.weight"):  # [E, out, in]: each expert a view of it
+            experts = torch.from_numpy(_dense(tensor)).to(dtype)
+            weights |= {hf_name.format(e): expert for e, expert in enumerate(experts)}
+            continue
         heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads
         unpermute = permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
         values = _dense(tensor)  # [out, in] or [n]
@@ -116,12 +127,16 @@ def _check_type(path: Path, tensor: GGUFTensor) -> None:
 
 
 def _hf_name(path: Path, gguf_name: str) -> str:
+    """The tensor's Hugging Face name; for a layer's stacked experts, the name of each with {} for its number."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)  # blk.{i}.{rest}
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise ModelLoadError(f"{path}: unexpected tensor {gguf_name} (not part of a llama/qwen2 graph)")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        if parts[2] in _LAYER_NAMES:
+            return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+        if parts[2] in _EXPERT_NAMES:
+            return f"model.layers.{parts[1]}.block_sparse_moe.experts.{{}}.{_EXPERT_NAMES[parts[2]]}"
+    raise ModelLoadError(f"{path}: unexpected tensor {gguf_name} (not part of a llama/qwen2/mixtral graph)")
 
 
 def _dense(tensor: GGUFTensor) -> np.ndarray:

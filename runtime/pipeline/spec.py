@@ -27,15 +27,18 @@ from sagellm.runtime.pipeline.operator import (
 )
 
 # Graph-level settings a pipeline may set (graph.attrs), with their types. `restart` is the RestartPolicy of the
-# worker processes the run starts. The last four are for the sockets of a graph run across hosts (transport tcp): the
-# interface this host listens on, the address others reach it at, the fixed port of the control socket that workers
-# started on other hosts connect to, and whether links are encrypted and authenticated (`is_secure`).
+# worker processes the run starts. `shared_memory` (default true): tensors between processes on one host go through
+# shared memory instead of ZeroMQ frames (`runtime.comm.shared_memory`). The last four are for the sockets of a graph
+# run across hosts (transport tcp): the interface this host listens on, the address others reach it at, the fixed port
+# of the control socket that workers started on other hosts connect to, and whether links are encrypted and
+# authenticated (`is_secure`).
 GRAPH_ATTRS: dict[str, Any] = {
     "name": str,
     "description": str,
     "model": str,
     "transport": Literal["ipc", "tcp"],
     "restart": dict[str, Any],
+    "shared_memory": bool,
     "bind_host": str,
     "advertise_host": str,
     "control_port": int,

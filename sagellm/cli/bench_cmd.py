@@ -68,14 +68,17 @@ def add_parser(sub: argparse._SubParsersAction, *, kind: str | None = None) -> N
     o.add_argument("--markdown", type=Path, default=None, help="write the markdown table here instead of stdout")
     o.add_argument("--log-level", default="warning")
     o.set_defaults(run=run)
-    k = kinds.add_parser("kv-transfer", help="KV prefill → decode: in-process, ipc, tcp vs memcpy (W7)")
-    k.description = "W7: one prompt's KV moved prefill → decode in-process, over ipc:// and tcp://, against memcpy."
+    k = kinds.add_parser("kv-transfer", help="KV prefill → decode: in-process, ipc, tcp, shared memory vs memcpy (W7)")
+    k.description = (
+        "W7: one prompt's KV moved prefill → decode in-process, over ipc:// and tcp:// and through shared memory, "
+        "against memcpy."
+    )
     k.add_argument("--model", "-m", default=None, help="take the KV shape from this model (default: SmolLM2-135M's)")
     k.add_argument("--tokens", type=int, default=1024, help="prompt tokens whose KV moves (default: %(default)s)")
     k.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="KV dtype")
     k.add_argument("--repeats", type=int, default=20, help="timed transfers per path; medians (default: 20)")
     k.add_argument("--warmup", type=int, default=2, help="untimed transfers per path first (default: 2)")
-    k.add_argument("--paths", default="memcpy,in-process,ipc,tcp", help="comma list of %(default)s")
+    k.add_argument("--paths", default="memcpy,in-process,ipc,tcp,shm,shm-zero-copy", help="comma list of %(default)s")
     k.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for kv_transfer.json/.png")
     k.add_argument("--log-level", default="warning")
     k.set_defaults(run=run_kv_transfer)

@@ -33,9 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start = actions.add_parser("start", help="start an engine (llm, embedding) or register a server (openai)")
     start.add_argument("model", help="path, alias or org/name (llm, embedding); the server's model name (openai)")
     start.add_argument("--kind", choices=("llm", "embedding", "openai"), default="llm")
-    start.add_argument(
-        "--tensor-parallel", "--tp", type=int, default=1, help="tensor parallel GPUs (needs that many GPUs)"
-    )
     start.add_argument("--port", type=int, help="port of the engine process (default: a free one)")
     start.add_argument("--label", help="a free-form label shown in lists")
     start.add_argument("--max-concurrent", type=int, help="requests in flight at once; more get 429")
@@ -72,10 +69,11 @@ def run_start(args: argparse.Namespace) -> int:
 
     client = ManagementClient.from_args(args)
     console = Console(stderr=True)
+    settings = engine_settings(args)
     body = {
         "model": args.model,
         "kind": args.kind,
-        "tensor_parallel": args.tensor_parallel,
+        "tensor_parallel": settings.pop("tensor_parallel_size", 1),
         "port": args.port,
         "label": args.label,
         "max_concurrent": args.max_concurrent,
@@ -83,7 +81,7 @@ def run_start(args: argparse.Namespace) -> int:
         "served_model_name": args.served_model_name,
         "url": args.engine_url,
         "api_key": args.engine_api_key,
-        "engine": engine_settings(args),
+        "engine": settings,
     }
     engine = client.start_engine(body)
     if not args.no_wait:

@@ -10,6 +10,8 @@ from typing import Any, Union, get_args, get_origin
 
 from sagellm.runtime.engine.config import ENGINE_FIELDS
 
+ALIASES = {"tensor_parallel_size": ("-tp",)}  # vLLM's short flags, so its command lines run unchanged
+
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None) -> None:
     """One flag per setting but `model` (each command names its model its own way), and but a flag the command has
@@ -26,8 +28,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str,
         shown = text if default is None else f"{text} (default: {default})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
+        elif get_origin(kind) is list:
+            group.add_argument(flag, type=_numbers, default=None, metavar="N,N,...", help=shown)
         else:
-            group.add_argument(flag, type=kind, default=None, metavar=name.split("_")[-1].upper(), help=shown)
+            flags = (flag, *ALIASES.get(name, ()))
+            group.add_argument(*flags, type=kind, default=None, metavar=name.split("_")[-1].upper(), help=shown)
         added.append(name)
     parser.set_defaults(_engine_defaults=defaults, _engine_flags=added)
 
@@ -38,6 +43,14 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     flags = getattr(args, "_engine_flags", ())
     chosen.update({name: getattr(args, name) for name in flags if getattr(args, name, None) is not None})
     return chosen
+
+
+def _numbers(text: str) -> list[int]:
+    """`0,1` -> [0, 1] (a list setting such as --device-ids)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def _scalar(hint: Any) -> type:

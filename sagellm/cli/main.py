@@ -18,6 +18,7 @@ from sagellm.cli import (
     gpu_cmd,
     inspect_cmd,
     model_cmd,
+    plan_cmd,
     preset_cmd,
     run_cmd,
     serve_cmd,
@@ -38,6 +39,7 @@ COMMANDS = (
     inspect_cmd,
     backends_cmd,
     gpu_cmd,
+    plan_cmd,
     bench_cmd,
     worker_cmd,
 )

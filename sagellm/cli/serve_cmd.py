@@ -81,9 +81,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
     vllm = p.add_argument_group("vLLM's flags this engine takes one value of (so vLLM command lines run)")
     vllm.add_argument("--dtype", default="auto", help="auto or float32: the CPU engine computes in float32")
-    vllm.add_argument(
-        "--tensor-parallel-size", "-tp", type=int, default=1, help="1 (the engine has no tensor parallelism yet)"
-    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(prompt=[], requests=None, max_tokens=None, temperature=None)
 
@@ -123,17 +120,13 @@ def _model_or_graph(args: argparse.Namespace) -> None:
 
 def apply_engine_settings(graph: Any, args: argparse.Namespace) -> Any:
     """Sets the engine flags given on every node whose operator takes them (the engines), checked as the graph file's
-    own values are; `--dtype` and `-tp` are checked for what this engine can do."""
+    own values are; `--dtype` is checked for what this engine can do."""
     from sagellm.cli.engine_flags import engine_settings
     from sagellm.runtime.pipeline.operator import get_operator
     from sagellm.runtime.pipeline.spec import validate
 
     if args.dtype not in ("auto", "float32", "float", "fp32"):
         raise ValueError(f"--dtype {args.dtype}: this engine computes in float32 on the CPU (auto or float32)")
-    if args.tensor_parallel_size != 1:
-        raise ValueError(
-            f"--tensor-parallel-size {args.tensor_parallel_size}: the engine has no tensor parallelism yet"
-        )
     settings = engine_settings(args)
     if not settings:
         return graph

@@ -206,6 +206,8 @@ def _command(engine: ManagedEngine) -> list[str]:
     if engine.spec.kind == "embedding":
         return [*serve, "--no-llm", "--embedding-model", engine.spec.model, *common]
     settings = {"backend": "cuda" if engine.gpus else "cpu", **engine.spec.engine}
+    if engine.spec.tensor_parallel > 1:
+        settings["tensor_parallel_size"] = engine.spec.tensor_parallel
     graph = [str(DEFAULT_GRAPH), "--model", engine.spec.model, "--served-model-name", engine.name, "--no-embedding"]
     # Each value as JSON, which `--set` reads as the YAML scalar it is (true, null, 0.5, "text").
     overrides = [arg for name, value in settings.items() for arg in ("--set", f"engine.{name}={json.dumps(value)}")]

@@ -49,6 +49,8 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise FieldError("max_concurrent", f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.engine:
             self._check_engine_settings()
+        if "tensor_parallel_size" in self.engine:
+            raise FieldError("engine.tensor_parallel_size", "set the engine's tensor parallel size as tensor_parallel")
         if self.kind == "openai":
             if not self.url or not self.url.startswith(("http://", "https://")):
                 raise FieldError("url", "an openai engine needs `url`, the server's http(s) base URL")

@@ -180,13 +180,13 @@ class EngineManager:
             raise ApiError(409, f"port {spec.port} is in use; pick another or leave port out", code="conflict")
 
     async def _gpus_for(self, spec: EngineSpec) -> list[int]:
-        """The GPU indexes given to the engine: none unless `use_gpu` or `tensor_parallel` > 1, which need that many
-        free GPUs."""
+        """The GPU indexes given to the engine: none unless `use_gpu`, which needs one free GPU per tensor parallel
+        rank (without it, the ranks are processes on the CPU)."""
         tp = spec.tensor_parallel
-        needed = tp if spec.use_gpu or tp > 1 else 0
+        needed = tp if spec.use_gpu else 0
         if not needed:
             return []
-        from sagellm.gpu import gpu_inventory
+        from sagellm.runtime.comm.topology import gpu_inventory
 
         inventory = await trio.to_thread.run_sync(gpu_inventory)
         taken = {i for e in self.engines.values() for i in e.gpus}
@@ -196,10 +196,6 @@ class EngineManager:
             why = f" ({inventory.reason})" if inventory.reason else ""
             asked, param = (f"tensor_parallel={tp}", "tensor_parallel") if tp > 1 else ("use_gpu", "use_gpu")
             raise ApiError(400, f"{asked} needs {needed} GPU(s); {found}{why}", param=param, code="no_gpu")
-        if tp > 1:
-            raise ApiError(
-                400, "the sageLLM engine has no tensor parallelism yet; use tensor_parallel=1 or an openai engine"
-            )
         if spec.kind == "embedding":
             raise ApiError(400, "embedding engines run on the CPU; leave use_gpu out", param="use_gpu")
         return free[:needed]

@@ -113,10 +113,11 @@ class ManagementRoutes:
 
     # -- hardware -------------------------------------------------------------------------------------------------
     async def gpu(self, _: HttpRequest) -> Response:
-        from sagellm.gpu import gpu_inventory
+        """The machine's devices: the GPU inventory's keys, with the CPU and its NUMA nodes under "cpu"."""
+        from sagellm.runtime.comm.topology import machine_topology
 
-        inventory = await trio.to_thread.run_sync(gpu_inventory)
-        return Response(inventory.to_json())
+        topology = await trio.to_thread.run_sync(machine_topology)
+        return Response(topology.to_json())
 
     async def backends(self, _: HttpRequest) -> Response:
         from sagellm.backends import list_backends

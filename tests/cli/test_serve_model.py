@@ -62,10 +62,13 @@ def test_engine_flags_set_every_engine_node_and_are_checked_as_the_file_is(tiny)
     engines = {n.id: n.params for n in graph.nodes.values() if "max_num_seqs" in n.params}
     assert set(engines) == {"prefill", "decode"}
     assert all(p["max_model_len"] == 128 and p["max_num_seqs"] == 4 for p in engines.values())
-    for bad, message in ((("--dtype", "bfloat16"), "float32"), (("-tp", "2"), "tensor parallelism")):
-        args = parse("pd", *bad)
-        with pytest.raises(ValueError, match=message):
-            apply_engine_settings(build_graph(args), args)
+    args = parse("pd", "--dtype", "bfloat16")
+    with pytest.raises(ValueError, match="float32"):
+        apply_engine_settings(build_graph(args), args)
+    args = parse("pd", "-tp", "2")  # vLLM's short flag: every engine node's tensor_parallel_size
+    graph = apply_engine_settings(build_graph(args), args)
+    split = {n.id: n.params["tensor_parallel_size"] for n in graph.nodes.values() if "tensor_parallel_size" in n.params}
+    assert split == {"prefill": 2, "decode": 2}
 
 
 def test_gateway_start_forwards_boolean_flags_both_ways():
@@ -78,10 +81,10 @@ def test_gateway_start_forwards_boolean_flags_both_ways():
 
 
 @pytest.mark.slow
-def test_serve_a_model_with_vllm_flags_and_chat_with_it(tiny, tmp_path):
+def test_serve_a_model_with_vllm_flags_and_tensor_parallel_and_chat_with_it(tiny, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [SAGELLM, "serve", str(tiny), "--max-model-len", "64", "--port", str(port), *SAGELLM_ARGS]
+    command = [SAGELLM, "serve", str(tiny), "--max-model-len", "64", "-tp", "2", "--port", str(port), *SAGELLM_ARGS]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=_env(tmp_path))  # fmt: skip
     try:
@@ -104,6 +107,23 @@ def test_serve_a_model_with_vllm_flags_and_chat_with_it(tiny, tmp_path):
     finally:
         server.terminate()
         server.wait(60)
+    deadline = time.monotonic() + 10  # the engine's second tensor parallel rank stops with it
+    while time.monotonic() < deadline and ranks_of(tiny):
+        time.sleep(0.2)
+    assert not ranks_of(tiny)
+
+
+def ranks_of(model: Path) -> list[str]:
+    """Tensor parallel rank processes alive for `model`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "sagellm.runtime.parallel.rank_worker" in text and str(model) in text:
+            found.append(text)
+    return found
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Smoke test of `sagellm bench kv-transfer` (W7) on a tiny KV: every path, including the spawned prefill processes
-over ipc:// and tcp://, moves the payload (the benchmark checks the bytes) and the command writes its JSON and PNG.
-Nothing here is timed; real numbers come from the command itself."""
+over ipc://, tcp:// and shared memory, moves the payload (the benchmark checks the bytes) and the command writes its
+JSON and PNG. Nothing here is timed; real numbers come from the command itself."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_bench_kv_transfer_writes_json_and_png(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "kv_transfer.json").read_text())
     assert results["shape"] == [30, 2, 8, 3, 64] and results["bytes"] == 30 * 2 * 8 * 3 * 64 * 4
     rows = {r["path"]: r for r in results["results"]}
-    assert list(rows) == ["memcpy", "in-process", "ipc", "tcp"]
+    assert list(rows) == ["memcpy", "in-process", "ipc", "tcp", "shm", "shm-zero-copy"]
     for row in rows.values():
         assert row["gbps_median"] > 0 and row["ms_median"] > 0 and len(row["runs_ms"]) == 3
     assert rows["memcpy"]["vs_memcpy"] == 1.0

@@ -10,9 +10,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
-from sagellm.runtime.engine.scheduler import ScheduledBatch
-from sagellm.runtime.engine.sequence import Sequence
-from tests.oracle import hf_greedy
+from tests.oracle import assert_last_logits_match, hf_greedy
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -35,17 +33,7 @@ def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):
     path, hf = tiny
     engine = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=64))
     batch_prompts = prompts(hf.config.vocab_size, [1, 7, 16, 23])
-    batch = ScheduledBatch()
-    for i, p in enumerate(batch_prompts):
-        seq = Sequence(str(i), p, GREEDY)
-        assert engine.scheduler.block_manager.allocate(seq, len(p))
-        batch.seqs.append(seq)
-        batch.num_new_tokens.append(len(p))
-    ours = engine.runner.execute(batch)  # [4, V]: each prompt's last position
-    for row, p in zip(ours, batch_prompts):
-        with torch.no_grad():
-            ref = hf(torch.tensor([p])).logits[0, -1]
-        assert torch.allclose(row, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), (row - ref).abs().max()
+    assert_last_logits_match(engine, hf, batch_prompts)
 
 
 @pytest.mark.parametrize(

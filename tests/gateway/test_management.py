@@ -1,10 +1,12 @@
 """The management API on a real gateway (a tiny Llama behind graphs/colocated.yaml): the admin key, every error
-status, the GPU and backend inventories, and an `openai` engine (a second real gateway) that serves its model as an
-instance of the first one's registry, plain, streamed and failing, until it is stopped or goes down; spawned
-`embedding` and `llm` engines (one that serves, one that cannot start and is failed with its own error message)."""
+status, the device (CPU, NUMA nodes, GPU) and backend inventories, and an `openai` engine (a second real gateway)
+that serves its model as an instance of the first one's registry, plain, streamed and failing, until it is stopped
+or goes down; spawned `embedding` and `llm` engines (one that serves, one that cannot start and is failed with its
+own error message)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -61,7 +63,7 @@ def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
         ({"model": "m", "tensor_parallel": "two"}, "tensor_parallel", "Expected `int`"),
         ({"model": "m", "tensor_parallel": 0}, "tensor_parallel", "tensor_parallel must be >= 1"),
         (
-            {"model": "m", "tensor_parallel": 2},
+            {"model": "m", "tensor_parallel": 2, "use_gpu": True},
             "tensor_parallel",
             "tensor_parallel=2 needs 2 GPU(s); found none (no NVIDIA GPU found (NVML:",
         ),
@@ -100,10 +102,13 @@ def test_the_gateways_own_model_name_is_409_for_an_embedding_engine(admin, gatew
     assert reply.status_code == 409 and "served_model_name" in reply.json()["error"]["message"]
 
 
-def test_gpu_route_says_why_there_is_none(admin):
+def test_gpu_route_says_why_there_is_none_and_shows_the_cpu(admin):
     reply = admin.get("/v1/management/gpu").json()
-    assert reply["gpus"] == [] and reply["driver_version"] is None
+    assert reply["gpus"] == [] and reply["links"] == [] and reply["driver_version"] is None
     assert reply["reason"].startswith("no NVIDIA GPU found (NVML: ")
+    cpu = reply["cpu"]
+    assert cpu["threads"] == os.cpu_count() and cpu["sockets"] >= 1 and cpu["memory_total_mib"] > 0
+    assert sorted(c for node in cpu["numa_nodes"] for c in node["cpus"]) == list(range(os.cpu_count()))
 
 
 def test_backends_route_matches_the_registry(admin):

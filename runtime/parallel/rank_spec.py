@@ -1,0 +1,53 @@
+"""What rank 0 tells the other tensor parallel ranks: how to start (one JSON argument), then, beside each step's
+`StepInputs`, the KV hand-overs all ranks take part in."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class RankSpec(msgspec.Struct, kw_only=True):
+    model: str  # the model's path: every rank loads it and keeps its own slice
+    rank: int
+    world_size: int
+    host: str  # rank 0's group store
+    port: int
+    backend: str
+    num_blocks: int  # rank 0 sized the cache; every rank allocates as many blocks (for its own heads)
+    block_size: int
+    max_model_len: int
+    quantized_weights: bool
+    num_threads: int | None
+    device_ids: list[int] | None = None  # the engine's; the rank takes its share (runtime/engine/placement.py)
+    shared_fd: int | None = None  # the ranks' shared memory segment (a memfd rank 0 passed down), if any
+    shared_capacity: int = 0
+
+    def encode(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @staticmethod
+    def decode(text: str) -> RankSpec:
+        return msgspec.json.decode(text, type=RankSpec)
+
+
+class ReadKV(msgspec.Struct, array_like=True, tag="read_kv"):
+    """Every rank reads its KV heads at `slots`; an all-gather joins them at rank 0 (a prefill's hand-over)."""
+
+    slots: list[int]
+
+
+class WriteKV(msgspec.Struct, array_like=True, tag="write_kv"):
+    """Rank 0 broadcasts a KV of `shape` next; every rank stores its KV heads of it at `slots` (a decode's import)."""
+
+    slots: list[int]
+    shape: list[int]
+
+
+def ready_key(rank: int) -> str:
+    """The store key a rank sets once its weights are prepared."""
+    return f"ready/{rank}"
+
+
+def failed_key(rank: int) -> str:
+    """The store key a rank sets to say why it could not start."""
+    return f"failed/{rank}"

@@ -1,0 +1,82 @@
+"""A tensor parallel rank other than 0: loads the model, keeps its slice, then runs every step rank 0 broadcasts.
+
+    python -I -m sagellm.runtime.parallel.rank_worker '<RankSpec JSON>'
+
+It has no scheduler and no sampler: each step's inputs arrive as a `StepInputs` from rank 0, or a KV hand-over to
+take part in (an empty message ends the loop), and the logits it computes with the others are rank 0's to sample.
+When rank 0 is gone the next collective fails and the rank exits, so no rank outlives its engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from sagellm.common.logging import configure_logging
+from sagellm.common.openmp import prefer_short_spin
+from sagellm.runtime.parallel.rank_spec import RankSpec
+
+
+def main(argv: list[str] | None = None) -> None:
+    prefer_short_spin()  # before torch loads
+    configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "warning"))
+    spec = RankSpec.decode((argv or sys.argv[1:])[0])
+    code = serve(spec)
+    sys.stderr.flush()
+    os._exit(code)  # skip the interpreter's teardown of torch and the weights
+
+
+def serve(spec: RankSpec) -> int:
+    import msgspec
+    import structlog
+
+    from sagellm.backends import get_backend
+    from sagellm.runtime.comm.collectives import CollectiveError, Communicator, GroupAddress, open_store
+    from sagellm.runtime.comm.shared_collectives import SharedCollectives
+    from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs
+    from sagellm.runtime.engine.placement import place
+    from sagellm.runtime.models.loader import load_model
+    from sagellm.runtime.models.tensor_parallel import TensorShard
+    from sagellm.runtime.parallel.rank_spec import ReadKV, WriteKV, failed_key, ready_key
+    from sagellm.runtime.parallel.tensor_parallel import take_part
+
+    log = structlog.get_logger("sagellm.tensor_parallel")
+    store = open_store(spec.world_size, GroupAddress(spec.host, spec.port))
+    try:
+        backend = get_backend(spec.backend)
+        place(backend, spec.device_ids, spec.num_threads, spec.rank, spec.world_size)
+        shared = None
+        if spec.shared_fd is not None:
+            shared = SharedCollectives(spec.shared_fd, spec.rank, spec.world_size, spec.shared_capacity)
+            os.close(spec.shared_fd)
+        comm = Communicator(spec.rank, spec.world_size, store, library=backend.collective_library, shared=shared)
+        model = load_model(spec.model)
+        runner = ModelRunner(
+            model.config,
+            model.weights,
+            backend,
+            num_blocks=spec.num_blocks,
+            block_size=spec.block_size,
+            max_model_len=spec.max_model_len,
+            quantized=model.quantized if spec.quantized_weights else {},
+            shard=TensorShard(spec.rank, spec.world_size),
+            collectives=comm,
+        )
+        del model
+    except Exception as error:
+        store.set(failed_key(spec.rank), f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        return 1
+    store.set(ready_key(spec.rank), "1")
+    decoder = msgspec.msgpack.Decoder(StepInputs | ReadKV | WriteKV)
+    try:
+        comm.connect()
+        while message := comm.broadcast_bytes(None, 0):
+            take_part(runner, comm, decoder.decode(message))
+    except CollectiveError as error:
+        log.warning("tensor_parallel_rank_orphaned", rank=spec.rank, error=str(error))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    main()

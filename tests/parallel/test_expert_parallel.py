@@ -1,0 +1,91 @@
+"""Expert parallel engines against the oracle: a tiny random Mixtral (4 experts, 2 per token) over 2 ranks (rank 0
+here, rank 1 a real process, gloo between them), each holding 2 whole experts and the whole router, attention split
+by heads as tensor parallel splits it, gives transformers' logits within fp32 tolerance and the greedy tokens of
+transformers and of one rank through a continuous batch; a size with fewer experts than ranks is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sagellm import SamplingParams
+from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.models.decoder_graph import build_decoder_graph
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.models.tensor_parallel import TensorShard, shard_tensor_parallel
+from sagellm.runtime.parallel.engine import start_engine
+from tests.oracle import assert_last_logits_match, hf_greedy
+from tests.tiny_models import make_tiny_mixtral
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_tiny_mixtral(tmp_path_factory.mktemp("mixtral") / "mixtral")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, hf
+
+
+def engine_config(path, tp: int, **extra) -> EngineConfig:
+    return EngineConfig(
+        model=str(path), backend="cpu", block_size=4, num_kv_blocks=64, tensor_parallel_size=tp, **extra
+    )
+
+
+@pytest.fixture(scope="module")
+def ep2(tiny):
+    engine = start_engine(engine_config(tiny[0], 2, max_num_batched_tokens=8))  # chunked: prefills beside decodes
+    yield engine
+    engine.close()
+
+
+def prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_each_rank_routes_over_every_expert_and_computes_its_own_then_all_reduces(tiny):
+    config = load_model(tiny[0], load_tokenizer=False, load_weights=False).config
+    for rank, held in enumerate([(0, 2), (2, 4)]):
+        graph = shard_tensor_parallel(build_decoder_graph(config), config, TensorShard(rank, 2))
+        moes = [node for node in graph.nodes.values() if node.op == "moe"]
+        assert [(n.params["experts"], n.params["num_experts"]) for n in moes] == [(held, 4)] * config.num_layers
+        readers = {e.src: graph.nodes[e.dst].op for e in graph.edges}
+        assert all(readers[n.id] == "all_reduce" for n in moes)
+
+
+def test_rank_0_holds_only_its_experts(ep2):
+    stacked = [instr.consts[1] for instr in ep2.runner.plan.instrs if instr.node.startswith("moe")]
+    assert [tuple(gate_up.shape) for gate_up in stacked] == [(2, 2 * 128, 64)] * 2  # [L, 2I, H], each layer
+
+
+def test_ep2_prefill_logits_match_transformers(tiny, ep2):
+    _, hf = tiny
+    batch_prompts = prompts(hf.config.vocab_size, [1, 7, 16, 23])
+    assert_last_logits_match(ep2, hf, batch_prompts)
+
+
+def test_ep2_greedy_tokens_equal_ep1_and_transformers_in_a_continuous_batch(tiny, ep2):
+    path, hf = tiny
+    batch_prompts = prompts(hf.config.vocab_size, [5, 12, 30])
+    ep1 = start_engine(engine_config(path, 1, max_num_batched_tokens=8))
+    tokens = {}
+    try:
+        for engine in (ep1, ep2):
+            for i, p in enumerate(batch_prompts):
+                engine.add_request(f"greedy-{i}", p, GREEDY)
+            finished = {}
+            while engine.has_unfinished_requests():
+                finished.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+            tokens[engine is ep2] = [finished[f"greedy-{i}"] for i in range(len(batch_prompts))]
+    finally:
+        ep1.close()
+    assert tokens[True] == tokens[False] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in batch_prompts]
+
+
+def test_more_ranks_than_experts_is_refused_before_any_rank_starts(tmp_path):
+    path = make_tiny_mixtral(tmp_path / "two", num_local_experts=2, num_experts_per_tok=1, num_key_value_heads=4)
+    with pytest.raises(ValueError, match="more than the model's 2 experts"):
+        start_engine(engine_config(path, 3))

@@ -1,0 +1,54 @@
+"""An engine on its own devices (`device_ids`): on the cpu backend a lone engine's threads are pinned to its cores,
+and a tensor parallel group shares them out, one core per rank here. Each engine runs in a subprocess of its own,
+since pinning is for the life of a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sagellm.common.errors import FieldError
+from sagellm.runtime.engine.config import EngineConfig
+from tests.tiny_models import make_tiny_llama
+
+PLACED = """
+import json, os, sys, torch
+from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.parallel.engine import start_engine
+engine = start_engine(EngineConfig(model=sys.argv[1], backend="cpu", num_kv_blocks=16, **json.loads(sys.argv[2])))
+ranks = [sorted(os.sched_getaffinity(r.pid)) for r in getattr(engine.runner, "_ranks", [])]
+print(json.dumps({"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(), "ranks": ranks}))
+engine.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("placed") / "llama")
+
+
+def placed(model, **settings) -> dict:
+    ran = subprocess.run([sys.executable, "-c", PLACED, str(model), json.dumps(settings)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    return json.loads(ran.stdout.splitlines()[-1])  # after the engine's log lines (structlog's default: stdout)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_an_engine_runs_on_its_cores_and_a_group_shares_them_out(model):
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    assert placed(model, device_ids=[second]) == {"cores": [second], "threads": 1, "ranks": []}
+    group = placed(model, device_ids=[first, second], tensor_parallel_size=2)
+    assert group == {"cores": [first], "threads": 1, "ranks": [[second]]}
+
+
+def test_devices_it_cannot_have_are_refused_with_the_reason(model):
+    with pytest.raises(FieldError, match="device_ids must be device numbers"):
+        EngineConfig(device_ids=[])
+    ran = subprocess.run([sys.executable, "-c", PLACED, str(model), json.dumps({"device_ids": [4096]})],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ran.returncode != 0 and "cannot run on cores [4096]" in ran.stderr
