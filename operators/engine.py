@@ -22,6 +22,8 @@ from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
 
+SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}  # vLLM's short flags, in graph files
+
 
 @dataclass
 class TrackedRequest:
@@ -58,16 +60,20 @@ class EngineOperator(StepOperator):
     role: ClassVar[str] = "colocated"
     accepts = (Request, PrefillDone)
 
-    def __init__(self, price_per_1k_tokens: float = 0.0, tp: int | None = None, **engine: Any) -> None:
-        """The parameters are `EngineConfig`'s settings (`model` defaults to the graph's; `tp` short for
-        `tensor_parallel_size`) and the price that cost_optimized reads; a bad value raises `FieldError` naming it,
-        which a graph file reports at its line."""
+    def __init__(
+        self, price_per_1k_tokens: float = 0.0, tp: int | None = None, pp: int | None = None, **engine: Any
+    ) -> None:
+        """The parameters are `EngineConfig`'s settings (`model` defaults to the graph's; `tp` and `pp` short for
+        `tensor_parallel_size` and `pipeline_parallel_size`) and the price that cost_optimized reads; a bad value
+        raises `FieldError` naming it, which a graph file reports at its line."""
         if price_per_1k_tokens < 0:
             raise FieldError("price_per_1k_tokens", f"price_per_1k_tokens must be >= 0, got {price_per_1k_tokens}")
-        if tp is not None:
-            if engine.get("tensor_parallel_size", tp) != tp:
-                raise FieldError("tp", "tp and tensor_parallel_size are one setting: give one")
-            engine["tensor_parallel_size"] = tp
+        for short, value in (("tp", tp), ("pp", pp)):
+            if value is not None:
+                name = SHORT_NAMES[short]
+                if engine.get(name, value) != value:
+                    raise FieldError(short, f"{short} and {name} are one setting: give one")
+                engine[name] = value
         self.config = EngineConfig(**engine)
         self.price_per_1k_tokens = price_per_1k_tokens
         self._tracked: dict[str, TrackedRequest] = {}
@@ -76,7 +82,8 @@ class EngineOperator(StepOperator):
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:
         engine = {name: (hint, False) for name, (hint, _, _) in ENGINE_FIELDS.items()}
-        return {**engine, "tp": (int, False), "price_per_1k_tokens": (float, False)}
+        shorts = {short: (int, False) for short in SHORT_NAMES}
+        return {**engine, **shorts, "price_per_1k_tokens": (float, False)}
 
     @classmethod
     def instance_stats(cls, node_id: str, params: dict[str, Any]) -> InstanceStats:
@@ -233,7 +240,8 @@ class PrefillOperator(EngineOperator):
         from sagellm.runtime.comm import shared_memory
 
         cpu = self.engine.backend.device.type == "cpu"
-        if cpu and ctx.graph_attrs.get("shared_memory", True) and shared_memory.available():
+        leaves = bool(ctx.remote_outputs) and ctx.graph_attrs.get("shared_memory", True)
+        if cpu and leaves and shared_memory.available():
             # The KV is gathered straight into shared memory: a decode worker on this host maps it, nothing copied.
             self.engine.kv_buffer = shared_memory.arena().empty
 

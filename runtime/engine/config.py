@@ -36,7 +36,16 @@ class EngineConfig:
     seed: int | None = _help("random seed of the engine: unseeded requests sample the same way every run", None)
     # vLLM's --tensor-parallel-size: the model's heads, MLP and vocabulary split over this many ranks, one process
     # (and one device) each, every layer's two partial sums joined by an all-reduce.
-    tensor_parallel_size: int = _help("ranks (processes, devices) each layer is split over: tensor parallelism", 1)
+    # Unset (None, the default) with pipeline_parallel_size: the planner's choice for this model on this machine's
+    # devices when the engine starts (runtime/parallel/engine.py; 1 on a CPU the model fits).
+    tensor_parallel_size: int | None = _help(
+        "ranks (processes, devices) each layer is split over: tensor parallelism (default: the planner's)", None
+    )
+    # vLLM's --pipeline-parallel-size: the layers split into this many stages, one process group each, the hidden
+    # state passed from stage to stage; with tensor parallelism, tp x pp processes.
+    pipeline_parallel_size: int | None = _help(
+        "stages the model's layers are split into: pipeline parallelism (default: the planner's)", None
+    )
     # Where the engine runs: GPU (or NPU, MLU) indexes on an accelerator, one per tensor parallel rank; CPU cores on
     # the cpu backend, shared out among its ranks, its threads pinned there (a prefill and a decode engine apart).
     device_ids: list[int] | None = _help(
@@ -51,14 +60,19 @@ class EngineConfig:
         _at_least(self, "max_num_seqs", 1)
         _at_least(self, "max_num_batched_tokens", 1)
         _at_least(self, "block_size", 1)
-        _at_least(self, "tensor_parallel_size", 1)
-        for name in ("max_model_len", "num_kv_blocks", "num_threads"):
+        for name in ("max_model_len", "num_kv_blocks", "num_threads", "tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) is not None:
                 _at_least(self, name, 1)
         if self.device_ids is not None and (not self.device_ids or min(self.device_ids) < 0):
             raise FieldError("device_ids", f"device_ids must be device numbers >= 0, got {self.device_ids!r}")
         if not self.kv_cache_memory_gb > 0:
             raise FieldError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+
+    @property
+    def world_size(self) -> int:
+        """The engine's processes: a rank for each tensor parallel slice of each pipeline stage (an unset size is
+        1 here; `start_engine` sets it from the planner first)."""
+        return (self.tensor_parallel_size or 1) * (self.pipeline_parallel_size or 1)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

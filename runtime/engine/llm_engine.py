@@ -19,7 +19,7 @@ from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, token_slots
-from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError
+from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.placement import place
 from sagellm.runtime.engine.prompt import prompt_token_problem
@@ -29,7 +29,8 @@ from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, Schedule
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
-from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config
+from sagellm.runtime.models.pipeline_stages import PipelineStage
+from sagellm.runtime.models.tensor_parallel import TensorShard
 
 log = structlog.get_logger("sagellm.engine")
 
@@ -54,10 +55,10 @@ class LLMEngine:
     ) -> None:
         """`make_runner` takes `ModelRunner`'s arguments: a tensor parallel group's is rank 0's runner, which starts
         the other ranks (`sagellm.runtime.parallel.engine.start_engine` gives it)."""
-        if config.tensor_parallel_size > 1 and make_runner is ModelRunner:
+        if config.world_size > 1 and make_runner is ModelRunner:
             raise ValueError(
-                "tensor_parallel_size > 1 needs ranks in other processes: start the engine with "
-                "sagellm.runtime.parallel.engine.start_engine"
+                "tensor_parallel_size or pipeline_parallel_size > 1 needs ranks in other processes: start the engine "
+                "with sagellm.runtime.parallel.engine.start_engine"
             )
         if config.seed is not None:
             torch.manual_seed(config.seed)  # unseeded rows draw from the global generator (the sampler)
@@ -71,10 +72,14 @@ class LLMEngine:
         self.sampling_defaults = model_sampling_defaults(self.model)  # what a request that sets nothing gets
         model_config = self.model.config
         self.backend = get_backend(config.backend)
-        if config.tensor_parallel_size == 1:  # a group's rank 0 is placed by its runner, with the other ranks
+        if config.world_size == 1:  # a group's rank 0 is placed by its runner, with the other ranks
             place(self.backend, config.device_ids, config.num_threads)
-        # The budget is each rank's: rank 0 holds the most KV heads of a tensor parallel group.
-        rank0 = rank_config(model_config, TensorShard(0, config.tensor_parallel_size))
+        # The budget is each rank's: rank 0 holds the most KV heads and layers of a parallel group.
+        rank0 = cache_config(
+            model_config,
+            TensorShard(0, config.tensor_parallel_size or 1),
+            PipelineStage(0, config.pipeline_parallel_size or 1),
+        )
         num_blocks = config.num_kv_blocks or num_blocks_for_budget(
             rank0, config.block_size, int(config.kv_cache_memory_gb * 2**30)
         )

@@ -7,6 +7,8 @@ the numbers, which is what a tensor parallel rank without a scheduler receives f
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import torch
 
@@ -20,8 +22,15 @@ from sagellm.runtime.execution_graph.lowering import Collectives, LoweringContex
 from sagellm.runtime.execution_graph.passes import optimize
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
+from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.rope import cos_sin_table
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, shard_tensor_parallel
+
+
+def cache_config(config: ModelConfig, shard: TensorShard | None, stage: PipelineStage | None) -> ModelConfig:
+    """The config as one rank's KV cache sees it: its own KV heads, its stage's layers."""
+    config = rank_config(config, shard)
+    return dataclasses.replace(config, num_layers=len(stage.layers(config.num_layers))) if stage else config
 
 
 class RunnerLostError(RuntimeError):
@@ -54,16 +63,19 @@ class ModelRunner:
         max_model_len: int,
         quantized: dict[str, QuantizedWeight] | None = None,
         shard: TensorShard | None = None,
+        stage: PipelineStage | None = None,
         collectives: Collectives | None = None,
     ) -> None:
-        """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches."""
+        """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
+        `stage`: it runs one pipeline stage's layers (and holds their KV cache only)."""
         self.config = config
-        self.shard = shard
+        self.shard, self.stage = shard, stage
+        self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
         self.block_size = block_size
         self.device = backend.device
-        self.kv_caches = allocate_kv_caches(rank_config(config, shard), num_blocks, block_size, self.device)
-        graph = build_decoder_graph(config)
+        self.kv_caches = allocate_kv_caches(cache_config(config, shard, stage), num_blocks, block_size, self.device)
+        graph = build_decoder_graph(config, self.layers)
         self.graph = optimize(shard_tensor_parallel(graph, config, shard) if shard else graph)
         context = LoweringContext(
             backend=backend,
@@ -85,7 +97,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: StepInputs) -> torch.Tensor:
-        return self.plan.run(**self.tensors(step))["logits"]
+        return self.forward(step)["logits"]
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs, carried: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The graph's outputs: logits, or a pipeline stage's hidden and residual; `carried`: those of the stage
+        before."""
+        return self.plan.run(**self.tensors(step), **(carried or {}))
 
     def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size

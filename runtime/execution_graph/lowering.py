@@ -149,7 +149,7 @@ def _bind_rope(params, ctx, kernels):
 
 def _bind_attention(params, ctx, kernels):
     attention, d = kernels["attention"], ctx.head_dim
-    k_cache, v_cache = ctx.kv_caches[params["layer"]]
+    k_cache, v_cache = ctx.kv_caches[params["cache"]]
 
     def attention_flat(q, k, v, meta, k_cache, v_cache, scale):
         n = q.shape[0]

@@ -125,7 +125,9 @@ class LocalExecutor:
         for node_id in self.local:
             node = self.graph.nodes[node_id]
             op = self._given.get(node_id) or get_operator(node.op)(**params[node_id])
-            ctx = OperatorContext(node_id, self.out_nodes(node_id), self.instances, self.load, self.graph_attrs)
+            outputs = self.out_nodes(node_id)
+            remote = [n for n in outputs if n not in self.local]
+            ctx = OperatorContext(node_id, outputs, self.instances, self.load, self.graph_attrs, remote)
             await trio.to_thread.run_sync(op.open, ctx)
             self.operators[node_id] = op
         for node_id in self.local:

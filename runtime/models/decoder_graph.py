@@ -7,7 +7,10 @@ A mixture of experts (Mixtral) differs only in its MLP: one `moe` op per layer, 
 whose weights lowering stacks once.
 
 Graph inputs: input_ids [T], positions [T], attn_metadata, logits_indices [N] (rows whose next token is sampled,
-so the lm_head runs on N rows, not T). Output: logits [N, V]."""
+so the lm_head runs on N rows, not T). Output: logits [N, V]. A pipeline stage's graph covers some `layers`: one
+that does not start at layer 0 reads `hidden` and `residual` [T, H] instead of input_ids, and one that does not end
+at the last layer gives them as its outputs instead of logits. Attention node `cache` is the layer's place among
+the graph's own layers, which is its index into the stage's KV caches."""
 
 from __future__ import annotations
 
@@ -19,19 +22,28 @@ from sagellm.runtime.models.config import ModelConfig
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mixtral")
 
 
-def build_decoder_graph(config: ModelConfig) -> Graph:
+def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Graph:
     if config.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"no model graph for architecture {config.architecture!r}; have {SUPPORTED_ARCHITECTURES}")
-    g = Graph(attrs={"model": config.architecture, "num_layers": config.num_layers})
-    input_ids = g.add("input", id="input_ids", name="input_ids")
+    layers = layers if layers is not None else range(config.num_layers)
+    g = Graph(attrs={"model": config.architecture, "num_layers": len(layers)})
     positions = g.add("input", id="positions", name="positions")
     meta = g.add("input", id="attn_metadata", name="attn_metadata")
-    logits_indices = g.add("input", id="logits_indices", name="logits_indices")
-
-    hidden = g.add("embedding", [input_ids], weight="model.embed_tokens.weight")
     residual: Value | None = None
-    for layer in range(config.num_layers):
-        hidden, residual = _decoder_layer(g, config, layer, hidden, residual, positions, meta)
+    if layers.start == 0:
+        input_ids = g.add("input", id="input_ids", name="input_ids")
+        hidden = g.add("embedding", [input_ids], weight="model.embed_tokens.weight")
+    else:
+        hidden = g.add("input", id="hidden", name="hidden")
+        residual = g.add("input", id="residual", name="residual")
+    for layer in layers:
+        hidden, residual = _decoder_layer(g, config, layer, layer - layers.start, hidden, residual, positions, meta)
+    if layers.stop < config.num_layers:
+        g.add("output", [hidden], id="hidden_out", name="hidden")
+        g.add("output", [residual], id="residual_out", name="residual")
+        return g
+
+    logits_indices = g.add("input", id="logits_indices", name="logits_indices")
 
     # Only the sampled rows go through the final norm and the lm_head.
     hidden = g.add("index_rows", [hidden, logits_indices])
@@ -45,7 +57,7 @@ def build_decoder_graph(config: ModelConfig) -> Graph:
 
 
 def _decoder_layer(
-    g: Graph, c: ModelConfig, i: int, hidden: Value, residual: Value | None, positions: Value, meta: Value
+    g: Graph, c: ModelConfig, i: int, cache: int, hidden: Value, residual: Value | None, positions: Value, meta: Value
 ) -> tuple[Value, Value]:
     p = f"model.layers.{i}."
     # In the first layer the embedding is the residual stream.
@@ -58,7 +70,7 @@ def _decoder_layer(
     k = g.add("linear", [x], weight=p + "self_attn.k_proj.weight", out_features=kv_size, **bias)
     v = g.add("linear", [x], weight=p + "self_attn.v_proj.weight", out_features=kv_size, **bias)
     q, k = g.add_multi("rope", [q, k, positions], 2, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
-    attn = g.add("attention", [q, k, v, meta], layer=i, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
+    attn = g.add("attention", [q, k, v, meta], layer=i, cache=cache, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
     hidden = g.add("linear", [attn], weight=p + "self_attn.o_proj.weight", out_features=c.hidden_size)
 
     residual = g.add("add", [hidden, residual])

@@ -39,10 +39,10 @@ class Devices:
         return cls("gpu", count, memory_gib, min(count, per_node), name)
 
     @classmethod
-    def from_topology(cls, topology: Topology) -> Devices:
+    def from_topology(cls, topology: Topology, *, use_gpus: bool = True) -> Devices:
         """The NVIDIA GPUs in groups of the size every NVLink domain is a multiple of (all of them when none has
-        NVLink: one node's PCIe); without GPUs, the CPU with the machine's memory."""
-        gpus = topology.gpu.gpus
+        NVLink: one node's PCIe); without GPUs (or `use_gpus`), the CPU with the machine's memory."""
+        gpus = topology.gpu.gpus if use_gpus else []
         if not gpus:
             cpu = topology.cpu
             return cls("cpu", 1, cpu.memory_total_mib / 1024, 1, cpu.model or "CPU")

@@ -1,17 +1,51 @@
 """Starting an engine with whatever parallelism its config asks for: the one door the engine operators and `LLM`
-use, so a size above 1 is never refused by one front end and honoured by another."""
+use, so a size above 1 is never refused by one front end and honoured by another.
+
+A size left unset is the planner's (`ParallelismOptimizer` over this machine's devices, from the model's config
+alone): on a CPU that holds the model, one process; on GPUs, tensor parallel inside a fast-linked group and pipeline
+stages across groups when one device cannot hold it. A model the planner finds fits nowhere still starts, in one
+process, with its reason logged: the planner's budget is an estimate, the load is the test."""
 
 from __future__ import annotations
 
 import functools
 
+import structlog
+
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.models.loaded import LoadedModel
-from sagellm.runtime.parallel.tensor_parallel import TensorParallelRunner
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.parallel.group import ParallelRunner
+
+log = structlog.get_logger("sagellm.parallel")
 
 
 def start_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
-    if config.tensor_parallel_size == 1:
+    config = planned(config, loaded)
+    if config.world_size == 1:
         return LLMEngine(config, loaded)
-    return LLMEngine(config, loaded, make_runner=functools.partial(TensorParallelRunner, engine=config))
+    return LLMEngine(config, loaded, make_runner=functools.partial(ParallelRunner, engine=config))
+
+
+def planned(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineConfig:
+    """`config` with both parallel sizes set: the given ones kept, the unset ones the planner's."""
+    if config.tensor_parallel_size is not None and config.pipeline_parallel_size is not None:
+        return config
+    from sagellm.runtime.comm.topology import machine_topology
+    from sagellm.runtime.parallel.devices import Devices
+    from sagellm.runtime.parallel.plan import PlanError
+    from sagellm.runtime.parallel.planner import ParallelismOptimizer
+
+    model = loaded or load_model(config.model, load_tokenizer=False, load_weights=False)
+    devices = Devices.from_topology(machine_topology(), use_gpus=config.backend != "cpu")
+    try:
+        choice = ParallelismOptimizer().recommend_strategy(model.config, devices).config
+        tp, pp = choice.tp, choice.pp
+    except PlanError as error:
+        log.warning("parallelism_plan_failed", model=model.name, reason=str(error))
+        tp = pp = 1
+    return config.replace(
+        tensor_parallel_size=config.tensor_parallel_size or tp,
+        pipeline_parallel_size=config.pipeline_parallel_size or pp,
+    )

@@ -31,6 +31,11 @@ class ModelShape:
         if not 1 <= self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token must be in 1..{self.num_experts}, got {self.experts_per_token}")
 
+    @classmethod
+    def of(cls, config: ModelConfig, name: str = "") -> ModelShape:
+        """A loaded model's shape: its experts (a dense model's 0 in its config is one MLP every token uses)."""
+        return cls(config, config.num_experts or 1, config.experts_per_token or 1, name)
+
     @property
     def label(self) -> str:
         return self.name or self.config.architecture

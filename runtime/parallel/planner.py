@@ -44,7 +44,7 @@ class ParallelismOptimizer:
 
     def recommend_strategy(self, model: ModelConfig | ModelShape, devices: Devices) -> Recommendation:
         """The best split of `model` over `devices`, the others considered, and why; PlanError if none fits."""
-        shape = model if isinstance(model, ModelShape) else ModelShape(model)
+        shape = model if isinstance(model, ModelShape) else ModelShape.of(model)
         dtype = self.dtype or DEFAULT_DTYPE[devices.kind]
         tokens = self.kv_tokens or shape.config.max_position_embeddings
         sized = [self._size(shape, devices, split, DTYPE_BYTES[dtype], tokens) for split in candidates(shape, devices)]

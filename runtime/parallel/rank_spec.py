@@ -7,20 +7,24 @@ import msgspec
 
 
 class RankSpec(msgspec.Struct, kw_only=True):
-    model: str  # the model's path: every rank loads it and keeps its own slice
+    model: str  # the model's path: every rank loads it and keeps its own part
     rank: int
-    world_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
     host: str  # rank 0's group store
     port: int
     backend: str
-    num_blocks: int  # rank 0 sized the cache; every rank allocates as many blocks (for its own heads)
+    num_blocks: int  # rank 0 sized the cache; every rank allocates as many blocks (for its own heads and layers)
     block_size: int
     max_model_len: int
     quantized_weights: bool
     num_threads: int | None
     device_ids: list[int] | None = None  # the engine's; the rank takes its share (runtime/engine/placement.py)
-    shared_fd: int | None = None  # the ranks' shared memory segment (a memfd rank 0 passed down), if any
-    shared_capacity: int = 0
+    # Shared memory segments (memfds rank 0 passed down): the whole group's, and each stage's (tp > 1 and pp > 1).
+    world_fd: int | None = None
+    world_capacity: int = 0
+    stage_fds: list[int] = msgspec.field(default_factory=list)
+    stage_capacity: int = 0
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

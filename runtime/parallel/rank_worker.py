@@ -1,9 +1,9 @@
-"""A tensor parallel rank other than 0: loads the model, keeps its slice, then runs every step rank 0 broadcasts.
+"""A rank of an engine's group other than 0: loads the model, keeps its part, then runs every step rank 0 orders.
 
     python -I -m sagellm.runtime.parallel.rank_worker '<RankSpec JSON>'
 
 It has no scheduler and no sampler: each step's inputs arrive as a `StepInputs` from rank 0, or a KV hand-over to
-take part in (an empty message ends the loop), and the logits it computes with the others are rank 0's to sample.
+take part in (an empty message ends the loop), and the logits the group computes are rank 0's to sample.
 When rank 0 is gone the next collective fails and the rank exits, so no rank outlives its engine."""
 
 from __future__ import annotations
@@ -31,25 +31,24 @@ def serve(spec: RankSpec) -> int:
     import structlog
 
     from sagellm.backends import get_backend
-    from sagellm.runtime.comm.collectives import CollectiveError, Communicator, GroupAddress, open_store
-    from sagellm.runtime.comm.shared_collectives import SharedCollectives
+    from sagellm.runtime.comm.collectives import CollectiveError, GroupAddress, open_store
     from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs
     from sagellm.runtime.engine.placement import place
     from sagellm.runtime.models.loader import load_model
-    from sagellm.runtime.models.tensor_parallel import TensorShard
+    from sagellm.runtime.parallel.layout import RankComms, RankLayout
     from sagellm.runtime.parallel.rank_spec import ReadKV, WriteKV, failed_key, ready_key
-    from sagellm.runtime.parallel.tensor_parallel import take_part
+    from sagellm.runtime.parallel.take_part import take_part
 
-    log = structlog.get_logger("sagellm.tensor_parallel")
-    store = open_store(spec.world_size, GroupAddress(spec.host, spec.port))
+    log = structlog.get_logger("sagellm.parallel")
+    layout = RankLayout(spec.tensor_parallel_size, spec.pipeline_parallel_size, spec.rank)
+    store = open_store(layout.world_size, GroupAddress(spec.host, spec.port))
     try:
         backend = get_backend(spec.backend)
-        place(backend, spec.device_ids, spec.num_threads, spec.rank, spec.world_size)
-        shared = None
-        if spec.shared_fd is not None:
-            shared = SharedCollectives(spec.shared_fd, spec.rank, spec.world_size, spec.shared_capacity)
-            os.close(spec.shared_fd)
-        comm = Communicator(spec.rank, spec.world_size, store, library=backend.collective_library, shared=shared)
+        place(backend, spec.device_ids, spec.num_threads, spec.rank, layout.world_size)
+        comms = RankComms.open(layout, store, backend.collective_library, spec)
+        for fd in (spec.world_fd, *spec.stage_fds):
+            if fd is not None:
+                os.close(fd)  # mapped
         model = load_model(spec.model)
         runner = ModelRunner(
             model.config,
@@ -59,8 +58,9 @@ def serve(spec: RankSpec) -> int:
             block_size=spec.block_size,
             max_model_len=spec.max_model_len,
             quantized=model.quantized if spec.quantized_weights else {},
-            shard=TensorShard(spec.rank, spec.world_size),
-            collectives=comm,
+            shard=layout.shard,
+            stage=layout.stage,
+            collectives=comms.stage,
         )
         del model
     except Exception as error:
@@ -69,11 +69,11 @@ def serve(spec: RankSpec) -> int:
     store.set(ready_key(spec.rank), "1")
     decoder = msgspec.msgpack.Decoder(StepInputs | ReadKV | WriteKV)
     try:
-        comm.connect()
-        while message := comm.broadcast_bytes(None, 0):
-            take_part(runner, comm, decoder.decode(message))
+        comms.connect()
+        while message := comms.world.broadcast_bytes(None, 0):
+            take_part(runner, layout, comms, decoder.decode(message))
     except CollectiveError as error:
-        log.warning("tensor_parallel_rank_orphaned", rank=spec.rank, error=str(error))
+        log.warning("parallel_rank_orphaned", rank=spec.rank, error=str(error))
         return 1
     return 0
 

@@ -130,6 +130,7 @@ class OperatorContext:
     instances: dict[str, InstanceStats] = field(default_factory=dict)
     load: PipelineLoad = field(default_factory=PipelineLoad)
     graph_attrs: dict[str, Any] = field(default_factory=dict)  # e.g. the model path the graph serves
+    remote_outputs: list[str] = field(default_factory=list)  # the downstream nodes another process runs
 
     def instances_among(self, nodes: list[str]) -> list[InstanceStats]:
         """The instances served by the given downstream nodes (route's candidates): the nodes' own, in the given

@@ -10,7 +10,8 @@ from typing import Any, Union, get_args, get_origin
 
 from sagellm.runtime.engine.config import ENGINE_FIELDS
 
-ALIASES = {"tensor_parallel_size": ("-tp",)}  # vLLM's short flags, so its command lines run unchanged
+# vLLM's short flags, so its command lines run unchanged
+ALIASES = {"tensor_parallel_size": ("-tp",), "pipeline_parallel_size": ("-pp",)}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None) -> None:

@@ -68,9 +68,7 @@ def _model_shape(model: str) -> ModelShape:
     if path.name == "config.json" and path.is_file():  # a config.json is its directory's
         path = path.parent
     loaded = load_model(resolve_model(path), load_tokenizer=False, load_weights=False)
-    config = loaded.config  # a dense model counts 0 experts; the planner, one MLP used by every token
-    experts = {"num_experts": config.num_experts or 1, "experts_per_token": config.experts_per_token or 1}
-    return ModelShape(config, name=loaded.name, **experts)
+    return ModelShape.of(loaded.config, loaded.name)
 
 
 def _devices(args: argparse.Namespace) -> Devices:

@@ -1,5 +1,6 @@
-"""An engine on its own devices (`device_ids`): on the cpu backend a lone engine's threads are pinned to its cores,
-and a tensor parallel group shares them out, one core per rank here. Each engine runs in a subprocess of its own,
+"""Where an engine runs: on its own devices (`device_ids`: on the cpu backend a lone engine's threads are pinned to its
+cores, and a tensor parallel group shares them out, one core per rank here), with the planner's parallel sizes when
+none are given. Each engine runs in a subprocess of its own,
 since pinning is for the life of a process."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.parallel.engine import planned
 from tests.tiny_models import make_tiny_llama
 
 PLACED = """
@@ -52,3 +54,13 @@ def test_devices_it_cannot_have_are_refused_with_the_reason(model):
     ran = subprocess.run([sys.executable, "-c", PLACED, str(model), json.dumps({"device_ids": [4096]})],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert ran.returncode != 0 and "cannot run on cores [4096]" in ran.stderr
+
+
+def test_unset_sizes_are_the_planners_and_given_ones_are_kept(model, tmp_path):
+    """On this CPU a tiny model is one process; sizes given are never second-guessed; a model the planner finds
+    fits nowhere (a context of 10^9 tokens' KV) still starts, in one process."""
+    assert planned(EngineConfig(model=str(model), backend="cpu")).world_size == 1
+    chosen = planned(EngineConfig(model=str(model), backend="cpu", tensor_parallel_size=2))
+    assert (chosen.tensor_parallel_size, chosen.pipeline_parallel_size) == (2, 1)
+    huge = make_tiny_llama(tmp_path / "huge", max_position_embeddings=10**9)
+    assert planned(EngineConfig(model=str(huge), backend="cpu")).world_size == 1

@@ -140,21 +140,21 @@ def test_smollm2_tp2_greedy_equals_tp1(smollm2_dir: Path):
 
 
 @pytest.mark.slow
-def test_a_graph_file_engine_node_with_tp_2_prints_the_tp_1_text(tmp_path):
-    """`tp: 2` on an engine node in a worker process (`placement: process`): the CLI's `sagellm run` end to end."""
+def test_graph_file_engine_nodes_with_tp_and_pp_print_the_one_process_text(tmp_path):
+    """`tp: 2` and `pp: 2` on an engine node in a worker process (`placement: process`): `sagellm run` end to end."""
     path = make_tiny_llama(tmp_path / "llama", **UNEVEN)
     printed = {}
-    for tp in (1, 2):
-        graph = tmp_path / f"tp{tp}.yaml"
-        graph.write_text(TP_GRAPH.format(model=path, tp=tp))
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        graph = tmp_path / f"tp{tp}pp{pp}.yaml"
+        graph.write_text(TP_GRAPH.format(model=path, tp=tp, pp=pp))
         command = [sys.executable, "-m", "sagellm.cli.main", "run", str(graph), "--prompt", "hello there",
                    "--prompt", "the rain", "--max-tokens", "12", "--temperature", "0"]  # fmt: skip
         ran = subprocess.run(
             command, capture_output=True, text=True, timeout=300, env={**os.environ, "SAGELLM_HOME": str(tmp_path)}
         )
         assert ran.returncode == 0, ran.stderr
-        printed[tp] = ran.stdout
-    assert printed[2] == printed[1] and printed[1].strip()
+        printed[tp, pp] = ran.stdout
+    assert printed[2, 1] == printed[1, 1] == printed[1, 2] and printed[1, 1].strip()
 
 
 TP_GRAPH = """
@@ -163,7 +163,7 @@ model: {model}
 nodes:
   source: {{op: prompt_source}}
   admission: {{op: admission}}
-  engine: {{op: engine, placement: process, params: {{tp: {tp}, block_size: 4, num_kv_blocks: 64}}}}
+  engine: {{op: engine, placement: process, params: {{tp: {tp}, pp: {pp}, block_size: 4, num_kv_blocks: 64}}}}
   stdout: {{op: stdout_sink}}
 edges:
   - source -> admission -> engine -> stdout

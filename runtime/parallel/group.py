@@ -1,13 +1,16 @@
-"""Rank 0 of a tensor parallel group: the engine's runner, which starts the other ranks and leads every step.
+"""Rank 0 of an engine's group of processes (tensor parallel slices of pipeline stages): the engine's runner, which
+starts the other ranks and leads every step.
 
 The engine (scheduler, sampler, detokenizer) lives only here. Each step rank 0 broadcasts the step's inputs as
-numbers (`StepInputs`, msgpack: data, never code), then every rank runs its slice of the model graph; the all-reduces
-inside the graph keep them in lockstep, and the logits' all-gather leaves the whole vocabulary here to sample.
+numbers (`StepInputs`, msgpack: data, never code), then every rank runs its part (`take_part`): its stage's layers,
+its slice of them; the all-reduces keep a stage's slices in lockstep, the hidden state goes from stage to stage,
+and the logits come back here to sample. A prefill's KV hand-over is led the same way (`ReadKV`, `WriteKV`).
 
-Start-up: rank 0 opens the group's store, starts ranks 1.. as processes (`rank_worker`), prepares its own slice of
-the weights while they load theirs, and connects once every rank has said it is ready in the store. A rank that fails
-to start says why there; one that dies says it by its exit. A rank lost later fails the next step with
-`RunnerLostError`: the engine cannot go on, and whoever runs it (a worker's restart, the user) starts it again."""
+Start-up: rank 0 opens the group's store and shared memory, starts ranks 1.. as processes (`rank_worker`), prepares
+its own part of the weights while they load theirs, and connects once every rank has said it is ready in the store.
+A rank that fails to start says why there; one that dies says it by its exit. A rank lost later fails the next step
+with `RunnerLostError`: the engine cannot go on, and whoever runs it (a worker's restart, the user) starts it again.
+"""
 
 from __future__ import annotations
 
@@ -26,24 +29,26 @@ from sagellm.backends.base import HardwareBackend
 from sagellm.common.processes import python_module
 from sagellm.common.progress import stage
 from sagellm.runtime.comm import shared_collectives
-from sagellm.runtime.comm.collectives import CollectiveError, Communicator, open_store
+from sagellm.runtime.comm.collectives import CollectiveError, open_store
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, StepInputs
 from sagellm.runtime.engine.placement import place
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.tensor_parallel import TensorShard, rank_slices
+from sagellm.runtime.parallel.layout import RankComms, RankLayout
 from sagellm.runtime.parallel.rank_spec import RankSpec, ReadKV, WriteKV, failed_key, ready_key
+from sagellm.runtime.parallel.take_part import take_part
 
-log = structlog.get_logger("sagellm.tensor_parallel")
-START_TIMEOUT_S = 900.0  # a rank loads the whole model file before it keeps its slice
+log = structlog.get_logger("sagellm.parallel")
+START_TIMEOUT_S = 900.0  # a rank loads the whole model file before it keeps its part
 STOP_TIMEOUT_S = 10.0
+ORDERS_CAPACITY = 1 << 20  # the group's segment when it carries only rank 0's orders (several stages)
 
 
 class RankStartError(RuntimeError):
     """A rank of the group could not start (its reason, or its exit code)."""
 
 
-class TensorParallelRunner(ModelRunner):
+class ParallelRunner(ModelRunner):
     def __init__(
         self,
         config: ModelConfig,
@@ -56,21 +61,17 @@ class TensorParallelRunner(ModelRunner):
         max_model_len: int,
         quantized: dict[str, Any] | None = None,
     ) -> None:
-        world = engine.tensor_parallel_size
+        layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
-            raise ValueError("a tensor parallel engine needs the model's path: every rank loads it")
-        place(backend, engine.device_ids, engine.num_threads, 0, world)
-        store = open_store(world)
-        shared_fd, capacity, shared = None, 0, None
-        if backend.collective_library == "gloo" and shared_collectives.supported():
-            capacity = _shared_capacity(config, engine)
-            shared_fd = shared_collectives.create_segment(world, capacity)
-            shared = shared_collectives.SharedCollectives(shared_fd, 0, world, capacity)
-        comm = Communicator(0, world, store, library=backend.collective_library, shared=shared)
+            raise ValueError("a parallel engine needs the model's path: every rank loads it")
+        place(backend, engine.device_ids, engine.num_threads, 0, layout.world_size)
+        store = open_store(layout.world_size)
+        segments = _Segments(layout, backend, _shared_capacity(config, engine))
         spec = RankSpec(
             model=engine.model,
             rank=0,
-            world_size=world,
+            tensor_parallel_size=layout.tp,
+            pipeline_parallel_size=layout.pp,
             host=store.host,
             port=store.port,
             backend=backend.name,
@@ -80,19 +81,21 @@ class TensorParallelRunner(ModelRunner):
             quantized_weights=engine.quantized_weights,
             num_threads=engine.num_threads,
             device_ids=engine.device_ids,
-            shared_fd=shared_fd,
-            shared_capacity=capacity,
+            world_fd=segments.world_fd,
+            world_capacity=segments.world_capacity,
+            stage_fds=segments.stage_fds,
+            stage_capacity=segments.stage_capacity,
         )
+        self.layout = layout
+        self._comms = RankComms.open(layout, store, backend.collective_library, spec)
         self._ranks: list[subprocess.Popen] = []
-        self._comm = comm
         self._encoder = msgspec.msgpack.Encoder()
         try:
-            for rank in range(1, world):
+            for rank in range(1, layout.world_size):
                 command = python_module(
                     "sagellm.runtime.parallel.rank_worker", msgspec.structs.replace(spec, rank=rank).encode()
                 )
-                fds = () if shared_fd is None else (shared_fd,)
-                self._ranks.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=fds))
+                self._ranks.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=segments.fds))
             super().__init__(
                 config,
                 weights,
@@ -101,51 +104,51 @@ class TensorParallelRunner(ModelRunner):
                 block_size=block_size,
                 max_model_len=max_model_len,
                 quantized=quantized,
-                shard=TensorShard(0, world),
-                collectives=comm,
+                shard=layout.shard,
+                stage=layout.stage,
+                collectives=self._comms.stage,
             )
-            with stage(f"waiting for {world - 1} more tensor parallel rank(s) to load the model"):
+            with stage(f"waiting for {layout.world_size - 1} more rank(s) of the engine to load the model"):
                 self._wait_ready(store)
-            comm.connect()
+            self._comms.connect()
         except BaseException:
             self._kill()
             raise
         finally:
-            if shared_fd is not None:
-                os.close(shared_fd)  # every rank has mapped it or failed
-        log.info("tensor_parallel_ready", world_size=world, library=comm.library, threads=torch.get_num_threads())
+            segments.close_fds()  # every rank has mapped them, or failed
+        log.info("parallel_engine_ready", tp=layout.tp, pp=layout.pp, threads=torch.get_num_threads())
 
     def run(self, step: StepInputs) -> torch.Tensor:
         with self._leading(step):
-            return super().run(step)
+            return take_part(self, self.layout, self._comms, step)
 
     def read_kv(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         with self._leading(ReadKV(slots.tolist())):
-            whole = take_part(self, self._comm, ReadKV([]), slots)
+            whole = take_part(self, self.layout, self._comms, ReadKV([]), slots)
         return whole if out is None else out.copy_(whole)
 
     def write_kv(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         kv = kv.to(torch.float32).contiguous()
         with self._leading(WriteKV(slots.tolist(), list(kv.shape))):
-            take_part(self, self._comm, WriteKV([], list(kv.shape)), slots, kv)
+            take_part(self, self.layout, self._comms, WriteKV([], list(kv.shape)), slots, kv)
 
     @contextlib.contextmanager
     def _leading(self, order: StepInputs | ReadKV | WriteKV) -> Iterator[None]:
         """Tells the other ranks what to do next, then does rank 0's part; a lost rank ends the runner."""
         try:
-            self._comm.broadcast_bytes(self._encoder.encode(order))
+            self._comms.world.broadcast_bytes(self._encoder.encode(order))
             yield
         except CollectiveError as error:
-            raise RunnerLostError(f"a tensor parallel rank is gone: {error}") from error
+            raise RunnerLostError(f"a rank of the engine is gone: {error}") from error
 
     def close(self) -> None:
-        """Tells the ranks to stop (an empty step) and waits for them; a rank that does not stop is killed."""
+        """Tells the ranks to stop (an empty order) and waits for them; a rank that does not stop is killed."""
         if not self._ranks:
             return
         if all(rank.poll() is None for rank in self._ranks):
             with contextlib.suppress(CollectiveError):  # a rank gone meanwhile: the others stop on the error
-                self._comm.broadcast_bytes(b"")
-        self._comm.close()
+                self._comms.world.broadcast_bytes(b"")
+        self._comms.close()
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for rank in self._ranks:
             try:
@@ -162,14 +165,14 @@ class TensorParallelRunner(ModelRunner):
             for rank in sorted(pending):
                 if store.check([failed_key(rank)]):
                     raise RankStartError(
-                        f"tensor parallel rank {rank} could not start: {store.get(failed_key(rank)).decode()}"
+                        f"rank {rank} of the engine could not start: {store.get(failed_key(rank)).decode()}"
                     )
                 if store.check([ready_key(rank)]):
                     pending.discard(rank)
                 elif (code := self._ranks[rank - 1].poll()) is not None:
-                    raise RankStartError(f"tensor parallel rank {rank} exited with code {code} while starting")
+                    raise RankStartError(f"rank {rank} of the engine exited with code {code} while starting")
             if time.monotonic() > deadline:
-                raise RankStartError(f"tensor parallel rank(s) {sorted(pending)} not ready in {START_TIMEOUT_S:g} s")
+                raise RankStartError(f"rank(s) {sorted(pending)} of the engine not ready in {START_TIMEOUT_S:g} s")
             time.sleep(0.05)
 
     def _kill(self) -> None:
@@ -179,6 +182,30 @@ class TensorParallelRunner(ModelRunner):
         self._ranks = []
 
 
+class _Segments:
+    """The group's shared memory on this host (CPU ranks only): one segment for the whole group (rank 0's orders,
+    and the all-reduces too when there is one stage), one per stage for its slices' all-reduces (several stages of
+    several slices). Descriptors: every rank gets them all (`pass_fds`) and maps its own."""
+
+    def __init__(self, layout: RankLayout, backend: HardwareBackend, capacity: int) -> None:
+        self.world_fd, self.world_capacity, self.stage_fds, self.stage_capacity = None, 0, [], 0
+        if backend.collective_library != "gloo" or not shared_collectives.supported():
+            return
+        self.world_capacity = capacity if layout.pp == 1 else ORDERS_CAPACITY
+        self.world_fd = shared_collectives.create_segment(layout.world_size, self.world_capacity)
+        if layout.pp > 1 and layout.tp > 1:
+            self.stage_fds = [shared_collectives.create_segment(layout.tp, capacity) for _ in range(layout.pp)]
+            self.stage_capacity = capacity
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.world_fd, *self.stage_fds) if fd is not None)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
 def _shared_capacity(config: ModelConfig, engine: EngineConfig) -> int:
     """Bytes per rank for what goes through shared memory: a step's all-reduce (every token's hidden state) and its
     logits' all-gather (a sampled row per sequence, a rank's share of the vocabulary). Larger transfers (a long
@@ -186,28 +213,3 @@ def _shared_capacity(config: ModelConfig, engine: EngineConfig) -> int:
     hidden = engine.max_num_batched_tokens * config.hidden_size
     logits = engine.max_num_seqs * -(-config.vocab_size // engine.tensor_parallel_size)
     return max(hidden, logits, 1 << 18) * 4
-
-
-def take_part(
-    runner: ModelRunner,
-    comm: Communicator,
-    order: StepInputs | ReadKV | WriteKV,
-    slots: torch.Tensor | None = None,
-    kv: torch.Tensor | None = None,
-) -> Any:
-    """One rank's part in what rank 0 ordered (rank 0 passes its own `slots` and `kv`; the others take them from
-    the order and the broadcast). A KV travels whole, [layers, 2, n, Hk, D]; each rank holds its heads of it.
-    The rank's own work is `ModelRunner`'s, called as such: rank 0's methods are the ones that give the orders."""
-    if isinstance(order, StepInputs):
-        return ModelRunner.run(runner, order)
-    assert runner.shard is not None
-    heads = rank_slices(runner.config, runner.shard)
-    slots = torch.tensor(order.slots, dtype=torch.int64) if slots is None else slots
-    if isinstance(order, ReadKV):
-        mine = (
-            ModelRunner.read_kv(runner, slots).movedim(3, -1).contiguous()
-        )  # heads last: the all-gather joins the last dimension
-        return comm.all_gather(mine, list(heads.kv_head_counts)).movedim(-1, 3)
-    kv = comm.broadcast(torch.empty(order.shape) if kv is None else kv, 0)
-    ModelRunner.write_kv(runner, slots, kv[:, :, :, heads.kv_heads[0] : heads.kv_heads[1]])
-    return None
