@@ -16,8 +16,8 @@ Each registered instance is an `openai` engine of that gateway, so a request fro
 HTTP client of `cp.url` take the same path: admission, the policy queue, route among the healthy instances of its
 model, failover and resume, metrics. `model=` adds engines of our own for that model (the shipped colocated graph);
 `enable_pd_separation=True` serves it with the shipped prefill/decode graph instead (`pd_config` sets pd_split's
-threshold and the route's strategy): the KV moves between sageLLM's own workers, so a server registered by address
-runs whole requests and is registered as GENERAL."""
+threshold, the route's strategy and each role's devices): the KV moves between sageLLM's own workers, so a server
+registered by address runs whole requests and is registered as GENERAL."""
 
 from __future__ import annotations
 
@@ -79,6 +79,9 @@ class ExecutionInstance:
 class PDSeparationConfig:
     prefilling_threshold_input_tokens: int = 256  # uncached prompt tokens from which a request is split
     routing_policy: str = "load_balanced"  # the route's strategy among prefill and decode workers
+    # Each role's own devices (`EngineConfig.device_ids`: GPU indexes, or CPU cores its threads are pinned to).
+    prefill_device_ids: list[int] | None = None
+    decode_device_ids: list[int] | None = None
 
 
 @dataclass
@@ -333,6 +336,10 @@ class ControlPlaneManager:
                 node.params["strategy"] = self.pd_config.routing_policy if pd_route else self.routing_strategy
             elif node.op == "pd_split":
                 node.params["threshold_tokens"] = self.pd_config.prefilling_threshold_input_tokens
+            elif node.op in ("prefill", "decode"):
+                devices = getattr(self.pd_config, f"{node.op}_device_ids")
+                if devices is not None:
+                    node.params["device_ids"] = devices
         if not self.enable_monitoring:
             for node_id in [n.id for n in graph.nodes.values() if n.op == "metrics_sink"]:
                 graph.remove_node(node_id)

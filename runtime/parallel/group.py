@@ -189,11 +189,12 @@ class _Segments:
 
     def __init__(self, layout: RankLayout, backend: HardwareBackend, capacity: int) -> None:
         self.world_fd, self.world_capacity, self.stage_fds, self.stage_capacity = None, 0, [], 0
-        if backend.collective_library != "gloo" or not shared_collectives.supported():
+        if not shared_collectives.supported():
             return
-        self.world_capacity = capacity if layout.pp == 1 else ORDERS_CAPACITY
+        on_cpu = backend.collective_library == "gloo"
+        self.world_capacity = capacity if on_cpu and layout.pp == 1 else ORDERS_CAPACITY
         self.world_fd = shared_collectives.create_segment(layout.world_size, self.world_capacity)
-        if layout.pp > 1 and layout.tp > 1:
+        if on_cpu and layout.pp > 1 and layout.tp > 1:
             self.stage_fds = [shared_collectives.create_segment(layout.tp, capacity) for _ in range(layout.pp)]
             self.stage_capacity = capacity
 

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch.distributed as dist
 
-from sagellm.runtime.comm.collectives import Communicator
+from sagellm.runtime.comm.collectives import DEFAULT_TIMEOUT_S, Communicator
 from sagellm.runtime.comm.shared_collectives import SharedCollectives
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard
 from sagellm.runtime.parallel.rank_spec import RankSpec
+
+IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,12 @@ class RankLayout:
 
 @dataclass
 class RankComms:
-    """A rank's two communicators (one object when there is one stage); `stage` is None without tensor parallel."""
+    """A rank's two communicators: the group's on the CPU (gloo, through shared memory on one host: rank 0's orders,
+    what crosses stages), and its stage's in the devices' own library (the all-reduces); one object when there is one
+    stage on the CPU. `stage` is None without tensor parallel.
+
+    Waiting for orders has no time limit through shared memory (an idle engine's ranks wait for its next step);
+    without it the group's process group gets a long one, since gloo notices a peer that is gone at once anyway."""
 
     world: Communicator
     stage: Communicator | None
@@ -72,11 +79,12 @@ class RankComms:
         if spec.stage_fds:
             fd = spec.stage_fds[layout.rank // layout.tp]
             stage_shared = SharedCollectives(fd, layout.slice, layout.tp, spec.stage_capacity)
-        world = Communicator(layout.rank, layout.world_size, store, library=library, shared=world_shared)
-        if layout.pp == 1:
-            return cls(world, world if layout.tp > 1 else None)
+        timeout = DEFAULT_TIMEOUT_S if world_shared is not None else IDLE_TIMEOUT_S
+        world = Communicator(layout.rank, layout.world_size, store, shared=world_shared, timeout_s=timeout)
         if layout.tp == 1:
             return cls(world, None)
+        if layout.pp == 1 and library == world.library:
+            return cls(world, world)
         prefix = dist.PrefixStore(f"stage{layout.rank // layout.tp}/", store)
         return cls(world, Communicator(layout.slice, layout.tp, prefix, library=library, shared=stage_shared))
 

@@ -50,16 +50,17 @@ def _step(runner: ModelRunner, layout: RankLayout, comms: RankComms, step: StepI
     """The logits on rank 0 (and on every rank of a single stage); None elsewhere."""
     rows, hidden_size = len(step.input_ids), runner.config.hidden_size
     carried = None
-    if layout.previous is not None:
-        carried = {name: comms.world.recv(torch.empty(rows, hidden_size), layout.previous) for name in CARRIED}
+    if layout.previous is not None:  # through the CPU group: on a GPU, a copy each way
+        received = {name: comms.world.recv(torch.empty(rows, hidden_size), layout.previous) for name in CARRIED}
+        carried = {name: tensor.to(runner.device) for name, tensor in received.items()}
     out = ModelRunner.forward(runner, step, carried)
     if layout.next is not None:
         for name in CARRIED:
-            comms.world.send(out[name], layout.next)
+            comms.world.send(out[name].cpu(), layout.next)
     if layout.pp == 1:
         return out["logits"]
     if layout.rank == layout.logits_rank:
-        comms.world.send(out["logits"], 0)
+        comms.world.send(out["logits"].cpu(), 0)
     if layout.rank == 0:
         sampled = rows if step.logits_rows is None else len(step.logits_rows)
         return comms.world.recv(torch.empty(sampled, runner.config.vocab_size), layout.logits_rank)
@@ -76,9 +77,9 @@ def _read_kv(runner: ModelRunner, layout: RankLayout, comms: RankComms, slots: t
         return mine
     if layout.rank != 0:
         if layout.slice == 0:
-            comms.world.send(mine.contiguous(), 0)
+            comms.world.send(mine.cpu().contiguous(), 0)
         return None
-    parts = [mine]
+    parts = [mine.cpu()]
     for index in range(1, layout.pp):
         layers = len(PipelineStage(index, layout.pp).layers(config.num_layers))
         shape = (layers, 2, slots.numel(), config.num_kv_heads, config.head_dim)

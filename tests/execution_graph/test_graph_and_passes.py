@@ -54,7 +54,22 @@ def test_decoder_graph_shape():
     counts = g.op_counts()
     assert counts["linear"] == 7 * 3 + 1  # q k v o gate up down per layer, plus lm_head
     assert counts["attention"] == 3 and counts["rope"] == 3
-    assert [n.id for n in g.topological_order()][:4] == ["input_ids", "positions", "attn_metadata", "logits_indices"]
+    assert names(g, "input") == {"input_ids", "positions", "attn_metadata", "logits_indices"}
+    assert names(g, "output") == {"logits"}
+
+
+def names(g, op: str) -> set[str]:
+    return {n.params["name"] for n in g.nodes.values() if n.op == op}
+
+
+def test_pipeline_stage_graphs_carry_the_hidden_state_and_index_their_own_caches():
+    first, last = build_decoder_graph(CONFIG, range(0, 2)), build_decoder_graph(CONFIG, range(2, 3))
+    assert names(first, "input") == {"input_ids", "positions", "attn_metadata"}
+    assert names(first, "output") == {"hidden", "residual"} and first.op_counts()["linear"] == 7 * 2  # no lm_head
+    assert names(last, "input") == {"hidden", "residual", "positions", "attn_metadata", "logits_indices"}
+    assert names(last, "output") == {"logits"} and "embedding" not in last.op_counts()
+    caches = [(n.params["layer"], n.params["cache"]) for n in last.nodes.values() if n.op == "attention"]
+    assert caches == [(2, 0)]  # model layer 2 is the stage's first, its KV in the stage's cache 0
 
 
 def test_qwen2_graph_asks_for_qkv_biases():

@@ -12,6 +12,7 @@ from sagellm.control_plane import (
     ControlPlaneManager,
     ExecutionInstance,
     ExecutionInstanceType,
+    PDSeparationConfig,
     RequestMetadata,
     RequestPriority,
 )
@@ -82,3 +83,11 @@ def test_what_the_api_refuses_says_why(upstreams):
         cp.register_instance(instance("p", upstreams[0].url, instance_type=ExecutionInstanceType.PREFILLING))
     with pytest.raises(RuntimeError, match="call start"):
         cp.get_metrics()
+
+
+def test_pd_separation_gives_each_role_its_devices(tiny_model):
+    """The seeds' per-role device ids land on the prefill and decode nodes as `device_ids` (their cores here)."""
+    pd = PDSeparationConfig(prefill_device_ids=[0], decode_device_ids=[1])
+    cp = ControlPlaneManager(model=str(tiny_model), enable_pd_separation=True, pd_config=pd)
+    devices = {n.op: n.params.get("device_ids") for n in cp._graph().nodes.values() if n.op in ("prefill", "decode")}
+    assert devices == {"prefill": [0], "decode": [1]}

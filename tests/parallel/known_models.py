@@ -66,9 +66,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def shape(name: str) -> ModelShape:
-    config = config_from_hf(CONFIGS[name], None, Path(name))
-    experts = dict(num_experts=config.num_experts or 1, experts_per_token=config.experts_per_token or 1)
-    return ModelShape(config, name=name, **experts)
+    return ModelShape.of(config_from_hf(CONFIGS[name], None, Path(name)), name)
 
 
 def write_config(directory: Path, name: str) -> Path:

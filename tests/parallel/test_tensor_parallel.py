@@ -111,7 +111,7 @@ def test_a_lost_rank_fails_the_next_step_not_a_request(tiny):
         os.kill(rank1.pid, signal.SIGKILL)
         rank1.wait()
         engine.add_request("after", [5, 6, 7], GREEDY)
-        with pytest.raises(RunnerLostError, match="tensor parallel rank is gone"):
+        with pytest.raises(RunnerLostError, match="a rank of the engine is gone"):
             engine.step()
     finally:
         engine.close()
