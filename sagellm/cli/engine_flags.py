@@ -11,7 +11,7 @@ from typing import Any, Union, get_args, get_origin
 from sagellm.runtime.engine.config import ENGINE_FIELDS
 
 # vLLM's short flags, so its command lines run unchanged
-ALIASES = {"tensor_parallel_size": ("-tp",), "pipeline_parallel_size": ("-pp",)}
+ALIASES = {"tensor_parallel_size": ("-tp", "--tp"), "pipeline_parallel_size": ("-pp", "--pp")}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None) -> None:
