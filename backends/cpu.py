@@ -17,10 +17,12 @@ waking its OpenMP worker than on their math, and its decode attention first copi
 tensor; the C kernels do each op in one call on the calling thread and read the paged cache in place. At prefill's
 hundreds of rows they share the rows among torch's threads, one pass over memory where torch's RMSNorm makes five.
 `NativeDispatch` picks per call, by shape, and falls back to the torch ops for anything the C code does not take
-(other dtypes, more rows) or when no C compiler is found."""
+(other dtypes, more rows) or when no C compiler is found. The C kernels are built per instruction set (avx512, avx2,
+portable) and the best one this CPU runs is loaded (backends/native/isa.py)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata
 from sagellm.backends.base import Availability, KernelTable
 from sagellm.backends.native import (
+    DISABLE_ENV,
     InterleavedBlocks,
     NativeKernels,
     fits_decode_attention,
@@ -37,6 +40,7 @@ from sagellm.backends.native import (
     fits_heads,
     fits_rows,
     interleave,
+    isa,
 )
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
@@ -211,7 +215,8 @@ class CpuBackend(torch_ops.TorchOpsBackend):
 
     @classmethod
     def availability(cls) -> Availability:
-        return Availability(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        kernels = "off" if os.environ.get(DISABLE_ENV) == "0" else isa.chosen().name
+        return Availability(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {kernels}")
 
     def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> CpuLinearWeight:
         return pack_linear_weight(weight, for_native=NativeKernels.load() is not None, quantized=quantized)

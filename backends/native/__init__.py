@@ -3,6 +3,7 @@
 `NativeKernels.load()` gives the ops (or None where no library can be built, or with SAGELLM_NATIVE_KERNELS=0); the
 CPU backend's kernel table calls them for the shapes where they beat torch and runs the torch ops otherwise."""
 
+from sagellm.backends.native import isa
 from sagellm.backends.native.block_layout import InterleavedBlocks, interleave
 from sagellm.backends.native.build import DISABLE_ENV, NativeBuildError, native_library
 from sagellm.backends.native.ops import (
@@ -25,5 +26,6 @@ __all__ = [
     "fits_heads",
     "fits_rows",
     "interleave",
+    "isa",
     "native_library",
 ]

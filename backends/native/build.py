@@ -1,10 +1,11 @@
 """Builds the native kernels' C sources with the system C compiler on first use and loads the library with ctypes.
 
 Plain C and ctypes, not a torch extension: compiling against torch's headers takes about a minute, this takes about
-a second, once per machine. The library is cached as $SAGELLM_HOME/kernels/<key>.so (default ~/.cache/sagellm),
-keyed by the source, the flags and the CPU: `-march=native` code must never be loaded on a CPU it was not built for
-(a shared home directory). Builds go to a temporary file renamed into place, so processes starting at once (the
-workers of a pipeline) never load a half-written library. Any failure (no compiler, a failed build or load) is
+a second, once per machine and instruction set. One library per variant (`isa.py`: avx512, avx2, portable), each
+from explicit flags; the one this CPU runs best is chosen at run time. The library is cached as
+$SAGELLM_HOME/kernels/sagellm_kernels-<variant>-<key>.so (default ~/.cache/sagellm), keyed by the sources and
+flags. Builds go to a temporary file renamed into place, so processes starting at once (the workers of a pipeline)
+never load a half-written library. Any failure (no compiler, a failed build or load) is
 logged once and reported as None: the CPU backend then runs its torch ops, it never fails the engine."""
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import structlog
 
+from sagellm.backends.native import isa
+from sagellm.backends.native.isa import Variant
 from sagellm.common.home import kernels_dir
 from sagellm.common.progress import stage
 
@@ -28,7 +31,7 @@ log = structlog.get_logger("sagellm.native")
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "decode_kernels.c", HERE / "block_linear.c")  # compiled together into one library
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
 BUILD_TIMEOUT_S = 120  # the build takes ~1-2 s; a compiler stuck longer must not hold up the engine's start
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
 
@@ -50,30 +53,27 @@ class NativeBuildError(RuntimeError):
     """The native kernels could not be compiled or loaded here; the message says why in one line."""
 
 
-def library_key(sources: tuple[Path, ...]) -> str:
-    """Hash of what the built library depends on: the sources, the flags and the CPU it is tuned for."""
+def library_key(sources: tuple[Path, ...], variant: Variant) -> str:
+    """Hash of what the built library depends on: the sources, the flags and the machine's architecture."""
     digest = hashlib.sha256()
     for source in sources:
         digest.update(source.read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
-    digest.update(f"{platform.machine()} {_cpu_identity()}".encode())
+    digest.update(" ".join((*CFLAGS, *variant.cflags)).encode())
+    digest.update(platform.machine().encode())
     return digest.hexdigest()[:16]
 
 
-def _cpu_identity() -> str:
-    """The CPU's model and feature flags (what -march=native reads), or the platform's processor name."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    wanted = ("model name", "flags")
-    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
+def library_name(variant: Variant) -> str:
+    return f"sagellm_kernels-{variant.name}-{library_key(SOURCES, variant)}.so"
 
 
-def build(directory: Path | None = None) -> Path:
-    """The compiled library's path, compiling it first if this source/CPU pair has none yet."""
+def build(directory: Path | None = None, variant: Variant | None = None) -> Path:
+    """The compiled library's path for `variant` (default: the one this CPU runs, `isa.chosen()`), compiling it
+    first if these sources and flags have none yet. Any variant compiles on any x86 machine; only loading needs the
+    CPU to have its instructions."""
     directory = directory or kernels_dir()
-    target = directory / f"sagellm_kernels-{library_key(SOURCES)}.so"
+    variant = variant or isa.chosen()
+    target = directory / library_name(variant)
     if target.exists():
         return target
     compiler = shutil.which("gcc") or shutil.which("cc")
@@ -83,9 +83,9 @@ def build(directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=directory)
     os.close(fd)
     try:
-        command = [compiler, *CFLAGS, "-o", partial, *map(str, SOURCES), "-lm"]
+        command = [compiler, *CFLAGS, *variant.cflags, "-o", partial, *map(str, SOURCES), "-lm"]
         try:
-            with stage("compiling the CPU kernels (once per machine)"):
+            with stage(f"compiling the CPU kernels for {variant.name} (once per machine)"):
                 done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise NativeBuildError(f"{compiler} took over {BUILD_TIMEOUT_S} s on {_names()}") from None
@@ -105,7 +105,7 @@ def _names() -> str:
     return ", ".join(source.name for source in SOURCES)
 
 
-def load(path: Path) -> ctypes.CDLL:
+def load(path: Path, variant: Variant | None = None) -> ctypes.CDLL:
     """Opens the library and declares every function's argument types, so ctypes converts arguments correctly."""
     try:
         library = ctypes.CDLL(str(path))
@@ -114,19 +114,21 @@ def load(path: Path) -> ctypes.CDLL:
             function.argtypes, function.restype = argtypes, None
     except (OSError, AttributeError) as exc:
         raise NativeBuildError(f"cannot load {path}: {exc}") from exc
+    library.isa = (variant or isa.chosen()).name
     return library
 
 
-def native_library() -> ctypes.CDLL | None:
-    """The loaded library, built on first use; None when turned off by $SAGELLM_NATIVE_KERNELS=0 or unavailable."""
-    return None if os.environ.get(DISABLE_ENV) == "0" else _build_and_load()
+def native_library(variant: Variant | None = None) -> ctypes.CDLL | None:
+    """The loaded library of `variant` (default: the one this CPU runs best), built on first use; None when turned
+    off by $SAGELLM_NATIVE_KERNELS=0 or unavailable."""
+    return None if os.environ.get(DISABLE_ENV) == "0" else _build_and_load(variant or isa.chosen())
 
 
 @functools.cache
-def _build_and_load() -> ctypes.CDLL | None:
-    """Once per process, so an unavailable library is tried and logged once, not per engine."""
+def _build_and_load(variant: Variant) -> ctypes.CDLL | None:
+    """Once per process and variant, so an unavailable library is tried and logged once, not per engine."""
     try:
-        return load(build())
+        return load(build(variant=variant), variant)
     except (NativeBuildError, OSError) as exc:
         log.warning("native_kernels_unavailable", reason=str(exc), fallback="torch ops")
         return None

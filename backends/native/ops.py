@@ -14,6 +14,7 @@ import torch
 
 from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.build import native_library
+from sagellm.backends.native.isa import Variant
 
 F32 = torch.float32
 MAX_HEAD_DIM = 256  # decode_kernels.c MAX_HEAD_DIM
@@ -60,9 +61,15 @@ class NativeKernels:
         self._lib = library
 
     @classmethod
-    def load(cls) -> NativeKernels | None:
-        library = native_library()
+    def load(cls, variant: Variant | None = None) -> NativeKernels | None:
+        """The kernels built for `variant` (default: the instruction set this CPU runs best)."""
+        library = native_library(variant)
         return None if library is None else cls(library)
+
+    @property
+    def isa(self) -> str:
+        """The instruction-set variant the loaded library was built for (avx512, avx2, portable)."""
+        return self._lib.isa
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1) -> torch.Tensor:
         rows, hidden = x.shape

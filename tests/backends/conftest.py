@@ -8,13 +8,16 @@ import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.native import NativeKernels
+from sagellm.backends.native.isa import runnable
 
 
-@pytest.fixture(scope="session")
-def native() -> NativeKernels:
-    """The built library; its modules skip themselves where no C compiler is on PATH."""
-    kernels = NativeKernels.load()
+@pytest.fixture(scope="session", params=runnable(), ids=lambda variant: variant.name)
+def native(request) -> NativeKernels:
+    """The built library, once per instruction-set variant this CPU runs (avx512, avx2, portable here): every kernel
+    test checks every path the machine can run."""
+    kernels = NativeKernels.load(request.param)
     assert kernels is not None, "a C compiler is on PATH, so the native kernels must build"
+    assert kernels.isa == request.param.name
     return kernels
 
 

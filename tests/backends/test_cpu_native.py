@@ -19,7 +19,7 @@ from sagellm.backends.cpu import (
     linear,
     pack_linear_weight,
 )
-from sagellm.backends.native import DISABLE_ENV, NativeBuildError, NativeKernels, NativeShapeError, build
+from sagellm.backends.native import DISABLE_ENV, NativeBuildError, NativeKernels, NativeShapeError, build, isa
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
@@ -241,9 +241,9 @@ def test_an_unavailable_library_is_logged_once_and_the_backend_runs_torch_ops(tm
 
 
 @pytest.mark.slow
-def test_the_library_is_built_once_per_source_and_cpu(tmp_path) -> None:
+def test_the_library_is_built_once_per_source_and_instruction_set(tmp_path) -> None:
     first = build.build(tmp_path)
-    assert first.name == f"sagellm_kernels-{build.library_key(build.SOURCES)}.so"
+    assert first.name == f"sagellm_kernels-{isa.chosen().name}-{build.library_key(build.SOURCES, isa.chosen())}.so"
     assert first.stat().st_mode & 0o044 == 0o044, "readable by the other users of a shared cache"
     modified = first.stat().st_mtime_ns
     assert build.build(tmp_path) == first and first.stat().st_mtime_ns == modified
@@ -278,3 +278,24 @@ def test_engine_greedy_tokens_are_the_same_with_and_without_native_kernels(make,
     monkeypatch.setenv(DISABLE_ENV, "0")
     assert with_native == generate()
     assert all(len(t) == GREEDY.max_tokens for t in with_native.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", isa.variants(), ids=lambda v: v.name)
+def test_every_variant_compiles_and_the_cpu_loads_only_what_it_runs(variant, tmp_path) -> None:
+    """The variants this CPU cannot run are at least compile-checked; the chosen one is the best it can."""
+    assert build.build(tmp_path, variant).exists()
+    assert isa.chosen() == isa.runnable()[0] and (variant in isa.runnable()) == (variant.requires <= isa.cpu_flags())
+
+
+def test_an_isa_asked_for_is_loaded_and_one_the_cpu_lacks_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv(isa.ISA_ENV, "portable")
+    assert isa.chosen().name == "portable"
+    monkeypatch.setenv(isa.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="no such kernel variant"):
+        isa.chosen()
+    lacking = next((v for v in isa.variants() if v not in isa.runnable()), None)
+    if lacking is not None:
+        monkeypatch.setenv(isa.ISA_ENV, lacking.name)
+        with pytest.raises(ValueError, match="this CPU lacks"):
+            isa.chosen()

@@ -1,0 +1,79 @@
+"""Which instruction sets the native kernels are built for, and which one this CPU runs: chosen at run time.
+
+Each variant is the same C sources compiled with the flags of one x86 level; the kernels' vector code widens with
+what the compiler may use (AVX-512's 512-bit registers and masked loads, AVX2's 256-bit FMA), and their `#if`
+paths pick intrinsics by the `__AVX512F__` / `__AVX2__` the flags define. The best variant whose instructions the CPU
+has (its /proc/cpuinfo flags) is loaded; `SAGELLM_NATIVE_ISA=avx2` (or `portable`) asks for a lower one. Every
+variant is built from explicit flags, never `-march=native`, so a library is the same on every machine that builds
+it, and a CPU without a variant's instructions never loads it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+ISA_ENV = "SAGELLM_NATIVE_ISA"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    requires: frozenset[str]  # /proc/cpuinfo flags the CPU must have
+    cflags: tuple[str, ...]
+
+
+X86_VARIANTS = (  # best first
+    Variant(
+        "avx512",
+        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
+        (
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mavx2",
+            "-mfma",
+            "-mf16c",
+            "-mprefer-vector-width=512",
+        ),
+    ),
+    Variant("avx2", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c")),
+    Variant("portable", frozenset(), ("-march=x86-64",)),
+)
+OTHER_VARIANTS = (Variant("portable", frozenset(), ()),)
+
+
+def variants() -> tuple[Variant, ...]:
+    """This architecture's variants, best first (on other machines than x86, the compiler's default only)."""
+    return X86_VARIANTS if platform.machine().lower() in ("x86_64", "amd64") else OTHER_VARIANTS
+
+
+def cpu_flags() -> frozenset[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+def runnable(flags: frozenset[str] | None = None) -> list[Variant]:
+    """The variants this CPU can run, best first."""
+    flags = cpu_flags() if flags is None else flags
+    return [v for v in variants() if v.requires <= flags]
+
+
+def chosen() -> Variant:
+    """The variant to load: the one $SAGELLM_NATIVE_ISA names (if this CPU runs it), else the best it runs."""
+    can = runnable()
+    asked = os.environ.get(ISA_ENV)
+    if not asked:
+        return can[0]
+    by_name = {v.name: v for v in variants()}
+    if asked not in by_name:
+        raise ValueError(f"{ISA_ENV}={asked}: no such kernel variant; have {', '.join(by_name)}")
+    if by_name[asked] not in can:
+        missing = sorted(by_name[asked].requires - cpu_flags())
+        raise ValueError(f"{ISA_ENV}={asked}: this CPU lacks {', '.join(missing)}")
+    return by_name[asked]
