@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sagellm.common.errors import FieldError
-from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
+from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
-
-SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}  # vLLM's short flags, in graph files
 
 
 @dataclass

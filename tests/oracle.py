@@ -1,7 +1,8 @@
 """The numerical oracle for engine tests: plain greedy decoding with a Hugging Face model's own forward.
 
 A hand-written loop rather than `generate`, so nothing (EOS suppression by min_new_tokens, generation-config
-defaults) changes which token is the argmax: it is exactly what `ignore_eos` greedy decoding must produce."""
+defaults) changes which token is the argmax: it is exactly what `ignore_eos` greedy decoding must produce. Beside it,
+what the engine tests compare with it share: random prompts, and an engine stepped until its requests end."""
 
 from __future__ import annotations
 
@@ -41,3 +42,26 @@ def assert_last_logits_match(engine, model, prompts: list[list[int]]) -> None:
         with torch.no_grad():
             ref = model(torch.tensor([prompt])).logits[0, -1]
         assert torch.allclose(row, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), (row - ref).abs().max()
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Prompts of random token ids (never the special ids 0-2), one per length, the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_to_end(engine, first_outputs=()) -> dict[str, list[int]]:
+    """Steps `engine` until every request ends: each request's tokens, after those of `first_outputs`."""
+    tokens: dict[str, list[int]] = {o.request_id: list(o.outputs[0].token_ids_delta) for o in first_outputs}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids_delta)
+    return tokens
+
+
+def finished_outputs(engine) -> list:
+    """Steps `engine` until every request ends: the outputs that ended them, in the order they came."""
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished]
+    return done

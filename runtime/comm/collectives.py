@@ -55,10 +55,11 @@ def _nccl(store: Any, rank: int, world_size: int, timeout: datetime.timedelta) -
     return dist.ProcessGroupNCCL(store, rank, world_size, options)
 
 
-def _vendor(module: str, class_path: str, library: str) -> Callable[..., Any]:
-    """A vendor library's process group, found in its torch plug-in (torch_npu for hccl, torch_mlu for cncl)."""
+def _vendor(library: str, class_path: str) -> Callable[..., Any]:
+    """A vendor library's process group, found in its torch plug-in (`_PLUGINS`)."""
 
     def make(store: Any, rank: int, world_size: int, timeout: datetime.timedelta) -> Any:
+        module = _PLUGINS[library]
         group_class: Any = importlib.import_module(module)
         for part in class_path.split("."):
             group_class = getattr(group_class, part, None)
@@ -69,12 +70,12 @@ def _vendor(module: str, class_path: str, library: str) -> Callable[..., Any]:
     return make
 
 
-_PLUGINS = {"hccl": "torch_npu", "cncl": "torch_mlu"}
+_PLUGINS = {"hccl": "torch_npu", "cncl": "torch_mlu"}  # the vendor library -> its torch plug-in
 _LIBRARIES: dict[str, Callable[..., Any]] = {
     "gloo": _gloo,
     "nccl": _nccl,
-    "hccl": _vendor("torch_npu", "_C._distributed_c10d.ProcessGroupHCCL", "hccl"),
-    "cncl": _vendor("torch_mlu", "_C._distributed_c10d.ProcessGroupCNCL", "cncl"),
+    "hccl": _vendor("hccl", "_C._distributed_c10d.ProcessGroupHCCL"),
+    "cncl": _vendor("cncl", "_C._distributed_c10d.ProcessGroupCNCL"),
 }
 
 
@@ -128,10 +129,6 @@ class Communicator:
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._group: Any = None
         self.shared = shared
-
-    @property
-    def address(self) -> GroupAddress:
-        return GroupAddress(self.store.host, self.store.port)
 
     def connect(self) -> None:
         """Waits for every rank to connect (each calls this) and opens the library's process group."""

@@ -20,6 +20,7 @@ ranks wait for the next step at no cost), checking the other ranks are alive: a 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import platform
@@ -121,7 +122,7 @@ class SharedCollectives:
         self._wait_arrived(range(self.world_size))
         shapes = shapes or [tuple(tensor.shape)] * self.world_size
         return [
-            self._buffers[parity][r][: _numel(shape) * tensor.element_size()].view(tensor.dtype).view(shape)
+            self._buffers[parity][r][: math.prod(shape) * tensor.element_size()].view(tensor.dtype).view(shape)
             for r, shape in enumerate(shapes)
         ]
 
@@ -172,13 +173,6 @@ def _size(world_size: int, capacity: int) -> int:
 
 def _aligned(capacity: int) -> int:
     return -(-capacity // 64) * 64  # every buffer starts on a cache line (and an int64 length fits its start)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _running(pid: int) -> bool:

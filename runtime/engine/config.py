@@ -78,6 +78,10 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
+# vLLM's short names of two settings: `-tp` / `--tp` on command lines, `tp:` in graph files.
+SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}
+
+
 def _fields() -> dict[str, tuple[Any, Any, str]]:
     hints = get_type_hints(EngineConfig)
     return {f.name: (hints[f.name], f.default, f.metadata["help"]) for f in dataclasses.fields(EngineConfig)}

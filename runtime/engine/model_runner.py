@@ -69,7 +69,6 @@ class ModelRunner:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only)."""
         self.config = config
-        self.shard, self.stage = shard, stage
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
         self.block_size = block_size

@@ -22,6 +22,8 @@ log = structlog.get_logger("sagellm.parallel")
 
 
 def start_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
+    if loaded is None and config.model:
+        loaded = load_model(config.model)  # once: the planner reads its config, the engine keeps it
     config = planned(config, loaded)
     if config.world_size == 1:
         return LLMEngine(config, loaded)

@@ -8,10 +8,10 @@ import argparse
 import types
 from typing import Any, Union, get_args, get_origin
 
-from sagellm.runtime.engine.config import ENGINE_FIELDS
+from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES
 
-# vLLM's short flags, so its command lines run unchanged
-ALIASES = {"tensor_parallel_size": ("-tp", "--tp"), "pipeline_parallel_size": ("-pp", "--pp")}
+# vLLM's short flags (`-tp 2`, `--tp 2`), so its command lines run unchanged
+ALIASES = {name: (f"-{short}", f"--{short}") for short, name in SHORT_NAMES.items()}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None) -> None:

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
-from tests.oracle import assert_last_logits_match, hf_greedy
+from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -24,15 +24,10 @@ def tiny(request, tmp_path_factory):
     return path, hf
 
 
-def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):
     path, hf = tiny
     engine = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=64))
-    batch_prompts = prompts(hf.config.vocab_size, [1, 7, 16, 23])
+    batch_prompts = random_prompts(hf.config.vocab_size, [1, 7, 16, 23])
     assert_last_logits_match(engine, hf, batch_prompts)
 
 
@@ -48,7 +43,7 @@ def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):
 def test_greedy_tokens_identical_to_transformers(tiny, engine_args):
     path, hf = tiny
     llm = LLM(str(path), backend="cpu", block_size=4, **({"num_kv_blocks": 64} | engine_args))
-    batch_prompts = prompts(hf.config.vocab_size, [5, 30, 17, 9])
+    batch_prompts = random_prompts(hf.config.vocab_size, [5, 30, 17, 9])
     outs = llm.generate(batch_prompts, GREEDY)
     for p, out in zip(batch_prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, 12)
@@ -60,8 +55,8 @@ def test_greedy_tokens_identical_to_transformers(tiny, engine_args):
 def test_prefix_cache_hits_keep_greedy_tokens_identical(tiny):
     path, hf = tiny
     llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
-    shared = prompts(hf.config.vocab_size, [21], seed=1)[0]
-    suffixes = prompts(hf.config.vocab_size, [3, 6, 1], seed=2)
+    shared = random_prompts(hf.config.vocab_size, [21], seed=1)[0]
+    suffixes = random_prompts(hf.config.vocab_size, [3, 6, 1], seed=2)
     first = llm.generate([shared + suffixes[0]], GREEDY)[0]
     assert first.metrics.num_cached_tokens == 0
     rest = llm.generate([shared + s for s in suffixes[1:]], GREEDY)
@@ -73,10 +68,10 @@ def test_prefix_cache_hits_keep_greedy_tokens_identical(tiny):
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
     path, hf = tiny
     llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
-    p = prompts(hf.config.vocab_size, [8])[0]
+    p = random_prompts(hf.config.vocab_size, [8])[0]
     seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = llm.generate([p], seeded)[0].outputs[0].token_ids
-    others = prompts(hf.config.vocab_size, [3, 12], seed=5)
+    others = random_prompts(hf.config.vocab_size, [3, 12], seed=5)
     crowd = llm.generate([others[0], p, others[1]], [SamplingParams(max_tokens=10), seeded, GREEDY])
     assert crowd[1].outputs[0].token_ids == alone
 
@@ -84,7 +79,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
 def test_stop_token_ids_max_tokens_and_logprobs(tiny):
     path, hf = tiny
     llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
-    p = prompts(hf.config.vocab_size, [6])[0]
+    p = random_prompts(hf.config.vocab_size, [6])[0]
     reference = hf_greedy(hf, p, 12)
     stop_at = reference[4]
     out = llm.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_at]))

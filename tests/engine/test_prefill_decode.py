@@ -9,6 +9,7 @@ import torch
 from sagellm import SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
+from tests.oracle import finished_outputs, run_to_end
 from tests.tiny_models import make_tiny_llama
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -22,14 +23,6 @@ def model_path(tmp_path_factory):
 def engine(path, **overrides) -> LLMEngine:
     args = dict(model=str(path), backend="cpu", block_size=4, num_kv_blocks=128) | overrides
     return LLMEngine(EngineConfig(**args))
-
-
-def run_to_end(eng: LLMEngine, first_outputs=()) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {o.request_id: list(o.outputs[0].token_ids_delta) for o in first_outputs}
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids_delta)
-    return tokens
 
 
 def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -50,7 +43,7 @@ def prefill_then_decode(path, batch: list[list[int]], **decode_overrides) -> tup
     prefill, decode = engine(path), engine(path, **decode_overrides)
     for i, p in enumerate(batch):
         prefill.add_request(str(i), p, GREEDY, prefill_only=True)
-    handed = [out for out in run_to_end_outputs(prefill)]
+    handed = finished_outputs(prefill)
     assert all(o.outputs[0].finish_reason == "prefilled" and o.kv is not None for o in handed)
     assert not prefill.scheduler.block_manager.num_blocks - prefill.scheduler.block_manager.num_free_blocks
     firsts, imported = [], []
@@ -60,11 +53,6 @@ def prefill_then_decode(path, batch: list[list[int]], **decode_overrides) -> tup
         firsts.append(decode.add_prefilled_request(o.request_id, o.prompt_token_ids, GREEDY, first, o.kv))
         imported.append(decode._requests[o.request_id].seq.num_computed_tokens)
     return run_to_end(decode, firsts), imported
-
-
-def run_to_end_outputs(eng: LLMEngine):
-    while eng.has_unfinished_requests():
-        yield from (o for o in eng.step() if o.finished)
 
 
 def test_decode_worker_continues_with_identical_greedy_tokens(model_path):
@@ -85,7 +73,7 @@ def test_without_room_for_the_kv_the_decode_worker_recomputes_and_still_agrees(m
 def test_a_request_finished_by_its_first_token_ends_at_the_prefill_worker(model_path):
     eng = engine(model_path)
     eng.add_request("one", prompts([4])[0], SamplingParams(max_tokens=1, temperature=0), prefill_only=True)
-    (out,) = list(run_to_end_outputs(eng))
+    (out,) = finished_outputs(eng)
     assert out.outputs[0].finish_reason == "length" and out.kv is None
 
 
@@ -108,7 +96,7 @@ def test_seeded_sampling_is_the_same_split_over_prefill_and_decode_or_resumed_el
 
     prefill, decode = engine(model_path), engine(model_path)
     prefill.add_request("r", prompt, sampled, prefill_only=True)
-    (handed,) = run_to_end_outputs(prefill)
+    (handed,) = finished_outputs(prefill)
     first = handed.outputs[0].token_ids[0]
     decode.add_prefilled_request("r", handed.prompt_token_ids, sampled, first, handed.kv)
     assert [first, *run_to_end(decode)["r"]] == whole

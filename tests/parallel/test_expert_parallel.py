@@ -15,7 +15,7 @@ from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.tensor_parallel import TensorShard, shard_tensor_parallel
 from sagellm.runtime.parallel.engine import start_engine
-from tests.oracle import assert_last_logits_match, hf_greedy
+from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
 from tests.tiny_models import make_tiny_mixtral
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -41,11 +41,6 @@ def ep2(tiny):
     engine.close()
 
 
-def prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def test_each_rank_routes_over_every_expert_and_computes_its_own_then_all_reduces(tiny):
     config = load_model(tiny[0], load_tokenizer=False, load_weights=False).config
     for rank, held in enumerate([(0, 2), (2, 4)]):
@@ -63,13 +58,13 @@ def test_rank_0_holds_only_its_experts(ep2):
 
 def test_ep2_prefill_logits_match_transformers(tiny, ep2):
     _, hf = tiny
-    batch_prompts = prompts(hf.config.vocab_size, [1, 7, 16, 23])
+    batch_prompts = random_prompts(hf.config.vocab_size, [1, 7, 16, 23])
     assert_last_logits_match(ep2, hf, batch_prompts)
 
 
 def test_ep2_greedy_tokens_equal_ep1_and_transformers_in_a_continuous_batch(tiny, ep2):
     path, hf = tiny
-    batch_prompts = prompts(hf.config.vocab_size, [5, 12, 30])
+    batch_prompts = random_prompts(hf.config.vocab_size, [5, 12, 30])
     ep1 = start_engine(engine_config(path, 1, max_num_batched_tokens=8))
     tokens = {}
     try:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.parallel.engine import start_engine
-from tests.oracle import assert_last_logits_match, hf_greedy
+from tests.oracle import assert_last_logits_match, finished_outputs, hf_greedy, random_prompts, run_to_end
 from tests.tiny_models import make_tiny_llama
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -33,29 +33,16 @@ def config(path: Path, tp: int, pp: int, **settings) -> EngineConfig:
                         pipeline_parallel_size=pp, **settings)  # fmt: skip
 
 
-def prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def finish(engine, outputs=()) -> dict[str, list[int]]:
-    tokens = {o.request_id: list(o.outputs[0].token_ids_delta) for o in outputs}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids_delta)
-    return tokens
-
-
 @pytest.mark.parametrize(("tp", "pp"), SPLITS, ids=lambda v: str(v))
 def test_logits_and_greedy_tokens_equal_transformers(tiny, tp, pp):
     path, hf = tiny
     engine = start_engine(config(path, tp, pp, max_num_batched_tokens=16))  # prompts of 30 prefill in chunks
     try:
-        assert_last_logits_match(engine, hf, prompts(hf.config.vocab_size, [1, 7, 16]))
-        batch = prompts(hf.config.vocab_size, [5, 12, 30])
+        assert_last_logits_match(engine, hf, random_prompts(hf.config.vocab_size, [1, 7, 16], seed=1))
+        batch = random_prompts(hf.config.vocab_size, [5, 12, 30], seed=1)
         for i, p in enumerate(batch):
             engine.add_request(f"greedy-{i}", p, GREEDY)
-        tokens = finish(engine)
+        tokens = run_to_end(engine)
         for i, p in enumerate(batch):
             assert tokens[f"greedy-{i}"] == hf_greedy(hf, p, GREEDY.max_tokens)
     finally:
@@ -67,28 +54,21 @@ def test_a_prompts_kv_moves_from_a_tp2_pp2_engine_to_a_whole_one_and_back(tiny):
     split, whole = start_engine(config(path, 2, 2)), start_engine(config(path, 1, 1))
     try:
         for prefill, decode in ((split, whole), (whole, split)):
-            batch = prompts(hf.config.vocab_size, [9, 14])
+            batch = random_prompts(hf.config.vocab_size, [9, 14], seed=1)
             for i, p in enumerate(batch):
                 prefill.add_request(f"pd-{i}", p, GREEDY, prefill_only=True)
-            handed = [o for o in finish_outputs(prefill) if o.finished]
+            handed = finished_outputs(prefill)
             for o in handed:
                 assert o.kv.shape[:2] == (hf.config.num_hidden_layers, 2)  # every layer, whichever side is split
                 assert o.kv.shape[3] == hf.config.num_key_value_heads
                 decode.add_prefilled_request(o.request_id, o.prompt_token_ids, GREEDY, o.outputs[0].token_ids[0], o.kv)
-            tokens = finish(decode)
+            tokens = run_to_end(decode)
             for i, p in enumerate(batch):
                 expected = hf_greedy(hf, p, GREEDY.max_tokens)
                 assert [expected[0], *tokens[f"pd-{i}"]] == expected
     finally:
         split.close()
         whole.close()
-
-
-def finish_outputs(engine) -> list:
-    outputs = []
-    while engine.has_unfinished_requests():
-        outputs += engine.step()
-    return outputs
 
 
 def test_more_stages_than_layers_is_refused_before_any_rank_starts(tiny):

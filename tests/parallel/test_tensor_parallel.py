@@ -20,7 +20,7 @@ from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.model_runner import RunnerLostError
 from sagellm.runtime.parallel.engine import start_engine
-from tests.oracle import assert_last_logits_match, hf_greedy
+from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -46,20 +46,15 @@ def tp2(tiny):
     engine.close()
 
 
-def prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def test_tp2_prefill_logits_match_transformers(tiny, tp2):
     _, hf = tiny
-    batch_prompts = prompts(hf.config.vocab_size, [1, 7, 16, 23])
+    batch_prompts = random_prompts(hf.config.vocab_size, [1, 7, 16, 23])
     assert_last_logits_match(tp2, hf, batch_prompts)
 
 
 def test_tp2_greedy_tokens_equal_transformers_in_a_continuous_batch(tiny, tp2):
     _, hf = tiny
-    batch_prompts = prompts(hf.config.vocab_size, [5, 12, 30])
+    batch_prompts = random_prompts(hf.config.vocab_size, [5, 12, 30])
     for i, p in enumerate(batch_prompts):
         tp2.add_request(f"greedy-{i}", p, GREEDY)
     finished = {}
@@ -82,7 +77,7 @@ def test_a_prompts_kv_moves_between_tp2_and_tp1_engines_and_decodes_as_transform
     ]
     prefill, decode = made
     try:
-        batch_prompts = prompts(hf.config.vocab_size, [9, 17])
+        batch_prompts = random_prompts(hf.config.vocab_size, [9, 17])
         for i, p in enumerate(batch_prompts):
             prefill.add_request(f"pd-{i}", p, GREEDY, prefill_only=True)
         handed = []
