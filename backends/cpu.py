@@ -4,9 +4,10 @@ native C kernels (backends/native) for small-batch decode.
 A CPU LLM server is memory-bound at decode: every step streams every weight once. Measured on the 2-core AVX-512
 machine this was written on (torch 2.13, MKL + oneDNN, fp32), oneDNN's matmul on a weight reordered once into its
 blocked layout beats `F.linear` on the [out, in] weight and `torch.mm` on an [in, out] copy by 1.5-3x from two rows
-up (batched decode, prefill). Up to NATIVE_BLOCK_ROWS rows a weight the GGUF file stored as Q4_0/Q4_1/Q8_0 is read
-from its blocks instead (block_linear.c: a quarter to a fifth of the bytes, dequantized in registers to the same
-floats): SmolLM2's 210 layer linears at 16 rows 20.5 vs 26.7 ms, at 1 row 4 vs 21 ms. Other fp32 weights keep their
+up (batched decode, prefill). Up to NATIVE_BLOCK_ROWS rows (per instruction set) a weight the GGUF file stored as
+Q4_0/Q4_1/Q8_0 is read from its blocks instead (block_linear.c: a quarter to a fifth of the bytes, dequantized in
+registers to the same floats): SmolLM2's 210 layer linears with the AVX-512 kernels at 16 rows 11.1 vs 16.5 ms, at 1
+row 3.1 vs 18. Other fp32 weights keep their
 dense layout beside the blocked one for one or two rows, where the native `linear_f32` streaming it on one thread
 beats oneDNN (24 vs 40 ms a batch-1 step), except a vocabulary projection tied to the embedding, which shares the
 embedding's tensor. Without native kernels, a single row against a wide output (gate_up) uses MKL's GEMV on an [in,
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sagellm.backends import torch_ops
-from sagellm.backends.attention_metadata import AttentionMetadata
+from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import Availability, KernelTable
 from sagellm.backends.native import (
     DISABLE_ENV,
@@ -38,9 +39,11 @@ from sagellm.backends.native import (
     fits_decode_attention,
     fits_dense,
     fits_heads,
+    fits_prefill_attention,
     fits_rows,
     interleave,
     isa,
+    prefill_scratch_size,
 )
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
@@ -51,14 +54,17 @@ from sagellm.backends.registry import register_backend
 GEMV_COPY_OUT = range(2048, 16384)
 PACK_BATCH_HINT = 16  # rows oneDNN tunes the blocked layout for; measured as good at 1, 16 and 256 rows
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+I64 = torch.int64
 # Rows up to which the native RMSNorm / RoPE / SiLU run on the calling thread; more rows (prefill) are shared
 # among torch's threads.
 NATIVE_SERIAL_ROWS = 64
 # Rows up to which the native linear, streaming the dense weight on one thread, beats oneDNN's blocked one.
 NATIVE_LINEAR_ROWS = 2
-# Rows up to which the native linear on a GGUF weight's interleaved blocks beats oneDNN on its fp32 copy (SmolLM2's
-# layer linears, cold: 16 rows 20.5 vs 26.7 ms, 32: 39.1 vs 41.3, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4).
-NATIVE_BLOCK_ROWS = 48
+# Rows up to which the native linear on a GGUF weight's interleaved blocks beats oneDNN on its fp32 copy, per
+# instruction set. SmolLM2's layer linears, cold, on a 2-core AMD EPYC with AVX-512 (oneDNN runs AVX-512 there):
+# avx512 kernels 16 rows 11.1 vs 16.5 ms, 48: 28.7 vs 32.5, 64: 37.0 vs 39.9. The AVX2 kernels' limit is the one
+# measured for them on an earlier machine: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
+NATIVE_BLOCK_ROWS = {"avx512": 64, "avx2": 48, "portable": 48}
 # Cached keys (rows x context) from which native decode attention shares its (row, kv head) tasks among torch's
 # threads; below it one thread finishes before a sleeping second one would wake up.
 NATIVE_PARALLEL_KEYS = 2048
@@ -73,13 +79,16 @@ class CpuLinearWeight:
 
 
 def pack_linear_weight(
-    weight: torch.Tensor, for_native: bool = False, quantized: QuantizedWeight | None = None
+    weight: torch.Tensor, native: NativeKernels | None = None, quantized: QuantizedWeight | None = None
 ) -> CpuLinearWeight:
-    """The layouts `linear` reads. For the native kernels (`for_native`) an fp32 weight also keeps its GGUF blocks
-    interleaved when the file held some the kernels read, else its dense [out, in] self."""
+    """The layouts `linear` reads. For the `native` kernels an fp32 weight also keeps its GGUF blocks interleaved in
+    the library's group width when the file held some the kernels read (groups of 8 when the outputs are not a
+    multiple of it), else its dense [out, in] self."""
     weight = weight.to("cpu").contiguous()  # [N, K]
-    blocks = interleave(quantized) if for_native and quantized is not None else None
-    dense = weight if for_native and blocks is None and weight.dtype == torch.float32 else None
+    blocks = None
+    if native is not None and quantized is not None:
+        blocks = interleave(quantized, native.block_group) or interleave(quantized)
+    dense = weight if native is not None and blocks is None and weight.dtype == torch.float32 else None
     rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT and dense is None else None  # [K, N]
     if torch.backends.mkldnn.is_available() and weight.dtype in _ONEDNN_DTYPES:
         return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows, dense, blocks)
@@ -100,7 +109,9 @@ class NativeDispatch:
 
     def __init__(self, native: NativeKernels) -> None:
         self.native = native
+        self.block_rows = NATIVE_BLOCK_ROWS[native.isa]
         self.buffers = torch_ops.GatherBuffers()  # for the torch decode attention, and prefill chunks' gathers
+        self._prefill_scratch = torch.empty(0)  # the native prefill attention's transposed keys, reused
 
     def ops(self) -> KernelTable:
         return {
@@ -115,7 +126,7 @@ class NativeDispatch:
 
     def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows, fits = x.shape[0], fits_rows(x) and (bias is None or fits_dense(bias))
-        if weight.blocks is not None and rows <= NATIVE_BLOCK_ROWS and fits:
+        if weight.blocks is not None and rows <= self.block_rows and fits:
             return self.native.block_linear(x, weight.blocks, bias, torch.get_num_threads())
         if weight.dense is not None and rows <= NATIVE_LINEAR_ROWS and fits:
             return self.native.linear(x, weight.dense, bias)
@@ -156,23 +167,58 @@ class NativeDispatch:
         scale: float,
     ) -> torch.Tensor:
         """A decode-only batch (the steady state) writes its K/V and attends natively; a batch with prefill chunks
-        runs the torch op, with `paged_decode_attention` below as its decode half.
+        runs the torch op, with the native K/V write (torch's index_copy_ took ~1.5 ms a layer for 500 tokens) and
+        `paged_decode_attention` below as its decode half.
 
         Whether decode attention is native depends only on the model and the cache (dtype, head size, layouts), not
         on the step, so a model's decodes all go one way: the torch path's kept K/V (GatherBuffers) is never left
         missing the tokens of steps that ran natively."""
         tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        native_write = fits_heads(k, v) and fits_dense(k_cache, v_cache) and fits_dense(meta.slot_mapping, dtype=I64)
         if (
-            meta.num_decode_tokens == q.shape[0]  # so tables and lens are set
-            and fits_heads(k, v)
-            and fits_dense(meta.slot_mapping, dtype=torch.int64)
+            native_write
+            and meta.num_decode_tokens == q.shape[0]  # so tables and lens are set
             and fits_decode_attention(q, k_cache, v_cache, tables, lens)
         ):
             self.native.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             return self._native_decode(q, k_cache, v_cache, tables, lens, scale)
         return torch_ops.attention(
-            q, k, v, k_cache, v_cache, meta, scale, decode=self.paged_decode_attention, buffers=self.buffers
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            meta,
+            scale,
+            decode=self.paged_decode_attention,
+            buffers=self.buffers,
+            write=self.native.write_kv if native_write else torch_ops.write_kv,
+            prefill=self.prefill_attention,
         )
+
+    def prefill_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        chunk: PrefillChunk,
+        scale: float,
+        buffers: torch_ops.GatherBuffers | None = None,
+    ) -> torch.Tensor:
+        """A prefill chunk's causal attention read from the paged cache in place (its K/V are written first), or the
+        torch op for what the C code does not take."""
+        if fits_prefill_attention(q, k_cache, v_cache, chunk.block_table):
+            keys = chunk.query_len * chunk.context_len
+            threads = torch.get_num_threads() if keys >= NATIVE_PARALLEL_KEYS else 1
+            size = prefill_scratch_size(chunk.context_len, k_cache.shape[2], q.shape[2])
+            if self._prefill_scratch.numel() < size:  # grown, never shrunk: fresh memory costs page faults per call
+                self._prefill_scratch = torch.empty(size, dtype=torch.float32)
+            return self.native.paged_prefill_attention(
+                q, k_cache, v_cache, chunk.block_table, chunk.context_len, scale, threads, self._prefill_scratch
+            )
+        return torch_ops.prefill_attention(q, k, v, k_cache, v_cache, chunk, scale, buffers)
 
     def paged_decode_attention(
         self,
@@ -219,7 +265,7 @@ class CpuBackend(torch_ops.TorchOpsBackend):
         return Availability(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {kernels}")
 
     def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> CpuLinearWeight:
-        return pack_linear_weight(weight, for_native=NativeKernels.load() is not None, quantized=quantized)
+        return pack_linear_weight(weight, NativeKernels.load(), quantized)
 
     def kernels(self) -> KernelTable:
         """The torch ops with the CPU `linear`, and native kernels where a C compiler built them."""

@@ -337,11 +337,14 @@ def attention(
     scale: float,
     decode: DecodeAttentionFn = paged_decode_attention,
     buffers: GatherBuffers | None = None,
+    write: Callable[..., None] = write_kv,
+    prefill: Callable[..., torch.Tensor] = prefill_attention,
 ) -> torch.Tensor:
     """Writes the batch's K/V into the caches, then attends: the decode tokens in one `decode` call, each prefill
-    chunk in one call. `decode` is the only part a device swaps (the CUDA backend passes its triton kernel);
-    `buffers` serve the prefill gathers (bind the same ones into `decode` to share them)."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    chunk in one `prefill` call (`prefill_attention`'s arguments). `decode`, `write` and `prefill` are the parts a
+    device swaps (the CUDA backend passes its triton decode kernel, the CPU its native ones); `buffers` serve the
+    prefill gathers (bind the same ones into `decode` to share them)."""
+    write(k, v, k_cache, v_cache, meta.slot_mapping)
     nd = meta.num_decode_tokens
     decoded = None
     if nd:
@@ -356,7 +359,7 @@ def attention(
         out[:nd] = decoded
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale, buffers)
+        out[rows] = prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale, buffers)
     return out
 
 

@@ -12,7 +12,9 @@ from sagellm.backends.native.ops import (
     fits_decode_attention,
     fits_dense,
     fits_heads,
+    fits_prefill_attention,
     fits_rows,
+    prefill_scratch_size,
 )
 
 __all__ = [
@@ -24,8 +26,10 @@ __all__ = [
     "fits_decode_attention",
     "fits_dense",
     "fits_heads",
+    "fits_prefill_attention",
     "fits_rows",
     "interleave",
     "isa",
     "native_library",
+    "prefill_scratch_size",
 ]

@@ -30,13 +30,14 @@ from sagellm.common.progress import stage
 log = structlog.get_logger("sagellm.native")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_kernels.c", HERE / "block_linear.c")  # compiled together into one library
+SOURCES = (HERE / "decode_kernels.c", HERE / "block_linear.c", HERE / "prefill_attention.c")  # one library
+HEADERS = (HERE / "vector_math.h",)  # included by the sources
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
 BUILD_TIMEOUT_S = 120  # the build takes ~1-2 s; a compiler stuck longer must not hold up the engine's start
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-# Each exported function's arguments, in the order decode_kernels.c declares them; all return void.
+# Each exported function's arguments, in the order the C files declare them; all return void.
 PROTOTYPES: dict[str, tuple[type, ...]] = {
     "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32),
     "rope_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I32),
@@ -44,8 +45,11 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "write_kv_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "linear_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "paged_decode_attention_f32": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I32),
+    "paged_prefill_attention_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _F32, _P, _I32),
     "linear_q4x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q8x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q4x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q8x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
 }
 
 
@@ -54,7 +58,8 @@ class NativeBuildError(RuntimeError):
 
 
 def library_key(sources: tuple[Path, ...], variant: Variant) -> str:
-    """Hash of what the built library depends on: the sources, the flags and the machine's architecture."""
+    """Hash of what the built library depends on: the sources (and headers), the flags and the machine's
+    architecture."""
     digest = hashlib.sha256()
     for source in sources:
         digest.update(source.read_bytes())
@@ -64,7 +69,7 @@ def library_key(sources: tuple[Path, ...], variant: Variant) -> str:
 
 
 def library_name(variant: Variant) -> str:
-    return f"sagellm_kernels-{variant.name}-{library_key(SOURCES, variant)}.so"
+    return f"sagellm_kernels-{variant.name}-{library_key(SOURCES + HEADERS, variant)}.so"
 
 
 def build(directory: Path | None = None, variant: Variant | None = None) -> Path:

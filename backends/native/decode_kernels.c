@@ -5,34 +5,14 @@
  * the worker has gone to sleep); its linears read blocked weight layouts no faster than one core streams a
  * plain one. Each function here does one op in one call on the calling thread. They take raw pointers and element
  * strides, allocate nothing on the heap and cannot fail: the Python wrappers check dtypes, shapes and layouts
- * first. Built with -O3 -march=native -fopenmp, so the `omp simd` loops use the machine's widest vectors. Kernels
+ * first. Built per instruction set (isa.py), so the `omp simd` loops use that set's widest vectors. Kernels
  * taking `num_threads` share their rows (attention: its tasks) among that many OpenMP threads, for the hundreds of
  * rows of a prefill; with 1 no parallel region is entered, so no sleeping worker is woken at decode. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-/* exp(x) for the softmax and SiLU loops. glibc's vector expf is only declared under -ffast-math, which would also
- * let the compiler reorder every other float expression here; this branch-free version vectorizes inside
- * `omp simd` loops instead. exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; exp(r) is Cephes' degree-6
- * polynomial (about 1 ulp). x is clamped to [-87, 88], where 2^n stays a normal float; below that the true result
- * is < 2e-38, negligible next to the 1-sized terms it is summed with. */
-static inline float exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* not fminf/fmaxf: their NaN rules stop vectorizing */
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;               /* x - n ln 2, ln 2 in two parts */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23; /* the float 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
+#include "vector_math.h"
 
 /* normed = s / sqrt(mean(s^2) + eps) * weight with s = x + residual (also stored to `summed`), or s = x when residual
  * is NULL: the pre-attention and pre-MLP norms with the residual add folded into the same pass over the row. */

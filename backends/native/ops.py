@@ -17,7 +17,9 @@ from sagellm.backends.native.build import native_library
 from sagellm.backends.native.isa import Variant
 
 F32 = torch.float32
-MAX_HEAD_DIM = 256  # decode_kernels.c MAX_HEAD_DIM
+MAX_HEAD_DIM = 256  # decode_kernels.c and prefill_attention.c MAX_HEAD_DIM
+MAX_QUERY_GROUP = 48  # prefill_attention.c MAX_QUERIES: query heads per kv head it takes
+KEY_CHUNK = 32  # prefill_attention.c KEY_CHUNK
 
 
 def fits_rows(*tensors: torch.Tensor) -> bool:
@@ -50,6 +52,25 @@ def fits_decode_attention(
     )
 
 
+def fits_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor) -> bool:
+    """What `paged_prefill_attention` reads: packed fp32 query heads of a size a multiple of 16 (at most MAX_HEAD_DIM),
+    at most MAX_QUERY_GROUP of them per kv head, contiguous fp32 caches and an int32 block table."""
+    d = q.shape[-1]
+    return (
+        d % 16 == 0
+        and d <= MAX_HEAD_DIM
+        and q.shape[1] // k_cache.shape[2] <= MAX_QUERY_GROUP
+        and fits_heads(q)
+        and fits_dense(k_cache, v_cache)
+        and fits_dense(table, dtype=torch.int32)
+    )
+
+
+def prefill_scratch_size(context_len: int, num_kv_heads: int, head_dim: int) -> int:
+    """Floats of scratch `paged_prefill_attention` transposes a context's keys into: whole chunks per kv head."""
+    return num_kv_heads * -(-context_len // KEY_CHUNK) * KEY_CHUNK * head_dim
+
+
 class NativeShapeError(ValueError):
     """Tensors passed to a native kernel whose shapes do not fit together."""
 
@@ -70,6 +91,12 @@ class NativeKernels:
     def isa(self) -> str:
         """The instruction-set variant the loaded library was built for (avx512, avx2, portable)."""
         return self._lib.isa
+
+    @property
+    def block_group(self) -> int:
+        """Outputs per group of the interleaved layouts this library reads fastest: one vector register of floats
+        (16 with AVX-512, else 8). Every library reads both."""
+        return 16 if self.isa == "avx512" else 8
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1) -> torch.Tensor:
         rows, hidden = x.shape
@@ -163,7 +190,7 @@ class NativeKernels:
         _expect(k == weight.in_features and (bias is None or bias.shape == (n,)), "block weight and bias", x, x)
         out = torch.empty((tokens, n), dtype=F32)  # [T, N]
         scratch = torch.empty(tokens * k, dtype=F32)  # x's rows repacked k-major by the kernel
-        kernel = self._lib.linear_q4x8_f32 if weight.layout == "q4x8" else self._lib.linear_q8x8_f32
+        kernel = getattr(self._lib, f"linear_{weight.layout}_f32")
         kernel(
             x.data_ptr(),
             x.stride(0),
@@ -231,6 +258,48 @@ class NativeKernels:
             d,
             block_size,
             scale,
+            num_threads,
+        )
+        return out
+
+    def paged_prefill_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        context_len: int,
+        scale: float,
+        num_threads: int = 1,
+        scratch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal attention of a chunk's queries q [n, Hq, D], the sequence's tokens context_len - n ..
+        context_len - 1, over its first context_len cached tokens (the chunk's own K/V written first); [n, Hq, D].
+        The block table must name the sequence's blocks of the caches, as the runner's do. `scratch`: fp32 memory
+        to reuse for the transposed keys (`prefill_scratch_size` floats), else it is allocated."""
+        n, hq, d = q.shape
+        _, block_size, hk, _ = k_cache.shape
+        _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
+        _expect(0 < n <= context_len <= block_table.shape[0] * block_size, "block table", block_table, q)
+        out = torch.empty((n, hq, d), dtype=F32)  # [n, Hq, D]
+        size = prefill_scratch_size(context_len, hk, d)
+        if scratch is None or scratch.numel() < size or scratch.dtype != F32 or not scratch.is_contiguous():
+            scratch = torch.empty(size, dtype=F32)
+        self._lib.paged_prefill_attention_f32(
+            q.data_ptr(),
+            q.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            _contiguous(block_table, torch.int32),
+            context_len,
+            n,
+            out.data_ptr(),
+            hq,
+            hk,
+            d,
+            block_size,
+            scale,
+            scratch.data_ptr(),
             num_threads,
         )
         return out

@@ -16,6 +16,7 @@ from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, write_tokens
+from sagellm.runtime.engine.kv_prefault import KVPrefault
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.execution_graph.lowering import Collectives, LoweringContext, Plan, lower
@@ -74,6 +75,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = backend.device
         self.kv_caches = allocate_kv_caches(cache_config(config, shard, stage), num_blocks, block_size, self.device)
+        self._prefault = KVPrefault([t for pair in self.kv_caches for t in pair])
         graph = build_decoder_graph(config, self.layers)
         self.graph = optimize(shard_tensor_parallel(graph, config, shard) if shard else graph)
         context = LoweringContext(
@@ -102,6 +104,8 @@ class ModelRunner:
     def forward(self, step: StepInputs, carried: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The graph's outputs: logits, or a pipeline stage's hidden and residual; `carried`: those of the stage
         before."""
+        if step.slots:
+            self._prefault.written(max(step.slots) // self.block_size)
         return self.plan.run(**self.tensors(step), **(carried or {}))
 
     def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
@@ -167,10 +171,14 @@ class ModelRunner:
 
     def write_kv(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Stores `read_kv`'s K and V (another engine's) at `slots`."""
+        if slots.numel():
+            self._prefault.written(int(slots.max()) // self.block_size)
         write_tokens(self.kv_caches, slots, kv)
 
     def close(self) -> None:
-        """Releases what the runner started (a tensor parallel group's other ranks); this one holds nothing."""
+        """Releases what the runner started: the cache's prefault thread (and, for a tensor parallel group, its
+        other ranks)."""
+        self._prefault.close()
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)

@@ -143,6 +143,7 @@ class ParallelRunner(ModelRunner):
 
     def close(self) -> None:
         """Tells the ranks to stop (an empty order) and waits for them; a rank that does not stop is killed."""
+        super().close()
         if not self._ranks:
             return
         if all(rank.poll() is None for rank in self._ranks):

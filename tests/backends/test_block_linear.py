@@ -14,6 +14,7 @@ from gguf.quants import dequantize
 
 from sagellm.backends.cpu import NATIVE_BLOCK_ROWS, NativeDispatch, pack_linear_weight
 from sagellm.backends.native import NativeKernels, interleave
+from sagellm.backends.native.block_layout import GROUPS
 from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
 from sagellm.runtime.models.loader import load_model
 from tests.tiny_models import make_tiny_llama, quantize, write_tiny_gguf
@@ -33,40 +34,62 @@ def quantized_weight(kind: str, n: int, k: int, seed: int = 0) -> tuple[Quantize
 
 
 @pytest.mark.parametrize("kind", KEPT_KINDS)
-def test_the_kernels_dequantize_to_exactly_gguf_pys_floats(native: NativeKernels, kind: str) -> None:
+@pytest.mark.parametrize("group", GROUPS)
+def test_the_kernels_dequantize_to_exactly_gguf_pys_floats(native: NativeKernels, kind: str, group: int) -> None:
     """One-hot rows pick single weights out, with no sum to round: y = I @ W^T must equal W^T bit for bit, so every
     value of the layout sits where the kernel reads it and dequantizes exactly (an fp16 scale times a small int)."""
-    weight, dense = quantized_weight(kind, n=24, k=64)
+    weight, dense = quantized_weight(kind, n=48, k=64)
     identity = torch.eye(64)
-    assert torch.equal(native.block_linear(identity, interleave(weight), None), dense.T)
+    assert torch.equal(native.block_linear(identity, interleave(weight, group), None), dense.T)
 
 
 @pytest.mark.parametrize("kind", KEPT_KINDS)
+@pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 40])  # every tile size class, and tiles of 16 plus a rest
 @pytest.mark.parametrize("threads", [1, 2])
 def test_block_linear_equals_the_fp32_linear_on_the_dequantized_weight(
-    native: NativeKernels, kind: str, rows: int, threads: int
+    native: NativeKernels, kind: str, group: int, rows: int, threads: int
 ) -> None:
-    weight, dense = quantized_weight(kind, n=200, k=576)
-    x, bias = torch.randn(rows, 576 + 8)[:, :576], torch.randn(200)  # rows of a wider tensor, as the graph's views
+    weight, dense = quantized_weight(kind, n=208, k=576)
+    x, bias = torch.randn(rows, 576 + 8)[:, :576], torch.randn(208)  # rows of a wider tensor, as the graph's views
     expected = x.double() @ dense.double().T + bias.double()
-    actual = native.block_linear(x, interleave(weight), bias, threads)
+    actual = native.block_linear(x, interleave(weight, group), bias, threads)
     torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=2e-5)
 
 
-def test_shapes_the_kernels_do_not_take_keep_the_dense_fp32_weight() -> None:
+@pytest.mark.parametrize("kind", KEPT_KINDS)
+def test_both_group_widths_sum_in_the_same_order(native: NativeKernels, kind: str) -> None:
+    """A group of 16 is two groups of 8 side by side, each output's FMAs chained in the same order: a machine
+    gives the same floats whichever layout its kernels read."""
+    weight, _ = quantized_weight(kind, n=64, k=576)
+    for rows in (1, 5, 16, 21):
+        x = torch.randn(rows, 576)
+        narrow = native.block_linear(x, interleave(weight, 8), None)
+        assert torch.equal(native.block_linear(x, interleave(weight, 16), None), narrow)
+
+
+def test_shapes_the_kernels_do_not_take_keep_the_dense_fp32_weight(native: NativeKernels) -> None:
     weight, dense = quantized_weight("Q8_0", n=12, k=64)  # 12 outputs: not whole groups of eight
     assert interleave(weight) is None
-    packed = pack_linear_weight(dense, for_native=True, quantized=weight)
+    packed = pack_linear_weight(dense, native, weight)
     assert packed.blocks is None and packed.dense is dense
+
+
+def test_outputs_not_a_multiple_of_sixteen_take_groups_of_eight(native: NativeKernels) -> None:
+    weight, dense = quantized_weight("Q4_1", n=24, k=64)
+    assert interleave(weight, 16) is None
+    packed = pack_linear_weight(dense, native, weight)
+    assert packed.blocks is not None and packed.blocks.layout == "q4x8"
 
 
 def test_dispatch_reads_blocks_up_to_its_row_limit_and_the_fp32_gemm_above(native: NativeKernels) -> None:
     weight, dense = quantized_weight("Q4_1", n=96, k=128)
-    packed = pack_linear_weight(dense, for_native=True, quantized=weight)
+    packed = pack_linear_weight(dense, native, weight)
     assert packed.blocks is not None and packed.dense is None, "blocks replace the dense copy"
+    assert packed.blocks.layout == f"q4x{native.block_group}"
     dispatch = NativeDispatch(native)
-    for rows in (1, NATIVE_BLOCK_ROWS, NATIVE_BLOCK_ROWS + 1, 300):
+    limit = NATIVE_BLOCK_ROWS[native.isa]
+    for rows in (1, limit, limit + 1, 300):
         x = torch.randn(rows, 128)
         torch.testing.assert_close(dispatch.linear(x, packed), x @ dense.T, rtol=1e-5, atol=2e-5)
 

@@ -48,18 +48,18 @@ def test_linear(native: NativeKernels, rows: int, k: int, n: int, with_bias: boo
     close(native.linear(x, weight, bias), expected, atol=1e-4)
 
 
-def test_fp32_weights_keep_their_dense_layout_for_the_native_linear() -> None:
+def test_fp32_weights_keep_their_dense_layout_for_the_native_linear(native: NativeKernels) -> None:
     embedding = torch.randn(4096, 64)  # a vocabulary projection tied to the embedding: the same tensor
-    assert pack_linear_weight(embedding, for_native=True).dense is embedding
-    gate_up = pack_linear_weight(torch.randn(3072, 64), for_native=True)
+    assert pack_linear_weight(embedding, native).dense is embedding
+    gate_up = pack_linear_weight(torch.randn(3072, 64), native)
     assert gate_up.rows is None, "the dense weight serves one-row calls; no [in, out] copy besides"
-    assert pack_linear_weight(torch.randn(8, 8, dtype=torch.float64), for_native=True).dense is None
+    assert pack_linear_weight(torch.randn(8, 8, dtype=torch.float64), native).dense is None
     assert pack_linear_weight(embedding).dense is None
 
 
 @pytest.mark.parametrize("rows", [1, NATIVE_LINEAR_ROWS + 1])
 def test_dispatched_linear(dispatch: NativeDispatch, rows: int) -> None:
-    weight = pack_linear_weight(torch.randn(96, 64), for_native=True)
+    weight = pack_linear_weight(torch.randn(96, 64), dispatch.native)
     x, bias = torch.randn(rows, 64), torch.randn(96)
     close(dispatch.linear(x, weight, bias), linear(x, weight, bias), atol=1e-4)
 
@@ -133,6 +133,31 @@ def test_paged_decode_attention(
     close(out, torch_ops.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, d**-0.5))
 
 
+@pytest.mark.parametrize(
+    ("hq", "hk", "d", "chunks"),
+    [
+        (9, 3, 64, [37, 9, 100, 1]),  # SmolLM2's heads: a fresh prompt, then chunks on top of its cached tokens
+        (9, 3, 64, [256]),  # a whole W1 prompt: 8 chunks of 32 keys, 3 tiles of 16 rows
+        (8, 1, 128, [5, 70]),  # multi-query, groups of 8 query heads: 6-row tiles
+        (32, 1, 16, [3, 40]),  # 32 query heads on one kv head: one row per tile; the smallest head size
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paged_prefill_attention(
+    native: NativeKernels, paged_sequences: type, hq: int, hk: int, d: int, chunks: list[int], threads: int
+) -> None:
+    seqs = paged_sequences(hq, hk, d)
+    for n in chunks:
+        q, k, v, meta, owners = seqs.step([], [("a", n)])
+        native.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+        chunk = meta.prefills[0]
+        q = torch.cat([q, torch.randn(n, 1, d)], 1)[:, :hq]  # heads packed in rows of a wider tensor
+        out = native.paged_prefill_attention(
+            q, seqs.k_cache, seqs.v_cache, chunk.block_table, chunk.context_len, d**-0.5, threads
+        )
+        close(out, seqs.reference(q, owners, d**-0.5))
+
+
 def test_shapes_that_do_not_fit_raise_instead_of_reading_out_of_bounds(native: NativeKernels) -> None:
     with pytest.raises(NativeShapeError, match=r"linear weight and bias of shape \(8, 32\) does not fit \(1, 64\)"):
         native.linear(torch.randn(1, 64), torch.randn(8, 32), None)
@@ -199,7 +224,7 @@ def test_dispatched_attention_over_mixed_and_decode_only_steps(
     schedule = [
         ([], [("a", 37), ("b", 9)]),
         (["a", "b"], []),  # decode-only: native write and attention
-        (["a", "b"], [("c", 6)]),  # mixed: torch prefill, native decode half
+        (["a", "b"], [("c", 6)]),  # mixed: native prefill chunk and decode half
         (["a", "b", "c"], []),
         (["b"], [("a", 3)]),
     ]
@@ -243,7 +268,8 @@ def test_an_unavailable_library_is_logged_once_and_the_backend_runs_torch_ops(tm
 @pytest.mark.slow
 def test_the_library_is_built_once_per_source_and_instruction_set(tmp_path) -> None:
     first = build.build(tmp_path)
-    assert first.name == f"sagellm_kernels-{isa.chosen().name}-{build.library_key(build.SOURCES, isa.chosen())}.so"
+    key = build.library_key(build.SOURCES + build.HEADERS, isa.chosen())  # a header's change rebuilds too
+    assert first.name == f"sagellm_kernels-{isa.chosen().name}-{key}.so" == build.library_name(isa.chosen())
     assert first.stat().st_mode & 0o044 == 0o044, "readable by the other users of a shared cache"
     modified = first.stat().st_mtime_ns
     assert build.build(tmp_path) == first and first.stat().st_mtime_ns == modified

@@ -1,0 +1,30 @@
+/* Math shared by the native kernels' C files (decode_kernels.c, prefill_attention.c): included, so each inlines it. */
+#ifndef SAGELLM_VECTOR_MATH_H
+#define SAGELLM_VECTOR_MATH_H
+
+#include <stdint.h>
+#include <string.h>
+
+/* exp(x) for the softmax and SiLU loops. glibc's vector expf is only declared under -ffast-math, which would also
+ * let the compiler reorder every other float expression here; this branch-free version vectorizes inside
+ * `omp simd` loops instead. exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; exp(r) is Cephes' degree-6
+ * polynomial (about 1 ulp). x is clamped to [-87, 88], where 2^n stays a normal float; below that the true result
+ * is < 2e-38, negligible next to the 1-sized terms it is summed with. */
+static inline float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* not fminf/fmaxf: their NaN rules stop vectorizing */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;               /* x - n ln 2, ln 2 in two parts */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23; /* the float 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+#endif
