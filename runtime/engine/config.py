@@ -34,6 +34,10 @@ class EngineConfig:
     quantized_weights: bool = _help("decode reads a GGUF's Q4_0/Q4_1/Q8_0 blocks instead of their fp32 copy", True)
     # vLLM's --seed: the process's random state, from which requests without a seed of their own draw.
     seed: int | None = _help("random seed of the engine: unseeded requests sample the same way every run", None)
+    # The KV cache is allocated untouched (no start-up cost) and its pages mapped a window ahead of the blocks in use;
+    # a server maps all of it in the background from the start, as vLLM touches its cache at start-up, so its first
+    # requests never wait on the kernel mapping fresh pages (runtime/engine/kv_prefault.py).
+    prefault_kv_cache: bool = _help("map the whole KV cache in the background from the start (serve: on)", False)
     # vLLM's --tensor-parallel-size: the model's heads, MLP and vocabulary split over this many ranks, one process
     # (and one device) each, every layer's two partial sums joined by an all-reduce.
     # Unset (None, the default) with pipeline_parallel_size: the planner's choice for this model on this machine's

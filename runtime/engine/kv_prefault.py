@@ -27,14 +27,15 @@ WINDOW_BLOCKS = 64  # blocks mapped ahead of the highest one written (SmolLM2: 4
 
 
 class KVPrefault:
-    """Keeps blocks [0, highest written + WINDOW_BLOCKS) of `tensors` ([num_blocks, ...] each) mapped."""
+    """Keeps blocks [0, highest written + WINDOW_BLOCKS) of `tensors` ([num_blocks, ...] each) mapped, or with
+    `everything`, maps them all from the start, a window at a time from block 0 up (the order blocks are used in)."""
 
-    def __init__(self, tensors: list[torch.Tensor], window: int = WINDOW_BLOCKS) -> None:
+    def __init__(self, tensors: list[torch.Tensor], window: int = WINDOW_BLOCKS, everything: bool = False) -> None:
         self._regions = [(t.data_ptr(), t[0].numel() * t.element_size()) for t in tensors]  # (address, block bytes)
         self._num_blocks = tensors[0].shape[0]
         self._window = window
         self._mapped = 0  # blocks [0, _mapped) are mapped
-        self._wanted = min(window, self._num_blocks)
+        self._wanted = self._num_blocks if everything else min(window, self._num_blocks)
         self._closed = False
         self._changed = threading.Condition()
         self._madvise = _libc_madvise()
@@ -61,7 +62,7 @@ class KVPrefault:
                     self._changed.wait()
                 if self._closed:
                     return
-                start, end = self._mapped, self._wanted
+                start, end = self._mapped, min(self._wanted, self._mapped + self._window)
             if not self._populate(start, end):
                 return
             self._mapped = end

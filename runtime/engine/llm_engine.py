@@ -104,6 +104,7 @@ class LLMEngine:
                 block_size=config.block_size,
                 max_model_len=self.max_model_len,
                 quantized=self.model.quantized if config.quantized_weights else {},
+                prefault_kv_cache=config.prefault_kv_cache,
             )
         # The plan holds what it needs (packed): drop the loader's copies.
         self.model.weights, self.model.quantized = {}, {}

@@ -66,16 +66,18 @@ class ModelRunner:
         shard: TensorShard | None = None,
         stage: PipelineStage | None = None,
         collectives: Collectives | None = None,
+        prefault_kv_cache: bool = False,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
-        `stage`: it runs one pipeline stage's layers (and holds their KV cache only)."""
+        `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
+        whole cache's memory in the background now, not just ahead of use."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
         self.block_size = block_size
         self.device = backend.device
         self.kv_caches = allocate_kv_caches(cache_config(config, shard, stage), num_blocks, block_size, self.device)
-        self._prefault = KVPrefault([t for pair in self.kv_caches for t in pair])
+        self._prefault = KVPrefault([t for pair in self.kv_caches for t in pair], everything=prefault_kv_cache)
         graph = build_decoder_graph(config, self.layers)
         self.graph = optimize(shard_tensor_parallel(graph, config, shard) if shard else graph)
         context = LoweringContext(

@@ -60,6 +60,7 @@ class ParallelRunner(ModelRunner):
         block_size: int,
         max_model_len: int,
         quantized: dict[str, Any] | None = None,
+        prefault_kv_cache: bool = False,
     ) -> None:
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
@@ -107,6 +108,7 @@ class ParallelRunner(ModelRunner):
                 shard=layout.shard,
                 stage=layout.stage,
                 collectives=self._comms.stage,
+                prefault_kv_cache=prefault_kv_cache,
             )
             with stage(f"waiting for {layout.world_size - 1} more rank(s) of the engine to load the model"):
                 self._wait_ready(store)

@@ -78,7 +78,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     join.add_argument(
         "--advertise-url", help="where the head reaches this server (default: http://HOST:PORT it listens on)"
     )
-    add_engine_arguments(p)
+    add_engine_arguments(p, defaults={"prefault_kv_cache": True})  # a server's cache is mapped at start, as vLLM's
     vllm = p.add_argument_group("vLLM's flags this engine takes one value of (so vLLM command lines run)")
     vllm.add_argument("--dtype", default="auto", help="auto or float32: the CPU engine computes in float32")
     p.add_argument("--log-level", default="info")
@@ -128,11 +128,12 @@ def apply_engine_settings(graph: Any, args: argparse.Namespace) -> Any:
     if args.dtype not in ("auto", "float32", "float", "fp32"):
         raise ValueError(f"--dtype {args.dtype}: this engine computes in float32 on the CPU (auto or float32)")
     settings = engine_settings(args)
-    if not settings:
-        return graph
     engines = [n for n in graph.nodes.values() if set(settings) <= set(get_operator(n.op).parameters())]
+    given = [name for name in args._engine_flags if getattr(args, name, None) is not None]
+    if not engines and given:  # serve's own defaults alone are no error: a graph may have no engine
+        raise ValueError(f"{args.graph}: the graph has no engine node to take {', '.join(given)}")
     if not engines:
-        raise ValueError(f"{args.graph}: the graph has no engine node to take {', '.join(settings)}")
+        return graph
     for node in engines:
         node.params.update(settings)
     return validate(graph, graph.attrs.get("_locations"), file=graph.attrs.get("_file"))
