@@ -103,6 +103,20 @@ static inline f32x8 load8(const float *p) {
 
 static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof(v)); }
 
+typedef float f32x16 __attribute__((vector_size(64))); /* AVX-512's register */
+
+static inline f32x16 load16(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof(v)); }
+
+static inline f32x8 low8(f32x16 v) { return (f32x8){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}; }
+
+static inline f32x8 high8(f32x16 v) { return (f32x8){v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]}; }
+
 static inline float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 
 /* Lanes of a and b (b's numbered 8-15) picked into one vector; clang and GCC before 12 each know only one spelling. */
@@ -201,10 +215,20 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
                 const float *qh = q + h * d;
                 const int64_t offset = (h / group) * d;
                 f32x8 lanes[8] = {{0}};
-                for (int64_t i = 0; i < d; i += 8) {
-                    const f32x8 qv = load8(qh + i);
-                    for (int u = 0; u < 8; ++u) lanes[u] += qv * load8(keys[j + u] + offset + i);
-                }
+#if defined(__AVX512F__)
+                if (d % 16 == 0) { /* 16 floats at a time in AVX-512's registers, folded to 8 lanes at the end */
+                    f32x16 wide[8] = {{0}};
+                    for (int64_t i = 0; i < d; i += 16) {
+                        const f32x16 qv = load16(qh + i);
+                        for (int u = 0; u < 8; ++u) wide[u] += qv * load16(keys[j + u] + offset + i);
+                    }
+                    for (int u = 0; u < 8; ++u) lanes[u] = low8(wide[u]) + high8(wide[u]);
+                } else
+#endif
+                    for (int64_t i = 0; i < d; i += 8) {
+                        const f32x8 qv = load8(qh + i);
+                        for (int u = 0; u < 8; ++u) lanes[u] += qv * load8(keys[j + u] + offset + i);
+                    }
                 store8(p + h * KEY_CHUNK + j, sum8x8(lanes) * scale);
             }
         }
@@ -227,6 +251,16 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
             best[h] = top;
             total[h] = total[h] * shrink + sum8(sum);
             const int64_t offset = (h / group) * d;
+#if defined(__AVX512F__)
+            if (d % 16 == 0) {
+                f32x16 a[MAX_HEAD_DIM / 16];
+                for (int64_t c = 0; c < d / 16; ++c) a[c] = load16(acc + h * d + c * 16) * shrink;
+                for (int64_t j = 0; j < n; ++j)
+                    for (int64_t c = 0; c < d / 16; ++c) a[c] += ph[j] * load16(values[j] + offset + c * 16);
+                for (int64_t c = 0; c < d / 16; ++c) store16(acc + h * d + c * 16, a[c]);
+                continue;
+            }
+#endif
             f32x8 a[MAX_HEAD_DIM / 8];
             for (int64_t c = 0; c < d / 8; ++c) a[c] = load8(acc + h * d + c * 8) * shrink;
             for (int64_t j = 0; j < n; ++j) {
