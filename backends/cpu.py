@@ -4,7 +4,7 @@ native C kernels (backends/native) for small-batch decode.
 A CPU LLM server is memory-bound at decode: every step streams every weight once. Measured on the 2-core AVX-512
 machine this was written on (torch 2.13, MKL + oneDNN, fp32), oneDNN's matmul on a weight reordered once into its
 blocked layout beats `F.linear` on the [out, in] weight and `torch.mm` on an [in, out] copy by 1.5-3x from two rows
-up (batched decode, prefill). Up to NATIVE_BLOCK_ROWS rows (per instruction set) a weight the GGUF file stored as
+up (batched decode, prefill). Up to NATIVE_BLOCK_ROWS rows a weight the GGUF file stored as
 Q4_0/Q4_1/Q8_0 is read from its blocks instead (block_linear.c: a quarter to a fifth of the bytes, dequantized in
 registers to the same floats): SmolLM2's 210 layer linears with the AVX-512 kernels at 16 rows 11.1 vs 16.5 ms, at 1
 row 3.1 vs 18. Other fp32 weights keep their
@@ -60,11 +60,11 @@ I64 = torch.int64
 NATIVE_SERIAL_ROWS = 64
 # Rows up to which the native linear, streaming the dense weight on one thread, beats oneDNN's blocked one.
 NATIVE_LINEAR_ROWS = 2
-# Rows up to which the native linear on a GGUF weight's interleaved blocks beats oneDNN on its fp32 copy, per
-# instruction set. SmolLM2's layer linears, cold, on a 2-core AMD EPYC with AVX-512 (oneDNN runs AVX-512 there):
-# avx512 kernels 16 rows 11.1 vs 16.5 ms, 48: 28.7 vs 32.5, 64: 37.0 vs 39.9. The AVX2 kernels' limit is the one
-# measured for them on an earlier machine: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
-NATIVE_BLOCK_ROWS = {"avx512": 64, "avx2": 48, "portable": 48}
+# Rows up to which the native linear on a GGUF weight's interleaved blocks beats oneDNN on its fp32 copy. SmolLM2's
+# layer linears, cold (`sagellm bench kernels`), AVX-512 kernels on a 2-core AMD EPYC whose oneDNN runs AVX-512 too:
+# 16 rows 11.1 vs 16.4 ms, 48: 29.1 vs 36.0, 64: 44.5 vs 40.5 in one run and 37.0 vs 39.9 in another; AVX2 kernels on
+# an earlier machine: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
+NATIVE_BLOCK_ROWS = 48
 # Cached keys (rows x context) from which native decode attention shares its (row, kv head) tasks among torch's
 # threads; below it one thread finishes before a sleeping second one would wake up.
 NATIVE_PARALLEL_KEYS = 2048
@@ -109,7 +109,6 @@ class NativeDispatch:
 
     def __init__(self, native: NativeKernels) -> None:
         self.native = native
-        self.block_rows = NATIVE_BLOCK_ROWS[native.isa]
         self.buffers = torch_ops.GatherBuffers()  # for the torch decode attention, and prefill chunks' gathers
         self._prefill_scratch = torch.empty(0)  # the native prefill attention's transposed keys, reused
 
@@ -126,7 +125,7 @@ class NativeDispatch:
 
     def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows, fits = x.shape[0], fits_rows(x) and (bias is None or fits_dense(bias))
-        if weight.blocks is not None and rows <= self.block_rows and fits:
+        if weight.blocks is not None and rows <= NATIVE_BLOCK_ROWS and fits:
             return self.native.block_linear(x, weight.blocks, bias, torch.get_num_threads())
         if weight.dense is not None and rows <= NATIVE_LINEAR_ROWS and fits:
             return self.native.linear(x, weight.dense, bias)

@@ -40,6 +40,7 @@ PIPELINE_BENCHES = (
     ("faults", "faults", "one of three engine workers killed mid-run, failover off and on (the failover table)"),
     ("load", "load", "cold model load stage by stage, each in a fresh process, and a whole cold `sagellm run`"),
     ("parallel", "parallel", "one model split over processes (TP, PP) against one process, in one run"),
+    ("kernels", "kernels", "the CPU kernels of each instruction set vs oneDNN and torch; --ops: W1-c16 op by op"),
     ("cli", "cli_startup", "`sagellm --help` and every command's `--help` in fresh processes (budget: 0.3 s)"),
     ("vllm-results", "vllm_results", "the table and chart of `vllm bench serve` result files (W1 against peers)"),
 )

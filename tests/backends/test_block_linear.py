@@ -88,8 +88,7 @@ def test_dispatch_reads_blocks_up_to_its_row_limit_and_the_fp32_gemm_above(nativ
     assert packed.blocks is not None and packed.dense is None, "blocks replace the dense copy"
     assert packed.blocks.layout == f"q4x{native.block_group}"
     dispatch = NativeDispatch(native)
-    limit = NATIVE_BLOCK_ROWS[native.isa]
-    for rows in (1, limit, limit + 1, 300):
+    for rows in (1, NATIVE_BLOCK_ROWS, NATIVE_BLOCK_ROWS + 1, 300):
         x = torch.randn(rows, 128)
         torch.testing.assert_close(dispatch.linear(x, packed), x @ dense.T, rtol=1e-5, atol=2e-5)
 

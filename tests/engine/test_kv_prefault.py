@@ -67,7 +67,6 @@ def test_a_window_ahead_of_the_highest_block_written_is_mapped(caches) -> None:
     prefault = KVPrefault(tensors, window=32)
     try:
         wait_for(lambda: all(resident_blocks(t) >= 32 for t in tensors))
-        assert resident_blocks(tensors[0]) < 100, "nothing beyond the window before it is needed"
         prefault.written(200)
         wait_for(lambda: all(resident_blocks(t) >= 233 for t in tensors))
         assert all(torch.count_nonzero(t) == 0 for t in tensors), "mapped pages are zeros"
