@@ -3,15 +3,14 @@ native C kernels (backends/native) for small-batch decode.
 
 A CPU LLM server is memory-bound at decode: every step streams every weight once. Measured on the 2-core AVX-512
 machine this was written on (torch 2.13, MKL + oneDNN, fp32), oneDNN's matmul on a weight reordered once into its
-blocked layout beats `F.linear` on the [out, in] weight and `torch.mm` on an [in, out] copy by 1.5-3x from two rows
-up (batched decode, prefill). Up to NATIVE_BLOCK_ROWS rows a weight the GGUF file stored as
-Q4_0/Q4_1/Q8_0 is read from its blocks instead (block_linear.c: a quarter to a fifth of the bytes, dequantized in
-registers to the same floats): SmolLM2's 210 layer linears with the AVX-512 kernels at 16 rows 11.1 vs 16.5 ms, at 1
-row 3.1 vs 18. Other fp32 weights keep their
-dense layout beside the blocked one for one or two rows, where the native `linear_f32` streaming it on one thread
-beats oneDNN (24 vs 40 ms a batch-1 step), except a vocabulary projection tied to the embedding, which shares the
-embedding's tensor. Without native kernels, a single row against a wide output (gate_up) uses MKL's GEMV on an [in,
-out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`).
+blocked layout beats `F.linear` on the [out, in] weight and `torch.mm` on an [in, out] copy by 1.5-3x from two rows up
+(batched decode, prefill). Up to NATIVE_BLOCK_ROWS rows a weight the GGUF file stored as Q4_0/Q4_1/Q8_0 is read from
+its blocks instead (block_linear.c: a quarter to a fifth of the bytes, dequantized in registers to the same floats):
+SmolLM2's 210 layer linears with the AVX-512 kernels at 16 rows 11.1 vs 16.5 ms, at 1 row 3.1 vs 18. Other fp32
+weights keep their dense layout beside the blocked one for one or two rows, where the native `linear_f32` streaming it
+on one thread beats oneDNN (24 vs 40 ms a batch-1 step), except a vocabulary projection tied to the embedding, which
+shares the embedding's tensor. Without native kernels, a single row against a wide output (gate_up) uses MKL's GEMV
+on an [in, out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`).
 
 Around the linears, at a few rows per step torch spends more on dispatching RMSNorm, RoPE, SiLU and attention and on
 waking its OpenMP worker than on their math, and its decode attention first copies every context into a padded
