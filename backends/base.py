@@ -85,6 +85,10 @@ class HardwareBackend(ABC):
         """Makes device `index` this process's current one (an engine given `device_ids`)."""
         raise ValueError(f"backend {self.name!r} has no numbered devices to select")
 
+    def linear_dtype_problem(self, dtype: torch.dtype) -> str | None:
+        """Why this backend's linears cannot compute in `dtype` (None: they can); float32 always can."""
+        return None if dtype in (torch.float32, torch.bfloat16) else f"{self.name} linears take float32 or bfloat16"
+
     def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> Any:
         """Packs a [out, in] weight into the layout this backend's `linear` reads fastest; `quantized` is the same
         weight in the GGUF file's blocks when it held a kind in KEPT_KINDS, for backends with kernels reading them."""

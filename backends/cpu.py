@@ -95,7 +95,11 @@ def pack_linear_weight(
 
 
 def linear(x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] -> [T, N] (+ bias [N]) on a weight packed by `pack_linear_weight`, with torch's GEMMs."""
+    """x [T, K] -> [T, N] (+ bias [N]) on a weight packed by `pack_linear_weight`, with torch's GEMMs. A bf16 weight
+    (EngineConfig.dtype) takes x rounded to bf16, sums in fp32 and gives fp32, with the fp32 bias added after."""
+    if weight.packed.dtype != x.dtype:
+        out = linear(x.to(weight.packed.dtype), weight).to(x.dtype)
+        return out if bias is None else out + bias
     if weight.rows is not None and x.shape[0] == 1:
         return torch.mm(x, weight.rows) if bias is None else torch.addmm(bias, x, weight.rows)  # [1, N]
     if weight.packed.is_mkldnn:
@@ -261,6 +265,13 @@ class CpuBackend(torch_ops.TorchOpsBackend):
     def availability(cls) -> Availability:
         kernels = "off" if os.environ.get(DISABLE_ENV) == "0" else isa.chosen().name
         return Availability(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {kernels}")
+
+    def linear_dtype_problem(self, dtype: torch.dtype) -> str | None:
+        """bf16 only where the CPU multiplies it natively (AVX512-BF16 or AMX): oneDNN emulates it elsewhere, slower
+        than fp32."""
+        if dtype == torch.bfloat16 and not {"avx512_bf16", "amx_bf16"} & isa.cpu_flags():
+            return "bfloat16 needs a CPU with AVX512-BF16 or AMX (this one has neither): use float32"
+        return super().linear_dtype_problem(dtype)
 
     def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> CpuLinearWeight:
         return pack_linear_weight(weight, NativeKernels.load(), quantized)

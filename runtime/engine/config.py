@@ -32,6 +32,11 @@ class EngineConfig:
     # A GGUF file's Q4_0/Q4_1/Q8_0 blocks for small batches (decode) instead of their fp32 copy: the same weight values,
     # a quarter to a fifth of the bytes per step. False: the fp32 copy everywhere.
     quantized_weights: bool = _help("decode reads a GGUF's Q4_0/Q4_1/Q8_0 blocks instead of their fp32 copy", True)
+    # vLLM's --dtype. auto and float32 compute everything in fp32. bfloat16 is opt-in, on a CPU with AVX512-BF16 or
+    # AMX: the linears oneDNN runs (prefill-sized batches, and decode of weights without GGUF blocks) take bf16
+    # weights and inputs and sum in fp32 (twice fp32's rate); attention, norms, the KV cache and the linears on GGUF
+    # blocks stay fp32. Its accuracy cost is measured by `sagellm bench numerics`.
+    dtype: str = _help("auto or float32 (exact), or bfloat16: prefill's linears in bf16 (opt-in)", "auto")
     # vLLM's --seed: the process's random state, from which requests without a seed of their own draw.
     seed: int | None = _help("random seed of the engine: unseeded requests sample the same way every run", None)
     # The KV cache is allocated untouched (no start-up cost) and its pages mapped a window ahead of the blocks in use;
@@ -69,6 +74,8 @@ class EngineConfig:
                 _at_least(self, name, 1)
         if self.device_ids is not None and (not self.device_ids or min(self.device_ids) < 0):
             raise FieldError("device_ids", f"device_ids must be device numbers >= 0, got {self.device_ids!r}")
+        if self.dtype not in DTYPES:
+            raise FieldError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.kv_cache_memory_gb > 0:
             raise FieldError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
@@ -81,6 +88,8 @@ class EngineConfig:
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
+
+DTYPES = ("auto", "float32", "bfloat16")  # auto is float32
 
 # vLLM's short names of two settings: `-tp` / `--tp` on command lines, `tp:` in graph files.
 SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}

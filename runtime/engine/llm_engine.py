@@ -15,6 +15,7 @@ import structlog
 import torch
 
 from sagellm.backends import get_backend
+from sagellm.common.errors import FieldError
 from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
@@ -72,6 +73,9 @@ class LLMEngine:
         self.sampling_defaults = model_sampling_defaults(self.model)  # what a request that sets nothing gets
         model_config = self.model.config
         self.backend = get_backend(config.backend)
+        linear_dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        if problem := self.backend.linear_dtype_problem(linear_dtype):
+            raise FieldError("dtype", f"dtype {config.dtype}: {problem}")
         if config.world_size == 1:  # a group's rank 0 is placed by its runner, with the other ranks
             place(self.backend, config.device_ids, config.num_threads)
         # The budget is each rank's: rank 0 holds the most KV heads and layers of a parallel group.
@@ -105,6 +109,7 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 quantized=self.model.quantized if config.quantized_weights else {},
                 prefault_kv_cache=config.prefault_kv_cache,
+                linear_dtype=linear_dtype,
             )
         # The plan holds what it needs (packed): drop the loader's copies.
         self.model.weights, self.model.quantized = {}, {}

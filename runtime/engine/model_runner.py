@@ -67,10 +67,12 @@ class ModelRunner:
         stage: PipelineStage | None = None,
         collectives: Collectives | None = None,
         prefault_kv_cache: bool = False,
+        linear_dtype: torch.dtype = torch.float32,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
-        whole cache's memory in the background now, not just ahead of use."""
+        whole cache's memory in the background now, not just ahead of use; `linear_dtype`: the dtype the linears'
+        weights are packed in (EngineConfig.dtype)."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
@@ -89,6 +91,7 @@ class ModelRunner:
             scale=config.head_dim**-0.5,
             quantized=quantized or {},
             collectives=collectives,
+            linear_dtype=linear_dtype,
         )
         self.plan: Plan = lower(self.graph, context)
         self._last_decodes: list[tuple[Sequence, int]] = []  # (sequence, computed tokens) of last step's decodes

@@ -69,6 +69,7 @@ class LoweringContext:
     scale: float
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
     collectives: Collectives | None = None  # a tensor parallel rank's group
+    linear_dtype: torch.dtype = torch.float32  # the dtype linear weights are packed in (EngineConfig.dtype)
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -119,6 +120,7 @@ def _bind_linear(params, ctx, kernels):
         biases = [_cut(_weight(ctx, n.removesuffix(".weight") + ".bias"), shard) for n, shard in zip(names, shards)]
         bias = torch.cat(biases).to(ctx.backend.device)
     quantized = QuantizedWeight.concat([_cut_blocks(ctx.quantized.get(n), shard) for n, shard in zip(names, shards)])
+    weight = weight.to(ctx.linear_dtype)  # bf16 when asked for; GGUF blocks, read at decode, stay as they are
     return kernels["linear"], (ctx.backend.prepare_linear_weight(weight, quantized), bias)
 
 

@@ -61,6 +61,7 @@ class ParallelRunner(ModelRunner):
         max_model_len: int,
         quantized: dict[str, Any] | None = None,
         prefault_kv_cache: bool = False,
+        linear_dtype: torch.dtype = torch.float32,
     ) -> None:
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
@@ -80,6 +81,7 @@ class ParallelRunner(ModelRunner):
             block_size=block_size,
             max_model_len=max_model_len,
             quantized_weights=engine.quantized_weights,
+            dtype=str(linear_dtype).removeprefix("torch."),
             num_threads=engine.num_threads,
             device_ids=engine.device_ids,
             world_fd=segments.world_fd,
@@ -109,6 +111,7 @@ class ParallelRunner(ModelRunner):
                 stage=layout.stage,
                 collectives=self._comms.stage,
                 prefault_kv_cache=prefault_kv_cache,
+                linear_dtype=linear_dtype,
             )
             with stage(f"waiting for {layout.world_size - 1} more rank(s) of the engine to load the model"):
                 self._wait_ready(store)

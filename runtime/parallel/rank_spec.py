@@ -18,6 +18,7 @@ class RankSpec(msgspec.Struct, kw_only=True):
     block_size: int
     max_model_len: int
     quantized_weights: bool
+    dtype: str = "float32"  # the linears' (EngineConfig.dtype)
     num_threads: int | None
     device_ids: list[int] | None = None  # the engine's; the rank takes its share (runtime/engine/placement.py)
     # Shared memory segments (memfds rank 0 passed down): the whole group's, and each stage's (tp > 1 and pp > 1).

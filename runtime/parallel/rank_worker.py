@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
 def serve(spec: RankSpec) -> int:
     import msgspec
     import structlog
+    import torch
 
     from sagellm.backends import get_backend
     from sagellm.runtime.comm.collectives import CollectiveError, GroupAddress, open_store
@@ -61,6 +62,7 @@ def serve(spec: RankSpec) -> int:
             shard=layout.shard,
             stage=layout.stage,
             collectives=comms.stage,
+            linear_dtype=getattr(torch, spec.dtype),
         )
         del model
     except Exception as error:

@@ -79,8 +79,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--advertise-url", help="where the head reaches this server (default: http://HOST:PORT it listens on)"
     )
     add_engine_arguments(p, defaults={"prefault_kv_cache": True})  # a server's cache is mapped at start, as vLLM's
-    vllm = p.add_argument_group("vLLM's flags this engine takes one value of (so vLLM command lines run)")
-    vllm.add_argument("--dtype", default="auto", help="auto or float32: the CPU engine computes in float32")
     p.add_argument("--log-level", default="info")
     p.set_defaults(prompt=[], requests=None, max_tokens=None, temperature=None)
 
@@ -120,13 +118,11 @@ def _model_or_graph(args: argparse.Namespace) -> None:
 
 def apply_engine_settings(graph: Any, args: argparse.Namespace) -> Any:
     """Sets the engine flags given on every node whose operator takes them (the engines), checked as the graph file's
-    own values are; `--dtype` is checked for what this engine can do."""
+    own values are."""
     from sagellm.cli.engine_flags import engine_settings
     from sagellm.runtime.pipeline.operator import get_operator
     from sagellm.runtime.pipeline.spec import validate
 
-    if args.dtype not in ("auto", "float32", "float", "fp32"):
-        raise ValueError(f"--dtype {args.dtype}: this engine computes in float32 on the CPU (auto or float32)")
     settings = engine_settings(args)
     engines = [n for n in graph.nodes.values() if set(settings) <= set(get_operator(n.op).parameters())]
     given = [name for name in args._engine_flags if getattr(args, name, None) is not None]

@@ -63,8 +63,8 @@ def test_engine_flags_set_every_engine_node_and_are_checked_as_the_file_is(tiny)
     assert set(engines) == {"prefill", "decode"}
     assert all(p["max_model_len"] == 128 and p["max_num_seqs"] == 4 for p in engines.values())
     assert all(p["prefault_kv_cache"] for p in engines.values()), "a server maps its KV cache at start"
-    args = parse("pd", "--dtype", "bfloat16")
-    with pytest.raises(ValueError, match="float32"):
+    args = parse("pd", "--dtype", "float16")
+    with pytest.raises(ValueError, match="bfloat16"):  # what the engine takes: auto, float32, bfloat16
         apply_engine_settings(build_graph(args), args)
     args = parse("pd", "-tp", "2")  # vLLM's short flag: every engine node's tensor_parallel_size
     graph = apply_engine_settings(build_graph(args), args)

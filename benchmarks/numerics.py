@@ -1,0 +1,117 @@
+"""`sagellm bench numerics`: what the opt-in bfloat16 linears (`--dtype bfloat16`) cost in accuracy against float32, and
+what they gain in speed, in one run.
+
+Accuracy: the same prompts through an fp32 and a bf16 engine on one model, greedy: the share of replies that are
+identical, how many tokens the two agree on before they first differ, and the logits of the last position of the
+prompts whose prefill ends in the first step (the same ones in both engines): the largest and mean absolute
+difference, relative to the fp32 logits' spread, and whether the top token is the same. Speed: the offline W1-c16
+shape (random 256-token prompts, 128 tokens each, 16 at once) through both engines."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+# Short instructions of the kinds people send a small chat model: facts, lists, code, arithmetic, rewriting.
+PROMPTS = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "What is 17 times 23?",
+    "Translate 'good morning' into Spanish.",
+    "Give me a Python function that reverses a string.",
+    "Why is the sky blue?",
+    "List the planets of the solar system in order.",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+    "What does HTTP stand for?",
+    "Write a short email asking a colleague for a meeting tomorrow.",
+    "How many legs does a spider have?",
+    "What is the boiling point of water in Fahrenheit?",
+    "Suggest a name for a bakery.",
+    "Rewrite this sentence more formally: gonna be late, sorry.",
+    "What is photosynthesis?",
+    "Give two tips for sleeping better.",
+    "Who wrote 'Pride and Prejudice'?",
+    "Convert 5 kilometers to miles.",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a limerick about a cat.",
+    "What are the three states of matter?",
+    "Describe a rainbow to someone who has never seen one.",
+    "What year did the first person walk on the moon?",
+    "Give an example of a prime number greater than 50.",
+    "What is the main ingredient of guacamole?",
+    "Explain recursion to a child.",
+    "Name a famous painting by Leonardo da Vinci.",
+    "What is the square root of 144?",
+    "Write one sentence that uses the word 'ephemeral'.",
+    "What causes the seasons on Earth?",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=None, help="model (default: smollm2-135m-instruct)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt (default: 64)")
+    parser.add_argument("--prompts", type=int, default=64, help="W1-c16 prompts of the speed run, 0: none")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sagellm import LLM, SamplingParams
+    from sagellm.benchmarks.vllm_results import cpu_description
+
+    print(f"CPU: {cpu_description()}")
+    greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    replies: dict[str, list[list[int]]] = {}
+    logits: dict[str, torch.Tensor] = {}
+    speed: dict[str, float] = {}
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(args.model, dtype=dtype) if args.model else LLM(dtype=dtype)
+        execute = llm.engine.runner.execute
+        llm.engine.runner.execute = lambda batch, run=execute, d=dtype: _first(logits, d, run(batch))
+        chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
+        replies[dtype] = [list(out.outputs[0].token_ids) for out in llm.chat(chats, greedy)]
+        llm.engine.runner.execute = execute
+        if args.prompts:
+            speed[dtype] = _w1_c16(llm, args.prompts)
+        llm.engine.close()
+    same = sum(a == b for a, b in zip(replies["float32"], replies["bfloat16"]))
+    agreed = [_common_prefix(a, b) for a, b in zip(replies["float32"], replies["bfloat16"])]
+    fp32, bf16 = logits["float32"], logits["bfloat16"]
+    spread = fp32.std(dim=-1, keepdim=True)
+    error = (bf16 - fp32).abs() / spread
+    top_same = (bf16.argmax(-1) == fp32.argmax(-1)).float().mean().item()
+    print(f"\n{len(PROMPTS)} chat prompts, greedy, {args.max_tokens} tokens: bfloat16 against float32")
+    print("| measure | value |\n|---|---|")
+    print(f"| replies identical | {same}/{len(PROMPTS)} |")
+    print(
+        f"| tokens agreed before the first difference (mean, of {args.max_tokens}) | {sum(agreed) / len(agreed):.1f} |"
+    )
+    print(f"| first token the same ({fp32.shape[0]} prompts prefilled in the first step) | {100 * top_same:.0f}% |")
+    print(f"| logit error, max / mean (in units of the fp32 logits' std) | {error.max():.3f} / {error.mean():.4f} |")
+    if speed:
+        print(f"\nW1-c16 offline ({args.prompts} prompts): float32 {speed['float32']:.1f} out tok/s, "
+              f"bfloat16 {speed['bfloat16']:.1f} ({speed['bfloat16'] / speed['float32']:.2f}x)")  # fmt: skip
+    return 0
+
+
+def _first(store: dict[str, torch.Tensor], dtype: str, logits: torch.Tensor) -> torch.Tensor:
+    """Keeps the logits of the first step: the last position of each prompt whose prefill it ends."""
+    store.setdefault(dtype, logits.float().clone())
+    return logits
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _w1_c16(llm, prompts: int) -> float:
+    from sagellm import SamplingParams
+
+    rng = random.Random(0)
+    batch = [[rng.randrange(100, 49000) for _ in range(256)] for _ in range(prompts)]
+    start = time.perf_counter()
+    outputs = llm.generate(batch, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))
+    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
