@@ -2,7 +2,7 @@
 what they gain in speed, in one run.
 
 Accuracy: the same prompts through an fp32 and a bf16 engine on one model, greedy: the share of replies that are
-identical, how many tokens the two agree on before they first differ, and the logits of the last position of the
+identical, how many tokens the others agree on before they first differ, and the logits of the last position of the
 prompts whose prefill ends in the first step (the same ones in both engines): the largest and mean absolute
 difference, relative to the fp32 logits' spread, and whether the top token is the same. Speed: the offline W1-c16
 shape (random 256-token prompts, 128 tokens each, 16 at once) through both engines."""
@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
         if args.prompts:
             speed[dtype] = _w1_c16(llm, args.prompts)
         llm.engine.close()
-    same = sum(a == b for a, b in zip(replies["float32"], replies["bfloat16"]))
-    agreed = [_common_prefix(a, b) for a, b in zip(replies["float32"], replies["bfloat16"])]
+    pairs = list(zip(replies["float32"], replies["bfloat16"]))
+    same = sum(a == b for a, b in pairs)
+    agreed = [_common_prefix(a, b) for a, b in pairs if a != b]  # of the replies that differ
     fp32, bf16 = logits["float32"], logits["bfloat16"]
     spread = fp32.std(dim=-1, keepdim=True)
     error = (bf16 - fp32).abs() / spread
@@ -86,9 +87,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{len(PROMPTS)} chat prompts, greedy, {args.max_tokens} tokens: bfloat16 against float32")
     print("| measure | value |\n|---|---|")
     print(f"| replies identical | {same}/{len(PROMPTS)} |")
-    print(
-        f"| tokens agreed before the first difference (mean, of {args.max_tokens}) | {sum(agreed) / len(agreed):.1f} |"
-    )
+    if agreed:
+        print(f"| replies that differ: tokens the same before the first difference | {sorted(agreed)} |")
     print(f"| first token the same ({fp32.shape[0]} prompts prefilled in the first step) | {100 * top_same:.0f}% |")
     print(f"| logit error, max / mean (in units of the fp32 logits' std) | {error.max():.3f} / {error.mean():.4f} |")
     if speed:
