@@ -99,18 +99,20 @@ def plot(medians: dict[tuple[str, int], dict[str, float | None]], path: Path, ti
     import matplotlib.pyplot as plt
 
     concurrencies = sorted({c for _, c in medians}, reverse=True)
-    servers = list(dict.fromkeys(s for s, _ in medians))
-    metrics = (
-        ("output_throughput", "output tok/s (higher is better)"),
-        ("p50_tpot_ms", "TPOT p50 ms (lower is better)"),
-    )
-    panels = [(f"c{c}: {metric}", c, key) for c in concurrencies for key, metric in metrics]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.2), squeeze=False)
-    for ax, (label, concurrency, key) in zip(axes[0], panels):
-        values = [medians.get((s, concurrency), {}).get(key) or 0.0 for s in servers]
+    # The most concurrent load by throughput and TPOT; the others (single streams) by TPOT and TTFT.
+    panels = []
+    for rank, concurrency in enumerate(concurrencies):
+        metrics = (("output_throughput", "output tok/s (higher is better)"), ("p50_tpot_ms", "TPOT p50 ms (lower)"))
+        if rank:
+            metrics = (("p50_tpot_ms", "TPOT p50 ms (lower)"), ("p50_ttft_ms", "TTFT p50 ms (lower)"))
+        served = [s for s, c in medians if c == concurrency and (medians[s, c].get("completed") or 0) > 0]
+        panels += [(f"c{concurrency}: {label}", concurrency, key, served) for key, label in metrics]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 4.6), squeeze=False)
+    for ax, (label, concurrency, key, servers) in zip(axes[0], panels):
+        values = [medians[s, concurrency].get(key) or 0.0 for s in servers]
         bars = ax.bar(range(len(servers)), values, color=[f"C{i}" for i in range(len(servers))])
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-        ax.set_xticks(range(len(servers)), servers, rotation=20, fontsize=8)
+        ax.set_xticks(range(len(servers)), servers, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.margins(y=0.15)
     fig.suptitle(title, fontsize=10)
