@@ -64,9 +64,11 @@ NATIVE_LINEAR_ROWS = 2
 # 16 rows 11.1 vs 16.4 ms, 48: 29.1 vs 36.0, 64: 44.5 vs 40.5 in one run and 37.0 vs 39.9 in another; AVX2 kernels on
 # an earlier machine: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
 NATIVE_BLOCK_ROWS = 48
-# Cached keys (rows x context) from which native decode attention shares its (row, kv head) tasks among torch's
-# threads; below it one thread finishes before a sleeping second one would wake up.
-NATIVE_PARALLEL_KEYS = 2048
+# Cached keys (rows x context) from which native attention shares its tasks among torch's threads (with fewer
+# sequences than threads, shares of each sequence's keys); below it one thread finishes before a second would help.
+# OpenMP's workers spin between regions (common/openmp.py), so at decode the second one is usually awake: one stream
+# of ~300 tokens, 30 layers, 1.29 -> 1.05 ms a token at 256.
+NATIVE_PARALLEL_KEYS = 256
 
 
 @dataclass(frozen=True)

@@ -180,15 +180,16 @@ enum { MAX_HEAD_DIM = 256 };
  * Always inlined into a switch on D, so the common head sizes get fully unrolled loops that keep a head's
  * accumulator in registers across the loop over values. */
 static inline __attribute__((always_inline)) void attend(const float *q, float *out, const float *k_cache,
-                                                         const float *v_cache, const int32_t *table, int64_t ctx,
-                                                         int64_t heads, int64_t group, int64_t d, int64_t block_size,
-                                                         int64_t token_stride, float scale) {
+                                                         const float *v_cache, const int32_t *table, int64_t first,
+                                                         int64_t ctx, int64_t heads, int64_t group, int64_t d,
+                                                         int64_t block_size, int64_t token_stride, float scale,
+                                                         float *part_best, float *part_total) {
     const int64_t nq = heads * group; /* query heads of this task */
     float acc[nq * d], best[nq], total[nq], p[nq * KEY_CHUNK];
     const float *keys[KEY_CHUNK], *values[KEY_CHUNK];
     memset(acc, 0, sizeof(acc));
     for (int64_t h = 0; h < nq; ++h) best[h] = -INFINITY, total[h] = 0.0f;
-    for (int64_t start = 0; start < ctx; start += KEY_CHUNK) {
+    for (int64_t start = first; start < ctx; start += KEY_CHUNK) {
         const int64_t n = ctx - start < KEY_CHUNK ? ctx - start : KEY_CHUNK;
         for (int64_t j = 0; j < n; ++j) { /* where the chunk's tokens live in the cache */
             const int64_t pos = start + j;
@@ -270,16 +271,42 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
             for (int64_t c = 0; c < d / 8; ++c) store8(acc + h * d + c * 8, a[c]);
         }
     }
+    if (part_best != NULL) { /* one share of the keys: the unnormalized sums, joined by join_shares */
+        memcpy(out, acc, sizeof(acc));
+        memcpy(part_best, best, sizeof(best));
+        memcpy(part_total, total, sizeof(total));
+        return;
+    }
     for (int64_t h = 0; h < nq; ++h) {
         const float inv = 1.0f / total[h];
         for (int64_t i = 0; i < d; ++i) out[h * d + i] = acc[h * d + i] * inv;
     }
 }
 
+/* out [hq, D] = the shares' partial attention joined: each share's sums rescaled to the overall max and divided by
+ * the overall total (the online softmax across shares). acc [shares][hq][D], best and total [shares][hq]. */
+static void join_shares(const float *acc, const float *best, const float *total, int64_t shares, int64_t hq,
+                        int64_t d, float *out) {
+    for (int64_t h = 0; h < hq; ++h) {
+        float top = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s < shares; ++s) top = best[s * hq + h] > top ? best[s * hq + h] : top;
+        for (int64_t i = 0; i < d; ++i) out[h * d + i] = 0.0f;
+        for (int64_t s = 0; s < shares; ++s) {
+            if (total[s * hq + h] == 0.0f) continue; /* a share with no keys */
+            const float weight = exp_f32(best[s * hq + h] - top);
+            sum += total[s * hq + h] * weight;
+            for (int64_t i = 0; i < d; ++i) out[h * d + i] += acc[(s * hq + h) * d + i] * weight;
+        }
+        for (int64_t i = 0; i < d; ++i) out[h * d + i] /= sum;
+    }
+}
+
 /* Decode attention: query q [B, Hq, D] (heads packed, rows `q_row` apart) of each sequence against its
  * context_lens[b] cached tokens, found through block_tables [B, max_blocks] in the paged caches
  * [num_blocks, block_size, Hk, D]; out [B, Hq, D]. Query head i reads kv head i / (Hq / Hk), as Hugging Face's
- * repeat_kv does. A task is one sequence, or a share of its kv heads when there are fewer sequences than threads.
+ * repeat_kv does. A task is one sequence, or, when there are fewer sequences than threads, a share of its keys (whole
+ * chunks; the shares' partial sums are joined after, as the online softmax joins chunks): one stream's decode then
+ * reads its cache with every thread.
  * With num_threads > 1 the tasks are shared among that many OpenMP threads; with 1 no parallel region is entered,
  * so no sleeping worker is woken. */
 void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
@@ -287,25 +314,38 @@ void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_ca
                                 float *out, int64_t batch, int64_t hq, int64_t hk, int64_t d, int64_t block_size,
                                 float scale, int32_t num_threads) {
     const int64_t group = hq / hk;
-    const int64_t wanted = batch < num_threads ? (num_threads + batch - 1) / batch : 1;
-    const int64_t parts = wanted < hk ? wanted : hk; /* kv-head shares per sequence */
+    /* Fewer sequences than threads: each sequence's keys in `shares` ranges of whole chunks, every thread busy. */
+    const int64_t shares = batch < num_threads ? (num_threads + batch - 1) / batch : 1;
+    float partial[shares > 1 ? batch * shares * hq * (d + 2) : 1]; /* acc, then best, then total, per share */
+    float *part_acc = partial, *part_best = partial + batch * shares * hq * d;
+    float *part_total = part_best + batch * shares * hq;
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads) if (num_threads > 1)
     for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t part = 0; part < parts; ++part) {
-            const int64_t h0 = part * hk / parts, heads = (part + 1) * hk / parts - h0;
-            const float *qh = q + b * q_row + h0 * group * d, *kh = k_cache + h0 * d, *vh = v_cache + h0 * d;
+        for (int64_t share = 0; share < shares; ++share) {
+            const int64_t ctx = context_lens[b], chunks = (ctx + KEY_CHUNK - 1) / KEY_CHUNK;
+            const int64_t first = share * chunks / shares * KEY_CHUNK;
+            const int64_t end = shares == 1 ? ctx : (share + 1) * chunks / shares * KEY_CHUNK;
+            const int64_t last = end < ctx ? end : ctx;
+            const float *qb = q + b * q_row;
             const int32_t *table = block_tables + b * max_blocks;
-            float *oh = out + (b * hq + h0 * group) * d;
+            const int64_t slot = b * shares + share;
+            float *ob = shares == 1 ? out + b * hq * d : part_acc + slot * hq * d;
+            float *sb = shares == 1 ? NULL : part_best + slot * hq, *tb = shares == 1 ? NULL : part_total + slot * hq;
             switch (d) { /* a constant head size per case: see attend */
             case 64:
-                attend(qh, oh, kh, vh, table, context_lens[b], heads, group, 64, block_size, hk * 64, scale);
+                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, 64, block_size, hk * 64, scale, sb, tb);
                 break;
             case 128:
-                attend(qh, oh, kh, vh, table, context_lens[b], heads, group, 128, block_size, hk * 128, scale);
+                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, 128, block_size, hk * 128, scale, sb,
+                       tb);
                 break;
             default:
-                attend(qh, oh, kh, vh, table, context_lens[b], heads, group, d, block_size, hk * d, scale);
+                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, d, block_size, hk * d, scale, sb, tb);
             }
         }
     }
+    if (shares > 1)
+        for (int64_t b = 0; b < batch; ++b)
+            join_shares(part_acc + b * shares * hq * d, part_best + b * shares * hq, part_total + b * shares * hq,
+                        shares, hq, d, out + b * hq * d);
 }

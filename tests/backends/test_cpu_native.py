@@ -115,6 +115,7 @@ def decode_batch(paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: l
     [
         (9, 3, 64, [255]),  # SmolLM2's heads; 256 cached tokens, 8 chunks of 32 keys
         (9, 3, 64, [0, 15, 16, 31, 100]),  # contexts 1, 16 (one whole block), 17, 32 (one chunk) and 101
+        (9, 3, 64, [20]),  # one stream of one chunk: with two threads, one share of its keys is empty
         (8, 1, 128, [40, 3]),  # multi-query, the other specialised head size
         (4, 2, 24, [70, 33]),  # a head size without a specialised loop
     ],
