@@ -28,26 +28,13 @@
 #include <immintrin.h>
 #endif
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+#include "vector_math.h"
+
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
 
 enum { QK = 32, ROW_TILE = 16 }; /* inputs per block; rows sharing a dequantization */
 enum { Q4X8_BLOCK = 16 * 4 + QK * 4, Q8X8_BLOCK = 8 * 4 + QK * 8 };      /* bytes per (group, block) */
 enum { Q4X16_BLOCK = 32 * 4 + QK * 8, Q8X16_BLOCK = 16 * 4 + QK * 16 }; /* the same for groups of 16 */
-
-/* A vector of type V from unaligned memory (a statement expression: one definition for both widths). */
-#define LOAD(V, p)                                                                                                     \
-    ({                                                                                                                 \
-        V v_;                                                                                                          \
-        memcpy(&v_, (p), sizeof(v_));                                                                                  \
-        v_;                                                                                                            \
-    })
-
-static inline f32x8 load8(const float *p) { return LOAD(f32x8, p); }
-static inline f32x16 load16(const float *p) { return LOAD(f32x16, p); }
 
 /* Eight sign-extended int8s; the vector extension's own conversion is scalarized by GCC, one byte at a time. */
 static inline i32x8 widen8(const uint8_t *p) {
@@ -102,7 +89,7 @@ static inline f32x16 q8x16_weights(const uint8_t *block, int kk) {
  * form one dependency chain, so tiles of fewer than eight rows would wait on the FMA latency rather than its
  * throughput: they interleave 2 or 4 chains over consecutive k. Inlined per constant rt (the switch below), so the
  * accumulators live in registers. */
-#define GROUP_TILE(NAME, V, WEIGHTS, BLOCK_BYTES)                                                                       \
+#define GROUP_TILE(NAME, V, WEIGHTS, BLOCK_BYTES)                                                                      \
     static inline __attribute__((always_inline)) void NAME(const float *xp, const uint8_t *group, int64_t blocks,     \
                                                            const float *bias, float *y, int64_t n, const int rt) {     \
         const int chains = rt >= 8 ? 1 : (rt >= 4 ? 2 : 4);                                                           \

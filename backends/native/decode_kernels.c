@@ -89,30 +89,6 @@ void write_kv_f32(const float *k, int64_t k_row, const float *v, int64_t v_row, 
     }
 }
 
-/* Eight floats in one vector register (GCC/Clang vector extension: AVX on x86, NEON pairs on ARM). The linear and
- * attention work on them explicitly because the compiler's own `omp simd` reductions spill the lanes and add them
- * one by one, and it will not keep an accumulator in registers across a loop over keys (both measured 4-5x slower
- * for attention). */
-typedef float f32x8 __attribute__((vector_size(32)));
-
-static inline f32x8 load8(const float *p) {
-    f32x8 v;
-    memcpy(&v, p, sizeof(v)); /* an unaligned vector load */
-    return v;
-}
-
-static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof(v)); }
-
-typedef float f32x16 __attribute__((vector_size(64))); /* AVX-512's register */
-
-static inline f32x16 load16(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof(v)); }
-
 static inline f32x8 low8(f32x16 v) { return (f32x8){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}; }
 
 static inline f32x8 high8(f32x16 v) { return (f32x8){v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]}; }
@@ -123,7 +99,6 @@ static inline float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v
 #if defined(__clang__)
 #define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 #define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (i32x8){__VA_ARGS__})
 #endif
 

@@ -11,28 +11,18 @@
  * scratch kt[Hk][chunks][D][KEY_CHUNK] (SmolLM2, 544 tokens: 0.4 MB, in L2), so a query's scores for a chunk are D
  * broadcast multiply-adds on two 16-float vectors, no horizontal sums. A task is then one kv head and a tile of query
  * rows, every query head sharing that kv head (GQA) at once: M query vectors (rows x group, at most MAX_QUERIES);
- * four queries are scored together, eight independent FMA chains, so the FMA latency is hidden. Then an online softmax (the running max and sum per query) and acc += p . V, two chains per
- * output vector. Vectors are 16 floats (the GCC vector extension: one AVX-512 register, two AVX2 ones), so every
- * instruction-set variant builds the same code at its own width. Tasks are shared among `num_threads` OpenMP
- * threads, the ones seeing the most keys first. */
+ * four queries are scored together, eight independent FMA chains, so the FMA latency is hidden. Then an online
+ * softmax (the running max and sum per query) and acc += p . V, two chains per output vector. Vectors are 16
+ * floats (the GCC vector extension: one AVX-512 register, two AVX2 ones), so every instruction-set variant builds
+ * the same code at its own width. Tasks are shared among `num_threads` OpenMP threads, the ones seeing the most keys
+ * first. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "vector_math.h"
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
 enum { KEY_CHUNK = 32, MAX_HEAD_DIM = 256, MAX_QUERIES = 48, SCORE_BATCH = 4 };
-
-static inline f32x16 load16(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof(v)); }
 
 /* The lane-wise max (C's vector extension has no vector ?:, so a select by mask). */
 static inline f32x16 max16(f32x16 a, f32x16 b) {
@@ -129,8 +119,8 @@ static inline __attribute__((always_inline)) void attend_rows(const float *q, in
     }
 }
 
-/* Chunk c of kv head h's keys, transposed: kt[(h * chunks + c) * D * KEY_CHUNK + i * KEY_CHUNK + j] = key[c * KEY_CHUNK + j]
- * [i], zeros past the sequence (their scores are masked). */
+/* Chunk c of kv head h's keys, transposed: kt[(h * chunks + c) * D * KEY_CHUNK + i * KEY_CHUNK + j] is element i of
+ * key c * KEY_CHUNK + j; zeros past the sequence (their scores are masked). */
 static void transpose_keys(const float *k_cache, const int32_t *table, int64_t ctx, int64_t hk, int64_t d,
                            int64_t block_size, float *kt, int32_t num_threads) {
     const int64_t chunks = (ctx + KEY_CHUNK - 1) / KEY_CHUNK;
