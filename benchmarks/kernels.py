@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import random
 import time
 from collections.abc import Callable
 
@@ -151,7 +150,8 @@ def _prefill_attention(kernels, n: int, ctx: int, repeats: int) -> tuple[float, 
 
 def _op_timers(prompts: int) -> None:
     """Every op of the plan timed in an offline W1-c16 run, per kind of step."""
-    from sagellm import LLM, SamplingParams
+    from sagellm import LLM
+    from sagellm.benchmarks.workloads import offline_w1_c16
     from sagellm.runtime.execution_graph.lowering import Instr
 
     llm = LLM(max_num_seqs=16)
@@ -186,12 +186,7 @@ def _op_timers(prompts: int) -> None:
         return logits
 
     runner.execute = execute_timed
-    rng = random.Random(0)
-    batch = [[rng.randrange(100, 49000) for _ in range(256)] for _ in range(prompts)]
-    start = time.perf_counter()
-    outputs = llm.generate(batch, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))
-    wall = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    tokens, wall = offline_w1_c16(llm, prompts)
     print(f"\nW1-c16 offline, op by op: {tokens / wall:.1f} out tok/s, {wall:.1f} s")
     for step_kind, times in steps.items():
         print(f"  {step_kind} steps: {len(times)}, {sum(times):.2f} s, {1e3 * sum(times) / len(times):.1f} ms each")

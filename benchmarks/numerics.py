@@ -10,8 +10,6 @@ shape (random 256-token prompts, 128 tokens each, 16 at once) through both engin
 from __future__ import annotations
 
 import argparse
-import random
-import time
 
 import torch
 
@@ -61,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sagellm import LLM, SamplingParams
     from sagellm.benchmarks.vllm_results import cpu_description
+    from sagellm.benchmarks.workloads import offline_w1_c16
 
     print(f"CPU: {cpu_description()}")
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
@@ -75,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         replies[dtype] = [list(out.outputs[0].token_ids) for out in llm.chat(chats, greedy)]
         llm.engine.runner.execute = execute
         if args.prompts:
-            speed[dtype] = _w1_c16(llm, args.prompts)
+            tokens, seconds = offline_w1_c16(llm, args.prompts)
+            speed[dtype] = tokens / seconds
         llm.engine.close()
     pairs = list(zip(replies["float32"], replies["bfloat16"]))
     same = sum(a == b for a, b in pairs)
@@ -105,13 +105,3 @@ def _first(store: dict[str, torch.Tensor], dtype: str, logits: torch.Tensor) -> 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def _w1_c16(llm, prompts: int) -> float:
-    from sagellm import SamplingParams
-
-    rng = random.Random(0)
-    batch = [[rng.randrange(100, 49000) for _ in range(256)] for _ in range(prompts)]
-    start = time.perf_counter()
-    outputs = llm.generate(batch, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)

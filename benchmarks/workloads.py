@@ -74,6 +74,19 @@ def standard_workloads(
     return workloads
 
 
+def offline_w1_c16(llm, num_prompts: int = W1_NUM_PROMPTS, seed: int = 0) -> tuple[int, float]:
+    """W1-c16 through `llm.generate` (an `LLM` whose max_num_seqs is 16): random 256-token prompts, 128 tokens each,
+    EOS ignored, greedy. Returns (output tokens, seconds)."""
+    import time
+
+    from sagellm import SamplingParams
+
+    prompts = random_token_prompts(llm.tokenizer, num_prompts, 256, seed)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))
+    return sum(len(o.outputs[0].token_ids) for o in outputs), time.perf_counter() - start
+
+
 def random_token_prompts(
     tokenizer: PreTrainedTokenizerBase, num_prompts: int, input_len: int, seed: int | Sequence[int]
 ) -> list[list[int]]:
