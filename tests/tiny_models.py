@@ -18,6 +18,8 @@ import torch
 from gguf import GGMLQuantizationType, TokenType
 from safetensors.numpy import load_file
 
+from sagellm.runtime.models.config import ModelConfig
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2: bos, turn start, eos
 BOS_ID, EOS_ID = 0, 2
 CHAT_TEMPLATE = (
@@ -46,6 +48,16 @@ _LLAMA_DEFAULTS: dict[str, Any] = dict(
     bos_token_id=BOS_ID,
     eos_token_id=EOS_ID,
 )
+
+
+def tiny_model_config(**changes: Any) -> ModelConfig:
+    """A small Llama-shaped `ModelConfig` for tests that need only its shapes (KV caches, model graphs), no weights."""
+    values: dict[str, Any] = dict(
+        architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+        num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return ModelConfig(**{**values, **changes})
 
 
 def make_tokenizer():

@@ -5,15 +5,7 @@ from __future__ import annotations
 import torch
 
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
-from sagellm.runtime.models.config import ModelConfig
-
-
-def _config() -> ModelConfig:
-    return ModelConfig(
-        architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-        num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )  # fmt: skip
+from tests.tiny_models import tiny_model_config as _config
 
 
 def test_caches_are_zeros_of_the_paged_shape_each_in_its_own_writable_memory() -> None:

@@ -13,7 +13,7 @@ import torch
 
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches
 from sagellm.runtime.engine.kv_prefault import KVPrefault
-from sagellm.runtime.models.config import ModelConfig
+from tests.tiny_models import tiny_model_config
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux's")
 
@@ -45,20 +45,7 @@ def wait_for(condition, timeout_s: float = 10.0) -> None:
 
 @pytest.fixture
 def caches():
-    config = ModelConfig(
-        architecture="llama",
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=64,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    config = tiny_model_config(num_layers=2, head_dim=64)  # 8 KiB per block: two pages
     return allocate_kv_caches(config, num_blocks=400, block_size=16, device=torch.device("cpu"))
 
 

@@ -10,23 +10,10 @@ from sagellm.runtime.execution_graph.passes import (
     optimize,
     plan_buffers,
 )
-from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
+from tests.tiny_models import tiny_model_config
 
-CONFIG = ModelConfig(
-    architecture="llama",
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    max_position_embeddings=128,
-    tie_word_embeddings=True,
-)
+CONFIG = tiny_model_config(vocab_size=100)
 
 
 def test_duplicate_and_unknown_nodes_are_errors():
