@@ -21,6 +21,12 @@ which L are held):
         # first writes k, v at meta.slot_mapping, then attends; caches are [num_blocks, block_size, Hk, D]
   paged_decode_attention(q[B, Hq, D], k_cache, v_cache, block_tables[B, M] int32, context_lens[B] int32, scale)
         -> [B, Hq, D]
+
+One entry is optional, and builds a kernel rather than being one:
+
+  decoder_layers(layers: list[DecoderLayer], shape: DecoderShape) -> DecoderLayersKernel | None
+        # a kernel running a run of whole decoder layers (the ops above, in the order DecoderLayer lists them) in one
+        # call, for the steps it takes; None when it takes none with these weights. Lowering asks for it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,50 @@ import torch
 from sagellm.backends.quantized import QuantizedWeight
 
 KernelTable = dict[str, Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class DecoderLayer:
+    """One decoder layer's bound constants, as lowering bound its ops: x = rmsnorm(h + R), qkv = linear, rope,
+    attention over the layer's cache, o = linear, x = rmsnorm(o + R), gate_up = linear, silu_mul, down = linear.
+    Linear weights are what `prepare_linear_weight` packed."""
+
+    input_norm: torch.Tensor  # [H]
+    qkv: Any
+    qkv_bias: torch.Tensor | None
+    o_proj: Any
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # [H]
+    gate_up: Any
+    gate_up_bias: torch.Tensor | None
+    down: Any
+    down_bias: torch.Tensor | None
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What every layer of a run shares."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    eps: float
+    scale: float
+    cos_sin: torch.Tensor  # [max_pos, D], as rope takes it
+
+    def key(self) -> tuple:
+        """What two runs of layers must agree on to be one run (the table compared by identity)."""
+        return (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size,
+                self.eps, self.scale, id(self.cos_sin))  # fmt: skip
+
+
+# (hidden[T, H], residual[T, H] | None (the model's first layer: R = h), positions[T], meta) -> (hidden, residual)
+# after the run's layers, or None for a step it does not take (the ops then run one by one).
+DecoderLayersKernel = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, Any], "tuple | None"]
 
 REQUIRED_OPS = (
     "embedding",

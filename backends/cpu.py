@@ -17,20 +17,22 @@ waking its OpenMP worker than on their math, and its decode attention first copi
 tensor; the C kernels do each op in one call on the calling thread and read the paged cache in place. At prefill's
 hundreds of rows they share the rows among torch's threads, one pass over memory where torch's RMSNorm makes five.
 `NativeDispatch` picks per call, by shape, and falls back to the torch ops for anything the C code does not take
-(other dtypes, more rows) or when no C compiler is found. The C kernels are built per instruction set (avx512, avx2,
+(other dtypes, more rows) or when no C compiler is found. At decode even those calls cost: for a model whose linears
+all read GGUF blocks, `decoder_layers` runs every layer of a decode-only step in one C call
+(backends/native/decoder_layers.c), the same kernels in the same order. The C kernels are built per instruction set (avx512, avx2,
 portable) and the best one this CPU runs is loaded (backends/native/isa.py)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
-from sagellm.backends.base import Availability, KernelTable
+from sagellm.backends.base import Availability, DecoderLayer, DecoderShape, KernelTable
 from sagellm.backends.native import (
     DISABLE_ENV,
     InterleavedBlocks,
@@ -44,6 +46,7 @@ from sagellm.backends.native import (
     isa,
     prefill_scratch_size,
 )
+from sagellm.backends.native.decoder_layers import NativeDecoderLayers, attention_threads
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 
@@ -64,11 +67,6 @@ NATIVE_LINEAR_ROWS = 2
 # 16 rows 11.1 vs 16.4 ms, 48: 29.1 vs 36.0, 64: 44.5 vs 40.5 in one run and 37.0 vs 39.9 in another; AVX2 kernels on
 # an earlier machine: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
 NATIVE_BLOCK_ROWS = 48
-# Cached keys (rows x context) from which native attention shares its tasks among torch's threads (with fewer
-# sequences than threads, shares of each sequence's keys); below it one thread finishes before a second would help.
-# OpenMP's workers spin between regions (common/openmp.py), so at decode the second one is usually awake: one stream
-# of ~300 tokens, 30 layers, 1.29 -> 1.05 ms a token at 256.
-NATIVE_PARALLEL_KEYS = 256
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,17 @@ class NativeDispatch:
             "silu_mul": self.silu_mul,
             "attention": self.attention,
             "paged_decode_attention": self.paged_decode_attention,
+            "decoder_layers": self.decoder_layers,
         }
+
+    def decoder_layers(self, layers: list[DecoderLayer], shape: DecoderShape) -> NativeDecoderLayers | None:
+        """The layers in one native call for decode-only steps of up to NATIVE_BLOCK_ROWS rows, the steps whose
+        linears all read GGUF blocks one op at a time too; None unless every linear has its blocks."""
+        linears = ("qkv", "o_proj", "gate_up", "down")
+        if any(getattr(layer, name).blocks is None for layer in layers for name in linears):
+            return None
+        blocks = [replace(layer, **{name: getattr(layer, name).blocks for name in linears}) for layer in layers]
+        return NativeDecoderLayers.build(self.native, blocks, shape, NATIVE_BLOCK_ROWS)
 
     def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows, fits = x.shape[0], fits_rows(x) and (bias is None or fits_dense(bias))
@@ -215,7 +223,7 @@ class NativeDispatch:
         torch op for what the C code does not take."""
         if fits_prefill_attention(q, k_cache, v_cache, chunk.block_table):
             keys = chunk.query_len * chunk.context_len
-            threads = torch.get_num_threads() if keys >= NATIVE_PARALLEL_KEYS else 1
+            threads = attention_threads(keys)
             size = prefill_scratch_size(chunk.context_len, k_cache.shape[2], q.shape[2])
             if self._prefill_scratch.numel() < size:  # grown, never shrunk: fresh memory costs page faults per call
                 self._prefill_scratch = torch.empty(size, dtype=torch.float32)
@@ -249,8 +257,9 @@ class NativeDispatch:
         scale: float,
     ) -> torch.Tensor:
         keys = q.shape[0] * block_tables.shape[1] * k_cache.shape[1]  # an upper bound: tables span the contexts
-        threads = torch.get_num_threads() if keys >= NATIVE_PARALLEL_KEYS else 1
-        return self.native.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, threads)
+        return self.native.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys)
+        )
 
 
 def _row_threads(x: torch.Tensor) -> int:

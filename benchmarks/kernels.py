@@ -8,7 +8,8 @@ in one run, and where the time of an offline W1-c16 run goes, op by op.
 - attention: decode (16 sequences x 320 cached tokens x 30 layers, cold) per variant, and one prefill chunk (native
   against torch's scaled_dot_product_attention on the gathered cache);
 - with `--ops`: `LLM.generate` of W1-c16 (64 random 256-token prompts, 128 tokens each, 16 at once) with a timer
-  around every op of the plan, split into decode-only and mixed (prefill) steps."""
+  around every op of the plan, split into decode-only and mixed (prefill) steps; decode-only steps run the decoder
+  layers as one native call (runtime/execution_graph/fuse_layers.py), timed as one."""
 
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def _op_timers(prompts: int) -> None:
     """Every op of the plan timed in an offline W1-c16 run, per kind of step."""
     from sagellm import LLM
     from sagellm.benchmarks.workloads import offline_w1_c16
-    from sagellm.runtime.execution_graph.lowering import Instr
+    from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
+    from sagellm.runtime.execution_graph.plan import Instr
 
     llm = LLM(max_num_seqs=16)
     runner = llm.engine.runner
@@ -161,11 +163,16 @@ def _op_timers(prompts: int) -> None:
     kind = ["decode"]
 
     def timed(instr: Instr) -> Instr:
-        node = runner.graph.nodes[instr.node]
-        name = node.op
-        if node.op == "linear":
-            weight = node.params["weight"]
-            name = "linear " + (weight[0] if isinstance(weight, list) else weight).split(".")[-2]
+        if isinstance(instr.kernel, FusedLayers):  # its op-by-op fallback (steps it declines) is timed per op
+            fallback = instr.kernel.fallback
+            fallback.instrs[:] = [timed(inner) for inner in fallback.instrs]
+            name = "decoder layers, fused"
+        else:
+            node = runner.graph.nodes[instr.node]
+            name = node.op
+            if node.op == "linear":
+                weight = node.params["weight"]
+                name = "linear " + (weight[0] if isinstance(weight, list) else weight).split(".")[-2]
 
         def kernel(*args):
             start = time.perf_counter()

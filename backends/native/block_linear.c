@@ -28,6 +28,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"
 #include "vector_math.h"
 
 typedef uint64_t u64x8 __attribute__((vector_size(64)));

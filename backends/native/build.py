@@ -30,14 +30,14 @@ from sagellm.common.progress import stage
 log = structlog.get_logger("sagellm.native")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "decode_kernels.c", HERE / "block_linear.c", HERE / "prefill_attention.c")  # one library
-HEADERS = (HERE / "vector_math.h",)  # included by the sources
+SOURCES = tuple(HERE / c for c in ("decode_kernels.c", "block_linear.c", "prefill_attention.c", "decoder_layers.c"))
+HEADERS = (HERE / "vector_math.h", HERE / "kernels.h")  # included by the sources
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
 BUILD_TIMEOUT_S = 120  # the build takes ~1-2 s; a compiler stuck longer must not hold up the engine's start
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-# Each exported function's arguments, in the order the C files declare them; all return void.
+# Each exported function's arguments, in the order kernels.h and the C files declare them.
 PROTOTYPES: dict[str, tuple[type, ...]] = {
     "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32),
     "rope_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I32),
@@ -50,7 +50,13 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "linear_q8x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q4x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q8x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "decoder_layers_f32": (
+        (_P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P)  # layers, count, tensors and the step's tables
+        + (_I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _P, _I32, _I32)  # sizes, eps, scale, scratch, threads
+    ),
+    "decoder_layers_workspace": (_I64, _I64, _I64, _I64, _I64, _I64),
 }
+RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64}  # the others return void
 
 
 class NativeBuildError(RuntimeError):
@@ -116,7 +122,7 @@ def load(path: Path, variant: Variant | None = None) -> ctypes.CDLL:
         library = ctypes.CDLL(str(path))
         for name, argtypes in PROTOTYPES.items():
             function = getattr(library, name)
-            function.argtypes, function.restype = argtypes, None
+            function.argtypes, function.restype = argtypes, RETURNS.get(name)
     except (OSError, AttributeError) as exc:
         raise NativeBuildError(f"cannot load {path}: {exc}") from exc
     library.isa = (variant or isa.chosen()).name

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "vector_math.h"
 
 /* normed = s / sqrt(mean(s^2) + eps) * weight with s = x + residual (also stored to `summed`), or s = x when residual

@@ -1,7 +1,7 @@
 """Lowering: binds an optimized model graph to a backend's kernel table and weights, giving a flat `Plan`.
 
-A plan is a list of instructions `(kernel, input slots, constants, output slots)` run in order over a slot table;
-the whole forward is one loop of plain calls, readable in one screen and cheap per op. Weights of fused linears are
+The plan (plan.py) is a list of instructions run in order over a slot table: the whole forward is one loop of
+plain calls, readable in one screen and cheap per op. Weights of fused linears are
 concatenated and packed once here, and a mixture of experts' experts stacked once, so the hot path never touches a
 weight name."""
 
@@ -9,44 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.quantized import QuantizedWeight
+from sagellm.runtime.execution_graph.fuse_layers import fuse_decoder_layers
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.execution_graph.passes import plan_buffers
-
-
-@dataclass(frozen=True)
-class Instr:
-    kernel: Callable[..., Any]
-    inputs: tuple[int, ...]
-    consts: tuple[Any, ...]
-    outputs: tuple[int, ...]
-    node: str  # for error messages and profiling
-
-
-@dataclass
-class Plan:
-    instrs: list[Instr]
-    num_slots: int
-    input_slots: dict[str, int]
-    output_slots: dict[str, int]
-
-    def run(self, **inputs: Any) -> dict[str, Any]:
-        env: list[Any] = [None] * self.num_slots
-        for name, slot in self.input_slots.items():
-            env[slot] = inputs[name]
-        for instr in self.instrs:
-            result = instr.kernel(*[env[i] for i in instr.inputs], *instr.consts)
-            if len(instr.outputs) == 1:
-                env[instr.outputs[0]] = result
-            else:
-                for slot, value in zip(instr.outputs, result):
-                    env[slot] = value
-        return {name: env[slot] for name, slot in self.output_slots.items()}
+from sagellm.runtime.execution_graph.plan import Instr, Plan
 
 
 class Collectives(Protocol):
@@ -70,6 +42,7 @@ class LoweringContext:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
     collectives: Collectives | None = None  # a tensor parallel rank's group
     linear_dtype: torch.dtype = torch.float32  # the dtype linear weights are packed in (EngineConfig.dtype)
+    fuse_layers: bool = True  # whole decoder layers as one instruction where the backend has a kernel for them
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -95,7 +68,8 @@ def lower(graph: Graph, ctx: LoweringContext) -> Plan:
         kernel, consts = binder(node.params, ctx, kernels)
         outs = tuple(slots[Value(node_id, p)] for p in range(node.num_outputs))
         instrs.append(Instr(kernel, ins, tuple(consts), outs, node_id))
-    return Plan(instrs, graph.attrs["num_slots"], input_slots, output_slots)
+    plan = Plan(instrs, graph.attrs["num_slots"], input_slots, output_slots)
+    return fuse_decoder_layers(plan, graph, kernels) if ctx.fuse_layers else plan
 
 
 # -- binders: op params -> (kernel, constants appended after the slot inputs) ----------------------------------------

@@ -1,0 +1,33 @@
+/* The exported kernels of the native library, declared once: decoder_layers.c calls the others' through these, and
+ * build.py's PROTOTYPES gives ctypes the same argument lists. */
+#ifndef SAGELLM_KERNELS_H
+#define SAGELLM_KERNELS_H
+
+#include <stdint.h>
+
+void rmsnorm_f32(const float *x, int64_t x_row, const float *residual, int64_t residual_row, const float *weight,
+                 float *normed, float *summed, int64_t rows, int64_t hidden, float eps, int32_t num_threads);
+void rope_f32(const float *q, int64_t q_row, const float *k, int64_t k_row, const int64_t *positions,
+              const float *cos_sin, float *out, int64_t tokens, int64_t hq, int64_t hk, int64_t d,
+              int32_t num_threads);
+void silu_mul_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_t inter, int32_t num_threads);
+void write_kv_f32(const float *k, int64_t k_row, const float *v, int64_t v_row, const int64_t *slots, float *k_cache,
+                  float *v_cache, int64_t tokens, int64_t hk, int64_t d);
+void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
+                                const int32_t *block_tables, int64_t max_blocks, const int32_t *context_lens,
+                                float *out, int64_t batch, int64_t hq, int64_t hk, int64_t d, int64_t block_size,
+                                float scale, int32_t num_threads);
+
+/* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) on interleaved GGUF blocks (block_linear.c). */
+typedef void (*block_linear_fn)(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y,
+                                int64_t tokens, int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q4x8_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                     int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q8x8_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                     int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q4x16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                      int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q8x16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                      int64_t n, int64_t k, float *scratch, int32_t num_threads);
+
+#endif

@@ -1,0 +1,135 @@
+"""The decoder layers as one native call (backends/native/decoder_layers.c, fused by
+runtime/execution_graph/fuse_layers.py): bit-identical to the op-by-op path it replaces at decode, on every
+instruction-set variant this CPU runs, with and without qkv biases, on Q4 and Q8 blocks; declined (the ops run one
+by one) for prefill, for more rows than the block linears take, and where weights have no blocks."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+
+from sagellm import LLM, SamplingParams
+from sagellm.backends.native import DISABLE_ENV
+from sagellm.backends.native.isa import ISA_ENV, runnable
+from sagellm.backends.registry import get_backend
+from sagellm.runtime.engine.model_runner import ModelRunner
+from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.models.tensor_parallel import TensorShard
+from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory):
+    """(arch, qtype) -> a tiny GGUF: llama without biases, qwen2 with qkv biases (and tied embeddings)."""
+    root = tmp_path_factory.mktemp("decoder_layers")
+    made = {}
+    for arch, make in (("llama", make_tiny_llama), ("qwen2", make_tiny_qwen2)):
+        hf_dir = make(root / arch)
+        for qtype in ("Q4_1", "Q8_0", "F32"):
+            made[arch, qtype] = write_tiny_gguf(root / f"{arch}.{qtype}.gguf", hf_dir, qtype)
+    return made
+
+
+def fused_of(llm: LLM) -> FusedLayers | None:
+    return next((i.kernel for i in llm.engine.runner.plan.instrs if isinstance(i.kernel, FusedLayers)), None)
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 200, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (count,), generator=g)]
+
+
+def generate(llm: LLM, batch: list[list[int]], max_tokens: int) -> list:
+    """Tokens and logprobs (top 5), every bit of them."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=5)
+    outs = llm.generate(batch, params)
+    return [(o.outputs[0].token_ids, msgspec.to_builtins(o.outputs[0].logprobs)) for o in outs]
+
+
+def fused_and_op_by_op(path, batch: list[list[int]], max_tokens: int) -> tuple[list, list, list]:
+    """The outputs of `batch` with the fused layers, then with their own ops (the kernel declining every step),
+    and per step of the first: (rows, decode-only, taken by the fused kernel)."""
+    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=512, max_num_seqs=64, enable_prefix_caching=False)
+    try:
+        fused = fused_of(llm)
+        assert fused is not None, "every linear has its blocks, so the layers are fused"
+        native, taken = fused.kernel, []
+
+        def counted(hidden, residual, positions, meta):
+            out = native(hidden, residual, positions, meta)
+            taken.append((hidden.shape[0], meta.num_decode_tokens == hidden.shape[0], out is not None))
+            return out
+
+        fused.kernel = counted
+        with_fused = generate(llm, batch, max_tokens)
+        fused.kernel = lambda *args: None
+        op_by_op = generate(llm, batch, max_tokens)
+        return with_fused, op_by_op, taken
+    finally:
+        llm.engine.close()
+
+
+@pytest.mark.parametrize("variant", runnable(), ids=lambda v: v.name)
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_layers_are_bit_identical_to_op_by_op(tiny_ggufs, monkeypatch, arch, qtype, variant):
+    monkeypatch.setenv(ISA_ENV, variant.name)  # the library of this variant, and its group width of blocks
+    with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs[arch, qtype], prompts(7), 12)
+    assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11  # 12 tokens: 1 prefilled
+    assert not any(fused for _, decode_only, fused in taken if not decode_only)
+    assert with_fused == op_by_op
+
+
+def test_more_rows_than_the_block_linears_take_run_op_by_op(tiny_ggufs):
+    """52 sequences decoding at once: above NATIVE_BLOCK_ROWS the kernel declines, and the outputs are the same."""
+    with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs["llama", "Q4_1"], prompts(52, seed=1), 4)
+    assert with_fused == op_by_op
+    assert any(rows == 52 and decode_only and not fused for rows, decode_only, fused in taken)
+
+
+def test_the_plan_keeps_its_head_and_fuses_only_what_has_blocks(tiny_ggufs, monkeypatch):
+    llm = LLM(str(tiny_ggufs["llama", "Q4_1"]), backend="cpu", block_size=4, num_kv_blocks=64)
+    ops = [
+        i.node.split("_")[0] if not isinstance(i.kernel, FusedLayers) else "fused"
+        for i in llm.engine.runner.plan.instrs
+    ]
+    assert ops == ["embedding", "fused", "index", "index", "add", "linear"]  # the head reads the fused outputs
+    assert len(fused_of(llm).fallback.instrs) == 10 * llm.engine.runner.config.num_layers
+    llm.engine.close()
+    dense = LLM(str(tiny_ggufs["llama", "F32"]), backend="cpu", block_size=4, num_kv_blocks=64)
+    assert fused_of(dense) is None, "no GGUF blocks: the layers' linears run on oneDNN, op by op"
+    dense.engine.close()
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    torch_ops = LLM(str(tiny_ggufs["llama", "Q4_1"]), backend="cpu", block_size=4, num_kv_blocks=64)
+    assert fused_of(torch_ops) is None, "without the native kernels there is nothing to fuse into"
+    torch_ops.engine.close()
+
+
+class NoCollectives:
+    """Binding a tensor parallel rank's graph only looks these up; nothing here calls them."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("not called")
+
+    def all_gather(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        raise AssertionError("not called")
+
+
+def test_a_tensor_parallel_rank_keeps_its_ops(tiny_ggufs):
+    """An all-reduce sits between a rank's o_proj and its norm: not a whole layer, so nothing is fused."""
+    loaded = load_model(tiny_ggufs["llama", "Q4_1"], load_tokenizer=False)
+    runner = ModelRunner(
+        loaded.config,
+        loaded.weights,
+        get_backend("cpu"),
+        num_blocks=16,
+        block_size=4,
+        max_model_len=64,
+        quantized=loaded.quantized,
+        shard=TensorShard(0, 2),
+        collectives=NoCollectives(),
+    )
+    assert not any(isinstance(i.kernel, FusedLayers) for i in runner.plan.instrs)
+    assert sum(i.node.startswith("all_reduce") for i in runner.plan.instrs) == 2 * loaded.config.num_layers
