@@ -27,10 +27,12 @@ class Reply:
 
 
 class RawClient:
-    """One connection to `host:port`, opened when first used and again after the server closes it."""
+    """One connection to `host:port`, opened when first used and again after the server closes it; `headers` go
+    with every request (an Authorization, say)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None) -> None:
         self.host, self.port = host, port
+        self._extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._stream: trio.SocketStream | None = None
         self._buffer = bytearray()
 
@@ -49,15 +51,29 @@ class RawClient:
         return reply, b"".join([chunk async for chunk in body])
 
     async def request(self, method: str, path: str, payload: bytes | None = None) -> tuple[Reply, AsyncIterator[bytes]]:
+        """Sends the request and reads the reply's head. On a kept-alive connection that the server had closed
+        meanwhile (servers close idle ones, and some after a number of requests, without saying so) nothing of it
+        was read, so it is sent once more on a new connection, as HTTP clients do."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self._extra}"
+        if payload is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        message = (head + "\r\n").encode() + (payload or b"")
+        reused = self._stream is not None
+        try:
+            reply = await self._exchange(message)
+        except (ConnectionClosed, trio.BrokenResourceError, ConnectionError):
+            if not reused or self._buffer:  # a new connection, or the reply had begun: a real failure
+                raise
+            await self.aclose()
+            reply = await self._exchange(message)
+        return reply, self._body(reply)
+
+    async def _exchange(self, message: bytes) -> Reply:
         if self._stream is None:
             self._stream = await trio.open_tcp_stream(self.host, self.port)
             self._buffer.clear()
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-        if payload is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        await self._stream.send_all((head + "\r\n").encode() + (payload or b""))
-        reply = await self._read_head()
-        return reply, self._body(reply)
+        await self._stream.send_all(message)
+        return await self._read_head()
 
     async def _read_head(self) -> Reply:
         while (end := self._buffer.find(b"\r\n\r\n")) < 0:

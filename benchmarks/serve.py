@@ -1,7 +1,10 @@
 """`sagellm bench serve`: a streaming load generator for any OpenAI-compatible server (ours, llama.cpp's, vLLM's),
 measuring what `vllm bench serve` measures, with several servers compared in one run (workload W1).
 
-Each request is one streamed POST (/v1/completions or /v1/chat/completions) sent with httpx on trio. TTFT is send →
+Each request is one streamed POST (/v1/completions or /v1/chat/completions) over a kept-alive connection of the raw
+HTTP/1.1 client on trio (`raw_http`, plain http only): a general client (httpx) costs several times the CPU per
+streamed request, and on a shared 2-core machine a load generator that eats a core slows the server it measures and
+reads worse than `vllm bench serve` (aiohttp) on the same server. TTFT is send →
 first chunk with non-empty text; ITL the gaps between text chunks; e2e send → end of the stream; output tokens come
 from the server's final `usage` when it sends one (llama.cpp's chunks can carry several tokens), else one per text
 chunk; TPOT = (e2e - TTFT) / (output tokens - 1). Requests arrive as a Poisson process of `--request-rate` (all at
@@ -12,22 +15,21 @@ times interleaved with fresh prompts each round; the tables show medians over re
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlsplit
 
+import msgspec
 import numpy as np
 import trio
 
+from sagellm.benchmarks.raw_http import ConnectionClosed, RawClient, lines
 from sagellm.benchmarks.serve_datasets import SampleRequest
 from sagellm.runtime.engine.outputs import RequestMetrics
-
-if TYPE_CHECKING:
-    import httpx
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -63,7 +65,7 @@ class ServeConfig:
     seed: int = 0
     ignore_eos: bool = False
     temperature: float = 0.0
-    timeout_s: float = 600.0  # per network read
+    timeout_s: float = 600.0  # per request
     progress: bool = True
 
 
@@ -139,21 +141,18 @@ def arrival_times(n: int, request_rate: float, seed: int) -> list[float]:
 
 async def benchmark(config: ServeConfig, request_sets: Sequence[list[SampleRequest]]) -> BenchResult:
     """Each target checked with one request (also a warm-up), then every prompt set run on each in turn."""
-    import httpx
-
     if config.endpoint not in ENDPOINTS:
         raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {config.endpoint}")
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    timeout = httpx.Timeout(config.timeout_s, connect=30.0)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     result = BenchResult([], {}, {})
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
+    pools = {target.name: _Connections(config, target) for target in config.targets}
+    try:
         for target in config.targets:
+            pool = pools[target.name]
             try:
-                result.models[target.name] = config.model or await _served_model(client, target)
+                result.models[target.name] = config.model or await _served_model(pool)
                 probe = RequestRecord(None, min(4, request_sets[0][0].output_len))
                 body = _body(config, result.models[target.name], PROBE_PROMPT, probe.max_tokens)
-                await _send(client, target.base_url + config.endpoint, body, probe)
+                await pool.send(body, probe)
                 if not probe.ok:
                     raise TargetError(f"the first request failed: {probe.error}")
             except TargetError as error:
@@ -161,24 +160,73 @@ async def benchmark(config: ServeConfig, request_sets: Sequence[list[SampleReque
         for repeat, requests in enumerate(request_sets):
             for target in config.targets:
                 if target.name not in result.errors:
-                    run = await _run(client, config, target, result.models[target.name], requests, repeat)
+                    run = await _run(pools[target.name], config, target, result.models[target.name], requests, repeat)
                     result.runs.append(run)
+    finally:
+        for pool in pools.values():
+            await pool.aclose()
     return result
 
 
-async def _served_model(client: httpx.AsyncClient, target: Target) -> str:
-    import httpx
+class _Connections:
+    """Kept-alive connections to one target, one per request in flight, reused by the next request."""
 
+    def __init__(self, config: ServeConfig, target: Target) -> None:
+        url = urlsplit(target.base_url)
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"bench serve speaks plain http://HOST:PORT, not {target.base_url!r}")
+        self._address = url.hostname, url.port or 80
+        self._prefix = url.path.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._endpoint = self._prefix + config.endpoint
+        self._timeout_s = config.timeout_s
+        self._idle: list[RawClient] = []
+        self._all: list[RawClient] = []
+
+    def _take(self) -> RawClient:
+        if not self._idle:
+            self._all.append(RawClient(*self._address, headers=self._headers))
+            return self._all[-1]
+        return self._idle.pop()
+
+    async def get_json(self, path: str) -> Any:
+        client = self._take()
+        try:
+            with trio.fail_after(self._timeout_s):
+                reply, body = await client.get(self._prefix + path)
+            if reply.status != 200:
+                raise ValueError(f"HTTP {reply.status}")
+            return msgspec.json.decode(body)
+        finally:
+            self._idle.append(client)
+
+    async def send(self, body: dict[str, Any], record: RequestRecord) -> None:
+        """One streamed request into `record`; every failure ends up in `record.error`, never raised."""
+        client = self._take()
+        try:
+            with trio.fail_after(self._timeout_s):
+                await _stream(client, self._endpoint, body, record)
+        except (ConnectionClosed, OSError, ValueError, trio.TooSlowError) as error:  # ValueError: not JSON
+            record.error = (f"no reply within {self._timeout_s:g} s" if isinstance(error, trio.TooSlowError)
+                            else _describe(error))[:ERROR_CHARS]  # fmt: skip
+            await client.aclose()  # wherever the reply stopped, the connection is not at a request's start
+        finally:
+            self._idle.append(client)
+
+    async def aclose(self) -> None:
+        for client in self._all:
+            await client.aclose()
+
+
+async def _served_model(pool: _Connections) -> str:
     try:
-        response = await client.get(target.base_url + "/v1/models")
-        response.raise_for_status()
-        return str(response.json()["data"][0]["id"])
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as error:
+        return str((await pool.get_json("/v1/models"))["data"][0]["id"])
+    except (ConnectionClosed, OSError, ValueError, KeyError, IndexError, TypeError, trio.TooSlowError) as error:
         raise TargetError(f"GET /v1/models gave no model ({_describe(error)}); pass --model") from error
 
 
 async def _run(
-    client: httpx.AsyncClient,
+    pool: _Connections,
     config: ServeConfig,
     target: Target,
     model: str,
@@ -187,7 +235,6 @@ async def _run(
 ) -> RunResult:
     from tqdm import tqdm
 
-    url = target.base_url + config.endpoint
     records = [RequestRecord(r.prompt_len, r.output_len) for r in requests]
     slots = trio.CapacityLimiter(config.max_concurrency or len(requests))  # FIFO: requests go in arrival order
     offsets = arrival_times(len(requests), config.request_rate, config.seed + repeat)
@@ -198,7 +245,7 @@ async def _run(
         async def one(request: SampleRequest, record: RequestRecord) -> None:
             async with slots:
                 record.start_s = time.perf_counter() - start
-                await _send(client, url, _body(config, model, request.prompt, request.output_len), record)
+                await pool.send(_body(config, model, request.prompt, request.output_len), record)
             bar.update(1)
 
         async with trio.open_nursery() as nursery:
@@ -219,49 +266,59 @@ def _body(config: ServeConfig, model: str, prompt: str, max_tokens: int) -> dict
     return body | {"prompt": prompt}
 
 
-async def _send(client: httpx.AsyncClient, url: str, body: dict[str, Any], record: RequestRecord) -> None:
-    """One streamed request into `record`; every failure ends up in `record.error`, never raised."""
-    import httpx
-
+async def _stream(client: RawClient, path: str, body: dict[str, Any], record: RequestRecord) -> None:
+    """Sends one streamed request and reads its events into `record`; a refusal or an error event is recorded,
+    a broken connection or a reply that is not JSON raised."""
     record.timeline.arrival_time = last = time.perf_counter()
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                record.error = f"HTTP {response.status_code}: {text[:ERROR_CHARS]}"
-                return
-            event = ""
-            async for line in response.aiter_lines():
-                name, _, data = line.partition(":")
-                data = data.strip()
-                if not line or name == "event":
-                    event = data  # an `event:` line names the next data line's event; a blank line ends it
-                    continue
-                if name == "error" or event == "error":  # llama.cpp: `error: {...}`; OpenAI: `event: error`
-                    record.error = f"error event: {data[:ERROR_CHARS]}"
-                    return
-                if name != "data" or data == "[DONE]":
-                    continue
-                chunk = json.loads(data)
-                if not isinstance(chunk, dict) or "error" in chunk or chunk.get("object") == "error":
-                    record.error = f"error event: {data[:ERROR_CHARS]}"
-                    return
-                record.usage = chunk.get("usage") or record.usage
-                if _text(chunk):
-                    now = time.perf_counter()
-                    if record.chunks == 0:
-                        record.timeline.first_token_time = now
-                    else:
-                        record.itl_s.append(now - last)
-                    last, record.chunks = now, record.chunks + 1
-        record.timeline.finished_time = time.perf_counter()
-    except (httpx.HTTPError, OSError, ValueError) as error:  # ValueError: a data line that is not JSON
-        record.error = _describe(error)[:ERROR_CHARS]
+    reply, chunks = await client.post(path, body)
+    if reply.status != 200:
+        text = b"".join([chunk async for chunk in chunks]).decode(errors="replace")
+        record.error = f"HTTP {reply.status}: {text[:ERROR_CHARS]}"
         return
+    event = ""
+    async for line in lines(chunks):
+        name, _, data = line.partition(":")
+        data = data.strip()
+        if not line or name == "event":
+            event = data  # an `event:` line names the next data line's event; a blank line ends it
+            continue
+        if name == "error" or event == "error":  # llama.cpp: `error: {...}`; OpenAI: `event: error`
+            record.error = f"error event: {data[:ERROR_CHARS]}"
+            await _drain(chunks)
+            return
+        if name != "data" or data == "[DONE]":
+            continue
+        chunk = _decode(data)
+        if not isinstance(chunk, dict) or "error" in chunk or chunk.get("object") == "error":
+            record.error = f"error event: {data[:ERROR_CHARS]}"
+            await _drain(chunks)
+            return
+        record.usage = chunk.get("usage") or record.usage
+        if _text(chunk):
+            now = time.perf_counter()
+            if record.chunks == 0:
+                record.timeline.first_token_time = now
+            else:
+                record.itl_s.append(now - last)
+            last, record.chunks = now, record.chunks + 1
+    record.timeline.finished_time = time.perf_counter()
     reported = (record.usage or {}).get("completion_tokens")
     record.timeline.num_output_tokens = int(reported) if reported is not None else record.chunks
     record.ok = record.chunks > 0
     record.error = None if record.ok else "the stream ended without any text"
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Reads the rest of a reply, so its connection is ready for the next request."""
+    async for _ in chunks:
+        pass
+
+
+def _decode(data: str) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError as error:
+        raise ValueError(f"a data line that is not JSON: {data[:80]!r}") from error
 
 
 def _text(chunk: dict[str, Any]) -> str:

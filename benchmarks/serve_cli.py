@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--metric-percentiles", default="50,90,99", help="comma list (default: %(default)s)")
     a("--goodput", nargs="+", default=[], metavar="METRIC:MS", help="SLOs, e.g. ttft:2000 tpot:200 e2el:30000")
     add_repeats_argument(parser, "targets")
-    a("--timeout", type=float, default=600.0, help="seconds one network read may take (default: %(default)s)")
+    a("--timeout", type=float, default=600.0, help="seconds one request may take (default: %(default)s)")
     a("--save-result", action="store_true", help="write the JSON results and a PNG chart")
     a("--result-filename", type=Path, default=Path("benchmarks/results/serve.json"), help="(PNG: same stem)")
     a("--no-progress", action="store_true", help="no progress bar")

@@ -4,7 +4,8 @@ so `sagellm bench serve` can be tested (and its own overhead seen) against a rea
 `/v1/completions` and `/v1/chat/completions` stream `max_tokens` tokens as SSE chunks (`tokens_per_chunk` per chunk,
 as llama.cpp's server sometimes groups them), a final `usage` chunk when asked for one, then `[DONE]`. The n-th POST
 it receives (0-based) can be told to fail: with HTTP 429 or 500, or with an `error` event halfway through its stream.
-It records what a test needs to check the client: arrival times, bodies and the most requests in flight at once.
+It records what a test needs to check the client: arrival times, bodies, Authorization headers and the most requests
+in flight at once.
 Run it on hypercorn + trio: `await nursery.start(serve, app)`, `with serving_in_thread(app)` from sync code, or
 `python -m sagellm.benchmarks.sse_fixture --port 8001`."""
 
@@ -53,6 +54,7 @@ class StreamingFixture:
         self.model = model
         self.arrivals: list[float] = []  # time.monotonic() of each POST
         self.bodies: list[dict[str, Any]] = []
+        self.authorizations: list[str | None] = []  # each POST's Authorization header
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -65,6 +67,7 @@ class StreamingFixture:
             await _json(send, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
         elif scope["method"] == "POST" and scope["path"] in ENDPOINTS:
             body = json.loads(await _read_body(receive))
+            self.authorizations.append(dict(scope["headers"]).get(b"authorization", b"").decode() or None)
             await self._completion(send, body, chat=scope["path"].endswith("chat/completions"))
         else:
             await _json(send, 404, {"error": {"message": f"no route {scope['method']} {scope['path']}", "code": 404}})

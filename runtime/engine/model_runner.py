@@ -20,8 +20,8 @@ from sagellm.runtime.engine.kv_prefault import KVPrefault
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.execution_graph.lowering import Collectives, LoweringContext, lower
-from sagellm.runtime.execution_graph.plan import Plan
 from sagellm.runtime.execution_graph.passes import optimize
+from sagellm.runtime.execution_graph.plan import Plan
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.pipeline_stages import PipelineStage

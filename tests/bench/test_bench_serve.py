@@ -104,6 +104,15 @@ async def test_concurrency_limit_is_held() -> None:
     assert app.max_in_flight == 3
 
 
+async def test_the_api_key_goes_with_every_request() -> None:
+    app = StreamingFixture()
+    async with fixture_server(app) as url:
+        cfg = ServeConfig((Target("fixture", url),), api_key="sk-test", max_concurrency=4, progress=False)
+        result = await benchmark(cfg, [requests(8)])
+    assert all(r.ok for r in result.runs[0].records)
+    assert app.authorizations == ["Bearer sk-test"] * 9  # the warm-up and the eight
+
+
 def test_arrival_times_are_a_seeded_poisson_process() -> None:
     assert arrival_times(4, math.inf, 0) == [0.0] * 4
     offsets = arrival_times(4000, 50.0, seed=1)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from functools import partial
 
 import httpx
 import pytest
@@ -62,3 +63,31 @@ def test_streams_refusals_and_keep_alive_over_one_connection(instant_url):
         await client.aclose()
 
     trio.run(main)
+
+
+def test_a_request_on_a_connection_the_server_closed_silently_goes_again_on_a_new_one():
+    """As llama.cpp's server does after a few requests: the reply says nothing of closing, then the socket closes."""
+    served = []
+
+    async def main() -> None:
+        async def handler(stream: trio.SocketStream) -> None:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive_some(4096)
+            served.append(request.split(b"\r\n")[0])
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+            serve = partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+            (listener,) = await nursery.start(serve)
+            client = RawClient("127.0.0.1", listener.socket.getsockname()[1])
+            for _ in range(3):
+                reply, body = await client.get("/v1/models")
+                assert (reply.status, body) == (200, b"{}")
+                await trio.sleep(0.05)  # the server's close reaches the client's socket
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert served == [b"GET /v1/models HTTP/1.1"] * 3
