@@ -34,14 +34,17 @@ class InstantEngine(StepOperator):
     role: ClassVar[str] = "colocated"
     accepts = (Request,)
 
-    def __init__(self, tokens: int = 16, max_running: int = 1024) -> None:
-        """`tokens`: output tokens per request (W5 replies are 16); `max_running`: requests held at once."""
+    def __init__(self, tokens: int = 16, max_running: int = 1024, reply: str = "") -> None:
+        """`tokens`: output tokens per request (W5 replies are 16); `max_running`: requests held at once; `reply`:
+        text the deltas carry, one word each (cycled), as a real stream carries its tokens' text (empty: none)."""
         if tokens < 1:
             raise OperatorError(f"instant_engine: tokens must be >= 1, got {tokens}")
         if max_running < 1:
             raise OperatorError(f"instant_engine: max_running must be >= 1, got {max_running}")
         self.tokens = tokens
         self.max_running = max_running
+        words = reply.split()
+        self._texts = [(" " if i else "") + words[i % len(words)] for i in range(tokens)] if words else [""] * tokens
         self.clock: Callable[[], float] = time.time
         self._held: dict[str, TrackedRequest] = {}
         self.stats = InstanceStats(self.name, max_running=max_running)  # replaced by the graph's own in open()
@@ -69,7 +72,8 @@ class InstantEngine(StepOperator):
         now = self.clock()
         deltas = []
         for rid, tracked in list(self._held.items()):
-            delta = TokenDelta(request_id=rid, token_ids=[tracked.metrics.num_output_tokens], time=now)
+            index = tracked.metrics.num_output_tokens
+            delta = TokenDelta(request_id=rid, token_ids=[index], text=self._texts[index], time=now)
             tracked.token(now)
             if tracked.metrics.num_output_tokens == self.tokens:
                 del self._held[rid]

@@ -162,14 +162,16 @@ def make_requests(config: OverheadConfig) -> list[Request]:
     ]
 
 
-def build_graph(config: OverheadConfig, engines: int) -> Graph:
-    """The W5 graph with `engines` instant engines behind route, all feeding one metrics_sink (the leaf)."""
-    p = Pipeline(f"w5-{engines}-engines", description="W5: the control plane in front of instant engines")
+def build_graph(config: OverheadConfig, engines: int, model: str | None = None, reply: str = "") -> Graph:
+    """The W5 graph with `engines` instant engines behind route, all feeding one metrics_sink (the leaf); `model`:
+    whose tokenizer the front end uses (chat requests, text prompts), `reply`: the text the engines stream."""
+    attrs = {"model": model} if model else {}
+    p = Pipeline(f"w5-{engines}-engines", description="W5: the control plane in front of instant engines", **attrs)
     route = p.add("route")
     p.chain(p.add(ReplaySource, id="source"), p.add("admission"), p.add("policy_sort"), route)
     sink = p.add("metrics_sink")
     for i in range(engines):
-        engine = p.add(InstantEngine, id=f"engine_{i}", tokens=config.tokens)
+        engine = p.add(InstantEngine, id=f"engine_{i}", tokens=config.tokens, **({"reply": reply} if reply else {}))
         p.connect(route, engine)
         p.connect(engine, sink)
     return p.graph()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sagellm.backends.base import DecoderLayer, DecoderShape, KernelTable
+from sagellm.backends.base import DecoderLayer, DecoderLayersKernel, DecoderShape, KernelTable
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.plan import Instr, Plan
 
@@ -29,8 +29,8 @@ MOVABLE = ("index_rows",)
 class _Layer:
     span: range  # the instructions from the layer's first to its last
     movable: list[int]  # instructions inside the span that are not the layer's
-    hidden: int  # slots: the layer's input and the residual it adds to (None: its input starts the residual)
-    residual: int | None
+    hidden: int  # slots: the layer's input
+    residual: int | None  # and the residual stream it adds to (None: its input starts the stream)
     positions: int
     meta: int
     out_hidden: int
@@ -141,7 +141,7 @@ class FusedLayers:
     """The fused instruction's kernel: the backend's one call, or the layers' own instructions for the steps it
     declines."""
 
-    def __init__(self, kernel: Any, fallback: Plan, has_residual: bool) -> None:
+    def __init__(self, kernel: DecoderLayersKernel, fallback: Plan, has_residual: bool) -> None:
         self.kernel = kernel
         self.fallback = fallback
         self.has_residual = has_residual

@@ -44,6 +44,7 @@ PIPELINE_BENCHES = (
     ("numerics", "numerics", "the opt-in --dtype bfloat16 against float32: replies, logits and speed"),
     ("cli", "cli_startup", "`sagellm --help` and every command's `--help` in fresh processes (budget: 0.3 s)"),
     ("vllm-results", "vllm_results", "the table and chart of `vllm bench serve` result files (W1 against peers)"),
+    ("gateway", "gateway", "W5 over HTTP: our gateway against vllm-router, both in front of a no-compute engine"),
     ("trace-ops", "trace_ops", "ops by self time in a torch profiler trace (vLLM's, beside `bench kernels --ops`)"),
 )
 
