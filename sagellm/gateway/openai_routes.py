@@ -245,22 +245,25 @@ async def _events(
 ) -> AsyncIterator[Any]:
     """The SSE events of one streamed choice: `render` turns a delta into the choice's fields (and its token ids are
     added when asked: `ids`); deltas with nothing to show (a token that ends mid-character, unless its token ids are
-    asked for) are skipped; a failure is an `error` event; usage last when asked."""
+    asked for) are skipped; a failure is an `error` event; usage last when asked. Events that are ready together
+    (the opening and the first delta; the final delta, usage and [DONE]) come as one tuple: one write."""
     choice = Choice(0)
     extra = {"usage": None} if include_usage else {}
-    if opening is not None:
-        yield envelope.body([opening], **extra)
+    ready = [envelope.body([opening], **extra)] if opening is not None else []  # events to send in one write
     async for item in _resume(first, stream):
         if isinstance(item, RequestError):
-            yield ApiError.from_request_error(item).body()
+            ready.append(ApiError.from_request_error(item).body())
             break
         choice.add(item)
         if item.text or item.finished or (logprobs and item.logprobs) or (ids and item.token_ids):
             fields = render(item)
-            yield envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra)
+            ready.append(envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra))
+        if ready and not item.finished:  # a stream's last events (usage, [DONE]) go with its final delta
+            yield tuple(ready)
+            ready = []
     if include_usage and choice.finish_reason is not None:
-        yield envelope.body([], usage=usage([choice]))
-    yield DONE
+        ready.append(envelope.body([], usage=usage([choice])))
+    yield (*ready, DONE)
 
 
 async def _first_or_raise(stream: RequestStream) -> TokenDelta:

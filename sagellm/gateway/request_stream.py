@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any, Protocol
 
 import msgspec
@@ -107,6 +108,8 @@ class RequestStream:
     async def _next(self) -> TokenDelta | Embedding | RequestError:
         """The attempt's next item, or its timeout (the attempt is then abandoned: cancelled, its late items
         dropped)."""
+        with suppress(trio.WouldBlock):  # already here: no timeout to arm (a cancel scope per token costs)
+            return self._receive.receive_nowait()
         started = bool(self._token_ids or self._text)
         timeout = self._token_timeout_s if started else self._first_token_timeout_s
         with trio.move_on_after(timeout):
