@@ -8,7 +8,8 @@
 #
 # Needs vLLM's client (../shared/peers/setup.sh vllm installs it under $PEERS, default /tmp/peers) and the servers
 # already started. Prints one line per (server, client, round): out tok/s, TTFT p50, TPOT p50, and the client's CPU
-# seconds (its start, imports and tokenizer included, for both clients).
+# seconds (its start, imports and tokenizer included, for both clients). (The copies in results/client_agreement
+# keep each run's summary, not its per-request records.)
 set -euo pipefail
 out=$1; shift
 PEERS=${PEERS:-/tmp/peers}

@@ -42,7 +42,7 @@ class NativeDecoderLayers:
     linears are their InterleavedBlocks."""
 
     def __init__(self, native: NativeKernels, layers: list[DecoderLayer], shape: DecoderShape, max_rows: int) -> None:
-        self._lib = native._lib
+        self._lib = native.library
         self._shape = shape
         self._max_rows = max_rows
         self._keep = layers  # the tensors whose addresses the structs hold

@@ -88,6 +88,11 @@ class NativeKernels:
         return None if library is None else cls(library)
 
     @property
+    def library(self) -> ctypes.CDLL:
+        """The loaded library, for callers that pass it more than tensors (decoder_layers.py's structs)."""
+        return self._lib
+
+    @property
     def isa(self) -> str:
         """The instruction-set variant the loaded library was built for (avx512, avx2, portable)."""
         return self._lib.isa
