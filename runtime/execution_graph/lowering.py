@@ -42,7 +42,6 @@ class LoweringContext:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
     collectives: Collectives | None = None  # a tensor parallel rank's group
     linear_dtype: torch.dtype = torch.float32  # the dtype linear weights are packed in (EngineConfig.dtype)
-    fuse_layers: bool = True  # whole decoder layers as one instruction where the backend has a kernel for them
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -69,7 +68,7 @@ def lower(graph: Graph, ctx: LoweringContext) -> Plan:
         outs = tuple(slots[Value(node_id, p)] for p in range(node.num_outputs))
         instrs.append(Instr(kernel, ins, tuple(consts), outs, node_id))
     plan = Plan(instrs, graph.attrs["num_slots"], input_slots, output_slots)
-    return fuse_decoder_layers(plan, graph, kernels) if ctx.fuse_layers else plan
+    return fuse_decoder_layers(plan, graph, kernels)  # whole layers as one instruction, where the backend can
 
 
 # -- binders: op params -> (kernel, constants appended after the slot inputs) ----------------------------------------
