@@ -43,6 +43,7 @@ import trio
 import zmq
 
 from sagellm.benchmarks.chaos_cases import BAD_INPUTS
+from sagellm.benchmarks.proc_stats import children, cmdline, cpu_seconds, rss_kb
 from sagellm.benchmarks.raw_http import ConnectionClosed, RawClient, lines
 from sagellm.benchmarks.vllm_results import cpu_description
 from sagellm.common.processes import python_module
@@ -178,26 +179,24 @@ class Server:
     def workers(self) -> dict[str, int]:
         """Worker group -> pid, of the workers running under the server now."""
         found = {}
-        for pid in _children(self.process.pid):
-            command = _cmdline(pid)
+        for pid in children(self.process.pid):
+            command = cmdline(pid)
             if WORKER_MODULE in command and "--group" in command:
                 found[command[command.index("--group") + 1]] = pid
         return found
 
     def rss_mb(self) -> float:
         """Resident memory of the server and its workers."""
-        pids = [self.process.pid, *_children(self.process.pid)]
-        return sum(_rss_kb(pid) for pid in pids) / 1024
+        pids = [self.process.pid, *children(self.process.pid)]
+        return sum(rss_kb(pid) for pid in pids) / 1024
 
     def gateway_cpu_s(self) -> float:
         """CPU seconds the gateway's own process has used so far (its workers not counted)."""
-        stat = _stat(self.process.pid)
-        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK") if stat else 0.0
+        return cpu_seconds(self.process.pid)
 
     def cpu_s(self) -> float:
         """CPU seconds the server and its workers have used so far."""
-        stats = [_stat(pid) for pid in [self.process.pid, *_children(self.process.pid)]]
-        return sum(int(s[11]) + int(s[12]) for s in stats if s) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return cpu_seconds(self.process.pid, *children(self.process.pid))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -217,35 +216,6 @@ async def start_over_damaged_sessions(server: Server) -> Row:
     said = "sessions_file_unreadable" in server.log.read_text()
     answer = f"started; the file moved aside as {kept[0]} and logged" if kept and said else "NOT moved aside/said"
     return Row("start over a damaged sessions.json", "1 file", answer, lost=0 if kept and said else 1)
-
-
-def _stat(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state first, then the parent's pid); [] once it is gone."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return []
-
-
-def _children(pid: int) -> list[int]:
-    entries = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-    return [child for child in entries if (stat := _stat(child)) and int(stat[1]) == pid]
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_text().split("\0")
-    except OSError:
-        return []
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        status = (Path("/proc") / str(pid) / "status").read_text()
-    except OSError:
-        return 0
-    line = next((ln for ln in status.splitlines() if ln.startswith("VmRSS:")), "VmRSS: 0 kB")
-    return int(line.split()[1])
 
 
 def free_port() -> int:

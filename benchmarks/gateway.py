@@ -34,7 +34,9 @@ import numpy as np
 import trio
 
 from sagellm.benchmarks.fake_engine import REPLY
-from sagellm.benchmarks.raw_http import RawClient, lines
+from sagellm.benchmarks.proc_stats import children, cpu_seconds
+from sagellm.benchmarks.raw_http import RawClient, drain, lines
+from sagellm.benchmarks.serve import chunk_text
 
 TOKENS = 16  # per reply, as in W5
 PROMPT = "Summarize the plot of Romeo and Juliet in one sentence."
@@ -57,7 +59,6 @@ class Server:
     name: str
     port: int
     process: subprocess.Popen
-    measured: bool  # whose CPU is the path's own
 
 
 @dataclass
@@ -104,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
         python = [sys.executable, "-I", "-m"]
         servers = {
             "engine": Server("engine", engine_port, _start(stack, [*python, "sagellm.benchmarks.fake_engine",
-                "--port", str(engine_port), "--tokens", str(TOKENS)]), False),
+                "--port", str(engine_port), "--tokens", str(TOKENS)])),
             "vllm-router": Server("vllm-router", router_port, _start(stack, [router, "--port", str(router_port),
                 "--worker-urls", f"http://127.0.0.1:{engine_port}", "--policy", "round_robin",
-                "--log-level", "warning", "--prometheus-port", str(free_port())]), True),
+                "--log-level", "warning", "--prometheus-port", str(free_port())])),
             "sagellm": Server("sagellm", gateway_port, _start(stack, [*python, "sagellm.benchmarks.instant_server",
-                "--port", str(gateway_port), "--tokens", str(TOKENS), "--model", args.model, "--reply", REPLY]), True),
+                "--port", str(gateway_port), "--tokens", str(TOKENS), "--model", args.model, "--reply", REPLY])),
         }  # fmt: skip
         models = {name: trio.run(_ready, server) for name, server in servers.items()}
         results = []
@@ -198,13 +199,13 @@ async def _measure(server: Server, model: str, concurrency: int, warmup: int, re
         for client in clients:
             nursery.start_soon(client_loop, client, warmup, False)
     issued, failed = 0, 0
-    cpu_before, own_before = _cpu_s(server.process.pid), _own_cpu_s()
+    cpu_before, own_before = _server_cpu_s(server), _own_cpu_s()
     wall = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for client in clients:
             nursery.start_soon(client_loop, client, requests, True)
     wall = time.perf_counter() - wall
-    server_cpu, client_cpu = _cpu_s(server.process.pid) - cpu_before, _own_cpu_s() - own_before
+    server_cpu, client_cpu = _server_cpu_s(server) - cpu_before, _own_cpu_s() - own_before
     for client in clients:
         await client.aclose()
     return PathResult(name, concurrency, len(e2e_ms), failed, wall, e2e_ms, server_cpu, client_cpu)
@@ -214,8 +215,7 @@ async def _stream(client: RawClient, body: dict[str, Any]) -> int:
     """Sends one streamed chat request; the text events of its reply, or -1 when it did not end with [DONE]."""
     reply, chunks = await client.post("/v1/chat/completions", body)
     if reply.status != 200:
-        async for _ in chunks:
-            pass
+        await drain(chunks)
         return -1
     events, done = 0, False
     async for line in lines(chunks):
@@ -225,25 +225,13 @@ async def _stream(client: RawClient, body: dict[str, Any]) -> int:
         if data == "[DONE]":
             done = True
             continue
-        choices = msgspec.json.decode(data).get("choices") or [{}]
-        events += bool((choices[0].get("delta") or {}).get("content"))
+        events += bool(chunk_text(msgspec.json.decode(data)))
     return events if done else -1
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants, from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, pending = 0.0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending += [int(child) for child in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
+def _server_cpu_s(server: Server) -> float:
+    """CPU seconds of the server's process and its children so far."""
+    return cpu_seconds(server.process.pid, *children(server.process.pid))
 
 
 def _own_cpu_s() -> float:

@@ -119,6 +119,12 @@ class RawClient:
         self._buffer += data
 
 
+async def drain(chunks: AsyncIterator[bytes]) -> None:
+    """Reads the rest of a reply, so its connection is ready for the next request."""
+    async for _ in chunks:
+        pass
+
+
 async def lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     """A body's text lines as they complete (SSE events are lines)."""
     pending = b""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +27,7 @@ import msgspec
 import numpy as np
 import trio
 
-from sagellm.benchmarks.raw_http import ConnectionClosed, RawClient, lines
+from sagellm.benchmarks.raw_http import ConnectionClosed, RawClient, drain, lines
 from sagellm.benchmarks.serve_datasets import SampleRequest
 from sagellm.runtime.engine.outputs import RequestMetrics
 
@@ -284,17 +284,17 @@ async def _stream(client: RawClient, path: str, body: dict[str, Any], record: Re
             continue
         if name == "error" or event == "error":  # llama.cpp: `error: {...}`; OpenAI: `event: error`
             record.error = f"error event: {data[:ERROR_CHARS]}"
-            await _drain(chunks)
+            await drain(chunks)
             return
         if name != "data" or data == "[DONE]":
             continue
         chunk = _decode(data)
         if not isinstance(chunk, dict) or "error" in chunk or chunk.get("object") == "error":
             record.error = f"error event: {data[:ERROR_CHARS]}"
-            await _drain(chunks)
+            await drain(chunks)
             return
         record.usage = chunk.get("usage") or record.usage
-        if _text(chunk):
+        if chunk_text(chunk):
             now = time.perf_counter()
             if record.chunks == 0:
                 record.timeline.first_token_time = now
@@ -308,12 +308,6 @@ async def _stream(client: RawClient, path: str, body: dict[str, Any], record: Re
     record.error = None if record.ok else "the stream ended without any text"
 
 
-async def _drain(chunks: AsyncIterator[bytes]) -> None:
-    """Reads the rest of a reply, so its connection is ready for the next request."""
-    async for _ in chunks:
-        pass
-
-
 def _decode(data: str) -> Any:
     try:
         return msgspec.json.decode(data)
@@ -321,7 +315,8 @@ def _decode(data: str) -> Any:
         raise ValueError(f"a data line that is not JSON: {data[:80]!r}") from error
 
 
-def _text(chunk: dict[str, Any]) -> str:
+def chunk_text(chunk: dict[str, Any]) -> str:
+    """The text a streamed completion or chat chunk carries ("" for a role or finish event)."""
     choices = chunk.get("choices") or [{}]
     choice = choices[0]
     return choice.get("text") or (choice.get("delta") or {}).get("content") or ""

@@ -1,0 +1,42 @@
+"""What /proc says of the processes a benchmark started (Linux): their children, command lines, CPU seconds and
+resident memory. A process that is gone reads as empty, not as an error: servers under test get killed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first, then the parent's pid); [] once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def children(pid: int) -> list[int]:
+    entries = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [child for child in entries if (fields := stat(child)) and int(fields[1]) == pid]
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_text().split("\0")
+    except OSError:
+        return []
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU seconds the processes have used so far."""
+    fields = [stat(pid) for pid in pids]
+    return sum(int(f[11]) + int(f[12]) for f in fields if f) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        status = (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return 0
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmRSS:")), "VmRSS: 0 kB")
+    return int(line.split()[1])
