@@ -129,10 +129,8 @@ class NativeDispatch:
 
     def decoder_layers(self, layers: list[DecoderLayer], shape: DecoderShape) -> NativeDecoderLayers | None:
         """The layers in one native call for decode-only steps of up to NATIVE_BLOCK_ROWS rows, the steps whose
-        linears all read GGUF blocks one op at a time too; None unless every linear has its blocks."""
+        linears all read GGUF blocks one op at a time too; None unless every linear has its blocks (`build` checks)."""
         linears = ("qkv", "o_proj", "gate_up", "down")
-        if any(getattr(layer, name).blocks is None for layer in layers for name in linears):
-            return None
         blocks = [replace(layer, **{name: getattr(layer, name).blocks for name in linears}) for layer in layers]
         return NativeDecoderLayers.build(self.native, blocks, shape, NATIVE_BLOCK_ROWS)
 

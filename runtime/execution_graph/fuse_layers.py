@@ -48,10 +48,10 @@ def fuse_decoder_layers(plan: Plan, graph: Graph, kernels: KernelTable) -> Plan:
         return plan
     instrs = plan.instrs
     ops = [graph.nodes[instr.node].op for instr in instrs]
-    start = next((i for i in range(len(ops)) if _match(instrs, ops, graph, i)), None)
-    if start is None:
+    found = next((layer for i in range(len(ops)) if (layer := _match(instrs, ops, graph, i))), None)
+    if found is None:
         return plan
-    run = [_match(instrs, ops, graph, start)]
+    start, run = found.span.start, [found]
     while (layer := _match(instrs, ops, graph, run[-1].span.stop)) and _continues(run[-1], layer):
         run.append(layer)
     first, last = run[0], run[-1]
@@ -116,7 +116,8 @@ def _after_run(
         later.append(replace(instr, inputs=tuple(fresh[holds[s]] if holds.get(s) else s for s in instr.inputs)))
         for slot in instr.outputs:
             holds.pop(slot, None)
-            from_moved |= {slot} if j in moved else set()
+            if j in moved:
+                from_moved.add(slot)
     if any(slot in holds and holds[slot] is None for slot in plan.output_slots.values()):
         return None
     output_slots = {name: fresh[holds[s]] if holds.get(s) else s for name, s in plan.output_slots.items()}
@@ -158,13 +159,15 @@ class FusedLayers:
 def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer | None:
     """The layer whose first instruction is instrs[i], if the next ten instructions other than MOVABLE ones are one
     (wired as one layer)."""
-    at: list[int] = []  # the layer's instructions
-    j = i
+    if i >= len(ops) or ops[i] not in NORMS:  # past the plan's end: a pipeline stage ends with its last layer
+        return None
+    at = [i]  # the layer's instructions
+    j = i + 1
     while len(at) < 10 and j < len(ops):
-        if ops[j] not in MOVABLE or not at:
+        if ops[j] not in MOVABLE:
             at.append(j)
         j += 1
-    if len(at) < 10 or ops[i] not in NORMS or tuple(ops[k] for k in at[1:]) != LAYER_OPS:
+    if tuple(ops[k] for k in at[1:]) != LAYER_OPS:
         return None
     span = range(i, at[-1] + 1)
     norm, qkv, split, rope, attention, o_proj, post, gate_up, silu_mul, down = (instrs[k] for k in at)
