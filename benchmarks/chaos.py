@@ -479,7 +479,7 @@ async def big_prompts_instant(client: httpx.AsyncClient, work: Path) -> Row:
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(60)  # hypercorn may wait out its graceful timeout for a kept-alive connection that streamed
+            process.wait(60)  # a request still in flight may hold the stop up to the graceful timeout
         except subprocess.TimeoutExpired:
             process.kill()
 

@@ -1,9 +1,14 @@
-"""Runs a pipeline graph as trio tasks in one process: one nursery, one task per node, one channel per node input.
+"""Runs a pipeline graph as trio tasks in one process: one nursery, one task and one input channel per node, except
+for chained Map nodes, which run inside their upstreams' tasks.
 
-Every node's in-edges feed one memory channel; closing all of a node's senders is its end of input, so shutdown
-flows down the graph as sources run dry. Channels are rendezvous (buffer 0 by default): an item waits in the
-operator that holds it, so a policy queue decides the order of everything the engines have not yet taken, and an
-engine takes only up to its `capacity()`. Step operators' `step()` runs in a worker thread; `add()` runs between
+A node's in-edges feed one memory channel; closing all of a node's senders is its end of input, so shutdown flows
+down the graph as sources run dry. Channels are rendezvous (buffer 0 by default): an item waits in the operator that
+holds it, so a policy queue decides the order of everything the engines have not yet taken, and an engine takes only
+up to its `capacity()`. A Map node whose in-edges all come from nodes run here is chained (as Flink chains
+operators): it has no task and no channel, and each upstream's send runs its `execute` on the item right in the
+upstream's task, so admission, route or a metrics sink cost no task switch per item. Closing the last edge into a
+chained node closes its outputs, so end of input flows through it too, and backpressure is unchanged: the upstream's
+send waits for the chained node's own sends. Step operators' `step()` runs in a worker thread; `add()` runs between
 steps on the event loop, so an engine never sees two threads. A Stream operator serves each item in a task of its
 own, which a client's cancel cancels.
 
@@ -98,7 +103,9 @@ class LocalExecutor:
         self._given = dict(operators or {})
         self._inbox_send: dict[str, trio.MemorySendChannel] = {}
         self._inbox_recv: dict[str, trio.MemoryReceiveChannel] = {}
-        self._outputs: dict[str, dict[str, trio.MemorySendChannel]] = {}
+        self._outputs: dict[str, dict[str, trio.MemorySendChannel | ChainedEdge]] = {}
+        self.chained: set[str] = set()  # the Map nodes run in their upstreams' tasks (see `ChainedEdge`)
+        self._open_chained_edges: dict[str, int] = {}  # chained node -> its edges not yet closed
         self._channel_size = channel_size
         self.remote_sender: Callable[[str, str], trio.MemorySendChannel] | None = None  # (src, dst) -> channel
         self.on_cancel: Callable[[str], None] | None = None  # tells other processes (the process executor's)
@@ -130,8 +137,9 @@ class LocalExecutor:
             ctx = OperatorContext(node_id, outputs, self.instances, self.load, self.graph_attrs, remote)
             await trio.to_thread.run_sync(op.open, ctx)
             self.operators[node_id] = op
+        self.chained = {node_id for node_id in self.local if self._chainable(node_id)}
         for node_id in self.local:
-            if not isinstance(self.operators[node_id], SourceOperator):
+            if not isinstance(self.operators[node_id], SourceOperator) and node_id not in self.chained:
                 send, recv = trio.open_memory_channel(self._channel_size)
                 self._inbox_send[node_id], self._inbox_recv[node_id] = send, recv
 
@@ -148,15 +156,29 @@ class LocalExecutor:
             params[node_id] = node_params
         return params
 
+    def _chainable(self, node_id: str) -> bool:
+        """A Map node fed only by nodes run here: no bridge from another process, nor the process executor's error
+        injection (both go through `inbox`, only for nodes with an in-edge from another process), ever feeds it. A
+        Map with no in-edge at all keeps its task (its input ends at once)."""
+        upstreams = [e.src for e in self.graph.edges if e.dst == node_id]
+        is_map = isinstance(self.operators[node_id], MapOperator)
+        return is_map and bool(upstreams) and all(src in self.local for src in upstreams)
+
     def inbox(self, node_id: str) -> trio.MemorySendChannel:
-        """A new sender into a local node's input (one per in-edge: the input ends when all are closed)."""
+        """A new sender into a local node's input (one per in-edge: the input ends when all are closed). A chained
+        node has none: only nodes run here feed it."""
+        if node_id in self.chained:
+            raise KeyError(f"node {node_id!r} is chained into its upstreams' tasks: it has no inbox")
         return self._inbox_send[node_id].clone()
 
     def _wire_outputs(self) -> None:
         for node_id in self.local:
-            outs = {}
+            outs: dict[str, trio.MemorySendChannel | ChainedEdge] = {}
             for dst in self.out_nodes(node_id):
-                if dst in self._inbox_send:
+                if dst in self.chained:
+                    outs[dst] = ChainedEdge(self, dst)
+                    self._open_chained_edges[dst] = self._open_chained_edges.get(dst, 0) + 1
+                elif dst in self._inbox_send:
                     outs[dst] = self.inbox(dst)
                 elif self.remote_sender is not None:
                     outs[dst] = self.remote_sender(node_id, dst)
@@ -174,7 +196,8 @@ class LocalExecutor:
             self._wire_outputs()
             async with trio.open_nursery() as nursery:
                 for node_id in self.local:
-                    await nursery.start(self._run_node, node_id)
+                    if node_id not in self.chained:
+                        await nursery.start(self._run_node, node_id)
                 task_status.started()
         finally:
             for op in self.operators.values():
@@ -201,8 +224,17 @@ class LocalExecutor:
             try:
                 await runner[kind](node_id, op, inner)
             finally:
-                for send in self._outputs[node_id].values():
-                    send.close()
+                self._close_outputs(node_id)
+
+    def _close_outputs(self, node_id: str) -> None:
+        """The node's end of output: its downstream nodes' input ends once all their upstreams' have."""
+        for send in self._outputs[node_id].values():
+            send.close()
+
+    def _chained_edge_closed(self, node_id: str) -> None:
+        self._open_chained_edges[node_id] -= 1
+        if not self._open_chained_edges[node_id]:  # its last upstream ended: so does the chained node
+            self._close_outputs(node_id)
 
     async def _run_source(self, node_id: str, op: SourceOperator, _: trio.Nursery) -> None:
         while True:
@@ -219,15 +251,22 @@ class LocalExecutor:
             for item in items:
                 if isinstance(item, Request):  # a failover attempt's first token says nothing of the queue
                     self.ledger.entered(item.request_id, None if item.retry else item.arrival_time)
-                await self._send(node_id, item)
+                await self._send_and_yield(node_id, item)
 
     async def _run_map(self, node_id: str, op: MapOperator, _: trio.Nursery) -> None:
         leaf = self.is_leaf(node_id)
         async for item in self._inbox_recv[node_id]:
-            if leaf and not self.ledger.observe(item):
-                continue
-            for out in self._apply(node_id, op, op.execute, item):
-                await self._send(node_id, out)
+            await self._map_item(node_id, op, leaf, item)
+
+    async def _map_item(self, node_id: str, op: MapOperator, leaf: bool, item: Any) -> bool:
+        """One item through a Map node: in the node's task, or for a chained node in the task that sent it. True
+        when something went on through a channel (as `_send`)."""
+        if leaf and not self.ledger.observe(item):
+            return False
+        through_channel = False
+        for out in self._apply(node_id, op, op.execute, item):
+            through_channel |= await self._send(node_id, out)
+        return through_channel
 
     async def _run_queue(self, node_id: str, op: QueueOperator, nursery: trio.Nursery) -> None:
         changed = trio.Event()
@@ -246,7 +285,7 @@ class LocalExecutor:
         while True:
             item = op.pop()
             if item is not None:
-                await self._send(node_id, item)
+                await self._send_and_yield(node_id, item)
                 continue
             if input_done and not len(op):
                 return
@@ -375,7 +414,9 @@ class LocalExecutor:
             return []
         return result if isinstance(result, list) else [result]
 
-    async def _send(self, node_id: str, out: Any) -> None:
+    async def _send(self, node_id: str, out: Any) -> bool:
+        """Sends an item on to the node's downstream. True when it went into a channel (whose send always yields to
+        other tasks), False when it ended without one: at this leaf, or in chained nodes."""
         outputs = self._outputs[node_id]
         if isinstance(out, Emit):
             target, item = outputs.get(out.to), out.item
@@ -384,11 +425,18 @@ class LocalExecutor:
                 target = next(iter(outputs.values()), None)
         else:
             target, item = next(iter(outputs.values()), None), out
-        if target is None:  # a leaf's results end here
-            if not self.is_leaf(node_id):
-                raise RuntimeError(f"node {node_id!r} emitted with no output")
-            return
+        if target is None:  # a leaf's results end here (every other node has an output for each out-edge)
+            return False
+        if isinstance(target, ChainedEdge):
+            return await target.send(item)
         await target.send(item)
+        return True
+
+    async def _send_and_yield(self, node_id: str, out: Any) -> None:
+        """`_send`, then a checkpoint if the item passed no channel (it ended in chained nodes): a loop of sends (a
+        source's, a queue's) must still let other tasks run once per item."""
+        if not await self._send(node_id, out):
+            await trio.lowlevel.checkpoint()
 
     def wake_sources(self) -> None:
         """Polls the non-blocking sources now instead of at their next idle tick (the gateway just queued a
@@ -431,6 +479,29 @@ class LocalExecutor:
             op.abort(held)
             for rid in held:
                 await self._send_abort(node_id, rid)
+
+
+class ChainedEdge:
+    """An edge into a chained Map node, where its upstream's outputs would hold a memory channel, with a channel's
+    `send` and `close`. `send` runs the node on the item right in the sender's task: no channel hop, no task switch,
+    and the sender still waits for whatever the node sends on (a channel's rendezvous, or another chained node).
+    Closing the node's last open edge closes its outputs, as a task node's are when its input ends."""
+
+    def __init__(self, executor: LocalExecutor, node_id: str) -> None:
+        self._executor, self._node_id = executor, node_id
+        self._op = executor.operators[node_id]
+        self._leaf = executor.is_leaf(node_id)
+        self._closed = False
+
+    async def send(self, item: Any) -> bool:
+        """True when the item (or what the node made of it) went on through a channel (as `LocalExecutor._send`)."""
+        return await self._executor._map_item(self._node_id, self._op, self._leaf, item)
+
+    def close(self) -> None:
+        """Idempotent, as a channel's: only the first close of this edge counts."""
+        if not self._closed:
+            self._closed = True
+            self._executor._chained_edge_closed(self._node_id)
 
 
 class _Signal:

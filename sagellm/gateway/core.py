@@ -43,6 +43,7 @@ PRINTING_SINKS = ("stdout_sink", "jsonl_sink")
 # inline than the thread hop); a prompt longer than its context times MAX_CHARS_PER_TOKEN is refused untokenized.
 OFF_LOOP_CHARS = 4096
 MAX_CHARS_PER_TOKEN = 64
+STALL_CHECK_S = 0.1  # how often running attempts are checked against their token deadlines
 RECENT_REQUESTS = 10_000  # ended requests whose status is still kept (GET /v1/requests/{id})
 
 
@@ -126,7 +127,10 @@ class ServingCore:
         self.executor = executor
         self.local.ledger.on_leaf_item = self._deliver
         self.source.wake = self.local.wake_sources
-        await executor.run(task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_stalled)
+            await executor.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
         for rid in list(self._streams):  # anything still open ends now (the executor failed it)
             self._end(rid, "the gateway stopped before the request finished")
 
@@ -218,6 +222,16 @@ class ServingCore:
         """A request's status while it runs and for a while after (the last RECENT_REQUESTS ended); None: unknown."""
         stream = self._live.get(request_id)
         return stream.status() if stream is not None else self._recent.get(request_id)
+
+    async def _expire_stalled(self) -> None:
+        """Times out the attempts that stopped giving items (`RequestStream.expire_if_stalled`), a few times a
+        second: deadlines are minutes by default, and a timer per stream wait would cost every token a cancel
+        scope."""
+        while True:
+            await trio.sleep(STALL_CHECK_S)
+            now = trio.current_time()
+            for stream in list(self._streams.values()):
+                stream.expire_if_stalled(now)
 
     def _deliver(self, item: Any) -> None:
         rid = getattr(item, "request_id", None)

@@ -33,6 +33,7 @@ from sagellm.gateway.responses import Choice, Envelope, chat_logprobs, completio
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta
 
 DONE = b"[DONE]"
+TEXT_PROBE = "\x00text\x00"  # stands for a delta's text in a chunk's template (no real text is a NUL-framed word)
 # Inputs one embedding request may carry: a batch this size takes about a second of CPU here; more would hold the
 # model (one batch at a time) from every other client for as long as a client cares to send.
 MAX_EMBEDDING_INPUTS = 256
@@ -246,40 +247,62 @@ async def _events(
     """The SSE events of one streamed choice: `render` turns a delta into the choice's fields (and its token ids are
     added when asked: `ids`); deltas with nothing to show (a token that ends mid-character, unless its token ids are
     asked for) are skipped; a failure is an `error` event; usage last when asked. Events that are ready together
-    (the opening and the first delta; the final delta, usage and [DONE]) come as one tuple: one write."""
+    (the opening and the first delta, deltas the engine made while the client's last write went out, the final
+    delta with usage and [DONE]) come as one tuple: one write."""
     choice = Choice(0)
     extra = {"usage": None} if include_usage else {}
     ready = [envelope.body([opening], **extra)] if opening is not None else []  # events to send in one write
-    async for item in _resume(first, stream):
+    text_event = None if logprobs or ids else _text_event(envelope, render, extra)
+    item: TokenDelta | RequestError = first
+    corked = False
+    while True:
         if isinstance(item, RequestError):
             ready.append(ApiError.from_request_error(item).body())
             break
         choice.add(item)
-        if item.text or item.finished or (logprobs and item.logprobs) or (ids and item.token_ids):
+        if text_event is not None and item.text and not item.finished:
+            ready.append(text_event(item.text))
+        elif item.text or item.finished or (logprobs and item.logprobs) or (ids and item.token_ids):
             fields = render(item)
             ready.append(envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra))
-        if ready and not item.finished:  # a stream's last events (usage, [DONE]) go with its final delta
+        if item.finished:
+            break
+        if ready and not stream.has_ready() and not corked:
+            # Corked for one turn of the event loop: a delta the engine makes meanwhile goes in the same write.
+            await trio.lowlevel.checkpoint()
+            corked = True
+        if ready and not stream.has_ready():
             yield tuple(ready)
-            ready = []
+            ready, corked = [], False
+        try:
+            item = await anext(stream)
+        except StopAsyncIteration:
+            break
     if include_usage and choice.finish_reason is not None:
         ready.append(envelope.body([], usage=usage([choice])))
     yield (*ready, DONE)
 
 
+def _text_event(
+    envelope: Envelope, render: Callable[[TokenDelta], dict[str, Any]], extra: dict[str, Any]
+) -> Callable[[str], bytes]:
+    """A delta's event when it carries only text (no logprobs, token ids or finish): the encoded chunk of a probe
+    delta, split where its text goes, so a token costs one string encode instead of building and encoding the whole
+    chunk. The bytes are the same as the chunk's."""
+    probe = envelope.body([render(TokenDelta(request_id="", token_ids=[], text=TEXT_PROBE))], **extra)
+    head, tail = msgspec.json.encode(probe).split(msgspec.json.encode(TEXT_PROBE))
+    return lambda text: head + msgspec.json.encode(text) + tail
+
+
 async def _first_or_raise(stream: RequestStream) -> TokenDelta:
     """A streamed request's first item; a request rejected before its first token answers with its status."""
-    async for item in stream:
-        if isinstance(item, RequestError):
-            raise ApiError.from_request_error(item)
-        return item
-    raise ApiError(500, "the request ended without a reply", code="internal")
-
-
-async def _resume(first: TokenDelta, stream: RequestStream) -> AsyncIterator[TokenDelta | RequestError]:
-    yield first
-    if not first.finished:
-        async for item in stream:
-            yield item
+    try:
+        item = await anext(stream)
+    except StopAsyncIteration:
+        raise ApiError(500, "the request ended without a reply", code="internal") from None
+    if isinstance(item, RequestError):
+        raise ApiError.from_request_error(item)
+    return item
 
 
 async def _embedded(streams: list[RequestStream]) -> list[Embedding]:

@@ -11,14 +11,14 @@ one may be restarting; up to `retry_wait_s`) and avoiding the instances that fai
   model's server is resumed from text: a completion's prompt plus the text so far; a chat there is not resumed (no
   portable way to continue an assistant message), its failure is the client's.
 An attempt that gives no first token within `first_token_timeout_s`, or no next one within `token_timeout_s`, is
-cancelled and counts as failed; with nothing left to try the client gets `timeout` (HTTP 504). Every request still
-ends with exactly one terminal item."""
+cancelled and counts as failed; with nothing left to try the client gets `timeout` (HTTP 504). The serving core checks
+these deadlines for every stream a few times a second (`expire_if_stalled`) rather than each wait arming a timer: a
+token costs no cancel scope. Every request still ends with exactly one terminal item."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
-from contextlib import suppress
+from collections import deque
 from typing import Any, Protocol
 
 import msgspec
@@ -51,7 +51,9 @@ class RequestStream:
         self.core, self.request, self.policy = core, request, policy
         self.attempt = request  # the attempt running now
         self.retries = 0
-        self._send, self._receive = trio.open_memory_channel[Any](float("inf"))
+        self._items: deque[TokenDelta | Embedding | RequestError] = deque()  # unbounded: the engine never waits
+        self._arrived = trio.lowlevel.ParkingLot()
+        self._progress_at = trio.current_time()  # when the attempt started or last delivered an item
         self.done = False
         self.outcome: TokenDelta | Embedding | RequestError | None = None  # the terminal item the client got
         self._token_ids: list[int] = []  # what the client got so far
@@ -60,11 +62,33 @@ class RequestStream:
         self._first_token_timeout_s = request.first_token_timeout_s or policy.first_token_timeout_s
         self._token_timeout_s = request.token_timeout_s or policy.token_timeout_s
 
-    def __aiter__(self) -> AsyncIterator[TokenDelta | Embedding | RequestError]:
-        return self._items()
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta | Embedding | RequestError:
+        """The next item the client gets (a method, not an async generator: a reader that stops early, as one that
+        waits for the first item does, leaves no generator behind for the event loop to finalize)."""
+        while not self.done:
+            item = await self._next()
+            if isinstance(item, RequestError) and _worth_retrying(item) and await self._retry(item):
+                continue
+            if isinstance(item, TokenDelta):
+                item = self._as_client_sees(item)
+            if is_terminal(item):
+                self.done, self.outcome = True, item
+                self.core.ended(self)
+            return item
+        raise StopAsyncIteration
+
+    def has_ready(self) -> bool:
+        """An item is already here: the next iteration will not wait (a writer sends what is ready in one go)."""
+        return bool(self._items)
 
     def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
-        self._send.send_nowait(item)  # unbounded: the engine never waits on a slow client
+        self._items.append(item)
+        self._progress_at = trio.current_time()
+        if self._arrived:
+            self._arrived.unpark()
 
     def cancel(self) -> None:
         """The client left: the request is aborted wherever it is."""
@@ -93,32 +117,24 @@ class RequestStream:
             "error": {"code": error.code, "message": error.message} if error is not None else None,
         }
 
-    async def _items(self) -> AsyncIterator[TokenDelta | Embedding | RequestError]:
-        while not self.done:
-            item = await self._next()
-            if isinstance(item, RequestError) and _worth_retrying(item) and await self._retry(item):
-                continue
-            if isinstance(item, TokenDelta):
-                item = self._as_client_sees(item)
-            if is_terminal(item):
-                self.done, self.outcome = True, item
-                self.core.ended(self)
-            yield item
-
     async def _next(self) -> TokenDelta | Embedding | RequestError:
-        """The attempt's next item, or its timeout (the attempt is then abandoned: cancelled, its late items
-        dropped)."""
-        with suppress(trio.WouldBlock):  # already here: no timeout to arm (a cancel scope per token costs)
-            return self._receive.receive_nowait()
-        started = bool(self._token_ids or self._text)
+        while not self._items:
+            await self._arrived.park()
+        return self._items.popleft()
+
+    def expire_if_stalled(self, now: float) -> None:
+        """Ends the running attempt with a `timeout` error when it has given no item for longer than its deadline
+        allows (the first token's, or the next one's); the attempt is abandoned: cancelled, its late items dropped.
+        The serving core calls it for the streams whose attempts are running."""
+        started = bool(self._token_ids or self._text or self._items)
         timeout = self._token_timeout_s if started else self._first_token_timeout_s
-        with trio.move_on_after(timeout):
-            return await self._receive.receive()
+        if self.done or now - self._progress_at <= timeout:
+            return
         self.core.abandon(self.attempt.request_id)
         which = "next token" if started else "first token"
         where = f" from {self.attempt.instance}" if self.attempt.instance else ""
         message = f"no {which}{where} within {timeout:g} s"
-        return RequestError(request_id=self.attempt.request_id, code="timeout", message=message, retryable=True)
+        self.deliver(RequestError(request_id=self.attempt.request_id, code="timeout", message=message, retryable=True))
 
     def _as_client_sees(self, delta: TokenDelta) -> TokenDelta:
         self._token_ids += delta.token_ids
@@ -150,6 +166,7 @@ class RequestStream:
             resumed_after_tokens=len(self._token_ids) or len(self._text), error=failure.message,
         )  # fmt: skip
         self.attempt = attempt
+        self._progress_at = trio.current_time()
         return self.core.resubmit(self, attempt)
 
     def _next_attempt(self) -> Request | None:

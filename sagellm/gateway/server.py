@@ -1,5 +1,5 @@
-"""`serve()`: the gateway process. Loads the graph's engines (the embedding model is one of them), then answers HTTP on
-hypercorn's trio worker in the same event loop as the pipeline, so a request goes from socket to engine without a
+"""`serve()`: the gateway process. Loads the graph's engines (the embedding model is one of them), then answers HTTP
+(`http_server`) in the same event loop as the pipeline, so a request goes from socket to engine without a
 thread or process hop. SIGINT/SIGTERM stop it gracefully: no new connections, requests in flight finish (up to
 `graceful_timeout_s`), the graph drains, then the process exits; a server that joined another gateway leaves it
 first (drained there), so no request sent to it is cut."""
@@ -16,8 +16,6 @@ from typing import Any
 
 import structlog
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from sagellm.common.logging import default_logging
 from sagellm.common.nursery_errors import single_errors
@@ -28,6 +26,7 @@ from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.engines import EngineManager
 from sagellm.gateway.http import App
+from sagellm.gateway.http_server import HttpLimits, serve_http
 from sagellm.gateway.join import Membership
 from sagellm.gateway.management_routes import ManagementRoutes
 from sagellm.gateway.openai_routes import OpenAIRoutes
@@ -50,7 +49,7 @@ class Gateway:
 
 
 def build_app(core: ServingCore, config: GatewayConfig, admin: str, engines: EngineManager) -> App:
-    app = App(max_body_bytes=config.max_body_bytes, allowed_hosts=config.host_names())
+    app = App(allowed_hosts=config.host_names())
     admin_guard, api_guard = key_guard([admin], "admin"), key_guard(config.api_keys, "API")
     openai_routes = OpenAIRoutes(core)
     openai_routes.register(app, api_guard)
@@ -61,17 +60,8 @@ def build_app(core: ServingCore, config: GatewayConfig, admin: str, engines: Eng
     return app
 
 
-def hypercorn_config(config: GatewayConfig) -> HypercornConfig:
-    hyper = HypercornConfig()
-    hyper.bind = [f"{config.host}:{config.port}"]
-    hyper.graceful_timeout = config.graceful_timeout_s
-    hyper.accesslog = None
-    # Clients pool connections: an idle one the server closes just as a client reuses it fails that request
-    # ("server disconnected"), so idle connections are kept as long as common proxies keep theirs (nginx: 75 s), and
-    # a burst of new clients queues in the kernel instead of being refused.
-    hyper.keep_alive_timeout = 75
-    hyper.backlog = 1024
-    return hyper
+def http_limits(config: GatewayConfig) -> HttpLimits:
+    return HttpLimits(max_body_bytes=config.max_body_bytes, graceful_timeout_s=config.graceful_timeout_s)
 
 
 async def serve(
@@ -90,7 +80,6 @@ async def serve(
     engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core))
     admin = admin_key(config.state_dir, config.admin_key)
     app = build_app(core, config, admin, engines)
-    hyper = hypercorn_config(config)
     stop = trio.Event()
     membership = Membership(config.join) if config.join is not None else None
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
@@ -101,12 +90,14 @@ async def serve(
             if handle_signals:
                 nursery.start_soon(stop_on_signal, stop, signals, membership)
             async with trio.open_nursery() as http:
-                binds = await http.start(partial(hypercorn_serve, app, hyper, shutdown_trigger=stop.wait))
-                log.info("gateway_ready", url=binds[0], models=core.models())
+                url = await http.start(
+                    partial(serve_http, app, config.host, config.port, http_limits(config), shutdown_trigger=stop.wait)
+                )
+                log.info("gateway_ready", url=url, models=core.models())
                 if membership is not None:
-                    nursery.start_soon(_keep_membership, membership, binds[0], member)
-                task_status.started(Gateway(binds[0], core, admin, stop, engines))
-            signals.cancel()  # hypercorn returned: stop was set and the requests it held have finished
+                    nursery.start_soon(_keep_membership, membership, url, member)
+                task_status.started(Gateway(url, core, admin, stop, engines))
+            signals.cancel()  # the server returned: stop was set and the requests it held have finished
             if membership is not None:
                 with trio.CancelScope(shield=True):
                     await membership.leave()  # no-op if a signal already made it leave

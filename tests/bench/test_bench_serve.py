@@ -1,7 +1,7 @@
-"""`sagellm bench serve` against a real HTTP server on 127.0.0.1: the SSE fixture (hypercorn on trio) streaming known
-replies with fixed delays. Checks what the client counts and times, that it holds the concurrency limit and the
-arrival schedule, that failures are reported and never raised, and the CLI end to end (table, JSON, PNG). No assert
-depends on this machine's speed beyond loose bounds; the real numbers come from the command itself."""
+"""`sagellm bench serve` against a real HTTP server on 127.0.0.1: the SSE fixture (on the gateway's HTTP server)
+streaming known replies with fixed delays. Checks what the client counts and times, that it holds the concurrency
+limit and the arrival schedule, that failures are reported and never raised, and the CLI end to end (table, JSON,
+PNG). No assert depends on this machine's speed beyond loose bounds; the real numbers come from the command itself."""
 
 from __future__ import annotations
 

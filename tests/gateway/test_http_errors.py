@@ -6,35 +6,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import trio
 from structlog.testing import capture_logs
 
 from sagellm.gateway.config import LOOPBACK_NAMES
 from sagellm.gateway.http import App, HttpRequest, Response, host_name
 
 
-async def call(
-    app: App, method: str, path: str, headers: dict[str, str] | None = None, *, body_arrives: bool = True
-) -> tuple[int, dict[str, Any]]:
-    """One request through the ASGI app, without a server."""
-    sent: list[dict[str, Any]] = []
-    bodies = [{"type": "http.request", "body": b"", "more_body": False}] if body_arrives else []
-
-    async def receive() -> dict[str, Any]:
-        if bodies:
-            return bodies.pop()
-        await trio.sleep_forever()  # as a server does until the client disconnects
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    raw = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": raw}
-    await app(scope, receive, send)
-    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return status, json.loads(body)
+async def call(app: App, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """One request through the app, without a server."""
+    reply = await app.handle(HttpRequest(method, path, headers or {}, {}, b""))
+    assert isinstance(reply, Response)
+    return reply.status, json.loads(reply.encoded())
 
 
 async def test_an_unexpected_failure_is_a_500_with_an_error_id_in_the_log() -> None:
@@ -77,10 +59,3 @@ def test_host_names_without_port_scheme_or_brackets() -> None:
     assert [host_name(v) for v in ("127.0.0.1:8000", "LocalHost", "[::1]:80", "http://a.b:9/x", "::1")] == [
         "127.0.0.1", "localhost", "::1", "a.b", "::1"
     ]  # fmt: skip
-
-
-async def test_a_body_that_never_arrives_is_a_408(autojump_clock) -> None:
-    app = App(body_timeout_s=30)
-    app.route("POST", "/x", ok)
-    status, body = await call(app, "POST", "/x", body_arrives=False)
-    assert status == 408 and body["error"]["code"] == "timeout"
