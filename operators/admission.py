@@ -26,6 +26,7 @@ from typing import Any
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.prompt import prompt_token_problem
+from sagellm.runtime.models.tokenizer import encode_prompt
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, PipelineLoad, register_operator
 
@@ -88,7 +89,7 @@ def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -
             return "prompt is empty: give a prompt or prompt_token_ids"
         if tokenizer is None:
             return "no tokenizer is loaded to tokenize the prompt: send prompt_token_ids instead"
-        request.prompt_token_ids = tokenizer.encode(request.prompt, add_special_tokens=True)
+        request.prompt_token_ids = encode_prompt(tokenizer, request.prompt)
     return prompt_token_problem(request.prompt_token_ids, vocab_size)
 
 

@@ -63,6 +63,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", help="strategy of every route node")
     p.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE", help="override a parameter")
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
+    p.add_argument(
+        "--api-servers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N processes answer HTTP on the port (HTTP, JSON, tokenizing) in front of this one, which runs the graph "
+        "(default 0: this process does both)",
+    )
     failover = p.add_argument_group("failover (a request whose instance fails is tried again, resumed after tokens)")
     failover.add_argument("--max-retries", type=int, default=2, help="attempts after the first (default 2; 0: off)")
     failover.add_argument(
@@ -98,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         if model:
             resolve_model(model)  # download once, before any worker process looks for it
     config = _config(args, embedding, args.served_model_name or str(graph.attrs.get("model") or "default"))
-    trio.run(_serve_showing_progress, graph, config)
+    trio.run(_serve_showing_progress, graph, config, args.api_servers)
     return 0
 
 
@@ -177,7 +185,7 @@ def _join_settings(args: argparse.Namespace, model: str) -> Any:
     )  # fmt: skip
 
 
-async def _serve_showing_progress(graph: Any, config: Any) -> None:
+async def _serve_showing_progress(graph: Any, config: Any, api_servers: int = 0) -> None:
     """The gateway until it stops, saying what its start-up waits for until it answers."""
     from functools import partial
 
@@ -188,7 +196,7 @@ async def _serve_showing_progress(graph: Any, config: Any) -> None:
 
     async with trio.open_nursery() as nursery:
         with showing_progress("sagellm serve"):
-            await nursery.start(partial(serve, graph, config, handle_signals=True))
+            await nursery.start(partial(serve, graph, config, handle_signals=True, api_servers=api_servers))
 
 
 def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> int:
@@ -208,5 +216,5 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
     resolve_model(embedding)
     graph = load_pipeline(graphs.find("control_plane"))
     config = _config(args, embedding, args.served_model_name or served_name(embedding))
-    trio.run(_serve_showing_progress, graph, config)
+    trio.run(_serve_showing_progress, graph, config, args.api_servers)
     return 0

@@ -146,25 +146,9 @@ class ServingCore:
         """Renders and tokenizes, in a worker thread, the prompts too long to tokenize on the event loop (which
         every stream and /health share), so admission finds their token ids ready; a prompt with more characters than
         the context could hold tokens is refused at once, before any tokenizing. Raises ApiError (400)."""
-        ours = [r for r in requests if r.model is None]  # another model's server tokenizes its prompts
-        long = [r for r in ours if r.prompt_token_ids is None and _characters(r) > OFF_LOOP_CHARS]
-        if not long:
-            return
-        limit = (self.max_model_len or 0) * MAX_CHARS_PER_TOKEN
-        for request in long:
-            if limit and _characters(request) > limit:
-                raise ApiError(
-                    400,
-                    f"the prompt has {_characters(request)} characters; this model's context of {self.max_model_len} "
-                    f"tokens holds at most about {limit}",
-                    code="context_length_exceeded",
-                )
         config = self.local.graph_attrs.get("model_config") if self.local else None
         vocab = getattr(config, "vocab_size", None)
-        problems = await trio.to_thread.run_sync(lambda: [tokenize_request(r, self.tokenizer, vocab) for r in long])
-        for problem in problems:
-            if problem is not None:
-                raise ApiError(400, problem, code="invalid_request")
+        await tokenize_prompts(requests, self.tokenizer, vocab, self.max_model_len, short_too=False)
 
     def submit(self, request: Request) -> RequestStream:
         if request.request_id in self._streams:
@@ -338,6 +322,33 @@ class ServingCore:
             queue.switch_policy(policy, policy_args)
         log.info("policy_set", policy=policy, nodes=list(queues))
         return list(queues)
+
+
+async def tokenize_prompts(
+    requests: list[Request], tokenizer: Any, vocab: int | None, max_model_len: int | None, *, short_too: bool
+) -> None:
+    """Fills the token ids of the requests for the graph's own model: those longer than OFF_LOOP_CHARS in a worker
+    thread, the short ones (`short_too`) inline, where a thread hop would cost more than the tokenizing. A prompt
+    with more characters than the context could hold tokens is refused before any tokenizing. Raises ApiError (400)
+    for a prompt that cannot be tokenized or is too long."""
+    ours = [r for r in requests if r.model is None and r.prompt_token_ids is None]  # others' servers tokenize theirs
+    long = [r for r in ours if _characters(r) > OFF_LOOP_CHARS]
+    short = [r for r in ours if _characters(r) <= OFF_LOOP_CHARS] if short_too else []
+    limit = (max_model_len or 0) * MAX_CHARS_PER_TOKEN
+    for request in long:
+        if limit and _characters(request) > limit:
+            raise ApiError(
+                400,
+                f"the prompt has {_characters(request)} characters; this model's context of {max_model_len} "
+                f"tokens holds at most about {limit}",
+                code="context_length_exceeded",
+            )
+    problems = [tokenize_request(r, tokenizer, vocab) for r in short]
+    if long:
+        problems += await trio.to_thread.run_sync(lambda: [tokenize_request(r, tokenizer, vocab) for r in long])
+    for problem in problems:
+        if problem is not None:
+            raise ApiError(400, problem, code="invalid_request")
 
 
 def _characters(request: Request) -> int:

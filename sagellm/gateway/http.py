@@ -63,10 +63,12 @@ class Response:
 class EventStream:
     """`text/event-stream`: each item from `events` is sent as one `data: ...` event (bytes as is, anything else as
     JSON), a tuple of them as that many events in one write (fewer sends when several are ready at once);
-    `on_disconnect` runs if the client leaves first."""
+    `on_disconnect` runs if the client leaves first. `framed`: the items are bytes already framed as events (a
+    stream passed on from another server), written as they are."""
 
     events: AsyncIterator[Any]
     on_disconnect: Callable[[], None] = lambda: None
+    framed: bool = False
 
 
 Handler = Callable[[HttpRequest], Awaitable[Response | EventStream]]
@@ -88,6 +90,7 @@ class App:
         drive it from another site with a form a browser posts (a cross-site request carries that site's Origin)."""
         self.routes: list[Route] = []
         self.allowed_hosts = allowed_hosts
+        self.fallback: Handler | None = None  # answers what no route matches (an API server passes it on)
 
     def route(self, method: str, path: str, handler: Handler, guard: Guard | None = None) -> None:
         """`path` may hold `{name}` segments, given to the handler in `path_params`."""
@@ -98,8 +101,10 @@ class App:
         """The reply to one request: the handler's, or an OpenAI-shaped error (a bug is a 500 whose error id finds
         the traceback in the log)."""
         try:
-            route, request.path_params = self._match(request.method, request.path)
             self._check_host(request)
+            if self.fallback is not None and not self._matches(request.path):
+                return await self.fallback(request)
+            route, request.path_params = self._match(request.method, request.path)
             _check_content_type(request)
             if route.guard is not None:
                 route.guard(request)
@@ -111,6 +116,9 @@ class App:
             log.exception("handler_failed", path=request.path, error_id=error_id)
             message = f"internal server error {type(exc).__name__} (error id {error_id} in the gateway log)"
             return Response(ApiError(500, message, code="internal").json(), 500)
+
+    def _matches(self, path: str) -> bool:
+        return any(route.pattern.match(path) for route in self.routes)
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         allowed: list[str] = []

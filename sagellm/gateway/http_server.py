@@ -313,7 +313,12 @@ class _Connection:
         try:
             async with aclosing(stream.events):
                 async for item in stream.events:
-                    body = b"".join(frame(event) for event in (item if isinstance(item, tuple) else (item,)))
+                    if stream.framed:
+                        body = item
+                    else:
+                        body = b"".join(frame(event) for event in (item if isinstance(item, tuple) else (item,)))
+                    if not body:
+                        continue  # an empty chunk would end a chunked reply
                     pending += b"%x\r\n%b\r\n" % (len(body), body) if chunked else body
                     await self._send(pending)
                     pending = b""

@@ -50,10 +50,14 @@ class OpenAIRoutes:
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("GET", "/v1/models", self.models, guard)
+        self.register_generation(app, guard)
+        app.route("GET", "/v1/requests/{request_id}", self.request_status, guard)
+
+    def register_generation(self, app: App, guard: Guard | None) -> None:
+        """The routes that run requests: all an API server answers itself (`api_server`)."""
         app.route("POST", "/v1/completions", self.completions, guard)
         app.route("POST", "/v1/chat/completions", self.chat, guard)
         app.route("POST", "/v1/embeddings", self.embeddings, guard)
-        app.route("GET", "/v1/requests/{request_id}", self.request_status, guard)
 
     async def request_status(self, http: HttpRequest) -> Response:
         """Where a request is (queued, running, completed, failed, cancelled), by the `id` of its reply."""

@@ -16,11 +16,13 @@ from typing import Any
 
 import structlog
 import trio
+import zmq
 
 from sagellm.common.logging import default_logging
 from sagellm.common.nursery_errors import single_errors
 from sagellm.gateway import openapi
 from sagellm.gateway.admin_routes import AdminRoutes
+from sagellm.gateway.api_hub import ApiServerHub, run_api_servers
 from sagellm.gateway.auth import admin_key, key_guard
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.core import ServingCore
@@ -46,6 +48,7 @@ class Gateway:
     admin_key: str
     stop: trio.Event
     engines: EngineManager
+    hub: ApiServerHub | None = None  # with API servers: the core's end of them
 
 
 def build_app(core: ServingCore, config: GatewayConfig, admin: str, engines: EngineManager) -> App:
@@ -69,10 +72,12 @@ async def serve(
     config: GatewayConfig,
     *,
     handle_signals: bool = False,
+    api_servers: int = 0,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Runs until `Gateway.stop` is set (or, with `handle_signals`, a SIGINT/SIGTERM arrives); hands the running
-    `Gateway` to `task_status` once it answers HTTP."""
+    `Gateway` to `task_status` once it answers HTTP. `api_servers`: that many API server processes answer HTTP on
+    the gateway's port (`api_server`) and this process runs the core behind them; 0: this process answers HTTP."""
     core = ServingCore(
         graph, served_model_name=config.served_model_name, failover=config.failover,
         embedding_model=config.embedding_model,
@@ -90,13 +95,18 @@ async def serve(
             if handle_signals:
                 nursery.start_soon(stop_on_signal, stop, signals, membership)
             async with trio.open_nursery() as http:
-                url = await http.start(
-                    partial(serve_http, app, config.host, config.port, http_limits(config), shutdown_trigger=stop.wait)
-                )
+                hub = ApiServerHub(core) if api_servers else None
+                if hub is not None:
+                    url = await http.start(_serve_behind_api_servers, hub, app, config, api_servers, stop)
+                else:
+                    limits = http_limits(config)
+                    url = await http.start(
+                        partial(serve_http, app, config.host, config.port, limits, shutdown_trigger=stop.wait)
+                    )
                 log.info("gateway_ready", url=url, models=core.models())
                 if membership is not None:
                     nursery.start_soon(_keep_membership, membership, url, member)
-                task_status.started(Gateway(url, core, admin, stop, engines))
+                task_status.started(Gateway(url, core, admin, stop, engines, hub))
             signals.cancel()  # the server returned: stop was set and the requests it held have finished
             if membership is not None:
                 with trio.CancelScope(shield=True):
@@ -104,6 +114,40 @@ async def serve(
                 member.cancel()
             engines.shutdown()  # managed engine processes stop
             core.shutdown()  # the graph drains what is left, then core.run returns
+
+
+async def _serve_behind_api_servers(
+    hub: ApiServerHub,
+    app: App,
+    config: GatewayConfig,
+    count: int,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The core's side of `--api-servers`: the app on a loopback port of its own (the routes API servers pass on),
+    the hub they submit to, and the API server processes; hands their shared URL to `task_status`. On `stop` the
+    API servers stop first (their requests in flight finish here), then the core's own HTTP."""
+    zctx = zmq.Context()
+    try:
+        servers_gone, hub_scope = trio.Event(), trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            limits = http_limits(config)
+            hub.core_url = await nursery.start(
+                partial(serve_http, app, "127.0.0.1", 0, limits, shutdown_trigger=servers_gone.wait)
+            )
+
+            async def run_hub(task_status: trio.TaskStatus) -> None:
+                with hub_scope:
+                    await hub.run(zctx, task_status=task_status)
+
+            endpoint = await nursery.start(run_hub)
+            async with trio.open_nursery() as servers:  # returns once `stop` was set and every API server ended
+                task_status.started(await servers.start(run_api_servers, hub, endpoint, config, count, stop))
+            servers_gone.set()
+            hub_scope.cancel()
+    finally:
+        zctx.term()
 
 
 def _served_names(core: ServingCore) -> list[str]:
@@ -140,14 +184,16 @@ class GatewayThread:
     """A gateway on its own trio loop in a daemon thread of this process: the Python client's embedded mode, and the
     tests, whose synchronous clients (the `openai` SDK) talk to it over real sockets."""
 
-    def __init__(self, graph: Graph, config: GatewayConfig, *, name: str = "sagellm-gateway") -> None:
+    def __init__(
+        self, graph: Graph, config: GatewayConfig, *, name: str = "sagellm-gateway", api_servers: int = 0
+    ) -> None:
         default_logging()
         ready: queue.Queue = queue.Queue()
 
         async def main() -> None:
             try:
                 async with trio.open_nursery() as nursery:
-                    gateway = await nursery.start(serve, graph, config)
+                    gateway = await nursery.start(partial(serve, graph, config, api_servers=api_servers))
                     ready.put((gateway, nursery, trio.lowlevel.current_trio_token()))
             except BaseException as exc:  # a start failure reaches the caller instead of hanging it
                 ready.put(exc)

@@ -30,15 +30,16 @@ def running_gateway(
     config: GatewayConfig,
     model: Path | None = None,
     attrs: dict[str, Any] | None = None,
+    api_servers: int = 0,
     **overrides: Any,
 ) -> Iterator[GatewayThread]:
-    """`attrs`: graph settings to set (`{"restart": {...}}`); `overrides`: `{"node.param": value}` as `--set` takes
-    them."""
+    """`attrs`: graph settings to set (`{"restart": {...}}`); `api_servers`: API server processes in front;
+    `overrides`: `{"node.param": value}` as `--set` takes them."""
     pipeline = load_pipeline(graph, overrides=overrides or None)
     pipeline.attrs.update(attrs or {})
     if model is not None:
         pipeline.attrs["model"] = str(model)
-    running = GatewayThread(pipeline, config)
+    running = GatewayThread(pipeline, config, api_servers=api_servers)
     try:
         yield running
     finally:

@@ -15,6 +15,7 @@ import torch
 from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.model_cache import DEFAULT_MODEL, list_cached_models, resolve_model
+from sagellm.runtime.models.tokenizer import encode_prompt
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -59,6 +60,8 @@ def test_tokenizer_and_chat_template(smollm2: LoadedModel) -> None:
     )
     assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    for text in (prompt, "Hello", " two  spaces\n\n\ttab", "é中文🙂", "x" * 5000, ""):  # the gateway's fast path
+        assert encode_prompt(tokenizer, text) == tokenizer.encode(text, add_special_tokens=True)
 
 
 def test_weights_equal_transformers(smollm2: LoadedModel, tmp_path: Path) -> None:

@@ -1,0 +1,258 @@
+"""The serving core's end of its API servers (`sagellm serve --api-servers N`): requests in, their items out.
+
+A `Submit` becomes a stream of the core (`ServingCore.submit`), with everything a stream does here: admission, the
+policy queue, failover and resume, the metrics sink; the request's status is the core's (`/v1/requests/{id}`). A task
+per request reads its stream and queues the items for their API server; one sender task sends each API server what
+is queued in one message. A `Cancel` cancels the stream; an API server that goes away (its process ended) has all its
+requests cancelled. The core tells API servers what its routes need to know (`Snapshot`) when they attach and whenever
+it changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections import Counter, defaultdict
+from typing import Any
+
+import structlog
+import trio
+import zmq
+
+from sagellm.common.restart import RestartPolicy, Restarts
+from sagellm.gateway import api_link
+from sagellm.gateway.api_link import Attach, Cancel, EmbedderCard, Items, Snapshot, Submit
+from sagellm.gateway.config import GatewayConfig
+from sagellm.gateway.core import ServingCore
+from sagellm.gateway.errors import ApiError
+from sagellm.gateway.request_stream import RequestStream
+from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_router
+from sagellm.runtime.pipeline.messages import RequestError
+
+log = structlog.get_logger("sagellm.gateway")
+SNAPSHOT_CHECK_S = 0.2  # how often the core's state is compared with what the API servers were told
+START_TIMEOUT_S = 120.0  # an API server loads a tokenizer before it listens
+
+
+class ApiServerHub:
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+        self.core_url = ""  # where the core answers HTTP itself (the routes an API server passes on), once it does
+        self.submitted: Counter[int] = Counter()  # requests by the pid of the API server that sent them
+        self.serving: dict[bytes, str] = {}  # API servers that listen: routing id -> their URL
+        self.pids: dict[bytes, int] = {}
+        self.changed = trio.Event()  # an API server attached or started serving
+        self._streams: dict[bytes, dict[str, RequestStream]] = defaultdict(dict)  # routing id -> request id -> ...
+        self._outbox: dict[bytes, list[Any]] = defaultdict(list)
+        self._queued = trio.Event()
+        self._snapshot: Snapshot | None = None
+        self._socket: TrioSocket | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, zctx: zmq.Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Binds the hub's socket (ipc: API servers run on this host) and serves until cancelled; hands its
+        endpoint to `task_status`."""
+        socket, endpoint = bind_router(zctx, "ipc", "api-hub")
+        with socket:
+            self._socket = socket
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._send_queued)
+                nursery.start_soon(self._keep_snapshot)
+                task_status.started(endpoint)
+                while True:
+                    frames = await socket.receive_frames()
+                    if len(frames) != 2:
+                        log.warning("api_hub_bad_message", frames=len(frames))
+                        continue
+                    peer = frames[0].bytes
+                    try:
+                        message = api_link.decode_to_core(frames[1].buffer)
+                    except Exception as exc:  # a peer speaking another format: say so once per message, go on
+                        log.warning("api_hub_bad_message", error=str(exc))
+                        continue
+                    self._handle(peer, message)
+
+    def _handle(self, peer: bytes, message: api_link.ToCore) -> None:
+        if isinstance(message, Submit):
+            self._submit(peer, message)
+        elif isinstance(message, Cancel):
+            stream = self._streams[peer].get(message.request_id)
+            if stream is not None:
+                stream.cancel()
+        elif isinstance(message, Attach):
+            self.pids[peer] = message.pid
+            if message.url:
+                self.serving[peer] = message.url
+            self._queue(peer, self.snapshot())
+            self.changed.set()
+            self.changed = trio.Event()
+
+    def _submit(self, peer: bytes, message: Submit) -> None:
+        request = message.request
+        try:
+            stream = self.core.submit(request)
+        except ApiError as error:
+            self._queue(peer, RequestError(request_id=request.request_id, code=_code(error), message=error.message))
+            return
+        except ValueError as error:  # a request id in use
+            self._queue(peer, RequestError(request_id=request.request_id, code="invalid_request", message=str(error)))
+            return
+        self._streams[peer][request.request_id] = stream
+        self.submitted[self.pids.get(peer, 0)] += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._forward, peer, stream)
+
+    async def _forward(self, peer: bytes, stream: RequestStream) -> None:
+        try:
+            async for item in stream:
+                self._queue(peer, item)
+        finally:
+            self._streams[peer].pop(stream.request.request_id, None)
+
+    def _queue(self, peer: bytes, item: Any) -> None:
+        self._outbox[peer].append(item)
+        self._queued.set()
+
+    async def _send_queued(self) -> None:
+        """One message per API server with all that is queued for it: items batched, snapshots on their own."""
+        assert self._socket is not None
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            outbox, self._outbox = self._outbox, defaultdict(list)
+            for peer, queued in outbox.items():
+                items = [q for q in queued if not isinstance(q, Snapshot)]
+                messages = [q for q in queued if isinstance(q, Snapshot)] + ([Items(items=items)] if items else [])
+                for message in messages:
+                    await self._socket.send_frames([peer, api_link.encode(message)])
+
+    def gone(self, pid: int) -> None:
+        """An API server's process ended: its requests are cancelled (their clients are gone with it)."""
+        for peer, known in list(self.pids.items()):
+            if known == pid:
+                for stream in list(self._streams.pop(peer, {}).values()):
+                    stream.cancel()
+                self.pids.pop(peer, None)
+                self.serving.pop(peer, None)
+                self._outbox.pop(peer, None)
+
+    def snapshot(self) -> Snapshot:
+        core = self.core
+        attrs = core.local.graph_attrs if core.local is not None else {}
+        instances = core.instances().values()
+        embedders = [
+            EmbedderCard(served_model_name=op.served_model_name, dim=op.dim, max_length=op.max_length)
+            for op in core.operators_of("embedding")
+        ]
+        model = attrs.get("model")
+        return Snapshot(
+            model_name=core.model_name,
+            model_path=str(model) if model else None,
+            models=core.models(),
+            instance_models=sorted({s.model for s in instances if s.model is not None}),
+            embedders=embedders,
+            embedding_models=core.embedding_models(),
+            max_model_len=core.max_model_len,
+            vocab_size=getattr(attrs.get("model_config"), "vocab_size", None),
+            sampling_defaults=core.sampling_defaults,
+            core_url=self.core_url,
+        )
+
+    async def _keep_snapshot(self) -> None:
+        """Tells every attached API server the core's new state when it changed (an instance attached, a model
+        came or went)."""
+        while True:
+            await trio.sleep(SNAPSHOT_CHECK_S)
+            snapshot = self.snapshot()
+            if snapshot != self._snapshot:
+                self._snapshot = snapshot
+                for peer in self.pids:
+                    self._queue(peer, snapshot)
+
+
+async def run_api_servers(
+    hub: ApiServerHub,
+    endpoint: str,
+    config: GatewayConfig,
+    count: int,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Starts `count` API server processes on the gateway's port and hands its URL to `task_status` once all
+    listen; one that exits is started again (with backoff, as engines are) and its requests are cancelled. When
+    `stop` is set they stop gracefully (SIGTERM: no new connections, requests in flight finish), then this returns."""
+    from sagellm.gateway.api_server import SETTINGS_ENV, settings_of
+
+    policy = RestartPolicy()
+
+    def spawn(port: int) -> Any:
+        env = {**os.environ, SETTINGS_ENV: json.dumps(settings_of(config, port))}
+        command = [sys.executable, "-m", "sagellm.gateway.api_server", "--core", endpoint]
+        return trio.lowlevel.open_process(command, env=env)
+
+    async def started(process: Any, serving_before: int) -> str:
+        """The URL the new process listens on, once it does; raises if it exits first."""
+        with trio.fail_after(START_TIMEOUT_S):
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"an API server exited with {process.returncode} before it listened")
+                url = next((u for p, u in hub.serving.items() if hub.pids.get(p) == process.pid), None)
+                if url is not None and len(hub.serving) > serving_before:
+                    return url
+                with trio.move_on_after(0.1):
+                    await hub.changed.wait()
+
+    async def keep(process: Any, port: int) -> None:
+        """Waits for the process to end; starts it again (after the policy's delay) until `stop`."""
+        restarts = Restarts(policy)
+        restarts.started(trio.current_time())
+        while True:
+            await process.wait()
+            hub.gone(process.pid)
+            if stop.is_set():
+                return
+            delay = restarts.next_delay(trio.current_time())
+            log.warning("api_server_exited", pid=process.pid, code=process.returncode, restart_in_s=delay)
+            if delay is None:
+                return
+            await trio.sleep(delay)
+            process = await spawn(port)
+            processes.append(process)
+            await started(process, len(hub.serving))
+            restarts.started(trio.current_time())
+
+    processes: list[Any] = []
+    try:
+        first = await spawn(config.port)
+        processes.append(first)
+        url = await started(first, 0)
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(count - 1):
+            processes.append(await spawn(port))
+            await started(processes[-1], len(hub.serving))
+        async with trio.open_nursery() as nursery:
+            for process in list(processes):
+                nursery.start_soon(keep, process, port)
+            task_status.started(url)
+            await stop.wait()
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(config.graceful_timeout_s + 5):
+                for process in processes:
+                    await process.wait()
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
+def _code(error: ApiError) -> Any:
+    """The pipeline error code for an ApiError the core raised before the request entered the graph."""
+    return {503: "unavailable", 429: "overloaded", 504: "timeout"}.get(error.status, "invalid_request")

@@ -1,0 +1,303 @@
+"""An API server: one of the processes `sagellm serve --api-servers N` runs in front of its serving core.
+
+The API servers share the gateway's port (SO_REUSEPORT: the kernel spreads new connections over them) and do the work
+that grows with the request rate and not with the model: HTTP, JSON, the chat template and tokenizing, SSE framing.
+The core (`api_hub`) runs the graph. The OpenAI generation routes (`/v1/completions`, `/v1/chat/completions`,
+`/v1/embeddings`) are answered here by the same code as in a single-process gateway, against `RemoteCore`: requests go
+to the core tokenized, their items come back in batches. Every other route (models, health, metrics, admin,
+management, sessions, request status) is passed on to the core's own HTTP server, so it answers from the one state
+there is: metrics count the requests of every API server.
+
+Run by the gateway, not by hand: `python -m sagellm.gateway.api_server --core ENDPOINT`, its settings in the
+environment (`SAGELLM_API_SERVER`, JSON: keys do not show in a process listing)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import uuid
+from collections import deque
+from functools import partial
+from typing import Any
+
+import httpx
+import structlog
+import trio
+import zmq
+
+from sagellm.common.logging import configure_logging
+from sagellm.gateway import api_link
+from sagellm.gateway.api_link import Attach, Cancel, Items, Snapshot, Submit
+from sagellm.gateway.auth import key_guard
+from sagellm.gateway.core import tokenize_prompts
+from sagellm.gateway.errors import ApiError
+from sagellm.gateway.http import App, EventStream, HttpRequest, Response
+from sagellm.gateway.http_server import HttpLimits, serve_http
+from sagellm.gateway.openai_routes import OpenAIRoutes
+from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer
+from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
+
+log = structlog.get_logger("sagellm.gateway.api_server")
+SETTINGS_ENV = "SAGELLM_API_SERVER"
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
+                        "content-length", "proxy-authorization", "proxy-connection"})  # fmt: skip
+
+
+class RemoteStream:
+    """A request's items as the core sends them: what the routes read of a core's `RequestStream` (iteration, items
+    already here, cancel). Failover happens in the core; this end only carries the items."""
+
+    def __init__(self, link: CoreLink, request_id: str) -> None:
+        self.link, self.request_id = link, request_id
+        self.done = False
+        self._items: deque[TokenDelta | Embedding | RequestError] = deque()
+        self._arrived = trio.lowlevel.ParkingLot()
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta | Embedding | RequestError:
+        if self.done and not self._items:
+            raise StopAsyncIteration
+        while not self._items:
+            await self._arrived.park()
+        item = self._items.popleft()
+        if is_terminal(item):
+            self.done = True
+        return item
+
+    def has_ready(self) -> bool:
+        return bool(self._items)
+
+    def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
+        self._items.append(item)
+        if self._arrived:
+            self._arrived.unpark()
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.link.send(Cancel(request_id=self.request_id))
+            self.link.streams.pop(self.request_id, None)
+
+
+class CoreLink:
+    """This process's connection to the core: submits, cancels and attaches go out (batched by one sender task),
+    items come in and go to their streams; the latest `Snapshot` of the core's state is kept."""
+
+    def __init__(self, socket: TrioSocket) -> None:
+        self.socket = socket
+        self.streams: dict[str, RemoteStream] = {}
+        self.snapshot: Snapshot | None = None
+        self.snapshot_arrived = trio.Event()
+        self._outbox: list[api_link.ToCore] = []
+        self._queued = trio.Event()
+
+    def send(self, message: api_link.ToCore) -> None:
+        self._outbox.append(message)
+        self._queued.set()
+
+    def submit(self, request: Request) -> RemoteStream:
+        stream = self.streams[request.request_id] = RemoteStream(self, request.request_id)
+        self.send(Submit(request=request))
+        return stream
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_queued)
+            while True:
+                frames = await self.socket.receive_frames()
+                message = api_link.decode_to_api_server(frames[-1].buffer)
+                if isinstance(message, Items):
+                    for item in message.items:
+                        stream = self.streams.get(item.request_id)
+                        if stream is not None:
+                            stream.deliver(item)
+                            if is_terminal(item):
+                                del self.streams[item.request_id]
+                else:
+                    self.snapshot = message
+                    self.snapshot_arrived.set()
+
+    async def _send_queued(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            outbox, self._outbox = self._outbox, []
+            for message in outbox:
+                await self.socket.send_frames([api_link.encode(message)])
+
+
+class _Embedder:
+    def __init__(self, card: api_link.EmbedderCard) -> None:
+        self.served_model_name, self.dim, self.max_length = card.served_model_name, card.dim, card.max_length
+
+
+class RemoteCore:
+    """What the OpenAI routes read of a `ServingCore`, answered from the core's latest snapshot; requests for the
+    graph's own model are tokenized here (the work this process exists for) before they go to the core."""
+
+    def __init__(self, link: CoreLink, tokenizer: Any) -> None:
+        self.link, self.tokenizer = link, tokenizer
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]  # request ids unique across API servers
+
+    @property
+    def state(self) -> Snapshot:
+        assert self.link.snapshot is not None
+        return self.link.snapshot
+
+    @property
+    def model_name(self) -> str:
+        return self.state.model_name
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.state.max_model_len
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any] | None:
+        return self.state.sampling_defaults
+
+    def new_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{self._prefix}-{next(self._ids)}"
+
+    def models(self) -> list[str]:
+        return self.state.models
+
+    def embedder(self, model: str) -> _Embedder | None:
+        card = next((c for c in self.state.embedders if c.served_model_name == model), None)
+        return _Embedder(card) if card is not None else None
+
+    def embedding_models(self) -> list[str]:
+        return self.state.embedding_models
+
+    def instance_model(self, name: str | None) -> str | None:
+        """As `ServingCore.instance_model`: None for the graph's own model, the name for an attached one."""
+        if name is None or name == self.state.model_name:
+            return None
+        if name in self.state.instance_models:
+            return name
+        served = ", ".join(repr(m) for m in self.state.models)
+        raise ApiError(
+            404, f"the model {name!r} does not exist here; this server has {served}", param="model",
+            code="model_not_found",
+        )  # fmt: skip
+
+    async def tokenize_long_prompts(self, requests: list[Request]) -> None:
+        await tokenize_prompts(requests, self.tokenizer, self.state.vocab_size, self.max_model_len, short_too=True)
+
+    def submit(self, request: Request) -> RemoteStream:
+        return self.link.submit(request)
+
+
+class CoreProxy:
+    """Passes a request on to the core's own HTTP server and its reply back (an event stream as it streams)."""
+
+    def __init__(self, link: CoreLink) -> None:
+        self.link = link
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
+
+    async def __call__(self, request: HttpRequest) -> Response | EventStream:
+        assert self.link.snapshot is not None
+        url = self.link.snapshot.core_url + request.path
+        headers = {k: v for k, v in request.headers.items() if k not in HOP_BY_HOP}
+        outgoing = self.client.build_request(request.method, url, params=request.query, headers=headers,
+                                             content=request.body)  # fmt: skip
+        try:
+            reply = await self.client.send(outgoing, stream=True)
+        except httpx.HTTPError as exc:
+            raise ApiError(503, f"the serving core did not answer: {exc}", code="unavailable") from None
+        content_type = reply.headers.get("content-type", "application/json")
+        if content_type.startswith("text/event-stream"):
+            return EventStream(_passed_on(reply), on_disconnect=lambda: None, framed=True)
+        body = await reply.aread()
+        await reply.aclose()
+        kept = [(k.encode(), v.encode()) for k, v in reply.headers.items() if k.lower() in ("retry-after", "allow")]
+        return Response(body, reply.status_code, content_type=content_type, headers=kept)
+
+
+async def _passed_on(reply: httpx.Response) -> Any:
+    try:
+        async for chunk in reply.aiter_raw():
+            yield chunk
+    finally:
+        await reply.aclose()
+
+
+async def run_api_server(core_endpoint: str, settings: dict[str, Any]) -> None:
+    """Attaches to the core, loads the tokenizer of its model, serves HTTP on the shared port until SIGINT/SIGTERM
+    (then stops gracefully: requests in flight finish)."""
+    zctx = zmq.Context()
+    try:
+        with connect_dealer(zctx, core_endpoint) as socket:
+            link = CoreLink(socket)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.run)
+                link.send(Attach(pid=os.getpid()))
+                with trio.fail_after(60):
+                    await link.snapshot_arrived.wait()
+                assert link.snapshot is not None
+                tokenizer = await trio.to_thread.run_sync(_tokenizer, link.snapshot.model_path)
+                app = _app(link, tokenizer, settings)
+                stop = trio.Event()
+                nursery.start_soon(_stop_on_signal, stop)
+                limits = HttpLimits(max_body_bytes=settings["max_body_bytes"],
+                                    graceful_timeout_s=settings["graceful_timeout_s"])  # fmt: skip
+                serving = partial(serve_http, app, settings["host"], settings["port"], limits,
+                                  shutdown_trigger=stop.wait, reuse_port=True)  # fmt: skip
+                async with trio.open_nursery() as http:
+                    url = await http.start(serving)
+                    link.send(Attach(pid=os.getpid(), url=url))
+                    log.info("api_server_ready", url=url)
+                nursery.cancel_scope.cancel()
+    finally:
+        zctx.term()
+
+
+def _app(link: CoreLink, tokenizer: Any, settings: dict[str, Any]) -> App:
+    allowed = settings.get("allowed_hosts")
+    app = App(allowed_hosts=frozenset(allowed) if allowed is not None else None)
+    OpenAIRoutes(RemoteCore(link, tokenizer)).register_generation(app, key_guard(settings["api_keys"], "API"))  # type: ignore[arg-type]
+    app.fallback = CoreProxy(link)
+    return app
+
+
+def _tokenizer(model_path: str | None) -> Any:
+    if model_path is None:
+        return None
+    from sagellm.runtime.executor.local import model_attrs
+
+    return model_attrs(model_path)["tokenizer"]
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            stop.set()
+            return
+
+
+def settings_of(config: Any, port: int) -> dict[str, Any]:
+    """What an API server needs of the gateway's config (sent through the environment)."""
+    allowed = config.host_names()
+    return {
+        "host": config.host, "port": port, "api_keys": list(config.api_keys),
+        "max_body_bytes": config.max_body_bytes, "graceful_timeout_s": config.graceful_timeout_s,
+        "allowed_hosts": sorted(allowed) if allowed is not None else None,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--core", required=True, help="the serving core's ZeroMQ endpoint")
+    args = parser.parse_args()
+    configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "info"))
+    trio.run(run_api_server, args.core, json.loads(os.environ[SETTINGS_ENV]))
+
+
+if __name__ == "__main__":
+    main()
