@@ -7,7 +7,9 @@ Three paths, each a server process of its own on 127.0.0.1, the load generator i
 - vllm-router: `vllm-router` (PyPI) in front of that fake engine (round robin over its one worker);
 - sagellm: `sagellm serve`'s gateway and pipeline (admission, policy_sort, route, metrics_sink) in front of the
   instant engine streaming 16 words of text (`instant_server`), the chat tokenized with SmolLM2's tokenizer and
-  template as a real request is.
+  template as a real request is;
+- sagellm ×N API servers (`--api-servers N`, default 2; 0 leaves it out): the same, with N API server processes
+  answering HTTP and tokenizing in front of the process that runs the graph (its CPU counts them all).
 The load is closed-loop: `--concurrency` clients, each on a kept-alive connection (`raw_http`), sending the next
 streamed chat request when its last one ends; `--warmup` requests first, then `--requests` timed. Every request must
 end with 16 text events and [DONE], or the path fails. Reported per path and concurrency: req/s, e2e p50/p99, the
@@ -40,7 +42,6 @@ from sagellm.benchmarks.serve import chunk_text
 
 TOKENS = 16  # per reply, as in W5
 PROMPT = "Summarize the plot of Romeo and Juliet in one sentence."
-PATHS = ("engine", "vllm-router", "sagellm")
 READY_TIMEOUT_S = 120
 
 
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=200, help="untimed requests first (default: %(default)s)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer our gateway uses")
     parser.add_argument("--router", default=None, help="the vllm-router command (default: found on PATH)")
+    parser.add_argument("--api-servers", type=int, default=2, help="API servers of the last path (0: no such path)")
     parser.add_argument("--result-filename", type=Path, default=Path("benchmarks/results/gateway.json"))
     parser.add_argument("--save-result", action="store_true", help="write the JSON results and a PNG chart")
 
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     print(f"CPU: {cpu_description()}")
     with ExitStack() as stack:
-        engine_port, router_port, gateway_port = free_port(), free_port(), free_port()
+        engine_port, router_port, gateway_port, split_port = free_port(), free_port(), free_port(), free_port()
         python = [sys.executable, "-I", "-m"]
         servers = {
             "engine": Server("engine", engine_port, _start(stack, [*python, "sagellm.benchmarks.fake_engine",
@@ -112,11 +114,15 @@ def run(args: argparse.Namespace) -> int:
             "sagellm": Server("sagellm", gateway_port, _start(stack, [*python, "sagellm.benchmarks.instant_server",
                 "--port", str(gateway_port), "--tokens", str(TOKENS), "--model", args.model, "--reply", REPLY])),
         }  # fmt: skip
+        if args.api_servers:
+            split = f"sagellm ×{args.api_servers} API servers"
+            servers[split] = Server(split, split_port, _start(stack, [*python, "sagellm.benchmarks.instant_server",
+                "--port", str(split_port), "--tokens", str(TOKENS), "--model", args.model, "--reply", REPLY,
+                "--api-servers", str(args.api_servers)]))  # fmt: skip
         models = {name: trio.run(_ready, server) for name, server in servers.items()}
         results = []
         for concurrency in concurrencies:
-            for name in PATHS:
-                server = servers[name]
+            for name, server in servers.items():
                 print(f"{name} at concurrency {concurrency} ...", file=sys.stderr)
                 results.append(trio.run(_measure, server, models[name], concurrency, args.warmup, args.requests, name))
     summaries = _summaries(results)
@@ -272,12 +278,14 @@ def _plot(summaries: list[dict[str, Any]], path: Path) -> None:
     panels = (("req/s (higher is better)", "req_s"), ("added e2e p50 ms", "added_p50_ms"),
               ("server CPU ms / request", "server_cpu_ms_per_request"))  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(14, 4.2))
+    paths = list(dict.fromkeys(s["path"] for s in summaries))
+    width = 0.8 / len(paths)
     for ax, (title, key) in zip(axes, panels):
-        for i, name in enumerate(PATHS):
+        for i, name in enumerate(paths):
             values = [next((s[key] or 0.0 for s in summaries if (s["path"], s["concurrency"]) == (name, c)), 0.0)
                       for c in concurrencies]  # fmt: skip
-            xs = [x + (i - 1) * 0.27 for x in range(len(concurrencies))]
-            bars = ax.bar(xs, values, 0.27, label=name, color=f"C{i}")
+            xs = [x + (i - (len(paths) - 1) / 2) * width for x in range(len(concurrencies))]
+            bars = ax.bar(xs, values, width, label=name, color=f"C{i}")
             ax.bar_label(bars, fmt="%.2f" if max(values, default=0) < 10 else "%.0f", fontsize=7, padding=2)
         ax.set_xticks(range(len(concurrencies)), [f"c{c}" for c in concurrencies])
         ax.set_title(title, fontsize=10)

@@ -12,6 +12,6 @@ def prompt_token_problem(token_ids: Sequence[object], vocab_size: int | None) ->
         return "prompt is empty: it has no tokens"
     if not all(type(t) is int for t in token_ids):  # not bool, not float: JSON gives 1.5 and true as easily as 1
         return "prompt_token_ids must be integers"
-    if vocab_size is not None and not all(0 <= t < vocab_size for t in token_ids):  # type: ignore[operator]
+    if vocab_size is not None and (min(token_ids) < 0 or max(token_ids) >= vocab_size):  # type: ignore[type-var]
         return f"prompt_token_ids must be in [0, {vocab_size}) (the model's vocabulary)"
     return None

@@ -111,8 +111,9 @@ class RequestLedger:
         if rid in self._awaiting_first:
             self._first_item(rid, item)
         if isinstance(item, TokenDelta):
-            outcome.token_ids.extend(item.token_ids)
-            outcome.text += item.text
+            if self.keep_outcomes:  # else the replies went to `on_leaf_item`, and the outcome only says it ended
+                outcome.token_ids.extend(item.token_ids)
+                outcome.text += item.text
             outcome.finish_reason, outcome.metrics = item.finish_reason, item.metrics
         elif isinstance(item, RequestError):
             outcome.error, outcome.metrics = item, item.metrics

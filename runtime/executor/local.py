@@ -505,16 +505,20 @@ class ChainedEdge:
 
 
 class _Signal:
-    """Wakes whoever waits now; a fire with no waiter is not kept (waiters re-check their condition first)."""
+    """Wakes whoever waits now; a fire with no waiter is not kept (waiters re-check their condition first), and
+    costs nothing (engines fire one after every step)."""
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        self._event: trio.Event | None = None
 
     def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     async def wait(self) -> None:
+        if self._event is None:
+            self._event = trio.Event()
         await self._event.wait()
 
 

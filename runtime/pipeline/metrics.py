@@ -108,6 +108,7 @@ class PipelineMetrics:
         self.tpot = histogram("time_per_output_token_seconds", "Mean gap between later output tokens.", TPOT_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last output token.", E2E_BUCKETS)
         self.success = Counter("sagellm:request_success_total", "Requests completed.", ["finished_reason"], registry=r)
+        self._success_by_reason: dict[str, Any] = {}
         self.failure = Counter("sagellm:request_failure_total", "Requests failed, by error code.", ["code"], registry=r)
         self.prompt_tokens = Counter("sagellm:prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter(
@@ -122,15 +123,25 @@ class PipelineMetrics:
         )
 
     def record(
-        self, m: RequestMetrics, *, finish_reason: str | None, error_code: str | None, cache_hit_rate: float | None
+        self,
+        m: RequestMetrics,
+        latencies: tuple[float | None, ...],
+        *,
+        finish_reason: str | None,
+        error_code: str | None,
+        cache_hit_rate: float | None,
     ) -> None:
-        """One finished request; latencies are observed for completed requests only, as in the snapshot.
-        `cache_hit_rate` is the collector's running rate since start."""
+        """One finished request (`latencies`: its `_latencies`); latencies are observed for completed requests only,
+        as in the snapshot. `cache_hit_rate` is the collector's running rate since start."""
         if error_code is not None:
             self.failure.labels(code=error_code).inc()
         else:
-            self.success.labels(finished_reason=finish_reason or "unknown").inc()
-            for histogram, value in zip((self.queue_time, self.ttft, self.tpot, self.e2e), _latencies(m)):
+            reason = finish_reason or "unknown"
+            success = self._success_by_reason.get(reason)
+            if success is None:  # a labelled child is looked up once per reason, not per request
+                success = self._success_by_reason[reason] = self.success.labels(finished_reason=reason)
+            success.inc()
+            for histogram, value in zip((self.queue_time, self.ttft, self.tpot, self.e2e), latencies):
                 if value is not None:
                     histogram.observe(value)
         self.prompt_tokens.inc(m.num_prompt_tokens)
@@ -174,7 +185,9 @@ class MetricsCollector:
         now = self.clock()
         self._started(now)
         self._last_time = now
-        seen = self._in_flight.setdefault(item.request_id, RequestMetrics())
+        seen = self._in_flight.get(item.request_id)
+        if seen is None:
+            seen = self._in_flight[item.request_id] = RequestMetrics()
         if isinstance(item, Request):
             seen.arrival_time, seen.num_prompt_tokens = item.arrival_time, item.num_prompt_tokens
             self._started(item.arrival_time)
@@ -196,9 +209,10 @@ class MetricsCollector:
         error_code = item.code if isinstance(item, RequestError) else None
         finish_reason = item.finish_reason if isinstance(item, TokenDelta) else None
         finish_reason = "embedding" if isinstance(item, Embedding) else finish_reason
+        latencies = _latencies(m)
         if error_code is None:
             self._totals["completed"] += 1
-            for name, value in zip(LATENCIES, _latencies(m)):
+            for name, value in zip(LATENCIES, latencies):
                 if value is not None:
                     self._samples[name].append(value)
         else:
@@ -211,9 +225,11 @@ class MetricsCollector:
             self._totals["slo_violations"] += int(not m.slo_met)
         if self.prometheus is not None:
             hit_rate = _ratio(self._totals["cached_tokens"], self._totals["prompt_tokens"])
-            self.prometheus.record(m, finish_reason=finish_reason, error_code=error_code, cache_hit_rate=hit_rate)
+            self.prometheus.record(
+                m, latencies, finish_reason=finish_reason, error_code=error_code, cache_hit_rate=hit_rate
+            )
         timings_ms = {
-            f"{name[:-2]}_ms": None if v is None else round(v * 1000.0, 3) for name, v in zip(LATENCIES, _latencies(m))
+            f"{name[:-2]}_ms": None if v is None else round(v * 1000.0, 3) for name, v in zip(LATENCIES, latencies)
         }
         _log.info(
             "request_finished",

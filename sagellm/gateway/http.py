@@ -71,6 +71,11 @@ class EventStream:
     framed: bool = False
 
 
+class LastEvents(tuple):
+    """The events that end a stream (an `EventStream` item): the server sends them and the reply's end in one
+    write."""
+
+
 Handler = Callable[[HttpRequest], Awaitable[Response | EventStream]]
 Guard = Callable[[HttpRequest], None]  # raises ApiError to refuse (API keys)
 

@@ -32,7 +32,7 @@ import structlog
 import trio
 
 from sagellm.gateway.errors import ApiError
-from sagellm.gateway.http import App, EventStream, HttpRequest, Response, frame
+from sagellm.gateway.http import App, EventStream, HttpRequest, LastEvents, Response, frame
 
 log = structlog.get_logger("sagellm.gateway")
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; more is a 431
@@ -310,6 +310,7 @@ class _Connection:
         keep_alive &= chunked
         pending = _head(200, STREAM_HEADERS + (b"transfer-encoding: chunked\r\n" if chunked else b""), keep_alive)
         ended = False
+        end = b"0\r\n\r\n" if chunked else b""
         try:
             async with aclosing(stream.events):
                 async for item in stream.events:
@@ -317,19 +318,21 @@ class _Connection:
                         body = item
                     else:
                         body = b"".join(frame(event) for event in (item if isinstance(item, tuple) else (item,)))
-                    if not body:
-                        continue  # an empty chunk would end a chunked reply
-                    pending += b"%x\r\n%b\r\n" % (len(body), body) if chunked else body
-                    await self._send(pending)
-                    pending = b""
+                    if body:  # (an empty chunk would end a chunked reply)
+                        pending += b"%x\r\n%b\r\n" % (len(body), body) if chunked else body
+                    if isinstance(item, LastEvents):
+                        pending, end = pending + end, b""  # the reply's end goes in the same write
+                    if pending:
+                        await self._send(pending)
+                        pending = b""
             if pending:  # no event at all
                 await self._send(pending)
             ended = True
         finally:
             if not ended:
                 stream.on_disconnect()  # the client left (or the stream failed): its request stops
-        if chunked:
-            await self._send(b"0\r\n\r\n")
+        if end:
+            await self._send(end)
         return keep_alive
 
     async def _send(self, data: bytes) -> None:

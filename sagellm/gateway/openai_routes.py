@@ -20,7 +20,7 @@ import trio
 
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.errors import ApiError
-from sagellm.gateway.http import App, EventStream, Guard, HttpRequest, Response
+from sagellm.gateway.http import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -284,7 +284,7 @@ async def _events(
             break
     if include_usage and choice.finish_reason is not None:
         ready.append(envelope.body([], usage=usage([choice])))
-    yield (*ready, DONE)
+    yield LastEvents((*ready, DONE))
 
 
 def _text_event(
