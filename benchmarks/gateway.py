@@ -281,16 +281,18 @@ def _plot(summaries: list[dict[str, Any]], path: Path) -> None:
     paths = list(dict.fromkeys(s["path"] for s in summaries))
     width = 0.8 / len(paths)
     for ax, (title, key) in zip(axes, panels):
+        largest = max((s[key] or 0.0 for s in summaries), default=0.0)
         for i, name in enumerate(paths):
             values = [next((s[key] or 0.0 for s in summaries if (s["path"], s["concurrency"]) == (name, c)), 0.0)
                       for c in concurrencies]  # fmt: skip
             xs = [x + (i - (len(paths) - 1) / 2) * width for x in range(len(concurrencies))]
             bars = ax.bar(xs, values, width, label=name, color=f"C{i}")
-            ax.bar_label(bars, fmt="%.2f" if max(values, default=0) < 10 else "%.0f", fontsize=7, padding=2)
+            ax.bar_label(bars, fmt="%.2f" if largest < 10 else "%.1f" if largest < 1000 else "%.0f", fontsize=7)
         ax.set_xticks(range(len(concurrencies)), [f"c{c}" for c in concurrencies])
         ax.set_title(title, fontsize=10)
         ax.margins(y=0.15)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left")
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.25)  # room for the legend above the bars
     fig.suptitle("W5 over HTTP: streamed 16-token chat requests through each front end", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
