@@ -42,7 +42,10 @@ from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, 
 
 log = structlog.get_logger("sagellm.gateway.api_server")
 SETTINGS_ENV = "SAGELLM_API_SERVER"
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
+# Not passed on to the core: they describe this hop. Host is kept: the core checks it as this server did.
+START_TIMEOUT_S = 60.0  # for the core's first answer
+PARENT_CHECK_S = 1.0  # how often an API server checks that the gateway that started it still runs
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                         "content-length", "proxy-authorization", "proxy-connection"})  # fmt: skip
 
 
@@ -229,39 +232,51 @@ async def _passed_on(reply: httpx.Response) -> Any:
 
 
 async def run_api_server(core_endpoint: str, settings: dict[str, Any]) -> None:
-    """Attaches to the core, loads the tokenizer of its model, serves HTTP on the shared port until SIGINT/SIGTERM
-    (then stops gracefully: requests in flight finish)."""
+    """Attaches to the core, loads the tokenizer of its model, serves HTTP on the shared port until SIGTERM or the
+    gateway's end (then stops gracefully: requests in flight finish); stopped while it starts, it just ends."""
     zctx = zmq.Context()
     try:
         with connect_dealer(zctx, core_endpoint) as socket:
             link = CoreLink(socket)
+            stop = trio.Event()
             async with trio.open_nursery() as nursery:
+                starting = trio.CancelScope()
+
+                async def end_start_on_stop() -> None:
+                    await stop.wait()
+                    starting.cancel()
+
                 nursery.start_soon(link.run)
-                link.send(Attach(pid=os.getpid()))
-                with trio.fail_after(60):
-                    await link.snapshot_arrived.wait()
-                assert link.snapshot is not None
-                tokenizer = await trio.to_thread.run_sync(_tokenizer, link.snapshot.model_path)
-                app = _app(link, tokenizer, settings)
-                stop = trio.Event()
-                nursery.start_soon(_stop_on_signal, stop)
-                limits = HttpLimits(max_body_bytes=settings["max_body_bytes"],
-                                    graceful_timeout_s=settings["graceful_timeout_s"])  # fmt: skip
-                serving = partial(serve_http, app, settings["host"], settings["port"], limits,
-                                  shutdown_trigger=stop.wait, reuse_port=True)  # fmt: skip
-                async with trio.open_nursery() as http:
-                    url = await http.start(serving)
-                    link.send(Attach(pid=os.getpid(), url=url))
-                    log.info("api_server_ready", url=url)
+                nursery.start_soon(_stop_on_signal, stop, settings["parent_pid"])
+                nursery.start_soon(end_start_on_stop)
+                with starting:
+                    link.send(Attach(pid=os.getpid()))
+                    with trio.fail_after(START_TIMEOUT_S):
+                        await link.snapshot_arrived.wait()
+                    assert link.snapshot is not None
+                    tokenizer = await trio.to_thread.run_sync(_tokenizer, link.snapshot.model_path)
+                if not starting.cancelled_caught:
+                    await _serve(link, tokenizer, settings, stop)
                 nursery.cancel_scope.cancel()
     finally:
         zctx.term()
 
 
+async def _serve(link: CoreLink, tokenizer: Any, settings: dict[str, Any], stop: trio.Event) -> None:
+    limits = HttpLimits(max_body_bytes=settings["max_body_bytes"], graceful_timeout_s=settings["graceful_timeout_s"])
+    serving = partial(serve_http, _app(link, tokenizer, settings), settings["host"], settings["port"], limits,
+                      shutdown_trigger=stop.wait, reuse_port=True)  # fmt: skip
+    async with trio.open_nursery() as http:
+        url = await http.start(serving)
+        link.send(Attach(pid=os.getpid(), url=url))
+        log.info("api_server_ready", url=url)
+
+
 def _app(link: CoreLink, tokenizer: Any, settings: dict[str, Any]) -> App:
     allowed = settings.get("allowed_hosts")
     app = App(allowed_hosts=frozenset(allowed) if allowed is not None else None)
-    OpenAIRoutes(RemoteCore(link, tokenizer)).register_generation(app, key_guard(settings["api_keys"], "API"))  # type: ignore[arg-type]
+    routes = OpenAIRoutes(RemoteCore(link, tokenizer))  # type: ignore[arg-type]  # what the routes read of a core
+    routes.register_generation(app, key_guard(settings["api_keys"], "API"))
     app.fallback = CoreProxy(link)
     return app
 
@@ -274,11 +289,25 @@ def _tokenizer(model_path: str | None) -> Any:
     return model_attrs(model_path)["tokenizer"]
 
 
-async def _stop_on_signal(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            stop.set()
-            return
+async def _stop_on_signal(stop: trio.Event, parent: int) -> None:
+    """SIGTERM (the gateway's) stops this server gracefully; so does the gateway's process ending, seen as a new
+    parent: an API server must not answer for a core that is gone. A terminal's Ctrl-C goes to the gateway, which
+    stops its API servers in order (`main` ignores SIGINT here). `parent`: the gateway's pid, as it said (this
+    process may have been orphaned before it could look)."""
+    async with trio.open_nursery() as nursery:
+
+        async def on_sigterm() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(on_sigterm)
+        while os.getppid() == parent:
+            await trio.sleep(PARENT_CHECK_S)
+        log.warning("api_server_orphaned", parent=parent)
+        nursery.cancel_scope.cancel()
+    stop.set()
 
 
 def settings_of(config: Any, port: int) -> dict[str, Any]:
@@ -287,7 +316,7 @@ def settings_of(config: Any, port: int) -> dict[str, Any]:
     return {
         "host": config.host, "port": port, "api_keys": list(config.api_keys),
         "max_body_bytes": config.max_body_bytes, "graceful_timeout_s": config.graceful_timeout_s,
-        "allowed_hosts": sorted(allowed) if allowed is not None else None,
+        "allowed_hosts": sorted(allowed) if allowed is not None else None, "parent_pid": os.getpid(),
     }  # fmt: skip
 
 
@@ -295,6 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--core", required=True, help="the serving core's ZeroMQ endpoint")
     args = parser.parse_args()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "info"))
     trio.run(run_api_server, args.core, json.loads(os.environ[SETTINGS_ENV]))
 

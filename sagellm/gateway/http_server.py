@@ -13,7 +13,9 @@ connections, idle ones closed at once, requests in flight finished within `grace
 
 Each connection has a reader task that owns the socket's receiving side: it buffers what arrives and, at end of
 stream, cancels the request being served, so a client that leaves stops its request wherever it is (queued, running,
-streaming). The connection's own task parses, runs the handler and writes."""
+streaming). The connection's own task parses, runs the handler and writes. Sockets are plain non-blocking sockets
+waited on with trio's `wait_readable` / `wait_writable`: a write that goes out at once costs no turn of the event
+loop (trio's socket streams yield after every send)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import errno
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -81,6 +83,19 @@ async def serve_http(
     (SO_REUSEPORT: the kernel spreads new connections over them)."""
     listeners = await _listen(host, port, reuse_port)
     server = _Server(app, limits)
+    try:
+        await _serve_listeners(server, listeners, shutdown_trigger, task_status)
+    finally:
+        for listener in listeners:
+            _close(listener)
+
+
+async def _serve_listeners(
+    server: _Server,
+    listeners: list[socket.socket],
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    task_status: trio.TaskStatus,
+) -> None:
     async with trio.open_nursery() as nursery:
         accepting = trio.CancelScope()
 
@@ -95,62 +110,84 @@ async def serve_http(
         await shutdown_trigger()
         accepting.cancel()
         for listener in listeners:
-            await listener.aclose()
+            _close(listener)
         server.stopping = True
         for connection in list(server.connections):
             connection.stop_when_idle()
-        with trio.move_on_after(limits.graceful_timeout_s):
+        with trio.move_on_after(server.limits.graceful_timeout_s):
             while server.connections:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
 
 
-async def _accept(server: _Server, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+async def _accept(server: _Server, listener: socket.socket, nursery: trio.Nursery) -> None:
     """Each new connection's task runs in the server's nursery, not the listener's, so stopping to accept does not
     cut the connections being served. Running out of file descriptors (or memory) pauses accepting instead of
     failing the server."""
     while True:
         try:
-            stream = await listener.accept()
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
         except OSError as error:
             if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
                 raise
             log.warning("accept_paused", error=str(error))
             await trio.sleep(0.1)
             continue
-        nursery.start_soon(_Connection(server, stream).run)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # an SSE event goes out when written
+        nursery.start_soon(_Connection(server, sock).run)
+        await trio.lowlevel.checkpoint()  # a flood of connections does not hold the loop
 
 
-async def _listen(host: str, port: int, reuse_port: bool) -> list[trio.SocketListener]:
-    if not reuse_port:
-        return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
-    listeners = []
-    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    ):
-        sock = trio.socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind(address)
-        sock.listen(BACKLOG)
-        listeners.append(trio.SocketListener(sock))
+async def _listen(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Listening sockets for every address `host` names (one port for all, when port 0 picks it)."""
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(listeners) > 1:
+                address = (address[0], listeners[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
     return listeners
 
 
-def _url(listener: trio.SocketListener) -> str:
-    host, port = listener.socket.getsockname()[:2]
+def _close(sock: socket.socket) -> None:
+    """Closes a socket a task may be waiting on (the waiter gets ClosedResourceError)."""
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+def _url(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class _Connection:
-    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
-        self.server, self.stream = server, stream
+    def __init__(self, server: _Server, sock: socket.socket) -> None:
+        self.server, self.sock = server, sock
         self.limits = server.limits
         self.buffer = bytearray()
         self.eof = False
         self.arrived = trio.Event()  # fired when bytes (or the end) arrive; replaced after each wait
+        self.room = trio.Event()  # set when a request was taken out of the buffer (the reader may read on)
         self.idle: trio.CancelScope | None = None  # around the wait for a next request: a stop cancels it
         self.serving: trio.CancelScope | None = None  # around a request's handler and reply: a disconnect cancels it
 
@@ -169,7 +206,7 @@ class _Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self.server.connections.discard(self)
-            await self.stream.aclose()
+            _close(self.sock)
 
     def stop_when_idle(self) -> None:
         """The server stops: an idle connection closes now, a busy one after its reply."""
@@ -180,14 +217,19 @@ class _Connection:
     async def _read(self) -> None:
         try:
             while True:
-                while len(self.buffer) > MAX_HEAD_BYTES + self.limits.max_body_bytes:  # the server lags: wait
-                    await self._wait_arrival()
-                data = await self.stream.receive_some(READ_BYTES)
+                while len(self.buffer) > MAX_HEAD_BYTES + self.limits.max_body_bytes:  # pipelined ahead: wait
+                    self.room = trio.Event()
+                    await self.room.wait()
+                await trio.lowlevel.wait_readable(self.sock)  # waits first: a read right after a request finds nothing
+                try:
+                    data = self.sock.recv(READ_BYTES)
+                except BlockingIOError:
+                    continue
                 if not data:
                     break
                 self.buffer += data
                 self._fire()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (OSError, trio.ClosedResourceError):
             pass
         self.eof = True
         self._fire()
@@ -213,7 +255,9 @@ class _Connection:
     # -- serving --------------------------------------------------------------------------------------------------
     async def _serve(self) -> None:
         while not self.server.stopping:
-            if not self.buffer:
+            if self.buffer:  # pipelined: the next request is here already; others get a turn first
+                await trio.lowlevel.checkpoint()
+            else:
                 with trio.move_on_after(self.limits.keep_alive_timeout_s) as self.idle:
                     while not self.buffer and not self.eof:
                         await self._wait_arrival()
@@ -221,6 +265,7 @@ class _Connection:
                 if not self.buffer:
                     return  # closed by the client, idle too long, or the server stops
             request, keep_alive, head_only = await self._request()
+            self.room.set()
             reply_keeps = keep_alive and not self.server.stopping
             with trio.CancelScope() as self.serving:
                 result = await self.server.app.handle(request)
@@ -336,19 +381,23 @@ class _Connection:
         return keep_alive
 
     async def _send(self, data: bytes) -> None:
+        """Writes all of `data`; waits only while the socket's buffer is full. A send that goes out at once does not
+        yield (a stream yields where it waits for its next events), so a reply costs no loop turn per write."""
+        view = memoryview(data)
         try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            while view:
+                try:
+                    view = view[self.sock.send(view) :]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+        except (OSError, trio.ClosedResourceError):
             if self.serving is not None:
                 self.serving.cancel()
             raise _Close() from None
 
     async def _send_quietly(self, data: bytes) -> None:
-        try:
-            with trio.move_on_after(1):
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        with trio.move_on_after(1), suppress(_Close):
+            await self._send(data)
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -138,3 +139,62 @@ def test_chat_piped_to_a_local_model_answers_once_on_stdout(tiny, tmp_path):
 
 def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "SAGELLM_HOME": str(tmp_path / "home"), "SAGELLM_LOG_LEVEL": "warning"}
+
+
+@pytest.mark.slow
+def test_serve_with_api_servers_stops_them_on_ctrl_c_and_they_leave_with_a_killed_gateway(tiny, tmp_path):
+    """Ctrl-C (SIGINT) reaches the gateway alone and it stops its API servers in order; a gateway killed outright
+    (kill -9) leaves no API server answering for a core that is gone."""
+    for stop in (signal.SIGINT, signal.SIGKILL):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [SAGELLM, "serve", str(tiny), "--api-servers", "2", "--port", str(port), *SAGELLM_ARGS]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(tmp_path))
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and server.poll() is None and len(api_servers_of(server.pid)) < 2:
+                time.sleep(0.3)
+            assert len(api_servers_of(server.pid)) == 2
+            while time.monotonic() < deadline and not answers(url + "/ready"):
+                time.sleep(0.3)
+            reply = httpx.post(url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            children = api_servers_of(server.pid)
+            server.send_signal(stop)
+            assert server.wait(60) in (0, -signal.SIGKILL)
+            deadline = time.monotonic() + 15  # orphans notice their parent is gone within a second or so
+            while time.monotonic() < deadline and any(map(alive, children)):
+                time.sleep(0.2)
+            assert not [pid for pid in children if alive(pid)]
+        finally:
+            if server.poll() is None:
+                server.kill()
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet, as orphans may stay in a container, has ended)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def api_servers_of(parent: int) -> list[int]:
+    """The API server processes `parent` started."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"\nPPid:\t{parent}\n" in text and b"sagellm.gateway.api_server" in cmdline:
+            found.append(int(status.parent.name))
+    return found

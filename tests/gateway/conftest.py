@@ -4,6 +4,7 @@ as users do."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,3 +68,19 @@ def admin(gateway) -> httpx.Client:
     headers = {"authorization": f"Bearer {gateway.gateway.admin_key}"}
     with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as client:
         yield client
+
+
+def leave_a_stream_and_see_it_cancelled(gateway: GatewayThread, headers: dict[str, str]) -> None:
+    """Starts a long streamed completion, leaves after its first line, and checks that the engine and the core hold
+    nothing afterwards: the client's leaving reached the engine."""
+    body = {"prompt": "Hello", "max_tokens": 240, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream(
+        "POST", gateway.url + "/v1/completions", json=body, headers=headers, timeout=REPLY_TIMEOUT_S
+    ) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    (engine,) = gateway.core.operators_of("engine")
+    deadline = time.monotonic() + 30
+    while (gateway.call(engine.in_flight) or gateway.core.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gateway.call(engine.in_flight) == [] and gateway.core.in_flight == 0

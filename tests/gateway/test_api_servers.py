@@ -14,7 +14,13 @@ import openai
 import pytest
 
 from sagellm import LLM, SamplingParams
-from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.gateway.conftest import (
+    GRAPHS,
+    REPLY_TIMEOUT_S,
+    leave_a_stream_and_see_it_cancelled,
+    running_gateway,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test"
@@ -92,17 +98,7 @@ def test_errors_keep_their_statuses_and_shapes(gateway):
 
 
 def test_a_client_that_leaves_cancels_its_request_in_the_core(gateway):
-    body = {"prompt": "Hello", "max_tokens": 240, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream(
-        "POST", gateway.url + "/v1/completions", json=body, headers=auth(), timeout=REPLY_TIMEOUT_S
-    ) as response:
-        assert response.status_code == 200
-        next(response.iter_lines())
-    (engine,) = gateway.core.operators_of("engine")
-    deadline = time.monotonic() + 30
-    while (gateway.call(engine.in_flight) or gateway.core.in_flight) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gateway.call(engine.in_flight) == [] and gateway.core.in_flight == 0
+    leave_a_stream_and_see_it_cancelled(gateway, auth())
 
 
 def test_an_api_server_that_dies_is_started_again_and_the_other_serves_meanwhile(gateway, offline):

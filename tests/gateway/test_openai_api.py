@@ -10,7 +10,13 @@ import openai
 import pytest
 
 from sagellm import LLM, SamplingParams
-from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.gateway.conftest import (
+    GRAPHS,
+    REPLY_TIMEOUT_S,
+    leave_a_stream_and_see_it_cancelled,
+    running_gateway,
+    tiny_config,
+)
 
 KEY = "sk-test"
 OTHER_KEY = "sk-other"
@@ -258,18 +264,7 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(gateway):
 
 
 def test_a_client_that_leaves_cancels_its_request(gateway):
-    body = {"prompt": "Hello", "max_tokens": 240, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.stream(
-        "POST", gateway.url + "/v1/completions", json=body, headers=auth(), timeout=REPLY_TIMEOUT_S
-    ) as response:
-        assert response.status_code == 200
-        next(response.iter_lines())
-    (engine,) = gateway.core.operators_of("engine")
-    for _ in range(200):
-        if not gateway.call(engine.in_flight) and gateway.core.in_flight == 0:
-            break
-        httpx.get(gateway.url + "/health")  # a short wait that also proves the loop is responsive
-    assert gateway.call(engine.in_flight) == [] and gateway.core.in_flight == 0
+    leave_a_stream_and_see_it_cancelled(gateway, auth())
     snapshot = gateway.call(gateway.core.metrics_snapshot)
     assert snapshot.active == 0
 
