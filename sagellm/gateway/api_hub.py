@@ -120,6 +120,7 @@ class ApiServerHub:
         assert self._socket is not None
         while True:
             await self._queued.wait()
+            await trio.lowlevel.checkpoint()  # corked for one loop turn: what the engine makes meanwhile goes along
             self._queued = trio.Event()
             outbox, self._outbox = self._outbox, defaultdict(list)
             for peer, queued in outbox.items():
