@@ -218,11 +218,18 @@ async def run_api_servers(
             delay = restarts.next_delay(trio.current_time())
             log.warning("api_server_exited", pid=process.pid, code=process.returncode, restart_in_s=delay)
             if delay is None:
+                log.error("api_server_given_up", attempts=policy.max_restart_attempts)
                 return
             await trio.sleep(delay)
             process = await spawn(port)
             processes.append(process)
-            await started(process, len(hub.serving))
+            try:
+                await started(process, len(hub.serving))
+            except (RuntimeError, trio.TooSlowError) as error:  # counts as one more exit: the next try backs off
+                log.warning("api_server_start_failed", error=str(error))
+                if process.poll() is None:
+                    process.kill()
+                continue
             restarts.started(trio.current_time())
 
     processes: list[Any] = []
@@ -231,9 +238,14 @@ async def run_api_servers(
         processes.append(first)
         url = await started(first, 0)
         port = int(url.rsplit(":", 1)[1])
-        for _ in range(count - 1):
-            processes.append(await spawn(port))
-            await started(processes[-1], len(hub.serving))
+        rest = [await spawn(port) for _ in range(count - 1)]  # the port is known: the others start together
+        processes += rest
+        with trio.fail_after(START_TIMEOUT_S):
+            while len(hub.serving) < count:
+                if any(p.poll() is not None for p in rest):
+                    raise RuntimeError("an API server exited before it listened")
+                with trio.move_on_after(0.1):
+                    await hub.changed.wait()
         async with trio.open_nursery() as nursery:
             for process in list(processes):
                 nursery.start_soon(keep, process, port)
