@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+_ours: tuple[type, int] | None = None  # the wrapper class `configure_logging` made, and its level
+
 
 def default_logging() -> None:
     """For a program that uses sageLLM as a library and set up no logging: our events go to stderr (stdout is the
@@ -17,6 +19,7 @@ def default_logging() -> None:
 
 
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
+    global _ours
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"log level must be debug, info, warning or error, got {level!r}")
@@ -34,9 +37,16 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             *tail,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        wrapper_class=(wrapper := structlog.make_filtering_bound_logger(numeric)),
         # sys.stderr is looked up per logger, not bound once: a replaced stderr (pytest's capture, a daemon's
         # redirect) must not leave loggers writing to a closed file.
         logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _ours = (wrapper, numeric)
+
+
+def logs(level: int) -> bool:
+    """Whether an event at `level` is logged, when the set-up in force is ours (else whoever set up structlog
+    decides: True). For the hot path, where building an event's fields costs more than the filtered call."""
+    return _ours is None or structlog.get_config()["wrapper_class"] is not _ours[0] or level >= _ours[1]

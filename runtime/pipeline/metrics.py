@@ -9,6 +9,7 @@ collide on series. Names follow vLLM's `vllm:*` metrics with a `sagellm:` prefix
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter as CountByKey
@@ -20,6 +21,7 @@ import msgspec
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from sagellm.common.logging import logs
 from sagellm.runtime.engine.outputs import LATENCIES, RequestMetrics
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
 
@@ -202,8 +204,9 @@ class MetricsCollector:
     def _finish(self, item: TokenDelta | Embedding | RequestError, seen: RequestMetrics) -> None:
         m = seen
         if item.metrics is not None:  # the engine's numbers win; ours fill only what it left unset
-            fields = msgspec.structs.asdict(item.metrics)
-            m = RequestMetrics(**{k: getattr(seen, k) if _unset(v) else v for k, v in fields.items()})
+            m = item.metrics
+            unset = {k: getattr(seen, k) for k in RequestMetrics.__struct_fields__ if _unset(getattr(m, k))}
+            m = msgspec.structs.replace(m, **unset) if unset else m
         if m.arrival_time is not None:
             self._started(m.arrival_time)  # a sink after the engines sees a request first at its first token
         error_code = item.code if isinstance(item, RequestError) else None
@@ -228,6 +231,8 @@ class MetricsCollector:
             self.prometheus.record(
                 m, latencies, finish_reason=finish_reason, error_code=error_code, cache_hit_rate=hit_rate
             )
+        if not logs(logging.INFO):
+            return
         timings_ms = {
             f"{name[:-2]}_ms": None if v is None else round(v * 1000.0, 3) for name, v in zip(LATENCIES, latencies)
         }

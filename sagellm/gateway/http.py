@@ -96,6 +96,7 @@ class App:
         self.routes: list[Route] = []
         self.allowed_hosts = allowed_hosts
         self.fallback: Handler | None = None  # answers what no route matches (an API server passes it on)
+        self._verdicts: dict[str, bool] = {}  # Host / Origin value -> allowed
 
     def route(self, method: str, path: str, handler: Handler, guard: Guard | None = None) -> None:
         """`path` may hold `{name}` segments, given to the handler in `path_params`."""
@@ -137,12 +138,21 @@ class App:
             raise ApiError(405, f"method {method} is not allowed on {path}", allow=allowed)
         raise ApiError(404, f"no route {method} {path}", code="not_found")
 
+    def _allowed(self, value: str) -> bool:
+        """A Host or Origin value's verdict, remembered: clients send the same few values on every request."""
+        verdict = self._verdicts.get(value)
+        if verdict is None:
+            if len(self._verdicts) >= 1024:  # any number of made-up names cannot grow it
+                self._verdicts.clear()
+            verdict = self._verdicts[value] = host_name(value) in (self.allowed_hosts or ())
+        return verdict
+
     def _check_host(self, request: HttpRequest) -> None:
         if self.allowed_hosts is None:
             return
         for header in ("host", "origin"):
             value = request.headers.get(header)
-            if value is not None and host_name(value) not in self.allowed_hosts:
+            if value is not None and not self._allowed(value):
                 allowed = ", ".join(sorted(self.allowed_hosts))
                 raise ApiError(
                     403, f"{header} {value!r} is not one this gateway answers to ({allowed})", code="forbidden"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import structlog
 
-from sagellm.common.logging import configure_logging
+from sagellm.common.logging import configure_logging, logs
 
 
 def test_an_exception_is_logged_with_its_type_message_and_frames(capsys: pytest.CaptureFixture) -> None:
@@ -58,3 +59,10 @@ def test_a_library_user_gets_our_warnings_on_stderr_and_keeps_stdout() -> None:
     assert line["event"] == "step_failed" and line["exception"][0]["exc_type"] == "ValueError"
     kept = subprocess.run([sys.executable, "-c", USER_CONFIGURED], capture_output=True, text=True, check=True)
     assert "kept" in kept.stdout and not kept.stderr
+
+
+def test_logs_says_what_our_set_up_filters_and_defers_to_anyone_elses() -> None:
+    configure_logging("warning")
+    assert not logs(logging.INFO) and logs(logging.WARNING)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))  # a program's own
+    assert logs(logging.INFO)
