@@ -245,9 +245,11 @@ class LocalExecutor:
             if items is None:
                 return
             if not items and not op.blocking:
-                idle_s = float("inf") if op.wakes else IDLE_POLL_S
-                with trio.move_on_after(idle_s):  # or sooner: a request ended, or `wake_sources()`
+                if op.wakes:  # it is woken (`wake_sources()`) when it has items
                     await self._progress.wait()
+                else:
+                    with trio.move_on_after(IDLE_POLL_S):  # or sooner: a request ended
+                        await self._progress.wait()
             for item in items:
                 if isinstance(item, Request):  # a failover attempt's first token says nothing of the queue
                     self.ledger.entered(item.request_id, None if item.retry else item.arrival_time)

@@ -106,6 +106,7 @@ async def _serve_listeners(
                         accepts.start_soon(_accept, server, listener, nursery)
 
         nursery.start_soon(accept_all)
+        nursery.start_soon(_close_idle_connections, server)
         task_status.started(_url(listeners[0]))
         await shutdown_trigger()
         accepting.cancel()
@@ -118,6 +119,17 @@ async def _serve_listeners(
             while server.connections:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+async def _close_idle_connections(server: _Server) -> None:
+    """Closes the kept-alive connections idle past the keep-alive timeout, checked a few times per timeout: one
+    task for all, where a timer per request would cost every request a cancel scope."""
+    timeout = server.limits.keep_alive_timeout_s
+    while True:
+        await trio.sleep(min(1.0, timeout / 4))
+        before = trio.current_time() - timeout
+        for connection in list(server.connections):
+            connection.close_if_idle_since(before)
 
 
 async def _accept(server: _Server, listener: socket.socket, nursery: trio.Nursery) -> None:
@@ -188,30 +200,39 @@ class _Connection:
         self.eof = False
         self.arrived = trio.Event()  # fired when bytes (or the end) arrive; replaced after each wait
         self.room = trio.Event()  # set when a request was taken out of the buffer (the reader may read on)
-        self.idle: trio.CancelScope | None = None  # around the wait for a next request: a stop cancels it
-        self.serving: trio.CancelScope | None = None  # around a request's handler and reply: a disconnect cancels it
+        self.idle_since: float | None = None  # while waiting for a next request: since when
+        self.scope = trio.CancelScope()  # the connection's tasks: cancelled when it closes from outside
 
     async def run(self) -> None:
         self.server.connections.add(self)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read)
-                try:
-                    await self._serve()
-                except _Close as close:
-                    if close.response is not None:
-                        await self._send_quietly(_reply_bytes(close.response, keep_alive=False, head_only=False))
-                except Exception:  # a bug in a reply's stream: this connection ends, the server goes on
-                    log.exception("connection_failed")
-                nursery.cancel_scope.cancel()
+            with self.scope:
+                await self._run()
         finally:
             self.server.connections.discard(self)
             _close(self.sock)
 
+    async def _run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read)
+            try:
+                await self._serve()
+            except _Close as close:
+                if close.response is not None:
+                    await self._send_quietly(_reply_bytes(close.response, keep_alive=False, head_only=False))
+            except Exception:  # a bug in a reply's stream: this connection ends, the server goes on
+                log.exception("connection_failed")
+            nursery.cancel_scope.cancel()
+
     def stop_when_idle(self) -> None:
         """The server stops: an idle connection closes now, a busy one after its reply."""
-        if self.idle is not None:
-            self.idle.cancel()
+        if self.idle_since is not None and not self.buffer:
+            self.scope.cancel()
+
+    def close_if_idle_since(self, before: float) -> None:
+        """Closes the connection if it has waited for a next request since `before` (the keep-alive timeout)."""
+        if self.idle_since is not None and self.idle_since < before and not self.buffer:
+            self.scope.cancel()
 
     # -- receiving ------------------------------------------------------------------------------------------------
     async def _read(self) -> None:
@@ -233,8 +254,7 @@ class _Connection:
             pass
         self.eof = True
         self._fire()
-        if self.serving is not None:
-            self.serving.cancel()  # the client left: its request stops
+        self.scope.cancel()  # the client left: the request being served stops, wherever it is
 
     def _fire(self) -> None:
         self.arrived.set()
@@ -257,25 +277,23 @@ class _Connection:
         while not self.server.stopping:
             if self.buffer:  # pipelined: the next request is here already; others get a turn first
                 await trio.lowlevel.checkpoint()
-            else:
-                with trio.move_on_after(self.limits.keep_alive_timeout_s) as self.idle:
-                    while not self.buffer and not self.eof:
-                        await self._wait_arrival()
-                self.idle = None
+            else:  # (the server closes the connection if this lasts past the keep-alive timeout, or it stops)
+                self.idle_since = trio.current_time()
+                while not self.buffer and not self.eof:
+                    await self._wait_arrival()
+                self.idle_since = None
                 if not self.buffer:
-                    return  # closed by the client, idle too long, or the server stops
+                    return
             request, keep_alive, head_only = await self._request()
             self.room.set()
             reply_keeps = keep_alive and not self.server.stopping
-            with trio.CancelScope() as self.serving:
-                result = await self.server.app.handle(request)
-                if isinstance(result, EventStream):
-                    reply_keeps = await self._stream(result, reply_keeps, request.version)
-                else:
-                    await self._send(_reply_bytes(result, reply_keeps, head_only))
-            self.serving = None
+            result = await self.server.app.handle(request)
+            if isinstance(result, EventStream):
+                reply_keeps = await self._stream(result, reply_keeps, request.version)
+            else:
+                await self._send(_reply_bytes(result, reply_keeps, head_only))
             if not reply_keeps or self.eof:
-                return  # (a client that left while its request ran cancelled it: nothing is sent)
+                return
 
     async def _request(self) -> tuple[HttpRequest, bool, bool]:
         """The next request, its body whole: (request, keep the connection alive after it, a HEAD)."""
@@ -391,8 +409,6 @@ class _Connection:
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(self.sock)
         except (OSError, trio.ClosedResourceError):
-            if self.serving is not None:
-                self.serving.cancel()
             raise _Close() from None
 
     async def _send_quietly(self, data: bytes) -> None:

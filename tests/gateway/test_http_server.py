@@ -221,3 +221,15 @@ async def test_servers_that_reuse_a_port_both_answer_on_it() -> None:
         for _ in range(4):
             assert statuses(await raw(port, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == [200]
         stop.set()
+
+
+async def test_a_connection_idle_past_the_keep_alive_timeout_is_closed() -> None:
+    recorder = Recorder()
+    async with serving(recorder, keep_alive_timeout_s=0.4) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert statuses(await stream.receive_some(65536)) == [200]
+        started = trio.current_time()
+        with trio.fail_after(5):
+            assert await stream.receive_some(100) == b""  # closed by the server
+        assert trio.current_time() - started >= 0.4
