@@ -11,7 +11,8 @@ Three paths, each a server process of its own on 127.0.0.1, the load generator i
 - sagellm ×N API servers (`--api-servers N`, default 2; 0 leaves it out): the same, with N API server processes
   answering HTTP and tokenizing in front of the process that runs the graph (its CPU counts them all).
 The load is closed-loop: `--concurrency` clients, each on a kept-alive connection (`raw_http`), sending the next
-streamed chat request when its last one ends; `--warmup` requests first, then `--requests` timed. Every request must
+streamed chat request when its last one ends; `--warmup` requests first, then `--requests` timed; with `--rounds N`
+the paths take turns N times and each path's rounds are pooled. Every request must
 end with 16 text events and [DONE], or the path fails. Reported per path and concurrency: req/s, e2e p50/p99, the
 latency added over the engine's own (e2e minus the engine path's, same concurrency), the CPU the path's server
 processes spent per request (from /proc: the router's, or our gateway's; not the fake engine's), and the load
@@ -49,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,16,64", help="comma list of clients (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=2000, help="timed requests per path (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=200, help="untimed requests first (default: %(default)s)")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="rounds of every path in turn, pooled per path (the machine's drifts hit all paths alike; default: 1)",
+    )  # fmt: skip
     parser.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer our gateway uses")
     parser.add_argument("--router", default=None, help="the vllm-router command (default: found on PATH)")
     parser.add_argument("--api-servers", type=int, default=2, help="API servers of the last path (0: no such path)")
@@ -122,9 +127,13 @@ def run(args: argparse.Namespace) -> int:
         models = {name: trio.run(_ready, server) for name, server in servers.items()}
         results = []
         for concurrency in concurrencies:
-            for name, server in servers.items():
-                print(f"{name} at concurrency {concurrency} ...", file=sys.stderr)
-                results.append(trio.run(_measure, server, models[name], concurrency, args.warmup, args.requests, name))
+            rounds = []
+            for round_ in range(args.rounds):
+                for name, server in servers.items():
+                    print(f"{name} at concurrency {concurrency}, round {round_ + 1} ...", file=sys.stderr)
+                    measure = (_measure, server, models[name], concurrency, args.warmup, args.requests, name)
+                    rounds.append(trio.run(*measure))
+            results += [_pooled([r for r in rounds if r.path == name]) for name in servers]
     summaries = _summaries(results)
     _print(summaries)
     if args.save_result:
@@ -233,6 +242,16 @@ async def _stream(client: RawClient, body: dict[str, Any]) -> int:
             continue
         events += bool(chunk_text(msgspec.json.decode(data)))
     return events if done else -1
+
+
+def _pooled(rounds: list[PathResult]) -> PathResult:
+    """One path's rounds as one result: all their requests, latencies, wall time and CPU."""
+    first = rounds[0]
+    return PathResult(
+        first.path, first.concurrency, sum(r.ok for r in rounds), sum(r.failed for r in rounds),
+        sum(r.wall_s for r in rounds), [ms for r in rounds for ms in r.e2e_ms],
+        sum(r.server_cpu_s for r in rounds), sum(r.client_cpu_s for r in rounds),
+    )  # fmt: skip
 
 
 def _server_cpu_s(server: Server) -> float:

@@ -12,7 +12,7 @@ from sagellm.cli.main import main
 
 def test_every_path_streams_every_request_and_the_report_is_written(tmp_path, capsys):
     out = tmp_path / "gateway.json"
-    args = ["bench", "gateway", "--requests", "24", "--warmup", "4", "--concurrency", "1,4"]
+    args = ["bench", "gateway", "--requests", "12", "--warmup", "4", "--concurrency", "1,4", "--rounds", "2"]
     assert main([*args, "--save-result", "--result-filename", str(out)]) == 0
     table = capsys.readouterr().out
     paths = ("engine", "vllm-router", "sagellm", "sagellm ×2 API servers")
