@@ -42,9 +42,9 @@ from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, 
 
 log = structlog.get_logger("sagellm.gateway.api_server")
 SETTINGS_ENV = "SAGELLM_API_SERVER"
-# Not passed on to the core: they describe this hop. Host is kept: the core checks it as this server did.
 START_TIMEOUT_S = 60.0  # for the core's first answer
 PARENT_CHECK_S = 1.0  # how often an API server checks that the gateway that started it still runs
+# Not passed on to the core: they describe this hop. Host is kept: the core checks it as this server did.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                         "content-length", "proxy-authorization", "proxy-connection"})  # fmt: skip
 
@@ -134,11 +134,6 @@ class CoreLink:
                 await self.socket.send_frames([api_link.encode(message)])
 
 
-class _Embedder:
-    def __init__(self, card: api_link.EmbedderCard) -> None:
-        self.served_model_name, self.dim, self.max_length = card.served_model_name, card.dim, card.max_length
-
-
 class RemoteCore:
     """What the OpenAI routes read of a `ServingCore`, answered from the core's latest snapshot; requests for the
     graph's own model are tokenized here (the work this process exists for) before they go to the core."""
@@ -171,9 +166,8 @@ class RemoteCore:
     def models(self) -> list[str]:
         return self.state.models
 
-    def embedder(self, model: str) -> _Embedder | None:
-        card = next((c for c in self.state.embedders if c.served_model_name == model), None)
-        return _Embedder(card) if card is not None else None
+    def embedder(self, model: str) -> api_link.EmbedderCard | None:
+        return next((card for card in self.state.embedders if card.served_model_name == model), None)
 
     def embedding_models(self) -> list[str]:
         return self.state.embedding_models

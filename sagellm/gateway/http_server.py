@@ -1,9 +1,10 @@
 """HTTP/1.1 on trio sockets: the gateway's server, in the event loop the pipeline runs in.
 
-Why our own: a streamed 16-token chat request cost ~2 ms of CPU through hypercorn + h11 + ASGI, most of it in
-per-event machinery (an ASGI message, an h11 event, a protocol hop and a send per token). This server parses a request
-head with a few bytes operations, hands the `App` a whole `HttpRequest`, and writes each reply in as few `send`s as
-the reply has ready parts: a plain reply in one, a stream's head with its first events in one, then one per item.
+Why our own: a general ASGI stack (hypercorn, h11) spends most of a streamed request's CPU on machinery per event
+(an ASGI message, an h11 event, a protocol hop and a send per token; `benchmarks/README.md` has the measurements).
+This server parses a request head with a few bytes operations, hands the `App` a whole `HttpRequest`, and writes each
+reply in as few `send`s as it has ready parts: a plain reply in one, a stream's head with its first events in one,
+its last events with the end of the reply in one.
 
 What it keeps of a full server: keep-alive (idle connections closed after `keep_alive_timeout_s`), pipelined
 requests (served in order), `Content-Length` and chunked request bodies, `Expect: 100-continue`, HTTP/1.0, size limits
