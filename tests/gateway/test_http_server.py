@@ -30,6 +30,7 @@ class Recorder:
         self.app.route("GET", "/echo", self.echo)
         self.app.route("GET", "/stream", self.stream)
         self.app.route("GET", "/wait", self.wait)
+        self.app.route("GET", "/big", self.big)
 
     async def echo(self, request: HttpRequest) -> Response:
         return Response({"body": request.body.decode(), "query": request.query, "path": request.path})
@@ -49,6 +50,9 @@ class Recorder:
             self.disconnected += 1
 
         return EventStream(events(), on_disconnect=left)
+
+    async def big(self, request: HttpRequest) -> Response:
+        return Response(b"x" * int(request.query["bytes"]), content_type="application/octet-stream")
 
     async def wait(self, request: HttpRequest) -> Response:
         self.waiting.set()
@@ -233,3 +237,17 @@ async def test_a_connection_idle_past_the_keep_alive_timeout_is_closed() -> None
         with trio.fail_after(5):
             assert await stream.receive_some(100) == b""  # closed by the server
         assert trio.current_time() - started >= 0.4
+
+
+async def test_a_reply_larger_than_the_socket_buffers_arrives_whole_to_a_slow_reader() -> None:
+    recorder = Recorder()
+    async with serving(recorder) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /big?bytes=8000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await trio.sleep(0.2)  # the server fills the socket's buffers and must wait for room
+        received = b""
+        with trio.fail_after(20):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        head, body = received.split(b"\r\n\r\n", 1)
+        assert statuses(head) == [200] and len(body) == 8_000_000 and b"content-length: 8000000" in head
