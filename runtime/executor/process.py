@@ -246,7 +246,7 @@ class ProcessExecutor:
         """Workers finish by themselves once their inputs end; those still there after the exit timeout are told
         to stop (spawned ones killed)."""
         with trio.move_on_after(self.exit_timeout_s):
-            for process in self.processes.values():
+            for process in list(self.processes.values()):  # (a worker restarted meanwhile replaces its entry)
                 await process.wait()
             while any(g not in self._finished and g not in self._lost for g in self.remote):
                 await self.control.wait_changed()

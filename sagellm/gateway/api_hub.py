@@ -241,7 +241,7 @@ async def run_api_servers(
         rest = [await spawn(port) for _ in range(count - 1)]  # the port is known: the others start together
         processes += rest
         with trio.fail_after(START_TIMEOUT_S):
-            while len(hub.serving) < count:
+            while len(hub.serving) < count and not stop.is_set():  # (a stop meanwhile stops them all, below)
                 if any(p.poll() is not None for p in rest):
                     raise RuntimeError("an API server exited before it listened")
                 with trio.move_on_after(0.1):
