@@ -116,7 +116,7 @@ class App:
                 route.guard(request)
             return await route.handler(request)
         except ApiError as error:
-            return Response(error.json(), error.status, headers=error.headers)
+            return error_response(error)
         except Exception as exc:
             error_id = secrets.token_hex(6)
             log.exception("handler_failed", path=request.path, error_id=error_id)
@@ -157,6 +157,11 @@ class App:
                 raise ApiError(
                     403, f"{header} {value!r} is not one this gateway answers to ({allowed})", code="forbidden"
                 )
+
+
+def error_response(error: ApiError) -> Response:
+    """An ApiError as the reply a client gets: OpenAI's error body, its status and headers."""
+    return Response(error.json(), error.status, headers=error.headers)
 
 
 def _check_content_type(request: HttpRequest) -> None:

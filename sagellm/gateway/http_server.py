@@ -35,7 +35,7 @@ import structlog
 import trio
 
 from sagellm.gateway.errors import ApiError
-from sagellm.gateway.http import App, EventStream, HttpRequest, LastEvents, Response, frame
+from sagellm.gateway.http import App, EventStream, HttpRequest, LastEvents, Response, error_response, frame
 
 log = structlog.get_logger("sagellm.gateway")
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; more is a 431
@@ -115,7 +115,7 @@ async def _serve_listeners(
             _close(listener)
         server.stopping = True
         for connection in list(server.connections):
-            connection.stop_when_idle()
+            connection.close_if_idle_since(float("inf"))  # idle ones close now; a busy one after its reply
         with trio.move_on_after(server.limits.graceful_timeout_s):
             while server.connections:
                 await trio.sleep(0.01)
@@ -225,13 +225,9 @@ class _Connection:
                 log.exception("connection_failed")
             nursery.cancel_scope.cancel()
 
-    def stop_when_idle(self) -> None:
-        """The server stops: an idle connection closes now, a busy one after its reply."""
-        if self.idle_since is not None and not self.buffer:
-            self.scope.cancel()
-
     def close_if_idle_since(self, before: float) -> None:
-        """Closes the connection if it has waited for a next request since `before` (the keep-alive timeout)."""
+        """Closes the connection if it has waited for a next request since before `before` (the keep-alive timeout;
+        infinity when the server stops)."""
         if self.idle_since is not None and self.idle_since < before and not self.buffer:
             self.scope.cancel()
 
@@ -264,14 +260,14 @@ class _Connection:
     async def _wait_arrival(self) -> None:
         await self.arrived.wait()
 
-    async def _more(self, deadline: float, timeout: Response) -> None:
-        """Waits for more bytes; the end of stream closes the connection, the deadline answers `timeout`."""
+    async def _more(self, deadline: float) -> None:
+        """Waits for more bytes; the end of stream closes the connection, the deadline answers 408."""
         if self.eof:
             raise _Close()
         with trio.move_on_at(deadline):
             await self._wait_arrival()
             return
-        raise _Close(timeout)
+        raise _Close(_error(408, f"the request did not arrive within {self.limits.body_timeout_s:g} s", "timeout"))
 
     # -- serving --------------------------------------------------------------------------------------------------
     async def _serve(self) -> None:
@@ -299,22 +295,21 @@ class _Connection:
     async def _request(self) -> tuple[HttpRequest, bool, bool]:
         """The next request, its body whole: (request, keep the connection alive after it, a HEAD)."""
         deadline = trio.current_time() + self.limits.body_timeout_s
-        timeout = _error(408, f"the request did not arrive within {self.limits.body_timeout_s:g} s", "timeout")
         while (end := self.buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)) < 0:
             if len(self.buffer) >= MAX_HEAD_BYTES + 4:
                 raise _Close(_error(431, f"the request head is over {MAX_HEAD_BYTES} bytes"))
-            await self._more(deadline, timeout)
+            await self._more(deadline)
         head = bytes(self.buffer[:end])
         del self.buffer[: end + 4]
         method, target, version, headers = _parse_head(head)
         keep_alive = _keeps_alive(version, headers.get("connection", ""))
-        body = await self._body(headers, version, deadline, timeout)
+        body = await self._body(headers, version, deadline)
         path, _, query = target.partition("?")
         query_params = dict(parse_qsl(query)) if query else {}
         request = HttpRequest(method, unquote(path), headers, query_params, body, version=version)
         return request, keep_alive, method == "HEAD"
 
-    async def _body(self, headers: dict[str, str], version: str, deadline: float, timeout: Response) -> bytes:
+    async def _body(self, headers: dict[str, str], version: str, deadline: float) -> bytes:
         limit = self.limits.max_body_bytes
         chunked = "transfer-encoding" in headers
         if chunked and (headers["transfer-encoding"].lower() != "chunked" or "content-length" in headers):
@@ -331,18 +326,18 @@ class _Connection:
         if not chunked:
             size = int(declared or 0)
             while len(self.buffer) < size:
-                await self._more(deadline, timeout)
+                await self._more(deadline)
             body = bytes(self.buffer[:size])
             del self.buffer[:size]
             return body
-        return await self._chunked_body(limit, deadline, timeout)
+        return await self._chunked_body(limit, deadline)
 
-    async def _chunked_body(self, limit: int, deadline: float, timeout: Response) -> bytes:
+    async def _chunked_body(self, limit: int, deadline: float) -> bytes:
         parts: list[bytes] = []
         size = 0
         while True:
             while (line_end := self.buffer.find(b"\r\n")) < 0:
-                await self._more(deadline, timeout)
+                await self._more(deadline)
             size_field = bytes(self.buffer[:line_end]).split(b";", 1)[0].strip()
             try:
                 length = int(size_field, 16)
@@ -357,11 +352,11 @@ class _Connection:
                     if trailer_end > 0:
                         del self.buffer[: trailer_end + 2]
                     else:
-                        await self._more(deadline, timeout)
+                        await self._more(deadline)
                 del self.buffer[:2]
                 return b"".join(parts)
             while len(self.buffer) < line_end + 2 + length + 2:
-                await self._more(deadline, timeout)
+                await self._more(deadline)
             start = line_end + 2
             parts.append(bytes(self.buffer[start : start + length]))
             del self.buffer[: start + length + 2]
@@ -449,8 +444,8 @@ def _keeps_alive(version: str, connection: str) -> bool:
 
 
 def _error(status: int, message: str, code: str | None = None) -> Response:
-    error = ApiError(status, message, code=code or ("invalid_request" if status < 500 else "unsupported"))
-    return Response(error.json(), status, headers=error.headers)
+    default = "invalid_request" if status < 500 else "unsupported"
+    return error_response(ApiError(status, message, code=code or default))
 
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
