@@ -28,7 +28,7 @@ from sagellm.gateway.core import ServingCore
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.request_stream import RequestStream
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_router
-from sagellm.runtime.pipeline.messages import RequestError
+from sagellm.runtime.pipeline.messages import HTTP_STATUS, RequestError
 
 log = structlog.get_logger("sagellm.gateway")
 SNAPSHOT_CHECK_S = 0.2  # how often the core's state is compared with what the API servers were told
@@ -156,7 +156,7 @@ class ApiServerHub:
             embedders=embedders,
             embedding_models=core.embedding_models(),
             max_model_len=core.max_model_len,
-            vocab_size=getattr(attrs.get("model_config"), "vocab_size", None),
+            vocab_size=core.vocab_size,
             sampling_defaults=core.sampling_defaults,
             core_url=self.core_url,
         )
@@ -267,5 +267,8 @@ async def run_api_servers(
 
 
 def _code(error: ApiError) -> Any:
-    """The pipeline error code for an ApiError the core raised before the request entered the graph."""
-    return {503: "unavailable", 429: "overloaded", 504: "timeout"}.get(error.status, "invalid_request")
+    """The pipeline error code of an ApiError the core raised before the request entered the graph: its own code
+    when it is one, else the first whose status it has (`HTTP_STATUS`, the mapping the other way)."""
+    if error.code in HTTP_STATUS:
+        return error.code
+    return next((code for code, status in HTTP_STATUS.items() if status == error.status), "internal")

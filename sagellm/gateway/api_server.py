@@ -14,12 +14,9 @@ environment (`SAGELLM_API_SERVER`, JSON: keys do not show in a process listing).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import signal
-import uuid
-from collections import deque
 from functools import partial
 from typing import Any
 
@@ -32,11 +29,12 @@ from sagellm.common.logging import configure_logging
 from sagellm.gateway import api_link
 from sagellm.gateway.api_link import Attach, Cancel, Items, Snapshot, Submit
 from sagellm.gateway.auth import key_guard
-from sagellm.gateway.core import tokenize_prompts
+from sagellm.gateway.core import RequestIds, instance_model, tokenize_prompts
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import App, EventStream, HttpRequest, Response
 from sagellm.gateway.http_server import HttpLimits, serve_http
 from sagellm.gateway.openai_routes import OpenAIRoutes
+from sagellm.gateway.request_stream import ItemQueue
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
 
@@ -56,8 +54,7 @@ class RemoteStream:
     def __init__(self, link: CoreLink, request_id: str) -> None:
         self.link, self.request_id = link, request_id
         self.done = False
-        self._items: deque[TokenDelta | Embedding | RequestError] = deque()
-        self._arrived = trio.lowlevel.ParkingLot()
+        self._items = ItemQueue()
 
     def __aiter__(self) -> RemoteStream:
         return self
@@ -65,9 +62,7 @@ class RemoteStream:
     async def __anext__(self) -> TokenDelta | Embedding | RequestError:
         if self.done and not self._items:
             raise StopAsyncIteration
-        while not self._items:
-            await self._arrived.park()
-        item = self._items.popleft()
+        item = await self._items.get()
         if is_terminal(item):
             self.done = True
         return item
@@ -76,9 +71,7 @@ class RemoteStream:
         return bool(self._items)
 
     def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
-        self._items.append(item)
-        if self._arrived:
-            self._arrived.unpark()
+        self._items.put(item)
 
     def cancel(self) -> None:
         if not self.done:
@@ -140,8 +133,7 @@ class RemoteCore:
 
     def __init__(self, link: CoreLink, tokenizer: Any) -> None:
         self.link, self.tokenizer = link, tokenizer
-        self._ids = itertools.count()
-        self._prefix = uuid.uuid4().hex[:8]  # request ids unique across API servers
+        self.new_id = RequestIds()  # request ids unique across API servers
 
     @property
     def state(self) -> Snapshot:
@@ -160,9 +152,6 @@ class RemoteCore:
     def sampling_defaults(self) -> dict[str, Any] | None:
         return self.state.sampling_defaults
 
-    def new_id(self, prefix: str = "req") -> str:
-        return f"{prefix}-{self._prefix}-{next(self._ids)}"
-
     def models(self) -> list[str]:
         return self.state.models
 
@@ -174,15 +163,7 @@ class RemoteCore:
 
     def instance_model(self, name: str | None) -> str | None:
         """As `ServingCore.instance_model`: None for the graph's own model, the name for an attached one."""
-        if name is None or name == self.state.model_name:
-            return None
-        if name in self.state.instance_models:
-            return name
-        served = ", ".join(repr(m) for m in self.state.models)
-        raise ApiError(
-            404, f"the model {name!r} does not exist here; this server has {served}", param="model",
-            code="model_not_found",
-        )  # fmt: skip
+        return instance_model(name, self.state.model_name, self.state.instance_models, self.state.models)
 
     async def tokenize_long_prompts(self, requests: list[Request]) -> None:
         await tokenize_prompts(requests, self.tokenizer, self.state.vocab_size, self.max_model_len, short_too=True)

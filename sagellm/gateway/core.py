@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import Counter, OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 import structlog
@@ -110,8 +111,7 @@ class ServingCore:
         self._streams: dict[str, RequestStream] = {}  # by the id of the attempt running now
         self._live: dict[str, RequestStream] = {}  # by the client's request id, until the request ends
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # ended requests' last status, oldest first
-        self._ids = itertools.count()
-        self._prefix = uuid.uuid4().hex[:8]
+        self.new_id = RequestIds()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -139,16 +139,11 @@ class ServingCore:
         self.source.finish()
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def new_id(self, prefix: str = "req") -> str:
-        return f"{prefix}-{self._prefix}-{next(self._ids)}"
-
     async def tokenize_long_prompts(self, requests: list[Request]) -> None:
         """Renders and tokenizes, in a worker thread, the prompts too long to tokenize on the event loop (which
         every stream and /health share), so admission finds their token ids ready; a prompt with more characters than
         the context could hold tokens is refused at once, before any tokenizing. Raises ApiError (400)."""
-        config = self.local.graph_attrs.get("model_config") if self.local else None
-        vocab = getattr(config, "vocab_size", None)
-        await tokenize_prompts(requests, self.tokenizer, vocab, self.max_model_len, short_too=False)
+        await tokenize_prompts(requests, self.tokenizer, self.vocab_size, self.max_model_len, short_too=False)
 
     def submit(self, request: Request) -> RequestStream:
         if request.request_id in self._streams:
@@ -273,20 +268,19 @@ class ServingCore:
     def instance_model(self, name: str | None) -> str | None:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
         name itself for a model attached instances serve. Raises ApiError 404 for any other."""
-        if name is None or name == self.model_name:
-            return None
-        if any(s.model == name for s in self.instances().values()):
-            return name  # even if all its instances failed: the request learns why
-        served = ", ".join(repr(m) for m in self.models())
-        raise ApiError(
-            404, f"the model {name!r} does not exist here; this server has {served}", param="model",
-            code="model_not_found",
-        )  # fmt: skip
+        attached = {s.model for s in self.instances().values()}  # all its instances failed too: the request learns why
+        return instance_model(name, self.model_name, attached, self.models())
 
     # -- what the routes read -------------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
         return self.local.graph_attrs.get("tokenizer") if self.local else None
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The graph's model's vocabulary (token ids are checked against it)."""
+        config = self.local.graph_attrs.get("model_config") if self.local else None
+        return getattr(config, "vocab_size", None)
 
     @property
     def sampling_defaults(self) -> dict[str, Any] | None:
@@ -349,6 +343,32 @@ async def tokenize_prompts(
     for problem in problems:
         if problem is not None:
             raise ApiError(400, problem, code="invalid_request")
+
+
+class RequestIds:
+    """Request ids, unique across processes and runs: `prefix-<this generator's random part>-<serial>`."""
+
+    def __init__(self) -> None:
+        self._serial = itertools.count()
+        self._part = uuid.uuid4().hex[:8]
+
+    def __call__(self, prefix: str = "req") -> str:
+        return f"{prefix}-{self._part}-{next(self._serial)}"
+
+
+def instance_model(name: str | None, own: str, attached: Collection[str | None], served: list[str]) -> str | None:
+    """A request's `Request.model` for the model a client named: None for the graph's own (`own`, or none named),
+    the name itself for a model attached instances serve. Raises ApiError 404, naming the `served` ones, for any
+    other."""
+    if name is None or name == own:
+        return None
+    if name in attached:
+        return name
+    served_names = ", ".join(repr(m) for m in served)
+    raise ApiError(
+        404, f"the model {name!r} does not exist here; this server has {served_names}", param="model",
+        code="model_not_found",
+    )  # fmt: skip
 
 
 def _characters(request: Request) -> int:

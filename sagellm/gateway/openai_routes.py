@@ -271,13 +271,13 @@ async def _events(
             ready.append(envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra))
         if item.finished:
             break
-        if ready and not stream.has_ready() and not corked:
-            # Corked for one turn of the event loop: a delta the engine makes meanwhile goes in the same write.
-            await trio.lowlevel.checkpoint()
-            corked = True
         if ready and not stream.has_ready():
-            yield tuple(ready)
-            ready, corked = [], False
+            if not corked:  # corked for one turn of the event loop: a delta made meanwhile goes in the same write
+                await trio.lowlevel.checkpoint()
+                corked = True
+            if not stream.has_ready():
+                yield tuple(ready)
+                ready, corked = [], False
         try:
             item = await anext(stream)
         except StopAsyncIteration:
