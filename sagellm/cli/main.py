@@ -9,6 +9,7 @@ import sys
 from importlib.metadata import version
 
 from sagellm.cli import (
+    api_server_cmd,
     backends_cmd,
     bench_cmd,
     chat_cmd,
@@ -42,6 +43,7 @@ COMMANDS = (
     plan_cmd,
     bench_cmd,
     worker_cmd,
+    api_server_cmd,
 )
 
 

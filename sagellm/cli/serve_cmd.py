@@ -71,6 +71,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="N processes answer HTTP on the port (HTTP, JSON, tokenizing) in front of this one, which runs the graph "
         "(default 0: this process does both)",
     )
+    p.add_argument(
+        "--api-hub",
+        metavar="HOST:PORT",
+        help="also let API servers on other hosts attach here (`sagellm api-server --core`; encrypted with a key "
+        "written for the run, whose path and command are printed)",
+    )
     failover = p.add_argument_group("failover (a request whose instance fails is tried again, resumed after tokens)")
     failover.add_argument("--max-retries", type=int, default=2, help="attempts after the first (default 2; 0: off)")
     failover.add_argument(
@@ -165,6 +171,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         state_dir=args.state_dir,
         max_body_bytes=args.max_body_bytes,
         allowed_hosts=args.allowed_hosts,
+        api_hub=args.api_hub,
     )
 
 

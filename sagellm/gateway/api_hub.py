@@ -10,10 +10,10 @@ it changes."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,44 +22,75 @@ import zmq
 
 from sagellm.common.restart import RestartPolicy, Restarts
 from sagellm.gateway import api_link
-from sagellm.gateway.api_link import Attach, Cancel, EmbedderCard, Items, Snapshot, Submit
+from sagellm.gateway.api_link import (
+    ALIVE_S,
+    PEER_TIMEOUT_S,
+    Alive,
+    Attach,
+    Call,
+    Cancel,
+    EmbedderCard,
+    FrontEnd,
+    HangUp,
+    Items,
+    Reply,
+    Snapshot,
+    Submit,
+)
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.errors import ApiError
+from sagellm.gateway.http import App, HttpRequest, Response, error_response
 from sagellm.gateway.request_stream import RequestStream
+from sagellm.runtime.comm.curve import RunKeys, child_env
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_router
-from sagellm.runtime.pipeline.messages import HTTP_STATUS, RequestError
+from sagellm.runtime.pipeline.messages import HTTP_STATUS, Embedding, RequestError, TokenDelta
 
 log = structlog.get_logger("sagellm.gateway")
 SNAPSHOT_CHECK_S = 0.2  # how often the core's state is compared with what the API servers were told
+ITEMS = (TokenDelta, Embedding, RequestError)  # what goes to an API server batched, in one `Items`
 START_TIMEOUT_S = 120.0  # an API server loads a tokenizer before it listens
 
 
 class ApiServerHub:
-    def __init__(self, core: ServingCore) -> None:
-        self.core = core
-        self.core_url = ""  # where the core answers HTTP itself (the routes an API server passes on), once it does
+    def __init__(self, core: ServingCore, app: App, front_end: FrontEnd) -> None:
+        """`app`: the gateway's own app, which answers the routes API servers pass on (`Call`); `front_end`: the
+        settings every API server enforces."""
+        self.core, self.app, self.front_end = core, app, front_end
+        self.endpoint = ""  # where API servers attach, once bound
+        self.key_file: Path | None = None  # the run's key for API servers on other hosts (a tcp hub), while it runs
         self.submitted: Counter[int] = Counter()  # requests by the pid of the API server that sent them
         self.serving: dict[bytes, str] = {}  # API servers that listen: routing id -> their URL
         self.pids: dict[bytes, int] = {}
         self.changed = trio.Event()  # an API server attached or started serving
         self._streams: dict[bytes, dict[str, RequestStream]] = defaultdict(dict)  # routing id -> request id -> ...
+        self._calls: dict[tuple[bytes, int], trio.CancelScope] = {}
+        self._heard: dict[bytes, float] = {}  # routing id -> when it last said anything
         self._outbox: dict[bytes, list[Any]] = defaultdict(list)
         self._queued = trio.Event()
         self._snapshot: Snapshot | None = None
         self._socket: TrioSocket | None = None
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, zctx: zmq.Context, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Binds the hub's socket (ipc: API servers run on this host) and serves until cancelled; hands its
-        endpoint to `task_status`."""
-        socket, endpoint = bind_router(zctx, "ipc", "api-hub")
+    async def run(
+        self,
+        zctx: zmq.Context,
+        bind: tuple[str, int] | None = None,
+        keys: RunKeys | None = None,
+        *,
+        task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Binds the hub's socket and serves until cancelled; hands its endpoint to `task_status`. `bind`: a tcp
+        (host, port) API servers on other hosts reach, CURVE-encrypted with `keys`; None: an ipc socket, for the
+        API servers of this host only."""
+        host, port = bind if bind is not None else ("127.0.0.1", None)
+        socket, endpoint = bind_router(zctx, "tcp" if bind else "ipc", "api-hub", host=host, port=port, keys=keys)
         with socket:
-            self._socket = socket
+            self._socket, self.endpoint = socket, endpoint
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._send_queued)
-                nursery.start_soon(self._keep_snapshot)
+                nursery.start_soon(self._keep_in_touch)
                 task_status.started(endpoint)
                 while True:
                     frames = await socket.receive_frames()
@@ -72,19 +103,28 @@ class ApiServerHub:
                     except Exception as exc:  # a peer speaking another format: say so once per message, go on
                         log.warning("api_hub_bad_message", error=str(exc))
                         continue
+                    self._heard[peer] = trio.current_time()
                     self._handle(peer, message)
 
     def _handle(self, peer: bytes, message: api_link.ToCore) -> None:
+        assert self._nursery is not None
         if isinstance(message, Submit):
             self._submit(peer, message)
         elif isinstance(message, Cancel):
             stream = self._streams[peer].get(message.request_id)
             if stream is not None:
                 stream.cancel()
+        elif isinstance(message, Call):
+            self._nursery.start_soon(self._answer, peer, message)
+        elif isinstance(message, HangUp):
+            scope = self._calls.get((peer, message.call_id))
+            if scope is not None:
+                scope.cancel()
         elif isinstance(message, Attach):
             self.pids[peer] = message.pid
             if message.url:
                 self.serving[peer] = message.url
+                log.info("api_server_attached", url=message.url, pid=message.pid)
             self._queue(peer, self.snapshot())
             self.changed.set()
             self.changed = trio.Event()
@@ -111,12 +151,31 @@ class ApiServerHub:
         finally:
             self._streams[peer].pop(stream.request.request_id, None)
 
+    async def _answer(self, peer: bytes, call: Call) -> None:
+        """Answers a passed-on request with the gateway's own app (its Host was checked by the API server); a client
+        that hangs up cancels it."""
+        request = HttpRequest(call.method, call.path, call.headers, call.query, call.body)
+        with trio.CancelScope() as scope:
+            self._calls[peer, call.call_id] = scope
+            try:
+                reply = await self.app.handle(request, host_checked=True)
+                if not isinstance(reply, Response):  # only the generation routes stream, and API servers answer them
+                    await reply.events.aclose()
+                    reply.on_disconnect()
+                    reply = error_response(ApiError(500, f"{call.path} streams: not passed on", code="internal"))
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in reply.headers]
+                self._queue(peer, Reply(call_id=call.call_id, status=reply.status, content_type=reply.content_type,
+                                        headers=headers, body=reply.encoded()))  # fmt: skip
+            finally:
+                self._calls.pop((peer, call.call_id), None)
+
     def _queue(self, peer: bytes, item: Any) -> None:
         self._outbox[peer].append(item)
         self._queued.set()
 
     async def _send_queued(self) -> None:
-        """One message per API server with all that is queued for it: items batched, snapshots on their own."""
+        """One message per API server with all the request items queued for it; other messages as they are, in
+        order."""
         assert self._socket is not None
         while True:
             await self._queued.wait()
@@ -124,20 +183,26 @@ class ApiServerHub:
             self._queued = trio.Event()
             outbox, self._outbox = self._outbox, defaultdict(list)
             for peer, queued in outbox.items():
-                items = [q for q in queued if not isinstance(q, Snapshot)]
-                messages = [q for q in queued if isinstance(q, Snapshot)] + ([Items(items=items)] if items else [])
+                items = [q for q in queued if isinstance(q, ITEMS)]
+                messages = [q for q in queued if not isinstance(q, ITEMS)] + ([Items(items=items)] if items else [])
                 for message in messages:
                     await self._socket.send_frames([peer, api_link.encode(message)])
 
     def gone(self, pid: int) -> None:
-        """An API server's process ended: its requests are cancelled (their clients are gone with it)."""
+        """An API server's process ended: it is forgotten and its requests are cancelled."""
         for peer, known in list(self.pids.items()):
             if known == pid:
-                for stream in list(self._streams.pop(peer, {}).values()):
-                    stream.cancel()
-                self.pids.pop(peer, None)
-                self.serving.pop(peer, None)
-                self._outbox.pop(peer, None)
+                self._forget(peer)
+
+    def _forget(self, peer: bytes) -> None:
+        """An API server is gone (its clients with it): its requests and passed-on calls stop."""
+        for stream in list(self._streams.pop(peer, {}).values()):
+            stream.cancel()
+        for (owner, _), scope in list(self._calls.items()):
+            if owner == peer:
+                scope.cancel()
+        for known in (self.pids, self.serving, self._outbox, self._heard):
+            known.pop(peer, None)
 
     def snapshot(self) -> Snapshot:
         core = self.core
@@ -158,19 +223,30 @@ class ApiServerHub:
             max_model_len=core.max_model_len,
             vocab_size=core.vocab_size,
             sampling_defaults=core.sampling_defaults,
-            core_url=self.core_url,
+            front_end=self.front_end,
         )
 
-    async def _keep_snapshot(self) -> None:
-        """Tells every attached API server the core's new state when it changed (an instance attached, a model
-        came or went)."""
+    async def _keep_in_touch(self) -> None:
+        """Tells every attached API server the core's new state when it changed (an instance attached, a model came
+        or went) and that the core is there (`Alive`, each `ALIVE_S`); forgets an API server silent for
+        `PEER_TIMEOUT_S` (another host's, whose process no one here watches)."""
+        alive_at = trio.current_time()
         while True:
             await trio.sleep(SNAPSHOT_CHECK_S)
+            now = trio.current_time()
+            for peer, heard in list(self._heard.items()):
+                if now - heard > PEER_TIMEOUT_S:
+                    log.warning("api_server_silent", url=self.serving.get(peer), pid=self.pids.get(peer))
+                    self._forget(peer)
             snapshot = self.snapshot()
             if snapshot != self._snapshot:
                 self._snapshot = snapshot
                 for peer in self.pids:
                     self._queue(peer, snapshot)
+            if now - alive_at >= ALIVE_S:
+                alive_at = now
+                for peer in self.pids:
+                    self._queue(peer, Alive())
 
 
 async def run_api_servers(
@@ -179,18 +255,20 @@ async def run_api_servers(
     config: GatewayConfig,
     count: int,
     stop: trio.Event,
+    keys: RunKeys | None = None,
     *,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Starts `count` API server processes on the gateway's port and hands its URL to `task_status` once all
     listen; one that exits is started again (with backoff, as engines are) and its requests are cancelled. When
-    `stop` is set they stop gracefully (SIGTERM: no new connections, requests in flight finish), then this returns."""
+    `stop` is set they stop gracefully (SIGTERM: no new connections, requests in flight finish), then this returns.
+    `keys`: the hub's run key (a tcp hub), handed to them in their environment."""
     from sagellm.gateway.api_server import SETTINGS_ENV, settings_of
 
     policy = RestartPolicy()
 
     def spawn(port: int) -> Any:
-        env = {**os.environ, SETTINGS_ENV: json.dumps(settings_of(config, port))}
+        env = {**child_env(keys), SETTINGS_ENV: json.dumps(settings_of(config, port))}
         command = [sys.executable, "-m", "sagellm.gateway.api_server", "--core", endpoint]
         return trio.lowlevel.open_process(command, env=env)
 

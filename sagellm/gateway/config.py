@@ -69,6 +69,9 @@ class GatewayConfig:
     allowed_hosts: list[str] | None = None
     failover: FailoverPolicy = field(default_factory=FailoverPolicy)
     join: JoinSettings | None = None  # another gateway this one joins as an instance (sagellm.gateway.join)
+    # HOST:PORT (port 0: any) where API servers on other hosts attach (`sagellm api-server --core`); None: only the
+    # gateway's own (`--api-servers`, over ipc). The link is CURVE-encrypted with a key made for the run.
+    api_hub: str | None = None
 
     def host_names(self) -> frozenset[str] | None:
         if self.allowed_hosts is not None:

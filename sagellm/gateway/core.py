@@ -268,6 +268,8 @@ class ServingCore:
     def instance_model(self, name: str | None) -> str | None:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
         name itself for a model attached instances serve. Raises ApiError 404 for any other."""
+        if name is None or name == self.model_name:  # most requests: no need to look at the instances
+            return None
         attached = {s.model for s in self.instances().values()}  # all its instances failed too: the request learns why
         return instance_model(name, self.model_name, attached, self.models())
 

@@ -63,12 +63,10 @@ class Response:
 class EventStream:
     """`text/event-stream`: each item from `events` is sent as one `data: ...` event (bytes as is, anything else as
     JSON), a tuple of them as that many events in one write (fewer sends when several are ready at once);
-    `on_disconnect` runs if the client leaves first. `framed`: the items are bytes already framed as events (a
-    stream passed on from another server), written as they are."""
+    `on_disconnect` runs if the client leaves first."""
 
     events: AsyncIterator[Any]
     on_disconnect: Callable[[], None] = lambda: None
-    framed: bool = False
 
 
 class LastEvents(tuple):
@@ -97,17 +95,22 @@ class App:
         self.allowed_hosts = allowed_hosts
         self.fallback: Handler | None = None  # answers what no route matches (an API server passes it on)
         self._verdicts: dict[str, bool] = {}  # Host / Origin value -> allowed
+        self._fixed: dict[tuple[str, str], Route] = {}  # (method, path) -> the route that wins it, for fixed paths
 
     def route(self, method: str, path: str, handler: Handler, guard: Guard | None = None) -> None:
         """`path` may hold `{name}` segments, given to the handler in `path_params`."""
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
-        self.routes.append(Route(method, pattern, handler, guard))
+        route = Route(method, pattern, handler, guard)
+        if "{" not in path and not any(r.method == method and r.pattern.match(path) for r in self.routes):
+            self._fixed[method, path] = route  # a dict lookup, not a scan of every pattern, finds it
+        self.routes.append(route)
 
-    async def handle(self, request: HttpRequest) -> Response | EventStream:
+    async def handle(self, request: HttpRequest, *, host_checked: bool = False) -> Response | EventStream:
         """The reply to one request: the handler's, or an OpenAI-shaped error (a bug is a 500 whose error id finds
-        the traceback in the log)."""
+        the traceback in the log). `host_checked`: an API server that passed the request on checked its Host."""
         try:
-            self._check_host(request)
+            if not host_checked:
+                self._check_host(request)
             if self.fallback is not None and not self._matches(request.path):
                 return await self.fallback(request)
             route, request.path_params = self._match(request.method, request.path)
@@ -127,6 +130,9 @@ class App:
         return any(route.pattern.match(path) for route in self.routes)
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        fixed = self._fixed.get((method, path))
+        if fixed is not None:
+            return fixed, {}
         allowed: list[str] = []
         for route in self.routes:
             found = route.pattern.match(path)

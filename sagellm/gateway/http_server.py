@@ -373,10 +373,7 @@ class _Connection:
         try:
             async with aclosing(stream.events):
                 async for item in stream.events:
-                    if stream.framed:
-                        body = item
-                    else:
-                        body = b"".join(frame(event) for event in (item if isinstance(item, tuple) else (item,)))
+                    body = b"".join(frame(event) for event in (item if isinstance(item, tuple) else (item,)))
                     if body:  # (an empty chunk would end a chunked reply)
                         pending += b"%x\r\n%b\r\n" % (len(body), body) if chunked else body
                     if isinstance(item, LastEvents):

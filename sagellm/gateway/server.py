@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import queue
 import signal
+import socket
+import sys
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 import zmq
 
+from sagellm.common.home import keys_dir
 from sagellm.common.logging import default_logging
 from sagellm.common.nursery_errors import single_errors
 from sagellm.gateway import openapi
 from sagellm.gateway.admin_routes import AdminRoutes
 from sagellm.gateway.api_hub import ApiServerHub, run_api_servers
+from sagellm.gateway.api_link import FrontEnd
 from sagellm.gateway.auth import admin_key, key_guard
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.core import ServingCore
@@ -34,7 +40,10 @@ from sagellm.gateway.management_routes import ManagementRoutes
 from sagellm.gateway.openai_routes import OpenAIRoutes
 from sagellm.gateway.session_routes import SessionRoutes
 from sagellm.gateway.sessions import SessionStore
+from sagellm.runtime.comm.curve import RunKeys, authenticator
+from sagellm.runtime.comm.zmq_trio import with_host
 from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.pipeline.spec import WILDCARD_HOST
 
 log = structlog.get_logger("sagellm.gateway")
 
@@ -67,6 +76,12 @@ def http_limits(config: GatewayConfig) -> HttpLimits:
     return HttpLimits(max_body_bytes=config.max_body_bytes, graceful_timeout_s=config.graceful_timeout_s)
 
 
+def front_end(config: GatewayConfig) -> FrontEnd:
+    """What every API server enforces as this gateway does."""
+    return FrontEnd(api_keys=list(config.api_keys), max_body_bytes=config.max_body_bytes,
+                    graceful_timeout_s=config.graceful_timeout_s)  # fmt: skip
+
+
 async def serve(
     graph: Graph,
     config: GatewayConfig,
@@ -95,14 +110,13 @@ async def serve(
             if handle_signals:
                 nursery.start_soon(stop_on_signal, stop, signals, membership)
             async with trio.open_nursery() as http:
-                hub = ApiServerHub(core) if api_servers else None
+                limits = http_limits(config)
+                own_http = partial(serve_http, app, config.host, config.port, limits, shutdown_trigger=stop.wait)
+                hub = ApiServerHub(core, app, front_end(config)) if api_servers or config.api_hub else None
                 if hub is not None:
-                    url = await http.start(_serve_behind_api_servers, hub, app, config, api_servers, stop)
+                    url = await http.start(_serve_with_hub, hub, own_http, config, api_servers, stop)
                 else:
-                    limits = http_limits(config)
-                    url = await http.start(
-                        partial(serve_http, app, config.host, config.port, limits, shutdown_trigger=stop.wait)
-                    )
+                    url = await http.start(own_http)
                 log.info("gateway_ready", url=url, models=core.models())
                 if membership is not None:
                     nursery.start_soon(_keep_membership, membership, url, member)
@@ -116,38 +130,71 @@ async def serve(
             core.shutdown()  # the graph drains what is left, then core.run returns
 
 
-async def _serve_behind_api_servers(
+async def _serve_with_hub(
     hub: ApiServerHub,
-    app: App,
+    own_http: Callable[..., Awaitable[None]],
     config: GatewayConfig,
     count: int,
     stop: trio.Event,
     *,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The core's side of `--api-servers`: the app on a loopback port of its own (the routes API servers pass on),
-    the hub they submit to, and the API server processes; hands their shared URL to `task_status`. On `stop` the
-    API servers stop first (their requests in flight finish here), then the core's own HTTP."""
+    """The gateway with API servers: the hub they attach to (ipc, or tcp at `config.api_hub` for API servers on
+    other hosts too, encrypted with a key made here), and on the gateway's port `count` API server processes, or
+    with none this process's own HTTP (`own_http`); hands the port's URL to `task_status`. On `stop` the HTTP front
+    ends stop first (requests in flight finish here), then the hub."""
     zctx = zmq.Context()
+    keys = RunKeys.generate() if config.api_hub else None
+    key_file: Path | None = None
     try:
-        servers_gone, hub_scope = trio.Event(), trio.CancelScope()
-        async with trio.open_nursery() as nursery:
-            limits = http_limits(config)
-            hub.core_url = await nursery.start(
-                partial(serve_http, app, "127.0.0.1", 0, limits, shutdown_trigger=servers_gone.wait)
-            )
+        with authenticator(zctx, keys):
+            hub_scope = trio.CancelScope()
+            async with trio.open_nursery() as nursery:
 
-            async def run_hub(task_status: trio.TaskStatus) -> None:
-                with hub_scope:
-                    await hub.run(zctx, task_status=task_status)
+                async def run_hub(task_status: trio.TaskStatus) -> None:
+                    with hub_scope:
+                        await hub.run(zctx, _host_port(config.api_hub), keys, task_status=task_status)
 
-            endpoint = await nursery.start(run_hub)
-            async with trio.open_nursery() as servers:  # returns once `stop` was set and every API server ended
-                task_status.started(await servers.start(run_api_servers, hub, endpoint, config, count, stop))
-            servers_gone.set()
-            hub_scope.cancel()
+                endpoint = await nursery.start(run_hub)
+                if keys is not None:
+                    hub.key_file = key_file = _announce_hub(endpoint, keys)
+                local = with_host(endpoint, "127.0.0.1") if endpoint.startswith(f"tcp://{WILDCARD_HOST}:") else endpoint
+                async with trio.open_nursery() as front:  # returns once `stop` was set and the front ends ended
+                    if count:
+                        url = await front.start(run_api_servers, hub, local, config, count, stop, keys)
+                    else:
+                        url = await front.start(own_http)
+                    task_status.started(url)
+                hub_scope.cancel()
     finally:
+        if key_file is not None:
+            key_file.unlink(missing_ok=True)  # the key dies with the run
         zctx.term()
+
+
+def _host_port(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def _announce_hub(endpoint: str, keys: RunKeys) -> Path:
+    """Writes the run's key for API servers on other hosts (a file only its owner can read) and says, on stderr,
+    how to start one."""
+    port = endpoint.rpartition(":")[2]
+    key_file = keys_dir() / f"api-hub-{port}.key"
+    keys.write(key_file)
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+    core = f"tcp://{socket.gethostname() if host == WILDCARD_HOST else host}:{port}"
+    log.info("api_hub_listening", endpoint=endpoint, key_file=str(key_file))
+    print(
+        f"sagellm: API servers on other hosts attach here: copy {key_file} to the host over a secure channel "
+        f"(scp -p) and run there: sagellm api-server --core {core} --key-file {key_file} --host 0.0.0.0",
+        file=sys.stderr,
+        flush=True,
+    )
+    return key_file
 
 
 def _served_names(core: ServingCore) -> list[str]:

@@ -72,7 +72,7 @@ def completion(url: str, prompt: str, max_tokens: int) -> str:
     return reply.json()["choices"][0]["text"]
 
 
-def stream(url: str, index: int, outcomes: dict[int, list[str]], texts: dict[int, str], first: threading.Event) -> None:
+def stream(url: str, index: int, outcomes: dict[int, list[str]], texts: dict[int, str]) -> None:
     """One greedy streamed completion: its text, and what ended it ("length" or the error's code) once per end."""
     body = {"prompt": f"stream {index}", "max_tokens": 300, "ignore_eos": True, "stream": True, "temperature": 0}
     ends, texts[index] = outcomes.setdefault(index, []), ""
@@ -88,9 +88,17 @@ def stream(url: str, index: int, outcomes: dict[int, list[str]], texts: dict[int
                 ends.append(event["error"]["code"])
                 continue
             texts[index] += event["choices"][0]["text"]
-            first.set()
             if event["choices"][0]["finish_reason"]:
                 ends.append(event["choices"][0]["finish_reason"])
+
+
+def wait_for_streams_midway(texts: dict[int, str], outcomes: dict[int, list[str]], more_than: int) -> None:
+    """Until more than `more_than` streams have tokens and no end: round robin put half the streams on each worker,
+    so then at least one stream on either worker is mid-stream, whichever of them a test kills."""
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while sum(bool(text) and not outcomes.get(i) for i, text in list(texts.items())) <= more_than:
+        assert time.monotonic() < deadline, "the streams did not get going"
+        time.sleep(0.005)
 
 
 def retries(url: str) -> dict[tuple[str, str], float]:
@@ -105,20 +113,17 @@ def test_streams_on_a_killed_worker_resume_on_the_other_with_the_same_text(long_
     with running_gateway(graph, tiny_config(tmp_path)) as gw:
         texts: dict[int, str] = {}
         outcomes: dict[int, list[str]] = {}
-        first_token = threading.Event()
-        threads = [
-            threading.Thread(target=stream, args=(gw.url, i, outcomes, texts, first_token)) for i in range(STREAMS)
-        ]
+        threads = [threading.Thread(target=stream, args=(gw.url, i, outcomes, texts)) for i in range(STREAMS)]
         for thread in threads:
             thread.start()
-        assert first_token.wait(REPLY_TIMEOUT_S)
+        wait_for_streams_midway(texts, outcomes, more_than=STREAMS // 2)
         os.kill(gw.core.executor.pids["engine_a"], signal.SIGKILL)
         for thread in threads:
             thread.join(REPLY_TIMEOUT_S)
         assert not any(thread.is_alive() for thread in threads), "a stream hung"
         assert outcomes == {i: ["length"] for i in range(STREAMS)}  # every stream finished, once
         resumed = retries(gw.url).get(("instance_lost", "true"), 0)
-        assert resumed >= 1  # round robin put half the streams on the killed worker, mid-stream
+        assert resumed >= 1
         for i in range(STREAMS):  # the reference: each prompt again, uninterrupted
             assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
 
