@@ -3,8 +3,10 @@ every chat or text completion, with no model and no compute, from chunks formatt
 `sagellm bench gateway` and the engine behind vllm-router there: fast enough (thousands of requests per second on
 one core) that the front end in front of it, not it, is what the benchmark sees.
 
-    python -m sagellm.benchmarks.fake_engine --port 8001 [--tokens 16]
+    python -m sagellm.benchmarks.fake_engine --port 8001 [--tokens 16] [--server ours]
 
+`--server ours` serves the same chunks, each in its own write as aiohttp writes them, on sageLLM's own HTTP server
+(`sagellm.gateway.http_server`): what our HTTP stack alone costs beside aiohttp's, the floor under our gateway.
 aiohttp (installed with vllm-router, by the bench and test extras) is imported where it is used, so `bench gateway`
 reads REPLY without it."""
 
@@ -12,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+    from sagellm.gateway.http import App
 
 REPLY = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun today"
 MODEL = "fake"
@@ -68,11 +74,49 @@ def app(tokens: int) -> web.Application:
     return application
 
 
+def our_app(tokens: int) -> App:
+    """`app`'s routes and replies on our own HTTP server's `App`."""
+    from sagellm.gateway.http import App, EventStream, HttpRequest, Response
+
+    replies = {chat: [c.removeprefix(b"data: ").removesuffix(b"\n\n") for c in chunks(tokens, chat)]
+               for chat in (True, False)}  # fmt: skip  # (the server frames each event)
+
+    async def events(chat: bool) -> AsyncIterator[bytes]:
+        for event in replies[chat]:
+            yield event
+
+    async def stream(request: HttpRequest) -> EventStream:
+        return EventStream(events(request.path.endswith("chat/completions")))
+
+    async def models(_: HttpRequest) -> Response:
+        return Response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    async def health(_: HttpRequest) -> Response:
+        return Response({"status": "ok"})
+
+    application = App()
+    application.route("POST", "/v1/chat/completions", stream)
+    application.route("POST", "/v1/completions", stream)
+    application.route("GET", "/v1/models", models)
+    application.route("GET", "/health", health)
+    return application
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens", type=int, default=16, help="words streamed per reply (default: 16)")
+    parser.add_argument("--server", choices=("aiohttp", "ours"), default="aiohttp", help="whose HTTP server")
     args = parser.parse_args()
+    if args.server == "ours":
+        import trio
+
+        from sagellm.gateway.http_server import HttpLimits, serve_http
+
+        limits = HttpLimits(max_body_bytes=1 << 20)
+        trio.run(partial(serve_http, our_app(args.tokens), "127.0.0.1", args.port, limits,
+                         shutdown_trigger=trio.sleep_forever))  # fmt: skip
+        return
     from aiohttp import web
 
     web.run_app(app(args.tokens), host="127.0.0.1", port=args.port, print=None, access_log=None)

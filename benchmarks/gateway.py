@@ -1,9 +1,11 @@
 """`sagellm bench gateway`: W5 over HTTP. What a front end adds to each streamed chat request, ours against
 vllm-router, in one run on this machine.
 
-Three paths, each a server process of its own on 127.0.0.1, the load generator in this process:
+The paths, each a server process of its own on 127.0.0.1, the load generator in this process:
 - engine: a fake OpenAI engine (`fake_engine`, aiohttp: 16 words of text per request from preformatted chunks, no
   compute), sent to directly: the floor;
+- engine on our HTTP server: the same fake engine served by sageLLM's own HTTP server (`fake_engine --server ours`):
+  what our HTTP stack alone costs beside aiohttp's, with no pipeline, tokenizing or JSON behind it;
 - vllm-router: `vllm-router` (PyPI) in front of that fake engine (round robin over its one worker);
 - sagellm: `sagellm serve`'s gateway and pipeline (admission, policy_sort, route, metrics_sink) in front of the
   instant engine streaming 16 words of text (`instant_server`), the chat tokenized with SmolLM2's tokenizer and
@@ -42,6 +44,7 @@ from sagellm.benchmarks.raw_http import RawClient, drain, lines
 from sagellm.benchmarks.serve import chunk_text
 
 TOKENS = 16  # per reply, as in W5
+OUR_HTTP = "engine on our HTTP server"
 PROMPT = "Summarize the plot of Romeo and Juliet in one sentence."
 READY_TIMEOUT_S = 120
 
@@ -109,10 +112,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"CPU: {cpu_description()}")
     with ExitStack() as stack:
         engine_port, router_port, gateway_port, split_port = free_port(), free_port(), free_port(), free_port()
+        bare_port = free_port()
         python = [sys.executable, "-I", "-m"]
         servers = {
             "engine": Server("engine", engine_port, _start(stack, [*python, "sagellm.benchmarks.fake_engine",
                 "--port", str(engine_port), "--tokens", str(TOKENS)])),
+            OUR_HTTP: Server(OUR_HTTP, bare_port, _start(stack, [*python, "sagellm.benchmarks.fake_engine",
+                "--port", str(bare_port), "--tokens", str(TOKENS), "--server", "ours"])),
             "vllm-router": Server("vllm-router", router_port, _start(stack, [router, "--port", str(router_port),
                 "--worker-urls", f"http://127.0.0.1:{engine_port}", "--policy", "round_robin",
                 "--log-level", "warning", "--prometheus-port", str(free_port())])),
