@@ -1,7 +1,7 @@
 """`sagellm bench gateway` end to end, small: the fake engine (on aiohttp, and on our own HTTP server), vllm-router in
-front of it and our gateway in front of the instant engine (alone, and behind 2 API servers), each a real server process on 127.0.0.1, loaded with streamed
-chat requests; every request ends with its 16 text events, and the table, JSON and PNG come out. No assert depends on
-this machine's speed."""
+front of it and our gateway in front of the instant engine (alone, and behind 2 API servers), each a real server
+process on 127.0.0.1, loaded with streamed chat requests; every request ends with its 16 text events, and the table,
+JSON and PNG come out. No assert depends on this machine's speed."""
 
 from __future__ import annotations
 
