@@ -19,7 +19,7 @@ from pathlib import Path
 from sagellm.benchmarks.vllm_results import cpu_description
 
 BUDGET_S = 0.3
-COMMAND_LINE = re.compile(r"^    (\w[\w-]*) ", re.M)  # a command in `sagellm --help`'s list
+COMMAND_LINE = re.compile(r"^    (\w[\w-]*)(?: |$)", re.M)  # a command in `sagellm --help`'s list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from typing import Any, Literal, NoReturn
 
+from sagellm.common.autoscale import AutoscaleSettings
 from sagellm.common.errors import FieldError
 from sagellm.common.hints import conforms, describe
 from sagellm.common.restart import RestartPolicy
@@ -27,17 +28,19 @@ from sagellm.runtime.pipeline.operator import (
 )
 
 # Graph-level settings a pipeline may set (graph.attrs), with their types. `restart` is the RestartPolicy of the
-# worker processes the run starts. `shared_memory` (default true): tensors between processes on one host go through
-# shared memory instead of ZeroMQ frames (`runtime.comm.shared_memory`). The last four are for the sockets of a graph
-# run across hosts (transport tcp): the interface this host listens on, the address others reach it at, the fixed port
-# of the control socket that workers started on other hosts connect to, and whether links are encrypted and
-# authenticated (`is_secure`).
+# worker processes the run starts; `autoscale` the AutoscaleSettings of a gateway serving the graph (it adds and
+# removes replicas of the graph's engine). `shared_memory` (default true): tensors between processes on one host go
+# through shared memory instead of ZeroMQ frames (`runtime.comm.shared_memory`). The last four are for the sockets of
+# a graph run across hosts (transport tcp): the interface this host listens on, the address others reach it at, the
+# fixed port of the control socket that workers started on other hosts connect to, and whether links are encrypted
+# and authenticated (`is_secure`).
 GRAPH_ATTRS: dict[str, Any] = {
     "name": str,
     "description": str,
     "model": str,
     "transport": Literal["ipc", "tcp"],
     "restart": dict[str, Any],
+    "autoscale": dict[str, Any],
     "shared_memory": bool,
     "bind_host": str,
     "advertise_host": str,
@@ -165,6 +168,10 @@ class _Validator:
             RestartPolicy.from_settings(self.graph.attrs.get("restart"))
         except FieldError as error:
             self.fail(f"restart.{error.field}", str(error))
+        try:
+            AutoscaleSettings.from_settings(self.graph.attrs.get("autoscale"))
+        except FieldError as error:
+            self.fail(f"autoscale.{error.field}", str(error))
         port = self.graph.attrs.get("control_port")
         if port is not None and not 1 <= port <= 65535:
             self.fail("control_port", f"expected a port in 1..65535, got {port}")

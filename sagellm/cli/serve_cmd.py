@@ -72,6 +72,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "(default 0: this process does both)",
     )
     p.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        help="add replicas of the graph's engine under load and drain them when idle, from MIN to MAX instances (the "
+        "graph's `autoscale:` block sets the rest)",
+    )
+    p.add_argument(
         "--api-hub",
         metavar="HOST:PORT",
         help="also let API servers on other hosts attach here (`sagellm api-server --core`; encrypted with a key "
@@ -107,13 +113,27 @@ def run(args: argparse.Namespace) -> int:
     if args.no_llm:
         return _serve_embeddings_only(args, embedding)
     _model_or_graph(args)
-    graph = apply_engine_settings(build_graph(args), args)
+    graph = apply_autoscale(apply_engine_settings(build_graph(args), args), args.autoscale)
     for model in (graph.attrs.get("model"), embedding):
         if model:
             resolve_model(model)  # download once, before any worker process looks for it
     config = _config(args, embedding, args.served_model_name or str(graph.attrs.get("model") or "default"))
     trio.run(_serve_showing_progress, graph, config, args.api_servers)
     return 0
+
+
+def apply_autoscale(graph: Any, bounds: str | None) -> Any:
+    """`--autoscale MIN:MAX` into the graph's `autoscale:` settings (the rest kept), checked as the file's are."""
+    if bounds is None:
+        return graph
+    low, colon, high = bounds.partition(":")
+    if not colon or not low.isdigit() or not high.isdigit():
+        raise ValueError(f"--autoscale: expected MIN:MAX instances (1:4), got {bounds!r}")
+    from sagellm.runtime.pipeline.spec import validate
+
+    bounds_given = {"min_instances": int(low), "max_instances": int(high)}
+    graph.attrs["autoscale"] = {**graph.attrs.get("autoscale", {}), **bounds_given}
+    return validate(graph, graph.attrs.get("_locations"), file=graph.attrs.get("_file"))
 
 
 def _model_or_graph(args: argparse.Namespace) -> None:
@@ -220,6 +240,8 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
         raise ValueError("--no-llm with --no-embedding leaves nothing to serve")
     if args.join:
         raise ValueError("--join adds a generation server to another gateway; an embeddings-only one cannot join")
+    if args.autoscale:
+        raise ValueError("--autoscale adds replicas of a generation engine; --no-llm serves none")
     resolve_model(embedding)
     graph = load_pipeline(graphs.find("control_plane"))
     config = _config(args, embedding, args.served_model_name or served_name(embedding))

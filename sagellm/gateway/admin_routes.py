@@ -99,10 +99,12 @@ def service_status(instances: list[InstanceStats]) -> str:
 
 
 class AdminRoutes:
-    def __init__(self, core: ServingCore) -> None:
+    def __init__(self, core: ServingCore, collectors: tuple[Any, ...] = ()) -> None:
+        """`collectors`: more Prometheus collectors /metrics shows (the autoscaler's)."""
         self.core = core
         self.engine_registry = CollectorRegistry()
-        self.engine_registry.register(EngineGauges(core))
+        for collector in (EngineGauges(core), *collectors):
+            self.engine_registry.register(collector)
 
     def register(self, app: App, admin: Guard | None) -> None:
         app.route("GET", "/health", self.health)

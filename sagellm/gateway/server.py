@@ -22,6 +22,7 @@ import structlog
 import trio
 import zmq
 
+from sagellm.common.autoscale import AutoscaleSettings
 from sagellm.common.home import keys_dir
 from sagellm.common.logging import default_logging
 from sagellm.common.nursery_errors import single_errors
@@ -30,6 +31,7 @@ from sagellm.gateway.admin_routes import AdminRoutes
 from sagellm.gateway.api_hub import ApiServerHub, run_api_servers
 from sagellm.gateway.api_link import FrontEnd
 from sagellm.gateway.auth import admin_key, key_guard
+from sagellm.gateway.autoscaler import Autoscaler
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.engines import EngineManager
@@ -58,15 +60,18 @@ class Gateway:
     stop: trio.Event
     engines: EngineManager
     hub: ApiServerHub | None = None  # with API servers: the core's end of them
+    autoscaler: Autoscaler | None = None  # with `autoscale:` in the graph
 
 
-def build_app(core: ServingCore, config: GatewayConfig, admin: str, engines: EngineManager) -> App:
+def build_app(
+    core: ServingCore, config: GatewayConfig, admin: str, engines: EngineManager, autoscaler: Autoscaler | None = None
+) -> App:
     app = App(allowed_hosts=config.host_names())
     admin_guard, api_guard = key_guard([admin], "admin"), key_guard(config.api_keys, "API")
     openai_routes = OpenAIRoutes(core)
     openai_routes.register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
-    AdminRoutes(core).register(app, admin_guard)
+    AdminRoutes(core, (autoscaler,) if autoscaler is not None else ()).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
     openapi.register(app, version("sagellm"))
     return app
@@ -99,14 +104,18 @@ async def serve(
     )  # fmt: skip
     engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core))
     admin = admin_key(config.state_dir, config.admin_key)
-    app = build_app(core, config, admin, engines)
+    scaling = graph.attrs.get("autoscale")
+    autoscaler = Autoscaler(core, engines, AutoscaleSettings.from_settings(scaling)) if scaling is not None else None
+    app = build_app(core, config, admin, engines, autoscaler)
     stop = trio.Event()
     membership = Membership(config.join) if config.join is not None else None
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
         async with trio.open_nursery() as nursery:
             await nursery.start(core.run)
             await nursery.start(engines.run)
-            signals, member = trio.CancelScope(), trio.CancelScope()
+            signals, member, scaling_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+            if autoscaler is not None:
+                nursery.start_soon(_keep_scaling, autoscaler, scaling_scope)
             if handle_signals:
                 nursery.start_soon(stop_on_signal, stop, signals, membership)
             async with trio.open_nursery() as http:
@@ -120,8 +129,9 @@ async def serve(
                 log.info("gateway_ready", url=url, models=core.models())
                 if membership is not None:
                     nursery.start_soon(_keep_membership, membership, url, member)
-                task_status.started(Gateway(url, core, admin, stop, engines, hub))
+                task_status.started(Gateway(url, core, admin, stop, engines, hub, autoscaler))
             signals.cancel()  # the server returned: stop was set and the requests it held have finished
+            scaling_scope.cancel()  # no replica is added or drained while the gateway stops
             if membership is not None:
                 with trio.CancelScope(shield=True):
                     await membership.leave()  # no-op if a signal already made it leave
@@ -200,6 +210,11 @@ def _announce_hub(endpoint: str, keys: RunKeys) -> Path:
 def _served_names(core: ServingCore) -> list[str]:
     """The embedding models the gateway answers itself, which no managed engine may take."""
     return [op.served_model_name for op in core.operators_of("embedding")]
+
+
+async def _keep_scaling(autoscaler: Autoscaler, scope: trio.CancelScope) -> None:
+    with scope:
+        await autoscaler.run()
 
 
 async def _keep_membership(membership: Membership, listening: str, scope: trio.CancelScope) -> None:

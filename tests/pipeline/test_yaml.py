@@ -315,6 +315,7 @@ def test_describe() -> None:
 
 REAL = """\
 model: some-model
+autoscale: {max_instances: 3, down_load: 0.2}
 nodes:
   src: {op: prompt_source}
   admission: {op: admission, params: {max_queue: 64}}
@@ -340,6 +341,9 @@ RANGE_ERRORS: dict[str, tuple[dict[str, str], str, str, str]] = {
         "kv_cache_memory_gb",
         "> 0",
     ),
+    "autoscale bound": ({"max_instances: 3": "max_instances: 0"}, "autoscale.max_instances", "autoscale", "<="),
+    "autoscale load": ({"down_load: 0.2": "down_load: 2"}, "autoscale.down_load", "autoscale", "[0, 1)"),
+    "autoscale key": ({"down_load: 0.2": "down_loads: 0.2"}, "autoscale.down_loads", "autoscale", "unknown"),
     "policy name": ({"policy: fifo": "policy: lifo"}, "nodes.sort.params.policy", "lifo", "unknown scheduling policy"),
     "strategy name": (
         {"strategy: load_balanced": "strategy: fastest"},
