@@ -16,7 +16,7 @@ import pytest
 
 from sagellm.cli.gateway_cmd import _serve_argv
 from sagellm.cli.run_cmd import build_graph
-from sagellm.cli.serve_cmd import _model_or_graph, add_serve_arguments, apply_engine_settings
+from sagellm.cli.serve_cmd import _model_or_graph, add_serve_arguments, apply_autoscale, apply_engine_settings
 from tests.cli.test_cli import SAGELLM
 from tests.cli.test_gateway_cli import free_port, sagellm
 from tests.tiny_models import make_tiny_llama
@@ -71,6 +71,25 @@ def test_engine_flags_set_every_engine_node_and_are_checked_as_the_file_is(tiny)
     graph = apply_engine_settings(build_graph(args), args)
     split = {n.id: n.params["tensor_parallel_size"] for n in graph.nodes.values() if "tensor_parallel_size" in n.params}
     assert split == {"prefill": 2, "decode": 2}
+
+
+def test_autoscale_bounds_join_the_graph_s_autoscale_settings_and_are_checked_as_the_file_is():
+    args = parse("colocated", "--autoscale", "1:3")
+    graph = build_graph(args)
+    graph.attrs["autoscale"] = {"down_cooldown_s": 5}
+    graph = apply_autoscale(graph, args.autoscale)
+    assert graph.attrs["autoscale"] == {"down_cooldown_s": 5, "min_instances": 1, "max_instances": 3}
+    with pytest.raises(ValueError, match="expected MIN:MAX"):
+        apply_autoscale(build_graph(args), "3")
+    with pytest.raises(ValueError, match="min_instances <= max_instances"):
+        apply_autoscale(build_graph(args), "3:1")
+    assert _serve_argv(*_parsed("--autoscale", "2:4"))[-2:] == ["--autoscale", "2:4"]  # `gateway start` passes it
+
+
+def _parsed(*argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser, parser.parse_args(list(argv))
 
 
 def test_gateway_start_forwards_boolean_flags_both_ways():

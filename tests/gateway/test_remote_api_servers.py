@@ -36,11 +36,11 @@ from tests.gateway.conftest import (
     running_gateway,
     tiny_config,
 )
+from tests.gateway.test_api_servers import CHAT
 from tests.tiny_models import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 KEY = "sk-remote"
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 START_S = 120.0
 
 
