@@ -35,10 +35,11 @@ def groups_of(graph: Graph) -> dict[str, str]:
     return {node.id: placement_group(node.id, node.placement)[1] for node in graph.nodes.values()}
 
 
-def remote_groups(graph: Graph) -> list[str]:
-    """The process groups that workers started by hand (`sagellm worker`) run, in name order."""
+def remote_groups(graph: Graph, kinds: tuple[str, ...] = ("remote", "ray")) -> list[str]:
+    """The process groups that run in workers this process does not start, in name order: started by hand
+    (`sagellm worker`, kind remote) or by Ray (kind ray)."""
     placements = (placement_group(node.id, node.placement) for node in graph.nodes.values())
-    return sorted({group for kind, group in placements if kind == "remote"})
+    return sorted({group for kind, group in placements if kind in kinds})
 
 
 class Bridge:

@@ -44,6 +44,8 @@ from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
+from sagellm.runtime.executor.ray_placement import RayLauncher
+from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.messages import RequestError
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, is_loopback, is_secure
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
@@ -68,7 +70,10 @@ class ProcessExecutor:
         self.graph = graph
         self.groups = groups_of(graph)
         self.children = sorted({g for g in self.groups.values() if g != MAIN})
-        self.remote = remote_groups(graph)
+        self.remote = remote_groups(graph)  # groups this process does not start: by hand, or by Ray
+        self.by_hand = remote_groups(graph, ("remote",))
+        ray_groups = remote_groups(graph, ("ray",))
+        self.ray = RayLauncher(RayCluster.from_settings(graph.attrs.get("cluster")), ray_groups) if ray_groups else None
         self.executor = LocalExecutor(graph, nodes=[n for n, g in self.groups.items() if g == MAIN], **local_args)
         self.peer_timeout_s = peer_timeout_s
         self.startup_timeout_s = startup_timeout_s
@@ -126,7 +131,7 @@ class ProcessExecutor:
     def _write_key_file(self, control_endpoint: str) -> None:
         """The run's key, for the workers started by hand (`--key-file`): a file only its owner can read, named after
         the graph and the control port, under the sageLLM home."""
-        if self.keys is None or not self.remote:
+        if self.keys is None or not self.by_hand:
             return
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.graph.attrs.get("name", "graph"))
         self.key_file = keys_dir() / f"{name}-{control_endpoint.rpartition(':')[2]}.key"
@@ -157,6 +162,9 @@ class ProcessExecutor:
                     if group not in self.remote:
                         await self._spawn(nursery, group)
                 self._announce_remote()
+                if self.ray is not None:  # Ray gets the key itself: its actors are started here, not by hand
+                    key = self.keys.text() if self.keys is not None else None
+                    await trio.to_thread.run_sync(self.ray.start, self.control_endpoint, key)
                 await self.executor.open_operators()
                 await self._await_ready()
                 self.data_endpoints = peers = {**control.endpoints, MAIN: data_endpoint}
@@ -175,6 +183,8 @@ class ProcessExecutor:
                 nursery.cancel_scope.cancel()
         finally:
             control.end_all()
+            if self.ray is not None:
+                self.ray.stop()
             for process in self.processes.values():
                 if process.returncode is None:
                     process.kill()
@@ -198,18 +208,18 @@ class ProcessExecutor:
 
     def _announce_remote(self) -> None:
         """The user starts remote workers: say exactly how (stderr, whatever the log level)."""
-        for group in self.remote:
+        for group in self.by_hand:
             command = self.worker_command(group)
             log.info("waiting_for_remote_worker", group=group, command=command)
             print(f"sagellm: waiting for group {group!r}; on its host run: {command}", file=sys.stderr, flush=True)
-        if self.remote and self.key_file is not None:
+        if self.by_hand and self.key_file is not None:
             print(
                 f"sagellm: the run is encrypted: first copy its key {self.key_file} to that host over a secure channel "
                 "(scp -p, keeping it readable by its owner only) and give its path there to --key-file",
                 file=sys.stderr,
                 flush=True,
             )
-        if self.remote and is_loopback(self.advertise_host):
+        if self.by_hand and is_loopback(self.advertise_host):
             print("sagellm: (only this host can connect: set bind_host: 0.0.0.0 to accept others)", file=sys.stderr)
 
     async def _watch_exit(self, nursery: trio.Nursery, group: str, process: trio.Process) -> None:
@@ -236,7 +246,11 @@ class ProcessExecutor:
 
     def _not_ready(self, missing: list[str]) -> str:
         waited = f"{self.startup_timeout_s:.0f} s"
-        absent = [g for g in missing if g in self.remote and g not in self.control.workers]
+        absent = [g for g in missing if g in self.by_hand and g not in self.control.workers]
+        unplaced = [g for g in missing if g not in self.by_hand and g in self.remote and g not in self.control.workers]
+        if unplaced:
+            return (f"Ray group(s) {unplaced} did not connect within {waited}: does the cluster have the resources "
+                    "they ask for (`cluster.groups`), and can its nodes reach this host?")  # fmt: skip
         if absent:
             commands = "; ".join(self.worker_command(g) for g in absent)
             return f"remote worker group(s) {absent} did not connect within {waited}; start them: {commands}"
@@ -363,12 +377,15 @@ class ProcessExecutor:
         if not self.restart.auto_restart:
             return False
         self.control.reopen(group)
-        print(
-            f"sagellm: {self.control.name(group)} was lost; to bring it back, on its host run: "
-            f"{self.worker_command(group)}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if group in self.by_hand:
+            print(
+                f"sagellm: {self.control.name(group)} was lost; to bring it back, on its host run: "
+                f"{self.worker_command(group)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            log.warning("ray_worker_lost", group=group, note="Ray starts its actor again (max_restarts)")
         while group not in self.control.endpoints:
             await self.control.wait_changed()
             if group in self.control.gone:  # a new worker failed before it was ready: the slot opens again

@@ -59,6 +59,10 @@ class WorkerError(RuntimeError):
     """The worker cannot run: the parent refused it, never answered, or fell silent (the message says which)."""
 
 
+class JoinRefused(WorkerError):
+    """The parent refused this worker's Hello (its group has a live worker, or is not one a worker may take)."""
+
+
 def stats_of(executor: LocalExecutor) -> dict[str, dict[str, Any]]:
     """This process's engine stats and held requests, for a Heartbeat."""
     local = executor.operators
@@ -116,7 +120,7 @@ async def _join(ctrl: TrioSocket, connect: str, group: str, timeout_s: float) ->
             "secure, pass --key-file with this run's key (each run makes a new one)"
         )
     if answer.error:
-        raise WorkerError(f"{connect} refused group {group!r}: {answer.error}")
+        raise JoinRefused(f"{connect} refused group {group!r}: {answer.error}")
     log.info("worker_joined", connect=connect, group=group)
     return load_pipeline(answer.graph), answer.peer_timeout_s
 

@@ -18,6 +18,7 @@ from sagellm.common.errors import FieldError
 from sagellm.common.hints import conforms, describe
 from sagellm.common.restart import RestartPolicy
 from sagellm.runtime.execution_graph.graph import Edge, Graph
+from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.operator import (
     Operator,
     OperatorError,
@@ -29,7 +30,8 @@ from sagellm.runtime.pipeline.operator import (
 
 # Graph-level settings a pipeline may set (graph.attrs), with their types. `restart` is the RestartPolicy of the
 # worker processes the run starts; `autoscale` the AutoscaleSettings of a gateway serving the graph (it adds and
-# removes replicas of the graph's engine). `shared_memory` (default true): tensors between processes on one host go
+# removes replicas of the graph's engine); `cluster` the Ray cluster of its `ray:GROUP` groups (`pipeline.cluster`).
+# `shared_memory` (default true): tensors between processes on one host go
 # through shared memory instead of ZeroMQ frames (`runtime.comm.shared_memory`). The last four are for the sockets of
 # a graph run across hosts (transport tcp): the interface this host listens on, the address others reach it at, the
 # fixed port of the control socket that workers started on other hosts connect to, and whether links are encrypted
@@ -41,6 +43,7 @@ GRAPH_ATTRS: dict[str, Any] = {
     "transport": Literal["ipc", "tcp"],
     "restart": dict[str, Any],
     "autoscale": dict[str, Any],
+    "cluster": dict[str, Any],
     "shared_memory": bool,
     "bind_host": str,
     "advertise_host": str,
@@ -51,8 +54,8 @@ TCP_ONLY_ATTRS = ("bind_host", "advertise_host", "control_port", "secure")
 FILE_KEY = "_file"  # graph.attrs key: the file the graph came from
 LOCATIONS_KEY = "_locations"  # graph.attrs key: field path -> line in that file
 NODE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # no '.', '->', '[' or ',': ids appear in edges and --set keys
-PLACEMENT = re.compile(r"task|(?P<kind>process|remote)(?::(?P<group>[A-Za-z0-9_-]+))?")
-PLACEMENTS = "'task', 'process', 'process:GROUP' or 'remote:GROUP'"
+PLACEMENT = re.compile(r"task|(?P<kind>process|remote|ray)(?::(?P<group>[A-Za-z0-9_-]+))?")
+PLACEMENTS = "'task', 'process', 'process:GROUP', 'remote:GROUP' or 'ray:GROUP'"
 MAIN = "main"  # the process group of nodes placed as tasks: the process that runs the graph
 HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")  # an IPv4 address or a host name
 WILDCARD_HOST = "0.0.0.0"  # listen on every interface
@@ -61,7 +64,8 @@ WILDCARD_HOST = "0.0.0.0"  # listen on every interface
 def placement_group(node_id: str, placement: str) -> tuple[str, str]:
     """(kind, process group) of a node: `task` runs in the process that runs the graph (group MAIN); `process` in a
     process of its own (group = the node id) and `process:NAME` in process NAME, both started by that process;
-    `remote:NAME` (or `remote`) in a worker started by hand, possibly on another host (`sagellm worker`)."""
+    `remote:NAME` (or `remote`) in a worker started by hand, possibly on another host (`sagellm worker`); `ray:NAME`
+    (or `ray`) in a worker a Ray actor runs, on the graph's Ray cluster (`cluster:`)."""
     match = PLACEMENT.fullmatch(placement) if isinstance(placement, str) else None
     if match is None:
         raise ValueError(f"node {node_id!r}: placement {placement!r} must be {PLACEMENTS}")
@@ -172,6 +176,10 @@ class _Validator:
             AutoscaleSettings.from_settings(self.graph.attrs.get("autoscale"))
         except FieldError as error:
             self.fail(f"autoscale.{error.field}", str(error))
+        try:
+            RayCluster.from_settings(self.graph.attrs.get("cluster"))
+        except FieldError as error:
+            self.fail(f"cluster.{error.field}", str(error))
         port = self.graph.attrs.get("control_port")
         if port is not None and not 1 <= port <= 65535:
             self.fail("control_port", f"expected a port in 1..65535, got {port}")
@@ -212,8 +220,8 @@ class _Validator:
             self.fail(f"{at}.placement", f"placement {node.placement!r} must be {PLACEMENTS}")
         if kind != "task" and group == MAIN:
             self.fail(f"{at}.placement", f"group name {MAIN!r} is the process that runs the graph; pick another")
-        if kind == "remote" and self.graph.attrs.get("transport", "ipc") != "tcp":
-            self.fail(f"{at}.placement", "a remote worker connects over tcp; set transport: tcp")
+        if kind in ("remote", "ray") and self.graph.attrs.get("transport", "ipc") != "tcp":
+            self.fail(f"{at}.placement", f"a {kind} worker connects over tcp; set transport: tcp")
 
     def check_groups(self) -> None:
         """A process group is started either by the parent (process) or by hand (remote), not both."""

@@ -78,6 +78,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "graph's `autoscale:` block sets the rest)",
     )
     p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster the graph's `ray:GROUP` groups run on (`auto`: the one `ray start` made on this host; "
+        "default: the graph's `cluster.ray`)",
+    )
+    p.add_argument(
         "--api-hub",
         metavar="HOST:PORT",
         help="also let API servers on other hosts attach here (`sagellm api-server --core`; encrypted with a key "
@@ -114,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         return _serve_embeddings_only(args, embedding)
     _model_or_graph(args)
     graph = apply_autoscale(apply_engine_settings(build_graph(args), args), args.autoscale)
+    if args.ray_address:
+        graph.attrs["cluster"] = {**graph.attrs.get("cluster", {}), "ray": args.ray_address}
     for model in (graph.attrs.get("model"), embedding):
         if model:
             resolve_model(model)  # download once, before any worker process looks for it

@@ -9,6 +9,7 @@ import pytest
 
 import sagellm.operators  # noqa: F401  (registers the operators the shipped graphs name)
 from sagellm.runtime.executor.bridge import groups_of, remote_groups
+from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.operator import MapOperator, SourceOperator, register_operator
 from sagellm.runtime.pipeline.spec import PipelineError, placement_group, same_graph
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline, load_pipeline
@@ -65,6 +66,7 @@ def test_settings_and_remote_groups_load_and_round_trip() -> None:
         ("process:g", ("process", "g")),
         ("remote:g", ("remote", "g")),
         ("remote", ("remote", "n")),
+        ("ray:g", ("ray", "g")),
     ],
 )
 def test_placement_group(placement: str, expected: tuple[str, str]) -> None:
@@ -77,6 +79,14 @@ def test_the_shipped_two_host_graph() -> None:
     assert graph.attrs["control_port"] == 5555
     assert remote_groups(graph) == ["decode"]
     assert {n for n, g in groups_of(graph).items() if g == "decode"} == {"kv_transfer", "decode"}
+
+
+def test_the_shipped_ray_graph() -> None:
+    graph = load_pipeline(GRAPHS / "pd_ray.yaml")
+    cluster = RayCluster.from_settings(graph.attrs["cluster"])
+    assert cluster.address == "auto" and set(cluster.groups) == {"prefill", "decode"}
+    assert cluster.group("decode").options()["resources"] == {"decode_node": 0.1}
+    assert remote_groups(graph) == ["decode", "prefill"] and remote_groups(graph, ("remote",)) == []
 
 
 ERRORS = {  # case: (replacements in VALID, field, text on the reported line, problem)
@@ -106,7 +116,29 @@ ERRORS = {  # case: (replacements in VALID, field, text on the reported line, pr
         {'"remote:back"': '"host:back"'},
         "nodes.b.placement",
         "host:back",
-        "must be 'task', 'process', 'process:GROUP' or 'remote:GROUP'",
+        "must be 'task', 'process', 'process:GROUP', 'remote:GROUP' or 'ray:GROUP'",
+    ),
+    "ray needs tcp": (
+        {
+            "transport: tcp\nbind_host: 0.0.0.0\nadvertise_host: head.example\ncontrol_port: 5555": "transport: ipc",
+            '"remote:back"': '"ray:back"',
+            "placement: remote}": "}",
+        },
+        "nodes.b.placement",
+        "ray:back",
+        "a ray worker connects over tcp; set transport: tcp",
+    ),
+    "ray group setting": (
+        {"control_port: 5555": "control_port: 5555\ncluster: {ray: auto, groups: {back: {num_cpus: -1}}}"},
+        "cluster.groups.back.num_cpus",
+        "cluster",
+        "expected a number >= 0, got -1",
+    ),
+    "ray unknown setting": (
+        {"control_port: 5555": "control_port: 5555\ncluster: {ray: auto, groups: {back: {cpus: 1}}}"},
+        "cluster.groups.back.cpus",
+        "cluster",
+        "unknown setting; the settings are num_cpus",
     ),
     "main is taken": ({'"process:front"': '"process:main"'}, "nodes.a.placement", "process:main", "pick another"),
     "process and remote": (

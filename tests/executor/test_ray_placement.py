@@ -1,0 +1,103 @@
+"""Process groups placed `ray:GROUP` on a real local Ray cluster: a head and a second raylet started by the test
+(`ray.cluster_utils.Cluster`, each node with its own custom resource, so there are two nodes on this machine). The
+prefill and decode groups of a PD graph run as Ray actors, each on the node its resource names, and give the greedy
+tokens of the whole graph in one process; a decode actor killed under 16 streams is started again by Ray and the
+streams resume on it with the same text (0 lost); without Ray the start says how to install it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from sagellm.runtime.executor.local import LocalExecutor
+from sagellm.runtime.executor.process import ProcessExecutor
+from sagellm.runtime.executor.ray_placement import RayMissing
+from sagellm.runtime.pipeline.yaml_io import load_pipeline
+from tests.chaos.test_failover import STREAMS, completion, retries, stream, wait_for_streams_midway
+from tests.executor.test_remote_workers import free_port, pd_yaml, started
+from tests.gateway.conftest import REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.tiny_models import make_tiny_llama
+
+pytestmark = pytest.mark.slow  # a Ray cluster of two raylets
+ray = pytest.importorskip("ray", reason="Ray is not installed here (the `ray` extra)")
+MEGABYTES = 2**20
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    head = {"num_cpus": 2, "resources": {"node_a": 1}, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args={**head, "object_store_memory": 80 * MEGABYTES})
+    cluster.add_node(num_cpus=2, resources={"node_b": 1}, object_store_memory=80 * MEGABYTES)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("ray") / "llama")
+
+
+def ray_pd(model: Path, address: str, port: int, max_tokens: int = 8) -> str:
+    groups = "{prefill: {num_cpus: 1, resources: {node_a: 0.5}}, decode: {num_cpus: 1, resources: {node_b: 0.5}}}"
+    return pd_yaml(model, port, prefill="ray:prefill", decode="ray:decode", max_tokens=max_tokens) + (
+        f"cluster: {{ray: '{address}', groups: {groups}}}\n"
+    )
+
+
+async def test_prefill_and_decode_on_two_ray_nodes_give_the_tokens_of_one_process(cluster, model_path):
+    port = free_port()
+    executor = ProcessExecutor(load_pipeline(ray_pd(model_path, cluster.address, port)))
+    with trio.fail_after(240):
+        async with trio.open_nursery() as nursery:
+            outcome = await started(nursery, executor)
+    assert executor.ray is not None and not executor.ray.actors  # killed with the run
+    nodes = {group: node for group, (_, node) in executor.ray.placed.items()}
+    head = cluster.head_node.node_id
+    assert nodes["prefill"] == head and nodes["decode"] != head  # each where its resource is
+    local = await LocalExecutor(load_pipeline(pd_yaml(model_path, port, prefill="task", decode="task"))).run()
+    result = outcome["result"]
+    assert {r: o.token_ids for r, o in result.outcomes.items()} == {r: o.token_ids for r, o in local.outcomes.items()}
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 8 for o in result.outcomes.values())
+
+
+def test_without_ray_a_graph_with_ray_groups_fails_at_start_saying_how_to_install_it(model_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as where Ray is not installed
+    executor = ProcessExecutor(load_pipeline(ray_pd(model_path, "auto", free_port())), startup_timeout_s=30)
+    with pytest.raises(RayMissing, match=r"install Ray: pip install 'sagellm\[ray\]'"):
+        trio.run(executor.run)
+
+
+def test_a_killed_actor_is_started_again_by_ray_and_the_streams_on_it_resume_with_the_same_text(cluster, tmp_path):
+    """Through the gateway: 8 greedy streams, the decode actor's process killed (SIGKILL) once every stream has
+    tokens. Ray starts the actor again, its worker rejoins the run, and the failover resumes each stream there from
+    its prompt and the tokens so far: every stream ends once, with the text an uninterrupted run gives."""
+    model = make_tiny_llama(tmp_path / "long", max_position_embeddings=4096)
+    graph = tmp_path / "ray_pd.yaml"
+    graph.write_text(ray_pd(model, cluster.address, free_port(), max_tokens=300))
+    with running_gateway(graph, tiny_config(tmp_path)) as gw:
+        launcher = gw.core.executor.ray
+        texts: dict[int, str] = {}
+        outcomes: dict[int, list[str]] = {}
+        threads = [threading.Thread(target=stream, args=(gw.url, i, outcomes, texts)) for i in range(STREAMS)]
+        for thread in threads:
+            thread.start()
+        wait_for_streams_midway(texts, outcomes, more_than=2)  # (one decode worker: every stream is on it)
+        first_pid, _ = launcher.where("decode")
+        os.kill(first_pid, signal.SIGKILL)
+        for thread in threads:
+            thread.join(REPLY_TIMEOUT_S)
+        assert not any(thread.is_alive() for thread in threads), "a stream hung"
+        assert outcomes == {i: ["length"] for i in range(STREAMS)}  # every stream finished, once
+        assert launcher.where("decode")[0] != first_pid  # a new actor process
+        assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
+        for i in range(STREAMS):
+            assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
