@@ -50,7 +50,7 @@ class RayLauncher:
         at `control`."""
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address=self.cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+            ray.init(address=self.cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
         worker = ray.remote(RayWorker)
         for group in self.groups:
             self.actors[group] = worker.options(**self.cluster.group(group).options()).remote(control, group, key_text)
