@@ -1,6 +1,7 @@
 """Runs a pipeline graph across OS processes and hosts: nodes placed `process` or `process:NAME` run in worker
 processes this one starts, nodes placed `remote:NAME` in workers started by hand (`sagellm worker`, on any host),
-the rest as trio tasks here; every cross-process edge is a ZeroMQ link.
+nodes placed `ray:NAME` in workers Ray actors host on the graph's cluster (`ray_placement`), the rest as trio tasks
+here; every cross-process edge is a ZeroMQ link.
 
 The parent binds its control socket (at the graph's `control_port` when set, so a remote worker can be told where
 it is), starts its own workers, prints the command that starts each remote one, and waits until every worker has

@@ -1,11 +1,13 @@
-"""The serving core's end of its API servers (`sagellm serve --api-servers N`): requests in, their items out.
+"""The serving core's end of its API servers (`sagellm serve --api-servers N`, and `sagellm api-server` on other
+hosts with `--api-hub`): requests in, their items out.
 
 A `Submit` becomes a stream of the core (`ServingCore.submit`), with everything a stream does here: admission, the
 policy queue, failover and resume, the metrics sink; the request's status is the core's (`/v1/requests/{id}`). A task
 per request reads its stream and queues the items for their API server; one sender task sends each API server what
-is queued in one message. A `Cancel` cancels the stream; an API server that goes away (its process ended) has all its
-requests cancelled. The core tells API servers what its routes need to know (`Snapshot`) when they attach and whenever
-it changes."""
+is queued in one message. A `Cancel` cancels the stream; a `Call` (any other route) is answered by the gateway's own
+app. An API server that goes away (its process ended, or another host's fell silent) has all its requests cancelled.
+The core tells API servers what its routes need to know (`Snapshot`) when they attach and whenever it changes, and
+that it is there (`Alive`) each second."""
 
 from __future__ import annotations
 

@@ -42,7 +42,6 @@ class Autoscaler:
         self.template: EngineSpec | None = None  # what a replica is, known once the graph runs
         self.replicas: list[str] = []  # the engine ids it started, oldest first
         self.decisions: Counter[str] = Counter()  # "up" / "down" -> how many
-        self.last: Decision | None = None
         self._slo_seen = (0, 0)  # (checked, violations) at the last reading
 
     @property
@@ -59,7 +58,6 @@ class Autoscaler:
                 decision = self.policy.decide(self.signals(), trio.current_time())
                 if decision.delta:
                     await self._apply(decision, nursery)
-                self.last = decision
                 await trio.sleep(self.settings.interval_s)
 
     def signals(self) -> Signals:

@@ -183,9 +183,12 @@ async def _serve_with_hub(
 
 
 def _host_port(value: str | None) -> tuple[str, int] | None:
+    """`api_hub`'s HOST:PORT (a bare PORT: loopback)."""
     if value is None:
         return None
     host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--api-hub: expected HOST:PORT (port 0: any free one), got {value!r}")
     return host or "127.0.0.1", int(port)
 
 
