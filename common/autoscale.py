@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, check_known
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,8 @@ class AutoscaleSettings:
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AutoscaleSettings:
         """The settings a graph's `autoscale:` mapping writes; FieldError names a bad or unknown key."""
         settings = dict(settings or {})
-        known = [item.name for item in dataclasses.fields(cls)]
+        check_known(settings, [item.name for item in dataclasses.fields(cls)], "autoscale setting")
         for key, value in settings.items():
-            if key not in known:
-                raise FieldError(str(key), f"{key}: unknown autoscale setting; the settings are {', '.join(known)}")
             whole = key in ("min_instances", "max_instances")
             if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
                 raise FieldError(str(key), f"{key} must be {'a whole number' if whole else 'a number'}, got {value!r}")

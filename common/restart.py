@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, check_known
 from sagellm.common.hints import conforms, describe
 
 
@@ -47,10 +47,7 @@ class RestartPolicy:
     def from_settings(cls, settings: Mapping[str, Any] | None) -> RestartPolicy:
         """The policy a graph's `restart:` mapping (or a gateway's settings) writes; FieldError names a bad key."""
         settings = dict(settings or {})
-        known = [item.name for item in dataclasses.fields(cls)]
-        for key in settings:
-            if key not in known:
-                raise FieldError(str(key), f"{key}: unknown restart setting; the settings are {', '.join(known)}")
+        check_known(settings, [item.name for item in dataclasses.fields(cls)], "restart setting")
         return cls(**settings)
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:

@@ -242,6 +242,12 @@ def with_host(endpoint: str, host: str) -> str:
     return f"tcp://{host}:{endpoint.rpartition(':')[2]}"
 
 
+def local_endpoint(bound: str) -> str:
+    """A bound endpoint as a process on this host reaches it: one bound on every interface (`tcp://0.0.0.0:PORT`)
+    at loopback, any other as bound."""
+    return with_host(bound, "127.0.0.1") if bound.startswith("tcp://0.0.0.0:") else bound
+
+
 def host_toward(endpoint: str) -> str:
     """This host's IPv4 address on the route to `endpoint`'s host: an address that host can reach us at. Nothing is
     sent (a UDP socket's `connect` only picks the route)."""

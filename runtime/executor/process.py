@@ -40,7 +40,7 @@ from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy, Restarts
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys, authenticator, child_env
-from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, with_host
+from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, local_endpoint, with_host
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
@@ -149,7 +149,7 @@ class ProcessExecutor:
     ) -> PipelineResult:
         """Runs the graph once this process's data and control sockets are bound."""
         self.control_endpoint = with_host(bound, self.advertise_host)
-        self._local_control = with_host(bound, "127.0.0.1") if self.bind_host == WILDCARD_HOST else bound
+        self._local_control = local_endpoint(bound)
         self.control = control = ControlServer(
             sock, dump_pipeline(self.graph), spawned=self.pids, remote=self.remote, peer_timeout_s=self.peer_timeout_s
         )
@@ -248,7 +248,8 @@ class ProcessExecutor:
     def _not_ready(self, missing: list[str]) -> str:
         waited = f"{self.startup_timeout_s:.0f} s"
         absent = [g for g in missing if g in self.by_hand and g not in self.control.workers]
-        unplaced = [g for g in missing if g not in self.by_hand and g in self.remote and g not in self.control.workers]
+        ray_groups = self.ray.groups if self.ray is not None else []
+        unplaced = [g for g in missing if g in ray_groups and g not in self.control.workers]
         if unplaced:
             return (f"Ray group(s) {unplaced} did not connect within {waited}: does the cluster have the resources "
                     "they ask for (`cluster.groups`), and can its nodes reach this host?")  # fmt: skip

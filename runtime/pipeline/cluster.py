@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, check_known
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,7 @@ class RayCluster:
     def from_settings(cls, settings: Mapping[str, Any] | None) -> RayCluster:
         """The cluster a graph's `cluster:` mapping describes; FieldError names a bad key (`groups.decode.num_cpus`)."""
         settings = dict(settings or {})
-        unknown = sorted(set(settings) - {"ray", "groups"})
-        if unknown:
-            raise FieldError(unknown[0], f"{unknown[0]}: unknown cluster setting; the settings are ray, groups")
+        check_known(settings, ["ray", "groups"], "cluster setting")
         address = settings.get("ray", "auto")
         if not isinstance(address, str) or not address:
             raise FieldError("ray", f"ray: expected the Ray cluster's address (or auto), got {address!r}")
@@ -63,11 +61,9 @@ class RayCluster:
 def _group(name: str, value: Any) -> RayGroup:
     if not isinstance(value, Mapping):
         raise FieldError(f"groups.{name}", f"groups.{name}: expected a mapping of settings")
-    known = list(RayGroup.__dataclass_fields__)
+    check_known(value, list(RayGroup.__dataclass_fields__), "setting", at=f"groups.{name}.")
     for key, item in value.items():
         at = f"groups.{name}.{key}"
-        if key not in known:
-            raise FieldError(at, f"{at}: unknown setting; the settings are {', '.join(known)}")
         if key == "resources":
             if not isinstance(item, Mapping) or not all(_number(v) and v >= 0 for v in item.values()):
                 raise FieldError(at, f"{at}: expected a mapping of resource name -> an amount >= 0")

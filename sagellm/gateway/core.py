@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import structlog
@@ -268,10 +268,11 @@ class ServingCore:
     def instance_model(self, name: str | None) -> str | None:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
         name itself for a model attached instances serve. Raises ApiError 404 for any other."""
-        if name is None or name == self.model_name:  # most requests: no need to look at the instances
-            return None
-        attached = {s.model for s in self.instances().values()}  # all its instances failed too: the request learns why
-        return instance_model(name, self.model_name, attached, self.models())
+        return instance_model(name, self.model_name, self._attached_models, self.models)
+
+    def _attached_models(self) -> set[str | None]:
+        """The models attached instances serve, also those whose instances all failed (a request learns why)."""
+        return {s.model for s in self.instances().values()}
 
     # -- what the routes read -------------------------------------------------------------------------------------
     @property
@@ -358,15 +359,17 @@ class RequestIds:
         return f"{prefix}-{self._part}-{next(self._serial)}"
 
 
-def instance_model(name: str | None, own: str, attached: Collection[str | None], served: list[str]) -> str | None:
+def instance_model(
+    name: str | None, own: str, attached: Callable[[], Collection[str | None]], served: Callable[[], list[str]]
+) -> str | None:
     """A request's `Request.model` for the model a client named: None for the graph's own (`own`, or none named),
     the name itself for a model attached instances serve. Raises ApiError 404, naming the `served` ones, for any
-    other."""
+    other. `attached` and `served` are asked only for another model's name: most requests name the graph's own."""
     if name is None or name == own:
         return None
-    if name in attached:
+    if name in attached():
         return name
-    served_names = ", ".join(repr(m) for m in served)
+    served_names = ", ".join(repr(m) for m in served())
     raise ApiError(
         404, f"the model {name!r} does not exist here; this server has {served_names}", param="model",
         code="model_not_found",

@@ -43,7 +43,7 @@ from sagellm.gateway.openai_routes import OpenAIRoutes
 from sagellm.gateway.session_routes import SessionRoutes
 from sagellm.gateway.sessions import SessionStore
 from sagellm.runtime.comm.curve import RunKeys, authenticator
-from sagellm.runtime.comm.zmq_trio import with_host
+from sagellm.runtime.comm.zmq_trio import local_endpoint
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.pipeline.spec import WILDCARD_HOST
 
@@ -168,10 +168,11 @@ async def _serve_with_hub(
                 endpoint = await nursery.start(run_hub)
                 if keys is not None:
                     hub.key_file = key_file = _announce_hub(endpoint, keys)
-                local = with_host(endpoint, "127.0.0.1") if endpoint.startswith(f"tcp://{WILDCARD_HOST}:") else endpoint
                 async with trio.open_nursery() as front:  # returns once `stop` was set and the front ends ended
                     if count:
-                        url = await front.start(run_api_servers, hub, local, config, count, stop, keys)
+                        url = await front.start(
+                            run_api_servers, hub, local_endpoint(endpoint), config, count, stop, keys
+                        )
                     else:
                         url = await front.start(own_http)
                     task_status.started(url)
