@@ -4,10 +4,12 @@ Pure and driven by the clock it is given, so the gateway's autoscaler (`sagellm.
 drains engine processes) and a simulator decide alike from the same numbers. Up when requests wait (more per ready
 instance than `up_waiting_per_instance`, in the policy queues and in the engines' own) or the SLO-violation rate of
 the requests that finished since the last reading reaches `up_slo_violation_rate`; down when the instances are mostly
-idle (running and waiting below `down_load` of their slots) and nothing violated. One instance at a time, within
-`[min_instances, max_instances]`, never while one is still starting (it has taken no load yet, so the signals do not
-show it), and each direction waits out its cool-down after any change: a new instance needs time before the signals
-mean anything, and removing one right after adding it would flap."""
+idle (running and waiting below `down_load` of their slots) and nothing violated, and have stayed so for `down_delay_s`
+(Ray Serve's downscale delay: a lull between two waves, or the moment a new instance becomes ready after the burst that
+asked for it, is not a reason to remove one). One instance at a time, within `[min_instances, max_instances]`, never
+while one is still starting (it has taken no load yet, so the signals do not show it); up waits out `up_cooldown_s`
+after any change (a new instance needs time before the signals mean anything), and the quiet that allows down counts
+from the last change at the earliest, so removing an instance right after adding it cannot flap."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class AutoscaleSettings:
     up_slo_violation_rate: float = 0.1
     down_load: float = 0.25
     up_cooldown_s: float = 30.0
-    down_cooldown_s: float = 120.0
+    down_delay_s: float = 120.0  # how long the load must stay low before an instance is removed
     interval_s: float = 2.0  # how often the signals are read
 
     def __post_init__(self) -> None:
@@ -40,7 +42,7 @@ class AutoscaleSettings:
             raise FieldError("up_slo_violation_rate", "up_slo_violation_rate must be in (0, 1]")
         if not 0 <= self.down_load < 1:
             raise FieldError("down_load", "down_load must be in [0, 1)")
-        for name in ("up_cooldown_s", "down_cooldown_s"):
+        for name in ("up_cooldown_s", "down_delay_s"):
             if getattr(self, name) < 0:
                 raise FieldError(name, f"{name} must be >= 0")
         if self.interval_s <= 0:
@@ -83,6 +85,7 @@ class Autoscale:
     def __init__(self, settings: AutoscaleSettings) -> None:
         self.settings = settings
         self.last_change: float | None = None
+        self.quiet_since: float | None = None  # when the load last went below `down_load` (None: it is not)
 
     def decide(self, signals: Signals, now: float) -> Decision:
         s = self.settings
@@ -90,27 +93,35 @@ class Autoscale:
         if total < s.min_instances:
             return self._change(+1, f"{total} instance(s), below the minimum {s.min_instances}", now)
         if signals.starting:
+            self.quiet_since = None
             return Decision(0, f"{signals.starting} instance(s) starting")
         waiting_each = signals.waiting / max(signals.ready, 1)
         violating = signals.slo_violation_rate >= s.up_slo_violation_rate
         if waiting_each > s.up_waiting_per_instance or violating:
             why = (f"SLO violation rate {signals.slo_violation_rate:.2f}" if violating
                    else f"{waiting_each:.1f} requests waiting per instance")  # fmt: skip
+            self.quiet_since = None
             if total >= s.max_instances:
                 return Decision(0, f"{why}, at the maximum of {s.max_instances}")
             if self._cooling(s.up_cooldown_s, now):
                 return Decision(0, f"{why}, cooling down")
             return self._change(+1, why, now)
         load = (signals.running + signals.waiting) / max(signals.slots, 1)
-        if load < s.down_load and not signals.slo_violation_rate and signals.removable and total > s.min_instances:
-            if self._cooling(s.down_cooldown_s, now):
-                return Decision(0, f"load {load:.2f}, cooling down")
-            return self._change(-1, f"load {load:.2f}, below {s.down_load:g}", now)
-        return Decision(0, f"load {load:.2f}")
+        if load >= s.down_load or signals.slo_violation_rate:
+            self.quiet_since = None
+            return Decision(0, f"load {load:.2f}")
+        if self.quiet_since is None:
+            self.quiet_since = now
+        if not signals.removable or total <= s.min_instances:
+            return Decision(0, f"load {load:.2f}, nothing to remove")
+        quiet_s = now - self.quiet_since  # a change restarts the count: see `_change`
+        if quiet_s < s.down_delay_s:
+            return Decision(0, f"load {load:.2f}, quiet for {quiet_s:.0f} of {s.down_delay_s:g} s")
+        return self._change(-1, f"load {load:.2f}, below {s.down_load:g} for {quiet_s:.0f} s", now)
 
     def _cooling(self, cooldown_s: float, now: float) -> bool:
         return self.last_change is not None and now - self.last_change < cooldown_s
 
     def _change(self, delta: int, reason: str, now: float) -> Decision:
-        self.last_change = now
+        self.last_change, self.quiet_since = now, None
         return Decision(delta, reason)

@@ -5,7 +5,8 @@ and the chained block hashes of its prompt; it only reads. The `route` operator 
 prompt in the shared `PrefixIndex` and charges the chosen instance's `InstanceStats`, so the next decision sees this
 one. Every choice is deterministic given the inputs (ties go to the earliest candidate; `random` is seeded).
 
-- load_balanced: least `predicted_work` (queued prefill + decode tokens), then fewest running.
+- load_balanced: an instance with a free slot first (a request sent to a full one waits in its queue, and route waits
+  with it for room), then least `predicted_work` (queued prefill + decode tokens), then fewest running.
 - round_robin: the candidates in turn.
 - random: uniform, from a seeded `random.Random`.
 - affinity: consistent hashing of `request.user` (the request id when anonymous), so a user's requests land on one
@@ -95,7 +96,7 @@ class LoadBalanced(RoutingStrategy):
     name = "load_balanced"
 
     def choose(self, request: Request, candidates: list[InstanceStats], hashes: list[int]) -> InstanceStats:
-        return min(candidates, key=lambda c: (c.predicted_work, c.running))  # min keeps the first of equals
+        return min(candidates, key=lambda c: (c.saturated, c.predicted_work, c.running))  # the first of equals
 
 
 @register_strategy

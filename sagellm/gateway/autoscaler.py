@@ -25,7 +25,7 @@ from sagellm.common.autoscale import Autoscale, AutoscaleSettings, Decision, Sig
 from sagellm.gateway.engine_spec import DRAINING, FAILED, READY, STARTING, STOPPED, EngineSpec
 from sagellm.gateway.errors import ApiError
 from sagellm.operators.remote_engine import UNLIMITED
-from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
+from sagellm.runtime.engine.config import ENGINE_FIELDS
 
 if TYPE_CHECKING:
     from sagellm.gateway.core import ServingCore
@@ -72,7 +72,8 @@ class Autoscaler:
         checked, violations = (load.slo_checked, load.slo_violations) if load is not None else (0, 0)
         new_checked, new_violations = checked - self._slo_seen[0], violations - self._slo_seen[1]
         self._slo_seen = (checked, violations)
-        seqs = self.template_seqs
+        assert self.template is not None and self.template.slots is not None
+        seqs = self.template.slots  # a joined server's slots, which its own stats do not say, count as a replica's
         return Signals(
             ready=len(ready),
             starting=len(starting),
@@ -82,12 +83,6 @@ class Autoscaler:
             slots=sum(s.max_running if s.max_running < UNLIMITED else seqs for s in ready),
             slo_violation_rate=new_violations / new_checked if new_checked else 0.0,
         )
-
-    @property
-    def template_seqs(self) -> int:
-        """Requests a replica runs at once (what its slots count as: a replica's own stats do not say)."""
-        assert self.template is not None
-        return int(self.template.engine.get("max_num_seqs", EngineConfig.max_num_seqs))
 
     async def _apply(self, decision: Decision, nursery: trio.Nursery) -> None:
         direction = "up" if decision.delta > 0 else "down"

@@ -64,6 +64,14 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.port is not None and not 0 <= self.port < 65536:
             raise FieldError("port", f"port must be 0-65535, got {self.port}")
 
+    @property
+    def slots(self) -> int | None:
+        """Requests it runs at once, when known: `max_concurrent`, else a spawned llm engine's `max_num_seqs` (its own
+        queue holds the rest); None for a server that did not say."""
+        if self.max_concurrent is not None or self.kind != "llm":
+            return self.max_concurrent
+        return int(self.engine.get("max_num_seqs", EngineConfig.max_num_seqs))
+
     def _check_engine_settings(self) -> None:
         if self.kind != "llm":
             raise FieldError("engine", f"engine settings are for llm engines; a {self.kind} engine takes none")

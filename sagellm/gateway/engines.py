@@ -112,6 +112,8 @@ class EngineManager:
         endpoint = Endpoint(engine.url, upstream, engine.api_key, spec.max_concurrent)
         role = "embedding" if spec.kind == "embedding" else "colocated"
         engine.stats = self.registry.attach(engine_id, self._registry_model(engine), endpoint, role=role)
+        if spec.slots is not None:  # what the policies and the autoscaler count as its free slots
+            engine.stats.max_running = spec.slots
         self.engines[engine_id] = engine
         watch = self._supervisor.watch_remote if spec.kind == "openai" else self._supervisor.supervise
         self._nursery.start_soon(watch, engine)

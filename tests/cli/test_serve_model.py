@@ -76,9 +76,9 @@ def test_engine_flags_set_every_engine_node_and_are_checked_as_the_file_is(tiny)
 def test_autoscale_bounds_join_the_graph_s_autoscale_settings_and_are_checked_as_the_file_is():
     args = parse("colocated", "--autoscale", "1:3")
     graph = build_graph(args)
-    graph.attrs["autoscale"] = {"down_cooldown_s": 5}
+    graph.attrs["autoscale"] = {"down_delay_s": 5}
     graph = apply_autoscale(graph, args.autoscale)
-    assert graph.attrs["autoscale"] == {"down_cooldown_s": 5, "min_instances": 1, "max_instances": 3}
+    assert graph.attrs["autoscale"] == {"down_delay_s": 5, "min_instances": 1, "max_instances": 3}
     with pytest.raises(ValueError, match="expected MIN:MAX"):
         apply_autoscale(build_graph(args), "3")
     with pytest.raises(ValueError, match="min_instances <= max_instances"):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # an engine process started and stopped
 BURST, WAVE = 24, 8  # streams
 TOKENS = 300
 AUTOSCALE = {"min_instances": 1, "max_instances": 2, "up_waiting_per_instance": 1, "up_cooldown_s": 0,
-             "down_cooldown_s": 2, "interval_s": 0.25}  # fmt: skip
+             "down_delay_s": 2, "interval_s": 0.25}  # fmt: skip
 
 
 def stream(url: str, index: int, texts: dict[int, str], ends: dict[int, list[str]], ids: dict[int, str]) -> None:

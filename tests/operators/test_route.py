@@ -96,6 +96,15 @@ def test_load_balanced_evens_out_uneven_start():
     assert max(works) - min(works) <= 50
 
 
+def test_load_balanced_sends_to_a_free_slot_before_a_shorter_queue():
+    full = InstanceStats(name="engine", max_running=2, running=2, queued_decode_tokens=20)  # 2 running, nearly done
+    replica = InstanceStats(name="replica", max_running=2, running=1, queued_decode_tokens=100)  # a slot free
+    route = make_route([full, replica], strategy="load_balanced")
+    assert send(route, make_request(0, sampling=SamplingParams(max_tokens=10))) == "replica"
+    assert replica.saturated  # both full now: the shorter queue
+    assert send(route, make_request(1, sampling=SamplingParams(max_tokens=10))) == "engine"
+
+
 def test_unhealthy_and_wrong_role_instances_are_never_chosen():
     instances = pool(3) + [InstanceStats(name="p0", role="prefill")]
     instances[1].healthy = False
