@@ -19,6 +19,7 @@ keeps the instance reads from the server's metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -94,6 +95,11 @@ class RemoteEngine(StreamOperator):
         self.endpoints[instance_id] = endpoint
         self._sent[instance_id] = {}
         return stats
+
+    def relocate(self, instance_id: str, url: str) -> None:
+        """New requests for the instance go to `url`; those streaming from its old address end as it goes."""
+        if instance_id in self.endpoints:
+            self.endpoints[instance_id] = dataclasses.replace(self.endpoints[instance_id], url=url)
 
     def detach(self, instance_id: str) -> None:
         """Route no longer sees the instance; requests still streaming from it end at their next event with

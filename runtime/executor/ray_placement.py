@@ -36,6 +36,14 @@ def import_ray() -> Any:
     return ray
 
 
+def connect(cluster: RayCluster) -> Any:
+    """Ray, connected to the cluster (once per process; blocking). Raises RayMissing without Ray."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+    return ray
+
+
 class RayLauncher:
     """The actors of one run's `ray:` groups: started once the parent's control socket listens, killed (with no
     restart) when the run ends."""
@@ -48,9 +56,7 @@ class RayLauncher:
     def start(self, control: str, key_text: str | None) -> None:
         """Connects to the cluster (blocking: run it in a thread) and creates each group's actor, which joins the run
         at `control`."""
-        ray = import_ray()
-        if not ray.is_initialized():
-            ray.init(address=self.cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+        ray = connect(self.cluster)
         worker = ray.remote(RayWorker)
         for group in self.groups:
             self.actors[group] = worker.options(**self.cluster.group(group).options()).remote(control, group, key_text)

@@ -3,7 +3,8 @@ graph file, or `sagellm serve --autoscale MIN:MAX`).
 
 Every `interval_s` it reads the instances serving the graph's own model (the graph's engines and the replicas it
 added), the policy queues, and the SLO outcomes since its last reading, and applies `common.autoscale`'s decision. Up
-starts one more engine process of the same model with the graph's engine settings, through the engine manager: an
+starts one more engine process of the same model with the graph's engine settings, through the engine manager (on
+a Ray node when the graph has a `cluster:`, placed by its `replicas` group's resources): an
 `llm` engine served under the gateway's model name, so it is a replica (admission tokenizes for it, route picks it
 beside the graph's engines, failover moves requests between them). Down drains the least-loaded replica it added
 (route sends it nothing new, what runs there finishes: no request is lost) and then stops it; the graph's own engines
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("sagellm.gateway")
 SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}
+REPLICA_GROUP = "replicas"  # the `cluster.groups` entry that places replicas on a Ray cluster
 
 
 class Autoscaler:
@@ -51,7 +53,7 @@ class Autoscaler:
     async def run(self) -> None:
         """Reads and decides every `interval_s` until cancelled (the gateway stops its replicas with the manager).
         Raises ValueError for a graph it cannot copy an engine of."""
-        self.template = replica_spec(self.core)
+        self.template = replica_spec(self.core, on_ray=self.engines.ray is not None)
         log.info("autoscaler_started", settings=vars(self.settings), replica=self.template.engine)
         async with trio.open_nursery() as nursery:
             while True:
@@ -135,9 +137,10 @@ class Autoscaler:
         yield replicas
 
 
-def replica_spec(core: ServingCore) -> EngineSpec:
+def replica_spec(core: ServingCore, *, on_ray: bool = False) -> EngineSpec:
     """One more engine like the graph's: its model, served under the gateway's model name (a replica), with the
-    settings of the graph's first engine node. Raises ValueError for a graph it cannot copy."""
+    settings of the graph's first engine node; `on_ray`: placed on the gateway's Ray cluster as its `replicas` group
+    says. Raises ValueError for a graph it cannot copy."""
     model = core.local.graph_attrs.get("model") if core.local is not None else None
     nodes = [n for n in core.graph.nodes.values() if n.op == "engine"]
     if model is None or not nodes:
@@ -148,4 +151,5 @@ def replica_spec(core: ServingCore) -> EngineSpec:
     tensor_parallel = int(params.pop("tensor_parallel_size", 1) or 1)
     engine = {k: v for k, v in params.items() if k in ENGINE_FIELDS and k != "model"}
     return EngineSpec(model=str(model), served_model_name=core.model_name, tensor_parallel=tensor_parallel,
-                      engine=engine, label="autoscaled")  # fmt: skip
+                      engine=engine, label="autoscaled",
+                      placement=f"ray:{REPLICA_GROUP}" if on_ray else None)  # fmt: skip

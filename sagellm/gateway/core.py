@@ -245,6 +245,11 @@ class ServingCore:
             )
         return self.remote.attach(instance_id, model, endpoint, healthy=healthy, role=role)
 
+    def relocate(self, instance_id: str, url: str) -> None:
+        """The attached server is now reached at `url` (its process was started again elsewhere)."""
+        if self.remote is not None:
+            self.remote.relocate(instance_id, url)
+
     def detach(self, instance_id: str) -> None:
         if self.remote is not None:
             self.remote.detach(instance_id)

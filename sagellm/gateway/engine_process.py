@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,8 @@ from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy, Restarts
 from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_GRAPH
 from sagellm.gateway.engine_spec import FAILED, READY, STARTING, UNHEALTHY, ManagedEngine
+from sagellm.runtime.executor.ray_process import RayProcess
+from sagellm.runtime.pipeline.cluster import RayCluster
 
 log = structlog.get_logger("sagellm.gateway")
 
@@ -50,10 +53,14 @@ class Supervisor:
         startup_timeout_s: float = 600.0,
         stop_grace_s: float = 15.0,
         restart: RestartPolicy | None = None,
+        ray: RayCluster | None = None,
+        relocated: Callable[[ManagedEngine, str], None] = lambda engine, url: None,
     ) -> None:
         """`startup_timeout_s` covers a first-run model download; `stop_grace_s` is how long a process may take to
-        stop after SIGTERM before it is killed; `restart`: when a process that died after serving is started again."""
-        self._client = client
+        stop after SIGTERM before it is killed; `restart`: when a process that died after serving is started again;
+        `ray`: the cluster engines placed `ray:GROUP` run on; `relocated(engine, url)`: such an engine's server is
+        now reached at `url` (each start may land on another node)."""
+        self._client, self.ray, self.relocated = client, ray, relocated
         self.health_interval_s, self.startup_timeout_s = health_interval_s, startup_timeout_s
         self.stop_grace_s, self.restart = stop_grace_s, restart or RestartPolicy()
 
@@ -63,12 +70,12 @@ class Supervisor:
         while True:
             try:
                 timed_out = await self._run_process(engine, restarts)
-            except OSError as exc:  # the interpreter could not be started
+            except (OSError, RuntimeError) as exc:  # the interpreter could not be started, Ray could not place it
                 engine.state, engine.last_error = FAILED, f"could not start the process: {exc}"
                 return
             if engine.stopping:
                 return
-            engine.last_error = self._death_cause(engine, timed_out)
+            engine.last_error = await self._death_cause(engine, timed_out)
             delay = restarts.next_delay(trio.current_time()) if engine.ever_ready and not timed_out else None
             if delay is None:
                 engine.state = FAILED
@@ -82,13 +89,7 @@ class Supervisor:
 
     async def _run_process(self, engine: ManagedEngine, restarts: Restarts) -> bool:
         """Spawns the engine and watches it until it exits; True when it was killed for not becoming ready."""
-        engine.directory.mkdir(parents=True, exist_ok=True)
-        with (engine.directory / LOG_FILE).open("ab") as logfile:
-            process = engine.process = await trio.lowlevel.open_process(
-                _command(engine), stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                env=_environment(engine), start_new_session=True,
-            )  # fmt: skip
-        (engine.directory / PID_FILE).write_text(f"{process.pid}\n")
+        process = await self._spawn(engine)
         if engine.stopping:  # stopped while it was being spawned
             process.kill()
             await process.wait()
@@ -114,14 +115,40 @@ class Supervisor:
             await self._check_health(engine, "/health")
         return timed_out
 
-    def _death_cause(self, engine: ManagedEngine, timed_out: bool) -> str:
+    async def _spawn(self, engine: ManagedEngine) -> trio.Process | RayProcess:
+        """Starts the engine's server here, or on the Ray node its placement names (its URL then that node's)."""
+        engine.directory.mkdir(parents=True, exist_ok=True)
+        if engine.spec.placement is not None:
+            if self.ray is None:
+                raise OSError(f"placement {engine.spec.placement} needs a Ray cluster: start the gateway with one")
+            group = engine.spec.placement.removeprefix("ray:")
+            env = {API_KEY_ENV: engine.api_key or ""}  # the node's own environment otherwise: its GPUs are Ray's
+            process = engine.process = await RayProcess.start(
+                self.ray, group, lambda host, port: _command(engine, host, port), env, self.startup_timeout_s
+            )
+            self.relocated(engine, f"http://{process.host}:{process.port}")
+            return process
+        with (engine.directory / LOG_FILE).open("ab") as logfile:
+            process = engine.process = await trio.lowlevel.open_process(
+                _command(engine), stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                env=_environment(engine), start_new_session=True,
+            )  # fmt: skip
+        (engine.directory / PID_FILE).write_text(f"{process.pid}\n")
+        return process
+
+    async def _death_cause(self, engine: ManagedEngine, timed_out: bool) -> str:
         """One line: killed by a signal, or its exit code and the last line it logged (its error message)."""
+        process = engine.process
+        where = f"on {process.host}" if isinstance(process, RayProcess) else f"log: {engine.directory / LOG_FILE}"
         if timed_out:
-            return f"not ready after {self.startup_timeout_s:g} s (log: {engine.directory / LOG_FILE})"
-        code = engine.process.returncode
+            return f"not ready after {self.startup_timeout_s:g} s ({where})"
+        code = process.returncode
         if code < 0:
             return f"the process was killed by {signal.Signals(-code).name}"
-        last = log_tail(engine.directory / LOG_FILE, 1)[-300:]
+        if isinstance(process, RayProcess):
+            last = (await trio.to_thread.run_sync(process.log_tail))[-300:]
+        else:
+            last = log_tail(engine.directory / LOG_FILE, 1)[-300:]
         return f"the process exited with code {code}" + (f": {last}" if last else "")
 
     async def end_process(self, engine: ManagedEngine, force: bool) -> None:
@@ -200,12 +227,13 @@ def _auth(engine: ManagedEngine) -> dict[str, str]:
     return {"authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
 
 
-def _command(engine: ManagedEngine) -> list[str]:
+def _command(engine: ManagedEngine, host: str = "127.0.0.1", port: int | None = None) -> list[str]:
     serve = python_module("sagellm.cli.main", "serve")
-    common = ["--host", "127.0.0.1", "--port", str(engine.port), "--state-dir", str(engine.directory)]
+    port = engine.port if port is None else port
+    common = ["--host", host, "--port", str(port), "--state-dir", str(engine.directory)]
     if engine.spec.kind == "embedding":
         return [*serve, "--no-llm", "--embedding-model", engine.spec.model, *common]
-    settings = {"backend": "cuda" if engine.gpus else "cpu", **engine.spec.engine}
+    settings = {"backend": "cuda" if engine.gpus or engine.spec.use_gpu else "cpu", **engine.spec.engine}
     if engine.spec.tensor_parallel > 1:
         settings["tensor_parallel_size"] = engine.spec.tensor_parallel
     graph = [str(DEFAULT_GRAPH), "--model", engine.spec.model, "--served-model-name", engine.name, "--no-embedding"]

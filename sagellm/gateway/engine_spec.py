@@ -8,6 +8,7 @@ registry (`stats`): route chooses it only while it is ready."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
 from sagellm.runtime.pipeline.operator import InstanceStats
 
 STARTING, READY, UNHEALTHY = "starting", "ready", "unhealthy"
+RAY_PLACEMENT = re.compile(r"ray:[A-Za-z0-9_-]+")
 DRAINING, STOPPED, FAILED = "draining", "stopped", "failed"
 
 
@@ -34,6 +36,7 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     label: str | None = None
     max_concurrent: int | None = None  # requests sent to it at once; more are answered 429
     use_gpu: bool = False
+    placement: str | None = None  # llm, embedding: "ray:GROUP" runs it on the gateway's Ray cluster (None: here)
     url: str | None = None  # openai: the server's base URL
     api_key: str | None = None  # openai: the key the server expects
     served_model_name: str | None = None  # the name clients send here (default: model)
@@ -54,13 +57,17 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.kind == "openai":
             if not self.url or not self.url.startswith(("http://", "https://")):
                 raise FieldError("url", "an openai engine needs `url`, the server's http(s) base URL")
-            if self.port or self.use_gpu or self.tensor_parallel > 1:
-                raise FieldError(
-                    "kind", "port, tensor_parallel and use_gpu are an openai server's own settings; leave them out"
-                )
+            if self.port or self.use_gpu or self.tensor_parallel > 1 or self.placement:
+                raise FieldError("kind", "port, tensor_parallel, use_gpu and placement are an openai server's own "
+                                         "settings; leave them out")  # fmt: skip
             return
         if self.url or self.api_key:
             raise FieldError("url", f"url and api_key are for openai engines; a {self.kind} engine is spawned here")
+        if self.placement is not None:
+            if not RAY_PLACEMENT.fullmatch(self.placement):
+                raise FieldError("placement", f"placement must be 'ray:GROUP' or left out, got {self.placement!r}")
+            if self.port:
+                raise FieldError("port", "a server placed on Ray listens on a port free on its node; leave port out")
         if self.port is not None and not 0 <= self.port < 65536:
             raise FieldError("port", f"port must be 0-65535, got {self.port}")
 
@@ -136,6 +143,7 @@ class ManagedEngine:
             "state": self.state,
             "pid": self.process.pid if self.process is not None and self.process.returncode is None else None,
             "port": self.port,
+            "placement": self.spec.placement,
             "max_concurrent": self.spec.max_concurrent,
             "in_flight": self.in_flight,
             "restarts": self.restarts,

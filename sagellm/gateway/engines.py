@@ -29,6 +29,7 @@ from sagellm.gateway.engine_spec import DRAINING, STOPPED, EngineSpec, ManagedEn
 from sagellm.gateway.errors import ApiError
 from sagellm.operators.embedding import served_name
 from sagellm.operators.remote_engine import Endpoint
+from sagellm.runtime.pipeline.cluster import RayCluster
 
 if TYPE_CHECKING:
     from sagellm.gateway.core import ServingCore
@@ -45,19 +46,21 @@ class EngineManager:
         *,
         reserved_names: Callable[[], Iterable[str]] = tuple,
         drain_timeout_s: float = 30.0,
+        ray: RayCluster | None = None,
         **supervision: float,
     ) -> None:
         """Engines keep their files in `gateway_state_dir/engines/<this pid>/ID/`; every engine is an instance in
         `registry`. `reserved_names`: the embedding models the gateway itself serves, which no managed engine may
         take; a generation engine named as the gateway's own model is one more instance of it (`_registry_model`).
-        `drain_timeout_s`: how long a stop waits for the engine's requests in flight. `supervision`: Supervisor's
-        timings and limits."""
+        `drain_timeout_s`: how long a stop waits for the engine's requests in flight. `ray`: the cluster engines
+        placed `ray:GROUP` run on. `supervision`: Supervisor's timings and limits."""
         self.engines_root = gateway_state_dir / ENGINES_DIR
         self.state_dir = self.engines_root / str(os.getpid())
         self.registry = registry
         self.reserved_names = reserved_names
         self.drain_timeout_s = drain_timeout_s
         self.supervision = supervision
+        self.ray = ray
         self.engines: dict[str, ManagedEngine] = {}
         self._ids = itertools.count(1)
         self._closed = trio.Event()
@@ -71,7 +74,7 @@ class EngineManager:
         stop_orphans(self.engines_root)
         async with _client() as client, trio.open_nursery() as nursery:
             self._client, self._nursery = client, nursery
-            self._supervisor = Supervisor(client, **self.supervision)
+            self._supervisor = Supervisor(client, ray=self.ray, relocated=self._relocated, **self.supervision)
             try:
                 task_status.started()
                 await self._closed.wait()
@@ -92,7 +95,7 @@ class EngineManager:
         at once (state starting)."""
         if self._nursery is None or self._closed.is_set():
             raise ApiError(503, "the engine manager is not running", code="unavailable")
-        gpus = await self._gpus_for(spec) if spec.kind != "openai" else []
+        gpus = await self._gpus_for(spec) if spec.kind != "openai" and spec.placement is None else []
         self._check(spec)  # no await from here to the registration: two starts cannot both take a name or port
         if engine_id is not None and (engine_id in self.engines or engine_id in self.registry.instances()):
             raise ApiError(409, f"an engine or instance named {engine_id!r} exists", code="conflict")
@@ -148,6 +151,11 @@ class EngineManager:
         took_ms = round(1000 * (time.perf_counter() - started), 1)
         return {"id": engine.id, "healthy": ok, "state": engine.state, "latency_ms": took_ms}
 
+    def _relocated(self, engine: ManagedEngine, url: str) -> None:
+        """An engine placed on Ray is reached where its latest start put it."""
+        engine.url = url
+        self.registry.relocate(engine.id, url)
+
     def get(self, engine_id: str) -> ManagedEngine:
         engine = self.engines.get(engine_id)
         if engine is None:
@@ -169,6 +177,9 @@ class EngineManager:
             spec.check()
         except FieldError as error:
             raise ApiError(400, str(error), param=error.field, code="invalid_request") from None
+        if spec.placement is not None and self.ray is None:
+            raise ApiError(400, f"placement {spec.placement} needs a Ray cluster: serve with --ray-address or a "
+                                "graph's `cluster:`", param="placement", code="invalid_request")  # fmt: skip
         name = spec.served_model_name or spec.model
         own = name == self.registry.model_name and spec.kind == "embedding"
         if name in set(self.reserved_names()) or own:

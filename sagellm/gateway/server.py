@@ -45,6 +45,7 @@ from sagellm.gateway.sessions import SessionStore
 from sagellm.runtime.comm.curve import RunKeys, authenticator
 from sagellm.runtime.comm.zmq_trio import local_endpoint
 from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.spec import WILDCARD_HOST
 
 log = structlog.get_logger("sagellm.gateway")
@@ -102,7 +103,8 @@ async def serve(
         graph, served_model_name=config.served_model_name, failover=config.failover,
         embedding_model=config.embedding_model,
     )  # fmt: skip
-    engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core))
+    cluster = RayCluster.from_settings(graph.attrs["cluster"]) if "cluster" in graph.attrs else None
+    engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core), ray=cluster)
     admin = admin_key(config.state_dir, config.admin_key)
     scaling = graph.attrs.get("autoscale")
     autoscaler = Autoscaler(core, engines, AutoscaleSettings.from_settings(scaling)) if scaling is not None else None

@@ -2,7 +2,8 @@
 (`ray.cluster_utils.Cluster`, each node with its own custom resource, so there are two nodes on this machine). The
 prefill and decode groups of a PD graph run as Ray actors, each on the node its resource names, and give the greedy
 tokens of the whole graph in one process; a decode actor killed under 16 streams is started again by Ray and the
-streams resume on it with the same text (0 lost); without Ray the start says how to install it."""
+streams resume on it with the same text (0 lost); the autoscaler of a gateway with a cluster adds a replica on the
+Ray node its `replicas` group names under a burst and removes it after; without Ray the start says how to install it."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
+from sagellm import LLM, SamplingParams
 from sagellm.runtime.executor.local import LocalExecutor
 from sagellm.runtime.executor.process import ProcessExecutor
 from sagellm.runtime.executor.ray_placement import RayMissing
+from sagellm.runtime.executor.ray_process import RayProcess
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.chaos.test_failover import STREAMS, completion, retries, stream, wait_for_streams_midway
 from tests.executor.test_remote_workers import free_port, pd_yaml, started
-from tests.gateway.conftest import REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.gateway.test_autoscaler import stream as burst_stream
+from tests.gateway.test_autoscaler import wait_for
 from tests.tiny_models import make_tiny_llama
 
 pytestmark = pytest.mark.slow  # a Ray cluster of two raylets
@@ -101,3 +107,45 @@ def test_a_killed_actor_is_started_again_by_ray_and_the_streams_on_it_resume_wit
         assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
         for i in range(STREAMS):
             assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
+
+
+def test_the_autoscaler_adds_a_replica_on_a_ray_node_under_a_burst_and_removes_it_after(cluster, tmp_path):
+    """1 -> 2 -> 1 instances: the graph's engine in the gateway's process, a replica's server started by a Ray actor
+    on the second node (its `replicas` group asks for that node's resource); every stream ends once with the text
+    the offline API gives; the quiet after drains the replica and its actor is gone with it."""
+    model = make_tiny_llama(tmp_path / "llama", max_position_embeddings=2048)
+    scaling = {"min_instances": 1, "max_instances": 2, "up_waiting_per_instance": 1, "up_cooldown_s": 0,
+               "down_delay_s": 2, "interval_s": 0.25}  # fmt: skip
+    groups = {"replicas": {"num_cpus": 1, "resources": {"node_b": 0.5}}}
+    attrs = {"autoscale": scaling, "cluster": {"ray": cluster.address, "groups": groups}}
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path), model, attrs=attrs,
+                         **{"engine.max_num_seqs": 2}) as gw:  # fmt: skip
+        scaler, engines = gw.gateway.autoscaler, gw.gateway.engines
+        texts: dict[int, str] = {}
+        ends: dict[int, list[str]] = {}
+        ids: dict[int, str] = {}
+        burst = [threading.Thread(target=burst_stream, args=(gw.url, i, texts, ends, ids)) for i in range(16)]
+        for thread in burst:
+            thread.start()
+        wait_for(lambda: scaler.decisions["up"] == 1, "a replica added")
+        (replica,) = scaler.replicas
+        wait_for(lambda: engines.engines[replica].state == "ready", "the replica ready", timeout_s=180)
+        process = engines.engines[replica].process
+        assert isinstance(process, RayProcess) and process.node_id() != cluster.head_node.node_id
+        assert engines.engines[replica].url == f"http://{process.host}:{process.port}"
+        wave = [threading.Thread(target=burst_stream, args=(gw.url, i, texts, ends, ids)) for i in range(16, 24)]
+        for thread in wave:
+            thread.start()
+        for thread in burst + wave:
+            thread.join(REPLY_TIMEOUT_S)
+        assert not any(thread.is_alive() for thread in burst + wave), "a stream hung"
+        assert ends == {i: ["length"] for i in range(24)}  # every stream ended, once
+        served_by = {httpx.get(f"{gw.url}/v1/requests/{ids[i]}").json()["instance"] for i in range(24)}
+        assert served_by == {"engine", replica}
+        wait_for(lambda: scaler.decisions["down"] == 1 and not scaler.replicas, "the replica drained")
+        assert process.returncode is not None
+        with pytest.raises(ray.exceptions.RayActorError):
+            process.node_id()  # its actor is gone with its server
+    prompts = [f"burst {i}" for i in range(24)]
+    offline = LLM(str(model)).generate(prompts, SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
+    assert [texts[i] for i in range(24)] == [o.outputs[0].text for o in offline]

@@ -76,6 +76,10 @@ def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
         ({"model": "m", "url": "http://127.0.0.1:1"}, "url", "url and api_key are for openai engines"),
         ({"model": "m", "max_concurrent": 0}, "max_concurrent", "max_concurrent must be >= 1"),
         ({"model": "m", "port": 70000}, "port", "port must be 0-65535"),
+        ({"model": "m", "placement": "remote:a"}, "placement", "placement must be 'ray:GROUP' or left out"),
+        ({"model": "m", "placement": "ray:a", "port": 9000}, "port", "listens on a port free on its node"),
+        ({"model": "m", "placement": "ray:a"}, "placement", "placement ray:a needs a Ray cluster"),
+        ({"model": "m", "kind": "openai", "url": "http://h", "placement": "ray:a"}, "kind", "placement are an openai"),
     ],
 )
 def test_bad_start_bodies_are_400(admin, body, param, words):
