@@ -61,6 +61,11 @@ class EngineConfig:
         "the engine's devices: accelerator indexes, or CPU cores on the cpu backend", None
     )
 
+    # vLLM's --distributed-executor-backend: how the ranks other than 0 are started. mp: processes on this host,
+    # sharing memory for the CPU's all-reduces. ray: Ray actors, one per rank, in a placement group spread over the
+    # cluster's nodes (RAY_ADDRESS, else the cluster `ray start` made here), gloo over TCP between them.
+    distributed_executor_backend: str = _help("where ranks 1.. run: mp (processes here) or ray (a Ray cluster)", "mp")
+
     def __post_init__(self) -> None:
         for name, (hint, _, _) in ENGINE_FIELDS.items():
             value = getattr(self, name)
@@ -74,6 +79,9 @@ class EngineConfig:
                 _at_least(self, name, 1)
         if self.device_ids is not None and (not self.device_ids or min(self.device_ids) < 0):
             raise FieldError("device_ids", f"device_ids must be device numbers >= 0, got {self.device_ids!r}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise FieldError("distributed_executor_backend", f"distributed_executor_backend must be one of "
+                             f"{', '.join(EXECUTOR_BACKENDS)}, got {self.distributed_executor_backend!r}")  # fmt: skip
         if self.dtype not in DTYPES:
             raise FieldError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.kv_cache_memory_gb > 0:
@@ -90,6 +98,7 @@ class EngineConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16")  # auto is float32
+EXECUTOR_BACKENDS = ("mp", "ray")
 
 # vLLM's short names of two settings: `-tp` / `--tp` on command lines, `tp:` in graph files.
 SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}

@@ -17,31 +17,11 @@ from typing import Any
 
 import structlog
 
+from sagellm.common.ray_process import connect, import_ray
 from sagellm.runtime.pipeline.cluster import RayCluster
 
 log = structlog.get_logger("sagellm.ray")
-NAMESPACE = "sagellm"
 REJOIN_S = 120.0  # how long a refused successor asks again (the run notices a lost worker within its peer timeout)
-
-
-class RayMissing(RuntimeError):
-    """A graph places groups on Ray, and Ray is not installed here."""
-
-
-def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise RayMissing("the graph places groups `ray:GROUP`; install Ray: pip install 'sagellm[ray]'") from None
-    return ray
-
-
-def connect(cluster: RayCluster) -> Any:
-    """Ray, connected to the cluster (once per process; blocking). Raises RayMissing without Ray."""
-    ray = import_ray()
-    if not ray.is_initialized():
-        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
-    return ray
 
 
 class RayLauncher:
@@ -56,7 +36,7 @@ class RayLauncher:
     def start(self, control: str, key_text: str | None) -> None:
         """Connects to the cluster (blocking: run it in a thread) and creates each group's actor, which joins the run
         at `control`."""
-        ray = connect(self.cluster)
+        ray = connect(self.cluster.address)
         worker = ray.remote(RayWorker)
         for group in self.groups:
             self.actors[group] = worker.options(**self.cluster.group(group).options()).remote(control, group, key_text)

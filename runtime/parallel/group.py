@@ -8,6 +8,8 @@ and the logits come back here to sample. A prefill's KV hand-over is led the sam
 
 Start-up: rank 0 opens the group's store and shared memory, starts ranks 1.. as processes (`rank_worker`), prepares
 its own part of the weights while they load theirs, and connects once every rank has said it is ready in the store.
+With `distributed_executor_backend: ray` the ranks are processes on the nodes of a Ray placement group instead (one
+bundle per rank, spread over the nodes), reaching the store at this node's address, with no shared memory.
 A rank that fails to start says why there; one that dies says it by its exit. A rank lost later fails the next step
 with `RunnerLostError`: the engine cannot go on, and whoever runs it (a worker's restart, the user) starts it again.
 """
@@ -28,6 +30,7 @@ import torch
 from sagellm.backends.base import HardwareBackend
 from sagellm.common.processes import python_module
 from sagellm.common.progress import stage
+from sagellm.common.ray_process import RayProcess, connect, import_ray
 from sagellm.runtime.comm import shared_collectives
 from sagellm.runtime.comm.collectives import CollectiveError, open_store
 from sagellm.runtime.engine.config import EngineConfig
@@ -67,14 +70,17 @@ class ParallelRunner(ModelRunner):
         if not engine.model:
             raise ValueError("a parallel engine needs the model's path: every rank loads it")
         place(backend, engine.device_ids, engine.num_threads, 0, layout.world_size)
+        on_ray = engine.distributed_executor_backend == "ray"
+        ray = connect(os.environ.get("RAY_ADDRESS", "auto")) if on_ray else None
         store = open_store(layout.world_size)
-        segments = _Segments(layout, backend, _shared_capacity(config, engine))
+        host = ray.util.get_node_ip_address() if ray is not None else store.host  # where the other ranks find it
+        segments = _Segments(layout, backend, _shared_capacity(config, engine), shared=not on_ray)
         spec = RankSpec(
             model=engine.model,
             rank=0,
             tensor_parallel_size=layout.tp,
             pipeline_parallel_size=layout.pp,
-            host=store.host,
+            host=host,
             port=store.port,
             backend=backend.name,
             num_blocks=num_blocks,
@@ -91,14 +97,19 @@ class ParallelRunner(ModelRunner):
         )
         self.layout = layout
         self._comms = RankComms.open(layout, store, backend.collective_library, spec)
-        self._ranks: list[subprocess.Popen] = []
+        self.ranks: list[subprocess.Popen | RayProcess] = []  # ranks 1.., in order
+        self._ray_group: Any = None  # the ranks' placement group on Ray
         self._encoder = msgspec.msgpack.Encoder()
         try:
-            for rank in range(1, layout.world_size):
-                command = python_module(
-                    "sagellm.runtime.parallel.rank_worker", msgspec.structs.replace(spec, rank=rank).encode()
-                )
-                self._ranks.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=segments.fds))
+            commands = [
+                python_module("sagellm.runtime.parallel.rank_worker", msgspec.structs.replace(spec, rank=r).encode())
+                for r in range(1, layout.world_size)
+            ]
+            if ray is not None:
+                self._ray_group = _placement_group(ray, len(commands), engine, backend)
+                self.ranks = _ray_ranks(self._ray_group, commands, engine)
+            else:
+                self.ranks = [subprocess.Popen(c, stdin=subprocess.DEVNULL, pass_fds=segments.fds) for c in commands]
             super().__init__(
                 config,
                 weights,
@@ -149,23 +160,19 @@ class ParallelRunner(ModelRunner):
     def close(self) -> None:
         """Tells the ranks to stop (an empty order) and waits for them; a rank that does not stop is killed."""
         super().close()
-        if not self._ranks:
+        if not self.ranks:
             return
-        if all(rank.poll() is None for rank in self._ranks):
+        if all(rank.poll() is None for rank in self.ranks):
             with contextlib.suppress(CollectiveError):  # a rank gone meanwhile: the others stop on the error
                 self._comms.world.broadcast_bytes(b"")
         self._comms.close()
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for rank in self._ranks:
-            try:
-                rank.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                rank.kill()
-                rank.wait()
-        self._ranks = []
+        for rank in self.ranks:
+            _end(rank, max(0.0, deadline - time.monotonic()))
+        self._forget_ranks()
 
     def _wait_ready(self, store: Any) -> None:
-        pending = set(range(1, len(self._ranks) + 1))
+        pending = set(range(1, len(self.ranks) + 1))
         deadline = time.monotonic() + START_TIMEOUT_S
         while pending:
             for rank in sorted(pending):
@@ -175,17 +182,62 @@ class ParallelRunner(ModelRunner):
                     )
                 if store.check([ready_key(rank)]):
                     pending.discard(rank)
-                elif (code := self._ranks[rank - 1].poll()) is not None:
+                elif (code := self.ranks[rank - 1].poll()) is not None:
                     raise RankStartError(f"rank {rank} of the engine exited with code {code} while starting")
             if time.monotonic() > deadline:
                 raise RankStartError(f"rank(s) {sorted(pending)} of the engine not ready in {START_TIMEOUT_S:g} s")
             time.sleep(0.05)
 
     def _kill(self) -> None:
-        for rank in self._ranks:
+        for rank in self.ranks:
+            _end(rank, 0.0)
+        self._forget_ranks()
+
+    def _forget_ranks(self) -> None:
+        self.ranks = []
+        if self._ray_group is not None:
+            import_ray().util.remove_placement_group(self._ray_group)
+            self._ray_group = None
+
+
+def _end(rank: subprocess.Popen | RayProcess, timeout_s: float) -> None:
+    """Waits up to `timeout_s` for a rank to exit, then kills it."""
+    if isinstance(rank, RayProcess):
+        if rank.join(timeout_s) is None:
             rank.kill()
-            rank.wait()
-        self._ranks = []
+            rank.join(None)
+        return
+    try:
+        rank.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        rank.kill()
+        rank.wait()
+
+
+def _placement_group(ray: Any, ranks: int, engine: EngineConfig, backend: HardwareBackend) -> Any:
+    """One bundle per rank (its threads' CPUs, its accelerator), spread over the cluster's nodes as far as they have
+    room; waits until Ray has reserved them."""
+    bundle = {"CPU": float(engine.num_threads or 1)} | ({"GPU": 1.0} if backend.name != "cpu" else {})
+    group = ray.util.placement_group([dict(bundle) for _ in range(ranks)], strategy="SPREAD")
+    try:
+        ray.get(group.ready(), timeout=START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        raise RankStartError(f"Ray could not reserve {ranks} x {bundle} for the engine's ranks") from None
+    return group
+
+
+def _ray_ranks(group: Any, commands: list[list[str]], engine: EngineConfig) -> list[RayProcess]:
+    """Each rank's process on its bundle's node; the ranks find rank 0's store at the address in their spec."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    env = {"SAGELLM_LOG_LEVEL": os.environ.get("SAGELLM_LOG_LEVEL", "warning")}
+    ranks = []
+    for index, command in enumerate(commands):
+        where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+        options = {"num_cpus": float(engine.num_threads or 1), "scheduling_strategy": where}
+        ranks.append(RayProcess.launch(options, lambda host, port, c=command: c, env, START_TIMEOUT_S))
+    return ranks
 
 
 class _Segments:
@@ -193,9 +245,10 @@ class _Segments:
     and the all-reduces too when there is one stage), one per stage for its slices' all-reduces (several stages of
     several slices). Descriptors: every rank gets them all (`pass_fds`) and maps its own."""
 
-    def __init__(self, layout: RankLayout, backend: HardwareBackend, capacity: int) -> None:
+    def __init__(self, layout: RankLayout, backend: HardwareBackend, capacity: int, *, shared: bool = True) -> None:
+        """`shared` False: ranks on other hosts, no segments (every collective takes the process group)."""
         self.world_fd, self.world_capacity, self.stage_fds, self.stage_capacity = None, 0, [], 0
-        if not shared_collectives.supported():
+        if not shared or not shared_collectives.supported():
             return
         on_cpu = backend.collective_library == "gloo"
         self.world_capacity = capacity if on_cpu and layout.pp == 1 else ORDERS_CAPACITY

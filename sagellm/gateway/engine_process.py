@@ -26,10 +26,10 @@ import structlog
 import trio
 
 from sagellm.common.processes import python_module
+from sagellm.common.ray_process import RayProcess
 from sagellm.common.restart import RestartPolicy, Restarts
 from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_GRAPH
 from sagellm.gateway.engine_spec import FAILED, READY, STARTING, UNHEALTHY, ManagedEngine
-from sagellm.runtime.executor.ray_process import RayProcess
 from sagellm.runtime.pipeline.cluster import RayCluster
 
 log = structlog.get_logger("sagellm.gateway")
@@ -124,8 +124,9 @@ class Supervisor:
             group = engine.spec.placement.removeprefix("ray:")
             env = {API_KEY_ENV: engine.api_key or ""}  # the node's own environment otherwise: its GPUs are Ray's
             process = engine.process = await RayProcess.start(
-                self.ray, group, lambda host, port: _command(engine, host, port), env, self.startup_timeout_s
-            )
+                self.ray.address, self.ray.group(group).options(), lambda host, port: _command(engine, host, port),
+                env, self.startup_timeout_s,
+            )  # fmt: skip
             self.relocated(engine, f"http://{process.host}:{process.port}")
             return process
         with (engine.directory / LOG_FILE).open("ab") as logfile:

@@ -3,7 +3,9 @@
 prefill and decode groups of a PD graph run as Ray actors, each on the node its resource names, and give the greedy
 tokens of the whole graph in one process; a decode actor killed under 16 streams is started again by Ray and the
 streams resume on it with the same text (0 lost); the autoscaler of a gateway with a cluster adds a replica on the
-Ray node its `replicas` group names under a burst and removes it after; without Ray the start says how to install it."""
+Ray node its `replicas` group names under a burst and removes it after; the ranks of a TP x PP engine run as
+processes of a placement group spread over both nodes and give one process's tokens; without Ray the start says how
+to install it."""
 
 from __future__ import annotations
 
@@ -18,10 +20,9 @@ import pytest
 import trio
 
 from sagellm import LLM, SamplingParams
+from sagellm.common.ray_process import RayMissing, RayProcess
 from sagellm.runtime.executor.local import LocalExecutor
 from sagellm.runtime.executor.process import ProcessExecutor
-from sagellm.runtime.executor.ray_placement import RayMissing
-from sagellm.runtime.executor.ray_process import RayProcess
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.chaos.test_failover import STREAMS, completion, retries, stream, wait_for_streams_midway
 from tests.executor.test_remote_workers import free_port, pd_yaml, started
@@ -149,3 +150,23 @@ def test_the_autoscaler_adds_a_replica_on_a_ray_node_under_a_burst_and_removes_i
     prompts = [f"burst {i}" for i in range(24)]
     offline = LLM(str(model)).generate(prompts, SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))
     assert [texts[i] for i in range(24)] == [o.outputs[0].text for o in offline]
+
+
+def test_tensor_and_pipeline_parallel_ranks_as_ray_actors_give_the_tokens_of_one_process(
+    cluster, model_path, monkeypatch
+):
+    """TP=2 x PP=2 with `distributed_executor_backend="ray"`: ranks 1..3 are processes of a placement group spread
+    over both raylets, gloo over TCP between them and rank 0 here; greedy tokens equal one process's."""
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    prompts = ["the ray ranks", "a second prompt, a little longer than the first"]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in LLM(str(model_path)).generate(prompts, greedy)]
+    split = LLM(str(model_path), tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        ranks = split.engine.runner.ranks
+        assert len(ranks) == 3 and all(isinstance(rank, RayProcess) for rank in ranks)
+        assert {rank.node_id() for rank in ranks} == {node.node_id for node in cluster.list_all_nodes()}
+        assert [o.outputs[0].token_ids for o in split.generate(prompts, greedy)] == alone
+    finally:
+        split.engine.close()
+    assert all(rank.returncode is not None for rank in ranks)  # stopped with the engine

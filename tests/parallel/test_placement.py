@@ -22,7 +22,7 @@ import json, os, sys, torch
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.parallel.engine import start_engine
 engine = start_engine(EngineConfig(model=sys.argv[1], backend="cpu", num_kv_blocks=16, **json.loads(sys.argv[2])))
-ranks = [sorted(os.sched_getaffinity(r.pid)) for r in getattr(engine.runner, "_ranks", [])]
+ranks = [sorted(os.sched_getaffinity(r.pid)) for r in getattr(engine.runner, "ranks", [])]
 print(json.dumps({"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(), "ranks": ranks}))
 engine.close()
 """

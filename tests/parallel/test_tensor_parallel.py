@@ -102,7 +102,7 @@ def test_a_prompts_kv_moves_between_tp2_and_tp1_engines_and_decodes_as_transform
 def test_a_lost_rank_fails_the_next_step_not_a_request(tiny):
     engine = start_engine(EngineConfig(model=str(tiny[0]), backend="cpu", num_kv_blocks=32, tensor_parallel_size=2))
     try:
-        (rank1,) = engine.runner._ranks
+        (rank1,) = engine.runner.ranks
         os.kill(rank1.pid, signal.SIGKILL)
         rank1.wait()
         engine.add_request("after", [5, 6, 7], GREEDY)

@@ -1,11 +1,13 @@
 """A process run on a node of a Ray cluster: the engine servers the control plane starts there (`placement: ray:GROUP`
-in an engine's spec, and the autoscaler's replicas when the gateway has a cluster).
+in an engine's spec, and the autoscaler's replicas when the gateway has a cluster), and the ranks of a parallel
+engine whose `distributed_executor_backend` is ray.
 
 Ray chooses the node from the group's resources and hosts a small actor there, `ProcessHost`, which starts the
 command as a child it watches; the child dies with the actor (Linux's parent-death signal), so a lost actor never
-leaves a server behind. `RayProcess` is the gateway's handle on it, with the parts of `trio.Process` the engine
-supervisor uses (`pid`, `returncode`, `wait`, `terminate`, `kill`), so a process on another node is supervised,
-health-checked and restarted (by our restart policy, as a new actor, perhaps on another node) like one spawned here.
+leaves a server behind. `RayProcess` is the handle on it, with the parts of `trio.Process` the engine supervisor
+uses (`pid`, `returncode`, `wait`, `terminate`, `kill`) and of `subprocess.Popen` a rank's leader uses (`poll`,
+`join`), so a process on another node is supervised, health-checked and restarted (by our restart policy, as a new
+actor, perhaps on another node) like one spawned here.
 The actor itself is never restarted by Ray: a process that died is the supervisor's to judge (a crash loop is not
 retried for ever), and its log stays on its node, where the actor reads its last lines for the error message."""
 
@@ -23,10 +25,29 @@ from typing import Any
 
 import trio
 
-from sagellm.runtime.executor.ray_placement import connect, import_ray
-from sagellm.runtime.pipeline.cluster import RayCluster
-
 PR_SET_PDEATHSIG = 1
+NAMESPACE = "sagellm"  # of every actor sageLLM starts
+
+
+class RayMissing(RuntimeError):
+    """Something is to run on Ray, and Ray is not installed here."""
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RayMissing("work placed on a Ray cluster needs Ray; install Ray: pip install 'sagellm[ray]'") from None
+    return ray
+
+
+def connect(address: str) -> Any:
+    """Ray, connected to the cluster at `address` (`auto`: the one `ray start` made on this host; once per process;
+    blocking). Raises RayMissing without Ray."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+    return ray
 
 
 class RayProcess:
@@ -35,49 +56,67 @@ class RayProcess:
     def __init__(self, actor: Any, pid: int, host: str, port: int) -> None:
         self._actor, self.pid, self.host, self.port = actor, pid, host, port
         self.returncode: int | None = None
+        self._ended = actor.wait.remote()  # resolves to its exit code when it ends
+
+    @classmethod
+    def launch(
+        cls, options: dict[str, Any], command: Callable[[str, int], list[str]], env: dict[str, str], timeout_s: float
+    ) -> RayProcess:
+        """Places a `ProcessHost` with Ray's actor `options` (resources, a placement group's bundle) on the
+        connected cluster and starts `command(host, port)` there, with the node's address and a port free on it
+        (blocking). Raises RuntimeError if Ray has not placed it within `timeout_s` (no node has the resources, and
+        no Ray autoscaler added one)."""
+        ray = import_ray()
+        actor = ray.remote(ProcessHost).options(**options, max_restarts=0, max_concurrency=4).remote()
+        try:
+            host, port = ray.get(actor.address.remote(), timeout=timeout_s)
+            pid = ray.get(actor.start.remote(command(host, port), env), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor, no_restart=True)
+            raise RuntimeError(f"Ray placed no process with {options} in {timeout_s:g} s") from None
+        return cls(actor, pid, host, port)
 
     @classmethod
     async def start(
         cls,
-        cluster: RayCluster,
-        group: str,
+        address: str,
+        options: dict[str, Any],
         command: Callable[[str, int], list[str]],
         env: dict[str, str],
         timeout_s: float,
     ) -> RayProcess:
-        """Places a `ProcessHost` by the group's settings and starts `command(host, port)` there, with the node's
-        address and a port free on it. Raises RayMissing without Ray, RuntimeError if Ray has not placed it within
-        `timeout_s` (no node has the group's resources, and no Ray autoscaler added one)."""
+        """`launch` on the cluster at `address`, from a trio task."""
 
         def place() -> RayProcess:
-            ray = connect(cluster)
-            options = {**cluster.group(group).options(), "max_restarts": 0, "max_concurrency": 4}
-            actor = ray.remote(ProcessHost).options(**options).remote()
-            try:
-                host, port = ray.get(actor.address.remote(), timeout=timeout_s)
-                pid = ray.get(actor.start.remote(command(host, port), env), timeout=timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                ray.kill(actor, no_restart=True)
-                wanted = cluster.group(group).options()
-                raise RuntimeError(f"Ray placed no actor of group {group!r} in {timeout_s:g} s: {wanted}") from None
-            return cls(actor, pid, host, port)
+            connect(address)
+            return cls.launch(options, command, env, timeout_s)
 
         return await trio.to_thread.run_sync(place, abandon_on_cancel=True)
 
     async def wait(self) -> int:
         """Its exit code once it has ended (-signal when killed; -SIGKILL when its actor or node was lost)."""
         if self.returncode is None:
-            ray = import_ray()
-
-            def ended() -> int:
-                try:
-                    return ray.get(self._actor.wait.remote())
-                except ray.exceptions.RayActorError:
-                    return -signal.SIGKILL
-
-            self.returncode = await trio.to_thread.run_sync(ended, abandon_on_cancel=True)
-            import_ray().kill(self._actor, no_restart=True)
+            await trio.to_thread.run_sync(self.join, None, abandon_on_cancel=True)
+        assert self.returncode is not None
         return self.returncode
+
+    def join(self, timeout_s: float | None) -> int | None:
+        """Its exit code, waiting up to `timeout_s` for it to end (None: as long as it takes); None if it still runs
+        (blocking)."""
+        if self.returncode is None:
+            ray = import_ray()
+            ready, _ = ray.wait([self._ended], timeout=timeout_s)
+            if not ready:
+                return None
+            try:
+                self.returncode = ray.get(self._ended)
+            except ray.exceptions.RayActorError:
+                self.returncode = -signal.SIGKILL
+            ray.kill(self._actor, no_restart=True)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.join(0)
 
     def terminate(self) -> None:
         self._actor.send_signal.remote(signal.SIGTERM)
