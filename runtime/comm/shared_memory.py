@@ -1,9 +1,10 @@
 """Tensors between processes on one host through shared memory: the ZeroMQ message carries a handle, not the bytes.
 
-A link whose both ends are on this host (an ipc:// endpoint, or tcp:// on loopback) may send a tensor as a `Handle`
-(segment name, fill, offset, dtype, shape) to a segment in /dev/shm; the receiver maps the segment and gets a tensor
-over it without a copy. Fresh pages cost more than the copy (the kernel zeroes and maps each 4 KiB on first touch:
-~25 ms for a 47 MB KV against a 2 ms memcpy), so segments are kept and reused, as vLLM's shm_broadcast ring is:
+A link whose both ends are on this host (an ipc:// endpoint, or tcp:// to one of this host's addresses) may send a
+tensor as a `Handle` (segment name, fill, offset, dtype, shape) to a segment in /dev/shm; the receiver maps the
+segment and gets a tensor over it without a copy. Fresh pages cost more than the copy (the kernel zeroes and maps each
+4 KiB on first touch: ~25 ms for a 47 MB KV against a 2 ms memcpy), so segments are kept and reused, as vLLM's
+shm_broadcast ring is:
 
     sender   `Arena` (one per process, `arena()`): slots of shared memory. `Link.share` copies a tensor into a free
              slot, or sends none of its bytes when the tensor already lives in one (`Arena.empty`: a producer that
@@ -25,12 +26,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import itertools
 import math
 import mmap
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 import weakref
@@ -364,11 +367,27 @@ def sweep(directory: str = SHM_DIR) -> list[str]:
 
 
 def is_local(endpoint: str) -> bool:
-    """Whether a ZeroMQ endpoint is on this host by construction: ipc://, or tcp:// on loopback."""
+    """Whether a ZeroMQ endpoint is on this host: ipc://, or tcp:// on loopback or on an address of this host's own
+    (two Ray actors on one node reach each other at the node's address)."""
     if endpoint.startswith("ipc://"):
         return True
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
-    return endpoint.startswith("tcp://") and (host == "localhost" or host.startswith("127."))
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    if not endpoint.startswith("tcp://"):
+        return False
+    return host == "localhost" or host.startswith("127.") or _own_address(host)
+
+
+@functools.cache
+def _own_address(host: str) -> bool:
+    """Whether `host` is an address of this host: one a socket can be bound to here (the wildcard is none)."""
+    if host in ("0.0.0.0", "::", "*"):
+        return False
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+    except OSError:  # another host's address, or a name that does not resolve to one of ours
+        return False
+    return True
 
 
 def available(directory: str = SHM_DIR) -> bool:

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -217,8 +218,18 @@ def test_a_handle_that_cannot_be_had_fails_its_message_clearly(arena: Arena) -> 
     assert item.request_id == "r7" and item.code == "internal" and "no longer exists" in item.message
 
 
+def own_address() -> str:
+    """This host's address on its default route (a Ray node's address), else loopback when it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # nothing is sent: the kernel only picks the source address
+        except OSError:
+            return "127.0.0.1"
+        return probe.getsockname()[0]
+
+
 def test_links_to_other_hosts_keep_frames(ctx: zmq.Context) -> None:
-    local = ["ipc:///tmp/x", "tcp://127.0.0.1:5555", "tcp://localhost:5555"]
+    local = ["ipc:///tmp/x", "tcp://127.0.0.1:5555", "tcp://localhost:5555", f"tcp://{own_address()}:5555"]
     remote = ["tcp://10.1.2.3:5555", "tcp://node7:5555", "tcp://0.0.0.0:5555"]
     assert all(map(is_local, local)) and not any(map(is_local, remote))
     assert all(link_to(endpoint) is None for endpoint in remote)
