@@ -5,17 +5,18 @@ Three classes arrive as one Poisson stream at `load` × capacity: 20% high (prio
 request misses it. Both parts run the real policy code on the same arrival trace for every policy:
 - real: SmolLM2 through the local executor, replay_source → admission → policy_sort → route → engine →
   metrics_sink. Capacity is measured first in the same run (closed loop), then the Poisson trace replays.
-- sim: a discrete-event simulation of many instances (tiers with prefill and decode speeds, slots and prices)
-  fed by the real `PolicySort` operator, whose policy reads the simulated `InstanceStats`, load and clock, and
-  routed by the real `load_balanced` strategy among the instances with a free slot (a request its policy pinned
-  keeps its instance, free or not). Service is modelled, the decisions are not, so each decision's CPU time is a
-  real measurement of our code at that scale. Requests arriving while slots and queue still fill are not counted.
+- sim: the cluster simulator (`sagellm.simulator`) with many instances of three tiers (step models of their prefill
+  and decode speeds, slots and prices) fed by the real `PolicySort` operator, whose policy reads the simulated
+  `InstanceStats`, load and clock, and routed by the real `load_balanced` strategy among the instances with a free
+  slot (a request its policy pinned keeps its instance, free or not). Service is modelled, the decisions are not.
+  Requests arriving while slots and queue still fill are not counted.
 The simulator's queue is bounded to `queue_s` seconds of capacity (`max_len`), so under sustained overload it sheds
 by the policy's own order, as a deployed graph does. The real part's is unbounded by default (`--real-queue-seconds`).
 
 With `--repeats N` each part replays N fresh traces (seed + repeat), every policy on each in turn, and reports
-medians (the real part measures capacity once). The pieces: `policy_workload` (classes, tiers, tallies, medians),
-`policy_sim` (the simulator), `policies_report` (tables, JSON, chart), this file (the real engine, the command)."""
+medians (the real part measures capacity once). The pieces: `policy_workload` (classes, tallies, medians),
+`policy_sim` (the simulated part: tiers and trace), `policies_report` (tables, JSON, chart), this file (the real
+engine, the command)."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def _policy_run(
         run.record(cls, outcome.metrics.ttft_s if served else None)
         engine_met += bool(served and outcome.metrics.slo_met)
     run.stats = {"wall_s": time.time() - started, "engine_slo_met": engine_met}
-    run.stats |= policy_state(result.operators["policy_sort"])
+    run.stats |= policy_state(result.operators["policy_sort"].policy)
     run.stats["engine_tokens_per_s_estimate"] = result.operators["engine"].stats.tokens_per_s
     codes = Counter(o.error.code for o in result.outcomes.values() if o.error is not None)
     run.stats |= {f"errors_{code}": n for code, n in sorted(codes.items())}

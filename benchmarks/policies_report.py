@@ -19,15 +19,15 @@ DEFINITIONS = {
     "shed": "requests that ended without a first token (shed by the bounded queue by the policy's order)",
     "max_queue": "policy_sort max_len = queue_s x measured capacity (None: unbounded)",
     "capacity_rps": "real: closed-loop completed requests/s at 2 x max_num_seqs in flight, from the "
-    "max_num_seqs-th finish on; sim: sum over instances of slots / mean service time of the trace's requests",
-    "pop_us": "sim: thread CPU time of one policy_sort.pop (the policy's decision), microseconds",
-    "push_us": "sim: thread CPU time of one policy_sort.push, including the shed when the queue is full",
-    "route_us": "sim: thread CPU time of one routing decision (load_balanced over the instances with a free slot)",
-    "sim_service": "each slot serves one request: prompt / prefill tokens/s to the first token, then output / "
-    "decode tokens/s; requests routed to a busy instance wait in its own FIFO",
+    "max_num_seqs-th finish on; sim: requests/s of every instance with every slot busy, from its tier's step model "
+    "and the trace's lengths (sagellm.simulator.capacity)",
+    "sim_service": "the cluster simulator: each tier's step model (policy_sim.rates_tier) gives a decode step, every "
+    "running sequence one token, 1 / decode tokens/s, and a prompt token 1 / prefill tokens/s in the same step; "
+    "requests routed to an instance wait in its engine queue for a slot",
+    "wall_s": "wall-clock seconds of a run on this machine: real, the replay; sim, the simulation",
     "repeats": "each repeat is a fresh trace (seed + repeat) through every policy in turn; a result's numbers are "
     "medians over its runs (capacity, arrivals and queue bound: over the traces), requests / met / shed and the "
-    "counts of errors, engine SLO verdicts and adaptive's pops are sums; 'runs' holds every repeat's own numbers",
+    "counts of errors and engine SLO verdicts are sums; 'runs' holds every repeat's own numbers",
 }
 FLAGS = ("parts", "policies", "model", "requests", "capacity_requests", "prompt_len", "output_len", "max_num_seqs")
 FLAGS += ("threads", "sim_instances", "sim_requests", "load", "queue_seconds", "real_queue_seconds", "seed", "repeats")
@@ -51,35 +51,27 @@ def print_tables(parts: list[Part], machine: dict[str, object]) -> None:
         table = Table("policy", *heads, "overall", "shed", "TTFT p50 high ms", title=_title(part))
         sim = part.name == "sim"
         if sim:
-            for column in ("pop µs mean", "pop µs p99", "push µs mean", "queue at pop", "wall s"):
-                table.add_column(column)
+            table.add_column("wall s")
         for row in part.medians():
             classes, st = row["classes"], row["stats"]
             cells = [_fmt(classes[c.name]["attainment"], "{:.0%}") for c in CLASSES]
             shed = sum(c["shed"] for c in classes.values())
             cells += [_fmt(row["overall"], "{:.1%}"), str(shed), _fmt(classes["high"]["ttft_p50_ms"], "{:.0f}")]
             if sim:
-                cells += [_fmt(st["pop_us_mean"], "{:.1f}"), _fmt(st["pop_us_p99"]), _fmt(st["push_us_mean"], "{:.1f}")]
-                cells += [_fmt(st["queue_len_at_pop_mean"]), _fmt(st["wall_s"], "{:.1f}")]
+                cells.append(_fmt(st["wall_s"], "{:.1f}"))
             table.add_row(_label(row), *cells)
         table.caption = _caption(part, machine)
         console.print(table)
 
 
 def _label(row: dict[str, Any]) -> str:
-    """adaptive with its switches (median), and the mode that made most pops over all repeats (sim) or the mode it
-    ended in (real; the commonest over repeats, and how often)."""
+    """adaptive with its switches (median) and the mode it ended in (the commonest over repeats, and how often)."""
     stats = row["stats"]
     if "adaptive_switches" not in stats:
         return row["policy"]
-    pops = {k.removeprefix("adaptive_pops_"): v for k, v in stats.items() if k.startswith("adaptive_pops_")}
-    if pops:
-        mode = max(pops, key=pops.__getitem__)
-        where = f"{100 * pops[mode] / sum(pops.values()):.0f}% of pops as {mode}"
-    else:
-        finals = Counter(run["stats"]["adaptive_final"] for run in row["runs"])
-        mode, n = finals.most_common(1)[0]
-        where = f"ended as {mode}" + (f" in {n} of {len(row['runs'])} runs" if n < len(row["runs"]) else "")
+    finals = Counter(run["stats"]["adaptive_final"] for run in row["runs"])
+    mode, n = finals.most_common(1)[0]
+    where = f"ended as {mode}" + (f" in {n} of {len(row['runs'])} runs" if n < len(row["runs"]) else "")
     return f"{row['policy']} ({stats['adaptive_switches']:g} switches, {where})"
 
 
@@ -116,7 +108,7 @@ def _caption(part: Part, machine: dict[str, object]) -> str:
         shape += f"; TTFT floor under load ≈ 3 / capacity = {3 / t['capacity_rps']:.2f} s"
     else:
         shape = f"log-normal prompts (median {c['prompt_median']}) and outputs (median {c['output_median']})"
-        shape += f"; warm-up {t['warmup_s']:.1f} s of {t['duration_s']:.1f} s not counted; CPU µs per call"
+        shape += f"; warm-up {t['warmup_s']:.1f} s of {t['duration_s']:.1f} s not counted"
     return f"{_repeats(part)}; {shape}; {machine['cpu']}, {machine['cores']} cores, shared machine"
 
 

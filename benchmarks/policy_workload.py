@@ -1,6 +1,6 @@
-"""W6's workload and tallies, shared by the real-engine part (`policies`) and the simulator (`policy_sim`): the three
-priority classes with their TTFT SLOs, the simulator's instance tiers, per-policy attainment counts, and their
-medians over repeats (each repeat a fresh trace through every policy)."""
+"""W6's workload and tallies, shared by the real-engine part (`policies`) and the simulated one (`policy_sim`): the
+three priority classes with their TTFT SLOs, per-policy attainment counts, and their medians over repeats (each repeat
+a fresh trace through every policy)."""
 
 from __future__ import annotations
 
@@ -29,26 +29,6 @@ CLASSES = (
     TrafficClass("high", 0, 0.2, 1000.0),
     TrafficClass("normal", 1, 0.3, 5000.0),
     TrafficClass("low", 2, 0.5, 20000.0),
-)
-
-
-@dataclass(frozen=True)
-class Tier:
-    """A kind of simulated instance. Each of its `max_running` slots serves one request at a time: the prompt at
-    `prefill_tokens_per_s` (then the first token), the output at `decode_tokens_per_s`."""
-
-    name: str
-    share: float
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    max_running: int
-    price_per_1k_tokens: float
-
-
-SIM_TIERS = (
-    Tier("fast", 0.2, 4000.0, 12.0, 4, 2.0),
-    Tier("standard", 0.5, 2000.0, 6.0, 4, 1.0),
-    Tier("economy", 0.3, 1000.0, 3.0, 4, 0.5),
 )
 
 
@@ -167,9 +147,9 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return 1000 * float(p50), 1000 * float(p99)
 
 
-def policy_state(queue: Any) -> dict[str, float | str]:
-    """Counters the policies keep: adaptive's switches (and where it ended), cost_optimized's predicted misses."""
-    policy, stats = queue.policy, {}
+def policy_state(policy: Any) -> dict[str, float | str]:
+    """Counters a policy keeps: adaptive's switches (and where it ended), cost_optimized's predicted misses."""
+    stats: dict[str, float | str] = {}
     if hasattr(policy, "switches"):
         stats["adaptive_switches"] = policy.switches
         stats["adaptive_final"] = policy.current.name

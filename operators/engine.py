@@ -146,8 +146,8 @@ class EngineOperator(StepOperator):
         now = time.time()
         items = [item for out in outputs for item in self._emit(out, now)]
         elapsed = time.perf_counter() - started
-        tokens = self.engine.last_step_tokens
-        if tokens and elapsed > 0:  # tokens computed per second (prefill and decode): predicts service times
+        tokens = self.engine.last_step_prompt_tokens
+        if tokens and elapsed > 0:  # prompt tokens per second, decodes of the step included: predicts TTFTs
             self.stats.tokens_per_s = 0.8 * self.stats.tokens_per_s + 0.2 * (tokens / elapsed)
         self._refresh_stats()
         return items

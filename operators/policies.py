@@ -185,9 +185,10 @@ class CostOptimized(SloAware):
     behind. Cost is (prompt + expected output tokens) / 1000 * price_per_1k_tokens.
 
     When nothing fits: no healthy instance in time -> the cheapest in budget, counted in `slo_misses` (a late answer
-    is still an answer). No instance at all within budget -> rejected at push as `invalid_request`: it can never be
-    served as asked (a client error, like an over-long prompt). Only unhealthy instances within budget -> rejected
-    at pop as `overloaded`, retryable: they may recover. No instance stats at all -> not pinned; route decides."""
+    is still an answer). Among equally priced instances: one with a free slot, then the least work queued. No
+    instance at all within budget -> rejected at push as `invalid_request`: it can never be served as asked (a client
+    error, like an over-long prompt). Only unhealthy instances within budget -> rejected at pop as `overloaded`,
+    retryable: they may recover. No instance stats at all -> not pinned; route decides."""
 
     name = "cost_optimized"
 
@@ -244,7 +245,9 @@ class CostOptimized(SloAware):
         ]
         if not in_time:
             self.slo_misses += 1
-        request.instance = (in_time or affordable)[0].name
+        # the cheapest; among equally priced ones, one with a free slot and the least work queued
+        chosen = min(in_time or affordable, key=lambda s: (s.price_per_1k_tokens, s.saturated, s.predicted_work))
+        request.instance = chosen.name
         return request
 
 

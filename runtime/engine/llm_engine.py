@@ -119,7 +119,7 @@ class LLMEngine:
         # Where a prefill's KV is gathered for its hand-over, (shape, dtype) -> tensor: shared memory when it leaves
         # the process (set by the prefill operator), so sending it copies nothing more; None: a new tensor.
         self.kv_buffer: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
-        self.last_step_tokens = 0
+        self.last_step_prompt_tokens = 0
         log.info(
             "engine_ready",
             model=self.model.name,
@@ -243,7 +243,9 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        self.last_step_tokens = batch.total_tokens  # prompt and output tokens computed: the operators' throughput
+        # Prompt tokens computed this step: the operators' prefill rate, which predicts a request's wait for its first
+        # token (decode steps would say nothing of it).
+        self.last_step_prompt_tokens = batch.total_tokens - batch.num_decodes
         if not batch:
             return []
         now = time.time()

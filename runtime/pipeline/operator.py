@@ -61,7 +61,7 @@ class InstanceStats:
     queued_prefill_tokens: int = 0  # uncached prompt tokens waiting or in prefill
     queued_decode_tokens: int = 0  # output tokens still to generate for running requests
     price_per_1k_tokens: float = 0.0  # cost_optimized reads it; set per node in the graph
-    tokens_per_s: float = 100.0  # throughput estimate, refreshed from measurements; predicts service time
+    tokens_per_s: float = 100.0  # prefill rate: prompt tokens a second in the steps that compute some; predicts TTFT
     kv_transfer_failures: int = 0  # consecutive failed transfers into this node; pd_split avoids unhealthy PD
     waiting: int = 0  # requests admitted to the engine and not yet scheduled (vLLM's num_requests_waiting)
     kv_cache_usage: float = 0.0  # fraction of KV cache blocks in use

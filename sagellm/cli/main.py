@@ -23,6 +23,7 @@ from sagellm.cli import (
     preset_cmd,
     run_cmd,
     serve_cmd,
+    simulate_cmd,
     worker_cmd,
 )
 from sagellm.common.logging import configure_logging
@@ -41,6 +42,7 @@ COMMANDS = (
     backends_cmd,
     gpu_cmd,
     plan_cmd,
+    simulate_cmd,
     bench_cmd,
     worker_cmd,
     api_server_cmd,

@@ -1,6 +1,6 @@
-"""Smoke tests of the W6 scheduling benchmark: the simulator at tiny scale drives the real policy_sort queue and
-leaves every instance idle and every request accounted for, and replays a seed's outcomes exactly; the priority policy
-protects the high class that fifo lets down; and the command runs both parts (the real part on a tiny random Llama)
+"""Smoke tests of the W6 scheduling benchmark: its tiers serve at their rates in the cluster simulator, which at tiny
+scale accounts for every request and replays a seed's outcomes exactly; the priority policy protects the high class
+that fifo lets down; and the command runs both parts (the real part on a tiny random Llama)
 with repeats on fresh traces, reports medians of the repeats' own numbers with counts summed, and writes its JSON and
 PNG. Nothing here is timed; the numbers come from `sagellm bench policies` itself."""
 
@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from sagellm.benchmarks.policies import RealConfig, add_arguments, run
-from sagellm.benchmarks.policy_sim import SimConfig, Simulation, run_sim, sim_trace
+from sagellm.benchmarks.policy_sim import SIM_TIERS, SimConfig, policy_run, rates_tier, run_sim, sim_trace
 from sagellm.benchmarks.policy_workload import CLASSES, POLICIES, class_sequence
 from sagellm.cli.main import main
+from sagellm.simulator.cluster import ClusterConfig, simulate
+from sagellm.simulator.traces import from_rows
 from tests.tiny_models import make_tiny_llama
 
 TINY_SIM = SimConfig(instances=10, requests=200, progress=False)
@@ -30,24 +32,30 @@ def test_class_sequence_has_exact_shares() -> None:
     assert [c.name for c in classes[:12]] != ["high"] * 12  # shuffled
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_simulation_accounts_for_every_request_and_frees_every_instance(policy: str) -> None:
-    trace, capacity = sim_trace(TINY_SIM, TINY_SIM.seed)
-    sim = Simulation(TINY_SIM, trace, capacity, policy)
-    ended = []
-    run = sim.simulate(ended.append)
+def test_a_tier_serves_at_its_rates() -> None:
+    """One request alone on a standard instance: its first token after the prompt at 2,000 tokens/s plus one decode
+    step (the prefill step's fixed cost), then one token every 1/6 s."""
+    tier = rates_tier("standard", 1.0, 2000.0, 6.0, 4, 1.0)
+    trace = from_rows([0.0], [400], [13])
+    result = simulate(ClusterConfig(instances=1, tiers=(tier,)), trace)
+    assert result.ttft_s[0] == pytest.approx(400 / 2000 + 1 / 6)
+    assert result.tpot_s[0] == pytest.approx(1 / 6)
 
-    assert len(ended) == TINY_SIM.requests and not sim.jobs and not len(sim.queue)
-    counted = Counter(c.name for c, t in zip(trace.classes, trace.offsets) if t >= trace.warmup_s)
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_simulation_accounts_for_every_request(policy: str) -> None:
+    w6 = sim_trace(TINY_SIM, TINY_SIM.seed)
+    result = simulate(TINY_SIM.cluster(policy, w6.max_queue, TINY_SIM.seed), w6.trace)
+    run = policy_run(policy, 0, w6, result)
+
+    counted = Counter(c.name for c, keep in zip(w6.classes, w6.counted) if keep)
+    assert 0 < sum(counted.values()) < TINY_SIM.requests  # the warm-up is left out
     assert {name: t.requests for name, t in run.tallies.items()} == counted
     for tally in run.tallies.values():
         assert tally.met + tally.shed <= tally.requests and len(tally.ttft_s) == tally.requests - tally.shed
-    for instance in sim.instances.values():  # the bookkeeping the policies read returns to idle
-        s = instance.stats
-        assert (s.running, s.queued_prefill_tokens, s.queued_decode_tokens, instance.busy) == (0, 0, 0, 0)
-    assert sim.free == sum(t.max_running * n for t, n in zip(TINY_SIM.tiers, (2, 5, 3)))
-    assert sim.load.in_flight == 0 and sim.load.completed + sim.load.failed == TINY_SIM.requests
-    assert run.stats["pop_calls"] > 0 and run.stats["pop_us_mean"] > 0 and run.stats["policy_cpu_s"] > 0
+    assert [t["instances"] for t in result.info["tiers"]] == [2, 5, 3]  # shares 0.2, 0.5, 0.3 of 10
+    assert result.info["tiers"][2]["price_per_1k_tokens"] == SIM_TIERS[2].price_per_1k_tokens
+    assert run.stats["wall_s"] > 0
 
 
 def test_priority_protects_the_high_class_that_fifo_lets_down() -> None:
@@ -61,12 +69,11 @@ def test_priority_protects_the_high_class_that_fifo_lets_down() -> None:
 
 
 def test_simulation_outcomes_are_deterministic_given_the_seed() -> None:
-    """Why repeats of the sim need fresh seeds: the same seed gives the same decisions (only their CPU time varies)."""
+    """Why repeats of the sim need fresh seeds: the same seed gives the same decisions."""
 
     def outcomes(seed: int) -> list[dict[str, tuple]]:
-        trace, capacity = sim_trace(TINY_SIM, seed)
-        runs = [Simulation(TINY_SIM, trace, capacity, policy).simulate() for policy in POLICIES]
-        return [{n: (t.requests, t.met, t.shed, tuple(t.ttft_s)) for n, t in r.tallies.items()} for r in runs]
+        part = run_sim(replace(TINY_SIM, seed=seed))
+        return [{n: (t.requests, t.met, t.shed, tuple(t.ttft_s)) for n, t in r.tallies.items()} for r in part.runs]
 
     assert outcomes(0) == outcomes(0)
     assert outcomes(1) != outcomes(0)

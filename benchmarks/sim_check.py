@@ -1,0 +1,333 @@
+"""`sagellm bench sim-check`: the cluster simulator against the real engine, at small scale, in one run.
+
+Step times on a shared machine drift from run to run, so everything happens in one process, one after another:
+1. calibrate: `sagellm bench steps`' measurement of this engine's step times, fitted into a `StepModel`;
+2. serve each workload's trace on the real engine, in-process through the W4 benchmark's colocated graph
+   (replay_source → admission → policy_sort(fifo) → route → engine → metrics_sink, `pd_split.run_config`), so
+   TTFT and TPOT are measured exactly as `sagellm bench pd` measures them (from the request's intended arrival);
+3. simulate the same trace (the real arrivals and lengths, `traces.from_rows`) on one instance with the engine's
+   settings and the calibrated model, and compare TTFT and TPOT (p50, p99, mean) request set against request set.
+Workloads: W4-sized (Poisson at 0.7× capacity, 80% 64-token and 20% 1,024-token prompts, 64 output tokens,
+max_num_seqs 16) and W6-sized (Poisson at 2× capacity, as W6: a queue that grows, 64-token prompts, 16 output tokens,
+max_num_seqs 4, the real W6's engine). Capacity is the step model's (`simulator.capacity.capacity_rps`), so the
+rates are fixed before anything is served. A real run during which other processes kept more than `quiet_cores`
+busy (/proc/stat, `step_times.OtherLoad`) is run again, twice at most, and the quietest kept; its load is in the
+table. A metric passes when the simulator is within `tolerance` (15%) of the measurement."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from tqdm import tqdm
+
+from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph, make_trace, run_config
+from sagellm.benchmarks.report import write_json_and_plot
+from sagellm.benchmarks.step_times import Calibration, OtherLoad, StepBenchConfig, calibrate, print_table
+from sagellm.simulator.capacity import capacity_rps
+from sagellm.simulator.cluster import ClusterConfig, simulate
+from sagellm.simulator.result import json_safe
+from sagellm.simulator.step_model import StepModel
+from sagellm.simulator.traces import Trace, from_rows
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One trace: Poisson arrivals at `load` × the model's capacity; a `long_fraction` of prompts `long_len` tokens,
+    the rest `short_len`; `output_len` tokens each (EOS ignored); the engine runs `max_num_seqs` at once."""
+
+    name: str
+    requests: int
+    load: float
+    short_len: int
+    long_len: int
+    long_fraction: float
+    output_len: int
+    max_num_seqs: int
+
+
+log = structlog.get_logger("sagellm.bench.sim_check")
+WORKLOADS = (
+    Workload(
+        "W4", requests=40, load=0.7, short_len=64, long_len=1024, long_fraction=0.2, output_len=64, max_num_seqs=16
+    ),
+    Workload("W6", requests=120, load=2.0, short_len=64, long_len=64, long_fraction=0.0, output_len=16, max_num_seqs=4),
+)
+METRICS = (  # (key, header): milliseconds over the completed requests
+    ("ttft_p50_ms", "TTFT p50"),
+    ("ttft_p99_ms", "TTFT p99"),
+    ("ttft_mean_ms", "TTFT mean"),
+    ("tpot_p50_ms", "TPOT p50"),
+    ("tpot_p99_ms", "TPOT p99"),
+    ("tpot_mean_ms", "TPOT mean"),
+)
+
+
+@dataclass(frozen=True)
+class SimCheckConfig:
+    model: str  # a path
+    threads: int | None = None
+    max_num_batched_tokens: int = 512
+    workloads: tuple[Workload, ...] = WORKLOADS
+    tolerance: float = 0.15
+    calibration_repeats: int = 5
+    quiet_cores: float = 0.3  # a real run while other processes kept more cores busy is run again ...
+    retries: int = 2  # ... this many times; the quietest is kept (its load is in the table)
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class WorkloadCheck:
+    """One workload's trace, served for real and simulated; per request seconds (NaN: not measured)."""
+
+    workload: Workload
+    rate: float
+    capacity_rps: float  # the step model's, for the trace's lengths
+    trace: Trace
+    measured_ttft: np.ndarray
+    measured_tpot: np.ndarray
+    simulated_ttft: np.ndarray
+    simulated_tpot: np.ndarray
+    wall_s: float
+    other_cores: float  # the rest of the machine's busy cores during the real run (on a quiet machine ~0)
+    errors: list[str] = field(default_factory=list)  # requests the real run did not complete
+
+    def metrics(self) -> dict[str, tuple[float, float]]:
+        """key -> (measured ms, simulated ms)."""
+        pairs = {"ttft": (self.measured_ttft, self.simulated_ttft), "tpot": (self.measured_tpot, self.simulated_tpot)}
+        out = {}
+        for key, _ in METRICS:
+            measured, simulated = pairs[key[:4]]
+            stat = key.split("_")[1]
+            out[key] = (_stat(measured, stat), _stat(simulated, stat))
+        return out
+
+
+def _stat(values_s: np.ndarray, stat: str) -> float:
+    finite = values_s[~np.isnan(values_s)]
+    if not len(finite):
+        return math.nan
+    return 1000 * float(np.mean(finite) if stat == "mean" else np.percentile(finite, int(stat[1:])))
+
+
+def relative_error(measured: float, simulated: float) -> float:
+    return abs(simulated - measured) / measured if measured > 0 else math.nan
+
+
+def run_workload(config: SimCheckConfig, model: StepModel, workload: Workload, tokenizer: Any) -> WorkloadCheck:
+    """Serves the workload's trace on the real engine, then simulates it with `model` at the engine's settings."""
+    model = dataclasses.replace(model, max_num_seqs=workload.max_num_seqs)
+    pd = PDBenchConfig(
+        model=config.model,
+        num_requests=workload.requests,
+        rate=1.0,  # replaced below, once the trace's lengths give the capacity
+        short_len=workload.short_len,
+        long_len=workload.long_len,
+        long_fraction=workload.long_fraction,
+        output_len=workload.output_len,
+        configs=("colocated",),
+        colocated_threads=config.threads or os.cpu_count() or 1,
+        max_num_seqs=workload.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    lengths = [len(p) for p in make_trace(tokenizer, pd, workload.requests, None, seed=config.seed).prompts]
+    outputs = [workload.output_len] * workload.requests
+    capacity = capacity_rps(model, from_rows([0.0] * len(lengths), lengths, outputs), 1)
+    pd = dataclasses.replace(pd, rate=workload.load * capacity)
+    real = make_trace(tokenizer, pd, workload.requests, pd.rate, seed=config.seed)
+    tries = []
+    for attempt in range(1 + config.retries):  # a run while others kept the cores busy measures them, not us
+        requests = real.requests(pd)
+        load, desc = OtherLoad(), f"{workload.name} real" + (f" (retry {attempt})" if attempt else "")
+        with tqdm(total=len(requests), desc=desc, unit="req", disable=not config.progress) as bar:
+            result, _, wall = run_config(build_graph("colocated", pd), requests, real.offsets_s, bar)
+        tries.append((load.cores(), attempt, requests, result, wall))
+        if tries[-1][0] <= config.quiet_cores:
+            break
+        log.warning("sim_check_machine_busy", workload=workload.name, other_cores=round(tries[-1][0], 2))
+    other_cores, _, requests, result, wall = min(tries, key=lambda t: t[:2])
+    ttft, tpot, errors = [], [], []
+    for request in requests:
+        outcome = result.outcomes.get(request.request_id)
+        m = outcome.metrics if outcome is not None and outcome.error is None else None
+        ttft.append(m.ttft_s if m and m.ttft_s is not None else math.nan)
+        tpot.append(m.tpot_s if m and m.tpot_s is not None else math.nan)
+        if m is None:
+            errors.append(f"{request.request_id}: {outcome.error.message if outcome else 'never finished'}")
+    trace = from_rows(real.offsets_s, [r.num_prompt_tokens for r in requests], outputs, name=workload.name)
+    sim = simulate(ClusterConfig(instances=1, step_model=model), trace)
+    return WorkloadCheck(
+        workload,
+        pd.rate,
+        capacity,
+        trace,
+        np.array(ttft),
+        np.array(tpot),
+        sim.ttft_s,
+        sim.tpot_s,
+        wall,
+        other_cores,
+        errors,
+    )
+
+
+def run_check(config: SimCheckConfig) -> tuple[Calibration, list[WorkloadCheck]]:
+    from sagellm.runtime.models.loader import load_model
+
+    steps = StepBenchConfig(
+        model=config.model,
+        max_num_seqs=max(w.max_num_seqs for w in config.workloads),
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        threads=config.threads,
+        repeats=config.calibration_repeats,
+        quiet_cores=config.quiet_cores,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    calibration = calibrate(steps)
+    tokenizer = load_model(config.model, load_weights=False).tokenizer
+    checks = [run_workload(config, calibration.model, w, tokenizer) for w in config.workloads]
+    return calibration, checks
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def _verdict(error: float, tolerance: float) -> str:
+    return "–" if math.isnan(error) else ("pass" if error <= tolerance else "FAIL")
+
+
+def print_check(checks: list[WorkloadCheck], tolerance: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("workload", "metric", "measured ms", "simulated ms", "error", f"≤ {tolerance:.0%}")
+    table.title = "simulator vs real engine, same traces"
+    for check in checks:
+        for (key, header), (measured, simulated) in zip(METRICS, check.metrics().values()):
+            error = relative_error(measured, simulated)
+            cells = (f"{measured:.1f}", f"{simulated:.1f}", f"{error:.1%}", _verdict(error, tolerance))
+            table.add_row(check.workload.name if key == METRICS[0][0] else "", header, *cells)
+        table.add_section()
+    table.caption = "; ".join(_describe(c) for c in checks)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def _describe(check: WorkloadCheck) -> str:
+    w = check.workload
+    lengths = f"{w.short_len}" if w.long_fraction == 0 else f"{1 - w.long_fraction:.0%} {w.short_len} + {w.long_len}"
+    done = int(np.sum(~np.isnan(check.measured_ttft)))
+    return (
+        f"{w.name}: {w.requests} requests ({done} done), prompts {lengths}, {w.output_len} out, max_num_seqs "
+        f"{w.max_num_seqs}, Poisson {check.rate:.2f} req/s = {w.load:g}× the model's capacity, real wall "
+        f"{check.wall_s:.0f} s, other processes' load meanwhile {check.other_cores:.2f} cores"
+    )
+
+
+def report_json(config: SimCheckConfig, calibration: Calibration, checks: list[WorkloadCheck]) -> dict[str, Any]:
+    def finite(values: np.ndarray) -> list[float | None]:
+        return [None if math.isnan(v) else float(v) for v in values]
+
+    workloads = []
+    for check in checks:
+        rows = {}
+        for key, (measured, simulated) in check.metrics().items():
+            error = relative_error(measured, simulated)
+            rows[key] = {"measured": measured, "simulated": simulated, "error": error}
+            rows[key]["pass"] = None if math.isnan(error) else bool(error <= config.tolerance)
+        t = check.trace
+        requests = {"arrival_s": t.arrivals.tolist(), "prompt_tokens": t.prompt_tokens.tolist()}
+        requests |= {"measured_ttft_s": finite(check.measured_ttft), "simulated_ttft_s": finite(check.simulated_ttft)}
+        requests |= {"measured_tpot_s": finite(check.measured_tpot), "simulated_tpot_s": finite(check.simulated_tpot)}
+        head = {"workload": dataclasses.asdict(check.workload), "rate_rps": check.rate, "wall_s": check.wall_s}
+        head |= {"model_capacity_rps": check.capacity_rps, "other_cores": check.other_cores, "errors": check.errors}
+        workloads.append(head | {"metrics": json_safe(rows), "requests": requests})
+    return {
+        "benchmark": "sim-check: the cluster simulator against the real engine on the same traces, one run",
+        "config": dataclasses.asdict(config) | {"workloads": None},
+        "tolerance": config.tolerance,
+        "step_model": dataclasses.asdict(calibration.model),
+        "calibration_wall_s": calibration.wall_s,
+        "workloads": workloads,
+        "definitions": {
+            "ttft": "intended arrival (the replay source's) to the first token leaving the engine",
+            "tpot": "(last token time - first token time) / (output tokens - 1)",
+            "error": "|simulated - measured| / measured",
+        },
+    }
+
+
+def plot(checks: list[WorkloadCheck], path: Path) -> None:
+    """Per workload, the CDFs of TTFT and TPOT, measured against simulated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(checks), 2, figsize=(10, 3.4 * len(checks)), squeeze=False)
+    for row, check in zip(axes, checks):
+        series = (
+            ("TTFT", check.measured_ttft, check.simulated_ttft),
+            ("TPOT", check.measured_tpot, check.simulated_tpot),
+        )
+        for ax, (label, measured, simulated) in zip(row, series):
+            for values, name, style in ((measured, "measured", "-"), (simulated, "simulated", "--")):
+                ms = np.sort(1000 * values[~np.isnan(values)])
+                ax.step(ms, np.arange(1, len(ms) + 1) / max(len(ms), 1), style, where="post", label=name)
+            ax.set(xlabel=f"{label} ms", ylabel="fraction of requests", title=f"{check.workload.name}: {label}")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line (`sagellm bench sim-check`, wired by the CLI) -------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = SimCheckConfig(model="")
+    parser.add_argument(
+        "--model", "-m", default=None, help="path, .gguf or cache alias (default: smollm2-135m-instruct)"
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (%(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="per step")
+    parser.add_argument("--w4-requests", type=int, default=WORKLOADS[0].requests, help="W4-sized trace's requests")
+    parser.add_argument("--w6-requests", type=int, default=WORKLOADS[1].requests, help="W6-sized trace's requests")
+    parser.add_argument("--tolerance", type=float, default=d.tolerance, help="pass within (%(default)s)")
+    parser.add_argument("--calibration-repeats", type=int, default=d.calibration_repeats, help="steps per composition")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of prompts, arrivals and calibration prompts")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sim_check"), help="writes OUT.json/.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--log-level", default="warning")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
+
+    w4, w6 = WORKLOADS
+    config = SimCheckConfig(
+        model=str(resolve_model(args.model or DEFAULT_MODEL)),
+        threads=args.threads,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        workloads=(
+            dataclasses.replace(w4, requests=args.w4_requests),
+            dataclasses.replace(w6, requests=args.w6_requests),
+        ),
+        tolerance=args.tolerance,
+        calibration_repeats=args.calibration_repeats,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    calibration, checks = run_check(config)
+    print_table(calibration)
+    print_check(checks, config.tolerance)
+    for path in write_json_and_plot(args.out, report_json(config, calibration, checks), lambda png: plot(checks, png)):
+        print(f"results: {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,33 @@
+"""How many requests per second a simulated cluster can serve: the unit of `--load`, estimated from the step model and
+the trace's lengths rather than measured, so a sweep's loads are fixed before it runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sagellm.simulator.cluster import ClusterConfig
+from sagellm.simulator.step_model import StepModel
+from sagellm.simulator.traces import Trace
+
+
+def capacity_rps(model: StepModel, trace: Trace, instances: int) -> float:
+    """Requests/s of `instances` instances with every slot busy, for the trace's mix of lengths.
+
+    A request costs its prompt's tokens, a decode slot in `output - 1` steps and the context those steps attend
+    over (its prompt plus 1, 2, ... generated tokens); the fixed cost of a step is shared by the batch, and a full
+    instance runs at least enough steps for its decode tokens (`max_num_seqs` a step) and its prompt tokens
+    (`max_num_batched_tokens` a step), whichever needs more."""
+    prompts = trace.prompt_tokens.astype(np.float64)
+    decodes = trace.output_tokens.astype(np.float64) - 1
+    per_request = (
+        model.per_prefill_token_s * prompts
+        + model.per_decode_seq_s * decodes
+        + model.per_context_token_s * (decodes * prompts + decodes * (decodes + 1) / 2)
+    ).mean()
+    steps = max(decodes.mean() / model.max_num_seqs, prompts.mean() / model.max_num_batched_tokens)
+    return instances / float(per_request + model.fixed_s * steps)
+
+
+def cluster_capacity_rps(config: ClusterConfig, trace: Trace) -> float:
+    """`capacity_rps` of the cluster's instances at the start, summed over its kinds (tiers)."""
+    return sum(capacity_rps(tier.step_model, trace, count) for tier, count in config.kinds() if count)

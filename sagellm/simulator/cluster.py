@@ -1,0 +1,427 @@
+"""The cluster simulator: a trace's requests through the real `PolicySort` queue and routing strategy onto simulated
+engine instances (`instance.Instance`), on a simulated clock, with the real autoscaler deciding the instance count.
+The instances are alike (one `StepModel`) or of several kinds (`Tier`s: each its own step model and price).
+
+The flow is the executor's: a request enters the policy queue when it arrives; the queue pops only while some
+instance has a free slot (`InstanceStats.running < max_running`: route's charge counts a request from routing to its
+end); the routing strategy chooses among candidates and the request joins that instance's waiting queue; the
+instance's report (`InstanceStats`) is kept as the engine operator keeps it, so policies and strategies read real
+numbers. At 1,000 instances scanning every instance per request is too slow, so with `sample=d` route chooses among
+d instances drawn from those with a free slot (power of d choices, as Ray Serve's router does with two); the free
+ones are kept in a set with O(1) add, remove and draw.
+
+The simulated requests are real `Request`s (the policies read their fields) whose prompt is a length without
+contents (`_Prompt`): the simulator models neither prompt contents nor prefix caching, so the strategies that read
+contents (locality, cache_aware) are refused. Every decision is the real code's, so its CPU time is real too."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sagellm.common.autoscale import Autoscale, AutoscaleSettings, Signals
+from sagellm.operators.policies import POLICIES
+from sagellm.operators.policy_sort import PolicySort
+from sagellm.operators.prefix_index import PrefixIndex
+from sagellm.operators.routing import STRATEGIES, make_strategy
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext
+from sagellm.simulator.instance import Instance
+from sagellm.simulator.result import SimResult
+from sagellm.simulator.step_model import StepModel
+from sagellm.simulator.traces import Trace
+
+CONTENT_STRATEGIES = ("locality", "cache_aware")  # they read prompt contents, which the simulator does not model
+PROGRESS_EVERY = 4096  # ended requests between progress reports
+_STEP, _TICK, _READY = 0, 1, 2  # event kinds
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A kind of instance in a heterogeneous cluster: its share of `ClusterConfig.instances`, its step model (speed and
+    slots) and its price, which its `InstanceStats` report (cost_optimized reads `price_per_1k_tokens`)."""
+
+    name: str
+    share: float
+    step_model: StepModel
+    price_per_1k_tokens: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    """`instances` alike of `step_model`, or split over `tiers` by their shares (exactly one of the two)."""
+
+    instances: int
+    step_model: StepModel | None = None
+    tiers: tuple[Tier, ...] | None = None
+    policy: str = "fifo"  # a name from sagellm.operators.policies (the real PolicySort operator)
+    routing: str = "load_balanced"  # a name from sagellm.operators.routing (the real strategy classes)
+    sample: int | None = None  # power-of-d choices: route chooses among d sampled free instances (None: all)
+    max_queue: int | None = None  # policy_sort's max_len
+    autoscale: AutoscaleSettings | None = None  # instances then starts at min_instances, at most max_instances
+    startup_s: float = 30.0  # how long a new instance takes to become ready
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError(f"instances must be >= 1, got {self.instances}")
+        if (self.step_model is None) == (self.tiers is None):
+            raise ValueError("give either step_model (alike instances) or tiers (kinds of instance), not both or none")
+        if self.tiers is not None:
+            _check_tiers(self.tiers)
+            if self.autoscale is not None:
+                raise ValueError("autoscale adds instances of one kind: give step_model, not tiers")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if self.routing not in STRATEGIES or self.routing in CONTENT_STRATEGIES:
+            names = [name for name in STRATEGIES if name not in CONTENT_STRATEGIES]
+            why = " (it reads prompt contents, which the simulator does not model)" * (self.routing in STRATEGIES)
+            raise ValueError(f"routing {self.routing!r} cannot be simulated{why}; choose from {', '.join(names)}")
+        if self.sample is not None and self.sample < 1:
+            raise ValueError(f"sample must be >= 1 instance, got {self.sample}")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1 or unset, got {self.max_queue}")
+        if self.startup_s < 0:
+            raise ValueError(f"startup_s must be >= 0, got {self.startup_s}")
+        for tier, _ in self.kinds():
+            model = tier.step_model
+            if not 1 <= model.max_num_seqs <= model.max_num_batched_tokens:
+                raise ValueError(
+                    f"the step model's max_num_seqs ({model.max_num_seqs}) must be within 1..max_num_batched_tokens "
+                    f"({model.max_num_batched_tokens}): every running sequence's decode token fits a step"
+                )
+
+    def kinds(self) -> list[tuple[Tier, int]]:
+        """Each kind of instance and how many of it start: a tier's share of `instances` rounded (the last tier takes
+        the rest); alike instances are one tier of them all (`min_instances` of them under autoscale)."""
+        if self.tiers is None:
+            assert self.step_model is not None
+            start = self.autoscale.min_instances if self.autoscale else self.instances
+            return [(Tier("", 1.0, self.step_model), start)]
+        counts = [round(tier.share * self.instances) for tier in self.tiers[:-1]]
+        return list(zip(self.tiers, [*counts, self.instances - sum(counts)]))
+
+
+def _check_tiers(tiers: tuple[Tier, ...]) -> None:
+    names = [tier.name for tier in tiers]
+    if not tiers or len(set(names)) < len(names):
+        raise ValueError(f"tiers need distinct names, at least one, got {names}")
+    for tier in tiers:
+        if tier.share < 0 or tier.price_per_1k_tokens < 0:
+            raise ValueError(
+                f"tier {tier.name!r}: share and price must be >= 0, got {tier.share}, {tier.price_per_1k_tokens}"
+            )
+    if not math.isclose(sum(tier.share for tier in tiers), 1.0):
+        raise ValueError(f"tiers' shares must sum to 1, got {sum(tier.share for tier in tiers):g}")
+
+
+def simulate(config: ClusterConfig, trace: Trace, progress: Callable[[int], None] | None = None) -> SimResult:
+    """Runs every request of `trace` to its end (finished or failed); `progress(n)` hears of every n more ended."""
+    return _Simulation(config, trace, progress).run()
+
+
+class _Prompt(list):
+    """A prompt of `n` tokens whose contents are not modelled: `len()` is n, and nothing is stored, so a queue of a
+    million waiting requests costs no prompt memory. Only the policies read it, and only its length."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _FreeSet:
+    """The instances with a free slot: add, discard and draw by position in O(1)."""
+
+    def __init__(self) -> None:
+        self.items: list[Instance] = []
+        self.pos: dict[int, int] = {}
+
+    def add(self, instance: Instance) -> None:
+        if instance.index not in self.pos:
+            self.pos[instance.index] = len(self.items)
+            self.items.append(instance)
+
+    def discard(self, instance: Instance) -> None:
+        p = self.pos.pop(instance.index, None)
+        if p is None:
+            return
+        last = self.items.pop()
+        if last is not instance:
+            self.items[p] = last
+            self.pos[last.index] = p
+
+
+class _Simulation:
+    def __init__(self, config: ClusterConfig, trace: Trace, progress: Callable[[int], None] | None) -> None:
+        self.config, self.trace, self.progress = config, trace, progress
+        n = len(trace)
+        self.prompts: list[int] = trace.prompt_tokens.tolist()
+        self.outputs: list[int] = trace.output_tokens.tolist()
+        self.priorities = trace.priorities.tolist() if trace.priorities is not None else None
+        self.slos = trace.ttft_slo_ms.tolist() if trace.ttft_slo_ms is not None else None
+        self.first, self.finish, self.where = [math.nan] * n, [math.nan] * n, [-1] * n
+        self.now, self.ended, self.reported = 0.0, 0, 0
+        self.ctx = OperatorContext("policy_sort")
+        self.load = self.ctx.load
+        self.queue = PolicySort(policy=config.policy, max_len=config.max_queue)
+        self.queue.clock = lambda: self.now
+        self.queue.open(self.ctx)
+        self.strategy = make_strategy(config.routing, prefix_index=PrefixIndex(), seed=config.seed)
+        self.rng = random.Random(config.seed)
+        self.instances: list[Instance] = []
+        self.by_name: dict[str, Instance] = {}
+        self.free = _FreeSet()
+        self.pending: list[Instance] = []  # at a step boundary now, their next step not yet composed
+        self.events: list[tuple[float, int, int, Any, int]] = []
+        self.seq = itertools.count()
+        self.prompt_of: dict[int, _Prompt] = {}
+        self.sampling_of: dict[int, SamplingParams] = {}
+        self.autoscaler = Autoscale(config.autoscale) if config.autoscale else None
+        self.starting, self.changes = 0, []
+        self.slo_seen = (0, 0)  # (checked, violations) at the last autoscale reading
+        for tier, count in config.kinds():
+            for _ in range(count):
+                self._add_instance(tier, added=False)
+        if self.autoscaler:
+            self._at(0.0, _TICK, None, 0)
+
+    def run(self) -> SimResult:
+        started = time.perf_counter()
+        arrivals: list[float] = self.trace.arrivals.tolist()
+        events, pop, free, queue, pending = self.events, heapq.heappop, self.free.items, self.queue, self.pending
+        n, k = len(arrivals), 0
+        while True:
+            if events and (k >= n or events[0][0] < arrivals[k]):  # arrivals first at a tie: they join its step
+                self.now, _, kind, target, version = pop(events)
+                if kind == _STEP:
+                    if version == target.version:
+                        self._advance(target)
+                elif kind == _TICK:
+                    self._tick()
+                else:
+                    self._add_instance(self.config.kinds()[0][0], added=True)
+            elif k < n:
+                self.now = arrivals[k]
+                self._arrive(k)
+                k += 1
+            else:
+                break
+            if free and len(queue):
+                self._dispatch()
+            for instance in pending:
+                instance.compose(self.now)
+                if instance.end is not None:
+                    self._at(instance.end, _STEP, instance, instance.version)
+                instance.refresh(self.now)
+            pending.clear()
+        if self.progress and self.ended > self.reported:
+            self.progress(self.ended - self.reported)
+        return self._result(time.perf_counter() - started)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def _arrive(self, i: int) -> None:
+        prompt, output = self.prompts[i], self.outputs[i]
+        tokens = self.prompt_of.get(prompt)
+        if tokens is None:
+            tokens = self.prompt_of[prompt] = _Prompt(prompt)
+        sampling = self.sampling_of.get(output)
+        if sampling is None:
+            sampling = self.sampling_of[output] = SamplingParams(max_tokens=output)
+        request = Request(
+            request_id=str(i),
+            prompt_token_ids=tokens,
+            sampling=sampling,
+            priority=self.priorities[i] if self.priorities else 0,
+            ttft_slo_ms=self.slos[i] if self.slos else None,
+            arrival_time=self.now,
+        )
+        self.load.in_flight += 1
+        for error in self.queue.push(request):
+            self._end(int(error.request_id))
+
+    def _dispatch(self) -> None:
+        """Pops while some instance has a free slot, as the executor pops when downstream has room."""
+        free, queue, now = self.free, self.queue, self.now
+        while free.items and len(queue):
+            item = queue.pop()
+            if item is None:
+                break
+            i = int(item.request_id)
+            if isinstance(item, RequestError):  # the policy rejected it at pop (cost_optimized: none affordable)
+                self._end(i)
+                continue
+            instance = self._route(item)
+            self.where[i] = instance.index
+            when = instance.admit(i, now)
+            if when is not None:
+                self._at(when, _STEP, instance, instance.version)
+            instance.refresh(now)
+            if instance.stats.running >= instance.max_seqs:
+                free.discard(instance)
+
+    def _route(self, request: Request) -> Instance:
+        """A request its policy pinned keeps its instance while that takes requests; else the strategy chooses among
+        the free instances, or `sample` of them drawn at random, each report refreshed to now first."""
+        if request.instance is not None:
+            pinned = self.by_name.get(request.instance)
+            if pinned is not None and pinned.accepting:
+                return pinned
+        items, d = self.free.items, self.config.sample
+        if d is None:
+            candidates = [x for x in self.instances if x.index in self.free.pos]  # in instance order
+        elif d >= len(items):
+            candidates = list(items)
+        elif d == 1:
+            return items[int(self.rng.random() * len(items))]
+        else:
+            candidates = [items[p] for p in self.rng.sample(range(len(items)), d)]
+        for candidate in candidates:
+            candidate.refresh(self.now)
+        chosen = self.strategy.choose(request, [c.stats for c in candidates], [])
+        return self.by_name[chosen.name]
+
+    def _end(self, i: int) -> None:
+        """A request's terminal item, counted as the executor counts it (the adaptive policy and the autoscaler read
+        the SLO-violation rate of finished requests)."""
+        load = self.load
+        load.in_flight -= 1
+        if math.isnan(self.finish[i]):
+            load.failed += 1
+        else:
+            load.completed += 1
+            if self.slos is not None:
+                load.slo_checked += 1
+                load.slo_violations += (self.first[i] - self.trace.arrivals[i]) * 1000 > self.slos[i]
+        self.ended += 1
+        if self.progress and self.ended - self.reported >= PROGRESS_EVERY:
+            self.progress(self.ended - self.reported)
+            self.reported = self.ended
+
+    # -- instances --------------------------------------------------------------------------------------------
+    def _at(self, when: float, kind: int, target: Any, version: int) -> None:
+        heapq.heappush(self.events, (when, next(self.seq), kind, target, version))
+
+    def _advance(self, instance: Instance) -> None:
+        """Applies an instance's step (or span) and frees its finished requests' slots; its next step is composed
+        after this instant's dispatch (`pending`)."""
+        for i in instance.advance():
+            self._end(i)
+        self.pending.append(instance)
+        instance.refresh(self.now)
+        if not instance.accepting:
+            if not instance.busy:
+                self._remove(instance)
+        elif instance.stats.running < instance.max_seqs:
+            self.free.add(instance)
+
+    def _add_instance(self, tier: Tier, *, added: bool) -> None:
+        """An instance of `tier`, its report starting as the engine operator's does: the tier's price, no load, and
+        the default `tokens_per_s` until its own steps teach it (`Instance._learn`)."""
+        model, index = tier.step_model, len(self.instances)
+        stats = InstanceStats(f"i{index}", max_running=model.max_num_seqs, price_per_1k_tokens=tier.price_per_1k_tokens)
+        instance = Instance(index, stats, model, self.prompts, self.outputs, self.first, self.finish)
+        instance.added = added
+        instance.t = self.now
+        if added:
+            self.starting -= 1
+        self.instances.append(instance)
+        self.by_name[stats.name] = instance
+        self.ctx.instances[stats.name] = stats
+        self.free.add(instance)
+
+    def _remove(self, instance: Instance) -> None:
+        instance.stats.healthy = False
+        del self.ctx.instances[instance.stats.name]
+
+    def _tick(self) -> None:
+        """One reading of the real autoscaler: up starts an instance ready after `startup_s`; down drains the least
+        loaded instance it added (no new requests; removed once empty)."""
+        assert self.autoscaler is not None
+        ready = [x for x in self.instances if x.accepting and x.stats.healthy]
+        checked, violations = self.load.slo_checked - self.slo_seen[0], self.load.slo_violations - self.slo_seen[1]
+        self.slo_seen = (self.load.slo_checked, self.load.slo_violations)
+        signals = Signals(
+            ready=len(ready),
+            starting=self.starting,
+            removable=sum(1 for x in ready if x.added),
+            waiting=len(self.queue) + sum(len(x.waiting) for x in ready),
+            running=sum(x.running for x in ready),
+            slots=sum(x.max_seqs for x in ready),
+            slo_violation_rate=violations / checked if checked else 0.0,
+        )
+        decision = self.autoscaler.decide(signals, self.now)
+        if decision.delta > 0:
+            self.starting += 1
+            self._at(self.now + self.config.startup_s, _READY, None, 0)
+        elif decision.delta < 0:
+            victim = min((x for x in ready if x.added), key=lambda x: (x.stats.running, -x.index))
+            victim.accepting = False
+            self.free.discard(victim)
+            if not victim.busy:
+                self._remove(victim)
+        if decision.delta:
+            instances = len(ready) + self.starting + min(decision.delta, 0)
+            self.changes.append(
+                {"time_s": self.now, "delta": decision.delta, "instances": instances, "reason": decision.reason}
+            )
+        if self.ended < len(self.prompts):
+            self._at(self.now + self.config.autoscale.interval_s, _TICK, None, 0)
+
+    def _result(self, wall_s: float) -> SimResult:
+        arrivals = self.trace.arrivals
+        first, finish = np.array(self.first), np.array(self.finish)
+        gaps = self.trace.output_tokens - 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(gaps > 0, (finish - first) / gaps, math.nan)
+        ends = finish[~np.isnan(finish)]
+        duration = float(ends.max() - arrivals[0]) if len(ends) else self.trace.duration_s
+        config = self.config
+        info = {
+            "trace": self.trace.name,
+            "instances": config.instances if config.autoscale is None else None,
+            "instances_peak": len(self.instances),
+            "policy": config.policy,
+            "routing": config.routing,
+            "sample": config.sample,
+            "max_queue": config.max_queue,
+            "autoscale": vars(config.autoscale) if config.autoscale else None,
+            "step_model": _model_json(config.step_model) if config.step_model else None,
+            "tiers": None,  # instances are numbered tier after tier, in this order
+            "seed": config.seed,
+        }
+        if config.tiers:
+            info["tiers"] = [
+                {"name": t.name, "share": t.share, "instances": n, "price_per_1k_tokens": t.price_per_1k_tokens}
+                | {"step_model": _model_json(t.step_model)}
+                for t, n in config.kinds()
+            ]
+        return SimResult(
+            ttft_s=first - arrivals,
+            tpot_s=tpot,
+            e2e_s=finish - arrivals,
+            instance=np.array(self.where),
+            sim_duration_s=duration,
+            wall_s=wall_s,
+            ttft_slo_ms=self.trace.ttft_slo_ms,
+            autoscale=self.changes,
+            info=info,
+            policy=self.queue.policy,
+        )
+
+
+def _model_json(model: StepModel) -> dict[str, Any]:
+    return {k: v for k, v in vars(model).items() if k != "source"}

@@ -1,0 +1,103 @@
+"""How long one engine step takes, as a function of what the step computes: the simulator's model of an instance.
+
+An engine step (continuous batching, chunked prefill) runs a batch of decode sequences, one token each, and up to
+`max_num_batched_tokens` of prompt chunks. Its time is modelled as linear in the work it does:
+
+    step_s = fixed_s + per_prefill_token_s * prefill_tokens + per_decode_seq_s * decode_seqs
+             + per_context_token_s * context_tokens + per_prefill_context_s * prefill_context
+
+where `context_tokens` is the KV the decode sequences attend over (their context lengths, summed), the part of a
+decode step that grows with the conversation, and `prefill_context` the same for prompt chunks: each chunk's tokens
+times the earlier tokens of its prompt they attend over (a 512-token chunk after 1,536 cached tokens costs nearly
+twice the first chunk), a separate coefficient because a chunk's attention is a matrix product, a decode's a read.
+The coefficients are fitted (least squares of the relative error, each kept >= 0) to step times measured on our own
+engine by `sagellm bench steps`, which saves the model as JSON with the machine and model it was measured on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COEFFICIENTS = ("fixed_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_context_s")
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One measured step."""
+
+    prefill_tokens: int
+    decode_seqs: int
+    context_tokens: int
+    seconds: float
+    prefill_context: int = 0  # prompt chunks' tokens x the earlier prompt tokens each attends over, summed
+
+
+@dataclass(frozen=True)
+class StepModel:
+    fixed_s: float
+    per_prefill_token_s: float
+    per_decode_seq_s: float
+    per_context_token_s: float
+    per_prefill_context_s: float = 0.0
+    max_num_seqs: int = 16  # the engine's settings when measured: the simulated instance schedules as it did
+    max_num_batched_tokens: int = 512
+    source: dict[str, Any] | None = None  # where it was measured: cpu, model, threads, date, fit error
+
+    def step_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int, prefill_context: int = 0) -> float:
+        return (
+            self.fixed_s
+            + self.per_prefill_token_s * prefill_tokens
+            + self.per_decode_seq_s * decode_seqs
+            + self.per_context_token_s * context_tokens
+            + self.per_prefill_context_s * prefill_context
+        )
+
+    @classmethod
+    def fit(cls, samples: list[StepSample], **settings: Any) -> StepModel:
+        """Least squares of the relative error over the samples, with every coefficient >= 0 (a coefficient the
+        data would make negative is dropped and the rest refitted: no step gets faster for doing more). Relative,
+        because a 5 ms decode step and a 300 ms prefill matter alike: TPOT is made of the one, TTFT of the other;
+        plain least squares would fit the prefills and leave decode steps twice their time. `settings`:
+        max_num_seqs, max_num_batched_tokens, source."""
+        if len(samples) < len(COEFFICIENTS):
+            raise ValueError(f"need at least {len(COEFFICIENTS)} measured steps to fit, got {len(samples)}")
+        if min(s.seconds for s in samples) <= 0:
+            raise ValueError("every measured step must take > 0 seconds")
+        weight = np.array([1 / s.seconds for s in samples])  # row i / seconds_i: residuals become relative errors
+        x = np.array([[1.0, s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context] for s in samples])
+        x *= weight[:, None]
+        y = np.array([s.seconds for s in samples]) * weight
+        kept = list(range(len(COEFFICIENTS)))
+        while True:
+            solution, *_ = np.linalg.lstsq(x[:, kept], y, rcond=None)
+            if (solution >= 0).all() or len(kept) == 1:
+                break
+            kept.pop(int(np.argmin(solution)))
+        coefficients = dict.fromkeys(COEFFICIENTS, 0.0)
+        for index, value in zip(kept, solution):
+            coefficients[COEFFICIENTS[index]] = max(float(value), 0.0)
+        return cls(**coefficients, **settings)
+
+    def relative_errors(self, samples: list[StepSample]) -> np.ndarray:
+        """|predicted - measured| / measured of each sample."""
+        predicted = np.array(
+            [self.step_s(s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context) for s in samples]
+        )
+        measured = np.array([s.seconds for s in samples])
+        return np.abs(predicted - measured) / measured
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> StepModel:
+        """Raises ValueError naming the file when it is not a step model."""
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{path} is not a step model saved by `sagellm bench steps`: {error}") from None
