@@ -1,27 +1,41 @@
 """`sagellm bench steps`: how long one step of our engine takes for what it computes, fitted into the `StepModel` the
 cluster simulator (`sagellm simulate`) times its instances with.
 
-The engine (`LLMEngine`, loaded as an engine node loads it) is driven directly with batches built to a known
-composition, and each `engine.step()` is timed whole (schedule, model, sampling, detokenizing) on the wall clock:
+By default the steps are timed where the engine serves: inside the W4 benchmark's colocated graph (replay_source →
+admission → policy_sort → route → engine → metrics_sink, in this process), whose executor's event loop and sinks
+share the cores with torch's threads and make a step 10-25% slower than the same step alone. A calibration trace
+(`calibration_trace`) drives it: a closed loop whose number of requests in flight climbs from 1 to `max_num_seqs`
+(decode batches of every size, prompt chunks beside them), prompts of 16 to 2,048 tokens (chunks after up to 1,536
+earlier prompt tokens) and outputs of 4 to 128 tokens. It is not a validation trace (sim-check's are Poisson, of
+other shapes and seeds): nothing is fitted on what it is judged by. Every step the engine runs is timed from the end
+of the step before it when the engine was busy then (the executor's turn between steps is part of a served step),
+and steps of like composition (quarter-octave bins) are pooled into one sample, their medians.
+
+With `bare`, the engine (`LLMEngine`, loaded as an engine node loads it) is driven directly with batches built to a
+known composition, each `engine.step()` timed whole (schedule, model, sampling, detokenizing) on the wall clock:
 - prefill: one fresh prompt per step, of each chunk size up to `max_num_batched_tokens`, nothing else running;
+- chunked: long prompts (`long_prompt_lens`) chunk by chunk, each chunk after all earlier chunks of its prompt;
 - decode: for each context length, requests join one at a time until `max_num_seqs` run; at every batch size the
   steps that only decode are timed;
-- mixed: at some of those batch sizes, a fresh prompt chunk beside the running decodes.
-What a step computed is read from the scheduler's own batch (`StepTimer` wraps `Scheduler.schedule`), never
-assumed. Each composition is timed `repeats` times after `warmup` untimed steps; a sample is the median. The fit
-(`StepModel.fit`) is written with the samples, the machine and the engine settings, so the simulator schedules its
-instances as this engine did."""
+- mixed: at some of those batch sizes, a fresh prompt chunk beside the running decodes, and (at the first context
+  length) a `mixed_long_len` prompt's chunks beside them.
+Each composition is timed `repeats` times after `warmup` untimed steps; a sample is the median.
+
+Either way what a step computed is read from the scheduler's own batch (`StepTimer` wraps `Scheduler.schedule`),
+never assumed, and steps timed while other processes kept the cores busy are left out. The fit (`StepModel.fit`) is
+written with the samples, the machine, the engine settings and how it was calibrated (`source["calibrated"]`)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,42 +43,15 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
+from sagellm.benchmarks.step_timer import OtherLoad, StepTimer, kind_of, median_sample, pool
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.sampling_params import SamplingParams
-from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.simulator.step_model import COEFFICIENTS, StepModel, StepSample
 
-KINDS = ("prefill", "decode", "mixed")
+KINDS = ("prefill", "chunked", "decode", "mixed")
 MIN_QUIET_SAMPLES = 8  # fewer samples timed while the machine was quiet: fit them all
+LOAD_WINDOW_S = 0.5  # in the pipeline, the rest of the machine's load is judged per window of this length
 log = structlog.get_logger("sagellm.bench.steps")
-BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # of /proc/stat's cpu line: user, nice, system, irq, softirq, steal (not idle, iowait)
-
-
-class OtherLoad:
-    """The cores the rest of the machine kept busy (other processes, the kernel, the hypervisor's steal) since it was
-    made: on a shared 2-core machine another process's burst slows a step several-fold (torch's threads wait on the
-    one that lost its core), so a measurement taken meanwhile is retried rather than believed. Reads /proc (Linux;
-    elsewhere it reads 0). Ticks are 10 ms: judge windows of a few hundred ms."""
-
-    def __init__(self) -> None:
-        self._start = self._read()
-
-    @staticmethod
-    def _read() -> tuple[float, float, float]:
-        from sagellm.benchmarks.proc_stats import cpu_seconds
-
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        except OSError:
-            return 0.0, 0.0, time.perf_counter()
-        busy = sum(int(fields[i]) for i in BUSY_FIELDS if i < len(fields)) / os.sysconf("SC_CLK_TCK")
-        return busy, cpu_seconds(os.getpid()), time.perf_counter()
-
-    def cores(self) -> float:
-        """Busy cores of everything but this process, on average since it was made."""
-        busy, own, now = self._read()
-        busy0, own0, then = self._start
-        return max(0.0, (busy - busy0) - (own - own0)) / (now - then) if now > then else 0.0
 
 
 @dataclass(frozen=True)
@@ -73,10 +60,19 @@ class StepBenchConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     threads: int | None = None  # torch threads (None: every core, as an engine node without num_threads)
+    bare: bool = False  # time the bare engine on the grid below, not the engine serving in the colocated graph
+    # -- in the pipeline: the calibration trace (`calibration_trace`)
+    trace_limits: tuple[int, ...] | None = None  # requests in flight, phase by phase (None: 1, 2, 3, 4, 6, 8, ...)
+    trace_prompt_lens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048)  # drawn uniformly
+    trace_output_lens: tuple[int, ...] = (4, 16, 32, 64, 128)  # drawn uniformly
+    trace_turnover: int = 2  # a phase releases `limit + trace_turnover` requests (the last phase twice that)
+    # -- bare: the grid of compositions
     context_lens: tuple[int, ...] = (64, 512, 1024)  # prompt lengths of the decoding requests
     chunk_sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512)  # prefill chunks, capped by the token budget
+    long_prompt_lens: tuple[int, ...] = (2048,)  # prompts timed chunk by chunk: chunks after earlier prompt tokens
     mixed_batch_sizes: tuple[int, ...] = (1, 4, 8, 15)  # running decodes beside which prefill chunks are timed
     mixed_chunk_sizes: tuple[int, ...] = (32, 128, 512)  # capped by what the decodes leave of the budget
+    mixed_long_len: int = 1536  # a prompt timed chunk by chunk beside the decodes of the first context length
     repeats: int = 5  # timed steps per composition: a sample is their median
     warmup: int = 1  # untimed steps before each decode timing (the first after a change re-reads the batch)
     window_s: float = 0.15  # a composition is timed for at least `repeats` steps and this long (the load's ticks)
@@ -90,6 +86,16 @@ class StepBenchConfig:
             raise ValueError("max_num_seqs, max_num_batched_tokens and repeats must be >= 1, warmup >= 0")
         if not self.context_lens or min(self.context_lens) < 1 or not self.chunk_sizes or min(self.chunk_sizes) < 2:
             raise ValueError("context_lens must be >= 1 and chunk_sizes >= 2 tokens (a 1-token chunk is a decode)")
+        if min(self.trace_prompt_lens, default=0) < 2 or min(self.trace_output_lens, default=0) < 1:
+            raise ValueError("trace_prompt_lens must be >= 2 tokens and trace_output_lens >= 1")
+
+    @property
+    def limits(self) -> tuple[int, ...]:
+        """The calibration trace's phases: requests in flight, climbing to `max_num_seqs`."""
+        if self.trace_limits is not None:
+            return self.trace_limits
+        ladder = (1, 2, 3, 4, 6, 8, 11, 14)
+        return tuple(n for n in ladder if n < self.max_num_seqs) + (self.max_num_seqs,)
 
 
 @dataclass
@@ -98,10 +104,11 @@ class Calibration:
 
     model: StepModel
     samples: list[StepSample]
-    kinds: list[str]  # of each sample: prefill, decode or mixed
+    kinds: list[str]  # of each sample: prefill, chunked, decode or mixed
     other_cores: list[float]  # of each sample: the rest of the machine's busy cores while it was timed
     wall_s: float
     settings: dict[str, Any] = field(default_factory=dict)
+    steps: list[int] = field(default_factory=list)  # of each sample: the engine steps pooled into it
 
     def busy(self, index: int) -> bool:
         """Sample `index` was timed while the rest of the machine was busy (left out of the fit)."""
@@ -113,42 +120,8 @@ class Calibration:
         return self.model.relative_errors(chosen) if chosen else np.array([])
 
 
-class StepTimer:
-    """Times `engine.step()` and reads what the step computed from the batch the scheduler returned: prompt tokens
-    of the chunks, decode sequences, and the KV the decodes attend over (as the model runner counts them)."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._schedule = engine.scheduler.schedule
-        engine.scheduler.schedule = self._recording_schedule  # the one door every step goes through
-        self._last: tuple[int, int, int] = (0, 0, 0)
-
-    def _recording_schedule(self) -> ScheduledBatch:
-        batch = self._schedule()
-        decodes = batch.num_decodes  # single-token entries come first
-        context = sum(seq.num_computed_tokens + 1 for seq in batch.seqs[:decodes])
-        self._last = (sum(batch.num_new_tokens[decodes:]), decodes, context)
-        return batch
-
-    def step(self) -> StepSample:
-        started = time.perf_counter()
-        self.engine.step()
-        seconds = time.perf_counter() - started
-        return StepSample(*self._last, seconds)
-
-
-def median_sample(samples: list[StepSample]) -> StepSample:
-    """Each field's median: one composition timed several times (a decode's context grows a token per step)."""
-    return StepSample(
-        int(np.median([s.prefill_tokens for s in samples])),
-        int(np.median([s.decode_seqs for s in samples])),
-        int(np.median([s.context_tokens for s in samples])),
-        float(np.median([s.seconds for s in samples])),
-    )
-
-
 class _Sweep:
-    """One calibration run over an engine: fresh random prompts (no prefix-cache hits), samples as they come."""
+    """One bare-engine calibration run: fresh random prompts (no prefix-cache hits), samples as they come."""
 
     def __init__(self, engine: LLMEngine, config: StepBenchConfig, bar: tqdm) -> None:
         from sagellm.benchmarks.workloads import random_token_prompts
@@ -168,43 +141,60 @@ class _Sweep:
         self.engine.add_request(rid, self._prompt(length), params)
         return rid
 
-    def record(self, kind: str, measured: tuple[StepSample, float]) -> None:
-        self.samples.append(measured[0])
-        self.kinds.append(kind)
-        self.other_cores.append(measured[1])
-        self.bar.update(1)
+    def record(self, kind: str, measured: list[tuple[StepSample, float]]) -> None:
+        for sample, load in measured:
+            self.samples.append(sample)
+            self.kinds.append(kind)
+            self.other_cores.append(load)
+            self.bar.update(1)
 
-    def timed(self, step: Callable[[], StepSample]) -> tuple[StepSample, float]:
-        """The median of `step()` over at least `repeats` steps and `window_s`, with the rest of the machine's load
-        meanwhile; retried while that load was not quiet, the quietest try kept."""
+    def timed(self, run: Callable[[], list[StepSample]]) -> list[tuple[StepSample, float]]:
+        """Each position's median over `run()`s (a step, or a prompt's chunks) repeated at least `repeats` times and
+        `window_s`, with the rest of the machine's load meanwhile; retried while that load was not quiet, the
+        quietest try kept."""
         c = self.config
         tries = []
         for _ in range(1 + c.retries):
-            load, started, steps = OtherLoad(), time.perf_counter(), []
-            while len(steps) < c.repeats or time.perf_counter() - started < c.window_s:
-                steps.append(step())
-            tries.append((median_sample(steps), load.cores()))
+            load, started, runs = OtherLoad(), time.perf_counter(), []
+            while len(runs) < c.repeats or time.perf_counter() - started < c.window_s:
+                runs.append(run())
+            tries.append(([median_sample(list(steps)) for steps in zip(*runs)], load.cores()))
             if tries[-1][1] <= c.quiet_cores:
                 break
-        return min(tries, key=lambda t: t[1])
+        samples, load = min(tries, key=lambda t: t[1])
+        return [(s, load) for s in samples]
 
-    def chunk(self, length: int) -> tuple[StepSample, float]:
+    def chunk(self, length: int) -> list[tuple[StepSample, float]]:
         """A fresh prompt of `length` tokens beside whatever runs, once per step: it ends after that step."""
 
-        def step() -> StepSample:
+        def step() -> list[StepSample]:
             self.add(length, max_tokens=1)
-            return self.timer.step()
+            return [self.timer.step()]
 
         return self.timed(step)
 
-    def decodes(self) -> tuple[StepSample, float]:
+    def prompt_chunks(self, length: int) -> list[tuple[StepSample, float]]:
+        """A fresh prompt of `length` tokens beside whatever runs, timed chunk by chunk until its prompt is done (the
+        step of its last chunk ends it): each chunk after the earlier ones."""
+
+        def chunks() -> list[StepSample]:
+            self.add(length, max_tokens=1)
+            steps = [self.timer.step()]
+            while steps[-1].prefill_tokens and sum(s.prefill_tokens for s in steps) < length:
+                steps.append(self.timer.step())
+            return steps
+
+        return self.timed(chunks)
+
+    def decodes(self) -> list[tuple[StepSample, float]]:
         for _ in range(self.config.warmup):
             self.timer.step()
-        return self.timed(self.timer.step)
+        return self.timed(lambda: [self.timer.step()])
 
-    def decode_sweep(self, context_len: int) -> None:
+    def decode_sweep(self, context_len: int, long_mixed: bool) -> None:
         """Requests of `context_len` prompt tokens join one by one; at each batch size its decode steps (and at the
-        mixed sizes, chunks beside them) are timed. All are aborted at the end."""
+        mixed sizes, chunks beside them; with `long_mixed`, a long prompt's chunks too) are timed. All are aborted
+        at the end."""
         c, engine = self.config, self.engine
         room = engine.max_model_len - context_len
         ids = []
@@ -216,6 +206,8 @@ class _Sweep:
                 for length in sorted({min(n, c.max_num_batched_tokens - size) for n in c.mixed_chunk_sizes}):
                     if length >= 2:
                         self.record("mixed", self.chunk(length))
+                if long_mixed:
+                    self.record("mixed", self.prompt_chunks(c.mixed_long_len))
             self.record("decode", self.decodes())
         for rid in ids:
             engine.abort_request(rid)
@@ -227,24 +219,38 @@ class _Sweep:
             self.timer.step()
         for length in sorted({min(n, c.max_num_batched_tokens) for n in c.chunk_sizes}):
             self.record("prefill", self.chunk(length))
-        for context_len in c.context_lens:
-            self.decode_sweep(context_len)
+        for length in c.long_prompt_lens:
+            self.record("chunked", self.prompt_chunks(length))
+        for index, context_len in enumerate(c.context_lens):
+            self.decode_sweep(context_len, long_mixed=index == 0)
 
 
 def planned_samples(config: StepBenchConfig) -> int:
-    """How many samples `calibrate` takes: the progress bar's total."""
-    chunks = len({min(n, config.max_num_batched_tokens) for n in config.chunk_sizes})
-    mixed = sum(
-        len({m for n in config.mixed_chunk_sizes if (m := min(n, config.max_num_batched_tokens - size)) >= 2})
-        for size in config.mixed_batch_sizes
-        if size < config.max_num_seqs
-    )
-    return chunks + len(config.context_lens) * (config.max_num_seqs + mixed)
+    """How many samples the bare calibration takes: the progress bar's total."""
+    budget = config.max_num_batched_tokens
+    chunks = len({min(n, budget) for n in config.chunk_sizes})
+    chunks += sum(math.ceil(n / budget) for n in config.long_prompt_lens)
+    sizes = [size for size in config.mixed_batch_sizes if size < config.max_num_seqs]
+    mixed = sum(len({m for n in config.mixed_chunk_sizes if (m := min(n, budget - size)) >= 2}) for size in sizes)
+    long_mixed = sum(math.ceil(config.mixed_long_len / (budget - size)) for size in sizes)  # first context length
+    return chunks + len(config.context_lens) * (config.max_num_seqs + mixed) + long_mixed
 
 
 def calibrate(config: StepBenchConfig, engine: LLMEngine | None = None) -> Calibration:
-    """Loads the engine (unless given one built with `config`'s settings), measures every composition and fits."""
-    from sagellm.benchmarks.vllm_results import cpu_description
+    """Calibrates in the colocated graph (`calibrate_in_pipeline`), or with `config.bare` on the bare engine (loaded
+    here unless given one built with `config`'s settings): measures, fits, says how in `source["calibrated"]`."""
+    started = time.perf_counter()
+    if config.bare:
+        samples, kinds, loads, steps, extra = _calibrate_bare(config, engine)
+    else:
+        samples, kinds, loads, steps, extra = calibrate_in_pipeline(config)
+    wall = time.perf_counter() - started
+    return _fit(config, samples, kinds, loads, steps, wall, extra)
+
+
+def _calibrate_bare(
+    config: StepBenchConfig, engine: LLMEngine | None
+) -> tuple[list[StepSample], list[str], list[float], list[int], dict[str, Any]]:
     from sagellm.runtime.engine.config import EngineConfig
     from sagellm.runtime.parallel.engine import start_engine
 
@@ -254,7 +260,6 @@ def calibrate(config: StepBenchConfig, engine: LLMEngine | None = None) -> Calib
         engine = start_engine(
             EngineConfig(model=config.model, num_threads=config.threads, seed=config.seed, **settings)
         )
-    started = time.perf_counter()
     try:
         with tqdm(total=planned_samples(config), desc="step times", unit="sample", disable=not config.progress) as bar:
             sweep = _Sweep(engine, config, bar)
@@ -262,31 +267,160 @@ def calibrate(config: StepBenchConfig, engine: LLMEngine | None = None) -> Calib
     finally:
         if own:
             engine.close()
-    wall = time.perf_counter() - started
+    extra = {"calibrated": "bare engine: a grid of compositions, each timed alone"}
+    return sweep.samples, sweep.kinds, sweep.other_cores, [config.repeats] * len(sweep.samples), extra
+
+
+def _fit(
+    config: StepBenchConfig,
+    samples: list[StepSample],
+    kinds: list[str],
+    loads: list[float],
+    steps: list[int],
+    wall: float,
+    extra: dict[str, Any],
+) -> Calibration:
+    from sagellm.benchmarks.vllm_results import cpu_description
+
+    settings = {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens}
     source = {
         "cpu": cpu_description(),
         "cores": os.cpu_count(),
         "threads": config.threads,
         "model": config.model,
         "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "samples": len(sweep.samples),
-    }
-    quiet = [s for s, load in zip(sweep.samples, sweep.other_cores) if load <= config.quiet_cores]
+        "samples": len(samples),
+    } | extra
+    quiet = [s for s, load in zip(samples, loads) if load <= config.quiet_cores]
     if len(quiet) < MIN_QUIET_SAMPLES:  # a machine never quiet: fit what there is, and say so
-        log.warning("step_times_machine_busy", quiet=len(quiet), samples=len(sweep.samples))
-        quiet = sweep.samples
+        log.warning("step_times_machine_busy", quiet=len(quiet), samples=len(samples))
+        quiet = samples
     fitted = StepModel.fit(quiet, **settings, source=source)
     errors = fitted.relative_errors(quiet)
     source |= {"fitted_samples": len(quiet), "quiet_cores": config.quiet_cores}
     source |= {"fit_error_p50": float(np.median(errors)), "fit_error_p90": float(np.percentile(errors, 90))}
-    return Calibration(fitted, sweep.samples, sweep.kinds, sweep.other_cores, wall, asdict(config))
+    return Calibration(fitted, samples, kinds, loads, wall, asdict(config), steps)
+
+
+# -- in the pipeline ------------------------------------------------------------------------------------------------
+def calibration_trace(config: StepBenchConfig, tokenizer: Any) -> tuple[list[Any], list[tuple[int, int]]]:
+    """The requests (seeded random prompts and lengths, no prefix-cache hits) and the closed loop's phases, (requests
+    released before it, requests in flight): each phase turns its batch over `trace_turnover` requests beyond its
+    limit, the last (`max_num_seqs`) twice, so decode batches of every size run beside fresh prompts' chunks."""
+    from sagellm.benchmarks.workloads import random_token_prompts
+    from sagellm.runtime.pipeline.messages import Request
+
+    rng = np.random.default_rng((config.seed, 7))
+    phases, total = [], 0
+    for index, limit in enumerate(config.limits):
+        phases.append((total, limit))
+        total += (limit + config.trace_turnover) * (2 if index == len(config.limits) - 1 else 1)
+    lengths = rng.choice(config.trace_prompt_lens, size=total)
+    outputs = rng.choice(config.trace_output_lens, size=total)
+    requests = []
+    for i, (length, output) in enumerate(zip(lengths, outputs)):
+        prompt = random_token_prompts(tokenizer, 1, int(length), (config.seed, 7, i))[0]
+        sampling = SamplingParams(max_tokens=int(output), temperature=0.0, ignore_eos=True)
+        requests.append(Request(request_id=f"cal-{i:04d}", prompt_token_ids=prompt, sampling=sampling))
+    return requests, phases
+
+
+def _phased_source(requests: list[Any], phases: list[tuple[int, int]]) -> Any:
+    from sagellm.operators.replay_source import ReplaySource
+
+    class PhasedSource(ReplaySource):
+        """A closed loop whose requests in flight follow `phases` as requests are released."""
+
+        def poll(self) -> list[Any] | None:
+            self.max_in_flight = next(limit for first, limit in reversed(phases) if self._next >= first)
+            return super().poll()
+
+    return PhasedSource(requests, max_in_flight=phases[0][1])
+
+
+def calibrate_in_pipeline(
+    config: StepBenchConfig,
+) -> tuple[list[StepSample], list[str], list[float], list[int], dict[str, Any]]:
+    """Serves `calibration_trace` through the W4 benchmark's colocated graph, in this process, with a `StepTimer` on
+    its engine; the rest of the machine's load is read every `LOAD_WINDOW_S` and steps in busy windows dropped.
+    Each step's time runs from the end of the step before it when the engine was busy then, else from its start.
+    Steps of like composition are pooled (`pool`)."""
+    import trio
+
+    from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph
+    from sagellm.operators.engine import EngineOperator
+    from sagellm.runtime.executor.local import LocalExecutor
+    from sagellm.runtime.models.loader import load_model
+
+    tokenizer = load_model(config.model, load_weights=False).tokenizer
+    requests, phases = calibration_trace(config, tokenizer)
+    pd = PDBenchConfig(
+        model=config.model,
+        configs=("colocated",),
+        colocated_threads=config.threads or os.cpu_count() or 1,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+    )
+    graph = build_graph("colocated", pd)
+    engine_id = next(node.id for node in graph.nodes.values() if node.op == "engine")
+    timers: list[StepTimer] = []
+
+    class TimedEngine(EngineOperator):
+        def open(self, ctx: Any) -> None:
+            super().open(ctx)
+            timers.append(StepTimer(self.engine))
+            timers[-1].log = []
+
+    engine_op = TimedEngine(**graph.nodes[engine_id].params)
+    executor = LocalExecutor(graph, operators={"source": _phased_source(requests, phases), engine_id: engine_op})
+    windows: list[tuple[float, float]] = []  # (end, other cores since the previous end)
+
+    async def main() -> None:
+        async def watch(bar: tqdm) -> None:
+            while True:
+                load = OtherLoad()
+                await trio.sleep(LOAD_WINDOW_S)
+                windows.append((time.perf_counter(), load.cores()))
+                bar.update(executor.load.completed + executor.load.failed - bar.n)
+
+        with tqdm(total=len(requests), desc="calibration trace", unit="req", disable=not config.progress) as bar:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch, bar)
+                await executor.run()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    failed = [o.error.message for o in executor.outcomes.values() if o.error is not None]
+    if failed or len(executor.outcomes) < len(requests):
+        raise RuntimeError(f"the calibration trace did not complete: {len(failed)} failed, e.g. {failed[:1]}")
+    timed = timers[0].log or []
+    ends = np.array([end for end, _ in windows])
+    window_load = [
+        windows[min(int(np.searchsorted(ends, t.ended)), len(windows) - 1)][1] if windows else 0.0 for t in timed
+    ]
+    cycles = [
+        replace(t.sample, seconds=t.ended - (before.ended if before and before.busy_after else t.started))
+        for before, t in zip([None, *timed[:-1]], timed)
+    ]
+    quiet = [s for s, load in zip(cycles, window_load) if load <= config.quiet_cores]
+    samples, steps = pool(quiet)
+    turn = [t.started - before.ended for before, t in zip(timed[:-1], timed[1:]) if before.busy_after]
+    extra = {
+        "calibrated": "in the serving pipeline: the colocated graph serving the calibration trace",
+        "trace": {"requests": len(requests), "phases": phases, "seed": config.seed},
+        "steps_timed": len(timed),
+        "steps_busy": len(timed) - len(quiet),
+        "turn_between_steps_ms_p50": 1e3 * float(np.median(turn)) if turn else None,
+        "step_within_cycle_p50": float(np.median([t.sample.seconds / c.seconds for t, c in zip(timed, cycles)])),
+    }
+    return samples, [kind_of(s) for s in samples], [0.0] * len(samples), steps, extra
 
 
 def write_results(calibration: Calibration, model_path: Path, samples_path: Path) -> None:
     calibration.model.save(model_path)
     rows = [
-        asdict(s) | {"kind": k, "other_cores": round(load, 3)}
-        for s, k, load in zip(calibration.samples, calibration.kinds, calibration.other_cores)
+        asdict(s) | {"kind": k, "other_cores": round(load, 3), "steps": n}
+        for s, k, load, n in zip(calibration.samples, calibration.kinds, calibration.other_cores, calibration.steps)
     ]
     payload = {"settings": calibration.settings, "wall_s": calibration.wall_s, "samples": rows}
     samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,6 +434,7 @@ def print_table(calibration: Calibration) -> None:
     m = calibration.model
     units = {"fixed_s": ("ms per step", 1e3), "per_prefill_token_s": ("µs per prompt token", 1e6)}
     units |= {"per_decode_seq_s": ("µs per decode sequence", 1e6), "per_context_token_s": ("ns per context token", 1e9)}
+    units |= {"per_prefill_context_s": ("ns per prompt token × earlier prompt token", 1e9)}
     coefficients = Table("coefficient", "value", "unit", title=f"step model: {Path(str(m.source['model'])).name}")
     for name in COEFFICIENTS:
         unit, scale = units[name]
@@ -307,6 +442,7 @@ def print_table(calibration: Calibration) -> None:
     errors = Table(
         "steps", "fitted", "busy", "fit error p50", "fit error p90", "measured ms min–max", title="fit error"
     )
+    errors.title = f"fit error; calibrated {m.source.get('calibrated', 'bare engine')}"
     for kind in (*KINDS, None):
         e = calibration.errors(kind)
         ours = [i for i, k in enumerate(calibration.kinds) if kind in (None, k)]
@@ -320,6 +456,9 @@ def print_table(calibration: Calibration) -> None:
     caption = f"{m.source['cpu']}; {m.source['cores']} cores, {threads} torch threads; max_num_seqs {m.max_num_seqs}, "
     caption += f"max_num_batched_tokens {m.max_num_batched_tokens}; {calibration.wall_s:.0f} s; busy: timed while "
     caption += f"other processes kept > {calibration.settings['quiet_cores']:g} cores busy despite retries, not fitted"
+    if "steps_timed" in m.source:
+        caption += f"; {m.source['steps_timed']} steps pooled into {len(calibration.samples)} samples, "
+        caption += f"{m.source['steps_busy']} dropped (busy)"
     errors.caption = caption
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(coefficients)
@@ -335,7 +474,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="engine setting (%(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="per step")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (%(default)s)")
-    parser.add_argument("--repeats", type=int, default=d.repeats, help="timed steps per composition; medians")
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="--bare: timed steps per composition")
+    parser.add_argument(
+        "--bare", action="store_true", help="time the bare engine on a grid of compositions, not the serving pipeline"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompts")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_model.json"), help="the model")
     parser.add_argument(
@@ -353,6 +495,7 @@ def config_from_args(args: argparse.Namespace) -> StepBenchConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         threads=args.threads,
+        bare=args.bare,
         mixed_batch_sizes=tuple(sorted({1, args.max_num_seqs // 4, args.max_num_seqs // 2, args.max_num_seqs - 1})),
         repeats=args.repeats,
         seed=args.seed,

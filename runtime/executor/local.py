@@ -319,6 +319,7 @@ class LocalExecutor:
 
         nursery.start_soon(feed)
         while True:
+            await self._gather_routed(node_id, op, buffer)
             if buffer:
                 while buffer:
                     await self._feed(node_id, op, buffer.popleft())
@@ -342,6 +343,21 @@ class LocalExecutor:
             if closed:
                 return
             await arrived.wait()
+
+    async def _gather_routed(self, node_id: str, op: StepOperator, buffer: deque[Any]) -> None:
+        """Before a step: requests already routed to this engine while it was full (blocked in its channel) are
+        taken now, and those the queue routes next to the room the last step freed, so a freed slot is filled by the
+        next step, not the one after. Three turns bring one: the feeder takes the request waiting; the queue pops,
+        routes and sends its next; the feeder takes that. It stops when a round brings nothing (the queue is empty)
+        or the engine is full; when nothing waits in the channel it costs no turn at all."""
+        if not self._inbox_recv[node_id].statistics().tasks_waiting_send:
+            return
+        while len(buffer) < op.capacity():
+            before = len(buffer)
+            for _ in range(3):
+                await trio.lowlevel.checkpoint()
+            if len(buffer) == before:
+                return
 
     async def _run_stream(self, node_id: str, op: StreamOperator, nursery: trio.Nursery) -> None:
         """One task per item, at most `capacity()` at once; the node ends when its input has and every task did."""

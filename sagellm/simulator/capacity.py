@@ -13,14 +13,19 @@ from sagellm.simulator.traces import Trace
 def capacity_rps(model: StepModel, trace: Trace, instances: int) -> float:
     """Requests/s of `instances` instances with every slot busy, for the trace's mix of lengths.
 
-    A request costs its prompt's tokens, a decode slot in `output - 1` steps and the context those steps attend
-    over (its prompt plus 1, 2, ... generated tokens); the fixed cost of a step is shared by the batch, and a full
+    A request costs its prompt's tokens (and, in chunks of `max_num_batched_tokens`, the earlier prompt tokens each
+    chunk attends over), a decode slot in `output - 1` steps and the context those steps attend over (its prompt plus
+    1, 2, ... generated tokens); the fixed cost of a step is shared by the batch, and a full
     instance runs at least enough steps for its decode tokens (`max_num_seqs` a step) and its prompt tokens
     (`max_num_batched_tokens` a step), whichever needs more."""
     prompts = trace.prompt_tokens.astype(np.float64)
     decodes = trace.output_tokens.astype(np.float64) - 1
+    chunk = float(model.max_num_batched_tokens)
+    whole = np.floor(prompts / chunk)  # full chunks; chunk k attends over k * chunk earlier tokens
+    earlier = chunk * chunk * whole * (whole - 1) / 2 + (prompts - whole * chunk) * whole * chunk
     per_request = (
         model.per_prefill_token_s * prompts
+        + model.per_prefill_context_s * earlier
         + model.per_decode_seq_s * decodes
         + model.per_context_token_s * (decodes * prompts + decodes * (decodes + 1) / 2)
     ).mean()

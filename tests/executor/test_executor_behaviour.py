@@ -158,3 +158,34 @@ edges:
         result = await LocalExecutor(load_pipeline(text)).run()
     assert len(result.outcomes) == 6 and all(o.finished for o in result.outcomes.values())
     assert any(o.error is not None and o.error.code == "overloaded" for o in result.outcomes.values())
+
+
+async def test_slots_a_step_frees_are_filled_by_the_next_step_while_requests_wait():
+    """12 requests queued at once before an engine of 2 slots, 3 steps each: the queue always has one routed to the
+    engine and waiting in its channel, and the pair a step finishes is replaced in the very next step (the engine
+    gathers what upstream already routed to it before stepping), so every step runs 2: 18 steps, none half empty."""
+
+    class Recording(Counter):
+        def __init__(self) -> None:
+            super().__init__(steps=3, max_running=2)
+            self.batches: list[int] = []
+
+        def step(self) -> list[Any]:
+            self.batches.append(len(self.left))
+            return super().step()
+
+    text = """
+name: refill
+nodes:
+  source: {op: test_exec_ticking_source, params: {count: 12, every: 1}}
+  sort: {op: policy_sort}
+  engine: {op: test_exec_counter}
+  metrics: {op: metrics_sink}
+edges:
+  - source -> sort -> engine -> metrics
+"""
+    engine = Recording()
+    with trio.fail_after(30):
+        result = await LocalExecutor(load_pipeline(text), operators={"engine": engine}).run()
+    assert len(result.outcomes) == 12 and all(o.error is None for o in result.outcomes.values())
+    assert engine.batches == [2] * 18

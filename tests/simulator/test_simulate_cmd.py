@@ -28,7 +28,7 @@ def test_simulate_prints_a_table_and_writes_json(
     printed = capsys.readouterr().out
     assert code == 0
     assert "sagellm simulate: 500 requests (azure-conversation) at" in printed and "goodput req/s" in printed
-    assert "simulated on" in printed  # the CPU it ran on
+    assert "step model: " in printed and "wall time on" in printed  # what it simulated with, where it ran
     results = json.loads(out.read_text())
     assert results["summary"]["completed"] == 500 and results["load"] == pytest.approx(0.7)
     assert results["config"]["sample"] == 2
@@ -57,9 +57,11 @@ def test_bad_options_say_what_is_wrong(
     assert message in capsys.readouterr().err
 
 
-def test_without_a_step_model_it_says_how_to_get_one(
+def test_by_default_the_shipped_step_model_of_smollm2_and_a_missing_one_says_how_to_get_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert main(["simulate", "--requests", "10"]) == 2
-    assert "run `sagellm bench steps`" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # from any directory: the model comes with the package
+    assert main(["simulate", "--requests", "10"]) == 0
+    assert "step model: shipped (smollm2-135m-instruct" in capsys.readouterr().out
+    assert main(["simulate", "--requests", "10", "--step-model", str(tmp_path / "none.json")]) == 2
+    assert "`sagellm bench steps` measures our engine's and saves one" in capsys.readouterr().err

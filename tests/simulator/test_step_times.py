@@ -1,6 +1,8 @@
-"""`sagellm bench steps` on a tiny random Llama: the steps it times are the compositions it meant (read from the
-scheduler's batch), and the fitted `StepModel` is sane and survives its file; `StepModel.fit` itself on synthetic
-steps whose coefficients are known; a file that is not a step model is refused by name."""
+"""`sagellm bench steps` on a tiny random Llama: on the bare engine the steps it times are the compositions it meant
+(read from the scheduler's batch, prompt chunks' earlier context included), in the serving pipeline the calibration
+trace runs every batch size and chunks after earlier context, and the fitted `StepModel` is sane and survives its
+file; `StepModel.fit` itself on synthetic steps whose coefficients are known; a file that is not a step model is
+refused by name."""
 
 from __future__ import annotations
 
@@ -10,16 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sagellm.benchmarks.step_timer import pool
 from sagellm.benchmarks.step_times import StepBenchConfig, calibrate, planned_samples, write_results
 from sagellm.simulator.step_model import COEFFICIENTS, StepModel, StepSample
 from tests.tiny_models import make_tiny_llama
 
 TINY = dict(
+    bare=True,
     max_num_seqs=4,
     max_num_batched_tokens=64,
     threads=1,
     context_lens=(16, 96),
     chunk_sizes=(8, 32, 64),
+    long_prompt_lens=(160,),  # chunks of 64, 64, 32 tokens after 0, 64, 128 earlier ones
+    mixed_long_len=128,
     mixed_batch_sizes=(1, 3),
     mixed_chunk_sizes=(8, 64),
     repeats=3,
@@ -30,9 +36,13 @@ TINY = dict(
 
 
 @pytest.fixture(scope="module")
-def calibration(tmp_path_factory: pytest.TempPathFactory):
-    model = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
-    return calibrate(StepBenchConfig(model=str(model), **TINY))
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny: Path):
+    return calibrate(StepBenchConfig(model=str(tiny), **TINY))
 
 
 def test_calibration_times_the_compositions_it_builds(calibration) -> None:
@@ -42,12 +52,24 @@ def test_calibration_times_the_compositions_it_builds(calibration) -> None:
         kind: [s for s, k in zip(calibration.samples, calibration.kinds) if k == kind] for kind in calibration.kinds
     }
     assert sorted(s.prefill_tokens for s in by_kind["prefill"]) == [8, 32, 64]
-    assert all(s.decode_seqs == 0 and s.context_tokens == 0 for s in by_kind["prefill"])
+    assert all(s.decode_seqs == 0 and s.context_tokens == 0 and not s.prefill_context for s in by_kind["prefill"])
+    # A long prompt chunk by chunk: each chunk's tokens x the prompt tokens computed before it.
+    assert [(s.prefill_tokens, s.prefill_context) for s in by_kind["chunked"]] == [
+        (64, 0),
+        (64, 64 * 64),
+        (32, 32 * 128),
+    ]
     # Requests join one by one: every batch size at both context lengths, each decode's context at least its prompt.
     assert [s.decode_seqs for s in by_kind["decode"]] == [1, 2, 3, 4] * 2
     assert all(s.prefill_tokens == 0 and s.context_tokens > 16 * s.decode_seqs for s in by_kind["decode"])
-    # Beside 3 decodes a 64-token chunk is cut to the 61 tokens the budget leaves.
-    assert {(s.decode_seqs, s.prefill_tokens) for s in by_kind["mixed"]} == {(1, 8), (1, 63), (3, 8), (3, 61)}
+    # Beside 3 decodes a 64-token chunk is cut to the 61 tokens the budget leaves; fresh chunks attend over nothing.
+    fresh = {(s.decode_seqs, s.prefill_tokens) for s in by_kind["mixed"] if not s.prefill_context}
+    assert fresh == {(1, 8), (1, 63), (3, 8), (3, 61)}
+    # The 128-token prompt beside 3 decodes: chunks of 61, 61 and 6 tokens, the later ones after the earlier.
+    later = [
+        (s.prefill_tokens, s.prefill_context) for s in by_kind["mixed"] if s.decode_seqs == 3 and s.prefill_context
+    ]
+    assert later == [(61, 61 * 61), (6, 6 * 122)]
     assert all(s.seconds > 0 for s in calibration.samples)
 
 
@@ -64,6 +86,35 @@ def test_calibrated_model_is_sane_and_round_trips(calibration, tmp_path: Path) -
     assert StepModel.load(tmp_path / "model.json") == model
     rows = json.loads((tmp_path / "samples.json").read_text())["samples"]
     assert [row["kind"] for row in rows] == calibration.kinds
+
+
+def test_pipeline_calibration_serves_every_batch_size(tiny: Path) -> None:
+    config = StepBenchConfig(
+        model=str(tiny),
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        threads=1,
+        trace_prompt_lens=(8, 40, 160),
+        trace_output_lens=(4, 16),
+        quiet_cores=100.0,  # the tiny model's steps are a millisecond: judge the compositions, not the machine
+        progress=False,
+    )
+    calibration = calibrate(config)
+    source = calibration.model.source
+    assert source["calibrated"].startswith("in the serving pipeline")
+    assert [tuple(phase) for phase in source["trace"]["phases"]] == [(0, 1), (3, 2), (7, 3), (12, 4)]
+    assert sum(calibration.steps) == source["steps_timed"] > len(calibration.samples)
+    samples = calibration.samples
+    assert {s.decode_seqs for s in samples if not s.prefill_tokens} == {1, 2, 3, 4}
+    assert any(s.prefill_context and s.decode_seqs for s in samples)  # a long prompt's later chunk beside decodes
+    assert all(s.seconds > 0 for s in samples) and calibration.model.per_prefill_token_s > 0
+
+
+def test_pool_takes_medians_of_like_steps() -> None:
+    steps = [StepSample(0, 4, 400 + i, 0.010 + 0.001 * i) for i in range(3)] + [StepSample(64, 1, 100, 0.05)]
+    samples, counts = pool(steps)
+    assert counts == [1, 3]  # by composition: one decode first
+    assert samples[0] == steps[3] and samples[1] == StepSample(0, 4, 401, pytest.approx(0.011))
 
 
 def test_fit_recovers_known_coefficients() -> None:
