@@ -51,8 +51,8 @@ def rates_tier(
       and the decodes of that step wait for them (chunked prefill shares a step with decodes);
     - the first token is the prefill step's own, so it comes one decode step (`fixed_s`) after the prompt is computed,
       and a request routed mid-step waits for the step boundary: together up to 2 / decode_tokens_per_s more TTFT;
-    - `tokens_per_s`, which slo_aware and cost_optimized read, is each instance's own measured estimate (the engine
-      operator's average over its steps, decode steps included), no longer the tier's prefill rate."""
+    - `tokens_per_s`, which slo_aware and cost_optimized read, is each instance's own measured prefill rate (as the
+      engine operator measures it: prompt tokens a second in the steps that compute some), no longer a constant."""
     model = StepModel(
         fixed_s=1 / decode_tokens_per_s,
         per_prefill_token_s=1 / prefill_tokens_per_s,

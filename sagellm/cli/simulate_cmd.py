@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from sagellm.simulator.cluster import ClusterConfig
     from sagellm.simulator.step_model import StepModel
 
-DEFAULT_STEP_MODEL = Path("benchmarks/results/step_model.json")
+# SmolLM2-135M's steps as `sagellm bench steps` measured them for the README's figures, shipped with the package
+DEFAULT_STEP_MODEL = Path(__file__).resolve().parents[1] / "simulator" / "smollm2_cpu.json"
 TRACES = ("poisson", "bursty", "azure-code", "azure-conv")  # sagellm.simulator.traces.TRACE_KINDS; no import here
 ROWS = (  # (summary key, label, format)
     ("completed", "completed", "{:,}"),
@@ -57,7 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", action="store_true", help="give requests W6's priority classes and TTFT SLOs")
     p.add_argument("--autoscale", metavar="MIN:MAX", help="start MIN instances, let the autoscaler go up to MAX")
     p.add_argument("--startup-s", type=float, default=30.0, help="seconds a new instance takes to be ready")
-    p.add_argument("--step-model", type=Path, help=f"step model JSON (default: {DEFAULT_STEP_MODEL})")
+    p.add_argument("--step-model", type=Path, help="step model JSON that `sagellm bench steps` saved (default: "
+                                                   "SmolLM2-135M's, shipped with sageLLM)")  # fmt: skip
     p.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO for goodput (default: the classes', else none)")
     p.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO for goodput (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trace and of sampled routing")
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from sagellm.simulator.traces import named, with_classes
 
     _check(args)
-    config = _config(args, load_step_model(args.step_model))
+    model = load_step_model(args.step_model)
+    config = _config(args, model)
     trace = named(args.trace, args.requests, 1.0, args.seed)
     # with an autoscaler, capacity is that of its most instances: a load of 1 needs them all
     instances = config.autoscale.max_instances if config.autoscale else args.instances
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         result = simulate(config, trace, bar.update)
     summary = result.summary(args.slo_ttft_ms, args.slo_tpot_ms)
     head = {"trace": trace.name, "rate_rps": rate, "capacity_rps": capacity, "load": rate / capacity}
-    _print(args, head, summary)
+    _print(args, head, summary, model)
     if args.json:
         payload = head | {"summary": summary, "config": result.info, "command": _command()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -97,15 +100,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_step_model(path: Path | None) -> StepModel:
-    """The step model at `path`, else the one `sagellm bench steps` saves by default; a clear error without one."""
+    """The step model at `path`, else the shipped one; a clear error for a missing file."""
     from sagellm.simulator.step_model import StepModel
 
     path = path or DEFAULT_STEP_MODEL
     if not path.is_file():
-        raise ValueError(
-            f"no step model at {path}: run `sagellm bench steps` to measure our engine's step times (it saves "
-            f"{DEFAULT_STEP_MODEL}), or pass --step-model PATH"
-        )
+        raise ValueError(f"no step model at {path}: `sagellm bench steps` measures our engine's and saves one")
     return StepModel.load(path)
 
 
@@ -148,7 +148,7 @@ def _classes() -> tuple[Any, ...]:
     return CLASSES
 
 
-def _print(args: argparse.Namespace, head: dict[str, Any], summary: dict[str, Any]) -> None:
+def _print(args: argparse.Namespace, head: dict[str, Any], summary: dict[str, Any], model: StepModel) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -160,15 +160,22 @@ def _print(args: argparse.Namespace, head: dict[str, Any], summary: dict[str, An
         f"= {head['load']:.2f}× estimated capacity, {instances}, {args.policy}, {args.routing}"
         + (f" among {args.sample} sampled" if args.sample else "")
     )
-    slo = f"SLOs: TTFT {summary['slo_ttft_ms'] or ('per class' if args.classes else 'none')} ms, "
-    slo += f"TPOT {summary['slo_tpot_ms'] or 'none'} ms"
-    table = Table("metric", "value", caption=f"{slo}; simulated on {cpu_description()}")
+    slos = [f"TTFT {summary['slo_ttft_ms']:g} ms" if summary["slo_ttft_ms"] else "TTFT per class" * args.classes,
+            f"TPOT {summary['slo_tpot_ms']:g} ms" if summary["slo_tpot_ms"] else ""]  # fmt: skip
+    slo = "SLOs: " + ", ".join(s for s in slos if s) if any(slos) else "no SLOs: goodput is throughput"
+    source = model.source or {}
+    about = [Path(str(source["model"])).name if source.get("model") else "", str(source.get("measured", ""))[:10]]
+    about += [f"on {source['cpu'].split(';')[0]}" if source.get("cpu") else ""]
+    measured = ", ".join(part for part in about if part) or "where, not recorded"
+    notes = [slo, f"step model: {args.step_model or 'shipped'} ({measured})", f"wall time on {cpu_description()}"]
+    table = Table("metric", "value")
     for key, label, spec in ROWS:
         value = summary[key]
         table.add_row(label, "–" if isinstance(value, float) and math.isnan(value) else spec.format(value))
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(title, soft_wrap=True, highlight=False)
     console.print(table)
+    console.print("\n".join(notes), soft_wrap=True, highlight=False)
     for change in summary["autoscale"]:
         print(f"  {change['time_s']:9.1f} s  {change['delta']:+d} -> {change['instances']}  {change['reason']}")
 
