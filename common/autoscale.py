@@ -60,6 +60,15 @@ class AutoscaleSettings:
         return cls(**settings)
 
 
+def instance_bounds(text: str) -> dict[str, int]:
+    """`MIN:MAX` as the command lines write it (`--autoscale 1:4`) -> min_instances and max_instances; ValueError
+    for anything else (the settings' own checks then judge the numbers)."""
+    low, colon, high = text.partition(":")
+    if not colon or not low.isdigit() or not high.isdigit():
+        raise ValueError(f"--autoscale: expected MIN:MAX instances (1:4), got {text!r}")
+    return {"min_instances": int(low), "max_instances": int(high)}
+
+
 @dataclass(frozen=True)
 class Signals:
     """One reading of the instances serving a model."""

@@ -67,7 +67,8 @@ class RayProcess:
         (blocking). Raises RuntimeError if Ray has not placed it within `timeout_s` (no node has the resources, and
         no Ray autoscaler added one)."""
         ray = import_ray()
-        actor = ray.remote(ProcessHost).options(**options, max_restarts=0, max_concurrency=4).remote()
+        options = {**options, "max_restarts": 0, "max_concurrency": 4}  # a dead process is its supervisor's to judge
+        actor = ray.remote(ProcessHost).options(**options).remote()
         try:
             host, port = ray.get(actor.address.remote(), timeout=timeout_s)
             pid = ray.get(actor.start.remote(command(host, port), env), timeout=timeout_s)

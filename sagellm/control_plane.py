@@ -137,6 +137,7 @@ class ControlPlaneManager:
         self._pending: list[ExecutionInstance] = []
         self._gateway: Any = None
         self._texts: dict[str, str] = {}  # what the requests submitted here produced so far
+        self._in_core: set[str] = set()  # of those, the ones the serving core has taken (it reports on them)
         self._refused: dict[str, dict[str, str]] = {}  # requests the gateway refused before queueing them
         self._state_dir: tempfile.TemporaryDirectory | None = None
 
@@ -248,6 +249,7 @@ class ControlPlaneManager:
         try:
             await core.tokenize_long_prompts([request])
             stream = core.submit(request)
+            self._in_core.add(request.request_id)
         except (ApiError, ValueError) as error:  # refused before it was queued: its status says why
             self._refused[request.request_id] = {
                 "code": getattr(error, "code", "invalid_request"),
@@ -263,7 +265,11 @@ class ControlPlaneManager:
         status = self._running().call(self._gateway.core.request_status, request_id)
         if status is None:
             refused = self._refused.get(request_id)
-            return None if refused is None else RequestStatus(request_id, "failed", None, error=refused)
+            if refused is not None:
+                return RequestStatus(request_id, "failed", None, error=refused)
+            # submitted, and not yet in the core (its prompt is being tokenized): queued, not unknown
+            waiting = request_id in self._texts and request_id not in self._in_core
+            return RequestStatus(request_id, "queued", None) if waiting else None
         return RequestStatus(
             request_id=request_id,
             state=status["status"],

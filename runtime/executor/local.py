@@ -49,6 +49,7 @@ from sagellm.runtime.pipeline.operator import (
 
 log = structlog.get_logger("sagellm.executor")
 IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
+GATHER_IDLE_TURNS = 4  # turns with nothing brought before an engine stops gathering: a request takes 2-3
 
 
 @dataclass
@@ -347,17 +348,18 @@ class LocalExecutor:
     async def _gather_routed(self, node_id: str, op: StepOperator, buffer: deque[Any]) -> None:
         """Before a step: requests already routed to this engine while it was full (blocked in its channel) are
         taken now, and those the queue routes next to the room the last step freed, so a freed slot is filled by the
-        next step, not the one after. Three turns bring one: the feeder takes the request waiting; the queue pops,
-        routes and sends its next; the feeder takes that. It stops when a round brings nothing (the queue is empty)
-        or the engine is full; when nothing waits in the channel it costs no turn at all."""
-        if not self._inbox_recv[node_id].statistics().tasks_waiting_send:
+        next step, not the one after. A request takes a few turns of the event loop (the feeder takes the one
+        waiting; the queue pops, routes and sends its next; the feeder takes that; trio runs a turn's tasks in a
+        random order): it stops once `GATHER_IDLE_TURNS` turns in a row brought nothing and nothing waits to be sent
+        (the queue is empty), or the engine is full. When nothing waits in the channel it costs no turn at all."""
+        inbox = self._inbox_recv[node_id]
+        if not inbox.statistics().tasks_waiting_send:
             return
-        while len(buffer) < op.capacity():
+        idle = 0
+        while len(buffer) < op.capacity() and idle < GATHER_IDLE_TURNS:
             before = len(buffer)
-            for _ in range(3):
-                await trio.lowlevel.checkpoint()
-            if len(buffer) == before:
-                return
+            await trio.lowlevel.checkpoint()
+            idle = 0 if len(buffer) > before or inbox.statistics().tasks_waiting_send else idle + 1
 
     async def _run_stream(self, node_id: str, op: StreamOperator, nursery: trio.Nursery) -> None:
         """One task per item, at most `capacity()` at once; the node ends when its input has and every task did."""

@@ -134,13 +134,10 @@ def apply_autoscale(graph: Any, bounds: str | None) -> Any:
     """`--autoscale MIN:MAX` into the graph's `autoscale:` settings (the rest kept), checked as the file's are."""
     if bounds is None:
         return graph
-    low, colon, high = bounds.partition(":")
-    if not colon or not low.isdigit() or not high.isdigit():
-        raise ValueError(f"--autoscale: expected MIN:MAX instances (1:4), got {bounds!r}")
+    from sagellm.common.autoscale import instance_bounds
     from sagellm.runtime.pipeline.spec import validate
 
-    bounds_given = {"min_instances": int(low), "max_instances": int(high)}
-    graph.attrs["autoscale"] = {**graph.attrs.get("autoscale", {}), **bounds_given}
+    graph.attrs["autoscale"] = {**graph.attrs.get("autoscale", {}), **instance_bounds(bounds)}
     return validate(graph, graph.attrs.get("_locations"), file=graph.attrs.get("_file"))
 
 

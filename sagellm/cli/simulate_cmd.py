@@ -120,15 +120,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace, model: StepModel) -> ClusterConfig:
-    from sagellm.common.autoscale import AutoscaleSettings
+    from sagellm.common.autoscale import AutoscaleSettings, instance_bounds
     from sagellm.simulator.cluster import ClusterConfig
 
-    autoscale = None
-    if args.autoscale:
-        low, sep, high = args.autoscale.partition(":")
-        if not sep or not low.isdigit() or not high.isdigit():
-            raise ValueError(f"--autoscale takes MIN:MAX instance counts, e.g. 2:40; got {args.autoscale!r}")
-        autoscale = AutoscaleSettings(min_instances=int(low), max_instances=int(high))
+    autoscale = AutoscaleSettings(**instance_bounds(args.autoscale)) if args.autoscale else None
     return ClusterConfig(
         instances=args.instances,
         step_model=model,

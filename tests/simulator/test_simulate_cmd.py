@@ -44,7 +44,7 @@ def test_simulate_autoscales_with_classes(step_model: Path, capsys: pytest.Captu
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--autoscale", "3"], "--autoscale takes MIN:MAX"),
+        (["--autoscale", "3"], "--autoscale: expected MIN:MAX"),
         (["--routing", "locality"], "does not model"),
         (["--load", "-1"], "--load must be > 0"),
         (["--requests", "0"], "--requests must be >= 1"),
