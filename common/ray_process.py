@@ -65,7 +65,7 @@ class RayProcess:
         """Places a `ProcessHost` with Ray's actor `options` (resources, a placement group's bundle) on the
         connected cluster and starts `command(host, port)` there, with the node's address and a port free on it
         (blocking). Raises RuntimeError if Ray has not placed it within `timeout_s` (no node has the resources, and
-        no Ray autoscaler added one)."""
+        no Ray autoscaler added one) or could not start it (the command, the actor or its node failed)."""
         ray = import_ray()
         options = {**options, "max_restarts": 0, "max_concurrency": 4}  # a dead process is its supervisor's to judge
         actor = ray.remote(ProcessHost).options(**options).remote()
@@ -75,6 +75,10 @@ class RayProcess:
         except ray.exceptions.GetTimeoutError:
             ray.kill(actor, no_restart=True)
             raise RuntimeError(f"Ray placed no process with {options} in {timeout_s:g} s") from None
+        except ray.exceptions.RayError as error:
+            ray.kill(actor, no_restart=True)
+            cause = getattr(error, "cause", None) or error  # a task's own exception, without Ray's traceback
+            raise RuntimeError(f"Ray could not start the process: {type(cause).__name__}: {cause}") from error
         return cls(actor, pid, host, port)
 
     @classmethod

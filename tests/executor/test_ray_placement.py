@@ -170,3 +170,14 @@ def test_tensor_and_pipeline_parallel_ranks_as_ray_actors_give_the_tokens_of_one
     finally:
         split.engine.close()
     assert all(rank.returncode is not None for rank in ranks)  # stopped with the engine
+
+
+def test_a_process_on_a_ray_node_runs_until_killed_and_one_that_cannot_start_says_why(cluster):
+    ray.init(address=cluster.address, ignore_reinit_error=True)
+    options = {"num_cpus": 0.1, "resources": {"node_b": 0.1}}
+    sleeper = RayProcess.launch(options, lambda host, port: ["sleep", "60"], {}, timeout_s=60)
+    assert sleeper.poll() is None and sleeper.node_id() != cluster.head_node.node_id
+    sleeper.kill()
+    assert sleeper.join(30) == -signal.SIGKILL and sleeper.returncode == -signal.SIGKILL
+    with pytest.raises(RuntimeError, match="Ray could not start the process: .*no-such-server"):
+        RayProcess.launch(options, lambda host, port: ["/nonexistent/no-such-server"], {}, timeout_s=60)
