@@ -217,7 +217,7 @@ def _end(rank: subprocess.Popen | RayProcess, timeout_s: float) -> None:
 def _placement_group(ray: Any, ranks: int, engine: EngineConfig, backend: HardwareBackend) -> Any:
     """One bundle per rank (its threads' CPUs, its accelerator), spread over the cluster's nodes as far as they have
     room; waits until Ray has reserved them."""
-    bundle = {"CPU": float(engine.num_threads or 1)} | ({"GPU": 1.0} if backend.name != "cpu" else {})
+    bundle = {"CPU": _rank_cpus(engine)} | ({"GPU": 1.0} if backend.name != "cpu" else {})
     group = ray.util.placement_group([dict(bundle) for _ in range(ranks)], strategy="SPREAD")
     try:
         ray.get(group.ready(), timeout=START_TIMEOUT_S)
@@ -225,6 +225,11 @@ def _placement_group(ray: Any, ranks: int, engine: EngineConfig, backend: Hardwa
         ray.util.remove_placement_group(group)
         raise RankStartError(f"Ray could not reserve {ranks} x {bundle} for the engine's ranks") from None
     return group
+
+
+def _rank_cpus(engine: EngineConfig) -> float:
+    """The CPUs a rank reserves on Ray: its torch threads."""
+    return float(engine.num_threads or 1)
 
 
 def _ray_ranks(group: Any, commands: list[list[str]], engine: EngineConfig) -> list[RayProcess]:
@@ -235,7 +240,7 @@ def _ray_ranks(group: Any, commands: list[list[str]], engine: EngineConfig) -> l
     ranks = []
     for index, command in enumerate(commands):
         where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-        options = {"num_cpus": float(engine.num_threads or 1), "scheduling_strategy": where}
+        options = {"num_cpus": _rank_cpus(engine), "scheduling_strategy": where}
         ranks.append(RayProcess.launch(options, lambda host, port, c=command: c, env, START_TIMEOUT_S))
     return ranks
 

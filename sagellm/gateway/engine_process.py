@@ -117,10 +117,8 @@ class Supervisor:
 
     async def _spawn(self, engine: ManagedEngine) -> trio.Process | RayProcess:
         """Starts the engine's server here, or on the Ray node its placement names (its URL then that node's)."""
-        engine.directory.mkdir(parents=True, exist_ok=True)
         if engine.spec.placement is not None:
-            if self.ray is None:
-                raise OSError(f"placement {engine.spec.placement} needs a Ray cluster: start the gateway with one")
+            assert self.ray is not None  # the manager refuses a Ray placement without a cluster (400)
             group = engine.spec.placement.removeprefix("ray:")
             env = {API_KEY_ENV: engine.api_key or ""}  # the node's own environment otherwise: its GPUs are Ray's
             process = engine.process = await RayProcess.start(
@@ -129,6 +127,7 @@ class Supervisor:
             )  # fmt: skip
             self.relocated(engine, f"http://{process.host}:{process.port}")
             return process
+        engine.directory.mkdir(parents=True, exist_ok=True)  # its log and pid file (a Ray node keeps its own log)
         with (engine.directory / LOG_FILE).open("ab") as logfile:
             process = engine.process = await trio.lowlevel.open_process(
                 _command(engine), stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
