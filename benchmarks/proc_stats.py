@@ -27,10 +27,12 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def cpu_seconds(*pids: int) -> float:
-    """User + system CPU seconds the processes have used so far."""
+def cpu_seconds(*pids: int, children: bool = False) -> float:
+    """User + system CPU seconds the processes have used so far (`children`: and their children that ended and were
+    waited for)."""
     fields = [stat(pid) for pid in pids]
-    return sum(int(f[11]) + int(f[12]) for f in fields if f) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    used = range(11, 15) if children else range(11, 13)  # utime, stime[, cutime, cstime]
+    return sum(int(f[i]) for f in fields if f for i in used) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:

@@ -1,24 +1,33 @@
 """`sagellm bench sim-check`: the cluster simulator against the real engine, at small scale, in one run.
 
-Step times on a shared machine drift from run to run, so everything happens in one process, one after another:
+Step times on a shared machine drift from run to run (and over minutes within one), so everything happens in one
+process, one after another, the colocated engine's calibration and runs first, then the PD ones':
 1. calibrate: `sagellm bench steps`' measurement of this engine's step times, fitted into a `StepModel`; by default
    in the serving pipeline on its own calibration trace (a closed loop of other lengths, another seed: nothing is
-   fitted on the traces it is judged by), with `--bare` on the bare engine's grid of compositions;
-2. serve each workload's trace on the real engine, in-process through the W4 benchmark's colocated graph
-   (replay_source → admission → policy_sort(fifo) → route → engine → metrics_sink, `pd_split.run_config`), so
-   TTFT and TPOT are measured exactly as `sagellm bench pd` measures them (from the request's intended arrival);
-3. simulate the same trace (the real arrivals and lengths, `traces.from_rows`) on one instance with the engine's
-   settings and the calibrated model, and compare TTFT and TPOT (p50, p99, mean) request set against request set;
+   fitted on the traces it is judged by), with `--bare` on the bare engine's grid of compositions. For the PD
+   configuration also a PD worker's (one torch thread, pinned to one core as the W4 benchmark places them, another
+   engine serving on the other core meanwhile, as the other worker does) and the KV hand-over (`kv_handover`: the
+   real PD graph, one request at a time, its own prompts);
+2. serve each workload's trace on the real engine through the W4 benchmark's graphs (`pd_split.run_config`): the
+   colocated one in-process (replay_source → admission → policy_sort(fifo) → route → engine → metrics_sink) and, for
+   W4, also the pd one (prefill and decode workers in two processes, a core each, pd_split keeping prompts under 512
+   tokens colocated on decode), so TTFT and TPOT are measured exactly as `sagellm bench pd` measures them (from the
+   request's intended arrival);
+3. simulate the same trace (the real arrivals and lengths, `traces.from_rows`) on the same cluster: one instance with
+   the engine's settings and the calibrated model, or a prefill and a decode worker with the worker's model, the
+   real pd_split deciding and the hand-over model between them; compare TTFT and TPOT (p50, p99, mean) request set
+   against request set;
 4. `repeats` times, each repeat a fresh seed of each trace: the table shows each metric's median over repeats, measured
    and simulated, and the median over repeats of its relative error on the same trace (each repeat's simulation
    against its own measurement: the medians of measured and simulated may come from different traces).
-Workloads: W4-sized (Poisson at 0.7× capacity, 80% 64-token and 20% 1,024-token prompts, 64 output tokens,
-max_num_seqs 16) and W6-sized (Poisson at 2× capacity, as W6: a queue that grows, 64-token prompts, 16 output tokens,
-max_num_seqs 4, the real W6's engine). Capacity is the step model's (`simulator.capacity.capacity_rps`), so the
-rates are fixed before anything is served. A real run during which other processes kept more than `quiet_cores`
-busy (/proc/stat, `step_timer.OtherLoad`) is run again, twice at most, and the quietest kept; its load is in the
-table. A metric passes when the simulator is within `tolerance` (15%) of the measurement. The verdict is on p50 and
-mean: a p99 of ~40 requests is one or two requests, which moves by more than 15% between repeats of the real engine
+Workloads: W4-sized (Poisson at 0.7× the colocated capacity, 80% 64-token and 20% 1,024-token prompts, 64 output
+tokens, max_num_seqs 16; colocated and PD) and W6-sized (Poisson at 2× capacity, as W6: a queue that grows, 64-token
+prompts, 16 output tokens, max_num_seqs 4, the real W6's engine). Capacity is the step model's
+(`simulator.capacity.capacity_rps`), so the rates are fixed before anything is served. A real run during which other
+processes kept more than `quiet_cores` busy (/proc/stat, `step_timer.OtherLoad`, the run's own workers not counted)
+is run again, twice at most, and the quietest kept; its load is in the table. A metric passes when the simulator is
+within `tolerance` (15%) of the measurement. The verdict is on p50 and mean: a p99 of ~40 requests is one or two
+requests, which moves by more than 15% between repeats of the real engine
 alone, so p99s are shown and judged only when they pass anyway ("noisy" otherwise)."""
 
 from __future__ import annotations
@@ -37,21 +46,24 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
-from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph, make_trace, run_config
+from sagellm.benchmarks.kv_handover import HandoverCalibration, calibrate_kv_handover
+from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph, halves, make_trace, run_config
 from sagellm.benchmarks.report import write_json_and_plot
+from sagellm.benchmarks.step_calibration import serving_beside
 from sagellm.benchmarks.step_timer import OtherLoad
 from sagellm.benchmarks.step_times import Calibration, StepBenchConfig, calibrate, print_table
+from sagellm.common.affinity import usable_cores
 from sagellm.simulator.capacity import capacity_rps
-from sagellm.simulator.cluster import ClusterConfig, simulate
+from sagellm.simulator.cluster import ClusterConfig, Tier, simulate
 from sagellm.simulator.result import json_safe
-from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import Trace, from_rows
 
 
 @dataclass(frozen=True)
 class Workload:
     """One trace: Poisson arrivals at `load` × the model's capacity; a `long_fraction` of prompts `long_len` tokens,
-    the rest `short_len`; `output_len` tokens each (EOS ignored); the engine runs `max_num_seqs` at once."""
+    the rest `short_len`; `output_len` tokens each (EOS ignored); the engine runs `max_num_seqs` at once; served by
+    each of `configs` (the W4 benchmark's graphs: colocated, pd)."""
 
     name: str
     requests: int
@@ -61,14 +73,23 @@ class Workload:
     long_fraction: float
     output_len: int
     max_num_seqs: int
+    configs: tuple[str, ...] = ("colocated",)
 
 
 log = structlog.get_logger("sagellm.bench.sim_check")
 CALIBRATION_SEED_OFFSET = 1000  # the calibration trace's seed: apart from every repeat's validation seed
 WORKLOADS = (
     Workload(
-        "W4", requests=40, load=0.7, short_len=64, long_len=1024, long_fraction=0.2, output_len=64, max_num_seqs=16
-    ),
+        "W4",
+        requests=40,
+        load=0.7,
+        short_len=64,
+        long_len=1024,
+        long_fraction=0.2,
+        output_len=64,
+        max_num_seqs=16,
+        configs=("colocated", "pd"),
+    ),  # fmt: skip
     Workload("W6", requests=120, load=2.0, short_len=64, long_len=64, long_fraction=0.0, output_len=16, max_num_seqs=4),
 )
 METRICS = (  # (key, header): milliseconds over the completed requests
@@ -97,11 +118,22 @@ class SimCheckConfig:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class Calibrations:
+    """The models the simulations use: the colocated engine's steps; for PD a worker's steps and the hand-over."""
+
+    colocated: Calibration
+    worker: Calibration | None = None
+    handover: HandoverCalibration | None = None
+
+
 @dataclass
 class WorkloadCheck:
-    """One workload's trace, served for real and simulated; per request seconds (NaN: not measured)."""
+    """One workload's trace served by one configuration, for real and simulated; per request seconds (NaN: not
+    measured)."""
 
     workload: Workload
+    config: str
     rate: float
     capacity_rps: float  # the step model's, for the trace's lengths
     trace: Trace
@@ -113,6 +145,12 @@ class WorkloadCheck:
     other_cores: float  # the rest of the machine's busy cores during the real run (on a quiet machine ~0)
     errors: list[str] = field(default_factory=list)  # requests the real run did not complete
     seed: int = 0  # of the trace
+    decisions: dict[str, int] = field(default_factory=dict)  # pd: pd_split's, real and simulated
+    simulated_decisions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.workload.name + ("" if self.config == "colocated" else f" {self.config}")
 
     def metrics(self) -> dict[str, tuple[float, float]]:
         """key -> (measured ms, simulated ms)."""
@@ -156,11 +194,11 @@ def judged(key: str, error: float, tolerance: float) -> bool:
 
 
 def run_workload(
-    config: SimCheckConfig, model: StepModel, workload: Workload, tokenizer: Any, seed: int
-) -> WorkloadCheck:
-    """Serves the workload's trace (of `seed`) on the real engine, then simulates it with `model` at the engine's
-    settings."""
-    model = dataclasses.replace(model, max_num_seqs=workload.max_num_seqs)
+    config: SimCheckConfig, models: Calibrations, workload: Workload, kinds: list[str], tokenizer: Any, seed: int
+) -> list[WorkloadCheck]:
+    """Serves the workload's trace (of `seed`) by each configuration of `kinds`, each then simulated on the same
+    cluster with the calibrated models at the engine's settings."""
+    model = dataclasses.replace(models.colocated.model, max_num_seqs=workload.max_num_seqs)
     pd = PDBenchConfig(
         model=config.model,
         num_requests=workload.requests,
@@ -169,7 +207,7 @@ def run_workload(
         long_len=workload.long_len,
         long_fraction=workload.long_fraction,
         output_len=workload.output_len,
-        configs=("colocated",),
+        configs=workload.configs,
         colocated_threads=config.threads or os.cpu_count() or 1,
         max_num_seqs=workload.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
@@ -181,47 +219,80 @@ def run_workload(
     capacity = capacity_rps(model, from_rows([0.0] * len(lengths), lengths, outputs), 1)
     pd = dataclasses.replace(pd, rate=workload.load * capacity)
     real = make_trace(tokenizer, pd, workload.requests, pd.rate, seed=seed)
+    checks = []
+    for kind in kinds:
+        other_cores, requests, result, wall = _serve(config, workload, kind, pd, real, seed)
+        ttft, tpot, errors = [], [], []
+        for request in requests:
+            outcome = result.outcomes.get(request.request_id)
+            m = outcome.metrics if outcome is not None and outcome.error is None else None
+            ttft.append(m.ttft_s if m and m.ttft_s is not None else math.nan)
+            tpot.append(m.tpot_s if m and m.tpot_s is not None else math.nan)
+            if m is None:
+                errors.append(f"{request.request_id}: {outcome.error.message if outcome else 'never finished'}")
+        trace = from_rows(real.offsets_s, [r.num_prompt_tokens for r in requests], outputs, name=workload.name)
+        sim = simulate(_cluster(kind, models, workload, pd), trace)
+        split = result.operators.get("pd_split")
+        check = WorkloadCheck(
+            workload=workload,
+            config=kind,
+            rate=pd.rate,
+            capacity_rps=capacity,
+            trace=trace,
+            measured_ttft=np.array(ttft),
+            measured_tpot=np.array(tpot),
+            simulated_ttft=sim.ttft_s,
+            simulated_tpot=sim.tpot_s,
+            wall_s=wall,
+            other_cores=other_cores,
+            errors=errors,
+            seed=seed,
+            decisions=dict(split.decisions) if split is not None else {},
+            simulated_decisions=sim.info["pd"]["decisions"] if sim.info["pd"] else {},
+        )
+        checks.append(check)
+    return checks
+
+
+def _serve(
+    config: SimCheckConfig, workload: Workload, kind: str, pd: PDBenchConfig, real: Any, seed: int
+) -> tuple[float, list[Any], Any, float]:
+    """The trace served by the `kind` graph; a run while others kept the cores busy measures them, not us, so it is
+    run again (at most `retries` times) and the quietest kept: -> (other cores, requests, result, wall)."""
     tries = []
-    for attempt in range(1 + config.retries):  # a run while others kept the cores busy measures them, not us
+    for attempt in range(1 + config.retries):
         requests = real.requests(pd)
-        desc = f"{workload.name} seed {seed} real" + (f" (retry {attempt})" if attempt else "")
-        load = OtherLoad()
+        desc = f"{workload.name} {kind} seed {seed} real" + (f" (retry {attempt})" if attempt else "")
+        load = OtherLoad(children=True)  # a pd run's workers are ours
         with tqdm(total=len(requests), desc=desc, unit="req", disable=not config.progress) as bar:
-            result, _, wall = run_config(build_graph("colocated", pd), requests, real.offsets_s, bar)
+            result, _, wall = run_config(build_graph(kind, pd), requests, real.offsets_s, bar)
         tries.append((load.cores(), attempt, requests, result, wall))
         if tries[-1][0] <= config.quiet_cores:
             break
-        log.warning("sim_check_machine_busy", workload=workload.name, other_cores=round(tries[-1][0], 2))
+        log.warning("sim_check_machine_busy", workload=workload.name, config=kind, other_cores=round(tries[-1][0], 2))
     other_cores, _, requests, result, wall = min(tries, key=lambda t: t[:2])
-    ttft, tpot, errors = [], [], []
-    for request in requests:
-        outcome = result.outcomes.get(request.request_id)
-        m = outcome.metrics if outcome is not None and outcome.error is None else None
-        ttft.append(m.ttft_s if m and m.ttft_s is not None else math.nan)
-        tpot.append(m.tpot_s if m and m.tpot_s is not None else math.nan)
-        if m is None:
-            errors.append(f"{request.request_id}: {outcome.error.message if outcome else 'never finished'}")
-    trace = from_rows(real.offsets_s, [r.num_prompt_tokens for r in requests], outputs, name=workload.name)
-    sim = simulate(ClusterConfig(instances=1, step_model=model), trace)
-    return WorkloadCheck(
-        workload,
-        pd.rate,
-        capacity,
-        trace,
-        np.array(ttft),
-        np.array(tpot),
-        sim.ttft_s,
-        sim.tpot_s,
-        wall,
-        other_cores,
-        errors,
-        seed,
+    return other_cores, requests, result, wall
+
+
+def _cluster(kind: str, models: Calibrations, workload: Workload, pd: PDBenchConfig) -> ClusterConfig:
+    """The simulated twin of the `kind` graph: one colocated instance, or a prefill and a decode worker with the
+    worker's step model, pd_split's threshold and the measured hand-over."""
+    if kind == "colocated":
+        model = dataclasses.replace(models.colocated.model, max_num_seqs=workload.max_num_seqs)
+        return ClusterConfig(instances=1, step_model=model)
+    assert models.worker is not None and models.handover is not None
+    worker = dataclasses.replace(models.worker.model, max_num_seqs=workload.max_num_seqs)
+    tiers = (Tier("prefill", 0.5, worker, role="prefill"), Tier("decode", 0.5, worker, role="decode"))
+    return ClusterConfig(
+        instances=2, tiers=tiers, pd_threshold_tokens=pd.threshold_tokens, kv_transfer=models.handover.model
     )
 
 
-def run_check(config: SimCheckConfig) -> tuple[Calibration, list[list[WorkloadCheck]]]:
-    """Calibrates (on its own trace, seeded apart from the validation traces), then per repeat r serves and
-    simulates each workload's trace of seed `seed + r`; -> the calibration, each workload's checks by repeat."""
+def run_check(config: SimCheckConfig) -> tuple[Calibrations, list[list[WorkloadCheck]]]:
+    """Calibrates (on its own traces, seeded apart from the validation traces), then per repeat r serves and
+    simulates each workload's trace of seed `seed + r` by the colocated graph; then the same for PD, its calibrations
+    first: what a calibration predicts runs right after it, as a shared machine's speed drifts over minutes.
+    -> the calibrations, each case's (workload x configuration) checks by repeat."""
     from sagellm.runtime.models.loader import load_model
 
     steps = StepBenchConfig(
@@ -235,14 +306,37 @@ def run_check(config: SimCheckConfig) -> tuple[Calibration, list[list[WorkloadCh
         seed=config.seed + CALIBRATION_SEED_OFFSET,
         progress=config.progress,
     )
-    calibration = calibrate(steps)
     tokenizer = load_model(config.model, load_weights=False).tokenizer
-    checks: list[list[WorkloadCheck]] = [[] for _ in config.workloads]
-    for repeat in range(config.repeats):
-        for index, workload in enumerate(config.workloads):
-            check = run_workload(config, calibration.model, workload, tokenizer, config.seed + repeat)
-            checks[index].append(check)
-    return calibration, checks
+    cases = [(w, kind) for w in config.workloads for kind in w.configs]
+    checks: list[list[WorkloadCheck]] = [[] for _ in cases]
+
+    def serve(kind: str) -> None:
+        for repeat in range(config.repeats):
+            for workload in config.workloads:
+                kinds = [kind] if kind in workload.configs else []
+                for check in run_workload(config, models, workload, kinds, tokenizer, config.seed + repeat):
+                    checks[cases.index((workload, check.config))].append(check)
+
+    models = Calibrations(calibrate(steps))
+    serve("colocated")
+    if any("pd" in w.configs for w in config.workloads):
+        other, cores = (tuple(half) for half in halves(usable_cores()))  # the prefill worker's, the decode one's
+        # timed on the decode worker's cores with an engine busy on the prefill worker's, whose load is expected
+        worker_steps = dataclasses.replace(
+            steps, threads=len(cores), cores=cores, quiet_cores=steps.quiet_cores + len(other)
+        )
+        with serving_beside(dataclasses.replace(worker_steps, cores=other, seed=steps.seed + 1, progress=False)):
+            worker = calibrate(worker_steps)
+        handover = calibrate_kv_handover(
+            config.model,
+            max_num_seqs=steps.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            seed=config.seed + CALIBRATION_SEED_OFFSET,
+            progress=config.progress,
+        )
+        models = Calibrations(models.colocated, worker, handover)
+        serve("pd")
+    return models, checks
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -259,14 +353,14 @@ def print_check(checks: list[list[WorkloadCheck]], tolerance: float) -> None:
     from rich.table import Table
 
     repeats = len(checks[0])
-    table = Table("workload", "metric", "measured ms", "simulated ms", "error*", f"≤ {tolerance:.0%}", "per repeat")
+    table = Table("case", "metric", "measured ms", "simulated ms", "error*", f"≤ {tolerance:.0%}", "per repeat")
     table.title = f"simulator vs real engine, same traces: medians over {repeats} repeats (fresh seeds)"
     for runs in checks:
         per_repeat = [c.metrics() for c in runs]
         for (key, header), (measured, simulated, error) in zip(METRICS, median_metrics(runs).values()):
             spread = " ".join(f"{m[key][0]:.0f}/{m[key][1]:.0f}" for m in per_repeat)
             cells = (f"{measured:.1f}", f"{simulated:.1f}", f"{error:.1%}", _verdict(key, error, tolerance), spread)
-            table.add_row(runs[0].workload.name if key == METRICS[0][0] else "", header, *cells)
+            table.add_row(runs[0].label if key == METRICS[0][0] else "", header, *cells)
         table.add_section()
     caption = "; ".join(_describe(runs) for runs in checks)
     caption += ". Judged on p50 and mean; a p99 of ~40 requests is one or two of them: shown, 'noisy' unless within "
@@ -281,16 +375,18 @@ def _describe(runs: list[WorkloadCheck]) -> str:
     lengths = f"{w.short_len}" if w.long_fraction == 0 else f"{1 - w.long_fraction:.0%} {w.short_len} + {w.long_len}"
     done = sum(int(np.sum(~np.isnan(c.measured_ttft))) for c in runs)
     rates = ", ".join(f"{c.rate:.2f}" for c in runs)
+    served = "prefill and decode workers, a core each" if first.config == "pd" else "one engine"
     return (
-        f"{w.name}: {w.requests} requests × {len(runs)} ({done} done), prompts {lengths}, {w.output_len} out, "
-        f"max_num_seqs {w.max_num_seqs}, Poisson {rates} req/s = {w.load:g}× the model's capacity, real wall "
+        f"{first.label}: {w.requests} requests × {len(runs)} ({done} done), prompts {lengths}, {w.output_len} out, "
+        f"{served}, max_num_seqs {w.max_num_seqs}, Poisson {rates} req/s = {w.load:g}× the colocated capacity, "
+        f"real wall "
         f"{sum(c.wall_s for c in runs):.0f} s, other processes' load at most {max(c.other_cores for c in runs):.2f} "
         f"cores (seeds from {first.seed})"
     )
 
 
 def report_json(
-    config: SimCheckConfig, calibration: Calibration, checks: list[list[WorkloadCheck]], wall_s: float
+    config: SimCheckConfig, models: Calibrations, checks: list[list[WorkloadCheck]], wall_s: float
 ) -> dict[str, Any]:
     def finite(values: np.ndarray) -> list[float | None]:
         return [None if math.isnan(v) else float(v) for v in values]
@@ -314,15 +410,19 @@ def report_json(
             head = {"seed": check.seed, "rate_rps": check.rate, "wall_s": check.wall_s}
             head |= {"model_capacity_rps": check.capacity_rps, "other_cores": check.other_cores}
             head |= {"errors": check.errors, "metrics": json_safe(check.metrics())}
+            head |= {"pd_decisions": {"real": check.decisions, "simulated": check.simulated_decisions}}
             repeats.append(head | {"requests": requests})
-        head = {"workload": dataclasses.asdict(runs[0].workload), "metrics": json_safe(rows)}
+        head = {"case": runs[0].label, "workload": dataclasses.asdict(runs[0].workload), "config": runs[0].config}
+        head |= {"metrics": json_safe(rows)}
         workloads.append(head | {"repeats": repeats})
     return {
         "benchmark": "sim-check: the cluster simulator against the real engine on the same traces, one run",
         "config": dataclasses.asdict(config) | {"workloads": None},
         "tolerance": config.tolerance,
-        "step_model": dataclasses.asdict(calibration.model),
-        "calibration_wall_s": calibration.wall_s,
+        "step_model": dataclasses.asdict(models.colocated.model),
+        "worker_step_model": dataclasses.asdict(models.worker.model) if models.worker else None,
+        "kv_handover": _handover_json(models.handover),
+        "calibration_wall_s": sum(c.wall_s for c in (models.colocated, models.worker, models.handover) if c),
         "wall_s": wall_s,
         "workloads": workloads,
         "definitions": {
@@ -333,6 +433,23 @@ def report_json(
             "judged": "p50 and mean always; a p99 (one or two of ~40 requests) only when it passes",
         },
     }
+
+
+def _handover_json(handover: HandoverCalibration | None) -> dict[str, Any] | None:
+    if handover is None:
+        return None
+    samples = [{"prompt_tokens": n, "seconds": s} for n, s in handover.samples]
+    return dataclasses.asdict(handover.model) | {"wall_s": handover.wall_s, "samples": samples}
+
+
+def print_handover(handover: HandoverCalibration) -> None:
+    m = handover.model
+    errors = [abs(m.seconds(n) - s) / s for n, s in handover.samples]
+    print(
+        f"KV hand-over (real PD graph, {len(handover.samples)} requests one at a time, {handover.wall_s:.0f} s): "
+        f"{1e3 * m.latency_s:.2f} ms + {1e6 * m.per_token_s:.2f} µs per prompt token; "
+        f"fit error p50 {np.median(errors):.0%}, p90 {np.percentile(errors, 90):.0%}"
+    )
 
 
 def plot(checks: list[list[WorkloadCheck]], path: Path) -> None:
@@ -353,7 +470,7 @@ def plot(checks: list[list[WorkloadCheck]], path: Path) -> None:
                 values = np.concatenate(parts)
                 ms = np.sort(1000 * values[~np.isnan(values)])
                 ax.step(ms, np.arange(1, len(ms) + 1) / max(len(ms), 1), style, where="post", label=name)
-            title = f"{runs[0].workload.name}: {label}, {len(runs)} repeats"
+            title = f"{runs[0].label}: {label}, {len(runs)} repeats"
             ax.set(xlabel=f"{label} ms", ylabel="fraction of requests", title=title)
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -401,12 +518,16 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     started = time.perf_counter()
-    calibration, checks = run_check(config)
+    models, checks = run_check(config)
     wall = time.perf_counter() - started
-    print_table(calibration)
+    for calibration in (models.colocated, models.worker):
+        if calibration is not None:
+            print_table(calibration)
+    if models.handover is not None:
+        print_handover(models.handover)
     print_check(checks, config.tolerance)
-    print(f"sim-check: {wall:.0f} s, calibration {calibration.wall_s:.0f} s", file=sys.stderr)
-    report = report_json(config, calibration, checks, wall)
+    report = report_json(config, models, checks, wall)
+    print(f"sim-check: {wall:.0f} s, calibration {report['calibration_wall_s']:.0f} s", file=sys.stderr)
     for path in write_json_and_plot(args.out, report, lambda png: plot(checks, png)):
         print(f"results: {path}", file=sys.stderr)
     return 0

@@ -24,13 +24,14 @@ class OtherLoad:
     """The cores the rest of the machine kept busy (other processes, the kernel, the hypervisor's steal) since it was
     made: on a shared 2-core machine another process's burst slows a step several-fold (torch's threads wait on the
     one that lost its core), so a measurement taken meanwhile is retried rather than believed. Reads /proc (Linux;
-    elsewhere it reads 0). Ticks are 10 ms: judge windows of a few hundred ms."""
+    elsewhere it reads 0). Ticks are 10 ms: judge windows of a few hundred ms. With `children`, this process's worker
+    processes count as its own once they ended and were waited for: read `cores()` after the run that used them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, children: bool = False) -> None:
+        self.children = children
         self._start = self._read()
 
-    @staticmethod
-    def _read() -> tuple[float, float, float]:
+    def _read(self) -> tuple[float, float, float]:
         from sagellm.benchmarks.proc_stats import cpu_seconds
 
         try:
@@ -38,7 +39,7 @@ class OtherLoad:
         except OSError:
             return 0.0, 0.0, time.perf_counter()
         busy = sum(int(fields[i]) for i in BUSY_FIELDS if i < len(fields)) / os.sysconf("SC_CLK_TCK")
-        return busy, cpu_seconds(os.getpid()), time.perf_counter()
+        return busy, cpu_seconds(os.getpid(), children=self.children), time.perf_counter()
 
     def cores(self) -> float:
         """Busy cores of everything but this process, on average since it was made."""

@@ -1,15 +1,8 @@
 """`sagellm bench steps`: how long one step of our engine takes for what it computes, fitted into the `StepModel` the
 cluster simulator (`sagellm simulate`) times its instances with.
 
-By default the steps are timed where the engine serves: inside the W4 benchmark's colocated graph (replay_source →
-admission → policy_sort → route → engine → metrics_sink, in this process), whose executor's event loop and sinks
-share the cores with torch's threads and make a step 10-25% slower than the same step alone. A calibration trace
-(`calibration_trace`) drives it: a closed loop whose number of requests in flight climbs from 1 to `max_num_seqs`
-(decode batches of every size, prompt chunks beside them), prompts of 16 to 2,048 tokens (chunks after up to 1,536
-earlier prompt tokens) and outputs of 4 to 128 tokens. It is not a validation trace (sim-check's are Poisson, of
-other shapes and seeds): nothing is fitted on what it is judged by. Every step the engine runs is timed from the end
-of the step before it when the engine was busy then (the executor's turn between steps is part of a served step),
-and steps of like composition (quarter-octave bins) are pooled into one sample, their medians.
+By default the steps are timed where the engine serves, in the colocated graph on a calibration trace
+(`step_calibration`).
 
 With `bare`, the engine (`LLMEngine`, loaded as an engine node loads it) is driven directly with batches built to a
 known composition, each `engine.step()` timed whole (schedule, model, sampling, detokenizing) on the wall clock:
@@ -35,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,59 +36,16 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
-from sagellm.benchmarks.step_timer import OtherLoad, StepTimer, kind_of, median_sample, pool
+from sagellm.benchmarks.step_bench_config import StepBenchConfig
+from sagellm.benchmarks.step_calibration import calibrate_in_pipeline
+from sagellm.benchmarks.step_timer import OtherLoad, StepTimer, median_sample
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.simulator.step_model import COEFFICIENTS, StepModel, StepSample
 
 KINDS = ("prefill", "chunked", "decode", "mixed")
 MIN_QUIET_SAMPLES = 8  # fewer samples timed while the machine was quiet: fit them all
-LOAD_WINDOW_S = 0.5  # in the pipeline, the rest of the machine's load is judged per window of this length
 log = structlog.get_logger("sagellm.bench.steps")
-
-
-@dataclass(frozen=True)
-class StepBenchConfig:
-    model: str  # a path; the command resolves aliases
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    threads: int | None = None  # torch threads (None: every core, as an engine node without num_threads)
-    bare: bool = False  # time the bare engine on the grid below, not the engine serving in the colocated graph
-    # -- in the pipeline: the calibration trace (`calibration_trace`)
-    trace_limits: tuple[int, ...] | None = None  # requests in flight, phase by phase (None: 1, 2, 3, 4, 6, 8, ...)
-    trace_prompt_lens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048)  # drawn uniformly
-    trace_output_lens: tuple[int, ...] = (4, 16, 32, 64, 128)  # drawn uniformly
-    trace_turnover: int = 2  # a phase releases `limit + trace_turnover` requests (the last phase twice that)
-    # -- bare: the grid of compositions
-    context_lens: tuple[int, ...] = (64, 512, 1024)  # prompt lengths of the decoding requests
-    chunk_sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512)  # prefill chunks, capped by the token budget
-    long_prompt_lens: tuple[int, ...] = (2048,)  # prompts timed chunk by chunk: chunks after earlier prompt tokens
-    mixed_batch_sizes: tuple[int, ...] = (1, 4, 8, 15)  # running decodes beside which prefill chunks are timed
-    mixed_chunk_sizes: tuple[int, ...] = (32, 128, 512)  # capped by what the decodes leave of the budget
-    mixed_long_len: int = 1536  # a prompt timed chunk by chunk beside the decodes of the first context length
-    repeats: int = 5  # timed steps per composition: a sample is their median
-    warmup: int = 1  # untimed steps before each decode timing (the first after a change re-reads the batch)
-    window_s: float = 0.15  # a composition is timed for at least `repeats` steps and this long (the load's ticks)
-    quiet_cores: float = 0.3  # a timing while the rest of the machine kept more cores busy is retried ...
-    retries: int = 3  # ... this many times; the quietest is kept (and flagged when still not quiet)
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if min(self.max_num_seqs, self.max_num_batched_tokens, self.repeats) < 1 or self.warmup < 0:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and repeats must be >= 1, warmup >= 0")
-        if not self.context_lens or min(self.context_lens) < 1 or not self.chunk_sizes or min(self.chunk_sizes) < 2:
-            raise ValueError("context_lens must be >= 1 and chunk_sizes >= 2 tokens (a 1-token chunk is a decode)")
-        if min(self.trace_prompt_lens, default=0) < 2 or min(self.trace_output_lens, default=0) < 1:
-            raise ValueError("trace_prompt_lens must be >= 2 tokens and trace_output_lens >= 1")
-
-    @property
-    def limits(self) -> tuple[int, ...]:
-        """The calibration trace's phases: requests in flight, climbing to `max_num_seqs`."""
-        if self.trace_limits is not None:
-            return self.trace_limits
-        ladder = (1, 2, 3, 4, 6, 8, 11, 14)
-        return tuple(n for n in ladder if n < self.max_num_seqs) + (self.max_num_seqs,)
 
 
 @dataclass
@@ -287,6 +237,7 @@ def _fit(
         "cpu": cpu_description(),
         "cores": os.cpu_count(),
         "threads": config.threads,
+        "pinned_cores": list(config.cores) if config.cores else None,
         "model": config.model,
         "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "samples": len(samples),
@@ -300,120 +251,6 @@ def _fit(
     source |= {"fitted_samples": len(quiet), "quiet_cores": config.quiet_cores}
     source |= {"fit_error_p50": float(np.median(errors)), "fit_error_p90": float(np.percentile(errors, 90))}
     return Calibration(fitted, samples, kinds, loads, wall, asdict(config), steps)
-
-
-# -- in the pipeline ------------------------------------------------------------------------------------------------
-def calibration_trace(config: StepBenchConfig, tokenizer: Any) -> tuple[list[Any], list[tuple[int, int]]]:
-    """The requests (seeded random prompts and lengths, no prefix-cache hits) and the closed loop's phases, (requests
-    released before it, requests in flight): each phase turns its batch over `trace_turnover` requests beyond its
-    limit, the last (`max_num_seqs`) twice, so decode batches of every size run beside fresh prompts' chunks."""
-    from sagellm.benchmarks.workloads import random_token_prompts
-    from sagellm.runtime.pipeline.messages import Request
-
-    rng = np.random.default_rng((config.seed, 7))
-    phases, total = [], 0
-    for index, limit in enumerate(config.limits):
-        phases.append((total, limit))
-        total += (limit + config.trace_turnover) * (2 if index == len(config.limits) - 1 else 1)
-    lengths = rng.choice(config.trace_prompt_lens, size=total)
-    outputs = rng.choice(config.trace_output_lens, size=total)
-    requests = []
-    for i, (length, output) in enumerate(zip(lengths, outputs)):
-        prompt = random_token_prompts(tokenizer, 1, int(length), (config.seed, 7, i))[0]
-        sampling = SamplingParams(max_tokens=int(output), temperature=0.0, ignore_eos=True)
-        requests.append(Request(request_id=f"cal-{i:04d}", prompt_token_ids=prompt, sampling=sampling))
-    return requests, phases
-
-
-def _phased_source(requests: list[Any], phases: list[tuple[int, int]]) -> Any:
-    from sagellm.operators.replay_source import ReplaySource
-
-    class PhasedSource(ReplaySource):
-        """A closed loop whose requests in flight follow `phases` as requests are released."""
-
-        def poll(self) -> list[Any] | None:
-            self.max_in_flight = next(limit for first, limit in reversed(phases) if self._next >= first)
-            return super().poll()
-
-    return PhasedSource(requests, max_in_flight=phases[0][1])
-
-
-def calibrate_in_pipeline(
-    config: StepBenchConfig,
-) -> tuple[list[StepSample], list[str], list[float], list[int], dict[str, Any]]:
-    """Serves `calibration_trace` through the W4 benchmark's colocated graph, in this process, with a `StepTimer` on
-    its engine; the rest of the machine's load is read every `LOAD_WINDOW_S` and steps in busy windows dropped.
-    Each step's time runs from the end of the step before it when the engine was busy then, else from its start.
-    Steps of like composition are pooled (`pool`)."""
-    import trio
-
-    from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph
-    from sagellm.operators.engine import EngineOperator
-    from sagellm.runtime.executor.local import LocalExecutor
-    from sagellm.runtime.models.loader import load_model
-
-    tokenizer = load_model(config.model, load_weights=False).tokenizer
-    requests, phases = calibration_trace(config, tokenizer)
-    pd = PDBenchConfig(
-        model=config.model,
-        configs=("colocated",),
-        colocated_threads=config.threads or os.cpu_count() or 1,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-    )
-    graph = build_graph("colocated", pd)
-    engine_id = next(node.id for node in graph.nodes.values() if node.op == "engine")
-    timers: list[StepTimer] = []
-
-    class TimedEngine(EngineOperator):
-        def open(self, ctx: Any) -> None:
-            super().open(ctx)
-            timers.append(StepTimer(self.engine))
-            timers[-1].log = []
-
-    engine_op = TimedEngine(**graph.nodes[engine_id].params)
-    executor = LocalExecutor(graph, operators={"source": _phased_source(requests, phases), engine_id: engine_op})
-    windows: list[tuple[float, float]] = []  # (end, other cores since the previous end)
-
-    async def main() -> None:
-        async def watch(bar: tqdm) -> None:
-            while True:
-                load = OtherLoad()
-                await trio.sleep(LOAD_WINDOW_S)
-                windows.append((time.perf_counter(), load.cores()))
-                bar.update(executor.load.completed + executor.load.failed - bar.n)
-
-        with tqdm(total=len(requests), desc="calibration trace", unit="req", disable=not config.progress) as bar:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch, bar)
-                await executor.run()
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    failed = [o.error.message for o in executor.outcomes.values() if o.error is not None]
-    if failed or len(executor.outcomes) < len(requests):
-        raise RuntimeError(f"the calibration trace did not complete: {len(failed)} failed, e.g. {failed[:1]}")
-    timed = timers[0].log or []
-    ends = np.array([end for end, _ in windows])
-    window_load = [
-        windows[min(int(np.searchsorted(ends, t.ended)), len(windows) - 1)][1] if windows else 0.0 for t in timed
-    ]
-    cycles = [
-        replace(t.sample, seconds=t.ended - (before.ended if before and before.busy_after else t.started))
-        for before, t in zip([None, *timed[:-1]], timed)
-    ]
-    quiet = [s for s, load in zip(cycles, window_load) if load <= config.quiet_cores]
-    samples, steps = pool(quiet)
-    turn = [t.started - before.ended for before, t in zip(timed[:-1], timed[1:]) if before.busy_after]
-    extra = {
-        "calibrated": "in the serving pipeline: the colocated graph serving the calibration trace",
-        "trace": {"requests": len(requests), "phases": phases, "seed": config.seed},
-        "steps_timed": len(timed),
-        "steps_busy": len(timed) - len(quiet),
-        "turn_between_steps_ms_p50": 1e3 * float(np.median(turn)) if turn else None,
-        "step_within_cycle_p50": float(np.median([t.sample.seconds / c.seconds for t, c in zip(timed, cycles)])),
-    }
-    return samples, [kind_of(s) for s in samples], [0.0] * len(samples), steps, extra
 
 
 def write_results(calibration: Calibration, model_path: Path, samples_path: Path) -> None:
@@ -435,6 +272,7 @@ def print_table(calibration: Calibration) -> None:
     units = {"fixed_s": ("ms per step", 1e3), "per_prefill_token_s": ("µs per prompt token", 1e6)}
     units |= {"per_decode_seq_s": ("µs per decode sequence", 1e6), "per_context_token_s": ("ns per context token", 1e9)}
     units |= {"per_prefill_context_s": ("ns per prompt token × earlier prompt token", 1e9)}
+    units |= {"per_prefill_step_s": ("ms per step that computes prompt tokens", 1e3)}
     coefficients = Table("coefficient", "value", "unit", title=f"step model: {Path(str(m.source['model'])).name}")
     for name in COEFFICIENTS:
         unit, scale = units[name]

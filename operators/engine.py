@@ -125,6 +125,8 @@ class EngineOperator(StepOperator):
                     resumed_tokens=request.resumed_tokens,
                 )  # fmt: skip
                 items = self._emit(out, time.time())
+                if tracked.metrics.first_token_time is not None:
+                    tracked.metrics.kv_handover_s = tracked.metrics.first_token_time - item.first_token_time
                 if item.first_logprob is not None:  # the prefill worker sampled the first token
                     items[0].logprobs = [item.first_logprob]
                 return items

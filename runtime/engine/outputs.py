@@ -33,6 +33,8 @@ class RequestMetrics(msgspec.Struct, array_like=True, omit_defaults=True, kw_onl
     num_cached_tokens: int = 0  # prompt tokens served from a prefix cache, or computed by a prefill worker
     num_preemptions: int = 0
     slo_met: bool | None = None  # None: the request set no SLO
+    # PD: the prefill worker's first token to the decode worker's (KV gathered, sent, copied into decode's cache)
+    kv_handover_s: float | None = None
 
     @property
     def queue_s(self) -> float | None:

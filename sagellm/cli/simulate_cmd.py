@@ -3,7 +3,8 @@ step timed by the step model `sagellm bench steps` measured on our engine.
 
 sagellm simulate --instances 100 --requests 100000 --load 0.9 --sample 2
 sagellm simulate --trace azure-code --rate 50 --autoscale 2:40 --slo-ttft-ms 2000
-sagellm simulate --policy priority --classes --load 1.5 --max-queue 5000 --json sim.json"""
+sagellm simulate --policy priority --classes --load 1.5 --max-queue 5000 --json sim.json
+sagellm simulate --pd 4:12 --trace azure-code --load 0.8 --pd-threshold 1024"""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
 
 # SmolLM2-135M's steps as `sagellm bench steps` measured them for the README's figures, shipped with the package
 DEFAULT_STEP_MODEL = Path(__file__).resolve().parents[1] / "simulator" / "smollm2_cpu.json"
+# The KV hand-over `sagellm bench sim-check` measured on the real PD graph (SmolLM2-135M, one host, shared memory;
+# 2.6-4.3 ms and 9-12 µs over four runs on AMD EPYC, 2026-11-24): milliseconds per hand-over, µs per prompt token
+DEFAULT_KV_LATENCY_MS, DEFAULT_KV_US_PER_TOKEN = 3.0, 11.0
 TRACES = ("poisson", "bursty", "azure-code", "azure-conv")  # sagellm.simulator.traces.TRACE_KINDS; no import here
 ROWS = (  # (summary key, label, format)
     ("completed", "completed", "{:,}"),
@@ -45,6 +49,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="simulate a cluster on our measured step times", description=__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--instances", type=int, default=16, help="engine instances (default: %(default)s)")
+    pd = p.add_argument_group("prefill/decode disaggregation")
+    pd.add_argument("--pd", metavar="PREFILL:DECODE", help="prefill and decode workers instead of --instances "
+                    "colocated engines; the real pd_split decides each request's path")  # fmt: skip
+    pd.add_argument("--pd-threshold", type=int, default=512, help="prompts of at least this many tokens take the PD "
+                    "path (default: %(default)s)")  # fmt: skip
+    pd.add_argument("--kv-latency-ms", type=float, default=DEFAULT_KV_LATENCY_MS, help="a KV hand-over's fixed time "
+                    "(default: %(default)s, measured on SmolLM2-135M)")  # fmt: skip
+    pd.add_argument("--kv-us-per-token", type=float, default=DEFAULT_KV_US_PER_TOKEN, help="and its time per prompt "
+                    "token (default: %(default)s)")  # fmt: skip
     p.add_argument("--requests", type=int, default=10_000, help="requests in the trace (default: %(default)s)")
     p.add_argument("--trace", choices=TRACES, default="poisson", help="arrival and length shape (default: poisson)")
     rate = p.add_mutually_exclusive_group()
@@ -70,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from sagellm.simulator.capacity import capacity_rps
+    from sagellm.simulator.capacity import capacity_rps, cluster_capacity_rps
     from sagellm.simulator.cluster import simulate
     from sagellm.simulator.result import json_safe
     from sagellm.simulator.traces import named, with_classes
@@ -79,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_step_model(args.step_model)
     config = _config(args, model)
     trace = named(args.trace, args.requests, 1.0, args.seed)
-    # with an autoscaler, capacity is that of its most instances: a load of 1 needs them all
-    instances = config.autoscale.max_instances if config.autoscale else args.instances
-    capacity = capacity_rps(config.step_model, trace, instances)
+    if config.autoscale:  # capacity is that of its most instances: a load of 1 needs them all
+        capacity = capacity_rps(model, trace, config.autoscale.max_instances)
+    else:  # PD workers count as if colocated: an estimate, the unit of --load
+        capacity = cluster_capacity_rps(config, trace)
     rate = args.rate if args.rate is not None else (args.load or 0.8) * capacity
     trace = trace.at_rate(rate)
     if args.classes:
@@ -90,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         result = simulate(config, trace, bar.update)
     summary = result.summary(args.slo_ttft_ms, args.slo_tpot_ms)
     head = {"trace": trace.name, "rate_rps": rate, "capacity_rps": capacity, "load": rate / capacity}
-    _print(args, head, summary, model)
+    _print(args, head, summary, model, result.info)
     if args.json:
         payload = head | {"summary": summary, "config": result.info, "command": _command()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -117,16 +131,36 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise ValueError(f"--{name} must be > 0, got {value}")
+    if args.pd and args.autoscale:
+        raise ValueError("--pd and --autoscale: the autoscaler adds colocated instances; give one of them")
+
+
+def pd_counts(text: str) -> tuple[int, int]:
+    """`PREFILL:DECODE` (`--pd 2:6`) -> the two instance counts, each >= 1."""
+    prefill, colon, decode = text.partition(":")
+    if not colon or not prefill.isdigit() or not decode.isdigit() or min(int(prefill), int(decode)) < 1:
+        raise ValueError(f"--pd: expected PREFILL:DECODE instance counts, each >= 1 (2:6), got {text!r}")
+    return int(prefill), int(decode)
 
 
 def _config(args: argparse.Namespace, model: StepModel) -> ClusterConfig:
     from sagellm.common.autoscale import AutoscaleSettings, instance_bounds
-    from sagellm.simulator.cluster import ClusterConfig
+    from sagellm.simulator.cluster import ClusterConfig, Tier
+    from sagellm.simulator.kv_transfer import KVTransferModel
 
     autoscale = AutoscaleSettings(**instance_bounds(args.autoscale)) if args.autoscale else None
+    instances, tiers = args.instances, None
+    if args.pd:
+        prefill, decode = pd_counts(args.pd)
+        instances = prefill + decode
+        share = prefill / instances
+        tiers = (Tier("prefill", share, model, role="prefill"), Tier("decode", 1 - share, model, role="decode"))
     return ClusterConfig(
-        instances=args.instances,
-        step_model=model,
+        instances=instances,
+        step_model=None if tiers else model,
+        tiers=tiers,
+        pd_threshold_tokens=args.pd_threshold,
+        kv_transfer=KVTransferModel(args.kv_latency_ms / 1e3, args.kv_us_per_token / 1e6),
         policy=args.policy,
         routing=args.routing,
         sample=args.sample,
@@ -143,13 +177,17 @@ def _classes() -> tuple[Any, ...]:
     return CLASSES
 
 
-def _print(args: argparse.Namespace, head: dict[str, Any], summary: dict[str, Any], model: StepModel) -> None:
+def _print(
+    args: argparse.Namespace, head: dict[str, Any], summary: dict[str, Any], model: StepModel, info: dict[str, Any]
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from sagellm.benchmarks.vllm_results import cpu_description
 
     instances = f"{args.autoscale} instances (autoscaled)" if args.autoscale else f"{args.instances} instances"
+    if args.pd:
+        instances = "{} prefill + {} decode workers".format(*pd_counts(args.pd))
     title = (
         f"sagellm simulate: {summary['requests']:,} requests ({head['trace']}) at {head['rate_rps']:,.2f} req/s "
         f"= {head['load']:.2f}× estimated capacity, {instances}, {args.policy}, {args.routing}"
@@ -171,6 +209,12 @@ def _print(args: argparse.Namespace, head: dict[str, Any], summary: dict[str, An
     console.print(title, soft_wrap=True, highlight=False)
     console.print(table)
     console.print("\n".join(notes), soft_wrap=True, highlight=False)
+    if args.pd:
+        pd = info["pd"]
+        kv = pd["kv_transfer"]
+        decisions = ", ".join(f"{reason} {count:,}" for reason, count in sorted(pd["decisions"].items()))
+        print(f"pd_split (threshold {pd['threshold_tokens']} tokens): {decisions}; KV hand-over "
+              f"{1e3 * kv['latency_s']:g} ms + {1e6 * kv['per_token_s']:g} µs per prompt token")  # fmt: skip
     for change in summary["autoscale"]:
         print(f"  {change['time_s']:9.1f} s  {change['delta']:+d} -> {change['instances']}  {change['reason']}")
 

@@ -73,6 +73,11 @@ class Supervisor:
             except (OSError, RuntimeError) as exc:  # the interpreter could not be started, Ray could not place it
                 engine.state, engine.last_error = FAILED, f"could not start the process: {exc}"
                 return
+            except Exception as exc:  # anything else fails this engine alone: the gateway serves the others
+                log.exception("engine_supervision_failed", engine=engine.id)
+                engine.state, engine.last_error = FAILED, f"{type(exc).__name__}: {exc}"
+                await self.end_process(engine, force=True)  # a process it started serves no one now
+                return
             if engine.stopping:
                 return
             engine.last_error = await self._death_cause(engine, timed_out)

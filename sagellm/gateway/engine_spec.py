@@ -46,6 +46,10 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def check(self) -> None:
         """Raises FieldError for a bad field (`engine.NAME` for an engine setting); whether the name, port or GPUs
         are free is the manager's to check."""
+        for name in ("model", "served_model_name"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or "\x00" in value):  # no path, name or argument holds these
+                raise FieldError(name, f"{name} must be a non-empty name without NUL characters, got {value!r}")
         if self.tensor_parallel < 1:
             raise FieldError("tensor_parallel", f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.max_concurrent is not None and self.max_concurrent < 1:

@@ -1,6 +1,6 @@
 """The cluster simulator: a trace's requests through the real `PolicySort` queue and routing strategy onto simulated
 engine instances (`instance.Instance`), on a simulated clock, with the real autoscaler deciding the instance count.
-The instances are alike (one `StepModel`) or of several kinds (`Tier`s: each its own step model and price).
+The instances are alike (one `StepModel`) or of several kinds (`Tier`s: each its own step model, price and role).
 
 The flow is the executor's: a request enters the policy queue when it arrives; the queue pops only while some
 instance has a free slot (`InstanceStats.running < max_running`: route's charge counts a request from routing to its
@@ -10,9 +10,20 @@ numbers. At 1,000 instances scanning every instance per request is too slow, so 
 d instances drawn from those with a free slot (power of d choices, as Ray Serve's router does with two); the free
 ones are kept in a set with O(1) add, remove and draw.
 
+Prefill/decode disaggregation: tiers of role "prefill" and "decode" (prefill and decode workers). Each popped request
+goes through the real `PDSplit` operator, which reads the instances' reports and the prompt's length against its
+threshold, and is routed among the instances of its phase's roles (route's `ROLES_FOR_PHASE`). When none of them has
+a free slot the request waits at route and the queue behind it with it (the executor's rendezvous channels block
+route's send the same way). A prefilled request's KV reaches the decode side `KVTransferModel.latency_s` after its
+prefill, where a hand-over waits for a decode slot, first come first served; the strategy chooses the decode
+instance, as a route after the prefill workers would. That instance copies the KV into its cache before its next step
+(`KVTransferModel.per_token_s` a prompt token) and emits the first token then, as the decode worker's `add` does
+between two steps.
+
 The simulated requests are real `Request`s (the policies read their fields) whose prompt is a length without
 contents (`_Prompt`): the simulator models neither prompt contents nor prefix caching, so the strategies that read
-contents (locality, cache_aware) are refused. Every decision is the real code's, so its CPU time is real too."""
+contents (locality, cache_aware) are refused, and pd_split counts every prompt token as uncached. Every decision is
+the real code's, so its CPU time is real too."""
 
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import itertools
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,32 +40,38 @@ from typing import Any
 import numpy as np
 
 from sagellm.common.autoscale import Autoscale, AutoscaleSettings, Signals
+from sagellm.operators.pd_split import PDSplit
 from sagellm.operators.policies import POLICIES
 from sagellm.operators.policy_sort import PolicySort
 from sagellm.operators.prefix_index import PrefixIndex
+from sagellm.operators.route import ROLES_FOR_PHASE
 from sagellm.operators.routing import STRATEGIES, make_strategy
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext
 from sagellm.simulator.instance import Instance
+from sagellm.simulator.kv_transfer import KVTransferModel
 from sagellm.simulator.result import SimResult
 from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import Trace
 
 CONTENT_STRATEGIES = ("locality", "cache_aware")  # they read prompt contents, which the simulator does not model
 PROGRESS_EVERY = 4096  # ended requests between progress reports
-_STEP, _TICK, _READY = 0, 1, 2  # event kinds
+ROLES = ("colocated", "prefill", "decode")
+_STEP, _TICK, _READY, _HANDOVER = 0, 1, 2, 3  # event kinds
 
 
 @dataclass(frozen=True)
 class Tier:
     """A kind of instance in a heterogeneous cluster: its share of `ClusterConfig.instances`, its step model (speed and
-    slots) and its price, which its `InstanceStats` report (cost_optimized reads `price_per_1k_tokens`)."""
+    slots), its price, which its `InstanceStats` report (cost_optimized reads `price_per_1k_tokens`), and its role
+    (colocated, or a prefill or decode worker)."""
 
     name: str
     share: float
     step_model: StepModel
     price_per_1k_tokens: float = 0.0
+    role: str = "colocated"
 
 
 @dataclass
@@ -69,6 +87,8 @@ class ClusterConfig:
     max_queue: int | None = None  # policy_sort's max_len
     autoscale: AutoscaleSettings | None = None  # instances then starts at min_instances, at most max_instances
     startup_s: float = 30.0  # how long a new instance takes to become ready
+    pd_threshold_tokens: int = 512  # pd_split's: prompts of at least this many tokens take the PD path
+    kv_transfer: KVTransferModel = KVTransferModel()  # a prefill worker's first token to the decode worker's
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,6 +112,8 @@ class ClusterConfig:
             raise ValueError(f"max_queue must be >= 1 or unset, got {self.max_queue}")
         if self.startup_s < 0:
             raise ValueError(f"startup_s must be >= 0, got {self.startup_s}")
+        if self.pd_threshold_tokens < 0:
+            raise ValueError(f"pd_threshold_tokens must be >= 0, got {self.pd_threshold_tokens}")
         for tier, _ in self.kinds():
             model = tier.step_model
             if not 1 <= model.max_num_seqs <= model.max_num_batched_tokens:
@@ -120,6 +142,10 @@ def _check_tiers(tiers: tuple[Tier, ...]) -> None:
             raise ValueError(
                 f"tier {tier.name!r}: share and price must be >= 0, got {tier.share}, {tier.price_per_1k_tokens}"
             )
+        if tier.role not in ROLES:
+            raise ValueError(f"tier {tier.name!r}: role must be one of {', '.join(ROLES)}, got {tier.role!r}")
+    if all(tier.role == "prefill" for tier in tiers):
+        raise ValueError("prefill instances alone cannot serve: add a decode (or colocated) tier")
     if not math.isclose(sum(tier.share for tier in tiers), 1.0):
         raise ValueError(f"tiers' shares must sum to 1, got {sum(tier.share for tier in tiers):g}")
 
@@ -141,6 +167,16 @@ class _Prompt(list):
 
     def __len__(self) -> int:
         return self.n
+
+
+class _NoPrefixCache(PrefixIndex):
+    """pd_split's view of the engines' prefix caches when prompts have lengths and no contents: nothing is cached."""
+
+    def cached_tokens(self, instance: str, token_ids: Any, hashes: list[int] | None = None) -> int:
+        return 0
+
+    def record(self, instance: str, token_ids: Any, hashes: list[int] | None = None) -> None:
+        return None
 
 
 class _FreeSet:
@@ -184,7 +220,20 @@ class _Simulation:
         self.rng = random.Random(config.seed)
         self.instances: list[Instance] = []
         self.by_name: dict[str, Instance] = {}
-        self.free = _FreeSet()
+        roles = {tier.role for tier, _ in config.kinds()}
+        self.free = {role: _FreeSet() for role in ROLES}  # by role
+        self.free_sets = [self.free[role] for role in ROLES if role in roles]
+        self.free_for = {  # by phase: the free sets of the roles that run it, among those present
+            phase: [self.free[r] for r in ROLES if r in roles and r in ROLES_FOR_PHASE[phase]] for phase in ROLES
+        }
+        self.split: PDSplit | None = None  # the real pd_split, when there are prefill workers
+        if "prefill" in roles:
+            self.split = PDSplit(threshold_tokens=config.pd_threshold_tokens)
+            self.split.prefix_index = _NoPrefixCache()
+            self.split.open(OperatorContext("pd_split", instances=self.ctx.instances, load=self.load))
+        self.held: Request | None = None  # popped, waiting at route for a free instance of its phase
+        self.prefilled: dict[int, Request] = {}  # on a prefill instance or on their way to a decode one
+        self.handoffs: deque[int] = deque()  # prefilled requests whose KV arrived, waiting for a decode slot
         self.pending: list[Instance] = []  # at a step boundary now, their next step not yet composed
         self.events: list[tuple[float, int, int, Any, int]] = []
         self.seq = itertools.count()
@@ -202,7 +251,7 @@ class _Simulation:
     def run(self) -> SimResult:
         started = time.perf_counter()
         arrivals: list[float] = self.trace.arrivals.tolist()
-        events, pop, free, queue, pending = self.events, heapq.heappop, self.free.items, self.queue, self.pending
+        events, pop, queue, pending, free_sets = self.events, heapq.heappop, self.queue, self.pending, self.free_sets
         n, k = len(arrivals), 0
         while True:
             if events and (k >= n or events[0][0] < arrivals[k]):  # arrivals first at a tie: they join its step
@@ -210,6 +259,8 @@ class _Simulation:
                 if kind == _STEP:
                     if version == target.version:
                         self._advance(target)
+                elif kind == _HANDOVER:
+                    self.handoffs.append(target)
                 elif kind == _TICK:
                     self._tick()
                 else:
@@ -220,7 +271,9 @@ class _Simulation:
                 k += 1
             else:
                 break
-            if free and len(queue):
+            if self.handoffs:
+                self._hand_over()
+            if (len(queue) or self.held is not None) and any(free.items for free in free_sets):
                 self._dispatch()
             for instance in pending:
                 instance.compose(self.now)
@@ -254,35 +307,71 @@ class _Simulation:
             self._end(int(error.request_id))
 
     def _dispatch(self) -> None:
-        """Pops while some instance has a free slot, as the executor pops when downstream has room."""
-        free, queue, now = self.free, self.queue, self.now
-        while free.items and len(queue):
-            item = queue.pop()
+        """Pops while some instance has a free slot, as the executor pops when downstream has room; pd_split gives
+        each its phase. One that no instance of its phase can take now waits at route, and the queue behind it."""
+        queue, free_sets = self.queue, self.free_sets
+        while True:
+            item = self.held
             if item is None:
-                break
-            i = int(item.request_id)
-            if isinstance(item, RequestError):  # the policy rejected it at pop (cost_optimized: none affordable)
-                self._end(i)
-                continue
+                if not len(queue) or not any(free.items for free in free_sets):
+                    break
+                item = queue.pop()
+                if item is None:
+                    break
+                if isinstance(item, RequestError):  # the policy rejected it at pop (cost_optimized: none affordable)
+                    self._end(int(item.request_id))
+                    continue
+                if self.split is not None:
+                    self.split.execute(item)
             instance = self._route(item)
-            self.where[i] = instance.index
-            when = instance.admit(i, now)
-            if when is not None:
-                self._at(when, _STEP, instance, instance.version)
-            instance.refresh(now)
-            if instance.stats.running >= instance.max_seqs:
-                free.discard(instance)
+            self.held = item if instance is None else None
+            if instance is None:
+                break
+            self._admit(instance, int(item.request_id), item)
 
-    def _route(self, request: Request) -> Instance:
-        """A request its policy pinned keeps its instance while that takes requests; else the strategy chooses among
-        the free instances, or `sample` of them drawn at random, each report refreshed to now first."""
+    def _hand_over(self) -> None:
+        """Prefilled requests whose KV arrived join a decode instance with a free slot, first come first served; the
+        decode worker emits the first token as it takes one."""
+        while self.handoffs:
+            i = self.handoffs[0]
+            request = self.prefilled[i]
+            request.phase = "decode"
+            instance = self._route(request) if self.outputs[i] > 1 else None
+            if instance is None and self.outputs[i] > 1:
+                break
+            self.handoffs.popleft()
+            del self.prefilled[i]
+            if instance is None:  # its one token was the prefill's
+                self.first[i] = self.finish[i] = self.now
+                self._end(i)
+            else:
+                self._admit(instance, i, request, prefilled=True)
+
+    def _admit(self, instance: Instance, i: int, request: Request, *, prefilled: bool = False) -> None:
+        self.where[i] = instance.index
+        if instance.prefill_only:
+            self.prefilled[i] = request
+        when = instance.admit(i, self.now, prefilled=prefilled)
+        if when is not None:
+            self._at(when, _STEP, instance, instance.version)
+        instance.refresh(self.now)
+        if instance.stats.running >= instance.max_seqs:
+            self.free[instance.stats.role].discard(instance)
+
+    def _route(self, request: Request) -> Instance | None:
+        """A request its policy pinned keeps its instance while that takes requests of its phase; else the strategy
+        chooses among the free instances of its phase's roles, or `sample` of them drawn at random, each report
+        refreshed to now first. None: no instance of those roles has a free slot."""
         if request.instance is not None:
             pinned = self.by_name.get(request.instance)
-            if pinned is not None and pinned.accepting:
+            if pinned is not None and pinned.accepting and pinned.stats.role in ROLES_FOR_PHASE[request.phase]:
                 return pinned
-        items, d = self.free.items, self.config.sample
+        sets, d = self.free_for[request.phase], self.config.sample
+        items = sets[0].items if len(sets) == 1 else [x for free in sets for x in free.items]
+        if not items:
+            return None
         if d is None:
-            candidates = [x for x in self.instances if x.index in self.free.pos]  # in instance order
+            candidates = sorted(items, key=lambda x: x.index)  # in instance order
         elif d >= len(items):
             candidates = list(items)
         elif d == 1:
@@ -319,29 +408,36 @@ class _Simulation:
         """Applies an instance's step (or span) and frees its finished requests' slots; its next step is composed
         after this instant's dispatch (`pending`)."""
         for i in instance.advance():
-            self._end(i)
+            if instance.prefill_only:  # its KV leaves for a decode instance
+                self._at(self.now + self.config.kv_transfer.latency_s, _HANDOVER, i, 0)
+            else:
+                self._end(i)
         self.pending.append(instance)
         instance.refresh(self.now)
         if not instance.accepting:
             if not instance.busy:
                 self._remove(instance)
         elif instance.stats.running < instance.max_seqs:
-            self.free.add(instance)
+            self.free[instance.stats.role].add(instance)
 
     def _add_instance(self, tier: Tier, *, added: bool) -> None:
         """An instance of `tier`, its report starting as the engine operator's does: the tier's price, no load, and
         the default `tokens_per_s` until its own steps teach it (`Instance._learn`)."""
         model, index = tier.step_model, len(self.instances)
-        stats = InstanceStats(f"i{index}", max_running=model.max_num_seqs, price_per_1k_tokens=tier.price_per_1k_tokens)
+        stats = InstanceStats(
+            f"i{index}", role=tier.role, max_running=model.max_num_seqs, price_per_1k_tokens=tier.price_per_1k_tokens
+        )
         instance = Instance(index, stats, model, self.prompts, self.outputs, self.first, self.finish)
         instance.added = added
+        if tier.role == "decode":
+            instance.import_per_token_s = self.config.kv_transfer.per_token_s
         instance.t = self.now
         if added:
             self.starting -= 1
         self.instances.append(instance)
         self.by_name[stats.name] = instance
         self.ctx.instances[stats.name] = stats
-        self.free.add(instance)
+        self.free[tier.role].add(instance)
 
     def _remove(self, instance: Instance) -> None:
         instance.stats.healthy = False
@@ -370,7 +466,7 @@ class _Simulation:
         elif decision.delta < 0:
             victim = min((x for x in ready if x.added), key=lambda x: (x.stats.running, -x.index))
             victim.accepting = False
-            self.free.discard(victim)
+            self.free[victim.stats.role].discard(victim)
             if not victim.busy:
                 self._remove(victim)
         if decision.delta:
@@ -401,11 +497,19 @@ class _Simulation:
             "autoscale": vars(config.autoscale) if config.autoscale else None,
             "step_model": _model_json(config.step_model) if config.step_model else None,
             "tiers": None,  # instances are numbered tier after tier, in this order
+            "pd": None,
             "seed": config.seed,
         }
+        if self.split is not None:
+            info["pd"] = {
+                "threshold_tokens": config.pd_threshold_tokens,
+                "kv_transfer": vars(config.kv_transfer),
+                "decisions": dict(self.split.decisions),
+            }
         if config.tiers:
             info["tiers"] = [
-                {"name": t.name, "share": t.share, "instances": n, "price_per_1k_tokens": t.price_per_1k_tokens}
+                {"name": t.name, "role": t.role, "share": t.share, "instances": n}
+                | {"price_per_1k_tokens": t.price_per_1k_tokens}
                 | {"step_model": _model_json(t.step_model)}
                 for t, n in config.kinds()
             ]

@@ -8,6 +8,13 @@ computes its last chunk; its last token `output_tokens - 1` steps later. The eng
 and prefills only with what budget is left, so with `max_num_seqs <= max_num_batched_tokens` every decode always gets
 its token and at most one running sequence is part-way through its prompt: exactly the rule above.
 
+Roles, as the engine operators': a "prefill" instance (a prefill worker) computes prompts only; a request leaves it
+when its last chunk is computed (`advance` returns it, with no first token: that comes from the decode worker). A
+"decode" instance also takes prefilled requests (`admit(prefilled=True)`): their prompt's KV arrived, so they wait
+for a slot like any request; at the step boundary where one joins, the instance first copies its KV into its cache
+(`import_per_token_s` a prompt token, as the decode worker's `add` runs between two steps), emits its first token,
+and then runs the step, in which it decodes.
+
 What is not modelled: the KV cache's size (no preemption: the instance is assumed to hold `max_num_seqs` sequences
 at full length) and prefix caching (prompts have lengths, not contents).
 
@@ -35,7 +42,8 @@ class Instance:
     __slots__ = (
         "index", "stats", "model", "prompts", "outputs", "first", "finish", "max_seqs", "budget", "per_context",
         "waiting", "prefilling", "left", "decoding", "n_dec", "ctx", "step_no", "sum_end", "prefill_left",
-        "undecoded", "t", "end", "span", "chunks", "a", "b", "version", "accepting", "added",
+        "undecoded", "t", "end", "span", "chunks", "a", "b", "version", "accepting", "added", "prefill_only",
+        "import_per_token_s",
     )  # fmt: skip
 
     def __init__(
@@ -70,6 +78,8 @@ class Instance:
         self.version = 0  # bumped by every new plan: the simulation's heap drops events of older ones
         self.accepting = True  # False while draining: no new requests, removed when empty
         self.added = False  # added by the autoscaler (only those are removed)
+        self.prefill_only = stats.role == "prefill"  # a prefill worker: its requests leave once prefilled
+        self.import_per_token_s = 0.0  # a decode worker: copying a prefilled request's KV in, per prompt token
 
     @property
     def busy(self) -> bool:
@@ -79,15 +89,20 @@ class Instance:
     def running(self) -> int:
         return self.n_dec + len(self.prefilling)
 
-    def admit(self, i: int, now: float) -> float | None:
-        """Request `i` joins the waiting queue at `now`. Returns the time of a new next event when the plan changed
-        (an idle instance is at a step boundary now; a decode span is cut at its first step boundary at or after
-        `now`), else None (a step with prompt chunks is under way, every slot is taken, or the instance is at a
-        boundary already: it joins the step planned there)."""
+    def admit(self, i: int, now: float, *, prefilled: bool = False) -> float | None:
+        """Request `i` joins the waiting queue at `now` (`prefilled`: its prompt's KV came from a prefill worker,
+        with its first token; it needs a slot and decodes the rest). Returns the time of a new next event when the
+        plan changed (an idle instance is at a step boundary now; a decode span is cut at its first step boundary at
+        or after `now`), else None (a step with prompt chunks is under way, every slot is taken, or the instance is
+        at a boundary already: it joins the step planned there)."""
         self.waiting.append(i)
-        self.left[i] = prompt = self.prompts[i]
-        self.prefill_left += prompt
-        self.undecoded += self.outputs[i]
+        if prefilled:
+            self.left[i] = 0
+            self.undecoded += self.outputs[i] - 1
+        else:
+            self.left[i] = prompt = self.prompts[i]
+            self.prefill_left += prompt
+            self.undecoded += 0 if self.prefill_only else self.outputs[i]
         if self.end is None:
             return self._boundary(now, 0)
         if self.span and self.running < self.max_seqs:
@@ -97,7 +112,8 @@ class Instance:
         return None
 
     def advance(self) -> list[int]:
-        """At `end`: applies the planned work and stops at that step boundary; returns the requests that finished.
+        """At `end`: applies the planned work and stops at that step boundary; returns the requests that finished
+        (on a prefill instance: those whose prompt it finished, which go on to a decode instance).
         The next step is planned by `compose`, once the requests routed at this instant have joined (the engine
         schedules a step with everything that reached it by then)."""
         now = self.end
@@ -111,7 +127,7 @@ class Instance:
             self.step_no += 1
             self.ctx += self.n_dec
             tokens = 0
-            step_no, prompts, outputs = self.step_no, self.prompts, self.outputs
+            step_no, outputs = self.step_no, self.outputs
             self._finish_due(now, finished)
             for i, c in self.chunks:
                 tokens += c
@@ -122,6 +138,9 @@ class Instance:
                     continue
                 del self.left[i]
                 self.prefilling.remove(i)
+                if self.prefill_only:
+                    finished.append(i)
+                    continue
                 self.first[i] = now
                 out = outputs[i]
                 self.undecoded -= out
@@ -129,10 +148,7 @@ class Instance:
                     self.finish[i] = now
                     finished.append(i)
                     continue
-                heapq.heappush(self.decoding, (step_no + out - 1, i))
-                self.sum_end += step_no + out - 1
-                self.n_dec += 1
-                self.ctx += prompts[i] + 1
+                self._decode_from(i, step_no)
             self._learn(tokens, now - self.t)
         self._finish_due(now, finished)
         self.version += 1
@@ -161,10 +177,10 @@ class Instance:
 
     def compose(self, t: float) -> None:
         """Plans the work from the boundary at `t`: one step with prompt chunks, else a span of decode steps up to the
-        first finish, else nothing (idle)."""
+        first finish, else nothing (idle); prefilled requests that join have their KV copied in first."""
         self.version += 1
-        self.t = t
         budget = self.budget - self.n_dec
+        copying = 0.0
         chunks: list[tuple[int, int]] = []
         for i in self.prefilling:
             c = min(self.left[i], budget)
@@ -173,11 +189,21 @@ class Instance:
         running = self.n_dec + len(self.prefilling)
         while self.waiting and budget > 0 and running < self.max_seqs:
             i = self.waiting.popleft()
-            self.prefilling.append(i)
             running += 1
+            if not self.left[i]:  # prefilled elsewhere: its KV copied in, its first token out, it decodes in this step
+                copying += self.import_per_token_s * self.prompts[i]
+                self.first[i] = t + copying
+                self._decode_from(i, self.step_no)
+                del self.left[i]
+                self.undecoded -= self.outputs[i] - 1
+                budget -= 1
+                continue
+            self.prefilling.append(i)
             c = min(self.left[i], budget)
             chunks.append((i, c))
             budget -= c
+        t += copying
+        self.t = t
         prefill = self.budget - self.n_dec - budget
         if prefill:
             self.span, self.chunks = 0, chunks
@@ -210,6 +236,14 @@ class Instance:
         while self._span_s(k) < elapsed:
             k += 1
         return k
+
+    def _decode_from(self, i: int, step_no: int) -> None:
+        """Request `i`, its first token out at the end of step `step_no`, decodes one token a step from the next."""
+        end = step_no + self.outputs[i] - 1
+        heapq.heappush(self.decoding, (end, i))
+        self.sum_end += end
+        self.n_dec += 1
+        self.ctx += self.prompts[i] + 1
 
     def _finish_due(self, now: float, finished: list[int]) -> None:
         decoding, step_no = self.decoding, self.step_no

@@ -5,11 +5,15 @@ An engine step (continuous batching, chunked prefill) runs a batch of decode seq
 
     step_s = fixed_s + per_prefill_token_s * prefill_tokens + per_decode_seq_s * decode_seqs
              + per_context_token_s * context_tokens + per_prefill_context_s * prefill_context
+             + per_prefill_step_s * (prefill_tokens > 0)
 
 where `context_tokens` is the KV the decode sequences attend over (their context lengths, summed), the part of a
 decode step that grows with the conversation, and `prefill_context` the same for prompt chunks: each chunk's tokens
 times the earlier tokens of its prompt they attend over (a 512-token chunk after 1,536 cached tokens costs nearly
 twice the first chunk), a separate coefficient because a chunk's attention is a matrix product, a decode's a read.
+A step that computes any prompt tokens also pays `per_prefill_step_s` once: the prompt chunks' own path through the
+model (their attention, the cache writes of whole blocks), which a 16-token chunk costs nearly as much as a 512-token
+one; without it a short prompt's step beside the decodes came out ~15% short.
 The coefficients are fitted (least squares of the relative error, each kept >= 0) to step times measured on our own
 engine by `sagellm bench steps`, which saves the model as JSON with the machine and model it was measured on."""
 
@@ -22,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-COEFFICIENTS = ("fixed_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_context_s")
+COEFFICIENTS = (
+    "fixed_s",
+    "per_prefill_token_s",
+    "per_decode_seq_s",
+    "per_context_token_s",
+    "per_prefill_context_s",
+    "per_prefill_step_s",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class StepModel:
     per_decode_seq_s: float
     per_context_token_s: float
     per_prefill_context_s: float = 0.0
+    per_prefill_step_s: float = 0.0
     max_num_seqs: int = 16  # the engine's settings when measured: the simulated instance schedules as it did
     max_num_batched_tokens: int = 512
     source: dict[str, Any] | None = None  # where it was measured: cpu, model, threads, date, fit error
@@ -54,6 +66,7 @@ class StepModel:
             + self.per_decode_seq_s * decode_seqs
             + self.per_context_token_s * context_tokens
             + self.per_prefill_context_s * prefill_context
+            + (self.per_prefill_step_s if prefill_tokens else 0.0)
         )
 
     @classmethod
@@ -68,7 +81,12 @@ class StepModel:
         if min(s.seconds for s in samples) <= 0:
             raise ValueError("every measured step must take > 0 seconds")
         weight = np.array([1 / s.seconds for s in samples])  # row i / seconds_i: residuals become relative errors
-        x = np.array([[1.0, s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context] for s in samples])
+        x = np.array(
+            [
+                [1.0, s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context, float(s.prefill_tokens > 0)]
+                for s in samples
+            ]
+        )
         x *= weight[:, None]
         y = np.array([s.seconds for s in samples]) * weight
         kept = list(range(len(COEFFICIENTS)))

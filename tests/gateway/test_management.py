@@ -15,10 +15,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import trio
 
 from sagellm.backends import list_backends
 from sagellm.gateway.config import DEFAULT_GRAPH
-from sagellm.gateway.engine_process import _command
+from sagellm.gateway.engine_process import Supervisor, _command
 from sagellm.gateway.engine_spec import EngineSpec, ManagedEngine
 from sagellm.runtime.embedding import EmbeddingEngine
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
@@ -59,6 +60,9 @@ def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
     ("body", "param", "words"),
     [
         ({"kind": "llm"}, None, "missing required field `model`"),
+        ({"model": "m\u0000x"}, "model", "model must be a non-empty name without NUL characters"),
+        ({"model": " "}, "model", "model must be a non-empty name"),
+        ({"model": "m", "served_model_name": ""}, "served_model_name", "served_model_name must be a non-empty name"),
         ({"model": "m", "replicas": 2}, None, "unknown field `replicas`"),
         ({"model": "m", "tensor_parallel": "two"}, "tensor_parallel", "Expected `int`"),
         ({"model": "m", "tensor_parallel": 0}, "tensor_parallel", "tensor_parallel must be >= 1"),
@@ -228,3 +232,18 @@ def test_a_spawned_engine_gets_its_engine_settings_as_graph_parameters(tmp_path)
     graph = load_pipeline(DEFAULT_GRAPH, overrides=overrides)
     assert {k: graph.nodes["engine"].params[k] for k in settings} == settings
     assert graph.nodes["engine"].params["backend"] == "cpu"
+
+
+def test_an_engine_whose_process_cannot_be_made_fails_alone(tmp_path):
+    """Whatever goes wrong in starting one engine (here the OS refuses an argument with a NUL byte, a ValueError, which
+    the API's check keeps out) fails that engine with the error, and the supervisor returns instead of raising into
+    the gateway's nursery."""
+    spec = EngineSpec(model="m\x00x")
+    engine = ManagedEngine(id="llm-1", spec=spec, url="http://127.0.0.1:1", port=1, api_key="k", directory=tmp_path)
+
+    async def main() -> None:
+        async with httpx.AsyncClient() as client:
+            await Supervisor(client).supervise(engine)
+
+    trio.run(main)
+    assert engine.state == "failed" and "ValueError" in engine.last_error and "null byte" in engine.last_error

@@ -54,7 +54,10 @@ def test_prefill_hands_over_and_decode_continues(model_path):
     (done,) = drain(prefill)
     assert isinstance(done, PrefillDone) and tuple(done.kv.data.shape[:3]) == (2, 2, 4)
     first = decode.add(done)
-    tokens = [t for d in first + drain(decode) for t in d.token_ids]
+    rest = drain(decode)
+    tokens = [t for d in first + rest for t in d.token_ids]
+    handover = rest[-1].metrics.kv_handover_s  # the prefill's first token to the decode's
+    assert handover == pytest.approx(first[0].time - done.first_token_time) and handover >= 0
     colocated, _ = opened("engine", model_path)
     colocated.add(request("r"))
     assert tokens == [t for d in drain(colocated) for t in d.token_ids]

@@ -41,9 +41,30 @@ def test_simulate_autoscales_with_classes(step_model: Path, capsys: pytest.Captu
     assert code == 0 and "autoscaled" in printed and "+1 ->" in printed
 
 
+def test_simulate_prefill_and_decode_workers(
+    step_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pd.json"
+    code = main(["simulate", "--step-model", str(step_model), "--pd", "1:3", "--requests", "300", "--trace",
+                 "azure-code", "--load", "0.5", "--pd-threshold", "1024", "--kv-latency-ms", "2",
+                 "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and "1 prefill + 3 decode workers" in printed
+    assert "pd_split (threshold 1024 tokens): pd " in printed and "KV hand-over 2 ms + 11 µs" in printed
+    results = json.loads(out.read_text())
+    assert results["summary"]["completed"] == 300
+    assert [(t["role"], t["instances"]) for t in results["config"]["tiers"]] == [("prefill", 1), ("decode", 3)]
+    decisions = results["config"]["pd"]["decisions"]
+    assert decisions["pd"] > 0 and decisions["pd"] + decisions.get("short_prompt", 0) == 300
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--pd", "0:2"], "--pd: expected PREFILL:DECODE"),
+        (["--pd", "2"], "--pd: expected PREFILL:DECODE"),
+        (["--pd", "1:1", "--autoscale", "1:2"], "--pd and --autoscale"),
+        (["--pd", "1:1", "--pd-threshold", "-1"], "pd_threshold_tokens must be >= 0"),
         (["--autoscale", "3"], "--autoscale: expected MIN:MAX"),
         (["--routing", "locality"], "does not model"),
         (["--load", "-1"], "--load must be > 0"),

@@ -118,14 +118,18 @@ def test_pool_takes_medians_of_like_steps() -> None:
 
 
 def test_fit_recovers_known_coefficients() -> None:
-    truth = StepModel(fixed_s=0.004, per_prefill_token_s=6e-4, per_decode_seq_s=8e-4, per_context_token_s=1.2e-6)
+    truth = StepModel(
+        fixed_s=0.004, per_prefill_token_s=6e-4, per_decode_seq_s=8e-4, per_context_token_s=1.2e-6,
+        per_prefill_context_s=3e-7, per_prefill_step_s=0.006,
+    )  # fmt: skip
     rng = np.random.default_rng(0)
     samples = []
     for _ in range(200):
-        prefill, decodes = int(rng.integers(0, 512)), int(rng.integers(0, 17))
-        context = decodes * int(rng.integers(1, 2048))
-        seconds = truth.step_s(prefill, decodes, context) * (1 + 0.01 * rng.standard_normal())
-        samples.append(StepSample(prefill, decodes, context, seconds))
+        prefill = 0 if rng.random() < 0.4 else int(rng.integers(1, 512))  # decode-only steps and steps with a chunk
+        decodes = int(rng.integers(1 if prefill == 0 else 0, 17))
+        context, earlier = decodes * int(rng.integers(1, 2048)), prefill * int(rng.integers(0, 1536))
+        seconds = truth.step_s(prefill, decodes, context, earlier) * (1 + 0.01 * rng.standard_normal())
+        samples.append(StepSample(prefill, decodes, context, seconds, earlier))
     fitted = StepModel.fit(samples, max_num_seqs=16, max_num_batched_tokens=512)
     for name in COEFFICIENTS:
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.05), name
@@ -141,7 +145,7 @@ def test_fit_keeps_coefficients_non_negative() -> None:
 
 
 def test_fit_needs_enough_steps() -> None:
-    with pytest.raises(ValueError, match="at least 5 measured steps"):
+    with pytest.raises(ValueError, match="at least 6 measured steps"):
         StepModel.fit([StepSample(8, 0, 0, 0.01)])
 
 
