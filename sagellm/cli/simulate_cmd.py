@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # SmolLM2-135M's steps as `sagellm bench steps` measured them for the README's figures, shipped with the package
 DEFAULT_STEP_MODEL = Path(__file__).resolve().parents[1] / "simulator" / "smollm2_cpu.json"
 # The KV hand-over `sagellm bench sim-check` measured on the real PD graph (SmolLM2-135M, one host, shared memory;
-# 2.6-4.3 ms and 9-12 µs over four runs on AMD EPYC, 2026-11-24): milliseconds per hand-over, µs per prompt token
+# 2.6-4.3 ms and 8.7-12.4 µs over five runs on AMD EPYC, 2026-11-24): ms per hand-over, µs per prompt token
 DEFAULT_KV_LATENCY_MS, DEFAULT_KV_US_PER_TOKEN = 3.0, 11.0
 TRACES = ("poisson", "bursty", "azure-code", "azure-conv")  # sagellm.simulator.traces.TRACE_KINDS; no import here
 ROWS = (  # (summary key, label, format)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     trace = named(args.trace, args.requests, 1.0, args.seed)
     if config.autoscale:  # capacity is that of its most instances: a load of 1 needs them all
         capacity = capacity_rps(model, trace, config.autoscale.max_instances)
-    else:  # PD workers count as if colocated: an estimate, the unit of --load
+    else:  # summed over the kinds of instance; with PD workers, the side that saturates first (the unit of --load)
         capacity = cluster_capacity_rps(config, trace)
     rate = args.rate if args.rate is not None else (args.load or 0.8) * capacity
     trace = trace.at_rate(rate)

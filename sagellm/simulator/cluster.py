@@ -336,12 +336,13 @@ class _Simulation:
             i = self.handoffs[0]
             request = self.prefilled[i]
             request.phase = "decode"
-            instance = self._route(request) if self.outputs[i] > 1 else None
-            if instance is None and self.outputs[i] > 1:
+            one_token = self.outputs[i] == 1  # the prefill's token was its only one: nothing to decode
+            instance = None if one_token else self._route(request)
+            if instance is None and not one_token:  # no decode slot yet
                 break
             self.handoffs.popleft()
             del self.prefilled[i]
-            if instance is None:  # its one token was the prefill's
+            if instance is None:
                 self.first[i] = self.finish[i] = self.now
                 self._end(i)
             else:
