@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sagellm.simulator.step_model import fit_non_negative
+
 
 @dataclass(frozen=True)
 class KVTransferModel:
@@ -37,9 +39,5 @@ class KVTransferModel:
             raise ValueError(f"need at least 2 measured hand-overs to fit, got {len(samples)}")
         tokens = np.array([float(n) for n, _ in samples])
         seconds = np.array([s for _, s in samples])
-        (latency, per_token), *_ = np.linalg.lstsq(np.stack([np.ones_like(tokens), tokens], 1), seconds, rcond=None)
-        if per_token < 0:
-            return cls(latency_s=max(float(seconds.mean()), 0.0))
-        if latency < 0:
-            return cls(per_token_s=max(float(seconds @ tokens / (tokens @ tokens)), 0.0))
-        return cls(float(latency), float(per_token))
+        latency, per_token = fit_non_negative(np.stack([np.ones_like(tokens), tokens], 1), seconds).tolist()
+        return cls(latency, per_token)

@@ -36,6 +36,20 @@ COEFFICIENTS = (
 )
 
 
+def fit_non_negative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares `x @ c ~ y` with every coefficient >= 0: while one comes out negative, the most negative is
+    dropped (fixed at 0) and the rest refitted, so no modelled time falls as the work grows."""
+    kept = list(range(x.shape[1]))
+    while True:
+        solution, *_ = np.linalg.lstsq(x[:, kept], y, rcond=None)
+        if (solution >= 0).all() or len(kept) == 1:
+            break
+        kept.pop(int(np.argmin(solution)))
+    coefficients = np.zeros(x.shape[1])
+    coefficients[kept] = np.maximum(solution, 0.0)
+    return coefficients
+
+
 @dataclass(frozen=True)
 class StepSample:
     """One measured step."""
@@ -89,16 +103,8 @@ class StepModel:
         )
         x *= weight[:, None]
         y = np.array([s.seconds for s in samples]) * weight
-        kept = list(range(len(COEFFICIENTS)))
-        while True:
-            solution, *_ = np.linalg.lstsq(x[:, kept], y, rcond=None)
-            if (solution >= 0).all() or len(kept) == 1:
-                break
-            kept.pop(int(np.argmin(solution)))
-        coefficients = dict.fromkeys(COEFFICIENTS, 0.0)
-        for index, value in zip(kept, solution):
-            coefficients[COEFFICIENTS[index]] = max(float(value), 0.0)
-        return cls(**coefficients, **settings)
+        coefficients = fit_non_negative(x, y)
+        return cls(**dict(zip(COEFFICIENTS, coefficients.tolist())), **settings)
 
     def relative_errors(self, samples: list[StepSample]) -> np.ndarray:
         """|predicted - measured| / measured of each sample."""
