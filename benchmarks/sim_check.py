@@ -312,9 +312,8 @@ def run_check(config: SimCheckConfig) -> tuple[Calibrations, list[list[WorkloadC
 
     def serve(kind: str) -> None:
         for repeat in range(config.repeats):
-            for workload in config.workloads:
-                kinds = [kind] if kind in workload.configs else []
-                for check in run_workload(config, models, workload, kinds, tokenizer, config.seed + repeat):
+            for workload in (w for w in config.workloads if kind in w.configs):
+                for check in run_workload(config, models, workload, [kind], tokenizer, config.seed + repeat):
                     checks[cases.index((workload, check.config))].append(check)
 
     models = Calibrations(calibrate(steps))
