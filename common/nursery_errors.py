@@ -5,12 +5,8 @@ that will not load, a worker that did not start), callers and the CLI should see
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-if sys.version_info < (3, 11):  # trio brings the backport on 3.10
-    from exceptiongroup import BaseExceptionGroup
 
 
 @contextmanager

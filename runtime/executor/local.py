@@ -267,7 +267,7 @@ class LocalExecutor:
         if leaf and not self.ledger.observe(item):
             return False
         through_channel = False
-        for out in self._apply(node_id, op, op.execute, item):
+        for out in apply_operator(node_id, op, op.execute, item):
             through_channel |= await self._send(node_id, out)
         return through_channel
 
@@ -278,7 +278,7 @@ class LocalExecutor:
         async def receive() -> None:
             nonlocal changed, input_done
             async for item in self._inbox_recv[node_id]:
-                for out in self._apply(node_id, op, op.push, item):
+                for out in apply_operator(node_id, op, op.push, item):
                     await self._send(node_id, out)
                 changed.set()
             input_done = True
@@ -334,7 +334,7 @@ class LocalExecutor:
                     held = op.in_flight()
                     log.exception("step_failed", node=node_id, requests=len(held))
                     op.abort(held)
-                    outs = [_internal(rid, node_id, exc) for rid in held]
+                    outs = [internal_error(rid, node_id, exc) for rid in held]
                 room.fire()
                 for out in outs:
                     await self._send(node_id, out)
@@ -397,11 +397,11 @@ class LocalExecutor:
             if not ended and self.ledger.is_cancelled(rid):
                 await self._send_abort(node_id, rid)
             elif not ended:
-                await self._send(node_id, _internal(rid, node_id, "the stream ended without a result"))
+                await self._send(node_id, internal_error(rid, node_id, "the stream ended without a result"))
         except Exception as exc:
             log.exception("operator_failed", node=node_id, request_id=rid)
             if not ended:
-                await self._send(node_id, _internal(rid, node_id, exc))
+                await self._send(node_id, internal_error(rid, node_id, exc))
         finally:
             del serving[rid]
             room.fire()
@@ -415,25 +415,10 @@ class LocalExecutor:
         if self.ledger.is_cancelled(rid):  # its client left while it waited upstream
             await self._send_abort(node_id, rid)
             return
-        for out in self._apply(node_id, op, op.add, item):
+        for out in apply_operator(node_id, op, op.add, item):
             await self._send(node_id, out)
 
     # -- items ----------------------------------------------------------------------------------------------------
-    def _apply(self, node_id: str, op: Operator, fn: Callable[[Any], Any], item: Any) -> list[Any]:
-        """Runs operator logic on one item; items it does not accept pass through; an exception becomes the
-        item's `internal` error."""
-        if op.accepts and not isinstance(item, op.accepts):
-            return [item]
-        try:
-            result = fn(item)
-        except Exception as exc:
-            log.exception("operator_failed", node=node_id, request_id=getattr(item, "request_id", None))
-            rid = getattr(item, "request_id", None)
-            return [_internal(rid, node_id, exc)] if rid is not None else []
-        if result is None:
-            return []
-        return result if isinstance(result, list) else [result]
-
     async def _send(self, node_id: str, out: Any) -> bool:
         """Sends an item on to the node's downstream. True when it went into a channel (whose send always yields to
         other tasks), False when it ended without one: at this leaf, or in chained nodes."""
@@ -441,7 +426,7 @@ class LocalExecutor:
         if isinstance(out, Emit):
             target, item = outputs.get(out.to), out.item
             if target is None:
-                item = _internal(getattr(item, "request_id", "?"), node_id, f"no edge to {out.to!r}")
+                item = internal_error(getattr(item, "request_id", "?"), node_id, f"no edge to {out.to!r}")
                 target = next(iter(outputs.values()), None)
         else:
             target, item = next(iter(outputs.values()), None), out
@@ -560,5 +545,21 @@ def model_attrs(model: str) -> dict[str, Any]:
     return {"tokenizer": loaded.tokenizer, "model_config": loaded.config, "sampling_defaults": defaults}
 
 
-def _internal(request_id: str, node_id: str, problem: object) -> RequestError:
+def apply_operator(node_id: str, op: Operator, fn: Callable[[Any], Any], item: Any) -> list[Any]:
+    """Runs operator logic (`fn`, one of `op`'s methods) on one item, as every executor does: items the operator does
+    not accept pass through; an exception becomes the item's `internal` error (logged); None means nothing."""
+    if op.accepts and not isinstance(item, op.accepts):
+        return [item]
+    try:
+        result = fn(item)
+    except Exception as exc:
+        log.exception("operator_failed", node=node_id, request_id=getattr(item, "request_id", None))
+        rid = getattr(item, "request_id", None)
+        return [internal_error(rid, node_id, exc)] if rid is not None else []
+    if result is None:
+        return []
+    return result if isinstance(result, list) else [result]
+
+
+def internal_error(request_id: str, node_id: str, problem: object) -> RequestError:
     return RequestError(request_id=request_id, code="internal", message=f"{node_id}: {problem}")

@@ -2,6 +2,7 @@
 
     sagellm run graphs/pd.yaml --prompt "What is the capital of France?"
     sagellm run graphs/colocated.yaml --requests reqs.jsonl --output results.jsonl --policy priority
+    sagellm run graphs/pd.yaml --prompt "Hi" --sage     # the same graph as a SAGE job (PyPI isage)
 
 Replies stream to stdout; the metrics table and logs go to stderr. The graph's model (default SmolLM2) is
 downloaded first if it is a known alias not yet in the cache. Exit status: 0 when every request finished, 1 when any
@@ -50,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="scheduling policy of every policy_sort node (fifo, priority, slo_aware, ...)")
     p.add_argument("--routing", help="strategy of every route node (load_balanced, round_robin, cache_aware, ...)")
     p.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE", help="override a parameter")
+    p.add_argument(
+        "--sage", action="store_true", help="run it as a SAGE job (SAGE moves the items; every node in this process)"
+    )
     p.add_argument("--log-level", default="warning")
     p.set_defaults(run=run)
 
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     graph = build_graph(args)
     _ensure_model(graph.attrs.get("model"))
     started = time.monotonic()
-    print(f"sagellm run: {_starting(graph)}", file=sys.stderr, flush=True)
+    print(f"sagellm run: {_starting(graph, sage=args.sage)}", file=sys.stderr, flush=True)
 
     starting = ExitStack()
     starting.enter_context(showing_progress("sagellm run"))
@@ -74,7 +78,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"sagellm run: ready in {time.monotonic() - started:.1f} s; requests flow", file=sys.stderr, flush=True)
 
     with starting:  # closed here too when the start fails
-        result = run_pipeline(graph, on_ready=ready)
+        if args.sage:
+            from sagellm.sage import from_graph
+
+            result = from_graph(graph).run(on_ready=ready)
+        else:
+            result = run_pipeline(graph, on_ready=ready)
     if args.output or args.requests:
         path = Path(args.output or Path(args.requests).with_suffix(".results.jsonl"))
         _write_results(result, path)
@@ -134,12 +143,14 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _starting(graph: Any) -> str:
+def _starting(graph: Any, *, sage: bool = False) -> str:
     """What start-up waits for, said before it (loading a model takes seconds, in every process that runs one)."""
     from sagellm.runtime.pipeline.spec import MAIN, placement_group
 
     groups = sorted({placement_group(n.id, n.placement)[1] for n in graph.nodes.values()} - {MAIN})
     model = graph.attrs.get("model") or "the graph's models"
+    if sage:
+        return f"loading {model}; then a SAGE job runs every node in this process"
     if groups:
         return f"starting {len(groups)} worker process(es) ({', '.join(groups)}); each loads {model}"
     return f"loading {model}"

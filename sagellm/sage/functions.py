@@ -1,4 +1,5 @@
-"""Runs sageLLM operators inside SAGE (PyPI `isage`): each operator becomes a real SAGE function or service class.
+"""Single sageLLM operators as SAGE function and service classes, for an app that builds its own SAGE stream around
+them (a whole graph, queues and routing included, runs as one SAGE job through `sagellm.sage.job`).
 
 SAGE builds pipelines from function *classes* (`env.from_source(Cls).map(Cls).sink(Cls)`, constructor arguments
 passed through), so every builder here returns a class whose keyword arguments are the operator's parameters:
@@ -10,10 +11,10 @@ passed through), so every builder here returns a class whose keyword arguments a
 
 The adapters keep the operator contract the sageLLM executor keeps: items outside `accepts` pass through unchanged,
 an exception raised for an item becomes that request's `internal` RequestError, and logic never runs on two
-threads at once (SAGE's batch path calls one function instance from a thread pool). What SAGE has no place for is
-refused: Queue operators (SAGE has no pop-when-downstream-has-room) and multi-output operators (a DataStream has
-no addressed outputs). Each node gets its own `OperatorContext`: SAGE keeps no shared `PipelineLoad` or engine
-`InstanceStats`, so operators that read them see an idle pipeline.
+threads at once (SAGE's batch path calls one function instance from a thread pool). Queue operators (popped only
+when an engine has room) and multi-output operators (addressed outputs) need the graph around them: they are refused
+here, and run in `from_graph`'s jobs. Each class built here opens its operator with a context of its own, so
+operators that read the shared load (admission, the adaptive policy) see an idle pipeline; `from_graph` shares one.
 
 SAGE is imported only when a builder is called, so `sagellm` never needs it."""
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["sage_function", "sage_service", "engine_caller"]
 
 
-def _sage() -> tuple[ModuleType, ModuleType]:
+def sage_modules() -> tuple[ModuleType, ModuleType]:
     """`sage.foundation` and `sage.runtime`, or an ImportError that says how to get them."""
     try:
         import sage.foundation
@@ -61,7 +62,9 @@ def _resolve(operator: str | type[Operator], params: dict[str, Any]) -> type[Ope
             f"operator {cls.name!r} has no parameter(s) {unknown}; it takes {sorted(parameter_types(cls))}"
         )
     if cls.multi_output:
-        raise OperatorError(f"operator {cls.name!r} addresses several outputs, which a SAGE DataStream cannot express")
+        raise OperatorError(
+            f"operator {cls.name!r} addresses several outputs: run its graph as a SAGE job (sagellm.sage.from_graph)"
+        )
     return cls
 
 
@@ -117,7 +120,7 @@ class _Source(_Hosted):
                 self._ensure_open()
                 polled = self.operator.poll()
                 if polled is None:
-                    return _sage()[1].StopSignal(self.name)
+                    return sage_modules()[1].StopSignal(self.name)
                 self._ready.extend(polled)
             return self._ready.popleft() if self._ready else None
 
@@ -263,7 +266,7 @@ def sage_function(
 ) -> type:
     """A SAGE function class running a Source or Map operator (registry name or class); `params` are bound as the
     operator's defaults, and the class's own keyword arguments (`.map(Cls, x=1)`) override them."""
-    foundation, _ = _sage()
+    foundation, _ = sage_modules()
     cls = _resolve(operator, params)
     if issubclass(cls, SourceOperator):
         if sink or flat:
@@ -271,6 +274,7 @@ def sage_function(
         return _build(foundation.SourceFunction, _Source, cls, params, graph_attrs)
     if not issubclass(cls, MapOperator):
         hint = "; use sage_service() for Step operators" if issubclass(cls, StepOperator) else ""
+        hint = hint or "; run its graph as a SAGE job (sagellm.sage.from_graph)"
         raise OperatorError(f"operator {cls.name!r} is a {cls.kind or '?'} operator, not a SAGE function{hint}")
     if sink and flat:
         raise OperatorError("a sink emits nothing: pass sink=True or flat=True, not both")
@@ -284,7 +288,7 @@ def sage_function(
 def sage_service(operator: str | type[Operator], *, graph_attrs: dict[str, Any] | None = None, **params: Any) -> type:
     """A SAGE service class running a Step operator: `env.register_service("engine", sage_service("engine"))`,
     then a function calls `self.call_service("engine", request, method="generate")` (or uses `engine_caller`)."""
-    _, runtime = _sage()
+    _, runtime = sage_modules()
     cls = _resolve(operator, params)
     if not issubclass(cls, StepOperator):
         raise OperatorError(f"operator {cls.name!r} is a {cls.kind or '?'} operator; a SAGE service needs a Step one")
@@ -293,7 +297,7 @@ def sage_service(operator: str | type[Operator], *, graph_attrs: dict[str, Any] 
 
 def engine_caller(service: str = "engine") -> type:
     """A SAGE FlatMapFunction class that sends each item to the named engine service and emits what comes back."""
-    foundation, _ = _sage()
+    foundation, _ = sage_modules()
 
     def execute(self: Any, data: Any) -> list[Any]:
         return self.call_service(service, data, method="generate")

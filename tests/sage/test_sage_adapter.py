@@ -4,29 +4,24 @@ test operators end to end: source -> admission -> engine service -> sink. No mod
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Callable
 
 import msgspec
 import pytest
+from sage.foundation import FlatMapFunction, MapFunction, SinkFunction, SourceFunction
+from sage.runtime import BaseService, LocalEnvironment
 
-if sys.version_info < (3, 11):  # the test extra installs SAGE (isage) from 3.11 on, where a missing one must fail
-    pytest.skip("SAGE (isage) needs Python 3.11+", allow_module_level=True)
-
-from sage.foundation import FlatMapFunction, MapFunction, SinkFunction, SourceFunction  # noqa: E402
-from sage.runtime import BaseService, LocalEnvironment  # noqa: E402
-
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal  # noqa: E402
-from sagellm.runtime.pipeline.operator import (  # noqa: E402
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.operator import (
     MapOperator,
     OperatorError,
     SourceOperator,
     StepOperator,
     register_operator,
 )
-from sagellm.sage import engine_caller, sage_function, sage_service  # noqa: E402
+from sagellm.sage import engine_caller, sage_function, sage_service
 
 EVENTS: list[str] = []  # open/close calls, in order
 COLLECTED: list[object] = []  # what the sink operator received
