@@ -15,7 +15,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -347,5 +347,5 @@ def machine_info(threads: int) -> dict[str, object]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "sagellm": sagellm.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -5,8 +5,9 @@ process, one after another, the colocated engine's calibration and runs first, t
 1. calibrate: `sagellm bench steps`' measurement of this engine's step times, fitted into a `StepModel`; by default
    in the serving pipeline on its own calibration trace (a closed loop of other lengths, another seed: nothing is
    fitted on the traces it is judged by), with `--bare` on the bare engine's grid of compositions. For the PD
-   configuration also a PD worker's (one torch thread, pinned to one core as the W4 benchmark places them, another
-   engine serving on the other core meanwhile, as the other worker does) and the KV hand-over (`kv_handover`: the
+   configuration also each worker's (the calibration trace served by the pd graph, each worker's steps timed in its
+   own process: a core and a torch thread each, beside the other worker, behind its bridge to the main process; a
+   model for each, the prefill worker's from its long prompts' chunks) and the KV hand-over (`kv_handover`: the
    real PD graph, one request at a time, its own prompts);
 2. serve each workload's trace on the real engine through the W4 benchmark's graphs (`pd_split.run_config`): the
    colocated one in-process (replay_source → admission → policy_sort(fifo) → route → engine → metrics_sink) and, for
@@ -14,7 +15,7 @@ process, one after another, the colocated engine's calibration and runs first, t
    tokens colocated on decode), so TTFT and TPOT are measured exactly as `sagellm bench pd` measures them (from the
    request's intended arrival);
 3. simulate the same trace (the real arrivals and lengths, `traces.from_rows`) on the same cluster: one instance with
-   the engine's settings and the calibrated model, or a prefill and a decode worker with the worker's model, the
+   the engine's settings and the calibrated model, or a prefill and a decode worker, each with its own model, the
    real pd_split deciding and the hand-over model between them; compare TTFT and TPOT (p50, p99, mean) request set
    against request set;
 4. `repeats` times, each repeat a fresh seed of each trace: the table shows each metric's median over repeats, measured
@@ -47,12 +48,10 @@ import structlog
 from tqdm import tqdm
 
 from sagellm.benchmarks.kv_handover import HandoverCalibration, calibrate_kv_handover
-from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph, halves, make_trace, run_config
+from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph, make_trace, run_config
 from sagellm.benchmarks.report import write_json_and_plot
-from sagellm.benchmarks.step_calibration import serving_beside
 from sagellm.benchmarks.step_timer import OtherLoad
-from sagellm.benchmarks.step_times import Calibration, StepBenchConfig, calibrate, print_table
-from sagellm.common.affinity import usable_cores
+from sagellm.benchmarks.step_times import Calibration, StepBenchConfig, calibrate, calibrate_pd_workers, print_table
 from sagellm.simulator.capacity import capacity_rps
 from sagellm.simulator.cluster import ClusterConfig, Tier, simulate
 from sagellm.simulator.result import json_safe
@@ -120,10 +119,11 @@ class SimCheckConfig:
 
 @dataclass(frozen=True)
 class Calibrations:
-    """The models the simulations use: the colocated engine's steps; for PD a worker's steps and the hand-over."""
+    """The models the simulations use: the colocated engine's steps; for PD each worker's steps ("prefill",
+    "decode") and the hand-over."""
 
     colocated: Calibration
-    worker: Calibration | None = None
+    workers: dict[str, Calibration] = field(default_factory=dict)
     handover: HandoverCalibration | None = None
 
 
@@ -275,14 +275,16 @@ def _serve(
 
 
 def _cluster(kind: str, models: Calibrations, workload: Workload, pd: PDBenchConfig) -> ClusterConfig:
-    """The simulated twin of the `kind` graph: one colocated instance, or a prefill and a decode worker with the
-    worker's step model, pd_split's threshold and the measured hand-over."""
+    """The simulated twin of the `kind` graph: one colocated instance, or a prefill and a decode worker with their
+    step models, pd_split's threshold and the measured hand-over."""
     if kind == "colocated":
         model = dataclasses.replace(models.colocated.model, max_num_seqs=workload.max_num_seqs)
         return ClusterConfig(instances=1, step_model=model)
-    assert models.worker is not None and models.handover is not None
-    worker = dataclasses.replace(models.worker.model, max_num_seqs=workload.max_num_seqs)
-    tiers = (Tier("prefill", 0.5, worker, role="prefill"), Tier("decode", 0.5, worker, role="decode"))
+    assert set(models.workers) == {"prefill", "decode"} and models.handover is not None
+    tiers = tuple(
+        Tier(role, 0.5, dataclasses.replace(models.workers[role].model, max_num_seqs=workload.max_num_seqs), role=role)
+        for role in ("prefill", "decode")
+    )
     return ClusterConfig(
         instances=2, tiers=tiers, pd_threshold_tokens=pd.threshold_tokens, kv_transfer=models.handover.model
     )
@@ -319,13 +321,7 @@ def run_check(config: SimCheckConfig) -> tuple[Calibrations, list[list[WorkloadC
     models = Calibrations(calibrate(steps))
     serve("colocated")
     if any("pd" in w.configs for w in config.workloads):
-        other, cores = (tuple(half) for half in halves(usable_cores()))  # the prefill worker's, the decode one's
-        # timed on the decode worker's cores with an engine busy on the prefill worker's, whose load is expected
-        worker_steps = dataclasses.replace(
-            steps, threads=len(cores), cores=cores, quiet_cores=steps.quiet_cores + len(other)
-        )
-        with serving_beside(dataclasses.replace(worker_steps, cores=other, seed=steps.seed + 1, progress=False)):
-            worker = calibrate(worker_steps)
+        workers = calibrate_pd_workers(dataclasses.replace(steps, threads=1))  # where they serve
         handover = calibrate_kv_handover(
             config.model,
             max_num_seqs=steps.max_num_seqs,
@@ -333,7 +329,7 @@ def run_check(config: SimCheckConfig) -> tuple[Calibrations, list[list[WorkloadC
             seed=config.seed + CALIBRATION_SEED_OFFSET,
             progress=config.progress,
         )
-        models = Calibrations(models.colocated, worker, handover)
+        models = Calibrations(models.colocated, workers, handover)
         serve("pd")
     return models, checks
 
@@ -419,9 +415,9 @@ def report_json(
         "config": dataclasses.asdict(config) | {"workloads": None},
         "tolerance": config.tolerance,
         "step_model": dataclasses.asdict(models.colocated.model),
-        "worker_step_model": dataclasses.asdict(models.worker.model) if models.worker else None,
+        "worker_step_models": {role: dataclasses.asdict(c.model) for role, c in models.workers.items()},
         "kv_handover": _handover_json(models.handover),
-        "calibration_wall_s": sum(c.wall_s for c in (models.colocated, models.worker, models.handover) if c),
+        "calibration_wall_s": sum(c.wall_s for c in (models.colocated, *models.workers.values(), models.handover) if c),
         "wall_s": wall_s,
         "workloads": workloads,
         "definitions": {
@@ -519,7 +515,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     models, checks = run_check(config)
     wall = time.perf_counter() - started
-    for calibration in (models.colocated, models.worker):
+    for calibration in (models.colocated, *models.workers.values()):
         if calibration is not None:
             print_table(calibration)
     if models.handover is not None:

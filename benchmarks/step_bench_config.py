@@ -12,12 +12,14 @@ class StepBenchConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
     threads: int | None = None  # torch threads (None: every core, as an engine node without num_threads)
-    cores: tuple[int, ...] | None = None  # in the pipeline: the engine's device_ids (a PD worker's core), or all
     bare: bool = False  # time the bare engine on the grid below, not the engine serving in the colocated graph
     # -- in the pipeline: the calibration trace (`calibration_trace`)
     trace_limits: tuple[int, ...] | None = None  # requests in flight, phase by phase (None: 1, 2, 3, 4, 6, 8, ...)
-    trace_prompt_lens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048)  # drawn uniformly
+    trace_prompt_lens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 2048)  # uniformly
     trace_output_lens: tuple[int, ...] = (4, 16, 32, 64, 128)  # drawn uniformly
+    # a second climb with only short prompts (empty: none): decode batches of every size over short contexts
+    trace_short_prompt_lens: tuple[int, ...] = (16, 32, 64, 128)
+    trace_short_output_lens: tuple[int, ...] = (16, 32, 64)
     trace_turnover: int = 2  # a phase releases `limit + trace_turnover` requests (the last phase twice that)
     # -- bare: the grid of compositions
     context_lens: tuple[int, ...] = (64, 512, 1024)  # prompt lengths of the decoding requests
@@ -41,6 +43,10 @@ class StepBenchConfig:
             raise ValueError("context_lens must be >= 1 and chunk_sizes >= 2 tokens (a 1-token chunk is a decode)")
         if min(self.trace_prompt_lens, default=0) < 2 or min(self.trace_output_lens, default=0) < 1:
             raise ValueError("trace_prompt_lens must be >= 2 tokens and trace_output_lens >= 1")
+        if bool(self.trace_short_prompt_lens) != bool(self.trace_short_output_lens):
+            raise ValueError("trace_short_prompt_lens and trace_short_output_lens: both or neither")
+        if min(self.trace_short_prompt_lens, default=2) < 2 or min(self.trace_short_output_lens, default=1) < 1:
+            raise ValueError("trace_short_prompt_lens must be >= 2 tokens and trace_short_output_lens >= 1")
 
     @property
     def limits(self) -> tuple[int, ...]:

@@ -1,34 +1,33 @@
 """`sagellm bench steps`' default calibration: our engine's steps timed where it serves, inside the W4 benchmark's
 colocated graph (replay_source → admission → policy_sort → route → engine → metrics_sink, in this process), whose
 executor's event loop and sinks share the cores with torch's threads and make a step 10-25% slower than the same step
-alone. A calibration trace (`calibration_trace`) drives it: a closed loop whose number of requests in flight climbs
-from 1 to `max_num_seqs` (decode batches of every size, prompt chunks beside them), prompts of 16 to 2,048 tokens
-(chunks after up to 1,536 earlier prompt tokens) and outputs of 4 to 128 tokens. It is not a validation trace
-(sim-check's are Poisson, of other shapes and seeds): nothing is fitted on what it is judged by. Every step the engine
-runs is timed from the end of the step before it when the engine was busy then (the executor's turn between steps is
-part of a served step), and steps of like composition (quarter-octave bins) are pooled into one sample, their medians.
-
-Given `cores`, the engine is pinned there as an engine given `device_ids` pins its process (a prefill or decode
-worker's one core, its event loop beside its torch thread), and this process's affinity is put back after;
-`serving_beside` keeps another engine busy on the other worker's cores meanwhile."""
+alone; or inside its pd graph, where each worker also shares its core with its bridge to the main process and steps
+beside the other worker. A calibration trace (`calibration_trace`) drives it: a closed loop whose number of requests
+in flight climbs from 1 to `max_num_seqs` (decode batches of every size, prompt chunks beside them), prompts of 16 to
+2,048 tokens (chunks after up to 1,536 earlier prompt tokens) and outputs of 4 to 128 tokens, then climbs again with
+prompts of 16 to 128 tokens (decode batches over short contexts). It is not a validation trace (sim-check's are
+Poisson, of other shapes and seeds): nothing is fitted on what it is judged by. Every step the engine runs is timed
+from the end of the step before it when the engine was busy then (the executor's turn between steps is part of a
+served step), and steps of like composition (quarter-octave bins) are pooled into one sample, their medians.
+The engines time themselves (`SAGELLM_STEP_TRACE`, `runtime.engine.step_trace`), in whichever process runs them."""
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from sagellm.benchmarks.step_bench_config import StepBenchConfig
-from sagellm.benchmarks.step_timer import OtherLoad, StepTimer, kind_of, pool
-from sagellm.common.affinity import pin_process, usable_cores
+from sagellm.benchmarks.step_timer import OtherLoad, kind_of, pool, sample_of
 from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.engine.step_trace import TRACE_ENV, read_trace
 from sagellm.simulator.step_model import StepSample
 
 LOAD_WINDOW_S = 0.5  # the rest of the machine's load is judged per window of this length
@@ -36,18 +35,27 @@ LOAD_WINDOW_S = 0.5  # the rest of the machine's load is judged per window of th
 
 def calibration_trace(config: StepBenchConfig, tokenizer: Any) -> tuple[list[Any], list[tuple[int, int]]]:
     """The requests (seeded random prompts and lengths, no prefix-cache hits) and the closed loop's phases, (requests
-    released before it, requests in flight): each phase turns its batch over `trace_turnover` requests beyond its
-    limit, the last (`max_num_seqs`) twice, so decode batches of every size run beside fresh prompts' chunks."""
+    released before it, requests in flight). In-flight requests climb `limits` twice: over prompts of every length,
+    then over short ones only (`trace_short_*`), since a climb of mixed lengths almost never runs a decode batch of
+    only short contexts, and a model fitted without them put a W6-like batch (4 sequences of ~70 tokens) 25% slow.
+    Each phase turns its batch over `trace_turnover` requests beyond its limit, a climb's last (`max_num_seqs`)
+    twice, so decode batches of every size run beside fresh prompts' chunks."""
     from sagellm.benchmarks.workloads import random_token_prompts
     from sagellm.runtime.pipeline.messages import Request
 
     rng = np.random.default_rng((config.seed, 7))
-    phases, total = [], 0
-    for index, limit in enumerate(config.limits):
-        phases.append((total, limit))
-        total += (limit + config.trace_turnover) * (2 if index == len(config.limits) - 1 else 1)
-    lengths = rng.choice(config.trace_prompt_lens, size=total)
-    outputs = rng.choice(config.trace_output_lens, size=total)
+    climbs = [(config.trace_prompt_lens, config.trace_output_lens)]
+    if config.trace_short_prompt_lens:
+        climbs.append((config.trace_short_prompt_lens, config.trace_short_output_lens))
+    phases: list[tuple[int, int]] = []
+    lengths: list[int] = []
+    outputs: list[int] = []
+    for prompt_lens, output_lens in climbs:
+        for index, limit in enumerate(config.limits):
+            phases.append((len(lengths), limit))
+            count = (limit + config.trace_turnover) * (2 if index == len(config.limits) - 1 else 1)
+            lengths += rng.choice(prompt_lens, size=count).tolist()
+            outputs += rng.choice(output_lens, size=count).tolist()
     requests = []
     for i, (length, output) in enumerate(zip(lengths, outputs)):
         prompt = random_token_prompts(tokenizer, 1, int(length), (config.seed, 7, i))[0]
@@ -69,105 +77,101 @@ def _phased_source(requests: list[Any], phases: list[tuple[int, int]]) -> Any:
     return PhasedSource(requests, max_in_flight=phases[0][1])
 
 
-def calibrate_in_pipeline(
-    config: StepBenchConfig,
-) -> tuple[list[StepSample], list[str], list[float], list[int], dict[str, Any]]:
-    """Serves `calibration_trace` through the W4 benchmark's colocated graph, in this process, with a `StepTimer` on
-    its engine; the rest of the machine's load is read every `LOAD_WINDOW_S` and steps in busy windows dropped.
-    Each step's time runs from the end of the step before it when the engine was busy then, else from its start.
-    Steps of like composition are pooled (`pool`)."""
+EngineSteps = tuple[list[StepSample], list[str], list[float], list[int], dict[str, Any]]
+
+
+def calibrate_in_pipeline(config: StepBenchConfig, kind: str = "colocated") -> dict[str, EngineSteps]:
+    """Serves `calibration_trace` through the W4 benchmark's `kind` graph: the colocated one (in this process), or
+    the pd one (prefill and decode workers in two processes, a core and a torch thread each, prompts of 512 tokens or
+    more prefilled apart), whose workers' steps are timed where they serve: beside each other, each behind its
+    process's bridge to the main one. Every engine writes its steps (`SAGELLM_STEP_TRACE`); the rest of the
+    machine's load is read every `LOAD_WINDOW_S` (the workers' own CPU not counted) and steps in busy windows
+    dropped. Each step's time runs from the end of the step before it when the engine was busy then, else from its
+    start. Steps of like composition are pooled (`pool`). -> by engine node: (samples, their kinds, the machine's
+    load, the steps pooled into each, what to say of the calibration)."""
     import trio
 
     from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph
-    from sagellm.operators.engine import EngineOperator
     from sagellm.runtime.executor.local import LocalExecutor
+    from sagellm.runtime.executor.process import ProcessExecutor
     from sagellm.runtime.models.loader import load_model
 
     tokenizer = load_model(config.model, load_weights=False).tokenizer
     requests, phases = calibration_trace(config, tokenizer)
     pd = PDBenchConfig(
         model=config.model,
-        configs=("colocated",),
+        configs=(kind,),
         colocated_threads=config.threads or os.cpu_count() or 1,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
     )
-    graph = build_graph("colocated", pd)
-    engine_id = next(node.id for node in graph.nodes.values() if node.op == "engine")
-    if config.cores:
-        graph.nodes[engine_id].params["device_ids"] = list(config.cores)
-    timers: list[StepTimer] = []
-
-    class TimedEngine(EngineOperator):
-        def open(self, ctx: Any) -> None:
-            super().open(ctx)
-            timers.append(StepTimer(self.engine))
-            timers[-1].log = []
-
-    engine_op = TimedEngine(**graph.nodes[engine_id].params)
-    executor = LocalExecutor(graph, operators={"source": _phased_source(requests, phases), engine_id: engine_op})
+    graph = build_graph(kind, pd)
+    source = _phased_source(requests, phases)
+    if kind == "colocated":
+        executor: Any = LocalExecutor(graph, operators={"source": source})
+        load, pids = executor.load, {}
+    else:
+        executor = ProcessExecutor(graph, operators={"source": source})
+        load, pids = executor.executor.load, executor.pids
     windows: list[tuple[float, float]] = []  # (end, other cores since the previous end)
 
     async def main() -> None:
         async def watch(bar: tqdm) -> None:
             while True:
-                load = OtherLoad()
+                other = OtherLoad(pids=list(pids.values()))
                 await trio.sleep(LOAD_WINDOW_S)
-                windows.append((time.perf_counter(), load.cores()))
-                bar.update(executor.load.completed + executor.load.failed - bar.n)
+                windows.append((time.perf_counter(), other.cores()))
+                bar.update(load.completed + load.failed - bar.n)
 
-        with tqdm(total=len(requests), desc="calibration trace", unit="req", disable=not config.progress) as bar:
+        desc = f"calibration trace ({kind})"
+        with tqdm(total=len(requests), desc=desc, unit="req", disable=not config.progress) as bar:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch, bar)
-                await executor.run()
+                result = await executor.run()
                 nursery.cancel_scope.cancel()
+        failed = [o.error.message for o in result.outcomes.values() if o.error is not None]
+        if failed or len(result.outcomes) < len(requests):
+            raise RuntimeError(f"the calibration trace did not complete: {len(failed)} failed, e.g. {failed[:1]}")
 
-    affinity = usable_cores()
-    try:
+    with tempfile.TemporaryDirectory(prefix="sagellm-steps-") as trace_dir, _environ(TRACE_ENV, trace_dir):
         trio.run(main)
-    finally:
-        pin_process(affinity)  # an engine given device_ids pinned this whole process
-    failed = [o.error.message for o in executor.outcomes.values() if o.error is not None]
-    if failed or len(executor.outcomes) < len(requests):
-        raise RuntimeError(f"the calibration trace did not complete: {len(failed)} failed, e.g. {failed[:1]}")
-    timed = timers[0].log or []
+        traces = {path.stem: read_trace(path) for path in sorted(Path(trace_dir).glob("*.jsonl"))}
     ends = np.array([end for end, _ in windows])
-    window_load = [
-        windows[min(int(np.searchsorted(ends, t.ended)), len(windows) - 1)][1] if windows else 0.0 for t in timed
-    ]
-    cycles = [
-        replace(t.sample, seconds=t.ended - (before.ended if before and before.busy_after else t.started))
-        for before, t in zip([None, *timed[:-1]], timed)
-    ]
-    quiet = [s for s, load in zip(cycles, window_load) if load <= config.quiet_cores]
-    samples, steps = pool(quiet)
-    turn = [t.started - before.ended for before, t in zip(timed[:-1], timed[1:]) if before.busy_after]
-    extra = {
-        "calibrated": "in the serving pipeline: the colocated graph serving the calibration trace"
-        + (f", the engine pinned to cores {list(config.cores)}" if config.cores else ""),
-        "trace": {"requests": len(requests), "phases": phases, "seed": config.seed},
-        "steps_timed": len(timed),
-        "steps_busy": len(timed) - len(quiet),
-        "turn_between_steps_ms_p50": 1e3 * float(np.median(turn)) if turn else None,
-        "step_within_cycle_p50": float(np.median([t.sample.seconds / c.seconds for t, c in zip(timed, cycles)])),
-    }
-    return samples, [kind_of(s) for s in samples], [0.0] * len(samples), steps, extra
+    calibrated = f"in the serving pipeline: the {kind} graph serving the calibration trace"
+    by_engine = {}
+    for name, timed in traces.items():  # perf_counter is the machine's monotonic clock: one across processes
+        engine = name.rsplit("-", 1)[0]
+        cycles = [
+            (t, sample_of(t, t.ended - (before.ended if before and before.busy_after else t.started)))
+            for before, t in zip([None, *timed[:-1]], timed)
+        ]
+        quiet = [
+            cycle
+            for t, cycle in cycles
+            if not windows
+            or windows[min(int(np.searchsorted(ends, t.ended)), len(windows) - 1)][1] <= config.quiet_cores
+        ]
+        samples, steps = pool(quiet)
+        extra = {
+            "calibrated": calibrated + (f", the {engine} worker's steps (a core each)" if kind == "pd" else ""),
+            "trace": {"requests": len(requests), "phases": phases, "seed": config.seed},
+            "steps_timed": len(timed),
+            "steps_busy": len(timed) - len(quiet),
+            "step_within_cycle_p50": float(np.median([t.seconds / c.seconds for t, c in cycles])) if cycles else None,
+        }
+        by_engine[engine] = (samples, [kind_of(s) for s in samples], [0.0] * len(samples), steps, extra)
+    return by_engine
 
 
 @contextlib.contextmanager
-def serving_beside(config: StepBenchConfig) -> Iterator[None]:
-    """Another engine, in a process of its own on `config.cores`, serving the calibration trace (of `config`'s seed)
-    over and over while the block runs: a PD worker is timed with the other worker busy beside it, as they serve,
-    since two engines side by side share the caches and memory bandwidth and each steps slower than alone."""
-    process = multiprocessing.get_context("spawn").Process(target=_serve_forever, args=(config,), daemon=True)
-    process.start()
+def _environ(name: str, value: str) -> Iterator[None]:
+    """`name=value` in this process's environment (and its workers') while the block runs."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
-        process.kill()
-        process.join()
-
-
-def _serve_forever(config: StepBenchConfig) -> None:
-    while True:
-        calibrate_in_pipeline(config)
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before

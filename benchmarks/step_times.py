@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 from sagellm.benchmarks.step_bench_config import StepBenchConfig
 from sagellm.benchmarks.step_calibration import calibrate_in_pipeline
-from sagellm.benchmarks.step_timer import OtherLoad, StepTimer, median_sample
+from sagellm.benchmarks.step_timer import OtherLoad, median_sample, sample_of
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.engine.step_trace import StepTimer
 from sagellm.simulator.step_model import COEFFICIENTS, StepModel, StepSample
 
 KINDS = ("prefill", "chunked", "decode", "mixed")
@@ -84,6 +85,9 @@ class _Sweep:
         self._count = 0
         self._prompt = lambda length: random_token_prompts(engine.tokenizer, 1, length, (config.seed, self._count))[0]
 
+    def step(self) -> StepSample:
+        return sample_of(self.timer.step())
+
     def add(self, length: int, max_tokens: int | None) -> str:
         self._count += 1
         rid = f"step-{self._count}"
@@ -119,7 +123,7 @@ class _Sweep:
 
         def step() -> list[StepSample]:
             self.add(length, max_tokens=1)
-            return [self.timer.step()]
+            return [self.step()]
 
         return self.timed(step)
 
@@ -129,17 +133,17 @@ class _Sweep:
 
         def chunks() -> list[StepSample]:
             self.add(length, max_tokens=1)
-            steps = [self.timer.step()]
+            steps = [self.step()]
             while steps[-1].prefill_tokens and sum(s.prefill_tokens for s in steps) < length:
-                steps.append(self.timer.step())
+                steps.append(self.step())
             return steps
 
         return self.timed(chunks)
 
     def decodes(self) -> list[tuple[StepSample, float]]:
         for _ in range(self.config.warmup):
-            self.timer.step()
-        return self.timed(lambda: [self.timer.step()])
+            self.step()
+        return self.timed(lambda: [self.step()])
 
     def decode_sweep(self, context_len: int, long_mixed: bool) -> None:
         """Requests of `context_len` prompt tokens join one by one; at each batch size its decode steps (and at the
@@ -150,7 +154,7 @@ class _Sweep:
         ids = []
         for size in range(1, c.max_num_seqs + 1):
             ids.append(self.add(context_len, max_tokens=room))
-            while self.timer.step().prefill_tokens:  # its prompt, chunk by chunk beside the others' decodes
+            while self.step().prefill_tokens:  # its prompt, chunk by chunk beside the others' decodes
                 pass
             if size in c.mixed_batch_sizes and size < c.max_num_seqs:  # a full batch admits no prompt
                 for length in sorted({min(n, c.max_num_batched_tokens - size) for n in c.mixed_chunk_sizes}):
@@ -166,7 +170,7 @@ class _Sweep:
         c = self.config
         self.add(c.max_num_batched_tokens, max_tokens=8)  # warm-up: first calls of each kernel, page faults
         while self.engine.has_unfinished_requests():
-            self.timer.step()
+            self.step()
         for length in sorted({min(n, c.max_num_batched_tokens) for n in c.chunk_sizes}):
             self.record("prefill", self.chunk(length))
         for length in c.long_prompt_lens:
@@ -191,11 +195,20 @@ def calibrate(config: StepBenchConfig, engine: LLMEngine | None = None) -> Calib
     here unless given one built with `config`'s settings): measures, fits, says how in `source["calibrated"]`."""
     started = time.perf_counter()
     if config.bare:
-        samples, kinds, loads, steps, extra = _calibrate_bare(config, engine)
+        measured = _calibrate_bare(config, engine)
     else:
-        samples, kinds, loads, steps, extra = calibrate_in_pipeline(config)
+        (measured,) = calibrate_in_pipeline(config).values()
+    return _fit(config, *measured[:4], time.perf_counter() - started, measured[4])
+
+
+def calibrate_pd_workers(config: StepBenchConfig) -> dict[str, Calibration]:
+    """The PD graph's workers calibrated where they serve (`calibrate_in_pipeline(config, "pd")`): a model each,
+    for "prefill" and "decode", since the two serve unlike steps (long prompts' chunks on one, the short prompts
+    and every decode on the other) on cores that are not alike."""
+    started = time.perf_counter()
+    measured = calibrate_in_pipeline(config, "pd")
     wall = time.perf_counter() - started
-    return _fit(config, samples, kinds, loads, steps, wall, extra)
+    return {engine: _fit(config, *m[:4], wall, m[4]) for engine, m in measured.items()}
 
 
 def _calibrate_bare(
@@ -237,9 +250,8 @@ def _fit(
         "cpu": cpu_description(),
         "cores": os.cpu_count(),
         "threads": config.threads,
-        "pinned_cores": list(config.cores) if config.cores else None,
         "model": config.model,
-        "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "samples": len(samples),
     } | extra
     quiet = [s for s, load in zip(samples, loads) if load <= config.quiet_cores]
@@ -281,6 +293,7 @@ def print_table(calibration: Calibration) -> None:
         "steps", "fitted", "busy", "fit error p50", "fit error p90", "measured ms min–max", title="fit error"
     )
     errors.title = f"fit error; calibrated {m.source.get('calibrated', 'bare engine')}"
+    coefficients.caption = m.source.get("calibrated")
     for kind in (*KINDS, None):
         e = calibration.errors(kind)
         ours = [i for i, k in enumerate(calibration.kinds) if kind in (None, k)]

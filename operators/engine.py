@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
+from sagellm.runtime.engine.step_trace import StepTraceFile
 from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
 
@@ -76,6 +77,7 @@ class EngineOperator(StepOperator):
         self.price_per_1k_tokens = price_per_1k_tokens
         self._tracked: dict[str, TrackedRequest] = {}
         self.engine: Any = None
+        self.step_trace: StepTraceFile | None = None
 
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:
@@ -101,11 +103,14 @@ class EngineOperator(StepOperator):
         if not model:
             raise ValueError(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
         self.engine = start_engine(self.config.replace(model=model))
+        self.step_trace = StepTraceFile.from_env(self.engine, ctx.node_id)  # SAGELLM_STEP_TRACE=DIR: steps timed
         # The executor made this node's stats from the same parameters (route saw them before any engine opened).
         self.stats = ctx.instances.setdefault(ctx.node_id, self._new_stats(ctx.node_id))
         self._refresh_stats()
 
     def close(self) -> None:
+        if self.step_trace is not None:
+            self.step_trace.close()
         if self.engine is not None:
             self.engine.close()
         self.engine = None
@@ -145,6 +150,8 @@ class EngineOperator(StepOperator):
     def step(self) -> list[Any]:
         started = time.perf_counter()
         outputs = self.engine.step()
+        if self.step_trace is not None:
+            self.step_trace.flush()
         now = time.time()
         items = [item for out in outputs for item in self._emit(out, now)]
         elapsed = time.perf_counter() - started

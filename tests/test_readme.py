@@ -27,7 +27,9 @@ EXPECTED = {
     "# 1. set up": "Paris",
     "sagellm gateway start": "384",
     "from sagellm import UnifiedInferenceClient": "384",
-    "from sagellm.dsl import Environment": "1 completed",
+    "from sagellm.dsl import Environment\n\nenv": "1 completed",
+    "from sagellm.dsl import Environment\nfrom sagellm.sage": "Paris",
+    "sagellm run graphs/pd.yaml --sage": "Paris",
 }
 
 

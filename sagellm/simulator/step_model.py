@@ -90,20 +90,21 @@ class StepModel:
         because a 5 ms decode step and a 300 ms prefill matter alike: TPOT is made of the one, TTFT of the other;
         plain least squares would fit the prefills and leave decode steps twice their time. `settings`:
         max_num_seqs, max_num_batched_tokens, source."""
-        if len(samples) < len(COEFFICIENTS):
-            raise ValueError(f"need at least {len(COEFFICIENTS)} measured steps to fit, got {len(samples)}")
-        if min(s.seconds for s in samples) <= 0:
-            raise ValueError("every measured step must take > 0 seconds")
-        weight = np.array([1 / s.seconds for s in samples])  # row i / seconds_i: residuals become relative errors
+        if not samples or min(s.seconds for s in samples) <= 0:
+            raise ValueError("need measured steps, each taking > 0 seconds")
         x = np.array(
             [
                 [1.0, s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context, float(s.prefill_tokens > 0)]
                 for s in samples
             ]
         )
-        x *= weight[:, None]
-        y = np.array([s.seconds for s in samples]) * weight
-        coefficients = fit_non_negative(x, y)
+        # A term no sample has (a prefill worker never decodes) is not fitted: it stays 0, as it never counts.
+        used = [j for j in range(x.shape[1]) if x[:, j].any()]
+        if len(samples) < len(used):
+            raise ValueError(f"need at least {len(used)} measured steps to fit, got {len(samples)}")
+        weight = np.array([1 / s.seconds for s in samples])  # row i / seconds_i: residuals become relative errors
+        coefficients = np.zeros(x.shape[1])
+        coefficients[used] = fit_non_negative(x[:, used] * weight[:, None], np.ones(len(samples)))
         return cls(**dict(zip(COEFFICIENTS, coefficients.tolist())), **settings)
 
     def relative_errors(self, samples: list[StepSample]) -> np.ndarray:

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from sagellm.benchmarks.step_timer import pool
-from sagellm.benchmarks.step_times import StepBenchConfig, calibrate, planned_samples, write_results
+from sagellm.benchmarks.step_times import (
+    StepBenchConfig,
+    calibrate,
+    calibrate_pd_workers,
+    planned_samples,
+    write_results,
+)
 from sagellm.simulator.step_model import COEFFICIENTS, StepModel, StepSample
 from tests.tiny_models import make_tiny_llama
 
@@ -96,18 +102,50 @@ def test_pipeline_calibration_serves_every_batch_size(tiny: Path) -> None:
         threads=1,
         trace_prompt_lens=(8, 40, 160),
         trace_output_lens=(4, 16),
+        trace_short_prompt_lens=(8, 24),
+        trace_short_output_lens=(4, 8),
         quiet_cores=100.0,  # the tiny model's steps are a millisecond: judge the compositions, not the machine
         progress=False,
     )
     calibration = calibrate(config)
     source = calibration.model.source
     assert source["calibrated"].startswith("in the serving pipeline")
-    assert [tuple(phase) for phase in source["trace"]["phases"]] == [(0, 1), (3, 2), (7, 3), (12, 4)]
+    climb = [(0, 1), (3, 2), (7, 3), (12, 4)]  # (released before, in flight); the last phase turns over twice
+    assert [tuple(phase) for phase in source["trace"]["phases"]] == climb + [(24 + a, n) for a, n in climb]
     assert sum(calibration.steps) == source["steps_timed"] > len(calibration.samples)
     samples = calibration.samples
     assert {s.decode_seqs for s in samples if not s.prefill_tokens} == {1, 2, 3, 4}
+    short = {s.decode_seqs for s in samples if not s.prefill_tokens and s.context_tokens <= 32 * s.decode_seqs}
+    assert short >= {2, 3, 4}  # the second climb's: batches of short contexts only
     assert any(s.prefill_context and s.decode_seqs for s in samples)  # a long prompt's later chunk beside decodes
     assert all(s.seconds > 0 for s in samples) and calibration.model.per_prefill_token_s > 0
+
+
+@pytest.mark.slow
+def test_pd_calibration_times_each_worker_in_its_process(tmp_path: Path) -> None:
+    """The pd graph's prefill and decode workers (two processes) time their own steps (SAGELLM_STEP_TRACE), and each
+    gets a model of its own: the prefill worker's from the chunks of prompts of 512 tokens or more."""
+    model = make_tiny_llama(tmp_path / "llama", max_position_embeddings=2048)
+    config = StepBenchConfig(
+        model=str(model),
+        max_num_seqs=4,
+        max_num_batched_tokens=128,
+        threads=1,
+        trace_prompt_lens=(8, 40, 600, 900),
+        trace_output_lens=(4, 16),
+        trace_short_prompt_lens=(8, 24),
+        trace_short_output_lens=(4, 8),
+        quiet_cores=100.0,
+        progress=False,
+    )
+    workers = calibrate_pd_workers(config)
+    assert set(workers) == {"prefill", "decode"}
+    prefill, decode = workers["prefill"], workers["decode"]
+    assert "the prefill worker's steps" in prefill.model.source["calibrated"]
+    assert all(s.prefill_tokens and not s.decode_seqs for s in prefill.samples)  # it only prefills
+    assert any(s.decode_seqs and not s.prefill_tokens for s in decode.samples)  # every decode is the decode worker's
+    assert sum(decode.steps) == decode.model.source["steps_timed"]
+    assert prefill.model.per_decode_seq_s == prefill.model.per_context_token_s == 0.0  # never seen, never fitted
 
 
 def test_pool_takes_medians_of_like_steps() -> None:
@@ -145,8 +183,13 @@ def test_fit_keeps_coefficients_non_negative() -> None:
 
 
 def test_fit_needs_enough_steps() -> None:
-    with pytest.raises(ValueError, match="at least 6 measured steps"):
+    """As many steps as the terms they exercise: prompt-only steps leave the decode terms out (a prefill worker)."""
+    with pytest.raises(ValueError, match="at least 3 measured steps"):
         StepModel.fit([StepSample(8, 0, 0, 0.01)])
+    with pytest.raises(ValueError, match="at least 6 measured steps"):
+        StepModel.fit([StepSample(8, 2, 40, 0.01, prefill_context=8)] * 5)
+    prefill_only = StepModel.fit([StepSample(n, 0, 0, 1e-3 + 1e-5 * n) for n in (16, 64, 256)])
+    assert prefill_only.per_prefill_token_s == pytest.approx(1e-5, rel=1e-3) and prefill_only.per_decode_seq_s == 0
 
 
 @pytest.mark.parametrize("text", ["not json", json.dumps({"fixed_s": 0.1}), json.dumps([1, 2])])
