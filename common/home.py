@@ -4,6 +4,7 @@
     kernels/    native CPU kernels compiled for this CPU
     gateway/    a local gateway's state: admin key, sessions, pid, log
     keys/       the key of a secure pipeline run, for the workers started by hand on other hosts
+    indexes/    retrieval indexes by name (`runtime.rag`), each a folder: its FAISS index and its chunks
 
 One function per folder, so a user who moves the home moves everything, and no floor computes the path twice."""
 
@@ -35,3 +36,7 @@ def gateway_dir() -> Path:
 
 def keys_dir() -> Path:
     return sagellm_home() / "keys"
+
+
+def indexes_dir() -> Path:
+    return sagellm_home() / "indexes"

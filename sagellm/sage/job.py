@@ -36,6 +36,7 @@ from typing import Any
 import structlog
 import trio
 
+from sagellm.common.logging import default_logging
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult, apply_operator, internal_error
 from sagellm.runtime.pipeline.messages import Request
@@ -102,6 +103,7 @@ class SageJob:
         """Opens every operator (engines load their models), then hands the pipeline to SAGE; `on_ready` is called
         in between, as requests start to flow."""
         _, runtime = sage_modules()
+        default_logging()  # as `run_pipeline`: our events to stderr unless the app set up structlog itself
         trio.run(self.executor.open_operators)
         env = runtime.LocalEnvironment(f"sagellm-{self.graph.attrs.get('name', 'graph')}")
         try:
