@@ -32,7 +32,8 @@ class RagRetrieve(MapOperator):
     ) -> None:
         """`index`: a folder saved by `VectorIndex.save`, or the name of one under $SAGELLM_HOME/indexes;
         `embedding_model`: the model its chunks were embedded with (a path or cache name); `k`: chunks retrieved;
-        `max_source_tokens`: most tokens of sources put in the prompt (the best first)."""
+        `max_source_tokens`: most tokens of sources put in the prompt (the best first; at most half the served
+        model's context)."""
         if k < 1:
             raise FieldError("k", f"k must be >= 1, got {k}")
         if max_source_tokens < 1:
@@ -65,14 +66,15 @@ class RagRetrieve(MapOperator):
         self.count_tokens = (lambda t: len(tokenizer.encode(t))) if tokenizer else (lambda t: len(t.split()))
 
     def execute(self, item: Request) -> Request | RequestError:
-        from sagellm.runtime.rag import build_messages, cited_sources, select_sources
+        from sagellm.runtime.rag import build_messages, cited_sources, select_sources, source_budget
 
         question = _question(item)
         if not question:
             message = "rag_retrieve answers a chat's last user message (or a prompt); this request has no text"
             return RequestError(request_id=item.request_id, code="invalid_request", message=message)
         hits = self.index.search(self.embedder.embed([question]).embeddings[0], self.k)
-        sources = select_sources(hits, self.count_tokens, max_tokens=self.max_source_tokens)
+        budget = source_budget(self.ctx.graph_attrs.get("max_model_len"), self.max_source_tokens)
+        sources = select_sources(hits, self.count_tokens, max_tokens=budget)
         self.cited[item.request_id] = cited_sources(sources)
         if len(self.cited) > CITED_REMEMBERED:
             del self.cited[next(iter(self.cited))]

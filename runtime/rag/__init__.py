@@ -7,7 +7,13 @@ a SAGE app) move them here. Importing this package does not import FAISS; making
 
 from sagellm.runtime.rag.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKENS, Chunk, TokenCounter, chunk_document
 from sagellm.runtime.rag.index import Hit, VectorIndex
-from sagellm.runtime.rag.prompt import DEFAULT_MAX_SOURCE_TOKENS, build_messages, cited_sources, select_sources
+from sagellm.runtime.rag.prompt import (
+    DEFAULT_MAX_SOURCE_TOKENS,
+    build_messages,
+    cited_sources,
+    select_sources,
+    source_budget,
+)
 
 __all__ = [
     "DEFAULT_MAX_SOURCE_TOKENS",
@@ -21,4 +27,5 @@ __all__ = [
     "chunk_document",
     "cited_sources",
     "select_sources",
+    "source_budget",
 ]

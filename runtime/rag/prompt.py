@@ -70,3 +70,9 @@ def cited_sources(sources: Sequence[Hit]) -> list[dict[str, object]]:
 
 def _source_text(number: int, hit: Hit) -> str:
     return f"[{number}] (from {hit.chunk.document_id})\n{hit.chunk.text}"
+
+
+def source_budget(max_model_len: int | None, most: int = DEFAULT_MAX_SOURCE_TOKENS) -> int:
+    """Tokens of sources a prompt may hold: `most`, and at most half the served model's context, so the
+    instruction, the question and the answer keep the other half."""
+    return min(most, max_model_len // 2) if max_model_len else most

@@ -21,6 +21,7 @@ import trio
 from sagellm.gateway.core import ServingCore
 from sagellm.gateway.errors import ApiError
 from sagellm.gateway.http import App, EventStream, Guard, HttpRequest, LastEvents, Response
+from sagellm.gateway.index_routes import IndexStore
 from sagellm.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,9 +29,9 @@ from sagellm.gateway.protocol import (
     chat_request,
     completion_requests,
 )
-from sagellm.gateway.request_stream import RequestStream
+from sagellm.gateway.request_stream import RequestStream, embedded
 from sagellm.gateway.responses import Choice, Envelope, chat_logprobs, completion_logprobs, finish_reason, usage
-from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 
 DONE = b"[DONE]"
 TEXT_PROBE = "\x00text\x00"  # stands for a delta's text in a chunk's template (no real text is a NUL-framed word)
@@ -44,8 +45,11 @@ CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logp
 
 
 class OpenAIRoutes:
-    def __init__(self, core: ServingCore) -> None:
+    def __init__(self, core: ServingCore, indexes: IndexStore | None = None) -> None:
+        """`indexes`: the retrieval indexes chats may name (`"index"`); None where there are none (an API server's
+        process: the gateway's core holds them)."""
         self.core = core
+        self.indexes = indexes
         self.created = int(time.time())
 
     def register(self, app: App, guard: Guard | None) -> None:
@@ -133,6 +137,7 @@ class OpenAIRoutes:
         if not body.stream:
             return Response(await self.complete_chat(body, http.headers))
         request = self._chat_request(body, http.headers)
+        sources = await self._ground(request, body)
         await self.core.tokenize_long_prompts([request])
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
         stream = self.core.submit(request)
@@ -140,12 +145,13 @@ class OpenAIRoutes:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         render = self._chat_render(body.logprobs)
         events = _events(envelope, first, stream, render, body.logprobs, include_usage, opening=CHAT_OPENING,
-                         ids=body.return_token_ids)  # fmt: skip
+                         ids=body.return_token_ids, sources=sources)  # fmt: skip
         return EventStream(events, on_disconnect=stream.cancel)
 
     async def complete_chat(self, body: ChatCompletionRequest, headers: dict[str, str]) -> dict[str, Any]:
         """A whole chat completion as OpenAI's response body (the sessions route uses it too)."""
         request = self._chat_request(body, headers)
+        sources = await self._ground(request, body)
         await self.core.tokenize_long_prompts([request])
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
         (choice,) = await _collect([self.core.submit(request)])
@@ -154,7 +160,16 @@ class OpenAIRoutes:
         fields = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(choice.finish_reason)}
         if body.return_token_ids:
             fields["token_ids"] = choice.token_ids
-        return envelope.body([fields], usage=usage([choice]))
+        return envelope.body([fields], usage=usage([choice]), **({"sources": sources} if sources is not None else {}))
+
+    async def _ground(self, request: Request, body: ChatCompletionRequest) -> list[dict[str, object]] | None:
+        """A chat that names an index is answered from it (`IndexStore.ground`); -> its sources, or None."""
+        if body.index is None:
+            return None
+        if self.indexes is None:
+            message = "index: retrieval indexes are served by the gateway's own process, not this API server"
+            raise ApiError(400, message, param="index")
+        return await self.indexes.ground(request, body.index, body.index_k)
 
     def _chat_request(self, body: ChatCompletionRequest, headers: dict[str, str]) -> Request:
         model = self.core.instance_model(body.model)
@@ -194,7 +209,7 @@ class OpenAIRoutes:
             )  # fmt: skip
             for item in inputs
         ]
-        results = await _embedded([self.core.submit(r) for r in requests])
+        results = await embedded([self.core.submit(r) for r in requests])
         data = [
             {"object": "embedding", "index": i, "embedding": _encode_vector(r.vector, body.encoding_format)}
             for i, r in enumerate(results)
@@ -247,6 +262,7 @@ async def _events(
     include_usage: bool,
     opening: dict[str, Any] | None = None,
     ids: bool = False,
+    sources: list[dict[str, object]] | None = None,
 ) -> AsyncIterator[Any]:
     """The SSE events of one streamed choice: `render` turns a delta into the choice's fields (and its token ids are
     added when asked: `ids`); deltas with nothing to show (a token that ends mid-character, unless its token ids are
@@ -255,7 +271,8 @@ async def _events(
     delta with usage and [DONE]) come as one tuple: one write."""
     choice = Choice(0)
     extra = {"usage": None} if include_usage else {}
-    ready = [envelope.body([opening], **extra)] if opening is not None else []  # events to send in one write
+    opening_extra = extra | ({"sources": sources} if sources is not None else {})  # a grounded chat's, first
+    ready = [envelope.body([opening], **opening_extra)] if opening is not None else []  # events sent in one write
     text_event = None if logprobs or ids else _text_event(envelope, render, extra)
     item: TokenDelta | RequestError = first
     corked = False
@@ -307,35 +324,6 @@ async def _first_or_raise(stream: RequestStream) -> TokenDelta:
     if isinstance(item, RequestError):
         raise ApiError.from_request_error(item)
     return item
-
-
-async def _embedded(streams: list[RequestStream]) -> list[Embedding]:
-    """Each input's vector, in order; the first input that fails cancels the rest and answers for all."""
-    results: list[Embedding | None] = [None] * len(streams)
-    failure: tuple[int, RequestError] | None = None
-
-    async def wait(index: int, stream: RequestStream, scope: trio.CancelScope) -> None:
-        nonlocal failure
-        async for item in stream:
-            if isinstance(item, RequestError):
-                failure = failure or (index, item)
-                scope.cancel()
-                return
-            if isinstance(item, Embedding):
-                results[index] = item
-
-    try:
-        async with trio.open_nursery() as nursery:
-            for index, stream in enumerate(streams):
-                nursery.start_soon(wait, index, stream, nursery.cancel_scope)
-    finally:
-        for stream in streams:
-            stream.cancel()  # no-op for those that ended; a client that left cancels the rest
-    if failure is not None:
-        index, error = failure
-        numbered = msgspec.structs.replace(error, message=f"input {index}: {error.message}")
-        raise ApiError.from_request_error(numbered, param="input")
-    return [r for r in results if r is not None]
 
 
 async def _collect(streams: list[RequestStream]) -> list[Choice]:

@@ -87,6 +87,8 @@ class ChatCompletionRequest(_Generation, kw_only=True):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+    index: str | None = None  # sageLLM: answer from this retrieval index (/admin/index), its sources in the reply
+    index_k: int = 4  # chunks retrieved from it
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):

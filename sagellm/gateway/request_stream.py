@@ -26,6 +26,7 @@ import structlog
 import trio
 
 from sagellm.gateway.config import FailoverPolicy
+from sagellm.gateway.errors import ApiError
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
 
 log = structlog.get_logger("sagellm.gateway")
@@ -220,3 +221,32 @@ class RequestStream:
 def _worth_retrying(error: RequestError) -> bool:
     """An instance's failure that another attempt may not meet (shedding and the client's own errors are final)."""
     return error.retryable and error.code in RETRIED_CODES
+
+
+async def embedded(streams: list[RequestStream]) -> list[Embedding]:
+    """Each input's vector, in order; the first input that fails cancels the rest and answers for all."""
+    results: list[Embedding | None] = [None] * len(streams)
+    failure: tuple[int, RequestError] | None = None
+
+    async def wait(index: int, stream: RequestStream, scope: trio.CancelScope) -> None:
+        nonlocal failure
+        async for item in stream:
+            if isinstance(item, RequestError):
+                failure = failure or (index, item)
+                scope.cancel()
+                return
+            if isinstance(item, Embedding):
+                results[index] = item
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, stream in enumerate(streams):
+                nursery.start_soon(wait, index, stream, nursery.cancel_scope)
+    finally:
+        for stream in streams:
+            stream.cancel()  # no-op for those that ended; a client that left cancels the rest
+    if failure is not None:
+        index, error = failure
+        numbered = msgspec.structs.replace(error, message=f"input {index}: {error.message}")
+        raise ApiError.from_request_error(numbered, param="input")
+    return [r for r in results if r is not None]

@@ -37,6 +37,7 @@ from sagellm.gateway.core import ServingCore
 from sagellm.gateway.engines import EngineManager
 from sagellm.gateway.http import App
 from sagellm.gateway.http_server import HttpLimits, serve_http
+from sagellm.gateway.index_routes import IndexRoutes, IndexStore
 from sagellm.gateway.join import Membership
 from sagellm.gateway.management_routes import ManagementRoutes
 from sagellm.gateway.openai_routes import OpenAIRoutes
@@ -69,11 +70,13 @@ def build_app(
 ) -> App:
     app = App(allowed_hosts=config.host_names())
     admin_guard, api_guard = key_guard([admin], "admin"), key_guard(config.api_keys, "API")
-    openai_routes = OpenAIRoutes(core)
+    indexes = IndexStore(core)
+    openai_routes = OpenAIRoutes(core, indexes)
     openai_routes.register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
     AdminRoutes(core, (autoscaler,) if autoscaler is not None else ()).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
+    IndexRoutes(indexes).register(app, admin_guard)
     openapi.register(app, version("sagellm"))
     return app
 

@@ -1,5 +1,5 @@
-"""The threads a SAGE job keeps beside SAGE's own: an engine that steps while SAGE dispatches, and a blocking source
-polled off SAGE's loop.
+"""The threads a SAGE job keeps beside SAGE's own: an engine that steps while SAGE dispatches, a server's streams
+served on a trio loop of their own, and a blocking source polled off SAGE's loop.
 
 SAGE's local runtime dispatches every item synchronously, from one loop that polls the sources in turn. An engine
 stepped inside that loop would hold every other node still for the length of a step, and could batch nothing: so
@@ -9,14 +9,17 @@ by that thread alone, so it never sees two threads, as under sageLLM's executor.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from typing import Any
 
 import structlog
+import trio
 
 from sagellm.runtime.executor.local import apply_operator, internal_error
-from sagellm.runtime.pipeline.operator import SourceOperator, StepOperator
+from sagellm.runtime.pipeline.messages import is_terminal
+from sagellm.runtime.pipeline.operator import SourceOperator, StepOperator, StreamOperator
 
 log = structlog.get_logger("sagellm.sage")
 
@@ -150,3 +153,111 @@ class SourcePump:
         finally:
             with self._lock:
                 self._ended = True
+
+
+class StreamHost:
+    """One Stream operator (a server reached over HTTP) on a thread of its own running a trio loop, since its
+    `serve(item)` is an async generator: each submitted item is served in a task of its own, at most `capacity()`
+    at once (the rest wait in `inbox`), and ends with exactly one terminal item, as under the executor (a stream that
+    raises or stops without a result ends with an `internal` error). The same surface as `StepHost`."""
+
+    def __init__(self, node_id: str, op: StreamOperator) -> None:
+        self.node_id, self.op = node_id, op
+        self._changed = threading.Condition()  # guards the fields below
+        self._inbox: deque[Any] = deque()
+        self._outbox: deque[Any] = deque()
+        self._serving = 0
+        self._closing = False
+        self._wake: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._serve,), name=f"sagellm-{node_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._closing = True
+        self._poke()
+        self._thread.join()
+
+    def submit(self, item: Any) -> None:
+        with self._changed:
+            self._inbox.append(item)
+        self._poke()
+
+    def room(self) -> int:
+        with self._changed:
+            return self.op.capacity() - self._serving - len(self._inbox)
+
+    def take_outputs(self) -> list[Any]:
+        with self._changed:
+            outputs = list(self._outbox)
+            self._outbox.clear()
+            return outputs
+
+    def idle(self) -> bool:
+        with self._changed:
+            return not (self._inbox or self._serving or self._outbox)
+
+    def wait(self, timeout: float) -> None:
+        with self._changed:
+            if (self._serving or self._inbox) and not self._outbox:
+                self._changed.wait(timeout)
+
+    def _poke(self) -> None:
+        """Wakes the trio loop (from any other thread)."""
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._wake_up, trio_token=self._token)
+
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _serve(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._ready.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    self._wake = trio.Event()
+                    with self._changed:
+                        if self._closing:
+                            nursery.cancel_scope.cancel()
+                            return
+                        while self._inbox and self._serving < self.op.capacity():
+                            self._serving += 1
+                            nursery.start_soon(self._serve_one, self._inbox.popleft())
+                    await self._wake.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.op.drained()
+
+    async def _serve_one(self, item: Any) -> None:
+        rid, outputs, ended = item.request_id, [], False
+        try:
+            if self.op.accepts and not isinstance(item, self.op.accepts):
+                outputs, ended = [item], True
+            else:
+                async with contextlib.aclosing(self.op.serve(item)) as stream:
+                    async for out in stream:
+                        ended = ended or is_terminal(out)
+                        self._emit([out])
+                if not ended:
+                    outputs = [internal_error(rid, self.node_id, "the stream ended without a result")]
+        except Exception as exc:
+            log.exception("operator_failed", node=self.node_id, request_id=rid)
+            outputs = [] if ended else [internal_error(rid, self.node_id, exc)]
+        finally:
+            with self._changed:
+                self._serving -= 1
+            self._emit(outputs)
+            self._wake_up()
+
+    def _emit(self, outputs: list[Any]) -> None:
+        with self._changed:
+            self._outbox.extend(outputs)
+            self._changed.notify_all()

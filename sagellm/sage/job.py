@@ -15,7 +15,8 @@ loop that polls the sources in turn, and a DataStream sends everything to every 
   item)` (an operator's `Emit(to=...)`, else the node's first downstream node, as the executor sends it), and
   every node's input is a SAGE filter keeping what is addressed to it; a node fed by several nodes reads their
   filtered streams connected (`connect(...).map(...)`).
-Stream operators (an OpenAI-compatible server reached over HTTP) are refused: they need an async event loop.
+- Stream (an OpenAI-compatible server reached over HTTP: `serve(item)` is an async generator) -> the same sink and
+  source, around a trio loop on a thread of its own (`StreamHost`) that serves each item in a task.
 
 Every node is opened with one shared `OperatorContext`, exactly as `sagellm run` opens it (the local executor's
 `open_operators`: model names resolved, the tokenizer read once, one `PipelineLoad`, one `InstanceStats` per engine),
@@ -48,9 +49,10 @@ from sagellm.runtime.pipeline.operator import (
     QueueOperator,
     SourceOperator,
     StepOperator,
+    StreamOperator,
 )
 from sagellm.sage.functions import sage_modules
-from sagellm.sage.hosts import SourcePump, StepHost
+from sagellm.sage.hosts import SourcePump, StepHost, StreamHost
 
 log = structlog.get_logger("sagellm.sage")
 # An engine's output source, finding nothing while its engine works and nothing else moved since its last call (SAGE
@@ -90,7 +92,7 @@ class SageJob:
         self.lock = threading.RLock()  # operator logic run from SAGE's threads (and the ledger), one at a time
         self.ended: set[str] = set()  # source, queue and engine nodes whose SAGE source has stopped
         self.emitted = 0  # items the job's SAGE sources handed on so far
-        self.engines: dict[str, StepHost] = {}
+        self.engines: dict[str, StepHost | StreamHost] = {}  # Step and Stream nodes, each on its own thread
         self.pumps: dict[str, SourcePump] = {}
         # per queue node, what its push sends on at once (a shed request's error): its pop source sends it first
         self.pending: dict[str, deque[Addressed]] = {n: deque() for n in self.order}
@@ -127,14 +129,15 @@ class SageJob:
     # -- building the SAGE pipeline --------------------------------------------------------------------------------
     def _check_kinds(self) -> None:
         for node_id, op in self.operators.items():
-            if not isinstance(op, SourceOperator | MapOperator | QueueOperator | StepOperator):
+            if not isinstance(op, SourceOperator | MapOperator | QueueOperator | StepOperator | StreamOperator):
                 raise OperatorError(f"node {node_id!r}: a {op.kind} operator ({op.name!r}) cannot run in a SAGE job")
 
     def _start_threads(self) -> None:
         for node_id, op in self.operators.items():
-            if isinstance(op, StepOperator):
-                self.engines[node_id] = StepHost(node_id, op)
-                self.engines[node_id].start()
+            if isinstance(op, StepOperator | StreamOperator):
+                host = StepHost(node_id, op) if isinstance(op, StepOperator) else StreamHost(node_id, op)
+                self.engines[node_id] = host
+                host.start()
             elif isinstance(op, SourceOperator) and op.blocking:
                 self.pumps[node_id] = SourcePump(node_id, op)
                 self.pumps[node_id].start()

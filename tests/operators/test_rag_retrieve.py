@@ -35,3 +35,14 @@ def test_a_missing_index_fails_at_open_naming_where_it_looked(tmp_path: Path, mo
     monkeypatch.setenv("SAGELLM_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no retrieval index 'nowhere'.*indexes"):
         RagRetrieve(index="nowhere").open(OperatorContext("retrieve"))
+
+
+def test_sources_take_at_most_half_the_served_context() -> None:
+    from sagellm.runtime.rag import source_budget
+
+    assert (source_budget(256), source_budget(8192), source_budget(None), source_budget(8192, 600)) == (
+        128,
+        1500,
+        1500,
+        600,
+    )

@@ -5,16 +5,20 @@ Real engines on a tiny random Llama made here."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
+import trio
 
 from sagellm.dsl import Pipeline
 from sagellm.operators.replay_source import ReplaySource
 from sagellm.operators.route import Route
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.executor.run import run_pipeline
-from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.messages import Request, TokenDelta
+from sagellm.runtime.pipeline.operator import StreamOperator, register_operator
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from sagellm.sage import from_graph
 from tests.tiny_models import make_tiny_llama
@@ -173,3 +177,62 @@ def test_the_policy_queue_orders_what_waits_for_a_full_engine(model: Path) -> No
     job = from_graph(graph, operators={"source": ReplaySource(requests)}).run()
     started = sorted(job.outcomes.values(), key=lambda o: o.metrics.first_token_time)
     assert [o.request_id for o in started] == ["p5", "p0", "p1", "p2", "p3"]  # p5 was alone when it came
+
+
+@register_operator
+class SageTalker(StreamOperator):
+    """A server stand-in: three tokens a request, 10 ms apart, `at_once` requests at a time; raises midway on
+    `fail`, stops without a result on `mute`."""
+
+    name = "test_sage_talker"
+    accepts = (Request,)
+    serving: ClassVar[int] = 0
+    most: ClassVar[int] = 0
+
+    def __init__(self, at_once: int = 2, fail: str = "", mute: str = "") -> None:
+        self.at_once, self.fail, self.mute = at_once, fail, mute
+
+    def capacity(self) -> int:
+        return self.at_once
+
+    async def serve(self, item: Request) -> AsyncIterator[Any]:
+        cls = type(self)
+        cls.serving += 1
+        cls.most = max(cls.most, cls.serving)
+        try:
+            for i in range(3):
+                await trio.sleep(0.01)
+                if i == 1 and item.request_id in (self.fail, self.mute):
+                    if item.request_id == self.fail:
+                        raise RuntimeError("server fell over")
+                    return
+                yield TokenDelta(request_id=item.request_id, token_ids=[i], finish_reason="length" if i == 2 else None)
+        finally:
+            cls.serving -= 1
+
+
+def test_a_stream_operator_serves_in_its_own_trio_loop() -> None:
+    """A Stream operator (what reaches an OpenAI-compatible server) in a SAGE job: at most `capacity()` items at
+    once, each ending once; one that raises or stops without a result ends alone with an error, as under the
+    executor."""
+    text = """
+name: streams
+nodes:
+  source: {op: replay_source}
+  talker: {op: test_sage_talker, params: {at_once: 2, fail: r2, mute: r4}}
+  metrics: {op: metrics_sink}
+edges:
+  - source -> talker -> metrics
+"""
+
+    def requests() -> list[Request]:
+        return [Request(request_id=f"r{i}", prompt_token_ids=[1, 2]) for i in range(6)]
+
+    SageTalker.most = 0
+    job = from_graph(load_pipeline(text), operators={"source": ReplaySource(requests())}).run()
+    assert SageTalker.most == 2  # capacity() held
+    executor = run_pipeline(load_pipeline(text), operators={"source": ReplaySource(requests())})
+    assert tokens(job) == tokens(executor) and len(job.outcomes) == 6
+    assert job.outcomes["r2"].error.code == job.outcomes["r4"].error.code == "internal"
+    assert "ended without a result" in job.outcomes["r4"].error.message
+    assert all(job.outcomes[f"r{i}"].token_ids == [0, 1, 2] for i in (0, 1, 3, 5))
