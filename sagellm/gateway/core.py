@@ -266,6 +266,18 @@ class ServingCore:
         """This process's embedding node serving `model` (its `dim` and `max_length`), or None."""
         return next((op for op in self.operators_of("embedding") if op.served_model_name == model), None)
 
+    def embedding_model(self, name: str | None) -> str:
+        """The embedding model a request asks for: the one named, else the first served (the gateway's own); a
+        404 naming those served for any other."""
+        served = self.embedding_models()
+        if name is None and served:
+            return served[0]
+        if name in served:
+            return name
+        have = f"the embedding models here are {', '.join(map(repr, served))}" if served else "no embedding model here"
+        message = f"the embedding model {name!r} does not exist; {have}"
+        raise ApiError(404, message, param="model", code="model_not_found")
+
     def embedding_models(self) -> list[str]:
         """The embedding models served here or by attached instances, own first."""
         return list(dict.fromkeys(s.model for s in self.instances().values() if s.role == "embedding" and s.model))

@@ -85,7 +85,7 @@ class IndexStore:
 
         if not NAME.match(name):
             raise ApiError(400, f"name: letters, digits, '.', '_' and '-', at most 64, got {name!r}", param="name")
-        model = self._model(model)
+        model = self.core.embedding_model(model)
         async with self._lock:
             if name in self.indexes:
                 raise ApiError(409, f"index {name!r} exists; delete it first", param="name", code="index_exists")
@@ -178,15 +178,6 @@ class IndexStore:
         index, model = self.get(name)
         documents = index.documents()
         return {"name": name, "model": model, "dim": index.dim, "documents": len(documents), "chunks": len(index)}
-
-    def _model(self, name: str | None) -> str:
-        served = self.core.embedding_models()
-        if name is None and served:
-            return served[0]
-        if name in served:
-            return name
-        have = f"the embedding models here: {', '.join(map(repr, served))}" if served else "no embedding model here"
-        raise ApiError(400, f"model: {name!r} is not served; {have}", param="model", code="model_not_found")
 
     def _token_counter(self, model: str) -> Any:
         """The embedding model's own token count (its limit counts those), or words where it runs elsewhere."""

@@ -191,7 +191,7 @@ class OpenAIRoutes:
     # -- embeddings -----------------------------------------------------------------------------------------------
     async def embeddings(self, http: HttpRequest) -> Response:
         body = http.json(EmbeddingRequest)
-        model = self._embedding_model(body.model)
+        model = self.core.embedding_model(body.model)
         inputs = _embedding_inputs(body.input)
         embedder = self.core.embedder(model)
         if body.dimensions is not None and (embedder is None or body.dimensions != embedder.dim):
@@ -217,17 +217,6 @@ class OpenAIRoutes:
         tokens = sum(r.prompt_tokens for r in results)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return Response({"object": "list", "data": data, "model": model, "usage": usage})
-
-    def _embedding_model(self, name: str | None) -> str:
-        """The embedding model a request asks for: the one named, else the first served (the gateway's own)."""
-        served = self.core.embedding_models()
-        if name is None and served:
-            return served[0]
-        if name in served:
-            return name
-        have = f"the embedding models here are {', '.join(map(repr, served))}" if served else "no embedding model here"
-        message = f"the embedding model {name!r} does not exist; {have}"
-        raise ApiError(404, message, param="model", code="model_not_found")
 
 
 def _embedding_inputs(value: Any) -> list[str] | list[list[int]]:

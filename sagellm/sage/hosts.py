@@ -24,19 +24,61 @@ from sagellm.runtime.pipeline.operator import SourceOperator, StepOperator, Stre
 log = structlog.get_logger("sagellm.sage")
 
 
-class StepHost:
+class _OperatorThread:
+    """What the Step and Stream hosts share: items handed in (`submit`, from SAGE's loop), outputs handed back
+    (`take_outputs`), and one condition that says when either changed."""
+
+    def __init__(self, node_id: str, op: Any) -> None:
+        self.node_id, self.op = node_id, op
+        self._changed = threading.Condition()  # guards the fields below and the subclass's
+        self._inbox: deque[Any] = deque()
+        self._outbox: deque[Any] = deque()
+        self._closing = False
+
+    def submit(self, item: Any) -> None:
+        with self._changed:
+            self._inbox.append(item)
+            self._changed.notify_all()
+        self._poke()
+
+    def take_outputs(self) -> list[Any]:
+        with self._changed:
+            outputs = list(self._outbox)
+            self._outbox.clear()
+            return outputs
+
+    def idle(self) -> bool:
+        """Nothing waiting, being served or unread."""
+        with self._changed:
+            return not (self._inbox or self._working() or self._outbox)
+
+    def wait(self, timeout: float) -> None:
+        """Until the next outputs (at most `timeout`), when it is working; at once when it is not."""
+        with self._changed:
+            if self._working() and not self._outbox:
+                self._changed.wait(timeout)
+
+    def _emit(self, outputs: list[Any]) -> None:
+        with self._changed:
+            self._outbox.extend(outputs)
+            self._changed.notify_all()
+
+    def _working(self) -> bool:
+        raise NotImplementedError
+
+    def _poke(self) -> None:
+        """Tells the host's thread that something arrived (the Step host waits on the condition itself)."""
+
+
+class StepHost(_OperatorThread):
     """One Step operator on its own thread. Requests wait in `inbox` until the engine has room for them (its
     `capacity()`, read by this thread after every add and step), as they wait in a full engine's channel under the
     executor; `room()` tells the policy queue upstream whether to pop its next."""
 
     def __init__(self, node_id: str, op: StepOperator) -> None:
-        self.node_id, self.op = node_id, op
-        self._changed = threading.Condition()  # guards the fields below
-        self._inbox: deque[Any] = deque()
-        self._outbox: deque[Any] = deque()
+        super().__init__(node_id, op)
         self._capacity = op.capacity()
         self._busy = False  # the engine holds requests (or is taking some in)
-        self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"sagellm-{node_id}", daemon=True)
 
     def start(self) -> None:
@@ -50,32 +92,13 @@ class StepHost:
             self._changed.notify_all()
         self._thread.join()
 
-    def submit(self, item: Any) -> None:
-        with self._changed:
-            self._inbox.append(item)
-            self._changed.notify_all()
-
     def room(self) -> int:
         """Requests the engine would take now beyond those already waiting for it (negative: some wait)."""
         with self._changed:
             return self._capacity - len(self._inbox)
 
-    def take_outputs(self) -> list[Any]:
-        with self._changed:
-            outputs = list(self._outbox)
-            self._outbox.clear()
-            return outputs
-
-    def idle(self) -> bool:
-        """Nothing waiting, running or unread."""
-        with self._changed:
-            return not (self._inbox or self._busy or self._outbox)
-
-    def wait(self, timeout: float) -> None:
-        """Until the engine's next turn ends (at most `timeout`), when it is working; at once when it is not."""
-        with self._changed:
-            if self._busy and not self._outbox:
-                self._changed.wait(timeout)
+    def _working(self) -> bool:
+        return self._busy
 
     def _loop(self) -> None:
         try:
@@ -155,19 +178,15 @@ class SourcePump:
                 self._ended = True
 
 
-class StreamHost:
+class StreamHost(_OperatorThread):
     """One Stream operator (a server reached over HTTP) on a thread of its own running a trio loop, since its
     `serve(item)` is an async generator: each submitted item is served in a task of its own, at most `capacity()`
     at once (the rest wait in `inbox`), and ends with exactly one terminal item, as under the executor (a stream that
     raises or stops without a result ends with an `internal` error). The same surface as `StepHost`."""
 
     def __init__(self, node_id: str, op: StreamOperator) -> None:
-        self.node_id, self.op = node_id, op
-        self._changed = threading.Condition()  # guards the fields below
-        self._inbox: deque[Any] = deque()
-        self._outbox: deque[Any] = deque()
+        super().__init__(node_id, op)
         self._serving = 0
-        self._closing = False
         self._wake: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._ready = threading.Event()
@@ -183,29 +202,12 @@ class StreamHost:
         self._poke()
         self._thread.join()
 
-    def submit(self, item: Any) -> None:
-        with self._changed:
-            self._inbox.append(item)
-        self._poke()
-
     def room(self) -> int:
         with self._changed:
             return self.op.capacity() - self._serving - len(self._inbox)
 
-    def take_outputs(self) -> list[Any]:
-        with self._changed:
-            outputs = list(self._outbox)
-            self._outbox.clear()
-            return outputs
-
-    def idle(self) -> bool:
-        with self._changed:
-            return not (self._inbox or self._serving or self._outbox)
-
-    def wait(self, timeout: float) -> None:
-        with self._changed:
-            if (self._serving or self._inbox) and not self._outbox:
-                self._changed.wait(timeout)
+    def _working(self) -> bool:
+        return bool(self._serving or self._inbox)
 
     def _poke(self) -> None:
         """Wakes the trio loop (from any other thread)."""
@@ -256,8 +258,3 @@ class StreamHost:
                 self._serving -= 1
             self._emit(outputs)
             self._wake_up()
-
-    def _emit(self, outputs: list[Any]) -> None:
-        with self._changed:
-            self._outbox.extend(outputs)
-            self._changed.notify_all()

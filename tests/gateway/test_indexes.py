@@ -35,13 +35,6 @@ def gateway(tmp_path_factory):
             yield gw
 
 
-@pytest.fixture(scope="module")
-def admin(gateway) -> httpx.Client:
-    headers = {"authorization": f"Bearer {gateway.gateway.admin_key}"}
-    with httpx.Client(base_url=gateway.url, headers=headers, timeout=120) as client:
-        yield client
-
-
 def test_an_index_is_made_filled_searched_and_answered_from(gateway, admin) -> None:
     made = admin.post("/admin/index", json={"name": "corpus"})
     assert made.status_code == 201
