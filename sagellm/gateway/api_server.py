@@ -318,9 +318,10 @@ def _app(link: CoreLink, tokenizer: Any, settings: dict[str, Any]) -> App:
     assert link.snapshot is not None
     allowed = settings.get("allowed_hosts")
     app = App(allowed_hosts=frozenset(allowed) if allowed is not None else None)
-    routes = OpenAIRoutes(RemoteCore(link, tokenizer))  # type: ignore[arg-type]  # what the routes read of a core
+    to_core = CoreCalls(link)
+    routes = OpenAIRoutes(RemoteCore(link, tokenizer), to_core=to_core)  # type: ignore[arg-type]  # what it reads
     routes.register_generation(app, key_guard(link.snapshot.front_end.api_keys, "API"))
-    app.fallback = CoreCalls(link)
+    app.fallback = to_core
     return app
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -45,11 +45,17 @@ CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logp
 
 
 class OpenAIRoutes:
-    def __init__(self, core: ServingCore, indexes: IndexStore | None = None) -> None:
-        """`indexes`: the retrieval indexes chats may name (`"index"`); None where there are none (an API server's
-        process: the gateway's core holds them)."""
+    def __init__(
+        self,
+        core: ServingCore,
+        indexes: IndexStore | None = None,
+        to_core: Callable[[HttpRequest], Awaitable[Response]] | None = None,
+    ) -> None:
+        """`indexes`: the retrieval indexes chats may name (`"index"`); None in an API server's process, which
+        passes such chats on to the gateway's core, that holds them (`to_core`)."""
         self.core = core
         self.indexes = indexes
+        self.to_core = to_core
         self.created = int(time.time())
 
     def register(self, app: App, guard: Guard | None) -> None:
@@ -134,6 +140,8 @@ class OpenAIRoutes:
     # -- chat -----------------------------------------------------------------------------------------------------
     async def chat(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(ChatCompletionRequest)
+        if body.index is not None and self.indexes is None and self.to_core is not None and not body.stream:
+            return await self.to_core(http)  # an API server: the core holds the indexes and answers it whole
         if not body.stream:
             return Response(await self.complete_chat(body, http.headers))
         request = self._chat_request(body, http.headers)
@@ -167,7 +175,7 @@ class OpenAIRoutes:
         if body.index is None:
             return None
         if self.indexes is None:
-            message = "index: retrieval indexes are served by the gateway's own process, not this API server"
+            message = "index: a chat that names an index is answered whole by the gateway's core: stream=false"
             raise ApiError(400, message, param="index")
         return await self.indexes.ground(request, body.index, body.index_k)
 

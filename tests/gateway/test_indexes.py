@@ -5,6 +5,7 @@ plain and streamed), and every mistake a clear OpenAI-style error. Generation by
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,13 +27,23 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
-    model = make_tiny_llama(tmp_path_factory.mktemp("long") / "tiny-llama", max_position_embeddings=4096)  # sources fit
+def home(tmp_path_factory) -> Iterator[Path]:
+    """The module's SAGELLM_HOME: where its gateways keep their indexes (and fetch all-MiniLM-L6-v2 into)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SAGELLM_HOME", str(tmp_path_factory.mktemp("indexes-home")))
-        config = tiny_config(tmp_path_factory.mktemp("indexes"), embedding_model="all-minilm-l6-v2")
-        with running_gateway(GRAPHS / "colocated.yaml", config, model) as gw:
-            yield gw
+        patch.setenv("SAGELLM_HOME", str(home := tmp_path_factory.mktemp("indexes-home")))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("long") / "tiny-llama", max_position_embeddings=4096)  # sources fit
+
+
+@pytest.fixture(scope="module")
+def gateway(home, long_model, tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("indexes"), embedding_model="all-minilm-l6-v2")
+    with running_gateway(GRAPHS / "colocated.yaml", config, long_model) as gw:
+        yield gw
 
 
 def test_an_index_is_made_filled_searched_and_answered_from(gateway, admin) -> None:
@@ -99,3 +110,24 @@ def test_mistakes_are_clear_errors(gateway, admin) -> None:
     assert reply.status_code == 404 and reply.json()["error"]["param"] == "index"
     assert admin.delete("/admin/index/twice").json()["deleted"] is True
     assert admin.get("/admin/index/twice").status_code == 404
+
+
+def test_through_an_api_server_a_chat_is_answered_by_the_core(home, long_model, gateway, admin, tmp_path) -> None:
+    """API server processes hold no index: a chat that names one is passed on whole to the gateway's core (which
+    loaded the indexes saved in this home at start), sources and all; a stream that names one is a clear 400."""
+    made = admin.post("/admin/index", json={"name": "policy"})
+    assert made.status_code == 201
+    text = (CORPUS / "travel-policy.md").read_text()
+    assert admin.post("/admin/index/policy/documents", json={"documents": [{"id": "travel", "text": text}]}).is_success
+    config = tiny_config(tmp_path, embedding_model="all-minilm-l6-v2")
+    with running_gateway(GRAPHS / "colocated.yaml", config, long_model, api_servers=1) as fronted:
+        chat = {
+            "model": fronted.gateway.core.model_name,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "How much can I spend on food per day?"}],
+            "index": "policy",
+        }
+        reply = httpx.post(fronted.url + "/v1/chat/completions", json=chat, timeout=120)
+        assert reply.status_code == 200 and reply.json()["sources"][0]["document_id"] == "travel", reply.text
+        streamed = httpx.post(fronted.url + "/v1/chat/completions", json=chat | {"stream": True}, timeout=120)
+        assert streamed.status_code == 400 and "stream=false" in streamed.json()["error"]["message"]
