@@ -7,7 +7,7 @@
    nearest chunks in front of it as numbered sources, then admission, the policy queue, route and the engine
    (SmolLM2-135M-Instruct) answer it; each answer is printed with its sources.
 
-    python examples/sage_rag.py                          # indexes this repository's docs, asks about sageLLM
+    python examples/sage_rag.py                          # indexes sageLLM's design and benchmark notes, asks
     python examples/sage_rag.py DIR "question" ...        # your own Markdown/text files, your questions
 """
 
@@ -30,10 +30,11 @@ from sagellm.runtime.rag import Chunk, VectorIndex, chunk_document
 from sagellm.sage import from_graph
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "benchmarks" / "README.md"]
+# The architecture notes and the benchmarks' README (not the README, which shows this example's own output)
+DOCS = [ROOT / "ARCHITECTURE.md", ROOT / "benchmarks" / "README.md"]
 QUESTIONS = [
-    "Where does sageLLM keep the models it downloads?",
-    "How is the KV cache moved from the prefill engine to the decode engine?",
+    "Which folder holds the code that runs a graph across processes?",
+    "How fast does the KV cache move between two processes over ipc?",
     "How many simulated requests a second does the cluster simulator run?",
 ]
 
