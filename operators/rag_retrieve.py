@@ -47,7 +47,7 @@ class RagRetrieve(MapOperator):
         # Imported here: listing operators must not load torch or FAISS.
         from sagellm.runtime.embedding.engine import EmbeddingEngine
         from sagellm.runtime.models.model_cache import resolve_model
-        from sagellm.runtime.rag import VectorIndex
+        from sagellm.runtime.rag import VectorIndex, served_token_counter
 
         folder = Path(self.index_name).expanduser()
         if not folder.is_dir():
@@ -62,27 +62,18 @@ class RagRetrieve(MapOperator):
                 f"index {self.index_name!r} holds {self.index.dim}-wide vectors; {self.embedding_model} makes "
                 f"{self.embedder.dim}-wide ones: give the model it was built with"
             )
-        tokenizer = ctx.graph_attrs.get("tokenizer")  # without one (no graph model), words stand in for tokens
-        self.count_tokens = (lambda t: len(tokenizer.encode(t))) if tokenizer else (lambda t: len(t.split()))
+        self.count_tokens = served_token_counter(ctx.graph_attrs.get("tokenizer"))
 
     def execute(self, item: Request) -> Request | RequestError:
-        from sagellm.runtime.rag import build_messages, cited_sources, select_sources, source_budget
+        from sagellm.runtime.rag import grounded, question_of, source_budget
 
-        question = _question(item)
+        question = question_of(item.messages, item.prompt)
         if not question:
             message = "rag_retrieve answers a chat's last user message (or a prompt); this request has no text"
             return RequestError(request_id=item.request_id, code="invalid_request", message=message)
         hits = self.index.search(self.embedder.embed([question]).embeddings[0], self.k)
         budget = source_budget(self.ctx.graph_attrs.get("max_model_len"), self.max_source_tokens)
-        sources = select_sources(hits, self.count_tokens, max_tokens=budget)
-        self.cited[item.request_id] = cited_sources(sources)
+        messages, self.cited[item.request_id] = grounded(question, hits, self.count_tokens, budget)
         if len(self.cited) > CITED_REMEMBERED:
             del self.cited[next(iter(self.cited))]
-        return msgspec.structs.replace(item, messages=build_messages(question, sources), prompt=None)
-
-
-def _question(item: Request) -> str:
-    for message in reversed(item.messages or []):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"].strip()
-    return (item.prompt or "").strip()
+        return msgspec.structs.replace(item, messages=messages, prompt=None)

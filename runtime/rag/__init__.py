@@ -11,7 +11,10 @@ from sagellm.runtime.rag.prompt import (
     DEFAULT_MAX_SOURCE_TOKENS,
     build_messages,
     cited_sources,
+    grounded,
+    question_of,
     select_sources,
+    served_token_counter,
     source_budget,
 )
 
@@ -26,6 +29,9 @@ __all__ = [
     "build_messages",
     "chunk_document",
     "cited_sources",
+    "grounded",
+    "question_of",
     "select_sources",
+    "served_token_counter",
     "source_budget",
 ]

@@ -10,6 +10,7 @@ the span of its text."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sagellm.runtime.rag.chunking import TokenCounter
 from sagellm.runtime.rag.index import Hit
@@ -76,3 +77,27 @@ def source_budget(max_model_len: int | None, most: int = DEFAULT_MAX_SOURCE_TOKE
     """Tokens of sources a prompt may hold: `most`, and at most half the served model's context, so the
     instruction, the question and the answer keep the other half."""
     return min(most, max_model_len // 2) if max_model_len else most
+
+
+def question_of(messages: Sequence[dict[str, Any]] | None, prompt: str | None = None) -> str:
+    """What a request asks: its last user message with text content, else its prompt, stripped ("" for none)."""
+    for message in reversed(messages or []):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"].strip()
+    return (prompt or "").strip()
+
+
+def served_token_counter(tokenizer: Any) -> TokenCounter:
+    """Tokens of the model that will read the prompt (its tokenizer's `encode`); words where there is none."""
+    if tokenizer is None:
+        return lambda text: len(text.split())
+    return lambda text: len(tokenizer.encode(text))
+
+
+def grounded(
+    question: str, hits: Sequence[Hit], count_tokens: TokenCounter, max_tokens: int
+) -> tuple[list[dict[str, str]], list[dict[str, object]]]:
+    """The three steps at once: the chat messages asking `question` from the hits that fit `max_tokens`, and what
+    each source number in them stands for."""
+    sources = select_sources(hits, count_tokens, max_tokens=max_tokens)
+    return build_messages(question, sources), cited_sources(sources)

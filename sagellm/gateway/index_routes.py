@@ -152,19 +152,15 @@ class IndexStore:
     async def ground(self, request: Request, name: str, k: int) -> list[dict[str, object]]:
         """A chat answered from index `name`: its last user message is the question, the nearest chunks become
         numbered sources in front of it (the request's messages are replaced); -> the sources, for the reply."""
-        from sagellm.runtime.rag import build_messages, cited_sources, select_sources, source_budget
+        from sagellm.runtime.rag import grounded, question_of, served_token_counter, source_budget
 
-        question = next(
-            (m["content"] for m in reversed(request.messages or []) if m.get("role") == "user"), None
-        )  # fmt: skip
-        if not isinstance(question, str) or not question.strip():
+        question = question_of(request.messages)
+        if not question:
             raise ApiError(400, "index: the chat's last user message must be text to search with", param="index")
         hits = await self.search(name, question, k)
-        tokenizer = self.core.tokenizer
-        count = (lambda t: len(tokenizer.encode(t))) if tokenizer is not None else (lambda t: len(t.split()))
-        sources = select_sources(hits, count, max_tokens=source_budget(self.core.max_model_len))
-        request.messages = build_messages(question.strip(), sources)
-        return cited_sources(sources)
+        count = served_token_counter(self.core.tokenizer)
+        request.messages, cited = grounded(question, hits, count, source_budget(self.core.max_model_len))
+        return cited
 
     async def embed(self, texts: list[str], model: str) -> np.ndarray:
         """The texts' vectors, through the serving graph (the embedding engine's batches), as `/v1/embeddings`."""

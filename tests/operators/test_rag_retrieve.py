@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from sagellm.common.errors import FieldError
-from sagellm.operators.rag_retrieve import RagRetrieve, _question
+from sagellm.operators.rag_retrieve import RagRetrieve
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import OperatorContext
+from sagellm.runtime.rag import question_of
 
 
 @pytest.mark.parametrize(("params", "field"), [({"k": 0}, "k"), ({"max_source_tokens": 0}, "max_source_tokens")])
@@ -26,9 +27,9 @@ def test_the_question_is_the_last_user_message_or_the_prompt() -> None:
         {"role": "assistant", "content": "a"},
         {"role": "user", "content": " last "},
     ]
-    assert _question(Request(request_id="a", messages=chat)) == "last"
-    assert _question(Request(request_id="b", prompt="a prompt")) == "a prompt"
-    assert _question(Request(request_id="c", messages=[{"role": "system", "content": "x"}])) == ""
+    assert question_of(Request(request_id="a", messages=chat).messages) == "last"
+    assert question_of(None, Request(request_id="b", prompt="a prompt").prompt) == "a prompt"
+    assert question_of(Request(request_id="c", messages=[{"role": "system", "content": "x"}]).messages) == ""
 
 
 def test_a_missing_index_fails_at_open_naming_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
