@@ -55,7 +55,6 @@ from sagellm.backends.registry import register_backend
 # beat it (4.9 vs 6.0 ms for SmolLM2's lm_head at 2 threads), and its copy would cost another 113 MB.
 GEMV_COPY_OUT = range(2048, 16384)
 PACK_BATCH_HINT = 16  # rows oneDNN tunes the blocked layout for; measured as good at 1, 16 and 256 rows
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 I64 = torch.int64
 # Rows up to which the native RMSNorm / RoPE / SiLU run on the calling thread; more rows (prefill) are shared
 # among torch's threads.
@@ -89,9 +88,17 @@ def pack_linear_weight(
         blocks = interleave(quantized, native.block_group) or interleave(quantized)
     dense = weight if native is not None and blocks is None and weight.dtype == torch.float32 else None
     rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT and dense is None else None  # [K, N]
-    if torch.backends.mkldnn.is_available() and weight.dtype in _ONEDNN_DTYPES:
+    if _onednn_packs(weight.dtype):
         return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows, dense, blocks)
     return CpuLinearWeight(weight, rows, dense, blocks)
+
+
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    """oneDNN's blocked layout is for fp32, and for bf16 only where its bf16 path runs on this CPU (AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT): elsewhere its reorder raises, and a bf16 weight stays dense for torch's own linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def linear(x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
