@@ -9,42 +9,61 @@
  *
  * First every kv head's keys are copied transposed, a chunk of KEY_CHUNK tokens at a time, into the caller's
  * scratch kt[Hk][chunks][D][KEY_CHUNK] (SmolLM2, 544 tokens: 0.4 MB, in L2), so a query's scores for a chunk are D
- * broadcast multiply-adds on two 16-float vectors, no horizontal sums. A task is then one kv head and a tile of query
- * rows, every query head sharing that kv head (GQA) at once: M query vectors (rows x group, at most MAX_QUERIES);
- * four queries are scored together, eight independent FMA chains, so the FMA latency is hidden. Then an online
- * softmax (the running max and sum per query) and acc += p . V, two chains per output vector. Vectors are 16
- * floats (the GCC vector extension: one AVX-512 register, two AVX2 ones), so every instruction-set variant builds
- * the same code at its own width. Tasks are shared among `num_threads` OpenMP threads, the ones seeing the most keys
- * first. */
+ * broadcast multiply-adds on KEY_CHUNK / LANES vectors, no horizontal sums. A task is then one kv head and a tile of
+ * query rows, every query head sharing that kv head (GQA) at once: M query vectors (rows x group, at most MAX_QUERIES);
+ * SCORE_BATCH queries are scored together, eight independent FMA chains, so the FMA latency is hidden. Then an online
+ * softmax (the running max and sum per query) and acc += p . V, eight chains per output row for D = 64. Vectors are
+ * one register of the variant's instruction set (16 floats with AVX-512, 8 below it), and the batch and chain counts
+ * follow, so every variant keeps its accumulators in its registers: a 16-float vector on AVX2 is two registers, and
+ * code written for 16 spilled there (512 queries over 512 tokens 63 ms a layer, against 5.6 for torch's SDPA).
+ * Tasks are shared among `num_threads` OpenMP threads, the ones seeing the most keys first. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "vector_math.h"
 
-enum { KEY_CHUNK = 32, MAX_HEAD_DIM = 256, MAX_QUERIES = 48, SCORE_BATCH = 4 };
+#if defined(__AVX512F__)
+typedef f32x16 vec;
+typedef i32x16 ivec;
+#define load_vec load16
+#define store_vec store16
+enum { LANES = 16 };
+#else
+typedef f32x8 vec;
+typedef i32x8 ivec;
+#define load_vec load8
+#define store_vec store8
+enum { LANES = 8 };
+#endif
+
+enum {
+    KEY_CHUNK = 32,
+    KEY_VECS = KEY_CHUNK / LANES, /* vectors of a query's scores for a chunk */
+    MAX_HEAD_DIM = 256,
+    MAX_QUERIES = 48,
+    SCORE_BATCH = 8 / KEY_VECS, /* queries scored at once: eight accumulators */
+    VALUE_KEYS = LANES / 8,     /* keys summed at once into separate accumulators: 2 x D / 16 chains, or D / 8 */
+};
 
 /* The lane-wise max (C's vector extension has no vector ?:, so a select by mask). */
-static inline f32x16 max16(f32x16 a, f32x16 b) {
-    const i32x16 take_a = a > b;
-    return (f32x16)(((i32x16)a & take_a) | ((i32x16)b & ~take_a));
+static inline vec max_vec(vec a, vec b) {
+    const ivec take_a = a > b;
+    return (vec)(((ivec)a & take_a) | ((ivec)b & ~take_a));
 }
 
 /* The queries [m0, m0 + count) (count <= SCORE_BATCH) against the chunk's transposed keys: s[m][0 .. KEY_CHUNK). */
 static inline __attribute__((always_inline)) void score(const float *const *qs, const float *kt, int64_t d, int count,
                                                         float *s) {
-    f32x16 lo[SCORE_BATCH] = {{0}}, hi[SCORE_BATCH] = {{0}};
+    vec acc[SCORE_BATCH][KEY_VECS] = {{{0}}};
     for (int64_t i = 0; i < d; ++i) {
-        const f32x16 k_lo = load16(kt + i * KEY_CHUNK), k_hi = load16(kt + i * KEY_CHUNK + 16);
-        for (int m = 0; m < count; ++m) {
-            lo[m] += qs[m][i] * k_lo;
-            hi[m] += qs[m][i] * k_hi;
-        }
+        vec k[KEY_VECS];
+        for (int c = 0; c < KEY_VECS; ++c) k[c] = load_vec(kt + i * KEY_CHUNK + c * LANES);
+        for (int m = 0; m < count; ++m)
+            for (int c = 0; c < KEY_VECS; ++c) acc[m][c] += qs[m][i] * k[c];
     }
-    for (int m = 0; m < count; ++m) {
-        store16(s + m * KEY_CHUNK, lo[m]);
-        store16(s + m * KEY_CHUNK + 16, hi[m]);
-    }
+    for (int m = 0; m < count; ++m)
+        for (int c = 0; c < KEY_VECS; ++c) store_vec(s + m * KEY_CHUNK + c * LANES, acc[m][c]);
 }
 
 /* One task: query rows [r0, r0 + rows) of the chunk, query heads h * group .. (h + 1) * group - 1. */
@@ -85,31 +104,37 @@ static inline __attribute__((always_inline)) void attend_rows(const float *q, in
             float *sm = s + m * KEY_CHUNK;
 #pragma omp simd
             for (int64_t j = 0; j < KEY_CHUNK; ++j) sm[j] = j < visible ? sm[j] * scale : -INFINITY;
-            const f32x16 tops = max16(load16(sm), load16(sm + 16)); /* KEY_CHUNK = 32 */
+            vec tops = load_vec(sm), sums;
+            for (int c = 1; c < KEY_VECS; ++c) tops = max_vec(tops, load_vec(sm + c * LANES));
             float top = best[m];
-            for (int i = 0; i < 16; ++i) top = tops[i] > top ? tops[i] : top;
+            for (int i = 0; i < LANES; ++i) top = tops[i] > top ? tops[i] : top;
             const float shrink = exp_f32(best[m] - top);
 #pragma omp simd
             for (int64_t j = 0; j < KEY_CHUNK; ++j) sm[j] = j < visible ? exp_f32(sm[j] - top) : 0.0f;
-            const f32x16 sum = load16(sm) + load16(sm + 16);
+            sums = load_vec(sm);
+            for (int c = 1; c < KEY_VECS; ++c) sums += load_vec(sm + c * LANES);
             float chunk_total = 0.0f;
-            for (int i = 0; i < 16; ++i) chunk_total += sum[i];
+            for (int i = 0; i < LANES; ++i) chunk_total += sums[i];
             best[m] = top;
             total[m] = total[m] * shrink + chunk_total;
-            /* Every 16-float slice of the output row in its own accumulator, two keys at a time: 2 * D / 16
-             * independent FMA chains (eight for D = 64). */
+            /* Every LANES-float slice of the output row in its own accumulator, VALUE_KEYS keys at a time. */
             float *am = acc + m * d;
-            f32x16 a[2][MAX_HEAD_DIM / 16];
-            for (int64_t c = 0; c < d / 16; ++c) a[0][c] = load16(am + 16 * c) * shrink, a[1][c] = (f32x16){0};
+            const int64_t slices = d / LANES;
+            vec a[VALUE_KEYS][MAX_HEAD_DIM / LANES];
+            for (int64_t c = 0; c < slices; ++c) {
+                a[0][c] = load_vec(am + LANES * c) * shrink;
+                for (int r = 1; r < VALUE_KEYS; ++r) a[r][c] = (vec){0};
+            }
             int64_t j = 0;
-            for (; j + 2 <= visible; j += 2)
-                for (int64_t c = 0; c < d / 16; ++c) {
-                    a[0][c] += sm[j] * load16(values[j] + 16 * c);
-                    a[1][c] += sm[j + 1] * load16(values[j + 1] + 16 * c);
-                }
-            if (j < visible)
-                for (int64_t c = 0; c < d / 16; ++c) a[0][c] += sm[j] * load16(values[j] + 16 * c);
-            for (int64_t c = 0; c < d / 16; ++c) store16(am + 16 * c, a[0][c] + a[1][c]);
+            for (; j + VALUE_KEYS <= visible; j += VALUE_KEYS)
+                for (int r = 0; r < VALUE_KEYS; ++r)
+                    for (int64_t c = 0; c < slices; ++c) a[r][c] += sm[j + r] * load_vec(values[j + r] + LANES * c);
+            for (; j < visible; ++j)
+                for (int64_t c = 0; c < slices; ++c) a[0][c] += sm[j] * load_vec(values[j] + LANES * c);
+            for (int64_t c = 0; c < slices; ++c) {
+                for (int r = 1; r < VALUE_KEYS; ++r) a[0][c] += a[r][c];
+                store_vec(am + LANES * c, a[0][c]);
+            }
         }
     }
     for (int64_t m = 0; m < nq; ++m) {
