@@ -8,7 +8,8 @@ in flight climbs from 1 to `max_num_seqs` (decode batches of every size, prompt 
 prompts of 16 to 128 tokens (decode batches over short contexts). It is not a validation trace (sim-check's are
 Poisson, of other shapes and seeds): nothing is fitted on what it is judged by. Every step the engine runs is timed
 from the end of the step before it when the engine was busy then (the executor's turn between steps is part of a
-served step), and steps of like composition (quarter-octave bins) are pooled into one sample, their medians.
+served step), and steps of like composition (quarter-octave bins) are pooled into one sample: their median composition
+and their mean time (`step_timer.pooled_sample` says why the mean).
 The engines time themselves (`SAGELLM_STEP_TRACE`, `runtime.engine.step_trace`), in whichever process runs them."""
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ class TimedStep:
     """One engine step: perf_counter start and end; prompt tokens of its chunks, decode sequences, the KV the
     decodes attend over (as the model runner counts it) and the earlier prompt tokens the chunks attend over;
     whether the engine still had work after it (then the next step follows at once, and the time between is the
-    executor's turn, part of serving)."""
+    executor's turn, part of serving); the CPU time of the thread that stepped it, which falls short of the wall
+    time when the thread waited for a core (more threads than cores) rather than ran slower."""
 
     started: float
     ended: float
@@ -32,6 +33,7 @@ class TimedStep:
     context_tokens: int
     prefill_context: int
     busy_after: bool
+    cpu: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -63,13 +65,13 @@ class StepTimer:
         return batch
 
     def _timed_step(self) -> Any:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         outputs = self._step()
-        ended = time.perf_counter()
+        ended, cpu = time.perf_counter(), time.thread_time() - cpu
         prefill, decodes, context, earlier = self._composition
         self._composition = (0, 0, 0, 0)
         busy = self.engine.has_unfinished_requests()
-        self.last = TimedStep(started, ended, prefill, decodes, context, earlier, busy)
+        self.last = TimedStep(started, ended, prefill, decodes, context, earlier, busy, cpu)
         if self.log is not None and (prefill or decodes):
             self.log.append(self.last)
         return outputs

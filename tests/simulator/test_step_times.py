@@ -148,11 +148,12 @@ def test_pd_calibration_times_each_worker_in_its_process(tmp_path: Path) -> None
     assert prefill.model.per_decode_seq_s == prefill.model.per_context_token_s == 0.0  # never seen, never fitted
 
 
-def test_pool_takes_medians_of_like_steps() -> None:
-    steps = [StepSample(0, 4, 400 + i, 0.010 + 0.001 * i) for i in range(3)] + [StepSample(64, 1, 100, 0.05)]
-    samples, counts = pool(steps)
-    assert counts == [1, 3]  # by composition: one decode first
-    assert samples[0] == steps[3] and samples[1] == StepSample(0, 4, 401, pytest.approx(0.011))
+def test_pool_takes_the_median_composition_and_the_mean_time_of_like_steps() -> None:
+    steps = [StepSample(0, 4, 400 + i, 0.010 + 0.001 * i) for i in range(3)] + [StepSample(0, 4, 403, 0.019)]
+    samples, counts = pool([*steps, StepSample(64, 1, 100, 0.05)])
+    assert counts == [1, 4]  # by composition: one decode first
+    assert samples[0] == StepSample(64, 1, 100, 0.05)
+    assert samples[1] == StepSample(0, 4, 401, pytest.approx(0.0130))  # a slow step counts: the mean, not 0.0115
 
 
 def test_fit_recovers_known_coefficients() -> None:
