@@ -146,6 +146,7 @@ def test_pd_calibration_times_each_worker_in_its_process(tmp_path: Path) -> None
     assert any(s.decode_seqs and not s.prefill_tokens for s in decode.samples)  # every decode is the decode worker's
     assert sum(decode.steps) == decode.model.source["steps_timed"]
     assert prefill.model.per_decode_seq_s == prefill.model.per_context_token_s == 0.0  # never seen, never fitted
+    assert prefill.model.per_prefill_step_s == 0.0 < prefill.model.fixed_s  # every step prefills: one term
 
 
 def test_pool_takes_the_median_composition_and_the_mean_time_of_like_steps() -> None:
@@ -184,13 +185,17 @@ def test_fit_keeps_coefficients_non_negative() -> None:
 
 
 def test_fit_needs_enough_steps() -> None:
-    """As many steps as the terms they exercise: prompt-only steps leave the decode terms out (a prefill worker)."""
-    with pytest.raises(ValueError, match="at least 3 measured steps"):
+    """As many steps as the terms they exercise: prompt-only steps leave the decode terms out (a prefill worker),
+    and their once-a-prefill-step cost is the fixed one."""
+    with pytest.raises(ValueError, match="at least 2 measured steps"):
         StepModel.fit([StepSample(8, 0, 0, 0.01)])
+    with pytest.raises(ValueError, match="at least 5 measured steps"):
+        StepModel.fit([StepSample(8, 2, 40, 0.01, prefill_context=8)] * 4)
     with pytest.raises(ValueError, match="at least 6 measured steps"):
-        StepModel.fit([StepSample(8, 2, 40, 0.01, prefill_context=8)] * 5)
+        StepModel.fit([StepSample(8, 2, 40, 0.01, prefill_context=8)] * 4 + [StepSample(0, 2, 40, 0.01)])
     prefill_only = StepModel.fit([StepSample(n, 0, 0, 1e-3 + 1e-5 * n) for n in (16, 64, 256)])
     assert prefill_only.per_prefill_token_s == pytest.approx(1e-5, rel=1e-3) and prefill_only.per_decode_seq_s == 0
+    assert prefill_only.fixed_s == pytest.approx(1e-3, rel=1e-3) and prefill_only.per_prefill_step_s == 0
 
 
 @pytest.mark.parametrize("text", ["not json", json.dumps({"fixed_s": 0.1}), json.dumps([1, 2])])
