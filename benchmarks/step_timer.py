@@ -73,7 +73,7 @@ def pooled_sample(samples: list[StepSample]) -> StepSample:
     """Served steps of like composition as one: the median composition, the mean time. The mean, because what the
     simulator adds up (a TTFT, a TPOT) is a sum of steps, whose expectation is the sum of their means: a median
     leaves out the slow tail that serving pays (a step that waited for a core, or ran beside the other worker's
-    prefill), and a model fitted to medians came out 3-8% fast on whole runs."""
+    prefill), and a model fitted to medians came out faster than the runs it simulated."""
     median = median_sample(samples)
     return dataclasses.replace(median, seconds=float(np.mean([s.seconds for s in samples])))
 
