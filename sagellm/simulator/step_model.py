@@ -101,7 +101,8 @@ class StepModel:
         # A term no sample has (a prefill worker never decodes) is not fitted: it stays 0, as it never counts. When
         # every sample computes prompt tokens (a prefill worker again) the once-a-prefill-step term is the fixed one
         # under another name: fixed_s holds both, rather than an arbitrary split of their sum.
-        used = [j for j in range(x.shape[1]) if x[:, j].any() and not (j == 5 and x[:, 5].all())]
+        step = COEFFICIENTS.index("per_prefill_step_s")
+        used = [j for j in range(x.shape[1]) if x[:, j].any() and not (j == step and x[:, step].all())]
         if len(samples) < len(used):
             raise ValueError(f"need at least {len(used)} measured steps to fit, got {len(samples)}")
         weight = np.array([1 / s.seconds for s in samples])  # row i / seconds_i: residuals become relative errors
