@@ -276,7 +276,8 @@ def _serve(
 
 def _cluster(kind: str, models: Calibrations, workload: Workload, pd: PDBenchConfig) -> ClusterConfig:
     """The simulated twin of the `kind` graph: one colocated instance, or a prefill and a decode worker with their
-    step models, pd_split's threshold and the measured hand-over."""
+    step models, pd_split's threshold and the measured hand-over, on one host (they share this machine, and each
+    slows the other as its model's neighbour slowdown says)."""
     if kind == "colocated":
         model = dataclasses.replace(models.colocated.model, max_num_seqs=workload.max_num_seqs)
         return ClusterConfig(instances=1, step_model=model)
@@ -285,8 +286,9 @@ def _cluster(kind: str, models: Calibrations, workload: Workload, pd: PDBenchCon
         Tier(role, 0.5, dataclasses.replace(models.workers[role].model, max_num_seqs=workload.max_num_seqs), role=role)
         for role in ("prefill", "decode")
     )
+    handover = models.handover.model
     return ClusterConfig(
-        instances=2, tiers=tiers, pd_threshold_tokens=pd.threshold_tokens, kv_transfer=models.handover.model
+        instances=2, tiers=tiers, pd_threshold_tokens=pd.threshold_tokens, kv_transfer=handover, instances_per_host=2
     )
 
 

@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sagellm.benchmarks.step_bench_config import StepBenchConfig
-from sagellm.benchmarks.step_timer import OtherLoad, kind_of, pool, sample_of
+from sagellm.benchmarks.step_timer import OtherLoad, busy_fraction, kind_of, pool, sample_of
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.step_trace import TRACE_ENV, read_trace
 from sagellm.simulator.step_model import StepSample
@@ -78,18 +79,29 @@ def _phased_source(requests: list[Any], phases: list[tuple[int, int]]) -> Any:
     return PhasedSource(requests, max_in_flight=phases[0][1])
 
 
-EngineSteps = tuple[list[StepSample], list[str], list[float], list[int], dict[str, Any]]
+@dataclass
+class MeasuredSteps:
+    """One engine's measurement, before the fit: its samples (pooled served steps, or the bare engine's
+    compositions), each one's kind, the rest of the machine's busy cores while it was timed and how many steps it
+    pools; the single steps behind the pooled samples (None: not pooled); what to say of the calibration."""
+
+    samples: list[StepSample]
+    kinds: list[str]
+    other_cores: list[float]
+    steps: list[int]
+    extra: dict[str, Any]
+    single_steps: list[StepSample] | None = None
 
 
-def calibrate_in_pipeline(config: StepBenchConfig, kind: str = "colocated") -> dict[str, EngineSteps]:
+def calibrate_in_pipeline(config: StepBenchConfig, kind: str = "colocated") -> dict[str, MeasuredSteps]:
     """Serves `calibration_trace` through the W4 benchmark's `kind` graph: the colocated one (in this process), or
     the pd one (prefill and decode workers in two processes, a core and a torch thread each, prompts of 512 tokens or
     more prefilled apart), whose workers' steps are timed where they serve: beside each other, each behind its
     process's bridge to the main one. Every engine writes its steps (`SAGELLM_STEP_TRACE`); the rest of the
     machine's load is read every `LOAD_WINDOW_S` (the workers' own CPU not counted) and steps in busy windows
     dropped. Each step's time runs from the end of the step before it when the engine was busy then, else from its
-    start. Steps of like composition are pooled (`pool`). -> by engine node: (samples, their kinds, the machine's
-    load, the steps pooled into each, what to say of the calibration)."""
+    start, and in the pd graph each records the fraction of that time the other worker computed (the step model's
+    neighbour slowdown is fitted on it). Steps of like composition are pooled (`pool`). -> by engine node."""
     import trio
 
     from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph
@@ -142,10 +154,12 @@ def calibrate_in_pipeline(config: StepBenchConfig, kind: str = "colocated") -> d
     by_engine = {}
     for name, timed in traces.items():  # perf_counter is the machine's monotonic clock: one across processes
         engine = name.rsplit("-", 1)[0]
-        cycles = [
-            (t, sample_of(t, t.ended - (before.ended if before and before.busy_after else t.started)))
-            for before, t in zip([None, *timed[:-1]], timed)
-        ]
+        others = [(steps, np.array([t.started for t in steps])) for other, steps in traces.items() if other != name]
+        cycles = []
+        for before, t in zip([None, *timed[:-1]], timed):
+            begin = before.ended if before and before.busy_after else t.started
+            busy = max((busy_fraction(begin, t.ended, *other) for other in others), default=0.0)
+            cycles.append((t, sample_of(t, t.ended - begin, busy)))
         quiet = [
             cycle
             for t, cycle in cycles
@@ -160,7 +174,8 @@ def calibrate_in_pipeline(config: StepBenchConfig, kind: str = "colocated") -> d
             "steps_busy": len(timed) - len(quiet),
             "step_within_cycle_p50": float(np.median([t.seconds / c.seconds for t, c in cycles])) if cycles else None,
         }
-        by_engine[engine] = (samples, [kind_of(s) for s in samples], [0.0] * len(samples), steps, extra)
+        kinds = [kind_of(s) for s in samples]
+        by_engine[engine] = MeasuredSteps(samples, kinds, [0.0] * len(samples), steps, extra, quiet)
     return by_engine
 
 

@@ -47,15 +47,30 @@ class OtherLoad:
         return max(0.0, (busy - busy0) - (own - own0)) / (now - then) if now > then else 0.0
 
 
-def sample_of(step: TimedStep, seconds: float | None = None) -> StepSample:
-    """A timed step as the step model's sample: its own time, or `seconds` (a served step's whole cycle)."""
+def sample_of(step: TimedStep, seconds: float | None = None, neighbour_busy: float = 0.0) -> StepSample:
+    """A timed step as the step model's sample: its own time, or `seconds` (a served step's whole cycle), and the
+    fraction of that time another engine on the machine computed (`busy_fraction`)."""
     return StepSample(
         step.prefill_tokens,
         step.decode_seqs,
         step.context_tokens,
         step.seconds if seconds is None else seconds,
         prefill_context=step.prefill_context,
+        neighbour_busy=neighbour_busy,
     )
+
+
+def busy_fraction(start: float, end: float, others: Sequence[TimedStep], starts: np.ndarray) -> float:
+    """The fraction of [start, end] during which another engine was computing: `others` are its steps (one at a
+    time, in order), `starts` their start times."""
+    i = max(0, int(np.searchsorted(starts, start)) - 1)
+    busy = 0.0
+    while i < len(others) and others[i].started < end:
+        other = others[i]
+        if other.ended > start:
+            busy += min(other.ended, end) - max(other.started, start)
+        i += 1
+    return min(1.0, busy / (end - start)) if end > start else 0.0
 
 
 def median_sample(samples: list[StepSample]) -> StepSample:
@@ -66,14 +81,16 @@ def median_sample(samples: list[StepSample]) -> StepSample:
         int(np.median([s.context_tokens for s in samples])),
         float(np.median([s.seconds for s in samples])),
         prefill_context=int(np.median([s.prefill_context for s in samples])),
+        neighbour_busy=float(np.mean([s.neighbour_busy for s in samples])),
     )
 
 
 def pooled_sample(samples: list[StepSample]) -> StepSample:
-    """Served steps of like composition as one: the median composition, the mean time. The mean, because what the
-    simulator adds up (a TTFT, a TPOT) is a sum of steps, whose expectation is the sum of their means: a median
-    leaves out the slow tail that serving pays (a step that waited for a core, or ran beside the other worker's
-    prefill), and a model fitted to medians came out faster than the runs it simulated."""
+    """Served steps of like composition as one: the median composition, the mean time (and the mean time a
+    neighbour computed beside them, which the mean time is linear in). The mean, because what the simulator adds up
+    (a TTFT, a TPOT) is a sum of steps, whose expectation is the sum of their means: a median leaves out the slow
+    tail that serving pays (a step that waited for a core), and a model fitted to medians came out faster than the
+    runs it simulated."""
     median = median_sample(samples)
     return dataclasses.replace(median, seconds=float(np.mean([s.seconds for s in samples])))
 

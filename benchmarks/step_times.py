@@ -37,7 +37,7 @@ import structlog
 from tqdm import tqdm
 
 from sagellm.benchmarks.step_bench_config import StepBenchConfig
-from sagellm.benchmarks.step_calibration import calibrate_in_pipeline
+from sagellm.benchmarks.step_calibration import MeasuredSteps, calibrate_in_pipeline
 from sagellm.benchmarks.step_timer import OtherLoad, median_sample, sample_of
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.sampling_params import SamplingParams
@@ -198,7 +198,7 @@ def calibrate(config: StepBenchConfig, engine: LLMEngine | None = None) -> Calib
         measured = _calibrate_bare(config, engine)
     else:
         (measured,) = calibrate_in_pipeline(config).values()
-    return _fit(config, *measured[:4], time.perf_counter() - started, measured[4])
+    return _fit(config, measured, time.perf_counter() - started)
 
 
 def calibrate_pd_workers(config: StepBenchConfig) -> dict[str, Calibration]:
@@ -208,12 +208,10 @@ def calibrate_pd_workers(config: StepBenchConfig) -> dict[str, Calibration]:
     started = time.perf_counter()
     measured = calibrate_in_pipeline(config, "pd")
     wall = time.perf_counter() - started
-    return {engine: _fit(config, *m[:4], wall, m[4]) for engine, m in measured.items()}
+    return {engine: _fit(config, m, wall) for engine, m in measured.items()}
 
 
-def _calibrate_bare(
-    config: StepBenchConfig, engine: LLMEngine | None
-) -> tuple[list[StepSample], list[str], list[float], list[int], dict[str, Any]]:
+def _calibrate_bare(config: StepBenchConfig, engine: LLMEngine | None) -> MeasuredSteps:
     from sagellm.runtime.engine.config import EngineConfig
     from sagellm.runtime.parallel.engine import start_engine
 
@@ -231,18 +229,10 @@ def _calibrate_bare(
         if own:
             engine.close()
     extra = {"calibrated": "bare engine: a grid of compositions, each timed alone"}
-    return sweep.samples, sweep.kinds, sweep.other_cores, [config.repeats] * len(sweep.samples), extra
+    return MeasuredSteps(sweep.samples, sweep.kinds, sweep.other_cores, [config.repeats] * len(sweep.samples), extra)
 
 
-def _fit(
-    config: StepBenchConfig,
-    samples: list[StepSample],
-    kinds: list[str],
-    loads: list[float],
-    steps: list[int],
-    wall: float,
-    extra: dict[str, Any],
-) -> Calibration:
+def _fit(config: StepBenchConfig, measured: MeasuredSteps, wall: float) -> Calibration:
     from sagellm.benchmarks.vllm_results import cpu_description
 
     settings = {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens}
@@ -252,17 +242,18 @@ def _fit(
         "threads": config.threads,
         "model": config.model,
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "samples": len(samples),
-    } | extra
+        "samples": len(measured.samples),
+    } | measured.extra
+    samples, loads = measured.samples, measured.other_cores
     quiet = [s for s, load in zip(samples, loads) if load <= config.quiet_cores]
     if len(quiet) < MIN_QUIET_SAMPLES:  # a machine never quiet: fit what there is, and say so
         log.warning("step_times_machine_busy", quiet=len(quiet), samples=len(samples))
         quiet = samples
-    fitted = StepModel.fit(quiet, **settings, source=source)
+    fitted = StepModel.fit(quiet, measured.single_steps, **settings, source=source)
     errors = fitted.relative_errors(quiet)
     source |= {"fitted_samples": len(quiet), "quiet_cores": config.quiet_cores}
     source |= {"fit_error_p50": float(np.median(errors)), "fit_error_p90": float(np.percentile(errors, 90))}
-    return Calibration(fitted, samples, kinds, loads, wall, asdict(config), steps)
+    return Calibration(fitted, samples, measured.kinds, loads, wall, asdict(config), measured.steps)
 
 
 def write_results(calibration: Calibration, model_path: Path, samples_path: Path) -> None:
@@ -289,6 +280,14 @@ def print_table(calibration: Calibration) -> None:
     for name in COEFFICIENTS:
         unit, scale = units[name]
         coefficients.add_row(name, f"{scale * getattr(m, name):.2f}", unit)
+    for name, steps in (
+        ("neighbour_prompt_slowdown", "a step with prompt chunks"),
+        ("neighbour_decode_slowdown", "a decode step"),
+    ):
+        if getattr(m, name):
+            coefficients.add_row(
+                name, f"{100 * getattr(m, name):.1f}", f"% longer {steps} takes beside a busy neighbour"
+            )
     errors = Table(
         "steps", "fitted", "busy", "fit error p50", "fit error p90", "measured ms min–max", title="fit error"
     )

@@ -20,6 +20,10 @@ instance, as a route after the prefill workers would. That instance copies the K
 (`KVTransferModel.per_token_s` a prompt token) and emits the first token then, as the decode worker's `add` does
 between two steps.
 
+Instances can share a host (`instances_per_host`, numbered tier after tier): each then runs its steps slower while
+another on its host computes, by its step model's neighbour slowdowns (sim-check's prefill and decode workers share
+one machine; instances of a cluster have hosts of their own by default).
+
 The simulated requests are real `Request`s (the policies read their fields) whose prompt is a length without
 contents (`_Prompt`): the simulator models neither prompt contents nor prefix caching, so the strategies that read
 contents (locality, cache_aware) are refused, and pd_split counts every prompt token as uncached. Every decision is
@@ -89,6 +93,7 @@ class ClusterConfig:
     startup_s: float = 30.0  # how long a new instance takes to become ready
     pd_threshold_tokens: int = 512  # pd_split's: prompts of at least this many tokens take the PD path
     kv_transfer: KVTransferModel = KVTransferModel()  # a prefill worker's first token to the decode worker's
+    instances_per_host: int = 1  # instances i and j share a host when i // this == j // this: they slow each other
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,6 +117,8 @@ class ClusterConfig:
             raise ValueError(f"max_queue must be >= 1 or unset, got {self.max_queue}")
         if self.startup_s < 0:
             raise ValueError(f"startup_s must be >= 0, got {self.startup_s}")
+        if self.instances_per_host < 1:
+            raise ValueError(f"instances_per_host must be >= 1, got {self.instances_per_host}")
         if self.pd_threshold_tokens < 0:
             raise ValueError(f"pd_threshold_tokens must be >= 0, got {self.pd_threshold_tokens}")
         for tier, _ in self.kinds():
@@ -253,6 +260,7 @@ class _Simulation:
         arrivals: list[float] = self.trace.arrivals.tolist()
         events, pop, queue, pending, free_sets = self.events, heapq.heappop, self.queue, self.pending, self.free_sets
         n, k = len(arrivals), 0
+        shared_hosts = self.config.instances_per_host > 1
         while True:
             if events and (k >= n or events[0][0] < arrivals[k]):  # arrivals first at a tie: they join its step
                 self.now, _, kind, target, version = pop(events)
@@ -275,6 +283,9 @@ class _Simulation:
                 self._hand_over()
             if (len(queue) or self.held is not None) and any(free.items for free in free_sets):
                 self._dispatch()
+            if shared_hosts:
+                self._compose_on_shared_hosts()
+                continue
             for instance in pending:
                 instance.compose(self.now)
                 if instance.end is not None:
@@ -421,6 +432,29 @@ class _Simulation:
         elif instance.stats.running < instance.max_seqs:
             self.free[instance.stats.role].add(instance)
 
+    def _compose_on_shared_hosts(self) -> None:
+        """Plans the pending instances' next work, all of it before any is slowed, since their neighbours' plans
+        decide their speed (`Instance.contend`); a neighbour under way in a span is cut where one of them started or
+        stopped computing (`Instance.cut`), to go on at the other speed. Clears `pending`."""
+        now, pending = self.now, self.pending
+        composed = {instance.index for instance in pending}
+        for instance in pending:
+            instance.compose(now)
+        for instance in pending:
+            instance.contend(now)
+            if instance.end is not None:
+                self._at(instance.end, _STEP, instance, instance.version)
+            instance.refresh(now)
+            if instance.computing != instance.was_computing:
+                instance.was_computing = instance.computing
+                for neighbour in instance.neighbours:
+                    if neighbour.index in composed:  # planned now, beside this plan
+                        continue
+                    when = neighbour.cut(now)
+                    if when is not None:
+                        self._at(when, _STEP, neighbour, neighbour.version)
+        pending.clear()
+
     def _add_instance(self, tier: Tier, *, added: bool) -> None:
         """An instance of `tier`, its report starting as the engine operator's does: the tier's price, no load, and
         the default `tokens_per_s` until its own steps teach it (`Instance._learn`)."""
@@ -435,6 +469,12 @@ class _Simulation:
         instance.t = self.now
         if added:
             self.starting -= 1
+        per_host = self.config.instances_per_host
+        if per_host > 1:
+            host = self.instances[index - index % per_host :]
+            instance.neighbours = tuple(host)
+            for neighbour in host:
+                neighbour.neighbours += (instance,)
         self.instances.append(instance)
         self.by_name[stats.name] = instance
         self.ctx.instances[stats.name] = stats
@@ -495,6 +535,7 @@ class _Simulation:
             "routing": config.routing,
             "sample": config.sample,
             "max_queue": config.max_queue,
+            "instances_per_host": config.instances_per_host,
             "autoscale": vars(config.autoscale) if config.autoscale else None,
             "step_model": _model_json(config.step_model) if config.step_model else None,
             "tiers": None,  # instances are numbered tier after tier, in this order

@@ -15,6 +15,11 @@ for a slot like any request; at the step boundary where one joins, the instance 
 (`import_per_token_s` a prompt token, as the decode worker's `add` runs between two steps), emits its first token,
 and then runs the step, in which it decodes.
 
+Instances on one host (`neighbours`) slow each other: a step planned while a neighbour computes takes its model's
+neighbour slowdown longer (`contend`), and a span of decode steps is cut at its next step boundary when a neighbour
+starts or stops computing (`cut`), so that it goes on at the other speed. A step with prompt chunks keeps the speed it
+started at: it is short beside the neighbour's state, or the neighbour's is as long.
+
 What is not modelled: the KV cache's size (no preemption: the instance is assumed to hold `max_num_seqs` sequences
 at full length) and prefix caching (prompts have lengths, not contents).
 
@@ -43,7 +48,7 @@ class Instance:
         "index", "stats", "model", "prompts", "outputs", "first", "finish", "max_seqs", "budget", "per_context",
         "waiting", "prefilling", "left", "decoding", "n_dec", "ctx", "step_no", "sum_end", "prefill_left",
         "undecoded", "t", "end", "span", "chunks", "a", "b", "version", "accepting", "added", "prefill_only",
-        "import_per_token_s",
+        "import_per_token_s", "neighbours", "was_computing",
     )  # fmt: skip
 
     def __init__(
@@ -80,6 +85,8 @@ class Instance:
         self.added = False  # added by the autoscaler (only those are removed)
         self.prefill_only = stats.role == "prefill"  # a prefill worker: its requests leave once prefilled
         self.import_per_token_s = 0.0  # a decode worker: copying a prefilled request's KV in, per prompt token
+        self.neighbours: tuple[Instance, ...] = ()  # the other instances on its host
+        self.was_computing = False  # whether its last plan computed: the neighbours' speed changes when it flips
 
     @property
     def busy(self) -> bool:
@@ -88,6 +95,11 @@ class Instance:
     @property
     def running(self) -> int:
         return self.n_dec + len(self.prefilling)
+
+    @property
+    def computing(self) -> bool:
+        """Work planned from `t` (a cut span's boundary, or idle, is not)."""
+        return self.end is not None and self.end > self.t
 
     def admit(self, i: int, now: float, *, prefilled: bool = False) -> float | None:
         """Request `i` joins the waiting queue at `now` (`prefilled`: its prompt's KV came from a prefill worker,
@@ -105,11 +117,26 @@ class Instance:
             self.undecoded += 0 if self.prefill_only else self.outputs[i]
         if self.end is None:
             return self._boundary(now, 0)
-        if self.span and self.running < self.max_seqs:
+        if self.running < self.max_seqs:
+            return self.cut(now)
+        return None
+
+    def cut(self, now: float) -> float | None:
+        """Cuts a span of decode steps at its first step boundary at or after `now`, where the next step is planned
+        afresh; returns that boundary's time (None: no span under way, or it ends there anyway)."""
+        if self.span:
             done = self._steps_by(now)
             if done < self.span:
                 return self._boundary(self.t + self._span_s(done), done)
         return None
+
+    def contend(self, now: float) -> None:
+        """Slows the work `compose` planned by the model's neighbour slowdown when a neighbour computes past `now`."""
+        if self.end is None or not any(n.end is not None and n.end > now for n in self.neighbours):
+            return
+        factor = 1 + self.model.neighbour_slowdown(bool(self.chunks))
+        self.end = self.t + (self.end - self.t) * factor
+        self.a, self.b = self.a * factor, self.b * factor
 
     def advance(self) -> list[int]:
         """At `end`: applies the planned work and stops at that step boundary; returns the requests that finished

@@ -15,17 +15,28 @@ A step that computes any prompt tokens also pays `per_prefill_step_s` once: the 
 model (their attention, the cache writes of whole blocks), which a 16-token chunk costs nearly as much as a 512-token
 one; without it a short prompt's step beside the decodes came out ~15% short.
 The coefficients are fitted (least squares of the relative error, each kept >= 0) to step times measured on our own
-engine by `sagellm bench steps`, which saves the model as JSON with the machine and model it was measured on."""
+engine by `sagellm bench steps`, which saves the model as JSON with the machine and model it was measured on.
+
+Engines that share a machine slow each other: two PD workers on one host share its memory bandwidth, caches and the
+cores their processes' other threads run on. A step takes `1 + neighbour_prompt_slowdown` (a step with prompt chunks)
+or `1 + neighbour_decode_slowdown` (decode only) times its modelled time while another engine on its host computes.
+The calibration of such workers records what fraction of each step the other one was computing (`neighbour_busy`),
+which separates the two: the linear terms are an engine's steps alone, the slowdowns what a busy neighbour adds. A
+model blind to it fits the mix of steps alone and beside a neighbour that its calibration happened to run, and is
+wrong for a trace that runs them side by side more often (a decode worker's short prompts beside the prefill worker's
+long ones)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+MIN_SLOWDOWN_STEPS = 16  # steps of a kind needed to fit its neighbour slowdown ...
+MIN_BUSY_SPREAD = 0.1  # ... and the spread (standard deviation) of their neighbour's busy fractions
 COEFFICIENTS = (
     "fixed_s",
     "per_prefill_token_s",
@@ -50,6 +61,28 @@ def fit_non_negative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coefficients
 
 
+def fit_neighbour_slowdown(model: StepModel, steps: list[StepSample]) -> float:
+    """The relative slowdown a busy neighbour adds to `steps` (of one kind: with prompt chunks, or decode only),
+    given `model`'s linear terms: the least-squares line of measured / modelled time against the fraction of the step
+    the neighbour computed, `1 + k + c * busy`, read as a slowdown of `c / (1 + k)` over the steps' own time alone
+    (`1 + k`: what the linear terms miss for this kind anyway). 0 when the steps' overlaps do not vary enough to tell
+    (fewer than `MIN_SLOWDOWN_STEPS`, or all alike), and never below 0."""
+    if len(steps) < MIN_SLOWDOWN_STEPS:
+        return 0.0
+    busy = np.array([s.neighbour_busy for s in steps])
+    if busy.std() < MIN_BUSY_SPREAD:
+        return 0.0
+    ratio = np.array([s.seconds for s in steps]) / np.array(
+        [model.step_s(s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context) for s in steps]
+    )
+    (slope, level), *_ = np.linalg.lstsq(np.stack([busy, np.ones_like(busy)], 1), ratio - 1, rcond=None)
+    return max(0.0, float(slope / (1 + level))) if 1 + level > 0 else 0.0
+
+
+def _slowdown_of(sample: StepSample) -> str:
+    return "neighbour_prompt_slowdown" if sample.prefill_tokens else "neighbour_decode_slowdown"
+
+
 @dataclass(frozen=True)
 class StepSample:
     """One measured step."""
@@ -59,6 +92,7 @@ class StepSample:
     context_tokens: int
     seconds: float
     prefill_context: int = 0  # prompt chunks' tokens x the earlier prompt tokens each attends over, summed
+    neighbour_busy: float = 0.0  # the fraction of it during which another engine on the same host computed
 
 
 @dataclass(frozen=True)
@@ -69,6 +103,8 @@ class StepModel:
     per_context_token_s: float
     per_prefill_context_s: float = 0.0
     per_prefill_step_s: float = 0.0
+    neighbour_prompt_slowdown: float = 0.0  # a step with prompt chunks takes 1 + this times as long beside a busy ...
+    neighbour_decode_slowdown: float = 0.0  # ... neighbour on its host, a decode-only step 1 + this
     max_num_seqs: int = 16  # the engine's settings when measured: the simulated instance schedules as it did
     max_num_batched_tokens: int = 512
     source: dict[str, Any] | None = None  # where it was measured: cpu, model, threads, date, fit error
@@ -83,15 +119,48 @@ class StepModel:
             + (self.per_prefill_step_s if prefill_tokens else 0.0)
         )
 
+    def neighbour_slowdown(self, prompt: bool) -> float:
+        """How much longer a step (`prompt`: one with prompt chunks) takes while a neighbour on its host computes."""
+        return self.neighbour_prompt_slowdown if prompt else self.neighbour_decode_slowdown
+
+    def sample_s(self, sample: StepSample) -> float:
+        """The modelled time of a measured step: its composition's, slowed for the part its neighbour computed."""
+        s = sample
+        alone = self.step_s(s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context)
+        return alone * (1 + self.neighbour_slowdown(s.prefill_tokens > 0) * s.neighbour_busy)
+
     @classmethod
-    def fit(cls, samples: list[StepSample], **settings: Any) -> StepModel:
+    def fit(cls, samples: list[StepSample], steps: list[StepSample] | None = None, **settings: Any) -> StepModel:
         """Least squares of the relative error over the samples, with every coefficient >= 0 (a coefficient the
         data would make negative is dropped and the rest refitted: no step gets faster for doing more). Relative,
         because a 5 ms decode step and a 300 ms prefill matter alike: TPOT is made of the one, TTFT of the other;
         plain least squares would fit the prefills and leave decode steps twice their time. `settings`:
-        max_num_seqs, max_num_batched_tokens, source."""
+        max_num_seqs, max_num_batched_tokens, source.
+
+        When the steps ran beside a neighbour (`neighbour_busy`), the slowdowns are fitted too: the linear terms
+        first, then each slowdown from how its steps' time grows with the time their neighbour computed
+        (`fit_neighbour_slowdown`), then the linear terms again on the steps' times with that slowdown taken out.
+        `steps`: the single steps `samples` pooled, when they were pooled (`sagellm bench steps` pools like steps
+        so that every composition weighs alike): the slowdowns are fitted on them, a step an observation, since a
+        pooled sample's mean overlap no longer says which of its steps ran beside the neighbour."""
         if not samples or min(s.seconds for s in samples) <= 0:
             raise ValueError("need measured steps, each taking > 0 seconds")
+        model = cls._fit_linear(samples, **settings)
+        steps = samples if steps is None else steps
+        if not any(s.neighbour_busy for s in steps):
+            return model
+        slowdowns = {
+            name: fit_neighbour_slowdown(model, [s for s in steps if (s.prefill_tokens > 0) == prompt])
+            for name, prompt in (("neighbour_prompt_slowdown", True), ("neighbour_decode_slowdown", False))
+        }
+        alone = [
+            replace(s, seconds=s.seconds / (1 + slowdowns[_slowdown_of(s)] * s.neighbour_busy), neighbour_busy=0.0)
+            for s in samples
+        ]
+        return replace(cls._fit_linear(alone, **settings), **slowdowns)
+
+    @classmethod
+    def _fit_linear(cls, samples: list[StepSample], **settings: Any) -> StepModel:
         x = np.array(
             [
                 [1.0, s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context, float(s.prefill_tokens > 0)]
@@ -112,9 +181,7 @@ class StepModel:
 
     def relative_errors(self, samples: list[StepSample]) -> np.ndarray:
         """|predicted - measured| / measured of each sample."""
-        predicted = np.array(
-            [self.step_s(s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context) for s in samples]
-        )
+        predicted = np.array([self.sample_s(s) for s in samples])
         measured = np.array([s.seconds for s in samples])
         return np.abs(predicted - measured) / measured
 

@@ -107,6 +107,7 @@ def test_cost_optimized_reads_the_tiers_prices() -> None:
         ({"policy": "nope"}, "unknown policy"),
         ({"sample": 0}, "sample must be >= 1"),
         ({"instances": 0}, "instances must be >= 1"),
+        ({"instances_per_host": 0}, "instances_per_host must be >= 1"),
         ({"step_model": StepModel(0.01, 0, 0, 0, max_num_seqs=64, max_num_batched_tokens=32)}, "max_num_seqs"),
         ({"tiers": TIERS}, "not both or none"),
         ({"step_model": None}, "not both or none"),

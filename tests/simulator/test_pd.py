@@ -3,6 +3,7 @@ hand-over takes its modelled time, decode workers decode; times checked against 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -76,6 +77,26 @@ def test_a_kv_copy_delays_the_decode_instances_other_sequences() -> None:
     extra = beside.e2e_s[0] - alone.e2e_s[0]
     copy = KV.per_token_s * 1024
     assert copy < extra < copy + 3 * MODEL.step_s(0, 2, 2000)  # the copy, and a few steps decoding two
+
+
+def test_workers_on_one_host_slow_each_other_while_both_compute() -> None:
+    """The decode instance shares a host with the prefill instance: a short prompt's step and the decode steps after
+    it take 1.2x and 1.5x as long while the prefill instance computes a long prompt, and the span of decode steps
+    goes on at full speed from its first step boundary after the prefill instance went idle."""
+    slowed = StepModel(**{**vars(MODEL), "neighbour_prompt_slowdown": 0.2, "neighbour_decode_slowdown": 0.5})
+    tiers = (Tier("prefill", 0.5, MODEL, role="prefill"), Tier("decode", 0.5, slowed, role="decode"))
+    trace = from_rows([0.0, 0.001], [1024, 64], [1, 200])  # the long prompt's one token comes with its prefill
+    config = ClusterConfig(instances=2, tiers=tiers, kv_transfer=KV, instances_per_host=2)
+    result = simulate(config, trace)
+    prefill_s = MODEL.step_s(512, 0, 0) + MODEL.step_s(512, 0, 0, 512 * 512)
+    assert result.ttft_s[0] == pytest.approx(prefill_s + KV.latency_s)
+    t = 0.001 + 1.2 * MODEL.step_s(64, 0, 0)
+    assert result.ttft_s[1] == pytest.approx(t - 0.001)
+    for k in range(199):
+        t += MODEL.step_s(0, 1, 65 + k) * (1.5 if t < prefill_s else 1.0)
+    assert result.e2e_s[1] == pytest.approx(t - 0.001)
+    apart = simulate(dataclasses.replace(config, instances_per_host=1), trace)
+    assert apart.e2e_s[1] == pytest.approx(MODEL.step_s(64, 0, 0) + decode_s(65, 199))
 
 
 def test_pd_split_keeps_a_request_colocated_while_every_decode_instance_is_saturated() -> None:

@@ -1,18 +1,19 @@
 """`sagellm bench steps` on a tiny random Llama: on the bare engine the steps it times are the compositions it meant
 (read from the scheduler's batch, prompt chunks' earlier context included), in the serving pipeline the calibration
 trace runs every batch size and chunks after earlier context, and the fitted `StepModel` is sane and survives its
-file; `StepModel.fit` itself on synthetic steps whose coefficients are known; a file that is not a step model is
-refused by name."""
+file; `StepModel.fit` itself on synthetic steps whose coefficients (and neighbour slowdowns) are known; a file that is
+not a step model is refused by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sagellm.benchmarks.step_timer import pool
+from sagellm.benchmarks.step_timer import busy_fraction, pool
 from sagellm.benchmarks.step_times import (
     StepBenchConfig,
     calibrate,
@@ -20,6 +21,7 @@ from sagellm.benchmarks.step_times import (
     planned_samples,
     write_results,
 )
+from sagellm.runtime.engine.step_trace import TimedStep
 from sagellm.simulator.step_model import COEFFICIENTS, StepModel, StepSample
 from tests.tiny_models import make_tiny_llama
 
@@ -174,6 +176,54 @@ def test_fit_recovers_known_coefficients() -> None:
     for name in COEFFICIENTS:
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.05), name
     assert float(np.median(fitted.relative_errors(samples))) < 0.02
+
+
+def test_fit_separates_a_busy_neighbours_slowdown_from_the_steps_own_time() -> None:
+    """Steps that ran beside a neighbour for a random part of their time, 15% slower with a prompt chunk and 5%
+    decoding while it computed: fitted on the single steps, the slowdowns are recovered and the linear terms are
+    the steps' own time alone; a fit blind to the neighbour would put its average into them."""
+    truth = StepModel(
+        fixed_s=0.004, per_prefill_token_s=6e-4, per_decode_seq_s=8e-4, per_context_token_s=1.2e-6,
+        per_prefill_step_s=0.006, neighbour_prompt_slowdown=0.15, neighbour_decode_slowdown=0.05,
+    )  # fmt: skip
+    rng = np.random.default_rng(1)
+    steps = []
+    for _ in range(400):
+        prefill = 0 if rng.random() < 0.5 else int(rng.integers(1, 512))
+        decodes = int(rng.integers(1 if prefill == 0 else 0, 17))
+        busy = float(rng.choice([0.0, 1.0, rng.random()]))
+        alone = StepSample(prefill, decodes, decodes * int(rng.integers(1, 2048)), 0.0, neighbour_busy=busy)
+        steps.append(dataclasses.replace(alone, seconds=truth.sample_s(alone) * (1 + 0.01 * rng.standard_normal())))
+    samples, _ = pool(steps)
+    fitted = StepModel.fit(samples, steps)
+    assert fitted.neighbour_prompt_slowdown == pytest.approx(0.15, abs=0.01)
+    assert fitted.neighbour_decode_slowdown == pytest.approx(0.05, abs=0.01)
+    for name in ("fixed_s", "per_prefill_token_s", "per_decode_seq_s", "per_prefill_step_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.1), name
+    assert float(np.median(fitted.relative_errors(steps))) < 0.02
+    blind = StepModel.fit([dataclasses.replace(s, neighbour_busy=0.0) for s in steps])
+    assert blind.neighbour_prompt_slowdown == 0.0 and blind.per_prefill_step_s > 1.05 * truth.per_prefill_step_s
+
+
+def test_steps_that_never_ran_beside_a_neighbour_fit_no_slowdown() -> None:
+    """Too few steps of a kind, or a neighbour busy for the same part of every step, cannot tell a slowdown from
+    the steps' own time: none is fitted for them."""
+    steps = [StepSample(64, d, 100 * d, 0.01 + 0.001 * d, neighbour_busy=0.5) for d in range(1, 40)]
+    steps += [StepSample(0, d, 100 * d, 0.005 + 0.001 * d, neighbour_busy=d % 2) for d in range(1, 10)]
+    fitted = StepModel.fit(steps)
+    assert fitted.neighbour_prompt_slowdown == 0.0 == fitted.neighbour_decode_slowdown
+
+
+def test_busy_fraction_is_the_part_of_a_step_another_engine_computed() -> None:
+    def step(started: float, ended: float) -> TimedStep:
+        return TimedStep(started, ended, 0, 1, 10, 0, True)
+
+    others = [step(0.0, 1.0), step(1.5, 2.0), step(2.2, 5.0)]
+    starts = np.array([o.started for o in others])
+    assert busy_fraction(0.5, 1.5, others, starts) == pytest.approx(0.5)
+    assert busy_fraction(1.0, 2.2, others, starts) == pytest.approx(0.5 / 1.2)
+    assert busy_fraction(3.0, 4.0, others, starts) == pytest.approx(1.0)  # inside a step that began before it
+    assert busy_fraction(5.0, 6.0, others, starts) == 0.0 == busy_fraction(1.0, 1.0, others, starts)
 
 
 def test_fit_keeps_coefficients_non_negative() -> None:
