@@ -18,7 +18,8 @@ and then runs the step, in which it decodes.
 Instances on one host (`neighbours`) slow each other: a step planned while a neighbour computes takes its model's
 neighbour slowdown longer (`contend`), and a span of decode steps is cut at its next step boundary when a neighbour
 starts or stops computing (`cut`), so that it goes on at the other speed. A step with prompt chunks keeps the speed it
-started at: it is short beside the neighbour's state, or the neighbour's is as long.
+started at (an approximation: a decode worker's such step is short next to a prefill worker's busy or idle stretch,
+and a prefill worker's chunk runs beside a decode worker that is mostly busy throughout).
 
 What is not modelled: the KV cache's size (no preemption: the instance is assumed to hold `max_num_seqs` sequences
 at full length) and prefix caching (prompts have lengths, not contents).
