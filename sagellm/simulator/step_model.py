@@ -72,15 +72,9 @@ def fit_neighbour_slowdown(model: StepModel, steps: list[StepSample]) -> float:
     busy = np.array([s.neighbour_busy for s in steps])
     if busy.std() < MIN_BUSY_SPREAD:
         return 0.0
-    ratio = np.array([s.seconds for s in steps]) / np.array(
-        [model.step_s(s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context) for s in steps]
-    )
+    ratio = np.array([s.seconds / model.alone_s(s) for s in steps])
     (slope, level), *_ = np.linalg.lstsq(np.stack([busy, np.ones_like(busy)], 1), ratio - 1, rcond=None)
     return max(0.0, float(slope / (1 + level))) if 1 + level > 0 else 0.0
-
-
-def _slowdown_of(sample: StepSample) -> str:
-    return "neighbour_prompt_slowdown" if sample.prefill_tokens else "neighbour_decode_slowdown"
 
 
 @dataclass(frozen=True)
@@ -123,11 +117,17 @@ class StepModel:
         """How much longer a step (`prompt`: one with prompt chunks) takes while a neighbour on its host computes."""
         return self.neighbour_prompt_slowdown if prompt else self.neighbour_decode_slowdown
 
+    def alone_s(self, sample: StepSample) -> float:
+        """The modelled time of a measured step's composition, run alone on its host."""
+        return self.step_s(sample.prefill_tokens, sample.decode_seqs, sample.context_tokens, sample.prefill_context)
+
+    def neighbour_factor(self, sample: StepSample) -> float:
+        """How many times its time alone a measured step takes for the part of it its neighbour computed."""
+        return 1 + self.neighbour_slowdown(sample.prefill_tokens > 0) * sample.neighbour_busy
+
     def sample_s(self, sample: StepSample) -> float:
         """The modelled time of a measured step: its composition's, slowed for the part its neighbour computed."""
-        s = sample
-        alone = self.step_s(s.prefill_tokens, s.decode_seqs, s.context_tokens, s.prefill_context)
-        return alone * (1 + self.neighbour_slowdown(s.prefill_tokens > 0) * s.neighbour_busy)
+        return self.alone_s(sample) * self.neighbour_factor(sample)
 
     @classmethod
     def fit(cls, samples: list[StepSample], steps: list[StepSample] | None = None, **settings: Any) -> StepModel:
@@ -153,10 +153,8 @@ class StepModel:
             name: fit_neighbour_slowdown(model, [s for s in steps if (s.prefill_tokens > 0) == prompt])
             for name, prompt in (("neighbour_prompt_slowdown", True), ("neighbour_decode_slowdown", False))
         }
-        alone = [
-            replace(s, seconds=s.seconds / (1 + slowdowns[_slowdown_of(s)] * s.neighbour_busy), neighbour_busy=0.0)
-            for s in samples
-        ]
+        slowed = replace(model, **slowdowns)
+        alone = [replace(s, seconds=s.seconds / slowed.neighbour_factor(s), neighbour_busy=0.0) for s in samples]
         return replace(cls._fit_linear(alone, **settings), **slowdowns)
 
     @classmethod
