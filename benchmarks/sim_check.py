@@ -17,7 +17,13 @@ process, one after another, the colocated engine's calibration and runs first, t
 3. simulate the same trace (the real arrivals and lengths, `traces.from_rows`) on the same cluster: one instance with
    the engine's settings and the calibrated model, or a prefill and a decode worker, each with its own model, the
    real pd_split deciding and the hand-over model between them; compare TTFT and TPOT (p50, p99, mean) request set
-   against request set;
+   against request set. Twice: with the models rescaled to the speed the run's own steps went at (their decode and
+   their prompt work's time over the model's, `fit_speed`, from the steps the engines timed as the calibration
+   times them), which the verdict is on, and as calibrated. This machine's speed moves by 10-20% within a minute
+   (other tenants of its host: a short probe served just before a run was as far from the run's speed as the
+   calibration was), and a W6 trace's queue doubles any error in it, so only the first tells the simulator's error
+   (batching, chunking, scheduling, queueing, the PD split and hand-over, the model's relative costs of unlike
+   steps) from the machine's drift; the second is what a user of a calibration taken minutes before gets here;
 4. `repeats` times, each repeat a fresh seed of each trace: the table shows each metric's median over repeats, measured
    and simulated, and the median over repeats of its relative error on the same trace (each repeat's simulation
    against its own measurement: the medians of measured and simulated may come from different traces).
@@ -50,11 +56,13 @@ from tqdm import tqdm
 from sagellm.benchmarks.kv_handover import HandoverCalibration, calibrate_kv_handover
 from sagellm.benchmarks.pd_split import PDBenchConfig, build_graph, make_trace, run_config
 from sagellm.benchmarks.report import write_json_and_plot
+from sagellm.benchmarks.step_calibration import served_steps, step_tracing
 from sagellm.benchmarks.step_timer import OtherLoad
 from sagellm.benchmarks.step_times import Calibration, StepBenchConfig, calibrate, calibrate_pd_workers, print_table
 from sagellm.simulator.capacity import capacity_rps
 from sagellm.simulator.cluster import ClusterConfig, Tier, simulate
 from sagellm.simulator.result import json_safe
+from sagellm.simulator.step_model import StepModel, fit_speed
 from sagellm.simulator.traces import Trace, from_rows
 
 
@@ -126,6 +134,12 @@ class Calibrations:
     workers: dict[str, Calibration] = field(default_factory=dict)
     handover: HandoverCalibration | None = None
 
+    def step_models(self, kind: str) -> dict[str, StepModel]:
+        """The `kind` graph's engines' models, by engine: "colocated", or "prefill" and "decode"."""
+        if kind == "colocated":
+            return {"colocated": self.colocated.model}
+        return {role: calibration.model for role, calibration in self.workers.items()}
+
 
 @dataclass
 class WorkloadCheck:
@@ -139,8 +153,11 @@ class WorkloadCheck:
     trace: Trace
     measured_ttft: np.ndarray
     measured_tpot: np.ndarray
-    simulated_ttft: np.ndarray
+    simulated_ttft: np.ndarray  # with the models rescaled to the run's own speed (`speeds`) ...
     simulated_tpot: np.ndarray
+    calibrated_ttft: np.ndarray  # ... and as calibrated
+    calibrated_tpot: np.ndarray
+    speeds: dict[str, tuple[float, float]]  # by engine: its (decode, prompt) work's time over the model's (`fit_speed`)
     wall_s: float
     other_cores: float  # the rest of the machine's busy cores during the real run (on a quiet machine ~0)
     errors: list[str] = field(default_factory=list)  # requests the real run did not complete
@@ -152,9 +169,14 @@ class WorkloadCheck:
     def label(self) -> str:
         return self.workload.name + ("" if self.config == "colocated" else f" {self.config}")
 
-    def metrics(self) -> dict[str, tuple[float, float]]:
-        """key -> (measured ms, simulated ms)."""
-        pairs = {"ttft": (self.measured_ttft, self.simulated_ttft), "tpot": (self.measured_tpot, self.simulated_tpot)}
+    def metrics(self, as_calibrated: bool = False) -> dict[str, tuple[float, float]]:
+        """key -> (measured ms, simulated ms): simulated at the run's speed, or `as_calibrated`."""
+        ttft, tpot = (
+            (self.calibrated_ttft, self.calibrated_tpot)
+            if as_calibrated
+            else (self.simulated_ttft, self.simulated_tpot)
+        )
+        pairs = {"ttft": (self.measured_ttft, ttft), "tpot": (self.measured_tpot, tpot)}
         out = {}
         for key, _ in METRICS:
             measured, simulated = pairs[key[:4]]
@@ -174,15 +196,17 @@ def relative_error(measured: float, simulated: float) -> float:
     return abs(simulated - measured) / measured if measured > 0 else math.nan
 
 
-def median_metrics(checks: list[WorkloadCheck]) -> dict[str, tuple[float, float, float]]:
+def median_metrics(checks: list[WorkloadCheck]) -> dict[str, tuple[float, float, float, float]]:
     """One workload's repeats: key -> (median measured ms, median simulated ms, median of the repeats' relative
-    errors, each on its own trace) over them."""
+    errors, each on its own trace, the same with the models as calibrated) over them."""
     per_repeat = [c.metrics() for c in checks]
+    as_calibrated = [c.metrics(as_calibrated=True) for c in checks]
     return {
         key: (
             float(np.nanmedian([m[key][0] for m in per_repeat])),
             float(np.nanmedian([m[key][1] for m in per_repeat])),
             float(np.nanmedian([relative_error(*m[key]) for m in per_repeat])),
+            float(np.nanmedian([relative_error(*m[key]) for m in as_calibrated])),
         )
         for key, _ in METRICS
     }
@@ -196,8 +220,9 @@ def judged(key: str, error: float, tolerance: float) -> bool:
 def run_workload(
     config: SimCheckConfig, models: Calibrations, workload: Workload, kinds: list[str], tokenizer: Any, seed: int
 ) -> list[WorkloadCheck]:
-    """Serves the workload's trace (of `seed`) by each configuration of `kinds`, each then simulated on the same
-    cluster with the calibrated models at the engine's settings."""
+    """Serves the workload's trace (of `seed`) by each configuration of `kinds`, then simulates it on the same
+    cluster at the engine's settings: with the models rescaled to the speed the run's own steps went at
+    (`fit_speed`), and as calibrated."""
     model = dataclasses.replace(models.colocated.model, max_num_seqs=workload.max_num_seqs)
     pd = PDBenchConfig(
         model=config.model,
@@ -221,7 +246,8 @@ def run_workload(
     real = make_trace(tokenizer, pd, workload.requests, pd.rate, seed=seed)
     checks = []
     for kind in kinds:
-        other_cores, requests, result, wall = _serve(config, workload, kind, pd, real, seed)
+        served = _serve(config, workload, kind, pd, real, seed, models.step_models(kind))
+        requests, result = served.requests, served.result
         ttft, tpot, errors = [], [], []
         for request in requests:
             outcome = result.outcomes.get(request.request_id)
@@ -231,7 +257,10 @@ def run_workload(
             if m is None:
                 errors.append(f"{request.request_id}: {outcome.error.message if outcome else 'never finished'}")
         trace = from_rows(real.offsets_s, [r.num_prompt_tokens for r in requests], outputs, name=workload.name)
-        sim = simulate(_cluster(kind, models, workload, pd), trace)
+        calibrated = models.step_models(kind)
+        rescaled = {engine: m.rescaled(*served.speeds[engine]) for engine, m in calibrated.items()}
+        sim = simulate(_cluster(kind, rescaled, models.handover, workload, pd), trace)
+        as_calibrated = simulate(_cluster(kind, calibrated, models.handover, workload, pd), trace)
         split = result.operators.get("pd_split")
         check = WorkloadCheck(
             workload=workload,
@@ -243,8 +272,11 @@ def run_workload(
             measured_tpot=np.array(tpot),
             simulated_ttft=sim.ttft_s,
             simulated_tpot=sim.tpot_s,
-            wall_s=wall,
-            other_cores=other_cores,
+            calibrated_ttft=as_calibrated.ttft_s,
+            calibrated_tpot=as_calibrated.tpot_s,
+            speeds=served.speeds,
+            wall_s=served.wall_s,
+            other_cores=served.other_cores,
             errors=errors,
             seed=seed,
             decisions=dict(split.decisions) if split is not None else {},
@@ -254,41 +286,75 @@ def run_workload(
     return checks
 
 
+@dataclass
+class Served:
+    """A real run of one trace, and the speed its engines' steps went at against their models (`fit_speed`)."""
+
+    other_cores: float
+    attempt: int
+    requests: list[Any]
+    result: Any
+    wall_s: float
+    speeds: dict[str, tuple[float, float]]
+
+
 def _serve(
-    config: SimCheckConfig, workload: Workload, kind: str, pd: PDBenchConfig, real: Any, seed: int
-) -> tuple[float, list[Any], Any, float]:
-    """The trace served by the `kind` graph; a run while others kept the cores busy measures them, not us, so it is
-    run again (at most `retries` times) and the quietest kept: -> (other cores, requests, result, wall)."""
+    config: SimCheckConfig,
+    workload: Workload,
+    kind: str,
+    pd: PDBenchConfig,
+    real: Any,
+    seed: int,
+    models: dict[str, StepModel],
+) -> Served:
+    """The trace served by the `kind` graph, its engines' steps timed as the calibration times them; a run while
+    others kept the cores busy measures them, not us, so it is run again (at most `retries` times) and the quietest
+    kept."""
     tries = []
     for attempt in range(1 + config.retries):
         requests = real.requests(pd)
         desc = f"{workload.name} {kind} seed {seed} real" + (f" (retry {attempt})" if attempt else "")
         load = OtherLoad(children=True)  # a pd run's workers are ours
-        with tqdm(total=len(requests), desc=desc, unit="req", disable=not config.progress) as bar:
+        with (
+            tqdm(total=len(requests), desc=desc, unit="req", disable=not config.progress) as bar,
+            step_tracing() as trace_dir,
+        ):
             result, _, wall = run_config(build_graph(kind, pd), requests, real.offsets_s, bar)
-        tries.append((load.cores(), attempt, requests, result, wall))
-        if tries[-1][0] <= config.quiet_cores:
+            steps = served_steps(trace_dir)
+        if kind == "colocated":
+            steps = {"colocated": next(iter(steps.values()))}
+        speeds = {engine: fit_speed(models[engine], [sample for _, sample in steps[engine]]) for engine in models}
+        tries.append(Served(load.cores(), attempt, requests, result, wall, speeds))
+        if tries[-1].other_cores <= config.quiet_cores:
             break
-        log.warning("sim_check_machine_busy", workload=workload.name, config=kind, other_cores=round(tries[-1][0], 2))
-    other_cores, _, requests, result, wall = min(tries, key=lambda t: t[:2])
-    return other_cores, requests, result, wall
+        log.warning("sim_check_machine_busy", workload=workload.name, config=kind, other_cores=round(load.cores(), 2))
+    return min(tries, key=lambda t: (t.other_cores, t.attempt))
 
 
-def _cluster(kind: str, models: Calibrations, workload: Workload, pd: PDBenchConfig) -> ClusterConfig:
+def _cluster(
+    kind: str,
+    models: dict[str, StepModel],
+    handover: HandoverCalibration | None,
+    workload: Workload,
+    pd: PDBenchConfig,
+) -> ClusterConfig:
     """The simulated twin of the `kind` graph: one colocated instance, or a prefill and a decode worker with their
     step models, pd_split's threshold and the measured hand-over, on one host (they share this machine, and each
     slows the other as its model's neighbour slowdown says)."""
     if kind == "colocated":
-        model = dataclasses.replace(models.colocated.model, max_num_seqs=workload.max_num_seqs)
+        model = dataclasses.replace(models["colocated"], max_num_seqs=workload.max_num_seqs)
         return ClusterConfig(instances=1, step_model=model)
-    assert set(models.workers) == {"prefill", "decode"} and models.handover is not None
+    assert set(models) == {"prefill", "decode"} and handover is not None
     tiers = tuple(
-        Tier(role, 0.5, dataclasses.replace(models.workers[role].model, max_num_seqs=workload.max_num_seqs), role=role)
+        Tier(role, 0.5, dataclasses.replace(models[role], max_num_seqs=workload.max_num_seqs), role=role)
         for role in ("prefill", "decode")
     )
-    handover = models.handover.model
     return ClusterConfig(
-        instances=2, tiers=tiers, pd_threshold_tokens=pd.threshold_tokens, kv_transfer=handover, instances_per_host=2
+        instances=2,
+        tiers=tiers,
+        pd_threshold_tokens=pd.threshold_tokens,
+        kv_transfer=handover.model,
+        instances_per_host=2,
     )
 
 
@@ -350,19 +416,23 @@ def print_check(checks: list[list[WorkloadCheck]], tolerance: float) -> None:
     from rich.table import Table
 
     repeats = len(checks[0])
-    table = Table("case", "metric", "measured ms", "simulated ms", "error*", f"≤ {tolerance:.0%}", "per repeat")
+    columns = ("measured ms", "simulated ms", "error*", f"≤ {tolerance:.0%}", "as calibrated*", "per repeat")
+    table = Table("case", "metric", *columns)
     table.title = f"simulator vs real engine, same traces: medians over {repeats} repeats (fresh seeds)"
     for runs in checks:
         per_repeat = [c.metrics() for c in runs]
-        for (key, header), (measured, simulated, error) in zip(METRICS, median_metrics(runs).values()):
+        for (key, header), (measured, simulated, error, calibrated) in zip(METRICS, median_metrics(runs).values()):
             spread = " ".join(f"{m[key][0]:.0f}/{m[key][1]:.0f}" for m in per_repeat)
-            cells = (f"{measured:.1f}", f"{simulated:.1f}", f"{error:.1%}", _verdict(key, error, tolerance), spread)
+            verdict = _verdict(key, error, tolerance)
+            cells = (f"{measured:.1f}", f"{simulated:.1f}", f"{error:.1%}", verdict, f"{calibrated:.1%}", spread)
             table.add_row(runs[0].label if key == METRICS[0][0] else "", header, *cells)
         table.add_section()
     caption = "; ".join(_describe(runs) for runs in checks)
     caption += ". Judged on p50 and mean; a p99 of ~40 requests is one or two of them: shown, 'noisy' unless within "
     caption += f"{tolerance:.0%} anyway. per repeat: measured/simulated ms. *error: the median over repeats of each "
-    caption += "repeat's simulated against measured, on the same trace"
+    caption += "repeat's simulated against measured, on the same trace, simulated with the step models rescaled to "
+    caption += "the speed the run's own steps went at (speed: their decode/prompt work's time over the model's), or "
+    caption += "as calibrated"
     table.caption = caption
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
@@ -372,13 +442,19 @@ def _describe(runs: list[WorkloadCheck]) -> str:
     lengths = f"{w.short_len}" if w.long_fraction == 0 else f"{1 - w.long_fraction:.0%} {w.short_len} + {w.long_len}"
     done = sum(int(np.sum(~np.isnan(c.measured_ttft))) for c in runs)
     rates = ", ".join(f"{c.rate:.2f}" for c in runs)
+    speeds = ", ".join(
+        " ".join(
+            f"{'' if engine == 'colocated' else engine + ' '}{d:.2f}/{p:.2f}" for engine, (d, p) in c.speeds.items()
+        )
+        for c in runs
+    )
     served = "prefill and decode workers, a core each" if first.config == "pd" else "one engine"
     return (
         f"{first.label}: {w.requests} requests × {len(runs)} ({done} done), prompts {lengths}, {w.output_len} out, "
         f"{served}, max_num_seqs {w.max_num_seqs}, Poisson {rates} req/s = {w.load:g}× the colocated capacity, "
         f"real wall "
         f"{sum(c.wall_s for c in runs):.0f} s, other processes' load at most {max(c.other_cores for c in runs):.2f} "
-        f"cores (seeds from {first.seed})"
+        f"cores, speed (decode/prompt) {speeds} (seeds from {first.seed})"
     )
 
 
@@ -391,8 +467,9 @@ def report_json(
     workloads = []
     for runs in checks:
         rows = {}
-        for key, (measured, simulated, error) in median_metrics(runs).items():
+        for key, (measured, simulated, error, calibrated) in median_metrics(runs).items():
             rows[key] = {"measured": measured, "simulated": simulated, "error": error, "judged": True}
+            rows[key] |= {"error_as_calibrated": calibrated}
             rows[key]["pass"] = None if math.isnan(error) else bool(error <= config.tolerance)
             if not judged(key, error, config.tolerance):
                 rows[key] |= {"judged": False, "pass": None}
@@ -404,9 +481,13 @@ def report_json(
             requests |= {"simulated_ttft_s": finite(check.simulated_ttft)}
             requests |= {"measured_tpot_s": finite(check.measured_tpot)}
             requests |= {"simulated_tpot_s": finite(check.simulated_tpot)}
+            requests |= {"as_calibrated_ttft_s": finite(check.calibrated_ttft)}
+            requests |= {"as_calibrated_tpot_s": finite(check.calibrated_tpot)}
             head = {"seed": check.seed, "rate_rps": check.rate, "wall_s": check.wall_s}
             head |= {"model_capacity_rps": check.capacity_rps, "other_cores": check.other_cores}
             head |= {"errors": check.errors, "metrics": json_safe(check.metrics())}
+            head |= {"metrics_as_calibrated": json_safe(check.metrics(as_calibrated=True))}
+            head |= {"speed": {engine: {"decode": d, "prompt": p} for engine, (d, p) in check.speeds.items()}}
             head |= {"pd_decisions": {"real": check.decisions, "simulated": check.simulated_decisions}}
             repeats.append(head | {"requests": requests})
         head = {"case": runs[0].label, "workload": dataclasses.asdict(runs[0].workload), "config": runs[0].config}
@@ -427,6 +508,8 @@ def report_json(
             "tpot": "(last token time - first token time) / (output tokens - 1)",
             "metrics": "each metric's median over the repeats, measured and simulated (per repeat: [measured, sim])",
             "error": "|simulated - measured| / measured on each repeat's own trace, the median over the repeats",
+            "speed": "the run's own steps' decode and prompt work's time over the model's (fit_speed)",
+            "error_as_calibrated": "the same, simulated with the step models as calibrated (not rescaled)",
             "judged": "p50 and mean always; a p99 (one or two of ~40 requests) only when it passes",
         },
     }

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from sagellm.benchmarks.step_bench_config import StepBenchConfig
 from sagellm.benchmarks.step_timer import OtherLoad, busy_fraction, kind_of, pool, sample_of
 from sagellm.runtime.engine.sampling_params import SamplingParams
-from sagellm.runtime.engine.step_trace import TRACE_ENV, read_trace
+from sagellm.runtime.engine.step_trace import TRACE_ENV, TimedStep, read_trace
 from sagellm.simulator.step_model import StepSample
 
 LOAD_WINDOW_S = 0.5  # the rest of the machine's load is judged per window of this length
@@ -146,20 +146,13 @@ def calibrate_in_pipeline(config: StepBenchConfig, kind: str = "colocated") -> d
         if failed or len(result.outcomes) < len(requests):
             raise RuntimeError(f"the calibration trace did not complete: {len(failed)} failed, e.g. {failed[:1]}")
 
-    with tempfile.TemporaryDirectory(prefix="sagellm-steps-") as trace_dir, _environ(TRACE_ENV, trace_dir):
+    with step_tracing() as trace_dir:
         trio.run(main)
-        traces = {path.stem: read_trace(path) for path in sorted(Path(trace_dir).glob("*.jsonl"))}
+        served = served_steps(trace_dir)
     ends = np.array([end for end, _ in windows])
     calibrated = f"in the serving pipeline: the {kind} graph serving the calibration trace"
     by_engine = {}
-    for name, timed in traces.items():  # perf_counter is the machine's monotonic clock: one across processes
-        engine = name.rsplit("-", 1)[0]
-        others = [(steps, np.array([t.started for t in steps])) for other, steps in traces.items() if other != name]
-        cycles = []
-        for before, t in zip([None, *timed[:-1]], timed):
-            begin = before.ended if before and before.busy_after else t.started
-            busy = max((busy_fraction(begin, t.ended, *other) for other in others), default=0.0)
-            cycles.append((t, sample_of(t, t.ended - begin, busy)))
+    for engine, cycles in served.items():
         quiet = [
             cycle
             for t, cycle in cycles
@@ -170,12 +163,37 @@ def calibrate_in_pipeline(config: StepBenchConfig, kind: str = "colocated") -> d
         extra = {
             "calibrated": calibrated + (f", the {engine} worker's steps (a core each)" if kind == "pd" else ""),
             "trace": {"requests": len(requests), "phases": phases, "seed": config.seed},
-            "steps_timed": len(timed),
-            "steps_busy": len(timed) - len(quiet),
+            "steps_timed": len(cycles),
+            "steps_busy": len(cycles) - len(quiet),
             "step_within_cycle_p50": float(np.median([t.seconds / c.seconds for t, c in cycles])) if cycles else None,
         }
         kinds = [kind_of(s) for s in samples]
         by_engine[engine] = MeasuredSteps(samples, kinds, [0.0] * len(samples), steps, extra, quiet)
+    return by_engine
+
+
+@contextlib.contextmanager
+def step_tracing() -> Iterator[Path]:
+    """Every engine started inside the block, in this process or its workers, writes its steps into the directory
+    it yields (`SAGELLM_STEP_TRACE`): read them with `served_steps` before it ends."""
+    with tempfile.TemporaryDirectory(prefix="sagellm-steps-") as trace_dir, _environ(TRACE_ENV, trace_dir):
+        yield Path(trace_dir)
+
+
+def served_steps(trace_dir: Path) -> dict[str, list[tuple[TimedStep, StepSample]]]:
+    """The steps each engine node wrote into `trace_dir`, each with its sample: timed from the end of the step
+    before it when the engine was busy then (the executor's turn between steps is part of a served step), else from
+    its start, and with the fraction of that time another engine computed (`busy_fraction`)."""
+    traces = {path.stem: read_trace(path) for path in sorted(trace_dir.glob("*.jsonl"))}
+    by_engine = {}
+    for name, timed in traces.items():  # perf_counter is the machine's monotonic clock: one across processes
+        others = [(steps, np.array([t.started for t in steps])) for other, steps in traces.items() if other != name]
+        cycles = []
+        for before, t in zip([None, *timed[:-1]], timed):
+            begin = before.ended if before and before.busy_after else t.started
+            busy = max((busy_fraction(begin, t.ended, *other) for other in others), default=0.0)
+            cycles.append((t, sample_of(t, t.ended - begin, busy)))
+        by_engine[name.rsplit("-", 1)[0]] = cycles
     return by_engine
 
 

@@ -37,6 +37,9 @@ import numpy as np
 
 MIN_SLOWDOWN_STEPS = 16  # steps of a kind needed to fit its neighbour slowdown ...
 MIN_BUSY_SPREAD = 0.1  # ... and the spread (standard deviation) of their neighbour's busy fractions
+MIN_SPEED_STEPS = 8  # steps of each kind (with prompt chunks, decode only) to tell their speeds apart
+DECODE_TERMS = ("fixed_s", "per_decode_seq_s", "per_context_token_s")  # a step's work without prompt chunks ...
+PROMPT_TERMS = ("per_prefill_token_s", "per_prefill_context_s", "per_prefill_step_s")  # ... and its prompt chunks'
 COEFFICIENTS = (
     "fixed_s",
     "per_prefill_token_s",
@@ -77,6 +80,32 @@ def fit_neighbour_slowdown(model: StepModel, steps: list[StepSample]) -> float:
     return max(0.0, float(slope / (1 + level))) if 1 + level > 0 else 0.0
 
 
+def fit_speed(model: StepModel, steps: list[StepSample]) -> tuple[float, float]:
+    """How many times their modelled time `steps` took for their decode work and for their prompt work: the speed a
+    run went at against the model. A shared machine's speed drifts by 10-20% within a minute (other tenants of its
+    host, whose load no counter in the guest shows), so a run simulated with the model as calibrated carries that
+    drift in its error; rescaled (`rescaled`) to the run's speed it shows the simulator's own. Totals, since a
+    run's latency is a sum of steps: the decode factor makes the decode-only steps' modelled total their measured
+    one; the prompt factor then does the same for the steps with prompt chunks, their decode part taken at the
+    decode factor. With fewer than `MIN_SPEED_STEPS` of a kind (a prefill worker never decodes alone), or a prompt
+    factor the steps' decode part leaves no room for, one factor over all the steps serves for both."""
+    if not steps:
+        raise ValueError("need measured steps to tell their speed")
+    measured = np.array([s.seconds for s in steps])
+    decode_part = np.array([model.decode_part_s(s) * model.neighbour_factor(s) for s in steps])
+    modelled = np.array([model.sample_s(s) for s in steps])
+    overall = float(measured.sum() / modelled.sum())
+    prompt = np.array([s.prefill_tokens > 0 for s in steps])
+    if min(prompt.sum(), (~prompt).sum()) < MIN_SPEED_STEPS:
+        return overall, overall
+    decode = float(measured[~prompt].sum() / modelled[~prompt].sum())
+    prompt_part = modelled[prompt].sum() - decode_part[prompt].sum()
+    left = measured[prompt].sum() - decode * decode_part[prompt].sum()
+    if prompt_part <= 0 or left <= 0:
+        return overall, overall
+    return decode, float(left / prompt_part)
+
+
 @dataclass(frozen=True)
 class StepSample:
     """One measured step."""
@@ -111,6 +140,21 @@ class StepModel:
             + self.per_context_token_s * context_tokens
             + self.per_prefill_context_s * prefill_context
             + (self.per_prefill_step_s if prefill_tokens else 0.0)
+        )
+
+    def decode_part_s(self, sample: StepSample) -> float:
+        """The part of a measured step's modelled time alone that is not its prompt chunks' (`DECODE_TERMS`)."""
+        return (
+            self.fixed_s + self.per_decode_seq_s * sample.decode_seqs + self.per_context_token_s * sample.context_tokens
+        )
+
+    def rescaled(self, decode: float, prompt: float) -> StepModel:
+        """This model on a machine that takes `decode` times as long for the decode terms and `prompt` times as long
+        for the prompt chunks' terms (`fit_speed`)."""
+        return replace(
+            self,
+            **{name: getattr(self, name) * decode for name in DECODE_TERMS},
+            **{name: getattr(self, name) * prompt for name in PROMPT_TERMS},
         )
 
     def neighbour_slowdown(self, prompt: bool) -> float:

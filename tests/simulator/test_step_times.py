@@ -1,8 +1,8 @@
 """`sagellm bench steps` on a tiny random Llama: on the bare engine the steps it times are the compositions it meant
 (read from the scheduler's batch, prompt chunks' earlier context included), in the serving pipeline the calibration
 trace runs every batch size and chunks after earlier context, and the fitted `StepModel` is sane and survives its
-file; `StepModel.fit` itself on synthetic steps whose coefficients (and neighbour slowdowns) are known; a file that is
-not a step model is refused by name."""
+file; `StepModel.fit` itself on synthetic steps whose coefficients (and neighbour slowdowns) are known, and
+`fit_speed` on steps run at a known speed; a file that is not a step model is refused by name."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sagellm.benchmarks.step_times import (
     write_results,
 )
 from sagellm.runtime.engine.step_trace import TimedStep
-from sagellm.simulator.step_model import COEFFICIENTS, StepModel, StepSample
+from sagellm.simulator.step_model import COEFFICIENTS, StepModel, StepSample, fit_speed
 from tests.tiny_models import make_tiny_llama
 
 TINY = dict(
@@ -212,6 +212,41 @@ def test_steps_that_never_ran_beside_a_neighbour_fit_no_slowdown() -> None:
     steps += [StepSample(0, d, 100 * d, 0.005 + 0.001 * d, neighbour_busy=d % 2) for d in range(1, 10)]
     fitted = StepModel.fit(steps)
     assert fitted.neighbour_prompt_slowdown == 0.0 == fitted.neighbour_decode_slowdown
+
+
+def test_rescaled_model_scales_decode_and_prompt_work_apart() -> None:
+    model = StepModel(
+        fixed_s=0.004, per_prefill_token_s=6e-4, per_decode_seq_s=8e-4, per_context_token_s=1e-6,
+        per_prefill_context_s=2e-7, per_prefill_step_s=0.006,
+    )  # fmt: skip
+    scaled = model.rescaled(decode=1.5, prompt=0.5)
+    assert scaled.step_s(0, 4, 400) == pytest.approx(1.5 * (0.004 + 4 * 8e-4 + 400 * 1e-6))
+    prompt_part = 100 * 6e-4 + 1000 * 2e-7 + 0.006  # 100 tokens after 10 earlier ones each: 1,000 context
+    assert scaled.step_s(100, 4, 400, 1000) == pytest.approx(1.5 * model.step_s(0, 4, 400) + 0.5 * prompt_part)
+
+
+def test_fit_speed_recovers_the_speed_a_run_went_at() -> None:
+    """Steps (beside a busy neighbour part of the time) that took 1.2x the model's time for their decode work and
+    0.9x for their prompt chunks: both factors come back; with too few decode-only steps (a prefill worker's) one
+    factor over all of them."""
+    model = StepModel(
+        fixed_s=0.004, per_prefill_token_s=6e-4, per_decode_seq_s=8e-4, per_context_token_s=1.2e-6,
+        per_prefill_step_s=0.006, neighbour_prompt_slowdown=0.15, neighbour_decode_slowdown=0.05,
+    )  # fmt: skip
+    truth = model.rescaled(decode=1.2, prompt=0.9)
+    rng = np.random.default_rng(2)
+    steps = []
+    for _ in range(100):
+        prefill = 0 if rng.random() < 0.5 else int(rng.integers(1, 512))
+        decodes = int(rng.integers(1 if prefill == 0 else 0, 17))
+        step = StepSample(prefill, decodes, 300 * decodes, 0.0, neighbour_busy=float(rng.random()))
+        steps.append(dataclasses.replace(step, seconds=truth.sample_s(step)))
+    assert fit_speed(model, steps) == pytest.approx((1.2, 0.9))
+    prompts = [s for s in steps if s.prefill_tokens][:20] + [s for s in steps if not s.prefill_tokens][:3]
+    overall = sum(s.seconds for s in prompts) / sum(model.sample_s(s) for s in prompts)
+    assert fit_speed(model, prompts) == pytest.approx((overall, overall))
+    with pytest.raises(ValueError, match="need measured steps"):
+        fit_speed(model, [])
 
 
 def test_busy_fraction_is_the_part_of_a_step_another_engine_computed() -> None:
