@@ -144,9 +144,7 @@ class StepModel:
 
     def decode_part_s(self, sample: StepSample) -> float:
         """The part of a measured step's modelled time alone that is not its prompt chunks' (`DECODE_TERMS`)."""
-        return (
-            self.fixed_s + self.per_decode_seq_s * sample.decode_seqs + self.per_context_token_s * sample.context_tokens
-        )
+        return self.step_s(0, sample.decode_seqs, sample.context_tokens)
 
     def rescaled(self, decode: float, prompt: float) -> StepModel:
         """This model on a machine that takes `decode` times as long for the decode terms and `prompt` times as long
