@@ -246,7 +246,8 @@ def run_workload(
     real = make_trace(tokenizer, pd, workload.requests, pd.rate, seed=seed)
     checks = []
     for kind in kinds:
-        served = _serve(config, workload, kind, pd, real, seed, models.step_models(kind))
+        calibrated = models.step_models(kind)
+        served = _serve(config, workload, kind, pd, real, seed, calibrated)
         requests, result = served.requests, served.result
         ttft, tpot, errors = [], [], []
         for request in requests:
@@ -257,7 +258,6 @@ def run_workload(
             if m is None:
                 errors.append(f"{request.request_id}: {outcome.error.message if outcome else 'never finished'}")
         trace = from_rows(real.offsets_s, [r.num_prompt_tokens for r in requests], outputs, name=workload.name)
-        calibrated = models.step_models(kind)
         rescaled = {engine: m.rescaled(*served.speeds[engine]) for engine, m in calibrated.items()}
         sim = simulate(_cluster(kind, rescaled, models.handover, workload, pd), trace)
         as_calibrated = simulate(_cluster(kind, calibrated, models.handover, workload, pd), trace)
@@ -325,9 +325,10 @@ def _serve(
             steps = {"colocated": next(iter(steps.values()))}
         speeds = {engine: fit_speed(models[engine], [sample for _, sample in steps[engine]]) for engine in models}
         tries.append(Served(load.cores(), attempt, requests, result, wall, speeds))
-        if tries[-1].other_cores <= config.quiet_cores:
+        busy = tries[-1].other_cores
+        if busy <= config.quiet_cores:
             break
-        log.warning("sim_check_machine_busy", workload=workload.name, config=kind, other_cores=round(load.cores(), 2))
+        log.warning("sim_check_machine_busy", workload=workload.name, config=kind, other_cores=round(busy, 2))
     return min(tries, key=lambda t: (t.other_cores, t.attempt))
 
 
