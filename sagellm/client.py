@@ -16,7 +16,6 @@ began is a `StreamError`, and no gateway to talk to is a `GatewayNotFoundError` 
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -239,6 +238,7 @@ class _EmbeddedGateway:
         import tempfile
 
         from sagellm import graphs
+        from sagellm.gateway.auth import new_key
         from sagellm.gateway.config import DEFAULT_GRAPH, GatewayConfig
         from sagellm.gateway.server import GatewayThread
         from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
@@ -251,7 +251,7 @@ class _EmbeddedGateway:
         for name in (pipeline.attrs.get("model"), embedding):
             if name:
                 resolve_model(name)
-        self.api_key = secrets.token_urlsafe(16)
+        self.api_key = new_key()
         self._tmp = tempfile.TemporaryDirectory(prefix="sagellm-embedded-") if state_dir is None else None
         config = GatewayConfig(port=0, api_keys=[self.api_key], embedding_model=embedding,
                                state_dir=Path(state_dir or self._tmp.name))  # fmt: skip

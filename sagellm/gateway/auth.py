@@ -40,12 +40,18 @@ def key_guard(keys: list[str], what: str) -> Guard | None:
     return guard
 
 
+def new_key() -> str:
+    """A fresh secret key (192 bits). Hex, because a key is pasted after a flag (`--join-key KEY`) and a url-safe
+    token starts with "-" one time in 64, which argparse takes for an option."""
+    return secrets.token_hex(24)
+
+
 def admin_key(state_dir: Path, configured: str | None) -> str:
     """The configured admin key, else a fresh one written to `state_dir/admin.key` (mode 0600)."""
     if configured:
         return configured
     state_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(24)
+    key = new_key()
     write_private(state_dir / ADMIN_KEY_FILE, (key + "\n").encode())
     return key
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,6 +23,7 @@ import structlog
 import trio
 
 from sagellm.common.errors import FieldError
+from sagellm.gateway.auth import new_key
 from sagellm.gateway.engine_process import Supervisor, free_port, port_free, stop_orphans
 from sagellm.gateway.engine_spec import DRAINING, STOPPED, EngineSpec, ManagedEngine
 from sagellm.gateway.errors import ApiError
@@ -105,9 +105,7 @@ class EngineManager:
             engine = ManagedEngine(engine_id, spec, url, None, spec.api_key)
         else:
             port = spec.port or free_port()
-            engine = ManagedEngine(
-                engine_id, spec, f"http://127.0.0.1:{port}", port, secrets.token_urlsafe(24), gpus=gpus
-            )
+            engine = ManagedEngine(engine_id, spec, f"http://127.0.0.1:{port}", port, new_key(), gpus=gpus)
             engine.directory = self.state_dir / engine_id
         # The model's name at the server: an openai server's as registered, a spawned llm server's the name the gateway
         # gave it, a spawned embedding server's its model's default name.

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from sagellm.cli.main import build_parser
 from sagellm.gateway.auth import ADMIN_KEY_FILE, admin_key, read_admin_key
 from sagellm.gateway.protocol import ChatMessage
 from sagellm.gateway.session_routes import _without_oldest
@@ -32,6 +33,15 @@ def test_the_admin_key_file_is_private_even_when_it_was_not(tmp_path: Path) -> N
     key = admin_key(tmp_path, None)
     assert read_admin_key(tmp_path) == key != "old" and mode(loose) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == [ADMIN_KEY_FILE]  # no temporary file left behind
+
+
+def test_generated_keys_pass_as_a_flags_value(tmp_path: Path) -> None:
+    """`sagellm serve --join-key KEY` takes the head's generated admin key as typed; a key starting with "-" would be
+    read as an option (a url-safe token does one time in 64)."""
+    parser = build_parser(["serve"])
+    keys = [admin_key(tmp_path / str(i), None) for i in range(200)]
+    assert len(set(keys)) == 200
+    assert all(parser.parse_args(["serve", "--join-key", key]).join_key == key for key in keys)
 
 
 async def test_sessions_are_kept_privately_per_key_and_survive_a_reload(tmp_path: Path) -> None:
