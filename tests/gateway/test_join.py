@@ -39,10 +39,10 @@ def completed(url: str) -> float:
     return sum(float(v) for v in re.findall(r"^sagellm:request_success_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
 
 
-def joined_engine(admin: httpx.Client, url: str, timeout: float = 180) -> dict | None:
-    """The head's record of the server at `url` once it is ready (None if it never is)."""
+def joined_engine(admin: httpx.Client, url: str, joiner: subprocess.Popen, timeout: float = 180) -> dict | None:
+    """The head's record of the server at `url` once it is ready (None if it never is, or the joiner exits)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and joiner.poll() is None:
         mine = [e for e in admin.get(ENGINES).json()["data"] if e.get("url") == url]
         if mine and mine[0]["state"] == "ready":
             return mine[0]
@@ -66,7 +66,7 @@ def test_a_joined_server_shares_the_heads_model_with_token_ids_and_leaves_draine
         env = {**os.environ, "SAGELLM_LOG_LEVEL": "info"}
         joiner = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            engine = joined_engine(admin, url)
+            engine = joined_engine(admin, url, joiner)
             assert engine is not None, (tmp_path / "joiner.log").read_text()[-3000:]
             models = httpx.get(head.url + "/v1/models").json()["data"]
             assert [m["id"] for m in models] == [str(tiny_model)]  # one more instance of the head's model, no new name
