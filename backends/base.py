@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 
 from sagellm.backends.quantized import QuantizedWeight
+from sagellm.common.errors import InvalidInput, Unavailable
 
 KernelTable = dict[str, Callable[..., Any]]
 
@@ -100,7 +101,7 @@ REQUIRED_OPS = (
 )
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(Unavailable, RuntimeError):
     """The backend is registered but its software stack or device is missing on this machine."""
 
 
@@ -133,7 +134,7 @@ class HardwareBackend(ABC):
 
     def select_device(self, index: int) -> None:
         """Makes device `index` this process's current one (an engine given `device_ids`)."""
-        raise ValueError(f"backend {self.name!r} has no numbered devices to select")
+        raise InvalidInput(f"backend {self.name!r} has no numbered devices to select")
 
     def linear_dtype_problem(self, dtype: torch.dtype) -> str | None:
         """Why this backend's linears cannot compute in `dtype` (None: they can); float32 always can."""

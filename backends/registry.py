@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from sagellm.backends.base import Availability, BackendUnavailableError, HardwareBackend
+from sagellm.common.errors import InvalidInput
 from sagellm.common.registry import Registry
 
 AUTO = "auto"
@@ -44,12 +45,12 @@ def list_backends() -> list[tuple[str, Availability]]:
 def get_backend(name: str) -> HardwareBackend:
     """Instantiates the backend `name` ("auto": cuda if available, else cpu).
 
-    Raises ValueError for an unknown name and BackendUnavailableError when it cannot run here."""
+    Raises InvalidInput for an unknown name and BackendUnavailableError when it cannot run here."""
     if name == AUTO:
         name = next(n for n in AUTO_ORDER if availability_of(BACKENDS.get(n)).available)
     if name not in BACKENDS:
         known = ", ".join([AUTO, *BACKENDS.names()])
-        raise ValueError(f"unknown backend {name!r}; known backends: {known}")
+        raise InvalidInput(f"unknown backend {name!r}; known backends: {known}")
     cls = BACKENDS.get(name)
     status = availability_of(cls)
     if not status.available:

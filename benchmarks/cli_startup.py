@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.benchmarks.vllm_results import cpu_description
+from sagellm.common.errors import InvalidInput
 
 BUDGET_S = 0.3
 COMMAND_LINE = re.compile(r"^    (\w[\w-]*)(?: |$)", re.M)  # a command in `sagellm --help`'s list
@@ -45,7 +47,7 @@ def time_once(argv: list[str]) -> float:
     done = subprocess.run(argv, capture_output=True, timeout=60)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.decode()[-500:]}")
+        raise BenchmarkError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.decode()[-500:]}")
     return elapsed
 
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     if args.repeats < 1:
-        raise ValueError("--repeats must be >= 1")
+        raise InvalidInput("--repeats must be >= 1")
     times = measure(commands(), args.repeats)
     cpu = cpu_description()
     table = Table("command", "median s", "min s", "max s", title="CLI start-up", caption=f"CPU: {cpu}")

@@ -6,7 +6,7 @@ one core) that the front end in front of it, not it, is what the benchmark sees.
     python -m sagellm.benchmarks.fake_engine --port 8001 [--tokens 16] [--server ours]
 
 `--server ours` serves the same chunks, each in its own write as aiohttp writes them, on sageLLM's own HTTP server
-(`sagellm.gateway.http_server`): what our HTTP stack alone costs beside aiohttp's, the floor under our gateway.
+(`sagellm.gateway.http.server`): what our HTTP stack alone costs beside aiohttp's, the floor under our gateway.
 aiohttp (installed with vllm-router, by the bench and test extras) is imported where it is used, so `bench gateway`
 reads REPLY without it."""
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from sagellm.gateway.http import App
+    from sagellm.gateway.http.app import App
 
 REPLY = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun today"
 MODEL = "fake"
@@ -76,7 +76,7 @@ def app(tokens: int) -> web.Application:
 
 def our_app(tokens: int) -> App:
     """`app`'s routes and replies on our own HTTP server's `App`."""
-    from sagellm.gateway.http import App, EventStream, HttpRequest, Response
+    from sagellm.gateway.http.app import App, EventStream, HttpRequest, Response
 
     replies = {chat: [c.removeprefix(b"data: ").removesuffix(b"\n\n") for c in chunks(tokens, chat)]
                for chat in (True, False)}  # fmt: skip  # (the server frames each event)
@@ -111,7 +111,8 @@ def main() -> None:
     if args.server == "ours":
         import trio
 
-        from sagellm.gateway.http_server import HttpLimits, serve_http
+        from sagellm.gateway.http.limits import HttpLimits
+        from sagellm.gateway.http.server import serve_http
 
         limits = HttpLimits(max_body_bytes=1 << 20)
         trio.run(partial(serve_http, our_app(args.tokens), "127.0.0.1", args.port, limits,

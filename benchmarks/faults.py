@@ -35,9 +35,12 @@ import numpy as np
 import trio
 
 from sagellm import graphs
-from sagellm.benchmarks.chaos import READY_TIMEOUT_S, STREAM_TIMEOUT_S, Server, lost_count, progress, tally
+from sagellm.benchmarks.chaos_report import lost_count, progress, tally
+from sagellm.benchmarks.chaos_server import READY_TIMEOUT_S, Server
+from sagellm.benchmarks.chaos_streams import STREAM_TIMEOUT_S
 from sagellm.benchmarks.report import write_json_and_plot
 from sagellm.benchmarks.vllm_results import cpu_description
+from sagellm.common.errors import StartFailed
 
 GRAPH = """\
 name: three_workers
@@ -178,7 +181,7 @@ class Engines:
         started = time.monotonic()
         while not all(admin.get(f"/v1/management/engines/{i}").json()["state"] == "ready" for i in ids):
             if time.monotonic() - started > READY_TIMEOUT_S:
-                raise RuntimeError(f"the engines did not become ready: {admin.get('/v1/management/engines').text}")
+                raise StartFailed(f"the engines did not become ready: {admin.get('/v1/management/engines').text}")
             await trio.sleep(0.5)
         progress(f"engines ready in {time.monotonic() - started:.0f} s: {ids}", "faults")
         return cls(admin, ids, None if replicas else POOL)

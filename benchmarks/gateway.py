@@ -42,6 +42,7 @@ from sagellm.benchmarks.fake_engine import REPLY
 from sagellm.benchmarks.proc_stats import children, cpu_seconds
 from sagellm.benchmarks.raw_http import RawClient, drain, lines
 from sagellm.benchmarks.serve import chunk_text
+from sagellm.common.errors import StartFailed
 
 TOKENS = 16  # per reply, as in W5
 OUR_HTTP = "engine on our HTTP server"
@@ -101,7 +102,7 @@ class PathResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sagellm.benchmarks.chaos import free_port
+    from sagellm.benchmarks.chaos_server import free_port
     from sagellm.benchmarks.vllm_results import cpu_description
 
     router = args.router or shutil.which("vllm-router") or str(Path(sys.prefix) / "bin" / "vllm-router")
@@ -177,7 +178,7 @@ async def _ready(server: Server) -> str:
     deadline = trio.current_time() + READY_TIMEOUT_S
     while True:
         if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.process.returncode} before it was ready")
+            raise StartFailed(f"{server.name} exited with {server.process.returncode} before it was ready")
         client = RawClient("127.0.0.1", server.port)
         try:
             reply, body = await client.get("/v1/models")
@@ -188,7 +189,7 @@ async def _ready(server: Server) -> str:
         finally:
             await client.aclose()
         if trio.current_time() > deadline:
-            raise RuntimeError(f"{server.name} did not answer within {READY_TIMEOUT_S} s")
+            raise StartFailed(f"{server.name} did not answer within {READY_TIMEOUT_S} s")
         await trio.sleep(0.2)
 
 

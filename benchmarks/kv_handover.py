@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.benchmarks.pd_split import PDBenchConfig, Trace, build_graph, run_config
 from sagellm.simulator.kv_transfer import KVTransferModel
 
@@ -61,6 +62,6 @@ def calibrate_kv_handover(
         handover = outcome.metrics.kv_handover_s if outcome is not None and outcome.metrics is not None else None
         if handover is None or math.isnan(handover):
             why = outcome.error.message if outcome is not None and outcome.error else "no hand-over measured"
-            raise RuntimeError(f"KV hand-over calibration: request {request.request_id}: {why}")
+            raise BenchmarkError(f"KV hand-over calibration: request {request.request_id}: {why}")
         samples.append((request.num_prompt_tokens, handover))
     return HandoverCalibration(KVTransferModel.fit(samples), samples, time.perf_counter() - started)

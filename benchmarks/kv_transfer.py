@@ -31,7 +31,9 @@ import trio
 import zmq
 from tqdm import tqdm
 
+from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.benchmarks.report import write_json_and_plot
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.comm import shared_memory, wire
 from sagellm.runtime.comm.wire import End, Ready
 from sagellm.runtime.comm.zmq_trio import TrioSocket, announce_ready, bind_pull, connect_push
@@ -49,10 +51,6 @@ DESCRIPTIONS = {
     "the copy out of it is the only one",
 }
 SEED = 0
-
-
-class BenchmarkError(RuntimeError):
-    """A transfer path failed or delivered wrong bytes, so its numbers would mean nothing."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ def run_kv_transfer(config: KVTransferConfig) -> KVTransferReport:
     """Every path in turn, `warmup` untimed then `repeats` timed transfers each, into one destination buffer."""
     unknown = set(config.paths) - set(PATHS)
     if unknown or config.repeats < 1 or config.warmup < 0:
-        raise ValueError(f"paths must be among {', '.join(PATHS)} (got {sorted(unknown)}), repeats >= 1, warmup >= 0")
+        raise InvalidInput(f"paths must be among {', '.join(PATHS)} (got {sorted(unknown)}), repeats >= 1, warmup >= 0")
     src = _payload(config.shape.dims, config.dtype)  # [L, 2, T, H, D]
     dst = torch.empty_like(src)  # the decode side's cache, preallocated
     count = config.warmup + config.repeats

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.common.processes import python_module
 
 MODULE = "sagellm.benchmarks.load"  # this file, run as the child that times one in-process stage
@@ -98,14 +99,14 @@ def ready_seconds(stderr: str) -> float:
     """The startup time `sagellm run` reports on stderr ("ready in 4.2 s")."""
     found = READY.search(stderr)
     if found is None:
-        raise RuntimeError(f"sagellm run printed no 'ready in X s' line; its stderr ends:\n{stderr[-2000:]}")
+        raise BenchmarkError(f"sagellm run printed no 'ready in X s' line; its stderr ends:\n{stderr[-2000:]}")
     return float(found.group(1))
 
 
 def _child(stage: str, model: Path) -> dict[str, float]:
     done = subprocess.run(python_module(MODULE, stage, str(model)), capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the {stage} stage failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        raise BenchmarkError(f"the {stage} stage failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.splitlines()[-1])
 
 
@@ -117,7 +118,7 @@ def _sagellm_run(graph: str, model: str | None) -> tuple[float, float]:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"sagellm run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        raise BenchmarkError(f"sagellm run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return ready_seconds(done.stderr), wall
 
 

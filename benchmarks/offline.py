@@ -24,8 +24,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
+from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.benchmarks.report import median_summary
 from sagellm.benchmarks.workloads import Workload, random_token_prompts
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.loader import load_model
 
 PEERS = ("transformers",)
@@ -40,10 +42,6 @@ DEFINITIONS = {
     "sagellm": "one LLM per workload: max_num_seqs = the workload's batch size, KV cache sized for the whole batch",
     "transformers": "generate on static left-padded batches of the workload's batch size, min_new_tokens = max",
 }
-
-
-class BenchmarkError(RuntimeError):
-    """An engine did not do the work the benchmark asked for, so its numbers would compare unlike with like."""
 
 
 @dataclass
@@ -137,14 +135,14 @@ def run_offline(config: OfflineConfig) -> OfflineReport:
     """Every workload on sageLLM, then every workload on each peer; `repeats` fresh prompt sets per workload."""
     unknown = set(config.peers) - set(PEERS)
     if unknown:
-        raise ValueError(f"unknown peer(s) {sorted(unknown)}; choose from {', '.join(PEERS)} or none")
+        raise InvalidInput(f"unknown peer(s) {sorted(unknown)}; choose from {', '.join(PEERS)} or none")
     if config.repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {config.repeats}")
+        raise InvalidInput(f"repeats must be >= 1, got {config.repeats}")
     # Our loader's view of the model: the exact file to hand transformers (a cache directory holds one .gguf among
     # tokenizer files), and the tokenizer both engines' prompts are drawn from.
     meta = load_model(config.model, load_weights=False)
     if meta.tokenizer is None:
-        raise ValueError(f"{meta.source}: the model has no tokenizer, which the engines need")
+        raise InvalidInput(f"{meta.source}: the model has no tokenizer, which the engines need")
     config = replace(config, model=meta.source)
     tokenizer = meta.tokenizer
     prompt_sets = {

@@ -28,6 +28,7 @@ import trio
 from tqdm import tqdm
 
 from sagellm.common.affinity import usable_cores
+from sagellm.common.errors import InvalidInput
 from sagellm.operators.replay_source import ReplaySource, poisson_offsets
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.execution_graph.graph import Graph
@@ -69,11 +70,11 @@ class PDBenchConfig:
     def __post_init__(self) -> None:
         unknown = set(self.configs) - set(CONFIGS)
         if unknown or not self.configs:
-            raise ValueError(f"configs must be among {', '.join(CONFIGS)}, got {sorted(unknown) or 'none'}")
+            raise InvalidInput(f"configs must be among {', '.join(CONFIGS)}, got {sorted(unknown) or 'none'}")
         if min(self.num_requests, self.capacity_requests, self.repeats) < 1 or not 0 <= self.long_fraction <= 1:
-            raise ValueError("num_requests, capacity_requests and repeats must be >= 1, long_fraction in [0, 1]")
+            raise InvalidInput("num_requests, capacity_requests and repeats must be >= 1, long_fraction in [0, 1]")
         if (self.rate is not None and not self.rate > 0) or not self.load_factor > 0:
-            raise ValueError(f"rate and load_factor must be > 0, got {self.rate} and {self.load_factor}")
+            raise InvalidInput(f"rate and load_factor must be > 0, got {self.rate} and {self.load_factor}")
 
 
 @dataclass

@@ -26,8 +26,10 @@ from typing import Any
 import trio
 from tqdm import tqdm
 
+from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.benchmarks.instant_engine import InstantEngine
 from sagellm.benchmarks.report import write_json_and_plot
+from sagellm.common.errors import InvalidInput
 from sagellm.dsl import Pipeline
 from sagellm.operators.replay_source import ReplaySource
 from sagellm.runtime.engine.sampling_params import SamplingParams
@@ -52,10 +54,6 @@ COLUMNS = (  # (row key, header, format)
     ("mean_in_flight", "mean in flight", "{:.1f}"),
     ("wall_s", "wall s", "{:.2f}"),
 )
-
-
-class BenchmarkError(RuntimeError):
-    """A path lost requests or tokens, so its numbers would mean nothing."""
 
 
 @dataclass
@@ -123,7 +121,7 @@ def run_pipeline_overhead(config: OverheadConfig) -> OverheadReport:
     """Every path in turn on fresh requests, each checked to have finished every request with `tokens` tokens."""
     unknown = set(config.paths) - set(PATHS)
     if unknown or min(config.requests, config.concurrency, config.tokens, config.prompt_tokens) < 1:
-        raise ValueError(f"paths must be among {', '.join(PATHS)} (got {sorted(unknown)}); counts must be >= 1")
+        raise InvalidInput(f"paths must be among {', '.join(PATHS)} (got {sorted(unknown)}); counts must be >= 1")
     results = []
     with tqdm(total=config.requests * len(config.paths), unit="req", disable=not config.progress) as bar:
         tick = _Ticker(bar, max(1, config.requests // 100))

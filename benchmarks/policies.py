@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.benchmarks.policies_report import command, plot, print_tables, report_json
 from sagellm.benchmarks.policy_sim import SimConfig, run_sim
 from sagellm.benchmarks.policy_workload import (
@@ -44,6 +45,7 @@ from sagellm.benchmarks.policy_workload import (
     policy_state,
 )
 from sagellm.benchmarks.report import add_repeats_argument, write_json_and_plot
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request
 
@@ -68,7 +70,7 @@ class RealConfig:
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+            raise InvalidInput(f"repeats must be >= 1, got {self.repeats}")
 
 
 def run_real(config: RealConfig) -> Part:
@@ -142,7 +144,7 @@ def _measure_capacity(config: RealConfig, model: str, attrs: dict[str, Any], pro
     finishes = sorted(r.arrival_time + result.outcomes[r.request_id].metrics.e2e_s for r in requests)
     first = min(config.max_num_seqs, len(finishes) - 1) - 1
     if first < 0 or finishes[-1] <= finishes[first]:
-        raise RuntimeError(f"capacity: need more than {config.max_num_seqs} requests to measure steady throughput")
+        raise BenchmarkError(f"capacity: need more than {config.max_num_seqs} requests to measure steady throughput")
     return (len(finishes) - 1 - first) / (finishes[-1] - finishes[first])
 
 

@@ -27,8 +27,10 @@ from sagellm.benchmarks.policy_workload import (
     new_run,
     policy_state,
 )
+from sagellm.common.errors import InvalidInput
 from sagellm.simulator.capacity import cluster_capacity_rps
-from sagellm.simulator.cluster import ClusterConfig, Tier, simulate
+from sagellm.simulator.cluster import simulate
+from sagellm.simulator.cluster_config import ClusterConfig, Tier
 from sagellm.simulator.result import SimResult
 from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import Lengths, Trace, poisson
@@ -87,7 +89,7 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+            raise InvalidInput(f"repeats must be >= 1, got {self.repeats}")
 
     def cluster(self, policy: str, bound: int | None, seed: int) -> ClusterConfig:
         return ClusterConfig(instances=self.instances, tiers=self.tiers, policy=policy, max_queue=bound, seed=seed)

@@ -16,6 +16,7 @@ import trio
 HEAD_LIMIT = 64 * 1024
 
 
+# Not a SageLLMError: a reply cut short is an outcome the benchmarks measure and catch, never an error a user sees.
 class ConnectionClosed(Exception):
     """The server closed the connection before the reply ended."""
 

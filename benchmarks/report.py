@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from sagellm.common.errors import users_file
+
 REQUEST_COUNTS = ("completed", "failed")  # the summaries' request counts, summed over repeats rather than medianed
 
 
@@ -50,8 +52,9 @@ def add_repeats_argument(parser: argparse.ArgumentParser, interleaved: str) -> N
 
 def write_json_and_plot(stem: Path, payload: dict[str, Any], plot: Callable[[Path], None]) -> tuple[Path, Path]:
     """Writes `payload` (JSON has no NaN: pass finite numbers or None) and calls `plot(png_path)`; makes the folder."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    with users_file(json_path, "write the results"):
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     plot(png_path)
     return json_path, png_path

@@ -29,6 +29,7 @@ import trio
 
 from sagellm.benchmarks.raw_http import ConnectionClosed, RawClient, drain, lines
 from sagellm.benchmarks.serve_datasets import SampleRequest
+from sagellm.common.errors import InvalidInput, Unavailable
 from sagellm.runtime.engine.outputs import RequestMetrics
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
@@ -42,7 +43,7 @@ ERROR_CHARS = 300  # of an error body kept per failed request
 PROBE_PROMPT = "Hello! Please introduce yourself."
 
 
-class TargetError(RuntimeError):
+class TargetError(Unavailable):
     """A target could not be benchmarked at all: no model list, or its first request failed."""
 
 
@@ -132,7 +133,7 @@ class BenchResult:
 def arrival_times(n: int, request_rate: float, seed: int) -> list[float]:
     """Send offsets in seconds: all 0 for an infinite rate, else a Poisson process (exponential gaps) from 0."""
     if request_rate <= 0:
-        raise ValueError(f"--request-rate must be > 0 (inf: all at once), got {request_rate}")
+        raise InvalidInput(f"--request-rate must be > 0 (inf: all at once), got {request_rate}")
     if math.isinf(request_rate):
         return [0.0] * n
     gaps = np.random.default_rng(seed).exponential(1.0 / request_rate, size=max(n - 1, 0))  # [n - 1]
@@ -142,7 +143,7 @@ def arrival_times(n: int, request_rate: float, seed: int) -> list[float]:
 async def benchmark(config: ServeConfig, request_sets: Sequence[list[SampleRequest]]) -> BenchResult:
     """Each target checked with one request (also a warm-up), then every prompt set run on each in turn."""
     if config.endpoint not in ENDPOINTS:
-        raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {config.endpoint}")
+        raise InvalidInput(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {config.endpoint}")
     result = BenchResult([], {}, {})
     pools = {target.name: _Connections(config, target) for target in config.targets}
     try:
@@ -174,7 +175,7 @@ class _Connections:
     def __init__(self, config: ServeConfig, target: Target) -> None:
         url = urlsplit(target.base_url)
         if url.scheme != "http" or not url.hostname:
-            raise ValueError(f"bench serve speaks plain http://HOST:PORT, not {target.base_url!r}")
+            raise InvalidInput(f"bench serve speaks plain http://HOST:PORT, not {target.base_url!r}")
         self._address = url.hostname, url.port or 80
         self._prefix = url.path.rstrip("/")
         self._headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}

@@ -27,6 +27,7 @@ from sagellm.benchmarks.serve import (
     summarize,
 )
 from sagellm.benchmarks.serve_datasets import SampleRequest
+from sagellm.common.errors import InvalidInput
 
 COLUMNS = (  # (summary key, header, format); every request count is summed over repeats, the rest are medians
     ("out_tok_s", "out tok/s", "{:.1f}"),
@@ -60,11 +61,11 @@ def parse_targets(specs: Sequence[str], base_url: str) -> tuple[Target, ...]:
     for spec in specs:
         name, sep, url = spec.partition("=")
         if not sep or not name or not url.startswith(("http://", "https://")):
-            raise ValueError(f"--target {spec!r}: expected NAME=http://HOST:PORT")
+            raise InvalidInput(f"--target {spec!r}: expected NAME=http://HOST:PORT")
         targets.append(Target(name, url.rstrip("/")))
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
-        raise ValueError(f"--target names must differ, got {', '.join(names)}")
+        raise InvalidInput(f"--target names must differ, got {', '.join(names)}")
     return tuple(targets)
 
 
@@ -78,7 +79,8 @@ def parse_goodput(specs: Sequence[str]) -> dict[str, float]:
         except ValueError:
             limit = math.nan
         if metric not in SLO_METRICS or not limit > 0:
-            raise ValueError(f"--goodput {spec!r}: expected METRIC:MS with METRIC in {', '.join(SLO_METRICS)}, MS > 0")
+            metrics = ", ".join(SLO_METRICS)
+            raise InvalidInput(f"--goodput {spec!r}: expected METRIC:MS with METRIC in {metrics}, MS > 0")
         slos[metric] = limit
     return slos
 
@@ -121,14 +123,14 @@ def run(args: argparse.Namespace) -> int:
     targets = parse_targets(args.target, args.base_url)
     metrics = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
     if not set(metrics) <= set(METRICS):
-        raise ValueError(f"--percentile-metrics: choose from {', '.join(METRICS)}, got {args.percentile_metrics}")
+        raise InvalidInput(f"--percentile-metrics: choose from {', '.join(METRICS)}, got {args.percentile_metrics}")
     percentiles = [float(q) for q in args.metric_percentiles.split(",") if q.strip()]
     if not all(0 < q <= 100 for q in percentiles):
-        raise ValueError(f"--metric-percentiles must be in (0, 100], got {args.metric_percentiles}")
+        raise InvalidInput(f"--metric-percentiles must be in (0, 100], got {args.metric_percentiles}")
     slos = parse_goodput(args.goodput)
     for flag in ("max_concurrency", "num_prompts"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise InvalidInput(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     config = ServeConfig(
         targets, args.endpoint, args.model, args.api_key, args.max_concurrency, args.request_rate, args.seed,
         args.ignore_eos, args.temperature, args.timeout, not args.no_progress,
@@ -157,7 +159,7 @@ def _request_sets(args: argparse.Namespace) -> list[list[SampleRequest]]:
 
     if args.dataset_name == "jsonl":
         if args.dataset_path is None:
-            raise ValueError("--dataset-name jsonl needs --dataset-path")
+            raise InvalidInput("--dataset-name jsonl needs --dataset-path")
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         return [jsonl_requests(args.dataset_path, args.num_prompts, args.random_output_len, tokenizer)] * args.repeats
     tokenizer = load_tokenizer(args.tokenizer)

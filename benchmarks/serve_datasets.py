@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sagellm.benchmarks.workloads import random_token_prompts
+from sagellm.common.errors import InvalidInput
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 FIT_ROUNDS = 4  # decode/encode rounds to bring a prompt to its target length; random text settles in one or two
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidInput):
     """The prompts asked for cannot be made: a bad length or ratio, or a malformed JSONL file."""
 
 

@@ -23,8 +23,10 @@ from tqdm import tqdm
 from sagellm.benchmarks.policy_workload import CLASSES
 from sagellm.benchmarks.report import write_json_and_plot
 from sagellm.benchmarks.vllm_results import cpu_description
+from sagellm.common.errors import NotFound
 from sagellm.simulator.capacity import capacity_rps
-from sagellm.simulator.cluster import ClusterConfig, simulate
+from sagellm.simulator.cluster import simulate
+from sagellm.simulator.cluster_config import ClusterConfig
 from sagellm.simulator.result import json_safe
 from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import poisson, with_classes
@@ -48,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.step_model.is_file():
-        raise ValueError(f"no step model at {args.step_model}: run `sagellm bench steps` first, or pass --step-model")
+        raise NotFound(f"no step model at {args.step_model}: run `sagellm bench steps` first, or pass --step-model")
     model = StepModel.load(args.step_model)
     payload: dict[str, Any] = {"machine": {"cpu": cpu_description()}, "step_model": vars(model)}
     payload["command"] = " ".join(["sagellm", "bench", "simulator", *sys.argv[3:]])

@@ -24,8 +24,10 @@ from typing import Any, Literal
 
 import trio
 
-from sagellm.gateway.http import App, EventStream, HttpRequest, Response
-from sagellm.gateway.http_server import HttpLimits, serve_http
+from sagellm.common.errors import InvalidInput, StartFailed
+from sagellm.gateway.http.app import App, EventStream, HttpRequest, Response
+from sagellm.gateway.http.limits import HttpLimits
+from sagellm.gateway.http.server import serve_http
 
 FailMode = Literal["429", "500", "error-event"]
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
@@ -46,7 +48,7 @@ class StreamingFixture:
         model: str = "fixture",
     ) -> None:
         if tokens_per_chunk < 1:
-            raise ValueError(f"tokens_per_chunk must be >= 1, got {tokens_per_chunk}")
+            raise InvalidInput(f"tokens_per_chunk must be >= 1, got {tokens_per_chunk}")
         self.first_delay_s, self.delay_s = first_delay_s, delay_s
         self.tokens_per_chunk = tokens_per_chunk
         self.usage = usage
@@ -146,7 +148,7 @@ def serving_in_thread(app: StreamingFixture) -> Iterator[str]:
     thread.start()
     started = ready.get(timeout=30)
     if isinstance(started, BaseException):
-        raise RuntimeError(f"the SSE fixture did not start: {started!r}") from started
+        raise StartFailed(f"the SSE fixture did not start: {started!r}") from started
     url, scope, token = started
     try:
         yield url

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class StepBenchConfig:
@@ -38,15 +40,15 @@ class StepBenchConfig:
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.repeats) < 1 or self.warmup < 0:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and repeats must be >= 1, warmup >= 0")
+            raise InvalidInput("max_num_seqs, max_num_batched_tokens and repeats must be >= 1, warmup >= 0")
         if not self.context_lens or min(self.context_lens) < 1 or not self.chunk_sizes or min(self.chunk_sizes) < 2:
-            raise ValueError("context_lens must be >= 1 and chunk_sizes >= 2 tokens (a 1-token chunk is a decode)")
+            raise InvalidInput("context_lens must be >= 1 and chunk_sizes >= 2 tokens (a 1-token chunk is a decode)")
         if min(self.trace_prompt_lens, default=0) < 2 or min(self.trace_output_lens, default=0) < 1:
-            raise ValueError("trace_prompt_lens must be >= 2 tokens and trace_output_lens >= 1")
+            raise InvalidInput("trace_prompt_lens must be >= 2 tokens and trace_output_lens >= 1")
         if bool(self.trace_short_prompt_lens) != bool(self.trace_short_output_lens):
-            raise ValueError("trace_short_prompt_lens and trace_short_output_lens: both or neither")
+            raise InvalidInput("trace_short_prompt_lens and trace_short_output_lens: both or neither")
         if min(self.trace_short_prompt_lens, default=2) < 2 or min(self.trace_short_output_lens, default=1) < 1:
-            raise ValueError("trace_short_prompt_lens must be >= 2 tokens and trace_short_output_lens >= 1")
+            raise InvalidInput("trace_short_prompt_lens must be >= 2 tokens and trace_short_output_lens >= 1")
 
     @property
     def limits(self) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.benchmarks.step_bench_config import StepBenchConfig
 from sagellm.benchmarks.step_timer import OtherLoad, busy_fraction, kind_of, pool, sample_of
 from sagellm.runtime.engine.sampling_params import SamplingParams
@@ -144,7 +145,7 @@ def calibrate_in_pipeline(config: StepBenchConfig, kind: str = "colocated") -> d
                 nursery.cancel_scope.cancel()
         failed = [o.error.message for o in result.outcomes.values() if o.error is not None]
         if failed or len(result.outcomes) < len(requests):
-            raise RuntimeError(f"the calibration trace did not complete: {len(failed)} failed, e.g. {failed[:1]}")
+            raise BenchmarkError(f"the calibration trace did not complete: {len(failed)} failed, e.g. {failed[:1]}")
 
     with step_tracing() as trace_dir:
         trio.run(main)

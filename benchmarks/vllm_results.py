@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sagellm.benchmarks.report import median_summary, write_json_and_plot
+from sagellm.common.errors import NotFound
 
 FILE = re.compile(r"(?P<server>.+)_c(?P<concurrency>\d+)_s(?P<seed>\d+)\.json")
 # (vllm bench serve's key, header, format); request counts are summed over the repeats, the rest are medians.
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     groups = load(args.directory)
     if not groups:
-        raise ValueError(f"{args.directory}: no SERVER_cCONCURRENCY_sSEED.json files of `vllm bench serve`")
+        raise NotFound(f"{args.directory}: no SERVER_cCONCURRENCY_sSEED.json files of `vllm bench serve`")
     medians = {key: summarize(results) for key, results in groups.items()}
     cpu = cpu_description()
     print(markdown(medians, {key: len(results) for key, results in groups.items()}))

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sagellm.common.errors import InvalidInput
+
 if TYPE_CHECKING:  # `sagellm --help` and every command import this module; transformers is slow to import
     from transformers import PreTrainedTokenizerBase
 
@@ -37,7 +39,7 @@ class Workload:
     def __post_init__(self) -> None:
         for field_name in ("num_prompts", "input_len", "output_len", "max_concurrency"):
             if getattr(self, field_name) < 1:
-                raise ValueError(f"workload {self.name}: {field_name} must be >= 1, got {getattr(self, field_name)}")
+                raise InvalidInput(f"workload {self.name}: {field_name} must be >= 1, got {getattr(self, field_name)}")
 
     @property
     def batch_size(self) -> int:
@@ -56,7 +58,7 @@ def standard_workloads(
     workload's prompt count (quick runs); W2 sizes that collapse to the same count after the cap are kept once."""
     unknown = [g for g in groups if g not in WORKLOAD_GROUPS]
     if unknown:
-        raise ValueError(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOAD_GROUPS)}")
+        raise InvalidInput(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOAD_GROUPS)}")
 
     def cap(n: int) -> int:
         return n if max_num_prompts is None else min(n, max_num_prompts)
@@ -96,7 +98,7 @@ def random_token_prompts(
     excluded = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     allowed = np.array([i for i in range(len(tokenizer)) if i not in excluded], dtype=np.int64)
     if allowed.size == 0:
-        raise ValueError("the tokenizer has no ordinary (non-special) tokens to draw prompts from")
+        raise InvalidInput("the tokenizer has no ordinary (non-special) tokens to draw prompts from")
     rng = np.random.default_rng(list(seed) if isinstance(seed, Sequence) else seed)
     picks = rng.integers(0, allowed.size, size=(num_prompts, input_len))  # [N, L] indices into `allowed`
     return allowed[picks].tolist()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sagellm.common.errors import InvalidInput
+
 
 def usable_cores() -> list[int]:
     """The cores this process may run on (its affinity mask, which a container or taskset may have narrowed)."""
@@ -22,6 +24,6 @@ def pin_process(cores: list[int]) -> None:
         except ProcessLookupError:
             continue  # a thread that ended meanwhile
         except OSError as error:
-            raise ValueError(
+            raise InvalidInput(
                 f"cannot run on cores {cores}: {error.strerror} (this machine has {os.cpu_count()})"
             ) from None

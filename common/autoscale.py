@@ -1,9 +1,9 @@
 """When to add or remove a serving instance: the autoscaler's decision, from the signals the policies already read.
 
-Pure and driven by the clock it is given, so the gateway's autoscaler (`sagellm.gateway.autoscaler`, which starts and
-drains engine processes) and a simulator decide alike from the same numbers. Up when requests wait (more per ready
-instance than `up_waiting_per_instance`, in the policy queues and in the engines' own) or the SLO-violation rate of
-the requests that finished since the last reading reaches `up_slo_violation_rate`; down when the instances are mostly
+Pure and driven by the clock it is given, so the gateway's autoscaler (`sagellm.gateway.control.autoscaler`, which
+starts and drains engine processes) and a simulator decide alike from the same numbers. Up when requests wait (more per
+ready instance than `up_waiting_per_instance`, in the policy queues and in the engines' own) or the SLO-violation rate
+of the requests that finished since the last reading reaches `up_slo_violation_rate`; down when the instances are mostly
 idle (running and waiting below `down_load` of their slots) and nothing violated, and have stayed so for `down_delay_s`
 (Ray Serve's downscale delay: a lull between two waves, or the moment a new instance becomes ready after the burst that
 asked for it, is not a reason to remove one). One instance at a time, within `[min_instances, max_instances]`, never
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sagellm.common.errors import FieldError, check_known
+from sagellm.common.errors import FieldError, InvalidInput, check_known
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,11 @@ class AutoscaleSettings:
 
 
 def instance_bounds(text: str) -> dict[str, int]:
-    """`MIN:MAX` as the command lines write it (`--autoscale 1:4`) -> min_instances and max_instances; ValueError
+    """`MIN:MAX` as the command lines write it (`--autoscale 1:4`) -> min_instances and max_instances; InvalidInput
     for anything else (the settings' own checks then judge the numbers)."""
     low, colon, high = text.partition(":")
     if not colon or not low.isdigit() or not high.isdigit():
-        raise ValueError(f"--autoscale: expected MIN:MAX instances (1:4), got {text!r}")
+        raise InvalidInput(f"--autoscale: expected MIN:MAX instances (1:4), got {text!r}")
     return {"min_instances": int(low), "max_instances": int(high)}
 
 

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from sagellm.common.errors import InvalidInput
+
 _ours: tuple[type, int] | None = None  # the wrapper class `configure_logging` made, and its level
 
 
@@ -22,7 +24,7 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
     global _ours
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
-        raise ValueError(f"log level must be debug, info, warning or error, got {level!r}")
+        raise InvalidInput(f"log level must be debug, info, warning or error, got {level!r}")
     # JSON lines carry an exception as data (type, message, every frame), so a log search finds the cause of an
     # `internal` error; the console renderer prints the traceback itself.
     tail = (

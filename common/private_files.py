@@ -8,8 +8,10 @@ import secrets
 import stat
 from pathlib import Path
 
+from sagellm.common.errors import InvalidInput
 
-class OpenFileError(PermissionError):
+
+class OpenFileError(InvalidInput, PermissionError):
     """A private file whose permissions let others read or write it (the message says how to fix it)."""
 
 

@@ -25,12 +25,18 @@ from typing import Any
 
 import trio
 
+from sagellm.common.errors import StartFailed, Unavailable
+
 PR_SET_PDEATHSIG = 1
 NAMESPACE = "sagellm"  # of every actor sageLLM starts
 
 
-class RayMissing(RuntimeError):
+class RayMissing(Unavailable, RuntimeError):
     """Something is to run on Ray, and Ray is not installed here."""
+
+
+class RayStartError(StartFailed, RuntimeError):  # RuntimeError: the engine supervisor catches it as one
+    """Ray placed no process in time, or could not start it (the message says which)."""
 
 
 def import_ray() -> Any:
@@ -64,7 +70,7 @@ class RayProcess:
     ) -> RayProcess:
         """Places a `ProcessHost` with Ray's actor `options` (resources, a placement group's bundle) on the
         connected cluster and starts `command(host, port)` there, with the node's address and a port free on it
-        (blocking). Raises RuntimeError if Ray has not placed it within `timeout_s` (no node has the resources, and
+        (blocking). Raises RayStartError if Ray has not placed it within `timeout_s` (no node has the resources, and
         no Ray autoscaler added one) or could not start it (the command, the actor or its node failed)."""
         ray = import_ray()
         options = {**options, "max_restarts": 0, "max_concurrency": 4}  # a dead process is its supervisor's to judge
@@ -74,11 +80,11 @@ class RayProcess:
             pid = ray.get(actor.start.remote(command(host, port), env), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.kill(actor, no_restart=True)
-            raise RuntimeError(f"Ray placed no process with {options} in {timeout_s:g} s") from None
+            raise RayStartError(f"Ray placed no process with {options} in {timeout_s:g} s") from None
         except ray.exceptions.RayError as error:
             ray.kill(actor, no_restart=True)
             cause = getattr(error, "cause", None) or error  # a task's own exception, without Ray's traceback
-            raise RuntimeError(f"Ray could not start the process: {type(cause).__name__}: {cause}") from error
+            raise RayStartError(f"Ray could not start the process: {type(cause).__name__}: {cause}") from error
         return cls(actor, pid, host, port)
 
     @classmethod

@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
+from sagellm.common.errors import InvalidInput
+
 T = TypeVar("T", bound=type)
 
 
-class RegistryError(ValueError):
+class RegistryError(InvalidInput):
     """An unknown name, or a name claimed by two classes."""
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.outputs import RequestMetrics
-from sagellm.runtime.pipeline.messages import Embedding, ErrorCode, Request, RequestError
+from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
 
 
@@ -92,13 +92,13 @@ class EmbeddingOperator(StepOperator):
         return out
 
     def _embed_group(self, group: list[Request], inputs: list[Any], started: float) -> list[Any]:
-        from sagellm.runtime.embedding import EmbeddingInputError, InputTooLongError
+        from sagellm.runtime.embedding import EmbeddingInputError
 
         try:
             result = self.engine.embed(inputs)
         except EmbeddingInputError as error:
-            code: ErrorCode = "context_length_exceeded" if isinstance(error, InputTooLongError) else "invalid_request"
             index = error.index if error.index is not None else 0
+            code = error.code  # invalid_request, or context_length_exceeded for an input over the model's limit
             refused = RequestError(request_id=group[index].request_id, code=code, message=_of_one_input(str(error)))
             rest = [i for i in range(len(group)) if i != index]
             return (

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.step_trace import StepTraceFile
@@ -101,7 +101,7 @@ class EngineOperator(StepOperator):
 
         model = self.config.model or ctx.graph_attrs.get("model")
         if not model:
-            raise ValueError(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
+            raise InvalidInput(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
         self.engine = start_engine(self.config.replace(model=model))
         self.step_trace = StepTraceFile.from_env(self.engine, ctx.node_id)  # SAGELLM_STEP_TRACE=DIR: steps timed
         # The executor made this node's stats from the same parameters (route saw them before any engine opened).

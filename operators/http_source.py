@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from sagellm.common.errors import Unavailable
 from sagellm.runtime.pipeline.operator import SourceOperator, register_operator
 
 
@@ -27,7 +28,7 @@ class HttpSource(SourceOperator):
 
     def submit(self, item: Any) -> None:
         if self.finished:
-            raise RuntimeError("the gateway is shutting down")
+            raise Unavailable("the gateway is shutting down")
         self._queue.append(item)
         self.wake()
 

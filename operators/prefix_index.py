@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.runtime.engine.prefix_hash import block_hashes
 
 
@@ -30,7 +30,7 @@ class PrefixIndex:
         if block_size < 1:
             raise FieldError("block_size", f"block_size must be >= 1, got {block_size}")
         if max_blocks_per_instance < 1:
-            raise ValueError(f"max_blocks_per_instance must be >= 1, got {max_blocks_per_instance}")
+            raise InvalidInput(f"max_blocks_per_instance must be >= 1, got {max_blocks_per_instance}")
         self.block_size = block_size
         self.max_blocks_per_instance = max_blocks_per_instance
         self._blocks: dict[str, OrderedDict[int, None]] = {}

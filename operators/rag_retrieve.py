@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.home import indexes_dir
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, register_operator
@@ -47,18 +47,18 @@ class RagRetrieve(MapOperator):
         # Imported here: listing operators must not load torch or FAISS.
         from sagellm.runtime.embedding.engine import EmbeddingEngine
         from sagellm.runtime.models.model_cache import resolve_model
-        from sagellm.runtime.rag import VectorIndex, served_token_counter
+        from sagellm.runtime.rag import IndexNotFound, VectorIndex, served_token_counter
 
         folder = Path(self.index_name).expanduser()
         if not folder.is_dir():
             folder = indexes_dir() / self.index_name
         if not folder.is_dir():
             where = f"a folder, or a name under {indexes_dir()}"
-            raise FileNotFoundError(f"no retrieval index {self.index_name!r} ({where})")
+            raise IndexNotFound(f"no retrieval index {self.index_name!r} ({where})")
         self.index = VectorIndex.load(folder)
         self.embedder = EmbeddingEngine(resolve_model(self.embedding_model), name=self.embedding_model)
         if self.embedder.dim != self.index.dim:
-            raise ValueError(
+            raise InvalidInput(
                 f"index {self.index_name!r} holds {self.index.dim}-wide vectors; {self.embedding_model} makes "
                 f"{self.embedder.dim}-wide ones: give the model it was built with"
             )

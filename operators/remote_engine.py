@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import structlog
 
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.sse import sse_data
 from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.pipeline.messages import HTTP_STATUS, Embedding, ErrorCode, Request, RequestError, TokenDelta
@@ -82,7 +82,7 @@ class RemoteEngine(StreamOperator):
         """Serves a new instance of `model` (the name clients ask for) from this node, as a whole-request engine or
         (`role="embedding"`) an embedding server; returns its stats, which the control plane keeps current."""
         if instance_id in self.ctx.instances:
-            raise ValueError(f"an instance named {instance_id!r} already exists")
+            raise InvalidInput(f"an instance named {instance_id!r} already exists")
         stats = InstanceStats(
             instance_id,
             role=role,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import SourceOperator, register_operator
 
@@ -28,7 +29,7 @@ class ReplaySource(SourceOperator):
         max_in_flight: int | None = None,
     ) -> None:
         if offsets_s is not None and len(offsets_s) != len(requests):
-            raise ValueError(f"{len(offsets_s)} offsets for {len(requests)} requests")
+            raise InvalidInput(f"{len(offsets_s)} offsets for {len(requests)} requests")
         self.requests = list(requests)
         self.offsets_s = list(offsets_s) if offsets_s is not None else [0.0] * len(self.requests)
         self.max_in_flight = max_in_flight

@@ -13,6 +13,7 @@ from typing import IO, Any
 
 import msgspec
 
+from sagellm.common.errors import users_file
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta, is_terminal
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, register_operator
 
@@ -42,6 +43,7 @@ class StdoutSink(MapOperator):
 
     name = "stdout_sink"
     accepts = (TokenDelta, RequestError)
+    writes_replies = True
 
     def __init__(self, show_ids: bool = False) -> None:
         self.show_ids = show_ids
@@ -101,6 +103,7 @@ class JsonlSink(MapOperator):
 
     name = "jsonl_sink"
     accepts = (TokenDelta, RequestError)
+    writes_replies = True
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -109,8 +112,9 @@ class JsonlSink(MapOperator):
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")  # noqa: SIM115  (closed in close(): the file outlives this call)
+        with users_file(self.path, "write the results"):
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")  # noqa: SIM115  (closed in close(): the file outlives this call)
 
     def execute(self, item: TokenDelta | RequestError) -> None:
         texts, token_ids = self._pending.setdefault(item.request_id, ([], []))

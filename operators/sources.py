@@ -17,6 +17,7 @@ from typing import IO, Annotated, Any
 
 import msgspec
 
+from sagellm.common.errors import InvalidInput, users_file
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Priority, Request, RequestError, TokenId
 from sagellm.runtime.pipeline.operator import OperatorContext, SourceOperator, register_operator
@@ -62,7 +63,7 @@ def decode_request_line(
     decode/validation errors and SamplingParams' range errors are ValueErrors) with a message naming the field."""
     spec = msgspec.json.decode(line, type=RequestLine)
     if sum(x is not None for x in (spec.prompt, spec.prompt_token_ids, spec.messages)) != 1:
-        raise ValueError("a request needs exactly one of `prompt`, `prompt_token_ids` or `messages`")
+        raise InvalidInput("a request needs exactly one of `prompt`, `prompt_token_ids` or `messages`")
     given = {f: getattr(spec, f) for f in _SAMPLING_FIELDS if getattr(spec, f) is not _UNSET}
     sampling = SamplingParams(**(defaults | given))
     return Request(
@@ -179,7 +180,7 @@ class _LineSource(SourceOperator):
         try:
             request = self._decode(line, self.clock())
             if request.request_id in self._seen:
-                raise ValueError(f"request_id {request.request_id!r} was already used")
+                raise InvalidInput(f"request_id {request.request_id!r} was already used")
         except ValueError as exc:
             message = f"{self.where}:{self._line_no}: {exc}"
             request = RequestError(request_id=self._fresh_id(), code="invalid_request", message=message)
@@ -213,7 +214,8 @@ class JsonlSource(_LineSource):
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
         # Bytes: msgspec decodes them without a str copy. Closed in close(): the file outlives this call.
-        self.stream = open(self.path, "rb")  # noqa: SIM115
+        with users_file(self.path, "read the requests"):
+            self.stream = open(self.path, "rb")  # noqa: SIM115
 
     def close(self) -> None:
         if self.stream is not None:

@@ -13,10 +13,11 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING
 
 __version__ = version("sagellm")  # pyproject.toml's, the one place the version is written
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "UnifiedInferenceClient"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "UnifiedInferenceClient", "SageLLMError"]
 
 if TYPE_CHECKING:
     from sagellm.client import UnifiedInferenceClient
+    from sagellm.common.errors import SageLLMError
     from sagellm.llm import LLM
     from sagellm.runtime.engine.outputs import CompletionOutput, RequestOutput
     from sagellm.runtime.engine.sampling_params import SamplingParams
@@ -27,6 +28,7 @@ _LAZY = {
     "RequestOutput": "sagellm.runtime.engine.outputs",
     "CompletionOutput": "sagellm.runtime.engine.outputs",
     "UnifiedInferenceClient": "sagellm.client",
+    "SageLLMError": "sagellm.common.errors",  # every error sageLLM names; its kinds are in that module
 }
 
 

@@ -22,42 +22,49 @@ from typing import Any
 
 import httpx
 
+from sagellm.common.errors import InvalidInput, NotFound, SageLLMError, Unavailable
+
 DEFAULT_LOCAL_URL = "http://127.0.0.1:8000"
 
 
-class ClientError(Exception):
-    """Base of the client's errors."""
+class ClientError(SageLLMError):
+    """Base of the client's errors (an embedded gateway that did not start is one itself)."""
 
 
-class GatewayNotFoundError(ClientError):
-    pass
+class GatewayNotFoundError(ClientError, Unavailable):
+    """No gateway answers where the client looked."""
 
 
 class APIError(ClientError):
-    """The gateway answered with an error; `status`, `code` and `param` are OpenAI's fields."""
+    """The gateway answered with an error; `status` (its `http_status`), `code` and `param` are OpenAI's fields. The
+    subclasses are also the family's kinds their status stands for (a 400 is an InvalidInput, ...)."""
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(f"{status} {code or ''}: {message}".replace(" :", ":"))
-        self.status, self.message, self.code, self.param = status, message, code, param
+        self.http_status, self.message, self.code, self.param = status, message, code, param
+
+    @property
+    def status(self) -> int:
+        return self.http_status
 
 
-class BadRequestError(APIError):
+class BadRequestError(APIError, InvalidInput):
     pass
 
 
-class AuthenticationError(APIError):
+class AuthenticationError(APIError, InvalidInput):
     pass
 
 
-class NotFoundError(APIError):
+class NotFoundError(APIError, NotFound):
     pass
 
 
-class RateLimitError(APIError):
+class RateLimitError(APIError, Unavailable):
     pass
 
 
-class ServiceUnavailableError(APIError):
+class ServiceUnavailableError(APIError, Unavailable):
     pass
 
 
@@ -238,8 +245,8 @@ class _EmbeddedGateway:
         import tempfile
 
         from sagellm import graphs
-        from sagellm.gateway.auth import new_key
         from sagellm.gateway.config import DEFAULT_GRAPH, GatewayConfig
+        from sagellm.gateway.http.auth import new_key
         from sagellm.gateway.server import GatewayThread
         from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
         from sagellm.runtime.pipeline.yaml_io import load_pipeline

@@ -32,7 +32,8 @@ from typing import Any
 import msgspec
 
 from sagellm import graphs
-from sagellm.gateway.errors import ApiError
+from sagellm.common.errors import InvalidInput
+from sagellm.gateway.http.errors import ApiError
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES, Request, TokenDelta
 
@@ -127,7 +128,7 @@ class ControlPlaneManager:
         """`model`: also serve this model on engines of our own; `enable_monitoring=False` leaves the metrics sink
         out (get_metrics then has no latency figures); `host`/`port`: where the HTTP twin listens (0: any port)."""
         if enable_pd_separation and model is None:
-            raise ValueError(
+            raise InvalidInput(
                 "enable_pd_separation runs sageLLM's own prefill and decode workers: give the model they serve "
                 "(model=...); servers registered by address run whole requests"
             )
@@ -185,14 +186,14 @@ class ControlPlaneManager:
     def register_instance(self, instance: ExecutionInstance) -> None:
         """Adds a server; before `start()` it is registered when the control plane starts."""
         if instance.instance_type is not ExecutionInstanceType.GENERAL:
-            raise ValueError(
+            raise InvalidInput(
                 f"{instance.instance_id}: a server registered by address runs whole requests (GENERAL); prefill and "
                 "decode workers are sageLLM's own (enable_pd_separation=True with model=...): the KV moves between them"
             )
         if self._gateway is None:
             self._pending.append(instance)
             return
-        from sagellm.gateway.engine_spec import EngineSpec
+        from sagellm.gateway.control.engine_spec import EngineSpec
 
         spec = EngineSpec(
             model=instance.model_name,
@@ -223,7 +224,7 @@ class ControlPlaneManager:
         """Queues the request; returns its id at once (`get_request_status` and `wait` follow it)."""
         core = self._running().core
         if request.request_id in self._texts:
-            raise ValueError(f"request id {request.request_id!r} is in use")
+            raise InvalidInput(f"request id {request.request_id!r} is in use")
         model = self._gateway.call(core.instance_model, request.model_name or self._only_model())
         now = time.time()
         pipeline_request = Request(
@@ -303,7 +304,7 @@ class ControlPlaneManager:
                 "pipeline": msgspec.structs.asdict(snapshot) if snapshot is not None else None,
                 "instances": {
                     name: {"model": s.model, "state": s.state, "running": s.running, "waiting": s.waiting}
-                    for name, s in core.instances().items()
+                    for name, s in core.registry.instances().items()
                 },
                 "retries": sum(core.retries.values()),
                 "in_flight": core.in_flight,
@@ -324,7 +325,7 @@ class ControlPlaneManager:
         served = self._gateway.call(self._gateway.core.models)  # no engine of our own: all are instances
         if len(served) == 1:
             return served[0]
-        raise ValueError(f"model_name: this control plane serves {served}; say which")
+        raise InvalidInput(f"model_name: this control plane serves {served}; say which")
 
     def _graph(self) -> Any:
         from sagellm.runtime.pipeline.yaml_io import load_pipeline

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
+from sagellm.common.errors import InvalidInput
 from sagellm.common.logging import default_logging
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
 from sagellm.runtime.engine.outputs import RequestOutput
@@ -92,7 +93,7 @@ class LLM:
 
     def apply_chat_template(self, messages: list[Message], *, add_generation_prompt: bool = True) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model {self.engine.model.name!r} has no chat template; use generate() with text")
+            raise InvalidInput(f"model {self.engine.model.name!r} has no chat template; use generate() with text")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in newer transformers
 
@@ -115,5 +116,5 @@ def _per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> li
     if isinstance(params, SamplingParams):
         return [params] * n
     if len(params) != n:
-        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        raise InvalidInput(f"got {len(params)} SamplingParams for {n} prompts")
     return list(params)

@@ -36,7 +36,18 @@ FLOORS = [
     ["sagellm.runtime.comm"],
     ["sagellm.runtime.executor", "sagellm.runtime.parallel", "sagellm.runtime"],
     ["sagellm.operators"],
-    ["sagellm"],  # the library's top floor: gateway, client, LLM, DSL, SAGE adapter, presets
+    # The gateway's rooms, bottom to top (sagellm/gateway/__init__.py): settings every room reads; HTTP without LLMs;
+    # the serving core; the APIs; the control plane; API server processes; the gateway process that joins them.
+    ["sagellm.gateway.config", "sagellm.gateway.state"],
+    ["sagellm.gateway.http"],
+    ["sagellm.gateway.serving"],
+    ["sagellm.gateway.indexes"],
+    ["sagellm.gateway.openai"],
+    ["sagellm.gateway.sessions"],
+    ["sagellm.gateway.control"],
+    ["sagellm.gateway.api_servers"],
+    ["sagellm.gateway.server", "sagellm.gateway"],
+    ["sagellm"],  # the library's top floor: client, LLM, DSL, SAGE adapter, presets, above the gateway
     ["sagellm.benchmarks"],
     ["sagellm.cli"],
 ]

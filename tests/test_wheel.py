@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -27,6 +28,10 @@ def test_a_wheel_install_runs_and_serves_the_shipped_graphs_from_any_directory(t
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run([*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(wheels)], check=True)
     (wheel,) = wheels.glob("sagellm-*.whl")
+    with zipfile.ZipFile(wheel) as contents:  # built with setuptools-scm present, which finds every file git tracks
+        shipped = contents.namelist()
+    assert "sagellm/benchmarks/offline.py" in shipped  # `sagellm bench` runs from the wheel
+    assert [name for name in shipped if name.startswith("sagellm/benchmarks/results/")] == []
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     env = {"PYTHONPATH": f"{target}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
 

@@ -24,6 +24,7 @@ import structlog
 
 from sagellm.backends.native import isa
 from sagellm.backends.native.isa import Variant
+from sagellm.common.errors import Unavailable
 from sagellm.common.home import kernels_dir
 from sagellm.common.progress import stage
 
@@ -59,7 +60,7 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
 RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64}  # the others return void
 
 
-class NativeBuildError(RuntimeError):
+class NativeBuildError(Unavailable, RuntimeError):
     """The native kernels could not be compiled or loaded here; the message says why in one line."""
 
 

@@ -14,6 +14,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from sagellm.common.errors import InvalidInput
+
 ISA_ENV = "SAGELLM_NATIVE_ISA"
 
 
@@ -72,8 +74,8 @@ def chosen() -> Variant:
         return can[0]
     by_name = {v.name: v for v in variants()}
     if asked not in by_name:
-        raise ValueError(f"{ISA_ENV}={asked}: no such kernel variant; have {', '.join(by_name)}")
+        raise InvalidInput(f"{ISA_ENV}={asked}: no such kernel variant; have {', '.join(by_name)}")
     if by_name[asked] not in can:
         missing = sorted(by_name[asked].requires - cpu_flags())
-        raise ValueError(f"{ISA_ENV}={asked}: this CPU lacks {', '.join(missing)}")
+        raise InvalidInput(f"{ISA_ENV}={asked}: this CPU lacks {', '.join(missing)}")
     return by_name[asked]

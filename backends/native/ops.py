@@ -15,6 +15,7 @@ import torch
 from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.build import native_library
 from sagellm.backends.native.isa import Variant
+from sagellm.common.errors import InternalError
 
 F32 = torch.float32
 MAX_HEAD_DIM = 256  # decode_kernels.c and prefill_attention.c MAX_HEAD_DIM
@@ -71,8 +72,8 @@ def prefill_scratch_size(context_len: int, num_kv_heads: int, head_dim: int) -> 
     return num_kv_heads * -(-context_len // KEY_CHUNK) * KEY_CHUNK * head_dim
 
 
-class NativeShapeError(ValueError):
-    """Tensors passed to a native kernel whose shapes do not fit together."""
+class NativeShapeError(InternalError, ValueError):
+    """Tensors passed to a native kernel whose shapes do not fit together (the caller's bug)."""
 
 
 class NativeKernels:

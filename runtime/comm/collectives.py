@@ -28,12 +28,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sagellm.common.errors import Lost, Unavailable
 from sagellm.runtime.comm.shared_collectives import PeerGoneError, SharedCollectives
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective no peer answers for this long fails (a lost rank), rather than hanging
 
 
-class CollectivesUnavailableError(RuntimeError):
+class CollectivesUnavailableError(Unavailable, RuntimeError):
     """The collective library a backend needs is not in this torch build or on this machine."""
 
 
@@ -91,7 +92,7 @@ def library_problem(library: str) -> str | None:
     return None
 
 
-class CollectiveError(RuntimeError):
+class CollectiveError(Lost, RuntimeError):
     """A collective failed: a rank of the group is gone or stopped answering."""
 
 

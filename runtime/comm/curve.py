@@ -29,13 +29,14 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from sagellm.common.errors import InvalidInput
 from sagellm.common.private_files import read_private, write_private
 
 RUN_KEY_ENV = "SAGELLM_RUN_KEY"  # the run's key (Z85 secret key) for the workers the parent spawns
 _Z85_KEY_LEN = 40
 
 
-class RunKeyError(ValueError):
+class RunKeyError(InvalidInput):
     """A run key that cannot be used: unreadable, or not a CURVE secret key (the message says where it came from)."""
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sagellm.common.errors import Lost
+
 LINE = 8  # int64 words per rank in the header: one 64-byte cache line each
 _ARRIVED, _LEFT, _PID = 0, 1, 2
 SPINS = 2000  # busy checks before yielding the core
@@ -37,7 +39,7 @@ MAX_SLEEP_S = 0.005
 LIVENESS_EVERY_S = 0.1
 
 
-class PeerGoneError(RuntimeError):
+class PeerGoneError(Lost, RuntimeError):
     """A rank the collective waits for has exited."""
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
+from sagellm.common.errors import ProtocolError
 from sagellm.runtime.comm import shared_memory
 from sagellm.runtime.comm.shared_memory import Handle, Link, SegmentError
 from sagellm.runtime.pipeline.messages import Message
@@ -44,7 +45,7 @@ _TENSOR_EXT = 1  # msgpack extension type code of a tensor reference (to a frame
 _SHARED_EXT = 2  # msgpack extension type code of a tensor in shared memory (a `shared_memory.Handle`)
 
 
-class WireError(ValueError):
+class WireError(ProtocolError, ValueError):  # ValueError: decoders' failures are caught as one
     """A received message that is not a well-formed sageLLM wire message (the message names the bad part)."""
 
 

@@ -44,6 +44,7 @@ from typing import Any, NoReturn
 import trio
 import zmq
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.shared_memory import Link, link_to
@@ -52,6 +53,10 @@ from sagellm.runtime.comm.wire import Heartbeat, Ready, WireMessage
 DEFAULT_HWM = 64  # messages queued per socket (each side) before `send` waits
 DEFAULT_LINGER_MS = 1000  # how long closing may wait to flush unsent messages
 _IPC_PATH_MAX = 107  # sun_path of a Unix socket, minus its terminating NUL
+
+
+class AddressError(InvalidInput, OSError):  # OSError: what it was before, and what socket calls raise
+    """An address this process cannot listen at (in use, not one of this host's), or a host it has no route to."""
 
 
 class TrioSocket:
@@ -175,11 +180,11 @@ def address(transport: str, name: str, host: str = "127.0.0.1", port: int | None
     if transport == "tcp":
         return f"tcp://{host}:{port or '*'}"
     if transport != "ipc":
-        raise ValueError(f"unknown transport {transport!r}; use 'ipc' (one host) or 'tcp' (across hosts)")
+        raise InvalidInput(f"unknown transport {transport!r}; use 'ipc' (one host) or 'tcp' (across hosts)")
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:40]
     path = os.path.join(_ipc_dir(), f"{stem}-{os.getpid()}-{next(_ipc_serial)}")
     if len(path) > _IPC_PATH_MAX:
-        raise ValueError(f"ipc path {path!r} is longer than {_IPC_PATH_MAX} characters; set TMPDIR to a short path")
+        raise InvalidInput(f"ipc path {path!r} is longer than {_IPC_PATH_MAX} characters; set TMPDIR to a short path")
     return "ipc://" + path
 
 
@@ -258,7 +263,7 @@ def host_toward(endpoint: str) -> str:
             probe.connect(peer)
             return probe.getsockname()[0]
     except (OSError, ValueError) as error:
-        raise OSError(f"cannot find a route to {endpoint}: {error}") from None
+        raise AddressError(f"cannot find a route to {endpoint}: {error}") from None
 
 
 def _bind(ctx: zmq.Context, kind: int, addr: str, name: str, hwm: int, keys: RunKeys | None) -> tuple[TrioSocket, str]:
@@ -269,7 +274,7 @@ def _bind(ctx: zmq.Context, kind: int, addr: str, name: str, hwm: int, keys: Run
         socket.bind(addr)
     except zmq.ZMQError as error:
         socket.close(linger=0)
-        raise OSError(f"cannot bind {addr} for {name!r}: {error}") from None
+        raise AddressError(f"cannot bind {addr} for {name!r}: {error}") from None
     return TrioSocket(socket), socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.embedding.encoder import load_encoder
 from sagellm.runtime.embedding.pooling import pool
 
 DEFAULT_MAX_BATCH_TOKENS = 8192
 
 
-class EmbeddingInputError(ValueError):
+class EmbeddingInputError(InvalidInput):
     """An input the model cannot embed (empty, or bad token ids): the request is invalid (HTTP 400)."""
 
     def __init__(self, message: str, index: int | None) -> None:
@@ -29,6 +30,8 @@ class EmbeddingInputError(ValueError):
 
 class InputTooLongError(EmbeddingInputError):
     """An input has more tokens than the model accepts (OpenAI's `context_length_exceeded`)."""
+
+    code = "context_length_exceeded"
 
     def __init__(self, index: int, num_tokens: int, limit: int) -> None:
         super().__init__(
@@ -65,7 +68,7 @@ class EmbeddingEngine:
         num_threads: int | None = None,
     ) -> None:
         if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")
+            raise InvalidInput(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")
         if num_threads:
             torch.set_num_threads(num_threads)
         path = Path(model).expanduser()

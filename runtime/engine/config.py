@@ -28,6 +28,13 @@ class EngineConfig:
     kv_cache_memory_gb: float = _help("memory for the KV cache, GiB", 1.0)
     num_kv_blocks: int | None = _help("KV cache blocks, overriding kv_cache_memory_gb", None)
     enable_prefix_caching: bool = _help("share the KV of equal prompt prefixes between requests", True)
+    # vLLM's --scheduling-policy. fcfs: waiting requests start in arrival order, and when the KV cache runs out the
+    # most recently admitted is preempted. priority: a request's `priority` (lower first, the pipeline's convention)
+    # orders the waiting queue, the lowest running request is preempted first, and a waiting request preempts running
+    # ones below it that hold the seat or the blocks it needs (runtime/engine/scheduler.py).
+    scheduling_policy: str = _help(
+        "fcfs (arrival order) or priority (requests' priority, lower first; low ones preempted for high ones)", "fcfs"
+    )
     num_threads: int | None = _help("torch intra-op threads on the CPU (default: all cores)", None)
     # A GGUF file's Q4_0/Q4_1/Q8_0 blocks for small batches (decode) instead of their fp32 copy: the same weight values,
     # a quarter to a fifth of the bytes per step. False: the fp32 copy everywhere.
@@ -82,6 +89,9 @@ class EngineConfig:
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             raise FieldError("distributed_executor_backend", f"distributed_executor_backend must be one of "
                              f"{', '.join(EXECUTOR_BACKENDS)}, got {self.distributed_executor_backend!r}")  # fmt: skip
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise FieldError("scheduling_policy", f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")  # fmt: skip
         if self.dtype not in DTYPES:
             raise FieldError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.kv_cache_memory_gb > 0:
@@ -99,6 +109,7 @@ class EngineConfig:
 
 DTYPES = ("auto", "float32", "bfloat16")  # auto is float32
 EXECUTOR_BACKENDS = ("mp", "ray")
+SCHEDULING_POLICIES = ("fcfs", "priority")  # the scheduler's queues: runtime/engine/request_queue.py QUEUES
 
 # vLLM's short names of two settings: `-tp` / `--tp` on command lines, `tp:` in graph files.
 SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from sagellm.common.errors import InternalError
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
 # Prompt tokens decoded as context for the first output token, as in vLLM: enough for leading-space rules.
@@ -44,7 +45,7 @@ def find_stop_string(
     return stop, start + length if include_stop_str_in_output else start
 
 
-class DetokenizerFinishedError(RuntimeError):
+class DetokenizerFinishedError(InternalError, RuntimeError):
     """Tokens were added after a stop string matched or after flush(): the request is over."""
 
 

@@ -15,7 +15,7 @@ import structlog
 import torch
 
 from sagellm.backends import get_backend
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
@@ -28,7 +28,7 @@ from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at
 from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
-from sagellm.runtime.models.loaded import LoadedModel
+from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard
@@ -57,18 +57,18 @@ class LLMEngine:
         """`make_runner` takes `ModelRunner`'s arguments: a tensor parallel group's is rank 0's runner, which starts
         the other ranks (`sagellm.runtime.parallel.engine.start_engine` gives it)."""
         if config.world_size > 1 and make_runner is ModelRunner:
-            raise ValueError(
+            raise InvalidInput(
                 "tensor_parallel_size or pipeline_parallel_size > 1 needs ranks in other processes: start the engine "
                 "with sagellm.runtime.parallel.engine.start_engine"
             )
         if config.seed is not None:
             torch.manual_seed(config.seed)  # unseeded rows draw from the global generator (the sampler)
         if loaded is None and not config.model:
-            raise ValueError("EngineConfig.model: give the path of the model to load")
+            raise InvalidInput("EngineConfig.model: give the path of the model to load")
         self.config = config
         self.model = loaded or load_model(config.model)
         if self.model.tokenizer is None:
-            raise ValueError(f"{self.model.source}: the engine needs a tokenizer, and this model has none")
+            raise ModelLoadError(f"{self.model.source}: the engine needs a tokenizer, and this model has none")
         self.tokenizer = self.model.tokenizer
         self.sampling_defaults = model_sampling_defaults(self.model)  # what a request that sets nothing gets
         model_config = self.model.config
@@ -97,6 +97,7 @@ class LLMEngine:
                 num_blocks=num_blocks,
                 block_size=config.block_size,
                 enable_prefix_caching=config.enable_prefix_caching,
+                scheduling_policy=config.scheduling_policy,
             )
         )
         with stage(f"preparing the weights for the {self.backend.name} backend"):
@@ -185,17 +186,17 @@ class LLMEngine:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int, resumed_tokens: int = 0
     ) -> tuple[Sequence, _RequestState]:
         if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already running")
+            raise InvalidInput(f"request id {request_id!r} is already running")
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, token_ids = None, list(prompt)
         problem = prompt_token_problem(token_ids, self.model.config.vocab_size)
         if problem is not None:
-            raise ValueError(problem)
+            raise InvalidInput(problem)
         budget = self.max_model_len - len(token_ids)
         if budget <= 0:
-            raise ValueError(
+            raise InvalidInput(
                 f"prompt has {len(token_ids)} tokens; this engine's context is {self.max_model_len} tokens"
             )
         seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)

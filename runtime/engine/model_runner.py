@@ -15,6 +15,7 @@ import torch
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.quantized import QuantizedWeight
+from sagellm.common.errors import Lost
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, write_tokens
 from sagellm.runtime.engine.kv_prefault import KVPrefault
 from sagellm.runtime.engine.scheduler import ScheduledBatch
@@ -35,7 +36,7 @@ def cache_config(config: ModelConfig, shard: TensorShard | None, stage: Pipeline
     return dataclasses.replace(config, num_layers=len(stage.layers(config.num_layers))) if stage else config
 
 
-class RunnerLostError(RuntimeError):
+class RunnerLostError(Lost, RuntimeError):
     """The runner cannot run any step any more (a tensor parallel rank is gone): no request's doing."""
 
 

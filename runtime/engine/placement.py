@@ -11,6 +11,7 @@ import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.common.affinity import pin_process, usable_cores
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.tensor_parallel import partition
 
 
@@ -21,14 +22,14 @@ def place(
     threads = num_threads
     if device_ids and backend.device.type == "cpu":
         if len(device_ids) < world_size:
-            raise ValueError(f"device_ids {device_ids}: {world_size} ranks need at least {world_size} cores")
+            raise InvalidInput(f"device_ids {device_ids}: {world_size} ranks need at least {world_size} cores")
         start, stop = partition(len(device_ids), world_size, rank)
         cores = device_ids[start:stop]
         pin_process(cores)
         threads = threads or len(cores)
     elif device_ids:
         if len(device_ids) != world_size:
-            raise ValueError(f"device_ids {device_ids}: {world_size} rank(s) need exactly {world_size} device(s)")
+            raise InvalidInput(f"device_ids {device_ids}: {world_size} rank(s) need exactly {world_size} device(s)")
         backend.select_device(device_ids[rank])
     elif world_size > 1:
         threads = threads or max(1, len(usable_cores()) // world_size)  # the cores shared among the ranks

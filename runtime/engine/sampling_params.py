@@ -18,6 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sagellm.common.errors import InvalidInput
+from sagellm.runtime.models.loaded import ModelLoadError
+
 # The output a request without max_tokens is expected to produce: a typical answer, not the context limit. Route,
 # the policies and the engines' load reports all predict decode work with `expected_output_tokens`.
 EXPECTED_OUTPUT_TOKENS = 256
@@ -30,7 +33,7 @@ INT_END = 2**63
 
 def _require(ok: bool, name: str, rule: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+        raise InvalidInput(f"{name} must be {rule}, got {value!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -136,5 +139,5 @@ def model_sampling_defaults(model: Any) -> dict[str, Any]:
     try:
         SamplingParams(**defaults)
     except ValueError as exc:
-        raise ValueError(f"{model.source}: its sampling defaults (generation config): {exc}") from None
+        raise ModelLoadError(f"{model.source}: its sampling defaults (generation config): {exc}") from None
     return defaults

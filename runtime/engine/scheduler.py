@@ -1,20 +1,25 @@
 """Picks the work of each engine step under one token budget (the vLLM v1 shape).
 
 Running sequences go first: each needs its next token (decode) or the rest of a chunked prefill. Waiting sequences
-then fill what is left of the budget, their cached prefix skipped. When the KV cache cannot grow a running sequence,
-the most recently admitted one is preempted: its blocks are freed and it is recomputed later (its prefix blocks
-are likely still cached). Requests join and leave the running batch between steps: continuous batching.
+then fill what is left of the budget, their cached prefix skipped, in the order of the scheduling policy's queue
+(`request_queue.py`). When the KV cache cannot grow a running sequence, one is preempted: its blocks are freed and it
+is recomputed later (its prefix blocks are likely still cached). Under `fcfs` that is the most recently admitted;
+under `priority` the lowest (largest priority value, latest arrival among equals), as in vLLM v1; and a waiting
+sequence that has no seat or no blocks preempts running ones that rank below it (as vLLM v0's priority scheduler
+did), so a high-priority request never waits for low ones that hold the engine to finish. Requests join and leave
+the running batch between steps: continuous batching.
 
 The scheduler owns the block manager (as in nano-vllm): every block a sequence gets or gives back goes through it,
 so the engine and the runner never allocate."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.block_manager import BlockManager
+from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
 
@@ -26,6 +31,7 @@ class SchedulerConfig:
     num_blocks: int  # KV cache blocks
     block_size: int  # tokens per block
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # a key of request_queue.QUEUES: fcfs or priority
 
 
 @dataclass
@@ -48,15 +54,36 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
+@dataclass
+class _Step:
+    """What one `schedule()` has handed out so far. A sequence preempted after it was scheduled gives its tokens
+    back to the budget."""
+
+    budget: int
+    scheduled: dict[Sequence, int] = field(default_factory=dict)  # sequence -> its tokens, in scheduling order
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def take(self, seq: Sequence, n: int) -> None:
+        self.scheduled[seq] = n
+        self.budget -= n
+
+    def drop(self, seq: Sequence) -> None:
+        self.budget += self.scheduled.pop(seq, 0)
+        self.preempted.append(seq)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
+        if config.scheduling_policy not in QUEUES:
+            raise InvalidInput(f"scheduling policy {config.scheduling_policy!r}: the policies are {', '.join(QUEUES)}")
         self.config = config
+        self.by_priority = config.scheduling_policy == "priority"
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = QUEUES[config.scheduling_policy]()
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.add(seq)
 
     def import_prompt(self, seq: Sequence, write_kv: Callable[[int], None]) -> bool:
         """Gives a sequence whose prompt KV was computed elsewhere (a prefill worker) the blocks of its whole prompt,
@@ -75,53 +102,76 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Sequence, int]] = []
+        step = _Step(self.config.max_num_batched_tokens)
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and step.budget > 0:
             seq = self.running[index]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens, step.budget)
             while not self.block_manager.allocate(seq, n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
+                victim = self._lowest_running()
+                if victim in step.scheduled:  # it stood before `seq` in the running list
+                    index -= 1
+                self._preempt(victim, step)
+                if victim is seq:  # the next one, if any (only under priority), now stands at `index`
                     break
             else:
-                scheduled.append((seq, n))
-                budget -= n
+                step.take(seq, n)
                 index += 1
-                continue
-            break
-        if not batch.preempted:
-            self._admit_waiting(scheduled, budget)
-        scheduled.sort(key=lambda item: item[1] != 1)  # decodes first, order otherwise kept
-        batch.seqs = [seq for seq, _ in scheduled]
-        batch.num_new_tokens = [n for _, n in scheduled]
-        return batch
+        if not step.preempted:
+            self._admit_waiting(step)
+        scheduled = sorted(step.scheduled.items(), key=lambda item: item[1] != 1)  # decodes first, order otherwise kept
+        return ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted)
 
-    def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+    def _admit_waiting(self, step: _Step) -> None:
+        while self.waiting and step.budget > 0:
+            seq = self.waiting.peek()
+            if seq in step.preempted:  # made room for the ones before it: taking it back now would undo that
+                break
+            if len(self.running) >= self.config.max_num_seqs and not self._preempt_below(seq, step):
+                break
             if seq.block_table:  # its prompt's KV came from a prefill worker: already in its own blocks
                 cached, computed = [], seq.num_computed_tokens
             else:
                 cached = self.block_manager.find_cached_prefix(seq)
                 computed = len(cached) * self.block_manager.block_size
-            n = min(seq.num_tokens - computed, budget)
-            if not self.block_manager.allocate(seq, n, cached):
+            n = min(seq.num_tokens - computed, step.budget)
+            if not self._allocate_preempting(seq, n, cached, step):
                 if self.running or not self._release_imported_kv():
                     break
                 continue  # the head may fit now
-            self.waiting.popleft()
+            self.waiting.pop()
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = computed
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append((seq, n))
-            budget -= n
+            step.take(seq, n)
+
+    def _allocate_preempting(self, seq: Sequence, n: int, cached: list[int], step: _Step) -> bool:
+        """Blocks for the waiting `seq`'s `n` tokens, freeing those of running sequences that rank below it (under
+        `priority`) until they fit or none is left to free."""
+        while not self.block_manager.allocate(seq, n, cached):
+            if not self._preempt_below(seq, step):
+                return False
+        return True
+
+    def _preempt_below(self, seq: Sequence, step: _Step) -> bool:
+        """Under `priority`, preempts the lowest running sequence if it ranks below the waiting `seq`; whether it
+        did. Under `fcfs` a waiting sequence never preempts: it waits for its turn."""
+        if not (self.by_priority and self.running):
+            return False
+        victim = self._lowest_running()
+        if serving_order(victim) <= serving_order(seq):
+            return False
+        self._preempt(victim, step)
+        return True
+
+    def _lowest_running(self) -> Sequence:
+        """The running sequence to preempt first: the most recently admitted, or under `priority` the one served
+        last (the most recently admitted among equals)."""
+        if self.by_priority:
+            return max(reversed(self.running), key=serving_order)
+        return self.running[-1]
 
     def _release_imported_kv(self) -> bool:
         """Frees the imported KV that waiting sequences hold: with nothing running, those blocks are all that can stop
@@ -133,12 +183,14 @@ class Scheduler:
             seq.num_computed_tokens = 0
         return bool(holders)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, step: _Step) -> None:
+        self.running.remove(seq)
+        step.drop(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.prepend(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends `seq` (stop condition, abort or error) and releases its blocks."""

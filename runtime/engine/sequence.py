@@ -26,7 +26,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
-    priority: int = 0  # lower runs first among equals, as in vLLM
+    priority: int = 0  # lower runs first under the priority scheduling policy (vLLM's convention)
     arrival_time: float = field(default_factory=time.time)  # wall clock, as every RequestMetrics stamp
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0

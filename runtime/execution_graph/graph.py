@@ -14,8 +14,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from sagellm.common.errors import InvalidInput
 
-class GraphError(ValueError):
+
+class GraphError(InvalidInput):
     """A malformed graph: unknown node, duplicate id, dangling edge or cycle."""
 
 
@@ -116,6 +118,22 @@ class Graph:
         return copy.deepcopy(self)
 
     # -- editing (for passes) -------------------------------------------------------------------------------------
+    def connect(self, src: str, dst: str) -> None:
+        """Feeds `src`'s first output into the next free input port of `dst` (a merge node's inputs are ports
+        0, 1, ...)."""
+        for node_id in (src, dst):
+            if node_id not in self.nodes:
+                raise GraphError(f"cannot connect {src!r} -> {dst!r}: no node {node_id!r}")
+        self.edges.append(Edge(src, dst, port=sum(e.dst == dst for e in self.edges)))
+
+    def successors(self, node_ids: list[str]) -> list[str]:
+        """The nodes `node_ids` feed, each once, in edge order."""
+        return list(dict.fromkeys(e.dst for e in self.edges if e.src in node_ids))
+
+    def leaves(self) -> list[str]:
+        """The nodes that feed none."""
+        return [node_id for node_id in self.nodes if not any(e.src == node_id for e in self.edges)]
+
     def remove_node(self, node_id: str) -> None:
         del self.nodes[node_id]
         self.edges = [e for e in self.edges if e.src != node_id and e.dst != node_id]

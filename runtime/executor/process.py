@@ -34,6 +34,7 @@ import trio
 import zmq
 
 from sagellm.common import progress
+from sagellm.common.errors import StartFailed
 from sagellm.common.home import keys_dir
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.processes import python_module
@@ -54,7 +55,7 @@ from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 log = structlog.get_logger("sagellm.process_executor")
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(StartFailed, RuntimeError):
     """A worker failed, or never came, before it was ready (the message names it and says what to do)."""
 
 

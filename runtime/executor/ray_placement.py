@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from sagellm.common.errors import JoinRefused
 from sagellm.common.ray_process import connect, import_ray
 from sagellm.runtime.pipeline.cluster import RayCluster
 
@@ -84,7 +85,7 @@ def _serve(control: str, group: str, key_text: str | None) -> None:
     import trio
 
     from sagellm.runtime.comm.curve import RunKeys
-    from sagellm.runtime.executor.worker import JoinRefused, run_worker
+    from sagellm.runtime.executor.worker import run_worker
 
     keys = RunKeys.from_text(key_text, "the run's key") if key_text else None
     deadline = time.monotonic() + REJOIN_S

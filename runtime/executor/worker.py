@@ -30,6 +30,7 @@ import trio
 import zmq
 
 from sagellm.common import progress
+from sagellm.common.errors import InvalidInput, JoinRefused, Unavailable
 from sagellm.common.logging import configure_logging
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.openmp import prefer_short_spin
@@ -55,12 +56,9 @@ from sagellm.runtime.pipeline.yaml_io import load_pipeline
 log = structlog.get_logger("sagellm.worker")
 
 
-class WorkerError(RuntimeError):
-    """The worker cannot run: the parent refused it, never answered, or fell silent (the message says which)."""
-
-
-class JoinRefused(WorkerError):
-    """The parent refused this worker's Hello (its group has a live worker, or is not one a worker may take)."""
+class WorkerError(Unavailable, RuntimeError):
+    """The worker cannot run: the parent never answered, or fell silent (the message says which). A parent that
+    refused it (its group has a live worker, or is not one a worker may take) is a JoinRefused."""
 
 
 def stats_of(executor: LocalExecutor) -> dict[str, dict[str, Any]]:
@@ -85,21 +83,19 @@ async def run_worker(
 ) -> None:
     """Runs `group` of the graph running at `connect` until it ends; `keys`: the run's key, when it is secure."""
     if not connect.startswith(("tcp://", "ipc://")):
-        raise ValueError(f"--connect: expected the endpoint the run printed, tcp://HOST:PORT, got {connect!r}")
+        raise InvalidInput(f"--connect: expected the endpoint the run printed, tcp://HOST:PORT, got {connect!r}")
     for option, host in (("--bind-host", bind_host), ("--advertise-host", advertise_host)):
         problem = host is not None and host_problem(host, wildcard_ok=option == "--bind-host")
         if problem:
-            raise ValueError(f"{option}: {problem}")
+            raise InvalidInput(f"{option}: {problem}")
     zctx = zmq.Context()
     try:
         with authenticator(zctx, keys), single_errors(), connect_dealer(zctx, connect, keys=keys) as ctrl:
             graph, peer_timeout_s = await _join(ctrl, connect, group, connect_timeout_s)
             transport = graph.attrs.get("transport", "ipc")
-            try:
-                bind, advertise = _hosts(connect, transport, bind_host, advertise_host)
-                data, endpoint = bind_pull(zctx, transport, group, host=bind, keys=keys)
-            except OSError as error:  # no route to the run, or not an address of this host
-                raise WorkerError(str(error)) from None
+            # AddressError (exit 2, one line): no route to the run, or an address that is not this host's
+            bind, advertise = _hosts(connect, transport, bind_host, advertise_host)
+            data, endpoint = bind_pull(zctx, transport, group, host=bind, keys=keys)
             with data:
                 advertised = with_host(endpoint, advertise)
                 await _serve(zctx, ctrl, data, advertised, graph, group, peer_timeout_s, keys)

@@ -14,6 +14,7 @@ the graph's own layers, which is its index into the stage's KV caches."""
 
 from __future__ import annotations
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.execution_graph.graph import Graph, Value
 from sagellm.runtime.models.config import ModelConfig
 
@@ -24,7 +25,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mixtral")
 
 def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Graph:
     if config.architecture not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"no model graph for architecture {config.architecture!r}; have {SUPPORTED_ARCHITECTURES}")
+        raise InvalidInput(f"no model graph for architecture {config.architecture!r}; have {SUPPORTED_ARCHITECTURES}")
     layers = layers if layers is not None else range(config.num_layers)
     g = Graph(attrs={"model": config.architecture, "num_layers": len(layers)})
     positions = g.add("input", id="positions", name="positions")

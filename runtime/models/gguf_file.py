@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
+from sagellm.common.errors import InvalidInput
+
 V = GGUFValueType
 VERSIONS = (2, 3)
 ALIGNMENT_KEY = "general.alignment"
@@ -36,7 +38,7 @@ _HEADER = struct.Struct("<IIQQ")  # magic, version, tensor count, key/value coun
 _MIN_STRING, _MIN_ARRAY, _MIN_KEY_VALUE, _MIN_TENSOR_INFO = 8, 12, 12, 24
 
 
-class CorruptGGUF(ValueError):
+class CorruptGGUF(InvalidInput):
     """The file is truncated or not valid GGUF; the message says what was being read and at which byte."""
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
 
 if TYPE_CHECKING:  # annotations only: the model cache and the executors import this module without loading torch
@@ -19,8 +20,8 @@ if TYPE_CHECKING:  # annotations only: the model cache and the executors import 
     from sagellm.backends.quantized import QuantizedWeight
 
 
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message names the file and the problem in one line."""
+class ModelLoadError(InvalidInput):
+    """A model could not be loaded; the message names the file and the problem in one line (the CLI's exit 2)."""
 
 
 def read_json(path: Path) -> dict[str, Any]:

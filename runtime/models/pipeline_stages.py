@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.tensor_parallel import partition
 
 
@@ -22,7 +23,7 @@ class PipelineStage:
 
     def layers(self, num_layers: int) -> range:
         if num_layers < self.count:
-            raise ValueError(f"pipeline parallel size {self.count} is more than the model's {num_layers} layers")
+            raise InvalidInput(f"pipeline parallel size {self.count} is more than the model's {num_layers} layers")
         return range(*partition(num_layers, self.count, self.index))
 
     @property

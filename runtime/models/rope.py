@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
 
 
@@ -22,7 +23,7 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     elif kind == "llama3":
         inv_freq = _llama3_scaled(inv_freq, scaling)
     elif kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (have default, linear, llama3)")
+        raise InvalidInput(f"rope_scaling type {kind!r} is not supported (have default, linear, llama3)")
     return inv_freq
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.execution_graph.graph import Edge, Graph, Value
 from sagellm.runtime.models.config import ModelConfig
 
@@ -61,14 +62,14 @@ class RankSlices:
 def rank_slices(config: ModelConfig, shard: TensorShard) -> RankSlices:
     rank, world = shard.rank, shard.world_size
     if config.num_kv_heads < world:
-        raise ValueError(
+        raise InvalidInput(
             f"tensor parallel size {world} is more than the model's {config.num_kv_heads} KV heads: "
             f"each rank needs at least one KV head; use at most {config.num_kv_heads}"
         )
     kv = partition(config.num_kv_heads, world, rank)
     group = config.kv_heads_per_group
     if config.num_experts and config.num_experts < world:
-        raise ValueError(
+        raise InvalidInput(
             f"tensor parallel size {world} is more than the model's {config.num_experts} experts: expert parallel "
             f"gives each rank at least one; use at most {config.num_experts}"
         )
@@ -126,7 +127,7 @@ def shard_tensor_parallel(graph: Graph, config: ModelConfig, shard: TensorShard)
             node.params.update(out_features=stop - start, shard=(0, start, stop))
         elif role in row:
             if node.params.get("bias"):
-                raise ValueError(f"{weight}: a row-parallel linear with a bias is not supported")
+                raise InvalidInput(f"{weight}: a row-parallel linear with a bias is not supported")
             node.params["shard"] = (1, *row[role])
             _insert_after(g, Value(node.id), "all_reduce")
         elif weight == lm_head:

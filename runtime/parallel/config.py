@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class ParallelismConfig:
@@ -22,9 +24,9 @@ class ParallelismConfig:
         for name in ("tp", "pp", "dp", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidInput(f"{name} must be a positive integer, got {value!r}")
         if (self.tp * self.dp) % self.ep:
-            raise ValueError(f"ep={self.ep} must divide the tp x dp = {self.tp * self.dp} ranks of a stage")
+            raise InvalidInput(f"ep={self.ep} must divide the tp x dp = {self.tp * self.dp} ranks of a stage")
 
     @property
     def world_size(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.comm.topology import Topology
 
 MEMORY_UTILIZATION = 0.9  # the share of a device's memory the engine may fill (vLLM's gpu_memory_utilization)
@@ -25,13 +26,13 @@ class Devices:
 
     def __post_init__(self) -> None:
         if self.kind not in ("gpu", "cpu"):
-            raise ValueError(f"kind must be 'gpu' or 'cpu', got {self.kind!r}")
+            raise InvalidInput(f"kind must be 'gpu' or 'cpu', got {self.kind!r}")
         if self.count < 1 or self.group_size < 1 or self.count % self.group_size:
-            raise ValueError(f"{self.count} devices do not split into fast-link groups of {self.group_size}")
+            raise InvalidInput(f"{self.count} devices do not split into fast-link groups of {self.group_size}")
         if not self.memory_gib > 0:
-            raise ValueError(f"memory per device must be > 0 GiB, got {self.memory_gib}")
+            raise InvalidInput(f"memory per device must be > 0 GiB, got {self.memory_gib}")
         if not 0 < self.memory_utilization <= 1:
-            raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
+            raise InvalidInput(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
 
     @classmethod
     def gpus(cls, count: int, memory_gib: float, per_node: int = 8, name: str = "") -> Devices:

@@ -28,6 +28,7 @@ import structlog
 import torch
 
 from sagellm.backends.base import HardwareBackend
+from sagellm.common.errors import InvalidInput, StartFailed
 from sagellm.common.processes import python_module
 from sagellm.common.progress import stage
 from sagellm.common.ray_process import RayProcess, connect, import_ray
@@ -47,7 +48,7 @@ STOP_TIMEOUT_S = 10.0
 ORDERS_CAPACITY = 1 << 20  # the group's segment when it carries only rank 0's orders (several stages)
 
 
-class RankStartError(RuntimeError):
+class RankStartError(StartFailed, RuntimeError):
     """A rank of the group could not start (its reason, or its exit code)."""
 
 
@@ -68,7 +69,7 @@ class ParallelRunner(ModelRunner):
     ) -> None:
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
-            raise ValueError("a parallel engine needs the model's path: every rank loads it")
+            raise InvalidInput("a parallel engine needs the model's path: every rank loads it")
         place(backend, engine.device_ids, engine.num_threads, 0, layout.world_size)
         on_ray = engine.distributed_executor_backend == "ray"
         ray = connect(os.environ.get("RAY_ADDRESS", "auto")) if on_ray else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.parallel.config import ParallelismConfig
 
@@ -29,7 +30,7 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         if not 1 <= self.experts_per_token <= self.num_experts:
-            raise ValueError(f"experts_per_token must be in 1..{self.num_experts}, got {self.experts_per_token}")
+            raise InvalidInput(f"experts_per_token must be in 1..{self.num_experts}, got {self.experts_per_token}")
 
     @classmethod
     def of(cls, config: ModelConfig, name: str = "") -> ModelShape:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.parallel.config import ParallelismConfig
 from sagellm.runtime.parallel.devices import gib
 
 
-class PlanError(ValueError):
+class PlanError(InvalidInput):
     """No split of the model fits the devices; the message says how much memory it needs, and `alternatives`
     holds every split sized."""
 

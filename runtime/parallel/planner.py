@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.parallel.config import ParallelismConfig
 from sagellm.runtime.parallel.devices import Devices
@@ -38,9 +39,9 @@ class ParallelismOptimizer:
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+            raise InvalidInput(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.kv_tokens is not None and self.kv_tokens < 1:
-            raise ValueError(f"kv_tokens must be >= 1, got {self.kv_tokens}")
+            raise InvalidInput(f"kv_tokens must be >= 1, got {self.kv_tokens}")
 
     def recommend_strategy(self, model: ModelConfig | ModelShape, devices: Devices) -> Recommendation:
         """The best split of `model` over `devices`, the others considered, and why; PlanError if none fits."""

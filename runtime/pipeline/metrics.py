@@ -21,6 +21,7 @@ import msgspec
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from sagellm.common.errors import InvalidInput
 from sagellm.common.logging import logs
 from sagellm.runtime.engine.outputs import LATENCIES, RequestMetrics
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
@@ -170,7 +171,7 @@ class MetricsCollector:
         self, prometheus: PipelineMetrics | None = None, window: int = 100_000, clock: Callable[[], float] = time.time
     ) -> None:
         if window < 1:
-            raise ValueError(f"window must be >= 1 (latency samples kept), got {window}")
+            raise InvalidInput(f"window must be >= 1 (latency samples kept), got {window}")
         self.prometheus = prometheus
         self.clock = clock
         self._in_flight: dict[str, RequestMetrics] = {}  # what this collector saw of each request: stamps, counts

@@ -28,13 +28,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_type_hints
 
+from sagellm.common.errors import InvalidInput
 from sagellm.common.registry import Registry, load_entry_points
 from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.execution_graph.graph import Graph
 
 RECENT_TTFTS = 256  # first-token times the graph keeps (admission judges windows of them)
 
 
-class OperatorError(ValueError):
+class OperatorError(InvalidInput):
     """An operator that does not exist or was given parameters it does not take."""
 
 
@@ -155,6 +157,9 @@ class Operator:
     # Whether `open` reads the graph's model's tokenizer, config or sampling defaults (`ctx.graph_attrs`): a process
     # reads them from the model's files (seconds) only when one of its nodes does.
     reads_model: ClassVar[bool] = False
+    # Whether the node writes replies out of the process itself (stdout, a file): a server drops such sinks, since
+    # its clients get the replies.
+    writes_replies: ClassVar[bool] = False
 
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:
@@ -272,3 +277,9 @@ def list_operators() -> dict[str, type[Operator]]:
 def parameter_types(cls: type[Operator]) -> dict[str, tuple[Any, bool]]:
     """The operator's parameters: name -> (type hint, required)."""
     return cls.parameters()
+
+
+def nodes_running(graph: Graph, kind: type[Operator]) -> list[str]:
+    """The ids of `graph`'s nodes whose operator is a `kind` (a base class such as SourceOperator, or one operator's
+    class), in node order: what a pass that edits a pipeline graph selects by, rather than operator names."""
+    return [node.id for node in graph.nodes.values() if issubclass(get_operator(node.op), kind)]

@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Any, Literal, NoReturn
 
 from sagellm.common.autoscale import AutoscaleSettings
-from sagellm.common.errors import FieldError
+from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.hints import conforms, describe
 from sagellm.common.restart import RestartPolicy
 from sagellm.runtime.execution_graph.graph import Edge, Graph
@@ -68,7 +68,7 @@ def placement_group(node_id: str, placement: str) -> tuple[str, str]:
     (or `ray`) in a worker a Ray actor runs, on the graph's Ray cluster (`cluster:`)."""
     match = PLACEMENT.fullmatch(placement) if isinstance(placement, str) else None
     if match is None:
-        raise ValueError(f"node {node_id!r}: placement {placement!r} must be {PLACEMENTS}")
+        raise InvalidInput(f"node {node_id!r}: placement {placement!r} must be {PLACEMENTS}")
     if match["kind"] is None:
         return "task", MAIN
     return match["kind"], match["group"] or node_id
@@ -97,7 +97,7 @@ def is_secure(attrs: dict[str, Any]) -> bool:
     return attrs.get("secure", not is_loopback(attrs.get("bind_host", "127.0.0.1")))
 
 
-class PipelineError(ValueError):
+class PipelineError(InvalidInput):
     """A pipeline graph that cannot run, formatted `{file}:{line}: {field}: {problem}` (unknown parts left out)."""
 
     def __init__(self, problem: str, *, file: str | None = None, line: int | None = None, field: str | None = None):

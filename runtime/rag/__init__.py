@@ -6,7 +6,7 @@ Synchronous and free of serving: the embedding engine makes the vectors, callers
 a SAGE app) move them here. Importing this package does not import FAISS; making or loading an index does."""
 
 from sagellm.runtime.rag.chunking import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP_TOKENS, Chunk, TokenCounter, chunk_document
-from sagellm.runtime.rag.index import Hit, VectorIndex
+from sagellm.runtime.rag.index import Hit, IndexNotFound, VectorIndex
 from sagellm.runtime.rag.prompt import (
     DEFAULT_MAX_SOURCE_TOKENS,
     build_messages,
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_OVERLAP_TOKENS",
     "Chunk",
     "Hit",
+    "IndexNotFound",
     "TokenCounter",
     "VectorIndex",
     "build_messages",

@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sagellm.common.errors import InvalidInput
+
 TokenCounter = Callable[[str], int]
 DEFAULT_MAX_TOKENS = 200  # all-MiniLM-L6-v2 takes 256, [CLS] and [SEP] included: room for a counter's estimate
 DEFAULT_OVERLAP_TOKENS = 32
@@ -59,9 +61,9 @@ def chunk_document(
     none (an index refuses such a document). Raises ValueError for budgets that make no sense, or when not even a
     single character fits in `max_tokens` (a counter that adds special tokens needs a budget above them)."""
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
+        raise InvalidInput(f"max_tokens must be at least 1, not {max_tokens}")
     if not 0 <= overlap_tokens < max_tokens:
-        raise ValueError(f"overlap_tokens must be in [0, max_tokens={max_tokens}), not {overlap_tokens}")
+        raise InvalidInput(f"overlap_tokens must be in [0, max_tokens={max_tokens}), not {overlap_tokens}")
     packer = _Packer(text, count_tokens, max_tokens, overlap_tokens)
     spans = [span for section in _sections(text) for span in packer.pack(section)]
     return [Chunk(document_id, ordinal, text[start:end], start, end) for ordinal, (start, end) in enumerate(spans)]
@@ -133,7 +135,7 @@ class _Packer:
         start, end = span
         while start < end:
             if self._tokens(start, start + 1) > self.max_tokens:
-                raise ValueError(
+                raise InvalidInput(
                     f"max_tokens={self.max_tokens} is less than the tokens of the single character "
                     f"{self.text[start]!r}; raise it above what the counter adds to every text"
                 )

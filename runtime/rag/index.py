@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from sagellm.common.errors import InvalidInput, NotFound
 from sagellm.runtime.rag.chunking import Chunk
 
 log = structlog.get_logger("sagellm.rag")
@@ -33,6 +34,10 @@ log = structlog.get_logger("sagellm.rag")
 INDEX_FILE = "index.faiss"
 CHUNKS_FILE = "chunks.json"
 FORMAT_VERSION = 1
+
+
+class IndexNotFound(NotFound, FileNotFoundError):  # FileNotFoundError: what a missing file was before
+    """No saved index where one was asked for."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,9 @@ class VectorIndex:
 
     def __init__(self, name: str, dim: int) -> None:
         if not name:
-            raise ValueError("an index needs a name")
+            raise InvalidInput("an index needs a name")
         if dim < 1:
-            raise ValueError(f"dim must be at least 1, not {dim}")
+            raise InvalidInput(f"dim must be at least 1, not {dim}")
         self.name = name
         self.dim = dim
         faiss = _faiss()
@@ -65,13 +70,13 @@ class VectorIndex:
         """Add a document's chunks with their embeddings (an (n, dim) array, or anything numpy turns into one, such
         as a CPU torch tensor; normalized here). Returns the chunks' ids, in order."""
         if not chunks:
-            raise ValueError(f"document {document_id!r} has no chunks; an empty document cannot be indexed")
+            raise InvalidInput(f"document {document_id!r} has no chunks; an empty document cannot be indexed")
         if strangers := sorted({c.document_id for c in chunks} - {document_id}):
-            raise ValueError(f"chunks of document(s) {strangers} given as document {document_id!r}")
+            raise InvalidInput(f"chunks of document(s) {strangers} given as document {document_id!r}")
         vectors = self._normalized(embeddings, rows=len(chunks))
         with self._lock:
             if document_id in self._documents:
-                raise ValueError(
+                raise InvalidInput(
                     f"document {document_id!r} is already in index {self.name!r}; remove it first to replace it"
                 )
             ids = list(range(self._next_id, self._next_id + len(chunks)))
@@ -95,7 +100,7 @@ class VectorIndex:
         """The `k` chunks most similar to the query (a (dim,) or (1, dim) vector), best first; fewer when the index
         holds fewer."""
         if k < 1:
-            raise ValueError(f"k must be at least 1, not {k}")
+            raise InvalidInput(f"k must be at least 1, not {k}")
         query = np.asarray(query_embedding)
         query = self._normalized(query.reshape(1, -1) if query.ndim == 1 else query, rows=1)
         with self._lock:
@@ -143,16 +148,19 @@ class VectorIndex:
 
     @classmethod
     def load(cls, directory: str | Path) -> VectorIndex:
-        """The index `save` wrote into `directory`. Raises FileNotFoundError when a file is missing and ValueError
+        """The index `save` wrote into `directory`. Raises IndexNotFound when a file is missing and InvalidInput
         when the two files do not belong together or were written by another format version."""
         directory = Path(directory)
-        record = json.loads((directory / CHUNKS_FILE).read_text())
-        index_bytes = (directory / INDEX_FILE).read_bytes()
+        try:
+            record = json.loads((directory / CHUNKS_FILE).read_text())
+            index_bytes = (directory / INDEX_FILE).read_bytes()
+        except FileNotFoundError as error:
+            raise IndexNotFound(f"no saved index in {directory}: {error.filename} is missing") from None
         if record.get("format") != FORMAT_VERSION:
             found = record.get("format")
-            raise ValueError(f"{directory / CHUNKS_FILE}: format {found}; this code reads format {FORMAT_VERSION}")
+            raise InvalidInput(f"{directory / CHUNKS_FILE}: format {found}; this code reads format {FORMAT_VERSION}")
         if hashlib.sha256(index_bytes).hexdigest() != record["index_sha256"]:
-            raise ValueError(
+            raise InvalidInput(
                 f"{directory}: {INDEX_FILE} is not the one {CHUNKS_FILE} was saved with (interrupted save?); "
                 "save the index again"
             )
@@ -164,7 +172,7 @@ class VectorIndex:
             index._documents[document_id] = ids
             index._chunks.update(zip(ids, (Chunk(**chunk_record) for chunk_record in chunk_records)))
         if index._faiss_index.d != index.dim or index._faiss_index.ntotal != len(index._chunks):
-            raise ValueError(f"{directory}: {INDEX_FILE} does not match the chunks in {CHUNKS_FILE}")
+            raise InvalidInput(f"{directory}: {INDEX_FILE} does not match the chunks in {CHUNKS_FILE}")
         log.info("rag.index.loaded", index=index.name, directory=str(directory), chunks=len(index._chunks))
         return index
 
@@ -172,14 +180,14 @@ class VectorIndex:
         """`embeddings` as a C-contiguous float32 (rows, dim) copy with unit-length rows."""
         vectors = np.asarray(embeddings, dtype=np.float32)
         if vectors.shape != (rows, self.dim):
-            raise ValueError(
+            raise InvalidInput(
                 f"index {self.name!r} takes {rows} embedding(s) of dimension {self.dim}, given shape {vectors.shape}"
             )
         if not np.isfinite(vectors).all():
-            raise ValueError("embeddings contain NaN or infinity")
+            raise InvalidInput("embeddings contain NaN or infinity")
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # [rows, 1]
         if (norms == 0).any():
-            raise ValueError("an embedding is all zeros: it has no direction to compare")
+            raise InvalidInput("an embedding is all zeros: it has no direction to compare")
         return np.ascontiguousarray(vectors / norms)  # [rows, dim]: a new array, the caller's is left as it was
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.rag.chunking import TokenCounter
 from sagellm.runtime.rag.index import Hit
 
@@ -29,7 +30,7 @@ def select_sources(
     """The hits to put in the prompt: in the order given (a search's, best first), each one whose numbered source
     text still fits in `max_tokens` with those before it; a hit too long for what is left is skipped."""
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
+        raise InvalidInput(f"max_tokens must be at least 1, not {max_tokens}")
     chosen: list[Hit] = []
     used = 0
     for hit in hits:
@@ -45,7 +46,7 @@ def build_messages(question: str, sources: Sequence[Hit]) -> list[dict[str, str]
     question as the user's message. With no sources the model is told so, and the instruction has it say it does
     not know."""
     if not question.strip():
-        raise ValueError("the question is empty")
+        raise InvalidInput("the question is empty")
     numbered = "\n\n".join(_source_text(number, hit) for number, hit in enumerate(sources, start=1))
     return [
         {"role": "system", "content": f"{INSTRUCTION}\n\nSources:\n\n{numbered or NO_SOURCES}"},

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from sagellm.gateway.api_server import run_api_server
+    from sagellm.gateway.api_servers.server import run_api_server
     from sagellm.gateway.config import GatewayConfig
     from sagellm.runtime.comm.curve import RunKeys
 

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sagellm.common.errors import users_file
+
 if TYPE_CHECKING:
     from sagellm.benchmarks.offline import OfflineReport, Row
 
@@ -127,12 +129,14 @@ def run(args: argparse.Namespace) -> int:
     _print_table(report)
     markdown = _markdown(report, command)
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown)
+        with users_file(args.markdown, "write the table"):
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(markdown)
     else:
         print(markdown)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    with users_file(args.out, "write the results"):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     print(f"results: {args.out}", file=sys.stderr)
     if args.plot:
         _plot(report, Path(args.plot))

@@ -19,6 +19,7 @@ from typing import Any
 
 from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
 from sagellm.cli.sampling_flags import add_sampling_arguments, given_sampling
+from sagellm.common.errors import InvalidInput, SageLLMError, Unavailable, for_status
 
 Message = dict[str, str]
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not sys.stdin.isatty():
         text = sys.stdin.read().strip()
         if not text:
-            raise ValueError("nothing to say: stdin was empty")
+            raise InvalidInput("nothing to say: stdin was empty")
         _turn(reply, history, text)
         return 0
     print("sagellm chat: /clear forgets the conversation, /bye or Ctrl-D ends it", file=sys.stderr)
@@ -106,20 +107,37 @@ def _remote(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]
     base = args.url.rstrip("/").removesuffix("/v1")
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     client = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10.0, read=None))
-    model = args.model or client.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+    model = args.model or _first_model(client, base)
 
     def reply(history: list[Message]) -> Iterator[str]:
         # what the command line left out, the server's defaults decide
         body: dict[str, Any] = {"model": model, "messages": history, "stream": True, **given_sampling(args)}
-        with client.stream("POST", "/v1/chat/completions", json=body) as answer:
-            if answer.status_code != 200:
-                raise RuntimeError(f"{base} answered {answer.status_code}: {answer.read().decode()[:500]}")
-            for line in answer.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        raise RuntimeError(f"{base}: {event['error'].get('message')}")
-                    for choice in event.get("choices") or ():
-                        yield (choice.get("delta") or {}).get("content") or ""
+        try:
+            with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+                if answer.status_code != 200:
+                    why = answer.read().decode()[:500]
+                    raise for_status(answer.status_code)(f"{base} answered {answer.status_code}: {why}")
+                for line in answer.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            raise SageLLMError(f"{base}: {event['error'].get('message')}")
+                        for choice in event.get("choices") or ():
+                            yield (choice.get("delta") or {}).get("content") or ""
+        except httpx.HTTPError as error:
+            raise Unavailable(f"{base}: {type(error).__name__}: {error}") from None
 
     return reply
+
+
+def _first_model(client: Any, base: str) -> str:
+    """The first model the server lists (what to chat with when none is named)."""
+    import httpx
+
+    try:
+        answer = client.get("/v1/models")
+    except httpx.HTTPError as error:
+        raise Unavailable(f"{base}: {type(error).__name__}: {error}") from None
+    if answer.status_code != 200:
+        raise for_status(answer.status_code)(f"{base}/v1/models answered {answer.status_code}: {answer.text[:500]}")
+    return answer.json()["data"][0]["id"]

@@ -12,14 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sagellm.common.errors import Unavailable, for_status
 from sagellm.common.home import gateway_dir
 from sagellm.gateway.state import PID_FILE, read_record
 
 ENGINES_PATH = "/v1/management/engines"
 
 
-class GatewayError(RuntimeError):
-    """The gateway cannot be found or reached, or refused a management call (its message is in ours)."""
+class GatewayError(Unavailable):
+    """No gateway is running where the command looked, or it cannot be reached."""
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +49,8 @@ def running_pid(state_dir: Path) -> int | None:
 
 
 class ManagementClient:
-    """The gateway's management API, with OpenAI-shaped errors turned into GatewayError."""
+    """The gateway's management API: GatewayError when it cannot be reached; a refused call raises the kind its
+    status stands for (`for_status`: a 404 is NotFound), with the gateway's message."""
 
     def __init__(self, url: str, admin_key: str | None) -> None:
         self.url = url.rstrip("/")
@@ -59,8 +61,8 @@ class ManagementClient:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ManagementClient:
-        from sagellm.gateway.auth import read_admin_key
         from sagellm.gateway.config import ADMIN_KEY_ENV
+        from sagellm.gateway.http.auth import read_admin_key
 
         state_dir = state_dir_of(args)
         url = args.url
@@ -86,7 +88,7 @@ class ManagementClient:
             message = reply.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = reply.text.strip() or reply.reason_phrase
-        raise GatewayError(f"{method} {path}: {reply.status_code} {message}")
+        raise for_status(reply.status_code)(f"{method} {path}: {reply.status_code} {message}")
 
     def engines(self) -> list[dict[str, Any]]:
         return self.call("GET", ENGINES_PATH)["data"]

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 from sagellm.cli.gateway_client import (
-    GatewayError,
     ManagementClient,
     add_state_dir_argument,
     engines_table,
     running_pid,
     state_dir_of,
 )
+from sagellm.common.errors import NotFound, SageLLMError, users_file
 from sagellm.common.processes import python_module
 from sagellm.gateway.state import LOG_FILE, GatewayRecord, read_record, remove_record, write_record
 
@@ -68,11 +68,12 @@ def run_start(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV
-    from sagellm.gateway.engine_process import free_port, log_tail, port_free
+    from sagellm.gateway.control.supervisor import free_port, log_tail, port_free
 
     console = Console(stderr=True)
     state_dir = state_dir_of(args).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    with users_file(state_dir, "make the state directory"):
+        state_dir.mkdir(parents=True, exist_ok=True)
     running = running_pid(state_dir)
     if running is not None:
         record = read_record(state_dir)
@@ -202,7 +203,7 @@ def run_status(args: argparse.Namespace) -> int:
     console.print(table)
     try:
         console.print(engines_table(ManagementClient.from_args(args).engines()))
-    except GatewayError as error:
+    except SageLLMError as error:  # unreachable, or a refused call (another admin key): the status is still shown
         console.print(f"[yellow]engines: {error}[/]")
     return 0 if health == "ok" else 1
 
@@ -217,7 +218,7 @@ def _duration(seconds: float) -> str:
 def run_logs(args: argparse.Namespace) -> int:
     path = Path(state_dir_of(args)) / LOG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no gateway log yet (sagellm gateway start writes it)")
+        raise NotFound(f"{path}: no gateway log yet (sagellm gateway start writes it)")
     with path.open("rb") as log:
         text = log.read().decode("utf-8", "replace")
         if args.lines is not None:

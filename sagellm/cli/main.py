@@ -1,11 +1,15 @@
 """The `sagellm` command: one subcommand per file in this folder, each with `add_parser` and `run`.
 
-Heavy imports (torch, transformers) happen inside `run`, so `sagellm --help` is instant."""
+Heavy imports (torch, transformers) happen inside `run`, so `sagellm --help` is instant. A failure the code names (a
+`SageLLMError`: a bad flag, model or graph, a backend missing here, a worker that did not start) is printed as one
+line, `sagellm CMD: error: MESSAGE`, and exits with its kind's code (`sagellm.common.errors`); anything else is a bug,
+printed with its traceback. Ctrl-C exits 130."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from importlib.metadata import version
 
 from sagellm.cli import (
@@ -26,6 +30,7 @@ from sagellm.cli import (
     simulate_cmd,
     worker_cmd,
 )
+from sagellm.common.errors import InternalError, SageLLMError
 from sagellm.common.logging import configure_logging
 from sagellm.common.openmp import prefer_short_spin
 
@@ -67,15 +72,37 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     prefer_short_spin()  # before any command imports torch (the command modules themselves import nothing heavy)
     args = build_parser(argv).parse_args(argv)
-    configure_logging(args.log_level if hasattr(args, "log_level") else "warning")
     try:
+        configure_logging(args.log_level if hasattr(args, "log_level") else "warning")
         return args.run(args) or 0
-    except (ValueError, OSError, RuntimeError) as error:
-        # Known failures (bad model path, unavailable backend, bad parameter) get one line, not a traceback.
-        print(f"sagellm {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except (Exception, BaseExceptionGroup) as error:  # a group may hold a KeyboardInterrupt
+        return _failed(args.command, error)
+
+
+def _failed(command: str, error: BaseException) -> int:
+    """The exit code of a command that raised `error`, having said why on stderr: one line per failure the code named
+    (several from one nursery: the highest code), a traceback for a bug."""
+    leaves = _leaves(error)
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        return 130
+    if all(isinstance(leaf, SageLLMError) and not isinstance(leaf, InternalError) for leaf in leaves):
+        for leaf in leaves:
+            print(f"sagellm {command}: error: {leaf}", file=sys.stderr)
+        return max(leaf.exit_code for leaf in leaves if isinstance(leaf, SageLLMError))
+    traceback.print_exception(error)
+    print(f"sagellm {command}: internal error: a bug in sageLLM; please report it with the traceback above",
+          file=sys.stderr)  # fmt: skip
+    return 1
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The failures an exception group holds, however nested (trio's nurseries wrap what fails in them); else
+    `error` alone."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 if __name__ == "__main__":

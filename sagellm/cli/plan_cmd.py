@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.parallel.model_shape import DTYPE_BYTES, ModelShape  # light: no torch; --help stays instant
 
 if TYPE_CHECKING:
@@ -77,20 +78,22 @@ def _devices(args: argparse.Namespace) -> Devices:
     described = (args.gpus, args.gpu_mem, args.gpus_per_node, args.nodes)
     if args.devices == "auto" or described == (None, None, None, None):
         if args.devices == "auto" and described != (None, None, None, None):
-            raise ValueError("--devices auto reads this machine; leave out --gpus, --gpu-mem, --gpus-per-node, --nodes")
+            raise InvalidInput(
+                "--devices auto reads this machine; leave out --gpus, --gpu-mem, --gpus-per-node, --nodes"
+            )
         from sagellm.runtime.comm.topology import machine_topology
 
         return Devices.from_topology(machine_topology())
     if args.gpu_mem is None:
-        raise ValueError("--gpu-mem GIB is needed to plan for GPUs this machine does not have")
+        raise InvalidInput("--gpu-mem GIB is needed to plan for GPUs this machine does not have")
     count, nodes, per_node = args.gpus, args.nodes, args.gpus_per_node
     if count is None:
         if nodes is None and per_node is None:
-            raise ValueError("--gpu-mem needs --gpus N, or --nodes K with --gpus-per-node M")
+            raise InvalidInput("--gpu-mem needs --gpus N, or --nodes K with --gpus-per-node M")
         count = (nodes or 1) * (per_node or 8)
     elif nodes is not None:
         if count % nodes or (per_node is not None and per_node * nodes != count):
-            raise ValueError(f"{count} GPUs do not split into {nodes} nodes of {per_node or 'equal size'}")
+            raise InvalidInput(f"{count} GPUs do not split into {nodes} nodes of {per_node or 'equal size'}")
         per_node = count // nodes
     return Devices.gpus(count, args.gpu_mem, per_node=per_node or 8)
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sagellm.cli.gateway_client import (
-    GatewayError,
     ManagementClient,
     add_connection_arguments,
     engines_table,
     failures,
 )
+from sagellm.common.errors import InvalidInput, SageLLMError
 
 if TYPE_CHECKING:
     from sagellm.presets import Preset, PresetEngine
@@ -110,14 +110,14 @@ def run_apply(args: argparse.Namespace) -> int:
     client = ManagementClient.from_args(args)
     if not args.yes:
         if not sys.stdin.isatty():
-            raise ValueError("not asking for confirmation without a terminal; add -y to apply")
+            raise InvalidInput("not asking for confirmation without a terminal; add -y to apply")
         if not Confirm.ask(f"start these engines on {client.url}?"):
             return 1
     started, problems = [], []
     for engine in preset.engines:
         try:
             started.append(client.start_engine(_body(engine)))
-        except GatewayError as error:  # this one is refused; the others still start
+        except SageLLMError as error:  # this one is refused (or the gateway is gone); the others still start
             problems.append(f"{engine.name}: {error}")
     if started and not args.no_wait:
         with console.status(f"waiting for {', '.join(e['id'] for e in started)}"):

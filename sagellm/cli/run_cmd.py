@@ -6,7 +6,8 @@
 
 Replies stream to stdout; the metrics table and logs go to stderr. The graph's model (default SmolLM2) is
 downloaded first if it is a known alias not yet in the cache. Exit status: 0 when every request finished, 1 when any
-failed (the count by error code is said), 2 for a bad graph, model or command line, or no request at all."""
+failed (the count by error code is said) or the run failed once started (a worker that did not start), 2 for a bad
+graph, model or command line, something missing here (a backend), or no request at all."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+from sagellm.common.errors import InvalidInput, users_file
 
 REQUESTS_FORMAT = """\
 --requests FILE.jsonl: one request per line, a JSON object with exactly one of
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if snapshot is not None:
         Console(stderr=True).print(render_metrics_table(snapshot))
     if not result.outcomes:
-        raise ValueError(
+        raise InvalidInput(
             f"{args.graph}: no request ran: give --prompt TEXT, --requests FILE.jsonl, or prompts in the graph's source"
         )
     failed = [o.error.code for o in result.outcomes.values() if o.error is not None]
@@ -116,7 +119,7 @@ def build_graph(args: argparse.Namespace) -> Any:
         graph.attrs["model"] = args.model
     sources = [n for n in graph.nodes.values() if n.op in ("prompt_source", "jsonl_source", "stdin_source")]
     if (args.prompt or args.requests) and len(sources) != 1:
-        raise ValueError(f"{args.graph}: --prompt/--requests need exactly one source node, found {len(sources)}")
+        raise InvalidInput(f"{args.graph}: --prompt/--requests need exactly one source node, found {len(sources)}")
     defaults = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
     for source in sources:
         if args.requests:
@@ -138,7 +141,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set {pair!r}: expected NODE.PARAM=VALUE")
+            raise InvalidInput(f"--set {pair!r}: expected NODE.PARAM=VALUE")
         overrides[key] = value
     return overrides
 
@@ -165,14 +168,15 @@ def _ensure_model(model: str | None) -> None:
 
 
 def _write_results(result: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for rid, o in sorted(result.outcomes.items()):
-            line: dict[str, Any] = {"request_id": rid, "text": o.text, "token_ids": o.token_ids}
-            if o.error is not None:
-                line["error"] = {"code": o.error.code, "message": o.error.message, "retryable": o.error.retryable}
-            else:
-                line["finish_reason"] = o.finish_reason
-            if o.metrics is not None:
-                line["metrics"] = o.metrics.to_dict()
-            f.write(json.dumps(line) + "\n")
+    with users_file(path, "write the results"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for rid, o in sorted(result.outcomes.items()):
+                line: dict[str, Any] = {"request_id": rid, "text": o.text, "token_ids": o.token_ids}
+                if o.error is not None:
+                    line["error"] = {"code": o.error.code, "message": o.error.message, "retryable": o.error.retryable}
+                else:
+                    line["finish_reason"] = o.finish_reason
+                if o.metrics is not None:
+                    line["metrics"] = o.metrics.to_dict()
+                f.write(json.dumps(line) + "\n")

@@ -10,13 +10,16 @@ A model (a path, a .gguf file, an alias or a hub id) is served on the default gr
 file or a shipped graph's name is served as that graph. The engine flags (vLLM's names: `--max-model-len`,
 `--max-num-seqs`, `--max-num-batched-tokens`, `--enable-prefix-caching`, ...) set every engine node of the graph, with
 the same checks as the graph file. The graph's sources are replaced by the HTTP source and its printing sinks dropped
-(see sagellm.gateway.core). Models that are known aliases are downloaded first. Ctrl-C or SIGTERM stop it gracefully."""
+(see sagellm.gateway.serving.core). Models that are known aliases are downloaded first. Ctrl-C or SIGTERM stop it
+gracefully."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
+
+from sagellm.common.errors import InvalidInput
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -98,7 +101,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--first-token-timeout", type=float, default=300.0, help="seconds to the first token, queue included (300)"
     )
     failover.add_argument("--token-timeout", type=float, default=60.0, help="seconds between two tokens (default 60)")
-    join = p.add_argument_group("joining another gateway as one of its instances (sagellm.gateway.join)")
+    join = p.add_argument_group("joining another gateway as one of its instances (sagellm.gateway.control.join)")
     join.add_argument("--join", metavar="URL", help="the head gateway to join; leaves it (drained) on SIGINT/SIGTERM")
     join.add_argument("--join-key", help="the head's admin key (env SAGELLM_JOIN_KEY)")
     join.add_argument(
@@ -151,7 +154,7 @@ def _model_or_graph(args: argparse.Namespace) -> None:
     if target.suffix in (".yaml", ".yml") or graphs.find(args.graph).suffix in (".yaml", ".yml"):
         return
     if args.model:
-        raise ValueError(f"{args.graph!r} is not a graph file, and --model names the model: give one or the other")
+        raise InvalidInput(f"{args.graph!r} is not a graph file, and --model names the model: give one or the other")
     args.model, args.graph = args.graph, str(DEFAULT_GRAPH)
 
 
@@ -166,7 +169,7 @@ def apply_engine_settings(graph: Any, args: argparse.Namespace) -> Any:
     engines = [n for n in graph.nodes.values() if set(settings) <= set(get_operator(n.op).parameters())]
     given = [name for name in args._engine_flags if getattr(args, name, None) is not None]
     if not engines and given:  # serve's own defaults alone are no error: a graph may have no engine
-        raise ValueError(f"{args.graph}: the graph has no engine node to take {', '.join(given)}")
+        raise InvalidInput(f"{args.graph}: the graph has no engine node to take {', '.join(given)}")
     if not engines:
         return graph
     for node in engines:
@@ -242,11 +245,11 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
     if embedding is None:
-        raise ValueError("--no-llm with --no-embedding leaves nothing to serve")
+        raise InvalidInput("--no-llm with --no-embedding leaves nothing to serve")
     if args.join:
-        raise ValueError("--join adds a generation server to another gateway; an embeddings-only one cannot join")
+        raise InvalidInput("--join adds a generation server to another gateway; an embeddings-only one cannot join")
     if args.autoscale:
-        raise ValueError("--autoscale adds replicas of a generation engine; --no-llm serves none")
+        raise InvalidInput("--autoscale adds replicas of a generation engine; --no-llm serves none")
     resolve_model(embedding)
     graph = load_pipeline(graphs.find("control_plane"))
     config = _config(args, embedding, args.served_model_name or served_name(embedding))

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sagellm.common.errors import InvalidInput, NotFound, users_file
+
 if TYPE_CHECKING:
-    from sagellm.simulator.cluster import ClusterConfig
+    from sagellm.simulator.cluster_config import ClusterConfig
     from sagellm.simulator.step_model import StepModel
 
 # SmolLM2-135M's steps as `sagellm bench steps` measured them for the README's figures, shipped with the package
@@ -107,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     _print(args, head, summary, model, result.info)
     if args.json:
         payload = head | {"summary": summary, "config": result.info, "command": _command()}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
+        with users_file(args.json, "write the results"):
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
         print(f"results: {args.json}", file=sys.stderr)
     return 0
 
@@ -119,33 +122,33 @@ def load_step_model(path: Path | None) -> StepModel:
 
     path = path or DEFAULT_STEP_MODEL
     if not path.is_file():
-        raise ValueError(f"no step model at {path}: `sagellm bench steps` measures our engine's and saves one")
+        raise NotFound(f"no step model at {path}: `sagellm bench steps` measures our engine's and saves one")
     return StepModel.load(path)
 
 
 def _check(args: argparse.Namespace) -> None:
     for name in ("instances", "requests"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise InvalidInput(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("rate", "load"):
         value = getattr(args, name)
         if value is not None and not value > 0:
-            raise ValueError(f"--{name} must be > 0, got {value}")
+            raise InvalidInput(f"--{name} must be > 0, got {value}")
     if args.pd and args.autoscale:
-        raise ValueError("--pd and --autoscale: the autoscaler adds colocated instances; give one of them")
+        raise InvalidInput("--pd and --autoscale: the autoscaler adds colocated instances; give one of them")
 
 
 def pd_counts(text: str) -> tuple[int, int]:
     """`PREFILL:DECODE` (`--pd 2:6`) -> the two instance counts, each >= 1."""
     prefill, colon, decode = text.partition(":")
     if not colon or not prefill.isdigit() or not decode.isdigit() or min(int(prefill), int(decode)) < 1:
-        raise ValueError(f"--pd: expected PREFILL:DECODE instance counts, each >= 1 (2:6), got {text!r}")
+        raise InvalidInput(f"--pd: expected PREFILL:DECODE instance counts, each >= 1 (2:6), got {text!r}")
     return int(prefill), int(decode)
 
 
 def _config(args: argparse.Namespace, model: StepModel) -> ClusterConfig:
     from sagellm.common.autoscale import AutoscaleSettings, instance_bounds
-    from sagellm.simulator.cluster import ClusterConfig, Tier
+    from sagellm.simulator.cluster_config import ClusterConfig, Tier
     from sagellm.simulator.kv_transfer import KVTransferModel
 
     autoscale = AutoscaleSettings(**instance_bounds(args.autoscale)) if args.autoscale else None

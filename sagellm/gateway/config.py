@@ -24,7 +24,7 @@ JOIN_KEY_ENV = "SAGELLM_JOIN_KEY"  # the admin key of a gateway `sagellm serve -
 
 @dataclass(frozen=True)
 class FailoverPolicy:
-    """When a request whose attempt failed is tried again (sagellm.gateway.request_stream)."""
+    """When a request whose attempt failed is tried again (sagellm.gateway.serving.request_stream)."""
 
     max_retries: int = 2  # attempts after the first
     retry_wait_s: float = 60.0  # how long a retry waits for a healthy instance (a lost worker restarts in ~15 s)
@@ -41,7 +41,7 @@ class FailoverPolicy:
 
 @dataclass(frozen=True)
 class JoinSettings:
-    """Another gateway this one joins as one of its instances (`sagellm serve --join`; sagellm.gateway.join)."""
+    """Another gateway this one joins as one of its instances (`sagellm serve --join`; sagellm.gateway.control.join)."""
 
     gateway: str  # the head's base URL
     model: str  # the name this server serves (the head's own model name: a replica of it)
@@ -68,7 +68,7 @@ class GatewayConfig:
     # loopback (a page cannot rebind a name to 127.0.0.1 and drive the gateway), any when bound elsewhere.
     allowed_hosts: list[str] | None = None
     failover: FailoverPolicy = field(default_factory=FailoverPolicy)
-    join: JoinSettings | None = None  # another gateway this one joins as an instance (sagellm.gateway.join)
+    join: JoinSettings | None = None  # another gateway this one joins as an instance (sagellm.gateway.control.join)
     # HOST:PORT (port 0: any) where API servers on other hosts attach (`sagellm api-server --core`); None: only the
     # gateway's own (`--api-servers`, over ipc). The link is CURVE-encrypted with a key made for the run.
     api_hub: str | None = None

@@ -23,26 +23,29 @@ import trio
 import zmq
 
 from sagellm.common.autoscale import AutoscaleSettings
+from sagellm.common.errors import InvalidInput
 from sagellm.common.home import keys_dir
 from sagellm.common.logging import default_logging
 from sagellm.common.nursery_errors import single_errors
-from sagellm.gateway import openapi
-from sagellm.gateway.admin_routes import AdminRoutes
-from sagellm.gateway.api_hub import ApiServerHub, run_api_servers
-from sagellm.gateway.api_link import FrontEnd
-from sagellm.gateway.auth import admin_key, key_guard
-from sagellm.gateway.autoscaler import Autoscaler
+from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
+from sagellm.gateway.api_servers.link import FrontEnd
 from sagellm.gateway.config import GatewayConfig
-from sagellm.gateway.core import ServingCore
-from sagellm.gateway.engines import EngineManager
-from sagellm.gateway.http import App
-from sagellm.gateway.http_server import HttpLimits, serve_http
-from sagellm.gateway.index_routes import IndexRoutes, IndexStore
-from sagellm.gateway.join import Membership
-from sagellm.gateway.management_routes import ManagementRoutes
-from sagellm.gateway.openai_routes import OpenAIRoutes
-from sagellm.gateway.session_routes import SessionRoutes
-from sagellm.gateway.sessions import SessionStore
+from sagellm.gateway.control.admin_routes import AdminRoutes
+from sagellm.gateway.control.autoscaler import Autoscaler
+from sagellm.gateway.control.engines import EngineManager
+from sagellm.gateway.control.join import Membership
+from sagellm.gateway.control.management_routes import ManagementRoutes
+from sagellm.gateway.http.app import App
+from sagellm.gateway.http.auth import admin_key, key_guard
+from sagellm.gateway.http.limits import HttpLimits
+from sagellm.gateway.http.server import serve_http
+from sagellm.gateway.indexes.routes import IndexRoutes
+from sagellm.gateway.indexes.store import IndexStore
+from sagellm.gateway.openai import openapi
+from sagellm.gateway.openai.routes import OpenAIRoutes
+from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.sessions.routes import SessionRoutes
+from sagellm.gateway.sessions.store import SessionStore
 from sagellm.runtime.comm.curve import RunKeys, authenticator
 from sagellm.runtime.comm.zmq_trio import local_endpoint
 from sagellm.runtime.execution_graph.graph import Graph
@@ -194,7 +197,7 @@ def _host_port(value: str | None) -> tuple[str, int] | None:
         return None
     host, _, port = value.rpartition(":")
     if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"--api-hub: expected HOST:PORT (port 0: any free one), got {value!r}")
+        raise InvalidInput(f"--api-hub: expected HOST:PORT (port 0: any free one), got {value!r}")
     return host or "127.0.0.1", int(port)
 
 
@@ -218,7 +221,7 @@ def _announce_hub(endpoint: str, keys: RunKeys) -> Path:
 
 def _served_names(core: ServingCore) -> list[str]:
     """The embedding models the gateway answers itself, which no managed engine may take."""
-    return [op.served_model_name for op in core.operators_of("embedding")]
+    return [op.served_model_name for op in core.registry.embedders()]
 
 
 async def _keep_scaling(autoscaler: Autoscaler, scope: trio.CancelScope) -> None:

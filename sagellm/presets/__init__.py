@@ -22,13 +22,13 @@ from typing import Any
 import msgspec
 import yaml
 
-from sagellm.common.errors import FieldError
-from sagellm.gateway.engine_spec import EngineSpec
+from sagellm.common.errors import FieldError, InvalidInput
+from sagellm.gateway.control.engine_spec import EngineSpec
 
 VERSION = 1
 
 
-class PresetError(ValueError):
+class PresetError(InvalidInput):
     """A preset that cannot be found or is not valid; the message starts with the file (and field)."""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sagellm.simulator.cluster import ClusterConfig
+from sagellm.simulator.cluster_config import ClusterConfig
 from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import Trace, from_rows
 

@@ -25,9 +25,9 @@ another on its host computes, by its step model's neighbour slowdowns (sim-check
 one machine; instances of a cluster have hosts of their own by default).
 
 The simulated requests are real `Request`s (the policies read their fields) whose prompt is a length without
-contents (`_Prompt`): the simulator models neither prompt contents nor prefix caching, so the strategies that read
-contents (locality, cache_aware) are refused, and pd_split counts every prompt token as uncached. Every decision is
-the real code's, so its CPU time is real too."""
+contents (`LengthOnlyPrompt`): the simulator models neither prompt contents nor prefix caching, so the strategies that
+read contents (locality, cache_aware) are refused, and pd_split counts every prompt token as uncached. Every decision
+is the real code's, so its CPU time is real too."""
 
 from __future__ import annotations
 
@@ -38,174 +38,32 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from sagellm.common.autoscale import Autoscale, AutoscaleSettings, Signals
+from sagellm.common.autoscale import Autoscale, Signals
 from sagellm.operators.pd_split import PDSplit
-from sagellm.operators.policies import POLICIES
 from sagellm.operators.policy_sort import PolicySort
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.operators.route import ROLES_FOR_PHASE
-from sagellm.operators.routing import STRATEGIES, make_strategy
+from sagellm.operators.routing import make_strategy
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext
+from sagellm.simulator.cluster_config import ROLES, ClusterConfig, Tier
+from sagellm.simulator.cluster_result import cluster_result
+from sagellm.simulator.contentless import LengthOnlyPrompt, NoPrefixCache
+from sagellm.simulator.free_set import FreeSet
 from sagellm.simulator.instance import Instance
-from sagellm.simulator.kv_transfer import KVTransferModel
 from sagellm.simulator.result import SimResult
-from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import Trace
 
-CONTENT_STRATEGIES = ("locality", "cache_aware")  # they read prompt contents, which the simulator does not model
 PROGRESS_EVERY = 4096  # ended requests between progress reports
-ROLES = ("colocated", "prefill", "decode")
 _STEP, _TICK, _READY, _HANDOVER = 0, 1, 2, 3  # event kinds
-
-
-@dataclass(frozen=True)
-class Tier:
-    """A kind of instance in a heterogeneous cluster: its share of `ClusterConfig.instances`, its step model (speed and
-    slots), its price, which its `InstanceStats` report (cost_optimized reads `price_per_1k_tokens`), and its role
-    (colocated, or a prefill or decode worker)."""
-
-    name: str
-    share: float
-    step_model: StepModel
-    price_per_1k_tokens: float = 0.0
-    role: str = "colocated"
-
-
-@dataclass
-class ClusterConfig:
-    """`instances` alike of `step_model`, or split over `tiers` by their shares (exactly one of the two)."""
-
-    instances: int
-    step_model: StepModel | None = None
-    tiers: tuple[Tier, ...] | None = None
-    policy: str = "fifo"  # a name from sagellm.operators.policies (the real PolicySort operator)
-    routing: str = "load_balanced"  # a name from sagellm.operators.routing (the real strategy classes)
-    sample: int | None = None  # power-of-d choices: route chooses among d sampled free instances (None: all)
-    max_queue: int | None = None  # policy_sort's max_len
-    autoscale: AutoscaleSettings | None = None  # instances then starts at min_instances, at most max_instances
-    startup_s: float = 30.0  # how long a new instance takes to become ready
-    pd_threshold_tokens: int = 512  # pd_split's: prompts of at least this many tokens take the PD path
-    kv_transfer: KVTransferModel = KVTransferModel()  # a prefill worker's first token to the decode worker's
-    instances_per_host: int = 1  # instances i and j share a host when i // this == j // this: they slow each other
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.instances < 1:
-            raise ValueError(f"instances must be >= 1, got {self.instances}")
-        if (self.step_model is None) == (self.tiers is None):
-            raise ValueError("give either step_model (alike instances) or tiers (kinds of instance), not both or none")
-        if self.tiers is not None:
-            _check_tiers(self.tiers)
-            if self.autoscale is not None:
-                raise ValueError("autoscale adds instances of one kind: give step_model, not tiers")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
-        if self.routing not in STRATEGIES or self.routing in CONTENT_STRATEGIES:
-            names = [name for name in STRATEGIES if name not in CONTENT_STRATEGIES]
-            why = " (it reads prompt contents, which the simulator does not model)" * (self.routing in STRATEGIES)
-            raise ValueError(f"routing {self.routing!r} cannot be simulated{why}; choose from {', '.join(names)}")
-        if self.sample is not None and self.sample < 1:
-            raise ValueError(f"sample must be >= 1 instance, got {self.sample}")
-        if self.max_queue is not None and self.max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1 or unset, got {self.max_queue}")
-        if self.startup_s < 0:
-            raise ValueError(f"startup_s must be >= 0, got {self.startup_s}")
-        if self.instances_per_host < 1:
-            raise ValueError(f"instances_per_host must be >= 1, got {self.instances_per_host}")
-        if self.pd_threshold_tokens < 0:
-            raise ValueError(f"pd_threshold_tokens must be >= 0, got {self.pd_threshold_tokens}")
-        for tier, _ in self.kinds():
-            model = tier.step_model
-            if not 1 <= model.max_num_seqs <= model.max_num_batched_tokens:
-                raise ValueError(
-                    f"the step model's max_num_seqs ({model.max_num_seqs}) must be within 1..max_num_batched_tokens "
-                    f"({model.max_num_batched_tokens}): every running sequence's decode token fits a step"
-                )
-
-    def kinds(self) -> list[tuple[Tier, int]]:
-        """Each kind of instance and how many of it start: a tier's share of `instances` rounded (the last tier takes
-        the rest); alike instances are one tier of them all (`min_instances` of them under autoscale)."""
-        if self.tiers is None:
-            assert self.step_model is not None
-            start = self.autoscale.min_instances if self.autoscale else self.instances
-            return [(Tier("", 1.0, self.step_model), start)]
-        counts = [round(tier.share * self.instances) for tier in self.tiers[:-1]]
-        return list(zip(self.tiers, [*counts, self.instances - sum(counts)]))
-
-
-def _check_tiers(tiers: tuple[Tier, ...]) -> None:
-    names = [tier.name for tier in tiers]
-    if not tiers or len(set(names)) < len(names):
-        raise ValueError(f"tiers need distinct names, at least one, got {names}")
-    for tier in tiers:
-        if tier.share < 0 or tier.price_per_1k_tokens < 0:
-            raise ValueError(
-                f"tier {tier.name!r}: share and price must be >= 0, got {tier.share}, {tier.price_per_1k_tokens}"
-            )
-        if tier.role not in ROLES:
-            raise ValueError(f"tier {tier.name!r}: role must be one of {', '.join(ROLES)}, got {tier.role!r}")
-    if all(tier.role == "prefill" for tier in tiers):
-        raise ValueError("prefill instances alone cannot serve: add a decode (or colocated) tier")
-    if not math.isclose(sum(tier.share for tier in tiers), 1.0):
-        raise ValueError(f"tiers' shares must sum to 1, got {sum(tier.share for tier in tiers):g}")
 
 
 def simulate(config: ClusterConfig, trace: Trace, progress: Callable[[int], None] | None = None) -> SimResult:
     """Runs every request of `trace` to its end (finished or failed); `progress(n)` hears of every n more ended."""
     return _Simulation(config, trace, progress).run()
-
-
-class _Prompt(list):
-    """A prompt of `n` tokens whose contents are not modelled: `len()` is n, and nothing is stored, so a queue of a
-    million waiting requests costs no prompt memory. Only the policies read it, and only its length."""
-
-    __slots__ = ("n",)
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class _NoPrefixCache(PrefixIndex):
-    """pd_split's view of the engines' prefix caches when prompts have lengths and no contents: nothing is cached."""
-
-    def cached_tokens(self, instance: str, token_ids: Any, hashes: list[int] | None = None) -> int:
-        return 0
-
-    def record(self, instance: str, token_ids: Any, hashes: list[int] | None = None) -> None:
-        return None
-
-
-class _FreeSet:
-    """The instances with a free slot: add, discard and draw by position in O(1)."""
-
-    def __init__(self) -> None:
-        self.items: list[Instance] = []
-        self.pos: dict[int, int] = {}
-
-    def add(self, instance: Instance) -> None:
-        if instance.index not in self.pos:
-            self.pos[instance.index] = len(self.items)
-            self.items.append(instance)
-
-    def discard(self, instance: Instance) -> None:
-        p = self.pos.pop(instance.index, None)
-        if p is None:
-            return
-        last = self.items.pop()
-        if last is not instance:
-            self.items[p] = last
-            self.pos[last.index] = p
 
 
 class _Simulation:
@@ -228,7 +86,7 @@ class _Simulation:
         self.instances: list[Instance] = []
         self.by_name: dict[str, Instance] = {}
         roles = {tier.role for tier, _ in config.kinds()}
-        self.free = {role: _FreeSet() for role in ROLES}  # by role
+        self.free = {role: FreeSet() for role in ROLES}  # by role
         self.free_sets = [self.free[role] for role in ROLES if role in roles]
         self.free_for = {  # by phase: the free sets of the roles that run it, among those present
             phase: [self.free[r] for r in ROLES if r in roles and r in ROLES_FOR_PHASE[phase]] for phase in ROLES
@@ -236,7 +94,7 @@ class _Simulation:
         self.split: PDSplit | None = None  # the real pd_split, when there are prefill workers
         if "prefill" in roles:
             self.split = PDSplit(threshold_tokens=config.pd_threshold_tokens)
-            self.split.prefix_index = _NoPrefixCache()
+            self.split.prefix_index = NoPrefixCache()
             self.split.open(OperatorContext("pd_split", instances=self.ctx.instances, load=self.load))
         self.held: Request | None = None  # popped, waiting at route for a free instance of its phase
         self.prefilled: dict[int, Request] = {}  # on a prefill instance or on their way to a decode one
@@ -244,7 +102,7 @@ class _Simulation:
         self.pending: list[Instance] = []  # at a step boundary now, their next step not yet composed
         self.events: list[tuple[float, int, int, Any, int]] = []
         self.seq = itertools.count()
-        self.prompt_of: dict[int, _Prompt] = {}
+        self.prompt_of: dict[int, LengthOnlyPrompt] = {}
         self.sampling_of: dict[int, SamplingParams] = {}
         self.autoscaler = Autoscale(config.autoscale) if config.autoscale else None
         self.starting, self.changes = 0, []
@@ -294,14 +152,25 @@ class _Simulation:
             pending.clear()
         if self.progress and self.ended > self.reported:
             self.progress(self.ended - self.reported)
-        return self._result(time.perf_counter() - started)
+        return cluster_result(
+            self.config,
+            self.trace,
+            self.first,
+            self.finish,
+            self.where,
+            instances_peak=len(self.instances),
+            pd_decisions=self.split.decisions if self.split is not None else None,
+            changes=self.changes,
+            policy=self.queue.policy,
+            wall_s=time.perf_counter() - started,
+        )
 
     # -- requests ---------------------------------------------------------------------------------------------
     def _arrive(self, i: int) -> None:
         prompt, output = self.prompts[i], self.outputs[i]
         tokens = self.prompt_of.get(prompt)
         if tokens is None:
-            tokens = self.prompt_of[prompt] = _Prompt(prompt)
+            tokens = self.prompt_of[prompt] = LengthOnlyPrompt(prompt)
         sampling = self.sampling_of.get(output)
         if sampling is None:
             sampling = self.sampling_of[output] = SamplingParams(max_tokens=output)
@@ -517,57 +386,3 @@ class _Simulation:
             )
         if self.ended < len(self.prompts):
             self._at(self.now + self.config.autoscale.interval_s, _TICK, None, 0)
-
-    def _result(self, wall_s: float) -> SimResult:
-        arrivals = self.trace.arrivals
-        first, finish = np.array(self.first), np.array(self.finish)
-        gaps = self.trace.output_tokens - 1
-        with np.errstate(invalid="ignore", divide="ignore"):
-            tpot = np.where(gaps > 0, (finish - first) / gaps, math.nan)
-        ends = finish[~np.isnan(finish)]
-        duration = float(ends.max() - arrivals[0]) if len(ends) else self.trace.duration_s
-        config = self.config
-        info = {
-            "trace": self.trace.name,
-            "instances": config.instances if config.autoscale is None else None,
-            "instances_peak": len(self.instances),
-            "policy": config.policy,
-            "routing": config.routing,
-            "sample": config.sample,
-            "max_queue": config.max_queue,
-            "instances_per_host": config.instances_per_host,
-            "autoscale": vars(config.autoscale) if config.autoscale else None,
-            "step_model": _model_json(config.step_model) if config.step_model else None,
-            "tiers": None,  # instances are numbered tier after tier, in this order
-            "pd": None,
-            "seed": config.seed,
-        }
-        if self.split is not None:
-            info["pd"] = {
-                "threshold_tokens": config.pd_threshold_tokens,
-                "kv_transfer": vars(config.kv_transfer),
-                "decisions": dict(self.split.decisions),
-            }
-        if config.tiers:
-            info["tiers"] = [
-                {"name": t.name, "role": t.role, "share": t.share, "instances": n}
-                | {"price_per_1k_tokens": t.price_per_1k_tokens}
-                | {"step_model": _model_json(t.step_model)}
-                for t, n in config.kinds()
-            ]
-        return SimResult(
-            ttft_s=first - arrivals,
-            tpot_s=tpot,
-            e2e_s=finish - arrivals,
-            instance=np.array(self.where),
-            sim_duration_s=duration,
-            wall_s=wall_s,
-            ttft_slo_ms=self.trace.ttft_slo_ms,
-            autoscale=self.changes,
-            info=info,
-            policy=self.queue.policy,
-        )
-
-
-def _model_json(model: StepModel) -> dict[str, Any]:
-    return {k: v for k, v in vars(model).items() if k != "source"}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sagellm.common.errors import InvalidInput
 from sagellm.simulator.step_model import fit_non_negative
 
 
@@ -26,7 +27,7 @@ class KVTransferModel:
 
     def __post_init__(self) -> None:
         if self.latency_s < 0 or self.per_token_s < 0:
-            raise ValueError(f"a KV hand-over takes >= 0 s, got {self.latency_s} s + {self.per_token_s} s/token")
+            raise InvalidInput(f"a KV hand-over takes >= 0 s, got {self.latency_s} s + {self.per_token_s} s/token")
 
     def seconds(self, prompt_tokens: int) -> float:
         return self.latency_s + self.per_token_s * prompt_tokens
@@ -36,7 +37,7 @@ class KVTransferModel:
         """From (prompt tokens, seconds) of measured hand-overs; a coefficient the data would make negative is
         dropped and the other refitted (no hand-over gets faster for moving more)."""
         if len(samples) < 2:
-            raise ValueError(f"need at least 2 measured hand-overs to fit, got {len(samples)}")
+            raise InvalidInput(f"need at least 2 measured hand-overs to fit, got {len(samples)}")
         tokens = np.array([float(n) for n, _ in samples])
         seconds = np.array([s for _, s in samples])
         latency, per_token = fit_non_negative(np.stack([np.ones_like(tokens), tokens], 1), seconds).tolist()

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from sagellm.common.errors import InvalidInput
+
 MIN_SLOWDOWN_STEPS = 16  # steps of a kind needed to fit its neighbour slowdown ...
 MIN_BUSY_SPREAD = 0.1  # ... and the spread (standard deviation) of their neighbour's busy fractions
 MIN_SPEED_STEPS = 8  # steps of each kind (with prompt chunks, decode only) to tell their speeds apart
@@ -90,7 +92,7 @@ def fit_speed(model: StepModel, steps: list[StepSample]) -> tuple[float, float]:
     decode factor. With fewer than `MIN_SPEED_STEPS` of a kind (a prefill worker never decodes alone), or a prompt
     factor the steps' decode part leaves no room for, one factor over all the steps serves for both."""
     if not steps:
-        raise ValueError("need measured steps to tell their speed")
+        raise InvalidInput("need measured steps to tell their speed")
     measured = np.array([s.seconds for s in steps])
     decode_part = np.array([model.decode_part_s(s) * model.neighbour_factor(s) for s in steps])
     modelled = np.array([model.sample_s(s) for s in steps])
@@ -186,7 +188,7 @@ class StepModel:
         so that every composition weighs alike): the slowdowns are fitted on them, a step an observation, since a
         pooled sample's mean overlap no longer says which of its steps ran beside the neighbour."""
         if not samples or min(s.seconds for s in samples) <= 0:
-            raise ValueError("need measured steps, each taking > 0 seconds")
+            raise InvalidInput("need measured steps, each taking > 0 seconds")
         model = cls._fit_linear(samples, **settings)
         steps = samples if steps is None else steps
         if not any(s.neighbour_busy for s in steps):
@@ -213,7 +215,7 @@ class StepModel:
         step = COEFFICIENTS.index("per_prefill_step_s")
         used = [j for j in range(x.shape[1]) if x[:, j].any() and not (j == step and x[:, step].all())]
         if len(samples) < len(used):
-            raise ValueError(f"need at least {len(used)} measured steps to fit, got {len(samples)}")
+            raise InvalidInput(f"need at least {len(used)} measured steps to fit, got {len(samples)}")
         weight = np.array([1 / s.seconds for s in samples])  # row i / seconds_i: residuals become relative errors
         coefficients = np.zeros(x.shape[1])
         coefficients[used] = fit_non_negative(x[:, used] * weight[:, None], np.ones(len(samples)))
@@ -235,4 +237,4 @@ class StepModel:
         try:
             return cls(**json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as error:
-            raise ValueError(f"{path} is not a step model saved by `sagellm bench steps`: {error}") from None
+            raise InvalidInput(f"{path} is not a step model saved by `sagellm bench steps`: {error}") from None

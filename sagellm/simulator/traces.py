@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sagellm.common.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class Trace:
@@ -33,12 +35,12 @@ class Trace:
         columns |= {"priorities": self.priorities, "ttft_slo_ms": self.ttft_slo_ms}
         for name, column in columns.items():
             if column is not None and len(column) != n:
-                raise ValueError(f"trace {self.name!r}: {len(column)} {name} for {n} arrivals")
+                raise InvalidInput(f"trace {self.name!r}: {len(column)} {name} for {n} arrivals")
         if n and (self.arrivals[0] < 0 or np.any(np.diff(self.arrivals) < 0)):
-            raise ValueError(f"trace {self.name!r}: arrivals must be sorted seconds from 0")
+            raise InvalidInput(f"trace {self.name!r}: arrivals must be sorted seconds from 0")
         for name in ("prompt_tokens", "output_tokens"):
             if n and int(columns[name].min()) < 1:
-                raise ValueError(f"trace {self.name!r}: every request needs {name} >= 1")
+                raise InvalidInput(f"trace {self.name!r}: every request needs {name} >= 1")
 
     def __len__(self) -> int:
         return len(self.arrivals)
@@ -56,7 +58,7 @@ class Trace:
         """The same requests with time stretched so they arrive at `rate` req/s on average: the same burst shape
         at another load (the generators' arrivals scale exactly so with the rate they are drawn at)."""
         if not rate > 0:
-            raise ValueError(f"rate must be > 0 req/s, got {rate}")
+            raise InvalidInput(f"rate must be > 0 req/s, got {rate}")
         return dataclasses.replace(self, arrivals=self.arrivals * (self.rate / rate))
 
 
@@ -117,7 +119,7 @@ def bursty(
     Poisson because one number sets the burstiness at a fixed mean rate, which is what a sweep varies, and because
     it is the usual model of bursty LLM serving load (AlpaServe, OSDI 2023, sweeps Gamma arrivals by CV)."""
     if cv <= 1:
-        raise ValueError(f"bursty: cv must be > 1 (1 is Poisson), got {cv}")
+        raise InvalidInput(f"bursty: cv must be > 1 (1 is Poisson), got {cv}")
     return _renewal(n, rate, cv, prompt, output, seed, name)
 
 
@@ -127,7 +129,7 @@ def azure(n: int, rate: float | None = None, *, kind: str = "code", cv: float = 
     is given. The trace itself cannot be downloaded here (no network), so this matches its shape, not its rows; a
     downloaded CSV (TIMESTAMP, ContextTokens, GeneratedTokens) goes through `from_rows` instead."""
     if kind not in AZURE:
-        raise ValueError(f"azure: kind must be one of {sorted(AZURE)}, got {kind!r}")
+        raise InvalidInput(f"azure: kind must be one of {sorted(AZURE)}, got {kind!r}")
     prompt, output, own_rate = AZURE[kind]
     return _renewal(n, rate or own_rate, cv, prompt, output, seed, f"azure-{kind}")
 
@@ -143,7 +145,7 @@ def named(kind: str, n: int, rate: float, seed: int = 0) -> Trace:
         return bursty(n, rate, seed=seed)
     if kind in ("azure-code", "azure-conv"):
         return azure(n, rate, kind="code" if kind == "azure-code" else "conversation", seed=seed)
-    raise ValueError(f"unknown trace {kind!r}; choose from {', '.join(TRACE_KINDS)}")
+    raise InvalidInput(f"unknown trace {kind!r}; choose from {', '.join(TRACE_KINDS)}")
 
 
 def from_rows(
@@ -172,7 +174,7 @@ def with_classes(trace: Trace, shares: list[tuple[float, int, float]], seed: int
     ttft_slo_ms) per class, shares summing to 1."""
     weights = np.array([share for share, _, _ in shares])
     if not math.isclose(float(weights.sum()), 1.0):
-        raise ValueError(f"class shares must sum to 1, got {float(weights.sum()):g}")
+        raise InvalidInput(f"class shares must sum to 1, got {float(weights.sum()):g}")
     picked = np.random.default_rng(seed).choice(len(shares), size=len(trace), p=weights)
     priorities = np.array([priority for _, priority, _ in shares], dtype=np.int64)[picked]
     slos = np.array([slo for _, _, slo in shares], dtype=np.float64)[picked]
@@ -185,9 +187,9 @@ def with_classes(trace: Trace, shares: list[tuple[float, int, float]], seed: int
 def _renewal(n: int, rate: float, cv: float, prompt: Lengths, output: Lengths, seed: int, name: str) -> Trace:
     """A renewal process: Gamma gaps of mean 1/rate and coefficient of variation cv (cv 1: exponential)."""
     if n < 1:
-        raise ValueError(f"{name}: need at least one request, got {n}")
+        raise InvalidInput(f"{name}: need at least one request, got {n}")
     if not rate > 0:
-        raise ValueError(f"{name}: rate must be > 0 req/s, got {rate}")
+        raise InvalidInput(f"{name}: rate must be > 0 req/s, got {rate}")
     rng = np.random.default_rng(seed)
     shape = 1.0 / (cv * cv)
     gaps = rng.gamma(shape, 1.0 / (rate * shape), n - 1)

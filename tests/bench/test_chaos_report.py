@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sagellm.benchmarks.chaos import Row, lost_count, markdown, status_of, stream_event
+from sagellm.benchmarks.chaos_report import Row, lost_count, markdown, status_of
+from sagellm.benchmarks.chaos_streams import stream_event
 
 
 def test_a_stream_line_says_its_end_and_whether_it_carries_a_token():

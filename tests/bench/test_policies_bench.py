@@ -19,7 +19,8 @@ from sagellm.benchmarks.policies import RealConfig, add_arguments, run
 from sagellm.benchmarks.policy_sim import SIM_TIERS, SimConfig, policy_run, rates_tier, run_sim, sim_trace
 from sagellm.benchmarks.policy_workload import CLASSES, POLICIES, class_sequence
 from sagellm.cli.main import main
-from sagellm.simulator.cluster import ClusterConfig, simulate
+from sagellm.simulator.cluster import simulate
+from sagellm.simulator.cluster_config import ClusterConfig
 from sagellm.simulator.traces import from_rows
 from tests.tiny_models import make_tiny_llama
 

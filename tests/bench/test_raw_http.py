@@ -15,7 +15,8 @@ import httpx
 import pytest
 import trio
 
-from sagellm.benchmarks.chaos import free_port, raw_stream
+from sagellm.benchmarks.chaos_server import free_port
+from sagellm.benchmarks.chaos_streams import raw_stream
 from sagellm.benchmarks.raw_http import RawClient, lines
 from sagellm.common.processes import python_module
 

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from sagellm.benchmarks.chaos import stream_event
+from sagellm.benchmarks.chaos_streams import stream_event
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.tiny_models import make_tiny_llama
 

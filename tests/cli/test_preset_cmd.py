@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sagellm.gateway.engine_spec import EngineSpec
+from sagellm.gateway.control.engine_spec import EngineSpec
 from sagellm.presets import PresetError, builtin_presets, find_preset, load_preset
 from tests.cli.in_process import in_process
 

@@ -214,6 +214,6 @@ def api_servers_of(parent: int) -> list[int]:
             cmdline = (status.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"\nPPid:\t{parent}\n" in text and b"sagellm.gateway.api_server" in cmdline:
+        if f"\nPPid:\t{parent}\n" in text and b"sagellm.gateway.api_servers.server" in cmdline:
             found.append(int(status.parent.name))
     return found

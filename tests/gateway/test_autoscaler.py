@@ -84,7 +84,7 @@ def test_a_burst_adds_a_replica_that_serves_and_the_quiet_after_it_drains_it(tmp
         ]
 
         wait_for(lambda: scaler.decisions["down"] == 1 and not scaler.replicas, "the replica drained")
-        wait_for(lambda: replica not in gw.core.instances(), "the replica gone from the instances")
+        wait_for(lambda: replica not in gw.core.registry.instances(), "the replica gone from the instances")
         metrics = httpx.get(gw.url + "/metrics").text
         found = dict(re.findall(r'^sagellm:autoscaler_decisions_total\{direction="(\w+)"\} (\S+)$', metrics, re.M))
         assert found == {"up": "1.0", "down": "1.0"}

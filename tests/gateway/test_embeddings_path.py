@@ -45,7 +45,7 @@ def test_vectors_come_through_the_graph_and_are_counted(gateway, bert):
     assert embedded(gateway.url) == before + 3  # one pipeline request per input, each counted
     models = {m["id"]: m for m in httpx.get(gateway.url + "/v1/models").json()["data"]}
     assert models["tiny-st"]["max_model_len"] == EmbeddingEngine(bert).max_length
-    assert gateway.core.instances()["embedding"].role == "embedding"
+    assert gateway.core.registry.instances()["embedding"].role == "embedding"
 
 
 def test_an_input_the_model_cannot_take_is_named(gateway):

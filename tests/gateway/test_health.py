@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sagellm.gateway.admin_routes import service_status
+from sagellm.gateway.control.admin_routes import service_status
 from sagellm.runtime.pipeline.operator import InstanceStats
 
 

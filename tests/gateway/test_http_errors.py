@@ -9,7 +9,7 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from sagellm.gateway.config import LOOPBACK_NAMES
-from sagellm.gateway.http import App, HttpRequest, Response, host_name
+from sagellm.gateway.http.app import App, HttpRequest, Response, host_name
 
 
 async def call(app: App, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -59,3 +59,27 @@ def test_host_names_without_port_scheme_or_brackets() -> None:
     assert [host_name(v) for v in ("127.0.0.1:8000", "LocalHost", "[::1]:80", "http://a.b:9/x", "::1")] == [
         "127.0.0.1", "localhost", "::1", "a.b", "::1"
     ]  # fmt: skip
+
+
+async def test_a_named_failure_answers_with_its_kinds_status() -> None:
+    """A SageLLMError a route raises is its kind's status and code (a FieldError's field the param); an InternalError
+    is a bug like any other."""
+    from sagellm.common.errors import FieldError, InternalError, Unavailable
+
+    app = App()
+    for path, error in [("/field", FieldError("top_k", "top_k must be >= 1")), ("/down", Unavailable("no backend")),
+                        ("/bug", InternalError("never"))]:  # fmt: skip
+        app.route("GET", path, _raising(error))
+    expected = {"message": "top_k must be >= 1", "type": "invalid_request_error", "param": "top_k"}
+    assert await call(app, "GET", "/field") == (400, {"error": {**expected, "code": "invalid_request"}})
+    status, body = await call(app, "GET", "/down")
+    assert status == 503 and body["error"]["code"] == "unavailable"
+    status, body = await call(app, "GET", "/bug")
+    assert status == 500 and "InternalError" in body["error"]["message"] and "error id" in body["error"]["message"]
+
+
+def _raising(error: Exception):
+    async def handler(_: HttpRequest) -> Response:
+        raise error
+
+    return handler

@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 import trio
 
-from sagellm.gateway.http import App, EventStream, HttpRequest, Response
-from sagellm.gateway.http_server import MAX_HEAD_BYTES, HttpLimits, serve_http
+from sagellm.gateway.http.app import App, EventStream, HttpRequest, Response
+from sagellm.gateway.http.limits import MAX_HEAD_BYTES, HttpLimits
+from sagellm.gateway.http.server import serve_http
 
 
 class Recorder:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sagellm.gateway.errors import ApiError
-from sagellm.gateway.openai_routes import MAX_EMBEDDING_INPUTS, _embedding_inputs
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.openai.routes import MAX_EMBEDDING_INPUTS, _embedding_inputs
 
 
 def test_an_embedding_request_carries_a_bounded_number_of_inputs() -> None:
@@ -13,4 +13,4 @@ def test_an_embedding_request_carries_a_bounded_number_of_inputs() -> None:
     assert _embedding_inputs([[1, 2]] * 3) == [[1, 2]] * 3 and _embedding_inputs("one") == ["one"]
     with pytest.raises(ApiError) as raised:
         _embedding_inputs(["a"] * (MAX_EMBEDDING_INPUTS + 1))
-    assert raised.value.status == 400 and raised.value.param == "input" and "at most" in raised.value.message
+    assert raised.value.http_status == 400 and raised.value.param == "input" and "at most" in raised.value.message

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from sagellm.gateway.config import JoinSettings
-from sagellm.gateway.join import JoinRefused, Membership
+from sagellm.gateway.control.join import JoinRefused, Membership
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.gateway.test_management import ENGINES
 

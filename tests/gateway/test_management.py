@@ -19,8 +19,8 @@ import trio
 
 from sagellm.backends import list_backends
 from sagellm.gateway.config import DEFAULT_GRAPH
-from sagellm.gateway.engine_process import Supervisor, _command
-from sagellm.gateway.engine_spec import EngineSpec, ManagedEngine
+from sagellm.gateway.control.engine_spec import EngineSpec, ManagedEngine
+from sagellm.gateway.control.supervisor import Supervisor, _command
 from sagellm.runtime.embedding import EmbeddingEngine
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
@@ -50,7 +50,7 @@ def test_management_needs_the_admin_key(gateway):
 def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
     engines = admin.get(ENGINES).json()["data"]
     graph = [e for e in engines if e["kind"] == "graph"]
-    assert [e["id"] for e in graph] == list(gateway.core.instances())
+    assert [e["id"] for e in graph] == list(gateway.core.registry.instances())
     assert graph[0]["state"] == "ready" and graph[0]["model"] == gateway.core.model_name
     reply = admin.delete(f"{ENGINES}/{graph[0]['id']}")
     assert reply.status_code == 409 and reply.json()["error"]["code"] == "conflict"

@@ -179,7 +179,7 @@ def test_out_of_range_and_mistyped_values_are_400_naming_the_field(gateway, body
 def test_long_prompts_are_tokenized_off_the_event_loop_and_overlong_ones_refused_untokenized(gateway, monkeypatch):
     import threading
 
-    import sagellm.gateway.core as core
+    import sagellm.gateway.serving.prompts as core
 
     threads, real = [], core.tokenize_request
 
@@ -224,7 +224,7 @@ def test_sessions_belong_to_their_key_and_a_long_history_is_completed_over_its_l
 
 
 def test_no_healthy_instance_is_503_and_recovers(client, gateway):
-    engine = gateway.core.instances()["engine"]
+    engine = gateway.core.registry.instances()["engine"]
     gateway.call(setattr, engine, "healthy", False)
     try:
         with pytest.raises(openai.InternalServerError) as raised:
@@ -339,7 +339,7 @@ def test_the_pd_graph_serves_the_same_replies(tiny_model, tmp_path, offline):
         assert client.chat.completions.create(**body).choices[0].message.content == expected
         chunks = client.chat.completions.create(**body, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
-        roles = {s.role: s.healthy for s in gw.core.instances().values()}
+        roles = {s.role: s.healthy for s in gw.core.registry.instances().values()}
         assert roles == {"prefill": True, "decode": True}
 
 

@@ -23,8 +23,8 @@ import trio
 import zmq
 
 from sagellm import LLM, SamplingParams
-from sagellm.gateway import api_link
-from sagellm.gateway.api_link import Attach
+from sagellm.gateway.api_servers import link as api_link
+from sagellm.gateway.api_servers.link import Attach
 from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.zmq_trio import connect_dealer
 from tests.cli.test_cli import SAGELLM

@@ -9,10 +9,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from sagellm.cli.main import build_parser
-from sagellm.gateway.auth import ADMIN_KEY_FILE, admin_key, read_admin_key
-from sagellm.gateway.protocol import ChatMessage
-from sagellm.gateway.session_routes import _without_oldest
-from sagellm.gateway.sessions import (
+from sagellm.gateway.http.auth import ADMIN_KEY_FILE, admin_key, read_admin_key
+from sagellm.gateway.openai.protocol import ChatMessage
+from sagellm.gateway.sessions.routes import _without_oldest
+from sagellm.gateway.sessions.store import (
     MAX_SESSION_BYTES,
     MAX_SESSIONS,
     SESSIONS_FILE,

@@ -7,7 +7,8 @@ import pytest
 
 from sagellm.common.autoscale import AutoscaleSettings
 from sagellm.simulator.capacity import capacity_rps, cluster_capacity_rps
-from sagellm.simulator.cluster import ClusterConfig, Tier, simulate
+from sagellm.simulator.cluster import simulate
+from sagellm.simulator.cluster_config import ClusterConfig, Tier
 from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import from_rows, poisson, with_classes
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from sagellm.simulator.cluster import ClusterConfig, simulate
+from sagellm.simulator.cluster import simulate
+from sagellm.simulator.cluster_config import ClusterConfig
 from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import Trace, from_rows
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sagellm.simulator.capacity import capacity_rps, cluster_capacity_rps
-from sagellm.simulator.cluster import ClusterConfig, Tier, simulate
+from sagellm.simulator.cluster import simulate
+from sagellm.simulator.cluster_config import ClusterConfig, Tier
 from sagellm.simulator.kv_transfer import KVTransferModel
 from sagellm.simulator.step_model import StepModel
 from sagellm.simulator.traces import from_rows, poisson

@@ -1,0 +1,144 @@
+"""The torch attention over the paged KV cache: each new token's K/V written to its slot, then the decode tokens
+against their cached context in one batched call and each prefill chunk causally over its sequence. `attention` takes
+the parts a device swaps (the CUDA backend's triton decode kernel, the CPU's native ones)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.torch_ops.gather_buffers import GatherBuffers, cached_tokens, visibility_mask
+
+
+class DecodeAttentionFn(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Stores each new token's K/V at its flat slot (block * block_size + offset) of the paged caches."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)  # [num_blocks * block_size, Hk, D]
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    buffers: GatherBuffers | None = None,
+) -> torch.Tensor:
+    """One query token per sequence against its whole cached context, all sequences in one batched call.
+
+    Each sequence's K/V is gathered into a [B, L, Hk, D] tensor padded to the longest context, and the G query heads
+    sharing a kv head attend as G rows of one [B, Hk, G, D] query, so GQA needs no repeated K/V. Padded positions are
+    masked out, so the caches must hold finite values there (allocate them zeroed)."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    # The table's width bounds the context (the runner sends exactly the blocks the longest context needs), so no
+    # per-layer reduction over context_lens, and no host-device sync, is needed to size the gather.
+    if buffers is None:
+        keys = cached_tokens(k_cache, block_tables, None, "k").unflatten(0, (batch, -1))  # [B, L, Hk, D]
+        values = cached_tokens(v_cache, block_tables, None, "v").unflatten(0, (batch, -1))
+    else:
+        keys = buffers.decode_kv("k", k_cache, block_tables, context_lens)  # [B, L, Hk, D]
+        values = buffers.decode_kv("v", v_cache, block_tables, context_lens)
+    visible = visibility_mask(context_lens, keys.shape[1], buffers)  # [B, 1, 1, L] or None
+    out = F.scaled_dot_product_attention(
+        q.unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads)),  # [B, Hk, G, D]
+        keys.transpose(1, 2),  # [B, Hk, L, D]
+        values.transpose(1, 2),
+        attn_mask=visible,
+        scale=scale,
+    )  # [B, Hk, G, D]
+    return out.flatten(1, 2)  # [B, Hq, D]
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    scale: float,
+    buffers: GatherBuffers | None = None,
+) -> torch.Tensor:
+    """Causal attention of one chunk's queries [n, Hq, D] over its sequence; k, v are the chunk's fresh [n, Hk, D].
+
+    A chunk that starts the sequence attends to its fresh K/V directly; a later chunk reads its earlier context from
+    the cache (which already holds this chunk too), and query i sees keys up to position context_len - n + i. Inputs
+    are 4-D with K/V broadcast over each group's query heads: that keeps torch on its fused (flash) CPU kernel, which
+    3-D inputs or `enable_gqa` would drop for the unfused math path (3-4x slower at 256-1024 tokens)."""
+    n, ctx = chunk.query_len, chunk.context_len
+    if ctx == n:
+        keys, values, mask, causal = k, v, None, True
+    else:
+        block_size = k_cache.shape[1]
+        table = chunk.block_table[: -(-ctx // block_size)]
+        keys = cached_tokens(k_cache, table, buffers, "k")[:ctx]  # [ctx, Hk, D]
+        values = cached_tokens(v_cache, table, buffers, "v")[:ctx]
+        rows = torch.arange(n, device=q.device)[:, None] + (ctx - n)  # [n, 1]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= rows  # [n, ctx]
+        causal = False
+    num_kv_heads, group = keys.shape[1], q.shape[1] // keys.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unflatten(0, (num_kv_heads, group)),  # [Hk, G, n, D]
+        keys.transpose(0, 1)[:, None].expand(-1, group, -1, -1),  # [Hk, G, ctx, D], stride 0 over G: no copy
+        values.transpose(0, 1)[:, None].expand(-1, group, -1, -1),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+    )  # [Hk, G, n, D]
+    return out.flatten(0, 1).transpose(0, 1)  # [n, Hq, D]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    decode: DecodeAttentionFn = paged_decode_attention,
+    buffers: GatherBuffers | None = None,
+    write: Callable[..., None] = write_kv,
+    prefill: Callable[..., torch.Tensor] = prefill_attention,
+) -> torch.Tensor:
+    """Writes the batch's K/V into the caches, then attends: the decode tokens in one `decode` call, each prefill
+    chunk in one `prefill` call (`prefill_attention`'s arguments). `decode`, `write` and `prefill` are the parts a
+    device swaps (the CUDA backend passes its triton decode kernel, the CPU its native ones); `buffers` serve the
+    prefill gathers (bind the same ones into `decode` to share them)."""
+    write(k, v, k_cache, v_cache, meta.slot_mapping)
+    nd = meta.num_decode_tokens
+    decoded = None
+    if nd:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        if buffers is not None:
+            buffers.decode_continues = meta.decode_continues
+        decoded = decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        if nd == q.shape[0]:  # a decode-only step, the steady state: no staging copy
+            return decoded
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
+    if decoded is not None:
+        out[:nd] = decoded
+    for chunk in meta.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        out[rows] = prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale, buffers)
+    return out

@@ -1,0 +1,66 @@
+"""The torch ops as a backend: their kernel table (`TORCH_KERNELS`), `TorchOpsBackend`, the one base class for "these
+ops on torch device X", and the availability check of an out-of-tree torch device plug-in."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from typing import ClassVar
+
+import torch
+
+from sagellm.backends.base import Availability, HardwareBackend, KernelTable
+from sagellm.backends.torch_ops.attention import attention, paged_decode_attention
+from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
+from sagellm.backends.torch_ops.token_ops import add, add_rmsnorm, embedding, linear, moe, rmsnorm, rope, silu_mul
+
+TORCH_KERNELS: KernelTable = {
+    "embedding": embedding,
+    "rmsnorm": rmsnorm,
+    "add_rmsnorm": add_rmsnorm,
+    "linear": linear,
+    "rope": rope,
+    "silu_mul": silu_mul,
+    "add": add,
+    "moe": moe,
+    "attention": attention,
+    "paged_decode_attention": paged_decode_attention,
+}
+
+
+class TorchOpsBackend(HardwareBackend):
+    """The torch ops (`TORCH_KERNELS`) on one torch device type; subclasses name the device and say if it is present."""
+
+    device_type: ClassVar[str]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.device_type)
+
+    def select_device(self, index: int) -> None:
+        if self.device_type == "cpu":
+            super().select_device(index)
+        getattr(torch, self.device_type).set_device(index)
+
+    def kernels(self) -> KernelTable:
+        """The torch ops, with attention bound to gather buffers of this table's own."""
+        buffers = GatherBuffers()
+        decode = functools.partial(paged_decode_attention, buffers=buffers)
+        attend = functools.partial(attention, decode=decode, buffers=buffers)
+        return {**TORCH_KERNELS, "paged_decode_attention": decode, "attention": attend}
+
+
+def plugin_availability(module: str, stack: str, device_type: str) -> Availability:
+    """Whether the out-of-tree torch device plug-in `module` (which adds `torch.<device_type>`) is installed, imports
+    and sees a device; imports it only if it is installed, and reports a failed import instead of raising."""
+    if importlib.util.find_spec(module) is None:
+        return Availability(False, f"needs {module} ({stack}) — not installed")
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # vendor plug-ins fail on a driver/toolkit mismatch at import time
+        return Availability(False, f"needs a working {module} ({stack}) — import failed: {exc}")
+    device_module = getattr(torch, device_type, None)
+    if device_module is None or not device_module.is_available():
+        return Availability(False, f"needs a {stack} device — {module} is installed but sees none")
+    return Availability(True, f"torch {torch.__version__}, {module}, {device_module.device_count()} device(s)")

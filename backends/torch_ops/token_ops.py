@@ -1,0 +1,104 @@
+"""The torch ops that work on tokens' hidden states and nothing else (no KV cache): embedding, the norms, linear,
+rotary embedding, the gated activation, the residual add, and a mixture of experts' sparse MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, weight)  # [T, H]
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)  # [T, H]
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x + residual  # [T, H]
+    return rmsnorm(summed, weight, eps), summed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reads the default packing of `HardwareBackend.prepare_linear_weight`: the [out, in] weight as given."""
+    return F.linear(x, weight, bias)  # [T, N]
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding into new tensors; q and k may be strided views of a fused qkv output.
+
+    When k's heads directly follow q's in memory (the fused qkv output), both are rotated in one pass over a joint
+    [T, Hq + Hk, D] view: half the ops, which is what a one-token decode step pays for (measured ~2x per layer)."""
+    half = cos_sin.shape[-1] // 2
+    cs = cos_sin.index_select(0, positions)  # [T, D]
+    cos = cs[:, None, :half]  # [T, 1, D/2]
+    sin = cs[:, None, half:]  # [T, 1, D/2]
+    joint = _joint_heads(q, k)
+    if joint is not None:
+        return _rotate(joint, cos, sin, half).split([q.shape[1], k.shape[1]], dim=1)
+    return _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
+
+
+def _joint_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q [T, Hq, D] and k [T, Hk, D] as one [T, Hq + Hk, D] view when k's heads follow q's in every row."""
+    d = q.shape[2]
+    heads_packed = q.stride()[1:] == (d, 1) and k.stride()[1:] == (d, 1) and q.dtype == k.dtype
+    if not heads_packed or (q.shape[0] > 1 and q.stride(0) != k.stride(0)):  # a row's stride is moot for one row
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * d * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], d), q.stride())
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    x1, x2 = x[..., :half], x[..., half:]  # [T, H, D/2] each
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [T, H, D]
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)  # x2 cos + x1 sin
+    return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return F.silu(x[:, :half]).mul_(x[:, half:])  # [T, I]
+
+
+def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x + y
+
+
+def moe(
+    x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, first_expert: int
+) -> torch.Tensor:
+    """Mixtral's sparse MLP, computed by the experts `gate_up` and `down` hold: numbers first_expert.. of the E the
+    router [E, H] scores (all of them, or one expert parallel rank's share).
+
+    Each token is routed over all E experts (softmax, top_k, the chosen weights renormalized to sum to 1, in fp32 as
+    transformers does); the (token, choice) pairs are then sorted by expert so each held expert runs once, one matmul
+    over the tokens that chose it, and its weighted output is added to theirs. Pairs routed to experts held elsewhere
+    add nothing here, so the ranks' outputs sum to the whole layer's."""
+    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # [T, E]
+    weights, chosen = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).flatten()  # [T * K], fp32
+    held = gate_up.shape[0]
+    local = chosen.flatten() - first_expert  # [T * K]: 0..held-1 for experts held here
+    order = local.argsort(stable=True)  # pairs grouped by expert, those held elsewhere below 0 first
+    counts = torch.bincount(local.clamp(-1, held) + 1, minlength=held + 2).tolist()  # [below, expert 0.., above]
+    out = torch.zeros_like(x)  # [T, H]
+    start = counts[0]
+    for expert, count in enumerate(counts[1:-1]):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]  # [n]
+        start += count
+        tokens = pairs // top_k  # [n]
+        hidden = silu_mul(F.linear(x.index_select(0, tokens), gate_up[expert]))  # [n, I]
+        contribution = F.linear(hidden, down[expert]) * weights[pairs, None]  # [n, H]
+        out.index_add_(0, tokens, contribution.to(x.dtype))
+    return out

@@ -1,0 +1,358 @@
+"""The serving core's end of its API servers (`sagellm serve --api-servers N`, and `sagellm api-server` on other
+hosts with `--api-hub`): requests in, their items out.
+
+A `Submit` becomes a stream of the core (`ServingCore.submit`), with everything a stream does here: admission, the
+policy queue, failover and resume, the metrics sink; the request's status is the core's (`/v1/requests/{id}`). A task
+per request reads its stream and queues the items for their API server; one sender task sends each API server what
+is queued in one message. A `Cancel` cancels the stream; a `Call` (any other route) is answered by the gateway's own
+app. An API server that goes away (its process ended, or another host's fell silent) has all its requests cancelled.
+The core tells API servers what its routes need to know (`Snapshot`) when they attach and whenever it changes, and
+that it is there (`Alive`) each second."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+import zmq
+
+from sagellm.common.errors import StartFailed
+from sagellm.common.restart import RestartPolicy, Restarts
+from sagellm.gateway.api_servers import link as api_link
+from sagellm.gateway.api_servers.link import (
+    ALIVE_S,
+    PEER_TIMEOUT_S,
+    Alive,
+    Attach,
+    Call,
+    Cancel,
+    EmbedderCard,
+    FrontEnd,
+    HangUp,
+    Items,
+    Reply,
+    Snapshot,
+    Submit,
+)
+from sagellm.gateway.config import GatewayConfig
+from sagellm.gateway.http.app import App, HttpRequest, Response, error_response
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.runtime.comm.curve import RunKeys, child_env
+from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_router
+from sagellm.runtime.pipeline.messages import HTTP_STATUS, Embedding, RequestError, TokenDelta
+
+log = structlog.get_logger("sagellm.gateway")
+SNAPSHOT_CHECK_S = 0.2  # how often the core's state is compared with what the API servers were told
+ITEMS = (TokenDelta, Embedding, RequestError)  # what goes to an API server batched, in one `Items`
+START_TIMEOUT_S = 120.0  # an API server loads a tokenizer before it listens
+
+
+class ApiServerHub:
+    def __init__(self, core: ServingCore, app: App, front_end: FrontEnd) -> None:
+        """`app`: the gateway's own app, which answers the routes API servers pass on (`Call`); `front_end`: the
+        settings every API server enforces."""
+        self.core, self.app, self.front_end = core, app, front_end
+        self.endpoint = ""  # where API servers attach, once bound
+        self.key_file: Path | None = None  # the run's key for API servers on other hosts (a tcp hub), while it runs
+        self.submitted: Counter[int] = Counter()  # requests by the pid of the API server that sent them
+        self.serving: dict[bytes, str] = {}  # API servers that listen: routing id -> their URL
+        self.pids: dict[bytes, int] = {}
+        self.changed = trio.Event()  # an API server attached or started serving
+        self._streams: dict[bytes, dict[str, RequestStream]] = defaultdict(dict)  # routing id -> request id -> ...
+        self._calls: dict[tuple[bytes, int], trio.CancelScope] = {}
+        self._heard: dict[bytes, float] = {}  # routing id -> when it last said anything
+        self._outbox: dict[bytes, list[Any]] = defaultdict(list)
+        self._queued = trio.Event()
+        self._snapshot: Snapshot | None = None
+        self._socket: TrioSocket | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(
+        self,
+        zctx: zmq.Context,
+        bind: tuple[str, int] | None = None,
+        keys: RunKeys | None = None,
+        *,
+        task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Binds the hub's socket and serves until cancelled; hands its endpoint to `task_status`. `bind`: a tcp
+        (host, port) API servers on other hosts reach, CURVE-encrypted with `keys`; None: an ipc socket, for the
+        API servers of this host only."""
+        host, port = bind if bind is not None else ("127.0.0.1", None)
+        socket, endpoint = bind_router(zctx, "tcp" if bind else "ipc", "api-hub", host=host, port=port, keys=keys)
+        with socket:
+            self._socket, self.endpoint = socket, endpoint
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._send_queued)
+                nursery.start_soon(self._keep_in_touch)
+                task_status.started(endpoint)
+                while True:
+                    frames = await socket.receive_frames()
+                    if len(frames) != 2:
+                        log.warning("api_hub_bad_message", frames=len(frames))
+                        continue
+                    peer = frames[0].bytes
+                    try:
+                        message = api_link.decode_to_core(frames[1].buffer)
+                    except Exception as exc:  # a peer speaking another format: say so once per message, go on
+                        log.warning("api_hub_bad_message", error=str(exc))
+                        continue
+                    self._heard[peer] = trio.current_time()
+                    self._handle(peer, message)
+
+    def _handle(self, peer: bytes, message: api_link.ToCore) -> None:
+        assert self._nursery is not None
+        if isinstance(message, Submit):
+            self._submit(peer, message)
+        elif isinstance(message, Cancel):
+            stream = self._streams[peer].get(message.request_id)
+            if stream is not None:
+                stream.cancel()
+        elif isinstance(message, Call):
+            self._nursery.start_soon(self._answer, peer, message)
+        elif isinstance(message, HangUp):
+            scope = self._calls.get((peer, message.call_id))
+            if scope is not None:
+                scope.cancel()
+        elif isinstance(message, Attach):
+            self.pids[peer] = message.pid
+            if message.url:
+                self.serving[peer] = message.url
+                log.info("api_server_attached", url=message.url, pid=message.pid)
+            self._queue(peer, self.snapshot())
+            self.changed.set()
+            self.changed = trio.Event()
+
+    def _submit(self, peer: bytes, message: Submit) -> None:
+        request = message.request
+        try:
+            stream = self.core.submit(request)
+        except ApiError as error:
+            self._queue(peer, RequestError(request_id=request.request_id, code=_code(error), message=error.message))
+            return
+        except ValueError as error:  # a request id in use
+            self._queue(peer, RequestError(request_id=request.request_id, code="invalid_request", message=str(error)))
+            return
+        self._streams[peer][request.request_id] = stream
+        self.submitted[self.pids.get(peer, 0)] += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._forward, peer, stream)
+
+    async def _forward(self, peer: bytes, stream: RequestStream) -> None:
+        try:
+            async for item in stream:
+                self._queue(peer, item)
+        finally:
+            self._streams[peer].pop(stream.request.request_id, None)
+
+    async def _answer(self, peer: bytes, call: Call) -> None:
+        """Answers a passed-on request with the gateway's own app (its Host was checked by the API server); a client
+        that hangs up cancels it."""
+        request = HttpRequest(call.method, call.path, call.headers, call.query, call.body)
+        with trio.CancelScope() as scope:
+            self._calls[peer, call.call_id] = scope
+            try:
+                reply = await self.app.handle(request, host_checked=True)
+                if not isinstance(reply, Response):  # only the generation routes stream, and API servers answer them
+                    await reply.events.aclose()
+                    reply.on_disconnect()
+                    reply = error_response(ApiError(500, f"{call.path} streams: not passed on", code="internal"))
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in reply.headers]
+                self._queue(peer, Reply(call_id=call.call_id, status=reply.status, content_type=reply.content_type,
+                                        headers=headers, body=reply.encoded()))  # fmt: skip
+            finally:
+                self._calls.pop((peer, call.call_id), None)
+
+    def _queue(self, peer: bytes, item: Any) -> None:
+        self._outbox[peer].append(item)
+        self._queued.set()
+
+    async def _send_queued(self) -> None:
+        """One message per API server with all the request items queued for it; other messages as they are, in
+        order."""
+        assert self._socket is not None
+        while True:
+            await self._queued.wait()
+            await trio.lowlevel.checkpoint()  # corked for one loop turn: what the engine makes meanwhile goes along
+            self._queued = trio.Event()
+            outbox, self._outbox = self._outbox, defaultdict(list)
+            for peer, queued in outbox.items():
+                items = [q for q in queued if isinstance(q, ITEMS)]
+                messages = [q for q in queued if not isinstance(q, ITEMS)] + ([Items(items=items)] if items else [])
+                for message in messages:
+                    await self._socket.send_frames([peer, api_link.encode(message)])
+
+    def gone(self, pid: int) -> None:
+        """An API server's process ended: it is forgotten and its requests are cancelled."""
+        for peer, known in list(self.pids.items()):
+            if known == pid:
+                self._forget(peer)
+
+    def _forget(self, peer: bytes) -> None:
+        """An API server is gone (its clients with it): its requests and passed-on calls stop."""
+        for stream in list(self._streams.pop(peer, {}).values()):
+            stream.cancel()
+        for (owner, _), scope in list(self._calls.items()):
+            if owner == peer:
+                scope.cancel()
+        for known in (self.pids, self.serving, self._outbox, self._heard):
+            known.pop(peer, None)
+
+    def snapshot(self) -> Snapshot:
+        core = self.core
+        attrs = core.local.graph_attrs if core.local is not None else {}
+        instances = core.registry.instances().values()
+        embedders = [
+            EmbedderCard(served_model_name=op.served_model_name, dim=op.dim, max_length=op.max_length)
+            for op in core.registry.embedders()
+        ]
+        model = attrs.get("model")
+        return Snapshot(
+            model_name=core.model_name,
+            model_path=str(model) if model else None,
+            models=core.models(),
+            instance_models=sorted({s.model for s in instances if s.model is not None}),
+            embedders=embedders,
+            embedding_models=core.registry.embedding_models(),
+            max_model_len=core.max_model_len,
+            vocab_size=core.vocab_size,
+            sampling_defaults=core.sampling_defaults,
+            front_end=self.front_end,
+        )
+
+    async def _keep_in_touch(self) -> None:
+        """Tells every attached API server the core's new state when it changed (an instance attached, a model came
+        or went) and that the core is there (`Alive`, each `ALIVE_S`); forgets an API server silent for
+        `PEER_TIMEOUT_S` (another host's, whose process no one here watches)."""
+        alive_at = trio.current_time()
+        while True:
+            await trio.sleep(SNAPSHOT_CHECK_S)
+            now = trio.current_time()
+            for peer, heard in list(self._heard.items()):
+                if now - heard > PEER_TIMEOUT_S:
+                    log.warning("api_server_silent", url=self.serving.get(peer), pid=self.pids.get(peer))
+                    self._forget(peer)
+            snapshot = self.snapshot()
+            if snapshot != self._snapshot:
+                self._snapshot = snapshot
+                for peer in self.pids:
+                    self._queue(peer, snapshot)
+            if now - alive_at >= ALIVE_S:
+                alive_at = now
+                for peer in self.pids:
+                    self._queue(peer, Alive())
+
+
+async def run_api_servers(
+    hub: ApiServerHub,
+    endpoint: str,
+    config: GatewayConfig,
+    count: int,
+    stop: trio.Event,
+    keys: RunKeys | None = None,
+    *,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Starts `count` API server processes on the gateway's port and hands its URL to `task_status` once all
+    listen; one that exits is started again (with backoff, as engines are) and its requests are cancelled. When
+    `stop` is set they stop gracefully (SIGTERM: no new connections, requests in flight finish), then this returns.
+    `keys`: the hub's run key (a tcp hub), handed to them in their environment."""
+    from sagellm.gateway.api_servers.server import SETTINGS_ENV, settings_of
+
+    policy = RestartPolicy()
+
+    def spawn(port: int) -> Any:
+        env = {**child_env(keys), SETTINGS_ENV: json.dumps(settings_of(config, port))}
+        command = [sys.executable, "-m", "sagellm.gateway.api_servers.server", "--core", endpoint]
+        return trio.lowlevel.open_process(command, env=env)
+
+    async def started(process: Any, serving_before: int) -> str:
+        """The URL the new process listens on, once it does; StartFailed if it exits first or takes too long."""
+        with trio.move_on_after(START_TIMEOUT_S):
+            while True:
+                if process.poll() is not None:
+                    raise StartFailed(f"an API server exited with {process.returncode} before it listened")
+                url = next((u for p, u in hub.serving.items() if hub.pids.get(p) == process.pid), None)
+                if url is not None and len(hub.serving) > serving_before:
+                    return url
+                with trio.move_on_after(0.1):
+                    await hub.changed.wait()
+        raise StartFailed(f"an API server did not listen within {START_TIMEOUT_S:.0f} s")
+
+    async def keep(process: Any, port: int) -> None:
+        """Waits for the process to end; starts it again (after the policy's delay) until `stop`."""
+        restarts = Restarts(policy)
+        restarts.started(trio.current_time())
+        while True:
+            await process.wait()
+            hub.gone(process.pid)
+            if stop.is_set():
+                return
+            delay = restarts.next_delay(trio.current_time())
+            log.warning("api_server_exited", pid=process.pid, code=process.returncode, restart_in_s=delay)
+            if delay is None:
+                log.error("api_server_given_up", attempts=policy.max_restart_attempts)
+                return
+            await trio.sleep(delay)
+            process = await spawn(port)
+            processes.append(process)
+            try:
+                await started(process, len(hub.serving))
+            except StartFailed as error:  # counts as one more exit: the next try backs off
+                log.warning("api_server_start_failed", error=str(error))
+                if process.poll() is None:
+                    process.kill()
+                continue
+            restarts.started(trio.current_time())
+
+    processes: list[Any] = []
+    try:
+        first = await spawn(config.port)
+        processes.append(first)
+        url = await started(first, 0)
+        port = int(url.rsplit(":", 1)[1])
+        rest = [await spawn(port) for _ in range(count - 1)]  # the port is known: the others start together
+        processes += rest
+        with trio.move_on_after(START_TIMEOUT_S) as waiting:
+            while len(hub.serving) < count and not stop.is_set():  # (a stop meanwhile stops them all, below)
+                if any(p.poll() is not None for p in rest):
+                    raise StartFailed("an API server exited before it listened")
+                with trio.move_on_after(0.1):
+                    await hub.changed.wait()
+        if waiting.cancelled_caught:
+            raise StartFailed(f"{count - len(hub.serving)} API server(s) did not listen within {START_TIMEOUT_S:.0f} s")
+        async with trio.open_nursery() as nursery:
+            for process in list(processes):
+                nursery.start_soon(keep, process, port)
+            task_status.started(url)
+            await stop.wait()
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(config.graceful_timeout_s + 5):
+                for process in processes:
+                    await process.wait()
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
+def _code(error: ApiError) -> Any:
+    """The pipeline error code of an ApiError the core raised before the request entered the graph: its own code
+    when it is one, else the first whose status it has (`HTTP_STATUS`, the mapping the other way)."""
+    if error.code in HTTP_STATUS:
+        return error.code
+    return next((code for code, status in HTTP_STATUS.items() if status == error.http_status), "internal")

@@ -1,0 +1,382 @@
+"""An API server: a process in front of a gateway's serving core, started by the gateway (`sagellm serve
+--api-servers N`, sharing its port) or by hand on another host (`sagellm api-server --core tcp://HOST:PORT`).
+
+API servers do the work that grows with the request rate and not with the model: HTTP, JSON, the chat template and
+tokenizing, SSE framing. The core (`api_hub`) runs the graph. The OpenAI generation routes (`/v1/completions`,
+`/v1/chat/completions`, `/v1/embeddings`) are answered here by the same code as in a single-process gateway, against
+`RemoteCore`: requests go to the core tokenized, their items come back in batches. Every other route (models,
+health, metrics, admin, management, sessions, request status) is passed on over the same link to the core's own app
+(`CoreCalls`), so it answers from the one state there is: metrics count the requests of every API server.
+
+The gateway starts its own as `python -m sagellm.gateway.api_servers.server --core ENDPOINT`, their settings in the
+environment (`SAGELLM_API_SERVER`, JSON, and the run's key when the core listens on tcp: keys do not show in a
+process listing). The gateway's API keys, body limit and graceful stop come from the core when an API server
+attaches."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+from functools import partial
+from typing import Any
+
+import structlog
+import trio
+import zmq
+
+from sagellm.common.errors import Unavailable
+from sagellm.common.logging import configure_logging
+from sagellm.gateway.api_servers import link as api_link
+from sagellm.gateway.api_servers.link import (
+    ALIVE_S,
+    PEER_TIMEOUT_S,
+    Alive,
+    Attach,
+    Call,
+    Cancel,
+    HangUp,
+    Items,
+    Reply,
+    Snapshot,
+    Submit,
+)
+from sagellm.gateway.http.app import App, HttpRequest, Response
+from sagellm.gateway.http.auth import key_guard
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.http.limits import HttpLimits
+from sagellm.gateway.http.server import serve_http
+from sagellm.gateway.openai.routes import OpenAIRoutes
+from sagellm.gateway.serving.instances import instance_model
+from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
+from sagellm.gateway.serving.request_stream import ItemQueue
+from sagellm.runtime.comm.curve import RunKeys
+from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer
+from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
+
+log = structlog.get_logger("sagellm.gateway.api_servers.server")
+SETTINGS_ENV = "SAGELLM_API_SERVER"
+START_TIMEOUT_S = 60.0  # for the core's first answer
+PARENT_CHECK_S = 1.0  # how often an API server checks that the gateway that started it still runs
+
+
+class RemoteStream:
+    """A request's items as the core sends them: what the routes read of a core's `RequestStream` (iteration, items
+    already here, cancel). Failover happens in the core; this end only carries the items."""
+
+    def __init__(self, link: CoreLink, request_id: str) -> None:
+        self.link, self.request_id = link, request_id
+        self.done = False
+        self._items = ItemQueue()
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta | Embedding | RequestError:
+        if self.done and not self._items:
+            raise StopAsyncIteration
+        item = await self._items.get()
+        if is_terminal(item):
+            self.done = True
+        return item
+
+    def has_ready(self) -> bool:
+        return bool(self._items)
+
+    def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
+        self._items.put(item)
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.link.send(Cancel(request_id=self.request_id))
+            self.link.streams.pop(self.request_id, None)
+
+
+class CoreLink:
+    """This process's connection to the core: submits, cancels, calls and attaches go out (batched by one sender
+    task), items and replies come in and go to their streams and calls; the latest `Snapshot` of the core's state is
+    kept. Each end says `Alive` each second: a core silent for `PEER_TIMEOUT_S` is lost (its requests here end with
+    an `unavailable` error, new ones get a 503) until it answers an `Attach` again (a core started anew at the same
+    address takes this server back)."""
+
+    def __init__(self, socket: TrioSocket) -> None:
+        self.socket = socket
+        self.streams: dict[str, RemoteStream] = {}
+        self.calls: dict[int, ItemQueue] = {}  # call id -> where its Reply arrives (None: the core is lost)
+        self.snapshot: Snapshot | None = None
+        self.snapshot_arrived = trio.Event()
+        self.attach = Attach(pid=os.getpid())
+        self.lost = False
+        self._heard = trio.current_time()
+        self._outbox: list[api_link.ToCore] = []
+        self._queued = trio.Event()
+
+    def send(self, message: api_link.ToCore) -> None:
+        self._outbox.append(message)
+        self._queued.set()
+
+    def submit(self, request: Request) -> RemoteStream:
+        self._check_reachable()
+        stream = self.streams[request.request_id] = RemoteStream(self, request.request_id)
+        self.send(Submit(request=request))
+        return stream
+
+    def call(self, call: Call) -> ItemQueue:
+        """Sends a passed-on request; its Reply arrives in the queue returned."""
+        self._check_reachable()
+        replies = self.calls[call.call_id] = ItemQueue()
+        self.send(call)
+        return replies
+
+    def _check_reachable(self) -> None:
+        if self.lost:
+            message = f"the serving core did not answer for {PEER_TIMEOUT_S:.0f} s; try again later"
+            raise ApiError(503, message, code="unavailable")
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_queued)
+            nursery.start_soon(self._keep_in_touch)
+            while True:
+                frames = await self.socket.receive_frames()
+                self._heard = trio.current_time()
+                if self.lost:
+                    self.lost = False
+                    log.info("core_back")
+                self._receive(api_link.decode_to_api_server(frames[-1].buffer))
+
+    def _receive(self, message: api_link.ToApiServer) -> None:
+        if isinstance(message, Items):
+            for item in message.items:
+                stream = self.streams.get(item.request_id)
+                if stream is not None:
+                    stream.deliver(item)
+                    if is_terminal(item):
+                        del self.streams[item.request_id]
+        elif isinstance(message, Reply):
+            replies = self.calls.pop(message.call_id, None)
+            if replies is not None:
+                replies.put(message)  # type: ignore[arg-type]  # the queue carries any item
+        elif isinstance(message, Snapshot):
+            self.snapshot = message
+            self.snapshot_arrived.set()
+
+    async def _keep_in_touch(self) -> None:
+        while True:
+            await trio.sleep(ALIVE_S)
+            if not self.lost and trio.current_time() - self._heard > PEER_TIMEOUT_S:
+                self._lose()
+            self.send(self.attach if self.lost else Alive())
+
+    def _lose(self) -> None:
+        """The core fell silent: what waits on it ends now, with an error, instead of waiting for ever."""
+        self.lost = True
+        log.warning("core_lost", silent_s=PEER_TIMEOUT_S)
+        message = f"the serving core fell silent (nothing for {PEER_TIMEOUT_S:.0f} s)"
+        for request_id, stream in list(self.streams.items()):
+            stream.deliver(RequestError(request_id=request_id, code="unavailable", message=message, retryable=True))
+        self.streams.clear()
+        for replies in self.calls.values():
+            replies.put(None)  # type: ignore[arg-type]
+        self.calls.clear()
+
+    async def _send_queued(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            outbox, self._outbox = self._outbox, []
+            for message in outbox:
+                await self.socket.send_frames([api_link.encode(message)])
+
+
+class RemoteCore:
+    """What the OpenAI routes read of a `ServingCore`, answered from the core's latest snapshot; requests for the
+    graph's own model are tokenized here (the work this process exists for) before they go to the core."""
+
+    def __init__(self, link: CoreLink, tokenizer: Any) -> None:
+        self.link, self.tokenizer = link, tokenizer
+        self.new_id = RequestIds()  # request ids unique across API servers
+
+    @property
+    def state(self) -> Snapshot:
+        assert self.link.snapshot is not None
+        return self.link.snapshot
+
+    @property
+    def model_name(self) -> str:
+        return self.state.model_name
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.state.max_model_len
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any] | None:
+        return self.state.sampling_defaults
+
+    def models(self) -> list[str]:
+        return self.state.models
+
+    def embedder(self, model: str) -> api_link.EmbedderCard | None:
+        return next((card for card in self.state.embedders if card.served_model_name == model), None)
+
+    def embedding_models(self) -> list[str]:
+        return self.state.embedding_models
+
+    def instance_model(self, name: str | None) -> str | None:
+        """As `ServingCore.instance_model`: None for the graph's own model, the name for an attached one."""
+        return instance_model(name, self.state.model_name, lambda: self.state.instance_models, self.models)
+
+    async def tokenize_long_prompts(self, requests: list[Request]) -> None:
+        await tokenize_prompts(requests, self.tokenizer, self.state.vocab_size, self.max_model_len, short_too=True)
+
+    def submit(self, request: Request) -> RemoteStream:
+        return self.link.submit(request)
+
+
+class CoreCalls:
+    """Passes a request on to the core, whose own app answers it (`Call`), and its reply back; a client that leaves
+    first hangs up there too."""
+
+    def __init__(self, link: CoreLink) -> None:
+        self.link = link
+        self._ids = itertools.count()
+
+    async def __call__(self, request: HttpRequest) -> Response:
+        call_id = next(self._ids)
+        call = Call(call_id=call_id, method=request.method, path=request.path, query=request.query,
+                    headers=request.headers, body=request.body)  # fmt: skip
+        replies = self.link.call(call)
+        answered = False
+        try:
+            reply = await replies.get()
+            answered = True
+        finally:
+            if not answered and self.link.calls.pop(call_id, None) is not None:
+                self.link.send(HangUp(call_id=call_id))
+        if reply is None:
+            raise ApiError(503, "the serving core fell silent before it answered", code="unavailable")
+        assert isinstance(reply, Reply)
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+        return Response(reply.body, reply.status, content_type=reply.content_type, headers=headers)
+
+
+async def run_api_server(core_endpoint: str, settings: dict[str, Any], keys: RunKeys | None = None) -> None:
+    """Attaches to the core, loads the tokenizer of its model, serves HTTP until SIGTERM (or, for one the gateway
+    started, the gateway's end), then stops gracefully: requests in flight finish. Stopped while it starts, it just
+    ends. `settings`: where it listens (`host`, `port`, `allowed_hosts`) and the gateway's pid (`parent_pid`, None
+    for one started by hand); `keys`: the core's run key (a tcp core is CURVE-encrypted)."""
+    zctx = zmq.Context()
+    try:
+        with connect_dealer(zctx, core_endpoint, keys=keys) as socket:
+            link = CoreLink(socket)
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                starting = trio.CancelScope()
+
+                async def end_start_on_stop() -> None:
+                    await stop.wait()
+                    starting.cancel()
+
+                nursery.start_soon(link.run)
+                nursery.start_soon(_stop_on_signal, stop, settings.get("parent_pid"))
+                nursery.start_soon(end_start_on_stop)
+                with starting:
+                    link.send(link.attach)
+                    with trio.fail_after(START_TIMEOUT_S):
+                        await link.snapshot_arrived.wait()
+                    assert link.snapshot is not None
+                    tokenizer = await trio.to_thread.run_sync(_tokenizer, link.snapshot.model_path)
+                if not starting.cancelled_caught:
+                    await _serve(link, tokenizer, settings, stop)
+                nursery.cancel_scope.cancel()
+    except trio.TooSlowError:
+        raise ApiServerError(f"the serving core at {core_endpoint} did not answer within {START_TIMEOUT_S:.0f} s "
+                             "(not running, unreachable, or another run's key)") from None  # fmt: skip
+    finally:
+        zctx.term()
+
+
+class ApiServerError(Unavailable):
+    """An API server that cannot serve (its core does not answer)."""
+
+
+async def _serve(link: CoreLink, tokenizer: Any, settings: dict[str, Any], stop: trio.Event) -> None:
+    assert link.snapshot is not None
+    front_end = link.snapshot.front_end
+    limits = HttpLimits(max_body_bytes=front_end.max_body_bytes, graceful_timeout_s=front_end.graceful_timeout_s)
+    serving = partial(serve_http, _app(link, tokenizer, settings), settings["host"], settings["port"], limits,
+                      shutdown_trigger=stop.wait, reuse_port=True)  # fmt: skip
+    async with trio.open_nursery() as http:
+        url = await http.start(serving)
+        link.attach = Attach(pid=os.getpid(), url=url)
+        link.send(link.attach)
+        log.info("api_server_ready", url=url)
+
+
+def _app(link: CoreLink, tokenizer: Any, settings: dict[str, Any]) -> App:
+    assert link.snapshot is not None
+    allowed = settings.get("allowed_hosts")
+    app = App(allowed_hosts=frozenset(allowed) if allowed is not None else None)
+    to_core = CoreCalls(link)
+    routes = OpenAIRoutes(RemoteCore(link, tokenizer), to_core=to_core)  # type: ignore[arg-type]  # what it reads
+    routes.register_generation(app, key_guard(link.snapshot.front_end.api_keys, "API"))
+    app.fallback = to_core
+    return app
+
+
+def _tokenizer(model_path: str | None) -> Any:
+    if model_path is None:
+        return None
+    from sagellm.runtime.executor.local import model_attrs
+
+    return model_attrs(model_path)["tokenizer"]
+
+
+async def _stop_on_signal(stop: trio.Event, parent: int | None) -> None:
+    """SIGTERM stops this server gracefully; so does, for one the gateway started (`parent`: the gateway's pid, as
+    it said: this process may have been orphaned before it could look), the gateway's process ending, seen as a new
+    parent: an API server must not answer for a core that is gone. A terminal's Ctrl-C goes to the gateway, which
+    stops its API servers in order (`main` ignores SIGINT then); one started by hand stops at Ctrl-C."""
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, *(() if parent else (signal.SIGINT,))) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(on_signal)
+        if parent is None:
+            await trio.sleep_forever()
+        while os.getppid() == parent:
+            await trio.sleep(PARENT_CHECK_S)
+        log.warning("api_server_orphaned", parent=parent)
+        nursery.cancel_scope.cancel()
+    stop.set()
+
+
+def settings_of(config: Any, port: int) -> dict[str, Any]:
+    """Where an API server the gateway starts listens (sent through the environment)."""
+    allowed = config.host_names()
+    return {
+        "host": config.host, "port": port, "allowed_hosts": sorted(allowed) if allowed is not None else None,
+        "parent_pid": os.getpid(),
+    }  # fmt: skip
+
+
+def main() -> None:
+    """The entry the gateway spawns (its settings and the run's key in the environment)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--core", required=True, help="the serving core's ZeroMQ endpoint")
+    args = parser.parse_args()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "info"))
+    trio.run(run_api_server, args.core, json.loads(os.environ[SETTINGS_ENV]), RunKeys.from_env())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The gateway's application: routes, JSON bodies, Server-Sent Events, OpenAI-shaped errors.
+
+Why not a web framework: the gateway needs exactly these pieces, on trio, with msgspec for JSON; a framework would
+bring its own validation, JSON and concurrency model for a dozen routes. A handler is
+`async (HttpRequest) -> Response | EventStream`; raising `ApiError`, or any other `SageLLMError` (with its kind's
+status), answers with an OpenAI-shaped error. The server (`http_server`) reads the request, calls `App.handle` and
+writes the reply; when the client disconnects it cancels the handler, or stops the event stream and calls its
+`on_disconnect`, so the request behind it is cancelled too."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+
+from sagellm.common.errors import InternalError, SageLLMError
+from sagellm.gateway.http.errors import ApiError
+
+log = structlog.get_logger("sagellm.gateway")
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    query: dict[str, str]
+    body: bytes
+    path_params: dict[str, str] = field(default_factory=dict)
+    version: str = "HTTP/1.1"
+
+    def json(self, into: type | None = None) -> Any:
+        """The body decoded (and validated into the msgspec type `into`); a bad body is a 400 naming the field."""
+        if not self.body:
+            raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_request")
+        try:
+            return msgspec.json.decode(self.body, type=into) if into else msgspec.json.decode(self.body)
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, f"invalid request: {exc}", param=_field_of(str(exc)), code="invalid_request") from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_request") from None
+        except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
+            raise ApiError(400, f"the request body is not UTF-8: {exc}", code="invalid_request") from None
+        except RecursionError:
+            raise ApiError(400, "the request body nests arrays or objects too deeply", code="invalid_request") from None
+
+
+@dataclass
+class Response:
+    body: bytes | Any = b""  # bytes as is; anything else is encoded as JSON
+    status: int = 200
+    content_type: str = "application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def encoded(self) -> bytes:
+        return self.body if isinstance(self.body, bytes) else msgspec.json.encode(self.body)
+
+
+@dataclass
+class EventStream:
+    """`text/event-stream`: each item from `events` is sent as one `data: ...` event (bytes as is, anything else as
+    JSON), a tuple of them as that many events in one write (fewer sends when several are ready at once);
+    `on_disconnect` runs if the client leaves first."""
+
+    events: AsyncIterator[Any]
+    on_disconnect: Callable[[], None] = lambda: None
+
+
+class LastEvents(tuple):
+    """The events that end a stream (an `EventStream` item): the server sends them and the reply's end in one
+    write."""
+
+
+Handler = Callable[[HttpRequest], Awaitable[Response | EventStream]]
+Guard = Callable[[HttpRequest], None]  # raises ApiError to refuse (API keys)
+
+
+@dataclass
+class Route:
+    method: str
+    pattern: re.Pattern
+    handler: Handler
+    guard: Guard | None
+
+
+class App:
+    def __init__(self, *, allowed_hosts: frozenset[str] | None = None) -> None:
+        """`allowed_hosts`: the host names a request's `Host` (and a browser's `Origin`) may carry; None: any. A
+        gateway on loopback takes only loopback names, so a web page cannot reach it through DNS rebinding, nor
+        drive it from another site with a form a browser posts (a cross-site request carries that site's Origin)."""
+        self.routes: list[Route] = []
+        self.allowed_hosts = allowed_hosts
+        self.fallback: Handler | None = None  # answers what no route matches (an API server passes it on)
+        self._verdicts: dict[str, bool] = {}  # Host / Origin value -> allowed
+        self._fixed: dict[tuple[str, str], Route] = {}  # (method, path) -> the route that wins it, for fixed paths
+
+    def route(self, method: str, path: str, handler: Handler, guard: Guard | None = None) -> None:
+        """`path` may hold `{name}` segments, given to the handler in `path_params`."""
+        pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+        route = Route(method, pattern, handler, guard)
+        if "{" not in path and not any(r.method == method and r.pattern.match(path) for r in self.routes):
+            self._fixed[method, path] = route  # a dict lookup, not a scan of every pattern, finds it
+        self.routes.append(route)
+
+    async def handle(self, request: HttpRequest, *, host_checked: bool = False) -> Response | EventStream:
+        """The reply to one request: the handler's, or an OpenAI-shaped error: a SageLLMError's status and code, and
+        for a bug (an InternalError too) a 500 whose error id finds the traceback in the log. `host_checked`: an API
+        server that passed the request on checked its Host."""
+        try:
+            if not host_checked:
+                self._check_host(request)
+            if self.fallback is not None and not self._matches(request.path):
+                return await self.fallback(request)
+            route, request.path_params = self._match(request.method, request.path)
+            _check_content_type(request)
+            if route.guard is not None:
+                route.guard(request)
+            return await route.handler(request)
+        except Exception as exc:
+            if isinstance(exc, SageLLMError) and not isinstance(exc, InternalError):
+                return error_response(ApiError.of(exc))  # an ApiError as it is
+            error_id = secrets.token_hex(6)
+            log.exception("handler_failed", path=request.path, error_id=error_id)
+            message = f"internal server error {type(exc).__name__} (error id {error_id} in the gateway log)"
+            return Response(ApiError(500, message, code="internal").json(), 500)
+
+    def _matches(self, path: str) -> bool:
+        return any(route.pattern.match(path) for route in self.routes)
+
+    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        fixed = self._fixed.get((method, path))
+        if fixed is not None:
+            return fixed, {}
+        allowed: list[str] = []
+        for route in self.routes:
+            found = route.pattern.match(path)
+            if found is not None:
+                if route.method == method:
+                    return route, found.groupdict()
+                allowed.append(route.method)
+        if allowed:
+            raise ApiError(405, f"method {method} is not allowed on {path}", allow=allowed)
+        raise ApiError(404, f"no route {method} {path}", code="not_found")
+
+    def _allowed(self, value: str) -> bool:
+        """A Host or Origin value's verdict, remembered: clients send the same few values on every request."""
+        verdict = self._verdicts.get(value)
+        if verdict is None:
+            if len(self._verdicts) >= 1024:  # any number of made-up names cannot grow it
+                self._verdicts.clear()
+            verdict = self._verdicts[value] = host_name(value) in (self.allowed_hosts or ())
+        return verdict
+
+    def _check_host(self, request: HttpRequest) -> None:
+        if self.allowed_hosts is None:
+            return
+        for header in ("host", "origin"):
+            value = request.headers.get(header)
+            if value is not None and not self._allowed(value):
+                allowed = ", ".join(sorted(self.allowed_hosts))
+                raise ApiError(
+                    403, f"{header} {value!r} is not one this gateway answers to ({allowed})", code="forbidden"
+                )
+
+
+def error_response(error: ApiError) -> Response:
+    """An ApiError as the reply a client gets: OpenAI's error body, its status and headers."""
+    return Response(error.json(), error.http_status, headers=error.headers)
+
+
+def _check_content_type(request: HttpRequest) -> None:
+    """A body sent as text/plain is refused: it is the one type a web page's form can post cross-site, without a
+    CORS preflight, whose body can still be valid JSON (a CSRF). Urlencoded and multipart bodies never parse as JSON,
+    so `curl -d` (urlencoded by default) keeps working."""
+    if request.body and request.headers.get("content-type", "").lower().startswith("text/plain"):
+        raise ApiError(415, "send JSON bodies as Content-Type: application/json, not text/plain", code="unsupported")
+
+
+def host_name(value: str) -> str:
+    """The host of a `Host` header or an `Origin` ("http://host:port"): no scheme, port or IPv6 brackets."""
+    authority = value.split("://", 1)[-1].split("/", 1)[0].lower()
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")]
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def _field_of(message: str) -> str | None:
+    """`Expected int, got str - at $.max_tokens` -> `max_tokens` (msgspec names the field in its message)."""
+    found = re.search(r"at `?\$\.([\w.\[\]]+)", message)
+    return found.group(1) if found else None
+
+
+def frame(event: Any) -> bytes:
+    """One SSE event: bytes as they are, anything else as JSON."""
+    return b"data: " + (event if isinstance(event, bytes) else msgspec.json.encode(event)) + b"\n\n"

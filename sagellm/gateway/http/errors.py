@@ -1,0 +1,74 @@
+"""OpenAI-shaped errors: one exception type for every failure a route reports, and the body every client expects.
+
+`{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses for it. A pipeline `RequestError`
+becomes one in the serving core (`serving.errors`): this room knows HTTP, not LLMs. Any other `SageLLMError` a route
+raises answers with its kind's status and code (`ApiError.of`; `sagellm.common.errors` holds the table)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from sagellm.common.errors import SageLLMError
+
+RETRY_AFTER_S = 1  # what a shed request is told to wait before retrying
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class ApiError(SageLLMError):
+    """A route's answer that is an error: its own status (`http_status`, per instance), message, param and code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        allow: list[str] | None = None,
+    ) -> None:
+        """`allow`: the methods a 405's path takes (its `Allow` header, as HTTP requires)."""
+        super().__init__(message)
+        self.http_status, self.message, self.param, self.code = status, message, param, code
+        self.allow = allow or []
+
+    @classmethod
+    def of(cls, error: SageLLMError) -> ApiError:
+        """A SageLLMError as a route's answer: its kind's status and code, a FieldError's field as the `param`."""
+        if isinstance(error, ApiError):
+            return error
+        return cls(error.http_status, str(error), param=getattr(error, "field", None), code=error.code)
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"retry-after", str(RETRY_AFTER_S).encode())] if self.http_status in (429, 503) else []
+        if self.allow:
+            headers.append((b"allow", ", ".join(sorted(set(self.allow))).encode()))
+        return headers
+
+    def body(self) -> dict:
+        status = self.http_status
+        error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
+
+    def json(self) -> bytes:
+        return msgspec.json.encode(self.body())
+
+    @classmethod
+    def from_value_error(cls, error: ValueError) -> ApiError:
+        """A SamplingParams or request check: its message starts with the field's name (`top_p must be ...`)."""
+        message = str(error)
+        field = message.split(" ", 1)[0]
+        return cls(400, message, param=field if field.isidentifier() else None, code="invalid_request")

@@ -1,0 +1,82 @@
+"""The bytes of HTTP/1.1: a request head parsed, a reply's head and body written, and `Close`, which ends a
+connection (answered first with the reply it carries, for what does not parse)."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+from sagellm.gateway.http.app import Response, error_response
+from sagellm.gateway.http.errors import ApiError
+
+
+# Not a SageLLMError: the connection's own way out of a request it cannot serve, caught in `connection` and never
+# seen by a caller.
+class Close(Exception):
+    """The connection ends here: a malformed request (answered first, when `response` is given) or a client gone."""
+
+    def __init__(self, response: Response | None = None) -> None:
+        self.response = response
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """Request line and headers (names lower-cased; repeated ones joined with ", "); raises Close with a 400 or 505
+    for what does not parse."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
+        raise Close(error_reply(400, f"bad request line {lines[0][:100]!r}"))
+    method, target, version = (p.decode("latin-1") for p in parts)
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise Close(error_reply(505, f"{version[:20]!r} is not served; use HTTP/1.1"))
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+            raise Close(error_reply(400, f"bad header line {line[:100]!r}"))
+        key, text = name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")
+        if key in headers:
+            if key == "content-length" and headers[key] != text:
+                raise Close(error_reply(400, "conflicting Content-Length headers"))
+            text = headers[key] if key == "content-length" else f"{headers[key]}, {text}"
+        headers[key] = text
+    if version == "HTTP/1.1" and "host" not in headers:
+        raise Close(error_reply(400, "an HTTP/1.1 request must carry a Host header"))
+    return method.upper(), target, version, headers
+
+
+def keeps_alive(version: str, connection: str) -> bool:
+    tokens = {t.strip().lower() for t in connection.split(",")}
+    return "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
+
+
+def error_reply(status: int, message: str, code: str | None = None) -> Response:
+    default = "invalid_request" if status < 500 else "unsupported"
+    return error_response(ApiError(status, message, code=code or default))
+
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _date() -> bytes:
+    """The Date header's value, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
+def head_bytes(status: int, headers: bytes, keep_alive: bool) -> bytes:
+    reason = _REASONS.get(status, b"")
+    connection = b"" if keep_alive else b"connection: close\r\n"
+    return b"HTTP/1.1 %d %b\r\ndate: %b\r\nserver: sagellm\r\n%b%b\r\n" % (status, reason, _date(), headers, connection)
+
+
+def reply_bytes(response: Response, keep_alive: bool, head_only: bool) -> bytes:
+    body = response.encoded()
+    headers = b"content-type: %b\r\ncontent-length: %d\r\n" % (response.content_type.encode(), len(body))
+    headers += b"".join(b"%b: %b\r\n" % (name, value) for name, value in response.headers)
+    return head_bytes(response.status, headers, keep_alive) + (b"" if head_only else body)

@@ -1,0 +1,68 @@
+"""The OpenAPI document of the gateway, generated from the same msgspec Structs that validate the bodies, so the
+document cannot drift from what the server accepts. Served at `/openapi.json`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from sagellm.gateway.http.app import App, HttpRequest, Response
+from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+_BODIES = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+}
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def openapi_document(app: App, version: str) -> dict[str, Any]:
+    (refs, components) = msgspec.json.schema_components(
+        list(_BODIES.values()), ref_template="#/components/schemas/{name}"
+    )
+    body_refs = dict(zip(_BODIES, refs))
+    components["Error"] = {
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {k: {"type": ["string", "null"]} for k in ("message", "type", "param", "code")},
+            }
+        },
+    }
+    paths: dict[str, Any] = {}
+    for route in app.routes:
+        path = route.pattern.pattern.strip("^$").replace("(?P<", "{").replace(">[^/]+)", "}")
+        operation: dict[str, Any] = {
+            "responses": {
+                "200": {"description": "OK"},
+                "default": {
+                    "description": "An OpenAI-shaped error",
+                    "content": {"application/json": {"schema": _ERROR}},
+                },
+            }
+        }
+        if path in body_refs and route.method == "POST":
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_refs[path]}}}
+        if route.guard is not None:
+            operation["security"] = [{"bearer": []}]
+        names = route.pattern.groupindex  # `{session_id}`, `{engine_id}`: every path parameter is declared
+        if names:
+            schema = {"type": "string"}
+            operation["parameters"] = [{"name": n, "in": "path", "required": True, "schema": schema} for n in names]
+        paths.setdefault(path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "sageLLM gateway", "version": version},
+        "paths": paths,
+        "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def register(app: App, version: str) -> None:
+    async def document(_: HttpRequest) -> Response:
+        return Response(openapi_document(app, version))
+
+    app.route("GET", "/openapi.json", document)

@@ -1,0 +1,281 @@
+"""The OpenAI request bodies the gateway accepts, and their translation into pipeline `Request`s.
+
+Bodies decode with msgspec into these Structs (a wrong type is a 400 naming the field). Fields OpenAI defines that
+sageLLM cannot honour are refused with a 400 naming them (`n` > 1, tools, penalties, logit_bias, echo, suffix)
+rather than silently ignored; unknown extra fields are ignored, as vLLM does, because SDKs add new ones all the time.
+vLLM's extensions (`top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, ...) and sageLLM's scheduling fields
+(`priority` by number or class name, SLOs, `cost_budget`; also as `X-Request-Priority` / `X-SLO-Deadline-Ms`
+headers) and failover timeouts are accepted in the body."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from sagellm.gateway.http.errors import ApiError
+from sagellm.runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES, Priority, Request, TokenId
+
+Unset = msgspec.UnsetType
+UNSET = msgspec.UNSET
+COMPLETIONS_MAX_TOKENS = 16  # a completion that sets no max_tokens: the OpenAI API's default
+_PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1  # Priority's bounds, for the header that bypasses the struct
+PriorityName = Literal["critical", "high", "normal", "low"]
+# A request's own failover timeout, seconds: under a second it would only turn a busy moment into a 504.
+Timeout = Annotated[float, msgspec.Meta(ge=1, le=86_400)]
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class _Generation(msgspec.Struct, kw_only=True):
+    """What completions and chat completions share."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # each choice also carries its output token ids (what a resume elsewhere needs)
+    # sageLLM's scheduling fields
+    priority: Priority | PriorityName | None = None  # a number (lower runs first) or a class name
+    cost_budget: Annotated[float, msgspec.Meta(ge=0)] | None = None  # most it may cost, in the instances' price unit
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    slo_deadline_ms: float | None = None
+    # sageLLM's failover timeouts, seconds (None: the gateway's defaults)
+    first_token_timeout: Timeout | None = None
+    token_timeout: Timeout | None = None
+
+
+class CompletionRequest(_Generation, kw_only=True):
+    prompt: str | list[Any]  # a batch of strings, token ids, or a batch of token-id lists (checked by _prompts)
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant"]  # tool messages: tool calling is not supported
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Generation, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+    index: str | None = None  # sageLLM: answer from this retrieval index (/admin/index), its sources in the reply
+    index_k: int = 4  # chunks retrieved from it
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    input: str | list[Any]  # like `prompt`
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+def _refuse(name: str, why: str) -> None:
+    raise ApiError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+
+
+def _check_unsupported(body: _Generation) -> None:
+    if body.n != 1:
+        _refuse("n", f"only n=1 is supported, got {body.n}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0, 0.0):
+            _refuse(name, "penalties are not supported; leave it unset or 0")
+    if body.logit_bias:
+        _refuse("logit_bias", "not supported")
+
+
+def sampling_params(
+    body: _Generation, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any] | None
+) -> SamplingParams:
+    """Where the body is silent, the served model's `defaults` (its generation config; None for another model's
+    request), else SamplingParams' (OpenAI's: temperature 1, top_p 1); a bad value is a 400 naming it."""
+    args: dict[str, Any] = dict(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        stop=body.stop,
+        stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output,
+    )
+    try:
+        return SamplingParams.with_defaults(defaults, **args)
+    except ValueError as exc:
+        raise ApiError.from_value_error(exc) from None
+
+
+def scheduling(body: _Generation, headers: dict[str, str], now: float) -> dict[str, Any]:
+    """Priority and SLOs from the body or the `X-Request-Priority` / `X-SLO-Deadline-Ms` headers (body first), and
+    the request's own failover timeouts."""
+    priority = body.priority if body.priority is not None else _header_priority(headers)
+    priority = PRIORITY_CLASSES[priority] if isinstance(priority, str) else priority
+    if priority is not None and not _PRIORITY_MIN <= priority <= _PRIORITY_MAX:
+        _refuse("priority", f"must be in [{_PRIORITY_MIN}, {_PRIORITY_MAX}], got {priority}")
+    deadline_ms = body.slo_deadline_ms
+    if deadline_ms is None:
+        deadline_ms = _header_number(headers, "x-slo-deadline-ms", float)
+    slos = (("ttft_slo_ms", body.ttft_slo_ms), ("tpot_slo_ms", body.tpot_slo_ms), ("slo_deadline_ms", deadline_ms))
+    for name, value in slos:
+        if value is not None and not value > 0:
+            _refuse(name, f"must be > 0, got {value}")
+    return dict(
+        priority=priority or 0,
+        user=body.user,
+        cost_budget=body.cost_budget,
+        ttft_slo_ms=body.ttft_slo_ms,
+        tpot_slo_ms=body.tpot_slo_ms,
+        deadline=now + deadline_ms / 1000 if deadline_ms is not None else None,
+        first_token_timeout_s=body.first_token_timeout,
+        token_timeout_s=body.token_timeout,
+    )
+
+
+def _header_priority(headers: dict[str, str]) -> int | str | None:
+    raw = headers.get("x-request-priority")
+    return (
+        raw.lower()
+        if raw is not None and raw.lower() in PRIORITY_CLASSES
+        else _header_number(headers, "x-request-priority", int)
+    )
+
+
+def _header_number(headers: dict[str, str], name: str, kind: type) -> Any:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ApiError(400, f"header {name}: expected a number, got {raw!r}", param=name) from None
+
+
+def completion_requests(
+    body: CompletionRequest, headers: dict[str, str], new_id: Any, defaults: dict[str, Any] | None
+) -> list[Request]:
+    """One pipeline request per prompt (OpenAI accepts a batch of prompts: one choice each); `defaults`: the model's
+    sampling defaults. `max_tokens` is 16 when left out, the OpenAI API's default for completions (vLLM's too)."""
+    _check_unsupported(body)
+    if body.echo:
+        _refuse("echo", "not supported")
+    if body.suffix:
+        _refuse("suffix", "not supported")
+    if body.best_of not in (None, 1):
+        _refuse("best_of", "only 1 is supported")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        _refuse("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
+    prompts = _prompts(body.prompt)
+    max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    params = sampling_params(body, max_tokens, body.logprobs, defaults)
+    now = time.time()
+    extra = scheduling(body, headers, now)
+    return [
+        Request(
+            request_id=new_id(),
+            sampling=params,
+            model=body.model,
+            arrival_time=now,
+            **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}),
+            **extra,
+        )
+        for p in prompts
+    ]
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        _refuse("prompt", "must not be empty")
+    if all(_is_token_id(p) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt) or (
+        all(isinstance(p, list) for p in prompt) and all(_is_token_id(t) for p in prompt for t in p)
+    ):
+        if any(not p for p in prompt):
+            _refuse("prompt", "no prompt in the list may be empty")
+        return list(prompt)
+    _refuse("prompt", "must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    return []
+
+
+def _is_token_id(value: Any) -> bool:
+    """An integer a token id can be (JSON gives 1.5 and true as easily; the vocabulary is checked at admission)."""
+    return type(value) is int and 0 <= value < 2**63
+
+
+def chat_request(
+    body: ChatCompletionRequest, headers: dict[str, str], request_id: str, defaults: dict[str, Any] | None
+) -> Request:
+    """The pipeline request of a chat; `defaults`: the model's sampling defaults. Without `max_tokens` (or
+    `max_completion_tokens`) the reply is bounded by the context alone, as OpenAI's and vLLM's chats are."""
+    _check_unsupported(body)
+    if body.tools:
+        _refuse("tools", "tool calling is not supported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        _refuse("response_format", "only {'type': 'text'} is supported")
+    if not body.messages:
+        _refuse("messages", "must hold at least one message")
+    if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= MAX_LOGPROBS):
+        _refuse("top_logprobs", f"needs logprobs=true and a value in [0, {MAX_LOGPROBS}]")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, defaults)
+    now = time.time()
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+    return Request(
+        request_id=request_id,
+        messages=messages,
+        sampling=params,
+        model=body.model,
+        arrival_time=now,
+        **scheduling(body, headers, now),
+    )
+
+
+def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+    """Text content as the chat template wants it; content parts of type text are joined, others refused."""
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                _refuse(f"messages[{index}].content", "only text content parts are supported")
+            texts.append(part["text"])
+        content = "".join(texts)
+    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name is not None:
+        out["name"] = message.name
+    return out

@@ -1,0 +1,350 @@
+"""The OpenAI API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`, and sageLLM's
+`/v1/requests/{id}` (a request's status).
+
+A generation request becomes pipeline `Request`s submitted to the serving core, whichever instance serves its model
+(the graph's engines, or servers attached to the registry); the reply is read from the request's stream. A streamed
+request waits for its first item before answering, so a request the graph rejects up front (context too long,
+overloaded, no healthy instance) gets its proper HTTP status instead of a 200 stream holding an error; a failure
+after the first token ends the stream with an `error` event and `[DONE]`, never as text."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+import numpy as np
+import trio
+
+from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.indexes.store import IndexStore
+from sagellm.gateway.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    chat_request,
+    completion_requests,
+)
+from sagellm.gateway.openai.replies import Choice, Envelope, chat_logprobs, completion_logprobs, finish_reason, usage
+from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.errors import api_error
+from sagellm.gateway.serving.request_stream import RequestStream, embedded
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
+
+DONE = b"[DONE]"
+TEXT_PROBE = "\x00text\x00"  # stands for a delta's text in a chunk's template (no real text is a NUL-framed word)
+# Inputs one embedding request may carry: a batch this size takes about a second of CPU here; more would hold the
+# model (one batch at a time) from every other client for as long as a client cares to send.
+MAX_EMBEDDING_INPUTS = 256
+
+
+# A streamed chat's first chunk: the assistant's role, before any content (as OpenAI's streams open).
+CHAT_OPENING = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+class OpenAIRoutes:
+    def __init__(
+        self,
+        core: ServingCore,
+        indexes: IndexStore | None = None,
+        to_core: Callable[[HttpRequest], Awaitable[Response]] | None = None,
+    ) -> None:
+        """`indexes`: the retrieval indexes chats may name (`"index"`); None in an API server's process, which
+        passes such chats on to the gateway's core, that holds them (`to_core`)."""
+        self.core = core
+        self.indexes = indexes
+        self.to_core = to_core
+        self.created = int(time.time())
+
+    def register(self, app: App, guard: Guard | None) -> None:
+        app.route("GET", "/v1/models", self.models, guard)
+        self.register_generation(app, guard)
+        app.route("GET", "/v1/requests/{request_id}", self.request_status, guard)
+
+    def register_generation(self, app: App, guard: Guard | None) -> None:
+        """The routes that run requests: all an API server answers itself (`api_server`)."""
+        app.route("POST", "/v1/completions", self.completions, guard)
+        app.route("POST", "/v1/chat/completions", self.chat, guard)
+        app.route("POST", "/v1/embeddings", self.embeddings, guard)
+
+    async def request_status(self, http: HttpRequest) -> Response:
+        """Where a request is (queued, running, completed, failed, cancelled), by the `id` of its reply."""
+        request_id = http.path_params["request_id"]
+        status = self.core.request_status(request_id)
+        if status is None:
+            raise ApiError(404, f"no request {request_id!r} here (or it ended long ago)", code="not_found")
+        return Response(status)
+
+    # -- models ---------------------------------------------------------------------------------------------------
+    async def models(self, _: HttpRequest) -> Response:
+        def card(name: str) -> dict[str, Any]:
+            embedder = self.core.embedder(name)
+            own = self.core.max_model_len if name == self.core.model_name else None
+            length = {"max_model_len": embedder.max_length if embedder is not None else own}
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length}
+
+        return Response({"object": "list", "data": [card(name) for name in self.core.models()]})
+
+    # -- completions ----------------------------------------------------------------------------------------------
+    async def completions(self, http: HttpRequest) -> Response | EventStream:
+        body = http.json(CompletionRequest)
+        model = self.core.instance_model(body.model)
+        defaults = self.core.sampling_defaults if model is None else None
+        requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults)
+        for request in requests:
+            request.model = model
+        await self.core.tokenize_long_prompts(requests)
+        envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion")
+        wants_logprobs, ids = body.logprobs is not None, body.return_token_ids
+        if body.stream:
+            if len(requests) > 1:
+                raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
+            stream = self.core.submit(requests[0])
+            first = await _first_or_raise(stream)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            render = self._completion_render(wants_logprobs)
+            events = _events(envelope, first, stream, render, wants_logprobs, include_usage, ids=ids)
+            return EventStream(events, on_disconnect=stream.cancel)
+        choices = await _collect([self.core.submit(r) for r in requests])
+        tokenizer = self.core.tokenizer
+        return Response(
+            envelope.body(
+                [
+                    {
+                        "index": c.index,
+                        "text": c.text,
+                        "logprobs": completion_logprobs(tokenizer, c.logprobs, 0) if wants_logprobs else None,
+                        "finish_reason": finish_reason(c.finish_reason),
+                        **({"token_ids": c.token_ids} if ids else {}),
+                    }
+                    for c in choices
+                ],
+                usage=usage(choices),
+            )
+        )
+
+    def _completion_render(self, logprobs: bool) -> Callable[[TokenDelta], dict[str, Any]]:
+        """A streamed completion's choice fields for each delta (logprobs count their text offset along)."""
+        offset = 0
+
+        def render(item: TokenDelta) -> dict[str, Any]:
+            nonlocal offset
+            lp = completion_logprobs(self.core.tokenizer, item.logprobs or [], offset) if logprobs else None
+            offset += len(item.text)
+            return {"index": 0, "text": item.text, "logprobs": lp, "finish_reason": finish_reason(item.finish_reason)}
+
+        return render
+
+    # -- chat -----------------------------------------------------------------------------------------------------
+    async def chat(self, http: HttpRequest) -> Response | EventStream:
+        body = http.json(ChatCompletionRequest)
+        if body.index is not None and self.indexes is None and self.to_core is not None and not body.stream:
+            return await self.to_core(http)  # an API server: the core holds the indexes and answers it whole
+        if not body.stream:
+            return Response(await self.complete_chat(body, http.headers))
+        request = self._chat_request(body, http.headers)
+        sources = await self._ground(request, body)
+        await self.core.tokenize_long_prompts([request])
+        envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
+        stream = self.core.submit(request)
+        first = await _first_or_raise(stream)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        render = self._chat_render(body.logprobs)
+        events = _events(envelope, first, stream, render, body.logprobs, include_usage, opening=CHAT_OPENING,
+                         ids=body.return_token_ids, sources=sources)  # fmt: skip
+        return EventStream(events, on_disconnect=stream.cancel)
+
+    async def complete_chat(self, body: ChatCompletionRequest, headers: dict[str, str]) -> dict[str, Any]:
+        """A whole chat completion as OpenAI's response body (the sessions route uses it too)."""
+        request = self._chat_request(body, headers)
+        sources = await self._ground(request, body)
+        await self.core.tokenize_long_prompts([request])
+        envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
+        (choice,) = await _collect([self.core.submit(request)])
+        message = {"role": "assistant", "content": choice.text}
+        lp = chat_logprobs(self.core.tokenizer, choice.logprobs) if body.logprobs else None
+        fields = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(choice.finish_reason)}
+        if body.return_token_ids:
+            fields["token_ids"] = choice.token_ids
+        return envelope.body([fields], usage=usage([choice]), **({"sources": sources} if sources is not None else {}))
+
+    async def _ground(self, request: Request, body: ChatCompletionRequest) -> list[dict[str, object]] | None:
+        """A chat that names an index is answered from it (`IndexStore.ground`); -> its sources, or None."""
+        if body.index is None:
+            return None
+        if self.indexes is None:
+            message = "index: a chat that names an index is answered whole by the gateway's core: stream=false"
+            raise ApiError(400, message, param="index")
+        return await self.indexes.ground(request, body.index, body.index_k)
+
+    def _chat_request(self, body: ChatCompletionRequest, headers: dict[str, str]) -> Request:
+        model = self.core.instance_model(body.model)
+        defaults = self.core.sampling_defaults if model is None else None
+        request = chat_request(body, headers, self.core.new_id("chatcmpl"), defaults)
+        request.model = model
+        return request
+
+    def _chat_render(self, logprobs: bool) -> Callable[[TokenDelta], dict[str, Any]]:
+        """A streamed chat's choice fields for each delta."""
+
+        def render(item: TokenDelta) -> dict[str, Any]:
+            lp = chat_logprobs(self.core.tokenizer, item.logprobs or []) if logprobs else None
+            delta = {"content": item.text} if item.text else {}
+            return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason(item.finish_reason)}
+
+        return render
+
+    # -- embeddings -----------------------------------------------------------------------------------------------
+    async def embeddings(self, http: HttpRequest) -> Response:
+        body = http.json(EmbeddingRequest)
+        model = self.core.embedding_model(body.model)
+        inputs = _embedding_inputs(body.input)
+        embedder = self.core.embedder(model)
+        if body.dimensions is not None and (embedder is None or body.dimensions != embedder.dim):
+            has = f"has {embedder.dim}" if embedder is not None else "is served elsewhere; its size is not asked for"
+            raise ApiError(400, f"dimensions: {model} {has}, got {body.dimensions}", param="dimensions")
+        now = time.time()
+        requests = [
+            Request(
+                request_id=self.core.new_id("embd"),
+                phase="embed",
+                model=model,
+                user=body.user,
+                arrival_time=now,
+                **({"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}),
+            )  # fmt: skip
+            for item in inputs
+        ]
+        results = await embedded([self.core.submit(r) for r in requests])
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(r.vector, body.encoding_format)}
+            for i, r in enumerate(results)
+        ]
+        tokens = sum(r.prompt_tokens for r in results)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return Response({"object": "list", "data": data, "model": model, "usage": usage})
+
+
+def _embedding_inputs(value: Any) -> list[str] | list[list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [list(value)]
+    if value and (all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value)):
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ApiError(
+                400, f"input: at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(value)}", param="input"
+            )
+        return list(value)
+    raise ApiError(
+        400, "input: a non-empty string, list of strings, token ids or list of token-id lists", param="input"
+    )
+
+
+def _encode_vector(vector: Any, encoding: str) -> list[float] | str:
+    array = np.asarray(vector, dtype=np.float32)
+    if encoding == "base64":
+        return base64.b64encode(array.astype("<f4").tobytes()).decode("ascii")
+    return array.tolist()
+
+
+async def _events(
+    envelope: Envelope,
+    first: TokenDelta,
+    stream: RequestStream,
+    render: Callable[[TokenDelta], dict[str, Any]],
+    logprobs: bool,
+    include_usage: bool,
+    opening: dict[str, Any] | None = None,
+    ids: bool = False,
+    sources: list[dict[str, object]] | None = None,
+) -> AsyncIterator[Any]:
+    """The SSE events of one streamed choice: `render` turns a delta into the choice's fields (and its token ids are
+    added when asked: `ids`); deltas with nothing to show (a token that ends mid-character, unless its token ids are
+    asked for) are skipped; a failure is an `error` event; usage last when asked. Events that are ready together
+    (the opening and the first delta, deltas the engine made while the client's last write went out, the final
+    delta with usage and [DONE]) come as one tuple: one write."""
+    choice = Choice(0)
+    extra = {"usage": None} if include_usage else {}
+    opening_extra = extra | ({"sources": sources} if sources is not None else {})  # a grounded chat's, first
+    ready = [envelope.body([opening], **opening_extra)] if opening is not None else []  # events sent in one write
+    text_event = None if logprobs or ids else _text_event(envelope, render, extra)
+    item: TokenDelta | RequestError = first
+    corked = False
+    while True:
+        if isinstance(item, RequestError):
+            ready.append(api_error(item).body())
+            break
+        choice.add(item)
+        if text_event is not None and item.text and not item.finished:
+            ready.append(text_event(item.text))
+        elif item.text or item.finished or (logprobs and item.logprobs) or (ids and item.token_ids):
+            fields = render(item)
+            ready.append(envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra))
+        if item.finished:
+            break
+        if ready and not stream.has_ready():
+            if not corked:  # corked for one turn of the event loop: a delta made meanwhile goes in the same write
+                await trio.lowlevel.checkpoint()
+                corked = True
+            if not stream.has_ready():
+                yield tuple(ready)
+                ready, corked = [], False
+        try:
+            item = await anext(stream)
+        except StopAsyncIteration:
+            break
+    if include_usage and choice.finish_reason is not None:
+        ready.append(envelope.body([], usage=usage([choice])))
+    yield LastEvents((*ready, DONE))
+
+
+def _text_event(
+    envelope: Envelope, render: Callable[[TokenDelta], dict[str, Any]], extra: dict[str, Any]
+) -> Callable[[str], bytes]:
+    """A delta's event when it carries only text (no logprobs, token ids or finish): the encoded chunk of a probe
+    delta, split where its text goes, so a token costs one string encode instead of building and encoding the whole
+    chunk. The bytes are the same as the chunk's."""
+    probe = envelope.body([render(TokenDelta(request_id="", token_ids=[], text=TEXT_PROBE))], **extra)
+    head, tail = msgspec.json.encode(probe).split(msgspec.json.encode(TEXT_PROBE))
+    return lambda text: head + msgspec.json.encode(text) + tail
+
+
+async def _first_or_raise(stream: RequestStream) -> TokenDelta:
+    """A streamed request's first item; a request rejected before its first token answers with its status."""
+    try:
+        item = await anext(stream)
+    except StopAsyncIteration:
+        raise ApiError(500, "the request ended without a reply", code="internal") from None
+    if isinstance(item, RequestError):
+        raise api_error(item)
+    return item
+
+
+async def _collect(streams: list[RequestStream]) -> list[Choice]:
+    """Every stream to its end; the first failure cancels the rest and answers for all."""
+    choices = [Choice(i) for i in range(len(streams))]
+    failure: RequestError | None = None
+
+    async def drain(stream: RequestStream, choice: Choice, scope: trio.CancelScope) -> None:
+        nonlocal failure
+        async for item in stream:
+            if isinstance(item, RequestError):
+                failure = failure or item
+                scope.cancel()
+                return
+            choice.add(item)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for stream, choice in zip(streams, choices):
+                nursery.start_soon(drain, stream, choice, nursery.cancel_scope)
+    finally:
+        for stream in streams:
+            stream.cancel()  # no-op for those that finished; a client that left cancels the rest
+    if failure is not None:
+        raise api_error(failure)
+    return choices

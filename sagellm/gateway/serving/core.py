@@ -1,0 +1,215 @@
+"""The pipeline behind the gateway: runs the served graph (`served_graph`) for as long as the server lives, takes
+requests in through its HTTP source, and streams each request's items back to whoever submitted it.
+
+Every item that reaches a leaf goes to the request's stream; the executor keeps no per-request state after a request
+ends. The HTTP routes and the Python client's embedded mode both use this class; the instances a request chooses from
+are its `registry` (`instances.InstanceRegistry`), which the control plane attaches servers to."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter, OrderedDict
+from typing import Any
+
+import structlog
+import trio
+
+from sagellm.common.errors import InvalidInput
+from sagellm.gateway.config import FailoverPolicy
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.instances import InstanceRegistry
+from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
+from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
+from sagellm.operators.http_source import HttpSource
+from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.executor.local import LocalExecutor
+from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
+
+log = structlog.get_logger("sagellm.gateway")
+STALL_CHECK_S = 0.1  # how often running attempts are checked against their token deadlines
+RECENT_REQUESTS = 10_000  # ended requests whose status is still kept (GET /v1/requests/{id})
+
+
+class ServingCore:
+    def __init__(
+        self,
+        graph: Graph,
+        *,
+        served_model_name: str | None = None,
+        executor_args: Any = None,
+        failover: FailoverPolicy | None = None,
+        embedding_model: str | None = None,
+    ) -> None:
+        """`embedding_model`: also serve this embedding model, on a node of the graph (sagellm.operators.embedding)."""
+        self.graph = served_graph(graph, embedding_model)
+        self.failover = failover or FailoverPolicy()
+        self.retries: Counter[tuple[str, bool]] = Counter()  # (failure code, resumed after tokens) -> retries
+        self.source = HttpSource()
+        self.model_name = served_model_name or str(graph.attrs.get("model") or "default")
+        self.boot_id = uuid.uuid4().hex  # this run of the gateway: a server that joined it tells a restart by it
+        self.executor_args = dict(executor_args or {})
+        self.local: LocalExecutor | None = None  # the executor of this process's nodes, once running
+        self.executor: Any = None  # the graph's executor (a ProcessExecutor when nodes run in other processes)
+        self._streams: dict[str, RequestStream] = {}  # by the id of the attempt running now
+        self._live: dict[str, RequestStream] = {}  # by the client's request id, until the request ends
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # ended requests' last status, oldest first
+        self.new_id = RequestIds()
+        self.registry = InstanceRegistry(self.model_name, lambda: self.local)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Opens every operator (engines load their models), then serves until `shutdown()` and the graph drains."""
+        args = dict(operators={SOURCE_NODE: self.source}, keep_outcomes=False, **self.executor_args)
+        if any(node.placement != "task" for node in self.graph.nodes.values()):
+            from sagellm.runtime.executor.process import ProcessExecutor
+
+            executor: Any = ProcessExecutor(self.graph, **args)
+            self.local = executor.executor
+        else:
+            executor = self.local = LocalExecutor(self.graph, **args)
+        self.executor = executor
+        self.local.ledger.on_leaf_item = self._deliver
+        self.source.wake = self.local.wake_sources
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_stalled)
+            await executor.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+        for rid in list(self._streams):  # anything still open ends now (the executor failed it)
+            self._end(rid, "the gateway stopped before the request finished")
+
+    def shutdown(self) -> None:
+        """No new requests; those in flight finish, then `run` returns."""
+        self.source.finish()
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    async def tokenize_long_prompts(self, requests: list[Request]) -> None:
+        """Renders and tokenizes, in a worker thread, the prompts too long to tokenize on the event loop (which
+        every stream and /health share), so admission finds their token ids ready; a prompt with more characters than
+        the context could hold tokens is refused at once, before any tokenizing. Raises ApiError (400)."""
+        await tokenize_prompts(requests, self.tokenizer, self.vocab_size, self.max_model_len, short_too=False)
+
+    def submit(self, request: Request) -> RequestStream:
+        if request.request_id in self._streams:
+            raise InvalidInput(f"request id {request.request_id!r} is in use")
+        if self.source.finished:
+            raise ApiError(503, "the gateway is shutting down", code="unavailable")
+        stream = self._streams[request.request_id] = RequestStream(self, request, self.failover)
+        self._live[request.request_id] = stream
+        self.source.submit(request)
+        return stream
+
+    def resubmit(self, stream: RequestStream, attempt: Request) -> bool:
+        """Sends a stream's next attempt into the graph; False if the gateway is shutting down."""
+        if self.source.finished:
+            return False
+        self._streams[attempt.request_id] = stream
+        self.source.submit(attempt)
+        return True
+
+    def cancel(self, request_id: str) -> None:
+        if self.local is not None and request_id in self._streams:
+            self.local.cancel(request_id)
+
+    def abandon(self, request_id: str) -> None:
+        """Cancels an attempt whose stream gave up on it; whatever it still sends is dropped."""
+        self.cancel(request_id)
+        self._streams.pop(request_id, None)
+
+    def count_retry(self, code: str, resumed: bool) -> None:
+        self.retries[code, resumed] += 1
+
+    def ended(self, stream: RequestStream) -> None:
+        """A request's client got its last item (or left): its status is kept among the recent ones."""
+        self._live.pop(stream.request.request_id, None)
+        self._recent[stream.request.request_id] = stream.status()
+        while len(self._recent) > RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+
+    def request_status(self, request_id: str) -> dict[str, Any] | None:
+        """A request's status while it runs and for a while after (the last RECENT_REQUESTS ended); None: unknown."""
+        stream = self._live.get(request_id)
+        return stream.status() if stream is not None else self._recent.get(request_id)
+
+    async def _expire_stalled(self) -> None:
+        """Times out the attempts that stopped giving items (`RequestStream.expire_if_stalled`), a few times a
+        second: deadlines are minutes by default, and a timer per stream wait would cost every token a cancel
+        scope."""
+        while True:
+            await trio.sleep(STALL_CHECK_S)
+            now = trio.current_time()
+            for stream in list(self._streams.values()):
+                stream.expire_if_stalled(now)
+
+    def _deliver(self, item: Any) -> None:
+        rid = getattr(item, "request_id", None)
+        stream = self._streams.get(rid)
+        if stream is None:
+            return
+        stream.deliver(item)
+        if is_terminal(item):
+            del self._streams[rid]
+
+    def _end(self, rid: str, message: str) -> None:
+        self._deliver(RequestError(request_id=rid, code="internal", message=message))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    # -- what the OpenAI routes ask of the instances (an API server's RemoteCore answers the same) --------------
+    def models(self) -> list[str]:
+        return self.registry.models()
+
+    def embedder(self, model: str) -> Any:
+        return self.registry.embedder(model)
+
+    def embedding_model(self, name: str | None) -> str:
+        return self.registry.embedding_model(name)
+
+    def instance_model(self, name: str | None) -> str | None:
+        return self.registry.instance_model(name)
+
+    # -- what the routes read -------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.local.graph_attrs.get("tokenizer") if self.local else None
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The graph's model's vocabulary (token ids are checked against it)."""
+        config = self.local.graph_attrs.get("model_config") if self.local else None
+        return getattr(config, "vocab_size", None)
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any] | None:
+        """The graph's model's own sampling defaults: what a request for it leaves unset takes."""
+        return self.local.graph_attrs.get("sampling_defaults") if self.local else None
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The context the graph's engines serve (`served_context`): what /v1/models shows and prompts must fit."""
+        return self.local.graph_attrs.get("max_model_len") if self.local else None
+
+    def nodes_of(self, op_name: str) -> dict[str, Any]:
+        """This process's operators of the served graph that run `op_name`, by node id."""
+        operators = self.local.operators if self.local is not None else {}
+        return {node_id: op for node_id, op in operators.items() if self.graph.nodes[node_id].op == op_name}
+
+    def operators_of(self, op_name: str) -> list[Any]:
+        return list(self.nodes_of(op_name).values())
+
+    def metrics_snapshot(self) -> Any:
+        sinks = self.operators_of("metrics_sink")
+        return sinks[0].get_metrics() if sinks else None
+
+    def set_policy(self, policy: str, policy_args: dict[str, float] | None = None) -> list[str]:
+        """Switches every policy queue of the graph to `policy`, keeping what waits in it; returns the node ids."""
+        queues = self.nodes_of("policy_sort")
+        if not queues:
+            raise InvalidInput("the served graph has no policy_sort node")
+        for queue in queues.values():
+            queue.switch_policy(policy, policy_args)
+        log.info("policy_set", policy=policy, nodes=list(queues))
+        return list(queues)
+

@@ -1,0 +1,131 @@
+"""The instances every request of a gateway chooses from: the graph's engine nodes, and the servers attached at run
+time through its `remote_engine` node (engine processes the gateway spawns, servers it only reaches).
+
+A request names a model; the graph's own model runs on the graph's engines, any other on the attached instances that
+serve it: one path, admission to metrics, for all. The registry itself is the executor's `instances` (`InstanceStats`
+by name), which route, pd_split and the policies read; this class is the gateway's view of it and its one door for
+attaching and detaching servers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+import trio
+
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.served_graph import REMOTE_NODE
+from sagellm.operators.embedding import EmbeddingOperator
+from sagellm.operators.route import ROLES_FOR_PHASE
+
+
+class InstanceRegistry:
+    def __init__(self, own_model: str, local: Callable[[], Any]) -> None:
+        """`own_model`: the name the graph's own model is served as; `local()`: the executor of the gateway's
+        process once it runs (None before)."""
+        self.own_model, self._local = own_model, local
+
+    def instances(self) -> dict[str, Any]:
+        local = self._local()
+        return dict(local.instances) if local is not None else {}
+
+    @property
+    def remote(self) -> Any:
+        """The node serving the instances attached at run time (None: the graph has no route in this process)."""
+        local = self._local()
+        return local.operators.get(REMOTE_NODE) if local is not None else None
+
+    def attach(
+        self, instance_id: str, model: str, endpoint: Any, *, healthy: bool = False, role: str = "colocated"
+    ) -> Any:
+        """Adds a server as an instance of `model` (a `remote_engine.Endpoint`; `role="embedding"` for an embedding
+        server); returns its InstanceStats."""
+        if self.remote is None:
+            raise ApiError(
+                409, "the served graph has no route in the gateway's process to send requests to other instances"
+            )
+        return self.remote.attach(instance_id, model, endpoint, healthy=healthy, role=role)
+
+    def relocate(self, instance_id: str, url: str) -> None:
+        """The attached server is now reached at `url` (its process was started again elsewhere)."""
+        if self.remote is not None:
+            self.remote.relocate(instance_id, url)
+
+    def detach(self, instance_id: str) -> None:
+        if self.remote is not None:
+            self.remote.detach(instance_id)
+
+    async def instance_ready(self, model: str | None, within_s: float, phase: str = "colocated") -> bool:
+        """Waits up to `within_s` until an instance of `model` (None: the graph's) that can run a `phase` request
+        whole (not a prefill worker alone) is healthy; False at once when none is healthy and none is being restarted
+        (an attached server that stopped answering may never do so again: its clients are not kept waiting on it)."""
+        whole = ROLES_FOR_PHASE["embed" if phase == "embed" else "colocated"]
+        with trio.move_on_after(within_s):
+            while True:
+                fitting = [s for s in self.instances().values() if s.model == model and s.role in whole]
+                if any(s.healthy for s in fitting):
+                    return True
+                if not any(s.recovering for s in fitting):  # nothing is on its way back either
+                    return False
+                await trio.sleep(0.1)
+        return False
+
+    def models(self) -> list[str]:
+        """The model names served: the graph's own generation model (if it has engines), then the others (its
+        embedding model, those of attached instances that are not all failed), each once."""
+        stats = self.instances().values()
+        own = [self.own_model] if any(s.model is None for s in stats) else []
+        others = [s.model for s in stats if s.model is not None and not s.failed]
+        return list(dict.fromkeys([*own, *others]))
+
+    def embedders(self) -> list[EmbeddingOperator]:
+        """This process's embedding nodes."""
+        local = self._local()
+        operators = local.operators.values() if local is not None else ()
+        return [op for op in operators if isinstance(op, EmbeddingOperator)]
+
+    def embedder(self, model: str) -> EmbeddingOperator | None:
+        """This process's embedding node serving `model` (its `dim` and `max_length`), or None."""
+        return next((op for op in self.embedders() if op.served_model_name == model), None)
+
+    def embedding_models(self) -> list[str]:
+        """The embedding models served here or by attached instances, own first."""
+        return list(dict.fromkeys(s.model for s in self.instances().values() if s.role == "embedding" and s.model))
+
+    def embedding_model(self, name: str | None) -> str:
+        """The embedding model a request asks for: the one named, else the first served (the gateway's own); a
+        404 naming those served for any other."""
+        served = self.embedding_models()
+        if name is None and served:
+            return served[0]
+        if name in served:
+            return name
+        have = f"the embedding models here are {', '.join(map(repr, served))}" if served else "no embedding model here"
+        message = f"the embedding model {name!r} does not exist; {have}"
+        raise ApiError(404, message, param="model", code="model_not_found")
+
+    def instance_model(self, name: str | None) -> str | None:
+        """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
+        name itself for a model attached instances serve. Raises ApiError 404 for any other."""
+        return instance_model(name, self.own_model, self._attached_models, self.models)
+
+    def _attached_models(self) -> set[str | None]:
+        """The models attached instances serve, also those whose instances all failed (a request learns why)."""
+        return {s.model for s in self.instances().values()}
+
+
+def instance_model(
+    name: str | None, own: str, attached: Callable[[], Collection[str | None]], served: Callable[[], list[str]]
+) -> str | None:
+    """A request's `Request.model` for the model a client named: None for the graph's own (`own`, or none named),
+    the name itself for a model attached instances serve. Raises ApiError 404, naming the `served` ones, for any
+    other. `attached` and `served` are asked only for another model's name: most requests name the graph's own."""
+    if name is None or name == own:
+        return None
+    if name in attached():
+        return name
+    served_names = ", ".join(repr(m) for m in served())
+    raise ApiError(
+        404, f"the model {name!r} does not exist here; this server has {served_names}", param="model",
+        code="model_not_found",
+    )  # fmt: skip

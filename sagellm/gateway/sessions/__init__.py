@@ -1,0 +1,1 @@
+"""Multi-turn conversations the gateway keeps (`store`) and their routes, `/sessions/*` (`routes`)."""

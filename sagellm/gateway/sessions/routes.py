@@ -1,0 +1,116 @@
+"""`/sessions`: create, list, read, append to, chat in, and delete the conversations of `sessions.SessionStore`.
+
+`POST /sessions/{id}/chat` takes an OpenAI chat body whose `messages` are the new turn (usually one user message):
+they are appended to the session's history, the history is completed as `/v1/chat/completions` would, and the
+assistant's reply is appended too. A history longer than the model's context is completed over its latest turns
+(the oldest dropped from the prompt, 1, 2, 4, ... at a time, never from the session; system messages kept), so a
+long session goes on instead of failing every turn. Guarded by the API key, like `/v1`, and each key sees only its
+own sessions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
+from sagellm.gateway.http.auth import presented_key
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage
+from sagellm.gateway.openai.routes import OpenAIRoutes
+from sagellm.gateway.sessions.store import Session, SessionStore, owner_of
+
+
+class NewSession(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    title: str | None = None
+    messages: list[ChatMessage] = msgspec.field(default_factory=list)
+
+
+class Append(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    messages: list[ChatMessage]
+
+
+def _plain(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [msgspec.to_builtins(m) for m in messages]
+
+
+class SessionRoutes:
+    def __init__(self, store: SessionStore, chat: OpenAIRoutes) -> None:
+        self.store, self.chat_routes = store, chat
+
+    def register(self, app: App, guard: Guard | None) -> None:
+        app.route("POST", "/sessions", self.create, guard)
+        app.route("GET", "/sessions", self.list, guard)
+        app.route("GET", "/sessions/{session_id}", self.read, guard)
+        app.route("DELETE", "/sessions/{session_id}", self.delete, guard)
+        app.route("POST", "/sessions/{session_id}/messages", self.append, guard)
+        app.route("POST", "/sessions/{session_id}/chat", self.chat, guard)
+
+    def _session(self, http: HttpRequest) -> Session:
+        session = self.store.get(http.path_params["session_id"], _owner(http))
+        if session is None:
+            raise ApiError(404, f"no session {http.path_params['session_id']!r}", code="session_not_found")
+        return session
+
+    async def create(self, http: HttpRequest) -> Response:
+        body = http.json(NewSession) if http.body else NewSession()
+        session = self.store.create(_owner(http), body.title, _plain(body.messages))
+        await self.store.save()
+        return Response(session.public(), 201)
+
+    async def list(self, http: HttpRequest) -> Response:
+        return Response({"object": "list", "data": [s.summary() for s in self.store.owned_by(_owner(http))]})
+
+    async def read(self, http: HttpRequest) -> Response:
+        return Response(self._session(http).public())
+
+    async def delete(self, http: HttpRequest) -> Response:
+        session = self._session(http)
+        self.store.delete(session.id)
+        await self.store.save()
+        return Response({"id": session.id, "deleted": True})
+
+    async def append(self, http: HttpRequest) -> Response:
+        session = self._session(http)
+        self.store.append(session, *_plain(http.json(Append).messages))
+        await self.store.save()
+        return Response(session.summary())
+
+    async def chat(self, http: HttpRequest) -> Response:
+        session = self._session(http)
+        body = http.json(ChatCompletionRequest)
+        if body.stream:
+            raise ApiError(400, "stream: session chat replies are not streamed", param="stream")
+        turn = _plain(body.messages)
+        self.store.check_room(session, *turn)
+        history = msgspec.convert(session.messages + turn, list[ChatMessage])
+        dropped = 1  # then 2, 4, ...: a history far over the context takes a few tries, not one per message
+        while True:
+            try:
+                reply = await self.chat_routes.complete_chat(
+                    msgspec.structs.replace(body, messages=history), http.headers
+                )
+                break
+            except ApiError as error:
+                shorter = _without_oldest(history, dropped, keep=len(turn))
+                if error.code != "context_length_exceeded" or shorter is None:
+                    raise
+                history, dropped = shorter, dropped * 2
+        answer = {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
+        self.store.append(session, *turn, answer)
+        await self.store.save()
+        return Response({**reply, "session_id": session.id})
+
+
+def _owner(http: HttpRequest) -> str:
+    return owner_of(presented_key(http))
+
+
+def _without_oldest(history: list[ChatMessage], count: int, *, keep: int) -> list[ChatMessage] | None:
+    """The history without its `count` oldest messages that are neither system messages nor among the last `keep`
+    (the new turn); None when there is nothing left to drop."""
+    droppable = [i for i, m in enumerate(history[: len(history) - keep]) if m.role not in ("system", "developer")]
+    if not droppable:
+        return None
+    gone = set(droppable[:count])
+    return [m for i, m in enumerate(history) if i not in gone]
