@@ -78,14 +78,13 @@ def run_real(config: RealConfig) -> Part:
     repeat) through every policy in turn."""
     from sagellm.benchmarks.workloads import random_token_prompts
     from sagellm.operators.replay_source import poisson_offsets
-    from sagellm.runtime.executor.local import model_attrs
     from sagellm.runtime.models.model_cache import resolve_model
+    from sagellm.runtime.pipeline.served_model import served_model
 
     model = str(resolve_model(config.model))
-    attrs = model_attrs(model)  # once: every run reuses the tokenizer and config
-    tokenizer = attrs["tokenizer"]
+    tokenizer = served_model({"model": model}).tokenizer  # loaded once: every run's admission reuses it
     warm = random_token_prompts(tokenizer, config.capacity_requests, config.prompt_len, (config.seed, 0))
-    capacity = _measure_capacity(config, model, attrs, warm)
+    capacity = _measure_capacity(config, model, warm)
     arrival = config.load * capacity
     bound = max_queue(config.queue_s, capacity)
     part = Part("real", _real_json(config, model))
@@ -98,7 +97,7 @@ def run_real(config: RealConfig) -> Part:
         for policy in config.policies:
             requests = [_request(f"w6-{i}", p, config, c) for i, (p, c) in enumerate(zip(prompts, classes))]
             label = policy if config.repeats == 1 else f"{policy} run {repeat + 1}/{config.repeats}"
-            result, started = _replay(config, model, attrs, policy, bound, requests, offsets, None, label)
+            result, started = _replay(config, model, policy, bound, requests, offsets, None, label)
             part.runs.append(_policy_run(policy, repeat, requests, classes, result, started))
     return part
 
@@ -137,10 +136,10 @@ def _request(rid: str, prompt: list[int], config: RealConfig, cls: TrafficClass 
     )
 
 
-def _measure_capacity(config: RealConfig, model: str, attrs: dict[str, Any], prompts: list[list[int]]) -> float:
+def _measure_capacity(config: RealConfig, model: str, prompts: list[list[int]]) -> float:
     """Completed requests/s in steady state: from the `max_num_seqs`-th finish to the last."""
     requests = [_request(f"cap-{i}", p, config, None) for i, p in enumerate(prompts)]
-    result, _ = _replay(config, model, attrs, "fifo", None, requests, None, 2 * config.max_num_seqs, "capacity")
+    result, _ = _replay(config, model, "fifo", None, requests, None, 2 * config.max_num_seqs, "capacity")
     finishes = sorted(r.arrival_time + result.outcomes[r.request_id].metrics.e2e_s for r in requests)
     first = min(config.max_num_seqs, len(finishes) - 1) - 1
     if first < 0 or finishes[-1] <= finishes[first]:
@@ -151,7 +150,6 @@ def _measure_capacity(config: RealConfig, model: str, attrs: dict[str, Any], pro
 def _replay(
     config: RealConfig,
     model: str,
-    attrs: dict[str, Any],
     policy: str,
     bound: int | None,
     requests: list[Request],
@@ -178,7 +176,7 @@ def _replay(
     ]
     p.chain(*nodes)
     source = ReplaySource(requests, offsets_s=offsets, max_in_flight=max_in_flight)
-    executor = LocalExecutor(p.graph(), operators={"source": source}, graph_attrs=attrs)
+    executor = LocalExecutor(p.graph(), operators={"source": source})
 
     async def main() -> tuple[Any, float]:
         await executor.open_operators()  # the engine loads here, outside the timed replay

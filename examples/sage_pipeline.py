@@ -19,8 +19,7 @@ import sys
 from rich.console import Console
 from sage.runtime import LocalEnvironment
 
-from sagellm.runtime.models.loader import load_model
-from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
+from sagellm.runtime.models.model_cache import DEFAULT_MODEL
 from sagellm.runtime.pipeline.metrics import render_metrics_table
 from sagellm.sage import engine_caller, sage_function, sage_service
 
@@ -34,11 +33,9 @@ class MetricsReport(sage_function("metrics_sink", sink=True)):
 
 
 def main(prompts: list[str]) -> None:
-    # What sageLLM's executor gives operators as graph attributes: admission tokenizes with the model's tokenizer and
-    # checks lengths against its config (read without the weights); the engine loads the model itself.
-    path = resolve_model(DEFAULT_MODEL)
-    model = load_model(path, load_weights=False)
-    attrs = {"model": str(path), "tokenizer": model.tokenizer, "model_config": model.config}
+    # The graph's attributes, as sageLLM's executor gives them to operators: the engine loads the model, and admission
+    # its tokenizer and config (without the weights), each resolving the name on this host.
+    attrs = {"model": DEFAULT_MODEL}
 
     env = LocalEnvironment("sagellm")
     env.register_service("engine", sage_service("engine", graph_attrs=attrs, max_num_seqs=4))

@@ -11,12 +11,11 @@ leave with `prompt_token_ids` filled in (the engines never tokenize) and `admitt
 model (`Request.model` set: instances the gateway reaches serve it) is only load-checked: its server tokenizes and
 checks it with its own tokenizer.
 
-What it learns from the graph at `open()` (`ctx.graph_attrs`, filled by the executor):
-- "tokenizer": a Hugging Face tokenizer, used when a request carries text but no token ids;
-- "model_config": the served `ModelConfig` (vocab size, and the context length when `max_model_len` is not set);
-- "max_model_len": the engines' real context (e.g. capped by the KV cache), preferred over the model's.
-Tests give the same keys in their `OperatorContext`, and replace the `clock` attribute (wall clock by default)
-before `open()`: it is an attribute, not a parameter, so YAML and the DSL never see it."""
+What it learns of the graph's model at `open()` (`served_model`, loaded once per process): its tokenizer, used when a
+request carries text but no token ids; its vocabulary; and the context the engines serve (their `max_model_len`, else
+the model's), unless `max_model_len` is set here. Tests hand in a `ServedModel` (graph attribute `served_model`), and
+replace the `clock` attribute (wall clock by default) before `open()`: it is an attribute, not a parameter, so YAML
+and the DSL never see it."""
 
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ from sagellm.runtime.engine.prompt import prompt_token_problem
 from sagellm.runtime.models.tokenizer import encode_prompt
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, PipelineLoad, register_operator
+from sagellm.runtime.pipeline.served_model import served_model
 
 _PRUNE_AT = 10_000  # buckets kept before refilled (idle) users' buckets are forgotten
 
@@ -99,7 +99,6 @@ class Admission(MapOperator):
 
     name = "admission"
     accepts = (Request,)
-    reads_model = True  # the tokenizer and the context length
 
     def __init__(
         self,
@@ -139,16 +138,12 @@ class Admission(MapOperator):
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
-        self.tokenizer = ctx.graph_attrs.get("tokenizer")
-        model_config = ctx.graph_attrs.get("model_config")
-        if model_config is not None:
-            self.vocab_size = model_config.vocab_size
-        elif self.tokenizer is not None:
-            self.vocab_size = len(self.tokenizer)
+        model = served_model(ctx.graph_attrs)
+        if model is None:
+            return
+        self.tokenizer, self.vocab_size = model.tokenizer, model.vocab_size
         if self.max_model_len is None:
-            self.max_model_len = ctx.graph_attrs.get("max_model_len") or getattr(
-                model_config, "max_position_embeddings", None
-            )
+            self.max_model_len = model.max_model_len
 
     def execute(self, item: Request) -> Request | RequestError:
         if self.limit is not None:

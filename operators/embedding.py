@@ -42,9 +42,11 @@ class EmbeddingOperator(StepOperator):
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
-        from sagellm.runtime.embedding import EmbeddingEngine  # here: listing operators must not load torch
+        # Here: listing operators must not load torch. A name is resolved (an alias downloaded) on this host.
+        from sagellm.runtime.embedding import EmbeddingEngine
+        from sagellm.runtime.models.model_cache import resolve_model
 
-        self.engine = EmbeddingEngine(self.model, name=self.served_model_name)
+        self.engine = EmbeddingEngine(resolve_model(self.model), name=self.served_model_name)
         self.stats = ctx.instances.setdefault(ctx.node_id, self._new_stats(ctx.node_id))
 
     def close(self) -> None:

@@ -97,12 +97,13 @@ class EngineOperator(StepOperator):
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
         # Imported here, not at the top: listing or validating operators must not load torch.
+        from sagellm.runtime.models.model_cache import resolve_model
         from sagellm.runtime.parallel.engine import start_engine
 
         model = self.config.model or ctx.graph_attrs.get("model")
         if not model:
             raise InvalidInput(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
-        self.engine = start_engine(self.config.replace(model=model))
+        self.engine = start_engine(self.config.replace(model=str(resolve_model(model))))  # a name resolved here
         self.step_trace = StepTraceFile.from_env(self.engine, ctx.node_id)  # SAGELLM_STEP_TRACE=DIR: steps timed
         # The executor made this node's stats from the same parameters (route saw them before any engine opened).
         self.stats = ctx.instances.setdefault(ctx.node_id, self._new_stats(ctx.node_id))

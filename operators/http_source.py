@@ -12,19 +12,24 @@ from collections.abc import Callable
 from typing import Any
 
 from sagellm.common.errors import Unavailable
-from sagellm.runtime.pipeline.operator import SourceOperator, register_operator
+from sagellm.runtime.pipeline.operator import OperatorContext, SourceOperator, register_operator
+from sagellm.runtime.pipeline.served_model import ServedModel, served_model
 
 
 @register_operator
 class HttpSource(SourceOperator):
     name = "http_source"
     wakes = True
-    reads_model = True  # the gateway in front reads the tokenizer, the context and the sampling defaults
 
     def __init__(self) -> None:
         self._queue: deque[Any] = deque()
         self.finished = False
         self.wake: Callable[[], None] = lambda: None  # the gateway sets the executor's `wake_sources`
+        self.model: ServedModel | None = None  # what the gateway reads of the graph's model, once open
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        self.model = served_model(ctx.graph_attrs)
 
     def submit(self, item: Any) -> None:
         if self.finished:

@@ -17,6 +17,7 @@ from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.home import indexes_dir
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, register_operator
+from sagellm.runtime.pipeline.served_model import served_model
 
 CITED_REMEMBERED = 10_000  # requests whose sources are kept for the app to read (the oldest go first)
 
@@ -25,7 +26,6 @@ CITED_REMEMBERED = 10_000  # requests whose sources are kept for the app to read
 class RagRetrieve(MapOperator):
     name = "rag_retrieve"
     accepts = (Request,)
-    reads_model = True  # the served model's tokenizer counts the sources' tokens
 
     def __init__(
         self, index: str, embedding_model: str = "all-minilm-l6-v2", k: int = 4, max_source_tokens: int = 1500
@@ -62,7 +62,8 @@ class RagRetrieve(MapOperator):
                 f"index {self.index_name!r} holds {self.index.dim}-wide vectors; {self.embedding_model} makes "
                 f"{self.embedder.dim}-wide ones: give the model it was built with"
             )
-        self.count_tokens = served_token_counter(ctx.graph_attrs.get("tokenizer"))
+        self.served = served_model(ctx.graph_attrs)
+        self.count_tokens = served_token_counter(self.served.tokenizer if self.served is not None else None)
 
     def execute(self, item: Request) -> Request | RequestError:
         from sagellm.runtime.rag import grounded, question_of, source_budget
@@ -72,7 +73,8 @@ class RagRetrieve(MapOperator):
             message = "rag_retrieve answers a chat's last user message (or a prompt); this request has no text"
             return RequestError(request_id=item.request_id, code="invalid_request", message=message)
         hits = self.index.search(self.embedder.embed([question]).embeddings[0], self.k)
-        budget = source_budget(self.ctx.graph_attrs.get("max_model_len"), self.max_source_tokens)
+        context = self.served.max_model_len if self.served is not None else None
+        budget = source_budget(context, self.max_source_tokens)
         messages, self.cited[item.request_id] = grounded(question, hits, self.count_tokens, budget)
         if len(self.cited) > CITED_REMEMBERED:
             del self.cited[next(iter(self.cited))]

@@ -21,6 +21,7 @@ from sagellm.common.errors import InvalidInput, users_file
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Priority, Request, RequestError, TokenId
 from sagellm.runtime.pipeline.operator import OperatorContext, SourceOperator, register_operator
+from sagellm.runtime.pipeline.served_model import served_model
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 _UNSET = msgspec.UNSET
@@ -87,7 +88,6 @@ class PromptSource(SourceOperator):
     """A fixed list of prompts, all released at once on the first poll (the offline `generate` workload)."""
 
     name = "prompt_source"
-    reads_model = True  # the model's sampling defaults
 
     def __init__(
         self,
@@ -116,7 +116,7 @@ class PromptSource(SourceOperator):
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
-        self.sampling = SamplingParams.with_defaults(ctx.graph_attrs.get("sampling_defaults"), **self.given)
+        self.sampling = SamplingParams.with_defaults(_sampling_defaults(ctx), **self.given)
 
     def poll(self) -> list[Request] | None:
         if self._released:
@@ -142,7 +142,6 @@ class _LineSource(SourceOperator):
 
     where = ""  # how error messages name the input
     chunk_lines = 64
-    reads_model = True  # the model's sampling defaults
 
     def __init__(self, max_tokens: int | None, temperature: float | None, id_prefix: str) -> None:
         given = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
@@ -159,7 +158,7 @@ class _LineSource(SourceOperator):
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
-        self.defaults = {**(ctx.graph_attrs.get("sampling_defaults") or {}), **self.given}
+        self.defaults = {**(_sampling_defaults(ctx) or {}), **self.given}
 
     def poll(self) -> list[Request | RequestError] | None:
         if self._exhausted or self.stream is None:
@@ -251,3 +250,9 @@ class StdinSource(_LineSource):
             return super()._decode(text, now)
         sampling = SamplingParams(**self.defaults)
         return Request(request_id=self._fresh_id(), prompt=text.rstrip("\r\n"), sampling=sampling, arrival_time=now)
+
+
+def _sampling_defaults(ctx: OperatorContext) -> dict[str, Any] | None:
+    """The graph's model's own sampling defaults: what the sources' requests leave unset takes."""
+    model = served_model(ctx.graph_attrs)
+    return model.sampling_defaults if model is not None else None

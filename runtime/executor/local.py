@@ -29,10 +29,8 @@ from typing import Any
 import structlog
 import trio
 
-from sagellm.runtime.engine.sampling_params import model_sampling_defaults
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.ledger import RequestLedger, RequestOutcome
-from sagellm.runtime.models.model_cache import resolve_model
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
 from sagellm.runtime.pipeline.operator import (
     Emit,
@@ -46,6 +44,7 @@ from sagellm.runtime.pipeline.operator import (
     StreamOperator,
     get_operator,
 )
+from sagellm.runtime.pipeline.served_model import context_limit
 
 log = structlog.get_logger("sagellm.executor")
 IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
@@ -95,7 +94,8 @@ class LocalExecutor:
         self.graph = graph
         self.local = list(nodes if nodes is not None else graph.nodes)
         self.instances = instances if instances is not None else instances_of(graph)
-        self.graph_attrs = {**graph.attrs, **(graph_attrs or {})}
+        # The graph's attributes for its operators, with the context its engine nodes limit requests to.
+        self.graph_attrs = {"max_model_len": context_limit(graph), **graph.attrs, **(graph_attrs or {})}
         self._progress = _Signal()  # fired whenever a request ends
         self.ledger = RequestLedger(keep_outcomes=keep_outcomes)
         self.ledger.on_terminal.append(lambda _: self._progress.fire())
@@ -120,19 +120,12 @@ class LocalExecutor:
         return not self.out_nodes(node_id)
 
     async def open_operators(self) -> None:
-        """Builds and opens every local operator (engines load their models here, in a worker thread).
-
-        Model names (the graph's `model`, a node's `model`) are resolved here, once per process, into paths: an alias
-        is downloaded on the host that runs the node, and operators only ever see a path."""
-        params = await trio.to_thread.run_sync(self._resolve_models)
-        reads_model = any(get_operator(self.graph.nodes[n].op).reads_model for n in self.local)
-        if reads_model and self.graph_attrs.get("model") and "tokenizer" not in self.graph_attrs:
-            self.graph_attrs.update(await trio.to_thread.run_sync(model_attrs, self.graph_attrs["model"]))
-        if "max_model_len" not in self.graph_attrs:
-            self.graph_attrs["max_model_len"] = served_context(self.graph, self.graph_attrs.get("model_config"))
+        """Builds and opens every local operator (engines load their models here, in a worker thread). The graph's
+        parameters reach the operators as written: an operator resolves the model it names itself, on the host that
+        runs it, and those that read the served model's tokenizer or config load it (`served_model`)."""
         for node_id in self.local:
             node = self.graph.nodes[node_id]
-            op = self._given.get(node_id) or get_operator(node.op)(**params[node_id])
+            op = self._given.get(node_id) or get_operator(node.op)(**node.params)
             outputs = self.out_nodes(node_id)
             remote = [n for n in outputs if n not in self.local]
             ctx = OperatorContext(node_id, outputs, self.instances, self.load, self.graph_attrs, remote)
@@ -143,19 +136,6 @@ class LocalExecutor:
             if not isinstance(self.operators[node_id], SourceOperator) and node_id not in self.chained:
                 send, recv = trio.open_memory_channel(self._channel_size)
                 self._inbox_send[node_id], self._inbox_recv[node_id] = send, recv
-
-    def _resolve_models(self) -> dict[str, dict[str, Any]]:
-        """The local nodes' parameters with model names resolved to paths (the graph itself is left as written: the
-        process executor sends it to workers on other hosts, which resolve the names there)."""
-        if self.graph_attrs.get("model"):
-            self.graph_attrs["model"] = str(resolve_model(self.graph_attrs["model"]))
-        params = {}
-        for node_id in self.local:
-            node_params = dict(self.graph.nodes[node_id].params)
-            if node_params.get("model"):
-                node_params["model"] = str(resolve_model(node_params["model"]))
-            params[node_id] = node_params
-        return params
 
     def _chainable(self, node_id: str) -> bool:
         """A Map node fed only by nodes run here: no bridge from another process, nor the process executor's error
@@ -525,24 +505,6 @@ class _Signal:
         if self._event is None:
             self._event = trio.Event()
         await self._event.wait()
-
-
-def served_context(graph: Graph, model_config: Any) -> int | None:
-    """The context the graph's engines serve: the smallest `max_model_len` any of its nodes sets (in any process),
-    else the model's own; None when neither is known. Admission checks prompts against it and the gateway shows it."""
-    lengths = [n.params["max_model_len"] for n in graph.nodes.values() if n.params.get("max_model_len") is not None]
-    own = getattr(model_config, "max_position_embeddings", None)
-    return min([*lengths, *([own] if own else [])], default=None)
-
-
-def model_attrs(model: str) -> dict[str, Any]:
-    """What the graph's front needs of the served model (a path), without its weights: the tokenizer and the config
-    (admission), and its sampling defaults (the sources and the gateway fill unset fields with them)."""
-    from sagellm.runtime.models.loader import load_model  # here: importing the executor must not load torch
-
-    loaded = load_model(model, load_weights=False)
-    defaults = model_sampling_defaults(loaded)
-    return {"tokenizer": loaded.tokenizer, "model_config": loaded.config, "sampling_defaults": defaults}
 
 
 def apply_operator(node_id: str, op: Operator, fn: Callable[[Any], Any], item: Any) -> list[Any]:

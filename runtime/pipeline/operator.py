@@ -131,7 +131,7 @@ class OperatorContext:
     outputs: list[str] = field(default_factory=list)
     instances: dict[str, InstanceStats] = field(default_factory=dict)
     load: PipelineLoad = field(default_factory=PipelineLoad)
-    graph_attrs: dict[str, Any] = field(default_factory=dict)  # e.g. the model path the graph serves
+    graph_attrs: dict[str, Any] = field(default_factory=dict)  # the graph's, as written: its `model`, ...
     remote_outputs: list[str] = field(default_factory=list)  # the downstream nodes another process runs
 
     def instances_among(self, nodes: list[str]) -> list[InstanceStats]:
@@ -154,9 +154,6 @@ class Operator:
     accepts: ClassVar[tuple[type, ...]] = ()
     # Whether the node may have several downstream nodes; it must then address what it returns with `Emit`.
     multi_output: ClassVar[bool] = False
-    # Whether `open` reads the graph's model's tokenizer, config or sampling defaults (`ctx.graph_attrs`): a process
-    # reads them from the model's files (seconds) only when one of its nodes does.
-    reads_model: ClassVar[bool] = False
     # Whether the node writes replies out of the process itself (stdout, a file): a server drops such sinks, since
     # its clients get the replies.
     writes_replies: ClassVar[bool] = False

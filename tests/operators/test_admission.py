@@ -12,6 +12,7 @@ from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import OperatorContext, PipelineLoad
+from sagellm.runtime.pipeline.served_model import GIVEN, ServedModel, served_context
 from tests.tiny_models import make_tiny_llama
 
 
@@ -35,8 +36,10 @@ def make_admission(graph_attrs: dict | None = None, load: PipelineLoad | None = 
     return op
 
 
-def attrs(model: LoadedModel) -> dict:
-    return {"tokenizer": model.tokenizer, "model_config": model.config}
+def attrs(model: LoadedModel, engines_context: int | None = None) -> dict:
+    """The graph's model as `served_model` loads it, handed in: the engines' context is theirs, else the model's."""
+    context = served_context(engines_context, model.config)
+    return {GIVEN: ServedModel(model.source, model.tokenizer, model.config, None, context)}
 
 
 def test_tokenizes_prompt_and_stamps_admission(model: LoadedModel) -> None:
@@ -81,7 +84,7 @@ def test_token_ids_outside_vocabulary_are_invalid(model: LoadedModel, bad_id: in
 
 
 def test_vocabulary_falls_back_to_the_tokenizer_length(model: LoadedModel) -> None:
-    op = make_admission({"tokenizer": model.tokenizer})
+    op = make_admission({GIVEN: ServedModel(model.source, model.tokenizer, None)})
     assert op.vocab_size == len(model.tokenizer)
     expect_error(op.execute(Request(request_id="r", prompt_token_ids=[len(model.tokenizer)])), "invalid_request", "")
 
@@ -106,9 +109,9 @@ def test_unbounded_completion_counts_one_token(model: LoadedModel) -> None:
     expect_error(op.execute(request), "context_length_exceeded", "257 tokens (256 in the messages, 1 in the")
 
 
-def test_context_length_parameter_and_graph_attr_override_the_model(model: LoadedModel) -> None:
+def test_context_length_parameter_and_the_engines_context_override_the_model(model: LoadedModel) -> None:
     assert make_admission(attrs(model), max_model_len=64).max_model_len == 64
-    assert make_admission(attrs(model) | {"max_model_len": 128}).max_model_len == 128
+    assert make_admission(attrs(model, engines_context=128)).max_model_len == 128
     assert make_admission().max_model_len is None  # nothing known: no length check
 
 

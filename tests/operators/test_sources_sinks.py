@@ -16,6 +16,7 @@ from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import OperatorContext, get_operator, parameter_types
+from sagellm.runtime.pipeline.served_model import GIVEN, ServedModel
 
 NOW = 1000.0
 
@@ -33,7 +34,7 @@ MODEL_DEFAULTS = {"temperature": 0.2, "max_tokens": 100}  # what the graph's mod
 def test_prompt_source_releases_all_requests_once_with_unique_ids():
     source = get_operator("prompt_source")(prompts=["a", "b", "c"], max_tokens=8, seed=3, priority=2, user="u")
     source.clock = lambda: NOW
-    source.open(OperatorContext(node_id="src", graph_attrs={"sampling_defaults": MODEL_DEFAULTS}))
+    source.open(OperatorContext(node_id="src", graph_attrs={GIVEN: ServedModel("m", None, None, MODEL_DEFAULTS)}))
     first = source.poll()
     assert source.poll() is None
     assert [r.request_id for r in first] == ["req-0", "req-1", "req-2"]
@@ -77,7 +78,7 @@ def test_jsonl_source_parses_requests_and_turns_bad_lines_into_errors(tmp_path: 
     source = JsonlSource(path=str(path), max_tokens=32)
     source.clock = lambda: NOW
     source.chunk_lines = 5
-    source.open(OperatorContext(node_id="src", graph_attrs={"sampling_defaults": MODEL_DEFAULTS}))
+    source.open(OperatorContext(node_id="src", graph_attrs={GIVEN: ServedModel("m", None, None, MODEL_DEFAULTS)}))
     first = source.poll()
     assert len(first) == 4  # five lines read, one of them blank: lazy, chunk by chunk
     items = first + _drain(source)

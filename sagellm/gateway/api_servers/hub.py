@@ -209,16 +209,14 @@ class ApiServerHub:
 
     def snapshot(self) -> Snapshot:
         core = self.core
-        attrs = core.local.graph_attrs if core.local is not None else {}
         instances = core.registry.instances().values()
         embedders = [
             EmbedderCard(served_model_name=op.served_model_name, dim=op.dim, max_length=op.max_length)
             for op in core.registry.embedders()
         ]
-        model = attrs.get("model")
         return Snapshot(
             model_name=core.model_name,
-            model_path=str(model) if model else None,
+            model_path=core.served.path if core.served is not None else None,
             models=core.models(),
             instance_models=sorted({s.model for s in instances if s.model is not None}),
             embedders=embedders,

@@ -331,9 +331,10 @@ def _app(link: CoreLink, tokenizer: Any, settings: dict[str, Any]) -> App:
 def _tokenizer(model_path: str | None) -> Any:
     if model_path is None:
         return None
-    from sagellm.runtime.executor.local import model_attrs
+    from sagellm.runtime.pipeline.served_model import served_model
 
-    return model_attrs(model_path)["tokenizer"]
+    served = served_model({"model": model_path})
+    return served.tokenizer if served is not None else None
 
 
 async def _stop_on_signal(stop: trio.Event, parent: int | None) -> None:

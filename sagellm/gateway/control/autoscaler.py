@@ -142,7 +142,7 @@ def replica_spec(core: ServingCore, *, on_ray: bool = False) -> EngineSpec:
     """One more engine like the graph's: its model, served under the gateway's model name (a replica), with the
     settings of the graph's first engine node; `on_ray`: placed on the gateway's Ray cluster as its `replicas` group
     says. Raises InvalidInput for a graph it cannot copy."""
-    model = core.local.graph_attrs.get("model") if core.local is not None else None
+    model = core.served.path if core.served is not None else None
     nodes = [n for n in core.graph.nodes.values() if n.op == "engine"]
     if model is None or not nodes:
         raise InvalidInput("autoscale needs a graph with an engine node and a model: it adds replicas of that engine")

@@ -25,6 +25,7 @@ from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
 from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
+from sagellm.runtime.pipeline.served_model import ServedModel
 
 log = structlog.get_logger("sagellm.gateway")
 STALL_CHECK_S = 0.1  # how often running attempts are checked against their token deadlines
@@ -172,24 +173,28 @@ class ServingCore:
 
     # -- what the routes read -------------------------------------------------------------------------------------
     @property
+    def served(self) -> ServedModel | None:
+        """The graph's model as its front reads it (loaded by the HTTP source when the graph opened)."""
+        return self.source.model
+
+    @property
     def tokenizer(self) -> Any:
-        return self.local.graph_attrs.get("tokenizer") if self.local else None
+        return self.served.tokenizer if self.served is not None else None
 
     @property
     def vocab_size(self) -> int | None:
         """The graph's model's vocabulary (token ids are checked against it)."""
-        config = self.local.graph_attrs.get("model_config") if self.local else None
-        return getattr(config, "vocab_size", None)
+        return self.served.vocab_size if self.served is not None else None
 
     @property
     def sampling_defaults(self) -> dict[str, Any] | None:
         """The graph's model's own sampling defaults: what a request for it leaves unset takes."""
-        return self.local.graph_attrs.get("sampling_defaults") if self.local else None
+        return self.served.sampling_defaults if self.served is not None else None
 
     @property
     def max_model_len(self) -> int | None:
         """The context the graph's engines serve (`served_context`): what /v1/models shows and prompts must fit."""
-        return self.local.graph_attrs.get("max_model_len") if self.local else None
+        return self.served.max_model_len if self.served is not None else None
 
     def nodes_of(self, op_name: str) -> dict[str, Any]:
         """This process's operators of the served graph that run `op_name`, by node id."""
