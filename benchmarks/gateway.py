@@ -43,6 +43,7 @@ from sagellm.benchmarks.proc_stats import children, cpu_seconds
 from sagellm.benchmarks.raw_http import RawClient, drain, lines
 from sagellm.benchmarks.serve import chunk_text
 from sagellm.common.errors import StartFailed
+from sagellm.common.processes import python_module
 
 TOKENS = 16  # per reply, as in W5
 OUR_HTTP = "engine on our HTTP server"
@@ -114,23 +115,22 @@ def run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         engine_port, router_port, gateway_port, split_port = free_port(), free_port(), free_port(), free_port()
         bare_port = free_port()
-        python = [sys.executable, "-I", "-m"]
         servers = {
-            "engine": Server("engine", engine_port, _start(stack, [*python, "sagellm.benchmarks.fake_engine",
-                "--port", str(engine_port), "--tokens", str(TOKENS)])),
-            OUR_HTTP: Server(OUR_HTTP, bare_port, _start(stack, [*python, "sagellm.benchmarks.fake_engine",
-                "--port", str(bare_port), "--tokens", str(TOKENS), "--server", "ours"])),
+            "engine": Server("engine", engine_port, _start(stack, python_module("sagellm.benchmarks.fake_engine",
+                "--port", str(engine_port), "--tokens", str(TOKENS)))),
+            OUR_HTTP: Server(OUR_HTTP, bare_port, _start(stack, python_module("sagellm.benchmarks.fake_engine",
+                "--port", str(bare_port), "--tokens", str(TOKENS), "--server", "ours"))),
             "vllm-router": Server("vllm-router", router_port, _start(stack, [router, "--port", str(router_port),
                 "--worker-urls", f"http://127.0.0.1:{engine_port}", "--policy", "round_robin",
                 "--log-level", "warning", "--prometheus-port", str(free_port())])),
-            "sagellm": Server("sagellm", gateway_port, _start(stack, [*python, "sagellm.benchmarks.instant_server",
-                "--port", str(gateway_port), "--tokens", str(TOKENS), "--model", args.model, "--reply", REPLY])),
+            "sagellm": Server("sagellm", gateway_port, _start(stack, python_module("sagellm.benchmarks.instant_server",
+                "--port", str(gateway_port), "--tokens", str(TOKENS), "--model", args.model, "--reply", REPLY))),
         }  # fmt: skip
         if args.api_servers:
             split = f"sagellm ×{args.api_servers} API servers"
-            servers[split] = Server(split, split_port, _start(stack, [*python, "sagellm.benchmarks.instant_server",
+            servers[split] = Server(split, split_port, _start(stack, python_module("sagellm.benchmarks.instant_server",
                 "--port", str(split_port), "--tokens", str(TOKENS), "--model", args.model, "--reply", REPLY,
-                "--api-servers", str(args.api_servers)]))  # fmt: skip
+                "--api-servers", str(args.api_servers))))  # fmt: skip
         models = {name: trio.run(_ready, server) for name, server in servers.items()}
         results = []
         for concurrency in concurrencies:

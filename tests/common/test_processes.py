@@ -24,3 +24,19 @@ def test_a_sagellm_folder_in_the_working_directory_is_not_imported(tmp_path: Pat
     assert ours.returncode == 0 and ours.stdout.startswith("sagellm "), ours.stderr
     plain = run([sys.executable, "-m", "sagellm.cli.main", "--version"])
     assert "impostor" in plain.stderr  # without isolation the folder would have won
+
+
+def test_every_python_child_is_started_through_the_isolated_command_builder() -> None:
+    """A process of ours that `sys.executable -m` started by hand would import a `sagellm/` folder in the working
+    directory; `python_module` is the one way to start one (the CLI start-up benchmark times the user's own `-m`)."""
+    root = Path(__file__).resolve().parents[2]
+    allowed = {root / "common" / "processes.py", root / "benchmarks" / "cli_startup.py"}
+    by_hand = [
+        f"{path.relative_to(root)}:{number}"
+        for folder in ("common", "backends", "runtime", "operators", "sagellm", "benchmarks")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path not in allowed
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "sys.executable" in line and '"-m"' in line
+    ]
+    assert by_hand == []

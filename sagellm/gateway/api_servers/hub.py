@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import trio
 import zmq
 
 from sagellm.common.errors import StartFailed
+from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy, Restarts
 from sagellm.gateway.api_servers import link as api_link
 from sagellm.gateway.api_servers.link import (
@@ -270,7 +270,7 @@ async def run_api_servers(
 
     def spawn(port: int) -> Any:
         env = {**child_env(keys), SETTINGS_ENV: json.dumps(settings_of(config, port))}
-        command = [sys.executable, "-m", "sagellm.gateway.api_servers.server", "--core", endpoint]
+        command = python_module("sagellm.gateway.api_servers.server", "--core", endpoint)  # isolated, like every child
         return trio.lowlevel.open_process(command, env=env)
 
     async def started(process: Any, serving_before: int) -> str:
