@@ -35,7 +35,7 @@ class RayMissing(Unavailable, RuntimeError):
     """Something is to run on Ray, and Ray is not installed here."""
 
 
-class RayStartError(StartFailed, RuntimeError):  # RuntimeError: the engine supervisor catches it as one
+class RayStartError(StartFailed, RuntimeError):  # RuntimeError: what callers of a failed start have caught
     """Ray placed no process in time, or could not start it (the message says which)."""
 
 

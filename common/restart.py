@@ -1,6 +1,6 @@
 """When a lost process of ours is started again: exponential backoff with jitter, a bounded number of attempts in a
-row. One policy for every process sageLLM restarts: the pipeline's workers (the process executor) and the gateway's
-managed engines (its supervisor).
+row. One policy for every process sageLLM restarts (pipeline workers, managed engines, API servers), applied by the one
+supervision loop (`common.supervision`).
 
 The delay before attempt n is `backoff_base_s * 2**(n-1)`, at most `backoff_cap_s`, less up to `jitter` of itself
 drawn at random, so processes that died together do not all come back in the same instant. A process that stayed up

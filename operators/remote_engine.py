@@ -1,11 +1,14 @@
-"""The `remote_engine` operator: the engine instances reached over HTTP, served from one node of the graph.
+"""The `remote_engine` operator: the engine instances the control plane attaches at run time, served from one node of
+the graph.
 
-An instance here is an OpenAI-compatible server: vLLM, llama.cpp, another sageLLM, or an engine process the gateway
-spawned. The control plane attaches one at run time (`attach`) with the endpoint it is reached at and the model name
-clients ask for; its `InstanceStats` names this node, so route chooses among these instances like among engine nodes
-(with the same strategies) and names the chosen one in `request.instance`.
+An instance here is an OpenAI-compatible server (vLLM, llama.cpp, another sageLLM, a server process the gateway
+spawned), or a replica of the graph's own engine in a worker process the gateway keeps, reached through its link
+(`InstanceLink`: the request as it is, its items as the engine made them). The control
+plane attaches one at run time (`attach`) with the endpoint it is reached at and the model name clients ask for; its
+`InstanceStats` names this node, so route chooses among these instances like among engine nodes (with the same
+strategies) and names the chosen one in `request.instance`.
 
-Each request is one streamed call: a chat (`messages`) to /v1/chat/completions, a prompt or token ids to
+To a server, each request is one streamed call: a chat (`messages`) to /v1/chat/completions, a prompt or token ids to
 /v1/completions, with the request's sampling settings (vLLM's names for what OpenAI lacks: top_k, min_p, ...). The
 server's events become TokenDeltas with text only (its token ids are its own vocabulary's), except from an instance of
 the graph's own model (`InstanceStats.model` None: a replica with the same tokenizer), which is asked for its token ids
@@ -24,7 +27,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -39,6 +42,14 @@ log = structlog.get_logger("sagellm.remote_engine")
 UNLIMITED = 1 << 30
 
 
+class InstanceLink(Protocol):
+    """An instance reached without HTTP: a replica of the graph's own engine that runs in a worker process the
+    control plane keeps (`gateway.control.engine_link`). The request goes as it is (tokenized, every sampling
+    setting, logprobs too); its items come back as the engine made them."""
+
+    def stream(self, request: Request) -> AsyncIterator[TokenDelta | RequestError]: ...
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where an instance is reached and how it is asked."""
@@ -47,6 +58,7 @@ class Endpoint:
     model: str  # the model's name at the server (what its requests say in `model`)
     api_key: str | None = None
     max_concurrent: int | None = None  # requests sent to it at once; more are refused as overloaded
+    link: InstanceLink | None = None  # set: reached through it, not over HTTP
 
 
 @register_operator
@@ -115,7 +127,7 @@ class RemoteEngine(StreamOperator):
         if endpoint is None:
             yield _error(item, "unavailable", f"instance {name!r} left before the request reached it", retryable=True)
             return
-        if item.sampling.logprobs is not None:  # its tokens are the server's vocabulary: not ours to name
+        if item.sampling.logprobs is not None and endpoint.link is None:  # the server's vocabulary: not ours to name
             yield _error(item, "invalid_request", f"logprobs are not relayed from {name}, a server reached over HTTP")
             return
         sent = self._sent[name]
@@ -124,19 +136,24 @@ class RemoteEngine(StreamOperator):
             yield _error(item, "overloaded", message, retryable=True)
             return
         sent[item.request_id] = item.sampling.expected_output_tokens
-        self._report(name, sent)
+        self._report(name, endpoint, sent)
         try:
-            call = self._embed(name, endpoint, item) if item.phase == "embed" else self._call(name, endpoint, item)
+            if endpoint.link is not None:
+                call = endpoint.link.stream(item)
+            else:
+                call = self._embed(name, endpoint, item) if item.phase == "embed" else self._call(name, endpoint, item)
             async for out in call:
                 yield out
         finally:
             del sent[item.request_id]
-            self._report(name, sent)
+            self._report(name, endpoint, sent)
 
-    def _report(self, name: str, sent: dict[str, int]) -> None:
+    def _report(self, name: str, endpoint: Endpoint, sent: dict[str, int]) -> None:
         stats = self.ctx.instances.get(name)
-        if stats is not None:
-            stats.running = len(sent)
+        if stats is None:
+            return
+        stats.running = len(sent)
+        if endpoint.link is None:  # (a linked engine's queued work comes from its worker's heartbeats)
             stats.queued_prefill_tokens = 0  # the server's to know; route's estimate gives way to what is known
             stats.queued_decode_tokens = sum(sent.values())
 

@@ -297,9 +297,11 @@ class ControlPlaneManager:
         failover's retries."""
         gateway = self._running()
 
+        from sagellm.gateway.serving.core import metrics_snapshot  # (with the gateway: not on `import sagellm`)
+
         def read() -> dict[str, Any]:
             core = gateway.core
-            snapshot = core.metrics_snapshot()
+            snapshot = metrics_snapshot(core)
             return {
                 "pipeline": msgspec.structs.asdict(snapshot) if snapshot is not None else None,
                 "instances": {

@@ -28,8 +28,9 @@ import structlog
 import trio
 import zmq
 
+from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.runtime.comm import wire
-from sagellm.runtime.comm.zmq_trio import PeerMonitor, TrioSocket
+from sagellm.runtime.comm.zmq_trio import TrioSocket
 from sagellm.runtime.pipeline.spec import MAIN
 
 log = structlog.get_logger("sagellm.control")

@@ -8,47 +8,36 @@ up to its `capacity()`. A Map node whose in-edges all come from nodes run here i
 operators): it has no task and no channel, and each upstream's send runs its `execute` on the item right in the
 upstream's task, so admission, route or a metrics sink cost no task switch per item. Closing the last edge into a
 chained node closes its outputs, so end of input flows through it too, and backpressure is unchanged: the upstream's
-send waits for the chained node's own sends. Step operators' `step()` runs in a worker thread; `add()` runs between
-steps on the event loop, so an engine never sees two threads. A Stream operator serves each item in a task of its
-own, which a client's cancel cancels.
+send waits for the chained node's own sends. What each node does with what arrives (one loop per operator kind) is
+`node_tasks.NodeTasks`.
 
 Every request ends with exactly one terminal item: the executor hands what reaches the graph's leaves to its
-`RequestLedger` (which drops a second terminal for a request and fails, at the end, any request that never finished)
-and turns an operator's exception into an `internal` RequestError for the item (or, for a Step operator, for
-everything it held). The process executor reuses this class for the nodes each process runs, with ZeroMQ bridges for
-the edges that cross processes."""
+`RequestLedger` (which drops a second terminal for a request and fails, at the end, any request that never finished),
+and the node loops turn an operator's exception into an `internal` RequestError. The process executor reuses this
+class for the nodes each process runs, with ZeroMQ bridges for the edges that cross processes."""
 
 from __future__ import annotations
 
-import contextlib
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 import trio
 
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.ledger import RequestLedger, RequestOutcome
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.executor.node_tasks import NodeTasks, Signal, internal_error
 from sagellm.runtime.pipeline.operator import (
     Emit,
     InstanceStats,
     MapOperator,
     Operator,
     OperatorContext,
-    QueueOperator,
     SourceOperator,
     StepOperator,
-    StreamOperator,
     get_operator,
 )
 from sagellm.runtime.pipeline.served_model import context_limit
-
-log = structlog.get_logger("sagellm.executor")
-IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
-GATHER_IDLE_TURNS = 4  # turns with nothing brought before an engine stops gathering: a request takes 2-3
 
 
 @dataclass
@@ -96,7 +85,7 @@ class LocalExecutor:
         self.instances = instances if instances is not None else instances_of(graph)
         # The graph's attributes for its operators, with the context its engine nodes limit requests to.
         self.graph_attrs = {"max_model_len": context_limit(graph), **graph.attrs, **(graph_attrs or {})}
-        self._progress = _Signal()  # fired whenever a request ends
+        self._progress = Signal()  # fired whenever a request ends
         self.ledger = RequestLedger(keep_outcomes=keep_outcomes)
         self.ledger.on_terminal.append(lambda _: self._progress.fire())
         self.load = self.ledger.load
@@ -110,7 +99,7 @@ class LocalExecutor:
         self._channel_size = channel_size
         self.remote_sender: Callable[[str, str], trio.MemorySendChannel] | None = None  # (src, dst) -> channel
         self.on_cancel: Callable[[str], None] | None = None  # tells other processes (the process executor's)
-        self._serving: dict[str, dict[str, trio.CancelScope]] = {}  # stream node -> request id -> its task's scope
+        self._tasks = NodeTasks(self.ledger, self._inbox_recv, self._send, self._progress, self.is_leaf)
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def out_nodes(self, node_id: str) -> list[str]:
@@ -192,18 +181,11 @@ class LocalExecutor:
 
     async def _run_node(self, node_id: str, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         op = self.operators[node_id]
-        runner = {
-            SourceOperator: self._run_source,
-            MapOperator: self._run_map,
-            QueueOperator: self._run_queue,
-            StepOperator: self._run_step,
-            StreamOperator: self._run_stream,
-        }
-        kind = next(k for k in runner if isinstance(op, k))
+        loop = self._tasks.loop_for(op)
         task_status.started()
         async with trio.open_nursery() as inner:  # closes the outputs whichever way the node ends
             try:
-                await runner[kind](node_id, op, inner)
+                await loop(node_id, op, inner)
             finally:
                 self._close_outputs(node_id)
 
@@ -216,187 +198,6 @@ class LocalExecutor:
         self._open_chained_edges[node_id] -= 1
         if not self._open_chained_edges[node_id]:  # its last upstream ended: so does the chained node
             self._close_outputs(node_id)
-
-    async def _run_source(self, node_id: str, op: SourceOperator, _: trio.Nursery) -> None:
-        while True:
-            if op.blocking:
-                items = await trio.to_thread.run_sync(op.poll, abandon_on_cancel=True)
-            else:
-                items = op.poll()
-            if items is None:
-                return
-            if not items and not op.blocking:
-                if op.wakes:  # it is woken (`wake_sources()`) when it has items
-                    await self._progress.wait()
-                else:
-                    with trio.move_on_after(IDLE_POLL_S):  # or sooner: a request ended
-                        await self._progress.wait()
-            for item in items:
-                if isinstance(item, Request):  # a failover attempt's first token says nothing of the queue
-                    self.ledger.entered(item.request_id, None if item.retry else item.arrival_time)
-                await self._send_and_yield(node_id, item)
-
-    async def _run_map(self, node_id: str, op: MapOperator, _: trio.Nursery) -> None:
-        leaf = self.is_leaf(node_id)
-        async for item in self._inbox_recv[node_id]:
-            await self._map_item(node_id, op, leaf, item)
-
-    async def _map_item(self, node_id: str, op: MapOperator, leaf: bool, item: Any) -> bool:
-        """One item through a Map node: in the node's task, or for a chained node in the task that sent it. True
-        when something went on through a channel (as `_send`)."""
-        if leaf and not self.ledger.observe(item):
-            return False
-        through_channel = False
-        for out in apply_operator(node_id, op, op.execute, item):
-            through_channel |= await self._send(node_id, out)
-        return through_channel
-
-    async def _run_queue(self, node_id: str, op: QueueOperator, nursery: trio.Nursery) -> None:
-        changed = trio.Event()
-        input_done = False
-
-        async def receive() -> None:
-            nonlocal changed, input_done
-            async for item in self._inbox_recv[node_id]:
-                for out in apply_operator(node_id, op, op.push, item):
-                    await self._send(node_id, out)
-                changed.set()
-            input_done = True
-            changed.set()
-
-        nursery.start_soon(receive)
-        while True:
-            item = op.pop()
-            if item is not None:
-                await self._send_and_yield(node_id, item)
-                continue
-            if input_done and not len(op):
-                return
-            await changed.wait()
-            changed = trio.Event()
-
-    async def _run_step(self, node_id: str, op: StepOperator, nursery: trio.Nursery) -> None:
-        """A feeder task takes items while `step()` runs, up to the operator's `capacity()`, so an engine admits a
-        whole batch's worth between two steps (not one item per step), and whatever it has no room for stays
-        upstream, where a policy queue orders it."""
-        buffer: deque[Any] = deque()
-        arrived, room = _Signal(), _Signal()
-        closed = False
-
-        async def feed() -> None:
-            nonlocal closed
-            inbox = self._inbox_recv[node_id]
-            while True:
-                while len(buffer) >= op.capacity():
-                    await room.wait()
-                try:
-                    item = await inbox.receive()
-                except trio.EndOfChannel:
-                    closed = True
-                    arrived.fire()
-                    return
-                buffer.append(item)
-                arrived.fire()
-
-        nursery.start_soon(feed)
-        while True:
-            await self._gather_routed(node_id, op, buffer)
-            if buffer:
-                while buffer:
-                    await self._feed(node_id, op, buffer.popleft())
-                room.fire()  # the buffer is empty again (and what passed through took no capacity)
-            if self.ledger.any_cancelled:
-                await self._end_cancelled(node_id, op)
-            if op.has_work():
-                try:
-                    outs = op.step() if op.inline else await trio.to_thread.run_sync(op.step)
-                except Exception as exc:  # the engine failed: its requests end, the node keeps serving
-                    held = op.in_flight()
-                    log.exception("step_failed", node=node_id, requests=len(held))
-                    op.abort(held)
-                    outs = [internal_error(rid, node_id, exc) for rid in held]
-                room.fire()
-                for out in outs:
-                    await self._send(node_id, out)
-                if op.inline:
-                    await trio.lowlevel.checkpoint()
-                continue
-            if closed:
-                return
-            await arrived.wait()
-
-    async def _gather_routed(self, node_id: str, op: StepOperator, buffer: deque[Any]) -> None:
-        """Before a step: requests already routed to this engine while it was full (blocked in its channel) are
-        taken now, and those the queue routes next to the room the last step freed, so a freed slot is filled by the
-        next step, not the one after. A request takes a few turns of the event loop (the feeder takes the one
-        waiting; the queue pops, routes and sends its next; the feeder takes that; trio runs a turn's tasks in a
-        random order): it stops once `GATHER_IDLE_TURNS` turns in a row brought nothing and nothing waits to be sent
-        (the queue is empty), or the engine is full. When nothing waits in the channel it costs no turn at all."""
-        inbox = self._inbox_recv[node_id]
-        if not inbox.statistics().tasks_waiting_send:
-            return
-        idle = 0
-        while len(buffer) < op.capacity() and idle < GATHER_IDLE_TURNS:
-            before = len(buffer)
-            await trio.lowlevel.checkpoint()
-            idle = 0 if len(buffer) > before or inbox.statistics().tasks_waiting_send else idle + 1
-
-    async def _run_stream(self, node_id: str, op: StreamOperator, nursery: trio.Nursery) -> None:
-        """One task per item, at most `capacity()` at once; the node ends when its input has and every task did."""
-        serving = self._serving[node_id] = {}
-        room = _Signal()
-        try:
-            async for item in self._inbox_recv[node_id]:
-                if op.accepts and not isinstance(item, op.accepts):
-                    await self._send(node_id, item)
-                    continue
-                rid = item.request_id
-                if self.ledger.is_cancelled(rid):  # its client left while it waited upstream
-                    await self._send_abort(node_id, rid)
-                    continue
-                while len(serving) >= op.capacity():
-                    await room.wait()
-                serving[rid] = trio.CancelScope()
-                nursery.start_soon(self._serve_one, node_id, op, item, room)
-            while serving:
-                await room.wait()
-        finally:
-            with trio.CancelScope(shield=True):
-                await op.drained()
-
-    async def _serve_one(self, node_id: str, op: StreamOperator, item: Any, room: _Signal) -> None:
-        """Sends on what `op.serve(item)` yields; a cancelled or failed item still ends with one terminal."""
-        rid, serving = item.request_id, self._serving[node_id]
-        ended = False
-        try:
-            with serving[rid]:
-                async with contextlib.aclosing(op.serve(item)) as outputs:
-                    async for out in outputs:
-                        await self._send(node_id, out)
-                        ended = is_terminal(out)
-            if not ended and self.ledger.is_cancelled(rid):
-                await self._send_abort(node_id, rid)
-            elif not ended:
-                await self._send(node_id, internal_error(rid, node_id, "the stream ended without a result"))
-        except Exception as exc:
-            log.exception("operator_failed", node=node_id, request_id=rid)
-            if not ended:
-                await self._send(node_id, internal_error(rid, node_id, exc))
-        finally:
-            del serving[rid]
-            room.fire()
-
-    async def _send_abort(self, node_id: str, rid: str) -> None:
-        self.ledger.aborted(rid)
-        await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
-
-    async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
-        rid = getattr(item, "request_id", None)
-        if self.ledger.is_cancelled(rid):  # its client left while it waited upstream
-            await self._send_abort(node_id, rid)
-            return
-        for out in apply_operator(node_id, op, op.add, item):
-            await self._send(node_id, out)
 
     # -- items ----------------------------------------------------------------------------------------------------
     async def _send(self, node_id: str, out: Any) -> bool:
@@ -417,12 +218,6 @@ class LocalExecutor:
         await target.send(item)
         return True
 
-    async def _send_and_yield(self, node_id: str, out: Any) -> None:
-        """`_send`, then a checkpoint if the item passed no channel (it ended in chained nodes): a loop of sends (a
-        source's, a queue's) must still let other tasks run once per item."""
-        if not await self._send(node_id, out):
-            await trio.lowlevel.checkpoint()
-
     def wake_sources(self) -> None:
         """Polls the non-blocking sources now instead of at their next idle tick (the gateway just queued a
         request into its source)."""
@@ -434,7 +229,7 @@ class LocalExecutor:
         still upstream is ended the same way where it reaches an engine here. Engines in other processes are told
         (`on_cancel`), and do the same there."""
         self.ledger.cancel(request_id)
-        self._cancel_served(request_id)
+        self._tasks.stop_serving(request_id)
         if self.on_cancel is not None and self.ledger.is_cancelled(request_id):
             self.on_cancel(request_id)
 
@@ -443,27 +238,12 @@ class LocalExecutor:
         engine here aborts them as they are held or arrive."""
         for rid in request_ids:
             self.ledger.cancel(rid, passing=True)
-            self._cancel_served(rid)
-
-    def _cancel_served(self, request_id: str) -> None:
-        """A stream node serving the request stops (its task sends the abort terminal)."""
-        if not self.ledger.is_cancelled(request_id):
-            return
-        for serving in self._serving.values():
-            if request_id in serving:
-                serving[request_id].cancel()
+            self._tasks.stop_serving(rid)
 
     def held_requests(self) -> list[str]:
         """Request ids held by this process's engines and stream nodes (a worker's heartbeat reports them)."""
         held = [rid for op in self.operators.values() if isinstance(op, StepOperator) for rid in op.in_flight()]
-        return held + [rid for serving in self._serving.values() for rid in serving]
-
-    async def _end_cancelled(self, node_id: str, op: StepOperator) -> None:
-        held = [rid for rid in op.in_flight() if self.ledger.is_cancelled(rid)]
-        if held:
-            op.abort(held)
-            for rid in held:
-                await self._send_abort(node_id, rid)
+        return held + self._tasks.served_requests()
 
 
 class ChainedEdge:
@@ -480,48 +260,10 @@ class ChainedEdge:
 
     async def send(self, item: Any) -> bool:
         """True when the item (or what the node made of it) went on through a channel (as `LocalExecutor._send`)."""
-        return await self._executor._map_item(self._node_id, self._op, self._leaf, item)
+        return await self._executor._tasks.map_item(self._node_id, self._op, self._leaf, item)
 
     def close(self) -> None:
         """Idempotent, as a channel's: only the first close of this edge counts."""
         if not self._closed:
             self._closed = True
             self._executor._chained_edge_closed(self._node_id)
-
-
-class _Signal:
-    """Wakes whoever waits now; a fire with no waiter is not kept (waiters re-check their condition first), and
-    costs nothing (engines fire one after every step)."""
-
-    def __init__(self) -> None:
-        self._event: trio.Event | None = None
-
-    def fire(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            self._event = None
-
-    async def wait(self) -> None:
-        if self._event is None:
-            self._event = trio.Event()
-        await self._event.wait()
-
-
-def apply_operator(node_id: str, op: Operator, fn: Callable[[Any], Any], item: Any) -> list[Any]:
-    """Runs operator logic (`fn`, one of `op`'s methods) on one item, as every executor does: items the operator does
-    not accept pass through; an exception becomes the item's `internal` error (logged); None means nothing."""
-    if op.accepts and not isinstance(item, op.accepts):
-        return [item]
-    try:
-        result = fn(item)
-    except Exception as exc:
-        log.exception("operator_failed", node=node_id, request_id=getattr(item, "request_id", None))
-        rid = getattr(item, "request_id", None)
-        return [internal_error(rid, node_id, exc)] if rid is not None else []
-    if result is None:
-        return []
-    return result if isinstance(result, list) else [result]
-
-
-def internal_error(request_id: str, node_id: str, problem: object) -> RequestError:
-    return RequestError(request_id=request_id, code="internal", message=f"{node_id}: {problem}")

@@ -22,6 +22,8 @@ ended on its behalf, so nothing waits on it."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 import socket
 import subprocess
@@ -38,7 +40,8 @@ from sagellm.common.errors import StartFailed
 from sagellm.common.home import keys_dir
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.processes import python_module
-from sagellm.common.restart import RestartPolicy, Restarts
+from sagellm.common.restart import RestartPolicy
+from sagellm.common.supervision import Supervision, exit_cause
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys, authenticator, child_env
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, local_endpoint, with_host
@@ -46,9 +49,10 @@ from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
+from sagellm.runtime.executor.lost_requests import LostRequests
 from sagellm.runtime.executor.ray_placement import RayLauncher
+from sagellm.runtime.executor.worker_life import WorkerLife
 from sagellm.runtime.pipeline.cluster import RayCluster
-from sagellm.runtime.pipeline.messages import RequestError
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, is_loopback, is_secure
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 
@@ -67,8 +71,12 @@ class ProcessExecutor:
         peer_timeout_s: float = 10.0,
         startup_timeout_s: float = 900.0,
         exit_timeout_s: float = 30.0,
+        worker_env: dict[str, dict[str, str]] | None = None,
+        worker_logs: dict[str, Path] | None = None,
         **local_args: Any,
     ) -> None:
+        """`worker_env`: variables set for the worker a group's process runs (its GPUs, say); `worker_logs`: a file
+        a group's worker writes its output to (appended; otherwise it shares this process's stderr)."""
         self.graph = graph
         self.groups = groups_of(graph)
         self.children = sorted({g for g in self.groups.values() if g != MAIN})
@@ -77,6 +85,7 @@ class ProcessExecutor:
         ray_groups = remote_groups(graph, ("ray",))
         self.ray = RayLauncher(RayCluster.from_settings(graph.attrs.get("cluster")), ray_groups) if ray_groups else None
         self.executor = LocalExecutor(graph, nodes=[n for n, g in self.groups.items() if g == MAIN], **local_args)
+        self.worker_env, self.worker_logs = worker_env or {}, worker_logs or {}
         self.peer_timeout_s = peer_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
@@ -92,16 +101,13 @@ class ProcessExecutor:
         self.pids: dict[str, int] = {}  # the workers this process started
         self._finished: set[str] = set()  # workers that said End
         self._lost: set[str] = set()
-        self._held: dict[str, set[str]] = {g: set() for g in self.children}  # from each worker's last heartbeat
-        self._sent: dict[str, set[str]] = {g: set() for g in self.children}  # requests sent there, not yet ended
-        self._inject: trio.MemorySendChannel | None = None
         self.restart = RestartPolicy.from_settings(graph.attrs.get("restart"))
-        self.restarts = {g: Restarts(self.restart) for g in self.children}
+        self.lives: dict[str, WorkerLife] = {}
+        self.supervisions: dict[str, Supervision] = {}  # group -> what restarts its worker, once the run runs
         self._running = False  # every worker was ready once: from then on a lost worker of ours is restarted
         self._stopping = False  # the edges toward the workers are ending: nothing is restarted any more
-        self._recovering: dict[str, trio.CancelScope] = {}  # groups being restarted
         self._local_control = ""  # the control endpoint for the workers this process starts
-        self.executor.ledger.on_terminal.append(lambda item: self._forget(item.request_id))
+        self.requests = LostRequests(self.executor, self.groups, self._lost)
         self.executor.on_cancel = lambda rid: self.control.cancel([rid])
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> PipelineResult:
@@ -154,7 +160,7 @@ class ProcessExecutor:
         self.control = control = ControlServer(
             sock, dump_pipeline(self.graph), spawned=self.pids, remote=self.remote, peer_timeout_s=self.peer_timeout_s
         )
-        self.bridge = bridge = Bridge(self.executor, MAIN, zctx, keys=self.keys)
+        self.bridge = self.requests.bridge = bridge = Bridge(self.executor, MAIN, zctx, keys=self.keys)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(control.serve, self._on_heartbeat, self._finished.add)
@@ -162,7 +168,7 @@ class ProcessExecutor:
                 nursery.start_soon(control.heartbeat_loop)
                 for group in self.children:
                     if group not in self.remote:
-                        await self._spawn(nursery, group)
+                        await self.spawn(nursery, group)
                 self._announce_remote()
                 if self.ray is not None:  # Ray gets the key itself: its actors are started here, not by hand
                     key = self.keys.text() if self.keys is not None else None
@@ -173,12 +179,11 @@ class ProcessExecutor:
                 bridge.connect(peers)
                 await control.start_all(peers)
                 self._running = True
-                for restarts in self.restarts.values():
-                    restarts.started(trio.current_time())
+                self._supervise(nursery)
                 bridge.nursery = nursery
                 bridge.before_send = self._before_send
                 bridge.open_inbound()
-                self._open_injection()
+                self.requests.open_injection()
                 nursery.start_soon(self._receive, data)
                 result = await self.executor.run(task_status=task_status)
                 await self._await_exit()
@@ -194,12 +199,17 @@ class ProcessExecutor:
         return result
 
     # -- workers --------------------------------------------------------------------------------------------------
-    async def _spawn(self, nursery: trio.Nursery, group: str) -> None:
+    async def spawn(self, nursery: trio.Nursery, group: str) -> None:
         command = python_module("sagellm.runtime.executor.worker", "--connect", self._local_control, "--group", group)
         if self.transport == "tcp":  # on this host, so it listens and is reached as this process is
             command += ["--bind-host", self.bind_host, "--advertise-host", self.advertise_host]
-        env = child_env(self.keys)  # the key in the environment: a command line is readable by every user
-        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=env)
+        env = {**child_env(self.keys), **self.worker_env.get(group, {})}  # (the key there: not on a command line)
+        log_file = self.worker_logs.get(group)
+        with contextlib.ExitStack() as files:
+            output = None if log_file is None else files.enter_context(log_file.open("ab"))
+            process = await trio.lowlevel.open_process(
+                command, stdin=subprocess.DEVNULL, stdout=output, stderr=output and subprocess.STDOUT, env=env
+            )
         self.processes[group], self.pids[group] = process, process.pid
         nursery.start_soon(self._watch_exit, nursery, group, process)
 
@@ -227,9 +237,9 @@ class ProcessExecutor:
     async def _watch_exit(self, nursery: trio.Nursery, group: str, process: trio.Process) -> None:
         code = await process.wait()
         if self.processes.get(group) is process and group not in self._finished:  # not a predecessor's exit
-            self._lose(nursery, group, f"exited with code {code}")
+            self._lose(nursery, group, exit_cause(code))
 
-    def _kill(self, group: str) -> None:
+    def kill(self, group: str) -> None:
         """Makes sure a worker of ours that was given up is gone (a stopped or hung one never says so itself)."""
         process = self.processes.get(group)
         if process is not None and process.returncode is None:
@@ -273,9 +283,7 @@ class ProcessExecutor:
         held = set(stats.pop(wire.REQUESTS_KEY, {}).get("ids", ()))
         busy = stats.pop(wire.STAGE_KEY, {})
         progress.report(group, busy.get("what"), busy.get("elapsed_s", 0.0))
-        if group not in self._lost:  # a restarted worker holds nothing before it rejoins; its predecessor's stay
-            self._held[group] = held
-        self._fail_passed_on(group)
+        self.requests.heard(group, held)
         for name, fields in stats.items():
             instance = self.executor.instances.get(name)
             if instance is not None and group not in self._lost:
@@ -287,7 +295,7 @@ class ProcessExecutor:
         if group in self._finished:
             return
         who = self.control.describe(group)
-        self._kill(group)
+        self.kill(group)
         # Retired: a killed worker's exit may arrive late (a stopped one is reaped after SIGKILL, maybe during the
         # next attempt's spawn), and must not read as that attempt failing.
         self.processes.pop(group, None)
@@ -300,38 +308,19 @@ class ProcessExecutor:
         log.error("worker_lost", worker=who, why=why)
         self.control.end(group)
         self.executor.ledger.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
-        restart = self._running and not self._stopping
         for instance in self._instances_of(group):
-            instance.lose(recovering=restart)
-        nursery.start_soon(self._fail_doomed, group, f"{who} {why}")
-        if restart:
-            nursery.start_soon(self._recover, nursery, group)
+            instance.lose(recovering=self._running and not self._stopping)
+        nursery.start_soon(self.requests.fail_doomed, group, f"{who} {why}", self.control.cancel)
+        if self._running:  # its supervision restarts it, or gives it up (the run is ending, the policy says so)
+            self.lives[group].lose(why)
         else:
-            self._give_up(nursery, group)
-
-    async def _fail_doomed(self, group: str, message: str) -> None:
-        """Fails what the lost worker may have held, once the live workers have heartbeated again: a request it had
-        just handed on is by then reported by the worker that took it, and goes on."""
-        await trio.sleep(2 * wire.HEARTBEAT_S)
-        doomed = sorted(self._doomed(group))
-        for rid in doomed:
-            self._fail(rid, message)
-        if doomed:  # one that lived on elsewhere after all stops there too, freeing its engine's room
-            self.control.cancel(doomed)
-
-    def _doomed(self, group: str) -> set[str]:
-        """What a lost worker may have held: the requests of its last heartbeat and every request sent to it (one may
-        sit unseen in a socket queue while its engine is full), except those a live worker reports holding: they
-        moved on (a prefill engine still lists what it handed to decode). One that moved on since the last heartbeats
-        may be failed too (its later end is dropped as a duplicate); none is left to hang."""
-        elsewhere = set().union(*(held for g, held in self._held.items() if g != group and g not in self._lost))
-        return (self._held[group] | self._sent[group]) - elsewhere
+            self.give_up(nursery, group)
 
     def _instances_of(self, group: str) -> list[Any]:
         instances = self.executor.instances
         return [instances[node] for node, g in self.groups.items() if g == group and node in instances]
 
-    def _give_up(self, nursery: trio.Nursery, group: str) -> None:
+    def give_up(self, nursery: trio.Nursery, group: str) -> None:
         """No worker will run the group again: its edges end on its behalf, so nothing waits on it."""
         for instance in self._instances_of(group):
             instance.recovering, instance.failed = False, True
@@ -339,150 +328,44 @@ class ProcessExecutor:
         for src, dst in self.bridge.cross_edges():
             if self.groups[src] == group and self.groups[dst] not in (MAIN, group):
                 nursery.start_soon(self.bridge.send_end_for, src, dst)
-        self._close_injection_if_done()
+        self.requests.close_injection_if_done()
 
     # -- restarting a lost worker ---------------------------------------------------------------------------------
-    async def _recover(self, nursery: trio.Nursery, group: str) -> None:
-        """Starts the group's worker again (or, for a remote group, waits for whoever started it to do so) until one
-        is ready (the group rejoins the run), the policy gives up, or the run ends (the group is given up)."""
-        ready = False
-        with trio.CancelScope() as self._recovering[group]:
-            ready = await (self._await_rejoin(group) if group in self.remote else self._restart(nursery, group))
-        del self._recovering[group]
-        if ready and not self._stopping:
-            await self._rejoin(group)
-            return
-        log.error("worker_given_up", worker=self.control.name(group), attempts=self.restarts[group].attempts)
-        self._kill(group)
-        self.control.end(group)
-        self._give_up(nursery, group)
+    def _supervise(self, nursery: trio.Nursery) -> None:
+        """Every worker is ready: from now on each group's supervision restarts its worker when it is lost."""
+        for group in self.children:
+            life = self.lives[group] = WorkerLife(self, nursery, group)
+            supervision = Supervision(life, life.policy(self.restart), startup_timeout_s=life.startup_timeout_s)
+            self.supervisions[group] = supervision
+            nursery.start_soon(functools.partial(supervision.run, ready=True))
 
-    async def _restart(self, nursery: trio.Nursery, group: str) -> bool:
-        restarts = self.restarts[group]
-        while (delay := restarts.next_delay(trio.current_time())) is not None:
-            name = self.control.name(group)
-            log.warning("worker_restarting", worker=name, attempt=restarts.attempts, delay_s=round(delay, 2))
-            await trio.sleep(delay)
-            self.control.reopen(group)
-            await self._spawn(nursery, group)
-            with trio.move_on_after(self.startup_timeout_s):
-                while group not in self.control.endpoints and group not in self.control.gone:
-                    await self.control.wait_changed()
-            if group in self.control.endpoints and group not in self.control.gone:
-                return True
-            self._kill(group)  # it failed, or is still not ready after the startup timeout
-            self.control.end(group)
-        return False
-
-    async def _await_rejoin(self, group: str) -> bool:
-        """A remote worker comes back when it is started again on its host (the same command): the group's slot stays
-        open for it until one joins and is ready, or the run ends."""
-        if not self.restart.auto_restart:
-            return False
-        self.control.reopen(group)
-        if group in self.by_hand:
-            print(
-                f"sagellm: {self.control.name(group)} was lost; to bring it back, on its host run: "
-                f"{self.worker_command(group)}",
-                file=sys.stderr,
-                flush=True,
-            )
-        else:
-            log.warning("ray_worker_lost", group=group, note="Ray starts its actor again (max_restarts)")
-        while group not in self.control.endpoints:
-            await self.control.wait_changed()
-            if group in self.control.gone:  # a new worker failed before it was ready: the slot opens again
-                self.control.reopen(group)
-        return True
-
-    async def _rejoin(self, group: str) -> None:
+    async def rejoin(self, group: str) -> None:
         """A restarted worker is ready: it takes the group's requests again, and every process that sends to the
         group (this one included) is pointed at its new data socket."""
         self.data_endpoints = peers = {**self.data_endpoints, group: self.control.endpoints[group]}
         self._lost.discard(group)
-        self._held[group], self._sent[group] = set(), set()
-        self.restarts[group].started(trio.current_time())
+        self.requests.rejoined(group)
         self.bridge.repoint(peers)
         for instance in self._instances_of(group):
             instance.healthy, instance.recovering = True, False  # its heartbeats bring the rest
-        log.warning("worker_restarted", worker=self.control.describe(group), restarts=self.restarts[group].total)
+        restarts = self.supervisions[group].restarts.total
+        log.warning("worker_restarted", worker=self.control.describe(group), restarts=restarts)
         await self.control.start_all(peers)  # the go for the new worker; the others re-point
 
     def _stop_restarting(self) -> None:
         """The run is ending (edges toward the workers end): a group not running now never will again."""
         self._stopping = True
-        for scope in self._recovering.values():
-            scope.cancel()
-
-    def _fail_passed_on(self, group: str) -> None:
-        """Requests this worker passed on toward a lost worker are lost too: its heartbeat no longer holds them."""
-        if group in self._lost or not any(lost in self._downstream(group) for lost in self._lost):
-            return
-        for rid in sorted(self._sent[group] - self._held[group]):
-            self._fail(rid, f"it was passed on from {group!r} toward a lost worker {sorted(self._lost)}")
-
-    def _downstream(self, group: str) -> set[str]:
-        """Worker groups reachable from `group` along the graph's edges."""
-        seen, frontier = set(), [group]
-        while frontier:
-            g = frontier.pop()
-            for src, dst in self.bridge.cross_edges():
-                nxt = self.groups[dst]
-                if self.groups[src] == g and nxt not in seen and nxt != MAIN:
-                    seen.add(nxt)
-                    frontier.append(nxt)
-        return seen
+        for supervision in self.supervisions.values():
+            supervision.no_more_lives()
 
     def _before_send(self, target: str, item: Any) -> bool:
-        """Items for a lost worker end as errors here instead of waiting on its socket."""
+        """Items for a lost worker end as errors here instead of waiting on its socket; the run's end (None) stops
+        every restart."""
         if item is None:
             self._stop_restarting()
             return target not in self._lost
-        rid = getattr(item, "request_id", None)
-        if target in self._lost:
-            if rid is not None:
-                self._fail(rid, f"{self.control.describe(target)} is gone")
-            return False
-        if rid is not None:
-            self._sent[target].add(rid)
-        return True
-
-    def _fail(self, rid: str, message: str) -> None:
-        self._forget(rid)
-        error = RequestError(request_id=rid, code="instance_lost", message=message, retryable=True)
-        if self._inject is not None:
-            try:
-                self._inject.send_nowait(error)
-                return
-            except (trio.WouldBlock, trio.ClosedResourceError):
-                pass
-        self.executor.ledger.observe(error)  # its path through the graph is gone
-
-    def _forget(self, rid: str) -> None:
-        """The request ended (or is being failed): nothing to fail for it any more."""
-        for held in self._held.values():
-            held.discard(rid)
-        for sent in self._sent.values():
-            sent.discard(rid)
-
-    # -- errors into the graph ------------------------------------------------------------------------------------
-    def _open_injection(self) -> None:
-        """Errors for lost requests enter where the workers' outputs enter this process, so the sinks see them."""
-        targets = [dst for src, dst in self.bridge.cross_edges() if self.groups[dst] == MAIN]
-        if targets:
-            send, recv = trio.open_memory_channel(float("inf"))
-            self._inject = send
-            self.bridge.nursery.start_soon(self._pump_injection, recv, self.executor.inbox(targets[0]))
-
-    async def _pump_injection(self, recv: trio.MemoryReceiveChannel, inbox: trio.MemorySendChannel) -> None:
-        async with recv, inbox:
-            async for item in recv:
-                await inbox.send(item)
-
-    def _close_injection_if_done(self) -> None:
-        if self._inject is not None and not self.bridge.inbound:
-            self._inject.close()
+        return self.requests.sending(target, getattr(item, "request_id", None), self.control.describe)
 
     async def _receive(self, data: Any) -> None:
         await self.bridge.receive_loop(data)
-        self._close_injection_if_done()
+        self.requests.close_injection_if_done()

@@ -34,10 +34,10 @@ from sagellm.common.errors import InvalidInput, JoinRefused, Unavailable
 from sagellm.common.logging import configure_logging
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.openmp import prefer_short_spin
+from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys, authenticator
 from sagellm.runtime.comm.zmq_trio import (
-    PeerMonitor,
     TrioSocket,
     announce_ready,
     bind_pull,

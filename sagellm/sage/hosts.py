@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 import trio
 
-from sagellm.runtime.executor.local import apply_operator, internal_error
+from sagellm.runtime.executor.node_tasks import apply_operator, internal_error
 from sagellm.runtime.pipeline.messages import is_terminal
 from sagellm.runtime.pipeline.operator import SourceOperator, StepOperator, StreamOperator
 

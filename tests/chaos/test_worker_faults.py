@@ -108,7 +108,7 @@ def test_a_lost_worker_under_32_streams_is_restarted(long_model, tmp_path, group
         assert recovered_s < RECOVERY_LIMIT_S and executor.pids[group] != pid
         assert probe(gw.url) == (200, 200, ["ready", "ready"])
         assert complete(gw.url) == reference
-        assert executor.restarts[group].total == 1
+        assert executor.supervisions[group].restarts.total == 1
 
 
 def test_a_worker_is_given_up_when_its_policy_says_so(long_model, tmp_path):

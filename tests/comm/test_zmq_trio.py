@@ -14,10 +14,10 @@ import torch
 import trio
 import zmq
 
+from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.runtime.comm.wire import End, Heartbeat, Ready, encode
 from sagellm.runtime.comm.zmq_trio import (
     IPC_DIR_ENV,
-    PeerMonitor,
     TrioSocket,
     address,
     announce_ready,

@@ -79,7 +79,7 @@ def leave_a_stream_and_see_it_cancelled(gateway: GatewayThread, headers: dict[st
     ) as response:
         assert response.status_code == 200
         next(response.iter_lines())
-    (engine,) = gateway.core.operators_of("engine")
+    (engine,) = gateway.core.nodes_of("engine").values()
     deadline = time.monotonic() + 30
     while (gateway.call(engine.in_flight) or gateway.core.in_flight) and time.monotonic() < deadline:
         time.sleep(0.05)

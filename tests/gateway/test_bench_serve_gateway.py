@@ -8,6 +8,7 @@ import json
 import pytest
 
 from sagellm.cli.main import main
+from sagellm.gateway.serving.core import metrics_snapshot
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 
 pytestmark = pytest.mark.slow  # a gateway of its own and a benchmark command
@@ -22,7 +23,7 @@ def test_bench_serve_measures_the_gateway(tiny_model, tmp_path):
             "--no-progress", "--save-result", "--result-filename", str(out),
         ])  # fmt: skip
         assert code == 0
-        snapshot = gw.call(gw.core.metrics_snapshot)
+        snapshot = gw.call(metrics_snapshot, gw.core)
     result = json.loads(out.read_text())
     (run,) = result["runs"]
     assert run["summary"]["completed"] == 6 and run["summary"]["failed"] == 0

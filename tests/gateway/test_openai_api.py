@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from sagellm import LLM, SamplingParams
+from sagellm.gateway.serving.core import metrics_snapshot
 from tests.gateway.conftest import (
     GRAPHS,
     REPLY_TIMEOUT_S,
@@ -239,7 +240,7 @@ def test_no_healthy_instance_is_503_and_recovers(client, gateway):
 
 
 def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(gateway):
-    (engine,) = gateway.core.operators_of("engine")
+    (engine,) = gateway.core.nodes_of("engine").values()
     real_step, calls = engine.step, []
 
     def failing_step():
@@ -265,7 +266,7 @@ def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(gateway):
 
 def test_a_client_that_leaves_cancels_its_request(gateway):
     leave_a_stream_and_see_it_cancelled(gateway, auth())
-    snapshot = gateway.call(gateway.core.metrics_snapshot)
+    snapshot = gateway.call(metrics_snapshot, gateway.core)
     assert snapshot.active == 0
 
 
@@ -284,7 +285,7 @@ def test_a_client_that_gives_up_on_a_plain_request_cancels_it_too(gateway):
     body = {"prompt": "Hello", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(gateway.url + "/v1/completions", json=body, headers=auth(), timeout=httpx.Timeout(5, read=0.05))
-    (engine,) = gateway.core.operators_of("engine")
+    (engine,) = gateway.core.nodes_of("engine").values()
     for _ in range(200):
         if not gateway.call(engine.in_flight) and gateway.core.in_flight == 0:
             break
@@ -319,7 +320,7 @@ def test_health_metrics_openapi_and_admin(gateway):
     assert httpx.post(gateway.url + "/admin/set_policy", json={"policy": "priority"}, headers=auth()).status_code == 401
     switched = httpx.post(gateway.url + "/admin/set_policy", json={"policy": "priority"}, headers=admin)
     assert switched.status_code == 200 and switched.json()["nodes"] == ["sort"]
-    assert gateway.core.operators_of("policy_sort")[0].policy_name == "priority"
+    assert list(gateway.core.nodes_of("policy_sort").values())[0].policy_name == "priority"
     bad = httpx.post(gateway.url + "/admin/set_policy", json={"policy": "nope"}, headers=admin)
     assert bad.status_code == 400 and "fifo" in bad.json()["error"]["message"]
     metrics = httpx.get(gateway.url + "/admin/metrics", headers=admin).json()

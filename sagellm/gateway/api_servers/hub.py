@@ -11,8 +11,8 @@ that it is there (`Alive`) each second."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import signal
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,11 @@ import trio
 import zmq
 
 from sagellm.common.errors import StartFailed
+from sagellm.common.nursery_errors import single_errors
+from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.common.processes import python_module
-from sagellm.common.restart import RestartPolicy, Restarts
+from sagellm.common.restart import RestartPolicy
+from sagellm.common.supervision import Supervision, end_process, exit_cause
 from sagellm.gateway.api_servers import link as api_link
 from sagellm.gateway.api_servers.link import (
     ALIVE_S,
@@ -68,7 +71,7 @@ class ApiServerHub:
         self.changed = trio.Event()  # an API server attached or started serving
         self._streams: dict[bytes, dict[str, RequestStream]] = defaultdict(dict)  # routing id -> request id -> ...
         self._calls: dict[tuple[bytes, int], trio.CancelScope] = {}
-        self._heard: dict[bytes, float] = {}  # routing id -> when it last said anything
+        self._monitor = PeerMonitor(PEER_TIMEOUT_S)  # routing ids, silent ones lost
         self._outbox: dict[bytes, list[Any]] = defaultdict(list)
         self._queued = trio.Event()
         self._snapshot: Snapshot | None = None
@@ -106,7 +109,7 @@ class ApiServerHub:
                     except Exception as exc:  # a peer speaking another format: say so once per message, go on
                         log.warning("api_hub_bad_message", error=str(exc))
                         continue
-                    self._heard[peer] = trio.current_time()
+                    self._monitor.seen(peer)
                     self._handle(peer, message)
 
     def _handle(self, peer: bytes, message: api_link.ToCore) -> None:
@@ -204,8 +207,9 @@ class ApiServerHub:
         for (owner, _), scope in list(self._calls.items()):
             if owner == peer:
                 scope.cancel()
-        for known in (self.pids, self.serving, self._outbox, self._heard):
+        for known in (self.pids, self.serving, self._outbox):
             known.pop(peer, None)
+        self._monitor.forget(peer)
 
     def snapshot(self) -> Snapshot:
         core = self.core
@@ -235,10 +239,9 @@ class ApiServerHub:
         while True:
             await trio.sleep(SNAPSHOT_CHECK_S)
             now = trio.current_time()
-            for peer, heard in list(self._heard.items()):
-                if now - heard > PEER_TIMEOUT_S:
-                    log.warning("api_server_silent", url=self.serving.get(peer), pid=self.pids.get(peer))
-                    self._forget(peer)
+            for peer in self._monitor.lost():
+                log.warning("api_server_silent", url=self.serving.get(peer), pid=self.pids.get(peer))
+                self._forget(peer)
             snapshot = self.snapshot()
             if snapshot != self._snapshot:
                 self._snapshot = snapshot
@@ -248,6 +251,55 @@ class ApiServerHub:
                 alive_at = now
                 for peer in self.pids:
                     self._queue(peer, Alive())
+
+
+class ApiServerProcess:
+    """One API server process as its supervision sees it: ready once it attached to the hub with the URL it listens
+    on, lost when it exits (its requests are cancelled then)."""
+
+    def __init__(self, hub: ApiServerHub, endpoint: str, config: GatewayConfig, keys: RunKeys | None) -> None:
+        self.hub, self.endpoint, self.config, self.keys = hub, endpoint, config, keys
+        self.name = "api server"
+        self.port = config.port  # the gateway's port, once the first API server has bound it (0: any free one)
+        self.process: trio.Process | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        from sagellm.gateway.api_servers.server import SETTINGS_ENV, settings_of
+
+        env = {**child_env(self.keys), SETTINGS_ENV: json.dumps(settings_of(self.config, self.port))}
+        command = python_module("sagellm.gateway.api_servers.server", "--core", self.endpoint)  # isolated, as all
+        self.process = await trio.lowlevel.open_process(command, env=env)
+        self.name = f"api server (pid {self.process.pid})"
+
+    async def until_ready(self) -> None:
+        assert self.process is not None
+        hub, pid = self.hub, self.process.pid
+        while (url := next((u for p, u in hub.serving.items() if hub.pids.get(p) == pid), None)) is None:
+            if self.process.poll() is not None:
+                raise StartFailed(f"an API server {exit_cause(self.process.returncode)} before it listened")
+            with trio.move_on_after(0.1):
+                await hub.changed.wait()
+        self.url, self.port = url, int(url.rsplit(":", 1)[1])
+
+    async def until_lost(self) -> str:
+        assert self.process is not None
+        code = await self.process.wait()
+        self.hub.gone(self.process.pid)
+        return exit_cause(code)
+
+    async def end(self, graceful: bool) -> None:
+        """`graceful`: SIGTERM, so it takes no new connection and finishes the requests in flight."""
+        await end_process(self.process, graceful, self.config.graceful_timeout_s + 5)
+
+    async def on_ready(self, life: int) -> None:
+        pass
+
+    def on_restarting(self, cause: str, attempt: int, delay_s: float) -> None:
+        pass
+
+    def on_given_up(self, cause: str) -> None:
+        pass
 
 
 async def run_api_servers(
@@ -261,91 +313,27 @@ async def run_api_servers(
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Starts `count` API server processes on the gateway's port and hands its URL to `task_status` once all
-    listen; one that exits is started again (with backoff, as engines are) and its requests are cancelled. When
-    `stop` is set they stop gracefully (SIGTERM: no new connections, requests in flight finish), then this returns.
-    `keys`: the hub's run key (a tcp hub), handed to them in their environment."""
-    from sagellm.gateway.api_servers.server import SETTINGS_ENV, settings_of
-
-    policy = RestartPolicy()
-
-    def spawn(port: int) -> Any:
-        env = {**child_env(keys), SETTINGS_ENV: json.dumps(settings_of(config, port))}
-        command = python_module("sagellm.gateway.api_servers.server", "--core", endpoint)  # isolated, like every child
-        return trio.lowlevel.open_process(command, env=env)
-
-    async def started(process: Any, serving_before: int) -> str:
-        """The URL the new process listens on, once it does; StartFailed if it exits first or takes too long."""
-        with trio.move_on_after(START_TIMEOUT_S):
-            while True:
-                if process.poll() is not None:
-                    raise StartFailed(f"an API server exited with {process.returncode} before it listened")
-                url = next((u for p, u in hub.serving.items() if hub.pids.get(p) == process.pid), None)
-                if url is not None and len(hub.serving) > serving_before:
-                    return url
-                with trio.move_on_after(0.1):
-                    await hub.changed.wait()
-        raise StartFailed(f"an API server did not listen within {START_TIMEOUT_S:.0f} s")
-
-    async def keep(process: Any, port: int) -> None:
-        """Waits for the process to end; starts it again (after the policy's delay) until `stop`."""
-        restarts = Restarts(policy)
-        restarts.started(trio.current_time())
-        while True:
-            await process.wait()
-            hub.gone(process.pid)
-            if stop.is_set():
-                return
-            delay = restarts.next_delay(trio.current_time())
-            log.warning("api_server_exited", pid=process.pid, code=process.returncode, restart_in_s=delay)
-            if delay is None:
-                log.error("api_server_given_up", attempts=policy.max_restart_attempts)
-                return
-            await trio.sleep(delay)
-            process = await spawn(port)
-            processes.append(process)
-            try:
-                await started(process, len(hub.serving))
-            except StartFailed as error:  # counts as one more exit: the next try backs off
-                log.warning("api_server_start_failed", error=str(error))
-                if process.poll() is None:
-                    process.kill()
-                continue
-            restarts.started(trio.current_time())
-
-    processes: list[Any] = []
-    try:
-        first = await spawn(config.port)
-        processes.append(first)
-        url = await started(first, 0)
-        port = int(url.rsplit(":", 1)[1])
-        rest = [await spawn(port) for _ in range(count - 1)]  # the port is known: the others start together
-        processes += rest
-        with trio.move_on_after(START_TIMEOUT_S) as waiting:
-            while len(hub.serving) < count and not stop.is_set():  # (a stop meanwhile stops them all, below)
-                if any(p.poll() is not None for p in rest):
-                    raise StartFailed("an API server exited before it listened")
-                with trio.move_on_after(0.1):
-                    await hub.changed.wait()
-        if waiting.cancelled_caught:
-            raise StartFailed(f"{count - len(hub.serving)} API server(s) did not listen within {START_TIMEOUT_S:.0f} s")
+    listen; each is kept alive by the one supervision loop (restarted with backoff, as engines are; its requests
+    are cancelled when it exits). When `stop` is set they stop gracefully (SIGTERM: no new connections, requests
+    in flight finish), then this returns. `keys`: the hub's run key (a tcp hub), handed to them in their
+    environment."""
+    first = ApiServerProcess(hub, endpoint, config, keys)
+    supervisions = [Supervision(first, RestartPolicy(), startup_timeout_s=START_TIMEOUT_S)]
+    with single_errors():  # an API server that did not start: its StartFailed, as itself
         async with trio.open_nursery() as nursery:
-            for process in list(processes):
-                nursery.start_soon(keep, process, port)
-            task_status.started(url)
+            await nursery.start(supervisions[0].run)  # it binds the port (maybe a free one) the others then share
+            for _ in range(count - 1):
+                server = ApiServerProcess(hub, endpoint, dataclasses.replace(config, port=first.port), keys)
+                supervisions.append(Supervision(server, RestartPolicy(), startup_timeout_s=START_TIMEOUT_S))
+            with single_errors():
+                async with trio.open_nursery() as starting:  # the others start together
+                    for supervision in supervisions[1:]:
+                        starting.start_soon(nursery.start, supervision.run)
+            task_status.started(first.url)
             await stop.wait()
-            for process in processes:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(config.graceful_timeout_s + 5):
-                for process in processes:
-                    await process.wait()
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+            async with trio.open_nursery() as stopping:
+                for supervision in supervisions:
+                    stopping.start_soon(supervision.stop)
 
 
 def _code(error: ApiError) -> Any:

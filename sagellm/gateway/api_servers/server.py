@@ -29,6 +29,7 @@ import zmq
 
 from sagellm.common.errors import Unavailable
 from sagellm.common.logging import configure_logging
+from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.gateway.api_servers import link as api_link
 from sagellm.gateway.api_servers.link import (
     ALIVE_S,
@@ -58,6 +59,7 @@ from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, 
 
 log = structlog.get_logger("sagellm.gateway.api_servers.server")
 SETTINGS_ENV = "SAGELLM_API_SERVER"
+CORE = "core"  # the one peer an API server watches
 START_TIMEOUT_S = 60.0  # for the core's first answer
 PARENT_CHECK_S = 1.0  # how often an API server checks that the gateway that started it still runs
 
@@ -110,7 +112,8 @@ class CoreLink:
         self.snapshot_arrived = trio.Event()
         self.attach = Attach(pid=os.getpid())
         self.lost = False
-        self._heard = trio.current_time()
+        self.monitor = PeerMonitor(PEER_TIMEOUT_S)  # the core, heard from in any message
+        self.monitor.seen(CORE)
         self._outbox: list[api_link.ToCore] = []
         self._queued = trio.Event()
 
@@ -142,7 +145,7 @@ class CoreLink:
             nursery.start_soon(self._keep_in_touch)
             while True:
                 frames = await self.socket.receive_frames()
-                self._heard = trio.current_time()
+                self.monitor.seen(CORE)
                 if self.lost:
                     self.lost = False
                     log.info("core_back")
@@ -167,7 +170,7 @@ class CoreLink:
     async def _keep_in_touch(self) -> None:
         while True:
             await trio.sleep(ALIVE_S)
-            if not self.lost and trio.current_time() - self._heard > PEER_TIMEOUT_S:
+            if not self.lost and self.monitor.lost():
                 self._lose()
             self.send(self.attach if self.lost else Alive())
 

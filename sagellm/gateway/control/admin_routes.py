@@ -17,14 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.core import ServingCore, metrics_snapshot
 from sagellm.operators.route import ROLES_FOR_PHASE
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorError
+
+log = structlog.get_logger("sagellm.gateway")
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -137,20 +140,25 @@ class AdminRoutes:
 
     async def metrics(self, _: HttpRequest) -> Response:
         text = generate_latest(self.engine_registry)
-        for sink in self.core.operators_of("metrics_sink"):
+        for sink in self.core.nodes_of("metrics_sink").values():
             text += generate_latest(sink.prometheus.registry)
         return Response(text, content_type=PROMETHEUS_TEXT)
 
     async def set_policy(self, http: HttpRequest) -> Response:
         body = http.json(SetPolicy)
+        queues = self.core.nodes_of("policy_sort")
+        if not queues:
+            raise ApiError(400, "the served graph has no policy_sort node", param="policy")
         try:
-            nodes = self.core.set_policy(body.policy, body.policy_args)
+            for queue in queues.values():  # what waits in each queue stays, in the new order
+                queue.switch_policy(body.policy, body.policy_args)
         except (OperatorError, ValueError) as exc:
             raise ApiError(400, str(exc), param="policy") from None
-        return Response({"policy": body.policy, "nodes": nodes})
+        log.info("policy_set", policy=body.policy, nodes=list(queues))
+        return Response({"policy": body.policy, "nodes": list(queues)})
 
     async def admin_metrics(self, _: HttpRequest) -> Response:
-        snapshot = self.core.metrics_snapshot()
+        snapshot = metrics_snapshot(self.core)
         if snapshot is None:
             raise ApiError(404, "the served graph has no metrics_sink node")
         return Response(msgspec.to_builtins(snapshot))

@@ -70,7 +70,7 @@ class Autoscaler:
         own = [s for s in self.core.registry.instances().values() if s.model is None and s.role == "colocated"]
         ready = [s for s in own if s.healthy]
         starting = [s for s in own if not s.healthy and (s.recovering or s.name in starting_ids)]
-        waiting = sum(len(queue) for queue in self.core.operators_of("policy_sort"))
+        waiting = sum(len(queue) for queue in self.core.nodes_of("policy_sort").values())
         load = self.core.local.load if self.core.local is not None else None
         checked, violations = (load.slo_checked, load.slo_violations) if load is not None else (0, 0)
         new_checked, new_violations = checked - self._slo_seen[0], violations - self._slo_seen[1]

@@ -18,6 +18,7 @@ import msgspec
 import trio
 
 from sagellm.common.errors import FieldError
+from sagellm.common.supervision import Supervision
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
 from sagellm.runtime.pipeline.operator import InstanceStats
 
@@ -107,6 +108,8 @@ class ManagedEngine:
     gpus: list[int] = field(default_factory=list)
     _state: str = STARTING
     process: trio.Process | None = None
+    supervision: Supervision | None = None  # what keeps its process alive (a managed one's)
+    link: Any = None  # a replica's `EngineLink`: its engine is a worker of the gateway's graph (no server)
     restarts: int = 0
     ever_ready: bool = False
     stopping: bool = False
@@ -128,6 +131,13 @@ class ManagedEngine:
             self.stats.problem = None if state == READY else f"{state}: {self.last_error}" if self.last_error else state
 
     @property
+    def pid(self) -> int | None:
+        """The pid of its process while it runs (a replica's: its worker's)."""
+        if self.link is not None:
+            return self.link.pid
+        return self.process.pid if self.process is not None and self.process.returncode is None else None
+
+    @property
     def in_flight(self) -> int:
         return self.stats.running if self.stats is not None else 0
 
@@ -145,7 +155,7 @@ class ManagedEngine:
             "label": self.spec.label,
             "url": self.url,
             "state": self.state,
-            "pid": self.process.pid if self.process is not None and self.process.returncode is None else None,
+            "pid": self.pid,
             "port": self.port,
             "placement": self.spec.placement,
             "max_concurrent": self.spec.max_concurrent,

@@ -1,8 +1,11 @@
 """The control plane's lifecycle manager: the engines a gateway runs or reaches besides its graph's own.
 
-Kinds: `llm` spawns our engine as a process (`sagellm serve` of the colocated graph on one model, an
-OpenAI-compatible server on 127.0.0.1), `embedding` the same serving one embedding model (`sagellm serve --no-llm
--e MODEL`), `openai` registers a server that already runs (vLLM, llama.cpp, another sageLLM). The manager keeps the
+Kinds: `llm` runs our engine in a process of its own: a replica of the gateway's own model (its served name) as a
+worker of the gateway's graph (`control.engine_link`: its requests pass the gateway's one admission and policy
+queue, then only the engine), any other model as a server (`sagellm serve` of the colocated graph, an
+OpenAI-compatible server on 127.0.0.1, whose own front tokenizes for its model); `embedding` a server of one
+embedding model (`sagellm serve --no-llm -e MODEL`); `openai` registers a server that already runs (vLLM,
+llama.cpp, another sageLLM). The manager keeps the
 list behind `/v1/management/engines`, checks a start request (names, ports, GPUs) and gives each managed process a
 fresh API key so only the gateway reaches it. Every engine becomes an instance in the serving core's registry (an
 embedding engine one of role "embedding"), so its requests take the graph's path (admission, the policy queue, route
@@ -23,8 +26,9 @@ import structlog
 import trio
 
 from sagellm.common.errors import FieldError
-from sagellm.gateway.control.engine_spec import DRAINING, STOPPED, EngineSpec, ManagedEngine
-from sagellm.gateway.control.supervisor import Supervisor, free_port, port_free, stop_orphans
+from sagellm.gateway.control.engine_link import EngineLink
+from sagellm.gateway.control.engine_spec import DRAINING, READY, STOPPED, EngineSpec, ManagedEngine
+from sagellm.gateway.control.supervisor import LOG_FILE, Supervisor, free_port, port_free, stop_orphans
 from sagellm.gateway.http.auth import new_key
 from sagellm.gateway.http.errors import ApiError
 from sagellm.operators.embedding import served_name
@@ -83,7 +87,7 @@ class EngineManager:
                     async with trio.open_nursery() as stopping:
                         for engine in list(self.engines.values()):
                             engine.stopping = True
-                            stopping.start_soon(self._supervisor.end_process, engine, False)
+                            stopping.start_soon(self._end, engine, False)
                 nursery.cancel_scope.cancel()
 
     def shutdown(self) -> None:
@@ -110,14 +114,25 @@ class EngineManager:
         # The model's name at the server: an openai server's as registered, a spawned llm server's the name the gateway
         # gave it, a spawned embedding server's its model's default name.
         upstream = {"openai": spec.model, "embedding": served_name(spec.model)}.get(spec.kind, engine.name)
-        endpoint = Endpoint(engine.url, upstream, engine.api_key, spec.max_concurrent)
+        model = self._registry_model(engine)
+        if model is None and spec.kind == "llm" and spec.placement is None:  # a replica: a worker of the graph
+            assert engine.directory is not None and self._supervisor is not None
+            engine.directory.mkdir(parents=True, exist_ok=True)
+            supervisor = self._supervisor
+            engine.link = EngineLink(engine, supervisor.restart, supervisor.startup_timeout_s,
+                                     engine.directory / LOG_FILE)  # fmt: skip
+            engine.url, engine.port, engine.api_key = "", None, None
+        endpoint = Endpoint(engine.url, upstream, engine.api_key, spec.max_concurrent, link=engine.link)
         role = "embedding" if spec.kind == "embedding" else "colocated"
-        engine.stats = self.core.registry.attach(engine_id, self._registry_model(engine), endpoint, role=role)
+        engine.stats = self.core.registry.attach(engine_id, model, endpoint, role=role)
         if spec.slots is not None:  # what the policies and the autoscaler count as its free slots
             engine.stats.max_running = spec.slots
         self.engines[engine_id] = engine
-        watch = self._supervisor.watch_remote if spec.kind == "openai" else self._supervisor.supervise
-        self._nursery.start_soon(watch, engine)
+        if engine.link is not None:
+            self._nursery.start_soon(engine.link.run)
+        else:
+            watch = self._supervisor.watch_remote if spec.kind == "openai" else self._supervisor.supervise
+            self._nursery.start_soon(watch, engine)
         log.info("engine_registered", engine=engine_id, kind=spec.kind, model=engine.name, url=engine.url)
         return engine
 
@@ -134,7 +149,7 @@ class EngineManager:
             with trio.move_on_after(self.drain_timeout_s):
                 while engine.in_flight:
                     await trio.sleep(0.05)
-        await self._supervisor.end_process(engine, force)
+        await self._end(engine, force)
         engine.state = STOPPED
         self.core.registry.detach(engine_id)
         self.engines.pop(engine_id, None)
@@ -145,9 +160,18 @@ class EngineManager:
         """Probes one engine now: whether it answered, how long that took, and its state after."""
         engine = self.get(engine_id)
         started = time.perf_counter()
-        ok = await self._supervisor.probe(engine)
+        ok = engine.state == READY if engine.link is not None else await self._supervisor.probe(engine)
         took_ms = round(1000 * (time.perf_counter() - started), 1)
         return {"id": engine.id, "healthy": ok, "state": engine.state, "latency_ms": took_ms}
+
+    async def _end(self, engine: ManagedEngine, force: bool) -> None:
+        """Ends the engine's process: SIGTERM, then SIGKILL after the grace period (at once with `force`); a replica's
+        worker finishes what it holds first."""
+        assert self._supervisor is not None
+        if engine.link is not None:
+            await engine.link.stop(force, self._supervisor.stop_grace_s)
+        else:
+            await self._supervisor.end_process(engine, force)
 
     def _relocated(self, engine: ManagedEngine, url: str) -> None:
         """An engine placed on Ray is reached where its latest start put it."""

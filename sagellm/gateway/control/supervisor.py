@@ -1,9 +1,10 @@
 """The lifecycle of the control plane's engines: the supervisor spawns a managed process, waits for its health check,
 watches it, and restarts it; an `openai` engine (a server we did not start) it only health-checks.
 
-A process that dies after having served is restarted under the `RestartPolicy` (backoff with jitter, a bounded number
-of attempts in a row); one that never became ready is failed at once with the last line it logged, since a bad model
-or port does not heal by retrying. Managed processes run in their own session (a Ctrl-C at the gateway's terminal
+Each managed process is kept alive by the one supervision loop (`common.supervision`): one that dies after having
+served is restarted under the `RestartPolicy` (backoff with jitter, a bounded number of attempts in a row); one that
+never became ready is failed at once with the last line it logged, since a bad model or port does not heal by
+retrying. Managed processes run in their own session (a Ctrl-C at the gateway's terminal
 reaches the gateway, which stops them in order), with their log, pid file and state in their own folder; a gateway
 killed outright leaves them running, so the next one on that state directory stops such orphans first
 (`stop_orphans`)."""
@@ -25,9 +26,11 @@ import httpx
 import structlog
 import trio
 
+from sagellm.common.errors import StartFailed
 from sagellm.common.processes import python_module
 from sagellm.common.ray_process import RayProcess
-from sagellm.common.restart import RestartPolicy, Restarts
+from sagellm.common.restart import RestartPolicy
+from sagellm.common.supervision import Supervision, end_process, exit_cause
 from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_GRAPH
 from sagellm.gateway.control.engine_spec import FAILED, READY, STARTING, UNHEALTHY, ManagedEngine
 from sagellm.runtime.pipeline.cluster import RayCluster
@@ -66,61 +69,20 @@ class Supervisor:
 
     async def supervise(self, engine: ManagedEngine) -> None:
         """Runs the engine's process until it is stopped or failed, restarting it when it dies after serving."""
-        restarts = Restarts(self.restart)
-        while True:
-            try:
-                timed_out = await self._run_process(engine, restarts)
-            except (OSError, RuntimeError) as exc:  # the interpreter could not be started, Ray could not place it
-                engine.state, engine.last_error = FAILED, f"could not start the process: {exc}"
-                return
-            except Exception as exc:  # anything else fails this engine alone: the gateway serves the others
-                log.exception("engine_supervision_failed", engine=engine.id)
-                engine.state, engine.last_error = FAILED, f"{type(exc).__name__}: {exc}"
-                await self.end_process(engine, force=True)  # a process it started serves no one now
-                return
-            if engine.stopping:
-                return
-            engine.last_error = await self._death_cause(engine, timed_out)
-            delay = restarts.next_delay(trio.current_time()) if engine.ever_ready and not timed_out else None
-            if delay is None:
-                engine.state = FAILED
-                log.warning("engine_failed", engine=engine.id, error=engine.last_error)
-                return
-            engine.restarts, engine.state = restarts.total, STARTING
-            log.warning("engine_restarting", engine=engine.id, attempt=restarts.attempts, delay_s=round(delay, 2))
-            await trio.sleep(delay)
-            if engine.stopping:
-                return
+        supervision = engine.supervision = Supervision(
+            _EngineProcess(self, engine), self.restart, startup_timeout_s=self.startup_timeout_s
+        )
+        try:
+            await supervision.run()
+        except StartFailed as error:  # it never served: a bad model or port does not heal by retrying
+            engine.state, engine.last_error = FAILED, str(error)
+            log.warning("engine_failed", engine=engine.id, error=engine.last_error)
+        except Exception as exc:  # anything else fails this engine alone: the gateway serves the others
+            log.exception("engine_supervision_failed", engine=engine.id)
+            engine.state, engine.last_error = FAILED, f"{type(exc).__name__}: {exc}"
+            await end_process(engine.process, graceful=False, grace_s=0)  # a process it started serves no one now
 
-    async def _run_process(self, engine: ManagedEngine, restarts: Restarts) -> bool:
-        """Spawns the engine and watches it until it exits; True when it was killed for not becoming ready."""
-        process = await self._spawn(engine)
-        if engine.stopping:  # stopped while it was being spawned
-            process.kill()
-            await process.wait()
-            return False
-        timed_out = False
-        async with trio.open_nursery() as nursery:
-
-            async def exited() -> None:
-                await process.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(exited)
-            with trio.move_on_after(self.startup_timeout_s) as startup:
-                await self._until_ready(engine, "/health")
-            if startup.cancelled_caught:
-                timed_out = True
-                process.kill()
-            if timed_out or engine.stopping:
-                await trio.sleep_forever()  # until `exited` sees it go (stop() or the kill ends it)
-            engine.state, engine.ever_ready = READY, True
-            restarts.started(trio.current_time())
-            log.info("engine_ready", engine=engine.id, pid=process.pid, url=engine.url)
-            await self._check_health(engine, "/health")
-        return timed_out
-
-    async def _spawn(self, engine: ManagedEngine) -> trio.Process | RayProcess:
+    async def spawn(self, engine: ManagedEngine) -> trio.Process | RayProcess:
         """Starts the engine's server here, or on the Ray node its placement names (its URL then that node's)."""
         if engine.spec.placement is not None:
             assert self.ray is not None  # the manager refuses a Ray placement without a cluster (400)
@@ -141,33 +103,25 @@ class Supervisor:
         (engine.directory / PID_FILE).write_text(f"{process.pid}\n")
         return process
 
-    async def _death_cause(self, engine: ManagedEngine, timed_out: bool) -> str:
+    async def death_cause(self, engine: ManagedEngine) -> str:
         """One line: killed by a signal, or its exit code and the last line it logged (its error message)."""
         process = engine.process
-        where = f"on {process.host}" if isinstance(process, RayProcess) else f"log: {engine.directory / LOG_FILE}"
-        if timed_out:
-            return f"not ready after {self.startup_timeout_s:g} s ({where})"
         code = process.returncode
         if code < 0:
-            return f"the process was killed by {signal.Signals(-code).name}"
+            return f"the process was {exit_cause(code)}"
         if isinstance(process, RayProcess):
             last = (await trio.to_thread.run_sync(process.log_tail))[-300:]
         else:
             last = log_tail(engine.directory / LOG_FILE, 1)[-300:]
-        return f"the process exited with code {code}" + (f": {last}" if last else "")
+        return f"the process {exit_cause(code)}" + (f": {last}" if last else "")
 
     async def end_process(self, engine: ManagedEngine, force: bool) -> None:
-        """SIGTERM, then SIGKILL after `stop_grace_s` (at once with `force`); the caller set `engine.stopping`."""
-        process = engine.process
-        if process is None or process.returncode is not None:
-            return
-        if not force:
-            process.terminate()
-            with trio.move_on_after(self.stop_grace_s):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        """Ends the engine for good: SIGTERM, then SIGKILL after `stop_grace_s` (at once with `force`); the caller
+        set `engine.stopping`."""
+        if engine.supervision is not None:
+            await engine.supervision.stop(graceful=not force)
+        else:
+            await end_process(engine.process, not force, self.stop_grace_s)
 
     # -- health ---------------------------------------------------------------------------------------------------
     async def _healthy(self, engine: ManagedEngine, path: str) -> bool:
@@ -225,6 +179,46 @@ class Supervisor:
         if not engine.ever_ready:
             engine.state, engine.last_error = UNHEALTHY, f"{engine.url}/v1/models does not answer 200"
         await self._check_health(engine, "/v1/models")
+
+
+class _EngineProcess:
+    """A managed engine's server as its supervision sees it: ready once `/health` answers, lost when its process
+    exits (a failing health check only marks it unhealthy: the process may recover, or be restarted once it ends)."""
+
+    def __init__(self, supervisor: Supervisor, engine: ManagedEngine) -> None:
+        self.supervisor, self.engine, self.name = supervisor, engine, engine.id
+
+    async def start(self) -> None:
+        await self.supervisor.spawn(self.engine)
+
+    async def until_ready(self) -> None:
+        while not await self.supervisor._healthy(self.engine, "/health"):
+            if self.engine.process.returncode is not None:  # (also once a stop has ended it)
+                raise StartFailed(await self.supervisor.death_cause(self.engine))
+            await trio.sleep(0.25)
+
+    async def until_lost(self) -> str:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.supervisor._check_health, self.engine, "/health")
+            await self.engine.process.wait()
+            nursery.cancel_scope.cancel()
+        return await self.supervisor.death_cause(self.engine)
+
+    async def end(self, graceful: bool) -> None:
+        await end_process(self.engine.process, graceful, self.supervisor.stop_grace_s)
+
+    async def on_ready(self, life: int) -> None:
+        engine = self.engine
+        engine.state, engine.ever_ready = READY, True
+        log.info("engine_ready", engine=engine.id, pid=engine.process.pid, url=engine.url)
+
+    def on_restarting(self, cause: str, attempt: int, delay_s: float) -> None:
+        engine = self.engine
+        engine.restarts, engine.last_error = engine.restarts + 1, cause
+        engine.state = STARTING  # (after `last_error`: the state's setter writes the routing's problem from it)
+
+    def on_given_up(self, cause: str) -> None:
+        self.engine.state, self.engine.last_error = FAILED, cause
 
 
 def _auth(engine: ManagedEngine) -> dict[str, str]:

@@ -201,20 +201,9 @@ class ServingCore:
         operators = self.local.operators if self.local is not None else {}
         return {node_id: op for node_id, op in operators.items() if self.graph.nodes[node_id].op == op_name}
 
-    def operators_of(self, op_name: str) -> list[Any]:
-        return list(self.nodes_of(op_name).values())
 
-    def metrics_snapshot(self) -> Any:
-        sinks = self.operators_of("metrics_sink")
-        return sinks[0].get_metrics() if sinks else None
 
-    def set_policy(self, policy: str, policy_args: dict[str, float] | None = None) -> list[str]:
-        """Switches every policy queue of the graph to `policy`, keeping what waits in it; returns the node ids."""
-        queues = self.nodes_of("policy_sort")
-        if not queues:
-            raise InvalidInput("the served graph has no policy_sort node")
-        for queue in queues.values():
-            queue.switch_policy(policy, policy_args)
-        log.info("policy_set", policy=policy, nodes=list(queues))
-        return list(queues)
-
+def metrics_snapshot(core: ServingCore) -> Any:
+    """The served graph's metrics (its first `metrics_sink`'s); None for a graph without one."""
+    sinks = list(core.nodes_of("metrics_sink").values())
+    return sinks[0].get_metrics() if sinks else None

@@ -1,0 +1,313 @@
+"""The task loop of each kind of node the local executor runs, and what every executor does with one item.
+
+`LocalExecutor` owns the graph's wiring: which channel feeds which node, where a node's outputs go, when its input
+ends. What a node does with what arrives depends only on its operator's kind, so that lives here, one loop per kind,
+behind the two things the wiring hands it: a node's input channel and a `send` to its downstream. Step operators'
+`step()` runs in a worker thread; `add()` runs between steps on the event loop, so an engine never sees two threads.
+A Stream operator serves each item in a task of its own, which a client's cancel cancels. An operator's exception
+becomes an `internal` RequestError for the item (or, for a Step operator, for everything it held)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+import trio
+
+from sagellm.runtime.executor.ledger import RequestLedger
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.operator import (
+    MapOperator,
+    Operator,
+    QueueOperator,
+    SourceOperator,
+    StepOperator,
+    StreamOperator,
+)
+
+log = structlog.get_logger("sagellm.executor")
+IDLE_POLL_S = 0.005  # a non-blocking source that had nothing is polled again after this, or when a request ends
+GATHER_IDLE_TURNS = 4  # turns with nothing brought before an engine stops gathering: a request takes 2-3
+
+Send = Callable[[str, Any], Awaitable[bool]]  # (node id, item) -> True when the item went into a channel
+NodeLoop = Callable[[str, Any, trio.Nursery], Awaitable[None]]  # (node id, its operator, a nursery for helpers)
+
+
+class NodeTasks:
+    """The loops that run the local executor's nodes, one per operator kind (`loop_for`), and the Stream nodes'
+    per-request tasks, which a cancel stops (`stop_serving`)."""
+
+    def __init__(
+        self,
+        ledger: RequestLedger,
+        inputs: dict[str, trio.MemoryReceiveChannel],
+        send: Send,
+        progress: Signal,
+        is_leaf: Callable[[str], bool],
+    ) -> None:
+        """`inputs`: each task node's input channel (filled in as the executor opens its operators); `send`: sends an
+        item on to a node's downstream; `progress` fires whenever a request ends (idle sources wait on it)."""
+        self._ledger = ledger
+        self._inputs = inputs
+        self._send = send
+        self._progress = progress
+        self._is_leaf = is_leaf
+        self._serving: dict[str, dict[str, trio.CancelScope]] = {}  # stream node -> request id -> its task's scope
+
+    def loop_for(self, op: Operator) -> NodeLoop:
+        """The loop that runs a node of `op`'s kind until its input ends."""
+        loops: dict[type, NodeLoop] = {
+            SourceOperator: self._run_source,
+            MapOperator: self._run_map,
+            QueueOperator: self._run_queue,
+            StepOperator: self._run_step,
+            StreamOperator: self._run_stream,
+        }
+        return next(loop for kind, loop in loops.items() if isinstance(op, kind))
+
+    async def map_item(self, node_id: str, op: MapOperator, leaf: bool, item: Any) -> bool:
+        """One item through a Map node: in the node's task, or for a chained node in the task that sent it. True
+        when something went on through a channel (as the executor's `send`)."""
+        if leaf and not self._ledger.observe(item):
+            return False
+        through_channel = False
+        for out in apply_operator(node_id, op, op.execute, item):
+            through_channel |= await self._send(node_id, out)
+        return through_channel
+
+    def stop_serving(self, request_id: str) -> None:
+        """A stream node serving the request, if it was cancelled, stops (its task sends the abort terminal)."""
+        if not self._ledger.is_cancelled(request_id):
+            return
+        for serving in self._serving.values():
+            if request_id in serving:
+                serving[request_id].cancel()
+
+    def served_requests(self) -> list[str]:
+        """Request ids the stream nodes are serving now."""
+        return [rid for serving in self._serving.values() for rid in serving]
+
+    async def _send_and_yield(self, node_id: str, out: Any) -> None:
+        """`send`, then a checkpoint if the item passed no channel (it ended in chained nodes): a loop of sends (a
+        source's, a queue's) must still let other tasks run once per item."""
+        if not await self._send(node_id, out):
+            await trio.lowlevel.checkpoint()
+
+    async def _run_source(self, node_id: str, op: SourceOperator, _: trio.Nursery) -> None:
+        while True:
+            if op.blocking:
+                items = await trio.to_thread.run_sync(op.poll, abandon_on_cancel=True)
+            else:
+                items = op.poll()
+            if items is None:
+                return
+            if not items and not op.blocking:
+                if op.wakes:  # it is woken (`wake_sources()`) when it has items
+                    await self._progress.wait()
+                else:
+                    with trio.move_on_after(IDLE_POLL_S):  # or sooner: a request ended
+                        await self._progress.wait()
+            for item in items:
+                if isinstance(item, Request):  # a failover attempt's first token says nothing of the queue
+                    self._ledger.entered(item.request_id, None if item.retry else item.arrival_time)
+                await self._send_and_yield(node_id, item)
+
+    async def _run_map(self, node_id: str, op: MapOperator, _: trio.Nursery) -> None:
+        leaf = self._is_leaf(node_id)
+        async for item in self._inputs[node_id]:
+            await self.map_item(node_id, op, leaf, item)
+
+    async def _run_queue(self, node_id: str, op: QueueOperator, nursery: trio.Nursery) -> None:
+        changed = trio.Event()
+        input_done = False
+
+        async def receive() -> None:
+            nonlocal changed, input_done
+            async for item in self._inputs[node_id]:
+                for out in apply_operator(node_id, op, op.push, item):
+                    await self._send(node_id, out)
+                changed.set()
+            input_done = True
+            changed.set()
+
+        nursery.start_soon(receive)
+        while True:
+            item = op.pop()
+            if item is not None:
+                await self._send_and_yield(node_id, item)
+                continue
+            if input_done and not len(op):
+                return
+            await changed.wait()
+            changed = trio.Event()
+
+    async def _run_step(self, node_id: str, op: StepOperator, nursery: trio.Nursery) -> None:
+        """A feeder task takes items while `step()` runs, up to the operator's `capacity()`, so an engine admits a
+        whole batch's worth between two steps (not one item per step), and whatever it has no room for stays
+        upstream, where a policy queue orders it."""
+        buffer: deque[Any] = deque()
+        arrived, room = Signal(), Signal()
+        closed = False
+
+        async def feed() -> None:
+            nonlocal closed
+            inbox = self._inputs[node_id]
+            while True:
+                while len(buffer) >= op.capacity():
+                    await room.wait()
+                try:
+                    item = await inbox.receive()
+                except trio.EndOfChannel:
+                    closed = True
+                    arrived.fire()
+                    return
+                buffer.append(item)
+                arrived.fire()
+
+        nursery.start_soon(feed)
+        while True:
+            await self._gather_routed(node_id, op, buffer)
+            if buffer:
+                while buffer:
+                    await self._feed(node_id, op, buffer.popleft())
+                room.fire()  # the buffer is empty again (and what passed through took no capacity)
+            if self._ledger.any_cancelled:
+                await self._end_cancelled(node_id, op)
+            if op.has_work():
+                try:
+                    outs = op.step() if op.inline else await trio.to_thread.run_sync(op.step)
+                except Exception as exc:  # the engine failed: its requests end, the node keeps serving
+                    held = op.in_flight()
+                    log.exception("step_failed", node=node_id, requests=len(held))
+                    op.abort(held)
+                    outs = [internal_error(rid, node_id, exc) for rid in held]
+                room.fire()
+                for out in outs:
+                    await self._send(node_id, out)
+                if op.inline:
+                    await trio.lowlevel.checkpoint()
+                continue
+            if closed:
+                return
+            await arrived.wait()
+
+    async def _gather_routed(self, node_id: str, op: StepOperator, buffer: deque[Any]) -> None:
+        """Before a step: requests already routed to this engine while it was full (blocked in its channel) are
+        taken now, and those the queue routes next to the room the last step freed, so a freed slot is filled by the
+        next step, not the one after. A request takes a few turns of the event loop (the feeder takes the one
+        waiting; the queue pops, routes and sends its next; the feeder takes that; trio runs a turn's tasks in a
+        random order): it stops once `GATHER_IDLE_TURNS` turns in a row brought nothing and nothing waits to be sent
+        (the queue is empty), or the engine is full. When nothing waits in the channel it costs no turn at all."""
+        inbox = self._inputs[node_id]
+        if not inbox.statistics().tasks_waiting_send:
+            return
+        idle = 0
+        while len(buffer) < op.capacity() and idle < GATHER_IDLE_TURNS:
+            before = len(buffer)
+            await trio.lowlevel.checkpoint()
+            idle = 0 if len(buffer) > before or inbox.statistics().tasks_waiting_send else idle + 1
+
+    async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
+        rid = getattr(item, "request_id", None)
+        if self._ledger.is_cancelled(rid):  # its client left while it waited upstream
+            await self._send_abort(node_id, rid)
+            return
+        for out in apply_operator(node_id, op, op.add, item):
+            await self._send(node_id, out)
+
+    async def _end_cancelled(self, node_id: str, op: StepOperator) -> None:
+        held = [rid for rid in op.in_flight() if self._ledger.is_cancelled(rid)]
+        if held:
+            op.abort(held)
+            for rid in held:
+                await self._send_abort(node_id, rid)
+
+    async def _run_stream(self, node_id: str, op: StreamOperator, nursery: trio.Nursery) -> None:
+        """One task per item, at most `capacity()` at once; the node ends when its input has and every task did."""
+        serving = self._serving[node_id] = {}
+        room = Signal()
+        try:
+            async for item in self._inputs[node_id]:
+                if op.accepts and not isinstance(item, op.accepts):
+                    await self._send(node_id, item)
+                    continue
+                rid = item.request_id
+                if self._ledger.is_cancelled(rid):  # its client left while it waited upstream
+                    await self._send_abort(node_id, rid)
+                    continue
+                while len(serving) >= op.capacity():
+                    await room.wait()
+                serving[rid] = trio.CancelScope()
+                nursery.start_soon(self._serve_one, node_id, op, item, room)
+            while serving:
+                await room.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await op.drained()
+
+    async def _serve_one(self, node_id: str, op: StreamOperator, item: Any, room: Signal) -> None:
+        """Sends on what `op.serve(item)` yields; a cancelled or failed item still ends with one terminal."""
+        rid, serving = item.request_id, self._serving[node_id]
+        ended = False
+        try:
+            with serving[rid]:
+                async with contextlib.aclosing(op.serve(item)) as outputs:
+                    async for out in outputs:
+                        await self._send(node_id, out)
+                        ended = is_terminal(out)
+            if not ended and self._ledger.is_cancelled(rid):
+                await self._send_abort(node_id, rid)
+            elif not ended:
+                await self._send(node_id, internal_error(rid, node_id, "the stream ended without a result"))
+        except Exception as exc:
+            log.exception("operator_failed", node=node_id, request_id=rid)
+            if not ended:
+                await self._send(node_id, internal_error(rid, node_id, exc))
+        finally:
+            del serving[rid]
+            room.fire()
+
+    async def _send_abort(self, node_id: str, rid: str) -> None:
+        self._ledger.aborted(rid)
+        await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
+
+
+class Signal:
+    """Wakes whoever waits now; a fire with no waiter is not kept (waiters re-check their condition first), and
+    costs nothing (engines fire one after every step)."""
+
+    def __init__(self) -> None:
+        self._event: trio.Event | None = None
+
+    def fire(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+
+def apply_operator(node_id: str, op: Operator, fn: Callable[[Any], Any], item: Any) -> list[Any]:
+    """Runs operator logic (`fn`, one of `op`'s methods) on one item, as every executor does: items the operator does
+    not accept pass through; an exception becomes the item's `internal` error (logged); None means nothing."""
+    if op.accepts and not isinstance(item, op.accepts):
+        return [item]
+    try:
+        result = fn(item)
+    except Exception as exc:
+        log.exception("operator_failed", node=node_id, request_id=getattr(item, "request_id", None))
+        rid = getattr(item, "request_id", None)
+        return [internal_error(rid, node_id, exc)] if rid is not None else []
+    if result is None:
+        return []
+    return result if isinstance(result, list) else [result]
+
+
+def internal_error(request_id: str, node_id: str, problem: object) -> RequestError:
+    return RequestError(request_id=request_id, code="internal", message=f"{node_id}: {problem}")

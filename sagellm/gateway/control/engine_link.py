@@ -1,0 +1,172 @@
+"""A managed replica of the gateway's own model as an instance of the gateway's graph: its engine runs in a worker
+process, and a request reaches it through the gateway's one admission and one policy queue, then only the engine.
+
+The replica is a graph of three nodes, run by a process executor inside the gateway:
+
+    requests (http_source, here) -> ENGINE ID (engine, its own worker process) -> replies (relay, here)
+
+Route hands a request to the gateway's `remote_engine` node, which gives it to `stream` here: the request (already
+tokenized and checked by admission) goes into `requests`, crosses to the worker on the wire, and its items come back
+through `replies`. The worker is what any pipeline worker is: started, watched by heartbeats and restarted by the
+one supervision loop under the gateway's restart policy; when it is lost, its requests end with a retryable
+`instance_lost` and the gateway's failover moves them. The gateway learns the engine's load from its heartbeats.
+A stop closes `requests`: the engine finishes what it holds, then the worker ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from sagellm.common.nursery_errors import single_errors
+from sagellm.common.restart import RestartPolicy
+from sagellm.common.supervision import FAILED as SUPERVISION_FAILED
+from sagellm.common.supervision import READY as SUPERVISION_READY
+from sagellm.gateway.control.engine_spec import FAILED, READY, STARTING, ManagedEngine
+from sagellm.operators.http_source import HttpSource
+from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.executor.process import ProcessExecutor
+from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
+
+log = structlog.get_logger("sagellm.gateway")
+
+SYNC_S = 0.25  # how often the engine's state and load are read from its worker's heartbeats
+LOAD_FIELDS = ("waiting", "queued_prefill_tokens", "queued_decode_tokens", "kv_cache_usage", "prefix_cache_queries",
+               "prefix_cache_hits", "tokens_per_s")  # fmt: skip
+SOURCE, SINK = "requests", "replies"
+
+
+def replica_graph(engine: ManagedEngine, restart: RestartPolicy) -> Graph:
+    """The replica's graph: its engine in a process of its own, between a source and a relay in the gateway. The
+    model is the engine node's (the graph has none: the gateway's front end already read it)."""
+    settings = {"backend": "cuda" if engine.gpus or engine.spec.use_gpu else "cpu", **engine.spec.engine}
+    settings["model"] = engine.spec.model
+    if engine.spec.tensor_parallel > 1:
+        settings["tensor_parallel_size"] = engine.spec.tensor_parallel
+    graph = Graph(attrs={"name": f"engine {engine.id}", "transport": "ipc", "restart": dataclasses.asdict(restart)})
+    requests = graph.add("http_source", id=SOURCE)
+    replica = graph.add("engine", [requests], id=engine.id, **settings)
+    graph.nodes[engine.id].placement = "process"
+    graph.add("relay", [replica], id=SINK)
+    return graph
+
+
+class EngineLink:
+    def __init__(self, engine: ManagedEngine, restart: RestartPolicy, startup_timeout_s: float, log_file: Path) -> None:
+        """`log_file`: where the worker writes its log."""
+        self.engine = engine
+        self.graph = replica_graph(engine, restart)
+        self.source = HttpSource()
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, engine.gpus))}
+        self.executor = ProcessExecutor(
+            self.graph,
+            startup_timeout_s=startup_timeout_s,
+            operators={SOURCE: self.source},
+            keep_outcomes=False,
+            worker_env={engine.id: env},
+            worker_logs={engine.id: log_file},
+        )
+        self.local = self.executor.executor
+        self.local.ledger.on_leaf_item = self._deliver
+        self.source.wake = self.local.wake_sources
+        self._streams: dict[str, trio.MemorySendChannel] = {}
+        self._scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    # -- the replica's life -----------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Runs the replica until it is stopped: ready once its worker is; failed when it cannot start, or when its
+        supervision gives it up."""
+        engine = self.engine
+        try:
+            with self._scope, single_errors():
+                async with trio.open_nursery() as nursery:
+
+                    async def run_graph(task_status: trio.TaskStatus) -> None:
+                        await self.executor.run(task_status=task_status)
+                        nursery.cancel_scope.cancel()  # the graph ended (a stop closed its source)
+
+                    await nursery.start(run_graph)
+                    nursery.start_soon(self._follow)
+        except Exception as error:  # it never became ready (WorkerStartError), or anything else: this engine alone
+            if not engine.stopping:
+                engine.state, engine.last_error = FAILED, str(error)
+                log.warning("engine_failed", engine=engine.id, error=engine.last_error)
+        finally:
+            for rid in list(self._streams):  # what the worker still held ends; failover moves it elsewhere
+                self._end(rid, f"engine {engine.id} stopped", "instance_lost")
+            self.done.set()
+
+    async def _follow(self) -> None:
+        """Mirrors the worker's state (ready, restarting, given up), its pid and its load onto the managed engine."""
+        engine, group = self.engine, self.engine.id
+        engine.state, engine.ever_ready = READY, True
+        log.info("engine_ready", engine=engine.id, pid=self.pid)
+        while True:
+            supervision = self.executor.supervisions.get(group)
+            if supervision is not None and not engine.stopping:
+                engine.restarts = supervision.restarts.total
+                if supervision.state != SUPERVISION_READY:
+                    engine.last_error = supervision.cause
+                state = {SUPERVISION_READY: READY, SUPERVISION_FAILED: FAILED}.get(supervision.state, STARTING)
+                if state != engine.state:
+                    engine.state = state
+            worker = self.local.instances.get(group)
+            if worker is not None and engine.stats is not None:
+                for name in LOAD_FIELDS:
+                    setattr(engine.stats, name, getattr(worker, name))
+                if engine.spec.slots is None and engine.spec.max_concurrent is None:
+                    engine.stats.max_running = worker.max_running
+            await trio.sleep(SYNC_S)
+
+    @property
+    def pid(self) -> int | None:
+        process = self.executor.processes.get(self.engine.id)
+        return process.pid if process is not None and process.returncode is None else None
+
+    async def stop(self, force: bool, grace_s: float) -> None:
+        """Ends the replica: its engine finishes what it holds (up to `grace_s`), or at once with `force`."""
+        self.source.finish()
+        if force:
+            self._scope.cancel()
+        with trio.move_on_after(0 if force else grace_s) as waited:
+            await self.done.wait()
+        if waited.cancelled_caught:
+            self._scope.cancel()
+            await self.done.wait()
+
+    # -- requests -----------------------------------------------------------------------------------------------------
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        """The request's items from the replica's engine, up to its terminal one; a client that leaves (the caller
+        stops iterating) cancels it there."""
+        rid = request.request_id
+        send, receive = trio.open_memory_channel(math.inf)
+        self._streams[rid] = send
+        ended = False
+        try:
+            self.source.submit(request)
+            async with receive:
+                async for item in receive:
+                    ended = is_terminal(item)
+                    yield item
+                    if ended:
+                        return
+        finally:
+            self._streams.pop(rid, None)
+            if not ended:
+                self.local.cancel(rid)
+
+    def _deliver(self, item: Any) -> None:
+        send = self._streams.get(getattr(item, "request_id", ""))
+        if send is not None:
+            send.send_nowait(item)
+
+    def _end(self, rid: str, message: str, code: str) -> None:
+        send = self._streams.pop(rid, None)
+        if send is not None:
+            send.send_nowait(RequestError(request_id=rid, code=code, message=message, retryable=True))

@@ -1,0 +1,87 @@
+"""A managed replica of the gateway's own model is a worker of the gateway's graph, not a second gateway: each of its
+requests passes the gateway's one admission (counted per request id), then only its engine; its greedy answers are
+the graph engine's (same weights); killed, the one supervision loop starts it again and it serves again; stopped, it
+ends and its process with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+
+ENGINES = "/v1/management/engines"
+PROMPTS = [f"Count to {n}:" for n in range(12)]
+
+pytestmark = pytest.mark.slow
+
+
+def _wait(admin: httpx.Client, engine_id: str, ready, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        engine = admin.get(f"{ENGINES}/{engine_id}").json()
+        if ready(engine):
+            return engine
+        time.sleep(0.2)
+    raise AssertionError(f"engine {engine_id} did not get there: {engine}")
+
+
+def _complete(url: str, prompt: str) -> dict:
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    reply = httpx.post(url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(tiny_model, tmp_path):
+    graph = GRAPHS / "colocated.yaml"
+    overrides = {"engine.max_num_seqs": 2, "engine.kv_cache_memory_gb": 0.05}
+    with running_gateway(graph, tiny_config(tmp_path), tiny_model, **overrides) as gw:
+        core = gw.gateway.core
+        admission = core.local.operators["admission"]
+        admitted: Counter[str] = Counter()
+        execute = admission.execute
+
+        def counted(item):
+            admitted[item.request_id] += 1
+            return execute(item)
+
+        admission.execute = counted  # the gateway's own admission, counting what passes it
+        headers = {"authorization": f"Bearer {gw.gateway.admin_key}"}
+        with httpx.Client(base_url=gw.url, headers=headers, timeout=60) as admin:
+            body = {"model": str(tiny_model), "served_model_name": core.model_name,
+                    "engine": {"max_num_seqs": 4, "kv_cache_memory_gb": 0.05}}  # fmt: skip
+            started = admin.post(ENGINES, json=body)
+            assert started.status_code == 201, started.text
+            replica = _wait(admin, started.json()["id"], lambda e: e["state"] == "ready")
+            link = gw.gateway.engines.engines[replica["id"]].link
+            assert link is not None and replica["pid"] is not None and replica["url"] == ""
+            in_worker = {n.op for n in link.graph.nodes.values() if n.placement != "task"}
+            assert in_worker == {"engine"}  # no admission, no queue, no route of its own
+
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                replies = list(pool.map(lambda p: _complete(gw.url, p), PROMPTS))
+            served_by = Counter(core.request_status(r["id"])["instance"] for r in replies)
+            assert served_by[replica["id"]] > 0 and served_by["engine"] > 0, served_by
+            assert sorted(admitted) == sorted(r["id"] for r in replies) and set(admitted.values()) == {1}
+            alone = [_complete(gw.url, p) for p in PROMPTS]  # one at a time: each on whichever is free
+            assert [r["choices"][0]["text"] for r in replies] == [r["choices"][0]["text"] for r in alone]
+
+            os.kill(replica["pid"], signal.SIGKILL)  # the worker dies: its supervision starts it again
+            again = _wait(admin, replica["id"], lambda e: e["restarts"] == 1 and e["state"] == "ready")
+            assert again["pid"] not in (None, replica["pid"]) and "killed by SIGKILL" in again["last_error"]
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                replies = list(pool.map(lambda p: _complete(gw.url, p), PROMPTS))
+            assert Counter(core.request_status(r["id"])["instance"] for r in replies)[replica["id"]] > 0
+
+            assert admin.delete(f"{ENGINES}/{replica['id']}").json()["state"] == "stopped"
+            with pytest.raises(ProcessLookupError):
+                for _ in range(100):  # reaped by its executor once stopped
+                    os.kill(again["pid"], 0)
+                    time.sleep(0.1)
