@@ -1,7 +1,8 @@
 """The wire format of a pipeline edge between processes: a message is a list of ZeroMQ frames.
 
-    frame 0   one byte, the frame type: DATA (a `sagellm.runtime.pipeline.messages.Message` item) or a control message
-              (READY, HEARTBEAT, END, CANCEL; HELLO and ASSIGN, a worker joining the run)
+    frame 0   one byte, the frame type: DATA (a `sagellm.runtime.pipeline.messages.Message` item), BATCH (several),
+              a control message (READY, HEARTBEAT, END, CANCEL; HELLO and ASSIGN, a peer joining), or APP (a message
+              of a higher floor's own, whose types it hands to `carry`: the gateway's calls and snapshots)
     frame 1   the struct, msgspec msgpack (`array_like`, `omit_defaults`: positional and compact)
     frame 2.. tensors, one frame each, their raw bytes (none for tensors sent through shared memory)
 
@@ -37,7 +38,7 @@ from sagellm.runtime.pipeline.messages import Message
 if TYPE_CHECKING:
     import torch
 
-PROTOCOL = 3  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
+PROTOCOL = 4  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
 HEARTBEAT_S = 0.5  # how often both ends of a control channel send a Heartbeat
 REQUESTS_KEY = "_requests"  # the Heartbeat stats entry listing the request ids the sender holds
 STAGE_KEY = "_stage"  # the Heartbeat stats entry saying what a starting worker waits on (common.progress)
@@ -68,6 +69,8 @@ class FrameType(enum.IntEnum):
     HELLO = 5
     ASSIGN = 6
     CANCEL = 7
+    BATCH = 8
+    APP = 9
 
 
 class Ready(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -122,8 +125,15 @@ class Cancel(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     request_ids: list[str]
 
 
+class Batch(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """Data items in one message: what a busy sender has for one peer in one turn of its loop (the tokens of every
+    request an API server waits on), so it sends one message a turn, not one a token."""
+
+    items: list[Message]
+
+
 Control = Ready | Heartbeat | End | Hello | Assign | Cancel
-WireMessage = Message | Control
+WireMessage = Message | Batch | Control
 
 _FRAME_TYPES: dict[type, FrameType] = {
     **dict.fromkeys(get_args(Message), FrameType.DATA),
@@ -133,6 +143,7 @@ _FRAME_TYPES: dict[type, FrameType] = {
     Hello: FrameType.HELLO,
     Assign: FrameType.ASSIGN,
     Cancel: FrameType.CANCEL,
+    Batch: FrameType.BATCH,
 }
 _STRUCT_TYPES: dict[FrameType, Any] = {
     FrameType.DATA: Message,
@@ -142,7 +153,16 @@ _STRUCT_TYPES: dict[FrameType, Any] = {
     FrameType.HELLO: Hello,
     FrameType.ASSIGN: Assign,
     FrameType.CANCEL: Cancel,
+    FrameType.BATCH: Batch,
 }
+
+
+def carry(messages: Any) -> None:
+    """Lets the wire carry a higher floor's own messages in APP frames: `messages` is a union of tagged msgspec
+    structs (the gateway's API server link: passed-on calls, their replies, the core's snapshots). A process that
+    never called it takes an APP frame for a malformed message."""
+    _FRAME_TYPES.update(dict.fromkeys(get_args(messages) or (messages,), FrameType.APP))
+    _STRUCT_TYPES[FrameType.APP] = messages
 
 
 class _TensorRef(msgspec.Struct, array_like=True):
@@ -158,7 +178,7 @@ _ref_decoder = msgspec.msgpack.Decoder(_TensorRef)
 _handle_decoder = msgspec.msgpack.Decoder(Handle)
 
 
-def encode(msg: WireMessage, link: Link | None = None) -> list[bytes | memoryview]:
+def encode(msg: WireMessage | msgspec.Struct, link: Link | None = None) -> list[bytes | memoryview]:
     """The frames of `msg`, ready for `send_multipart(copy=False)`; tensor frames view the tensors' memory. With
     `link` (the receiver is on this host) tensors go through shared memory, as frames only when it has no room."""
     frame_type = _FRAME_TYPES.get(type(msg))
@@ -183,7 +203,7 @@ def encode(msg: WireMessage, link: Link | None = None) -> list[bytes | memoryvie
     return frames
 
 
-def decode(frames: Sequence[Any]) -> WireMessage:
+def decode(frames: Sequence[Any]) -> WireMessage | msgspec.Struct:
     """The message in `frames` (`zmq.Frame`s from `recv_multipart(copy=False)`, or any byte buffers); its tensors
     alias the frames' memory (or shared memory). Raises WireError when the frames are not a message `encode` could
     have produced, TensorLost when one of its shared-memory tensors cannot be had."""

@@ -150,7 +150,7 @@ def crafted(ref: list, code: int = 1) -> list[bytes]:
     [
         ([], "at least 2 frames"),
         ([bytes([FrameType.DATA])], "at least 2 frames"),
-        ([b"\x09", b"\x90"], "frame 0 must be one byte"),
+        ([b"\x0f", b"\x90"], "frame 0 must be one byte"),
         ([b"\x01\x01", b"\x90"], "frame 0 must be one byte"),
         ([bytes([FrameType.DATA]), b"\xc1garbage"], "frame 1 is not a valid DATA struct"),
         ([bytes([FrameType.END]), msgspec.msgpack.encode([1])], "frame 1 is not a valid END struct"),

@@ -23,8 +23,8 @@ import trio
 import zmq
 
 from sagellm import LLM, SamplingParams
-from sagellm.gateway.api_servers import link as api_link
-from sagellm.gateway.api_servers.link import Attach
+from sagellm.gateway.api_servers.link import API_SERVER
+from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.zmq_trio import connect_dealer
 from tests.cli.test_cli import SAGELLM
@@ -116,7 +116,8 @@ def test_a_process_without_the_runs_key_gets_no_answer(gateway, keys):
         zctx = zmq.Context()
         try:
             with connect_dealer(zctx, gateway.gateway.hub.endpoint, keys=keys) as socket:
-                await socket.send_frames([api_link.encode(Attach(pid=os.getpid()))])
+                hello = wire.Hello(node=API_SERVER, pid=os.getpid(), host="here", protocol=wire.PROTOCOL)
+                await socket.send_frames(wire.encode(hello))
                 with trio.move_on_after(3):
                     await socket.receive_frames()
                     return True
@@ -125,6 +126,27 @@ def test_a_process_without_the_runs_key_gets_no_answer(gateway, keys):
             zctx.destroy(linger=0)
 
     assert trio.run(attach) is False
+
+
+def test_an_api_server_of_another_wire_protocol_is_refused_with_the_reason(gateway):
+    """The link is the pipeline's wire: an API server of another sageLLM version says so in its Hello and is told why
+    it is refused (the process then exits with that line), instead of exchanging messages it would misread."""
+    hub = gateway.gateway.hub
+
+    async def hello() -> object:
+        zctx = zmq.Context()
+        try:
+            with connect_dealer(zctx, hub.endpoint, keys=RunKeys.read(hub.key_file)) as socket:
+                old = wire.Hello(node=API_SERVER, pid=os.getpid(), host="here", protocol=wire.PROTOCOL - 1)
+                await socket.send_frames(wire.encode(old))
+                with trio.fail_after(10):
+                    return wire.decode(await socket.receive_frames())
+        finally:
+            zctx.destroy(linger=0)
+
+    answer = trio.run(hello)
+    assert isinstance(answer, wire.Assign) and f"wire protocol {wire.PROTOCOL - 1}" in answer.error
+    assert os.getpid() not in hub.pids.values()  # not attached
 
 
 def test_a_silent_core_ends_requests_with_an_error_and_its_api_server_serves_again_once_it_is_back(tmp_path):

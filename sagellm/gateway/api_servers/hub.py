@@ -1,18 +1,20 @@
 """The serving core's end of its API servers (`sagellm serve --api-servers N`, and `sagellm api-server` on other
 hosts with `--api-hub`): requests in, their items out.
 
-A `Submit` becomes a stream of the core (`ServingCore.submit`), with everything a stream does here: admission, the
-policy queue, failover and resume, the metrics sink; the request's status is the core's (`/v1/requests/{id}`). A task
-per request reads its stream and queues the items for their API server; one sender task sends each API server what
-is queued in one message. A `Cancel` cancels the stream; a `Call` (any other route) is answered by the gateway's own
-app. An API server that goes away (its process ended, or another host's fell silent) has all its requests cancelled.
-The core tells API servers what its routes need to know (`Snapshot`) when they attach and whenever it changes, and
-that it is there (`Alive`) each second."""
+A request from an API server becomes a stream of the core (`ServingCore.submit`), with everything a stream does here:
+admission, the policy queue, failover and resume, the metrics sink; the request's status is the core's
+(`/v1/requests/{id}`). A task per request reads its stream and queues the items for their API server; one sender task
+sends each API server what is queued in one message. A `Cancel` cancels the stream; a `Call` (any other route) is
+answered by the gateway's own app. An API server that goes away (its process ended, or another host's fell silent)
+has all its requests cancelled. The core tells API servers what its routes need to know (`Snapshot`) when they attach
+and whenever it changes, and that it is there (a heartbeat) each second. The messages are the wire's
+(`api_servers.link`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,35 +29,31 @@ from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import Supervision, end_process, exit_cause
-from sagellm.gateway.api_servers import link as api_link
 from sagellm.gateway.api_servers.link import (
     ALIVE_S,
     PEER_TIMEOUT_S,
-    Alive,
-    Attach,
     Call,
-    Cancel,
     EmbedderCard,
     FrontEnd,
     HangUp,
-    Items,
     Reply,
     Snapshot,
-    Submit,
 )
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.http.app import App, HttpRequest, Response, error_response
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys, child_env
 from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_router
-from sagellm.runtime.pipeline.messages import HTTP_STATUS, Embedding, RequestError, TokenDelta
+from sagellm.runtime.pipeline.messages import HTTP_STATUS, Embedding, Request, RequestError, TokenDelta
 
 log = structlog.get_logger("sagellm.gateway")
 SNAPSHOT_CHECK_S = 0.2  # how often the core's state is compared with what the API servers were told
-ITEMS = (TokenDelta, Embedding, RequestError)  # what goes to an API server batched, in one `Items`
+ITEMS = (TokenDelta, Embedding, RequestError)  # what goes to an API server batched, in one `wire.Batch`
 START_TIMEOUT_S = 120.0  # an API server loads a tokenizer before it listens
+CORE = "core"  # the node name the core gives in its messages
 
 
 class ApiServerHub:
@@ -100,43 +98,51 @@ class ApiServerHub:
                 task_status.started(endpoint)
                 while True:
                     frames = await socket.receive_frames()
-                    if len(frames) != 2:
-                        log.warning("api_hub_bad_message", frames=len(frames))
-                        continue
                     peer = frames[0].bytes
                     try:
-                        message = api_link.decode_to_core(frames[1].buffer)
-                    except Exception as exc:  # a peer speaking another format: say so once per message, go on
+                        message = wire.decode(frames[1:])
+                    except wire.WireError as exc:  # a stranger's bytes: say so once per message, go on
                         log.warning("api_hub_bad_message", error=str(exc))
                         continue
                     self._monitor.seen(peer)
                     self._handle(peer, message)
 
-    def _handle(self, peer: bytes, message: api_link.ToCore) -> None:
+    def _handle(self, peer: bytes, message: Any) -> None:
         assert self._nursery is not None
-        if isinstance(message, Submit):
+        if isinstance(message, Request):
             self._submit(peer, message)
-        elif isinstance(message, Cancel):
-            stream = self._streams[peer].get(message.request_id)
-            if stream is not None:
-                stream.cancel()
+        elif isinstance(message, wire.Cancel):
+            for request_id in message.request_ids:
+                stream = self._streams[peer].get(request_id)
+                if stream is not None:
+                    stream.cancel()
         elif isinstance(message, Call):
             self._nursery.start_soon(self._answer, peer, message)
         elif isinstance(message, HangUp):
             scope = self._calls.get((peer, message.call_id))
             if scope is not None:
                 scope.cancel()
-        elif isinstance(message, Attach):
+        elif isinstance(message, wire.Hello):
+            if message.protocol != wire.PROTOCOL:
+                why = (f"it speaks wire protocol {message.protocol}, the core {wire.PROTOCOL}: run the same sageLLM "
+                       "version on both hosts")  # fmt: skip
+                log.warning("api_server_refused", pid=message.pid, host=message.host, problem=why)
+                self._forget(peer)  # (what it held before, if it was attached)
+                self._queue(peer, wire.Assign(error=why))
+                return
             self.pids[peer] = message.pid
-            if message.url:
-                self.serving[peer] = message.url
-                log.info("api_server_attached", url=message.url, pid=message.pid)
             self._queue(peer, self.snapshot())
-            self.changed.set()
-            self.changed = trio.Event()
+            self._changed()
+        elif isinstance(message, wire.Ready) and peer in self.pids:
+            self.serving[peer] = url = message.info.get("url", "")
+            log.info("api_server_attached", url=url, pid=message.pid)
+            self._changed()
 
-    def _submit(self, peer: bytes, message: Submit) -> None:
-        request = message.request
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _submit(self, peer: bytes, request: Request) -> None:
         try:
             stream = self.core.submit(request)
         except ApiError as error:
@@ -190,9 +196,10 @@ class ApiServerHub:
             outbox, self._outbox = self._outbox, defaultdict(list)
             for peer, queued in outbox.items():
                 items = [q for q in queued if isinstance(q, ITEMS)]
-                messages = [q for q in queued if not isinstance(q, ITEMS)] + ([Items(items=items)] if items else [])
+                batch = [wire.Batch(items=items)] if items else []
+                messages = [q for q in queued if not isinstance(q, ITEMS)] + batch
                 for message in messages:
-                    await self._socket.send_frames([peer, api_link.encode(message)])
+                    await self._socket.send_frames([peer, *wire.encode(message)])
 
     def gone(self, pid: int) -> None:
         """An API server's process ended: it is forgotten and its requests are cancelled."""
@@ -233,7 +240,7 @@ class ApiServerHub:
 
     async def _keep_in_touch(self) -> None:
         """Tells every attached API server the core's new state when it changed (an instance attached, a model came
-        or went) and that the core is there (`Alive`, each `ALIVE_S`); forgets an API server silent for
+        or went) and that the core is there (a heartbeat each `ALIVE_S`); forgets an API server silent for
         `PEER_TIMEOUT_S` (another host's, whose process no one here watches)."""
         alive_at = trio.current_time()
         while True:
@@ -250,7 +257,7 @@ class ApiServerHub:
             if now - alive_at >= ALIVE_S:
                 alive_at = now
                 for peer in self.pids:
-                    self._queue(peer, Alive())
+                    self._queue(peer, wire.Heartbeat(node=CORE, time=time.time()))
 
 
 class ApiServerProcess:

@@ -1,15 +1,24 @@
 """What API servers and the serving core say to each other over ZeroMQ (`sagellm serve --api-servers N`, and
-`sagellm api-server --core tcp://...` on other hosts).
+`sagellm api-server --core tcp://...` on other hosts): the pipeline's wire format (`runtime.comm.wire`), one DEALER
+per API server, one ROUTER in the core.
 
 An API server (`api_server`) is a process that answers HTTP and turns the OpenAI requests into pipeline `Request`s,
 tokenized; the core (`api_hub`, in the process that runs the graph) runs them and streams their items back. Every
 other route is a `Call`: the HTTP request as it came, answered by the core's own app (`Reply`), so the link is the
-only way an API server reaches the core. One DEALER per API server, one ROUTER in the core; each message is one
-msgpack frame. Items travel in batches: all that are ready for one API server when the core's sender runs go in one
-message, so a busy core sends one message per turn of its event loop, not one per token. Each end says `Alive` each
-second: an end that hears nothing for a while counts the other as gone (the core forgets the API server and cancels
-its requests; the API server ends its requests with an error, answers 503 and attaches again until the core
-answers)."""
+only way an API server reaches the core.
+
+    api server -> Hello(pid, protocol)          core -> Snapshot (its state), again whenever it changes;
+                                                        Assign(error) to an API server of another wire protocol
+    api server -> Ready(url) once it listens    (from then on it counts as serving)
+    api server -> a Request (DATA)              core -> Batch(items): everything ready for that API server when
+    api server -> Cancel(request ids)                   the core's sender runs, one message a loop turn, not a token
+    api server -> Call, HangUp (APP)            core -> Reply (APP)
+    both       -> Heartbeat each ALIVE_S        an end silent for PEER_TIMEOUT_S counts the other as gone (the core
+                                                forgets the API server and cancels its requests; the API server ends
+                                                its requests with an error, answers 503 and says Hello until the
+                                                core answers)
+
+The gateway's own messages (Call, HangUp, Reply, Snapshot) ride in the wire's APP frames (`wire.carry`)."""
 
 from __future__ import annotations
 
@@ -17,14 +26,9 @@ from typing import Any
 
 import msgspec
 
-from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta
+from sagellm.runtime.comm import wire
 
-
-class Attach(msgspec.Struct, tag=True, kw_only=True):
-    """An API server's first message; again with `url` once it listens (it then counts as serving)."""
-
-    pid: int
-    url: str = ""
+API_SERVER = "api-server"  # the node name API servers give in their messages
 
 
 class Call(msgspec.Struct, tag=True, kw_only=True):
@@ -53,24 +57,6 @@ class Reply(msgspec.Struct, tag=True, kw_only=True):
     content_type: str
     headers: list[tuple[str, str]]
     body: bytes
-
-
-class Alive(msgspec.Struct, tag=True, kw_only=True):
-    """The sender is there (each end says it each `ALIVE_S`)."""
-
-
-class Submit(msgspec.Struct, tag=True, kw_only=True):
-    request: Request
-
-
-class Cancel(msgspec.Struct, tag=True, kw_only=True):
-    """The client left: the request stops wherever it is."""
-
-    request_id: str
-
-
-class Items(msgspec.Struct, tag=True, kw_only=True):
-    items: list[TokenDelta | Embedding | RequestError]
 
 
 class EmbedderCard(msgspec.Struct, kw_only=True):
@@ -106,23 +92,8 @@ class Snapshot(msgspec.Struct, tag=True, kw_only=True):
     front_end: FrontEnd
 
 
-ALIVE_S = 1.0  # how often each end says Alive
+ALIVE_S = 1.0  # how often each end says it is there (a Heartbeat)
 PEER_TIMEOUT_S = 10.0  # an end that heard nothing from the other for this long counts it as gone (a busy loop is not)
-ToCore = Attach | Submit | Cancel | Call | HangUp | Alive
-ToApiServer = Items | Snapshot | Reply | Alive
+GatewayMessage = Call | HangUp | Reply | Snapshot
+wire.carry(GatewayMessage)
 
-_encoder = msgspec.msgpack.Encoder()
-_to_core = msgspec.msgpack.Decoder(ToCore)
-_to_api_server = msgspec.msgpack.Decoder(ToApiServer)
-
-
-def encode(message: ToCore | ToApiServer) -> bytes:
-    return _encoder.encode(message)
-
-
-def decode_to_core(frame: Any) -> ToCore:
-    return _to_core.decode(frame)
-
-
-def decode_to_api_server(frame: Any) -> ToApiServer:
-    return _to_api_server.decode(frame)

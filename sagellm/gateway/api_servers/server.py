@@ -20,6 +20,8 @@ import itertools
 import json
 import os
 import signal
+import socket
+import time
 from functools import partial
 from typing import Any
 
@@ -27,23 +29,11 @@ import structlog
 import trio
 import zmq
 
-from sagellm.common.errors import Unavailable
+from sagellm.common.errors import JoinRefused, Unavailable
 from sagellm.common.logging import configure_logging
 from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.gateway.api_servers import link as api_link
-from sagellm.gateway.api_servers.link import (
-    ALIVE_S,
-    PEER_TIMEOUT_S,
-    Alive,
-    Attach,
-    Call,
-    Cancel,
-    HangUp,
-    Items,
-    Reply,
-    Snapshot,
-    Submit,
-)
+from sagellm.gateway.api_servers.link import ALIVE_S, API_SERVER, PEER_TIMEOUT_S, Call, HangUp, Reply, Snapshot
 from sagellm.gateway.http.app import App, HttpRequest, Response
 from sagellm.gateway.http.auth import key_guard
 from sagellm.gateway.http.errors import ApiError
@@ -53,6 +43,7 @@ from sagellm.gateway.openai.routes import OpenAIRoutes
 from sagellm.gateway.serving.instances import instance_model
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.gateway.serving.request_stream import ItemQueue
+from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
@@ -93,16 +84,16 @@ class RemoteStream:
     def cancel(self) -> None:
         if not self.done:
             self.done = True
-            self.link.send(Cancel(request_id=self.request_id))
+            self.link.send(wire.Cancel(node=API_SERVER, request_ids=[self.request_id]))
             self.link.streams.pop(self.request_id, None)
 
 
 class CoreLink:
-    """This process's connection to the core: submits, cancels, calls and attaches go out (batched by one sender
+    """This process's connection to the core: requests, cancels, calls and its Hello go out (in order, by one sender
     task), items and replies come in and go to their streams and calls; the latest `Snapshot` of the core's state is
-    kept. Each end says `Alive` each second: a core silent for `PEER_TIMEOUT_S` is lost (its requests here end with
-    an `unavailable` error, new ones get a 503) until it answers an `Attach` again (a core started anew at the same
-    address takes this server back)."""
+    kept. Each end heartbeats each second: a core silent for `PEER_TIMEOUT_S` is lost (its requests here end with an
+    `unavailable` error, new ones get a 503) until it answers a Hello again (a core started anew at the same address
+    takes this server back). A core that refuses it (another wire protocol) ends it with the core's reason."""
 
     def __init__(self, socket: TrioSocket) -> None:
         self.socket = socket
@@ -110,21 +101,21 @@ class CoreLink:
         self.calls: dict[int, ItemQueue] = {}  # call id -> where its Reply arrives (None: the core is lost)
         self.snapshot: Snapshot | None = None
         self.snapshot_arrived = trio.Event()
-        self.attach = Attach(pid=os.getpid())
+        self.url = ""  # where it listens, once it does
         self.lost = False
         self.monitor = PeerMonitor(PEER_TIMEOUT_S)  # the core, heard from in any message
         self.monitor.seen(CORE)
-        self._outbox: list[api_link.ToCore] = []
+        self._outbox: list[Any] = []
         self._queued = trio.Event()
 
-    def send(self, message: api_link.ToCore) -> None:
+    def send(self, message: Any) -> None:
         self._outbox.append(message)
         self._queued.set()
 
     def submit(self, request: Request) -> RemoteStream:
         self._check_reachable()
         stream = self.streams[request.request_id] = RemoteStream(self, request.request_id)
-        self.send(Submit(request=request))
+        self.send(request)
         return stream
 
     def call(self, call: Call) -> ItemQueue:
@@ -149,10 +140,23 @@ class CoreLink:
                 if self.lost:
                     self.lost = False
                     log.info("core_back")
-                self._receive(api_link.decode_to_api_server(frames[-1].buffer))
+                try:
+                    message = wire.decode(frames)
+                except wire.WireError as error:  # a core of another version: its Hello answer says so, if it can
+                    log.warning("core_message_dropped", problem=str(error))
+                    continue
+                self._receive(message)
 
-    def _receive(self, message: api_link.ToApiServer) -> None:
-        if isinstance(message, Items):
+    def attach(self) -> None:
+        """Says who this API server is (and, once it listens, where): the core then sends its state."""
+        self.send(wire.Hello(node=API_SERVER, pid=os.getpid(), host=socket.gethostname(), protocol=wire.PROTOCOL))
+        if self.url:
+            self.send(wire.Ready(node=API_SERVER, pid=os.getpid(), info={"url": self.url}))
+
+    def _receive(self, message: Any) -> None:
+        if isinstance(message, wire.Assign) and message.error:
+            raise JoinRefused(f"the serving core refused this API server: {message.error}")
+        if isinstance(message, wire.Batch):
             for item in message.items:
                 stream = self.streams.get(item.request_id)
                 if stream is not None:
@@ -172,7 +176,10 @@ class CoreLink:
             await trio.sleep(ALIVE_S)
             if not self.lost and self.monitor.lost():
                 self._lose()
-            self.send(self.attach if self.lost else Alive())
+            if self.lost:
+                self.attach()
+            else:
+                self.send(wire.Heartbeat(node=API_SERVER, time=time.time()))
 
     def _lose(self) -> None:
         """The core fell silent: what waits on it ends now, with an error, instead of waiting for ever."""
@@ -192,7 +199,7 @@ class CoreLink:
             self._queued = trio.Event()
             outbox, self._outbox = self._outbox, []
             for message in outbox:
-                await self.socket.send_frames([api_link.encode(message)])
+                await self.socket.send_frames(wire.encode(message))
 
 
 class RemoteCore:
@@ -288,7 +295,7 @@ async def run_api_server(core_endpoint: str, settings: dict[str, Any], keys: Run
                 nursery.start_soon(_stop_on_signal, stop, settings.get("parent_pid"))
                 nursery.start_soon(end_start_on_stop)
                 with starting:
-                    link.send(link.attach)
+                    link.attach()
                     with trio.fail_after(START_TIMEOUT_S):
                         await link.snapshot_arrived.wait()
                     assert link.snapshot is not None
@@ -315,8 +322,8 @@ async def _serve(link: CoreLink, tokenizer: Any, settings: dict[str, Any], stop:
                       shutdown_trigger=stop.wait, reuse_port=True)  # fmt: skip
     async with trio.open_nursery() as http:
         url = await http.start(serving)
-        link.attach = Attach(pid=os.getpid(), url=url)
-        link.send(link.attach)
+        link.url = url
+        link.send(wire.Ready(node=API_SERVER, pid=os.getpid(), info={"url": url}))
         log.info("api_server_ready", url=url)
 
 

@@ -59,7 +59,7 @@ def replica_graph(engine: ManagedEngine, restart: RestartPolicy) -> Graph:
 class EngineLink:
     def __init__(self, engine: ManagedEngine, restart: RestartPolicy, startup_timeout_s: float, log_file: Path) -> None:
         """`log_file`: where the worker writes its log."""
-        self.engine = engine
+        self.engine, self.log_file = engine, log_file
         self.graph = replica_graph(engine, restart)
         self.source = HttpSource()
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, engine.gpus))}
@@ -95,7 +95,7 @@ class EngineLink:
                     nursery.start_soon(self._follow)
         except Exception as error:  # it never became ready (WorkerStartError), or anything else: this engine alone
             if not engine.stopping:
-                engine.state, engine.last_error = FAILED, str(error)
+                engine.state, engine.last_error = FAILED, f"{error} (log: {self.log_file})"
                 log.warning("engine_failed", engine=engine.id, error=engine.last_error)
         finally:
             for rid in list(self._streams):  # what the worker still held ends; failover moves it elsewhere
@@ -145,6 +145,10 @@ class EngineLink:
         """The request's items from the replica's engine, up to its terminal one; a client that leaves (the caller
         stops iterating) cancels it there."""
         rid = request.request_id
+        if self.source.finished or self.done.is_set():  # stopping, or ended: another instance takes it
+            yield RequestError(request_id=rid, code="unavailable", message=f"engine {self.engine.id} is stopping",
+                               retryable=True)  # fmt: skip
+            return
         send, receive = trio.open_memory_channel(math.inf)
         self._streams[rid] = send
         ended = False
