@@ -1,7 +1,7 @@
 """Runs a pipeline graph across OS processes and hosts: nodes placed `process` or `process:NAME` run in worker
 processes this one starts, nodes placed `remote:NAME` in workers started by hand (`sagellm worker`, on any host),
-nodes placed `ray:NAME` in workers Ray actors host on the graph's cluster (`ray_placement`), the rest as trio tasks
-here; every cross-process edge is a ZeroMQ link.
+nodes placed `ray:NAME` in workers this process starts on the graph's Ray cluster (`ray_placement`), the rest as
+trio tasks here; every cross-process edge is a ZeroMQ link.
 
 The parent binds its control socket (at the graph's `control_port` when set, so a remote worker can be told where
 it is), starts its own workers, prints the command that starts each remote one, and waits until every worker has
@@ -50,7 +50,7 @@ from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
 from sagellm.runtime.executor.lost_requests import LostRequests
-from sagellm.runtime.executor.ray_placement import RayLauncher
+from sagellm.runtime.executor.ray_placement import RayPlacement
 from sagellm.runtime.executor.worker_life import WorkerLife
 from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, is_loopback, is_secure
@@ -80,10 +80,10 @@ class ProcessExecutor:
         self.graph = graph
         self.groups = groups_of(graph)
         self.children = sorted({g for g in self.groups.values() if g != MAIN})
-        self.remote = remote_groups(graph)  # groups this process does not start: by hand, or by Ray
-        self.by_hand = remote_groups(graph, ("remote",))
+        self.remote = remote_groups(graph, ("remote",))  # groups the user starts by hand (`sagellm worker`)
         ray_groups = remote_groups(graph, ("ray",))
-        self.ray = RayLauncher(RayCluster.from_settings(graph.attrs.get("cluster")), ray_groups) if ray_groups else None
+        cluster = RayCluster.from_settings(graph.attrs.get("cluster"))
+        self.ray = RayPlacement(cluster, ray_groups) if ray_groups else None
         self.executor = LocalExecutor(graph, nodes=[n for n, g in self.groups.items() if g == MAIN], **local_args)
         self.worker_env, self.worker_logs = worker_env or {}, worker_logs or {}
         self.peer_timeout_s = peer_timeout_s
@@ -139,7 +139,7 @@ class ProcessExecutor:
     def _write_key_file(self, control_endpoint: str) -> None:
         """The run's key, for the workers started by hand (`--key-file`): a file only its owner can read, named after
         the graph and the control port, under the sageLLM home."""
-        if self.keys is None or not self.by_hand:
+        if self.keys is None or not self.remote:
             return
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.graph.attrs.get("name", "graph"))
         self.key_file = keys_dir() / f"{name}-{control_endpoint.rpartition(':')[2]}.key"
@@ -170,9 +170,6 @@ class ProcessExecutor:
                     if group not in self.remote:
                         await self.spawn(nursery, group)
                 self._announce_remote()
-                if self.ray is not None:  # Ray gets the key itself: its actors are started here, not by hand
-                    key = self.keys.text() if self.keys is not None else None
-                    await trio.to_thread.run_sync(self.ray.start, self.control_endpoint, key)
                 await self.executor.open_operators()
                 await self._await_ready()
                 self.data_endpoints = peers = {**control.endpoints, MAIN: data_endpoint}
@@ -190,8 +187,6 @@ class ProcessExecutor:
                 nursery.cancel_scope.cancel()
         finally:
             control.end_all()
-            if self.ray is not None:
-                self.ray.stop()
             for process in self.processes.values():
                 if process.returncode is None:
                     process.kill()
@@ -200,10 +195,21 @@ class ProcessExecutor:
 
     # -- workers --------------------------------------------------------------------------------------------------
     async def spawn(self, nursery: trio.Nursery, group: str) -> None:
-        command = python_module("sagellm.runtime.executor.worker", "--connect", self._local_control, "--group", group)
+        """Starts the group's worker: here, or (a `ray:` group) on the node Ray chooses, which reaches this process
+        at its advertised control endpoint; the run's key goes in the environment, not on a command line."""
+        on_ray = self.ray is not None and group in self.ray.groups
+        control = self.control_endpoint if on_ray else self._local_control
+        command = python_module("sagellm.runtime.executor.worker", "--connect", control, "--group", group)
+        if on_ray:
+            assert self.ray is not None and self.control_endpoint is not None
+            key = child_env(self.keys, {})  # the key alone: the node has its own environment
+            process: Any = await self.ray.spawn(group, command, key, self.startup_timeout_s)
+            self.processes[group], self.pids[group] = process, process.pid
+            nursery.start_soon(self._watch_exit, nursery, group, process)
+            return
         if self.transport == "tcp":  # on this host, so it listens and is reached as this process is
             command += ["--bind-host", self.bind_host, "--advertise-host", self.advertise_host]
-        env = {**child_env(self.keys), **self.worker_env.get(group, {})}  # (the key there: not on a command line)
+        env = {**child_env(self.keys), **self.worker_env.get(group, {})}
         log_file = self.worker_logs.get(group)
         with contextlib.ExitStack() as files:
             output = None if log_file is None else files.enter_context(log_file.open("ab"))
@@ -220,18 +226,18 @@ class ProcessExecutor:
 
     def _announce_remote(self) -> None:
         """The user starts remote workers: say exactly how (stderr, whatever the log level)."""
-        for group in self.by_hand:
+        for group in self.remote:
             command = self.worker_command(group)
             log.info("waiting_for_remote_worker", group=group, command=command)
             print(f"sagellm: waiting for group {group!r}; on its host run: {command}", file=sys.stderr, flush=True)
-        if self.by_hand and self.key_file is not None:
+        if self.remote and self.key_file is not None:
             print(
                 f"sagellm: the run is encrypted: first copy its key {self.key_file} to that host over a secure channel "
                 "(scp -p, keeping it readable by its owner only) and give its path there to --key-file",
                 file=sys.stderr,
                 flush=True,
             )
-        if self.by_hand and is_loopback(self.advertise_host):
+        if self.remote and is_loopback(self.advertise_host):
             print("sagellm: (only this host can connect: set bind_host: 0.0.0.0 to accept others)", file=sys.stderr)
 
     async def _watch_exit(self, nursery: trio.Nursery, group: str, process: trio.Process) -> None:
@@ -258,12 +264,12 @@ class ProcessExecutor:
 
     def _not_ready(self, missing: list[str]) -> str:
         waited = f"{self.startup_timeout_s:.0f} s"
-        absent = [g for g in missing if g in self.by_hand and g not in self.control.workers]
+        absent = [g for g in missing if g in self.remote and g not in self.control.workers]
         ray_groups = self.ray.groups if self.ray is not None else []
         unplaced = [g for g in missing if g in ray_groups and g not in self.control.workers]
         if unplaced:
-            return (f"Ray group(s) {unplaced} did not connect within {waited}: does the cluster have the resources "
-                    "they ask for (`cluster.groups`), and can its nodes reach this host?")  # fmt: skip
+            return (f"Ray group(s) {unplaced} started but did not connect within {waited}: can the cluster's nodes "
+                    "reach this host's control port (bind_host, advertise_host)?")  # fmt: skip
         if absent:
             commands = "; ".join(self.worker_command(g) for g in absent)
             return f"remote worker group(s) {absent} did not connect within {waited}; start them: {commands}"

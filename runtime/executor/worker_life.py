@@ -1,9 +1,8 @@
 """A pipeline worker group's process as the one supervision loop sees it (`common.supervision`).
 
-A worker this process spawns is started again here. A remote one (started by hand on its host, or a Ray actor that
-Ray starts again) is someone else's to start: its group's slot reopens at once for whoever does, as often as it is
-lost, and the run waits for it (the run prints the command for a worker started by hand); only `auto_restart: false`
-gives it up."""
+A worker this process starts (here, or on a Ray node) is started again by it. A remote one, started by hand on its
+host, is the user's to start again: its group's slot reopens at once, as often as it is lost, and the run waits for it
+(printing the command); only `auto_restart: false` gives it up."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ class Workers(Protocol):
 
     control: ControlServer
     remote: list[str]  # groups this process does not start
-    by_hand: list[str]  # groups the user starts (`sagellm worker`)
     startup_timeout_s: float
 
     async def spawn(self, nursery: trio.Nursery, group: str) -> None: ...
@@ -63,13 +61,11 @@ class WorkerLife:
     async def start(self) -> None:
         executor, group = self.executor, self.group
         executor.control.reopen(group)  # its next Hello is taken as a first one was
-        if not self.remote:
-            await executor.spawn(self.nursery, group)
-        elif group in executor.by_hand:
+        if self.remote:
             print(f"sagellm: {self.name} was lost; to bring it back, on its host run: {executor.worker_command(group)}",
                   file=sys.stderr, flush=True)  # fmt: skip
         else:
-            log.warning("ray_worker_lost", group=group, note="Ray starts its actor again (max_restarts)")
+            await executor.spawn(self.nursery, group)
 
     async def until_ready(self) -> None:
         control = self.executor.control

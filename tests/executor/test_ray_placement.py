@@ -1,11 +1,11 @@
 """Process groups placed `ray:GROUP` on a real local Ray cluster: a head and a second raylet started by the test
 (`ray.cluster_utils.Cluster`, each node with its own custom resource, so there are two nodes on this machine). The
 prefill and decode groups of a PD graph run as Ray actors, each on the node its resource names, and give the greedy
-tokens of the whole graph in one process; a decode actor killed under 16 streams is started again by Ray and the
-streams resume on it with the same text (0 lost); the autoscaler of a gateway with a cluster adds a replica on the
-Ray node its `replicas` group names under a burst and removes it after; the ranks of a TP x PP engine run as
-processes of a placement group spread over both nodes and give one process's tokens; without Ray the start says how
-to install it."""
+tokens of the whole graph in one process; a decode worker killed under 16 streams is started again by the run (a new
+actor) and the streams resume on it with the same text (0 lost); the autoscaler of a gateway with a cluster adds a
+replica on the Ray node its `replicas` group names under a burst and removes it after; the ranks of a TP x PP engine
+run as processes of a placement group spread over both nodes and give one process's tokens; without Ray the start
+says how to install it."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ async def test_prefill_and_decode_on_two_ray_nodes_give_the_tokens_of_one_proces
     with trio.fail_after(240):
         async with trio.open_nursery() as nursery:
             outcome = await started(nursery, executor)
-    assert executor.ray is not None and not executor.ray.actors  # killed with the run
-    nodes = {group: node for group, (_, node) in executor.ray.placed.items()}
+    assert executor.ray is not None and all(p.poll() is not None for p in executor.processes.values())  # ended
+    nodes = executor.ray.placed
     head = cluster.head_node.node_id
     assert nodes["prefill"] == head and nodes["decode"] != head  # each where its resource is
     local = await LocalExecutor(load_pipeline(pd_yaml(model_path, port, prefill="task", decode="task"))).run()
@@ -83,28 +83,29 @@ def test_without_ray_a_graph_with_ray_groups_fails_at_start_saying_how_to_instal
         trio.run(executor.run)
 
 
-def test_a_killed_actor_is_started_again_by_ray_and_the_streams_on_it_resume_with_the_same_text(cluster, tmp_path):
-    """Through the gateway: 8 greedy streams, the decode actor's process killed (SIGKILL) once every stream has
-    tokens. Ray starts the actor again, its worker rejoins the run, and the failover resumes each stream there from
-    its prompt and the tokens so far: every stream ends once, with the text an uninterrupted run gives."""
+def test_a_killed_ray_worker_is_started_again_and_the_streams_on_it_resume_with_the_same_text(cluster, tmp_path):
+    """Through the gateway: 8 greedy streams, the decode worker's process on its Ray node killed (SIGKILL) once every
+    stream has tokens. The run's supervision starts it again on the cluster (a new actor), it rejoins the run, and
+    the failover resumes each stream there from its prompt and the tokens so far: every stream ends once, with the
+    text an uninterrupted run gives."""
     model = make_tiny_llama(tmp_path / "long", max_position_embeddings=4096)
     graph = tmp_path / "ray_pd.yaml"
     graph.write_text(ray_pd(model, cluster.address, free_port(), max_tokens=300))
     with running_gateway(graph, tiny_config(tmp_path)) as gw:
-        launcher = gw.core.executor.ray
+        executor = gw.core.executor
         texts: dict[int, str] = {}
         outcomes: dict[int, list[str]] = {}
         threads = [threading.Thread(target=stream, args=(gw.url, i, outcomes, texts)) for i in range(STREAMS)]
         for thread in threads:
             thread.start()
         wait_for_streams_midway(texts, outcomes, more_than=2)  # (one decode worker: every stream is on it)
-        first_pid, _ = launcher.where("decode")
+        first_pid = executor.processes["decode"].pid
         os.kill(first_pid, signal.SIGKILL)
         for thread in threads:
             thread.join(REPLY_TIMEOUT_S)
         assert not any(thread.is_alive() for thread in threads), "a stream hung"
         assert outcomes == {i: ["length"] for i in range(STREAMS)}  # every stream finished, once
-        assert launcher.where("decode")[0] != first_pid  # a new actor process
+        assert executor.processes["decode"].pid != first_pid and executor.supervisions["decode"].restarts.total == 1
         assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
         for i in range(STREAMS):
             assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"

@@ -140,6 +140,12 @@ ERRORS = {  # case: (replacements in VALID, field, text on the reported line, pr
         "cluster",
         "unknown setting; the settings are num_cpus",
     ),
+    "ray restarts are the run's": (
+        {"control_port: 5555": "control_port: 5555\ncluster: {ray: auto, groups: {back: {max_restarts: 3}}}"},
+        "cluster.groups.back.max_restarts",
+        "cluster",
+        "the run restarts its workers itself, under the graph's `restart:` policy",
+    ),
     "main is taken": ({'"process:front"': '"process:main"'}, "nodes.a.placement", "process:main", "pick another"),
     "process and remote": (
         {'"remote:back"': '"remote:front"'},
