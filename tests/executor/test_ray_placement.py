@@ -112,10 +112,10 @@ def test_a_killed_ray_worker_is_started_again_and_the_streams_on_it_resume_with_
 
 
 def test_the_autoscaler_adds_a_replica_on_a_ray_node_under_a_burst_and_removes_it_after(cluster, tmp_path):
-    """1 -> 2 -> 1 instances: the graph's engine in the gateway's process, a replica's server started by a Ray actor
-    on the second node (its `replicas` group asks for that node's resource); every stream ends once, its text
-    beginning with the offline API's first `EXACT` greedy tokens (see tests/gateway/test_autoscaler.py); the quiet
-    after drains the replica and its actor is gone with it."""
+    """1 -> 2 -> 1 instances: the graph's engine in the gateway's process, a replica's worker (of the gateway's graph)
+    started by a Ray actor on the second node (its `replicas` group asks for that node's resource); every stream ends
+    once, its text beginning with the offline API's first `EXACT` greedy tokens (see
+    tests/gateway/test_autoscaler.py); the quiet after drains the replica and its actor is gone with it."""
     model = make_tiny_llama(tmp_path / "llama", max_position_embeddings=2048)
     scaling = {"min_instances": 1, "max_instances": 2, "up_waiting_per_instance": 1, "up_cooldown_s": 0,
                "down_delay_s": 2, "interval_s": 0.25}  # fmt: skip
@@ -133,9 +133,10 @@ def test_the_autoscaler_adds_a_replica_on_a_ray_node_under_a_burst_and_removes_i
         wait_for(lambda: scaler.decisions["up"] == 1, "a replica added")
         (replica,) = scaler.replicas
         wait_for(lambda: engines.engines[replica].state == "ready", "the replica ready", timeout_s=180)
-        process = engines.engines[replica].process
+        link = engines.engines[replica].link  # a worker of the gateway's graph, on the Ray node
+        process = link.executor.processes[link.group]
         assert isinstance(process, RayProcess) and process.node_id() != cluster.head_node.node_id
-        assert engines.engines[replica].url == f"http://{process.host}:{process.port}"
+        assert link.group == "replicas" and link.executor.ray.placed[link.group] == process.node_id()
         wave = [threading.Thread(target=burst_stream, args=(gw.url, i, texts, ends, ids)) for i in range(16, 24)]
         for thread in wave:
             thread.start()
@@ -148,7 +149,7 @@ def test_the_autoscaler_adds_a_replica_on_a_ray_node_under_a_burst_and_removes_i
         wait_for(lambda: scaler.decisions["down"] == 1 and not scaler.replicas, "the replica drained")
         assert process.returncode is not None
         with pytest.raises(ray.exceptions.RayActorError):
-            process.node_id()  # its actor is gone with its server
+            process.node_id()  # its actor is gone with its worker
     prompts = [f"burst {i}" for i in range(24)]
     offline = LLM(str(model)).generate(prompts, SamplingParams(max_tokens=EXACT, temperature=0, ignore_eos=True))
     assert [texts[i][: len(o.outputs[0].text)] for i, o in enumerate(offline)] == [o.outputs[0].text for o in offline]

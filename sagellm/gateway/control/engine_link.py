@@ -1,5 +1,6 @@
 """A managed replica of the gateway's own model as an instance of the gateway's graph: its engine runs in a worker
-process, and a request reaches it through the gateway's one admission and one policy queue, then only the engine.
+process (on this host, or on a Ray node), and a request reaches it through the gateway's one admission and one policy
+queue, then only the engine.
 
 The replica is a graph of three nodes, run by a process executor inside the gateway:
 
@@ -30,7 +31,9 @@ from sagellm.common.supervision import READY as SUPERVISION_READY
 from sagellm.gateway.control.engine_spec import FAILED, READY, STARTING, ManagedEngine
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.executor.bridge import groups_of
 from sagellm.runtime.executor.process import ProcessExecutor
+from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
 
 log = structlog.get_logger("sagellm.gateway")
@@ -41,26 +44,41 @@ LOAD_FIELDS = ("waiting", "queued_prefill_tokens", "queued_decode_tokens", "kv_c
 SOURCE, SINK = "requests", "replies"
 
 
-def replica_graph(engine: ManagedEngine, restart: RestartPolicy) -> Graph:
-    """The replica's graph: its engine in a process of its own, between a source and a relay in the gateway. The
-    model is the engine node's (the graph has none: the gateway's front end already read it)."""
+def replica_graph(engine: ManagedEngine, restart: RestartPolicy, ray: RayCluster | None = None) -> Graph:
+    """The replica's graph: its engine in a process of its own (here, or on the Ray node its `placement` names, over
+    tcp), between a source and a relay in the gateway. The model is the engine node's (the graph has none: the
+    gateway's front end already read it)."""
     settings = {"backend": "cuda" if engine.gpus or engine.spec.use_gpu else "cpu", **engine.spec.engine}
     settings["model"] = engine.spec.model
     if engine.spec.tensor_parallel > 1:
         settings["tensor_parallel_size"] = engine.spec.tensor_parallel
-    graph = Graph(attrs={"name": f"engine {engine.id}", "transport": "ipc", "restart": dataclasses.asdict(restart)})
+    attrs: dict[str, Any] = {"name": f"engine {engine.id}", "transport": "ipc", "restart": dataclasses.asdict(restart)}
+    if engine.spec.placement is not None:  # its worker reaches this process from another node
+        assert ray is not None  # the manager refuses a Ray placement without a cluster
+        groups = {name: {k: v for k, v in dataclasses.asdict(group).items() if v is not None}
+                  for name, group in ray.groups.items()}  # fmt: skip
+        attrs |= {"transport": "tcp", "bind_host": "0.0.0.0", "cluster": {"ray": ray.address, "groups": groups}}
+    graph = Graph(attrs=attrs)
     requests = graph.add("http_source", id=SOURCE)
     replica = graph.add("engine", [requests], id=engine.id, **settings)
-    graph.nodes[engine.id].placement = "process"
+    graph.nodes[engine.id].placement = engine.spec.placement or "process"
     graph.add("relay", [replica], id=SINK)
     return graph
 
 
 class EngineLink:
-    def __init__(self, engine: ManagedEngine, restart: RestartPolicy, startup_timeout_s: float, log_file: Path) -> None:
-        """`log_file`: where the worker writes its log."""
+    def __init__(
+        self,
+        engine: ManagedEngine,
+        restart: RestartPolicy,
+        startup_timeout_s: float,
+        log_file: Path,
+        ray: RayCluster | None = None,
+    ) -> None:
+        """`log_file`: where a worker on this host writes its log; `ray`: the cluster of a replica placed there."""
         self.engine, self.log_file = engine, log_file
-        self.graph = replica_graph(engine, restart)
+        self.graph = replica_graph(engine, restart, ray)
+        self.group = groups_of(self.graph)[engine.id]  # its worker's process group
         self.source = HttpSource()
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, engine.gpus))}
         self.executor = ProcessExecutor(
@@ -68,8 +86,8 @@ class EngineLink:
             startup_timeout_s=startup_timeout_s,
             operators={SOURCE: self.source},
             keep_outcomes=False,
-            worker_env={engine.id: env},
-            worker_logs={engine.id: log_file},
+            worker_env={self.group: env},
+            worker_logs={self.group: log_file},
         )
         self.local = self.executor.executor
         self.local.ledger.on_leaf_item = self._deliver
@@ -104,7 +122,7 @@ class EngineLink:
 
     async def _follow(self) -> None:
         """Mirrors the worker's state (ready, restarting, given up), its pid and its load onto the managed engine."""
-        engine, group = self.engine, self.engine.id
+        engine, group = self.engine, self.group
         engine.state, engine.ever_ready = READY, True
         log.info("engine_ready", engine=engine.id, pid=self.pid)
         while True:
@@ -116,7 +134,7 @@ class EngineLink:
                 state = {SUPERVISION_READY: READY, SUPERVISION_FAILED: FAILED}.get(supervision.state, STARTING)
                 if state != engine.state:
                     engine.state = state
-            worker = self.local.instances.get(group)
+            worker = self.local.instances.get(engine.id)
             if worker is not None and engine.stats is not None:
                 for name in LOAD_FIELDS:
                     setattr(engine.stats, name, getattr(worker, name))
@@ -126,7 +144,7 @@ class EngineLink:
 
     @property
     def pid(self) -> int | None:
-        process = self.executor.processes.get(self.engine.id)
+        process = self.executor.processes.get(self.group)
         return process.pid if process is not None and process.returncode is None else None
 
     async def stop(self, force: bool, grace_s: float) -> None:

@@ -1,16 +1,16 @@
 """The control plane's lifecycle manager: the engines a gateway runs or reaches besides its graph's own.
 
 Kinds: `llm` runs our engine in a process of its own: a replica of the gateway's own model (its served name) as a
-worker of the gateway's graph (`control.engine_link`: its requests pass the gateway's one admission and policy
-queue, then only the engine), any other model as a server (`sagellm serve` of the colocated graph, an
-OpenAI-compatible server on 127.0.0.1, whose own front tokenizes for its model); `embedding` a server of one
-embedding model (`sagellm serve --no-llm -e MODEL`); `openai` registers a server that already runs (vLLM,
-llama.cpp, another sageLLM). The manager keeps the
-list behind `/v1/management/engines`, checks a start request (names, ports, GPUs) and gives each managed process a
-fresh API key so only the gateway reaches it. Every engine becomes an instance in the serving core's registry (an
-embedding engine one of role "embedding"), so its requests take the graph's path (admission, the policy queue, route
-among every instance of the model, metrics); several may serve one model name. What an engine is:
-`control.engine_spec`; the processes themselves are run by the Supervisor (`control.supervisor`)."""
+worker of the gateway's graph (`control.engine_link`: its requests pass the gateway's one admission and policy queue,
+then only the engine; on this host or a Ray node), any other model as a server (`sagellm serve` of the colocated
+graph, an OpenAI-compatible server on 127.0.0.1, whose own front tokenizes for its model); `embedding` a server of
+one embedding model (`sagellm serve --no-llm -e MODEL`); `openai` registers a server that already runs (vLLM,
+llama.cpp, another sageLLM). The manager keeps the list behind `/v1/management/engines`, checks a start request
+(names, ports, GPUs) and gives each managed process a fresh API key so only the gateway reaches it. Every engine
+becomes an instance in the serving core's registry (an embedding engine one of role "embedding"), so its requests
+take the graph's path (admission, the policy queue, route among every instance of the model, metrics); several may
+serve one model name. What an engine is: `control.engine_spec`; the processes themselves are run by the Supervisor
+(`control.supervisor`)."""
 
 from __future__ import annotations
 
@@ -115,12 +115,12 @@ class EngineManager:
         # gave it, a spawned embedding server's its model's default name.
         upstream = {"openai": spec.model, "embedding": served_name(spec.model)}.get(spec.kind, engine.name)
         model = self._registry_model(engine)
-        if model is None and spec.kind == "llm" and spec.placement is None:  # a replica: a worker of the graph
+        if model is None and spec.kind == "llm":  # a replica: a worker of the graph
             assert engine.directory is not None and self._supervisor is not None
             engine.directory.mkdir(parents=True, exist_ok=True)
             supervisor = self._supervisor
             engine.link = EngineLink(engine, supervisor.restart, supervisor.startup_timeout_s,
-                                     engine.directory / LOG_FILE)  # fmt: skip
+                                     engine.directory / LOG_FILE, self.ray)  # fmt: skip
             engine.url, engine.port, engine.api_key = "", None, None
         endpoint = Endpoint(engine.url, upstream, engine.api_key, spec.max_concurrent, link=engine.link)
         role = "embedding" if spec.kind == "embedding" else "colocated"
