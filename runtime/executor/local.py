@@ -26,7 +26,8 @@ import trio
 
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.ledger import RequestLedger, RequestOutcome
-from sagellm.runtime.executor.node_tasks import NodeTasks, Signal, internal_error
+from sagellm.runtime.executor.node_tasks import NodeTasks, Signal
+from sagellm.runtime.executor.operator_calls import internal_error
 from sagellm.runtime.pipeline.operator import (
     Emit,
     InstanceStats,

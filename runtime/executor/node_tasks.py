@@ -1,15 +1,13 @@
-"""The task loop of each kind of node the local executor runs, and what every executor does with one item.
+"""The task loop of each kind of node the local executor runs (what it does with one item: `operator_calls`).
 
 `LocalExecutor` owns the graph's wiring: which channel feeds which node, where a node's outputs go, when its input
 ends. What a node does with what arrives depends only on its operator's kind, so that lives here, one loop per kind,
 behind the two things the wiring hands it: a node's input channel and a `send` to its downstream. Step operators'
 `step()` runs in a worker thread; `add()` runs between steps on the event loop, so an engine never sees two threads.
-A Stream operator serves each item in a task of its own, which a client's cancel cancels. An operator's exception
-becomes an `internal` RequestError for the item (or, for a Step operator, for everything it held)."""
+A Stream operator serves each item in a task of its own, which a client's cancel cancels."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +16,8 @@ import structlog
 import trio
 
 from sagellm.runtime.executor.ledger import RequestLedger
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.executor.operator_calls import apply_operator, serve_item, step_once
+from sagellm.runtime.pipeline.messages import Request, TokenDelta
 from sagellm.runtime.pipeline.operator import (
     MapOperator,
     Operator,
@@ -177,13 +176,7 @@ class NodeTasks:
             if self._ledger.any_cancelled:
                 await self._end_cancelled(node_id, op)
             if op.has_work():
-                try:
-                    outs = op.step() if op.inline else await trio.to_thread.run_sync(op.step)
-                except Exception as exc:  # the engine failed: its requests end, the node keeps serving
-                    held = op.in_flight()
-                    log.exception("step_failed", node=node_id, requests=len(held))
-                    op.abort(held)
-                    outs = [internal_error(rid, node_id, exc) for rid in held]
+                outs = step_once(node_id, op) if op.inline else await trio.to_thread.run_sync(step_once, node_id, op)
                 room.fire()
                 for out in outs:
                     await self._send(node_id, out)
@@ -254,18 +247,11 @@ class NodeTasks:
         ended = False
         try:
             with serving[rid]:
-                async with contextlib.aclosing(op.serve(item)) as outputs:
-                    async for out in outputs:
-                        await self._send(node_id, out)
-                        ended = is_terminal(out)
-            if not ended and self._ledger.is_cancelled(rid):
+                ended = await serve_item(
+                    node_id, op, item, lambda out: self._send(node_id, out), lambda: self._ledger.is_cancelled(rid)
+                )
+            if not ended:  # its client left
                 await self._send_abort(node_id, rid)
-            elif not ended:
-                await self._send(node_id, internal_error(rid, node_id, "the stream ended without a result"))
-        except Exception as exc:
-            log.exception("operator_failed", node=node_id, request_id=rid)
-            if not ended:
-                await self._send(node_id, internal_error(rid, node_id, exc))
         finally:
             del serving[rid]
             room.fire()
@@ -291,23 +277,3 @@ class Signal:
         if self._event is None:
             self._event = trio.Event()
         await self._event.wait()
-
-
-def apply_operator(node_id: str, op: Operator, fn: Callable[[Any], Any], item: Any) -> list[Any]:
-    """Runs operator logic (`fn`, one of `op`'s methods) on one item, as every executor does: items the operator does
-    not accept pass through; an exception becomes the item's `internal` error (logged); None means nothing."""
-    if op.accepts and not isinstance(item, op.accepts):
-        return [item]
-    try:
-        result = fn(item)
-    except Exception as exc:
-        log.exception("operator_failed", node=node_id, request_id=getattr(item, "request_id", None))
-        rid = getattr(item, "request_id", None)
-        return [internal_error(rid, node_id, exc)] if rid is not None else []
-    if result is None:
-        return []
-    return result if isinstance(result, list) else [result]
-
-
-def internal_error(request_id: str, node_id: str, problem: object) -> RequestError:
-    return RequestError(request_id=request_id, code="internal", message=f"{node_id}: {problem}")

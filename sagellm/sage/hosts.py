@@ -17,8 +17,7 @@ from typing import Any
 import structlog
 import trio
 
-from sagellm.runtime.executor.node_tasks import apply_operator, internal_error
-from sagellm.runtime.pipeline.messages import is_terminal
+from sagellm.runtime.executor.operator_calls import apply_operator, serve_item, step_once
 from sagellm.runtime.pipeline.operator import SourceOperator, StepOperator, StreamOperator
 
 log = structlog.get_logger("sagellm.sage")
@@ -126,22 +125,12 @@ class StepHost(_OperatorThread):
                     continue
             outputs = [out for item in taken for out in apply_operator(self.node_id, self.op, self.op.add, item)]
             if self.op.has_work():
-                outputs += self._step()
+                outputs += step_once(self.node_id, self.op)
             with self._changed:
                 self._outbox.extend(outputs)
                 self._capacity = self.op.capacity()
                 self._busy = self.op.has_work()
                 self._changed.notify_all()
-
-    def _step(self) -> list[Any]:
-        """One engine step; a failed step fails the requests the engine held, and the engine serves on."""
-        try:
-            return self.op.step()
-        except Exception as exc:
-            held = self.op.in_flight()
-            log.exception("step_failed", node=self.node_id, requests=len(held))
-            self.op.abort(held)
-            return [internal_error(rid, self.node_id, exc) for rid in held]
 
 
 class SourcePump:
@@ -239,22 +228,15 @@ class StreamHost(_OperatorThread):
                 await self.op.drained()
 
     async def _serve_one(self, item: Any) -> None:
-        rid, outputs, ended = item.request_id, [], False
         try:
             if self.op.accepts and not isinstance(item, self.op.accepts):
-                outputs, ended = [item], True
+                self._emit([item])
             else:
-                async with contextlib.aclosing(self.op.serve(item)) as stream:
-                    async for out in stream:
-                        ended = ended or is_terminal(out)
-                        self._emit([out])
-                if not ended:
-                    outputs = [internal_error(rid, self.node_id, "the stream ended without a result")]
-        except Exception as exc:
-            log.exception("operator_failed", node=self.node_id, request_id=rid)
-            outputs = [] if ended else [internal_error(rid, self.node_id, exc)]
+                await serve_item(self.node_id, self.op, item, self._emit_one)
         finally:
             with self._changed:
                 self._serving -= 1
-            self._emit(outputs)
             self._wake_up()
+
+    async def _emit_one(self, out: Any) -> None:
+        self._emit([out])

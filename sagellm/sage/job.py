@@ -40,7 +40,7 @@ import trio
 from sagellm.common.logging import default_logging
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
-from sagellm.runtime.executor.node_tasks import apply_operator, internal_error
+from sagellm.runtime.executor.operator_calls import apply_operator, internal_error
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import (
     Emit,
