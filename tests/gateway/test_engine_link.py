@@ -64,6 +64,8 @@ def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(ti
             assert link is not None and replica["pid"] is not None and replica["url"] == ""
             in_worker = {n.op for n in link.graph.nodes.values() if n.placement != "task"}
             assert in_worker == {"engine"}  # no admission, no queue, no route of its own
+            with_port = admin.post(ENGINES, json={**body, "port": 18123})  # it listens on none: refused, not ignored
+            assert with_port.status_code == 400 and with_port.json()["error"]["param"] == "port"
 
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
                 replies = list(pool.map(lambda p: _complete(gw.url, p), PROMPTS))
@@ -85,3 +87,20 @@ def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(ti
                 for _ in range(100):  # reaped by its executor once stopped
                     os.kill(again["pid"], 0)
                     time.sleep(0.1)
+
+
+def test_a_replica_whose_worker_cannot_start_fails_alone_with_its_cause(tiny_model, tmp_path):
+    """A replica's worker that fails before it is ready (here its model is not there) fails that engine at once, with
+    the worker's cause and where its log is; the gateway's own engine serves on, and nothing is restarted."""
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path), tiny_model) as gw:
+        headers = {"authorization": f"Bearer {gw.gateway.admin_key}"}
+        with httpx.Client(base_url=gw.url, headers=headers, timeout=60) as admin:
+            body = {"model": str(tmp_path / "missing"), "served_model_name": gw.gateway.core.model_name}
+            started = admin.post(ENGINES, json=body)
+            assert started.status_code == 201, started.text
+            failed = _wait(admin, started.json()["id"], lambda e: e["state"] == "failed")
+            assert "before it was ready" in failed["last_error"] and "engine.log" in failed["last_error"]
+            assert failed["restarts"] == 0 and failed["pid"] is None
+            log = (gw.gateway.engines.engines[failed["id"]].link.log_file).read_text()
+            assert "missing" in log  # the worker's own error, in its log
+            assert _complete(gw.url, "Still here?")["choices"][0]["finish_reason"] == "length"

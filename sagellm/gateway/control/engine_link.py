@@ -1,10 +1,10 @@
-"""A managed replica of the gateway's own model as an instance of the gateway's graph: its engine runs in a worker
-process (on this host, or on a Ray node), and a request reaches it through the gateway's one admission and one policy
-queue, then only the engine.
+"""A managed engine of ours as an instance of the gateway's graph, not a server of its own: a replica of the
+gateway's model, or an embedding model. Its engine runs in a worker process (on this host, or on a Ray node), and a
+request reaches it through the gateway's one admission and one policy queue, then only the engine.
 
-The replica is a graph of three nodes, run by a process executor inside the gateway:
+The engine is a graph of three nodes, run by a process executor inside the gateway:
 
-    requests (http_source, here) -> ENGINE ID (engine, its own worker process) -> replies (relay, here)
+    requests (http_source, here) -> ENGINE ID (engine or embedding, its own worker process) -> replies (relay, here)
 
 Route hands a request to the gateway's `remote_engine` node, which gives it to `stream` here: the request (already
 tokenized and checked by admission) goes into `requests`, crosses to the worker on the wire, and its items come back
@@ -44,14 +44,18 @@ LOAD_FIELDS = ("waiting", "queued_prefill_tokens", "queued_decode_tokens", "kv_c
 SOURCE, SINK = "requests", "replies"
 
 
-def replica_graph(engine: ManagedEngine, restart: RestartPolicy, ray: RayCluster | None = None) -> Graph:
-    """The replica's graph: its engine in a process of its own (here, or on the Ray node its `placement` names, over
-    tcp), between a source and a relay in the gateway. The model is the engine node's (the graph has none: the
-    gateway's front end already read it)."""
-    settings = {"backend": "cuda" if engine.gpus or engine.spec.use_gpu else "cpu", **engine.spec.engine}
-    settings["model"] = engine.spec.model
-    if engine.spec.tensor_parallel > 1:
-        settings["tensor_parallel_size"] = engine.spec.tensor_parallel
+def worker_graph(engine: ManagedEngine, restart: RestartPolicy, ray: RayCluster | None = None) -> Graph:
+    """The engine's graph: its node in a process of its own (here, or on the Ray node its `placement` names, over
+    tcp), between a source and a relay in the gateway. The model is the node's (the graph has none: the gateway's
+    front end reads its own)."""
+    spec = engine.spec
+    if spec.kind == "embedding":
+        op, settings = "embedding", {"model": spec.model, "served_model_name": engine.name}
+    else:
+        op, settings = "engine", {"backend": "cuda" if engine.gpus or spec.use_gpu else "cpu", **spec.engine}
+        settings["model"] = spec.model
+        if spec.tensor_parallel > 1:
+            settings["tensor_parallel_size"] = spec.tensor_parallel
     attrs: dict[str, Any] = {"name": f"engine {engine.id}", "transport": "ipc", "restart": dataclasses.asdict(restart)}
     if engine.spec.placement is not None:  # its worker reaches this process from another node
         assert ray is not None  # the manager refuses a Ray placement without a cluster
@@ -60,7 +64,7 @@ def replica_graph(engine: ManagedEngine, restart: RestartPolicy, ray: RayCluster
         attrs |= {"transport": "tcp", "bind_host": "0.0.0.0", "cluster": {"ray": ray.address, "groups": groups}}
     graph = Graph(attrs=attrs)
     requests = graph.add("http_source", id=SOURCE)
-    replica = graph.add("engine", [requests], id=engine.id, **settings)
+    replica = graph.add(op, [requests], id=engine.id, **settings)
     graph.nodes[engine.id].placement = engine.spec.placement or "process"
     graph.add("relay", [replica], id=SINK)
     return graph
@@ -77,7 +81,7 @@ class EngineLink:
     ) -> None:
         """`log_file`: where a worker on this host writes its log; `ray`: the cluster of a replica placed there."""
         self.engine, self.log_file = engine, log_file
-        self.graph = replica_graph(engine, restart, ray)
+        self.graph = worker_graph(engine, restart, ray)
         self.group = groups_of(self.graph)[engine.id]  # its worker's process group
         self.source = HttpSource()
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, engine.gpus))}

@@ -115,7 +115,7 @@ class EngineManager:
         # gave it, a spawned embedding server's its model's default name.
         upstream = {"openai": spec.model, "embedding": served_name(spec.model)}.get(spec.kind, engine.name)
         model = self._registry_model(engine)
-        if model is None and spec.kind == "llm":  # a replica: a worker of the graph
+        if self._linked(spec):  # a worker of the gateway's graph
             assert engine.directory is not None and self._supervisor is not None
             engine.directory.mkdir(parents=True, exist_ok=True)
             supervisor = self._supervisor
@@ -190,8 +190,18 @@ class EngineManager:
         serving the gateway's own model name when the gateway holds that model's tokenizer (a replica, on this host or
         one that joined: admission tokenizes its requests, route chooses it beside the graph's engines, failover
         moves requests between them); else its own name."""
-        own = engine.name == self.core.model_name and self.core.tokenizer is not None
-        return None if own and engine.spec.kind != "embedding" else engine.name
+        return None if self._replica(engine.spec) else engine.name
+
+    def _linked(self, spec: EngineSpec) -> bool:
+        """Engines of ours that run as workers of the gateway's graph (`engine_link`): replicas of its model and
+        embedding engines. An llm engine of another model is a server (`sagellm serve`), whose front end tokenizes
+        and applies the defaults of that model."""
+        return spec.kind == "embedding" or (spec.kind == "llm" and self._replica(spec))
+
+    def _replica(self, spec: EngineSpec) -> bool:
+        """A generation engine serving the gateway's own model name, whose tokenizer the gateway holds."""
+        name = spec.served_model_name or spec.model
+        return spec.kind != "embedding" and name == self.core.model_name and self.core.tokenizer is not None
 
     # -- checks ---------------------------------------------------------------------------------------------------
     def _check(self, spec: EngineSpec) -> None:
@@ -211,6 +221,10 @@ class EngineManager:
         taken = next((e for e in self.engines.values() if e.name == name), None)
         if taken is not None and (spec.kind == "embedding") != (taken.spec.kind == "embedding"):
             raise ApiError(409, f"engine {taken.id} already serves {name!r}; stop it first", code="conflict")
+        if spec.port and self._linked(spec):
+            raise ApiError(400, "a replica of the gateway's model or an embedding engine runs as a worker of the "
+                                "gateway's graph and listens on no port; leave port out", param="port",
+                           code="invalid_request")  # fmt: skip
         if spec.port and (not port_free(spec.port) or any(e.port == spec.port for e in self.engines.values())):
             raise ApiError(409, f"port {spec.port} is in use; pick another or leave port out", code="conflict")
 
