@@ -8,8 +8,9 @@ completion cannot fit the model's context. With `ttft_slo_ms` the in-flight boun
 their first token in time and the rest are shed at once with a 429 rather than queued past it. The cheap O(1) load
 checks run first, so an overloaded server spends no tokenizer time on requests it would shed anyway. Admitted requests
 leave with `prompt_token_ids` filled in (the engines never tokenize) and `admitted_time` stamped. A request for another
-model (`Request.model` set: instances the gateway reaches serve it) is only load-checked: its server tokenizes and
-checks it with its own tokenizer.
+model (`Request.model` set: instances the gateway attached serve it) is tokenized and checked with that model's own
+files when the gateway handed them in (`models`: its engines are workers that take tokens), and otherwise only
+load-checked (its server tokenizes and checks it).
 
 What it learns of the graph's model at `open()` (`served_model`, loaded once per process): its tokenizer, used when a
 request carries text but no token ids; its vocabulary; and the context the engines serve (their `max_model_len`, else
@@ -28,7 +29,7 @@ from sagellm.runtime.engine.prompt import prompt_token_problem
 from sagellm.runtime.models.tokenizer import encode_prompt
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, PipelineLoad, register_operator
-from sagellm.runtime.pipeline.served_model import served_model
+from sagellm.runtime.pipeline.served_model import ServedModel, served_model
 
 _PRUNE_AT = 10_000  # buckets kept before refilled (idle) users' buckets are forgotten
 
@@ -134,6 +135,7 @@ class Admission(MapOperator):
         self.clock: Callable[[], float] = time.time
         self.tokenizer: Any = None
         self.vocab_size: int | None = None
+        self.models: dict[str, ServedModel] = {}  # other models' front-end files, whose engines need tokens
         self._buckets: dict[str | None, tuple[float, float]] = {}  # user -> (tokens left, when last refilled)
 
     def open(self, ctx: OperatorContext) -> None:
@@ -160,19 +162,24 @@ class Admission(MapOperator):
             return self._reject(
                 item, "rate_limited", f"user {item.user!r} exceeds {self.rate_limit_per_user:g} requests/s"
             )
-        if item.model is not None:
+        if item.model is None:
+            tokenizer, vocab_size, limit = self.tokenizer, self.vocab_size, self.max_model_len
+        elif item.model in self.models:  # another model whose engine takes tokens: tokenized here with its tokenizer
+            other = self.models[item.model]
+            tokenizer, vocab_size, limit = other.tokenizer, other.vocab_size, other.max_model_len
+        else:  # a server's model: the server tokenizes and checks it
             item.admitted_time = self.clock()
             return item
-        problem = self._tokenize(item)
+        problem = tokenize_request(item, tokenizer, vocab_size)
         if problem is not None:
             return self._reject(item, "invalid_request", problem)
         completion = item.sampling.max_tokens or 1
         total = item.num_prompt_tokens + completion
-        if self.max_model_len is not None and total > self.max_model_len:
+        if limit is not None and total > limit:
             return self._reject(
                 item,
                 "context_length_exceeded",
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{total} tokens ({item.num_prompt_tokens} in the messages, {completion} in the completion). "
                 "Please reduce the length of the messages or completion.",
             )
@@ -182,9 +189,6 @@ class Admission(MapOperator):
     def bound(self) -> int:
         """Requests let be in flight now: `max_queue`, or less while a TTFT SLO is being kept."""
         return self.max_queue if self.limit is None else int(self.limit.bound)
-
-    def _tokenize(self, request: Request) -> str | None:
-        return tokenize_request(request, self.tokenizer, self.vocab_size)
 
     def _take_token(self, user: str | None) -> bool:
         """Token bucket: `burst` tokens, refilled at `rate_limit_per_user`/s; a request takes one."""

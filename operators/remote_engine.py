@@ -130,6 +130,9 @@ class RemoteEngine(StreamOperator):
         if item.sampling.logprobs is not None and endpoint.link is None:  # the server's vocabulary: not ours to name
             yield _error(item, "invalid_request", f"logprobs are not relayed from {name}, a server reached over HTTP")
             return
+        if item.sampling.logprobs is not None and item.model is not None:  # named in another model's vocabulary
+            yield _error(item, "invalid_request", f"logprobs are served for the gateway's own model, not {item.model}")
+            return
         sent = self._sent[name]
         if endpoint.max_concurrent is not None and len(sent) >= endpoint.max_concurrent:
             message = f"instance {name} is at its limit of {endpoint.max_concurrent} requests in flight"

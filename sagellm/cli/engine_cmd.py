@@ -33,7 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start = actions.add_parser("start", help="start an engine (llm, embedding) or register a server (openai)")
     start.add_argument("model", help="path, alias or org/name (llm, embedding); the server's model name (openai)")
     start.add_argument("--kind", choices=("llm", "embedding", "openai"), default="llm")
-    start.add_argument("--port", type=int, help="port of the engine process (default: a free one)")
     start.add_argument("--label", help="a free-form label shown in lists")
     start.add_argument("--max-concurrent", type=int, help="requests in flight at once; more get 429")
     start.add_argument("--use-gpu", action="store_true", help="run on an NVIDIA GPU")
@@ -74,7 +73,6 @@ def run_start(args: argparse.Namespace) -> int:
         "model": args.model,
         "kind": args.kind,
         "tensor_parallel": settings.pop("tensor_parallel_size", 1),
-        "port": args.port,
         "label": args.label,
         "max_concurrent": args.max_concurrent,
         "use_gpu": args.use_gpu,

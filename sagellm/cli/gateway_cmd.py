@@ -68,7 +68,7 @@ def run_start(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV
-    from sagellm.gateway.control.supervisor import free_port, log_tail, port_free
+    from sagellm.gateway.state import free_port, log_tail, port_free
 
     console = Console(stderr=True)
     state_dir = state_dir_of(args).resolve()

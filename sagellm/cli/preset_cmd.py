@@ -5,7 +5,7 @@
     sagellm preset apply --name smollm2-cpu --dry-run       # the plan, nothing started
     sagellm preset apply --file my-preset.yaml -y          # no confirmation question
 
-A preset file holds `version, name, description, engines: [{name, kind, model, tensor_parallel, port, label,
+A preset file holds `version, name, description, engines: [{name, kind, model, tensor_parallel, label,
 max_concurrent, use_gpu}]` (see sagellm/presets/*.yaml); it is checked whole before anything starts."""
 
 from __future__ import annotations

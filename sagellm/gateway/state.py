@@ -4,6 +4,8 @@ log) so the CLI and the Python client find it; the gateway itself keeps its admi
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,3 +37,29 @@ def read_record(state_dir: Path) -> GatewayRecord | None:
 def remove_record(state_dir: Path) -> None:
     for name in (PID_FILE, RECORD_FILE):
         (state_dir / name).unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log file ("" if there is none), for error messages."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

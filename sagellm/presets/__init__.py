@@ -4,7 +4,7 @@
     name: smollm2-cpu
     description: One SmolLM2 llm engine on the CPU.
     engines:
-      - {name: smollm2, kind: llm, model: smollm2-135m-instruct, tensor_parallel: 1, port: null, label: cpu,
+      - {name: smollm2, kind: llm, model: smollm2-135m-instruct, tensor_parallel: 1, label: cpu,
          max_concurrent: 16, use_gpu: false, engine: {max_num_seqs: 16}}
 
 An engine is the body of `POST /v1/management/engines` (`EngineSpec`: kind, model, `engine` settings, `url`,
@@ -119,7 +119,6 @@ def plan_rows(preset: Preset) -> list[dict[str, Any]]:
             "model": e.model,
             "served as": e.served_model_name or e.model,
             "tp": e.tensor_parallel,
-            "port": e.port or "auto",
             "max concurrent": e.max_concurrent or "-",
             "gpu": "yes" if e.use_gpu else "no",
         }

@@ -12,7 +12,7 @@ from sagellm.gateway.control.engine_spec import EngineSpec
 from sagellm.presets import PresetError, builtin_presets, find_preset, load_preset
 from tests.cli.in_process import in_process
 
-GOOD_ENGINE = "{name: a, kind: llm, model: m, tensor_parallel: 1, port: null, label: x, max_concurrent: 4, use_gpu: no}"
+GOOD_ENGINE = "{name: a, kind: llm, model: m, tensor_parallel: 1, label: x, max_concurrent: 4, use_gpu: no}"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -56,7 +56,7 @@ def test_an_engine_without_label_is_labelled_by_its_name(tmp_path):
         ("version: 1\nname: p\nengines:\n  - {name: a, model: m}\n  - {name: a, model: n}\n",
          "engines[1].name: 'a' is also engines[0]"),
         ("version: 1\nname: p\nengines:\n  - {name: a, model: m, kind: openai}\n", "engines[0].url: an openai engine"),
-        ("version: 1\nname: p\nengines:\n  - {name: a, model: m, port: 99999}\n", "engines[0].port: port must be"),
+        ("version: 1\nname: p\nengines:\n  - {name: a, model: m, port: 1}\n", "engines[0]: Object contains unknown"),
         ("version: 2\nname: p\nengines: []\n", "version: expected 1, got 2"),
         ("version: 1\nname: p\nengines: []\n", "engines: a preset needs at least one engine"),
         ("version: 1\nengines: []\n", "Object missing required field `name`"),

@@ -15,14 +15,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import trio
 
 from sagellm.backends import list_backends
-from sagellm.gateway.config import DEFAULT_GRAPH
+from sagellm.common.restart import RestartPolicy
+from sagellm.gateway.control.engine_link import worker_graph
 from sagellm.gateway.control.engine_spec import EngineSpec, ManagedEngine
-from sagellm.gateway.control.supervisor import Supervisor, _command
 from sagellm.runtime.embedding import EmbeddingEngine
-from sagellm.runtime.pipeline.yaml_io import load_pipeline
+from sagellm.runtime.pipeline.yaml_io import dump_pipeline, load_pipeline
 from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 
@@ -79,9 +78,8 @@ def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
         ({"model": "m", "kind": "openai"}, "url", "an openai engine needs `url`"),
         ({"model": "m", "url": "http://127.0.0.1:1"}, "url", "url and api_key are for openai engines"),
         ({"model": "m", "max_concurrent": 0}, "max_concurrent", "max_concurrent must be >= 1"),
-        ({"model": "m", "port": 70000}, "port", "port must be 0-65535"),
+        ({"model": "m", "port": 9000}, None, "unknown field `port`"),  # an engine of ours listens on no port
         ({"model": "m", "placement": "remote:a"}, "placement", "placement must be 'ray:GROUP' or left out"),
-        ({"model": "m", "placement": "ray:a", "port": 9000}, "port", "listens on a port free on its node"),
         ({"model": "m", "placement": "ray:a"}, "placement", "placement ray:a needs a Ray cluster"),
         ({"model": "m", "kind": "openai", "url": "http://h", "placement": "ray:a"}, "kind", "placement are an openai"),
     ],
@@ -202,7 +200,7 @@ def test_spawned_engines_serve_or_fail_with_their_error(admin, gateway, tmp_path
 
     failed = wait_for(admin, broken.json()["id"], {"failed"})
     assert failed["state"] == "failed" and failed["restarts"] == 0
-    assert "exited with code 2" in failed["last_error"] and "no such file or directory" in failed["last_error"]
+    assert "missing: no such file or directory" in failed["last_error"]  # read before its worker starts
     reply = httpx.post(gateway.url + "/v1/chat/completions", json=_chat("broken"))
     assert reply.status_code == 503 and "is failed" in reply.json()["error"]["message"]
 
@@ -220,30 +218,13 @@ def test_spawned_engines_serve_or_fail_with_their_error(admin, gateway, tmp_path
         assert admin.delete(f"{ENGINES}/{engine['id']}").json()["state"] == "stopped"
 
 
-def test_a_spawned_engine_gets_its_engine_settings_as_graph_parameters(tmp_path):
-    """The settings of a start body reach the engine process's graph node with their types (a bool stays a bool,
-    None stays None), through the `--set` overrides of its command line."""
+def test_an_engine_gets_its_engine_settings_as_parameters_of_its_worker_graph(tmp_path):
+    """The settings of a start body reach the engine node its worker runs with their types (a bool stays a bool,
+    None stays None), in the graph its worker is sent as YAML."""
     settings = {"max_num_seqs": 4, "enable_prefix_caching": False, "max_model_len": None, "kv_cache_memory_gb": 0.5}
     spec = EngineSpec(model="m", engine=settings)
     spec.check()
-    engine = ManagedEngine("e1", spec, "http://127.0.0.1:1", 1, "key", directory=tmp_path)
-    command = _command(engine)
-    overrides = dict(command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "--set")
-    graph = load_pipeline(DEFAULT_GRAPH, overrides=overrides)
-    assert {k: graph.nodes["engine"].params[k] for k in settings} == settings
-    assert graph.nodes["engine"].params["backend"] == "cpu"
-
-
-def test_an_engine_whose_process_cannot_be_made_fails_alone(tmp_path):
-    """Whatever goes wrong in starting one engine (here the OS refuses an argument with a NUL byte, a ValueError, which
-    the API's check keeps out) fails that engine with the error, and the supervisor returns instead of raising into
-    the gateway's nursery."""
-    spec = EngineSpec(model="m\x00x")
-    engine = ManagedEngine(id="llm-1", spec=spec, url="http://127.0.0.1:1", port=1, api_key="k", directory=tmp_path)
-
-    async def main() -> None:
-        async with httpx.AsyncClient() as client:
-            await Supervisor(client).supervise(engine)
-
-    trio.run(main)
-    assert engine.state == "failed" and "ValueError" in engine.last_error and "null byte" in engine.last_error
+    engine = ManagedEngine("e1", spec, "", None, directory=tmp_path)
+    graph = load_pipeline(dump_pipeline(worker_graph(engine, RestartPolicy())))
+    assert {k: graph.nodes["e1"].params[k] for k in settings} == settings
+    assert graph.nodes["e1"].params["backend"] == "cpu" and graph.nodes["e1"].placement == "process"

@@ -234,7 +234,8 @@ class ApiServerHub:
             embedding_models=core.registry.embedding_models(),
             max_model_len=core.max_model_len,
             vocab_size=core.vocab_size,
-            sampling_defaults=core.sampling_defaults,
+            sampling_defaults=core.sampling_defaults(),
+            instance_defaults=core.registry.served_defaults(),
             front_end=self.front_end,
         )
 

@@ -89,6 +89,7 @@ class Snapshot(msgspec.Struct, tag=True, kw_only=True):
     max_model_len: int | None
     vocab_size: int | None
     sampling_defaults: dict[str, Any] | None
+    instance_defaults: dict[str, dict[str, Any]]  # other models' defaults the core applies (their engines take tokens)
     front_end: FrontEnd
 
 

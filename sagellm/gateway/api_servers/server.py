@@ -223,8 +223,10 @@ class RemoteCore:
     def max_model_len(self) -> int | None:
         return self.state.max_model_len
 
-    @property
-    def sampling_defaults(self) -> dict[str, Any] | None:
+    def sampling_defaults(self, model: str | None = None) -> dict[str, Any] | None:
+        """As `ServingCore.sampling_defaults`."""
+        if model is not None:
+            return self.state.instance_defaults.get(model)
         return self.state.sampling_defaults
 
     def models(self) -> list[str]:

@@ -1,4 +1,4 @@
 """The control plane: what an engine of the gateway is (`engine_spec`), the engines it starts or reaches besides its
-graph's own (`engines`), the process supervisor that starts, watches and restarts them (`supervisor`), the autoscaler,
-joining another gateway (`join`), and the routes that steer it all: the management API (`management_routes`) and
-health, metrics and the admin routes (`admin_routes`)."""
+graph's own (`engines`), an engine of ours as a worker of the gateway's graph (`engine_link`), the health checks of
+servers it reaches (`health`), the autoscaler, joining another gateway (`join`), and the routes that steer it all:
+the management API (`management_routes`) and health, metrics and the admin routes (`admin_routes`)."""

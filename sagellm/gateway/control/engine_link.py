@@ -1,5 +1,6 @@
 """A managed engine of ours as an instance of the gateway's graph, not a server of its own: a replica of the
-gateway's model, or an embedding model. Its engine runs in a worker process (on this host, or on a Ray node), and a
+gateway's model, another model (whose files the gateway reads, without weights, to tokenize its requests), or an
+embedding model. Its engine runs in a worker process (on this host, or on a Ray node), and a
 request reaches it through the gateway's one admission and one policy queue, then only the engine.
 
 The engine is a graph of three nodes, run by a process executor inside the gateway:
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from sagellm.runtime.executor.bridge import groups_of
 from sagellm.runtime.executor.process import ProcessExecutor
 from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
+from sagellm.runtime.pipeline.served_model import ServedModel, served_model
 
 log = structlog.get_logger("sagellm.gateway")
 
@@ -78,9 +80,12 @@ class EngineLink:
         startup_timeout_s: float,
         log_file: Path,
         ray: RayCluster | None = None,
+        serve_model: Callable[[ServedModel], None] | None = None,
     ) -> None:
-        """`log_file`: where a worker on this host writes its log; `ray`: the cluster of a replica placed there."""
-        self.engine, self.log_file = engine, log_file
+        """`log_file`: where a worker on this host writes its log; `ray`: the cluster of an engine placed there;
+        `serve_model`: for an engine of another model than the gateway's, handed that model's front-end files
+        (read here, without weights) before it serves, so admission tokenizes its requests."""
+        self.engine, self.log_file, self.serve_model = engine, log_file, serve_model
         self.graph = worker_graph(engine, restart, ray)
         self.group = groups_of(self.graph)[engine.id]  # its worker's process group
         self.source = HttpSource()
@@ -106,6 +111,9 @@ class EngineLink:
         supervision gives it up."""
         engine = self.engine
         try:
+            if self.serve_model is not None:
+                attrs = {"model": engine.spec.model, "max_model_len": engine.spec.engine.get("max_model_len")}
+                self.serve_model(await trio.to_thread.run_sync(served_model, attrs))
             with self._scope, single_errors():
                 async with trio.open_nursery() as nursery:
 

@@ -33,7 +33,6 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str  # path, alias or org/name (llm, embedding); the model name the server expects (openai)
     kind: Literal["llm", "embedding", "openai"] = "llm"
     tensor_parallel: int = 1
-    port: int | None = None  # None or 0: a free port (llm, embedding)
     label: str | None = None
     max_concurrent: int | None = None  # requests sent to it at once; more are answered 429
     use_gpu: bool = False
@@ -45,8 +44,8 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def check(self) -> None:
-        """Raises FieldError for a bad field (`engine.NAME` for an engine setting); whether the name, port or GPUs
-        are free is the manager's to check."""
+        """Raises FieldError for a bad field (`engine.NAME` for an engine setting); whether the name or GPUs are
+        free is the manager's to check."""
         for name in ("model", "served_model_name"):
             value = getattr(self, name)
             if value is not None and (not value.strip() or "\x00" in value):  # no path, name or argument holds these
@@ -62,19 +61,14 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.kind == "openai":
             if not self.url or not self.url.startswith(("http://", "https://")):
                 raise FieldError("url", "an openai engine needs `url`, the server's http(s) base URL")
-            if self.port or self.use_gpu or self.tensor_parallel > 1 or self.placement:
-                raise FieldError("kind", "port, tensor_parallel, use_gpu and placement are an openai server's own "
+            if self.use_gpu or self.tensor_parallel > 1 or self.placement:
+                raise FieldError("kind", "tensor_parallel, use_gpu and placement are an openai server's own "
                                          "settings; leave them out")  # fmt: skip
             return
         if self.url or self.api_key:
-            raise FieldError("url", f"url and api_key are for openai engines; a {self.kind} engine is spawned here")
-        if self.placement is not None:
-            if not RAY_PLACEMENT.fullmatch(self.placement):
-                raise FieldError("placement", f"placement must be 'ray:GROUP' or left out, got {self.placement!r}")
-            if self.port:
-                raise FieldError("port", "a server placed on Ray listens on a port free on its node; leave port out")
-        if self.port is not None and not 0 <= self.port < 65536:
-            raise FieldError("port", f"port must be 0-65535, got {self.port}")
+            raise FieldError("url", f"url and api_key are for openai engines; a {self.kind} engine is started here")
+        if self.placement is not None and not RAY_PLACEMENT.fullmatch(self.placement):
+            raise FieldError("placement", f"placement must be 'ray:GROUP' or left out, got {self.placement!r}")
 
     @property
     def slots(self) -> int | None:
@@ -101,10 +95,9 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ManagedEngine:
     id: str
     spec: EngineSpec
-    url: str
-    port: int | None
-    api_key: str | None  # sent to the engine; a managed process gets a fresh one so only the gateway reaches it
-    directory: Path | None = None  # log, pid and state of a managed process
+    url: str  # an openai server's ("" for an engine of ours: a worker of the gateway's graph)
+    api_key: str | None  # an openai server's key
+    directory: Path | None = None  # an engine of ours: its worker's log
     gpus: list[int] = field(default_factory=list)
     _state: str = STARTING
     process: trio.Process | None = None
@@ -156,7 +149,6 @@ class ManagedEngine:
             "url": self.url,
             "state": self.state,
             "pid": self.pid,
-            "port": self.port,
             "placement": self.spec.placement,
             "max_concurrent": self.spec.max_concurrent,
             "in_flight": self.in_flight,

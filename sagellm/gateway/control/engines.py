@@ -1,23 +1,22 @@
 """The control plane's lifecycle manager: the engines a gateway runs or reaches besides its graph's own.
 
-Kinds: `llm` runs our engine in a process of its own: a replica of the gateway's own model (its served name) as a
-worker of the gateway's graph (`control.engine_link`: its requests pass the gateway's one admission and policy queue,
-then only the engine; on this host or a Ray node), any other model as a server (`sagellm serve` of the colocated
-graph, an OpenAI-compatible server on 127.0.0.1, whose own front tokenizes for its model); `embedding` a server of
-one embedding model (`sagellm serve --no-llm -e MODEL`); `openai` registers a server that already runs (vLLM,
-llama.cpp, another sageLLM). The manager keeps the list behind `/v1/management/engines`, checks a start request
-(names, ports, GPUs) and gives each managed process a fresh API key so only the gateway reaches it. Every engine
-becomes an instance in the serving core's registry (an embedding engine one of role "embedding"), so its requests
-take the graph's path (admission, the policy queue, route among every instance of the model, metrics); several may
-serve one model name. What an engine is: `control.engine_spec`; the processes themselves are run by the Supervisor
-(`control.supervisor`)."""
+Kinds: `llm` and `embedding` run an engine of ours as a worker process of the gateway's graph (`control.engine_link`, on
+this host or a Ray node): its requests pass the gateway's one admission and policy queue, then only the engine; for a
+model other than the gateway's own the gateway reads that model's files (without weights) to tokenize its requests.
+`openai` registers a server that already runs (vLLM, llama.cpp, another sageLLM). The manager keeps the list behind
+`/v1/management/engines` and checks a start request (names, GPUs). Every engine becomes an instance in the serving
+core's registry (an embedding engine one of role "embedding"), so its requests take the graph's path (admission, the
+policy queue, route among every instance of the model, metrics); several may serve one model name. What an engine is:
+`control.engine_spec`; an engine of ours: `control.engine_link`; the health of a server we reach: `control.health`."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +25,11 @@ import structlog
 import trio
 
 from sagellm.common.errors import FieldError
+from sagellm.common.restart import RestartPolicy
 from sagellm.gateway.control.engine_link import EngineLink
 from sagellm.gateway.control.engine_spec import DRAINING, READY, STOPPED, EngineSpec, ManagedEngine
-from sagellm.gateway.control.supervisor import LOG_FILE, Supervisor, free_port, port_free, stop_orphans
-from sagellm.gateway.http.auth import new_key
+from sagellm.gateway.control.health import HealthChecks
 from sagellm.gateway.http.errors import ApiError
-from sagellm.operators.embedding import served_name
 from sagellm.operators.remote_engine import Endpoint
 from sagellm.runtime.pipeline.cluster import RayCluster
 
@@ -40,6 +38,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("sagellm.gateway")
 ENGINES_DIR = "engines"
+LOG_FILE = "engine.log"  # an engine's worker's output, in its folder
 
 
 class EngineManager:
@@ -51,34 +50,42 @@ class EngineManager:
         reserved_names: Callable[[], Iterable[str]] = tuple,
         drain_timeout_s: float = 30.0,
         ray: RayCluster | None = None,
-        **supervision: float,
+        restart: RestartPolicy | None = None,
+        startup_timeout_s: float = 600.0,
+        stop_grace_s: float = 15.0,
+        health_interval_s: float = 5.0,
     ) -> None:
         """Engines keep their files in `gateway_state_dir/engines/<this pid>/ID/`; every engine is an instance in the
         core's registry. `reserved_names`: the embedding models the gateway itself serves, which no managed engine may
         take; a generation engine named as the gateway's own model is one more instance of it (`_registry_model`).
         `drain_timeout_s`: how long a stop waits for the engine's requests in flight. `ray`: the cluster engines placed
-        `ray:GROUP` run on. `supervision`: Supervisor's timings and limits."""
+        `ray:GROUP` run on. `restart`: when an engine's process that died after serving is started again;
+        `startup_timeout_s` covers a first-run model download; `stop_grace_s`: how long an engine's process may take
+        to finish after a stop; `health_interval_s`: how often a server we reach is checked."""
         self.engines_root = gateway_state_dir / ENGINES_DIR
         self.state_dir = self.engines_root / str(os.getpid())
         self.core = core
         self.reserved_names = reserved_names
         self.drain_timeout_s = drain_timeout_s
-        self.supervision = supervision
         self.ray = ray
+        self.restart = restart or RestartPolicy()
+        self.startup_timeout_s, self.stop_grace_s = startup_timeout_s, stop_grace_s
+        self.health_interval_s = health_interval_s
         self.engines: dict[str, ManagedEngine] = {}
         self._ids = itertools.count(1)
         self._closed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._supervisor: Supervisor | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._health: HealthChecks | None = None
 
     # -- lifecycle of the manager ---------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Serves until `shutdown()`, then stops every managed process (SIGTERM, SIGKILL after the grace period)."""
-        stop_orphans(self.engines_root)
+        """Serves until `shutdown()`, then stops every engine of ours (each finishes what it holds, up to the grace
+        period)."""
+        remove_stale(self.engines_root)
         async with _client() as client, trio.open_nursery() as nursery:
-            self._client, self._nursery = client, nursery
-            self._supervisor = Supervisor(client, ray=self.ray, relocated=self._relocated, **self.supervision)
+            self._nursery = nursery
+            self._health = HealthChecks(client, health_interval_s=self.health_interval_s,
+                                        startup_timeout_s=self.startup_timeout_s)  # fmt: skip
             try:
                 task_status.started()
                 await self._closed.wait()
@@ -95,34 +102,26 @@ class EngineManager:
 
     # -- the management API ---------------------------------------------------------------------------------------
     async def start(self, spec: EngineSpec, engine_id: str | None = None) -> ManagedEngine:
-        """Registers the engine (as `engine_id`, or a new id) and, for llm and embedding, spawns its process; returns
+        """Registers the engine (as `engine_id`, or a new id) and, for llm and embedding, starts its worker; returns
         at once (state starting)."""
         if self._nursery is None or self._closed.is_set():
             raise ApiError(503, "the engine manager is not running", code="unavailable")
         gpus = await self._gpus_for(spec) if spec.kind != "openai" and spec.placement is None else []
-        self._check(spec)  # no await from here to the registration: two starts cannot both take a name or port
+        self._check(spec)  # no await from here to the registration: two starts cannot both take a name
         if engine_id is not None and (engine_id in self.engines or engine_id in self.core.registry.instances()):
             raise ApiError(409, f"an engine or instance named {engine_id!r} exists", code="conflict")
         engine_id = engine_id or f"{spec.kind}-{next(self._ids)}"
         if spec.kind == "openai":
-            url = spec.url.rstrip("/").removesuffix("/v1")
-            engine = ManagedEngine(engine_id, spec, url, None, spec.api_key)
-        else:
-            port = spec.port or free_port()
-            engine = ManagedEngine(engine_id, spec, f"http://127.0.0.1:{port}", port, new_key(), gpus=gpus)
-            engine.directory = self.state_dir / engine_id
-        # The model's name at the server: an openai server's as registered, a spawned llm server's the name the gateway
-        # gave it, a spawned embedding server's its model's default name.
-        upstream = {"openai": spec.model, "embedding": served_name(spec.model)}.get(spec.kind, engine.name)
-        model = self._registry_model(engine)
-        if self._linked(spec):  # a worker of the gateway's graph
-            assert engine.directory is not None and self._supervisor is not None
+            engine = ManagedEngine(engine_id, spec, spec.url.rstrip("/").removesuffix("/v1"), spec.api_key)
+        else:  # an engine of ours: a worker of the gateway's graph
+            engine = ManagedEngine(engine_id, spec, "", None, gpus=gpus, directory=self.state_dir / engine_id)
             engine.directory.mkdir(parents=True, exist_ok=True)
-            supervisor = self._supervisor
-            engine.link = EngineLink(engine, supervisor.restart, supervisor.startup_timeout_s,
-                                     engine.directory / LOG_FILE, self.ray)  # fmt: skip
-            engine.url, engine.port, engine.api_key = "", None, None
-        endpoint = Endpoint(engine.url, upstream, engine.api_key, spec.max_concurrent, link=engine.link)
+            other_model = spec.kind == "llm" and not self._replica(spec)  # its requests need its tokenizer here
+            serve_model = partial(self.core.registry.serve_model, engine.name) if other_model else None
+            engine.link = EngineLink(engine, self.restart, self.startup_timeout_s, engine.directory / LOG_FILE,
+                                     self.ray, serve_model)  # fmt: skip
+        endpoint = Endpoint(engine.url, spec.model, engine.api_key, spec.max_concurrent, link=engine.link)
+        model = self._registry_model(engine)
         role = "embedding" if spec.kind == "embedding" else "colocated"
         engine.stats = self.core.registry.attach(engine_id, model, endpoint, role=role)
         if spec.slots is not None:  # what the policies and the autoscaler count as its free slots
@@ -131,8 +130,8 @@ class EngineManager:
         if engine.link is not None:
             self._nursery.start_soon(engine.link.run)
         else:
-            watch = self._supervisor.watch_remote if spec.kind == "openai" else self._supervisor.supervise
-            self._nursery.start_soon(watch, engine)
+            assert self._health is not None
+            self._nursery.start_soon(self._health.watch_remote, engine)
         log.info("engine_registered", engine=engine_id, kind=spec.kind, model=engine.name, url=engine.url)
         return engine
 
@@ -160,23 +159,16 @@ class EngineManager:
         """Probes one engine now: whether it answered, how long that took, and its state after."""
         engine = self.get(engine_id)
         started = time.perf_counter()
-        ok = engine.state == READY if engine.link is not None else await self._supervisor.probe(engine)
+        assert self._health is not None
+        ok = engine.state == READY if engine.link is not None else await self._health.probe(engine)
         took_ms = round(1000 * (time.perf_counter() - started), 1)
         return {"id": engine.id, "healthy": ok, "state": engine.state, "latency_ms": took_ms}
 
     async def _end(self, engine: ManagedEngine, force: bool) -> None:
-        """Ends the engine's process: SIGTERM, then SIGKILL after the grace period (at once with `force`); a replica's
-        worker finishes what it holds first."""
-        assert self._supervisor is not None
+        """Ends an engine of ours: its worker finishes what it holds (up to the grace period), or at once with
+        `force`; a server we only reach has nothing of ours to end."""
         if engine.link is not None:
-            await engine.link.stop(force, self._supervisor.stop_grace_s)
-        else:
-            await self._supervisor.end_process(engine, force)
-
-    def _relocated(self, engine: ManagedEngine, url: str) -> None:
-        """An engine placed on Ray is reached where its latest start put it."""
-        engine.url = url
-        self.core.registry.relocate(engine.id, url)
+            await engine.link.stop(force, self.stop_grace_s)
 
     def get(self, engine_id: str) -> ManagedEngine:
         engine = self.engines.get(engine_id)
@@ -191,12 +183,6 @@ class EngineManager:
         one that joined: admission tokenizes its requests, route chooses it beside the graph's engines, failover
         moves requests between them); else its own name."""
         return None if self._replica(engine.spec) else engine.name
-
-    def _linked(self, spec: EngineSpec) -> bool:
-        """Engines of ours that run as workers of the gateway's graph (`engine_link`): replicas of its model and
-        embedding engines. An llm engine of another model is a server (`sagellm serve`), whose front end tokenizes
-        and applies the defaults of that model."""
-        return spec.kind == "embedding" or (spec.kind == "llm" and self._replica(spec))
 
     def _replica(self, spec: EngineSpec) -> bool:
         """A generation engine serving the gateway's own model name, whose tokenizer the gateway holds."""
@@ -221,12 +207,6 @@ class EngineManager:
         taken = next((e for e in self.engines.values() if e.name == name), None)
         if taken is not None and (spec.kind == "embedding") != (taken.spec.kind == "embedding"):
             raise ApiError(409, f"engine {taken.id} already serves {name!r}; stop it first", code="conflict")
-        if spec.port and self._linked(spec):
-            raise ApiError(400, "a replica of the gateway's model or an embedding engine runs as a worker of the "
-                                "gateway's graph and listens on no port; leave port out", param="port",
-                           code="invalid_request")  # fmt: skip
-        if spec.port and (not port_free(spec.port) or any(e.port == spec.port for e in self.engines.values())):
-            raise ApiError(409, f"port {spec.port} is in use; pick another or leave port out", code="conflict")
 
     async def _gpus_for(self, spec: EngineSpec) -> list[int]:
         """The GPU indexes given to the engine: none unless `use_gpu`, which needs one free GPU per tensor parallel
@@ -251,5 +231,23 @@ class EngineManager:
 
 
 def _client() -> httpx.AsyncClient:
-    """The supervisor's client for health checks and metrics: short requests, a small pool."""
+    """The client for servers' health checks and metrics: short requests, a small pool."""
     return httpx.AsyncClient(timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_keepalive_connections=8))
+
+
+def remove_stale(engines_root: Path) -> None:
+    """Each manager keeps its engines' logs in `engines_root/<its pid>/`; the folders of managers that are gone (a
+    gateway killed outright) are removed. Their workers ended by themselves: a worker whose run falls silent exits."""
+    for folder in engines_root.glob("*"):
+        if folder.name.isdigit() and not _alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

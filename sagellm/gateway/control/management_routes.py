@@ -52,7 +52,6 @@ class ManagementRoutes:
                 "url": None,
                 "state": "ready" if stats.healthy else "unhealthy",
                 "pid": None,
-                "port": None,
                 "max_concurrent": stats.max_running,
                 "in_flight": stats.running + stats.waiting,
                 "restarts": 0,

@@ -92,7 +92,7 @@ class OpenAIRoutes:
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
         model = self.core.instance_model(body.model)
-        defaults = self.core.sampling_defaults if model is None else None
+        defaults = self.core.sampling_defaults(model)
         requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults)
         for request in requests:
             request.model = model
@@ -182,7 +182,7 @@ class OpenAIRoutes:
 
     def _chat_request(self, body: ChatCompletionRequest, headers: dict[str, str]) -> Request:
         model = self.core.instance_model(body.model)
-        defaults = self.core.sampling_defaults if model is None else None
+        defaults = self.core.sampling_defaults(model)
         request = chat_request(body, headers, self.core.new_id("chatcmpl"), defaults)
         request.model = model
         return request

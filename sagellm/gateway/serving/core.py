@@ -186,9 +186,11 @@ class ServingCore:
         """The graph's model's vocabulary (token ids are checked against it)."""
         return self.served.vocab_size if self.served is not None else None
 
-    @property
-    def sampling_defaults(self) -> dict[str, Any] | None:
-        """The graph's model's own sampling defaults: what a request for it leaves unset takes."""
+    def sampling_defaults(self, model: str | None = None) -> dict[str, Any] | None:
+        """A model's own sampling defaults (None: the graph's): what a request for it leaves unset takes; None for a
+        model whose server applies its own."""
+        if model is not None:
+            return self.registry.sampling_defaults(model)
         return self.served.sampling_defaults if self.served is not None else None
 
     @property

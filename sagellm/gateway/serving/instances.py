@@ -15,8 +15,10 @@ import trio
 
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.served_graph import REMOTE_NODE
+from sagellm.operators.admission import Admission
 from sagellm.operators.embedding import EmbeddingOperator
 from sagellm.operators.route import ROLES_FOR_PHASE
+from sagellm.runtime.pipeline.served_model import ServedModel
 
 
 class InstanceRegistry:
@@ -24,6 +26,7 @@ class InstanceRegistry:
         """`own_model`: the name the graph's own model is served as; `local()`: the executor of the gateway's
         process once it runs (None before)."""
         self.own_model, self._local = own_model, local
+        self._served: dict[str, ServedModel] = {}  # other models whose instances take tokens: their front-end files
 
     def instances(self) -> dict[str, Any]:
         local = self._local()
@@ -52,8 +55,35 @@ class InstanceRegistry:
             self.remote.relocate(instance_id, url)
 
     def detach(self, instance_id: str) -> None:
+        stats = self.instances().get(instance_id)
         if self.remote is not None:
             self.remote.detach(instance_id)
+        model = stats.model if stats is not None else None
+        if model in self._served and not any(s.model == model for s in self.instances().values()):
+            del self._served[model]
+            for admission in self._admissions():
+                admission.models.pop(model, None)
+
+    def serve_model(self, model: str, served: ServedModel) -> None:
+        """Instances of `model` take tokens (workers of the graph): admission tokenizes and checks their requests with
+        the model's own files, and its sampling defaults apply, as the graph's own model's do."""
+        self._served[model] = served
+        for admission in self._admissions():
+            admission.models[model] = served
+
+    def sampling_defaults(self, model: str) -> dict[str, Any] | None:
+        """Another model's own sampling defaults, where the gateway holds its files (None: its server applies them)."""
+        served = self._served.get(model)
+        return served.sampling_defaults if served is not None else None
+
+    def served_defaults(self) -> dict[str, dict[str, Any]]:
+        """Every other model's sampling defaults the gateway applies, by name (what API servers are told)."""
+        return {model: served.sampling_defaults or {} for model, served in self._served.items()}
+
+    def _admissions(self) -> list[Admission]:
+        local = self._local()
+        operators = local.operators.values() if local is not None else ()
+        return [op for op in operators if isinstance(op, Admission)]
 
     async def instance_ready(self, model: str | None, within_s: float, phase: str = "colocated") -> bool:
         """Waits up to `within_s` until an instance of `model` (None: the graph's) that can run a `phase` request
