@@ -104,3 +104,35 @@ def test_a_replica_whose_worker_cannot_start_fails_alone_with_its_cause(tiny_mod
             log = (gw.gateway.engines.engines[failed["id"]].link.log_file).read_text()
             assert "missing" in log  # the worker's own error, in its log
             assert _complete(gw.url, "Still here?")["choices"][0]["finish_reason"] == "length"
+
+
+def test_an_engine_of_another_model_is_a_worker_too_and_its_requests_are_tokenized_once_with_its_files(tmp_path):
+    """An llm engine of a model other than the gateway's (another architecture, other weights) is a worker of the
+    gateway's graph as well: the gateway reads that model's files (no weights) so its one admission tokenizes and
+    checks the requests for it, a chat through its chat template; its greedy answers are the offline API's on that
+    model, and an over-long prompt gets that model's context error at the gateway."""
+    from sagellm import LLM, SamplingParams
+    from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
+
+    own, other = make_tiny_llama(tmp_path / "own"), make_tiny_qwen2(tmp_path / "other", seed=7)
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path), own) as gw:
+        admission = gw.gateway.core.local.operators["admission"]
+        headers = {"authorization": f"Bearer {gw.gateway.admin_key}"}
+        with httpx.Client(base_url=gw.url, headers=headers, timeout=60) as admin:
+            started = admin.post(ENGINES, json={"model": str(other), "served_model_name": "other"})
+            assert started.status_code == 201, started.text
+            engine = _wait(admin, started.json()["id"], lambda e: e["state"] == "ready")
+            assert engine["pid"] is not None and "other" in admission.models  # its files, read at the gateway
+            body = {"model": "other", "prompt": "Hello there", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            reply = httpx.post(gw.url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S)
+            assert reply.status_code == 200, reply.text
+            offline = LLM(str(other)).generate(["Hello there"], SamplingParams(max_tokens=8, temperature=0,
+                                                                                 ignore_eos=True))  # fmt: skip
+            assert reply.json()["choices"][0]["text"] == offline[0].outputs[0].text
+            chat = {"model": "other", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+            assert httpx.post(gw.url + "/v1/chat/completions", json=chat, timeout=REPLY_TIMEOUT_S).status_code == 200
+            long = {"model": "other", "prompt": "word " * 5000, "max_tokens": 4}
+            refused = httpx.post(gw.url + "/v1/completions", json=long, timeout=REPLY_TIMEOUT_S)
+            assert refused.status_code == 400 and "maximum context length" in refused.json()["error"]["message"]
+            assert admin.delete(f"{ENGINES}/{engine['id']}").json()["state"] == "stopped"
+            assert "other" not in admission.models  # forgotten with its last engine
