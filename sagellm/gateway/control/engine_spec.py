@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import trio
 
 from sagellm.common.errors import FieldError
-from sagellm.common.supervision import Supervision
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
 from sagellm.runtime.pipeline.operator import InstanceStats
 
@@ -100,9 +98,7 @@ class ManagedEngine:
     directory: Path | None = None  # an engine of ours: its worker's log
     gpus: list[int] = field(default_factory=list)
     _state: str = STARTING
-    process: trio.Process | None = None
-    supervision: Supervision | None = None  # what keeps its process alive (a managed one's)
-    link: Any = None  # a replica's `EngineLink`: its engine is a worker of the gateway's graph (no server)
+    link: Any = None  # an engine of ours: its `EngineLink` (a worker of the gateway's graph); None for an openai server
     restarts: int = 0
     ever_ready: bool = False
     stopping: bool = False
@@ -125,10 +121,8 @@ class ManagedEngine:
 
     @property
     def pid(self) -> int | None:
-        """The pid of its process while it runs (a replica's: its worker's)."""
-        if self.link is not None:
-            return self.link.pid
-        return self.process.pid if self.process is not None and self.process.returncode is None else None
+        """The pid of its worker while it runs (an engine of ours)."""
+        return self.link.pid if self.link is not None else None
 
     @property
     def in_flight(self) -> int:
