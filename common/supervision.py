@@ -32,7 +32,8 @@ STARTING, READY, RESTARTING, FAILED, STOPPED = "starting", "ready", "restarting"
 
 
 class Supervised(Protocol):
-    """One process kept alive, as its supervisor sees it. Every method is called from the supervision's task."""
+    """One process kept alive, as its supervisor sees it. Every method is called from the supervision's task. The
+    three hooks (`on_...`) do nothing here: a kind that subclasses this overrides those it needs."""
 
     name: str  # who it is, in logs
 

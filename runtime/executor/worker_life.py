@@ -15,6 +15,7 @@ import trio
 
 from sagellm.common.errors import StartFailed
 from sagellm.common.restart import RestartPolicy
+from sagellm.common.supervision import Supervised
 from sagellm.runtime.executor.control import ControlServer
 
 log = structlog.get_logger("sagellm.process_executor")
@@ -34,7 +35,7 @@ class Workers(Protocol):
     def give_up(self, nursery: trio.Nursery, group: str) -> None: ...
 
 
-class WorkerLife:
+class WorkerLife(Supervised):
     """One worker group's process: ready once its worker joined and bound its data socket, lost when the executor
     finds it exited or silent (`lose`)."""
 
@@ -89,9 +90,6 @@ class WorkerLife:
     async def on_ready(self, life: int) -> None:
         if life > 1:
             await self.executor.rejoin(self.group)
-
-    def on_restarting(self, cause: str, attempt: int, delay_s: float) -> None:
-        pass
 
     def on_given_up(self, cause: str) -> None:
         self.executor.kill(self.group)

@@ -28,7 +28,7 @@ from sagellm.common.nursery_errors import single_errors
 from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy
-from sagellm.common.supervision import Supervision, end_process, exit_cause
+from sagellm.common.supervision import Supervised, Supervision, end_process, exit_cause
 from sagellm.gateway.api_servers.link import (
     ALIVE_S,
     PEER_TIMEOUT_S,
@@ -261,7 +261,7 @@ class ApiServerHub:
                     self._queue(peer, wire.Heartbeat(node=CORE, time=time.time()))
 
 
-class ApiServerProcess:
+class ApiServerProcess(Supervised):
     """One API server process as its supervision sees it: ready once it attached to the hub with the URL it listens
     on, lost when it exits (its requests are cancelled then)."""
 
@@ -300,16 +300,6 @@ class ApiServerProcess:
         """`graceful`: SIGTERM, so it takes no new connection and finishes the requests in flight."""
         await end_process(self.process, graceful, self.config.graceful_timeout_s + 5)
 
-    async def on_ready(self, life: int) -> None:
-        pass
-
-    def on_restarting(self, cause: str, attempt: int, delay_s: float) -> None:
-        pass
-
-    def on_given_up(self, cause: str) -> None:
-        pass
-
-
 async def run_api_servers(
     hub: ApiServerHub,
     endpoint: str,
@@ -325,14 +315,15 @@ async def run_api_servers(
     are cancelled when it exits). When `stop` is set they stop gracefully (SIGTERM: no new connections, requests
     in flight finish), then this returns. `keys`: the hub's run key (a tcp hub), handed to them in their
     environment."""
+    policy = RestartPolicy()  # one policy for all of them
     first = ApiServerProcess(hub, endpoint, config, keys)
-    supervisions = [Supervision(first, RestartPolicy(), startup_timeout_s=START_TIMEOUT_S)]
+    supervisions = [Supervision(first, policy, startup_timeout_s=START_TIMEOUT_S)]
     with single_errors():  # an API server that did not start: its StartFailed, as itself
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisions[0].run)  # it binds the port (maybe a free one) the others then share
             for _ in range(count - 1):
                 server = ApiServerProcess(hub, endpoint, dataclasses.replace(config, port=first.port), keys)
-                supervisions.append(Supervision(server, RestartPolicy(), startup_timeout_s=START_TIMEOUT_S))
+                supervisions.append(Supervision(server, policy, startup_timeout_s=START_TIMEOUT_S))
             with single_errors():
                 async with trio.open_nursery() as starting:  # the others start together
                     for supervision in supervisions[1:]:
