@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from sagellm.backends.base import Availability
 from sagellm.backends.registry import register_backend
-from sagellm.backends.torch_ops import TorchOpsBackend, plugin_availability
+from sagellm.backends.torch_ops import PluginBackend
 
 
 @register_backend
-class AscendBackend(TorchOpsBackend):
+class AscendBackend(PluginBackend):
     name = "ascend"
     device_type = "npu"
     collective_library = "hccl"
-
-    @classmethod
-    def availability(cls) -> Availability:
-        return plugin_availability("torch_npu", "Huawei Ascend CANN", "npu")
+    plugin, stack = "torch_npu", "Huawei Ascend CANN"

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from sagellm.backends.base import Availability
 from sagellm.backends.registry import register_backend
-from sagellm.backends.torch_ops import TorchOpsBackend, plugin_availability
+from sagellm.backends.torch_ops import PluginBackend
 
 
 @register_backend
-class CambriconBackend(TorchOpsBackend):
+class CambriconBackend(PluginBackend):
     name = "cambricon"
     device_type = "mlu"
     collective_library = "cncl"
-
-    @classmethod
-    def availability(cls) -> Availability:
-        return plugin_availability("torch_mlu", "Cambricon Neuware", "mlu")
+    plugin, stack = "torch_mlu", "Cambricon Neuware"

@@ -24,14 +24,16 @@ all read GGUF blocks, `decoder_layers` runs every layer of a decode-only step in
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from sagellm.backends import torch_ops
-from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.attention_metadata import PrefillChunk
 from sagellm.backends.base import Availability, DecoderLayer, DecoderShape, KernelTable
 from sagellm.backends.native import (
     DISABLE_ENV,
@@ -121,6 +123,17 @@ class NativeDispatch:
         self.native = native
         self.buffers = torch_ops.GatherBuffers()  # for the torch decode attention, and prefill chunks' gathers
         self._prefill_scratch = torch.empty(0)  # the native prefill attention's transposed keys, reused
+        # The torch attention with each part native where it fits: the K/V write, the decode tokens' attention and
+        # each prefill chunk's. Whether decode attention is native depends only on the model and the cache (dtype,
+        # head size, layouts), not on the step, so a model's decodes all go one way: the torch path's kept K/V
+        # (GatherBuffers) is never left missing the tokens of steps that ran natively.
+        self.attention: Callable[..., torch.Tensor] = functools.partial(
+            torch_ops.attention,
+            decode=self.paged_decode_attention,
+            buffers=self.buffers,
+            write=self.write_kv,
+            prefill=self.prefill_attention,
+        )
 
     def ops(self) -> KernelTable:
         return {
@@ -173,45 +186,14 @@ class NativeDispatch:
             return self.native.silu_mul(x, _row_threads(x))
         return torch_ops.silu_mul(x)
 
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        """A decode-only batch (the steady state) writes its K/V and attends natively; a batch with prefill chunks
-        runs the torch op, with the native K/V write (torch's index_copy_ took ~1.5 ms a layer for 500 tokens) and
-        `paged_decode_attention` below as its decode half.
-
-        Whether decode attention is native depends only on the model and the cache (dtype, head size, layouts), not
-        on the step, so a model's decodes all go one way: the torch path's kept K/V (GatherBuffers) is never left
-        missing the tokens of steps that ran natively."""
-        tables, lens = meta.decode_block_tables, meta.decode_context_lens
-        native_write = fits_heads(k, v) and fits_dense(k_cache, v_cache) and fits_dense(meta.slot_mapping, dtype=I64)
-        if (
-            native_write
-            and meta.num_decode_tokens == q.shape[0]  # so tables and lens are set
-            and fits_decode_attention(q, k_cache, v_cache, tables, lens)
-        ):
-            self.native.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            return self._native_decode(q, k_cache, v_cache, tables, lens, scale)
-        return torch_ops.attention(
-            q,
-            k,
-            v,
-            k_cache,
-            v_cache,
-            meta,
-            scale,
-            decode=self.paged_decode_attention,
-            buffers=self.buffers,
-            write=self.native.write_kv if native_write else torch_ops.write_kv,
-            prefill=self.prefill_attention,
-        )
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """The native K/V write where it fits (torch's index_copy_ took ~1.5 ms a layer for 500 tokens)."""
+        if fits_heads(k, v) and fits_dense(k_cache, v_cache) and fits_dense(slots, dtype=I64):
+            self.native.write_kv(k, v, k_cache, v_cache, slots)
+        else:
+            torch_ops.write_kv(k, v, k_cache, v_cache, slots)
 
     def prefill_attention(
         self,
@@ -247,23 +229,12 @@ class NativeDispatch:
         scale: float,
     ) -> torch.Tensor:
         if fits_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
-            return self._native_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+            keys = q.shape[0] * block_tables.shape[1] * k_cache.shape[1]  # an upper bound: tables span the contexts
+            return self.native.paged_decode_attention(
+                q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys)
+            )
         return torch_ops.paged_decode_attention(
             q, k_cache, v_cache, block_tables, context_lens, scale, buffers=self.buffers
-        )
-
-    def _native_decode(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_tables: torch.Tensor,
-        context_lens: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        keys = q.shape[0] * block_tables.shape[1] * k_cache.shape[1]  # an upper bound: tables span the contexts
-        return self.native.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys)
         )
 
 

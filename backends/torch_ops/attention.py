@@ -5,25 +5,12 @@ the parts a device swaps (the CUDA backend's triton decode kernel, the CPU's nat
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers, cached_tokens, visibility_mask
-
-
-class DecodeAttentionFn(Protocol):
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_tables: torch.Tensor,
-        context_lens: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor: ...
 
 
 def write_kv(
@@ -116,7 +103,7 @@ def attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    decode: DecodeAttentionFn = paged_decode_attention,
+    decode: Callable[..., torch.Tensor] = paged_decode_attention,
     buffers: GatherBuffers | None = None,
     write: Callable[..., None] = write_kv,
     prefill: Callable[..., torch.Tensor] = prefill_attention,

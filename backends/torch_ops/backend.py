@@ -1,5 +1,5 @@
 """The torch ops as a backend: their kernel table (`TORCH_KERNELS`), `TorchOpsBackend`, the one base class for "these
-ops on torch device X", and the availability check of an out-of-tree torch device plug-in."""
+ops on torch device X", and `PluginBackend` for a device an out-of-tree torch plug-in adds."""
 
 from __future__ import annotations
 
@@ -51,16 +51,24 @@ class TorchOpsBackend(HardwareBackend):
         return {**TORCH_KERNELS, "paged_decode_attention": decode, "attention": attend}
 
 
-def plugin_availability(module: str, stack: str, device_type: str) -> Availability:
-    """Whether the out-of-tree torch device plug-in `module` (which adds `torch.<device_type>`) is installed, imports
-    and sees a device; imports it only if it is installed, and reports a failed import instead of raising."""
-    if importlib.util.find_spec(module) is None:
-        return Availability(False, f"needs {module} ({stack}) — not installed")
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # vendor plug-ins fail on a driver/toolkit mismatch at import time
-        return Availability(False, f"needs a working {module} ({stack}) — import failed: {exc}")
-    device_module = getattr(torch, device_type, None)
-    if device_module is None or not device_module.is_available():
-        return Availability(False, f"needs a {stack} device — {module} is installed but sees none")
-    return Availability(True, f"torch {torch.__version__}, {module}, {device_module.device_count()} device(s)")
+class PluginBackend(TorchOpsBackend):
+    """The torch ops on the device an out-of-tree torch plug-in adds (`torch.<device_type>`): present when the plug-in
+    `plugin` (a module of the vendor's software `stack`) is installed, imports and sees a device. It is imported only
+    if installed, and a failed import is reported instead of raised."""
+
+    plugin: ClassVar[str]
+    stack: ClassVar[str]
+
+    @classmethod
+    def availability(cls) -> Availability:
+        module, stack = cls.plugin, cls.stack
+        if importlib.util.find_spec(module) is None:
+            return Availability(False, f"needs {module} ({stack}) — not installed")
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # vendor plug-ins fail on a driver/toolkit mismatch at import time
+            return Availability(False, f"needs a working {module} ({stack}) — import failed: {exc}")
+        device_module = getattr(torch, cls.device_type, None)
+        if device_module is None or not device_module.is_available():
+            return Availability(False, f"needs a {stack} device — {module} is installed but sees none")
+        return Availability(True, f"torch {torch.__version__}, {module}, {device_module.device_count()} device(s)")
