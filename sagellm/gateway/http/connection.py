@@ -10,31 +10,31 @@ from __future__ import annotations
 
 import socket
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
 import structlog
 import trio
 
-from sagellm.gateway.http.app import App, EventStream, HttpRequest, LastEvents, frame
-from sagellm.gateway.http.framing import Close, error_reply, head_bytes, keeps_alive, parse_head, reply_bytes
-from sagellm.gateway.http.limits import MAX_HEAD_BYTES, READ_BYTES, HttpLimits
+from sagellm.gateway.http.app import EventStream, HttpRequest, LastEvents, frame
+from sagellm.gateway.http.connection_slots import ServerState
+from sagellm.gateway.http.framing import (
+    Close,
+    check_head_start,
+    error_reply,
+    head_bytes,
+    keeps_alive,
+    parse_head,
+    reply_bytes,
+)
+from sagellm.gateway.http.limits import MAX_HEAD_BYTES, READ_BYTES
 
 log = structlog.get_logger("sagellm.gateway")
 STREAM_HEADERS = b"content-type: text/event-stream\r\ncache-control: no-cache\r\n"
 
 
-@dataclass
-class ServerState:
-    """What the connections of one server share: its app and limits, the open connections, whether it stops."""
-
-    app: App
-    limits: HttpLimits
-    connections: set[Connection] = field(default_factory=set)
-    stopping: bool = False
-
-
 class Connection:
+    """Counted in `server.connections` by whoever accepted it (`server._accept`), from before its task starts."""
+
     def __init__(self, server: ServerState, sock: socket.socket) -> None:
         self.server, self.sock = server, sock
         self.limits = server.limits
@@ -42,16 +42,17 @@ class Connection:
         self.eof = False
         self.arrived = trio.Event()  # fired when bytes (or the end) arrive; replaced after each wait
         self.room = trio.Event()  # set when a request was taken out of the buffer (the reader may read on)
-        self.idle_since: float | None = None  # while waiting for a next request: since when
+        self.opened = trio.current_time()
+        self.served = 0  # requests answered
         self.scope = trio.CancelScope()  # the connection's tasks: cancelled when it closes from outside
 
     async def run(self) -> None:
-        self.server.connections.add(self)
         try:
             with self.scope:
                 await self._run()
         finally:
             self.server.connections.discard(self)
+            self.server.idle.pop(self, None)
             close_socket(self.sock)
 
     async def _run(self) -> None:
@@ -66,11 +67,23 @@ class Connection:
                 log.exception("connection_failed")
             nursery.cancel_scope.cancel()
 
-    def close_if_idle_since(self, before: float) -> None:
-        """Closes the connection if it has waited for a next request since before `before` (the keep-alive timeout;
-        infinity when the server stops)."""
-        if self.idle_since is not None and self.idle_since < before and not self.buffer:
-            self.scope.cancel()
+    @property
+    def reclaimable(self) -> bool:
+        """Waiting for a request with none of it arrived: closing the connection loses its client nothing."""
+        return self in self.server.idle and not self.buffer
+
+    @property
+    def idle_timeout_s(self) -> float:
+        """How long it may wait for a request: the keep-alive timeout after one, the header timeout before the first
+        (a connection that never sends one is closed as soon as a slow head would be)."""
+        return self.limits.keep_alive_timeout_s if self.served else self.limits.body_timeout_s
+
+    def close(self) -> None:
+        """Closes the connection from outside (idle past its timeout, reclaimed, or the server stops): its slot is
+        free at once, its tasks end at their next checkpoint."""
+        self.server.connections.discard(self)
+        self.server.idle.pop(self, None)
+        self.scope.cancel()
 
     # -- receiving ------------------------------------------------------------------------------------------------
     async def _read(self) -> None:
@@ -115,11 +128,11 @@ class Connection:
         while not self.server.stopping:
             if self.buffer:  # pipelined: the next request is here already; others get a turn first
                 await trio.lowlevel.checkpoint()
-            else:  # (the server closes the connection if this lasts past the keep-alive timeout, or it stops)
-                self.idle_since = trio.current_time()
+            else:  # (the server closes the connection if this lasts past its idle timeout, or it stops)
+                self.server.idle[self] = trio.current_time()
                 while not self.buffer and not self.eof:
                     await self._wait_arrival()
-                self.idle_since = None
+                self.server.idle.pop(self, None)  # (gone already if closed from outside)
                 if not self.buffer:
                     return
             request, keep_alive, head_only = await self._request()
@@ -130,16 +143,21 @@ class Connection:
                 reply_keeps = await self._stream(result, reply_keeps, request.version)
             else:
                 await self._send(reply_bytes(result, reply_keeps, head_only))
+            self.served += 1
             if not reply_keeps or self.eof:
                 return
 
     async def _request(self) -> tuple[HttpRequest, bool, bool]:
-        """The next request, its body whole: (request, keep the connection alive after it, a HEAD)."""
+        """The next request, its body whole: (request, keep the connection alive after it, a HEAD). Head and body
+        are due within the body timeout of the request's first bytes; a first request's head, of the connection's
+        opening (the header timeout)."""
         deadline = trio.current_time() + self.limits.body_timeout_s
+        head_deadline = deadline if self.served else self.opened + self.limits.body_timeout_s
         while (end := self.buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)) < 0:
+            check_head_start(self.buffer)
             if len(self.buffer) >= MAX_HEAD_BYTES + 4:
                 raise Close(error_reply(431, f"the request head is over {MAX_HEAD_BYTES} bytes"))
-            await self._more(deadline)
+            await self._more(head_deadline)
         head = bytes(self.buffer[:end])
         del self.buffer[: end + 4]
         method, target, version, headers = parse_head(head)

@@ -20,10 +20,16 @@ class Close(Exception):
         self.response = response
 
 
+TLS_HANDSHAKE = b"\x16"  # a TLS record's first byte when a client starts a handshake (its ClientHello)
+BARE_LINE_END = "a line of the request head ends with a bare LF or holds a bare CR; HTTP/1.1 lines end with CRLF"
+
+
 def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     """Request line and headers (names lower-cased; repeated ones joined with ", "); raises Close with a 400 or 505
     for what does not parse."""
     lines = head.split(b"\r\n")
+    if any(b"\n" in line or b"\r" in line for line in lines):
+        raise Close(error_reply(400, BARE_LINE_END))
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
         raise Close(error_reply(400, f"bad request line {lines[0][:100]!r}"))
@@ -44,6 +50,22 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     if version == "HTTP/1.1" and "host" not in headers:
         raise Close(error_reply(400, "an HTTP/1.1 request must carry a Host header"))
     return method.upper(), target, version, headers
+
+
+def check_head_start(partial: bytes | bytearray) -> None:
+    """Raises Close with a 400 as soon as the start of a head, still incomplete, cannot be an HTTP/1.x request: a TLS
+    handshake (its record type byte, 0x16), a first word that is not a method, or a line ended by a bare LF. Without
+    it such bytes wait the whole header timeout for a `CRLF CRLF` that never comes."""
+    if partial[:1] == TLS_HANDSHAKE:
+        raise Close(error_reply(400, "this port speaks plain HTTP, not TLS: use an http:// URL, not https://"))
+    method = partial[: partial.find(b" ")] if b" " in partial else partial
+    if (method or b" " in partial) and not method.isalpha():
+        raise Close(error_reply(400, f"the request does not start with an HTTP method: {bytes(partial[:20])!r}"))
+    newline = partial.find(b"\n")
+    while newline >= 0:
+        if partial[newline - 1 : newline] != b"\r":
+            raise Close(error_reply(400, BARE_LINE_END))
+        newline = partial.find(b"\n", newline + 1)
 
 
 def keeps_alive(version: str, connection: str) -> bool:

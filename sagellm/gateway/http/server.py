@@ -8,11 +8,14 @@ its last events with the end of the reply in one.
 
 What it keeps of a full server: keep-alive (idle connections closed after `keep_alive_timeout_s`), pipelined
 requests (served in order), `Content-Length` and chunked request bodies, `Expect: 100-continue`, HTTP/1.0, size limits
-(431 for a head, 413 for a body) and a time limit for a body (408), 400 for what does not parse (and request
-smuggling's ambiguous framing), a client's disconnect cancelling its request, and a graceful stop: no new
+(431 for a head, 413 for a body) and a time limit for a head and a body (408; a new connection that sends nothing is
+closed at the same header timeout), 400 for what does not parse (and request smuggling's ambiguous framing) and, at
+once, for bytes that cannot start an HTTP/1.x request (TLS, bare LF line ends), a cap on connections (the oldest idle
+one closed to make room, else a 503), a client's disconnect cancelling its request, and a graceful stop: no new
 connections, idle ones closed at once, requests in flight finished within `graceful_timeout_s`.
 
-The connections themselves are `connection.Connection`; the bytes of a head and a reply, `framing`."""
+The connections themselves are `connection.Connection`; which ones the server holds, `connection_slots`; the bytes
+of a head and a reply, `framing`."""
 
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ import structlog
 import trio
 
 from sagellm.gateway.http.app import App
-from sagellm.gateway.http.connection import Connection, ServerState, close_socket
-from sagellm.gateway.http.limits import HttpLimits
+from sagellm.gateway.http.connection import Connection, close_socket
+from sagellm.gateway.http.connection_slots import ServerState, refuse
+from sagellm.gateway.http.limits import HttpLimits, connection_cap, raise_fd_limit
 
 log = structlog.get_logger("sagellm.gateway")
 BACKLOG = 1024  # a burst of new clients queues in the kernel instead of being refused
@@ -44,9 +48,10 @@ async def serve_http(
 ) -> None:
     """Serves `app` until `shutdown_trigger()` returns, then stops gracefully; hands its URL to `task_status` once
     listening (port 0 picks a free one). `reuse_port`: other processes may listen on the same port
-    (SO_REUSEPORT: the kernel spreads new connections over them)."""
+    (SO_REUSEPORT: the kernel spreads new connections over them). Raises the process's soft descriptor limit to its
+    hard one (`limits.raise_fd_limit`) for room to hold `limits.max_connections` (or the cap derived from it)."""
     listeners = await _listen(host, port, reuse_port)
-    server = ServerState(app, limits)
+    server = ServerState(app, limits, connection_cap(limits, raise_fd_limit()))
     try:
         await _serve_listeners(server, listeners, shutdown_trigger, task_status)
     finally:
@@ -77,8 +82,7 @@ async def _serve_listeners(
         for listener in listeners:
             close_socket(listener)
         server.stopping = True
-        for connection in list(server.connections):
-            connection.close_if_idle_since(float("inf"))  # idle ones close now; a busy one after its reply
+        server.close_all_idle()
         with trio.move_on_after(server.limits.graceful_timeout_s):
             while server.connections:
                 await trio.sleep(0.01)
@@ -86,20 +90,18 @@ async def _serve_listeners(
 
 
 async def _close_idle_connections(server: ServerState) -> None:
-    """Closes the kept-alive connections idle past the keep-alive timeout, checked a few times per timeout: one
-    task for all, where a timer per request would cost every request a cancel scope."""
-    timeout = server.limits.keep_alive_timeout_s
+    """Closes the connections idle past their timeout (keep-alive, or header for a new one), checked a few times per
+    timeout: one task for all, where a timer per request would cost every request a cancel scope."""
+    timeout = min(server.limits.keep_alive_timeout_s, server.limits.body_timeout_s)
     while True:
         await trio.sleep(min(1.0, timeout / 4))
-        before = trio.current_time() - timeout
-        for connection in list(server.connections):
-            connection.close_if_idle_since(before)
+        server.close_expired(trio.current_time())
 
 
 async def _accept(server: ServerState, listener: socket.socket, nursery: trio.Nursery) -> None:
     """Each new connection's task runs in the server's nursery, not the listener's, so stopping to accept does not
-    cut the connections being served. Running out of file descriptors (or memory) pauses accepting instead of
-    failing the server."""
+    cut the connections being served. A connection is counted from its accept; over the cap it is refused, outside
+    the count. Running out of file descriptors (or memory) pauses accepting instead of failing the server."""
     while True:
         try:
             sock, _ = listener.accept()
@@ -113,8 +115,13 @@ async def _accept(server: ServerState, listener: socket.socket, nursery: trio.Nu
             await trio.sleep(0.1)
             continue
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # an SSE event goes out when written
-        nursery.start_soon(Connection(server, sock).run)
+        if server.has_room():
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # an SSE event goes out when written
+            connection = Connection(server, sock)
+            server.connections.add(connection)
+            nursery.start_soon(connection.run)
+        else:
+            nursery.start_soon(refuse, server, sock)
         await trio.lowlevel.checkpoint()  # a flood of connections does not hold the loop
 
 
