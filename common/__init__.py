@@ -5,5 +5,6 @@
 - `openmp`: the OpenMP wait policy those processes set before torch loads.
 - `registry`: name -> class registries (operators, policies, routing strategies, backends).
 - `errors`, `hints`: `FieldError` and type-hint checks for settings written by hand.
-- `nursery_errors`: a trio nursery's lone failure raised as itself.
-- `processes`: how sageLLM starts a Python process of its own."""
+- `nursery_errors`: a trio nursery's lone failure raised as itself; the failures the code named.
+- `processes`: how sageLLM starts a Python process of its own; whether a process runs.
+- `parent_death`: a child of ours that ends with the process that started it."""

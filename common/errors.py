@@ -21,8 +21,9 @@ gateway's `ApiError`, the client's `APIError`) sets `http_status` per instance.
 Each product class picks its kind, and keeps a built-in base (`RuntimeError`, `OSError`) where code catches it by
 that base. InvalidInput is a ValueError itself: a bad value is one, and every check that raised ValueError raises
 InvalidInput now, still caught wherever a ValueError was. Kinds named here because several floors raise them:
-`FieldError` (a setting's field) and `JoinRefused` (a peer that will not take this process); `for_status` and
-`users_file` turn an HTTP error a server answered, and an OSError on a file the user named, into their kinds."""
+`FieldError` (a setting's field) and `JoinRefused` (a peer that will not take this process); `for_status`,
+`kind_of` and `users_file` turn an HTTP error a server answered, an error another process of ours sent (its code),
+and an OSError on a file the user named, into their kinds."""
 
 from __future__ import annotations
 
@@ -111,6 +112,13 @@ def for_status(status: int) -> type[SageLLMError]:
     if 400 <= status < 500:
         return InvalidInput
     return Unavailable if status in (502, 503, 504) else SageLLMError
+
+
+def kind_of(code: str) -> type[SageLLMError]:
+    """The kind whose `code` this is, for an error another process of ours named and sent as its code and message (a
+    worker's model that will not load is the user's to fix here too); the base for any other code."""
+    kinds = (InvalidInput, NotFound, Unavailable, StartFailed, Lost, ProtocolError)
+    return next((kind for kind in kinds if kind.code == code), SageLLMError)
 
 
 @contextmanager

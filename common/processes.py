@@ -1,7 +1,9 @@
-"""How sageLLM starts a Python process of its own (a pipeline worker, a managed engine, a background gateway, pip)."""
+"""How sageLLM starts a Python process of its own (a pipeline worker, a managed engine, a background gateway, pip), and
+whether a process still runs."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -10,3 +12,22 @@ def python_module(module: str, *args: str) -> list[str]:
     PYTHONPATH off `sys.path`, so a `sagellm/` folder where the user happens to stand (the parent of a clone, say)
     cannot stand in for the installed package in a process we start."""
     return [sys.executable, "-I", "-m", module, *args]
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (another user's counts). One that exited and waits for its parent to reap it (a
+    zombie: a gateway killed by a shell that has not looked yet) does not: it holds nothing any more."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split()[0]  # after the command, which may hold spaces
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): kill's answer
+    return state not in (b"Z", b"X")

@@ -38,7 +38,7 @@ from sagellm.runtime.pipeline.messages import Message
 if TYPE_CHECKING:
     import torch
 
-PROTOCOL = 4  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
+PROTOCOL = 5  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
 HEARTBEAT_S = 0.5  # how often both ends of a control channel send a Heartbeat
 REQUESTS_KEY = "_requests"  # the Heartbeat stats entry listing the request ids the sender holds
 STAGE_KEY = "_stage"  # the Heartbeat stats entry saying what a starting worker waits on (common.progress)
@@ -92,9 +92,13 @@ class Heartbeat(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=Tru
 
 
 class End(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
-    """An upstream peer finished: no more items will come from it (closing a channel, across processes)."""
+    """An upstream peer finished: no more items will come from it (closing a channel, across processes). A worker
+    that fails says why on its control socket with `error` (one line) and `kind` (the error's `code`, so its parent
+    raises it as the same kind: a model that will not load is the user's to fix there too)."""
 
     node: str
+    error: str = ""
+    kind: str = ""
 
 
 class Hello(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):

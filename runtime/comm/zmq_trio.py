@@ -44,6 +44,7 @@ import trio
 import zmq
 
 from sagellm.common.errors import InvalidInput
+from sagellm.common.processes import alive
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.shared_memory import Link, link_to
@@ -297,22 +298,40 @@ def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
 
 _ipc_serial = itertools.count()
 IPC_DIR_ENV = "SAGELLM_IPC_DIR"  # the run's ipc directory, inherited by spawned children
+IPC_DIR_NAME = re.compile(r"sagellm-(\d+)-\w+")  # sagellm-{its owner's pid}-{random}
 
 
 def _ipc_dir() -> str:
-    """The run's directory for ipc socket files: made by the first process that binds one (removed when it exits)
-    and handed to the processes it spawns through the environment. Falls back to /tmp when TMPDIR is too long for
-    socket paths."""
+    """The run's directory for ipc socket files: made by the first process that binds one (removed when it exits;
+    see `reclaim_ipc_dirs` for one killed outright) and handed to the processes it spawns through the environment.
+    Falls back to /tmp when TMPDIR is too long for socket paths."""
     path = os.environ.get(IPC_DIR_ENV)
     if path and os.path.isdir(path):
         return path
     parent = tempfile.gettempdir()
-    if len(parent) > _IPC_PATH_MAX - 70:
+    if len(parent) > _IPC_PATH_MAX - 80:
         parent = "/tmp"
-    path = tempfile.mkdtemp(prefix="sagellm-", dir=parent)
+    reclaim_ipc_dirs(parent)
+    path = tempfile.mkdtemp(prefix=f"sagellm-{os.getpid()}-", dir=parent)
     os.environ[IPC_DIR_ENV] = path
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def reclaim_ipc_dirs(parent: str | None = None) -> list[str]:
+    """Removes the ipc directories in `parent` (default: where this run's is) whose owner is dead, and returns them.
+    A process killed outright (kill -9) cannot remove its own: its workers do as they exit with it
+    (`common.parent_death`), and the next process to make one does, for a run that had none."""
+    if parent is None:
+        inherited = os.environ.get(IPC_DIR_ENV)
+        parent = os.path.dirname(inherited) if inherited else tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+        owner = IPC_DIR_NAME.fullmatch(name)
+        if owner is not None and not alive(int(owner[1])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(os.path.join(parent, name))
+    return removed
 
 
 async def announce_ready(sock: TrioSocket, node: str, info: dict[str, Any] | None = None) -> None:

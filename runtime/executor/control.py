@@ -7,6 +7,7 @@ Every worker, spawned by the parent or started by hand on another host (`sagellm
     worker -> Ready(endpoint of its data socket)    parent -> Ready(every group's endpoint), once all are ready
     both   -> Heartbeat every HEARTBEAT_S           (worker heartbeats carry its engine stats and held requests)
     worker -> End: it finished                      parent -> End: stop now (the run ended, or gave the worker up)
+    worker -> End(error, kind): it failed, and why  parent -> End (it heard; it gives the worker up)
                                                     parent -> Cancel(request ids): their clients left
                                                     parent -> Ready(every group's endpoint) again, to the others,
                                                               when a lost worker's successor is ready elsewhere
@@ -89,9 +90,14 @@ class ControlServer:
 
     # -- receiving ------------------------------------------------------------------------------------------------
     async def serve(
-        self, on_heartbeat: Callable[[str, wire.Heartbeat], None], on_end: Callable[[str], None]
+        self, on_heartbeat: Callable[[str, wire.Heartbeat], None], on_end: Callable[[str, wire.End], None]
     ) -> NoReturn:
-        """Answers Hellos and records Ready; hands heartbeats and Ends of joined workers on, until cancelled."""
+        """Answers Hellos and records Ready; hands heartbeats and Ends of joined workers on, until cancelled. A worker
+        that finished (End) is gone from here on; one that failed (End with an error) is the parent's to give up.
+
+        A worker is watched for silence only once it is ready: while it loads its model a loaded machine can starve
+        its heartbeats for longer than the peer timeout (a Ray start failed so, once in three), and until then its
+        process's exit and the start's deadline are what judge it."""
         while True:
             frames = await self.sock.receive_frames()
             try:
@@ -108,16 +114,18 @@ class ControlServer:
             if worker is None or worker.identity != identity or group in self.gone:
                 log.debug("control_message_ignored", group=group, message=type(message).__name__)
                 continue
-            self.monitor.seen(group)
+            if group in self.endpoints or isinstance(message, wire.Ready):
+                self.monitor.seen(group)  # watched for silence once ready (`serve`'s docstring says why)
             if isinstance(message, wire.Ready):
                 self.endpoints[group] = message.info["endpoint"]
                 log.info("worker_ready", worker=self.describe(group), endpoint=self.endpoints[group])
             elif isinstance(message, wire.Heartbeat):
                 on_heartbeat(group, message)
             elif isinstance(message, wire.End):
-                self.monitor.forget(group)
-                self.gone.add(group)
-                on_end(group)
+                if not message.error:
+                    self.monitor.forget(group)
+                    self.gone.add(group)
+                on_end(group, message)
             self._fire()
 
     async def _hello(self, identity: bytes, hello: wire.Hello) -> None:
@@ -127,7 +135,6 @@ class ControlServer:
             await self._send(identity, wire.Assign(error=problem))
             return
         self.workers[hello.node] = Worker(identity, hello.pid, hello.host)
-        self.monitor.seen(hello.node)
         log.info("worker_joined", worker=self.describe(hello.node))
         await self._send(identity, wire.Assign(graph=self.graph_text, peer_timeout_s=self.peer_timeout_s))
         self._fire()

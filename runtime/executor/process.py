@@ -11,14 +11,17 @@ binding 0.0.0.0). When they listen where other hosts can reach them (or the grap
 CURVE-encrypted and only processes holding the run's key, made here for this run, can connect (`comm.curve`): the
 workers this process starts get it in their environment, remote ones from a key file the user copies to their host.
 
-A worker that exits without saying `End`, or falls silent, is lost: its engines turn unhealthy, and every request it
-may hold (held at its last heartbeat, or sent to it and seen by no live worker since) ends with an `instance_lost`
-error. Never a hang. A worker this process started is then killed (it may be stopped, not dead) and started again
-under the graph's `restart` policy (backoff with jitter, attempts in a row); a remote group waits for its worker to
-be started again on its host (the run prints the command). The successor joins as the first one did, binds a new
-data socket, and every process that sends to the group is pointed at it; its engines turn healthy with its first
-heartbeat. A worker given up (attempts exhausted, `auto_restart: false`, or lost while the run ends) has its edges
-ended on its behalf, so nothing waits on it."""
+A worker that exits without saying `End`, falls silent, or says End with the error it failed on, is lost: its engines
+turn unhealthy, and every request it may hold (held at its last heartbeat, or sent to it and seen by no live worker
+since) ends with an `instance_lost` error. Never a hang. A worker this process started is then killed (it may be
+stopped, not dead) and started again under the graph's `restart` policy (backoff with jitter, attempts in a row); a
+remote group waits for its worker to be started again on its host (the run prints the command). The successor joins as
+the first one did, binds a new data socket, and every process that sends to the group is pointed at it; its engines turn
+healthy with its first heartbeat. A worker given up (attempts exhausted, `auto_restart: false`, or lost while the run
+ends) has its edges ended on its behalf, so nothing waits on it. A worker that fails before it is ready (silence is
+judged only once it is) fails the start with its own error when it named one (a model that will not load: one line,
+its kind's exit code), else with how it ended. The workers this process starts end with it, within a second even when
+it is killed outright (`common.parent_death`); so does the run's ipc folder (`zmq_trio.reclaim_ipc_dirs`)."""
 
 from __future__ import annotations
 
@@ -36,9 +39,10 @@ import trio
 import zmq
 
 from sagellm.common import progress
-from sagellm.common.errors import StartFailed
+from sagellm.common.errors import SageLLMError, StartFailed, kind_of
 from sagellm.common.home import keys_dir
 from sagellm.common.nursery_errors import single_errors
+from sagellm.common.parent_death import env_for_child
 from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import Supervision, exit_cause
@@ -100,6 +104,7 @@ class ProcessExecutor:
         self.processes: dict[str, trio.Process] = {}
         self.pids: dict[str, int] = {}  # the workers this process started
         self._finished: set[str] = set()  # workers that said End
+        self.failures: dict[str, wire.End] = {}  # group -> the error its last worker said it failed on
         self._lost: set[str] = set()
         self.restart = RestartPolicy.from_settings(graph.attrs.get("restart"))
         self.lives: dict[str, WorkerLife] = {}
@@ -163,7 +168,7 @@ class ProcessExecutor:
         self.bridge = self.requests.bridge = bridge = Bridge(self.executor, MAIN, zctx, keys=self.keys)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(control.serve, self._on_heartbeat, self._finished.add)
+                nursery.start_soon(control.serve, self._on_heartbeat, lambda g, end: self._ended(nursery, g, end))
                 nursery.start_soon(control.monitor.watch, lambda g: self._lose(nursery, g, "stopped heartbeating"))
                 nursery.start_soon(control.heartbeat_loop)
                 for group in self.children:
@@ -197,6 +202,7 @@ class ProcessExecutor:
     async def spawn(self, nursery: trio.Nursery, group: str) -> None:
         """Starts the group's worker: here, or (a `ray:` group) on the node Ray chooses, which reaches this process
         at its advertised control endpoint; the run's key goes in the environment, not on a command line."""
+        self.failures.pop(group, None)  # a new worker's own error, if any, is what counts
         on_ray = self.ray is not None and group in self.ray.groups
         control = self.control_endpoint if on_ray else self._local_control
         command = python_module("sagellm.runtime.executor.worker", "--connect", control, "--group", group)
@@ -209,7 +215,7 @@ class ProcessExecutor:
             return
         if self.transport == "tcp":  # on this host, so it listens and is reached as this process is
             command += ["--bind-host", self.bind_host, "--advertise-host", self.advertise_host]
-        env = {**child_env(self.keys), **self.worker_env.get(group, {})}
+        env = env_for_child({**child_env(self.keys), **self.worker_env.get(group, {})})  # it ends with this process
         log_file = self.worker_logs.get(group)
         with contextlib.ExitStack() as files:
             output = None if log_file is None else files.enter_context(log_file.open("ab"))
@@ -256,11 +262,18 @@ class ProcessExecutor:
         deadline = trio.current_time() + self.startup_timeout_s
         while missing := [g for g in self.children if g not in self.control.endpoints]:
             if self._lost:
-                raise WorkerStartError(f"{self.executor.ledger.unfinished_error[1]} before it was ready (see its log)")
+                raise self._start_failure()
             if trio.current_time() > deadline:
                 raise WorkerStartError(self._not_ready(missing))
             with trio.move_on_at(deadline + 0.01):
                 await self.control.wait_changed()
+
+    def _start_failure(self) -> SageLLMError:
+        """Why a worker failed before it was ready: the error it said it failed on, as its kind, else how it ended."""
+        told = next((self.failures[g] for g in self._lost if g in self.failures), None)
+        if told is not None:
+            return kind_of(told.kind)(f"{self.control.name(told.node)} failed before it was ready: {told.error}")
+        return WorkerStartError(f"{self.executor.ledger.unfinished_error[1]} before it was ready (see its log)")
 
     def _not_ready(self, missing: list[str]) -> str:
         waited = f"{self.startup_timeout_s:.0f} s"
@@ -297,6 +310,15 @@ class ProcessExecutor:
                     setattr(instance, key, value)
 
     # -- losing a worker ------------------------------------------------------------------------------------------
+    def _ended(self, nursery: trio.Nursery, group: str, end: wire.End) -> None:
+        """A worker said End: it finished, or it failed on the error it names (it waits for our End, so its error is
+        heard before its exit is seen)."""
+        if not end.error:
+            self._finished.add(group)
+            return
+        self.failures[group] = end
+        self._lose(nursery, group, f"failed: {end.error}")
+
     def _lose(self, nursery: trio.Nursery, group: str, why: str) -> None:
         if group in self._finished:
             return
@@ -311,7 +333,8 @@ class ProcessExecutor:
                 self.control.end(group)
             return
         self._lost.add(group)
-        log.error("worker_lost", worker=who, why=why)
+        # Before the run runs, the start fails with this cause (`_start_failure`), which its caller reports.
+        (log.error if self._running else log.info)("worker_lost", worker=who, why=why)
         self.control.end(group)
         self.executor.ledger.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
         for instance in self._instances_of(group):

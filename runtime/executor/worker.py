@@ -7,8 +7,11 @@ Either way the worker knows only the parent's control endpoint and its group. It
 text: no file is shared), binds its data socket, opens its nodes (engines load their models), says Ready with the
 endpoint, and runs once the parent sends every group's endpoint (see `control` for the whole exchange). While it
 runs, it heartbeats its engine stats and held requests, which is how the parent routes by load and knows what to fail
-if this worker is lost. It exits when its inputs end (saying End first), when the parent says End, or when the
-parent falls silent for the peer timeout: a worker on another host has no parent process to watch.
+if this worker is lost. It exits when its inputs end (saying End first), when the parent says End, when the parent
+that started it is gone (within a second, kill -9 included: `common.parent_death`; its socket folder goes with it),
+or when the parent falls silent for the peer timeout (how a worker on another host, or on a Ray node, finds its run
+gone). A failure the code names (a model that will not load) is told to the parent (End with its error), which raises
+it as what it is: one line for the user, the exit code of its kind.
 
 In a secure run (`comm.curve`) the worker uses the run's key for every socket: from `--key-file` (a worker started by
 hand) or `SAGELLM_RUN_KEY` (set by the parent for the workers it starts). Without it the handshake with the parent
@@ -17,11 +20,12 @@ fails, which the worker cannot tell from a run that is not there: both end in th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,10 +33,10 @@ import structlog
 import trio
 import zmq
 
-from sagellm.common import progress
-from sagellm.common.errors import InvalidInput, JoinRefused, Unavailable
+from sagellm.common import parent_death, progress
+from sagellm.common.errors import InvalidInput, JoinRefused, SageLLMError, Unavailable
 from sagellm.common.logging import configure_logging
-from sagellm.common.nursery_errors import single_errors
+from sagellm.common.nursery_errors import named_failures, single_errors
 from sagellm.common.openmp import prefer_short_spin
 from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.runtime.comm import wire
@@ -44,6 +48,7 @@ from sagellm.runtime.comm.zmq_trio import (
     connect_dealer,
     heartbeat_loop,
     host_toward,
+    reclaim_ipc_dirs,
     with_host,
 )
 from sagellm.runtime.execution_graph.graph import Graph
@@ -54,6 +59,7 @@ from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, host_problem
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
 log = structlog.get_logger("sagellm.worker")
+TELL_TIMEOUT_S = 1.0  # how long a failing worker waits for its parent to take its error (it answers End)
 
 
 class WorkerError(Unavailable, RuntimeError):
@@ -91,16 +97,55 @@ async def run_worker(
     zctx = zmq.Context()
     try:
         with authenticator(zctx, keys), single_errors(), connect_dealer(zctx, connect, keys=keys) as ctrl:
-            graph, peer_timeout_s = await _join(ctrl, connect, group, connect_timeout_s)
-            transport = graph.attrs.get("transport", "ipc")
-            # AddressError (exit 2, one line): no route to the run, or an address that is not this host's
-            bind, advertise = _hosts(connect, transport, bind_host, advertise_host)
-            data, endpoint = bind_pull(zctx, transport, group, host=bind, keys=keys)
-            with data:
-                advertised = with_host(endpoint, advertise)
-                await _serve(zctx, ctrl, data, advertised, graph, group, peer_timeout_s, keys)
+            async with _telling_parent(ctrl, group):
+                graph, peer_timeout_s = await _join(ctrl, connect, group, connect_timeout_s)
+                transport = graph.attrs.get("transport", "ipc")
+                # AddressError (exit 2, one line): no route to the run, or an address that is not this host's
+                bind, advertise = _hosts(connect, transport, bind_host, advertise_host)
+                data, endpoint = bind_pull(zctx, transport, group, host=bind, keys=keys)
+                with data:
+                    advertised = with_host(endpoint, advertise)
+                    await _serve(zctx, ctrl, data, advertised, graph, group, peer_timeout_s, keys)
     finally:
         zctx.term()
+
+
+@contextlib.asynccontextmanager
+async def _telling_parent(ctrl: TrioSocket, group: str) -> AsyncIterator[None]:
+    """A failure the code names is told to the parent (End with its error and kind) before it ends this worker, and
+    the parent's answer (its End, or a kill) awaited: the parent hears why before it sees the process exit, and raises
+    it as what it is. It is said once on each stderr: by the parent (a run's workers share its stderr), by the
+    command's own line (a worker started by hand), or here, into a log of the worker's own (a managed engine's)."""
+    try:
+        yield
+    except (Exception, BaseExceptionGroup) as error:
+        named = named_failures(error)
+        if named:
+            if _has_own_log():
+                log.warning("worker_failed", error=str(named[0]))
+            await _tell(ctrl, group, named[0])
+        raise
+
+
+def _has_own_log() -> bool:
+    """Whether this worker was started by a parent of ours with a stderr of its own (not the parent's)."""
+    started_by = parent_death.parent()
+    if started_by is None:
+        return False
+    try:
+        mine, theirs = os.fstat(2), os.stat(f"/proc/{started_by}/fd/2")
+    except OSError:  # no /proc (not Linux)
+        return True
+    return (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino)
+
+
+async def _tell(ctrl: TrioSocket, group: str, failure: SageLLMError) -> None:
+    with trio.move_on_after(TELL_TIMEOUT_S, shield=True):
+        await ctrl.send(wire.End(node=group, error=str(failure), kind=failure.code))
+        while True:
+            with contextlib.suppress(wire.WireError):
+                if isinstance(await ctrl.receive(), wire.End):
+                    return
 
 
 async def _join(ctrl: TrioSocket, connect: str, group: str, timeout_s: float) -> tuple[Graph, float]:
@@ -212,18 +257,27 @@ class _Parent:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The entry the parent spawns: errors end the process with a traceback on stderr (exit code 1)."""
+    """The entry the parent spawns. A failure the code names exits with its kind's code, told to the parent, which
+    says it (`_telling_parent`); anything else, a bug, with its traceback (exit code 1)."""
+    parent_death.exit_with_parent(reclaim_ipc_dirs)  # first: a parent killed outright takes it and its sockets along
     prefer_short_spin()  # nothing imported so far loads torch; the engines this worker opens will
     parser = argparse.ArgumentParser(prog="sagellm-worker", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "warning"))
-    trio.run(serve_args, args)
+    code = 0
+    try:
+        trio.run(serve_args, args)
+    except (Exception, BaseExceptionGroup) as error:
+        named = named_failures(error)
+        if not named:
+            raise
+        code = max(failure.exit_code for failure in named)
     # The run is over and every socket closed: skip the interpreter's teardown of torch and the model (~0.4 s the
     # parent would wait for before it reports).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 async def serve_args(args: argparse.Namespace) -> None:

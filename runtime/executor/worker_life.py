@@ -16,6 +16,7 @@ import trio
 from sagellm.common.errors import StartFailed
 from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import Supervised
+from sagellm.runtime.comm import wire
 from sagellm.runtime.executor.control import ControlServer
 
 log = structlog.get_logger("sagellm.process_executor")
@@ -27,6 +28,7 @@ class Workers(Protocol):
     control: ControlServer
     remote: list[str]  # groups this process does not start
     startup_timeout_s: float
+    failures: dict[str, wire.End]  # the error a group's worker said it failed on
 
     async def spawn(self, nursery: trio.Nursery, group: str) -> None: ...
     def worker_command(self, group: str) -> str: ...
@@ -73,7 +75,8 @@ class WorkerLife(Supervised):
         while self.group not in control.endpoints:
             if self.group in control.gone:  # it failed before it was ready
                 if not self.remote:
-                    raise StartFailed(f"{self.name} failed before it was ready")
+                    told = self.executor.failures.get(self.group)
+                    raise StartFailed(f"{self.name} failed before it was ready" + (f": {told.error}" if told else ""))
                 control.reopen(self.group)  # a remote slot opens again for the next try
             await control.wait_changed()
 

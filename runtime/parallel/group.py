@@ -29,6 +29,7 @@ import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.common.errors import InvalidInput, StartFailed
+from sagellm.common.parent_death import env_for_child
 from sagellm.common.processes import python_module
 from sagellm.common.progress import stage
 from sagellm.common.ray_process import RayProcess, connect, import_ray
@@ -110,7 +111,10 @@ class ParallelRunner(ModelRunner):
                 self._ray_group = _placement_group(ray, len(commands), engine, backend)
                 self.ranks = _ray_ranks(self._ray_group, commands, engine)
             else:
-                self.ranks = [subprocess.Popen(c, stdin=subprocess.DEVNULL, pass_fds=segments.fds) for c in commands]
+                env = env_for_child()  # they end with this process
+                self.ranks = [
+                    subprocess.Popen(c, stdin=subprocess.DEVNULL, pass_fds=segments.fds, env=env) for c in commands
+                ]
             super().__init__(
                 config,
                 weights,

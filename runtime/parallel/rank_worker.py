@@ -4,7 +4,8 @@
 
 It has no scheduler and no sampler: each step's inputs arrive as a `StepInputs` from rank 0, or a KV hand-over to
 take part in (an empty message ends the loop), and the logits the group computes are rank 0's to sample.
-When rank 0 is gone the next collective fails and the rank exits, so no rank outlives its engine."""
+When rank 0 is gone the next collective fails and the rank exits, so no rank outlives its engine; when its process
+ends, kill -9 included, the rank ends with it within a second (`common.parent_death`), wherever it waits."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import sys
 import traceback
 
 from sagellm.common.logging import configure_logging
+from sagellm.common.nursery_errors import named_failures
 from sagellm.common.openmp import prefer_short_spin
+from sagellm.common.parent_death import exit_with_parent
 from sagellm.runtime.parallel.rank_spec import RankSpec
 
 
 def main(argv: list[str] | None = None) -> None:
+    exit_with_parent()  # first: rank 0's process killed outright takes this rank along
     prefer_short_spin()  # before torch loads
     configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "warning"))
     spec = RankSpec.decode((argv or sys.argv[1:])[0])
@@ -65,8 +69,9 @@ def serve(spec: RankSpec) -> int:
             linear_dtype=getattr(torch, spec.dtype),
         )
         del model
-    except Exception as error:
-        store.set(failed_key(spec.rank), f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+    except Exception as error:  # rank 0 says why: the one line of a failure the code named, else the traceback
+        why = str(error) if named_failures(error) else f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+        store.set(failed_key(spec.rank), why)
         return 1
     store.set(ready_key(spec.rank), "1")
     decoder = msgspec.msgpack.Decoder(StepInputs | ReadKV | WriteKV)

@@ -30,8 +30,8 @@ from sagellm.cli import (
     simulate_cmd,
     worker_cmd,
 )
-from sagellm.common.errors import InternalError, SageLLMError
 from sagellm.common.logging import configure_logging
+from sagellm.common.nursery_errors import leaves, named_failures
 from sagellm.common.openmp import prefer_short_spin
 
 COMMANDS = (
@@ -84,25 +84,17 @@ def main(argv: list[str] | None = None) -> int:
 def _failed(command: str, error: BaseException) -> int:
     """The exit code of a command that raised `error`, having said why on stderr: one line per failure the code named
     (several from one nursery: the highest code), a traceback for a bug."""
-    leaves = _leaves(error)
-    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves(error)):
         return 130
-    if all(isinstance(leaf, SageLLMError) and not isinstance(leaf, InternalError) for leaf in leaves):
-        for leaf in leaves:
-            print(f"sagellm {command}: error: {leaf}", file=sys.stderr)
-        return max(leaf.exit_code for leaf in leaves if isinstance(leaf, SageLLMError))
+    named = named_failures(error)
+    if named:
+        for failure in named:
+            print(f"sagellm {command}: error: {failure}", file=sys.stderr)
+        return max(failure.exit_code for failure in named)
     traceback.print_exception(error)
     print(f"sagellm {command}: internal error: a bug in sageLLM; please report it with the traceback above",
           file=sys.stderr)  # fmt: skip
     return 1
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The failures an exception group holds, however nested (trio's nurseries wrap what fails in them); else
-    `error` alone."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
 
 
 if __name__ == "__main__":

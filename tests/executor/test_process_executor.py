@@ -9,8 +9,9 @@ import signal
 import pytest
 import trio
 
+from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.sampling_params import SamplingParams
-from sagellm.runtime.executor.process import ProcessExecutor, WorkerStartError
+from sagellm.runtime.executor.process import ProcessExecutor
 from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
@@ -87,7 +88,8 @@ def test_a_worker_that_fails_to_start_fails_the_run_at_once(model_path, tmp_path
     bad = f'decode: {{op: decode, placement: "process:decode", params: {{model: "{tmp_path}/missing"}}}}'
     text = pd_yaml(model_path, PROMPTS)
     assert good in text
-    with pytest.raises(WorkerStartError, match="'decode' exited with code 1 before it was ready"):
+    # Its own error, of its kind (the user's to fix: exit code 2), not its exit code
+    with pytest.raises(InvalidInput, match=r"'decode' failed before it was ready: \S+/missing: no such file"):
         trio.run(ProcessExecutor(load_pipeline(text.replace(good, bad)), startup_timeout_s=60).run)
 
 

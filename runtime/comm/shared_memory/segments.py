@@ -14,6 +14,7 @@ import msgspec
 import numpy as np
 
 from sagellm.common.errors import Lost
+from sagellm.common.processes import alive  # (the sender and receiver import it from here)
 
 if TYPE_CHECKING:
     import torch
@@ -61,19 +62,6 @@ def sweep(directory: str = SHM_DIR) -> list[str]:
             unlink_path(path)
             removed.append(name)
     return removed
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` exists (another user's counts)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's
-    return True
 
 
 def unlink_path(path: str) -> None:

@@ -25,6 +25,7 @@ import structlog
 import trio
 
 from sagellm.common.errors import FieldError
+from sagellm.common.processes import alive
 from sagellm.common.restart import RestartPolicy
 from sagellm.gateway.control.engine_link import EngineLink
 from sagellm.gateway.control.engine_spec import DRAINING, READY, STOPPED, EngineSpec, ManagedEngine
@@ -237,17 +238,7 @@ def _client() -> httpx.AsyncClient:
 
 def remove_stale(engines_root: Path) -> None:
     """Each manager keeps its engines' logs in `engines_root/<its pid>/`; the folders of managers that are gone (a
-    gateway killed outright) are removed. Their workers ended by themselves: a worker whose run falls silent exits."""
+    gateway killed outright) are removed. Their workers ended with them (`common.parent_death`)."""
     for folder in engines_root.glob("*"):
-        if folder.name.isdigit() and not _alive(int(folder.name)):
+        if folder.name.isdigit() and not alive(int(folder.name)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

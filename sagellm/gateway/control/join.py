@@ -123,4 +123,3 @@ class Membership:
         except httpx.HTTPError:
             return True
         return reply.status_code != 404
-
