@@ -1,16 +1,18 @@
 """The admission operator: the graph's front door, which decides whether a request may enter at all.
 
 It rejects as items (never raises) so a rejection reaches the sinks like any other terminal: `overloaded` when the graph
-already holds `max_queue` requests, `rate_limited` when a user exceeds their token bucket, `invalid_request` for an
-empty or untokenizable prompt or token ids outside the vocabulary, and `context_length_exceeded` when prompt plus
-completion cannot fit the model's context. With `ttft_slo_ms` the in-flight bound also adapts to that target
-(`SloLimit`): fewer requests are let in while first tokens come near it, so the ones admitted under overload still get
-their first token in time and the rest are shed at once with a 429 rather than queued past it. The cheap O(1) load
-checks run first, so an overloaded server spends no tokenizer time on requests it would shed anyway. Admitted requests
-leave with `prompt_token_ids` filled in (the engines never tokenize) and `admitted_time` stamped. A request for another
-model (`Request.model` set: instances the gateway attached serve it) is tokenized and checked with that model's own
-files when the gateway handed them in (`models`: its engines are workers that take tokens), and otherwise only
-load-checked (its server tokenizes and checks it).
+already holds `max_queue` requests (or `max_tokens_in_flight` tokens), `rate_limited` when a user exceeds their token
+bucket, `invalid_request` for an empty or untokenizable prompt or token ids outside the vocabulary, and
+`context_length_exceeded` when prompt plus completion cannot fit the model's context. A refusal says when to retry
+(`retry_after_s`): when the requests over the bound will have ended at the rate requests have lately ended. With
+`ttft_slo_ms` the in-flight bound also adapts to that target (`SloLimit`): fewer requests are let in while first
+tokens come near it, so the ones admitted under overload still get their first token in time and the rest are shed at
+once with a 429 rather than queued past it. The cheap O(1) load checks run first, so an overloaded server spends no
+tokenizer time on requests it would shed anyway. A request of several prompts is admitted or refused whole at the
+gateway's door (`admit_group`). Admitted requests leave with `prompt_token_ids` filled in (the engines never tokenize)
+and `admitted_time` stamped. A request for another model (`Request.model` set: instances the gateway attached serve
+it) is tokenized and checked with that model's own files when the gateway handed them in (`models`: its engines are
+workers that take tokens), and otherwise only load-checked (its server tokenizes and checks it).
 
 What it learns of the graph's model at `open()` (`served_model`, loaded once per process): its tokenizer, used when a
 request carries text but no token ids; its vocabulary; and the context the engines serve (their `max_model_len`, else
@@ -31,6 +33,7 @@ from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, PipelineLoad, register_operator
 from sagellm.runtime.pipeline.served_model import ServedModel, served_model
 
+MAX_RETRY_AFTER_S = 60.0  # a client told to wait longer would rather be told to go elsewhere
 _PRUNE_AT = 10_000  # buckets kept before refilled (idle) users' buckets are forgotten
 
 
@@ -108,12 +111,14 @@ class Admission(MapOperator):
         rate_limit_per_user: float | None = None,
         burst: int = 10,
         ttft_slo_ms: float | None = None,
+        max_tokens_in_flight: int | None = None,
     ) -> None:
         """`max_queue`: most requests in flight in the graph; `max_model_len`: context length (default: from the
         graph's model); `rate_limit_per_user`: sustained requests/s per `Request.user` (None: unlimited), with
         `burst` requests allowed at once. Requests without a user share one anonymous bucket. `ttft_slo_ms`: the
         time-to-first-token target of requests that set none (None: no default target, a fixed bound); with it the
-        bound adapts below `max_queue` to keep it."""
+        bound adapts below `max_queue` to keep it. `max_tokens_in_flight`: the bound in tokens, each request counting
+        its prompt and completion bound (None: no bound but the requests')."""
         if max_queue < 1:
             raise FieldError("max_queue", f"admission: max_queue must be >= 1, got {max_queue}")
         if max_model_len is not None and max_model_len < 1:
@@ -126,11 +131,15 @@ class Admission(MapOperator):
             raise FieldError("burst", f"admission: burst must be >= 1, got {burst}")
         if ttft_slo_ms is not None and not ttft_slo_ms > 0:
             raise FieldError("ttft_slo_ms", f"admission: ttft_slo_ms must be > 0 or unset, got {ttft_slo_ms}")
+        if max_tokens_in_flight is not None and max_tokens_in_flight < 1:
+            message = f"admission: max_tokens_in_flight must be >= 1 or unset, got {max_tokens_in_flight}"
+            raise FieldError("max_tokens_in_flight", message)
         self.max_queue = max_queue
         self.max_model_len = max_model_len
         self.rate_limit_per_user = rate_limit_per_user
         self.burst = burst
         self.ttft_slo_ms = ttft_slo_ms
+        self.max_tokens_in_flight = max_tokens_in_flight
         self.limit = SloLimit(max_queue, ttft_slo_ms / 1000) if ttft_slo_ms is not None else None
         self.clock: Callable[[], float] = time.time
         self.tokenizer: Any = None
@@ -155,7 +164,9 @@ class Admission(MapOperator):
         # half-streamed answer: shedding it now would lose work the load bound was there to protect.
         if self.ctx.load.in_flight > bound and not item.retry:
             why = "" if bound == self.max_queue else f", fewer than {self.max_queue} while requests miss their TTFT SLO"
-            return self._reject(item, "overloaded", f"server is at capacity ({bound} requests in flight{why})")
+            error = self._reject(item, "overloaded", f"server is at capacity ({bound} requests in flight{why})")
+            error.retry_after_s = self.retry_after_s(self.ctx.load.in_flight - bound)
+            return error
         if item.ttft_slo_ms is None and self.ttft_slo_ms is not None:
             item.ttft_slo_ms = self.ttft_slo_ms
         if self.rate_limit_per_user is not None and not item.retry and not self._take_token(item.user):
@@ -183,8 +194,49 @@ class Admission(MapOperator):
                 f"{total} tokens ({item.num_prompt_tokens} in the messages, {completion} in the completion). "
                 "Please reduce the length of the messages or completion.",
             )
+        refusal = self._check_tokens(item, total)
+        if refusal is not None:
+            return refusal
         item.admitted_time = self.clock()
         return item
+
+    def _check_tokens(self, item: Request, total: int) -> RequestError | None:
+        """The bound in tokens: a request's prompt and completion bound (`total`) join those in flight only while
+        their sum stays within `max_tokens_in_flight`; one that alone exceeds it can never run (a 400)."""
+        bound, load = self.max_tokens_in_flight, self.ctx.load
+        if bound is not None and not item.retry:
+            if total > bound:
+                message = f"the request needs {total} tokens, more than the server holds at once ({bound})"
+                return self._reject(item, "invalid_request", message)
+            if load.tokens_in_flight + total > bound:
+                message = f"server is at capacity ({load.tokens_in_flight} of {bound} tokens in flight)"
+                error = self._reject(item, "overloaded", message)
+                error.retry_after_s = self.retry_after_s(1)
+                return error
+        load.admit_tokens(item.request_id, total)
+        return None
+
+    def admit_group(self, requests: list[Request], waiting: int) -> RequestError | None:
+        """A request of several prompts (`requests`) is admitted or refused as a whole, on arrival, before any prompt
+        enters: refused when it can never fit the bound, or does not fit it now with `waiting` requests submitted
+        ahead of it that have not entered yet; None when it may enter (each prompt still passes `execute`)."""
+        count, first = len(requests), requests[0]
+        if count > self.max_queue:
+            message = f"{count} prompts in one request are more than the server holds at once ({self.max_queue})"
+            return self._reject(first, "invalid_request", message)
+        room = self.bound() - self.ctx.load.in_flight - waiting
+        if count <= room:
+            return None
+        message = f"server is at capacity: room for {max(room, 0)} requests, not {count}"
+        error = self._reject(first, "overloaded", message)
+        error.retry_after_s = self.retry_after_s(count - room)
+        return error
+
+    def retry_after_s(self, excess: int) -> float:
+        """When `excess` more requests will have ended at the recent rate: the `Retry-After` of a shed request, from a
+        second (also when the rate is not known yet) to MAX_RETRY_AFTER_S."""
+        drain = self.ctx.load.drain_s(excess, self.clock())
+        return min(MAX_RETRY_AFTER_S, max(1.0, drain or 1.0))
 
     def bound(self) -> int:
         """Requests let be in flight now: `max_queue`, or less while a TTFT SLO is being kept."""

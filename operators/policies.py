@@ -51,6 +51,10 @@ class Policy:
         """Removes every request, best-ranked first, to hand them to another policy."""
         raise NotImplementedError
 
+    def remove(self, request_ids: set[str]) -> list[Request]:
+        """Removes and returns the waiting requests with these ids (their clients left), in O(n)."""
+        raise NotImplementedError
+
     def __len__(self) -> int:
         raise NotImplementedError
 
@@ -96,6 +100,13 @@ class _HeapPolicy(Policy):
         requests = [entry[2] for entry in sorted(self._heap)]
         self._heap.clear()
         return requests
+
+    def remove(self, request_ids: set[str]) -> list[Request]:
+        removed = [entry[2] for entry in self._heap if entry[2].request_id in request_ids]
+        if removed:
+            self._heap = [entry for entry in self._heap if entry[2].request_id not in request_ids]
+            heapq.heapify(self._heap)
+        return removed
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -172,6 +183,12 @@ class SloAware(Policy):
         requests = [self._waiting[rank[-1]][1] for rank in sorted(self._ranks())]
         self._waiting.clear()
         return requests
+
+    def remove(self, request_ids: set[str]) -> list[Request]:
+        removed = [request for _, request in self._waiting if request.request_id in request_ids]
+        if removed:
+            self._waiting = [entry for entry in self._waiting if entry[1].request_id not in request_ids]
+        return removed
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -314,6 +331,9 @@ class Adaptive(Policy):
 
     def drain(self) -> list[Request]:
         return self.current.drain()
+
+    def remove(self, request_ids: set[str]) -> list[Request]:
+        return self.current.remove(request_ids)
 
     def __len__(self) -> int:
         return len(self.current)

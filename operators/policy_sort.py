@@ -73,5 +73,8 @@ class PolicySort(QueueOperator):
             item.dispatched_time = self.clock()
         return item
 
+    def withdraw(self, request_ids: set[str]) -> list[Request]:
+        return self.policy.remove(request_ids)
+
     def __len__(self) -> int:
         return len(self.policy)

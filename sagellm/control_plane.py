@@ -263,7 +263,7 @@ class ControlPlaneManager:
 
     def get_request_status(self, request_id: str) -> RequestStatus | None:
         """Where the request is; None for an id this control plane does not know."""
-        status = self._running().call(self._gateway.core.request_status, request_id)
+        status = self._running().call(self._gateway.core.request_status, request_id, "")  # submitted without a key
         if status is None:
             refused = self._refused.get(request_id)
             if refused is not None:

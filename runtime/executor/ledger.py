@@ -8,6 +8,7 @@ ledger keeps each request's outcome, drops a second terminal for a request (and 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class RequestLedger:
     def _end(self, item: TokenDelta | Embedding | RequestError) -> None:
         rid = item.request_id
         self._cancelled.discard(rid)
+        self.load.release_tokens(rid)
         if rid in self._in_flight:
             self._in_flight.discard(rid)
             self.load.in_flight -= 1
@@ -156,6 +158,7 @@ class RequestLedger:
                 self._failed_as_lost.add(rid)
         else:
             self.load.completed += 1
+            self.load.recent_ends.append(time.time())
         if item.metrics is not None and item.metrics.slo_met is not None:
             self.load.slo_checked += 1
             self.load.slo_violations += not item.metrics.slo_met

@@ -95,6 +95,10 @@ class LocalExecutor:
         self._inbox_send: dict[str, trio.MemorySendChannel] = {}
         self._inbox_recv: dict[str, trio.MemoryReceiveChannel] = {}
         self._outputs: dict[str, dict[str, trio.MemorySendChannel | ChainedEdge]] = {}
+        # Edges from a node past the ones that pass its items on (`_shortcut`), and the nodes those are: a task's
+        # node (not chained, not a leaf) that accepts only some items, with what it accepts.
+        self._shortcuts: dict[str, dict[str, trio.MemorySendChannel | ChainedEdge]] = {}
+        self._passes_on: dict[str, tuple[type, ...]] = {}
         self.chained: set[str] = set()  # the Map nodes run in their upstreams' tasks (see `ChainedEdge`)
         self._open_chained_edges: dict[str, int] = {}  # chained node -> its edges not yet closed
         self._channel_size = channel_size
@@ -115,7 +119,7 @@ class LocalExecutor:
         runs it, and those that read the served model's tokenizer or config load it (`served_model`)."""
         for node_id in self.local:
             node = self.graph.nodes[node_id]
-            op = self._given.get(node_id) or get_operator(node.op)(**node.params)
+            op = self._given[node_id] if node_id in self._given else get_operator(node.op)(**node.params)
             outputs = self.out_nodes(node_id)
             remote = [n for n in outputs if n not in self.local]
             ctx = OperatorContext(node_id, outputs, self.instances, self.load, self.graph_attrs, remote)
@@ -144,20 +148,38 @@ class LocalExecutor:
 
     def _wire_outputs(self) -> None:
         for node_id in self.local:
-            outs: dict[str, trio.MemorySendChannel | ChainedEdge] = {}
-            for dst in self.out_nodes(node_id):
-                if dst in self.chained:
-                    outs[dst] = ChainedEdge(self, dst)
-                    self._open_chained_edges[dst] = self._open_chained_edges.get(dst, 0) + 1
-                elif dst in self._inbox_send:
-                    outs[dst] = self.inbox(dst)
-                elif self.remote_sender is not None:
-                    outs[dst] = self.remote_sender(node_id, dst)
-                else:
-                    raise RuntimeError(f"edge {node_id} -> {dst}: {dst!r} is not run here and there is no bridge")
+            outs = {dst: self._edge(node_id, dst) for dst in self.out_nodes(node_id)}
             self._outputs[node_id] = outs
+            past = {hop for dst in outs for hop in self._first_outs(dst)}  # where an item a node passes on may land
+            self._shortcuts[node_id] = {
+                hop: self._edge(node_id, hop)
+                for hop in past
+                if hop not in outs and (hop in self.chained or hop in self._inbox_send)
+            }
+        for node in self.graph.nodes.values():
+            op = self.operators[node.id] if node.id in self.operators else get_operator(node.op)
+            if op.accepts and node.id not in self.chained and not self.is_leaf(node.id):
+                self._passes_on[node.id] = op.accepts
         for send in self._inbox_send.values():
             send.close()  # only the per-edge clones remain: closing them ends the input
+
+    def _edge(self, node_id: str, dst: str) -> trio.MemorySendChannel | ChainedEdge:
+        if dst in self.chained:
+            self._open_chained_edges[dst] = self._open_chained_edges.get(dst, 0) + 1
+            return ChainedEdge(self, dst)
+        if dst in self._inbox_send:
+            return self.inbox(dst)
+        if self.remote_sender is not None:
+            return self.remote_sender(node_id, dst)
+        raise RuntimeError(f"edge {node_id} -> {dst}: {dst!r} is not run here and there is no bridge")
+
+    def _first_outs(self, node_id: str) -> list[str]:
+        """The nodes after `node_id` along first out-edges, to a leaf: the way an item nobody accepts goes."""
+        path: list[str] = []
+        while (outs := self.out_nodes(node_id)) and outs[0] not in path:
+            node_id = outs[0]
+            path.append(node_id)
+        return path
 
     # -- running --------------------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> PipelineResult:
@@ -192,7 +214,7 @@ class LocalExecutor:
 
     def _close_outputs(self, node_id: str) -> None:
         """The node's end of output: its downstream nodes' input ends once all their upstreams' have."""
-        for send in self._outputs[node_id].values():
+        for send in [*self._outputs[node_id].values(), *self._shortcuts[node_id].values()]:
             send.close()
 
     def _chained_edge_closed(self, node_id: str) -> None:
@@ -214,10 +236,23 @@ class LocalExecutor:
             target, item = next(iter(outputs.values()), None), out
         if target is None:  # a leaf's results end here (every other node has an output for each out-edge)
             return False
+        if self._passes_on and (dst := out.to if isinstance(out, Emit) else next(iter(outputs))) in self._passes_on:
+            accepts = self._passes_on[dst]
+            if not isinstance(item, accepts):
+                target = self._shortcut(node_id, dst, item) or target
         if isinstance(target, ChainedEdge):
             return await target.send(item)
         await target.send(item)
         return True
+
+    def _shortcut(self, node_id: str, dst: str, item: Any) -> trio.MemorySendChannel | ChainedEdge | None:
+        """The edge past the nodes that would only pass `item` on (they do not accept it) to the first that takes it
+        or a leaf, when that node runs here; None to send it the usual way. A refusal or a finished request's item
+        then never waits in an engine's input behind requests the engine has no room for."""
+        hop = dst
+        while (accepts := self._passes_on.get(hop)) is not None and not isinstance(item, accepts):
+            hop = self.out_nodes(hop)[0]
+        return self._shortcuts[node_id].get(hop) or (self._outputs[node_id].get(hop) if hop != dst else None)
 
     def wake_sources(self) -> None:
         """Polls the non-blocking sources now instead of at their next idle tick (the gateway just queued a
@@ -229,10 +264,16 @@ class LocalExecutor:
         sends its terminal (finish reason `abort`, as vLLM's) down the graph, so the metrics sink counts it; one
         still upstream is ended the same way where it reaches an engine here. Engines in other processes are told
         (`on_cancel`), and do the same there."""
-        self.ledger.cancel(request_id)
+        self.ledger.cancel(request_id, passing=True)  # (it may not have entered yet: polled, not yet sent on)
         self._tasks.stop_serving(request_id)
+        self._tasks.withdraw_queued(request_id)
         if self.on_cancel is not None and self.ledger.is_cancelled(request_id):
             self.on_cancel(request_id)
+
+    def withdraw(self, request_id: str) -> bool:
+        """Ends a request still waiting in a queue node here, with an abort terminal down the graph; False (and
+        nothing done) when no queue here holds it: it reached an engine."""
+        return self._tasks.withdraw_queued(request_id)
 
     def cancel_passing(self, request_ids: list[str]) -> None:
         """Requests whose client left, told by the process that runs the graph (this is a worker's executor): an

@@ -55,6 +55,7 @@ class NodeTasks:
         self._progress = progress
         self._is_leaf = is_leaf
         self._serving: dict[str, dict[str, trio.CancelScope]] = {}  # stream node -> request id -> its task's scope
+        self._queues: dict[str, _Queued] = {}  # queue node -> what it holds for the loop that runs it
 
     def loop_for(self, op: Operator) -> NodeLoop:
         """The loop that runs a node of `op`'s kind until its input ends."""
@@ -84,6 +85,19 @@ class NodeTasks:
         for serving in self._serving.values():
             if request_id in serving:
                 serving[request_id].cancel()
+
+    def withdraw_queued(self, request_id: str) -> bool:
+        """A request waiting in a queue node leaves it now (the node's loop sends its abort terminal); False when
+        no queue node here holds it."""
+        for queued in self._queues.values():
+            if queued.op.withdraw({request_id}):
+                queued.withdrawn.append(request_id)
+                queued.changed.fire()
+                return True
+            if queued.sending == request_id:  # popped, and waiting for the engine to take it
+                queued.send_scope.cancel()
+                return True
+        return False
 
     def served_requests(self) -> list[str]:
         """Request ids the stream nodes are serving now."""
@@ -120,28 +134,47 @@ class NodeTasks:
             await self.map_item(node_id, op, leaf, item)
 
     async def _run_queue(self, node_id: str, op: QueueOperator, nursery: trio.Nursery) -> None:
-        changed = trio.Event()
+        """Pushes what arrives, pops while downstream takes; a request whose client left ends here, not when it
+        reaches an engine (`withdraw_queued`), and one cancelled before it arrived is not queued."""
+        queued = self._queues[node_id] = _Queued(op)
         input_done = False
 
         async def receive() -> None:
-            nonlocal changed, input_done
+            nonlocal input_done
             async for item in self._inputs[node_id]:
-                for out in apply_operator(node_id, op, op.push, item):
-                    await self._send(node_id, out)
-                changed.set()
+                if isinstance(item, Request) and self._ledger.is_cancelled(item.request_id):
+                    queued.withdrawn.append(item.request_id)
+                else:
+                    for out in apply_operator(node_id, op, op.push, item):
+                        await self._send(node_id, out)
+                queued.changed.fire()
             input_done = True
-            changed.set()
+            queued.changed.fire()
 
         nursery.start_soon(receive)
         while True:
+            while queued.withdrawn:
+                await self._send_abort(node_id, queued.withdrawn.pop())
             item = op.pop()
             if item is not None:
-                await self._send_and_yield(node_id, item)
+                await self._send_popped(node_id, queued, item)
                 continue
             if input_done and not len(op):
                 return
-            await changed.wait()
-            changed = trio.Event()
+            await queued.changed.wait()
+
+    async def _send_popped(self, node_id: str, queued: _Queued, item: Any) -> None:
+        """Sends on what the queue popped; a request cancelled while its send waits for room downstream is not
+        delivered (a cancelled channel send delivers nothing) and ends here."""
+        rid = getattr(item, "request_id", None)
+        with trio.CancelScope() as queued.send_scope:
+            queued.sending = rid
+            through_channel = await self._send(node_id, item)
+        queued.sending = None
+        if queued.send_scope.cancelled_caught:
+            await self._send_abort(node_id, rid)
+        elif not through_channel:
+            await trio.lowlevel.checkpoint()
 
     async def _run_step(self, node_id: str, op: StepOperator, nursery: trio.Nursery) -> None:
         """A feeder task takes items while `step()` runs, up to the operator's `capacity()`, so an engine admits a
@@ -206,6 +239,7 @@ class NodeTasks:
     async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
         rid = getattr(item, "request_id", None)
         if self._ledger.is_cancelled(rid):  # its client left while it waited upstream
+            op.abort([rid])  # never held: what a router charged the engine's stats for it is given back
             await self._send_abort(node_id, rid)
             return
         for out in apply_operator(node_id, op, op.add, item):
@@ -259,6 +293,18 @@ class NodeTasks:
     async def _send_abort(self, node_id: str, rid: str) -> None:
         self._ledger.aborted(rid)
         await self._send(node_id, TokenDelta(request_id=rid, token_ids=[], finish_reason="abort"))
+
+
+class _Queued:
+    """A queue node's operator, the cancelled requests it let go whose abort its loop has yet to send, and the request
+    it is sending on."""
+
+    def __init__(self, op: QueueOperator) -> None:
+        self.op = op
+        self.withdrawn: list[str] = []
+        self.changed = Signal()
+        self.sending: str | None = None  # the request popped and being sent on (its send may wait for room)
+        self.send_scope = trio.CancelScope()
 
 
 class Signal:

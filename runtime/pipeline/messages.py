@@ -59,6 +59,7 @@ class Request(_Message):
     token_timeout_s: float | None = None
     admitted_time: float | None = None
     dispatched_time: float | None = None  # when it left the policy queue
+    owner: str = ""  # who may read its status: a digest of the API key that sent it ("" for none)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -128,6 +129,7 @@ ErrorCode = Literal[
     "unavailable",
     "instance_lost",
     "timeout",
+    "queue_timeout",
     "internal",
 ]
 
@@ -140,6 +142,7 @@ class RequestError(_Message):
     retryable: bool = False
     time: float = msgspec.field(default_factory=time.time)
     metrics: RequestMetrics | None = None
+    retry_after_s: float | None = None  # a shed request: when a retry may find room (the queue's expected drain)
 
 
 HTTP_STATUS: dict[str, int] = {
@@ -150,6 +153,7 @@ HTTP_STATUS: dict[str, int] = {
     "unavailable": 503,  # no healthy instance can take it now
     "instance_lost": 503,
     "timeout": 504,
+    "queue_timeout": 503,  # waited longer than the gateway's --queue-timeout for an engine: try later
     "internal": 500,
 }
 

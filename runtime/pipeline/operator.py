@@ -33,6 +33,7 @@ from sagellm.common.registry import Registry, load_entry_points
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.execution_graph.graph import Graph
 
+RECENT_ENDS = 64  # served requests whose end times give the rate slots free at
 RECENT_TTFTS = 256  # first-token times the graph keeps (admission judges windows of them)
 
 
@@ -107,6 +108,9 @@ class PipelineLoad:
     (and adapts the bound to the recent TTFTs), the adaptive policy reads the SLO-violation rate."""
 
     in_flight: int = 0  # requests past the source that have not reached a terminal item
+    # Tokens admission let in (prompt plus completion bound) by request id, until the request ends; and their sum.
+    admitted_tokens: dict[str, int] = field(default_factory=dict)
+    tokens_in_flight: int = 0
     completed: int = 0
     failed: int = 0
     slo_checked: int = 0  # finished requests that had an SLO
@@ -117,10 +121,27 @@ class PipelineLoad:
     recent_ttfts: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_TTFTS))
     ttfts_seen: int = 0
     oldest_waiting: float | None = None
+    # When the latest requests that were served (not refused) ended, on the wall clock: how fast slots free.
+    recent_ends: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_ENDS))
 
     @property
     def slo_violation_rate(self) -> float:
         return self.slo_violations / self.slo_checked if self.slo_checked else 0.0
+
+    def admit_tokens(self, request_id: str, tokens: int) -> None:
+        self.tokens_in_flight += tokens - self.admitted_tokens.get(request_id, 0)
+        self.admitted_tokens[request_id] = tokens
+
+    def release_tokens(self, request_id: str) -> None:
+        self.tokens_in_flight -= self.admitted_tokens.pop(request_id, 0)
+
+    def drain_s(self, count: int, now: float) -> float | None:
+        """Seconds until `count` more requests end at the rate the latest ones did (None: too few ended to say).
+        The rate is the latest ends over the time since the first of them, so a pause in ending slows it."""
+        ends = self.recent_ends
+        if len(ends) < 2 or now <= ends[0]:
+            return None
+        return count * (now - ends[0]) / len(ends)
 
 
 @dataclass
@@ -212,6 +233,11 @@ class QueueOperator(Operator):
 
     def pop(self) -> Any | None:
         raise NotImplementedError
+
+    def withdraw(self, request_ids: set[str]) -> list[Any]:
+        """Removes and returns the waiting items of these requests (their clients left), so they end at once
+        instead of when they reach an engine; a queue that cannot returns none."""
+        return []
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -67,6 +67,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE", help="override a parameter")
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 8 MiB)")
     p.add_argument(
+        "--max-connections",
+        type=int,
+        help="open connections served at once; more get a 503 (default: the file-descriptor limit less headroom)",
+    )
+    p.add_argument(
         "--api-servers",
         type=int,
         default=0,
@@ -101,6 +106,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--first-token-timeout", type=float, default=300.0, help="seconds to the first token, queue included (300)"
     )
     failover.add_argument("--token-timeout", type=float, default=60.0, help="seconds between two tokens (default 60)")
+    failover.add_argument(
+        "--queue-timeout",
+        type=float,
+        help="seconds a request may wait for an engine before it ends with a 503 (default: no limit but the first "
+        "token's)",
+    )
     join = p.add_argument_group("joining another gateway as one of its instances (sagellm.gateway.control.join)")
     join.add_argument("--join", metavar="URL", help="the head gateway to join; leaves it (drained) on SIGINT/SIGTERM")
     join.add_argument("--join-key", help="the head's admin key (env SAGELLM_JOIN_KEY)")
@@ -186,6 +197,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         retry_wait_s=args.retry_wait,
         first_token_timeout_s=args.first_token_timeout,
         token_timeout_s=args.token_timeout,
+        queue_timeout_s=args.queue_timeout,
     )
     return GatewayConfig.from_env(
         failover=failover,
@@ -198,6 +210,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         served_model_name=args.served_model_name,
         state_dir=args.state_dir,
         max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
         allowed_hosts=args.allowed_hosts,
         api_hub=args.api_hub,
     )

@@ -30,6 +30,9 @@ class FailoverPolicy:
     retry_wait_s: float = 60.0  # how long a retry waits for a healthy instance (a lost worker restarts in ~15 s)
     first_token_timeout_s: float = 300.0  # queueing included: a loaded CPU server can take minutes
     token_timeout_s: float = 60.0  # between two tokens
+    # Most seconds a request waits for an engine (in the policy queue, no item yet) before it ends with a 503 that
+    # is not retried here; None: as long as first_token_timeout_s allows.
+    queue_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -37,6 +40,8 @@ class FailoverPolicy:
         for name in ("retry_wait_s", "first_token_timeout_s", "token_timeout_s"):
             if not getattr(self, name) > 0:
                 raise FieldError(name, f"{name} must be > 0, got {getattr(self, name)}")
+        if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
+            raise FieldError("queue_timeout_s", f"queue_timeout_s must be > 0 or unset, got {self.queue_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class GatewayConfig:
     embedding_model: str | None = None
     served_model_name: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_connections: int | None = None  # open connections served at once (None: from the fd limit; HttpLimits)
     state_dir: Path = field(default_factory=gateway_dir)
     graceful_timeout_s: float = 30.0
     # Host names requests may address the gateway by (Host, a browser's Origin). None: loopback names when bound to

@@ -85,13 +85,17 @@ def build_app(
 
 
 def http_limits(config: GatewayConfig) -> HttpLimits:
-    return HttpLimits(max_body_bytes=config.max_body_bytes, graceful_timeout_s=config.graceful_timeout_s)
+    return HttpLimits(
+        max_body_bytes=config.max_body_bytes,
+        graceful_timeout_s=config.graceful_timeout_s,
+        max_connections=config.max_connections,
+    )
 
 
 def front_end(config: GatewayConfig) -> FrontEnd:
     """What every API server enforces as this gateway does."""
     return FrontEnd(api_keys=list(config.api_keys), max_body_bytes=config.max_body_bytes,
-                    graceful_timeout_s=config.graceful_timeout_s)  # fmt: skip
+                    graceful_timeout_s=config.graceful_timeout_s, max_connections=config.max_connections)  # fmt: skip
 
 
 async def serve(

@@ -92,6 +92,11 @@ def test_errors_keep_their_statuses_and_shapes(gateway):
         reply = httpx.post(url, headers=headers, timeout=REPLY_TIMEOUT_S, **kwargs)
         assert reply.status_code == status, (body if isinstance(body, bytes) else str(body)[:80], reply.text)
         assert reply.json()["error"]["message"]
+    too_many = {"prompt": ["Hi"] * 1025, "max_tokens": 2}  # more prompts than the core's bound: refused whole
+    reply = httpx.post(gateway.url + "/v1/completions", json=too_many, headers=auth(), timeout=REPLY_TIMEOUT_S)
+    assert reply.status_code == 400 and "1025 prompts" in reply.json()["error"]["message"]
+    three = httpx.post(gateway.url + "/v1/completions", json={"prompt": ["Hi"] * 3, "max_tokens": 2}, headers=auth())
+    assert three.status_code == 200 and len(three.json()["choices"]) == 3
     assert httpx.get(gateway.url + "/v1/nowhere", headers=auth()).status_code == 404  # passed on, the core's 404
     assert httpx.get(gateway.url + "/v1/models", headers=auth()).json()["data"][0]["id"] == gateway.core.model_name
     assert httpx.get(gateway.url + "/health").status_code == 200

@@ -69,7 +69,7 @@ def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(ti
 
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
                 replies = list(pool.map(lambda p: _complete(gw.url, p), PROMPTS))
-            served_by = Counter(core.request_status(r["id"])["instance"] for r in replies)
+            served_by = Counter(core.request_status(r["id"], "")["instance"] for r in replies)
             assert served_by[replica["id"]] > 0 and served_by["engine"] > 0, served_by
             assert sorted(admitted) == sorted(r["id"] for r in replies) and set(admitted.values()) == {1}
             alone = [_complete(gw.url, p) for p in PROMPTS]  # one at a time: each on whichever is free
@@ -80,7 +80,7 @@ def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(ti
             assert again["pid"] not in (None, replica["pid"]) and "killed by SIGKILL" in again["last_error"]
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
                 replies = list(pool.map(lambda p: _complete(gw.url, p), PROMPTS))
-            assert Counter(core.request_status(r["id"])["instance"] for r in replies)[replica["id"]] > 0
+            assert Counter(core.request_status(r["id"], "")["instance"] for r in replies)[replica["id"]] > 0
 
             assert admin.delete(f"{ENGINES}/{replica['id']}").json()["state"] == "stopped"
             with pytest.raises(ProcessLookupError):

@@ -9,7 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from sagellm.cli.main import build_parser
-from sagellm.gateway.http.auth import ADMIN_KEY_FILE, admin_key, read_admin_key
+from sagellm.gateway.http.auth import ADMIN_KEY_FILE, admin_key, owner_of, read_admin_key
 from sagellm.gateway.openai.protocol import ChatMessage
 from sagellm.gateway.sessions.routes import _without_oldest
 from sagellm.gateway.sessions.store import (
@@ -18,7 +18,6 @@ from sagellm.gateway.sessions.store import (
     SESSIONS_FILE,
     SessionLimitError,
     SessionStore,
-    owner_of,
 )
 
 

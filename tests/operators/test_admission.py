@@ -126,6 +126,46 @@ def test_overloaded_when_graph_is_full() -> None:
     assert isinstance(retried, Request)  # a failover attempt was admitted once: never shed for load
 
 
+def test_retry_after_is_the_expected_drain_of_the_queue() -> None:
+    load = PipelineLoad(in_flight=6)
+    op = make_admission(load=load, max_queue=4)
+    unknown = op.execute(Request(request_id="r", prompt_token_ids=[1]))
+    assert isinstance(unknown, RequestError) and unknown.retry_after_s == 1.0  # no request ended yet: a second
+    load.recent_ends.extend([990.0 + i for i in range(10)])  # 10 ended over the last 10 s: one a second
+    shed = op.execute(Request(request_id="r", prompt_token_ids=[1]))
+    assert isinstance(shed, RequestError) and shed.retry_after_s == pytest.approx(2.0)  # 2 over the bound
+    load.in_flight = 500
+    assert op.execute(Request(request_id="r", prompt_token_ids=[1])).retry_after_s == 60.0  # at most a minute
+
+
+def test_the_bound_in_tokens_counts_prompt_and_completion_until_the_request_ends() -> None:
+    load = PipelineLoad(in_flight=1)
+    op = make_admission(load=load, max_tokens_in_flight=100)
+
+    def request(rid: str, max_tokens: int) -> Request:
+        return Request(request_id=rid, prompt_token_ids=[1] * 10, sampling=SamplingParams(max_tokens=max_tokens))
+
+    assert isinstance(op.execute(request("a", 50)), Request) and load.tokens_in_flight == 60
+    shed = op.execute(request("b", 50))
+    assert isinstance(shed, RequestError) and shed.code == "overloaded" and "60 of 100 tokens" in shed.message
+    assert isinstance(op.execute(request("c", 30)), Request) and load.tokens_in_flight == 100
+    never = op.execute(request("d", 200))
+    assert isinstance(never, RequestError) and never.code == "invalid_request"
+    load.release_tokens("a")  # the ledger does it as the request ends
+    assert load.tokens_in_flight == 40 and isinstance(op.execute(request("b", 50)), Request)
+
+
+def test_a_group_is_admitted_or_refused_whole() -> None:
+    load = PipelineLoad(in_flight=2)
+    op = make_admission(load=load, max_queue=8)
+    group = [Request(request_id=f"g{i}", prompt_token_ids=[1]) for i in range(5)]
+    assert op.admit_group(group, waiting=0) is None
+    refused = op.admit_group(group, waiting=2)  # 2 submitted ahead of it: room for 4
+    assert isinstance(refused, RequestError) and refused.code == "overloaded" and "room for 4" in refused.message
+    too_many = op.admit_group(group * 2, waiting=0)
+    assert isinstance(too_many, RequestError) and too_many.code == "invalid_request"
+
+
 def test_rate_limit_token_bucket_per_user() -> None:
     op = make_admission(rate_limit_per_user=2.0, burst=3)
     clock = op.clock

@@ -23,8 +23,9 @@ import structlog
 import trio
 import zmq
 
-from sagellm.common.errors import StartFailed
+from sagellm.common.errors import SageLLMError, StartFailed
 from sagellm.common.nursery_errors import single_errors
+from sagellm.common.parent_death import env_for_child
 from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.common.processes import python_module
 from sagellm.common.restart import RestartPolicy
@@ -110,7 +111,9 @@ class ApiServerHub:
     def _handle(self, peer: bytes, message: Any) -> None:
         assert self._nursery is not None
         if isinstance(message, Request):
-            self._submit(peer, message)
+            self._submit(peer, [message])
+        elif isinstance(message, wire.Batch):  # the prompts of one request: admitted or refused whole
+            self._submit(peer, [item for item in message.items if isinstance(item, Request)])
         elif isinstance(message, wire.Cancel):
             for request_id in message.request_ids:
                 stream = self._streams[peer].get(request_id)
@@ -142,19 +145,21 @@ class ApiServerHub:
         self.changed.set()
         self.changed = trio.Event()
 
-    def _submit(self, peer: bytes, request: Request) -> None:
+    def _submit(self, peer: bytes, requests: list[Request]) -> None:
+        """A client request's prompts into the core (`ServingCore.submit_all`); a refusal answers each of them."""
         try:
-            stream = self.core.submit(request)
-        except ApiError as error:
-            self._queue(peer, RequestError(request_id=request.request_id, code=_code(error), message=error.message))
+            streams = self.core.submit_all(requests)
+        except SageLLMError as failure:  # refused at the door, a request id in use, shutting down
+            error = ApiError.of(failure)
+            for request in requests:
+                self._queue(peer, RequestError(request_id=request.request_id, code=_code(error), message=error.message,
+                                               retry_after_s=error.retry_after_s))  # fmt: skip
             return
-        except ValueError as error:  # a request id in use
-            self._queue(peer, RequestError(request_id=request.request_id, code="invalid_request", message=str(error)))
-            return
-        self._streams[peer][request.request_id] = stream
-        self.submitted[self.pids.get(peer, 0)] += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._forward, peer, stream)
+        for stream in streams:
+            self._streams[peer][stream.request.request_id] = stream
+            self.submitted[self.pids.get(peer, 0)] += 1
+            self._nursery.start_soon(self._forward, peer, stream)
 
     async def _forward(self, peer: bytes, stream: RequestStream) -> None:
         try:
@@ -275,7 +280,7 @@ class ApiServerProcess(Supervised):
     async def start(self) -> None:
         from sagellm.gateway.api_servers.server import SETTINGS_ENV, settings_of
 
-        env = {**child_env(self.keys), SETTINGS_ENV: json.dumps(settings_of(self.config, self.port))}
+        env = env_for_child({**child_env(self.keys), SETTINGS_ENV: json.dumps(settings_of(self.config, self.port))})
         command = python_module("sagellm.gateway.api_servers.server", "--core", self.endpoint)  # isolated, as all
         self.process = await trio.lowlevel.open_process(command, env=env)
         self.name = f"api server (pid {self.process.pid})"
@@ -299,6 +304,7 @@ class ApiServerProcess(Supervised):
     async def end(self, graceful: bool) -> None:
         """`graceful`: SIGTERM, so it takes no new connection and finishes the requests in flight."""
         await end_process(self.process, graceful, self.config.graceful_timeout_s + 5)
+
 
 async def run_api_servers(
     hub: ApiServerHub,

@@ -73,6 +73,7 @@ class FrontEnd(msgspec.Struct, kw_only=True):
     api_keys: list[str]
     max_body_bytes: int
     graceful_timeout_s: float
+    max_connections: int | None = None  # each API server's own cap
 
 
 class Snapshot(msgspec.Struct, tag=True, kw_only=True):
@@ -97,4 +98,3 @@ ALIVE_S = 1.0  # how often each end says it is there (a Heartbeat)
 PEER_TIMEOUT_S = 10.0  # an end that heard nothing from the other for this long counts it as gone (a busy loop is not)
 GatewayMessage = Call | HangUp | Reply | Snapshot
 wire.carry(GatewayMessage)
-

@@ -10,8 +10,9 @@ health, metrics, admin, management, sessions, request status) is passed on over 
 
 The gateway starts its own as `python -m sagellm.gateway.api_servers.server --core ENDPOINT`, their settings in the
 environment (`SAGELLM_API_SERVER`, JSON, and the run's key when the core listens on tcp: keys do not show in a
-process listing). The gateway's API keys, body limit and graceful stop come from the core when an API server
-attaches."""
+process listing); they end with the gateway, within a second even when it is killed outright
+(`common.parent_death`): an API server must not answer for a core that is gone. The gateway's API keys, body limit
+and graceful stop come from the core when an API server attaches."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import zmq
 
 from sagellm.common.errors import JoinRefused, Unavailable
 from sagellm.common.logging import configure_logging
+from sagellm.common.parent_death import exit_with_parent
 from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.gateway.api_servers import link as api_link
 from sagellm.gateway.api_servers.link import ALIVE_S, API_SERVER, PEER_TIMEOUT_S, Call, HangUp, Reply, Snapshot
@@ -45,14 +47,13 @@ from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.gateway.serving.request_stream import ItemQueue
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
-from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer
+from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer, reclaim_ipc_dirs
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
 
 log = structlog.get_logger("sagellm.gateway.api_servers.server")
 SETTINGS_ENV = "SAGELLM_API_SERVER"
 CORE = "core"  # the one peer an API server watches
 START_TIMEOUT_S = 60.0  # for the core's first answer
-PARENT_CHECK_S = 1.0  # how often an API server checks that the gateway that started it still runs
 
 
 class RemoteStream:
@@ -112,11 +113,15 @@ class CoreLink:
         self._outbox.append(message)
         self._queued.set()
 
-    def submit(self, request: Request) -> RemoteStream:
+    def submit(self, requests: list[Request]) -> list[RemoteStream]:
+        """A client request's prompts, in one message when several: the core admits or refuses them whole."""
         self._check_reachable()
-        stream = self.streams[request.request_id] = RemoteStream(self, request.request_id)
-        self.send(request)
-        return stream
+        streams = []
+        for request in requests:
+            streams.append(RemoteStream(self, request.request_id))
+            self.streams[request.request_id] = streams[-1]
+        self.send(requests[0] if len(requests) == 1 else wire.Batch(items=list(requests)))
+        return streams
 
     def call(self, call: Call) -> ItemQueue:
         """Sends a passed-on request; its Reply arrives in the queue returned."""
@@ -246,7 +251,10 @@ class RemoteCore:
         await tokenize_prompts(requests, self.tokenizer, self.state.vocab_size, self.max_model_len, short_too=True)
 
     def submit(self, request: Request) -> RemoteStream:
-        return self.link.submit(request)
+        return self.link.submit([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[RemoteStream]:
+        return self.link.submit(requests)
 
 
 class CoreCalls:
@@ -276,11 +284,13 @@ class CoreCalls:
         return Response(reply.body, reply.status, content_type=reply.content_type, headers=headers)
 
 
-async def run_api_server(core_endpoint: str, settings: dict[str, Any], keys: RunKeys | None = None) -> None:
-    """Attaches to the core, loads the tokenizer of its model, serves HTTP until SIGTERM (or, for one the gateway
-    started, the gateway's end), then stops gracefully: requests in flight finish. Stopped while it starts, it just
-    ends. `settings`: where it listens (`host`, `port`, `allowed_hosts`) and the gateway's pid (`parent_pid`, None
-    for one started by hand); `keys`: the core's run key (a tcp core is CURVE-encrypted)."""
+async def run_api_server(
+    core_endpoint: str, settings: dict[str, Any], keys: RunKeys | None = None, *, by_gateway: bool = False
+) -> None:
+    """Attaches to the core, loads the tokenizer of its model, serves HTTP until SIGTERM (and, one started by hand,
+    Ctrl-C; `by_gateway`: the gateway stops its own in order), then stops gracefully: requests in flight finish.
+    Stopped while it starts, it just ends. `settings`: where it listens (`host`, `port`, `allowed_hosts`); `keys`:
+    the core's run key (a tcp core is CURVE-encrypted)."""
     zctx = zmq.Context()
     try:
         with connect_dealer(zctx, core_endpoint, keys=keys) as socket:
@@ -294,7 +304,7 @@ async def run_api_server(core_endpoint: str, settings: dict[str, Any], keys: Run
                     starting.cancel()
 
                 nursery.start_soon(link.run)
-                nursery.start_soon(_stop_on_signal, stop, settings.get("parent_pid"))
+                nursery.start_soon(_stop_on_signal, stop, by_gateway)
                 nursery.start_soon(end_start_on_stop)
                 with starting:
                     link.attach()
@@ -319,7 +329,8 @@ class ApiServerError(Unavailable):
 async def _serve(link: CoreLink, tokenizer: Any, settings: dict[str, Any], stop: trio.Event) -> None:
     assert link.snapshot is not None
     front_end = link.snapshot.front_end
-    limits = HttpLimits(max_body_bytes=front_end.max_body_bytes, graceful_timeout_s=front_end.graceful_timeout_s)
+    limits = HttpLimits(max_body_bytes=front_end.max_body_bytes, graceful_timeout_s=front_end.graceful_timeout_s,
+                        max_connections=front_end.max_connections)  # fmt: skip
     serving = partial(serve_http, _app(link, tokenizer, settings), settings["host"], settings["port"], limits,
                       shutdown_trigger=stop.wait, reuse_port=True)  # fmt: skip
     async with trio.open_nursery() as http:
@@ -349,46 +360,31 @@ def _tokenizer(model_path: str | None) -> Any:
     return served.tokenizer if served is not None else None
 
 
-async def _stop_on_signal(stop: trio.Event, parent: int | None) -> None:
-    """SIGTERM stops this server gracefully; so does, for one the gateway started (`parent`: the gateway's pid, as
-    it said: this process may have been orphaned before it could look), the gateway's process ending, seen as a new
-    parent: an API server must not answer for a core that is gone. A terminal's Ctrl-C goes to the gateway, which
-    stops its API servers in order (`main` ignores SIGINT then); one started by hand stops at Ctrl-C."""
-    async with trio.open_nursery() as nursery:
-
-        async def on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, *(() if parent else (signal.SIGINT,))) as signals:
-                async for _ in signals:
-                    break
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(on_signal)
-        if parent is None:
-            await trio.sleep_forever()
-        while os.getppid() == parent:
-            await trio.sleep(PARENT_CHECK_S)
-        log.warning("api_server_orphaned", parent=parent)
-        nursery.cancel_scope.cancel()
+async def _stop_on_signal(stop: trio.Event, by_gateway: bool) -> None:
+    """SIGTERM stops this server gracefully. A terminal's Ctrl-C goes to the gateway too, which stops its API servers
+    in order (`main` ignores SIGINT); one started by hand stops at Ctrl-C."""
+    with trio.open_signal_receiver(signal.SIGTERM, *(() if by_gateway else (signal.SIGINT,))) as signals:
+        async for _ in signals:
+            break
     stop.set()
 
 
 def settings_of(config: Any, port: int) -> dict[str, Any]:
     """Where an API server the gateway starts listens (sent through the environment)."""
     allowed = config.host_names()
-    return {
-        "host": config.host, "port": port, "allowed_hosts": sorted(allowed) if allowed is not None else None,
-        "parent_pid": os.getpid(),
-    }  # fmt: skip
+    return {"host": config.host, "port": port, "allowed_hosts": sorted(allowed) if allowed is not None else None}
 
 
 def main() -> None:
     """The entry the gateway spawns (its settings and the run's key in the environment)."""
+    exit_with_parent(reclaim_ipc_dirs)  # first: a gateway killed outright takes its API servers along
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--core", required=True, help="the serving core's ZeroMQ endpoint")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "info"))
-    trio.run(run_api_server, args.core, json.loads(os.environ[SETTINGS_ENV]), RunKeys.from_env())
+    settings, keys = json.loads(os.environ[SETTINGS_ENV]), RunKeys.from_env()
+    trio.run(partial(run_api_server, by_gateway=True), args.core, settings, keys)
 
 
 if __name__ == "__main__":

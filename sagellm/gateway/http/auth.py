@@ -6,6 +6,7 @@ and writes it, readable by its owner only, into its state directory, where the C
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from pathlib import Path
@@ -22,6 +23,16 @@ def presented_key(request: HttpRequest) -> str | None:
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
     return request.headers.get("x-api-key")
+
+
+def key_owner(request: HttpRequest) -> str:
+    """Who sent a request, as the state the gateway keeps records it (sessions, request status)."""
+    return owner_of(presented_key(request))
+
+
+def owner_of(key: str | None) -> str:
+    """The owner recorded for a presented API key: a digest, so nothing kept holds a key; "" for none."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24] if key else ""
 
 
 def key_guard(keys: list[str], what: str) -> Guard | None:

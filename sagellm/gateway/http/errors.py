@@ -6,6 +6,8 @@ raises answers with its kind's status and code (`ApiError.of`; `sagellm.common.e
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from sagellm.common.errors import SageLLMError
@@ -38,11 +40,14 @@ class ApiError(SageLLMError):
         param: str | None = None,
         code: str | None = None,
         allow: list[str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
-        """`allow`: the methods a 405's path takes (its `Allow` header, as HTTP requires)."""
+        """`allow`: the methods a 405's path takes (its `Allow` header, as HTTP requires); `retry_after_s`: a 429's
+        or 503's `Retry-After` (default RETRY_AFTER_S), in whole seconds rounded up."""
         super().__init__(message)
         self.http_status, self.message, self.param, self.code = status, message, param, code
         self.allow = allow or []
+        self.retry_after_s = retry_after_s
 
     @classmethod
     def of(cls, error: SageLLMError) -> ApiError:
@@ -53,7 +58,8 @@ class ApiError(SageLLMError):
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
-        headers = [(b"retry-after", str(RETRY_AFTER_S).encode())] if self.http_status in (429, 503) else []
+        retry_after = math.ceil(self.retry_after_s) if self.retry_after_s is not None else RETRY_AFTER_S
+        headers = [(b"retry-after", str(retry_after).encode())] if self.http_status in (429, 503) else []
         if self.allow:
             headers.append((b"allow", ", ".join(sorted(set(self.allow))).encode()))
         return headers

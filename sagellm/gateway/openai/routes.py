@@ -19,6 +19,7 @@ import numpy as np
 import trio
 
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
+from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.openai.protocol import (
@@ -71,9 +72,10 @@ class OpenAIRoutes:
         app.route("POST", "/v1/embeddings", self.embeddings, guard)
 
     async def request_status(self, http: HttpRequest) -> Response:
-        """Where a request is (queued, running, completed, failed, cancelled), by the `id` of its reply."""
+        """Where a request is (queued, running, completed, failed, cancelled), by the `id` of its reply; only the API
+        key that sent it reads it (another key gets the 404 of an unknown id)."""
         request_id = http.path_params["request_id"]
-        status = self.core.request_status(request_id)
+        status = self.core.request_status(request_id, key_owner(http))
         if status is None:
             raise ApiError(404, f"no request {request_id!r} here (or it ended long ago)", code="not_found")
         return Response(status)
@@ -95,7 +97,7 @@ class OpenAIRoutes:
         defaults = self.core.sampling_defaults(model)
         requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults)
         for request in requests:
-            request.model = model
+            request.model, request.owner = model, key_owner(http)
         await self.core.tokenize_long_prompts(requests)
         envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion")
         wants_logprobs, ids = body.logprobs is not None, body.return_token_ids
@@ -108,7 +110,7 @@ class OpenAIRoutes:
             render = self._completion_render(wants_logprobs)
             events = _events(envelope, first, stream, render, wants_logprobs, include_usage, ids=ids)
             return EventStream(events, on_disconnect=stream.cancel)
-        choices = await _collect([self.core.submit(r) for r in requests])
+        choices = await _collect(self.core.submit_all(requests))
         tokenizer = self.core.tokenizer
         return Response(
             envelope.body(
@@ -144,8 +146,9 @@ class OpenAIRoutes:
         if body.index is not None and self.indexes is None and self.to_core is not None and not body.stream:
             return await self.to_core(http)  # an API server: the core holds the indexes and answers it whole
         if not body.stream:
-            return Response(await self.complete_chat(body, http.headers))
+            return Response(await self.complete_chat(body, http.headers, key_owner(http)))
         request = self._chat_request(body, http.headers)
+        request.owner = key_owner(http)
         sources = await self._ground(request, body)
         await self.core.tokenize_long_prompts([request])
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
@@ -157,9 +160,13 @@ class OpenAIRoutes:
                          ids=body.return_token_ids, sources=sources)  # fmt: skip
         return EventStream(events, on_disconnect=stream.cancel)
 
-    async def complete_chat(self, body: ChatCompletionRequest, headers: dict[str, str]) -> dict[str, Any]:
-        """A whole chat completion as OpenAI's response body (the sessions route uses it too)."""
+    async def complete_chat(
+        self, body: ChatCompletionRequest, headers: dict[str, str], owner: str = ""
+    ) -> dict[str, Any]:
+        """A whole chat completion as OpenAI's response body (the sessions route uses it too); `owner`: who may read
+        its status."""
         request = self._chat_request(body, headers)
+        request.owner = owner
         sources = await self._ground(request, body)
         await self.core.tokenize_long_prompts([request])
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
@@ -214,11 +221,12 @@ class OpenAIRoutes:
                 model=model,
                 user=body.user,
                 arrival_time=now,
+                owner=key_owner(http),
                 **({"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}),
             )  # fmt: skip
             for item in inputs
         ]
-        results = await embedded([self.core.submit(r) for r in requests])
+        results = await embedded(self.core.submit_all(requests))
         data = [
             {"object": "embedding", "index": i, "embedding": _encode_vector(r.vector, body.encoding_format)}
             for i, r in enumerate(results)
@@ -314,11 +322,15 @@ def _text_event(
 
 
 async def _first_or_raise(stream: RequestStream) -> TokenDelta:
-    """A streamed request's first item; a request rejected before its first token answers with its status."""
+    """A streamed request's first item; a request rejected before its first token answers with its status. A client
+    that leaves while it waits (its connection's scope is cancelled) aborts the request wherever it is."""
     try:
         item = await anext(stream)
     except StopAsyncIteration:
         raise ApiError(500, "the request ended without a reply", code="internal") from None
+    except BaseException:
+        stream.cancel()
+        raise
     if isinstance(item, RequestError):
         raise api_error(item)
     return item

@@ -7,6 +7,7 @@ are its `registry` (`instances.InstanceRegistry`), which the control plane attac
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter, OrderedDict
 from typing import Any
@@ -17,10 +18,12 @@ import trio
 from sagellm.common.errors import InvalidInput
 from sagellm.gateway.config import FailoverPolicy
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.instances import InstanceRegistry
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
+from sagellm.operators.admission import Admission
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
@@ -54,7 +57,8 @@ class ServingCore:
         self.executor: Any = None  # the graph's executor (a ProcessExecutor when nodes run in other processes)
         self._streams: dict[str, RequestStream] = {}  # by the id of the attempt running now
         self._live: dict[str, RequestStream] = {}  # by the client's request id, until the request ends
-        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # ended requests' last status, oldest first
+        # ended requests' owner and last status, oldest first
+        self._recent: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self.new_id = RequestIds()
         self.registry = InstanceRegistry(self.model_name, lambda: self.local)
 
@@ -108,9 +112,38 @@ class ServingCore:
         self.source.submit(attempt)
         return True
 
+    def submit_all(self, requests: list[Request]) -> list[RequestStream]:
+        """A request's prompts, admitted or refused as a whole on arrival (`Admission.admit_group`): a refused one
+        raises its 429 (or 400) before any prompt enters. Raises ApiError."""
+        if len(requests) > 1:
+            for admission in self._admissions():
+                refusal = admission.admit_group(requests, waiting=len(self.source))
+                if refusal is not None:
+                    raise api_error(refusal, param="prompt" if refusal.code == "invalid_request" else None)
+        return [self.submit(request) for request in requests]
+
     def cancel(self, request_id: str) -> None:
-        if self.local is not None and request_id in self._streams:
+        """Aborts an attempt wherever it is; one not yet taken from the source never enters."""
+        if request_id not in self._streams:
+            return
+        if self.source.withdraw(request_id):
+            del self._streams[request_id]
+        elif self.local is not None:
             self.local.cancel(request_id)
+
+    def take_back(self, request_id: str) -> bool:
+        """Ends an attempt still waiting for an engine (not yet polled from the source, or in a policy queue here);
+        False, and nothing done, when it reached one. What it still sends is dropped."""
+        if request_id not in self._streams:
+            return False
+        taken = self.source.withdraw(request_id) or (self.local is not None and self.local.withdraw(request_id))
+        if taken:
+            del self._streams[request_id]
+        return taken
+
+    def _admissions(self) -> list[Admission]:
+        operators = self.local.operators.values() if self.local is not None else ()
+        return [op for op in operators if isinstance(op, Admission)]
 
     def abandon(self, request_id: str) -> None:
         """Cancels an attempt whose stream gave up on it; whatever it still sends is dropped."""
@@ -123,24 +156,31 @@ class ServingCore:
     def ended(self, stream: RequestStream) -> None:
         """A request's client got its last item (or left): its status is kept among the recent ones."""
         self._live.pop(stream.request.request_id, None)
-        self._recent[stream.request.request_id] = stream.status()
+        self._recent[stream.request.request_id] = (stream.request.owner, stream.status())
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)
 
-    def request_status(self, request_id: str) -> dict[str, Any] | None:
-        """A request's status while it runs and for a while after (the last RECENT_REQUESTS ended); None: unknown."""
+    def request_status(self, request_id: str, owner: str) -> dict[str, Any] | None:
+        """A request's status while it runs and for a while after (the last RECENT_REQUESTS ended), for its `owner`
+        alone; None: unknown, or another's."""
         stream = self._live.get(request_id)
-        return stream.status() if stream is not None else self._recent.get(request_id)
+        if stream is not None:
+            return stream.status() if stream.request.owner == owner else None
+        recent_owner, status = self._recent.get(request_id, ("", None))
+        return status if recent_owner == owner else None
 
     async def _expire_stalled(self) -> None:
         """Times out the attempts that stopped giving items (`RequestStream.expire_if_stalled`), a few times a
         second: deadlines are minutes by default, and a timer per stream wait would cost every token a cancel
         scope."""
+        queue_timeout_s = self.failover.queue_timeout_s
         while True:
             await trio.sleep(STALL_CHECK_S)
-            now = trio.current_time()
+            now, wall = trio.current_time(), time.time()
             for stream in list(self._streams.values()):
                 stream.expire_if_stalled(now)
+                if queue_timeout_s is not None:
+                    stream.expire_if_queued_too_long(wall, queue_timeout_s)
 
     def _deliver(self, item: Any) -> None:
         rid = getattr(item, "request_id", None)
@@ -202,7 +242,6 @@ class ServingCore:
         """This process's operators of the served graph that run `op_name`, by node id."""
         operators = self.local.operators if self.local is not None else {}
         return {node_id: op for node_id, op in operators.items() if self.graph.nodes[node_id].op == op_name}
-
 
 
 def metrics_snapshot(core: ServingCore) -> Any:

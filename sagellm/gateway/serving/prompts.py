@@ -7,7 +7,6 @@ work it exists for)."""
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from typing import Any
 
@@ -58,11 +57,8 @@ def _characters(request: Request) -> int:
 
 
 class RequestIds:
-    """Request ids, unique across processes and runs: `prefix-<this generator's random part>-<serial>`."""
-
-    def __init__(self) -> None:
-        self._serial = itertools.count()
-        self._part = uuid.uuid4().hex[:8]
+    """Request ids, unique across processes and runs and not guessable (a request's status is read by its id):
+    `prefix-<128 random bits>`, as vLLM's."""
 
     def __call__(self, prefix: str = "req") -> str:
-        return f"{prefix}-{self._part}-{next(self._serial)}"
+        return f"{prefix}-{uuid.uuid4().hex}"

@@ -38,6 +38,7 @@ class Attempts(Protocol):
 
     def cancel(self, request_id: str) -> None: ...
     def abandon(self, request_id: str) -> None: ...
+    def take_back(self, request_id: str) -> bool: ...
     def resubmit(self, stream: RequestStream, attempt: Request) -> bool: ...
     async def instance_ready(self, model: str | None, within_s: float, phase: str) -> bool: ...
     def count_retry(self, code: str, resumed: bool) -> None: ...
@@ -82,6 +83,7 @@ class RequestStream:
         self._token_ids: list[int] = []  # what the client got so far
         self._text_without_ids = False  # some of the graph's model's text came without its token ids
         self._text = ""
+        self._reached_engine = False  # found past the gateway's queues once (`expire_if_queued_too_long`)
         self._first_token_timeout_s = request.first_token_timeout_s or policy.first_token_timeout_s
         self._token_timeout_s = request.token_timeout_s or policy.token_timeout_s
 
@@ -154,6 +156,19 @@ class RequestStream:
         where = f" from {self.attempt.instance}" if self.attempt.instance else ""
         message = f"no {which}{where} within {timeout:g} s"
         self.deliver(RequestError(request_id=self.attempt.request_id, code="timeout", message=message, retryable=True))
+
+    def expire_if_queued_too_long(self, now: float, limit_s: float) -> None:
+        """Ends a first attempt still waiting for an engine (in the source or a policy queue of the gateway)
+        `limit_s` after it arrived (`now` on the wall clock) with a `queue_timeout` error: a 503, not retried, since
+        the queue is what is slow, not an instance. One that reached an engine is left to its token deadlines."""
+        attempt = self.attempt
+        if self.done or attempt.retry or self._reached_engine or now - attempt.arrival_time <= limit_s:
+            return
+        if not self.core.take_back(attempt.request_id):
+            self._reached_engine = True
+            return
+        message = f"waited {limit_s:g} s for an engine without reaching one (the server's --queue-timeout); retry later"
+        self.deliver(RequestError(request_id=attempt.request_id, code="queue_timeout", message=message))
 
     def _as_client_sees(self, delta: TokenDelta) -> TokenDelta:
         self._token_ids += delta.token_ids

@@ -14,11 +14,11 @@ from typing import Any
 import msgspec
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
-from sagellm.gateway.http.auth import presented_key
+from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage
 from sagellm.gateway.openai.routes import OpenAIRoutes
-from sagellm.gateway.sessions.store import Session, SessionStore, owner_of
+from sagellm.gateway.sessions.store import Session, SessionStore
 
 
 class NewSession(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -47,19 +47,19 @@ class SessionRoutes:
         app.route("POST", "/sessions/{session_id}/chat", self.chat, guard)
 
     def _session(self, http: HttpRequest) -> Session:
-        session = self.store.get(http.path_params["session_id"], _owner(http))
+        session = self.store.get(http.path_params["session_id"], key_owner(http))
         if session is None:
             raise ApiError(404, f"no session {http.path_params['session_id']!r}", code="session_not_found")
         return session
 
     async def create(self, http: HttpRequest) -> Response:
         body = http.json(NewSession) if http.body else NewSession()
-        session = self.store.create(_owner(http), body.title, _plain(body.messages))
+        session = self.store.create(key_owner(http), body.title, _plain(body.messages))
         await self.store.save()
         return Response(session.public(), 201)
 
     async def list(self, http: HttpRequest) -> Response:
-        return Response({"object": "list", "data": [s.summary() for s in self.store.owned_by(_owner(http))]})
+        return Response({"object": "list", "data": [s.summary() for s in self.store.owned_by(key_owner(http))]})
 
     async def read(self, http: HttpRequest) -> Response:
         return Response(self._session(http).public())
@@ -88,7 +88,7 @@ class SessionRoutes:
         while True:
             try:
                 reply = await self.chat_routes.complete_chat(
-                    msgspec.structs.replace(body, messages=history), http.headers
+                    msgspec.structs.replace(body, messages=history), http.headers, key_owner(http)
                 )
                 break
             except ApiError as error:
@@ -100,10 +100,6 @@ class SessionRoutes:
         self.store.append(session, *turn, answer)
         await self.store.save()
         return Response({**reply, "session_id": session.id})
-
-
-def _owner(http: HttpRequest) -> str:
-    return owner_of(presented_key(http))
 
 
 def _without_oldest(history: list[ChatMessage], count: int, *, keep: int) -> list[ChatMessage] | None:

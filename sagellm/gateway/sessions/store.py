@@ -14,7 +14,6 @@ the gateway starts with no sessions rather than not at all."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -59,11 +58,6 @@ class Session(msgspec.Struct, kw_only=True):
     @property
     def text_bytes(self) -> int:
         return sum(len(str(m.get("content") or "").encode()) for m in self.messages)
-
-
-def owner_of(key: str | None) -> str:
-    """The owner recorded for a presented API key: a digest, so the file never holds a key."""
-    return hashlib.sha256(key.encode()).hexdigest()[:24] if key else ""
 
 
 class SessionStore:
