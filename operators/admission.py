@@ -4,7 +4,8 @@ It rejects as items (never raises) so a rejection reaches the sinks like any oth
 already holds `max_queue` requests (or `max_tokens_in_flight` tokens), `rate_limited` when a user exceeds their token
 bucket, `invalid_request` for an empty or untokenizable prompt or token ids outside the vocabulary, and
 `context_length_exceeded` when prompt plus completion cannot fit the model's context. A refusal says when to retry
-(`retry_after_s`): when the requests over the bound will have ended at the rate requests have lately ended. With
+(`retry_after_s`): when the requests in flight, and the clients already told to come back, will have been served at
+the rate requests have lately ended. With
 `ttft_slo_ms` the in-flight bound also adapts to that target (`SloLimit`): fewer requests are let in while first
 tokens come near it, so the ones admitted under overload still get their first token in time and the rest are shed at
 once with a 429 rather than queued past it. The cheap O(1) load checks run first, so an overloaded server spends no
@@ -97,6 +98,26 @@ def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -
     return prompt_token_problem(request.prompt_token_ids, vocab_size)
 
 
+class RecentCount:
+    """Events counted per whole second over the last `span_s` seconds: a ring of buckets, O(span) memory."""
+
+    def __init__(self, span_s: int) -> None:
+        self._counts = [0] * span_s
+        self._seconds = [-1] * span_s
+
+    def add(self, now: float, count: int = 1) -> None:
+        second = int(now)
+        slot = second % len(self._counts)
+        if self._seconds[slot] != second:
+            self._seconds[slot], self._counts[slot] = second, 0
+        self._counts[slot] += count
+
+    def since(self, start: float) -> int:
+        """The events from `start` on (whole seconds: the one `start` falls in counts)."""
+        first = int(start)
+        return sum(c for s, c in zip(self._seconds, self._counts) if s >= first)
+
+
 @register_operator
 class Admission(MapOperator):
     """Load shedding, per-user rate limiting, tokenization and request validation, in that order."""
@@ -146,6 +167,8 @@ class Admission(MapOperator):
         self.vocab_size: int | None = None
         self.models: dict[str, ServedModel] = {}  # other models' front-end files, whose engines need tokens
         self._buckets: dict[str | None, tuple[float, float]] = {}  # user -> (tokens left, when last refilled)
+        self._refused = RecentCount(int(MAX_RETRY_AFTER_S) + 1)  # refusals for load, by second
+        self._retry_after_s = 1.0  # the last Retry-After given
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
@@ -165,7 +188,7 @@ class Admission(MapOperator):
         if self.ctx.load.in_flight > bound and not item.retry:
             why = "" if bound == self.max_queue else f", fewer than {self.max_queue} while requests miss their TTFT SLO"
             error = self._reject(item, "overloaded", f"server is at capacity ({bound} requests in flight{why})")
-            error.retry_after_s = self.retry_after_s(self.ctx.load.in_flight - bound)
+            error.retry_after_s = self.retry_after_s()
             return error
         if item.ttft_slo_ms is None and self.ttft_slo_ms is not None:
             item.ttft_slo_ms = self.ttft_slo_ms
@@ -211,7 +234,7 @@ class Admission(MapOperator):
             if load.tokens_in_flight + total > bound:
                 message = f"server is at capacity ({load.tokens_in_flight} of {bound} tokens in flight)"
                 error = self._reject(item, "overloaded", message)
-                error.retry_after_s = self.retry_after_s(1)
+                error.retry_after_s = self.retry_after_s()
                 return error
         load.admit_tokens(item.request_id, total)
         return None
@@ -229,14 +252,21 @@ class Admission(MapOperator):
             return None
         message = f"server is at capacity: room for {max(room, 0)} requests, not {count}"
         error = self._reject(first, "overloaded", message)
-        error.retry_after_s = self.retry_after_s(count - room)
+        error.retry_after_s = self.retry_after_s(count)
         return error
 
-    def retry_after_s(self, excess: int) -> float:
-        """When `excess` more requests will have ended at the recent rate: the `Retry-After` of a shed request, from a
-        second (also when the rate is not known yet) to MAX_RETRY_AFTER_S."""
-        drain = self.ctx.load.drain_s(excess, self.clock())
-        return min(MAX_RETRY_AFTER_S, max(1.0, drain or 1.0))
+    def retry_after_s(self, count: int = 1) -> float:
+        """The `Retry-After` of a refusal of `count` requests: once the requests in flight and the clients already
+        told to come back (those refused within the last Retry-After) will have been served at the rate requests
+        lately ended. A virtual queue outside the server: a crowd's retries come back at the pace the server serves
+        them, not all at once each second (a crowd retrying every second takes the CPU the admitted requests need,
+        and an overload becomes a collapse). From a second (also while the rate is not known) to MAX_RETRY_AFTER_S."""
+        now = self.clock()
+        ahead = self.ctx.load.in_flight + self._refused.since(now - self._retry_after_s)
+        self._refused.add(now, count)
+        drain = self.ctx.load.drain_s(ahead, now)
+        self._retry_after_s = min(MAX_RETRY_AFTER_S, max(1.0, drain or 1.0))
+        return self._retry_after_s
 
     def bound(self) -> int:
         """Requests let be in flight now: `max_queue`, or less while a TTFT SLO is being kept."""

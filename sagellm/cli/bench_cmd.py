@@ -39,6 +39,7 @@ PIPELINE_BENCHES = (
     ("policies", "policies", "scheduling policies under overload: real engine and a 1,000-instance simulator (W6)"),
     ("serve", "serve_cli", "streaming load on OpenAI-compatible servers, several compared in one run (W1)"),
     ("chaos", "chaos", "bad input, junk, overload and killed workers against `sagellm serve` (the reliability table)"),
+    ("overload", "overload", "abandoned streams, late refusals, a huge batch, the metastable test; vs vLLM (issue 40)"),
     ("faults", "faults", "one of three engine workers killed mid-run, failover off and on (the failover table)"),
     ("load", "load", "cold model load stage by stage, each in a fresh process, and a whole cold `sagellm run`"),
     ("parallel", "parallel", "one model split over processes (TP, PP) against one process, in one run"),

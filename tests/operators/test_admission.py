@@ -126,14 +126,17 @@ def test_overloaded_when_graph_is_full() -> None:
     assert isinstance(retried, Request)  # a failover attempt was admitted once: never shed for load
 
 
-def test_retry_after_is_the_expected_drain_of_the_queue() -> None:
+def test_retry_after_is_when_those_ahead_will_have_been_served() -> None:
     load = PipelineLoad(in_flight=6)
     op = make_admission(load=load, max_queue=4)
     unknown = op.execute(Request(request_id="r", prompt_token_ids=[1]))
     assert isinstance(unknown, RequestError) and unknown.retry_after_s == 1.0  # no request ended yet: a second
     load.recent_ends.extend([990.0 + i for i in range(10)])  # 10 ended over the last 10 s: one a second
     shed = op.execute(Request(request_id="r", prompt_token_ids=[1]))
-    assert isinstance(shed, RequestError) and shed.retry_after_s == pytest.approx(2.0)  # 2 over the bound
+    # ahead of it: the 6 in flight and the client refused within the last Retry-After (1 s), served at 1/s
+    assert isinstance(shed, RequestError) and shed.retry_after_s == pytest.approx(7.0)
+    op.clock.now += 30  # the earlier refusals fall out of the window; the ends' rate halves over its longer span
+    assert op.execute(Request(request_id="r", prompt_token_ids=[1])).retry_after_s == pytest.approx(24.0)
     load.in_flight = 500
     assert op.execute(Request(request_id="r", prompt_token_ids=[1])).retry_after_s == 60.0  # at most a minute
 
