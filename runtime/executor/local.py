@@ -262,8 +262,8 @@ class LocalExecutor:
     def cancel(self, request_id: str) -> None:
         """Ends a request whose client left. The engine node here that holds it aborts it between two steps and
         sends its terminal (finish reason `abort`, as vLLM's) down the graph, so the metrics sink counts it; one
-        still upstream is ended the same way where it reaches an engine here. Engines in other processes are told
-        (`on_cancel`), and do the same there."""
+        waiting in a queue node here ends there at once (`withdraw_queued`), one still upstream where it reaches a
+        queue or an engine here. Engines in other processes are told (`on_cancel`), and do the same there."""
         self.ledger.cancel(request_id, passing=True)  # (it may not have entered yet: polled, not yet sent on)
         self._tasks.stop_serving(request_id)
         self._tasks.withdraw_queued(request_id)
