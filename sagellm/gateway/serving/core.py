@@ -123,12 +123,8 @@ class ServingCore:
         return [self.submit(request) for request in requests]
 
     def cancel(self, request_id: str) -> None:
-        """Aborts an attempt wherever it is; one not yet taken from the source never enters."""
-        if request_id not in self._streams:
-            return
-        if self.source.withdraw(request_id):
-            del self._streams[request_id]
-        elif self.local is not None:
+        """Aborts an attempt wherever it is: taken back while it waits for an engine, else aborted where it runs."""
+        if not self.take_back(request_id) and self.local is not None and request_id in self._streams:
             self.local.cancel(request_id)
 
     def take_back(self, request_id: str) -> bool:
