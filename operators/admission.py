@@ -187,9 +187,7 @@ class Admission(MapOperator):
         # half-streamed answer: shedding it now would lose work the load bound was there to protect.
         if self.ctx.load.in_flight > bound and not item.retry:
             why = "" if bound == self.max_queue else f", fewer than {self.max_queue} while requests miss their TTFT SLO"
-            error = self._reject(item, "overloaded", f"server is at capacity ({bound} requests in flight{why})")
-            error.retry_after_s = self.retry_after_s()
-            return error
+            return self._shed(item, f"server is at capacity ({bound} requests in flight{why})")
         if item.ttft_slo_ms is None and self.ttft_slo_ms is not None:
             item.ttft_slo_ms = self.ttft_slo_ms
         if self.rate_limit_per_user is not None and not item.retry and not self._take_token(item.user):
@@ -233,9 +231,7 @@ class Admission(MapOperator):
                 return self._reject(item, "invalid_request", message)
             if load.tokens_in_flight + total > bound:
                 message = f"server is at capacity ({load.tokens_in_flight} of {bound} tokens in flight)"
-                error = self._reject(item, "overloaded", message)
-                error.retry_after_s = self.retry_after_s()
-                return error
+                return self._shed(item, message)
         load.admit_tokens(item.request_id, total)
         return None
 
@@ -251,9 +247,7 @@ class Admission(MapOperator):
         if count <= room:
             return None
         message = f"server is at capacity: room for {max(room, 0)} requests, not {count}"
-        error = self._reject(first, "overloaded", message)
-        error.retry_after_s = self.retry_after_s(count)
-        return error
+        return self._shed(first, message, count)
 
     def retry_after_s(self, count: int = 1) -> float:
         """The `Retry-After` of a refusal of `count` requests: once the requests in flight and the clients already
@@ -291,6 +285,12 @@ class Admission(MapOperator):
             for user, (tokens, last) in self._buckets.items()
             if tokens + (now - last) * rate < self.burst
         }
+
+    def _shed(self, request: Request, message: str, count: int = 1) -> RequestError:
+        """An `overloaded` refusal of `count` requests, with when to retry (`retry_after_s`)."""
+        error = self._reject(request, "overloaded", message)
+        error.retry_after_s = self.retry_after_s(count)
+        return error
 
     def _reject(self, request: Request, code: ErrorCode, message: str) -> RequestError:
         retryable = code in ("overloaded", "rate_limited")
