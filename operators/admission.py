@@ -47,7 +47,8 @@ class SloLimit:
     `margin` of the target: the queue shrinks before requests miss it, not after they finished late). Otherwise the
     bound is judged once per `window` new first tokens by the slowest of them: over the margin, cut; under half of
     it, a quarter more (at least one: quick recovery after a burst); in between, one more (probing near the target).
-    Never below 1 nor above `ceiling`."""
+    Never above `ceiling`, nor below the `floor` an update is given (the engines' slots: a request let in up to them
+    starts at once, so a bound under them idles an engine without shortening any wait), nor below 1."""
 
     def __init__(
         self, ceiling: int, target_s: float, window: int = 8, margin: float = 0.7, backoff: float = 0.75
@@ -57,8 +58,8 @@ class SloLimit:
         self._seen = 0  # `ttfts_seen` when last judged
         self._cut_at = float("-inf")
 
-    def update(self, load: PipelineLoad, now: float) -> int:
-        """The bound now (`now`: the wall clock `Request.arrival_time` is on)."""
+    def update(self, load: PipelineLoad, now: float, floor: int = 1) -> int:
+        """The bound now (`now`: the wall clock `Request.arrival_time` is on; `floor`: the engines' slots)."""
         limit_s = self.margin * self.target_s
         new = load.ttfts_seen - self._seen
         if load.oldest_waiting is not None and now - load.oldest_waiting > limit_s and now - self._cut_at > limit_s:
@@ -71,6 +72,7 @@ class SloLimit:
                 self._seen = load.ttfts_seen
                 self.bound += max(1.0, self.bound / 4) if slowest < limit_s / 2 else 1.0
                 self.bound = min(float(self.ceiling), self.bound)
+        self.bound = max(float(min(floor, self.ceiling)), self.bound)
         return int(self.bound)
 
     def _cut(self, load: PipelineLoad, now: float) -> None:
@@ -86,7 +88,13 @@ def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -
         if tokenizer is None:
             return "no tokenizer is loaded to render the chat messages: send prompt_token_ids instead"
         try:
-            request.prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            request.prompt = tokenizer.apply_chat_template(
+                request.messages,
+                tools=request.tools,
+                chat_template=request.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
         except Exception as exc:  # a template error names what is wrong with the messages
             return f"messages cannot be rendered with the model's chat template: {exc}"
     if request.prompt_token_ids is None:
@@ -181,7 +189,7 @@ class Admission(MapOperator):
 
     def execute(self, item: Request) -> Request | RequestError:
         if self.limit is not None:
-            self.limit.update(self.ctx.load, self.clock())
+            self.limit.update(self.ctx.load, self.clock(), self._engine_slots())
         bound = self.bound()
         # The count includes this request (the source counted it). A retry was admitted once and may hold a client's
         # half-streamed answer: shedding it now would lose work the load bound was there to protect.
@@ -261,6 +269,10 @@ class Admission(MapOperator):
         drain = self.ctx.load.drain_s(ahead, now)
         self._retry_after_s = min(MAX_RETRY_AFTER_S, max(1.0, drain or 1.0))
         return self._retry_after_s
+
+    def _engine_slots(self) -> int:
+        """Requests the healthy engines that decode run at once (a request holds one of them until it ends)."""
+        return sum(s.max_running for s in self.ctx.instances.values() if s.healthy and s.role != "prefill")
 
     def bound(self) -> int:
         """Requests let be in flight now: `max_queue`, or less while a TTFT SLO is being kept."""

@@ -34,6 +34,7 @@ import structlog
 
 from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.sse import sse_data
+from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.pipeline.messages import HTTP_STATUS, Embedding, ErrorCode, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StreamOperator, register_operator
@@ -255,10 +256,24 @@ def openai_call(request: Request, model: str, return_token_ids: bool = False) ->
         "return_token_ids": return_token_ids or None,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
+    if s.guided is not None:
+        body.update(_constraint(s.guided))
     if request.messages is not None and request.prompt_token_ids is None:
         return "/v1/chat/completions", {**body, "messages": request.messages}
     prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
     return "/v1/completions", {**body, "prompt": prompt}
+
+
+def _constraint(guided: GuidedDecoding) -> dict[str, Any]:
+    """A constraint in the fields OpenAI-compatible servers read: JSON as OpenAI's `response_format` (vLLM and
+    llama.cpp both take it), the others as vLLM's `structured_outputs`, a grammar also as llama.cpp's `grammar`."""
+    if guided.kind == "json":
+        schema = json.loads(guided.json)
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}}
+    if guided.kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    constraint = {"structured_outputs": {guided.kind: getattr(guided, guided.kind)}}
+    return constraint | ({"grammar": guided.grammar} if guided.kind == "grammar" else {})
 
 
 def _count_usage(metrics: RequestMetrics, usage: Any) -> None:

@@ -46,6 +46,7 @@ class RequestLine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop_token_ids: list[int] | msgspec.UnsetType = _UNSET
     ignore_eos: bool | msgspec.UnsetType = _UNSET
     logprobs: int | None | msgspec.UnsetType = _UNSET
+    guided: dict[str, Any] | None | msgspec.UnsetType = _UNSET  # GuidedDecoding's fields: {"json": {...}}, ...
     priority: Priority = 0
     user: str | None = None
     ttft_slo_ms: Positive | None = None

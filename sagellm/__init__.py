@@ -13,18 +13,28 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING
 
 __version__ = version("sagellm")  # pyproject.toml's, the one place the version is written
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "UnifiedInferenceClient", "SageLLMError"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "GuidedDecoding",
+    "RequestOutput",
+    "CompletionOutput",
+    "UnifiedInferenceClient",
+    "SageLLMError",
+]
 
 if TYPE_CHECKING:
     from sagellm.client import UnifiedInferenceClient
     from sagellm.common.errors import SageLLMError
     from sagellm.llm import LLM
+    from sagellm.runtime.engine.guided_params import GuidedDecoding
     from sagellm.runtime.engine.outputs import CompletionOutput, RequestOutput
     from sagellm.runtime.engine.sampling_params import SamplingParams
 
 _LAZY = {
     "LLM": "sagellm.llm",
     "SamplingParams": "sagellm.runtime.engine.sampling_params",
+    "GuidedDecoding": "sagellm.runtime.engine.guided_params",  # vLLM's GuidedDecodingParams: the same fields
     "RequestOutput": "sagellm.runtime.engine.outputs",
     "CompletionOutput": "sagellm.runtime.engine.outputs",
     "UnifiedInferenceClient": "sagellm.client",

@@ -30,6 +30,7 @@ EXPECTED = {
     "from sagellm.dsl import Environment\n\nenv": "1 completed",
     "from sagellm.dsl import Environment\nfrom sagellm.sage": "Paris",
     "sagellm run graphs/pd.yaml --sage": "Paris",
+    "# structured output": "City(name=",
 }
 
 

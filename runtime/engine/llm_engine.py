@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import structlog
@@ -19,6 +20,7 @@ from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
+from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, grammar_compiler, mask_logits, new_masks
 from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, token_slots
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -44,6 +46,7 @@ class _RequestState:
     metrics: RequestMetrics
     logprobs: list | None = None
     prefill_only: bool = False  # a prefill worker's request: stop after the first token and hand over the KV
+    matcher: GuidedMatcher | None = None  # where a guided request stands in its grammar
 
 
 class LLMEngine:
@@ -121,6 +124,8 @@ class LLMEngine:
         # the process (set by the prefill operator), so sending it copies nothing more; None: a new tensor.
         self.kv_buffer: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
         self.last_step_prompt_tokens = 0
+        self._grammars: GrammarCompiler | None = None  # made with the first guided request
+        self._mask_filler: ThreadPoolExecutor | None = None  # fills guided rows' masks while the model runs
         log.info(
             "engine_ready",
             model=self.model.name,
@@ -199,13 +204,25 @@ class LLMEngine:
             raise InvalidInput(
                 f"prompt has {len(token_ids)} tokens; this engine's context is {self.max_model_len} tokens"
             )
+        matcher = self._matcher(params, token_ids[len(token_ids) - resumed_tokens :]) if params.guided else None
         seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
         detok = IncrementalDetokenizer.from_params(self.tokenizer, token_ids, params, resumed_tokens)
         metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
         logprobs = [] if params.logprobs is not None else None
-        state = _RequestState(seq, text, detok, metrics, logprobs)
+        state = _RequestState(seq, text, detok, metrics, logprobs, matcher=matcher)
         self._requests[request_id] = state
         return seq, state
+
+    def _matcher(self, params: SamplingParams, generated: list[int]) -> GuidedMatcher:
+        """A guided request's matcher, past the tokens already `generated` for it (by another engine, before a
+        resume): its grammar compiled on first use in this process, then cached."""
+        if self._grammars is None:
+            self._grammars = grammar_compiler(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+        matcher = self._grammars.matcher(params.guided)
+        for token in generated:
+            if not matcher.accept(token):
+                raise InvalidInput(f"the tokens generated before the resume do not follow the {params.guided.kind}")
+        return matcher
 
     def abort_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
@@ -213,8 +230,10 @@ class LLMEngine:
             self.scheduler.finish(state.seq, "abort")
 
     def close(self) -> None:
-        """Stops what the engine started besides itself (a tensor parallel group's ranks)."""
+        """Stops what the engine started besides itself (a tensor parallel group's ranks, the mask thread)."""
         self.runner.close()
+        if self._mask_filler is not None:
+            self._mask_filler.shutdown(wait=False)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -254,6 +273,7 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         failed: list[RequestOutput] = []
+        masks = self._fill_masks(batch)
         try:
             logits = self.runner.execute(batch)  # [N, V] for the sequences sampled this step
         except RunnerLostError:
@@ -269,12 +289,47 @@ class LLMEngine:
         for seq in sampled:
             if seq.generator is not None:
                 seed_at(seq.generator, seq.params.seed, seq.num_tokens)  # the position of the token it draws now
+        if masks is not None:
+            self._apply_masks(logits, sampled, masks)
         result = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         now = time.time()
         return failed + [
             self._append(seq, token, logprob, now)
             for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)
         ]
+
+    def _fill_masks(self, batch: ScheduledBatch) -> Future[dict[str, torch.Tensor]] | None:
+        """Starts filling, in a thread while the model runs, the allowed-token masks of the guided requests this
+        step samples (request id -> its mask); None when it samples none."""
+        guided = [
+            (seq.request_id, state.matcher)
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)
+            if seq.num_computed_tokens + n == seq.num_tokens
+            and (state := self._requests.get(seq.request_id)) is not None
+            and state.matcher is not None
+        ]
+        if not guided:
+            return None
+        if self._mask_filler is None:
+            self._mask_filler = ThreadPoolExecutor(1, thread_name_prefix="sagellm-guided-masks")
+        vocab = self.model.config.vocab_size
+
+        def fill() -> dict[str, torch.Tensor]:
+            masks = new_masks(len(guided), vocab)
+            for row, (_, matcher) in enumerate(guided):
+                matcher.fill(masks, row)
+            return {request_id: masks[row] for row, (request_id, _) in enumerate(guided)}
+
+        return self._mask_filler.submit(fill)
+
+    @staticmethod
+    def _apply_masks(logits: torch.Tensor, sampled: list[Sequence], masks: Future[dict[str, torch.Tensor]]) -> None:
+        by_request = masks.result()
+        rows = [i for i, seq in enumerate(sampled) if seq.request_id in by_request]
+        if rows:
+            stacked = torch.stack([by_request[sampled[i].request_id] for i in rows])
+            with torch.inference_mode():
+                mask_logits(logits, stacked, rows)
 
     def _without_culprits(self, batch: ScheduledBatch, error: Exception) -> tuple[ScheduledBatch, list[RequestOutput]]:
         """After a failed step: runs each sequence's part alone (the same KV written again, nothing sampled) to find
@@ -317,6 +372,8 @@ class LLMEngine:
             state.logprobs.append(logprob)
         params = seq.params
         finish, stop_reason = None, None
+        if state.matcher is not None and not state.matcher.accept(token):
+            return self._fail(seq, f"token {token} does not follow the request's {params.guided.kind}")
         if not params.ignore_eos and token in self.eos_token_ids:
             finish = "stop"
         elif token in params.stop_token_ids:
@@ -325,6 +382,8 @@ class LLMEngine:
         delta = "" if finish else detok.add([token])
         if finish is None and detok.stop_string is not None:
             finish, stop_reason = "stop", detok.stop_string
+        if finish is None and state.matcher is not None and state.matcher.terminated:
+            finish = "stop"  # the grammar takes nothing more: its last token is the output's last
         if finish is None and (
             (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
             or seq.num_tokens >= self.max_model_len

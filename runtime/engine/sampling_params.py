@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagellm.common.errors import InvalidInput
+from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.models.loaded import ModelLoadError
 
 # The output a request without max_tokens is expected to produce: a typical answer, not the context limit. Route,
@@ -59,6 +60,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N alternatives per token; 0: only the sampled token's logprob
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    guided: GuidedDecoding | None = None  # what the output is constrained to (a JSON schema, a regex, ...)
 
     def __post_init__(self) -> None:
         _require(self.n == 1 and _is_int(self.n), "n", "1 (one completion per request is supported)", self.n)
@@ -90,6 +92,10 @@ class SamplingParams:
         )
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _require(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
+        if isinstance(self.guided, Mapping):  # vLLM's GuidedDecodingParams written as a dict
+            self.guided = GuidedDecoding(**self.guided)
+        guided = self.guided
+        _require(guided is None or isinstance(guided, GuidedDecoding), "guided", "a GuidedDecoding", guided)
 
     @staticmethod
     def _normalize_stop(stop: object) -> list[str]:

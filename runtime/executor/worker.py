@@ -105,7 +105,8 @@ async def run_worker(
                 data, endpoint = bind_pull(zctx, transport, group, host=bind, keys=keys)
                 with data:
                     advertised = with_host(endpoint, advertise)
-                    await _serve(zctx, ctrl, data, advertised, graph, group, peer_timeout_s, keys)
+                    silence = (connect_timeout_s, peer_timeout_s)
+                    await _serve(zctx, ctrl, data, advertised, graph, group, silence, keys)
     finally:
         zctx.term()
 
@@ -182,13 +183,15 @@ async def _serve(
     endpoint: str,
     graph: Graph,
     group: str,
-    timeout_s: float,
+    silence_s: tuple[float, float],
     keys: RunKeys | None,
 ) -> None:
+    """`silence_s`: how long the parent may be silent until the run's go (while this worker and the others load
+    their models, on a machine they make busy), and after it."""
     nodes = [node for node, g in groups_of(graph).items() if g == group]
     executor = LocalExecutor(graph, nodes=nodes, instances=instances_of(graph))
     bridge = Bridge(executor, group, zctx, keys=keys)
-    parent = _Parent(timeout_s, bridge.repoint, executor.cancel_passing)
+    parent = _Parent(silence_s, bridge.repoint, executor.cancel_passing)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat_loop, ctrl, group, wire.HEARTBEAT_S, lambda: stats_of(executor))
@@ -214,11 +217,12 @@ class _Parent:
 
     def __init__(
         self,
-        timeout_s: float,
+        silence_s: tuple[float, float],
         on_peers: Callable[[dict[str, str]], None],
         on_cancel: Callable[[list[str]], None],
     ) -> None:
-        self.monitor = PeerMonitor(timeout_s)
+        starting, self._running_timeout = silence_s
+        self.monitor = PeerMonitor(max(starting, self._running_timeout))
         self.monitor.seen(MAIN)
         self.on_peers, self.on_cancel = on_peers, on_cancel
         self._peers: dict[str, str] | None = None
@@ -240,6 +244,7 @@ class _Parent:
                 self.on_peers(message.info["peers"])
             elif isinstance(message, wire.Ready):
                 self._peers = message.info["peers"]
+                self.monitor.timeout = self._running_timeout  # running: a silent parent is lost soon
                 self._started.set()
             elif isinstance(message, wire.End):
                 log.info("worker_stopped_by_parent")

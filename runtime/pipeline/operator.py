@@ -101,6 +101,11 @@ class InstanceStats:
     def saturated(self) -> bool:
         return self.running >= self.max_running
 
+    @property
+    def scheduled(self) -> int:
+        """Requests the engine is computing now: `running` counts every request given to it, `waiting` too."""
+        return max(self.running - self.waiting, 0)
+
 
 @dataclass
 class PipelineLoad:

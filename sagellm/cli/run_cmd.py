@@ -26,11 +26,13 @@ REQUESTS_FORMAT = """\
 --requests FILE.jsonl: one request per line, a JSON object with exactly one of
   prompt (text), messages (OpenAI chat messages: the model's chat template renders them) or prompt_token_ids,
 and optionally request_id, the sampling fields max_tokens, temperature, top_p, top_k, min_p, seed, stop,
-stop_token_ids, ignore_eos, logprobs (left out: --max-tokens/--temperature, else the model's defaults), and the
-scheduling fields priority (lower first), user, ttft_slo_ms, tpot_slo_ms, deadline_s (from when the line is read),
-cost_budget. An unknown key is an error naming it. For example:
+stop_token_ids, ignore_eos, logprobs (left out: --max-tokens/--temperature, else the model's defaults), guided
+(the output's constraint: one of {"json": SCHEMA}, {"regex": ...}, {"choice": [...]}, {"grammar": ...},
+{"json_object": true}), and the scheduling fields priority (lower first), user, ttft_slo_ms, tpot_slo_ms,
+deadline_s (from when the line is read), cost_budget. An unknown key is an error naming it. For example:
   {"prompt": "Hello", "max_tokens": 32}
   {"messages": [{"role": "user", "content": "Name three rivers."}], "temperature": 0, "priority": 0}
+  {"prompt": "Is the sky blue?", "guided": {"choice": ["yes", "no"]}}
 The results (--output, default FILE.results.jsonl): request_id, text, token_ids, finish_reason or error, metrics."""
 
 

@@ -72,6 +72,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="open connections served at once; more get a 503 (default: the file-descriptor limit less headroom)",
     )
     p.add_argument(
+        "--tool-call-parser",
+        help="how tool calls are read from the model's replies, as vLLM's flag: hermes or llama3_json (default: "
+        "chosen from the model's chat template)",
+    )
+    p.add_argument(
         "--api-servers",
         type=int,
         default=0,
@@ -211,6 +216,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         state_dir=args.state_dir,
         max_body_bytes=args.max_body_bytes,
         max_connections=args.max_connections,
+        tool_call_parser=args.tool_call_parser,
         allowed_hosts=args.allowed_hosts,
         api_hub=args.api_hub,
     )

@@ -74,7 +74,7 @@ def build_app(
     app = App(allowed_hosts=config.host_names())
     admin_guard, api_guard = key_guard([admin], "admin"), key_guard(config.api_keys, "API")
     indexes = IndexStore(core)
-    openai_routes = OpenAIRoutes(core, indexes)
+    openai_routes = OpenAIRoutes(core, indexes, tool_call_parser=config.tool_call_parser)
     openai_routes.register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
     AdminRoutes(core, (autoscaler,) if autoscaler is not None else ()).register(app, admin_guard)
@@ -95,7 +95,8 @@ def http_limits(config: GatewayConfig) -> HttpLimits:
 def front_end(config: GatewayConfig) -> FrontEnd:
     """What every API server enforces as this gateway does."""
     return FrontEnd(api_keys=list(config.api_keys), max_body_bytes=config.max_body_bytes,
-                    graceful_timeout_s=config.graceful_timeout_s, max_connections=config.max_connections)  # fmt: skip
+                    graceful_timeout_s=config.graceful_timeout_s, max_connections=config.max_connections,
+                    tool_call_parser=config.tool_call_parser)  # fmt: skip
 
 
 async def serve(

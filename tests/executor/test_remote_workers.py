@@ -147,7 +147,9 @@ async def test_a_killed_remote_worker_ends_its_requests_with_instance_lost(tmp_p
 @pytest.mark.slow
 async def test_a_worker_stops_by_itself_when_no_run_answers_or_the_run_falls_silent(model_path):
     """The silent run is a bare control socket that answers the Hello and then says nothing more, as a run on a host
-    that crashed or dropped off the network would."""
+    that crashed or dropped off the network would. Until the run's go (its Ready with every group's endpoint) the
+    worker waits as long as for the run's first answer (`--connect-timeout`: the run and its workers load models on
+    a busy machine); after it, the run's own `peer_timeout_s`."""
     lonely_port, port = free_port(), free_port()
     lonely = worker(lonely_port, "decode", "--connect-timeout", "1")
     zctx = zmq.Context()
@@ -155,17 +157,29 @@ async def test_a_worker_stops_by_itself_when_no_run_answers_or_the_run_falls_sil
     graph = dump_pipeline(load_pipeline(pd_yaml(model_path, port)))
     try:
         with control, trio.fail_after(120):
-            decode = worker(port)
+            before_go, after_go = worker(port, "decode", "--connect-timeout", "3"), None
             frames = await control.receive_frames()
             hello = wire.decode(frames[1:])
-            assert isinstance(hello, wire.Hello) and (hello.node, hello.pid) == ("decode", decode.pid)
+            assert isinstance(hello, wire.Hello) and (hello.node, hello.pid) == ("decode", before_go.pid)
             await control.send_frames([frames[0], *wire.encode(wire.Assign(graph=graph, peer_timeout_s=1.5))])
-            _, stderr = await trio.to_thread.run_sync(decode.communicate)
+            _, stderr = await trio.to_thread.run_sync(before_go.communicate)
+
+            after_go = worker(port, "decode", "--connect-timeout", "60")
+            identity, ready = None, None
+            while not isinstance(ready, wire.Ready):
+                identity, *rest = await control.receive_frames()
+                ready = wire.decode(rest)
+                if isinstance(ready, wire.Hello):
+                    await control.send_frames([identity, *wire.encode(wire.Assign(graph=graph, peer_timeout_s=1.5))])
+            peers = {"main": f"tcp://127.0.0.1:{free_port()}", "decode": ready.info["endpoint"]}
+            await control.send_frames([identity, *wire.encode(wire.Ready(node="main", pid=0, info={"peers": peers}))])
+            _, running_stderr = await trio.to_thread.run_sync(after_go.communicate)
             _, lonely_stderr = await trio.to_thread.run_sync(lonely.communicate)
     finally:
         zctx.term()
-    assert decode.returncode == 2 and lonely.returncode == 2
-    assert "the run fell silent for 2 s (gone or unreachable); stopping" in stderr
+    assert (before_go.returncode, after_go.returncode, lonely.returncode) == (2, 2, 2)
+    assert "the run fell silent for 3 s (gone or unreachable); stopping" in stderr
+    assert "the run fell silent for 2 s (gone or unreachable); stopping" in running_stderr  # 1.5 s, rounded
     expected = f"no answer from tcp://127.0.0.1:{lonely_port} after 1 s: is the graph running, the port open?"
     assert expected in lonely_stderr
 

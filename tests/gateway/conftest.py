@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from sagellm.gateway.config import GatewayConfig
@@ -55,6 +56,26 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def tiny_config(tmp_path: Path, **fields: Any) -> GatewayConfig:
     return GatewayConfig(host="127.0.0.1", port=0, state_dir=tmp_path / "state", **fields)
+
+
+SMOLLM2_ENGINES = {"colocated": ("engine",), "pd": ("prefill", "decode")}
+
+
+@pytest.fixture(scope="package", params=list(SMOLLM2_ENGINES))
+def server(request, smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2 served colocated, then through the PD graph (small KV caches), shared by the modules that try what
+    programs ask of the server on both graphs; `server.graph` says which."""
+    small = {"kv_cache_memory_gb": 0.1, "max_num_seqs": 8}
+    overrides = {f"{node}.{name}": value for node in SMOLLM2_ENGINES[request.param] for name, value in small.items()}
+    config = tiny_config(tmp_path_factory.mktemp(request.param))
+    with running_gateway(GRAPHS / f"{request.param}.yaml", config, smollm2_dir, **overrides) as gw:
+        gw.graph = request.param
+        yield gw
+
+
+def sdk_client(gateway: GatewayThread) -> openai.OpenAI:
+    """The official openai SDK against `gateway`, as a program would use it (no retries: every answer counts)."""
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")

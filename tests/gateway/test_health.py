@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sagellm.gateway.control.admin_routes import service_status
+from prometheus_client import CollectorRegistry, generate_latest
+
+from sagellm.gateway.control.admin_routes import EngineGauges, service_status
 from sagellm.runtime.pipeline.operator import InstanceStats
 
 
@@ -27,3 +29,24 @@ def test_a_lost_engine_reports_no_load_any_more() -> None:
     stats.kv_cache_usage = 0.7
     stats.lose()
     assert not stats.healthy and (stats.running, stats.waiting, stats.predicted_work, stats.kv_cache_usage) == (0,) * 4
+
+
+def test_the_running_gauge_counts_what_the_engine_computes_not_what_waits_in_it() -> None:
+    class Core:  # the part of the serving core the collector reads
+        class registry:
+            @staticmethod
+            def instances() -> dict[str, InstanceStats]:
+                return {"e": InstanceStats("e", running=17, waiting=4)}
+
+        retries: dict = {}
+        in_flight = 17
+
+        @staticmethod
+        def nodes_of(kind: str) -> dict:
+            return {}
+
+    registry = CollectorRegistry()
+    registry.register(EngineGauges(Core()))
+    text = generate_latest(registry).decode()
+    assert 'sagellm:num_requests_running{engine="e"} 13.0' in text
+    assert 'sagellm:num_requests_waiting{engine="e"} 4.0' in text

@@ -115,7 +115,7 @@ def test_error_statuses_and_shapes(client, gateway):
     cases = [
         (openai.BadRequestError, dict(temperature=-1), "temperature"),
         (openai.BadRequestError, dict(n=2), "n"),
-        (openai.BadRequestError, dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (openai.BadRequestError, dict(tool_choice="required"), "tool_choice"),  # no tools to choose from
         (openai.NotFoundError, dict(model="no-such-model"), "model"),
     ]
     for error, extra, param in cases:

@@ -11,7 +11,7 @@ from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.messages import Request, RequestError
-from sagellm.runtime.pipeline.operator import OperatorContext, PipelineLoad
+from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, PipelineLoad
 from sagellm.runtime.pipeline.served_model import GIVEN, ServedModel, served_context
 from tests.tiny_models import make_tiny_llama
 
@@ -245,6 +245,32 @@ def test_slo_limit_cuts_as_soon_as_a_waiting_request_nears_the_target_once_per_m
     first_tokens(load, *[0.1] * 8)
     load.oldest_waiting = None
     assert limit.update(load, 102.0) == 22  # nothing waits, first tokens come fast: grows back
+
+
+def test_slo_limit_never_cuts_below_the_engines_slots() -> None:
+    load, limit = PipelineLoad(), SloLimit(ceiling=32, target_s=1.0, window=8)
+    for _ in range(20):
+        first_tokens(load, *[3.0] * 8)
+        limit.update(load, 0.0, floor=16)
+    assert limit.update(load, 0.0, floor=16) == 16  # a bound under them idles engines and shortens no wait
+    assert limit.update(load, 0.0, floor=64) == 32  # nor above the configured bound
+
+
+def test_the_slo_bound_keeps_room_for_every_healthy_decoding_engine_slot() -> None:
+    load = PipelineLoad()
+    op = Admission(max_queue=32, ttft_slo_ms=1000)
+    op.clock = FakeClock()
+    instances = {
+        "p": InstanceStats("p", role="prefill", max_running=8),
+        "d": InstanceStats("d", role="decode", max_running=6),
+        "e": InstanceStats("e", max_running=4),
+        "lost": InstanceStats("lost", max_running=100, healthy=False),
+    }
+    op.open(OperatorContext(node_id="admission", load=load, instances=instances))
+    for _ in range(20):
+        first_tokens(load, *[3.0] * 8)
+        op.execute(Request(request_id="r", prompt_token_ids=[1]))
+    assert op.bound() == 10  # the decode and colocated engines' slots; prefill's slots hand on, a lost one has none
 
 
 def test_a_ttft_slo_stamps_requests_and_tightens_the_bound_while_first_tokens_come_late() -> None:

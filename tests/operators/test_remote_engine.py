@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from sagellm.operators.remote_engine import _refusal, _streamed_error, openai_call
+from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request
 
@@ -37,3 +38,18 @@ def test_a_servers_refusal_keeps_its_meaning():
     lost = _streamed_error(request, "b", {"code": "instance_lost", "message": "worker gone"})
     assert (lost.code, lost.retryable, lost.message) == ("instance_lost", True, "b: worker gone")
     assert _streamed_error(request, "b", {"code": "weird", "message": "?"}).code == "internal"
+
+
+def test_a_constraint_is_sent_in_the_fields_vllm_and_llama_cpp_read():
+    def sent(**guided) -> dict:
+        request = Request(request_id="g", prompt="x", sampling=SamplingParams(guided=GuidedDecoding(**guided)))
+        return openai_call(request, "m")[1]
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert sent(json=schema)["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": schema}}  # fmt: skip
+    assert sent(json_object=True)["response_format"] == {"type": "json_object"}
+    assert sent(regex="a+")["structured_outputs"] == {"regex": "a+"}
+    assert sent(choice=["y", "n"])["structured_outputs"] == {"choice": ["y", "n"]}
+    grammar = sent(grammar='root ::= "a"')
+    assert grammar["structured_outputs"] == {"grammar": 'root ::= "a"'} and grammar["grammar"] == 'root ::= "a"'

@@ -12,6 +12,7 @@ import pytest
 
 from sagellm.operators.sinks import JsonlSink, StdoutSink
 from sagellm.operators.sources import JsonlSource, PromptSource, StdinSource
+from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
@@ -72,6 +73,8 @@ def test_jsonl_source_parses_requests_and_turns_bad_lines_into_errors(tmp_path: 
         {"prompt": "again", "request_id": "mine"},  # duplicate id
         {"prompt": "takes req-9", "request_id": "req-9"},
         {"prompt": "plain", "user": "alice", "cost_budget": 0.5, "logprobs": 2, "ignore_eos": True},
+        {"prompt": "yes or no?", "guided": {"choice": ["yes", "no"]}},
+        {"prompt": "x", "guided": {"choice": ["yes"], "regex": "no"}},
     ]
     path = tmp_path / "requests.jsonl"
     path.write_text("\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines) + "\n")
@@ -84,7 +87,7 @@ def test_jsonl_source_parses_requests_and_turns_bad_lines_into_errors(tmp_path: 
     items = first + _drain(source)
     source.close()
 
-    by_line = dict(zip([1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12], items))
+    by_line = dict(zip([1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], items))
     hello, mine = by_line[1], by_line[2]
     assert isinstance(hello, Request) and hello.prompt == "hello" and hello.priority == 1
     assert (hello.sampling.max_tokens, hello.sampling.temperature, hello.sampling.top_k) == (4, 0.7, 5)
@@ -100,16 +103,18 @@ def test_jsonl_source_parses_requests_and_turns_bad_lines_into_errors(tmp_path: 
         True,
     )
     assert by_line[11].request_id == "req-9"
+    assert by_line[13].sampling.guided == GuidedDecoding(choice=["yes", "no"])
 
     expected = {4: "malformed", 5: "unknown field `max_token`", 6: "$.max_tokens", 7: "temperature must be >= 0",
-                8: "exactly one of", 9: "exactly one of", 10: "'mine' was already used"}  # fmt: skip
+                8: "exactly one of", 9: "exactly one of", 10: "'mine' was already used",
+                14: "exactly one of json, json_object, regex, choice, grammar"}  # fmt: skip
     for line_no, why in expected.items():
         error = by_line[line_no]
         assert isinstance(error, RequestError) and error.code == "invalid_request", line_no
         assert error.message.startswith(f"{path}:{line_no}: ") and why in error.message, error.message
     ids = [item.request_id for item in items]
     assert len(set(ids)) == len(ids)
-    assert "req-9" not in [item.request_id for item in items[:-2]]  # generated ids skip the one a line named
+    assert "req-9" not in [item.request_id for item in items[:-4]]  # generated ids skip the one a line named
 
 
 def test_stdin_source_reads_plain_text_and_json_lines_from_a_stream():

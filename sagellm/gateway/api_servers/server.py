@@ -24,7 +24,7 @@ import signal
 import socket
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -49,6 +49,9 @@ from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer, reclaim_ipc_dirs
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
+
+if TYPE_CHECKING:
+    from sagellm.runtime.pipeline.served_model import ServedModel
 
 log = structlog.get_logger("sagellm.gateway.api_servers.server")
 SETTINGS_ENV = "SAGELLM_API_SERVER"
@@ -211,9 +214,13 @@ class RemoteCore:
     """What the OpenAI routes read of a `ServingCore`, answered from the core's latest snapshot; requests for the
     graph's own model are tokenized here (the work this process exists for) before they go to the core."""
 
-    def __init__(self, link: CoreLink, tokenizer: Any) -> None:
-        self.link, self.tokenizer = link, tokenizer
+    def __init__(self, link: CoreLink, served: ServedModel | None) -> None:
+        self.link, self.served = link, served
         self.new_id = RequestIds()  # request ids unique across API servers
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.served.tokenizer if self.served is not None else None
 
     @property
     def state(self) -> Snapshot:
@@ -311,9 +318,9 @@ async def run_api_server(
                     with trio.fail_after(START_TIMEOUT_S):
                         await link.snapshot_arrived.wait()
                     assert link.snapshot is not None
-                    tokenizer = await trio.to_thread.run_sync(_tokenizer, link.snapshot.model_path)
+                    served = await trio.to_thread.run_sync(_served, link.snapshot.model_path)
                 if not starting.cancelled_caught:
-                    await _serve(link, tokenizer, settings, stop)
+                    await _serve(link, served, settings, stop)
                 nursery.cancel_scope.cancel()
     except trio.TooSlowError:
         raise ApiServerError(f"the serving core at {core_endpoint} did not answer within {START_TIMEOUT_S:.0f} s "
@@ -326,12 +333,12 @@ class ApiServerError(Unavailable):
     """An API server that cannot serve (its core does not answer)."""
 
 
-async def _serve(link: CoreLink, tokenizer: Any, settings: dict[str, Any], stop: trio.Event) -> None:
+async def _serve(link: CoreLink, served: ServedModel | None, settings: dict[str, Any], stop: trio.Event) -> None:
     assert link.snapshot is not None
     front_end = link.snapshot.front_end
     limits = HttpLimits(max_body_bytes=front_end.max_body_bytes, graceful_timeout_s=front_end.graceful_timeout_s,
                         max_connections=front_end.max_connections)  # fmt: skip
-    serving = partial(serve_http, _app(link, tokenizer, settings), settings["host"], settings["port"], limits,
+    serving = partial(serve_http, _app(link, served, settings), settings["host"], settings["port"], limits,
                       shutdown_trigger=stop.wait, reuse_port=True)  # fmt: skip
     async with trio.open_nursery() as http:
         url = await http.start(serving)
@@ -340,24 +347,25 @@ async def _serve(link: CoreLink, tokenizer: Any, settings: dict[str, Any], stop:
         log.info("api_server_ready", url=url)
 
 
-def _app(link: CoreLink, tokenizer: Any, settings: dict[str, Any]) -> App:
+def _app(link: CoreLink, served: ServedModel | None, settings: dict[str, Any]) -> App:
     assert link.snapshot is not None
     allowed = settings.get("allowed_hosts")
     app = App(allowed_hosts=frozenset(allowed) if allowed is not None else None)
     to_core = CoreCalls(link)
-    routes = OpenAIRoutes(RemoteCore(link, tokenizer), to_core=to_core)  # type: ignore[arg-type]  # what it reads
+    parser = link.snapshot.front_end.tool_call_parser
+    routes = OpenAIRoutes(RemoteCore(link, served), to_core=to_core, tool_call_parser=parser)  # type: ignore[arg-type]  # what it reads
     routes.register_generation(app, key_guard(link.snapshot.front_end.api_keys, "API"))
     app.fallback = to_core
     return app
 
 
-def _tokenizer(model_path: str | None) -> Any:
+def _served(model_path: str | None) -> ServedModel | None:
+    """The graph's model's front-end files (tokenizer, config) as this process reads them."""
     if model_path is None:
         return None
     from sagellm.runtime.pipeline.served_model import served_model
 
-    served = served_model({"model": model_path})
-    return served.tokenizer if served is not None else None
+    return served_model({"model": model_path})
 
 
 async def _stop_on_signal(stop: trio.Event, by_gateway: bool) -> None:

@@ -45,8 +45,8 @@ class EngineGauges:
 
     def collect(self) -> Any:
         families = {
-            "running": GaugeMetricFamily(
-                "sagellm:num_requests_running", "Requests running in the engine.", labels=["engine"]
+            "scheduled": GaugeMetricFamily(
+                "sagellm:num_requests_running", "Requests the engine is computing (not waiting).", labels=["engine"]
             ),
             "waiting": GaugeMetricFamily(
                 "sagellm:num_requests_waiting", "Requests waiting in the engine.", labels=["engine"]

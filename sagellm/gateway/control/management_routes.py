@@ -53,7 +53,7 @@ class ManagementRoutes:
                 "state": "ready" if stats.healthy else "unhealthy",
                 "pid": None,
                 "max_concurrent": stats.max_running,
-                "in_flight": stats.running + stats.waiting,
+                "in_flight": stats.running,  # those waiting in it included
                 "restarts": 0,
                 "last_error": None,
             }

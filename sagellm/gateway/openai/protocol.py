@@ -1,7 +1,7 @@
 """The OpenAI request bodies the gateway accepts, and their translation into pipeline `Request`s.
 
 Bodies decode with msgspec into these Structs (a wrong type is a 400 naming the field). Fields OpenAI defines that
-sageLLM cannot honour are refused with a 400 naming them (`n` > 1, tools, penalties, logit_bias, echo, suffix)
+sageLLM cannot honour are refused with a 400 naming them (`n` > 1, penalties, logit_bias, echo, suffix)
 rather than silently ignored; unknown extra fields are ignored, as vLLM does, because SDKs add new ones all the time.
 vLLM's extensions (`top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, ...) and sageLLM's scheduling fields
 (`priority` by number or class name, SLOs, `cost_budget`; also as `X-Request-Priority` / `X-SLO-Deadline-Ms`
@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.openai.structured import Constrained
+from sagellm.gateway.openai.tools import Tool, ToolChoice
+from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES, Priority, Request, TokenId
 
@@ -31,8 +34,8 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class _Generation(msgspec.Struct, kw_only=True):
-    """What completions and chat completions share."""
+class _Generation(Constrained, kw_only=True):
+    """What completions and chat completions share (structured output's fields among them)."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -75,9 +78,11 @@ class CompletionRequest(_Generation, kw_only=True):
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: Literal["system", "developer", "user", "assistant"]  # tool messages: tool calling is not supported
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, as its reply gave them
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(_Generation, kw_only=True):
@@ -85,8 +90,9 @@ class ChatCompletionRequest(_Generation, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, as OpenAI's
+    parallel_tool_calls: bool = True
     index: str | None = None  # sageLLM: answer from this retrieval index (/admin/index), its sources in the reply
     index_k: int = 4  # chunks retrieved from it
 
@@ -114,10 +120,15 @@ def _check_unsupported(body: _Generation) -> None:
 
 
 def sampling_params(
-    body: _Generation, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any] | None
+    body: _Generation,
+    max_tokens: int | None,
+    logprobs: int | None,
+    defaults: dict[str, Any] | None,
+    guided: GuidedDecoding | None = None,
 ) -> SamplingParams:
     """Where the body is silent, the served model's `defaults` (its generation config; None for another model's
-    request), else SamplingParams' (OpenAI's: temperature 1, top_p 1); a bad value is a 400 naming it."""
+    request), else SamplingParams' (OpenAI's: temperature 1, top_p 1); a bad value is a 400 naming it. `guided`:
+    the body's constraint (`structured.guided_decoding`)."""
     args: dict[str, Any] = dict(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -131,6 +142,7 @@ def sampling_params(
         logprobs=logprobs,
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
+        guided=guided,
     )
     try:
         return SamplingParams.with_defaults(defaults, **args)
@@ -184,10 +196,15 @@ def _header_number(headers: dict[str, str], name: str, kind: type) -> Any:
 
 
 def completion_requests(
-    body: CompletionRequest, headers: dict[str, str], new_id: Any, defaults: dict[str, Any] | None
+    body: CompletionRequest,
+    headers: dict[str, str],
+    new_id: Any,
+    defaults: dict[str, Any] | None,
+    guided: GuidedDecoding | None = None,
 ) -> list[Request]:
     """One pipeline request per prompt (OpenAI accepts a batch of prompts: one choice each); `defaults`: the model's
-    sampling defaults. `max_tokens` is 16 when left out, the OpenAI API's default for completions (vLLM's too)."""
+    sampling defaults; `guided`: the output's constraint. `max_tokens` is 16 when left out, the OpenAI API's default
+    for completions (vLLM's too)."""
     _check_unsupported(body)
     if body.echo:
         _refuse("echo", "not supported")
@@ -199,7 +216,7 @@ def completion_requests(
         _refuse("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
     prompts = _prompts(body.prompt)
     max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    params = sampling_params(body, max_tokens, body.logprobs, defaults)
+    params = sampling_params(body, max_tokens, body.logprobs, defaults, guided)
     now = time.time()
     extra = scheduling(body, headers, now)
     return [
@@ -238,21 +255,23 @@ def _is_token_id(value: Any) -> bool:
 
 
 def chat_request(
-    body: ChatCompletionRequest, headers: dict[str, str], request_id: str, defaults: dict[str, Any] | None
+    body: ChatCompletionRequest,
+    headers: dict[str, str],
+    request_id: str,
+    defaults: dict[str, Any] | None,
+    guided: GuidedDecoding | None = None,
 ) -> Request:
-    """The pipeline request of a chat; `defaults`: the model's sampling defaults. Without `max_tokens` (or
-    `max_completion_tokens`) the reply is bounded by the context alone, as OpenAI's and vLLM's chats are."""
+    """The pipeline request of a chat; `defaults`: the model's sampling defaults; `guided`: the reply's constraint.
+    Without `max_tokens` (or `max_completion_tokens`) the reply is bounded by the context alone, as OpenAI's and
+    vLLM's chats are."""
     _check_unsupported(body)
-    if body.tools:
-        _refuse("tools", "tool calling is not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        _refuse("response_format", "only {'type': 'text'} is supported")
     if not body.messages:
         _refuse("messages", "must hold at least one message")
     if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= MAX_LOGPROBS):
         _refuse("top_logprobs", f"needs logprobs=true and a value in [0, {MAX_LOGPROBS}]")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, defaults)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_tokens, logprobs, defaults, guided)
     now = time.time()
     messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
     return Request(
@@ -276,6 +295,7 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
             texts.append(part["text"])
         content = "".join(texts)
     out: dict[str, Any] = {"role": message.role, "content": content or ""}
-    if message.name is not None:
-        out["name"] = message.name
+    for name in ("name", "tool_calls", "tool_call_id"):
+        if getattr(message, name) is not None:
+            out[name] = getattr(message, name)
     return out

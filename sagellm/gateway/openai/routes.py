@@ -30,9 +30,13 @@ from sagellm.gateway.openai.protocol import (
     completion_requests,
 )
 from sagellm.gateway.openai.replies import Choice, Envelope, chat_logprobs, completion_logprobs, finish_reason, usage
+from sagellm.gateway.openai.structured import check_compiles, guided_decoding
+from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent, parser_for
+from sagellm.gateway.openai.tools import ToolUse, plan, tool_call_json
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.request_stream import RequestStream, embedded
+from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 
 DONE = b"[DONE]"
@@ -52,12 +56,17 @@ class OpenAIRoutes:
         core: ServingCore,
         indexes: IndexStore | None = None,
         to_core: Callable[[HttpRequest], Awaitable[Response]] | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         """`indexes`: the retrieval indexes chats may name (`"index"`); None in an API server's process, which
-        passes such chats on to the gateway's core, that holds them (`to_core`)."""
+        passes such chats on to the gateway's core, that holds them (`to_core`). `tool_call_parser`: how tool calls
+        are read from replies (None: chosen from the model's chat template)."""
         self.core = core
         self.indexes = indexes
         self.to_core = to_core
+        if tool_call_parser is not None:
+            parser_for(tool_call_parser)  # an unknown name stops the start, naming the known ones
+        self.tool_call_parser = tool_call_parser
         self.created = int(time.time())
 
     def register(self, app: App, guard: Guard | None) -> None:
@@ -95,10 +104,12 @@ class OpenAIRoutes:
         body = http.json(CompletionRequest)
         model = self.core.instance_model(body.model)
         defaults = self.core.sampling_defaults(model)
-        requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults)
+        constraint = guided_decoding(body)
+        guided = constraint[0] if constraint else None
+        requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults, guided)
         for request in requests:
             request.model, request.owner = model, key_owner(http)
-        await self.core.tokenize_long_prompts(requests)
+        await self._prepare(requests, constraint)
         envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion")
         wants_logprobs, ids = body.logprobs is not None, body.return_token_ids
         if body.stream:
@@ -147,17 +158,18 @@ class OpenAIRoutes:
             return await self.to_core(http)  # an API server: the core holds the indexes and answers it whole
         if not body.stream:
             return Response(await self.complete_chat(body, http.headers, key_owner(http)))
-        request = self._chat_request(body, http.headers)
+        request, constraint, tool_use = self._chat_request(body, http.headers)
         request.owner = key_owner(http)
         sources = await self._ground(request, body)
-        await self.core.tokenize_long_prompts([request])
+        await self._prepare([request], constraint)
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
         stream = self.core.submit(request)
         first = await _first_or_raise(stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        render = self._chat_render(body.logprobs)
+        parser = tool_use.parser if tool_use is not None else None
+        render = self._chat_render(body.logprobs, parser)
         events = _events(envelope, first, stream, render, body.logprobs, include_usage, opening=CHAT_OPENING,
-                         ids=body.return_token_ids, sources=sources)  # fmt: skip
+                         ids=body.return_token_ids, sources=sources, parsed=parser is not None)  # fmt: skip
         return EventStream(events, on_disconnect=stream.cancel)
 
     async def complete_chat(
@@ -165,15 +177,22 @@ class OpenAIRoutes:
     ) -> dict[str, Any]:
         """A whole chat completion as OpenAI's response body (the sessions route uses it too); `owner`: who may read
         its status."""
-        request = self._chat_request(body, headers)
+        request, constraint, tool_use = self._chat_request(body, headers)
         request.owner = owner
         sources = await self._ground(request, body)
-        await self.core.tokenize_long_prompts([request])
+        await self._prepare([request], constraint)
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
         (choice,) = await _collect([self.core.submit(request)])
-        message = {"role": "assistant", "content": choice.text}
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        reason = finish_reason(choice.finish_reason)
+        if tool_use is not None and tool_use.parser is not None:
+            content, calls = parser_for(tool_use.parser).parse(choice.text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = [tool_call_json(call) for call in calls]
+                reason = "tool_calls" if reason == "stop" else reason
         lp = chat_logprobs(self.core.tokenizer, choice.logprobs) if body.logprobs else None
-        fields = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(choice.finish_reason)}
+        fields = {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
         if body.return_token_ids:
             fields["token_ids"] = choice.token_ids
         return envelope.body([fields], usage=usage([choice]), **({"sources": sources} if sources is not None else {}))
@@ -187,20 +206,63 @@ class OpenAIRoutes:
             raise ApiError(400, message, param="index")
         return await self.indexes.ground(request, body.index, body.index_k)
 
-    def _chat_request(self, body: ChatCompletionRequest, headers: dict[str, str]) -> Request:
+    def _chat_request(
+        self, body: ChatCompletionRequest, headers: dict[str, str]
+    ) -> tuple[Request, tuple[GuidedDecoding, str] | None, ToolUse | None]:
+        """The chat's pipeline request, its constraint with the field it came in, and how it uses its tools."""
         model = self.core.instance_model(body.model)
         defaults = self.core.sampling_defaults(model)
-        request = chat_request(body, headers, self.core.new_id("chatcmpl"), defaults)
+        constraint = guided_decoding(body)
+        tool_use = plan(body.tools, body.tool_choice, body.parallel_tool_calls, self._chat_template(model),
+                        self.tool_call_parser)  # fmt: skip
+        if tool_use is not None and tool_use.constraint is not None:
+            if constraint is not None:
+                message = f"tool_choice: a required tool call and {constraint[1]} both constrain the reply: give one"
+                raise ApiError(400, message, param="tool_choice")
+            constraint = (tool_use.constraint, "tools")
+        guided = constraint[0] if constraint else None
+        request = chat_request(body, headers, self.core.new_id("chatcmpl"), defaults, guided)
+        if tool_use is not None:
+            request.tools, request.chat_template = tool_use.tools, tool_use.chat_template
         request.model = model
-        return request
+        return request, constraint, tool_use
 
-    def _chat_render(self, logprobs: bool) -> Callable[[TokenDelta], dict[str, Any]]:
-        """A streamed chat's choice fields for each delta."""
+    def _chat_template(self, model: str | None) -> str | None:
+        """The chat template tools are shown with: the graph's model's ("" when it has none); None for a model
+        another server serves."""
+        if model is not None:
+            return None
+        tokenizer = self.core.tokenizer
+        return (getattr(tokenizer, "chat_template", None) or "") if tokenizer is not None else None
+
+    async def _prepare(self, requests: list[Request], constraint: tuple[GuidedDecoding, str] | None) -> None:
+        """What is done before requests enter the graph, off the event loop: long prompts tokenized, and a
+        constraint compiled for the graph's model (a 400 naming its field when it cannot be)."""
+        await self.core.tokenize_long_prompts(requests)
+        if constraint is not None and requests[0].model is None:
+            await check_compiles(self.core.served, *constraint)
+
+    def _chat_render(self, logprobs: bool, parser_name: str | None = None) -> Callable[[TokenDelta], dict[str, Any]]:
+        """A streamed chat's choice fields for each delta; with a tool-call parser, its text read by the parser:
+        content it releases, and each tool call whole as it completes (a delta holding back a call's text shows
+        nothing: an empty `delta`)."""
+        parser = parser_for(parser_name) if parser_name is not None else None
+        called = False
 
         def render(item: TokenDelta) -> dict[str, Any]:
+            nonlocal called
             lp = chat_logprobs(self.core.tokenizer, item.logprobs or []) if logprobs else None
-            delta = {"content": item.text} if item.text else {}
-            return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason(item.finish_reason)}
+            reason = finish_reason(item.finish_reason)
+            if parser is None:
+                delta = {"content": item.text} if item.text else {}
+                return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            events = (parser.feed(item.text) if item.text else []) + (parser.finish() if item.finished else [])
+            content = "".join(e.text for e in events if isinstance(e, ContentEvent))
+            calls = [{"index": e.index, **tool_call_json(e.call)} for e in events if isinstance(e, ToolCallEvent)]
+            called = called or bool(calls)
+            delta: dict[str, Any] = ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
+            reason = "tool_calls" if reason == "stop" and called else reason
+            return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
         return render
 
@@ -269,17 +331,19 @@ async def _events(
     opening: dict[str, Any] | None = None,
     ids: bool = False,
     sources: list[dict[str, object]] | None = None,
+    parsed: bool = False,
 ) -> AsyncIterator[Any]:
     """The SSE events of one streamed choice: `render` turns a delta into the choice's fields (and its token ids are
     added when asked: `ids`); deltas with nothing to show (a token that ends mid-character, unless its token ids are
     asked for) are skipped; a failure is an `error` event; usage last when asked. Events that are ready together
     (the opening and the first delta, deltas the engine made while the client's last write went out, the final
-    delta with usage and [DONE]) come as one tuple: one write."""
+    delta with usage and [DONE]) come as one tuple: one write. `parsed`: `render` reads the text (a tool-call
+    parser), so every delta goes through it and one that shows nothing is skipped."""
     choice = Choice(0)
     extra = {"usage": None} if include_usage else {}
     opening_extra = extra | ({"sources": sources} if sources is not None else {})  # a grounded chat's, first
     ready = [envelope.body([opening], **opening_extra)] if opening is not None else []  # events sent in one write
-    text_event = None if logprobs or ids else _text_event(envelope, render, extra)
+    text_event = None if logprobs or ids or parsed else _text_event(envelope, render, extra)
     item: TokenDelta | RequestError = first
     corked = False
     while True:
@@ -291,7 +355,8 @@ async def _events(
             ready.append(text_event(item.text))
         elif item.text or item.finished or (logprobs and item.logprobs) or (ids and item.token_ids):
             fields = render(item)
-            ready.append(envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra))
+            if not (parsed and not fields["delta"] and not item.finished and not ids and not logprobs):
+                ready.append(envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra))
         if item.finished:
             break
         if ready and not stream.has_ready():

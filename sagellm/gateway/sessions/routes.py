@@ -96,7 +96,10 @@ class SessionRoutes:
                 if error.code != "context_length_exceeded" or shorter is None:
                     raise
                 history, dropped = shorter, dropped * 2
-        answer = {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
+        message = reply["choices"][0]["message"]
+        answer = {"role": "assistant", "content": message["content"]}
+        if "tool_calls" in message:  # the history holds the calls, so the next turn can answer them
+            answer["tool_calls"] = message["tool_calls"]
         self.store.append(session, *turn, answer)
         await self.store.save()
         return Response({**reply, "session_id": session.id})

@@ -1,0 +1,188 @@
+"""Guided decoding's machinery on llguidance: a constraint (`GuidedDecoding`) compiled once per tokenizer into a
+matcher, a copy of it per request that follows the request's tokens, and the mask of the tokens it may take next.
+
+llguidance over xgrammar, both measured on SmolLM2's 49k vocabulary (the numbers are in the issue's note): any
+schema compiles in 1-2 ms where xgrammar takes 5-7 ms and 225 ms once `format` or `pattern` appears; JSON Schema's
+keywords it does not implement (`uniqueItems`, `not`, `if`) are refused by name where xgrammar ignores `allOf` and
+`uniqueItems` silently; special tokens cannot appear inside JSON strings; and it has no dependencies (xgrammar pulls
+triton, ~1 GB, into a CPU install). A mask costs ~13 us (xgrammar ~2 us): noise beside a model step. Masks are
+bit-packed int32 rows; `mask_logits` applies them to a batch's logits.
+
+Compiled matchers are kept per constraint (a copy per request costs ~40 us), and one compiler serves every engine
+and the gateway's admission check of a process that share a tokenizer (`grammar_compiler`). A constraint that does
+not compile raises a `FieldError` naming its field. JSON is laid out compactly (`{"a": 1, "b": [2, 3]}`) unless a
+request asks for free whitespace: a small model given newlines to choose from fills objects with them."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from sagellm.common.errors import FieldError
+from sagellm.runtime.engine.guided_params import GuidedDecoding
+
+COMPILED_KEPT = 256  # compiled constraints kept per tokenizer, least recently used dropped first
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_compilers: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], GrammarCompiler]]
+_compilers = weakref.WeakKeyDictionary()
+_compilers_lock = threading.Lock()
+
+
+class GrammarCompiler:
+    """Compiles constraints for one tokenizer and vocabulary (`vocab_size`: the model's logits width, which may be
+    larger than the tokenizer's); `stop_token_ids` end a constrained output (the model's EOS tokens)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
+        import llguidance
+        import llguidance.hf
+
+        self._llg = llguidance
+        self.vocab_size = vocab_size
+        stops = sorted(stop_token_ids)
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stops or None)
+        self._compiled: OrderedDict[tuple[str, str, bool | None], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, guided: GuidedDecoding) -> Any:
+        """The constraint's pristine matcher (llguidance's `LLMatcher`, compiled once and kept); a `FieldError`
+        naming its field when it does not compile (an invalid schema, a regex or grammar with a syntax error)."""
+        with self._lock:
+            if (matcher := self._compiled.get(guided.key)) is not None:
+                self._compiled.move_to_end(guided.key)
+                return matcher
+        try:
+            matcher = self._llg.LLMatcher(self._tokenizer, self._grammar(guided), log_level=0)
+        except (ValueError, TypeError) as error:
+            raise FieldError(guided.kind, f"{guided.kind} cannot be used to constrain the output: {error}") from None
+        if matcher.is_error():
+            why = _reason(matcher.get_error())
+            raise FieldError(guided.kind, f"{guided.kind} cannot be used to constrain the output: {why}")
+        with self._lock:
+            self._compiled[guided.key] = matcher
+            while len(self._compiled) > COMPILED_KEPT:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def matcher(self, guided: GuidedDecoding) -> GuidedMatcher:
+        return GuidedMatcher(self.compile(guided).deep_copy())
+
+    def _grammar(self, guided: GuidedDecoding) -> str:
+        llg, kind = self._llg, guided.kind
+        if kind in ("json", "json_object"):
+            schema = _ascii_patterns(json.loads(guided.json)) if kind == "json" else {"type": "object"}
+            layout = None if guided.disable_any_whitespace is False else COMPACT
+            return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=layout)
+        if kind == "regex":
+            return llg.LLMatcher.grammar_from_regex(ascii_digits(guided.regex))
+        if kind == "choice":
+            return llg.grammar_from("choice", json.dumps(guided.choice))
+        return llg.grammar_from("grammar", guided.grammar)  # Lark, or GBNF (llama.cpp's)
+
+
+class GuidedMatcher:
+    """One request's place in its grammar: which tokens may come next (`fill`), and the tokens that came
+    (`accept`). `terminated` once nothing more can follow (a stop token came, or the grammar is complete and takes
+    no more: the output ends there, without a stop token)."""
+
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
+
+    def fill(self, masks: torch.Tensor, row: int) -> None:
+        """Writes the allowed next tokens into row `row` of `masks` (`new_masks`)."""
+        view = masks[row]
+        self._matcher.unsafe_compute_mask_ptr(view.data_ptr(), view.numel() * view.element_size())
+
+    def accept(self, token: int) -> bool:
+        """Moves past `token`; False when the grammar does not allow it (the matcher is then unusable)."""
+        return bool(self._matcher.consume_token(token))
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self._matcher.is_stopped())
+
+
+def grammar_compiler(tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> GrammarCompiler:
+    """The process's one compiler for this tokenizer and vocabulary (made on first use: reading the tokenizer's
+    vocabulary takes ~350 ms), so engines and the gateway's check share compiled constraints."""
+    stops = tuple(sorted(stop_token_ids))
+    with _compilers_lock:
+        per_tokenizer = _compilers.setdefault(tokenizer, {})
+        compiler = per_tokenizer.get((vocab_size, stops))
+        if compiler is None:
+            compiler = per_tokenizer[(vocab_size, stops)] = GrammarCompiler(tokenizer, vocab_size, stops)
+        return compiler
+
+
+def new_masks(rows: int, vocab_size: int) -> torch.Tensor:
+    """Bit-packed masks for `rows` rows, every token allowed: int32 [rows, ceil(vocab_size / 32)]."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+def mask_logits(logits: torch.Tensor, masks: torch.Tensor, rows: list[int]) -> None:
+    """Sets to -inf, in place, the logits of the tokens `masks` (one row per entry of `rows`) does not allow in
+    those rows of `logits` [N, V]. On CPU in numpy, row by row: ~0.5 ms for 16 rows of 49k, where torch's
+    element-wise ops take ~1 ms on one thread and far longer on threads that share busy cores."""
+    vocab = logits.shape[1]
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        disallowed = np.unpackbits(masks.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little") == 0
+        view = logits.numpy()
+        for i, row in enumerate(rows):
+            np.copyto(view[row], -np.inf, where=disallowed[i])
+        return
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((masks.to(logits.device).unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]  # [R, V]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def ascii_digits(regex: str) -> str:
+    """`regex` with `\\d` meaning [0-9], as in JSON Schema's (ECMAScript) patterns and vLLM's regexes, not any
+    Unicode digit, as in llguidance's (Rust) regexes: a small model asked for a phone number otherwise picks
+    'SEGMENTED DIGIT EIGHT'."""
+    out, i, in_class = [], 0, False
+    while i < len(regex):
+        char = regex[i]
+        if char == "\\" and i + 1 < len(regex):
+            pair = regex[i : i + 2]
+            out.append(("0-9" if in_class else "[0-9]") if pair == "\\d" else pair)
+            i += 2
+            continue
+        if char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def _ascii_patterns(schema: Any) -> Any:
+    """A JSON schema (decoded) with every `pattern` and `patternProperties` regex through `ascii_digits`."""
+    if isinstance(schema, list):
+        return [_ascii_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "pattern" and isinstance(value, str):
+            out[key] = ascii_digits(value)
+        elif key == "patternProperties" and isinstance(value, dict):
+            out[key] = {ascii_digits(k): _ascii_patterns(v) for k, v in value.items()}
+        else:
+            out[key] = _ascii_patterns(value)
+    return out
+
+
+def _reason(message: str) -> str:
+    """llguidance's error on one line, without its drawings of where in the grammar (`  1 | start: ...`, `^`)."""
+    lines = [line.strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not re.match(r"\d+ \|", line) and set(line) != {"^"}]
+    return " ".join(kept) or "no reason given"
