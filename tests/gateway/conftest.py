@@ -105,3 +105,18 @@ def leave_a_stream_and_see_it_cancelled(gateway: GatewayThread, headers: dict[st
     while (gateway.call(engine.in_flight) or gateway.core.in_flight) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gateway.call(engine.in_flight) == [] and gateway.core.in_flight == 0
+
+
+def assert_refused_chat(gateway: GatewayThread, body: dict[str, Any], param: str, words: str) -> None:
+    """A chat with `body`'s fields is a 400 naming `param`, its message holding `words`. The front end checks it
+    the same way whatever graph serves, so it is tried on the colocated one only."""
+    if getattr(gateway, "graph", "colocated") != "colocated":
+        pytest.skip("the front end's check is the same on every graph")
+    reply = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body},
+        timeout=60,
+    )
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and words in error["message"], error

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.gateway.conftest import sdk_client
+from tests.gateway.conftest import assert_refused_chat, sdk_client
 from tests.gateway.structured_schemas import CASES
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -111,13 +111,4 @@ def test_the_same_constrained_request_gives_the_same_tokens_on_every_graph(serve
     ],
 )  # fmt: skip
 def test_a_constraint_that_cannot_be_used_is_a_400_naming_its_field(server, body, param, words) -> None:
-    if server.graph != "colocated":
-        pytest.skip("the front end's check is the same on every graph")
-    reply = httpx.post(
-        server.url + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body},
-        timeout=60,
-    )
-    assert reply.status_code == 400, reply.text
-    error = reply.json()["error"]
-    assert error["param"] == param and words in error["message"], error
+    assert_refused_chat(server, body, param, words)

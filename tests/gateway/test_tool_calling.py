@@ -11,11 +11,10 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
 
-from tests.gateway.conftest import sdk_client
+from tests.gateway.conftest import assert_refused_chat, sdk_client
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -145,13 +144,4 @@ def test_a_history_with_calls_and_results_is_answered_and_auto_may_answer_in_tex
     ],
 )  # fmt: skip
 def test_a_tool_choice_that_cannot_be_honoured_is_a_400_naming_it(server, body, param, words) -> None:
-    if server.graph != "colocated":
-        pytest.skip("the front end's check is the same on every graph")
-    reply = httpx.post(
-        server.url + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body},
-        timeout=60,
-    )
-    assert reply.status_code == 400, reply.text
-    error = reply.json()["error"]
-    assert error["param"] == param and words in error["message"], error
+    assert_refused_chat(server, body, param, words)
