@@ -42,6 +42,7 @@ from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.openai import openapi
+from sagellm.gateway.openai.responses_route import ResponsesRoutes
 from sagellm.gateway.openai.routes import OpenAIRoutes
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
@@ -76,6 +77,7 @@ def build_app(
     indexes = IndexStore(core)
     openai_routes = OpenAIRoutes(core, indexes, tool_call_parser=config.tool_call_parser)
     openai_routes.register(app, api_guard)
+    ResponsesRoutes(openai_routes).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
     AdminRoutes(core, (autoscaler,) if autoscaler is not None else ()).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)

@@ -102,6 +102,20 @@ def test_errors_keep_their_statuses_and_shapes(gateway):
     assert httpx.get(gateway.url + "/health").status_code == 200
 
 
+def test_responses_are_answered_by_the_core_and_continue_on_any_api_server(gateway):
+    """The core keeps every stored response, so a follow-up on new connections (another API server, likely) finds
+    its previous one; a streamed response comes whole, its events all there."""
+    model = gateway.core.model_name
+    first = fresh_client(gateway).responses.create(model=model, input="Hi!", max_output_tokens=4, temperature=0)
+    for _ in range(4):
+        client = fresh_client(gateway)
+        later = client.responses.create(model=model, input="And?", previous_response_id=first.id, max_output_tokens=4)
+        assert later.previous_response_id == first.id
+        events = list(client.responses.create(model=model, input="Hi!", max_output_tokens=4, stream=True))
+        assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+        client.close()
+
+
 def test_a_client_that_leaves_cancels_its_request_in_the_core(gateway):
     leave_a_stream_and_see_it_cancelled(gateway, auth())
 

@@ -41,7 +41,7 @@ from sagellm.gateway.api_servers.link import (
     Snapshot,
 )
 from sagellm.gateway.config import GatewayConfig
-from sagellm.gateway.http.app import App, HttpRequest, Response, error_response
+from sagellm.gateway.http.app import App, EventStream, HttpRequest, Response, frame
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.serving.request_stream import RequestStream
@@ -176,10 +176,8 @@ class ApiServerHub:
             self._calls[peer, call.call_id] = scope
             try:
                 reply = await self.app.handle(request, host_checked=True)
-                if not isinstance(reply, Response):  # only the generation routes stream, and API servers answer them
-                    await reply.events.aclose()
-                    reply.on_disconnect()
-                    reply = error_response(ApiError(500, f"{call.path} streams: not passed on", code="internal"))
+                if not isinstance(reply, Response):  # a stream the core answers (/v1/responses): passed on whole
+                    reply = await _whole(reply)
                 headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in reply.headers]
                 self._queue(peer, Reply(call_id=call.call_id, status=reply.status, content_type=reply.content_type,
                                         headers=headers, body=reply.encoded()))  # fmt: skip
@@ -347,3 +345,15 @@ def _code(error: ApiError) -> Any:
     if error.code in HTTP_STATUS:
         return error.code
     return next((code for code, status in HTTP_STATUS.items() if status == error.http_status), "internal")
+
+
+async def _whole(stream: EventStream) -> Response:
+    """An event stream as one reply holding all its events: what an API server passes on streams only this way."""
+    events = []
+    try:
+        async for item in stream.events:
+            events += [frame(e) for e in (item if isinstance(item, tuple) else (item,))]
+    except BaseException:
+        stream.on_disconnect()
+        raise
+    return Response(b"".join(events), content_type="text/event-stream")

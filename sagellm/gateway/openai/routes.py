@@ -116,12 +116,12 @@ class OpenAIRoutes:
             if len(requests) > 1:
                 raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
             stream = self.core.submit(requests[0])
-            first = await _first_or_raise(stream)
+            first = await first_or_raise(stream)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             render = self._completion_render(wants_logprobs)
             events = _events(envelope, first, stream, render, wants_logprobs, include_usage, ids=ids)
             return EventStream(events, on_disconnect=stream.cancel)
-        choices = await _collect(self.core.submit_all(requests))
+        choices = await collect_choices(self.core.submit_all(requests))
         tokenizer = self.core.tokenizer
         return Response(
             envelope.body(
@@ -158,13 +158,10 @@ class OpenAIRoutes:
             return await self.to_core(http)  # an API server: the core holds the indexes and answers it whole
         if not body.stream:
             return Response(await self.complete_chat(body, http.headers, key_owner(http)))
-        request, constraint, tool_use = self._chat_request(body, http.headers)
-        request.owner = key_owner(http)
-        sources = await self._ground(request, body)
-        await self._prepare([request], constraint)
+        request, tool_use, sources = await self.prepared_chat(body, http.headers, key_owner(http))
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
         stream = self.core.submit(request)
-        first = await _first_or_raise(stream)
+        first = await first_or_raise(stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         parser = tool_use.parser if tool_use is not None else None
         render = self._chat_render(body.logprobs, parser)
@@ -177,12 +174,9 @@ class OpenAIRoutes:
     ) -> dict[str, Any]:
         """A whole chat completion as OpenAI's response body (the sessions route uses it too); `owner`: who may read
         its status."""
-        request, constraint, tool_use = self._chat_request(body, headers)
-        request.owner = owner
-        sources = await self._ground(request, body)
-        await self._prepare([request], constraint)
+        request, tool_use, sources = await self.prepared_chat(body, headers, owner)
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
-        (choice,) = await _collect([self.core.submit(request)])
+        (choice,) = await collect_choices([self.core.submit(request)])
         message: dict[str, Any] = {"role": "assistant", "content": choice.text}
         reason = finish_reason(choice.finish_reason)
         if tool_use is not None and tool_use.parser is not None:
@@ -196,6 +190,17 @@ class OpenAIRoutes:
         if body.return_token_ids:
             fields["token_ids"] = choice.token_ids
         return envelope.body([fields], usage=usage([choice]), **({"sources": sources} if sources is not None else {}))
+
+    async def prepared_chat(
+        self, body: ChatCompletionRequest, headers: dict[str, str], owner: str
+    ) -> tuple[Request, ToolUse | None, list[dict[str, object]] | None]:
+        """A chat's pipeline request ready to submit (grounded, tokenized if long, its constraint compiled), how it
+        uses its tools, and a grounded chat's sources; `owner`: who may read its status."""
+        request, constraint, tool_use = self._chat_request(body, headers)
+        request.owner = owner
+        sources = await self._ground(request, body)
+        await self._prepare([request], constraint)
+        return request, tool_use, sources
 
     async def _ground(self, request: Request, body: ChatCompletionRequest) -> list[dict[str, object]] | None:
         """A chat that names an index is answered from it (`IndexStore.ground`); -> its sources, or None."""
@@ -386,7 +391,7 @@ def _text_event(
     return lambda text: head + msgspec.json.encode(text) + tail
 
 
-async def _first_or_raise(stream: RequestStream) -> TokenDelta:
+async def first_or_raise(stream: RequestStream) -> TokenDelta:
     """A streamed request's first item; a request rejected before its first token answers with its status. A client
     that leaves while it waits (its connection's scope is cancelled) aborts the request wherever it is."""
     try:
@@ -401,7 +406,7 @@ async def _first_or_raise(stream: RequestStream) -> TokenDelta:
     return item
 
 
-async def _collect(streams: list[RequestStream]) -> list[Choice]:
+async def collect_choices(streams: list[RequestStream]) -> list[Choice]:
     """Every stream to its end; the first failure cancels the rest and answers for all."""
     choices = [Choice(i) for i in range(len(streams))]
     failure: RequestError | None = None
