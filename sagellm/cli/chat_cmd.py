@@ -4,6 +4,7 @@
     sagellm chat ./model.gguf --temperature 0.7
     sagellm chat --url http://127.0.0.1:8000         # a running server (ours, vLLM, llama.cpp: the OpenAI API)
     echo "Why is the sky blue?" | sagellm chat       # piped: the input is one message, the reply goes to stdout
+    sagellm chat --json-schema person.json           # every reply is JSON following the schema in person.json
 
 At the prompt: an empty line does nothing, `/clear` forgets the conversation, `/bye` or Ctrl-D ends it. The whole
 conversation is sent each turn (the model's chat template renders it); once it no longer fits the context, the oldest
@@ -15,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
@@ -35,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="chat with this OpenAI-compatible server instead of a local engine")
     p.add_argument("--api-key", help="the server's API key (with --url)")
     p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--json-schema", type=Path, metavar="FILE", help="every reply is JSON following this JSON schema")
     add_sampling_arguments(p, top_k=False, max_tokens_help="most tokens per reply (default: up to the context)")
     p.add_argument("--log-level", default="warning")
     add_engine_arguments(p)
@@ -79,13 +82,15 @@ def _turn(reply: Callable[[list[Message]], Iterator[str]], history: list[Message
 
 def _local(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]]:
     """Replies from the engine in this process; the oldest turns go when the conversation outgrows the context."""
-    from sagellm import LLM, SamplingParams
+    from sagellm import LLM, GuidedDecoding, SamplingParams
     from sagellm.cli.progress_display import showing_progress
     from sagellm.runtime.engine.sampling_params import EXPECTED_OUTPUT_TOKENS
 
     with showing_progress("sagellm chat"):
         llm = LLM(args.model, **engine_settings(args))
-    params = SamplingParams.with_defaults(llm.engine.sampling_defaults, **given_sampling(args))
+    schema = _json_schema(args.json_schema)
+    guided = GuidedDecoding(json=schema) if schema is not None else None
+    params = SamplingParams.with_defaults(llm.engine.sampling_defaults, **given_sampling(args), guided=guided)
     context = llm.engine.max_model_len
     room = args.max_tokens or EXPECTED_OUTPUT_TOKENS  # kept free for the reply when old turns must go
 
@@ -108,10 +113,13 @@ def _remote(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     client = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10.0, read=None))
     model = args.model or _first_model(client, base)
+    schema = _json_schema(args.json_schema)
+    constraint = {"response_format": {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}}
 
     def reply(history: list[Message]) -> Iterator[str]:
         # what the command line left out, the server's defaults decide
         body: dict[str, Any] = {"model": model, "messages": history, "stream": True, **given_sampling(args)}
+        body |= constraint if schema is not None else {}
         try:
             with client.stream("POST", "/v1/chat/completions", json=body) as answer:
                 if answer.status_code != 200:
@@ -128,6 +136,19 @@ def _remote(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]
             raise Unavailable(f"{base}: {type(error).__name__}: {error}") from None
 
     return reply
+
+
+def _json_schema(path: Path | None) -> dict[str, Any] | None:
+    """The JSON schema in `path` (None: no constraint); a file that is not one is an error naming it."""
+    if path is None:
+        return None
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InvalidInput(f"--json-schema {path}: {error}") from None
+    if not isinstance(schema, dict):
+        raise InvalidInput(f"--json-schema {path}: a JSON schema is an object, got {type(schema).__name__}")
+    return schema
 
 
 def _first_model(client: Any, base: str) -> str:

@@ -5,6 +5,7 @@ read as a model or a graph, the flags set on every engine node, and `sagellm cha
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -154,6 +155,14 @@ def test_chat_piped_to_a_local_model_answers_once_on_stdout(tiny, tmp_path):
     assert ran.stdout.strip() and "sagellm chat: main: loading" in ran.stderr  # the reply alone on stdout
     empty = sagellm(tmp_path, "chat", str(tiny), input_text="")
     assert empty.returncode == 2 and "stdin was empty" in empty.stderr
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}  # fmt: skip
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    shaped = sagellm(tmp_path, "chat", str(tiny), "--json-schema", str(tmp_path / "schema.json"), input_text="Hi")
+    assert shaped.returncode == 0 and json.loads(shaped.stdout)["answer"] in ("yes", "no"), shaped.stderr
+    (tmp_path / "bad.json").write_text('{"type": "objec"}')
+    bad = sagellm(tmp_path, "chat", str(tiny), "--json-schema", str(tmp_path / "bad.json"), input_text="Hi")
+    assert bad.returncode == 2 and "Invalid type: objec" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
