@@ -2,7 +2,7 @@
 # Structured output's cost (issue 33): W1-c16 (64 prompts, 256 tokens in, 128 out, 16 at a time) through every server
 # running on this machine, unconstrained and with every request constrained to one JSON schema, `vllm bench serve`
 # as the client for all of them (`--extra-body` carries OpenAI's `response_format`, which vLLM and sageLLM both
-# take), REPEATS rounds with the servers in a rotating order and a fresh seed per round; then the medians (`sagellm
+# take), REPEATS rounds with the servers in a rotating order and fresh prompts for every run; then the medians (`sagellm
 # bench vllm-results`, rows NAME and NAME-json), the CPU, and each schema's compile time in sageLLM's compiler.
 #
 #   benchmarks/structured_output.sh OUT_DIR NAME=URL=MODEL...   (e.g. sagellm=http://127.0.0.1:8000=smollm2-135m-instruct)
@@ -37,8 +37,15 @@ for ((r = 0; r < REPEATS; r++)); do
   n=${#servers[@]}
   for ((i = 0; i < n; i++)); do
     IFS== read -r name url model <<<"${servers[(i + r) % n]}"
-    bench "$name" "$url" "$model" $((SEED + r))
-    bench "$name-json" "$url" "$model" $((SEED + r)) --extra-body "$BODY"
+    # Fresh prompts for each run (a server's prefix cache would serve the second run's from the first's), and the
+    # two kinds in turns first, so neither always follows the other.
+    if ((r % 2 == 0)); then
+      bench "$name" "$url" "$model" $((SEED + 2 * r))
+      bench "$name-json" "$url" "$model" $((SEED + 2 * r + 1)) --extra-body "$BODY"
+    else
+      bench "$name-json" "$url" "$model" $((SEED + 2 * r)) --extra-body "$BODY"
+      bench "$name" "$url" "$model" $((SEED + 2 * r + 1))
+    fi
   done
 done
 "${SAGELLM:-sagellm}" bench vllm-results "$out" --out "$out/summary" \
