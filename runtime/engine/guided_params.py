@@ -1,5 +1,5 @@
 """What a request's output is constrained to: a JSON schema, any JSON object, a regular expression, one of a few
-strings, or a grammar (EBNF as xgrammar and llama.cpp write it, or Lark).
+strings, or a grammar (EBNF as llama.cpp writes it, GBNF, or Lark).
 
 The fields are vLLM's (`GuidedDecodingParams`, later `StructuredOutputsParams`): `json`, `json_object`, `regex`,
 `choice`, `grammar`, `disable_any_whitespace`, so a vLLM program's constraint maps over one to one. Exactly one kind

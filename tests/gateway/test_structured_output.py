@@ -107,6 +107,8 @@ def test_the_same_constrained_request_gives_the_same_tokens_on_every_graph(serve
         ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex", "give one"),
         ({"response_format": {"type": "xml"}}, "response_format", "json_object or json_schema"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "disable_any_whitespace"),
+        ({"guided_json": {"type": "object"}, "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend",
+         "llguidance"),
         ({"structured_outputs": {"json_object": True, "regex": "a"}}, "structured_outputs", "exactly one"),
     ],
 )  # fmt: skip

@@ -54,8 +54,8 @@ def guided_decoding(body: Constrained) -> tuple[GuidedDecoding, str] | None:
         raise ApiError(400, f"{' and '.join(given)} each constrain the output: give one", param=given[1])
     if body.guided_whitespace_pattern is not None:
         raise _unsupported("guided_whitespace_pattern", "set disable_any_whitespace in structured_outputs instead")
-    if body.guided_decoding_backend not in (None, "auto", "xgrammar"):
-        raise _unsupported("guided_decoding_backend", "this server guides decoding with xgrammar")
+    if body.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
+        raise _unsupported("guided_decoding_backend", "this server guides decoding with llguidance (vLLM's guidance)")
     if not given:
         return None
     (field,) = given
@@ -103,7 +103,7 @@ async def check_compiles(served: ServedModel | None, guided: GuidedDecoding, fie
     the model's files here (a front end of a graph served elsewhere) the engine's own check refuses it."""
     if served is None or served.tokenizer is None or served.config is None:
         return
-    from sagellm.runtime.engine.grammar import grammar_compiler  # torch and xgrammar: loaded when first needed
+    from sagellm.runtime.engine.grammar import grammar_compiler  # torch and llguidance: loaded when first needed
 
     config = served.config
 
