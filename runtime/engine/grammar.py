@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from sagellm.common.errors import FieldError
-from sagellm.runtime.engine.guided_params import GuidedDecoding
+from sagellm.runtime.engine.guided_params import COMPACT_JSON, GuidedDecoding
 
 COMPILED_KEPT = 256  # compiled constraints kept per tokenizer, least recently used dropped first
-COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _compilers: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], GrammarCompiler]]
 _compilers = weakref.WeakKeyDictionary()
 _compilers_lock = threading.Lock()
@@ -45,7 +44,6 @@ class GrammarCompiler:
         import llguidance.hf
 
         self._llg = llguidance
-        self.vocab_size = vocab_size
         stops = sorted(stop_token_ids)
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stops or None)
         self._compiled: OrderedDict[tuple[str, str, bool | None], Any] = OrderedDict()
@@ -78,7 +76,7 @@ class GrammarCompiler:
         llg, kind = self._llg, guided.kind
         if kind in ("json", "json_object"):
             schema = _ascii_patterns(json.loads(guided.json)) if kind == "json" else {"type": "object"}
-            layout = None if guided.disable_any_whitespace is False else COMPACT
+            layout = None if guided.disable_any_whitespace is False else COMPACT_JSON
             return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=layout)
         if kind == "regex":
             return llg.LLMatcher.grammar_from_regex(ascii_digits(guided.regex))

@@ -16,6 +16,9 @@ from typing import Any
 from sagellm.common.errors import FieldError
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# Compact JSON in llguidance's terms (its schema overrides, and `x-guidance` inside a schema): a space after each ','
+# and ':' and no other whitespace. The layout `disable_any_whitespace` chooses, and forced tool calls use.
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SPEC_CHARS = 200_000  # a schema or grammar longer than this is refused before any compiler sees it
 
 

@@ -73,6 +73,11 @@ class ApiError(SageLLMError):
         return msgspec.json.encode(self.body())
 
     @classmethod
+    def unsupported(cls, name: str, why: str) -> ApiError:
+        """A 400 for a parameter, named first, that this server does not implement: refused, never ignored."""
+        return cls(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+
+    @classmethod
     def from_value_error(cls, error: ValueError) -> ApiError:
         """A SamplingParams or request check: its message starts with the field's name (`top_p must be ...`)."""
         message = str(error)

@@ -106,7 +106,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
 
 
 def _refuse(name: str, why: str) -> None:
-    raise ApiError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+    raise ApiError.unsupported(name, why)
 
 
 def _check_unsupported(body: _Generation) -> None:

@@ -21,7 +21,7 @@ import msgspec
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage
 from sagellm.gateway.openai.tool_parsers import ToolCall
-from sagellm.gateway.openai.tools import Function, FunctionName, NamedFunction, NamedToolChoice, Tool
+from sagellm.gateway.openai.tools import Function, FunctionName, NamedFunction, NamedToolChoice, Tool, tool_call_json
 
 MAX_STORED = 1_000  # responses kept for previous_response_id, the oldest forgotten first
 
@@ -91,11 +91,8 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise ApiError(400, f"{where}.role: user, system, developer or assistant, got {role!r}", param=where)
             messages.append({"role": role, "content": _text(item.get("content"), where)})
         elif kind == "function_call":
-            call = {
-                "id": _field(item, "call_id", where),
-                "type": "function",
-                "function": {"name": _field(item, "name", where), "arguments": _field(item, "arguments", where)},
-            }
+            call = tool_call_json(ToolCall(id=_field(item, "call_id", where), name=_field(item, "name", where),
+                                           arguments=_field(item, "arguments", where)))  # fmt: skip
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and last.get("tool_calls") and not last["content"]:
                 last["tool_calls"].append(call)
@@ -106,9 +103,7 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             content = output if isinstance(output, str) else _text(output, where)
             messages.append({"role": "tool", "tool_call_id": _field(item, "call_id", where), "content": content})
         else:
-            raise ApiError(
-                400, f"{where}.type: {kind!r} items are not supported", param=where, code="unsupported_parameter"
-            )
+            raise ApiError.unsupported(where, f"items of type {kind!r} are not supported")
     return messages
 
 
@@ -128,23 +123,16 @@ def _text(content: Any, where: str) -> str:
         isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str) for p in content
     ):
         return "".join(p["text"] for p in content)
-    raise ApiError(
-        400, f"{where}.content: text or text parts only", param=f"{where}.content", code="unsupported_parameter"
-    )
+    raise ApiError.unsupported(f"{where}.content", "text or text parts only")
 
 
 def chat_body(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list[dict]]:
     """The chat a response request is, after the conversation so far (`history`: a stored response's), and the
     conversation it makes (without the instructions, which apply to this response only, as OpenAI's do)."""
     if body.background:
-        raise ApiError(
-            400,
-            "background: not supported; send the request and wait for it, or stream it",
-            param="background",
-            code="unsupported_parameter",
-        )
+        raise ApiError.unsupported("background", "not supported; send the request and wait for it, or stream it")
     if body.reasoning and body.reasoning.get("effort") not in (None, "none", "minimal"):
-        raise ApiError(400, "reasoning: this model does not reason", param="reasoning", code="unsupported_parameter")
+        raise ApiError.unsupported("reasoning", "this model does not reason")
     conversation = history + input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     tools = [
@@ -212,9 +200,7 @@ def conversation_after(conversation: list[dict[str, Any]], content: str | None, 
     """The conversation with this response's reply added, as the next response in it sees it."""
     reply: dict[str, Any] = {"role": "assistant", "content": content or ""}
     if calls:
-        reply["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
-        ]
+        reply["tool_calls"] = [tool_call_json(call) for call in calls]
     return [*conversation, reply]
 
 

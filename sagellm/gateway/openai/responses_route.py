@@ -7,7 +7,7 @@ stored response is in one place whichever API server a follow-up reaches."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
@@ -69,7 +69,7 @@ async def _events(
     first: TokenDelta,
     stream: RequestStream,
     parser: ToolParser | None,
-    answer: Any,
+    answer: Callable[[Choice, str | None, list[ToolCall]], dict[str, Any]],
 ) -> AsyncIterator[Any]:
     """The stream's events: text deltas and calls as the reply's tokens come (through the tool-call parser when the
     request has tools), the whole response last; a failure after the start is an `error` event."""
@@ -82,10 +82,10 @@ async def _events(
             yield LastEvents(({"type": "error", "sequence_number": events.sequence, **error},))
             return
         choice.add(item)
-        read = parser.feed(item.text) if parser is not None and item.text else []
-        read = read if parser is not None else ([ContentEvent(item.text)] if item.text else [])
-        if parser is not None and item.finished:
-            read += parser.finish()
+        if parser is not None:
+            read = parser.step(item.text, item.finished)
+        else:
+            read = [ContentEvent(item.text)] if item.text else []
         ready: list[dict[str, Any]] = []
         for event in read:
             if isinstance(event, ContentEvent):

@@ -261,7 +261,7 @@ class OpenAIRoutes:
             if parser is None:
                 delta = {"content": item.text} if item.text else {}
                 return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            events = (parser.feed(item.text) if item.text else []) + (parser.finish() if item.finished else [])
+            events = parser.step(item.text, item.finished)
             content = "".join(e.text for e in events if isinstance(e, ContentEvent))
             calls = [{"index": e.index, **tool_call_json(e.call)} for e in events if isinstance(e, ToolCallEvent)]
             called = called or bool(calls)
@@ -360,7 +360,9 @@ async def _events(
             ready.append(text_event(item.text))
         elif item.text or item.finished or (logprobs and item.logprobs) or (ids and item.token_ids):
             fields = render(item)
-            if not (parsed and not fields["delta"] and not item.finished and not ids and not logprobs):
+            # a parser may hold a delta's text back: then it shows nothing, unless it ends the stream or has ids or
+            # logprobs to show
+            if not parsed or fields["delta"] or item.finished or ids or logprobs:
                 ready.append(envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra))
         if item.finished:
             break

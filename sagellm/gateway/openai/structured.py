@@ -53,9 +53,13 @@ def guided_decoding(body: Constrained) -> tuple[GuidedDecoding, str] | None:
     if len(given) > 1:
         raise ApiError(400, f"{' and '.join(given)} each constrain the output: give one", param=given[1])
     if body.guided_whitespace_pattern is not None:
-        raise _unsupported("guided_whitespace_pattern", "set disable_any_whitespace in structured_outputs instead")
+        raise ApiError.unsupported(
+            "guided_whitespace_pattern", "set disable_any_whitespace in structured_outputs instead"
+        )
     if body.guided_decoding_backend not in (None, "auto", "guidance", "llguidance"):
-        raise _unsupported("guided_decoding_backend", "this server guides decoding with llguidance (vLLM's guidance)")
+        raise ApiError.unsupported(
+            "guided_decoding_backend", "this server guides decoding with llguidance (vLLM's guidance)"
+        )
     if not given:
         return None
     (field,) = given
@@ -118,7 +122,3 @@ async def check_compiles(served: ServedModel | None, guided: GuidedDecoding, fie
     if waited.cancelled_caught:
         message = f"{field}: the {guided.kind} did not compile within {COMPILE_LIMIT_S:g} s; simplify it"
         raise ApiError(400, message, param=field, code="invalid_request")
-
-
-def _unsupported(name: str, why: str) -> ApiError:
-    return ApiError(400, f"{name}: {why}", param=name, code="unsupported_parameter")

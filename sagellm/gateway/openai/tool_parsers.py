@@ -86,10 +86,13 @@ class ToolParser:
     @classmethod
     def parse(cls, text: str) -> tuple[str | None, list[ToolCall]]:
         """A whole reply's content (None when there is none) and its calls, in order."""
-        parser = cls()
-        events = parser.feed(text) + parser.finish()
+        events = cls().step(text, finished=True)
         content = "".join(event.text for event in events if isinstance(event, ContentEvent))
         return content or None, [event.call for event in events if isinstance(event, ToolCallEvent)]
+
+    def step(self, delta: str, finished: bool) -> list[StreamEvent]:
+        """The events of one streamed delta of the reply (its text, and whether it is the last)."""
+        return (self.feed(delta) if delta else []) + (self.finish() if finished else [])
 
     def feed(self, delta: str) -> list[StreamEvent]:
         """The events the reply's next text completes; text that may still turn out to be a call is held back."""

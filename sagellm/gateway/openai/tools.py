@@ -17,11 +17,9 @@ import msgspec
 
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.tool_parsers import FALLBACK_TEMPLATE, ToolCall, default_parser
-from sagellm.runtime.engine.guided_params import GuidedDecoding
+from sagellm.runtime.engine.guided_params import COMPACT_JSON, GuidedDecoding
 
 FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
-# How JSON inside a forced tool call is laid out (llguidance's `x-guidance`): as the parsers and fallback show it.
-_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class Function(msgspec.Struct, kw_only=True):
@@ -109,7 +107,7 @@ def _template_for_tools(model_template: str | None) -> str | None:
 def call_grammar(tools: list[Tool], parser: str, parallel: bool) -> str:
     """A Lark grammar (llguidance's, with `%json`) of replies that are tool calls of `tools` in `parser`'s format:
     one call, or with `parallel` one or more."""
-    call = {"anyOf": [_call_schema(tool, parser) for tool in tools], "x-guidance": _COMPACT}
+    call = {"anyOf": [_call_schema(tool, parser) for tool in tools], "x-guidance": COMPACT_JSON}
     body = f"%json {json.dumps(call)}"
     if parser == "llama3_json":
         more = ' ("; " call)*' if parallel else ""
