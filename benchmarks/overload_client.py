@@ -155,6 +155,33 @@ async def closed_loop(
     return attempts, trio.current_time() - start
 
 
+async def staggered_loop(
+    port: int, body: Callable[[], dict[str, Any]], clients: int, request_s: float, duration_s: float, timeout_s: float
+) -> tuple[float, float, float]:
+    """`clients` clients in a closed loop, started `request_s / clients` apart (`request_s`: how long one request
+    takes at this load), so their requests do not move in step: identical requests started together all prefill in
+    one step, every round, a cohort no stream of arrivals forms. Completed requests/s and tokens/s in the steady
+    window (from one request after the last client started to the end: what ends in it was partly served before it,
+    as much as what runs past its end), and that window's length."""
+    attempts: list[Attempt] = []
+    start = trio.current_time()
+    deadline = start + duration_s
+    steady = start + request_s * (clients - 1) / clients + request_s
+
+    async def client(delay: float) -> None:
+        await trio.sleep(delay)
+        while trio.current_time() < deadline:
+            attempts.append(await send(port, body(), timeout_s))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(clients):
+            nursery.start_soon(client, request_s * i / clients)
+        nursery.start_soon(_report, "capacity", deadline, lambda: f"{sum(a.completed for a in attempts)} completed")
+    ended = [a for a in attempts if a.completed and steady <= a.sent + (a.end_s or 0.0) <= deadline]
+    window = deadline - steady
+    return len(ended) / window, sum(a.tokens for a in ended) / window, window
+
+
 @dataclass
 class Client:
     """One arrival of the open loop and every attempt it made."""

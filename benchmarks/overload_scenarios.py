@@ -9,9 +9,10 @@ leaves the engine idle for the next.
   and how long until the status line (and a first token, bounded by a timeout).
 - refused batch: one /v1/completions of thousands of prompts while the engine is busy: its answer, how long that
   took, and how many of its prompts ran (the server's counter of prompt tokens).
-- metastable: capacity in a closed loop at the engine's batch; then several times that as Poisson arrivals of clients
-  that time out and retry. Goodput (tokens of requests completed within their client's timeout) against capacity,
-  tokens generated that no waiting client received, and the refusals."""
+- metastable: capacity in a closed loop at the engine's batch, its clients started together (in step: every round's
+  prompts prefill in one step) and started apart (as arrivals come); then several times the first's request rate as
+  Poisson arrivals of clients that time out and retry. Goodput (tokens of requests completed within their client's
+  timeout) against both capacities, tokens generated that no waiting client received, and the refusals."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from sagellm.benchmarks.overload_client import (
     percentile_ms,
     prompt,
     send,
+    staggered_loop,
 )
 from sagellm.benchmarks.overload_servers import Setup, Target, busy, scrape, seconds_until_idle
 
@@ -214,6 +216,12 @@ async def metastable(target: Target, setup: Setup, args: argparse.Namespace, rng
         _say(f"  WARNING: a request takes {took} at capacity, over half the clients' {args.client_timeout_s:g} s "
              "timeout: they will time out without any overload (a busy machine?)")  # fmt: skip
     await _idle(target, args.idle_timeout_s)
+    _say(f"{target.server}: capacity with the {clients} clients started apart, {args.capacity_s:.0f} s")
+    request_s = (capacity_e2e_ms or 0.0) / 1000
+    apart_req_s, apart_tok_s, apart_window_s = await staggered_loop(
+        target.port, body, clients, request_s, args.capacity_s, STREAM_TIMEOUT_S
+    )
+    await _idle(target, args.idle_timeout_s)
 
     rate = args.overload_factor * capacity_req_s
     _say(f"{target.server}: capacity {capacity_req_s:.2f} req/s, {capacity_tok_s:.0f} tok/s; now {rate:.2f} arrivals/s")
@@ -243,6 +251,9 @@ async def metastable(target: Target, setup: Setup, args: argparse.Namespace, rng
         "capacity_tok_s": capacity_tok_s,
         "capacity_failed": len(attempts) - len(done),
         "capacity_e2e_p50_ms": capacity_e2e_ms,
+        "apart_req_s": apart_req_s,
+        "apart_tok_s": apart_tok_s,
+        "apart_window_s": apart_window_s,
         "arrival_rate": rate,
         "clients": len(arrivals),
         "clients_served": sum(c.completed for c in arrivals),
@@ -256,6 +267,7 @@ async def metastable(target: Target, setup: Setup, args: argparse.Namespace, rng
         "other_ends": _tally([a.end for a in tried if not a.completed and not a.refused and a.end != "timeout"]),
         "goodput_tok_s": goodput,
         "goodput_pct": 100 * goodput / capacity_tok_s if capacity_tok_s else None,
+        "goodput_apart_pct": 100 * goodput / apart_tok_s if apart_tok_s else None,
         "generated": generated,
         "delivered": delivered,
         "wasted_pct": 100 * (generated - delivered) / generated if generated else None,

@@ -9,11 +9,12 @@ the rate requests have lately ended. With
 `ttft_slo_ms` the in-flight bound also adapts to that target (`SloLimit`): fewer requests are let in while first
 tokens come near it, so the ones admitted under overload still get their first token in time and the rest are shed at
 once with a 429 rather than queued past it. The cheap O(1) load checks run first, so an overloaded server spends no
-tokenizer time on requests it would shed anyway. A request of several prompts is admitted or refused whole at the
-gateway's door (`admit_group`). Admitted requests leave with `prompt_token_ids` filled in (the engines never tokenize)
-and `admitted_time` stamped. A request for another model (`Request.model` set: instances the gateway attached serve
-it) is tokenized and checked with that model's own files when the gateway handed them in (`models`: its engines are
-workers that take tokens), and otherwise only load-checked (its server tokenizes and checks it).
+tokenizer time on requests it would shed anyway. At the gateway they run first at its door (`admit_group`): a
+client's request, of one prompt or several, is admitted or refused whole on arrival. Admitted requests leave with
+`prompt_token_ids` filled in (the engines never tokenize) and `admitted_time` stamped. A request for another model
+(`Request.model` set: instances the gateway attached serve it) is tokenized and checked with that model's own files
+when the gateway handed them in (`models`: its engines are workers that take tokens), and otherwise only load-checked
+(its server tokenizes and checks it).
 
 What it learns of the graph's model at `open()` (`served_model`, loaded once per process): its tokenizer, used when a
 request carries text but no token ids; its vocabulary; and the context the engines serve (their `max_model_len`, else
@@ -188,9 +189,7 @@ class Admission(MapOperator):
             self.max_model_len = model.max_model_len
 
     def execute(self, item: Request) -> Request | RequestError:
-        if self.limit is not None:
-            self.limit.update(self.ctx.load, self.clock(), self._engine_slots())
-        bound = self.bound()
+        bound = self._bound_now()
         # The count includes this request (the source counted it). A retry was admitted once and may hold a client's
         # half-streamed answer: shedding it now would lose work the load bound was there to protect.
         if self.ctx.load.in_flight > bound and not item.retry:
@@ -244,14 +243,15 @@ class Admission(MapOperator):
         return None
 
     def admit_group(self, requests: list[Request], waiting: int) -> RequestError | None:
-        """A request of several prompts (`requests`) is admitted or refused as a whole, on arrival, before any prompt
-        enters: refused when it can never fit the bound, or does not fit it now with `waiting` requests submitted
-        ahead of it that have not entered yet; None when it may enter (each prompt still passes `execute`)."""
+        """A client's request of one or more prompts (`requests`) is admitted or refused as a whole, on arrival,
+        before any prompt enters: refused when it can never fit the bound, or does not fit it now with `waiting`
+        requests submitted ahead of it that have not entered yet; None when it may enter (each prompt still passes
+        `execute`). Under overload most arrivals are refused, and a refusal here costs none of the graph's hops."""
         count, first = len(requests), requests[0]
         if count > self.max_queue:
             message = f"{count} prompts in one request are more than the server holds at once ({self.max_queue})"
             return self._reject(first, "invalid_request", message)
-        room = self.bound() - self.ctx.load.in_flight - waiting
+        room = self._bound_now() - self.ctx.load.in_flight - waiting
         if count <= room:
             return None
         message = f"server is at capacity: room for {max(room, 0)} requests, not {count}"
@@ -277,6 +277,12 @@ class Admission(MapOperator):
     def bound(self) -> int:
         """Requests let be in flight now: `max_queue`, or less while a TTFT SLO is being kept."""
         return self.max_queue if self.limit is None else int(self.limit.bound)
+
+    def _bound_now(self) -> int:
+        """The bound, the TTFT SLO's first brought up to date with the graph's record."""
+        if self.limit is not None:
+            self.limit.update(self.ctx.load, self.clock(), self._engine_slots())
+        return self.bound()
 
     def _take_token(self, user: str | None) -> bool:
         """Token bucket: `burst` tokens, refilled at `rate_limit_per_user`/s; a request takes one."""

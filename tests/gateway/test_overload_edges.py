@@ -3,6 +3,7 @@ and whose admission lets 8 in, on a tiny model with a long context so that two s
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -98,11 +99,19 @@ def test_streams_abandoned_in_the_queue_generate_nothing(gateway):
     assert len(cancelled) >= 4 and all(s["output_tokens"] == 0 for s in cancelled[-6:-2])
 
 
+def _overloaded_count(gateway) -> float:
+    text = httpx.get(gateway.url + "/metrics", headers=_auth()).text
+    found = re.search(r'^sagellm:request_failure_total\{code="overloaded"\} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_refusals_come_at_once_while_the_bound_is_full(gateway):
+    load = gateway.core.local.load
     with _long_streams(gateway, 2):
         held = [_raw_stream_request(gateway, LONG) for _ in range(MAX_QUEUE - 2)]
         try:
             _until(lambda: gateway.core.in_flight == MAX_QUEUE, within_s=10)
+            refused_before, ended_before = _overloaded_count(gateway), load.completed + load.failed
             latencies: list[float] = []
 
             def extra() -> None:
@@ -119,6 +128,8 @@ def test_refusals_come_at_once_while_the_bound_is_full(gateway):
             assert len(latencies) == 20
             assert max(latencies) < 5  # the slots free only when the long streams end, far later
             assert gateway.core.in_flight == MAX_QUEUE
+            assert load.completed + load.failed == ended_before  # refused at the door: none entered the graph
+            assert _overloaded_count(gateway) == refused_before + 20  # yet each is in the metrics
         finally:
             for sock in held:
                 sock.close()

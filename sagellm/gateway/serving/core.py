@@ -12,6 +12,7 @@ import uuid
 from collections import Counter, OrderedDict
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 
@@ -25,6 +26,7 @@ from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
 from sagellm.operators.admission import Admission
 from sagellm.operators.http_source import HttpSource
+from sagellm.operators.metrics_sink import MetricsSink
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
 from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
@@ -95,14 +97,8 @@ class ServingCore:
         await tokenize_prompts(requests, self.tokenizer, self.vocab_size, self.max_model_len, short_too=False)
 
     def submit(self, request: Request) -> RequestStream:
-        if request.request_id in self._streams:
-            raise InvalidInput(f"request id {request.request_id!r} is in use")
-        if self.source.finished:
-            raise ApiError(503, "the gateway is shutting down", code="unavailable")
-        stream = self._streams[request.request_id] = RequestStream(self, request, self.failover)
-        self._live[request.request_id] = stream
-        self.source.submit(request)
-        return stream
+        """A client's request of one prompt, admitted or refused on arrival (`submit_all`). Raises ApiError."""
+        return self.submit_all([request])[0]
 
     def resubmit(self, stream: RequestStream, attempt: Request) -> bool:
         """Sends a stream's next attempt into the graph; False if the gateway is shutting down."""
@@ -113,14 +109,26 @@ class ServingCore:
         return True
 
     def submit_all(self, requests: list[Request]) -> list[RequestStream]:
-        """A request's prompts, admitted or refused as a whole on arrival (`Admission.admit_group`): a refused one
-        raises its 429 (or 400) before any prompt enters. Raises ApiError."""
-        if len(requests) > 1:
-            for admission in self._admissions():
-                refusal = admission.admit_group(requests, waiting=len(self.source))
-                if refusal is not None:
-                    raise api_error(refusal, param="prompt" if refusal.code == "invalid_request" else None)
-        return [self.submit(request) for request in requests]
+        """A client's request, its prompts admitted or refused as a whole on arrival (`Admission.admit_group`): a
+        refused one raises its 429 (or 400) before any prompt enters, counted in the graph's metrics as the
+        admission node would have. Raises ApiError."""
+        if self.source.finished:
+            raise ApiError(503, "the gateway is shutting down", code="unavailable")
+        for request in requests:
+            if request.request_id in self._streams:
+                raise InvalidInput(f"request id {request.request_id!r} is in use")
+        for admission in self._admissions():
+            refusal = admission.admit_group(requests, waiting=len(self.source))
+            if refusal is not None:
+                self._count_refusal(refusal, requests)
+                raise api_error(refusal, param="prompt" if refusal.code == "invalid_request" else None)
+        streams = []
+        for request in requests:
+            stream = self._streams[request.request_id] = RequestStream(self, request, self.failover)
+            self._live[request.request_id] = stream
+            self.source.submit(request)
+            streams.append(stream)
+        return streams
 
     def cancel(self, request_id: str) -> None:
         """Aborts an attempt wherever it is: taken back while it waits for an engine, else aborted where it runs."""
@@ -140,6 +148,13 @@ class ServingCore:
     def _admissions(self) -> list[Admission]:
         operators = self.local.operators.values() if self.local is not None else ()
         return [op for op in operators if isinstance(op, Admission)]
+
+    def _count_refusal(self, refusal: RequestError, requests: list[Request]) -> None:
+        """A refusal at the door, one for each of its prompts, in the metrics of the graph's sinks here."""
+        operators = self.local.operators.values() if self.local is not None else ()
+        for sink in (op for op in operators if isinstance(op, MetricsSink)):
+            for request in requests:
+                sink.execute(msgspec.structs.replace(refusal, request_id=request.request_id))
 
     def abandon(self, request_id: str) -> None:
         """Cancels an attempt whose stream gave up on it; whatever it still sends is dropped."""
