@@ -29,6 +29,10 @@ from sagellm.common.errors import StartFailed, Unavailable
 
 PR_SET_PDEATHSIG = 1
 NAMESPACE = "sagellm"  # of every actor sageLLM starts
+# Ray runs its worker processes at niceness 15 (RAY_worker_niceness), and a child inherits it: an engine there got a
+# tenth of a core beside any ordinary process, so a start on a busy node took minutes. A ProcessHost is a server's
+# parent, not background work: it runs at the niceness it was given, as Ray's own job supervisors do.
+HOST_ENV = {"RAY_worker_niceness": "0"}
 
 
 class RayMissing(Unavailable, RuntimeError):
@@ -74,6 +78,7 @@ class RayProcess:
         no Ray autoscaler added one) or could not start it (the command, the actor or its node failed)."""
         ray = import_ray()
         options = {**options, "max_restarts": 0, "max_concurrency": 4}  # a dead process is its supervisor's to judge
+        options["runtime_env"] = {"env_vars": HOST_ENV}
         actor = ray.remote(ProcessHost).options(**options).remote()
         try:
             host, port = ray.get(actor.address.remote(), timeout=timeout_s)

@@ -4,9 +4,11 @@
     client = UnifiedInferenceClient.create(control_plane_url="http://host:8000", api_key="sk-...")
     client = UnifiedInferenceClient.create(embedded=True)         # the pipeline in this process
     client.chat([{"role": "user", "content": "Hi"}], max_tokens=32)  -> str
+    client.chat_message("Weather in Paris?", tools=[...])        -> {"content": ..., "tool_calls": [...]}
     client.generate("Once upon a time", max_tokens=32)            -> str
     client.embed(["a", "b"])                                      -> list[list[float]]
-    for text in client.stream_chat("Hi"): ...                     # async twins: achat, agenerate, aembed, astream_chat
+    for text in client.stream_chat("Hi"): ...                     # async twins: achat, achat_message, agenerate,
+                                                                  #   aembed, astream_chat
 
 Every mode speaks the gateway's OpenAI API, so there is one code path: the embedded mode runs the gateway (graph,
 engines and all) in a background thread of this process, on a private loopback port with a random API key. Errors are
@@ -90,6 +92,14 @@ def _messages(messages: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
 
 
+def _text_of(message: dict[str, Any]) -> str:
+    """A reply message's text; a reply of tool calls alone has none to give."""
+    if message.get("content") is None and message.get("tool_calls"):
+        names = ", ".join(call["function"]["name"] for call in message["tool_calls"])
+        raise ClientError(f"the reply is tool calls ({names}), not text: chat_message() returns them")
+    return message.get("content") or ""
+
+
 class UnifiedInferenceClient:
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
         """`base_url`: the gateway's address, with or without the `/v1` that OpenAI clients are given."""
@@ -145,8 +155,15 @@ class UnifiedInferenceClient:
 
     # -- calls ----------------------------------------------------------------------------------------------------
     def chat(self, messages: str | list[dict[str, Any]], **params: Any) -> str:
+        """The reply's text; `params` are the API's (`max_tokens`, `response_format`, ...). A reply of tool calls has
+        none: `chat_message` returns those."""
+        return _text_of(self.chat_message(messages, **params))
+
+    def chat_message(self, messages: str | list[dict[str, Any]], **params: Any) -> dict[str, Any]:
+        """The reply as the assistant's message: `content`, and `tool_calls` when `params` gave `tools` and the model
+        called them (each `{"id", "type": "function", "function": {"name", "arguments"}}`, arguments a JSON text)."""
         body = self._post("/v1/chat/completions", {"messages": _messages(messages), **params})
-        return body["choices"][0]["message"]["content"]
+        return body["choices"][0]["message"]
 
     def generate(self, prompt: str, **params: Any) -> str:
         return self._post("/v1/completions", {"prompt": prompt, **params})["choices"][0]["text"]
@@ -163,8 +180,11 @@ class UnifiedInferenceClient:
             yield from _chat_text(response.iter_lines())
 
     async def achat(self, messages: str | list[dict[str, Any]], **params: Any) -> str:
+        return _text_of(await self.achat_message(messages, **params))
+
+    async def achat_message(self, messages: str | list[dict[str, Any]], **params: Any) -> dict[str, Any]:
         body = await self._apost("/v1/chat/completions", {"messages": _messages(messages), **params})
-        return body["choices"][0]["message"]["content"]
+        return body["choices"][0]["message"]
 
     async def agenerate(self, prompt: str, **params: Any) -> str:
         return (await self._apost("/v1/completions", {"prompt": prompt, **params}))["choices"][0]["text"]

@@ -1,7 +1,8 @@
 """Failover and resume through the gateway, with real processes and servers on 127.0.0.1:
 - one of two engine worker processes killed (SIGKILL) during 16 greedy streams: every stream ends once, with
   `length` and exactly the text an uninterrupted run gives (those on the lost worker resumed on the other one from
-  their prompt and the tokens so far), and the gateway counts the resumed retries;
+  their prompt and the tokens so far), and the gateway counts the resumed retries; the same for 16 chats whose
+  replies are constrained to a JSON schema (through the openai SDK): each resumed one still follows the schema;
 - one of two attached servers gone between two health checks: the requests sent to it are tried again on the other
   before any token, and all succeed;
 - a request whose instance gives no token in time ends with a `timeout` (HTTP 504, or an error event once
@@ -18,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 
 from sagellm.gateway.config import FailoverPolicy
@@ -126,6 +128,61 @@ def test_streams_on_a_killed_worker_resume_on_the_other_with_the_same_text(long_
         assert resumed >= 1
         for i in range(STREAMS):  # the reference: each prompt again, uninterrupted
             assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
+
+
+WORDS = ("alpha", "beta", "gamma", "delta")
+WORDS_SCHEMA = {  # a long reply the grammar must end: 40 words, each one of four
+    "type": "object",
+    "properties": {"words": {"type": "array", "items": {"enum": list(WORDS)}, "minItems": 40, "maxItems": 40}},
+    "required": ["words"],
+    "additionalProperties": False,
+}
+WORDS_FORMAT = {"type": "json_schema", "json_schema": {"name": "words", "schema": WORDS_SCHEMA, "strict": True}}
+
+
+def constrained_chat(sdk: openai.OpenAI, index: int, outcomes: dict[int, list[str]], texts: dict[int, str]) -> None:
+    """One greedy chat streamed through the openai SDK, its reply constrained to WORDS_SCHEMA: its text, and what
+    ended it once per end."""
+    ends, texts[index] = outcomes.setdefault(index, []), ""
+    try:
+        chunks = sdk.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"words {index}"}], response_format=WORDS_FORMAT,
+            temperature=0, max_tokens=400, stream=True,
+        )  # fmt: skip
+        for chunk in chunks:
+            texts[index] += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+            if chunk.choices and chunk.choices[0].finish_reason:
+                ends.append(chunk.choices[0].finish_reason)
+    except openai.APIError as error:
+        ends.append(f"error: {error}")
+
+
+def test_constrained_streams_on_a_killed_worker_resume_and_still_follow_their_schema(long_model, tmp_path):
+    graph = tmp_path / "two.yaml"
+    graph.write_text(TWO_WORKERS.format(model=long_model))
+    with running_gateway(graph, tiny_config(tmp_path, served_model_name="tiny")) as gw:
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=REPLY_TIMEOUT_S)
+        texts: dict[int, str] = {}
+        outcomes: dict[int, list[str]] = {}
+        args = [(sdk, i, outcomes, texts) for i in range(STREAMS)]
+        threads = [threading.Thread(target=constrained_chat, args=a) for a in args]
+        for thread in threads:
+            thread.start()
+        wait_for_streams_midway(texts, outcomes, more_than=STREAMS // 2)
+        os.kill(gw.core.executor.pids["engine_a"], signal.SIGKILL)
+        for thread in threads:
+            thread.join(REPLY_TIMEOUT_S)
+        assert not any(thread.is_alive() for thread in threads), "a stream hung"
+        assert outcomes == {i: ["stop"] for i in range(STREAMS)}  # every stream ended once, its grammar complete
+        assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
+        for i in range(STREAMS):
+            words = json.loads(texts[i])["words"]
+            assert len(words) == 40 and set(words) <= set(WORDS), texts[i]
+            again = sdk.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"words {i}"}], response_format=WORDS_FORMAT,
+                temperature=0, max_tokens=400,
+            )  # fmt: skip
+            assert texts[i] == again.choices[0].message.content, f"stream {i} differs after its resume"
 
 
 def test_requests_for_a_server_gone_between_health_checks_go_to_the_other(long_model, tmp_path):

@@ -4,8 +4,8 @@ prefill and decode groups of a PD graph run as Ray actors, each on the node its 
 tokens of the whole graph in one process; a decode worker killed under 16 streams is started again by the run (a new
 actor) and the streams resume on it with the same text (0 lost); the autoscaler of a gateway with a cluster adds a
 replica on the Ray node its `replicas` group names under a burst and removes it after; the ranks of a TP x PP engine
-run as processes of a placement group spread over both nodes and give one process's tokens; without Ray the start
-says how to install it."""
+run as processes of a placement group spread over both nodes and give one process's tokens; a process on a Ray node
+runs at our niceness, not Ray's workers' 15; without Ray the start says how to install it."""
 
 from __future__ import annotations
 
@@ -180,6 +180,8 @@ def test_a_process_on_a_ray_node_runs_until_killed_and_one_that_cannot_start_say
     options = {"num_cpus": 0.1, "resources": {"node_b": 0.1}}
     sleeper = RayProcess.launch(options, lambda host, port: ["sleep", "60"], {}, timeout_s=60)
     assert sleeper.poll() is None and sleeper.node_id() != cluster.head_node.node_id
+    niceness = int(Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert niceness == os.getpriority(os.PRIO_PROCESS, 0)  # not Ray's 15 for its workers: a server runs as we do
     sleeper.kill()
     assert sleeper.join(30) == -signal.SIGKILL and sleeper.returncode == -signal.SIGKILL
     with pytest.raises(RuntimeError, match="Ray could not start the process: .*no-such-server"):

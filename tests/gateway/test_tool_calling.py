@@ -2,8 +2,9 @@
 graph: its chat template shows no tools, so the ChatML fallback template does, and the Hermes parser reads the
 calls back. With `tool_choice` "required" or a named function the reply is constrained to a call, so its arguments
 follow the function's parameters on twenty tools, whatever the 135M model would have said; calls stream as
-`delta.tool_calls` with `finish_reason: "tool_calls"`; a history holding calls and their results is answered; and a
-`tool_choice` that cannot be honoured is a 400 naming it."""
+`delta.tool_calls` with `finish_reason: "tool_calls"`; the Python client returns calls (`chat_message`) and
+structured replies; a history holding calls and their results is answered; and a `tool_choice` that cannot be
+honoured is a 400 naming it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from sagellm.client import ClientError, UnifiedInferenceClient
 from tests.gateway.conftest import assert_refused_chat, sdk_client
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -112,6 +114,25 @@ def test_a_streamed_call_comes_whole_in_delta_tool_calls(server) -> None:
     assert "city" in json.loads(streamed.function.arguments)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not any(chunk.choices[0].delta.content for chunk in chunks if chunk.choices)
+
+
+def test_the_python_client_returns_calls_and_structured_replies(server) -> None:
+    tool, prompt = TOOLS[1]
+    with UnifiedInferenceClient(server.url) as client:
+        message = client.chat_message(prompt, tools=[tool], tool_choice="required", temperature=0, max_tokens=200)
+        (called,) = message["tool_calls"]
+        assert called["function"]["name"] == "add"
+        jsonschema.validate(json.loads(called["function"]["arguments"]), tool["function"]["parameters"])
+        with pytest.raises(ClientError, match=r"tool calls \(add\).*chat_message"):
+            client.chat(prompt, tools=[tool], tool_choice="required", temperature=0, max_tokens=200)
+        schema = {"type": "object", "properties": {"sum": {"type": "integer"}}, "required": ["sum"]}
+        text = client.chat(
+            prompt,
+            temperature=0,
+            max_tokens=40,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        )
+        jsonschema.validate(json.loads(text), schema)
 
 
 def test_a_history_with_calls_and_results_is_answered_and_auto_may_answer_in_text(server) -> None:
