@@ -8,17 +8,19 @@ plane attaches one at run time (`attach`) with the endpoint it is reached at and
 `InstanceStats` names this node, so route chooses among these instances like among engine nodes (with the same
 strategies) and names the chosen one in `request.instance`.
 
-To a server, each request is one streamed call: a chat (`messages`) to /v1/chat/completions, a prompt or token ids to
-/v1/completions, with the request's sampling settings (vLLM's names for what OpenAI lacks: top_k, min_p, ...). The
-server's events become TokenDeltas with text only (its token ids are its own vocabulary's), except from an instance of
-the graph's own model (`InstanceStats.model` None: a replica with the same tokenizer), which is asked for its token ids
-too (`return_token_ids`, vLLM's and ours) so the gateway can resume a request there token for token; its `usage` becomes
-the finished request's metrics. An embed request is one call to /v1/embeddings; its vector comes back as an Embedding.
-The server's own refusals keep their meaning (its 400 is the client's invalid request, with the server's message); a
-server that cannot be reached is `unavailable`, one that drops a stream `instance_lost`, both retryable. A client that
-leaves cancels the call, which closes its connection: the server aborts the request. The instance's `running` and
-expected decode work are this node's count of its requests there; its `waiting` is the server's own queue, which whoever
-keeps the instance reads from the server's metrics."""
+To a server, each request is one streamed call: a chat (`messages`, with its `tools` and `tool_choice`) to
+/v1/chat/completions, a prompt or token ids to /v1/completions, with the request's sampling settings (vLLM's names
+for what OpenAI lacks: top_k, min_p, ...). The server's events become TokenDeltas with text only (its tool calls
+written whole into the text as Hermes blocks, `StreamedCalls`, which the gateway reads back; its token ids are its
+own vocabulary's), except from an instance of the graph's own model (`InstanceStats.model` None: a replica with the
+same tokenizer), which is asked for its token ids too (`return_token_ids`, vLLM's and ours) so the gateway can resume
+a request there token for token; its `usage` becomes the finished request's metrics. An embed request is one call to
+/v1/embeddings; its vector comes back as an Embedding. The server's own refusals keep their meaning (its 400 is the
+client's invalid request, with the server's message); a server that cannot be reached is `unavailable`, one that
+drops a stream `instance_lost`, both retryable. A client that leaves cancels the call, which closes its connection:
+the server aborts the request. The instance's `running` and expected decode work are this node's count of its
+requests there; its `waiting` is the server's own queue, which whoever keeps the instance reads from the server's
+metrics."""
 
 from __future__ import annotations
 
@@ -167,7 +169,7 @@ class RemoteEngine(StreamOperator):
         path, body = openai_call(request, endpoint.model, return_token_ids=ours)
         headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         metrics = RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time)
-        chunks, finish = 0, None
+        chunks, finish, calls = 0, None, StreamedCalls()
         try:
             async with self._client.stream("POST", endpoint.url + path, json=body, headers=headers) as reply:
                 if reply.status_code != 200:
@@ -185,7 +187,9 @@ class RemoteEngine(StreamOperator):
                         return
                     _count_usage(metrics, chunk.get("usage"))
                     for choice in chunk.get("choices") or ():
-                        text = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content")
+                        delta = choice.get("delta") or {}
+                        text = choice["text"] if "text" in choice else delta.get("content")
+                        text = (text or "") + calls.add(delta.get("tool_calls") or ())
                         finish = choice.get("finish_reason") or finish
                         ids = [int(t) for t in choice.get("token_ids") or ()] if ours else []
                         if text or ids:
@@ -200,6 +204,9 @@ class RemoteEngine(StreamOperator):
             message = f"instance {name} ended the stream before the request finished"
             yield _error(request, "instance_lost", message, retryable=True)
             return
+        if text := calls.finish():
+            yield TokenDelta(request_id=request.request_id, token_ids=[], text=text)
+        finish = "stop" if finish == "tool_calls" else finish  # the gateway says tool_calls once it read them
         now = time.time()
         metrics.finished_time = now
         metrics.num_output_tokens = metrics.num_output_tokens or chunks  # servers stream about a token per event
@@ -259,9 +266,47 @@ def openai_call(request: Request, model: str, return_token_ids: bool = False) ->
     if s.guided is not None:
         body.update(_constraint(s.guided))
     if request.messages is not None and request.prompt_token_ids is None:
-        return "/v1/chat/completions", {**body, "messages": request.messages}
+        tools = {"tools": request.tools, "tool_choice": request.tool_choice} if request.tools else {}
+        if tools and request.parallel_tool_calls is not None:
+            tools["parallel_tool_calls"] = request.parallel_tool_calls
+        return "/v1/chat/completions", {**body, "messages": request.messages} | {
+            key: value for key, value in tools.items() if value is not None
+        }
     prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
     return "/v1/completions", {**body, "prompt": prompt}
+
+
+class StreamedCalls:
+    """A server's streamed `delta.tool_calls`, each call joined from its fragments (OpenAI's stream sends a call's id
+    and name, then its arguments in pieces) and given back whole, as a Hermes block of reply text
+    (`<tool_call>{"name", "arguments"}</tool_call>`), once the next call starts or the reply ends: the gateway reads
+    calls out of reply text, and its `hermes` parser reads these back."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, list[str]] = {}  # index -> [name, arguments so far], in the order they began
+
+    def add(self, fragments: Any) -> str:
+        """The text of the calls these fragments show complete (those before a call that starts here)."""
+        text = ""
+        for fragment in fragments:
+            index = int(fragment.get("index", len(self._open)))
+            if index not in self._open:
+                text += self._close(below=index)
+                self._open[index] = ["", ""]
+            function = fragment.get("function") or {}
+            self._open[index][0] += function.get("name") or ""
+            self._open[index][1] += function.get("arguments") or ""
+        return text
+
+    def finish(self) -> str:
+        """The text of the calls still open when the reply ended."""
+        return self._close(below=UNLIMITED)
+
+    def _close(self, below: int) -> str:
+        done = [index for index in self._open if index < below]
+        blocks = [self._open.pop(index) for index in done]
+        call = '<tool_call>\n{{"name": {}, "arguments": {}}}\n</tool_call>'
+        return "".join(call.format(json.dumps(name), json.dumps(arguments or "{}")) for name, arguments in blocks)
 
 
 def _constraint(guided: GuidedDecoding) -> dict[str, Any]:

@@ -42,6 +42,10 @@ class Request(_Message):
     prompt_token_ids: list[TokenId] | None = None
     messages: list[dict[str, Any]] | None = None  # a chat: admission renders it with the model's chat template
     tools: list[dict[str, Any]] | None = None  # the chat's tools (OpenAI's `tools`), rendered by the template too
+    # For a model another server serves, which reads the tools itself: the chat's `tool_choice` (None: its default)
+    # and whether its calls may come several at once, as the client gave them.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chat_template: str | None = None  # renders `messages` instead of the model's (tools the model's cannot show)
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     priority: Priority = 0  # lower runs first (vLLM's convention); W6 classes: 0 high, 1 normal, 2 low

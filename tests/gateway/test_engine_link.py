@@ -131,6 +131,9 @@ def test_an_engine_of_another_model_is_a_worker_too_and_its_requests_are_tokeniz
             assert reply.json()["choices"][0]["text"] == offline[0].outputs[0].text
             chat = {"model": "other", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
             assert httpx.post(gw.url + "/v1/chat/completions", json=chat, timeout=REPLY_TIMEOUT_S).status_code == 200
+            tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+            tools = httpx.post(gw.url + "/v1/chat/completions", json={**chat, "tools": [tool]}, timeout=60)
+            assert tools.status_code == 400 and tools.json()["error"]["param"] == "tools"  # never shown unenforced
             long = {"model": "other", "prompt": "word " * 5000, "max_tokens": 4}
             refused = httpx.post(gw.url + "/v1/completions", json=long, timeout=REPLY_TIMEOUT_S)
             assert refused.status_code == 400 and "maximum context length" in refused.json()["error"]["message"]

@@ -3,8 +3,9 @@ graph: its chat template shows no tools, so the ChatML fallback template does, a
 calls back. With `tool_choice` "required" or a named function the reply is constrained to a call, so its arguments
 follow the function's parameters on twenty tools, whatever the 135M model would have said; calls stream as
 `delta.tool_calls` with `finish_reason: "tool_calls"`; the Python client returns calls (`chat_message`) and
-structured replies; a history holding calls and their results is answered; and a `tool_choice` that cannot be
-honoured is a 400 naming it."""
+structured replies; a gateway that attached this server as an `openai` engine passes it the tools and reads its
+calls back; a history holding calls and their results is answered; and a `tool_choice` that cannot be honoured is a
+400 naming it."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 
 from sagellm.client import ClientError, UnifiedInferenceClient
-from tests.gateway.conftest import assert_refused_chat, sdk_client
+from tests.gateway.conftest import GRAPHS, assert_refused_chat, running_gateway, sdk_client, tiny_config
+from tests.gateway.test_management import ENGINES, wait_for
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -133,6 +136,31 @@ def test_the_python_client_returns_calls_and_structured_replies(server) -> None:
             response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
         )
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_an_attached_servers_model_gets_the_tools_and_its_calls_come_back(server, tiny_model, tmp_path) -> None:
+    """The management API's `openai` engine: a gateway on another model attaches this server, and passes a chat's
+    tools and tool_choice to it; its calls come back as calls, whole and streamed."""
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path), tiny_model) as front:
+        admin = {"authorization": f"Bearer {front.gateway.admin_key}"}
+        body = {"kind": "openai", "model": server.core.model_name, "url": server.url + "/v1",
+                "served_model_name": "upstream"}  # fmt: skip
+        created = httpx.post(front.url + ENGINES, json=body, headers=admin, timeout=60)
+        assert created.status_code == 201, created.text
+        wait_for(httpx.Client(base_url=front.url, headers=admin, timeout=60), created.json()["id"], {"ready"})
+        tool, prompt = TOOLS[2]
+        ask = {"model": "upstream", "messages": [{"role": "user", "content": prompt}], "tools": [tool],
+               "tool_choice": {"type": "function", "function": {"name": "send_email"}}, "temperature": 0,
+               "max_tokens": 200}  # fmt: skip
+        choice = sdk_client(front).chat.completions.create(**ask).choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        (called,) = choice.message.tool_calls
+        assert called.function.name == "send_email" and called.id.startswith("call_")
+        jsonschema.validate(json.loads(called.function.arguments), tool["function"]["parameters"])
+        chunks = list(sdk_client(front).chat.completions.create(**ask, stream=True))
+        (streamed,) = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
+        assert (streamed.function.name, streamed.function.arguments) == ("send_email", called.function.arguments)
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_a_history_with_calls_and_results_is_answered_and_auto_may_answer_in_text(server) -> None:

@@ -1,11 +1,13 @@
-"""What the remote_engine operator sends a server and how it reads the server's refusals (the streaming itself runs
-against real servers in tests/gateway/test_instances.py and tests/chaos/test_failover.py)."""
+"""What the remote_engine operator sends a server, how it reads the server's refusals, and how a server's streamed tool
+calls come back (the streaming itself runs against real servers in tests/gateway/test_instances.py,
+tests/gateway/test_tool_calling.py and tests/chaos/test_failover.py)."""
 
 from __future__ import annotations
 
 import json
 
-from sagellm.operators.remote_engine import _refusal, _streamed_error, openai_call
+from sagellm.gateway.openai.tool_parsers import FORWARDED_CALLS, parser_for
+from sagellm.operators.remote_engine import StreamedCalls, _refusal, _streamed_error, openai_call
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request
@@ -53,3 +55,25 @@ def test_a_constraint_is_sent_in_the_fields_vllm_and_llama_cpp_read():
     assert sent(choice=["y", "n"])["structured_outputs"] == {"choice": ["y", "n"]}
     grammar = sent(grammar='root ::= "a"')
     assert grammar["structured_outputs"] == {"grammar": 'root ::= "a"'} and grammar["grammar"] == 'root ::= "a"'
+
+
+def test_a_chats_tools_go_to_the_server_and_its_streamed_calls_come_back_whole():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    chat = Request(request_id="c", messages=[{"role": "user", "content": "hi"}], tools=tools, tool_choice="required",
+                   parallel_tool_calls=False)  # fmt: skip
+    body = openai_call(chat, "m")[1]
+    assert (body["tools"], body["tool_choice"], body["parallel_tool_calls"]) == (tools, "required", False)
+    assert "tools" not in openai_call(Request(request_id="p", messages=chat.messages), "m")[1]
+
+    calls = StreamedCalls()  # as vLLM and llama.cpp stream them: id and name first, then the arguments in pieces
+    text = calls.add([{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather"}}])
+    text += calls.add([{"index": 0, "function": {"arguments": '{"city": "Pa'}}])
+    text += calls.add([{"index": 0, "function": {"arguments": 'ris"}'}}])
+    assert text == ""  # the call may go on
+    text += calls.add([{"index": 1, "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}])
+    assert text.startswith("<tool_call>") and text.count("<tool_call>") == 1  # the first call is whole
+    text += calls.finish()
+    content, parsed = type(parser_for(FORWARDED_CALLS)).parse(text)
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in parsed] == [("get_weather", {"city": "Paris"}),
+                                                                    ("add", {"a": 1, "b": 2})]  # fmt: skip

@@ -250,6 +250,10 @@ class RemoteCore:
     def embedding_models(self) -> list[str]:
         return self.state.embedding_models
 
+    def engines_of_ours(self, model: str) -> bool:
+        """As `ServingCore.engines_of_ours` (the core applies those models' sampling defaults, so it sent them)."""
+        return model in self.state.instance_defaults
+
     def instance_model(self, name: str | None) -> str | None:
         """As `ServingCore.instance_model`: None for the graph's own model, the name for an attached one."""
         return instance_model(name, self.state.model_name, lambda: self.state.instance_models, self.models)

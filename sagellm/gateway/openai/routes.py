@@ -218,8 +218,8 @@ class OpenAIRoutes:
         model = self.core.instance_model(body.model)
         defaults = self.core.sampling_defaults(model)
         constraint = guided_decoding(body)
-        tool_use = plan(body.tools, body.tool_choice, body.parallel_tool_calls, self._chat_template(model),
-                        self.tool_call_parser)  # fmt: skip
+        template = self._chat_template(model) if body.tools else None
+        tool_use = plan(body.tools, body.tool_choice, body.parallel_tool_calls, template, self.tool_call_parser)
         if tool_use is not None and tool_use.constraint is not None:
             if constraint is not None:
                 message = f"tool_choice: a required tool call and {constraint[1]} both constrain the reply: give one"
@@ -229,13 +229,19 @@ class OpenAIRoutes:
         request = chat_request(body, headers, self.core.new_id("chatcmpl"), defaults, guided)
         if tool_use is not None:
             request.tools, request.chat_template = tool_use.tools, tool_use.chat_template
+            if tool_use.forwarded is not None:
+                request.tool_choice, request.parallel_tool_calls = tool_use.forwarded
         request.model = model
         return request, constraint, tool_use
 
     def _chat_template(self, model: str | None) -> str | None:
         """The chat template tools are shown with: the graph's model's ("" when it has none); None for a model
-        another server serves."""
+        another server serves (it is given the tools). A 400 for another model whose engines are ours: its front is
+        not here to show and enforce them."""
         if model is not None:
+            if self.core.engines_of_ours(model):
+                message = f"tools: served for the graph's own model and attached servers' models, not for {model}"
+                raise ApiError(400, message, param="tools")
             return None
         tokenizer = self.core.tokenizer
         return (getattr(tokenizer, "chat_template", None) or "") if tokenizer is not None else None

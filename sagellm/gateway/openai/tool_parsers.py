@@ -265,3 +265,6 @@ def default_parser(chat_template: str | None, model_type: str | None = None) -> 
 # with Hermes-style tools, which the `hermes` parser reads back. Package data: read here, so a wheel without it fails
 # at import rather than at a chat's first tool.
 FALLBACK_TEMPLATE = Path(__file__).with_name("tool_template.jinja").read_text(encoding="utf-8")
+# How the calls of a model another server serves come back: that server returns them structured, and `remote_engine`
+# writes each one whole into the reply's text as a Hermes block (`<tool_call>{"name", "arguments"}</tool_call>`).
+FORWARDED_CALLS = "hermes"

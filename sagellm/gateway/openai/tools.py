@@ -6,7 +6,9 @@ models); a ChatML model whose template ignores them (SmolLM2's) gets the Hermes-
 (`tool_template.jinja`) instead; any other model's tool request is a 400. `tool_choice` `none` leaves the tools out
 of the prompt; `auto` lets the model choose and parses what it wrote; `required` and a named function constrain the
 reply with guided decoding to the parser's format around each function's parameters schema (a llguidance Lark
-grammar with `%json`), so the reply always parses and its arguments always follow the schema."""
+grammar with `%json`), so the reply always parses and its arguments always follow the schema. A model another server
+serves (an attached vLLM, llama.cpp or sageLLM) gets the tools and the choice as the client gave them: that server
+shows and enforces them, and its calls come back through `remote_engine` as Hermes blocks, read by that parser."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.tool_parsers import FALLBACK_TEMPLATE, ToolCall, default_parser
+from sagellm.gateway.openai.tool_parsers import FALLBACK_TEMPLATE, FORWARDED_CALLS, ToolCall, default_parser
 from sagellm.runtime.engine.guided_params import COMPACT_JSON, GuidedDecoding
 
 FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
@@ -53,6 +55,9 @@ class ToolUse(msgspec.Struct, kw_only=True):
     chat_template: str | None  # the template to render with instead of the model's own (None: the model's)
     parser: str | None  # how to read tool calls out of the reply (None: the reply is plain text)
     constraint: GuidedDecoding | None  # required or named: the reply's grammar
+    # For a model another server serves: `tool_choice` and `parallel_tool_calls` as the client gave them, for that
+    # server to honour (its calls come back in the `hermes` format, `remote_engine`); None for a model served here.
+    forwarded: tuple[str | dict[str, Any] | None, bool] | None = None
 
 
 def plan(
@@ -77,13 +82,16 @@ def plan(
         raise ApiError(400, message, param="tool_choice")
     if choice == "none":
         return ToolUse(tools=None, chat_template=None, parser=None, constraint=None)
+    as_dicts = [msgspec.to_builtins(tool) for tool in tools]
+    if model_template is None:  # another server's model: it shows the tools and enforces the choice
+        forwarded = (msgspec.to_builtins(choice) if choice is not None else None, parallel)
+        return ToolUse(tools=as_dicts, chat_template=None, parser=FORWARDED_CALLS, constraint=None, forwarded=forwarded)
     template = _template_for_tools(model_template)
     parser = parser_override or default_parser(template or model_template, None)
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
     chosen = [t for t in tools if t.function.name == named] if named else tools
     forced = choice == "required" or isinstance(choice, NamedToolChoice)
     constraint = GuidedDecoding(grammar=call_grammar(chosen, parser, parallel)) if forced else None
-    as_dicts = [msgspec.to_builtins(tool) for tool in tools]
     return ToolUse(tools=as_dicts, chat_template=template, parser=parser, constraint=constraint)
 
 
@@ -92,10 +100,8 @@ def tool_call_json(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def _template_for_tools(model_template: str | None) -> str | None:
+def _template_for_tools(model_template: str) -> str | None:
     """None to render with the model's own template (it shows tools), else the fallback; a 400 when neither can."""
-    if model_template is None:
-        raise ApiError(400, "tools: served for the graph's own model only, not for an attached server's", param="tools")
     if "tools" in model_template:
         return None
     if "<|im_start|>" in model_template:

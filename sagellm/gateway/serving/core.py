@@ -222,6 +222,10 @@ class ServingCore:
     def instance_model(self, name: str | None) -> str | None:
         return self.registry.instance_model(name)
 
+    def engines_of_ours(self, model: str) -> bool:
+        """Whether another model's instances are engines of ours (workers of the graph), not servers we only reach."""
+        return self.registry.holds_files(model)
+
     # -- what the routes read -------------------------------------------------------------------------------------
     @property
     def served(self) -> ServedModel | None:
