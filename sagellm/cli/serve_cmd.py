@@ -58,6 +58,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--api-key", action="append", default=None, help="accepted API key (repeat; env SAGELLM_API_KEY)")
     p.add_argument("--admin-key", help="admin key for management routes (env SAGELLM_ADMIN_KEY; default: generated)")
+    p.add_argument(
+        "--admin-auth",
+        choices=("key", "loopback"),
+        default="key",
+        help="key: admin and management routes need the admin key (default); loopback: they need none, for tools that "
+        "send none (a gateway bound to loopback only, without --api-hub)",
+    )
     p.add_argument("--served-model-name", help="the model name clients use (default: the model alias or path)")
     p.add_argument(
         "--state-dir", type=Path, help="admin key, sessions, pid and log files (default $SAGELLM_HOME/gateway)"
@@ -219,6 +226,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         tool_call_parser=args.tool_call_parser,
         allowed_hosts=args.allowed_hosts,
         api_hub=args.api_hub,
+        admin_auth=args.admin_auth,
     )
 
 

@@ -79,11 +79,25 @@ class GatewayConfig:
     # HOST:PORT (port 0: any) where API servers on other hosts attach (`sagellm api-server --core`); None: only the
     # gateway's own (`--api-servers`, over ipc). The link is CURVE-encrypted with a key made for the run.
     api_hub: str | None = None
+    # How the admin and management routes are guarded: "key" (the admin key), or "loopback" (no key, for tools that
+    # send none, such as the control-plane benchmark: only on a gateway bound to loopback, with no API hub, so every
+    # caller is a process on this machine; browsers' cross-site requests stay refused by the Host/Origin check).
+    admin_auth: str = "key"
 
     def host_names(self) -> frozenset[str] | None:
         if self.allowed_hosts is not None:
             return frozenset(h.lower() for h in self.allowed_hosts)
         return LOOPBACK_NAMES if self.host in LOOPBACK_NAMES else None
+
+    def admin_auth_problem(self) -> str | None:
+        """What makes `admin_auth` unusable here, if anything."""
+        if self.admin_auth not in ("key", "loopback"):
+            return f"admin_auth: key or loopback, got {self.admin_auth!r}"
+        if self.admin_auth == "loopback" and self.host not in LOOPBACK_NAMES:
+            return f"admin_auth loopback needs a gateway bound to loopback (127.0.0.1), not {self.host}"
+        if self.admin_auth == "loopback" and self.api_hub is not None:
+            return "admin_auth loopback and an API hub: API servers on other hosts would pass on keyless admin calls"
+        return None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewayConfig:

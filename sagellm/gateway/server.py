@@ -23,7 +23,7 @@ import trio
 import zmq
 
 from sagellm.common.autoscale import AutoscaleSettings
-from sagellm.common.errors import InvalidInput
+from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.home import keys_dir
 from sagellm.common.logging import default_logging
 from sagellm.common.nursery_errors import single_errors
@@ -44,6 +44,7 @@ from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.openai import openapi
 from sagellm.gateway.openai.responses_route import ResponsesRoutes
 from sagellm.gateway.openai.routes import OpenAIRoutes
+from sagellm.gateway.openai.tokenizer_routes import TokenizerRoutes
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
 from sagellm.gateway.sessions.store import SessionStore
@@ -72,8 +73,12 @@ class Gateway:
 def build_app(
     core: ServingCore, config: GatewayConfig, admin: str, engines: EngineManager, autoscaler: Autoscaler | None = None
 ) -> App:
+    problem = config.admin_auth_problem()
+    if problem is not None:
+        raise FieldError("admin_auth", problem)
     app = App(allowed_hosts=config.host_names())
-    admin_guard, api_guard = key_guard([admin], "admin"), key_guard(config.api_keys, "API")
+    admin_guard = key_guard([admin], "admin") if config.admin_auth == "key" else None
+    api_guard = key_guard(config.api_keys, "API")
     indexes = IndexStore(core)
     openai_routes = OpenAIRoutes(core, indexes, tool_call_parser=config.tool_call_parser)
     openai_routes.register(app, api_guard)
@@ -82,6 +87,7 @@ def build_app(
     AdminRoutes(core, (autoscaler,) if autoscaler is not None else ()).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
+    TokenizerRoutes(core).register(app, api_guard)
     openapi.register(app, version("sagellm"))
     return app
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -103,6 +104,22 @@ def wait_for_streams_midway(texts: dict[int, str], outcomes: dict[int, list[str]
         time.sleep(0.005)
 
 
+def streams_across_a_kill(gw, one_stream) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """STREAMS streams, each `one_stream(index, outcomes, texts)` in a thread of its own; engine_a's worker killed
+    (SIGKILL) once more than half of them are midway. Every stream's text and ends, once all are over."""
+    texts: dict[int, str] = {}
+    outcomes: dict[int, list[str]] = {}
+    threads = [threading.Thread(target=one_stream, args=(i, outcomes, texts)) for i in range(STREAMS)]
+    for thread in threads:
+        thread.start()
+    wait_for_streams_midway(texts, outcomes, more_than=STREAMS // 2)
+    os.kill(gw.core.executor.pids["engine_a"], signal.SIGKILL)
+    for thread in threads:
+        thread.join(REPLY_TIMEOUT_S)
+    assert not any(thread.is_alive() for thread in threads), "a stream hung"
+    return texts, outcomes
+
+
 def retries(url: str) -> dict[tuple[str, str], float]:
     text = httpx.get(url + "/metrics").text
     found = re.findall(r'^sagellm:request_retries_total\{code="(\w+)",resumed="(\w+)"\} (\S+)$', text, re.MULTILINE)
@@ -113,16 +130,7 @@ def test_streams_on_a_killed_worker_resume_on_the_other_with_the_same_text(long_
     graph = tmp_path / "two.yaml"
     graph.write_text(TWO_WORKERS.format(model=long_model))
     with running_gateway(graph, tiny_config(tmp_path)) as gw:
-        texts: dict[int, str] = {}
-        outcomes: dict[int, list[str]] = {}
-        threads = [threading.Thread(target=stream, args=(gw.url, i, outcomes, texts)) for i in range(STREAMS)]
-        for thread in threads:
-            thread.start()
-        wait_for_streams_midway(texts, outcomes, more_than=STREAMS // 2)
-        os.kill(gw.core.executor.pids["engine_a"], signal.SIGKILL)
-        for thread in threads:
-            thread.join(REPLY_TIMEOUT_S)
-        assert not any(thread.is_alive() for thread in threads), "a stream hung"
+        texts, outcomes = streams_across_a_kill(gw, functools.partial(stream, gw.url))
         assert outcomes == {i: ["length"] for i in range(STREAMS)}  # every stream finished, once
         resumed = retries(gw.url).get(("instance_lost", "true"), 0)
         assert resumed >= 1
@@ -162,17 +170,7 @@ def test_constrained_streams_on_a_killed_worker_resume_and_still_follow_their_sc
     graph.write_text(TWO_WORKERS.format(model=long_model))
     with running_gateway(graph, tiny_config(tmp_path, served_model_name="tiny")) as gw:
         sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=REPLY_TIMEOUT_S)
-        texts: dict[int, str] = {}
-        outcomes: dict[int, list[str]] = {}
-        args = [(sdk, i, outcomes, texts) for i in range(STREAMS)]
-        threads = [threading.Thread(target=constrained_chat, args=a) for a in args]
-        for thread in threads:
-            thread.start()
-        wait_for_streams_midway(texts, outcomes, more_than=STREAMS // 2)
-        os.kill(gw.core.executor.pids["engine_a"], signal.SIGKILL)
-        for thread in threads:
-            thread.join(REPLY_TIMEOUT_S)
-        assert not any(thread.is_alive() for thread in threads), "a stream hung"
+        texts, outcomes = streams_across_a_kill(gw, functools.partial(constrained_chat, sdk))
         assert outcomes == {i: ["stop"] for i in range(STREAMS)}  # every stream ended once, its grammar complete
         assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
         for i in range(STREAMS):

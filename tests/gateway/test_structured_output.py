@@ -1,8 +1,8 @@
 """Structured output through the official `openai` SDK, unchanged, against the default model served colocated and
 through the PD graph: `chat.completions.parse` returns a parsed object for twenty output types, whatever the 135M
 model would have said unconstrained; vLLM's `guided_*` and `structured_outputs` fields constrain completions and
-chats alike; the same constrained request gives the same tokens on both graphs; and a constraint that cannot be used
-is a 400 naming the field it came in."""
+chats alike; one that cannot end within max_tokens is cut with `length`; the same constrained request gives the same
+tokens on both graphs; and a constraint that cannot be used is a 400 naming the field it came in."""
 
 from __future__ import annotations
 
@@ -75,6 +75,15 @@ def test_vllm_fields_constrain_completions_and_chats(server) -> None:
         response_format={"type": "json_object"},
     )
     assert anything.choices[0].finish_reason == "length" or json.loads(anything.choices[0].message.content)
+
+
+def test_a_constraint_that_cannot_end_within_max_tokens_is_cut_with_length(server) -> None:
+    reply = sdk_client(server).completions.create(
+        model=server.core.model_name, prompt="Count:", max_tokens=6, temperature=0,
+        extra_body={"guided_regex": "(ab){50}"},
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and re.fullmatch(r"(ab)*a?", choice.text)  # what it gave still follows
 
 
 PERSON = CASES[2][0].model_json_schema()

@@ -22,6 +22,7 @@ from sagellm.common.errors import InternalError, SageLLMError
 from sagellm.gateway.http.errors import ApiError
 
 log = structlog.get_logger("sagellm.gateway")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # what an echoed X-Request-Id may hold: nothing to inject
 
 
 @dataclass
@@ -69,6 +70,7 @@ class EventStream:
 
     events: AsyncIterator[Any]
     on_disconnect: Callable[[], None] = lambda: None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class LastEvents(tuple):
@@ -110,7 +112,13 @@ class App:
     async def handle(self, request: HttpRequest, *, host_checked: bool = False) -> Response | EventStream:
         """The reply to one request: the handler's, or an OpenAI-shaped error: a SageLLMError's status and code, and
         for a bug (an InternalError too) a 500 whose error id finds the traceback in the log. `host_checked`: an API
-        server that passed the request on checked its Host."""
+        server that passed the request on checked its Host. Every reply carries an `x-request-id` (`request_id`)."""
+        reply = await self._reply(request, host_checked)
+        if not any(name == b"x-request-id" for name, _ in reply.headers):  # (one a core's reply already has stays)
+            reply.headers.append((b"x-request-id", request_id(request).encode()))
+        return reply
+
+    async def _reply(self, request: HttpRequest, host_checked: bool) -> Response | EventStream:
         try:
             if not host_checked:
                 self._check_host(request)
@@ -166,6 +174,13 @@ class App:
                 raise ApiError(
                     403, f"{header} {value!r} is not one this gateway answers to ({allowed})", code="forbidden"
                 )
+
+
+def request_id(request: HttpRequest) -> str:
+    """The id a reply's `x-request-id` header carries: the client's own (`X-Request-Id`, as vLLM echoes it) when it
+    is a short plain token, else a fresh one, so a client can name the request in a report either way."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
 
 
 def error_response(error: ApiError) -> Response:

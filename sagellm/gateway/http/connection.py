@@ -226,7 +226,8 @@ class Connection:
         another request after it."""
         chunked = version == "HTTP/1.1"
         keep_alive &= chunked
-        pending = head_bytes(200, STREAM_HEADERS + (b"transfer-encoding: chunked\r\n" if chunked else b""), keep_alive)
+        headers = STREAM_HEADERS + b"".join(b"%b: %b\r\n" % (name, value) for name, value in stream.headers)
+        pending = head_bytes(200, headers + (b"transfer-encoding: chunked\r\n" if chunked else b""), keep_alive)
         ended = False
         end = b"0\r\n\r\n" if chunked else b""
         try:

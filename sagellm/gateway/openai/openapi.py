@@ -9,11 +9,14 @@ import msgspec
 
 from sagellm.gateway.http.app import App, HttpRequest, Response
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
 
 _BODIES = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/embeddings": EmbeddingRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
 }
 _ERROR = {"$ref": "#/components/schemas/Error"}
 

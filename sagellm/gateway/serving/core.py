@@ -224,7 +224,7 @@ class ServingCore:
 
     def engines_of_ours(self, model: str) -> bool:
         """Whether another model's instances are engines of ours (workers of the graph), not servers we only reach."""
-        return self.registry.holds_files(model)
+        return self.registry.files_of(model) is not None
 
     # -- what the routes read -------------------------------------------------------------------------------------
     @property

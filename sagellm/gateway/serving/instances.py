@@ -71,9 +71,10 @@ class InstanceRegistry:
         for admission in self._admissions():
             admission.models[model] = served
 
-    def holds_files(self, model: str) -> bool:
-        """Whether `model`'s instances take tokens (workers of the graph), so the gateway holds its files."""
-        return model in self._served
+    def files_of(self, model: str) -> ServedModel | None:
+        """`model`'s front-end files, when its instances take tokens (workers of the graph); None for a model only
+        servers we reach serve."""
+        return self._served.get(model)
 
     def sampling_defaults(self, model: str) -> dict[str, Any] | None:
         """Another model's own sampling defaults, where the gateway holds its files (None: its server applies them)."""

@@ -1,0 +1,139 @@
+"""vLLM's tokenizer endpoints: `POST /tokenize` (a prompt, or chat messages as the server renders them),
+`POST /detokenize`, `GET /tokenizer_info` and `GET /version`, in vLLM's request and response shapes.
+
+Clients count and check prompts with them before they send one, and lm-evaluation-harness's `local-completions`
+reads the server's tokenizer through them (its default `tokenizer_backend=auto` asks `/tokenizer_info` for the
+`eos_token`, then `/tokenize`). A chat is tokenized as a chat request is served (`tokenize_request`: the model's chat
+template, its tools), so `count` is the request's `prompt_tokens`; `add_special_tokens` set by the client encodes
+the text that way instead. They serve the graph's own model, and another model whose engines are ours (the gateway
+holds its files); a model another server serves is that server's to tokenize."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import Any
+
+import msgspec
+import trio
+
+from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.openai.protocol import ChatMessage
+from sagellm.gateway.openai.tools import Tool, plan
+from sagellm.gateway.serving.prompts import OFF_LOOP_CHARS
+from sagellm.operators.admission import tokenize_request
+from sagellm.runtime.pipeline.messages import Request, TokenId
+from sagellm.runtime.pipeline.served_model import ServedModel
+
+# What /tokenizer_info leaves out of the tokenizer's settings: file paths of this machine.
+_FILE_KEYS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """One of `prompt` (completion-style) or `messages` (chat-style), as vLLM takes them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool | None = None  # None: as the server would (a prompt with them, a chat as rendered)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class TokenizerRoutes:
+    def __init__(self, core: Any) -> None:
+        self.core = core
+
+    def register(self, app: App, guard: Guard | None) -> None:
+        app.route("POST", "/tokenize", self.tokenize, guard)
+        app.route("POST", "/detokenize", self.detokenize, guard)
+        app.route("GET", "/tokenizer_info", self.tokenizer_info, guard)
+        app.route("GET", "/version", self.version, guard)
+
+    async def tokenize(self, http: HttpRequest) -> Response:
+        body = http.json(TokenizeRequest)
+        served = self._served(body.model)
+        tokenizer = served.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give one of prompt or messages", param="prompt")
+        text = self._render(body, tokenizer) if body.messages is not None else body.prompt or ""
+
+        def encode() -> list[int]:
+            if body.add_special_tokens is not None:
+                return tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+            request = Request(request_id="tokenize", prompt=text)  # as a request is tokenized when it is served
+            tokenize_request(request, tokenizer, None)
+            return request.prompt_token_ids or []
+
+        # a long text is encoded in a thread, never on the event loop every stream shares
+        tokens = encode() if len(text) <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(encode)
+        reply: dict[str, Any] = {"count": len(tokens), "max_model_len": served.max_model_len, "tokens": tokens}
+        reply["token_strs"] = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return Response(reply)
+
+    async def detokenize(self, http: HttpRequest) -> Response:
+        body = http.json(DetokenizeRequest)
+        served = self._served(body.model)
+        if served.vocab_size is not None and any(t >= served.vocab_size for t in body.tokens):
+            bad = next(t for t in body.tokens if t >= served.vocab_size)
+            raise ApiError(400, f"tokens: {bad} is outside the vocabulary of {served.vocab_size}", param="tokens")
+        return Response({"prompt": served.tokenizer.decode(body.tokens)})
+
+    async def tokenizer_info(self, http: HttpRequest) -> Response:
+        served = self._served(http.query.get("model"))
+        tokenizer = served.tokenizer
+        info = {key: _plain(value) for key, value in tokenizer.init_kwargs.items() if key not in _FILE_KEYS}
+        info["tokenizer_class"] = type(tokenizer).__name__
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            info[name] = _plain(getattr(tokenizer, name, None))
+        info["chat_template"] = getattr(tokenizer, "chat_template", None)
+        info["model_max_length"] = served.max_model_len
+        return Response(info)
+
+    async def version(self, _: HttpRequest) -> Response:
+        return Response({"version": version("sagellm")})
+
+    def _served(self, name: str | None) -> ServedModel:
+        """The front-end files of the model a request names: the graph's, or another whose engines are ours."""
+        model = self.core.instance_model(name)
+        served = self.core.served if model is None else self.core.registry.files_of(model)
+        if served is None or served.tokenizer is None:
+            where = "the server that serves it tokenizes" if model is not None else "the model has no tokenizer here"
+            raise ApiError(400, f"model: no tokenizer for {name or self.core.model_name} ({where})", param="model")
+        return served
+
+    @staticmethod
+    def _render(body: TokenizeRequest, tokenizer: Any) -> str:
+        if body.continue_final_message and body.add_generation_prompt:
+            message = "continue_final_message and add_generation_prompt both set: set add_generation_prompt false"
+            raise ApiError(400, message, param="continue_final_message")
+        messages = [msgspec.to_builtins(m) for m in body.messages or ()]
+        template = getattr(tokenizer, "chat_template", None) or ""
+        tools = plan(body.tools, None, True, template) if body.tools else None  # the template a served chat gets
+        try:
+            return tokenizer.apply_chat_template(
+                messages, tools=tools.tools if tools else None, chat_template=tools.chat_template if tools else None,
+                tokenize=False, add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+            )  # fmt: skip
+        except Exception as exc:  # a template error names what is wrong with the messages
+            raise ApiError(400, f"messages cannot be rendered with the model's chat template: {exc}",
+                           param="messages") from None  # fmt: skip
+
+
+def _plain(value: Any) -> Any:
+    """A tokenizer setting as JSON: a special token object as its text (`AddedToken.content`)."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
