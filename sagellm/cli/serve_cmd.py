@@ -65,7 +65,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="key: admin and management routes need the admin key (default); loopback: they need none, for tools that "
         "send none (a gateway bound to loopback only, without --api-hub)",
     )
-    p.add_argument("--served-model-name", help="the model name clients use (default: the model alias or path)")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="the model name clients use (default: the model alias or path); more names are aliases it answers to too",
+    )
     p.add_argument(
         "--state-dir", type=Path, help="admin key, sessions, pid and log files (default $SAGELLM_HOME/gateway)"
     )
@@ -151,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     for model in (graph.attrs.get("model"), embedding):
         if model:
             resolve_model(model)  # download once, before any worker process looks for it
-    config = _config(args, embedding, args.served_model_name or str(graph.attrs.get("model") or "default"))
+    config = _config(args, embedding, _first(args.served_model_name) or str(graph.attrs.get("model") or "default"))
     trio.run(_serve_showing_progress, graph, config, args.api_servers)
     return 0
 
@@ -200,6 +205,10 @@ def apply_engine_settings(graph: Any, args: argparse.Namespace) -> Any:
     return validate(graph, graph.attrs.get("_locations"), file=graph.attrs.get("_file"))
 
 
+def _first(names: list[str] | None) -> str | None:
+    return names[0] if names else None
+
+
 def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
     """The gateway's settings; `model`: the name it serves its generation model (its embedding model's without one)."""
     from sagellm.gateway.config import FailoverPolicy, GatewayConfig
@@ -219,7 +228,8 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         api_keys=args.api_key,
         admin_key=args.admin_key,
         embedding_model=embedding,
-        served_model_name=args.served_model_name,
+        served_model_name=_first(args.served_model_name),
+        model_aliases=(args.served_model_name or [])[1:],
         state_dir=args.state_dir,
         max_body_bytes=args.max_body_bytes,
         max_connections=args.max_connections,
@@ -279,6 +289,6 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
         raise InvalidInput("--autoscale adds replicas of a generation engine; --no-llm serves none")
     resolve_model(embedding)
     graph = load_pipeline(graphs.find("control_plane"))
-    config = _config(args, embedding, args.served_model_name or served_name(embedding))
+    config = _config(args, embedding, _first(args.served_model_name) or served_name(embedding))
     trio.run(_serve_showing_progress, graph, config, args.api_servers)
     return 0

@@ -66,6 +66,7 @@ class GatewayConfig:
     admin_key: str | None = None
     embedding_model: str | None = None
     served_model_name: str | None = None
+    model_aliases: list[str] = field(default_factory=list)  # more names clients may use for it (vLLM's extra names)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_connections: int | None = None  # open connections served at once (None: from the fd limit; HttpLimits)
     tool_call_parser: str | None = None  # vLLM's --tool-call-parser (None: chosen from the model's chat template)

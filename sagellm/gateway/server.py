@@ -119,8 +119,8 @@ async def serve(
     `Gateway` to `task_status` once it answers HTTP. `api_servers`: that many API server processes answer HTTP on
     the gateway's port (`api_server`) and this process runs the core behind them; 0: this process answers HTTP."""
     core = ServingCore(
-        graph, served_model_name=config.served_model_name, failover=config.failover,
-        embedding_model=config.embedding_model,
+        graph, served_model_name=config.served_model_name, model_aliases=config.model_aliases,
+        failover=config.failover, embedding_model=config.embedding_model,
     )  # fmt: skip
     cluster = RayCluster.from_settings(graph.attrs["cluster"]) if "cluster" in graph.attrs else None
     engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core), ray=cluster)

@@ -1,6 +1,6 @@
-"""vLLM's tokenizer endpoints, the `x-request-id` on every reply, and admin routes without a key for a gateway on
-loopback that opted in (`admin_auth="loopback"`, what the control-plane benchmark needs): one tiny gateway, real
-HTTP on 127.0.0.1."""
+"""vLLM's tokenizer endpoints, the `x-request-id` on every reply, and what the control-plane benchmark needs: admin
+routes without a key for a gateway on loopback that opted in (`admin_auth="loopback"`), and more names for the
+graph's model (vLLM's `--served-model-name A B`): one tiny gateway, real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tin
 
 @pytest.fixture(scope="module")
 def gateway(tiny_model, tmp_path_factory):
-    config = tiny_config(tmp_path_factory.mktemp("tokenize"), served_model_name="tiny", admin_auth="loopback")
+    config = tiny_config(tmp_path_factory.mktemp("tokenize"), served_model_name="tiny", admin_auth="loopback",
+                         model_aliases=["llama-7b", "mistral-7b"])  # fmt: skip
     with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as gw:
         yield gw
 
@@ -96,3 +97,12 @@ def test_admin_auth_loopback_is_refused_where_callers_could_be_other_hosts(field
     problem = GatewayConfig(admin_auth="loopback", **fields).admin_auth_problem()
     assert (problem is None) if words is None else (words in problem)
     assert GatewayConfig(admin_auth="nobody").admin_auth_problem() is not None
+
+
+def test_the_models_aliases_are_answered_and_listed(gateway):
+    listed = [card["id"] for card in httpx.get(gateway.url + "/v1/models").json()["data"]]
+    assert listed[:3] == ["tiny", "llama-7b", "mistral-7b"]
+    chat = {"model": "llama-7b", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    reply = post(gateway, "/v1/chat/completions", chat)
+    assert reply.status_code == 200 and reply.json()["model"] == "tiny"  # as vLLM: the first name answers
+    assert post(gateway, "/v1/chat/completions", {**chat, "model": "llama-13b"}).status_code == 404

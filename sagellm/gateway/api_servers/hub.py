@@ -230,6 +230,7 @@ class ApiServerHub:
         ]
         return Snapshot(
             model_name=core.model_name,
+            model_aliases=core.registry.aliases,
             model_path=core.served.path if core.served is not None else None,
             models=core.models(),
             instance_models=sorted({s.model for s in instances if s.model is not None}),

@@ -83,6 +83,7 @@ class Snapshot(msgspec.Struct, tag=True, kw_only=True):
     defaults, vocabulary), and the gateway's settings for its front ends."""
 
     model_name: str
+    model_aliases: list[str]  # more names of the graph's model
     model_path: str | None
     models: list[str]
     instance_models: list[str]  # every model an attached instance serves (also those whose instances all failed)

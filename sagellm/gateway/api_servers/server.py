@@ -256,7 +256,8 @@ class RemoteCore:
 
     def instance_model(self, name: str | None) -> str | None:
         """As `ServingCore.instance_model`: None for the graph's own model, the name for an attached one."""
-        return instance_model(name, self.state.model_name, lambda: self.state.instance_models, self.models)
+        own = {self.state.model_name, *self.state.model_aliases}
+        return instance_model(name, own, lambda: self.state.instance_models, self.models)
 
     async def tokenize_long_prompts(self, requests: list[Request]) -> None:
         await tokenize_prompts(requests, self.tokenizer, self.state.vocab_size, self.max_model_len, short_too=True)

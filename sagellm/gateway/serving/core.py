@@ -43,6 +43,7 @@ class ServingCore:
         graph: Graph,
         *,
         served_model_name: str | None = None,
+        model_aliases: list[str] | None = None,
         executor_args: Any = None,
         failover: FailoverPolicy | None = None,
         embedding_model: str | None = None,
@@ -62,7 +63,7 @@ class ServingCore:
         # ended requests' owner and last status, oldest first
         self._recent: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self.new_id = RequestIds()
-        self.registry = InstanceRegistry(self.model_name, lambda: self.local)
+        self.registry = InstanceRegistry(self.model_name, lambda: self.local, model_aliases or ())
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:

@@ -22,10 +22,11 @@ from sagellm.runtime.pipeline.served_model import ServedModel
 
 
 class InstanceRegistry:
-    def __init__(self, own_model: str, local: Callable[[], Any]) -> None:
-        """`own_model`: the name the graph's own model is served as; `local()`: the executor of the gateway's
-        process once it runs (None before)."""
+    def __init__(self, own_model: str, local: Callable[[], Any], aliases: Collection[str] = ()) -> None:
+        """`own_model`: the name the graph's own model is served as, `aliases` more names requests may give it (vLLM's
+        `--served-model-name A B`); `local()`: the executor of the gateway's process once it runs (None before)."""
         self.own_model, self._local = own_model, local
+        self.aliases = [name for name in dict.fromkeys(aliases) if name != own_model]
         self._served: dict[str, ServedModel] = {}  # other models whose instances take tokens: their front-end files
 
     def instances(self) -> dict[str, Any]:
@@ -109,7 +110,7 @@ class InstanceRegistry:
         """The model names served: the graph's own generation model (if it has engines), then the others (its
         embedding model, those of attached instances that are not all failed), each once."""
         stats = self.instances().values()
-        own = [self.own_model] if any(s.model is None for s in stats) else []
+        own = [self.own_model, *self.aliases] if any(s.model is None for s in stats) else []
         others = [s.model for s in stats if s.model is not None and not s.failed]
         return list(dict.fromkeys([*own, *others]))
 
@@ -142,7 +143,7 @@ class InstanceRegistry:
     def instance_model(self, name: str | None) -> str | None:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
         name itself for a model attached instances serve. Raises ApiError 404 for any other."""
-        return instance_model(name, self.own_model, self._attached_models, self.models)
+        return instance_model(name, {self.own_model, *self.aliases}, self._attached_models, self.models)
 
     def _attached_models(self) -> set[str | None]:
         """The models attached instances serve, also those whose instances all failed (a request learns why)."""
@@ -150,12 +151,16 @@ class InstanceRegistry:
 
 
 def instance_model(
-    name: str | None, own: str, attached: Callable[[], Collection[str | None]], served: Callable[[], list[str]]
+    name: str | None,
+    own: Collection[str],
+    attached: Callable[[], Collection[str | None]],
+    served: Callable[[], list[str]],
 ) -> str | None:
-    """A request's `Request.model` for the model a client named: None for the graph's own (`own`, or none named),
-    the name itself for a model attached instances serve. Raises ApiError 404, naming the `served` ones, for any
-    other. `attached` and `served` are asked only for another model's name: most requests name the graph's own."""
-    if name is None or name == own:
+    """A request's `Request.model` for the model a client named: None for the graph's own (any of its names `own`,
+    or none named), the name itself for a model attached instances serve. Raises ApiError 404, naming the `served`
+    ones, for any other. `attached` and `served` are asked only for another model's name: most requests name the
+    graph's own."""
+    if name is None or name in own:
         return None
     if name in attached():
         return name
