@@ -2,7 +2,8 @@
 
 It rejects as items (never raises) so a rejection reaches the sinks like any other terminal: `overloaded` when the graph
 already holds `max_queue` requests (or `max_tokens_in_flight` tokens), `rate_limited` when a user exceeds their token
-bucket, `invalid_request` for an empty or untokenizable prompt or token ids outside the vocabulary, and
+bucket, `invalid_request` for an empty or untokenizable prompt or token ids outside the vocabulary (the prompt's, or
+those its `logit_bias` and `allowed_token_ids` name), and
 `context_length_exceeded` when prompt plus completion cannot fit the model's context. A refusal says when to retry
 (`retry_after_s`): when the requests in flight, and the clients already told to come back, will have been served at
 the rate requests have lately ended. With
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sagellm.common.errors import FieldError
-from sagellm.runtime.engine.prompt import prompt_token_problem
+from sagellm.runtime.engine.prompt import prompt_token_problem, sampling_token_problem
 from sagellm.runtime.models.tokenizer import encode_prompt
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, PipelineLoad, register_operator
@@ -83,8 +84,9 @@ class SloLimit:
 
 def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -> str | None:
     """Fills `prompt_token_ids` (rendering chat `messages` with the model's template first) when missing; returns
-    what is wrong with the prompt, if anything. Admission does it for every request that arrives as text; a front end
-    that can wait in a thread (the gateway, for a long prompt) does it before, so the event loop never does."""
+    what is wrong with the prompt or the token ids its sampling names, if anything. Admission does it for every
+    request that arrives as text; a front end that can wait in a thread (the gateway, for a long prompt) does it
+    before, so the event loop never does."""
     if request.prompt_token_ids is None and request.prompt is None and request.messages:
         if tokenizer is None:
             return "no tokenizer is loaded to render the chat messages: send prompt_token_ids instead"
@@ -104,7 +106,9 @@ def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -
         if tokenizer is None:
             return "no tokenizer is loaded to tokenize the prompt: send prompt_token_ids instead"
         request.prompt_token_ids = encode_prompt(tokenizer, request.prompt)
-    return prompt_token_problem(request.prompt_token_ids, vocab_size)
+    return prompt_token_problem(request.prompt_token_ids, vocab_size) or sampling_token_problem(
+        request.sampling, vocab_size
+    )
 
 
 class RecentCount:

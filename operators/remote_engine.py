@@ -261,6 +261,14 @@ def openai_call(request: Request, model: str, return_token_ids: bool = False) ->
         "include_stop_str_in_output": s.include_stop_str_in_output or None,
         "skip_special_tokens": False if not s.skip_special_tokens else None,
         "return_token_ids": return_token_ids or None,
+        # OpenAI's penalties and biases (JSON keys are strings), and vLLM's
+        "presence_penalty": s.presence_penalty or None,
+        "frequency_penalty": s.frequency_penalty or None,
+        "logit_bias": {str(token): bias for token, bias in s.logit_bias.items()} if s.logit_bias else None,
+        "repetition_penalty": s.repetition_penalty if s.repetition_penalty != 1.0 else None,
+        "min_tokens": s.min_tokens or None,
+        "bad_words": s.bad_words or None,
+        "allowed_token_ids": s.allowed_token_ids,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     if s.guided is not None:

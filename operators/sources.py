@@ -47,6 +47,13 @@ class RequestLine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ignore_eos: bool | msgspec.UnsetType = _UNSET
     logprobs: int | None | msgspec.UnsetType = _UNSET
     guided: dict[str, Any] | None | msgspec.UnsetType = _UNSET  # GuidedDecoding's fields: {"json": {...}}, ...
+    presence_penalty: float | msgspec.UnsetType = _UNSET
+    frequency_penalty: float | msgspec.UnsetType = _UNSET
+    repetition_penalty: float | msgspec.UnsetType = _UNSET
+    logit_bias: dict[str, float] | None | msgspec.UnsetType = _UNSET
+    min_tokens: int | msgspec.UnsetType = _UNSET
+    bad_words: list[str] | None | msgspec.UnsetType = _UNSET
+    allowed_token_ids: list[int] | None | msgspec.UnsetType = _UNSET
     priority: Priority = 0
     user: str | None = None
     ttft_slo_ms: Positive | None = None

@@ -24,8 +24,9 @@ from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, gramm
 from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, token_slots
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from sagellm.runtime.engine.penalties import bad_word_token_ids
 from sagellm.runtime.engine.placement import place
-from sagellm.runtime.engine.prompt import prompt_token_problem
+from sagellm.runtime.engine.prompt import prompt_token_problem, sampling_token_problem
 from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at
 from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -117,8 +118,8 @@ class LLMEngine:
             )
         # The plan holds what it needs (packed): drop the loader's copies.
         self.model.weights, self.model.quantized = {}, {}
-        self.sampler = Sampler()
         self.eos_token_ids = set(model_config.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
         # Where a prefill's KV is gathered for its hand-over, (shape, dtype) -> tensor: shared memory when it leaves
         # the process (set by the prefill operator), so sending it copies nothing more; None: a new tensor.
@@ -196,7 +197,8 @@ class LLMEngine:
             text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, token_ids = None, list(prompt)
-        problem = prompt_token_problem(token_ids, self.model.config.vocab_size)
+        vocab = self.model.config.vocab_size
+        problem = prompt_token_problem(token_ids, vocab) or sampling_token_problem(params, vocab)
         if problem is not None:
             raise InvalidInput(problem)
         budget = self.max_model_len - len(token_ids)
@@ -206,6 +208,9 @@ class LLMEngine:
             )
         matcher = self._matcher(params, token_ids[len(token_ids) - resumed_tokens :]) if params.guided else None
         seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
+        seq.resumed_tokens = resumed_tokens
+        if params.bad_words:
+            seq.bad_words_token_ids = bad_word_token_ids(self.tokenizer, params.bad_words, vocab)
         detok = IncrementalDetokenizer.from_params(self.tokenizer, token_ids, params, resumed_tokens)
         metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
         logprobs = [] if params.logprobs is not None else None
@@ -291,7 +296,7 @@ class LLMEngine:
                 seed_at(seq.generator, seq.params.seed, seq.num_tokens)  # the position of the token it draws now
         if masks is not None:
             self._apply_masks(logits, sampled, masks)
-        result = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        result = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled], sampled)
         now = time.time()
         return failed + [
             self._append(seq, token, logprob, now)

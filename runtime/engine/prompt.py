@@ -1,9 +1,12 @@
-"""What makes a prompt's token ids something a model can run: the one check that the engine (offline requests)
-and admission (every request entering a pipeline, before it is queued) both make."""
+"""What makes a request's token ids something a model can run: the checks that the engine (offline requests) and
+admission (every request entering a pipeline, before it is queued) both make. SamplingParams checks the rest of a
+request once, where it is built; only these need the model's vocabulary, which admission and the engine know."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
 
 def prompt_token_problem(token_ids: Sequence[object], vocab_size: int | None) -> str | None:
@@ -14,4 +17,16 @@ def prompt_token_problem(token_ids: Sequence[object], vocab_size: int | None) ->
         return "prompt_token_ids must be integers"
     if vocab_size is not None and (min(token_ids) < 0 or max(token_ids) >= vocab_size):  # type: ignore[type-var]
         return f"prompt_token_ids must be in [0, {vocab_size}) (the model's vocabulary)"
+    return None
+
+
+def sampling_token_problem(params: SamplingParams, vocab_size: int | None) -> str | None:
+    """What is wrong with the token ids `params` names (None: nothing): `logit_bias`'s or `allowed_token_ids`
+    outside the model's vocabulary, where a bias or an allowed token would index logits that do not exist."""
+    if vocab_size is None:
+        return None
+    for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+        beyond = [t for t in ids if t >= vocab_size]
+        if beyond:
+            return f"{name} must name token ids in [0, {vocab_size}) (the model's vocabulary), got {beyond[0]}"
     return None

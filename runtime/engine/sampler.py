@@ -8,20 +8,23 @@ depend only on its seed, its logits and where they stand, never on its batch nei
 tokens before, so a request split across prefill and decode workers, or resumed on another instance from its prompt
 and the tokens so far, draws what one engine would have drawn.
 
-Filters follow Hugging Face's order (the numerical oracle): temperature, top-k, top-p, then min-p. Logprobs come from
-log_softmax of the raw logits, before any of them (vLLM's default "raw_logprobs").
+Before a token is chosen, greedy or not, the rows that set penalties, biases or token restrictions have their logits
+adjusted in vLLM v1's order (`penalties.py`); a batch whose rows set none pays nothing for them. Filters then follow
+Hugging Face's order (the numerical oracle): temperature, top-k, top-p, then min-p. Logprobs come from log_softmax of
+the raw logits, before any of them (vLLM's default "raw_logprobs").
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from sagellm.runtime.engine.outputs import TokenLogprob
+from sagellm.runtime.engine.penalties import TokenHistory, adjust_logits
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
 TOP_P_CANDIDATES = 1024  # largest logits searched first for a top-p cutoff; the whole vocab only if it lies beyond
@@ -85,11 +88,15 @@ def mask_top_k_top_p(
 
 
 class Sampler:
+    def __init__(self, eos_token_ids: Collection[int] = ()) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)  # the model's EOS ids, which min_tokens keeps out
+
     def sample(
         self,
         logits: torch.Tensor,  # [N, V]
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        histories: Sequence[TokenHistory] | None = None,  # each row's tokens; needed where a row adjusts logits
     ) -> SamplerOutput:
         num_rows = logits.shape[0] if logits.dim() == 2 else -1
         if num_rows < 0 or len(params) != num_rows or len(generators) != num_rows:
@@ -97,11 +104,15 @@ class Sampler:
                 f"sample needs logits [N, V] with one SamplingParams and one generator per row, got logits "
                 f"{tuple(logits.shape)}, {len(params)} params, {len(generators)} generators"
             )
+        adjusted = [i for i, p in enumerate(params) if p.adjusts_logits]
+        if adjusted and (histories is None or len(histories) != num_rows):
+            raise ValueError("sample needs each row's token history where a row has penalties, biases or restrictions")
         want_logprobs = any(p.logprobs is not None for p in params)
-        if not want_logprobs and all(p.is_greedy for p in params):
+        if not adjusted and not want_logprobs and all(p.is_greedy for p in params):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * num_rows)
 
-        logits = logits.float()
+        raw = logits.float()
+        logits = self._adjusted(raw, adjusted, params, histories) if adjusted and histories is not None else raw
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if len(random_rows) == num_rows:
             token_ids = self._sample_random(logits, params, generators)  # [N]
@@ -114,8 +125,21 @@ class Sampler:
                 )
                 token_ids[rows] = picked
         ids = token_ids.tolist()
-        logprobs = self._logprobs(logits, token_ids, ids, params) if want_logprobs else [None] * num_rows
+        logprobs = self._logprobs(raw, token_ids, ids, params) if want_logprobs else [None] * num_rows
         return SamplerOutput(ids, logprobs)
+
+    def _adjusted(
+        self,
+        raw: torch.Tensor,  # [N, V] float32, left untouched
+        rows: list[int],  # the rows that adjust their logits
+        params: Sequence[SamplingParams],
+        histories: Sequence[TokenHistory],
+    ) -> torch.Tensor:  # [N, V], a new tensor
+        if len(rows) == raw.shape[0]:
+            return adjust_logits(raw.clone(), params, histories, self.eos_token_ids)
+        index = torch.tensor(rows, device=raw.device)  # [R]
+        part = adjust_logits(raw[index], [params[i] for i in rows], [histories[i] for i in rows], self.eos_token_ids)
+        return raw.index_copy(0, index, part)
 
     def _sample_random(
         self,

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagellm.common.errors import InvalidInput
+from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.models.loaded import ModelLoadError
 
@@ -30,15 +30,21 @@ GREEDY_TEMPERATURE = 1e-5  # below this, temperature is greedy (vLLM's _SAMPLING
 _SEED_MIN, _SEED_END = -(2**63), 2**64  # the range torch.Generator.manual_seed accepts
 # Integers stay below 2**63, so every value fits the wire's 64-bit msgpack integers when a request crosses processes.
 INT_END = 2**63
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's and vLLM's
+MAX_LOGIT_BIAS = 100.0  # a logit bias is clamped to [-100, 100], as OpenAI's and vLLM's
 
 
 def _require(ok: bool, name: str, rule: str, value: object) -> None:
     if not ok:
-        raise InvalidInput(f"{name} must be {rule}, got {value!r}")
+        raise FieldError(name, f"{name} must be {rule}, got {value!r}")
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_id(value: object) -> bool:
+    return _is_int(value) and 0 <= value < INT_END  # type: ignore[operator]
 
 
 def _is_number(value: object) -> bool:
@@ -61,6 +67,14 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     guided: GuidedDecoding | None = None  # what the output is constrained to (a JSON schema, a regex, ...)
+    # What the sampler does to the logits before choosing (vLLM's, applied in its order: `penalties.py`).
+    presence_penalty: float = 0.0  # minus this from every token already in the output
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # a token of the prompt or output: a logit > 0 divided by it, else multiplied
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (clamped to [-100, 100])
+    min_tokens: int = 0  # EOS and the stop token ids are never chosen before this many output tokens
+    bad_words: list[str] = field(default_factory=list)  # never generated, with or without a leading space
+    allowed_token_ids: list[int] | None = None  # only these token ids are ever chosen
 
     def __post_init__(self) -> None:
         _require(self.n == 1 and _is_int(self.n), "n", "1 (one completion per request is supported)", self.n)
@@ -96,6 +110,39 @@ class SamplingParams:
             self.guided = GuidedDecoding(**self.guided)
         guided = self.guided
         _require(guided is None or isinstance(guided, GuidedDecoding), "guided", "a GuidedDecoding", guided)
+        self._check_logit_adjustments()
+
+    def _check_logit_adjustments(self) -> None:
+        """The penalties, biases and token restrictions (vLLM's ranges); token ids against the vocabulary are
+        checked where it is known (`prompt.sampling_token_problem`)."""
+        bound = f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_number(value) and abs(value) <= MAX_PENALTY, name, bound, value)
+        penalty = self.repetition_penalty
+        _require(_is_number(penalty) and penalty > 0, "repetition_penalty", "a finite number > 0 (1: off)", penalty)
+        self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+        least = self.min_tokens
+        _require(_is_int(least) and 0 <= least < INT_END, "min_tokens", "an integer >= 0", least)
+        if self.max_tokens is not None:
+            _require(least <= self.max_tokens, "min_tokens", f"<= max_tokens ({self.max_tokens})", least)
+        words = [] if self.bad_words is None else self.bad_words
+        _require(
+            isinstance(words, (list, tuple)) and all(isinstance(w, str) and not w.isspace() and w for w in words),
+            "bad_words",
+            "a list of strings that are not blank",
+            words,
+        )
+        self.bad_words = list(words)
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            _require(
+                isinstance(allowed, (list, tuple)) and len(allowed) > 0 and all(_is_token_id(t) for t in allowed),
+                "allowed_token_ids",
+                "None or a non-empty list of token ids (integers >= 0)",
+                allowed,
+            )
+            self.allowed_token_ids = list(allowed)
 
     @staticmethod
     def _normalize_stop(stop: object) -> list[str]:
@@ -109,6 +156,21 @@ class SamplingParams:
             stop,
         )
         return list(stops)
+
+    @staticmethod
+    def _normalize_logit_bias(bias: object) -> dict[int, float] | None:
+        """Token ids as integers (JSON's keys are strings: the openai SDK sends `{"123": 5}`), biases clamped to
+        [-100, 100]; None when empty."""
+        if bias is None:
+            return None
+        _require(isinstance(bias, Mapping), "logit_bias", "a map of token ids to numbers", bias)
+        normalized: dict[int, float] = {}
+        for key, value in bias.items():  # type: ignore[attr-defined]
+            token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+            _require(_is_token_id(token), "logit_bias", "keyed by token ids (integers >= 0)", key)
+            _require(_is_number(value), "logit_bias", f"a finite number for token {token}", value)
+            normalized[token] = min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, float(value)))
+        return normalized or None
 
     @staticmethod
     def _normalize_stop_token_ids(ids: object) -> list[int]:
@@ -131,6 +193,20 @@ class SamplingParams:
     @property
     def expected_output_tokens(self) -> int:
         return self.max_tokens if self.max_tokens is not None else EXPECTED_OUTPUT_TOKENS
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """True when a penalty, a bias or a restriction on tokens changes the logits before a token is chosen; a
+        batch whose rows all say False costs the sampler nothing for them."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+            or self.bad_words
+            or self.allowed_token_ids is not None
+        )
 
     @property
     def is_greedy(self) -> bool:

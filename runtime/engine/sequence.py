@@ -37,6 +37,11 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # What the sampler's penalties read besides the tokens (`penalties.TokenHistory`): the request's bad_words as
+    # token ids, tokenized once by the engine, and how many of the prompt's last tokens are output an earlier run of
+    # this request generated (a resume).
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    resumed_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -48,6 +53,11 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def output_start(self) -> int:
+        """Where the request's output starts in `token_ids`: a resumed prompt's last tokens are output too."""
+        return self.num_prompt_tokens - self.resumed_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -18,7 +18,10 @@ from sagellm.runtime.models.loaded import read_json
 
 GENERATION_CONFIG = "generation_config.json"
 
-_HF_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_new_tokens": int}
+_HF_FIELDS = {
+    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_new_tokens": int,
+    "repetition_penalty": float,
+}  # fmt: skip
 _HF_NAMES = {"max_new_tokens": "max_tokens"}
 _GGUF_FIELDS = {
     "general.sampling.temp": ("temperature", float),

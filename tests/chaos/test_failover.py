@@ -1,7 +1,8 @@
 """Failover and resume through the gateway, with real processes and servers on 127.0.0.1:
 - one of two engine worker processes killed (SIGKILL) during 16 greedy streams: every stream ends once, with
   `length` and exactly the text an uninterrupted run gives (those on the lost worker resumed on the other one from
-  their prompt and the tokens so far), and the gateway counts the resumed retries; the same for 16 chats whose
+  their prompt and the tokens so far, with what is left of their `min_tokens`), and the gateway counts the resumed
+  retries; the same for 16 chats whose
   replies are constrained to a JSON schema (through the openai SDK): each resumed one still follows the schema;
 - one of two attached servers gone between two health checks: the requests sent to it are tried again on the other
   before any token, and all succeed;
@@ -69,7 +70,9 @@ def long_model(tmp_path_factory):
 
 
 def completion(url: str, prompt: str, max_tokens: int) -> str:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    """A greedy completion that may not end before `max_tokens` (`min_tokens`: a resume carries what is left of it)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
     reply = httpx.post(url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S)
     assert reply.status_code == 200, reply.text
     return reply.json()["choices"][0]["text"]
@@ -77,7 +80,8 @@ def completion(url: str, prompt: str, max_tokens: int) -> str:
 
 def stream(url: str, index: int, outcomes: dict[int, list[str]], texts: dict[int, str]) -> None:
     """One greedy streamed completion: its text, and what ended it ("length" or the error's code) once per end."""
-    body = {"prompt": f"stream {index}", "max_tokens": 300, "ignore_eos": True, "stream": True, "temperature": 0}
+    body = {"prompt": f"stream {index}", "max_tokens": 300, "min_tokens": 300, "ignore_eos": True, "stream": True,
+            "temperature": 0}  # fmt: skip
     ends, texts[index] = outcomes.setdefault(index, []), ""
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S) as reply:
         if reply.status_code != 200:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sagellm.operators.sinks import JsonlSink, StdoutSink
-from sagellm.operators.sources import JsonlSource, PromptSource, StdinSource
+from sagellm.operators.sources import JsonlSource, PromptSource, StdinSource, decode_request_line
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.engine.sampling_params import SamplingParams
@@ -209,3 +209,14 @@ def test_jsonl_sink_writes_one_line_per_finished_request(tmp_path: Path):
         "request_id": "b", "text": "x", "token_ids": [1],
         "error": {"code": "instance_lost", "message": "engine died", "retryable": True},
     }  # fmt: skip
+
+
+def test_a_request_line_takes_penalties_and_biases_and_names_a_bad_one():
+    line = {"prompt": "hi", "repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.2,
+            "logit_bias": {"5": 2.0}, "min_tokens": 2, "bad_words": ["x"], "allowed_token_ids": [1, 2, 3]}  # fmt: skip
+    sampling = decode_request_line(json.dumps(line), new_id=lambda: "a", defaults={}, now=0.0).sampling
+    assert (sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty) == (1.3, 0.5, 0.2)
+    assert (sampling.logit_bias, sampling.min_tokens, sampling.bad_words) == ({5: 2.0}, 2, ["x"])
+    assert sampling.allowed_token_ids == [1, 2, 3]
+    with pytest.raises(ValueError, match="presence_penalty"):
+        decode_request_line('{"prompt": "hi", "presence_penalty": 3}', new_id=lambda: "a", defaults={}, now=0.0)

@@ -1,11 +1,12 @@
 """The OpenAI request bodies the gateway accepts, and their translation into pipeline `Request`s.
 
 Bodies decode with msgspec into these Structs (a wrong type is a 400 naming the field). Fields OpenAI defines that
-sageLLM cannot honour are refused with a 400 naming them (`n` > 1, penalties, logit_bias, echo, suffix)
-rather than silently ignored; unknown extra fields are ignored, as vLLM does, because SDKs add new ones all the time.
-vLLM's extensions (`top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, ...) and sageLLM's scheduling fields
-(`priority` by number or class name, SLOs, `cost_budget`; also as `X-Request-Priority` / `X-SLO-Deadline-Ms`
-headers) and failover timeouts are accepted in the body."""
+sageLLM cannot honour are refused with a 400 naming them (`n` > 1, echo, suffix) rather than silently ignored;
+unknown extra fields are ignored, as vLLM does, because SDKs add new ones all the time. OpenAI's penalties and
+`logit_bias` (token ids as string keys, as the openai SDK sends them), vLLM's extensions (`top_k`, `min_p`,
+`ignore_eos`, `stop_token_ids`, `repetition_penalty`, `min_tokens`, `bad_words`, `allowed_token_ids`, ...),
+sageLLM's scheduling fields (`priority` by number or class name, SLOs, `cost_budget`; also as `X-Request-Priority` /
+`X-SLO-Deadline-Ms` headers) and failover timeouts are accepted in the body."""
 
 from __future__ import annotations
 
@@ -49,10 +50,14 @@ class _Generation(Constrained, kw_only=True):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string, JSON's keys are) -> bias
     # vLLM's sampling extensions
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
@@ -112,11 +117,6 @@ def _refuse(name: str, why: str) -> None:
 def _check_unsupported(body: _Generation) -> None:
     if body.n != 1:
         _refuse("n", f"only n=1 is supported, got {body.n}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0, 0.0):
-            _refuse(name, "penalties are not supported; leave it unset or 0")
-    if body.logit_bias:
-        _refuse("logit_bias", "not supported")
 
 
 def sampling_params(
@@ -143,6 +143,13 @@ def sampling_params(
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
         guided=guided,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=body.logit_bias,
+        min_tokens=body.min_tokens,
+        bad_words=body.bad_words,
+        allowed_token_ids=body.allowed_token_ids,
     )
     try:
         return SamplingParams.with_defaults(defaults, **args)

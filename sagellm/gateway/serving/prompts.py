@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.errors import field_named
 from sagellm.operators.admission import tokenize_request
 from sagellm.runtime.pipeline.messages import Request
 
@@ -46,7 +47,7 @@ async def tokenize_prompts(
         problems += await trio.to_thread.run_sync(lambda: [tokenize_request(r, tokenizer, vocab) for r in long])
     for problem in problems:
         if problem is not None:
-            raise ApiError(400, problem, code="invalid_request")
+            raise ApiError(400, problem, param=field_named(problem), code="invalid_request")
 
 
 def _characters(request: Request) -> int:

@@ -226,11 +226,15 @@ class RequestStream:
             fields.update(prompt=first.prompt + self._text)  # the server counts tokens: max_tokens stays an upper bound
         else:
             return None
-        if sampling.max_tokens is not None and first.model is None:
-            left = sampling.max_tokens - len(self._token_ids)
-            if left < 1:
-                return None
-            sampling = dataclasses.replace(sampling, max_tokens=left)
+        if first.model is None:  # the engine counts max_tokens and min_tokens from where it resumes
+            budgets: dict[str, int] = {}
+            if sampling.max_tokens is not None:
+                budgets["max_tokens"] = sampling.max_tokens - len(self._token_ids)
+                if budgets["max_tokens"] < 1:
+                    return None
+            if sampling.min_tokens:
+                budgets["min_tokens"] = max(0, sampling.min_tokens - len(self._token_ids))
+            sampling = dataclasses.replace(sampling, **budgets)
         return msgspec.structs.replace(first, sampling=sampling, **fields)
 
 
