@@ -13,43 +13,10 @@
 # ../shared/peers/serve.sh vllm).
 set -euo pipefail
 out=$1; shift
-servers=("$@")
-PEERS=${PEERS:-/tmp/peers}
-REPEATS=${REPEATS:-2}
-SEED=${SEED:-$((RANDOM * 10))}
 SCHEMA='{"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 100}'
 BODY="{\"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"numbers\", \"schema\": $SCHEMA}}}"
-mkdir -p "$out"
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|fma|f16c|amx)' | tr '\n' ' ')"
-
-bench() {  # NAME URL MODEL SEED [extra vllm bench serve flags]
-  local name=$1 url=$2 model=$3 seed=$4; shift 4
-  echo "$(date +%T) $name seed $seed" >&2
-  VLLM_TARGET_DEVICE=cpu "$PEERS/venv-vllm/bin/vllm" bench serve --backend openai --base-url "$url" \
-    --endpoint /v1/completions --model "$model" --tokenizer "$PEERS/smollm2-hf" --dataset-name random \
-    --random-input-len 256 --random-output-len 128 --num-prompts 64 --max-concurrency 16 --ignore-eos \
-    --temperature 0 --seed "$seed" --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 "$@" \
-    --save-result --result-dir "$out" --result-filename "${name}_c16_s${seed}.json" >"$out/${name}_s${seed}.log" 2>&1 \
-    || echo "$name failed (seed $seed): $out/${name}_s${seed}.log" >&2
-}
-
-for ((r = 0; r < REPEATS; r++)); do
-  n=${#servers[@]}
-  for ((i = 0; i < n; i++)); do
-    IFS== read -r name url model <<<"${servers[(i + r) % n]}"
-    # Fresh prompts for each run (a server's prefix cache would serve the second run's from the first's), and the
-    # two kinds in turns first, so neither always follows the other.
-    if ((r % 2 == 0)); then
-      bench "$name" "$url" "$model" $((SEED + 2 * r))
-      bench "$name-json" "$url" "$model" $((SEED + 2 * r + 1)) --extra-body "$BODY"
-    else
-      bench "$name-json" "$url" "$model" $((SEED + 2 * r)) --extra-body "$BODY"
-      bench "$name" "$url" "$model" $((SEED + 2 * r + 1))
-    fi
-  done
-done
-"${SAGELLM:-sagellm}" bench vllm-results "$out" --out "$out/summary" \
-  --title "W1-c16, unconstrained and every request constrained to a JSON schema, \`vllm bench serve\` as the client"
+bash "$(dirname "$0")/w1_ab.sh" "$out" json "$BODY" \
+  "W1-c16, unconstrained and every request constrained to a JSON schema, \`vllm bench serve\` as the client" "$@"
 "${PYTHON:-python}" - "$SCHEMA" <<'PY'
 import json, sys, time
 from sagellm.runtime.engine.grammar import grammar_compiler
