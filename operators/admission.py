@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sagellm.common.errors import FieldError
-from sagellm.runtime.engine.prompt import prompt_token_problem, sampling_token_problem
+from sagellm.runtime.engine.prompt import request_token_problem
 from sagellm.runtime.models.tokenizer import encode_prompt
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
 from sagellm.runtime.pipeline.operator import MapOperator, OperatorContext, PipelineLoad, register_operator
@@ -106,9 +106,7 @@ def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -
         if tokenizer is None:
             return "no tokenizer is loaded to tokenize the prompt: send prompt_token_ids instead"
         request.prompt_token_ids = encode_prompt(tokenizer, request.prompt)
-    return prompt_token_problem(request.prompt_token_ids, vocab_size) or sampling_token_problem(
-        request.sampling, vocab_size
-    )
+    return request_token_problem(request.prompt_token_ids, request.sampling, vocab_size)
 
 
 class RecentCount:

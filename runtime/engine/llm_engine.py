@@ -26,7 +26,7 @@ from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, ca
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.penalties import bad_word_token_ids
 from sagellm.runtime.engine.placement import place
-from sagellm.runtime.engine.prompt import prompt_token_problem, sampling_token_problem
+from sagellm.runtime.engine.prompt import request_token_problem
 from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at
 from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -198,7 +198,7 @@ class LLMEngine:
         else:
             text, token_ids = None, list(prompt)
         vocab = self.model.config.vocab_size
-        problem = prompt_token_problem(token_ids, vocab) or sampling_token_problem(params, vocab)
+        problem = request_token_problem(token_ids, params, vocab)
         if problem is not None:
             raise InvalidInput(problem)
         budget = self.max_model_len - len(token_ids)

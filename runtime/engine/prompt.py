@@ -9,6 +9,11 @@ from collections.abc import Sequence
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
 
+def request_token_problem(token_ids: Sequence[object], params: SamplingParams, vocab_size: int | None) -> str | None:
+    """What is wrong with a request's prompt token ids or the ones its sampling names (None: nothing)."""
+    return prompt_token_problem(token_ids, vocab_size) or sampling_token_problem(params, vocab_size)
+
+
 def prompt_token_problem(token_ids: Sequence[object], vocab_size: int | None) -> str | None:
     """What is wrong with `token_ids` (None: nothing): empty, not integers, or outside the model's vocabulary."""
     if not token_ids:

@@ -177,7 +177,7 @@ class SamplingParams:
         if ids is None:
             return []
         _require(
-            isinstance(ids, (list, tuple)) and all(_is_int(i) and 0 <= i < INT_END for i in ids),
+            isinstance(ids, (list, tuple)) and all(_is_token_id(i) for i in ids),
             "stop_token_ids",
             "a list of integers in [0, 2**63)",
             ids,

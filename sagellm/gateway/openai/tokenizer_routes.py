@@ -81,9 +81,10 @@ class TokenizerRoutes:
     async def detokenize(self, http: HttpRequest) -> Response:
         body = http.json(DetokenizeRequest)
         served = self._served(body.model)
-        if served.vocab_size is not None and any(t >= served.vocab_size for t in body.tokens):
-            bad = next(t for t in body.tokens if t >= served.vocab_size)
-            raise ApiError(400, f"tokens: {bad} is outside the vocabulary of {served.vocab_size}", param="tokens")
+        vocab = served.vocab_size
+        beyond = next((t for t in body.tokens if vocab is not None and t >= vocab), None)
+        if beyond is not None:
+            raise ApiError(400, f"tokens: {beyond} is outside the vocabulary of {vocab}", param="tokens")
         return Response({"prompt": served.tokenizer.decode(body.tokens)})
 
     async def tokenizer_info(self, http: HttpRequest) -> Response:

@@ -26,7 +26,6 @@ from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
 from sagellm.operators.admission import Admission
 from sagellm.operators.http_source import HttpSource
-from sagellm.operators.metrics_sink import MetricsSink
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
 from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
@@ -152,8 +151,7 @@ class ServingCore:
 
     def _count_refusal(self, refusal: RequestError, requests: list[Request]) -> None:
         """A refusal at the door, one for each of its prompts, in the metrics of the graph's sinks here."""
-        operators = self.local.operators.values() if self.local is not None else ()
-        for sink in (op for op in operators if isinstance(op, MetricsSink)):
+        for sink in self.nodes_of("metrics_sink").values():
             for request in requests:
                 sink.execute(msgspec.structs.replace(refusal, request_id=request.request_id))
 
