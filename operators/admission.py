@@ -96,7 +96,7 @@ def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -
                 tools=request.tools,
                 chat_template=request.chat_template,
                 tokenize=False,
-                add_generation_prompt=True,
+                **({"add_generation_prompt": True} | (request.template_kwargs or {})),
             )
         except Exception as exc:  # a template error names what is wrong with the messages
             return f"messages cannot be rendered with the model's chat template: {exc}"

@@ -135,11 +135,12 @@ class EngineOperator(StepOperator):
                     tracked.metrics.kv_handover_s = tracked.metrics.first_token_time - item.first_token_time
                 if item.first_logprob is not None:  # the prefill worker sampled the first token
                     items[0].logprobs = [item.first_logprob]
+                items[0].prompt_logprobs = item.prompt_logprobs  # ... and scored the prompt
                 return items
             prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
             self.engine.add_request(
                 rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill",
-                resumed_tokens=request.resumed_tokens,
+                resumed_tokens=request.resumed_tokens, group=request.group,
             )  # fmt: skip
         except ValueError as exc:
             del self._tracked[rid]
@@ -199,14 +200,18 @@ class EngineOperator(StepOperator):
                 kv=kv,
                 num_cached_tokens=cached,
                 first_logprob=_logprobs(completion, 1)[0] if completion.logprobs else None,
+                prompt_logprobs=out.prompt_logprobs,
             )
             return [done]
         new_ids = list(completion.token_ids_delta)
+        first = tracked.metrics.first_token_time is None
         tracked.token(now, len(new_ids))
         tracked.metrics.num_prompt_tokens = len(out.prompt_token_ids)
         delta = TokenDelta(request_id=out.request_id, token_ids=new_ids, text=completion.text_delta, time=now)
         if completion.logprobs:
             delta.logprobs = _logprobs(completion, len(new_ids))
+        if first:
+            delta.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             del self._tracked[out.request_id]
             delta.finish_reason = completion.finish_reason

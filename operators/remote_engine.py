@@ -130,10 +130,10 @@ class RemoteEngine(StreamOperator):
         if endpoint is None:
             yield _error(item, "unavailable", f"instance {name!r} left before the request reached it", retryable=True)
             return
-        if item.sampling.logprobs is not None and endpoint.link is None:  # the server's vocabulary: not ours to name
+        if item.sampling.asks_logprobs and endpoint.link is None:  # the server's vocabulary: not ours to name
             yield _error(item, "invalid_request", f"logprobs are not relayed from {name}, a server reached over HTTP")
             return
-        if item.sampling.logprobs is not None and item.model is not None:  # named in another model's vocabulary
+        if item.sampling.asks_logprobs and item.model is not None:  # named in another model's vocabulary
             yield _error(item, "invalid_request", f"logprobs are served for the gateway's own model, not {item.model}")
             return
         sent = self._sent[name]
@@ -277,11 +277,19 @@ def openai_call(request: Request, model: str, return_token_ids: bool = False) ->
         tools = {"tools": request.tools, "tool_choice": request.tool_choice} if request.tools else {}
         if tools and request.parallel_tool_calls is not None:
             tools["parallel_tool_calls"] = request.parallel_tool_calls
-        return "/v1/chat/completions", {**body, "messages": request.messages} | {
+        return "/v1/chat/completions", {**body, "messages": request.messages, **_template_fields(request)} | {
             key: value for key, value in tools.items() if value is not None
         }
     prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
     return "/v1/completions", {**body, "prompt": prompt}
+
+
+def _template_fields(request: Request) -> dict[str, Any]:
+    """A chat's template settings as vLLM's chat request takes them: the generation prompt's two switches on their
+    own, the rest as `chat_template_kwargs`."""
+    rest = dict(request.template_kwargs or {})
+    fields = {name: rest.pop(name) for name in ("add_generation_prompt", "continue_final_message") if name in rest}
+    return fields | ({"chat_template_kwargs": rest} if rest else {})
 
 
 class StreamedCalls:

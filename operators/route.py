@@ -10,10 +10,13 @@ any other can take it. The request goes to the node that serves the chosen insta
 After choosing, route charges the instance's `InstanceStats` at once (uncached prompt tokens, expected output tokens,
 one more running request), so a burst routed before the engine reports back is still spread by the strategies that
 read load; the engine operator overwrites these numbers with its own accounting. The prompt is recorded in the
-`PrefixIndex` of what each instance has cached, which cache_aware reads and which gives the uncached-token charge."""
+`PrefixIndex` of what each instance has cached, which cache_aware reads and which gives the uncached-token charge.
+The choices of one request (`request.group`) go where the first went, while it can take them: that engine prefills
+their prompt once."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from sagellm.common.errors import FieldError
@@ -29,6 +32,7 @@ ROLES_FOR_PHASE: dict[str, frozenset[str]] = {
     "decode": frozenset({"decode"}),
     "embed": frozenset({"embedding"}),
 }
+GROUPS_REMEMBERED = 4096  # the latest groups' instances: a group's choices arrive together, so a few suffice
 
 
 @register_operator
@@ -39,6 +43,7 @@ class Route(MapOperator):
 
     def __init__(self, strategy: str = "load_balanced", seed: int | None = None, block_size: int = 16) -> None:
         self.prefix_index = PrefixIndex(block_size=block_size)
+        self._group_instance: OrderedDict[str, str] = OrderedDict()  # group -> the instance its first choice got
         try:
             self.strategy = make_strategy(strategy, prefix_index=self.prefix_index, seed=seed)
         except OperatorError as error:
@@ -49,18 +54,26 @@ class Route(MapOperator):
         roles = ROLES_FOR_PHASE[item.phase]
         fitting = [s for s in engines if s.role in roles]
         candidates = [s for s in fitting if s.healthy]
-        if item.sampling.logprobs is not None:  # servers reached over HTTP do not relay them: the graph's engines do
+        if item.sampling.asks_logprobs:  # servers reached over HTTP do not relay them: the graph's engines do
             candidates = [s for s in candidates if s.node is None] or candidates
         if not candidates:
             return self._no_candidate(item, engines, fitting)
         tokens = item.prompt_token_ids or []
         hashes = self.prefix_index.hashes(tokens)
-        chosen = next((c for c in candidates if c.name == item.instance), None)
+        pinned = item.instance
+        if pinned is None and item.group is not None and self._group_instance.get(item.group) not in item.exclude:
+            pinned = self._group_instance.get(item.group)
+        chosen = next((c for c in candidates if c.name == pinned), None)
         if chosen is None:
             untried = [c for c in candidates if c.name not in item.exclude] or candidates
             chosen = self.strategy.choose(item, untried, hashes)
         self._charge(item, chosen, tokens, hashes)
         item.instance = chosen.name
+        if item.group is not None:
+            self._group_instance[item.group] = chosen.name
+            self._group_instance.move_to_end(item.group)
+            if len(self._group_instance) > GROUPS_REMEMBERED:
+                self._group_instance.popitem(last=False)
         return Emit(to=chosen.target, item=item)
 
     def _charge(self, request: Request, instance: InstanceStats, tokens: list[int], hashes: list[int]) -> None:

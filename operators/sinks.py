@@ -91,6 +91,8 @@ class _Record(msgspec.Struct, omit_defaults=True, kw_only=True):
     request_id: str
     text: str = ""
     token_ids: list[int] = msgspec.field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None  # when the request asked for them: one per token id
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # ... one per prompt token, None for the first
     finish_reason: str | None = None
     error: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
@@ -108,7 +110,8 @@ class JsonlSink(MapOperator):
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: IO[bytes] | None = None
-        self._pending: dict[str, tuple[list[str], list[int]]] = {}  # request id -> (text pieces, token ids)
+        self._pending: dict[str, _Record] = {}  # request id -> its record so far (text pieces joined at its end)
+        self._texts: dict[str, list[str]] = {}
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
@@ -117,14 +120,19 @@ class JsonlSink(MapOperator):
             self._file = open(self.path, "wb")  # noqa: SIM115  (closed in close(): the file outlives this call)
 
     def execute(self, item: TokenDelta | RequestError) -> None:
-        texts, token_ids = self._pending.setdefault(item.request_id, ([], []))
+        record = self._pending.setdefault(item.request_id, _Record(request_id=item.request_id))
+        texts = self._texts.setdefault(item.request_id, [])
         if isinstance(item, TokenDelta):
             texts.append(item.text)
-            token_ids.extend(item.token_ids)
+            record.token_ids.extend(item.token_ids)
+            if item.logprobs is not None:
+                record.logprobs = (record.logprobs or []) + [lp.to_dict() for lp in item.logprobs]
+            if item.prompt_logprobs is not None:
+                record.prompt_logprobs = [lp and lp.to_dict() for lp in item.prompt_logprobs]
         if not is_terminal(item):
             return
         del self._pending[item.request_id]
-        record = _Record(request_id=item.request_id, text="".join(texts), token_ids=token_ids)
+        record.text = "".join(self._texts.pop(item.request_id))
         if isinstance(item, TokenDelta):
             record.finish_reason = item.finish_reason
         else:

@@ -46,6 +46,7 @@ class RequestLine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop_token_ids: list[int] | msgspec.UnsetType = _UNSET
     ignore_eos: bool | msgspec.UnsetType = _UNSET
     logprobs: int | None | msgspec.UnsetType = _UNSET
+    prompt_logprobs: int | None | msgspec.UnsetType = _UNSET
     guided: dict[str, Any] | None | msgspec.UnsetType = _UNSET  # GuidedDecoding's fields: {"json": {...}}, ...
     presence_penalty: float | msgspec.UnsetType = _UNSET
     frequency_penalty: float | msgspec.UnsetType = _UNSET

@@ -248,7 +248,7 @@ class ControlPlaneManager:
     async def _follow(self, request: Request) -> None:
         core = self._gateway.core
         try:
-            await core.tokenize_long_prompts([request])
+            await core.tokenize_prompts([request])
             stream = core.submit(request)
             self._in_core.add(request.request_id)
         except (ApiError, ValueError) as error:  # refused before it was queued: its status says why

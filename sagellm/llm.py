@@ -46,20 +46,20 @@ class LLM:
         *,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Runs every prompt to completion; outputs come back in prompt order. A prompt is text or token ids."""
+        """Runs every prompt to completion; outputs come back in prompt order. A prompt is text or token ids. With
+        `n` > 1, a prompt's output holds its n choices (`outputs[i].index == i`), its prompt prefilled once."""
         batch = _as_batch(prompts)
         all_params = _per_prompt(params or self.default_sampling_params(), len(batch))
-        request_ids = []
-        for prompt, p in zip(batch, all_params):
-            request_ids.append(self._add(prompt, p))
+        choices = [self._add(prompt, p) for prompt, p in zip(batch, all_params)]
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(batch), desc="generate", disable=not use_tqdm, unit="req") as bar:
+        total = sum(len(ids) for ids in choices)
+        with tqdm(total=total, desc="generate", disable=not use_tqdm, unit="seq") as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
                         finished[out.request_id] = out
                         bar.update(1)
-        return [finished[rid] for rid in request_ids]
+        return [_joined([finished[rid] for rid in ids]) for ids in choices]
 
     def chat(
         self,
@@ -75,7 +75,10 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yields an output per new token of one request (`outputs[0].text_delta` is the new text)."""
-        request_id = self._add(prompt, params or self.default_sampling_params())
+        params = params or self.default_sampling_params()
+        if params.n != 1:
+            raise InvalidInput(f"stream follows one choice: n={params.n} is for generate()")
+        (request_id,) = self._add(prompt, params)
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
@@ -97,10 +100,28 @@ class LLM:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in newer transformers
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
-        request_id = str(next(self._ids))
-        self.engine.add_request(request_id, prompt, params)
-        return request_id
+    def _add(self, prompt: Prompt, params: SamplingParams) -> list[str]:
+        """The engine's request ids of the prompt's choices."""
+        if params.n == 1:
+            request_ids = [str(next(self._ids))]
+            self.engine.add_request(request_ids[0], prompt, params)
+            return request_ids
+        group = str(next(self._ids))
+        request_ids = [f"{group}-{i}" for i in range(params.n)]
+        for i, request_id in enumerate(request_ids):
+            self.engine.add_request(request_id, prompt, params.choice(i), group=group)
+        return request_ids
+
+
+def _joined(outputs: list[RequestOutput]) -> RequestOutput:
+    """One prompt's output from its choices' (the first's id, prompt logprobs and metrics)."""
+    first = outputs[0]
+    if len(outputs) == 1:
+        return first
+    for index, out in enumerate(outputs):
+        out.outputs[0].index = index
+    first.outputs = [out.outputs[0] for out in outputs]
+    return first
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -27,7 +27,7 @@ from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, Reques
 from sagellm.runtime.engine.penalties import bad_word_token_ids
 from sagellm.runtime.engine.placement import place
 from sagellm.runtime.engine.prompt import request_token_problem
-from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at
+from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at, token_logprobs
 from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
@@ -37,6 +37,7 @@ from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard
 
 log = structlog.get_logger("sagellm.engine")
+SCORED_ROWS_AT_ONCE = 256  # prompt positions scored per log_softmax: bounds its [rows, vocab] copy on long prompts
 
 
 @dataclass(eq=False)
@@ -121,6 +122,10 @@ class LLMEngine:
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
+        # A request's choices share its prompt (`add_request`'s group): the first prefills it, the others wait here
+        # until its KV is in the prefix cache, then each computes only the prompt's last, partial block.
+        self._group_leaders: dict[str, Sequence] = {}
+        self._parked: dict[str, list[Sequence]] = {}
         # Where a prefill's KV is gathered for its hand-over, (shape, dtype) -> tensor: shared memory when it leaves
         # the process (set by the prefill operator), so sending it copies nothing more; None: a new tensor.
         self.kv_buffer: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
@@ -146,13 +151,24 @@ class LLMEngine:
         priority: int = 0,
         prefill_only: bool = False,
         resumed_tokens: int = 0,
+        group: str | None = None,
     ) -> None:
         """Queues a request. With `prefill_only` (a prefill worker), it ends after its first token with finish reason
         "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it.
         `resumed_tokens`: the prompt ends with that many tokens another engine generated for this request (a resume):
-        the text continues from them as that engine's would have."""
+        the text continues from them as that engine's would have. `group`: requests of one group share their
+        prompt (the `n` choices of one request, each added with `SamplingParams.choice`): its blocks are computed
+        and held once."""
+        if params.n != 1:
+            raise InvalidInput(f"n={params.n}: add each choice on its own (SamplingParams.choice) in one group")
         seq, state = self._new_request(request_id, prompt, params, priority, resumed_tokens)
         state.prefill_only = prefill_only
+        leader = self._group_leaders.get(group) if group is not None else None
+        if leader is not None and not _prompt_computed(leader):
+            self._parked.setdefault(group, []).append(seq)
+            return
+        if group is not None:
+            self._group_leaders[group] = seq
         self.scheduler.add(seq)
 
     def add_prefilled_request(
@@ -170,7 +186,7 @@ class LLMEngine:
         goes into this engine's own cache (blocks already cached here are shared, not written), and `first_token`
         is appended as if sampled here. Returns the first token's output. Without room for the blocks the prompt
         is recomputed instead: slower, same tokens."""
-        seq, state = self._new_request(request_id, prompt_token_ids, params, priority, resumed_tokens)
+        seq, state = self._new_request(request_id, prompt_token_ids, params, priority, resumed_tokens, scored=True)
         n = seq.num_prompt_tokens
         if kv.shape[2] != n:
             del self._requests[request_id]
@@ -189,8 +205,16 @@ class LLMEngine:
         return output
 
     def _new_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int, resumed_tokens: int = 0
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int,
+        resumed_tokens: int = 0,
+        scored: bool = False,
     ) -> tuple[Sequence, _RequestState]:
+        """`scored`: the prompt's logprobs, if asked for, were computed where it was prefilled; a resumed request's
+        were too, on its first run."""
         if request_id in self._requests:
             raise InvalidInput(f"request id {request_id!r} is already running")
         if isinstance(prompt, str):
@@ -209,6 +233,8 @@ class LLMEngine:
         matcher = self._matcher(params, token_ids[len(token_ids) - resumed_tokens :]) if params.guided else None
         seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
         seq.resumed_tokens = resumed_tokens
+        if params.prompt_logprobs is not None and not (scored or resumed_tokens):
+            seq.prompt_logprobs = [None]
         if params.bad_words:
             seq.bad_words_token_ids = bad_word_token_ids(self.tokenizer, params.bad_words, vocab)
         detok = IncrementalDetokenizer.from_params(self.tokenizer, token_ids, params, resumed_tokens)
@@ -232,7 +258,25 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
         if state is not None and not state.seq.is_finished:
+            for parked in self._parked.values():
+                if state.seq in parked:
+                    parked.remove(state.seq)
             self.scheduler.finish(state.seq, "abort")
+        self._release_parked()
+
+    def _release_parked(self) -> None:
+        """Queues the requests that waited for their group's prompt, once it is computed (or its first request
+        ended without computing it: the next one then leads)."""
+        for group, leader in list(self._group_leaders.items()):
+            if _prompt_computed(leader):
+                del self._group_leaders[group]
+                parked = self._parked.pop(group, [])
+                if parked and leader.num_computed_tokens < leader.num_prompt_tokens:  # ended first: the next leads
+                    self._group_leaders[group] = parked[0]
+                    self._parked[group] = parked[1:]
+                    parked = parked[:1]
+                for seq in parked:
+                    self.scheduler.add(seq)
 
     def close(self) -> None:
         """Stops what the engine started besides itself (a tensor parallel group's ranks, the mask thread)."""
@@ -241,11 +285,12 @@ class LLMEngine:
             self._mask_filler.shutdown(wait=False)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or any(self._parked.values())
 
     def stats(self) -> EngineStats:
         """The engine's load now, for whoever places requests on engines."""
-        waiting, running = self.scheduler.waiting, self.scheduler.running
+        waiting = [*self.scheduler.waiting, *(seq for parked in self._parked.values() for seq in parked)]
+        running = self.scheduler.running
         blocks = self.scheduler.block_manager
         prefill = sum(s.num_tokens - s.num_computed_tokens for s in waiting) + sum(
             s.num_tokens - s.num_computed_tokens - 1 for s in running if s.num_computed_tokens < s.num_prompt_tokens
@@ -267,6 +312,7 @@ class LLMEngine:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._release_parked()
         batch = self.scheduler.schedule()
         # Prompt tokens computed this step: the operators' prefill rate, which predicts a request's wait for its first
         # token (decode steps would say nothing of it).
@@ -288,6 +334,9 @@ class LLMEngine:
             if not batch:
                 return failed
             logits = self.runner.execute(batch)
+        scored = [seq.prompt_scored_positions(n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        if any(scored):
+            logits = self._score_prompts(logits, batch, scored)
         sampled = self.scheduler.complete_step(batch)
         if not sampled:
             return failed
@@ -302,6 +351,25 @@ class LLMEngine:
             self._append(seq, token, logprob, now)
             for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)
         ]
+
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor, batch: ScheduledBatch, scored: list[range]) -> torch.Tensor:
+        """Scores the prompt tokens of the rows the runner put before each sequence's sampled row (`scored`: their
+        positions); returns the sampled rows' logits alone."""
+        sampled_rows: list[int] = []
+        row = 0
+        for seq, n, positions in zip(batch.seqs, batch.num_new_tokens, scored):
+            targets = torch.tensor([seq.token_ids[p + 1] for p in positions], device=logits.device)
+            for start in range(0, len(positions), SCORED_ROWS_AT_ONCE):
+                rows = slice(row + start, row + min(start + SCORED_ROWS_AT_ONCE, len(positions)))
+                part = targets[start : start + SCORED_ROWS_AT_ONCE]
+                top_n = [seq.params.prompt_logprobs] * len(part)
+                seq.prompt_logprobs += token_logprobs(logits[rows], part, top_n, ranked=True)
+            row += len(positions)
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                sampled_rows.append(row)
+                row += 1
+        return logits[sampled_rows]
 
     def _fill_masks(self, batch: ScheduledBatch) -> Future[dict[str, torch.Tensor]] | None:
         """Starts filling, in a thread while the model runs, the allowed-token masks of the guided requests this
@@ -427,4 +495,17 @@ class LLMEngine:
             text_delta=delta,
             token_ids_delta=new_ids,
         )
-        return RequestOutput(seq.request_id, state.prompt, seq.prompt_token_ids, [completion], seq.is_finished, m)
+        return RequestOutput(
+            seq.request_id,
+            state.prompt,
+            seq.prompt_token_ids,
+            [completion],
+            seq.is_finished,
+            m,
+            prompt_logprobs=seq.prompt_logprobs,
+        )
+
+
+def _prompt_computed(seq: Sequence) -> bool:
+    """Whether `seq`'s prompt KV is computed (so cached for requests sharing it), or never will be by it."""
+    return seq.is_finished or seq.num_computed_tokens >= seq.num_prompt_tokens

@@ -100,7 +100,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [N, V] for the sequences whose last token this step computes, in batch order."""
+        """Logits [N, V] for the sequences whose last token this step computes, in batch order, each preceded by the
+        rows that score its prompt (`Sequence.prompt_scored_positions`)."""
         return self.run(self.step_inputs(batch))
 
     @torch.inference_mode()
@@ -126,6 +127,7 @@ class ModelRunner:
             start, table = seq.num_computed_tokens, seq.block_table
             if n > 1:
                 prefills.append((len(ids), n, start + n, table))
+            logits_rows.extend(len(ids) + p - start for p in seq.prompt_scored_positions(n))
             ids.extend(seq.token_ids[start : start + n])
             span = range(start, start + n)
             positions.extend(span)

@@ -11,11 +11,17 @@ import msgspec
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
-    """One output token's log-probability (under the raw logits) and its most likely alternatives."""
+    """One token's log-probability (under the raw logits) and its most likely alternatives: an output token's, or a
+    prompt token's given the tokens before it (`prompt_logprobs`, which also rank it)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = msgspec.field(default_factory=list)  # (token id, logprob), most likely first
+    rank: int | None = None  # 1 + how many tokens were likelier; reported for prompt tokens, as vLLM does
+
+    def to_dict(self) -> dict[str, Any]:
+        """By name, for a results file (the struct itself encodes as an array)."""
+        return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
 
 
 class RequestMetrics(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -103,5 +109,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # With `prompt_logprobs`: one per prompt token, None for the first (nothing comes before it), as vLLM's.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     kv: Any = None  # prefill-only requests (finish reason "prefilled"): the prompt's KV, [layers, 2, len, Hk, D]
     error: str | None = None  # finish reason "error": what made a step fail for this request alone

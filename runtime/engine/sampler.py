@@ -125,7 +125,7 @@ class Sampler:
                 )
                 token_ids[rows] = picked
         ids = token_ids.tolist()
-        logprobs = self._logprobs(raw, token_ids, ids, params) if want_logprobs else [None] * num_rows
+        logprobs = self._logprobs(raw, token_ids, params) if want_logprobs else [None] * num_rows
         return SamplerOutput(ids, logprobs)
 
     def _adjusted(
@@ -175,19 +175,31 @@ class Sampler:
     def _logprobs(
         logits: torch.Tensor,  # [N, V] float32, raw
         token_ids: torch.Tensor,  # [N]
-        ids: list[int],  # token_ids as a list
         params: Sequence[SamplingParams],
     ) -> list[TokenLogprob | None]:
-        logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
-        sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # [N]
-        top_n = max(p.logprobs or 0 for p in params)
-        top_values, top_ids = torch.topk(logprobs, top_n, dim=-1)  # [N, top_n], sorted most likely first
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        return [
-            None
-            if p.logprobs is None
-            else TokenLogprob(
-                token_id=ids[i], logprob=sampled[i], top=list(zip(top_ids[i], top_values[i]))[: p.logprobs]
-            )
-            for i, p in enumerate(params)
-        ]
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        index = torch.tensor(rows, device=logits.device)
+        scored = token_logprobs(logits[index], token_ids[index], [params[i].logprobs or 0 for i in rows])
+        out: list[TokenLogprob | None] = [None] * len(params)
+        for row, logprob in zip(rows, scored):
+            out[row] = logprob
+        return out
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [R, V] raw
+    targets: torch.Tensor,  # [R] the token each row scores
+    top_n: Sequence[int],  # per row: how many most likely alternatives to list
+    ranked: bool = False,  # also rank each target among the row's tokens
+) -> list[TokenLogprob]:
+    """Each row's target token's logprob under log_softmax of the raw logits, and the row's `top_n` most likely
+    tokens: a sampled token's logprobs, and a prompt's (`ranked`, as vLLM reports prompt logprobs)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, targets.unsqueeze(1))  # [R, 1]
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist() if ranked else [None] * len(top_n)
+    top_values, top_ids = torch.topk(logprobs, max(top_n, default=0), dim=-1)  # [R, top], most likely first
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(token_id=token, logprob=value, top=list(zip(top_ids[i], top_values[i]))[: top_n[i]], rank=rank)
+        for i, (token, value, rank) in enumerate(zip(targets.tolist(), chosen.squeeze(1).tolist(), ranks))
+    ]

@@ -13,6 +13,7 @@ the context. The one exception is the OpenAI API's own: /v1/completions defaults
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from sagellm.runtime.models.loaded import ModelLoadError
 # the policies and the engines' load reports all predict decode work with `expected_output_tokens`.
 EXPECTED_OUTPUT_TOKENS = 256
 MAX_LOGPROBS = 20  # the most top-N alternatives a request may ask for, as vLLM's default `max_logprobs`
+MAX_CHOICES = 16  # the most choices (n, best_of) one request may ask for: each is a sequence of its own
 GREEDY_TEMPERATURE = 1e-5  # below this, temperature is greedy (vLLM's _SAMPLING_EPS): dividing by ~0 is pointless
 _SEED_MIN, _SEED_END = -(2**63), 2**64  # the range torch.Generator.manual_seed accepts
 # Integers stay below 2**63, so every value fits the wire's 64-bit msgpack integers when a request crosses processes.
@@ -53,7 +55,7 @@ def _is_number(value: object) -> bool:
 
 @dataclass
 class SamplingParams:
-    n: int = 1  # completions per request; only 1 is supported
+    n: int = 1  # choices per prompt: the prompt is prefilled once, each choice samples its own tokens (`choice`)
     max_tokens: int | None = None  # None: generate up to the model's context limit
     temperature: float = 1.0  # 0: greedy (argmax)
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
@@ -64,6 +66,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives per token; 0: only the sampled token's logprob
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first (given the ones before it)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     guided: GuidedDecoding | None = None  # what the output is constrained to (a JSON schema, a regex, ...)
@@ -77,7 +80,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these token ids are ever chosen
 
     def __post_init__(self) -> None:
-        _require(self.n == 1 and _is_int(self.n), "n", "1 (one completion per request is supported)", self.n)
+        _require(_is_int(self.n) and 1 <= self.n <= MAX_CHOICES, "n", f"an integer in [1, {MAX_CHOICES}]", self.n)
         _require(
             self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens < INT_END),
             "max_tokens",
@@ -98,12 +101,14 @@ class SamplingParams:
         )
         self.stop = self._normalize_stop(self.stop)
         self.stop_token_ids = self._normalize_stop_token_ids(self.stop_token_ids)
-        _require(
-            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-            "logprobs",
-            f"None or an integer in [0, {MAX_LOGPROBS}]",
-            self.logprobs,
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(
+                value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                name,
+                f"None or an integer in [0, {MAX_LOGPROBS}]",
+                value,
+            )
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             _require(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
         if isinstance(self.guided, Mapping):  # vLLM's GuidedDecodingParams written as a dict
@@ -190,6 +195,16 @@ class SamplingParams:
         else this class's."""
         return cls(**{**(model_defaults or {}), **{k: v for k, v in given.items() if v is not None}})
 
+    def choice(self, index: int) -> SamplingParams:
+        """The settings of choice `index` of a request with `n` choices: one sequence, seeded `seed + index` (wrapped
+        into the seeds' range), so each choice draws its own tokens, the same on every run and every path; the
+        prompt is scored (`prompt_logprobs`) once, by choice 0."""
+        seed = self.seed
+        if seed is not None:
+            seed = (seed + index - _SEED_MIN) % (_SEED_END - _SEED_MIN) + _SEED_MIN
+        prompt_logprobs = self.prompt_logprobs if index == 0 else None  # the prompt's are the first choice's
+        return dataclasses.replace(self, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
+
     @property
     def expected_output_tokens(self) -> int:
         return self.max_tokens if self.max_tokens is not None else EXPECTED_OUTPUT_TOKENS
@@ -207,6 +222,12 @@ class SamplingParams:
             or self.bad_words
             or self.allowed_token_ids is not None
         )
+
+    @property
+    def asks_logprobs(self) -> bool:
+        """True when the request wants token logprobs of its output or its prompt: numbers in our model's
+        vocabulary, which servers reached over HTTP do not relay."""
+        return self.logprobs is not None or self.prompt_logprobs is not None
 
     @property
     def is_greedy(self) -> bool:

@@ -131,6 +131,8 @@ class Scheduler:
                 break
             if seq.block_table:  # its prompt's KV came from a prefill worker: already in its own blocks
                 cached, computed = [], seq.num_computed_tokens
+            elif seq.scores_prompt:  # a cached prefix's logits are gone: its prompt logprobs need them computed
+                cached, computed = [], 0
             else:
                 cached = self.block_manager.find_cached_prefix(seq)
                 computed = len(cached) * self.block_manager.block_size

@@ -42,6 +42,9 @@ class Sequence:
     # this request generated (a resume).
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     resumed_tokens: int = 0
+    # With `prompt_logprobs`, the prompt's tokens scored so far (None first: nothing comes before it), filled from
+    # the prefill's logits; None when this engine does not score them (not asked, or scored before a hand-over).
+    prompt_logprobs: list | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -70,6 +73,20 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether prompt tokens are still to score: the prefill then computes every position's logits, its cached
+        prefix included."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    def prompt_scored_positions(self, num_new_tokens: int) -> range:
+        """The positions among the next `num_new_tokens` computed whose logits score a prompt token not scored yet
+        (position p's logits give token p + 1's logprob); a recompute after preemption scores nothing twice."""
+        if not self.scores_prompt:
+            return range(0)
+        start = max(self.num_computed_tokens, len(self.prompt_logprobs) - 1)
+        return range(start, min(self.num_computed_tokens + num_new_tokens, self.num_prompt_tokens - 1))
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -47,7 +47,11 @@ class Request(_Message):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template: str | None = None  # renders `messages` instead of the model's (tools the model's cannot show)
+    # What else the template is rendered with (None: the generation prompt added): add_generation_prompt,
+    # continue_final_message and the chat's own chat_template_kwargs (Qwen3's enable_thinking, say)
+    template_kwargs: dict[str, Any] | None = None
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    group: str | None = None  # a request's choices (n) share this: one engine prefills their prompt once
     priority: Priority = 0  # lower runs first (vLLM's convention); W6 classes: 0 high, 1 normal, 2 low
     user: str | None = None
     ttft_slo_ms: float | None = None
@@ -101,6 +105,7 @@ class PrefillDone(_Message):
     kv: KVBlocks
     num_cached_tokens: int = 0
     first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when it asked for prompt_logprobs
 
 
 class TokenDelta(_Message):
@@ -111,6 +116,8 @@ class TokenDelta(_Message):
     time: float = msgspec.field(default_factory=time.time)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
+    # A request's first delta, when it asked for prompt_logprobs: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None
 
     @property

@@ -2,8 +2,9 @@
 - one of two engine worker processes killed (SIGKILL) during 16 greedy streams: every stream ends once, with
   `length` and exactly the text an uninterrupted run gives (those on the lost worker resumed on the other one from
   their prompt and the tokens so far, with what is left of their `min_tokens`), and the gateway counts the resumed
-  retries; the same for 16 chats whose
-  replies are constrained to a JSON schema (through the openai SDK): each resumed one still follows the schema;
+  retries; the same for 16 streams of 4 seeded sampled choices each (every choice resumes on its own and draws what
+  it would have), and for 16 chats whose replies are constrained to a JSON schema (through the openai SDK): each
+  resumed one still follows the schema;
 - one of two attached servers gone between two health checks: the requests sent to it are tried again on the other
   before any token, and all succeed;
 - a request whose instance gives no token in time ends with a `timeout` (HTTP 504, or an error event once
@@ -18,6 +19,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -78,25 +80,28 @@ def completion(url: str, prompt: str, max_tokens: int) -> str:
     return reply.json()["choices"][0]["text"]
 
 
-def stream(url: str, index: int, outcomes: dict[int, list[str]], texts: dict[int, str]) -> None:
-    """One greedy streamed completion: its text, and what ended it ("length" or the error's code) once per end."""
-    body = {"prompt": f"stream {index}", "max_tokens": 300, "min_tokens": 300, "ignore_eos": True, "stream": True,
-            "temperature": 0}  # fmt: skip
-    ends, texts[index] = outcomes.setdefault(index, []), ""
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S) as reply:
+def sse_events(url: str, body: dict) -> Iterator[dict]:
+    """A streamed completion's events (data lines); a refused request's error body as its one event."""
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=REPLY_TIMEOUT_S) as reply:
         if reply.status_code != 200:
-            ends.append(json.loads(reply.read())["error"]["code"])
+            yield json.loads(reply.read())
             return
         for line in reply.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line.removeprefix("data: "))
-            if "error" in event:
-                ends.append(event["error"]["code"])
-                continue
-            texts[index] += event["choices"][0]["text"]
-            if event["choices"][0]["finish_reason"]:
-                ends.append(event["choices"][0]["finish_reason"])
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line.removeprefix("data: "))
+
+
+def stream(url: str, index: int, outcomes: dict[int, list[str]], texts: dict[int, str]) -> None:
+    """One greedy streamed completion: its text, and what ended it ("length" or the error's code) once per end."""
+    body = {"prompt": f"stream {index}", "max_tokens": 300, "min_tokens": 300, "ignore_eos": True, "temperature": 0}
+    ends, texts[index] = outcomes.setdefault(index, []), ""
+    for event in sse_events(url, body):
+        if "error" in event:
+            ends.append(event["error"]["code"])
+            continue
+        texts[index] += event["choices"][0]["text"]
+        if event["choices"][0]["finish_reason"]:
+            ends.append(event["choices"][0]["finish_reason"])
 
 
 def wait_for_streams_midway(texts: dict[int, str], outcomes: dict[int, list[str]], more_than: int) -> None:
@@ -140,6 +145,42 @@ def test_streams_on_a_killed_worker_resume_on_the_other_with_the_same_text(long_
         assert resumed >= 1
         for i in range(STREAMS):  # the reference: each prompt again, uninterrupted
             assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
+
+
+def choices_stream(
+    url: str, by_choice: dict[int, list[str]], index: int, outcomes: dict[int, list[str]], texts: dict[int, str]
+) -> None:
+    """One streamed completion of 4 seeded sampled choices: each choice's text (`by_choice`), all of them in
+    `texts`, and what ended each choice."""
+    body = {"prompt": f"choices {index}", "max_tokens": 120, "min_tokens": 120, "ignore_eos": True,
+            "temperature": 1.0, "seed": index, "n": 4}  # fmt: skip
+    ends: list[str] = []  # given to `outcomes` once the stream is over: midway until then
+    texts[index], by_choice[index] = "", [""] * 4
+    for event in sse_events(url, body):
+        if "error" in event:
+            ends.append(event["error"]["code"])
+            continue
+        for choice in event["choices"]:
+            by_choice[index][choice["index"]] += choice["text"]
+            texts[index] += choice["text"]
+            if choice["finish_reason"]:
+                ends.append(choice["finish_reason"])
+    outcomes[index] = ends
+
+
+def test_sampled_choices_on_a_killed_worker_resume_each_with_its_own_tokens(long_model, tmp_path):
+    graph = tmp_path / "two.yaml"
+    graph.write_text(TWO_WORKERS.format(model=long_model))
+    with running_gateway(graph, tiny_config(tmp_path)) as gw:
+        by_choice: dict[int, list[str]] = {}
+        texts, outcomes = streams_across_a_kill(gw, functools.partial(choices_stream, gw.url, by_choice))
+        assert outcomes == {i: ["length"] * 4 for i in range(STREAMS)}  # every choice ended, once
+        assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
+        for i in range(STREAMS):  # the reference: the same request again, uninterrupted
+            body = {"prompt": f"choices {i}", "max_tokens": 120, "min_tokens": 120, "ignore_eos": True,
+                    "temperature": 1.0, "seed": i, "n": 4}  # fmt: skip
+            again = httpx.post(gw.url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S).json()
+            assert by_choice[i] == [c["text"] for c in again["choices"]], f"request {i} differs after its resume"
 
 
 WORDS = ("alpha", "beta", "gamma", "delta")
@@ -210,11 +251,9 @@ def test_requests_for_a_server_gone_between_health_checks_go_to_the_other(long_m
 
 def stream_until_first_token(url: str, body: dict, first: threading.Event, events: list[dict]) -> None:
     """A streamed completion's events (data lines), `first` set at its first token."""
-    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=REPLY_TIMEOUT_S) as reply:
-        for line in reply.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line.removeprefix("data: ")))
-                first.set()
+    for event in sse_events(url, body):
+        events.append(event)
+        first.set()
 
 
 def test_no_token_in_time_is_a_timeout_once_nothing_is_left_to_try(long_model, tmp_path):

@@ -53,8 +53,8 @@ def test_accepted_edges() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "rule"),
     [
-        ("n", 2, "1 (one completion per request is supported)"),
-        ("n", 0, "1 (one completion per request is supported)"),
+        ("n", 17, "an integer in [1, 16]"),
+        ("n", 0, "an integer in [1, 16]"),
         ("max_tokens", 0, "an integer in [1, 2**63) or None"),
         ("max_tokens", 1.5, "an integer in [1, 2**63) or None"),
         ("max_tokens", 2**63, "an integer in [1, 2**63) or None"),  # wider than the wire's 64-bit integers

@@ -114,7 +114,7 @@ def test_error_statuses_and_shapes(client, gateway):
     model = gateway.core.model_name
     cases = [
         (openai.BadRequestError, dict(temperature=-1), "temperature"),
-        (openai.BadRequestError, dict(n=2), "n"),
+        (openai.BadRequestError, dict(n=17), "n"),
         (openai.BadRequestError, dict(tool_choice="required"), "tool_choice"),  # no tools to choose from
         (openai.NotFoundError, dict(model="no-such-model"), "model"),
     ]

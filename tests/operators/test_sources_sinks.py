@@ -13,7 +13,7 @@ import pytest
 from sagellm.operators.sinks import JsonlSink, StdoutSink
 from sagellm.operators.sources import JsonlSource, PromptSource, StdinSource, decode_request_line
 from sagellm.runtime.engine.guided_params import GuidedDecoding
-from sagellm.runtime.engine.outputs import RequestMetrics
+from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import OperatorContext, get_operator, parameter_types
@@ -209,6 +209,22 @@ def test_jsonl_sink_writes_one_line_per_finished_request(tmp_path: Path):
         "request_id": "b", "text": "x", "token_ids": [1],
         "error": {"code": "instance_lost", "message": "engine died", "retryable": True},
     }  # fmt: skip
+
+
+def test_jsonl_sink_writes_the_logprobs_a_request_asked_for(tmp_path: Path):
+    path = tmp_path / "replies.jsonl"
+    sink = JsonlSink(path=str(path))
+    sink.open(OperatorContext(node_id="sink"))
+    prompt = [None, TokenLogprob(token_id=7, logprob=-2.5, top=[(9, -0.5)], rank=3)]
+    sink.execute(_delta("a", "Hi", logprobs=[TokenLogprob(token_id=2, logprob=-0.1)], prompt_logprobs=prompt))
+    sink.execute(_delta("a", "!", "stop", logprobs=[TokenLogprob(token_id=1, logprob=-0.2, top=[(1, -0.2)])]))
+    sink.close()
+    record = json.loads(path.read_text())
+    assert record["logprobs"] == [
+        {"token_id": 2, "logprob": -0.1, "top": []},
+        {"token_id": 1, "logprob": -0.2, "top": [[1, -0.2]]},
+    ]
+    assert record["prompt_logprobs"] == [None, {"token_id": 7, "logprob": -2.5, "top": [[9, -0.5]], "rank": 3}]
 
 
 def test_a_request_line_takes_penalties_and_biases_and_names_a_bad_one():

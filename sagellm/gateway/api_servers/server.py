@@ -82,6 +82,10 @@ class RemoteStream:
     def has_ready(self) -> bool:
         return bool(self._items)
 
+    def watch(self, lot: trio.lowlevel.ParkingLot) -> None:
+        """As `RequestStream.watch`."""
+        self._items.watchers.append(lot)
+
     def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
         self._items.put(item)
 
@@ -259,7 +263,8 @@ class RemoteCore:
         own = {self.state.model_name, *self.state.model_aliases}
         return instance_model(name, own, lambda: self.state.instance_models, self.models)
 
-    async def tokenize_long_prompts(self, requests: list[Request]) -> None:
+    async def tokenize_prompts(self, requests: list[Request], every: bool = False) -> None:
+        """As `ServingCore.tokenize_prompts`; here every prompt is tokenized (the core's event loop is spared)."""
         await tokenize_prompts(requests, self.tokenizer, self.state.vocab_size, self.max_model_len, short_too=True)
 
     def submit(self, request: Request) -> RemoteStream:

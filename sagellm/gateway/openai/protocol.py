@@ -1,12 +1,13 @@
 """The OpenAI request bodies the gateway accepts, and their translation into pipeline `Request`s.
 
-Bodies decode with msgspec into these Structs (a wrong type is a 400 naming the field). Fields OpenAI defines that
-sageLLM cannot honour are refused with a 400 naming them (`n` > 1, echo, suffix) rather than silently ignored;
-unknown extra fields are ignored, as vLLM does, because SDKs add new ones all the time. OpenAI's penalties and
-`logit_bias` (token ids as string keys, as the openai SDK sends them), vLLM's extensions (`top_k`, `min_p`,
-`ignore_eos`, `stop_token_ids`, `repetition_penalty`, `min_tokens`, `bad_words`, `allowed_token_ids`, ...),
-sageLLM's scheduling fields (`priority` by number or class name, SLOs, `cost_budget`; also as `X-Request-Priority` /
-`X-SLO-Deadline-Ms` headers) and failover timeouts are accepted in the body."""
+Bodies decode with msgspec into these Structs (a wrong type is a 400 naming the field). Fields OpenAI or vLLM define
+that sageLLM cannot honour are refused with a 400 naming them (suffix, vLLM's in `vllm_fields.py`) rather
+than silently ignored; fields of neither are ignored, as vLLM does, because SDKs add new ones all the time. OpenAI's
+penalties and `logit_bias` (token ids as string keys, as the openai SDK sends them), completions' `echo`, vLLM's
+extensions (`top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`, `min_tokens`, `bad_words`,
+`allowed_token_ids`, `prompt_logprobs`, the chat template's settings, ...), sageLLM's scheduling fields (`priority`
+by number or class name, SLOs, `cost_budget`; also as `X-Request-Priority` / `X-SLO-Deadline-Ms` headers) and
+failover timeouts are accepted in the body."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.structured import Constrained
 from sagellm.gateway.openai.tools import Tool, ToolChoice
+from sagellm.gateway.openai.vllm_fields import UNSET as NOT_SENT
+from sagellm.gateway.openai.vllm_fields import VllmFields, refuse_unserved
 from sagellm.runtime.engine.guided_params import GuidedDecoding
-from sagellm.runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from sagellm.runtime.engine.sampling_params import MAX_CHOICES, MAX_LOGPROBS, SamplingParams
 from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES, Priority, Request, TokenId
 
 Unset = msgspec.UnsetType
@@ -35,8 +37,9 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class _Generation(Constrained, kw_only=True):
-    """What completions and chat completions share (structured output's fields among them)."""
+class _Generation(VllmFields, kw_only=True):
+    """What completions and chat completions share (structured output's fields among them, and vLLM's that are
+    refused unless they ask for nothing: `vllm_fields.py`)."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -63,6 +66,7 @@ class _Generation(Constrained, kw_only=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice also carries its output token ids (what a resume elsewhere needs)
+    prompt_logprobs: int | None = None  # vLLM's: every prompt token's logprob given the ones before (and top-N)
     # sageLLM's scheduling fields
     priority: Priority | PriorityName | None = None  # a number (lower runs first) or a class name
     cost_budget: Annotated[float, msgspec.Meta(ge=0)] | None = None  # most it may cost, in the instances' price unit
@@ -98,6 +102,19 @@ class ChatCompletionRequest(_Generation, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, as OpenAI's
     parallel_tool_calls: bool = True
+    echo: bool = False  # vLLM's: refused (a chat's prompt is its messages)
+    # vLLM's template settings, rendered with the messages (by the model's template, or the server a chat goes to)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's that are refused unless they ask for nothing (`vllm_fields.CHAT_ONLY`)
+    documents: Any = NOT_SENT
+    chat_template: Any = NOT_SENT
+    media_io_kwargs: Any = NOT_SENT
+    mm_processor_kwargs: Any = NOT_SENT
+    return_prompt_text: Any = NOT_SENT
+    reasoning_effort: Any = NOT_SENT
+    include_reasoning: Any = NOT_SENT
     index: str | None = None  # sageLLM: answer from this retrieval index (/admin/index), its sources in the reply
     index_k: int = 4  # chunks retrieved from it
 
@@ -115,8 +132,9 @@ def _refuse(name: str, why: str) -> None:
 
 
 def _check_unsupported(body: _Generation) -> None:
-    if body.n != 1:
-        _refuse("n", f"only n=1 is supported, got {body.n}")
+    if not 1 <= body.n <= MAX_CHOICES:
+        raise ApiError(400, f"n: must be in [1, {MAX_CHOICES}], got {body.n}", param="n")
+    refuse_unserved(body, chat=isinstance(body, ChatCompletionRequest))
 
 
 def sampling_params(
@@ -125,10 +143,13 @@ def sampling_params(
     logprobs: int | None,
     defaults: dict[str, Any] | None,
     guided: GuidedDecoding | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Where the body is silent, the served model's `defaults` (its generation config; None for another model's
     request), else SamplingParams' (OpenAI's: temperature 1, top_p 1); a bad value is a 400 naming it. `guided`:
-    the body's constraint (`structured.guided_decoding`)."""
+    the body's constraint (`structured.guided_decoding`); `prompt_logprobs`: the body's, or what echo asks for."""
+    if body.stream and body.prompt_logprobs is not None:
+        _refuse("prompt_logprobs", "not available with stream=true (as vLLM's)")
     args: dict[str, Any] = dict(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -140,6 +161,7 @@ def sampling_params(
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else body.prompt_logprobs,
         skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
         guided=guided,
@@ -211,19 +233,24 @@ def completion_requests(
 ) -> list[Request]:
     """One pipeline request per prompt (OpenAI accepts a batch of prompts: one choice each); `defaults`: the model's
     sampling defaults; `guided`: the output's constraint. `max_tokens` is 16 when left out, the OpenAI API's default
-    for completions (vLLM's too)."""
+    for completions (vLLM's too). With `echo`, `max_tokens: 0` asks for the prompt alone: one token is generated
+    after it (the prompt's logits are computed by the step that samples it) and left out of the reply, as vLLM
+    does; `logprobs` then also scores the prompt's tokens."""
     _check_unsupported(body)
-    if body.echo:
-        _refuse("echo", "not supported")
+    if body.max_tokens == 0 and not body.echo:
+        _refuse("max_tokens", "0 only with echo=true (the prompt alone)")
     if body.suffix:
         _refuse("suffix", "not supported")
-    if body.best_of not in (None, 1):
-        _refuse("best_of", "only 1 is supported")
+    if body.best_of is not None and not body.n <= body.best_of <= MAX_CHOICES:
+        raise ApiError(400, f"best_of: must be in [n, {MAX_CHOICES}], got {body.best_of}", param="best_of")
+    if body.stream and (body.best_of or body.n) > body.n:
+        _refuse("best_of", "picks the best choices once all are done: not with stream=true")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         _refuse("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
     prompts = _prompts(body.prompt)
-    max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    params = sampling_params(body, max_tokens, body.logprobs, defaults, guided)
+    max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens or 1
+    echoed = body.logprobs if body.echo else None  # the echoed prompt's tokens are scored like the output's
+    params = sampling_params(body, max_tokens, body.logprobs, defaults, guided, echoed)
     now = time.time()
     extra = scheduling(body, headers, now)
     return [
@@ -272,6 +299,8 @@ def chat_request(
     Without `max_tokens` (or `max_completion_tokens`) the reply is bounded by the context alone, as OpenAI's and
     vLLM's chats are."""
     _check_unsupported(body)
+    if body.echo:
+        _refuse("echo", "completions echo their prompt; a chat's is its messages")
     if not body.messages:
         _refuse("messages", "must hold at least one message")
     if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= MAX_LOGPROBS):
@@ -284,11 +313,29 @@ def chat_request(
     return Request(
         request_id=request_id,
         messages=messages,
+        template_kwargs=_template_kwargs(body),
         sampling=params,
         model=body.model,
         arrival_time=now,
         **scheduling(body, headers, now),
     )
+
+
+def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The chat template's settings besides the messages; None for the default (the generation prompt added)."""
+    if body.continue_final_message and body.add_generation_prompt:
+        _refuse("continue_final_message", "continues the last message: set add_generation_prompt false with it")
+    if body.continue_final_message and body.messages[-1].role != "assistant":
+        _refuse("continue_final_message", "the last message must be the assistant's, to continue")
+    kwargs = dict(body.chat_template_kwargs or {})
+    for name in ("add_generation_prompt", "continue_final_message", "tools", "chat_template", "messages"):
+        if name in kwargs:
+            _refuse("chat_template_kwargs", f"{name} is a field of the request, not of chat_template_kwargs")
+    if not body.add_generation_prompt:
+        kwargs["add_generation_prompt"] = False
+    if body.continue_final_message:
+        kwargs["continue_final_message"] = True
+    return kwargs or None
 
 
 def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Kept apart from the routes so the shapes (which SDKs parse strictly) live in one place: `usage` with cached prompt
 tokens, completions' `logprobs` (tokens, token_logprobs, top_logprobs, text_offset) and chat's (`content` entries with
-`bytes` and `top_logprobs`). Token strings are each token decoded on its own, as vLLM reports them."""
+`bytes` and `top_logprobs`), vLLM's `prompt_logprobs`. Token strings are each token decoded on its own, as vLLM reports
+them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
 
@@ -29,15 +31,20 @@ class Choice:
         self.text += delta.text
         self.token_ids += delta.token_ids
         self.logprobs += delta.logprobs or []
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             self.finish_reason, self.metrics = delta.finish_reason, delta.metrics
 
 
-def usage(choices: list[Choice]) -> dict[str, Any]:
-    prompt = sum(c.metrics.num_prompt_tokens for c in choices if c.metrics)
+def usage(choices: list[Choice], per_prompt: int = 1) -> dict[str, Any]:
+    """The tokens of every choice's output, and of each prompt once (`per_prompt`: the choices of one prompt,
+    which follow each other)."""
+    firsts = choices[::per_prompt]
+    prompt = sum(c.metrics.num_prompt_tokens for c in firsts if c.metrics)
     # Another model's server streams text only: its own count of the tokens is in the metrics.
     completion = sum(len(c.token_ids) or (c.metrics.num_output_tokens if c.metrics else 0) for c in choices)
-    cached = sum(c.metrics.num_cached_tokens for c in choices if c.metrics)
+    cached = sum(c.metrics.num_cached_tokens for c in firsts if c.metrics)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -50,18 +57,36 @@ def _token(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
 
 
-def completion_logprobs(tokenizer: Any, logprobs: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    tokens = [_token(tokenizer, lp.token_id) for lp in logprobs]
+def completion_logprobs(
+    tokenizer: Any, logprobs: list[TokenLogprob | None], offset: int, token_ids: list[int] | None = None
+) -> dict[str, Any]:
+    """`token_ids`: the tokens when an entry is None (an echoed prompt's first token, which nothing scores)."""
+    ids = token_ids if token_ids is not None else [lp.token_id for lp in logprobs if lp is not None]
+    tokens = [_token(tokenizer, t) for t in ids]
     offsets = []
     for token in tokens:
         offsets.append(offset)
         offset += len(token)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{_token(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
+        "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+        "top_logprobs": [None if lp is None else {_token(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
         "text_offset": offsets,
     }
+
+
+def prompt_logprobs_json(tokenizer: Any, logprobs: list[TokenLogprob | None]) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), the token and its top alternatives by id,
+    each with its logprob, rank and text; -inf as -9999.0 (JSON has no infinity), as vLLM's."""
+
+    def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": _token(tokenizer, token_id)}
+
+    def position(lp: TokenLogprob) -> dict[str, Any]:
+        top = {str(t): entry(t, v, rank) for rank, (t, v) in enumerate(lp.top, 1)}
+        return {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank), **top}
+
+    return [None if lp is None else position(lp) for lp in logprobs]
 
 
 def chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[str, Any]:

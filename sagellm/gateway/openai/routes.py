@@ -22,6 +22,8 @@ from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastE
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.indexes.store import IndexStore
+from sagellm.gateway.openai.choices import best_of, fan_out
+from sagellm.gateway.openai.echo import Echo
 from sagellm.gateway.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,14 +31,24 @@ from sagellm.gateway.openai.protocol import (
     chat_request,
     completion_requests,
 )
-from sagellm.gateway.openai.replies import Choice, Envelope, chat_logprobs, completion_logprobs, finish_reason, usage
+from sagellm.gateway.openai.replies import (
+    Choice,
+    Envelope,
+    chat_logprobs,
+    completion_logprobs,
+    finish_reason,
+    prompt_logprobs_json,
+    usage,
+)
 from sagellm.gateway.openai.structured import check_compiles, guided_decoding
 from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent, parser_for
 from sagellm.gateway.openai.tools import ToolUse, plan, tool_call_json
+from sagellm.gateway.serving.choice_streams import ChoiceStreams
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.request_stream import RequestStream, embedded
 from sagellm.runtime.engine.guided_params import GuidedDecoding
+from sagellm.runtime.engine.outputs import TokenLogprob
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 
 DONE = b"[DONE]"
@@ -109,45 +121,82 @@ class OpenAIRoutes:
         requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults, guided)
         for request in requests:
             request.model, request.owner = model, key_owner(http)
-        await self._prepare(requests, constraint)
+        if body.echo and model is not None:
+            raise ApiError(400, f"echo: served for the graph's own model, not {model}", param="echo")
+        count = body.best_of or body.n  # choices run per prompt
+        await self._prepare(requests, constraint, every_prompt=body.echo or count > 1)
+        echoes = [Echo.of(r, self.core.tokenizer, body.max_tokens == 0) for r in requests] if body.echo else None
+        new_id = lambda: self.core.new_id("cmpl")  # noqa: E731
+        prompt_each = body.stream and body.echo  # each streamed choice shows the prompt it scored
+        runs = [run for r in requests for run in fan_out(r, count, new_id, count > body.n, prompt_each)]
         envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion")
         wants_logprobs, ids = body.logprobs is not None, body.return_token_ids
         if body.stream:
             if len(requests) > 1:
                 raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
-            stream = self.core.submit(requests[0])
-            first = await first_or_raise(stream)
+            streams = ChoiceStreams(self.core.submit_all(runs))
+            first = await first_or_raise(streams)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            render = self._completion_render(wants_logprobs)
-            events = _events(envelope, first, stream, render, wants_logprobs, include_usage, ids=ids)
-            return EventStream(events, on_disconnect=stream.cancel)
-        choices = await collect_choices(self.core.submit_all(requests))
-        tokenizer = self.core.tokenizer
-        return Response(
-            envelope.body(
-                [
-                    {
-                        "index": c.index,
-                        "text": c.text,
-                        "logprobs": completion_logprobs(tokenizer, c.logprobs, 0) if wants_logprobs else None,
-                        "finish_reason": finish_reason(c.finish_reason),
-                        **({"token_ids": c.token_ids} if ids else {}),
-                    }
-                    for c in choices
-                ],
-                usage=usage(choices),
-            )
-        )
+            echo = echoes[0] if echoes else None
+            renders = [self._completion_render(i, wants_logprobs, echo) for i in range(len(runs))]
+            events = _events(envelope, first, streams, renders, wants_logprobs, include_usage, ids=ids, echo=body.echo)
+            return EventStream(events, on_disconnect=streams.cancel)
+        ran = await collect_choices(self.core.submit_all(runs))
+        scored_prompts = [ran[i].prompt_logprobs for i in range(0, len(ran), count)]  # each prompt's first choice's
+        choices = best_of(ran, count, body.n, wants_logprobs) if count > body.n else ran
+        body_fields = [
+            self._completion_choice(
+                c, echoes[c.index // body.n] if echoes else None, scored_prompts[c.index // body.n], wants_logprobs,
+                body.prompt_logprobs is not None,
+            ) | ({"token_ids": c.token_ids} if ids else {})
+            for c in choices
+        ]  # fmt: skip
+        return Response(envelope.body(body_fields, usage=usage(ran, count)))
 
-    def _completion_render(self, logprobs: bool) -> Callable[[TokenDelta], dict[str, Any]]:
-        """A streamed completion's choice fields for each delta (logprobs count their text offset along)."""
+    def _completion_choice(
+        self,
+        choice: Choice,
+        echo: Echo | None,
+        scored_prompt: list[TokenLogprob | None] | None,
+        logprobs: bool,
+        prompt_logprobs: bool,
+    ) -> dict[str, Any]:
+        """A whole completion's choice: its text (after the prompt, with `echo`), logprobs and vLLM's
+        prompt_logprobs when asked (`scored_prompt`: the prompt's, which its first choice carried)."""
+        tokenizer = self.core.tokenizer
+        if echo is not None:
+            text = echo.text_with(choice.text)
+            lp = echo.logprobs_with(tokenizer, scored_prompt, choice.logprobs) if logprobs else None
+        else:
+            text = choice.text
+            lp = completion_logprobs(tokenizer, choice.logprobs, 0) if logprobs else None
+        reason = finish_reason(choice.finish_reason)
+        fields = {"index": choice.index, "text": text, "logprobs": lp, "finish_reason": reason}
+        if prompt_logprobs:
+            fields["prompt_logprobs"] = prompt_logprobs_json(tokenizer, scored_prompt or [])
+        return fields
+
+    def _completion_render(
+        self, index: int, logprobs: bool, echo: Echo | None
+    ) -> Callable[[TokenDelta], dict[str, Any]]:
+        """Streamed completion choice `index`'s fields for each delta (logprobs count their text offset along);
+        with `echo`, its first shown delta comes after the prompt (scored by choice 0: its first delta's)."""
         offset = 0
+        prompt = echo
 
         def render(item: TokenDelta) -> dict[str, Any]:
-            nonlocal offset
-            lp = completion_logprobs(self.core.tokenizer, item.logprobs or [], offset) if logprobs else None
-            offset += len(item.text)
-            return {"index": 0, "text": item.text, "logprobs": lp, "finish_reason": finish_reason(item.finish_reason)}
+            nonlocal offset, prompt
+            tokenizer = self.core.tokenizer
+            if prompt is not None:
+                text = prompt.text_with(item.text)
+                lp = prompt.logprobs_with(tokenizer, item.prompt_logprobs, item.logprobs or []) if logprobs else None
+                prompt = None
+            else:
+                text = item.text
+                lp = completion_logprobs(tokenizer, item.logprobs or [], offset) if logprobs else None
+            offset += len(text)
+            reason = finish_reason(item.finish_reason)
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
         return render
 
@@ -160,14 +209,17 @@ class OpenAIRoutes:
             return Response(await self.complete_chat(body, http.headers, key_owner(http)))
         request, tool_use, sources = await self.prepared_chat(body, http.headers, key_owner(http))
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
-        stream = self.core.submit(request)
-        first = await first_or_raise(stream)
+        streams = ChoiceStreams(self.core.submit_all(self._chat_choices(request, body.n)))
+        first = await first_or_raise(streams)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         parser = tool_use.parser if tool_use is not None else None
-        render = self._chat_render(body.logprobs, parser)
-        events = _events(envelope, first, stream, render, body.logprobs, include_usage, opening=CHAT_OPENING,
+        renders = [self._chat_render(i, body.logprobs, parser) for i in range(body.n)]
+        events = _events(envelope, first, streams, renders, body.logprobs, include_usage, opening=CHAT_OPENING,
                          ids=body.return_token_ids, sources=sources, parsed=parser is not None)  # fmt: skip
-        return EventStream(events, on_disconnect=stream.cancel)
+        return EventStream(events, on_disconnect=streams.cancel)
+
+    def _chat_choices(self, request: Request, n: int) -> list[Request]:
+        return fan_out(request, n, lambda: self.core.new_id("chatcmpl"))
 
     async def complete_chat(
         self, body: ChatCompletionRequest, headers: dict[str, str], owner: str = ""
@@ -176,20 +228,29 @@ class OpenAIRoutes:
         its status."""
         request, tool_use, sources = await self.prepared_chat(body, headers, owner)
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
-        (choice,) = await collect_choices([self.core.submit(request)])
+        choices = await collect_choices(self.core.submit_all(self._chat_choices(request, body.n)))
+        parser = tool_use.parser if tool_use is not None else None
+        fields = [self._chat_choice(c, parser, body.logprobs, body.return_token_ids) for c in choices]
+        extra: dict[str, Any] = {"sources": sources} if sources is not None else {}
+        if body.prompt_logprobs is not None:  # vLLM's, beside the choices
+            extra["prompt_logprobs"] = prompt_logprobs_json(self.core.tokenizer, choices[0].prompt_logprobs or [])
+        return envelope.body(fields, usage=usage(choices, len(choices)), **extra)
+
+    def _chat_choice(self, choice: Choice, parser: str | None, logprobs: bool, ids: bool) -> dict[str, Any]:
+        """A whole chat's choice: its message (tool calls read out of it by `parser`), logprobs and token ids."""
         message: dict[str, Any] = {"role": "assistant", "content": choice.text}
         reason = finish_reason(choice.finish_reason)
-        if tool_use is not None and tool_use.parser is not None:
-            content, calls = parser_for(tool_use.parser).parse(choice.text)
+        if parser is not None:
+            content, calls = parser_for(parser).parse(choice.text)
             message["content"] = content
             if calls:
                 message["tool_calls"] = [tool_call_json(call) for call in calls]
                 reason = "tool_calls" if reason == "stop" else reason
-        lp = chat_logprobs(self.core.tokenizer, choice.logprobs) if body.logprobs else None
-        fields = {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
-        if body.return_token_ids:
+        lp = chat_logprobs(self.core.tokenizer, choice.logprobs) if logprobs else None
+        fields = {"index": choice.index, "message": message, "logprobs": lp, "finish_reason": reason}
+        if ids:
             fields["token_ids"] = choice.token_ids
-        return envelope.body([fields], usage=usage([choice]), **({"sources": sources} if sources is not None else {}))
+        return fields
 
     async def prepared_chat(
         self, body: ChatCompletionRequest, headers: dict[str, str], owner: str
@@ -246,17 +307,22 @@ class OpenAIRoutes:
         tokenizer = self.core.tokenizer
         return (getattr(tokenizer, "chat_template", None) or "") if tokenizer is not None else None
 
-    async def _prepare(self, requests: list[Request], constraint: tuple[GuidedDecoding, str] | None) -> None:
-        """What is done before requests enter the graph, off the event loop: long prompts tokenized, and a
-        constraint compiled for the graph's model (a 400 naming its field when it cannot be)."""
-        await self.core.tokenize_long_prompts(requests)
+    async def _prepare(
+        self, requests: list[Request], constraint: tuple[GuidedDecoding, str] | None, every_prompt: bool = False
+    ) -> None:
+        """What is done before requests enter the graph, off the event loop: long prompts tokenized (`every_prompt`:
+        all, for a reply that shows their tokens), and a constraint compiled for the graph's model (a 400 naming its
+        field when it cannot be)."""
+        await self.core.tokenize_prompts(requests, every=every_prompt)
         if constraint is not None and requests[0].model is None:
             await check_compiles(self.core.served, *constraint)
 
-    def _chat_render(self, logprobs: bool, parser_name: str | None = None) -> Callable[[TokenDelta], dict[str, Any]]:
-        """A streamed chat's choice fields for each delta; with a tool-call parser, its text read by the parser:
-        content it releases, and each tool call whole as it completes (a delta holding back a call's text shows
-        nothing: an empty `delta`)."""
+    def _chat_render(
+        self, index: int, logprobs: bool, parser_name: str | None = None
+    ) -> Callable[[TokenDelta], dict[str, Any]]:
+        """Streamed chat choice `index`'s fields for each delta; with a tool-call parser, its text read by the
+        parser: content it releases, and each tool call whole as it completes (a delta holding back a call's text
+        shows nothing: an empty `delta`)."""
         parser = parser_for(parser_name) if parser_name is not None else None
         called = False
 
@@ -266,14 +332,14 @@ class OpenAIRoutes:
             reason = finish_reason(item.finish_reason)
             if parser is None:
                 delta = {"content": item.text} if item.text else {}
-                return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
+                return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
             events = parser.step(item.text, item.finished)
             content = "".join(e.text for e in events if isinstance(e, ContentEvent))
             calls = [{"index": e.index, **tool_call_json(e.call)} for e in events if isinstance(e, ToolCallEvent)]
             called = called or bool(calls)
             delta: dict[str, Any] = ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
             reason = "tool_calls" if reason == "stop" and called else reason
-            return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
         return render
 
@@ -334,57 +400,65 @@ def _encode_vector(vector: Any, encoding: str) -> list[float] | str:
 
 async def _events(
     envelope: Envelope,
-    first: TokenDelta,
-    stream: RequestStream,
-    render: Callable[[TokenDelta], dict[str, Any]],
+    first: tuple[int, TokenDelta],
+    streams: ChoiceStreams,
+    renders: list[Callable[[TokenDelta], dict[str, Any]]],
     logprobs: bool,
     include_usage: bool,
     opening: dict[str, Any] | None = None,
     ids: bool = False,
     sources: list[dict[str, object]] | None = None,
     parsed: bool = False,
+    echo: bool = False,
 ) -> AsyncIterator[Any]:
-    """The SSE events of one streamed choice: `render` turns a delta into the choice's fields (and its token ids are
-    added when asked: `ids`); deltas with nothing to show (a token that ends mid-character, unless its token ids are
-    asked for) are skipped; a failure is an `error` event; usage last when asked. Events that are ready together
-    (the opening and the first delta, deltas the engine made while the client's last write went out, the final
-    delta with usage and [DONE]) come as one tuple: one write. `parsed`: `render` reads the text (a tool-call
-    parser), so every delta goes through it and one that shows nothing is skipped."""
-    choice = Choice(0)
+    """The SSE events of a streamed request's choices: `renders[i]` turns choice i's delta into its fields (and its
+    token ids are added when asked: `ids`); deltas with nothing to show (a token that ends mid-character, unless
+    its token ids are asked for) are skipped; a failure is an `error` event (the other choices are cancelled); usage
+    last when asked. Events that are ready together (the opening and the first delta, deltas the engine made while
+    the client's last write went out, the final delta with usage and [DONE]) come as one tuple: one write.
+    `parsed`: a render reads the text (a tool-call parser), so every delta goes through it and one that shows
+    nothing is skipped; `echo`: the first shown delta comes after the prompt, so every delta goes through its
+    render."""
+    choices = [Choice(i) for i in range(len(renders))]
     extra = {"usage": None} if include_usage else {}
     opening_extra = extra | ({"sources": sources} if sources is not None else {})  # a grounded chat's, first
-    ready = [envelope.body([opening], **opening_extra)] if opening is not None else []  # events sent in one write
-    text_event = None if logprobs or ids or parsed else _text_event(envelope, render, extra)
-    item: TokenDelta | RequestError = first
+    openings = [{**opening, "index": i} for i in range(len(renders))] if opening is not None else []
+    ready = [envelope.body(openings, **opening_extra)] if openings else []  # events sent in one write
+    plain = not (logprobs or ids or parsed or echo)
+    text_events = [_text_event(envelope, render, extra) for render in renders] if plain else None
+    index, item = first
+    unfinished = len(renders)
     corked = False
     while True:
         if isinstance(item, RequestError):
             ready.append(api_error(item).body())
+            streams.cancel()
             break
-        choice.add(item)
-        if text_event is not None and item.text and not item.finished:
-            ready.append(text_event(item.text))
+        choices[index].add(item)
+        if text_events is not None and item.text and not item.finished:
+            ready.append(text_events[index](item.text))
         elif item.text or item.finished or (logprobs and item.logprobs) or (ids and item.token_ids):
-            fields = render(item)
+            fields = renders[index](item)
             # a parser may hold a delta's text back: then it shows nothing, unless it ends the stream or has ids or
             # logprobs to show
             if not parsed or fields["delta"] or item.finished or ids or logprobs:
                 ready.append(envelope.body([{**fields, "token_ids": item.token_ids} if ids else fields], **extra))
-        if item.finished:
+        unfinished -= item.finished
+        if not unfinished:
             break
-        if ready and not stream.has_ready():
+        if ready and not streams.has_ready():
             if not corked:  # corked for one turn of the event loop: a delta made meanwhile goes in the same write
                 await trio.lowlevel.checkpoint()
                 corked = True
-            if not stream.has_ready():
+            if not streams.has_ready():
                 yield tuple(ready)
                 ready, corked = [], False
         try:
-            item = await anext(stream)
+            index, item = await anext(streams)
         except StopAsyncIteration:
             break
-    if include_usage and choice.finish_reason is not None:
-        ready.append(envelope.body([], usage=usage([choice])))
+    if include_usage and all(c.finish_reason is not None for c in choices):
+        ready.append(envelope.body([], usage=usage(choices, len(choices))))
     yield LastEvents((*ready, DONE))
 
 
@@ -399,19 +473,22 @@ def _text_event(
     return lambda text: head + msgspec.json.encode(text) + tail
 
 
-async def first_or_raise(stream: RequestStream) -> TokenDelta:
-    """A streamed request's first item; a request rejected before its first token answers with its status. A client
-    that leaves while it waits (its connection's scope is cancelled) aborts the request wherever it is."""
+async def first_or_raise(stream: Any) -> Any:
+    """A streamed request's first item (a `RequestStream`'s, or `ChoiceStreams`' with its choice's index); a request
+    rejected before its first token answers with its status, its other choices cancelled. A client that leaves while
+    it waits (its connection's scope is cancelled) aborts the request wherever it is."""
     try:
-        item = await anext(stream)
+        first = await anext(stream)
     except StopAsyncIteration:
         raise ApiError(500, "the request ended without a reply", code="internal") from None
     except BaseException:
         stream.cancel()
         raise
+    item = first[1] if isinstance(first, tuple) else first
     if isinstance(item, RequestError):
+        stream.cancel()
         raise api_error(item)
-    return item
+    return first
 
 
 async def collect_choices(streams: list[RequestStream]) -> list[Choice]:

@@ -90,11 +90,12 @@ class ServingCore:
         self.source.finish()
 
     # -- requests -------------------------------------------------------------------------------------------------
-    async def tokenize_long_prompts(self, requests: list[Request]) -> None:
+    async def tokenize_prompts(self, requests: list[Request], every: bool = False) -> None:
         """Renders and tokenizes, in a worker thread, the prompts too long to tokenize on the event loop (which
-        every stream and /health share), so admission finds their token ids ready; a prompt with more characters than
-        the context could hold tokens is refused at once, before any tokenizing. Raises ApiError (400)."""
-        await tokenize_prompts(requests, self.tokenizer, self.vocab_size, self.max_model_len, short_too=False)
+        every stream and /health share), so admission finds their token ids ready; `every`: the short ones too (a
+        reply that shows the prompt's tokens). A prompt with more characters than the context could hold tokens is
+        refused at once, before any tokenizing. Raises ApiError (400)."""
+        await tokenize_prompts(requests, self.tokenizer, self.vocab_size, self.max_model_len, short_too=every)
 
     def submit(self, request: Request) -> RequestStream:
         """A client's request of one prompt, admitted or refused on arrival (`submit_all`). Raises ApiError."""

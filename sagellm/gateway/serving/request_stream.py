@@ -53,6 +53,7 @@ class ItemQueue:
     def __init__(self) -> None:
         self._items: deque[TokenDelta | Embedding | RequestError] = deque()
         self._arrived = trio.lowlevel.ParkingLot()
+        self.watchers: list[trio.lowlevel.ParkingLot] = []  # unparked too: a reader of several queues waits there
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -61,6 +62,8 @@ class ItemQueue:
         self._items.append(item)
         if self._arrived:
             self._arrived.unpark()
+        for watcher in self.watchers:
+            watcher.unpark_all()
 
     async def get(self) -> TokenDelta | Embedding | RequestError:
         while not self._items:
@@ -108,6 +111,10 @@ class RequestStream:
     def has_ready(self) -> bool:
         """An item is already here: the next iteration will not wait (a writer sends what is ready in one go)."""
         return bool(self._items)
+
+    def watch(self, lot: trio.lowlevel.ParkingLot) -> None:
+        """Unparks `lot` too whenever an item arrives (`ChoiceStreams` reads several streams)."""
+        self._items.watchers.append(lot)
 
     def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
         self._items.put(item)
