@@ -3,7 +3,9 @@ disaggregation) or together on one engine, by how much prefill work the request 
 
 Splitting pays when the prompt's uncached part is long: the prefill then runs on a prefill worker without stalling
 the decode batch, at the price of moving the prompt's KV. Below `threshold_tokens` uncached prompt tokens it does not
-pay, so the request stays colocated. The measure is tokens (admission fills `prompt_token_ids`), never characters.
+pay, so the request stays colocated, unless `ratio` is set and the uncached prompt is more than `ratio` times the
+output the request expects (a prompt-heavy request: the seeds' "adaptive" PD policy). The measure is tokens
+(admission fills `prompt_token_ids`), never characters.
 
 What is cached: pd_split sees only its own decisions, not which instance route later picks, so it keeps one
 `PrefixIndex` for the whole pool of decode-capable instances and records every prompt it passes on (colocated ones
@@ -34,9 +36,14 @@ class PDSplit(MapOperator):
     name = "pd_split"
     accepts = (Request,)
 
-    def __init__(self, threshold_tokens: int = 512, block_size: int = 16, max_transfer_failures: int = 3) -> None:
+    def __init__(
+        self, threshold_tokens: int = 512, block_size: int = 16, max_transfer_failures: int = 3, ratio: float = 0.0
+    ) -> None:
         if threshold_tokens < 0:
             raise FieldError("threshold_tokens", f"threshold_tokens must be >= 0, got {threshold_tokens}")
+        if ratio < 0:
+            raise FieldError("ratio", f"ratio must be >= 0 (0: off), got {ratio}")
+        self.ratio = ratio
         if max_transfer_failures < 1:
             raise FieldError(
                 "max_transfer_failures", f"max_transfer_failures must be >= 1, got {max_transfer_failures}"
@@ -66,7 +73,8 @@ class PDSplit(MapOperator):
             return "no_prompt_tokens"
         uncached = self.uncached_tokens(request)
         self.prefix_index.record(POOL, request.prompt_token_ids)
-        if uncached < self.threshold_tokens:
+        prompt_heavy = self.ratio > 0 and uncached > self.ratio * request.sampling.expected_output_tokens
+        if uncached < self.threshold_tokens and not prompt_heavy:
             return "short_prompt"
         return self._pd_unavailable() or "pd"
 

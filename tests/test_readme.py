@@ -31,6 +31,7 @@ EXPECTED = {
     "from sagellm.dsl import Environment\nfrom sagellm.sage": "Paris",
     "sagellm run graphs/pd.yaml --sage": "Paris",
     "# structured output": "City(name=",
+    "import asyncio\n\nfrom sagellm.control_plane": "COMPLETED The capital of France is Paris.",
 }
 
 

@@ -71,6 +71,7 @@ class InstanceStats:
     prefix_cache_queries: int = 0  # prompt blocks looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # ... and found there
     recovering: bool = False  # unhealthy while its lost process is being started again
+    starting: bool = False  # unhealthy until its first start is done (a server registered, not yet probed)
     problem: str | None = None  # why it is unhealthy, when its keeper knows (an attached server: "failed: ...")
     failed: bool = False  # its keeper gave up bringing it back (it could not start, or died too often)
 
@@ -84,8 +85,16 @@ class InstanceStats:
 
     @property
     def state(self) -> str:
-        """ready | recovering (its process is being started again) | lost (unhealthy, nothing on its way)."""
-        return "ready" if self.healthy else "recovering" if self.recovering else "lost"
+        """ready | starting (not yet up the first time) | recovering (its process is being started again) | lost
+        (unhealthy, nothing on its way)."""
+        if self.healthy:
+            return "ready"
+        return "starting" if self.starting else "recovering" if self.recovering else "lost"
+
+    @property
+    def on_its_way(self) -> bool:
+        """Unhealthy, but starting or being restarted: a request may wait for it."""
+        return not self.healthy and (self.starting or self.recovering)
 
     @property
     def target(self) -> str:

@@ -46,7 +46,9 @@ def test_backends_table_says_why_not():
 
 @pytest.mark.slow
 def test_generate_streams_from_a_local_model(tiny):
-    result = run("generate", "--model", str(tiny), "--raw", "--prompt", "Hello world", "--max-tokens", "5")
+    result = run(
+        "generate", "--model", str(tiny), "--raw", "--prompt", "Hello world", "--max-tokens", "5", "--seed", "0"
+    )
     assert result.returncode == 0, result.stderr
     assert "5 output tokens" in result.stderr and "finish: length" in result.stderr
 

@@ -1,8 +1,11 @@
-"""The Python control-plane API over real servers on 127.0.0.1 (two gateways on the same tiny weights): instances
-registered by address, requests submitted with priorities and followed to their end, the same requests' status over
-HTTP, metrics, health checks, an instance unregistered while serving; and what it refuses, with the reason."""
+"""The Python control-plane API over real servers on 127.0.0.1 (two gateways on the same tiny weights): the seed
+API's async example as written, instances registered by address (a request right after start not lost), requests
+submitted with priorities and followed to their end, the same requests' status over HTTP, typed metrics, health
+checks, an instance unregistered while serving; and what it refuses, with the reason."""
 
 from __future__ import annotations
+
+import asyncio
 
 import httpx
 import openai
@@ -11,10 +14,10 @@ import pytest
 from sagellm.control_plane import (
     ControlPlaneManager,
     ExecutionInstance,
-    ExecutionInstanceType,
     PDSeparationConfig,
     RequestMetadata,
     RequestPriority,
+    RequestStatus,
 )
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 
@@ -45,15 +48,18 @@ def test_requests_run_on_registered_instances_and_are_followed_to_their_end(upst
     cp.register_instance(instance("a", first.url, max_concurrent_requests=8))  # before start: registered at start
     with cp:
         cp.register_instance(instance("b", second.url))
-        assert {h["id"]: h["healthy"] for h in cp.health_check_all()} == {"a": True, "b": True}
+        assert cp.sync.health_check_all() == {"a": True, "b": True}
         priorities = [RequestPriority.LOW, RequestPriority.CRITICAL, RequestPriority.NORMAL, RequestPriority.HIGH]
         ids = [
-            cp.submit_request(RequestMetadata(f"r{i}", PROMPT, priority=p, max_tokens=8))
+            cp.sync.submit_request(RequestMetadata(f"r{i}", PROMPT, priority=p, max_tokens=8, temperature=0))
             for i, p in enumerate(priorities)
         ]
-        done = [cp.wait(request_id) for request_id in ids]
-        assert [(s.state, s.text, s.finish_reason) for s in done] == [("completed", expected, "length")] * 4
-        assert {s.instance_id for s in done} == {"a", "b"}  # round robin over both
+        done = [cp.sync.wait(request_id) for request_id in ids]
+        assert [(r.status, r.text, r.finish_reason) for r in done] == [
+            (RequestStatus.COMPLETED, expected, "length")
+        ] * 4
+        assert {r.instance_id for r in done} == {"a", "b"}  # round robin over both
+        assert cp.sync.get_request_status("r1") is RequestStatus.COMPLETED
 
         over_http = httpx.get(f"{cp.url}/v1/requests/r1").json()
         assert over_http["status"] == "completed" and over_http["instance"] in ("a", "b")
@@ -64,30 +70,89 @@ def test_requests_run_on_registered_instances_and_are_followed_to_their_end(upst
         assert httpx.get(f"{cp.url}/v1/requests/nope").status_code == 404
 
         metrics = cp.get_metrics()
-        assert metrics["pipeline"]["completed"] == 5 and metrics["in_flight"] == 0
-        assert set(metrics["instances"]) == {"a", "b"}
+        assert metrics.completed_requests == 5 and metrics.total_requests == 5 and metrics.failed_requests == 0
+        assert metrics.avg_latency_ms > 0 and metrics.p99_latency_ms >= metrics.p50_latency_ms > 0
+        assert metrics.avg_gpu_utilization is None  # no GPU here: unknown, not 0
+        assert metrics.metadata["in_flight"] == 0 and set(metrics.metadata["instances"]) == {"a", "b"}
+        assert {i.instance_id: i.is_healthy for i in cp.get_instances()} == {"a": True, "b": True}
 
         cp.unregister_instance("a")
-        after = cp.wait(cp.submit_request(RequestMetadata("after", PROMPT, max_tokens=8)))
-        assert (after.state, after.instance_id, after.text) == ("completed", "b", expected)
+        after = cp.sync.wait(cp.sync.submit_request(RequestMetadata("after", PROMPT, max_tokens=8, temperature=0)))
+        assert (after.status, after.instance_id, after.text) == (RequestStatus.COMPLETED, "b", expected)
         with pytest.raises(ValueError, match="in use"):
-            cp.submit_request(RequestMetadata("after", PROMPT))
-        assert cp.get_request_status("unknown") is None
+            cp.sync.submit_request(RequestMetadata("after", PROMPT))
+        assert cp.sync.get_request_status("unknown") is None
+
+
+@pytest.mark.slow
+def test_the_seeds_async_example_runs_as_written(upstreams):
+    """The seed API's own example (its main() with asyncio), the import line changed: a server registered by
+    address with only its id, host, port and model, a request without an id, the metrics' attributes."""
+    host, port = upstreams[0].url.removeprefix("http://").split(":")
+
+    async def main() -> tuple:
+        manager = ControlPlaneManager(scheduling_policy="adaptive", routing_strategy="load_balanced",
+                                      enable_monitoring=True, mode="http")  # fmt: skip
+        manager.register_instance(ExecutionInstance(
+            instance_id="vllm-1", host=host, port=int(port), model_name="upstream", tensor_parallel_size=2,
+            gpu_count=2, max_concurrent_requests=100,
+        ))  # fmt: skip
+        await manager.start()
+        request_id = await manager.submit_request(RequestMetadata(
+            request_id="req-001", user_id="user-123", priority=RequestPriority.HIGH, slo_deadline_ms=60_000,
+            max_tokens=8, prompt=PROMPT,
+        ))  # fmt: skip
+        unnamed = await manager.submit_request(RequestMetadata(prompt=PROMPT, max_tokens=4, priority="low"))
+        results = [await manager.wait(request_id), await manager.wait(unnamed)]
+        status = await manager.get_request_status(request_id)
+        metrics = manager.get_metrics()
+        await manager.stop()
+        return request_id, unnamed, results, status, metrics
+
+    request_id, unnamed, results, status, metrics = asyncio.run(main())
+    assert request_id == "req-001" and unnamed.startswith("req-")
+    assert [r.status for r in results] == [RequestStatus.COMPLETED] * 2 and status is RequestStatus.COMPLETED
+    assert metrics.completed_requests == 2 and metrics.requests_per_second > 0 and metrics.slo_compliance_rate == 1.0
+
+
+@pytest.mark.slow
+def test_a_request_right_after_start_is_not_lost(upstreams, tiny_model):
+    """An instance registered by address with no model name (asked of it), started and at once sent a request, five
+    times over: each completes, none retried."""
+    host, port = upstreams[1].url.removeprefix("http://").split(":")
+    for run in range(5):
+        cp = ControlPlaneManager(routing_strategy="round_robin")
+        cp.register_instance(ExecutionInstance(f"i{run}", host, int(port)))
+        with cp:
+            result = cp.sync.wait(cp.sync.submit_request(RequestMetadata(prompt=PROMPT, max_tokens=4)))
+        assert (result.status, result.retries) == (RequestStatus.COMPLETED, 0), result
 
 
 def test_what_the_api_refuses_says_why(upstreams):
-    with pytest.raises(ValueError, match="give the model they serve"):
-        ControlPlaneManager(enable_pd_separation=True)
     cp = ControlPlaneManager()
-    with pytest.raises(ValueError, match="runs whole requests"):
-        cp.register_instance(instance("p", upstreams[0].url, instance_type=ExecutionInstanceType.PREFILLING))
+    with pytest.raises(ValueError, match="not served yet"):
+        cp.register_instance(instance("p", upstreams[0].url, instance_type="prefilling"))
     with pytest.raises(RuntimeError, match="call start"):
         cp.get_metrics()
+    with pytest.raises(ValueError, match="mode 'local'"):
+        ControlPlaneManager(mode="local")
+    with pytest.raises(ValueError, match="enable_auto_scaling=True: not taken here"):
+        ControlPlaneManager(enable_auto_scaling=True)
+    with pytest.raises(ValueError, match="routing_policy: 'ml' is not one of adaptive, threshold"):
+        PDSeparationConfig(enabled=True, routing_policy="ml")
+    with pytest.raises(ValueError, match="instance_type: 'router' is not one of GENERAL"):
+        ExecutionInstance("x", instance_type="router")
 
 
-def test_pd_separation_gives_each_role_its_devices(tiny_model):
-    """The seeds' per-role device ids land on the prefill and decode nodes as `device_ids` (their cores here)."""
-    pd = PDSeparationConfig(prefill_device_ids=[0], decode_device_ids=[1])
-    cp = ControlPlaneManager(model=str(tiny_model), enable_pd_separation=True, pd_config=pd)
-    devices = {n.op: n.params.get("device_ids") for n in cp._graph().nodes.values() if n.op in ("prefill", "decode")}
+def test_pd_separation_gives_each_role_its_devices_and_the_adaptive_ratio(tiny_model):
+    """The seeds' per-role device ids land on the prefill and decode nodes as `device_ids` (their cores here), and
+    "adaptive" PD routing gives pd_split the prompt/output ratio too."""
+    pd = PDSeparationConfig(prefill_device_ids=[0], decode_device_ids=[1], prefilling_threshold_ratio=3.0)
+    cp = ControlPlaneManager(model=str(tiny_model), pd_config=pd)
+    nodes = cp._graph().nodes.values()
+    devices = {n.op: n.params.get("device_ids") for n in nodes if n.op in ("prefill", "decode")}
     assert devices == {"prefill": [0], "decode": [1]}
+    (split,) = [n.params for n in nodes if n.op == "pd_split"]
+    assert split == {"threshold_tokens": 800, "ratio": 3.0}
+    threshold = ControlPlaneManager(model=str(tiny_model), pd_config=PDSeparationConfig(routing_policy="threshold"))
+    assert [n.params for n in threshold._graph().nodes.values() if n.op == "pd_split"] == [{"threshold_tokens": 800}]

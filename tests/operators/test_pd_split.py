@@ -42,9 +42,12 @@ def test_registered_with_typed_params():
         "threshold_tokens": (int, False),
         "block_size": (int, False),
         "max_transfer_failures": (int, False),
+        "ratio": (float, False),
     }
     with pytest.raises(ValueError, match="threshold_tokens"):
         PDSplit(threshold_tokens=-1)
+    with pytest.raises(ValueError, match="ratio"):
+        PDSplit(ratio=-1.0)
     with pytest.raises(ValueError, match="max_transfer_failures"):
         PDSplit(max_transfer_failures=0)
 
@@ -55,6 +58,22 @@ def test_threshold_is_in_tokens_not_characters():
     assert phase(split, tokens(511, start=10_000)) == "colocated"
     assert phase(split, tokens(512, start=20_000), prompt="short") == "prefill"  # at the threshold: PD
     assert split.decisions == {"short_prompt": 2, "pd": 1}
+
+
+def test_a_ratio_also_splits_a_prompt_heavy_request():
+    """With `ratio` (the seeds' "adaptive" PD policy), a prompt below the threshold splits when it is more than
+    `ratio` times the output the request expects."""
+    split = make_split(threshold_tokens=512, ratio=4.0)
+
+    def expecting(output: int, prompt: list[int]) -> str:
+        request = Request(request_id="r", prompt_token_ids=prompt)
+        request.sampling.max_tokens = output
+        return split.execute(request).phase
+
+    assert expecting(50, tokens(201)) == "prefill"  # 201 > 4 x 50
+    assert expecting(50, tokens(200, start=1000)) == "colocated"  # not more than 4 x 50
+    assert expecting(500, tokens(600, start=2000)) == "prefill"  # over the threshold, whatever its output
+    assert split.decisions == {"pd": 2, "short_prompt": 1}
 
 
 def test_cached_prefix_does_not_count_as_prefill_work():

@@ -118,8 +118,8 @@ class AdminRoutes:
 
     async def health(self, _: HttpRequest) -> Response:
         body = self._status()
-        recovering = any(engine["state"] == "recovering" for engine in body["engines"])
-        return Response(body, 503 if body["status"] == "unavailable" and not recovering else 200)
+        on_its_way = any(engine["state"] in ("starting", "recovering") for engine in body["engines"])
+        return Response(body, 503 if body["status"] == "unavailable" and not on_its_way else 200)
 
     async def ready(self, _: HttpRequest) -> Response:
         body = self._status()

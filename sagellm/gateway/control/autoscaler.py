@@ -69,7 +69,7 @@ class Autoscaler:
         starting_ids = {i for i in self.replicas if managed[i].state == STARTING}
         own = [s for s in self.core.registry.instances().values() if s.model is None and s.role == "colocated"]
         ready = [s for s in own if s.healthy]
-        starting = [s for s in own if not s.healthy and (s.recovering or s.name in starting_ids)]
+        starting = [s for s in own if s.on_its_way or (not s.healthy and s.name in starting_ids)]
         waiting = sum(len(queue) for queue in self.core.nodes_of("policy_sort").values())
         load = self.core.local.load if self.core.local is not None else None
         checked, violations = (load.slo_checked, load.slo_violations) if load is not None else (0, 0)

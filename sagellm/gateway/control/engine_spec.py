@@ -116,6 +116,7 @@ class ManagedEngine:
         if self.stats is not None:
             self.stats.healthy = state == READY
             self.stats.recovering = state == STARTING and self.ever_ready
+            self.stats.starting = state == STARTING and not self.ever_ready
             self.stats.failed = state == FAILED
             self.stats.problem = None if state == READY else f"{state}: {self.last_error}" if self.last_error else state
 

@@ -93,15 +93,16 @@ class InstanceRegistry:
 
     async def instance_ready(self, model: str | None, within_s: float, phase: str = "colocated") -> bool:
         """Waits up to `within_s` until an instance of `model` (None: the graph's) that can run a `phase` request
-        whole (not a prefill worker alone) is healthy; False at once when none is healthy and none is being restarted
-        (an attached server that stopped answering may never do so again: its clients are not kept waiting on it)."""
+        whole (not a prefill worker alone) is healthy; False at once when none is healthy and none is starting or
+        being restarted (an attached server that stopped answering may never do so again: its clients are not kept
+        waiting on it; one just registered and not yet probed is waited for)."""
         whole = ROLES_FOR_PHASE["embed" if phase == "embed" else "colocated"]
         with trio.move_on_after(within_s):
             while True:
                 fitting = [s for s in self.instances().values() if s.model == model and s.role in whole]
                 if any(s.healthy for s in fitting):
                     return True
-                if not any(s.recovering for s in fitting):  # nothing is on its way back either
+                if not any(s.on_its_way for s in fitting):  # nothing is on its way either
                     return False
                 await trio.sleep(0.1)
         return False
