@@ -2,6 +2,15 @@
 instances in."""
 
 from sagellm.control_plane.manager import ControlPlaneManager, SyncControlPlane
+from sagellm.control_plane.policies import (
+    AdaptivePolicy,
+    CostOptimizedPolicy,
+    FIFOPolicy,
+    PriorityPolicy,
+    SchedulingDecision,
+    SchedulingPolicy,
+    SLOAwarePolicy,
+)
 from sagellm.control_plane.types import (
     DecodingConfig,
     ExecutionInstance,
@@ -16,7 +25,14 @@ from sagellm.control_plane.types import (
 )
 
 __all__ = [
+    "AdaptivePolicy",
     "ControlPlaneManager",
+    "CostOptimizedPolicy",
+    "FIFOPolicy",
+    "PriorityPolicy",
+    "SLOAwarePolicy",
+    "SchedulingDecision",
+    "SchedulingPolicy",
     "DecodingConfig",
     "ExecutionInstance",
     "ExecutionInstanceType",

@@ -36,6 +36,7 @@ import msgspec
 
 from sagellm import graphs
 from sagellm.common.errors import InvalidInput
+from sagellm.control_plane.policies import SchedulingPolicy, policy_name
 from sagellm.control_plane.types import (
     DEFAULT_MAX_TOKENS,
     ExecutionInstance,
@@ -67,7 +68,7 @@ PROBE_TIMEOUT_S = 10.0  # start() and register_instance() wait this long for a s
 class ControlPlaneManager:
     def __init__(
         self,
-        scheduling_policy: str = "adaptive",
+        scheduling_policy: str | SchedulingPolicy = "adaptive",
         routing_strategy: str = "load_balanced",
         enable_auto_scaling: bool = False,
         enable_monitoring: bool = True,
@@ -81,10 +82,11 @@ class ControlPlaneManager:
         port: int = 0,
         **seed_settings: Any,
     ) -> None:
-        """The seed's settings (`scheduling_policy` one of sageLLM's five policies, `routing_strategy` a route
-        strategy; `mode` "http": instances are servers reached over HTTP), and sageLLM's: `model` also serves that
-        model on engines of our own; `enable_monitoring=False` leaves the metrics sink out; `host`/`port`: where the
-        HTTP twin listens (0: any port). The seed's autoscaler and restart settings are taken at their defaults."""
+        """The seed's settings (`scheduling_policy` one of sageLLM's five policies by name or by the seed's class,
+        or a `SchedulingPolicy` of your own; `routing_strategy` a route strategy; `mode` "http": instances are
+        servers reached over HTTP), and sageLLM's: `model` also serves that model on engines of our own;
+        `enable_monitoring=False` leaves the metrics sink out; `host`/`port`: where the HTTP twin listens (0: any
+        port). The seed's autoscaler and restart settings are taken at their defaults."""
         if mode != "http":
             raise InvalidInput(
                 f'mode {mode!r}: instances are servers reached over HTTP ("http"); model=... runs one here'
@@ -98,6 +100,7 @@ class ControlPlaneManager:
                     f"{name}={value!r}: not taken here (sageLLM's own health checks and restarts apply; autoscaling is "
                     f"`sagellm serve --autoscale`); leave it at {SEED_DEFAULTS[name]!r}"
                 )
+        policy_name(scheduling_policy)  # a bad one is refused now
         self.scheduling_policy, self.routing_strategy = scheduling_policy, routing_strategy
         self.enable_pd_separation, self.pd_config = enable_pd_separation, pd_config or PDSeparationConfig()
         self.enable_monitoring, self.model, self.host, self.port = enable_monitoring, model, host, port
@@ -296,9 +299,10 @@ class ControlPlaneManager:
         running = self._gateway is not None
         metrics = self.get_metrics() if running else PerformanceMetrics()
         instances = self.get_instances()
+        policy = self.scheduling_policy
         return {
             "running": running,
-            "scheduling_policy": self.scheduling_policy,
+            "scheduling_policy": policy if isinstance(policy, str) else policy.name,
             "routing_strategy": self.routing_strategy,
             "pending_requests": metrics.queued_requests,
             "running_requests": metrics.active_requests,
@@ -307,14 +311,16 @@ class ControlPlaneManager:
             "metrics": metrics,
         }
 
-    def update_policy(self, policy_name: str) -> None:
-        """Switches the scheduling policy now; what waits in the queue stays, in the new policy's order."""
-        self.scheduling_policy = policy_name
+    def update_policy(self, policy: str | SchedulingPolicy) -> None:
+        """Switches the scheduling policy now (a name or a policy object); what waits in the queue stays, in the
+        new policy's order."""
+        name = policy_name(policy)
+        self.scheduling_policy = policy
         if self._gateway is not None:
 
             def switch() -> None:
                 for queue in self._gateway.core.nodes_of("policy_sort").values():
-                    queue.switch_policy(policy_name, None)
+                    queue.switch_policy(name, None)
 
             self._gateway.call(switch)
 
@@ -343,7 +349,7 @@ class ControlPlaneManager:
             graph = load_pipeline(graphs.find("control_plane"))
         for node in graph.nodes.values():
             if node.op == "policy_sort":
-                node.params["policy"] = self.scheduling_policy
+                node.params["policy"] = policy_name(self.scheduling_policy)
             elif node.op == "route":
                 node.params["strategy"] = self.routing_strategy
             elif node.op == "pd_split":

@@ -15,9 +15,12 @@ from sagellm.control_plane import (
     ControlPlaneManager,
     ExecutionInstance,
     PDSeparationConfig,
+    PriorityPolicy,
     RequestMetadata,
     RequestPriority,
     RequestStatus,
+    SchedulingDecision,
+    SchedulingPolicy,
 )
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 
@@ -156,3 +159,84 @@ def test_pd_separation_gives_each_role_its_devices_and_the_adaptive_ratio(tiny_m
     assert split == {"threshold_tokens": 800, "ratio": 3.0}
     threshold = ControlPlaneManager(model=str(tiny_model), pd_config=PDSeparationConfig(routing_policy="threshold"))
     assert [n.params for n in threshold._graph().nodes.values() if n.op == "pd_split"] == [{"threshold_tokens": 800}]
+
+
+class ShortestPromptFirst(SchedulingPolicy):
+    """A policy of the seed's shape: the shortest prompt next, each sent to the least loaded instance."""
+
+    def prioritize(self, requests):
+        return sorted(requests, key=lambda r: len(r.prompt or ""))
+
+    def schedule(self, requests, instances):
+        target = min(instances, key=lambda i: i.current_load)
+        return [SchedulingDecision(r.request_id, target.instance_id, estimated_latency_ms=1.0) for r in requests]
+
+
+class LongestFirstAsync(SchedulingPolicy):
+    """The documents' form: an async schedule of one request."""
+
+    def prioritize(self, requests):
+        return sorted(requests, key=lambda r: -len(r.prompt or ""))
+
+    async def schedule(self, request, instances):
+        return SchedulingDecision(request.request_id, instances[0].instance_id)
+
+
+@pytest.mark.parametrize("policy", [ShortestPromptFirst(), LongestFirstAsync()], ids=["sync", "async"])
+def test_a_custom_policy_orders_the_real_queue(policy):
+    """The real policy_sort with a SchedulingPolicy object: the waiting requests leave in its order, pinned where
+    its decision says."""
+    from sagellm.control_plane.policies import policy_name
+    from sagellm.operators.policy_sort import PolicySort
+    from sagellm.runtime.pipeline.messages import Request
+    from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext
+
+    queue = PolicySort(policy=policy_name(policy))
+    queue.open(OperatorContext(node_id="sort", instances={"a": InstanceStats("a"), "b": InstanceStats("b", running=3)}))
+    for i, prompt in enumerate(["three words here", "x", "two words"]):
+        queue.push(Request(request_id=f"r{i}", prompt=prompt))
+    popped = [queue.pop() for _ in range(3)]
+    expected = ["r1", "r2", "r0"] if isinstance(policy, ShortestPromptFirst) else ["r0", "r2", "r1"]
+    assert [r.request_id for r in popped] == expected and {r.instance for r in popped} == {"a"}
+    assert queue.pop() is None
+
+
+class Broken(SchedulingPolicy):
+    def prioritize(self, requests):
+        raise RuntimeError("a bug in the policy")
+
+    def schedule(self, requests, instances):
+        return [None]  # not a decision
+
+
+def test_a_policy_that_fails_never_stops_the_queue():
+    """A policy's exception is logged and the queue goes on in arrival order, route placing the requests."""
+    from sagellm.control_plane.policies import policy_name
+    from sagellm.operators.policy_sort import PolicySort
+    from sagellm.runtime.pipeline.messages import Request
+    from sagellm.runtime.pipeline.operator import OperatorContext
+
+    queue = PolicySort(policy=policy_name(Broken()))
+    queue.open(OperatorContext(node_id="sort"))
+    for i in range(3):
+        queue.push(Request(request_id=f"r{i}", prompt="hi"))
+    popped = [queue.pop() for _ in range(3)]
+    assert [r.request_id for r in popped] == ["r0", "r1", "r2"] and {r.instance for r in popped} == {None}
+
+
+@pytest.mark.slow
+def test_a_custom_policy_serves_requests_through_the_manager(upstreams):
+    """A policy object given to the manager runs its gateway's queue (its decision pins the instance), and the
+    seed's class names select sageLLM's own policies."""
+    cp = ControlPlaneManager(scheduling_policy=LongestFirstAsync())
+    cp.register_instance(instance("a", upstreams[0].url))
+    cp.register_instance(instance("b", upstreams[1].url))
+    with cp:
+        ids = [cp.sync.submit_request(RequestMetadata(prompt="word " * n, max_tokens=2)) for n in (1, 2, 3)]
+        results = [cp.sync.wait(request_id) for request_id in ids]
+        assert [r.status for r in results] == [RequestStatus.COMPLETED] * 3
+        assert {r.instance_id for r in results} == {"a"}  # the decision: the first instance listed
+        assert cp.get_status()["scheduling_policy"] == "LongestFirstAsync"
+        cp.update_policy(PriorityPolicy())
+        assert cp.sync.wait(cp.sync.submit_request(RequestMetadata(prompt="hi", max_tokens=2))).ended
+        assert cp.get_status()["scheduling_policy"] == "PriorityPolicy"
