@@ -61,11 +61,18 @@ class Policy:
 
 POLICIES: Registry[type[Policy]] = Registry("scheduling policy", error=OperatorError)
 register_policy = POLICIES.register
+# Policies a program makes at run time from objects of its own (a control plane's custom policy): found by name in
+# this process, never listed among the policies a graph file can name.
+_RUNTIME_POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_runtime_policy(cls: type[Policy]) -> None:
+    _RUNTIME_POLICIES[cls.name] = cls
 
 
 def make_policy(name: str, ctx: OperatorContext, clock: Clock, args: dict[str, float] | None = None) -> Policy:
     """The policy `name`, with its own keyword `args` (e.g. adaptive's thresholds), checked by name."""
-    cls = POLICIES.get(name)
+    cls = _RUNTIME_POLICIES.get(name) or POLICIES.get(name)
     takes = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx", "clock")]
     unknown = sorted(set(args or {}) - set(takes))
     if unknown:

@@ -111,6 +111,12 @@ class RemoteEngine(StreamOperator):
         self._sent[instance_id] = {}
         return stats
 
+    def capacity(self) -> int:
+        """How many requests it serves at once: what its instances' limits add up to (any without a limit, or none
+        attached: no bound), so the policy queue upstream holds the rest, in its order, until one has room."""
+        limits = [endpoint.max_concurrent for endpoint in self.endpoints.values()]
+        return sum(limits) if limits and None not in limits else 1 << 30
+
     def relocate(self, instance_id: str, url: str) -> None:
         """New requests for the instance go to `url`; those streaming from its old address end as it goes."""
         if instance_id in self.endpoints:

@@ -25,7 +25,7 @@ import structlog
 
 from sagellm.common.errors import InvalidInput
 from sagellm.control_plane.types import ExecutionInstance, RequestMetadata, RequestPriority
-from sagellm.operators.policies import POLICIES, Clock, Policy
+from sagellm.operators.policies import Clock, Policy, register_runtime_policy
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import OperatorContext
 
@@ -110,7 +110,7 @@ _names = itertools.count()
 
 def policy_name(policy: str | SchedulingPolicy) -> str:
     """The name `policy_sort` takes for `policy`: a name as it is, a built-in's own, and a policy object registered
-    as a policy of this process (each object once)."""
+    as a run-time policy of this process (each object once; never listed with the policies a graph file names)."""
     if isinstance(policy, str):
         return policy
     if isinstance(policy, BuiltinPolicy):
@@ -120,7 +120,7 @@ def policy_name(policy: str | SchedulingPolicy) -> str:
     registered = getattr(policy, "_sagellm_policy_name", None)
     if registered is None:
         registered = f"{policy.name}#{next(_names)}"
-        POLICIES.register(type(f"SeedPolicy_{policy.name}", (SeedPolicy,), {"name": registered, "seed": policy}))
+        register_runtime_policy(type(f"SeedPolicy_{policy.name}", (SeedPolicy,), {"name": registered, "seed": policy}))
         policy._sagellm_policy_name = registered  # type: ignore[attr-defined]
     return registered
 

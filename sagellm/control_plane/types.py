@@ -111,7 +111,7 @@ class ExecutionInstance:
     avg_latency_ms: float = 0.0
     throughput_tokens_per_sec: float = 0.0
     active_requests: int = 0
-    max_concurrent_requests: int = 100  # more at once are refused as overloaded (429)
+    max_concurrent_requests: int = 100  # sent to it at once; more wait in the policy queue
     expert_parallel_size: int = 1
     api_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)

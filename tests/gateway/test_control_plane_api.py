@@ -6,6 +6,8 @@ checks, an instance unregistered while serving; and what it refuses, with the re
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx
 import openai
@@ -240,3 +242,31 @@ def test_a_custom_policy_serves_requests_through_the_manager(upstreams):
         cp.update_policy(PriorityPolicy())
         assert cp.sync.wait(cp.sync.submit_request(RequestMetadata(prompt="hi", max_tokens=2))).ended
         assert cp.get_status()["scheduling_policy"] == "PriorityPolicy"
+
+
+@pytest.mark.slow
+def test_a_custom_policy_orders_requests_waiting_for_a_busy_instance(upstreams):
+    """One instance taking one request at a time, busy with a long one: five requests submitted meanwhile wait in
+    the policy queue (none refused) and leave in the custom policy's order (shortest prompt first), but for the two
+    already on their way to the instance (one held where the instance's requests start, one in the queue's send)."""
+    cp = ControlPlaneManager(scheduling_policy=ShortestPromptFirst())
+    cp.register_instance(instance("a", upstreams[0].url, max_concurrent_requests=1))
+    with cp:
+        long = {"model": "upstream", "prompt": "hi", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+        busy = threading.Thread(target=httpx.post, args=(cp.url + "/v1/completions",), kwargs={"json": long})
+        busy.start()
+        while not cp.get_instances()[0].active_requests:
+            time.sleep(0.001)
+        prompts = {f"p{n}": "word " * n for n in (5, 1, 4, 2, 3)}
+        for request_id, prompt in prompts.items():
+            cp.sync.submit_request(RequestMetadata(request_id, prompt, max_tokens=2, temperature=0))
+        finished: list[str] = []
+        while len(finished) < len(prompts):
+            for request_id in prompts:
+                result = cp.sync.get_request_result(request_id)
+                if request_id not in finished and result.ended:
+                    assert result.status is RequestStatus.COMPLETED, result
+                    finished.append(request_id)
+            time.sleep(0.002)
+        busy.join()
+    assert finished[:2] == ["p5", "p1"] and finished[2:] == ["p2", "p3", "p4"]  # submitted p4, p2, p3

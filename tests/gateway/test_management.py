@@ -154,7 +154,7 @@ def test_openai_engine_serves_its_model_until_it_stops_or_goes_down(admin, gatew
         bad = httpx.post(gateway.url + "/v1/completions", json={"model": "remote", "prompt": "x", "max_tokens": -1})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
 
-        _over_the_limit_is_429(gateway.url)
+        _over_the_limit_waits_its_turn(gateway.url)
 
     # the upstream has stopped under the gateway: requests for its model are 503s (unreachable or unhealthy)
     down = httpx.post(gateway.url + "/v1/chat/completions", json=_chat("remote"))
@@ -170,23 +170,27 @@ def _chat(model: str, **fields: Any) -> dict[str, Any]:
     return {"model": model, "messages": CHAT, "max_tokens": 4, **fields}
 
 
-def _over_the_limit_is_429(url: str) -> None:
-    """With max_concurrent 1, a second request while a long stream is in flight is refused with Retry-After."""
+def _over_the_limit_waits_its_turn(url: str) -> None:
+    """With max_concurrent 1, a second request while a long stream is in flight waits in the policy queue for the
+    server to have room, then completes (the gateway does not send it over the server's limit)."""
     opened = threading.Event()
     long = _chat("remote", stream=True, max_tokens=200, ignore_eos=True)
+    ended: list[bool] = []
 
     def hold_a_stream() -> None:
         with httpx.stream("POST", url + "/v1/chat/completions", json=long, timeout=60) as reply:
             opened.set()
             for _ in reply.iter_lines():
                 pass
+        ended.append(True)
 
     holder = threading.Thread(target=hold_a_stream)
     holder.start()
     assert opened.wait(30)
-    second = httpx.post(url + "/v1/chat/completions", json=_chat("remote"))
+    second = httpx.post(url + "/v1/chat/completions", json=_chat("remote"), timeout=60)
     holder.join(60)
-    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert second.status_code == 200, second.text
+    assert ended, "the stream ended too"
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kind: Literal["llm", "embedding", "openai"] = "llm"
     tensor_parallel: int = 1
     label: str | None = None
-    max_concurrent: int | None = None  # requests sent to it at once; more are answered 429
+    max_concurrent: int | None = None  # requests sent to it at once; more wait in the policy queue
     use_gpu: bool = False
     placement: str | None = None  # llm, embedding: "ray:GROUP" runs it on the gateway's Ray cluster (None: here)
     url: str | None = None  # openai: the server's base URL
