@@ -61,8 +61,9 @@ class Route(MapOperator):
         tokens = item.prompt_token_ids or []
         hashes = self.prefix_index.hashes(tokens)
         pinned = item.instance
-        if pinned is None and item.group is not None and self._group_instance.get(item.group) not in item.exclude:
-            pinned = self._group_instance.get(item.group)
+        if pinned is None and item.group is not None:
+            first = self._group_instance.get(item.group)
+            pinned = first if first not in item.exclude else None
         chosen = next((c for c in candidates if c.name == pinned), None)
         if chosen is None:
             untried = [c for c in candidates if c.name not in item.exclude] or candidates

@@ -110,8 +110,7 @@ class JsonlSink(MapOperator):
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: IO[bytes] | None = None
-        self._pending: dict[str, _Record] = {}  # request id -> its record so far (text pieces joined at its end)
-        self._texts: dict[str, list[str]] = {}
+        self._pending: dict[str, tuple[_Record, list[str]]] = {}  # request id -> its record so far, its text pieces
 
     def open(self, ctx: OperatorContext) -> None:
         super().open(ctx)
@@ -120,19 +119,23 @@ class JsonlSink(MapOperator):
             self._file = open(self.path, "wb")  # noqa: SIM115  (closed in close(): the file outlives this call)
 
     def execute(self, item: TokenDelta | RequestError) -> None:
-        record = self._pending.setdefault(item.request_id, _Record(request_id=item.request_id))
-        texts = self._texts.setdefault(item.request_id, [])
+        pending = self._pending.get(item.request_id)
+        if pending is None:
+            pending = self._pending[item.request_id] = (_Record(request_id=item.request_id), [])
+        record, texts = pending
         if isinstance(item, TokenDelta):
             texts.append(item.text)
             record.token_ids.extend(item.token_ids)
             if item.logprobs is not None:
-                record.logprobs = (record.logprobs or []) + [lp.to_dict() for lp in item.logprobs]
+                if record.logprobs is None:
+                    record.logprobs = []
+                record.logprobs += [lp.to_dict() for lp in item.logprobs]
             if item.prompt_logprobs is not None:
                 record.prompt_logprobs = [lp and lp.to_dict() for lp in item.prompt_logprobs]
         if not is_terminal(item):
             return
         del self._pending[item.request_id]
-        record.text = "".join(self._texts.pop(item.request_id))
+        record.text = "".join(texts)
         if isinstance(item, TokenDelta):
             record.finish_reason = item.finish_reason
         else:

@@ -6,7 +6,16 @@ what the engine tests compare with it share: random prompts, and an engine stepp
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+# The ways an engine runs the same prompts (block size 4, sequences of up to 42 tokens): each path the oracle checks.
+STEP_SHAPES = {
+    "whole": dict(max_num_batched_tokens=512),  # whole prompts in one step
+    "chunked": dict(max_num_batched_tokens=8),  # chunked prefill: every prompt over several steps, mixed with decodes
+    "preempted": dict(num_kv_blocks=12, max_num_batched_tokens=16),  # 48 slots for up to 42 tokens: preemption
+}
+step_shapes = pytest.mark.parametrize("engine_args", list(STEP_SHAPES.values()), ids=list(STEP_SHAPES))
 
 
 @torch.no_grad()

@@ -289,7 +289,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """The engine's load now, for whoever places requests on engines."""
-        waiting = [*self.scheduler.waiting, *(seq for parked in self._parked.values() for seq in parked)]
+        parked = [seq for group in self._parked.values() for seq in group]
+        waiting = [*self.scheduler.waiting, *parked] if parked else self.scheduler.waiting
         running = self.scheduler.running
         blocks = self.scheduler.block_manager
         prefill = sum(s.num_tokens - s.num_computed_tokens for s in waiting) + sum(

@@ -178,8 +178,10 @@ class Sampler:
         params: Sequence[SamplingParams],
     ) -> list[TokenLogprob | None]:
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        index = torch.tensor(rows, device=logits.device)
-        scored = token_logprobs(logits[index], token_ids[index], [params[i].logprobs or 0 for i in rows])
+        if len(rows) < len(params):  # only those rows: no copy of the whole batch's logits when every row asks
+            index = torch.tensor(rows, device=logits.device)
+            logits, token_ids = logits[index], token_ids[index]
+        scored = token_logprobs(logits, token_ids, [params[i].logprobs or 0 for i in rows])
         out: list[TokenLogprob | None] = [None] * len(params)
         for row, logprob in zip(rows, scored):
             out[row] = logprob

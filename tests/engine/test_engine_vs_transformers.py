@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
-from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
+from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts, step_shapes
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -31,15 +31,7 @@ def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):
     assert_last_logits_match(engine, hf, batch_prompts)
 
 
-@pytest.mark.parametrize(
-    "engine_args",
-    [
-        dict(max_num_batched_tokens=512),  # whole prompts in one step
-        dict(max_num_batched_tokens=8),  # chunked prefill: every prompt over several steps, mixed with decodes
-        dict(num_kv_blocks=12, max_num_batched_tokens=16),  # 48 slots for sequences of up to 42 tokens: preemption
-    ],
-    ids=["whole", "chunked", "preempted"],
-)
+@step_shapes
 def test_greedy_tokens_identical_to_transformers(tiny, engine_args):
     path, hf = tiny
     llm = LLM(str(path), backend="cpu", block_size=4, **({"num_kv_blocks": 64} | engine_args))

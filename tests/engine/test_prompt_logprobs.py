@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from tests.oracle import hf_greedy, random_prompts
+from tests.oracle import hf_greedy, random_prompts, step_shapes
 from tests.tiny_models import make_tiny_llama
 
 TOP = 3
@@ -38,15 +38,7 @@ def assert_matches_oracle(prompt_logprobs, prompt: list[int], expected: torch.Te
         assert len(top_ids) == TOP and set(top_ids) == set(row.topk(TOP).indices.tolist())
 
 
-@pytest.mark.parametrize(
-    "engine_args",
-    [
-        dict(max_num_batched_tokens=512),
-        dict(max_num_batched_tokens=8),
-        dict(num_kv_blocks=12, max_num_batched_tokens=16),
-    ],
-    ids=["whole", "chunked", "preempted"],
-)
+@step_shapes
 def test_prompt_logprobs_equal_transformers(tiny, engine_args):
     path, hf = tiny
     llm = LLM(str(path), backend="cpu", block_size=4, **({"num_kv_blocks": 64} | engine_args))

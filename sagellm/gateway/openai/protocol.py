@@ -313,7 +313,7 @@ def chat_request(
     return Request(
         request_id=request_id,
         messages=messages,
-        template_kwargs=_template_kwargs(body),
+        template_kwargs=_chat_template_kwargs(body),
         sampling=params,
         model=body.model,
         arrival_time=now,
@@ -321,19 +321,27 @@ def chat_request(
     )
 
 
-def _template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
-    """The chat template's settings besides the messages; None for the default (the generation prompt added)."""
-    if body.continue_final_message and body.add_generation_prompt:
-        _refuse("continue_final_message", "continues the last message: set add_generation_prompt false with it")
+def _chat_template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
     if body.continue_final_message and body.messages[-1].role != "assistant":
         _refuse("continue_final_message", "the last message must be the assistant's, to continue")
-    kwargs = dict(body.chat_template_kwargs or {})
+    return template_kwargs(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+
+
+def template_kwargs(
+    add_generation_prompt: bool, continue_final_message: bool, extra: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """What a chat's messages are rendered with besides them (vLLM's two switches, and its `chat_template_kwargs`:
+    `extra`), for a served chat and for /tokenize alike; None for the default (the generation prompt added). A 400
+    for settings that contradict each other."""
+    if continue_final_message and add_generation_prompt:
+        _refuse("continue_final_message", "continues the last message: set add_generation_prompt false with it")
+    kwargs = dict(extra or {})
     for name in ("add_generation_prompt", "continue_final_message", "tools", "chat_template", "messages"):
         if name in kwargs:
             _refuse("chat_template_kwargs", f"{name} is a field of the request, not of chat_template_kwargs")
-    if not body.add_generation_prompt:
+    if not add_generation_prompt:
         kwargs["add_generation_prompt"] = False
-    if body.continue_final_message:
+    if continue_final_message:
         kwargs["continue_final_message"] = True
     return kwargs or None
 

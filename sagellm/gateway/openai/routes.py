@@ -161,19 +161,15 @@ class OpenAIRoutes:
         logprobs: bool,
         prompt_logprobs: bool,
     ) -> dict[str, Any]:
-        """A whole completion's choice: its text (after the prompt, with `echo`), logprobs and vLLM's
-        prompt_logprobs when asked (`scored_prompt`: the prompt's, which its first choice carried)."""
-        tokenizer = self.core.tokenizer
-        if echo is not None:
-            text = echo.text_with(choice.text)
-            lp = echo.logprobs_with(tokenizer, scored_prompt, choice.logprobs) if logprobs else None
-        else:
-            text = choice.text
-            lp = completion_logprobs(tokenizer, choice.logprobs, 0) if logprobs else None
-        reason = finish_reason(choice.finish_reason)
-        fields = {"index": choice.index, "text": text, "logprobs": lp, "finish_reason": reason}
+        """A whole completion's choice: rendered as a stream's one delta would be (after the prompt, with `echo`),
+        and vLLM's prompt_logprobs when asked (`scored_prompt`: the prompt's, which its first choice carried)."""
+        whole = TokenDelta(
+            request_id="", token_ids=choice.token_ids, text=choice.text, finish_reason=choice.finish_reason,
+            logprobs=choice.logprobs, prompt_logprobs=scored_prompt,
+        )  # fmt: skip
+        fields = self._completion_render(choice.index, logprobs, echo)(whole)
         if prompt_logprobs:
-            fields["prompt_logprobs"] = prompt_logprobs_json(tokenizer, scored_prompt or [])
+            fields["prompt_logprobs"] = prompt_logprobs_json(self.core.tokenizer, scored_prompt or [])
         return fields
 
     def _completion_render(

@@ -18,7 +18,7 @@ import trio
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.protocol import ChatMessage
+from sagellm.gateway.openai.protocol import ChatMessage, template_kwargs
 from sagellm.gateway.openai.tools import Tool, plan
 from sagellm.gateway.serving.prompts import OFF_LOOP_CHARS
 from sagellm.operators.admission import tokenize_request
@@ -112,17 +112,14 @@ class TokenizerRoutes:
 
     @staticmethod
     def _render(body: TokenizeRequest, tokenizer: Any) -> str:
-        if body.continue_final_message and body.add_generation_prompt:
-            message = "continue_final_message and add_generation_prompt both set: set add_generation_prompt false"
-            raise ApiError(400, message, param="continue_final_message")
+        settings = template_kwargs(body.add_generation_prompt, body.continue_final_message)
         messages = [msgspec.to_builtins(m) for m in body.messages or ()]
         template = getattr(tokenizer, "chat_template", None) or ""
         tools = plan(body.tools, None, True, template) if body.tools else None  # the template a served chat gets
         try:
             return tokenizer.apply_chat_template(
                 messages, tools=tools.tools if tools else None, chat_template=tools.chat_template if tools else None,
-                tokenize=False, add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message,
+                tokenize=False, **({"add_generation_prompt": True} | (settings or {})),
             )  # fmt: skip
         except Exception as exc:  # a template error names what is wrong with the messages
             raise ApiError(400, f"messages cannot be rendered with the model's chat template: {exc}",
