@@ -124,12 +124,14 @@ class EngineOperator(StepOperator):
         request = item.request if isinstance(item, PrefillDone) else item
         self._tracked[rid] = tracked = TrackedRequest.of(request)
         try:
-            if isinstance(item, PrefillDone):
-                tracked.metrics.num_cached_tokens, tracked.prefilled_elsewhere = item.num_cached_tokens, True
+            if isinstance(item, PrefillDone) or request.prefilled is not None:
+                done = item if isinstance(item, PrefillDone) else _from_server(request)
+                tracked.metrics.num_cached_tokens, tracked.prefilled_elsewhere = done.num_cached_tokens, True
                 out = self.engine.add_prefilled_request(
-                    rid, request.prompt_token_ids, request.sampling, item.first_token, item.kv.data,
+                    rid, request.prompt_token_ids, request.sampling, done.first_token, done.kv.data,
                     resumed_tokens=request.resumed_tokens,
                 )  # fmt: skip
+                item = done
                 items = self._emit(out, time.time())
                 if tracked.metrics.first_token_time is not None:
                     tracked.metrics.kv_handover_s = tracked.metrics.first_token_time - item.first_token_time
@@ -140,7 +142,7 @@ class EngineOperator(StepOperator):
             prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
             self.engine.add_request(
                 rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill",
-                resumed_tokens=request.resumed_tokens, group=request.group,
+                export_kv=request.kv_export, resumed_tokens=request.resumed_tokens, group=request.group,
             )  # fmt: skip
         except ValueError as exc:
             del self._tracked[rid]
@@ -188,6 +190,20 @@ class EngineOperator(StepOperator):
             del self._tracked[out.request_id]
             message = f"{self.ctx.node_id}: {out.error}"
             return [RequestError(request_id=out.request_id, code="internal", message=message, time=now)]
+        if out.kv is not None and tracked.request.kv_export:  # prefilled for another server: the KV goes back
+            del self._tracked[out.request_id]
+            tracked.token(now, 1)
+            tracked.metrics.num_prompt_tokens = len(out.prompt_token_ids)
+            tracked.metrics.num_cached_tokens = out.metrics.num_cached_tokens
+            reason = "length" if completion.finish_reason == "prefilled" else completion.finish_reason
+            kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv)
+            first = completion.token_ids_delta
+            return [
+                TokenDelta(
+                    request_id=out.request_id, token_ids=list(first), text=completion.text_delta, time=now,
+                    finish_reason=reason, metrics=tracked.finish(now), kv=kv,
+                )
+            ]  # fmt: skip
         if completion.finish_reason == "prefilled":
             del self._tracked[out.request_id]
             kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv)
@@ -230,6 +246,20 @@ class EngineOperator(StepOperator):
         self.stats.prefix_cache_hits = engine.prefix_cache_hits
         self.stats.queued_prefill_tokens = engine.pending_prefill_tokens
         self.stats.queued_decode_tokens = engine.pending_decode_tokens
+
+
+def _from_server(request: Request) -> PrefillDone:
+    """A request another server prefilled (`Request.prefilled`), as a prefill worker's hand-over."""
+    prefilled = request.prefilled
+    if prefilled.prompt_token_ids != request.prompt_token_ids:
+        raise ValueError(
+            f"kv_transfer_params: the remote prefill's {len(prefilled.prompt_token_ids)} prompt tokens are not this "
+            f"request's {request.num_prompt_tokens} (another prompt, or another model's tokenizer)"
+        )
+    return PrefillDone(
+        request_id=request.request_id, request=request, first_token=prefilled.first_token,
+        first_token_time=request.arrival_time, kv=prefilled.kv,
+    )  # fmt: skip
 
 
 def _logprobs(completion: Any, count: int) -> list[TokenLogprob]:

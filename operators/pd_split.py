@@ -5,7 +5,10 @@ Splitting pays when the prompt's uncached part is long: the prefill then runs on
 the decode batch, at the price of moving the prompt's KV. Below `threshold_tokens` uncached prompt tokens it does not
 pay, so the request stays colocated, unless `ratio` is set and the uncached prompt is more than `ratio` times the
 output the request expects (a prompt-heavy request: the seeds' "adaptive" PD policy). The measure is tokens
-(admission fills `prompt_token_ids`), never characters.
+(admission fills `prompt_token_ids`), never characters, except for the model of attached servers whose tokenizer the
+gateway lacks: estimated there as the control-plane API does, four characters a token (`estimated_tokens`). Such a
+request's PD pair is two servers, a prefill and a decode one, which route picks and `remote_engine` links (vLLM's
+`kv_transfer_params`).
 
 What is cached: pd_split sees only its own decisions, not which instance route later picks, so it keeps one
 `PrefixIndex` for the whole pool of decode-capable instances and records every prompt it passes on (colocated ones
@@ -14,10 +17,12 @@ as cached if any of them was sent before: optimistic when route spreads equal pr
 cache_aware and locality strategies avoid.
 
 Even a long prompt stays colocated when the PD path cannot take it, each reason counted in `decisions`:
-"no_prompt_tokens" (not tokenized, so unmeasurable), "no_prefill_instance", "prefill_unhealthy",
+"no_prompt_tokens" (not tokenized, so unmeasurable), "no_prefill_instance", "prefill_unhealthy", "prefill_failed"
+(a retry, and each healthy prefill instance failed it before),
 "no_decode_instance", "decode_unhealthy", "kv_transfer_failing" (every healthy decode worker has had
 `max_transfer_failures` failed transfers in a row), "decode_saturated" (every usable decode worker is full).
-The other counts are "short_prompt" (colocated by the threshold) and "pd" (sent to prefill)."""
+The other counts are "short_prompt" (colocated by the threshold), "remote_pd" (the prefill or the decode half of a
+PD pair another gateway runs across servers) and "pd" (sent to prefill)."""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import InstanceStats, MapOperator, register_operator
 
-POOL = "decode_capable"  # the one key of the index: the pool of instances a prompt may be cached on
+POOL = "decode_capable"  # the index's key (with the model's name): the pool of instances a prompt may be cached on
 
 
 @register_operator
@@ -63,29 +68,34 @@ class PDSplit(MapOperator):
 
     def uncached_tokens(self, request: Request) -> int:
         tokens = request.prompt_token_ids or []
-        return len(tokens) - self.prefix_index.cached_tokens(POOL, tokens)
+        return len(tokens) - self.prefix_index.cached_tokens(_pool(request), tokens)
 
     def _decide(self, request: Request) -> str:
         """The reason for this request's phase: "pd" for the PD path, any other reason means colocated."""
-        if request.model is not None:  # served by instances of another model, which run it whole
-            return "other_model"
-        if request.prompt_token_ids is None:
+        if request.kv_export or request.prefilled is not None:  # one half of a PD pair across servers already
+            return "remote_pd"
+        if request.prompt_token_ids is not None:
+            uncached = self.uncached_tokens(request)
+            self.prefix_index.record(_pool(request), request.prompt_token_ids)
+        elif request.model is not None:  # another model's servers: no tokenizer here, so the seeds' estimate
+            uncached = estimated_tokens(request)
+        else:
             return "no_prompt_tokens"
-        uncached = self.uncached_tokens(request)
-        self.prefix_index.record(POOL, request.prompt_token_ids)
         prompt_heavy = self.ratio > 0 and uncached > self.ratio * request.sampling.expected_output_tokens
         if uncached < self.threshold_tokens and not prompt_heavy:
             return "short_prompt"
-        return self._pd_unavailable() or "pd"
+        return self._pd_unavailable(request) or "pd"
 
-    def _pd_unavailable(self) -> str | None:
-        """Why the PD path cannot take a request now, or None when it can."""
-        instances = list(self.ctx.instances.values())
+    def _pd_unavailable(self, request: Request) -> str | None:
+        """Why the PD path cannot take the request now, or None when it can."""
+        instances = [s for s in self.ctx.instances.values() if s.model == request.model]
         prefill = _with_role(instances, "prefill")
         if not prefill:
             return "no_prefill_instance"
         if not any(s.healthy for s in prefill):
             return "prefill_unhealthy"
+        if all(s.name in request.exclude for s in prefill if s.healthy):  # a retry after each failed it
+            return "prefill_failed"
         decode = _with_role(instances, "decode")
         if not decode:
             return "no_decode_instance"
@@ -98,6 +108,19 @@ class PDSplit(MapOperator):
         if all(s.saturated for s in transferring):
             return "decode_saturated"
         return None
+
+
+def estimated_tokens(request: Request) -> int:
+    """A prompt's tokens, estimated without its model's tokenizer as four characters each (the control-plane API's
+    estimate): what pd_split measures a request for a server's model by, whose tokenizer the gateway lacks."""
+    if request.prompt is not None:
+        return len(request.prompt) // 4
+    contents = (m.get("content") for m in request.messages or ())
+    return sum(len(c) if isinstance(c, str) else len(str(c or "")) for c in contents) // 4
+
+
+def _pool(request: Request) -> str:
+    return f"{POOL}:{request.model}" if request.model is not None else POOL
 
 
 def _with_role(instances: list[InstanceStats], role: str) -> list[InstanceStats]:

@@ -20,14 +20,19 @@ client's invalid request, with the server's message); a server that cannot be re
 drops a stream `instance_lost`, both retryable. A client that leaves cancels the call, which closes its connection:
 the server aborts the request. The instance's `running` and expected decode work are this node's count of its
 requests there; its `waiting` is the server's own queue, which whoever keeps the instance reads from the server's
-metrics."""
+metrics.
+
+PD across servers: a request pd_split sends to prefill, at a server attached with the prefill role, runs there with
+vLLM's disaggregated-serving protocol and then streams from the decode server route chose for it
+(`_disaggregated`); the KV moves between the two servers, never through the gateway."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +48,11 @@ from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, St
 
 log = structlog.get_logger("sagellm.remote_engine")
 UNLIMITED = 1 << 30
+# What a prefill server is asked to do in vLLM's disaggregated serving: prefill, keep the KV for a decode server
+REMOTE_DECODE = {
+    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None,
+    "remote_host": None, "remote_port": None,
+}  # fmt: skip
 
 
 class InstanceLink(Protocol):
@@ -147,18 +157,69 @@ class RemoteEngine(StreamOperator):
             message = f"instance {name} is at its limit of {endpoint.max_concurrent} requests in flight"
             yield _error(item, "overloaded", message, retryable=True)
             return
-        sent[item.request_id] = item.sampling.expected_output_tokens
-        self._report(name, endpoint, sent)
-        try:
+        with self._counted(name, item):
             if endpoint.link is not None:
                 call = endpoint.link.stream(item)
+            elif item.phase == "prefill":
+                call = self._disaggregated(name, endpoint, item)
             else:
                 call = self._embed(name, endpoint, item) if item.phase == "embed" else self._call(name, endpoint, item)
             async for out in call:
                 yield out
+
+    @contextlib.contextmanager
+    def _counted(self, name: str, request: Request) -> Iterator[None]:
+        """The request counts on the instance while this lasts (its running requests, its expected decode work)."""
+        sent, endpoint = self._sent[name], self.endpoints[name]
+        sent[request.request_id] = request.sampling.expected_output_tokens
+        self._report(name, endpoint, sent)
+        try:
+            yield
         finally:
-            del sent[item.request_id]
+            sent.pop(request.request_id, None)
             self._report(name, endpoint, sent)
+
+    async def _disaggregated(
+        self, name: str, endpoint: Endpoint, request: Request
+    ) -> AsyncIterator[TokenDelta | RequestError]:
+        """PD across two servers, as vLLM's disaggregation proxy runs it: the prefill server computes the prompt's KV
+        (one token, `kv_transfer_params: {"do_remote_decode": true}`, not streamed) and answers where the KV waits;
+        the decode server is then sent the request with those params, fetches the KV and streams the output. From
+        the decode call on, the request is the decode server's (`request.instance`): its failure is that server's."""
+        params = await self._prefill(name, endpoint, request)
+        if isinstance(params, RequestError):
+            yield params
+            return
+        decoder = request.decode_instance or ""
+        if decoder not in self.endpoints:
+            yield _error(
+                request, "unavailable", f"decode server {decoder!r} left before the request reached it", retryable=True
+            )
+            return
+        request.instance = decoder
+        with self._counted(decoder, request):
+            async for out in self._call(decoder, self.endpoints[decoder], request, kv_transfer_params=params):
+                yield out
+
+    async def _prefill(self, name: str, endpoint: Endpoint, request: Request) -> dict[str, Any] | RequestError:
+        """The prefill server's half: its reply's `kv_transfer_params`, or the request's error."""
+        path, body = openai_call(request, endpoint.model)
+        body.update(stream=False, max_tokens=1, kv_transfer_params=dict(REMOTE_DECODE))
+        body.pop("stream_options", None)
+        headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        try:
+            reply = await self._client.post(endpoint.url + path, json=body, headers=headers)
+            if reply.status_code != 200:
+                return _refusal(request, name, reply.status_code, reply.content)
+            params = reply.json().get("kv_transfer_params")
+        except (httpx.HTTPError, ValueError) as exc:
+            return _error(
+                request, "unavailable", f"prefill server {name} at {endpoint.url}: {_reason(exc)}", retryable=True
+            )
+        if not isinstance(params, dict):
+            message = f"prefill server {name} answered without kv_transfer_params: is it serving with a KV connector?"
+            return _error(request, "unavailable", message, retryable=True)
+        return params
 
     def _report(self, name: str, endpoint: Endpoint, sent: dict[str, int]) -> None:
         stats = self.ctx.instances.get(name)
@@ -169,10 +230,14 @@ class RemoteEngine(StreamOperator):
             stats.queued_prefill_tokens = 0  # the server's to know; route's estimate gives way to what is known
             stats.queued_decode_tokens = sum(sent.values())
 
-    async def _call(self, name: str, endpoint: Endpoint, request: Request) -> AsyncIterator[TokenDelta | RequestError]:
+    async def _call(
+        self, name: str, endpoint: Endpoint, request: Request, kv_transfer_params: dict[str, Any] | None = None
+    ) -> AsyncIterator[TokenDelta | RequestError]:
         stats = self.ctx.instances.get(name)
         ours = stats is not None and stats.model is None  # the graph's vocabulary: its token ids mean ours
         path, body = openai_call(request, endpoint.model, return_token_ids=ours)
+        if kv_transfer_params is not None:
+            body["kv_transfer_params"] = kv_transfer_params
         headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         metrics = RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time)
         chunks, finish, calls = 0, None, StreamedCalls()

@@ -12,7 +12,9 @@ one more running request), so a burst routed before the engine reports back is s
 read load; the engine operator overwrites these numbers with its own accounting. The prompt is recorded in the
 `PrefixIndex` of what each instance has cached, which cache_aware reads and which gives the uncached-token charge.
 The choices of one request (`request.group`) go where the first went, while it can take them: that engine prefills
-their prompt once."""
+their prompt once. A request to prefill on an attached server (vLLM's disaggregated serving across servers) also
+gets the server that decodes it (`request.decode_instance`); one another server prefilled (`request.prefilled`) goes
+to an engine of the graph, the only kind its KV can go into."""
 
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class Route(MapOperator):
         candidates = [s for s in fitting if s.healthy]
         if item.sampling.asks_logprobs:  # servers reached over HTTP do not relay them: the graph's engines do
             candidates = [s for s in candidates if s.node is None] or candidates
+        if item.prefilled is not None:  # its KV goes into an engine of the graph, never to a server
+            candidates = [s for s in candidates if s.node is None]
         if not candidates:
             return self._no_candidate(item, engines, fitting)
         tokens = item.prompt_token_ids or []
@@ -70,12 +74,33 @@ class Route(MapOperator):
             chosen = self.strategy.choose(item, untried, hashes)
         self._charge(item, chosen, tokens, hashes)
         item.instance = chosen.name
+        if item.phase == "prefill" and chosen.node is not None:
+            decoder = self._decode_server(item, engines, chosen, hashes)
+            if decoder is None:
+                message = f"no healthy decode server of {item.model!r} beside {chosen.name}; retry later"
+                return RequestError(request_id=item.request_id, code="unavailable", message=message, retryable=True)
+            item.decode_instance = decoder.name
         if item.group is not None:
             self._group_instance[item.group] = chosen.name
             self._group_instance.move_to_end(item.group)
             if len(self._group_instance) > GROUPS_REMEMBERED:
                 self._group_instance.popitem(last=False)
         return Emit(to=chosen.target, item=item)
+
+    def _decode_server(
+        self, request: Request, engines: Sequence[InstanceStats], prefill: InstanceStats, hashes: list[int]
+    ) -> InstanceStats | None:
+        """A prefill on an attached server continues on a decode server of the same node (`remote_engine` links the
+        two), chosen by the same strategy and counted on it as a request to decode."""
+        decoders = [s for s in engines if s.role == "decode" and s.healthy and s.node == prefill.node]
+        if not decoders:
+            return None
+        decoder = self.strategy.choose(
+            request, [d for d in decoders if d.name not in request.exclude] or decoders, hashes
+        )
+        decoder.queued_decode_tokens += request.sampling.expected_output_tokens
+        decoder.running += 1
+        return decoder
 
     def _charge(self, request: Request, instance: InstanceStats, tokens: list[int], hashes: list[int]) -> None:
         """Count the request on the instance now, and remember its prompt as cached there."""

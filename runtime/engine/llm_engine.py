@@ -48,6 +48,7 @@ class _RequestState:
     metrics: RequestMetrics
     logprobs: list | None = None
     prefill_only: bool = False  # a prefill worker's request: stop after the first token and hand over the KV
+    export_kv: bool = False  # prefill_only, and the KV goes out even when the first token ended the request
     matcher: GuidedMatcher | None = None  # where a guided request stands in its grammar
 
 
@@ -150,11 +151,14 @@ class LLMEngine:
         *,
         priority: int = 0,
         prefill_only: bool = False,
+        export_kv: bool = False,
         resumed_tokens: int = 0,
         group: str | None = None,
     ) -> None:
         """Queues a request. With `prefill_only` (a prefill worker), it ends after its first token with finish reason
-        "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it.
+        "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it. `export_kv`
+        (prefill for another server): ends after its first token too, its KV out whatever that token's finish
+        reason, since the server that decodes it applies the request's own limits.
         `resumed_tokens`: the prompt ends with that many tokens another engine generated for this request (a resume):
         the text continues from them as that engine's would have. `group`: requests of one group share their
         prompt (the `n` choices of one request, each added with `SamplingParams.choice`): its blocks are computed
@@ -162,7 +166,7 @@ class LLMEngine:
         if params.n != 1:
             raise InvalidInput(f"n={params.n}: add each choice on its own (SamplingParams.choice) in one group")
         seq, state = self._new_request(request_id, prompt, params, priority, resumed_tokens)
-        state.prefill_only = prefill_only
+        state.prefill_only, state.export_kv = prefill_only or export_kv, export_kv
         leader = self._group_leaders.get(group) if group is not None else None
         if leader is not None and not _prompt_computed(leader):
             self._parked.setdefault(group, []).append(seq)
@@ -464,8 +468,8 @@ class LLMEngine:
         ):
             finish = "length"
         kv = None
-        if finish is None and state.prefill_only:
-            finish = "prefilled"
+        if state.prefill_only and (finish is None or state.export_kv):
+            finish = finish or "prefilled"
             slots = token_slots(seq.block_table, 0, seq.num_prompt_tokens, self.runner.block_size, self.runner.device)
             c = self.model.config
             shape = (c.num_layers, 2, seq.num_prompt_tokens, c.num_kv_heads, c.head_dim)

@@ -70,6 +70,11 @@ class Request(_Message):
     admitted_time: float | None = None
     dispatched_time: float | None = None  # when it left the policy queue
     owner: str = ""  # who may read its status: a digest of the API key that sent it ("" for none)
+    # Disaggregated serving across servers (vLLM's `kv_transfer_params`). This server prefills only: its last delta
+    # carries the prompt's KV, which the gateway keeps for the decode server that fetches it (`do_remote_decode`).
+    kv_export: bool = False
+    prefilled: Prefilled | None = None  # another server prefilled it: decode from there (`do_remote_prefill`)
+    decode_instance: str | None = None  # a prefill on an attached server: the server route chose to decode it
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -96,6 +101,14 @@ class KVBlocks(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True
     data: Any  # torch.Tensor; typed Any so msgspec leaves it to the wire layer's hooks
 
 
+class Prefilled(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """A prompt another server prefilled: the tokens it prefilled, its first token and their KV."""
+
+    prompt_token_ids: list[TokenId]
+    first_token: TokenId
+    kv: KVBlocks
+
+
 class PrefillDone(_Message):
     """Prefill's product for one request: its first token and its KV, ready for a decode worker."""
 
@@ -119,6 +132,7 @@ class TokenDelta(_Message):
     # A request's first delta, when it asked for prompt_logprobs: one per prompt token, None for the first
     prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None
+    kv: KVBlocks | None = None  # a `kv_export` request's last delta: its prompt's KV
 
     @property
     def finished(self) -> bool:

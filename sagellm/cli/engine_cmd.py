@@ -4,9 +4,13 @@
     sagellm engine start smollm2-135m-instruct --served-model-name smollm2 --max-concurrent 16
     sagellm engine start all-minilm-l6-v2 --kind embedding --served-model-name minilm
     sagellm engine start smollm2 --kind openai --engine-url http://127.0.0.1:8080   # a running llama.cpp server
+    sagellm engine start Qwen/Qwen2.5-0.5B-Instruct --kind vllm --tp 2 --use-gpu   # vLLM's server, started here
+    sagellm engine start model.gguf --kind llamacpp --engine-args="--ctx-size 8192"
     sagellm engine stop llm-1 [--force]
 
-`start` waits until the engine is ready (or failed) unless --no-wait. Requests for the engine's model at the
+A vllm, sglang or llamacpp engine is that project's own server, run by the gateway as it runs ours (its program:
+--engine-command, else $SAGELLM_VLLM, $SAGELLM_SGLANG or $SAGELLM_LLAMACPP, else on PATH). `start` waits until the
+engine is ready (or failed) unless --no-wait. Requests for the engine's model at the
 gateway then reach it (a generation engine is one more instance route chooses among). The gateway is the one
 `sagellm gateway start` recorded, or --url."""
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
@@ -30,15 +35,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(run=run_list)
 
-    start = actions.add_parser("start", help="start an engine (llm, embedding) or register a server (openai)")
-    start.add_argument("model", help="path, alias or org/name (llm, embedding); the server's model name (openai)")
-    start.add_argument("--kind", choices=("llm", "embedding", "openai"), default="llm")
+    start = actions.add_parser("start", help="start an engine (llm, embedding, vllm, sglang, llamacpp) or register a "
+                                             "server (openai)")  # fmt: skip
+    start.add_argument("model", help="path, alias or org/name (llm, embedding); the server's model name (openai); "
+                                     "the model its server loads (vllm, sglang, llamacpp)")  # fmt: skip
+    start.add_argument("--kind", choices=("llm", "embedding", "openai", "vllm", "sglang", "llamacpp"), default="llm")
     start.add_argument("--label", help="a free-form label shown in lists")
     start.add_argument("--max-concurrent", type=int, help="requests in flight at once; more get 429")
     start.add_argument("--use-gpu", action="store_true", help="run on an NVIDIA GPU")
     start.add_argument("--served-model-name", help="the model name clients send to the gateway (default: MODEL)")
     start.add_argument("--engine-url", help="openai: the server's base URL")
     start.add_argument("--engine-api-key", help="openai: the key the server expects")
+    start.add_argument("--engine-command", help="vllm, sglang, llamacpp: the program that runs its server")
+    start.add_argument("--engine-args", type=shlex.split, default=[], metavar="ARGS",
+                       help='vllm, sglang, llamacpp: more flags of its own (--engine-args="--a 1 --b")')  # fmt: skip
     start.add_argument("--no-wait", action="store_true", help="return at once instead of waiting until ready")
     start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for ready (default 900)")
     add_connection_arguments(start)
@@ -80,6 +90,8 @@ def run_start(args: argparse.Namespace) -> int:
         "url": args.engine_url,
         "api_key": args.engine_api_key,
         "engine": settings,
+        "command": args.engine_command,
+        "args": args.engine_args or None,
     }
     engine = client.start_engine(body)
     if not args.no_wait:

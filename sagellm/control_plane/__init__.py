@@ -2,15 +2,19 @@
 instances in."""
 
 from sagellm.control_plane.manager import ControlPlaneManager, SyncControlPlane
+from sagellm.control_plane.parallelism import ParallelismConfig, ParallelismOptimizer
 from sagellm.control_plane.policies import (
     AdaptivePolicy,
     CostOptimizedPolicy,
     FIFOPolicy,
+    HybridSchedulingConfig,
+    HybridSchedulingPolicy,
     PriorityPolicy,
     SchedulingDecision,
     SchedulingPolicy,
     SLOAwarePolicy,
 )
+from sagellm.control_plane.routing import LoadBalancer, PDRoutingStrategy, RequestRouter
 from sagellm.control_plane.types import (
     DecodingConfig,
     ExecutionInstance,
@@ -29,7 +33,14 @@ __all__ = [
     "ControlPlaneManager",
     "CostOptimizedPolicy",
     "FIFOPolicy",
+    "HybridSchedulingConfig",
+    "HybridSchedulingPolicy",
+    "LoadBalancer",
+    "ParallelismConfig",
+    "ParallelismOptimizer",
+    "PDRoutingStrategy",
     "PriorityPolicy",
+    "RequestRouter",
     "SLOAwarePolicy",
     "SchedulingDecision",
     "SchedulingPolicy",

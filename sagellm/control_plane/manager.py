@@ -15,10 +15,13 @@ not a second system.
 
 The same calls without `await` are on `manager.sync` (and `with ControlPlaneManager() as cp:` starts and stops it).
 `start()` runs a gateway in this process (its trio loop in a thread, as the embedded client does) on a graph made
-from the arguments: admission -> policy_sort (`scheduling_policy`) -> route (`routing_strategy`) -> metrics_sink.
-Each registered instance is an `openai` engine of that gateway, so a request from `submit_request` and one from an
-HTTP client of `url` take the same path: admission, the policy queue, route among the healthy instances of its
-model, failover and resume, metrics. `model=` adds engines of our own for that model (the shipped colocated graph);
+from the arguments: admission -> policy_sort (`scheduling_policy`) -> pd_split (`pd_config`) -> route
+(`routing_strategy`) -> metrics_sink. Each registered instance is an `openai` engine of that gateway, so a request
+from `submit_request` and one from an HTTP client of `url` take the same path: admission, the policy queue, route
+among the healthy instances of its model, failover and resume, metrics. PREFILLING and DECODING instances are the
+two halves of PD across servers (vLLM's `kv_transfer_params`): a request pd_split sends to prefill runs its prompt
+on the one and continues on the other; a DECODING server also runs the requests kept whole.
+`model=` adds engines of our own for that model (the shipped colocated graph);
 with PD separation on (the default, `pd_config.enabled`) they are the shipped prefill/decode graph, pd_split
 deciding by `pd_config` (its threshold, and for "adaptive" its ratio) and each role on its own devices."""
 
@@ -29,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -36,9 +40,11 @@ import msgspec
 
 from sagellm import graphs
 from sagellm.common.errors import InvalidInput
+from sagellm.control_plane import convert
+from sagellm.control_plane.parallelism import ParallelismOptimizer
 from sagellm.control_plane.policies import SchedulingPolicy, policy_name
+from sagellm.control_plane.routing import LoadBalancer, PDRoutingStrategy, RequestRouter
 from sagellm.control_plane.types import (
-    DEFAULT_MAX_TOKENS,
     ExecutionInstance,
     PDSeparationConfig,
     PerformanceMetrics,
@@ -47,7 +53,6 @@ from sagellm.control_plane.types import (
     RequestStatus,
 )
 from sagellm.gateway.http.errors import ApiError
-from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request, TokenDelta
 
 # The seed's constructor settings sageLLM does not take (its own health checks and restarts apply): each is accepted
@@ -101,8 +106,13 @@ class ControlPlaneManager:
                     f"`sagellm serve --autoscale`); leave it at {SEED_DEFAULTS[name]!r}"
                 )
         policy_name(scheduling_policy)  # a bad one is refused now
-        self.scheduling_policy, self.routing_strategy = scheduling_policy, routing_strategy
+        self.scheduling_policy = scheduling_policy
         self.enable_pd_separation, self.pd_config = enable_pd_separation, pd_config or PDSeparationConfig()
+        # The seed's helpers, answering as the gateway's route and pd_split would (a bad strategy is refused now)
+        self.router = RequestRouter(routing_strategy)
+        self.load_balancer = LoadBalancer()
+        self.pd_router = PDRoutingStrategy(self.pd_config) if enable_pd_separation else None
+        self.parallelism_optimizer = ParallelismOptimizer()
         self.enable_monitoring, self.model, self.host, self.port = enable_monitoring, model, host, port
         self.sync = SyncControlPlane(self)
         self._instances: dict[str, ExecutionInstance] = {}  # registered, by id (before start: registered at start)
@@ -112,6 +122,10 @@ class ControlPlaneManager:
         self._refused: dict[str, dict[str, str]] = {}  # requests the gateway refused before queueing them
         self._state_dir: tempfile.TemporaryDirectory | None = None
         self._no_gpu = False  # NVML found none once: not asked again
+
+    @property
+    def routing_strategy(self) -> str:
+        return self.router.routing_strategy
 
     @property
     def pd_on(self) -> bool:
@@ -183,12 +197,6 @@ class ControlPlaneManager:
     def register_instance(self, instance: ExecutionInstance) -> None:
         """Adds a server (its `model_name` asked of it when ""); before `start()` it is registered when the control
         plane starts, after it the call returns once the server has answered a probe or been found unreachable."""
-        if not instance.runs_whole_requests:
-            raise InvalidInput(
-                f"{instance.instance_id}: {instance.instance_type.name} servers registered by address are not served "
-                "yet: such a server runs whole requests here (GENERAL); PD runs on sageLLM's own prefill and decode "
-                "workers (model=...)"
-            )
         if instance.instance_id in self._instances:
             raise InvalidInput(f"an instance named {instance.instance_id!r} is registered")
         if not instance.model_name:
@@ -198,20 +206,32 @@ class ControlPlaneManager:
             self._attach(instance)
 
     def _attach(self, instance: ExecutionInstance) -> None:
-        from sagellm.gateway.control.engine_spec import EngineSpec
+        from sagellm.gateway.control.engine_spec import STARTING, EngineSpec
 
-        spec = EngineSpec(
-            model=instance.model_name,
-            kind="openai",
-            url=instance.url,
-            api_key=instance.api_key,
-            max_concurrent=instance.max_concurrent_requests,
-            label=f"tp{instance.tensor_parallel_size} pp{instance.pipeline_parallel_size} "
-            f"dp{instance.data_parallel_size} ep{instance.expert_parallel_size} gpus{instance.gpu_count}",
+        label = (
+            f"tp{instance.tensor_parallel_size} pp{instance.pipeline_parallel_size} dp{instance.data_parallel_size} "
+            f"ep{instance.expert_parallel_size} gpus{instance.gpu_count}"
         )
+        common = dict(model=instance.model_name, max_concurrent=instance.max_concurrent_requests, label=label)
         engines = self._gateway.gateway.engines
+        if instance.engine_kind is None:  # a server that runs already
+            role = instance.pd_role
+            spec = EngineSpec(kind="openai", url=instance.url, api_key=instance.api_key, role=role, **common)
+            self._gateway.wait(engines.start, spec, instance.instance_id)
+            self._gateway.wait(engines.health_check, instance.instance_id)  # its first probe: ready, or unreachable
+            return
+        pp, gpus = instance.pipeline_parallel_size, instance.gpu_count > 0 and bool(self._gpus())
+        spec = EngineSpec(
+            kind=instance.engine_kind, tensor_parallel=instance.tensor_parallel_size, use_gpu=gpus,
+            engine={"pipeline_parallel_size": pp} if pp > 1 else {},
+            role=instance.pd_role if instance.engine_kind != "llm" else "colocated", **common,
+        )  # fmt: skip
         self._gateway.wait(engines.start, spec, instance.instance_id)
-        self._gateway.wait(engines.health_check, instance.instance_id)  # its first probe: ready, or unreachable
+        engine = self._gateway.call(engines.get, instance.instance_id)
+        while self._gateway.call(lambda: engine.state) == STARTING:  # loading its model: minutes, for some
+            time.sleep(0.2)
+        address = urlsplit(engine.url)
+        instance.host, instance.port = address.hostname or instance.host, address.port or instance.port
 
     def unregister_instance(self, instance_id: str, *, force: bool = False) -> None:
         """Drains the instance (its requests in flight finish; `force`: they move or fail now) and forgets it."""
@@ -278,15 +298,20 @@ class ControlPlaneManager:
         self._read_gpus(metrics)
         return metrics
 
-    def _read_gpus(self, metrics: PerformanceMetrics) -> None:
-        """GPU utilization and memory from NVML, averaged over the GPUs it sees; left None where there is none."""
+    def _gpus(self) -> list[Any]:
+        """The GPUs NVML sees (asked once more each time while there are some)."""
         if self._no_gpu:
-            return
+            return []
         from sagellm.runtime.comm.topology import gpu_inventory
 
         gpus = gpu_inventory().gpus
+        self._no_gpu = not gpus
+        return gpus
+
+    def _read_gpus(self, metrics: PerformanceMetrics) -> None:
+        """GPU utilization and memory from NVML, averaged over the GPUs it sees; left None where there is none."""
+        gpus = self._gpus()
         if not gpus:
-            self._no_gpu = True
             return
         utilizations = [g.utilization_percent for g in gpus if g.utilization_percent is not None]
         metrics.avg_gpu_utilization = sum(utilizations) / len(utilizations) if utilizations else None
@@ -353,17 +378,27 @@ class ControlPlaneManager:
             elif node.op == "route":
                 node.params["strategy"] = self.routing_strategy
             elif node.op == "pd_split":
-                node.params["threshold_tokens"] = self.pd_config.prefilling_threshold_input_tokens
-                if self.pd_config.routing_policy == "adaptive":
-                    node.params["ratio"] = self.pd_config.prefilling_threshold_ratio
+                node.params.update(self.pd_config.pd_split_params())
             elif node.op in ("prefill", "decode"):
                 devices = getattr(self.pd_config, f"{node.op}_device_ids")
                 if devices is not None:
                     node.params["device_ids"] = devices
+        if not self.enable_pd_separation or not self.pd_config.enabled:
+            for node_id in [n.id for n in graph.nodes.values() if n.op == "pd_split"]:
+                _bypass(graph, node_id)
         if not self.enable_monitoring:
             for node_id in [n.id for n in graph.nodes.values() if n.op == "metrics_sink"]:
                 graph.remove_node(node_id)
         return graph
+
+
+def _bypass(graph: Any, node_id: str) -> None:
+    """Takes a one-input node out of the graph, its readers reading its input instead."""
+    from sagellm.runtime.execution_graph.graph import Value
+
+    into = next(e for e in graph.edges if e.dst == node_id)
+    graph.redirect(Value(node_id, 0), Value(into.src, into.src_port))
+    graph.remove_node(node_id)
 
 
 def _served_model(instance: ExecutionInstance) -> str:
@@ -414,22 +449,7 @@ class SyncControlPlane:
         if request.request_id in m._texts:
             raise InvalidInput(f"request id {request.request_id!r} is in use")
         model = m._gateway.call(core.instance_model, request.model_name or m._only_model())
-        now = time.time()
-        max_tokens = request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS
-        pipeline_request = Request(
-            request_id=request.request_id,
-            prompt=request.prompt if request.messages is None else None,
-            messages=request.messages,
-            sampling=SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p),
-            priority=int(request.priority),
-            user=request.user_id,
-            ttft_slo_ms=request.ttft_slo_ms,
-            tpot_slo_ms=request.tbt_slo_ms,
-            deadline=now + request.slo_deadline_ms / 1000 if request.slo_deadline_ms is not None else None,
-            cost_budget=request.cost_budget,
-            model=model,
-            arrival_time=now,
-        )
+        pipeline_request = convert.pipeline_request(request, model=model)
         m._texts[request.request_id] = ""
         m._gateway.start_soon(self._follow, pipeline_request)
         return request.request_id

@@ -9,7 +9,7 @@ request, instances) -> SchedulingDecision`) is run to its end at once, so it mus
 
 `FIFOPolicy`, `PriorityPolicy`, `SLOAwarePolicy`, `CostOptimizedPolicy` and `AdaptivePolicy` are the seed's names for
 sageLLM's own five policies: given to the manager they select them (their `prioritize` orders a list the same way,
-for code that calls it)."""
+for code that calls it). `HybridSchedulingPolicy` is one of them, or two of them as a queue per request kind."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import structlog
 
 from sagellm.common.errors import InvalidInput
+from sagellm.control_plane.hybrid_queue import hybrid_queue
 from sagellm.control_plane.types import ExecutionInstance, RequestMetadata, RequestPriority
 from sagellm.operators.policies import Clock, Policy, register_runtime_policy
 from sagellm.runtime.pipeline.messages import Request
@@ -104,6 +105,76 @@ class AdaptivePolicy(PriorityPolicy):
     policy = "adaptive"
 
 
+BUILTIN_POLICIES: dict[str, type[BuiltinPolicy]] = {
+    cls.policy: cls for cls in (FIFOPolicy, PriorityPolicy, SLOAwarePolicy, CostOptimizedPolicy, AdaptivePolicy)
+}
+EMBEDDING_PRIORITIES = ("high", "normal", "low", "adaptive")
+
+
+@dataclass
+class HybridSchedulingConfig:
+    """The seed's hybrid settings. Two act: `llm_fallback_policy` (sageLLM's policy by that name orders the
+    requests) and `embedding_priority` (which kind goes first). The rest describe the embedding instances, which
+    batch as their own settings say; route sends embeddings only to them (`prefer_specialized_instances`)."""
+
+    embedding_batch_size: int = 32
+    embedding_priority: str = "normal"
+    llm_fallback_policy: str = "adaptive"
+    hybrid_instance_ratio: float = 0.7
+    enable_embedding_batching: bool = True
+    max_embedding_wait_ms: float = 50.0
+    min_embedding_batch_size: int = 1
+    prefer_specialized_instances: bool = True
+
+    def __post_init__(self) -> None:
+        self.embedding_priority = self.embedding_priority.lower()
+        self.llm_fallback_policy = self.llm_fallback_policy.lower()
+        if self.embedding_priority not in EMBEDDING_PRIORITIES:
+            raise InvalidInput(
+                f"embedding_priority: {self.embedding_priority!r} is not one of {', '.join(EMBEDDING_PRIORITIES)}"
+            )
+        if self.llm_fallback_policy not in BUILTIN_POLICIES:
+            raise InvalidInput(
+                f"llm_fallback_policy: {self.llm_fallback_policy!r} is not one of {', '.join(BUILTIN_POLICIES)}"
+            )
+
+
+class HybridSchedulingPolicy(SchedulingPolicy):
+    """The seed's policy for LLM and embedding requests sharing instances, as a composition of sageLLM's own. The
+    seed splits the requests by kind, sends embeddings in batches to embedding instances and the rest through a
+    fallback policy to LLM instances. Here the split by instance is route's for every policy (an embedding request
+    goes only to an embedding instance), batching is the embedding server's, and what is left is the order:
+    `llm_fallback_policy` gives it (`llm_policy`, its seed name); `embedding_priority` "normal" keeps both kinds in
+    that one queue, so the hybrid is exactly that policy; "high", "low" or "adaptive" give each kind a queue of its
+    own, in that policy's order, and say which serves first (`HybridQueue`)."""
+
+    def __init__(
+        self,
+        embedding_batch_size: int = 32,
+        embedding_priority: str = "normal",
+        llm_fallback_policy: str = "adaptive",
+        hybrid_instance_ratio: float = 0.7,
+        config: HybridSchedulingConfig | None = None,
+    ) -> None:
+        super().__init__("Hybrid")
+        self.config = config or HybridSchedulingConfig(
+            embedding_batch_size, embedding_priority, llm_fallback_policy, hybrid_instance_ratio
+        )
+        self.embedding_priority = self.config.embedding_priority
+        self.llm_policy = BUILTIN_POLICIES[self.config.llm_fallback_policy]()
+
+    def prioritize(self, requests: list[RequestMetadata]) -> list[RequestMetadata]:
+        """The fallback policy's order (a `RequestMetadata` here is always a generation)."""
+        return self.llm_policy.prioritize(requests)
+
+    @property
+    def sort_policy(self) -> str:
+        """The `policy_sort` policy it stands for."""
+        if self.embedding_priority == "normal":
+            return self.llm_policy.policy
+        return hybrid_queue(self.llm_policy.policy, self.embedding_priority)
+
+
 log = structlog.get_logger("sagellm.control_plane")
 _names = itertools.count()
 
@@ -115,6 +186,8 @@ def policy_name(policy: str | SchedulingPolicy) -> str:
         return policy
     if isinstance(policy, BuiltinPolicy):
         return policy.policy
+    if isinstance(policy, HybridSchedulingPolicy):
+        return policy.sort_policy
     if not isinstance(policy, SchedulingPolicy):
         raise InvalidInput(f"scheduling_policy: a policy name or a SchedulingPolicy, got {type(policy).__name__}")
     registered = getattr(policy, "_sagellm_policy_name", None)

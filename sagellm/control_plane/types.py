@@ -45,6 +45,15 @@ class ExecutionInstanceType(enum.Enum):
     HYBRID = "hybrid"  # prefills and decodes: runs whole requests too
 
 
+ENGINE_KINDS = ("llm", "vllm", "sglang", "llamacpp")  # engines the control plane starts (`engine_kind`)
+PD_ROLES = {
+    ExecutionInstanceType.GENERAL: "colocated",
+    ExecutionInstanceType.HYBRID: "colocated",
+    ExecutionInstanceType.PREFILLING: "prefill",
+    ExecutionInstanceType.DECODING: "decode",  # a decode server runs whole requests too
+}
+
+
 def _enum_member(kind: type[enum.Enum], value: Any, name: str) -> Any:
     """`value` as a member of `kind`: the member, its value, or its name in any case."""
     if isinstance(value, kind):
@@ -115,11 +124,19 @@ class ExecutionInstance:
     expert_parallel_size: int = 1
     api_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # None: a server that runs already, at host:port; "llm" (ours), "vllm", "sglang", "llamacpp": the control plane
+    # starts that engine's server for `model_name` and supervises it (its host and port are then where it listens)
+    engine_kind: str | None = None
 
     def __post_init__(self) -> None:
         self.instance_type = _enum_member(ExecutionInstanceType, self.instance_type, "instance_type")
         if not self.instance_id:
             raise FieldError("instance_id", "instance_id: give the instance a name")
+        if self.engine_kind is not None and self.engine_kind not in ENGINE_KINDS:
+            kinds = ", ".join(ENGINE_KINDS)
+            raise FieldError("engine_kind", f"engine_kind: {self.engine_kind!r} is not one of {kinds}")
+        if self.engine_kind is not None and not self.model_name:
+            raise FieldError("model_name", "model_name: the model an engine started here serves")
         if self.decoding_config is not None:
             self.max_concurrent_requests = min(self.max_concurrent_requests, self.decoding_config.max_parallel_requests)
 
@@ -128,8 +145,9 @@ class ExecutionInstance:
         return f"http://{self.host}:{self.port}"
 
     @property
-    def runs_whole_requests(self) -> bool:
-        return self.instance_type in (ExecutionInstanceType.GENERAL, ExecutionInstanceType.HYBRID)
+    def pd_role(self) -> str:
+        """What the server does in the gateway: whole requests, or one half of PD across servers."""
+        return PD_ROLES[self.instance_type]
 
 
 PD_ROUTING_POLICIES = ("adaptive", "threshold")
@@ -157,6 +175,12 @@ class PDSeparationConfig:
             )
         if self.prefilling_threshold_input_tokens < 0 or self.prefilling_threshold_ratio <= 0:
             raise FieldError("prefilling_threshold_input_tokens", "the thresholds must be >= 0 tokens and > 0")
+
+    def pd_split_params(self) -> dict[str, Any]:
+        """The `pd_split` operator's parameters this config stands for: the threshold, and for "adaptive" the ratio
+        (0: "threshold" splits on prompt length alone)."""
+        ratio = self.prefilling_threshold_ratio if self.routing_policy == "adaptive" else 0.0
+        return {"threshold_tokens": self.prefilling_threshold_input_tokens, "ratio": ratio}
 
 
 @dataclass

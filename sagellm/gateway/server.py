@@ -42,6 +42,7 @@ from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.openai import openapi
+from sagellm.gateway.openai.kv_transfer import KVTransferRoutes
 from sagellm.gateway.openai.responses_route import ResponsesRoutes
 from sagellm.gateway.openai.routes import OpenAIRoutes
 from sagellm.gateway.openai.tokenizer_routes import TokenizerRoutes
@@ -88,6 +89,7 @@ def build_app(
     ManagementRoutes(core, engines).register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
     TokenizerRoutes(core).register(app, api_guard)
+    KVTransferRoutes(core.kv_outbox).register(app)  # a decode server's fetch: its secret id is the capability
     openapi.register(app, version("sagellm"))
     return app
 

@@ -8,9 +8,11 @@
          max_concurrent: 16, use_gpu: false, engine: {max_num_seqs: 16}}
 
 An engine is the body of `POST /v1/management/engines` (`EngineSpec`: kind, model, `engine` settings, `url`,
-`api_key`, `served_model_name`, ...) with a `name`, which is its label when it has none. The built-in presets are
-the YAML files in this folder, for the models `sagellm model download` can fetch here. A file is checked whole before
-anything starts, and every error names the file and the field (`my.yaml: engines[1].engine.max_num_seqs: ...`)."""
+`api_key`, `served_model_name`, ...) with a `name`, which is its label when it has none; `kind: vllm` (`sglang`,
+`llamacpp`) has the gateway start that project's own server, its program named by `command` or found on PATH. The
+built-in presets are the YAML files in this folder, for the models `sagellm model download` can fetch here. A file is
+checked whole before anything starts, and every error names the file and the field
+(`my.yaml: engines[1].engine.max_num_seqs: ...`)."""
 
 from __future__ import annotations
 

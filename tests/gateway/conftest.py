@@ -4,6 +4,7 @@ as users do."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +53,23 @@ def running_gateway(
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("gateway") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def upstreams(tiny_model, tmp_path_factory):
+    """Two gateways on the tiny weights, both serving them as "upstream": servers a module attaches by address."""
+    config = lambda name: tiny_config(tmp_path_factory.mktemp(name), served_model_name="upstream")  # noqa: E731
+    with (
+        running_gateway(GRAPHS / "colocated.yaml", config("a"), tiny_model) as first,
+        running_gateway(GRAPHS / "colocated.yaml", config("b"), tiny_model) as second,
+    ):
+        yield first, second
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_config(tmp_path: Path, **fields: Any) -> GatewayConfig:

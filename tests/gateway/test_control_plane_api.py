@@ -13,10 +13,14 @@ import httpx
 import openai
 import pytest
 
+from sagellm.common.processes import alive
 from sagellm.control_plane import (
     ControlPlaneManager,
+    DecodingConfig,
     ExecutionInstance,
+    ExecutionInstanceType,
     PDSeparationConfig,
+    PrefillingConfig,
     PriorityPolicy,
     RequestMetadata,
     RequestPriority,
@@ -24,19 +28,9 @@ from sagellm.control_plane import (
     SchedulingDecision,
     SchedulingPolicy,
 )
-from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.gateway.test_third_party_engines import FAKE_VLLM, executable
 
 PROMPT = "Tell me about the sea."
-
-
-@pytest.fixture(scope="module")
-def upstreams(tiny_model, tmp_path_factory):
-    config = lambda name: tiny_config(tmp_path_factory.mktemp(name), served_model_name="upstream")  # noqa: E731
-    with (
-        running_gateway(GRAPHS / "colocated.yaml", config("a"), tiny_model) as first,
-        running_gateway(GRAPHS / "colocated.yaml", config("b"), tiny_model) as second,
-    ):
-        yield first, second
 
 
 def instance(name: str, url: str, **fields) -> ExecutionInstance:
@@ -135,8 +129,6 @@ def test_a_request_right_after_start_is_not_lost(upstreams, tiny_model):
 
 def test_what_the_api_refuses_says_why(upstreams):
     cp = ControlPlaneManager()
-    with pytest.raises(ValueError, match="not served yet"):
-        cp.register_instance(instance("p", upstreams[0].url, instance_type="prefilling"))
     with pytest.raises(RuntimeError, match="call start"):
         cp.get_metrics()
     with pytest.raises(ValueError, match="mode 'local'"):
@@ -147,6 +139,46 @@ def test_what_the_api_refuses_says_why(upstreams):
         PDSeparationConfig(enabled=True, routing_policy="ml")
     with pytest.raises(ValueError, match="instance_type: 'router' is not one of GENERAL"):
         ExecutionInstance("x", instance_type="router")
+
+
+@pytest.mark.slow
+def test_the_seeds_pd_example_splits_a_prompt_across_the_two_servers(upstreams):
+    """The seed's PD example as written (addresses aside): a PREFILLING and a DECODING server registered by address,
+    their configs, `PDSeparationConfig(enabled=True, routing_policy="adaptive", ...)`. A prompt-heavy request is
+    prefilled on one, its KV moved to the other, which decodes it: the greedy text of one server alone."""
+    prefill, decode = upstreams
+    long = "The history of the river begins with the melting of a glacier far upstream. " * 2
+    direct = openai.OpenAI(base_url=decode.url + "/v1", api_key="unused", max_retries=0)
+    expected = direct.completions.create(model="upstream", prompt=long, max_tokens=4, temperature=0).choices[0].text
+    address = lambda server: dict(zip(("host", "port"), server.url.removeprefix("http://").split(":")))  # noqa: E731
+    fetched = prefill.core.kv_outbox.fetched
+
+    async def main() -> tuple:
+        pd_config = PDSeparationConfig(enabled=True, routing_policy="adaptive", prefilling_threshold_input_tokens=800)
+        manager = ControlPlaneManager(scheduling_policy="adaptive", enable_pd_separation=True, pd_config=pd_config)
+        prefilling_instance = ExecutionInstance(
+            instance_id="prefill-1", host=address(prefill)["host"], port=int(address(prefill)["port"]),
+            model_name="upstream", instance_type=ExecutionInstanceType.PREFILLING, tensor_parallel_size=4, gpu_count=4,
+            prefilling_config=PrefillingConfig(target_batch_size=64, enable_chunked_prefill=True),
+        )  # fmt: skip
+        decoding_instance = ExecutionInstance(
+            instance_id="decode-1", host=address(decode)["host"], port=int(address(decode)["port"]),
+            model_name="upstream", instance_type=ExecutionInstanceType.DECODING, tensor_parallel_size=1, gpu_count=1,
+            decoding_config=DecodingConfig(target_latency_ms=50, max_parallel_requests=200),
+        )  # fmt: skip
+        manager.register_instance(prefilling_instance)
+        manager.register_instance(decoding_instance)
+        await manager.start()
+        heavy = await manager.submit_request(RequestMetadata(prompt=long, max_tokens=4, temperature=0))
+        light = await manager.submit_request(RequestMetadata(prompt="Hi.", max_tokens=4, temperature=0))
+        results = [await manager.wait(heavy), await manager.wait(light)]
+        await manager.stop()
+        return results
+
+    heavy, light = asyncio.run(main())
+    assert (heavy.status, heavy.text, heavy.instance_id) == (RequestStatus.COMPLETED, expected, "decode-1")
+    assert prefill.core.kv_outbox.fetched == fetched + 1  # only the prompt-heavy one was split
+    assert (light.status, light.instance_id) == (RequestStatus.COMPLETED, "decode-1")  # a decode server runs it whole
 
 
 def test_pd_separation_gives_each_role_its_devices_and_the_adaptive_ratio(tiny_model):
@@ -160,7 +192,9 @@ def test_pd_separation_gives_each_role_its_devices_and_the_adaptive_ratio(tiny_m
     (split,) = [n.params for n in nodes if n.op == "pd_split"]
     assert split == {"threshold_tokens": 800, "ratio": 3.0}
     threshold = ControlPlaneManager(model=str(tiny_model), pd_config=PDSeparationConfig(routing_policy="threshold"))
-    assert [n.params for n in threshold._graph().nodes.values() if n.op == "pd_split"] == [{"threshold_tokens": 800}]
+    assert [n.params for n in threshold._graph().nodes.values() if n.op == "pd_split"] == [
+        {"threshold_tokens": 800, "ratio": 0.0}
+    ]
 
 
 class ShortestPromptFirst(SchedulingPolicy):
@@ -270,3 +304,27 @@ def test_a_custom_policy_orders_requests_waiting_for_a_busy_instance(upstreams):
             time.sleep(0.002)
         busy.join()
     assert finished[:2] == ["p5", "p1"] and finished[2:] == ["p2", "p3", "p4"]  # submitted p4, p2, p3
+
+
+@pytest.mark.slow
+def test_instances_with_an_engine_kind_are_started_and_supervised_here(tiny_model, tmp_path, monkeypatch):
+    """`ExecutionInstance(engine_kind=...)`: the control plane starts the engine's own server (a stand-in `vllm`
+    here, found through $SAGELLM_VLLM) or an engine of ours on the weights given, waits for it, routes to it, and
+    stops it with the plane."""
+    monkeypatch.setenv("SAGELLM_VLLM", str(executable(tmp_path, "vllm", FAKE_VLLM)))
+    cp = ControlPlaneManager(enable_pd_separation=False)
+    cp.register_instance(ExecutionInstance("ours", model_name=str(tiny_model), engine_kind="llm"))
+    cp.register_instance(ExecutionInstance("theirs", model_name="stand-in", engine_kind="vllm", gpu_count=0))
+    with cp:
+        instances = {i.instance_id: i for i in cp.get_instances()}
+        assert instances["ours"].is_healthy and instances["theirs"].is_healthy
+        theirs = cp.health_check("theirs")
+        assert theirs["state"] == "ready" and instances["theirs"].port != 8000  # where the started server listens
+        done = cp.sync.wait(cp.sync.submit_request(
+            RequestMetadata(prompt=PROMPT, max_tokens=4, temperature=0, model_name=str(tiny_model))
+        ))  # fmt: skip
+        assert (done.status, done.instance_id) == (RequestStatus.COMPLETED, "ours")
+        pid = cp._gateway.call(lambda: cp._gateway.gateway.engines.get("theirs").pid)
+    assert not alive(pid)
+    with pytest.raises(ValueError, match="engine_kind: 'tgi' is not one of llm, vllm"):
+        ExecutionInstance("x", model_name="m", engine_kind="tgi")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,10 @@ import trio
 
 from sagellm.gateway.config import JoinSettings
 from sagellm.gateway.control.join import JoinRefused, Membership
-from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, free_port, running_gateway, tiny_config
 from tests.gateway.test_management import ENGINES
 
 BODY = {"prompt": "The river flows", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def completed(url: str) -> float:

@@ -5,7 +5,6 @@ embeds with all-MiniLM-L6-v2 (equal to the embedding engine's vectors), then `sa
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,15 +12,11 @@ import numpy as np
 import openai
 import pytest
 
+from tests.gateway.conftest import free_port
+
 # Over the suite's 300 s timeout: `gateway start` downloads both models, so its CLI calls (start, stop) get 900 s each.
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(1800)]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sagellm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -2,6 +2,9 @@
 /v1/management/engines` and an engine of a preset), the checks any such request must pass, and the record the
 management API shows (`ManagedEngine`) with its state.
 
+Kinds: `llm` and `embedding` are engines of ours; `openai` a server that runs already, reached at its `url`;
+`vllm`, `sglang` and `llamacpp` that project's own server, started here (`control.third_party`).
+
 States: starting -> ready (its health check passes) <-> unhealthy (checks fail while it lives); draining -> stopped
 when the API stops it; failed (it could not start, or died too often). Every engine is an instance in the gateway's
 registry (`stats`): route chooses it only while it is ready."""
@@ -17,6 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from sagellm.common.errors import FieldError
+from sagellm.gateway.control import third_party
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
 from sagellm.runtime.pipeline.operator import InstanceStats
 
@@ -28,8 +32,10 @@ DRAINING, STOPPED, FAILED = "draining", "stopped", "failed"
 class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The body of `POST /v1/management/engines` (and, with a `name`, an engine of a preset)."""
 
-    model: str  # path, alias or org/name (llm, embedding); the model name the server expects (openai)
-    kind: Literal["llm", "embedding", "openai"] = "llm"
+    # path, alias or org/name (llm, embedding); the model name the server expects (openai); what the server's command
+    # line names as its model (vllm, sglang, llamacpp: an HF directory or org/name, a .gguf file)
+    model: str
+    kind: Literal["llm", "embedding", "openai", "vllm", "sglang", "llamacpp"] = "llm"
     tensor_parallel: int = 1
     label: str | None = None
     max_concurrent: int | None = None  # requests sent to it at once; more wait in the policy queue
@@ -38,16 +44,26 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url: str | None = None  # openai: the server's base URL
     api_key: str | None = None  # openai: the key the server expects
     served_model_name: str | None = None  # the name clients send here (default: model)
-    # llm: the engine's settings, `EngineConfig`'s fields by name (max_num_seqs, kv_cache_memory_gb, ...)
+    # a server's (openai, vllm, sglang, llamacpp) part: whole requests, or its half of PD across servers (vLLM's
+    # kv_transfer_params: a prefill server's requests continue on a decode server of the same model)
+    role: Literal["colocated", "prefill", "decode"] = "colocated"
+    # llm: the engine's settings, `EngineConfig`'s fields by name (max_num_seqs, kv_cache_memory_gb, ...); vllm,
+    # sglang, llamacpp: those its server has a flag for (`third_party.KINDS`)
     engine: dict[str, Any] = msgspec.field(default_factory=dict)
+    command: str | None = None  # vllm, sglang, llamacpp: the program that runs it (default: $SAGELLM_VLLM, ... or PATH)
+    args: list[str] = msgspec.field(default_factory=list)  # vllm, sglang, llamacpp: more of its own flags, as given
 
     def check(self) -> None:
         """Raises FieldError for a bad field (`engine.NAME` for an engine setting); whether the name or GPUs are
         free is the manager's to check."""
-        for name in ("model", "served_model_name"):
+        for name in ("model", "served_model_name", "command"):
             value = getattr(self, name)
             if value is not None and (not value.strip() or "\x00" in value):  # no path, name or argument holds these
                 raise FieldError(name, f"{name} must be a non-empty name without NUL characters, got {value!r}")
+        if any("\x00" in arg for arg in self.args):
+            raise FieldError("args", "args must be command-line arguments without NUL characters")
+        if (self.command is not None or self.args) and self.kind not in third_party.KINDS:
+            raise FieldError("command", f"command and args are for vllm, sglang and llamacpp engines, not {self.kind}")
         if self.tensor_parallel < 1:
             raise FieldError("tensor_parallel", f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.max_concurrent is not None and self.max_concurrent < 1:
@@ -65,20 +81,35 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return
         if self.url or self.api_key:
             raise FieldError("url", f"url and api_key are for openai engines; a {self.kind} engine is started here")
+        if self.role != "colocated" and self.kind not in third_party.KINDS:
+            raise FieldError("role", f"role is a server's (openai, {', '.join(third_party.KINDS)}); a {self.kind} "
+                                     "engine here runs whole requests")  # fmt: skip
+        if self.kind in third_party.KINDS:
+            third_party.check_settings(self)
+            if self.placement is not None:
+                raise FieldError("placement", f"a {self.kind} server runs on the gateway's host; leave placement out")
         if self.placement is not None and not RAY_PLACEMENT.fullmatch(self.placement):
             raise FieldError("placement", f"placement must be 'ray:GROUP' or left out, got {self.placement!r}")
 
     @property
     def slots(self) -> int | None:
         """Requests it runs at once, when known: `max_concurrent`, else a spawned llm engine's `max_num_seqs` (its own
-        queue holds the rest); None for a server that did not say."""
-        if self.max_concurrent is not None or self.kind != "llm":
+        queue holds the rest), or the one a started server was given; None for a server that did not say."""
+        if self.max_concurrent is not None:
             return self.max_concurrent
-        return int(self.engine.get("max_num_seqs", EngineConfig.max_num_seqs))
+        if self.kind == "llm":
+            return int(self.engine.get("max_num_seqs", EngineConfig.max_num_seqs))
+        return self.engine.get("max_num_seqs") if self.kind in third_party.KINDS else None
+
+    @property
+    def ranks(self) -> int:
+        """Its processes (one device each on GPUs): a rank per tensor parallel slice of each pipeline stage."""
+        return self.tensor_parallel * (self.engine.get("pipeline_parallel_size") or 1)
 
     def _check_engine_settings(self) -> None:
-        if self.kind != "llm":
-            raise FieldError("engine", f"engine settings are for llm engines; a {self.kind} engine takes none")
+        if self.kind not in ("llm", *third_party.KINDS):
+            raise FieldError("engine", f"engine settings are for llm engines (and those a vllm, sglang or llamacpp "
+                                       f"server has flags for); a {self.kind} engine takes none")  # fmt: skip
         for name in self.engine:
             if name not in ENGINE_FIELDS or name == "model":
                 settings = ", ".join(n for n in ENGINE_FIELDS if n != "model")
@@ -93,12 +124,13 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ManagedEngine:
     id: str
     spec: EngineSpec
-    url: str  # an openai server's ("" for an engine of ours: a worker of the gateway's graph)
-    api_key: str | None  # an openai server's key
-    directory: Path | None = None  # an engine of ours: its worker's log
+    url: str  # a server's ("" for an engine of ours: a worker of the gateway's graph)
+    api_key: str | None  # a server's key (one started here gets a fresh one)
+    directory: Path | None = None  # an engine of ours, a server started here: its log
     gpus: list[int] = field(default_factory=list)
     _state: str = STARTING
     link: Any = None  # an engine of ours: its `EngineLink` (a worker of the gateway's graph); None for an openai server
+    server: Any = None  # a vllm, sglang or llamacpp engine: its `ServerProcess` (the server started here)
     restarts: int = 0
     ever_ready: bool = False
     stopping: bool = False
@@ -122,8 +154,9 @@ class ManagedEngine:
 
     @property
     def pid(self) -> int | None:
-        """The pid of its worker while it runs (an engine of ours)."""
-        return self.link.pid if self.link is not None else None
+        """The pid of its worker (an engine of ours) or server (one started here) while it runs."""
+        process = self.link or self.server
+        return process.pid if process is not None else None
 
     @property
     def in_flight(self) -> int:

@@ -3,16 +3,20 @@
 Kinds: `llm` and `embedding` run an engine of ours as a worker process of the gateway's graph (`control.engine_link`, on
 this host or a Ray node): its requests pass the gateway's one admission and policy queue, then only the engine; for a
 model other than the gateway's own the gateway reads that model's files (without weights) to tokenize its requests.
-`openai` registers a server that already runs (vLLM, llama.cpp, another sageLLM). The manager keeps the list behind
+`openai` registers a server that already runs (vLLM, llama.cpp, another sageLLM); `vllm`, `sglang` and `llamacpp` start
+that project's own server here as a child process (`control.server_process`), supervised as our workers are and
+reached over HTTP as an openai server is. The manager keeps the list behind
 `/v1/management/engines` and checks a start request (names, GPUs). Every engine becomes an instance in the serving
 core's registry (an embedding engine one of role "embedding"), so its requests take the graph's path (admission, the
 policy queue, route among every instance of the model, metrics); several may serve one model name. What an engine is:
-`control.engine_spec`; an engine of ours: `control.engine_link`; the health of a server we reach: `control.health`."""
+`control.engine_spec`; an engine of ours: `control.engine_link`; the health of a server we reach: `control.health`;
+a third-party server's command line: `control.third_party`."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -27,10 +31,13 @@ import trio
 from sagellm.common.errors import FieldError
 from sagellm.common.processes import alive
 from sagellm.common.restart import RestartPolicy
+from sagellm.gateway.control import third_party
 from sagellm.gateway.control.engine_link import EngineLink
 from sagellm.gateway.control.engine_spec import DRAINING, READY, STOPPED, EngineSpec, ManagedEngine
 from sagellm.gateway.control.health import HealthChecks
+from sagellm.gateway.control.server_process import ServerProcess
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.state import free_port
 from sagellm.operators.remote_engine import Endpoint
 from sagellm.runtime.pipeline.cluster import RayCluster
 
@@ -103,17 +110,26 @@ class EngineManager:
 
     # -- the management API ---------------------------------------------------------------------------------------
     async def start(self, spec: EngineSpec, engine_id: str | None = None) -> ManagedEngine:
-        """Registers the engine (as `engine_id`, or a new id) and, for llm and embedding, starts its worker; returns
-        at once (state starting)."""
+        """Registers the engine (as `engine_id`, or a new id) and, for llm and embedding, starts its worker, for
+        vllm, sglang and llamacpp its server; returns at once (state starting)."""
         if self._nursery is None or self._closed.is_set():
             raise ApiError(503, "the engine manager is not running", code="unavailable")
+        self._check_fields(spec)
         gpus = await self._gpus_for(spec) if spec.kind != "openai" and spec.placement is None else []
-        self._check(spec)  # no await from here to the registration: two starts cannot both take a name
+        self._check_name(spec)  # no await from here to the registration: two starts cannot both take a name
         if engine_id is not None and (engine_id in self.engines or engine_id in self.core.registry.instances()):
             raise ApiError(409, f"an engine or instance named {engine_id!r} exists", code="conflict")
+        launch = self._launch(spec, gpus) if spec.kind in third_party.KINDS else None
         engine_id = engine_id or f"{spec.kind}-{next(self._ids)}"
         if spec.kind == "openai":
             engine = ManagedEngine(engine_id, spec, spec.url.rstrip("/").removesuffix("/v1"), spec.api_key)
+        elif launch is not None:  # another project's server, started here
+            engine = ManagedEngine(engine_id, spec, launch.url, launch.api_key, gpus=gpus,
+                                   directory=self.state_dir / engine_id)  # fmt: skip
+            engine.directory.mkdir(parents=True, exist_ok=True)
+            assert self._health is not None
+            engine.server = ServerProcess(engine, launch, self.restart, self.startup_timeout_s,
+                                          engine.directory / LOG_FILE, self._health)  # fmt: skip
         else:  # an engine of ours: a worker of the gateway's graph
             engine = ManagedEngine(engine_id, spec, "", None, gpus=gpus, directory=self.state_dir / engine_id)
             engine.directory.mkdir(parents=True, exist_ok=True)
@@ -121,15 +137,17 @@ class EngineManager:
             serve_model = partial(self.core.registry.serve_model, engine.name) if other_model else None
             engine.link = EngineLink(engine, self.restart, self.startup_timeout_s, engine.directory / LOG_FILE,
                                      self.ray, serve_model)  # fmt: skip
-        endpoint = Endpoint(engine.url, spec.model, engine.api_key, spec.max_concurrent, link=engine.link)
+        server_model = engine.name if engine.server is not None else spec.model  # the name its server was given
+        endpoint = Endpoint(engine.url, server_model, engine.api_key, spec.max_concurrent, link=engine.link)
         model = self._registry_model(engine)
-        role = "embedding" if spec.kind == "embedding" else "colocated"
+        role = "embedding" if spec.kind == "embedding" else spec.role
         engine.stats = self.core.registry.attach(engine_id, model, endpoint, role=role)
         if spec.slots is not None:  # what the policies and the autoscaler count as its free slots
             engine.stats.max_running = spec.slots
         self.engines[engine_id] = engine
-        if engine.link is not None:
-            self._nursery.start_soon(engine.link.run)
+        process = engine.link or engine.server
+        if process is not None:
+            self._nursery.start_soon(process.run)
         else:
             assert self._health is not None
             self._nursery.start_soon(self._health.watch_remote, engine)
@@ -166,10 +184,11 @@ class EngineManager:
         return {"id": engine.id, "healthy": ok, "state": engine.state, "latency_ms": took_ms}
 
     async def _end(self, engine: ManagedEngine, force: bool) -> None:
-        """Ends an engine of ours: its worker finishes what it holds (up to the grace period), or at once with
-        `force`; a server we only reach has nothing of ours to end."""
-        if engine.link is not None:
-            await engine.link.stop(force, self.stop_grace_s)
+        """Ends an engine of ours or a server started here: it finishes what it holds (up to the grace period), or
+        at once with `force`; a server we only reach has nothing of ours to end."""
+        process = engine.link or engine.server
+        if process is not None:
+            await process.stop(force, self.stop_grace_s)
 
     def get(self, engine_id: str) -> ManagedEngine:
         engine = self.engines.get(engine_id)
@@ -191,7 +210,16 @@ class EngineManager:
         return spec.kind != "embedding" and name == self.core.model_name and self.core.tokenizer is not None
 
     # -- checks ---------------------------------------------------------------------------------------------------
-    def _check(self, spec: EngineSpec) -> None:
+    @staticmethod
+    def _launch(spec: EngineSpec, gpus: list[int]) -> third_party.Launch:
+        """The command line of a vllm, sglang or llamacpp engine's server, on a free port of this host with a key
+        only the gateway knows; a 400 when it is not installed here."""
+        try:
+            return third_party.server_launch(spec, free_port(), secrets.token_urlsafe(24), gpus)
+        except FieldError as error:
+            raise ApiError.of(error) from None
+
+    def _check_fields(self, spec: EngineSpec) -> None:
         try:
             spec.check()
         except FieldError as error:  # as an ApiError: the presets and the autoscaler catch those
@@ -199,6 +227,8 @@ class EngineManager:
         if spec.placement is not None and self.ray is None:
             raise ApiError(400, f"placement {spec.placement} needs a Ray cluster: serve with --ray-address or a "
                                 "graph's `cluster:`", param="placement", code="invalid_request")  # fmt: skip
+
+    def _check_name(self, spec: EngineSpec) -> None:
         name = spec.served_model_name or spec.model
         own = name == self.core.model_name and spec.kind == "embedding"
         if name in set(self.reserved_names()) or own:
@@ -210,10 +240,10 @@ class EngineManager:
             raise ApiError(409, f"engine {taken.id} already serves {name!r}; stop it first", code="conflict")
 
     async def _gpus_for(self, spec: EngineSpec) -> list[int]:
-        """The GPU indexes given to the engine: none unless `use_gpu`, which needs one free GPU per tensor parallel
-        rank (without it, the ranks are processes on the CPU)."""
+        """The GPU indexes given to the engine: none unless `use_gpu`, which needs one free GPU per rank (tensor
+        parallel slice of a pipeline stage; without it, the ranks are processes on the CPU)."""
         tp = spec.tensor_parallel
-        needed = tp if spec.use_gpu else 0
+        needed = spec.ranks if spec.use_gpu else 0
         if not needed:
             return []
         from sagellm.runtime.comm.topology import gpu_inventory

@@ -67,6 +67,7 @@ class _Generation(VllmFields, kw_only=True):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice also carries its output token ids (what a resume elsewhere needs)
     prompt_logprobs: int | None = None  # vLLM's: every prompt token's logprob given the ones before (and top-N)
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM's PD across servers (`kv_transfer.py`)
     # sageLLM's scheduling fields
     priority: Priority | PriorityName | None = None  # a number (lower runs first) or a class name
     cost_budget: Annotated[float, msgspec.Meta(ge=0)] | None = None  # most it may cost, in the instances' price unit

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
 import msgspec
 import numpy as np
 import trio
@@ -22,8 +23,10 @@ from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastE
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.indexes.store import IndexStore
+from sagellm.gateway.openai import kv_transfer
 from sagellm.gateway.openai.choices import best_of, fan_out
 from sagellm.gateway.openai.echo import Echo
+from sagellm.gateway.openai.kv_transfer import RemotePrefill
 from sagellm.gateway.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -80,6 +83,7 @@ class OpenAIRoutes:
             parser_for(tool_call_parser)  # an unknown name stops the start, naming the known ones
         self.tool_call_parser = tool_call_parser
         self.created = int(time.time())
+        self._kv_http: httpx.AsyncClient | None = None  # fetches prefills' KV from other servers, once one is asked
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("GET", "/v1/models", self.models, guard)
@@ -124,6 +128,7 @@ class OpenAIRoutes:
         if body.echo and model is not None:
             raise ApiError(400, f"echo: served for the graph's own model, not {model}", param="echo")
         count = body.best_of or body.n  # choices run per prompt
+        handoff = await self._hand_off(body, requests, count)
         await self._prepare(requests, constraint, every_prompt=body.echo or count > 1)
         echoes = [Echo.of(r, self.core.tokenizer, body.max_tokens == 0) for r in requests] if body.echo else None
         new_id = lambda: self.core.new_id("cmpl")  # noqa: E731
@@ -142,6 +147,7 @@ class OpenAIRoutes:
             events = _events(envelope, first, streams, renders, wants_logprobs, include_usage, ids=ids, echo=body.echo)
             return EventStream(events, on_disconnect=streams.cancel)
         ran = await collect_choices(self.core.submit_all(runs))
+        kv = self._kv_reply(handoff, requests[0], http)
         scored_prompts = [ran[i].prompt_logprobs for i in range(0, len(ran), count)]  # each prompt's first choice's
         choices = best_of(ran, count, body.n, wants_logprobs) if count > body.n else ran
         body_fields = [
@@ -151,7 +157,7 @@ class OpenAIRoutes:
             ) | ({"token_ids": c.token_ids} if ids else {})
             for c in choices
         ]  # fmt: skip
-        return Response(envelope.body(body_fields, usage=usage(ran, count)))
+        return Response(envelope.body(body_fields, usage=usage(ran, count), **kv))
 
     def _completion_choice(
         self,
@@ -202,7 +208,7 @@ class OpenAIRoutes:
         if body.index is not None and self.indexes is None and self.to_core is not None and not body.stream:
             return await self.to_core(http)  # an API server: the core holds the indexes and answers it whole
         if not body.stream:
-            return Response(await self.complete_chat(body, http.headers, key_owner(http)))
+            return Response(await self.complete_chat(body, http.headers, key_owner(http), http))
         request, tool_use, sources = await self.prepared_chat(body, http.headers, key_owner(http))
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
         streams = ChoiceStreams(self.core.submit_all(self._chat_choices(request, body.n)))
@@ -218,19 +224,20 @@ class OpenAIRoutes:
         return fan_out(request, n, lambda: self.core.new_id("chatcmpl"))
 
     async def complete_chat(
-        self, body: ChatCompletionRequest, headers: dict[str, str], owner: str = ""
+        self, body: ChatCompletionRequest, headers: dict[str, str], owner: str = "", http: HttpRequest | None = None
     ) -> dict[str, Any]:
         """A whole chat completion as OpenAI's response body (the sessions route uses it too); `owner`: who may read
-        its status."""
+        its status; `http`: the call it answers (where a prefill's KV is fetched from, for kv_transfer_params)."""
         request, tool_use, sources = await self.prepared_chat(body, headers, owner)
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
         choices = await collect_choices(self.core.submit_all(self._chat_choices(request, body.n)))
+        kv = self._kv_reply("export" if request.kv_export else None, request, http)
         parser = tool_use.parser if tool_use is not None else None
         fields = [self._chat_choice(c, parser, body.logprobs, body.return_token_ids) for c in choices]
         extra: dict[str, Any] = {"sources": sources} if sources is not None else {}
         if body.prompt_logprobs is not None:  # vLLM's, beside the choices
             extra["prompt_logprobs"] = prompt_logprobs_json(self.core.tokenizer, choices[0].prompt_logprobs or [])
-        return envelope.body(fields, usage=usage(choices, len(choices)), **extra)
+        return envelope.body(fields, usage=usage(choices, len(choices)), **extra, **kv)
 
     def _chat_choice(self, choice: Choice, parser: str | None, logprobs: bool, ids: bool) -> dict[str, Any]:
         """A whole chat's choice: its message (tool calls read out of it by `parser`), logprobs and token ids."""
@@ -255,6 +262,7 @@ class OpenAIRoutes:
         uses its tools, and a grounded chat's sources; `owner`: who may read its status."""
         request, constraint, tool_use = self._chat_request(body, headers)
         request.owner = owner
+        await self._hand_off(body, [request], body.n)
         sources = await self._ground(request, body)
         await self._prepare([request], constraint)
         return request, tool_use, sources
@@ -302,6 +310,34 @@ class OpenAIRoutes:
             return None
         tokenizer = self.core.tokenizer
         return (getattr(tokenizer, "chat_template", None) or "") if tokenizer is not None else None
+
+    async def _hand_off(self, body: Any, requests: list[Request], choices: int) -> str | RemotePrefill | None:
+        """A request's part in disaggregated serving across servers (`kv_transfer_params`, vLLM's protocol): marked
+        to prefill for a decode server ("export"), or given the KV a prefill server made for it."""
+        outbox = getattr(self.core, "kv_outbox", None)  # (an API server's core keeps none: the gateway's does)
+        asked = kv_transfer.handoff(body.kv_transfer_params, stream=body.stream, choices=choices, prompts=len(requests))
+        if asked is not None and outbox is None:
+            message = "kv_transfer_params: served by a gateway that answers HTTP itself (no --api-servers)"
+            raise ApiError(400, message, param="kv_transfer_params")
+        if body.prompt_logprobs is not None and asked is not None:
+            raise ApiError.unsupported("prompt_logprobs", "not scored in a request split across servers")
+        if asked == "export":
+            requests[0].kv_export = True
+        elif isinstance(asked, RemotePrefill):
+            requests[0].prefilled = await kv_transfer.fetch(asked, self._kv_client())
+        return asked
+
+    def _kv_reply(self, handoff: str | RemotePrefill | None, request: Request, http: HttpRequest | None) -> dict:
+        """A prefill's reply field: where its KV waits for the decode server."""
+        if handoff != "export" or http is None:
+            return {}
+        params = kv_transfer.reply_params(self.core.kv_outbox, request.request_id, http, self.core.boot_id)
+        return {"kv_transfer_params": params}
+
+    def _kv_client(self) -> httpx.AsyncClient:
+        if self._kv_http is None:
+            self._kv_http = httpx.AsyncClient()
+        return self._kv_http
 
     async def _prepare(
         self, requests: list[Request], constraint: tuple[GuidedDecoding, str] | None, every_prompt: bool = False

@@ -36,7 +36,6 @@ SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
     "mm_payload": (("tensors",), _NO_MULTIMODAL),
     "return_mm_kwargs": ((None, False), _NO_MULTIMODAL),
     "cache_salt": ((None,), "the prefix cache is not partitioned by salt here"),
-    "kv_transfer_params": ((None,), "KV moves between the graph's own prefill and decode nodes"),
     "ec_transfer_params": ((None,), _NO_MULTIMODAL),
     "vllm_xargs": ((None,), "no custom logits processors run here"),
     "repetition_detection": ((None,), "not implemented: repetition_penalty and frequency_penalty are"),
@@ -78,7 +77,6 @@ class VllmFields(Constrained, kw_only=True):
     mm_payload: Any = UNSET
     return_mm_kwargs: Any = UNSET
     cache_salt: Any = UNSET
-    kv_transfer_params: Any = UNSET
     ec_transfer_params: Any = UNSET
     vllm_xargs: Any = UNSET
     repetition_detection: Any = UNSET

@@ -21,6 +21,7 @@ from sagellm.gateway.config import FailoverPolicy
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.instances import InstanceRegistry
+from sagellm.gateway.serving.kv_outbox import KVOutbox
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
@@ -28,7 +29,7 @@ from sagellm.operators.admission import Admission
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
-from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
+from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
 from sagellm.runtime.pipeline.served_model import ServedModel
 
 log = structlog.get_logger("sagellm.gateway")
@@ -63,6 +64,7 @@ class ServingCore:
         self._recent: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self.new_id = RequestIds()
         self.registry = InstanceRegistry(self.model_name, lambda: self.local, model_aliases or ())
+        self.kv_outbox = KVOutbox()  # prefills run here for decode servers elsewhere (vLLM's kv_transfer_params)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -198,6 +200,10 @@ class ServingCore:
         stream = self._streams.get(rid)
         if stream is None:
             return
+        if isinstance(item, TokenDelta) and item.kv is not None:  # a prefill for a decode server: its KV waits here
+            prompt = stream.attempt.prompt_token_ids or []
+            self.kv_outbox.put(stream.request.request_id, prompt, item.token_ids[0], item.kv.data)
+            item = msgspec.structs.replace(item, kv=None)
         stream.deliver(item)
         if is_terminal(item):
             del self._streams[rid]

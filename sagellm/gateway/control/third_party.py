@@ -1,0 +1,185 @@
+"""How the control plane starts another project's OpenAI-compatible server as a managed engine (`kind: vllm`,
+`sglang`, `llamacpp`): one table row per kind says which program runs it, how its command line names the model, the
+port, the parallel sizes and the served name, and which of our engine settings it has a flag for. Everything else
+about such an engine (supervision, restarts, drain, logs, routing) is what every managed engine gets; this module
+only turns an `EngineSpec` into a command line and an environment.
+
+    vllm      vllm serve MODEL --host 127.0.0.1 --port P [--tensor-parallel-size N] [--pipeline-parallel-size N] ...
+    sglang    python -m sglang.launch_server --model-path MODEL --host 127.0.0.1 --port P [--tp-size N] ...
+    llamacpp  llama-server --model MODEL.gguf --host 127.0.0.1 --port P [--parallel N] ...
+
+The program is the spec's `command`, else the kind's environment variable (`SAGELLM_VLLM`, ...), else the kind's
+default (on PATH; for SGLang, sageLLM's own Python when it has the `sglang` package). One that is not there is a
+FieldError naming what to install, before anything starts. The server gets the GPUs the gateway gave the engine
+(`CUDA_VISIBLE_DEVICES`, empty: none) and a fresh API key, so only the gateway reaches it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sagellm.common.errors import FieldError
+
+if TYPE_CHECKING:
+    from sagellm.gateway.control.engine_spec import EngineSpec
+
+HOST = "127.0.0.1"  # a managed server listens here only: clients reach it through the gateway
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    """One third-party server: how it is found, and how its command line says what an `EngineSpec` says."""
+
+    title: str  # its name in messages
+    program: str | None  # run when no command is named: an executable on PATH; None: this Python (with `module`)
+    module: str | None  # the Python package this Python must have when `program` is None
+    command_env: str  # the environment variable that names its program instead (a command line, shlex-split)
+    install: str  # what to install when it is missing, and how
+    launch: tuple[str, ...]  # the program's arguments before the model
+    served_name: str  # its flag for the name clients send
+    tensor_parallel: str | None  # its flag; None: it has none (tensor_parallel stays 1)
+    settings: dict[str, str]  # our engine setting -> its flag for the same thing
+    key_env: str | None  # the environment variable it reads its API key from; None: its --api-key flag
+    always: tuple[str, ...] = ()  # flags it always gets (metrics the health checks read)
+    on_gpu: tuple[str, ...] = ()  # flags it gets when it has GPUs
+
+
+KINDS: dict[str, ServerKind] = {
+    "vllm": ServerKind(
+        title="vLLM",
+        program="vllm",
+        module=None,
+        command_env="SAGELLM_VLLM",
+        install="vLLM (pip install vllm)",
+        launch=("serve",),
+        served_name="--served-model-name",
+        tensor_parallel="--tensor-parallel-size",
+        settings={
+            "pipeline_parallel_size": "--pipeline-parallel-size",
+            "max_model_len": "--max-model-len",
+            "max_num_seqs": "--max-num-seqs",
+            "max_num_batched_tokens": "--max-num-batched-tokens",
+            "kv_cache_memory_gb": "--kv-cache-memory-bytes",
+            "block_size": "--block-size",
+            "dtype": "--dtype",
+            "seed": "--seed",
+        },
+        key_env="VLLM_API_KEY",
+    ),
+    "sglang": ServerKind(
+        title="SGLang",
+        program=None,
+        module="sglang",
+        command_env="SAGELLM_SGLANG",
+        install="SGLang (pip install 'sglang[all]')",
+        launch=("-m", "sglang.launch_server", "--model-path"),
+        served_name="--served-model-name",
+        tensor_parallel="--tp-size",
+        settings={
+            "pipeline_parallel_size": "--pp-size",
+            "max_model_len": "--context-length",
+            "max_num_seqs": "--max-running-requests",
+            "max_num_batched_tokens": "--chunked-prefill-size",
+            "dtype": "--dtype",
+            "seed": "--random-seed",
+        },
+        key_env=None,
+        always=("--enable-metrics",),
+    ),
+    "llamacpp": ServerKind(
+        title="llama.cpp",
+        program="llama-server",
+        module=None,
+        command_env="SAGELLM_LLAMACPP",
+        install="llama.cpp's llama-server (a release of github.com/ggml-org/llama.cpp)",
+        launch=("--model",),
+        served_name="--alias",
+        tensor_parallel=None,
+        settings={"max_num_seqs": "--parallel", "num_threads": "--threads", "seed": "--seed"},
+        key_env="LLAMA_API_KEY",
+        always=("--metrics",),
+        on_gpu=("--n-gpu-layers", "999"),  # every layer on the GPUs it was given
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A server's command line, what its environment adds to the gateway's, and where and how it is reached."""
+
+    command: list[str]
+    env: dict[str, str]
+    url: str
+    api_key: str
+
+
+def check_settings(spec: EngineSpec) -> None:
+    """Raises FieldError for what the kind's server has no flag for: a tensor parallel size, an engine setting (its
+    own flags go in `args`)."""
+    kind = KINDS[spec.kind]
+    if spec.tensor_parallel > 1 and kind.tensor_parallel is None:
+        raise FieldError("tensor_parallel", f"{kind.title} has no tensor parallelism; leave tensor_parallel at 1 "
+                                            "(its own --split-mode goes in `args`)")  # fmt: skip
+    for name in spec.engine:
+        if name not in kind.settings:
+            raise FieldError(f"engine.{name}", f"a {spec.kind} engine takes the settings {', '.join(kind.settings)}; "
+                                               f"give its other flags in `args`")  # fmt: skip
+
+
+def program(spec: EngineSpec) -> list[str]:
+    """The command that runs the kind's server (before its arguments); FieldError when it is not installed here."""
+    kind = KINDS[spec.kind]
+    named = spec.command or os.environ.get(kind.command_env)
+    if named:
+        words = shlex.split(named)
+        if not words or shutil.which(words[0]) is None:
+            field, where = ("command", "command") if spec.command else ("kind", f"${kind.command_env}")
+            raise FieldError(field, f"{kind.title} is not installed here: {where} is {named!r}, which names no "
+                                    f"executable; install {kind.install}")  # fmt: skip
+        return words
+    if kind.program is None:
+        assert kind.module is not None  # a kind run by this Python names the package it needs
+        if importlib.util.find_spec(kind.module) is None:
+            raise FieldError("kind", f"{kind.title} is not installed here: sageLLM's Python ({sys.executable}) has no "
+                                     f"{kind.module!r} package; install {kind.install}, or set {kind.command_env} (or "
+                                     "`command`) to a Python that has it")  # fmt: skip
+        return [sys.executable]
+    if shutil.which(kind.program) is None:
+        raise FieldError("kind", f"{kind.title} is not installed here: no {kind.program!r} on PATH; install "
+                                 f"{kind.install}, or set {kind.command_env} (or `command`) to "
+                                 "its executable")  # fmt: skip
+    return [kind.program]
+
+
+def server_launch(spec: EngineSpec, port: int, api_key: str, gpus: list[int]) -> Launch:
+    """The command line and environment of the server of `spec` on `HOST:port`, taking `api_key` and seeing only
+    `gpus`. FieldError when its program is not installed."""
+    kind = KINDS[spec.kind]
+    command = [*program(spec), *kind.launch, spec.model, "--host", HOST, "--port", str(port)]
+    if spec.tensor_parallel > 1:
+        assert kind.tensor_parallel is not None  # `check_settings` refuses it otherwise
+        command += [kind.tensor_parallel, str(spec.tensor_parallel)]
+    for name, value in spec.engine.items():
+        if value is not None:
+            command += [kind.settings[name], _flag_value(name, value)]
+    if spec.served_model_name:
+        command += [kind.served_name, spec.served_model_name]
+    command += [*kind.always, *(kind.on_gpu if gpus else ())]
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    if kind.key_env is not None:
+        env[kind.key_env] = api_key
+    else:
+        command += ["--api-key", api_key]
+    return Launch([*command, *spec.args], env, f"http://{HOST}:{port}", api_key)
+
+
+def _flag_value(name: str, value: Any) -> str:
+    """A setting's value as the server's flag takes it: our KV cache size in GiB is vLLM's in bytes."""
+    if name == "kv_cache_memory_gb":
+        return str(round(value * 2**30))
+    return str(value)

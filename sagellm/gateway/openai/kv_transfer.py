@@ -1,0 +1,116 @@
+"""vLLM's disaggregated-serving request protocol, served: two `sagellm serve` processes do PD for a proxy that
+speaks it (vLLM's disaggregation proxy, vllm-router's PD mode, sageLLM's own gateway with servers attached as prefill
+and decode).
+
+- The prefill call carries `kv_transfer_params: {"do_remote_decode": true, ...}` (not streamed; the proxy asks one
+  token). This server prefills the prompt, keeps its KV (`KVOutbox`), and answers the first token with
+  `kv_transfer_params: {"do_remote_prefill": true, "remote_host", "remote_port", "remote_request_id", ...}`: where
+  the KV waits (the address the proxy reached this server at) and the secret it waits under.
+- The decode call carries those params back. This server fetches the KV from the prefill server
+  (`GET /v1/kv_transfer/{remote_request_id}`, one msgpack body) and continues from it (the engine checks it is
+  this prompt's: the same tokens): the first token is the prefill's, the rest is decoded here.
+A KV fetched is gone, so a decode that fails is retried from the prefill, as vLLM's proxies do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+import structlog
+
+from sagellm.gateway.http.app import App, HttpRequest, Response
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.kv_outbox import KVOutbox, KVPayload
+from sagellm.runtime.pipeline.messages import Prefilled
+
+log = structlog.get_logger("sagellm.kv_transfer")
+FETCH_TIMEOUT_S = 60.0  # the whole KV (tens of MB on a long prompt)
+CONNECT_TIMEOUT_S = 5.0
+PARAM = "kv_transfer_params"
+
+
+@dataclass(frozen=True)
+class RemotePrefill:
+    """Where a decode request's KV waits: the prefill server's address and the secret."""
+
+    host: str
+    port: int
+    secret: str
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1/kv_transfer/{self.secret}"
+
+
+def handoff(params: dict[str, Any] | None, *, stream: bool, choices: int, prompts: int) -> str | RemotePrefill | None:
+    """What a body's `kv_transfer_params` asks: "export" (prefill here for a decode server), a `RemotePrefill`
+    (decode here from one), or None (neither: vLLM's default params). A 400 naming the field for anything else."""
+    asked = _asked(params or {})
+    if asked is not None and (choices != 1 or prompts != 1):
+        raise ApiError(400, f"{PARAM}: one prompt, one choice (n=1) per disaggregated request", param=PARAM)
+    if asked == "export" and stream:
+        raise ApiError(400, f"{PARAM}: a remote decode's prefill answers whole: stream=false", param=PARAM)
+    return asked
+
+
+def _asked(params: dict[str, Any]) -> str | RemotePrefill | None:
+    if params.get("do_remote_decode"):
+        return "export"
+    if not params.get("do_remote_prefill"):
+        return None
+    host, port, secret = params.get("remote_host"), params.get("remote_port"), params.get("remote_request_id")
+    valid_port = isinstance(port, int) and 0 < port < 65536
+    valid_secret = isinstance(secret, str) and secret.replace("-", "").replace("_", "").isalnum()
+    if not (isinstance(host, str) and host and valid_port and valid_secret):
+        message = f"{PARAM}: do_remote_prefill needs remote_host, remote_port and remote_request_id"
+        raise ApiError(400, message, param=PARAM)
+    return RemotePrefill(host, port, secret)
+
+
+def reply_params(outbox: KVOutbox, request_id: str, http: HttpRequest, engine_id: str) -> dict[str, Any] | None:
+    """The prefill reply's `kv_transfer_params` (None when the request made no KV: it failed first)."""
+    secret = outbox.claim(request_id)
+    if secret is None:
+        return None
+    host, _, port = http.headers.get("host", "").rpartition(":")
+    return {
+        "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": engine_id,
+        "remote_block_ids": None, "remote_host": host.strip("[]") or "127.0.0.1", "remote_port": int(port or 80),
+        "remote_request_id": secret, "tp_size": 1,
+    }  # fmt: skip
+
+
+async def fetch(remote: RemotePrefill, client: httpx.AsyncClient) -> Prefilled:
+    """The KV a prefill server keeps for this request; a 503 (retry from the prefill) when it cannot be had."""
+    try:
+        reply = await client.get(remote.url, timeout=httpx.Timeout(FETCH_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+    except httpx.HTTPError as error:
+        raise ApiError(503, f"{PARAM}: the prefill server at {remote.host}:{remote.port}: {error}") from None
+    if reply.status_code != 200:
+        message = f"{PARAM}: the prefill server has no KV under that id (fetched, expired or never made)"
+        raise ApiError(503, message, code="unavailable")
+    try:
+        return msgspec.msgpack.decode(reply.content, type=KVPayload).prefilled()
+    except (msgspec.DecodeError, ValueError) as error:
+        raise ApiError(503, f"{PARAM}: the prefill server sent no KV: {error}", code="unavailable") from None
+
+
+class KVTransferRoutes:
+    """`GET /v1/kv_transfer/{id}`: a decode server fetches a prefill's KV; the id (a secret) is the capability, so
+    the route takes no API key (a decode server holds none of this server's)."""
+
+    def __init__(self, outbox: KVOutbox) -> None:
+        self.outbox = outbox
+
+    def register(self, app: App) -> None:
+        app.route("GET", "/v1/kv_transfer/{secret}", self.take)
+
+    async def take(self, http: HttpRequest) -> Response:
+        payload = self.outbox.take(http.path_params["secret"])
+        if payload is None:
+            raise ApiError(404, "no KV under that id: fetched already, expired, or never made", code="not_found")
+        log.info("kv_fetched", bytes=len(payload))
+        return Response(payload, content_type="application/msgpack")
