@@ -70,6 +70,11 @@ def register_runtime_policy(cls: type[Policy]) -> None:
     _RUNTIME_POLICIES[cls.name] = cls
 
 
+def is_policy(name: str) -> bool:
+    """Whether `make_policy` knows `name` (a graph file's policy, or one of this process's run-time policies)."""
+    return name in _RUNTIME_POLICIES or name in POLICIES
+
+
 def make_policy(name: str, ctx: OperatorContext, clock: Clock, args: dict[str, float] | None = None) -> Policy:
     """The policy `name`, with its own keyword `args` (e.g. adaptive's thresholds), checked by name."""
     cls = _RUNTIME_POLICIES.get(name) or POLICIES.get(name)

@@ -220,11 +220,11 @@ class ControlPlaneManager:
             self._gateway.wait(engines.start, spec, instance.instance_id)
             self._gateway.wait(engines.health_check, instance.instance_id)  # its first probe: ready, or unreachable
             return
-        pp, gpus = instance.pipeline_parallel_size, instance.gpu_count > 0 and bool(self._gpus())
+        gpus = instance.gpu_count > 0 and bool(self._gpus())
         spec = EngineSpec(
             kind=instance.engine_kind, tensor_parallel=instance.tensor_parallel_size, use_gpu=gpus,
-            engine={"pipeline_parallel_size": pp} if pp > 1 else {},
-            role=instance.pd_role if instance.engine_kind != "llm" else "colocated", **common,
+            engine=engine_settings(instance), role=instance.pd_role if instance.engine_kind != "llm" else "colocated",
+            **common,
         )  # fmt: skip
         self._gateway.wait(engines.start, spec, instance.instance_id)
         engine = self._gateway.call(engines.get, instance.instance_id)
@@ -240,8 +240,11 @@ class ControlPlaneManager:
         self._instances.pop(instance_id, None)
 
     def get_instances(self) -> list[ExecutionInstance]:
-        """The registered instances, their live fields (health, running requests, load) read now."""
+        """The registered instances, their live fields (health, running requests, load, and for an engine started
+        here on GPUs their utilization) read now."""
         stats = self._gateway.call(self._gateway.core.registry.instances) if self._gateway is not None else {}
+        allotted = self._gateway.call(self._allotted_gpus) if self._gateway is not None else {}
+        gpus = self._gpus() if any(allotted.values()) else []
         instances = []
         for instance in self._instances.values():
             live = stats.get(instance.instance_id)
@@ -249,8 +252,13 @@ class ControlPlaneManager:
                 instance.is_healthy = instance.is_available = live.healthy
                 instance.active_requests = live.running
                 instance.current_load = live.running / max(instance.max_concurrent_requests, 1)
+            instance.gpu_utilization = gpu_utilization(gpus, allotted.get(instance.instance_id, []))
             instances.append(instance)
         return instances
+
+    def _allotted_gpus(self) -> dict[str, list[int]]:
+        """The GPUs the gateway gave each engine it started (none for a server registered by address)."""
+        return {engine_id: engine.gpus for engine_id, engine in self._gateway.gateway.engines.engines.items()}
 
     async def health_check_all(self) -> dict[str, bool]:
         """Probes every registered instance now: its id -> whether it answered."""
@@ -264,7 +272,8 @@ class ControlPlaneManager:
     # -- metrics and policy -----------------------------------------------------------------------------------------
     def get_metrics(self) -> PerformanceMetrics:
         """The pipeline's request counts, end-to-end latencies, rates and SLO compliance, GPU use (None without a
-        GPU), and in `metadata` each instance's state and load and the failover's retries."""
+        GPU), and in `metadata` each instance's state, load and GPUs (those given to an engine started here, and
+        their utilization) and the failover's retries."""
         gateway = self._running()
 
         from sagellm.gateway.serving.core import metrics_snapshot  # (with the gateway: not on `import sagellm`)
@@ -280,6 +289,11 @@ class ControlPlaneManager:
             return metrics_snapshot(core), extra, queued
 
         snapshot, extra, queued = gateway.call(read)
+        allotted = gateway.call(self._allotted_gpus)
+        gpus = self._gpus() if any(allotted.values()) else []
+        for name, instance in extra["instances"].items():
+            instance["gpus"] = allotted.get(name, [])
+            instance["gpu_utilization"] = gpu_utilization(gpus, instance["gpus"])
         metrics = PerformanceMetrics(queued_requests=queued, metadata=extra)
         if snapshot is not None:
             e2e = snapshot.e2e
@@ -390,6 +404,31 @@ class ControlPlaneManager:
             for node_id in [n.id for n in graph.nodes.values() if n.op == "metrics_sink"]:
                 graph.remove_node(node_id)
         return graph
+
+
+def engine_settings(instance: ExecutionInstance) -> dict[str, Any]:
+    """The settings an engine started for `instance` runs with, from its configs: a prefill instance's batch size and
+    chunk are its `max_num_seqs` and `max_num_batched_tokens`, a decode instance's parallel requests its
+    `max_num_seqs` and its prefix caching its own; only those its kind of engine has a setting for."""
+    from sagellm.gateway.control import third_party
+    from sagellm.runtime.engine.config import ENGINE_FIELDS
+
+    wanted: dict[str, Any] = {}
+    if instance.pipeline_parallel_size > 1:
+        wanted["pipeline_parallel_size"] = instance.pipeline_parallel_size
+    if (prefill := instance.prefilling_config) is not None:
+        wanted |= {"max_num_seqs": prefill.target_batch_size, "max_num_batched_tokens": prefill.max_chunk_size_tokens}
+    if (decode := instance.decoding_config) is not None:
+        wanted |= {"max_num_seqs": decode.max_parallel_requests, "enable_prefix_caching": decode.enable_prefix_caching}
+    known = ENGINE_FIELDS if instance.engine_kind == "llm" else third_party.KINDS[instance.engine_kind].settings
+    return {name: value for name, value in wanted.items() if name in known}
+
+
+def gpu_utilization(gpus: list[Any], allotted: list[int]) -> float | None:
+    """The mean utilization (%) NVML reports for the GPUs an engine was given; None when it was given none, or NVML
+    reports none of them."""
+    values = [g.utilization_percent for g in gpus if g.index in allotted and g.utilization_percent is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _bypass(graph: Any, node_id: str) -> None:

@@ -1,16 +1,18 @@
 """What a cluster simulation simulates (`ClusterConfig`): how many instances, alike (one `StepModel`) or in `Tier`s of
-their own step model, price and role; the real scheduling policy and routing strategy, by name; the autoscaler,
-pd_split's threshold, the KV hand-over between prefill and decode workers, and how many instances share a host.
+their own step model, price and role; the real scheduling policy (by name, or a control plane's policy object) and
+routing strategy, by name; the autoscaler, pd_split's threshold, the KV hand-over between prefill and decode workers,
+and how many instances share a host.
 Every setting is checked here, so a bad one fails before a simulation starts, saying what to change."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from sagellm.common.autoscale import AutoscaleSettings
 from sagellm.common.errors import InvalidInput
-from sagellm.operators.policies import POLICIES
+from sagellm.operators.policies import POLICIES, is_policy
 from sagellm.operators.routing import STRATEGIES
 from sagellm.simulator.kv_transfer import KVTransferModel
 from sagellm.simulator.step_model import StepModel
@@ -39,7 +41,9 @@ class ClusterConfig:
     instances: int
     step_model: StepModel | None = None
     tiers: tuple[Tier, ...] | None = None
-    policy: str = "fifo"  # a name from sagellm.operators.policies (the real PolicySort operator)
+    # a name from sagellm.operators.policies (the real PolicySort operator), or a control-plane `SchedulingPolicy`
+    # object (sagellm.control_plane.policies), which then orders the simulated queue as it orders a gateway's
+    policy: Any = "fifo"
     routing: str = "load_balanced"  # a name from sagellm.operators.routing (the real strategy classes)
     sample: int | None = None  # power-of-d choices: route chooses among d sampled free instances (None: all)
     max_queue: int | None = None  # policy_sort's max_len
@@ -61,7 +65,11 @@ class ClusterConfig:
             _check_tiers(self.tiers)
             if self.autoscale is not None:
                 raise InvalidInput("autoscale adds instances of one kind: give step_model, not tiers")
-        if self.policy not in POLICIES:
+        if not isinstance(self.policy, str):
+            from sagellm.control_plane.policies import policy_name  # (the simulator runs without it otherwise)
+
+            self.policy = policy_name(self.policy)
+        if not is_policy(self.policy):
             raise InvalidInput(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
         if self.routing not in STRATEGIES or self.routing in CONTENT_STRATEGIES:
             names = [name for name in STRATEGIES if name not in CONTENT_STRATEGIES]

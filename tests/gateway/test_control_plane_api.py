@@ -28,6 +28,9 @@ from sagellm.control_plane import (
     SchedulingDecision,
     SchedulingPolicy,
 )
+from sagellm.control_plane.manager import gpu_utilization
+from sagellm.runtime.comm.topology import gpu_inventory
+from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.gateway.test_third_party_engines import FAKE_VLLM, executable
 
 PROMPT = "Tell me about the sea."
@@ -313,7 +316,9 @@ def test_instances_with_an_engine_kind_are_started_and_supervised_here(tiny_mode
     stops it with the plane."""
     monkeypatch.setenv("SAGELLM_VLLM", str(executable(tmp_path, "vllm", FAKE_VLLM)))
     cp = ControlPlaneManager(enable_pd_separation=False)
-    cp.register_instance(ExecutionInstance("ours", model_name=str(tiny_model), engine_kind="llm"))
+    cp.register_instance(ExecutionInstance(
+        "ours", model_name=str(tiny_model), engine_kind="llm", decoding_config=DecodingConfig(max_parallel_requests=3)
+    ))  # fmt: skip
     cp.register_instance(ExecutionInstance("theirs", model_name="stand-in", engine_kind="vllm", gpu_count=0))
     with cp:
         instances = {i.instance_id: i for i in cp.get_instances()}
@@ -324,7 +329,20 @@ def test_instances_with_an_engine_kind_are_started_and_supervised_here(tiny_mode
             RequestMetadata(prompt=PROMPT, max_tokens=4, temperature=0, model_name=str(tiny_model))
         ))  # fmt: skip
         assert (done.status, done.instance_id) == (RequestStatus.COMPLETED, "ours")
-        pid = cp._gateway.call(lambda: cp._gateway.gateway.engines.get("theirs").pid)
+        per_instance = cp.get_metrics().metadata["instances"]["theirs"]
+        assert per_instance["gpus"] == [] and per_instance["gpu_utilization"] is None  # no GPU given: unknown, not 0
+        engines = cp._gateway.gateway.engines
+        pid = cp._gateway.call(lambda: engines.get("theirs").pid)
+        assert cp._gateway.call(lambda: engines.get("ours").spec.engine) == {
+            "max_num_seqs": 3,
+            "enable_prefix_caching": True,
+        }
     assert not alive(pid)
     with pytest.raises(ValueError, match="engine_kind: 'tgi' is not one of llm, vllm"):
         ExecutionInstance("x", model_name="m", engine_kind="tgi")
+
+
+def test_an_engines_gpu_utilization_is_that_of_the_gpus_it_was_given():
+    gpus = gpu_inventory(FakeNvml([FakeGpu(utilization_percent=p) for p in (10, 50, None)])).gpus
+    assert gpu_utilization(gpus, [1]) == 50 and gpu_utilization(gpus, [0, 1]) == 30
+    assert gpu_utilization(gpus, [2]) is None and gpu_utilization(gpus, []) is None

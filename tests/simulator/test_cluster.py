@@ -121,3 +121,22 @@ def test_bad_configs_are_refused(change: dict, message: str) -> None:
     settings = {"instances": 2, "step_model": MODEL} | change
     with pytest.raises(ValueError, match=message):
         ClusterConfig(**settings)
+
+
+def test_a_control_plane_policy_object_orders_the_simulated_queue() -> None:
+    """A `SchedulingPolicy` of one's own, given as the policy, orders the real queue of the simulation: the
+    highest class first under overload, as the built-in priority policy does."""
+    from sagellm.control_plane import SchedulingPolicy
+
+    class HighestClassFirst(SchedulingPolicy):
+        def prioritize(self, requests):
+            return sorted(requests, key=lambda r: r.priority.value)
+
+    base = with_classes(poisson(600, 1.0, seed=3), W6, seed=3)
+    trace = base.at_rate(1.5 * capacity_rps(MODEL, base, 2))
+    high = trace.priorities == 0
+    ttft = {}
+    for name, policy in (("fifo", "fifo"), ("own", HighestClassFirst())):
+        result = simulate(ClusterConfig(instances=2, step_model=MODEL, policy=policy, max_queue=100), trace)
+        ttft[name] = float(np.nanmedian(result.ttft_s[high]))
+    assert ttft["own"] < ttft["fifo"] / 3

@@ -2,7 +2,7 @@
 `sglang`, `llamacpp`): one table row per kind says which program runs it, how its command line names the model, the
 port, the parallel sizes and the served name, and which of our engine settings it has a flag for. Everything else
 about such an engine (supervision, restarts, drain, logs, routing) is what every managed engine gets; this module
-only turns an `EngineSpec` into a command line and an environment.
+only turns an engine's start request (`engine_spec.EngineSpec`) into a command line and an environment.
 
     vllm      vllm serve MODEL --host 127.0.0.1 --port P [--tensor-parallel-size N] [--pipeline-parallel-size N] ...
     sglang    python -m sglang.launch_server --model-path MODEL --host 127.0.0.1 --port P [--tp-size N] ...
@@ -21,19 +21,29 @@ import shlex
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sagellm.common.errors import FieldError
 
-if TYPE_CHECKING:
-    from sagellm.gateway.control.engine_spec import EngineSpec
+
+class ServerSpec(Protocol):
+    """What of an engine's start request (`engine_spec.EngineSpec`) its server's command line is made from."""
+
+    kind: str
+    model: str
+    tensor_parallel: int
+    engine: dict[str, Any]
+    command: str | None
+    args: list[str]
+    served_model_name: str | None
+
 
 HOST = "127.0.0.1"  # a managed server listens here only: clients reach it through the gateway
 
 
 @dataclass(frozen=True)
 class ServerKind:
-    """One third-party server: how it is found, and how its command line says what an `EngineSpec` says."""
+    """One third-party server: how it is found, and how its command line says what a start request says."""
 
     title: str  # its name in messages
     program: str | None  # run when no command is named: an executable on PATH; None: this Python (with `module`)
@@ -118,7 +128,7 @@ class Launch:
     api_key: str
 
 
-def check_settings(spec: EngineSpec) -> None:
+def check_settings(spec: ServerSpec) -> None:
     """Raises FieldError for what the kind's server has no flag for: a tensor parallel size, an engine setting (its
     own flags go in `args`)."""
     kind = KINDS[spec.kind]
@@ -131,7 +141,7 @@ def check_settings(spec: EngineSpec) -> None:
                                                f"give its other flags in `args`")  # fmt: skip
 
 
-def program(spec: EngineSpec) -> list[str]:
+def program(spec: ServerSpec) -> list[str]:
     """The command that runs the kind's server (before its arguments); FieldError when it is not installed here."""
     kind = KINDS[spec.kind]
     named = spec.command or os.environ.get(kind.command_env)
@@ -156,7 +166,7 @@ def program(spec: EngineSpec) -> list[str]:
     return [kind.program]
 
 
-def server_launch(spec: EngineSpec, port: int, api_key: str, gpus: list[int]) -> Launch:
+def server_launch(spec: ServerSpec, port: int, api_key: str, gpus: list[int]) -> Launch:
     """The command line and environment of the server of `spec` on `HOST:port`, taking `api_key` and seeing only
     `gpus`. FieldError when its program is not installed."""
     kind = KINDS[spec.kind]
