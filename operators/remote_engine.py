@@ -157,11 +157,13 @@ class RemoteEngine(StreamOperator):
             message = f"instance {name} is at its limit of {endpoint.max_concurrent} requests in flight"
             yield _error(item, "overloaded", message, retryable=True)
             return
+        if endpoint.link is None and item.phase == "prefill":  # counted on each server while there
+            async for out in self._disaggregated(name, endpoint, item):
+                yield out
+            return
         with self._counted(name, item):
             if endpoint.link is not None:
                 call = endpoint.link.stream(item)
-            elif item.phase == "prefill":
-                call = self._disaggregated(name, endpoint, item)
             else:
                 call = self._embed(name, endpoint, item) if item.phase == "embed" else self._call(name, endpoint, item)
             async for out in call:
@@ -186,7 +188,8 @@ class RemoteEngine(StreamOperator):
         (one token, `kv_transfer_params: {"do_remote_decode": true}`, not streamed) and answers where the KV waits;
         the decode server is then sent the request with those params, fetches the KV and streams the output. From
         the decode call on, the request is the decode server's (`request.instance`): its failure is that server's."""
-        params = await self._prefill(name, endpoint, request)
+        with self._counted(name, request):
+            params = await self._prefill(name, endpoint, request)
         if isinstance(params, RequestError):
             yield params
             return

@@ -48,6 +48,7 @@ PIPELINE_BENCHES = (
     ("cli", "cli_startup", "`sagellm --help` and every command's `--help` in fresh processes (budget: 0.3 s)"),
     ("vllm-results", "vllm_results", "the table and chart of `vllm bench serve` result files (W1 against peers)"),
     ("gateway", "gateway", "W5 over HTTP: our gateway against vllm-router, both in front of a no-compute engine"),
+    ("pd-servers", "pd_servers", "PD across two sagellm serve: our gateway against vllm-router's PD mode, TTFT"),
     ("simulator", "simulator", "cluster simulator: 10^6 requests on 1,000 instances; goodput vs load per policy"),
     ("trace-ops", "trace_ops", "ops by self time in a torch profiler trace (vLLM's, beside `bench kernels --ops`)"),
     ("steps", "step_times", "time engine steps by batch composition; fit the simulator's step model"),

@@ -29,6 +29,7 @@ from tests.cli.in_process import in_process
 ENGINES = "/v1/management/engines"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 VLLM = os.environ.get("SAGELLM_VLLM") or shutil.which("vllm")
+LLAMACPP = os.environ.get("SAGELLM_LLAMACPP") or shutil.which("llama-server")
 NO_SGLANG = pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="SGLang is installed here")
 SMOLLM2_HF = Path("/tmp/peers/smollm2-hf")  # fp32 HF weights vLLM loads (tests/../shared/peers/setup.sh makes them)
 
@@ -251,3 +252,34 @@ def test_sagellm_engine_start_kind_vllm_serves_through_the_gateway(gateway, tmp_
     assert stopped.code == 0 and "stopped" in stopped.out, stopped.out + stopped.err
     assert pid is not None and not alive(pid)
     assert "vLLM" in log_file.read_text()
+
+
+# -- (d) a real llama.cpp server ------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.network  # the SmolLM2 GGUF
+@pytest.mark.skipif(LLAMACPP is None, reason="llama.cpp's server is not installed: set SAGELLM_LLAMACPP to a "
+                                             "llama-server executable, or put llama-server on PATH")  # fmt: skip
+def test_sagellm_engine_start_kind_llamacpp_serves_through_the_gateway(gateway, smollm2_dir, tmp_path, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    """llama.cpp's own server on the shipped SmolLM2 GGUF, started, asked through the gateway and stopped by the
+    CLI: its greedy reply is what the same server answers directly."""
+    gguf = next(smollm2_dir.glob("*.gguf"))
+    connect = ["--url", gateway.url, "--admin-key", gateway.gateway.admin_key]
+    started = in_process(capsys, monkeypatch, tmp_path, "engine", "start", str(gguf), "--kind", "llamacpp",
+                         "--engine-command", str(LLAMACPP), "--served-model-name", "smollm2-llamacpp",
+                         "--max-num-seqs", "2", "--num-threads", "2", *connect)  # fmt: skip
+    engine = next(e for e in gateway.gateway.engines.engines.values() if e.name == "smollm2-llamacpp")
+    assert started.code == 0, started.out + started.err + engine.directory.joinpath("engine.log").read_text()[-3000:]
+    assert engine.state == "ready" and engine.spec.kind == "llamacpp"
+
+    chat = {"model": "smollm2-llamacpp", "messages": CHAT, "max_tokens": 8, "temperature": 0}
+    reply = httpx.post(gateway.url + "/v1/chat/completions", json=chat, timeout=120)
+    assert reply.status_code == 200, reply.text
+    direct = httpx.post(engine.url + "/v1/chat/completions", json=chat, timeout=120,
+                        headers={"authorization": f"Bearer {engine.api_key}"})  # fmt: skip
+    assert reply.json()["choices"][0]["message"]["content"] == direct.json()["choices"][0]["message"]["content"]
+
+    pid = engine.pid
+    stopped = in_process(capsys, monkeypatch, tmp_path, "engine", "stop", engine.id, *connect)
+    assert stopped.code == 0 and "stopped" in stopped.out, stopped.out + stopped.err
+    assert pid is not None and not alive(pid)

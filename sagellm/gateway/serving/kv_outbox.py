@@ -35,14 +35,14 @@ class KVPayload(msgspec.Struct, array_like=True):
     first_token: int
     dtype: str
     shape: list[int]
-    data: bytearray  # decoded writable: the tensor over it needs no copy
+    data: bytearray  # decoded writable, so the tensor over it needs no copy (encoded from a memoryview: no copy)
 
     @classmethod
     def of(cls, prompt_token_ids: list[int], first_token: int, kv: torch.Tensor) -> KVPayload:
         import torch  # (here: the gateway's front loads no torch until a KV moves)
 
         kv = kv.contiguous()
-        data = bytearray(kv.view(torch.uint8).reshape(-1).numpy())
+        data = memoryview(kv.view(torch.uint8).reshape(-1).numpy())  # encoded from the tensor's memory, not copied
         return cls(list(prompt_token_ids), first_token, str(kv.dtype).removeprefix("torch."), list(kv.shape), data)
 
     def prefilled(self) -> Prefilled:
@@ -64,7 +64,8 @@ class KVPayload(msgspec.Struct, array_like=True):
 @dataclass
 class _Waiting:
     payload: bytes
-    until: float
+    until: float  # time.monotonic() past which nobody gets it
+    request_id: str
 
 
 class KVOutbox:
@@ -76,16 +77,17 @@ class KVOutbox:
         self.fetched = 0  # payloads taken by decode servers (a count the tests and metrics read)
 
     def put(self, request_id: str, prompt_token_ids: list[int], first_token: int, kv: torch.Tensor) -> None:
-        self._expire(time.monotonic())
+        now = time.monotonic()
+        while self._waiting and next(iter(self._waiting.values())).until <= now:
+            self._drop(next(iter(self._waiting)))
         payload = msgspec.msgpack.encode(KVPayload.of(prompt_token_ids, first_token, kv))
         secret = secrets.token_urlsafe(24)
-        self._waiting[secret] = _Waiting(payload, time.monotonic() + self.ttl_s)
+        self._waiting[secret] = _Waiting(payload, now + self.ttl_s, request_id)
         self._of_request[request_id] = secret
         self._bytes += len(payload)
         while self._bytes > self.max_bytes and len(self._waiting) > 1:
-            dropped, waiting = self._waiting.popitem(last=False)
-            self._bytes -= len(waiting.payload)
-            log.warning("kv_outbox_full", dropped=dropped[:6], max_bytes=self.max_bytes)
+            log.warning("kv_outbox_full", max_bytes=self.max_bytes)
+            self._drop(next(iter(self._waiting)))
 
     def claim(self, request_id: str) -> str | None:
         """The secret a request's KV waits under (once: the reply that names it)."""
@@ -93,19 +95,15 @@ class KVOutbox:
 
     def take(self, secret: str) -> bytes | None:
         """The payload (msgpack `KVPayload`), handed out once; None when unknown, taken or expired."""
-        self._expire(time.monotonic())
-        waiting = self._waiting.pop(secret, None)
-        if waiting is None:
+        waiting = self._waiting.get(secret)
+        if waiting is None or waiting.until <= time.monotonic():
             return None
-        self._bytes -= len(waiting.payload)
+        self._drop(secret)
         self.fetched += 1
         return waiting.payload
 
-    def _expire(self, now: float) -> None:
-        while self._waiting:
-            secret, oldest = next(iter(self._waiting.items()))
-            if oldest.until > now:
-                return
-            del self._waiting[secret]
-            self._bytes -= len(oldest.payload)
-            self._of_request = {rid: s for rid, s in self._of_request.items() if s != secret}
+    def _drop(self, secret: str) -> None:
+        waiting = self._waiting.pop(secret)
+        self._bytes -= len(waiting.payload)
+        if self._of_request.get(waiting.request_id) == secret:
+            del self._of_request[waiting.request_id]
