@@ -235,6 +235,11 @@ def _gguf_rope_scaling(
     original = metadata.get(f"{prefix}.rope.scaling.original_context_length")
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
+    # YaRN's own settings, where the file has them (else Hugging Face's defaults: betas 32 and 1, mscale from factor)
+    for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"), ("yarn_attn_factor",
+                      "attention_factor")):  # fmt: skip
+        if kind == "yarn" and metadata.get(f"{prefix}.rope.scaling.{key}") is not None:
+            scaling[name] = float(metadata[f"{prefix}.rope.scaling.{key}"])
     return scaling
 
 
