@@ -232,14 +232,9 @@ def test_a_started_server_is_supervised_as_our_engines_are(admin, gateway, tmp_p
                                          "on PATH")  # fmt: skip
 @pytest.mark.skipif(not SMOLLM2_HF.is_dir(), reason=f"no HF copy of SmolLM2-135M-Instruct at {SMOLLM2_HF}")
 def test_sagellm_engine_start_kind_vllm_serves_through_the_gateway(gateway, tmp_path, capsys, monkeypatch):
-    connect = ["--url", gateway.url, "--admin-key", gateway.gateway.admin_key]
     small = ["--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory-gb", "1", "--max-num-seqs", "4"]
-    started = in_process(capsys, monkeypatch, tmp_path, "engine", "start", str(SMOLLM2_HF), "--kind", "vllm",
-                         "--engine-command", str(VLLM), "--served-model-name", "smollm2-vllm", *small,
-                         "--engine-args=--enforce-eager", *connect)  # fmt: skip
-    engine = next(e for e in gateway.gateway.engines.engines.values() if e.name == "smollm2-vllm")
-    assert started.code == 0, started.out + started.err + engine.directory.joinpath("engine.log").read_text()[-3000:]
-    assert engine.state == "ready" and engine.spec.kind == "vllm"
+    cli = (gateway, tmp_path, capsys, monkeypatch)
+    engine = start_by_cli(*cli, SMOLLM2_HF, "vllm", VLLM, "smollm2-vllm", *small, "--engine-args=--enforce-eager")
 
     chat = {"model": "smollm2-vllm", "messages": CHAT, "max_tokens": 8, "temperature": 0}
     reply = httpx.post(gateway.url + "/v1/chat/completions", json=chat, timeout=120)
@@ -247,10 +242,8 @@ def test_sagellm_engine_start_kind_vllm_serves_through_the_gateway(gateway, tmp_
     assert reply.json()["model"] == "smollm2-vllm" and reply.json()["usage"]["completion_tokens"] > 0
     assert reply.json()["choices"][0]["message"]["content"]
 
-    pid, log_file = engine.pid, engine.directory / "engine.log"
-    stopped = in_process(capsys, monkeypatch, tmp_path, "engine", "stop", engine.id, *connect)
-    assert stopped.code == 0 and "stopped" in stopped.out, stopped.out + stopped.err
-    assert pid is not None and not alive(pid)
+    log_file = engine.directory / "engine.log"
+    stop_by_cli(*cli, engine)
     assert "vLLM" in log_file.read_text()
 
 
@@ -264,13 +257,10 @@ def test_sagellm_engine_start_kind_llamacpp_serves_through_the_gateway(gateway, 
     """llama.cpp's own server on the shipped SmolLM2 GGUF, started, asked through the gateway and stopped by the
     CLI: its greedy reply is what the same server answers directly."""
     gguf = next(smollm2_dir.glob("*.gguf"))
-    connect = ["--url", gateway.url, "--admin-key", gateway.gateway.admin_key]
-    started = in_process(capsys, monkeypatch, tmp_path, "engine", "start", str(gguf), "--kind", "llamacpp",
-                         "--engine-command", str(LLAMACPP), "--served-model-name", "smollm2-llamacpp",
-                         "--max-num-seqs", "2", "--num-threads", "2", *connect)  # fmt: skip
-    engine = next(e for e in gateway.gateway.engines.engines.values() if e.name == "smollm2-llamacpp")
-    assert started.code == 0, started.out + started.err + engine.directory.joinpath("engine.log").read_text()[-3000:]
-    assert engine.state == "ready" and engine.spec.kind == "llamacpp"
+    cli = (gateway, tmp_path, capsys, monkeypatch)
+    engine = start_by_cli(
+        *cli, gguf, "llamacpp", LLAMACPP, "smollm2-llamacpp", "--max-num-seqs", "2", "--num-threads", "2"
+    )
 
     chat = {"model": "smollm2-llamacpp", "messages": CHAT, "max_tokens": 8, "temperature": 0}
     reply = httpx.post(gateway.url + "/v1/chat/completions", json=chat, timeout=120)
@@ -279,7 +269,24 @@ def test_sagellm_engine_start_kind_llamacpp_serves_through_the_gateway(gateway, 
                         headers={"authorization": f"Bearer {engine.api_key}"})  # fmt: skip
     assert reply.json()["choices"][0]["message"]["content"] == direct.json()["choices"][0]["message"]["content"]
 
+    stop_by_cli(*cli, engine)
+
+
+def start_by_cli(gateway, tmp_path, capsys, monkeypatch, model, kind, command, name, *flags) -> Any:
+    """`sagellm engine start MODEL --kind KIND` against the gateway; the engine, ready."""
+    connect = ["--url", gateway.url, "--admin-key", gateway.gateway.admin_key]
+    started = in_process(capsys, monkeypatch, tmp_path, "engine", "start", str(model), "--kind", kind,
+                         "--engine-command", str(command), "--served-model-name", name, *flags, *connect)  # fmt: skip
+    engine = next(e for e in gateway.gateway.engines.engines.values() if e.name == name)
+    assert started.code == 0, started.out + started.err + engine.directory.joinpath("engine.log").read_text()[-3000:]
+    assert engine.state == "ready" and engine.spec.kind == kind
+    return engine
+
+
+def stop_by_cli(gateway, tmp_path, capsys, monkeypatch, engine) -> None:
+    """`sagellm engine stop ID`: it says stopped, and the server's process is gone."""
     pid = engine.pid
+    connect = ["--url", gateway.url, "--admin-key", gateway.gateway.admin_key]
     stopped = in_process(capsys, monkeypatch, tmp_path, "engine", "stop", engine.id, *connect)
     assert stopped.code == 0 and "stopped" in stopped.out, stopped.out + stopped.err
     assert pid is not None and not alive(pid)

@@ -128,7 +128,7 @@ class OpenAIRoutes:
         if body.echo and model is not None:
             raise ApiError(400, f"echo: served for the graph's own model, not {model}", param="echo")
         count = body.best_of or body.n  # choices run per prompt
-        handoff = await self._hand_off(body, requests, count)
+        await self._hand_off(body, requests, count)
         await self._prepare(requests, constraint, every_prompt=body.echo or count > 1)
         echoes = [Echo.of(r, self.core.tokenizer, body.max_tokens == 0) for r in requests] if body.echo else None
         new_id = lambda: self.core.new_id("cmpl")  # noqa: E731
@@ -147,7 +147,7 @@ class OpenAIRoutes:
             events = _events(envelope, first, streams, renders, wants_logprobs, include_usage, ids=ids, echo=body.echo)
             return EventStream(events, on_disconnect=streams.cancel)
         ran = await collect_choices(self.core.submit_all(runs))
-        kv = self._kv_reply(handoff, requests[0], http)
+        kv = self._kv_reply(requests[0], http)
         scored_prompts = [ran[i].prompt_logprobs for i in range(0, len(ran), count)]  # each prompt's first choice's
         choices = best_of(ran, count, body.n, wants_logprobs) if count > body.n else ran
         body_fields = [
@@ -231,7 +231,7 @@ class OpenAIRoutes:
         request, tool_use, sources = await self.prepared_chat(body, headers, owner)
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
         choices = await collect_choices(self.core.submit_all(self._chat_choices(request, body.n)))
-        kv = self._kv_reply("export" if request.kv_export else None, request, http)
+        kv = self._kv_reply(request, http)
         parser = tool_use.parser if tool_use is not None else None
         fields = [self._chat_choice(c, parser, body.logprobs, body.return_token_ids) for c in choices]
         extra: dict[str, Any] = {"sources": sources} if sources is not None else {}
@@ -311,7 +311,7 @@ class OpenAIRoutes:
         tokenizer = self.core.tokenizer
         return (getattr(tokenizer, "chat_template", None) or "") if tokenizer is not None else None
 
-    async def _hand_off(self, body: Any, requests: list[Request], choices: int) -> str | RemotePrefill | None:
+    async def _hand_off(self, body: Any, requests: list[Request], choices: int) -> None:
         """A request's part in disaggregated serving across servers (`kv_transfer_params`, vLLM's protocol): marked
         to prefill for a decode server ("export"), or given the KV a prefill server made for it."""
         outbox = getattr(self.core, "kv_outbox", None)  # (an API server's core keeps none: the gateway's does)
@@ -325,11 +325,10 @@ class OpenAIRoutes:
             requests[0].kv_export = True
         elif isinstance(asked, RemotePrefill):
             requests[0].prefilled = await kv_transfer.fetch(asked, self._kv_client())
-        return asked
 
-    def _kv_reply(self, handoff: str | RemotePrefill | None, request: Request, http: HttpRequest | None) -> dict:
+    def _kv_reply(self, request: Request, http: HttpRequest | None) -> dict:
         """A prefill's reply field: where its KV waits for the decode server."""
-        if handoff != "export" or http is None:
+        if not request.kv_export or http is None:
             return {}
         params = kv_transfer.reply_params(self.core.kv_outbox, request.request_id, http, self.core.boot_id)
         return {"kv_transfer_params": params}
