@@ -8,19 +8,26 @@ which L are held):
   embedding(ids[T] int64, weight[V, H]) -> [T, H]
   rmsnorm(x[T, H], weight[H], eps) -> [T, H]
   add_rmsnorm(x[T, H], residual[T, H], weight[H], eps) -> (normed[T, H], summed[T, H])   # summed = x + residual
+  head_rmsnorm(x[T, Hx, D], weight[D], eps) -> [T, Hx, D]            # each head normed (Qwen3's q/k norms)
   linear(x[T, K], weight: packed, bias[N] | None) -> [T, N]        # weight packed by prepare_linear_weight
-  rope(q[T, Hq, D], k[T, Hk, D], positions[T] int64, cos_sin[max_pos, D]) -> (q, k)
-        # rotate-half (Hugging Face / NeoX) style; cos_sin = cat(cos[:, :D/2], sin[:, :D/2], dim=-1)
+  rope(q[T, Hq, D], k[T, Hk, D], positions[T] int64, cos_sin[max_pos, R]) -> (q, k)
+        # rotate-half (Hugging Face / NeoX) style; cos_sin = cat(cos[:, :R/2], sin[:, :R/2], dim=-1); R < D (partial
+        # rotary) turns each head's first R dims and keeps the rest
   silu_mul(x[T, 2I]) -> [T, I]                                      # silu(x[:, :I]) * x[:, I:]
+  gelu_tanh_mul(x[T, 2I]) -> [T, I]                                 # gelu(x[:, :I], tanh approximation) * x[:, I:]
   add(x, y) -> x + y
-  moe(x[T, H], router[E, H], gate_up[L, 2I, H], down[L, H, I], top_k, first_expert) -> [T, H]
-        # Mixtral's sparse MLP: softmax over the router's E experts, top_k, weights renormalized to sum to 1, then
+  moe(x[T, H], router[E, H], gate_up[L, 2I, H], down[L, H, I], top_k, first_expert, normalize) -> [T, H]
+        # Mixtral's sparse MLP: softmax over the router's E experts, top_k, weights renormalized to sum to 1 (if
+        # `normalize`), then
         # the weighted sum of (silu(x W1^T) * x W3^T) W2^T over the chosen experts that are among the L held, numbers
         # first_expert.. (all E, or an expert parallel rank's share); gate_up[e] = cat(W1, W3)
-  attention(q[T, Hq, D], k[T, Hk, D], v[T, Hk, D], k_cache, v_cache, meta: AttentionMetadata, scale) -> [T, Hq, D]
-        # first writes k, v at meta.slot_mapping, then attends; caches are [num_blocks, block_size, Hk, D]
-  paged_decode_attention(q[B, Hq, D], k_cache, v_cache, block_tables[B, M] int32, context_lens[B] int32, scale)
-        -> [B, Hq, D]
+  attention(q[T, Hq, D], k[T, Hk, D], v[T, Hk, D], k_cache, v_cache, meta: AttentionMetadata, scale, window,
+            softcap) -> [T, Hq, D]
+        # first writes k, v at meta.slot_mapping, then attends; caches are [num_blocks, block_size, Hk, D];
+        # window > 0: a query sees only the last `window` positions (its own included); softcap > 0: each scaled
+        # score s becomes softcap * tanh(s / softcap) before the softmax
+  paged_decode_attention(q[B, Hq, D], k_cache, v_cache, block_tables[B, M] int32, context_lens[B] int32, scale,
+                         window=0, softcap=0.0) -> [B, Hq, D]
 
 One entry is optional, and builds a kernel rather than being one:
 
@@ -76,11 +83,15 @@ class DecoderShape:
     eps: float
     scale: float
     cos_sin: torch.Tensor  # [max_pos, D], as rope takes it
+    # The attention's sliding window and score soft-cap (0: none), as `attention` takes them: per layer in models
+    # that alternate them (Gemma 2), so they are part of the key and such a model's layers fuse as runs of one kind.
+    window: int = 0
+    softcap: float = 0.0
 
     def key(self) -> tuple:
         """What two runs of layers must agree on to be one run (the table compared by identity)."""
         return (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size,
-                self.eps, self.scale, id(self.cos_sin))  # fmt: skip
+                self.eps, self.scale, id(self.cos_sin), self.window, self.softcap)  # fmt: skip
 
 
 # (hidden[T, H], residual[T, H] | None (the model's first layer: R = h), positions[T], meta) -> (hidden, residual)
@@ -94,6 +105,8 @@ REQUIRED_OPS = (
     "linear",
     "rope",
     "silu_mul",
+    "gelu_tanh_mul",
+    "head_rmsnorm",
     "add",
     "moe",
     "attention",
@@ -140,7 +153,12 @@ class HardwareBackend(ABC):
         """Why this backend's linears cannot compute in `dtype` (None: they can); float32 always can."""
         return None if dtype in (torch.float32, torch.bfloat16) else f"{self.name} linears take float32 or bfloat16"
 
-    def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> Any:
-        """Packs a [out, in] weight into the layout this backend's `linear` reads fastest; `quantized` is the same
-        weight in the GGUF file's blocks when it held a kind in KEPT_KINDS, for backends with kernels reading them."""
+    def prepare_linear_weight(self, weight: torch.Tensor) -> Any:
+        """Packs a [out, in] weight into the layout this backend's `linear` reads fastest."""
         return weight.to(self.device).contiguous()
+
+    def prepare_block_weight(self, parts: list[QuantizedWeight]) -> Any | None:
+        """A linear weight this backend's `linear` reads from GGUF blocks (its parts' rows stacked: a fused q/k/v
+        may mix kinds, as a Q4_K_M file's does), or None when it does not read them: the caller then packs the
+        dequantized floats with `prepare_linear_weight`. Held in one form: no float copy beside the blocks."""
+        return None

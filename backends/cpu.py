@@ -1,16 +1,17 @@
 """The CPU backend: the shared torch ops, with `linear` on weight layouts measured to be fastest on x86 CPUs, and
 native C kernels (backends/native) for small-batch decode.
 
-A CPU LLM server is memory-bound at decode: every step streams every weight once. Measured on the 2-core AVX-512
-machine this was written on (torch 2.13, MKL + oneDNN, fp32), oneDNN's matmul on a weight reordered once into its
-blocked layout beats `F.linear` on the [out, in] weight and `torch.mm` on an [in, out] copy by 1.5-3x from two rows up
-(batched decode, prefill). Up to NATIVE_BLOCK_ROWS rows a weight the GGUF file stored as Q4_0/Q4_1/Q8_0 is read from
-its blocks instead (block_linear.c: a quarter to a fifth of the bytes, dequantized in registers to the same floats):
-SmolLM2's 210 layer linears with the AVX-512 kernels at 16 rows 11.1 vs 16.5 ms, at 1 row 3.1 vs 18. Other fp32
-weights keep their dense layout beside the blocked one for one or two rows, where the native `linear_f32` streaming it
-on one thread beats oneDNN (24 vs 40 ms a batch-1 step), except a vocabulary projection tied to the embedding, which
-shares the embedding's tensor. Without native kernels, a single row against a wide output (gate_up) uses MKL's GEMV
-on an [in, out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`).
+A CPU LLM server is memory-bound at decode: every step streams every weight once. Each linear weight is held in one
+form. A weight the GGUF file stored as blocks the kernels read (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) stays
+blocks (block_linear.c: dequantized in registers to gguf-py's floats, a quarter to a fifth of fp32's bytes): up to
+BLOCK_GEMM_ROWS rows the kernel multiplies from them directly (SmolLM2's 210 layer linears with the AVX-512 kernels
+at 16 rows 11.1 vs 16.5 ms for oneDNN on fp32, at 1 row 3.1 vs 18); from there, prefill, the blocks are dequantized
+a tile at a time into a small buffer torch's GEMM reads. Other fp32 weights stay dense [out, in]: the
+native `linear_f32` streams them on one thread for one or two rows (24 vs 40 ms for oneDNN a batch-1 step), torch's
+GEMM reads them above (within a few percent of oneDNN's blocked layout from 64 rows up), and a vocabulary projection
+tied to the embedding shares the embedding's tensor. Without native kernels, weights take oneDNN's blocked layout
+(1.5-3x `F.linear` from two rows up), and a single row against a wide output (gate_up) uses MKL's GEMV on an
+[in, out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`).
 
 Around the linears, at a few rows per step torch spends more on dispatching RMSNorm, RoPE, SiLU and attention and on
 waking its OpenMP worker than on their math, and its decode attention first copies every context into a padded
@@ -48,7 +49,7 @@ from sagellm.backends.native import (
     isa,
     prefill_scratch_size,
 )
-from sagellm.backends.native.decoder_layers import NativeDecoderLayers, attention_threads
+from sagellm.backends.native.decoder_layers import NativeDecoderLayers, attention_threads, seen_keys
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 
@@ -63,36 +64,58 @@ I64 = torch.int64
 NATIVE_SERIAL_ROWS = 64
 # Rows up to which the native linear, streaming the dense weight on one thread, beats oneDNN's blocked one.
 NATIVE_LINEAR_ROWS = 2
-# Rows up to which the native linear on a GGUF weight's interleaved blocks beats oneDNN on its fp32 copy. SmolLM2's
+# Rows up to which a decode step runs its layers in one native call (decoder_layers), as far as the native linear on
+# a GGUF weight's interleaved blocks beat oneDNN on an fp32 copy when measured against it. SmolLM2's
 # layer linears, cold (`sagellm bench kernels`), AVX-512 kernels on a 2-core AMD EPYC whose oneDNN runs AVX-512 too:
 # 16 rows 11.1 vs 16.4 ms, 48: 29.1 vs 36.0, 64: 44.5 vs 40.5 in one run and 37.0 vs 39.9 in another; AVX2 kernels on
 # an earlier machine: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
 NATIVE_BLOCK_ROWS = 48
+# Rows from which a linear on blocks dequantizes tiles of the weight (4 MB, L2-sized) for torch's GEMM instead of
+# multiplying in registers: block_linear's cost grows with the rows where the GEMM's amortizes, and they cross near
+# 256 rows on 2 threads, 128 on one (AVX-512 Sapphire Rapids, 2048x2048 Q4/Q6_K/Q8_0: at 512 rows 15.1 vs 21.7 ms,
+# the dense fp32 GEMM 13.9; at 64 rows 3.1 vs 2.5).
+BLOCK_GEMM_ROWS = 192
+BLOCK_GEMM_ROWS_ONE_THREAD = 128
 
 
 @dataclass(frozen=True)
 class CpuLinearWeight:
-    packed: torch.Tensor  # [out, in], oneDNN-blocked (opaque mkldnn tensor) when the dtype allows, else dense
+    """A linear's weight in the one form its calls read: its GGUF blocks for the native block kernels, else its
+    floats (dense for the native kernels and torch's GEMM, oneDNN-blocked without native kernels)."""
+
+    packed: torch.Tensor | None  # [out, in], oneDNN-blocked (opaque mkldnn tensor) when the dtype allows, else dense
     rows: torch.Tensor | None  # [in, out] contiguous, for outputs in GEMV_COPY_OUT when there is no `dense`
-    dense: torch.Tensor | None = None  # [out, in] contiguous fp32, for the native linear
-    blocks: InterleavedBlocks | None = None  # the GGUF blocks, for the native block linear (then no `dense`)
+    dense: torch.Tensor | None = None  # [out, in] contiguous fp32, for the native linear and torch's GEMM
+    blocks: InterleavedBlocks | None = None  # the GGUF blocks, for the native block linear
+    # A fused linear whose parts' blocks differ in kind (a Q4_K_M file's q/k Q4_K, v Q6_K): each read on its own,
+    # the outputs side by side.
+    parts: tuple[InterleavedBlocks, ...] = ()
 
 
-def pack_linear_weight(
-    weight: torch.Tensor, native: NativeKernels | None = None, quantized: QuantizedWeight | None = None
-) -> CpuLinearWeight:
-    """The layouts `linear` reads. For the `native` kernels an fp32 weight also keeps its GGUF blocks interleaved in
-    the library's group width when the file held some the kernels read (groups of 8 when the outputs are not a
-    multiple of it), else its dense [out, in] self."""
+def pack_linear_weight(weight: torch.Tensor, native: NativeKernels | None = None) -> CpuLinearWeight:
+    """The one layout `linear` reads a weight's floats in: with the `native` kernels an fp32 weight stays dense
+    [out, in] (a tied vocabulary projection shares the embedding's tensor); otherwise oneDNN's blocked layout."""
     weight = weight.to("cpu").contiguous()  # [N, K]
-    blocks = None
-    if native is not None and quantized is not None:
-        blocks = interleave(quantized, native.block_group) or interleave(quantized)
-    dense = weight if native is not None and blocks is None and weight.dtype == torch.float32 else None
-    rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT and dense is None else None  # [K, N]
+    if native is not None and weight.dtype == torch.float32:
+        return CpuLinearWeight(None, None, weight)
+    rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT else None  # [K, N]
     if _onednn_packs(weight.dtype):
-        return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows, dense, blocks)
-    return CpuLinearWeight(weight, rows, dense, blocks)
+        return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows)
+    return CpuLinearWeight(weight, rows)
+
+
+def pack_block_weight(parts: list[QuantizedWeight], native: NativeKernels) -> CpuLinearWeight | None:
+    """The GGUF blocks of a linear's parts interleaved in the library's group width (groups of 8 when the outputs
+    are not a multiple of it), one weight when they share a kind, else one each; None for a shape the kernels do not
+    take (the caller then packs the floats)."""
+    whole = QuantizedWeight.concat(parts)
+    each = [whole] if whole is not None else parts
+    interleaved = [interleave(p, native.block_group) or interleave(p) for p in each]
+    if any(blocks is None for blocks in interleaved):
+        return None
+    if len(interleaved) == 1:
+        return CpuLinearWeight(None, None, blocks=interleaved[0])
+    return CpuLinearWeight(None, None, parts=tuple(b for b in interleaved if b is not None))
 
 
 def _onednn_packs(dtype: torch.dtype) -> bool:
@@ -106,6 +129,8 @@ def _onednn_packs(dtype: torch.dtype) -> bool:
 def linear(x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] -> [T, N] (+ bias [N]) on a weight packed by `pack_linear_weight`, with torch's GEMMs. A bf16 weight
     (EngineConfig.dtype) takes x rounded to bf16, sums in fp32 and gives fp32, with the fp32 bias added after."""
+    if weight.packed is None:  # dense fp32 (the native kernels' layout, which this CPU lacks at this call)
+        return F.linear(x, weight.dense, bias)
     if weight.packed.dtype != x.dtype:
         out = linear(x.to(weight.packed.dtype), weight).to(x.dtype)
         return out if bias is None else out + bias
@@ -155,12 +180,25 @@ class NativeDispatch:
         return NativeDecoderLayers.build(self.native, blocks, shape, NATIVE_BLOCK_ROWS)
 
     def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows, fits = x.shape[0], fits_rows(x) and (bias is None or fits_dense(bias))
-        if weight.blocks is not None and rows <= NATIVE_BLOCK_ROWS and fits:
-            return self.native.block_linear(x, weight.blocks, bias, torch.get_num_threads())
-        if weight.dense is not None and rows <= NATIVE_LINEAR_ROWS and fits:
+        if weight.parts:
+            out = torch.cat([self._block_linear(x, blocks, None) for blocks in weight.parts], dim=1)  # [T, N]
+            return out if bias is None else out.add_(bias)
+        if weight.blocks is not None:
+            return self._block_linear(x, weight.blocks, bias)
+        fits = fits_rows(x) and (bias is None or fits_dense(bias))
+        if weight.dense is not None and x.shape[0] <= NATIVE_LINEAR_ROWS and fits:
             return self.native.linear(x, weight.dense, bias)
         return linear(x, weight, bias)
+
+    def _block_linear(self, x: torch.Tensor, blocks: InterleavedBlocks, bias: torch.Tensor | None) -> torch.Tensor:
+        """Every row count from the blocks, the weight's one form: the kernel dequantizing in registers below
+        BLOCK_GEMM_ROWS rows, tiles dequantized for torch's GEMM from there (prefill)."""
+        x = x if fits_rows(x) else x.float().contiguous()
+        bias = None if bias is None else bias.float().contiguous()
+        threads = torch.get_num_threads()
+        if x.shape[0] >= (BLOCK_GEMM_ROWS_ONE_THREAD if threads == 1 else BLOCK_GEMM_ROWS):
+            return self.native.block_linear_large(x, blocks, bias, threads)
+        return self.native.block_linear(x, blocks, bias, threads)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if fits_rows(x) and fits_dense(weight):
@@ -177,7 +215,8 @@ class NativeDispatch:
     def rope(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if fits_heads(q, k) and fits_dense(cos_sin) and fits_dense(positions, dtype=torch.int64):
+        whole_heads = cos_sin.shape[-1] == q.shape[-1]  # the C kernel turns whole heads (no partial rotary)
+        if whole_heads and fits_heads(q, k) and fits_dense(cos_sin) and fits_dense(positions, dtype=torch.int64):
             return self.native.rope(q, k, positions, cos_sin, _row_threads(q))
         return torch_ops.rope(q, k, positions, cos_sin)
 
@@ -205,19 +244,23 @@ class NativeDispatch:
         chunk: PrefillChunk,
         scale: float,
         buffers: torch_ops.GatherBuffers | None = None,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
-        """A prefill chunk's causal attention read from the paged cache in place (its K/V are written first), or the
-        torch op for what the C code does not take."""
+        """A prefill chunk's causal attention (sliding-window, soft-capped) read from the paged cache in place (its
+        K/V are written first), or the torch op for what the C code does not take."""
         if fits_prefill_attention(q, k_cache, v_cache, chunk.block_table):
-            keys = chunk.query_len * chunk.context_len
-            threads = attention_threads(keys)
-            size = prefill_scratch_size(chunk.context_len, k_cache.shape[2], q.shape[2])
+            n, ctx = chunk.query_len, chunk.context_len
+            threads = attention_threads(n * seen_keys(ctx, window))
+            size = prefill_scratch_size(ctx, k_cache.shape[2], q.shape[2], n, window)
             if self._prefill_scratch.numel() < size:  # grown, never shrunk: fresh memory costs page faults per call
                 self._prefill_scratch = torch.empty(size, dtype=torch.float32)
             return self.native.paged_prefill_attention(
-                q, k_cache, v_cache, chunk.block_table, chunk.context_len, scale, threads, self._prefill_scratch
+                q, k_cache, v_cache, chunk.block_table, ctx, scale, threads, self._prefill_scratch, window, softcap
             )
-        return torch_ops.prefill_attention(q, k, v, k_cache, v_cache, chunk, scale, buffers)
+        return torch_ops.prefill_attention(
+            q, k, v, k_cache, v_cache, chunk, scale, buffers, window=window, softcap=softcap
+        )
 
     def paged_decode_attention(
         self,
@@ -227,14 +270,17 @@ class NativeDispatch:
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         if fits_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
-            keys = q.shape[0] * block_tables.shape[1] * k_cache.shape[1]  # an upper bound: tables span the contexts
+            # An upper bound: tables span the contexts. NativeDecoderLayers counts the same, for the same threads.
+            keys = q.shape[0] * seen_keys(block_tables.shape[1] * k_cache.shape[1], window)
             return self.native.paged_decode_attention(
-                q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys)
+                q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys), window, softcap
             )
         return torch_ops.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, scale, buffers=self.buffers
+            q, k_cache, v_cache, block_tables, context_lens, scale, self.buffers, window=window, softcap=softcap
         )
 
 
@@ -260,8 +306,12 @@ class CpuBackend(torch_ops.TorchOpsBackend):
             return "bfloat16 needs a CPU with AVX512-BF16 or AMX (this one has neither): use float32"
         return super().linear_dtype_problem(dtype)
 
-    def prepare_linear_weight(self, weight: torch.Tensor, quantized: QuantizedWeight | None = None) -> CpuLinearWeight:
-        return pack_linear_weight(weight, NativeKernels.load(), quantized)
+    def prepare_linear_weight(self, weight: torch.Tensor) -> CpuLinearWeight:
+        return pack_linear_weight(weight, NativeKernels.load())
+
+    def prepare_block_weight(self, parts: list[QuantizedWeight]) -> CpuLinearWeight | None:
+        native = NativeKernels.load()
+        return None if native is None else pack_block_weight(parts, native)
 
     def kernels(self) -> KernelTable:
         """The torch ops with the CPU `linear`, and native kernels where a C compiler built them."""

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """The least seconds `fn` took in `repeats` runs, after a warm-up run."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -73,7 +74,7 @@ def _onednn_gemm(m: int, n: int, k: int, repeats: int) -> float:
     from sagellm.backends.cpu import linear, pack_linear_weight
 
     x, weight = torch.randn(m, k), pack_linear_weight(torch.randn(n, k))
-    return _best(lambda: linear(x, weight), repeats)
+    return best_time(lambda: linear(x, weight), repeats)
 
 
 def _block_linears(variants, rows: list[int], layers: int, repeats: int) -> None:
@@ -99,9 +100,9 @@ def _block_linears(variants, rows: list[int], layers: int, repeats: int) -> None
         cells = []
         for variant in variants:
             kernels = NativeKernels.load(variant)
-            seconds = _best(functools.partial(_run_blocks, kernels, layouts[kernels.block_group], inputs), repeats)
+            seconds = best_time(functools.partial(_run_blocks, kernels, layouts[kernels.block_group], inputs), repeats)
             cells.append(f"{variant.name} {seconds * 1e3:6.2f} ({flops * count / seconds / 1e9:3.0f})")
-        seconds = _best(functools.partial(_run_dense, dense, inputs), repeats)
+        seconds = best_time(functools.partial(_run_dense, dense, inputs), repeats)
         cells.append(f"oneDNN {seconds * 1e3:6.2f} ({flops * count / seconds / 1e9:3.0f})")
         print(f"  {count:3d} rows: " + "  ".join(cells))
 
@@ -127,7 +128,7 @@ def _decode_attention(kernels, layers: int, repeats: int) -> tuple[float, float]
     lens = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, hq, d)
     threads = torch.get_num_threads()
-    seconds = _best(
+    seconds = best_time(
         lambda: [kernels.paged_decode_attention(q, k, v, tables, lens, d**-0.5, threads) for k, v in caches], repeats
     )
     return seconds * 1e3, layers * batch * ctx * hk * d * 4 * 2 / seconds / 1e9
@@ -143,9 +144,10 @@ def _prefill_attention(kernels, n: int, ctx: int, repeats: int) -> tuple[float, 
     table = torch.randperm(blocks).to(torch.int32)
     q, k, v = torch.randn(n, hq, d), torch.randn(n, hk, d), torch.randn(n, hk, d)
     threads = torch.get_num_threads()
-    native = _best(lambda: kernels.paged_prefill_attention(q, k_cache, v_cache, table, ctx, d**-0.5, threads), repeats)
+    attend = functools.partial(kernels.paged_prefill_attention, q, k_cache, v_cache, table, ctx, d**-0.5, threads)
+    native = best_time(attend, repeats)
     chunk = PrefillChunk(0, n, ctx, table)
-    reference = _best(lambda: torch_ops.prefill_attention(q, k, v, k_cache, v_cache, chunk, d**-0.5), repeats)
+    reference = best_time(lambda: torch_ops.prefill_attention(q, k, v, k_cache, v_cache, chunk, d**-0.5), repeats)
     return native * 1e3, reference * 1e3
 
 

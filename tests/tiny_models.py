@@ -18,6 +18,8 @@ import torch
 from gguf import GGMLQuantizationType, TokenType
 from safetensors.numpy import load_file
 
+from sagellm.benchmarks.kquant_pack import q4_k_m_type
+from sagellm.benchmarks.kquant_pack import quantize as quantize_blocks
 from sagellm.runtime.models.config import ModelConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2: bos, turn start, eos
@@ -101,11 +103,92 @@ def make_tiny_mixtral(directory: str | Path, seed: int = 0, **overrides: Any) ->
     return _save_model(Path(directory), MixtralConfig, MixtralForCausalLM, seed, experts | overrides)
 
 
+def make_tiny_qwen3(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Qwen3ForCausalLM (q/k norms; tied embeddings by default) to `directory`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    defaults = {"head_dim": 16, "tie_word_embeddings": True}
+    return _save_model(Path(directory), Qwen3Config, Qwen3ForCausalLM, seed, defaults | overrides)
+
+
+def make_tiny_qwen3_moe(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Qwen3MoeForCausalLM to `directory`: q/k norms, 4 experts of 32 per layer, 2 used per token,
+    their weights renormalized (norm_topk_prob, as Qwen3-30B-A3B sets it)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    defaults = dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                    tie_word_embeddings=True)  # fmt: skip
+    return _save_model(Path(directory), Qwen3MoeConfig, Qwen3MoeForCausalLM, seed, defaults | overrides)
+
+
+def make_tiny_mistral(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny MistralForCausalLM (every layer sliding over 8 positions by default) to `directory`."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    defaults = {"head_dim": 16, "sliding_window": 8}
+    return _save_model(Path(directory), MistralConfig, MistralForCausalLM, seed, defaults | overrides)
+
+
+def make_tiny_gemma2(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Gemma2ForCausalLM: GeGLU, sandwich norms, soft-capped scores and logits, even layers
+    sliding over 8 positions. The caps are small so that they change the logits of tiny random weights."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    defaults = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=0.1,
+                    final_logit_softcapping=0.3, num_hidden_layers=4, tie_word_embeddings=True)  # fmt: skip
+    return _save_model(Path(directory), Gemma2Config, Gemma2ForCausalLM, seed, defaults | overrides)
+
+
+def make_tiny_gemma3(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Gemma3ForCausalLM (text): Gemma 2's layer with q/k norms and no score cap; two of every
+    three layers slide over 8 positions with their own rope (theta 1e4), the third turns by theta 1e6 scaled 8x."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
+    defaults = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, num_hidden_layers=6,
+                    sliding_window_pattern=3, final_logit_softcapping=0.3, rope_parameters=rope,
+                    tie_word_embeddings=True)  # fmt: skip
+    return _save_model(Path(directory), Gemma3TextConfig, Gemma3ForCausalLM, seed, defaults | overrides)
+
+
+def make_tiny_phi3(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Phi3ForCausalLM: fused qkv and gate_up projections, rope on 3/4 of each head, LongRoPE
+    (an original context of 32 positions; the short factors serve up to it, the long ones beyond)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    g = torch.Generator().manual_seed(seed + 1)
+    factors = {name: (1 + 3 * torch.rand(6, generator=g)).tolist() for name in ("short_factor", "long_factor")}
+    rope = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75, **factors}
+    defaults = dict(rope_parameters=rope, original_max_position_embeddings=32, max_position_embeddings=256,
+                    pad_token_id=EOS_ID)  # fmt: skip
+    return _save_model(Path(directory), Phi3Config, Phi3ForCausalLM, seed, defaults | overrides)
+
+
+def make_tiny_gemma3_multimodal(directory: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny Gemma3ForConditionalGeneration (how Gemma 3 4B and up ship): make_tiny_gemma3's text model
+    under `language_model.`, beside a one-layer vision tower and projector, its config nested as `text_config`."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    tokenizer = make_tokenizer()
+    text = dict(_LLAMA_DEFAULTS, vocab_size=len(tokenizer), head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                num_hidden_layers=3, sliding_window_pattern=3, tie_word_embeddings=True)  # fmt: skip
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)  # fmt: skip
+    text_config = Gemma3TextConfig(**text).to_dict()
+    config = Gemma3Config(text_config=text_config, vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    torch.manual_seed(seed)
+    return _randomize_and_save(Path(directory), Gemma3ForConditionalGeneration(config).eval(), tokenizer)
+
+
 def _save_model(directory: Path, config_class: type, model_class: type, seed: int, overrides: dict) -> Path:
     tokenizer = make_tokenizer()
     config = config_class(**(_LLAMA_DEFAULTS | {"vocab_size": len(tokenizer)} | overrides))
     torch.manual_seed(seed)
-    model = model_class(config).eval()
+    return _randomize_and_save(directory, model_class(config).eval(), tokenizer)
+
+
+def _randomize_and_save(directory: Path, model: Any, tokenizer: Any) -> Path:
     with torch.no_grad():  # HF initializes norms to 1 and biases to 0; make every tensor distinct and checkable
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -140,25 +223,40 @@ _GGUF_LAYER = {
     "block_sparse_moe.experts.w1.weight": "ffn_gate_exps.weight",  # a layer's experts stacked: [E, out, in]
     "block_sparse_moe.experts.w3.weight": "ffn_up_exps.weight",
     "block_sparse_moe.experts.w2.weight": "ffn_down_exps.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",  # Phi-3's fused projections
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
 }
+_GGUF_GEMMA = {  # Gemma's sandwich norms: its HF post_attention_layernorm follows attention, not precedes the MLP
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+_GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}
 
 
 def write_tiny_gguf(
     path: str | Path, hf_dir: str | Path, qtype: GGMLQuantizationType | str = "F32", sampling: dict | None = None
 ) -> Path:
     """Write the weights, config and tokenizer of the HF model in `hf_dir` as a GGUF file, like llama.cpp's
-    convert_hf_to_gguf.py: 2-D weights in `qtype`, norms and biases in F32, llama q/k rows permuted, no
-    output.weight when embeddings are tied, llama3 rope scaling as a rope_freqs.weight tensor, Mixtral as a "llama"
-    model with expert counts, each layer's experts stacked and its router in F32; `sampling`: llama.cpp's
-    `general.sampling.*` keys (temp, top_p: float32; top_k: int32)."""
+    convert_hf_to_gguf.py and llama-quantize: 2-D weights in `qtype` ("Q4_K_M": llama.cpp's mix, `q4_k_m_type`),
+    norms and biases in F32, llama q/k rows permuted, no output.weight when embeddings are tied, llama3 rope scaling
+    as a rope_freqs.weight tensor, Mixtral and Mistral as "llama" models (Mixtral with expert counts, each layer's
+    experts stacked and its router in F32), Gemma's norms stored +1 with its window and soft-caps, Phi-3's LongRoPE
+    factors as tensors; `sampling`: llama.cpp's `general.sampling.*` keys (temp, top_p: float32; top_k: int32)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path, hf_dir = Path(path), Path(hf_dir)
-    qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype
+    mixture = qtype == "Q4_K_M"  # llama.cpp's mix of types per tensor (q4_k_m_type)
+    qtype = GGMLQuantizationType.Q4_K if mixture else GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype
     config = AutoConfig.from_pretrained(hf_dir)
-    arch = "llama" if config.model_type == "mixtral" else config.model_type
+    arch = _GGUF_ARCH.get(config.model_type, config.model_type)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = dict(config.rope_parameters)
+    local_rope = rope.pop("sliding_attention", None)  # Gemma 3: a rope per layer type
+    rope = dict(rope.pop("full_attention", rope))
+    rotary = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(hf_dir.name)
     for key, value in (sampling or {}).items():
@@ -168,12 +266,40 @@ def write_tiny_gguf(
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
+    if config.model_type == "qwen3_moe":
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(rope["rope_theta"])
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rotary)
     writer.add_vocab_size(config.vocab_size)
+    if mixture:
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if local_rope is not None:
+        writer.add_rope_freq_base_swa(local_rope["rope_theta"])
+    if arch.startswith("gemma"):
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern(config.layer_types.index("full_attention") + 1)  # every n-th is global
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        if arch == "gemma2" and config.attn_logit_softcapping:
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if rope.get("rope_type") == "longrope":
+        original = config.original_max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(original)
+        scale = config.max_position_embeddings / original
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        for kind in ("long", "short"):
+            factors = np.array(rope[f"{kind}_factor"], dtype=np.float32)
+            writer.add_tensor(f"rope_factors_{kind}.weight", factors, raw_dtype=GGMLQuantizationType.F32)
     if config.model_type == "mixtral":
         writer.add_expert_count(config.num_local_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
@@ -183,13 +309,17 @@ def write_tiny_gguf(
         values = values.astype(np.float32)
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if arch == "llama" and name.endswith("q_proj.weight"):
+        if arch.startswith("gemma") and name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
+            values = values + 1
+        if arch == "llama" and name.endswith("q_proj.weight"):  # llama.cpp's rope pairs (not for NEOX-rope families)
             values = _permute_rows(values, config.num_attention_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             values = _permute_rows(values, config.num_key_value_heads)
         router = name.endswith("block_sparse_moe.gate.weight")  # llama.cpp never quantizes a router
         tensor_type = qtype if values.ndim >= 2 and not router else GGMLQuantizationType.F32
-        writer.add_tensor(_gguf_name(name), quantize(values, tensor_type), raw_dtype=tensor_type)
+        if mixture and tensor_type != GGMLQuantizationType.F32:
+            tensor_type = q4_k_m_type(name, config.num_hidden_layers, values.shape[-1], config.tie_word_embeddings)
+        writer.add_tensor(_gguf_name(name, arch), quantize(values, tensor_type), raw_dtype=tensor_type)
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, head_dim), raw_dtype=GGMLQuantizationType.F32)
 
@@ -201,10 +331,16 @@ def write_tiny_gguf(
 
 
 def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each layer's experts.{e}.w1/w2/w3 as one [E, out, in] tensor named experts.w1/w2/w3, the others as they are."""
+    """Each layer's experts.{e}.w1/w2/w3 as one [E, out, in] tensor named block_sparse_moe.experts.w1/w2/w3 (Qwen's
+    mlp.experts.{e}.gate_proj/up_proj/down_proj and mlp.gate take those names too), the others as they are."""
     out: dict[str, np.ndarray] = {}
     stacks: dict[str, dict[int, np.ndarray]] = {}
     for name, values in tensors.items():
+        name = name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
+        if ".mlp.experts." in name:
+            name = name.replace(".mlp.experts.", ".block_sparse_moe.experts.")
+            for qwen, mixtral in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                name = name.replace(f".{qwen}.", f".{mixtral}.")
         head, found, tail = name.partition(".block_sparse_moe.experts.")
         if not found:
             out[name] = values
@@ -214,13 +350,14 @@ def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out | {name: np.stack([experts[e] for e in sorted(experts)]) for name, experts in stacks.items()}
 
 
-def _gguf_name(hf_name: str) -> str:
+def _gguf_name(hf_name: str, arch: str) -> str:
     if hf_name == "lm_head.weight":
         return "output.weight"
     if hf_name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
-    return f"blk.{layer}.{_GGUF_LAYER[rest]}"
+    names = _GGUF_LAYER | (_GGUF_GEMMA if arch.startswith("gemma") else {})
+    return f"blk.{layer}.{names[rest]}"
 
 
 def _permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -274,48 +411,6 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> 
 
 
 def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """`values` [rows, cols] as raw GGUF blocks: gguf-py's quantizers, plus simple valid Q4_K/Q6_K encoders
-    because gguf-py cannot quantize k-quants."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    if qtype == GGMLQuantizationType.Q4_K:
-        return _quantize_q4_k(values)
-    if qtype == GGMLQuantizationType.Q6_K:
-        return _quantize_q6_k(values)
-    return gguf.quants.quantize(values, qtype)
-
-
-def _blocks(values: np.ndarray) -> np.ndarray:
-    rows, cols = values.shape
-    if cols % 256:
-        raise ValueError(f"k-quants need rows of a multiple of 256 values, got {cols}")
-    return values.reshape(-1, 256).astype(np.float32)  # [n_blocks, 256]
-
-
-def _quantize_q4_k(values: np.ndarray) -> np.ndarray:
-    """Q4_K with every 6-bit sub-block scale and min set to 1, so x ~= d * q - dmin with q in 0..15 per block."""
-    x = _blocks(values)
-    low, high = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)  # [n, 1]
-    d = ((high - low) / 15).astype(np.float16)
-    dmin = (-low).astype(np.float16)
-    step = np.where(d == 0, 1, d.astype(np.float32))
-    q = np.clip(np.rint((x + dmin.astype(np.float32)) / step), 0, 15).astype(np.uint8)  # [n, 256]
-    q = q.reshape(-1, 4, 2, 32)  # [n, chunk, half, 32]: each 64-chunk packs its halves into low/high nibbles
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    scales = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0x11, 0x11, 0x11, 0x11], dtype=np.uint8)
-    scales = np.broadcast_to(scales, (len(x), 12))
-    blocks = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, qs], axis=1)  # [n, 144]
-    return blocks.reshape(values.shape[0], -1)
-
-
-def _quantize_q6_k(values: np.ndarray) -> np.ndarray:
-    """Q6_K with every 8-bit sub-block scale set to 1, so x ~= d * (q - 32) with q in 1..63 per block."""
-    x = _blocks(values)
-    d = (np.abs(x).max(axis=1, keepdims=True) / 31).astype(np.float16)  # [n, 1]
-    step = np.where(d == 0, 1, d.astype(np.float32))
-    q = (np.clip(np.rint(x / step), -32, 31) + 32).astype(np.uint8)  # [n, 256]
-    q = q.reshape(-1, 2, 4, 32)  # [n, half, quarter, 32]
-    ql = np.concatenate([q[:, :, 0] & 15 | (q[:, :, 2] & 15) << 4, q[:, :, 1] & 15 | (q[:, :, 3] & 15) << 4], axis=2)
-    qh = q[:, :, 0] >> 4 | (q[:, :, 1] >> 4) << 2 | (q[:, :, 2] >> 4) << 4 | (q[:, :, 3] >> 4) << 6
-    scales = np.ones((len(x), 16), dtype=np.int8).view(np.uint8)
-    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales, d.view(np.uint8)], axis=1)  # [n, 210]
-    return blocks.reshape(values.shape[0], -1)
+    """`values` [rows, cols] as raw GGUF blocks: gguf-py's quantizers, and sagellm.benchmarks.kquant_pack's for the
+    K-quants (varied sub-block scales and mins), which gguf-py cannot write."""
+    return quantize_blocks(values, qtype)

@@ -1,74 +1,178 @@
 """Repacks GGUF blocks into the interleaved layouts block_linear.c reads: outputs in groups of 8 or 16 (one vector
-register of the kernels' instruction set: AVX2's 8 floats, AVX-512's 16), each block's scales as fp32 and the
-group's values at one input side by side, so one input's weights for the group dequantize into one vector (the C
-file's header draws the layouts).
+register of the kernels' instruction set: AVX2's 8 floats, AVX-512's 16), each block's scales side by side for the
+group and the group's values at one input side by side, so one input's weights for the group dequantize into one
+vector (the C file's header draws the layouts).
 
-Q4_0 becomes q4x8 / q4x16 with m = -8 d (its value is d * (q - 8)); Q4_1 is q4xG as stored; Q8_0 is q8xG. Scales
-widen from fp16 to fp32 exactly, so the kernels dequantize to the same floats as gguf-py."""
+Layouts per kind, in bits per weight (bpw) resident, against the file's:
+  q4xG  Q4_0 (4.5), Q4_1 (5.0)                6.0 bpw: per 32 inputs fp32 d, m and a 4-bit q; w = d * q + m.
+        Q4_0's m = -8 d.
+  q8xG  Q8_0 (8.5), Q5_0 (5.5)                9.0 bpw: per 32 inputs fp32 d and an int8 q (Q5_0's q - 16).
+  q4kxG Q4_K (4.5)                            4.75 bpw: per 256 inputs fp32 d, dmin and int8 sc[8], m[8] (the 6-bit
+        scales, unpacked), per input a 4-bit q (q4xG's words); the kernel forms D = d * sc_j, M = -(dmin * m_j).
+  q5kxG Q5_K (5.5)                            5.75 bpw: q4kxG's fields, then per input the fifth bit of q.
+  q6kxG Q6_K (6.56)                           8.625 bpw: per 256 inputs fp32 d and int8 sc[16], per input an int8
+        q - 32; the kernel forms D = d * sc_j per 16 inputs.
+Q4_K once took q4x (its D, M per 32 inputs as floats: 6.0 bpw); q4kx forms them per 32 inputs in the kernel instead,
+so decode streams 4.75 bits a weight for the same floats.
+Scales widen from fp16 to fp32 exactly and every D = d * sc is exact in fp32 (at most 11 + 8 bits), so the kernels
+dequantize to the same floats as gguf-py, the K-quants included."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from sagellm.backends.native.gguf_blocks import fp16, k_scales, q5_0_values, q5_k_fifth_bits, q6_k_values
 from sagellm.backends.quantized import BLOCK_BYTES, BLOCK_INPUTS, QuantizedWeight
 
 GROUPS = (8, 16)  # outputs per interleaved group: one vector of 8 (AVX2) or 16 (AVX-512) floats
 # The order in which a q4x16 word holds its outputs' nibbles, lowest first: the even outputs in the low 32 bits, the
 # odd ones in the high 32 (block_linear.c's header says why); q4x8 holds them in order.
 NIBBLE_ORDER = {8: np.arange(8), 16: np.r_[0:16:2, 1:16:2]}
+# The layout (without its group width) each kind is interleaved into.
+LAYOUT_OF = {"Q4_0": "q4x", "Q4_1": "q4x", "Q4_K": "q4kx", "Q5_0": "q8x", "Q8_0": "q8x", "Q5_K": "q5kx", "Q6_K": "q6kx"}
+# Per layout: inputs per block, and bytes per block per output of the group (block_linear.c's *_BLOCK / G).
+LAYOUT_INPUTS = {"q4x": 32, "q8x": 32, "q4kx": 256, "q5kx": 256, "q6kx": 256}
+LAYOUT_BYTES = {"q4x": 24, "q8x": 36, "q4kx": 152, "q5kx": 184, "q6kx": 276}
+# Weights interleaved at a time: the decoders' temporaries (up to ~5 bytes a weight) stay ~20 MB on any tensor.
+CHUNK_WEIGHTS = 1 << 22
 
 
 @dataclass(frozen=True)
 class InterleavedBlocks:
-    layout: str  # "q4x8", "q8x8", "q4x16" or "q8x16": which kernel reads `data`
-    data: torch.Tensor  # uint8 [out / G, in / 32, bytes per (group, block)]
+    layout: str  # LAYOUT_OF[kind] + group width ("q4x8", "q6kx16", ...): which kernel reads `data`
+    data: torch.Tensor  # uint8 [out / G, in / block inputs, bytes per (group, block)]
     out_features: int
     in_features: int
 
 
 def interleave(weight: QuantizedWeight, group: int = 8) -> InterleavedBlocks | None:
     """The kernels' layout of `weight` in groups of `group` outputs (8 or 16), or None for a shape they do not take
-    (outputs not a multiple of `group`).
+    (outputs not a multiple of `group`, inputs not whole blocks of the kind).
 
-    Each part is written straight into its place in the result through a strided view, in bytes: no wider
-    temporaries than the blocks themselves (all of SmolLM2-135M's linears in ~0.1 s)."""
+    Each part is written straight into its place in the result through a strided view, in bytes, a chunk of
+    outputs at a time (CHUNK_WEIGHTS), so the temporaries stay small beside the result (all of SmolLM2-135M's Q4
+    linears in ~0.1 s)."""
     if group not in GROUPS:
         raise ValueError(f"interleaved groups are {GROUPS} outputs wide, not {group}")
-    n, k = weight.out_features, weight.in_features
-    if n % group or k % BLOCK_INPUTS or weight.kind not in BLOCK_BYTES:
+    n, k, kind = weight.out_features, weight.in_features, weight.kind
+    if kind not in LAYOUT_OF or n % group or k % BLOCK_INPUTS[kind]:
         return None
-    g, b = n // group, k // BLOCK_INPUTS
-    blocks = weight.blocks.numpy().reshape(n, b, BLOCK_BYTES[weight.kind])
-    d = _fp16_to_f32(blocks, 0)  # [N, B]
-    if weight.kind == "Q8_0":
-        data = np.empty((g, b, 4 * group + BLOCK_INPUTS * group), np.uint8)  # per (group, block): G d, [32, G] q
-        data.view(np.float32)[..., :group] = _by_group(d, group)
-        data.reshape(g, b, -1, group)[:, :, 4:] = _by_group(blocks[..., 2:], group)  # q [G, B, 32 inputs, G]
-        return InterleavedBlocks(f"q8x{group}", torch.from_numpy(data), n, k)
-    m, packed = (_fp16_to_f32(blocks, 2), blocks[..., 4:]) if weight.kind == "Q4_1" else (-8.0 * d, blocks[..., 2:])
-    data = np.empty((g, b, 8 * group + BLOCK_INPUTS * group // 2), np.uint8)  # per (group, block): d, m, 32 words
-    scales = data.view(np.float32)
+    layout = LAYOUT_OF[kind]
+    blocks = weight.blocks.numpy().reshape(n, k // BLOCK_INPUTS[kind], BLOCK_BYTES[kind])
+    data = np.empty((n // group, k // LAYOUT_INPUTS[layout], LAYOUT_BYTES[layout] * group), np.uint8)
+    rows = max(group, CHUNK_WEIGHTS // k // group * group)
+    for start in range(0, n, rows):
+        _PACKERS[kind](blocks[start : start + rows], group, data[start // group : (start + rows) // group])
+    return InterleavedBlocks(f"{layout}{group}", torch.from_numpy(data), n, k)
+
+
+# Each packer writes the layout of blocks [N, B, block bytes] (a chunk of outputs) into `out` [N / G, blocks of the
+# layout, bytes per (group, block)].
+
+
+def _q8_0(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    _q8x(fp16(blocks, 0), blocks[..., 2:], group, out)
+
+
+def _q5_0(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    _q8x(fp16(blocks, 0), q5_0_values(blocks).view(np.uint8), group, out)
+
+
+def _q8x(d: np.ndarray, q: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q8xG from d [N, B] and int8 q (as bytes) [N, B, 32]: per (group, block) float d[G], then q [32 inputs, G]."""
+    out.view(np.float32)[..., :group] = _by_group(d, group)
+    _part(out, 4 * group, 32, group)[:] = _by_group(q, group)
+
+
+def _q4_0(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    _q4_simple(fp16(blocks, 0), -8.0 * fp16(blocks, 0), blocks[..., 2:], group, out)
+
+
+def _q4_1(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    _q4_simple(fp16(blocks, 0), fp16(blocks, 2), blocks[..., 4:], group, out)
+
+
+def _q4_simple(d: np.ndarray, m: np.ndarray, packed: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q4xG of Q4_0 / Q4_1, whose block stores input i < 16 in byte i's low nibble and input 16 + i in its high."""
+    _q4x_scales(d, m, group, out)
+    words = _part(out, 8 * group, 2, 16, group // 2)  # [G, B, low / high half, 16 inputs, word bytes]
+    words[:, :, 0], words[:, :, 1] = _nibble_words(packed, group, False), _nibble_words(packed, group, True)
+
+
+def _q4_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q4kxG: q5kxG without the fifth bits (Q4_K's qs follow its 16 bytes of scales)."""
+    _k_scales_and_words(blocks, blocks[..., 16:], group, out)
+
+
+def _q4x_scales(d: np.ndarray, m: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q4xG's scales: per (group, block of 32) float d[G], float m[G], before the block's 32 words."""
+    scales = out.view(np.float32)
     scales[..., :group], scales[..., group : 2 * group] = _by_group(d, group), _by_group(m, group)
-    # Input i's word holds the group's 4-bit values in NIBBLE_ORDER: byte j (little-endian) pairs its outputs 2j (low
-    # nibble) and 2j + 1. A block stores input i < 16 in byte i's low nibble and input 16 + i in its high one.
-    ordered = packed.reshape(g, group, b, -1)[:, NIBBLE_ORDER[group]]  # [G, group, B, 16]
-    pairs = ordered.reshape(g, group // 2, 2, b, BLOCK_INPUTS // 2)  # [G, group / 2, 2, B, 16]
-    even, odd = pairs[:, :, 0], pairs[:, :, 1]  # [G, group / 2, B, 16]
-    words = data.reshape(g, b, -1, group // 2)[:, :, 16:]  # [G, B, 32 inputs, word bytes]: after d and m's 16 words
-    words[:, :, : BLOCK_INPUTS // 2] = np.moveaxis((even & 0x0F) | (odd << 4), 1, -1)
-    words[:, :, BLOCK_INPUTS // 2 :] = np.moveaxis((even >> 4) | (odd & 0xF0), 1, -1)
-    return InterleavedBlocks(f"q4x{group}", torch.from_numpy(data), n, k)
 
 
-def _fp16_to_f32(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The fp16 at byte `at` of every block, widened exactly: [N, B]."""
-    return blocks[..., at : at + 2].view(np.float16)[..., 0].astype(np.float32)
+def _q5_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q5kxG: q4kxG's fields (Q5_K's qs after its 32 bytes of fifth bits), then 256 masks of G bits: input i's, bit
+    j the fifth bit of output j."""
+    _k_scales_and_words(blocks, blocks[..., 48:], group, out)
+    fifth = _by_group(q5_k_fifth_bits(blocks), group)  # [G, S, 8 sub-blocks, 32, group]
+    _part(out, 152 * group, 8, 32, group // 8)[:] = np.packbits(fifth, axis=-1, bitorder="little")
+
+
+def _k_scales_and_words(blocks: np.ndarray, qs: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q4kxG, the start of q5kxG too, from a Q4_K / Q5_K super-block's qs [N, S, 128]: per (group, super-block of
+    256) float d[G], float dmin[G], int8 sc[8][G], int8 m[8][G] (the 6-bit scales, so the kernel forms each
+    sub-block's D, M as gguf-py does), then 256 nibble words as q4xG's (sub-block 2c from the low nibbles of
+    qs[32c ..], 2c + 1 from the high ones)."""
+    n, s = blocks.shape[:2]
+    scales = out.view(np.float32)
+    scales[..., :group] = _by_group(fp16(blocks, 0), group)
+    scales[..., group : 2 * group] = _by_group(fp16(blocks, 2), group)
+    sc, mins = k_scales(blocks[..., 4:16])  # [N, S, 8] each, 0..63
+    _part(out, 8 * group, 8, group)[:] = _by_group(sc, group)
+    _part(out, 16 * group, 8, group)[:] = _by_group(mins, group)
+    words = _part(out, 24 * group, 4, 2, 32, group // 2)  # [G, S, chunk of 64 inputs, low / high half, 32, bytes]
+    qs = qs.reshape(n, s, 4, 32)
+    words[:, :, :, 0], words[:, :, :, 1] = _nibble_words(qs, group, False), _nibble_words(qs, group, True)
+
+
+def _q6_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q6kxG: per (group, super-block of 256) float d[G], int8 sc[16][G], then int8 q - 32 [256 inputs, G]."""
+    out.view(np.float32)[..., :group] = _by_group(fp16(blocks, 208), group)
+    _part(out, 4 * group, 16, group)[:] = _by_group(blocks[..., 192:208], group)
+    _part(out, 20 * group, 256, group)[:] = _by_group(q6_k_values(blocks).view(np.uint8), group)
+
+
+_PACKERS: dict[str, Callable[[np.ndarray, int, np.ndarray], None]] = {
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q4_K": _q4_k,
+    "Q5_0": _q5_0,
+    "Q8_0": _q8_0,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
+
+
+def _nibble_words(packed: np.ndarray, group: int, high: bool) -> np.ndarray:
+    """uint8 [N, ..., I] -> the bytes of the inputs' q4 words [N / G, ..., I, G / 2], from the low (or high) nibble
+    of each byte: word byte j pairs output NIBBLE_ORDER[2j] (low nibble) with NIBBLE_ORDER[2j + 1] (high)."""
+    ordered = _by_group(packed, group)[..., NIBBLE_ORDER[group]]  # [N / G, ..., I, G]
+    even, odd = ordered[..., 0::2], ordered[..., 1::2]
+    return (even >> 4) | (odd & 0xF0) if high else (even & 0x0F) | (odd << 4)
 
 
 def _by_group(values: np.ndarray, group: int) -> np.ndarray:
     """[N, B, ...] per-output values as a view [N / group, B, ..., group]: the group's outputs side by side."""
     n, b = values.shape[:2]
     return np.moveaxis(values.reshape(n // group, group, b, *values.shape[2:]), 1, -1)
+
+
+def _part(data: np.ndarray, start: int, *shape: int) -> np.ndarray:
+    """The bytes data[..., start : start + prod(shape)] as a writable view [..., *shape]: one field of every (group,
+    block). Splitting the unit-stride last axis is always a view, never a copy."""
+    size = int(np.prod(shape))
+    return data[..., start : start + size].reshape(*data.shape[:-1], *shape)

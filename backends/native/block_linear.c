@@ -2,17 +2,25 @@
  *
  * Decode streams every weight once per step. A Q4_1 weight is 0.75 bytes per value in the layout below where its
  * dequantized fp32 copy is 4, so these kernels read 5x less memory than the fp32 GEMMs; they dequantize in registers
- * and multiply in fp32, so the result is the fp32 linear on exactly the dequantized weights (d * q + m is exact in
- * fp32: an fp16 scale times a 4- or 8-bit integer), summed in another order.
+ * and multiply in fp32, so the result is the fp32 linear on exactly the dequantized weights (d * q is exact in fp32:
+ * an fp16 scale, or a K-quant's fp16 times its sub-block's 6- or 8-bit scale, times a 4- to 8-bit integer; only
+ * the + m rounds, as it does in gguf-py), summed in another order.
  *
  * Layouts (backends/native/block_layout.py writes them from the GGUF blocks): outputs in groups of G (8 or 16), and
  * for each group and each block of 32 inputs,
- *   q4x8 (Q4_0, Q4_1):  float d[8], float m[8], then 32 uint32 words, word kk holding the eight outputs' 4-bit q at
- *                       input kk (output j in bits 4j); w = d * q + m (Q4_0: m = -8 d);
+ *   q4x8 (Q4_0, Q4_1):  float d[8], float m[8], then 32 uint32 words, word kk holding the eight outputs' 4-bit
+ *                       q at input kk (output j in bits 4j); w = d * q + m (Q4_0: m = -8 d);
  *   q4x16:              float d[16], float m[16], then 32 uint64 words, output j's q at bits 4 (j / 2) + 32 (j % 2):
  *                       the even outputs in the low half, the odd ones in the high half, so shifting each 64-bit lane
  *                       i by 4i leaves output j's q at the bottom of 32-bit lane j;
- *   q8x8, q8x16 (Q8_0): float d[G], then 32 x G int8 q (input kk's G outputs side by side); w = d * q.
+ *   q8x8, q8x16 (Q8_0, Q5_0): float d[G], then 32 x G int8 q (input kk's G outputs side by side); w = d * q.
+ * The K-quants' layouts keep a super-block of 256 inputs whole, with their sub-blocks' integer scales, and the
+ * kernels form each sub-block's float scales once per group (D = d * sc is exact in fp32, as gguf-py forms it):
+ *   q4kx8, q4kx16 (Q4_K): float d[G], float dmin[G], int8 sc[8][G], int8 m[8][G], then 256 q4xG words (q as
+ *                       q4xG holds it); sub-block j (32 inputs) has w = (d sc_j) q - dmin m_j;
+ *   q5kx8, q5kx16 (Q5_K): q4kxG's fields (the words the low 4 bits of q), then 256 masks of G bits (bit j: output
+ *                       j's fifth bit);
+ *   q6kx8, q6kx16 (Q6_K): float d[G], int8 sc[16][G], then 256 x G int8 q (q6 - 32); w = (d sc_{kk / 16}) q.
  * One k's weights for G outputs then dequantize into one vector, which every row's broadcast x[t, k] multiplies:
  * the dequantization is paid once per 16 rows. Rows are first copied k-major (pack_rows), so one pointer with
  * constant offsets reaches every row's value at k. Groups are shared among `num_threads` OpenMP threads.
@@ -33,9 +41,22 @@
 
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
 
-enum { QK = 32, ROW_TILE = 16 }; /* inputs per block; rows sharing a dequantization */
+enum { QK = 32, QK_K = 256, ROW_TILE = 16 }; /* inputs per block, per K-quant super-block; rows sharing weights */
 enum { Q4X8_BLOCK = 16 * 4 + QK * 4, Q8X8_BLOCK = 8 * 4 + QK * 8 };      /* bytes per (group, block) */
 enum { Q4X16_BLOCK = 32 * 4 + QK * 8, Q8X16_BLOCK = 16 * 4 + QK * 16 }; /* the same for groups of 16 */
+/* Bytes per (group, super-block) of the K-quant layouts: per output 8 + 16 + 128 (q4kx), + 32 (q5kx), 4 + 16 + 256
+ * (q6kx). */
+enum { Q4KX8_BLOCK = 152 * 8, Q4KX16_BLOCK = 152 * 16 };
+enum { Q5KX8_BLOCK = 184 * 8, Q5KX16_BLOCK = 184 * 16, Q6KX8_BLOCK = 276 * 8, Q6KX16_BLOCK = 276 * 16 };
+
+/* A group's float scales for one sub-block of inputs, formed once and read by each input's WEIGHTS: w = d * q + m
+ * (m unused where the layout has no min). */
+typedef struct {
+    f32x8 d, m;
+} scales8;
+typedef struct {
+    f32x16 d, m;
+} scales16;
 
 /* Eight sign-extended int8s; the vector extension's own conversion is scalarized by GCC, one byte at a time. */
 static inline i32x8 widen8(const uint8_t *p) {
@@ -46,28 +67,6 @@ static inline i32x8 widen8(const uint8_t *p) {
     memcpy(q, p, sizeof(q));
     return (i32x8){q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
 #endif
-}
-
-static inline f32x8 q4x8_weights(const uint8_t *block, int kk) {
-    const float *dm = (const float *)block;
-    int32_t word;
-    memcpy(&word, block + 64 + 4 * kk, sizeof(word));
-    const i32x8 shifts = {0, 4, 8, 12, 16, 20, 24, 28};
-    const i32x8 q = (((i32x8){} + word) >> shifts) & 15;
-    return __builtin_convertvector(q, f32x8) * load8(dm) + load8(dm + 8);
-}
-
-static inline f32x8 q8x8_weights(const uint8_t *block, int kk) {
-    return __builtin_convertvector(widen8(block + 32 + 8 * kk), f32x8) * load8((const float *)block);
-}
-
-static inline f32x16 q4x16_weights(const uint8_t *block, int kk) {
-    const float *dm = (const float *)block;
-    uint64_t word;
-    memcpy(&word, block + 128 + 8 * kk, sizeof(word));
-    const u64x8 shifts = {0, 4, 8, 12, 16, 20, 24, 28};
-    const i32x16 q = (i32x16)(((u64x8){} + word) >> shifts) & 15;
-    return __builtin_convertvector(q, f32x16) * load16(dm) + load16(dm + 16);
 }
 
 /* Sixteen sign-extended int8s (see widen8). */
@@ -81,16 +80,144 @@ static inline i32x16 widen16(const uint8_t *p) {
 #endif
 }
 
-static inline f32x16 q8x16_weights(const uint8_t *block, int kk) {
-    return __builtin_convertvector(widen16(block + 64 + 16 * kk), f32x16) * load16((const float *)block);
+static inline f32x8 float8(i32x8 q) { return __builtin_convertvector(q, f32x8); }
+static inline f32x16 float16(i32x16 q) { return __builtin_convertvector(q, f32x16); }
+
+/* Input kk's 4-bit q of a group of 8 from its q4x8 word (output j in bits 4j). */
+static inline i32x8 nibbles8(const uint8_t *words, int kk) {
+    int32_t word;
+    memcpy(&word, words + 4 * kk, sizeof(word));
+    const i32x8 shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+    return (((i32x8){} + word) >> shifts) & 15;
 }
 
-/* y[rt, G] (rows n apart) = the packed rows xp [blocks][QK][rt] times one group's weights (+ bias[G]), G the width
- * of vector type V. A row's FMAs
+/* The same for a q4x16 word (output j at bits 4 (j / 2) + 32 (j % 2)): 64-bit lane i shifted by 4i leaves outputs
+ * 2i and 2i + 1 at the bottom of its two 32-bit halves. */
+static inline i32x16 nibbles16(const uint8_t *words, int kk) {
+    uint64_t word;
+    memcpy(&word, words + 8 * kk, sizeof(word));
+    const u64x8 shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+    return (i32x16)(((u64x8){} + word) >> shifts) & 15;
+}
+
+static inline scales8 q4x8_scales(const uint8_t *block, int s) {
+    (void)s;
+    return (scales8){load8((const float *)block), load8((const float *)block + 8)};
+}
+
+static inline f32x8 q4x8_weights(const uint8_t *block, scales8 sc, int kk) {
+    return float8(nibbles8(block + 64, kk)) * sc.d + sc.m;
+}
+
+static inline scales8 q8x8_scales(const uint8_t *block, int s) {
+    (void)s;
+    return (scales8){load8((const float *)block), (f32x8){}};
+}
+
+static inline f32x8 q8x8_weights(const uint8_t *block, scales8 sc, int kk) {
+    return float8(widen8(block + 32 + 8 * kk)) * sc.d;
+}
+
+static inline scales16 q4x16_scales(const uint8_t *block, int s) {
+    (void)s;
+    return (scales16){load16((const float *)block), load16((const float *)block + 16)};
+}
+
+static inline f32x16 q4x16_weights(const uint8_t *block, scales16 sc, int kk) {
+    return float16(nibbles16(block + 128, kk)) * sc.d + sc.m;
+}
+
+static inline scales16 q8x16_scales(const uint8_t *block, int s) {
+    (void)s;
+    return (scales16){load16((const float *)block), (f32x16){}};
+}
+
+static inline f32x16 q8x16_weights(const uint8_t *block, scales16 sc, int kk) {
+    return float16(widen16(block + 64 + 16 * kk)) * sc.d;
+}
+
+/* Sub-block s / 32's D = d * sc and M = -(dmin * m): each product exact (an fp16 times a 6-bit integer). */
+static inline scales8 q5kx8_scales(const uint8_t *block, int s) {
+    const float *dm = (const float *)block;
+    const int j = s / QK;
+    return (scales8){load8(dm) * float8(widen8(block + 64 + 8 * j)),
+                     -(load8(dm + 8) * float8(widen8(block + 128 + 8 * j)))};
+}
+
+/* q = the word's nibble | 16 where the input's mask has the output's bit. The masks follow the 256 words. Merging the
+ * fifth bit costs ~1.5x q4x's instructions per weight (at one row, where dequantizing is the work: 14 vs 21
+ * Gweights/s on one AVX-512 core); Q5_K as bytes would run at q8x's speed but hold 8.75 bits a weight, not 5.75. */
+static inline f32x8 q5kx8_weights(const uint8_t *block, scales8 sc, int kk) {
+    const uint8_t *words = block + 192, *masks = words + 4 * QK_K;
+#if defined(__AVX512VL__)
+    const __m256i q = (__m256i)nibbles8(words, kk);
+    const i32x8 q5 = (i32x8)_mm256_mask_or_epi32(q, masks[kk], q, _mm256_set1_epi32(16));
+#else
+    const i32x8 bits = {0, 1, 2, 3, 4, 5, 6, 7};
+    const i32x8 q5 = nibbles8(words, kk) | ((((i32x8){} + (masks[kk] << 4)) >> bits) & 16);
+#endif
+    return float8(q5) * sc.d + sc.m;
+}
+
+static inline scales16 q5kx16_scales(const uint8_t *block, int s) {
+    const float *dm = (const float *)block;
+    const int j = s / QK;
+    return (scales16){load16(dm) * float16(widen16(block + 128 + 16 * j)),
+                      -(load16(dm + 16) * float16(widen16(block + 256 + 16 * j)))};
+}
+
+static inline f32x16 q5kx16_weights(const uint8_t *block, scales16 sc, int kk) {
+    const uint8_t *words = block + 384, *masks = words + 8 * QK_K;
+    uint16_t mask;
+    memcpy(&mask, masks + 2 * kk, sizeof(mask));
+#if defined(__AVX512F__)
+    const i32x16 q5 = nibbles16(words, kk) | (i32x16)_mm512_maskz_mov_epi32(mask, _mm512_set1_epi32(16));
+#else
+    const i32x16 bits = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const i32x16 q5 = nibbles16(words, kk) | ((((i32x16){} + (mask << 4)) >> bits) & 16);
+#endif
+    return float16(q5) * sc.d + sc.m;
+}
+
+/* q4kx shares q5kx's scales and words, without the fifth bits: per weight q4x's convert and FMA, the sub-block's
+ * D, M formed once per 32 inputs (the same floats q4x stored for Q4_K, at 4.75 bits a weight rather than 6: 21% less
+ * memory). Not faster per call on two AVX-512 cores (2048 x 2048, 1 row: within ~10% of q4x16 either way, from
+ * cache or DRAM; the cost is not the scales, which dropped to q4x's two loads measured the same). */
+static inline scales8 q4kx8_scales(const uint8_t *block, int s) { return q5kx8_scales(block, s); }
+
+static inline f32x8 q4kx8_weights(const uint8_t *block, scales8 sc, int kk) {
+    return float8(nibbles8(block + 192, kk)) * sc.d + sc.m;
+}
+
+static inline scales16 q4kx16_scales(const uint8_t *block, int s) { return q5kx16_scales(block, s); }
+
+static inline f32x16 q4kx16_weights(const uint8_t *block, scales16 sc, int kk) {
+    return float16(nibbles16(block + 384, kk)) * sc.d + sc.m;
+}
+
+/* Sub-block s / 16's D = d * sc (exact: an fp16 times an 8-bit integer). */
+static inline scales8 q6kx8_scales(const uint8_t *block, int s) {
+    return (scales8){load8((const float *)block) * float8(widen8(block + 32 + 8 * (s / 16))), (f32x8){}};
+}
+
+static inline f32x8 q6kx8_weights(const uint8_t *block, scales8 sc, int kk) {
+    return float8(widen8(block + 32 + 8 * 16 + 8 * kk)) * sc.d;
+}
+
+static inline scales16 q6kx16_scales(const uint8_t *block, int s) {
+    return (scales16){load16((const float *)block) * float16(widen16(block + 64 + 16 * (s / 16))), (f32x16){}};
+}
+
+static inline f32x16 q6kx16_weights(const uint8_t *block, scales16 sc, int kk) {
+    return float16(widen16(block + 64 + 16 * 16 + 16 * kk)) * sc.d;
+}
+
+/* y[rt, G] (rows n apart) = the packed rows xp [blocks][INPUTS][rt] times one group's weights (+ bias[G]), G the
+ * width of vector type V; each block of INPUTS inputs in sub-blocks of SUB sharing their scales (S). A row's FMAs
  * form one dependency chain, so tiles of fewer than eight rows would wait on the FMA latency rather than its
  * throughput: they interleave 2 or 4 chains over consecutive k. Inlined per constant rt (the switch below), so the
  * accumulators live in registers. */
-#define GROUP_TILE(NAME, V, WEIGHTS, BLOCK_BYTES)                                                                      \
+#define GROUP_TILE(NAME, V, S, INPUTS, SUB, SCALES, WEIGHTS, BLOCK_BYTES)                                              \
     static inline __attribute__((always_inline)) void NAME(const float *xp, const uint8_t *group, int64_t blocks,     \
                                                            const float *bias, float *y, int64_t n, const int rt) {     \
         const int chains = rt >= 8 ? 1 : (rt >= 4 ? 2 : 4);                                                           \
@@ -99,11 +226,14 @@ static inline f32x16 q8x16_weights(const uint8_t *block, int kk) {
             for (int t = 0; t < rt; ++t) acc[c][t] = (V){};                                                            \
         for (int64_t b = 0; b < blocks; ++b) {                                                                         \
             const uint8_t *block = group + b * BLOCK_BYTES;                                                            \
-            const float *xb = xp + b * QK * rt;                                                                        \
-            for (int kk = 0; kk < QK; kk += chains) {                                                                  \
-                for (int c = 0; c < chains; ++c) {                                                                     \
-                    const V w = WEIGHTS(block, kk + c);                                                                \
-                    for (int t = 0; t < rt; ++t) acc[c][t] += xb[(kk + c) * rt + t] * w;                               \
+            const float *xb = xp + b * INPUTS * rt;                                                                    \
+            for (int s = 0; s < INPUTS; s += SUB) {                                                                    \
+                const S scales = SCALES(block, s);                                                                     \
+                for (int kk = s; kk < s + SUB; kk += chains) {                                                         \
+                    for (int c = 0; c < chains; ++c) {                                                                 \
+                        const V w = WEIGHTS(block, scales, kk + c);                                                    \
+                        for (int t = 0; t < rt; ++t) acc[c][t] += xb[(kk + c) * rt + t] * w;                           \
+                    }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \
         }                                                                                                              \
@@ -116,12 +246,19 @@ static inline f32x16 q8x16_weights(const uint8_t *block, int kk) {
         }                                                                                                              \
     }
 
-GROUP_TILE(q4x8_tile, f32x8, q4x8_weights, Q4X8_BLOCK)
-GROUP_TILE(q8x8_tile, f32x8, q8x8_weights, Q8X8_BLOCK)
-GROUP_TILE(q4x16_tile, f32x16, q4x16_weights, Q4X16_BLOCK)
-GROUP_TILE(q8x16_tile, f32x16, q8x16_weights, Q8X16_BLOCK)
+GROUP_TILE(q4x8_tile, f32x8, scales8, QK, QK, q4x8_scales, q4x8_weights, Q4X8_BLOCK)
+GROUP_TILE(q8x8_tile, f32x8, scales8, QK, QK, q8x8_scales, q8x8_weights, Q8X8_BLOCK)
+GROUP_TILE(q4x16_tile, f32x16, scales16, QK, QK, q4x16_scales, q4x16_weights, Q4X16_BLOCK)
+GROUP_TILE(q8x16_tile, f32x16, scales16, QK, QK, q8x16_scales, q8x16_weights, Q8X16_BLOCK)
+GROUP_TILE(q4kx8_tile, f32x8, scales8, QK_K, QK, q4kx8_scales, q4kx8_weights, Q4KX8_BLOCK)
+GROUP_TILE(q4kx16_tile, f32x16, scales16, QK_K, QK, q4kx16_scales, q4kx16_weights, Q4KX16_BLOCK)
+GROUP_TILE(q5kx8_tile, f32x8, scales8, QK_K, QK, q5kx8_scales, q5kx8_weights, Q5KX8_BLOCK)
+GROUP_TILE(q5kx16_tile, f32x16, scales16, QK_K, QK, q5kx16_scales, q5kx16_weights, Q5KX16_BLOCK)
+GROUP_TILE(q6kx8_tile, f32x8, scales8, QK_K, 16, q6kx8_scales, q6kx8_weights, Q6KX8_BLOCK)
+GROUP_TILE(q6kx16_tile, f32x16, scales16, QK_K, 16, q6kx16_scales, q6kx16_weights, Q6KX16_BLOCK)
 
-/* xp[tile][b][kk][t] = x[tile * ROW_TILE + t][b * QK + kk] for tiles of ROW_TILE rows (the last one shorter). */
+/* xp[tile][i][t] = x[tile * ROW_TILE + t][i] for tiles of ROW_TILE rows (the last one shorter): k-major, so the
+ * rows' values of a block of any size are contiguous. */
 static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, int64_t k) {
     for (int64_t t0 = 0; t0 < tokens; t0 += ROW_TILE) {
         const int64_t rt = tokens - t0 < ROW_TILE ? tokens - t0 : ROW_TILE;
@@ -152,11 +289,11 @@ static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, 
     }
 
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) for w packed as `TILE`'s layout in groups of G; N a multiple
- * of G, K of 32; scratch holds T * K floats (the packed rows). */
-#define BLOCK_LINEAR(NAME, TILE, G, BLOCK_BYTES)                                                                       \
+ * of G, K of the layout's INPUTS per block; scratch holds T * K floats (the packed rows). */
+#define BLOCK_LINEAR(NAME, TILE, G, INPUTS, BLOCK_BYTES)                                                               \
     void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
               int64_t n, int64_t k, float *scratch, int32_t num_threads) {                                             \
-        const int64_t blocks = k / QK;                                                                                 \
+        const int64_t blocks = k / INPUTS;                                                                             \
         pack_rows(x, x_row, scratch, tokens, k);                                                                       \
         _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)")                     \
         for (int64_t g = 0; g < n / G; ++g) {                                                                          \
@@ -171,7 +308,51 @@ static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, 
         }                                                                                                              \
     }
 
-BLOCK_LINEAR(linear_q4x8_f32, q4x8_tile, 8, Q4X8_BLOCK)
-BLOCK_LINEAR(linear_q8x8_f32, q8x8_tile, 8, Q8X8_BLOCK)
-BLOCK_LINEAR(linear_q4x16_f32, q4x16_tile, 16, Q4X16_BLOCK)
-BLOCK_LINEAR(linear_q8x16_f32, q8x16_tile, 16, Q8X16_BLOCK)
+BLOCK_LINEAR(linear_q4x8_f32, q4x8_tile, 8, QK, Q4X8_BLOCK)
+BLOCK_LINEAR(linear_q8x8_f32, q8x8_tile, 8, QK, Q8X8_BLOCK)
+BLOCK_LINEAR(linear_q4x16_f32, q4x16_tile, 16, QK, Q4X16_BLOCK)
+BLOCK_LINEAR(linear_q8x16_f32, q8x16_tile, 16, QK, Q8X16_BLOCK)
+BLOCK_LINEAR(linear_q4kx8_f32, q4kx8_tile, 8, QK_K, Q4KX8_BLOCK)
+BLOCK_LINEAR(linear_q4kx16_f32, q4kx16_tile, 16, QK_K, Q4KX16_BLOCK)
+BLOCK_LINEAR(linear_q5kx8_f32, q5kx8_tile, 8, QK_K, Q5KX8_BLOCK)
+BLOCK_LINEAR(linear_q5kx16_f32, q5kx16_tile, 16, QK_K, Q5KX16_BLOCK)
+BLOCK_LINEAR(linear_q6kx8_f32, q6kx8_tile, 8, QK_K, Q6KX8_BLOCK)
+BLOCK_LINEAR(linear_q6kx16_f32, q6kx16_tile, 16, QK_K, Q6KX16_BLOCK)
+
+/* out[k][j] (rows groups * G floats apart) = the weight of output first_group * G + j at input k, for the outputs
+ * of groups [first_group, first_group + groups): a k-major fp32 tile of the weight, for prefill-sized calls to
+ * multiply by with a GEMM (ops.py's block_linear_large) rather than keep an fp32 copy of the whole weight. Each
+ * input's G weights come from the layout's SCALES and WEIGHTS, the ones the linears above multiply by, as one vector
+ * store: the same floats, bit for bit. The `num_threads` OpenMP threads share the blocks of inputs, each writing
+ * whole rows of the tile, with ~1.5-4x the weights per second of sharing the groups, whose threads interleave their
+ * stores within each row (2048 x 2048 Q4_1 in tiles of 0.5-2 MB on two AVX-512 cores: 17-19 Gweights/s against
+ * 4-14). */
+#define BLOCK_DEQUANTIZE(NAME, V, S, G, INPUTS, SUB, SCALES, WEIGHTS, BLOCK_BYTES)                                     \
+    void NAME(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out, int32_t num_threads) {    \
+        const int64_t blocks = k / INPUTS, width = groups * G;                                                         \
+        _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)")                     \
+        for (int64_t b = 0; b < blocks; ++b) {                                                                         \
+            for (int64_t g = 0; g < groups; ++g) {                                                                     \
+                const uint8_t *block = w + ((first_group + g) * blocks + b) * BLOCK_BYTES;                              \
+                float *rows = out + b * INPUTS * width + g * G;                                                        \
+                for (int s = 0; s < INPUTS; s += SUB) {                                                                \
+                    const S scales = SCALES(block, s);                                                                 \
+                    for (int kk = s; kk < s + SUB; ++kk) {                                                             \
+                        const V v = WEIGHTS(block, scales, kk);                                                        \
+                        memcpy(rows + kk * width, &v, sizeof(v));                                                      \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+    }
+
+BLOCK_DEQUANTIZE(dequantize_q4x8_f32, f32x8, scales8, 8, QK, QK, q4x8_scales, q4x8_weights, Q4X8_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q8x8_f32, f32x8, scales8, 8, QK, QK, q8x8_scales, q8x8_weights, Q8X8_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q4x16_f32, f32x16, scales16, 16, QK, QK, q4x16_scales, q4x16_weights, Q4X16_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q8x16_f32, f32x16, scales16, 16, QK, QK, q8x16_scales, q8x16_weights, Q8X16_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q4kx8_f32, f32x8, scales8, 8, QK_K, QK, q4kx8_scales, q4kx8_weights, Q4KX8_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q4kx16_f32, f32x16, scales16, 16, QK_K, QK, q4kx16_scales, q4kx16_weights, Q4KX16_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q5kx8_f32, f32x8, scales8, 8, QK_K, QK, q5kx8_scales, q5kx8_weights, Q5KX8_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q5kx16_f32, f32x16, scales16, 16, QK_K, QK, q5kx16_scales, q5kx16_weights, Q5KX16_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q6kx8_f32, f32x8, scales8, 8, QK_K, 16, q6kx8_scales, q6kx8_weights, Q6KX8_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_q6kx16_f32, f32x16, scales16, 16, QK_K, 16, q6kx16_scales, q6kx16_weights, Q6KX16_BLOCK)

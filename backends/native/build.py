@@ -45,15 +45,38 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "silu_mul_f32": (_P, _I64, _P, _I64, _I64, _I32),
     "write_kv_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "linear_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64),
-    "paged_decode_attention_f32": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I32),
-    "paged_prefill_attention_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _F32, _P, _I32),
+    "paged_decode_attention_f32": (
+        (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64)
+        + (_F32, _I64, _F32, _I32)  # scale, window, softcap, threads
+    ),
+    "paged_prefill_attention_f32": (
+        (_P, _I64, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64)
+        + (_F32, _I64, _F32, _P, _I32)  # scale, window, softcap, scratch, threads
+    ),
     "linear_q4x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q8x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q4x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q8x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q4kx8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q4kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q5kx8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q5kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q6kx8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q6kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q4x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q8x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q4x16_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q8x16_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q4kx8_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q4kx16_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q5kx8_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q5kx16_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q6kx8_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_q6kx16_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "decoder_layers_f32": (
         (_P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P)  # layers, count, tensors and the step's tables
-        + (_I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _P, _I32, _I32)  # sizes, eps, scale, scratch, threads
+        + (_I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _I64, _F32)  # sizes, eps, scale, window, softcap
+        + (_P, _I32, _I32)  # scratch, threads
     ),
     "decoder_layers_workspace": (_I64, _I64, _I64, _I64, _I64, _I64),
 }

@@ -154,12 +154,13 @@ enum { MAX_HEAD_DIM = 256 };
  * attends (its weights streamed through since), and whole rows read in order stream better than one head's
  * 256-byte slice of each row (measured 105 -> 80 us for 320 tokens of SmolLM2's 3 kv heads, cold).
  * Always inlined into a switch on D, so the common head sizes get fully unrolled loops that keep a head's
- * accumulator in registers across the loop over values. */
+ * accumulator in registers across the loop over values. softcap > 0 squashes each scaled score s to
+ * softcap * tanh(s / softcap) before the softmax (Gemma 2); 0: none. */
 static inline __attribute__((always_inline)) void attend(const float *q, float *out, const float *k_cache,
                                                          const float *v_cache, const int32_t *table, int64_t first,
                                                          int64_t ctx, int64_t heads, int64_t group, int64_t d,
                                                          int64_t block_size, int64_t token_stride, float scale,
-                                                         float *part_best, float *part_total) {
+                                                         float softcap, float *part_best, float *part_total) {
     const int64_t nq = heads * group; /* query heads of this task */
     float acc[nq * d], best[nq], total[nq], p[nq * KEY_CHUNK];
     const float *keys[KEY_CHUNK], *values[KEY_CHUNK];
@@ -219,6 +220,11 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
         }
         for (int64_t h = 0; h < nq; ++h) { /* online softmax, then acc = acc * shrink + p . v */
             float *ph = p + h * KEY_CHUNK;
+            if (softcap > 0.0f) { /* lanes past n hold junk, as below: capped and then dropped */
+                const float inv = 1.0f / softcap;
+#pragma omp simd
+                for (int64_t j = 0; j < KEY_CHUNK; ++j) ph[j] = softcap * tanh_f32(ph[j] * inv);
+            }
             float top = best[h];
             for (int64_t j = 0; j < n; ++j) top = ph[j] > top ? ph[j] : top;
             const float shrink = exp_f32(best[h] - top);
@@ -280,15 +286,17 @@ static void join_shares(const float *acc, const float *best, const float *total,
 /* Decode attention: query q [B, Hq, D] (heads packed, rows `q_row` apart) of each sequence against its
  * context_lens[b] cached tokens, found through block_tables [B, max_blocks] in the paged caches
  * [num_blocks, block_size, Hk, D]; out [B, Hq, D]. Query head i reads kv head i / (Hq / Hk), as Hugging Face's
- * repeat_kv does. A task is one sequence, or, when there are fewer sequences than threads, a share of its keys (whole
- * chunks; the shares' partial sums are joined after, as the online softmax joins chunks): one stream's decode then
- * reads its cache with every thread.
+ * repeat_kv does. window > 0 (sliding-window attention): the query, token ctx - 1, sees only the last `window`
+ * tokens, and only those are read (from ctx - window on, chunks counted from there), so a step costs O(window), not
+ * O(ctx); 0: all. softcap: see attend. A task is one sequence, or, when there are fewer sequences than threads, a
+ * share of its keys (whole chunks; the shares' partial sums are joined after, as the online softmax joins chunks):
+ * one stream's decode then reads its cache with every thread.
  * With num_threads > 1 the tasks are shared among that many OpenMP threads; with 1 no parallel region is entered,
  * so no sleeping worker is woken. */
 void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, int64_t max_blocks, const int32_t *context_lens,
                                 float *out, int64_t batch, int64_t hq, int64_t hk, int64_t d, int64_t block_size,
-                                float scale, int32_t num_threads) {
+                                float scale, int64_t window, float softcap, int32_t num_threads) {
     const int64_t group = hq / hk;
     /* Fewer sequences than threads: each sequence's keys in `shares` ranges of whole chunks, every thread busy. */
     const int64_t shares = batch < num_threads ? (num_threads + batch - 1) / batch : 1;
@@ -298,9 +306,10 @@ void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_ca
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads) if (num_threads > 1)
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t share = 0; share < shares; ++share) {
-            const int64_t ctx = context_lens[b], chunks = (ctx + KEY_CHUNK - 1) / KEY_CHUNK;
-            const int64_t first = share * chunks / shares * KEY_CHUNK;
-            const int64_t end = shares == 1 ? ctx : (share + 1) * chunks / shares * KEY_CHUNK;
+            const int64_t ctx = context_lens[b], low = window > 0 && ctx > window ? ctx - window : 0;
+            const int64_t chunks = (ctx - low + KEY_CHUNK - 1) / KEY_CHUNK;
+            const int64_t first = low + share * chunks / shares * KEY_CHUNK;
+            const int64_t end = shares == 1 ? ctx : low + (share + 1) * chunks / shares * KEY_CHUNK;
             const int64_t last = end < ctx ? end : ctx;
             const float *qb = q + b * q_row;
             const int32_t *table = block_tables + b * max_blocks;
@@ -309,14 +318,16 @@ void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_ca
             float *sb = shares == 1 ? NULL : part_best + slot * hq, *tb = shares == 1 ? NULL : part_total + slot * hq;
             switch (d) { /* a constant head size per case: see attend */
             case 64:
-                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, 64, block_size, hk * 64, scale, sb, tb);
+                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, 64, block_size, hk * 64, scale, softcap,
+                       sb, tb);
                 break;
             case 128:
-                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, 128, block_size, hk * 128, scale, sb,
-                       tb);
+                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, 128, block_size, hk * 128, scale,
+                       softcap, sb, tb);
                 break;
             default:
-                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, d, block_size, hk * d, scale, sb, tb);
+                attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, d, block_size, hk * d, scale, softcap,
+                       sb, tb);
             }
         }
     }

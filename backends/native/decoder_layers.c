@@ -25,7 +25,10 @@ typedef struct {
 } decoder_layer;
 
 /* In the order of decoder_layers.py LAYOUTS. */
-static const block_linear_fn BLOCK_LINEARS[] = {linear_q4x8_f32, linear_q8x8_f32, linear_q4x16_f32, linear_q8x16_f32};
+static const block_linear_fn BLOCK_LINEARS[] = {linear_q4x8_f32,   linear_q8x8_f32,   linear_q4x16_f32,
+                                                linear_q8x16_f32,  linear_q5kx8_f32,  linear_q5kx16_f32,
+                                                linear_q6kx8_f32,  linear_q6kx16_f32, linear_q4kx8_f32,
+                                                linear_q4kx16_f32};
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -39,15 +42,16 @@ int64_t decoder_layers_workspace(int64_t rows, int64_t hidden, int64_t hq, int64
 
 /* hidden [T, H] (and residual [T, H], or NULL when the first layer is a model's first) through `num_layers` layers
  * into hidden_out and residual_out [T, H]. Row T is sequence T's one new token at `positions[T]`, stored at flat
- * cache slot `slots[T]`, attending over context_lens[T] cached tokens through block_tables [T, max_blocks]. Linears
+ * cache slot `slots[T]`, attending over context_lens[T] cached tokens through block_tables [T, max_blocks] (the last
+ * `window` of them when window > 0, scores soft-capped when softcap > 0: paged_decode_attention_f32). Linears
  * share their outputs among `linear_threads`, attention its tasks among `attention_threads`; the rest run on the
  * calling thread, as the op-by-op path runs them at these row counts. */
 void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const float *hidden, const float *residual,
                         float *hidden_out, float *residual_out, const int64_t *positions, const int64_t *slots,
                         const int32_t *block_tables, int64_t max_blocks, const int32_t *context_lens,
                         const float *cos_sin, int64_t rows, int64_t hidden_size, int64_t hq, int64_t hk, int64_t d,
-                        int64_t inter, int64_t block_size, float eps, float scale, float *workspace,
-                        int32_t linear_threads, int32_t attention_threads) {
+                        int64_t inter, int64_t block_size, float eps, float scale, int64_t window, float softcap,
+                        float *workspace, int32_t linear_threads, int32_t attention_threads) {
     const int64_t h = hidden_size, nqkv = (hq + 2 * hk) * d, nrot = (hq + hk) * d;
     float *x = workspace, *qkv = x + rows * h, *rot = qkv + rows * nqkv, *attn = rot + rows * nrot;
     float *o = attn + rows * hq * d, *gate_up = o + rows * h, *act = gate_up + rows * 2 * inter;
@@ -66,7 +70,7 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const f
         rope_f32(qkv, nqkv, qkv + hq * d, nqkv, positions, cos_sin, rot, rows, hq, hk, d, 1);
         write_kv_f32(rot + hq * d, nrot, qkv + (hq + hk) * d, nqkv, slots, l->k_cache, l->v_cache, rows, hk, d);
         paged_decode_attention_f32(rot, nrot, l->k_cache, l->v_cache, block_tables, max_blocks, context_lens, attn,
-                                   rows, hq, hk, d, block_size, scale, attention_threads);
+                                   rows, hq, hk, d, block_size, scale, window, softcap, attention_threads);
         BLOCK_LINEARS[l->o_layout](attn, hq * d, l->o_proj, l->o_bias, o, rows, h, hq * d, scratch, linear_threads);
         rmsnorm_f32(o, h, residual, h, l->post_norm, x, residual_out, rows, h, eps, 1);
         residual = residual_out;

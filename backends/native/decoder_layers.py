@@ -16,7 +16,8 @@ from sagellm.backends.base import DecoderLayer, DecoderShape
 from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.ops import MAX_HEAD_DIM, NativeKernels, fits_dense
 
-LAYOUTS = ("q4x8", "q8x8", "q4x16", "q8x16")  # decoder_layers.c BLOCK_LINEARS, in its order
+# decoder_layers.c BLOCK_LINEARS, in its order
+LAYOUTS = ("q4x8", "q8x8", "q4x16", "q8x16", "q5kx8", "q5kx16", "q6kx8", "q6kx16", "q4kx8", "q4kx16")
 F32, I32, I64 = torch.float32, torch.int32, torch.int64
 # Cached keys (rows x context) from which native attention shares its tasks among torch's threads (with fewer
 # sequences than threads, shares of each sequence's keys); below it one thread finishes before a second would help.
@@ -96,7 +97,7 @@ class NativeDecoderLayers:
             self._workspace = torch.empty(size, dtype=F32)
         hidden_out = torch.empty((rows, s.hidden_size), dtype=F32)  # [T, H]
         residual_out = torch.empty((rows, s.hidden_size), dtype=F32)  # [T, H]
-        keys = rows * tables.shape[1] * self._block_size
+        keys = rows * seen_keys(tables.shape[1] * self._block_size, s.window)  # as NativeDispatch counts them
         self._lib.decoder_layers_f32(
             self._structs,
             len(self._structs),
@@ -119,6 +120,8 @@ class NativeDecoderLayers:
             self._block_size,
             s.eps,
             s.scale,
+            s.window,
+            s.softcap,
             self._workspace.data_ptr(),
             torch.get_num_threads(),
             attention_threads(keys),
@@ -130,6 +133,11 @@ def attention_threads(keys: int) -> int:
     """Threads for native attention over `keys` query-key pairs (decode: rows x table width in tokens, an upper
     bound; prefill: a chunk's queries x its context)."""
     return torch.get_num_threads() if keys >= NATIVE_PARALLEL_KEYS else 1
+
+
+def seen_keys(context: int, window: int) -> int:
+    """The keys a query reads of `context` cached ones: the last `window` under a sliding window (window > 0)."""
+    return min(context, window) if window > 0 else context
 
 
 def _fits_blocks(blocks: InterleavedBlocks | None, n: int, k: int) -> bool:

@@ -16,7 +16,7 @@ void write_kv_f32(const float *k, int64_t k_row, const float *v, int64_t v_row, 
 void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, int64_t max_blocks, const int32_t *context_lens,
                                 float *out, int64_t batch, int64_t hq, int64_t hk, int64_t d, int64_t block_size,
-                                float scale, int32_t num_threads);
+                                float scale, int64_t window, float softcap, int32_t num_threads);
 
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) on interleaved GGUF blocks (block_linear.c). */
 typedef void (*block_linear_fn)(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y,
@@ -29,5 +29,40 @@ void linear_q4x16_f32(const float *x, int64_t x_row, const uint8_t *w, const flo
                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
 void linear_q8x16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q4kx8_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                      int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q4kx16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q5kx8_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                      int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q5kx16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q6kx8_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                      int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_q6kx16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
+
+/* out[k][j] = the weight of output first_group * G + j at input k, for `groups` groups of G outputs: a k-major fp32
+ * tile [K, groups * G] of the interleaved blocks, for a GEMM to multiply by (block_linear.c). */
+void dequantize_q4x8_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                         int32_t num_threads);
+void dequantize_q8x8_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                         int32_t num_threads);
+void dequantize_q4x16_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                          int32_t num_threads);
+void dequantize_q8x16_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                          int32_t num_threads);
+void dequantize_q4kx8_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                          int32_t num_threads);
+void dequantize_q4kx16_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                           int32_t num_threads);
+void dequantize_q5kx8_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                          int32_t num_threads);
+void dequantize_q5kx16_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                           int32_t num_threads);
+void dequantize_q6kx8_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                          int32_t num_threads);
+void dequantize_q6kx16_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                           int32_t num_threads);
 
 #endif

@@ -21,6 +21,11 @@ F32 = torch.float32
 MAX_HEAD_DIM = 256  # decode_kernels.c and prefill_attention.c MAX_HEAD_DIM
 MAX_QUERY_GROUP = 48  # prefill_attention.c MAX_QUERIES: query heads per kv head it takes
 KEY_CHUNK = 32  # prefill_attention.c KEY_CHUNK
+# Most bytes of the fp32 weight tile `block_linear_large` dequantizes at a time, a trade measured on two AVX-512
+# cores (2 MB of L2 each): each tile is one GEMM call, which packs all of x again (2048 x 2048 at T = 512: tiles of
+# 1 MB take 1.3x the dense GEMM's time, 2 MB 1.2x, 4 MB 1.1x), while tiles past the L2 dequantize slower (Q6_K at 1,
+# 4, 8 MB: 13.5, 8, 6.5 Gweights/s; at T = 128 8 MB tiles take 1.2x the time of 4 MB ones).
+DEQUANTIZED_TILE_BYTES = 4 << 20
 
 
 def fits_rows(*tensors: torch.Tensor) -> bool:
@@ -67,9 +72,15 @@ def fits_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     )
 
 
-def prefill_scratch_size(context_len: int, num_kv_heads: int, head_dim: int) -> int:
-    """Floats of scratch `paged_prefill_attention` transposes a context's keys into: whole chunks per kv head."""
-    return num_kv_heads * -(-context_len // KEY_CHUNK) * KEY_CHUNK * head_dim
+def prefill_scratch_size(
+    context_len: int, num_kv_heads: int, head_dim: int, query_len: int | None = None, window: int = 0
+) -> int:
+    """Floats of scratch `paged_prefill_attention` transposes a context's keys into: whole chunks per kv head, with
+    a `window` only those from the chunk holding the lowest key the first of the `query_len` queries sees (without a
+    query_len, all: enough for any chunk of the context)."""
+    n = query_len or context_len
+    first_chunk = max(0, context_len - n - window + 1) // KEY_CHUNK if window > 0 else 0  # prefill_attention.c's c0
+    return num_kv_heads * (-(-context_len // KEY_CHUNK) - first_chunk) * KEY_CHUNK * head_dim
 
 
 class NativeShapeError(InternalError, ValueError):
@@ -211,6 +222,35 @@ class NativeKernels:
         )
         return out
 
+    def block_linear_large(
+        self, x: torch.Tensor, weight: InterleavedBlocks, bias: torch.Tensor | None, num_threads: int = 1
+    ) -> torch.Tensor:
+        """`block_linear` for prefill-sized calls, without an fp32 copy of the weight: a tile of output groups at a
+        time is dequantized k-major (the floats `block_linear` multiplies by, by `num_threads` threads) and torch's
+        GEMM multiplies x by it straight into the output's columns, adding the bias; so the sums are torch's. The
+        tile is allocated per call: reusing one measured no faster."""
+        tokens, k = x.shape
+        n = weight.out_features
+        _expect(k == weight.in_features and (bias is None or bias.shape == (n,)), "block weight and bias", x, x)
+        groups = weight.data.shape[0]
+        width = n // groups  # outputs per group
+        tiles = -(-groups // max(1, DEQUANTIZED_TILE_BYTES // (4 * k * width)))
+        tile_groups = -(-groups // tiles)  # as even as whole groups allow: no small last GEMM
+        scratch = torch.empty(k * tile_groups * width, dtype=F32)  # the tile, [K, outputs] of its groups
+        out = torch.empty((tokens, n), dtype=F32)  # [T, N]
+        kernel = getattr(self._lib, f"dequantize_{weight.layout}_f32")
+        data = _contiguous(weight.data, torch.uint8)
+        for first in range(0, groups, tile_groups):
+            count = min(tile_groups, groups - first)
+            kernel(data, k, first, count, scratch.data_ptr(), num_threads)
+            tile = scratch[: k * count * width].view(k, count * width)  # [K, the tile's outputs]
+            columns = slice(first * width, (first + count) * width)
+            if bias is None:
+                torch.mm(x, tile, out=out[:, columns])
+            else:
+                torch.addmm(bias[columns], x, tile, out=out[:, columns])
+        return out
+
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
     ) -> None:
@@ -241,9 +281,12 @@ class NativeKernels:
         context_lens: torch.Tensor,
         scale: float,
         num_threads: int = 1,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
-        """q [B, Hq, D] against each row's context_lens[b] cached tokens; [B, Hq, D]. Block tables must only name
-        blocks of the caches and context_lens be at most the table's width in tokens, as the runner's are."""
+        """q [B, Hq, D] against each row's context_lens[b] cached tokens (the last `window` of them when window > 0),
+        scores soft-capped when softcap > 0; [B, Hq, D]. Block tables must only name blocks of the caches and
+        context_lens be at most the table's width in tokens, as the runner's are."""
         batch, hq, d = q.shape
         _, block_size, hk, _ = k_cache.shape
         _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
@@ -264,6 +307,8 @@ class NativeKernels:
             d,
             block_size,
             scale,
+            window,
+            softcap,
             num_threads,
         )
         return out
@@ -278,9 +323,12 @@ class NativeKernels:
         scale: float,
         num_threads: int = 1,
         scratch: torch.Tensor | None = None,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """Causal attention of a chunk's queries q [n, Hq, D], the sequence's tokens context_len - n ..
         context_len - 1, over its first context_len cached tokens (the chunk's own K/V written first); [n, Hq, D].
+        With window > 0 the query at position i sees only keys above i - window; softcap > 0 caps the scores.
         The block table must name the sequence's blocks of the caches, as the runner's do. `scratch`: fp32 memory
         to reuse for the transposed keys (`prefill_scratch_size` floats), else it is allocated."""
         n, hq, d = q.shape
@@ -288,7 +336,7 @@ class NativeKernels:
         _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
         _expect(0 < n <= context_len <= block_table.shape[0] * block_size, "block table", block_table, q)
         out = torch.empty((n, hq, d), dtype=F32)  # [n, Hq, D]
-        size = prefill_scratch_size(context_len, hk, d)
+        size = prefill_scratch_size(context_len, hk, d, n, window)
         if scratch is None or scratch.numel() < size or scratch.dtype != F32 or not scratch.is_contiguous():
             scratch = torch.empty(size, dtype=F32)
         self._lib.paged_prefill_attention_f32(
@@ -305,6 +353,8 @@ class NativeKernels:
             d,
             block_size,
             scale,
+            window,
+            softcap,
             scratch.data_ptr(),
             num_threads,
         )

@@ -16,7 +16,13 @@
  * one register of the variant's instruction set (16 floats with AVX-512, 8 below it), and the batch and chain counts
  * follow, so every variant keeps its accumulators in its registers: a 16-float vector on AVX2 is two registers, and
  * code written for 16 spilled there (512 queries over 512 tokens 63 ms a layer, against 5.6 for torch's SDPA).
- * Tasks are shared among `num_threads` OpenMP threads, the ones seeing the most keys first. */
+ * Tasks are shared among `num_threads` OpenMP threads, the ones seeing the most keys first.
+ *
+ * Sliding-window attention (window > 0): query i also sees no key below ctx - n + i - window + 1. Only the chunks from
+ * the one holding the chunk's first query's lowest key are transposed, a task starts at the chunk holding its first
+ * row's, and a row is scored against a chunk only while its window reaches into it, so a chunk costs
+ * O(n x window), not O(n x ctx). The soft cap (softcap > 0: s -> softcap * tanh(s / softcap), Gemma 2) applies to
+ * the scaled scores before the mask. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -66,13 +72,30 @@ static inline __attribute__((always_inline)) void score(const float *const *qs, 
         for (int c = 0; c < KEY_VECS; ++c) store_vec(s + m * KEY_CHUNK + c * LANES, acc[m][c]);
 }
 
-/* One task: query rows [r0, r0 + rows) of the chunk, query heads h * group .. (h + 1) * group - 1. */
+/* The scaled scores of one query for a chunk, capped when softcap > 0, the keys outside [from, to) masked. */
+static inline __attribute__((always_inline)) void scale_and_mask(float *sm, float scale, float softcap, int64_t from,
+                                                                 int64_t to) {
+    if (softcap > 0.0f) { /* capped before the mask: a masked -inf would come out of tanh as -softcap */
+        const float inv = scale / softcap;
+#pragma omp simd
+        for (int64_t j = 0; j < KEY_CHUNK; ++j)
+            sm[j] = j >= from && j < to ? softcap * tanh_f32(sm[j] * inv) : -INFINITY;
+        return;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < KEY_CHUNK; ++j) sm[j] = j >= from && j < to ? sm[j] * scale : -INFINITY;
+}
+
+/* One task: query rows [r0, r0 + rows) of the chunk, query heads h * group .. (h + 1) * group - 1. kt_head holds
+ * the transposed keys from position key0 (a multiple of KEY_CHUNK) on. */
 static inline __attribute__((always_inline)) void attend_rows(const float *q, int64_t q_row, const float *kt_head,
-                                                              const float *v_cache, const int32_t *table,
+                                                              int64_t key0, const float *v_cache, const int32_t *table,
                                                               int64_t first, int64_t r0, int64_t rows, int64_t h,
                                                               int64_t group, int64_t hq, int64_t hk, int64_t d,
-                                                              int64_t block_size, float scale, float *out) {
+                                                              int64_t block_size, float scale, int64_t window,
+                                                              float softcap, float *out) {
     const int64_t nq = rows * group, stride = hk * d, end = first + r0 + rows; /* the last row sees keys < end */
+    const int64_t low = window > 0 && first + r0 - window + 1 > 0 ? first + r0 - window + 1 : 0; /* row r0's lowest */
     float s[MAX_QUERIES * KEY_CHUNK], acc[MAX_QUERIES * MAX_HEAD_DIM];
     float best[MAX_QUERIES], total[MAX_QUERIES];
     const float *qs[MAX_QUERIES];
@@ -82,35 +105,41 @@ static inline __attribute__((always_inline)) void attend_rows(const float *q, in
         best[m] = -INFINITY, total[m] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * nq * d);
-    for (int64_t start = 0; start < end; start += KEY_CHUNK) {
+    for (int64_t start = low - low % KEY_CHUNK; start < end; start += KEY_CHUNK) {
         const int64_t n = end - start < KEY_CHUNK ? end - start : KEY_CHUNK;
-        const float *kt = kt_head + start * d; /* this chunk's keys, transposed */
+        const float *kt = kt_head + (start - key0) * d; /* this chunk's keys, transposed */
         for (int64_t j = 0; j < n; ++j) {
             const int64_t pos = start + j;
             values[j] = v_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * stride + h * d;
         }
-        /* Rows are in position order: the first that sees any of this chunk, and score the rest. */
+        /* Rows are in position order: the first that sees any of this chunk, and with a window the first whose
+         * window starts past it (m_end); score those between. Each of them sees a key of the chunk. */
         const int64_t m_first = (start > first + r0 ? start - first - r0 : 0) * group;
-        for (int64_t m = m_first; m < nq; m += SCORE_BATCH) {
-            const int count = nq - m < SCORE_BATCH ? (int)(nq - m) : SCORE_BATCH;
+        int64_t m_end = nq;
+        if (window > 0) {
+            const int64_t reach = (start + n + window - 1 - first - r0) * group;
+            m_end = reach < m_end ? (reach > 0 ? reach : 0) : m_end;
+        }
+        for (int64_t m = m_first; m < m_end; m += SCORE_BATCH) {
+            const int count = m_end - m < SCORE_BATCH ? (int)(m_end - m) : SCORE_BATCH;
             if (count == SCORE_BATCH)
                 score(qs + m, kt, d, SCORE_BATCH, s + m * KEY_CHUNK);
             else
                 for (int c = 0; c < count; ++c) score(qs + m + c, kt, d, 1, s + (m + c) * KEY_CHUNK);
         }
-        for (int64_t m = m_first; m < nq; ++m) { /* online softmax, then acc = acc * shrink + p . v */
-            const int64_t seen = first + r0 + m / group + 1 - start; /* keys of this chunk the query sees */
-            const int64_t visible = seen < n ? seen : n;
+        for (int64_t m = m_first; m < m_end; ++m) { /* online softmax, then acc = acc * shrink + p . v */
+            const int64_t pos = first + r0 + m / group, seen = pos + 1 - start; /* keys of this chunk it sees: */
+            const int64_t visible = seen < n ? seen : n;                          /* [from, visible) */
+            const int64_t from = window > 0 && pos - window + 1 > start ? pos - window + 1 - start : 0;
             float *sm = s + m * KEY_CHUNK;
-#pragma omp simd
-            for (int64_t j = 0; j < KEY_CHUNK; ++j) sm[j] = j < visible ? sm[j] * scale : -INFINITY;
+            scale_and_mask(sm, scale, softcap, from, visible);
             vec tops = load_vec(sm), sums;
             for (int c = 1; c < KEY_VECS; ++c) tops = max_vec(tops, load_vec(sm + c * LANES));
             float top = best[m];
             for (int i = 0; i < LANES; ++i) top = tops[i] > top ? tops[i] : top;
             const float shrink = exp_f32(best[m] - top);
 #pragma omp simd
-            for (int64_t j = 0; j < KEY_CHUNK; ++j) sm[j] = j < visible ? exp_f32(sm[j] - top) : 0.0f;
+            for (int64_t j = 0; j < KEY_CHUNK; ++j) sm[j] = j >= from && j < visible ? exp_f32(sm[j] - top) : 0.0f;
             sums = load_vec(sm);
             for (int c = 1; c < KEY_VECS; ++c) sums += load_vec(sm + c * LANES);
             float chunk_total = 0.0f;
@@ -125,7 +154,7 @@ static inline __attribute__((always_inline)) void attend_rows(const float *q, in
                 a[0][c] = load_vec(am + LANES * c) * shrink;
                 for (int r = 1; r < VALUE_KEYS; ++r) a[r][c] = (vec){0};
             }
-            int64_t j = 0;
+            int64_t j = from;
             for (; j + VALUE_KEYS <= visible; j += VALUE_KEYS)
                 for (int r = 0; r < VALUE_KEYS; ++r)
                     for (int64_t c = 0; c < slices; ++c) a[r][c] += sm[j + r] * load_vec(values[j + r] + LANES * c);
@@ -144,17 +173,17 @@ static inline __attribute__((always_inline)) void attend_rows(const float *q, in
     }
 }
 
-/* Chunk c of kv head h's keys, transposed: kt[(h * chunks + c) * D * KEY_CHUNK + i * KEY_CHUNK + j] is element i of
- * key c * KEY_CHUNK + j; zeros past the sequence (their scores are masked). */
-static void transpose_keys(const float *k_cache, const int32_t *table, int64_t ctx, int64_t hk, int64_t d,
+/* Chunk c0 + c of kv head h's keys, transposed: kt[(h * chunks + c) * D * KEY_CHUNK + i * KEY_CHUNK + j] is element
+ * i of key (c0 + c) * KEY_CHUNK + j; zeros past the sequence (their scores are masked). */
+static void transpose_keys(const float *k_cache, const int32_t *table, int64_t c0, int64_t ctx, int64_t hk, int64_t d,
                            int64_t block_size, float *kt, int32_t num_threads) {
-    const int64_t chunks = (ctx + KEY_CHUNK - 1) / KEY_CHUNK;
+    const int64_t chunks = (ctx + KEY_CHUNK - 1) / KEY_CHUNK - c0;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t h = 0; h < hk; ++h) {
         for (int64_t c = 0; c < chunks; ++c) {
             float *chunk = kt + (h * chunks + c) * d * KEY_CHUNK;
             for (int64_t j = 0; j < KEY_CHUNK; ++j) {
-                const int64_t pos = c * KEY_CHUNK + j;
+                const int64_t pos = (c0 + c) * KEY_CHUNK + j;
                 if (pos < ctx) {
                     const int64_t row = (int64_t)table[pos / block_size] * block_size + pos % block_size;
                     const float *key = k_cache + (row * hk + h) * d;
@@ -170,24 +199,28 @@ static void transpose_keys(const float *k_cache, const int32_t *table, int64_t c
 /* q [n, Hq, D] (heads packed, rows q_row apart) of a chunk whose last query is the sequence's token ctx - 1, against
  * the sequence's keys in the paged caches [num_blocks, block_size, Hk, D] through its block table; out [n, Hq, D].
  * D a multiple of 16, at most MAX_HEAD_DIM; Hq / Hk at most MAX_QUERIES. Query head i reads kv head i / (Hq / Hk).
- * scratch holds Hk * ceil(ctx / KEY_CHUNK) * KEY_CHUNK * D floats (the transposed keys). */
+ * window > 0: query i sees keys from ctx - n + i - window + 1 on; 0: all; softcap > 0 caps the scores (see the top).
+ * scratch holds Hk * (ceil(ctx / KEY_CHUNK) - c0) * KEY_CHUNK * D floats (the transposed keys), c0 the chunk of the
+ * first query's lowest key: 0 without a window, else max(0, ctx - n - window + 1) / KEY_CHUNK. */
 void paged_prefill_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
                                  const int32_t *table, int64_t ctx, int64_t n, float *out, int64_t hq, int64_t hk,
-                                 int64_t d, int64_t block_size, float scale, float *scratch, int32_t num_threads) {
+                                 int64_t d, int64_t block_size, float scale, int64_t window, float softcap,
+                                 float *scratch, int32_t num_threads) {
     const int64_t group = hq / hk, tile = MAX_QUERIES / group, tiles = (n + tile - 1) / tile;
-    const int64_t chunks = (ctx + KEY_CHUNK - 1) / KEY_CHUNK;
-    transpose_keys(k_cache, table, ctx, hk, d, block_size, scratch, num_threads);
+    const int64_t low = window > 0 && ctx - n - window + 1 > 0 ? ctx - n - window + 1 : 0, c0 = low / KEY_CHUNK;
+    const int64_t chunks = (ctx + KEY_CHUNK - 1) / KEY_CHUNK - c0, key0 = c0 * KEY_CHUNK;
+    transpose_keys(k_cache, table, c0, ctx, hk, d, block_size, scratch, num_threads);
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads) if (num_threads > 1)
     for (int64_t t = 0; t < tiles; ++t) {
         for (int64_t h = 0; h < hk; ++h) {
             const int64_t r0 = (tiles - 1 - t) * tile, rows = n - r0 < tile ? n - r0 : tile; /* longest first */
             const float *kt_head = scratch + h * chunks * d * KEY_CHUNK;
             if (d == 64)
-                attend_rows(q, q_row, kt_head, v_cache, table, ctx - n, r0, rows, h, group, hq, hk, 64, block_size,
-                            scale, out);
+                attend_rows(q, q_row, kt_head, key0, v_cache, table, ctx - n, r0, rows, h, group, hq, hk, 64,
+                            block_size, scale, window, softcap, out);
             else
-                attend_rows(q, q_row, kt_head, v_cache, table, ctx - n, r0, rows, h, group, hq, hk, d, block_size,
-                            scale, out);
+                attend_rows(q, q_row, kt_head, key0, v_cache, table, ctx - n, r0, rows, h, group, hq, hk, d,
+                            block_size, scale, window, softcap, out);
         }
     }
 }

@@ -18,7 +18,18 @@ from sagellm.backends.torch_ops.attention import (
 )
 from sagellm.backends.torch_ops.backend import TORCH_KERNELS, PluginBackend, TorchOpsBackend
 from sagellm.backends.torch_ops.gather_buffers import DECODE_KV_HEADROOM, GatherBuffers
-from sagellm.backends.torch_ops.token_ops import add, add_rmsnorm, embedding, linear, moe, rmsnorm, rope, silu_mul
+from sagellm.backends.torch_ops.token_ops import (
+    add,
+    add_rmsnorm,
+    embedding,
+    gelu_tanh_mul,
+    head_rmsnorm,
+    linear,
+    moe,
+    rmsnorm,
+    rope,
+    silu_mul,
+)
 
 __all__ = [
     "DECODE_KV_HEADROOM",
@@ -30,6 +41,8 @@ __all__ = [
     "add_rmsnorm",
     "attention",
     "embedding",
+    "gelu_tanh_mul",
+    "head_rmsnorm",
     "linear",
     "moe",
     "paged_decode_attention",

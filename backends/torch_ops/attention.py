@@ -1,6 +1,11 @@
 """The torch attention over the paged KV cache: each new token's K/V written to its slot, then the decode tokens
 against their cached context in one batched call and each prefill chunk causally over its sequence. `attention` takes
-the parts a device swaps (the CUDA backend's triton decode kernel, the CPU's native ones)."""
+the parts a device swaps (the CUDA backend's triton decode kernel, the CPU's native ones).
+
+Two per-layer options change what a query sees and how it scores (Mistral, Gemma, Qwen3's sliding layers):
+`window` > 0 lets a query at position i see only keys i - window < j <= i (Hugging Face's `sliding_window`), and
+`softcap` > 0 squashes each scaled score s to softcap * tanh(s / softcap) before the mask (Gemma 2). SDPA cannot
+soft-cap, so a capped layer takes the explicit matmul-softmax path."""
 
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     buffers: GatherBuffers | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One query token per sequence against its whole cached context, all sequences in one batched call.
 
@@ -46,12 +53,18 @@ def paged_decode_attention(
         keys = buffers.decode_kv("k", k_cache, block_tables, context_lens)  # [B, L, Hk, D]
         values = buffers.decode_kv("v", v_cache, block_tables, context_lens)
     visible = visibility_mask(context_lens, keys.shape[1], buffers)  # [B, 1, 1, L] or None
-    out = F.scaled_dot_product_attention(
+    if window:
+        position = torch.arange(keys.shape[1], device=q.device)
+        recent = (position >= context_lens[:, None] - window).view(batch, 1, 1, -1)  # [B, 1, 1, L]
+        visible = recent if visible is None else visible & recent
+    out = _attend(
         q.unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads)),  # [B, Hk, G, D]
         keys.transpose(1, 2),  # [B, Hk, L, D]
         values.transpose(1, 2),
-        attn_mask=visible,
-        scale=scale,
+        visible,
+        False,
+        scale,
+        softcap,
     )  # [B, Hk, G, D]
     return out.flatten(1, 2)  # [B, Hq, D]
 
@@ -65,6 +78,8 @@ def prefill_attention(
     chunk: PrefillChunk,
     scale: float,
     buffers: GatherBuffers | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of one chunk's queries [n, Hq, D] over its sequence; k, v are the chunk's fresh [n, Hk, D].
 
@@ -74,25 +89,46 @@ def prefill_attention(
     3-D inputs or `enable_gqa` would drop for the unfused math path (3-4x slower at 256-1024 tokens)."""
     n, ctx = chunk.query_len, chunk.context_len
     if ctx == n:
-        keys, values, mask, causal = k, v, None, True
+        keys, values = k, v
     else:
         block_size = k_cache.shape[1]
         table = chunk.block_table[: -(-ctx // block_size)]
         keys = cached_tokens(k_cache, table, buffers, "k")[:ctx]  # [ctx, Hk, D]
         values = cached_tokens(v_cache, table, buffers, "v")[:ctx]
-        rows = torch.arange(n, device=q.device)[:, None] + (ctx - n)  # [n, 1]
-        mask = torch.arange(ctx, device=q.device)[None, :] <= rows  # [n, ctx]
-        causal = False
+    windowed = 0 < window < ctx
+    causal = ctx == n and not windowed
+    mask = None
+    if not causal:
+        rows = torch.arange(n, device=q.device)[:, None] + (ctx - n)  # [n, 1]: each query's position
+        position = torch.arange(ctx, device=q.device)[None, :]  # [1, ctx]
+        mask = (position <= rows) & (position > rows - window) if windowed else position <= rows  # [n, ctx]
     num_kv_heads, group = keys.shape[1], q.shape[1] // keys.shape[1]
-    out = F.scaled_dot_product_attention(
+    out = _attend(
         q.transpose(0, 1).unflatten(0, (num_kv_heads, group)),  # [Hk, G, n, D]
         keys.transpose(0, 1)[:, None].expand(-1, group, -1, -1),  # [Hk, G, ctx, D], stride 0 over G: no copy
         values.transpose(0, 1)[:, None].expand(-1, group, -1, -1),
-        attn_mask=mask,
-        is_causal=causal,
-        scale=scale,
+        mask,
+        causal,
+        scale,
+        softcap,
     )  # [Hk, G, n, D]
     return out.flatten(0, 1).transpose(0, 1)  # [n, Hq, D]
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float,
+    softcap: float,
+) -> torch.Tensor:  # fmt: skip
+    """softmax(scale * q k^T, masked) v over [..., n, D] x [..., L, D]; through SDPA unless the scores are capped."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).div_(softcap).tanh_().mul_(softcap)  # [..., n, L]
+    if causal:
+        n, length = scores.shape[-2:]
+        mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril_(length - n)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def attention(
@@ -103,15 +139,18 @@ def attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    *,
     decode: Callable[..., torch.Tensor] = paged_decode_attention,
     buffers: GatherBuffers | None = None,
     write: Callable[..., None] = write_kv,
     prefill: Callable[..., torch.Tensor] = prefill_attention,
 ) -> torch.Tensor:
     """Writes the batch's K/V into the caches, then attends: the decode tokens in one `decode` call, each prefill
-    chunk in one `prefill` call (`prefill_attention`'s arguments). `decode`, `write` and `prefill` are the parts a
-    device swaps (the CUDA backend passes its triton decode kernel, the CPU its native ones); `buffers` serve the
-    prefill gathers (bind the same ones into `decode` to share them)."""
+    chunk in one `prefill` call (`prefill_attention`'s arguments, `window` and `softcap` by keyword). `decode`,
+    `write` and `prefill` are the parts a device swaps (the CUDA backend passes its triton decode kernel, the CPU
+    its native ones); `buffers` serve the prefill gathers (bind the same ones into `decode` to share them)."""
     write(k, v, k_cache, v_cache, meta.slot_mapping)
     nd = meta.num_decode_tokens
     decoded = None
@@ -119,7 +158,8 @@ def attention(
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         if buffers is not None:
             buffers.decode_continues = meta.decode_continues
-        decoded = decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        decoded = decode(q[:nd], k_cache, v_cache, tables, lens, scale, window=window, softcap=softcap)
         if nd == q.shape[0]:  # a decode-only step, the steady state: no staging copy
             return decoded
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
@@ -127,5 +167,7 @@ def attention(
         out[:nd] = decoded
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale, buffers)
+        out[rows] = prefill(
+            q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale, buffers, window=window, softcap=softcap
+        )
     return out

@@ -13,15 +13,28 @@ import torch
 from sagellm.backends.base import Availability, HardwareBackend, KernelTable
 from sagellm.backends.torch_ops.attention import attention, paged_decode_attention
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
-from sagellm.backends.torch_ops.token_ops import add, add_rmsnorm, embedding, linear, moe, rmsnorm, rope, silu_mul
+from sagellm.backends.torch_ops.token_ops import (
+    add,
+    add_rmsnorm,
+    embedding,
+    gelu_tanh_mul,
+    head_rmsnorm,
+    linear,
+    moe,
+    rmsnorm,
+    rope,
+    silu_mul,
+)
 
 TORCH_KERNELS: KernelTable = {
     "embedding": embedding,
     "rmsnorm": rmsnorm,
     "add_rmsnorm": add_rmsnorm,
+    "head_rmsnorm": head_rmsnorm,
     "linear": linear,
     "rope": rope,
     "silu_mul": silu_mul,
+    "gelu_tanh_mul": gelu_tanh_mul,
     "add": add,
     "moe": moe,
     "attention": attention,

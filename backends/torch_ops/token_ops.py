@@ -1,5 +1,5 @@
 """The torch ops that work on tokens' hidden states and nothing else (no KV cache): embedding, the norms, linear,
-rotary embedding, the gated activation, the residual add, and a mixture of experts' sparse MLP."""
+rotary embedding, the gated activations, the residual add, and a mixture of experts' sparse MLP."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)  # [T, H]
+
+
+def head_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H, D] (a strided view of a fused projection will do) normed over each head, weight [D]."""
+    return F.rms_norm(x, weight.shape, weight, eps)  # [T, H, D]
 
 
 def add_rmsnorm(
@@ -30,7 +35,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding into new tensors; q and k may be strided views of a fused qkv output.
+    """Rotate-half rotary embedding into new tensors; q and k may be strided views of a fused qkv output. A table
+    narrower than the head (partial rotary, [max_pos, R]) turns each head's first R dims; the rest pass unchanged.
 
     When k's heads directly follow q's in memory (the fused qkv output), both are rotated in one pass over a joint
     [T, Hq + Hk, D] view: half the ops, which is what a one-token decode step pays for (measured ~2x per layer)."""
@@ -56,9 +62,11 @@ def _joint_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
-    x1, x2 = x[..., :half], x[..., half:]  # [T, H, D/2] each
+    x1, x2 = x[..., :half], x[..., half : 2 * half]  # [T, H, R/2] each
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [T, H, D]
-    o1, o2 = out[..., :half], out[..., half:]
+    o1, o2 = out[..., :half], out[..., half : 2 * half]
+    if 2 * half < x.shape[-1]:
+        out[..., 2 * half :] = x[..., 2 * half :]
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
     torch.mul(x2, cos, out=o2).addcmul_(x1, sin)  # x2 cos + x1 sin
     return out
@@ -69,23 +77,36 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[:, :half]).mul_(x[:, half:])  # [T, I]
 
 
+def gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma): gelu(x[:, :I], tanh approximation) * x[:, I:]."""
+    half = x.shape[-1] // 2
+    return F.gelu(x[:, :half], approximate="tanh").mul_(x[:, half:])  # [T, I]
+
+
 def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
 def moe(
-    x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int, first_expert: int
+    x: torch.Tensor,
+    router: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    first_expert: int,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Mixtral's sparse MLP, computed by the experts `gate_up` and `down` hold: numbers first_expert.. of the E the
     router [E, H] scores (all of them, or one expert parallel rank's share).
 
-    Each token is routed over all E experts (softmax, top_k, the chosen weights renormalized to sum to 1, in fp32 as
-    transformers does); the (token, choice) pairs are then sorted by expert so each held expert runs once, one matmul
-    over the tokens that chose it, and its weighted output is added to theirs. Pairs routed to experts held elsewhere
-    add nothing here, so the ranks' outputs sum to the whole layer's."""
+    Each token is routed over all E experts (softmax, top_k, the chosen weights renormalized to sum to 1 unless not
+    `normalize` (Qwen's norm_topk_prob), in fp32 as transformers does); the (token, choice) pairs are then sorted by
+    expert so each held expert runs once, one matmul over the tokens that chose it, and its weighted output is added
+    to theirs. Pairs routed to experts held elsewhere add nothing here, so the ranks' outputs sum to the whole
+    layer's."""
     probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # [T, E]
     weights, chosen = torch.topk(probs, top_k, dim=-1)  # [T, K]
-    weights = (weights / weights.sum(dim=-1, keepdim=True)).flatten()  # [T * K], fp32
+    weights = (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights).flatten()  # [T * K], fp32
     held = gate_up.shape[0]
     local = chosen.flatten() - first_expert  # [T * K]: 0..held-1 for experts held here
     order = local.argsort(stable=True)  # pairs grouped by expert, those held elsewhere below 0 first

@@ -2,7 +2,12 @@
 
 One program per (sequence, kv head) walks the sequence's block table one cache block at a time with an online
 softmax, serving all G query heads of the group at once, so each cached K/V block is read once per group (GQA) and
-nothing is gathered or padded. Scores use broadcast-multiply-sum rather than tl.dot, so any group size works."""
+nothing is gathered or padded. Scores use broadcast-multiply-sum rather than tl.dot, so any group size works.
+
+A sliding window (window > 0: the query, token L - 1, sees keys L - window .. L - 1) starts the walk at the block
+holding the window's first key and masks the keys before it in that block, so a step reads O(window) of the cache.
+A soft cap (softcap > 0: s -> softcap * tanh(s / softcap), Gemma 2) is applied to the scaled scores before the mask,
+its tanh written with exp: triton has no tanh that both the interpreter and every GPU backend provide."""
 
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ def _paged_decode_kernel(
     block_tables_ptr,
     context_lens_ptr,
     scale,
+    window,
+    softcap,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -33,6 +40,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    CAPPED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -47,17 +55,22 @@ def _paged_decode_kernel(
     q = tl.load(q_ptr + q_off, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # [G, D]
 
     context_len = tl.load(context_lens_ptr + seq)
+    first = tl.where(window > 0, tl.maximum(context_len - window, 0), 0)  # the first key the query sees
     m = tl.full([GROUP_P], float("-inf"), tl.float32)  # running max
     s = tl.zeros([GROUP_P], tl.float32)  # running sum of exp
     acc = tl.zeros([GROUP_P, HEAD_DIM_P], tl.float32)
-    for i in range(0, tl.cdiv(context_len, BLOCK_SIZE)):
+    for i in range(first // BLOCK_SIZE, tl.cdiv(context_len, BLOCK_SIZE)):  # every block has a key the query sees
         block = tl.load(block_tables_ptr + seq * stride_tb + i).to(tl.int64)
-        t_ok = i * BLOCK_SIZE + t < context_len  # [BS]
+        position = i * BLOCK_SIZE + t
+        t_ok = (position < context_len) & (position >= first)  # [BS]
         kv_off = block * stride_cb + t[:, None] * stride_ct + kv_head * stride_ch + d[None, :]
         kv_mask = t_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BS, D]
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BS, D]
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BS]
+        if CAPPED:  # softcap * tanh(scores / softcap), tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) <= 1
+            e = tl.exp(-2.0 * tl.abs(scores / softcap))
+            scores = tl.where(scores < 0, -softcap, softcap) * (1.0 - e) / (1.0 + e)
         scores = tl.where(t_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))  # [G]
         p = tl.exp(scores - m_new[:, None])  # [G, BS]
@@ -78,8 +91,11 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q [B, Hq, D], caches [num_blocks, block_size, Hk, D] -> [B, Hq, D]; every context_len must be >= 1."""
+    """q [B, Hq, D], caches [num_blocks, block_size, Hk, D] -> [B, Hq, D]; every context_len must be >= 1. With
+    window > 0 each query sees only its sequence's last `window` tokens; softcap > 0 caps the scores."""
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or q.stride(2) != 1:
@@ -96,6 +112,8 @@ def paged_decode_attention(
         block_tables,
         context_lens,
         scale,
+        int(window),
+        float(softcap),
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -109,5 +127,6 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         HEAD_DIM_P=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size,
+        CAPPED=softcap > 0,
     )
     return out

@@ -25,7 +25,11 @@ class EngineConfig:
     max_num_batched_tokens: int = _help("token budget of one step; chunked prefill cuts prompts to fit", 512)
     max_model_len: int | None = _help("context length (default: the model's, capped by the KV cache)", None)
     block_size: int = _help("tokens per KV cache block", 16)
-    kv_cache_memory_gb: float = _help("memory for the KV cache, GiB", 1.0)
+    # vLLM's --kv-cache-memory-bytes, in GiB. None: what max_num_seqs sequences of max_model_len tokens need, at most
+    # 40% of the memory free when the engine starts (runtime/engine/kv_budget.py).
+    kv_cache_memory_gb: float | None = _help(
+        "memory for the KV cache, GiB (default: max_num_seqs x max_model_len tokens, at most 0.4 of free memory)", None
+    )
     num_kv_blocks: int | None = _help("KV cache blocks, overriding kv_cache_memory_gb", None)
     enable_prefix_caching: bool = _help("share the KV of equal prompt prefixes between requests", True)
     # vLLM's --scheduling-policy. fcfs: waiting requests start in arrival order, and when the KV cache runs out the
@@ -36,9 +40,10 @@ class EngineConfig:
         "fcfs (arrival order) or priority (requests' priority, lower first; low ones preempted for high ones)", "fcfs"
     )
     num_threads: int | None = _help("torch intra-op threads on the CPU (default: all cores)", None)
-    # A GGUF file's Q4_0/Q4_1/Q8_0 blocks for small batches (decode) instead of their fp32 copy: the same weight values,
-    # a quarter to a fifth of the bytes per step. False: the fp32 copy everywhere.
-    quantized_weights: bool = _help("decode reads a GGUF's Q4_0/Q4_1/Q8_0 blocks instead of their fp32 copy", True)
+    # A GGUF file's blocks (Q4_0/Q4_1/Q5_0/Q8_0 and the K-quants) as the linears' one form on a backend whose kernels
+    # read them: the same weight values in a fraction of the memory and of the bytes per step. False: the weights
+    # dequantized to fp32 at load, everywhere.
+    quantized_weights: bool = _help("keep a GGUF's quantized blocks as the weights (else dequantize to fp32)", True)
     # vLLM's --dtype. auto and float32 compute everything in fp32. bfloat16 is opt-in, on a CPU with AVX512-BF16 or
     # AMX: the linears oneDNN runs (prefill-sized batches, and decode of weights without GGUF blocks) take bf16
     # weights and inputs and sum in fp32 (twice fp32's rate); attention, norms, the KV cache and the linears on GGUF
@@ -46,10 +51,11 @@ class EngineConfig:
     dtype: str = _help("auto or float32 (exact), or bfloat16: prefill's linears in bf16 (opt-in)", "auto")
     # vLLM's --seed: the process's random state, from which requests without a seed of their own draw.
     seed: int | None = _help("random seed of the engine: unseeded requests sample the same way every run", None)
-    # The KV cache is allocated untouched (no start-up cost) and its pages mapped a window ahead of the blocks in use;
-    # a server maps all of it in the background from the start, as vLLM touches its cache at start-up, so its first
-    # requests never wait on the kernel mapping fresh pages (runtime/engine/kv_prefault.py).
-    prefault_kv_cache: bool = _help("map the whole KV cache in the background from the start (serve: on)", False)
+    # The KV cache is allocated untouched (no start-up cost) and its pages mapped a window ahead of the blocks in use
+    # (runtime/engine/kv_prefault.py), so it costs resident memory as requests fill it. On: all of it is mapped in the
+    # background from the start, as vLLM touches its cache at start-up: no fresh page costs a step, and the whole
+    # reservation is resident (`sagellm serve` did so while the cache was a fixed 1 GiB).
+    prefault_kv_cache: bool = _help("map the whole KV cache in the background from the start", False)
     # vLLM's --tensor-parallel-size: the model's heads, MLP and vocabulary split over this many ranks, one process
     # (and one device) each, every layer's two partial sums joined by an all-reduce.
     # Unset (None, the default) with pipeline_parallel_size: the planner's choice for this model on this machine's
@@ -94,7 +100,7 @@ class EngineConfig:
                              f"got {self.scheduling_policy!r}")  # fmt: skip
         if self.dtype not in DTYPES:
             raise FieldError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not self.kv_cache_memory_gb > 0:
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise FieldError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
     @property

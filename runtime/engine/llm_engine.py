@@ -17,11 +17,14 @@ import torch
 
 from sagellm.backends import get_backend
 from sagellm.common.errors import FieldError, InvalidInput
+from sagellm.common.memory import drop_mapped_pages, return_freed_memory
 from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, grammar_compiler, mask_logits, new_masks
-from sagellm.runtime.engine.kv_cache import num_blocks_for_budget, token_slots
+from sagellm.runtime.engine.kv_budget import kv_cache_blocks
+from sagellm.runtime.engine.kv_cache import token_slots
+from sagellm.runtime.engine.memory_report import memory_report
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from sagellm.runtime.engine.penalties import bad_word_token_ids
@@ -90,10 +93,8 @@ class LLMEngine:
             TensorShard(0, config.tensor_parallel_size or 1),
             PipelineStage(0, config.pipeline_parallel_size or 1),
         )
-        num_blocks = config.num_kv_blocks or num_blocks_for_budget(
-            rank0, config.block_size, int(config.kv_cache_memory_gb * 2**30)
-        )
         max_len = config.max_model_len or model_config.max_position_embeddings
+        num_blocks = kv_cache_blocks(config, rank0, max_len, self.backend.device.type)
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -118,8 +119,10 @@ class LLMEngine:
                 prefault_kv_cache=config.prefault_kv_cache,
                 linear_dtype=linear_dtype,
             )
-        # The plan holds what it needs (packed): drop the loader's copies.
+        # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
         self.model.weights, self.model.quantized = {}, {}
+        return_freed_memory()
+        drop_mapped_pages(self.model.mapped)
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
@@ -140,6 +143,7 @@ class LLMEngine:
             kv_blocks=num_blocks,
             block_size=config.block_size,
             max_model_len=self.max_model_len,
+            memory=memory_report([self.runner]).line(),  # this process's: weights, KV cache, the rest
         )
 
     # -- requests -----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from sagellm.runtime.execution_graph.plan import Plan
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.pipeline_stages import PipelineStage
-from sagellm.runtime.models.rope import cos_sin_table
+from sagellm.runtime.models.rope import rope_tables
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, shard_tensor_parallel
 
 
@@ -88,9 +88,8 @@ class ModelRunner:
             backend=backend,
             weights=weights,
             kv_caches=self.kv_caches,
-            cos_sin=cos_sin_table(config, max_model_len, self.device),
+            rope_tables=rope_tables(config, max_model_len, self.device),
             head_dim=config.head_dim,
-            scale=config.head_dim**-0.5,
             quantized=quantized or {},
             collectives=collectives,
             linear_dtype=linear_dtype,

@@ -188,12 +188,14 @@ def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer 
     if not wired:
         return None
     (input_norm, eps), (post_norm, post_eps) = norm.consts, post.consts
-    k_cache, v_cache, scale = attention.consts
+    k_cache, v_cache, scale, window, softcap = attention.consts
     (cos_sin,) = rope.consts
     q_size, kv_size, v_size = split.consts[0]
     head_dim = k_cache.shape[-1]
     gate_up_weight, gate_up_bias = gate_up.consts
     if eps != post_eps or kv_size != v_size or q_size % head_dim or kv_size % head_dim:
+        return None
+    if cos_sin.shape[-1] != head_dim:  # partial rotary: not (yet) in the fused kernels, the ops run one by one
         return None
     shape = DecoderShape(
         hidden_size=input_norm.shape[0],
@@ -204,6 +206,8 @@ def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer 
         eps=eps,
         scale=scale,
         cos_sin=cos_sin,
+        window=window,
+        softcap=softcap,
     )
     weights = DecoderLayer(
         input_norm, *qkv.consts, *o_proj.consts, post_norm, gate_up_weight, gate_up_bias, *down.consts, k_cache, v_cache

@@ -3,11 +3,13 @@
 The plan (plan.py) is a list of instructions run in order over a slot table: the whole forward is one loop of
 plain calls, readable in one screen and cheap per op. Weights of fused linears are
 concatenated and packed once here, and a mixture of experts' experts stacked once, so the hot path never touches a
-weight name."""
+weight name. A weight the GGUF file kept as blocks goes to the backend as its blocks, and its floats are never
+made when the backend reads those (`prepare_block_weight`): a Q4_K_M model stays Q4_K_M in memory."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,14 +33,13 @@ class Collectives(Protocol):
 
 @dataclass
 class LoweringContext:
-    """What binding needs besides the graph: weights by canonical name, the KV caches, the rotary table."""
+    """What binding needs besides the graph: weights by canonical name, the KV caches, the rotary tables."""
 
     backend: HardwareBackend
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]  # dense weights (a GGUF's made only when read: models/loaded.WeightsOnRead)
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    cos_sin: torch.Tensor  # [max_positions, head_dim]
+    rope_tables: dict[str, torch.Tensor]  # by the rope node's `table`: [max_positions, rotary dims] (rope.py)
     head_dim: int
-    scale: float
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
     collectives: Collectives | None = None  # a tensor parallel rank's group
     linear_dtype: torch.dtype = torch.float32  # the dtype linear weights are packed in (EngineConfig.dtype)
@@ -82,19 +83,34 @@ def _weight(ctx: LoweringContext, name: str) -> torch.Tensor:
 
 
 def _bind_linear(params, ctx, kernels):
-    """One packed weight of the node's weights (several when fused), each cut to this rank's `shard` if it has one."""
+    """One packed weight of the node's weights (several when fused), each cut to this rank's `shard` if it has one:
+    their GGUF blocks where the backend reads them all, else their floats."""
     names = params["weight"] if isinstance(params["weight"], list) else [params["weight"]]
     shards = params.get("shard") or [None] * len(names)
     shards = shards if isinstance(shards, list) else [shards]
-    weights = [_cut(_weight(ctx, n), shard) for n, shard in zip(names, shards)]
-    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
     bias = None
     if params.get("bias"):
         biases = [_cut(_weight(ctx, n.removesuffix(".weight") + ".bias"), shard) for n, shard in zip(names, shards)]
         bias = torch.cat(biases).to(ctx.backend.device)
-    quantized = QuantizedWeight.concat([_cut_blocks(ctx.quantized.get(n), shard) for n, shard in zip(names, shards)])
-    weight = weight.to(ctx.linear_dtype)  # bf16 when asked for; GGUF blocks, read at decode, stay as they are
-    return kernels["linear"], (ctx.backend.prepare_linear_weight(weight, quantized), bias)
+    blocks = [_cut_blocks(ctx.quantized.get(n), shard) for n, shard in zip(names, shards)]
+    if all(b is not None for b in blocks):
+        packed = ctx.backend.prepare_block_weight(blocks)
+        if packed is not None:
+            return kernels["linear"], (packed, bias)
+    weights = [_cut(_weight(ctx, n), shard) for n, shard in zip(names, shards)]
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    weight = weight.to(ctx.linear_dtype)  # bf16 when asked for
+    return kernels["linear"], (ctx.backend.prepare_linear_weight(weight), bias)
+
+
+def _bind_embedding(params, ctx, kernels):
+    """The embedding's rows, read from the GGUF file's blocks when it kept them (dequantized per step, only the rows
+    the step's tokens select), else from its floats."""
+    blocks = ctx.quantized.get(params["weight"])
+    if blocks is not None:
+        device = ctx.backend.device
+        return (lambda ids, weight: weight.rows(ids).to(device)), (blocks,)
+    return kernels["embedding"], (_weight(ctx, params["weight"]).to(ctx.backend.device),)
 
 
 def _cut(tensor: torch.Tensor, shard: tuple[int, int, int] | None) -> torch.Tensor:
@@ -112,6 +128,17 @@ def _bind_norm(op):
     return bind
 
 
+def _bind_head_norm(params, ctx, kernels):
+    """RMSNorm over each head of a [T, H * D] projection (Qwen3's q/k norms), the weight [D] shared by the heads."""
+    head_rmsnorm, d = kernels["head_rmsnorm"], ctx.head_dim
+
+    def head_rmsnorm_flat(x, weight, eps):
+        n = x.shape[0]
+        return head_rmsnorm(x.view(n, -1, d), weight, eps).view(n, -1)
+
+    return head_rmsnorm_flat, (_weight(ctx, params["weight"]).to(ctx.backend.device), params["eps"])
+
+
 def _bind_rope(params, ctx, kernels):
     rope, d = kernels["rope"], ctx.head_dim
 
@@ -119,19 +146,20 @@ def _bind_rope(params, ctx, kernels):
         n = q.shape[0]
         return rope(q.view(n, -1, d), k.view(n, -1, d), positions, cos_sin)  # [T, Hq, D], [T, Hk, D]
 
-    return rope_flat, (ctx.cos_sin,)
+    return rope_flat, (ctx.rope_tables[params.get("table", "global")],)
 
 
 def _bind_attention(params, ctx, kernels):
+    """Constants: the layer's caches, then its scale, sliding window (0: none) and score soft-cap (0: none)."""
     attention, d = kernels["attention"], ctx.head_dim
     k_cache, v_cache = ctx.kv_caches[params["cache"]]
 
-    def attention_flat(q, k, v, meta, k_cache, v_cache, scale):
+    def attention_flat(q, k, v, meta, k_cache, v_cache, scale, window, softcap):
         n = q.shape[0]
-        out = attention(q, k, v.view(n, -1, d), k_cache, v_cache, meta, scale)  # [T, Hq, D]
+        out = attention(q, k, v.view(n, -1, d), k_cache, v_cache, meta, scale, window, softcap)  # [T, Hq, D]
         return out.reshape(n, -1)  # [T, Hq * D]
 
-    return attention_flat, (k_cache, v_cache, ctx.scale)
+    return attention_flat, (k_cache, v_cache, params["scale"], params.get("window", 0), params.get("softcap", 0.0))
 
 
 def _bind_moe(params, ctx, kernels):
@@ -144,7 +172,7 @@ def _bind_moe(params, ctx, kernels):
     device = ctx.backend.device
     router = _weight(ctx, params["router"]).to(device)
     stacked = torch.stack(gate_up).to(device), torch.stack(down).to(device)
-    return kernels["moe"], (router, *stacked, params["top_k"], first)
+    return kernels["moe"], (router, *stacked, params["top_k"], first, params.get("normalize", True))
 
 
 def _cut_blocks(blocks: QuantizedWeight | None, shard: tuple[int, int, int] | None) -> QuantizedWeight | None:
@@ -165,19 +193,34 @@ def _index_rows(x, indices):
     return x if indices is None else x.index_select(0, indices)
 
 
+def _scale(x, factor):
+    """x * factor, the factor in x's dtype first (as transformers scales Gemma's embeddings)."""
+    return x * torch.tensor(factor, dtype=x.dtype)
+
+
+def _softcap(x, cap):
+    """cap * tanh(x / cap): Gemma's soft-capped logits."""
+    return (x / cap).tanh_().mul_(cap)
+
+
 _BINDERS: dict[str, Callable] = {
-    "embedding": lambda p, ctx, k: (k["embedding"], (_weight(ctx, p["weight"]).to(ctx.backend.device),)),
+    "embedding": _bind_embedding,
     "linear": _bind_linear,
     "rmsnorm": _bind_norm("rmsnorm"),
     "add_rmsnorm": _bind_norm("add_rmsnorm"),
+    "head_rmsnorm": _bind_head_norm,
     "rope": _bind_rope,
     "attention": _bind_attention,
     "moe": _bind_moe,
     "silu_mul": lambda p, ctx, k: (k["silu_mul"], ()),
+    "gelu_tanh_mul": lambda p, ctx, k: (k["gelu_tanh_mul"], ()),
     "add": lambda p, ctx, k: (k["add"], ()),
     "split": lambda p, ctx, k: (_split, (p["sizes"],)),
     "index_rows": lambda p, ctx, k: (_index_rows, ()),
     "silu": lambda p, ctx, k: (torch.nn.functional.silu, ()),
+    "gelu_tanh": lambda p, ctx, k: (functools.partial(torch.nn.functional.gelu, approximate="tanh"), ()),
+    "scale": lambda p, ctx, k: (_scale, (p["factor"],)),
+    "softcap": lambda p, ctx, k: (_softcap, (p["cap"],)),
     "mul": lambda p, ctx, k: (torch.mul, ()),
     "all_reduce": lambda p, ctx, k: (_group(ctx).all_reduce, ()),
     "all_gather": lambda p, ctx, k: (_group(ctx).all_gather, (p["sizes"],)),

@@ -36,8 +36,12 @@ def fuse_sibling_linears(graph: Graph) -> Graph:
     return g
 
 
-def fuse_silu_mul(graph: Graph) -> Graph:
-    """mul(silu(a), b) where a and b are the two halves of one split -> silu_mul on the unsplit tensor."""
+GATED = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}  # an activation -> its gated op on the unsplit tensor
+
+
+def fuse_gated_activation(graph: Graph) -> Graph:
+    """mul(act(a), b) where a and b are the two halves of one split -> act_mul on the unsplit tensor (SwiGLU's
+    silu_mul, GeGLU's gelu_tanh_mul)."""
     g = graph.copy()
     readers = g.consumers()
     for node in list(g.nodes.values()):
@@ -45,7 +49,7 @@ def fuse_silu_mul(graph: Graph) -> Graph:
             continue
         silu_out, b = g.inputs_of(node.id)
         silu = g.nodes[silu_out.node]
-        if silu.op != "silu":
+        if silu.op not in GATED:
             continue
         (a,) = g.inputs_of(silu.id)
         split = g.nodes[a.node]
@@ -54,7 +58,7 @@ def fuse_silu_mul(graph: Graph) -> Graph:
         if len(readers[a]) != 1 or len(readers[b]) != 1:
             continue  # the halves are read elsewhere too; keep them
         (wide,) = g.inputs_of(split.id)
-        fused = g.add("silu_mul", [wide])
+        fused = g.add(GATED[silu.op], [wide])
         g.redirect(Value(node.id), fused)
         for dead in (node.id, silu.id, split.id):
             g.remove_node(dead)
@@ -112,7 +116,7 @@ def plan_buffers(graph: Graph) -> Graph:
 
 
 def optimize(graph: Graph) -> Graph:
-    for graph_pass in (fuse_sibling_linears, fuse_silu_mul, fuse_add_rmsnorm, plan_buffers):
+    for graph_pass in (fuse_sibling_linears, fuse_gated_activation, fuse_add_rmsnorm, plan_buffers):
         graph = graph_pass(graph)
     return graph
 

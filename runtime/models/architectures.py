@@ -1,9 +1,10 @@
 """The architectures the runtime can run, and the translation of each format's metadata into a ModelConfig.
 
 A Hugging Face config.json names its class in `architectures`; a GGUF file names its graph in
-`general.architecture`. Both map here to one of our graph builders ("llama", "qwen2" or "mixtral"), and anything else is
-refused at load time with a clear error instead of failing later inside the model graph. This module also knows
-which tensors (names and shapes) a ModelConfig implies, so every loader checks its weights the same way."""
+`general.architecture`. Both map here to a row of ARCHITECTURES, which says what the family adds to the Llama layer
+(the features ModelConfig records for the one graph builder), and anything else is refused at load time with the
+list of what is supported, instead of failing later inside the model graph. This module also knows which tensors
+(names and shapes) a ModelConfig implies, so every loader checks its weights the same way."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
@@ -22,24 +22,42 @@ from sagellm.runtime.models.loaded import ModelLoadError
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str  # our graph builder's name, ModelConfig.architecture
+    name: str  # ModelConfig.architecture (Hugging Face's model_type)
     hf_classes: tuple[str, ...]  # config.json `architectures` entries
-    gguf_arch: str  # GGUF `general.architecture`, also the prefix of its metadata keys
-    qkv_bias: bool
-    # llama.cpp's converter reorders the rows of q/k of llama-arch models to suit its rope kernel; not for qwen2.
-    gguf_qk_permuted: bool
+    gguf_arch: str | None  # GGUF `general.architecture`, the prefix of its metadata keys (None: written as another's)
+    qkv_bias: bool = False
+    # llama.cpp's converter reorders the rows of q/k of llama-arch models to suit its rope kernel (not for the others).
+    gguf_qk_permuted: bool = False
     # Each layer's MLP is a router over experts. llama.cpp writes Mixtral as a "llama" GGUF with expert counts.
     moe: bool = False
+    qk_norm: bool = False  # q/k RMSNorm per head (Qwen3, Gemma 3)
+    # Gemma's layer: sandwich norms, GeGLU, embeddings scaled by sqrt(hidden), norm weights stored as offsets from 1.
+    gemma: bool = False
+    attn_softcap: bool = False  # reads attn_logit_softcapping (Gemma 2; Gemma 3 has the key and ignores it)
+    # Which layers slide when the config does not list `layer_types`: every `sliding_pattern`-th layer is global, the
+    # others slide (Gemma 2: 2, Gemma 3: `sliding_window_pattern`, 6 by default); 0: every layer slides.
+    sliding_pattern: int = 0
+    local_rope: bool = False  # sliding layers have their own unscaled rope (Gemma 3, theta 1e4 by default)
+    fused_projections: bool = False  # q/k/v and gate/up stored as one tensor each (Phi-3), split at load
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("LlamaForCausalLM",), "llama", qkv_bias=False, gguf_qk_permuted=True),
-    Architecture("qwen2", ("Qwen2ForCausalLM",), "qwen2", qkv_bias=True, gguf_qk_permuted=False),
-    Architecture("mixtral", ("MixtralForCausalLM",), "llama", qkv_bias=False, gguf_qk_permuted=True, moe=True),
-)
+    Architecture("llama", ("LlamaForCausalLM",), "llama", gguf_qk_permuted=True),
+    Architecture("mistral", ("MistralForCausalLM",), None),  # llama.cpp writes it as "llama" (with full attention)
+    Architecture("qwen2", ("Qwen2ForCausalLM",), "qwen2", qkv_bias=True),
+    Architecture("qwen3", ("Qwen3ForCausalLM",), "qwen3", qk_norm=True),
+    Architecture("mixtral", ("MixtralForCausalLM",), "llama", gguf_qk_permuted=True, moe=True),
+    Architecture("qwen3_moe", ("Qwen3MoeForCausalLM",), "qwen3moe", qk_norm=True, moe=True),
+    Architecture("gemma2", ("Gemma2ForCausalLM",), "gemma2", gemma=True, attn_softcap=True, sliding_pattern=2),
+    # Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: its text model is served (the vision tower is not).
+    Architecture("gemma3_text", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), "gemma3", qk_norm=True,
+                 gemma=True, sliding_pattern=6, local_rope=True),
+    Architecture("phi3", ("Phi3ForCausalLM",), "phi3", fused_projections=True),
+)  # fmt: skip
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
 _SUPPORTED_HF = ", ".join(c for a in ARCHITECTURES for c in a.hf_classes)
-_SUPPORTED_GGUF = ", ".join(dict.fromkeys(a.gguf_arch for a in ARCHITECTURES))
+_SUPPORTED_GGUF = ", ".join(dict.fromkeys(a.gguf_arch for a in ARCHITECTURES if a.gguf_arch))
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # transformers' names of the tanh-approximated GELU
 
 
 def architecture_for_hf(hf_config: Mapping[str, Any], source: Path) -> Architecture:
@@ -67,46 +85,70 @@ def config_from_hf(
 ) -> ModelConfig:
     """Translate a config.json (plus generation_config.json, which often lists the chat end-of-turn tokens)."""
     arch = architecture_for_hf(hf_config, source)
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"{source}: unsupported hidden_act {hf_config['hidden_act']!r} (only silu)")
+    hf_config = _text_config(hf_config)
+    activation = hf_config.get("hidden_activation") or hf_config.get("hidden_act") or "silu"
+    if activation not in ("silu", *GELU_TANH):
+        raise ModelLoadError(f"{source}: unsupported hidden activation {activation!r} (have silu, gelu_pytorch_tanh)")
     if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
         raise ModelLoadError(f"{source}: attention_bias/mlp_bias (biases beyond q/k/v) are not supported")
-    if hf_config.get("use_sliding_window"):
-        raise ModelLoadError(f"{source}: sliding-window attention (use_sliding_window=true) is not supported")
     try:
         hidden, heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
-        theta, rope_scaling = _hf_rope(hf_config)
+        head_dim = int(hf_config.get("head_dim") or hidden // heads)
+        layers = int(hf_config["num_hidden_layers"])
+        theta, rope_scaling, local_theta, partial = _hf_rope(arch, hf_config, source)
+        window, layer_types = _hf_sliding_window(arch, hf_config, layers, source)
         eos = [*_ids(hf_config.get("eos_token_id")), *_ids((generation_config or {}).get("eos_token_id"))]
         experts, per_token = _hf_experts(arch, hf_config, source)
+        inter = hf_config["moe_intermediate_size" if "moe_intermediate_size" in hf_config else "intermediate_size"]
+        scalar = hf_config.get("query_pre_attn_scalar")
         return ModelConfig(
             architecture=arch.name,
             vocab_size=int(hf_config["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(hf_config["intermediate_size"]),
-            num_layers=int(hf_config["num_hidden_layers"]),
+            intermediate_size=int(inter),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(hf_config.get("num_key_value_heads") or heads),
-            head_dim=int(hf_config.get("head_dim") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             max_position_embeddings=int(hf_config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", arch.gemma)),
             qkv_bias=arch.qkv_bias,
             rope_scaling=rope_scaling,
             bos_token_id=_first(_ids(hf_config.get("bos_token_id"))),
             eos_token_ids=tuple(dict.fromkeys(eos)),
             num_experts=experts,
             experts_per_token=per_token,
+            normalize_expert_weights=bool(hf_config.get("norm_topk_prob", True)),
+            qk_norm=arch.qk_norm,
+            sandwich_norms=arch.gemma,
+            activation="silu" if activation == "silu" else "gelu_tanh",
+            embedding_scale=hidden**0.5 if arch.gemma else 1.0,
+            attention_scale=float(scalar) ** -0.5 if scalar else None,
+            attn_softcap=float(hf_config.get("attn_logit_softcapping") or 0.0) if arch.attn_softcap else 0.0,
+            final_softcap=float(hf_config.get("final_logit_softcapping") or 0.0),
+            sliding_window=window,
+            layer_types=layer_types,
+            local_rope_theta=local_theta,
+            rotary_dim=int(head_dim * partial) if partial != 1.0 else 0,
         )
     except KeyError as e:
         raise ModelLoadError(f"{source}: config.json lacks {e.args[0]!r}") from e
 
 
 def config_from_gguf(
-    metadata: Mapping[str, Any], *, tied: bool, token_count: int | None, rope_freqs: np.ndarray | None, source: Path
+    metadata: Mapping[str, Any],
+    *,
+    tied: bool,
+    token_count: int | None,
+    rope_freqs: np.ndarray | None,
+    rope_factors: tuple[np.ndarray, np.ndarray] | None,
+    source: Path,
 ) -> ModelConfig:
-    """Translate GGUF metadata (scalar keys only); `tied` is whether the file lacks output.weight and `rope_freqs`
-    the llama3-style per-frequency divisors llama.cpp stores as a tensor instead of as metadata."""
+    """Translate GGUF metadata (scalar keys only); `tied` is whether the file lacks output.weight, `rope_freqs` the
+    llama3-style per-frequency divisors and `rope_factors` LongRoPE's (long, short) factors, which llama.cpp stores as
+    tensors instead of as metadata."""
     gguf_arch = metadata.get("general.architecture")
     experts = int(metadata.get(f"{gguf_arch}.expert_count", 0))
     per_token = int(metadata.get(f"{gguf_arch}.expert_used_count", 0))
@@ -120,16 +162,18 @@ def config_from_gguf(
             raise ModelLoadError(f"{source}: GGUF metadata lacks {prefix}.{name}")
         return value
 
-    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    hidden, heads, layers = int(key("embedding_length")), int(key("attention.head_count")), int(key("block_count"))
     head_dim = int(key("attention.key_length", hidden // heads))
+    rotary_dim = int(key("rope.dimension_count", head_dim))
     theta = _from_float32(key("rope.freq_base", 10000.0))
+    window, layer_types = _gguf_sliding_window(arch, metadata, prefix, layers)
     eos_keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
     return ModelConfig(
         architecture=arch.name,
         vocab_size=int(key("vocab_size", token_count)),
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        intermediate_size=int(key("expert_feed_forward_length", key("feed_forward_length"))),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(key("attention.head_count_kv", heads)),
         head_dim=head_dim,
@@ -138,18 +182,53 @@ def config_from_gguf(
         max_position_embeddings=int(key("context_length")),
         tie_word_embeddings=tied,
         qkv_bias=arch.qkv_bias,
-        rope_scaling=_gguf_rope_scaling(metadata, prefix, rope_freqs, theta, head_dim, source),
+        rope_scaling=_gguf_rope_scaling(metadata, prefix, rope_freqs, rope_factors, theta, head_dim, source),
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(metadata[k]) for k in eos_keys if k in metadata)),
         num_experts=experts,
         experts_per_token=per_token,
+        qk_norm=arch.qk_norm,
+        sandwich_norms=arch.gemma,
+        activation="gelu_tanh" if arch.gemma else "silu",
+        embedding_scale=hidden**0.5 if arch.gemma else 1.0,
+        attention_scale=_gguf_gemma_attention_scale(hidden, heads, layers) if arch.gemma else None,
+        attn_softcap=_from_float32(key("attn_logit_softcapping", 0.0)) if arch.attn_softcap else 0.0,
+        final_softcap=_from_float32(key("final_logit_softcapping", 0.0)),
+        sliding_window=window,
+        layer_types=layer_types,
+        local_rope_theta=_from_float32(key("rope.freq_base_swa", 10000.0)) if arch.local_rope else None,
+        rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
     )
+
+
+def _gguf_sliding_window(
+    arch: Architecture, metadata: Mapping[str, Any], prefix: str, layers: int
+) -> tuple[int, tuple[str, ...]]:
+    """llama.cpp slides only the families whose graphs it gives a window (Gemma 2/3 here; it runs Mistral and
+    Phi-3 GGUFs with full attention, and so do we): every n-th layer global, n from
+    `attention.sliding_window_pattern` or the family's default, or that key as one flag per layer."""
+    window = int(metadata.get(f"{prefix}.attention.sliding_window") or 0)
+    if not window or not arch.sliding_pattern:
+        return 0, ()
+    pattern = metadata.get(f"{prefix}.attention.sliding_window_pattern") or arch.sliding_pattern
+    if isinstance(pattern, np.ndarray):
+        slides = [bool(flag) for flag in pattern[:layers]]
+    else:
+        slides = [bool((i + 1) % int(pattern)) for i in range(layers)]
+    return window, tuple("sliding_attention" if slide else "full_attention" for slide in slides)
+
+
+def _gguf_gemma_attention_scale(hidden: int, heads: int, layers: int) -> float | None:
+    """GGUF does not keep Gemma's query_pre_attn_scalar: llama.cpp's rule is hidden/heads for the 27B models (46
+    layers for Gemma 2, 62 for Gemma 3) and the head size otherwise (None), which is what their configs say."""
+    return (hidden // heads) ** -0.5 if layers in (46, 62) else None
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the graph builder reads for `config`, under its canonical Hugging Face name."""
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    d = config.head_dim
+    q, kv = config.num_heads * d, config.num_kv_heads * d
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (vocab, h)
@@ -171,35 +250,86 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         else:
             shapes |= {f"{p}mlp.gate_proj.weight": (inter, h), f"{p}mlp.up_proj.weight": (inter, h)}
             shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
+        if config.qk_norm:
+            shapes |= {f"{p}self_attn.q_norm.weight": (d,), f"{p}self_attn.k_norm.weight": (d,)}
+        if config.sandwich_norms:
+            shapes |= {f"{p}pre_feedforward_layernorm.weight": (h,), f"{p}post_feedforward_layernorm.weight": (h,)}
         if config.qkv_bias:
             shapes |= {f"{p}self_attn.q_proj.bias": (q,), f"{p}self_attn.k_proj.bias": (kv,)}
             shapes[f"{p}self_attn.v_proj.bias"] = (kv,)
     return shapes
 
 
-def check_weights(config: ModelConfig, weights: Mapping[str, torch.Tensor], source: Path) -> None:
-    """Refuse weights that do not match `config` exactly: a wrong graph would fail far from the cause."""
+_QWEN_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Qwen's expert projections, Mixtral's names
+
+
+_LANGUAGE_MODEL = {"language_model.model.": "model.", "model.language_model.": "model.",
+                   "language_model.lm_head.": "lm_head."}  # a multimodal checkpoint's text model  # fmt: skip
+
+
+def canonical_name(config: ModelConfig, name: str) -> str | None:
+    """The name the graph reads for a checkpoint's tensor, None for one it does not read: a multimodal checkpoint's
+    text model drops its prefix (`language_model.model.` in transformers 4, `model.language_model.` in 5) and its
+    vision tower and projector are not read; Qwen's mixture of experts (`mlp.gate`, `mlp.experts.{e}.gate_proj`,
+    ...) takes Mixtral's names (`block_sparse_moe.gate`, `...experts.{e}.w1`), as llama.cpp gives both the same GGUF
+    names; every other name is already the graph's."""
+    for prefix, replacement in _LANGUAGE_MODEL.items():
+        if name.startswith(prefix):
+            name = replacement + name.removeprefix(prefix)
+            break
+    else:
+        if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal")):
+            return None
+    if not config.is_moe or ".mlp." not in name:
+        return name
+    head, _, tail = name.partition(".mlp.")
+    if tail.startswith("experts."):
+        _, expert, projection, rest = tail.split(".", 3)
+        return f"{head}.block_sparse_moe.experts.{expert}.{_QWEN_EXPERTS.get(projection, projection)}.{rest}"
+    return f"{head}.block_sparse_moe.{tail}"
+
+
+def fused_parts(config: ModelConfig, name: str) -> list[tuple[str, int, int]] | None:
+    """The parts of a fused projection (Phi-3's qkv_proj and gate_up_proj) as (name, first row, end row), or None
+    for any other tensor: loaders keep each part as a view of the fused rows, so the graph, tensor parallel and the
+    fusion passes see the Llama names."""
+    prefix, dot, rest = name.rpartition("self_attn.qkv_proj.")
+    if dot:
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        return [(f"{prefix}self_attn.{p}_proj.{rest}", a, b) for p, a, b in (("q", 0, q), ("k", q, q + kv),
+                                                                            ("v", q + kv, q + 2 * kv))]  # fmt: skip
+    prefix, dot, rest = name.rpartition("mlp.gate_up_proj.")
+    if dot:
+        i = config.intermediate_size
+        return [(f"{prefix}mlp.gate_proj.{rest}", 0, i), (f"{prefix}mlp.up_proj.{rest}", i, 2 * i)]
+    return None
+
+
+def check_weights(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], source: Path) -> None:
+    """Refuse weights (their shapes by name) that do not match `config` exactly: a wrong graph would fail far from
+    the cause."""
     expected = expected_weight_shapes(config)
-    missing = [name for name in expected if name not in weights]
+    missing = [name for name in expected if name not in shapes]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelLoadError(f"{source}: missing tensor {missing[0]}{more}")
-    unexpected = sorted(set(weights) - set(expected))
+    unexpected = sorted(set(shapes) - set(expected))
     if unexpected:
         raise ModelLoadError(f"{source}: unexpected tensor {unexpected[0]} for a {config.architecture} model")
     for name, shape in expected.items():
-        if tuple(weights[name].shape) != shape:
-            raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+        if tuple(shapes[name]) != shape:
+            raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, expected {shape}")
 
 
 def _hf_experts(arch: Architecture, hf_config: Mapping[str, Any], source: Path) -> tuple[int, int]:
     """(num_experts, experts_per_token) of a mixture of experts, (0, 0) for a dense model."""
     if not arch.moe:
         return 0, 0
-    window = hf_config.get("sliding_window")
-    if window and int(window) < int(hf_config.get("max_position_embeddings", 2048)):
-        raise ModelLoadError(f"{source}: sliding-window attention (sliding_window={window}) is not supported")
-    experts, per_token = int(hf_config["num_local_experts"]), int(hf_config["num_experts_per_tok"])
+    if int(hf_config.get("decoder_sparse_step") or 1) != 1 or hf_config.get("mlp_only_layers"):
+        raise ModelLoadError(f"{source}: dense MLP layers between the sparse ones (decoder_sparse_step, "
+                             "mlp_only_layers) are not supported")  # fmt: skip
+    experts = int(hf_config.get("num_local_experts") or hf_config["num_experts"])
+    per_token = int(hf_config["num_experts_per_tok"])
     _check_experts(experts, per_token, "num_local_experts/num_experts_per_tok", source)
     return experts, per_token
 
@@ -209,23 +339,89 @@ def _check_experts(experts: int, per_token: int, keys: str, source: Path) -> Non
         raise ModelLoadError(f"{source}: {keys} = {experts}/{per_token}: a token must use 1 to {experts} experts")
 
 
-def _hf_rope(hf_config: Mapping[str, Any]) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either spelling: hub configs carry rope_theta + rope_scaling, configs
-    written by transformers>=5 carry one `rope_parameters` dict holding both."""
+def _text_config(hf_config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's settings of a multimodal config (`text_config`, with the top level's token ids and
+    tying where it has none of its own), or the config itself."""
+    if "text_config" not in hf_config:
+        return hf_config
+    text = dict(hf_config["text_config"])
+    for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings", "architectures"):
+        if key in hf_config and text.get(key) is None:
+            text[key] = hf_config[key]
+    return text
+
+
+def _hf_sliding_window(
+    arch: Architecture, hf_config: Mapping[str, Any], layers: int, source: Path
+) -> tuple[int, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers reads them: configs it wrote list `layer_types`; hub configs
+    leave them to the family's rule (Qwen: layers from `max_window_layers` on, when `use_sliding_window`; Gemma:
+    all but every n-th; Mistral, Phi-3: all). (0, ()) when no layer slides."""
+    window = int(hf_config.get("sliding_window") or 0)
+    if not window or hf_config.get("use_sliding_window") is False:
+        return 0, ()
+    types = hf_config.get("layer_types")
+    if types is None:
+        pattern = int(hf_config.get("sliding_window_pattern") or arch.sliding_pattern)
+        first = int(hf_config.get("max_window_layers") or 0) if "use_sliding_window" in hf_config else 0
+        types = ["sliding_attention" if (not pattern or (i + 1) % pattern) and i >= first else "full_attention"
+                 for i in range(layers)]  # fmt: skip
+    types = tuple(types)
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ModelLoadError(f"{source}: layer_types must give each of the {layers} layers sliding_/full_attention")
+    if "sliding_attention" not in types:
+        return 0, ()
+    return window, (() if set(types) == {"sliding_attention"} else types)
+
+
+def _hf_rope(
+    arch: Architecture, hf_config: Mapping[str, Any], source: Path
+) -> tuple[float, dict | None, float | None, float]:
+    """(rope_theta, rope_scaling, the sliding layers' own theta, partial_rotary_factor) from either spelling: hub
+    configs carry rope_theta + rope_scaling (+ rope_local_base_freq, partial_rotary_factor), configs written by
+    transformers>=5 carry one `rope_parameters` dict holding them, or one such dict per layer type (Gemma 3)."""
     parameters = dict(hf_config.get("rope_parameters") or {})
+    local_theta = hf_config.get("rope_local_base_freq")
+    if "full_attention" in parameters:
+        local = parameters.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"{source}: scaled rope on sliding layers is not supported")
+        local_theta = local.get("rope_theta", local_theta)
+        parameters = dict(parameters["full_attention"])
     theta = float(hf_config.get("rope_theta") or parameters.pop("rope_theta", 10000.0))
     scaling = dict(hf_config.get("rope_scaling") or parameters)
     scaling.pop("rope_theta", None)
+    partial = float(scaling.pop("partial_rotary_factor", None) or hf_config.get("partial_rotary_factor") or 1.0)
     if "type" in scaling:
         scaling.setdefault("rope_type", scaling.pop("type"))
-    return theta, (scaling if scaling.get("rope_type", "default") != "default" else None)
+    if scaling.get("rope_type") == "su":  # Phi-3's first name for longrope
+        scaling["rope_type"] = "longrope"
+    if hf_config.get("original_max_position_embeddings") and scaling.get("rope_type") == "longrope":
+        scaling["original_max_position_embeddings"] = int(hf_config["original_max_position_embeddings"])
+    local = float(local_theta or 10000.0) if arch.local_rope else None
+    return theta, (scaling if scaling.get("rope_type", "default") != "default" else None), local, partial
 
 
 def _gguf_rope_scaling(
-    metadata: Mapping[str, Any], prefix: str, rope_freqs: np.ndarray | None, theta: float, head_dim: int, source: Path
+    metadata: Mapping[str, Any],
+    prefix: str,
+    rope_freqs: np.ndarray | None,
+    rope_factors: tuple[np.ndarray, np.ndarray] | None,
+    theta: float,
+    head_dim: int,
+    source: Path,
 ) -> dict | None:
     if rope_freqs is not None:
         return _llama3_scaling_from_rope_freqs(rope_freqs, theta, head_dim, source)
+    if rope_factors is not None:  # LongRoPE (Phi-3): no scaling type is written, only its factors and attn factor
+        long, short = rope_factors
+        scaling = {"rope_type": "longrope", "long_factor": long.tolist(), "short_factor": short.tolist()}
+        original = metadata.get(f"{prefix}.rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        if metadata.get(f"{prefix}.rope.scaling.attn_factor") is not None:
+            scaling["attention_factor"] = float(metadata[f"{prefix}.rope.scaling.attn_factor"])
+        return scaling
     kind = metadata.get(f"{prefix}.rope.scaling.type", "none")
     if kind == "none":
         return None

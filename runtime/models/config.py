@@ -1,7 +1,9 @@
 """The architecture-independent description of a decoder-only transformer that every loader produces.
 
 Loaders (Hugging Face directory, GGUF file) translate their own metadata into this one record, so the model-graph
-builder, the KV cache and the scheduler never look at a loader's format."""
+builder, the KV cache and the scheduler never look at a loader's format. What sets one family apart (Qwen3's q/k
+norms, Gemma's sandwich norms, GeGLU, soft-caps and sliding windows, Phi-3's partial rotary) is recorded here as a
+feature, and the one graph builder reads features, never family names. The defaults are the Llama layer."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # registry name of the graph builder: "llama", "qwen2" or "mixtral"
+    architecture: str  # the name of its row in architectures.ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -31,6 +33,33 @@ class ModelConfig:
     # picks `experts_per_token` per token. 0 and 0: a dense model, one MLP per layer.
     num_experts: int = 0
     experts_per_token: int = 0
+    normalize_expert_weights: bool = True  # the chosen experts' weights rescaled to sum to 1 (Qwen's norm_topk_prob)
+    # RMSNorm over each head of q and k after their projections, before rope (Qwen3, Gemma 3): weights [head_dim].
+    qk_norm: bool = False
+    # Gemma's sandwich: the attention and MLP outputs are normed before joining the residual stream, and the pre-MLP
+    # norm is `pre_feedforward_layernorm` (Gemma names its post-attention output norm `post_attention_layernorm`).
+    sandwich_norms: bool = False
+    activation: str = "silu"  # the gated MLP's: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)
+    embedding_scale: float = 1.0  # the embedding rows are multiplied by it (Gemma: sqrt(hidden_size))
+    attention_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float = 0.0  # scores become c * tanh(s / c) when > 0 (Gemma 2)
+    final_softcap: float = 0.0  # and the logits too (Gemma 2 and 3)
+    # Sliding-window attention: a layer of type "sliding_attention" sees only the last `sliding_window` positions.
+    # Every layer slides when `layer_types` is empty and the window is set (Mistral).
+    sliding_window: int = 0
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # the sliding layers' own rope (Gemma 3: theta 1e4, unscaled)
+    rotary_dim: int = 0  # rope turns only the first rotary_dim of each head (Phi-3's partial rotary); 0: head_dim
+
+    def window_of(self, layer: int) -> int:
+        """The sliding window of `layer`'s attention, 0 for full attention."""
+        if not self.sliding_window or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return 0
+        return self.sliding_window
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.rotary_dim or self.head_dim
 
     @property
     def kv_heads_per_group(self) -> int:
@@ -43,8 +72,8 @@ class ModelConfig:
     def num_params(self) -> int:
         """Every parameter, every expert counted (not only those a token uses)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2) + (2 * d if self.qk_norm else 0)
         mlp = 3 * h * i * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
-        layer = attn + mlp + 2 * h
+        layer = attn + mlp + (4 if self.sandwich_norms else 2) * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embed + h

@@ -1,4 +1,5 @@
-"""The forward pass of a Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Qwen2, Mixtral) as an IR graph.
+"""The forward pass of a decoder-only transformer (the Llama layer and the families that vary it: Qwen2/3, Mistral,
+Mixtral, Gemma 2/3, Phi-3) as an IR graph, built from the features ModelConfig records, never from family names.
 
 The graph is written the way the model reads in its paper, one op per line, unfused; passes fuse it and lowering
 binds it to a backend. One graph serves prefill and decode and any mix of the two in a batch: attention reads the
@@ -14,18 +15,11 @@ the graph's own layers, which is its index into the stage's KV caches."""
 
 from __future__ import annotations
 
-from sagellm.common.errors import InvalidInput
 from sagellm.runtime.execution_graph.graph import Graph, Value
 from sagellm.runtime.models.config import ModelConfig
 
-# Architectures whose forward this graph describes; they differ only in what ModelConfig records (qkv bias, rope,
-# experts).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mixtral")
-
 
 def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Graph:
-    if config.architecture not in SUPPORTED_ARCHITECTURES:
-        raise InvalidInput(f"no model graph for architecture {config.architecture!r}; have {SUPPORTED_ARCHITECTURES}")
     layers = layers if layers is not None else range(config.num_layers)
     g = Graph(attrs={"model": config.architecture, "num_layers": len(layers)})
     positions = g.add("input", id="positions", name="positions")
@@ -34,6 +28,8 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     if layers.start == 0:
         input_ids = g.add("input", id="input_ids", name="input_ids")
         hidden = g.add("embedding", [input_ids], weight="model.embed_tokens.weight")
+        if config.embedding_scale != 1.0:
+            hidden = g.add("scale", [hidden], factor=config.embedding_scale)
     else:
         hidden = g.add("input", id="hidden", name="hidden")
         residual = g.add("input", id="residual", name="residual")
@@ -53,6 +49,8 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     normed = g.add("rmsnorm", [summed], weight="model.norm.weight", eps=config.rms_norm_eps)
     lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     logits = g.add("linear", [normed], weight=lm_head, out_features=config.vocab_size)
+    if config.final_softcap:
+        logits = g.add("softcap", [logits], cap=config.final_softcap)
     g.add("output", [logits], id="logits", name="logits")
     return g
 
@@ -70,18 +68,30 @@ def _decoder_layer(
     q = g.add("linear", [x], weight=p + "self_attn.q_proj.weight", out_features=q_size, **bias)
     k = g.add("linear", [x], weight=p + "self_attn.k_proj.weight", out_features=kv_size, **bias)
     v = g.add("linear", [x], weight=p + "self_attn.v_proj.weight", out_features=kv_size, **bias)
-    q, k = g.add_multi("rope", [q, k, positions], 2, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
-    attn = g.add("attention", [q, k, v, meta], layer=i, cache=cache, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads)
+    if c.qk_norm:
+        q = g.add("head_rmsnorm", [q], weight=p + "self_attn.q_norm.weight", eps=c.rms_norm_eps)
+        k = g.add("head_rmsnorm", [k], weight=p + "self_attn.k_norm.weight", eps=c.rms_norm_eps)
+    window = c.window_of(i)
+    table = "local" if window and c.local_rope_theta is not None else "global"
+    q, k = g.add_multi("rope", [q, k, positions], 2, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, table=table)
+    attention = {"scale": c.attention_scale or c.head_dim**-0.5, "window": window, "softcap": c.attn_softcap}
+    heads = {"num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads}
+    attn = g.add("attention", [q, k, v, meta], layer=i, cache=cache, **heads, **attention)
     hidden = g.add("linear", [attn], weight=p + "self_attn.o_proj.weight", out_features=c.hidden_size)
+    if c.sandwich_norms:
+        hidden = g.add("rmsnorm", [hidden], weight=p + "post_attention_layernorm.weight", eps=c.rms_norm_eps)
 
     residual = g.add("add", [hidden, residual])
-    x = g.add("rmsnorm", [residual], weight=p + "post_attention_layernorm.weight", eps=c.rms_norm_eps)
+    mlp_norm = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
+    x = g.add("rmsnorm", [residual], weight=f"{p}{mlp_norm}.weight", eps=c.rms_norm_eps)
     if c.is_moe:
         return _sparse_moe(g, c, i, x), residual
     gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=c.intermediate_size)
     up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=c.intermediate_size)
-    act = g.add("mul", [g.add("silu", [gate]), up])
+    act = g.add("mul", [g.add(c.activation, [gate]), up])
     hidden = g.add("linear", [act], weight=p + "mlp.down_proj.weight", out_features=c.hidden_size)
+    if c.sandwich_norms:
+        hidden = g.add("rmsnorm", [hidden], weight=p + "post_feedforward_layernorm.weight", eps=c.rms_norm_eps)
     return hidden, residual
 
 
@@ -94,6 +104,7 @@ def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
         layer=i,
         num_experts=c.num_experts,
         top_k=c.experts_per_token,
+        normalize=c.normalize_expert_weights,
         router=f"model.layers.{i}.block_sparse_moe.gate.weight",
         gate=experts + "w1.weight",
         up=experts + "w3.weight",

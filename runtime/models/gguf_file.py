@@ -81,6 +81,7 @@ class GGUFFile:
     tensors: dict[str, GGUFTensor]  # in file order
     alignment: int
     data_offset: int  # where the tensor data start
+    buffer: mmap.mmap = field(repr=False)  # the mapped file every tensor's data views
 
 
 def read_gguf(path: Path) -> GGUFFile:
@@ -129,7 +130,7 @@ class _Parser:
                 raise CorruptGGUF(f"tensor {name}'s data (bytes {start}-{start + n_bytes}) run past {end}")
             data = np.frombuffer(self.buffer, np.uint8, n_bytes, start)
             tensors[name] = GGUFTensor(name, kind, shape, data)
-        return GGUFFile(version, metadata, tensors, alignment, data_offset)
+        return GGUFFile(version, metadata, tensors, alignment, data_offset, self.buffer)
 
     def tensor_info(self) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]:
         """(name, kind, numpy shape, data offset, data bytes) of one tensor info."""

@@ -1,16 +1,23 @@
-"""Loads a GGUF file (llama.cpp's format): config from its metadata, weights dequantized to dense tensors under
-the canonical Hugging Face names, tokenizer and chat template from its metadata.
+"""Loads a GGUF file (llama.cpp's format): config from its metadata, weights under the canonical Hugging Face names,
+tokenizer and chat template from its metadata.
 
 The file is read by `gguf_file` (a memory map; metadata arrays left undecoded) and dequantized by `dequantize`
-(whole tensors in numpy, bit for bit gguf-py's results); our runtime computes in dense floats. Weights stored in a
-kind some backend's kernels read directly (Q4_0, Q4_1, Q8_0) are also kept as their blocks (`LoadedModel.quantized`):
-the CPU backend streams those at decode. Two llama.cpp conventions are undone here so the weights equal the Hugging
-Face ones: llama-arch q/k rows are permuted for llama.cpp's rope kernel, and tied embeddings are expressed by leaving
-out output.weight. A mixture of experts (Mixtral, a "llama" GGUF with `llama.expert_count`) stacks each layer's
-experts into one tensor per projection, [E, out, in]; each expert becomes its own Hugging Face name again."""
+(whole tensors in numpy, bit for bit gguf-py's results). Weights stored in a kind some backend's kernels read
+directly (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K: KEPT_KINDS) are kept as their blocks (`LoadedModel.quantized`)
+and dequantized only if a backend asks for their floats: the CPU's kernels read the blocks, so they never are.
+
+Two llama.cpp conventions are undone here so the weights equal the Hugging Face ones: llama-arch q/k rows are
+permuted for llama.cpp's rope kernel, and tied embeddings are expressed by leaving out output.weight. A mixture of
+experts (Mixtral, a "llama" GGUF with `llama.expert_count`; Qwen3-MoE) stacks each layer's experts into one tensor
+per projection, [E, out, in]; each expert becomes its own Hugging Face name again. Names differ by family where
+llama.cpp reuses one for another role: Gemma's `ffn_norm` is its pre-MLP norm beside post-attention and post-MLP
+ones, Phi-3's `ffn_up` is gate and up fused (split here, as `attn_qkv` is)."""
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +25,11 @@ import torch
 from gguf import GGMLQuantizationType
 
 from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
-from sagellm.runtime.models.architectures import BY_NAME, check_weights, config_from_gguf
+from sagellm.runtime.models.architectures import BY_NAME, check_weights, config_from_gguf, fused_parts
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, GGUFTensor, read_gguf
-from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, describe
+from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe
 from sagellm.runtime.models.sampling_defaults import from_gguf_metadata
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 
@@ -31,8 +38,10 @@ SUPPORTED_TYPES = frozenset(
     {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 )
 _SUPPORTED_NAMES = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+_ARCH_NAMES = "/".join(BY_NAME)
 
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling as per-frequency divisors; consumed by the config
+ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # LongRoPE's, as tensors; the config's too
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -52,7 +61,16 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
     "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
 }
+_SANDWICH_NAMES = {  # Gemma: a norm after attention and one each side of the MLP
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_FUSED_NAMES = {"ffn_up.weight": "mlp.gate_up_proj.weight"}  # Phi-3: gate's rows, then up's
 _EXPERT_NAMES = {  # a layer's experts stacked, [E, out, in] -> each expert's projection
     "ffn_gate_exps.weight": "w1.weight",
     "ffn_up_exps.weight": "w3.weight",
@@ -67,45 +85,82 @@ def load_gguf(path: Path, *, name: str, dtype: torch.dtype, load_tokenizer: bool
     metadata, tensors = parsed.metadata, dict(parsed.tensors)
     tokens = metadata.get("tokenizer.ggml.tokens")  # only its length is read: the strings stay undecoded
     rope_freqs = _dense(tensors.pop(ROPE_FREQS)) if ROPE_FREQS in tensors else None
+    factors = [_dense(tensors.pop(name)) for name in ROPE_FACTORS if name in tensors]
     config = config_from_gguf(
         metadata,
         tied="output.weight" not in tensors,
         token_count=len(tokens) if tokens is not None else None,
         rope_freqs=rope_freqs,
+        rope_factors=(factors[0], factors[1]) if len(factors) == 2 else None,
         source=path,
     )
     weights, quantized = _read_weights(path, tensors, config, dtype) if load_weights else ({}, {})
     tokenizer = load_gguf_tokenizer(path) if load_tokenizer else None
     template = metadata.get("tokenizer.chat_template")
     defaults = from_gguf_metadata(metadata)
-    return LoadedModel(config, weights, tokenizer, template, path, name, quantized, sampling_defaults=defaults)
+    return LoadedModel(
+        config, weights, tokenizer, template, path, name, quantized, sampling_defaults=defaults, mapped=parsed.buffer
+    )
 
 
 def _read_weights(
     path: Path, tensors: dict[str, GGUFTensor], config: ModelConfig, dtype: torch.dtype
-) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
-    """Every tensor dequantized to `dtype`, and the 2-D ones of a kept kind also as their blocks (fp32 models only:
-    the block kernels compute in fp32)."""
-    permuted = BY_NAME[config.architecture].gguf_qk_permuted
-    hf_names = {gguf_name: _hf_name(path, gguf_name) for gguf_name in tensors}  # fail before the slow part
-    weights: dict[str, torch.Tensor] = {}
+) -> tuple[WeightsOnRead, dict[str, QuantizedWeight]]:
+    """The tensors in `dtype` under their Hugging Face names. The 2-D ones of a kept kind (for fp32 models: the block
+    kernels compute in fp32) are kept as their blocks and dequantized only if read; the others are dequantized now."""
+    arch = BY_NAME[config.architecture]
+    layer_names = _LAYER_NAMES | (_SANDWICH_NAMES if arch.gemma else {})
+    layer_names |= _FUSED_NAMES if arch.fused_projections else {}
+    hf_names = {gguf_name: _hf_name(path, gguf_name, layer_names) for gguf_name in tensors}  # fail before slow work
+    ready: dict[str, torch.Tensor] = {}
+    on_read: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
     quantized: dict[str, QuantizedWeight] = {}
     for gguf_name, tensor in tensors.items():
         hf_name = hf_names[gguf_name]
         if gguf_name.endswith("_exps.weight"):  # [E, out, in]: each expert a view of it
             experts = torch.from_numpy(_dense(tensor)).to(dtype)
-            weights |= {hf_name.format(e): expert for e, expert in enumerate(experts)}
+            ready |= {hf_name.format(e): expert for e, expert in enumerate(experts)}
             continue
         heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads
-        unpermute = permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
-        values = _dense(tensor)  # [out, in] or [n]
-        weights[hf_name] = torch.from_numpy(_unpermute_rows(values, heads) if unpermute else values).to(dtype)
-        if tensor.kind.name in KEPT_KINDS and values.ndim == 2 and dtype == torch.float32:
-            blocks = np.array(tensor.data).reshape(values.shape[0], -1)  # [out, row bytes], a copy off the mmap
+        unpermute = arch.gguf_qk_permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
+        dense = functools.cache(functools.partial(_dense_weight, tensor, heads if unpermute else 0, dtype))
+        shape = tuple(tensor.shape)
+        if tensor.kind.name in KEPT_KINDS and len(shape) == 2 and dtype == torch.float32:
+            blocks = tensor.data.reshape(shape[0], -1)  # [out, row bytes]
             blocks = _unpermute_rows(blocks, heads) if unpermute else blocks
-            quantized[hf_name] = QuantizedWeight(tensor.kind.name, torch.from_numpy(blocks), values.shape[1])
-    check_weights(config, weights, path)
+            quantized[hf_name] = QuantizedWeight(tensor.kind.name, _mapped(blocks), shape[1])
+            on_read[hf_name] = (shape, dense)
+        else:
+            ready[hf_name] = dense()
+        for part, first, end in fused_parts(config, hf_name) or ():  # each part a view of the fused rows
+            on_read[part] = ((end - first, *shape[1:]), functools.partial(_rows, dense, first, end))
+            if hf_name in quantized:
+                whole = quantized[hf_name]
+                quantized[part] = QuantizedWeight(whole.kind, whole.blocks[first:end], whole.in_features)
+        if fused_parts(config, hf_name):
+            ready.pop(hf_name, None), on_read.pop(hf_name, None), quantized.pop(hf_name, None)
+    weights = WeightsOnRead(ready, on_read)
+    check_weights(config, weights.shapes(), path)
     return weights, quantized
+
+
+def _dense_weight(tensor: GGUFTensor, unpermute_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor dequantized, llama.cpp's q/k row order undone when `unpermute_heads` (its head count)."""
+    values = _dense(tensor)
+    return torch.from_numpy(_unpermute_rows(values, unpermute_heads) if unpermute_heads else values).to(dtype)
+
+
+def _rows(whole: Callable[[], torch.Tensor], first: int, end: int) -> torch.Tensor:
+    return whole()[first:end]
+
+
+def _mapped(blocks: np.ndarray) -> torch.Tensor:
+    """Blocks as a tensor over the same memory: the file's mapped pages themselves (no copy, so loading never holds
+    the file twice, and an embedding's blocks are in memory only where its rows are read), read-only as the map is.
+    Nothing writes blocks: packing and slicing make new tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(blocks)
 
 
 def _open(path: Path) -> GGUFFile:
@@ -126,17 +181,17 @@ def _check_type(path: Path, tensor: GGUFTensor) -> None:
         )
 
 
-def _hf_name(path: Path, gguf_name: str) -> str:
+def _hf_name(path: Path, gguf_name: str, layer_names: dict[str, str]) -> str:
     """The tensor's Hugging Face name; for a layer's stacked experts, the name of each with {} for its number."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)  # blk.{i}.{rest}
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
-        if parts[2] in _LAYER_NAMES:
-            return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+        if parts[2] in layer_names:
+            return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
         if parts[2] in _EXPERT_NAMES:
             return f"model.layers.{parts[1]}.block_sparse_moe.experts.{{}}.{_EXPERT_NAMES[parts[2]]}"
-    raise ModelLoadError(f"{path}: unexpected tensor {gguf_name} (not part of a llama/qwen2/mixtral graph)")
+    raise ModelLoadError(f"{path}: unexpected tensor {gguf_name} (not part of a {_ARCH_NAMES} graph)")
 
 
 def _dense(tensor: GGUFTensor) -> np.ndarray:

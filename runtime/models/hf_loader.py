@@ -1,7 +1,10 @@
 """Loads a Hugging Face model directory: config.json (+ generation_config.json), *.safetensors (single file or
 sharded with model.safetensors.index.json) and the tokenizer files.
 
-Hugging Face names are already our canonical names, so this loader only reads, casts and checks them."""
+Hugging Face names are already our canonical names, so this loader reads, casts and checks them, with two
+translations to the form the graph reads (and llama.cpp's GGUF files hold): Gemma's norm weights, stored as offsets
+from 1, become the weights themselves, Phi-3's fused projections are split into the Llama names, and Qwen's experts
+take Mixtral's names."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from sagellm.runtime.models.architectures import check_weights, config_from_hf
+from sagellm.runtime.models.architectures import BY_NAME, canonical_name, check_weights, config_from_hf, fused_parts
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, describe, read_json
 from sagellm.runtime.models.sampling_defaults import from_generation_config
@@ -32,16 +35,26 @@ def load_hf_dir(model_dir: Path, *, dtype: torch.dtype, load_tokenizer: bool, lo
 
 def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
+    offset_norms = BY_NAME[config.architecture].gemma
     for path in _safetensors_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 -- safe_open is not a Mapping
-                    if _ignored(name, config):
+                for stored in f.keys():  # noqa: SIM118 -- safe_open is not a Mapping
+                    name = canonical_name(config, stored)
+                    if name is None or _ignored(name, config):
                         continue
-                    weights[name] = f.get_tensor(name).to(dtype)
+                    tensor = f.get_tensor(stored)
+                    if offset_norms and name.endswith("norm.weight"):  # Gemma scales by (1 + w), in float32
+                        tensor = 1.0 + tensor.float()
+                    tensor = tensor.to(dtype)
+                    parts = fused_parts(config, name)
+                    if parts is None:
+                        weights[name] = tensor
+                    else:
+                        weights |= {part: tensor[start:end] for part, start, end in parts}
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"{path}: corrupt or truncated safetensors file: {describe(e)}") from e
-    check_weights(config, weights, model_dir)
+    check_weights(config, {name: tuple(t.shape) for name, t in weights.items()}, model_dir)
     return weights
 
 

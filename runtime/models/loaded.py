@@ -6,6 +6,7 @@ module, which imports none of them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,18 +41,51 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
+class WeightsOnRead(Mapping[str, "torch.Tensor"]):
+    """A model's weights by name, some made only when read: a GGUF weight kept as its blocks is dequantized if a
+    backend asks for its floats, and a backend reading the blocks never does, so a Q4_K_M file is not expanded to
+    float32 in memory. A weight made once is kept (a tied embedding is read twice) until the mapping is dropped."""
+
+    def __init__(self, ready: dict[str, torch.Tensor], on_read: dict[str, tuple[tuple[int, ...], Callable]]) -> None:
+        self._ready = ready
+        self._on_read = on_read  # name -> (shape, () -> the tensor)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._ready:
+            self._ready[name] = self._on_read[name][1]()
+        return self._ready[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._ready
+        yield from (name for name in self._on_read if name not in self._ready)
+
+    def __len__(self) -> int:
+        return len(self._ready.keys() | self._on_read.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ready or name in self._on_read
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight's shape, none made for it."""
+        on_read = {name: shape for name, (shape, _) in self._on_read.items()}
+        return on_read | {name: tuple(t.shape) for name, t in self._ready.items()}
+
+
 @dataclass
 class LoadedModel:
     config: ModelConfig
     # Canonical Hugging Face names (model.layers.{i}.self_attn.q_proj.weight, ...); lm_head.weight only when untied.
     # Empty when loaded with load_weights=False.
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]
     tokenizer: PreTrainedTokenizerBase | None
     chat_template: str | None
     source: Path  # the directory or the .gguf file the weights were read from
     name: str
     # The 2-D weights a GGUF file stored in a kind some backend's kernels read (KEPT_KINDS), as stored, under the
-    # same names; `weights` still holds every one of them dequantized.
+    # same names; `weights` gives each of them dequantized too, when read (WeightsOnRead).
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     # The model's own sampling defaults (its generation config; `sampling_defaults`), under SamplingParams' names.
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    # The mapped GGUF file `quantized` views (an mmap.mmap), so its pages can leave this process's resident memory
+    # once the weights are packed (common/memory.py `drop_mapped_pages`); None for other formats.
+    mapped: Any = None

@@ -36,6 +36,7 @@ def serve(spec: RankSpec) -> int:
     import torch
 
     from sagellm.backends import get_backend
+    from sagellm.common.memory import drop_mapped_pages, return_freed_memory
     from sagellm.runtime.comm.collectives import CollectiveError, GroupAddress, open_store
     from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs
     from sagellm.runtime.engine.placement import place
@@ -68,7 +69,10 @@ def serve(spec: RankSpec) -> int:
             collectives=comms.stage,
             linear_dtype=getattr(torch, spec.dtype),
         )
+        mapped = model.mapped
         del model
+        return_freed_memory()
+        drop_mapped_pages(mapped)
     except Exception as error:  # rank 0 says why: the one line of a failure the code named, else the traceback
         why = str(error) if named_failures(error) else f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
         store.set(failed_key(spec.rank), why)

@@ -53,6 +53,8 @@ PIPELINE_BENCHES = (
     ("trace-ops", "trace_ops", "ops by self time in a torch profiler trace (vLLM's, beside `bench kernels --ops`)"),
     ("steps", "step_times", "time engine steps by batch composition; fit the simulator's step model"),
     ("sim-check", "sim_check", "the cluster simulator against the real engine on W4- and W6-sized traces, one run"),
+    ("make-gguf", "synthetic_gguf", "write a 1B- or 7B-shaped Llama Q4_K_M GGUF of random weights, SmolLM2 tokenizer"),
+    ("kquant", "kquant", "block linears per GGUF kind, and a 1B Q4_K_M's decode and prefill against llama-bench"),
 )
 
 

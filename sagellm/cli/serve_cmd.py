@@ -135,7 +135,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     join.add_argument(
         "--advertise-url", help="where the head reaches this server (default: http://HOST:PORT it listens on)"
     )
-    add_engine_arguments(p, defaults={"prefault_kv_cache": True})  # a server's cache is mapped at start, as vLLM's
+    add_engine_arguments(p)  # the KV cache mapped ahead of use (--prefault-kv-cache: all of it at start)
     p.add_argument("--log-level", default="info")
     p.set_defaults(prompt=[], requests=None, max_tokens=None, temperature=None)
 

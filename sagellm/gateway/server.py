@@ -26,6 +26,7 @@ from sagellm.common.autoscale import AutoscaleSettings
 from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.home import keys_dir
 from sagellm.common.logging import default_logging
+from sagellm.common.memory import resident_bytes
 from sagellm.common.nursery_errors import single_errors
 from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
 from sagellm.gateway.api_servers.link import FrontEnd
@@ -56,6 +57,7 @@ from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.spec import WILDCARD_HOST
 
 log = structlog.get_logger("sagellm.gateway")
+ENGINE_OPERATORS = ("engine", "prefill", "decode")  # the operators that run an LLMEngine in their process
 
 
 @dataclass
@@ -149,7 +151,7 @@ async def serve(
                     url = await http.start(_serve_with_hub, hub, own_http, config, api_servers, stop)
                 else:
                     url = await http.start(own_http)
-                log.info("gateway_ready", url=url, models=core.models())
+                log.info("gateway_ready", url=url, models=core.models(), memory=process_memory(core))
                 if membership is not None:
                     nursery.start_soon(_keep_membership, membership, url, member)
                 task_status.started(Gateway(url, core, admin, stop, engines, hub, autoscaler))
@@ -161,6 +163,18 @@ async def serve(
                 member.cancel()
             engines.shutdown()  # managed engine processes stop
             core.shutdown()  # the graph drains what is left, then core.run returns
+
+
+def process_memory(core: ServingCore) -> str:
+    """This process's resident memory with its engines' weights and KV caches apart (an engine in a worker process
+    logs its own at `engine_ready`). The report is imported only where an engine runs here, which has loaded torch: a
+    gateway of remote engines alone loads no torch to say its RSS."""
+    engines = [op.engine for name in ENGINE_OPERATORS for op in core.nodes_of(name).values() if op.engine is not None]
+    if not engines:
+        return f"RSS {(resident_bytes() or 0) / 2**30:.2f} GiB"
+    from sagellm.runtime.engine.memory_report import memory_report
+
+    return memory_report(engine.runner for engine in engines).line()
 
 
 async def _serve_with_hub(

@@ -1,6 +1,7 @@
 """The native linear on GGUF blocks (block_linear.c, block_layout.py) against the fp32 linear on the same weights
-dequantized by gguf-py, the CPU backend's choice between the two, and the loader keeping blocks that match its
-dequantized weights row for row (llama's permuted q/k included)."""
+dequantized by gguf-py, every kept kind (the K-quants written with varied sub-block scales by
+sagellm.benchmarks.kquant_pack) on every instruction-set variant this CPU runs, the CPU backend's choice between the
+two, and the loader keeping blocks that match its dequantized weights row for row (llama's permuted q/k included)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from sagellm.backends.cpu import NATIVE_BLOCK_ROWS, NativeDispatch, pack_linear_weight
+from sagellm.backends.cpu import NATIVE_BLOCK_ROWS, NativeDispatch, pack_block_weight, pack_linear_weight
 from sagellm.backends.native import NativeKernels, interleave
-from sagellm.backends.native.block_layout import GROUPS
-from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
+from sagellm.backends.native.block_layout import GROUPS, LAYOUT_OF
+from sagellm.backends.quantized import BLOCK_INPUTS, KEPT_KINDS, QuantizedWeight
+from sagellm.benchmarks.kquant_pack import quantize
 from sagellm.runtime.models.loader import load_model
-from tests.tiny_models import make_tiny_llama, quantize, write_tiny_gguf
+from tests.kquant import sample_weights
+from tests.tiny_models import make_tiny_llama, write_tiny_gguf
+
+K_QUANTS = [kind for kind in KEPT_KINDS if BLOCK_INPUTS[kind] == 256]
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler (gcc or cc)"
@@ -25,8 +30,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def quantized_weight(kind: str, n: int, k: int, seed: int = 0) -> tuple[QuantizedWeight, torch.Tensor]:
-    """Random weights as GGUF blocks of `kind`, and gguf-py's dequantization of them: the dense reference."""
-    values = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    """Random weights as GGUF blocks of `kind`, and gguf-py's dequantization of them: the dense reference. The
+    K-quants' values vary in spread and centre from one 16-input run to the next, so their scales and mins do."""
+    if kind in K_QUANTS:
+        values = sample_weights(n, k, seed)
+    else:
+        values = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
     qtype = GGMLQuantizationType[kind]
     blocks = quantize(values, qtype)  # uint8 [n, row bytes]
     dense = torch.from_numpy(dequantize(blocks, qtype).reshape(n, k).copy())
@@ -38,59 +47,84 @@ def quantized_weight(kind: str, n: int, k: int, seed: int = 0) -> tuple[Quantize
 def test_the_kernels_dequantize_to_exactly_gguf_pys_floats(native: NativeKernels, kind: str, group: int) -> None:
     """One-hot rows pick single weights out, with no sum to round: y = I @ W^T must equal W^T bit for bit, so every
     value of the layout sits where the kernel reads it and dequantizes exactly (an fp16 scale times a small int)."""
-    weight, dense = quantized_weight(kind, n=48, k=64)
-    identity = torch.eye(64)
+    k = 2 * BLOCK_INPUTS[kind]
+    weight, dense = quantized_weight(kind, n=48, k=k)
+    identity = torch.eye(k)
     assert torch.equal(native.block_linear(identity, interleave(weight, group), None), dense.T)
+
+
+def inputs(kind: str) -> int:
+    """A width of whole blocks of `kind`: 18 blocks of 32 inputs, or 2 super-blocks of 256."""
+    return 512 if kind in K_QUANTS else 576
 
 
 @pytest.mark.parametrize("kind", KEPT_KINDS)
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 40])  # every tile size class, and tiles of 16 plus a rest
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 40, 48, 64])  # every tile size class, tiles of 16 plus a rest
 @pytest.mark.parametrize("threads", [1, 2])
 def test_block_linear_equals_the_fp32_linear_on_the_dequantized_weight(
     native: NativeKernels, kind: str, group: int, rows: int, threads: int
 ) -> None:
-    weight, dense = quantized_weight(kind, n=208, k=576)
-    x, bias = torch.randn(rows, 576 + 8)[:, :576], torch.randn(208)  # rows of a wider tensor, as the graph's views
+    k = inputs(kind)
+    weight, dense = quantized_weight(kind, n=208, k=k)
+    x, bias = torch.randn(rows, k + 8)[:, :k], torch.randn(208)  # rows of a wider tensor, as the graph's views
     expected = x.double() @ dense.double().T + bias.double()
     actual = native.block_linear(x, interleave(weight, group), bias, threads)
-    torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=2e-5)
+    scale = max(1.0, expected.abs().max().item())  # the K-quants' sample weights give outputs up to ~10
+    torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("kind", KEPT_KINDS)
 def test_both_group_widths_sum_in_the_same_order(native: NativeKernels, kind: str) -> None:
     """A group of 16 is two groups of 8 side by side, each output's FMAs chained in the same order: a machine
     gives the same floats whichever layout its kernels read."""
-    weight, _ = quantized_weight(kind, n=64, k=576)
+    k = inputs(kind)
+    weight, _ = quantized_weight(kind, n=64, k=k)
     for rows in (1, 5, 16, 21):
-        x = torch.randn(rows, 576)
+        x = torch.randn(rows, k)
         narrow = native.block_linear(x, interleave(weight, 8), None)
         assert torch.equal(native.block_linear(x, interleave(weight, 16), None), narrow)
 
 
-def test_shapes_the_kernels_do_not_take_keep_the_dense_fp32_weight(native: NativeKernels) -> None:
+def test_shapes_the_kernels_do_not_take_are_left_to_the_dense_fp32_weight(native: NativeKernels) -> None:
     weight, dense = quantized_weight("Q8_0", n=12, k=64)  # 12 outputs: not whole groups of eight
-    assert interleave(weight) is None
-    packed = pack_linear_weight(dense, native, weight)
-    assert packed.blocks is None and packed.dense is dense
+    assert interleave(weight) is None and pack_block_weight([weight], native) is None
+    assert pack_linear_weight(dense, native).dense is dense
 
 
 def test_outputs_not_a_multiple_of_sixteen_take_groups_of_eight(native: NativeKernels) -> None:
-    weight, dense = quantized_weight("Q4_1", n=24, k=64)
+    weight, _ = quantized_weight("Q4_1", n=24, k=64)
     assert interleave(weight, 16) is None
-    packed = pack_linear_weight(dense, native, weight)
-    assert packed.blocks is not None and packed.blocks.layout == "q4x8"
+    packed = pack_block_weight([weight], native)
+    assert packed is not None and packed.blocks is not None and packed.blocks.layout == "q4x8"
 
 
-def test_dispatch_reads_blocks_up_to_its_row_limit_and_the_fp32_gemm_above(native: NativeKernels) -> None:
+def test_blocks_are_the_weights_one_form_read_at_every_row_count(native: NativeKernels) -> None:
     weight, dense = quantized_weight("Q4_1", n=96, k=128)
-    packed = pack_linear_weight(dense, native, weight)
-    assert packed.blocks is not None and packed.dense is None, "blocks replace the dense copy"
-    assert packed.blocks.layout == f"q4x{native.block_group}"
+    packed = pack_block_weight([weight], native)
+    assert packed is not None and packed.blocks is not None and packed.blocks.layout == f"q4x{native.block_group}"
+    assert (packed.packed, packed.dense, packed.rows) == (None, None, None), "no float copy beside the blocks"
     dispatch = NativeDispatch(native)
     for rows in (1, NATIVE_BLOCK_ROWS, NATIVE_BLOCK_ROWS + 1, 300):
         x = torch.randn(rows, 128)
         torch.testing.assert_close(dispatch.linear(x, packed), x @ dense.T, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["Q5_0", *K_QUANTS])
+def test_pack_block_weight_keeps_the_new_kinds_as_blocks_read_at_every_row_count(native: NativeKernels, kind: str):
+    """QuantizedWeight(kind, blocks [out, row bytes], in) through the CPU backend's packing and dispatch: the blocks
+    in the library's group width, at decode's row counts and prefill's."""
+    k = inputs(kind)
+    weight, dense = quantized_weight(kind, n=64, k=k, seed=1)
+    packed = pack_block_weight([weight], native)
+    assert packed is not None and packed.blocks is not None and packed.dense is None
+    assert packed.blocks.layout == f"{LAYOUT_OF[kind]}{native.block_group}"
+    dispatch = NativeDispatch(native)
+    for rows in (1, 3, 16, NATIVE_BLOCK_ROWS, 64):
+        x = torch.randn(rows, k)
+        expected = x.double() @ dense.double().T
+        scale = max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(dispatch.linear(x, packed), expected.float(), rtol=1e-5, atol=2e-5 * scale)
 
 
 def test_the_loader_keeps_blocks_that_dequantize_to_its_weights(tmp_path) -> None:
@@ -107,3 +141,17 @@ def test_the_loader_keeps_blocks_that_dequantize_to_its_weights(tmp_path) -> Non
     )
     f32 = load_model(write_tiny_gguf(tmp_path / "llama.f32.gguf", hf_dir, "F32"))
     assert f32.quantized == {}, "only kinds a backend reads are kept"
+
+
+def test_a_fused_linear_whose_parts_differ_in_kind_reads_each_parts_blocks(native: NativeKernels) -> None:
+    """A Q4_K_M file's q and k are Q4_K, its v Q6_K: the fused qkv keeps each part's blocks, outputs side by side."""
+    q, q_dense = quantized_weight("Q4_K", n=64, k=256, seed=2)
+    v, v_dense = quantized_weight("Q6_K", n=32, k=256, seed=3)
+    packed = pack_block_weight([q, v], native)
+    assert packed is not None and packed.blocks is None and [b.out_features for b in packed.parts] == [64, 32]
+    dispatch = NativeDispatch(native)
+    bias = torch.randn(96)
+    for rows in (1, 7, 64):
+        x = torch.randn(rows, 256)
+        expected = x.double() @ torch.cat([q_dense, v_dense]).double().T + bias.double()
+        torch.testing.assert_close(dispatch.linear(x, packed, bias), expected.float(), rtol=1e-5, atol=1e-4)

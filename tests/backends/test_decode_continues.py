@@ -28,7 +28,7 @@ def decode_step(caches, tables: list[list[int]], lens: list[int], continues: boo
         decode_context_lens=torch.tensor(lens, dtype=torch.int32),
         decode_continues=continues,
     )
-    decode = lambda *a: paged_decode_attention(*a, buffers=buffers)  # noqa: E731
+    decode = lambda *a, **kw: paged_decode_attention(*a, buffers=buffers, **kw)  # noqa: E731
     extended = attention(q, k, v, k_cache, v_cache, meta, 0.3, decode=decode, buffers=buffers)
     reference = paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, 0.3)
     return extended, reference

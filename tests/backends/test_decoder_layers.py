@@ -1,7 +1,8 @@
 """The decoder layers as one native call (backends/native/decoder_layers.c, fused by
 runtime/execution_graph/fuse_layers.py): bit-identical to the op-by-op path it replaces at decode, on every
-instruction-set variant this CPU runs, with and without qkv biases, on Q4 and Q8 blocks; declined (the ops run one
-by one) for prefill, for more rows than the block linears take, and where weights have no blocks."""
+instruction-set variant this CPU runs, with and without qkv biases, on the blocks of every kept kind (Q4_1, Q8_0,
+Q5_0 and the K-quants); declined (the ops run one by one) for prefill, for more rows than the block linears take,
+and where weights have no blocks."""
 
 from __future__ import annotations
 
@@ -10,25 +11,37 @@ import pytest
 import torch
 
 from sagellm import LLM, SamplingParams
+from sagellm.backends.cpu import CpuLinearWeight
 from sagellm.backends.native import DISABLE_ENV
 from sagellm.backends.native.isa import ISA_ENV, runnable
 from sagellm.backends.registry import get_backend
+from sagellm.benchmarks import kquant_pack
 from sagellm.runtime.engine.model_runner import ModelRunner
 from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.tensor_parallel import TensorShard
+from tests import tiny_models
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, write_tiny_gguf
+
+K_QTYPES = {"Q5_0": "q8x", "Q4_K": "q4kx", "Q5_K": "q5kx", "Q6_K": "q6kx"}  # the layout each is read in
 
 
 @pytest.fixture(scope="module")
 def tiny_ggufs(tmp_path_factory):
-    """(arch, qtype) -> a tiny GGUF: llama without biases, qwen2 with qkv biases (and tied embeddings)."""
+    """(arch, qtype) -> a tiny GGUF: llama without biases, qwen2 with qkv biases (and tied embeddings); for the
+    K-quants (and Q5_0) a llama whose every linear has inputs in whole super-blocks of 256, their sub-block scales
+    varied (sagellm.benchmarks.kquant_pack's encoders)."""
     root = tmp_path_factory.mktemp("decoder_layers")
     made = {}
     for arch, make in (("llama", make_tiny_llama), ("qwen2", make_tiny_qwen2)):
         hf_dir = make(root / arch)
         for qtype in ("Q4_1", "Q8_0", "F32"):
             made[arch, qtype] = write_tiny_gguf(root / f"{arch}.{qtype}.gguf", hf_dir, qtype)
+    hf_dir = make_tiny_llama(root / "llama_k", hidden_size=256, intermediate_size=512)  # 4 heads of 64
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny_models, "quantize", kquant_pack.quantize)
+        for qtype in K_QTYPES:
+            made["llama", qtype] = write_tiny_gguf(root / f"llama.{qtype}.gguf", hf_dir, qtype)
     return made
 
 
@@ -48,13 +61,21 @@ def generate(llm: LLM, batch: list[list[int]], max_tokens: int) -> list:
     return [(o.outputs[0].token_ids, msgspec.to_builtins(o.outputs[0].logprobs)) for o in outs]
 
 
-def fused_and_op_by_op(path, batch: list[list[int]], max_tokens: int) -> tuple[list, list, list]:
+def block_layouts(fused: FusedLayers) -> set[str]:
+    """The layouts of the fused layers' linears (their op-by-op fallback holds the same packed weights)."""
+    weights = (c for instr in fused.fallback.instrs for c in instr.consts if isinstance(c, CpuLinearWeight))
+    return {w.blocks.layout for w in weights if w.blocks is not None}
+
+
+def fused_and_op_by_op(path, batch: list[list[int]], max_tokens: int, layouts: set[str] | None = None):
     """The outputs of `batch` with the fused layers, then with their own ops (the kernel declining every step),
-    and per step of the first: (rows, decode-only, taken by the fused kernel)."""
+    and per step of the first: (rows, decode-only, taken by the fused kernel). `layouts`: the block layouts the
+    fused layers must read."""
     llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=512, max_num_seqs=64, enable_prefix_caching=False)
     try:
         fused = fused_of(llm)
         assert fused is not None, "every linear has its blocks, so the layers are fused"
+        assert layouts is None or block_layouts(fused) == layouts
         native, taken = fused.kernel, []
 
         def counted(hidden, residual, positions, meta):
@@ -79,6 +100,16 @@ def test_fused_layers_are_bit_identical_to_op_by_op(tiny_ggufs, monkeypatch, arc
     with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs[arch, qtype], prompts(7), 12)
     assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11  # 12 tokens: 1 prefilled
     assert not any(fused for _, decode_only, fused in taken if not decode_only)
+    assert with_fused == op_by_op
+
+
+@pytest.mark.parametrize("variant", runnable(), ids=lambda v: v.name)
+@pytest.mark.parametrize("qtype", list(K_QTYPES))
+def test_fused_layers_read_q5_0_and_the_k_quants_bit_identically(tiny_ggufs, monkeypatch, qtype, variant):
+    monkeypatch.setenv(ISA_ENV, variant.name)
+    layout = K_QTYPES[qtype] + ("16" if variant.name == "avx512" else "8")
+    with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs["llama", qtype], prompts(5), 8, {layout})
+    assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 7
     assert with_fused == op_by_op
 
 

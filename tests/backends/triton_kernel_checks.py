@@ -76,3 +76,28 @@ def test_attention_with_triton_decode_matches_torch(paged_sequences: type) -> No
         expected = torch_ops.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, 0.125)
         close(triton_attention(q, k, v, k_cache, v_cache, meta, 0.125), expected)
         assert torch.equal(k_cache, seqs.k_cache) and torch.equal(v_cache, seqs.v_cache)
+
+
+@pytest.mark.parametrize(
+    ("hq", "hk", "d", "window", "softcap"),
+    [
+        (9, 3, 64, 20, 0.0),  # a window not a multiple of the block size, shorter and longer than the contexts
+        (8, 2, 32, 16, 0.0),  # exactly one block
+        (4, 4, 64, 0, 5.0),  # soft-capped scores, no window
+        (7, 1, 48, 37, 2.0),  # both, multi-query
+    ],
+)
+def test_paged_decode_attention_with_window_and_softcap(
+    paged_sequences: type, hq: int, hk: int, d: int, window: int, softcap: float
+) -> None:
+    """Each context against the torch op's mask and cap: below, at and above the window."""
+    seqs = paged_sequences(hq, hk, d, seed=window + d, device=DEVICE)
+    for decodes, prefills in [([], [("a", 1), ("b", 15), ("c", 16), ("d", 33), ("e", 58)]), (list("abcde"), [])]:
+        q, k, v, meta, _ = seqs.step(decodes, prefills)
+        torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    q = q * 4  # scores of several units, so the cap bends them
+    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, d**-0.5)
+    expected = torch_ops.paged_decode_attention(*args, window=window, softcap=softcap)
+    close(kernels.paged_decode_attention(*args, window=window, softcap=softcap), expected)
+    if window or softcap:
+        assert not torch.allclose(expected, torch_ops.paged_decode_attention(*args), atol=1e-3), "an option that acts"

@@ -64,7 +64,7 @@ def test_engine_flags_set_every_engine_node_and_are_checked_as_the_file_is(tiny)
     engines = {n.id: n.params for n in graph.nodes.values() if "max_num_seqs" in n.params}
     assert set(engines) == {"prefill", "decode"}
     assert all(p["max_model_len"] == 128 and p["max_num_seqs"] == 4 for p in engines.values())
-    assert all(p["prefault_kv_cache"] for p in engines.values()), "a server maps its KV cache at start"
+    assert all("prefault_kv_cache" not in p for p in engines.values()), "a server maps its KV cache ahead of use"
     args = parse("pd", "--dtype", "float16")
     with pytest.raises(ValueError, match="bfloat16"):  # what the engine takes: auto, float32, bfloat16
         apply_engine_settings(build_graph(args), args)

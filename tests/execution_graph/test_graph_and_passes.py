@@ -5,8 +5,8 @@ import pytest
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.execution_graph.passes import (
     fuse_add_rmsnorm,
+    fuse_gated_activation,
     fuse_sibling_linears,
-    fuse_silu_mul,
     optimize,
     plan_buffers,
 )
@@ -67,11 +67,23 @@ def test_qwen2_graph_asks_for_qkv_biases():
     assert len(biased) == 3 * 3
 
 
-def test_unknown_architecture_is_refused():
+def test_the_graph_follows_the_configs_features_not_its_name():
+    """Gemma 3's features: q/k norms, sandwich norms, GeGLU, a scaled embedding, soft-capped logits, and a window
+    and its own rope table on the sliding layers only (the first two of every three)."""
     from dataclasses import replace
 
-    with pytest.raises(ValueError, match="no model graph for architecture 'mamba'"):
-        build_decoder_graph(replace(CONFIG, architecture="mamba"))
+    gemma = replace(
+        CONFIG, qk_norm=True, sandwich_norms=True, activation="gelu_tanh", embedding_scale=8.0, final_softcap=30.0,
+        sliding_window=4, layer_types=("sliding_attention", "sliding_attention", "full_attention"),
+        local_rope_theta=1e4,
+    )  # fmt: skip
+    g = optimize(build_decoder_graph(gemma))
+    counts = g.op_counts()
+    assert (counts["head_rmsnorm"], counts["gelu_tanh_mul"], counts["scale"], counts["softcap"]) == (6, 3, 1, 1)
+    assert counts["silu_mul"] == 0 and counts["rmsnorm"] == 1 + 3 * 2  # the first norm, and 2 sandwich norms a layer
+    attention = [n.params for n in g.topological_order() if n.op == "attention"]
+    assert [(a["window"], a["softcap"]) for a in attention] == [(4, 0.0), (4, 0.0), (0, 0.0)]
+    assert [n.params["table"] for n in g.topological_order() if n.op == "rope"] == ["local", "local", "global"]
 
 
 def test_fuse_sibling_linears_makes_qkv_and_gate_up():
@@ -83,8 +95,8 @@ def test_fuse_sibling_linears_makes_qkv_and_gate_up():
     assert g.op_counts()["split"] == 6
 
 
-def test_fuse_silu_mul_then_add_rmsnorm():
-    g = fuse_silu_mul(fuse_sibling_linears(build_decoder_graph(CONFIG)))
+def test_fuse_gated_activation_then_add_rmsnorm():
+    g = fuse_gated_activation(fuse_sibling_linears(build_decoder_graph(CONFIG)))
     counts = g.op_counts()
     assert counts["silu_mul"] == 3 and counts["silu"] == 0 and counts["mul"] == 0
     assert counts["split"] == 3  # only the qkv splits remain

@@ -77,7 +77,8 @@ def test_unsupported_hf_architecture(tmp_path: Path, tiny_llama: Path) -> None:
     config["architectures"] = ["GPT2LMHeadModel"]
     (model_dir / "config.json").write_text(json.dumps(config))
     message = _load_error(model_dir)
-    assert message.startswith(f"{model_dir / 'config.json'}: unsupported architecture GPT2LMHeadModel")
+    assert message.startswith(f"{model_dir / 'config.json'}: unsupported architecture GPT2LMHeadModel (supported: ")
+    assert "Qwen3ForCausalLM" in message and "Gemma3ForCausalLM" in message and "Phi3ForCausalLM" in message
 
 
 def test_unsupported_gguf_architecture_and_quant_type(tmp_path: Path) -> None:
@@ -85,7 +86,8 @@ def test_unsupported_gguf_architecture_and_quant_type(tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(path, "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     _write(writer)
-    assert _load_error(path) == f"{path}: unsupported GGUF architecture 'gpt2' (supported: llama, qwen2)"
+    supported = "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3"
+    assert _load_error(path) == f"{path}: unsupported GGUF architecture 'gpt2' (supported: {supported})"
 
     writer = gguf.GGUFWriter(path, "llama")
     iq4_nl = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL][1]  # bytes per 32-value block

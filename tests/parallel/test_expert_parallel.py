@@ -1,4 +1,5 @@
-"""Expert parallel engines against the oracle: a tiny random Mixtral (4 experts, 2 per token) over 2 ranks (rank 0
+"""Expert parallel engines against the oracle: a tiny random Mixtral, and a Qwen3-MoE (q/k norms, its experts under
+Qwen's names), each of 4 experts, 2 per token, over 2 ranks (rank 0
 here, rank 1 a real process, gloo between them), each holding 2 whole experts and the whole router, attention split
 by heads as tensor parallel splits it, gives transformers' logits within fp32 tolerance and the greedy tokens of
 transformers and of one rank through a continuous batch; a size with fewer experts than ranks is refused."""
@@ -16,14 +17,15 @@ from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.tensor_parallel import TensorShard, shard_tensor_parallel
 from sagellm.runtime.parallel.engine import start_engine
 from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
-from tests.tiny_models import make_tiny_mixtral
+from tests.tiny_models import make_tiny_mixtral, make_tiny_qwen3_moe
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = make_tiny_mixtral(tmp_path_factory.mktemp("mixtral") / "mixtral")
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def tiny(request, tmp_path_factory):
+    make = make_tiny_mixtral if request.param == "mixtral" else make_tiny_qwen3_moe
+    path = make(tmp_path_factory.mktemp(request.param) / request.param)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return path, hf
 
@@ -53,7 +55,8 @@ def test_each_rank_routes_over_every_expert_and_computes_its_own_then_all_reduce
 
 def test_rank_0_holds_only_its_experts(ep2):
     stacked = [instr.consts[1] for instr in ep2.runner.plan.instrs if instr.node.startswith("moe")]
-    assert [tuple(gate_up.shape) for gate_up in stacked] == [(2, 2 * 128, 64)] * 2  # [L, 2I, H], each layer
+    inter = ep2.model.config.intermediate_size  # an expert's: Mixtral's 128, Qwen3-MoE's moe_intermediate_size 32
+    assert [tuple(gate_up.shape) for gate_up in stacked] == [(2, 2 * inter, 64)] * 2  # [L, 2I, H], each layer
 
 
 def test_ep2_prefill_logits_match_transformers(tiny, ep2):

@@ -1,11 +1,14 @@
 """Tensor parallel engines against the oracle: TP=2 (rank 0 here, rank 1 a real process, gloo between them) gives
 transformers' logits within fp32 tolerance and its greedy tokens exactly, on tiny random Llama (heads split unevenly,
-3 KV heads over 2 ranks) and Qwen2 (q/k/v biases, tied embeddings) models and on SmolLM2-135M (9 query heads, 3 KV
-heads, its GGUF's quantized blocks cut per rank), the same tokens as TP=1 through a continuous batch; a rank that
-dies fails the next step with `RunnerLostError`, and a size the model cannot split is refused with the reason."""
+3 KV heads over 2 ranks), Qwen2 (q/k/v biases, tied embeddings) and Gemma 3 (q/k and sandwich norms, sliding layers
+with their own rope, soft-capped logits gathered from the ranks' vocabulary shares) models and on SmolLM2-135M (9
+query heads, 3 KV heads, its GGUF's quantized blocks cut per rank), the same tokens as TP=1 through a continuous
+batch; a rank that dies fails the next step with `RunnerLostError`, and a size the model cannot split is refused with
+the reason."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -21,19 +24,17 @@ from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.model_runner import RunnerLostError
 from sagellm.runtime.parallel.engine import start_engine
 from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
-from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
+from tests.tiny_models import make_tiny_gemma3, make_tiny_llama, make_tiny_qwen2
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 UNEVEN = {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 96, "intermediate_size": 200}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
 def tiny(request, tmp_path_factory):
-    if request.param == "llama":
-        path = make_tiny_llama(tmp_path_factory.mktemp("llama") / "llama", **UNEVEN)
-    else:
-        path = make_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "qwen2")
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    make = {"llama": functools.partial(make_tiny_llama, **UNEVEN), "qwen2": make_tiny_qwen2, "gemma3": make_tiny_gemma3}
+    path = make[request.param](tmp_path_factory.mktemp(request.param) / request.param)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     return path, hf
 
 

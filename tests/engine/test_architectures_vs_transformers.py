@@ -1,0 +1,134 @@
+"""Each architecture the graph builder knows beyond the Llama layer, against the oracle on tiny random weights:
+Qwen3 (q/k norms), Qwen3-MoE (its experts, weights renormalized or not), Mistral (every layer sliding), Gemma 2
+(GeGLU, sandwich norms, soft-capped scores and logits, alternate layers sliding), Gemma 3 (q/k norms, two rope
+tables, two sliding layers of every three; also as it ships, multimodal) and Phi-3 (fused projections, partial
+rotary, LongRoPE). For each: transformers' logits for a batch, its greedy tokens for 8 prompts over 64 tokens in one
+continuous batch (whole and chunked prefill), alone, after a prefix-cache hit, from the GGUF file llama.cpp's
+converter would write, and through graphs/pd.yaml (prefill and decode in two processes).
+
+Prompts run past the 8-position windows, so the windows really cut what a query sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sagellm import LLM, SamplingParams
+from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.llm_engine import LLMEngine
+from sagellm.runtime.executor.run import run_pipeline
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.pipeline.yaml_io import load_pipeline
+from tests import tiny_models
+from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
+
+GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
+TOKENS = 64
+GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
+# Phi-3's LongRoPE takes its short factors for an engine of at most its original 32 positions (and long beyond):
+# the tiny Phi-3 serves 96 positions, so prompts and outputs stay past 32 from the first token, where transformers
+# takes the long factors too.
+ARCHITECTURES = {
+    "qwen3": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
+    "qwen3_moe": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
+    "mistral": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
+    "gemma2": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
+    "gemma3": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
+    "phi3": dict(lengths=[33, 40, 50, 34, 45, 38, 60, 36], max_model_len=128),
+}
+ENGINE = dict(backend="cpu", block_size=4, num_kv_blocks=400)
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def tiny(request, tmp_path_factory):
+    """(HF directory, transformers' model, its prompts and greedy tokens, the engine settings)."""
+    name, spec = request.param, ARCHITECTURES[request.param]
+    path = getattr(tiny_models, f"make_tiny_{name}")(tmp_path_factory.mktemp(name) / name)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    prompts = random_prompts(hf.config.vocab_size, spec["lengths"])
+    expected = [hf_greedy(hf, p, TOKENS) for p in prompts]
+    settings = ENGINE | ({"max_model_len": spec["max_model_len"]} if "max_model_len" in spec else {})
+    return path, hf, prompts, expected, settings
+
+
+def test_the_config_records_the_architectures_features(tiny):
+    path, hf, *_ = tiny
+    config = load_model(path, load_tokenizer=False, load_weights=False).config
+    assert config.num_params() == sum(p.numel() for p in hf.parameters())
+    windows = [config.window_of(i) for i in range(config.num_layers)]
+    expected = {"qwen3": [0, 0], "qwen3_moe": [0, 0], "mistral": [8, 8], "gemma2": [8, 0, 8, 0],
+                "gemma3": [8, 8, 0, 8, 8, 0], "phi3": [0, 0]}  # fmt: skip
+    assert windows == expected[config.architecture.removesuffix("_text")]
+
+
+def test_prefill_logits_match_transformers(tiny):
+    path, hf, prompts, _, settings = tiny
+    engine = LLMEngine(EngineConfig(model=str(path), **settings))
+    assert_last_logits_match(engine, hf, prompts[:4])
+
+
+@pytest.mark.parametrize("batched_tokens", [512, 8], ids=["whole", "chunked"])
+def test_greedy_tokens_identical_in_a_continuous_batch(tiny, batched_tokens):
+    path, _, prompts, expected, settings = tiny
+    llm = LLM(str(path), max_num_batched_tokens=batched_tokens, **settings)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == expected
+
+
+def test_greedy_tokens_identical_alone_and_after_a_prefix_hit(tiny):
+    path, hf, prompts, expected, settings = tiny
+    llm = LLM(str(path), **settings)
+    assert llm.generate([prompts[1]], GREEDY)[0].outputs[0].token_ids == expected[1]
+    again = prompts[1][:-1] + [prompts[1][-1] % (hf.config.vocab_size - 3) + 3]  # the same but for the last token
+    out = llm.generate([again], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    assert out.metrics.num_cached_tokens == (len(again) - 1) // 4 * 4
+    assert out.outputs[0].token_ids == hf_greedy(hf, again, 16)
+
+
+def test_the_gguf_file_decodes_as_transformers(tiny, tmp_path):
+    path, _, prompts, expected, settings = tiny
+    if "mistral" in path.name:
+        pytest.skip("llama.cpp writes Mistral as a llama GGUF with full attention: not transformers' model")
+    gguf_path = tiny_models.write_tiny_gguf(tmp_path / "model.gguf", path, "F32")
+    outs = LLM(str(gguf_path), **settings).generate(prompts[:3], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:3]
+
+
+@pytest.mark.slow  # two worker processes
+def test_pd_yaml_gives_transformers_tokens(tiny):
+    """graphs/pd.yaml as shipped, its model and prompts set: prefill in one process, decode in another."""
+    path, _, prompts, expected, settings = tiny
+    texts = [" ".join(f"w{t}" for t in p[:8]) for p in prompts[:3]]  # text prompts: the pipeline tokenizes them
+    source = {"prompts": texts, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "chat": False}
+    overrides = {"model": str(path), **{f"source.{k}": v for k, v in source.items()}}
+    result = run_pipeline(load_pipeline(GRAPHS / "pd.yaml", overrides=overrides))
+    tokens = [result.outcomes[f"req-{i}"].token_ids for i in range(len(texts))]
+    alone = LLM(str(path), **settings).generate(texts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    assert tokens == [o.outputs[0].token_ids for o in alone]
+    assert result.operators["pd_split"].decisions["pd"] == len(texts)
+
+
+def test_qwen3_moe_without_renormalized_expert_weights(tmp_path):
+    """norm_topk_prob false (the default of Qwen3MoeConfig): the chosen experts' softmax weights as they are."""
+    path = tiny_models.make_tiny_qwen3_moe(tmp_path / "moe", norm_topk_prob=False)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = LLMEngine(EngineConfig(model=str(path), **ENGINE))
+    assert not engine.model.config.normalize_expert_weights
+    assert_last_logits_match(engine, hf, random_prompts(hf.config.vocab_size, [7, 19]))
+
+
+def test_gemma3_as_it_ships_multimodal_serves_its_text_model(tmp_path):
+    """Gemma 3 4B and up: Gemma3ForConditionalGeneration, the text config nested and the weights under
+    `language_model.`; the vision tower is not read. Text in, transformers' own multimodal model's logits out."""
+    path = tiny_models.make_tiny_gemma3_multimodal(tmp_path / "gemma3mm")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    loaded = load_model(path, load_tokenizer=False)
+    assert loaded.config.architecture == "gemma3_text" and not any("vision" in n for n in loaded.weights)
+    engine = LLMEngine(EngineConfig(model=str(path), **ENGINE))
+    prompts = random_prompts(loaded.config.vocab_size, [7, 25])
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
+    assert_last_logits_match(engine, hf, prompts)
+    outs = LLM(str(path), **ENGINE).generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 12) for p in prompts]
