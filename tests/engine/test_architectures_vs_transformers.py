@@ -2,7 +2,7 @@
 Qwen3 (q/k norms), Qwen3-MoE (its experts, weights renormalized or not), Mistral (every layer sliding), Gemma 2
 (GeGLU, sandwich norms, soft-capped scores and logits, alternate layers sliding), Gemma 3 (q/k norms, two rope
 tables, two sliding layers of every three; also as it ships, multimodal) and Phi-3 (fused projections, partial
-rotary, LongRoPE). For each: transformers' logits for a batch, its greedy tokens for 8 prompts over 64 tokens in one
+rotary, LongRoPE). For each: transformers' logits for a batch, its greedy tokens for 16 prompts over 64 tokens in one
 continuous batch (whole and chunked prefill), alone, after a prefix-cache hit, from the GGUF file llama.cpp's
 converter would write, and through graphs/pd.yaml (prefill and decode in two processes).
 
@@ -31,13 +31,14 @@ GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
 # Phi-3's LongRoPE takes its short factors for an engine of at most its original 32 positions (and long beyond):
 # the tiny Phi-3 serves 96 positions, so prompts and outputs stay past 32 from the first token, where transformers
 # takes the long factors too.
+LENGTHS = [5, 30, 17, 9, 1, 24, 12, 3, 20, 11, 28, 7, 15, 2, 26, 19]  # 16 prompts, most past the 8-token windows
 ARCHITECTURES = {
-    "qwen3": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
-    "qwen3_moe": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
-    "mistral": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
-    "gemma2": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
-    "gemma3": dict(lengths=[5, 30, 17, 9, 1, 24, 12, 3]),
-    "phi3": dict(lengths=[33, 40, 50, 34, 45, 38, 60, 36], max_model_len=128),
+    "qwen3": dict(lengths=LENGTHS),
+    "qwen3_moe": dict(lengths=LENGTHS),
+    "mistral": dict(lengths=LENGTHS),
+    "gemma2": dict(lengths=LENGTHS),
+    "gemma3": dict(lengths=LENGTHS),
+    "phi3": dict(lengths=[n + 33 for n in LENGTHS], max_model_len=128),
 }
 ENGINE = dict(backend="cpu", block_size=4, num_kv_blocks=400)
 
