@@ -152,7 +152,7 @@ def choices_stream(
 ) -> None:
     """One streamed completion of 4 seeded sampled choices: each choice's text (`by_choice`), all of them in
     `texts`, and what ended each choice."""
-    body = {"prompt": f"choices {index}", "max_tokens": 120, "min_tokens": 120, "ignore_eos": True,
+    body = {"prompt": f"choices {index}", "max_tokens": 240, "min_tokens": 240, "ignore_eos": True,
             "temperature": 1.0, "seed": index, "n": 4}  # fmt: skip
     ends: list[str] = []  # given to `outcomes` once the stream is over: midway until then
     texts[index], by_choice[index] = "", [""] * 4
@@ -177,7 +177,7 @@ def test_sampled_choices_on_a_killed_worker_resume_each_with_its_own_tokens(long
         assert outcomes == {i: ["length"] * 4 for i in range(STREAMS)}  # every choice ended, once
         assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
         for i in range(STREAMS):  # the reference: the same request again, uninterrupted
-            body = {"prompt": f"choices {i}", "max_tokens": 120, "min_tokens": 120, "ignore_eos": True,
+            body = {"prompt": f"choices {i}", "max_tokens": 240, "min_tokens": 240, "ignore_eos": True,
                     "temperature": 1.0, "seed": i, "n": 4}  # fmt: skip
             again = httpx.post(gw.url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S).json()
             assert by_choice[i] == [c["text"] for c in again["choices"]], f"request {i} differs after its resume"
