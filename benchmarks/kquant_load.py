@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sagellm.common.memory import resident_bytes
+
 MODULE = "sagellm.benchmarks.kquant_load"
 
 
@@ -29,7 +31,7 @@ def measure(
 
     start = time.perf_counter()
     llm = LLM(str(path), kv_cache_memory_gb=kv_gb, max_num_seqs=max(batches))
-    loaded = {"load_s": time.perf_counter() - start, "rss_loaded_gib": _status_gib("VmRSS")}
+    loaded = {"load_s": time.perf_counter() - start, "rss_loaded_gib": _gib(resident_bytes())}
     vocab = llm.engine.model.config.vocab_size
     rng = np.random.default_rng(seed)
     greedy = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
@@ -54,18 +56,15 @@ def measure(
     return loaded | {
         "file_gib": path.stat().st_size / 2**30,
         "kv_gib": kv_gb,
-        "rss_gib": _status_gib("VmRSS"),
-        "hwm_gib": _status_gib("VmHWM"),
+        "rss_gib": _gib(resident_bytes()),
+        "hwm_gib": _gib(resident_bytes(field="VmHWM")),
         "memory": said,
         "batches": runs,
     }
 
 
-def _status_gib(field: str) -> float:
-    for row in Path("/proc/self/status").read_text().splitlines():
-        if row.startswith(f"{field}:"):
-            return int(row.split()[1]) * 1024 / 2**30
-    return float("nan")
+def _gib(nbytes: int | None) -> float:
+    return float("nan") if nbytes is None else nbytes / 2**30
 
 
 def main(argv: list[str] | None = None) -> int:

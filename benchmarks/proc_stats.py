@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sagellm.common.memory import resident_bytes
+
 
 def stat(pid: int) -> list[str]:
     """The fields of /proc/PID/stat after the command name (state first, then the parent's pid); [] once it is gone."""
@@ -36,9 +38,4 @@ def cpu_seconds(*pids: int, children: bool = False) -> float:
 
 
 def rss_kb(pid: int) -> int:
-    try:
-        status = (Path("/proc") / str(pid) / "status").read_text()
-    except OSError:
-        return 0
-    line = next((ln for ln in status.splitlines() if ln.startswith("VmRSS:")), "VmRSS: 0 kB")
-    return int(line.split()[1])
+    return (resident_bytes(pid=pid) or 0) // 1024

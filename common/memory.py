@@ -17,6 +17,7 @@ import functools
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 PROCFS = Path("/proc")
 CGROUPFS = Path("/sys/fs/cgroup")
@@ -58,16 +59,25 @@ def return_freed_memory() -> None:
     """Hands the heap's free pages back to the kernel (glibc's malloc_trim): loading a model frees gigabytes of
     temporaries (dequantized and repacked tensors) that glibc otherwise keeps mapped, and counted as this process's
     (1.0 of 7.0 GiB after a 7B Q4_K_M file loads). A no-op where the C library has no malloc_trim."""
-    trim = getattr(_libc(), "malloc_trim", None)
+    trim = libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
     if trim is not None:
         trim(0)
+
+
+def libc_function(name: str, argtypes: tuple, restype: Any) -> Any:
+    """The C library's function `name` with its signature set, through ctypes (which releases the GIL during the call
+    and keeps errno), or None where the library or the function is missing (not Linux, not glibc)."""
+    function = getattr(_libc(), name, None)
+    if function is not None:
+        function.argtypes, function.restype = argtypes, restype
+    return function
 
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name) if name else None
+        return ctypes.CDLL(name, use_errno=True) if name else None
     except OSError:
         return None
 
@@ -80,10 +90,11 @@ def drop_mapped_pages(mapping: mmap.mmap | None) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
-def resident_bytes(procfs: Path = PROCFS, pid: int | str = "self") -> int | None:
-    """The process's resident set (VmRSS of /proc/PID/status), None where procfs does not say."""
+def resident_bytes(procfs: Path = PROCFS, pid: int | str = "self", field: str = "VmRSS") -> int | None:
+    """The process's resident set (VmRSS of /proc/PID/status; `field` VmHWM: its peak), None where procfs does not
+    say (no such process, not Linux)."""
     status = _read(procfs / str(pid) / "status") or ""
-    line = next((row for row in status.splitlines() if row.startswith("VmRSS:")), None)
+    line = next((row for row in status.splitlines() if row.startswith(f"{field}:")), None)
     return int(line.split()[1]) * 1024 if line else None
 
 

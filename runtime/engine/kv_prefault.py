@@ -13,12 +13,13 @@ OS, an older kernel) the thread stops and pages fault as before."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import threading
 
 import structlog
 import torch
+
+from sagellm.common.memory import libc_function
 
 log = structlog.get_logger("sagellm.kv_prefault")
 
@@ -38,7 +39,7 @@ class KVPrefault:
         self._wanted = self._num_blocks if everything else min(window, self._num_blocks)
         self._closed = False
         self._changed = threading.Condition()
-        self._madvise = _libc_madvise()
+        self._madvise = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
         if self._madvise is not None and tensors[0].device.type == "cpu":
             threading.Thread(target=self._run, name="kv-prefault", daemon=True).start()
 
@@ -78,12 +79,4 @@ class KVPrefault:
         return True
 
 
-def _libc_madvise():
-    """libc's madvise through ctypes (which releases the GIL during the call), or None off Linux."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    madvise = getattr(ctypes.CDLL(name, use_errno=True), "madvise", None)
-    if madvise is not None:
-        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
-    return madvise
+

@@ -11,7 +11,6 @@ caches left out. The cache is allocated untouched (kv_cache.py), so what it cost
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import mmap
 from collections.abc import Iterable, Iterator
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sagellm.common.memory import resident_bytes
+from sagellm.common.memory import libc_function, resident_bytes
 from sagellm.runtime.engine.kv_cache import KVCaches
 from sagellm.runtime.engine.model_runner import ModelRunner
 from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
@@ -128,16 +127,7 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
         yield from _tensors([getattr(value, f.name) for f in dataclasses.fields(value)])
 
 
-def _libc_mincore() -> Any:
-    name = ctypes.util.find_library("c")
-    mincore = getattr(ctypes.CDLL(name, use_errno=True), "mincore", None) if name else None
-    if mincore is not None:
-        mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
-        mincore.restype = ctypes.c_int
-    return mincore
-
-
-_mincore = _libc_mincore()
+_mincore = libc_function("mincore", (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)), ctypes.c_int)
 
 
 def _gib(nbytes: int) -> str:

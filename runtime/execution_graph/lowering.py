@@ -193,11 +193,6 @@ def _index_rows(x, indices):
     return x if indices is None else x.index_select(0, indices)
 
 
-def _scale(x, factor):
-    """x * factor, the factor in x's dtype first (as transformers scales Gemma's embeddings)."""
-    return x * torch.tensor(factor, dtype=x.dtype)
-
-
 def _softcap(x, cap):
     """cap * tanh(x / cap): Gemma's soft-capped logits."""
     return (x / cap).tanh_().mul_(cap)
@@ -219,7 +214,8 @@ _BINDERS: dict[str, Callable] = {
     "index_rows": lambda p, ctx, k: (_index_rows, ()),
     "silu": lambda p, ctx, k: (torch.nn.functional.silu, ()),
     "gelu_tanh": lambda p, ctx, k: (functools.partial(torch.nn.functional.gelu, approximate="tanh"), ()),
-    "scale": lambda p, ctx, k: (_scale, (p["factor"],)),
+    # The factor made an fp32 tensor once (the embeddings' dtype), as transformers rounds Gemma's sqrt(hidden)
+    "scale": lambda p, ctx, k: (torch.mul, (torch.tensor(p["factor"], dtype=torch.float32),)),
     "softcap": lambda p, ctx, k: (_softcap, (p["cap"],)),
     "mul": lambda p, ctx, k: (torch.mul, ()),
     "all_reduce": lambda p, ctx, k: (_group(ctx).all_reduce, ()),

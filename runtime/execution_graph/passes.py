@@ -47,20 +47,20 @@ def fuse_gated_activation(graph: Graph) -> Graph:
     for node in list(g.nodes.values()):
         if node.op != "mul" or node.id not in g.nodes:
             continue
-        silu_out, b = g.inputs_of(node.id)
-        silu = g.nodes[silu_out.node]
-        if silu.op not in GATED:
+        act_out, b = g.inputs_of(node.id)
+        act = g.nodes[act_out.node]
+        if act.op not in GATED:
             continue
-        (a,) = g.inputs_of(silu.id)
+        (a,) = g.inputs_of(act.id)
         split = g.nodes[a.node]
         if not (split.op == "split" and split.num_outputs == 2 and (a.port, b.node, b.port) == (0, split.id, 1)):
             continue
         if len(readers[a]) != 1 or len(readers[b]) != 1:
             continue  # the halves are read elsewhere too; keep them
         (wide,) = g.inputs_of(split.id)
-        fused = g.add(GATED[silu.op], [wide])
+        fused = g.add(GATED[act.op], [wide])
         g.redirect(Value(node.id), fused)
-        for dead in (node.id, silu.id, split.id):
+        for dead in (node.id, act.id, split.id):
             g.remove_node(dead)
     return g
 

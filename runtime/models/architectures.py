@@ -413,10 +413,10 @@ def _gguf_rope_scaling(
 ) -> dict | None:
     if rope_freqs is not None:
         return _llama3_scaling_from_rope_freqs(rope_freqs, theta, head_dim, source)
+    original = metadata.get(f"{prefix}.rope.scaling.original_context_length")
     if rope_factors is not None:  # LongRoPE (Phi-3): no scaling type is written, only its factors and attn factor
         long, short = rope_factors
         scaling = {"rope_type": "longrope", "long_factor": long.tolist(), "short_factor": short.tolist()}
-        original = metadata.get(f"{prefix}.rope.scaling.original_context_length")
         if original is not None:
             scaling["original_max_position_embeddings"] = int(original)
         if metadata.get(f"{prefix}.rope.scaling.attn_factor") is not None:
@@ -428,7 +428,6 @@ def _gguf_rope_scaling(
     if kind not in ("linear", "yarn"):
         raise ModelLoadError(f"{source}: unsupported GGUF rope scaling type {kind!r}")
     scaling: dict[str, Any] = {"rope_type": kind, "factor": float(metadata[f"{prefix}.rope.scaling.factor"])}
-    original = metadata.get(f"{prefix}.rope.scaling.original_context_length")
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     # YaRN's own settings, where the file has them (else Hugging Face's defaults: betas 32 and 1, mscale from factor)

@@ -132,13 +132,15 @@ def _read_weights(
             on_read[hf_name] = (shape, dense)
         else:
             ready[hf_name] = dense()
-        for part, first, end in fused_parts(config, hf_name) or ():  # each part a view of the fused rows
-            on_read[part] = ((end - first, *shape[1:]), functools.partial(_rows, dense, first, end))
-            if hf_name in quantized:
-                whole = quantized[hf_name]
-                quantized[part] = QuantizedWeight(whole.kind, whole.blocks[first:end], whole.in_features)
-        if fused_parts(config, hf_name):
-            ready.pop(hf_name, None), on_read.pop(hf_name, None), quantized.pop(hf_name, None)
+        parts = fused_parts(config, hf_name)
+        if parts:  # each part a view of the fused rows, under its own name; the fused name goes
+            ready.pop(hf_name, None)
+            on_read.pop(hf_name, None)
+            whole = quantized.pop(hf_name, None)
+            for part, first, end in parts:
+                on_read[part] = ((end - first, *shape[1:]), functools.partial(_rows, dense, first, end))
+                if whole is not None:
+                    quantized[part] = QuantizedWeight(whole.kind, whole.blocks[first:end], whole.in_features)
     weights = WeightsOnRead(ready, on_read)
     check_weights(config, weights.shapes(), path)
     return weights, quantized

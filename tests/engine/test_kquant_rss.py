@@ -20,8 +20,10 @@ import httpx
 import pytest
 
 from sagellm.benchmarks.synthetic_gguf import PRESETS, write_llama_q4_k_m
+from sagellm.common.memory import resident_bytes
 from tests.cli.test_cli import SAGELLM
 from tests.cli.test_gateway_cli import free_port
+from tests.executor.test_clean_deaths import descendants
 
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.timeout(900)]  # network: SmolLM2 tokenizer
 
@@ -69,7 +71,7 @@ def _served_rss(model: Path, home: Path) -> tuple[int, str, str]:
         reply = httpx.post(url + "/v1/completions", json={"prompt": "Hello, my name is", "max_tokens": 8}, timeout=120)
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 8
-        rss = _settled_rss([server.pid])
+        rss = _settled_rss(server.pid)
         rollup = Path(f"/proc/{server.pid}/smaps_rollup").read_text()
     finally:
         server.terminate()
@@ -90,40 +92,15 @@ def _wait_ready(server: subprocess.Popen, url: str, log: Path) -> None:
     raise AssertionError(f"not ready in {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def _settled_rss(pids: list[int], timeout: float = 60.0) -> int:
-    """VmRSS summed over `pids` and their descendants, once two readings a second apart differ by under 1%."""
+def _settled_rss(pid: int, timeout: float = 60.0) -> int:
+    """VmRSS summed over `pid` and its descendants, once two readings a second apart differ by under 1%."""
     last, deadline = -1, time.monotonic() + timeout
     while True:
-        now = sum(_vm_rss(pid) for pid in _with_descendants(pids))
+        now = sum(resident_bytes(pid=p) or 0 for p in [pid, *descendants(pid)])
         if abs(now - last) < 0.01 * now or time.monotonic() > deadline:
             return now
         last = now
         time.sleep(1.0)
-
-
-def _with_descendants(pids: list[int]) -> list[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])  # after the command: state, then ppid
-    found, frontier = list(pids), list(pids)
-    while frontier:
-        children = [pid for pid, ppid in parents.items() if ppid in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _vm_rss(pid: int) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    line = next((row for row in status.splitlines() if row.startswith("VmRSS:")), None)
-    return int(line.split()[1]) * 1024 if line else 0
 
 
 def _memory_line(log: Path) -> str:
