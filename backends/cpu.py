@@ -21,7 +21,7 @@ hundreds of rows they share the rows among torch's threads, one pass over memory
 (other dtypes, more rows) or when no C compiler is found. At decode even those calls cost: for a model whose linears
 all read GGUF blocks, `decoder_layers` runs every layer of a decode-only step in one C call
 (backends/native/decoder_layers.c), the same kernels in the same order. The C kernels are built per instruction set
-(avx512, avx2, portable) and the best one this CPU runs is loaded (backends/native/isa.py)."""
+(avx512vnni, avx512, avx2, portable) and the best one this CPU runs is loaded (backends/native/isa.py)."""
 
 from __future__ import annotations
 
@@ -174,9 +174,10 @@ class NativeDispatch:
 
     def decoder_layers(self, layers: list[DecoderLayer], shape: DecoderShape) -> NativeDecoderLayers | None:
         """The layers in one native call for decode-only steps of up to NATIVE_BLOCK_ROWS rows, the steps whose
-        linears all read GGUF blocks one op at a time too; None unless every linear has its blocks (`build` checks)."""
+        linears all read GGUF blocks one op at a time too; None unless every linear has its blocks or its parts'
+        (`build` checks)."""
         linears = ("qkv", "o_proj", "gate_up", "down")
-        blocks = [replace(layer, **{name: getattr(layer, name).blocks for name in linears}) for layer in layers]
+        blocks = [replace(layer, **{name: _block_parts(getattr(layer, name)) for name in linears}) for layer in layers]
         return NativeDecoderLayers.build(self.native, blocks, shape, NATIVE_BLOCK_ROWS)
 
     def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,3 +319,8 @@ class CpuBackend(torch_ops.TorchOpsBackend):
         table = {**super().kernels(), "linear": linear}
         native = NativeKernels.load()
         return table if native is None else {**table, **NativeDispatch(native).ops()}
+
+
+def _block_parts(weight: CpuLinearWeight) -> tuple[InterleavedBlocks, ...]:
+    """A linear's blocks as the parts the fused layers read: its parts, its one blocks, or none (floats)."""
+    return weight.parts or (() if weight.blocks is None else (weight.blocks,))

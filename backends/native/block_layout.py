@@ -8,8 +8,10 @@ Layouts per kind, in bits per weight (bpw) resident, against the file's:
         Q4_0's m = -8 d.
   q8xG  Q8_0 (8.5), Q5_0 (5.5)                9.0 bpw: per 32 inputs fp32 d and an int8 q (Q5_0's q - 16).
   q4kxG Q4_K (4.5)                            4.75 bpw: per 256 inputs fp32 d, dmin and int8 sc[8], m[8] (the 6-bit
-        scales, unpacked), per input a 4-bit q (q4xG's words); the kernel forms D = d * sc_j, M = -(dmin * m_j).
-  q5kxG Q5_K (5.5)                            5.75 bpw: q4kxG's fields, then per input the fifth bit of q.
+        scales, unpacked), per input a 4-bit q, in chunks of 8 inputs a 32-bit lane per output (the int8 dot
+        products' operands); the kernel forms D = d * sc_j, M = -(dmin * m_j).
+  q5kxG Q5_K (5.5)                            5.75 bpw: q4kxG's scales, the 4-bit q as q4xG's words, then per input
+        the fifth bit of q.
   q6kxG Q6_K (6.56)                           8.625 bpw: per 256 inputs fp32 d and int8 sc[16], per input an int8
         q - 32; the kernel forms D = d * sc_j per 16 inputs.
 Q4_K once took q4x (its D, M per 32 inputs as floats: 6.0 bpw); q4kx forms them per 32 inputs in the kernel instead,
@@ -104,8 +106,15 @@ def _q4_simple(d: np.ndarray, m: np.ndarray, packed: np.ndarray, group: int, out
 
 
 def _q4_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
-    """q4kxG: q5kxG without the fifth bits (Q4_K's qs follow its 16 bytes of scales)."""
-    _k_scales_and_words(blocks, blocks[..., 16:], group, out)
+    """q4kxG: the scales, then the 4-bit q in 32 chunks of 8 inputs, chunk c a 32-bit lane per output whose byte i
+    holds input 8c + i low and 8c + 4 + i high. Q4_K's qs (after its 16 bytes of scales) hold input 64h + l in the
+    low nibble of qs[32h + l], 64h + 32 + l in its high one."""
+    _k_scales(blocks, group, out)
+    n, s = blocks.shape[:2]
+    qs = blocks[..., 16:].reshape(n, s, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, s, 32, 2, 4)  # [N, S, chunk, low / high, byte]
+    lanes = _by_group(q[:, :, :, 0] | (q[:, :, :, 1] << 4), group)  # [N / G, S, chunk, byte, G]
+    _part(out, 24 * group, 32, group, 4)[:] = np.swapaxes(lanes, -1, -2)
 
 
 def _q4x_scales(d: np.ndarray, m: np.ndarray, group: int, out: np.ndarray) -> None:
@@ -115,28 +124,28 @@ def _q4x_scales(d: np.ndarray, m: np.ndarray, group: int, out: np.ndarray) -> No
 
 
 def _q5_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
-    """q5kxG: q4kxG's fields (Q5_K's qs after its 32 bytes of fifth bits), then 256 masks of G bits: input i's, bit
-    j the fifth bit of output j."""
-    _k_scales_and_words(blocks, blocks[..., 48:], group, out)
+    """q5kxG: q4kxG's scales, then 256 nibble words as q4xG's (sub-block 2c from the low nibbles of Q5_K's
+    qs[32c ..], after its 32 bytes of fifth bits; 2c + 1 from the high ones), then 256 masks of G bits: input i's,
+    bit j the fifth bit of output j."""
+    _k_scales(blocks, group, out)
+    n, s = blocks.shape[:2]
+    words = _part(out, 24 * group, 4, 2, 32, group // 2)  # [G, S, chunk of 64 inputs, low / high half, 32, bytes]
+    qs = blocks[..., 48:].reshape(n, s, 4, 32)
+    words[:, :, :, 0], words[:, :, :, 1] = _nibble_words(qs, group, False), _nibble_words(qs, group, True)
     fifth = _by_group(q5_k_fifth_bits(blocks), group)  # [G, S, 8 sub-blocks, 32, group]
     _part(out, 152 * group, 8, 32, group // 8)[:] = np.packbits(fifth, axis=-1, bitorder="little")
 
 
-def _k_scales_and_words(blocks: np.ndarray, qs: np.ndarray, group: int, out: np.ndarray) -> None:
-    """q4kxG, the start of q5kxG too, from a Q4_K / Q5_K super-block's qs [N, S, 128]: per (group, super-block of
-    256) float d[G], float dmin[G], int8 sc[8][G], int8 m[8][G] (the 6-bit scales, so the kernel forms each
-    sub-block's D, M as gguf-py does), then 256 nibble words as q4xG's (sub-block 2c from the low nibbles of
-    qs[32c ..], 2c + 1 from the high ones)."""
-    n, s = blocks.shape[:2]
+def _k_scales(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    """The start of q4kxG and q5kxG, from a Q4_K / Q5_K super-block: per (group, super-block of 256) float d[G],
+    float dmin[G], int8 sc[8][G], int8 m[8][G] (the 6-bit scales, so the kernel forms each sub-block's D, M as
+    gguf-py does)."""
     scales = out.view(np.float32)
     scales[..., :group] = _by_group(fp16(blocks, 0), group)
     scales[..., group : 2 * group] = _by_group(fp16(blocks, 2), group)
     sc, mins = k_scales(blocks[..., 4:16])  # [N, S, 8] each, 0..63
     _part(out, 8 * group, 8, group)[:] = _by_group(sc, group)
     _part(out, 16 * group, 8, group)[:] = _by_group(mins, group)
-    words = _part(out, 24 * group, 4, 2, 32, group // 2)  # [G, S, chunk of 64 inputs, low / high half, 32, bytes]
-    qs = qs.reshape(n, s, 4, 32)
-    words[:, :, :, 0], words[:, :, :, 1] = _nibble_words(qs, group, False), _nibble_words(qs, group, True)
 
 
 def _q6_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:

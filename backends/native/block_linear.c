@@ -1,4 +1,5 @@
 /* Linears over GGUF-quantized weights for small-batch decode, called through ctypes by sagellm.backends.native.
+ * Q4_K and Q6_K at up to INT8_MAX_ROWS rows go to block_int8.c's int8 dot products instead (kernels.h says why).
  *
  * Decode streams every weight once per step. A Q4_1 weight is 0.75 bytes per value in the layout below where its
  * dequantized fp32 copy is 4, so these kernels read 5x less memory than the fp32 GEMMs; they dequantize in registers
@@ -16,16 +17,18 @@
  *   q8x8, q8x16 (Q8_0, Q5_0): float d[G], then 32 x G int8 q (input kk's G outputs side by side); w = d * q.
  * The K-quants' layouts keep a super-block of 256 inputs whole, with their sub-blocks' integer scales, and the
  * kernels form each sub-block's float scales once per group (D = d * sc is exact in fp32, as gguf-py forms it):
- *   q4kx8, q4kx16 (Q4_K): float d[G], float dmin[G], int8 sc[8][G], int8 m[8][G], then 256 q4xG words (q as
- *                       q4xG holds it); sub-block j (32 inputs) has w = (d sc_j) q - dmin m_j;
- *   q5kx8, q5kx16 (Q5_K): q4kxG's fields (the words the low 4 bits of q), then 256 masks of G bits (bit j: output
- *                       j's fifth bit);
+ *   q4kx8, q4kx16 (Q4_K): float d[G], float dmin[G], int8 sc[8][G], int8 m[8][G], then the 4-bit q in 32
+ *                       chunks of 8 inputs, each a 32-bit lane per output whose byte i holds input i (low nibble)
+ *                       and 4 + i (high), the operands of block_int8.c's dot products; sub-block j (32 inputs) has
+ *                       w = (d sc_j) q - dmin m_j;
+ *   q5kx8, q5kx16 (Q5_K): q4kxG's scales, then 256 q4xG words (the low 4 bits of q, as q4xG holds them), then 256
+ *                       masks of G bits (bit j: output j's fifth bit);
  *   q6kx8, q6kx16 (Q6_K): float d[G], int8 sc[16][G], then 256 x G int8 q (q6 - 32); w = (d sc_{kk / 16}) q.
  * One k's weights for G outputs then dequantize into one vector, which every row's broadcast x[t, k] multiplies:
  * the dequantization is paid once per 16 rows. Rows are first copied k-major (pack_rows), so one pointer with
  * constant offsets reaches every row's value at k. Groups are shared among `num_threads` OpenMP threads.
  *
- * G = 16 fills AVX-512's 512-bit registers (isa.py's avx512 variant loads those layouts): half the instructions per
+ * G = 16 fills AVX-512's 512-bit registers (isa.py's avx512 variants load those layouts): half the instructions per
  * multiply-add of G = 8, at the FMA units' full width; the other variants read G = 8, whose accumulators fit AVX2's
  * sixteen registers. Every variant builds every layout (the vector extension splits a wider vector), so each is
  * tested everywhere. */
@@ -36,18 +39,27 @@
 #include <immintrin.h>
 #endif
 
+#include "block_layouts.h"
 #include "kernels.h"
 #include "vector_math.h"
 
+/* The 8 inputs of a run unrolled, so each one's offsets and shift counts are constants: ~10% faster at a few rows
+ * (2048 x 8192 Q5_K, 1-2 rows, AVX-512). Only for the group width the variant reads (16 with AVX-512, 8 with AVX2):
+ * unrolling the others, and the portable build's emulated vectors, would triple the compile time for nothing. */
+#if defined(__AVX512F__)
+#define UNROLL_IN_16 _Pragma("GCC unroll 8")
+#define UNROLL_IN_8
+#elif defined(__AVX2__)
+#define UNROLL_IN_16
+#define UNROLL_IN_8 _Pragma("GCC unroll 8")
+#else
+#define UNROLL_IN_16
+#define UNROLL_IN_8
+#endif
+
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
 
-enum { QK = 32, QK_K = 256, ROW_TILE = 16 }; /* inputs per block, per K-quant super-block; rows sharing weights */
-enum { Q4X8_BLOCK = 16 * 4 + QK * 4, Q8X8_BLOCK = 8 * 4 + QK * 8 };      /* bytes per (group, block) */
-enum { Q4X16_BLOCK = 32 * 4 + QK * 8, Q8X16_BLOCK = 16 * 4 + QK * 16 }; /* the same for groups of 16 */
-/* Bytes per (group, super-block) of the K-quant layouts: per output 8 + 16 + 128 (q4kx), + 32 (q5kx), 4 + 16 + 256
- * (q6kx). */
-enum { Q4KX8_BLOCK = 152 * 8, Q4KX16_BLOCK = 152 * 16 };
-enum { Q5KX8_BLOCK = 184 * 8, Q5KX16_BLOCK = 184 * 16, Q6KX8_BLOCK = 276 * 8, Q6KX16_BLOCK = 276 * 16 };
+enum { ROW_TILE = 16 }; /* rows sharing each dequantized weight */
 
 /* A group's float scales for one sub-block of inputs, formed once and read by each input's WEIGHTS: w = d * q + m
  * (m unused where the layout has no min). */
@@ -57,28 +69,6 @@ typedef struct {
 typedef struct {
     f32x16 d, m;
 } scales16;
-
-/* Eight sign-extended int8s; the vector extension's own conversion is scalarized by GCC, one byte at a time. */
-static inline i32x8 widen8(const uint8_t *p) {
-#if defined(__AVX2__)
-    return (i32x8)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#else
-    int8_t q[8];
-    memcpy(q, p, sizeof(q));
-    return (i32x8){q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
-#endif
-}
-
-/* Sixteen sign-extended int8s (see widen8). */
-static inline i32x16 widen16(const uint8_t *p) {
-#if defined(__AVX512F__)
-    return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
-#else
-    const i32x8 low = widen8(p), high = widen8(p + 8);
-    return (i32x16){low[0],  low[1],  low[2],  low[3],  low[4],  low[5],  low[6],  low[7],
-                    high[0], high[1], high[2], high[3], high[4], high[5], high[6], high[7]};
-#endif
-}
 
 static inline f32x8 float8(i32x8 q) { return __builtin_convertvector(q, f32x8); }
 static inline f32x16 float16(i32x16 q) { return __builtin_convertvector(q, f32x16); }
@@ -100,12 +90,43 @@ static inline i32x16 nibbles16(const uint8_t *words, int kk) {
     return (i32x16)(((u64x8){} + word) >> shifts) & 15;
 }
 
+static inline i32x8 load_i32x8(const uint8_t *p) {
+    i32x8 v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline i32x16 load_i32x16(const uint8_t *p) {
+    i32x16 v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+/* Input run + i's 4-bit q of a group from q4kx's chunks of 8 inputs (a 32-bit lane per output, byte i holding
+ * input i low and 4 + i high; `run` a multiple of 8): the chunk shifted by input i's count, a vector from a table
+ * (one variable-shift instruction with its count loaded, where a scalar count costs moves and, on Intel, a second
+ * micro-op per shift). */
+#define SPLAT8(c) {c, c, c, c, c, c, c, c}
+#define SPLAT16(c) {c, c, c, c, c, c, c, c, c, c, c, c, c, c, c, c}
+#define NIBBLE_COUNTS(SPLAT) {SPLAT(0), SPLAT(8), SPLAT(16), SPLAT(24), SPLAT(4), SPLAT(12), SPLAT(20), SPLAT(28)}
+static const i32x8 NIBBLE_SHIFTS8[8] = NIBBLE_COUNTS(SPLAT8);
+static const i32x16 NIBBLE_SHIFTS16[8] = NIBBLE_COUNTS(SPLAT16);
+
+static inline i32x8 chunk_nibbles8(const uint8_t *chunks, int run, int i) {
+    return (load_i32x8(chunks + 4 * run) >> NIBBLE_SHIFTS8[i]) & 15;
+}
+
+static inline i32x16 chunk_nibbles16(const uint8_t *chunks, int run, int i) {
+    return (load_i32x16(chunks + 8 * run) >> NIBBLE_SHIFTS16[i]) & 15;
+}
+
 static inline scales8 q4x8_scales(const uint8_t *block, int s) {
     (void)s;
     return (scales8){load8((const float *)block), load8((const float *)block + 8)};
 }
 
-static inline f32x8 q4x8_weights(const uint8_t *block, scales8 sc, int kk) {
+static inline f32x8 q4x8_weights(const uint8_t *block, scales8 sc, int run, int i) {
+    const int kk = run + i;
     return float8(nibbles8(block + 64, kk)) * sc.d + sc.m;
 }
 
@@ -114,7 +135,8 @@ static inline scales8 q8x8_scales(const uint8_t *block, int s) {
     return (scales8){load8((const float *)block), (f32x8){}};
 }
 
-static inline f32x8 q8x8_weights(const uint8_t *block, scales8 sc, int kk) {
+static inline f32x8 q8x8_weights(const uint8_t *block, scales8 sc, int run, int i) {
+    const int kk = run + i;
     return float8(widen8(block + 32 + 8 * kk)) * sc.d;
 }
 
@@ -123,7 +145,8 @@ static inline scales16 q4x16_scales(const uint8_t *block, int s) {
     return (scales16){load16((const float *)block), load16((const float *)block + 16)};
 }
 
-static inline f32x16 q4x16_weights(const uint8_t *block, scales16 sc, int kk) {
+static inline f32x16 q4x16_weights(const uint8_t *block, scales16 sc, int run, int i) {
+    const int kk = run + i;
     return float16(nibbles16(block + 128, kk)) * sc.d + sc.m;
 }
 
@@ -132,7 +155,8 @@ static inline scales16 q8x16_scales(const uint8_t *block, int s) {
     return (scales16){load16((const float *)block), (f32x16){}};
 }
 
-static inline f32x16 q8x16_weights(const uint8_t *block, scales16 sc, int kk) {
+static inline f32x16 q8x16_weights(const uint8_t *block, scales16 sc, int run, int i) {
+    const int kk = run + i;
     return float16(widen16(block + 64 + 16 * kk)) * sc.d;
 }
 
@@ -147,14 +171,14 @@ static inline scales8 q5kx8_scales(const uint8_t *block, int s) {
 /* q = the word's nibble | 16 where the input's mask has the output's bit. The masks follow the 256 words. Merging the
  * fifth bit costs ~1.5x q4x's instructions per weight (at one row, where dequantizing is the work: 14 vs 21
  * Gweights/s on one AVX-512 core); Q5_K as bytes would run at q8x's speed but hold 8.75 bits a weight, not 5.75. */
-static inline f32x8 q5kx8_weights(const uint8_t *block, scales8 sc, int kk) {
+static inline f32x8 q5kx8_weights(const uint8_t *block, scales8 sc, int run, int i) {
     const uint8_t *words = block + 192, *masks = words + 4 * QK_K;
 #if defined(__AVX512VL__)
-    const __m256i q = (__m256i)nibbles8(words, kk);
-    const i32x8 q5 = (i32x8)_mm256_mask_or_epi32(q, masks[kk], q, _mm256_set1_epi32(16));
+    const __m256i q = (__m256i)nibbles8(words, run + i);
+    const i32x8 q5 = (i32x8)_mm256_mask_or_epi32(q, masks[run + i], q, _mm256_set1_epi32(16));
 #else
     const i32x8 bits = {0, 1, 2, 3, 4, 5, 6, 7};
-    const i32x8 q5 = nibbles8(words, kk) | ((((i32x8){} + (masks[kk] << 4)) >> bits) & 16);
+    const i32x8 q5 = nibbles8(words, run + i) | ((((i32x8){} + (masks[run + i] << 4)) >> bits) & 16);
 #endif
     return float8(q5) * sc.d + sc.m;
 }
@@ -166,15 +190,15 @@ static inline scales16 q5kx16_scales(const uint8_t *block, int s) {
                       -(load16(dm + 16) * float16(widen16(block + 256 + 16 * j)))};
 }
 
-static inline f32x16 q5kx16_weights(const uint8_t *block, scales16 sc, int kk) {
+static inline f32x16 q5kx16_weights(const uint8_t *block, scales16 sc, int run, int i) {
     const uint8_t *words = block + 384, *masks = words + 8 * QK_K;
     uint16_t mask;
-    memcpy(&mask, masks + 2 * kk, sizeof(mask));
+    memcpy(&mask, masks + 2 * (run + i), sizeof(mask));
 #if defined(__AVX512F__)
-    const i32x16 q5 = nibbles16(words, kk) | (i32x16)_mm512_maskz_mov_epi32(mask, _mm512_set1_epi32(16));
+    const i32x16 q5 = nibbles16(words, run + i) | (i32x16)_mm512_maskz_mov_epi32(mask, _mm512_set1_epi32(16));
 #else
     const i32x16 bits = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const i32x16 q5 = nibbles16(words, kk) | ((((i32x16){} + (mask << 4)) >> bits) & 16);
+    const i32x16 q5 = nibbles16(words, run + i) | ((((i32x16){} + (mask << 4)) >> bits) & 16);
 #endif
     return float16(q5) * sc.d + sc.m;
 }
@@ -185,14 +209,14 @@ static inline f32x16 q5kx16_weights(const uint8_t *block, scales16 sc, int kk) {
  * cache or DRAM; the cost is not the scales, which dropped to q4x's two loads measured the same). */
 static inline scales8 q4kx8_scales(const uint8_t *block, int s) { return q5kx8_scales(block, s); }
 
-static inline f32x8 q4kx8_weights(const uint8_t *block, scales8 sc, int kk) {
-    return float8(nibbles8(block + 192, kk)) * sc.d + sc.m;
+static inline f32x8 q4kx8_weights(const uint8_t *block, scales8 sc, int run, int i) {
+    return float8(chunk_nibbles8(block + 192, run, i)) * sc.d + sc.m;
 }
 
 static inline scales16 q4kx16_scales(const uint8_t *block, int s) { return q5kx16_scales(block, s); }
 
-static inline f32x16 q4kx16_weights(const uint8_t *block, scales16 sc, int kk) {
-    return float16(nibbles16(block + 384, kk)) * sc.d + sc.m;
+static inline f32x16 q4kx16_weights(const uint8_t *block, scales16 sc, int run, int i) {
+    return float16(chunk_nibbles16(block + 384, run, i)) * sc.d + sc.m;
 }
 
 /* Sub-block s / 16's D = d * sc (exact: an fp16 times an 8-bit integer). */
@@ -200,16 +224,16 @@ static inline scales8 q6kx8_scales(const uint8_t *block, int s) {
     return (scales8){load8((const float *)block) * float8(widen8(block + 32 + 8 * (s / 16))), (f32x8){}};
 }
 
-static inline f32x8 q6kx8_weights(const uint8_t *block, scales8 sc, int kk) {
-    return float8(widen8(block + 32 + 8 * 16 + 8 * kk)) * sc.d;
+static inline f32x8 q6kx8_weights(const uint8_t *block, scales8 sc, int run, int i) {
+    return float8(widen8(block + 32 + 8 * 16 + 8 * (run + i))) * sc.d;
 }
 
 static inline scales16 q6kx16_scales(const uint8_t *block, int s) {
     return (scales16){load16((const float *)block) * float16(widen16(block + 64 + 16 * (s / 16))), (f32x16){}};
 }
 
-static inline f32x16 q6kx16_weights(const uint8_t *block, scales16 sc, int kk) {
-    return float16(widen16(block + 64 + 16 * 16 + 16 * kk)) * sc.d;
+static inline f32x16 q6kx16_weights(const uint8_t *block, scales16 sc, int run, int i) {
+    return float16(widen16(block + 64 + 16 * 16 + 16 * (run + i))) * sc.d;
 }
 
 /* y[rt, G] (rows n apart) = the packed rows xp [blocks][INPUTS][rt] times one group's weights (+ bias[G]), G the
@@ -217,7 +241,7 @@ static inline f32x16 q6kx16_weights(const uint8_t *block, scales16 sc, int kk) {
  * form one dependency chain, so tiles of fewer than eight rows would wait on the FMA latency rather than its
  * throughput: they interleave 2 or 4 chains over consecutive k. Inlined per constant rt (the switch below), so the
  * accumulators live in registers. */
-#define GROUP_TILE(NAME, V, S, INPUTS, SUB, SCALES, WEIGHTS, BLOCK_BYTES)                                              \
+#define GROUP_TILE(NAME, V, G, S, INPUTS, SUB, SCALES, WEIGHTS, BLOCK_BYTES)                                           \
     static inline __attribute__((always_inline)) void NAME(const float *xp, const uint8_t *group, int64_t blocks,     \
                                                            const float *bias, float *y, int64_t n, const int rt) {     \
         const int chains = rt >= 8 ? 1 : (rt >= 4 ? 2 : 4);                                                           \
@@ -229,10 +253,12 @@ static inline f32x16 q6kx16_weights(const uint8_t *block, scales16 sc, int kk) {
             const float *xb = xp + b * INPUTS * rt;                                                                    \
             for (int s = 0; s < INPUTS; s += SUB) {                                                                    \
                 const S scales = SCALES(block, s);                                                                     \
-                for (int kk = s; kk < s + SUB; kk += chains) {                                                         \
-                    for (int c = 0; c < chains; ++c) {                                                                 \
-                        const V w = WEIGHTS(block, scales, kk + c);                                                    \
-                        for (int t = 0; t < rt; ++t) acc[c][t] += xb[(kk + c) * rt + t] * w;                           \
+                for (int run = s; run < s + SUB; run += 8) {                                                           \
+                    UNROLL_IN_##G for (int i = 0; i < 8; i += chains) {                                                \
+                        for (int c = 0; c < chains; ++c) {                                                             \
+                            const V w = WEIGHTS(block, scales, run, i + c);                                            \
+                            for (int t = 0; t < rt; ++t) acc[c][t] += xb[(run + i + c) * rt + t] * w;                  \
+                        }                                                                                              \
                     }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \
@@ -246,16 +272,16 @@ static inline f32x16 q6kx16_weights(const uint8_t *block, scales16 sc, int kk) {
         }                                                                                                              \
     }
 
-GROUP_TILE(q4x8_tile, f32x8, scales8, QK, QK, q4x8_scales, q4x8_weights, Q4X8_BLOCK)
-GROUP_TILE(q8x8_tile, f32x8, scales8, QK, QK, q8x8_scales, q8x8_weights, Q8X8_BLOCK)
-GROUP_TILE(q4x16_tile, f32x16, scales16, QK, QK, q4x16_scales, q4x16_weights, Q4X16_BLOCK)
-GROUP_TILE(q8x16_tile, f32x16, scales16, QK, QK, q8x16_scales, q8x16_weights, Q8X16_BLOCK)
-GROUP_TILE(q4kx8_tile, f32x8, scales8, QK_K, QK, q4kx8_scales, q4kx8_weights, Q4KX8_BLOCK)
-GROUP_TILE(q4kx16_tile, f32x16, scales16, QK_K, QK, q4kx16_scales, q4kx16_weights, Q4KX16_BLOCK)
-GROUP_TILE(q5kx8_tile, f32x8, scales8, QK_K, QK, q5kx8_scales, q5kx8_weights, Q5KX8_BLOCK)
-GROUP_TILE(q5kx16_tile, f32x16, scales16, QK_K, QK, q5kx16_scales, q5kx16_weights, Q5KX16_BLOCK)
-GROUP_TILE(q6kx8_tile, f32x8, scales8, QK_K, 16, q6kx8_scales, q6kx8_weights, Q6KX8_BLOCK)
-GROUP_TILE(q6kx16_tile, f32x16, scales16, QK_K, 16, q6kx16_scales, q6kx16_weights, Q6KX16_BLOCK)
+GROUP_TILE(q4x8_tile, f32x8, 8, scales8, QK, QK, q4x8_scales, q4x8_weights, Q4X8_BLOCK)
+GROUP_TILE(q8x8_tile, f32x8, 8, scales8, QK, QK, q8x8_scales, q8x8_weights, Q8X8_BLOCK)
+GROUP_TILE(q4x16_tile, f32x16, 16, scales16, QK, QK, q4x16_scales, q4x16_weights, Q4X16_BLOCK)
+GROUP_TILE(q8x16_tile, f32x16, 16, scales16, QK, QK, q8x16_scales, q8x16_weights, Q8X16_BLOCK)
+GROUP_TILE(q4kx8_tile, f32x8, 8, scales8, QK_K, QK, q4kx8_scales, q4kx8_weights, Q4KX8_BLOCK)
+GROUP_TILE(q4kx16_tile, f32x16, 16, scales16, QK_K, QK, q4kx16_scales, q4kx16_weights, Q4KX16_BLOCK)
+GROUP_TILE(q5kx8_tile, f32x8, 8, scales8, QK_K, QK, q5kx8_scales, q5kx8_weights, Q5KX8_BLOCK)
+GROUP_TILE(q5kx16_tile, f32x16, 16, scales16, QK_K, QK, q5kx16_scales, q5kx16_weights, Q5KX16_BLOCK)
+GROUP_TILE(q6kx8_tile, f32x8, 8, scales8, QK_K, 16, q6kx8_scales, q6kx8_weights, Q6KX8_BLOCK)
+GROUP_TILE(q6kx16_tile, f32x16, 16, scales16, QK_K, 16, q6kx16_scales, q6kx16_weights, Q6KX16_BLOCK)
 
 /* xp[tile][i][t] = x[tile * ROW_TILE + t][i] for tiles of ROW_TILE rows (the last one shorter): k-major, so the
  * rows' values of a block of any size are contiguous. */
@@ -290,9 +316,14 @@ static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, 
 
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) for w packed as `TILE`'s layout in groups of G; N a multiple
  * of G, K of the layout's INPUTS per block; scratch holds T * K floats (the packed rows). */
-#define BLOCK_LINEAR(NAME, TILE, G, INPUTS, BLOCK_BYTES)                                                               \
+#define BLOCK_LINEAR(NAME, TILE, G, INPUTS, BLOCK_BYTES, FEW_ROWS)                                                     \
     void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
               int64_t n, int64_t k, float *scratch, int32_t num_threads) {                                             \
+        const block_linear_fn few_rows = FEW_ROWS;                                                                     \
+        if (few_rows != NULL && tokens <= INT8_MAX_ROWS) {                                                             \
+            few_rows(x, x_row, w, bias, y, tokens, n, k, scratch, num_threads);                                        \
+            return;                                                                                                    \
+        }                                                                                                              \
         const int64_t blocks = k / INPUTS;                                                                             \
         pack_rows(x, x_row, scratch, tokens, k);                                                                       \
         _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)")                     \
@@ -308,16 +339,16 @@ static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, 
         }                                                                                                              \
     }
 
-BLOCK_LINEAR(linear_q4x8_f32, q4x8_tile, 8, QK, Q4X8_BLOCK)
-BLOCK_LINEAR(linear_q8x8_f32, q8x8_tile, 8, QK, Q8X8_BLOCK)
-BLOCK_LINEAR(linear_q4x16_f32, q4x16_tile, 16, QK, Q4X16_BLOCK)
-BLOCK_LINEAR(linear_q8x16_f32, q8x16_tile, 16, QK, Q8X16_BLOCK)
-BLOCK_LINEAR(linear_q4kx8_f32, q4kx8_tile, 8, QK_K, Q4KX8_BLOCK)
-BLOCK_LINEAR(linear_q4kx16_f32, q4kx16_tile, 16, QK_K, Q4KX16_BLOCK)
-BLOCK_LINEAR(linear_q5kx8_f32, q5kx8_tile, 8, QK_K, Q5KX8_BLOCK)
-BLOCK_LINEAR(linear_q5kx16_f32, q5kx16_tile, 16, QK_K, Q5KX16_BLOCK)
-BLOCK_LINEAR(linear_q6kx8_f32, q6kx8_tile, 8, QK_K, Q6KX8_BLOCK)
-BLOCK_LINEAR(linear_q6kx16_f32, q6kx16_tile, 16, QK_K, Q6KX16_BLOCK)
+BLOCK_LINEAR(linear_q4x8_f32, q4x8_tile, 8, QK, Q4X8_BLOCK, NULL)
+BLOCK_LINEAR(linear_q8x8_f32, q8x8_tile, 8, QK, Q8X8_BLOCK, NULL)
+BLOCK_LINEAR(linear_q4x16_f32, q4x16_tile, 16, QK, Q4X16_BLOCK, NULL)
+BLOCK_LINEAR(linear_q8x16_f32, q8x16_tile, 16, QK, Q8X16_BLOCK, NULL)
+BLOCK_LINEAR(linear_q4kx8_f32, q4kx8_tile, 8, QK_K, Q4KX8_BLOCK, linear_q4kx8_i8)
+BLOCK_LINEAR(linear_q4kx16_f32, q4kx16_tile, 16, QK_K, Q4KX16_BLOCK, linear_q4kx16_i8)
+BLOCK_LINEAR(linear_q5kx8_f32, q5kx8_tile, 8, QK_K, Q5KX8_BLOCK, NULL)
+BLOCK_LINEAR(linear_q5kx16_f32, q5kx16_tile, 16, QK_K, Q5KX16_BLOCK, NULL)
+BLOCK_LINEAR(linear_q6kx8_f32, q6kx8_tile, 8, QK_K, Q6KX8_BLOCK, linear_q6kx8_i8)
+BLOCK_LINEAR(linear_q6kx16_f32, q6kx16_tile, 16, QK_K, Q6KX16_BLOCK, linear_q6kx16_i8)
 
 /* out[k][j] (rows groups * G floats apart) = the weight of output first_group * G + j at input k, for the outputs
  * of groups [first_group, first_group + groups): a k-major fp32 tile of the weight, for prefill-sized calls to
@@ -337,9 +368,11 @@ BLOCK_LINEAR(linear_q6kx16_f32, q6kx16_tile, 16, QK_K, Q6KX16_BLOCK)
                 float *rows = out + b * INPUTS * width + g * G;                                                        \
                 for (int s = 0; s < INPUTS; s += SUB) {                                                                \
                     const S scales = SCALES(block, s);                                                                 \
-                    for (int kk = s; kk < s + SUB; ++kk) {                                                             \
-                        const V v = WEIGHTS(block, scales, kk);                                                        \
-                        memcpy(rows + kk * width, &v, sizeof(v));                                                      \
+                    for (int run = s; run < s + SUB; run += 8) {                                                       \
+                        UNROLL_IN_##G for (int i = 0; i < 8; ++i) {                                                    \
+                            const V v = WEIGHTS(block, scales, run, i);                                                \
+                            memcpy(rows + (run + i) * width, &v, sizeof(v));                                           \
+                        }                                                                                              \
                     }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \

@@ -1,8 +1,9 @@
 """Builds the native kernels' C sources with the system C compiler on first use and loads the library with ctypes.
 
-Plain C and ctypes, not a torch extension: compiling against torch's headers takes about a minute, this takes about
-a second, once per machine and instruction set. One library per variant (`isa.py`: avx512, avx2, portable), each
-from explicit flags; the one this CPU runs best is chosen at run time. The library is cached as
+Plain C and ctypes, not a torch extension: no torch headers to compile against. A build takes 10-25 s (most of it the
+block linears' instantiations per layout and row count), once per machine and instruction set. One library per
+variant (`isa.py`: avx512vnni, avx512, avx2, portable), each from explicit flags; the one this CPU runs best is
+chosen at run time. The library is cached as
 $SAGELLM_HOME/kernels/sagellm_kernels-<variant>-<key>.so (default ~/.cache/sagellm), keyed by the sources and
 flags. Builds go to a temporary file renamed into place, so processes starting at once (the workers of a pipeline)
 never load a half-written library. Any failure (no compiler, a failed build or load) is
@@ -31,10 +32,12 @@ from sagellm.common.progress import stage
 log = structlog.get_logger("sagellm.native")
 
 HERE = Path(__file__).parent
-SOURCES = tuple(HERE / c for c in ("decode_kernels.c", "block_linear.c", "prefill_attention.c", "decoder_layers.c"))
-HEADERS = (HERE / "vector_math.h", HERE / "kernels.h")  # included by the sources
+SOURCES = tuple(
+    HERE / c for c in ("decode_kernels.c", "block_linear.c", "block_int8.c", "prefill_attention.c", "decoder_layers.c")
+)
+HEADERS = (HERE / "vector_math.h", HERE / "kernels.h", HERE / "block_layouts.h")  # included by the sources
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
-BUILD_TIMEOUT_S = 120  # the build takes ~1-2 s; a compiler stuck longer must not hold up the engine's start
+BUILD_TIMEOUT_S = 180  # the build takes 10-25 s; a compiler stuck longer must not hold up the engine's start
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -63,6 +66,10 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "linear_q5kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q6kx8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q6kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q4kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q4kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q6kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q6kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q4x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q8x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q4x16_f32": (_P, _I64, _I64, _I64, _P, _I32),

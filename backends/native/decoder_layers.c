@@ -12,15 +12,24 @@
  *   o = a . Wo;  x = rmsnorm(o + R) (R = o + R);  g = x . Wgate_up;  h = (silu(gate) * up) . Wdown */
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "kernels.h"
 
-/* One layer's weights (interleaved GGUF blocks; `*_layout` indexes BLOCK_LINEARS) and its cache. */
+/* A linear's weight: its interleaved GGUF blocks (`layout` indexes BLOCK_LINEARS), or the parts of a fused linear
+ * whose blocks differ in kind (a Q4_K_M file's q/k Q4_K, v Q6_K), their outputs side by side. */
+enum { MAX_PARTS = 3 };
+typedef struct {
+    const uint8_t *data[MAX_PARTS];
+    int64_t layout[MAX_PARTS], outputs[MAX_PARTS];
+    int64_t parts;
+} block_weight;
+
+/* One layer's weights and its cache. */
 typedef struct {
     const float *input_norm, *post_norm;
-    const uint8_t *qkv, *o_proj, *gate_up, *down;
+    block_weight qkv, o_proj, gate_up, down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* NULL: none */
-    int64_t qkv_layout, o_layout, gate_up_layout, down_layout;
     float *k_cache, *v_cache;
 } decoder_layer;
 
@@ -34,10 +43,27 @@ static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* Floats of workspace `decoder_layers_f32` needs for `rows` rows. */
 int64_t decoder_layers_workspace(int64_t rows, int64_t hidden, int64_t hq, int64_t hk, int64_t d, int64_t inter) {
-    const int64_t per_row = hidden /* x */ + (hq + 2 * hk) * d /* qkv */ + (hq + hk) * d /* rotated q, k */ +
+    const int64_t widest = max64(max64(hidden, hq * d), inter), nqkv = (hq + 2 * hk) * d;
+    const int64_t per_row = hidden /* x */ + nqkv /* qkv */ + (hq + hk) * d /* rotated q, k */ +
                             hq * d /* attention */ + hidden /* o */ + 2 * inter /* gate_up */ + inter /* act */ +
-                            max64(max64(hidden, hq * d), inter) /* a block linear's packed rows */;
+                            widest /* a block linear's packed rows */ + max64(nqkv, 2 * inter) /* one part's out */;
     return rows * per_row;
+}
+
+/* y [rows, n] = x . w^T (+ bias): each part into `part_out`, then its columns of y. */
+static void block_linear(const block_weight *w, const float *x, int64_t x_row, const float *bias, float *y,
+                         int64_t rows, int64_t n, int64_t k, float *scratch, float *part_out, int32_t threads) {
+    if (w->parts == 1) {
+        BLOCK_LINEARS[w->layout[0]](x, x_row, w->data[0], bias, y, rows, n, k, scratch, threads);
+        return;
+    }
+    for (int64_t p = 0, column = 0; p < w->parts; column += w->outputs[p++]) {
+        const int64_t width = w->outputs[p];
+        BLOCK_LINEARS[w->layout[p]](x, x_row, w->data[p], bias != NULL ? bias + column : NULL, part_out, rows, width,
+                                    k, scratch, threads);
+        for (int64_t t = 0; t < rows; ++t)
+            memcpy(y + t * n + column, part_out + t * width, (size_t)width * sizeof(float));
+    }
 }
 
 /* hidden [T, H] (and residual [T, H], or NULL when the first layer is a model's first) through `num_layers` layers
@@ -55,7 +81,7 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const f
     const int64_t h = hidden_size, nqkv = (hq + 2 * hk) * d, nrot = (hq + hk) * d;
     float *x = workspace, *qkv = x + rows * h, *rot = qkv + rows * nqkv, *attn = rot + rows * nrot;
     float *o = attn + rows * hq * d, *gate_up = o + rows * h, *act = gate_up + rows * 2 * inter;
-    float *scratch = act + rows * inter;
+    float *scratch = act + rows * inter, *part_out = scratch + rows * max64(max64(h, hq * d), inter);
     for (int64_t i = 0; i < num_layers; ++i) {
         const decoder_layer *l = layers + i;
         const float *layer_in = i == 0 ? hidden : hidden_out;
@@ -66,18 +92,18 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const f
             rmsnorm_f32(layer_in, h, residual, h, l->input_norm, x, residual_out, rows, h, eps, 1);
             residual = residual_out;
         }
-        BLOCK_LINEARS[l->qkv_layout](x, h, l->qkv, l->qkv_bias, qkv, rows, nqkv, h, scratch, linear_threads);
+        block_linear(&l->qkv, x, h, l->qkv_bias, qkv, rows, nqkv, h, scratch, part_out, linear_threads);
         rope_f32(qkv, nqkv, qkv + hq * d, nqkv, positions, cos_sin, rot, rows, hq, hk, d, 1);
         write_kv_f32(rot + hq * d, nrot, qkv + (hq + hk) * d, nqkv, slots, l->k_cache, l->v_cache, rows, hk, d);
         paged_decode_attention_f32(rot, nrot, l->k_cache, l->v_cache, block_tables, max_blocks, context_lens, attn,
                                    rows, hq, hk, d, block_size, scale, window, softcap, attention_threads);
-        BLOCK_LINEARS[l->o_layout](attn, hq * d, l->o_proj, l->o_bias, o, rows, h, hq * d, scratch, linear_threads);
+        block_linear(&l->o_proj, attn, hq * d, l->o_bias, o, rows, h, hq * d, scratch, part_out, linear_threads);
         rmsnorm_f32(o, h, residual, h, l->post_norm, x, residual_out, rows, h, eps, 1);
         residual = residual_out;
-        BLOCK_LINEARS[l->gate_up_layout](x, h, l->gate_up, l->gate_up_bias, gate_up, rows, 2 * inter, h, scratch,
-                                         linear_threads);
+        block_linear(&l->gate_up, x, h, l->gate_up_bias, gate_up, rows, 2 * inter, h, scratch, part_out,
+                     linear_threads);
         silu_mul_f32(gate_up, 2 * inter, act, rows, inter, 1);
-        BLOCK_LINEARS[l->down_layout](act, inter, l->down, l->down_bias, hidden_out, rows, h, inter, scratch,
-                                      linear_threads);
+        block_linear(&l->down, act, inter, l->down_bias, hidden_out, rows, h, inter, scratch, part_out,
+                     linear_threads);
     }
 }

@@ -26,13 +26,28 @@ F32, I32, I64 = torch.float32, torch.int32, torch.int64
 NATIVE_PARALLEL_KEYS = 256
 
 
+MAX_PARTS = 3  # decoder_layers.c's: a fused linear's parts of different kinds (q, k, v)
+
+
+class _Weight(ctypes.Structure):
+    """decoder_layers.c's `block_weight`: a linear's blocks, or its parts side by side."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p * MAX_PARTS),
+        ("layout", ctypes.c_int64 * MAX_PARTS),
+        ("outputs", ctypes.c_int64 * MAX_PARTS),
+        ("parts", ctypes.c_int64),
+    ]
+
+
 class _Layer(ctypes.Structure):
     """decoder_layers.c's `decoder_layer`."""
 
     _fields_ = [
-        *((name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "qkv", "o_proj", "gate_up", "down")),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        *((name, _Weight) for name in ("qkv", "o_proj", "gate_up", "down")),
         *((name, ctypes.c_void_p) for name in ("qkv_bias", "o_bias", "gate_up_bias", "down_bias")),
-        *((name, ctypes.c_int64) for name in ("qkv_layout", "o_layout", "gate_up_layout", "down_layout")),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
     ]
@@ -40,7 +55,7 @@ class _Layer(ctypes.Structure):
 
 class NativeDecoderLayers:
     """`(hidden, residual, positions, meta) -> (hidden, residual) | None` over the layers given to `build`, whose
-    linears are their InterleavedBlocks."""
+    linears are tuples of InterleavedBlocks: one, or a fused linear's parts of different kinds."""
 
     def __init__(self, native: NativeKernels, layers: list[DecoderLayer], shape: DecoderShape, max_rows: int) -> None:
         self._lib = native.library
@@ -140,8 +155,24 @@ def seen_keys(context: int, window: int) -> int:
     return min(context, window) if window > 0 else context
 
 
-def _fits_blocks(blocks: InterleavedBlocks | None, n: int, k: int) -> bool:
-    return blocks is not None and blocks.layout in LAYOUTS and (blocks.out_features, blocks.in_features) == (n, k)
+def _fits_blocks(parts: tuple[InterleavedBlocks, ...], n: int, k: int) -> bool:
+    return (
+        0 < len(parts) <= MAX_PARTS
+        and all(p.layout in LAYOUTS and p.in_features == k for p in parts)
+        and sum(p.out_features for p in parts) == n
+    )
+
+
+def _weight(parts: tuple[InterleavedBlocks, ...]) -> _Weight:
+    def each(values: list[int]) -> list[int]:
+        return values + [0] * (MAX_PARTS - len(values))
+
+    return _Weight(
+        (ctypes.c_void_p * MAX_PARTS)(*each([p.data.data_ptr() for p in parts])),
+        (ctypes.c_int64 * MAX_PARTS)(*each([LAYOUTS.index(p.layout) for p in parts])),
+        (ctypes.c_int64 * MAX_PARTS)(*each([p.out_features for p in parts])),
+        len(parts),
+    )
 
 
 def _struct(layer: DecoderLayer) -> _Layer:
@@ -151,9 +182,8 @@ def _struct(layer: DecoderLayer) -> _Layer:
     return _Layer(
         address(layer.input_norm),
         address(layer.post_norm),
-        *(getattr(layer, name).data.data_ptr() for name in ("qkv", "o_proj", "gate_up", "down")),
+        *(_weight(getattr(layer, name)) for name in ("qkv", "o_proj", "gate_up", "down")),
         *(address(b) for b in (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)),
-        *(LAYOUTS.index(getattr(layer, name).layout) for name in ("qkv", "o_proj", "gate_up", "down")),
         address(layer.k_cache),
         address(layer.v_cache),
     )

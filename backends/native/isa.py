@@ -3,7 +3,7 @@
 Each variant is the same C sources compiled with the flags of one x86 level; the kernels' vector code widens with
 what the compiler may use (AVX-512's 512-bit registers and masked loads, AVX2's 256-bit FMA), and their `#if`
 paths pick intrinsics by the `__AVX512F__` / `__AVX2__` the flags define. The best variant whose instructions the CPU
-has (its /proc/cpuinfo flags) is loaded; `SAGELLM_NATIVE_ISA=avx2` (or `portable`) asks for a lower one. Every
+has (its /proc/cpuinfo flags) is loaded; `SAGELLM_NATIVE_ISA=avx512` (`avx2`, `portable`) asks for a lower one. Every
 variant is built from explicit flags, never `-march=native`, so a library is the same on every machine that builds
 it, and a CPU without a variant's instructions never loads it."""
 
@@ -26,21 +26,17 @@ class Variant:
     cflags: tuple[str, ...]
 
 
+AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c")
+AVX512_CFLAGS = tuple(f"-m{flag}" for flag in AVX512) + ("-mprefer-vector-width=512",)
 X86_VARIANTS = (  # best first
+    # Ice Lake and later, Zen 4: VNNI's vpdpbusd does the K-quant decode linears' int8 dot products in one
+    # instruction, not two, and VBMI's vpermb regroups Q6_K's bytes for them in one (block_int8.c).
     Variant(
-        "avx512",
-        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
-        (
-            "-mavx512f",
-            "-mavx512bw",
-            "-mavx512vl",
-            "-mavx512dq",
-            "-mavx2",
-            "-mfma",
-            "-mf16c",
-            "-mprefer-vector-width=512",
-        ),
+        "avx512vnni",
+        frozenset({*AVX512, "avx512_vnni", "avx512vbmi"}),
+        (*AVX512_CFLAGS, "-mavx512vnni", "-mavx512vbmi"),
     ),
+    Variant("avx512", frozenset(AVX512), AVX512_CFLAGS),
     Variant("avx2", frozenset({"avx2", "fma", "f16c"}), ("-mavx2", "-mfma", "-mf16c")),
     Variant("portable", frozenset(), ("-march=x86-64",)),
 )

@@ -106,14 +106,14 @@ class NativeKernels:
 
     @property
     def isa(self) -> str:
-        """The instruction-set variant the loaded library was built for (avx512, avx2, portable)."""
+        """The instruction-set variant the loaded library was built for (avx512vnni, avx512, avx2, portable)."""
         return self._lib.isa
 
     @property
     def block_group(self) -> int:
         """Outputs per group of the interleaved layouts this library reads fastest: one vector register of floats
         (16 with AVX-512, else 8). Every library reads both."""
-        return 16 if self.isa == "avx512" else 8
+        return 16 if self.isa.startswith("avx512") else 8
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1) -> torch.Tensor:
         rows, hidden = x.shape

@@ -5,6 +5,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 /* Eight and sixteen floats (GCC/Clang vector extension: one AVX2 or AVX-512 register, split into narrower ones by
  * the compiler where the instruction set has none so wide). The kernels work on them explicitly because the
  * compiler's own `omp simd` reductions spill the lanes and add them one by one, and it will not keep an accumulator
@@ -26,6 +30,28 @@ static inline f32x8 load8(const float *p) { return LOAD(f32x8, p); }
 static inline f32x16 load16(const float *p) { return LOAD(f32x16, p); }
 static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof(v)); }
 static inline void store16(float *p, f32x16 v) { memcpy(p, &v, sizeof(v)); }
+
+/* Eight sign-extended int8s; the vector extension's own conversion is scalarized by GCC, one byte at a time. */
+static inline i32x8 widen8(const uint8_t *p) {
+#if defined(__AVX2__)
+    return (i32x8)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    int8_t q[8];
+    memcpy(q, p, sizeof(q));
+    return (i32x8){q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]};
+#endif
+}
+
+/* Sixteen sign-extended int8s (see widen8). */
+static inline i32x16 widen16(const uint8_t *p) {
+#if defined(__AVX512F__)
+    return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+#else
+    const i32x8 low = widen8(p), high = widen8(p + 8);
+    return (i32x16){low[0],  low[1],  low[2],  low[3],  low[4],  low[5],  low[6],  low[7],
+                    high[0], high[1], high[2], high[3], high[4], high[5], high[6], high[7]};
+#endif
+}
 
 /* exp(x) for the softmax and SiLU loops. glibc's vector expf is only declared under -ffast-math, which would also
  * let the compiler reorder every other float expression here; this branch-free version vectorizes inside

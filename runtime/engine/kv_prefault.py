@@ -77,6 +77,3 @@ class KVPrefault:
                 log.debug("kv_prefault_unavailable", errno=ctypes.get_errno())
                 return False
         return True
-
-
-

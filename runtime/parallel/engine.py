@@ -42,7 +42,9 @@ def planned(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCo
     model = loaded or load_model(config.model, load_tokenizer=False, load_weights=False)
     devices = Devices.from_topology(machine_topology(), use_gpus=config.backend != "cpu")
     try:
-        choice = ParallelismOptimizer().recommend_strategy(model.config, devices).config
+        stored = stored_bytes_per_param(model) if devices.kind == "cpu" else None  # other backends dequantize
+        planner = ParallelismOptimizer(weight_bytes_per_param=stored)
+        choice = planner.recommend_strategy(model.config, devices).config
         tp, pp = choice.tp, choice.pp
     except PlanError as error:
         log.warning("parallelism_plan_failed", model=model.name, reason=str(error))
@@ -51,3 +53,17 @@ def planned(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCo
         tensor_parallel_size=config.tensor_parallel_size or tp,
         pipeline_parallel_size=config.pipeline_parallel_size or pp,
     )
+
+
+def stored_bytes_per_param(model: LoadedModel) -> float | None:
+    """Bytes a parameter takes as a GGUF file's blocks hold it (the CPU keeps them so), or None for weights read
+    into the engine's dtype. Counted from the blocks kept and the dense weights beside them (norms, and kinds the
+    kernels do not read, at 4 bytes); a file loaded without weights has none to count."""
+    if not model.quantized:
+        return None
+    from sagellm.runtime.parallel.model_shape import ModelShape
+
+    params = ModelShape.of(model.config).num_params()
+    kept = sum(w.blocks.numel() for w in model.quantized.values())
+    kept_params = sum(w.out_features * w.in_features for w in model.quantized.values())
+    return (kept + 4 * max(0, params - kept_params)) / params

@@ -8,11 +8,18 @@ from sagellm.runtime.parallel.model_shape import DTYPE_BYTES, GIB, ModelShape
 from sagellm.runtime.parallel.plan import Alternative
 
 
-def explain(shape: ModelShape, devices: Devices, ranked: list[Alternative], dtype: str, tokens: int) -> str:
+def explain(
+    shape: ModelShape,
+    devices: Devices,
+    ranked: list[Alternative],
+    dtype: str,
+    tokens: int,
+    weight_bytes: float | None = None,
+) -> str:
     choice = ranked[0]
     split = choice.config
     parts = [
-        _needs(shape, dtype, tokens),
+        _needs(shape, dtype, tokens, weight_bytes),
         f"Devices: {devices.describe()}.",
         f"Recommended {split}: {'; '.join(_what_it_does(shape, devices, choice))}.",
         f"Each device holds {gib(choice.weights_gib)} GiB of weights and {gib(choice.kv_gib)} GiB of KV cache "
@@ -31,16 +38,25 @@ def explain(shape: ModelShape, devices: Devices, ranked: list[Alternative], dtyp
     return " ".join(parts)
 
 
-def too_big(shape: ModelShape, devices: Devices, ranked: list[Alternative], dtype: str, tokens: int) -> str:
+def too_big(
+    shape: ModelShape,
+    devices: Devices,
+    ranked: list[Alternative],
+    dtype: str,
+    tokens: int,
+    weight_bytes: float | None = None,
+) -> str:
     closest = min(ranked, key=lambda a: a.total_gib)
     return (
-        f"{_needs(shape, dtype, tokens)} No split over {devices.describe()} holds it: the leanest, {closest.config}, "
+        f"{_needs(shape, dtype, tokens, weight_bytes)} No split over {devices.describe()} holds it: the leanest, "
+        f"{closest.config}, "
         f"still needs {gib(closest.total_gib)} GiB per device ({gib(closest.weights_gib)} weights + "
         f"{gib(closest.kv_gib)} KV). Add devices, use a smaller dtype, or hold fewer KV tokens (max_model_len)."
     )
 
 
-def _needs(shape: ModelShape, dtype: str, tokens: int) -> str:
+def _needs(shape: ModelShape, dtype: str, tokens: int, weight_bytes: float | None) -> str:
+    """`weight_bytes`: per parameter, where the weights are held otherwise than in `dtype` (a GGUF's blocks)."""
     bytes_per = DTYPE_BYTES[dtype]
     params = shape.num_params()
     active = ""
@@ -48,10 +64,11 @@ def _needs(shape: ModelShape, dtype: str, tokens: int) -> str:
         inactive = (shape.num_experts - shape.experts_per_token) * shape.expert_params * shape.config.num_layers
         active = f" ({_count(params - inactive)} active per token: {shape.experts_per_token} of "
         active += f"{shape.num_experts} experts)"
-    weights = params * bytes_per / GIB
+    weights = params * (weight_bytes or bytes_per) / GIB
+    held = f"as stored ({8 * weight_bytes:.2f} bits a parameter)" if weight_bytes else f"in {dtype}"
     kv = shape.kv_bytes_per_token(bytes_per) * tokens / GIB
     return (
-        f"{shape.label} has {_count(params)} parameters{active}: {gib(weights)} GiB of weights in {dtype}, "
+        f"{shape.label} has {_count(params)} parameters{active}: {gib(weights)} GiB of weights {held}, "
         f"and {gib(kv)} GiB of KV cache for {tokens} tokens; {gib(weights + kv)} GiB in all."
     )
 

@@ -79,7 +79,7 @@ class ModelShape:
         return c.num_layers * 2 * c.num_kv_heads * c.head_dim * dtype_bytes
 
     # -- one device's share ---------------------------------------------------------------------------------------
-    def weights_per_device(self, split: ParallelismConfig, dtype_bytes: int) -> int:
+    def weights_per_device(self, split: ParallelismConfig, bytes_per_param: float) -> int:
         """Bytes of weights on the fullest device of `split`."""
         c = self.config
         attention = self.attention_params * self.kv_groups_per_rank(split.tp) / c.num_kv_heads
@@ -91,7 +91,7 @@ class ModelShape:
         # The first stage's embedding is whole on every rank, the last stage's untied head a vocabulary slice; one
         # stage holding both keeps both (a tied head is the embedding itself).
         head = self.vocab_params / split.tp if split.pp == 1 and not c.tie_word_embeddings else 0
-        return math.ceil((layers + self.vocab_params + head + c.hidden_size) * dtype_bytes)
+        return math.ceil((layers + self.vocab_params + head + c.hidden_size) * bytes_per_param)
 
     def kv_per_device(self, split: ParallelismConfig, tokens: int, dtype_bytes: int) -> int:
         """Bytes of KV cache on the fullest device for `tokens` tokens of one replica."""

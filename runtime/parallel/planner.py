@@ -34,12 +34,16 @@ DEFAULT_DTYPE = {"gpu": "bf16", "cpu": "fp32"}  # what each kind of device compu
 @dataclass(frozen=True)
 class ParallelismOptimizer:
     dtype: str | None = None  # of weights and KV cache; None: bf16 on GPUs, fp32 on the CPU
+    # Bytes a weight parameter takes where not the dtype's: a GGUF file's blocks, kept as they are (~0.6 for Q4_K_M).
+    weight_bytes_per_param: float | None = None
     kv_tokens: int | None = None  # KV cache each replica must hold; None: the model's context length
     weights_share: float = 0.5  # of usable memory, beyond which a split is tight
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_BYTES:
             raise InvalidInput(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.weight_bytes_per_param is not None and not self.weight_bytes_per_param > 0:
+            raise InvalidInput(f"weight_bytes_per_param must be > 0, got {self.weight_bytes_per_param}")
         if self.kv_tokens is not None and self.kv_tokens < 1:
             raise InvalidInput(f"kv_tokens must be >= 1, got {self.kv_tokens}")
 
@@ -54,13 +58,14 @@ class ParallelismOptimizer:
         size = min((a.config.replica_size for a in roomy or fitting), default=0)
         ranked = sorted(sized, key=lambda a: _rank(a, size))
         if not ranked[0].fits:
-            raise PlanError(too_big(shape, devices, ranked, dtype, tokens), ranked)
-        return Recommendation(ranked[0], ranked, explain(shape, devices, ranked, dtype, tokens))
+            raise PlanError(too_big(shape, devices, ranked, dtype, tokens, self.weight_bytes_per_param), ranked)
+        why = explain(shape, devices, ranked, dtype, tokens, self.weight_bytes_per_param)
+        return Recommendation(ranked[0], ranked, why)
 
     def _size(
         self, shape: ModelShape, devices: Devices, split: ParallelismConfig, dtype_bytes: int, tokens: int
     ) -> Alternative:
-        weights = shape.weights_per_device(split, dtype_bytes) / GIB
+        weights = shape.weights_per_device(split, self.weight_bytes_per_param or dtype_bytes) / GIB
         kv = shape.kv_per_device(split, tokens, dtype_bytes) / GIB
         return Alternative(
             split,

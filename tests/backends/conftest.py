@@ -13,8 +13,8 @@ from sagellm.backends.native.isa import runnable
 
 @pytest.fixture(scope="session", params=runnable(), ids=lambda variant: variant.name)
 def native(request) -> NativeKernels:
-    """The built library, once per instruction-set variant this CPU runs (avx512, avx2, portable here): every kernel
-    test checks every path the machine can run."""
+    """The built library, once per instruction-set variant this CPU runs (avx512vnni, avx512, avx2, portable here):
+    every kernel test checks every path the machine can run."""
     kernels = NativeKernels.load(request.param)
     assert kernels is not None, "a C compiler is on PATH, so the native kernels must build"
     assert kernels.isa == request.param.name

@@ -73,6 +73,12 @@ def side_by_side(values: list[list], dtype: str) -> bytes:
     return np.array(values, dtype).T.tobytes()
 
 
+def lanes(values: list[list[int]]) -> bytes:
+    """values[j][e] (bytes) in chunks of 4 entries: per chunk a 32-bit lane per output j holding its 4 entries in
+    order, as q4kx arranges its nibble pairs for the int8 dot products."""
+    return bytes(values[j][4 * c + i] for c in range(len(values[0]) // 4) for j in range(len(values)) for i in range(4))
+
+
 def reference_block(kind: str, outputs: list[dict], group: int) -> list[bytes]:
     """The layout's bytes per (group, block of the layout's inputs): per sub-block of 32 for q4x / q8x."""
     if LAYOUT[kind] == "q8x":
@@ -90,9 +96,12 @@ def reference_block(kind: str, outputs: list[dict], group: int) -> list[bytes]:
         return [head + side_by_side([o["q"] for o in outputs], "i1")]
     head = side_by_side([[o["d"]] for o in outputs], "f4") + side_by_side([[o["dmin"]] for o in outputs], "f4")
     head += side_by_side([o["sc"] for o in outputs], "i1") + side_by_side([o["m"] for o in outputs], "i1")
-    low = words([[v & 0xF for v in o["q"]] for o in outputs], group)
-    if kind == "Q4_K":
-        return [head + low]
+    nibbles = [[v & 0xF for v in o["q"]] for o in outputs]
+    if kind == "Q4_K":  # chunks of 8 inputs: byte i of a lane holds input i low, 4 + i high
+        return [
+            head + lanes([[q[i] | q[i + 4] << 4 for c in range(0, 256, 8) for i in range(c, c + 4)] for q in nibbles])
+        ]
+    low = words(nibbles, group)
     masks = [sum((outputs[j]["q"][i] >> 4) << j for j in range(group)) for i in range(256)]
     return [head + low + np.array(masks, "<u1" if group == 8 else "<u2").tobytes()]
 

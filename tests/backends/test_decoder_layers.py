@@ -40,7 +40,7 @@ def tiny_ggufs(tmp_path_factory):
     hf_dir = make_tiny_llama(root / "llama_k", hidden_size=256, intermediate_size=512)  # 4 heads of 64
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tiny_models, "quantize", kquant_pack.quantize)
-        for qtype in K_QTYPES:
+        for qtype in (*K_QTYPES, "Q4_K_M"):
             made["llama", qtype] = write_tiny_gguf(root / f"llama.{qtype}.gguf", hf_dir, qtype)
     return made
 
@@ -107,8 +107,15 @@ def test_fused_layers_are_bit_identical_to_op_by_op(tiny_ggufs, monkeypatch, arc
 @pytest.mark.parametrize("qtype", list(K_QTYPES))
 def test_fused_layers_read_q5_0_and_the_k_quants_bit_identically(tiny_ggufs, monkeypatch, qtype, variant):
     monkeypatch.setenv(ISA_ENV, variant.name)
-    layout = K_QTYPES[qtype] + ("16" if variant.name == "avx512" else "8")
+    layout = K_QTYPES[qtype] + ("16" if variant.name.startswith("avx512") else "8")
     with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs["llama", qtype], prompts(5), 8, {layout})
+    assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 7
+    assert with_fused == op_by_op
+
+
+def test_fused_layers_read_a_q4_k_m_files_linears_of_mixed_kinds_bit_identically(tiny_ggufs):
+    """Q4_K_M: q/k Q4_K beside a Q6_K v, so the fused qkv is read as parts, and layers differ in their down's kind."""
+    with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs["llama", "Q4_K_M"], prompts(5), 8)
     assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 7
     assert with_fused == op_by_op
 

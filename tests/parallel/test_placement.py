@@ -14,8 +14,11 @@ import pytest
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import EngineConfig
-from sagellm.runtime.parallel.engine import planned
-from tests.tiny_models import make_tiny_llama
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.parallel.devices import Devices
+from sagellm.runtime.parallel.engine import planned, stored_bytes_per_param
+from sagellm.runtime.parallel.planner import ParallelismOptimizer
+from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 
 PLACED = """
 import json, os, sys, torch
@@ -64,3 +67,20 @@ def test_unset_sizes_are_the_planners_and_given_ones_are_kept(model, tmp_path):
     assert (chosen.tensor_parallel_size, chosen.pipeline_parallel_size) == (2, 1)
     huge = make_tiny_llama(tmp_path / "huge", max_position_embeddings=10**9)
     assert planned(EngineConfig(model=str(huge), backend="cpu")).world_size == 1
+
+
+def test_a_gguf_is_sized_as_the_blocks_the_cpu_keeps(model, tmp_path):
+    """A Q4_K_M file's weights take its blocks' bytes on the CPU, not 4 bytes a parameter: the planner sizes what the
+    engine will hold (a 7B Q4_K_M would otherwise be 28 GB and fit nowhere on this machine) and says so."""
+    wide = make_tiny_llama(tmp_path / "wide", hidden_size=256, intermediate_size=512)
+    gguf = load_model(write_tiny_gguf(tmp_path / "wide.gguf", wide, "Q4_K_M"), load_tokenizer=False)
+    per_param = stored_bytes_per_param(gguf)
+    assert per_param is not None and 0.55 < per_param < 1.0  # ~4.5-6.6 bits a weight, norms at 32
+    assert stored_bytes_per_param(load_model(str(model), load_tokenizer=False)) is None  # safetensors: the dtype's
+    devices = Devices("cpu", 1, 24.0, 1, "CPU")
+    fp32 = ParallelismOptimizer(kv_tokens=64).recommend_strategy(gguf.config, devices)
+    stored = ParallelismOptimizer(kv_tokens=64, weight_bytes_per_param=per_param).recommend_strategy(
+        gguf.config, devices
+    )
+    assert stored.choice.weights_gib == pytest.approx(fp32.choice.weights_gib * per_param / 4, rel=1e-3)
+    assert f"as stored ({8 * per_param:.2f} bits a parameter)" in stored.explanation

@@ -1,0 +1,14 @@
+/* The interleaved GGUF layouts' sizes, shared by the kernels that read them (block_linear.c draws the layouts,
+ * block_layout.py writes them). */
+#ifndef SAGELLM_BLOCK_LAYOUTS_H
+#define SAGELLM_BLOCK_LAYOUTS_H
+
+enum { QK = 32, QK_K = 256 }; /* inputs per block, per K-quant super-block */
+enum { Q4X8_BLOCK = 16 * 4 + QK * 4, Q8X8_BLOCK = 8 * 4 + QK * 8 };      /* bytes per (group, block) */
+enum { Q4X16_BLOCK = 32 * 4 + QK * 8, Q8X16_BLOCK = 16 * 4 + QK * 16 }; /* the same for groups of 16 */
+/* Bytes per (group, super-block) of the K-quant layouts: per output 8 + 16 + 128 (q4kx), + 32 (q5kx), 4 + 16 + 256
+ * (q6kx). */
+enum { Q4KX8_BLOCK = 152 * 8, Q4KX16_BLOCK = 152 * 16 };
+enum { Q5KX8_BLOCK = 184 * 8, Q5KX16_BLOCK = 184 * 16, Q6KX8_BLOCK = 276 * 8, Q6KX16_BLOCK = 276 * 16 };
+
+#endif
