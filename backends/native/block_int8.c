@@ -3,7 +3,7 @@
  *
  * Dequantizing a 4-bit weight to fp32 and multiplying costs ~5 vector instructions per 16 weights (extract, convert,
  * scale, offset, FMA): at one row that, not memory, bounds block_linear.c's Q4_K kernel (~8 GB/s on two AVX-512
- * cores). Here the weights stay integers: an x row is split per 32 inputs into a scale s and PIECES int8 pieces,
+ * cores; ~16 here). Here the weights stay integers: an x row is split per 32 inputs into a scale s and PIECES int8 pieces,
  * x = s (p1 + p2 / 254 + p3 / 254^2) to within 2^-24 of the 32 inputs' largest |x| (fp32's own precision at that
  * magnitude: the pieces are rounded remainders, each 254x finer than the one before), and each sub-block's
  * sum of q * piece is a u8 x s8 dot product, 64 multiply-adds per AVX-512 VNNI instruction (vpdpbusd; AVX-512BW and
@@ -14,11 +14,12 @@
  * weights to within fp32 rounding of the activations, not bit for bit: llama.cpp's kernels round x to one int8 piece
  * (2^-8 of the largest |x|), these keep three.
  *
- * The layouts are block_linear.c's: q4kxG's 4-bit q in chunks of 8 inputs, a 32-bit lane per output whose byte i
- * holds input i (low nibble) and 4 + i (high), so masking a chunk gives one vpdpbusd operand for inputs 0-3 and
- * shifting it one for 4-7; q6kxG's q + 32 (0..63) in chunks of 4 inputs, a lane per output. Each broadcast of 4
- * bytes of a piece multiplies G outputs' weights at once. Rows are taken PIECE_ROWS at a time, their int32 sums
- * (PIECES per row) and fp32 accumulators in registers, the weights' chunks loaded once per tile of rows. */
+ * The layouts are block_linear.c's: q4kxG's (and q5kxG's) 4-bit q in chunks of 8 inputs, a 32-bit lane per output
+ * whose byte i holds input i (low nibble) and 4 + i (high), so masking a chunk gives one vpdpbusd operand for inputs
+ * 0-3 and shifting it one for 4-7 (Q5_K's fifth bits shifted into them); q6kxG's int8 q - 32, an input's G outputs
+ * side by side as the fp32 kernel widens them, regrouped 4 inputs at a time into a lane per output (q6_lanes). Each
+ * broadcast of 4 bytes of a piece multiplies G outputs' weights at once. Rows are taken PIECE_ROWS at a time, their
+ * int32 sums (PIECES per row) and fp32 accumulators in registers, the weights' chunks loaded once per tile of rows. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -109,6 +110,8 @@ static inline i32x16 dot16(i32x16 acc, i32x16 u, i32x16 s) {
 #endif
 }
 
+typedef uint32_t u32x8 __attribute__((vector_size(32))); /* i32x8, i32x16 unsigned: left shifts defined */
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef int8_t i8x32 __attribute__((vector_size(32)));
 typedef int8_t i8x64 __attribute__((vector_size(64)));
 
@@ -144,8 +147,11 @@ static inline int32_t four_bytes(const int8_t *p) {
      (__builtin_convertvector((sums)[1], V) + __builtin_convertvector((sums)[2], V) * (1.0f / PIECE_STEP)) *          \
          (1.0f / PIECE_STEP))
 
-/* y[rt, G] (rows n apart) += one group's Q4_K weights times rows t0.. of x's pieces, over `blocks` super-blocks. */
-#define Q4K_TILE(NAME, V, I, G, DOT, BYTES)                                                                            \
+/* y[rt, G] (rows n apart) += one group's Q4_K (FIFTH 0) or Q5_K (1) weights times rows t0.. of x's pieces, over
+ * `blocks` super-blocks. Q5_K's fifth bits (a lane per output per sub-block, block_linear.c's q5kx) go to bit 4 of
+ * the chunk's bytes: input 8c + i's sits at bit 8i + c (low half) or 8i + 4 + c (high), so shifting the lane by
+ * 4 - c up, or c down, and masking bit 4 of each byte places a chunk's. */
+#define Q4K_TILE(NAME, V, I, G, DOT, BYTES, FIFTH)                                                                     \
     static inline __attribute__((always_inline)) void NAME(const pieces_t *x, int64_t t0, const uint8_t *group,       \
                                                            int64_t blocks, V *acc, const int rt) {                    \
         for (int64_t b = 0; b < blocks; ++b) {                                                                         \
@@ -155,9 +161,14 @@ static inline int32_t four_bytes(const int8_t *p) {
                 const V step = d * __builtin_convertvector(widen##G(block + 8 * G + G * j), V);                       \
                 const V offset = -(dmin * __builtin_convertvector(widen##G(block + 16 * G + G * j), V));              \
                 I sums[PIECE_ROWS][PIECES] = {};                                                                       \
+                const I fifth = FIFTH ? LOAD(I, block + 152 * G + 4 * G * j) : (I){};                                  \
                 for (int c = 0; c < 4; ++c) {                                                                          \
                     const I raw = LOAD(I, block + 24 * G + 4 * G * (4 * j + c));                                       \
-                    const I low = raw & 0x0F0F0F0F, high = (raw >> 4) & 0x0F0F0F0F;                                    \
+                    I low = raw & 0x0F0F0F0F, high = (raw >> 4) & 0x0F0F0F0F;                                          \
+                    if (FIFTH) {                                                                                       \
+                        low |= (I)((u32x##G)fifth << (4 - c)) & 0x10101010;                                            \
+                        high |= (fifth >> c) & 0x10101010;                                                             \
+                    }                                                                                                  \
                     const int64_t at = 256 * b + 32 * j + 8 * c;                                                       \
                     for (int t = 0; t < rt; ++t)                                                                       \
                         for (int p = 0; p < PIECES; ++p) {                                                             \
@@ -201,8 +212,10 @@ static inline int32_t four_bytes(const int8_t *p) {
         }                                                                                                              \
     }
 
-Q4K_TILE(q4kx8_pieces, f32x8, i32x8, 8, dot8, Q4KX8_BLOCK)
-Q4K_TILE(q4kx16_pieces, f32x16, i32x16, 16, dot16, Q4KX16_BLOCK)
+Q4K_TILE(q4kx8_pieces, f32x8, i32x8, 8, dot8, Q4KX8_BLOCK, 0)
+Q4K_TILE(q4kx16_pieces, f32x16, i32x16, 16, dot16, Q4KX16_BLOCK, 0)
+Q4K_TILE(q5kx8_pieces, f32x8, i32x8, 8, dot8, Q5KX8_BLOCK, 1)
+Q4K_TILE(q5kx16_pieces, f32x16, i32x16, 16, dot16, Q5KX16_BLOCK, 1)
 Q6K_TILE(q6kx8_pieces, f32x8, i32x8, 8, dot8, Q6KX8_BLOCK)
 Q6K_TILE(q6kx16_pieces, f32x16, i32x16, 16, dot16, Q6KX16_BLOCK)
 
@@ -236,5 +249,7 @@ Q6K_TILE(q6kx16_pieces, f32x16, i32x16, 16, dot16, Q6KX16_BLOCK)
 
 PIECE_LINEAR(linear_q4kx8_i8, q4kx8_pieces, f32x8, 8, Q4KX8_BLOCK)
 PIECE_LINEAR(linear_q4kx16_i8, q4kx16_pieces, f32x16, 16, Q4KX16_BLOCK)
+PIECE_LINEAR(linear_q5kx8_i8, q5kx8_pieces, f32x8, 8, Q5KX8_BLOCK)
+PIECE_LINEAR(linear_q5kx16_i8, q5kx16_pieces, f32x16, 16, Q5KX16_BLOCK)
 PIECE_LINEAR(linear_q6kx8_i8, q6kx8_pieces, f32x8, 8, Q6KX8_BLOCK)
 PIECE_LINEAR(linear_q6kx16_i8, q6kx16_pieces, f32x16, 16, Q6KX16_BLOCK)

@@ -10,8 +10,8 @@ Layouts per kind, in bits per weight (bpw) resident, against the file's:
   q4kxG Q4_K (4.5)                            4.75 bpw: per 256 inputs fp32 d, dmin and int8 sc[8], m[8] (the 6-bit
         scales, unpacked), per input a 4-bit q, in chunks of 8 inputs a 32-bit lane per output (the int8 dot
         products' operands); the kernel forms D = d * sc_j, M = -(dmin * m_j).
-  q5kxG Q5_K (5.5)                            5.75 bpw: q4kxG's scales, the 4-bit q as q4xG's words, then per input
-        the fifth bit of q.
+  q5kxG Q5_K (5.5)                            5.75 bpw: q4kxG's fields, then per 32 inputs a 32-bit lane per output of
+        their fifth bits.
   q6kxG Q6_K (6.56)                           8.625 bpw: per 256 inputs fp32 d and int8 sc[16], per input an int8
         q - 32; the kernel forms D = d * sc_j per 16 inputs.
 Q4_K once took q4x (its D, M per 32 inputs as floats: 6.0 bpw); q4kx forms them per 32 inputs in the kernel instead,
@@ -106,15 +106,10 @@ def _q4_simple(d: np.ndarray, m: np.ndarray, packed: np.ndarray, group: int, out
 
 
 def _q4_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
-    """q4kxG: the scales, then the 4-bit q in 32 chunks of 8 inputs, chunk c a 32-bit lane per output whose byte i
-    holds input 8c + i low and 8c + 4 + i high. Q4_K's qs (after its 16 bytes of scales) hold input 64h + l in the
-    low nibble of qs[32h + l], 64h + 32 + l in its high one."""
+    """q4kxG: the scales, then the 4-bit q in 32 chunks of 8 inputs (`_nibble_chunks`; Q4_K's qs follow its 16 bytes
+    of scales)."""
     _k_scales(blocks, group, out)
-    n, s = blocks.shape[:2]
-    qs = blocks[..., 16:].reshape(n, s, 4, 1, 32)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, s, 32, 2, 4)  # [N, S, chunk, low / high, byte]
-    lanes = _by_group(q[:, :, :, 0] | (q[:, :, :, 1] << 4), group)  # [N / G, S, chunk, byte, G]
-    _part(out, 24 * group, 32, group, 4)[:] = np.swapaxes(lanes, -1, -2)
+    _nibble_chunks(blocks[..., 16:], group, out)
 
 
 def _q4x_scales(d: np.ndarray, m: np.ndarray, group: int, out: np.ndarray) -> None:
@@ -123,17 +118,31 @@ def _q4x_scales(d: np.ndarray, m: np.ndarray, group: int, out: np.ndarray) -> No
     scales[..., :group], scales[..., group : 2 * group] = _by_group(d, group), _by_group(m, group)
 
 
+# Where q5kx's lane holds the fifth bit of a sub-block's input e = 8c + i: bit 8 (i % 4) + 4 (i / 4) + c.
+FIFTH_BIT_AT = np.array([8 * (e % 4) + 4 * (e % 8 // 4) + e // 8 for e in range(32)], dtype=np.uint32)
+
+
 def _q5_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
-    """q5kxG: q4kxG's scales, then 256 nibble words as q4xG's (sub-block 2c from the low nibbles of Q5_K's
-    qs[32c ..], after its 32 bytes of fifth bits; 2c + 1 from the high ones), then 256 masks of G bits: input i's,
-    bit j the fifth bit of output j."""
+    """q5kxG: q4kxG's fields (Q5_K's qs after its 32 bytes of fifth bits), then per sub-block of 32 inputs a uint32
+    per output of their fifth bits, input 8c + i's (c < 4, i < 8) at bit 8 (i % 4) + 4 (i / 4) + c (block_linear.c
+    and block_int8.c read them so)."""
     _k_scales(blocks, group, out)
-    n, s = blocks.shape[:2]
-    words = _part(out, 24 * group, 4, 2, 32, group // 2)  # [G, S, chunk of 64 inputs, low / high half, 32, bytes]
-    qs = blocks[..., 48:].reshape(n, s, 4, 32)
-    words[:, :, :, 0], words[:, :, :, 1] = _nibble_words(qs, group, False), _nibble_words(qs, group, True)
-    fifth = _by_group(q5_k_fifth_bits(blocks), group)  # [G, S, 8 sub-blocks, 32, group]
-    _part(out, 152 * group, 8, 32, group // 8)[:] = np.packbits(fifth, axis=-1, bitorder="little")
+    _nibble_chunks(blocks[..., 48:], group, out)
+    fifth = q5_k_fifth_bits(blocks).astype(np.uint32)  # [N, S, 8 sub-blocks, 32]
+    lanes = (fifth << FIFTH_BIT_AT).sum(axis=-1, dtype=np.uint32)  # [N, S, 8]
+    lanes = np.ascontiguousarray(_by_group(lanes, group))  # [N / G, S, 8, G]
+    _part(out, 152 * group, 8, group, 4)[:] = lanes.view(np.uint8).reshape(*lanes.shape, 4)
+
+
+def _nibble_chunks(qs: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q4kxG's and q5kxG's 4-bit q from a Q4_K / Q5_K qs [N, S, 128] (input 64h + l in the low nibble of qs[32h + l],
+    64h + 32 + l in its high one): 32 chunks of 8 inputs after the scales, chunk c a 32-bit lane per output whose
+    byte i holds input 8c + i low and 8c + 4 + i high."""
+    n, s = qs.shape[:2]
+    qs = qs.reshape(n, s, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, s, 32, 2, 4)  # [N, S, chunk, low / high, byte]
+    lanes = _by_group(q[:, :, :, 0] | (q[:, :, :, 1] << 4), group)  # [N / G, S, chunk, byte, G]
+    _part(out, 24 * group, 32, group, 4)[:] = np.swapaxes(lanes, -1, -2)
 
 
 def _k_scales(blocks: np.ndarray, group: int, out: np.ndarray) -> None:

@@ -1,5 +1,5 @@
 /* Linears over GGUF-quantized weights for small-batch decode, called through ctypes by sagellm.backends.native.
- * Q4_K and Q6_K at up to INT8_MAX_ROWS rows go to block_int8.c's int8 dot products instead (kernels.h says why).
+ * Q4_K, Q5_K and Q6_K at up to INT8_MAX_ROWS rows go to block_int8.c's int8 dot products instead (kernels.h says why).
  *
  * Decode streams every weight once per step. A Q4_1 weight is 0.75 bytes per value in the layout below where its
  * dequantized fp32 copy is 4, so these kernels read 5x less memory than the fp32 GEMMs; they dequantize in registers
@@ -21,8 +21,8 @@
  *                       chunks of 8 inputs, each a 32-bit lane per output whose byte i holds input i (low nibble)
  *                       and 4 + i (high), the operands of block_int8.c's dot products; sub-block j (32 inputs) has
  *                       w = (d sc_j) q - dmin m_j;
- *   q5kx8, q5kx16 (Q5_K): q4kxG's scales, then 256 q4xG words (the low 4 bits of q, as q4xG holds them), then 256
- *                       masks of G bits (bit j: output j's fifth bit);
+ *   q5kx8, q5kx16 (Q5_K): q4kxG's fields (the chunks the low 4 bits of q), then per sub-block of 32 inputs a
+ *                       32-bit lane per output of their fifth bits (q5kx8_weights says in which order);
  *   q6kx8, q6kx16 (Q6_K): float d[G], int8 sc[16][G], then 256 x G int8 q (q6 - 32); w = (d sc_{kk / 16}) q.
  * One k's weights for G outputs then dequantize into one vector, which every row's broadcast x[t, k] multiplies:
  * the dequantization is paid once per 16 rows. Rows are first copied k-major (pack_rows), so one pointer with
@@ -168,18 +168,13 @@ static inline scales8 q5kx8_scales(const uint8_t *block, int s) {
                      -(load8(dm + 8) * float8(widen8(block + 128 + 8 * j)))};
 }
 
-/* q = the word's nibble | 16 where the input's mask has the output's bit. The masks follow the 256 words. Merging the
- * fifth bit costs ~1.5x q4x's instructions per weight (at one row, where dequantizing is the work: 14 vs 21
- * Gweights/s on one AVX-512 core); Q5_K as bytes would run at q8x's speed but hold 8.75 bits a weight, not 5.75. */
+/* q = the chunk's nibble | the input's fifth bit << 4. Sub-block j's fifth bits follow the 32 chunks of nibbles, a
+ * 32-bit lane per output holding input 8c + i's (c < 4, i < 8) at bit 8 (i % 4) + 4 (i / 4) + c: shifted down by c,
+ * the chunk's bits sit where its nibbles' shifts find them (NIBBLE_SHIFTS), and block_int8.c moves a chunk's into
+ * its bytes' bit 4 with one shift and mask per half. */
 static inline f32x8 q5kx8_weights(const uint8_t *block, scales8 sc, int run, int i) {
-    const uint8_t *words = block + 192, *masks = words + 4 * QK_K;
-#if defined(__AVX512VL__)
-    const __m256i q = (__m256i)nibbles8(words, run + i);
-    const i32x8 q5 = (i32x8)_mm256_mask_or_epi32(q, masks[run + i], q, _mm256_set1_epi32(16));
-#else
-    const i32x8 bits = {0, 1, 2, 3, 4, 5, 6, 7};
-    const i32x8 q5 = nibbles8(words, run + i) | ((((i32x8){} + (masks[run + i] << 4)) >> bits) & 16);
-#endif
+    const i32x8 fifth = load_i32x8(block + 192 + 1024 + 32 * (run >> 5)) >> ((run >> 3) & 3);
+    const i32x8 q5 = chunk_nibbles8(block + 192, run, i) | (((fifth >> NIBBLE_SHIFTS8[i]) & 1) << 4);
     return float8(q5) * sc.d + sc.m;
 }
 
@@ -191,19 +186,12 @@ static inline scales16 q5kx16_scales(const uint8_t *block, int s) {
 }
 
 static inline f32x16 q5kx16_weights(const uint8_t *block, scales16 sc, int run, int i) {
-    const uint8_t *words = block + 384, *masks = words + 8 * QK_K;
-    uint16_t mask;
-    memcpy(&mask, masks + 2 * (run + i), sizeof(mask));
-#if defined(__AVX512F__)
-    const i32x16 q5 = nibbles16(words, run + i) | (i32x16)_mm512_maskz_mov_epi32(mask, _mm512_set1_epi32(16));
-#else
-    const i32x16 bits = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const i32x16 q5 = nibbles16(words, run + i) | ((((i32x16){} + (mask << 4)) >> bits) & 16);
-#endif
+    const i32x16 fifth = load_i32x16(block + 384 + 2048 + 64 * (run >> 5)) >> ((run >> 3) & 3);
+    const i32x16 q5 = chunk_nibbles16(block + 384, run, i) | (((fifth >> NIBBLE_SHIFTS16[i]) & 1) << 4);
     return float16(q5) * sc.d + sc.m;
 }
 
-/* q4kx shares q5kx's scales and words, without the fifth bits: per weight q4x's convert and FMA, the sub-block's
+/* q4kx is q5kx without the fifth bits: per weight q4x's convert and FMA, the sub-block's
  * D, M formed once per 32 inputs (the same floats q4x stored for Q4_K, at 4.75 bits a weight rather than 6: 21% less
  * memory). Not faster per call on two AVX-512 cores (2048 x 2048, 1 row: within ~10% of q4x16 either way, from
  * cache or DRAM; the cost is not the scales, which dropped to q4x's two loads measured the same). */
@@ -345,8 +333,8 @@ BLOCK_LINEAR(linear_q4x16_f32, q4x16_tile, 16, QK, Q4X16_BLOCK, NULL)
 BLOCK_LINEAR(linear_q8x16_f32, q8x16_tile, 16, QK, Q8X16_BLOCK, NULL)
 BLOCK_LINEAR(linear_q4kx8_f32, q4kx8_tile, 8, QK_K, Q4KX8_BLOCK, linear_q4kx8_i8)
 BLOCK_LINEAR(linear_q4kx16_f32, q4kx16_tile, 16, QK_K, Q4KX16_BLOCK, linear_q4kx16_i8)
-BLOCK_LINEAR(linear_q5kx8_f32, q5kx8_tile, 8, QK_K, Q5KX8_BLOCK, NULL)
-BLOCK_LINEAR(linear_q5kx16_f32, q5kx16_tile, 16, QK_K, Q5KX16_BLOCK, NULL)
+BLOCK_LINEAR(linear_q5kx8_f32, q5kx8_tile, 8, QK_K, Q5KX8_BLOCK, linear_q5kx8_i8)
+BLOCK_LINEAR(linear_q5kx16_f32, q5kx16_tile, 16, QK_K, Q5KX16_BLOCK, linear_q5kx16_i8)
 BLOCK_LINEAR(linear_q6kx8_f32, q6kx8_tile, 8, QK_K, Q6KX8_BLOCK, linear_q6kx8_i8)
 BLOCK_LINEAR(linear_q6kx16_f32, q6kx16_tile, 16, QK_K, Q6KX16_BLOCK, linear_q6kx16_i8)
 

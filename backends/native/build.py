@@ -68,6 +68,8 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "linear_q6kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q4kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q4kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q5kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_q5kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q6kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q6kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q4x8_f32": (_P, _I64, _I64, _I64, _P, _I32),

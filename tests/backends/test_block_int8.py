@@ -12,7 +12,7 @@ from sagellm.backends.native import NativeKernels, interleave
 from sagellm.backends.native.block_layout import GROUPS
 from tests.backends.test_block_linear import quantized_weight
 
-KINDS = ["Q4_K", "Q6_K"]  # the kinds with an int8 path
+KINDS = ["Q4_K", "Q5_K", "Q6_K"]  # the kinds with an int8 path
 DECODE_ROWS = [1, 2, 3, 4]  # up to kernels.h INT8_MAX_ROWS, one tile of rows
 K = 512
 

@@ -97,13 +97,17 @@ def reference_block(kind: str, outputs: list[dict], group: int) -> list[bytes]:
     head = side_by_side([[o["d"]] for o in outputs], "f4") + side_by_side([[o["dmin"]] for o in outputs], "f4")
     head += side_by_side([o["sc"] for o in outputs], "i1") + side_by_side([o["m"] for o in outputs], "i1")
     nibbles = [[v & 0xF for v in o["q"]] for o in outputs]
-    if kind == "Q4_K":  # chunks of 8 inputs: byte i of a lane holds input i low, 4 + i high
-        return [
-            head + lanes([[q[i] | q[i + 4] << 4 for c in range(0, 256, 8) for i in range(c, c + 4)] for q in nibbles])
-        ]
-    low = words(nibbles, group)
-    masks = [sum((outputs[j]["q"][i] >> 4) << j for j in range(group)) for i in range(256)]
-    return [head + low + np.array(masks, "<u1" if group == 8 else "<u2").tobytes()]
+    # chunks of 8 inputs: byte i of a lane holds input i low, 4 + i high
+    low = lanes([[q[i] | q[i + 4] << 4 for c in range(0, 256, 8) for i in range(c, c + 4)] for q in nibbles])
+    if kind == "Q4_K":
+        return [head + low]
+    # per sub-block of 32 a uint32 per output: input 8c + i's fifth bit at bit 8 (i % 4) + 4 (i // 4) + c
+    fifth = [
+        sum((o["q"][32 * j + 8 * c + i] >> 4) << (8 * (i % 4) + 4 * (i // 4) + c) for c in range(4) for i in range(8))
+        for j in range(8)
+        for o in outputs
+    ]
+    return [head + low + np.array(fifth, "<u4").tobytes()]
 
 
 def reference_layout(kind: str, blocks: np.ndarray, group: int) -> np.ndarray:
