@@ -42,11 +42,11 @@ void linear_q6kx8_f32(const float *x, int64_t x_row, const uint8_t *w, const flo
 void linear_q6kx16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
                        int64_t n, int64_t k, float *scratch, int32_t num_threads);
 
-/* The K-quant linears above (Q4_K, Q5_K, Q6_K) on int8 dot products with x split into pieces (block_int8.c): what they run for up to
- * INT8_MAX_ROWS rows (decode), where dequantizing to fp32, not memory, bounds them. Its cost grows by a row's
- * dot products per row while the fp32 kernel's dequantizing is shared by up to 16: the 1B's layer linears on two
- * AVX-512 cores, Q4_K / Q6_K, int8 vs fp32: 1 row 36 vs 76 / 54 vs 67 ms, 4 rows 70 vs 78 / 77 vs 99, 8 rows 112
- * vs 104 / 117 vs 118. Up to 4 rows the weights are also read once (one tile of rows). */
+/* The K-quant linears above (Q4_K, Q5_K, Q6_K) on int8 dot products with x split into pieces (block_int8.c):
+ * what they run for up to INT8_MAX_ROWS rows (decode), where dequantizing to fp32, not memory, bounds them. Its
+ * cost grows by a row's dot products per row while the fp32 kernel's dequantizing is shared by up to 16: the 1B's
+ * layer linears on two AVX-512 cores, Q4_K / Q6_K, int8 vs fp32: 1 row 36 vs 76 / 54 vs 67 ms, 4 rows 70 vs 78 /
+ * 77 vs 99, 8 rows 112 vs 104 / 117 vs 118. Up to 4 rows the weights are also read once (one tile of rows). */
 enum { INT8_MAX_ROWS = 4 };
 void linear_q4kx8_i8(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
                      int64_t n, int64_t k, float *scratch, int32_t num_threads);
