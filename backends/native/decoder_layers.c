@@ -46,7 +46,8 @@ int64_t decoder_layers_workspace(int64_t rows, int64_t hidden, int64_t hq, int64
     const int64_t widest = max64(max64(hidden, hq * d), inter), nqkv = (hq + 2 * hk) * d;
     const int64_t per_row = hidden /* x */ + nqkv /* qkv */ + (hq + hk) * d /* rotated q, k */ +
                             hq * d /* attention */ + hidden /* o */ + 2 * inter /* gate_up */ + inter /* act */ +
-                            widest /* a block linear's packed rows */ + max64(nqkv, 2 * inter) /* one part's out */;
+                            widest /* a block linear's packed rows */ +
+                            max64(widest, max64(nqkv, 2 * inter)) /* any linear part's out */;
     return rows * per_row;
 }
 
