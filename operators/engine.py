@@ -244,6 +244,9 @@ class EngineOperator(StepOperator):
         self.stats.kv_cache_usage = engine.kv_cache_usage
         self.stats.prefix_cache_queries = engine.prefix_cache_queries
         self.stats.prefix_cache_hits = engine.prefix_cache_hits
+        self.stats.spec_decode_num_drafts = engine.spec_decode_num_drafts
+        self.stats.spec_decode_num_draft_tokens = engine.spec_decode_num_draft_tokens
+        self.stats.spec_decode_num_accepted_tokens = engine.spec_decode_num_accepted_tokens
         self.stats.queued_prefill_tokens = engine.pending_prefill_tokens
         self.stats.queued_decode_tokens = engine.pending_decode_tokens
 

@@ -11,6 +11,7 @@ from typing import Any, get_type_hints
 
 from sagellm.common.errors import FieldError
 from sagellm.common.hints import conforms, describe
+from sagellm.runtime.engine.speculative.config import parse_speculative_config
 
 
 def _help(text: str, default: Any) -> Any:
@@ -73,6 +74,13 @@ class EngineConfig:
     device_ids: list[int] | None = _help(
         "the engine's devices: accelerator indexes, or CPU cores on the cpu backend", None
     )
+    # vLLM's --speculative-config (runtime/engine/speculative): {"method": "ngram", "num_speculative_tokens": k,
+    # "prompt_lookup_max": n, "prompt_lookup_min": m}. Each decoding sequence's next k tokens guessed and checked in
+    # one forward pass; greedy output is unchanged, sampled output distributed as without.
+    speculative_config: dict[str, Any] | None = _help(
+        'speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}',
+        None,
+    )
 
     # vLLM's --distributed-executor-backend: how the ranks other than 0 are started. mp: processes on this host,
     # sharing memory for the CPU's all-reduces. ray: Ray actors, one per rank, in a placement group spread over the
@@ -100,6 +108,7 @@ class EngineConfig:
                              f"got {self.scheduling_policy!r}")  # fmt: skip
         if self.dtype not in DTYPES:
             raise FieldError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        parse_speculative_config(self.speculative_config)  # a bad one is an error now, not at the first request
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise FieldError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 

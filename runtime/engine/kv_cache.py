@@ -6,9 +6,9 @@ and never touches these tensors."""
 from __future__ import annotations
 
 import math
+import mmap
 from functools import partial
 
-import numpy as np
 import torch
 
 from sagellm.runtime.models.config import ModelConfig
@@ -34,10 +34,15 @@ def allocate_kv_caches(
 
 
 def _untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zeros in calloc'd memory: the kernel maps pages of zeros as they are first written, so a cache of a GiB costs
-    no time and no resident memory until it fills (torch.zeros writes every byte: seconds per worker at start-up)."""
+    """Zeros in a private anonymous mapping of their own: the kernel maps pages of zeros as they are first written,
+    so a cache of a GiB costs no time and no resident memory until it fills (torch.zeros writes every byte: seconds
+    per worker at start-up). Not calloc: in a process that has freed much, calloc may hand back heap memory and
+    write every byte of it."""
     nbytes = math.prod(shape) * dtype.itemsize
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps the region
 
 
 def token_slots(block_table: list[int], start: int, end: int, block_size: int, device: torch.device) -> torch.Tensor:

@@ -30,10 +30,14 @@ from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, Reques
 from sagellm.runtime.engine.penalties import bad_word_token_ids
 from sagellm.runtime.engine.placement import place
 from sagellm.runtime.engine.prompt import request_token_problem
-from sagellm.runtime.engine.sampler import Sampler, make_generator, seed_at, token_logprobs
+from sagellm.runtime.engine.sampler import Sampler, make_generator, token_logprobs
 from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
+from sagellm.runtime.engine.speculative.config import parse_speculative_config
+from sagellm.runtime.engine.speculative.proposers import ProposerContext
+from sagellm.runtime.engine.speculative.speculator import Speculator
+from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, accepted_tokens, sampled_rows
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.pipeline_stages import PipelineStage
@@ -125,6 +129,13 @@ class LLMEngine:
         drop_mapped_pages(self.model.mapped)
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
+        spec = parse_speculative_config(config.speculative_config)
+        self.speculator: Speculator | None = None
+        if spec is not None:
+            with stage(f"preparing speculative decoding ({spec.method})"):
+                context = ProposerContext(self.tokenizer, model_config.vocab_size, self.backend, num_blocks,
+                                          config.block_size, self.max_model_len)  # fmt: skip
+                self.speculator = Speculator(spec, context, config.max_num_batched_tokens)
         self._requests: dict[str, _RequestState] = {}
         # A request's choices share its prompt (`add_request`'s group): the first prefills it, the others wait here
         # until its KV is in the prefix cache, then each computes only the prompt's last, partial block.
@@ -207,7 +218,7 @@ class LLMEngine:
         if not self.scheduler.import_prompt(seq, write_kv):
             log.warning("kv_import_no_room", request_id=request_id, prompt_tokens=n)
         seq.first_scheduled_time = time.time()
-        output = self._append(seq, first_token, None, seq.first_scheduled_time)
+        output = self._append(seq, [first_token], [None], seq.first_scheduled_time)
         if not seq.is_finished:
             self.scheduler.add(seq)
         return output
@@ -289,6 +300,8 @@ class LLMEngine:
     def close(self) -> None:
         """Stops what the engine started besides itself (a tensor parallel group's ranks, the mask thread)."""
         self.runner.close()
+        if self.speculator is not None:
+            self.speculator.close()
         if self._mask_filler is not None:
             self._mask_filler.shutdown(wait=False)
 
@@ -301,6 +314,7 @@ class LLMEngine:
         waiting = [*self.scheduler.waiting, *parked] if parked else self.scheduler.waiting
         running = self.scheduler.running
         blocks = self.scheduler.block_manager
+        spec = self.speculator.stats if self.speculator is not None else SpecDecodeStats()
         prefill = sum(s.num_tokens - s.num_computed_tokens for s in waiting) + sum(
             s.num_tokens - s.num_computed_tokens - 1 for s in running if s.num_computed_tokens < s.num_prompt_tokens
         )
@@ -317,17 +331,34 @@ class LLMEngine:
             prefix_cache_hits=blocks.prefix_hits,
             pending_prefill_tokens=prefill,
             pending_decode_tokens=decode,
+            spec_decode_num_drafts=spec.num_drafts,
+            spec_decode_num_draft_tokens=spec.num_draft_tokens,
+            spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
         )
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         self._release_parked()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self._may_speculate)
         batch = self.scheduler.schedule()
         # Prompt tokens computed this step: the operators' prefill rate, which predicts a request's wait for its first
-        # token (decode steps would say nothing of it).
-        self.last_step_prompt_tokens = batch.total_tokens - batch.num_decodes
+        # token (decode steps, and the tokens proposed to them, would say nothing of it).
+        self.last_step_prompt_tokens = sum(batch.num_new_tokens[batch.num_decodes :])
         if not batch:
             return []
+        # A step of decoding rows only (each sequence's next token and its proposals) is what speculation weighs.
+        decoding = all(s.num_sampled_rows(n) == n for s, n in zip(batch.seqs, batch.num_new_tokens))
+        outputs = self._run(batch)
+        if self.speculator is not None:
+            self.speculator.keep_only(self.scheduler.running)
+            if decoding:
+                self.speculator.step_took(batch.total_tokens, time.perf_counter() - started)
+        return outputs
+
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Runs a scheduled batch, samples its tokens and keeps what its proposals got right."""
         now = time.time()
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
@@ -349,17 +380,28 @@ class LLMEngine:
         sampled = self.scheduler.complete_step(batch)
         if not sampled:
             return failed
-        for seq in sampled:
-            if seq.generator is not None:
-                seed_at(seq.generator, seq.params.seed, seq.num_tokens)  # the position of the token it draws now
+        rows = sampled_rows(sampled)  # a sequence's next token's row, then one per token proposed for it
         if masks is not None:
             self._apply_masks(logits, sampled, masks)
-        result = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled], sampled)
+        result = self.sampler.sample(logits, rows.params, rows.generators, rows.histories)
         now = time.time()
-        return failed + [
-            self._append(seq, token, logprob, now)
-            for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)
-        ]
+        outputs, row = failed, 0
+        for seq in sampled:
+            drafts, width = seq.spec_token_ids, 1 + len(seq.spec_token_ids)
+            drawn, logprobs = result.token_ids[row : row + width], result.logprobs[row : row + width]
+            row += width
+            kept = 1 + accepted_tokens(drafts, drawn)
+            if drafts:
+                self.speculator.verified(seq, kept - 1)
+            seq.spec_token_ids = []
+            outputs.append(self._append(seq, drawn[:kept], logprobs[:kept], now))
+        return outputs
+
+    def _may_speculate(self, seq: Sequence) -> bool:
+        """Guided requests (their masks follow one token at a time) and prefill workers' (they stop after one) do
+        not speculate."""
+        state = self._requests.get(seq.request_id)
+        return state is not None and state.matcher is None and not state.prefill_only
 
     @staticmethod
     def _score_prompts(logits: torch.Tensor, batch: ScheduledBatch, scored: list[range]) -> torch.Tensor:
@@ -375,9 +417,9 @@ class LLMEngine:
                 top_n = [seq.params.prompt_logprobs] * len(part)
                 seq.prompt_logprobs += token_logprobs(logits[rows], part, top_n, ranked=True)
             row += len(positions)
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                sampled_rows.append(row)
-                row += 1
+            width = seq.num_sampled_rows(n)
+            sampled_rows.extend(range(row, row + width))
+            row += width
         return logits[sampled_rows]
 
     def _fill_masks(self, batch: ScheduledBatch) -> Future[dict[str, torch.Tensor]] | None:
@@ -386,7 +428,7 @@ class LLMEngine:
         guided = [
             (seq.request_id, state.matcher)
             for seq, n in zip(batch.seqs, batch.num_new_tokens)
-            if seq.num_computed_tokens + n == seq.num_tokens
+            if seq.num_sampled_rows(n)
             and (state := self._requests.get(seq.request_id)) is not None
             and state.matcher is not None
         ]
@@ -406,10 +448,16 @@ class LLMEngine:
 
     @staticmethod
     def _apply_masks(logits: torch.Tensor, sampled: list[Sequence], masks: Future[dict[str, torch.Tensor]]) -> None:
+        """Masks each guided sequence's row (a guided sequence never speculates: one row each; the rows of the
+        others' proposals are counted past)."""
         by_request = masks.result()
-        rows = [i for i, seq in enumerate(sampled) if seq.request_id in by_request]
+        starts = [0]
+        for seq in sampled:
+            starts.append(starts[-1] + 1 + len(seq.spec_token_ids))
+        guided = [i for i, seq in enumerate(sampled) if seq.request_id in by_request]
+        rows = [starts[i] for i in guided]
         if rows:
-            stacked = torch.stack([by_request[sampled[i].request_id] for i in rows])
+            stacked = torch.stack([by_request[sampled[i].request_id] for i in guided])
             with torch.inference_mode():
                 mask_logits(logits, stacked, rows)
 
@@ -445,32 +493,39 @@ class LLMEngine:
         output.error = message
         return output
 
-    def _append(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> RequestOutput:
+        """Appends a step's tokens to `seq` (its drawn token, or its accepted proposals and the token after them) up
+        to the first that ends it; one output carries them all."""
         state = self._requests[seq.request_id]
-        seq.append_token(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        if state.logprobs is not None:
-            state.logprobs.append(logprob)
-        params = seq.params
-        finish, stop_reason = None, None
-        if state.matcher is not None and not state.matcher.accept(token):
-            return self._fail(seq, f"token {token} does not follow the request's {params.guided.kind}")
-        if not params.ignore_eos and token in self.eos_token_ids:
-            finish = "stop"
-        elif token in params.stop_token_ids:
-            finish, stop_reason = "stop", token
-        detok = state.detokenizer
-        delta = "" if finish else detok.add([token])
-        if finish is None and detok.stop_string is not None:
-            finish, stop_reason = "stop", detok.stop_string
-        if finish is None and state.matcher is not None and state.matcher.terminated:
-            finish = "stop"  # the grammar takes nothing more: its last token is the output's last
-        if finish is None and (
-            (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
-            or seq.num_tokens >= self.max_model_len
-        ):
-            finish = "length"
+        params, detok = seq.params, state.detokenizer
+        finish, stop_reason, delta, appended = None, None, "", 0
+        for token, logprob in zip(tokens, logprobs):
+            seq.append_token(token)
+            appended += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if state.logprobs is not None:
+                state.logprobs.append(logprob)
+            if state.matcher is not None and not state.matcher.accept(token):
+                return self._fail(seq, f"token {token} does not follow the request's {params.guided.kind}")
+            if not params.ignore_eos and token in self.eos_token_ids:
+                finish = "stop"
+            elif token in params.stop_token_ids:
+                finish, stop_reason = "stop", token
+            delta += "" if finish else detok.add([token])
+            if finish is None and detok.stop_string is not None:
+                finish, stop_reason = "stop", detok.stop_string
+            if finish is None and state.matcher is not None and state.matcher.terminated:
+                finish = "stop"  # the grammar takes nothing more: its last token is the output's last
+            if finish is None and (
+                (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
+                or seq.num_tokens >= self.max_model_len
+            ):
+                finish = "length"
+            if finish is not None:
+                break
+        if finish is None and appended > 1:
+            self.scheduler.accept_proposed(seq, appended - 1)
         kv = None
         if state.prefill_only and (finish is None or state.export_kv):
             finish = finish or "prefilled"
@@ -483,7 +538,7 @@ class LLMEngine:
             self.scheduler.finish(seq, finish)
             delta += detok.flush()
             del self._requests[seq.request_id]
-        output = self._output(state, delta, [token], stop_reason, now)
+        output = self._output(state, delta, tokens[:appended], stop_reason, now)
         output.kv = kv
         return output
 

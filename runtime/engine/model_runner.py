@@ -100,7 +100,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [N, V] for the sequences whose last token this step computes, in batch order, each preceded by the
-        rows that score its prompt (`Sequence.prompt_scored_positions`)."""
+        rows that score its prompt (`Sequence.prompt_scored_positions`) and followed by one row per token proposed
+        for it (speculative decoding)."""
         return self.run(self.step_inputs(batch))
 
     @torch.inference_mode()
@@ -122,32 +123,39 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         prefills: list[tuple[int, int, int, list[int]]] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        num_decodes = batch.num_decodes
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, table = seq.num_computed_tokens, seq.block_table
-            if n > 1:
+            if i >= num_decodes:
                 prefills.append((len(ids), n, start + n, table))
             logits_rows.extend(len(ids) + p - start for p in seq.prompt_scored_positions(n))
-            ids.extend(seq.token_ids[start : start + n])
+            ids.extend(seq.scheduled_token_ids(n))
             span = range(start, start + n)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
-            if start + n == seq.num_tokens:
-                logits_rows.append(len(ids) - 1)
-        decodes = batch.seqs[: batch.num_decodes]
-        # Same decode rows as last step, each one token further: attention may extend last step's reads.
-        progress = [(s, s.num_computed_tokens) for s in decodes]
+            logits_rows.extend(range(len(ids) - seq.num_sampled_rows(n), len(ids)))
+        # One decode row per token: a sequence's next token and each token proposed after it, each attending over the
+        # cache up to its own position (the step writes all rows' K/V before any row attends: causal).
+        decodes = [
+            (s, s.num_computed_tokens + i)
+            for s, n in zip(batch.seqs[:num_decodes], batch.num_new_tokens)
+            for i in range(n)
+        ]
+        # Same decode rows as last step, each one token further: attention may extend last step's reads. Not where
+        # proposals were verified (a rejected one's K/V is rewritten later) or are now.
+        progress = decodes if len(decodes) == num_decodes else []
         last = self._last_decodes
         continues = bool(progress) and len(progress) == len(last)
         continues &= all(s is t and n == m + 1 for (s, n), (t, m) in zip(progress, last))
         self._last_decodes = progress
-        width = max((len(s.block_table) for s in decodes), default=0)
+        width = max((len(s.block_table) for s, _ in decodes), default=0)
         return StepInputs(
             input_ids=ids,
             positions=positions,
             slots=slots,
-            num_decodes=batch.num_decodes,
-            decode_tables=[s.block_table + [0] * (width - len(s.block_table)) for s in decodes],
-            decode_context_lens=[s.num_computed_tokens + 1 for s in decodes],
+            num_decodes=len(decodes),
+            decode_tables=[s.block_table + [0] * (width - len(s.block_table)) for s, _ in decodes],
+            decode_context_lens=[p + 1 for _, p in decodes],
             decode_continues=continues,
             prefills=prefills,
             logits_rows=None if len(logits_rows) == len(ids) else logits_rows,

@@ -87,6 +87,9 @@ class EngineStats:
     prefix_cache_hits: int  # ... and found there
     pending_prefill_tokens: int  # prompt tokens still to compute
     pending_decode_tokens: int  # expected output tokens still to generate (none for a prefill worker's requests)
+    spec_decode_num_drafts: int = 0  # speculative decoding, since start: verifications of proposed tokens
+    spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
+    spec_decode_num_accepted_tokens: int = 0  # ... and accepted
 
 
 @dataclass

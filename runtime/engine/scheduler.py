@@ -36,7 +36,9 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: `seqs[i]` computes `num_new_tokens[i]` tokens. Single-token entries come first (decodes)."""
+    """One step's work: `seqs[i]` computes `num_new_tokens[i]` tokens. Decodes come first: single-token entries, and
+    entries computing a sequence's next token and the tokens proposed after it (speculative decoding), whose rows
+    each attend over the cache up to themselves as a decode does."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
@@ -44,7 +46,8 @@ class ScheduledBatch:
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for n in self.num_new_tokens if n == 1)
+        """The decode entries (before `complete_step`, which clears the proposals)."""
+        return sum(1 for seq, n in zip(self.seqs, self.num_new_tokens) if _decodes(seq, n))
 
     @property
     def total_tokens(self) -> int:
@@ -52,6 +55,10 @@ class ScheduledBatch:
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
+
+
+def _decodes(seq: Sequence, n: int) -> bool:
+    return n == 1 + len(seq.spec_token_ids)
 
 
 @dataclass
@@ -106,8 +113,13 @@ class Scheduler:
         index = 0
         while index < len(self.running) and step.budget > 0:
             seq = self.running[index]
-            n = min(seq.num_tokens - seq.num_computed_tokens, step.budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens + len(seq.spec_token_ids), step.budget)
+            del seq.spec_token_ids[max(n - 1, 0) :]  # proposals beyond the budget are not verified this step
             while not self.block_manager.allocate(seq, n):
+                if seq.spec_token_ids:  # the proposals give way before anything is preempted
+                    n -= len(seq.spec_token_ids)
+                    seq.spec_token_ids.clear()
+                    continue
                 victim = self._lowest_running()
                 if victim in step.scheduled:  # it stood before `seq` in the running list
                     index -= 1
@@ -119,7 +131,7 @@ class Scheduler:
                 index += 1
         if not step.preempted:
             self._admit_waiting(step)
-        scheduled = sorted(step.scheduled.items(), key=lambda item: item[1] != 1)  # decodes first, order otherwise kept
+        scheduled = sorted(step.scheduled.items(), key=lambda item: not _decodes(*item))  # decodes first, else in order
         return ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted)
 
     def _admit_waiting(self, step: _Step) -> None:
@@ -187,6 +199,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, step: _Step) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids.clear()
         step.drop(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -198,6 +211,7 @@ class Scheduler:
         """Ends `seq` (stop condition, abort or error) and releases its blocks."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.spec_token_ids.clear()
         self.block_manager.free(seq)
         if seq in self.running:
             self.running.remove(seq)
@@ -205,11 +219,19 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def complete_step(self, batch: ScheduledBatch) -> list[Sequence]:
-        """Advances each sequence past the tokens just computed; returns those whose next token is sampled now."""
+        """Advances each sequence past the tokens just computed; returns those whose next token is sampled now. A
+        sequence's proposed tokens are not counted computed here: the engine counts those the model accepts."""
         sampled = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.spec_token_ids)
             self.block_manager.cache_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)
         return sampled
+
+    def accept_proposed(self, seq: Sequence, n: int) -> None:
+        """`seq`'s last step verified `n` proposed tokens, now appended to it: their KV, written by that step, counts
+        as computed, and their full blocks join the prefix cache. The rejected ones' KV lies past
+        `num_computed_tokens`, where the next step overwrites it."""
+        seq.num_computed_tokens += n
+        self.block_manager.cache_full_blocks(seq)

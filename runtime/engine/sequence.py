@@ -45,6 +45,9 @@ class Sequence:
     # With `prompt_logprobs`, the prompt's tokens scored so far (None first: nothing comes before it), filled from
     # the prefill's logits; None when this engine does not score them (not asked, or scored before a hand-over).
     prompt_logprobs: list | None = None
+    # Tokens a proposer guessed to follow `token_ids` (speculative decoding), computed with the next token this step
+    # and kept only as far as the target model agrees; never in `token_ids`, so prefix hashes see accepted tokens only.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -87,6 +90,17 @@ class Sequence:
             return range(0)
         start = max(self.num_computed_tokens, len(self.prompt_logprobs) - 1)
         return range(start, min(self.num_computed_tokens + num_new_tokens, self.num_prompt_tokens - 1))
+
+    def scheduled_token_ids(self, num_new_tokens: int) -> list[int]:
+        """The tokens the next `num_new_tokens` computed positions hold: the sequence's, then its proposed ones."""
+        start = self.num_computed_tokens
+        ids = self.token_ids[start : start + num_new_tokens]
+        return ids + self.spec_token_ids[: num_new_tokens - len(ids)] if len(ids) < num_new_tokens else ids
+
+    def num_sampled_rows(self, num_new_tokens: int) -> int:
+        """How many of the next `num_new_tokens` computed positions sample a token: none mid-prompt, else the last
+        token's and each proposed token's."""
+        return 1 + len(self.spec_token_ids) if self.num_computed_tokens + num_new_tokens >= self.num_tokens else 0
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

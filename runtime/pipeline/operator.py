@@ -70,6 +70,9 @@ class InstanceStats:
     kv_cache_usage: float = 0.0  # fraction of KV cache blocks in use
     prefix_cache_queries: int = 0  # prompt blocks looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # ... and found there
+    spec_decode_num_drafts: int = 0  # speculative decoding since start: verifications of proposed tokens
+    spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
+    spec_decode_num_accepted_tokens: int = 0  # ... and accepted
     recovering: bool = False  # unhealthy while its lost process is being started again
     starting: bool = False  # unhealthy until its first start is done (a server registered, not yet probed)
     problem: str | None = None  # why it is unhealthy, when its keeper knows (an attached server: "failed: ...")

@@ -5,6 +5,7 @@ configures an engine (`generate`, `engine start`, ...) offers the same flags wit
 from __future__ import annotations
 
 import argparse
+import json
 import types
 from typing import Any, Union, get_args, get_origin
 
@@ -31,6 +32,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str,
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
         elif get_origin(kind) is list:
             group.add_argument(flag, type=_numbers, default=None, metavar="N,N,...", help=shown)
+        elif get_origin(kind) is dict:
+            group.add_argument(flag, type=_json_object, default=None, metavar="JSON", help=shown)
         else:
             flags = (flag, *ALIASES.get(name, ()))
             group.add_argument(*flags, type=kind, default=None, metavar=name.split("_")[-1].upper(), help=shown)
@@ -52,6 +55,17 @@ def _numbers(text: str) -> list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """`{"method": "ngram", ...}` -> a dict (a setting given as a JSON object, vLLM's --speculative-config)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
 
 
 def _scalar(hint: Any) -> type:

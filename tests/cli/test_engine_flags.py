@@ -42,3 +42,15 @@ def test_a_flag_the_command_has_keeps_its_meaning_there() -> None:
 def test_a_bad_value_is_refused_by_argparse() -> None:
     with pytest.raises(SystemExit):
         parse("--max-num-seqs", "many")
+
+
+def test_a_json_setting_takes_vllm_s_json_and_refuses_what_is_not_an_object(capsys) -> None:
+    raw = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}'
+    args = parse("--speculative-config", raw)
+    assert engine_settings(args) == {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                                            "prompt_lookup_max": 4}}  # fmt: skip
+    EngineConfig(**engine_settings(args))
+    for bad in ('{"method":', "[1, 2]"):
+        with pytest.raises(SystemExit):
+            parse("--speculative-config", bad)
+    assert "is not a JSON object" in capsys.readouterr().err

@@ -60,10 +60,30 @@ class EngineGauges:
             "prefix_cache_hits": CounterMetricFamily(
                 "sagellm:prefix_cache_hits", "Prompt blocks found in the prefix cache.", labels=["engine"]
             ),
+            "spec_decode_num_drafts": CounterMetricFamily(
+                "sagellm:spec_decode_num_drafts", "Speculative decoding: proposals verified.", labels=["engine"]
+            ),
+            "spec_decode_num_draft_tokens": CounterMetricFamily(
+                "sagellm:spec_decode_num_draft_tokens", "Speculative decoding: tokens proposed.", labels=["engine"]
+            ),
+            "spec_decode_num_accepted_tokens": CounterMetricFamily(
+                "sagellm:spec_decode_num_accepted_tokens",
+                "Speculative decoding: proposed tokens accepted.",
+                labels=["engine"],
+            ),
         }
+        acceptance = GaugeMetricFamily(
+            "sagellm:spec_decode_acceptance_rate",
+            "Speculative decoding: accepted / proposed tokens since start (engines that have proposed).",
+            labels=["engine"],
+        )
         for name, stats in self.core.registry.instances().items():
             for field, family in families.items():
                 family.add_metric([name], getattr(stats, field))
+            if stats.spec_decode_num_draft_tokens:
+                acceptance.add_metric(
+                    [name], stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens
+                )
         healthy = GaugeMetricFamily(
             "sagellm:engine_healthy", "1 when the engine is healthy.", labels=["engine", "role"]
         )
@@ -77,6 +97,7 @@ class EngineGauges:
         for (code, resumed), count in self.core.retries.items():
             retries.add_metric([code, str(resumed).lower()], count)
         yield from families.values()
+        yield acceptance
         yield healthy
         yield retries
         yield GaugeMetricFamily(

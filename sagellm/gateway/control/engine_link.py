@@ -42,7 +42,8 @@ log = structlog.get_logger("sagellm.gateway")
 
 SYNC_S = 0.25  # how often the engine's state and load are read from its worker's heartbeats
 LOAD_FIELDS = ("waiting", "queued_prefill_tokens", "queued_decode_tokens", "kv_cache_usage", "prefix_cache_queries",
-               "prefix_cache_hits", "tokens_per_s")  # fmt: skip
+               "prefix_cache_hits", "tokens_per_s", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+               "spec_decode_num_accepted_tokens")  # fmt: skip
 SOURCE, SINK = "requests", "replies"
 
 
