@@ -1,10 +1,12 @@
 """Speculative decoding (n-gram prompt lookup) against the oracle and against plain decoding: greedy tokens identical
 to transformers' on every step shape (whole prompts, chunked prefill, preemption), through a prefill/decode split, a
-prefix hit and tensor and pipeline parallel engines; seeded sampling, penalties, logprobs, stop strings and
+prefix hit, a resume and tensor and pipeline parallel engines; seeded sampling, penalties, logprobs, stop strings and
 max_tokens the same with speculation on or off; a repetitive workload accepts proposals (fewer steps); a bad config
 is refused when the engine is configured."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sagellm import SamplingParams
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.prefix_hash import ROOT_HASH, hash_block
 from sagellm.runtime.engine.speculative.config import parse_speculative_config
@@ -307,3 +310,25 @@ def test_a_draft_with_another_tokenizer_is_refused_at_start(tiny, tmp_path):
         LLMEngine(
             EngineConfig(model=str(path), backend="cpu", num_kv_blocks=32, speculative_config=draft_config(draft))
         )
+
+
+def test_a_resumed_request_speculates_on_and_continues_as_if_it_had_not_stopped(tiny):
+    path, hf = tiny
+    prompt = repetitive_prompts(hf.config.vocab_size)[0]
+    whole = hf_greedy(hf, prompt, GREEDY.max_tokens)
+    eng = engine(path, True)
+    rest = SamplingParams(max_tokens=GREEDY.max_tokens - 6, temperature=0, ignore_eos=True)
+    eng.add_request("resumed", prompt + whole[:6], rest, resumed_tokens=6)
+    assert run_to_end(eng)["resumed"] == whole[6:]
+    assert eng.stats().spec_decode_num_accepted_tokens > 0
+
+
+def test_a_guided_request_beside_speculating_ones_decodes_as_without_speculation(tiny):
+    path, hf = tiny
+    prompts = repetitive_prompts(hf.config.vocab_size)
+    guided = SamplingParams(max_tokens=20, temperature=0, guided=GuidedDecoding(regex=r"[a-z ]{4,30}"))
+    params = [guided, GREEDY, GREEDY, guided]
+    plain, _ = generate(engine(path, False), prompts, params)
+    fast, _ = generate(engine(path, True), prompts, params)
+    assert _tokens(fast) == _tokens(plain)
+    assert re.fullmatch(r"[a-z ]{4,30}", fast["0"][-1].outputs[0].text)

@@ -16,7 +16,7 @@ from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.tensor_parallel import TensorShard, shard_tensor_parallel
 from sagellm.runtime.parallel.engine import start_engine
-from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
+from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts, run_to_end
 from tests.tiny_models import make_tiny_mixtral, make_tiny_qwen3_moe
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -87,3 +87,20 @@ def test_more_ranks_than_experts_is_refused_before_any_rank_starts(tmp_path):
     path = make_tiny_mixtral(tmp_path / "two", num_local_experts=2, num_experts_per_tok=1, num_key_value_heads=4)
     with pytest.raises(ValueError, match="more than the model's 2 experts"):
         start_engine(engine_config(path, 3))
+
+
+def test_ep2_with_speculation_keeps_greedy_tokens_equal_transformers(tiny):
+    path, hf = tiny
+    a, b = random_prompts(hf.config.vocab_size, [6, 7], seed=4)
+    batch = [a * 3, b + b, a]  # repeating: prompt lookup has guesses to verify
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "adaptive": False}
+    engine = start_engine(engine_config(path, 2, speculative_config=ngram))
+    try:
+        for i, p in enumerate(batch):
+            engine.add_request(str(i), p, GREEDY)
+        tokens = run_to_end(engine)
+        assert engine.stats().spec_decode_num_draft_tokens > 0
+    finally:
+        engine.close()
+    for i, p in enumerate(batch):
+        assert tokens[str(i)] == hf_greedy(hf, p, GREEDY.max_tokens)
