@@ -68,7 +68,7 @@ NATIVE_LINEAR_ROWS = 2
 # a GGUF weight's interleaved blocks beat oneDNN on an fp32 copy when measured against it. SmolLM2's
 # layer linears, cold (`sagellm bench kernels`), AVX-512 kernels on a 2-core AMD EPYC whose oneDNN runs AVX-512 too:
 # 16 rows 11.1 vs 16.4 ms, 48: 29.1 vs 36.0, 64: 44.5 vs 40.5 in one run and 37.0 vs 39.9 in another; AVX2 kernels on
-# an earlier machine: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
+# a machine without AVX-512: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
 NATIVE_BLOCK_ROWS = 48
 # Rows from which a linear on blocks dequantizes tiles of the weight (4 MB, L2-sized) for torch's GEMM instead of
 # multiplying in registers: block_linear's cost grows with the rows where the GEMM's amortizes, and they cross near
@@ -229,7 +229,7 @@ class NativeDispatch:
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
     ) -> None:
-        """The native K/V write where it fits (torch's index_copy_ took ~1.5 ms a layer for 500 tokens)."""
+        """The native K/V write where it fits (torch's index_copy_ takes ~1.5 ms a layer for 500 tokens)."""
         if fits_heads(k, v) and fits_dense(k_cache, v_cache) and fits_dense(slots, dtype=I64):
             self.native.write_kv(k, v, k_cache, v_cache, slots)
         else:

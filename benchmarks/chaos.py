@@ -14,7 +14,7 @@ Phases, in order, against the one server unless said:
   every stream must end once, and the worker must be restarted (recovery: the signal → `/ready` with every engine
   ready again).
 - overload: `--overload-factor` × the admission bound of clients in a closed loop for `--overload-s`, each on one
-  keep-alive raw connection (`raw_http`: ~0.4 ms of CPU per streamed request, where httpx took 15-30); shed requests
+  keep-alive raw connection (`raw_http`: ~0.4 ms of CPU per streamed request, where httpx takes 15-30); shed requests
   must get 429 + Retry-After (and are retried after it), memory must stay bounded, and 99% of the admitted requests
   must get their first token within the `--ttft-slo-ms` the server is given (admission adapts its bound to it).
   The overload comes after the faults: the bound it leaves low grows back only as traffic flows.

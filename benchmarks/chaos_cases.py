@@ -1,5 +1,5 @@
-"""The hand-made bad inputs of the chaos report: each one once broke a gateway (killed it, failed other requests'
-batch, or answered 500), so each must now get its own clear 4xx and hurt nothing else. A case is a request as a
+"""The hand-made bad inputs of the chaos report: each one can break a gateway (kill it, fail other requests'
+batch, or get a 500), so each must get its own clear 4xx and hurt nothing else. A case is a request as a
 client can send it, and the status an OpenAI-style server owes it."""
 
 from __future__ import annotations

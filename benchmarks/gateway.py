@@ -62,7 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="whose tokenizer our gateway uses")
     parser.add_argument("--router", default=None, help="the vllm-router command (default: found on PATH)")
     parser.add_argument("--api-servers", type=int, default=2, help="API servers of the last path (0: no such path)")
-    parser.add_argument("--result-filename", type=Path, default=Path("benchmarks/results/gateway.json"))
+    parser.add_argument(
+        "--result-filename", type=Path, default=Path("benchmarks/results/gateway.json"),
+        help="the JSON results file with --save-result (PNG: same stem)",
+    )  # fmt: skip
     parser.add_argument("--save-result", action="store_true", help="write the JSON results and a PNG chart")
 
 

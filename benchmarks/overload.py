@@ -1,4 +1,4 @@
-"""`sagellm bench overload`: reliability under overload and at the edges (issue 40), each scenario against our server
+"""`sagellm bench overload`: reliability under overload and at the edges, each scenario against our server
 and against vLLM-CPU with the same client, each server started by the benchmark with the options the scenario needs.
 
 On a small engine (ours: `--set engine.max_num_seqs=2 --set admission.max_queue=8`; vLLM: `--max-num-seqs 2`):
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, help="our server's model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--peers", default="vllm", choices=("vllm", "none"), help="compare with (default: vllm)")
     parser.add_argument(
-        "--peers-dir", type=Path, default=Path(os.environ.get("PEERS", "/tmp/peers")),
+        "--peers-dir", type=Path, default=None,
         help="where /work/shared/peers/setup.sh put vLLM-CPU and the weights (default: $PEERS or /tmp/peers)",
     )  # fmt: skip
     parser.add_argument("--only", action="append", choices=list(SCENARIOS), help="run only this scenario (repeat)")
@@ -112,6 +112,7 @@ async def _run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]
     setups = _setups(args)
     servers = [s for s in SERVERS if s == "sagellm" or args.peers == s]
     results: dict[str, dict[str, dict[str, Any]]] = {server: {} for server in servers}
+    peers_dir = args.peers_dir or Path(os.environ.get("PEERS", "/tmp/peers"))
     with tempfile.TemporaryDirectory(prefix="sagellm-overload-") as scratch:
         for server in servers:
             for setup in setups.values():
@@ -119,7 +120,7 @@ async def _run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]
                 if not names:
                     continue
                 model = args.model if server == "sagellm" else None
-                async with serving(server, setup, Path(scratch), model, args.peers_dir) as target:
+                async with serving(server, setup, Path(scratch), model, peers_dir) as target:
                     for name in names:
                         rng = random.Random(f"{args.seed}/{name}")  # the same prompts for every server
                         results[server][name] = await SCENARIOS[name][1](target, setup, args, rng)

@@ -235,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_repeats_argument(parser, "configurations")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pd_split"), help="writes OUT.json/.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What penalties cost (issue 34): W1-c16 through every server running on this machine, as it is and with
+# What penalties cost: W1-c16 through every server running on this machine, as it is and with
 # presence, frequency and repetition penalties on every request (`w1_ab.sh`, `vllm bench serve` as the client).
 #
 #   benchmarks/penalties.sh OUT_DIR NAME=URL=MODEL...   (e.g. sagellm=http://127.0.0.1:8000=smollm2-135m-instruct)

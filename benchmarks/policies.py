@@ -237,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="writes OUT.json and OUT.png (default: %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,19 +42,19 @@ OUTPUT_MAX = 512
 def rates_tier(
     name: str, share: float, prefill_tokens_per_s: float, decode_tokens_per_s: float, max_running: int, price: float
 ) -> Tier:
-    """A tier as W6 first gave it, by per-request rates, served by the step model that runs at those rates: a decode
+    """A tier as W6 gives it, by per-request rates, served by the step model that runs at those rates: a decode
     step gives every running sequence a token in 1 / decode_tokens_per_s whatever the batch (`fixed_s`; no cost per
     sequence or context token), so each of the `max_running` slots still decodes at decode_tokens_per_s; a prompt
     token costs 1 / prefill_tokens_per_s (`per_prefill_token_s`), up to PROMPT_MAX a step.
 
-    What changes from W6's first simulator, in which each slot served its request alone (the prompt at
-    prefill_tokens_per_s, then the output at decode_tokens_per_s, a queue of its own per instance):
+    How this differs from each slot serving its request alone (the prompt at prefill_tokens_per_s, then the output at
+    decode_tokens_per_s, a queue of its own per instance):
     - prefill is the instance's, not each slot's: prompts scheduled together prefill one after another in one step,
       and the decodes of that step wait for them (chunked prefill shares a step with decodes);
     - the first token is the prefill step's own, so it comes one decode step (`fixed_s`) after the prompt is computed,
       and a request routed mid-step waits for the step boundary: together up to 2 / decode_tokens_per_s more TTFT;
     - `tokens_per_s`, which slo_aware and cost_optimized read, is each instance's own measured prefill rate (as the
-      engine operator measures it: prompt tokens a second in the steps that compute some), no longer a constant."""
+      engine operator measures it: prompt tokens a second in the steps that compute some), not a constant."""
     model = StepModel(
         fixed_s=1 / decode_tokens_per_s,
         per_prefill_token_s=1 / prefill_tokens_per_s,

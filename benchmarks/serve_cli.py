@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--save-result", action="store_true", help="write the JSON results and a PNG chart")
     a("--result-filename", type=Path, default=Path("benchmarks/results/serve.json"), help="(PNG: same stem)")
     a("--no-progress", action="store_true", help="no progress bar")
-    a("--log-level", default="warning")
+    a("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,8 +20,8 @@ process, one after another, the colocated engine's calibration and runs first, t
    against request set. Twice: with the models rescaled to the speed the run's own steps went at (their decode and
    their prompt work's time over the model's, `fit_speed`, from the steps the engines timed as the calibration
    times them), which the verdict is on, and as calibrated. This machine's speed moves by 10-20% within a minute
-   (other tenants of its host: a short probe served just before a run was as far from the run's speed as the
-   calibration was), and a W6 trace's queue doubles any error in it, so only the first tells the simulator's error
+   (other tenants of its host: a short probe served just before a run is as far from the run's speed as the
+   calibration is), and a W6 trace's queue doubles any error in it, so only the first tells the simulator's error
    (batching, chunking, scheduling, queueing, the PD split and hand-over, the model's relative costs of unlike
    steps) from the machine's drift; the second is what a user of a calibration taken minutes before gets here;
 4. `repeats` times, each repeat a fresh seed of each trace: the table shows each metric's median over repeats, measured
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", "-m", default=None, help="path, .gguf or cache alias (default: smollm2-135m-instruct)"
     )
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (%(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="per step")
     parser.add_argument("--w4-requests", type=int, default=WORKLOADS[0].requests, help="W4-sized trace's requests")
     parser.add_argument("--w6-requests", type=int, default=WORKLOADS[1].requests, help="W6-sized trace's requests")
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of prompts, arrivals and calibration prompts")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sim_check"), help="writes OUT.json/.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     w4, w6 = WORKLOADS
     config = SimCheckConfig(
         model=str(resolve_model(args.model or DEFAULT_MODEL)),
-        threads=args.threads,
+        threads=args.threads or os.cpu_count() or 1,
         max_num_batched_tokens=args.max_num_batched_tokens,
         workloads=(
             dataclasses.replace(w4, requests=args.w4_requests),

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loads", default="0.5,0.75,1.0,1.25,1.5,2.0", help="multiples of estimated capacity")
     parser.add_argument("--policies", default=",".join(POLICIES), help="policy_sort policies to compare")
     parser.add_argument("--queue-seconds", type=float, default=10.0, help="policy_sort bound, seconds of capacity")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic requests")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/simulator"), help="JSON/PNG stem")
 
 

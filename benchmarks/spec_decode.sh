@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 37: what n-gram (prompt-lookup) speculation buys, ours against vLLM-CPU's, `vllm bench serve` as the client for
+# What n-gram (prompt-lookup) speculation buys, ours against vLLM-CPU's, `vllm bench serve` as the client for
 # every server. Three workloads, greedy and --ignore-eos (every server writes the same number of tokens):
 #   echo    8 prompts asking to copy a ~512-token text with one word changed, 256 tokens out, single stream: most of the
 #           answer is already in the prompt, the case speculation is for (benchmarks/spec_decode_dataset.py writes them)

@@ -89,8 +89,8 @@ def pooled_sample(samples: list[StepSample]) -> StepSample:
     """Served steps of like composition as one: the median composition, the mean time (and the mean time a
     neighbour computed beside them, which the mean time is linear in). The mean, because what the simulator adds up
     (a TTFT, a TPOT) is a sum of steps, whose expectation is the sum of their means: a median leaves out the slow
-    tail that serving pays (a step that waited for a core), and a model fitted to medians came out faster than the
-    runs it simulated."""
+    tail that serving pays (a step that waited for a core), and a model fitted to medians comes out faster than the
+    runs it simulates."""
     median = median_sample(samples)
     return dataclasses.replace(median, seconds=float(np.mean([s.seconds for s in samples])))
 

@@ -323,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="engine setting (%(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="per step")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (%(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="--bare: timed steps per composition")
     parser.add_argument(
         "--bare", action="store_true", help="time the bare engine on a grid of compositions, not the serving pipeline"
@@ -334,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--samples-out", type=Path, default=Path("benchmarks/results/step_samples.json"), help="the measured steps"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> StepBenchConfig:
@@ -344,7 +344,7 @@ def config_from_args(args: argparse.Namespace) -> StepBenchConfig:
         model=str(resolve_model(args.model or DEFAULT_MODEL)),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        threads=args.threads,
+        threads=args.threads or os.cpu_count() or 1,
         bare=args.bare,
         mixed_batch_sizes=tuple(sorted({1, args.max_num_seqs // 4, args.max_num_seqs // 2, args.max_num_seqs - 1})),
         repeats=args.repeats,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Structured output's cost (issue 33): W1-c16 (64 prompts, 256 tokens in, 128 out, 16 at a time) through every server
+# Structured output's cost: W1-c16 (64 prompts, 256 tokens in, 128 out, 16 at a time) through every server
 # running on this machine, unconstrained and with every request constrained to one JSON schema, `vllm bench serve`
 # as the client for all of them (`--extra-body` carries OpenAI's `response_format`, which vLLM and sageLLM both
 # take), REPEATS rounds with the servers in a rotating order and fresh prompts for every run; then the medians (`sagellm

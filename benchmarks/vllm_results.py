@@ -34,7 +34,9 @@ CPU_FLAGS = re.compile(r"^(avx\w*|amx\w*|fma|f16c)$")  # the flags that decide w
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, help="the folder of `vllm bench serve --save-result` files")
     parser.add_argument("--out", type=Path, help="write the summary to OUT.json and the chart to OUT.png")
-    parser.add_argument("--title", default="W1 through each server, `vllm bench serve` as the client")
+    parser.add_argument(
+        "--title", default="W1 through each server, `vllm bench serve` as the client", help="the chart's title"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

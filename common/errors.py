@@ -18,12 +18,11 @@ failed. The CLI prints a SageLLMError as one line, `sagellm CMD: error: MESSAGE`
 else, and an InternalError, is a bug: its traceback is printed. A class whose instances carry their own status (the
 gateway's `ApiError`, the client's `APIError`) sets `http_status` per instance.
 
-Each product class picks its kind, and keeps a built-in base (`RuntimeError`, `OSError`) where code catches it by
-that base. InvalidInput is a ValueError itself: a bad value is one, and every check that raised ValueError raises
-InvalidInput now, still caught wherever a ValueError was. Kinds named here because several floors raise them:
-`FieldError` (a setting's field) and `JoinRefused` (a peer that will not take this process); `for_status`,
-`kind_of` and `users_file` turn an HTTP error a server answered, an error another process of ours sent (its code),
-and an OSError on a file the user named, into their kinds."""
+Each product class picks its kind, and keeps a built-in base (`RuntimeError`, `OSError`) where code catches it by that
+base. InvalidInput is a ValueError itself: a bad value is one, so code that catches ValueError catches it too. Kinds
+named here because several floors raise them: `FieldError` (a setting's field) and `JoinRefused` (a peer that will not
+take this process); `for_status`, `kind_of` and `users_file` turn an HTTP error a server answered, an error another
+process of ours sent (its code), and an OSError on a file the user named, into their kinds."""
 
 from __future__ import annotations
 

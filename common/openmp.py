@@ -7,12 +7,13 @@ Spinning long (libgomp's default 300,000 spins, or forever under ACTIVE) turns e
 soon as anything else shares the cores: steps 25-100x slower on 2 cores. Sleeping at once (PASSIVE) pays a futex
 wake-up for each of the ~120 regions of a step, slower still while a load generator or the gateway's own thread keeps
 waking on the other core. A short spin catches the next region of the same step: W1 at 16 concurrent through the
-gateway 129 -> 150 tok/s with 5,000 spins (a busy process on one of the two cores costs a decode step 150 ms instead
-of PASSIVE's 88). With the faster kernels of an AVX-512 machine a step's regions come closer together and the
-Python between them takes relatively longer, so 5,000 spins let the worker fall asleep inside a step; 30,000 (each
-measured once through the gateway, vLLM's client, AMD EPYC, 2026-11-23): W1 at 16 concurrent 312.9 -> 327.9 tok/s,
-single-stream TPOT 9.7 -> 7.6 ms, a warm 512-token prefix's TTFT 50.6 -> 39.2 ms, and `sagellm run graphs/pd.yaml`
-of 8 requests (two worker processes sharing the cores) 10.8 -> 9.1 s."""
+gateway runs at 150 tok/s with 5,000 spins against PASSIVE's 129 (a busy process on one of the two cores costs a
+decode step 150 ms instead of PASSIVE's 88). With the faster kernels of an AVX-512 machine a step's regions come
+closer together and the Python between them takes relatively longer, so 5,000 spins let the worker fall asleep
+inside a step; 30,000 keep it awake there: on an AMD EPYC, through the gateway with vLLM's client, W1 at 16
+concurrent serves ~5% more tokens a second than with 5,000, single-stream TPOT and a warm 512-token prefix's TTFT
+are ~20% shorter, and `sagellm run graphs/pd.yaml` of 8 requests (two worker processes sharing the cores) ends ~15%
+sooner (benchmarks/README.md has the figures)."""
 
 from __future__ import annotations
 

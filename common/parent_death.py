@@ -8,7 +8,7 @@ once; otherwise a daemon thread waits on the parent, through a pidfd, readable t
 elsewhere the parent pid is polled every `POLL_S`), and ends the child.
 
 Why not prctl(PR_SET_PDEATHSIG): its "parent" is the thread that forked, not the process, and trio forks from its
-thread cache, whose idle threads exit after 10 s: the signal killed such a child 10 s after it started, its parent
+thread cache, whose idle threads exit after 10 s: the signal kills such a child 10 s after it starts, its parent
 alive (measured). A worker on another host or a Ray node has no parent here (none is in its environment): the
 heartbeat on its link (`peer_monitor`) finds a run that went away, after the peer timeout."""
 

@@ -29,8 +29,8 @@ from sagellm.common.errors import StartFailed, Unavailable
 
 PR_SET_PDEATHSIG = 1
 NAMESPACE = "sagellm"  # of every actor sageLLM starts
-# Ray runs its worker processes at niceness 15 (RAY_worker_niceness), and a child inherits it: an engine there got a
-# tenth of a core beside any ordinary process, so a start on a busy node took minutes. A ProcessHost is a server's
+# Ray runs its worker processes at niceness 15 (RAY_worker_niceness), and a child inherits it: an engine there gets a
+# tenth of a core beside any ordinary process, so a start on a busy node takes minutes. A ProcessHost is a server's
 # parent, not background work: it runs at the niceness it was given, as Ray's own job supervisors do.
 HOST_ENV = {"RAY_worker_niceness": "0"}
 

@@ -30,8 +30,8 @@ from sagellm.runtime.rag import Chunk, VectorIndex, chunk_document
 from sagellm.sage import from_graph
 
 ROOT = Path(__file__).resolve().parents[1]
-# The architecture notes and the benchmarks' README (not the README, which shows this example's own output)
-DOCS = [ROOT / "ARCHITECTURE.md", ROOT / "benchmarks" / "README.md"]
+# The architecture notes and the benchmarks' README (not docs/sage.md, which shows this example's own output)
+DOCS = [ROOT / "docs" / "architecture.md", ROOT / "benchmarks" / "README.md"]
 QUESTIONS = [
     "Which folder holds the code that runs a graph across processes?",
     "How fast does the KV cache move between two processes over ipc?",

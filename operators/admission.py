@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.prompt import request_token_problem
@@ -135,6 +135,14 @@ class Admission(MapOperator):
 
     name = "admission"
     accepts = (Request,)
+    parameter_help: ClassVar[dict[str, str]] = {
+        "max_queue": "most requests in flight in the graph; more are refused as overloaded",
+        "max_model_len": "context length prompts are checked against (default: the engines', else the model's)",
+        "rate_limit_per_user": "sustained requests/s per user, requests without one sharing a bucket (default: none)",
+        "burst": "requests a user may send at once above the rate limit",
+        "ttft_slo_ms": "time-to-first-token target of requests that set none; the bound adapts to keep it",
+        "max_tokens_in_flight": "bound in tokens, each request counting its prompt and completion (default: none)",
+    }
 
     def __init__(
         self,
@@ -145,12 +153,7 @@ class Admission(MapOperator):
         ttft_slo_ms: float | None = None,
         max_tokens_in_flight: int | None = None,
     ) -> None:
-        """`max_queue`: most requests in flight in the graph; `max_model_len`: context length (default: from the
-        graph's model); `rate_limit_per_user`: sustained requests/s per `Request.user` (None: unlimited), with
-        `burst` requests allowed at once. Requests without a user share one anonymous bucket. `ttft_slo_ms`: the
-        time-to-first-token target of requests that set none (None: no default target, a fixed bound); with it the
-        bound adapts below `max_queue` to keep it. `max_tokens_in_flight`: the bound in tokens, each request counting
-        its prompt and completion bound (None: no bound but the requests')."""
+        """The parameters are `parameter_help`'s; without `ttft_slo_ms` the bound is `max_queue`, fixed."""
         if max_queue < 1:
             raise FieldError("max_queue", f"admission: max_queue must be >= 1, got {max_queue}")
         if max_model_len is not None and max_model_len < 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.outputs import RequestMetrics
@@ -22,10 +22,13 @@ from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, St
 class EmbeddingOperator(StepOperator):
     name = "embedding"
     accepts = (Request,)
+    parameter_help: ClassVar[dict[str, str]] = {
+        "model": "the embedding model: a path or a cache name",
+        "served_model_name": "the model name requests ask for (default: the cache name, or a path's directory name)",
+        "max_batch": "requests embedded in one step",
+    }
 
     def __init__(self, model: str, served_model_name: str | None = None, max_batch: int = 64) -> None:
-        """`model`: a path or a cache name; `served_model_name`: the name requests ask for (default: the cache name,
-        or the directory's name of a path); `max_batch`: requests embedded in one step."""
         if max_batch < 1:
             raise FieldError("max_batch", f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch

@@ -58,6 +58,12 @@ class EngineOperator(StepOperator):
     name = "engine"
     role: ClassVar[str] = "colocated"
     accepts = (Request, PrefillDone)
+    # The engine settings' help is `EngineConfig`'s; these are the node's own.
+    parameter_help: ClassVar[dict[str, str]] = {
+        "tp": "short for tensor_parallel_size (vLLM's -tp); give one of the two",
+        "pp": "short for pipeline_parallel_size (vLLM's -pp); give one of the two",
+        "price_per_1k_tokens": "the instance's price, which the cost_optimized policy reads",
+    }
 
     def __init__(
         self, price_per_1k_tokens: float = 0.0, tp: int | None = None, pp: int | None = None, **engine: Any

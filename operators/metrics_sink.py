@@ -6,7 +6,7 @@ table calls `get_metrics()`, and `prometheus.registry` is what a `/metrics` endp
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.metrics import MetricsCollector, MetricsSnapshot, PipelineMetrics
@@ -20,6 +20,7 @@ class MetricsSink(MapOperator):
     name = "metrics_sink"
     # Requests too: their arrival and prompt size back up timings.
     accepts = (Request, TokenDelta, Embedding, RequestError)
+    parameter_help: ClassVar[dict[str, str]] = {"window": "latency samples kept: the last this many requests'"}
 
     def __init__(self, window: int = 100_000) -> None:
         self.prometheus = PipelineMetrics()

@@ -27,6 +27,7 @@ PD pair another gateway runs across servers) and "pd" (sent to prefill)."""
 from __future__ import annotations
 
 from collections import Counter
+from typing import ClassVar
 
 from sagellm.common.errors import FieldError
 from sagellm.operators.prefix_index import PrefixIndex
@@ -40,6 +41,12 @@ POOL = "decode_capable"  # the index's key (with the model's name): the pool of 
 class PDSplit(MapOperator):
     name = "pd_split"
     accepts = (Request,)
+    parameter_help: ClassVar[dict[str, str]] = {
+        "threshold_tokens": "uncached prompt tokens from which a request takes the prefill/decode path",
+        "block_size": "tokens per block of its prefix index (the engines' block_size)",
+        "max_transfer_failures": "failed KV transfers in a row into a decode worker before it is avoided",
+        "ratio": "also split a shorter prompt over this many times the expected output (0: off)",
+    }
 
     def __init__(
         self, threshold_tokens: int = 512, block_size: int = 16, max_transfer_failures: int = 3, ratio: float = 0.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 from sagellm.common.errors import FieldError
 from sagellm.operators.policies import POLICIES, Policy, make_policy
@@ -23,10 +24,13 @@ from sagellm.runtime.pipeline.operator import OperatorContext, OperatorError, Qu
 class PolicySort(QueueOperator):
     name = "policy_sort"
     accepts = (Request,)
+    parameter_help: ClassVar[dict[str, str]] = {
+        "policy": "the scheduling policy: fifo, priority, slo_aware, cost_optimized or adaptive",
+        "max_len": "most waiting requests; the lowest-ranked leaves as overloaded (default: unbounded)",
+        "policy_args": "the policy's own settings, e.g. adaptive's thresholds",
+    }
 
     def __init__(self, policy: str = "fifo", max_len: int | None = None, policy_args: dict[str, float] | None = None):
-        """`policy`: a name from `policies` (fifo, priority, slo_aware, cost_optimized, adaptive); `max_len`: most
-        waiting requests (None: unbounded); `policy_args`: the policy's own settings, e.g. adaptive's thresholds."""
         if max_len is not None and max_len < 1:
             raise FieldError("max_len", f"policy_sort: max_len must be >= 1 or unset, got {max_len}")
         self.clock: Callable[[], float] = time.time

@@ -10,6 +10,7 @@ before admission, which renders the rewritten messages with the served model's c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import msgspec
 
@@ -26,14 +27,16 @@ CITED_REMEMBERED = 10_000  # requests whose sources are kept for the app to read
 class RagRetrieve(MapOperator):
     name = "rag_retrieve"
     accepts = (Request,)
+    parameter_help: ClassVar[dict[str, str]] = {
+        "index": "a folder saved by `VectorIndex.save`, or the name of one under $SAGELLM_HOME/indexes",
+        "embedding_model": "the model the index's chunks were embedded with (a path or cache name)",
+        "k": "chunks retrieved per question",
+        "max_source_tokens": "most tokens of sources in the prompt, the best first (at most half the context)",
+    }
 
     def __init__(
         self, index: str, embedding_model: str = "all-minilm-l6-v2", k: int = 4, max_source_tokens: int = 1500
     ) -> None:
-        """`index`: a folder saved by `VectorIndex.save`, or the name of one under $SAGELLM_HOME/indexes;
-        `embedding_model`: the model its chunks were embedded with (a path or cache name); `k`: chunks retrieved;
-        `max_source_tokens`: most tokens of sources put in the prompt (the best first; at most half the served
-        model's context)."""
         if k < 1:
             raise FieldError("k", f"k must be >= 1, got {k}")
         if max_source_tokens < 1:

@@ -34,7 +34,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx
 import structlog
@@ -78,9 +78,11 @@ class Endpoint:
 class RemoteEngine(StreamOperator):
     name = "remote_engine"
     accepts = (Request,)
+    parameter_help: ClassVar[dict[str, str]] = {
+        "connect_timeout_s": "seconds to wait for a connection to an instance before it counts as unreachable",
+    }
 
     def __init__(self, connect_timeout_s: float = 5.0) -> None:
-        """`connect_timeout_s`: how long to wait for a connection to an instance before it counts as unreachable."""
         if not connect_timeout_s > 0:
             raise FieldError("connect_timeout_s", f"connect_timeout_s must be > 0, got {connect_timeout_s}")
         self.connect_timeout_s = connect_timeout_s

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.pipeline.messages import Request
@@ -21,6 +22,11 @@ class ReplaySource(SourceOperator):
     instance})`); as a registered operator, graphs naming it validate in every process."""
 
     name = "replay_source"
+    parameter_help: ClassVar[dict[str, str]] = {
+        "requests": "the requests to replay, in order (given in code: a graph file cannot write them)",
+        "offsets_s": "each request's arrival, seconds after the first poll (default: all at once)",
+        "max_in_flight": "closed loop: release a request only while fewer are in the graph (default: open loop)",
+    }
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import ClassVar
 
 from sagellm.common.errors import FieldError
 from sagellm.operators.prefix_index import PrefixIndex
@@ -42,6 +43,11 @@ class Route(MapOperator):
     name = "route"
     accepts = (Request,)
     multi_output = True
+    parameter_help: ClassVar[dict[str, str]] = {
+        "strategy": "routing strategy: load_balanced, round_robin, random, affinity, locality or cache_aware",
+        "seed": "seed of the random strategy",
+        "block_size": "tokens per block of the prefix index the cache-aware strategies read (the engines' block_size)",
+    }
 
     def __init__(self, strategy: str = "load_balanced", seed: int | None = None, block_size: int = 16) -> None:
         self.prefix_index = PrefixIndex(block_size=block_size)

@@ -9,7 +9,7 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import msgspec
 
@@ -44,6 +44,7 @@ class StdoutSink(MapOperator):
     name = "stdout_sink"
     accepts = (TokenDelta, RequestError)
     writes_replies = True
+    parameter_help: ClassVar[dict[str, str]] = {"show_ids": "begin each reply with its request id in brackets"}
 
     def __init__(self, show_ids: bool = False) -> None:
         self.show_ids = show_ids
@@ -106,6 +107,7 @@ class JsonlSink(MapOperator):
     name = "jsonl_sink"
     accepts = (TokenDelta, RequestError)
     writes_replies = True
+    parameter_help: ClassVar[dict[str, str]] = {"path": "the JSON-lines file written (its folder is made)"}
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, ClassVar
 
 import msgspec
 
@@ -97,6 +97,18 @@ class PromptSource(SourceOperator):
     """A fixed list of prompts, all released at once on the first poll (the offline `generate` workload)."""
 
     name = "prompt_source"
+    parameter_help: ClassVar[dict[str, str]] = {
+        "prompts": "the prompts, one request each (`sagellm run --prompt` fills it)",
+        "max_tokens": "each request's max_tokens (default: up to the context)",
+        "temperature": "each request's temperature, 0 = greedy (default: the model's)",
+        "top_p": "each request's top_p (default: the model's)",
+        "seed": "each request's sampling seed (default: none)",
+        "ignore_eos": "generate past the end-of-sequence token, up to max_tokens",
+        "priority": "each request's priority, lower first (the priority policy reads it)",
+        "user": "each request's user (admission's per-user rate limit reads it)",
+        "id_prefix": "request ids are this and a number; give sources of one graph distinct ones",
+        "chat": "each prompt is a user message in the model's chat template; false completes the raw text",
+    }
 
     def __init__(
         self,
@@ -148,6 +160,12 @@ class PromptSource(SourceOperator):
 
 class _LineSource(SourceOperator):
     """Reads `chunk_lines` lines per poll from `self.stream` and turns each non-blank one into a Request or an error."""
+
+    parameter_help: ClassVar[dict[str, str]] = {
+        "max_tokens": "max_tokens of the requests that set none (default: up to the context)",
+        "temperature": "temperature of the requests that set none (default: the model's)",
+        "id_prefix": "ids of requests that name none are this and a number; give sources of one graph distinct ones",
+    }
 
     where = ""  # how error messages name the input
     chunk_lines = 64
@@ -211,6 +229,10 @@ class JsonlSource(_LineSource):
     """Requests from a JSON-lines file (one `RequestLine` object per line), read lazily so big files stream."""
 
     name = "jsonl_source"
+    parameter_help: ClassVar[dict[str, str]] = {
+        "path": "the JSON-lines file of requests, one object per line",
+        **_LineSource.parameter_help,
+    }
 
     def __init__(
         self, path: str, max_tokens: int | None = None, temperature: float | None = None, id_prefix: str = "req-"

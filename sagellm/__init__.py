@@ -3,7 +3,7 @@
 The public face re-exports names from the floors below; heavy imports (torch, transformers) happen on first use, and
 importing it changes nothing in the process (no environment, no logging set-up: the CLI and workers do that).
 
-The floors, bottom to top (ARCHITECTURE.md): `sagellm.common`, `sagellm.backends`, `sagellm.runtime`,
+The floors, bottom to top (docs/architecture.md): `sagellm.common`, `sagellm.backends`, `sagellm.runtime`,
 `sagellm.operators`, this package's library (gateway, client, `LLM`, DSL, SAGE adapter), `sagellm.benchmarks`, and
 the CLI. A floor imports only the floors below it."""
 

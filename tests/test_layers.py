@@ -1,5 +1,5 @@
 """The house's floors hold: no import runs from a lower floor to a higher one, folders import each other one way
-only, and no function-level import hides a cycle (ARCHITECTURE.md, "Floors").
+only, and no function-level import hides a cycle (docs/architecture.md, "Floors").
 
 Every import counts, wherever it is written: at module level, inside a function (a lazy import), or under
 `TYPE_CHECKING`. A lazy import is fine for start-up time, never as the thing that keeps two modules apart: with every

@@ -14,7 +14,7 @@ Layouts per kind, in bits per weight (bpw) resident, against the file's:
         their fifth bits.
   q6kxG Q6_K (6.56)                           8.625 bpw: per 256 inputs fp32 d and int8 sc[16], per input an int8
         q - 32; the kernel forms D = d * sc_j per 16 inputs.
-Q4_K once took q4x (its D, M per 32 inputs as floats: 6.0 bpw); q4kx forms them per 32 inputs in the kernel instead,
+Q4_K fits q4x too (its D, M per 32 inputs as floats: 6.0 bpw); q4kx forms them per 32 inputs in the kernel instead,
 so decode streams 4.75 bits a weight for the same floats.
 Scales widen from fp16 to fp32 exactly and every D = d * sc is exact in fp32 (at most 11 + 8 bits), so the kernels
 dequantize to the same floats as gguf-py, the K-quants included."""

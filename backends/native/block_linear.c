@@ -192,9 +192,9 @@ static inline f32x16 q5kx16_weights(const uint8_t *block, scales16 sc, int run, 
 }
 
 /* q4kx is q5kx without the fifth bits: per weight q4x's convert and FMA, the sub-block's
- * D, M formed once per 32 inputs (the same floats q4x stored for Q4_K, at 4.75 bits a weight rather than 6: 21% less
- * memory). Not faster per call on two AVX-512 cores (2048 x 2048, 1 row: within ~10% of q4x16 either way, from
- * cache or DRAM; the cost is not the scales, which dropped to q4x's two loads measured the same). */
+ * D, M formed once per 32 inputs (the same floats q4x would store for Q4_K, at 4.75 bits a weight rather than 6: 21%
+ * less memory). Not faster per call on two AVX-512 cores (2048 x 2048, 1 row: within ~10% of q4x16 either way, from
+ * cache or DRAM; the cost is not the scales: with them cut to q4x's two loads it times the same). */
 static inline scales8 q4kx8_scales(const uint8_t *block, int s) { return q5kx8_scales(block, s); }
 
 static inline f32x8 q4kx8_weights(const uint8_t *block, scales8 sc, int run, int i) {

@@ -4,7 +4,7 @@
  * A chunk's n queries sit at positions ctx - n .. ctx - 1 of a sequence whose first ctx tokens (the chunk's own
  * included) are already in the cache; query i sees keys 0 .. ctx - n + i. torch's scaled_dot_product_attention
  * needs those keys gathered out of the paged cache first, and with a mask (any chunk after the first) it leaves
- * its flash kernel: 32 queries over a cached 512-token prefix took ~0.7 ms a layer, as long as the linears of the
+ * its flash kernel: 32 queries over a cached 512-token prefix take ~0.7 ms a layer, as long as the linears of the
  * whole layer. Here the keys and values are read in place.
  *
  * First every kv head's keys are copied transposed, a chunk of KEY_CHUNK tokens at a time, into the caller's

@@ -55,7 +55,7 @@ DEFAULT_LINGER_MS = 1000  # how long closing may wait to flush unsent messages
 _IPC_PATH_MAX = 107  # sun_path of a Unix socket, minus its terminating NUL
 
 
-class AddressError(InvalidInput, OSError):  # OSError: what it was before, and what socket calls raise
+class AddressError(InvalidInput, OSError):  # OSError: what socket calls raise, and what callers catch
     """An address this process cannot listen at (in use, not one of this host's), or a host it has no route to."""
 
 

@@ -28,7 +28,7 @@ log = structlog.get_logger("sagellm.engine")
 # engines of a prefill/decode pair (graphs/pd.yaml) together fill at most 0.8 of it, leaving a fifth for the rest.
 KV_MEMORY_FRACTION = 0.4
 # Where no figure of free memory applies: a GPU or NPU (its cache is in device memory, which host figures do not
-# describe), another OS. The fixed budget engines had before they sized themselves.
+# describe), another OS: a fixed budget.
 FALLBACK_BUDGET_GIB = 1.0
 
 

@@ -1,14 +1,14 @@
 """Maps the CPU KV cache's pages a little ahead of the blocks the engine writes, in a background thread.
 
 The cache is allocated untouched (kv_cache.py: a GiB costs nothing until it fills), so the first write into each
-page used to fault: the kernel traps, zeroes 4 KiB and maps it, once per page. On the 2-core VMs this project runs
-on that cost more than the writes themselves: a 512-token prefill's K/V took ~1.5 ms a layer to store where the
+page faults: the kernel traps, zeroes 4 KiB and maps it, once per page. On the 2-core VMs this project runs on
+that costs more than the writes themselves: a 512-token prefill's K/V takes ~1.5 ms a layer to store where the
 copy is ~40 us, ~2.3 s of a W1 run (64 requests fill ~1.1 GiB of fresh cache once). Blocks are handed out in
 ascending order until the cache has been used once (block_manager.py), so the pages about to be written are known:
 this thread asks the kernel to map the next window of blocks in every layer's K and V in one call each
 (madvise(MADV_POPULATE_WRITE), Linux 5.14+; ctypes releases the GIL, so the engine runs meanwhile). The zeroing
 still happens, but off the step's critical path and without a trap per page. Where the call is missing (another
-OS, an older kernel) the thread stops and pages fault as before."""
+OS, an older kernel) the thread stops and pages fault on their first write."""
 
 from __future__ import annotations
 

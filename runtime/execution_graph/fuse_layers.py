@@ -7,7 +7,7 @@ A layer is recognized by its instructions, in the order the optimized graph lowe
 wired as one layer, the next layer reading this one's output and residual. Tensor parallel ranks (all_reduce between
 the ops) and mixtures of experts do not match and keep their ops. The fused instruction keeps the original ones as
 its fallback: the backend's kernel declines a step it does not take (prefill rows, too many rows) by returning None,
-and the ops then run one by one as before."""
+and the original ops then run one by one."""
 
 from __future__ import annotations
 

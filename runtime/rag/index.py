@@ -36,7 +36,7 @@ CHUNKS_FILE = "chunks.json"
 FORMAT_VERSION = 1
 
 
-class IndexNotFound(NotFound, FileNotFoundError):  # FileNotFoundError: what a missing file was before
+class IndexNotFound(NotFound, FileNotFoundError):  # FileNotFoundError: what callers catch a missing file as
     """No saved index where one was asked for."""
 
 

@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a host name clients may address this server by (repeat; default: loopback names on 127.0.0.1, any "
         "elsewhere)",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: %(default)s)")
     p.set_defaults(run=run)
 
 

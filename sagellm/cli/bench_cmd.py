@@ -39,7 +39,7 @@ PIPELINE_BENCHES = (
     ("policies", "policies", "scheduling policies under overload: real engine and a 1,000-instance simulator (W6)"),
     ("serve", "serve_cli", "streaming load on OpenAI-compatible servers, several compared in one run (W1)"),
     ("chaos", "chaos", "bad input, junk, overload and killed workers against `sagellm serve` (the reliability table)"),
-    ("overload", "overload", "abandoned streams, late refusals, a huge batch, the metastable test; vs vLLM (issue 40)"),
+    ("overload", "overload", "abandoned streams, late refusals, a huge batch, the metastable test; vs vLLM"),
     ("faults", "faults", "one of three engine workers killed mid-run, failover off and on (the failover table)"),
     ("load", "load", "cold model load stage by stage, each in a fresh process, and a whole cold `sagellm run`"),
     ("parallel", "parallel", "one model split over processes (TP, PP) against one process, in one run"),
@@ -61,7 +61,8 @@ PIPELINE_BENCHES = (
 def add_parser(sub: argparse._SubParsersAction, *, kind: str | None = None) -> None:
     """The pipeline benchmarks are listed by name; only `kind`'s module is imported for its options (each imports
     numpy, trio, zmq, ...: together most of a second before a `--help` could answer)."""
-    p = sub.add_parser("bench", help="benchmark the engine against peers", description=__doc__)
+    about = "Benchmarks of the engine and the pipeline against peers, one KIND a run."
+    p = sub.add_parser("bench", help="benchmark the engine against peers", description=about)
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     o = kinds.add_parser("offline", help="LLM.generate vs transformers generate (W1, W2)", description=__doc__)
     o.add_argument(
@@ -74,13 +75,13 @@ def add_parser(sub: argparse._SubParsersAction, *, kind: str | None = None) -> N
     o.add_argument("--peers", default="transformers", help="transformers or none (default: %(default)s)")
     o.add_argument("--repeats", type=int, default=3, help="runs per workload; tables show medians (default: 3)")
     o.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    o.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for every engine")
+    o.add_argument("--threads", type=int, default=None, help="torch threads for every engine (default: all cores)")
     o.add_argument("--backend", default="cpu", help="our engine's backend (default: %(default)s)")
     o.add_argument("--max-num-batched-tokens", type=int, default=512, help="our engine's per-step token budget")
     o.add_argument("--out", type=Path, default=Path("benchmarks/results/offline.json"), help="JSON results file")
     o.add_argument("--plot", default="benchmarks/results/offline.png", help="PNG chart ('' = none)")
     o.add_argument("--markdown", type=Path, default=None, help="write the markdown table here instead of stdout")
-    o.add_argument("--log-level", default="warning")
+    o.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
     o.set_defaults(run=run)
     k = kinds.add_parser("kv-transfer", help="KV prefill → decode: in-process, ipc, tcp, shared memory vs memcpy (W7)")
     k.description = (
@@ -94,7 +95,7 @@ def add_parser(sub: argparse._SubParsersAction, *, kind: str | None = None) -> N
     k.add_argument("--warmup", type=int, default=2, help="untimed transfers per path first (default: 2)")
     k.add_argument("--paths", default="memcpy,in-process,ipc,tcp,shm,shm-zero-copy", help="comma list of %(default)s")
     k.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for kv_transfer.json/.png")
-    k.add_argument("--log-level", default="warning")
+    k.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
     k.set_defaults(run=run_kv_transfer)
     for name, module, summary in PIPELINE_BENCHES:
         if name != kind:
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         peers=peers,
         repeats=args.repeats,
         seed=args.seed,
-        threads=args.threads,
+        threads=args.threads or os.cpu_count() or 1,
         backend=args.backend,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )

@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", help="a system message to start the conversation with")
     p.add_argument("--json-schema", type=Path, metavar="FILE", help="every reply is JSON following this JSON schema")
     add_sampling_arguments(p, top_k=False, max_tokens_help="most tokens per reply (default: up to the context)")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
     add_engine_arguments(p)
     p.set_defaults(run=run)
 

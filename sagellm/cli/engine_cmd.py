@@ -39,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                              "server (openai)")  # fmt: skip
     start.add_argument("model", help="path, alias or org/name (llm, embedding); the server's model name (openai); "
                                      "the model its server loads (vllm, sglang, llamacpp)")  # fmt: skip
-    start.add_argument("--kind", choices=("llm", "embedding", "openai", "vllm", "sglang", "llamacpp"), default="llm")
+    start.add_argument("--kind", choices=("llm", "embedding", "openai", "vllm", "sglang", "llamacpp"), default="llm",
+                       help="our engine (llm, embedding), a server to reach (openai) or a server to start "
+                            "(vllm, sglang, llamacpp; default: llm)")  # fmt: skip
     start.add_argument("--label", help="a free-form label shown in lists")
     start.add_argument("--max-concurrent", type=int, help="requests in flight at once; more get 429")
     start.add_argument("--use-gpu", action="store_true", help="run on an NVIDIA GPU")

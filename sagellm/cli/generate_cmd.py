@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", default=None, help="path, .gguf or alias (default: smollm2-135m-instruct)")
     p.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     add_sampling_arguments(p)
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
     add_engine_arguments(p)
     p.set_defaults(run=run)
 

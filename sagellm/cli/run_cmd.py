@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sage", action="store_true", help="run it as a SAGE job (SAGE moves the items; every node in this process)"
     )
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="debug, info, warning or error (default: %(default)s)")
     p.set_defaults(run=run)
 
 

@@ -55,7 +55,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="a host name clients address the gateway by (repeat; default: loopback names on loopback, any otherwise)",
     )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the port to listen on (default: %(default)s)")
     p.add_argument("--api-key", action="append", default=None, help="accepted API key (repeat; env SAGELLM_API_KEY)")
     p.add_argument("--admin-key", help="admin key for management routes (env SAGELLM_ADMIN_KEY; default: generated)")
     p.add_argument(
@@ -136,7 +136,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--advertise-url", help="where the head reaches this server (default: http://HOST:PORT it listens on)"
     )
     add_engine_arguments(p)  # the KV cache mapped ahead of use (--prefault-kv-cache: all of it at start)
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: %(default)s)")
     p.set_defaults(prompt=[], requests=None, max_tokens=None, temperature=None)
 
 

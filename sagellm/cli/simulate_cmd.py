@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from sagellm.simulator.cluster_config import ClusterConfig
     from sagellm.simulator.step_model import StepModel
 
-# SmolLM2-135M's steps as `sagellm bench steps` measured them for the README's figures, shipped with the package
+# SmolLM2-135M's steps as `sagellm bench steps` measures them (the docs' simulator figures), shipped with the package
 DEFAULT_STEP_MODEL = Path(__file__).resolve().parents[1] / "simulator" / "smollm2_cpu.json"
-# The KV hand-over `sagellm bench sim-check` measured on the real PD graph (SmolLM2-135M, one host, shared memory;
-# 2.6-4.3 ms and 8.7-12.4 µs over five runs on AMD EPYC, 2026-11-24): ms per hand-over, µs per prompt token
+# The KV hand-over `sagellm bench sim-check` measures on the real PD graph (SmolLM2-135M, one host, shared memory;
+# 2.6-4.3 ms and 8.7-12.4 µs over five runs on an AMD EPYC): ms per hand-over, µs per prompt token
 DEFAULT_KV_LATENCY_MS, DEFAULT_KV_US_PER_TOKEN = 3.0, 11.0
 TRACES = ("poisson", "bursty", "azure-code", "azure-conv")  # sagellm.simulator.traces.TRACE_KINDS; no import here
 ROWS = (  # (summary key, label, format)

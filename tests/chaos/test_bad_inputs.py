@@ -55,7 +55,7 @@ def test_bad_inputs_hurt_no_stream_running_beside_them(gateway):
 
 
 def test_big_prompts_never_stall_health_or_the_streams_beside_them(gateway):
-    """Once, one 8 MB prompt froze the gateway for 11 s (tokenized on its event loop): now it is refused for its length
+    """One 8 MB prompt tokenized on the gateway's event loop would freeze it for seconds: it is refused for its length
     before any tokenizing, and /health and a stream beside three of them answer as usual. A generous bound (the
     benchmark measures the milliseconds): it catches a stall, not a slow machine."""
     big = {"prompt": "word " * 1_600_000, "max_tokens": 4}  # 8 MB

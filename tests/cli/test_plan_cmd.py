@@ -88,7 +88,7 @@ def test_the_shipped_70b_example_gives_what_the_readme_shows(tmp_path, capsys, m
     example = Path(__file__).resolve().parents[2] / "examples" / "llama-3-70b" / "config.json"
     args = ("plan", str(example), "--gpus", "16", "--gpu-mem", "24", "--gpus-per-node", "8")
     result = in_process(capsys, monkeypatch, tmp_path, *args)
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "parallelism.md").read_text()
     shown = readme.split("recommended: tp=8 pp=2 dp=1 ep=1\n", 1)[1].split("```", 1)[0]
     assert result.code == 0 and "recommended: tp=8 pp=2 dp=1 ep=1" in result.out
     assert " ".join(shown.split()) in " ".join(result.out.split())

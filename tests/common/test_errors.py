@@ -79,7 +79,7 @@ def test_every_exception_the_product_defines_is_a_sagellm_error() -> None:
 
 
 def test_one_class_per_name() -> None:
-    """JoinRefused and BenchmarkError were each defined in several places; an error has one definition."""
+    """An error has one definition, however many modules raise it (JoinRefused, BenchmarkError)."""
     seen: dict[str, list[str]] = {}
     for path, node in EXCEPTIONS:
         seen.setdefault(node.name, []).append(path)

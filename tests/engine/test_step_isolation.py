@@ -55,7 +55,7 @@ def test_a_request_that_fails_the_model_ends_alone_and_its_batch_goes_on(model_p
 
 
 def test_a_step_that_fails_only_together_is_raised(model_path):
-    """Not one request's doing (memory, a bug): the caller fails the batch, as before."""
+    """Not one request's doing (memory, a bug): the caller fails the whole batch."""
     broken = engine(model_path)
     execute = broken.runner.execute
 

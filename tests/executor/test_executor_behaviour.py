@@ -139,7 +139,7 @@ async def test_the_graph_can_be_cancelled_without_hanging(autojump_clock):
 
 async def test_errors_passing_a_full_engine_do_not_stall_it():  # real clock: fail_after guards a stall
     """A bounded queue sheds into errors that pass through the engine node: they must not leave its feeder
-    waiting for room that was freed by draining them (a stall seen with policy_sort max_len=1).
+    waiting for room that was freed by draining them (policy_sort with max_len=1 sheds so).
 
     The six requests come back to back: the engine's first request needs 50 steps, each a trip to a worker thread and
     back through the event loop, so the queue fills and sheds whatever the machine's speed. With the source's idle

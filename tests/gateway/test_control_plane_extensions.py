@@ -193,7 +193,7 @@ def test_the_pd_phase_expects_the_output_the_control_plane_sends():
 
 
 def test_the_seed_pd_examples_run_as_written():
-    """demo_control_plane's PD loop and the old PD_SEPARATION_EXAMPLE's dynamic routing (the prompt set after
+    """demo_control_plane's PD loop and the seed's PD_SEPARATION_EXAMPLE's dynamic routing (the prompt set after
     construction, `avg_output_tokens=100.0`, the suitable instances filtered)."""
     pd_router = PDRoutingStrategy(PDSeparationConfig(enabled=True, routing_policy="adaptive"))
     requests_config = [

@@ -1,4 +1,4 @@
-"""The gateway's HTTP/1.1 server at its edges (issue 40), on real sockets: a cap on connections (the oldest idle one
+"""The gateway's HTTP/1.1 server at its edges, on real sockets: a cap on connections (the oldest idle one
 closed to make room, else a 503 at once), a new connection that sends nothing closed at the header timeout, and bytes
 that cannot start an HTTP/1.x request (TLS, bare LF line ends, no method) answered 400 at once instead of after it."""
 

@@ -150,8 +150,8 @@ def test_error_statuses_and_shapes(client, gateway):
     assert wrong_type.status_code == 400 and wrong_type.json()["error"]["param"] == "max_tokens"
 
 
-# Values that once passed validation and then failed in shared code (msgpack encoding, the engine's batch): each is
-# now a 400 naming its field, and the gateway serves on.
+# Values a shallow check lets through and shared code fails on (msgpack encoding, the engine's batch): each is a 400
+# naming its field, and the gateway serves on.
 HUGE = 10**30
 BAD_BODIES = [
     ({"messages": CHAT, "priority": HUGE}, {}, "priority"),

@@ -1,4 +1,4 @@
-"""Work nobody waits for stops, and refusals come at the door (issue 40): one gateway whose engine holds 2 requests
+"""Work nobody waits for stops, and refusals come at the door: one gateway whose engine holds 2 requests
 and whose admission lets 8 in, on a tiny model with a long context so that two streams keep it busy."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A graceful stop is prompt when clients keep their connections: a kept-alive connection that carried a streamed
 reply is idle again once the stream ends, so the server closes it at once instead of waiting out its graceful
-timeout (30 s) for it, as it once did."""
+timeout (30 s) for it."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def test_the_context_is_the_smallest_the_engines_set_and_never_over_the_models()
 
 
 def test_the_executor_imports_nothing_of_models() -> None:
-    """Model names are resolved, and tokenizers loaded, by the operators that need them (ARCHITECTURE.md)."""
+    """Model names are resolved, and tokenizers loaded, by the operators that need them (docs/architecture.md)."""
     for path in sorted((ROOT / "runtime" / "executor").glob("*.py")):
         tree = ast.parse(path.read_text())
         imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]

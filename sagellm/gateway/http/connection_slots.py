@@ -2,11 +2,11 @@
 (closed at their timeout, or the oldest to make room for a new client), and the 503 a client over the cap gets.
 
 Why a cap: every connection holds a file descriptor, and the engine, ZeroMQ sockets and logs of the same process need
-theirs. Without one, 22,000 connections that never sent a byte took every descriptor and real requests timed out
-(issue 40). Why the oldest idle connection is closed to make room before anyone is refused: connections that never
-send a request would otherwise hold every slot until their header timeout and turn real clients away; nginx does the
-same (`ngx_drain_connections` closes the oldest "reusable" connections, idle or awaiting a request, when it runs
-out). The client of an idle connection loses nothing it asked for: a pooled client opens another, as after a
+theirs. Without one, 22,000 connections that never send a byte take every descriptor and real requests time out.
+Why the oldest idle connection is closed to make room before anyone is refused: connections that never send a request
+would otherwise hold every slot until their header timeout and turn real clients away; nginx does the same
+(`ngx_drain_connections` closes the oldest "reusable" connections, idle or awaiting a request, when it runs out).
+The client of an idle connection loses nothing it asked for: a pooled client opens another, as after a
 keep-alive timeout. Only when every slot holds a request in progress is a new client answered 503."""
 
 from __future__ import annotations

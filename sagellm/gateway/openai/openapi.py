@@ -1,5 +1,6 @@
 """The OpenAPI document of the gateway, generated from the same msgspec Structs that validate the bodies, so the
-document cannot drift from what the server accepts. Served at `/openapi.json`."""
+document cannot drift from what the server accepts; each body's properties carry `field_help`'s words. Served at
+`/openapi.json`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import msgspec
 
 from sagellm.gateway.http.app import App, HttpRequest, Response
+from sagellm.gateway.openai.field_help import field_help
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
 
@@ -26,6 +28,10 @@ def openapi_document(app: App, version: str) -> dict[str, Any]:
         list(_BODIES.values()), ref_template="#/components/schemas/{name}"
     )
     body_refs = dict(zip(_BODIES, refs))
+    for body in _BODIES.values():
+        for name, schema in components[body.__name__].get("properties", {}).items():
+            if (words := field_help(body.__name__, name)) is not None:
+                schema["description"] = words
     components["Error"] = {
         "type": "object",
         "properties": {

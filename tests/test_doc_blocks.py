@@ -1,8 +1,9 @@
-"""Every code block of the README runs as written: bash blocks through a shell with this checkout's `sagellm` and
-`python` first on PATH, Python blocks in a fresh interpreter, the JSONL block is the request file its command reads,
-and the YAML block is the shipped graph it says it abridges. Real models (SmolLM2 and all-MiniLM-L6-v2 from their
-PyPI wheels) in a home of this session's own. The quick start's `scripts/install.sh` and `scripts/test.sh` are this
-suite's own set-up and the suite itself: the test runs the rest of that block."""
+"""Every code block of the README and the docs runs as written: bash blocks through a shell with this checkout's
+`sagellm` and `python` first on PATH, Python blocks in a fresh interpreter, the JSONL block is the request file its
+command reads, and each YAML block is the shipped graph it says it abridges. Real models (SmolLM2 and
+all-MiniLM-L6-v2 from their PyPI wheels) in a home of this session's own. The quick start's `scripts/install.sh` and
+`scripts/test.sh` are this suite's own set-up and the suite itself: the test runs the rest of that block. Blocks of
+other languages (console transcripts, text, mermaid diagrams) are shown, not run."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.S | re.M)
-BLOCKS = [(lang, text) for lang, text in BLOCK.findall((ROOT / "README.md").read_text())]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# (page, language, text) of every fenced block, in page order
+BLOCKS = [(page, lang, text) for page in PAGES for lang, text in BLOCK.findall(page.read_text())]
+ABRIDGED = re.compile(r"^# (graphs/[\w.]+\.yaml) \(abridged\)\n")
 SUITE_ITSELF = re.compile(r"bash scripts/(install|test)\.sh( &&)?\s*")
 RUN_TIMEOUT_S = 600
 # What each runnable block must print (stdout), beyond exiting 0, by its first line's start.
@@ -36,7 +40,12 @@ EXPECTED = {
 
 
 def _blocks(*languages: str) -> list[tuple[int, str]]:
-    return [(i, text) for i, (lang, text) in enumerate(BLOCKS) if lang in languages]
+    return [(i, text) for i, (_, lang, text) in enumerate(BLOCKS) if lang in languages]
+
+
+def _block_id(index: int) -> str:
+    page = BLOCKS[index][0].relative_to(ROOT)
+    return f"{page}-{sum(1 for p, _, _ in BLOCKS[:index] if p == BLOCKS[index][0])}"
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +57,22 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the blocks run (not the checkout: they write results files), holding the README's request file."""
+    """Where the blocks run (not the checkout: they write results files), holding the docs' request file."""
     work = tmp_path_factory.mktemp("readme-work")
     ((_, requests),) = _blocks("jsonl")
     (work / "reqs.jsonl").write_text(requests)
     return work
 
 
-def test_the_readme_has_the_blocks_this_test_runs() -> None:
+def test_the_docs_have_the_blocks_this_test_runs() -> None:
     assert len(_blocks("bash")) >= 3 and len(_blocks("python")) >= 3
     texts = [text for _, text in _blocks("bash", "python")]
     assert all(any(text.startswith(key) for text in texts) for key in EXPECTED)
 
 
-@pytest.mark.parametrize("index", [i for i, _ in _blocks("bash", "python")], ids=lambda i: f"block-{i}")
+@pytest.mark.parametrize("index", [i for i, _ in _blocks("bash", "python")], ids=_block_id)
 def test_block_runs(index: int, env: dict[str, str], workdir: Path) -> None:
-    lang, text = BLOCKS[index]
+    _, lang, text = BLOCKS[index]
     quick_start = "scripts/install.sh" in text
     if lang == "bash":
         script = SUITE_ITSELF.sub("", text)
@@ -84,8 +93,11 @@ def test_block_runs(index: int, env: dict[str, str], workdir: Path) -> None:
         assert expected in done.stdout, done.stdout[-3000:]
 
 
-def test_the_yaml_block_is_the_shipped_graph_abridged() -> None:
-    ((_, text),) = _blocks("yaml")
+@pytest.mark.parametrize("index", [i for i, _ in _blocks("yaml")], ids=_block_id)
+def test_a_yaml_block_is_the_shipped_graph_it_abridges(index: int) -> None:
+    text = BLOCKS[index][2]
+    named = ABRIDGED.match(text)
+    assert named, f"a YAML block starts with '# graphs/NAME.yaml (abridged)':\n{text}"
     shown = yaml.safe_load(text)
-    shipped = yaml.safe_load((ROOT / "graphs" / "pd.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / named.group(1)).read_text())
     assert {k: shipped[k] for k in shown} == shown

@@ -1,0 +1,74 @@
+"""The OpenAI API's request reference: every field of every body the gateway decodes, with its type, its default
+and what the server does with it (`field_help`), and vLLM's fields it refuses, with the value that asks for nothing
+and why. Read from the msgspec Structs that validate the bodies, so a field the server accepts cannot be missing."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from sagellm.cli.reference.markdown import NONE, anchor, cell, code, table
+from sagellm.common.hints import describe
+from sagellm.gateway.openai.field_help import field_help
+from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from sagellm.gateway.openai.responses import ResponsesRequest
+from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
+from sagellm.gateway.openai.vllm_fields import UNSET
+
+ANNOTATED = re.compile(r"Annotated\[([^,\[\]]+), msgspec\.Meta\([^)]*\)\]")
+# route -> the body it decodes
+BODIES: dict[str, type[msgspec.Struct]] = {
+    "POST /v1/chat/completions": ChatCompletionRequest,
+    "POST /v1/completions": CompletionRequest,
+    "POST /v1/responses": ResponsesRequest,
+    "POST /v1/embeddings": EmbeddingRequest,
+    "POST /tokenize": TokenizeRequest,
+    "POST /detokenize": DetokenizeRequest,
+}
+
+
+def openai_reference() -> str:
+    """The Markdown of every route's request fields."""
+    index = table(
+        ["route", "body"], [[f"[`{route}`](#{anchor(route)})", f"`{body.__name__}`"] for route, body in BODIES.items()]
+    )
+    return "\n\n".join([index, *(_route(route, body) for route, body in BODIES.items())]) + "\n"
+
+
+def body_fields(body: type[msgspec.Struct]) -> list[msgspec.structs.FieldInfo]:
+    """The body's fields: required ones first, then the body's own before those it shares with others."""
+    order = [name for cls in body.__mro__ for name in vars(cls).get("__annotations__", {})]
+    fields = sorted(msgspec.structs.fields(body), key=lambda f: order.index(f.name))
+    return [f for f in fields if f.required] + [f for f in fields if not f.required]
+
+
+def refused(field: msgspec.structs.FieldInfo) -> bool:
+    """vLLM's fields declared only so their presence is seen (`vllm_fields.py`)."""
+    return field.default is UNSET
+
+
+def _route(route: str, body: type[msgspec.Struct]) -> str:
+    name = body.__name__
+    served = [f for f in body_fields(body) if not refused(f)]
+    rows = [[code(f.name), cell(_type(f.type)), _default(f), cell(field_help(name, f.name))] for f in served]
+    parts = [f"## `{route}`", table(["field", "type", "default", "what it does"], rows)]
+    unserved = [f for f in body_fields(body) if refused(f)]
+    if unserved:
+        rows = [[code(f.name), cell(field_help(name, f.name))] for f in unserved]
+        parts += ["vLLM's fields this server does not serve: a request that sets one to anything but the value that "
+                  "asks for nothing gets a 400 naming it.", table(["field", "why"], rows)]  # fmt: skip
+    return "\n\n".join(parts)
+
+
+def _type(hint: object) -> str:
+    """The hint as a reader reads it: a constrained int (`Annotated[int, msgspec.Meta(...)]`) is an int."""
+    return ANNOTATED.sub(r"\1", describe(hint))
+
+
+def _default(field: msgspec.structs.FieldInfo) -> str:
+    if field.required:
+        return "required"
+    if field.default is msgspec.NODEFAULT:
+        return NONE
+    return code(field.default)
