@@ -135,7 +135,7 @@ class EngineOperator(StepOperator):
                 tracked.metrics.num_cached_tokens, tracked.prefilled_elsewhere = done.num_cached_tokens, True
                 out = self.engine.add_prefilled_request(
                     rid, request.prompt_token_ids, request.sampling, done.first_token, done.kv.data,
-                    resumed_tokens=request.resumed_tokens,
+                    resumed_tokens=request.resumed_tokens, cache_salt=request.cache_salt,
                 )  # fmt: skip
                 item = done
                 items = self._emit(out, time.time())
@@ -149,6 +149,7 @@ class EngineOperator(StepOperator):
             self.engine.add_request(
                 rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill",
                 export_kv=request.kv_export, resumed_tokens=request.resumed_tokens, group=request.group,
+                cache_salt=request.cache_salt,
             )  # fmt: skip
         except ValueError as exc:
             del self._tracked[rid]
@@ -236,7 +237,7 @@ class EngineOperator(StepOperator):
             delta.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             del self._tracked[out.request_id]
-            delta.finish_reason = completion.finish_reason
+            delta.finish_reason, delta.stop_reason = completion.finish_reason, completion.stop_reason
             if not tracked.prefilled_elsewhere:
                 tracked.metrics.num_cached_tokens = out.metrics.num_cached_tokens
             tracked.metrics.num_preemptions = out.metrics.num_preemptions

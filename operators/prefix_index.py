@@ -35,8 +35,8 @@ class PrefixIndex:
         self.max_blocks_per_instance = max_blocks_per_instance
         self._blocks: dict[str, OrderedDict[int, None]] = {}
 
-    def hashes(self, token_ids: Sequence[int]) -> list[int]:
-        return block_hashes(token_ids, self.block_size)
+    def hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
+        return block_hashes(token_ids, self.block_size, cache_salt)
 
     def cached_tokens(self, instance: str, token_ids: Sequence[int], hashes: list[int] | None = None) -> int:
         """Length in tokens of the longest prefix of `token_ids` remembered on `instance` (a multiple of block_size).

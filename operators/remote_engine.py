@@ -245,7 +245,7 @@ class RemoteEngine(StreamOperator):
             body["kv_transfer_params"] = kv_transfer_params
         headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         metrics = RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time)
-        chunks, finish, calls = 0, None, StreamedCalls()
+        chunks, finish, stop, calls = 0, None, None, StreamedCalls()
         try:
             async with self._client.stream("POST", endpoint.url + path, json=body, headers=headers) as reply:
                 if reply.status_code != 200:
@@ -267,6 +267,7 @@ class RemoteEngine(StreamOperator):
                         text = choice["text"] if "text" in choice else delta.get("content")
                         text = (text or "") + calls.add(delta.get("tool_calls") or ())
                         finish = choice.get("finish_reason") or finish
+                        stop = choice.get("stop_reason") or stop  # vLLM's: the stop string or token id
                         ids = [int(t) for t in choice.get("token_ids") or ()] if ours else []
                         if text or ids:
                             chunks += 1
@@ -287,7 +288,14 @@ class RemoteEngine(StreamOperator):
         metrics.finished_time = now
         metrics.num_output_tokens = metrics.num_output_tokens or chunks  # servers stream about a token per event
         metrics.slo_met = request.slo_met(metrics)
-        yield TokenDelta(request_id=request.request_id, token_ids=[], finish_reason=finish, time=now, metrics=metrics)
+        yield TokenDelta(
+            request_id=request.request_id,
+            token_ids=[],
+            finish_reason=finish,
+            stop_reason=stop,
+            time=now,
+            metrics=metrics,
+        )
 
     async def _embed(self, name: str, endpoint: Endpoint, request: Request) -> AsyncIterator[Embedding | RequestError]:
         """An embed request: one call to /v1/embeddings, its one vector back."""
@@ -329,6 +337,7 @@ def openai_call(request: Request, model: str, return_token_ids: bool = False) ->
         "seed": s.seed,
         "stop": s.stop or None,
         "user": request.user,
+        "cache_salt": request.cache_salt,  # vLLM's; a server that does not know it ignores it
         # vLLM's (and llama.cpp's) names for what OpenAI's API lacks; sent only when they change something.
         "top_k": s.top_k if s.top_k > 0 else None,
         "min_p": s.min_p or None,

@@ -69,7 +69,7 @@ class Route(MapOperator):
         if not candidates:
             return self._no_candidate(item, engines, fitting)
         tokens = item.prompt_token_ids or []
-        hashes = self.prefix_index.hashes(tokens)
+        hashes = self.prefix_index.hashes(tokens, item.cache_salt)
         pinned = item.instance
         if pinned is None and item.group is not None:
             first = self._group_instance.get(item.group)

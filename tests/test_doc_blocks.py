@@ -35,6 +35,7 @@ EXPECTED = {
     "from sagellm.dsl import Environment\nfrom sagellm.sage": "Paris",
     "sagellm run graphs/pd.yaml --sage": "Paris",
     "# structured output": "City(name=",
+    "sagellm gateway start\npython - <<'PY'\nimport anthropic": "tool_use get_weather",
     "import asyncio\n\nfrom sagellm.control_plane": "COMPLETED The capital of France is Paris.",
 }
 
@@ -88,7 +89,8 @@ def test_block_runs(index: int, env: dict[str, str], workdir: Path) -> None:
         if "gateway start" in text:  # never leave it running, whatever happened
             subprocess.run(["sagellm", "gateway", "stop"], env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, f"{text}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-5000:]}"
-    expected = next((want for key, want in EXPECTED.items() if text.startswith(key)), None)
+    keys = [key for key in EXPECTED if text.startswith(key)]
+    expected = EXPECTED[max(keys, key=len)] if keys else None  # the most specific start says
     if expected is not None:
         assert expected in done.stdout, done.stdout[-3000:]
 

@@ -43,6 +43,7 @@ FLOORS = [
     ["sagellm.gateway.serving"],
     ["sagellm.gateway.indexes"],
     ["sagellm.gateway.openai"],
+    ["sagellm.gateway.anthropic"],  # the Messages API, run as the OpenAI chat it is
     ["sagellm.gateway.sessions"],
     ["sagellm.gateway.control"],
     ["sagellm.gateway.api_servers"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sagellm.runtime.engine.prefix_hash import ROOT_HASH, hash_block
+from sagellm.runtime.engine.prefix_hash import hash_block, prefix_root
 from sagellm.runtime.engine.sequence import Sequence
 
 
@@ -52,7 +52,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         found: list[int] = []
-        parent = ROOT_HASH
+        parent = prefix_root(seq.cache_salt)
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
             parent = self._hash(parent, seq.token_ids, i)
@@ -70,7 +70,7 @@ class BlockManager:
             return
         hashes = self._seq_hashes.setdefault(seq.request_id, [])
         for i in range(len(hashes), seq.num_computed_tokens // self.block_size):
-            h = self._hash(hashes[-1] if hashes else ROOT_HASH, seq.token_ids, i)
+            h = self._hash(hashes[-1] if hashes else prefix_root(seq.cache_salt), seq.token_ids, i)
             hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and h not in self._cached:

@@ -169,6 +169,7 @@ class LLMEngine:
         export_kv: bool = False,
         resumed_tokens: int = 0,
         group: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         """Queues a request. With `prefill_only` (a prefill worker), it ends after its first token with finish reason
         "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it. `export_kv`
@@ -177,10 +178,10 @@ class LLMEngine:
         `resumed_tokens`: the prompt ends with that many tokens another engine generated for this request (a resume):
         the text continues from them as that engine's would have. `group`: requests of one group share their
         prompt (the `n` choices of one request, each added with `SamplingParams.choice`): its blocks are computed
-        and held once."""
+        and held once. `cache_salt`: its prompt shares cached blocks only with prompts of the same salt."""
         if params.n != 1:
             raise InvalidInput(f"n={params.n}: add each choice on its own (SamplingParams.choice) in one group")
-        seq, state = self._new_request(request_id, prompt, params, priority, resumed_tokens)
+        seq, state = self._new_request(request_id, prompt, params, priority, resumed_tokens, cache_salt=cache_salt)
         state.prefill_only, state.export_kv = prefill_only or export_kv, export_kv
         leader = self._group_leaders.get(group) if group is not None else None
         if leader is not None and not _prompt_computed(leader):
@@ -200,12 +201,15 @@ class LLMEngine:
         *,
         priority: int = 0,
         resumed_tokens: int = 0,
+        cache_salt: str | None = None,
     ) -> RequestOutput:
         """Continues a request a prefill worker started: its prompt's KV `kv` [num_layers, 2, prompt_len, Hk, D]
         goes into this engine's own cache (blocks already cached here are shared, not written), and `first_token`
         is appended as if sampled here. Returns the first token's output. Without room for the blocks the prompt
         is recomputed instead: slower, same tokens."""
-        seq, state = self._new_request(request_id, prompt_token_ids, params, priority, resumed_tokens, scored=True)
+        seq, state = self._new_request(
+            request_id, prompt_token_ids, params, priority, resumed_tokens, scored=True, cache_salt=cache_salt
+        )
         n = seq.num_prompt_tokens
         if kv.shape[2] != n:
             del self._requests[request_id]
@@ -231,6 +235,7 @@ class LLMEngine:
         priority: int,
         resumed_tokens: int = 0,
         scored: bool = False,
+        cache_salt: str | None = None,
     ) -> tuple[Sequence, _RequestState]:
         """`scored`: the prompt's logprobs, if asked for, were computed where it was prefilled; a resumed request's
         were too, on its first run."""
@@ -251,7 +256,7 @@ class LLMEngine:
             )
         matcher = self._matcher(params, token_ids[len(token_ids) - resumed_tokens :]) if params.guided else None
         seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
-        seq.resumed_tokens = resumed_tokens
+        seq.resumed_tokens, seq.cache_salt = resumed_tokens, cache_salt
         if params.prompt_logprobs is not None and not (scored or resumed_tokens):
             seq.prompt_logprobs = [None]
         if params.bad_words:

@@ -27,12 +27,18 @@ def hash_block(parent: int, tokens: Sequence[int]) -> int:
     return stable_hash(struct.pack(f"<Q{len(tokens)}q", parent, *tokens))
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int = 16) -> list[int]:
+def prefix_root(cache_salt: str | None) -> int:
+    """The parent of a prompt's first block: ROOT_HASH, or one of the salt's own (vLLM's `cache_salt`), so prompts
+    with different salts share no block however equal their tokens (tenants who must not see each other's timing)."""
+    return ROOT_HASH if cache_salt is None else stable_hash(b"cache_salt\x00" + cache_salt.encode())
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int = 16, cache_salt: str | None = None) -> list[int]:
     """Chained hashes of the full blocks of `token_ids` (a trailing partial block is never cached, so not hashed)."""
     if block_size < 1:
         raise FieldError("block_size", f"block_size must be >= 1, got {block_size}")
     hashes: list[int] = []
-    parent = ROOT_HASH
+    parent = prefix_root(cache_salt)
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)

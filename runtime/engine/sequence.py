@@ -48,6 +48,7 @@ class Sequence:
     # Tokens a proposer guessed to follow `token_ids` (speculative decoding), computed with the next token this step
     # and kept only as far as the target model agrees; never in `token_ids`, so prefix hashes see accepted tokens only.
     spec_token_ids: list[int] = field(default_factory=list)
+    cache_salt: str | None = None  # its prefix blocks are shared only with prompts of the same salt (vLLM's)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -58,6 +58,7 @@ class Request(_Message):
     tpot_slo_ms: float | None = None
     deadline: float | None = None  # wall-clock time by which the request should be finished
     cost_budget: float | None = None  # most this request may cost, in the instances' price unit per 1k tokens
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
     model: str | None = None
     arrival_time: float = msgspec.field(default_factory=time.time)
     phase: Phase = "colocated"
@@ -128,6 +129,7 @@ class TokenDelta(_Message):
     text: str = ""
     time: float = msgspec.field(default_factory=time.time)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # with "stop": the stop token id or stop string that ended it (vLLM's)
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
     # A request's first delta, when it asked for prompt_logprobs: one per prompt token, None for the first
     prompt_logprobs: list[TokenLogprob | None] | None = None

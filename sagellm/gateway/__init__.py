@@ -2,6 +2,7 @@
 
 Its rooms, bottom to top (each imports only the rooms below it; `tests/test_layers.py` holds them to it): `config` and
 `state` (what every room reads), `http/` (HTTP, no LLM code), `serving/` (the core that runs the graph), `indexes/`,
-`openai/`, `sessions/` (the APIs), `control/` (engines, their links and health checks, autoscaler, join, management and
-admin routes), `api_servers/` (processes in front of the core), and `server.serve()`, which puts them together. The
-Python client's embedded mode uses the serving core without HTTP."""
+`openai/`, `anthropic/` (the Messages API, run as the chat it is), `sessions/` (the APIs), `control/` (engines, their
+links and health checks, autoscaler, join, management and admin routes), `api_servers/` (processes in front of the
+core), and `server.serve()`, which puts them together. The Python client's embedded mode uses the serving core
+without HTTP."""

@@ -28,6 +28,7 @@ from sagellm.common.home import keys_dir
 from sagellm.common.logging import default_logging
 from sagellm.common.memory import resident_bytes
 from sagellm.common.nursery_errors import single_errors
+from sagellm.gateway.anthropic.routes import MessagesRoutes
 from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
 from sagellm.gateway.api_servers.link import FrontEnd
 from sagellm.gateway.config import GatewayConfig
@@ -90,7 +91,9 @@ def build_app(
     AdminRoutes(core, (autoscaler,) if autoscaler is not None else ()).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
-    TokenizerRoutes(core).register(app, api_guard)
+    tokenizer_routes = TokenizerRoutes(core)
+    tokenizer_routes.register(app, api_guard)
+    MessagesRoutes(openai_routes, tokenizer_routes).register(app, api_guard)
     KVTransferRoutes(core.kv_outbox).register(app)  # a decode server's fetch: its secret id is the capability
     openapi.register(app, version("sagellm"))
     return app

@@ -21,9 +21,9 @@ from sagellm.cli.reference import PAGES, cli_reference, configuration_reference,
 from sagellm.cli.reference.configuration import ENGINE_HEADING
 from sagellm.cli.reference.graph_files import KEY_HELP, NESTED, NODE_KEY_HELP, engine_operators, graph_operators
 from sagellm.cli.reference.markdown import NONE, anchor, code
-from sagellm.cli.reference.openai_api import BODIES, body_fields
+from sagellm.cli.reference.openai_api import BODIES, body_fields, field_help
 from sagellm.gateway.http.app import App
-from sagellm.gateway.openai.field_help import field_help
+from sagellm.gateway.openai import field_help as openai_help
 from sagellm.gateway.openai.openapi import openapi_document
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
@@ -187,8 +187,8 @@ def test_pages_are_the_same_in_a_fresh_process() -> None:
 def test_every_request_field_has_words_on_the_page(route: str) -> None:
     body = BODIES[route]
     section = _sections(OPENAI)[route]  # headings lose their backticks
-    missing = [f.name for f in body_fields(body) if field_help(body.__name__, f.name) is None]
-    assert missing == [], f"{body.__name__}: add {missing} to sagellm/gateway/openai/field_help.py"
+    missing = [f.name for f in body_fields(body) if field_help(body, f.name) is None]
+    assert missing == [], f"{body.__name__}: add {missing} to its API's field_help.py"
     for field in body_fields(body):
         assert _row(section, code(field.name)) is not None, f"{route}: {field.name} is not on the page"
 
@@ -198,5 +198,5 @@ def test_openapi_properties_carry_the_same_words() -> None:
     for body in (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest):
         properties = document["components"]["schemas"][body.__name__]["properties"]
         assert {name: p.get("description") for name, p in properties.items()} == {
-            f.name: field_help(body.__name__, f.name) for f in body_fields(body)
+            f.name: openai_help.field_help(body.__name__, f.name) for f in body_fields(body)
         }

@@ -69,6 +69,24 @@ def test_chained_hash_needs_the_same_prefix_not_just_the_same_block():
     assert bm.find_cached_prefix(other) == []
 
 
+def test_a_cache_salt_shares_blocks_only_within_its_salt():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tokens = list(range(12))
+    salted = seq("a", tokens)
+    salted.cache_salt = "tenant-a"
+    run_prefill(bm, salted)
+    assert bm.find_cached_prefix(seq("plain", tokens)) == []  # the unsalted prompt shares nothing
+    other = seq("b", tokens)
+    other.cache_salt = "tenant-b"
+    assert bm.find_cached_prefix(other) == []
+    same = seq("a2", tokens)
+    same.cache_salt = "tenant-a"
+    assert bm.find_cached_prefix(same) == salted.block_table[:2]
+    # the control plane's prediction of a prefix (route's cache_aware) hashes as the engine does
+    assert block_hashes(tokens, 4, "tenant-a")[:2] == [bm.blocks[b].hash for b in salted.block_table[:2]]
+    assert block_hashes(tokens, 4) != block_hashes(tokens, 4, "tenant-a")
+
+
 def test_freed_blocks_stay_cached_until_reused_lru():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = seq("a", [1, 2, 3, 4, 5])

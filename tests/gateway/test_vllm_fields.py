@@ -54,7 +54,6 @@ ASKING = {
     "routed_experts_prompt_start": 2,
     "mm_payload": "base64",
     "return_mm_kwargs": True,
-    "cache_salt": "salt",
     "kv_transfer_params": {"do_remote_decode": True},
     "ec_transfer_params": {},
     "vllm_xargs": {"x": 1},

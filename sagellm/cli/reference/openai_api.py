@@ -1,22 +1,27 @@
-"""The OpenAI API's request reference: every field of every body the gateway decodes, with its type, its default
-and what the server does with it (`field_help`), and vLLM's fields it refuses, with the value that asks for nothing
-and why. Read from the msgspec Structs that validate the bodies, so a field the server accepts cannot be missing."""
+"""The request reference of the gateway's APIs (OpenAI's, and Anthropic's Messages): every field of every body the
+gateway decodes, with its type, its default and what the server does with it (each API's `field_help`), and vLLM's
+fields it refuses, with the value that asks for nothing and why. Read from the msgspec Structs that validate the
+bodies, so a field the server accepts cannot be missing."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import msgspec
 
 from sagellm.cli.reference.markdown import NONE, anchor, cell, code, table
 from sagellm.common.hints import describe
-from sagellm.gateway.openai.field_help import field_help
+from sagellm.gateway.anthropic import field_help as anthropic_help
+from sagellm.gateway.anthropic.protocol import CountTokensRequest, MessagesRequest
+from sagellm.gateway.openai import field_help as openai_help
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from sagellm.gateway.openai.responses import ResponsesRequest
 from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
 from sagellm.gateway.openai.vllm_fields import UNSET
 
 ANNOTATED = re.compile(r"Annotated\[([^,\[\]]+), msgspec\.Meta\([^)]*\)\]")
+Help = Callable[[str, str], str | None]  # (body, field) -> what the field does
 # route -> the body it decodes
 BODIES: dict[str, type[msgspec.Struct]] = {
     "POST /v1/chat/completions": ChatCompletionRequest,
@@ -25,7 +30,16 @@ BODIES: dict[str, type[msgspec.Struct]] = {
     "POST /v1/embeddings": EmbeddingRequest,
     "POST /tokenize": TokenizeRequest,
     "POST /detokenize": DetokenizeRequest,
+    "POST /v1/messages": MessagesRequest,
+    "POST /v1/messages/count_tokens": CountTokensRequest,
 }
+ANTHROPIC_BODIES = (MessagesRequest, CountTokensRequest)
+
+
+def field_help(body: type[msgspec.Struct], field: str) -> str | None:
+    """What `field` of `body` does, in the words of the API the body belongs to."""
+    helper = anthropic_help.field_help if body in ANTHROPIC_BODIES else openai_help.field_help
+    return helper(body.__name__, field)
 
 
 def openai_reference() -> str:
@@ -49,13 +63,16 @@ def refused(field: msgspec.structs.FieldInfo) -> bool:
 
 
 def _route(route: str, body: type[msgspec.Struct]) -> str:
-    name = body.__name__
     served = [f for f in body_fields(body) if not refused(f)]
-    rows = [[code(f.name), cell(_type(f.type)), _default(f), cell(field_help(name, f.name))] for f in served]
+    rows = [[code(f.name), cell(_type(f.type)), _default(f), cell(field_help(body, f.name))] for f in served]
     parts = [f"## `{route}`", table(["field", "type", "default", "what it does"], rows)]
+    if body in ANTHROPIC_BODIES:
+        parts.append("Other fields of Anthropic's API (`cache_control`, `context_management`, `output_config`, "
+                     "`service_tier`, `container`, betas' fields) ask the engine for nothing it has: they are "
+                     "accepted without effect.")  # fmt: skip
     unserved = [f for f in body_fields(body) if refused(f)]
     if unserved:
-        rows = [[code(f.name), cell(field_help(name, f.name))] for f in unserved]
+        rows = [[code(f.name), cell(field_help(body, f.name))] for f in unserved]
         parts += ["vLLM's fields this server does not serve: a request that sets one to anything but the value that "
                   "asks for nothing gets a 400 naming it.", table(["field", "why"], rows)]  # fmt: skip
     return "\n\n".join(parts)

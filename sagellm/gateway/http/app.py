@@ -73,6 +73,14 @@ class EventStream:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class NamedEvent:
+    """An event sent with its name (`event: NAME`) before its data, as Anthropic's streams name every event."""
+
+    name: str
+    data: Any
+
+
 class LastEvents(tuple):
     """The events that end a stream (an `EventStream` item): the server sends them and the reply's end in one
     write."""
@@ -80,6 +88,7 @@ class LastEvents(tuple):
 
 Handler = Callable[[HttpRequest], Awaitable[Response | EventStream]]
 Guard = Callable[[HttpRequest], None]  # raises ApiError to refuse (API keys)
+ErrorShape = Callable[["ApiError"], Response]  # an API's own error body for a status (OpenAI's by default)
 
 
 @dataclass
@@ -88,6 +97,7 @@ class Route:
     pattern: re.Pattern
     handler: Handler
     guard: Guard | None
+    error_shape: ErrorShape
 
 
 class App:
@@ -101,10 +111,18 @@ class App:
         self._verdicts: dict[str, bool] = {}  # Host / Origin value -> allowed
         self._fixed: dict[tuple[str, str], Route] = {}  # (method, path) -> the route that wins it, for fixed paths
 
-    def route(self, method: str, path: str, handler: Handler, guard: Guard | None = None) -> None:
-        """`path` may hold `{name}` segments, given to the handler in `path_params`."""
+    def route(
+        self,
+        method: str,
+        path: str,
+        handler: Handler,
+        guard: Guard | None = None,
+        error_shape: ErrorShape | None = None,
+    ) -> None:
+        """`path` may hold `{name}` segments, given to the handler in `path_params`; `error_shape`: how the route's
+        errors (its guard's too) are written, for an API whose clients parse another shape than OpenAI's."""
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
-        route = Route(method, pattern, handler, guard)
+        route = Route(method, pattern, handler, guard, error_shape or error_response)
         if "{" not in path and not any(r.method == method and r.pattern.match(path) for r in self.routes):
             self._fixed[method, path] = route  # a dict lookup, not a scan of every pattern, finds it
         self.routes.append(route)
@@ -119,36 +137,40 @@ class App:
         return reply
 
     async def _reply(self, request: HttpRequest, host_checked: bool) -> Response | EventStream:
+        shape = error_response  # OpenAI's, until the request's route says otherwise
         try:
             if not host_checked:
                 self._check_host(request)
             if self.fallback is not None and not self._matches(request.path):
                 return await self.fallback(request)
             route, request.path_params = self._match(request.method, request.path)
+            shape = route.error_shape
             _check_content_type(request)
             if route.guard is not None:
                 route.guard(request)
             return await route.handler(request)
         except Exception as exc:
             if isinstance(exc, SageLLMError) and not isinstance(exc, InternalError):
-                return error_response(ApiError.of(exc))  # an ApiError as it is
+                return shape(ApiError.of(exc))  # an ApiError as it is
             error_id = secrets.token_hex(6)
             log.exception("handler_failed", path=request.path, error_id=error_id)
             message = f"internal server error {type(exc).__name__} (error id {error_id} in the gateway log)"
-            return Response(ApiError(500, message, code="internal").json(), 500)
+            return shape(ApiError(500, message, code="internal"))
 
     def _matches(self, path: str) -> bool:
         return any(route.pattern.match(path) for route in self.routes)
 
     def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        fixed = self._fixed.get((method, path))
+        """The route of a method and path; HEAD is answered by the GET route (the server sends its head alone)."""
+        wanted = "GET" if method == "HEAD" else method
+        fixed = self._fixed.get((wanted, path))
         if fixed is not None:
             return fixed, {}
         allowed: list[str] = []
         for route in self.routes:
             found = route.pattern.match(path)
             if found is not None:
-                if route.method == method:
+                if route.method == wanted:
                     return route, found.groupdict()
                 allowed.append(route.method)
         if allowed:
@@ -211,5 +233,7 @@ def _field_of(message: str) -> str | None:
 
 
 def frame(event: Any) -> bytes:
-    """One SSE event: bytes as they are, anything else as JSON."""
+    """One SSE event: bytes as they are, anything else as JSON; a `NamedEvent` with its `event:` line."""
+    if isinstance(event, NamedEvent):
+        return b"event: " + event.name.encode() + b"\ndata: " + msgspec.json.encode(event.data) + b"\n\n"
     return b"data: " + (event if isinstance(event, bytes) else msgspec.json.encode(event)) + b"\n\n"

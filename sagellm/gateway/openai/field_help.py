@@ -37,6 +37,7 @@ FIELD_HELP: dict[str, str] = {
     "include_stop_str_in_output": "vLLM's: keep the matched stop string in the text",
     "return_token_ids": "each choice, and each streamed chunk, also carries its output token ids",
     "prompt_logprobs": "vLLM's: every prompt token's logprob and its top alternatives (not with `stream`)",
+    "cache_salt": "vLLM's: the prompt shares prefix-cache blocks only with requests of the same salt (tenants apart)",
     "kv_transfer_params": "vLLM's disaggregated serving across servers: prefill here, decode elsewhere, or the reverse",
     "priority": "a number (lower first) or `critical`, `high`, `normal`, `low`; also the `X-Request-Priority` header",
     "cost_budget": "the most the request may cost, in the instances' price unit (`cost_optimized` policy)",
@@ -84,7 +85,10 @@ FIELD_HELP: dict[str, str] = {
     "store": "keep the response for `previous_response_id` (the latest 1,000, readable by the key that made it)",
     "metadata": "string pairs, returned with the response",
     "background": "refused when true: send the request and wait for it, or stream it",
-    "reasoning": "refused when given: this server's models do not reason",
+    "reasoning": "`effort` and `summary` taken and echoed: this server's models do not reason (no reasoning items)",
+    "include": "values naming items this server never makes (`reasoning.encrypted_content`, hosted tools' results) "
+    "add nothing; `message.output_text.logprobs` and unknown values are refused",
+    "prompt_cache_key": "taken, no effect: every prompt's prefix is cached here and found by its tokens, whatever key",
     # /tokenize and /detokenize
     "return_token_strs": "also return each token's string",
     "tokens": "token ids to turn back into text",
@@ -98,10 +102,13 @@ BY_BODY: dict[str, dict[str, str]] = {
         "echo": "refused when true: completions echo their prompt; a chat's is its messages",
     },
     "ResponsesRequest": {
-        "input": "a string, or items: messages, earlier `function_call`s and their `function_call_output`s",
-        "tools": "functions the model may call (`type: function`); other tool types are refused",
+        "input": "a string, or items: messages (`developer` ones as system messages), earlier `function_call`s and "
+        "their `function_call_output`s",
+        "tools": "functions the model may call (`function`, or a `namespace`'s, its calls naming it); hosted tools "
+        "(`web_search`, `file_search`, `custom`, ...) are left out and logged",
         "tool_choice": '`auto`, `none`, `required`, or `{"type": "function", "name": ...}`',
-        "stream": "reply as typed events (`response.created`, `response.output_text.delta`, ..., `response.completed`)",
+        "stream": "reply as typed events (`response.created`, `response.output_text.delta`, ..., `response.completed`; "
+        "`response.failed` for a failure after the start)",
     },
     "EmbeddingRequest": {"user": "the caller's name (admission's per-user rate limit)"},
     "TokenizeRequest": {

@@ -71,7 +71,14 @@ def openapi_document(app: App, version: str) -> dict[str, Any]:
 
 
 def register(app: App, version: str) -> None:
+    """`/openapi.json`, and `/`: what answers here, for a client that checks the server is up (Claude Code's
+    `HEAD /`) or a person who opens it in a browser."""
+
     async def document(_: HttpRequest) -> Response:
         return Response(openapi_document(app, version))
 
+    async def root(_: HttpRequest) -> Response:
+        return Response({"name": "sageLLM", "version": version, "openapi": "/openapi.json"})
+
     app.route("GET", "/openapi.json", document)
+    app.route("GET", "/", root)

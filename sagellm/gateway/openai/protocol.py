@@ -68,6 +68,7 @@ class _Generation(VllmFields, kw_only=True):
     return_token_ids: bool = False  # each choice also carries its output token ids (what a resume elsewhere needs)
     prompt_logprobs: int | None = None  # vLLM's: every prompt token's logprob given the ones before (and top-N)
     kv_transfer_params: dict[str, Any] | None = None  # vLLM's PD across servers (`kv_transfer.py`)
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
     # sageLLM's scheduling fields
     priority: Priority | PriorityName | None = None  # a number (lower runs first) or a class name
     cost_budget: Annotated[float, msgspec.Meta(ge=0)] | None = None  # most it may cost, in the instances' price unit
@@ -198,6 +199,7 @@ def scheduling(body: _Generation, headers: dict[str, str], now: float) -> dict[s
         priority=priority or 0,
         user=body.user,
         cost_budget=body.cost_budget,
+        cache_salt=body.cache_salt,
         ttft_slo_ms=body.ttft_slo_ms,
         tpot_slo_ms=body.tpot_slo_ms,
         deadline=now + deadline_ms / 1000 if deadline_ms is not None else None,

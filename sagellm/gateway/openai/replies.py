@@ -25,6 +25,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or string that ended it, when the engine says
     metrics: RequestMetrics | None = None
 
     def add(self, delta: TokenDelta) -> None:
@@ -34,7 +35,7 @@ class Choice:
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
-            self.finish_reason, self.metrics = delta.finish_reason, delta.metrics
+            self.finish_reason, self.stop_reason, self.metrics = delta.finish_reason, delta.stop_reason, delta.metrics
 
 
 def usage(choices: list[Choice], per_prompt: int = 1) -> dict[str, Any]:

@@ -1,37 +1,41 @@
 """OpenAI's Responses API (`POST /v1/responses`) read into a chat, and a chat's result written back as a response.
 
 A response request is a chat in other words: `instructions` is the system message, `input` the turns (a string, or
-items: messages, the `function_call`s of an earlier response and their `function_call_output`s), `tools` flat
-function tools, `text.format` the structured output, `max_output_tokens` the bound. So it takes the chat's whole
-path (admission, policy, route, failover, guided decoding, the tool-call parser) and only its two ends are here:
-`chat_body` builds the chat, `output_items` / `response_body` and `ResponseEvents` (the typed event stream the SDKs
-read) shape what came back. A stored response (`store`, the default) keeps its conversation in memory
-(`ResponseStore`, the latest MAX_STORED, readable only by the key that made it), so `previous_response_id` continues
-it."""
+items: messages, `developer` ones as system messages as OpenAI reads them for a model without that role, the
+`function_call`s of an earlier response and their `function_call_output`s), `tools` function tools
+(`responses_tools`: a namespace's functions in its place, hosted tools left out), `text.format` the structured
+output, `max_output_tokens` the bound. So it takes the chat's whole path (admission, policy, route, failover, guided
+decoding, the tool-call parser) and only its two ends are here: `chat_body` builds the chat, `output_items` /
+`response_body` and `ResponseEvents` (`responses_events`, the typed event stream the SDKs read) shape what came
+back. A stored response (`store`, the default) keeps its conversation in memory (`responses_store`), so
+`previous_response_id` continues it; one with `store: false` is not kept.
+
+What a client like Codex sends along that asks for nothing this server has is taken, not refused: `reasoning` (the
+models served here do not reason, so there are no reasoning items, and it is echoed as given), `include` values
+naming items this server never makes (`reasoning.encrypted_content`), `prompt_cache_key` (every prompt's prefix is
+cached here anyway)."""
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict
 from typing import Any, Literal
 
 import msgspec
 
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage
+from sagellm.gateway.openai.responses_tools import function_tools
 from sagellm.gateway.openai.tool_parsers import ToolCall
-from sagellm.gateway.openai.tools import Function, FunctionName, NamedFunction, NamedToolChoice, Tool, tool_call_json
+from sagellm.gateway.openai.tools import FunctionName, NamedFunction, NamedToolChoice, tool_call_json
 
-MAX_STORED = 1_000  # responses kept for previous_response_id, the oldest forgotten first
-
-
-class FunctionTool(msgspec.Struct, kw_only=True):
-    type: Literal["function"]
-    name: FunctionName
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+# `include` values that name items this server never makes (no reasoning, no hosted tools, no input images): asking
+# for them adds nothing, as OpenAI's API adds nothing when a response has no such item
+INCLUDES_OF_NOTHING = frozenset({
+    "reasoning.encrypted_content", "file_search_call.results", "web_search_call.results",
+    "web_search_call.action.sources", "code_interpreter_call.outputs", "computer_call_output.output.image_url",
+    "message.input_image.image_url",
+})  # fmt: skip
 
 
 class FunctionChoice(msgspec.Struct, kw_only=True):
@@ -51,11 +55,20 @@ class TextConfig(msgspec.Struct, kw_only=True):
     format: TextFormat | None = None
 
 
+class Reasoning(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """OpenAI's reasoning settings, taken and echoed: the models served here do not reason, so no setting changes
+    the reply (`generate_summary`: `summary`'s older name)."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed", "none"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed", "none"] | None = None
+
+
 class ResponsesRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[dict[str, Any]] | None = None  # read by `responses_tools.function_tools`
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
@@ -68,7 +81,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     metadata: dict[str, str] | None = None
     background: bool = False
-    reasoning: dict[str, Any] | None = None
+    reasoning: Reasoning | None = None
+    include: list[str] | None = None
+    prompt_cache_key: str | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -89,6 +104,7 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise ApiError(400, f"{where}.role: user, system, developer or assistant, got {role!r}", param=where)
+            role = "system" if role == "developer" else role  # OpenAI's reading of it for models without the role
             messages.append({"role": role, "content": _text(item.get("content"), where)})
         elif kind == "function_call":
             call = tool_call_json(ToolCall(id=_field(item, "call_id", where), name=_field(item, "name", where),
@@ -126,25 +142,26 @@ def _text(content: Any, where: str) -> str:
     raise ApiError.unsupported(f"{where}.content", "text or text parts only")
 
 
-def chat_body(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list[dict]]:
-    """The chat a response request is, after the conversation so far (`history`: a stored response's), and the
-    conversation it makes (without the instructions, which apply to this response only, as OpenAI's do)."""
+def chat_body(
+    body: ResponsesRequest, history: list[dict[str, Any]]
+) -> tuple[ChatCompletionRequest, list[dict], dict[str, str]]:
+    """The chat a response request is, after the conversation so far (`history`: a stored response's), the
+    conversation it makes (without the instructions, which apply to this response only, as OpenAI's do), and the
+    namespace of each function a namespace tool held (its calls carry it)."""
     if body.background:
         raise ApiError.unsupported("background", "not supported; send the request and wait for it, or stream it")
-    if body.reasoning and body.reasoning.get("effort") not in (None, "none", "minimal"):
-        raise ApiError.unsupported("reasoning", "this model does not reason")
+    _check_include(body.include)
     conversation = history + input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    tools = [
-        Tool(
-            type="function",
-            function=Function(name=t.name, description=t.description, parameters=t.parameters, strict=t.strict),
-        )
-        for t in body.tools or []
-    ]
+    functions = function_tools(body.tools)
     choice = body.tool_choice
     if isinstance(choice, FunctionChoice):
         choice = NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
+    elif body.tools and not functions.tools:  # every tool was one this server cannot run
+        if choice == "required":
+            message = "tool_choice: required, but no tool is a function this server runs"
+            raise ApiError(400, message, param="tool_choice")
+        choice = None
     chat = ChatCompletionRequest(
         model=body.model,
         messages=msgspec.convert(system + conversation, list[ChatMessage]),
@@ -152,13 +169,25 @@ def chat_body(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[Ch
         temperature=body.temperature,
         top_p=body.top_p,
         user=body.user,
-        tools=tools or None,
+        tools=functions.tools or None,
         tool_choice=choice,
         parallel_tool_calls=body.parallel_tool_calls,
         response_format=_response_format(body.text),
         stream=body.stream,
     )
-    return chat, conversation
+    return chat, conversation, functions.namespaces
+
+
+def _check_include(include: list[str] | None) -> None:
+    """`include`: values naming items this server never makes are taken; logprobs, which it could make but does
+    not here, and unknown values are a 400 naming the value."""
+    for index, value in enumerate(include or []):
+        if value == "message.output_text.logprobs":
+            raise ApiError.unsupported(f"include[{index}]", "output text logprobs are not served on this API")
+        if value not in INCLUDES_OF_NOTHING:
+            known = ", ".join(sorted(INCLUDES_OF_NOTHING))
+            message = f"include[{index}]: unknown value {value!r} (known: {known})"
+            raise ApiError(400, message, param=f"include[{index}]")
 
 
 def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
@@ -180,8 +209,12 @@ def message_item(text: str, status: str = "completed", item_id: str | None = Non
     }
 
 
-def call_item(call: ToolCall, status: str = "completed", arguments: str | None = None) -> dict[str, Any]:
-    return {
+def call_item(
+    call: ToolCall, status: str = "completed", arguments: str | None = None, namespace: str | None = None
+) -> dict[str, Any]:
+    """A call as a `function_call` item; a function a namespace tool held names it (`namespace`), as clients that
+    key their tools by namespace and name look it up."""
+    item = {
         "type": "function_call",
         "id": "fc_" + call.id.removeprefix("call_"),
         "call_id": call.id,
@@ -189,11 +222,13 @@ def call_item(call: ToolCall, status: str = "completed", arguments: str | None =
         "arguments": call.arguments if arguments is None else arguments,
         "status": status,
     }
+    return item if namespace is None else {**item, "namespace": namespace}
 
 
-def output_items(content: str | None, calls: list[ToolCall]) -> list[dict[str, Any]]:
+def output_items(content: str | None, calls: list[ToolCall], namespaces: dict[str, str]) -> list[dict[str, Any]]:
     """A reply's output items: its text as one message (when it has any), then each call."""
-    return ([message_item(content)] if content else []) + [call_item(call) for call in calls]
+    calls_out = [call_item(call, namespace=namespaces.get(call.name)) for call in calls]
+    return ([message_item(content)] if content else []) + calls_out
 
 
 def conversation_after(conversation: list[dict[str, Any]], content: str | None, calls: list[ToolCall]) -> list[dict]:
@@ -213,9 +248,11 @@ def response_body(
     finish_reason: str | None,
     created_at: int,
     status: str | None = None,
+    error: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The `response` object: its status (`completed`, or `incomplete` when cut by max_output_tokens; `status`
-    overrides it while it is still `in_progress`), output, usage, and the request's settings, echoed."""
+    overrides it: `in_progress` while it runs, `failed` with its `error`), output, usage, and the request's
+    settings, echoed."""
     cut = finish_reason == "length"
     status = status or ("incomplete" if cut else "completed")
     return {
@@ -223,7 +260,7 @@ def response_body(
         "object": "response",
         "created_at": created_at,
         "status": status,
-        "error": None,
+        "error": error,
         "incomplete_details": {"reason": "max_output_tokens"} if cut and status == "incomplete" else None,
         "instructions": body.instructions,
         "max_output_tokens": body.max_output_tokens,
@@ -236,7 +273,9 @@ def response_body(
         "top_p": body.top_p,
         "text": {"format": msgspec.to_builtins(form) if (form := body.text and body.text.format) else {"type": "text"}},
         "tool_choice": msgspec.to_builtins(body.tool_choice) if body.tool_choice is not None else "auto",
-        "tools": [msgspec.to_builtins(t) for t in body.tools or []],
+        "tools": body.tools or [],
+        "reasoning": msgspec.to_builtins(body.reasoning) if body.reasoning else {"effort": None, "summary": None},
+        "prompt_cache_key": body.prompt_cache_key,
         "usage": _usage(usage) if usage is not None else None,
         "user": body.user,
         "metadata": body.metadata or {},
@@ -252,138 +291,6 @@ def _usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": chat_usage["total_tokens"],
     }
-
-
-class ResponseStore:
-    """Stored responses' conversations by id, the latest MAX_STORED; each readable only by the key that made it
-    (another key's id is not found, as `/v1/requests/{id}`)."""
-
-    def __init__(self, limit: int = MAX_STORED) -> None:
-        self.limit = limit
-        self._kept: OrderedDict[str, tuple[str, list[dict[str, Any]]]] = OrderedDict()
-
-    def conversation(self, response_id: str | None, owner: str) -> list[dict[str, Any]]:
-        if response_id is None:
-            return []
-        kept = self._kept.get(response_id)
-        if kept is None or kept[0] != owner:
-            message = f"previous_response_id: no stored response {response_id!r} (the latest {self.limit} are kept)"
-            raise ApiError(404, message, param="previous_response_id", code="not_found")
-        return list(kept[1])
-
-    def keep(self, response_id: str, owner: str, conversation: list[dict[str, Any]]) -> None:
-        self._kept[response_id] = (owner, conversation)
-        while len(self._kept) > self.limit:
-            self._kept.popitem(last=False)
-
-
-class ResponseEvents:
-    """The typed events of a streamed response, numbered (`sequence_number`) as they are made: the response's
-    creation, its text as `response.output_text.delta`s of one message item, each call as a function_call item whose
-    arguments come in one `response.function_call_arguments.delta`, and `response.completed` (or `.incomplete`)."""
-
-    def __init__(self, snapshot: dict[str, Any]) -> None:
-        self.snapshot = snapshot  # the response as created: status in_progress, no output
-        self.sequence = 0
-        self.output: list[dict[str, Any]] = []
-        self._message: dict[str, Any] | None = None  # the message item being streamed
-        self._text = ""
-
-    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        self.sequence += 1
-        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
-
-    def start(self) -> list[dict[str, Any]]:
-        return [
-            self._event("response.created", response=self.snapshot),
-            self._event("response.in_progress", response=self.snapshot),
-        ]
-
-    def text(self, delta: str) -> list[dict[str, Any]]:
-        events = []
-        if self._message is None:
-            self._message = message_item("", status="in_progress")
-            self._message["content"] = []
-            self.output.append(self._message)
-            events.append(self._item_event("response.output_item.added", self._message))
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            events.append(self._part_event("response.content_part.added", part))
-        self._text += delta
-        events.append(
-            self._event(
-                "response.output_text.delta",
-                item_id=self._message["id"],
-                output_index=self._index(self._message),
-                content_index=0,
-                delta=delta,
-                logprobs=[],
-            )
-        )
-        return events
-
-    def call(self, call: ToolCall) -> list[dict[str, Any]]:
-        events = self._close_message()
-        item = call_item(call, status="in_progress", arguments="")
-        self.output.append(item)
-        index = self._index(item)
-        events.append(self._item_event("response.output_item.added", item))
-        events.append(
-            self._event(
-                "response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=call.arguments
-            )
-        )
-        events.append(
-            self._event(
-                "response.function_call_arguments.done",
-                item_id=item["id"],
-                output_index=index,
-                arguments=call.arguments,
-            )
-        )
-        item.update(arguments=call.arguments, status="completed")
-        events.append(self._item_event("response.output_item.done", item))
-        return events
-
-    def finish(self, final: dict[str, Any]) -> list[dict[str, Any]]:
-        """The closing events; `final`: the whole response (`response_body`), whose output these events built."""
-        events = self._close_message()
-        final["output"] = self.output
-        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
-        return [*events, self._event(kind, response=final)]
-
-    def _close_message(self) -> list[dict[str, Any]]:
-        message = self._message
-        if message is None:
-            return []
-        self._message = None
-        part = {"type": "output_text", "text": self._text, "annotations": [], "logprobs": []}
-        index = self._index(message)
-        events = [
-            self._event(
-                "response.output_text.done",
-                item_id=message["id"],
-                output_index=index,
-                content_index=0,
-                text=self._text,
-                logprobs=[],
-            ),
-            self._part_event("response.content_part.done", part, message),
-        ]
-        message.update(content=[part], status="completed")
-        events.append(self._item_event("response.output_item.done", message))
-        self._text = ""
-        return events
-
-    def _index(self, item: dict[str, Any]) -> int:
-        return next(i for i, it in enumerate(self.output) if it is item)
-
-    def _item_event(self, kind: str, item: dict[str, Any]) -> dict[str, Any]:
-        return self._event(kind, output_index=self._index(item), item=dict(item))
-
-    def _part_event(self, kind: str, part: dict[str, Any], message: dict[str, Any] | None = None) -> dict[str, Any]:
-        message = message or self._message
-        assert message is not None
-        return self._event(kind, item_id=message["id"], output_index=self._index(message), content_index=0, part=part)
 
 
 def created_at() -> int:

@@ -59,6 +59,14 @@ class TokenizerRoutes:
 
     async def tokenize(self, http: HttpRequest) -> Response:
         body = http.json(TokenizeRequest)
+        tokens, served = await self.tokens(body)
+        reply: dict[str, Any] = {"count": len(tokens), "max_model_len": served.max_model_len, "tokens": tokens}
+        reply["token_strs"] = served.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return Response(reply)
+
+    async def tokens(self, body: TokenizeRequest) -> tuple[list[int], ServedModel]:
+        """The tokens a prompt or a chat would be charged as served, and the model whose tokenizer counted them (for
+        `/tokenize` and the Messages API's `count_tokens`)."""
         served = self._served(body.model)
         tokenizer = served.tokenizer
         if (body.prompt is None) == (body.messages is None):
@@ -73,10 +81,7 @@ class TokenizerRoutes:
             return request.prompt_token_ids or []
 
         # a long text is encoded in a thread, never on the event loop every stream shares
-        tokens = encode() if len(text) <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(encode)
-        reply: dict[str, Any] = {"count": len(tokens), "max_model_len": served.max_model_len, "tokens": tokens}
-        reply["token_strs"] = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
-        return Response(reply)
+        return (encode() if len(text) <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(encode)), served
 
     async def detokenize(self, http: HttpRequest) -> Response:
         body = http.json(DetokenizeRequest)

@@ -35,7 +35,6 @@ SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
     "routed_experts_prompt_start": ((0,), "routed experts are not reported"),
     "mm_payload": (("tensors",), _NO_MULTIMODAL),
     "return_mm_kwargs": ((None, False), _NO_MULTIMODAL),
-    "cache_salt": ((None,), "the prefix cache is not partitioned by salt here"),
     "ec_transfer_params": ((None,), _NO_MULTIMODAL),
     "vllm_xargs": ((None,), "no custom logits processors run here"),
     "repetition_detection": ((None,), "not implemented: repetition_penalty and frequency_penalty are"),
@@ -76,7 +75,6 @@ class VllmFields(Constrained, kw_only=True):
     routed_experts_prompt_start: Any = UNSET
     mm_payload: Any = UNSET
     return_mm_kwargs: Any = UNSET
-    cache_salt: Any = UNSET
     ec_transfer_params: Any = UNSET
     vllm_xargs: Any = UNSET
     repetition_detection: Any = UNSET

@@ -1,0 +1,105 @@
+"""`POST /v1/messages` and `POST /v1/messages/count_tokens`: a message request run as the chat it is
+(`OpenAIRoutes.prepared_chat`: admission, policy, route, failover, guided decoding and tool parsing are the chat's
+own), answered whole or as Anthropic's event stream, its errors in Anthropic's shape.
+
+The gateway's core answers it: an API server passes it on (its route table has no `/v1/messages`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sagellm.gateway.anthropic.protocol import CountTokensRequest, MessagesRequest, chat_body
+from sagellm.gateway.anthropic.replies import (
+    MessageEvents,
+    content_blocks,
+    error_body,
+    error_response,
+    message_body,
+    new_message_id,
+    stop,
+    usage,
+)
+from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, NamedEvent, Response
+from sagellm.gateway.http.auth import key_owner
+from sagellm.gateway.openai.replies import Choice
+from sagellm.gateway.openai.routes import OpenAIRoutes, collect_choices, first_or_raise
+from sagellm.gateway.openai.tokenizer_routes import TokenizeRequest, TokenizerRoutes
+from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent, ToolParser, parser_for
+from sagellm.gateway.serving.errors import api_error
+from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
+
+
+class MessagesRoutes:
+    def __init__(self, chat: OpenAIRoutes, tokenizer: TokenizerRoutes) -> None:
+        self.chat_routes, self.tokenizer = chat, tokenizer
+
+    def register(self, app: App, guard: Guard | None) -> None:
+        app.route("POST", "/v1/messages", self.create, guard, error_response)
+        app.route("POST", "/v1/messages/count_tokens", self.count_tokens, guard, error_response)
+
+    async def create(self, http: HttpRequest) -> Response | EventStream:
+        body = http.json(MessagesRequest)
+        chat = chat_body(body, body.model)
+        request, tool_use, _ = await self.chat_routes.prepared_chat(chat, http.headers, key_owner(http))
+        parser = parser_for(tool_use.parser) if tool_use is not None and tool_use.parser is not None else None
+        message_id = new_message_id()
+        core = self.chat_routes.core
+        if not body.stream:
+            (choice,) = await collect_choices([core.submit(request)])
+            text, calls = parser.parse(choice.text) if parser is not None else (choice.text or None, [])
+            reason, sequence = stop(choice, calls, body.stop_sequences)
+            return Response(message_body(message_id, body.model, content_blocks(text, calls), reason, sequence,
+                                         usage(choice)))  # fmt: skip
+        stream = core.submit(request)
+        first = await first_or_raise(stream)
+        events = _events(MessageEvents(message_id, body.model), first, stream, parser, body.stop_sequences)
+        return EventStream(events, on_disconnect=stream.cancel)
+
+    async def count_tokens(self, http: HttpRequest) -> Response:
+        body = http.json(CountTokensRequest)
+        chat = chat_body(body, body.model)
+        tools = chat.tools if chat.tool_choice != "none" else None
+        counted = TokenizeRequest(model=chat.model, messages=chat.messages, tools=tools)
+        tokens, _ = await self.tokenizer.tokens(counted)
+        return Response({"input_tokens": len(tokens)})
+
+
+async def _events(
+    events: MessageEvents,
+    first: TokenDelta,
+    stream: RequestStream,
+    parser: ToolParser | None,
+    stop_sequences: list[str] | None,
+) -> AsyncIterator[Any]:
+    """The stream's events: text deltas and tool calls as the reply's tokens come (through the tool-call parser when
+    the request has tools), the stop reason and usage last; a failure after the start is an `error` event."""
+    yield tuple(events.start())
+    choice, calls = Choice(0), []
+    item: TokenDelta | RequestError = first
+    ready: list[NamedEvent] = []
+    while True:
+        if isinstance(item, RequestError):
+            error = api_error(item)
+            yield LastEvents((*ready, NamedEvent("error", error_body(error.http_status, error.message))))
+            return
+        choice.add(item)
+        read = parser.step(item.text, item.finished) if parser is not None else [ContentEvent(item.text)]
+        for event in read:
+            if isinstance(event, ContentEvent) and event.text:
+                ready += events.text(event.text)
+            elif isinstance(event, ToolCallEvent):
+                calls.append(event.call)
+                ready += events.call(event.call)
+        if item.finished:
+            break
+        if ready:
+            yield tuple(ready)
+            ready = []
+        try:
+            item = await anext(stream)
+        except StopAsyncIteration:
+            break
+    reason, sequence = stop(choice, calls, stop_sequences)
+    yield LastEvents((*ready, *events.finish(reason, sequence, usage(choice))))
