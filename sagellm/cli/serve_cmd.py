@@ -89,6 +89,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "chosen from the model's chat template)",
     )
     p.add_argument(
+        "--reasoning-parser",
+        help="how a reasoning model's thinking is read from its replies (reasoning_content, thinking blocks), as "
+        "vLLM's flag: qwen3 or deepseek_r1 (default: qwen3 for a chat template that writes <think> tags, else none)",
+    )
+    p.add_argument(
         "--api-servers",
         type=int,
         default=0,
@@ -234,6 +239,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         max_body_bytes=args.max_body_bytes,
         max_connections=args.max_connections,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         allowed_hosts=args.allowed_hosts,
         api_hub=args.api_hub,
         admin_auth=args.admin_auth,

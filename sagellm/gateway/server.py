@@ -84,7 +84,9 @@ def build_app(
     admin_guard = key_guard([admin], "admin") if config.admin_auth == "key" else None
     api_guard = key_guard(config.api_keys, "API")
     indexes = IndexStore(core)
-    openai_routes = OpenAIRoutes(core, indexes, tool_call_parser=config.tool_call_parser)
+    openai_routes = OpenAIRoutes(
+        core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser
+    )
     openai_routes.register(app, api_guard)
     ResponsesRoutes(openai_routes).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
@@ -111,7 +113,7 @@ def front_end(config: GatewayConfig) -> FrontEnd:
     """What every API server enforces as this gateway does."""
     return FrontEnd(api_keys=list(config.api_keys), max_body_bytes=config.max_body_bytes,
                     graceful_timeout_s=config.graceful_timeout_s, max_connections=config.max_connections,
-                    tool_call_parser=config.tool_call_parser)  # fmt: skip
+                    tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)  # fmt: skip
 
 
 async def serve(

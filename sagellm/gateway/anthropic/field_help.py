@@ -20,7 +20,7 @@ FIELD_HELP: dict[str, str] = {
     "tool_choice": "`auto`, `any` (a call is forced), `tool` with `name` (that call is forced), `none`; "
     "`disable_parallel_tool_use`",
     "thinking": "`adaptive` and `disabled` are served (`disabled` renders the template with `enable_thinking` off); "
-    "`enabled` with a budget is refused until reasoning parsers are served",
+    "`enabled` with a budget is refused until the engine enforces budgets",
 }
 
 

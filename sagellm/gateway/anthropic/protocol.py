@@ -56,7 +56,7 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
 def chat_body(body: MessagesRequest | CountTokensRequest, model: str | None) -> ChatCompletionRequest:
     """The chat a message request is; `model`: the served name it runs on (None: the gateway's own)."""
     if body.thinking is not None and body.thinking.get("type") == "enabled":
-        raise ApiError.unsupported("thinking", "thinking budgets come with reasoning models' parsers: not served yet")
+        raise ApiError.unsupported("thinking", "a thinking budget is not enforced by this engine yet: use adaptive")
     messages = _system(body.system) + [m for i, message in enumerate(body.messages) for m in _messages(message, i)]
     tools = _tools(body.tools)
     choice, parallel = _tool_choice(body.tool_choice)

@@ -63,8 +63,10 @@ def tool_use_block(call: ToolCall) -> dict[str, Any]:
     return {"type": "tool_use", "id": tool_use_id(call), "name": call.name, "input": arguments}
 
 
-def content_blocks(text: str | None, calls: list[ToolCall]) -> list[dict[str, Any]]:
-    blocks = [{"type": "text", "text": text}] if text else []
+def content_blocks(thinking: str | None, text: str | None, calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """A reply's blocks: its thinking (no signature: nothing here signs it), its text, its tool calls."""
+    blocks = [{"type": "thinking", "thinking": thinking, "signature": ""}] if thinking else []
+    blocks += [{"type": "text", "text": text}] if text else []
     return blocks + [tool_use_block(call) for call in calls]
 
 
@@ -113,24 +115,32 @@ class MessageEvents:
 
     def __init__(self, message_id: str, model: str) -> None:
         self.message_id, self.model = message_id, model
-        self.blocks = 0  # content blocks started
-        self.text_open = False
+        self.blocks = 0  # content blocks ended
+        self.open: str | None = None  # the kind of block open now: "thinking" or "text"
 
     def start(self) -> list[NamedEvent]:
         empty = {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
         message = message_body(self.message_id, self.model, [], None, None, empty)
         return [_event("message_start", message=message), _event("ping")]
 
+    def thinking(self, text: str) -> list[NamedEvent]:
+        opening = {"type": "thinking", "thinking": "", "signature": ""}
+        return self._into("thinking", opening, {"type": "thinking_delta", "thinking": text})
+
     def text(self, text: str) -> list[NamedEvent]:
+        return self._into("text", {"type": "text", "text": ""}, {"type": "text_delta", "text": text})
+
+    def _into(self, kind: str, opening: dict[str, Any], delta: dict[str, Any]) -> list[NamedEvent]:
+        """A delta of a `kind` block: the open block's, or a new one's after closing another kind's."""
         events = []
-        if not self.text_open:
-            events.append(_event("content_block_start", index=self.blocks, content_block={"type": "text", "text": ""}))
-            self.text_open = True
-        delta = {"type": "text_delta", "text": text}
+        if self.open != kind:
+            events += self._close()
+            events.append(_event("content_block_start", index=self.blocks, content_block=opening))
+            self.open = kind
         return events + [_event("content_block_delta", index=self.blocks, delta=delta)]
 
     def call(self, call: ToolCall) -> list[NamedEvent]:
-        events = self._close_text()
+        events = self._close()
         block = tool_use_block(call)
         opening = {**block, "input": {}}
         partial = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
@@ -144,12 +154,12 @@ class MessageEvents:
 
     def finish(self, stop_reason: str, stop_sequence: str | None, usage_: dict[str, int]) -> list[NamedEvent]:
         delta = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
-        return [*self._close_text(), _event("message_delta", delta=delta, usage=usage_), _event("message_stop")]
+        return [*self._close(), _event("message_delta", delta=delta, usage=usage_), _event("message_stop")]
 
-    def _close_text(self) -> list[NamedEvent]:
-        if not self.text_open:
+    def _close(self) -> list[NamedEvent]:
+        if self.open is None:
             return []
-        self.text_open = False
+        self.open = None
         self.blocks += 1
         return [_event("content_block_stop", index=self.blocks - 1)]
 

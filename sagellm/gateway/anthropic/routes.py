@@ -22,10 +22,12 @@ from sagellm.gateway.anthropic.replies import (
 )
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, NamedEvent, Response
 from sagellm.gateway.http.auth import key_owner
+from sagellm.gateway.openai.reasoning_parsers import ReasoningEvent
 from sagellm.gateway.openai.replies import Choice
+from sagellm.gateway.openai.reply_reader import Reply, ReplyReader
 from sagellm.gateway.openai.routes import OpenAIRoutes, collect_choices, first_or_raise
 from sagellm.gateway.openai.tokenizer_routes import TokenizeRequest, TokenizerRoutes
-from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent, ToolParser, parser_for
+from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent
 from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
@@ -42,19 +44,18 @@ class MessagesRoutes:
     async def create(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(MessagesRequest)
         chat = chat_body(body, body.model)
-        request, tool_use, _ = await self.chat_routes.prepared_chat(chat, http.headers, key_owner(http))
-        parser = parser_for(tool_use.parser) if tool_use is not None and tool_use.parser is not None else None
+        request, plan, _ = await self.chat_routes.prepared_chat(chat, http.headers, key_owner(http))
         message_id = new_message_id()
         core = self.chat_routes.core
         if not body.stream:
             (choice,) = await collect_choices([core.submit(request)])
-            text, calls = parser.parse(choice.text) if parser is not None else (choice.text or None, [])
-            reason, sequence = stop(choice, calls, body.stop_sequences)
-            return Response(message_body(message_id, body.model, content_blocks(text, calls), reason, sequence,
-                                         usage(choice)))  # fmt: skip
+            reply = ReplyReader.whole(plan, choice.text) if plan.reads else Reply(None, choice.text or None, [])
+            reason, sequence = stop(choice, reply.calls, body.stop_sequences)
+            blocks = content_blocks(reply.reasoning, reply.content, reply.calls)
+            return Response(message_body(message_id, body.model, blocks, reason, sequence, usage(choice)))
         stream = core.submit(request)
         first = await first_or_raise(stream)
-        events = _events(MessageEvents(message_id, body.model), first, stream, parser, body.stop_sequences)
+        events = _events(MessageEvents(message_id, body.model), first, stream, ReplyReader(plan), body.stop_sequences)
         return EventStream(events, on_disconnect=stream.cancel)
 
     async def count_tokens(self, http: HttpRequest) -> Response:
@@ -70,11 +71,11 @@ async def _events(
     events: MessageEvents,
     first: TokenDelta,
     stream: RequestStream,
-    parser: ToolParser | None,
+    reader: ReplyReader,
     stop_sequences: list[str] | None,
 ) -> AsyncIterator[Any]:
-    """The stream's events: text deltas and tool calls as the reply's tokens come (through the tool-call parser when
-    the request has tools), the stop reason and usage last; a failure after the start is an `error` event."""
+    """The stream's events: thinking, text deltas and tool calls as the reply's tokens come (read as the request's
+    plan says), the stop reason and usage last; a failure after the start is an `error` event."""
     yield tuple(events.start())
     choice, calls = Choice(0), []
     item: TokenDelta | RequestError = first
@@ -85,9 +86,10 @@ async def _events(
             yield LastEvents((*ready, NamedEvent("error", error_body(error.http_status, error.message))))
             return
         choice.add(item)
-        read = parser.step(item.text, item.finished) if parser is not None else [ContentEvent(item.text)]
-        for event in read:
-            if isinstance(event, ContentEvent) and event.text:
+        for event in reader.step(item.text, item.finished):
+            if isinstance(event, ReasoningEvent):
+                ready += events.thinking(event.text)
+            elif isinstance(event, ContentEvent) and event.text:
                 ready += events.text(event.text)
             elif isinstance(event, ToolCallEvent):
                 calls.append(event.call)

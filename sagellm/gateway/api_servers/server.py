@@ -362,8 +362,9 @@ def _app(link: CoreLink, served: ServedModel | None, settings: dict[str, Any]) -
     allowed = settings.get("allowed_hosts")
     app = App(allowed_hosts=frozenset(allowed) if allowed is not None else None)
     to_core = CoreCalls(link)
-    parser = link.snapshot.front_end.tool_call_parser
-    routes = OpenAIRoutes(RemoteCore(link, served), to_core=to_core, tool_call_parser=parser)  # type: ignore[arg-type]  # what it reads
+    front = link.snapshot.front_end
+    routes = OpenAIRoutes(RemoteCore(link, served), to_core=to_core, tool_call_parser=front.tool_call_parser,
+                          reasoning_parser=front.reasoning_parser)  # type: ignore[arg-type]  # what it reads
     routes.register_generation(app, key_guard(link.snapshot.front_end.api_keys, "API"))
     app.fallback = to_core
     return app

@@ -70,7 +70,7 @@ FIELD_HELP: dict[str, str] = {
     "parallel_tool_calls": "whether a reply may hold several calls",
     "add_generation_prompt": "vLLM's: end the rendered prompt with the assistant's turn",
     "continue_final_message": "vLLM's: continue the last (assistant) message instead of starting a new one",
-    "chat_template_kwargs": "vLLM's: extra variables for the chat template",
+    "chat_template_kwargs": "vLLM's: extra variables for the chat template (Qwen3's `enable_thinking`, say)",
     "index": "sageLLM's: answer from this retrieval index (`/admin/index`), its sources in the reply",
     "index_k": "sageLLM's: chunks retrieved from `index` (default 4)",
     # embeddings

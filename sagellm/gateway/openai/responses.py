@@ -225,6 +225,12 @@ def call_item(
     return item if namespace is None else {**item, "namespace": namespace}
 
 
+def reasoning_item(text: str) -> dict[str, Any]:
+    """A reply's thinking as the Responses API's reasoning item (its text whole; no summary is made)."""
+    return {"type": "reasoning", "id": new_id("rs"), "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": "completed"}  # fmt: skip
+
+
 def output_items(content: str | None, calls: list[ToolCall], namespaces: dict[str, str]) -> list[dict[str, Any]]:
     """A reply's output items: its text as one message (when it has any), then each call."""
     calls_out = [call_item(call, namespace=namespaces.get(call.name)) for call in calls]

@@ -15,7 +15,9 @@ import structlog
 
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.http.auth import key_owner
+from sagellm.gateway.openai.reasoning_parsers import ReasoningEvent
 from sagellm.gateway.openai.replies import Choice, usage
+from sagellm.gateway.openai.reply_reader import Reply, ReplyReader
 from sagellm.gateway.openai.responses import (
     ResponsesRequest,
     chat_body,
@@ -23,12 +25,13 @@ from sagellm.gateway.openai.responses import (
     created_at,
     new_id,
     output_items,
+    reasoning_item,
     response_body,
 )
 from sagellm.gateway.openai.responses_events import ResponseEvents, response_error
 from sagellm.gateway.openai.responses_store import ResponseStore
 from sagellm.gateway.openai.routes import OpenAIRoutes, collect_choices, first_or_raise
-from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCall, ToolCallEvent, ToolParser, parser_for
+from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 
@@ -46,15 +49,16 @@ class ResponsesRoutes:
         body = http.json(ResponsesRequest)
         owner = key_owner(http)
         chat, conversation, namespaces = chat_body(body, self.store.conversation(body.previous_response_id, owner))
-        request, tool_use, _ = await self.chat_routes.prepared_chat(chat, http.headers, owner)
-        parser = parser_for(tool_use.parser) if tool_use is not None and tool_use.parser is not None else None
+        request, plan, _ = await self.chat_routes.prepared_chat(chat, http.headers, owner)
         response_id, created = new_id("resp"), created_at()
         model = request.model or self.chat_routes.core.model_name
 
-        def answer(choice: Choice, content: str | None, calls: list[ToolCall]) -> dict[str, Any]:
+        def answer(choice: Choice, reply: Reply) -> dict[str, Any]:
             if body.store:
-                self.store.keep(response_id, owner, conversation_after(conversation, content, calls))
-            output = output_items(content, calls, namespaces)
+                self.store.keep(response_id, owner, conversation_after(conversation, reply.content, reply.calls))
+            output = output_items(reply.content, reply.calls, namespaces)
+            if reply.reasoning is not None:  # the thinking first, as a reasoning item
+                output.insert(0, reasoning_item(reply.reasoning))
             return response_body(response_id, model, body, output, usage([choice]), choice.finish_reason, created)
 
         def failed(error: dict[str, str]) -> dict[str, Any]:
@@ -62,12 +66,12 @@ class ResponsesRoutes:
 
         if not body.stream:
             (choice,) = await collect_choices([self.chat_routes.core.submit(request)])
-            content, calls = parser.parse(choice.text) if parser is not None else (choice.text or None, [])
-            return Response(answer(choice, content, calls))
+            reply = ReplyReader.whole(plan, choice.text) if plan.reads else Reply(None, choice.text or None, [])
+            return Response(answer(choice, reply))
         stream = self.chat_routes.core.submit(request)
         first = await first_or_raise(stream)
         snapshot = response_body(response_id, model, body, [], None, None, created, status="in_progress")
-        events = _events(ResponseEvents(snapshot, namespaces), first, stream, parser, answer, failed)
+        events = _events(ResponseEvents(snapshot, namespaces), first, stream, ReplyReader(plan), answer, failed)
         return EventStream(events, on_disconnect=stream.cancel)
 
 
@@ -75,24 +79,25 @@ async def _events(
     events: ResponseEvents,
     first: TokenDelta,
     stream: RequestStream,
-    parser: ToolParser | None,
-    answer: Callable[[Choice, str | None, list[ToolCall]], dict[str, Any]],
+    reader: ReplyReader,
+    answer: Callable[[Choice, Reply], dict[str, Any]],
     failed: Callable[[dict[str, str]], dict[str, Any]],
 ) -> AsyncIterator[Any]:
-    """The stream's events: text deltas and calls as the reply's tokens come (through the tool-call parser when the
-    request has tools), the whole response last; a failure after the start (the request's, or this code's) ends it
-    with `response.failed`."""
+    """The stream's events: text deltas and calls as the reply's tokens come (read for thinking and tool calls as
+    the request's plan says), the whole response last, its thinking a reasoning item; a failure after the start (the
+    request's, or this code's) ends it with `response.failed`."""
     yield tuple(events.start())
-    choice, content, calls = Choice(0), "", []
+    choice, content, thinking, calls = Choice(0), "", "", []
     item: TokenDelta | RequestError = first
     ready: list[dict[str, Any]] = []
     try:
         while not isinstance(item, RequestError):
             choice.add(item)
-            read = parser.step(item.text, item.finished) if parser is not None else _plain(item)
             ready = []
-            for event in read:
-                if isinstance(event, ContentEvent):
+            for event in reader.step(item.text, item.finished):
+                if isinstance(event, ReasoningEvent):
+                    thinking += event.text
+                elif isinstance(event, ContentEvent):
                     content += event.text
                     ready += events.text(event.text)
                 elif isinstance(event, ToolCallEvent):
@@ -109,13 +114,10 @@ async def _events(
         if isinstance(item, RequestError):
             last = events.fail(failed(response_error(item.code, item.message)))
         else:
-            last = [*ready, *events.finish(answer(choice, content or None, calls))]
+            last = [*ready, *events.finish(answer(choice, Reply(thinking or None, content or None, calls)))]
     except Exception as exc:  # a fault of this code's must still end the stream as clients expect
         log.exception("responses_stream_failed", error=str(exc))
         stream.cancel()
         last = events.fail(failed(response_error("internal", f"the response failed: {exc}")))
     yield LastEvents(last)
 
-
-def _plain(item: TokenDelta) -> list[ContentEvent]:
-    return [ContentEvent(item.text)] if item.text else []

@@ -10,6 +10,7 @@ after the first token ends the stream with an `error` event and `[DONE]`, never 
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -34,6 +35,7 @@ from sagellm.gateway.openai.protocol import (
     chat_request,
     completion_requests,
 )
+from sagellm.gateway.openai.reasoning_parsers import ReasoningEvent, default_parser, parser_class, starts_inside
 from sagellm.gateway.openai.replies import (
     Choice,
     Envelope,
@@ -43,6 +45,7 @@ from sagellm.gateway.openai.replies import (
     prompt_logprobs_json,
     usage,
 )
+from sagellm.gateway.openai.reply_reader import ReplyPlan, ReplyReader
 from sagellm.gateway.openai.structured import check_compiles, guided_decoding
 from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent, parser_for
 from sagellm.gateway.openai.tools import ToolUse, plan, tool_call_json
@@ -55,6 +58,8 @@ from sagellm.runtime.engine.outputs import TokenLogprob
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 
 DONE = b"[DONE]"
+# Template settings that shape the prompt's end, not the reply's start (whether it opens inside the thinking)
+_PROMPT_SHAPE = ("add_generation_prompt", "continue_final_message")
 TEXT_PROBE = "\x00text\x00"  # stands for a delta's text in a chunk's template (no real text is a NUL-framed word)
 # Inputs one embedding request may carry: a batch this size takes about a second of CPU here; more would hold the
 # model (one batch at a time) from every other client for as long as a client cares to send.
@@ -72,16 +77,21 @@ class OpenAIRoutes:
         indexes: IndexStore | None = None,
         to_core: Callable[[HttpRequest], Awaitable[Response]] | None = None,
         tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ) -> None:
         """`indexes`: the retrieval indexes chats may name (`"index"`); None in an API server's process, which
         passes such chats on to the gateway's core, that holds them (`to_core`). `tool_call_parser`: how tool calls
-        are read from replies (None: chosen from the model's chat template)."""
+        are read from replies, `reasoning_parser` how thinking is (None: each chosen from the model's template)."""
         self.core = core
         self.indexes = indexes
         self.to_core = to_core
         if tool_call_parser is not None:
             parser_for(tool_call_parser)  # an unknown name stops the start, naming the known ones
         self.tool_call_parser = tool_call_parser
+        if reasoning_parser is not None:
+            parser_class(reasoning_parser)  # as above
+        self.reasoning_parser = reasoning_parser
+        self._starts_thinking: dict[tuple[str, str], bool] = {}  # (template, its settings) -> a reply opens inside
         self.created = int(time.time())
         self._kv_http: httpx.AsyncClient | None = None  # fetches prefills' KV from other servers, once one is asked
 
@@ -209,15 +219,14 @@ class OpenAIRoutes:
             return await self.to_core(http)  # an API server: the core holds the indexes and answers it whole
         if not body.stream:
             return Response(await self.complete_chat(body, http.headers, key_owner(http), http))
-        request, tool_use, sources = await self.prepared_chat(body, http.headers, key_owner(http))
+        request, plan, sources = await self.prepared_chat(body, http.headers, key_owner(http))
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
         streams = ChoiceStreams(self.core.submit_all(self._chat_choices(request, body.n)))
         first = await first_or_raise(streams)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        parser = tool_use.parser if tool_use is not None else None
-        renders = [self._chat_render(i, body.logprobs, parser) for i in range(body.n)]
+        renders = [self._chat_render(i, body.logprobs, plan) for i in range(body.n)]
         events = _events(envelope, first, streams, renders, body.logprobs, include_usage, opening=CHAT_OPENING,
-                         ids=body.return_token_ids, sources=sources, parsed=parser is not None)  # fmt: skip
+                         ids=body.return_token_ids, sources=sources, parsed=plan.reads)  # fmt: skip
         return EventStream(events, on_disconnect=streams.cancel)
 
     def _chat_choices(self, request: Request, n: int) -> list[Request]:
@@ -228,26 +237,28 @@ class OpenAIRoutes:
     ) -> dict[str, Any]:
         """A whole chat completion as OpenAI's response body (the sessions route uses it too); `owner`: who may read
         its status; `http`: the call it answers (where a prefill's KV is fetched from, for kv_transfer_params)."""
-        request, tool_use, sources = await self.prepared_chat(body, headers, owner)
+        request, plan, sources = await self.prepared_chat(body, headers, owner)
         envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
         choices = await collect_choices(self.core.submit_all(self._chat_choices(request, body.n)))
         kv = self._kv_reply(request, http)
-        parser = tool_use.parser if tool_use is not None else None
-        fields = [self._chat_choice(c, parser, body.logprobs, body.return_token_ids) for c in choices]
+        fields = [self._chat_choice(c, plan, body.logprobs, body.return_token_ids) for c in choices]
         extra: dict[str, Any] = {"sources": sources} if sources is not None else {}
         if body.prompt_logprobs is not None:  # vLLM's, beside the choices
             extra["prompt_logprobs"] = prompt_logprobs_json(self.core.tokenizer, choices[0].prompt_logprobs or [])
         return envelope.body(fields, usage=usage(choices, len(choices)), **extra, **kv)
 
-    def _chat_choice(self, choice: Choice, parser: str | None, logprobs: bool, ids: bool) -> dict[str, Any]:
-        """A whole chat's choice: its message (tool calls read out of it by `parser`), logprobs and token ids."""
+    def _chat_choice(self, choice: Choice, plan: ReplyPlan, logprobs: bool, ids: bool) -> dict[str, Any]:
+        """A whole chat's choice: its message (thinking and tool calls read out of it as `plan` says), logprobs and
+        token ids."""
         message: dict[str, Any] = {"role": "assistant", "content": choice.text}
         reason = finish_reason(choice.finish_reason)
-        if parser is not None:
-            content, calls = parser_for(parser).parse(choice.text)
-            message["content"] = content
-            if calls:
-                message["tool_calls"] = [tool_call_json(call) for call in calls]
+        if plan.reads:
+            reply = ReplyReader.whole(plan, choice.text)
+            message["content"] = reply.content
+            if reply.reasoning is not None:
+                message["reasoning_content"] = reply.reasoning  # vLLM's field
+            if reply.calls:
+                message["tool_calls"] = [tool_call_json(call) for call in reply.calls]
                 reason = "tool_calls" if reason == "stop" else reason
         lp = chat_logprobs(self.core.tokenizer, choice.logprobs) if logprobs else None
         fields = {"index": choice.index, "message": message, "logprobs": lp, "finish_reason": reason}
@@ -257,15 +268,34 @@ class OpenAIRoutes:
 
     async def prepared_chat(
         self, body: ChatCompletionRequest, headers: dict[str, str], owner: str
-    ) -> tuple[Request, ToolUse | None, list[dict[str, object]] | None]:
-        """A chat's pipeline request ready to submit (grounded, tokenized if long, its constraint compiled), how it
-        uses its tools, and a grounded chat's sources; `owner`: who may read its status."""
+    ) -> tuple[Request, ReplyPlan, list[dict[str, object]] | None]:
+        """A chat's pipeline request ready to submit (grounded, tokenized if long, its constraint compiled), how its
+        reply is read (thinking, tool calls), and a grounded chat's sources; `owner`: who may read its status."""
         request, constraint, tool_use = self._chat_request(body, headers)
         request.owner = owner
         await self._hand_off(body, [request], body.n)
         sources = await self._ground(request, body)
         await self._prepare([request], constraint)
-        return request, tool_use, sources
+        return request, self._reply_plan(request, tool_use), sources
+
+    def _reply_plan(self, request: Request, tool_use: ToolUse | None) -> ReplyPlan:
+        """How the reply is read: tool calls by the tool-call parser the chat's tools chose; thinking by the reasoning
+        parser of the gateway's model (`--reasoning-parser`, else the one its template implies), starting inside the
+        thinking when the rendered generation prompt opened it. Another server's model reads its own thinking."""
+        tool_parser = tool_use.parser if tool_use is not None else None
+        tokenizer = self.core.tokenizer
+        if request.model is not None or tokenizer is None:
+            return ReplyPlan(tool_parser=tool_parser)
+        template = request.chat_template or getattr(tokenizer, "chat_template", None)
+        reasoning = self.reasoning_parser or default_parser(getattr(tokenizer, "chat_template", None))
+        if reasoning is None:
+            return ReplyPlan(tool_parser=tool_parser)
+        settings = {k: v for k, v in (request.template_kwargs or {}).items() if k not in _PROMPT_SHAPE}
+        key = (template or "", json.dumps(settings, sort_keys=True, default=str))
+        if key not in self._starts_thinking:
+            self._starts_thinking[key] = starts_inside(tokenizer, template, settings)
+        inside = self._starts_thinking[key]
+        return ReplyPlan(tool_parser=tool_parser, reasoning_parser=reasoning, starts_thinking=inside)
 
     async def _ground(self, request: Request, body: ChatCompletionRequest) -> list[dict[str, object]] | None:
         """A chat that names an index is answered from it (`IndexStore.ground`); -> its sources, or None."""
@@ -348,27 +378,27 @@ class OpenAIRoutes:
         if constraint is not None and requests[0].model is None:
             await check_compiles(self.core.served, *constraint)
 
-    def _chat_render(
-        self, index: int, logprobs: bool, parser_name: str | None = None
-    ) -> Callable[[TokenDelta], dict[str, Any]]:
-        """Streamed chat choice `index`'s fields for each delta; with a tool-call parser, its text read by the
-        parser: content it releases, and each tool call whole as it completes (a delta holding back a call's text
-        shows nothing: an empty `delta`)."""
-        parser = parser_for(parser_name) if parser_name is not None else None
+    def _chat_render(self, index: int, logprobs: bool, plan: ReplyPlan) -> Callable[[TokenDelta], dict[str, Any]]:
+        """Streamed chat choice `index`'s fields for each delta; when the reply is read (`plan`), its text read by
+        the reader: thinking as `reasoning_content`, content it releases, and each tool call whole as it completes (a
+        delta holding back a tag's text shows nothing: an empty `delta`)."""
+        reader = ReplyReader(plan) if plan.reads else None
         called = False
 
         def render(item: TokenDelta) -> dict[str, Any]:
             nonlocal called
             lp = chat_logprobs(self.core.tokenizer, item.logprobs or []) if logprobs else None
             reason = finish_reason(item.finish_reason)
-            if parser is None:
+            if reader is None:
                 delta = {"content": item.text} if item.text else {}
                 return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            events = parser.step(item.text, item.finished)
+            events = reader.step(item.text, item.finished)
+            thinking = "".join(e.text for e in events if isinstance(e, ReasoningEvent))
             content = "".join(e.text for e in events if isinstance(e, ContentEvent))
             calls = [{"index": e.index, **tool_call_json(e.call)} for e in events if isinstance(e, ToolCallEvent)]
             called = called or bool(calls)
-            delta: dict[str, Any] = ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
+            delta: dict[str, Any] = ({"reasoning_content": thinking} if thinking else {}) | (
+                {"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})  # fmt: skip
             reason = "tool_calls" if reason == "stop" and called else reason
             return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
