@@ -38,6 +38,7 @@ from sagellm.runtime.engine.speculative.config import parse_speculative_config
 from sagellm.runtime.engine.speculative.proposers import ProposerContext
 from sagellm.runtime.engine.speculative.speculator import Speculator
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, accepted_tokens, sampled_rows
+from sagellm.runtime.engine.thinking import ThinkingTracker
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.pipeline_stages import PipelineStage
@@ -57,6 +58,7 @@ class _RequestState:
     prefill_only: bool = False  # a prefill worker's request: stop after the first token and hand over the KV
     export_kv: bool = False  # prefill_only, and the KV goes out even when the first token ended the request
     matcher: GuidedMatcher | None = None  # where a guided request stands in its grammar
+    thinking: ThinkingTracker | None = None  # where a budgeted request stands with its thinking
 
 
 class LLMEngine:
@@ -265,6 +267,10 @@ class LLMEngine:
         metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
         logprobs = [] if params.logprobs is not None else None
         state = _RequestState(seq, text, detok, metrics, logprobs, matcher=matcher)
+        if params.thinking is not None:
+            state.thinking = ThinkingTracker(params.thinking)
+            for token in token_ids[len(token_ids) - resumed_tokens :]:  # a resume: where the output so far stands
+                state.thinking.accept(token, self.tokenizer.decode([token]))
         self._requests[request_id] = state
         return seq, state
 
@@ -403,10 +409,14 @@ class LLMEngine:
         return outputs
 
     def _may_speculate(self, seq: Sequence) -> bool:
-        """Guided requests (their masks follow one token at a time) and prefill workers' (they stop after one) do
-        not speculate."""
+        """Guided requests (their masks follow one token at a time), budgeted thinking not yet closed (its closing
+        tokens may be forced) and prefill workers' (they stop after one) do not speculate."""
         state = self._requests.get(seq.request_id)
-        return state is not None and state.matcher is None and not state.prefill_only
+        thinking = state.thinking if state is not None else None
+        return (
+            state is not None and state.matcher is None and not state.prefill_only
+            and (thinking is None or thinking.done)
+        )  # fmt: skip
 
     @staticmethod
     def _score_prompts(logits: torch.Tensor, batch: ScheduledBatch, scored: list[range]) -> torch.Tensor:
@@ -431,11 +441,11 @@ class LLMEngine:
         """Starts filling, in a thread while the model runs, the allowed-token masks of the guided requests this
         step samples (request id -> its mask); None when it samples none."""
         guided = [
-            (seq.request_id, state.matcher)
+            (seq.request_id, masker)
             for seq, n in zip(batch.seqs, batch.num_new_tokens)
             if seq.num_sampled_rows(n)
             and (state := self._requests.get(seq.request_id)) is not None
-            and state.matcher is not None
+            and (masker := state.matcher or (state.thinking if state.thinking and state.thinking.forcing else None))
         ]
         if not guided:
             return None
@@ -517,7 +527,10 @@ class LLMEngine:
                 finish = "stop"
             elif token in params.stop_token_ids:
                 finish, stop_reason = "stop", token
-            delta += "" if finish else detok.add([token])
+            piece = "" if finish else detok.add([token])
+            delta += piece
+            if state.thinking is not None:
+                state.thinking.accept(token, piece)
             if finish is None and detok.stop_string is not None:
                 finish, stop_reason = "stop", detok.stop_string
             if finish is None and state.matcher is not None and state.matcher.terminated:

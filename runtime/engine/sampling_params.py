@@ -21,6 +21,7 @@ from typing import Any
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.guided_params import GuidedDecoding
+from sagellm.runtime.engine.thinking import ThinkingBudget
 from sagellm.runtime.models.loaded import ModelLoadError
 
 # The output a request without max_tokens is expected to produce: a typical answer, not the context limit. Route,
@@ -70,6 +71,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     guided: GuidedDecoding | None = None  # what the output is constrained to (a JSON schema, a regex, ...)
+    thinking: ThinkingBudget | None = None  # a reasoning model's thinking closed after this many tokens
     # What the sampler does to the logits before choosing (vLLM's, applied in its order: `penalties.py`).
     presence_penalty: float = 0.0  # minus this from every token already in the output
     frequency_penalty: float = 0.0  # minus this times the token's count in the output
@@ -115,6 +117,12 @@ class SamplingParams:
             self.guided = GuidedDecoding(**self.guided)
         guided = self.guided
         _require(guided is None or isinstance(guided, GuidedDecoding), "guided", "a GuidedDecoding", guided)
+        if isinstance(self.thinking, Mapping):
+            self.thinking = ThinkingBudget(**self.thinking)
+        _require(self.thinking is None or isinstance(self.thinking, ThinkingBudget), "thinking", "a ThinkingBudget",
+                 self.thinking)  # fmt: skip
+        if self.thinking is not None and guided is not None:
+            raise FieldError("thinking_budget", "a thinking budget and a constrained output cannot go together")
         self._check_logit_adjustments()
 
     def _check_logit_adjustments(self) -> None:

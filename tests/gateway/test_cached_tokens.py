@@ -23,8 +23,9 @@ def test_a_repeated_prompt_reports_its_cached_tokens_and_a_salt_keeps_tenants_ap
 
     def chat(salt: str | None) -> tuple[int, int]:
         extra = {"cache_salt": salt} if salt is not None else {}
+        chat = [{"role": "system", "content": PROMPT}, {"role": "user", "content": "Go on."}]  # its own first block
         usage = sdk.chat.completions.create(model=model, max_tokens=1, temperature=0, extra_body=extra,
-                                            messages=[{"role": "user", "content": PROMPT}]).usage  # fmt: skip
+                                            messages=chat).usage  # fmt: skip
         return usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens
 
     prompt_tokens, first = chat(None)

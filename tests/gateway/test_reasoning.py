@@ -1,19 +1,25 @@
 """A reasoning model's replies through the gateway: its thinking read out of the reply as `reasoning_content` (whole
 and streamed, the stream's parts adding up to the whole), apart from the answer; with `--reasoning-parser` on a tiny
-model whose output a regex forces into `<think>...</think>answer`, so the split is known. The Messages API's thinking
-blocks and the Responses API's reasoning item are checked as built from a read reply."""
+model whose output a regex forces into `<think>...</think>answer`, so the split is known. A thinking budget
+(`thinking_token_budget`, the Messages API's `budget_tokens`) on a model whose template opens the thinking in the
+prompt: the thinking is closed after the budget and an answer follows. The Messages API's thinking blocks and the
+Responses API's reasoning item are checked as built from a read reply."""
 
 from __future__ import annotations
 
 import re
 
+import anthropic
+import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from sagellm.gateway.anthropic.replies import MessageEvents, content_blocks
 from sagellm.gateway.openai.responses import reasoning_item
 from sagellm.gateway.openai.tool_parsers import ToolCall
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.tiny_models import CHAT_TEMPLATE, make_tiny_llama
 
 pytestmark = [pytest.mark.slow]
 
@@ -70,3 +76,37 @@ def test_the_messages_and_responses_apis_show_thinking_their_way() -> None:
     ]  # fmt: skip
     item = reasoning_item("I think.")
     assert item["type"] == "reasoning" and item["content"] == [{"type": "reasoning_text", "text": "I think."}]
+
+
+@pytest.fixture(scope="module")
+def opens_thinking(tmp_path_factory):
+    """A gateway on a tiny model whose template opens the thinking in the generation prompt (as DeepSeek-R1's)."""
+    model = make_tiny_llama(tmp_path_factory.mktemp("r1") / "tiny-r1")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    opening = "'<|im_start|>assistant\\n'"
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(opening, opening[:-1] + "<think>\\n'")
+    assert tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True).endswith("<think>\n")
+    tokenizer.save_pretrained(model)
+    config = tiny_config(tmp_path_factory.mktemp("r1-gw"), reasoning_parser="deepseek_r1")
+    with running_gateway(GRAPHS / "colocated.yaml", config, model) as gateway:
+        yield gateway
+
+
+def test_a_thinking_budget_closes_the_thinking_and_the_answer_follows(opens_thinking) -> None:
+    gateway = opens_thinking
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    asked = dict(model=gateway.core.model_name, messages=CHAT, max_tokens=24, temperature=0,
+                 extra_body={"ignore_eos": True})  # fmt: skip
+    unbounded = sdk.chat.completions.create(**asked).choices[0].message
+    assert unbounded.reasoning_content and unbounded.content is None  # it never closes its thinking by itself
+    body = {**asked, **asked.pop("extra_body"), "thinking_token_budget": 4, "return_token_ids": True}
+    choice = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
+    closing = httpx.post(gateway.url + "/tokenize", json={"prompt": "\n</think>\n\n", "add_special_tokens": False},
+                         timeout=30).json()["tokens"]  # fmt: skip
+    assert choice["token_ids"][4 : 4 + len(closing)] == closing  # 4 tokens thought, then the forced closing
+    assert choice["message"]["content"] and choice["message"]["reasoning_content"]
+    messages = anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0)
+    reply = messages.messages.create(model=gateway.core.model_name, max_tokens=24, messages=CHAT,
+                                     thinking={"type": "enabled", "budget_tokens": 4},
+                                     extra_body={"temperature": 0, "ignore_eos": True})  # fmt: skip
+    assert [block.type for block in reply.content] == ["thinking", "text"]

@@ -58,7 +58,6 @@ ASKING = {
     "ec_transfer_params": {},
     "vllm_xargs": {"x": 1},
     "repetition_detection": {"window": 8},
-    "thinking_token_budget": 16,
     "stream_interval": 4,
     "documents": [{"title": "t", "text": "x"}],
     "chat_template": "{{ messages }}",

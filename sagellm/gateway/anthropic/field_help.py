@@ -19,8 +19,8 @@ FIELD_HELP: dict[str, str] = {
     "tools": "custom tools (`name`, `description`, `input_schema`); server tools (web search, ...) left out, logged",
     "tool_choice": "`auto`, `any` (a call is forced), `tool` with `name` (that call is forced), `none`; "
     "`disable_parallel_tool_use`",
-    "thinking": "`adaptive` and `disabled` are served (`disabled` renders the template with `enable_thinking` off); "
-    "`enabled` with a budget is refused until the engine enforces budgets",
+    "thinking": "`adaptive`; `disabled` (the template's `enable_thinking` off); `enabled` with `budget_tokens`: the "
+    "engine closes the thinking after that many tokens (needs a reasoning parser)",
 }
 
 

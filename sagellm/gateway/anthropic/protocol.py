@@ -55,8 +55,7 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
 
 def chat_body(body: MessagesRequest | CountTokensRequest, model: str | None) -> ChatCompletionRequest:
     """The chat a message request is; `model`: the served name it runs on (None: the gateway's own)."""
-    if body.thinking is not None and body.thinking.get("type") == "enabled":
-        raise ApiError.unsupported("thinking", "a thinking budget is not enforced by this engine yet: use adaptive")
+    budget = _thinking_budget(body.thinking)
     messages = _system(body.system) + [m for i, message in enumerate(body.messages) for m in _messages(message, i)]
     tools = _tools(body.tools)
     choice, parallel = _tool_choice(body.tool_choice)
@@ -68,6 +67,7 @@ def chat_body(body: MessagesRequest | CountTokensRequest, model: str | None) -> 
         tool_choice=choice if tools else None,
         parallel_tool_calls=parallel,
         chat_template_kwargs={"enable_thinking": False} if disabled else None,
+        thinking_token_budget=budget,
     )
     if isinstance(body, CountTokensRequest):
         return ChatCompletionRequest(**common)
@@ -84,6 +84,16 @@ def chat_body(body: MessagesRequest | CountTokensRequest, model: str | None) -> 
         user=user if isinstance(user, str) else None,
         stream=body.stream,
     )
+
+
+def _thinking_budget(thinking: dict[str, Any] | None) -> int | None:
+    """`enabled`'s `budget_tokens`, the engine's thinking budget; None for `adaptive`, `disabled` or none."""
+    if thinking is None or thinking.get("type") in ("adaptive", "disabled"):
+        return None
+    budget = thinking.get("budget_tokens")
+    if thinking.get("type") != "enabled" or not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ApiError(400, "thinking: adaptive, disabled, or enabled with budget_tokens >= 1", param="thinking")
+    return budget
 
 
 def _system(system: str | list[dict[str, Any]] | None) -> list[dict[str, Any]]:

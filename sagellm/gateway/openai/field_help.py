@@ -38,6 +38,8 @@ FIELD_HELP: dict[str, str] = {
     "return_token_ids": "each choice, and each streamed chunk, also carries its output token ids",
     "prompt_logprobs": "vLLM's: every prompt token's logprob and its top alternatives (not with `stream`)",
     "cache_salt": "vLLM's: the prompt shares prefix-cache blocks only with requests of the same salt (tenants apart)",
+    "thinking_token_budget": "vLLM's: a reasoning model thinks at most this many tokens, then its thinking is closed "
+    "for it and the answer follows (needs a reasoning parser)",
     "kv_transfer_params": "vLLM's disaggregated serving across servers: prefill here, decode elsewhere, or the reverse",
     "priority": "a number (lower first) or `critical`, `high`, `normal`, `low`; also the `X-Request-Priority` header",
     "cost_budget": "the most the request may cost, in the instances' price unit (`cost_optimized` policy)",

@@ -69,6 +69,7 @@ class _Generation(VllmFields, kw_only=True):
     prompt_logprobs: int | None = None  # vLLM's: every prompt token's logprob given the ones before (and top-N)
     kv_transfer_params: dict[str, Any] | None = None  # vLLM's PD across servers (`kv_transfer.py`)
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only with requests of the same salt
+    thinking_token_budget: int | None = None  # vLLM's: a reasoning model's thinking closed after this many tokens
     # sageLLM's scheduling fields
     priority: Priority | PriorityName | None = None  # a number (lower runs first) or a class name
     cost_budget: Annotated[float, msgspec.Meta(ge=0)] | None = None  # most it may cost, in the instances' price unit

@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 import trio
 
+from sagellm.common.errors import FieldError
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
@@ -55,6 +56,7 @@ from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.request_stream import RequestStream, embedded
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.outputs import TokenLogprob
+from sagellm.runtime.engine.thinking import ThinkingBudget
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 
 DONE = b"[DONE]"
@@ -276,7 +278,26 @@ class OpenAIRoutes:
         await self._hand_off(body, [request], body.n)
         sources = await self._ground(request, body)
         await self._prepare([request], constraint)
-        return request, self._reply_plan(request, tool_use), sources
+        plan = self._reply_plan(request, tool_use)
+        if body.thinking_token_budget is not None:
+            request.sampling.thinking = self._thinking_budget(body.thinking_token_budget, plan, request)
+        return request, plan, sources
+
+    def _thinking_budget(self, budget: int, plan: ReplyPlan, request: Request) -> ThinkingBudget:
+        """The engine's side of a thinking budget: the reasoning parser's tags, the tokens that close the thinking
+        (the closing tag between newlines, as the models write it), and whether the reply starts inside it."""
+        if plan.reasoning_parser is None:
+            message = "thinking_token_budget: this model's replies are not read for thinking (no reasoning parser)"
+            raise ApiError(400, message, param="thinking_token_budget")
+        if request.sampling.guided is not None:
+            message = "thinking_token_budget: a thinking budget and a constrained reply cannot go together"
+            raise ApiError(400, message, param="thinking_token_budget")
+        parser = parser_class(plan.reasoning_parser)
+        closing = self.core.tokenizer.encode(f"\n{parser.CLOSE}\n\n", add_special_tokens=False)
+        try:
+            return ThinkingBudget(budget, closing, parser.OPEN, parser.CLOSE, plan.starts_thinking)
+        except FieldError as error:
+            raise ApiError(400, str(error), param="thinking_token_budget") from None
 
     def _reply_plan(self, request: Request, tool_use: ToolUse | None) -> ReplyPlan:
         """How the reply is read: tool calls by the tool-call parser the chat's tools chose; thinking by the reasoning

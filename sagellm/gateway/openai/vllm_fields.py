@@ -38,7 +38,6 @@ SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
     "ec_transfer_params": ((None,), _NO_MULTIMODAL),
     "vllm_xargs": ((None,), "no custom logits processors run here"),
     "repetition_detection": ((None,), "not implemented: repetition_penalty and frequency_penalty are"),
-    "thinking_token_budget": ((None,), "not implemented"),
     "stream_interval": ((None, 1), "every delta is streamed as it is made"),
 }
 COMPLETION_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -78,7 +77,6 @@ class VllmFields(Constrained, kw_only=True):
     ec_transfer_params: Any = UNSET
     vllm_xargs: Any = UNSET
     repetition_detection: Any = UNSET
-    thinking_token_budget: Any = UNSET
     stream_interval: Any = UNSET
     add_special_tokens: Any = UNSET
 
