@@ -40,8 +40,10 @@ def test_a_repeated_prompt_reports_its_cached_tokens_and_a_salt_keeps_tenants_ap
         completion = sdk.completions.create(model=model, prompt=PROMPT, max_tokens=1, temperature=0).usage
         assert (completion.prompt_tokens_details.cached_tokens > 0) == seen
     response = sdk.responses.create(model=model, input=PROMPT, max_output_tokens=16, temperature=0).usage
-    assert response.input_tokens_details.cached_tokens > 0
+    again = sdk.responses.create(model=model, input=PROMPT, max_output_tokens=16, temperature=0).usage
+    assert again.input_tokens_details.cached_tokens > response.input_tokens_details.cached_tokens
     messages = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=300)
     message = messages.messages.create(model=model, max_tokens=1, messages=[{"role": "user", "content": PROMPT}],
                                        extra_body={"temperature": 0}).usage  # fmt: skip
+    # the message is the responses' chat (the user's PROMPT), so its prefix is cached
     assert message.cache_read_input_tokens > 0 and message.input_tokens < message.cache_read_input_tokens
