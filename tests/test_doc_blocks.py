@@ -3,7 +3,8 @@
 command reads, and each YAML block is the shipped graph it says it abridges. Real models (SmolLM2 and
 all-MiniLM-L6-v2 from their PyPI wheels) in a home of this session's own. The quick start's `scripts/install.sh` and
 `scripts/test.sh` are this suite's own set-up and the suite itself: the test runs the rest of that block. Blocks of
-other languages (console transcripts, text, mermaid diagrams) are shown, not run."""
+other languages (console transcripts, text, mermaid diagrams) are shown, not run; so are the indented blocks listed
+in NOT_RUN, each with what a test here lacks to run it (a new one fails until it is fenced, and run, or listed)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,21 @@ BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.S | re.M)
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # (page, language, text) of every fenced block, in page order
 BLOCKS = [(page, lang, text) for page in PAGES for lang, text in BLOCK.findall(page.read_text())]
+# An indented block's first words -> why it is shown and not run
+NOT_RUN = {
+    "source → admission": "a picture of the pipeline, not a command",
+    "memory: weights": "a server's log line, shown as it prints",
+    "ray start --head": "starts a Ray cluster across hosts",
+    "sagellm serve --no-embedding --port 8000": "the peer table: vLLM and llama.cpp servers beside ours, minutes",
+    "sagellm bench numerics --peer": "needs the peers' servers (../shared/peers)",
+    "sagellm serve --speculative-config": "servers that run until stopped; the speculation tests run the same",
+    "sagellm chat": "interactive",
+    "sagellm run graphs/pd_remote.yaml": "a worker on another host",
+    "sagellm serve smollm2-135m-instruct --api-hub": "an API server on another host",
+    "sagellm serve MODEL": "MODEL is the reader's; tests/agents runs Claude Code and Codex this way",
+    "sagellm simulate --instances 1000": "a million requests: minutes; tests/simulator runs it small",
+}
+INDENTED = re.compile(r"(?:^|\n\n)((?: {4}\S.*(?:\n|$))(?: {4}.*(?:\n|$)|\n)*)")
 ABRIDGED = re.compile(r"^# (graphs/[\w.]+\.yaml) \(abridged\)\n")
 SUITE_ITSELF = re.compile(r"bash scripts/(install|test)\.sh( &&)?\s*")
 RUN_TIMEOUT_S = 600
@@ -103,3 +119,20 @@ def test_a_yaml_block_is_the_shipped_graph_it_abridges(index: int) -> None:
     shown = yaml.safe_load(text)
     shipped = yaml.safe_load((ROOT / named.group(1)).read_text())
     assert {k: shipped[k] for k in shown} == shown
+
+
+def _indented_blocks(text: str) -> list[str]:
+    """The indented code blocks of a page: 4-space blocks after a blank line, outside fences and list items."""
+    outside = re.sub(r"^```.*?^```$", "", text, flags=re.S | re.M)
+    blocks = []
+    for block in INDENTED.findall(outside):
+        first = block.strip().splitlines()[0]
+        if not first.startswith(("-", "|", "*")):
+            blocks.append(first)
+    return blocks
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_indented_block_is_run_elsewhere_or_says_why_not(page: Path) -> None:
+    unlisted = [first for first in _indented_blocks(page.read_text()) if not first.startswith(tuple(NOT_RUN))]
+    assert unlisted == [], f"fence these (```bash, run by this test) or list them in NOT_RUN with why: {unlisted}"
