@@ -36,6 +36,8 @@ NOT_RUN = {
     "sagellm run graphs/pd_remote.yaml": "a worker on another host",
     "sagellm serve smollm2-135m-instruct --api-hub": "an API server on another host",
     "sagellm serve MODEL": "MODEL is the reader's; tests/agents runs Claude Code and Codex this way",
+    "ANTHROPIC_BASE_URL=": "Claude Code with the reader's MODEL; tests/agents/test_claude_code.py runs it so",
+    "model = \"MODEL\"": "Codex's config with the reader's MODEL; tests/agents/test_codex.py writes it so",
     "sagellm simulate --instances 1000": "a million requests: minutes; tests/simulator runs it small",
 }
 INDENTED = re.compile(r"(?:^|\n\n)((?: {4}\S.*(?:\n|$))(?: {4}.*(?:\n|$)|\n)*)")

@@ -89,6 +89,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "chosen from the model's chat template)",
     )
     p.add_argument(
+        "--reasoning-budget",
+        type=int,
+        default=-1,
+        help="thinking tokens a reasoning model may spend on a request that sets no budget of its own, as llama.cpp's "
+        "flag: then its thinking is closed and the answer follows (-1: no bound; 0: no thinking)",
+    )
+    p.add_argument(
         "--reasoning-parser",
         help="how a reasoning model's thinking is read from its replies (reasoning_content, thinking blocks), as "
         "vLLM's flag: qwen3 or deepseek_r1 (default: qwen3 for a chat template that writes <think> tags, else none)",
@@ -240,6 +247,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         max_connections=args.max_connections,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        reasoning_budget=args.reasoning_budget if args.reasoning_budget >= 0 else None,
         allowed_hosts=args.allowed_hosts,
         api_hub=args.api_hub,
         admin_auth=args.admin_auth,

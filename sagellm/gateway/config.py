@@ -71,6 +71,7 @@ class GatewayConfig:
     max_connections: int | None = None  # open connections served at once (None: from the fd limit; HttpLimits)
     tool_call_parser: str | None = None  # vLLM's --tool-call-parser (None: chosen from the model's chat template)
     reasoning_parser: str | None = None  # vLLM's --reasoning-parser (None: chosen from the model's chat template)
+    reasoning_budget: int | None = None  # llama.cpp's --reasoning-budget: thinking tokens of a request that sets none
     state_dir: Path = field(default_factory=gateway_dir)
     graceful_timeout_s: float = 30.0
     # Host names requests may address the gateway by (Host, a browser's Origin). None: loopback names when bound to

@@ -85,7 +85,8 @@ def build_app(
     api_guard = key_guard(config.api_keys, "API")
     indexes = IndexStore(core)
     openai_routes = OpenAIRoutes(
-        core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser
+        core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
+        reasoning_budget=config.reasoning_budget,
     )
     openai_routes.register(app, api_guard)
     ResponsesRoutes(openai_routes).register(app, api_guard)
@@ -113,7 +114,8 @@ def front_end(config: GatewayConfig) -> FrontEnd:
     """What every API server enforces as this gateway does."""
     return FrontEnd(api_keys=list(config.api_keys), max_body_bytes=config.max_body_bytes,
                     graceful_timeout_s=config.graceful_timeout_s, max_connections=config.max_connections,
-                    tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser)  # fmt: skip
+                    tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
+                    reasoning_budget=config.reasoning_budget)  # fmt: skip
 
 
 async def serve(

@@ -77,7 +77,7 @@ def test_count_tokens_is_what_the_message_is_charged(server) -> None:
 @pytest.mark.parametrize("choice", [{"type": "tool", "name": "get_weather"}, {"type": "any"}], ids=["tool", "any"])
 def test_a_forced_tool_call_always_follows_the_schema(server, choice) -> None:
     client = sdk(server)
-    runs = 20 if server.graph == "colocated" else 8
+    runs = 20
 
     def ask(i: int) -> anthropic.types.Message:
         question = [{"role": "user", "content": f"Weather in city number {i}?"}]

@@ -79,16 +79,21 @@ def test_the_messages_and_responses_apis_show_thinking_their_way() -> None:
 
 
 @pytest.fixture(scope="module")
-def opens_thinking(tmp_path_factory):
-    """A gateway on a tiny model whose template opens the thinking in the generation prompt (as DeepSeek-R1's)."""
+def r1_model(tmp_path_factory):
+    """A tiny model whose template opens the thinking in the generation prompt (as DeepSeek-R1's)."""
     model = make_tiny_llama(tmp_path_factory.mktemp("r1") / "tiny-r1")
     tokenizer = AutoTokenizer.from_pretrained(model)
     opening = "'<|im_start|>assistant\\n'"
     tokenizer.chat_template = CHAT_TEMPLATE.replace(opening, opening[:-1] + "<think>\\n'")
     assert tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True).endswith("<think>\n")
     tokenizer.save_pretrained(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def opens_thinking(r1_model, tmp_path_factory):
     config = tiny_config(tmp_path_factory.mktemp("r1-gw"), reasoning_parser="deepseek_r1")
-    with running_gateway(GRAPHS / "colocated.yaml", config, model) as gateway:
+    with running_gateway(GRAPHS / "colocated.yaml", config, r1_model) as gateway:
         yield gateway
 
 
@@ -110,3 +115,14 @@ def test_a_thinking_budget_closes_the_thinking_and_the_answer_follows(opens_thin
                                      thinking={"type": "enabled", "budget_tokens": 4},
                                      extra_body={"temperature": 0, "ignore_eos": True})  # fmt: skip
     assert [block.type for block in reply.content] == ["thinking", "text"]
+
+
+def test_the_servers_reasoning_budget_bounds_requests_that_set_none(r1_model, tmp_path) -> None:
+    """llama.cpp's --reasoning-budget: every request without a budget of its own thinks at most that many tokens."""
+    config = tiny_config(tmp_path, reasoning_parser="deepseek_r1", reasoning_budget=2)
+    with running_gateway(GRAPHS / "colocated.yaml", config, r1_model) as gateway:
+        body = {"messages": CHAT, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        choice = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
+        closing = httpx.post(gateway.url + "/tokenize", json={"prompt": "\n</think>\n\n", "add_special_tokens": False},
+                             timeout=30).json()["tokens"]  # fmt: skip
+        assert choice["token_ids"][2 : 2 + len(closing)] == closing and choice["message"]["content"]

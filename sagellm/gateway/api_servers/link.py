@@ -76,6 +76,7 @@ class FrontEnd(msgspec.Struct, kw_only=True):
     max_connections: int | None = None  # each API server's own cap
     tool_call_parser: str | None = None  # how tool calls are read from replies (None: chosen from the model)
     reasoning_parser: str | None = None  # how thinking is read from replies (None: chosen from the model)
+    reasoning_budget: int | None = None  # thinking tokens of a request that sets none (None: no bound)
 
 
 class Snapshot(msgspec.Struct, tag=True, kw_only=True):

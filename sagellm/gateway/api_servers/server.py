@@ -364,7 +364,8 @@ def _app(link: CoreLink, served: ServedModel | None, settings: dict[str, Any]) -
     to_core = CoreCalls(link)
     front = link.snapshot.front_end
     routes = OpenAIRoutes(RemoteCore(link, served), to_core=to_core, tool_call_parser=front.tool_call_parser,
-                          reasoning_parser=front.reasoning_parser)  # type: ignore[arg-type]  # what it reads
+                          reasoning_parser=front.reasoning_parser,
+                          reasoning_budget=front.reasoning_budget)  # type: ignore[arg-type]  # what it reads
     routes.register_generation(app, key_guard(link.snapshot.front_end.api_keys, "API"))
     app.fallback = to_core
     return app

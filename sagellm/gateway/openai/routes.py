@@ -80,10 +80,12 @@ class OpenAIRoutes:
         to_core: Callable[[HttpRequest], Awaitable[Response]] | None = None,
         tool_call_parser: str | None = None,
         reasoning_parser: str | None = None,
+        reasoning_budget: int | None = None,
     ) -> None:
         """`indexes`: the retrieval indexes chats may name (`"index"`); None in an API server's process, which
         passes such chats on to the gateway's core, that holds them (`to_core`). `tool_call_parser`: how tool calls
-        are read from replies, `reasoning_parser` how thinking is (None: each chosen from the model's template)."""
+        are read from replies, `reasoning_parser` how thinking is (None: each chosen from the model's template);
+        `reasoning_budget`: the thinking tokens of a request that sets no budget of its own (None: no bound)."""
         self.core = core
         self.indexes = indexes
         self.to_core = to_core
@@ -93,6 +95,7 @@ class OpenAIRoutes:
         if reasoning_parser is not None:
             parser_class(reasoning_parser)  # as above
         self.reasoning_parser = reasoning_parser
+        self.reasoning_budget = reasoning_budget
         self._starts_thinking: dict[tuple[str, str], bool] = {}  # (template, its settings) -> a reply opens inside
         self.created = int(time.time())
         self._kv_http: httpx.AsyncClient | None = None  # fetches prefills' KV from other servers, once one is asked
@@ -281,6 +284,8 @@ class OpenAIRoutes:
         plan = self._reply_plan(request, tool_use)
         if body.thinking_token_budget is not None:
             request.sampling.thinking = self._thinking_budget(body.thinking_token_budget, plan, request)
+        elif self.reasoning_budget is not None and plan.reasoning_parser is not None and not request.sampling.guided:
+            request.sampling.thinking = self._thinking_budget(self.reasoning_budget, plan, request)
         return request, plan, sources
 
     def _thinking_budget(self, budget: int, plan: ReplyPlan, request: Request) -> ThinkingBudget:
