@@ -25,6 +25,8 @@ CASES = {
                               ("I should call.", None, ["get_weather"])),
     "a call while thinking": (f"<think>call it {CALL} then</think>done", False, True,
                               ("call it  then", "done", ["get_weather"])),
+    "a closing tag inside an argument": ('<tool_call>{"name": "get_weather", "arguments": {"city": "x</tool_call>y"}}'
+                                         '</tool_call>', False, True, (None, None, ["get_weather"])),
     "a broken call stays text": ("<think>x</think><tool_call>{not json</tool_call>", False, True,
                                  ("x", "<tool_call>{not json</tool_call>", [])),
 }  # fmt: skip
@@ -55,7 +57,7 @@ def test_the_reading_does_not_depend_on_where_the_stream_was_cut(case: str) -> N
         assert _read([text[:cut], text[cut:]], plan) == _seen(whole), cut
     assert _read(list(text), plan) == _seen(whole)
     for call in whole.calls:
-        assert json.loads(call.arguments) == {"city": "Paris"}
+        assert json.loads(call.arguments)["city"] in ("Paris", "x</tool_call>y")
 
 
 def test_without_a_reasoning_parser_the_think_tags_are_text() -> None:

@@ -124,7 +124,9 @@ TOOL_PARSERS: Registry[type[ToolParser]] = Registry("tool parser")
 @TOOL_PARSERS.register
 class HermesParser(ToolParser):
     """`<tool_call>{json}</tool_call>` blocks among text. A block whose JSON is not a call stays content, tags and
-    all; a block the reply ends inside (the model stopped at its end-of-turn token) is a call if its JSON reads."""
+    all; a block the reply ends inside (the model stopped at its end-of-turn token) is a call if its JSON reads. A
+    closing tag inside a string of the JSON is the string's text, not the block's end: an argument may say anything
+    its schema allows."""
 
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -139,7 +141,7 @@ class HermesParser(ToolParser):
         events: list[StreamEvent] = []
         while True:
             tag = self.CLOSE if self._inside else self.OPEN
-            at = self._buffer.find(tag)
+            at = self._close_at() if self._inside else self._buffer.find(tag)
             if at < 0:
                 break
             before, self._buffer = self._buffer[:at], self._buffer[at + len(tag) :]
@@ -157,6 +159,13 @@ class HermesParser(ToolParser):
             return self._content(text)
         call = _read_json_call(text)
         return self._call(call) if call else self._content(self.OPEN + text)
+
+    def _close_at(self) -> int:
+        """Where the open block's closing tag is: the first one not inside a JSON string of the block."""
+        at = self._buffer.find(self.CLOSE)
+        while at >= 0 and _in_json_string(self._buffer[:at]):
+            at = self._buffer.find(self.CLOSE, at + len(self.CLOSE))
+        return at
 
     def _block(self, inside: str) -> list[StreamEvent]:
         call = _read_json_call(inside)
@@ -196,6 +205,19 @@ class Llama3JsonParser(ToolParser):
         if calls is None:
             return self._content(text)
         return [event for call in calls for event in self._call(call)]
+
+
+def _in_json_string(text: str) -> bool:
+    """Whether JSON text stops inside a string: a tag there is the string's text (outside strings JSON has no `<`)."""
+    in_string, escaped = False, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif in_string and char == "\\":
+            escaped = True
+        elif char == '"':
+            in_string = not in_string
+    return in_string
 
 
 def _read_json_call(text: str) -> ToolCall | None:
