@@ -22,12 +22,10 @@ from sagellm.gateway.anthropic.replies import (
 )
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, NamedEvent, Response
 from sagellm.gateway.http.auth import key_owner
-from sagellm.gateway.openai.reasoning_parsers import ReasoningEvent
 from sagellm.gateway.openai.replies import Choice
-from sagellm.gateway.openai.reply_reader import Reply, ReplyReader
+from sagellm.gateway.openai.reply_reader import Reply, ReplyReader, rendered
 from sagellm.gateway.openai.routes import OpenAIRoutes, collect_choices, first_or_raise
 from sagellm.gateway.openai.tokenizer_routes import TokenizeRequest, TokenizerRoutes
-from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent
 from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
@@ -77,7 +75,7 @@ async def _events(
     """The stream's events: thinking, text deltas and tool calls as the reply's tokens come (read as the request's
     plan says), the stop reason and usage last; a failure after the start is an `error` event."""
     yield tuple(events.start())
-    choice, calls = Choice(0), []
+    choice = Choice(0)
     item: TokenDelta | RequestError = first
     ready: list[NamedEvent] = []
     while True:
@@ -86,14 +84,7 @@ async def _events(
             yield LastEvents((*ready, NamedEvent("error", error_body(error.http_status, error.message))))
             return
         choice.add(item)
-        for event in reader.step(item.text, item.finished):
-            if isinstance(event, ReasoningEvent):
-                ready += events.thinking(event.text)
-            elif isinstance(event, ContentEvent) and event.text:
-                ready += events.text(event.text)
-            elif isinstance(event, ToolCallEvent):
-                calls.append(event.call)
-                ready += events.call(event.call)
+        ready += rendered(reader.step(item.text, item.finished), events)
         if item.finished:
             break
         if ready:
@@ -103,5 +94,5 @@ async def _events(
             item = await anext(stream)
         except StopAsyncIteration:
             break
-    reason, sequence = stop(choice, calls, stop_sequences)
+    reason, sequence = stop(choice, reader.reply.calls, stop_sequences)
     yield LastEvents((*ready, *events.finish(reason, sequence, usage(choice))))

@@ -10,6 +10,7 @@ a tag until it is whole. Text that does not parse (a broken call, an unclosed ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from sagellm.gateway.openai.reasoning_parsers import AnswerEvent, ReasoningEvent, ReasoningParser, parser_class
 from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCall, ToolCallEvent, ToolParser, parser_for
@@ -40,7 +41,28 @@ class Reply:
     calls: list[ToolCall]
 
 
+class ReplyEvents(Protocol):
+    """An API's stream events for a reply's parts (the Messages API's blocks, the Responses API's items)."""
+
+    def thinking(self, text: str) -> list[Any]: ...
+    def text(self, text: str) -> list[Any]: ...
+    def call(self, call: ToolCall) -> list[Any]: ...
+
+
+def rendered(events: list[ReplyEvent], into: ReplyEvents) -> list[Any]:
+    """The stream events `into` makes of a delta's read events."""
+    out: list[Any] = []
+    for event in events:
+        if isinstance(event, ToolCallEvent):
+            out += into.call(event.call)
+        elif event.text:
+            out += into.thinking(event.text) if isinstance(event, ReasoningEvent) else into.text(event.text)
+    return out
+
+
 class ReplyReader:
+    """Reads one reply (`step` each delta) and keeps what it read so far (`reply`)."""
+
     def __init__(self, plan: ReplyPlan) -> None:
         self._reasoning: ReasoningParser | None = None
         if plan.reasoning_parser is not None:
@@ -49,15 +71,20 @@ class ReplyReader:
         self._thinking_tools: ToolParser | None = None
         if plan.tool_parser is not None:
             self._answer_tools, self._thinking_tools = parser_for(plan.tool_parser), parser_for(plan.tool_parser)
-        self._calls = 0
+        self._thinking: list[str] = []
+        self._content: list[str] = []
+        self._read_calls: list[ToolCall] = []
 
     @classmethod
     def whole(cls, plan: ReplyPlan, text: str) -> Reply:
-        events = cls(plan).step(text, finished=True)
-        reasoning = "".join(e.text for e in events if isinstance(e, ReasoningEvent))
-        content = "".join(e.text for e in events if isinstance(e, ContentEvent))
-        calls = [e.call for e in events if isinstance(e, ToolCallEvent)]
-        return Reply(reasoning or None, content or None, calls)
+        reader = cls(plan)
+        reader.step(text, finished=True)
+        return reader.reply
+
+    @property
+    def reply(self) -> Reply:
+        """The reply as read so far."""
+        return Reply("".join(self._thinking) or None, "".join(self._content) or None, list(self._read_calls))
 
     def step(self, delta: str, finished: bool) -> list[ReplyEvent]:
         """The events one streamed delta of the reply makes (its text, and whether it is the last)."""
@@ -70,6 +97,9 @@ class ReplyReader:
             events += self._tools(part)
         if finished:
             events += self._finish()
+        for event in events:
+            if not isinstance(event, ToolCallEvent):
+                (self._thinking if isinstance(event, ReasoningEvent) else self._content).append(event.text)
         return events
 
     def _tools(self, part: ReasoningEvent | AnswerEvent) -> list[ReplyEvent]:
@@ -89,9 +119,9 @@ class ReplyReader:
     def _numbered(self, events: list[ContentEvent | ToolCallEvent], thinking: bool) -> list[ReplyEvent]:
         out: list[ReplyEvent] = []
         for event in events:
-            if isinstance(event, ToolCallEvent):
-                out.append(ToolCallEvent(self._calls, event.call))
-                self._calls += 1
+            if isinstance(event, ToolCallEvent):  # numbered across both channels, in the order they complete
+                out.append(ToolCallEvent(len(self._read_calls), event.call))
+                self._read_calls.append(event.call)
             else:
                 out.append(ReasoningEvent(event.text) if thinking else event)
         return out

@@ -72,6 +72,10 @@ class ResponseEvents:
         )
         return events
 
+    def thinking(self, text: str) -> list[dict[str, Any]]:
+        """Nothing while streaming: the thinking comes whole, as the reasoning item of the final response."""
+        return []
+
     def call(self, call: ToolCall) -> list[dict[str, Any]]:
         events = self._close_message()
         item = call_item(call, status="in_progress", arguments="", namespace=self.namespaces.get(call.name))

@@ -15,9 +15,8 @@ import structlog
 
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.http.auth import key_owner
-from sagellm.gateway.openai.reasoning_parsers import ReasoningEvent
 from sagellm.gateway.openai.replies import Choice, usage
-from sagellm.gateway.openai.reply_reader import Reply, ReplyReader
+from sagellm.gateway.openai.reply_reader import Reply, ReplyReader, rendered
 from sagellm.gateway.openai.responses import (
     ResponsesRequest,
     chat_body,
@@ -31,7 +30,6 @@ from sagellm.gateway.openai.responses import (
 from sagellm.gateway.openai.responses_events import ResponseEvents, response_error
 from sagellm.gateway.openai.responses_store import ResponseStore
 from sagellm.gateway.openai.routes import OpenAIRoutes, collect_choices, first_or_raise
-from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 
@@ -87,22 +85,13 @@ async def _events(
     the request's plan says), the whole response last, its thinking a reasoning item; a failure after the start (the
     request's, or this code's) ends it with `response.failed`."""
     yield tuple(events.start())
-    choice, content, thinking, calls = Choice(0), "", "", []
+    choice = Choice(0)
     item: TokenDelta | RequestError = first
     ready: list[dict[str, Any]] = []
     try:
         while not isinstance(item, RequestError):
             choice.add(item)
-            ready = []
-            for event in reader.step(item.text, item.finished):
-                if isinstance(event, ReasoningEvent):
-                    thinking += event.text
-                elif isinstance(event, ContentEvent):
-                    content += event.text
-                    ready += events.text(event.text)
-                elif isinstance(event, ToolCallEvent):
-                    calls.append(event.call)
-                    ready += events.call(event.call)
+            ready = rendered(reader.step(item.text, item.finished), events)
             if item.finished:
                 break
             if ready:
@@ -114,10 +103,9 @@ async def _events(
         if isinstance(item, RequestError):
             last = events.fail(failed(response_error(item.code, item.message)))
         else:
-            last = [*ready, *events.finish(answer(choice, Reply(thinking or None, content or None, calls)))]
+            last = [*ready, *events.finish(answer(choice, reader.reply))]
     except Exception as exc:  # a fault of this code's must still end the stream as clients expect
         log.exception("responses_stream_failed", error=str(exc))
         stream.cancel()
         last = events.fail(failed(response_error("internal", f"the response failed: {exc}")))
     yield LastEvents(last)
-
