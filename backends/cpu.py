@@ -247,6 +247,7 @@ class NativeDispatch:
         buffers: torch_ops.GatherBuffers | None = None,
         window: int = 0,
         softcap: float = 0.0,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A prefill chunk's causal attention (sliding-window, soft-capped) read from the paged cache in place (its
         K/V are written first), or the torch op for what the C code does not take."""
@@ -257,10 +258,20 @@ class NativeDispatch:
             if self._prefill_scratch.numel() < size:  # grown, never shrunk: fresh memory costs page faults per call
                 self._prefill_scratch = torch.empty(size, dtype=torch.float32)
             return self.native.paged_prefill_attention(
-                q, k_cache, v_cache, chunk.block_table, ctx, scale, threads, self._prefill_scratch, window, softcap
+                q,
+                k_cache,
+                v_cache,
+                chunk.block_table,
+                ctx,
+                scale,
+                threads,
+                self._prefill_scratch,
+                window,
+                softcap,
+                sinks,
             )
         return torch_ops.prefill_attention(
-            q, k, v, k_cache, v_cache, chunk, scale, buffers, window=window, softcap=softcap
+            q, k, v, k_cache, v_cache, chunk, scale, buffers, window=window, softcap=softcap, sinks=sinks
         )
 
     def paged_decode_attention(
@@ -273,15 +284,25 @@ class NativeDispatch:
         scale: float,
         window: int = 0,
         softcap: float = 0.0,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if fits_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
             # An upper bound: tables span the contexts. NativeDecoderLayers counts the same, for the same threads.
             keys = q.shape[0] * seen_keys(block_tables.shape[1] * k_cache.shape[1], window)
             return self.native.paged_decode_attention(
-                q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys), window, softcap
+                q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys), window, softcap, sinks
             )
         return torch_ops.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, scale, self.buffers, window=window, softcap=softcap
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            context_lens,
+            scale,
+            self.buffers,
+            window=window,
+            softcap=softcap,
+            sinks=sinks,
         )
 
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import gguf
 import torch
 
-# Inputs per block of each kept kind (GGML type names): 32 for the simple kinds, 256 for a K-quant's super-block.
-BLOCK_INPUTS = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-# Bytes per block: fp16 scales, then the packed values (ggml-common.h's block_* structs; gguf's GGML_QUANT_SIZES).
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+# Inputs per block of each kept kind (GGML type names): 32 for the simple kinds and MXFP4, 256 for a K-quant's
+# super-block.
+BLOCK_INPUTS = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "MXFP4": 32}
+# Bytes per block: the scales (fp16; MXFP4's one E8M0 exponent byte), then the packed values (ggml-common.h's
+# block_* structs; gguf's GGML_QUANT_SIZES).
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "MXFP4": 17}
 KEPT_KINDS = tuple(BLOCK_BYTES)  # what backends/native/block_layout.py packs
 
 

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, TokenType
 from safetensors.numpy import load_file
+from safetensors.torch import save_file as save_torch_file
 
 from sagellm.benchmarks.kquant_pack import q4_k_m_type
 from sagellm.benchmarks.kquant_pack import quantize as quantize_blocks
+from sagellm.runtime.models.architectures import expert_parts
 from sagellm.runtime.models.config import ModelConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2: bos, turn start, eos
@@ -165,6 +167,56 @@ def make_tiny_phi3(directory: str | Path, seed: int = 0, **overrides: Any) -> Pa
     return _save_model(Path(directory), Phi3Config, Phi3ForCausalLM, seed, defaults | overrides)
 
 
+def make_tiny_gpt_oss(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny GptOssForCausalLM: biases on every attention projection, attention sinks, even layers
+    sliding over 8 positions, YaRN (4x over an original 64 positions), 4 experts per layer with biases and the
+    clamped SwiGLU, 2 used per token, stored stacked as gpt-oss ships them. The experts' gate_up weights are large
+    enough that the clamp (at gpt-oss's 7, which GGUF files do not record) cuts many of their activations."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}  # fmt: skip
+    defaults = dict(head_dim=16, sliding_window=8, num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2,
+                    intermediate_size=64, rope_parameters=rope, initializer_range=0.1)  # fmt: skip
+
+    def widen_gate_up(model: Any) -> None:
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj.data.mul_(8.0)
+
+    return _save_model(Path(directory), GptOssConfig, GptOssForCausalLM, seed, defaults | overrides, widen_gate_up)
+
+
+def make_tiny_gpt_oss_mxfp4(directory: str | Path, seed: int = 0) -> Path:
+    """make_tiny_gpt_oss's model as gpt-oss ships: its experts in MXFP4 (`*_blocks` [E, out, in / 32, 16] and
+    `*_scales` [E, out, in / 32], quantized by gguf-py's MXFP4, so a GGUF of the same model holds the same values)
+    and a `quantization_config` saying so, which transformers reads (dequantizing on the CPU)."""
+    directory = make_tiny_gpt_oss(directory, seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, values in load_file(directory / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out]: packed as [E, out, in]
+            blocks, scales = hf_mxfp4(np.ascontiguousarray(values.transpose(0, 2, 1)))
+            tensors |= {f"{name}_blocks": torch.from_numpy(blocks), f"{name}_scales": torch.from_numpy(scales)}
+        else:
+            tensors[name] = torch.from_numpy(values)
+    save_torch_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def hf_mxfp4(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float weights [..., out, in] as Hugging Face's MXFP4 (blocks uint8 [..., out, in / 32, 16]: input 2j in byte
+    j's low nibble, 2j + 1 in its high one; scales [..., out, in / 32]), from gguf-py's quantization (ggml's
+    block: exponent byte, then input j low and j + 16 high)."""
+    ggml = quantize(values.astype(np.float32), GGMLQuantizationType.MXFP4)
+    ggml = ggml.reshape(*values.shape[:-1], -1, 17)  # [..., out, B, 17]
+    scales, qs = ggml[..., 0], ggml[..., 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [..., B, 32] in input order
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)), np.ascontiguousarray(scales)
+
+
 def make_tiny_gemma3_multimodal(directory: str | Path, seed: int = 0) -> Path:
     """Save a random tiny Gemma3ForConditionalGeneration (how Gemma 3 4B and up ship): make_tiny_gemma3's text model
     under `language_model.`, beside a one-layer vision tower and projector, its config nested as `text_config`."""
@@ -181,11 +233,18 @@ def make_tiny_gemma3_multimodal(directory: str | Path, seed: int = 0) -> Path:
     return _randomize_and_save(Path(directory), Gemma3ForConditionalGeneration(config).eval(), tokenizer)
 
 
-def _save_model(directory: Path, config_class: type, model_class: type, seed: int, overrides: dict) -> Path:
+def _save_model(
+    directory: Path, config_class: type, model_class: type, seed: int, overrides: dict, adjust: Any = None
+) -> Path:
+    """`adjust(model)`: a family's own change to its random weights, before they are made distinct and saved."""
     tokenizer = make_tokenizer()
     config = config_class(**(_LLAMA_DEFAULTS | {"vocab_size": len(tokenizer)} | overrides))
     torch.manual_seed(seed)
-    return _randomize_and_save(directory, model_class(config).eval(), tokenizer)
+    model = model_class(config).eval()
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model)
+    return _randomize_and_save(directory, model, tokenizer)
 
 
 def _randomize_and_save(directory: Path, model: Any, tokenizer: Any) -> Path:
@@ -195,8 +254,10 @@ def _randomize_and_save(directory: Path, model: Any, tokenizer: Any) -> Path:
                 param.copy_(1 + 0.1 * torch.randn_like(param))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn_like(param))
-            elif name.endswith("mlp.gate.weight"):  # a MoE router: decisive choices, not near ties of tiny logits
-                param.copy_(0.5 * torch.randn_like(param))
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):  # a MoE router: decisive choices, not
+                param.copy_(0.5 * torch.randn_like(param))  # near ties of tiny logits
+            elif name.endswith("self_attn.sinks"):  # gpt-oss's sinks, as large as the scores they compete with
+                param.copy_(torch.randn_like(param))
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -227,24 +288,38 @@ _GGUF_LAYER = {
     "self_attn.k_norm.weight": "attn_k_norm.weight",
     "self_attn.qkv_proj.weight": "attn_qkv.weight",  # Phi-3's fused projections
     "mlp.gate_up_proj.weight": "ffn_up.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",  # gpt-oss's
+    "self_attn.sinks": "attn_sinks.weight",
+    "block_sparse_moe.gate.bias": "ffn_gate_inp.bias",
+    "block_sparse_moe.experts.w1.bias": "ffn_gate_exps.bias",
+    "block_sparse_moe.experts.w3.bias": "ffn_up_exps.bias",
+    "block_sparse_moe.experts.w2.bias": "ffn_down_exps.bias",
 }
 _GGUF_GEMMA = {  # Gemma's sandwich norms: its HF post_attention_layernorm follows attention, not precedes the MLP
     "post_attention_layernorm.weight": "post_attention_norm.weight",
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
-_GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}
+_GGUF_GPT_OSS = {"post_attention_layernorm.weight": "post_attention_norm.weight"}  # its pre-MLP norm
+_GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe",
+              "gpt_oss": "gpt-oss"}  # fmt: skip
 
 
 def write_tiny_gguf(
-    path: str | Path, hf_dir: str | Path, qtype: GGMLQuantizationType | str = "F32", sampling: dict | None = None
+    path: str | Path,
+    hf_dir: str | Path,
+    qtype: GGMLQuantizationType | str = "F32",
+    sampling: dict | None = None,
+    drop: tuple[str, ...] = (),
 ) -> Path:
     """Write the weights, config and tokenizer of the HF model in `hf_dir` as a GGUF file, like llama.cpp's
     convert_hf_to_gguf.py and llama-quantize: 2-D weights in `qtype` ("Q4_K_M": llama.cpp's mix, `q4_k_m_type`),
     norms and biases in F32, llama q/k rows permuted, no output.weight when embeddings are tied, llama3 rope scaling
     as a rope_freqs.weight tensor, Mixtral and Mistral as "llama" models (Mixtral with expert counts, each layer's
     experts stacked and its router in F32), Gemma's norms stored +1 with its window and soft-caps, Phi-3's LongRoPE
-    factors as tensors; `sampling`: llama.cpp's `general.sampling.*` keys (temp, top_p: float32; top_k: int32)."""
+    factors as tensors, gpt-oss's gate and up experts apart with their biases and its sinks; `sampling`:
+    llama.cpp's `general.sampling.*` keys (temp, top_p: float32; top_k: int32); `drop`: GGUF names left out (a bad
+    file)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path, hf_dir = Path(path), Path(hf_dir)
@@ -300,12 +375,21 @@ def write_tiny_gguf(
         for kind in ("long", "short"):
             factors = np.array(rope[f"{kind}_factor"], dtype=np.float32)
             writer.add_tensor(f"rope_factors_{kind}.weight", factors, raw_dtype=GGMLQuantizationType.F32)
-    if config.model_type == "mixtral":
+    if config.model_type in ("mixtral", "gpt_oss"):
         writer.add_expert_count(config.num_local_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
+    if config.model_type == "gpt_oss":
+        writer.add_expert_feed_forward_length(config.intermediate_size)
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     _add_tokenizer(writer, AutoTokenizer.from_pretrained(hf_dir), config.vocab_size)
 
-    for name, values in _stack_experts(load_file(hf_dir / "model.safetensors")).items():
+    tensors = load_file(hf_dir / "model.safetensors")
+    if config.model_type == "gpt_oss":
+        tensors = _unstack_gpt_oss_experts(tensors)
+    for name, values in _stack_experts(tensors).items():
         values = values.astype(np.float32)
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -315,11 +399,15 @@ def write_tiny_gguf(
             values = _permute_rows(values, config.num_attention_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             values = _permute_rows(values, config.num_key_value_heads)
-        router = name.endswith("block_sparse_moe.gate.weight")  # llama.cpp never quantizes a router
+        router = name.endswith(("block_sparse_moe.gate.weight", "self_attn.sinks"))  # llama.cpp keeps these F32
         tensor_type = qtype if values.ndim >= 2 and not router else GGMLQuantizationType.F32
+        expert = ".experts.w" in name and name.endswith(".weight")
+        if qtype == GGMLQuantizationType.MXFP4 and not expert:  # llama.cpp's gpt-oss: only experts in MXFP4
+            tensor_type = GGMLQuantizationType.F32
         if mixture and tensor_type != GGMLQuantizationType.F32:
             tensor_type = q4_k_m_type(name, config.num_hidden_layers, values.shape[-1], config.tie_word_embeddings)
-        writer.add_tensor(_gguf_name(name, arch), quantize(values, tensor_type), raw_dtype=tensor_type)
+        if _gguf_name(name, arch) not in drop:
+            writer.add_tensor(_gguf_name(name, arch), quantize(values, tensor_type), raw_dtype=tensor_type)
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, head_dim), raw_dtype=GGMLQuantizationType.F32)
 
@@ -328,6 +416,18 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _unstack_gpt_oss_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """gpt-oss's stacked experts (gate and up interleaved) as each expert's Mixtral-named tensors, its router as
+    Mixtral's (`block_sparse_moe.gate`): what _stack_experts stacks again the way llama.cpp's converter writes them
+    (gate and up apart)."""
+    out: dict[str, np.ndarray] = {}
+    for name, values in tensors.items():
+        name = name.replace(".mlp.router.", ".block_sparse_moe.gate.")
+        name = name.replace(".mlp.experts.", ".block_sparse_moe.experts.")
+        out |= expert_parts(name, values) or {name: values}
+    return out
 
 
 def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -356,7 +456,7 @@ def _gguf_name(hf_name: str, arch: str) -> str:
     if hf_name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
-    names = _GGUF_LAYER | (_GGUF_GEMMA if arch.startswith("gemma") else {})
+    names = _GGUF_LAYER | (_GGUF_GEMMA if arch.startswith("gemma") else _GGUF_GPT_OSS if arch == "gpt-oss" else {})
     return f"blk.{layer}.{names[rest]}"
 
 

@@ -1,4 +1,4 @@
-/* K-quant linears for decode on int8 dot products, called by block_linear.c's linears for few rows (and through
+/* K-quant and MXFP4 linears for decode on int8 dot products, called by block_linear.c's linears for few rows (and through
  * ctypes by the tests and benchmarks).
  *
  * Dequantizing a 4-bit weight to fp32 and multiplying costs ~5 vector instructions per 16 weights (extract, convert,
@@ -17,7 +17,8 @@
  * The layouts are block_linear.c's: q4kxG's (and q5kxG's) 4-bit q in chunks of 8 inputs, a 32-bit lane per output
  * whose byte i holds input i (low nibble) and 4 + i (high), so masking a chunk gives one vpdpbusd operand for inputs
  * 0-3 and shifting it one for 4-7 (Q5_K's fifth bits shifted into them); q6kxG's int8 q - 32, an input's G outputs
- * side by side as the fp32 kernel widens them, regrouped 4 inputs at a time into a lane per output (q6_lanes). Each
+ * side by side as the fp32 kernel widens them, regrouped 4 inputs at a time into a lane per output (q6_lanes);
+ * mxfp4xG's codes in q4kx's chunks, each byte's code looked up as its value + 12 (one pshufb per half). Each
  * broadcast of 4 bytes of a piece multiplies G outputs' weights at once. Rows are taken PIECE_ROWS at a time, their
  * int32 sums (PIECES per row) and fp32 accumulators in registers, the weights' chunks loaded once per tile of rows. */
 #include <math.h>
@@ -30,6 +31,7 @@
 
 #include "block_layouts.h"
 #include "kernels.h"
+#include "mxfp4.h"
 #include "vector_math.h"
 
 enum { PIECES = 3, PIECE_ROWS = 4, X_BLOCK = 32, X_SUM = 16 }; /* pieces per value; rows per tile; inputs per scale
@@ -212,19 +214,49 @@ static inline int32_t four_bytes(const int8_t *p) {
         }                                                                                                              \
     }
 
+/* The same for MXFP4 (mxfp4xG): blocks of 32 inputs in q4kx's chunks, w = d (u - 12) with the unsigned u (0..24) a
+ * byte table's (mxfp4.h), so a block contributes d (s S - 12 sum(x)). */
+#define MXFP4_TILE(NAME, V, I, G, DOT, BYTES)                                                                          \
+    static inline __attribute__((always_inline)) void NAME(const pieces_t *x, int64_t t0, const uint8_t *group,       \
+                                                           int64_t blocks, V *acc, const int rt) {                    \
+        for (int64_t b = 0; b < blocks; ++b) {                                                                         \
+            const uint8_t *block = group + b * BYTES;                                                                  \
+            I sums[PIECE_ROWS][PIECES] = {};                                                                           \
+            for (int c = 0; c < 4; ++c) {                                                                              \
+                const I raw = LOAD(I, block + 4 * G * c);                                                              \
+                const I low = mxfp4_bytes##G(raw & 0x0F0F0F0F), high = mxfp4_bytes##G((raw >> 4) & 0x0F0F0F0F);      \
+                const int64_t at = 32 * b + 8 * c;                                                                     \
+                for (int t = 0; t < rt; ++t)                                                                           \
+                    for (int p = 0; p < PIECES; ++p) {                                                                 \
+                        const int8_t *piece = row_piece(x, t0 + t, p) + at;                                            \
+                        sums[t][p] = DOT(sums[t][p], low, (I){} + four_bytes(piece));                                  \
+                        sums[t][p] = DOT(sums[t][p], high, (I){} + four_bytes(piece + 4));                             \
+                    }                                                                                                  \
+            }                                                                                                          \
+            const V d = e8m0_half##G(block + 16 * G);                                                                  \
+            for (int t = 0; t < rt; ++t) {                                                                             \
+                const float *sum = row_sums(x, t0 + t) + 2 * b;                                                        \
+                acc[t] += d * (row_scales(x, t0 + t)[b] * COMBINE(V, sums[t]) - MXFP4_OFFSET * (sum[0] + sum[1]));     \
+            }                                                                                                          \
+        }                                                                                                              \
+    }
+
 Q4K_TILE(q4kx8_pieces, f32x8, i32x8, 8, dot8, Q4KX8_BLOCK, 0)
 Q4K_TILE(q4kx16_pieces, f32x16, i32x16, 16, dot16, Q4KX16_BLOCK, 0)
 Q4K_TILE(q5kx8_pieces, f32x8, i32x8, 8, dot8, Q5KX8_BLOCK, 1)
 Q4K_TILE(q5kx16_pieces, f32x16, i32x16, 16, dot16, Q5KX16_BLOCK, 1)
 Q6K_TILE(q6kx8_pieces, f32x8, i32x8, 8, dot8, Q6KX8_BLOCK)
 Q6K_TILE(q6kx16_pieces, f32x16, i32x16, 16, dot16, Q6KX16_BLOCK)
+MXFP4_TILE(mxfp4x8_pieces, f32x8, i32x8, 8, dot8, MXFP4X8_BLOCK)
+MXFP4_TILE(mxfp4x16_pieces, f32x16, i32x16, 16, dot16, MXFP4X16_BLOCK)
 
-/* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) on a K-quant layout in groups of G, through int8 pieces;
+/* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) on a K-quant's or MXFP4's layout in groups of G, blocks of
+ * INPUTS inputs, through int8 pieces;
  * scratch holds T * K floats (the pieces take 3.4 bytes a value). Groups are shared among the OpenMP threads. */
-#define PIECE_LINEAR(NAME, TILE, V, G, BYTES)                                                                          \
+#define PIECE_LINEAR(NAME, TILE, V, G, INPUTS, BYTES)                                                                  \
     void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
               int64_t n, int64_t k, float *scratch, int32_t num_threads) {                                             \
-        const int64_t blocks = k / 256;                                                                                \
+        const int64_t blocks = k / INPUTS;                                                                             \
         const pieces_t pieces = split_rows(x, x_row, tokens, k, scratch);                                              \
         _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)")                     \
         for (int64_t g = 0; g < n / G; ++g) {                                                                          \
@@ -247,9 +279,11 @@ Q6K_TILE(q6kx16_pieces, f32x16, i32x16, 16, dot16, Q6KX16_BLOCK)
         }                                                                                                              \
     }
 
-PIECE_LINEAR(linear_q4kx8_i8, q4kx8_pieces, f32x8, 8, Q4KX8_BLOCK)
-PIECE_LINEAR(linear_q4kx16_i8, q4kx16_pieces, f32x16, 16, Q4KX16_BLOCK)
-PIECE_LINEAR(linear_q5kx8_i8, q5kx8_pieces, f32x8, 8, Q5KX8_BLOCK)
-PIECE_LINEAR(linear_q5kx16_i8, q5kx16_pieces, f32x16, 16, Q5KX16_BLOCK)
-PIECE_LINEAR(linear_q6kx8_i8, q6kx8_pieces, f32x8, 8, Q6KX8_BLOCK)
-PIECE_LINEAR(linear_q6kx16_i8, q6kx16_pieces, f32x16, 16, Q6KX16_BLOCK)
+PIECE_LINEAR(linear_q4kx8_i8, q4kx8_pieces, f32x8, 8, QK_K, Q4KX8_BLOCK)
+PIECE_LINEAR(linear_q4kx16_i8, q4kx16_pieces, f32x16, 16, QK_K, Q4KX16_BLOCK)
+PIECE_LINEAR(linear_q5kx8_i8, q5kx8_pieces, f32x8, 8, QK_K, Q5KX8_BLOCK)
+PIECE_LINEAR(linear_q5kx16_i8, q5kx16_pieces, f32x16, 16, QK_K, Q5KX16_BLOCK)
+PIECE_LINEAR(linear_q6kx8_i8, q6kx8_pieces, f32x8, 8, QK_K, Q6KX8_BLOCK)
+PIECE_LINEAR(linear_q6kx16_i8, q6kx16_pieces, f32x16, 16, QK_K, Q6KX16_BLOCK)
+PIECE_LINEAR(linear_mxfp4x8_i8, mxfp4x8_pieces, f32x8, 8, QK, MXFP4X8_BLOCK)
+PIECE_LINEAR(linear_mxfp4x16_i8, mxfp4x16_pieces, f32x16, 16, QK, MXFP4X16_BLOCK)

@@ -14,6 +14,9 @@ Layouts per kind, in bits per weight (bpw) resident, against the file's:
         their fifth bits.
   q6kxG Q6_K (6.56)                           8.625 bpw: per 256 inputs fp32 d and int8 sc[16], per input an int8
         q - 32; the kernel forms D = d * sc_j per 16 inputs.
+  mxfp4xG MXFP4 (4.25)                        4.25 bpw: per 32 inputs the 4-bit E2M1 codes in q4kxG's chunks of 8
+        inputs, then the uint8 E8M0 exponent e per output; w = kvalues_mxfp4[code] * 2^(e - 128), formed in the
+        kernel (exact in fp32).
 Q4_K fits q4x too (its D, M per 32 inputs as floats: 6.0 bpw); q4kx forms them per 32 inputs in the kernel instead,
 so decode streams 4.75 bits a weight for the same floats.
 Scales widen from fp16 to fp32 exactly and every D = d * sc is exact in fp32 (at most 11 + 8 bits), so the kernels
@@ -35,10 +38,13 @@ GROUPS = (8, 16)  # outputs per interleaved group: one vector of 8 (AVX2) or 16 
 # odd ones in the high 32 (block_linear.c's header says why); q4x8 holds them in order.
 NIBBLE_ORDER = {8: np.arange(8), 16: np.r_[0:16:2, 1:16:2]}
 # The layout (without its group width) each kind is interleaved into.
-LAYOUT_OF = {"Q4_0": "q4x", "Q4_1": "q4x", "Q4_K": "q4kx", "Q5_0": "q8x", "Q8_0": "q8x", "Q5_K": "q5kx", "Q6_K": "q6kx"}
+LAYOUT_OF = {
+    **{"Q4_0": "q4x", "Q4_1": "q4x", "Q4_K": "q4kx", "Q5_0": "q8x", "Q8_0": "q8x", "Q5_K": "q5kx", "Q6_K": "q6kx"},
+    "MXFP4": "mxfp4x",
+}
 # Per layout: inputs per block, and bytes per block per output of the group (block_linear.c's *_BLOCK / G).
-LAYOUT_INPUTS = {"q4x": 32, "q8x": 32, "q4kx": 256, "q5kx": 256, "q6kx": 256}
-LAYOUT_BYTES = {"q4x": 24, "q8x": 36, "q4kx": 152, "q5kx": 184, "q6kx": 276}
+LAYOUT_INPUTS = {"q4x": 32, "q8x": 32, "q4kx": 256, "q5kx": 256, "q6kx": 256, "mxfp4x": 32}
+LAYOUT_BYTES = {"q4x": 24, "q8x": 36, "q4kx": 152, "q5kx": 184, "q6kx": 276, "mxfp4x": 17}
 # Weights interleaved at a time: the decoders' temporaries (up to ~5 bytes a weight) stay ~20 MB on any tensor.
 CHUNK_WEIGHTS = 1 << 22
 
@@ -164,6 +170,17 @@ def _q6_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
     _part(out, 20 * group, 256, group)[:] = _by_group(q6_k_values(blocks).view(np.uint8), group)
 
 
+def _mxfp4(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    """mxfp4xG from MXFP4 blocks (e, qs[16]: input j in qs[j]'s low nibble, j + 16 in its high one): per (group,
+    block of 32) 4 chunks of 8 inputs, a 32-bit lane per output whose byte i holds input 8c + i low and 8c + 4 + i
+    high (q4kxG's chunks), then uint8 e[G]."""
+    qs = blocks[..., 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(*qs.shape[:2], 4, 2, 4)  # [N, B, c, half, byte]
+    lanes = _by_group(codes[..., 0, :] | (codes[..., 1, :] << 4), group)  # [N / G, B, chunk, byte, G]
+    _part(out, 0, 4, group, 4)[:] = np.swapaxes(lanes, -1, -2)
+    _part(out, 16 * group, group)[:] = _by_group(blocks[..., 0], group)
+
+
 _PACKERS: dict[str, Callable[[np.ndarray, int, np.ndarray], None]] = {
     "Q4_0": _q4_0,
     "Q4_1": _q4_1,
@@ -172,6 +189,7 @@ _PACKERS: dict[str, Callable[[np.ndarray, int, np.ndarray], None]] = {
     "Q8_0": _q8_0,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
+    "MXFP4": _mxfp4,
 }
 
 

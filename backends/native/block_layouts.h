@@ -10,5 +10,7 @@ enum { Q4X16_BLOCK = 32 * 4 + QK * 8, Q8X16_BLOCK = 16 * 4 + QK * 16 }; /* the s
  * (q6kx). */
 enum { Q4KX8_BLOCK = 152 * 8, Q4KX16_BLOCK = 152 * 16 };
 enum { Q5KX8_BLOCK = 184 * 8, Q5KX16_BLOCK = 184 * 16, Q6KX8_BLOCK = 276 * 8, Q6KX16_BLOCK = 276 * 16 };
+/* MXFP4's layout per (group, block of 32): 16 bytes of 4-bit codes and an exponent byte per output. */
+enum { MXFP4X8_BLOCK = 17 * 8, MXFP4X16_BLOCK = 17 * 16 };
 
 #endif

@@ -1,5 +1,6 @@
 /* Linears over GGUF-quantized weights for small-batch decode, called through ctypes by sagellm.backends.native.
- * Q4_K, Q5_K and Q6_K at up to INT8_MAX_ROWS rows go to block_int8.c's int8 dot products instead (kernels.h says why).
+ * Q4_K, Q5_K, Q6_K and MXFP4 at up to INT8_MAX_ROWS rows go to block_int8.c's int8 dot products instead (kernels.h
+ * says why).
  *
  * Decode streams every weight once per step. A Q4_1 weight is 0.75 bytes per value in the layout below where its
  * dequantized fp32 copy is 4, so these kernels read 5x less memory than the fp32 GEMMs; they dequantize in registers
@@ -23,7 +24,9 @@
  *                       w = (d sc_j) q - dmin m_j;
  *   q5kx8, q5kx16 (Q5_K): q4kxG's fields (the chunks the low 4 bits of q), then per sub-block of 32 inputs a
  *                       32-bit lane per output of their fifth bits (q5kx8_weights says in which order);
- *   q6kx8, q6kx16 (Q6_K): float d[G], int8 sc[16][G], then 256 x G int8 q (q6 - 32); w = (d sc_{kk / 16}) q.
+ *   q6kx8, q6kx16 (Q6_K): float d[G], int8 sc[16][G], then 256 x G int8 q (q6 - 32); w = (d sc_{kk / 16}) q;
+ *   mxfp4x8, mxfp4x16 (MXFP4): per block of 32 inputs the 4-bit E2M1 codes in q4kx's 4 chunks of 8 inputs, then
+ *                       uint8 e[G]; w = kvalues_mxfp4[code] * 2^(e - 128) (mxfp4.h), both factors formed here.
  * One k's weights for G outputs then dequantize into one vector, which every row's broadcast x[t, k] multiplies:
  * the dequantization is paid once per 16 rows. Rows are first copied k-major (pack_rows), so one pointer with
  * constant offsets reaches every row's value at k. Groups are shared among `num_threads` OpenMP threads.
@@ -41,6 +44,7 @@
 
 #include "block_layouts.h"
 #include "kernels.h"
+#include "mxfp4.h"
 #include "vector_math.h"
 
 /* The 8 inputs of a run unrolled, so each one's offsets and shift counts are constants: ~10% faster at a few rows
@@ -224,6 +228,25 @@ static inline f32x16 q6kx16_weights(const uint8_t *block, scales16 sc, int run, 
     return float16(widen16(block + 64 + 16 * 16 + 16 * (run + i))) * sc.d;
 }
 
+/* MXFP4: the block's 2^(e - 128) per output, and each input's code (q4kx's chunks) looked up as its value. */
+static inline scales8 mxfp4x8_scales(const uint8_t *block, int s) {
+    (void)s;
+    return (scales8){e8m0_half8(block + 16 * 8), (f32x8){}};
+}
+
+static inline f32x8 mxfp4x8_weights(const uint8_t *block, scales8 sc, int run, int i) {
+    return mxfp4_values8(chunk_nibbles8(block, run, i)) * sc.d;
+}
+
+static inline scales16 mxfp4x16_scales(const uint8_t *block, int s) {
+    (void)s;
+    return (scales16){e8m0_half16(block + 16 * 16), (f32x16){}};
+}
+
+static inline f32x16 mxfp4x16_weights(const uint8_t *block, scales16 sc, int run, int i) {
+    return mxfp4_values16(chunk_nibbles16(block, run, i)) * sc.d;
+}
+
 /* y[rt, G] (rows n apart) = the packed rows xp [blocks][INPUTS][rt] times one group's weights (+ bias[G]), G the
  * width of vector type V; each block of INPUTS inputs in sub-blocks of SUB sharing their scales (S). A row's FMAs
  * form one dependency chain, so tiles of fewer than eight rows would wait on the FMA latency rather than its
@@ -270,6 +293,8 @@ GROUP_TILE(q5kx8_tile, f32x8, 8, scales8, QK_K, QK, q5kx8_scales, q5kx8_weights,
 GROUP_TILE(q5kx16_tile, f32x16, 16, scales16, QK_K, QK, q5kx16_scales, q5kx16_weights, Q5KX16_BLOCK)
 GROUP_TILE(q6kx8_tile, f32x8, 8, scales8, QK_K, 16, q6kx8_scales, q6kx8_weights, Q6KX8_BLOCK)
 GROUP_TILE(q6kx16_tile, f32x16, 16, scales16, QK_K, 16, q6kx16_scales, q6kx16_weights, Q6KX16_BLOCK)
+GROUP_TILE(mxfp4x8_tile, f32x8, 8, scales8, QK, QK, mxfp4x8_scales, mxfp4x8_weights, MXFP4X8_BLOCK)
+GROUP_TILE(mxfp4x16_tile, f32x16, 16, scales16, QK, QK, mxfp4x16_scales, mxfp4x16_weights, MXFP4X16_BLOCK)
 
 /* xp[tile][i][t] = x[tile * ROW_TILE + t][i] for tiles of ROW_TILE rows (the last one shorter): k-major, so the
  * rows' values of a block of any size are contiguous. */
@@ -337,6 +362,8 @@ BLOCK_LINEAR(linear_q5kx8_f32, q5kx8_tile, 8, QK_K, Q5KX8_BLOCK, linear_q5kx8_i8
 BLOCK_LINEAR(linear_q5kx16_f32, q5kx16_tile, 16, QK_K, Q5KX16_BLOCK, linear_q5kx16_i8)
 BLOCK_LINEAR(linear_q6kx8_f32, q6kx8_tile, 8, QK_K, Q6KX8_BLOCK, linear_q6kx8_i8)
 BLOCK_LINEAR(linear_q6kx16_f32, q6kx16_tile, 16, QK_K, Q6KX16_BLOCK, linear_q6kx16_i8)
+BLOCK_LINEAR(linear_mxfp4x8_f32, mxfp4x8_tile, 8, QK, MXFP4X8_BLOCK, linear_mxfp4x8_i8)
+BLOCK_LINEAR(linear_mxfp4x16_f32, mxfp4x16_tile, 16, QK, MXFP4X16_BLOCK, linear_mxfp4x16_i8)
 
 /* out[k][j] (rows groups * G floats apart) = the weight of output first_group * G + j at input k, for the outputs
  * of groups [first_group, first_group + groups): a k-major fp32 tile of the weight, for prefill-sized calls to
@@ -377,3 +404,6 @@ BLOCK_DEQUANTIZE(dequantize_q5kx8_f32, f32x8, scales8, 8, QK_K, QK, q5kx8_scales
 BLOCK_DEQUANTIZE(dequantize_q5kx16_f32, f32x16, scales16, 16, QK_K, QK, q5kx16_scales, q5kx16_weights, Q5KX16_BLOCK)
 BLOCK_DEQUANTIZE(dequantize_q6kx8_f32, f32x8, scales8, 8, QK_K, 16, q6kx8_scales, q6kx8_weights, Q6KX8_BLOCK)
 BLOCK_DEQUANTIZE(dequantize_q6kx16_f32, f32x16, scales16, 16, QK_K, 16, q6kx16_scales, q6kx16_weights, Q6KX16_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_mxfp4x8_f32, f32x8, scales8, 8, QK, QK, mxfp4x8_scales, mxfp4x8_weights, MXFP4X8_BLOCK)
+BLOCK_DEQUANTIZE(dequantize_mxfp4x16_f32, f32x16, scales16, 16, QK, QK, mxfp4x16_scales, mxfp4x16_weights,
+                 MXFP4X16_BLOCK)

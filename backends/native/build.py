@@ -35,9 +35,10 @@ HERE = Path(__file__).parent
 SOURCES = tuple(
     HERE / c for c in ("decode_kernels.c", "block_linear.c", "block_int8.c", "prefill_attention.c", "decoder_layers.c")
 )
-HEADERS = (HERE / "vector_math.h", HERE / "kernels.h", HERE / "block_layouts.h")  # included by the sources
+HEADERS = tuple(HERE / h for h in ("vector_math.h", "kernels.h", "block_layouts.h", "mxfp4.h"))  # included by them
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
-BUILD_TIMEOUT_S = 180  # the build takes 10-25 s; a compiler stuck longer must not hold up the engine's start
+BUILD_TIMEOUT_S = 300  # the build takes 27-64 s on two idle cores (portable the longest); one stuck longer must not
+# hold up the engine's start
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -50,11 +51,11 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "linear_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "paged_decode_attention_f32": (
         (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64)
-        + (_F32, _I64, _F32, _I32)  # scale, window, softcap, threads
+        + (_F32, _I64, _F32, _P, _I32)  # scale, window, softcap, sinks, threads
     ),
     "paged_prefill_attention_f32": (
         (_P, _I64, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64)
-        + (_F32, _I64, _F32, _P, _I32)  # scale, window, softcap, scratch, threads
+        + (_F32, _I64, _F32, _P, _P, _I32)  # scale, window, softcap, sinks, scratch, threads
     ),
     "linear_q4x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q8x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
@@ -72,6 +73,10 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "linear_q5kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q6kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "linear_q6kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_mxfp4x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_mxfp4x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_mxfp4x8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
+    "linear_mxfp4x16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q4x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q8x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q4x16_f32": (_P, _I64, _I64, _I64, _P, _I32),
@@ -82,6 +87,8 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "dequantize_q5kx16_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q6kx8_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "dequantize_q6kx16_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_mxfp4x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
+    "dequantize_mxfp4x16_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "decoder_layers_f32": (
         (_P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P)  # layers, count, tensors and the step's tables
         + (_I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _I64, _F32)  # sizes, eps, scale, window, softcap

@@ -160,7 +160,8 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
                                                          const float *v_cache, const int32_t *table, int64_t first,
                                                          int64_t ctx, int64_t heads, int64_t group, int64_t d,
                                                          int64_t block_size, int64_t token_stride, float scale,
-                                                         float softcap, float *part_best, float *part_total) {
+                                                         float softcap, const float *sinks, float *part_best,
+                                                         float *part_total) {
     const int64_t nq = heads * group; /* query heads of this task */
     float acc[nq * d], best[nq], total[nq], p[nq * KEY_CHUNK];
     const float *keys[KEY_CHUNK], *values[KEY_CHUNK];
@@ -260,7 +261,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
         return;
     }
     for (int64_t h = 0; h < nq; ++h) {
-        const float inv = 1.0f / total[h];
+        const float inv = 1.0f / (total[h] + sink_weight(sinks, h, best[h]));
         for (int64_t i = 0; i < d; ++i) out[h * d + i] = acc[h * d + i] * inv;
     }
 }
@@ -268,7 +269,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, float *
 /* out [hq, D] = the shares' partial attention joined: each share's sums rescaled to the overall max and divided by
  * the overall total (the online softmax across shares). acc [shares][hq][D], best and total [shares][hq]. */
 static void join_shares(const float *acc, const float *best, const float *total, int64_t shares, int64_t hq,
-                        int64_t d, float *out) {
+                        int64_t d, const float *sinks, float *out) {
     for (int64_t h = 0; h < hq; ++h) {
         float top = -INFINITY, sum = 0.0f;
         for (int64_t s = 0; s < shares; ++s) top = best[s * hq + h] > top ? best[s * hq + h] : top;
@@ -279,6 +280,7 @@ static void join_shares(const float *acc, const float *best, const float *total,
             sum += total[s * hq + h] * weight;
             for (int64_t i = 0; i < d; ++i) out[h * d + i] += acc[(s * hq + h) * d + i] * weight;
         }
+        sum += sink_weight(sinks, h, top);
         for (int64_t i = 0; i < d; ++i) out[h * d + i] /= sum;
     }
 }
@@ -288,7 +290,7 @@ static void join_shares(const float *acc, const float *best, const float *total,
  * [num_blocks, block_size, Hk, D]; out [B, Hq, D]. Query head i reads kv head i / (Hq / Hk), as Hugging Face's
  * repeat_kv does. window > 0 (sliding-window attention): the query, token ctx - 1, sees only the last `window`
  * tokens, and only those are read (from ctx - window on, chunks counted from there), so a step costs O(window), not
- * O(ctx); 0: all. softcap: see attend. A task is one sequence, or, when there are fewer sequences than threads, a
+ * O(ctx); 0: all. softcap: see attend. sinks [Hq] (NULL: none): each head's attention sink (sink_weight). A task is one sequence, or, when there are fewer sequences than threads, a
  * share of its keys (whole chunks; the shares' partial sums are joined after, as the online softmax joins chunks):
  * one stream's decode then reads its cache with every thread.
  * With num_threads > 1 the tasks are shared among that many OpenMP threads; with 1 no parallel region is entered,
@@ -296,7 +298,8 @@ static void join_shares(const float *acc, const float *best, const float *total,
 void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, int64_t max_blocks, const int32_t *context_lens,
                                 float *out, int64_t batch, int64_t hq, int64_t hk, int64_t d, int64_t block_size,
-                                float scale, int64_t window, float softcap, int32_t num_threads) {
+                                float scale, int64_t window, float softcap, const float *sinks,
+                                int32_t num_threads) {
     const int64_t group = hq / hk;
     /* Fewer sequences than threads: each sequence's keys in `shares` ranges of whole chunks, every thread busy. */
     const int64_t shares = batch < num_threads ? (num_threads + batch - 1) / batch : 1;
@@ -319,20 +322,20 @@ void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_ca
             switch (d) { /* a constant head size per case: see attend */
             case 64:
                 attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, 64, block_size, hk * 64, scale, softcap,
-                       sb, tb);
+                       sinks, sb, tb);
                 break;
             case 128:
                 attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, 128, block_size, hk * 128, scale,
-                       softcap, sb, tb);
+                       softcap, sinks, sb, tb);
                 break;
             default:
                 attend(qb, ob, k_cache, v_cache, table, first, last, hk, group, d, block_size, hk * d, scale, softcap,
-                       sb, tb);
+                       sinks, sb, tb);
             }
         }
     }
     if (shares > 1)
         for (int64_t b = 0; b < batch; ++b)
             join_shares(part_acc + b * shares * hq * d, part_best + b * shares * hq, part_total + b * shares * hq,
-                        shares, hq, d, out + b * hq * d);
+                        shares, hq, d, sinks, out + b * hq * d);
 }

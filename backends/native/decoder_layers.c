@@ -37,7 +37,7 @@ typedef struct {
 static const block_linear_fn BLOCK_LINEARS[] = {linear_q4x8_f32,   linear_q8x8_f32,   linear_q4x16_f32,
                                                 linear_q8x16_f32,  linear_q5kx8_f32,  linear_q5kx16_f32,
                                                 linear_q6kx8_f32,  linear_q6kx16_f32, linear_q4kx8_f32,
-                                                linear_q4kx16_f32};
+                                                linear_q4kx16_f32, linear_mxfp4x8_f32, linear_mxfp4x16_f32};
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -97,7 +97,7 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const f
         rope_f32(qkv, nqkv, qkv + hq * d, nqkv, positions, cos_sin, rot, rows, hq, hk, d, 1);
         write_kv_f32(rot + hq * d, nrot, qkv + (hq + hk) * d, nqkv, slots, l->k_cache, l->v_cache, rows, hk, d);
         paged_decode_attention_f32(rot, nrot, l->k_cache, l->v_cache, block_tables, max_blocks, context_lens, attn,
-                                   rows, hq, hk, d, block_size, scale, window, softcap, attention_threads);
+                                   rows, hq, hk, d, block_size, scale, window, softcap, NULL, attention_threads);
         block_linear(&l->o_proj, attn, hq * d, l->o_bias, o, rows, h, hq * d, scratch, part_out, linear_threads);
         rmsnorm_f32(o, h, residual, h, l->post_norm, x, residual_out, rows, h, eps, 1);
         residual = residual_out;

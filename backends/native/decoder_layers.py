@@ -17,7 +17,10 @@ from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.ops import MAX_HEAD_DIM, NativeKernels, fits_dense
 
 # decoder_layers.c BLOCK_LINEARS, in its order
-LAYOUTS = ("q4x8", "q8x8", "q4x16", "q8x16", "q5kx8", "q5kx16", "q6kx8", "q6kx16", "q4kx8", "q4kx16")
+LAYOUTS = (
+    *("q4x8", "q8x8", "q4x16", "q8x16", "q5kx8", "q5kx16", "q6kx8", "q6kx16", "q4kx8", "q4kx16"),
+    *("mxfp4x8", "mxfp4x16"),
+)
 F32, I32, I64 = torch.float32, torch.int32, torch.int64
 # Cached keys (rows x context) from which native attention shares its tasks among torch's threads (with fewer
 # sequences than threads, shares of each sequence's keys); below it one thread finishes before a second would help.

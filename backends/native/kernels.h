@@ -16,7 +16,8 @@ void write_kv_f32(const float *k, int64_t k_row, const float *v, int64_t v_row, 
 void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, int64_t max_blocks, const int32_t *context_lens,
                                 float *out, int64_t batch, int64_t hq, int64_t hk, int64_t d, int64_t block_size,
-                                float scale, int64_t window, float softcap, int32_t num_threads);
+                                float scale, int64_t window, float softcap, const float *sinks,
+                                int32_t num_threads);
 
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) on interleaved GGUF blocks (block_linear.c). */
 typedef void (*block_linear_fn)(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y,
@@ -41,11 +42,14 @@ void linear_q6kx8_f32(const float *x, int64_t x_row, const uint8_t *w, const flo
                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
 void linear_q6kx16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
                        int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_mxfp4x8_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_mxfp4x16_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y,
+                         int64_t tokens, int64_t n, int64_t k, float *scratch, int32_t num_threads);
 
-/* The K-quant linears above (Q4_K, Q5_K, Q6_K) on int8 dot products with x split into pieces (block_int8.c):
- * what they run for up to INT8_MAX_ROWS rows (decode), where dequantizing to fp32, not memory, bounds them. Its
- * cost grows by a row's dot products per row while the fp32 kernel's dequantizing is shared by up to 16: the 1B's
- * layer linears on two AVX-512 cores, Q4_K / Q6_K, int8 vs fp32: 1 row 36 vs 76 / 54 vs 67 ms, 4 rows 70 vs 78 /
+/* The K-quant and MXFP4 linears above on int8 dot products with x split into pieces (block_int8.c): what they run
+ * for up to INT8_MAX_ROWS rows (decode), where dequantizing to fp32, not memory, bounds them. Its cost grows by a
+ * row's dot products per row while the fp32 kernel's dequantizing is shared by up to 16: the 1B's layer linears on two AVX-512 cores, Q4_K / Q6_K, int8 vs fp32: 1 row 36 vs 76 / 54 vs 67 ms, 4 rows 70 vs 78 /
  * 77 vs 99, 8 rows 112 vs 104 / 117 vs 118. Up to 4 rows the weights are also read once (one tile of rows). */
 enum { INT8_MAX_ROWS = 4 };
 void linear_q4kx8_i8(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
@@ -60,6 +64,10 @@ void linear_q6kx8_i8(const float *x, int64_t x_row, const uint8_t *w, const floa
                      int64_t n, int64_t k, float *scratch, int32_t num_threads);
 void linear_q6kx16_i8(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_mxfp4x8_i8(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                       int64_t n, int64_t k, float *scratch, int32_t num_threads);
+void linear_mxfp4x16_i8(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
+                        int64_t n, int64_t k, float *scratch, int32_t num_threads);
 
 /* out[k][j] = the weight of output first_group * G + j at input k, for `groups` groups of G outputs: a k-major fp32
  * tile [K, groups * G] of the interleaved blocks, for a GEMM to multiply by (block_linear.c). */
@@ -83,5 +91,9 @@ void dequantize_q6kx8_f32(const uint8_t *w, int64_t k, int64_t first_group, int6
                           int32_t num_threads);
 void dequantize_q6kx16_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
                            int32_t num_threads);
+void dequantize_mxfp4x8_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                            int32_t num_threads);
+void dequantize_mxfp4x16_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
+                             int32_t num_threads);
 
 #endif

@@ -283,10 +283,12 @@ class NativeKernels:
         num_threads: int = 1,
         window: int = 0,
         softcap: float = 0.0,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q [B, Hq, D] against each row's context_lens[b] cached tokens (the last `window` of them when window > 0),
-        scores soft-capped when softcap > 0; [B, Hq, D]. Block tables must only name blocks of the caches and
-        context_lens be at most the table's width in tokens, as the runner's are."""
+        scores soft-capped when softcap > 0, each head's sink logit (fp32 [Hq]) in its denominator; [B, Hq, D].
+        Block tables must only name blocks of the caches and context_lens be at most the table's width in tokens, as
+        the runner's are."""
         batch, hq, d = q.shape
         _, block_size, hk, _ = k_cache.shape
         _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
@@ -309,6 +311,7 @@ class NativeKernels:
             scale,
             window,
             softcap,
+            _sinks(sinks, hq),
             num_threads,
         )
         return out
@@ -325,12 +328,14 @@ class NativeKernels:
         scratch: torch.Tensor | None = None,
         window: int = 0,
         softcap: float = 0.0,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of a chunk's queries q [n, Hq, D], the sequence's tokens context_len - n ..
         context_len - 1, over its first context_len cached tokens (the chunk's own K/V written first); [n, Hq, D].
-        With window > 0 the query at position i sees only keys above i - window; softcap > 0 caps the scores.
-        The block table must name the sequence's blocks of the caches, as the runner's do. `scratch`: fp32 memory
-        to reuse for the transposed keys (`prefill_scratch_size` floats), else it is allocated."""
+        With window > 0 the query at position i sees only keys above i - window; softcap > 0 caps the scores; sinks
+        (fp32 [Hq]) join each head's softmax denominator. The block table must name the sequence's blocks of the
+        caches, as the runner's do. `scratch`: fp32 memory to reuse for the transposed keys (`prefill_scratch_size`
+        floats), else it is allocated."""
         n, hq, d = q.shape
         _, block_size, hk, _ = k_cache.shape
         _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
@@ -355,6 +360,7 @@ class NativeKernels:
             scale,
             window,
             softcap,
+            _sinks(sinks, hq),
             scratch.data_ptr(),
             num_threads,
         )
@@ -364,6 +370,14 @@ class NativeKernels:
 def _expect(fits: bool, what: str, tensor: torch.Tensor, against: torch.Tensor) -> None:
     if not fits:
         raise NativeShapeError(f"{what} of shape {tuple(tensor.shape)} does not fit {tuple(against.shape)}")
+
+
+def _sinks(sinks: torch.Tensor | None, heads: int) -> int | None:
+    """The address of one fp32 sink logit per query head, or None (NULL: no sinks)."""
+    if sinks is None:
+        return None
+    _expect(sinks.shape == (heads,), "sinks", sinks, torch.empty(heads))
+    return _f32(sinks)
 
 
 def _f32(t: torch.Tensor) -> int:

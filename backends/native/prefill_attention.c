@@ -93,7 +93,7 @@ static inline __attribute__((always_inline)) void attend_rows(const float *q, in
                                                               int64_t first, int64_t r0, int64_t rows, int64_t h,
                                                               int64_t group, int64_t hq, int64_t hk, int64_t d,
                                                               int64_t block_size, float scale, int64_t window,
-                                                              float softcap, float *out) {
+                                                              float softcap, const float *sinks, float *out) {
     const int64_t nq = rows * group, stride = hk * d, end = first + r0 + rows; /* the last row sees keys < end */
     const int64_t low = window > 0 && first + r0 - window + 1 > 0 ? first + r0 - window + 1 : 0; /* row r0's lowest */
     float s[MAX_QUERIES * KEY_CHUNK], acc[MAX_QUERIES * MAX_HEAD_DIM];
@@ -167,7 +167,7 @@ static inline __attribute__((always_inline)) void attend_rows(const float *q, in
         }
     }
     for (int64_t m = 0; m < nq; ++m) {
-        const float inv = 1.0f / total[m];
+        const float inv = 1.0f / (total[m] + sink_weight(sinks, h * group + m % group, best[m]));
         float *om = out + (r0 + m / group) * hq * d + (h * group + m % group) * d;
         for (int64_t i = 0; i < d; ++i) om[i] = acc[m * d + i] * inv;
     }
@@ -199,13 +199,14 @@ static void transpose_keys(const float *k_cache, const int32_t *table, int64_t c
 /* q [n, Hq, D] (heads packed, rows q_row apart) of a chunk whose last query is the sequence's token ctx - 1, against
  * the sequence's keys in the paged caches [num_blocks, block_size, Hk, D] through its block table; out [n, Hq, D].
  * D a multiple of 16, at most MAX_HEAD_DIM; Hq / Hk at most MAX_QUERIES. Query head i reads kv head i / (Hq / Hk).
- * window > 0: query i sees keys from ctx - n + i - window + 1 on; 0: all; softcap > 0 caps the scores (see the top).
+ * window > 0: query i sees keys from ctx - n + i - window + 1 on; 0: all; softcap > 0 caps the scores (see the top);
+ * sinks [Hq] (NULL: none): a logit per query head joining its softmax's denominator (gpt-oss's attention sinks).
  * scratch holds Hk * (ceil(ctx / KEY_CHUNK) - c0) * KEY_CHUNK * D floats (the transposed keys), c0 the chunk of the
  * first query's lowest key: 0 without a window, else max(0, ctx - n - window + 1) / KEY_CHUNK. */
 void paged_prefill_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
                                  const int32_t *table, int64_t ctx, int64_t n, float *out, int64_t hq, int64_t hk,
                                  int64_t d, int64_t block_size, float scale, int64_t window, float softcap,
-                                 float *scratch, int32_t num_threads) {
+                                 const float *sinks, float *scratch, int32_t num_threads) {
     const int64_t group = hq / hk, tile = MAX_QUERIES / group, tiles = (n + tile - 1) / tile;
     const int64_t low = window > 0 && ctx - n - window + 1 > 0 ? ctx - n - window + 1 : 0, c0 = low / KEY_CHUNK;
     const int64_t chunks = (ctx + KEY_CHUNK - 1) / KEY_CHUNK - c0, key0 = c0 * KEY_CHUNK;
@@ -217,10 +218,10 @@ void paged_prefill_attention_f32(const float *q, int64_t q_row, const float *k_c
             const float *kt_head = scratch + h * chunks * d * KEY_CHUNK;
             if (d == 64)
                 attend_rows(q, q_row, kt_head, key0, v_cache, table, ctx - n, r0, rows, h, group, hq, hk, 64,
-                            block_size, scale, window, softcap, out);
+                            block_size, scale, window, softcap, sinks, out);
             else
                 attend_rows(q, q_row, kt_head, key0, v_cache, table, ctx - n, r0, rows, h, group, hq, hk, d,
-                            block_size, scale, window, softcap, out);
+                            block_size, scale, window, softcap, sinks, out);
         }
     }
 }

@@ -91,4 +91,13 @@ static inline float tanh_f32(float x) {
     return a < 0.625f ? small : (x < 0.0f ? -large : large);
 }
 
+/* What query head h's attention sink adds to its softmax's denominator, in the units of a running sum whose max is
+ * `best` (exp(sink - best)); 0 without sinks. gpt-oss's sinks are logits that take no value: a head may attend to
+ * nothing. The exponent is capped (a sink 80 above every score already leaves the output ~0). */
+static inline float sink_weight(const float *sinks, int64_t h, float best) {
+    if (sinks == NULL) return 0.0f;
+    const float x = sinks[h] - best;
+    return exp_f32(x < 80.0f ? x : 80.0f);
+}
+
 #endif

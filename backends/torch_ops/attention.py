@@ -4,8 +4,9 @@ the parts a device swaps (the CUDA backend's triton decode kernel, the CPU's nat
 
 Two per-layer options change what a query sees and how it scores (Mistral, Gemma, Qwen3's sliding layers):
 `window` > 0 lets a query at position i see only keys i - window < j <= i (Hugging Face's `sliding_window`), and
-`softcap` > 0 squashes each scaled score s to softcap * tanh(s / softcap) before the mask (Gemma 2). SDPA cannot
-soft-cap, so a capped layer takes the explicit matmul-softmax path."""
+`softcap` > 0 squashes each scaled score s to softcap * tanh(s / softcap) before the mask (Gemma 2). `sinks` [Hq]
+(gpt-oss) give each query head a logit that joins its softmax's denominator and takes no value. SDPA can do
+neither, so a capped or sinking layer takes the explicit matmul-softmax path."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def paged_decode_attention(
     buffers: GatherBuffers | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its whole cached context, all sequences in one batched call.
 
@@ -57,14 +59,16 @@ def paged_decode_attention(
         position = torch.arange(keys.shape[1], device=q.device)
         recent = (position >= context_lens[:, None] - window).view(batch, 1, 1, -1)  # [B, 1, 1, L]
         visible = recent if visible is None else visible & recent
+    group = num_q_heads // num_kv_heads
     out = _attend(
-        q.unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads)),  # [B, Hk, G, D]
+        q.unflatten(1, (num_kv_heads, group)),  # [B, Hk, G, D]
         keys.transpose(1, 2),  # [B, Hk, L, D]
         values.transpose(1, 2),
         visible,
         False,
         scale,
         softcap,
+        None if sinks is None else sinks.view(num_kv_heads, group, 1),  # [Hk, G, 1]: one per query row
     )  # [B, Hk, G, D]
     return out.flatten(1, 2)  # [B, Hq, D]
 
@@ -80,6 +84,7 @@ def prefill_attention(
     buffers: GatherBuffers | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of one chunk's queries [n, Hq, D] over its sequence; k, v are the chunk's fresh [n, Hk, D].
 
@@ -111,24 +116,32 @@ def prefill_attention(
         causal,
         scale,
         softcap,
+        None if sinks is None else sinks.view(num_kv_heads, group, 1, 1),  # [Hk, G, 1, 1]
     )  # [Hk, G, n, D]
     return out.flatten(0, 1).transpose(0, 1)  # [n, Hq, D]
 
 
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float,
-    softcap: float,
+    softcap: float, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """softmax(scale * q k^T, masked) v over [..., n, D] x [..., L, D]; through SDPA unless the scores are capped."""
-    if not softcap:
+    """softmax(scale * q k^T, masked) v over [..., n, D] x [..., L, D]; through SDPA unless the scores are capped or
+    a sink (a logit broadcast over [..., n, 1]) joins each row's softmax as a column of its own, dropped after."""
+    if not softcap and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).div_(softcap).tanh_().mul_(softcap)  # [..., n, L]
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [..., n, L]
+    if softcap:
+        scores.div_(softcap).tanh_().mul_(softcap)
     if causal:
         n, length = scores.shape[-2:]
         mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril_(length - n)
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+    if sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+    column = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)  # [..., n, 1]
+    probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def attention(
@@ -141,6 +154,7 @@ def attention(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     *,
     decode: Callable[..., torch.Tensor] = paged_decode_attention,
     buffers: GatherBuffers | None = None,
@@ -148,7 +162,7 @@ def attention(
     prefill: Callable[..., torch.Tensor] = prefill_attention,
 ) -> torch.Tensor:
     """Writes the batch's K/V into the caches, then attends: the decode tokens in one `decode` call, each prefill
-    chunk in one `prefill` call (`prefill_attention`'s arguments, `window` and `softcap` by keyword). `decode`,
+    chunk in one `prefill` call (`prefill_attention`'s arguments, `window`, `softcap` and `sinks` by keyword). `decode`,
     `write` and `prefill` are the parts a device swaps (the CUDA backend passes its triton decode kernel, the CPU
     its native ones); `buffers` serve the prefill gathers (bind the same ones into `decode` to share them)."""
     write(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -159,7 +173,7 @@ def attention(
         if buffers is not None:
             buffers.decode_continues = meta.decode_continues
         tables, lens = meta.decode_block_tables, meta.decode_context_lens
-        decoded = decode(q[:nd], k_cache, v_cache, tables, lens, scale, window=window, softcap=softcap)
+        decoded = decode(q[:nd], k_cache, v_cache, tables, lens, scale, window=window, softcap=softcap, sinks=sinks)
         if nd == q.shape[0]:  # a decode-only step, the steady state: no staging copy
             return decoded
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
@@ -168,6 +182,16 @@ def attention(
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         out[rows] = prefill(
-            q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale, buffers, window=window, softcap=softcap
+            q[rows],
+            k[rows],
+            v[rows],
+            k_cache,
+            v_cache,
+            chunk,
+            scale,
+            buffers,
+            window=window,
+            softcap=softcap,
+            sinks=sinks,
         )
     return out

@@ -3,6 +3,9 @@ rotary embedding, the gated activations, the residual add, and a mixture of expe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -90,24 +93,34 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def moe(
     x: torch.Tensor,
     router: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up: torch.Tensor | Sequence[Any],
+    down: torch.Tensor | Sequence[Any],
     top_k: int,
     first_expert: int,
     normalize: bool = True,
+    router_bias: torch.Tensor | None = None,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    *,
+    linear: Callable[..., torch.Tensor] = F.linear,
+    activation: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> torch.Tensor:
     """Mixtral's sparse MLP, computed by the experts `gate_up` and `down` hold: numbers first_expert.. of the E the
-    router [E, H] scores (all of them, or one expert parallel rank's share).
+    router [E, H] scores (all of them, or one expert parallel rank's share). The experts are float tensors stacked
+    ([L, 2I, H], [L, H, I]), or one weight per expert that the backend's `linear` reads (its packing of GGUF blocks).
 
     Each token is routed over all E experts (softmax, top_k, the chosen weights renormalized to sum to 1 unless not
     `normalize` (Qwen's norm_topk_prob), in fp32 as transformers does); the (token, choice) pairs are then sorted by
     expert so each held expert runs once, one matmul over the tokens that chose it, and its weighted output is added
     to theirs. Pairs routed to experts held elsewhere add nothing here, so the ranks' outputs sum to the whole
-    layer's."""
-    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # [T, E]
+    layer's. gpt-oss adds biases (the router's [E], the held experts' [L, 2I] and [L, H]) and its clamped SwiGLU
+    (`activation` "swiglu_oai" with `alpha` and `limit`)."""
+    probs = torch.softmax(F.linear(x, router, router_bias).float(), dim=-1)  # [T, E]
     weights, chosen = torch.topk(probs, top_k, dim=-1)  # [T, K]
     weights = (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights).flatten()  # [T * K], fp32
-    held = gate_up.shape[0]
+    held = len(gate_up)
     local = chosen.flatten() - first_expert  # [T * K]: 0..held-1 for experts held here
     order = local.argsort(stable=True)  # pairs grouped by expert, those held elsewhere below 0 first
     counts = torch.bincount(local.clamp(-1, held) + 1, minlength=held + 2).tolist()  # [below, expert 0.., above]
@@ -119,7 +132,19 @@ def moe(
         pairs = order[start : start + count]  # [n]
         start += count
         tokens = pairs // top_k  # [n]
-        hidden = silu_mul(F.linear(x.index_select(0, tokens), gate_up[expert]))  # [n, I]
-        contribution = F.linear(hidden, down[expert]) * weights[pairs, None]  # [n, H]
+        project = F.linear if isinstance(gate_up, torch.Tensor) else linear
+        up_bias = None if gate_up_bias is None else gate_up_bias[expert]
+        projected = project(x.index_select(0, tokens), gate_up[expert], up_bias)  # [n, 2I]
+        hidden = silu_mul(projected) if activation == "silu" else swiglu_oai_mul(projected, alpha, limit)  # [n, I]
+        out_bias = None if down_bias is None else down_bias[expert]
+        contribution = project(hidden, down[expert], out_bias) * weights[pairs, None]  # [n, H]
         out.index_add_(0, tokens, contribution.to(x.dtype))
     return out
+
+
+def swiglu_oai_mul(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU of a fused [T, 2I] gate_up output (gate first): (up + 1) * g * sigmoid(alpha * g),
+    with g = min(gate, limit) and up clamped to [-limit, limit]."""
+    half = x.shape[-1] // 2
+    gate, up = x[:, :half].clamp(max=limit), x[:, half:].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))

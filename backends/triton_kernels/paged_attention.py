@@ -7,7 +7,8 @@ nothing is gathered or padded. Scores use broadcast-multiply-sum rather than tl.
 A sliding window (window > 0: the query, token L - 1, sees keys L - window .. L - 1) starts the walk at the block
 holding the window's first key and masks the keys before it in that block, so a step reads O(window) of the cache.
 A soft cap (softcap > 0: s -> softcap * tanh(s / softcap), Gemma 2) is applied to the scaled scores before the mask,
-its tanh written with exp: triton has no tanh that both the interpreter and every GPU backend provide."""
+its tanh written with exp: triton has no tanh that both the interpreter and every GPU backend provide. Attention
+sinks (gpt-oss: a logit per query head) join each head's softmax denominator at the end, exp(sink - running max)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def _paged_decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     context_lens_ptr,
+    sinks_ptr,
     scale,
     window,
     softcap,
@@ -41,6 +43,7 @@ def _paged_decode_kernel(
     HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     CAPPED: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -79,6 +82,9 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [G, D]
         m = m_new
 
+    if SINKS:  # the sink's share of the denominator; it takes no value
+        sink = tl.load(sinks_ptr + heads, mask=g_ok, other=float("-inf")).to(tl.float32)  # [G]
+        s = s + tl.exp(sink - m)
     out = acc / s[:, None]
     o_off = seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -93,9 +99,11 @@ def paged_decode_attention(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D], caches [num_blocks, block_size, Hk, D] -> [B, Hq, D]; every context_len must be >= 1. With
-    window > 0 each query sees only its sequence's last `window` tokens; softcap > 0 caps the scores."""
+    window > 0 each query sees only its sequence's last `window` tokens; softcap > 0 caps the scores; sinks [Hq]
+    join each head's softmax denominator."""
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or q.stride(2) != 1:
@@ -111,6 +119,7 @@ def paged_decode_attention(
         v_cache,
         block_tables,
         context_lens,
+        q if sinks is None else sinks.contiguous(),  # any pointer when there are none: the kernel does not read it
         scale,
         int(window),
         float(softcap),
@@ -128,5 +137,6 @@ def paged_decode_attention(
         HEAD_DIM_P=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size,
         CAPPED=softcap > 0,
+        SINKS=sinks is not None,
     )
     return out

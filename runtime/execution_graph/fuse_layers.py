@@ -188,7 +188,9 @@ def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer 
     if not wired:
         return None
     (input_norm, eps), (post_norm, post_eps) = norm.consts, post.consts
-    k_cache, v_cache, scale, window, softcap = attention.consts
+    k_cache, v_cache, scale, window, softcap, sinks = attention.consts
+    if sinks is not None:  # attention sinks: not in the fused kernels, the ops run one by one
+        return None
     (cos_sin,) = rope.consts
     q_size, kv_size, v_size = split.consts[0]
     head_dim = k_cache.shape[-1]

@@ -89,8 +89,9 @@ def _bind_linear(params, ctx, kernels):
     shards = params.get("shard") or [None] * len(names)
     shards = shards if isinstance(shards, list) else [shards]
     bias = None
-    if params.get("bias"):
-        biases = [_cut(_weight(ctx, n.removesuffix(".weight") + ".bias"), shard) for n, shard in zip(names, shards)]
+    if params.get("bias"):  # a row-parallel rank's bias (inputs cut) is the whole output's
+        biases = [_weight(ctx, n.removesuffix(".weight") + ".bias") for n in names]
+        biases = [b if shard is None or shard[0] == 1 else _cut(b, shard) for b, shard in zip(biases, shards)]
         bias = torch.cat(biases).to(ctx.backend.device)
     blocks = [_cut_blocks(ctx.quantized.get(n), shard) for n, shard in zip(names, shards)]
     if all(b is not None for b in blocks):
@@ -150,29 +151,65 @@ def _bind_rope(params, ctx, kernels):
 
 
 def _bind_attention(params, ctx, kernels):
-    """Constants: the layer's caches, then its scale, sliding window (0: none) and score soft-cap (0: none)."""
+    """Constants: the layer's caches, then its scale, sliding window (0: none), score soft-cap (0: none) and
+    attention sinks (a logit per query head, or None)."""
     attention, d = kernels["attention"], ctx.head_dim
     k_cache, v_cache = ctx.kv_caches[params["cache"]]
+    sinks = None
+    if params.get("sinks"):
+        first, end = params.get("sinks_heads") or (0, params["num_heads"])  # a tensor parallel rank's heads
+        sinks = _weight(ctx, params["sinks"])[first:end].float().contiguous().to(ctx.backend.device)
 
-    def attention_flat(q, k, v, meta, k_cache, v_cache, scale, window, softcap):
+    def attention_flat(q, k, v, meta, k_cache, v_cache, scale, window, softcap, sinks):
         n = q.shape[0]
-        out = attention(q, k, v.view(n, -1, d), k_cache, v_cache, meta, scale, window, softcap)  # [T, Hq, D]
+        out = attention(q, k, v.view(n, -1, d), k_cache, v_cache, meta, scale, window, softcap, sinks)  # [T, Hq, D]
         return out.reshape(n, -1)  # [T, Hq * D]
 
-    return attention_flat, (k_cache, v_cache, params["scale"], params.get("window", 0), params.get("softcap", 0.0))
+    consts = (k_cache, v_cache, params["scale"], params.get("window", 0), params.get("softcap", 0.0), sinks)
+    return attention_flat, consts
 
 
 def _bind_moe(params, ctx, kernels):
-    """The router whole, and the experts this rank holds (`experts`: (first, end), every one when absent) stacked
-    once: gate and up projections as one [L, 2I, H], down projections as [L, H, I]."""
+    """The router whole, and the experts this rank holds (`experts`: (first, end), every one when absent): each
+    expert's gate and up projections as one weight [2I, H] and its down projection [H, I], as the GGUF blocks the
+    backend reads when the loader kept them (prepared per expert), else as floats stacked once ([L, 2I, H] and
+    [L, H, I]); with `bias`, the router's and the projections' biases, stacked the same way."""
     first, end = params.get("experts") or (0, params["num_experts"])
     held = range(first, end)
-    gate_up = [torch.cat([_weight(ctx, params["gate"].format(e)), _weight(ctx, params["up"].format(e))]) for e in held]
-    down = [_weight(ctx, params["down"].format(e)) for e in held]
     device = ctx.backend.device
+    gate, up, down = (params[role] for role in ("gate", "up", "down"))
+    gate_up = [_expert_weight(ctx, [gate.format(e), up.format(e)]) for e in held]
+    downs = [_expert_weight(ctx, [down.format(e)]) for e in held]
+    if not any(isinstance(w, torch.Tensor) for w in gate_up + downs):
+        stacked: tuple = (gate_up, downs)  # packed by the backend, read by its `linear`
+    else:
+        stacked = tuple(torch.stack([_dense(w) for w in ws]).to(device) for ws in (gate_up, downs))
     router = _weight(ctx, params["router"]).to(device)
-    stacked = torch.stack(gate_up).to(device), torch.stack(down).to(device)
-    return kernels["moe"], (router, *stacked, params["top_k"], first, params.get("normalize", True))
+    biases: tuple = (None, None, None)
+    if params.get("bias"):
+        bias = lambda name: _weight(ctx, name.removesuffix(".weight") + ".bias")  # noqa: E731
+        gate_up_bias = [torch.cat([bias(gate.format(e)), bias(up.format(e))]) for e in held]
+        down_bias = [bias(down.format(e)) for e in held]
+        biases = (bias(params["router"]), torch.stack(gate_up_bias), torch.stack(down_bias))
+        biases = tuple(b.to(device) for b in biases)  # router [E], gate_up [L, 2I], down [L, H]
+    activation = {k: params[k] for k in ("activation", "alpha", "limit") if k in params}
+    kernel = functools.partial(kernels["moe"], linear=kernels["linear"], **activation)
+    return kernel, (router, *stacked, params["top_k"], first, params.get("normalize", True), *biases)
+
+
+def _expert_weight(ctx: LoweringContext, names: list[str]):
+    """One expert's projection (gate and up stacked): the backend's packing of its GGUF blocks when it reads them,
+    else its floats."""
+    blocks = QuantizedWeight.concat([ctx.quantized.get(n) for n in names])
+    if blocks is not None and (packed := ctx.backend.prepare_block_weight([blocks])) is not None:
+        return packed
+    return torch.cat([_weight(ctx, n) for n in names]) if len(names) > 1 else _weight(ctx, names[0])
+
+
+def _dense(weight) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise GraphError("a layer's experts are partly kept as blocks and partly as floats")
+    return weight
 
 
 def _cut_blocks(blocks: QuantizedWeight | None, shard: tuple[int, int, int] | None) -> QuantizedWeight | None:

@@ -39,6 +39,9 @@ class Architecture:
     sliding_pattern: int = 0
     local_rope: bool = False  # sliding layers have their own unscaled rope (Gemma 3, theta 1e4 by default)
     fused_projections: bool = False  # q/k/v and gate/up stored as one tensor each (Phi-3), split at load
+    # gpt-oss: biases on every attention projection, attention sinks, experts with biases and the clamped SwiGLU,
+    # stored stacked per layer ([E, ...] tensors, gate and up interleaved), split into Mixtral's names at load.
+    gpt_oss: bool = False
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -53,6 +56,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("gemma3_text", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), "gemma3", qk_norm=True,
                  gemma=True, sliding_pattern=6, local_rope=True),
     Architecture("phi3", ("Phi3ForCausalLM",), "phi3", fused_projections=True),
+    # llama.cpp slides gpt-oss's even layers (its GGUF does not say), as its config's layer_types do.
+    Architecture("gpt_oss", ("GptOssForCausalLM",), "gpt-oss", qkv_bias=True, moe=True, sliding_pattern=2,
+                 gpt_oss=True),
 )  # fmt: skip
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
 _SUPPORTED_HF = ", ".join(c for a in ARCHITECTURES for c in a.hf_classes)
@@ -89,7 +95,7 @@ def config_from_hf(
     activation = hf_config.get("hidden_activation") or hf_config.get("hidden_act") or "silu"
     if activation not in ("silu", *GELU_TANH):
         raise ModelLoadError(f"{source}: unsupported hidden activation {activation!r} (have silu, gelu_pytorch_tanh)")
-    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
+    if (hf_config.get("attention_bias") and not arch.gpt_oss) or hf_config.get("mlp_bias"):
         raise ModelLoadError(f"{source}: attention_bias/mlp_bias (biases beyond q/k/v) are not supported")
     try:
         hidden, heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
@@ -121,6 +127,12 @@ def config_from_hf(
             num_experts=experts,
             experts_per_token=per_token,
             normalize_expert_weights=bool(hf_config.get("norm_topk_prob", True)),
+            o_bias=arch.gpt_oss,
+            attention_sinks=arch.gpt_oss,
+            expert_bias=arch.gpt_oss,
+            expert_activation="swiglu_oai" if arch.gpt_oss else "silu",
+            swiglu_alpha=float(hf_config.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(hf_config.get("swiglu_limit", 7.0)),
             qk_norm=arch.qk_norm,
             sandwich_norms=arch.gemma,
             activation="silu" if activation == "silu" else "gelu_tanh",
@@ -182,11 +194,15 @@ def config_from_gguf(
         max_position_embeddings=int(key("context_length")),
         tie_word_embeddings=tied,
         qkv_bias=arch.qkv_bias,
-        rope_scaling=_gguf_rope_scaling(metadata, prefix, rope_freqs, rope_factors, theta, head_dim, source),
+        rope_scaling=_gguf_rope_scaling(metadata, prefix, rope_freqs, rope_factors, theta, head_dim, arch, source),
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(metadata[k]) for k in eos_keys if k in metadata)),
         num_experts=experts,
         experts_per_token=per_token,
+        o_bias=arch.gpt_oss,
+        attention_sinks=arch.gpt_oss,
+        expert_bias=arch.gpt_oss,
+        expert_activation="swiglu_oai" if arch.gpt_oss else "silu",  # llama.cpp's alpha and limit: the defaults
         qk_norm=arch.qk_norm,
         sandwich_norms=arch.gemma,
         activation="gelu_tanh" if arch.gemma else "silu",
@@ -247,6 +263,10 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             for e in range(config.num_experts):
                 x = f"{p}block_sparse_moe.experts.{e}."
                 shapes |= {f"{x}w1.weight": (inter, h), f"{x}w3.weight": (inter, h), f"{x}w2.weight": (h, inter)}
+                if config.expert_bias:
+                    shapes |= {f"{x}w1.bias": (inter,), f"{x}w3.bias": (inter,), f"{x}w2.bias": (h,)}
+            if config.expert_bias:
+                shapes[f"{p}block_sparse_moe.gate.bias"] = (config.num_experts,)
         else:
             shapes |= {f"{p}mlp.gate_proj.weight": (inter, h), f"{p}mlp.up_proj.weight": (inter, h)}
             shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
@@ -257,6 +277,10 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if config.qkv_bias:
             shapes |= {f"{p}self_attn.q_proj.bias": (q,), f"{p}self_attn.k_proj.bias": (kv,)}
             shapes[f"{p}self_attn.v_proj.bias"] = (kv,)
+        if config.o_bias:
+            shapes[f"{p}self_attn.o_proj.bias"] = (h,)
+        if config.attention_sinks:
+            shapes[f"{p}self_attn.sinks"] = (config.num_heads,)
     return shapes
 
 
@@ -283,6 +307,11 @@ def canonical_name(config: ModelConfig, name: str) -> str | None:
     if not config.is_moe or ".mlp." not in name:
         return name
     head, _, tail = name.partition(".mlp.")
+    if tail.startswith("router."):  # gpt-oss's router
+        return f"{head}.block_sparse_moe.gate.{tail.removeprefix('router.')}"
+    stacked = tail.split(".")[1].removesuffix("_blocks").removesuffix("_scales") if "." in tail else ""
+    if tail.startswith("experts.") and stacked in _STACKED_EXPERTS:  # gpt-oss's (MXFP4 too): split at load
+        return f"{head}.block_sparse_moe.{tail}"
     if tail.startswith("experts."):
         _, expert, projection, rest = tail.split(".", 3)
         return f"{head}.block_sparse_moe.experts.{expert}.{_QWEN_EXPERTS.get(projection, projection)}.{rest}"
@@ -303,6 +332,38 @@ def fused_parts(config: ModelConfig, name: str) -> list[tuple[str, int, int]] | 
         i = config.intermediate_size
         return [(f"{prefix}mlp.gate_proj.{rest}", 0, i), (f"{prefix}mlp.up_proj.{rest}", i, 2 * i)]
     return None
+
+
+# gpt-oss's stacked expert tensors (`mlp.experts.<name>`) and the projections their last dimension holds: gate and up
+# interleaved (gate first), or down alone.
+_STACKED_EXPERTS = {"gate_up_proj": ("w1", "w3"), "gate_up_proj_bias": ("w1", "w3"), "down_proj": ("w2",),
+                    "down_proj_bias": ("w2",)}  # fmt: skip
+
+
+def expert_parts(name: str, tensor: Any) -> dict[str, Any] | None:
+    """A layer's stacked experts (gpt-oss: `block_sparse_moe.experts.gate_up_proj` [E, H, 2I] with gate and up
+    interleaved along the last dimension, `down_proj` [E, I, H], their biases [E, 2I] and [E, H]) as Mixtral's
+    per-expert tensors (`experts.{e}.w1.weight` [I, H], ...), views of the stacked one; None for any other name."""
+    head, dot, stacked = name.rpartition("block_sparse_moe.experts.")
+    if not dot or stacked not in _STACKED_EXPERTS:
+        return None
+    projections = _STACKED_EXPERTS[stacked]
+    kind = "bias" if stacked.endswith("_bias") else "weight"
+    parts: dict[str, Any] = {}
+    for e in range(tensor.shape[0]):
+        for index, projection in enumerate(projections):
+            part = tensor[e, ..., index :: len(projections)]  # [H, I] or [I]
+            parts[f"{head}block_sparse_moe.experts.{e}.{projection}.{kind}"] = part.T if kind == "weight" else part
+    return parts
+
+
+def stacked_expert_projections(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """(the layer's expert prefix, the projections its rows hold in turn) of a stacked MXFP4 expert tensor
+    (`...block_sparse_moe.experts.gate_up_proj`: rows w1, w3, w1, w3, ... of each expert's [2I, H]), else None."""
+    head, dot, stacked = name.rpartition("block_sparse_moe.experts.")
+    if not dot or stacked not in _STACKED_EXPERTS or stacked.endswith("_bias"):
+        return None
+    return f"{head}block_sparse_moe.experts.", _STACKED_EXPERTS[stacked]
 
 
 def check_weights(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], source: Path) -> None:
@@ -367,7 +428,12 @@ def _hf_sliding_window(
         types = ["sliding_attention" if (not pattern or (i + 1) % pattern) and i >= first else "full_attention"
                  for i in range(layers)]  # fmt: skip
     types = tuple(types)
-    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+    known = ("sliding_attention", "full_attention")
+    unknown = next((i for i, kind in enumerate(types) if kind not in known), None)
+    if unknown is not None:
+        raise ModelLoadError(f"{source}: layer_types[{unknown}] is {types[unknown]!r}, not a layer type of "
+                             f"{arch.name} ({', '.join(known)})")  # fmt: skip
+    if len(types) != layers:
         raise ModelLoadError(f"{source}: layer_types must give each of the {layers} layers sliding_/full_attention")
     if "sliding_attention" not in types:
         return 0, ()
@@ -409,6 +475,7 @@ def _gguf_rope_scaling(
     rope_factors: tuple[np.ndarray, np.ndarray] | None,
     theta: float,
     head_dim: int,
+    arch: Architecture,
     source: Path,
 ) -> dict | None:
     if rope_freqs is not None:
@@ -435,6 +502,8 @@ def _gguf_rope_scaling(
                       "attention_factor")):  # fmt: skip
         if kind == "yarn" and metadata.get(f"{prefix}.rope.scaling.{key}") is not None:
             scaling[name] = float(metadata[f"{prefix}.rope.scaling.{key}"])
+    if kind == "yarn" and arch.gpt_oss:  # its config says `truncate: false`, which GGUF does not record
+        scaling["truncate"] = False
     return scaling
 
 

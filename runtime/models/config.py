@@ -25,6 +25,10 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v projections
+    o_bias: bool = False  # and gpt-oss on the output projection too
+    # A learned logit per query head joins each softmax's denominator and takes no value (gpt-oss's attention sinks):
+    # a query may attend to "nothing", so its output can shrink towards zero. Weights [num_heads].
+    attention_sinks: bool = False
     # Hugging Face `rope_scaling` dict (e.g. {"rope_type": "llama3", "factor": 8.0, ...}) or None.
     rope_scaling: dict | None = field(default=None, hash=False, compare=False)
     bos_token_id: int | None = None
@@ -34,6 +38,12 @@ class ModelConfig:
     num_experts: int = 0
     experts_per_token: int = 0
     normalize_expert_weights: bool = True  # the chosen experts' weights rescaled to sum to 1 (Qwen's norm_topk_prob)
+    # gpt-oss's experts: the router and every expert projection have biases, and the activation is its clamped
+    # SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = clamp(gate, max=limit).
+    expert_bias: bool = False
+    expert_activation: str = "silu"  # silu (Mixtral's SwiGLU) or swiglu_oai (gpt-oss's)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # RMSNorm over each head of q and k after their projections, before rope (Qwen3, Gemma 3): weights [head_dim].
     qk_norm: bool = False
     # Gemma's sandwich: the attention and MLP outputs are normed before joining the residual stream, and the pre-MLP
@@ -73,7 +83,10 @@ class ModelConfig:
         """Every parameter, every expert counted (not only those a token uses)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2) + (2 * d if self.qk_norm else 0)
+        attn += (self.num_heads + 2 * self.num_kv_heads) * d if self.qkv_bias else 0
+        attn += (h if self.o_bias else 0) + (self.num_heads if self.attention_sinks else 0)
         mlp = 3 * h * i * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
+        mlp += (2 * i + h + 1) * self.num_experts if self.expert_bias else 0
         layer = attn + mlp + (4 if self.sandwich_norms else 2) * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embed + h

@@ -1,5 +1,6 @@
-"""The forward pass of a decoder-only transformer (the Llama layer and the families that vary it: Qwen2/3, Mistral,
-Mixtral, Gemma 2/3, Phi-3) as an IR graph, built from the features ModelConfig records, never from family names.
+"""The forward pass of a decoder-only transformer (the Llama layer and the families that vary it: Qwen2/3,
+Mistral, Mixtral, Gemma 2/3, Phi-3, gpt-oss) as an IR graph, built from the features ModelConfig records, never
+from family names.
 
 The graph is written the way the model reads in its paper, one op per line, unfused; passes fuse it and lowering
 binds it to a backend. One graph serves prefill and decode and any mix of the two in a batch: attention reads the
@@ -75,9 +76,12 @@ def _decoder_layer(
     table = "local" if window and c.local_rope_theta is not None else "global"
     q, k = g.add_multi("rope", [q, k, positions], 2, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, table=table)
     attention = {"scale": c.attention_scale or c.head_dim**-0.5, "window": window, "softcap": c.attn_softcap}
+    if c.attention_sinks:
+        attention["sinks"] = p + "self_attn.sinks"
     heads = {"num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads}
     attn = g.add("attention", [q, k, v, meta], layer=i, cache=cache, **heads, **attention)
-    hidden = g.add("linear", [attn], weight=p + "self_attn.o_proj.weight", out_features=c.hidden_size)
+    o_bias = {"bias": True} if c.o_bias else {}
+    hidden = g.add("linear", [attn], weight=p + "self_attn.o_proj.weight", out_features=c.hidden_size, **o_bias)
     if c.sandwich_norms:
         hidden = g.add("rmsnorm", [hidden], weight=p + "post_attention_layernorm.weight", eps=c.rms_norm_eps)
 
@@ -96,8 +100,12 @@ def _decoder_layer(
 
 
 def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
-    """Mixtral's block: the router picks `top_k` experts per token; the output is their MLPs' weighted sum."""
+    """Mixtral's block: the router picks `top_k` experts per token; the output is their MLPs' weighted sum. gpt-oss's
+    adds biases (`bias`: the router's and every projection's, under the weights' names) and its clamped SwiGLU."""
     experts = f"model.layers.{i}.block_sparse_moe.experts.{{}}."  # {} is an expert's number
+    activation = {"activation": c.expert_activation}
+    if c.expert_activation == "swiglu_oai":
+        activation |= {"alpha": c.swiglu_alpha, "limit": c.swiglu_limit}
     return g.add(
         "moe",
         [x],
@@ -109,4 +117,6 @@ def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
         gate=experts + "w1.weight",
         up=experts + "w3.weight",
         down=experts + "w2.weight",
+        bias=c.expert_bias,
+        **activation,
     )

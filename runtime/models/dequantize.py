@@ -3,7 +3,8 @@
 gguf-py's `dequantize` works through a tensor sixteen rows at a time in Python (all of SmolLM2-135M: ~0.5 s, 1 s
 under a profiler); here Q4_0, Q4_1, Q8_0, F16, BF16 and F32 are unpacked by whole-tensor array operations, in place
 where they can be (~0.2 s), doing the same float32 arithmetic in the same order as gguf-py, so the results are bit
-for bit its own. Other kinds (the K-quants, Q5_*) go through gguf-py."""
+for bit its own; so is MXFP4 (gpt-oss's experts: gguf-py takes ~40 s for gpt-oss-20b's). Other kinds (the
+K-quants, Q5_*) go through gguf-py."""
 
 from __future__ import annotations
 
@@ -64,6 +65,27 @@ def _q4_1(blocks: np.ndarray) -> np.ndarray:
     return values
 
 
+# ggml's kvalues_mxfp4: the E2M1 values doubled, by 4-bit code (bit 3 the sign); MXFP4 scales them by half its
+# exponent's power of two.
+MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)
+
+
+def _mxfp4(blocks: np.ndarray) -> np.ndarray:
+    """Block: E8M0 exponent e, 16 bytes of 4-bit codes ordered as Q4_0's; value MXFP4_VALUES[code] * 2^(e - 128)."""
+    codes = np.concatenate([blocks[:, 1:] & 0x0F, blocks[:, 1:] >> 4], axis=1)  # [B, 32]
+    values = MXFP4_VALUES[codes]  # [B, 32]
+    values *= e8m0_half(blocks[:, :1])
+    return values
+
+
+def e8m0_half(e: np.ndarray) -> np.ndarray:
+    """Exponent bytes as float32 2^(e - 128), built from bits as ggml's GGML_E8M0_TO_FP32_HALF (2^-128 and 2^-127
+    subnormal)."""
+    wide = e.astype(np.uint32)
+    bits = np.where(wide < 2, np.uint32(0x00200000) << (wide & 1), (wide - 1) << 23).astype(np.uint32)
+    return bits.view(np.float32)
+
+
 def _nibbles(packed: np.ndarray) -> np.ndarray:
     """[B, 16] bytes -> float32 [B, 32]: each block's low nibbles, then its high ones."""
     values = np.empty((packed.shape[0], 2, packed.shape[1]), np.float32)  # [B, 2, 16]
@@ -84,4 +106,5 @@ _FAST: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
     Q.Q8_0: _q8_0,
     Q.Q4_0: _q4_0,
     Q.Q4_1: _q4_1,
+    Q.MXFP4: _mxfp4,
 }

@@ -3,15 +3,17 @@ tokenizer and chat template from its metadata.
 
 The file is read by `gguf_file` (a memory map; metadata arrays left undecoded) and dequantized by `dequantize`
 (whole tensors in numpy, bit for bit gguf-py's results). Weights stored in a kind some backend's kernels read
-directly (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K: KEPT_KINDS) are kept as their blocks (`LoadedModel.quantized`)
-and dequantized only if a backend asks for their floats: the CPU's kernels read the blocks, so they never are.
+directly (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4: KEPT_KINDS) are kept as their blocks
+(`LoadedModel.quantized`; stacked experts each as its own) and dequantized only if a backend asks for their floats:
+the CPU's kernels read the blocks, so they never are.
 
 Two llama.cpp conventions are undone here so the weights equal the Hugging Face ones: llama-arch q/k rows are
 permuted for llama.cpp's rope kernel, and tied embeddings are expressed by leaving out output.weight. A mixture of
 experts (Mixtral, a "llama" GGUF with `llama.expert_count`; Qwen3-MoE) stacks each layer's experts into one tensor
 per projection, [E, out, in]; each expert becomes its own Hugging Face name again. Names differ by family where
 llama.cpp reuses one for another role: Gemma's `ffn_norm` is its pre-MLP norm beside post-attention and post-MLP
-ones, Phi-3's `ffn_up` is gate and up fused (split here, as `attn_qkv` is)."""
+ones, Phi-3's `ffn_up` is gate and up fused (split here, as `attn_qkv` is), gpt-oss's pre-MLP norm is its
+`post_attention_norm`."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset(
-    {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+    {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4}
 )
 _SUPPORTED_NAMES = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
 _ARCH_NAMES = "/".join(BY_NAME)
@@ -64,6 +66,9 @@ _LAYER_NAMES = {
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_qkv.weight": "self_attn.qkv_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",  # gpt-oss's
+    "attn_sinks.weight": "self_attn.sinks",
+    "ffn_gate_inp.bias": "block_sparse_moe.gate.bias",
 }
 _SANDWICH_NAMES = {  # Gemma: a norm after attention and one each side of the MLP
     "post_attention_norm.weight": "post_attention_layernorm.weight",
@@ -71,10 +76,14 @@ _SANDWICH_NAMES = {  # Gemma: a norm after attention and one each side of the ML
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
 _FUSED_NAMES = {"ffn_up.weight": "mlp.gate_up_proj.weight"}  # Phi-3: gate's rows, then up's
+_POST_ATTENTION_NORM = {"post_attention_norm.weight": "post_attention_layernorm.weight"}  # gpt-oss's pre-MLP norm
 _EXPERT_NAMES = {  # a layer's experts stacked, [E, out, in] -> each expert's projection
     "ffn_gate_exps.weight": "w1.weight",
     "ffn_up_exps.weight": "w3.weight",
     "ffn_down_exps.weight": "w2.weight",
+    "ffn_gate_exps.bias": "w1.bias",  # gpt-oss's, [E, out]
+    "ffn_up_exps.bias": "w3.bias",
+    "ffn_down_exps.bias": "w2.bias",
 }
 
 
@@ -111,15 +120,23 @@ def _read_weights(
     arch = BY_NAME[config.architecture]
     layer_names = _LAYER_NAMES | (_SANDWICH_NAMES if arch.gemma else {})
     layer_names |= _FUSED_NAMES if arch.fused_projections else {}
+    layer_names |= _POST_ATTENTION_NORM if arch.gpt_oss else {}
     hf_names = {gguf_name: _hf_name(path, gguf_name, layer_names) for gguf_name in tensors}  # fail before slow work
     ready: dict[str, torch.Tensor] = {}
     on_read: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
     quantized: dict[str, QuantizedWeight] = {}
     for gguf_name, tensor in tensors.items():
         hf_name = hf_names[gguf_name]
+        if gguf_name.endswith("_exps.bias"):  # [E, out]: each expert's a row of it
+            ready |= {hf_name.format(e): bias for e, bias in enumerate(torch.from_numpy(_dense(tensor)).to(dtype))}
+            continue
         if gguf_name.endswith("_exps.weight"):  # [E, out, in]: each expert a view of it
-            experts = torch.from_numpy(_dense(tensor)).to(dtype)
-            ready |= {hf_name.format(e): expert for e, expert in enumerate(experts)}
+            if tensor.kind.name in KEPT_KINDS and dtype == torch.float32:
+                quantized |= _expert_blocks(tensor, hf_name)
+                on_read |= _expert_floats(tensor, hf_name)
+            else:
+                experts = torch.from_numpy(_dense(tensor)).to(dtype)
+                ready |= {hf_name.format(e): expert for e, expert in enumerate(experts)}
             continue
         heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads
         unpermute = arch.gguf_qk_permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
@@ -144,6 +161,24 @@ def _read_weights(
     weights = WeightsOnRead(ready, on_read)
     check_weights(config, weights.shapes(), path)
     return weights, quantized
+
+
+def _expert_blocks(tensor: GGUFTensor, hf_name: str) -> dict[str, QuantizedWeight]:
+    """Stacked experts [E, out, in] of a kept kind as each expert's blocks, views of the mapped file."""
+    experts, out, inputs = tensor.shape
+    blocks = _mapped(tensor.data.reshape(experts, out, -1))  # [E, out, row bytes]
+    return {hf_name.format(e): QuantizedWeight(tensor.kind.name, blocks[e], inputs) for e in range(experts)}
+
+
+def _expert_floats(tensor: GGUFTensor, hf_name: str) -> dict[str, tuple[tuple[int, ...], Callable]]:
+    """Each expert's floats, made only if read: the whole tensor dequantized once, each expert a view of it."""
+    whole = functools.cache(lambda: torch.from_numpy(_dense(tensor)))  # [E, out, in] fp32
+    shape = tuple(tensor.shape[1:])
+    return {hf_name.format(e): (shape, functools.partial(_expert, whole, e)) for e in range(tensor.shape[0])}
+
+
+def _expert(whole: Callable[[], torch.Tensor], e: int) -> torch.Tensor:
+    return whole()[e]
 
 
 def _dense_weight(tensor: GGUFTensor, unpermute_heads: int, dtype: torch.dtype) -> torch.Tensor:

@@ -4,18 +4,31 @@ sharded with model.safetensors.index.json) and the tokenizer files.
 Hugging Face names are already our canonical names, so this loader reads, casts and checks them, with two
 translations to the form the graph reads (and llama.cpp's GGUF files hold): Gemma's norm weights, stored as offsets
 from 1, become the weights themselves, Phi-3's fused projections are split into the Llama names, and Qwen's experts
-take Mixtral's names."""
+and gpt-oss's stacked ones take Mixtral's names. gpt-oss's MXFP4 experts (`*_blocks`, `*_scales`) are kept as their
+blocks, repacked into GGUF's MXFP4 (`LoadedModel.quantized`), as the GGUF loader keeps a quantized file's."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from sagellm.runtime.models.architectures import BY_NAME, canonical_name, check_weights, config_from_hf, fused_parts
+from sagellm.backends.mxfp4 import Mxfp4LayoutError, experts_from_hf
+from sagellm.backends.quantized import QuantizedWeight
+from sagellm.runtime.models.architectures import (
+    BY_NAME,
+    canonical_name,
+    check_weights,
+    config_from_hf,
+    expert_parts,
+    fused_parts,
+    stacked_expert_projections,
+)
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, describe, read_json
+from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe, read_json
 from sagellm.runtime.models.sampling_defaults import from_generation_config
 from sagellm.runtime.models.tokenizer import load_hf_tokenizer, read_hf_chat_template
 
@@ -26,15 +39,22 @@ def load_hf_dir(model_dir: Path, *, dtype: torch.dtype, load_tokenizer: bool, lo
     generation_path = model_dir / "generation_config.json"
     generation = read_json(generation_path) if generation_path.is_file() else None
     config = config_from_hf(read_json(model_dir / "config.json"), generation, model_dir / "config.json")
-    weights = _read_weights(model_dir, config, dtype) if load_weights else {}
+    weights, quantized = _read_weights(model_dir, config, dtype) if load_weights else ({}, {})
     tokenizer = load_hf_tokenizer(model_dir) if load_tokenizer else None
     template = read_hf_chat_template(model_dir)
     defaults = from_generation_config(generation)
-    return LoadedModel(config, weights, tokenizer, template, model_dir, model_dir.name, sampling_defaults=defaults)
+    return LoadedModel(
+        config, weights, tokenizer, template, model_dir, model_dir.name, quantized, sampling_defaults=defaults
+    )
 
 
-def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_weights(
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype
+) -> tuple[WeightsOnRead, dict[str, QuantizedWeight]]:
+    """The weights under their canonical names, and the MXFP4 experts as blocks (`quantized`; their floats made
+    only if read)."""
     weights: dict[str, torch.Tensor] = {}
+    mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a stacked expert tensor's blocks and scales, as they are read
     offset_norms = BY_NAME[config.architecture].gemma
     for path in _safetensors_files(model_dir):
         try:
@@ -44,18 +64,66 @@ def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype) -> d
                     if name is None or _ignored(name, config):
                         continue
                     tensor = f.get_tensor(stored)
+                    if name.endswith(MXFP4_HALVES):  # a pair may span two shards: joined once all are read
+                        stacked, _, half = name.rpartition("_")
+                        mxfp4.setdefault(stacked, {})[half] = tensor
+                        continue
                     if offset_norms and name.endswith("norm.weight"):  # Gemma scales by (1 + w), in float32
                         tensor = 1.0 + tensor.float()
                     tensor = tensor.to(dtype)
                     parts = fused_parts(config, name)
-                    if parts is None:
-                        weights[name] = tensor
-                    else:
+                    experts = expert_parts(name, tensor)
+                    if parts is not None:
                         weights |= {part: tensor[start:end] for part, start, end in parts}
+                    elif experts is not None:
+                        weights |= experts
+                    else:
+                        weights[name] = tensor
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"{path}: corrupt or truncated safetensors file: {describe(e)}") from e
-    check_weights(config, {name: tuple(t.shape) for name, t in weights.items()}, model_dir)
-    return weights
+    quantized, on_read = _mxfp4_experts(model_dir, mxfp4, dtype, weights)
+    loaded = WeightsOnRead(weights, on_read)
+    check_weights(config, loaded.shapes(), model_dir)
+    return loaded, quantized
+
+
+MXFP4_HALVES = ("_blocks", "_scales")  # gpt-oss's MXFP4 experts: `<name>_blocks` and `<name>_scales`
+
+
+def _mxfp4_experts(
+    model_dir: Path, halves: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype, dense: dict[str, torch.Tensor]
+) -> tuple[dict[str, QuantizedWeight], dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]]:
+    """Each expert's projections of the stacked MXFP4 tensors as GGML blocks (gate and up: alternate rows), with
+    their floats made only if read; for a dtype the block kernels do not compute in (not float32), their floats
+    now, into `dense`."""
+    quantized: dict[str, QuantizedWeight] = {}
+    on_read: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
+    for stacked, pair in halves.items():
+        missing = [half for half in ("blocks", "scales") if half not in pair]
+        projections = stacked_expert_projections(stacked)
+        if missing or projections is None:
+            what = f"lacks {stacked}_{missing[0]}" if missing else f"has MXFP4 {stacked}, which no graph reads"
+            raise ModelLoadError(f"{model_dir}: {what}")
+        prefix, names = projections
+        try:
+            experts = experts_from_hf(pair["blocks"], pair["scales"])
+        except Mxfp4LayoutError as e:
+            raise ModelLoadError(f"{model_dir}: {stacked}: {e}") from e
+        for e, expert in enumerate(experts):
+            for index, projection in enumerate(names):
+                rows = expert.blocks[index :: len(names)]
+                weight = QuantizedWeight(expert.kind, rows, expert.in_features)
+                name = f"{prefix}{e}.{projection}.weight"
+                if dtype == torch.float32:
+                    quantized[name] = weight
+                    on_read[name] = ((rows.shape[0], expert.in_features), functools.partial(_floats, weight))
+                else:
+                    dense[name] = _floats(weight).to(dtype)
+    return quantized, on_read
+
+
+def _floats(weight: QuantizedWeight) -> torch.Tensor:
+    return weight.rows(torch.arange(weight.out_features))  # [out, in] fp32
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:

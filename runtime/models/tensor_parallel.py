@@ -115,6 +115,8 @@ def shard_tensor_parallel(graph: Graph, config: ModelConfig, shard: TensorShard)
     for node in list(g.nodes.values()):
         if node.op in ("rope", "attention"):
             node.params.update(num_heads=s.heads[1] - s.heads[0], num_kv_heads=s.kv_heads[1] - s.kv_heads[0])
+        if node.op == "attention" and node.params.get("sinks"):
+            node.params["sinks_heads"] = s.heads  # this rank's heads' sinks
         if node.op == "moe":
             node.params["experts"] = s.experts
             _insert_after(g, Value(node.id), "all_reduce")
@@ -126,8 +128,8 @@ def shard_tensor_parallel(graph: Graph, config: ModelConfig, shard: TensorShard)
             start, stop = column[role]
             node.params.update(out_features=stop - start, shard=(0, start, stop))
         elif role in row:
-            if node.params.get("bias"):
-                raise InvalidInput(f"{weight}: a row-parallel linear with a bias is not supported")
+            if node.params.get("bias"):  # added once to the reduced sum: on rank 0 only (gpt-oss's o_proj)
+                node.params["bias"] = shard.rank == 0
             node.params["shard"] = (1, *row[role])
             _insert_after(g, Value(node.id), "all_reduce")
         elif weight == lm_head:

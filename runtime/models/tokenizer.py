@@ -31,7 +31,23 @@ def load_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
     directory, else built from the file's own metadata."""
     if _has_sidecar_tokenizer(gguf_path):
         return _auto_tokenizer(gguf_path.parent, gguf_path)
-    return _auto_tokenizer(gguf_path.parent, gguf_path, gguf_file=gguf_path.name)
+    try:
+        return _auto_tokenizer(gguf_path.parent, gguf_path, gguf_file=gguf_path.name)
+    except ModelLoadError:
+        # AutoTokenizer reads the model's whole config to choose a tokenizer class, and transformers' reader of it
+        # fails on some families' metadata (gpt-oss's rope scaling keys); the tokenizer itself needs none of it.
+        return _fast_tokenizer(gguf_path)
+
+
+def _fast_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+        )
+    except Exception as e:  # as in _auto_tokenizer
+        raise ModelLoadError(f"{gguf_path}: cannot load tokenizer: {describe(e)}") from e
 
 
 def _has_sidecar_tokenizer(gguf_path: Path) -> bool:

@@ -1,7 +1,8 @@
-"""The K-quant linears' int8 path (block_int8.c), which block_linear.c takes for decode's few rows: against a float64
-linear on gguf-py's weights within fp32's rounding of the activations, every row on its own (a NaN, an infinity or a
-zero in one row leaves the others' outputs bit for bit as they are alone), activations from 1e-30 to 1e30, on every
-instruction-set variant this CPU runs (VNNI's dot product, AVX-512BW's and AVX2's pairs, the portable C)."""
+"""The K-quant and MXFP4 linears' int8 path (block_int8.c), which block_linear.c takes for decode's few rows: against
+a float64 linear on gguf-py's weights within fp32's rounding of the activations, every row on its own (a NaN, an
+infinity or a zero in one row leaves the others' outputs bit for bit as they are alone), activations from 1e-30 to
+1e30, on every instruction-set variant this CPU runs (VNNI's dot product, AVX-512BW's and AVX2's pairs, the portable
+C)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sagellm.backends.native import NativeKernels, interleave
 from sagellm.backends.native.block_layout import GROUPS
 from tests.backends.test_block_linear import quantized_weight
 
-KINDS = ["Q4_K", "Q5_K", "Q6_K"]  # the kinds with an int8 path
+KINDS = ["Q4_K", "Q5_K", "Q6_K", "MXFP4"]  # the kinds with an int8 path
 DECODE_ROWS = [1, 2, 3, 4]  # up to kernels.h INT8_MAX_ROWS, one tile of rows
 K = 512
 

@@ -11,6 +11,7 @@ from sagellm.backends.native import block_layout, interleave
 from sagellm.backends.quantized import BLOCK_BYTES, BLOCK_INPUTS, KEPT_KINDS, QuantizedWeight
 
 LAYOUT = {"Q4_0": "q4x", "Q4_1": "q4x", "Q4_K": "q4kx", "Q5_0": "q8x", "Q8_0": "q8x", "Q5_K": "q5kx", "Q6_K": "q6kx"}
+LAYOUT["MXFP4"] = "mxfp4x"
 
 
 def f16(block: np.ndarray, at: int) -> np.float32:
@@ -31,6 +32,8 @@ def decode(kind: str, block: np.ndarray) -> dict:
     signed = [v - 256 if v > 127 else v for v in u]
     if kind == "Q8_0":
         return {"d": [f16(block, 0)], "q": signed[2:]}
+    if kind == "MXFP4":  # block_mxfp4: e, then input j in qs[j]'s low nibble, j + 16 in its high one
+        return {"e": u[0], "q": [p & 0xF for p in u[1:]] + [p >> 4 for p in u[1:]]}
     if kind in ("Q4_0", "Q4_1"):
         packed = u[4:] if kind == "Q4_1" else u[2:]
         m = f16(block, 2) if kind == "Q4_1" else np.float32(-8.0) * f16(block, 0)
@@ -81,6 +84,11 @@ def lanes(values: list[list[int]]) -> bytes:
 
 def reference_block(kind: str, outputs: list[dict], group: int) -> list[bytes]:
     """The layout's bytes per (group, block of the layout's inputs): per sub-block of 32 for q4x / q8x."""
+    if kind == "MXFP4":  # q4kx's chunks of 8 inputs (byte i: input 8c + i low, 8c + 4 + i high), then e[G]
+        codes = lanes(
+            [[o["q"][c + i] | o["q"][c + i + 4] << 4 for c in range(0, 32, 8) for i in range(4)] for o in outputs]
+        )
+        return [codes + bytes(o["e"] for o in outputs)]
     if LAYOUT[kind] == "q8x":
         q = [o["q"] if kind == "Q8_0" else [v - 16 for v in o["q"]] for o in outputs]
         return [side_by_side([o["d"] for o in outputs], "f4") + side_by_side(q, "i1")]

@@ -110,7 +110,7 @@ def test_blocks_are_the_weights_one_form_read_at_every_row_count(native: NativeK
         torch.testing.assert_close(dispatch.linear(x, packed), x @ dense.T, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["Q5_0", *K_QUANTS])
+@pytest.mark.parametrize("kind", ["Q5_0", *K_QUANTS, "MXFP4"])
 def test_pack_block_weight_keeps_the_new_kinds_as_blocks_read_at_every_row_count(native: NativeKernels, kind: str):
     """QuantizedWeight(kind, blocks [out, row bytes], in) through the CPU backend's packing and dispatch: the blocks
     in the library's group width, at decode's row counts and prefill's."""

@@ -101,3 +101,17 @@ def test_paged_decode_attention_with_window_and_softcap(
     close(kernels.paged_decode_attention(*args, window=window, softcap=softcap), expected)
     if window or softcap:
         assert not torch.allclose(expected, torch_ops.paged_decode_attention(*args), atol=1e-3), "an option that acts"
+
+
+@pytest.mark.parametrize(("hq", "hk", "d", "window"), [(9, 3, 64, 0), (8, 2, 32, 20)])
+def test_paged_decode_attention_with_sinks(paged_sequences: type, hq: int, hk: int, d: int, window: int) -> None:
+    """gpt-oss's attention sinks (a logit per query head in each softmax's denominator) against the torch op's."""
+    seqs = paged_sequences(hq, hk, d, seed=d, device=DEVICE)
+    for decodes, prefills in [([], [("a", 1), ("b", 15), ("c", 58)]), (list("abc"), [])]:
+        q, k, v, meta, _ = seqs.step(decodes, prefills)
+        torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    sinks = torch.linspace(-4.0, 6.0, hq).to(DEVICE)
+    args = (q * 3, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, d**-0.5)
+    expected = torch_ops.paged_decode_attention(*args, window=window, sinks=sinks)
+    close(kernels.paged_decode_attention(*args, window=window, sinks=sinks), expected)
+    assert not torch.allclose(expected, torch_ops.paged_decode_attention(*args, window=window), atol=1e-3)

@@ -2,9 +2,9 @@
 - one of two engine worker processes killed (SIGKILL) during 16 greedy streams: every stream ends once, with
   `length` and exactly the text an uninterrupted run gives (those on the lost worker resumed on the other one from
   their prompt and the tokens so far, with what is left of their `min_tokens`), and the gateway counts the resumed
-  retries; the same for 16 streams of 4 seeded sampled choices each (every choice resumes on its own and draws what
-  it would have), and for 16 chats whose replies are constrained to a JSON schema (through the openai SDK): each
-  resumed one still follows the schema;
+  retries (also with gpt-oss's layer); the same for 16 streams of 4 seeded sampled choices each (every choice
+  resumes on its own and draws what it would have), and for 16 chats whose replies are constrained to a JSON
+  schema (through the openai SDK): each resumed one still follows the schema;
 - one of two attached servers gone between two health checks: the requests sent to it are tried again on the other
   before any token, and all succeed;
 - a request whose instance gives no token in time ends with a `timeout` (HTTP 504, or an error event once
@@ -29,7 +29,7 @@ import pytest
 from sagellm.gateway.config import FailoverPolicy
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.gateway.test_instances import attach
-from tests.tiny_models import make_tiny_llama
+from tests.tiny_models import make_tiny_gpt_oss, make_tiny_llama
 
 pytestmark = pytest.mark.slow  # worker processes and servers
 
@@ -144,6 +144,21 @@ def test_streams_on_a_killed_worker_resume_on_the_other_with_the_same_text(long_
         resumed = retries(gw.url).get(("instance_lost", "true"), 0)
         assert resumed >= 1
         for i in range(STREAMS):  # the reference: each prompt again, uninterrupted
+            assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
+
+
+def test_gpt_oss_streams_on_a_killed_worker_resume_with_the_same_text(tmp_path):
+    """The same with gpt-oss's layer (attention sinks, alternating sliding windows, experts with biases): the resumed
+    streams' prompts plus tokens so far are prefilled again over windows they have long passed."""
+    rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 1024}
+    model = make_tiny_gpt_oss(tmp_path / "gpt_oss", max_position_embeddings=4096, rope_parameters=rope)
+    graph = tmp_path / "two.yaml"
+    graph.write_text(TWO_WORKERS.format(model=model))
+    with running_gateway(graph, tiny_config(tmp_path)) as gw:
+        texts, outcomes = streams_across_a_kill(gw, functools.partial(stream, gw.url))
+        assert outcomes == {i: ["length"] for i in range(STREAMS)}
+        assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
+        for i in range(STREAMS):
             assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
 
 

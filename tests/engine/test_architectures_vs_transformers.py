@@ -2,9 +2,11 @@
 Qwen3 (q/k norms), Qwen3-MoE (its experts, weights renormalized or not), Mistral (every layer sliding), Gemma 2
 (GeGLU, sandwich norms, soft-capped scores and logits, alternate layers sliding), Gemma 3 (q/k norms, two rope
 tables, two sliding layers of every three; also as it ships, multimodal) and Phi-3 (fused projections, partial
-rotary, LongRoPE). For each: transformers' logits for a batch, its greedy tokens for 16 prompts over 64 tokens in one
+rotary, LongRoPE) and gpt-oss (attention sinks, biases everywhere, YaRN, experts stacked with biases and the
+clamped SwiGLU). For each: transformers' logits for a batch, its greedy tokens for 16 prompts over 64 tokens in one
 continuous batch (whole and chunked prefill), alone, after a prefix-cache hit, from the GGUF file llama.cpp's
-converter would write, and through graphs/pd.yaml (prefill and decode in two processes).
+converter would write, and through graphs/pd.yaml (prefill and decode in two processes); seeded sampling draws the
+same alone and in a chunked batch.
 
 Prompts run past the 8-position windows, so the windows really cut what a query sees."""
 
@@ -39,6 +41,7 @@ ARCHITECTURES = {
     "gemma2": dict(lengths=LENGTHS),
     "gemma3": dict(lengths=LENGTHS),
     "phi3": dict(lengths=[n + 33 for n in LENGTHS], max_model_len=128),
+    "gpt_oss": dict(lengths=LENGTHS),
 }
 ENGINE = dict(backend="cpu", block_size=4, num_kv_blocks=400)
 
@@ -61,7 +64,7 @@ def test_the_config_records_the_architectures_features(tiny):
     assert config.num_params() == sum(p.numel() for p in hf.parameters())
     windows = [config.window_of(i) for i in range(config.num_layers)]
     expected = {"qwen3": [0, 0], "qwen3_moe": [0, 0], "mistral": [8, 8], "gemma2": [8, 0, 8, 0],
-                "gemma3": [8, 8, 0, 8, 8, 0], "phi3": [0, 0]}  # fmt: skip
+                "gemma3": [8, 8, 0, 8, 8, 0], "phi3": [0, 0], "gpt_oss": [8, 0, 8, 0]}  # fmt: skip
     assert windows == expected[config.architecture.removesuffix("_text")]
 
 
@@ -86,6 +89,15 @@ def test_greedy_tokens_identical_alone_and_after_a_prefix_hit(tiny):
     out = llm.generate([again], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
     assert out.metrics.num_cached_tokens == (len(again) - 1) // 4 * 4
     assert out.outputs[0].token_ids == hf_greedy(hf, again, 16)
+
+
+def test_seeded_sampling_draws_the_same_alone_and_in_a_chunked_batch(tiny):
+    path, _, prompts, _, settings = tiny
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    alone = LLM(str(path), **settings).generate([prompts[1]], seeded)[0].outputs[0].token_ids
+    assert len(set(alone)) > 3  # really sampled
+    batch = LLM(str(path), max_num_batched_tokens=8, **settings).generate(prompts[:4], [GREEDY, seeded, GREEDY, GREEDY])
+    assert batch[1].outputs[0].token_ids == alone
 
 
 def test_the_gguf_file_decodes_as_transformers(tiny, tmp_path):

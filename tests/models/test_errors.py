@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
-from tests.tiny_models import write_tiny_gguf
+from tests.tiny_models import make_tiny_gpt_oss, write_tiny_gguf
 
 
 def _load_error(path: Path, **kwargs: bool) -> str:
@@ -86,7 +86,7 @@ def test_unsupported_gguf_architecture_and_quant_type(tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(path, "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     _write(writer)
-    supported = "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3"
+    supported = "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, gpt-oss"
     assert _load_error(path) == f"{path}: unsupported GGUF architecture 'gpt2' (supported: {supported})"
 
     writer = gguf.GGUFWriter(path, "llama")
@@ -132,3 +132,24 @@ def _write(writer: gguf.GGUFWriter) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_a_gguf_missing_a_tensor_names_it(tmp_path: Path) -> None:
+    """A gpt-oss GGUF without a layer's attention sinks: the error names the tensor, not a failure far from it."""
+    path = write_tiny_gguf(
+        tmp_path / "lacking.gguf", make_tiny_gpt_oss(tmp_path / "hf"), drop=("blk.1.attn_sinks.weight",)
+    )
+    assert _load_error(path) == f"{path}: missing tensor model.layers.1.self_attn.sinks"
+
+
+def test_a_config_with_an_unknown_layer_type_names_it(tmp_path: Path) -> None:
+    model_dir = make_tiny_gpt_oss(tmp_path / "m")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["layer_types"][2] = "linear_attention"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    message = _load_error(model_dir)
+    known = "sliding_attention, full_attention"
+    assert (
+        message
+        == f"{model_dir / 'config.json'}: layer_types[2] is 'linear_attention', not a layer type of gpt_oss ({known})"
+    )
