@@ -85,8 +85,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tool-call-parser",
-        help="how tool calls are read from the model's replies, as vLLM's flag: hermes or llama3_json (default: "
-        "chosen from the model's chat template)",
+        help="how tool calls are read from the model's replies, as vLLM's flag: hermes, llama3_json or openai "
+        "(gpt-oss's Harmony) (default: chosen from the model's chat template)",
     )
     p.add_argument(
         "--reasoning-budget",
@@ -98,7 +98,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reasoning-parser",
         help="how a reasoning model's thinking is read from its replies (reasoning_content, thinking blocks), as "
-        "vLLM's flag: qwen3 or deepseek_r1 (default: qwen3 for a chat template that writes <think> tags, else none)",
+        "vLLM's flag: qwen3, deepseek_r1 or openai_gptoss (default: openai_gptoss for gpt-oss's Harmony template, "
+        "qwen3 for a chat template that writes <think> tags, else none)",
     )
     p.add_argument(
         "--api-servers",

@@ -73,6 +73,8 @@ FIELD_HELP: dict[str, str] = {
     "add_generation_prompt": "vLLM's: end the rendered prompt with the assistant's turn",
     "continue_final_message": "vLLM's: continue the last (assistant) message instead of starting a new one",
     "chat_template_kwargs": "vLLM's: extra variables for the chat template (Qwen3's `enable_thinking`, say)",
+    "reasoning_effort": "`low`, `medium` or `high`: how hard gpt-oss thinks (`Reasoning: ...` in its Harmony system "
+    "message); refused for a model whose chat template takes no effort",
     "index": "sageLLM's: answer from this retrieval index (`/admin/index`), its sources in the reply",
     "index_k": "sageLLM's: chunks retrieved from `index` (default 4)",
     # embeddings
@@ -87,7 +89,8 @@ FIELD_HELP: dict[str, str] = {
     "store": "keep the response for `previous_response_id` (the latest 1,000, readable by the key that made it)",
     "metadata": "string pairs, returned with the response",
     "background": "refused when true: send the request and wait for it, or stream it",
-    "reasoning": "`effort` and `summary` taken and echoed: this server's models do not reason (no reasoning items)",
+    "reasoning": "`effort` goes to a model whose template takes one (gpt-oss: none and minimal are low, xhigh is "
+    "high); otherwise `effort` and `summary` are taken and echoed, changing nothing",
     "include": "values naming items this server never makes (`reasoning.encrypted_content`, hosted tools' results) "
     "add nothing; `message.output_text.logprobs` and unknown values are refused",
     "prompt_cache_key": "taken, no effect: every prompt's prefix is cached here and found by its tokens, whatever key",

@@ -94,6 +94,7 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, as its reply gave them
+    reasoning_content: str | None = None  # vLLM's: an assistant's thinking, as its reply gave it (Harmony keeps it)
     tool_call_id: str | None = None  # a tool message: the call it answers
 
 
@@ -110,13 +111,14 @@ class ChatCompletionRequest(_Generation, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's: how hard a reasoning model thinks, for a model whose chat template takes it (gpt-oss's Harmony)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
     # vLLM's that are refused unless they ask for nothing (`vllm_fields.CHAT_ONLY`)
     documents: Any = NOT_SENT
     chat_template: Any = NOT_SENT
     media_io_kwargs: Any = NOT_SENT
     mm_processor_kwargs: Any = NOT_SENT
     return_prompt_text: Any = NOT_SENT
-    reasoning_effort: Any = NOT_SENT
     include_reasoning: Any = NOT_SENT
     index: str | None = None  # sageLLM: answer from this retrieval index (/admin/index), its sources in the reply
     index_k: int = 4  # chunks retrieved from it
@@ -361,7 +363,7 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
             texts.append(part["text"])
         content = "".join(texts)
     out: dict[str, Any] = {"role": message.role, "content": content or ""}
-    for name in ("name", "tool_calls", "tool_call_id"):
+    for name in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
         if getattr(message, name) is not None:
             out[name] = getattr(message, name)
     return out

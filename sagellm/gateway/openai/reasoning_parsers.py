@@ -8,28 +8,18 @@ tag to the model, and with `enable_thinking: false` writes an empty thinking blo
 parser is told where the reply starts (`inside`, read off the rendered generation prompt by `starts_inside`), and
 takes an opening tag only at the very start of the reply. A tag split across streamed deltas is held back until it
 is whole, so the split does not depend on where the stream was cut; a reply whose thinking never closes is all
-thinking (the model was cut off while reasoning)."""
+thinking (the model was cut off while reasoning).
+
+gpt-oss thinks in Harmony's `analysis` channel instead (`openai_gptoss`, read by the Harmony reader, `harmony.py`),
+and its reply carries its tool calls in the same stream: `reply_reader` reads such a reply with one Harmony reader."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import msgspec
-
 from sagellm.common.registry import Registry
-
-
-class ReasoningEvent(msgspec.Struct, frozen=True):
-    """Text of the reply's thinking."""
-
-    text: str
-
-
-class AnswerEvent(msgspec.Struct, frozen=True):
-    """Text of the reply's answer (what follows the thinking), for the tool-call parser and then the client."""
-
-    text: str
-
+from sagellm.gateway.openai.harmony import CHANNEL, END, MESSAGE, START, HarmonyReader
+from sagellm.gateway.openai.reply_events import AnswerEvent, ReasoningEvent, ToolCallEvent
 
 ReasoningStreamEvent = ReasoningEvent | AnswerEvent
 
@@ -46,6 +36,11 @@ class ReasoningParser:
         self._at_start = True  # nothing shown yet: an opening tag may still come (after whitespace)
         self._after_close = False  # the answer's first text: the newlines after the closing tag are not its own
         self._held = ""
+
+    @classmethod
+    def closing(cls) -> str:
+        """What a thinking budget forces when it is spent: the closing tag between newlines, as the models write it."""
+        return f"\n{cls.CLOSE}\n\n"
 
     @classmethod
     def split(cls, text: str, inside: bool) -> tuple[str | None, str | None]:
@@ -118,13 +113,40 @@ class DeepSeekR1Parser(ReasoningParser):
     name = "deepseek_r1"
 
 
+@REASONING_PARSERS.register
+class GptOssParser(ReasoningParser):
+    """gpt-oss (vLLM's `openai_gptoss`): Harmony's `analysis` channel is the thinking, the rest the answer (calls
+    left as text: the `openai` tool parser reads them). Its tags are the analysis message's header and end, which a
+    thinking budget watches for; the budget closes the thinking by ending the message and opening the final one."""
+
+    name = "openai_gptoss"
+    OPEN = f"{CHANNEL}analysis{MESSAGE}"
+    CLOSE = END
+
+    def __init__(self, inside: bool) -> None:
+        super().__init__(inside)
+        self._reader = HarmonyReader(read_calls=False)
+
+    @classmethod
+    def closing(cls) -> str:
+        return f"{END}{START}assistant{CHANNEL}final{MESSAGE}"
+
+    def step(self, delta: str, finished: bool) -> list[ReasoningStreamEvent]:
+        events = self._reader.step(delta, finished)
+        return [e if isinstance(e, ReasoningEvent) else AnswerEvent(e.text) for e in events
+                if not isinstance(e, ToolCallEvent)]  # fmt: skip
+
+
 def parser_class(name: str) -> type[ReasoningParser]:
     """A reasoning parser by its `--reasoning-parser` name; an unknown name is a RegistryError listing the known."""
     return REASONING_PARSERS.get(name)
 
 
 def default_parser(chat_template: str | None) -> str | None:
-    """The parser a model's template implies: one that writes `<think>` tags thinks in them; None for the rest."""
+    """The parser a model's template implies: one that writes Harmony's channels is gpt-oss's; one that writes
+    `<think>` tags thinks in them; None for the rest."""
+    if chat_template and CHANNEL in chat_template:
+        return GptOssParser.name
     return "qwen3" if chat_template and "</think>" in chat_template else None
 
 

@@ -2,18 +2,24 @@
 (chat's `reasoning_content` and `tool_calls`, the Responses API's reasoning and function-call items, the Messages
 API's `thinking` and `tool_use` blocks).
 
-The reasoning parser splits the text first; each part then goes through a tool-call parser of its own, so a call the
-model writes while thinking is a call too (the thinking around it stays thinking), and calls are numbered in the
-order they complete. What comes out does not depend on where the stream was cut into deltas: every parser holds back
-a tag until it is whole. Text that does not parse (a broken call, an unclosed tag) stays text, never an error."""
+A gpt-oss reply (Harmony) carries its thinking, its answer and its calls in one stream of channels, so a plan that
+names either Harmony parser (`openai_gptoss`, `openai`) reads it with one Harmony reader (`harmony.py`), calls read
+when the plan reads calls. Any other reply is read in two layers: the reasoning parser splits the text first; each
+part then goes through a tool-call parser of its own, so a call the model writes while thinking is a call too (the
+thinking around it stays thinking). Calls are numbered in the order they complete. What comes out does not depend on
+where the stream was cut into deltas: every parser holds back a tag until it is whole. Text that does not parse (a
+broken call, an unclosed tag) stays text, never an error."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sagellm.gateway.openai.reasoning_parsers import AnswerEvent, ReasoningEvent, ReasoningParser, parser_class
-from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCall, ToolCallEvent, ToolParser, parser_for
+from sagellm.gateway.openai.harmony import HarmonyReader
+from sagellm.gateway.openai.reasoning_parsers import GptOssParser, ReasoningParser, parser_class
+from sagellm.gateway.openai.reply_events import AnswerEvent, ContentEvent, ReasoningEvent, ToolCall, ToolCallEvent
+from sagellm.gateway.openai.tool_parsers import OpenAIParser, ToolParser, parser_for
 
 ReplyEvent = ReasoningEvent | ContentEvent | ToolCallEvent
 
@@ -30,6 +36,12 @@ class ReplyPlan:
     @property
     def reads(self) -> bool:
         return self.tool_parser is not None or self.reasoning_parser is not None
+
+    @property
+    def harmony(self) -> bool:
+        """The reply is gpt-oss's Harmony: one reader reads it all, and its markers (special tokens) must be kept in
+        its text for it."""
+        return self.reasoning_parser == GptOssParser.name or self.tool_parser == OpenAIParser.name
 
 
 @dataclass
@@ -64,12 +76,13 @@ class ReplyReader:
     """Reads one reply (`step` each delta) and keeps what it read so far (`reply`)."""
 
     def __init__(self, plan: ReplyPlan) -> None:
+        self._harmony = HarmonyReader(read_calls=plan.tool_parser is not None) if plan.harmony else None
         self._reasoning: ReasoningParser | None = None
-        if plan.reasoning_parser is not None:
+        if plan.reasoning_parser is not None and self._harmony is None:
             self._reasoning = parser_class(plan.reasoning_parser)(plan.starts_thinking)
         self._answer_tools: ToolParser | None = None
         self._thinking_tools: ToolParser | None = None
-        if plan.tool_parser is not None:
+        if plan.tool_parser is not None and self._harmony is None:
             self._answer_tools, self._thinking_tools = parser_for(plan.tool_parser), parser_for(plan.tool_parser)
         self._thinking: list[str] = []
         self._content: list[str] = []
@@ -88,6 +101,15 @@ class ReplyReader:
 
     def step(self, delta: str, finished: bool) -> list[ReplyEvent]:
         """The events one streamed delta of the reply makes (its text, and whether it is the last)."""
+        events = self._read(delta, finished)
+        for event in events:
+            if not isinstance(event, ToolCallEvent):
+                (self._thinking if isinstance(event, ReasoningEvent) else self._content).append(event.text)
+        return events
+
+    def _read(self, delta: str, finished: bool) -> list[ReplyEvent]:
+        if self._harmony is not None:
+            return self._numbered(self._harmony.step(delta, finished), thinking=False)
         if self._reasoning is None:
             parts: list[ReasoningEvent | AnswerEvent] = [AnswerEvent(delta)] if delta else []
         else:
@@ -97,9 +119,6 @@ class ReplyReader:
             events += self._tools(part)
         if finished:
             events += self._finish()
-        for event in events:
-            if not isinstance(event, ToolCallEvent):
-                (self._thinking if isinstance(event, ReasoningEvent) else self._content).append(event.text)
         return events
 
     def _tools(self, part: ReasoningEvent | AnswerEvent) -> list[ReplyEvent]:
@@ -116,10 +135,11 @@ class ReplyReader:
                 events += self._numbered(parser.finish(), thinking)
         return events
 
-    def _numbered(self, events: list[ContentEvent | ToolCallEvent], thinking: bool) -> list[ReplyEvent]:
+    def _numbered(self, events: Sequence[ReplyEvent], thinking: bool) -> list[ReplyEvent]:
+        """Calls numbered across the reply, in the order they complete; content read in the thinking is thinking."""
         out: list[ReplyEvent] = []
         for event in events:
-            if isinstance(event, ToolCallEvent):  # numbered across both channels, in the order they complete
+            if isinstance(event, ToolCallEvent):
                 out.append(ToolCallEvent(len(self._read_calls), event.call))
                 self._read_calls.append(event.call)
             else:

@@ -10,8 +10,9 @@ decoding, the tool-call parser) and only its two ends are here: `chat_body` buil
 back. A stored response (`store`, the default) keeps its conversation in memory (`responses_store`), so
 `previous_response_id` continues it; one with `store: false` is not kept.
 
-What a client like Codex sends along that asks for nothing this server has is taken, not refused: `reasoning` (the
-models served here do not reason, so there are no reasoning items, and it is echoed as given), `include` values
+What a client like Codex sends along that asks for nothing this server has is taken, not refused: `reasoning` (its
+`effort` goes to a model whose template takes one, gpt-oss's; otherwise it is echoed as given and changes nothing;
+a reasoning model's thinking is the response's reasoning item either way), `include` values
 naming items this server never makes (`reasoning.encrypted_content`), `prompt_cache_key` (every prompt's prefix is
 cached here anyway)."""
 
@@ -56,12 +57,16 @@ class TextConfig(msgspec.Struct, kw_only=True):
 
 
 class Reasoning(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """OpenAI's reasoning settings, taken and echoed: the models served here do not reason, so no setting changes
-    the reply (`generate_summary`: `summary`'s older name)."""
+    """OpenAI's reasoning settings, taken and echoed: `effort` is honoured by a model whose template takes one
+    (gpt-oss's), the rest change nothing (`generate_summary`: `summary`'s older name)."""
 
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     summary: Literal["auto", "concise", "detailed", "none"] | None = None
     generate_summary: Literal["auto", "concise", "detailed", "none"] | None = None
+
+
+# OpenAI's efforts on the Responses API as a chat's (Harmony's low, medium and high): the scale's ends meet its ends
+_CHAT_EFFORT = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
@@ -176,6 +181,13 @@ def chat_body(
         stream=body.stream,
     )
     return chat, conversation, functions.namespaces
+
+
+def reasoning_effort(reasoning: Reasoning | None) -> Any:
+    """A response's `reasoning.effort` as its chat's `reasoning_effort`, for a model that honours one (None: none
+    asked)."""
+    effort = reasoning.effort if reasoning is not None else None
+    return _CHAT_EFFORT[effort] if effort is not None else None
 
 
 def _check_include(include: list[str] | None) -> None:

@@ -24,6 +24,7 @@ from sagellm.gateway.openai.responses import (
     created_at,
     new_id,
     output_items,
+    reasoning_effort,
     reasoning_item,
     response_body,
 )
@@ -47,6 +48,8 @@ class ResponsesRoutes:
         body = http.json(ResponsesRequest)
         owner = key_owner(http)
         chat, conversation, namespaces = chat_body(body, self.store.conversation(body.previous_response_id, owner))
+        if self.chat_routes.honours_effort(chat.model):  # else `reasoning` is taken and echoed, changing nothing
+            chat.reasoning_effort = reasoning_effort(body.reasoning)
         request, plan, _ = await self.chat_routes.prepared_chat(chat, http.headers, owner)
         response_id, created = new_id("resp"), created_at()
         model = request.model or self.chat_routes.core.model_name

@@ -26,8 +26,10 @@ from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.openai import kv_transfer
+from sagellm.gateway.openai.chat_templates import fallback_template, rendering_template, takes_reasoning_effort
 from sagellm.gateway.openai.choices import best_of, fan_out
 from sagellm.gateway.openai.echo import Echo
+from sagellm.gateway.openai.harmony import CALL, RETURN
 from sagellm.gateway.openai.kv_transfer import RemotePrefill
 from sagellm.gateway.openai.protocol import (
     ChatCompletionRequest,
@@ -282,15 +284,27 @@ class OpenAIRoutes:
         sources = await self._ground(request, body)
         await self._prepare([request], constraint)
         plan = self._reply_plan(request, tool_use)
+        if plan.harmony:
+            self._keep_harmony_markers(request)
         if body.thinking_token_budget is not None:
             request.sampling.thinking = self._thinking_budget(body.thinking_token_budget, plan, request)
         elif self.reasoning_budget is not None and plan.reasoning_parser is not None and not request.sampling.guided:
             request.sampling.thinking = self._thinking_budget(self.reasoning_budget, plan, request)
         return request, plan, sources
 
+    def _keep_harmony_markers(self, request: Request) -> None:
+        """A Harmony reply is read by its markers, which are special tokens: its text keeps them (the engine leaves
+        special tokens out unless asked), and it ends at `<|return|>` or `<|call|>` even when the model's config
+        does not list both as end tokens (a GGUF's lists only one)."""
+        request.sampling.skip_special_tokens = False
+        tokenizer = self.core.tokenizer
+        ends = [tokenizer.convert_tokens_to_ids(marker) for marker in (RETURN, CALL)]
+        known = [t for t in ends if isinstance(t, int) and t != tokenizer.unk_token_id]
+        request.sampling.stop_token_ids = list(dict.fromkeys([*request.sampling.stop_token_ids, *known]))
+
     def _thinking_budget(self, budget: int, plan: ReplyPlan, request: Request) -> ThinkingBudget:
         """The engine's side of a thinking budget: the reasoning parser's tags, the tokens that close the thinking
-        (the closing tag between newlines, as the models write it), and whether the reply starts inside it."""
+        (the parser's `closing`), and whether the reply starts inside it."""
         if plan.reasoning_parser is None:
             message = "thinking_token_budget: this model's replies are not read for thinking (no reasoning parser)"
             raise ApiError(400, message, param="thinking_token_budget")
@@ -298,7 +312,7 @@ class OpenAIRoutes:
             message = "thinking_token_budget: a thinking budget and a constrained reply cannot go together"
             raise ApiError(400, message, param="thinking_token_budget")
         parser = parser_class(plan.reasoning_parser)
-        closing = self.core.tokenizer.encode(f"\n{parser.CLOSE}\n\n", add_special_tokens=False)
+        closing = self.core.tokenizer.encode(parser.closing(), add_special_tokens=False)
         try:
             return ThinkingBudget(budget, closing, parser.OPEN, parser.CLOSE, plan.starts_thinking)
         except FieldError as error:
@@ -313,7 +327,7 @@ class OpenAIRoutes:
         if request.model is not None or tokenizer is None:
             return ReplyPlan(tool_parser=tool_parser)
         template = request.chat_template or getattr(tokenizer, "chat_template", None)
-        reasoning = self.reasoning_parser or default_parser(getattr(tokenizer, "chat_template", None))
+        reasoning = self.reasoning_parser or default_parser(self._rendering_template())
         if reasoning is None:
             return ReplyPlan(tool_parser=tool_parser)
         settings = {k: v for k, v in (request.template_kwargs or {}).items() if k not in _PROMPT_SHAPE}
@@ -353,7 +367,25 @@ class OpenAIRoutes:
             if tool_use.forwarded is not None:
                 request.tool_choice, request.parallel_tool_calls = tool_use.forwarded
         request.model = model
+        if model is None and request.chat_template is None and self.core.served is not None:
+            request.chat_template = fallback_template(self.core.tokenizer, self.core.served.config)
+        if body.reasoning_effort is not None:
+            if not self.honours_effort(body.model):
+                why = "this model's chat template takes no reasoning effort (gpt-oss's Harmony template does)"
+                raise ApiError.unsupported("reasoning_effort", why)
+            request.template_kwargs = (request.template_kwargs or {}) | {"reasoning_effort": body.reasoning_effort}
         return request, constraint, tool_use
+
+    def honours_effort(self, name: str | None) -> bool:
+        """Whether a chat for the model `name` (None: the graph's) honours a reasoning effort: its template reads it
+        (gpt-oss's, Harmony's). Not another server's model, whose template is not here: the effort would be lost."""
+        return self.core.instance_model(name) is None and takes_reasoning_effort(self._rendering_template())
+
+    def _rendering_template(self) -> str:
+        """The template the graph's model's chats are rendered with ("" when none): its own, else the gateway's
+        fallback for its family (Harmony's for gpt-oss)."""
+        served = self.core.served
+        return rendering_template(served.tokenizer, served.config) if served is not None else ""
 
     def _chat_template(self, model: str | None) -> str | None:
         """The chat template tools are shown with: the graph's model's ("" when it has none); None for a model
@@ -364,8 +396,7 @@ class OpenAIRoutes:
                 message = f"tools: served for the graph's own model and attached servers' models, not for {model}"
                 raise ApiError(400, message, param="tools")
             return None
-        tokenizer = self.core.tokenizer
-        return (getattr(tokenizer, "chat_template", None) or "") if tokenizer is not None else None
+        return self._rendering_template() if self.core.tokenizer is not None else None
 
     async def _hand_off(self, body: Any, requests: list[Request], choices: int) -> None:
         """A request's part in disaggregated serving across servers (`kv_transfer_params`, vLLM's protocol): marked

@@ -18,6 +18,7 @@ import trio
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.openai.chat_templates import fallback_template, rendering_template
 from sagellm.gateway.openai.protocol import ChatMessage, template_kwargs
 from sagellm.gateway.openai.tools import Tool, plan
 from sagellm.gateway.serving.prompts import OFF_LOOP_CHARS
@@ -71,7 +72,7 @@ class TokenizerRoutes:
         tokenizer = served.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give one of prompt or messages", param="prompt")
-        text = self._render(body, tokenizer) if body.messages is not None else body.prompt or ""
+        text = self._render(body, served) if body.messages is not None else body.prompt or ""
 
         def encode() -> list[int]:
             if body.add_special_tokens is not None:
@@ -116,14 +117,16 @@ class TokenizerRoutes:
         return served
 
     @staticmethod
-    def _render(body: TokenizeRequest, tokenizer: Any) -> str:
+    def _render(body: TokenizeRequest, served: ServedModel) -> str:
+        tokenizer = served.tokenizer
         settings = template_kwargs(body.add_generation_prompt, body.continue_final_message)
         messages = [msgspec.to_builtins(m) for m in body.messages or ()]
-        template = getattr(tokenizer, "chat_template", None) or ""
+        template = rendering_template(tokenizer, served.config)
         tools = plan(body.tools, None, True, template) if body.tools else None  # the template a served chat gets
+        chosen = (tools.chat_template if tools else None) or fallback_template(tokenizer, served.config)
         try:
             return tokenizer.apply_chat_template(
-                messages, tools=tools.tools if tools else None, chat_template=tools.chat_template if tools else None,
+                messages, tools=tools.tools if tools else None, chat_template=chosen,
                 tokenize=False, **({"add_generation_prompt": True} | (settings or {})),
             )  # fmt: skip
         except Exception as exc:  # a template error names what is wrong with the messages

@@ -3,7 +3,8 @@
 A model asked to call tools answers in its own text format, which vLLM's `--tool-call-parser` names: `hermes`
 (Qwen2.5/Qwen3, Hermes and ChatML models: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, with
 text around them) and `llama3_json` (Llama 3.1/3.2: the whole reply is `{"name": ..., "parameters": {...}}` objects
-joined by `;`, after an optional `<|python_tag|>`). A parser never raises on what the model wrote: a call it cannot
+joined by `;`, after an optional `<|python_tag|>`), and `openai` (gpt-oss: Harmony's messages to `functions.NAME`,
+read by `harmony.py`). A parser never raises on what the model wrote: a call it cannot
 read stays in the reply as content, which is what vLLM does and what tells the user what went wrong.
 
 A parser serves one reply. Streamed, it is fed the text deltas as they are generated and answers with events:
@@ -16,40 +17,12 @@ whitespace is dropped, whitespace is held back until more content follows it."""
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
-import msgspec
-
 from sagellm.common.registry import Registry
-
-
-def new_call_id() -> str:
-    """OpenAI's shape of a tool call id: `call_` and 24 random hex digits."""
-    return "call_" + secrets.token_hex(12)
-
-
-class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
-    """One call as OpenAI sends it: `arguments` is the JSON text of the arguments object."""
-
-    id: str = msgspec.field(default_factory=new_call_id)
-    name: str
-    arguments: str
-
-
-class ContentEvent(msgspec.Struct, frozen=True):
-    """Reply text that belongs to no tool call, to stream to the client as `content`."""
-
-    text: str
-
-
-class ToolCallEvent(msgspec.Struct, frozen=True):
-    """A complete tool call; `index` counts the reply's calls from 0, as the stream's `tool_calls[].index` does."""
-
-    index: int
-    call: ToolCall
-
+from sagellm.gateway.openai.harmony import CHANNEL, HarmonyEvent, HarmonyReader
+from sagellm.gateway.openai.reply_events import ContentEvent, ToolCall, ToolCallEvent
 
 StreamEvent = ContentEvent | ToolCallEvent
 
@@ -207,6 +180,34 @@ class Llama3JsonParser(ToolParser):
         return [event for call in calls for event in self._call(call)]
 
 
+@TOOL_PARSERS.register
+class OpenAIParser(ToolParser):
+    """gpt-oss's calls (vLLM's `openai`): Harmony messages to `functions.NAME` whose content is the arguments' JSON
+    (`harmony.py`). The final and commentary channels' text is content, exactly as written; the analysis channel's
+    is the reasoning parser's and left out here."""
+
+    name = "openai"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reader = HarmonyReader(read_calls=True)
+
+    def feed(self, delta: str) -> list[StreamEvent]:
+        return self._events(self._reader.step(delta, finished=False))
+
+    def finish(self) -> list[StreamEvent]:
+        return self._events(self._reader.step("", finished=True))
+
+    def _events(self, events: list[HarmonyEvent]) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        for event in events:
+            if isinstance(event, ToolCallEvent):
+                out += self._call(event.call)
+            elif isinstance(event, ContentEvent):
+                out.append(event)
+        return out
+
+
 def _in_json_string(text: str) -> bool:
     """Whether JSON text stops inside a string: a tag there is the string's text (outside strings JSON has no `<`)."""
     in_string, escaped = False, False
@@ -270,10 +271,13 @@ def parser_for(name: str) -> ToolParser:
 
 
 def default_parser(chat_template: str | None, model_type: str | None = None) -> str:
-    """The parser a model's chat template says its tool calls need. A template that writes `<tool_call>` is Hermes;
-    one with Llama 3's header or python tags is `llama3_json`; ChatML is Hermes too (Qwen's, and our fallback
-    template's). `model_type` decides only a template without these marks (Llama 3.2 Vision is `mllama`)."""
+    """The parser a model's chat template says its tool calls need. A template that writes Harmony's channels is
+    gpt-oss's (`openai`); one that writes `<tool_call>` is Hermes; one with Llama 3's header or python tags is
+    `llama3_json`; ChatML is Hermes too (Qwen's, and our fallback template's). `model_type` decides only a template
+    without these marks (Llama 3.2 Vision is `mllama`)."""
     template = chat_template or ""
+    if CHANNEL in template:
+        return OpenAIParser.name
     if "<tool_call>" in template:
         return "hermes"
     if "<|start_header_id|>" in template or "<|python_tag|>" in template:

@@ -2,13 +2,14 @@
 model by its chat template, and its reply read back into `tool_calls` by the model's tool-call parser.
 
 The tools go into the prompt through the model's own chat template when it shows them (Qwen2.5/3, Llama 3.x, Hermes
-models); a ChatML model whose template ignores them (SmolLM2's) gets the Hermes-style fallback template
-(`tool_template.jinja`) instead; any other model's tool request is a 400. `tool_choice` `none` leaves the tools out
-of the prompt; `auto` lets the model choose and parses what it wrote; `required` and a named function constrain the
-reply with guided decoding to the parser's format around each function's parameters schema (a llguidance Lark
-grammar with `%json`), so the reply always parses and its arguments always follow the schema. A model another server
-serves (an attached vLLM, llama.cpp or sageLLM) gets the tools and the choice as the client gave them: that server
-shows and enforces them, and its calls come back through `remote_engine` as Hermes blocks, read by that parser."""
+models, gpt-oss); a ChatML model whose template ignores them (SmolLM2's) gets the Hermes-style fallback template
+(`tool_template.jinja`) instead, a gpt-oss model without a template Harmony's (`chat_templates`); any other model's
+tool request is a 400. `tool_choice` `none` leaves the tools out of the prompt; `auto` lets the model choose and
+parses what it wrote; `required` and a named function constrain the reply with guided decoding to the parser's
+format around each function's parameters schema (a llguidance Lark grammar with `%json`; for gpt-oss, Harmony's call
+messages), so the reply always parses and its arguments always follow the schema. A model another server serves (an
+attached vLLM, llama.cpp or sageLLM) gets the tools and the choice as the client gave them: that server shows and
+enforces them, and its calls come back through `remote_engine` as Hermes blocks, read by that parser."""
 
 from __future__ import annotations
 
@@ -113,6 +114,8 @@ def _template_for_tools(model_template: str) -> str | None:
 def call_grammar(tools: list[Tool], parser: str, parallel: bool) -> str:
     """A Lark grammar (llguidance's, with `%json`) of replies that are tool calls of `tools` in `parser`'s format:
     one call, or with `parallel` one or more."""
+    if parser == "openai":
+        return _harmony_call_grammar(tools, parallel)
     call = {"anyOf": [_call_schema(tool, parser) for tool in tools], "x-guidance": COMPACT_JSON}
     body = f"%json {json.dumps(call)}"
     if parser == "llama3_json":
@@ -120,6 +123,19 @@ def call_grammar(tools: list[Tool], parser: str, parallel: bool) -> str:
         return f"start: call{more}\ncall: {body}\n"
     more = "+" if parallel else ""
     return f"start: call{more}\n" + 'call: "<tool_call>\\n" ' + body + ' "\\n</tool_call>"\n'
+
+
+def _harmony_call_grammar(tools: list[Tool], parallel: bool) -> str:
+    """gpt-oss's calls: each a Harmony message to `functions.NAME` whose content is the arguments' JSON, its
+    markers the tokenizer's special tokens (llguidance's `<|...|>`); several are joined as Harmony joins messages.
+    The grammar's end ends the reply, where the model would write `<|call|>`."""
+    more = ' (<|end|> <|start|> "assistant" call)*' if parallel else ""
+    rules = [f"start: call{more}", "call: " + " | ".join(f"call{i}" for i in range(len(tools)))]
+    for i, tool in enumerate(tools):
+        arguments = {**(tool.function.parameters or {"type": "object", "properties": {}}), "x-guidance": COMPACT_JSON}
+        header = json.dumps(f"commentary to=functions.{tool.function.name} ")
+        rules.append(f'call{i}: <|channel|> {header} <|constrain|> "json" <|message|> %json {json.dumps(arguments)}')
+    return "\n".join(rules) + "\n"
 
 
 def _call_schema(tool: Tool, parser: str) -> dict[str, Any]:

@@ -50,7 +50,6 @@ CHAT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "media_io_kwargs": ((None,), _NO_MULTIMODAL),
     "mm_processor_kwargs": ((None,), _NO_MULTIMODAL),
     "return_prompt_text": ((None, False), "ask /tokenize for the rendered prompt"),
-    "reasoning_effort": ((None,), "this server's models are not reasoning models"),
     "include_reasoning": ((True,), "this server's models are not reasoning models"),
 }
 
