@@ -149,6 +149,16 @@ static inline int32_t four_bytes(const int8_t *p) {
      (__builtin_convertvector((sums)[1], V) + __builtin_convertvector((sums)[2], V) * (1.0f / PIECE_STEP)) *          \
          (1.0f / PIECE_STEP))
 
+/* The tile's rows' sums gain 8 inputs from `at`: `low` (4 codes a lane) against each piece's first 4 bytes there,
+ * `high` against its next 4 (a chunk's low and high nibbles). */
+#define DOT_NIBBLES(DOT, I, sums, low, high, at)                                                                       \
+    for (int t = 0; t < rt; ++t)                                                                                       \
+        for (int p = 0; p < PIECES; ++p) {                                                                             \
+            const int8_t *piece = row_piece(x, t0 + t, p) + (at);                                                      \
+            sums[t][p] = DOT(sums[t][p], low, (I){} + four_bytes(piece));                                              \
+            sums[t][p] = DOT(sums[t][p], high, (I){} + four_bytes(piece + 4));                                         \
+        }
+
 /* y[rt, G] (rows n apart) += one group's Q4_K (FIFTH 0) or Q5_K (1) weights times rows t0.. of x's pieces, over
  * `blocks` super-blocks. Q5_K's fifth bits (a lane per output per sub-block, block_linear.c's q5kx) go to bit 4 of
  * the chunk's bytes: input 8c + i's sits at bit 8i + c (low half) or 8i + 4 + c (high), so shifting the lane by
@@ -172,12 +182,7 @@ static inline int32_t four_bytes(const int8_t *p) {
                         high |= (fifth >> c) & 0x10101010;                                                             \
                     }                                                                                                  \
                     const int64_t at = 256 * b + 32 * j + 8 * c;                                                       \
-                    for (int t = 0; t < rt; ++t)                                                                       \
-                        for (int p = 0; p < PIECES; ++p) {                                                             \
-                            const int8_t *piece = row_piece(x, t0 + t, p) + at;                                        \
-                            sums[t][p] = DOT(sums[t][p], low, (I){} + four_bytes(piece));                              \
-                            sums[t][p] = DOT(sums[t][p], high, (I){} + four_bytes(piece + 4));                         \
-                        }                                                                                              \
+                    DOT_NIBBLES(DOT, I, sums, low, high, at);                                                          \
                 }                                                                                                      \
                 for (int t = 0; t < rt; ++t) {                                                                         \
                     const float *sum = row_sums(x, t0 + t) + 16 * b + 2 * j;                                           \
@@ -226,12 +231,7 @@ static inline int32_t four_bytes(const int8_t *p) {
                 const I raw = LOAD(I, block + 4 * G * c);                                                              \
                 const I low = mxfp4_bytes##G(raw & 0x0F0F0F0F), high = mxfp4_bytes##G((raw >> 4) & 0x0F0F0F0F);      \
                 const int64_t at = 32 * b + 8 * c;                                                                     \
-                for (int t = 0; t < rt; ++t)                                                                           \
-                    for (int p = 0; p < PIECES; ++p) {                                                                 \
-                        const int8_t *piece = row_piece(x, t0 + t, p) + at;                                            \
-                        sums[t][p] = DOT(sums[t][p], low, (I){} + four_bytes(piece));                                  \
-                        sums[t][p] = DOT(sums[t][p], high, (I){} + four_bytes(piece + 4));                             \
-                    }                                                                                                  \
+                DOT_NIBBLES(DOT, I, sums, low, high, at);                                                              \
             }                                                                                                          \
             const V d = e8m0_half##G(block + 16 * G);                                                                  \
             for (int t = 0; t < rt; ++t) {                                                                             \

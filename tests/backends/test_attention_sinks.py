@@ -12,27 +12,11 @@ import torch
 from sagellm.backends import torch_ops
 from sagellm.backends.cpu import NativeDispatch
 from sagellm.backends.native import NativeKernels, prefill_scratch_size
-from tests.backends.test_attention_window import close, decode_batch
+from tests.backends.test_attention_window import close, decode_batch, reference
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler (gcc or cc)"
 )
-
-
-def reference(seqs, q, owners, scale: float, window: int, softcap: float, sinks: torch.Tensor) -> torch.Tensor:
-    """Token by token and head by head in float64: each head's sink a column of the softmax, dropped after."""
-    out = torch.empty(q.shape, dtype=torch.float64)
-    group = seqs.hq // seqs.hk
-    for t, (seq, pos) in enumerate(owners):
-        low = max(0, pos - window + 1) if window else 0
-        keys, values = seqs.keys[seq][low : pos + 1].double(), seqs.values[seq][low : pos + 1].double()
-        for h in range(seqs.hq):
-            scores = keys[:, h // group] @ q[t, h].double() * scale
-            if softcap:
-                scores = softcap * torch.tanh(scores / softcap)
-            probs = torch.softmax(torch.cat([scores, sinks[h : h + 1].double()]), 0)[:-1]
-            out[t, h] = probs @ values[:, h // group]
-    return out
 
 
 def sinks_for(hq: int) -> torch.Tensor:

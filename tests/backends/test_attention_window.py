@@ -30,9 +30,13 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=1e-5, atol=2e-5)
 
 
-def reference(seqs, q: torch.Tensor, owners: list[tuple[str, int]], scale: float, window: int, softcap: float):
+def reference(
+    seqs, q: torch.Tensor, owners: list[tuple[str, int]], scale: float, window: int, softcap: float,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Token by token and head by head in float64: the query at position p over keys p - window < j <= p, each
-    scaled score s capped to softcap * tanh(s / softcap)."""
+    scaled score s capped to softcap * tanh(s / softcap), each head's sink (if any) a column of the softmax that is
+    dropped after."""
     out = torch.empty(q.shape, dtype=torch.float64)
     group = seqs.hq // seqs.hk
     for t, (seq, pos) in enumerate(owners):
@@ -42,7 +46,10 @@ def reference(seqs, q: torch.Tensor, owners: list[tuple[str, int]], scale: float
             scores = keys[:, h // group] @ q[t, h].double() * scale
             if softcap:
                 scores = softcap * torch.tanh(scores / softcap)
-            out[t, h] = torch.softmax(scores, 0) @ values[:, h // group]
+            if sinks is not None:  # the sink's column joins the softmax, then goes
+                scores = torch.cat([scores, sinks[h : h + 1].double()])
+            probs = torch.softmax(scores, 0)[: len(keys)]
+            out[t, h] = probs @ values[:, h // group]
     return out
 
 

@@ -20,14 +20,15 @@ from sagellm.gateway.openai.chat_templates import HARMONY_TEMPLATE, fallback_tem
 from sagellm.gateway.openai.harmony import HarmonyReader
 from sagellm.gateway.openai.reasoning_parsers import GptOssParser, parser_class
 from sagellm.gateway.openai.reasoning_parsers import default_parser as default_reasoning
-from sagellm.gateway.openai.reply_events import ContentEvent, ReasoningEvent, ToolCallEvent
-from sagellm.gateway.openai.reply_reader import Reply, ReplyPlan, ReplyReader
+from sagellm.gateway.openai.reply_events import ContentEvent
+from sagellm.gateway.openai.reply_reader import ReplyPlan, ReplyReader
 from sagellm.gateway.openai.responses import Reasoning, reasoning_effort
 from sagellm.gateway.openai.tool_parsers import OpenAIParser, parser_for
 from sagellm.gateway.openai.tool_parsers import default_parser as default_tools
 from sagellm.runtime.pipeline.served_model import GIVEN, served_model
 from tests.gateway.conftest import GRAPHS, assert_refused_chat, running_gateway, tiny_config
 from tests.gateway.harmony_model import make_harmony_tokenizer, make_tiny_harmony
+from tests.gateway.test_reply_reader import _read, _seen
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Gets the weather",
@@ -133,32 +134,17 @@ CASES = {
 }  # fmt: skip
 
 
-def _seen(reply: Reply) -> tuple:
-    return reply.reasoning, reply.content, [(c.name, c.arguments) for c in reply.calls]
-
-
-def _streamed(chunks: list[str], plan: ReplyPlan) -> tuple:
-    reader = ReplyReader(plan)
-    events = [e for i, chunk in enumerate(chunks) for e in reader.step(chunk, i == len(chunks) - 1)]
-    thinking = "".join(e.text for e in events if isinstance(e, ReasoningEvent))
-    answer = "".join(e.text for e in events if isinstance(e, ContentEvent))
-    calls = [e for e in events if isinstance(e, ToolCallEvent)]
-    assert [c.index for c in calls] == list(range(len(calls))) and _seen(reader.reply) == _seen(
-        Reply(thinking or None, answer or None, [c.call for c in calls]))  # fmt: skip
-    return _seen(reader.reply)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_reading_does_not_depend_on_where_the_stream_was_cut(case: str) -> None:
     text, expected = CASES[case]
     plan = ReplyPlan(tool_parser="openai", reasoning_parser="openai_gptoss")
     assert _seen(ReplyReader.whole(plan, text)) == expected
     for cut in range(len(text) + 1):
-        assert _streamed([text[:cut], text[cut:]], plan) == expected, cut
+        assert _read([text[:cut], text[cut:]], plan) == expected, cut
     for first in range(0, len(text), 7):  # three pieces: every cut of the rest after a first cut
         for second in range(first, len(text) + 1, 3):
-            assert _streamed([text[:first], text[first:second], text[second:]], plan) == expected, (first, second)
-    assert _streamed(list(text), plan) == expected
+            assert _read([text[:first], text[first:second], text[second:]], plan) == expected, (first, second)
+    assert _read(list(text), plan) == expected
 
 
 def test_each_parser_alone_reads_its_part() -> None:
@@ -210,7 +196,7 @@ def harmony_gateway(tmp_path_factory):
 
 
 @pytestmark_slow
-def test_thinking_and_answer_come_apart_whole_and_streamed(harmony_gateway) -> None:
+def test_thinking_and_answer_come_apart_whole_and_read(harmony_gateway) -> None:
     sdk = harmony_gateway.sdk
     asked = dict(model=harmony_gateway.core.model_name, messages=CHAT, max_tokens=48, temperature=0,
                  reasoning_effort="high", extra_body={"structured_outputs": {"grammar": THINK_ANSWER},
@@ -227,7 +213,7 @@ def test_thinking_and_answer_come_apart_whole_and_streamed(harmony_gateway) -> N
 
 
 @pytestmark_slow
-def test_a_call_made_after_thinking_is_a_tool_call_whole_and_streamed(harmony_gateway) -> None:
+def test_a_call_made_after_thinking_is_a_tool_call_whole_and_read(harmony_gateway) -> None:
     sdk = harmony_gateway.sdk
     asked = dict(model=harmony_gateway.core.model_name, messages=CHAT, max_tokens=160, temperature=0, tools=[WEATHER],
                  extra_body={"structured_outputs": {"grammar": THINK_CALL}})  # fmt: skip

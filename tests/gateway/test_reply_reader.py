@@ -44,7 +44,9 @@ def _read(chunks: list[str], plan: ReplyPlan) -> tuple:
     answer = "".join(e.text for e in events if isinstance(e, ContentEvent))
     calls = [e for e in events if isinstance(e, ToolCallEvent)]
     assert [c.index for c in calls] == list(range(len(calls)))
-    return _seen(Reply(thinking or None, answer or None, [c.call for c in calls]))
+    seen = _seen(Reply(thinking or None, answer or None, [c.call for c in calls]))
+    assert _seen(reader.reply) == seen  # what the reader kept is what it told
+    return seen
 
 
 @pytest.mark.parametrize("case", list(CASES))
