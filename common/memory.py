@@ -90,6 +90,28 @@ def drop_mapped_pages(mapping: mmap.mmap | None) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
+def drop_pages_under(mapping: mmap.mmap | None, tensor: Any) -> None:
+    """Lets the pages of `mapping` under `tensor` (a torch view of the mapped file) leave resident memory, as
+    drop_mapped_pages does for the whole file: called as each weight is repacked, so loading holds the file and its
+    repacked copy a weight at a time, not both whole (a 12 GB MXFP4 model peaked at 20 GB). Pages a neighbour still
+    reads map back from the page cache; a tensor outside the mapping is left alone (MADV_DONTNEED would zero
+    anonymous memory)."""
+    import numpy as np  # here: the gateway imports this module for resident_bytes, and starts without numpy
+
+    advise = libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
+    if mapping is None or advise is None or not hasattr(mmap, "MADV_DONTNEED") or tensor.numel() == 0:
+        return
+    base = np.frombuffer(mapping, np.uint8).ctypes.data  # a view: no copy, and read-only maps allow it
+    span = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())) + 1
+    start, end = tensor.data_ptr(), tensor.data_ptr() + span * tensor.element_size()
+    if start < base or end > base + len(mapping):
+        return
+    page = mmap.PAGESIZE
+    low, high = start // page * page, min(-(-end // page) * page, base + len(mapping) // page * page)
+    if high > low:
+        advise(low, high - low, mmap.MADV_DONTNEED)
+
+
 def resident_bytes(procfs: Path = PROCFS, pid: int | str = "self", field: str = "VmRSS") -> int | None:
     """The process's resident set (VmRSS of /proc/PID/status; `field` VmHWM: its peak), None where procfs does not
     say (no such process, not Linux)."""

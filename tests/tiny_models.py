@@ -381,6 +381,7 @@ def write_tiny_gguf(
     if config.model_type == "gpt_oss":
         writer.add_expert_feed_forward_length(config.intermediate_size)
         writer.add_sliding_window(config.sliding_window)
+    if rope.get("rope_type") == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(rope["factor"])
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
@@ -504,7 +505,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> 
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(tokenizer.chat_template)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
 
 
 # ------------------------------------------------------------------------------------------------ quantization

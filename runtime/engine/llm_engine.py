@@ -124,6 +124,7 @@ class LLMEngine:
                 quantized=self.model.quantized if config.quantized_weights else {},
                 prefault_kv_cache=config.prefault_kv_cache,
                 linear_dtype=linear_dtype,
+                mapped=self.model.mapped,
             )
         # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
         self.model.weights, self.model.quantized = {}, {}

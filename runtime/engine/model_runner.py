@@ -8,6 +8,7 @@ the numbers, which is what a tensor parallel rank without a scheduler receives f
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import msgspec
 import torch
@@ -70,11 +71,13 @@ class ModelRunner:
         collectives: Collectives | None = None,
         prefault_kv_cache: bool = False,
         linear_dtype: torch.dtype = torch.float32,
+        mapped: Any = None,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
         whole cache's memory in the background now, not just ahead of use; `linear_dtype`: the dtype the linears'
-        weights are packed in (EngineConfig.dtype)."""
+        weights are packed in (EngineConfig.dtype); `mapped`: the GGUF file `quantized` views (LoadedModel.mapped),
+        whose pages are let go as each weight is packed."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
@@ -93,6 +96,7 @@ class ModelRunner:
             quantized=quantized or {},
             collectives=collectives,
             linear_dtype=linear_dtype,
+            mapped=mapped,
         )
         self.plan: Plan = lower(self.graph, context)
         self._last_decodes: list[tuple[Sequence, int]] = []  # (sequence, computed tokens) of last step's decodes

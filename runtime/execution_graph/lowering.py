@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.quantized import QuantizedWeight
+from sagellm.common.memory import drop_pages_under
 from sagellm.runtime.execution_graph.fuse_layers import fuse_decoder_layers
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.execution_graph.passes import plan_buffers
@@ -43,6 +44,8 @@ class LoweringContext:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
     collectives: Collectives | None = None  # a tensor parallel rank's group
     linear_dtype: torch.dtype = torch.float32  # the dtype linear weights are packed in (EngineConfig.dtype)
+    # The mapped GGUF file `quantized` views: each weight's pages are let go once the backend has packed it.
+    mapped: Any = None
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -95,7 +98,7 @@ def _bind_linear(params, ctx, kernels):
         bias = torch.cat(biases).to(ctx.backend.device)
     blocks = [_cut_blocks(ctx.quantized.get(n), shard) for n, shard in zip(names, shards)]
     if all(b is not None for b in blocks):
-        packed = ctx.backend.prepare_block_weight(blocks)
+        packed = _packed_blocks(ctx, blocks)
         if packed is not None:
             return kernels["linear"], (packed, bias)
     weights = [_cut(_weight(ctx, n), shard) for n, shard in zip(names, shards)]
@@ -200,10 +203,20 @@ def _bind_moe(params, ctx, kernels):
 def _expert_weight(ctx: LoweringContext, names: list[str]):
     """One expert's projection (gate and up stacked): the backend's packing of its GGUF blocks when it reads them,
     else its floats."""
-    blocks = QuantizedWeight.concat([ctx.quantized.get(n) for n in names])
-    if blocks is not None and (packed := ctx.backend.prepare_block_weight([blocks])) is not None:
+    parts = [ctx.quantized.get(n) for n in names]
+    if all(part is not None for part in parts) and (packed := _packed_blocks(ctx, parts)) is not None:
         return packed
     return torch.cat([_weight(ctx, n) for n in names]) if len(names) > 1 else _weight(ctx, names[0])
+
+
+def _packed_blocks(ctx: LoweringContext, parts: list[QuantizedWeight]) -> Any | None:
+    """The backend's packing of `parts`' blocks (their rows stacked), None when it does not read them; once packed,
+    the file's pages under them leave this process's memory."""
+    packed = ctx.backend.prepare_block_weight(parts)
+    if packed is not None:
+        for part in parts:
+            drop_pages_under(ctx.mapped, part.blocks)
+    return packed
 
 
 def _dense(weight) -> torch.Tensor:

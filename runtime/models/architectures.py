@@ -196,7 +196,8 @@ def config_from_gguf(
         qkv_bias=arch.qkv_bias,
         rope_scaling=_gguf_rope_scaling(metadata, prefix, rope_freqs, rope_factors, theta, head_dim, arch, source),
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=tuple(dict.fromkeys(int(metadata[k]) for k in eos_keys if k in metadata)),
+        eos_token_ids=tuple(dict.fromkeys([*(int(metadata[k]) for k in eos_keys if k in metadata),
+                                           *(_harmony_end_ids(metadata) if arch.gpt_oss else ())])),  # fmt: skip
         num_experts=experts,
         experts_per_token=per_token,
         o_bias=arch.gpt_oss,
@@ -215,6 +216,20 @@ def config_from_gguf(
         local_rope_theta=_from_float32(key("rope.freq_base_swa", 10000.0)) if arch.local_rope else None,
         rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
     )
+
+
+HARMONY_ENDS = ("<|return|>", "<|call|>")  # what ends a gpt-oss reply: its answer given, or a tool called
+
+
+def _harmony_end_ids(metadata: Mapping[str, Any]) -> list[int]:
+    """The ids of Harmony's end-of-reply tokens in a GGUF's vocabulary: its file names one end token, where a reply
+    also ends at a call (llama.cpp finds them by their text too)."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return []
+    found = {token: i for i, token in enumerate(tokens.tolist() if hasattr(tokens, "tolist") else tokens)
+             if token in HARMONY_ENDS}  # fmt: skip
+    return [found[token] for token in HARMONY_ENDS if token in found]
 
 
 def _gguf_sliding_window(

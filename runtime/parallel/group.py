@@ -67,6 +67,7 @@ class ParallelRunner(ModelRunner):
         quantized: dict[str, Any] | None = None,
         prefault_kv_cache: bool = False,
         linear_dtype: torch.dtype = torch.float32,
+        mapped: Any = None,
     ) -> None:
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
@@ -128,6 +129,7 @@ class ParallelRunner(ModelRunner):
                 collectives=self._comms.stage,
                 prefault_kv_cache=prefault_kv_cache,
                 linear_dtype=linear_dtype,
+                mapped=mapped,
             )
             with stage(f"waiting for {layout.world_size - 1} more rank(s) of the engine to load the model"):
                 self._wait_ready(store)

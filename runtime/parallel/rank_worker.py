@@ -68,6 +68,7 @@ def serve(spec: RankSpec) -> int:
             stage=layout.stage,
             collectives=comms.stage,
             linear_dtype=getattr(torch, spec.dtype),
+            mapped=model.mapped,
         )
         mapped = model.mapped
         del model

@@ -54,6 +54,7 @@ PIPELINE_BENCHES = (
     ("steps", "step_times", "time engine steps by batch composition; fit the simulator's step model"),
     ("sim-check", "sim_check", "the cluster simulator against the real engine on W4- and W6-sized traces, one run"),
     ("make-gguf", "synthetic_gguf", "write a 1B- or 7B-shaped Llama Q4_K_M GGUF of random weights, SmolLM2 tokenizer"),
+    ("make-gpt-oss", "synthetic_gpt_oss", "write a gpt-oss-20b-shaped GGUF of random weights, experts in MXFP4"),
     ("kquant", "kquant", "block linears per GGUF kind, and a 1B Q4_K_M's decode and prefill against llama-bench"),
 )
 

@@ -77,3 +77,30 @@ def test_resident_bytes_reads_vmrss(tmp_path: Path) -> None:
     assert resident_bytes(proc) == GIB // 2
     assert resident_bytes(tmp_path / "nowhere") is None
     assert resident_bytes() > 0  # this process, from the real /proc
+
+
+def test_a_packed_weights_file_pages_leave_and_other_memory_stays(tmp_path: Path) -> None:
+    """drop_pages_under: a view of a mapped file lets its pages go (the process's file-backed resident memory falls
+    by the view's size) and reads the same after; a tensor outside the mapping is left as it is (MADV_DONTNEED
+    would zero anonymous memory)."""
+    import mmap as mmap_module
+
+    import numpy as np
+    import torch
+
+    from sagellm.common.memory import drop_pages_under
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.arange(32 << 20, dtype=np.uint8).tobytes())  # 32 MiB
+    with path.open("rb") as f:
+        mapping = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ)
+    view = torch.from_numpy(np.frombuffer(mapping, np.uint8)[8 << 20 : 24 << 20])  # the middle 16 MiB
+    expected = view.clone()
+    assert int(view.sum()) == int(expected.sum())  # every page read: resident
+    before = resident_bytes(field="RssFile")
+    drop_pages_under(mapping, view)
+    assert before - resident_bytes(field="RssFile") >= 15 << 20
+    assert torch.equal(view, expected)  # read again from the page cache
+    anonymous = torch.arange(1 << 20, dtype=torch.int32)
+    drop_pages_under(mapping, anonymous)
+    assert torch.equal(anonymous, torch.arange(1 << 20, dtype=torch.int32))

@@ -6,7 +6,6 @@ in those tokens, read by the openai and anthropic SDKs into thinking, answer and
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 from types import SimpleNamespace
@@ -25,10 +24,12 @@ from sagellm.gateway.openai.reply_reader import ReplyPlan, ReplyReader
 from sagellm.gateway.openai.responses import Reasoning, reasoning_effort
 from sagellm.gateway.openai.tool_parsers import OpenAIParser, parser_for
 from sagellm.gateway.openai.tool_parsers import default_parser as default_tools
+from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.served_model import GIVEN, served_model
 from tests.gateway.conftest import GRAPHS, assert_refused_chat, running_gateway, tiny_config
 from tests.gateway.harmony_model import make_harmony_tokenizer, make_tiny_harmony
 from tests.gateway.test_reply_reader import _read, _seen
+from tests.tiny_models import write_tiny_gguf
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Gets the weather",
@@ -182,13 +183,11 @@ CHAT = [{"role": "user", "content": "What is the weather in SF?"}]
 
 @pytest.fixture(scope="module")
 def harmony_gateway(tmp_path_factory):
-    """The tiny Harmony model served as a gpt-oss model whose tokenizer has no template: the gateway's front reads
-    its config as gpt-oss's (the engine runs the random Llama it is), so Harmony's template renders its chats and
+    """The tiny Harmony model, a gpt-oss whose tokenizer has no template: Harmony's template renders its chats and
     its parsers read its replies, by default."""
     model = make_tiny_harmony(tmp_path_factory.mktemp("harmony") / "tiny-harmony")
     served = served_model({"model": str(model)})
-    served = dataclasses.replace(served, config=dataclasses.replace(served.config, architecture="gpt_oss"))
-    assert not served.tokenizer.chat_template
+    assert served.config.architecture == "gpt_oss" and not served.tokenizer.chat_template
     config = tiny_config(tmp_path_factory.mktemp("harmony-gw"))
     with running_gateway(GRAPHS / "colocated.yaml", config, model, attrs={GIVEN: served}) as gateway:
         gateway.sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -252,3 +251,12 @@ def test_reasoning_effort_is_refused_where_nothing_honours_it(harmony_gateway, g
     body = {"messages": CHAT, "max_tokens": 2, "reasoning_effort": "extreme"}
     reply = httpx.post(harmony_gateway.url + "/v1/chat/completions", json=body, timeout=60)
     assert reply.status_code == 400 and "reasoning_effort" in reply.text
+
+
+def test_a_gpt_oss_gguf_ends_replies_at_return_and_call_offline_too(tmp_path) -> None:
+    """llama.cpp's file names one end token; a reply also ends at a call, so the engine itself (LLM, `sagellm chat`:
+    no gateway adding stop tokens) stops at both, found by their text as llama.cpp finds them."""
+    model = make_tiny_harmony(tmp_path / "hf")
+    config = load_model(write_tiny_gguf(tmp_path / "m.gguf", model), load_weights=False).config
+    ends = make_harmony_tokenizer().convert_tokens_to_ids(["<|return|>", "<|call|>"])
+    assert set(ends) <= set(config.eos_token_ids)

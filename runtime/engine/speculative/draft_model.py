@@ -47,6 +47,7 @@ class DraftModelProposer(Proposer):
             block_size=context.block_size,
             max_model_len=context.max_model_len,
             quantized=loaded.quantized,
+            mapped=loaded.mapped,
         )
         loaded.weights, loaded.quantized = {}, {}
         return_freed_memory()
