@@ -16,18 +16,24 @@ which L are held):
   silu_mul(x[T, 2I]) -> [T, I]                                      # silu(x[:, :I]) * x[:, I:]
   gelu_tanh_mul(x[T, 2I]) -> [T, I]                                 # gelu(x[:, :I], tanh approximation) * x[:, I:]
   add(x, y) -> x + y
-  moe(x[T, H], router[E, H], gate_up[L, 2I, H], down[L, H, I], top_k, first_expert, normalize) -> [T, H]
+  moe(x[T, H], router[E, H], gate_up[L, 2I, H], down[L, H, I], top_k, first_expert, normalize,
+      router_bias[E] | None, gate_up_bias[L, 2I] | None, down_bias[L, H] | None, *, linear, activation, alpha, limit)
+      -> [T, H]
         # Mixtral's sparse MLP: softmax over the router's E experts, top_k, weights renormalized to sum to 1 (if
         # `normalize`), then
         # the weighted sum of (silu(x W1^T) * x W3^T) W2^T over the chosen experts that are among the L held, numbers
-        # first_expert.. (all E, or an expert parallel rank's share); gate_up[e] = cat(W1, W3)
+        # first_expert.. (all E, or an expert parallel rank's share); gate_up[e] = cat(W1, W3). The experts may also
+        # be lists of L weights the backend's `linear` reads (packed GGUF blocks), which moe multiplies through
+        # `linear`; gpt-oss adds the biases and `activation` "swiglu_oai": (clamp(up, ±limit) + 1) * g *
+        # sigmoid(alpha * g), g = min(gate, limit)
   attention(q[T, Hq, D], k[T, Hk, D], v[T, Hk, D], k_cache, v_cache, meta: AttentionMetadata, scale, window,
-            softcap) -> [T, Hq, D]
+            softcap, sinks[Hq] | None) -> [T, Hq, D]
         # first writes k, v at meta.slot_mapping, then attends; caches are [num_blocks, block_size, Hk, D];
         # window > 0: a query sees only the last `window` positions (its own included); softcap > 0: each scaled
-        # score s becomes softcap * tanh(s / softcap) before the softmax
+        # score s becomes softcap * tanh(s / softcap) before the softmax; sinks (gpt-oss): a logit per query head
+        # that joins its softmax's denominator and takes no value
   paged_decode_attention(q[B, Hq, D], k_cache, v_cache, block_tables[B, M] int32, context_lens[B] int32, scale,
-                         window=0, softcap=0.0) -> [B, Hq, D]
+                         window=0, softcap=0.0, sinks=None) -> [B, Hq, D]
 
 One entry is optional, and builds a kernel rather than being one:
 

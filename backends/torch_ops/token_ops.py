@@ -125,6 +125,8 @@ def moe(
     order = local.argsort(stable=True)  # pairs grouped by expert, those held elsewhere below 0 first
     counts = torch.bincount(local.clamp(-1, held) + 1, minlength=held + 2).tolist()  # [below, expert 0.., above]
     out = torch.zeros_like(x)  # [T, H]
+    project_up = F.linear if isinstance(gate_up, torch.Tensor) else linear  # floats stacked, or packed weights
+    project_down = F.linear if isinstance(down, torch.Tensor) else linear
     start = counts[0]
     for expert, count in enumerate(counts[1:-1]):
         if count == 0:
@@ -132,12 +134,11 @@ def moe(
         pairs = order[start : start + count]  # [n]
         start += count
         tokens = pairs // top_k  # [n]
-        project = F.linear if isinstance(gate_up, torch.Tensor) else linear
         up_bias = None if gate_up_bias is None else gate_up_bias[expert]
-        projected = project(x.index_select(0, tokens), gate_up[expert], up_bias)  # [n, 2I]
+        projected = project_up(x.index_select(0, tokens), gate_up[expert], up_bias)  # [n, 2I]
         hidden = silu_mul(projected) if activation == "silu" else swiglu_oai_mul(projected, alpha, limit)  # [n, I]
         out_bias = None if down_bias is None else down_bias[expert]
-        contribution = project(hidden, down[expert], out_bias) * weights[pairs, None]  # [n, H]
+        contribution = project_down(hidden, down[expert], out_bias) * weights[pairs, None]  # [n, H]
         out.index_add_(0, tokens, contribution.to(x.dtype))
     return out
 

@@ -181,12 +181,10 @@ def _bind_moe(params, ctx, kernels):
     held = range(first, end)
     device = ctx.backend.device
     gate, up, down = (params[role] for role in ("gate", "up", "down"))
-    gate_up = [_expert_weight(ctx, [gate.format(e), up.format(e)]) for e in held]
-    downs = [_expert_weight(ctx, [down.format(e)]) for e in held]
-    if not any(isinstance(w, torch.Tensor) for w in gate_up + downs):
-        stacked: tuple = (gate_up, downs)  # packed by the backend, read by its `linear`
-    else:
-        stacked = tuple(torch.stack([_dense(w) for w in ws]).to(device) for ws in (gate_up, downs))
+    stacked = (
+        _experts(ctx, [[gate.format(e), up.format(e)] for e in held]),
+        _experts(ctx, [[down.format(e)] for e in held]),
+    )
     router = _weight(ctx, params["router"]).to(device)
     biases: tuple = (None, None, None)
     if params.get("bias"):
@@ -200,13 +198,18 @@ def _bind_moe(params, ctx, kernels):
     return kernel, (router, *stacked, params["top_k"], first, params.get("normalize", True), *biases)
 
 
-def _expert_weight(ctx: LoweringContext, names: list[str]):
-    """One expert's projection (gate and up stacked): the backend's packing of its GGUF blocks when it reads them,
-    else its floats."""
-    parts = [ctx.quantized.get(n) for n in names]
-    if all(part is not None for part in parts) and (packed := _packed_blocks(ctx, parts)) is not None:
-        return packed
-    return torch.cat([_weight(ctx, n) for n in names]) if len(names) > 1 else _weight(ctx, names[0])
+def _experts(ctx: LoweringContext, names: list[list[str]]) -> list[Any] | torch.Tensor:
+    """One projection of each held expert (`names`: each expert's parts, gate and up stacked): the backend's packing
+    of their GGUF blocks when it reads every one of them, else their floats stacked, [L, out, in]."""
+    packed = []
+    for parts in names:
+        blocks = [ctx.quantized.get(n) for n in parts]
+        weight = _packed_blocks(ctx, blocks) if all(b is not None for b in blocks) else None
+        if weight is None:  # not every expert's blocks are read: the floats of all
+            floats = [torch.cat([_weight(ctx, n) for n in parts]) for parts in names]
+            return torch.stack(floats).to(ctx.backend.device)
+        packed.append(weight)
+    return packed
 
 
 def _packed_blocks(ctx: LoweringContext, parts: list[QuantizedWeight]) -> Any | None:
@@ -217,12 +220,6 @@ def _packed_blocks(ctx: LoweringContext, parts: list[QuantizedWeight]) -> Any | 
         for part in parts:
             drop_pages_under(ctx.mapped, part.blocks)
     return packed
-
-
-def _dense(weight) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor):
-        raise GraphError("a layer's experts are partly kept as blocks and partly as floats")
-    return weight
 
 
 def _cut_blocks(blocks: QuantizedWeight | None, shard: tuple[int, int, int] | None) -> QuantizedWeight | None:
