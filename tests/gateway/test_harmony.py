@@ -68,7 +68,7 @@ def test_a_plain_chat_renders_as_harmony() -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello.", "reasoning_content": "greet back"},
                 {"role": "user", "content": "What is 2+2?"}]  # fmt: skip
-    expected = (_system() + "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>"
+    expected = (_system() + "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n<|end|>"
                 "<|start|>user<|message|>Hi<|end|>"
                 "<|start|>assistant<|channel|>final<|message|>Hello.<|end|>"  # an answered turn's thinking is dropped
                 "<|start|>user<|message|>What is 2+2?<|end|><|start|>assistant")  # fmt: skip
@@ -96,16 +96,17 @@ def test_tools_calls_and_their_results_render_as_harmony() -> None:
         _system("high", tools=True) + f"<|start|>developer<|message|>{tools_text}<|end|>"
         "<|start|>user<|message|>Weather in SF?<|end|>"
         "<|start|>assistant<|channel|>analysis<|message|>Need the weather.<|end|>"  # kept: no answer follows yet
-        "<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>"
-        '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"location":"SF"}'
-        "<|call|><|start|>assistant<|channel|>commentary to=functions.now <|constrain|>json<|message|>{}<|call|>"
-        "<|start|>functions.now to=assistant<|channel|>commentary<|message|>12:00<|end|>"
-        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"sunny": true}<|end|>'
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"location":"SF"}<|call|>'
+        "<|start|>assistant to=functions.now<|channel|>commentary json<|message|>{}<|call|>"
+        '<|start|>functions.now to=assistant<|channel|>commentary<|message|>"12:00"<|end|>'  # results as JSON strings
+        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"{\\"sunny\\": true}"<|end|>'
         "<|start|>assistant"
     )  # fmt: skip
     assert _render(messages, [WEATHER, NOW], reasoning_effort="high") == expected
     answered = [*messages, {"role": "assistant", "content": "Sunny."}]
     assert "Need the weather." not in _render(answered, [WEATHER, NOW])  # the thinking goes once an answer follows
+    no_thinking = [messages[0], {k: v for k, v in messages[1].items() if k != "reasoning_content"}]
+    assert "<|channel|>analysis<|message|>Checking.<|end|>" in _render(no_thinking, [WEATHER, NOW])  # text: thinking
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
