@@ -186,7 +186,10 @@ def choices_stream(
 def test_sampled_choices_on_a_killed_worker_resume_each_with_its_own_tokens(long_model, tmp_path):
     graph = tmp_path / "two.yaml"
     graph.write_text(TWO_WORKERS.format(model=long_model))
-    with running_gateway(graph, tiny_config(tmp_path)) as gw:
+    # Room for every choice at once (16 streams x 4 = 32 sequences a worker): with the default 16, half the streams
+    # queue behind the others, and more than half of them are midway at once only by the luck of timing.
+    room = {f"{engine}.max_num_seqs": 32 for engine in ("engine_a", "engine_b")}
+    with running_gateway(graph, tiny_config(tmp_path), **room) as gw:
         by_choice: dict[int, list[str]] = {}
         texts, outcomes = streams_across_a_kill(gw, functools.partial(choices_stream, gw.url, by_choice))
         assert outcomes == {i: ["length"] * 4 for i in range(STREAMS)}  # every choice ended, once
