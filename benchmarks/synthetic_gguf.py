@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +102,17 @@ def write_llama_q4_k_m(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, (value, vtype, sub_type) in tokenizer.items():
         writer.add_key_value(key, value, vtype, sub_type)
+    write_tensors(writer, path, tensors, _make, seed=seed, workers=workers, progress=progress)
+    return path
+
+
+def write_tensors(
+    writer: gguf.GGUFWriter, path: Path, tensors: list, make: Callable, *, seed: int, workers: int | None = None,
+    progress: bool = True,
+) -> None:  # fmt: skip
+    """Write `tensors` (each with name, shape, qtype and nbytes) after the writer's metadata, streaming: each made by
+    `make(tensor, seeds, pool)` only when written (its own seed, so the file does not depend on the workers), the
+    progress shown; closes the writer."""
     for tensor in tensors:
         raw = np.dtype(np.float32) if tensor.qtype == GGMLQuantizationType.F32 else np.dtype(np.uint8)
         byte_shape = (*tensor.shape[:-1], tensor.nbytes // int(np.prod(tensor.shape[:-1], dtype=np.int64)))
@@ -110,15 +121,13 @@ def write_llama_q4_k_m(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    total = sum(t.nbytes for t in tensors)
-    shown = _Progress(path, len(tensors), total, progress)
+    shown = _Progress(path, len(tensors), sum(t.nbytes for t in tensors), progress)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         for index, tensor in enumerate(tensors):
-            writer.write_tensor_data(_make(tensor, np.random.SeedSequence([seed, index]), pool))
+            writer.write_tensor_data(make(tensor, np.random.SeedSequence([seed, index]), pool))
             shown.update(index + 1, tensor.nbytes)
     writer.close()
     shown.done()
-    return path
 
 
 def _tensors(shape: Shape, vocab: int) -> Iterator[_Tensor]:

@@ -12,7 +12,6 @@ unused tokens. Tensors are made and written one at a time, so the peak is one te
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, TokenType
 
 from sagellm.benchmarks.kquant_pack import quantize
-from sagellm.benchmarks.synthetic_gguf import CHUNK_VALUES, WEIGHT_STD, _gguf_file, _Progress, _tokenizer_fields
+from sagellm.benchmarks.synthetic_gguf import CHUNK_VALUES, WEIGHT_STD, _gguf_file, _tokenizer_fields, write_tensors
 
 F32, Q8_0, MXFP4 = GGMLQuantizationType.F32, GGMLQuantizationType.Q8_0, GGMLQuantizationType.MXFP4
 MXFP4_EXPONENT = 120  # E8M0 2^(120 - 127): E2M1 codes (up to 6) times 1/128, about a trained model's spread
@@ -92,21 +91,7 @@ def write_gpt_oss_mxfp4(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, (value, vtype, sub_type) in _padded_tokenizer(_gguf_file(tokenizer_from), shape.vocab).items():
         writer.add_key_value(key, value, vtype, sub_type)
-    for tensor in tensors:
-        raw = np.dtype(np.float32) if tensor.qtype == F32 else np.dtype(np.uint8)
-        byte_shape = (*tensor.shape[:-1], tensor.nbytes // int(np.prod(tensor.shape[:-1], dtype=np.int64)))
-        writer.add_tensor_info(tensor.name, tensor.shape if raw == np.float32 else byte_shape, raw, tensor.nbytes,
-                               raw_dtype=tensor.qtype)  # fmt: skip
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    shown = _Progress(path, len(tensors), sum(t.nbytes for t in tensors), progress)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for index, tensor in enumerate(tensors):
-            writer.write_tensor_data(_make(tensor, np.random.SeedSequence([seed, index]), pool))
-            shown.update(index + 1, tensor.nbytes)
-    writer.close()
-    shown.done()
+    write_tensors(writer, path, tensors, _make, seed=seed, progress=progress)
     return path
 
 
