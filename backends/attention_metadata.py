@@ -1,5 +1,5 @@
 """What an attention kernel needs to know about one batch: where each new token's K/V goes in the paged cache and
-which cached tokens each query may see.
+which cached tokens each query may see; for a model with recurrent layers, which state slot each sequence holds.
 
 A batch is laid out decodes first (one token per sequence), then prefill chunks (several tokens of one sequence
 each), the order the scheduler emits. The runner builds this once per step; every layer reuses it."""
@@ -17,6 +17,13 @@ class PrefillChunk:
     query_len: int  # tokens of this sequence computed in this step
     context_len: int  # tokens of this sequence in the cache after this step (earlier context + query_len)
     block_table: torch.Tensor  # int32 [num_blocks_of_seq]: the cache blocks holding the sequence, in order
+    # A model with recurrent layers (Gated DeltaNet): the sequence's state slot, where the chunk reads its starting
+    # states (its own slot when it continues the sequence, a prefix checkpoint's on a hit, -1: zeros, it starts at
+    # position 0), and where a checkpoint is taken, (tokens into this chunk, the slot that keeps the states after
+    # them).
+    state_slot: int = -1
+    source_slot: int = -1
+    checkpoint: tuple[int, int] | None = None
 
 
 @dataclass
@@ -30,6 +37,10 @@ class AttentionMetadata:
     # a kernel may extend what it read last step instead of reading every context again.
     decode_continues: bool = False
     prefills: list[PrefillChunk] = field(default_factory=list)
+    decode_state_slots: torch.Tensor | None = None  # int64 [num_decode]: each decode's state slot (recurrent layers)
+    # (slot, source) of decode rows that do not continue their slot's states: set from slot `source` first (a prefix
+    # checkpoint's), or to zeros (source -1: the sequence's first token).
+    decode_state_seeds: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -34,6 +34,12 @@ which L are held):
         # that joins its softmax's denominator and takes no value
   paged_decode_attention(q[B, Hq, D], k_cache, v_cache, block_tables[B, M] int32, context_lens[B] int32, scale,
                          window=0, softcap=0.0, sinks=None) -> [B, Hq, D]
+  gated_delta_net(mixed_qkv[T, C], b[T, Hv], a[T, Hv], meta, conv_states[S, C, K-1], ssm_states[S, Hv, Dk, Dv],
+                  conv_weight[C, K], a_log[Hv], dt_bias[Hv], num_k_heads, head_k_dim, head_v_dim) -> [T, Hv * Dv]
+        # a Gated DeltaNet layer's core (Qwen3.5): causal depthwise convolution + SiLU, q/k L2-normed, the gated
+        # delta rule over each sequence's state slot (meta.decode_state_slots, PrefillChunk.state_slot), states
+        # updated in place; C = 2 Hk Dk + Hv Dv; torch_ops/linear_attention.py is the reference
+  gated_rmsnorm(x[T, Hv * Dv], z[T, Hv * Dv], weight[Dv], eps) -> [T, Hv * Dv]   # per-head RMSNorm, times silu(z)
 
 One entry is optional, and builds a kernel rather than being one:
 
@@ -117,6 +123,8 @@ REQUIRED_OPS = (
     "moe",
     "attention",
     "paged_decode_attention",
+    "gated_delta_net",
+    "gated_rmsnorm",
 )
 
 

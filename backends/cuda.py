@@ -1,5 +1,5 @@
 """The NVIDIA CUDA backend: torch (cuBLAS, SDPA) for linear, embedding and prefill attention; triton kernels for
-paged decode attention, RMSNorm, add+RMSNorm, RoPE and SiLU-mul.
+paged decode attention, RMSNorm, add+RMSNorm, RoPE, SiLU-mul and the Gated DeltaNet's delta rule.
 
 Triton is imported only when the kernel table is built, so registering and listing this backend works on machines
 without it. `attention` is the shared torch op with the triton kernel plugged in as its decode half."""
@@ -45,6 +45,7 @@ class CudaBackend(torch_ops.TorchOpsBackend):
             rope=triton_kernels.rope,
             silu_mul=triton_kernels.silu_mul,
             paged_decode_attention=triton_kernels.paged_decode_attention,
+            gated_delta_net=triton_kernels.gated_delta_net,
             attention=functools.partial(
                 torch_ops.attention, decode=triton_kernels.paged_decode_attention, buffers=torch_ops.GatherBuffers()
             ),

@@ -120,6 +120,12 @@ _EMBEDDING = ("model.embed_tokens.weight", "token_embd.weight")
 _MORE_BITS = ("self_attn.v_proj.weight", "mlp.down_proj.weight", "attn_v.weight", "ffn_down.weight")
 
 
+def use_more_bits(index: int, count: int) -> bool:
+    """llama-quantize's pick of the tensors of one kind (the `index`-th of `count`) that Q4_K_M gives more bits: the
+    first and last eighth, and every third between."""
+    return index < count // 8 or index >= 7 * count // 8 or (index - count // 8) % 3 == 2
+
+
 def q4_k_m_type(name: str, layers: int, cols: int, tied: bool) -> GGMLQuantizationType:
     """llama.cpp's type for a tensor of a Q4_K_M file (src/llama-quant.cpp, a dense llama-arch model), by its
     Hugging Face or GGUF name: Q6_K for the output (and a tied embedding), for attn_v and ffn_down of the layers
@@ -131,9 +137,7 @@ def q4_k_m_type(name: str, layers: int, cols: int, tied: bool) -> GGMLQuantizati
     if name in _OUTPUT or (tied and name in _EMBEDDING):
         wanted = q6
     elif layer and name.endswith(_MORE_BITS):
-        i = int(layer.group(1))
-        more_bits = i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
-        wanted = q6 if more_bits else q4
+        wanted = q6 if use_more_bits(int(layer.group(1)), layers) else q4
     if cols % QK_K:
         return GGMLQuantizationType.Q5_0 if wanted == q4 else GGMLQuantizationType.Q8_0
     return wanted

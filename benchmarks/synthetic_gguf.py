@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType, TokenType
 
 from sagellm.benchmarks.kquant_pack import q4_k_m_type, quantize
 
@@ -160,16 +160,25 @@ def _make(tensor: _Tensor, seeds: np.random.SeedSequence, pool: ThreadPoolExecut
     if tensor.qtype == GGMLQuantizationType.F32:
         values = np.random.default_rng(seeds).standard_normal(tensor.shape, dtype=np.float32)
         return values * np.float32(NORM_STD) + np.float32(1.0)
-    rows, cols = tensor.shape
-    blocks = np.empty((rows, tensor.nbytes // rows), np.uint8)
+    return random_blocks(tensor.shape, tensor.qtype, tensor.nbytes, WEIGHT_STD, seeds, pool)
+
+
+def random_blocks(
+    shape: tuple[int, int], qtype: GGMLQuantizationType, nbytes: int, std: float, seeds: np.random.SeedSequence,
+    pool: ThreadPoolExecutor,
+) -> np.ndarray:  # fmt: skip
+    """Random N(0, std) weights [rows, cols] quantized to `qtype` ([rows, nbytes / rows] bytes), made a chunk of
+    rows at a time by the pool's workers, each chunk its own generator (so the file does not depend on the number
+    of workers)."""
+    rows, cols = shape
+    blocks = np.empty((rows, nbytes // rows), np.uint8)
     step = max(1, CHUNK_VALUES // cols)
     starts = range(0, rows, step)
 
     def chunk(start: int, chunk_seed: np.random.SeedSequence) -> None:
         end = min(rows, start + step)
         values = np.random.default_rng(chunk_seed).standard_normal((end - start, cols), dtype=np.float32)
-        values *= np.float32(WEIGHT_STD)
-        blocks[start:end] = quantize(values, tensor.qtype)
+        blocks[start:end] = quantize(values * np.float32(std), qtype)
 
     list(pool.map(chunk, starts, seeds.spawn(len(starts))))  # list(): raise a worker's error here
     return blocks
@@ -201,6 +210,23 @@ def _tokenizer_fields(path: Path) -> dict[str, tuple[object, GGUFValueType, GGUF
         fields[key] = (field.contents(), vtype, sub_type)
     if "tokenizer.ggml.tokens" not in fields:
         raise ValueError(f"{path} has no tokenizer.ggml.tokens to copy")
+    return fields
+
+
+def padded_tokenizer(tokenizer_from: str | Path | None, vocab: int) -> dict:
+    """The tokenizer keys of `tokenizer_from` (default SmolLM2's), its tokens and their types padded with unused
+    tokens to `vocab`: a larger model's vocabulary over a small tokenizer."""
+    source = _gguf_file(tokenizer_from)
+    fields = _tokenizer_fields(source)
+    tokens = list(fields["tokenizer.ggml.tokens"][0])
+    types = list(fields["tokenizer.ggml.token_type"][0])
+    pad = vocab - len(tokens)
+    if pad < 0:
+        raise ValueError(f"{source}'s {len(tokens)} tokens do not fit a vocabulary of {vocab}")
+    fields["tokenizer.ggml.tokens"] = ([*tokens, *(f"[PAD{n}]" for n in range(pad))], GGUFValueType.ARRAY,
+                                       GGUFValueType.STRING)  # fmt: skip
+    fields["tokenizer.ggml.token_type"] = ([*types, *[int(TokenType.UNUSED)] * pad], GGUFValueType.ARRAY,
+                                           GGUFValueType.INT32)  # fmt: skip
     return fields
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, TokenType
+from gguf import GGMLQuantizationType
 
 from sagellm.benchmarks.kquant_pack import quantize
-from sagellm.benchmarks.synthetic_gguf import CHUNK_VALUES, WEIGHT_STD, _gguf_file, _tokenizer_fields, write_tensors
+from sagellm.benchmarks.synthetic_gguf import CHUNK_VALUES, WEIGHT_STD, padded_tokenizer, write_tensors
 
 F32, Q8_0, MXFP4 = GGMLQuantizationType.F32, GGMLQuantizationType.Q8_0, GGMLQuantizationType.MXFP4
 MXFP4_EXPONENT = 120  # E8M0 2^(120 - 127): E2M1 codes (up to 6) times 1/128, about a trained model's spread
@@ -89,7 +89,7 @@ def write_gpt_oss_mxfp4(
     writer.add_sliding_window(shape.window)
     writer.add_vocab_size(shape.vocab)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, (value, vtype, sub_type) in _padded_tokenizer(_gguf_file(tokenizer_from), shape.vocab).items():
+    for key, (value, vtype, sub_type) in padded_tokenizer(tokenizer_from, shape.vocab).items():
         writer.add_key_value(key, value, vtype, sub_type)
     write_tensors(writer, path, tensors, _make, seed=seed, progress=progress)
     return path
@@ -140,21 +140,6 @@ def _make(tensor: _Tensor, seeds: np.random.SeedSequence, pool: ThreadPoolExecut
 
     list(pool.map(chunk, starts, seeds.spawn(len(starts))))  # list(): raise a worker's error here
     return blocks.reshape(*tensor.shape[:-1], -1)
-
-
-def _padded_tokenizer(source: Path, vocab: int) -> dict:
-    """SmolLM2's tokenizer keys, its tokens and their types padded with unused tokens to `vocab`."""
-    fields = _tokenizer_fields(source)
-    tokens = list(fields["tokenizer.ggml.tokens"][0])
-    types = list(fields["tokenizer.ggml.token_type"][0])
-    pad = vocab - len(tokens)
-    if pad < 0:
-        raise ValueError(f"{source}'s {len(tokens)} tokens do not fit a vocabulary of {vocab}")
-    fields["tokenizer.ggml.tokens"] = ([*tokens, *(f"[PAD{n}]" for n in range(pad))], GGUFValueType.ARRAY,
-                                       GGUFValueType.STRING)  # fmt: skip
-    fields["tokenizer.ggml.token_type"] = ([*types, *[int(TokenType.UNUSED)] * pad], GGUFValueType.ARRAY,
-                                           GGUFValueType.INT32)  # fmt: skip
-    return fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -186,6 +186,17 @@ def make_tiny_gpt_oss(directory: str | Path, seed: int = 0, **overrides: Any) ->
     return _save_model(Path(directory), GptOssConfig, GptOssForCausalLM, seed, defaults | overrides, widen_gate_up)
 
 
+def make_tiny_qwen3_5(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Qwen3_5ForCausalLM: Gated DeltaNet layers (2 key heads, 4 value heads) alternating with
+    gated attention layers (partial rotary at the default quarter of a head), norms stored as offsets from 1."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    defaults = dict(head_dim=16, num_hidden_layers=4, full_attention_interval=2, linear_num_key_heads=2,
+                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                    initializer_range=0.1)  # fmt: skip
+    return _save_model(Path(directory), Qwen3_5TextConfig, Qwen3_5ForCausalLM, seed, defaults | overrides)
+
+
 def make_tiny_gpt_oss_mxfp4(directory: str | Path, seed: int = 0) -> Path:
     """make_tiny_gpt_oss's model as gpt-oss ships: its experts in MXFP4 (`*_blocks` [E, out, in / 32, 16] and
     `*_scales` [E, out, in / 32], quantized by gguf-py's MXFP4, so a GGUF of the same model holds the same values)
@@ -301,8 +312,20 @@ _GGUF_GEMMA = {  # Gemma's sandwich norms: its HF post_attention_layernorm follo
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
 _GGUF_GPT_OSS = {"post_attention_layernorm.weight": "post_attention_norm.weight"}  # its pre-MLP norm
+_GGUF_QWEN35 = {  # its Gated DeltaNet layers' tensors and its pre-MLP norm
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight",
+    "linear_attn.in_proj_z.weight": "attn_gate.weight",
+    "linear_attn.in_proj_b.weight": "ssm_beta.weight",
+    "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight",
+    "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.A_log": "ssm_a",
+    "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+}
 _GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe",
-              "gpt_oss": "gpt-oss"}  # fmt: skip
+              "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35"}  # fmt: skip
 
 
 def write_tiny_gguf(
@@ -381,6 +404,8 @@ def write_tiny_gguf(
     if config.model_type == "gpt_oss":
         writer.add_expert_feed_forward_length(config.intermediate_size)
         writer.add_sliding_window(config.sliding_window)
+    if arch == "qwen35":
+        _add_gated_delta_net_keys(writer, config)
     if rope.get("rope_type") == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(rope["factor"])
@@ -396,11 +421,13 @@ def write_tiny_gguf(
             continue
         if arch.startswith("gemma") and name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
             values = values + 1
+        if arch == "qwen35":
+            values = _qwen35_values(name, values, config)
         if arch == "llama" and name.endswith("q_proj.weight"):  # llama.cpp's rope pairs (not for NEOX-rope families)
             values = _permute_rows(values, config.num_attention_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             values = _permute_rows(values, config.num_key_value_heads)
-        router = name.endswith(("block_sparse_moe.gate.weight", "self_attn.sinks"))  # llama.cpp keeps these F32
+        router = name.endswith(("block_sparse_moe.gate.weight", "self_attn.sinks", "conv1d.weight"))  # kept F32
         tensor_type = qtype if values.ndim >= 2 and not router else GGMLQuantizationType.F32
         expert = ".experts.w" in name and name.endswith(".weight")
         if qtype == GGMLQuantizationType.MXFP4 and not expert:  # llama.cpp's gpt-oss: only experts in MXFP4
@@ -417,6 +444,42 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_gated_delta_net_keys(writer: gguf.GGUFWriter, config: Any) -> None:
+    """Qwen3.5's keys as llama.cpp's converter writes them: the linear attention sizes as SSM keys, which layers are
+    recurrent, and its (text-only: unused) multimodal rope sections."""
+    writer.add_ssm_conv_kernel(config.linear_conv_kernel_dim)
+    writer.add_ssm_state_size(config.linear_key_head_dim)
+    writer.add_ssm_group_count(config.linear_num_key_heads)
+    writer.add_ssm_time_step_rank(config.linear_num_value_heads)
+    writer.add_ssm_inner_size(config.linear_value_head_dim * config.linear_num_value_heads)
+    writer.add_array("qwen35.attention.recurrent_layers", [kind == "linear_attention" for kind in config.layer_types])
+    writer.add_full_attention_interval(4)  # what llama.cpp falls back to without the flags above
+    writer.add_rope_dimension_sections([11, 11, 10, 0])
+
+
+def _qwen35_values(name: str, values: np.ndarray, config: Any) -> np.ndarray:
+    """What llama.cpp's converter does to a Qwen3.5 tensor: norms stored as 1 + w (but the DeltaNet's own), A_log as
+    -exp(A_log), the convolution squeezed to [C, K], and value heads reordered from grouped by key head to tiled."""
+    if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        values = values + 1
+    elif name.endswith("A_log"):
+        values = -np.exp(values)
+    elif name.endswith("conv1d.weight"):
+        values = values[:, 0, :]
+    hk, hv, dv = config.linear_num_key_heads, config.linear_num_value_heads, config.linear_value_head_dim
+    role = name.rpartition("linear_attn.")[2]
+    if ".linear_attn." not in name or hk == hv:
+        return values
+    qk = 2 * hk * config.linear_key_head_dim if role in ("in_proj_qkv.weight", "conv1d.weight") else 0
+    per_head = dv if role in ("in_proj_qkv.weight", "conv1d.weight", "in_proj_z.weight", "out_proj.weight") else 1
+    tiled = lambda v: v.reshape(hk, hv // hk, per_head, *v.shape[1:]).swapaxes(0, 1).reshape(v.shape)  # noqa: E731
+    if role == "out_proj.weight":
+        return tiled(np.ascontiguousarray(values.T)).T
+    if role in ("norm.weight",):
+        return values
+    return np.concatenate([values[:qk], tiled(values[qk:])])
 
 
 def _unstack_gpt_oss_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -458,6 +521,7 @@ def _gguf_name(hf_name: str, arch: str) -> str:
         return _GGUF_GLOBAL[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
     names = _GGUF_LAYER | (_GGUF_GEMMA if arch.startswith("gemma") else _GGUF_GPT_OSS if arch == "gpt-oss" else {})
+    names |= _GGUF_QWEN35 if arch == "qwen35" else {}
     return f"blk.{layer}.{names[rest]}"
 
 

@@ -33,7 +33,15 @@ log = structlog.get_logger("sagellm.native")
 
 HERE = Path(__file__).parent
 SOURCES = tuple(
-    HERE / c for c in ("decode_kernels.c", "block_linear.c", "block_int8.c", "prefill_attention.c", "decoder_layers.c")
+    HERE / c
+    for c in (
+        "decode_kernels.c",
+        "block_linear.c",
+        "block_int8.c",
+        "prefill_attention.c",
+        "decoder_layers.c",
+        "delta_rule.c",
+    )
 )
 HEADERS = tuple(HERE / h for h in ("vector_math.h", "kernels.h", "block_layouts.h", "mxfp4.h"))  # included by them
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
@@ -95,6 +103,11 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
         + (_P, _I32, _I32)  # scratch, threads
     ),
     "decoder_layers_workspace": (_I64, _I64, _I64, _I64, _I64, _I64),
+    "gated_delta_net_f32": (
+        (_P, _I64, _P, _I64, _P, _I64, _P, _P, _I64)  # x, a, b, starts, slots, sequences
+        + (_P, _P, _P, _P, _P, _P)  # states, weights, out
+        + (_I64, _I64, _I64, _I64, _I64, _P, _I32)  # Hk, Dk, Hv, Dv, K, scratch, threads
+    ),
 }
 RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64}  # the others return void
 

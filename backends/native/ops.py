@@ -21,6 +21,8 @@ F32 = torch.float32
 MAX_HEAD_DIM = 256  # decode_kernels.c and prefill_attention.c MAX_HEAD_DIM
 MAX_QUERY_GROUP = 48  # prefill_attention.c MAX_QUERIES: query heads per kv head it takes
 KEY_CHUNK = 32  # prefill_attention.c KEY_CHUNK
+MAX_DELTA_HEAD_DIM = 256  # delta_rule.c MAX_HEAD_DIM: the Gated DeltaNet's Dk and Dv
+MAX_CONV_WIDTH = 8  # delta_rule.c MAX_WIDTH: its convolution's K
 # Most bytes of the fp32 weight tile `block_linear_large` dequantizes at a time, a trade measured on two AVX-512
 # cores (2 MB of L2 each): each tile is one GEMM call, which packs all of x again (2048 x 2048 at T = 512: tiles of
 # 1 MB take 1.3x the dense GEMM's time, 2 MB 1.2x, 4 MB 1.1x), while tiles past the L2 dequantize slower (Q6_K at 1,
@@ -69,6 +71,27 @@ def fits_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         and fits_heads(q)
         and fits_dense(k_cache, v_cache)
         and fits_dense(table, dtype=torch.int32)
+    )
+
+
+def fits_delta_rule(
+    mixed_qkv: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    states: tuple[torch.Tensor, ...],
+    head_k_dim: int,
+    head_v_dim: int,
+) -> bool:
+    """What `gated_delta_net` reads: fp32 rows of mixed_qkv, b and a (any row stride: views of a fused projection
+    qualify), the contiguous fp32 `states` (conv_states, ssm_states, conv_weight, a_log, dt_bias), heads of at most
+    MAX_DELTA_HEAD_DIM and a convolution of at most MAX_CONV_WIDTH."""
+    conv_weight = states[2]
+    return (
+        max(head_k_dim, head_v_dim) <= MAX_DELTA_HEAD_DIM
+        and conv_weight.dim() == 2
+        and conv_weight.shape[1] <= MAX_CONV_WIDTH
+        and fits_rows(mixed_qkv, b, a)
+        and fits_dense(*states)
     )
 
 
@@ -361,6 +384,66 @@ class NativeKernels:
             window,
             softcap,
             _sinks(sinks, hq),
+            scratch.data_ptr(),
+            num_threads,
+        )
+        return out
+
+    def gated_delta_net(
+        self,
+        mixed_qkv: torch.Tensor,
+        b: torch.Tensor,
+        a: torch.Tensor,
+        starts: torch.Tensor,
+        slots: torch.Tensor,
+        conv_states: torch.Tensor,
+        ssm_states: torch.Tensor,
+        conv_weight: torch.Tensor,
+        a_log: torch.Tensor,
+        dt_bias: torch.Tensor,
+        num_k_heads: int,
+        head_k_dim: int,
+        head_v_dim: int,
+        num_threads: int = 1,
+    ) -> torch.Tensor:
+        """`gated_delta_net` (backends/base.py) over N sequences, each continuing from its slot's states: rows
+        starts[i] .. starts[i + 1] - 1 of mixed_qkv [T, C], b and a [T, Hv] are sequence i's tokens, in order, and
+        slots[i] its slot (starts int64 [N + 1] from 0 to T, slots int64 [N]; a decode step: one token each).
+        conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] are advanced in place. Returns [T, Hv * Dv]. Neither
+        starts nor slots is checked beyond its shape: starts must rise from 0 to T, slots be distinct and below S."""
+        tokens, channels = mixed_qkv.shape
+        hk, dk, hv, dv = num_k_heads, head_k_dim, b.shape[1], head_v_dim
+        width = conv_weight.shape[1]
+        _expect(channels == 2 * hk * dk + hv * dv and hv % hk == 0, "gated_delta_net heads", mixed_qkv, b)
+        _expect(b.shape == a.shape == (tokens, hv), "gated_delta_net b and a", a, mixed_qkv)
+        _expect(starts.shape == (slots.shape[0] + 1,), "gated_delta_net starts and slots", starts, slots)
+        _expect(conv_weight.shape == (channels, width), "gated_delta_net conv_weight", conv_weight, mixed_qkv)
+        _expect(conv_states.shape[1:] == (channels, width - 1), "gated_delta_net conv_states", conv_states, mixed_qkv)
+        _expect(ssm_states.shape[1:] == (hv, dk, dv), "gated_delta_net ssm_states", ssm_states, b)
+        _expect(a_log.shape == dt_bias.shape == (hv,), "gated_delta_net a_log and dt_bias", a_log, b)
+        out = torch.empty((tokens, hv * dv), dtype=F32)  # [T, Hv * Dv]
+        scratch = torch.empty(tokens * (channels + 2 * hv), dtype=F32)  # each token's convolved q, k, v and gates
+        self._lib.gated_delta_net_f32(
+            mixed_qkv.data_ptr(),
+            mixed_qkv.stride(0),
+            a.data_ptr(),
+            a.stride(0),
+            b.data_ptr(),
+            b.stride(0),
+            _contiguous(starts, torch.int64),
+            _contiguous(slots, torch.int64),
+            slots.shape[0],
+            _f32(conv_states),
+            _f32(ssm_states),
+            _f32(conv_weight),
+            _f32(a_log),
+            _f32(dt_bias),
+            out.data_ptr(),
+            hk,
+            dk,
+            hv,
+            dv,
+            width,
             scratch.data_ptr(),
             num_threads,
         )

@@ -13,6 +13,7 @@ import torch
 from sagellm.backends.base import Availability, HardwareBackend, KernelTable
 from sagellm.backends.torch_ops.attention import attention, paged_decode_attention
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
+from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm
 from sagellm.backends.torch_ops.token_ops import (
     add,
     add_rmsnorm,
@@ -39,6 +40,8 @@ TORCH_KERNELS: KernelTable = {
     "moe": moe,
     "attention": attention,
     "paged_decode_attention": paged_decode_attention,
+    "gated_delta_net": gated_delta_net,
+    "gated_rmsnorm": gated_rmsnorm,
 }
 
 

@@ -9,6 +9,7 @@ Allocation answers False, never raises, when the cache is full: the scheduler th
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sagellm.runtime.engine.prefix_hash import hash_block, prefix_root
@@ -46,12 +47,15 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     # -- prefix cache -------------------------------------------------------------------------------------------
-    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+    def find_cached_prefix(self, seq: Sequence, usable: Callable[[int], bool] | None = None) -> list[int]:
         """Blocks already holding the longest cached prefix of `seq`. At least one token is always left to
-        compute, because the step that computes the last token is the one that samples the next."""
+        compute, because the step that computes the last token is the one that samples the next. `usable(hash)`:
+        whether a prefix ending with the block of that hash may be resumed from (a model with recurrent layers needs
+        their states there too): the prefix is cut to the longest such."""
         if not self.enable_prefix_caching:
             return []
         found: list[int] = []
+        resumable = 0
         parent = prefix_root(seq.cache_salt)
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
@@ -60,9 +64,22 @@ class BlockManager:
             if block_id is None:
                 break
             found.append(block_id)
+            if usable is None or usable(parent):
+                resumable = len(found)
         self.prefix_queries += max_blocks
-        self.prefix_hits += len(found)
-        return found
+        self.prefix_hits += resumable
+        return found[:resumable]
+
+    def prefix_hash(self, seq: Sequence, num_blocks: int) -> int:
+        """The chained hash of `seq`'s first `num_blocks` full blocks (computed or not): what the prefix cache will
+        name them by."""
+        hashes = self._seq_hashes.get(seq.request_id, [])
+        if len(hashes) >= num_blocks:
+            return hashes[num_blocks - 1]
+        parent = hashes[-1] if hashes else prefix_root(seq.cache_salt)
+        for i in range(len(hashes), num_blocks):
+            parent = self._hash(parent, seq.token_ids, i)
+        return parent
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Registers the blocks of `seq` that became full and computed, so later prompts can share them."""

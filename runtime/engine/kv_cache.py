@@ -1,4 +1,5 @@
-"""The paged KV cache's memory: one preallocated K and one V tensor per layer, each [num_blocks, block_size, Hk, D].
+"""The paged KV cache's memory: one preallocated K and one V tensor per attention layer, each
+[num_blocks, block_size, Hk, D] (a linear attention layer keeps a recurrent state instead: state_cache.py).
 
 Sizing is by a memory budget, so the same engine fits a laptop or a server; the block manager does the bookkeeping
 and never touches these tensors."""
@@ -17,7 +18,7 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype = torch.float32) -> int:
-    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize  # K and V
+    per_token = 2 * config.num_kv_layers * config.num_kv_heads * config.head_dim * dtype.itemsize  # K and V
     return per_token * block_size
 
 
@@ -29,11 +30,11 @@ def allocate_kv_caches(
     config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> KVCaches:
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    zeros = _untouched_zeros if device.type == "cpu" else partial(torch.zeros, device=device)
-    return [(zeros(shape, dtype=dtype), zeros(shape, dtype=dtype)) for _ in range(config.num_layers)]
+    zeros = untouched_zeros if device.type == "cpu" else partial(torch.zeros, device=device)
+    return [(zeros(shape, dtype=dtype), zeros(shape, dtype=dtype)) for _ in range(config.num_kv_layers)]
 
 
-def _untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros in a private anonymous mapping of their own: the kernel maps pages of zeros as they are first written,
     so a cache of a GiB costs no time and no resident memory until it fills (torch.zeros writes every byte: seconds
     per worker at start-up). Not calloc: in a process that has freed much, calloc may hand back heap memory and

@@ -38,6 +38,7 @@ from sagellm.runtime.engine.speculative.config import parse_speculative_config
 from sagellm.runtime.engine.speculative.proposers import ProposerContext
 from sagellm.runtime.engine.speculative.speculator import Speculator
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, accepted_tokens, sampled_rows
+from sagellm.runtime.engine.state_cache import bytes_per_state_slot
 from sagellm.runtime.engine.thinking import ThinkingTracker
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 from sagellm.runtime.models.loader import load_model
@@ -101,6 +102,13 @@ class LLMEngine:
         )
         max_len = config.max_model_len or model_config.max_position_embeddings
         num_blocks = kv_cache_blocks(config, rank0, max_len, self.backend.device.type)
+        # A model with recurrent layers (Qwen3.5): a state slot per seat, and as many for the prefix cache's
+        # checkpoints of them (state_slots.py).
+        num_state_slots = config.max_num_seqs if model_config.num_linear_layers else 0
+        checkpoints = num_state_slots if config.enable_prefix_caching else 0
+        if num_state_slots:
+            per_sequence = round(bytes_per_state_slot(rank0) / 2**20, 1)
+            log.info("state_slots", seats=num_state_slots, checkpoints=checkpoints, mib_per_slot=per_sequence)
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -111,6 +119,8 @@ class LLMEngine:
                 block_size=config.block_size,
                 enable_prefix_caching=config.enable_prefix_caching,
                 scheduling_policy=config.scheduling_policy,
+                num_state_slots=num_state_slots,
+                num_state_checkpoints=checkpoints,
             )
         )
         with stage(f"preparing the weights for the {self.backend.name} backend"):
@@ -125,6 +135,7 @@ class LLMEngine:
                 prefault_kv_cache=config.prefault_kv_cache,
                 linear_dtype=linear_dtype,
                 mapped=self.model.mapped,
+                num_state_slots=num_state_slots + checkpoints,
             )
         # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
         self.model.weights, self.model.quantized = {}, {}
@@ -133,6 +144,9 @@ class LLMEngine:
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         spec = parse_speculative_config(config.speculative_config)
+        if spec is not None and num_state_slots:
+            why = "of a model with recurrent layers (Qwen3.5) needs their states rolled back, not supported yet"
+            raise FieldError("speculative_config", f"speculative decoding {why}")
         self.speculator: Speculator | None = None
         if spec is not None:
             with stage(f"preparing speculative decoding ({spec.method})"):
@@ -383,6 +397,9 @@ class LLMEngine:
             raise
         except Exception as error:
             batch, failed = self._without_culprits(batch, error)
+            if self.scheduler.state_slots is not None:  # recurrent states are not rewritten as KV is: recompute
+                self.scheduler.discard_step(batch)
+                return failed
             if not batch:
                 return failed
             logits = self.runner.execute(batch)
@@ -550,7 +567,7 @@ class LLMEngine:
             finish = finish or "prefilled"
             slots = token_slots(seq.block_table, 0, seq.num_prompt_tokens, self.runner.block_size, self.runner.device)
             c = self.model.config
-            shape = (c.num_layers, 2, seq.num_prompt_tokens, c.num_kv_heads, c.head_dim)
+            shape = (c.num_kv_layers, 2, seq.num_prompt_tokens, c.num_kv_heads, c.head_dim)
             out = self.kv_buffer(shape, torch.float32) if self.kv_buffer else None
             kv = self.runner.read_kv(slots, out)  # [num_layers, 2, prompt_len, Hk, D]
         if finish is not None:

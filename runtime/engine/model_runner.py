@@ -21,6 +21,7 @@ from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, wri
 from sagellm.runtime.engine.kv_prefault import KVPrefault
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
+from sagellm.runtime.engine.state_cache import allocate_state_caches
 from sagellm.runtime.execution_graph.lowering import Collectives, LoweringContext, lower
 from sagellm.runtime.execution_graph.passes import optimize
 from sagellm.runtime.execution_graph.plan import Plan
@@ -34,7 +35,11 @@ from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, sha
 def cache_config(config: ModelConfig, shard: TensorShard | None, stage: PipelineStage | None) -> ModelConfig:
     """The config as one rank's KV cache sees it: its own KV heads, its stage's layers."""
     config = rank_config(config, shard)
-    return dataclasses.replace(config, num_layers=len(stage.layers(config.num_layers))) if stage else config
+    if stage is None:
+        return config
+    layers = stage.layers(config.num_layers)
+    types = config.layer_types[layers.start : layers.stop] if config.layer_types else ()
+    return dataclasses.replace(config, num_layers=len(layers), layer_types=types)
 
 
 class RunnerLostError(Lost, RuntimeError):
@@ -51,8 +56,12 @@ class StepInputs(msgspec.Struct, array_like=True, kw_only=True, tag="step"):
     decode_tables: list[list[int]]  # the decodes' block tables, padded with 0 to one width
     decode_context_lens: list[int]
     decode_continues: bool
-    prefills: list[tuple[int, int, int, list[int]]]  # (query start, query length, context length, block table)
+    # (query start, query length, context length, block table, and for recurrent layers: the sequence's state slot,
+    # the slot its states start from (-1: zeros), a checkpoint (tokens, slot) or None)
+    prefills: list[tuple[int, int, int, list[int], int, int, tuple[int, int] | None]]
     logits_rows: list[int] | None  # None: every row is sampled
+    decode_state_slots: list[int] = []  # a model with recurrent layers: each decode row's state slot
+    decode_state_seeds: list[tuple[int, int]] = []  # and (slot, source) of those that start elsewhere (metadata)
 
 
 class ModelRunner:
@@ -72,18 +81,22 @@ class ModelRunner:
         prefault_kv_cache: bool = False,
         linear_dtype: torch.dtype = torch.float32,
         mapped: Any = None,
+        num_state_slots: int = 0,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
         whole cache's memory in the background now, not just ahead of use; `linear_dtype`: the dtype the linears'
         weights are packed in (EngineConfig.dtype); `mapped`: the GGUF file `quantized` views (LoadedModel.mapped),
-        whose pages are let go as each weight is packed."""
+        whose pages are let go as each weight is packed; `num_state_slots`: the slots of a model's recurrent
+        layers' states (state_cache.py)."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
         self.block_size = block_size
         self.device = backend.device
-        self.kv_caches = allocate_kv_caches(cache_config(config, shard, stage), num_blocks, block_size, self.device)
+        own = cache_config(config, shard, stage)
+        self.kv_caches = allocate_kv_caches(own, num_blocks, block_size, self.device)
+        self.state_caches = allocate_state_caches(own, num_state_slots, self.device)
         self._prefault = KVPrefault([t for pair in self.kv_caches for t in pair], everything=prefault_kv_cache)
         graph = build_decoder_graph(config, self.layers)
         self.graph = optimize(shard_tensor_parallel(graph, config, shard) if shard else graph)
@@ -97,6 +110,7 @@ class ModelRunner:
             collectives=collectives,
             linear_dtype=linear_dtype,
             mapped=mapped,
+            state_caches=self.state_caches,
         )
         self.plan: Plan = lower(self.graph, context)
         self._last_decodes: list[tuple[Sequence, int]] = []  # (sequence, computed tokens) of last step's decodes
@@ -126,12 +140,13 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
-        prefills: list[tuple[int, int, int, list[int]]] = []
+        prefills: list[tuple[int, int, int, list[int], int, int, tuple[int, int] | None]] = []
         num_decodes = batch.num_decodes
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, table = seq.num_computed_tokens, seq.block_table
             if i >= num_decodes:
-                prefills.append((len(ids), n, start + n, table))
+                source = batch.restores.get(seq, seq.state_slot if start else -1)
+                prefills.append((len(ids), n, start + n, table, seq.state_slot, source, batch.checkpoints.get(seq)))
             logits_rows.extend(len(ids) + p - start for p in seq.prompt_scored_positions(n))
             ids.extend(seq.scheduled_token_ids(n))
             span = range(start, start + n)
@@ -163,19 +178,33 @@ class ModelRunner:
             decode_continues=continues,
             prefills=prefills,
             logits_rows=None if len(logits_rows) == len(ids) else logits_rows,
+            decode_state_slots=[s.state_slot for s, _ in decodes] if self.state_caches else [],
+            decode_state_seeds=self._decode_state_seeds(batch, decodes),
         )
+
+    def _decode_state_seeds(self, batch: ScheduledBatch, decodes: list[tuple[Sequence, int]]) -> list[tuple[int, int]]:
+        """(slot, source) of the decode rows that do not continue their own states: a sequence's first token (from
+        zeros, source -1) and the one token left after a prefix hit (from the checkpoint)."""
+        if not self.state_caches:
+            return []
+        starting = [s for s, _ in decodes if s in batch.restores or not s.num_computed_tokens]
+        return [(s.state_slot, batch.restores.get(s, -1)) for s in starting]
 
     def tensors(self, step: StepInputs) -> dict[str, object]:
         meta = AttentionMetadata(
             slot_mapping=self._tensor(step.slots, torch.int64),
             block_size=self.block_size,
             num_decode_tokens=step.num_decodes,
-            prefills=[PrefillChunk(a, n, c, self._tensor(t, torch.int32)) for a, n, c, t in step.prefills],
+            prefills=[PrefillChunk(a, n, c, self._tensor(t, torch.int32), slot, source, at and tuple(at))
+                      for a, n, c, t, slot, source, at in step.prefills],  # fmt: skip
             decode_continues=step.decode_continues,
         )
         if step.num_decodes:
             meta.decode_block_tables = self._tensor(step.decode_tables, torch.int32)
             meta.decode_context_lens = self._tensor(step.decode_context_lens, torch.int32)
+        if step.decode_state_slots:
+            meta.decode_state_slots = self._tensor(step.decode_state_slots, torch.int64)
+            meta.decode_state_seeds = [tuple(seed) for seed in step.decode_state_seeds]
         return {
             "input_ids": self._tensor(step.input_ids, torch.int64),
             "positions": self._tensor(step.positions, torch.int64),

@@ -21,6 +21,7 @@ from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.block_manager import BlockManager
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
+from sagellm.runtime.engine.state_slots import StateSlots
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class SchedulerConfig:
     block_size: int  # tokens per block
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # a key of request_queue.QUEUES: fcfs or priority
+    # A model with recurrent layers: the slots of their states, a seat per running sequence (0: no such layers), and
+    # the prefix cache's checkpoints of them.
+    num_state_slots: int = 0
+    num_state_checkpoints: int = 0
 
 
 @dataclass
@@ -43,6 +48,10 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # A model with recurrent layers: the checkpoint slot a sequence admitted on a prefix hit starts from, and, for a
+    # prefill whose chunk crosses a block boundary, (its tokens up to that boundary, the checkpoint slot to fill).
+    restores: dict[Sequence, int] = field(default_factory=dict)
+    checkpoints: dict[Sequence, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def num_decodes(self) -> int:
@@ -69,6 +78,7 @@ class _Step:
     budget: int
     scheduled: dict[Sequence, int] = field(default_factory=dict)  # sequence -> its tokens, in scheduling order
     preempted: list[Sequence] = field(default_factory=list)
+    restores: dict[Sequence, int] = field(default_factory=dict)  # admitted on a prefix hit -> its checkpoint slot
 
     def take(self, seq: Sequence, n: int) -> None:
         self.scheduled[seq] = n
@@ -86,6 +96,9 @@ class Scheduler:
         self.config = config
         self.by_priority = config.scheduling_policy == "priority"
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.state_slots: StateSlots | None = None
+        if config.num_state_slots:
+            self.state_slots = StateSlots(config.num_state_slots, config.num_state_checkpoints)
         self.waiting = QUEUES[config.scheduling_policy]()
         self.running: list[Sequence] = []
 
@@ -95,7 +108,10 @@ class Scheduler:
     def import_prompt(self, seq: Sequence, write_kv: Callable[[int], None]) -> bool:
         """Gives a sequence whose prompt KV was computed elsewhere (a prefill worker) the blocks of its whole prompt,
         sharing those of its prefix already cached here; `write_kv(start)` then copies the prompt's KV from token
-        `start` on into them. False without room: nothing changes, and the prompt is recomputed when scheduled."""
+        `start` on into them. False without room: nothing changes, and the prompt is recomputed when scheduled.
+        False too for a model with recurrent layers: their states do not come with the KV."""
+        if self.state_slots is not None:
+            return False
         cached = self.block_manager.find_cached_prefix(seq)
         start = len(cached) * self.block_manager.block_size
         if not self.block_manager.allocate(seq, seq.num_prompt_tokens - start, cached):
@@ -132,7 +148,28 @@ class Scheduler:
         if not step.preempted:
             self._admit_waiting(step)
         scheduled = sorted(step.scheduled.items(), key=lambda item: not _decodes(*item))  # decodes first, else in order
-        return ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted)
+        batch = ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted)
+        if self.state_slots is not None:
+            batch.restores = {seq: slot for seq, slot in step.restores.items() if seq in step.scheduled}
+            batch.checkpoints = self._plan_checkpoints(scheduled)
+        return batch
+
+    def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
+        """For each prefill chunk, a checkpoint of its recurrent states at the last block boundary it computes (at
+        most the prompt's last token but one: a prompt that shares all of it still computes its last token)."""
+        plans: dict[Sequence, tuple[int, int]] = {}
+        if not self.block_manager.enable_prefix_caching:
+            return plans
+        bs = self.block_manager.block_size
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            boundary = min(start + n, seq.num_tokens - 1) // bs * bs
+            if _decodes(seq, n) or boundary <= start:
+                continue
+            slot = self.state_slots.plan_checkpoint(self.block_manager.prefix_hash(seq, boundary // bs))
+            if slot is not None:
+                plans[seq] = (boundary - start, slot)
+        return plans
 
     def _admit_waiting(self, step: _Step) -> None:
         while self.waiting and step.budget > 0:
@@ -141,12 +178,15 @@ class Scheduler:
                 break
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_below(seq, step):
                 break
+            if self.state_slots is not None and not self.state_slots.can_seat():
+                break
             if seq.block_table:  # its prompt's KV came from a prefill worker: already in its own blocks
                 cached, computed = [], seq.num_computed_tokens
             elif seq.scores_prompt:  # a cached prefix's logits are gone: its prompt logprobs need them computed
                 cached, computed = [], 0
             else:
-                cached = self.block_manager.find_cached_prefix(seq)
+                resumable = self.state_slots.has_checkpoint if self.state_slots is not None else None
+                cached = self.block_manager.find_cached_prefix(seq, resumable)
                 computed = len(cached) * self.block_manager.block_size
             n = min(seq.num_tokens - computed, step.budget)
             if not self._allocate_preempting(seq, n, cached, step):
@@ -158,6 +198,10 @@ class Scheduler:
                 seq.num_cached_tokens = computed
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
+            if self.state_slots is not None:
+                self.state_slots.seat(seq)
+                if cached:  # its recurrent states resume from the checkpoint after its cached blocks
+                    step.restores[seq] = self.state_slots.restore(self.block_manager.blocks[cached[-1]].hash)
             self.running.append(seq)
             step.take(seq, n)
 
@@ -201,7 +245,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.spec_token_ids.clear()
         step.drop(seq)
-        self.block_manager.free(seq)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -212,15 +256,23 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.spec_token_ids.clear()
-        self.block_manager.free(seq)
+        self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
+    def _release(self, seq: Sequence) -> None:
+        """Gives back what `seq` holds: its blocks, and its state slot."""
+        self.block_manager.free(seq)
+        if self.state_slots is not None:
+            self.state_slots.unseat(seq)
+
     def complete_step(self, batch: ScheduledBatch) -> list[Sequence]:
         """Advances each sequence past the tokens just computed; returns those whose next token is sampled now. A
         sequence's proposed tokens are not counted computed here: the engine counts those the model accepts."""
+        if self.state_slots is not None:
+            self.state_slots.step_done()
         sampled = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n - len(seq.spec_token_ids)
@@ -228,6 +280,15 @@ class Scheduler:
             if seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)
         return sampled
+
+    def discard_step(self, batch: ScheduledBatch) -> None:
+        """A step of a model with recurrent layers failed midway: its sequences' states may hold some layers'
+        updates and not others', so each is preempted (recomputed from position 0 or a checkpoint), and the
+        checkpoints it was to write are dropped."""
+        for seq in batch.seqs:
+            if seq in self.running:
+                self._preempt(seq, _Step(0))
+        self.state_slots.step_done(ran=False)
 
     def accept_proposed(self, seq: Sequence, n: int) -> None:
         """`seq`'s last step verified `n` proposed tokens, now appended to it: their KV, written by that step, counts

@@ -49,6 +49,7 @@ class Sequence:
     # and kept only as far as the target model agrees; never in `token_ids`, so prefix hashes see accepted tokens only.
     spec_token_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None  # its prefix blocks are shared only with prompts of the same salt (vLLM's)
+    state_slot: int = -1  # a model with recurrent layers: the slot of its states while it runs (state_slots.py)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

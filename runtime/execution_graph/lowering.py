@@ -46,6 +46,9 @@ class LoweringContext:
     linear_dtype: torch.dtype = torch.float32  # the dtype linear weights are packed in (EngineConfig.dtype)
     # The mapped GGUF file `quantized` views: each weight's pages are let go once the backend has packed it.
     mapped: Any = None
+    # The linear attention layers' states, (conv [S, C, K-1], recurrent [S, Hv, Dk, Dv]) per layer
+    # (runtime/engine/state_cache.py).
+    state_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -172,6 +175,24 @@ def _bind_attention(params, ctx, kernels):
     return attention_flat, consts
 
 
+def _bind_gated_delta_net(params, ctx, kernels):
+    """Constants: the layer's state caches, its convolution's weight [C, K], A_log and dt_bias, and its head
+    counts and sizes."""
+    conv_states, ssm_states = ctx.state_caches[params["state"]]
+    device = ctx.backend.device
+    conv_weight = _weight(ctx, params["conv_weight"]).float()[:, 0, :].contiguous().to(device)  # [C, 1, K] -> [C, K]
+    a_log, dt_bias = (_weight(ctx, params[name]).float().to(device) for name in ("a_log", "dt_bias"))
+    dims = (params["num_k_heads"], params["head_k_dim"], params["head_v_dim"])
+    return kernels["gated_delta_net"], (conv_states, ssm_states, conv_weight, a_log, dt_bias, *dims)
+
+
+def _split_head_halves(x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, H * 2D] holding each head's two halves in turn (Qwen3.5's query, then its gate) -> two [T, H * D]."""
+    n = x.shape[0]
+    heads = x.view(n, -1, 2 * head_dim)
+    return heads[..., :head_dim].reshape(n, -1), heads[..., head_dim:].reshape(n, -1)
+
+
 def _bind_moe(params, ctx, kernels):
     """The router whole, and the experts this rank holds (`experts`: (first, end), every one when absent): each
     expert's gate and up projections as one weight [2I, H] and its down projection [H, I], as the GGUF blocks the
@@ -254,6 +275,10 @@ _BINDERS: dict[str, Callable] = {
     "rope": _bind_rope,
     "attention": _bind_attention,
     "moe": _bind_moe,
+    "gated_delta_net": _bind_gated_delta_net,
+    "gated_rmsnorm": _bind_norm("gated_rmsnorm"),
+    "split_head_halves": lambda p, ctx, k: (_split_head_halves, (p["head_dim"],)),
+    "sigmoid": lambda p, ctx, k: (torch.sigmoid, ()),
     "silu_mul": lambda p, ctx, k: (k["silu_mul"], ()),
     "gelu_tanh_mul": lambda p, ctx, k: (k["gelu_tanh_mul"], ()),
     "add": lambda p, ctx, k: (k["add"], ()),

@@ -9,7 +9,7 @@ list of what is supported, instead of failing later inside the model graph. This
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,10 @@ class Architecture:
     # gpt-oss: biases on every attention projection, attention sinks, experts with biases and the clamped SwiGLU,
     # stored stacked per layer ([E, ...] tensors, gate and up interleaved), split into Mixtral's names at load.
     gpt_oss: bool = False
+    # Qwen3.5: Gated DeltaNet layers (`layer_types` "linear_attention", every `full_attention_interval`-th layer full
+    # attention), gated attention with partial rotary (a quarter of each head by default), and every RMSNorm but the
+    # DeltaNet's own output norm stored as an offset from 1, like Gemma's.
+    gated_delta_net: bool = False
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -59,6 +63,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # llama.cpp slides gpt-oss's even layers (its GGUF does not say), as its config's layer_types do.
     Architecture("gpt_oss", ("GptOssForCausalLM",), "gpt-oss", qkv_bias=True, moe=True, sliding_pattern=2,
                  gpt_oss=True),
+    # Qwen3.5 ships as Qwen3_5ForConditionalGeneration: its text model is served (the vision tower is not).
+    Architecture("qwen3_5", ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"), "qwen35", qk_norm=True,
+                 gated_delta_net=True),
 )  # fmt: skip
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
 _SUPPORTED_HF = ", ".join(c for a in ARCHITECTURES for c in a.hf_classes)
@@ -102,7 +109,10 @@ def config_from_hf(
         head_dim = int(hf_config.get("head_dim") or hidden // heads)
         layers = int(hf_config["num_hidden_layers"])
         theta, rope_scaling, local_theta, partial = _hf_rope(arch, hf_config, source)
-        window, layer_types = _hf_sliding_window(arch, hf_config, layers, source)
+        if arch.gated_delta_net:
+            window, layer_types = 0, _hf_hybrid_layer_types(arch, hf_config, layers, source)
+        else:
+            window, layer_types = _hf_sliding_window(arch, hf_config, layers, source)
         eos = [*_ids(hf_config.get("eos_token_id")), *_ids((generation_config or {}).get("eos_token_id"))]
         experts, per_token = _hf_experts(arch, hf_config, source)
         inter = hf_config["moe_intermediate_size" if "moe_intermediate_size" in hf_config else "intermediate_size"]
@@ -144,6 +154,8 @@ def config_from_hf(
             layer_types=layer_types,
             local_rope_theta=local_theta,
             rotary_dim=int(head_dim * partial) if partial != 1.0 else 0,
+            attn_output_gate=arch.gated_delta_net,
+            **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
         )
     except KeyError as e:
         raise ModelLoadError(f"{source}: config.json lacks {e.args[0]!r}") from e
@@ -175,10 +187,13 @@ def config_from_gguf(
         return value
 
     hidden, heads, layers = int(key("embedding_length")), int(key("attention.head_count")), int(key("block_count"))
+    layers -= int(metadata.get(f"{prefix}.nextn_predict_layers", 0))  # multi-token prediction blocks come last
     head_dim = int(key("attention.key_length", hidden // heads))
     rotary_dim = int(key("rope.dimension_count", head_dim))
     theta = _from_float32(key("rope.freq_base", 10000.0))
     window, layer_types = _gguf_sliding_window(arch, metadata, prefix, layers)
+    if arch.gated_delta_net:
+        layer_types = _gguf_hybrid_layer_types(metadata, prefix, layers)
     eos_keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
     return ModelConfig(
         architecture=arch.name,
@@ -215,7 +230,34 @@ def config_from_gguf(
         layer_types=layer_types,
         local_rope_theta=_from_float32(key("rope.freq_base_swa", 10000.0)) if arch.local_rope else None,
         rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
+        attn_output_gate=arch.gated_delta_net,
+        **(_gguf_linear_attention(key) if arch.gated_delta_net else {}),
     )
+
+
+def _gguf_hybrid_layer_types(metadata: Mapping[str, Any], prefix: str, layers: int) -> tuple[str, ...]:
+    """Qwen3.5's layer types as llama.cpp reads them: a flag per layer (`attention.recurrent_layers`), else every
+    `full_attention_interval`-th layer (4 by default) full attention."""
+    flags = metadata.get(f"{prefix}.attention.recurrent_layers")
+    if flags is not None:
+        recurrent = [bool(flag) for flag in list(flags)[:layers]]
+    else:
+        interval = int(metadata.get(f"{prefix}.full_attention_interval", 4))
+        recurrent = [(i + 1) % interval != 0 for i in range(layers)]
+    return tuple("linear_attention" if flag else "full_attention" for flag in recurrent)
+
+
+def _gguf_linear_attention(key: Callable[[str], Any]) -> dict[str, int]:
+    """The Gated DeltaNet sizes under llama.cpp's SSM keys: groups are key heads, the time-step rank the value heads,
+    the state size a key head's, the inner size all value heads'."""
+    value_heads = int(key("ssm.time_step_rank"))
+    return {
+        "linear_num_key_heads": int(key("ssm.group_count")),
+        "linear_num_value_heads": value_heads,
+        "linear_key_head_dim": int(key("ssm.state_size")),
+        "linear_value_head_dim": int(key("ssm.inner_size")) // value_heads,
+        "linear_conv_kernel": int(key("ssm.conv_kernel")),
+    }
 
 
 HARMONY_ENDS = ("<|return|>", "<|call|>")  # what ends a gpt-oss reply: its answer given, or a tool called
@@ -265,14 +307,16 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (vocab, h)
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        shapes |= {
-            f"{p}self_attn.q_proj.weight": (q, h),
-            f"{p}self_attn.k_proj.weight": (kv, h),
-            f"{p}self_attn.v_proj.weight": (kv, h),
-            f"{p}self_attn.o_proj.weight": (h, q),
-            f"{p}input_layernorm.weight": (h,),
-            f"{p}post_attention_layernorm.weight": (h,),
-        }
+        shapes |= {f"{p}input_layernorm.weight": (h,), f"{p}post_attention_layernorm.weight": (h,)}
+        if config.is_linear_attention(i):
+            shapes |= _linear_attention_shapes(config, f"{p}linear_attn.")
+        else:
+            shapes |= {
+                f"{p}self_attn.q_proj.weight": (2 * q if config.attn_output_gate else q, h),
+                f"{p}self_attn.k_proj.weight": (kv, h),
+                f"{p}self_attn.v_proj.weight": (kv, h),
+                f"{p}self_attn.o_proj.weight": (h, q),
+            }
         if config.is_moe:
             shapes[f"{p}block_sparse_moe.gate.weight"] = (config.num_experts, h)
             for e in range(config.num_experts):
@@ -285,7 +329,7 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         else:
             shapes |= {f"{p}mlp.gate_proj.weight": (inter, h), f"{p}mlp.up_proj.weight": (inter, h)}
             shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
-        if config.qk_norm:
+        if config.qk_norm and not config.is_linear_attention(i):
             shapes |= {f"{p}self_attn.q_norm.weight": (d,), f"{p}self_attn.k_norm.weight": (d,)}
         if config.sandwich_norms:
             shapes |= {f"{p}pre_feedforward_layernorm.weight": (h,), f"{p}post_feedforward_layernorm.weight": (h,)}
@@ -297,6 +341,23 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if config.attention_sinks:
             shapes[f"{p}self_attn.sinks"] = (config.num_heads,)
     return shapes
+
+
+def _linear_attention_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """A Gated DeltaNet layer's tensors (`p`: its `linear_attn.` prefix)."""
+    h, hv, dv = config.hidden_size, config.linear_num_value_heads, config.linear_value_head_dim
+    conv = config.linear_conv_dim
+    return {
+        f"{p}in_proj_qkv.weight": (conv, h),
+        f"{p}in_proj_z.weight": (hv * dv, h),
+        f"{p}in_proj_b.weight": (hv, h),
+        f"{p}in_proj_a.weight": (hv, h),
+        f"{p}conv1d.weight": (conv, 1, config.linear_conv_kernel),
+        f"{p}dt_bias": (hv,),
+        f"{p}A_log": (hv,),
+        f"{p}norm.weight": (dv,),
+        f"{p}out_proj.weight": (h, hv * dv),
+    }
 
 
 _QWEN_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Qwen's expert projections, Mixtral's names
@@ -317,7 +378,8 @@ def canonical_name(config: ModelConfig, name: str) -> str | None:
             name = replacement + name.removeprefix(prefix)
             break
     else:
-        if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal")):
+        if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal",
+                            "model.visual.", "mtp.")):  # a vision tower; Qwen3.5's multi-token prediction head
             return None
     if not config.is_moe or ".mlp." not in name:
         return name
@@ -442,17 +504,47 @@ def _hf_sliding_window(
         first = int(hf_config.get("max_window_layers") or 0) if "use_sliding_window" in hf_config else 0
         types = ["sliding_attention" if (not pattern or (i + 1) % pattern) and i >= first else "full_attention"
                  for i in range(layers)]  # fmt: skip
+    types = _checked_layer_types(types, ("sliding_attention", "full_attention"), arch, layers, source)
+    if "sliding_attention" not in types:
+        return 0, ()
+    return window, (() if set(types) == {"sliding_attention"} else types)
+
+
+def _hf_hybrid_layer_types(
+    arch: Architecture, hf_config: Mapping[str, Any], layers: int, source: Path
+) -> tuple[str, ...]:
+    """Qwen3.5's layer types: as listed, else every `full_attention_interval`-th layer (4 by default) full
+    attention and the others Gated DeltaNet."""
+    types = hf_config.get("layer_types")
+    if types is None:
+        interval = int(hf_config.get("full_attention_interval") or 4)
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+    return _checked_layer_types(types, ("linear_attention", "full_attention"), arch, layers, source)
+
+
+def _checked_layer_types(
+    types: list[str], known: tuple[str, ...], arch: Architecture, layers: int, source: Path
+) -> tuple[str, ...]:
+    """`types` if it gives each layer one of the family's `known` types, else the error naming the first wrong."""
     types = tuple(types)
-    known = ("sliding_attention", "full_attention")
     unknown = next((i for i, kind in enumerate(types) if kind not in known), None)
     if unknown is not None:
         raise ModelLoadError(f"{source}: layer_types[{unknown}] is {types[unknown]!r}, not a layer type of "
                              f"{arch.name} ({', '.join(known)})")  # fmt: skip
     if len(types) != layers:
-        raise ModelLoadError(f"{source}: layer_types must give each of the {layers} layers sliding_/full_attention")
-    if "sliding_attention" not in types:
-        return 0, ()
-    return window, (() if set(types) == {"sliding_attention"} else types)
+        raise ModelLoadError(f"{source}: layer_types must give each of the {layers} layers one of {', '.join(known)}")
+    return types
+
+
+def _hf_linear_attention(hf_config: Mapping[str, Any]) -> dict[str, int]:
+    """The Gated DeltaNet layers' sizes (transformers' defaults where the config leaves them)."""
+    return {
+        "linear_num_key_heads": int(hf_config.get("linear_num_key_heads", 16)),
+        "linear_num_value_heads": int(hf_config.get("linear_num_value_heads", 32)),
+        "linear_key_head_dim": int(hf_config.get("linear_key_head_dim", 128)),
+        "linear_value_head_dim": int(hf_config.get("linear_value_head_dim", 128)),
+        "linear_conv_kernel": int(hf_config.get("linear_conv_kernel_dim", 4)),
+    }
 
 
 def _hf_rope(
@@ -472,7 +564,10 @@ def _hf_rope(
     theta = float(hf_config.get("rope_theta") or parameters.pop("rope_theta", 10000.0))
     scaling = dict(hf_config.get("rope_scaling") or parameters)
     scaling.pop("rope_theta", None)
-    partial = float(scaling.pop("partial_rotary_factor", None) or hf_config.get("partial_rotary_factor") or 1.0)
+    partial = scaling.pop("partial_rotary_factor", None) or hf_config.get("partial_rotary_factor")
+    partial = float(partial or (0.25 if arch.gated_delta_net else 1.0))  # Qwen3.5's default: a quarter
+    for key in ("mrope_section", "mrope_interleaved"):  # Qwen3.5's multimodal rope: for text, plain rope
+        scaling.pop(key, None)
     if "type" in scaling:
         scaling.setdefault("rope_type", scaling.pop("type"))
     if scaling.get("rope_type") == "su":  # Phi-3's first name for longrope

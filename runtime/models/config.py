@@ -60,12 +60,42 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     local_rope_theta: float | None = None  # the sliding layers' own rope (Gemma 3: theta 1e4, unscaled)
     rotary_dim: int = 0  # rope turns only the first rotary_dim of each head (Phi-3's partial rotary); 0: head_dim
+    # Gated attention (Qwen3.5, Qwen3-Next): q_proj gives each head's query and a gate of the same size, interleaved
+    # per head; the attention output is multiplied by sigmoid(gate) before o_proj.
+    attn_output_gate: bool = False
+    # Gated DeltaNet (Qwen3.5, Qwen3-Next): a layer of type "linear_attention" mixes tokens through a recurrent state
+    # per sequence instead of a KV cache (backends/torch_ops/linear_attention.py): its key and value heads, their
+    # sizes, and the width of its causal convolution.
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
 
     def window_of(self, layer: int) -> int:
         """The sliding window of `layer`'s attention, 0 for full attention."""
         if not self.sliding_window or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
             return 0
         return self.sliding_window
+
+    def is_linear_attention(self, layer: int) -> bool:
+        """Whether `layer` is a Gated DeltaNet layer (a recurrent state, no KV cache)."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def num_kv_layers(self) -> int:
+        """The layers that keep K and V: all but the linear attention ones."""
+        return self.num_layers - self.num_linear_layers
+
+    @property
+    def num_linear_layers(self) -> int:
+        return sum(self.is_linear_attention(i) for i in range(self.num_layers))
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """The channels of a linear attention layer's convolution: its q, k and v, 2 Hk Dk + Hv Dv."""
+        keys = self.linear_num_key_heads * self.linear_key_head_dim
+        return 2 * keys + self.linear_num_value_heads * self.linear_value_head_dim
 
     @property
     def rotary_dims(self) -> int:
@@ -87,6 +117,11 @@ class ModelConfig:
         attn += (h if self.o_bias else 0) + (self.num_heads if self.attention_sinks else 0)
         mlp = 3 * h * i * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
         mlp += (2 * i + h + 1) * self.num_experts if self.expert_bias else 0
-        layer = attn + mlp + (4 if self.sandwich_norms else 2) * h
+        attn += h * d * self.num_heads if self.attn_output_gate else 0
+        norms = (4 if self.sandwich_norms else 2) * h
+        dv = self.linear_num_value_heads * self.linear_value_head_dim
+        linear = h * (self.linear_conv_dim + dv + 2 * self.linear_num_value_heads) + dv * h  # in and out projections
+        linear += self.linear_conv_dim * self.linear_conv_kernel + 2 * self.linear_num_value_heads
+        linear += self.linear_value_head_dim
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + embed + h
+        return self.num_kv_layers * attn + self.num_linear_layers * linear + self.num_layers * (mlp + norms) + embed + h

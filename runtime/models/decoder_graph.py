@@ -1,6 +1,6 @@
 """The forward pass of a decoder-only transformer (the Llama layer and the families that vary it: Qwen2/3,
-Mistral, Mixtral, Gemma 2/3, Phi-3, gpt-oss) as an IR graph, built from the features ModelConfig records, never
-from family names.
+Mistral, Mixtral, Gemma 2/3, Phi-3, gpt-oss, and Qwen3.5's hybrid of Gated DeltaNet and attention layers) as an IR
+graph, built from the features ModelConfig records, never from family names.
 
 The graph is written the way the model reads in its paper, one op per line, unfused; passes fuse it and lowering
 binds it to a backend. One graph serves prefill and decode and any mix of the two in a batch: attention reads the
@@ -12,7 +12,8 @@ Graph inputs: input_ids [T], positions [T], attn_metadata, logits_indices [N] (r
 so the lm_head runs on N rows, not T). Output: logits [N, V]. A pipeline stage's graph covers some `layers`: one
 that does not start at layer 0 reads `hidden` and `residual` [T, H] instead of input_ids, and one that does not end
 at the last layer gives them as its outputs instead of logits. Attention node `cache` is the layer's place among
-the graph's own layers, which is its index into the stage's KV caches."""
+the graph's own attention layers, its index into the stage's KV caches; a Gated DeltaNet node's `state` is its place
+among the graph's own linear attention layers, its index into the stage's state caches."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     else:
         hidden = g.add("input", id="hidden", name="hidden")
         residual = g.add("input", id="residual", name="residual")
+    caches = _cache_indices(config, layers)
     for layer in layers:
-        hidden, residual = _decoder_layer(g, config, layer, layer - layers.start, hidden, residual, positions, meta)
+        hidden, residual = _decoder_layer(g, config, layer, caches[layer], hidden, residual, positions, meta)
     if layers.stop < config.num_layers:
         g.add("output", [hidden], id="hidden_out", name="hidden")
         g.add("output", [residual], id="residual_out", name="residual")
@@ -56,6 +58,17 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     return g
 
 
+def _cache_indices(config: ModelConfig, layers: range) -> dict[int, int]:
+    """Each layer's index into the stage's caches of its kind: KV caches for attention layers, state caches for
+    linear attention ones."""
+    counts = {True: 0, False: 0}
+    indices = {}
+    for layer in layers:
+        linear = config.is_linear_attention(layer)
+        indices[layer], counts[linear] = counts[linear], counts[linear] + 1
+    return indices
+
+
 def _decoder_layer(
     g: Graph, c: ModelConfig, i: int, cache: int, hidden: Value, residual: Value | None, positions: Value, meta: Value
 ) -> tuple[Value, Value]:
@@ -63,25 +76,10 @@ def _decoder_layer(
     # In the first layer the embedding is the residual stream.
     residual = hidden if residual is None else g.add("add", [hidden, residual])
     x = g.add("rmsnorm", [residual], weight=p + "input_layernorm.weight", eps=c.rms_norm_eps)
-
-    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    bias = {"bias": True} if c.qkv_bias else {}
-    q = g.add("linear", [x], weight=p + "self_attn.q_proj.weight", out_features=q_size, **bias)
-    k = g.add("linear", [x], weight=p + "self_attn.k_proj.weight", out_features=kv_size, **bias)
-    v = g.add("linear", [x], weight=p + "self_attn.v_proj.weight", out_features=kv_size, **bias)
-    if c.qk_norm:
-        q = g.add("head_rmsnorm", [q], weight=p + "self_attn.q_norm.weight", eps=c.rms_norm_eps)
-        k = g.add("head_rmsnorm", [k], weight=p + "self_attn.k_norm.weight", eps=c.rms_norm_eps)
-    window = c.window_of(i)
-    table = "local" if window and c.local_rope_theta is not None else "global"
-    q, k = g.add_multi("rope", [q, k, positions], 2, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, table=table)
-    attention = {"scale": c.attention_scale or c.head_dim**-0.5, "window": window, "softcap": c.attn_softcap}
-    if c.attention_sinks:
-        attention["sinks"] = p + "self_attn.sinks"
-    heads = {"num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads}
-    attn = g.add("attention", [q, k, v, meta], layer=i, cache=cache, **heads, **attention)
-    o_bias = {"bias": True} if c.o_bias else {}
-    hidden = g.add("linear", [attn], weight=p + "self_attn.o_proj.weight", out_features=c.hidden_size, **o_bias)
+    if c.is_linear_attention(i):
+        hidden = _gated_delta_net(g, c, i, cache, x, meta)
+    else:
+        hidden = _attention(g, c, i, cache, x, positions, meta)
     if c.sandwich_norms:
         hidden = g.add("rmsnorm", [hidden], weight=p + "post_attention_layernorm.weight", eps=c.rms_norm_eps)
 
@@ -97,6 +95,63 @@ def _decoder_layer(
     if c.sandwich_norms:
         hidden = g.add("rmsnorm", [hidden], weight=p + "post_feedforward_layernorm.weight", eps=c.rms_norm_eps)
     return hidden, residual
+
+
+def _attention(g: Graph, c: ModelConfig, i: int, cache: int, x: Value, positions: Value, meta: Value) -> Value:
+    """Self-attention over the paged KV cache, up to o_proj. Gated attention (Qwen3.5): q_proj also gives a gate
+    per head, interleaved with its query, and the output is multiplied by its sigmoid."""
+    p = f"model.layers.{i}."
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    bias = {"bias": True} if c.qkv_bias else {}
+    gate = None
+    if c.attn_output_gate:
+        both = g.add("linear", [x], weight=p + "self_attn.q_proj.weight", out_features=2 * q_size, **bias)
+        q, gate = g.add_multi("split_head_halves", [both], 2, head_dim=c.head_dim)
+    else:
+        q = g.add("linear", [x], weight=p + "self_attn.q_proj.weight", out_features=q_size, **bias)
+    k = g.add("linear", [x], weight=p + "self_attn.k_proj.weight", out_features=kv_size, **bias)
+    v = g.add("linear", [x], weight=p + "self_attn.v_proj.weight", out_features=kv_size, **bias)
+    if c.qk_norm:
+        q = g.add("head_rmsnorm", [q], weight=p + "self_attn.q_norm.weight", eps=c.rms_norm_eps)
+        k = g.add("head_rmsnorm", [k], weight=p + "self_attn.k_norm.weight", eps=c.rms_norm_eps)
+    window = c.window_of(i)
+    table = "local" if window and c.local_rope_theta is not None else "global"
+    q, k = g.add_multi("rope", [q, k, positions], 2, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, table=table)
+    attention = {"scale": c.attention_scale or c.head_dim**-0.5, "window": window, "softcap": c.attn_softcap}
+    if c.attention_sinks:
+        attention["sinks"] = p + "self_attn.sinks"
+    heads = {"num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads}
+    attn = g.add("attention", [q, k, v, meta], layer=i, cache=cache, **heads, **attention)
+    if gate is not None:
+        attn = g.add("mul", [attn, g.add("sigmoid", [gate])])
+    o_bias = {"bias": True} if c.o_bias else {}
+    return g.add("linear", [attn], weight=p + "self_attn.o_proj.weight", out_features=c.hidden_size, **o_bias)
+
+
+def _gated_delta_net(g: Graph, c: ModelConfig, i: int, state: int, x: Value, meta: Value) -> Value:
+    """A Gated DeltaNet layer (Qwen3.5): q, k, v through a causal convolution, then the gated delta rule over the
+    sequence's recurrent state (`state`: the layer's index into the stage's state caches), a per-head RMSNorm gated
+    by z, and out_proj."""
+    p = f"model.layers.{i}.linear_attn."
+    hv, dv = c.linear_num_value_heads, c.linear_value_head_dim
+    qkv = g.add("linear", [x], weight=p + "in_proj_qkv.weight", out_features=c.linear_conv_dim)
+    z = g.add("linear", [x], weight=p + "in_proj_z.weight", out_features=hv * dv)
+    b = g.add("linear", [x], weight=p + "in_proj_b.weight", out_features=hv)
+    a = g.add("linear", [x], weight=p + "in_proj_a.weight", out_features=hv)
+    core = g.add(
+        "gated_delta_net",
+        [qkv, b, a, meta],
+        layer=i,
+        state=state,
+        conv_weight=p + "conv1d.weight",
+        a_log=p + "A_log",
+        dt_bias=p + "dt_bias",
+        num_k_heads=c.linear_num_key_heads,
+        head_k_dim=c.linear_key_head_dim,
+        head_v_dim=dv,
+    )
+    normed = g.add("gated_rmsnorm", [core, z], weight=p + "norm.weight", eps=c.rms_norm_eps)
+    return g.add("linear", [normed], weight=p + "out_proj.weight", out_features=c.hidden_size)
 
 
 def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:

@@ -7,13 +7,14 @@ directly (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4: KEPT_KINDS) are kept 
 (`LoadedModel.quantized`; stacked experts each as its own) and dequantized only if a backend asks for their floats:
 the CPU's kernels read the blocks, so they never are.
 
-Two llama.cpp conventions are undone here so the weights equal the Hugging Face ones: llama-arch q/k rows are
-permuted for llama.cpp's rope kernel, and tied embeddings are expressed by leaving out output.weight. A mixture of
+llama.cpp's rearrangements are undone so the weights equal the Hugging Face ones: llama-arch q/k rows permuted for
+its rope kernel, Qwen3.5's value heads tiled and values changed (gguf_layouts.py), and tied embeddings expressed by
+leaving out output.weight. A mixture of
 experts (Mixtral, a "llama" GGUF with `llama.expert_count`; Qwen3-MoE) stacks each layer's experts into one tensor
 per projection, [E, out, in]; each expert becomes its own Hugging Face name again. Names differ by family where
 llama.cpp reuses one for another role: Gemma's `ffn_norm` is its pre-MLP norm beside post-attention and post-MLP
-ones, Phi-3's `ffn_up` is gate and up fused (split here, as `attn_qkv` is), gpt-oss's pre-MLP norm is its
-`post_attention_norm`."""
+ones, Phi-3's `ffn_up` is gate and up fused (split here, as `attn_qkv` is), gpt-oss's and Qwen3.5's pre-MLP norm is
+their `post_attention_norm`, and Qwen3.5's `attn_qkv` is its Gated DeltaNet's input projection."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from sagellm.runtime.models.architectures import BY_NAME, check_weights, config_
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, GGUFTensor, read_gguf
+from sagellm.runtime.models.gguf_layouts import column_order, restore_values, row_order
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe
 from sagellm.runtime.models.sampling_defaults import from_gguf_metadata
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
@@ -77,6 +79,18 @@ _SANDWICH_NAMES = {  # Gemma: a norm after attention and one each side of the ML
 }
 _FUSED_NAMES = {"ffn_up.weight": "mlp.gate_up_proj.weight"}  # Phi-3: gate's rows, then up's
 _POST_ATTENTION_NORM = {"post_attention_norm.weight": "post_attention_layernorm.weight"}  # gpt-oss's pre-MLP norm
+_GATED_DELTA_NET_NAMES = {  # Qwen3.5: its linear attention layers' tensors, and its pre-MLP norm
+    "attn_qkv.weight": "linear_attn.in_proj_qkv.weight",
+    "attn_gate.weight": "linear_attn.in_proj_z.weight",
+    "ssm_beta.weight": "linear_attn.in_proj_b.weight",
+    "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
+    "ssm_conv1d.weight": "linear_attn.conv1d.weight",
+    "ssm_dt.bias": "linear_attn.dt_bias",
+    "ssm_a": "linear_attn.A_log",
+    "ssm_norm.weight": "linear_attn.norm.weight",
+    "ssm_out.weight": "linear_attn.out_proj.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+}
 _EXPERT_NAMES = {  # a layer's experts stacked, [E, out, in] -> each expert's projection
     "ffn_gate_exps.weight": "w1.weight",
     "ffn_up_exps.weight": "w3.weight",
@@ -121,6 +135,8 @@ def _read_weights(
     layer_names = _LAYER_NAMES | (_SANDWICH_NAMES if arch.gemma else {})
     layer_names |= _FUSED_NAMES if arch.fused_projections else {}
     layer_names |= _POST_ATTENTION_NORM if arch.gpt_oss else {}
+    layer_names |= _GATED_DELTA_NET_NAMES if arch.gated_delta_net else {}
+    tensors = {name: t for name, t in tensors.items() if not _prediction_block(name, config.num_layers)}
     hf_names = {gguf_name: _hf_name(path, gguf_name, layer_names) for gguf_name in tensors}  # fail before slow work
     ready: dict[str, torch.Tensor] = {}
     on_read: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
@@ -138,13 +154,12 @@ def _read_weights(
                 experts = torch.from_numpy(_dense(tensor)).to(dtype)
                 ready |= {hf_name.format(e): expert for e, expert in enumerate(experts)}
             continue
-        heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads
-        unpermute = arch.gguf_qk_permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
-        dense = functools.cache(functools.partial(_dense_weight, tensor, heads if unpermute else 0, dtype))
+        rows, columns = row_order(config, hf_name), column_order(config, hf_name)
+        dense = functools.cache(functools.partial(_dense_weight, tensor, hf_name, rows, columns, dtype))
         shape = tuple(tensor.shape)
-        if tensor.kind.name in KEPT_KINDS and len(shape) == 2 and dtype == torch.float32:
+        if tensor.kind.name in KEPT_KINDS and len(shape) == 2 and dtype == torch.float32 and columns is None:
             blocks = tensor.data.reshape(shape[0], -1)  # [out, row bytes]
-            blocks = _unpermute_rows(blocks, heads) if unpermute else blocks
+            blocks = blocks[rows] if rows is not None else blocks
             quantized[hf_name] = QuantizedWeight(tensor.kind.name, _mapped(blocks), shape[1])
             on_read[hf_name] = (shape, dense)
         else:
@@ -181,10 +196,21 @@ def _expert(whole: Callable[[], torch.Tensor], e: int) -> torch.Tensor:
     return whole()[e]
 
 
-def _dense_weight(tensor: GGUFTensor, unpermute_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """The tensor dequantized, llama.cpp's q/k row order undone when `unpermute_heads` (its head count)."""
+def _dense_weight(
+    tensor: GGUFTensor, hf_name: str, rows: np.ndarray | None, columns: np.ndarray | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The tensor dequantized, llama.cpp's rearrangements undone (gguf_layouts.py): its rows and columns put back
+    in Hugging Face's order, its values restored."""
     values = _dense(tensor)
-    return torch.from_numpy(_unpermute_rows(values, unpermute_heads) if unpermute_heads else values).to(dtype)
+    values = values[rows] if rows is not None else values
+    values = values[:, columns] if columns is not None else values
+    return torch.from_numpy(np.ascontiguousarray(restore_values(hf_name, values))).to(dtype)
+
+
+def _prediction_block(gguf_name: str, num_layers: int) -> bool:
+    """A tensor of a multi-token prediction block (Qwen3.5's `nextn` layers follow the model's own), not served."""
+    parts = gguf_name.split(".", 2)
+    return len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= num_layers
 
 
 def _rows(whole: Callable[[], torch.Tensor], first: int, end: int) -> torch.Tensor:
@@ -234,10 +260,3 @@ def _hf_name(path: Path, gguf_name: str, layer_names: dict[str, str]) -> str:
 def _dense(tensor: GGUFTensor) -> np.ndarray:
     """The tensor as float32 in numpy (row-major, HF) order, in memory of its own (not the mapped file's)."""
     return dequantize(tensor.data, tensor.kind, tensor.shape)
-
-
-def _unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order: per head it stores the rotary pairs interleaved ([d/2, 2]) where Hugging
-    Face keeps the two rotate_half halves apart ([2, d/2]). Rows only move, so this serves values and blocks."""
-    rows, cols = weight.shape  # [heads * d, hidden]
-    return weight.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)

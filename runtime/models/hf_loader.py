@@ -55,7 +55,8 @@ def _read_weights(
     only if read)."""
     weights: dict[str, torch.Tensor] = {}
     mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a stacked expert tensor's blocks and scales, as they are read
-    offset_norms = BY_NAME[config.architecture].gemma
+    arch = BY_NAME[config.architecture]
+    offset_norms = arch.gemma or arch.gated_delta_net
     for path in _safetensors_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -68,7 +69,7 @@ def _read_weights(
                         stacked, _, half = name.rpartition("_")
                         mxfp4.setdefault(stacked, {})[half] = tensor
                         continue
-                    if offset_norms and name.endswith("norm.weight"):  # Gemma scales by (1 + w), in float32
+                    if offset_norms and _offset_norm(name):  # Gemma and Qwen3.5 scale by (1 + w), in float32
                         tensor = 1.0 + tensor.float()
                     tensor = tensor.to(dtype)
                     parts = fused_parts(config, name)
@@ -141,6 +142,12 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     if not files:
         raise ModelLoadError(f"{model_dir}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
     return files
+
+
+def _offset_norm(name: str) -> bool:
+    """An RMSNorm weight stored as its offset from 1: all of a Gemma's or Qwen3.5's, but the Gated DeltaNet's output
+    norm (stored whole)."""
+    return name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight")
 
 
 def _ignored(name: str, config: ModelConfig) -> bool:

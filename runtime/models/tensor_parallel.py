@@ -97,6 +97,8 @@ def rank_config(config: ModelConfig, shard: TensorShard | None) -> ModelConfig:
 def shard_tensor_parallel(graph: Graph, config: ModelConfig, shard: TensorShard) -> Graph:
     if shard.world_size == 1:
         return graph
+    if config.num_linear_layers:
+        raise InvalidInput("tensor parallel: Gated DeltaNet layers (Qwen3.5) are not split between ranks yet")
     g = graph.copy()
     s = rank_slices(config, shard)
     d = config.head_dim

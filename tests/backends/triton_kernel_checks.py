@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from sagellm.backends import torch_ops
+from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.torch_ops.linear_attention import gated_delta_net
 
 pytest.importorskip("triton")
 import sagellm.backends.triton_kernels as kernels  # noqa: E402  (after the skip: needs triton)
@@ -115,3 +117,68 @@ def test_paged_decode_attention_with_sinks(paged_sequences: type, hq: int, hk: i
     expected = torch_ops.paged_decode_attention(*args, window=window, sinks=sinks)
     close(kernels.paged_decode_attention(*args, window=window, sinks=sinks), expected)
     assert not torch.allclose(expected, torch_ops.paged_decode_attention(*args, window=window), atol=1e-3)
+
+
+# Gated DeltaNet: (Hk, Dk, Hv, Dv) of Qwen3.5's shape in small, then a Dk and a Dv off powers of 2 (Dv in 3 blocks)
+GDN_DIMS = [(2, 16, 4, 16), (1, 12, 3, 20)]
+GDN_WIDTH = 4  # the convolution's taps
+
+
+def check_gated_delta_net(dims: tuple[int, int, int, int], decode_slots: list[int], chunks: list[tuple]) -> None:
+    """One batch (decodes, then prefill chunks given as (query_len, source_slot, state_slot, checkpoint)) through the
+    triton op and the torch op from the same random states: outputs and every slot of both states must agree. Random
+    states, so a chunk from position 0 that read a slot, or a write to a wrong slot, shows."""
+    hk, dk, hv, dv = dims
+    channels = 2 * hk * dk + hv * dv
+    g = torch.Generator().manual_seed(sum(dims) + len(chunks))
+    tokens = len(decode_slots) + sum(n for n, *_ in chunks)
+    qkv, b, a = (torch.randn(tokens, n, generator=g).to(DEVICE) for n in (channels, hv, hv))
+    weights = {
+        "conv_weight": (torch.randn(channels, GDN_WIDTH, generator=g) * 0.5).to(DEVICE),
+        "a_log": torch.rand(hv, generator=g).add(0.1).log().to(DEVICE),
+        "dt_bias": torch.randn(hv, generator=g).to(DEVICE),
+    }
+    states = (torch.randn(8, channels, GDN_WIDTH - 1, generator=g), torch.randn(8, hv, dk, dv, generator=g))
+    meta = AttentionMetadata(slot_mapping=torch.zeros(tokens, dtype=torch.int64), block_size=16)
+    meta.num_decode_tokens = len(decode_slots)
+    meta.decode_state_slots = torch.tensor(decode_slots, device=DEVICE)
+    start, no_blocks = len(decode_slots), torch.zeros(1, dtype=torch.int32)
+    for n, source, slot, checkpoint in chunks:
+        chunk = PrefillChunk(start, n, n, no_blocks, state_slot=slot, source_slot=source, checkpoint=checkpoint)
+        meta.prefills.append(chunk)
+        start += n
+    expected_states, actual_states = ([s.to(DEVICE, copy=True) for s in states] for _ in range(2))
+    dims_kw = {"num_k_heads": hk, "head_k_dim": dk, "head_v_dim": dv}
+    expected = gated_delta_net(qkv, b, a, meta, *expected_states, **weights, **dims_kw)
+    actual = kernels.gated_delta_net(qkv, b, a, meta, *actual_states, **weights, **dims_kw)
+    for got, want in zip([actual, *actual_states], [expected, *expected_states]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", GDN_DIMS)
+def test_gated_delta_net_decodes_read_and_write_their_slots(dims: tuple[int, int, int, int]) -> None:
+    check_gated_delta_net(dims, decode_slots=[4, 0, 2], chunks=[])
+
+
+@pytest.mark.parametrize("dims", GDN_DIMS)
+def test_gated_delta_net_prefill_from_zero(dims: tuple[int, int, int, int]) -> None:
+    check_gated_delta_net(dims, decode_slots=[], chunks=[(20, -1, 3, None)])
+
+
+@pytest.mark.parametrize("dims", GDN_DIMS)
+def test_gated_delta_net_prefill_continuing_from_a_slot(dims: tuple[int, int, int, int]) -> None:
+    """From its own slot (chunked prefill), and from another that it leaves as it was (a prefix checkpoint)."""
+    check_gated_delta_net(dims, decode_slots=[], chunks=[(12, 1, 1, None), (9, 3, 0, None)])
+
+
+@pytest.mark.parametrize("at", [0, 7, 16])
+def test_gated_delta_net_checkpoint(at: int) -> None:
+    """The states after the chunk's first `at` tokens are copied to the checkpoint's slot: at 0, inside, at the end."""
+    check_gated_delta_net(GDN_DIMS[0], decode_slots=[], chunks=[(16, 2, 2, (at, 5))])
+
+
+def test_gated_delta_net_mixed_batch() -> None:
+    """Decodes and chunks of every kind in one batch, no slot written by one and read by another: each reads its own
+    rows and slots."""
+    chunks = [(9, -1, 0, (4, 3)), (10, 6, 4, None), (5, 5, 5, None)]
+    check_gated_delta_net(GDN_DIMS[1], decode_slots=[2, 1], chunks=chunks)

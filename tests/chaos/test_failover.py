@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -29,7 +30,7 @@ import pytest
 from sagellm.gateway.config import FailoverPolicy
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.gateway.test_instances import attach
-from tests.tiny_models import make_tiny_gpt_oss, make_tiny_llama
+from tests.tiny_models import make_tiny_gpt_oss, make_tiny_llama, make_tiny_qwen3_5
 
 pytestmark = pytest.mark.slow  # worker processes and servers
 
@@ -147,11 +148,18 @@ def test_streams_on_a_killed_worker_resume_on_the_other_with_the_same_text(long_
             assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
 
 
-def test_gpt_oss_streams_on_a_killed_worker_resume_with_the_same_text(tmp_path):
-    """The same with gpt-oss's layer (attention sinks, alternating sliding windows, experts with biases): the resumed
-    streams' prompts plus tokens so far are prefilled again over windows they have long passed."""
+def _tiny_gpt_oss(directory: Path) -> Path:
     rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 1024}
-    model = make_tiny_gpt_oss(tmp_path / "gpt_oss", max_position_embeddings=4096, rope_parameters=rope)
+    return make_tiny_gpt_oss(directory, max_position_embeddings=4096, rope_parameters=rope)
+
+
+@pytest.mark.parametrize("make_model", [_tiny_gpt_oss, functools.partial(make_tiny_qwen3_5,
+                         max_position_embeddings=4096)], ids=["gpt_oss", "qwen3_5"])  # fmt: skip
+def test_newer_architectures_streams_on_a_killed_worker_resume_with_the_same_text(make_model, tmp_path):
+    """The same with gpt-oss's layer (attention sinks, alternating sliding windows, experts with biases) and with
+    Qwen3.5's (Gated DeltaNet layers): the resumed streams' prompts plus tokens so far are prefilled again, over
+    windows they have long passed, and through recurrent states rebuilt from position 0."""
+    model = make_model(tmp_path / "model")
     graph = tmp_path / "two.yaml"
     graph.write_text(TWO_WORKERS.format(model=model))
     with running_gateway(graph, tiny_config(tmp_path)) as gw:

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
-from tests.tiny_models import make_tiny_gpt_oss, write_tiny_gguf
+from tests.tiny_models import make_tiny_gpt_oss, make_tiny_qwen3_5, write_tiny_gguf
 
 
 def _load_error(path: Path, **kwargs: bool) -> str:
@@ -86,7 +86,7 @@ def test_unsupported_gguf_architecture_and_quant_type(tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(path, "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     _write(writer)
-    supported = "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, gpt-oss"
+    supported = "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, gpt-oss, qwen35"
     assert _load_error(path) == f"{path}: unsupported GGUF architecture 'gpt2' (supported: {supported})"
 
     writer = gguf.GGUFWriter(path, "llama")
@@ -153,3 +153,19 @@ def test_a_config_with_an_unknown_layer_type_names_it(tmp_path: Path) -> None:
         message
         == f"{model_dir / 'config.json'}: layer_types[2] is 'linear_attention', not a layer type of gpt_oss ({known})"
     )
+
+
+def test_a_qwen3_5_gguf_missing_a_delta_net_tensor_names_it(tmp_path: Path) -> None:
+    """A Qwen3.5 GGUF without a Gated DeltaNet layer's decay (ssm_a): named by the checkpoint's name for it."""
+    path = write_tiny_gguf(tmp_path / "lacking.gguf", make_tiny_qwen3_5(tmp_path / "hf"), drop=("blk.2.ssm_a",))
+    assert _load_error(path) == f"{path}: missing tensor model.layers.2.linear_attn.A_log"
+
+
+def test_a_qwen3_5_config_with_a_sliding_layer_names_it(tmp_path: Path) -> None:
+    model_dir = make_tiny_qwen3_5(tmp_path / "m")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["layer_types"][1] = "sliding_attention"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    known = "linear_attention, full_attention"
+    problem = f"layer_types[1] is 'sliding_attention', not a layer type of qwen3_5 ({known})"
+    assert _load_error(model_dir) == f"{model_dir / 'config.json'}: {problem}"

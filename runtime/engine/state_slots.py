@@ -1,0 +1,74 @@
+"""Which state slot holds which recurrent states, for a model with recurrent layers (the bookkeeping of
+state_cache.py's tensors, as the block manager is of the KV cache's).
+
+Two kinds of slot. A running sequence holds a seat slot: it takes one when admitted and gives it back when it
+finishes or is preempted (a preempted sequence is recomputed from position 0, which starts from zero states). The
+prefix cache holds checkpoint slots: the states after a block boundary of some prompt, keyed by the chained hash of
+the blocks before that boundary (prefix_hash.py), so a later prompt with those blocks cached restores the states
+and computes only what follows, as attention layers skip what their cached blocks hold. A checkpoint is planned when
+a step is scheduled, written by that step, and usable from the next; the least recently used one is replaced when
+all are taken, never one a scheduled step reads."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from sagellm.runtime.engine.sequence import Sequence
+
+
+class StateSlots:
+    def __init__(self, num_seats: int, num_checkpoints: int = 0) -> None:
+        self.num_slots = num_seats + num_checkpoints
+        self._free_seats = list(range(num_seats - 1, -1, -1))  # popped from the end: slot 0 first
+        self._free_checkpoints = list(range(self.num_slots - 1, num_seats - 1, -1))
+        self._checkpoints: OrderedDict[int, int] = OrderedDict()  # prefix hash -> slot, least recently used first
+        self._planned: dict[int, int] = {}  # written by the step being scheduled: usable once it completes
+        self._read: set[int] = set()  # checkpoint slots the step being scheduled restores from
+
+    # -- seats ----------------------------------------------------------------------------------------------------
+    def can_seat(self) -> bool:
+        return bool(self._free_seats)
+
+    def seat(self, seq: Sequence) -> None:
+        """Gives `seq` a seat slot (it must have none)."""
+        seq.state_slot = self._free_seats.pop()
+
+    def unseat(self, seq: Sequence) -> None:
+        if seq.state_slot >= 0:
+            self._free_seats.append(seq.state_slot)
+            seq.state_slot = -1
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def has_checkpoint(self, prefix_hash: int) -> bool:
+        return prefix_hash in self._checkpoints
+
+    def restore(self, prefix_hash: int) -> int:
+        """The slot of the checkpoint after the prefix `prefix_hash`, kept from replacement until the step ends."""
+        self._checkpoints.move_to_end(prefix_hash)
+        slot = self._checkpoints[prefix_hash]
+        self._read.add(slot)
+        return slot
+
+    def plan_checkpoint(self, prefix_hash: int) -> int | None:
+        """A slot for the step being scheduled to write the states after the prefix `prefix_hash` into; None when
+        that checkpoint exists or is planned already, or no slot is free or replaceable."""
+        if prefix_hash in self._checkpoints or prefix_hash in self._planned:
+            return None
+        if self._free_checkpoints:
+            slot = self._free_checkpoints.pop()
+        else:
+            oldest = next((h for h, s in self._checkpoints.items() if s not in self._read), None)
+            if oldest is None:
+                return None
+            slot = self._checkpoints.pop(oldest)
+        self._planned[prefix_hash] = slot
+        return slot
+
+    def step_done(self, ran: bool = True) -> None:
+        """The scheduled step ended: its checkpoints become usable if it ran, or their slots free if it failed."""
+        if ran:
+            self._checkpoints.update(self._planned)
+        else:
+            self._free_checkpoints.extend(self._planned.values())
+        self._planned.clear()
+        self._read.clear()
