@@ -135,7 +135,7 @@ class EngineOperator(StepOperator):
                 tracked.metrics.num_cached_tokens, tracked.prefilled_elsewhere = done.num_cached_tokens, True
                 out = self.engine.add_prefilled_request(
                     rid, request.prompt_token_ids, request.sampling, done.first_token, done.kv.data,
-                    resumed_tokens=request.resumed_tokens, cache_salt=request.cache_salt,
+                    resumed_tokens=request.resumed_tokens, cache_salt=request.cache_salt, states=done.kv.states,
                 )  # fmt: skip
                 item = done
                 items = self._emit(out, time.time())
@@ -203,7 +203,7 @@ class EngineOperator(StepOperator):
             tracked.metrics.num_prompt_tokens = len(out.prompt_token_ids)
             tracked.metrics.num_cached_tokens = out.metrics.num_cached_tokens
             reason = "length" if completion.finish_reason == "prefilled" else completion.finish_reason
-            kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv)
+            kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv, states=out.states)
             first = completion.token_ids_delta
             return [
                 TokenDelta(
@@ -213,7 +213,7 @@ class EngineOperator(StepOperator):
             ]  # fmt: skip
         if completion.finish_reason == "prefilled":
             del self._tracked[out.request_id]
-            kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv)
+            kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv, states=out.states)
             cached = out.metrics.num_cached_tokens
             done = PrefillDone(
                 request_id=out.request_id,

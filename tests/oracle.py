@@ -39,14 +39,19 @@ def assert_last_logits_match(engine, model, prompts: list[list[int]]) -> None:
     from sagellm.runtime.engine.sequence import Sequence
 
     batch = ScheduledBatch()
+    slots = engine.scheduler.state_slots  # a model with recurrent layers: each sequence's states need a slot
     for i, prompt in enumerate(prompts):
         seq = Sequence(f"logits-{i}", prompt, SamplingParams(max_tokens=1))
         assert engine.scheduler.block_manager.allocate(seq, len(prompt))
+        if slots is not None:
+            slots.seat(seq)
         batch.seqs.append(seq)
         batch.num_new_tokens.append(len(prompt))
     ours = engine.runner.execute(batch)  # [N, V]: each prompt's last position
     for seq in batch.seqs:
         engine.scheduler.block_manager.free(seq)
+        if slots is not None:
+            slots.unseat(seq)
     for row, prompt in zip(ours, prompts):
         with torch.no_grad():
             ref = model(torch.tensor([prompt])).logits[0, -1]

@@ -197,6 +197,18 @@ def make_tiny_qwen3_5(directory: str | Path, seed: int = 0, **overrides: Any) ->
     return _save_model(Path(directory), Qwen3_5TextConfig, Qwen3_5ForCausalLM, seed, defaults | overrides)
 
 
+def make_tiny_qwen3_5_moe(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Qwen3_5MoeForCausalLM: make_tiny_qwen3_5's layers with 4 experts (2 used per token; saved
+    each under its own name, as the hub's checkpoints are) and a gated shared expert in each MLP."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    defaults = dict(head_dim=16, num_hidden_layers=4, full_attention_interval=2, linear_num_key_heads=2,
+                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
+                    num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                    initializer_range=0.1)  # fmt: skip
+    return _save_model(Path(directory), Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM, seed, defaults | overrides)
+
+
 def make_tiny_gpt_oss_mxfp4(directory: str | Path, seed: int = 0) -> Path:
     """make_tiny_gpt_oss's model as gpt-oss ships: its experts in MXFP4 (`*_blocks` [E, out, in / 32, 16] and
     `*_scales` [E, out, in / 32], quantized by gguf-py's MXFP4, so a GGUF of the same model holds the same values)
@@ -323,9 +335,13 @@ _GGUF_QWEN35 = {  # its Gated DeltaNet layers' tensors and its pre-MLP norm
     "linear_attn.norm.weight": "ssm_norm.weight",
     "linear_attn.out_proj.weight": "ssm_out.weight",
     "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",  # Qwen3.5-MoE's shared expert
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
 _GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe",
-              "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35"}  # fmt: skip
+              "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe"}  # fmt: skip
 
 
 def write_tiny_gguf(
@@ -404,8 +420,13 @@ def write_tiny_gguf(
     if config.model_type == "gpt_oss":
         writer.add_expert_feed_forward_length(config.intermediate_size)
         writer.add_sliding_window(config.sliding_window)
-    if arch == "qwen35":
+    if arch.startswith("qwen35"):
         _add_gated_delta_net_keys(writer, config)
+    if arch == "qwen35moe":
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if rope.get("rope_type") == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(rope["factor"])
@@ -421,7 +442,7 @@ def write_tiny_gguf(
             continue
         if arch.startswith("gemma") and name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
             values = values + 1
-        if arch == "qwen35":
+        if arch.startswith("qwen35"):
             values = _qwen35_values(name, values, config)
         if arch == "llama" and name.endswith("q_proj.weight"):  # llama.cpp's rope pairs (not for NEOX-rope families)
             values = _permute_rows(values, config.num_attention_heads)
@@ -454,7 +475,8 @@ def _add_gated_delta_net_keys(writer: gguf.GGUFWriter, config: Any) -> None:
     writer.add_ssm_group_count(config.linear_num_key_heads)
     writer.add_ssm_time_step_rank(config.linear_num_value_heads)
     writer.add_ssm_inner_size(config.linear_value_head_dim * config.linear_num_value_heads)
-    writer.add_array("qwen35.attention.recurrent_layers", [kind == "linear_attention" for kind in config.layer_types])
+    flags = [kind == "linear_attention" for kind in config.layer_types]
+    writer.add_array(f"{writer.arch}.attention.recurrent_layers", flags)
     writer.add_full_attention_interval(4)  # what llama.cpp falls back to without the flags above
     writer.add_rope_dimension_sections([11, 11, 10, 0])
 
@@ -521,7 +543,7 @@ def _gguf_name(hf_name: str, arch: str) -> str:
         return _GGUF_GLOBAL[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
     names = _GGUF_LAYER | (_GGUF_GEMMA if arch.startswith("gemma") else _GGUF_GPT_OSS if arch == "gpt-oss" else {})
-    names |= _GGUF_QWEN35 if arch == "qwen35" else {}
+    names |= _GGUF_QWEN35 if arch.startswith("qwen35") else {}
     return f"blk.{layer}.{names[rest]}"
 
 

@@ -409,8 +409,9 @@ class NativeKernels:
         """`gated_delta_net` (backends/base.py) over N sequences, each continuing from its slot's states: rows
         starts[i] .. starts[i + 1] - 1 of mixed_qkv [T, C], b and a [T, Hv] are sequence i's tokens, in order, and
         slots[i] its slot (starts int64 [N + 1] from 0 to T, slots int64 [N]; a decode step: one token each).
-        conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] are advanced in place. Returns [T, Hv * Dv]. Neither
-        starts nor slots is checked beyond its shape: starts must rise from 0 to T, slots be distinct and below S."""
+        conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] are advanced in place. Returns [T, Hv * Dv]. Slots
+        are checked to be slots (a few numbers: a wrong one would write outside the states); starts are not: they
+        must rise from 0 to T, and slots be distinct."""
         tokens, channels = mixed_qkv.shape
         hk, dk, hv, dv = num_k_heads, head_k_dim, b.shape[1], head_v_dim
         width = conv_weight.shape[1]
@@ -421,6 +422,8 @@ class NativeKernels:
         _expect(conv_states.shape[1:] == (channels, width - 1), "gated_delta_net conv_states", conv_states, mixed_qkv)
         _expect(ssm_states.shape[1:] == (hv, dk, dv), "gated_delta_net ssm_states", ssm_states, b)
         _expect(a_log.shape == dt_bias.shape == (hv,), "gated_delta_net a_log and dt_bias", a_log, b)
+        inside = slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < ssm_states.shape[0])
+        _expect(inside, "gated_delta_net slots (each within the states)", slots, ssm_states)
         out = torch.empty((tokens, hv * dv), dtype=F32)  # [T, Hv * Dv]
         scratch = torch.empty(tokens * (channels + 2 * hv), dtype=F32)  # each token's convolved q, k, v and gates
         self._lib.gated_delta_net_f32(

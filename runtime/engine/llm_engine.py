@@ -105,6 +105,9 @@ class LLMEngine:
         # A model with recurrent layers (Qwen3.5): a state slot per seat, and as many for the prefix cache's
         # checkpoints of them (state_slots.py).
         num_state_slots = config.max_num_seqs if model_config.num_linear_layers else 0
+        if num_state_slots and config.world_size > 1:
+            raise InvalidInput("tensor and pipeline parallel: a model with recurrent layers (Qwen3.5) runs on one "
+                               "rank only, for now")  # fmt: skip
         checkpoints = num_state_slots if config.enable_prefix_caching else 0
         if num_state_slots:
             per_sequence = round(bytes_per_state_slot(rank0) / 2**20, 1)
@@ -135,7 +138,7 @@ class LLMEngine:
                 prefault_kv_cache=config.prefault_kv_cache,
                 linear_dtype=linear_dtype,
                 mapped=self.model.mapped,
-                num_state_slots=num_state_slots + checkpoints,
+                **({"num_state_slots": num_state_slots + checkpoints} if num_state_slots else {}),  # one rank only
             )
         # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
         self.model.weights, self.model.quantized = {}, {}
@@ -219,11 +222,13 @@ class LLMEngine:
         priority: int = 0,
         resumed_tokens: int = 0,
         cache_salt: str | None = None,
+        states: torch.Tensor | None = None,
     ) -> RequestOutput:
         """Continues a request a prefill worker started: its prompt's KV `kv` [num_layers, 2, prompt_len, Hk, D]
-        goes into this engine's own cache (blocks already cached here are shared, not written), and `first_token`
-        is appended as if sampled here. Returns the first token's output. Without room for the blocks the prompt
-        is recomputed instead: slower, same tokens."""
+        goes into this engine's own cache (blocks already cached here are shared, not written), with a model with
+        recurrent layers its `states` after the prompt into a state slot when it is admitted, and `first_token` is
+        appended as if sampled here. Returns the first token's output. Without room for the blocks, or without the
+        states such a model needs, the prompt is recomputed instead: slower, same tokens."""
         seq, state = self._new_request(
             request_id, prompt_token_ids, params, priority, resumed_tokens, scored=True, cache_salt=cache_salt
         )
@@ -236,8 +241,11 @@ class LLMEngine:
             slots = token_slots(seq.block_table, start, n, self.runner.block_size, self.runner.device)
             self.runner.write_kv(slots, kv[:, :, start:])
 
+        seq.imported_states = states if self.scheduler.state_slots is not None else None
         if not self.scheduler.import_prompt(seq, write_kv):
-            log.warning("kv_import_no_room", request_id=request_id, prompt_tokens=n)
+            why = "no_states" if self.scheduler.state_slots is not None and states is None else "no_room"
+            log.warning("kv_import_recomputed", request_id=request_id, prompt_tokens=n, why=why)
+            seq.imported_states = None
         seq.first_scheduled_time = time.time()
         output = self._append(seq, [first_token], [None], seq.first_scheduled_time)
         if not seq.is_finished:
@@ -369,6 +377,10 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._may_speculate)
         batch = self.scheduler.schedule()
+        for seq in batch.seqs:  # admitted with states a prefill worker computed: into its slot before it runs
+            if seq.imported_states is not None:
+                self.runner.write_states(seq.state_slot, seq.imported_states)
+                seq.imported_states = None
         # Prompt tokens computed this step: the operators' prefill rate, which predicts a request's wait for its first
         # token (decode steps, and the tokens proposed to them, would say nothing of it).
         self.last_step_prompt_tokens = sum(batch.num_new_tokens[batch.num_decodes :])
@@ -562,7 +574,7 @@ class LLMEngine:
                 break
         if finish is None and appended > 1:
             self.scheduler.accept_proposed(seq, appended - 1)
-        kv = None
+        kv = states = None
         if state.prefill_only and (finish is None or state.export_kv):
             finish = finish or "prefilled"
             slots = token_slots(seq.block_table, 0, seq.num_prompt_tokens, self.runner.block_size, self.runner.device)
@@ -570,12 +582,13 @@ class LLMEngine:
             shape = (c.num_kv_layers, 2, seq.num_prompt_tokens, c.num_kv_heads, c.head_dim)
             out = self.kv_buffer(shape, torch.float32) if self.kv_buffer else None
             kv = self.runner.read_kv(slots, out)  # [num_layers, 2, prompt_len, Hk, D]
+            states = self.runner.read_states(seq.state_slot) if self.scheduler.state_slots is not None else None
         if finish is not None:
             self.scheduler.finish(seq, finish)
             delta += detok.flush()
             del self._requests[seq.request_id]
         output = self._output(state, delta, tokens[:appended], stop_reason, now)
-        output.kv = kv
+        output.kv, output.states = kv, states
         return output
 
     def _output(self, state: _RequestState, delta: str, new_ids: list[int], stop_reason, now: float):

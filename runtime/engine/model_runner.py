@@ -224,6 +224,20 @@ class ModelRunner:
             self._prefault.written(int(slots.max()) // self.block_size)
         write_tokens(self.kv_caches, slots, kv)
 
+    def read_states(self, slot: int) -> torch.Tensor:
+        """The recurrent states in `slot`, every linear attention layer's convolution window then delta-rule state,
+        as one flat float32 tensor: a prompt's states for a decode worker."""
+        return torch.cat([t[slot].reshape(-1) for pair in self.state_caches for t in pair])
+
+    def write_states(self, slot: int, states: torch.Tensor) -> None:
+        """Stores `read_states`'s states (another engine's) in `slot`."""
+        tensors = [t for pair in self.state_caches for t in pair]
+        sizes = [t[slot].numel() for t in tensors]
+        if states.numel() != sum(sizes):
+            raise ValueError(f"states of {states.numel()} values do not fit this model's {sum(sizes)}")
+        for t, part in zip(tensors, states.to(self.device, torch.float32).split(sizes)):
+            t[slot].copy_(part.view(t[slot].shape))
+
     def close(self) -> None:
         """Releases what the runner started: the cache's prefault thread (and, for a tensor parallel group, its
         other ranks)."""

@@ -115,4 +115,5 @@ class RequestOutput:
     # With `prompt_logprobs`: one per prompt token, None for the first (nothing comes before it), as vLLM's.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     kv: Any = None  # prefill-only requests (finish reason "prefilled"): the prompt's KV, [layers, 2, len, Hk, D]
+    states: Any = None  # ... and a model with recurrent layers' states after the prompt (ModelRunner.read_states)
     error: str | None = None  # finish reason "error": what made a step fail for this request alone

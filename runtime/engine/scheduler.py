@@ -109,8 +109,9 @@ class Scheduler:
         """Gives a sequence whose prompt KV was computed elsewhere (a prefill worker) the blocks of its whole prompt,
         sharing those of its prefix already cached here; `write_kv(start)` then copies the prompt's KV from token
         `start` on into them. False without room: nothing changes, and the prompt is recomputed when scheduled.
-        False too for a model with recurrent layers: their states do not come with the KV."""
-        if self.state_slots is not None:
+        False too for a model with recurrent layers when their states did not come with the KV
+        (`seq.imported_states`)."""
+        if self.state_slots is not None and seq.imported_states is None:
             return False
         cached = self.block_manager.find_cached_prefix(seq)
         start = len(cached) * self.block_manager.block_size
@@ -238,7 +239,7 @@ class Scheduler:
         holders = [seq for seq in self.waiting if seq.block_table]
         for seq in holders:
             self.block_manager.free(seq)
-            seq.num_computed_tokens = 0
+            seq.num_computed_tokens, seq.imported_states = 0, None
         return bool(holders)
 
     def _preempt(self, seq: Sequence, step: _Step) -> None:
@@ -263,10 +264,11 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """Gives back what `seq` holds: its blocks, and its state slot."""
+        """Gives back what `seq` holds: its blocks, and its state slot (and states it was given, now stale)."""
         self.block_manager.free(seq)
         if self.state_slots is not None:
             self.state_slots.unseat(seq)
+            seq.imported_states = None
 
     def complete_step(self, batch: ScheduledBatch) -> list[Sequence]:
         """Advances each sequence past the tokens just computed; returns those whose next token is sampled now. A

@@ -50,6 +50,8 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None  # its prefix blocks are shared only with prompts of the same salt (vLLM's)
     state_slot: int = -1  # a model with recurrent layers: the slot of its states while it runs (state_slots.py)
+    # ... and the states after its prompt a prefill worker computed, written into its slot when it is admitted
+    imported_states: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -66,6 +66,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # Qwen3.5 ships as Qwen3_5ForConditionalGeneration: its text model is served (the vision tower is not).
     Architecture("qwen3_5", ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"), "qwen35", qk_norm=True,
                  gated_delta_net=True),
+    # Its mixture of experts: Qwen's experts (a checkpoint holds each under its own name) and a gated shared expert.
+    Architecture("qwen3_5_moe", ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"), "qwen35moe",
+                 qk_norm=True, moe=True, gated_delta_net=True),
 )  # fmt: skip
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
 _SUPPORTED_HF = ", ".join(c for a in ARCHITECTURES for c in a.hf_classes)
@@ -113,6 +116,7 @@ def config_from_hf(
             window, layer_types = 0, _hf_hybrid_layer_types(arch, hf_config, layers, source)
         else:
             window, layer_types = _hf_sliding_window(arch, hf_config, layers, source)
+        shared = int(hf_config.get("shared_expert_intermediate_size") or 0) if arch.moe else 0
         eos = [*_ids(hf_config.get("eos_token_id")), *_ids((generation_config or {}).get("eos_token_id"))]
         experts, per_token = _hf_experts(arch, hf_config, source)
         inter = hf_config["moe_intermediate_size" if "moe_intermediate_size" in hf_config else "intermediate_size"]
@@ -156,6 +160,7 @@ def config_from_hf(
             rotary_dim=int(head_dim * partial) if partial != 1.0 else 0,
             attn_output_gate=arch.gated_delta_net,
             **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
+            shared_expert_intermediate_size=shared,
         )
     except KeyError as e:
         raise ModelLoadError(f"{source}: config.json lacks {e.args[0]!r}") from e
@@ -232,6 +237,7 @@ def config_from_gguf(
         rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
         attn_output_gate=arch.gated_delta_net,
         **(_gguf_linear_attention(key) if arch.gated_delta_net else {}),
+        shared_expert_intermediate_size=int(metadata.get(f"{prefix}.expert_shared_feed_forward_length", 0)),
     )
 
 
@@ -326,6 +332,10 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                     shapes |= {f"{x}w1.bias": (inter,), f"{x}w3.bias": (inter,), f"{x}w2.bias": (h,)}
             if config.expert_bias:
                 shapes[f"{p}block_sparse_moe.gate.bias"] = (config.num_experts,)
+            if config.shared_expert_intermediate_size:
+                shared, s = f"{p}block_sparse_moe.shared_expert", config.shared_expert_intermediate_size
+                shapes |= {f"{shared}.gate_proj.weight": (s, h), f"{shared}.up_proj.weight": (s, h)}
+                shapes |= {f"{shared}.down_proj.weight": (h, s), f"{shared}_gate.weight": (1, h)}
         else:
             shapes |= {f"{p}mlp.gate_proj.weight": (inter, h), f"{p}mlp.up_proj.weight": (inter, h)}
             shapes[f"{p}mlp.down_proj.weight"] = (h, inter)

@@ -41,6 +41,9 @@ class ModelConfig:
     # gpt-oss's experts: the router and every expert projection have biases, and the activation is its clamped
     # SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = clamp(gate, max=limit).
     expert_bias: bool = False
+    # A shared expert beside the routed ones (Qwen3.5-MoE): an MLP of this size every token takes, its output scaled
+    # by sigmoid of a learned gate [1, H]; 0: none.
+    shared_expert_intermediate_size: int = 0
     expert_activation: str = "silu"  # silu (Mixtral's SwiGLU) or swiglu_oai (gpt-oss's)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
@@ -117,6 +120,7 @@ class ModelConfig:
         attn += (h if self.o_bias else 0) + (self.num_heads if self.attention_sinks else 0)
         mlp = 3 * h * i * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
         mlp += (2 * i + h + 1) * self.num_experts if self.expert_bias else 0
+        mlp += (3 * self.shared_expert_intermediate_size + 1) * h
         attn += h * d * self.num_heads if self.attn_output_gate else 0
         norms = (4 if self.sandwich_norms else 2) * h
         dv = self.linear_num_value_heads * self.linear_value_head_dim

@@ -161,7 +161,7 @@ def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
     activation = {"activation": c.expert_activation}
     if c.expert_activation == "swiglu_oai":
         activation |= {"alpha": c.swiglu_alpha, "limit": c.swiglu_limit}
-    return g.add(
+    routed = g.add(
         "moe",
         [x],
         layer=i,
@@ -175,3 +175,18 @@ def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
         bias=c.expert_bias,
         **activation,
     )
+    if not c.shared_expert_intermediate_size:
+        return routed
+    return g.add("add", [routed, _shared_expert(g, c, i, x)])
+
+
+def _shared_expert(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
+    """Qwen3.5-MoE's shared expert: an MLP every token takes, scaled by sigmoid of its gate's one output."""
+    p = f"model.layers.{i}.block_sparse_moe.shared_expert"
+    size = c.shared_expert_intermediate_size
+    gate = g.add("linear", [x], weight=p + ".gate_proj.weight", out_features=size)
+    up = g.add("linear", [x], weight=p + ".up_proj.weight", out_features=size)
+    mlp = g.add("linear", [g.add("mul", [g.add("silu", [gate]), up])], weight=p + ".down_proj.weight",
+                out_features=c.hidden_size)  # fmt: skip
+    weight = g.add("sigmoid", [g.add("linear", [x], weight=p + "_gate.weight", out_features=1)])  # [T, 1]
+    return g.add("mul", [mlp, weight])

@@ -90,6 +90,10 @@ _GATED_DELTA_NET_NAMES = {  # Qwen3.5: its linear attention layers' tensors, and
     "ssm_norm.weight": "linear_attn.norm.weight",
     "ssm_out.weight": "linear_attn.out_proj.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate_inp_shexp.weight": "block_sparse_moe.shared_expert_gate.weight",  # Qwen3.5-MoE's shared expert
+    "ffn_gate_shexp.weight": "block_sparse_moe.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "block_sparse_moe.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "block_sparse_moe.shared_expert.down_proj.weight",
 }
 _EXPERT_NAMES = {  # a layer's experts stacked, [E, out, in] -> each expert's projection
     "ffn_gate_exps.weight": "w1.weight",

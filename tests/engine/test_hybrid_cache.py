@@ -1,7 +1,7 @@
 """The engine's cache for a model with recurrent layers (Qwen3.5), against transformers on the paths where its
 states could go wrong: a prefix hit that leaves one token (a decode row that starts from the checkpoint), one-token
 prompts in slots earlier sequences used, preemption under a cache too small for the batch (recomputed from zero
-states), and the prefix-cache hits counted in the metrics."""
+states), the prefix-cache hits counted in the metrics, and a prefill worker's states handed to a decode worker."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
+from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.llm_engine import LLMEngine
 from tests import tiny_models
-from tests.oracle import hf_greedy, random_prompts
+from tests.oracle import finished_outputs, hf_greedy, random_prompts, run_to_end
 
 ENGINE = dict(backend="cpu", block_size=4)
 TOKENS = 24
@@ -53,3 +55,28 @@ def test_preempted_sequences_recompute_their_states(qwen3_5):
     outs = llm.generate(prompts, GREEDY)
     assert sum(o.metrics.num_preemptions for o in outs) > 0
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, TOKENS) for p in prompts]
+
+
+def test_a_decode_worker_continues_from_the_prefill_workers_states(qwen3_5):
+    """Prefill/decode in two engines: the prefill worker hands over the prompt's KV and its recurrent states, the
+    decode worker imports both (nothing recomputed) and decodes transformers' tokens; without the states it
+    recomputes the prompt, and agrees too."""
+    path, hf = qwen3_5
+    prompts = random_prompts(hf.config.vocab_size, [9, 16, 21, 1], seed=7)
+    prefill = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=200, **ENGINE))
+    for i, p in enumerate(prompts):
+        prefill.add_request(str(i), p, GREEDY, prefill_only=True)
+    handed = finished_outputs(prefill)
+    assert all(o.states is not None and o.kv.shape[0] == 2 for o in handed)  # two attention layers' KV
+    for keep_states in (True, False):
+        decode = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=200, **ENGINE))
+        firsts, imported = [], []
+        for o in handed:
+            states = o.states if keep_states else None
+            first = o.outputs[0].token_ids[0]
+            firsts.append(decode.add_prefilled_request(o.request_id, o.prompt_token_ids, GREEDY, first, o.kv,
+                                                       states=states))  # fmt: skip
+            imported.append(decode._requests[o.request_id].seq.num_computed_tokens)
+        tokens = run_to_end(decode, firsts)
+        assert imported == [len(o.prompt_token_ids) if keep_states else 0 for o in handed]
+        assert [tokens[str(i)] for i in range(len(prompts))] == [hf_greedy(hf, p, TOKENS) for p in prompts]
