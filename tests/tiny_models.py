@@ -21,7 +21,7 @@ from safetensors.torch import save_file as save_torch_file
 
 from sagellm.benchmarks.kquant_pack import q4_k_m_type
 from sagellm.benchmarks.kquant_pack import quantize as quantize_blocks
-from sagellm.runtime.models.architectures import expert_parts
+from sagellm.runtime.models.architectures import expert_parts, fused_parts
 from sagellm.runtime.models.config import ModelConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2: bos, turn start, eos
@@ -209,6 +209,18 @@ def make_tiny_qwen3_5_moe(directory: str | Path, seed: int = 0, **overrides: Any
     return _save_model(Path(directory), Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM, seed, defaults | overrides)
 
 
+def make_tiny_qwen3_next(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Qwen3NextForCausalLM: make_tiny_qwen3_5_moe's model with its DeltaNet projections fused
+    per key head (in_proj_qkvz, in_proj_ba)."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    defaults = dict(head_dim=16, num_hidden_layers=4, full_attention_interval=2, linear_num_key_heads=2,
+                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
+                    num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                    initializer_range=0.1)  # fmt: skip
+    return _save_model(Path(directory), Qwen3NextConfig, Qwen3NextForCausalLM, seed, defaults | overrides)
+
+
 def make_tiny_gpt_oss_mxfp4(directory: str | Path, seed: int = 0) -> Path:
     """make_tiny_gpt_oss's model as gpt-oss ships: its experts in MXFP4 (`*_blocks` [E, out, in / 32, 16] and
     `*_scales` [E, out, in / 32], quantized by gguf-py's MXFP4, so a GGUF of the same model holds the same values)
@@ -339,9 +351,12 @@ _GGUF_QWEN35 = {  # its Gated DeltaNet layers' tensors and its pre-MLP norm
     "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
     "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    "linear_attn.in_proj_ba.weight": "ssm_ba.weight",  # Qwen3-Next's b and a, fused per key head
 }
 _GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe",
-              "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe"}  # fmt: skip
+              "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe",
+              "qwen3_next": "qwen3next"}  # fmt: skip
+_GGUF_HYBRID = ("qwen35", "qwen35moe", "qwen3next")  # Gated DeltaNet layers among the attention ones
 
 
 def write_tiny_gguf(
@@ -420,9 +435,9 @@ def write_tiny_gguf(
     if config.model_type == "gpt_oss":
         writer.add_expert_feed_forward_length(config.intermediate_size)
         writer.add_sliding_window(config.sliding_window)
-    if arch.startswith("qwen35"):
+    if arch in _GGUF_HYBRID:
         _add_gated_delta_net_keys(writer, config)
-    if arch == "qwen35moe":
+    if arch in ("qwen35moe", "qwen3next"):
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
@@ -436,14 +451,16 @@ def write_tiny_gguf(
     tensors = load_file(hf_dir / "model.safetensors")
     if config.model_type == "gpt_oss":
         tensors = _unstack_gpt_oss_experts(tensors)
+    if arch == "qwen3next":  # llama.cpp's converter splits q, k, v and z apart (b and a stay fused, as ssm_ba)
+        tensors = _split_qkvz(tensors, config)
     for name, values in _stack_experts(tensors).items():
         values = values.astype(np.float32)
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if arch.startswith("gemma") and name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
             values = values + 1
-        if arch.startswith("qwen35"):
-            values = _qwen35_values(name, values, config)
+        if arch in _GGUF_HYBRID:
+            values = _qwen35_values(name, values, config, tiled=arch != "qwen3next")
         if arch == "llama" and name.endswith("q_proj.weight"):  # llama.cpp's rope pairs (not for NEOX-rope families)
             values = _permute_rows(values, config.num_attention_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
@@ -481,9 +498,24 @@ def _add_gated_delta_net_keys(writer: gguf.GGUFWriter, config: Any) -> None:
     writer.add_rope_dimension_sections([11, 11, 10, 0])
 
 
-def _qwen35_values(name: str, values: np.ndarray, config: Any) -> np.ndarray:
-    """What llama.cpp's converter does to a Qwen3.5 tensor: norms stored as 1 + w (but the DeltaNet's own), A_log as
-    -exp(A_log), the convolution squeezed to [C, K], and value heads reordered from grouped by key head to tiled."""
+def _split_qkvz(tensors: dict[str, np.ndarray], config: Any) -> dict[str, np.ndarray]:
+    """Qwen3-Next's in_proj_qkvz as Qwen3.5's in_proj_qkv and in_proj_z (the rows our loader's fused_parts gives)."""
+    ours = ModelConfig("qwen3_next", 0, 0, 0, 0, 1, 1, 1, 0.0, 0.0, 0, False,
+                       linear_num_key_heads=config.linear_num_key_heads,
+                       linear_num_value_heads=config.linear_num_value_heads,
+                       linear_key_head_dim=config.linear_key_head_dim,
+                       linear_value_head_dim=config.linear_value_head_dim)  # fmt: skip
+    out: dict[str, np.ndarray] = {}
+    for name, values in tensors.items():
+        parts = fused_parts(ours, name) if ".in_proj_qkvz." in name else None
+        out |= {part: values[rows] for part, rows in parts} if parts else {name: values}
+    return out
+
+
+def _qwen35_values(name: str, values: np.ndarray, config: Any, tiled: bool) -> np.ndarray:
+    """What llama.cpp's converter does to a Qwen3.5 (or Qwen3-Next) tensor: norms stored as 1 + w (but the
+    DeltaNet's own), A_log as -exp(A_log), the convolution squeezed to [C, K], and (`tiled`: Qwen3.5's) value heads
+    reordered from grouped by key head to tiled."""
     if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
         values = values + 1
     elif name.endswith("A_log"):
@@ -492,7 +524,7 @@ def _qwen35_values(name: str, values: np.ndarray, config: Any) -> np.ndarray:
         values = values[:, 0, :]
     hk, hv, dv = config.linear_num_key_heads, config.linear_num_value_heads, config.linear_value_head_dim
     role = name.rpartition("linear_attn.")[2]
-    if ".linear_attn." not in name or hk == hv:
+    if ".linear_attn." not in name or hk == hv or not tiled:
         return values
     qk = 2 * hk * config.linear_key_head_dim if role in ("in_proj_qkv.weight", "conv1d.weight") else 0
     per_head = dv if role in ("in_proj_qkv.weight", "conv1d.weight", "in_proj_z.weight", "out_proj.weight") else 1
@@ -543,7 +575,7 @@ def _gguf_name(hf_name: str, arch: str) -> str:
         return _GGUF_GLOBAL[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
     names = _GGUF_LAYER | (_GGUF_GEMMA if arch.startswith("gemma") else _GGUF_GPT_OSS if arch == "gpt-oss" else {})
-    names |= _GGUF_QWEN35 if arch.startswith("qwen35") else {}
+    names |= _GGUF_QWEN35 if arch in _GGUF_HYBRID else {}
     return f"blk.{layer}.{names[rest]}"
 
 

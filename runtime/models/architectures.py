@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
@@ -46,6 +47,8 @@ class Architecture:
     # attention), gated attention with partial rotary (a quarter of each head by default), and every RMSNorm but the
     # DeltaNet's own output norm stored as an offset from 1, like Gemma's.
     gated_delta_net: bool = False
+    # llama.cpp's converter stores these Gated DeltaNet layers' value heads tiled by key head (gguf_layouts.py).
+    gguf_tiled_value_heads: bool = False
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -65,10 +68,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  gpt_oss=True),
     # Qwen3.5 ships as Qwen3_5ForConditionalGeneration: its text model is served (the vision tower is not).
     Architecture("qwen3_5", ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"), "qwen35", qk_norm=True,
-                 gated_delta_net=True),
+                 gated_delta_net=True, gguf_tiled_value_heads=True),
     # Its mixture of experts: Qwen's experts (a checkpoint holds each under its own name) and a gated shared expert.
     Architecture("qwen3_5_moe", ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"), "qwen35moe",
-                 qk_norm=True, moe=True, gated_delta_net=True),
+                 qk_norm=True, moe=True, gated_delta_net=True, gguf_tiled_value_heads=True),
+    # Qwen3.5-MoE's forerunner: its DeltaNet's q, k, v, z and b, a projections fused per key head (split at load).
+    Architecture("qwen3_next", ("Qwen3NextForCausalLM",), "qwen3next", qk_norm=True, moe=True, gated_delta_net=True),
 )  # fmt: skip
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
 _SUPPORTED_HF = ", ".join(c for a in ARCHITECTURES for c in a.hf_classes)
@@ -405,20 +410,50 @@ def canonical_name(config: ModelConfig, name: str) -> str | None:
     return f"{head}.block_sparse_moe.{tail}"
 
 
-def fused_parts(config: ModelConfig, name: str) -> list[tuple[str, int, int]] | None:
-    """The parts of a fused projection (Phi-3's qkv_proj and gate_up_proj) as (name, first row, end row), or None
-    for any other tensor: loaders keep each part as a view of the fused rows, so the graph, tensor parallel and the
-    fusion passes see the Llama names."""
+def fused_parts(config: ModelConfig, name: str) -> list[tuple[str, slice | np.ndarray]] | None:
+    """The parts of a fused projection as (name, its rows), or None for any other tensor, so the graph, tensor
+    parallel and the fusion passes see each part's own name: Phi-3's qkv_proj and gate_up_proj (rows in runs:
+    slices, which loaders keep as views), Qwen3-Next's Gated DeltaNet in_proj_qkvz and in_proj_ba (each key head's
+    q, k, v, z, or b, a, in turn: row indices, gathered into Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b,
+    in_proj_a)."""
     prefix, dot, rest = name.rpartition("self_attn.qkv_proj.")
     if dot:
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        return [(f"{prefix}self_attn.{p}_proj.{rest}", a, b) for p, a, b in (("q", 0, q), ("k", q, q + kv),
-                                                                            ("v", q + kv, q + 2 * kv))]  # fmt: skip
+        runs = (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv))
+        return [(f"{prefix}self_attn.{p}_proj.{rest}", slice(a, b)) for p, a, b in runs]
     prefix, dot, rest = name.rpartition("mlp.gate_up_proj.")
     if dot:
         i = config.intermediate_size
-        return [(f"{prefix}mlp.gate_proj.{rest}", 0, i), (f"{prefix}mlp.up_proj.{rest}", i, 2 * i)]
+        return [(f"{prefix}mlp.gate_proj.{rest}", slice(0, i)), (f"{prefix}mlp.up_proj.{rest}", slice(i, 2 * i))]
+    prefix, dot, rest = name.rpartition("linear_attn.in_proj_")
+    if dot and rest.split(".")[0] in ("qkvz", "ba"):
+        fused, _, rest = rest.partition(".")
+        return [(f"{prefix}linear_attn.in_proj_{part}.{rest}", rows) for part, rows in _per_key_head(config, fused)]
     return None
+
+
+def row_count(rows: slice | np.ndarray) -> int:
+    """How many rows a part of `fused_parts` has."""
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+
+
+def take_rows(tensor: torch.Tensor, rows: slice | np.ndarray) -> torch.Tensor:
+    """A part of a fused tensor (`fused_parts`): a view for a run of rows, a copy for gathered ones."""
+    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, torch.from_numpy(rows))
+
+
+def _per_key_head(config: ModelConfig, fused: str) -> list[tuple[str, np.ndarray]]:
+    """Qwen3-Next's fused DeltaNet projection rows, per key head g: [q_g, k_g, v_g, z_g] (Dk, Dk, r Dv, r Dv rows,
+    r = Hv / Hk value heads per key head) or [b_g, a_g] (r rows each): which rows make each of Qwen3.5's parts."""
+    dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+    r = config.linear_num_value_heads // config.linear_num_key_heads
+    sizes = {"qkvz": (dk, dk, r * dv, r * dv), "ba": (r, r)}[fused]
+    starts = np.cumsum((0, *sizes))
+    groups = np.arange(config.linear_num_key_heads)[:, None] * starts[-1]  # [Hk, 1]: each key head's first row
+    runs = [(groups + np.arange(a, b)).reshape(-1) for a, b in zip(starts, starts[1:])]
+    if fused == "ba":
+        return [("b", runs[0]), ("a", runs[1])]
+    return [("qkv", np.concatenate(runs[:3])), ("z", runs[3])]
 
 
 # gpt-oss's stacked expert tensors (`mlp.experts.<name>`) and the projections their last dimension holds: gate and up

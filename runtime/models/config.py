@@ -120,7 +120,7 @@ class ModelConfig:
         attn += (h if self.o_bias else 0) + (self.num_heads if self.attention_sinks else 0)
         mlp = 3 * h * i * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
         mlp += (2 * i + h + 1) * self.num_experts if self.expert_bias else 0
-        mlp += (3 * self.shared_expert_intermediate_size + 1) * h
+        mlp += (3 * self.shared_expert_intermediate_size + 1) * h if self.shared_expert_intermediate_size else 0
         attn += h * d * self.num_heads if self.attn_output_gate else 0
         norms = (4 if self.sandwich_norms else 2) * h
         dv = self.linear_num_value_heads * self.linear_value_head_dim

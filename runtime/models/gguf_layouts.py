@@ -53,7 +53,8 @@ def restore_values(hf_name: str, values: np.ndarray) -> np.ndarray:
 
 
 def _tiled_value_heads(config: ModelConfig) -> bool:
-    return config.linear_num_value_heads > config.linear_num_key_heads > 0
+    tiled = BY_NAME[config.architecture].gguf_tiled_value_heads
+    return tiled and config.linear_num_value_heads > config.linear_num_key_heads > 0
 
 
 def _value_rows(config: ModelConfig, per_head: int) -> np.ndarray:

@@ -28,7 +28,14 @@ import torch
 from gguf import GGMLQuantizationType
 
 from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
-from sagellm.runtime.models.architectures import BY_NAME, check_weights, config_from_gguf, fused_parts
+from sagellm.runtime.models.architectures import (
+    BY_NAME,
+    check_weights,
+    config_from_gguf,
+    fused_parts,
+    row_count,
+    take_rows,
+)
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, GGUFTensor, read_gguf
@@ -90,6 +97,7 @@ _GATED_DELTA_NET_NAMES = {  # Qwen3.5: its linear attention layers' tensors, and
     "ssm_norm.weight": "linear_attn.norm.weight",
     "ssm_out.weight": "linear_attn.out_proj.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ssm_ba.weight": "linear_attn.in_proj_ba.weight",  # Qwen3-Next's b and a, fused per key head
     "ffn_gate_inp_shexp.weight": "block_sparse_moe.shared_expert_gate.weight",  # Qwen3.5-MoE's shared expert
     "ffn_gate_shexp.weight": "block_sparse_moe.shared_expert.gate_proj.weight",
     "ffn_up_shexp.weight": "block_sparse_moe.shared_expert.up_proj.weight",
@@ -173,10 +181,10 @@ def _read_weights(
             ready.pop(hf_name, None)
             on_read.pop(hf_name, None)
             whole = quantized.pop(hf_name, None)
-            for part, first, end in parts:
-                on_read[part] = ((end - first, *shape[1:]), functools.partial(_rows, dense, first, end))
+            for part, rows in parts:
+                on_read[part] = ((row_count(rows), *shape[1:]), functools.partial(_rows, dense, rows))
                 if whole is not None:
-                    quantized[part] = QuantizedWeight(whole.kind, whole.blocks[first:end], whole.in_features)
+                    quantized[part] = QuantizedWeight(whole.kind, take_rows(whole.blocks, rows), whole.in_features)
     weights = WeightsOnRead(ready, on_read)
     check_weights(config, weights.shapes(), path)
     return weights, quantized
@@ -217,8 +225,8 @@ def _prediction_block(gguf_name: str, num_layers: int) -> bool:
     return len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= num_layers
 
 
-def _rows(whole: Callable[[], torch.Tensor], first: int, end: int) -> torch.Tensor:
-    return whole()[first:end]
+def _rows(whole: Callable[[], torch.Tensor], rows: slice | np.ndarray) -> torch.Tensor:
+    return take_rows(whole(), rows)
 
 
 def _mapped(blocks: np.ndarray) -> torch.Tensor:

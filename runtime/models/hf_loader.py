@@ -26,6 +26,7 @@ from sagellm.runtime.models.architectures import (
     expert_parts,
     fused_parts,
     stacked_expert_projections,
+    take_rows,
 )
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe, read_json
@@ -75,7 +76,7 @@ def _read_weights(
                     parts = fused_parts(config, name)
                     experts = expert_parts(name, tensor)
                     if parts is not None:
-                        weights |= {part: tensor[start:end] for part, start, end in parts}
+                        weights |= {part: take_rows(tensor, rows) for part, rows in parts}
                     elif experts is not None:
                         weights |= experts
                     else:

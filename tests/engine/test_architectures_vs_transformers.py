@@ -4,10 +4,11 @@ sandwich norms, soft-capped scores and logits, alternate layers sliding), Gemma 
 sliding layers of every three; also as it ships, multimodal), Phi-3 (fused projections, partial rotary, LongRoPE),
 gpt-oss (attention sinks, biases everywhere, YaRN, experts stacked with biases and the clamped SwiGLU), Qwen3.5
 (Gated DeltaNet layers and their recurrent states, gated attention; its prefix hit restores the states' checkpoint)
-and Qwen3.5-MoE (its experts and a gated shared expert). For each: transformers' logits for a batch, its greedy
-tokens for 16 prompts over 64 tokens in one continuous batch (whole and chunked prefill), alone, after a prefix-cache
-hit, from the GGUF file llama.cpp's converter would write, and through graphs/pd.yaml (prefill and decode in two
-processes); seeded sampling draws the same alone and in a chunked batch.
+Qwen3.5-MoE (its experts and a gated shared expert) and Qwen3-Next (its DeltaNet projections fused per key head). For
+each: transformers' logits for a batch, its greedy tokens for 16 prompts over 64 tokens in one continuous batch
+(whole and chunked prefill), alone, after a prefix-cache hit, from the GGUF file llama.cpp's converter would write,
+and through graphs/pd.yaml (prefill and decode in two processes); seeded sampling draws the same alone and in a
+chunked batch.
 
 Prompts run past the 8-position windows, so the windows really cut what a query sees."""
 
@@ -45,6 +46,7 @@ ARCHITECTURES = {
     "gpt_oss": dict(lengths=LENGTHS),
     "qwen3_5": dict(lengths=LENGTHS),
     "qwen3_5_moe": dict(lengths=LENGTHS),
+    "qwen3_next": dict(lengths=LENGTHS),
 }
 ENGINE = dict(backend="cpu", block_size=4, num_kv_blocks=400)
 
@@ -68,7 +70,7 @@ def test_the_config_records_the_architectures_features(tiny):
     windows = [config.window_of(i) for i in range(config.num_layers)]
     expected = {"qwen3": [0, 0], "qwen3_moe": [0, 0], "mistral": [8, 8], "gemma2": [8, 0, 8, 0],
                 "gemma3": [8, 8, 0, 8, 8, 0], "phi3": [0, 0], "gpt_oss": [8, 0, 8, 0],
-                "qwen3_5": [0, 0, 0, 0], "qwen3_5_moe": [0, 0, 0, 0]}  # fmt: skip
+                "qwen3_5": [0, 0, 0, 0], "qwen3_5_moe": [0, 0, 0, 0], "qwen3_next": [0, 0, 0, 0]}  # fmt: skip
     assert windows == expected[config.architecture.removesuffix("_text")]
 
 
