@@ -1,5 +1,6 @@
 """What a process's resident memory is made of: the weights its engines' plans hold, their KV caches (reserved, and
-the part the kernel has mapped so far) and the rest, out of VmRSS. An engine logs it when ready (`engine_ready`), a
+the part the kernel has mapped so far), a model with recurrent layers' state slots (the same two figures) and the
+rest, out of VmRSS. An engine logs it when ready (`engine_ready`), a
 server when it answers (`gateway_ready`), so a memory figure says where it goes:
 
     weights 0.13 GiB, KV cache 5.62 GiB reserved (131,072 tokens) 0.05 GiB mapped, other 0.48 GiB, RSS 0.66 GiB
@@ -37,34 +38,46 @@ class MemoryReport:
     kv_tokens: int
     rss_bytes: int
     on_host: bool = True  # the weights and caches are host memory (in RSS), not a GPU's
+    # A model with recurrent layers: their state slots (state_cache.py), reserved and mapped like the KV cache's.
+    state_reserved_bytes: int = 0
+    state_mapped_bytes: int = 0
+    state_slots: int = 0
 
     @property
     def other_bytes(self) -> int:
         """RSS less what the weights and the mapped cache account for: the interpreter, torch, tokenizers, buffers."""
-        counted = self.weights_bytes + self.kv_mapped_bytes if self.on_host else 0
+        counted = self.weights_bytes + self.kv_mapped_bytes + self.state_mapped_bytes if self.on_host else 0
         return max(0, self.rss_bytes - counted)
 
     def line(self) -> str:
         kv = f"KV cache {_gib(self.kv_reserved_bytes)} reserved ({self.kv_tokens:,} tokens)"
+        states = f"states {_gib(self.state_reserved_bytes)} reserved ({self.state_slots} slots)"
         if not self.on_host:
+            kv += f", {states}" if self.state_slots else ""
             return f"weights {_gib(self.weights_bytes)}, {kv} in device memory; host RSS {_gib(self.rss_bytes)}"
+        states = f"{states} {_gib(self.state_mapped_bytes)} mapped, " if self.state_slots else ""
         return (
-            f"weights {_gib(self.weights_bytes)}, {kv} {_gib(self.kv_mapped_bytes)} mapped, "
+            f"weights {_gib(self.weights_bytes)}, {kv} {_gib(self.kv_mapped_bytes)} mapped, {states}"
             f"other {_gib(self.other_bytes)}, RSS {_gib(self.rss_bytes)}"
         )
 
 
 def memory_report(runners: Iterable[ModelRunner]) -> MemoryReport:
     """This process's memory with the weights and caches of `runners` (its engines' model runners) counted apart."""
-    weights = reserved = mapped = tokens = 0
+    weights = reserved = mapped = tokens = state_reserved = state_mapped = slots = 0
     on_host = True
     for runner in runners:
-        weights += plan_weight_bytes(runner.plan, skip=[t for pair in runner.kv_caches for t in pair])
+        caches = [t for pair in (*runner.kv_caches, *runner.state_caches) for t in pair]
+        weights += plan_weight_bytes(runner.plan, skip=caches)
         r, m = kv_cache_bytes(runner.kv_caches)
         reserved, mapped = reserved + r, mapped + m
+        r, m = kv_cache_bytes(runner.state_caches)
+        state_reserved, state_mapped = state_reserved + r, state_mapped + m
         tokens += runner.kv_caches[0][0].shape[0] * runner.block_size if runner.kv_caches else 0
+        slots += runner.state_caches[0][0].shape[0] if runner.state_caches else 0
         on_host &= runner.device.type == "cpu"
-    return MemoryReport(weights, reserved, mapped, tokens, resident_bytes() or 0, on_host)
+    rss = resident_bytes() or 0
+    return MemoryReport(weights, reserved, mapped, tokens, rss, on_host, state_reserved, state_mapped, slots)
 
 
 def plan_weight_bytes(plan: Plan, skip: Iterable[torch.Tensor] = ()) -> int:
@@ -85,8 +98,8 @@ def plan_weight_bytes(plan: Plan, skip: Iterable[torch.Tensor] = ()) -> int:
 
 
 def kv_cache_bytes(caches: KVCaches) -> tuple[int, int]:
-    """(reserved, mapped) bytes of the caches: mapped is what the kernel has backed with pages (a device's cache is
-    all of it: torch.zeros wrote it)."""
+    """(reserved, mapped) bytes of the caches (the KV cache's, or the recurrent states'): mapped is what the kernel
+    has backed with pages (a device's cache is all of it: torch.zeros wrote it)."""
     tensors = [t for pair in caches for t in pair]
     reserved = sum(t.numel() * t.element_size() for t in tensors)
     if any(t.device.type != "cpu" for t in tensors):

@@ -16,7 +16,7 @@ from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.memory_report import MemoryReport, kv_cache_bytes, memory_report, plan_weight_bytes
 from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
 from sagellm.runtime.execution_graph.plan import Instr, Plan
-from tests.tiny_models import make_tiny_llama, tiny_model_config
+from tests.tiny_models import make_tiny_llama, make_tiny_qwen3_5, tiny_model_config
 
 GIB = 2**30
 
@@ -88,6 +88,17 @@ def test_the_line_says_where_the_resident_memory_goes() -> None:
         on_gpu.line()
         == "weights 1.00 GiB, KV cache 2.00 GiB reserved (45,000 tokens) in device memory; host RSS 0.50 GiB"
     )
+
+
+def test_recurrent_states_are_counted_apart_from_the_weights(tmp_path) -> None:
+    """A Qwen3.5's state slots are plan constants, like weights: the report puts them beside the KV cache."""
+    engine = LLMEngine(EngineConfig(model=str(make_tiny_qwen3_5(tmp_path / "q")), num_kv_blocks=64, max_num_seqs=4))
+    report = memory_report([engine.runner])
+    states = sum(t.numel() * 4 for pair in engine.runner.state_caches for t in pair)
+    assert report.state_slots == 8 and report.state_reserved_bytes == states > 0  # 4 seats, 4 checkpoints
+    kv = [t for pair in engine.runner.kv_caches for t in pair]
+    assert report.weights_bytes == plan_weight_bytes(engine.runner.plan, skip=kv) - states
+    assert "states 0.00 GiB reserved (8 slots)" in report.line()
 
 
 def test_an_engine_reports_its_plan_and_cache(tmp_path) -> None:
