@@ -236,6 +236,9 @@ class LLMEngine:
         if kv.shape[2] != n:
             del self._requests[request_id]
             raise ValueError(f"KV covers {kv.shape[2]} tokens, the prompt has {n}")
+        if states is not None and states.numel() != self.runner.states_size:
+            del self._requests[request_id]
+            raise ValueError(f"recurrent states of {states.numel()} values; this model's are {self.runner.states_size}")
 
         def write_kv(start: int) -> None:
             slots = token_slots(seq.block_table, start, n, self.runner.block_size, self.runner.device)

@@ -229,13 +229,15 @@ class ModelRunner:
         as one flat float32 tensor: a prompt's states for a decode worker."""
         return torch.cat([t[slot].reshape(-1) for pair in self.state_caches for t in pair])
 
+    @property
+    def states_size(self) -> int:
+        """How many values `read_states` gives (0: the model has no recurrent layers)."""
+        return sum(t[0].numel() for pair in self.state_caches for t in pair)
+
     def write_states(self, slot: int, states: torch.Tensor) -> None:
-        """Stores `read_states`'s states (another engine's) in `slot`."""
+        """Stores `read_states`'s states (another engine's, `states_size` values) in `slot`."""
         tensors = [t for pair in self.state_caches for t in pair]
-        sizes = [t[slot].numel() for t in tensors]
-        if states.numel() != sum(sizes):
-            raise ValueError(f"states of {states.numel()} values do not fit this model's {sum(sizes)}")
-        for t, part in zip(tensors, states.to(self.device, torch.float32).split(sizes)):
+        for t, part in zip(tensors, states.to(self.device, torch.float32).split([t[slot].numel() for t in tensors])):
             t[slot].copy_(part.view(t[slot].shape))
 
     def close(self) -> None:

@@ -80,3 +80,14 @@ def test_a_decode_worker_continues_from_the_prefill_workers_states(qwen3_5):
         tokens = run_to_end(decode, firsts)
         assert imported == [len(o.prompt_token_ids) if keep_states else 0 for o in handed]
         assert [tokens[str(i)] for i in range(len(prompts))] == [hf_greedy(hf, p, TOKENS) for p in prompts]
+
+
+def test_states_of_another_size_are_refused_with_the_request_alone(qwen3_5):
+    path, hf = qwen3_5
+    prefill = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64, **ENGINE))
+    prefill.add_request("p", random_prompts(hf.config.vocab_size, [6])[0], GREEDY, prefill_only=True)
+    (handed,) = finished_outputs(prefill)
+    decode = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=64, **ENGINE))
+    with pytest.raises(ValueError, match="recurrent states of 10 values"):
+        decode.add_prefilled_request("p", handed.prompt_token_ids, GREEDY, 5, handed.kv, states=torch.zeros(10))
+    assert not decode.has_unfinished_requests()
