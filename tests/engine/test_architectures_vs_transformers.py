@@ -119,6 +119,8 @@ def test_the_gguf_file_decodes_as_transformers(tiny, tmp_path):
 def test_pd_yaml_gives_transformers_tokens(tiny):
     """graphs/pd.yaml as shipped, its model and prompts set: prefill in one process, decode in another."""
     path, _, prompts, expected, settings = tiny
+    if path.name in ("qwen3_5_moe", "qwen3_next"):  # two more worker processes for nothing PD moves differently
+        pytest.skip("Qwen3.5's run covers the hand-over of a hybrid model's KV and states")
     texts = [" ".join(f"w{t}" for t in p[:8]) for p in prompts[:3]]  # text prompts: the pipeline tokenizes them
     source = {"prompts": texts, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "chat": False}
     overrides = {"model": str(path), **{f"source.{k}": v for k, v in source.items()}}
