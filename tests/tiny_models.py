@@ -186,6 +186,30 @@ def make_tiny_gpt_oss(directory: str | Path, seed: int = 0, **overrides: Any) ->
     return _save_model(Path(directory), GptOssConfig, GptOssForCausalLM, seed, defaults | overrides, widen_gate_up)
 
 
+def make_tiny_gemma4(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Gemma4ForCausalLM (text), shaped like Gemma 4 E2B: two of every three layers slide over 8
+    positions; the full attention layers have heads twice as large, one KV head, values from their keys and
+    proportional rope (a quarter of the frequencies turn); per-layer embeddings of 8; the last two layers attend
+    over earlier layers' KV, with double-wide MLPs; learned layer scalars; norm weights stored as they are."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    rope = {"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
+    layer_types = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    defaults = dict(head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                    sliding_window=8, num_hidden_layers=6, layer_types=layer_types, hidden_size_per_layer_input=8,
+                    vocab_size_per_layer_input=len(make_tokenizer()), num_kv_shared_layers=2,
+                    use_double_wide_mlp=True, final_logit_softcapping=30.0, rope_parameters=rope,
+                    initializer_range=0.1, tie_word_embeddings=True)  # fmt: skip
+
+    def random_layer_scalars(model: Any) -> None:
+        for layer in model.model.layers:
+            layer.layer_scalar.uniform_(0.5, 1.5)
+
+    return _save_model(Path(directory), Gemma4TextConfig, Gemma4ForCausalLM, seed, defaults | overrides,
+                       random_layer_scalars)  # fmt: skip
+
+
 def make_tiny_qwen3_5(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Save a random tiny Qwen3_5ForCausalLM: Gated DeltaNet layers (2 key heads, 4 value heads) alternating with
     gated attention layers (partial rotary at the default quarter of a head), norms stored as offsets from 1."""
@@ -335,6 +359,17 @@ _GGUF_GEMMA = {  # Gemma's sandwich norms: its HF post_attention_layernorm follo
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
+_GGUF_GEMMA4 = {  # Gemma 4's per-layer input block and layer scalar
+    "per_layer_input_gate.weight": "inp_gate.weight",
+    "per_layer_projection.weight": "proj.weight",
+    "post_per_layer_input_norm.weight": "post_norm.weight",
+    "layer_scalar": "layer_output_scale.weight",
+}
+_GGUF_GEMMA4_GLOBAL = {
+    "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+    "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+    "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
+}
 _GGUF_GPT_OSS = {"post_attention_layernorm.weight": "post_attention_norm.weight"}  # its pre-MLP norm
 _GGUF_QWEN35 = {  # its Gated DeltaNet layers' tensors and its pre-MLP norm
     "linear_attn.in_proj_qkv.weight": "attn_qkv.weight",
@@ -353,8 +388,8 @@ _GGUF_QWEN35 = {  # its Gated DeltaNet layers' tensors and its pre-MLP norm
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
     "linear_attn.in_proj_ba.weight": "ssm_ba.weight",  # Qwen3-Next's b and a, fused per key head
 }
-_GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe",
-              "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe",
+_GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "gemma4_text": "gemma4",
+              "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe",
               "qwen3_next": "qwen3next"}  # fmt: skip
 _GGUF_HYBRID = ("qwen35", "qwen35moe", "qwen3next")  # Gated DeltaNet layers among the attention ones
 
@@ -380,6 +415,8 @@ def write_tiny_gguf(
     mixture = qtype == "Q4_K_M"  # llama.cpp's mix of types per tensor (q4_k_m_type)
     qtype = GGMLQuantizationType.Q4_K if mixture else GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype
     config = AutoConfig.from_pretrained(hf_dir)
+    if hasattr(config, "per_layer_config"):  # Gemma 4: its heads' sizes per layer; the top level's the sliding ones'
+        config.allow_global_per_layer_attribute_access = True
     arch = _GGUF_ARCH.get(config.model_type, config.model_type)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = dict(config.rope_parameters)
@@ -394,18 +431,21 @@ def write_tiny_gguf(
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    if arch == "gemma4":  # its head sizes, KV heads and MLP widths are per layer
+        rope_freqs = _add_gemma4_keys(writer, config, rope)
+    else:
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(rotary)
     if config.model_type == "qwen3_moe":
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(rope["rope_theta"])
-    writer.add_rope_dimension_count(rotary)
     writer.add_vocab_size(config.vocab_size)
     if mixture:
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
@@ -416,7 +456,8 @@ def write_tiny_gguf(
         writer.add_rope_freq_base_swa(local_rope["rope_theta"])
     if arch.startswith("gemma"):
         writer.add_sliding_window(config.sliding_window)
-        writer.add_sliding_window_pattern(config.layer_types.index("full_attention") + 1)  # every n-th is global
+        if arch != "gemma4":
+            writer.add_sliding_window_pattern(config.layer_types.index("full_attention") + 1)  # every n-th global
         if config.final_logit_softcapping:
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
         if arch == "gemma2" and config.attn_logit_softcapping:
@@ -457,7 +498,7 @@ def write_tiny_gguf(
         values = values.astype(np.float32)
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if arch.startswith("gemma") and name.endswith("norm.weight"):  # llama.cpp stores Gemma's (1 + w)
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # llama.cpp stores their (1 + w)
             values = values + 1
         if arch in _GGUF_HYBRID:
             values = _qwen35_values(name, values, config, tiled=arch != "qwen3next")
@@ -476,12 +517,39 @@ def write_tiny_gguf(
             writer.add_tensor(_gguf_name(name, arch), quantize(values, tensor_type), raw_dtype=tensor_type)
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_freqs(rope, head_dim), raw_dtype=GGMLQuantizationType.F32)
+    if arch == "gemma4":
+        writer.add_tensor("rope_freqs.weight", rope_freqs, raw_dtype=GGMLQuantizationType.F32)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_gemma4_keys(writer: gguf.GGUFWriter, config: Any, rope: dict) -> np.ndarray:
+    """Gemma 4's keys as llama.cpp's converter writes them: the full layers' head size as key_length and the
+    sliding ones' as key_length_swa, KV heads and MLP widths per layer, which layers slide, the shared KV and
+    per-layer input sizes; returns its rope_freqs tensor, 1 for the frequencies proportional rope turns and 1e30
+    (stopped) for the rest."""
+    full = config.layer_types.index("full_attention")
+    sliding_dim, full_dim = config.head_dim, config.per_layer_config[full].head_dim
+    wide = config.num_hidden_layers - config.num_kv_shared_layers
+    writer.add_key_length(full_dim)
+    writer.add_value_length(full_dim)
+    writer.add_key_length_swa(sliding_dim)
+    writer.add_value_length_swa(sliding_dim)
+    writer.add_rope_dimension_count(full_dim)
+    writer.add_rope_dimension_count_swa(sliding_dim)
+    writer.add_head_count_kv([config.per_layer_config[i].num_key_value_heads for i in range(config.num_hidden_layers)])
+    widths = [config.intermediate_size * (2 if config.use_double_wide_mlp and i >= wide else 1)
+              for i in range(config.num_hidden_layers)]  # fmt: skip
+    writer.add_feed_forward_length(widths)
+    writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
+    writer.add_shared_kv_layers(config.num_kv_shared_layers)
+    writer.add_embedding_length_per_layer_input(config.hidden_size_per_layer_input)
+    turned = int(full_dim * rope.get("partial_rotary_factor", 1.0) / 2)
+    return np.array([1.0] * turned + [1e30] * (full_dim // 2 - turned), dtype=np.float32)
 
 
 def _add_gated_delta_net_keys(writer: gguf.GGUFWriter, config: Any) -> None:
@@ -571,10 +639,11 @@ def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _gguf_name(hf_name: str, arch: str) -> str:
     if hf_name == "lm_head.weight":
         return "output.weight"
-    if hf_name in _GGUF_GLOBAL:
-        return _GGUF_GLOBAL[hf_name]
+    if hf_name in _GGUF_GLOBAL | _GGUF_GEMMA4_GLOBAL:
+        return (_GGUF_GLOBAL | _GGUF_GEMMA4_GLOBAL)[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
     names = _GGUF_LAYER | (_GGUF_GEMMA if arch.startswith("gemma") else _GGUF_GPT_OSS if arch == "gpt-oss" else {})
+    names |= _GGUF_GEMMA4 if arch == "gemma4" else {}
     names |= _GGUF_QWEN35 if arch in _GGUF_HYBRID else {}
     return f"blk.{layer}.{names[rest]}"
 

@@ -1,5 +1,6 @@
-"""The paged KV cache's memory: one preallocated K and one V tensor per attention layer, each
-[num_blocks, block_size, Hk, D] (a linear attention layer keeps a recurrent state instead: state_cache.py).
+"""The paged KV cache's memory: one preallocated K and one V tensor per attention layer with KV of its own, each
+[num_blocks, block_size, Hk, D] of that layer's heads (a linear attention layer keeps a recurrent state instead:
+state_cache.py; a layer sharing another's KV reads that one's cache).
 
 Sizing is by a memory budget, so the same engine fits a laptop or a server; the block manager does the bookkeeping
 and never touches these tensors."""
@@ -18,8 +19,8 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype = torch.float32) -> int:
-    per_token = 2 * config.num_kv_layers * config.num_kv_heads * config.head_dim * dtype.itemsize  # K and V
-    return per_token * block_size
+    per_token = sum(2 * config.num_kv_heads_of(i) * config.head_dim_of(i) for i in config.kv_layers)  # K and V
+    return per_token * dtype.itemsize * block_size
 
 
 def num_blocks_for_budget(config: ModelConfig, block_size: int, budget_bytes: int, dtype=torch.float32) -> int:
@@ -29,9 +30,9 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, budget_bytes: in
 def allocate_kv_caches(
     config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> KVCaches:
-    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
     zeros = untouched_zeros if device.type == "cpu" else partial(torch.zeros, device=device)
-    return [(zeros(shape, dtype=dtype), zeros(shape, dtype=dtype)) for _ in range(config.num_kv_layers)]
+    shapes = [(num_blocks, block_size, config.num_kv_heads_of(i), config.head_dim_of(i)) for i in config.kv_layers]
+    return [(zeros(shape, dtype=dtype), zeros(shape, dtype=dtype)) for shape in shapes]
 
 
 def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -55,14 +56,20 @@ def token_slots(block_table: list[int], start: int, end: int, block_size: int, d
 
 def read_tokens(caches: KVCaches, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The K and V of the given slots in every layer, as one [num_layers, 2, n, Hk, D] tensor (a copy): what a
-    prefill worker sends to a decode worker. `out`: where to gather them (shared memory the sender sends without
-    copying again), else a new tensor."""
+    prefill worker sends to a decode worker. Layers of different head shapes (Gemma 4) fill the widest shape's
+    first heads and dimensions, the rest zeros. `out`: where to gather them (shared memory the sender sends
+    without copying again), else a new tensor."""
     k0 = caches[0][0]
+    heads, dims = max(k.shape[2] for k, _ in caches), max(k.shape[3] for k, _ in caches)
     if out is None:
-        out = torch.empty((len(caches), 2, slots.numel(), *k0.shape[2:]), dtype=k0.dtype, device=k0.device)
+        out = torch.empty((len(caches), 2, slots.numel(), heads, dims), dtype=k0.dtype, device=k0.device)
     for layer, (k, v) in enumerate(caches):
-        torch.index_select(k.flatten(0, 1), 0, slots, out=out[layer, 0])
-        torch.index_select(v.flatten(0, 1), 0, slots, out=out[layer, 1])
+        for kind, cache in enumerate((k, v)):
+            rows = cache.flatten(0, 1)
+            if rows.shape[1:] == (heads, dims):
+                torch.index_select(rows, 0, slots, out=out[layer, kind])
+            else:
+                out[layer, kind].zero_()[:, : rows.shape[1], : rows.shape[2]] = rows.index_select(0, slots)
     return out
 
 
@@ -72,5 +79,6 @@ def write_tokens(caches: KVCaches, slots: torch.Tensor, kv: torch.Tensor) -> Non
         raise ValueError(f"KV of shape {tuple(kv.shape)} does not fit {len(caches)} layers x {slots.numel()} tokens")
     kv = kv.to(device=caches[0][0].device, dtype=caches[0][0].dtype)
     for (k, v), layer in zip(caches, kv):
-        k.flatten(0, 1).index_copy_(0, slots, layer[0])
-        v.flatten(0, 1).index_copy_(0, slots, layer[1])
+        heads, dims = k.shape[2:]
+        k.flatten(0, 1).index_copy_(0, slots, layer[0, :, :heads, :dims])
+        v.flatten(0, 1).index_copy_(0, slots, layer[1, :, :heads, :dims])

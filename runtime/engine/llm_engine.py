@@ -108,6 +108,9 @@ class LLMEngine:
         if num_state_slots and config.world_size > 1:
             raise InvalidInput("tensor and pipeline parallel: a model with recurrent layers (Qwen3.5) runs on one "
                                "rank only, for now")  # fmt: skip
+        if (model_config.per_layer_input_size or model_config.num_kv_shared_layers) and config.world_size > 1:
+            raise InvalidInput("tensor and pipeline parallel: a model with per-layer embeddings or shared KV "
+                               "(Gemma 4) runs on one rank only, for now")  # fmt: skip
         checkpoints = num_state_slots if config.enable_prefix_caching else 0
         if num_state_slots:
             per_sequence = round(bytes_per_state_slot(rank0) / 2**20, 1)
@@ -582,7 +585,7 @@ class LLMEngine:
             finish = finish or "prefilled"
             slots = token_slots(seq.block_table, 0, seq.num_prompt_tokens, self.runner.block_size, self.runner.device)
             c = self.model.config
-            shape = (c.num_kv_layers, 2, seq.num_prompt_tokens, c.num_kv_heads, c.head_dim)
+            shape = (c.num_kv_layers, 2, seq.num_prompt_tokens, *c.kv_row_shape)
             out = self.kv_buffer(shape, torch.float32) if self.kv_buffer else None
             kv = self.runner.read_kv(slots, out)  # [num_layers, 2, prompt_len, Hk, D]
             states = self.runner.read_states(seq.state_slot) if self.scheduler.state_slots is not None else None

@@ -136,18 +136,21 @@ def _bind_norm(op):
 
 
 def _bind_head_norm(params, ctx, kernels):
-    """RMSNorm over each head of a [T, H * D] projection (Qwen3's q/k norms), the weight [D] shared by the heads."""
-    head_rmsnorm, d = kernels["head_rmsnorm"], ctx.head_dim
+    """RMSNorm over each head of a [T, H * D] projection (Qwen3's q/k norms), the weight [D] shared by the heads;
+    without a weight (Gemma 4's values), ones."""
+    head_rmsnorm, d = kernels["head_rmsnorm"], params.get("head_dim", ctx.head_dim)
 
     def head_rmsnorm_flat(x, weight, eps):
         n = x.shape[0]
         return head_rmsnorm(x.view(n, -1, d), weight, eps).view(n, -1)
 
-    return head_rmsnorm_flat, (_weight(ctx, params["weight"]).to(ctx.backend.device), params["eps"])
+    name = params["weight"]
+    weight = torch.ones(d) if name is None else _weight(ctx, name)
+    return head_rmsnorm_flat, (weight.to(ctx.backend.device), params["eps"])
 
 
 def _bind_rope(params, ctx, kernels):
-    rope, d = kernels["rope"], ctx.head_dim
+    rope, d = kernels["rope"], params.get("head_dim", ctx.head_dim)
 
     def rope_flat(q, k, positions, cos_sin):
         n = q.shape[0]
@@ -156,10 +159,22 @@ def _bind_rope(params, ctx, kernels):
     return rope_flat, (ctx.rope_tables[params.get("table", "global")],)
 
 
+def _bind_rope_query(params, ctx, kernels):
+    """The queries' rope alone, for a layer that attends over another's keys (turned by that one); the kernel takes
+    a key head too, so it turns the first query head again, to no use."""
+    rope, d = kernels["rope"], params.get("head_dim", ctx.head_dim)
+
+    def rope_query(q, positions, cos_sin):
+        heads = q.view(q.shape[0], -1, d)
+        return rope(heads, heads[:, :1], positions, cos_sin)[0]  # [T, Hq, D]
+
+    return rope_query, (ctx.rope_tables[params.get("table", "global")],)
+
+
 def _bind_attention(params, ctx, kernels):
     """Constants: the layer's caches, then its scale, sliding window (0: none), score soft-cap (0: none) and
     attention sinks (a logit per query head, or None)."""
-    attention, d = kernels["attention"], ctx.head_dim
+    attention, d = kernels["attention"], params.get("head_dim", ctx.head_dim)
     k_cache, v_cache = ctx.kv_caches[params["cache"]]
     sinks = None
     if params.get("sinks"):
@@ -273,6 +288,7 @@ _BINDERS: dict[str, Callable] = {
     "add_rmsnorm": _bind_norm("add_rmsnorm"),
     "head_rmsnorm": _bind_head_norm,
     "rope": _bind_rope,
+    "rope_query": _bind_rope_query,
     "attention": _bind_attention,
     "moe": _bind_moe,
     "gated_delta_net": _bind_gated_delta_net,
@@ -290,6 +306,7 @@ _BINDERS: dict[str, Callable] = {
     "scale": lambda p, ctx, k: (torch.mul, (torch.tensor(p["factor"], dtype=torch.float32),)),
     "softcap": lambda p, ctx, k: (_softcap, (p["cap"],)),
     "mul": lambda p, ctx, k: (torch.mul, ()),
+    "mul_weight": lambda p, ctx, k: (torch.mul, (_weight(ctx, p["weight"]).to(ctx.backend.device),)),
     "all_reduce": lambda p, ctx, k: (_group(ctx).all_reduce, ()),
     "all_gather": lambda p, ctx, k: (_group(ctx).all_gather, (p["sizes"],)),
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ class Architecture:
     gated_delta_net: bool = False
     # llama.cpp's converter stores these Gated DeltaNet layers' value heads tiled by key head (gguf_layouts.py).
     gguf_tiled_value_heads: bool = False
+    # Gemma 4: Gemma 3's layer with per-layer embeddings, the last layers attending over earlier layers' KV, full
+    # attention layers with heads of their own size (and values from their keys), values normed, a scalar per
+    # layer, scores unscaled (the q/k norms set their size), and norm weights stored as they are.
+    gemma4: bool = False
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -62,6 +66,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: its text model is served (the vision tower is not).
     Architecture("gemma3_text", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), "gemma3", qk_norm=True,
                  gemma=True, sliding_pattern=6, local_rope=True),
+    # Gemma 4 ships as Gemma4ForConditionalGeneration: its text model is served (vision and audio are not).
+    Architecture("gemma4_text", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"), "gemma4", qk_norm=True,
+                 gemma=True, sliding_pattern=6, local_rope=True, gemma4=True),
     Architecture("phi3", ("Phi3ForCausalLM",), "phi3", fused_projections=True),
     # llama.cpp slides gpt-oss's even layers (its GGUF does not say), as its config's layer_types do.
     Architecture("gpt_oss", ("GptOssForCausalLM",), "gpt-oss", qkv_bias=True, moe=True, sliding_pattern=2,
@@ -124,7 +131,7 @@ def config_from_hf(
         shared = int(hf_config.get("shared_expert_intermediate_size") or 0) if arch.moe else 0
         eos = [*_ids(hf_config.get("eos_token_id")), *_ids((generation_config or {}).get("eos_token_id"))]
         experts, per_token = _hf_experts(arch, hf_config, source)
-        inter = hf_config["moe_intermediate_size" if "moe_intermediate_size" in hf_config else "intermediate_size"]
+        inter = hf_config.get("moe_intermediate_size") or hf_config["intermediate_size"]
         scalar = hf_config.get("query_pre_attn_scalar")
         return ModelConfig(
             architecture=arch.name,
@@ -156,7 +163,7 @@ def config_from_hf(
             sandwich_norms=arch.gemma,
             activation="silu" if activation == "silu" else "gelu_tanh",
             embedding_scale=hidden**0.5 if arch.gemma else 1.0,
-            attention_scale=float(scalar) ** -0.5 if scalar else None,
+            attention_scale=1.0 if arch.gemma4 else float(scalar) ** -0.5 if scalar else None,
             attn_softcap=float(hf_config.get("attn_logit_softcapping") or 0.0) if arch.attn_softcap else 0.0,
             final_softcap=float(hf_config.get("final_logit_softcapping") or 0.0),
             sliding_window=window,
@@ -166,6 +173,7 @@ def config_from_hf(
             attn_output_gate=arch.gated_delta_net,
             **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
             shared_expert_intermediate_size=shared,
+            **(_hf_gemma4(hf_config, layer_types, source) if arch.gemma4 else {}),
         )
     except KeyError as e:
         raise ModelLoadError(f"{source}: config.json lacks {e.args[0]!r}") from e
@@ -204,22 +212,25 @@ def config_from_gguf(
     window, layer_types = _gguf_sliding_window(arch, metadata, prefix, layers)
     if arch.gated_delta_net:
         layer_types = _gguf_hybrid_layer_types(metadata, prefix, layers)
+    kv_heads = _per_layer(key("attention.head_count_kv", heads), layers)
+    widths = _per_layer(key("expert_feed_forward_length", key("feed_forward_length")), layers)
     eos_keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-    return ModelConfig(
+    config = ModelConfig(
         architecture=arch.name,
         vocab_size=int(key("vocab_size", token_count)),
         hidden_size=hidden,
-        intermediate_size=int(key("expert_feed_forward_length", key("feed_forward_length"))),
+        intermediate_size=widths[0],
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        num_kv_heads=kv_heads[0],
         head_dim=head_dim,
         rms_norm_eps=_from_float32(key("attention.layer_norm_rms_epsilon")),
         rope_theta=theta,
         max_position_embeddings=int(key("context_length")),
         tie_word_embeddings=tied,
         qkv_bias=arch.qkv_bias,
-        rope_scaling=_gguf_rope_scaling(metadata, prefix, rope_freqs, rope_factors, theta, head_dim, arch, source),
+        rope_scaling=_gguf_rope_scaling(metadata, prefix, None if arch.gemma4 else rope_freqs, rope_factors, theta,
+                                        head_dim, arch, source),  # fmt: skip
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys([*(int(metadata[k]) for k in eos_keys if k in metadata),
                                            *(_harmony_end_ids(metadata) if arch.gpt_oss else ())])),  # fmt: skip
@@ -244,6 +255,46 @@ def config_from_gguf(
         **(_gguf_linear_attention(key) if arch.gated_delta_net else {}),
         shared_expert_intermediate_size=int(metadata.get(f"{prefix}.expert_shared_feed_forward_length", 0)),
     )
+    return replace(config, **_gguf_gemma4(key, config, kv_heads, widths, rope_freqs)) if arch.gemma4 else config
+
+
+def _per_layer(value: Any, layers: int) -> list[int]:
+    """A key llama.cpp writes as one number, or as one per layer where layers differ (Gemma 4's KV heads, MLPs)."""
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return [int(v) for v in list(value)[:layers]]
+    return [int(value)] * layers
+
+
+def _gguf_gemma4(
+    key: Callable[..., Any], config: ModelConfig, kv_heads: list[int], widths: list[int], rope_freqs: np.ndarray | None
+) -> dict[str, Any]:
+    """Gemma 4 under llama.cpp's keys: key_length is the full layers' head size (key_length_swa the others'), KV
+    heads and MLP widths per layer (double-wide ones after the shared KV point), proportional rope as a rope_freqs
+    tensor of 1 for each turned frequency and 1e30 (stopped) for the rest; its values come from its keys where a
+    full layer lacks `attn_v` (`values_from_keys`, told by the loader)."""
+    types = config.layer_types or ("sliding_attention",) * config.num_layers
+    sliding = types.index("sliding_attention") if "sliding_attention" in types else 0
+    full = types.index("full_attention") if "full_attention" in types else sliding
+    full_dim = config.head_dim
+    turned = int((rope_freqs == 1.0).sum()) if rope_freqs is not None else full_dim // 2
+    shared = int(key("attention.shared_kv_layers", 0))
+    sliding_dim = int(key("attention.key_length_swa", full_dim))
+    return {  # a full layer's own head size and KV heads: 0 where they are the others'
+        "head_dim": sliding_dim,
+        "full_head_dim": full_dim if full_dim != sliding_dim else 0,
+        "num_kv_heads": kv_heads[sliding],
+        "full_num_kv_heads": kv_heads[full] if kv_heads[full] != kv_heads[sliding] else 0,
+        "intermediate_size": widths[0],
+        "double_wide_shared_mlp": shared > 0 and widths[-1] == 2 * widths[0],
+        "num_kv_shared_layers": shared,
+        "rotary_dim": 0,
+        "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": turned / (full_dim // 2)},
+        "attention_scale": 1.0,
+        "value_norm": True,
+        "layer_scalar": True,
+        "per_layer_input_size": int(key("embedding_length_per_layer_input", 0)),
+        "per_layer_vocab_size": config.vocab_size if int(key("embedding_length_per_layer_input", 0)) else 0,
+    }
 
 
 def _gguf_hybrid_layer_types(metadata: Mapping[str, Any], prefix: str, layers: int) -> tuple[str, ...]:
@@ -294,7 +345,8 @@ def _gguf_sliding_window(
     window = int(metadata.get(f"{prefix}.attention.sliding_window") or 0)
     if not window or not arch.sliding_pattern:
         return 0, ()
-    pattern = metadata.get(f"{prefix}.attention.sliding_window_pattern") or arch.sliding_pattern
+    pattern = metadata.get(f"{prefix}.attention.sliding_window_pattern")
+    pattern = arch.sliding_pattern if pattern is None or (np.ndim(pattern) == 0 and not pattern) else pattern
     if isinstance(pattern, np.ndarray):
         slides = [bool(flag) for flag in pattern[:layers]]
     else:
@@ -310,10 +362,13 @@ def _gguf_gemma_attention_scale(hidden: int, heads: int, layers: int) -> float |
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the graph builder reads for `config`, under its canonical Hugging Face name."""
-    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    d = config.head_dim
-    q, kv = config.num_heads * d, config.num_kv_heads * d
+    h, vocab = config.hidden_size, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    if config.per_layer_input_size:
+        size, width = config.per_layer_input_size, config.num_layers * config.per_layer_input_size
+        shapes |= {"model.embed_tokens_per_layer.weight": (config.per_layer_vocab_size, width),
+                   "model.per_layer_model_projection.weight": (width, h),
+                   "model.per_layer_projection_norm.weight": (size,)}  # fmt: skip
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (vocab, h)
     for i in range(config.num_layers):
@@ -322,12 +377,14 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if config.is_linear_attention(i):
             shapes |= _linear_attention_shapes(config, f"{p}linear_attn.")
         else:
-            shapes |= {
-                f"{p}self_attn.q_proj.weight": (2 * q if config.attn_output_gate else q, h),
-                f"{p}self_attn.k_proj.weight": (kv, h),
-                f"{p}self_attn.v_proj.weight": (kv, h),
-                f"{p}self_attn.o_proj.weight": (h, q),
-            }
+            shapes |= _attention_shapes(config, i, f"{p}self_attn.")
+        if config.per_layer_input_size:
+            size = config.per_layer_input_size
+            shapes |= {f"{p}per_layer_input_gate.weight": (size, h), f"{p}per_layer_projection.weight": (h, size)}
+            shapes[f"{p}post_per_layer_input_norm.weight"] = (h,)
+        if config.layer_scalar:
+            shapes[f"{p}layer_scalar"] = (1,)
+        inter = config.intermediate_size_of(i)
         if config.is_moe:
             shapes[f"{p}block_sparse_moe.gate.weight"] = (config.num_experts, h)
             for e in range(config.num_experts):
@@ -344,17 +401,30 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         else:
             shapes |= {f"{p}mlp.gate_proj.weight": (inter, h), f"{p}mlp.up_proj.weight": (inter, h)}
             shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
-        if config.qk_norm and not config.is_linear_attention(i):
-            shapes |= {f"{p}self_attn.q_norm.weight": (d,), f"{p}self_attn.k_norm.weight": (d,)}
         if config.sandwich_norms:
             shapes |= {f"{p}pre_feedforward_layernorm.weight": (h,), f"{p}post_feedforward_layernorm.weight": (h,)}
-        if config.qkv_bias:
-            shapes |= {f"{p}self_attn.q_proj.bias": (q,), f"{p}self_attn.k_proj.bias": (kv,)}
-            shapes[f"{p}self_attn.v_proj.bias"] = (kv,)
-        if config.o_bias:
-            shapes[f"{p}self_attn.o_proj.bias"] = (h,)
-        if config.attention_sinks:
-            shapes[f"{p}self_attn.sinks"] = (config.num_heads,)
+    return shapes
+
+
+def _attention_shapes(config: ModelConfig, i: int, p: str) -> dict[str, tuple[int, ...]]:
+    """An attention layer's tensors (`p`: its `self_attn.` prefix); one attending over another's KV has no K/V
+    projections, and one taking its values from its keys no v_proj."""
+    h, d = config.hidden_size, config.head_dim_of(i)
+    q, kv = config.num_heads * d, config.num_kv_heads_of(i) * d
+    shapes = {f"{p}q_proj.weight": (2 * q if config.attn_output_gate else q, h), f"{p}o_proj.weight": (h, q)}
+    own_kv = config.kv_source(i) == i
+    if own_kv:
+        shapes[f"{p}k_proj.weight"] = (kv, h)
+        if not config.values_from_keys(i):
+            shapes[f"{p}v_proj.weight"] = (kv, h)
+    if config.qk_norm:
+        shapes |= {f"{p}q_norm.weight": (d,), **({f"{p}k_norm.weight": (d,)} if own_kv else {})}
+    if config.qkv_bias:
+        shapes |= {f"{p}q_proj.bias": (q,), f"{p}k_proj.bias": (kv,), f"{p}v_proj.bias": (kv,)}
+    if config.o_bias:
+        shapes[f"{p}o_proj.bias"] = (h,)
+    if config.attention_sinks:
+        shapes[f"{p}sinks"] = (config.num_heads,)
     return shapes
 
 
@@ -394,8 +464,11 @@ def canonical_name(config: ModelConfig, name: str) -> str | None:
             break
     else:
         if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal",
+                            "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
                             "model.visual.", "mtp.")):  # a vision tower; Qwen3.5's multi-token prediction head
             return None
+    if config.num_kv_shared_layers and name.endswith(_KV_TENSORS) and _shares_kv(config, name):
+        return None  # a layer attending over another's KV: checkpoints may still hold its unused K/V projections
     if not config.is_moe or ".mlp." not in name:
         return name
     head, _, tail = name.partition(".mlp.")
@@ -408,6 +481,14 @@ def canonical_name(config: ModelConfig, name: str) -> str | None:
         _, expert, projection, rest = tail.split(".", 3)
         return f"{head}.block_sparse_moe.experts.{expert}.{_QWEN_EXPERTS.get(projection, projection)}.{rest}"
     return f"{head}.block_sparse_moe.{tail}"
+
+
+_KV_TENSORS = tuple(f"self_attn.{t}.weight" for t in ("k_proj", "v_proj", "k_norm", "v_norm"))
+
+
+def _shares_kv(config: ModelConfig, name: str) -> bool:
+    layer = name.removeprefix("model.layers.").partition(".")[0]
+    return layer.isdigit() and int(layer) < config.num_layers and config.kv_source(int(layer)) != int(layer)
 
 
 def fused_parts(config: ModelConfig, name: str) -> list[tuple[str, slice | np.ndarray]] | None:
@@ -555,6 +636,38 @@ def _hf_sliding_window(
     return window, (() if set(types) == {"sliding_attention"} else types)
 
 
+def _hf_gemma4(hf_config: Mapping[str, Any], layer_types: tuple[str, ...], source: Path) -> dict[str, Any]:
+    """Gemma 4's features: its full attention layers' head size and KV heads (`per_layer_config` as transformers
+    writes it, else `global_head_dim`, 512 by default, and `num_global_key_value_heads` when values come from keys),
+    KV sharing, per-layer embeddings."""
+    if hf_config.get("enable_moe_block"):
+        raise ModelLoadError(f"{source}: Gemma 4's mixture-of-experts block (enable_moe_block) is not supported yet")
+    if hf_config.get("use_bidirectional_attention") == "all":
+        raise ModelLoadError(f"{source}: bidirectional attention (an embedding model) is not supported")
+    values_from_keys = bool(hf_config.get("attention_k_eq_v"))
+    full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    if "per_layer_config" in hf_config:  # transformers writes each layer's differences from the others
+        per_layer = hf_config["per_layer_config"] or {}
+        own = dict(per_layer.get(str(full[0]), per_layer.get(full[0], {}))) if full else {}
+    else:
+        own = {"head_dim": hf_config.get("global_head_dim", 512)}
+        if values_from_keys and hf_config.get("num_global_key_value_heads") is not None:
+            own["num_key_value_heads"] = hf_config["num_global_key_value_heads"]
+    ple = int(hf_config.get("hidden_size_per_layer_input") or 0)
+    ple_vocab = int(hf_config.get("vocab_size_per_layer_input") or hf_config["vocab_size"]) if ple else 0
+    return {
+        "full_head_dim": int(own.get("head_dim") or 0),
+        "full_num_kv_heads": int(own.get("num_key_value_heads") or 0),
+        "full_values_from_keys": values_from_keys,
+        "value_norm": True,
+        "num_kv_shared_layers": int(hf_config.get("num_kv_shared_layers") or 0),
+        "double_wide_shared_mlp": bool(hf_config.get("use_double_wide_mlp")),
+        "per_layer_input_size": ple,
+        "per_layer_vocab_size": ple_vocab,
+        "layer_scalar": True,
+    }
+
+
 def _hf_hybrid_layer_types(
     arch: Architecture, hf_config: Mapping[str, Any], layers: int, source: Path
 ) -> tuple[str, ...]:
@@ -606,9 +719,12 @@ def _hf_rope(
             raise ModelLoadError(f"{source}: scaled rope on sliding layers is not supported")
         local_theta = local.get("rope_theta", local_theta)
         parameters = dict(parameters["full_attention"])
-    theta = float(hf_config.get("rope_theta") or parameters.pop("rope_theta", 10000.0))
+    theta = float(parameters.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0)
     scaling = dict(hf_config.get("rope_scaling") or parameters)
     scaling.pop("rope_theta", None)
+    if scaling.get("rope_type") == "proportional":  # Gemma 4: the factor is the type's own (rope.py), not partial
+        scaling.setdefault("partial_rotary_factor", 1.0)
+        return theta, scaling, float(local_theta or 10000.0), 1.0
     partial = scaling.pop("partial_rotary_factor", None) or hf_config.get("partial_rotary_factor")
     partial = float(partial or (0.25 if arch.gated_delta_net else 1.0))  # Qwen3.5's default: a quarter
     for key in ("mrope_section", "mrope_interleaved"):  # Qwen3.5's multimodal rope: for text, plain rope

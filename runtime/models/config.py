@@ -74,6 +74,21 @@ class ModelConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
+    # Gemma 4: full attention layers have a head size and a KV head count of their own (0: the other layers'), and
+    # with `full_values_from_keys` no v_proj: their values are their keys' projection, normed but not turned.
+    full_head_dim: int = 0
+    full_num_kv_heads: int = 0
+    full_values_from_keys: bool = False
+    value_norm: bool = False  # values RMS-normed per head, without a weight (Gemma 4)
+    # The last `num_kv_shared_layers` layers compute no K/V: each attends over the cache of the last earlier layer of
+    # its type (Gemma 4, Gemma 3n), and with `double_wide_shared_mlp` their MLPs are twice as wide.
+    num_kv_shared_layers: int = 0
+    double_wide_shared_mlp: bool = False
+    # Per-layer embeddings (Gemma 4, Gemma 3n): a second table of `per_layer_vocab_size` rows gives each token a
+    # vector of this size per layer, joined with a projection of its embedding and fed to each layer after its MLP.
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
+    layer_scalar: bool = False  # each layer's output multiplied by a learned scalar (Gemma 4)
 
     def window_of(self, layer: int) -> int:
         """The sliding window of `layer`'s attention, 0 for full attention."""
@@ -87,8 +102,49 @@ class ModelConfig:
 
     @property
     def num_kv_layers(self) -> int:
-        """The layers that keep K and V: all but the linear attention ones."""
-        return self.num_layers - self.num_linear_layers
+        """The layers that keep K and V in a cache of their own: all but the linear attention ones and those that
+        read another layer's."""
+        return self.num_layers - self.num_linear_layers - self.num_kv_shared_layers
+
+    def head_dim_of(self, layer: int) -> int:
+        return self.full_head_dim if self.full_head_dim and self._is_full(layer) else self.head_dim
+
+    def num_kv_heads_of(self, layer: int) -> int:
+        return self.full_num_kv_heads if self.full_num_kv_heads and self._is_full(layer) else self.num_kv_heads
+
+    def values_from_keys(self, layer: int) -> bool:
+        return self.full_values_from_keys and self._is_full(layer)
+
+    def _is_full(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "full_attention"
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose K/V `layer` attends over: itself, or for one of the last `num_kv_shared_layers`, the last
+        earlier layer of its type (transformers' "store" layer)."""
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        if layer < first_shared:
+            return layer
+        kind = self.layer_types[layer] if self.layer_types else None
+        for source in range(first_shared - 1, -1, -1):
+            if not self.layer_types or self.layer_types[source] == kind:
+                return source
+        raise ValueError(f"layer {layer} shares the KV of an earlier {kind} layer, and there is none")
+
+    def intermediate_size_of(self, layer: int) -> int:
+        wide = self.double_wide_shared_mlp and self.kv_source(layer) != layer
+        return self.intermediate_size * (2 if wide else 1)
+
+    @property
+    def kv_layers(self) -> list[int]:
+        """The layers with a KV cache of their own, in order: the cache index is the place in this list."""
+        return [i for i in range(self.num_layers) if not self.is_linear_attention(i) and self.kv_source(i) == i]
+
+    @property
+    def kv_row_shape(self) -> tuple[int, int]:
+        """(KV heads, head size) of a token's K or V in the widest cache: the shape KV travels in between engines,
+        a narrower layer's rows padded to it."""
+        layers = self.kv_layers or [0]
+        return max(self.num_kv_heads_of(i) for i in layers), max(self.head_dim_of(i) for i in layers)
 
     @property
     def num_linear_layers(self) -> int:
@@ -114,18 +170,34 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Every parameter, every expert counted (not only those a token uses)."""
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2) + (2 * d if self.qk_norm else 0)
-        attn += (self.num_heads + 2 * self.num_kv_heads) * d if self.qkv_bias else 0
-        attn += (h if self.o_bias else 0) + (self.num_heads if self.attention_sinks else 0)
-        mlp = 3 * h * i * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
-        mlp += (2 * i + h + 1) * self.num_experts if self.expert_bias else 0
-        mlp += (3 * self.shared_expert_intermediate_size + 1) * h if self.shared_expert_intermediate_size else 0
-        attn += h * d * self.num_heads if self.attn_output_gate else 0
-        norms = (4 if self.sandwich_norms else 2) * h
-        dv = self.linear_num_value_heads * self.linear_value_head_dim
-        linear = h * (self.linear_conv_dim + dv + 2 * self.linear_num_value_heads) + dv * h  # in and out projections
-        linear += self.linear_conv_dim * self.linear_conv_kernel + 2 * self.linear_num_value_heads
-        linear += self.linear_value_head_dim
+        h = self.hidden_size
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_kv_layers * attn + self.num_linear_layers * linear + self.num_layers * (mlp + norms) + embed + h
+        if self.per_layer_input_size:  # the per-layer table, the embedding's projection to it and that one's norm
+            size = self.num_layers * self.per_layer_input_size
+            embed += (self.per_layer_vocab_size + h) * size + self.per_layer_input_size
+        return embed + h + sum(self._layer_params(i) for i in range(self.num_layers))
+
+    def _layer_params(self, i: int) -> int:
+        h, i_size = self.hidden_size, self.intermediate_size_of(i)
+        mixer = self._linear_attention_params() if self.is_linear_attention(i) else self._attention_params(i)
+        mlp = 3 * h * i_size * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
+        mlp += (2 * i_size + h + 1) * self.num_experts if self.expert_bias else 0
+        mlp += (3 * self.shared_expert_intermediate_size + 1) * h if self.shared_expert_intermediate_size else 0
+        norms = (4 if self.sandwich_norms else 2) * h
+        per_layer = 2 * h * self.per_layer_input_size + h if self.per_layer_input_size else 0  # gate, projection, norm
+        return mixer + mlp + norms + per_layer  # a layer scalar is a buffer, not a parameter
+
+    def _attention_params(self, i: int) -> int:
+        h, d, heads = self.hidden_size, self.head_dim_of(i), self.num_heads
+        kv_heads = self.num_kv_heads_of(i) if self.kv_source(i) == i else 0  # a layer sharing KV has no k/v
+        values = 0 if self.values_from_keys(i) else kv_heads
+        params = h * d * (heads * (3 if self.attn_output_gate else 2) + kv_heads + values)
+        params += (d + (d if kv_heads else 0)) if self.qk_norm else 0
+        params += (heads + kv_heads + values) * d if self.qkv_bias else 0
+        return params + (h if self.o_bias else 0) + (heads if self.attention_sinks else 0)
+
+    def _linear_attention_params(self) -> int:
+        h, dv = self.hidden_size, self.linear_num_value_heads * self.linear_value_head_dim
+        params = h * (self.linear_conv_dim + dv + 2 * self.linear_num_value_heads) + dv * h  # in and out projections
+        params += self.linear_conv_dim * self.linear_conv_kernel + 2 * self.linear_num_value_heads
+        return params + self.linear_value_head_dim

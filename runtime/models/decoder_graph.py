@@ -1,5 +1,5 @@
 """The forward pass of a decoder-only transformer (the Llama layer and the families that vary it: Qwen2/3,
-Mistral, Mixtral, Gemma 2/3, Phi-3, gpt-oss, and Qwen3.5's hybrid of Gated DeltaNet and attention layers) as an IR
+Mistral, Mixtral, Gemma 2/3/4, Phi-3, gpt-oss, and Qwen3.5's hybrid of Gated DeltaNet and attention layers) as an IR
 graph, built from the features ModelConfig records, never from family names.
 
 The graph is written the way the model reads in its paper, one op per line, unfused; passes fuse it and lowering
@@ -13,11 +13,13 @@ so the lm_head runs on N rows, not T). Output: logits [N, V]. A pipeline stage's
 that does not start at layer 0 reads `hidden` and `residual` [T, H] instead of input_ids, and one that does not end
 at the last layer gives them as its outputs instead of logits. Attention node `cache` is the layer's place among
 the graph's own attention layers, its index into the stage's KV caches; a Gated DeltaNet node's `state` is its place
-among the graph's own linear attention layers, its index into the stage's state caches."""
+among the graph's own linear attention layers, its index into the stage's state caches. Gemma 4's per-layer
+embeddings, shared KV (a layer attends with an earlier layer's K and V over that one's cache) and layer scalars need
+the whole model in one graph: such a model is not split into pipeline stages."""
 
 from __future__ import annotations
 
-from sagellm.runtime.execution_graph.graph import Graph, Value
+from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.models.config import ModelConfig
 
 
@@ -27,17 +29,30 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     positions = g.add("input", id="positions", name="positions")
     meta = g.add("input", id="attn_metadata", name="attn_metadata")
     residual: Value | None = None
+    whole = config.per_layer_input_size or config.num_kv_shared_layers or config.layer_scalar
+    if whole and len(layers) != config.num_layers:
+        raise GraphError("a model with per-layer embeddings, shared KV or layer scalars (Gemma 4) runs as one "
+                         "pipeline stage")  # fmt: skip
+    per_layer = None
     if layers.start == 0:
         input_ids = g.add("input", id="input_ids", name="input_ids")
         hidden = g.add("embedding", [input_ids], weight="model.embed_tokens.weight")
         if config.embedding_scale != 1.0:
             hidden = g.add("scale", [hidden], factor=config.embedding_scale)
+        if config.per_layer_input_size:
+            per_layer = _per_layer_inputs(g, config, input_ids, hidden)
     else:
         hidden = g.add("input", id="hidden", name="hidden")
         residual = g.add("input", id="residual", name="residual")
     caches = _cache_indices(config, layers)
+    kv: dict[int, tuple[Value, Value]] = {}  # each KV layer's K and V, for the layers that share them
     for layer in layers:
-        hidden, residual = _decoder_layer(g, config, layer, caches[layer], hidden, residual, positions, meta)
+        hidden, residual = _decoder_layer(g, config, layer, caches, kv, hidden, residual, positions, meta)
+        if per_layer is not None:
+            hidden, residual = _per_layer_block(g, config, layer, per_layer[layer], hidden, residual)
+        if config.layer_scalar:  # the stream whole again, scaled: the next layer reads no residual
+            stream = g.add("add", [hidden, residual])
+            hidden, residual = g.add("mul_weight", [stream], weight=f"model.layers.{layer}.layer_scalar"), None
     if layers.stop < config.num_layers:
         g.add("output", [hidden], id="hidden_out", name="hidden")
         g.add("output", [residual], id="residual_out", name="residual")
@@ -46,9 +61,9 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     logits_indices = g.add("input", id="logits_indices", name="logits_indices")
 
     # Only the sampled rows go through the final norm and the lm_head.
-    hidden = g.add("index_rows", [hidden, logits_indices])
-    residual = g.add("index_rows", [residual, logits_indices])
-    summed = g.add("add", [hidden, residual])
+    summed = g.add("index_rows", [hidden, logits_indices])
+    if residual is not None:
+        summed = g.add("add", [summed, g.add("index_rows", [residual, logits_indices])])
     normed = g.add("rmsnorm", [summed], weight="model.norm.weight", eps=config.rms_norm_eps)
     lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     logits = g.add("linear", [normed], weight=lm_head, out_features=config.vocab_size)
@@ -59,27 +74,66 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
 
 
 def _cache_indices(config: ModelConfig, layers: range) -> dict[int, int]:
-    """Each layer's index into the stage's caches of its kind: KV caches for attention layers, state caches for
-    linear attention ones."""
+    """Each layer's index into the stage's caches of its kind: KV caches for attention layers (a layer sharing
+    another's KV takes that one's), state caches for linear attention ones."""
     counts = {True: 0, False: 0}
     indices = {}
     for layer in layers:
         linear = config.is_linear_attention(layer)
+        if not linear and config.kv_source(layer) != layer:
+            indices[layer] = indices[config.kv_source(layer)]
+            continue
         indices[layer], counts[linear] = counts[linear], counts[linear] + 1
     return indices
 
 
+def _per_layer_inputs(g: Graph, c: ModelConfig, input_ids: Value, embedded: Value) -> list[Value]:
+    """Gemma 4's per-layer embeddings: each token's row of the per-layer table (scaled by sqrt of its size) and a
+    projection of its embedding (scaled by hidden^-1/2, RMS-normed per layer), averaged by 2^-1/2; one [T, P] per
+    layer."""
+    size, width = c.per_layer_input_size, c.num_layers * c.per_layer_input_size
+    rows = g.add("embedding", [input_ids], weight="model.embed_tokens_per_layer.weight")
+    rows = g.add("scale", [rows], factor=size**0.5)
+    projected = g.add("linear", [embedded], weight="model.per_layer_model_projection.weight", out_features=width)
+    projected = g.add("scale", [projected], factor=c.hidden_size**-0.5)
+    projected = g.add("head_rmsnorm", [projected], weight="model.per_layer_projection_norm.weight",
+                      eps=c.rms_norm_eps, head_dim=size)  # fmt: skip
+    joined = g.add("scale", [g.add("add", [projected, rows])], factor=2**-0.5)
+    return g.add_multi("split", [joined], c.num_layers, sizes=[size] * c.num_layers)
+
+
+def _per_layer_block(
+    g: Graph, c: ModelConfig, i: int, per_layer: Value, hidden: Value, residual: Value
+) -> tuple[Value, Value]:
+    """After a Gemma 4 layer's MLP: its per-layer input, gated by a projection of the stream, joins the stream,
+    normed."""
+    p = f"model.layers.{i}."
+    stream = g.add("add", [hidden, residual])
+    gate = g.add("linear", [stream], weight=p + "per_layer_input_gate.weight", out_features=c.per_layer_input_size)
+    gated = g.add("mul", [g.add(c.activation, [gate]), per_layer])
+    out = g.add("linear", [gated], weight=p + "per_layer_projection.weight", out_features=c.hidden_size)
+    return g.add("rmsnorm", [out], weight=p + "post_per_layer_input_norm.weight", eps=c.rms_norm_eps), stream
+
+
 def _decoder_layer(
-    g: Graph, c: ModelConfig, i: int, cache: int, hidden: Value, residual: Value | None, positions: Value, meta: Value
+    g: Graph,
+    c: ModelConfig,
+    i: int,
+    caches: dict[int, int],
+    kv: dict[int, tuple[Value, Value]],
+    hidden: Value,
+    residual: Value | None,
+    positions: Value,
+    meta: Value,
 ) -> tuple[Value, Value]:
     p = f"model.layers.{i}."
-    # In the first layer the embedding is the residual stream.
+    # In the first layer (and after a layer that joins its stream) the hidden state is the residual stream.
     residual = hidden if residual is None else g.add("add", [hidden, residual])
     x = g.add("rmsnorm", [residual], weight=p + "input_layernorm.weight", eps=c.rms_norm_eps)
     if c.is_linear_attention(i):
-        hidden = _gated_delta_net(g, c, i, cache, x, meta)
+        hidden = _gated_delta_net(g, c, i, caches[i], x, meta)
     else:
-        hidden = _attention(g, c, i, cache, x, positions, meta)
+        hidden = _attention(g, c, i, caches[i], kv, x, positions, meta)
     if c.sandwich_norms:
         hidden = g.add("rmsnorm", [hidden], weight=p + "post_attention_layernorm.weight", eps=c.rms_norm_eps)
 
@@ -88,8 +142,8 @@ def _decoder_layer(
     x = g.add("rmsnorm", [residual], weight=f"{p}{mlp_norm}.weight", eps=c.rms_norm_eps)
     if c.is_moe:
         return _sparse_moe(g, c, i, x), residual
-    gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=c.intermediate_size)
-    up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=c.intermediate_size)
+    gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=c.intermediate_size_of(i))
+    up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=c.intermediate_size_of(i))
     act = g.add("mul", [g.add(c.activation, [gate]), up])
     hidden = g.add("linear", [act], weight=p + "mlp.down_proj.weight", out_features=c.hidden_size)
     if c.sandwich_norms:
@@ -97,31 +151,56 @@ def _decoder_layer(
     return hidden, residual
 
 
-def _attention(g: Graph, c: ModelConfig, i: int, cache: int, x: Value, positions: Value, meta: Value) -> Value:
+def _attention(
+    g: Graph,
+    c: ModelConfig,
+    i: int,
+    cache: int,
+    kv: dict[int, tuple[Value, Value]],
+    x: Value,
+    positions: Value,
+    meta: Value,
+) -> Value:
     """Self-attention over the paged KV cache, up to o_proj. Gated attention (Qwen3.5): q_proj also gives a gate
-    per head, interleaved with its query, and the output is multiplied by its sigmoid."""
+    per head, interleaved with its query, and the output is multiplied by its sigmoid. A layer sharing another's KV
+    (Gemma 4) attends with that layer's K and V over its cache: writing them again is writing the same values."""
     p = f"model.layers.{i}."
-    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    d, kv_heads = c.head_dim_of(i), c.num_kv_heads_of(i)
+    dims = {"head_dim": d} if d != c.head_dim else {}  # a layer's own head size (Gemma 4's full attention)
+    q_size, kv_size = c.num_heads * d, kv_heads * d
     bias = {"bias": True} if c.qkv_bias else {}
     gate = None
     if c.attn_output_gate:
         both = g.add("linear", [x], weight=p + "self_attn.q_proj.weight", out_features=2 * q_size, **bias)
-        q, gate = g.add_multi("split_head_halves", [both], 2, head_dim=c.head_dim)
+        q, gate = g.add_multi("split_head_halves", [both], 2, head_dim=d)
     else:
         q = g.add("linear", [x], weight=p + "self_attn.q_proj.weight", out_features=q_size, **bias)
-    k = g.add("linear", [x], weight=p + "self_attn.k_proj.weight", out_features=kv_size, **bias)
-    v = g.add("linear", [x], weight=p + "self_attn.v_proj.weight", out_features=kv_size, **bias)
-    if c.qk_norm:
-        q = g.add("head_rmsnorm", [q], weight=p + "self_attn.q_norm.weight", eps=c.rms_norm_eps)
-        k = g.add("head_rmsnorm", [k], weight=p + "self_attn.k_norm.weight", eps=c.rms_norm_eps)
     window = c.window_of(i)
     table = "local" if window and c.local_rope_theta is not None else "global"
-    q, k = g.add_multi("rope", [q, k, positions], 2, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, table=table)
-    attention = {"scale": c.attention_scale or c.head_dim**-0.5, "window": window, "softcap": c.attn_softcap}
+    heads = {"num_heads": c.num_heads, "num_kv_heads": kv_heads}
+    norm = {"eps": c.rms_norm_eps, **dims}
+    if c.kv_source(i) == i:
+        k = g.add("linear", [x], weight=p + "self_attn.k_proj.weight", out_features=kv_size, **bias)
+        if c.values_from_keys(i):
+            v = k
+        else:
+            v = g.add("linear", [x], weight=p + "self_attn.v_proj.weight", out_features=kv_size, **bias)
+        if c.qk_norm:
+            q = g.add("head_rmsnorm", [q], weight=p + "self_attn.q_norm.weight", **norm)
+            k = g.add("head_rmsnorm", [k], weight=p + "self_attn.k_norm.weight", **norm)
+        if c.value_norm:
+            v = g.add("head_rmsnorm", [v], weight=None, **norm)
+        q, k = g.add_multi("rope", [q, k, positions], 2, table=table, **heads, **dims)
+        kv[i] = k, v
+    else:
+        if c.qk_norm:
+            q = g.add("head_rmsnorm", [q], weight=p + "self_attn.q_norm.weight", **norm)
+        q = g.add("rope_query", [q, positions], table=table, num_heads=c.num_heads, **dims)
+        k, v = kv[c.kv_source(i)]
+    attention = {"scale": c.attention_scale or d**-0.5, "window": window, "softcap": c.attn_softcap}
     if c.attention_sinks:
         attention["sinks"] = p + "self_attn.sinks"
-    heads = {"num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads}
-    attn = g.add("attention", [q, k, v, meta], layer=i, cache=cache, **heads, **attention)
+    attn = g.add("attention", [q, k, v, meta], layer=i, cache=cache, **heads, **attention, **dims)
     if gate is not None:
         attn = g.add("mul", [attn, g.add("sigmoid", [gate])])
     o_bias = {"bias": True} if c.o_bias else {}

@@ -14,13 +14,15 @@ experts (Mixtral, a "llama" GGUF with `llama.expert_count`; Qwen3-MoE) stacks ea
 per projection, [E, out, in]; each expert becomes its own Hugging Face name again. Names differ by family where
 llama.cpp reuses one for another role: Gemma's `ffn_norm` is its pre-MLP norm beside post-attention and post-MLP
 ones, Phi-3's `ffn_up` is gate and up fused (split here, as `attn_qkv` is), gpt-oss's and Qwen3.5's pre-MLP norm is
-their `post_attention_norm`, and Qwen3.5's `attn_qkv` is its Gated DeltaNet's input projection."""
+their `post_attention_norm`, Qwen3.5's `attn_qkv` is its Gated DeltaNet's input projection, and Gemma 4's norms are
+stored as they are (Gemma 2's and 3's as 1 + w, which is what the graph reads)."""
 
 from __future__ import annotations
 
 import functools
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,9 @@ _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",  # Gemma 4's per-layer embeddings
+    "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
 }
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -83,6 +88,12 @@ _SANDWICH_NAMES = {  # Gemma: a norm after attention and one each side of the ML
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_GEMMA4_NAMES = {  # Gemma 4's per-layer input block and layer scalar
+    "inp_gate.weight": "per_layer_input_gate.weight",
+    "proj.weight": "per_layer_projection.weight",
+    "post_norm.weight": "post_per_layer_input_norm.weight",
+    "layer_output_scale.weight": "layer_scalar",
 }
 _FUSED_NAMES = {"ffn_up.weight": "mlp.gate_up_proj.weight"}  # Phi-3: gate's rows, then up's
 _POST_ATTENTION_NORM = {"post_attention_norm.weight": "post_attention_layernorm.weight"}  # gpt-oss's pre-MLP norm
@@ -129,6 +140,9 @@ def load_gguf(path: Path, *, name: str, dtype: torch.dtype, load_tokenizer: bool
         rope_factors=(factors[0], factors[1]) if len(factors) == 2 else None,
         source=path,
     )
+    if BY_NAME[config.architecture].gemma4:  # its full layers take values from keys where they lack attn_v
+        full = [i for i in config.kv_layers if config.layer_types and config.layer_types[i] == "full_attention"]
+        config = replace(config, full_values_from_keys=any(f"blk.{i}.attn_v.weight" not in tensors for i in full))
     weights, quantized = _read_weights(path, tensors, config, dtype) if load_weights else ({}, {})
     tokenizer = load_gguf_tokenizer(path) if load_tokenizer else None
     template = metadata.get("tokenizer.chat_template")
@@ -146,6 +160,7 @@ def _read_weights(
     arch = BY_NAME[config.architecture]
     layer_names = _LAYER_NAMES | (_SANDWICH_NAMES if arch.gemma else {})
     layer_names |= _FUSED_NAMES if arch.fused_projections else {}
+    layer_names |= _GEMMA4_NAMES if arch.gemma4 else {}
     layer_names |= _POST_ATTENTION_NORM if arch.gpt_oss else {}
     layer_names |= _GATED_DELTA_NET_NAMES if arch.gated_delta_net else {}
     tensors = {name: t for name, t in tensors.items() if not _prediction_block(name, config.num_layers)}

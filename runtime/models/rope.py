@@ -1,9 +1,10 @@
 """The rotary-embedding tables: cos and sin of every position, computed once per model at lowering time.
 
-Matches Hugging Face's rotary embedding for the `default`, `linear`, `dynamic`, `llama3`, `yarn` and `longrope`
-rope types and partial rotary (only a head's first `rotary_dims` turn), so our logits match transformers' to float
-tolerance. YaRN and LongRoPE also scale attention (their `attention_factor`): folded into the table, as Hugging Face
-multiplies its cos and sin, so every kernel that reads the table applies it.
+Matches Hugging Face's rotary embedding for the `default`, `linear`, `dynamic`, `llama3`, `yarn`, `longrope` and
+`proportional` (Gemma 4: a whole head's table whose last frequencies are 0) rope types and partial rotary (only a
+head's first `rotary_dims` turn), so our logits match transformers' to float tolerance. YaRN and LongRoPE also scale
+attention (their `attention_factor`): folded into the table, as Hugging Face multiplies its cos and sin, so every
+kernel that reads the table applies it.
 
 Two types depend on the sequence length in transformers, which recomputes the table for a whole batch once a
 sequence outgrows it. A server cannot re-rotate keys it has cached, so the length here is the engine's
@@ -21,7 +22,7 @@ import torch
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
 
 
 def rope_type(config: ModelConfig) -> str:
@@ -50,6 +51,9 @@ def inverse_frequencies(config: ModelConfig, max_positions: int | None = None) -
         if factors.shape != inv_freq.shape:
             raise InvalidInput(f"longrope factors have {factors.numel()} values, expected {inv_freq.numel()}")
         inv_freq = 1.0 / (factors * base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    elif kind == "proportional":  # Gemma 4: the first `partial_rotary_factor` of the frequencies, the rest 0
+        turned = int(scaling.get("partial_rotary_factor", 1.0) * d // 2)
+        inv_freq = torch.cat([inv_freq[:turned], torch.zeros(d // 2 - turned)]) / scaling.get("factor", 1.0)
     elif kind not in ROPE_TYPES:
         raise InvalidInput(f"rope_scaling type {kind!r} is not supported (have {', '.join(ROPE_TYPES)})")
     return inv_freq
@@ -131,7 +135,8 @@ def cos_sin_table(config: ModelConfig, max_positions: int, device: torch.device 
 def rope_tables(config: ModelConfig, max_positions: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The tables a model's rope nodes name: "global", and "local" for sliding layers with their own rope (Gemma 3's
     sliding layers turn by theta 1e4, unscaled, its global ones by 1e6 with the model's scaling)."""
-    tables = {"global": cos_sin_table(config, max_positions, device)}
+    full = replace(config, head_dim=config.full_head_dim) if config.full_head_dim else config  # Gemma 4's head size
+    tables = {"global": cos_sin_table(full, max_positions, device)}
     if config.local_rope_theta is not None:
         local = replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
         tables["local"] = cos_sin_table(local, max_positions, device)

@@ -96,7 +96,8 @@ class Request(_Message):
 class KVBlocks(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     """A request's prompt KV, layer-major, out of the prefill worker's paged cache.
 
-    `data` is [num_layers, 2 (k, v), num_tokens, num_kv_heads, head_dim]; on the wire it travels as a frame, as do
+    `data` is [num_layers, 2 (k, v), num_tokens, num_kv_heads, head_dim] (layers of smaller heads, as Gemma 4's,
+    padded to the widest: kv_cache.read_tokens); on the wire it travels as a frame, as do
     `states`: a model with recurrent layers' states after the prompt (Qwen3.5's, flat; ModelRunner.read_states)."""
 
     num_tokens: int

@@ -30,7 +30,7 @@ import pytest
 from sagellm.gateway.config import FailoverPolicy
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.gateway.test_instances import attach
-from tests.tiny_models import make_tiny_gpt_oss, make_tiny_llama, make_tiny_qwen3_5
+from tests.tiny_models import make_tiny_gemma4, make_tiny_gpt_oss, make_tiny_llama, make_tiny_qwen3_5
 
 pytestmark = pytest.mark.slow  # worker processes and servers
 
@@ -154,11 +154,13 @@ def _tiny_gpt_oss(directory: Path) -> Path:
 
 
 @pytest.mark.parametrize("make_model", [_tiny_gpt_oss, functools.partial(make_tiny_qwen3_5,
-                         max_position_embeddings=4096)], ids=["gpt_oss", "qwen3_5"])  # fmt: skip
+                         max_position_embeddings=4096), functools.partial(make_tiny_gemma4,
+                         max_position_embeddings=4096)], ids=["gpt_oss", "qwen3_5", "gemma4"])  # fmt: skip
 def test_newer_architectures_streams_on_a_killed_worker_resume_with_the_same_text(make_model, tmp_path):
-    """The same with gpt-oss's layer (attention sinks, alternating sliding windows, experts with biases) and with
-    Qwen3.5's (Gated DeltaNet layers): the resumed streams' prompts plus tokens so far are prefilled again, over
-    windows they have long passed, and through recurrent states rebuilt from position 0."""
+    """The same with gpt-oss's layer (attention sinks, alternating sliding windows, experts with biases), with
+    Qwen3.5's (Gated DeltaNet layers) and with Gemma 4's (per-layer embeddings, shared KV): the resumed streams'
+    prompts plus tokens so far are prefilled again, over windows they have long passed, and through recurrent states
+    rebuilt from position 0."""
     model = make_model(tmp_path / "model")
     graph = tmp_path / "two.yaml"
     graph.write_text(TWO_WORKERS.format(model=model))

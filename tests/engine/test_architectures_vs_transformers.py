@@ -1,7 +1,9 @@
 """Each architecture the graph builder knows beyond the Llama layer, against the oracle on tiny random weights: Qwen3
 (q/k norms), Qwen3-MoE (its experts, weights renormalized or not), Mistral (every layer sliding), Gemma 2 (GeGLU,
 sandwich norms, soft-capped scores and logits, alternate layers sliding), Gemma 3 (q/k norms, two rope tables, two
-sliding layers of every three; also as it ships, multimodal), Phi-3 (fused projections, partial rotary, LongRoPE),
+sliding layers of every three; also as it ships, multimodal), Gemma 4 (per-layer embeddings, the last layers
+sharing earlier layers' KV, full attention layers with their own head size and values from their keys,
+proportional rope, layer scalars), Phi-3 (fused projections, partial rotary, LongRoPE),
 gpt-oss (attention sinks, biases everywhere, YaRN, experts stacked with biases and the clamped SwiGLU), Qwen3.5
 (Gated DeltaNet layers and their recurrent states, gated attention; its prefix hit restores the states' checkpoint)
 Qwen3.5-MoE (its experts and a gated shared expert) and Qwen3-Next (its DeltaNet projections fused per key head). For
@@ -42,6 +44,7 @@ ARCHITECTURES = {
     "mistral": dict(lengths=LENGTHS),
     "gemma2": dict(lengths=LENGTHS),
     "gemma3": dict(lengths=LENGTHS),
+    "gemma4": dict(lengths=LENGTHS),
     "phi3": dict(lengths=[n + 33 for n in LENGTHS], max_model_len=128),
     "gpt_oss": dict(lengths=LENGTHS),
     "qwen3_5": dict(lengths=LENGTHS),
@@ -69,7 +72,7 @@ def test_the_config_records_the_architectures_features(tiny):
     assert config.num_params() == sum(p.numel() for p in hf.parameters())
     windows = [config.window_of(i) for i in range(config.num_layers)]
     expected = {"qwen3": [0, 0], "qwen3_moe": [0, 0], "mistral": [8, 8], "gemma2": [8, 0, 8, 0],
-                "gemma3": [8, 8, 0, 8, 8, 0], "phi3": [0, 0], "gpt_oss": [8, 0, 8, 0],
+                "gemma3": [8, 8, 0, 8, 8, 0], "gemma4": [8, 8, 0, 8, 8, 0], "phi3": [0, 0], "gpt_oss": [8, 0, 8, 0],
                 "qwen3_5": [0, 0, 0, 0], "qwen3_5_moe": [0, 0, 0, 0], "qwen3_next": [0, 0, 0, 0]}  # fmt: skip
     assert windows == expected[config.architecture.removesuffix("_text")]
 

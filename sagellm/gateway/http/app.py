@@ -232,8 +232,22 @@ def _field_of(message: str) -> str | None:
     return found.group(1) if found else None
 
 
+# Characters JSON leaves raw that Python's str.splitlines() (and so httpx's `iter_lines`) takes for line breaks:
+# NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR. Escaped, a token's text cannot split its event for such clients.
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def frame(event: Any) -> bytes:
     """One SSE event: bytes as they are, anything else as JSON; a `NamedEvent` with its `event:` line."""
     if isinstance(event, NamedEvent):
-        return b"event: " + event.name.encode() + b"\ndata: " + msgspec.json.encode(event.data) + b"\n\n"
-    return b"data: " + (event if isinstance(event, bytes) else msgspec.json.encode(event)) + b"\n\n"
+        return b"event: " + event.name.encode() + b"\ndata: " + _one_line(msgspec.json.encode(event.data)) + b"\n\n"
+    return b"data: " + _one_line(event if isinstance(event, bytes) else msgspec.json.encode(event)) + b"\n\n"
+
+
+def _one_line(data: bytes) -> bytes:
+    """JSON with the characters other than CR and LF that some clients split lines at escaped (they occur only
+    inside its strings, and their UTF-8 bytes only as themselves)."""
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
