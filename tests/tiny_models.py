@@ -202,12 +202,25 @@ def make_tiny_gemma4(directory: str | Path, seed: int = 0, **overrides: Any) -> 
                     use_double_wide_mlp=True, final_logit_softcapping=30.0, rope_parameters=rope,
                     initializer_range=0.1, tie_word_embeddings=True)  # fmt: skip
 
-    def random_layer_scalars(model: Any) -> None:
+    def random_scales(model: Any) -> None:
         for layer in model.model.layers:
             layer.layer_scalar.uniform_(0.5, 1.5)
+            if hasattr(layer, "router"):  # the mixture's routing norm and per-expert scales
+                layer.router.scale.uniform_(0.5, 1.5)
+                layer.router.per_expert_scale.uniform_(0.5, 1.5)
 
     return _save_model(Path(directory), Gemma4TextConfig, Gemma4ForCausalLM, seed, defaults | overrides,
-                       random_layer_scalars)  # fmt: skip
+                       random_scales)  # fmt: skip
+
+
+def make_tiny_gemma4_moe(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Gemma 4 shaped like its 26B-A4B: four layers (sliding, full, in turn), no per-layer
+    embeddings or shared KV, and beside each dense MLP 4 experts of 32, 2 per token, routed from their own norm of
+    the stream with per-expert scales."""
+    defaults = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                    hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False,
+                    num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)  # fmt: skip
+    return make_tiny_gemma4(directory, seed, **(defaults | overrides))
 
 
 def make_tiny_qwen3_5(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
@@ -364,6 +377,14 @@ _GGUF_GEMMA4 = {  # Gemma 4's per-layer input block and layer scalar
     "per_layer_projection.weight": "proj.weight",
     "post_per_layer_input_norm.weight": "post_norm.weight",
     "layer_scalar": "layer_output_scale.weight",
+    "router.proj.weight": "ffn_gate_inp.weight",  # its experts beside the MLP (26B-A4B), stacked as it ships them
+    "router.scale": "ffn_gate_inp.scale",
+    "router.per_expert_scale": "ffn_down_exps.scale",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight",
+    "experts.down_proj": "ffn_down_exps.weight",
+    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
 }
 _GGUF_GEMMA4_GLOBAL = {
     "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
@@ -506,7 +527,8 @@ def write_tiny_gguf(
             values = _permute_rows(values, config.num_attention_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             values = _permute_rows(values, config.num_key_value_heads)
-        router = name.endswith(("block_sparse_moe.gate.weight", "self_attn.sinks", "conv1d.weight"))  # kept F32
+        router = name.endswith(("block_sparse_moe.gate.weight", "router.proj.weight", "self_attn.sinks",
+                                "conv1d.weight"))  # kept F32  # fmt: skip
         tensor_type = qtype if values.ndim >= 2 and not router else GGMLQuantizationType.F32
         expert = ".experts.w" in name and name.endswith(".weight")
         if qtype == GGMLQuantizationType.MXFP4 and not expert:  # llama.cpp's gpt-oss: only experts in MXFP4
@@ -548,6 +570,10 @@ def _add_gemma4_keys(writer: gguf.GGUFWriter, config: Any, rope: dict) -> np.nda
     writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
     writer.add_shared_kv_layers(config.num_kv_shared_layers)
     writer.add_embedding_length_per_layer_input(config.hidden_size_per_layer_input)
+    if config.enable_moe_block:
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.top_k_experts)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     turned = int(full_dim * rope.get("partial_rotary_factor", 1.0) / 2)
     return np.array([1.0] * turned + [1e30] * (full_dim // 2 - turned), dtype=np.float32)
 

@@ -106,6 +106,8 @@ def moe(
     activation: str = "silu",
     alpha: float = 1.702,
     limit: float = 7.0,
+    routing: torch.Tensor | None = None,
+    expert_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mixtral's sparse MLP, computed by the experts `gate_up` and `down` hold: numbers first_expert.. of the E the
     router [E, H] scores (all of them, or one expert parallel rank's share). The experts are float tensors stacked
@@ -116,10 +118,13 @@ def moe(
     expert so each held expert runs once, one matmul over the tokens that chose it, and its weighted output is added
     to theirs. Pairs routed to experts held elsewhere add nothing here, so the ranks' outputs sum to the whole
     layer's. gpt-oss adds biases (the router's [E], the held experts' [L, 2I] and [L, H]) and its clamped SwiGLU
-    (`activation` "swiglu_oai" with `alpha` and `limit`)."""
-    probs = torch.softmax(F.linear(x, router, router_bias).float(), dim=-1)  # [T, E]
+    (`activation` "swiglu_oai" with `alpha` and `limit`). Gemma 4 routes from `routing` (its own norm of the
+    stream; x otherwise), scales each chosen expert's weight by its `expert_scale` [E], and uses GeGLU
+    (`activation` "gelu_tanh")."""
+    probs = torch.softmax(F.linear(x if routing is None else routing, router, router_bias).float(), dim=-1)  # [T, E]
     weights, chosen = torch.topk(probs, top_k, dim=-1)  # [T, K]
-    weights = (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights).flatten()  # [T * K], fp32
+    weights = weights / weights.sum(dim=-1, keepdim=True) if normalize else weights
+    weights = (weights if expert_scale is None else weights * expert_scale[chosen]).flatten()  # [T * K], fp32
     held = len(gate_up)
     local = chosen.flatten() - first_expert  # [T * K]: 0..held-1 for experts held here
     order = local.argsort(stable=True)  # pairs grouped by expert, those held elsewhere below 0 first
@@ -136,11 +141,19 @@ def moe(
         tokens = pairs // top_k  # [n]
         up_bias = None if gate_up_bias is None else gate_up_bias[expert]
         projected = project_up(x.index_select(0, tokens), gate_up[expert], up_bias)  # [n, 2I]
-        hidden = silu_mul(projected) if activation == "silu" else swiglu_oai_mul(projected, alpha, limit)  # [n, I]
+        hidden = _expert_activation(projected, activation, alpha, limit)  # [n, I]
         out_bias = None if down_bias is None else down_bias[expert]
         contribution = project_down(hidden, down[expert], out_bias) * weights[pairs, None]  # [n, H]
         out.index_add_(0, tokens, contribution.to(x.dtype))
     return out
+
+
+def _expert_activation(x: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    if activation == "silu":
+        return silu_mul(x)
+    if activation == "gelu_tanh":
+        return gelu_tanh_mul(x)
+    return swiglu_oai_mul(x, alpha, limit)
 
 
 def swiglu_oai_mul(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

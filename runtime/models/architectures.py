@@ -103,7 +103,7 @@ def architecture_for_gguf(gguf_arch: str | None, moe: bool, source: Path) -> Arc
     if not matches:
         raise ModelLoadError(f"{source}: unsupported GGUF architecture {gguf_arch!r} (supported: {_SUPPORTED_GGUF})")
     for arch in matches:
-        if arch.moe == moe:
+        if arch.moe == moe or arch.gemma4:  # Gemma 4's experts (26B-A4B) are beside its MLP
             return arch
     raise ModelLoadError(f"{source}: a GGUF {gguf_arch!r} model with experts is not supported (only llama's: Mixtral)")
 
@@ -133,7 +133,7 @@ def config_from_hf(
         experts, per_token = _hf_experts(arch, hf_config, source)
         inter = hf_config.get("moe_intermediate_size") or hf_config["intermediate_size"]
         scalar = hf_config.get("query_pre_attn_scalar")
-        return ModelConfig(
+        config = ModelConfig(
             architecture=arch.name,
             vocab_size=int(hf_config["vocab_size"]),
             hidden_size=hidden,
@@ -173,8 +173,8 @@ def config_from_hf(
             attn_output_gate=arch.gated_delta_net,
             **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
             shared_expert_intermediate_size=shared,
-            **(_hf_gemma4(hf_config, layer_types, source) if arch.gemma4 else {}),
         )
+        return replace(config, **_hf_gemma4(hf_config, layer_types, source)) if arch.gemma4 else config
     except KeyError as e:
         raise ModelLoadError(f"{source}: config.json lacks {e.args[0]!r}") from e
 
@@ -269,7 +269,8 @@ def _gguf_gemma4(
     key: Callable[..., Any], config: ModelConfig, kv_heads: list[int], widths: list[int], rope_freqs: np.ndarray | None
 ) -> dict[str, Any]:
     """Gemma 4 under llama.cpp's keys: key_length is the full layers' head size (key_length_swa the others'), KV
-    heads and MLP widths per layer (double-wide ones after the shared KV point), proportional rope as a rope_freqs
+    heads and MLP widths per layer (double-wide ones after the shared KV point; `widths` the experts' where it has
+    them, beside the MLP), proportional rope as a rope_freqs
     tensor of 1 for each turned frequency and 1e30 (stopped) for the rest; its values come from its keys where a
     full layer lacks `attn_v` (`values_from_keys`, told by the loader)."""
     types = config.layer_types or ("sliding_attention",) * config.num_layers
@@ -279,13 +280,15 @@ def _gguf_gemma4(
     turned = int((rope_freqs == 1.0).sum()) if rope_freqs is not None else full_dim // 2
     shared = int(key("attention.shared_kv_layers", 0))
     sliding_dim = int(key("attention.key_length_swa", full_dim))
-    return {  # a full layer's own head size and KV heads: 0 where they are the others'
+    dense = _per_layer(key("feed_forward_length"), config.num_layers)
+    experts = {"expert_intermediate_size": widths[0], "expert_activation": "gelu_tanh"} if config.num_experts else {}
+    return experts | {  # a full layer's own head size and KV heads: 0 where they are the others'
         "head_dim": sliding_dim,
         "full_head_dim": full_dim if full_dim != sliding_dim else 0,
         "num_kv_heads": kv_heads[sliding],
         "full_num_kv_heads": kv_heads[full] if kv_heads[full] != kv_heads[sliding] else 0,
-        "intermediate_size": widths[0],
-        "double_wide_shared_mlp": shared > 0 and widths[-1] == 2 * widths[0],
+        "intermediate_size": dense[0],
+        "double_wide_shared_mlp": shared > 0 and dense[-1] == 2 * dense[0],
         "num_kv_shared_layers": shared,
         "rotary_dim": 0,
         "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": turned / (full_dim // 2)},
@@ -385,7 +388,9 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if config.layer_scalar:
             shapes[f"{p}layer_scalar"] = (1,)
         inter = config.intermediate_size_of(i)
-        if config.is_moe:
+        if config.expert_intermediate_size:  # Gemma 4: the experts beside the MLP, their router and norms
+            shapes |= _experts_beside_shapes(config, p)
+        if config.is_moe and not config.expert_intermediate_size:
             shapes[f"{p}block_sparse_moe.gate.weight"] = (config.num_experts, h)
             for e in range(config.num_experts):
                 x = f"{p}block_sparse_moe.experts.{e}."
@@ -403,6 +408,18 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
         if config.sandwich_norms:
             shapes |= {f"{p}pre_feedforward_layernorm.weight": (h,), f"{p}post_feedforward_layernorm.weight": (h,)}
+    return shapes
+
+
+def _experts_beside_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    h, size, experts = config.hidden_size, config.expert_intermediate_size, config.num_experts
+    shapes = {f"{p}block_sparse_moe.gate.weight": (experts, h), f"{p}router.scale": (h,),
+              f"{p}router.per_expert_scale": (experts,)}  # fmt: skip
+    for e in range(experts):
+        x = f"{p}block_sparse_moe.experts.{e}."
+        shapes |= {f"{x}w1.weight": (size, h), f"{x}w3.weight": (size, h), f"{x}w2.weight": (h, size)}
+    for norm in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
+        shapes[f"{p}{norm}.weight"] = (h,)
     return shapes
 
 
@@ -469,6 +486,12 @@ def canonical_name(config: ModelConfig, name: str) -> str | None:
             return None
     if config.num_kv_shared_layers and name.endswith(_KV_TENSORS) and _shares_kv(config, name):
         return None  # a layer attending over another's KV: checkpoints may still hold its unused K/V projections
+    if config.expert_intermediate_size:  # Gemma 4's experts beside its MLP: the router's and experts' names
+        head, dot, tail = name.partition(".router.proj.")
+        if dot:
+            return f"{head}.block_sparse_moe.gate.{tail}"
+        head, dot, tail = name.partition(".experts.")
+        return f"{head}.block_sparse_moe.experts.{_GEMMA4_EXPERTS.get(tail, tail)}" if dot else name
     if not config.is_moe or ".mlp." not in name:
         return name
     head, _, tail = name.partition(".mlp.")
@@ -541,13 +564,22 @@ def _per_key_head(config: ModelConfig, fused: str) -> list[tuple[str, np.ndarray
 # interleaved (gate first), or down alone.
 _STACKED_EXPERTS = {"gate_up_proj": ("w1", "w3"), "gate_up_proj_bias": ("w1", "w3"), "down_proj": ("w2",),
                     "down_proj_bias": ("w2",)}  # fmt: skip
+# Gemma 4's stacked experts, [E, out, in] as Mixtral's per-expert weights: gate_up's first half of rows the gate's.
+_GEMMA4_EXPERTS = {"gate_up_proj": "gate_up_halves", "down_proj": "down_rows"}
+_HALVES = {"gate_up_halves": ("w1", "w3"), "down_rows": ("w2",)}
 
 
 def expert_parts(name: str, tensor: Any) -> dict[str, Any] | None:
     """A layer's stacked experts (gpt-oss: `block_sparse_moe.experts.gate_up_proj` [E, H, 2I] with gate and up
-    interleaved along the last dimension, `down_proj` [E, I, H], their biases [E, 2I] and [E, H]) as Mixtral's
-    per-expert tensors (`experts.{e}.w1.weight` [I, H], ...), views of the stacked one; None for any other name."""
+    interleaved along the last dimension, `down_proj` [E, I, H], their biases [E, 2I] and [E, H]; Gemma 4:
+    gate_up [E, 2I, H], gate's rows first, down [E, H, I]) as Mixtral's per-expert tensors (`experts.{e}.w1.weight`
+    [I, H], ...), views of the stacked one; None for any other name."""
     head, dot, stacked = name.rpartition("block_sparse_moe.experts.")
+    if dot and stacked in _HALVES:  # Gemma 4's: [E, out, in], each projection a run of rows
+        projections = _HALVES[stacked]
+        size = tensor.shape[1] // len(projections)
+        return {f"{head}block_sparse_moe.experts.{e}.{projection}.weight": tensor[e, index * size : (index + 1) * size]
+                for e in range(tensor.shape[0]) for index, projection in enumerate(projections)}  # fmt: skip
     if not dot or stacked not in _STACKED_EXPERTS:
         return None
     projections = _STACKED_EXPERTS[stacked]
@@ -640,8 +672,6 @@ def _hf_gemma4(hf_config: Mapping[str, Any], layer_types: tuple[str, ...], sourc
     """Gemma 4's features: its full attention layers' head size and KV heads (`per_layer_config` as transformers
     writes it, else `global_head_dim`, 512 by default, and `num_global_key_value_heads` when values come from keys),
     KV sharing, per-layer embeddings."""
-    if hf_config.get("enable_moe_block"):
-        raise ModelLoadError(f"{source}: Gemma 4's mixture-of-experts block (enable_moe_block) is not supported yet")
     if hf_config.get("use_bidirectional_attention") == "all":
         raise ModelLoadError(f"{source}: bidirectional attention (an embedding model) is not supported")
     values_from_keys = bool(hf_config.get("attention_k_eq_v"))
@@ -655,7 +685,14 @@ def _hf_gemma4(hf_config: Mapping[str, Any], layer_types: tuple[str, ...], sourc
             own["num_key_value_heads"] = hf_config["num_global_key_value_heads"]
     ple = int(hf_config.get("hidden_size_per_layer_input") or 0)
     ple_vocab = int(hf_config.get("vocab_size_per_layer_input") or hf_config["vocab_size"]) if ple else 0
-    return {
+    experts: dict[str, Any] = {}
+    if hf_config.get("enable_moe_block"):  # experts beside the dense MLP (26B-A4B)
+        experts = {"num_experts": int(hf_config["num_experts"]), "experts_per_token": int(hf_config["top_k_experts"]),
+                   "expert_intermediate_size": int(hf_config["moe_intermediate_size"]),
+                   "expert_activation": "gelu_tanh"}  # fmt: skip
+        _check_experts(experts["num_experts"], experts["experts_per_token"], "num_experts/top_k_experts", source)
+    return experts | {
+        "intermediate_size": int(hf_config["intermediate_size"]),
         "full_head_dim": int(own.get("head_dim") or 0),
         "full_num_kv_heads": int(own.get("num_key_value_heads") or 0),
         "full_values_from_keys": values_from_keys,

@@ -44,7 +44,11 @@ class ModelConfig:
     # A shared expert beside the routed ones (Qwen3.5-MoE): an MLP of this size every token takes, its output scaled
     # by sigmoid of a learned gate [1, H]; 0: none.
     shared_expert_intermediate_size: int = 0
-    expert_activation: str = "silu"  # silu (Mixtral's SwiGLU) or swiglu_oai (gpt-oss's)
+    # Gemma 4's mixture (26B-A4B): experts of this size beside a dense MLP of intermediate_size, each side with its
+    # own norms, routed from their own norm of the stream (weight `router.scale`, times hidden^-1/2), each chosen
+    # expert's weight times its learned scale (`router.per_expert_scale`); 0: the experts replace the MLP (Mixtral).
+    expert_intermediate_size: int = 0
+    expert_activation: str = "silu"  # silu (Mixtral's SwiGLU), swiglu_oai (gpt-oss's) or gelu_tanh (Gemma 4's)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     # RMSNorm over each head of q and k after their projections, before rope (Qwen3, Gemma 3): weights [head_dim].
@@ -182,6 +186,8 @@ class ModelConfig:
         mixer = self._linear_attention_params() if self.is_linear_attention(i) else self._attention_params(i)
         mlp = 3 * h * i_size * max(self.num_experts, 1) + h * self.num_experts  # the experts and their router [E, H]
         mlp += (2 * i_size + h + 1) * self.num_experts if self.expert_bias else 0
+        if self.expert_intermediate_size:  # Gemma 4: a dense MLP beside the experts, their norms and scales
+            mlp = 3 * h * i_size + (3 * h * self.expert_intermediate_size + h + 1) * self.num_experts + 4 * h
         mlp += (3 * self.shared_expert_intermediate_size + 1) * h if self.shared_expert_intermediate_size else 0
         norms = (4 if self.sandwich_norms else 2) * h
         per_layer = 2 * h * self.per_layer_input_size + h if self.per_layer_input_size else 0  # gate, projection, norm

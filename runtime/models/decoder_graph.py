@@ -140,12 +140,14 @@ def _decoder_layer(
     residual = g.add("add", [hidden, residual])
     mlp_norm = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
     x = g.add("rmsnorm", [residual], weight=f"{p}{mlp_norm}.weight", eps=c.rms_norm_eps)
-    if c.is_moe:
+    if c.is_moe and not c.expert_intermediate_size:
         return _sparse_moe(g, c, i, x), residual
     gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=c.intermediate_size_of(i))
     up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=c.intermediate_size_of(i))
     act = g.add("mul", [g.add(c.activation, [gate]), up])
     hidden = g.add("linear", [act], weight=p + "mlp.down_proj.weight", out_features=c.hidden_size)
+    if c.expert_intermediate_size:
+        hidden = _experts_beside(g, c, i, hidden, residual)
     if c.sandwich_norms:
         hidden = g.add("rmsnorm", [hidden], weight=p + "post_feedforward_layernorm.weight", eps=c.rms_norm_eps)
     return hidden, residual
@@ -257,6 +259,35 @@ def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
     if not c.shared_expert_intermediate_size:
         return routed
     return g.add("add", [routed, _shared_expert(g, c, i, x)])
+
+
+def _experts_beside(g: Graph, c: ModelConfig, i: int, dense: Value, residual: Value) -> Value:
+    """Gemma 4's mixture: the dense MLP's output and the experts' (routed from their own norm of the stream, which
+    the experts read through another norm) each normed, then summed."""
+    p = f"model.layers.{i}."
+    eps = c.rms_norm_eps
+    dense = g.add("rmsnorm", [dense], weight=p + "post_feedforward_layernorm_1.weight", eps=eps)
+    routing = g.add("rmsnorm", [residual], weight=p + "router.scale", eps=eps)
+    routing = g.add("scale", [routing], factor=c.hidden_size**-0.5)
+    x = g.add("rmsnorm", [residual], weight=p + "pre_feedforward_layernorm_2.weight", eps=eps)
+    experts = f"{p}block_sparse_moe.experts.{{}}."
+    routed = g.add(
+        "moe",
+        [x, routing],
+        layer=i,
+        num_experts=c.num_experts,
+        top_k=c.experts_per_token,
+        normalize=True,
+        router=p + "block_sparse_moe.gate.weight",
+        gate=experts + "w1.weight",
+        up=experts + "w3.weight",
+        down=experts + "w2.weight",
+        bias=False,
+        activation=c.expert_activation,
+        expert_scale=p + "router.per_expert_scale",
+    )
+    routed = g.add("rmsnorm", [routed], weight=p + "post_feedforward_layernorm_2.weight", eps=eps)
+    return g.add("add", [dense, routed])
 
 
 def _shared_expert(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:

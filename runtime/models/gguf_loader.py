@@ -94,6 +94,11 @@ _GEMMA4_NAMES = {  # Gemma 4's per-layer input block and layer scalar
     "proj.weight": "per_layer_projection.weight",
     "post_norm.weight": "post_per_layer_input_norm.weight",
     "layer_output_scale.weight": "layer_scalar",
+    "ffn_gate_inp.scale": "router.scale",  # its experts' routing norm and per-expert scales (26B-A4B)
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
+    "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
+    "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
 }
 _FUSED_NAMES = {"ffn_up.weight": "mlp.gate_up_proj.weight"}  # Phi-3: gate's rows, then up's
 _POST_ATTENTION_NORM = {"post_attention_norm.weight": "post_attention_layernorm.weight"}  # gpt-oss's pre-MLP norm
@@ -115,6 +120,7 @@ _GATED_DELTA_NET_NAMES = {  # Qwen3.5: its linear attention layers' tensors, and
     "ffn_down_shexp.weight": "block_sparse_moe.shared_expert.down_proj.weight",
 }
 _EXPERT_NAMES = {  # a layer's experts stacked, [E, out, in] -> each expert's projection
+    "ffn_gate_up_exps.weight": "w1+w3.weight",  # Gemma 4's gate and up, one tensor: w1's rows, then w3's
     "ffn_gate_exps.weight": "w1.weight",
     "ffn_up_exps.weight": "w3.weight",
     "ffn_down_exps.weight": "w2.weight",
@@ -174,12 +180,13 @@ def _read_weights(
             ready |= {hf_name.format(e): bias for e, bias in enumerate(torch.from_numpy(_dense(tensor)).to(dtype))}
             continue
         if gguf_name.endswith("_exps.weight"):  # [E, out, in]: each expert a view of it
-            if tensor.kind.name in KEPT_KINDS and dtype == torch.float32:
-                quantized |= _expert_blocks(tensor, hf_name)
-                on_read |= _expert_floats(tensor, hf_name)
-            else:
-                experts = torch.from_numpy(_dense(tensor)).to(dtype)
-                ready |= {hf_name.format(e): expert for e, expert in enumerate(experts)}
+            for part, rows in _expert_rows(tensor, hf_name):
+                if tensor.kind.name in KEPT_KINDS and dtype == torch.float32:
+                    quantized |= _expert_blocks(tensor, part, rows)
+                    on_read |= _expert_floats(tensor, part, rows)
+                else:
+                    experts = torch.from_numpy(_dense(tensor)[:, rows]).to(dtype)
+                    ready |= {part.format(e): expert for e, expert in enumerate(experts)}
             continue
         rows, columns = row_order(config, hf_name), column_order(config, hf_name)
         dense = functools.cache(functools.partial(_dense_weight, tensor, hf_name, rows, columns, dtype))
@@ -205,22 +212,32 @@ def _read_weights(
     return weights, quantized
 
 
-def _expert_blocks(tensor: GGUFTensor, hf_name: str) -> dict[str, QuantizedWeight]:
-    """Stacked experts [E, out, in] of a kept kind as each expert's blocks, views of the mapped file."""
+def _expert_rows(tensor: GGUFTensor, hf_name: str) -> list[tuple[str, slice]]:
+    """The projections a stacked expert tensor holds, as (each expert's name with {} for its number, their rows):
+    all of its rows, or for Gemma 4's gate and up in one, w1's half and w3's."""
+    if not hf_name.endswith("w1+w3.weight"):
+        return [(hf_name, slice(None))]
+    half = tensor.shape[1] // 2
+    return [(hf_name.replace("w1+w3", "w1"), slice(0, half)), (hf_name.replace("w1+w3", "w3"), slice(half, None))]
+
+
+def _expert_blocks(tensor: GGUFTensor, hf_name: str, rows: slice) -> dict[str, QuantizedWeight]:
+    """Stacked experts [E, out, in] of a kept kind as each expert's blocks (`rows` of them), views of the mapped
+    file."""
     experts, out, inputs = tensor.shape
     blocks = _mapped(tensor.data.reshape(experts, out, -1))  # [E, out, row bytes]
-    return {hf_name.format(e): QuantizedWeight(tensor.kind.name, blocks[e], inputs) for e in range(experts)}
+    return {hf_name.format(e): QuantizedWeight(tensor.kind.name, blocks[e, rows], inputs) for e in range(experts)}
 
 
-def _expert_floats(tensor: GGUFTensor, hf_name: str) -> dict[str, tuple[tuple[int, ...], Callable]]:
+def _expert_floats(tensor: GGUFTensor, hf_name: str, rows: slice) -> dict[str, tuple[tuple[int, ...], Callable]]:
     """Each expert's floats, made only if read: the whole tensor dequantized once, each expert a view of it."""
     whole = functools.cache(lambda: torch.from_numpy(_dense(tensor)))  # [E, out, in] fp32
-    shape = tuple(tensor.shape[1:])
-    return {hf_name.format(e): (shape, functools.partial(_expert, whole, e)) for e in range(tensor.shape[0])}
+    shape = (len(range(tensor.shape[1])[rows]), tensor.shape[2])
+    return {hf_name.format(e): (shape, functools.partial(_expert, whole, e, rows)) for e in range(tensor.shape[0])}
 
 
-def _expert(whole: Callable[[], torch.Tensor], e: int) -> torch.Tensor:
-    return whole()[e]
+def _expert(whole: Callable[[], torch.Tensor], e: int, rows: slice) -> torch.Tensor:
+    return whole()[e, rows]
 
 
 def _dense_weight(

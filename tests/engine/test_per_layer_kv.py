@@ -1,0 +1,61 @@
+"""Gemma 4's KV layout: full attention layers with heads of their own size and count, the last layers reading an
+earlier layer's cache (no cache of their own), KV moved between engines in the widest layer's shape; and what such a
+model refuses (pipeline stages, more than one rank)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sagellm.common.errors import InvalidInput
+from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.kv_cache import allocate_kv_caches, bytes_per_block, read_tokens, write_tokens
+from sagellm.runtime.execution_graph.graph import GraphError
+from sagellm.runtime.models.decoder_graph import build_decoder_graph
+from sagellm.runtime.parallel.engine import start_engine
+from tests.tiny_models import make_tiny_gemma4, tiny_model_config
+
+LAYER_TYPES = ("sliding_attention", "sliding_attention", "full_attention") * 2
+
+
+def gemma4_shaped(**changes):
+    return tiny_model_config(num_layers=6, layer_types=LAYER_TYPES, sliding_window=8, head_dim=8, full_head_dim=16,
+                             num_kv_heads=2, full_num_kv_heads=1, num_kv_shared_layers=2, **changes)  # fmt: skip
+
+
+def test_shared_layers_read_the_last_earlier_layer_of_their_type_and_hold_no_cache():
+    config = gemma4_shaped()
+    assert [config.kv_source(i) for i in range(6)] == [0, 1, 2, 3, 3, 2]
+    assert config.kv_layers == [0, 1, 2, 3] and config.num_kv_layers == 4
+    caches = allocate_kv_caches(config, num_blocks=3, block_size=4, device=torch.device("cpu"))
+    assert [tuple(k.shape) for k, _ in caches] == [(3, 4, 2, 8), (3, 4, 2, 8), (3, 4, 1, 16), (3, 4, 2, 8)]
+    assert bytes_per_block(config, 4) == 4 * 4 * 2 * (3 * 2 * 8 + 16)  # fp32, block of 4, K and V
+
+
+def test_kv_travels_in_the_widest_shape_and_lands_in_each_layers_own():
+    config = gemma4_shaped()
+    source = allocate_kv_caches(config, num_blocks=3, block_size=4, device=torch.device("cpu"))
+    for k, v in source:
+        k.copy_(torch.randn(k.shape))
+        v.copy_(torch.randn(v.shape))
+    slots = torch.tensor([5, 6, 9])
+    kv = read_tokens(source, slots)
+    assert tuple(kv.shape) == (4, 2, 3, 2, 16) == (config.num_kv_layers, 2, 3, *config.kv_row_shape)
+    assert kv[2, :, :, 1:].abs().sum() == 0 and kv[0, :, :, :, 8:].abs().sum() == 0  # the padding is zeros
+    target = allocate_kv_caches(config, num_blocks=3, block_size=4, device=torch.device("cpu"))
+    write_tokens(target, torch.tensor([0, 1, 2]), kv)
+    for (k, v), (k2, v2) in zip(source, target):
+        assert torch.equal(k.flatten(0, 1)[slots], k2.flatten(0, 1)[:3])
+        assert torch.equal(v.flatten(0, 1)[slots], v2.flatten(0, 1)[:3])
+
+
+def test_a_model_with_shared_kv_is_one_pipeline_stage():
+    with pytest.raises(GraphError, match="one pipeline stage"):
+        build_decoder_graph(gemma4_shaped(), range(0, 3))
+
+
+def test_gemma4_on_more_than_one_rank_is_refused_at_start(tmp_path):
+    model = make_tiny_gemma4(tmp_path / "gemma4")
+    with pytest.raises(InvalidInput, match="Gemma 4"):
+        start_engine(EngineConfig(model=str(model), backend="cpu", tensor_parallel_size=2, pipeline_parallel_size=1,
+                                  num_kv_blocks=64))  # fmt: skip
