@@ -223,6 +223,32 @@ def make_tiny_gemma4_moe(directory: str | Path, seed: int = 0, **overrides: Any)
     return make_tiny_gemma4(directory, seed, **(defaults | overrides))
 
 
+def make_tiny_gemma3n(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Gemma3nForCausalLM (text), shaped like Gemma 3n E2B: 4 AltUp streams, a LAuReL branch of
+    rank 8, per-layer embeddings of 8 from a table shorter than the vocabulary (the other tokens read row 0), two
+    of every three layers sliding over 8 positions, the last two attending over earlier layers' KV, MLP widths per
+    layer, and the first two layers' gates cut to their top 5% (activation sparsity)."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
+    defaults = dict(head_dim=16, sliding_window=8, num_hidden_layers=6, layer_types=["sliding_attention",
+                    "sliding_attention", "full_attention"] * 2, intermediate_size=[128, 128, 96, 96, 128, 128],
+                    activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0], hidden_size_per_layer_input=8,
+                    vocab_size_per_layer_input=200, num_kv_shared_layers=2, laurel_rank=8, altup_num_inputs=4,
+                    final_logit_softcapping=30.0, rope_parameters=rope, initializer_range=0.1,
+                    tie_word_embeddings=True)  # fmt: skip
+
+    def random_altup(model: Any) -> None:
+        for layer in model.model.layers:
+            layer.altup.correct_output_scale.uniform_(0.5, 1.5)
+            layer.altup.correction_coefs.weight.normal_(0.0, 0.1)
+            layer.altup.prediction_coefs.weight.normal_(0.0, 0.1)
+
+    return _save_model(Path(directory), Gemma3nTextConfig, Gemma3nForCausalLM, seed, defaults | overrides,
+                       random_altup)  # fmt: skip
+
+
 def make_tiny_qwen3_5(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Save a random tiny Qwen3_5ForCausalLM: Gated DeltaNet layers (2 key heads, 4 value heads) alternating with
     gated attention layers (partial rotary at the default quarter of a head), norms stored as offsets from 1."""
@@ -386,6 +412,16 @@ _GGUF_GEMMA4 = {  # Gemma 4's per-layer input block and layer scalar
     "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
     "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
 }
+_GGUF_GEMMA3N = {  # its AltUp router and coefficients and its LAuReL branch (and Gemma 4's per-layer input block)
+    "altup.correction_coefs.weight": "altup_correct_coef.weight",
+    "altup.correct_output_scale": "altup_correct_scale.weight",
+    "altup.prediction_coefs.weight": "altup_predict_coef.weight",
+    "altup.modality_router.weight": "altup_router.weight",
+    "altup.router_norm.weight": "altup_router_norm.weight",
+    "laurel.linear_left.weight": "laurel_l.weight",
+    "laurel.linear_right.weight": "laurel_r.weight",
+    "laurel.post_laurel_norm.weight": "laurel_post_norm.weight",
+}
 _GGUF_GEMMA4_GLOBAL = {
     "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
     "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
@@ -410,6 +446,7 @@ _GGUF_QWEN35 = {  # its Gated DeltaNet layers' tensors and its pre-MLP norm
     "linear_attn.in_proj_ba.weight": "ssm_ba.weight",  # Qwen3-Next's b and a, fused per key head
 }
 _GGUF_ARCH = {"mixtral": "llama", "mistral": "llama", "gemma3_text": "gemma3", "gemma4_text": "gemma4",
+              "gemma3n_text": "gemma3n",
               "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe",
               "qwen3_next": "qwen3next"}  # fmt: skip
 _GGUF_HYBRID = ("qwen35", "qwen35moe", "qwen3next")  # Gated DeltaNet layers among the attention ones
@@ -455,7 +492,7 @@ def write_tiny_gguf(
     if arch == "gemma4":  # its head sizes, KV heads and MLP widths are per layer
         rope_freqs = _add_gemma4_keys(writer, config, rope)
     else:
-        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_feed_forward_length(config.intermediate_size)  # Gemma 3n's: one per layer
         writer.add_head_count_kv(config.num_key_value_heads)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -477,7 +514,7 @@ def write_tiny_gguf(
         writer.add_rope_freq_base_swa(local_rope["rope_theta"])
     if arch.startswith("gemma"):
         writer.add_sliding_window(config.sliding_window)
-        if arch != "gemma4":
+        if arch in ("gemma2", "gemma3"):
             writer.add_sliding_window_pattern(config.layer_types.index("full_attention") + 1)  # every n-th global
         if config.final_logit_softcapping:
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
@@ -491,6 +528,8 @@ def write_tiny_gguf(
         for kind in ("long", "short"):
             factors = np.array(rope[f"{kind}_factor"], dtype=np.float32)
             writer.add_tensor(f"rope_factors_{kind}.weight", factors, raw_dtype=GGMLQuantizationType.F32)
+    if arch == "gemma3n":
+        _add_gemma3n_keys(writer, config)
     if config.model_type in ("mixtral", "gpt_oss"):
         writer.add_expert_count(config.num_local_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
@@ -511,6 +550,10 @@ def write_tiny_gguf(
     _add_tokenizer(writer, AutoTokenizer.from_pretrained(hf_dir), config.vocab_size)
 
     tensors = load_file(hf_dir / "model.safetensors")
+    if arch == "gemma3n":  # its streams' projections stacked, [K-1, H, H], as llama.cpp's converter writes them
+        for name, stacked in (("altup_projections", "altup_proj"), ("altup_unembed_projections", "altup_unembd_proj")):
+            parts = [tensors.pop(f"model.{name}.{j}.weight") for j in range(config.altup_num_inputs - 1)]
+            writer.add_tensor(f"{stacked}.weight", np.stack(parts).astype(np.float32))
     if config.model_type == "gpt_oss":
         tensors = _unstack_gpt_oss_experts(tensors)
     if arch == "qwen3next":  # llama.cpp's converter splits q, k, v and z apart (b and a stay fused, as ssm_ba)
@@ -576,6 +619,21 @@ def _add_gemma4_keys(writer: gguf.GGUFWriter, config: Any, rope: dict) -> np.nda
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     turned = int(full_dim * rope.get("partial_rotary_factor", 1.0) / 2)
     return np.array([1.0] * turned + [1e30] * (full_dim // 2 - turned), dtype=np.float32)
+
+
+def _add_gemma3n_keys(writer: gguf.GGUFWriter, config: Any) -> None:
+    """Gemma 3n's keys as llama.cpp's converter writes them: AltUp's, the per-layer input and shared KV sizes,
+    which layers slide, each layer's activation sparsity as its normal quantile. Its per-layer table is written as
+    the checkpoint holds it (the converter pads it with zero rows to the vocabulary; either loads)."""
+    writer.add_altup_active_idx(config.altup_active_idx)
+    writer.add_altup_num_inputs(config.altup_num_inputs)
+    writer.add_embedding_length_per_layer_input(config.hidden_size_per_layer_input)
+    writer.add_shared_kv_layers(config.num_kv_shared_layers)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    writer.add_activation_sparsity_scale(
+        [normal.icdf(torch.tensor(s, dtype=torch.float32)).item() for s in config.activation_sparsity_pattern]
+    )
+    writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
 
 
 def _add_gated_delta_net_keys(writer: gguf.GGUFWriter, config: Any) -> None:
@@ -669,7 +727,8 @@ def _gguf_name(hf_name: str, arch: str) -> str:
         return (_GGUF_GLOBAL | _GGUF_GEMMA4_GLOBAL)[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
     names = _GGUF_LAYER | (_GGUF_GEMMA if arch.startswith("gemma") else _GGUF_GPT_OSS if arch == "gpt-oss" else {})
-    names |= _GGUF_GEMMA4 if arch == "gemma4" else {}
+    names |= _GGUF_GEMMA4 if arch in ("gemma4", "gemma3n") else {}
+    names |= _GGUF_GEMMA3N if arch == "gemma3n" else {}
     names |= _GGUF_QWEN35 if arch in _GGUF_HYBRID else {}
     return f"blk.{layer}.{names[rest]}"
 

@@ -108,9 +108,9 @@ class LLMEngine:
         if num_state_slots and config.world_size > 1:
             raise InvalidInput("tensor and pipeline parallel: a model with recurrent layers (Qwen3.5) runs on one "
                                "rank only, for now")  # fmt: skip
-        if model_config.layer_scalar and config.world_size > 1:
-            raise InvalidInput("tensor, pipeline and expert parallel: Gemma 4 (per-layer embeddings, shared KV, "
-                               "layer scalars) runs on one rank only, for now")  # fmt: skip
+        if (model_config.layer_scalar or model_config.altup_num_inputs) and config.world_size > 1:
+            raise InvalidInput("tensor, pipeline and expert parallel: Gemma 4 and Gemma 3n (per-layer embeddings, "
+                               "shared KV, layer scalars, AltUp) run on one rank only, for now")  # fmt: skip
         checkpoints = num_state_slots if config.enable_prefix_caching else 0
         if num_state_slots:
             per_sequence = round(bytes_per_state_slot(rank0) / 2**20, 1)

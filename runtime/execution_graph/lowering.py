@@ -17,6 +17,7 @@ import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.quantized import QuantizedWeight
+from sagellm.backends.torch_ops import altup
 from sagellm.common.memory import drop_pages_under
 from sagellm.runtime.execution_graph.fuse_layers import fuse_decoder_layers
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
@@ -116,8 +117,14 @@ def _bind_embedding(params, ctx, kernels):
     blocks = ctx.quantized.get(params["weight"])
     if blocks is not None:
         device = ctx.backend.device
-        return (lambda ids, weight: weight.rows(ids).to(device)), (blocks,)
-    return kernels["embedding"], (_weight(ctx, params["weight"]).to(ctx.backend.device),)
+        embed = lambda ids, weight: weight.rows(ids).to(device)  # noqa: E731
+        consts: tuple = (blocks,)
+    else:
+        embed, consts = kernels["embedding"], (_weight(ctx, params["weight"]).to(ctx.backend.device),)
+    if "rows" not in params:
+        return embed, consts
+    rows = params["rows"]  # a table shorter than the vocabulary (Gemma 3n's per-layer one): row 0 for the rest
+    return (lambda ids, weight: embed(ids.masked_fill(ids >= rows, 0), weight)), consts
 
 
 def _cut(tensor: torch.Tensor, shard: tuple[int, int, int] | None) -> torch.Tensor:
@@ -199,6 +206,31 @@ def _bind_gated_delta_net(params, ctx, kernels):
     a_log, dt_bias = (_weight(ctx, params[name]).float().to(device) for name in ("a_log", "dt_bias"))
     dims = (params["num_k_heads"], params["head_k_dim"], params["head_v_dim"])
     return kernels["gated_delta_net"], (conv_states, ssm_states, conv_weight, a_log, dt_bias, *dims)
+
+
+def _bind_altup(op):
+    """Gemma 3n's AltUp ops (backends/torch_ops/altup.py) with their weights: the streams' projections [K-1, H, H]
+    stacked, or a layer's router norm, router, coefficients and output scale."""
+
+    def bind(params, ctx, kernels):
+        device = ctx.backend.device
+        weight = lambda name: _weight(ctx, name).float().to(device)  # noqa: E731
+        if op in ("embed", "unembed"):
+            stacked = torch.stack([weight(name) for name in params["weights"]])
+            return (altup.embed_streams if op == "embed" else altup.unembed_streams), (stacked,)
+        router = (weight(params["norm"]), weight(params["router"]), weight(params["coefs"]))
+        if op == "predict":
+            return altup.predict, (*router, params["active"], params["eps"])
+        scale = weight(params["output_scale"]) if params.get("output_scale") else None
+        return altup.correct, (*router, scale, params["active"], params["eps"])
+
+    return bind
+
+
+def _bind_gaussian_top_k(params, ctx, kernels):
+    """Activation sparsity: the normal quantile of the share cut, in fp32 as transformers takes it."""
+    quantile = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(params["sparsity"], dtype=torch.float32))
+    return altup.gaussian_top_k, (float(quantile),)
 
 
 def _split_head_halves(x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,6 +343,12 @@ _BINDERS: dict[str, Callable] = {
     "scale": lambda p, ctx, k: (torch.mul, (torch.tensor(p["factor"], dtype=torch.float32),)),
     "softcap": lambda p, ctx, k: (_softcap, (p["cap"],)),
     "mul": lambda p, ctx, k: (torch.mul, ()),
+    "altup_embed": _bind_altup("embed"),
+    "altup_unembed": _bind_altup("unembed"),
+    "altup_predict": _bind_altup("predict"),
+    "altup_correct": _bind_altup("correct"),
+    "altup_add_to_others": lambda p, ctx, k: (altup.add_to_others, ()),
+    "gaussian_top_k": _bind_gaussian_top_k,
     "mul_weight": lambda p, ctx, k: (torch.mul, (_weight(ctx, p["weight"]).to(ctx.backend.device),)),
     "all_reduce": lambda p, ctx, k: (_group(ctx).all_reduce, ()),
     "all_gather": lambda p, ctx, k: (_group(ctx).all_gather, (p["sizes"],)),

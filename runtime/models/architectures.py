@@ -53,6 +53,9 @@ class Architecture:
     # attention layers with heads of their own size (and values from their keys), values normed, a scalar per
     # layer, scores unscaled (the q/k norms set their size), and norm weights stored as they are.
     gemma4: bool = False
+    # Gemma 3n: Gemma 4's per-layer embeddings, shared KV and value norms (no layer scalars), with AltUp streams,
+    # LAuReL and activation sparsity; its per-layer table reads row 0 for tokens beyond it.
+    gemma3n: bool = False
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -66,6 +69,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: its text model is served (the vision tower is not).
     Architecture("gemma3_text", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), "gemma3", qk_norm=True,
                  gemma=True, sliding_pattern=6, local_rope=True),
+    Architecture("gemma3n_text", ("Gemma3nForCausalLM", "Gemma3nForConditionalGeneration"), "gemma3n", qk_norm=True,
+                 gemma=True, sliding_pattern=5, local_rope=True, gemma3n=True),
     # Gemma 4 ships as Gemma4ForConditionalGeneration: its text model is served (vision and audio are not).
     Architecture("gemma4_text", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"), "gemma4", qk_norm=True,
                  gemma=True, sliding_pattern=6, local_rope=True, gemma4=True),
@@ -132,6 +137,7 @@ def config_from_hf(
         eos = [*_ids(hf_config.get("eos_token_id")), *_ids((generation_config or {}).get("eos_token_id"))]
         experts, per_token = _hf_experts(arch, hf_config, source)
         inter = hf_config.get("moe_intermediate_size") or hf_config["intermediate_size"]
+        inter = inter[0] if isinstance(inter, list) else inter  # Gemma 3n's, per layer (_hf_gemma3n)
         scalar = hf_config.get("query_pre_attn_scalar")
         config = ModelConfig(
             architecture=arch.name,
@@ -174,6 +180,8 @@ def config_from_hf(
             **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
             shared_expert_intermediate_size=shared,
         )
+        if arch.gemma3n:
+            return replace(config, **_hf_gemma3n(hf_config, layers, source))
         return replace(config, **_hf_gemma4(hf_config, layer_types, source)) if arch.gemma4 else config
     except KeyError as e:
         raise ModelLoadError(f"{source}: config.json lacks {e.args[0]!r}") from e
@@ -255,7 +263,30 @@ def config_from_gguf(
         **(_gguf_linear_attention(key) if arch.gated_delta_net else {}),
         shared_expert_intermediate_size=int(metadata.get(f"{prefix}.expert_shared_feed_forward_length", 0)),
     )
+    if arch.gemma3n:
+        return replace(config, **_gguf_gemma3n(key, widths))
     return replace(config, **_gguf_gemma4(key, config, kv_heads, widths, rope_freqs)) if arch.gemma4 else config
+
+
+def _gguf_gemma3n(key: Callable[..., Any], widths: list[int]) -> dict[str, Any]:
+    """Gemma 3n under llama.cpp's keys: MLP widths per layer, AltUp's stream count and active stream, activation
+    sparsity as each layer's normal quantile (-inf: none; the share cut is its normal CDF), shared KV and per-layer
+    input sizes. The LAuReL rank and the per-layer table's rows come from the tensors (the loader's)."""
+    quantiles = [float(q) for q in list(key("activation_sparsity_scale", []))]
+    sparsity = [float(torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(q, dtype=torch.float64))) if q > -math.inf
+                else 0.0 for q in quantiles]  # fmt: skip
+    return {
+        "intermediate_size": widths[0],
+        "layer_intermediate_sizes": tuple(widths) if len(set(widths)) > 1 else (),
+        "activation_sparsity": tuple(sparsity) if any(sparsity) else (),
+        "altup_num_inputs": int(key("altup.num_inputs", 4)),
+        "altup_active_idx": int(key("altup.active_idx", 0)),
+        "altup_correct_scale": True,
+        "value_norm": True,
+        "attention_scale": 1.0,
+        "num_kv_shared_layers": int(key("attention.shared_kv_layers", 0)),
+        "per_layer_input_size": int(key("embedding_length_per_layer_input")),
+    }
 
 
 def _per_layer(value: Any, layers: int) -> list[int]:
@@ -367,6 +398,8 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the graph builder reads for `config`, under its canonical Hugging Face name."""
     h, vocab = config.hidden_size, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    for j in range(config.altup_num_inputs - 1 if config.altup_num_inputs else 0):  # Gemma 3n's stream projections
+        shapes |= {f"model.altup_projections.{j}.weight": (h, h), f"model.altup_unembed_projections.{j}.weight": (h, h)}
     if config.per_layer_input_size:
         size, width = config.per_layer_input_size, config.num_layers * config.per_layer_input_size
         shapes |= {"model.embed_tokens_per_layer.weight": (config.per_layer_vocab_size, width),
@@ -387,6 +420,8 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}post_per_layer_input_norm.weight"] = (h,)
         if config.layer_scalar:
             shapes[f"{p}layer_scalar"] = (1,)
+        if config.altup_num_inputs:
+            shapes |= _altup_layer_shapes(config, p)
         inter = config.intermediate_size_of(i)
         if config.expert_intermediate_size:  # Gemma 4: the experts beside the MLP, their router and norms
             shapes |= _experts_beside_shapes(config, p)
@@ -409,6 +444,15 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if config.sandwich_norms:
             shapes |= {f"{p}pre_feedforward_layernorm.weight": (h,), f"{p}post_feedforward_layernorm.weight": (h,)}
     return shapes
+
+
+def _altup_layer_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """A Gemma 3n layer's AltUp router and coefficients, and its LAuReL branch."""
+    h, k, rank = config.hidden_size, config.altup_num_inputs, config.laurel_rank
+    return {f"{p}altup.correct_output_scale": (h,), f"{p}altup.correction_coefs.weight": (k, k),
+            f"{p}altup.prediction_coefs.weight": (k * k, k), f"{p}altup.modality_router.weight": (k, h),
+            f"{p}altup.router_norm.weight": (h,), f"{p}laurel.linear_left.weight": (rank, h),
+            f"{p}laurel.linear_right.weight": (h, rank), f"{p}laurel.post_laurel_norm.weight": (h,)}  # fmt: skip
 
 
 def _experts_beside_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
@@ -702,6 +746,33 @@ def _hf_gemma4(hf_config: Mapping[str, Any], layer_types: tuple[str, ...], sourc
         "per_layer_input_size": ple,
         "per_layer_vocab_size": ple_vocab,
         "layer_scalar": True,
+    }
+
+
+def _hf_gemma3n(hf_config: Mapping[str, Any], layers: int, source: Path) -> dict[str, Any]:
+    """Gemma 3n's features: AltUp, LAuReL, MLP widths and activation sparsity per layer, and Gemma 4's per-layer
+    embeddings, shared KV and value norms."""
+    widths = hf_config["intermediate_size"]
+    widths = [int(w) for w in widths] if isinstance(widths, list) else [int(widths)] * layers
+    sparsity = hf_config.get("activation_sparsity_pattern")
+    if sparsity is None:  # transformers' default: the first 10 layers cut 95% of each gate
+        sparsity = [0.95] * (10 if layers > 10 else 0) + [0.0] * (layers - (10 if layers > 10 else 0))
+    if len(widths) != layers or len(sparsity) != layers:
+        raise ModelLoadError(f"{source}: intermediate_size and activation_sparsity_pattern need one value per layer")
+    ple = int(hf_config["hidden_size_per_layer_input"])
+    return {
+        "intermediate_size": widths[0],
+        "layer_intermediate_sizes": tuple(widths) if len(set(widths)) > 1 else (),
+        "activation_sparsity": tuple(float(s) for s in sparsity) if any(sparsity) else (),
+        "altup_num_inputs": int(hf_config.get("altup_num_inputs", 4)),
+        "altup_active_idx": int(hf_config.get("altup_active_idx", 0)),
+        "altup_correct_scale": bool(hf_config.get("altup_correct_scale", True)),
+        "laurel_rank": int(hf_config.get("laurel_rank", 64)),
+        "value_norm": True,
+        "attention_scale": 1.0,
+        "num_kv_shared_layers": int(hf_config.get("num_kv_shared_layers") or 0),
+        "per_layer_input_size": ple,
+        "per_layer_vocab_size": int(hf_config.get("vocab_size_per_layer_input") or hf_config["vocab_size"]),
     }
 
 

@@ -93,6 +93,15 @@ class ModelConfig:
     per_layer_input_size: int = 0
     per_layer_vocab_size: int = 0
     layer_scalar: bool = False  # each layer's output multiplied by a learned scalar (Gemma 4)
+    # Gemma 3n: the residual stream as `altup_num_inputs` streams of which each layer computes on the active one
+    # (AltUp, backends/torch_ops/altup.py), a low-rank LAuReL branch beside its attention, MLP widths per layer
+    # (`layer_intermediate_sizes`) and activation sparsity per layer (the share of each gate's row cut, 0: none).
+    altup_num_inputs: int = 0
+    altup_active_idx: int = 0
+    altup_correct_scale: bool = False
+    laurel_rank: int = 0
+    layer_intermediate_sizes: tuple[int, ...] = ()
+    activation_sparsity: tuple[float, ...] = ()
 
     def window_of(self, layer: int) -> int:
         """The sliding window of `layer`'s attention, 0 for full attention."""
@@ -135,6 +144,8 @@ class ModelConfig:
         raise ValueError(f"layer {layer} shares the KV of an earlier {kind} layer, and there is none")
 
     def intermediate_size_of(self, layer: int) -> int:
+        if self.layer_intermediate_sizes:
+            return self.layer_intermediate_sizes[layer]
         wide = self.double_wide_shared_mlp and self.kv_source(layer) != layer
         return self.intermediate_size * (2 if wide else 1)
 
@@ -179,6 +190,7 @@ class ModelConfig:
         if self.per_layer_input_size:  # the per-layer table, the embedding's projection to it and that one's norm
             size = self.num_layers * self.per_layer_input_size
             embed += (self.per_layer_vocab_size + h) * size + self.per_layer_input_size
+        embed += 2 * (self.altup_num_inputs - 1) * h * h if self.altup_num_inputs else 0  # streams' projections
         return embed + h + sum(self._layer_params(i) for i in range(self.num_layers))
 
     def _layer_params(self, i: int) -> int:
@@ -191,7 +203,10 @@ class ModelConfig:
         mlp += (3 * self.shared_expert_intermediate_size + 1) * h if self.shared_expert_intermediate_size else 0
         norms = (4 if self.sandwich_norms else 2) * h
         per_layer = 2 * h * self.per_layer_input_size + h if self.per_layer_input_size else 0  # gate, projection, norm
-        return mixer + mlp + norms + per_layer  # a layer scalar is a buffer, not a parameter
+        k = self.altup_num_inputs
+        altup = (k * k * k + k * k + k * h + 2 * h) if k else 0  # coefficients, router, its norm, output scale
+        laurel = 2 * h * self.laurel_rank + h if self.laurel_rank else 0
+        return mixer + mlp + norms + per_layer + altup + laurel  # a layer scalar is a buffer, not a parameter
 
     def _attention_params(self, i: int) -> int:
         h, d, heads = self.hidden_size, self.head_dim_of(i), self.num_heads

@@ -1,5 +1,5 @@
 """The forward pass of a decoder-only transformer (the Llama layer and the families that vary it: Qwen2/3,
-Mistral, Mixtral, Gemma 2/3/4, Phi-3, gpt-oss, and Qwen3.5's hybrid of Gated DeltaNet and attention layers) as an IR
+Mistral, Mixtral, Gemma 2/3/4/3n, Phi-3, gpt-oss, and Qwen3.5's hybrid of Gated DeltaNet and attention layers) as an IR
 graph, built from the features ModelConfig records, never from family names.
 
 The graph is written the way the model reads in its paper, one op per line, unfused; passes fuse it and lowering
@@ -14,8 +14,9 @@ that does not start at layer 0 reads `hidden` and `residual` [T, H] instead of i
 at the last layer gives them as its outputs instead of logits. Attention node `cache` is the layer's place among
 the graph's own attention layers, its index into the stage's KV caches; a Gated DeltaNet node's `state` is its place
 among the graph's own linear attention layers, its index into the stage's state caches. Gemma 4's per-layer
-embeddings, shared KV (a layer attends with an earlier layer's K and V over that one's cache) and layer scalars need
-the whole model in one graph: such a model is not split into pipeline stages."""
+embeddings, shared KV (a layer attends with an earlier layer's K and V over that one's cache) and layer scalars, and
+Gemma 3n's AltUp streams ([T, K, H] between layers), need the whole model in one graph: such a model is not split into
+pipeline stages."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     positions = g.add("input", id="positions", name="positions")
     meta = g.add("input", id="attn_metadata", name="attn_metadata")
     residual: Value | None = None
-    whole = config.per_layer_input_size or config.num_kv_shared_layers or config.layer_scalar
+    whole = config.per_layer_input_size or config.num_kv_shared_layers or config.layer_scalar or config.altup_num_inputs
     if whole and len(layers) != config.num_layers:
-        raise GraphError("a model with per-layer embeddings, shared KV or layer scalars (Gemma 4) runs as one "
-                         "pipeline stage")  # fmt: skip
+        raise GraphError("a model with per-layer embeddings, shared KV, layer scalars or AltUp (Gemma 4, 3n) runs "
+                         "as one pipeline stage")  # fmt: skip
     per_layer = None
     if layers.start == 0:
         input_ids = g.add("input", id="input_ids", name="input_ids")
@@ -41,12 +42,18 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
             hidden = g.add("scale", [hidden], factor=config.embedding_scale)
         if config.per_layer_input_size:
             per_layer = _per_layer_inputs(g, config, input_ids, hidden)
+        if config.altup_num_inputs:  # Gemma 3n: the stream widened into AltUp's streams, [T, K, H]
+            hidden = g.add("altup_embed", [hidden], weights=_altup_projections(config, "altup_projections"))
     else:
         hidden = g.add("input", id="hidden", name="hidden")
         residual = g.add("input", id="residual", name="residual")
     caches = _cache_indices(config, layers)
     kv: dict[int, tuple[Value, Value]] = {}  # each KV layer's K and V, for the layers that share them
     for layer in layers:
+        if config.altup_num_inputs:
+            assert per_layer is not None
+            hidden = _altup_layer(g, config, layer, caches, kv, hidden, per_layer[layer], positions, meta)
+            continue
         hidden, residual = _decoder_layer(g, config, layer, caches, kv, hidden, residual, positions, meta)
         if per_layer is not None:
             hidden, residual = _per_layer_block(g, config, layer, per_layer[layer], hidden, residual)
@@ -64,6 +71,8 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     summed = g.add("index_rows", [hidden, logits_indices])
     if residual is not None:
         summed = g.add("add", [summed, g.add("index_rows", [residual, logits_indices])])
+    if config.altup_num_inputs:
+        summed = g.add("altup_unembed", [summed], weights=_altup_projections(config, "altup_unembed_projections"))
     normed = g.add("rmsnorm", [summed], weight="model.norm.weight", eps=config.rms_norm_eps)
     lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     logits = g.add("linear", [normed], weight=lm_head, out_features=config.vocab_size)
@@ -92,7 +101,8 @@ def _per_layer_inputs(g: Graph, c: ModelConfig, input_ids: Value, embedded: Valu
     projection of its embedding (scaled by hidden^-1/2, RMS-normed per layer), averaged by 2^-1/2; one [T, P] per
     layer."""
     size, width = c.per_layer_input_size, c.num_layers * c.per_layer_input_size
-    rows = g.add("embedding", [input_ids], weight="model.embed_tokens_per_layer.weight")
+    table = {"rows": c.per_layer_vocab_size} if c.per_layer_vocab_size < c.vocab_size else {}  # others read row 0
+    rows = g.add("embedding", [input_ids], weight="model.embed_tokens_per_layer.weight", **table)
     rows = g.add("scale", [rows], factor=size**0.5)
     projected = g.add("linear", [embedded], weight="model.per_layer_model_projection.weight", out_features=width)
     projected = g.add("scale", [projected], factor=c.hidden_size**-0.5)
@@ -113,6 +123,55 @@ def _per_layer_block(
     gated = g.add("mul", [g.add(c.activation, [gate]), per_layer])
     out = g.add("linear", [gated], weight=p + "per_layer_projection.weight", out_features=c.hidden_size)
     return g.add("rmsnorm", [out], weight=p + "post_per_layer_input_norm.weight", eps=c.rms_norm_eps), stream
+
+
+def _altup_projections(c: ModelConfig, name: str) -> list[str]:
+    return [f"model.{name}.{j}.weight" for j in range(c.altup_num_inputs - 1)]
+
+
+def _altup_layer(
+    g: Graph,
+    c: ModelConfig,
+    i: int,
+    caches: dict[int, int],
+    kv: dict[int, tuple[Value, Value]],
+    streams: Value,
+    per_layer: Value,
+    positions: Value,
+    meta: Value,
+) -> Value:
+    """A Gemma 3n layer over AltUp's streams [T, K, H]: the streams predicted, the layer (attention beside a LAuReL
+    branch, then its MLP) run on the active prediction, every stream corrected by the result, and the per-layer
+    input, gated by the active one, added to all streams but the first."""
+    p, eps = f"model.layers.{i}.", c.rms_norm_eps
+    router = {"norm": p + "altup.router_norm.weight", "router": p + "altup.modality_router.weight",
+              "active": c.altup_active_idx, "eps": eps}  # fmt: skip
+    predictions, active = g.add_multi("altup_predict", [streams], 2, coefs=p + "altup.prediction_coefs.weight",
+                                      **router)  # fmt: skip
+    x = g.add("rmsnorm", [active], weight=p + "input_layernorm.weight", eps=eps)
+    left = g.add("linear", [x], weight=p + "laurel.linear_left.weight", out_features=c.laurel_rank)
+    right = g.add("linear", [left], weight=p + "laurel.linear_right.weight", out_features=c.hidden_size)
+    laurel = g.add("add", [x, g.add("rmsnorm", [right], weight=p + "laurel.post_laurel_norm.weight", eps=eps)])
+    attn = _attention(g, c, i, caches[i], kv, x, positions, meta)
+    attn = g.add("rmsnorm", [attn], weight=p + "post_attention_layernorm.weight", eps=eps)
+    attn = g.add("scale", [g.add("add", [g.add("add", [active, attn]), laurel])], factor=2**-0.5)
+    x = g.add("rmsnorm", [attn], weight=p + "pre_feedforward_layernorm.weight", eps=eps)
+    size = c.intermediate_size_of(i)
+    gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=size)
+    if c.activation_sparsity and c.activation_sparsity[i]:
+        gate = g.add("gaussian_top_k", [gate], sparsity=c.activation_sparsity[i])
+    up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=size)
+    mlp = g.add("linear", [g.add("mul", [g.add(c.activation, [gate]), up])], weight=p + "mlp.down_proj.weight",
+                out_features=c.hidden_size)  # fmt: skip
+    mlp = g.add("rmsnorm", [mlp], weight=p + "post_feedforward_layernorm.weight", eps=eps)
+    scale = {"output_scale": p + "altup.correct_output_scale"} if c.altup_correct_scale else {}
+    corrected, first = g.add_multi("altup_correct", [predictions, g.add("add", [attn, mlp])], 2,
+                                   coefs=p + "altup.correction_coefs.weight", **router, **scale)  # fmt: skip
+    gate = g.add("linear", [first], weight=p + "per_layer_input_gate.weight", out_features=c.per_layer_input_size)
+    gated = g.add("mul", [g.add(c.activation, [gate]), per_layer])
+    out = g.add("linear", [gated], weight=p + "per_layer_projection.weight", out_features=c.hidden_size)
+    out = g.add("rmsnorm", [out], weight=p + "post_per_layer_input_norm.weight", eps=eps)
+    return g.add("altup_add_to_others", [corrected, out])
 
 
 def _decoder_layer(

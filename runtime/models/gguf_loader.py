@@ -100,6 +100,17 @@ _GEMMA4_NAMES = {  # Gemma 4's per-layer input block and layer scalar
     "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
     "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
 }
+_GEMMA3N_NAMES = _GEMMA4_NAMES | {  # Gemma 3n's AltUp router and coefficients, and its LAuReL branch
+    "altup_correct_coef.weight": "altup.correction_coefs.weight",
+    "altup_correct_scale.weight": "altup.correct_output_scale",
+    "altup_predict_coef.weight": "altup.prediction_coefs.weight",
+    "altup_router.weight": "altup.modality_router.weight",
+    "altup_router_norm.weight": "altup.router_norm.weight",
+    "laurel_l.weight": "laurel.linear_left.weight",
+    "laurel_r.weight": "laurel.linear_right.weight",
+    "laurel_post_norm.weight": "laurel.post_laurel_norm.weight",
+}
+ALTUP_STACKED = {"altup_proj.weight": "altup_projections", "altup_unembd_proj.weight": "altup_unembed_projections"}
 _FUSED_NAMES = {"ffn_up.weight": "mlp.gate_up_proj.weight"}  # Phi-3: gate's rows, then up's
 _POST_ATTENTION_NORM = {"post_attention_norm.weight": "post_attention_layernorm.weight"}  # gpt-oss's pre-MLP norm
 _GATED_DELTA_NET_NAMES = {  # Qwen3.5: its linear attention layers' tensors, and its pre-MLP norm
@@ -146,6 +157,10 @@ def load_gguf(path: Path, *, name: str, dtype: torch.dtype, load_tokenizer: bool
         rope_factors=(factors[0], factors[1]) if len(factors) == 2 else None,
         source=path,
     )
+    if BY_NAME[config.architecture].gemma3n:  # the LAuReL rank and the per-layer table's rows, as the file has them
+        rank, rows = tensors["blk.0.laurel_l.weight"].shape[0], tensors["per_layer_token_embd.weight"].shape[0]
+        config = replace(config, laurel_rank=rank, per_layer_vocab_size=rows) if "blk.0.laurel_l.weight" in tensors \
+            else config
     if BY_NAME[config.architecture].gemma4:  # its full layers take values from keys where they lack attn_v
         full = [i for i in config.kv_layers if config.layer_types and config.layer_types[i] == "full_attention"]
         config = replace(config, full_values_from_keys=any(f"blk.{i}.attn_v.weight" not in tensors for i in full))
@@ -166,14 +181,18 @@ def _read_weights(
     arch = BY_NAME[config.architecture]
     layer_names = _LAYER_NAMES | (_SANDWICH_NAMES if arch.gemma else {})
     layer_names |= _FUSED_NAMES if arch.fused_projections else {}
-    layer_names |= _GEMMA4_NAMES if arch.gemma4 else {}
+    layer_names |= _GEMMA4_NAMES if arch.gemma4 else _GEMMA3N_NAMES if arch.gemma3n else {}
     layer_names |= _POST_ATTENTION_NORM if arch.gpt_oss else {}
     layer_names |= _GATED_DELTA_NET_NAMES if arch.gated_delta_net else {}
     tensors = {name: t for name, t in tensors.items() if not _prediction_block(name, config.num_layers)}
+    altup = {name: tensors.pop(name) for name in ALTUP_STACKED if name in tensors}
     hf_names = {gguf_name: _hf_name(path, gguf_name, layer_names) for gguf_name in tensors}  # fail before slow work
     ready: dict[str, torch.Tensor] = {}
     on_read: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
     quantized: dict[str, QuantizedWeight] = {}
+    for gguf_name, tensor in altup.items():  # Gemma 3n's stream projections, stacked [K-1, H, H]: each its own
+        stacked = torch.from_numpy(_dense(tensor)).to(dtype)
+        ready |= {f"model.{ALTUP_STACKED[gguf_name]}.{j}.weight": w for j, w in enumerate(stacked)}
     for gguf_name, tensor in tensors.items():
         hf_name = hf_names[gguf_name]
         if gguf_name.endswith("_exps.bias"):  # [E, out]: each expert's a row of it

@@ -57,7 +57,7 @@ def _read_weights(
     weights: dict[str, torch.Tensor] = {}
     mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a stacked expert tensor's blocks and scales, as they are read
     arch = BY_NAME[config.architecture]
-    offset_norms = (arch.gemma and not arch.gemma4) or arch.gated_delta_net
+    offset_norms = (arch.gemma and not (arch.gemma4 or arch.gemma3n)) or arch.gated_delta_net
     for path in _safetensors_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:

@@ -1,16 +1,17 @@
-"""Each architecture the graph builder knows beyond the Llama layer, against the oracle on tiny random weights: Qwen3
-(q/k norms), Qwen3-MoE (its experts, weights renormalized or not), Mistral (every layer sliding), Gemma 2 (GeGLU,
-sandwich norms, soft-capped scores and logits, alternate layers sliding), Gemma 3 (q/k norms, two rope tables, two
-sliding layers of every three; also as it ships, multimodal), Gemma 4 (per-layer embeddings, the last layers
-sharing earlier layers' KV, full attention layers with their own head size and values from their keys,
-proportional rope, layer scalars; and its mixture, experts beside each MLP), Phi-3 (fused projections, partial
-rotary, LongRoPE), gpt-oss (attention sinks, biases everywhere, YaRN, experts stacked with biases and the clamped
-SwiGLU), Qwen3.5 (Gated DeltaNet layers and their recurrent states, gated attention; its prefix hit restores the
-states' checkpoint), Qwen3.5-MoE (its experts and a gated shared expert) and Qwen3-Next (its DeltaNet projections
-fused per key head). For each: transformers' logits for a batch, its greedy tokens for 16 prompts over 64 tokens in
-one continuous batch (whole and chunked prefill), alone, after a prefix-cache hit, from the GGUF file llama.cpp's
-converter would write, and through graphs/pd.yaml (prefill and decode in two processes); seeded sampling draws the
-same alone and in a chunked batch.
+"""Each architecture the graph builder knows beyond the Llama layer, against the oracle on tiny random weights:
+Qwen3 (q/k norms), Qwen3-MoE (its experts, weights renormalized or not), Mistral (every layer sliding), Gemma 2
+(GeGLU, sandwich norms, soft-capped scores and logits, alternate layers sliding), Gemma 3 (q/k norms, two rope
+tables, two sliding layers of every three; also as it ships, multimodal), Gemma 4 (per-layer embeddings, the last
+layers sharing earlier layers' KV, full attention layers with their own head size and values from their keys,
+proportional rope, layer scalars; and its mixture, experts beside each MLP), Gemma 3n (AltUp streams, LAuReL,
+activation sparsity, MLP widths per layer, a per-layer table shorter than the vocabulary), Phi-3 (fused
+projections, partial rotary, LongRoPE), gpt-oss (attention sinks, biases everywhere, YaRN, experts stacked with
+biases and the clamped SwiGLU), Qwen3.5 (Gated DeltaNet layers and their recurrent states, gated attention; its
+prefix hit restores the states' checkpoint), Qwen3.5-MoE (its experts and a gated shared expert) and Qwen3-Next (its
+DeltaNet projections fused per key head). For each: transformers' logits for a batch, its greedy tokens for 16
+prompts over 64 tokens in one continuous batch (whole and chunked prefill), alone, after a prefix-cache hit, from
+the GGUF file llama.cpp's converter would write, and through graphs/pd.yaml (prefill and decode in two processes);
+seeded sampling draws the same alone and in a chunked batch.
 
 Prompts run past the 8-position windows, so the windows really cut what a query sees."""
 
@@ -46,6 +47,7 @@ ARCHITECTURES = {
     "gemma3": dict(lengths=LENGTHS),
     "gemma4": dict(lengths=LENGTHS),
     "gemma4_moe": dict(lengths=LENGTHS),
+    "gemma3n": dict(lengths=LENGTHS),
     "phi3": dict(lengths=[n + 33 for n in LENGTHS], max_model_len=128),
     "gpt_oss": dict(lengths=LENGTHS),
     "qwen3_5": dict(lengths=LENGTHS),
@@ -74,7 +76,7 @@ def test_the_config_records_the_architectures_features(tiny):
     windows = [config.window_of(i) for i in range(config.num_layers)]
     expected = {"qwen3": [0, 0], "qwen3_moe": [0, 0], "mistral": [8, 8], "gemma2": [8, 0, 8, 0],
                 "gemma3": [8, 8, 0, 8, 8, 0], "gemma4": [8, 8, 0, 8, 8, 0],
-                "gemma4_moe": [8, 0, 8, 0], "phi3": [0, 0], "gpt_oss": [8, 0, 8, 0],
+                "gemma4_moe": [8, 0, 8, 0], "gemma3n": [8, 8, 0, 8, 8, 0], "phi3": [0, 0], "gpt_oss": [8, 0, 8, 0],
                 "qwen3_5": [0, 0, 0, 0], "qwen3_5_moe": [0, 0, 0, 0], "qwen3_next": [0, 0, 0, 0]}  # fmt: skip
     assert windows == expected[path.name]
 
@@ -126,8 +128,8 @@ def test_pd_yaml_gives_transformers_tokens(tiny):
     path, _, prompts, expected, settings = tiny
     if path.name in ("qwen3_5_moe", "qwen3_next"):  # two more worker processes for nothing PD moves differently
         pytest.skip("Qwen3.5's run covers the hand-over of a hybrid model's KV and states")
-    if path.name == "gemma4_moe":
-        pytest.skip("Gemma 4's run covers the hand-over of KV of per-layer shapes")
+    if path.name in ("gemma4_moe", "gemma3n"):
+        pytest.skip("Gemma 4's run covers the hand-over of KV of per-layer shapes and shared KV")
     texts = [" ".join(f"w{t}" for t in p[:8]) for p in prompts[:3]]  # text prompts: the pipeline tokenizes them
     source = {"prompts": texts, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "chat": False}
     overrides = {"model": str(path), **{f"source.{k}": v for k, v in source.items()}}
