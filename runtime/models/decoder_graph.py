@@ -97,11 +97,11 @@ def _cache_indices(config: ModelConfig, layers: range) -> dict[int, int]:
 
 
 def _per_layer_inputs(g: Graph, c: ModelConfig, input_ids: Value, embedded: Value) -> list[Value]:
-    """Gemma 4's per-layer embeddings: each token's row of the per-layer table (scaled by sqrt of its size) and a
-    projection of its embedding (scaled by hidden^-1/2, RMS-normed per layer), averaged by 2^-1/2; one [T, P] per
-    layer."""
+    """Gemma 4's and 3n's per-layer embeddings: each token's row of the per-layer table (scaled by sqrt of its size;
+    row 0 for a token past a table shorter than the vocabulary, Gemma 3n's) and a projection of its embedding (scaled
+    by hidden^-1/2, RMS-normed per layer), averaged by 2^-1/2; one [T, P] per layer."""
     size, width = c.per_layer_input_size, c.num_layers * c.per_layer_input_size
-    table = {"rows": c.per_layer_vocab_size} if c.per_layer_vocab_size < c.vocab_size else {}  # others read row 0
+    table = {"rows": c.per_layer_vocab_size} if c.per_layer_vocab_size < c.vocab_size else {}
     rows = g.add("embedding", [input_ids], weight="model.embed_tokens_per_layer.weight", **table)
     rows = g.add("scale", [rows], factor=size**0.5)
     projected = g.add("linear", [embedded], weight="model.per_layer_model_projection.weight", out_features=width)

@@ -86,7 +86,8 @@ def test_unsupported_gguf_architecture_and_quant_type(tmp_path: Path) -> None:
     writer = gguf.GGUFWriter(path, "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     _write(writer)
-    supported = "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, gemma3n, gemma4, phi3, gpt-oss, qwen35, qwen35moe, qwen3next"
+    supported = ("llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, gemma3n, gemma4, phi3, gpt-oss, qwen35, qwen35moe, "
+                 "qwen3next")
     assert _load_error(path) == f"{path}: unsupported GGUF architecture 'gpt2' (supported: {supported})"
 
     writer = gguf.GGUFWriter(path, "llama")
