@@ -5,11 +5,13 @@ states), the prefix-cache hits counted in the metrics, and a prefill worker's st
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
+from sagellm.gateway.serving.kv_outbox import KVPayload
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from tests import tiny_models
@@ -58,9 +60,10 @@ def test_preempted_sequences_recompute_their_states(qwen3_5):
 
 
 def test_a_decode_worker_continues_from_the_prefill_workers_states(qwen3_5):
-    """Prefill/decode in two engines: the prefill worker hands over the prompt's KV and its recurrent states, the
-    decode worker imports both (nothing recomputed) and decodes transformers' tokens; without the states it
-    recomputes the prompt, and agrees too."""
+    """Prefill/decode in two engines: the prefill worker hands over the prompt's KV and its recurrent states (as
+    they are, or through the KV outbox's payload, as between servers with `kv_transfer_params`), the decode worker
+    imports both (nothing recomputed) and decodes transformers' tokens; without the states it recomputes the prompt,
+    and agrees too."""
     path, hf = qwen3_5
     prompts = random_prompts(hf.config.vocab_size, [9, 16, 21, 1], seed=7)
     prefill = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=200, **ENGINE))
@@ -68,17 +71,20 @@ def test_a_decode_worker_continues_from_the_prefill_workers_states(qwen3_5):
         prefill.add_request(str(i), p, GREEDY, prefill_only=True)
     handed = finished_outputs(prefill)
     assert all(o.states is not None and o.kv.shape[0] == 2 for o in handed)  # two attention layers' KV
-    for keep_states in (True, False):
+    for way in ("handed", "between servers", "without states"):
         decode = LLMEngine(EngineConfig(model=str(path), num_kv_blocks=200, **ENGINE))
         firsts, imported = [], []
         for o in handed:
-            states = o.states if keep_states else None
-            first = o.outputs[0].token_ids[0]
-            firsts.append(decode.add_prefilled_request(o.request_id, o.prompt_token_ids, GREEDY, first, o.kv,
+            first, kv, states = o.outputs[0].token_ids[0], o.kv, o.states if way != "without states" else None
+            if way == "between servers":
+                payload = msgspec.msgpack.encode(KVPayload.of(o.prompt_token_ids, first, kv, states))
+                fetched = msgspec.msgpack.decode(payload, type=KVPayload).prefilled()
+                kv, states = fetched.kv.data, fetched.kv.states
+            firsts.append(decode.add_prefilled_request(o.request_id, o.prompt_token_ids, GREEDY, first, kv,
                                                        states=states))  # fmt: skip
             imported.append(decode._requests[o.request_id].seq.num_computed_tokens)
         tokens = run_to_end(decode, firsts)
-        assert imported == [len(o.prompt_token_ids) if keep_states else 0 for o in handed]
+        assert imported == [len(o.prompt_token_ids) if way != "without states" else 0 for o in handed]
         assert [tokens[str(i)] for i in range(len(prompts))] == [hf_greedy(hf, p, TOKENS) for p in prompts]
 
 

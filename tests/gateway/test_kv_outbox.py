@@ -26,6 +26,16 @@ def test_a_kv_is_named_once_and_taken_once_as_the_same_tensor():
     assert outbox.take(secret) is None and outbox.fetched == 1
 
 
+def test_a_recurrent_models_states_travel_with_its_kv():
+    outbox = KVOutbox()
+    data, states = kv(3), torch.randn(37)
+    outbox.put("r1", [5, 6, 7], 9, data, states)
+    prefilled = msgspec.msgpack.decode(outbox.take(outbox.claim("r1")), type=KVPayload).prefilled()
+    assert torch.equal(prefilled.kv.data, data) and torch.equal(prefilled.kv.states, states)
+    outbox.put("r2", [5, 6, 7], 9, data)  # a model without them: none
+    assert msgspec.msgpack.decode(outbox.take(outbox.claim("r2")), type=KVPayload).prefilled().kv.states is None
+
+
 def test_what_nobody_takes_expires_and_the_oldest_go_first_past_the_bound(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr("sagellm.gateway.serving.kv_outbox.time.monotonic", lambda: now[0])

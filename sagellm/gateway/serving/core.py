@@ -202,7 +202,7 @@ class ServingCore:
             return
         if isinstance(item, TokenDelta) and item.kv is not None:  # a prefill for a decode server: its KV waits here
             prompt = stream.attempt.prompt_token_ids or []
-            self.kv_outbox.put(stream.request.request_id, prompt, item.token_ids[0], item.kv.data)
+            self.kv_outbox.put(stream.request.request_id, prompt, item.token_ids[0], item.kv.data, item.kv.states)
             item = msgspec.structs.replace(item, kv=None)
         stream.deliver(item)
         if is_terminal(item):

@@ -29,21 +29,29 @@ DTYPES = ("float32", "float16", "bfloat16")  # what a KV payload may hold
 
 class KVPayload(msgspec.Struct, array_like=True):
     """What a decode server fetches: the prompt's tokens, the first token and the KV [layers, 2, tokens, heads, dim]
-    as raw bytes (msgpack, one body)."""
+    as raw bytes, and for a model with recurrent layers (Qwen3.5) their states after the prompt as raw float32
+    (msgpack, one body)."""
 
     prompt_token_ids: list[int]
     first_token: int
     dtype: str
     shape: list[int]
     data: bytearray  # decoded writable, so the tensor over it needs no copy (encoded from a memoryview: no copy)
+    states: bytearray | None = None  # flat float32 (ModelRunner.read_states)
 
     @classmethod
-    def of(cls, prompt_token_ids: list[int], first_token: int, kv: torch.Tensor) -> KVPayload:
+    def of(
+        cls, prompt_token_ids: list[int], first_token: int, kv: torch.Tensor, states: torch.Tensor | None = None
+    ) -> KVPayload:
         import torch  # (here: the gateway's front loads no torch until a KV moves)
 
         kv = kv.contiguous()
         data = memoryview(kv.view(torch.uint8).reshape(-1).numpy())  # encoded from the tensor's memory, not copied
-        return cls(list(prompt_token_ids), first_token, str(kv.dtype).removeprefix("torch."), list(kv.shape), data)
+        flat = None
+        if states is not None:
+            flat = memoryview(states.to(torch.float32).contiguous().view(torch.uint8).reshape(-1).numpy())
+        return cls(list(prompt_token_ids), first_token, str(kv.dtype).removeprefix("torch."), list(kv.shape), data,
+                   flat)  # fmt: skip
 
     def prefilled(self) -> Prefilled:
         """The payload as a request's `Prefilled`; ValueError when it is not a KV tensor."""
@@ -54,10 +62,15 @@ class KVPayload(msgspec.Struct, array_like=True):
         kv = torch.frombuffer(self.data, dtype=getattr(torch, self.dtype)).reshape(self.shape)
         if self.shape[2] != len(self.prompt_token_ids):
             raise ValueError(f"the KV covers {self.shape[2]} tokens, its prompt has {len(self.prompt_token_ids)}")
+        states = None
+        if self.states is not None:
+            if len(self.states) % 4:
+                raise ValueError(f"states of {len(self.states)} bytes are not float32 values")
+            states = torch.frombuffer(self.states, dtype=torch.float32) if self.states else torch.zeros(0)
         return Prefilled(
             prompt_token_ids=self.prompt_token_ids,
             first_token=self.first_token,
-            kv=KVBlocks(num_tokens=self.shape[2], data=kv),
+            kv=KVBlocks(num_tokens=self.shape[2], data=kv, states=states),
         )
 
 
@@ -76,11 +89,18 @@ class KVOutbox:
         self._bytes = 0
         self.fetched = 0  # payloads taken by decode servers (a count the tests and metrics read)
 
-    def put(self, request_id: str, prompt_token_ids: list[int], first_token: int, kv: torch.Tensor) -> None:
+    def put(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        kv: torch.Tensor,
+        states: torch.Tensor | None = None,
+    ) -> None:
         now = time.monotonic()
         while self._waiting and next(iter(self._waiting.values())).until <= now:
             self._drop(next(iter(self._waiting)))
-        payload = msgspec.msgpack.encode(KVPayload.of(prompt_token_ids, first_token, kv))
+        payload = msgspec.msgpack.encode(KVPayload.of(prompt_token_ids, first_token, kv, states))
         secret = secrets.token_urlsafe(24)
         self._waiting[secret] = _Waiting(payload, now + self.ttl_s, request_id)
         self._of_request[request_id] = secret
