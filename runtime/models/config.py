@@ -7,7 +7,7 @@ feature, and the one graph builder reads features, never family names. The defau
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,20 @@ class ModelConfig:
     laurel_rank: int = 0
     layer_intermediate_sizes: tuple[int, ...] = ()
     activation_sparsity: tuple[float, ...] = ()
+
+    def first_layers(self, n: int) -> ModelConfig:
+        """The model's first `n` layers as a model of their own (what `sagellm inspect` prints in full): its
+        per-layer lists cut, and of the layers that share KV only those among them."""
+        n = min(n, self.num_layers)
+        shared = max(0, n - (self.num_layers - self.num_kv_shared_layers))
+        return replace(
+            self,
+            num_layers=n,
+            layer_types=self.layer_types[:n],
+            num_kv_shared_layers=shared,
+            layer_intermediate_sizes=self.layer_intermediate_sizes[:n],
+            activation_sparsity=self.activation_sparsity[:n],
+        )
 
     def window_of(self, layer: int) -> int:
         """The sliding window of `layer`'s attention, 0 for full attention."""

@@ -13,8 +13,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from rich.console import Console
     from rich.table import Table
 
@@ -27,7 +25,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_model(resolve_model(args.model or DEFAULT_MODEL), load_tokenizer=False, load_weights=False).config
     console.print(
         f"[bold]{config.architecture}[/]: {config.num_layers} layers, hidden {config.hidden_size}, "
-        f"{config.num_heads}/{config.num_kv_heads} heads, vocab {config.vocab_size}"
+        f"{config.num_heads}/{config.num_kv_heads} heads of {config.head_dim}, vocab {config.vocab_size}"
+        + (f"; full attention {config.full_num_kv_heads or config.num_kv_heads} KV heads of {config.full_head_dim}"
+           if config.full_head_dim else "")  # fmt: skip
     )
     before = build_decoder_graph(config)
     after = optimize(before)
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     slots_before = plan_buffers(before).attrs["num_slots"]
     table.add_row("[bold]buffer slots[/]", str(slots_before), str(after.attrs["num_slots"]))
     console.print(table)
-    shown = config if args.layers == 0 else replace(config, num_layers=min(args.layers, config.num_layers))
+    shown = config if args.layers == 0 else config.first_layers(args.layers)
     small = build_decoder_graph(shown)
     for title, graph in (("before passes", small), ("after passes", optimize(small))):
         console.rule(f"{title} ({shown.num_layers} of {config.num_layers} layers)")

@@ -59,3 +59,12 @@ def test_gemma4_on_more_than_one_rank_is_refused_at_start(tmp_path):
     with pytest.raises(InvalidInput, match="Gemma 4"):
         start_engine(EngineConfig(model=str(model), backend="cpu", tensor_parallel_size=2, pipeline_parallel_size=1,
                                   num_kv_blocks=64))  # fmt: skip
+
+
+def test_the_first_layers_of_a_model_with_shared_kv_are_a_model_of_their_own():
+    """What `sagellm inspect --layers N` prints: of the layers sharing KV, only those among the first N."""
+    config = gemma4_shaped()
+    assert config.first_layers(3).num_kv_shared_layers == 0
+    five = config.first_layers(5)
+    assert five.num_kv_shared_layers == 1 and [five.kv_source(i) for i in range(5)] == [0, 1, 2, 3, 3]
+    assert build_decoder_graph(five).op_counts()["rope_query"] == 1  # the sharing layer turns its queries alone
