@@ -112,6 +112,8 @@ class LLMEngine:
             raise InvalidInput("tensor, pipeline and expert parallel: Gemma 4 and Gemma 3n (per-layer embeddings, "
                                "shared KV, layer scalars, AltUp) run on one rank only, for now")  # fmt: skip
         checkpoints = num_state_slots if config.enable_prefix_caching else 0
+        spec = parse_speculative_config(config.speculative_config)
+        rollbacks = num_state_slots if spec is not None else 0  # where a step keeps states from before its proposals
         if num_state_slots:
             per_sequence = round(bytes_per_state_slot(rank0) / 2**20, 1)
             log.info("state_slots", seats=num_state_slots, checkpoints=checkpoints, mib_per_slot=per_sequence)
@@ -127,6 +129,7 @@ class LLMEngine:
                 scheduling_policy=config.scheduling_policy,
                 num_state_slots=num_state_slots,
                 num_state_checkpoints=checkpoints,
+                speculative=spec is not None,
             )
         )
         with stage(f"preparing the weights for the {self.backend.name} backend"):
@@ -141,7 +144,7 @@ class LLMEngine:
                 prefault_kv_cache=config.prefault_kv_cache,
                 linear_dtype=linear_dtype,
                 mapped=self.model.mapped,
-                **({"num_state_slots": num_state_slots + checkpoints} if num_state_slots else {}),  # one rank only
+                **({"num_state_slots": num_state_slots + checkpoints + rollbacks} if num_state_slots else {}),
             )
         # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
         self.model.weights, self.model.quantized = {}, {}
@@ -149,15 +152,11 @@ class LLMEngine:
         drop_mapped_pages(self.model.mapped)
         self.eos_token_ids = set(model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
-        spec = parse_speculative_config(config.speculative_config)
-        if spec is not None and num_state_slots:
-            why = "of a model with recurrent layers (Qwen3.5) needs their states rolled back, not supported yet"
-            raise FieldError("speculative_config", f"speculative decoding {why}")
         self.speculator: Speculator | None = None
         if spec is not None:
             with stage(f"preparing speculative decoding ({spec.method})"):
                 context = ProposerContext(self.tokenizer, model_config.vocab_size, self.backend, num_blocks,
-                                          config.block_size, self.max_model_len)  # fmt: skip
+                                          config.block_size, self.max_model_len, config.max_num_seqs)  # fmt: skip
                 self.speculator = Speculator(spec, context, config.max_num_batched_tokens)
         self._requests: dict[str, _RequestState] = {}
         # A request's choices share its prompt (`add_request`'s group): the first prefills it, the others wait here
@@ -441,7 +440,7 @@ class LLMEngine:
             if drafts:
                 self.speculator.verified(seq, kept - 1)
             seq.spec_token_ids = []
-            outputs.append(self._append(seq, drawn[:kept], logprobs[:kept], now))
+            outputs.append(self._append(seq, drawn[:kept], logprobs[:kept], now, len(drafts)))
         return outputs
 
     def _may_speculate(self, seq: Sequence) -> bool:
@@ -544,9 +543,11 @@ class LLMEngine:
         output.error = message
         return output
 
-    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> RequestOutput:
+    def _append(
+        self, seq: Sequence, tokens: list[int], logprobs: list, now: float, proposed: int = 0
+    ) -> RequestOutput:
         """Appends a step's tokens to `seq` (its drawn token, or its accepted proposals and the token after them) up
-        to the first that ends it; one output carries them all."""
+        to the first that ends it; one output carries them all. `proposed`: how many tokens the step verified."""
         state = self._requests[seq.request_id]
         params, detok = seq.params, state.detokenizer
         finish, stop_reason, delta, appended = None, None, "", 0
@@ -578,8 +579,9 @@ class LLMEngine:
                 finish = "length"
             if finish is not None:
                 break
-        if finish is None and appended > 1:
-            self.scheduler.accept_proposed(seq, appended - 1)
+        verified = finish is None and (appended > 1 or proposed)
+        if verified and self.scheduler.accept_proposed(seq, appended - 1, proposed):  # recurrent states go back
+            self.runner.copy_states(self.scheduler.state_slots.rollback_slot(seq.state_slot), seq.state_slot)
         kv = states = None
         if state.prefill_only and (finish is None or state.export_kv):
             finish = finish or "prefilled"

@@ -234,6 +234,12 @@ class ModelRunner:
         """How many values `read_states` gives (0: the model has no recurrent layers)."""
         return sum(t[0].numel() for pair in self.state_caches for t in pair)
 
+    def copy_states(self, source: int, slot: int) -> None:
+        """Every linear attention layer's states in `source` copied into `slot` (a rollback after proposals)."""
+        for pair in self.state_caches:
+            for states in pair:
+                states[slot].copy_(states[source])
+
     def write_states(self, slot: int, states: torch.Tensor) -> None:
         """Stores `read_states`'s states (another engine's, `states_size` values) in `slot`."""
         tensors = [t for pair in self.state_caches for t in pair]

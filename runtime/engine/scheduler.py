@@ -37,13 +37,15 @@ class SchedulerConfig:
     # the prefix cache's checkpoints of them.
     num_state_slots: int = 0
     num_state_checkpoints: int = 0
+    speculative: bool = False  # proposals are verified: a recurrent model's seats get rollback slots
 
 
 @dataclass
 class ScheduledBatch:
     """One step's work: `seqs[i]` computes `num_new_tokens[i]` tokens. Decodes come first: single-token entries, and
     entries computing a sequence's next token and the tokens proposed after it (speculative decoding), whose rows
-    each attend over the cache up to themselves as a decode does."""
+    each attend over the cache up to themselves as a decode does (a model with recurrent layers, `recurrent`,
+    verifies proposals as a chunk instead)."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
@@ -52,11 +54,12 @@ class ScheduledBatch:
     # prefill whose chunk crosses a block boundary, (its tokens up to that boundary, the checkpoint slot to fill).
     restores: dict[Sequence, int] = field(default_factory=dict)
     checkpoints: dict[Sequence, tuple[int, int]] = field(default_factory=dict)
+    recurrent: bool = False
 
     @property
     def num_decodes(self) -> int:
         """The decode entries (before `complete_step`, which clears the proposals)."""
-        return sum(1 for seq, n in zip(self.seqs, self.num_new_tokens) if _decodes(seq, n))
+        return sum(1 for seq, n in zip(self.seqs, self.num_new_tokens) if _decodes(seq, n, self.recurrent))
 
     @property
     def total_tokens(self) -> int:
@@ -66,8 +69,10 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
-def _decodes(seq: Sequence, n: int) -> bool:
-    return n == 1 + len(seq.spec_token_ids)
+def _decodes(seq: Sequence, n: int, recurrent: bool = False) -> bool:
+    """A decode entry: the sequence's next token and the tokens proposed after it, a row each. A model with recurrent
+    layers verifies proposals as a chunk instead (rows of one sequence cannot advance its states side by side)."""
+    return n == 1 + len(seq.spec_token_ids) and not (recurrent and seq.spec_token_ids)
 
 
 @dataclass
@@ -98,7 +103,7 @@ class Scheduler:
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.state_slots: StateSlots | None = None
         if config.num_state_slots:
-            self.state_slots = StateSlots(config.num_state_slots, config.num_state_checkpoints)
+            self.state_slots = StateSlots(config.num_state_slots, config.num_state_checkpoints, config.speculative)
         self.waiting = QUEUES[config.scheduling_policy]()
         self.running: list[Sequence] = []
 
@@ -148,24 +153,28 @@ class Scheduler:
                 index += 1
         if not step.preempted:
             self._admit_waiting(step)
-        scheduled = sorted(step.scheduled.items(), key=lambda item: not _decodes(*item))  # decodes first, else in order
-        batch = ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted)
+        recurrent = self.state_slots is not None
+        scheduled = sorted(step.scheduled.items(), key=lambda item: not _decodes(*item, recurrent))  # decodes first
+        batch = ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted,
+                               recurrent=recurrent)  # fmt: skip
         if self.state_slots is not None:
             batch.restores = {seq: slot for seq, slot in step.restores.items() if seq in step.scheduled}
             batch.checkpoints = self._plan_checkpoints(scheduled)
         return batch
 
     def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
-        """For each prefill chunk, a checkpoint of its recurrent states at the last block boundary it computes (at
-        most the prompt's last token but one: a prompt that shares all of it still computes its last token)."""
+        """For each chunk verifying proposals, a checkpoint of its recurrent states after the sequence's own tokens
+        into its seat's rollback slot; for each prefill chunk, one at the last block boundary it computes (at most
+        the prompt's last token but one: a prompt that shares all of it still computes its last token)."""
         plans: dict[Sequence, tuple[int, int]] = {}
-        if not self.block_manager.enable_prefix_caching:
-            return plans
         bs = self.block_manager.block_size
         for seq, n in scheduled:
             start = seq.num_computed_tokens
+            if seq.spec_token_ids:
+                plans[seq] = (seq.num_tokens - start, self.state_slots.rollback_slot(seq.state_slot))
+                continue
             boundary = min(start + n, seq.num_tokens - 1) // bs * bs
-            if _decodes(seq, n) or boundary <= start:
+            if not self.block_manager.enable_prefix_caching or _decodes(seq, n, True) or boundary <= start:
                 continue
             slot = self.state_slots.plan_checkpoint(self.block_manager.prefix_hash(seq, boundary // bs))
             if slot is not None:
@@ -292,9 +301,14 @@ class Scheduler:
                 self._preempt(seq, _Step(0))
         self.state_slots.step_done(ran=False)
 
-    def accept_proposed(self, seq: Sequence, n: int) -> None:
-        """`seq`'s last step verified `n` proposed tokens, now appended to it: their KV, written by that step, counts
-        as computed, and their full blocks join the prefix cache. The rejected ones' KV lies past
-        `num_computed_tokens`, where the next step overwrites it."""
+    def accept_proposed(self, seq: Sequence, n: int, proposed: int) -> bool:
+        """`seq`'s last step verified `n` of `proposed` tokens, now appended to it: their KV, written by that step,
+        counts as computed, and their full blocks join the prefix cache. The rejected ones' KV lies past
+        `num_computed_tokens`, where the next step overwrites it. A model with recurrent layers whose states went
+        past the accepted tokens rolls them back to its rollback slot's (the states after the sequence's own tokens,
+        kept by that step) and recomputes the accepted ones: True when the caller must copy them so."""
+        if self.state_slots is not None and n < proposed:
+            return True  # computed up to its own tokens: the accepted ones are computed again from there
         seq.num_computed_tokens += n
         self.block_manager.cache_full_blocks(seq)
+        return False

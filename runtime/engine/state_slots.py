@@ -1,8 +1,10 @@
 """Which state slot holds which recurrent states, for a model with recurrent layers (the bookkeeping of
 state_cache.py's tensors, as the block manager is of the KV cache's).
 
-Two kinds of slot. A running sequence holds a seat slot: it takes one when admitted and gives it back when it
-finishes or is preempted (a preempted sequence is recomputed from position 0, which starts from zero states). The
+Three kinds of slot. A running sequence holds a seat slot: it takes one when admitted and gives it back when it
+finishes or is preempted (a preempted sequence is recomputed from position 0, which starts from zero states). With
+speculative decoding each seat has a rollback slot too: a step verifying proposals keeps there the states after the
+sequence's own tokens, before the proposed ones, for when some proposals are rejected. The
 prefix cache holds checkpoint slots: the states after a block boundary of some prompt, keyed by the chained hash of
 the blocks before that boundary (prefix_hash.py), so a later prompt with those blocks cached restores the states
 and computes only what follows, as attention layers skip what their cached blocks hold. A checkpoint is planned when
@@ -17,10 +19,12 @@ from sagellm.runtime.engine.sequence import Sequence
 
 
 class StateSlots:
-    def __init__(self, num_seats: int, num_checkpoints: int = 0) -> None:
-        self.num_slots = num_seats + num_checkpoints
+    def __init__(self, num_seats: int, num_checkpoints: int = 0, rollbacks: bool = False) -> None:
+        self.num_seats, self.num_checkpoints = num_seats, num_checkpoints
+        self.num_slots = num_seats * (2 if rollbacks else 1) + num_checkpoints
+        self.rollbacks = rollbacks
         self._free_seats = list(range(num_seats - 1, -1, -1))  # popped from the end: slot 0 first
-        self._free_checkpoints = list(range(self.num_slots - 1, num_seats - 1, -1))
+        self._free_checkpoints = list(range(num_seats + num_checkpoints - 1, num_seats - 1, -1))
         self._checkpoints: OrderedDict[int, int] = OrderedDict()  # prefix hash -> slot, least recently used first
         self._planned: dict[int, int] = {}  # written by the step being scheduled: usable once it completes
         self._read: set[int] = set()  # checkpoint slots the step being scheduled restores from
@@ -37,6 +41,11 @@ class StateSlots:
         if seq.state_slot >= 0:
             self._free_seats.append(seq.state_slot)
             seq.state_slot = -1
+
+    def rollback_slot(self, seat: int) -> int:
+        """The slot that keeps a seat's states from before a step's proposed tokens (speculative decoding)."""
+        assert self.rollbacks, "no rollback slots: the engine does not speculate"
+        return self.num_seats + self.num_checkpoints + seat
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def has_checkpoint(self, prefix_hash: int) -> bool:

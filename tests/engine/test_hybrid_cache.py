@@ -15,7 +15,7 @@ from sagellm.gateway.serving.kv_outbox import KVPayload
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from tests import tiny_models
-from tests.oracle import finished_outputs, hf_greedy, random_prompts, run_to_end
+from tests.oracle import finished_outputs, hf_greedy, random_prompts, run_to_end, step_shapes
 
 ENGINE = dict(backend="cpu", block_size=4)
 TOKENS = 24
@@ -97,3 +97,62 @@ def test_states_of_another_size_are_refused_with_the_request_alone(qwen3_5):
     with pytest.raises(ValueError, match="recurrent states of 10 values"):
         decode.add_prefilled_request("p", handed.prompt_token_ids, GREEDY, 5, handed.kv, states=torch.zeros(10))
     assert not decode.has_unfinished_requests()
+
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+         "adaptive": False}  # fmt: skip
+
+
+@step_shapes
+def test_speculation_rolls_the_states_back_past_rejected_proposals(qwen3_5, engine_args):
+    """n-gram proposals (this tiny model's text never repeats its prompt: every one rejected) verified as a chunk
+    from the sequence's states, which then go back to those kept after the sequence's own tokens; greedy tokens
+    stay transformers' on every step shape."""
+    path, hf = qwen3_5
+    a, b, c = random_prompts(hf.config.vocab_size, [6, 5, 9], seed=3)
+    prompts = [a * 3, b * 3 + a[:2], c, c + c[:4]]  # repetitive: prompt lookup finds something to propose
+    config = {"max_num_batched_tokens": 512, "num_kv_blocks": 200} | engine_args
+    engine = LLMEngine(EngineConfig(model=str(path), speculative_config=NGRAM, **ENGINE, **config))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    tokens = run_to_end(engine, [])
+    assert [tokens[str(i)] for i in range(len(prompts))] == [hf_greedy(hf, p, TOKENS) for p in prompts]
+    assert engine.stats().spec_decode_num_draft_tokens > 0
+
+
+def test_a_qwen3_5_draft_of_itself_has_every_guess_accepted_and_the_same_tokens(qwen3_5):
+    """The model as its own draft (its states in the draft's slots, back at each catch-up): every guess accepted,
+    in fewer steps, and transformers' tokens."""
+    path, hf = qwen3_5
+    prompts = random_prompts(hf.config.vocab_size, [5, 17, 9, 1], seed=5)
+    draft = {"model": str(path), "num_speculative_tokens": 3, "adaptive": False}
+    engine = LLMEngine(EngineConfig(model=str(path), speculative_config=draft, num_kv_blocks=200, **ENGINE))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    steps, tokens = 0, {}
+    while engine.has_unfinished_requests():
+        steps += 1
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids_delta)
+    assert [tokens[str(i)] for i in range(len(prompts))] == [hf_greedy(hf, p, TOKENS) for p in prompts]
+    stats = engine.stats()
+    assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 0
+    assert steps < TOKENS
+
+
+def test_seeded_sampling_with_partly_accepted_guesses_draws_what_plain_decoding_draws(qwen3_5):
+    """Sampled tokens against the draft's greedy guesses: some guesses kept, some not, so the states roll back to
+    the last catch-up and the kept guesses are computed again; the draws are those of plain decoding."""
+    path, hf = qwen3_5
+    prompts = random_prompts(hf.config.vocab_size, [5, 17, 9, 1], seed=5)
+    seeded = SamplingParams(max_tokens=TOKENS, temperature=0.5, seed=11, ignore_eos=True)
+    draft = {"model": str(path), "num_speculative_tokens": 3, "adaptive": False}
+    runs = {}
+    for speculative in (None, draft):
+        engine = LLMEngine(EngineConfig(model=str(path), speculative_config=speculative, num_kv_blocks=200, **ENGINE))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, seeded)
+        runs[speculative is not None] = run_to_end(engine, [])
+    assert runs[True] == runs[False]
+    stats = engine.stats()
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens

@@ -7,7 +7,11 @@ the last round (the bonus token, or a whole prompt the first time: one chunked s
 k - 1 more steps for all at once. When the target keeps only a prefix of the guesses, the shadow's computed count
 falls back to what both agree on; the KV past it is overwritten by the next round. A sequence that stops decoding
 (finished, preempted, handed over) loses its shadow and blocks; a shadow that does not fit the draft's cache simply
-proposes nothing."""
+proposes nothing.
+
+A draft with recurrent layers (Qwen3.5) gives each shadow a state slot, and a rollback slot that keeps its states
+once caught up: its guesses advance the states past what the target may keep, so each round starts from there again,
+its computed count back at the catch-up, and computes what the target kept of the guesses anew."""
 
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ class DraftModelProposer(Proposer):
         loaded = load_model(resolve_model(config.model))
         _check_tokenizer(loaded.tokenizer, context.tokenizer, config.model)
         self.vocab_size = context.vocab_size
+        # A draft with recurrent layers: a seat per shadow, then a rollback slot per seat.
+        self.seats = context.max_num_seqs if loaded.config.num_linear_layers else 0
         self.runner = ModelRunner(
             loaded.config,
             loaded.weights,
@@ -48,7 +54,10 @@ class DraftModelProposer(Proposer):
             max_model_len=context.max_model_len,
             quantized=loaded.quantized,
             mapped=loaded.mapped,
+            **({"num_state_slots": 2 * self.seats} if self.seats else {}),
         )
+        self._free_seats = list(range(self.seats - 1, -1, -1))
+        self._caught_up: dict[Sequence, int] = {}  # a shadow -> its computed count when its states were kept
         loaded.weights, loaded.quantized = {}, {}
         return_freed_memory()
         drop_mapped_pages(loaded.mapped)
@@ -69,6 +78,9 @@ class DraftModelProposer(Proposer):
             tokens = self._greedy(self.runner.execute(batch))
             for (shadow, _), token, n in zip(work, tokens, batch.num_new_tokens):
                 shadow.num_computed_tokens += n
+                if step == 0 and self.seats:  # caught up: its states kept, for the next round to start from
+                    self.runner.copy_states(shadow.state_slot, self.seats + shadow.state_slot)
+                    self._caught_up[shadow] = shadow.num_computed_tokens
                 shadow.append_token(token)
                 guesses[shadow].append(token)
             step += 1
@@ -88,13 +100,21 @@ class DraftModelProposer(Proposer):
         limit = min(len(mine), len(theirs), shadow.num_computed_tokens)
         while agreed < limit and mine[agreed] == theirs[agreed]:
             agreed += 1
+        if shadow in self._caught_up:  # recurrent states: back to those kept at the last catch-up
+            self.runner.copy_states(self.seats + shadow.state_slot, shadow.state_slot)
+            agreed = min(agreed, self._caught_up.pop(shadow))
         shadow.token_ids = list(theirs)
         shadow.num_computed_tokens = min(agreed, len(theirs) - 1)
         self._synced[seq] = seq.num_tokens
         return shadow
 
     def _fits(self, shadow: Sequence, k: int) -> bool:
-        """Blocks for the shadow's catch-up and its k - 1 guesses after it (the last guess needs no KV)."""
+        """Blocks for the shadow's catch-up and its k - 1 guesses after it (the last guess needs no KV), and a seat
+        for a draft with recurrent layers."""
+        if self.seats and shadow.state_slot < 0:
+            if not self._free_seats:
+                return False
+            shadow.state_slot = self._free_seats.pop()
         return self.blocks.allocate(shadow, shadow.num_tokens - shadow.num_computed_tokens + k - 1)
 
     def _greedy(self, logits: torch.Tensor) -> list[int]:
@@ -103,8 +123,12 @@ class DraftModelProposer(Proposer):
     def keep_only(self, running: list[Sequence]) -> None:
         kept = set(running)
         for seq in [s for s in self._shadows if s not in kept or s.is_finished]:
-            self.blocks.free(self._shadows.pop(seq))
+            shadow = self._shadows.pop(seq)
+            self.blocks.free(shadow)
             del self._synced[seq]
+            self._caught_up.pop(shadow, None)
+            if shadow.state_slot >= 0:
+                self._free_seats.append(shadow.state_slot)
 
     def close(self) -> None:
         self.runner.close()

@@ -17,7 +17,8 @@ from sagellm.runtime.engine.speculative.config import SpeculativeConfig
 @dataclass(frozen=True)
 class ProposerContext:
     """What a proposer may need of the engine that runs it: a draft model runs beside the target, on its backend,
-    with as many cache blocks of the same size, and must speak its tokenizer."""
+    with as many cache blocks of the same size (and, with recurrent layers, a state slot per running sequence), and
+    must speak its tokenizer."""
 
     tokenizer: Any
     vocab_size: int
@@ -25,6 +26,7 @@ class ProposerContext:
     num_blocks: int
     block_size: int
     max_model_len: int
+    max_num_seqs: int = 256
 
 
 class Proposer:
