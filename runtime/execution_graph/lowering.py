@@ -120,7 +120,11 @@ def _bind_embedding(params, ctx, kernels):
         embed = lambda ids, weight: weight.rows(ids).to(device)  # noqa: E731
         consts: tuple = (blocks,)
     else:
-        embed, consts = kernels["embedding"], (_weight(ctx, params["weight"]).to(ctx.backend.device),)
+        table = _weight(ctx, params["weight"]).to(ctx.backend.device)
+        embed, consts = kernels["embedding"], (table,)
+        if table.dtype != torch.float32:  # a table kept narrow (hf_loader.ROW_TABLES): the rows read widened
+            narrow = embed
+            embed = lambda ids, weight: narrow(ids, weight).float()  # noqa: E731
     if "rows" not in params:
         return embed, consts
     rows = params["rows"]  # a table shorter than the vocabulary (Gemma 3n's per-layer one): row 0 for the rest

@@ -72,7 +72,8 @@ def _read_weights(
                         continue
                     if offset_norms and _offset_norm(name):  # Gemma and Qwen3.5 scale by (1 + w), in float32
                         tensor = 1.0 + tensor.float()
-                    tensor = tensor.to(dtype)
+                    if name not in ROW_TABLES or not tensor.is_floating_point() or tensor.itemsize > dtype.itemsize:
+                        tensor = tensor.to(dtype)
                     parts = fused_parts(config, name)
                     experts = expert_parts(name, tensor)
                     if parts is not None:
@@ -90,6 +91,9 @@ def _read_weights(
 
 
 MXFP4_HALVES = ("_blocks", "_scales")  # gpt-oss's MXFP4 experts: `<name>_blocks` and `<name>_scales`
+# Tables only ever read a row per token (Gemma 4's and 3n's per-layer embeddings: 2.3 billion values in E2B), kept in
+# the checkpoint's 16-bit type where it is narrower than the model's: the rows read are widened, the table is not.
+ROW_TABLES = frozenset({"model.embed_tokens_per_layer.weight"})
 
 
 def _mxfp4_experts(

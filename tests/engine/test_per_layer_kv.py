@@ -1,18 +1,23 @@
 """Gemma 4's KV layout: full attention layers with heads of their own size and count, the last layers reading an
-earlier layer's cache (no cache of their own), KV moved between engines in the widest layer's shape; and what such a
-model refuses (pipeline stages, more than one rank)."""
+earlier layer's cache (no cache of their own), KV moved between engines in the widest layer's shape; its per-layer
+embedding table kept in the checkpoint's bf16; and what such a model refuses (pipeline stages, more than one
+rank)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
+from sagellm import LLM, SamplingParams
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches, bytes_per_block, read_tokens, write_tokens
 from sagellm.runtime.execution_graph.graph import GraphError
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
+from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.parallel.engine import start_engine
+from tests.oracle import hf_greedy, random_prompts
 from tests.tiny_models import make_tiny_gemma4, tiny_model_config
 
 LAYER_TYPES = ("sliding_attention", "sliding_attention", "full_attention") * 2
@@ -68,3 +73,19 @@ def test_the_first_layers_of_a_model_with_shared_kv_are_a_model_of_their_own():
     five = config.first_layers(5)
     assert five.num_kv_shared_layers == 1 and [five.kv_source(i) for i in range(5)] == [0, 1, 2, 3, 3]
     assert build_decoder_graph(five).op_counts()["rope_query"] == 1  # the sharing layer turns its queries alone
+
+
+def test_a_bf16_per_layer_table_stays_bf16_and_decodes_as_transformers(tmp_path):
+    """Gemma 4's per-layer embedding table is read a row per token: kept in the checkpoint's bf16 (half the memory of
+    float32), its rows widened as read; the tokens are transformers' on the same weights."""
+    path = make_tiny_gemma4(tmp_path / "gemma4")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    hf.save_pretrained(path)  # the checkpoint in bf16, as Gemma 4 ships
+    loaded = load_model(path, load_tokenizer=False)
+    assert loaded.weights["model.embed_tokens_per_layer.weight"].dtype == torch.bfloat16
+    assert loaded.weights["model.per_layer_model_projection.weight"].dtype == torch.float32
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts(hf.config.vocab_size, [7, 19])
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outs = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64).generate(prompts, greedy)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 16) for p in prompts]
