@@ -116,7 +116,8 @@ class LLMEngine:
         rollbacks = num_state_slots if spec is not None else 0  # where a step keeps states from before its proposals
         if num_state_slots:
             per_sequence = round(bytes_per_state_slot(rank0) / 2**20, 1)
-            log.info("state_slots", seats=num_state_slots, checkpoints=checkpoints, mib_per_slot=per_sequence)
+            log.info("state_slots", seats=num_state_slots, checkpoints=checkpoints, rollbacks=rollbacks,
+                     mib_per_slot=per_sequence)  # fmt: skip
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
