@@ -105,9 +105,9 @@ class LLMEngine:
         # A model with recurrent layers (Qwen3.5): a state slot per seat, and as many for the prefix cache's
         # checkpoints of them (state_slots.py).
         num_state_slots = config.max_num_seqs if model_config.num_linear_layers else 0
-        if num_state_slots and config.world_size > 1:
-            raise InvalidInput("tensor and pipeline parallel: a model with recurrent layers (Qwen3.5) runs on one "
-                               "rank only, for now")  # fmt: skip
+        if num_state_slots and (config.tensor_parallel_size or 1) > 1:
+            raise InvalidInput("tensor parallel: a model with recurrent layers (Qwen3.5) splits over pipeline stages "
+                               "only, for now (--pipeline-parallel-size)")  # fmt: skip
         if (model_config.layer_scalar or model_config.altup_num_inputs) and config.world_size > 1:
             raise InvalidInput("tensor, pipeline and expert parallel: Gemma 4 and Gemma 3n (per-layer embeddings, "
                                "shared KV, layer scalars, AltUp) run on one rank only, for now")  # fmt: skip

@@ -39,9 +39,20 @@ from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, StepInputs
 from sagellm.runtime.engine.placement import place
 from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
-from sagellm.runtime.parallel.rank_spec import RankSpec, ReadKV, WriteKV, failed_key, ready_key
-from sagellm.runtime.parallel.take_part import take_part
+from sagellm.runtime.parallel.rank_spec import (
+    ORDERS,
+    CopyStates,
+    RankSpec,
+    ReadKV,
+    ReadStates,
+    WriteKV,
+    WriteStates,
+    failed_key,
+    ready_key,
+)
+from sagellm.runtime.parallel.take_part import stage_states_size, take_part
 
 log = structlog.get_logger("sagellm.parallel")
 START_TIMEOUT_S = 900.0  # a rank loads the whole model file before it keeps its part
@@ -68,6 +79,7 @@ class ParallelRunner(ModelRunner):
         prefault_kv_cache: bool = False,
         linear_dtype: torch.dtype = torch.float32,
         mapped: Any = None,
+        num_state_slots: int = 0,
     ) -> None:
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
@@ -97,6 +109,7 @@ class ParallelRunner(ModelRunner):
             world_capacity=segments.world_capacity,
             stage_fds=segments.stage_fds,
             stage_capacity=segments.stage_capacity,
+            num_state_slots=num_state_slots,
         )
         self.layout = layout
         self._comms = RankComms.open(layout, store, backend.collective_library, spec)
@@ -130,6 +143,7 @@ class ParallelRunner(ModelRunner):
                 prefault_kv_cache=prefault_kv_cache,
                 linear_dtype=linear_dtype,
                 mapped=mapped,
+                num_state_slots=num_state_slots,
             )
             with stage(f"waiting for {layout.world_size - 1} more rank(s) of the engine to load the model"):
                 self._wait_ready(store)
@@ -155,8 +169,28 @@ class ParallelRunner(ModelRunner):
         with self._leading(WriteKV(slots.tolist(), list(kv.shape))):
             take_part(self, self.layout, self._comms, WriteKV([], list(kv.shape)), slots, kv)
 
+    @property
+    def states_size(self) -> int:
+        """Every stage's state values per slot, together."""
+        return sum(stage_states_size(self.config, PipelineStage(i, self.layout.pp)) for i in range(self.layout.pp))
+
+    def read_states(self, slot: int) -> torch.Tensor:
+        with self._leading(ReadStates(slot)):
+            return take_part(self, self.layout, self._comms, ReadStates(slot))
+
+    def write_states(self, slot: int, states: torch.Tensor) -> None:
+        states = states.to(torch.float32).contiguous()
+        if states.numel() != self.states_size:
+            raise ValueError(f"recurrent states of {states.numel()} values; this model's are {self.states_size}")
+        with self._leading(WriteStates(slot, states.numel())):
+            take_part(self, self.layout, self._comms, WriteStates(slot, states.numel()), kv=states)
+
+    def copy_states(self, source: int, slot: int) -> None:
+        with self._leading(CopyStates(source, slot)):
+            take_part(self, self.layout, self._comms, CopyStates(source, slot))
+
     @contextlib.contextmanager
-    def _leading(self, order: StepInputs | ReadKV | WriteKV) -> Iterator[None]:
+    def _leading(self, order: StepInputs | ORDERS) -> Iterator[None]:
         """Tells the other ranks what to do next, then does rank 0's part; a lost rank ends the runner."""
         try:
             self._comms.world.broadcast_bytes(self._encoder.encode(order))

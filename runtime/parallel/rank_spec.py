@@ -1,5 +1,6 @@
 """What rank 0 tells the other tensor parallel ranks: how to start (one JSON argument), then, beside each step's
-`StepInputs`, the KV hand-overs all ranks take part in."""
+`StepInputs`, the KV hand-overs all ranks take part in, and for a model with recurrent layers the moves of their
+states (each stage holds its own layers')."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class RankSpec(msgspec.Struct, kw_only=True):
     world_capacity: int = 0
     stage_fds: list[int] = msgspec.field(default_factory=list)
     stage_capacity: int = 0
+    num_state_slots: int = 0  # a model with recurrent layers: every rank's state slots (its stage's layers')
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -46,6 +48,29 @@ class WriteKV(msgspec.Struct, array_like=True, tag="write_kv"):
 
     slots: list[int]
     shape: list[int]
+
+
+class ReadStates(msgspec.Struct, array_like=True, tag="read_states"):
+    """Every stage reads its layers' states in `slot`; rank 0 joins them in stage order (a prefill's hand-over)."""
+
+    slot: int
+
+
+class WriteStates(msgspec.Struct, array_like=True, tag="write_states"):
+    """Rank 0 broadcasts `size` state values next; every stage stores its layers' share in `slot` (an import)."""
+
+    slot: int
+    size: int
+
+
+class CopyStates(msgspec.Struct, array_like=True, tag="copy_states"):
+    """Every stage copies its layers' states from slot `source` into `slot` (a rollback after proposals)."""
+
+    source: int
+    slot: int
+
+
+ORDERS = ReadKV | WriteKV | ReadStates | WriteStates | CopyStates  # what ranks take part in beside steps
 
 
 def ready_key(rank: int) -> str:

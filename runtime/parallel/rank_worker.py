@@ -42,7 +42,7 @@ def serve(spec: RankSpec) -> int:
     from sagellm.runtime.engine.placement import place
     from sagellm.runtime.models.loader import load_model
     from sagellm.runtime.parallel.layout import RankComms, RankLayout
-    from sagellm.runtime.parallel.rank_spec import ReadKV, WriteKV, failed_key, ready_key
+    from sagellm.runtime.parallel.rank_spec import ORDERS, failed_key, ready_key
     from sagellm.runtime.parallel.take_part import take_part
 
     log = structlog.get_logger("sagellm.parallel")
@@ -69,6 +69,7 @@ def serve(spec: RankSpec) -> int:
             collectives=comms.stage,
             linear_dtype=getattr(torch, spec.dtype),
             mapped=model.mapped,
+            num_state_slots=spec.num_state_slots,
         )
         mapped = model.mapped
         del model
@@ -79,7 +80,7 @@ def serve(spec: RankSpec) -> int:
         store.set(failed_key(spec.rank), why)
         return 1
     store.set(ready_key(spec.rank), "1")
-    decoder = msgspec.msgpack.Decoder(StepInputs | ReadKV | WriteKV)
+    decoder = msgspec.msgpack.Decoder(StepInputs | ORDERS)
     try:
         comms.connect()
         while message := comms.world.broadcast_bytes(None, 0):

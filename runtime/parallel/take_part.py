@@ -7,7 +7,10 @@ work is `ModelRunner`'s, called as such: rank 0's runner overrides those methods
               stage before and sends its own on; slice 0 of the last stage sends the logits to rank 0.
     read KV   a prompt's KV leaves whole, [layers, 2, n, Hk, D]: a stage's slices join their heads (all-gather),
               and each stage's slice 0 sends its layers to rank 0, which joins them in order.
-    write KV  rank 0 broadcasts it whole; every rank stores its layers' heads of it."""
+    write KV  rank 0 broadcasts it whole; every rank stores its layers' heads of it.
+    states    a model with recurrent layers (pipeline parallel only): each stage reads, writes or copies its own
+              layers' states; what leaves goes to rank 0 stage by stage, what comes is broadcast whole and each stage
+              takes its share."""
 
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ from typing import Any
 import torch
 
 from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs
+from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import rank_slices
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
-from sagellm.runtime.parallel.rank_spec import ReadKV, WriteKV
+from sagellm.runtime.parallel.rank_spec import CopyStates, ReadKV, ReadStates, WriteKV, WriteStates
 
 CARRIED = ("hidden", "residual")  # what a layer boundary carries, in the order it is sent
 
@@ -28,17 +32,19 @@ def take_part(
     runner: ModelRunner,
     layout: RankLayout,
     comms: RankComms,
-    order: StepInputs | ReadKV | WriteKV,
+    order: StepInputs | ReadKV | WriteKV | ReadStates | WriteStates | CopyStates,
     slots: torch.Tensor | None = None,
     kv: torch.Tensor | None = None,
 ) -> Any:
     if isinstance(order, StepInputs):
         return _step(runner, layout, comms, order)
+    if isinstance(order, (ReadStates, WriteStates, CopyStates)):
+        return _states(runner, layout, comms, order, kv)
     slots = torch.tensor(order.slots, dtype=torch.int64) if slots is None else slots
     if isinstance(order, ReadKV):
         return _read_kv(runner, layout, comms, slots)
     kv = comms.world.broadcast(torch.empty(order.shape) if kv is None else kv, 0)
-    part = kv[runner.layers.start : runner.layers.stop]
+    part = kv[stage_kv_rows(runner.config, runner.layers)]
     if layout.shard is not None:
         first, end = rank_slices(runner.config, layout.shard).kv_heads
         part = part[:, :, :, first:end]
@@ -67,6 +73,48 @@ def _step(runner: ModelRunner, layout: RankLayout, comms: RankComms, step: StepI
     return None
 
 
+def _states(
+    runner: ModelRunner,
+    layout: RankLayout,
+    comms: RankComms,
+    order: ReadStates | WriteStates | CopyStates,
+    states: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """A stage's part in a move of recurrent states (one slice per stage: tensor parallel does not split them)."""
+    if isinstance(order, CopyStates):
+        ModelRunner.copy_states(runner, order.source, order.slot)
+        return None
+    sizes = [stage_states_size(runner.config, PipelineStage(i, layout.pp)) for i in range(layout.pp)]
+    mine = layout.rank  # a stage's only rank
+    if isinstance(order, WriteStates):
+        states = comms.world.broadcast(torch.empty(order.size) if states is None else states, 0)
+        start = sum(sizes[:mine])
+        ModelRunner.write_states(runner, order.slot, states[start : start + sizes[mine]])
+        return None
+    own = ModelRunner.read_states(runner, order.slot)
+    if mine != 0:
+        if sizes[mine]:
+            comms.world.send(own.cpu().contiguous(), 0)
+        return None
+    parts = [own.cpu()] + [comms.world.recv(torch.empty(sizes[i]), i) for i in range(1, layout.pp) if sizes[i]]
+    return torch.cat(parts)
+
+
+def stage_kv_rows(config: ModelConfig, layers: range) -> slice:
+    """The rows of a whole model's KV ([KV layers, ...]: layers with a cache of their own) a stage's layers hold."""
+    before = sum(1 for i in config.kv_layers if i < layers.start)
+    return slice(before, before + sum(1 for i in config.kv_layers if i in layers))
+
+
+def stage_states_size(config: ModelConfig, stage: PipelineStage) -> int:
+    """How many state values a stage's linear attention layers hold per slot."""
+    layers = stage.layers(config.num_layers)
+    linear = sum(config.is_linear_attention(i) for i in layers)
+    per_layer = config.linear_conv_dim * (config.linear_conv_kernel - 1)
+    per_layer += config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
+    return linear * per_layer
+
+
 def _read_kv(runner: ModelRunner, layout: RankLayout, comms: RankComms, slots: torch.Tensor) -> torch.Tensor | None:
     config = runner.config
     mine = ModelRunner.read_kv(runner, slots)  # [stage layers, 2, n, the slice's KV heads, D]
@@ -81,7 +129,8 @@ def _read_kv(runner: ModelRunner, layout: RankLayout, comms: RankComms, slots: t
         return None
     parts = [mine.cpu()]
     for index in range(1, layout.pp):
-        layers = len(PipelineStage(index, layout.pp).layers(config.num_layers))
+        rows = stage_kv_rows(config, PipelineStage(index, layout.pp).layers(config.num_layers))
+        layers = rows.stop - rows.start
         shape = (layers, 2, slots.numel(), config.num_kv_heads, config.head_dim)
         parts.append(comms.world.recv(torch.empty(shape), index * layout.tp))
     return torch.cat(parts)

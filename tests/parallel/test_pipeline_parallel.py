@@ -16,7 +16,7 @@ from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.parallel.engine import start_engine
 from tests.oracle import assert_last_logits_match, finished_outputs, hf_greedy, random_prompts, run_to_end
-from tests.tiny_models import make_tiny_llama
+from tests.tiny_models import make_tiny_llama, make_tiny_qwen3_5
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 SPLITS = [(1, 2), (2, 2)]  # (tp, pp)
@@ -89,3 +89,41 @@ def test_smollm2_pp2_and_tp2_pp2_greedy_equal_one_process(smollm2_dir: Path):
         finally:
             llm.engine.close()
     assert tokens[1, 2] == tokens[1, 1] and tokens[2, 2] == tokens[1, 1]
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(tmp_path_factory):
+    path = make_tiny_qwen3_5(tmp_path_factory.mktemp("pp") / "qwen3_5")
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_qwen3_5_in_two_stages_each_holding_its_layers_states(qwen3_5):
+    """Qwen3.5 (Gated DeltaNet and attention layers) in two stages, each with its own layers' state slots: chunked
+    prefill and a continuous batch give transformers' tokens; a prefix hit restores each stage's checkpoint; a
+    prompt's KV and states leave the split engine whole and go on in a whole one; proposals rejected roll every
+    stage's states back (n-gram: this model's text never repeats its prompt)."""
+    path, hf = qwen3_5
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": False}
+    split = start_engine(config(path, 1, 2, max_num_batched_tokens=16, speculative_config=ngram))
+    whole = start_engine(config(path, 1, 1))
+    try:
+        a, b = random_prompts(hf.config.vocab_size, [6, 9], seed=3)
+        batch = [a * 3, b + b[:5], a * 3 + b[:3]]  # repetitive (proposals to reject), and a prefix of the first
+        for i, p in enumerate(batch):
+            split.add_request(f"greedy-{i}", p, GREEDY)
+            run_to_end(split) if i == 0 else None  # the first's states checkpointed before the third comes
+        tokens = run_to_end(split)
+        for i, p in enumerate(batch[1:], start=1):
+            assert tokens[f"greedy-{i}"] == hf_greedy(hf, p, GREEDY.max_tokens)
+        stats = split.stats()
+        assert stats.prefix_cache_hits > 0 and stats.spec_decode_num_draft_tokens > 0
+        split.add_request("pd", batch[1], GREEDY, prefill_only=True)
+        (handed,) = finished_outputs(split)
+        assert handed.states is not None and handed.states.numel() == whole.runner.states_size
+        first = handed.outputs[0].token_ids[0]
+        whole.add_prefilled_request("pd", handed.prompt_token_ids, GREEDY, first, handed.kv, states=handed.states)
+        assert whole._requests["pd"].seq.num_computed_tokens == len(batch[1])  # imported, not recomputed
+        assert [first, *run_to_end(whole)["pd"]] == hf_greedy(hf, batch[1], GREEDY.max_tokens)
+    finally:
+        split.close()
+        whole.close()
