@@ -301,9 +301,8 @@ def _gguf_gemma4(
 ) -> dict[str, Any]:
     """Gemma 4 under llama.cpp's keys: key_length is the full layers' head size (key_length_swa the others'), KV
     heads and MLP widths per layer (double-wide ones after the shared KV point; `widths` the experts' where it has
-    them, beside the MLP), proportional rope as a rope_freqs
-    tensor of 1 for each turned frequency and 1e30 (stopped) for the rest; its values come from its keys where a
-    full layer lacks `attn_v` (`values_from_keys`, told by the loader)."""
+    them, beside the MLP), proportional rope as a rope_freqs tensor of 1 for each turned frequency and 1e30
+    (stopped) for the rest. Its values come from its keys where a full layer lacks `attn_v` (the loader says)."""
     types = config.layer_types or ("sliding_attention",) * config.num_layers
     sliding = types.index("sliding_attention") if "sliding_attention" in types else 0
     full = types.index("full_attention") if "full_attention" in types else sliding

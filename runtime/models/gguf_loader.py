@@ -158,9 +158,8 @@ def load_gguf(path: Path, *, name: str, dtype: torch.dtype, load_tokenizer: bool
         source=path,
     )
     if BY_NAME[config.architecture].gemma3n:  # the LAuReL rank and the per-layer table's rows, as the file has them
-        rank, rows = tensors["blk.0.laurel_l.weight"].shape[0], tensors["per_layer_token_embd.weight"].shape[0]
-        config = replace(config, laurel_rank=rank, per_layer_vocab_size=rows) if "blk.0.laurel_l.weight" in tensors \
-            else config
+        sizes = {"laurel_rank": "blk.0.laurel_l.weight", "per_layer_vocab_size": "per_layer_token_embd.weight"}
+        config = replace(config, **{key: tensors[name].shape[0] for key, name in sizes.items() if name in tensors})
     if BY_NAME[config.architecture].gemma4:  # its full layers take values from keys where they lack attn_v
         full = [i for i in config.kv_layers if config.layer_types and config.layer_types[i] == "full_attention"]
         config = replace(config, full_values_from_keys=any(f"blk.{i}.attn_v.weight" not in tensors for i in full))
