@@ -109,11 +109,12 @@ def test_qwen3_5_in_two_stages_each_holding_its_layers_states(qwen3_5):
     try:
         a, b = random_prompts(hf.config.vocab_size, [6, 9], seed=3)
         batch = [a * 3, b + b[:5], a * 3 + b[:3]]  # repetitive (proposals to reject), and a prefix of the first
-        for i, p in enumerate(batch):
-            split.add_request(f"greedy-{i}", p, GREEDY)
-            run_to_end(split) if i == 0 else None  # the first's states checkpointed before the third comes
-        tokens = run_to_end(split)
+        split.add_request("greedy-0", batch[0], GREEDY)
+        tokens = run_to_end(split)  # the first alone: its states are checkpointed before the third comes
         for i, p in enumerate(batch[1:], start=1):
+            split.add_request(f"greedy-{i}", p, GREEDY)
+        tokens |= run_to_end(split)
+        for i, p in enumerate(batch):
             assert tokens[f"greedy-{i}"] == hf_greedy(hf, p, GREEDY.max_tokens)
         stats = split.stats()
         assert stats.prefix_cache_hits > 0 and stats.spec_decode_num_draft_tokens > 0
