@@ -20,9 +20,14 @@ StateCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 def bytes_per_state_slot(config: ModelConfig) -> int:
     """One slot's states in every linear attention layer (float32)."""
+    return values_per_state_slot(config) * 4
+
+
+def values_per_state_slot(config: ModelConfig) -> int:
+    """One slot's state values in every linear attention layer of `config` (a pipeline stage's, for its config)."""
     conv = config.linear_conv_dim * (config.linear_conv_kernel - 1)
     recurrent = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
-    return config.num_linear_layers * (conv + recurrent) * 4
+    return config.num_linear_layers * (conv + recurrent)
 
 
 def allocate_state_caches(config: ModelConfig, num_slots: int, device: torch.device) -> StateCaches:

@@ -169,7 +169,7 @@ def config_from_hf(
             sandwich_norms=arch.gemma,
             activation="silu" if activation == "silu" else "gelu_tanh",
             embedding_scale=hidden**0.5 if arch.gemma else 1.0,
-            attention_scale=1.0 if arch.gemma4 else float(scalar) ** -0.5 if scalar else None,
+            attention_scale=float(scalar) ** -0.5 if scalar else None,
             attn_softcap=float(hf_config.get("attn_logit_softcapping") or 0.0) if arch.attn_softcap else 0.0,
             final_softcap=float(hf_config.get("final_logit_softcapping") or 0.0),
             sliding_window=window,
@@ -264,14 +264,30 @@ def config_from_gguf(
         shared_expert_intermediate_size=int(metadata.get(f"{prefix}.expert_shared_feed_forward_length", 0)),
     )
     if arch.gemma3n:
-        return replace(config, **_gguf_gemma3n(key, widths))
-    return replace(config, **_gguf_gemma4(key, config, kv_heads, widths, rope_freqs)) if arch.gemma4 else config
+        return replace(config, **_gguf_gemma_layers(key, config), **_gguf_gemma3n(key, widths))
+    if arch.gemma4:
+        return replace(config, **_gguf_gemma_layers(key, config), **_gguf_gemma4(key, config, kv_heads, widths,
+                                                                                   rope_freqs))  # fmt: skip
+    return config
+
+
+def _gguf_gemma_layers(key: Callable[..., Any], config: ModelConfig) -> dict[str, Any]:
+    """What Gemma 4 and 3n share under llama.cpp's keys: value norms, unscaled scores, KV shared by the last layers,
+    per-layer embeddings (their table's rows the vocabulary's, as llama.cpp's converter pads it)."""
+    ple = int(key("embedding_length_per_layer_input", 0))
+    return {
+        "value_norm": True,
+        "attention_scale": 1.0,
+        "num_kv_shared_layers": int(key("attention.shared_kv_layers", 0)),
+        "per_layer_input_size": ple,
+        "per_layer_vocab_size": config.vocab_size if ple else 0,
+    }
 
 
 def _gguf_gemma3n(key: Callable[..., Any], widths: list[int]) -> dict[str, Any]:
     """Gemma 3n under llama.cpp's keys: MLP widths per layer, AltUp's stream count and active stream, activation
-    sparsity as each layer's normal quantile (-inf: none; the share cut is its normal CDF), shared KV and per-layer
-    input sizes. The LAuReL rank and the per-layer table's rows come from the tensors (the loader's)."""
+    sparsity as each layer's normal quantile (-inf: none; the share cut is its normal CDF). The LAuReL rank and the
+    per-layer table's rows come from the tensors (the loader's)."""
     quantiles = [float(q) for q in list(key("activation_sparsity_scale", []))]
     sparsity = [float(torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(q, dtype=torch.float64))) if q > -math.inf
                 else 0.0 for q in quantiles]  # fmt: skip
@@ -282,10 +298,6 @@ def _gguf_gemma3n(key: Callable[..., Any], widths: list[int]) -> dict[str, Any]:
         "altup_num_inputs": int(key("altup.num_inputs", 4)),
         "altup_active_idx": int(key("altup.active_idx", 0)),
         "altup_correct_scale": True,
-        "value_norm": True,
-        "attention_scale": 1.0,
-        "num_kv_shared_layers": int(key("attention.shared_kv_layers", 0)),
-        "per_layer_input_size": int(key("embedding_length_per_layer_input")),
     }
 
 
@@ -319,14 +331,9 @@ def _gguf_gemma4(
         "full_num_kv_heads": kv_heads[full] if kv_heads[full] != kv_heads[sliding] else 0,
         "intermediate_size": dense[0],
         "double_wide_shared_mlp": shared > 0 and dense[-1] == 2 * dense[0],
-        "num_kv_shared_layers": shared,
         "rotary_dim": 0,
         "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": turned / (full_dim // 2)},
-        "attention_scale": 1.0,
-        "value_norm": True,
         "layer_scalar": True,
-        "per_layer_input_size": int(key("embedding_length_per_layer_input", 0)),
-        "per_layer_vocab_size": config.vocab_size if int(key("embedding_length_per_layer_input", 0)) else 0,
     }
 
 
@@ -726,25 +733,32 @@ def _hf_gemma4(hf_config: Mapping[str, Any], layer_types: tuple[str, ...], sourc
         own = {"head_dim": hf_config.get("global_head_dim", 512)}
         if values_from_keys and hf_config.get("num_global_key_value_heads") is not None:
             own["num_key_value_heads"] = hf_config["num_global_key_value_heads"]
-    ple = int(hf_config.get("hidden_size_per_layer_input") or 0)
-    ple_vocab = int(hf_config.get("vocab_size_per_layer_input") or hf_config["vocab_size"]) if ple else 0
     experts: dict[str, Any] = {}
     if hf_config.get("enable_moe_block"):  # experts beside the dense MLP (26B-A4B)
         experts = {"num_experts": int(hf_config["num_experts"]), "experts_per_token": int(hf_config["top_k_experts"]),
                    "expert_intermediate_size": int(hf_config["moe_intermediate_size"]),
                    "expert_activation": "gelu_tanh"}  # fmt: skip
         _check_experts(experts["num_experts"], experts["experts_per_token"], "num_experts/top_k_experts", source)
-    return experts | {
+    return experts | _hf_gemma_layers(hf_config) | {
         "intermediate_size": int(hf_config["intermediate_size"]),
         "full_head_dim": int(own.get("head_dim") or 0),
         "full_num_kv_heads": int(own.get("num_key_value_heads") or 0),
         "full_values_from_keys": values_from_keys,
-        "value_norm": True,
-        "num_kv_shared_layers": int(hf_config.get("num_kv_shared_layers") or 0),
         "double_wide_shared_mlp": bool(hf_config.get("use_double_wide_mlp")),
-        "per_layer_input_size": ple,
-        "per_layer_vocab_size": ple_vocab,
         "layer_scalar": True,
+    }
+
+
+def _hf_gemma_layers(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What Gemma 4 and 3n share: value norms, unscaled scores, KV shared by the last layers, per-layer embeddings."""
+    ple = int(hf_config.get("hidden_size_per_layer_input") or 0)
+    return {
+        "value_norm": True,
+        "attention_scale": 1.0,
+        "num_kv_shared_layers": int(hf_config.get("num_kv_shared_layers") or 0),
+        "per_layer_input_size": ple,
+        "per_layer_vocab_size": int(hf_config.get("vocab_size_per_layer_input") or hf_config["vocab_size"]) if ple
+        else 0,
     }
 
 
@@ -758,8 +772,7 @@ def _hf_gemma3n(hf_config: Mapping[str, Any], layers: int, source: Path) -> dict
         sparsity = [0.95] * (10 if layers > 10 else 0) + [0.0] * (layers - (10 if layers > 10 else 0))
     if len(widths) != layers or len(sparsity) != layers:
         raise ModelLoadError(f"{source}: intermediate_size and activation_sparsity_pattern need one value per layer")
-    ple = int(hf_config["hidden_size_per_layer_input"])
-    return {
+    return _hf_gemma_layers(hf_config) | {
         "intermediate_size": widths[0],
         "layer_intermediate_sizes": tuple(widths) if len(set(widths)) > 1 else (),
         "activation_sparsity": tuple(float(s) for s in sparsity) if any(sparsity) else (),
@@ -767,11 +780,6 @@ def _hf_gemma3n(hf_config: Mapping[str, Any], layers: int, source: Path) -> dict
         "altup_active_idx": int(hf_config.get("altup_active_idx", 0)),
         "altup_correct_scale": bool(hf_config.get("altup_correct_scale", True)),
         "laurel_rank": int(hf_config.get("laurel_rank", 64)),
-        "value_norm": True,
-        "attention_scale": 1.0,
-        "num_kv_shared_layers": int(hf_config.get("num_kv_shared_layers") or 0),
-        "per_layer_input_size": ple,
-        "per_layer_vocab_size": int(hf_config.get("vocab_size_per_layer_input") or hf_config["vocab_size"]),
     }
 
 

@@ -115,14 +115,30 @@ def _per_layer_inputs(g: Graph, c: ModelConfig, input_ids: Value, embedded: Valu
 def _per_layer_block(
     g: Graph, c: ModelConfig, i: int, per_layer: Value, hidden: Value, residual: Value
 ) -> tuple[Value, Value]:
-    """After a Gemma 4 layer's MLP: its per-layer input, gated by a projection of the stream, joins the stream,
-    normed."""
-    p = f"model.layers.{i}."
+    """After a Gemma 4 layer's MLP: its per-layer input, gated by the stream, joins the stream."""
     stream = g.add("add", [hidden, residual])
-    gate = g.add("linear", [stream], weight=p + "per_layer_input_gate.weight", out_features=c.per_layer_input_size)
+    return _gated_per_layer_input(g, c, i, per_layer, stream), stream
+
+
+def _gated_per_layer_input(g: Graph, c: ModelConfig, i: int, per_layer: Value, x: Value) -> Value:
+    """A layer's per-layer input [T, P] gated by a projection of x (Gemma 4: the stream; Gemma 3n: the corrected
+    active stream), projected back to the hidden size and normed."""
+    p = f"model.layers.{i}."
+    gate = g.add("linear", [x], weight=p + "per_layer_input_gate.weight", out_features=c.per_layer_input_size)
     gated = g.add("mul", [g.add(c.activation, [gate]), per_layer])
     out = g.add("linear", [gated], weight=p + "per_layer_projection.weight", out_features=c.hidden_size)
-    return g.add("rmsnorm", [out], weight=p + "post_per_layer_input_norm.weight", eps=c.rms_norm_eps), stream
+    return g.add("rmsnorm", [out], weight=p + "post_per_layer_input_norm.weight", eps=c.rms_norm_eps)
+
+
+def _mlp(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
+    """The gated MLP (SwiGLU or GeGLU) of layer i's width; Gemma 3n's sparse layers cut each gate's row first."""
+    p, size = f"model.layers.{i}.mlp.", c.intermediate_size_of(i)
+    gate = g.add("linear", [x], weight=p + "gate_proj.weight", out_features=size)
+    if c.activation_sparsity and c.activation_sparsity[i]:
+        gate = g.add("gaussian_top_k", [gate], sparsity=c.activation_sparsity[i])
+    up = g.add("linear", [x], weight=p + "up_proj.weight", out_features=size)
+    act = g.add("mul", [g.add(c.activation, [gate]), up])
+    return g.add("linear", [act], weight=p + "down_proj.weight", out_features=c.hidden_size)
 
 
 def _altup_projections(c: ModelConfig, name: str) -> list[str]:
@@ -156,22 +172,11 @@ def _altup_layer(
     attn = g.add("rmsnorm", [attn], weight=p + "post_attention_layernorm.weight", eps=eps)
     attn = g.add("scale", [g.add("add", [g.add("add", [active, attn]), laurel])], factor=2**-0.5)
     x = g.add("rmsnorm", [attn], weight=p + "pre_feedforward_layernorm.weight", eps=eps)
-    size = c.intermediate_size_of(i)
-    gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=size)
-    if c.activation_sparsity and c.activation_sparsity[i]:
-        gate = g.add("gaussian_top_k", [gate], sparsity=c.activation_sparsity[i])
-    up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=size)
-    mlp = g.add("linear", [g.add("mul", [g.add(c.activation, [gate]), up])], weight=p + "mlp.down_proj.weight",
-                out_features=c.hidden_size)  # fmt: skip
-    mlp = g.add("rmsnorm", [mlp], weight=p + "post_feedforward_layernorm.weight", eps=eps)
+    mlp = g.add("rmsnorm", [_mlp(g, c, i, x)], weight=p + "post_feedforward_layernorm.weight", eps=eps)
     scale = {"output_scale": p + "altup.correct_output_scale"} if c.altup_correct_scale else {}
     corrected, first = g.add_multi("altup_correct", [predictions, g.add("add", [attn, mlp])], 2,
                                    coefs=p + "altup.correction_coefs.weight", **router, **scale)  # fmt: skip
-    gate = g.add("linear", [first], weight=p + "per_layer_input_gate.weight", out_features=c.per_layer_input_size)
-    gated = g.add("mul", [g.add(c.activation, [gate]), per_layer])
-    out = g.add("linear", [gated], weight=p + "per_layer_projection.weight", out_features=c.hidden_size)
-    out = g.add("rmsnorm", [out], weight=p + "post_per_layer_input_norm.weight", eps=eps)
-    return g.add("altup_add_to_others", [corrected, out])
+    return g.add("altup_add_to_others", [corrected, _gated_per_layer_input(g, c, i, per_layer, first)])
 
 
 def _decoder_layer(
@@ -201,10 +206,7 @@ def _decoder_layer(
     x = g.add("rmsnorm", [residual], weight=f"{p}{mlp_norm}.weight", eps=c.rms_norm_eps)
     if c.is_moe and not c.expert_intermediate_size:
         return _sparse_moe(g, c, i, x), residual
-    gate = g.add("linear", [x], weight=p + "mlp.gate_proj.weight", out_features=c.intermediate_size_of(i))
-    up = g.add("linear", [x], weight=p + "mlp.up_proj.weight", out_features=c.intermediate_size_of(i))
-    act = g.add("mul", [g.add(c.activation, [gate]), up])
-    hidden = g.add("linear", [act], weight=p + "mlp.down_proj.weight", out_features=c.hidden_size)
+    hidden = _mlp(g, c, i, x)
     if c.expert_intermediate_size:
         hidden = _experts_beside(g, c, i, hidden, residual)
     if c.sandwich_norms:

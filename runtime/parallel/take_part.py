@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs
+from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs, cache_config
+from sagellm.runtime.engine.state_cache import values_per_state_slot
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import rank_slices
@@ -108,11 +109,7 @@ def stage_kv_rows(config: ModelConfig, layers: range) -> slice:
 
 def stage_states_size(config: ModelConfig, stage: PipelineStage) -> int:
     """How many state values a stage's linear attention layers hold per slot."""
-    layers = stage.layers(config.num_layers)
-    linear = sum(config.is_linear_attention(i) for i in layers)
-    per_layer = config.linear_conv_dim * (config.linear_conv_kernel - 1)
-    per_layer += config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
-    return linear * per_layer
+    return values_per_state_slot(cache_config(config, None, stage))
 
 
 def _read_kv(runner: ModelRunner, layout: RankLayout, comms: RankComms, slots: torch.Tensor) -> torch.Tensor | None:
