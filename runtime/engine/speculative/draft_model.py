@@ -28,6 +28,7 @@ from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.config import FIELD, SpeculativeConfig
 from sagellm.runtime.engine.speculative.proposers import PROPOSERS, Proposer, ProposerContext
+from sagellm.runtime.engine.state_slots import StateSlots
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.model_cache import resolve_model
 
@@ -43,8 +44,9 @@ class DraftModelProposer(Proposer):
         loaded = load_model(resolve_model(config.model))
         _check_tokenizer(loaded.tokenizer, context.tokenizer, config.model)
         self.vocab_size = context.vocab_size
-        # A draft with recurrent layers: a seat per shadow, then a rollback slot per seat.
-        self.seats = context.max_num_seqs if loaded.config.num_linear_layers else 0
+        # A draft with recurrent layers: a seat per shadow, each with its rollback slot.
+        seats = context.max_num_seqs if loaded.config.num_linear_layers else 0
+        self.slots = StateSlots(seats, rollbacks=True) if seats else None
         self.runner = ModelRunner(
             loaded.config,
             loaded.weights,
@@ -54,9 +56,8 @@ class DraftModelProposer(Proposer):
             max_model_len=context.max_model_len,
             quantized=loaded.quantized,
             mapped=loaded.mapped,
-            **({"num_state_slots": 2 * self.seats} if self.seats else {}),
+            **({"num_state_slots": self.slots.num_slots} if self.slots else {}),
         )
-        self._free_seats = list(range(self.seats - 1, -1, -1))
         self._caught_up: dict[Sequence, int] = {}  # a shadow -> its computed count when its states were kept
         loaded.weights, loaded.quantized = {}, {}
         return_freed_memory()
@@ -78,8 +79,8 @@ class DraftModelProposer(Proposer):
             tokens = self._greedy(self.runner.execute(batch))
             for (shadow, _), token, n in zip(work, tokens, batch.num_new_tokens):
                 shadow.num_computed_tokens += n
-                if step == 0 and self.seats:  # caught up: its states kept, for the next round to start from
-                    self.runner.copy_states(shadow.state_slot, self.seats + shadow.state_slot)
+                if step == 0 and self.slots:  # caught up: its states kept, for the next round to start from
+                    self.runner.copy_states(shadow.state_slot, self.slots.rollback_slot(shadow.state_slot))
                     self._caught_up[shadow] = shadow.num_computed_tokens
                 shadow.append_token(token)
                 guesses[shadow].append(token)
@@ -101,7 +102,7 @@ class DraftModelProposer(Proposer):
         while agreed < limit and mine[agreed] == theirs[agreed]:
             agreed += 1
         if shadow in self._caught_up:  # recurrent states: back to those kept at the last catch-up
-            self.runner.copy_states(self.seats + shadow.state_slot, shadow.state_slot)
+            self.runner.copy_states(self.slots.rollback_slot(shadow.state_slot), shadow.state_slot)
             agreed = min(agreed, self._caught_up.pop(shadow))
         shadow.token_ids = list(theirs)
         shadow.num_computed_tokens = min(agreed, len(theirs) - 1)
@@ -111,10 +112,10 @@ class DraftModelProposer(Proposer):
     def _fits(self, shadow: Sequence, k: int) -> bool:
         """Blocks for the shadow's catch-up and its k - 1 guesses after it (the last guess needs no KV), and a seat
         for a draft with recurrent layers."""
-        if self.seats and shadow.state_slot < 0:
-            if not self._free_seats:
+        if self.slots and shadow.state_slot < 0:
+            if not self.slots.can_seat():
                 return False
-            shadow.state_slot = self._free_seats.pop()
+            self.slots.seat(shadow)
         return self.blocks.allocate(shadow, shadow.num_tokens - shadow.num_computed_tokens + k - 1)
 
     def _greedy(self, logits: torch.Tensor) -> list[int]:
@@ -127,8 +128,8 @@ class DraftModelProposer(Proposer):
             self.blocks.free(shadow)
             del self._synced[seq]
             self._caught_up.pop(shadow, None)
-            if shadow.state_slot >= 0:
-                self._free_seats.append(shadow.state_slot)
+            if self.slots:
+                self.slots.unseat(shadow)
 
     def close(self) -> None:
         self.runner.close()
