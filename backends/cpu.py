@@ -55,7 +55,7 @@ from sagellm.backends.native.decoder_layers import NativeDecoderLayers, attentio
 from sagellm.backends.native.ops import fits_delta_rule
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
-from sagellm.backends.torch_ops.linear_attention import gated_delta_net, seed_decode_states
+from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm, seed_decode_states
 
 # Without native kernels, outputs this wide (gate_up) also keep an [in, out] copy for one-row calls, where MKL's GEMV
 # streams the weight fastest. A vocabulary projection (49152 wide) is one call big enough that oneDNN's two threads
@@ -114,10 +114,16 @@ def pack_linear_weight(weight: torch.Tensor, native: NativeKernels | None = None
 
 def pack_block_weight(parts: list[QuantizedWeight], native: NativeKernels) -> CpuLinearWeight | None:
     """The GGUF blocks of a linear's parts interleaved in the library's group width (groups of 8 when the outputs
-    are not a multiple of it), one weight when they share a kind, else one each; None for a shape the kernels do not
-    take (the caller then packs the floats)."""
-    whole = QuantizedWeight.concat(parts)
-    each = [whole] if whole is not None else parts
+    are not a multiple of it), one weight when they share a kind, else one per run of neighbours of one kind (Qwen3.5's
+    Q5_K qkv, then its Q4_K z, b and a: two calls, not four); None for a shape the kernels do not take (the caller
+    then packs the floats)."""
+    runs: list[list[QuantizedWeight]] = []
+    for part in parts:
+        if runs and (runs[-1][0].kind, runs[-1][0].in_features) == (part.kind, part.in_features):
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    each = [QuantizedWeight.concat(run) if len(run) > 1 else run[0] for run in runs]
     interleaved = [interleave(p, native.block_group) or interleave(p) for p in each]
     if any(blocks is None for blocks in interleaved):
         return None
@@ -173,12 +179,14 @@ class NativeDispatch:
             "linear": self.linear,
             "rmsnorm": self.rmsnorm,
             "add_rmsnorm": self.add_rmsnorm,
+            "head_rmsnorm": self.head_rmsnorm,
             "rope": self.rope,
             "silu_mul": self.silu_mul,
             "attention": self.attention,
             "paged_decode_attention": self.paged_decode_attention,
             "decoder_layers": self.decoder_layers,
             "gated_delta_net": self.gated_delta_net,
+            "gated_rmsnorm": self.gated_rmsnorm,
         }
 
     def decoder_layers(self, layers: list[DecoderLayer], shape: DecoderShape) -> NativeDecoderLayers | None:
@@ -222,11 +230,21 @@ class NativeDispatch:
             return self.native.add_rmsnorm(x, residual, weight, eps, _row_threads(x))
         return torch_ops.add_rmsnorm(x, residual, weight, eps)
 
+    def head_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        evenly_spaced = x.dim() == 3 and (x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1))
+        if evenly_spaced and x.dtype == torch.float32 and x.stride(2) == 1 and fits_dense(weight):
+            return self.native.head_rmsnorm(x, weight, eps, _row_threads(x))
+        return torch_ops.head_rmsnorm(x, weight, eps)
+
+    def gated_rmsnorm(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if fits_rows(x, z) and fits_dense(weight):
+            return self.native.gated_rmsnorm(x, z, weight, eps, _row_threads(x))
+        return gated_rmsnorm(x, z, weight, eps)
+
     def rope(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        whole_heads = cos_sin.shape[-1] == q.shape[-1]  # the C kernel turns whole heads (no partial rotary)
-        if whole_heads and fits_heads(q, k) and fits_dense(cos_sin) and fits_dense(positions, dtype=torch.int64):
+        if fits_heads(q, k) and fits_dense(cos_sin) and fits_dense(positions, dtype=torch.int64):
             return self.native.rope(q, k, positions, cos_sin, _row_threads(q))
         return torch_ops.rope(q, k, positions, cos_sin)
 

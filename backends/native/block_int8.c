@@ -3,16 +3,17 @@
  *
  * Dequantizing a 4-bit weight to fp32 and multiplying costs ~5 vector instructions per 16 weights (extract, convert,
  * scale, offset, FMA): at one row that, not memory, bounds block_linear.c's Q4_K kernel (~8 GB/s on two AVX-512
- * cores; ~16 here). Here the weights stay integers: an x row is split per 32 inputs into a scale s and PIECES int8 pieces,
- * x = s (p1 + p2 / 254 + p3 / 254^2) to within 2^-24 of the 32 inputs' largest |x| (fp32's own precision at that
- * magnitude: the pieces are rounded remainders, each 254x finer than the one before), and each sub-block's
- * sum of q * piece is a u8 x s8 dot product, 64 multiply-adds per AVX-512 VNNI instruction (vpdpbusd; AVX-512BW and
- * AVX2 pair vpmaddubsw with vpmaddwd, the portable build multiplies bytes in C). The integer sums are exact; per
- * sub-block and row they are converted once and combined, w = D q + M contributing
- *   D s (S1 + S2 / 254 + S3 / 254^2) + M sum(x),
+ * cores; ~16 here). Here the weights stay integers: an x row is split per 32 inputs into a scale s and PIECES int8
+ * pieces, x = s (p1 + p2 / 254) to within 2^-16 of the 32 inputs' largest |x| (the pieces are rounded remainders,
+ * the second 254x finer than the first), and each sub-block's sum of q * piece is a u8 x s8 dot product, 64
+ * multiply-adds per AVX-512 VNNI instruction (vpdpbusd; AVX-512BW and AVX2 pair vpmaddubsw with vpmaddwd, the
+ * portable build multiplies bytes in C). The integer sums are exact; per sub-block and row they are converted once
+ * and combined, w = D q + M contributing
+ *   D s (S1 + S2 / 254) + M sum(x),
  * with sum(x) the row's own fp32 sum over the sub-block. So the result is the fp32 linear on exactly gguf-py's
- * weights to within fp32 rounding of the activations, not bit for bit: llama.cpp's kernels round x to one int8 piece
- * (2^-8 of the largest |x|), these keep three.
+ * weights with x rounded to 2^-16 of its block's largest |x|: llama.cpp's kernels round x to one int8 piece (2^-8),
+ * 128x coarser. A third piece would reach fp32's own 2^-24, at a third more integer work: at one row on AVX2 that
+ * is the difference between ~14 and ~19 GB/s of Q4_K, and greedy tokens agree with fp32 either way except at ties.
  *
  * The layouts are block_linear.c's: q4kxG's (and q5kxG's) 4-bit q in chunks of 8 inputs, a 32-bit lane per output
  * whose byte i holds input i (low nibble) and 4 + i (high), so masking a chunk gives one vpdpbusd operand for inputs
@@ -34,7 +35,7 @@
 #include "mxfp4.h"
 #include "vector_math.h"
 
-enum { PIECES = 3, PIECE_ROWS = 4, X_BLOCK = 32, X_SUM = 16 }; /* pieces per value; rows per tile; inputs per scale
+enum { PIECES = 2, PIECE_ROWS = 4, X_BLOCK = 32, X_SUM = 16 }; /* pieces per value; rows per tile; inputs per scale
                                                                  and per sum */
 static const float PIECE_STEP = 254.0f;                        /* each piece 254x finer than the one before */
 
@@ -143,11 +144,9 @@ static inline int32_t four_bytes(const int8_t *p) {
     return v;
 }
 
-/* The pieces' int32 sums of one sub-block, converted and weighted: S1 + S2 / 254 + S3 / 254^2. */
+/* The pieces' int32 sums of one sub-block, converted and weighted: S1 + S2 / 254. */
 #define COMBINE(V, sums)                                                                                               \
-    (__builtin_convertvector((sums)[0], V) +                                                                           \
-     (__builtin_convertvector((sums)[1], V) + __builtin_convertvector((sums)[2], V) * (1.0f / PIECE_STEP)) *          \
-         (1.0f / PIECE_STEP))
+    (__builtin_convertvector((sums)[0], V) + __builtin_convertvector((sums)[1], V) * (1.0f / PIECE_STEP))
 
 /* The tile's rows' sums gain 8 inputs from `at`: `low` (4 codes a lane) against each piece's first 4 bytes there,
  * `high` against its next 4 (a chunk's low and high nibbles). */

@@ -53,7 +53,8 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c
 # Each exported function's arguments, in the order kernels.h and the C files declare them.
 PROTOTYPES: dict[str, tuple[type, ...]] = {
     "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32),
-    "rope_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I32),
+    "rope_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I32),
+    "gated_rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _F32, _I32),
     "silu_mul_f32": (_P, _I64, _P, _I64, _I64, _I32),
     "write_kv_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64),
     "linear_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64),

@@ -46,15 +46,16 @@ void rmsnorm_f32(const float *x, int64_t x_row, const float *residual, int64_t r
 }
 
 /* Rotate-half rotary embedding of q [T, Hq, D] and k [T, Hk, D] (heads packed, rows `q_row` / `k_row` apart: views
- * of the fused qkv output) into out [T, Hq + Hk, D], one pass over both. cos_sin [max_pos, D] holds cos in its first
- * half and sin in its second; positions must lie inside it (the runner's are below max_model_len, its size). */
+ * of the fused qkv output) into out [T, Hq + Hk, D], one pass over both. cos_sin [max_pos, R] holds cos in its first
+ * half and sin in its second; each head's first R dims turn, the rest (partial rotary, R < D) are copied. Positions
+ * must lie inside the table (the runner's are below max_model_len, its size). */
 void rope_f32(const float *q, int64_t q_row, const float *k, int64_t k_row, const int64_t *positions,
-              const float *cos_sin, float *out, int64_t tokens, int64_t hq, int64_t hk, int64_t d,
+              const float *cos_sin, float *out, int64_t tokens, int64_t hq, int64_t hk, int64_t d, int64_t rot,
               int32_t num_threads) {
-    const int64_t half = d / 2;
+    const int64_t half = rot / 2;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t t = 0; t < tokens; ++t) {
-        const float *cos = cos_sin + positions[t] * d, *sin = cos + half;
+        const float *cos = cos_sin + positions[t] * rot, *sin = cos + half;
         for (int64_t h = 0; h < hq + hk; ++h) {
             const float *src = h < hq ? q + t * q_row + h * d : k + t * k_row + (h - hq) * d;
             float *dst = out + (t * (hq + hk) + h) * d;
@@ -64,6 +65,26 @@ void rope_f32(const float *q, int64_t q_row, const float *k, int64_t k_row, cons
                 dst[i] = x1 * cos[i] - x2 * sin[i];
                 dst[half + i] = x2 * cos[i] + x1 * sin[i];
             }
+            if (rot < d) memcpy(dst + rot, src + rot, sizeof(float) * (size_t)(d - rot));
+        }
+    }
+}
+
+/* out[T, H * D] = rmsnorm(x) * silu(z) per head of D, weight [D] shared by the heads: the Gated DeltaNet's output
+ * norm and gate (x its core's output, z a view of the fused input projection; rows `x_row` / `z_row` apart). */
+void gated_rmsnorm_f32(const float *x, int64_t x_row, const float *z, int64_t z_row, const float *weight, float *out,
+                       int64_t tokens, int64_t heads, int64_t d, float eps, int32_t num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
+    for (int64_t t = 0; t < tokens; ++t) {
+        for (int64_t h = 0; h < heads; ++h) {
+            const float *xh = x + t * x_row + h * d, *zh = z + t * z_row + h * d;
+            float *oh = out + (t * heads + h) * d;
+            float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+            for (int64_t i = 0; i < d; ++i) squares += xh[i] * xh[i];
+            const float inv = 1.0f / sqrtf(squares / (float)d + eps);
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) oh[i] = xh[i] * inv * weight[i] * (zh[i] / (1.0f + exp_f32(-zh[i])));
         }
     }
 }

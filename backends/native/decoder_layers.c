@@ -94,7 +94,7 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const f
             residual = residual_out;
         }
         block_linear(&l->qkv, x, h, l->qkv_bias, qkv, rows, nqkv, h, scratch, part_out, linear_threads);
-        rope_f32(qkv, nqkv, qkv + hq * d, nqkv, positions, cos_sin, rot, rows, hq, hk, d, 1);
+        rope_f32(qkv, nqkv, qkv + hq * d, nqkv, positions, cos_sin, rot, rows, hq, hk, d, d, 1);
         write_kv_f32(rot + hq * d, nrot, qkv + (hq + hk) * d, nqkv, slots, l->k_cache, l->v_cache, rows, hk, d);
         paged_decode_attention_f32(rot, nrot, l->k_cache, l->v_cache, block_tables, max_blocks, context_lens, attn,
                                    rows, hq, hk, d, block_size, scale, window, softcap, NULL, attention_threads);

@@ -147,6 +147,33 @@ class NativeKernels:
         )
         return normed
 
+    def head_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1) -> torch.Tensor:
+        """RMSNorm over each head of x [T, H, D] (the weight [D] shared), whose heads are evenly spaced across rows
+        (x.stride(0) == H * x.stride(1), or one row): every head is one row of rmsnorm_f32. Returns [T, H, D]."""
+        tokens, heads, d = x.shape
+        _expect(weight.shape == (d,), "head_rmsnorm weight", weight, x)
+        _expect(x.stride(2) == 1 and (tokens == 1 or x.stride(0) == heads * x.stride(1)), "head_rmsnorm x", x, x)
+        normed = torch.empty((tokens, heads, d), dtype=F32)
+        self._lib.rmsnorm_f32(
+            x.data_ptr(), x.stride(1), None, 0, _f32(weight), normed.data_ptr(), None, tokens * heads, d, eps,
+            num_threads,
+        )  # fmt: skip
+        return normed
+
+    def gated_rmsnorm(
+        self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1
+    ) -> torch.Tensor:
+        """rmsnorm(x) * silu(z) per head of weight's size D, x and z [T, H * D] with unit-stride rows."""
+        tokens, width = x.shape
+        d = weight.shape[0]
+        _expect(z.shape == x.shape and width % d == 0, "gated_rmsnorm z and weight", z, x)
+        out = torch.empty((tokens, width), dtype=F32)
+        self._lib.gated_rmsnorm_f32(
+            x.data_ptr(), x.stride(0), z.data_ptr(), z.stride(0), _f32(weight), out.data_ptr(), tokens, width // d, d,
+            eps, num_threads,
+        )  # fmt: skip
+        return out
+
     def add_rmsnorm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,12 +200,14 @@ class NativeKernels:
     def rope(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, num_threads: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hk, D] rotated into one [T, Hq + Hk, D] tensor, returned as its q and k views.
-        Positions are not checked against the table's length (the runner's are below max_model_len, its size)."""
+        """q [T, Hq, D], k [T, Hk, D] rotated into one [T, Hq + Hk, D] tensor, returned as its q and k views; a
+        table narrower than the head ([max_pos, R], partial rotary) turns each head's first R dims. Positions are
+        not checked against the table's length (the runner's are below max_model_len, its size)."""
         tokens, hq, d = q.shape
         hk = k.shape[1]
         _expect(k.shape == (tokens, hk, d) and positions.shape == (tokens,), "rope k and positions", k, q)
-        _expect(cos_sin.dim() == 2 and cos_sin.shape[1] == d, "rope cos_sin table", cos_sin, q)
+        rot = cos_sin.shape[-1]
+        _expect(cos_sin.dim() == 2 and rot <= d and rot % 2 == 0, "rope cos_sin table", cos_sin, q)
         out = torch.empty((tokens, hq + hk, d), dtype=F32)  # [T, Hq + Hk, D]
         self._lib.rope_f32(
             q.data_ptr(),
@@ -192,6 +221,7 @@ class NativeKernels:
             hq,
             hk,
             d,
+            rot,
             num_threads,
         )
         return out[:, :hq], out[:, hq:]  # [T, Hq, D], [T, Hk, D]

@@ -20,6 +20,7 @@ from sagellm.backends.cpu import (
     pack_linear_weight,
 )
 from sagellm.backends.native import DISABLE_ENV, NativeBuildError, NativeKernels, NativeShapeError, build, isa
+from sagellm.backends.torch_ops.linear_attention import gated_rmsnorm
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
@@ -75,16 +76,17 @@ def test_rmsnorm_and_add_rmsnorm(native: NativeKernels, rows: int, threads: int,
     close(normed, expected_normed)
 
 
-@pytest.mark.parametrize(("hq", "hk", "d"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+@pytest.mark.parametrize(("hq", "hk", "d", "rot"), [(9, 3, 64, 64), (4, 4, 32, 32), (8, 1, 128, 128), (8, 2, 256, 64)])
 @pytest.mark.parametrize(("tokens", "threads"), [(5, 1), (130, 2)])
 def test_rope_on_fused_qkv_views_and_separate_tensors(
-    native: NativeKernels, hq: int, hk: int, d: int, tokens: int, threads: int
+    native: NativeKernels, hq: int, hk: int, d: int, rot: int, tokens: int, threads: int
 ) -> None:
+    """Whole heads, and partial rotary (Qwen3.5's 64 of 256 dims: a table narrower than the head)."""
     qkv = torch.randn(tokens, (hq + 2 * hk) * d)
     q = qkv[:, : hq * d].view(tokens, hq, d)  # strided views of the fused qkv output, as the graph gives them
     k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
     positions = torch.tensor([0, 1, 17, 300, 511, *range(2, tokens - 3)])
-    cos_sin = torch.randn(512, d)
+    cos_sin = torch.randn(512, rot)
     before = qkv.clone()
     for q_in, k_in in [(q, k), (q.contiguous(), k.contiguous())]:
         q_rot, k_rot = native.rope(q_in, k_in, positions, cos_sin, threads)
@@ -92,6 +94,29 @@ def test_rope_on_fused_qkv_views_and_separate_tensors(
         close(q_rot, expected_q)
         close(k_rot, expected_k)
     assert torch.equal(qkv, before), "rotated into new tensors, the input left as it was"
+
+
+@pytest.mark.parametrize(("tokens", "threads"), [(1, 1), (6, 1), (130, 2)])
+def test_head_rmsnorm_on_views_whose_heads_are_evenly_spaced(native: NativeKernels, tokens: int, threads: int) -> None:
+    """Qwen3's q/k norms (heads packed in a fused qkv's row: evenly spaced at one row) and Qwen3.5's (each query
+    head beside its gate); the dispatch leaves other layouts to torch."""
+    heads, d = 8, 128
+    fused = torch.randn(tokens, heads * 2 * d)
+    packed = fused[:, : heads * d].view(tokens, heads, d)
+    beside_gates = fused.view(tokens, heads, 2 * d)[:, :, :d]
+    weight = torch.rand(d) + 0.5
+    for x in (packed if tokens == 1 else packed.contiguous(), beside_gates):
+        close(native.head_rmsnorm(x, weight, 1e-6, threads), torch_ops.head_rmsnorm(x, weight, 1e-6))
+    close(NativeDispatch(native).head_rmsnorm(packed, weight, 1e-6), torch_ops.head_rmsnorm(packed, weight, 1e-6))
+
+
+@pytest.mark.parametrize(("tokens", "threads"), [(1, 1), (6, 1), (130, 2)])
+def test_gated_rmsnorm_on_a_view_of_the_fused_projection(native: NativeKernels, tokens: int, threads: int) -> None:
+    heads, d = 16, 128
+    x, fused = torch.randn(tokens, heads * d), torch.randn(tokens, 3 * heads * d) * 4  # silu's tails too
+    z = fused[:, heads * d : 2 * heads * d]
+    weight = torch.rand(d) + 0.5
+    close(native.gated_rmsnorm(x, z, weight, 1e-6, threads), gated_rmsnorm(x, z, weight, 1e-6))
 
 
 @pytest.mark.parametrize(("rows", "threads"), [(1, 1), (7, 1), (257, 2)])
