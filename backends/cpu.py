@@ -52,7 +52,7 @@ from sagellm.backends.native import (
     prefill_scratch_size,
 )
 from sagellm.backends.native.decoder_layers import NativeDecoderLayers, attention_threads, seen_keys
-from sagellm.backends.native.ops import fits_delta_rule
+from sagellm.backends.native.ops import fits_delta_rule, fits_spaced_heads
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm, seed_decode_states
@@ -123,7 +123,7 @@ def pack_block_weight(parts: list[QuantizedWeight], native: NativeKernels) -> Cp
             runs[-1].append(part)
         else:
             runs.append([part])
-    each = [QuantizedWeight.concat(run) if len(run) > 1 else run[0] for run in runs]
+    each = [QuantizedWeight.concat(run) for run in runs]
     interleaved = [interleave(p, native.block_group) or interleave(p) for p in each]
     if any(blocks is None for blocks in interleaved):
         return None
@@ -231,8 +231,7 @@ class NativeDispatch:
         return torch_ops.add_rmsnorm(x, residual, weight, eps)
 
     def head_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        evenly_spaced = x.dim() == 3 and (x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1))
-        if evenly_spaced and x.dtype == torch.float32 and x.stride(2) == 1 and fits_dense(weight):
+        if fits_spaced_heads(x) and fits_dense(weight):
             return self.native.head_rmsnorm(x, weight, eps, _row_threads(x))
         return torch_ops.head_rmsnorm(x, weight, eps)
 

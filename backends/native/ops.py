@@ -35,6 +35,13 @@ def fits_rows(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == F32 and t.dim() == 2 and t.stride(1) == 1 for t in tensors)
 
 
+def fits_spaced_heads(x: torch.Tensor) -> bool:
+    """fp32 [T, H, D] whose heads are evenly spaced across rows (x.stride(0) == H * x.stride(1), or one row), each
+    unit-stride: every head one row of the norm kernel (Qwen3.5's queries beside their gates qualify)."""
+    one_spacing = x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
+    return x.dtype == F32 and x.dim() == 3 and x.stride(2) == 1 and one_spacing
+
+
 def fits_heads(*tensors: torch.Tensor) -> bool:
     """fp32 [T, H, D] with the heads of a row packed (any row stride): views of a fused qkv output qualify."""
     return all(t.dtype == F32 and t.dim() == 3 and t.stride()[1:] == (t.shape[2], 1) for t in tensors)
@@ -148,11 +155,11 @@ class NativeKernels:
         return normed
 
     def head_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1) -> torch.Tensor:
-        """RMSNorm over each head of x [T, H, D] (the weight [D] shared), whose heads are evenly spaced across rows
-        (x.stride(0) == H * x.stride(1), or one row): every head is one row of rmsnorm_f32. Returns [T, H, D]."""
+        """RMSNorm over each head of x [T, H, D] (the weight [D] shared), whose heads are evenly spaced
+        (fits_spaced_heads): every head is one row of rmsnorm_f32. Returns [T, H, D]."""
         tokens, heads, d = x.shape
         _expect(weight.shape == (d,), "head_rmsnorm weight", weight, x)
-        _expect(x.stride(2) == 1 and (tokens == 1 or x.stride(0) == heads * x.stride(1)), "head_rmsnorm x", x, x)
+        _expect(fits_spaced_heads(x), "head_rmsnorm x", x, x)
         normed = torch.empty((tokens, heads, d), dtype=F32)
         self._lib.rmsnorm_f32(
             x.data_ptr(), x.stride(1), None, 0, _f32(weight), normed.data_ptr(), None, tokens * heads, d, eps,

@@ -266,12 +266,11 @@ def _bind_moe(params, ctx, kernels):
         biases = (bias(params["router"]), torch.stack(gate_up_bias), torch.stack(down_bias))
         biases = tuple(b.to(device) for b in biases)  # router [E], gate_up [L, 2I], down [L, H]
     activation = {k: params[k] for k in ("activation", "alpha", "limit") if k in params}
-    if params.get("expert_scale"):  # Gemma 4: each expert's weight scaled
+    if params.get("expert_scale"):  # Gemma 4: each expert's weight scaled, routed from the node's second input
         activation["expert_scale"] = _weight(ctx, params["expert_scale"]).float().to(device)
-    kernel = functools.partial(kernels["moe"], linear=kernels["linear"], **activation)
-    if params.get("expert_scale"):  # ... and routed from the node's second input
-        moe = kernel
-        kernel = lambda x, routing, *consts: moe(x, *consts, routing=routing)  # noqa: E731
+    moe = functools.partial(kernels["moe"], linear=kernels["linear"], **activation)
+    routed = lambda x, routing, *consts: moe(x, *consts, routing=routing)  # noqa: E731
+    kernel = routed if "expert_scale" in activation else moe
     return kernel, (router, *stacked, params["top_k"], first, params.get("normalize", True), *biases)
 
 
