@@ -16,6 +16,7 @@ which L are held):
   silu_mul(x[T, 2I]) -> [T, I]                                      # silu(x[:, :I]) * x[:, I:]
   gelu_tanh_mul(x[T, 2I]) -> [T, I]                                 # gelu(x[:, :I], tanh approximation) * x[:, I:]
   add(x, y) -> x + y
+  sigmoid(x[T, N]) -> [T, N]                                        # Qwen3.5's attention output gate
   moe(x[T, H], router[E, H], gate_up[L, 2I, H], down[L, H, I], top_k, first_expert, normalize,
       router_bias[E] | None, gate_up_bias[L, 2I] | None, down_bias[L, H] | None, *, linear, activation, alpha, limit)
       -> [T, H]
@@ -52,7 +53,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -65,9 +66,13 @@ KernelTable = dict[str, Callable[..., Any]]
 
 @dataclass(frozen=True)
 class DecoderLayer:
-    """One decoder layer's bound constants, as lowering bound its ops: x = rmsnorm(h + R), qkv = linear, rope,
-    attention over the layer's cache, o = linear, x = rmsnorm(o + R), gate_up = linear, silu_mul, down = linear.
-    Linear weights are what `prepare_linear_weight` packed."""
+    """One decoder layer's bound constants, as lowering bound its ops: x = rmsnorm(h + R), a mixer, x = rmsnorm(o + R),
+    gate_up = linear, silu_mul, down = linear. The mixer (`kind`) is "attention": qkv = linear, rope, attention over
+    the layer's cache, o = linear; "gated_attention" (Qwen3.5): the same with each head's query beside a gate in
+    qkv, per-head norms of q and k before rope (`q_norm`, `k_norm`), the output times sigmoid(gate); or
+    "gated_delta_net": qkv is the input projection (q k v | z | b | a), then gated_delta_net over the layer's
+    states, gated_rmsnorm (`out_norm`), o_proj the output projection. Linear weights are what
+    `prepare_linear_weight` packed."""
 
     input_norm: torch.Tensor  # [H]
     qkv: Any
@@ -79,36 +84,87 @@ class DecoderLayer:
     gate_up_bias: torch.Tensor | None
     down: Any
     down_bias: torch.Tensor | None
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
+    k_cache: torch.Tensor | None = None
+    v_cache: torch.Tensor | None = None
+    kind: str = "attention"
+    q_norm: torch.Tensor | None = None  # [D]
+    k_norm: torch.Tensor | None = None  # [D]
+    # gated_delta_net's constants as lowering bound them: the states [S, C, K-1] and [S, Hv, Dk, Dv], conv_weight
+    # [C, K], a_log and dt_bias [Hv], and the gated norm's weight [Dv]
+    conv_states: torch.Tensor | None = None
+    ssm_states: torch.Tensor | None = None
+    conv_weight: torch.Tensor | None = None
+    a_log: torch.Tensor | None = None
+    dt_bias: torch.Tensor | None = None
+    out_norm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
-class DecoderShape:
-    """What every layer of a run shares."""
+class AttentionShape:
+    """What a run's attention layers share."""
 
-    hidden_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
-    eps: float
     scale: float
-    cos_sin: torch.Tensor  # [max_pos, D], as rope takes it
-    # The attention's sliding window and score soft-cap (0: none), as `attention` takes them: per layer in models
-    # that alternate them (Gemma 2), so they are part of the key and such a model's layers fuse as runs of one kind.
+    cos_sin: torch.Tensor  # [max_pos, R], as rope takes it (R < D: partial rotary)
+    # The sliding window and score soft-cap (0: none), as `attention` takes them: per layer in models that alternate
+    # them (Gemma 2), so they are part of the key and such a model's layers fuse as runs of one kind.
     window: int = 0
     softcap: float = 0.0
 
     def key(self) -> tuple:
-        """What two runs of layers must agree on to be one run (the table compared by identity)."""
-        return (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size,
-                self.eps, self.scale, id(self.cos_sin), self.window, self.softcap)  # fmt: skip
+        return (self.num_heads, self.num_kv_heads, self.head_dim, self.scale, id(self.cos_sin), self.window,
+                self.softcap)  # fmt: skip
 
 
-# (hidden[T, H], residual[T, H] | None (the model's first layer: R = h), positions[T], meta) -> (hidden, residual)
+@dataclass(frozen=True)
+class DeltaNetShape:
+    """What a run's Gated DeltaNet layers share: key heads and size, value heads and size, the convolution's width."""
+
+    num_k_heads: int
+    head_k_dim: int
+    num_v_heads: int
+    head_v_dim: int
+    conv_width: int
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What every layer of a run shares; `attention` and `delta_net` are None in a run without such layers."""
+
+    hidden_size: int
+    intermediate_size: int
+    eps: float
+    attention: AttentionShape | None = None
+    delta_net: DeltaNetShape | None = None
+
+    def key(self) -> tuple:
+        """What two layers must agree on to be in one run (the rotary table compared by identity)."""
+        return (self.hidden_size, self.intermediate_size, self.eps)
+
+    def joined(self, other: DecoderShape) -> DecoderShape | None:
+        """The shape of a run holding layers of both shapes, or None when they disagree."""
+        if self.key() != other.key():
+            return None
+        parts = {}
+        for name in ("attention", "delta_net"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            same = mine is None or theirs is None or _part_key(mine) == _part_key(theirs)
+            if not same:
+                return None
+            parts[name] = mine if mine is not None else theirs
+        return replace(self, **parts)
+
+
+def _part_key(part: AttentionShape | DeltaNetShape) -> tuple:
+    return part.key() if isinstance(part, AttentionShape) else astuple(part)
+
+
+# (hidden[T, H], residual[T, H] | None (the model's first layer: R = h), positions[T] | None (a run without
+# attention), meta) -> (hidden, residual)
 # after the run's layers, or None for a step it does not take (the ops then run one by one).
-DecoderLayersKernel = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, Any], "tuple | None"]
+DecoderLayersKernel = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", Any], "tuple | None"]
 
 REQUIRED_OPS = (
     "embedding",
@@ -120,6 +176,7 @@ REQUIRED_OPS = (
     "gelu_tanh_mul",
     "head_rmsnorm",
     "add",
+    "sigmoid",
     "moe",
     "attention",
     "paged_decode_attention",

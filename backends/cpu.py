@@ -51,8 +51,13 @@ from sagellm.backends.native import (
     isa,
     prefill_scratch_size,
 )
-from sagellm.backends.native.decoder_layers import NativeDecoderLayers, attention_threads, seen_keys
-from sagellm.backends.native.ops import fits_delta_rule, fits_spaced_heads
+from sagellm.backends.native.decoder_layers import (
+    NativeDecoderLayers,
+    attention_threads,
+    delta_rule_threads,
+    seen_keys,
+)
+from sagellm.backends.native.ops import fits_delta_rule, fits_strided_heads
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm, seed_decode_states
@@ -80,10 +85,6 @@ NATIVE_BLOCK_ROWS = 48
 # the dense fp32 GEMM 13.9; at 64 rows 3.1 vs 2.5).
 BLOCK_GEMM_ROWS = 192
 BLOCK_GEMM_ROWS_ONE_THREAD = 128
-# Floats of delta-rule state (tokens x Hv x Dk x Dv) from which the native Gated DeltaNet shares its heads among
-# torch's threads: a quarter of a Qwen3.5-0.8B token's 1 MB, read twice and written once. One whole decode row, its
-# states from memory, on a 2-core AMD EPYC (AVX2 kernels): 0.16 ms on one thread, 0.11 on two.
-NATIVE_PARALLEL_STATE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class NativeDispatch:
             "head_rmsnorm": self.head_rmsnorm,
             "rope": self.rope,
             "silu_mul": self.silu_mul,
+            "sigmoid": self.sigmoid,
             "attention": self.attention,
             "paged_decode_attention": self.paged_decode_attention,
             "decoder_layers": self.decoder_layers,
@@ -231,7 +233,7 @@ class NativeDispatch:
         return torch_ops.add_rmsnorm(x, residual, weight, eps)
 
     def head_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if fits_spaced_heads(x) and fits_dense(weight):
+        if fits_strided_heads(x) and fits_dense(weight):
             return self.native.head_rmsnorm(x, weight, eps, _row_threads(x))
         return torch_ops.head_rmsnorm(x, weight, eps)
 
@@ -251,6 +253,11 @@ class NativeDispatch:
         if fits_rows(x):
             return self.native.silu_mul(x, _row_threads(x))
         return torch_ops.silu_mul(x)
+
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        if fits_rows(x):
+            return self.native.sigmoid(x, _row_threads(x))
+        return torch.sigmoid(x)
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
@@ -358,8 +365,7 @@ class NativeDispatch:
 
         def run(start: int, end: int, starts: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
             """Rows start .. end - 1, sequences as in NativeKernels.gated_delta_net."""
-            state = (end - start) * ssm_states[0].numel()
-            threads = torch.get_num_threads() if state >= NATIVE_PARALLEL_STATE else 1
+            threads = delta_rule_threads((end - start) * ssm_states[0].numel())
             rows = slice(start, end)
             args = (*states, num_k_heads, head_k_dim, head_v_dim, threads)
             return self.native.gated_delta_net(mixed_qkv[rows], b[rows], a[rows], starts, slots, *args)

@@ -53,6 +53,7 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c
 # Each exported function's arguments, in the order kernels.h and the C files declare them.
 PROTOTYPES: dict[str, tuple[type, ...]] = {
     "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32),
+    "head_rmsnorm_f32": (_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _F32, _I32),
     "rope_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I32),
     "gated_rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _F32, _I32),
     "silu_mul_f32": (_P, _I64, _P, _I64, _I64, _I32),
@@ -99,11 +100,12 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "dequantize_mxfp4x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "dequantize_mxfp4x16_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "decoder_layers_f32": (
-        (_P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P)  # layers, count, tensors and the step's tables
-        + (_I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _I64, _F32)  # sizes, eps, scale, window, softcap
-        + (_P, _I32, _I32)  # scratch, threads
+        (_P, _I64, _P, _P, _P, _P, _P)  # layers, count, dims, hidden, residual and their outputs
+        + (_P, _P, _P, _I64, _P, _P, _P, _I64)  # positions, slots, tables, max_blocks, lens, state starts/slots, rows
+        + (_P, _I32, _I32, _I32)  # workspace, threads
     ),
-    "decoder_layers_workspace": (_I64, _I64, _I64, _I64, _I64, _I64),
+    "decoder_layers_workspace": (_P, _I64),
+    "sigmoid_f32": (_P, _I64, _P, _I64, _I64, _I32),
     "gated_delta_net_f32": (
         (_P, _I64, _P, _I64, _P, _I64, _P, _P, _I64)  # x, a, b, starts, slots, sequences
         + (_P, _P, _P, _P, _P, _P)  # states, weights, out

@@ -45,6 +45,16 @@ void rmsnorm_f32(const float *x, int64_t x_row, const float *residual, int64_t r
     }
 }
 
+/* out[T, H, D] = each head of x normed (rmsnorm_f32 on each, the weight [D] shared): x's tokens `x_row` apart, its
+ * heads `head_stride` apart within a token (Qwen3's q/k norms on views of the fused qkv output, Qwen3.5's queries
+ * beside their gates). */
+void head_rmsnorm_f32(const float *x, int64_t x_row, int64_t head_stride, const float *weight, float *out,
+                      int64_t tokens, int64_t heads, int64_t d, float eps, int32_t num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
+    for (int64_t t = 0; t < tokens; ++t)
+        rmsnorm_f32(x + t * x_row, head_stride, NULL, 0, weight, out + t * heads * d, NULL, heads, d, eps, 1);
+}
+
 /* Rotate-half rotary embedding of q [T, Hq, D] and k [T, Hk, D] (heads packed, rows `q_row` / `k_row` apart: views
  * of the fused qkv output) into out [T, Hq + Hk, D], one pass over both. cos_sin [max_pos, R] holds cos in its first
  * half and sin in its second; each head's first R dims turn, the rest (partial rotary, R < D) are copied. Positions
@@ -97,6 +107,17 @@ void silu_mul_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64
         float *ot = out + t * inter;
 #pragma omp simd
         for (int64_t i = 0; i < inter; ++i) ot[i] = gate[i] / (1.0f + exp_f32(-gate[i])) * up[i];
+    }
+}
+
+/* out[T, N] = sigmoid(x) (rows `x_row` apart): Qwen3.5's attention output gate, a head's gate beside its query. */
+void sigmoid_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_t n, int32_t num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
+    for (int64_t t = 0; t < rows; ++t) {
+        const float *xt = x + t * x_row;
+        float *ot = out + t * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) ot[i] = 1.0f / (1.0f + exp_f32(-xt[i]));
     }
 }
 

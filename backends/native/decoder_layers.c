@@ -1,15 +1,22 @@
 /* A run of whole decoder layers for a decode-only step of a few rows, in one call from Python.
  *
- * At one to a few dozen rows a layer's ten ops take microseconds each in C, while calling each through ctypes and
- * torch (allocating its output, checking its tensors, slicing views) costs a few more: SmolLM2's 30 layers paid
- * about as much in those calls as in its attention. Here the same kernels run in the same order on the same threads
- * as the op-by-op path (backends/cpu.py NativeDispatch), so the results are bit-identical to it; only the calls
- * between them are gone. Intermediates live in one caller-owned workspace (`decoder_layers_workspace` floats).
+ * At one to a few dozen rows a layer's ten to fifteen ops take microseconds each in C, while calling each through
+ * ctypes and torch (allocating its output, checking its tensors, slicing views) costs a few more: SmolLM2's 30
+ * layers paid about as much in those calls as in its attention, Qwen3.5-0.8B ~6 ms of a ~45 ms token. Here the same
+ * kernels run in the same order on the same threads as the op-by-op path (backends/cpu.py NativeDispatch), so the
+ * results are bit-identical to it; only the calls between them are gone. Intermediates live in one caller-owned
+ * workspace (`decoder_layers_workspace` floats).
  *
  * Per layer, with R the residual stream and h the layer's input:
  *   x = rmsnorm(h + R) (R = h + R)   or, in the first layer of a model, x = rmsnorm(h) (R = h)
- *   qkv = x . Wqkv (+ b);  q, k = rope(q, k);  cache[slots] = k, v;  a = attention(q, cache)
- *   o = a . Wo;  x = rmsnorm(o + R) (R = o + R);  g = x . Wgate_up;  h = (silu(gate) * up) . Wdown */
+ *   m = mixer(x)
+ *   x = rmsnorm(m + R) (R = m + R);  g = x . Wgate_up;  h = (silu(gate) * up) . Wdown
+ * where the mixer is one of
+ *   attention:        qkv = x . Wqkv (+ b);  q, k = rope(q, k);  cache[slots] = k, v;  m = attention(q, cache) . Wo
+ *   gated attention:  (q gate) k v = x . Wqkv, each head's query beside its gate (Qwen3.5); q, k = rope(rmsnorm(q),
+ *                     rmsnorm(k)) per head;  cache[slots] = k, v;  m = (attention(q, cache) * sigmoid(gate)) . Wo
+ *   gated delta net:  qkv z b a = x . Win;  c = gated_delta_net(qkv, b, a; the row's state slot);
+ *                     m = gated_rmsnorm(c, z) . Wout */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -25,13 +32,29 @@ typedef struct {
     int64_t parts;
 } block_weight;
 
-/* One layer's weights and its cache. */
+enum { ATTENTION = 0, GATED_ATTENTION = 1, GATED_DELTA_NET = 2 }; /* decoder_layers.py KINDS */
+
+/* One layer's weights and its cache or states. A gated delta net layer's `qkv` is its input projection, `o_proj`
+ * its output projection. */
 typedef struct {
+    int64_t kind;
     const float *input_norm, *post_norm;
     block_weight qkv, o_proj, gate_up, down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* NULL: none */
-    float *k_cache, *v_cache;
+    float *k_cache, *v_cache;                                  /* attention */
+    const float *q_norm, *k_norm;                              /* gated attention's per-head norms [D] */
+    float *conv_states, *ssm_states;                           /* gated delta net: [S, C, K-1], [S, Hv, Dk, Dv] */
+    const float *conv_weight, *a_log, *dt_bias, *out_norm;     /* [C, K], [Hv], [Hv], [Dv] */
 } decoder_layer;
+
+/* What every layer of a run shares: its sizes, the attention layers' and the delta net layers' own. */
+typedef struct {
+    int64_t hidden, inter;
+    int64_t hq, hk, d, rot, block_size, window; /* attention; rot: the rotated dims of a head */
+    float eps, scale, softcap;
+    const float *cos_sin; /* [max_pos, rot] */
+    int64_t lhk, ldk, lhv, ldv, conv_width; /* gated delta net: key heads and size, value heads and size */
+} decoder_dims;
 
 /* In the order of decoder_layers.py LAYOUTS. */
 static const block_linear_fn BLOCK_LINEARS[] = {linear_q4x8_f32,   linear_q8x8_f32,   linear_q4x16_f32,
@@ -41,14 +64,33 @@ static const block_linear_fn BLOCK_LINEARS[] = {linear_q4x8_f32,   linear_q8x8_f
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+/* Per row: each intermediate's width. */
+typedef struct {
+    int64_t x, proj, heads, attn, gated, o, gate_up, act, delta, packed, part;
+} row_widths;
+
+static row_widths widths(const decoder_dims *s) {
+    const int64_t h = s->hidden, qd = s->hq * s->d, kvd = s->hk * s->d, vd = s->lhv * s->ldv;
+    const int64_t channels = 2 * s->lhk * s->ldk + vd;
+    row_widths w;
+    w.x = h;
+    w.proj = max64(2 * qd + 2 * kvd /* gated attention's q gate k v */, channels + vd + 2 * s->lhv /* qkv z b a */);
+    w.heads = 2 * (qd + kvd); /* normed q and k, then turned */
+    w.attn = max64(qd, vd);   /* the attention's or the delta rule's output */
+    w.gated = max64(qd, vd);  /* sigmoid(gate), or the gated norm's output */
+    w.o = h;
+    w.gate_up = 2 * s->inter;
+    w.act = s->inter;
+    w.delta = channels + 2 * s->lhv; /* gated_delta_net_f32's scratch */
+    w.packed = max64(max64(h, qd), max64(s->inter, vd)); /* a block linear's packed input rows */
+    w.part = max64(max64(h, w.proj), 2 * s->inter);      /* any linear part's out */
+    return w;
+}
+
 /* Floats of workspace `decoder_layers_f32` needs for `rows` rows. */
-int64_t decoder_layers_workspace(int64_t rows, int64_t hidden, int64_t hq, int64_t hk, int64_t d, int64_t inter) {
-    const int64_t widest = max64(max64(hidden, hq * d), inter), nqkv = (hq + 2 * hk) * d;
-    const int64_t per_row = hidden /* x */ + nqkv /* qkv */ + (hq + hk) * d /* rotated q, k */ +
-                            hq * d /* attention */ + hidden /* o */ + 2 * inter /* gate_up */ + inter /* act */ +
-                            widest /* a block linear's packed rows */ +
-                            max64(widest, max64(nqkv, 2 * inter)) /* any linear part's out */;
-    return rows * per_row;
+int64_t decoder_layers_workspace(const decoder_dims *dims, int64_t rows) {
+    const row_widths w = widths(dims);
+    return rows * (w.x + w.proj + w.heads + w.attn + w.gated + w.o + w.gate_up + w.act + w.delta + w.packed + w.part);
 }
 
 /* y [rows, n] = x . w^T (+ bias): each part into `part_out`, then its columns of y. */
@@ -67,44 +109,102 @@ static void block_linear(const block_weight *w, const float *x, int64_t x_row, c
     }
 }
 
+/* The step's own inputs, and where its intermediates go. */
+typedef struct {
+    const int64_t *positions, *slots;
+    const int32_t *block_tables, *context_lens;
+    int64_t max_blocks;
+    const int64_t *state_starts, *state_slots; /* 0 .. rows, and each row's state slot */
+    int64_t rows;
+    float *x, *proj, *heads, *attn, *gated, *o, *gate_up, *act, *delta, *packed, *part;
+    int32_t linear_threads, attention_threads, delta_threads;
+} step;
+
+/* Attention, gated or not: x -> s->o. */
+static void attention(const decoder_layer *l, const decoder_dims *s, const step *st) {
+    const int64_t rows = st->rows, h = s->hidden, d = s->d, qd = s->hq * d, kvd = s->hk * d;
+    const int gated = l->kind == GATED_ATTENTION;
+    const int64_t nq = gated ? 2 * qd : qd, nqkv = nq + 2 * kvd, nrot = qd + kvd;
+    float *qkv = st->proj, *turned = st->heads + rows * nrot;
+    block_linear(&l->qkv, st->x, h, l->qkv_bias, qkv, rows, nqkv, h, st->packed, st->part, st->linear_threads);
+    const float *q = qkv, *k = qkv + nq, *v = k + kvd;
+    int64_t q_row = nqkv, k_row = nqkv;
+    if (gated) { /* each head's query and key normed into `heads`: [rows, Hq D], then [rows, Hk D] */
+        float *qn = st->heads, *kn = qn + rows * qd;
+        head_rmsnorm_f32(qkv, nqkv, 2 * d, l->q_norm, qn, rows, s->hq, d, s->eps, 1);
+        head_rmsnorm_f32(qkv + nq, nqkv, d, l->k_norm, kn, rows, s->hk, d, s->eps, 1);
+        q = qn, k = kn, q_row = qd, k_row = kvd;
+    }
+    rope_f32(q, q_row, k, k_row, st->positions, s->cos_sin, turned, rows, s->hq, s->hk, d, s->rot, 1);
+    write_kv_f32(turned + qd, nrot, v, nqkv, st->slots, l->k_cache, l->v_cache, rows, s->hk, d);
+    paged_decode_attention_f32(turned, nrot, l->k_cache, l->v_cache, st->block_tables, st->max_blocks,
+                               st->context_lens, st->attn, rows, s->hq, s->hk, d, s->block_size, s->scale, s->window,
+                               s->softcap, NULL, st->attention_threads);
+    if (gated) { /* the output times the sigmoid of each head's gate */
+        for (int64_t t = 0; t < rows; ++t) sigmoid_f32(qkv + t * nqkv + d, 2 * d, st->gated + t * qd, s->hq, d, 1);
+        for (int64_t i = 0; i < rows * qd; ++i) st->attn[i] *= st->gated[i];
+    }
+    block_linear(&l->o_proj, st->attn, qd, l->o_bias, st->o, rows, h, qd, st->packed, st->part, st->linear_threads);
+}
+
+/* A Gated DeltaNet: x -> s->o, each row's states advanced in its slot. */
+static void gated_delta_net(const decoder_layer *l, const decoder_dims *s, const step *st) {
+    const int64_t rows = st->rows, h = s->hidden, vd = s->lhv * s->ldv, channels = 2 * s->lhk * s->ldk + vd;
+    const int64_t n = channels + vd + 2 * s->lhv;
+    float *in = st->proj; /* [rows, qkv | z | b | a] */
+    block_linear(&l->qkv, st->x, h, NULL, in, rows, n, h, st->packed, st->part, st->linear_threads);
+    const float *z = in + channels, *b = z + vd, *a = b + s->lhv;
+    gated_delta_net_f32(in, n, a, n, b, n, st->state_starts, st->state_slots, rows, l->conv_states, l->ssm_states,
+                        l->conv_weight, l->a_log, l->dt_bias, st->attn, s->lhk, s->ldk, s->lhv, s->ldv,
+                        s->conv_width, st->delta, st->delta_threads);
+    gated_rmsnorm_f32(st->attn, vd, z, n, l->out_norm, st->gated, rows, s->lhv, s->ldv, s->eps, 1);
+    block_linear(&l->o_proj, st->gated, vd, NULL, st->o, rows, h, vd, st->packed, st->part, st->linear_threads);
+}
+
 /* hidden [T, H] (and residual [T, H], or NULL when the first layer is a model's first) through `num_layers` layers
- * into hidden_out and residual_out [T, H]. Row T is sequence T's one new token at `positions[T]`, stored at flat
- * cache slot `slots[T]`, attending over context_lens[T] cached tokens through block_tables [T, max_blocks] (the last
- * `window` of them when window > 0, scores soft-capped when softcap > 0: paged_decode_attention_f32). Linears
- * share their outputs among `linear_threads`, attention its tasks among `attention_threads`; the rest run on the
- * calling thread, as the op-by-op path runs them at these row counts. */
-void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const float *hidden, const float *residual,
-                        float *hidden_out, float *residual_out, const int64_t *positions, const int64_t *slots,
-                        const int32_t *block_tables, int64_t max_blocks, const int32_t *context_lens,
-                        const float *cos_sin, int64_t rows, int64_t hidden_size, int64_t hq, int64_t hk, int64_t d,
-                        int64_t inter, int64_t block_size, float eps, float scale, int64_t window, float softcap,
-                        float *workspace, int32_t linear_threads, int32_t attention_threads) {
-    const int64_t h = hidden_size, nqkv = (hq + 2 * hk) * d, nrot = (hq + hk) * d;
-    float *x = workspace, *qkv = x + rows * h, *rot = qkv + rows * nqkv, *attn = rot + rows * nrot;
-    float *o = attn + rows * hq * d, *gate_up = o + rows * h, *act = gate_up + rows * 2 * inter;
-    float *scratch = act + rows * inter, *part_out = scratch + rows * max64(max64(h, hq * d), inter);
+ * into hidden_out and residual_out [T, H]. Row T is sequence T's one new token at `positions[T]`: an attention
+ * layer stores it at flat cache slot `slots[T]` and attends over context_lens[T] cached tokens through
+ * block_tables [T, max_blocks] (the last `window` of them when window > 0, scores soft-capped when softcap > 0:
+ * paged_decode_attention_f32); a delta net layer advances the states of slot state_slots[T] (state_starts: 0 .. T).
+ * Linears share their outputs among `linear_threads`, attention its tasks among `attention_threads`, the delta rule
+ * its heads among `delta_threads`; the rest run on the calling thread, as the op-by-op path runs them at these row
+ * counts. */
+void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const decoder_dims *dims, const float *hidden,
+                        const float *residual, float *hidden_out, float *residual_out, const int64_t *positions,
+                        const int64_t *slots, const int32_t *block_tables, int64_t max_blocks,
+                        const int32_t *context_lens, const int64_t *state_starts, const int64_t *state_slots,
+                        int64_t rows, float *workspace, int32_t linear_threads, int32_t attention_threads,
+                        int32_t delta_threads) {
+    const decoder_dims *s = dims;
+    const int64_t h = s->hidden, inter = s->inter;
+    const row_widths w = widths(s);
+    step st = {positions, slots, block_tables, context_lens, max_blocks, state_starts, state_slots, rows};
+    float *next = workspace;
+    float **regions[] = {&st.x,      &st.proj, &st.heads, &st.attn,  &st.gated, &st.o,
+                         &st.gate_up, &st.act, &st.delta, &st.packed, &st.part};
+    const int64_t sizes[] = {w.x, w.proj, w.heads, w.attn, w.gated, w.o, w.gate_up, w.act, w.delta, w.packed, w.part};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; ++i) *regions[i] = next, next += rows * sizes[i];
+    st.linear_threads = linear_threads, st.attention_threads = attention_threads, st.delta_threads = delta_threads;
     for (int64_t i = 0; i < num_layers; ++i) {
         const decoder_layer *l = layers + i;
         const float *layer_in = i == 0 ? hidden : hidden_out;
         if (i == 0 && residual == NULL) { /* a model's first layer: the residual stream starts as its input */
-            rmsnorm_f32(hidden, h, NULL, 0, l->input_norm, x, NULL, rows, h, eps, 1);
+            rmsnorm_f32(hidden, h, NULL, 0, l->input_norm, st.x, NULL, rows, h, s->eps, 1);
             residual = hidden;
         } else {
-            rmsnorm_f32(layer_in, h, residual, h, l->input_norm, x, residual_out, rows, h, eps, 1);
+            rmsnorm_f32(layer_in, h, residual, h, l->input_norm, st.x, residual_out, rows, h, s->eps, 1);
             residual = residual_out;
         }
-        block_linear(&l->qkv, x, h, l->qkv_bias, qkv, rows, nqkv, h, scratch, part_out, linear_threads);
-        rope_f32(qkv, nqkv, qkv + hq * d, nqkv, positions, cos_sin, rot, rows, hq, hk, d, d, 1);
-        write_kv_f32(rot + hq * d, nrot, qkv + (hq + hk) * d, nqkv, slots, l->k_cache, l->v_cache, rows, hk, d);
-        paged_decode_attention_f32(rot, nrot, l->k_cache, l->v_cache, block_tables, max_blocks, context_lens, attn,
-                                   rows, hq, hk, d, block_size, scale, window, softcap, NULL, attention_threads);
-        block_linear(&l->o_proj, attn, hq * d, l->o_bias, o, rows, h, hq * d, scratch, part_out, linear_threads);
-        rmsnorm_f32(o, h, residual, h, l->post_norm, x, residual_out, rows, h, eps, 1);
+        if (l->kind == GATED_DELTA_NET)
+            gated_delta_net(l, s, &st);
+        else
+            attention(l, s, &st);
+        rmsnorm_f32(st.o, h, residual, h, l->post_norm, st.x, residual_out, rows, h, s->eps, 1);
         residual = residual_out;
-        block_linear(&l->gate_up, x, h, l->gate_up_bias, gate_up, rows, 2 * inter, h, scratch, part_out,
+        block_linear(&l->gate_up, st.x, h, l->gate_up_bias, st.gate_up, rows, 2 * inter, h, st.packed, st.part,
                      linear_threads);
-        silu_mul_f32(gate_up, 2 * inter, act, rows, inter, 1);
-        block_linear(&l->down, act, inter, l->down_bias, hidden_out, rows, h, inter, scratch, part_out,
+        silu_mul_f32(st.gate_up, 2 * inter, st.act, rows, inter, 1);
+        block_linear(&l->down, st.act, inter, l->down_bias, hidden_out, rows, h, inter, st.packed, st.part,
                      linear_threads);
     }
 }

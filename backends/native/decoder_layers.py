@@ -2,8 +2,9 @@
 
 Built once per model from the layers' bound weights: their pointers go into a ctypes array of `decoder_layer`
 structs, so a step passes only its own tensors. The C code runs the same kernels in the same order and on the same
-threads as the op-by-op path, so the two give bit-identical results; only the ~10 Python calls a layer makes are
-gone (SmolLM2, one stream: ~1.5 ms of a ~6 ms step)."""
+threads as the op-by-op path, so the two give bit-identical results; only the 10-15 Python calls a layer makes are
+gone (SmolLM2, one stream: ~1.5 ms of a ~6 ms step). Attention layers, Qwen3.5's gated attention and its Gated
+DeltaNet layers (`KINDS`) mix in one run."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import ctypes
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata
-from sagellm.backends.base import DecoderLayer, DecoderShape
+from sagellm.backends.base import AttentionShape, DecoderLayer, DecoderShape
 from sagellm.backends.native.block_layout import InterleavedBlocks
-from sagellm.backends.native.ops import MAX_HEAD_DIM, NativeKernels, fits_dense
+from sagellm.backends.native.ops import MAX_CONV_WIDTH, MAX_DELTA_HEAD_DIM, MAX_HEAD_DIM, NativeKernels, fits_dense
+from sagellm.backends.torch_ops.linear_attention import seed_decode_states
 
 # decoder_layers.c BLOCK_LINEARS, in its order
 LAYOUTS = (
@@ -29,7 +31,12 @@ F32, I32, I64 = torch.float32, torch.int32, torch.int64
 NATIVE_PARALLEL_KEYS = 256
 
 
+# Floats of delta-rule state (tokens x Hv x Dk x Dv) from which the native Gated DeltaNet shares its heads among
+# torch's threads: a quarter of a Qwen3.5-0.8B token's 1 MB, read twice and written once. One whole decode row, its
+# states from memory, on a 2-core AMD EPYC (AVX2 kernels): 0.16 ms on one thread, 0.11 on two.
+NATIVE_PARALLEL_STATE = 1 << 16
 MAX_PARTS = 3  # decoder_layers.c's: a fused linear's parts of different kinds (q, k, v)
+KINDS = ("attention", "gated_attention", "gated_delta_net")  # decoder_layers.c's, in its order
 
 
 class _Weight(ctypes.Structure):
@@ -43,16 +50,32 @@ class _Weight(ctypes.Structure):
     ]
 
 
+LINEARS = ("qkv", "o_proj", "gate_up", "down")
+BIASES = ("qkv_bias", "o_bias", "gate_up_bias", "down_bias")
+TENSORS = ("k_cache", "v_cache", "q_norm", "k_norm", "conv_states", "ssm_states", "conv_weight", "a_log", "dt_bias")
+TENSORS += ("out_norm",)
+
+
 class _Layer(ctypes.Structure):
     """decoder_layers.c's `decoder_layer`."""
 
     _fields_ = [
+        ("kind", ctypes.c_int64),
         ("input_norm", ctypes.c_void_p),
         ("post_norm", ctypes.c_void_p),
-        *((name, _Weight) for name in ("qkv", "o_proj", "gate_up", "down")),
-        *((name, ctypes.c_void_p) for name in ("qkv_bias", "o_bias", "gate_up_bias", "down_bias")),
-        ("k_cache", ctypes.c_void_p),
-        ("v_cache", ctypes.c_void_p),
+        *((name, _Weight) for name in LINEARS),
+        *((name, ctypes.c_void_p) for name in (*BIASES, *TENSORS)),
+    ]
+
+
+class _Dims(ctypes.Structure):
+    """decoder_layers.c's `decoder_dims`."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("hidden", "inter", "hq", "hk", "d", "rot", "block_size", "window")),
+        *((name, ctypes.c_float) for name in ("eps", "scale", "softcap")),
+        ("cos_sin", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("lhk", "ldk", "lhv", "ldv", "conv_width")),
     ]
 
 
@@ -66,7 +89,10 @@ class NativeDecoderLayers:
         self._max_rows = max_rows
         self._keep = layers  # the tensors whose addresses the structs hold
         self._structs = (_Layer * len(layers))(*(_struct(layer) for layer in layers))
-        self._block_size = layers[0].k_cache.shape[1]
+        self._dims = _dims(shape, layers)
+        self._states = [(layer.conv_states, layer.ssm_states) for layer in layers if layer.kind == "gated_delta_net"]
+        self._state_floats = self._states[0][1][0].numel() if self._states else 0  # a slot's delta-rule state
+        self._starts = torch.arange(max_rows + 1)  # a decode's rows: one token per sequence
         self._workspace = torch.empty(0, dtype=F32)  # grown to the most rows seen, never shrunk (no page faults)
 
     @classmethod
@@ -74,77 +100,63 @@ class NativeDecoderLayers:
         cls, native: NativeKernels, layers: list[DecoderLayer], shape: DecoderShape, max_rows: int
     ) -> NativeDecoderLayers | None:
         """The fused kernel when every weight is interleaved blocks of the expected shape, biases and norms dense
-        fp32 and the caches what the decode attention reads; else None."""
-        s = shape
-        h, q_size, kv_size = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        linears = (("qkv", q_size + 2 * kv_size, h), ("o_proj", h, q_size))
-        linears += (("gate_up", 2 * s.intermediate_size, h), ("down", h, s.intermediate_size))
-        cache = layers[0].k_cache.shape
-        if s.head_dim % 8 or s.head_dim > MAX_HEAD_DIM or not fits_dense(s.cos_sin):
+        fp32 and the caches and states what the decode kernels read; else None."""
+        if shape.attention is not None and not _attention_fits(shape.attention):
             return None
-        for layer in layers:
-            for name, n, k in linears:
-                blocks = getattr(layer, name)
-                bias = getattr(layer, name.removesuffix("_proj") + "_bias")
-                if not _fits_blocks(blocks, n, k) or not (bias is None or (fits_dense(bias) and bias.shape == (n,))):
-                    return None
-            norms_fit = all(w.shape == (h,) and fits_dense(w) for w in (layer.input_norm, layer.post_norm))
-            caches = layer.k_cache, layer.v_cache
-            caches_fit = all(c.shape == cache for c in caches) and fits_dense(*caches)
-            if not (norms_fit and caches_fit and cache[2:] == (s.num_kv_heads, s.head_dim)):
-                return None
+        if not all(_layer_fits(layer, shape) for layer in layers):
+            return None
         return cls(native, layers, shape, max_rows)
 
     def __call__(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         rows = hidden.shape[0]
-        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        s = self._shape
+        tables, state_slots = meta.decode_block_tables, meta.decode_state_slots
         if (
             rows > self._max_rows
             or meta.num_decode_tokens != rows  # prefill chunks in the step
             or not fits_dense(hidden, *(() if residual is None else (residual,)))
-            or not (fits_dense(positions, meta.slot_mapping, dtype=I64) and fits_dense(tables, lens, dtype=I32))
+            or (s.attention is not None and not _attention_step_fits(positions, meta))
+            or (self._states and not (state_slots is not None and fits_dense(state_slots, dtype=I64)))
         ):
             return None
-        s = self._shape
-        size = self._lib.decoder_layers_workspace(
-            rows, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size
-        )
+        if self._states and meta.decode_state_seeds:
+            for conv_states, ssm_states in self._states:
+                seed_decode_states(meta, conv_states, ssm_states)
+        size = self._lib.decoder_layers_workspace(ctypes.byref(self._dims), rows)
         if self._workspace.numel() < size:
             self._workspace = torch.empty(size, dtype=F32)
         hidden_out = torch.empty((rows, s.hidden_size), dtype=F32)  # [T, H]
         residual_out = torch.empty((rows, s.hidden_size), dtype=F32)  # [T, H]
-        keys = rows * seen_keys(tables.shape[1] * self._block_size, s.window)  # as NativeDispatch counts them
+        keys = rows * seen_keys(tables.shape[1] * self._dims.block_size, self._dims.window) if s.attention else 0
         self._lib.decoder_layers_f32(
             self._structs,
             len(self._structs),
+            ctypes.byref(self._dims),
             hidden.data_ptr(),
             None if residual is None else residual.data_ptr(),
             hidden_out.data_ptr(),
             residual_out.data_ptr(),
-            positions.data_ptr(),
-            meta.slot_mapping.data_ptr(),
-            tables.data_ptr(),
-            tables.shape[1],
-            lens.data_ptr(),
-            s.cos_sin.data_ptr(),
+            positions.data_ptr() if s.attention else None,
+            meta.slot_mapping.data_ptr() if s.attention else None,
+            tables.data_ptr() if s.attention else None,
+            tables.shape[1] if s.attention else 0,
+            meta.decode_context_lens.data_ptr() if s.attention else None,
+            self._starts.data_ptr(),
+            state_slots.data_ptr() if self._states else None,
             rows,
-            s.hidden_size,
-            s.num_heads,
-            s.num_kv_heads,
-            s.head_dim,
-            s.intermediate_size,
-            self._block_size,
-            s.eps,
-            s.scale,
-            s.window,
-            s.softcap,
             self._workspace.data_ptr(),
             torch.get_num_threads(),
             attention_threads(keys),
+            delta_rule_threads(rows * self._state_floats),
         )
         return hidden_out, residual_out
+
+
+def delta_rule_threads(state: int) -> int:
+    """Threads for the native Gated DeltaNet over `state` floats of delta-rule state."""
+    return torch.get_num_threads() if state >= NATIVE_PARALLEL_STATE else 1
 
 
 def attention_threads(keys: int) -> int:
@@ -156,6 +168,80 @@ def attention_threads(keys: int) -> int:
 def seen_keys(context: int, window: int) -> int:
     """The keys a query reads of `context` cached ones: the last `window` under a sliding window (window > 0)."""
     return min(context, window) if window > 0 else context
+
+
+def _attention_fits(a: AttentionShape) -> bool:
+    heads_fit = a.head_dim % 8 == 0 and a.head_dim <= MAX_HEAD_DIM
+    return heads_fit and fits_dense(a.cos_sin) and a.cos_sin.dim() == 2 and a.cos_sin.shape[1] <= a.head_dim
+
+
+def _attention_step_fits(positions: torch.Tensor | None, meta: AttentionMetadata) -> bool:
+    """What the attention layers read of a step: its positions, slots, block tables and context lengths."""
+    tables, lens = meta.decode_block_tables, meta.decode_context_lens
+    return (
+        positions is not None
+        and fits_dense(positions, meta.slot_mapping, dtype=I64)
+        and fits_dense(tables, lens, dtype=I32)
+    )
+
+
+def _layer_fits(layer: DecoderLayer, shape: DecoderShape) -> bool:
+    """Whether `layer`'s weights, norms and caches or states are what decoder_layers.c reads for its kind."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    mlp = (("gate_up", 2 * inter, h), ("down", h, inter))
+    if layer.kind == "gated_delta_net":
+        dn = shape.delta_net
+        if dn is None or layer.qkv_bias is not None or layer.o_bias is not None:
+            return False
+        value = dn.num_v_heads * dn.head_v_dim
+        channels = 2 * dn.num_k_heads * dn.head_k_dim + value
+        linears = (("qkv", channels + value + 2 * dn.num_v_heads, h), ("o_proj", h, value), *mlp)
+        states = layer.conv_states, layer.ssm_states, layer.conv_weight, layer.a_log, layer.dt_bias, layer.out_norm
+        if not (all(t is not None for t in states) and fits_dense(*states)):
+            return False
+        fits_own = (
+            layer.conv_weight.shape == (channels, dn.conv_width)
+            and layer.conv_states.shape[1:] == (channels, dn.conv_width - 1)
+            and layer.ssm_states.shape[1:] == (dn.num_v_heads, dn.head_k_dim, dn.head_v_dim)
+            and layer.a_log.shape == layer.dt_bias.shape == (dn.num_v_heads,)
+            and layer.out_norm.shape == (dn.head_v_dim,)
+            and max(dn.head_k_dim, dn.head_v_dim) <= MAX_DELTA_HEAD_DIM
+            and dn.conv_width <= MAX_CONV_WIDTH
+            and dn.num_v_heads % dn.num_k_heads == 0
+        )
+    else:
+        a = shape.attention
+        if a is None or layer.kind not in KINDS:
+            return False
+        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        gated = layer.kind == "gated_attention"
+        linears = (("qkv", (2 if gated else 1) * q_size + 2 * kv_size, h), ("o_proj", h, q_size), *mlp)
+        caches = layer.k_cache, layer.v_cache
+        cache_shape = (a.num_kv_heads, a.head_dim)
+        fits_own = all(c is not None and c.shape[2:] == cache_shape for c in caches) and fits_dense(*caches)
+        fits_own = fits_own and layer.k_cache.shape == layer.v_cache.shape
+        if gated:
+            norms = layer.q_norm, layer.k_norm
+            fits_own = fits_own and all(n is not None and n.shape == (a.head_dim,) and fits_dense(n) for n in norms)
+    for name, n, k in linears:
+        bias = getattr(layer, name.removesuffix("_proj") + "_bias")
+        bias_fits = bias is None or (fits_dense(bias) and bias.shape == (n,))
+        if not (_fits_blocks(getattr(layer, name), n, k) and bias_fits):
+            return False
+    norms_fit = all(w.shape == (h,) and fits_dense(w) for w in (layer.input_norm, layer.post_norm))
+    return fits_own and norms_fit
+
+
+def _dims(shape: DecoderShape, layers: list[DecoderLayer]) -> _Dims:
+    a, dn = shape.attention, shape.delta_net
+    block_size = next((layer.k_cache.shape[1] for layer in layers if layer.k_cache is not None), 0)
+    no_attention = (0, 0, 0, 0, 0, 0, shape.eps, 0.0, 0.0, None)
+    attention = no_attention if a is None else (
+        a.num_heads, a.num_kv_heads, a.head_dim, a.cos_sin.shape[1], block_size, a.window, shape.eps, a.scale,
+        a.softcap, a.cos_sin.data_ptr(),
+    )  # fmt: skip
+    delta = (0,) * 5 if dn is None else (dn.num_k_heads, dn.head_k_dim, dn.num_v_heads, dn.head_v_dim, dn.conv_width)
+    return _Dims(shape.hidden_size, shape.intermediate_size, *attention, *delta)
 
 
 def _fits_blocks(parts: tuple[InterleavedBlocks, ...], n: int, k: int) -> bool:
@@ -183,10 +269,9 @@ def _struct(layer: DecoderLayer) -> _Layer:
         return None if t is None else t.data_ptr()
 
     return _Layer(
+        KINDS.index(layer.kind),
         address(layer.input_norm),
         address(layer.post_norm),
-        *(_weight(getattr(layer, name)) for name in ("qkv", "o_proj", "gate_up", "down")),
-        *(address(b) for b in (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)),
-        address(layer.k_cache),
-        address(layer.v_cache),
+        *(_weight(getattr(layer, name)) for name in LINEARS),
+        *(address(getattr(layer, name)) for name in (*BIASES, *TENSORS)),
     )

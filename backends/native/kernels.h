@@ -7,12 +7,15 @@
 
 void rmsnorm_f32(const float *x, int64_t x_row, const float *residual, int64_t residual_row, const float *weight,
                  float *normed, float *summed, int64_t rows, int64_t hidden, float eps, int32_t num_threads);
+void head_rmsnorm_f32(const float *x, int64_t x_row, int64_t head_stride, const float *weight, float *out,
+                      int64_t tokens, int64_t heads, int64_t d, float eps, int32_t num_threads);
 void rope_f32(const float *q, int64_t q_row, const float *k, int64_t k_row, const int64_t *positions,
               const float *cos_sin, float *out, int64_t tokens, int64_t hq, int64_t hk, int64_t d, int64_t rot,
               int32_t num_threads);
 void gated_rmsnorm_f32(const float *x, int64_t x_row, const float *z, int64_t z_row, const float *weight, float *out,
                        int64_t tokens, int64_t heads, int64_t d, float eps, int32_t num_threads);
 void silu_mul_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_t inter, int32_t num_threads);
+void sigmoid_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_t n, int32_t num_threads);
 void write_kv_f32(const float *k, int64_t k_row, const float *v, int64_t v_row, const int64_t *slots, float *k_cache,
                   float *v_cache, int64_t tokens, int64_t hk, int64_t d);
 void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,

@@ -35,11 +35,9 @@ def fits_rows(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == F32 and t.dim() == 2 and t.stride(1) == 1 for t in tensors)
 
 
-def fits_spaced_heads(x: torch.Tensor) -> bool:
-    """fp32 [T, H, D] whose heads are evenly spaced across rows (x.stride(0) == H * x.stride(1), or one row), each
-    unit-stride: every head one row of the norm kernel (Qwen3.5's queries beside their gates qualify)."""
-    one_spacing = x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1)
-    return x.dtype == F32 and x.dim() == 3 and x.stride(2) == 1 and one_spacing
+def fits_strided_heads(x: torch.Tensor) -> bool:
+    """fp32 [T, H, D] whose heads are unit-stride (tokens and heads any distance apart): what head_rmsnorm reads."""
+    return x.dtype == F32 and x.dim() == 3 and x.stride(2) == 1
 
 
 def fits_heads(*tensors: torch.Tensor) -> bool:
@@ -155,16 +153,14 @@ class NativeKernels:
         return normed
 
     def head_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, num_threads: int = 1) -> torch.Tensor:
-        """RMSNorm over each head of x [T, H, D] (the weight [D] shared), whose heads are evenly spaced
-        (fits_spaced_heads): every head is one row of rmsnorm_f32. Returns [T, H, D]."""
+        """RMSNorm over each head of x [T, H, D] (the weight [D] shared; fits_strided_heads). Returns [T, H, D]."""
         tokens, heads, d = x.shape
         _expect(weight.shape == (d,), "head_rmsnorm weight", weight, x)
-        _expect(fits_spaced_heads(x), "head_rmsnorm x", x, x)
+        _expect(fits_strided_heads(x), "head_rmsnorm x", x, x)
         normed = torch.empty((tokens, heads, d), dtype=F32)
-        self._lib.rmsnorm_f32(
-            x.data_ptr(), x.stride(1), None, 0, _f32(weight), normed.data_ptr(), None, tokens * heads, d, eps,
-            num_threads,
-        )  # fmt: skip
+        self._lib.head_rmsnorm_f32(
+            x.data_ptr(), x.stride(0), x.stride(1), _f32(weight), normed.data_ptr(), tokens, heads, d, eps, num_threads
+        )
         return normed
 
     def gated_rmsnorm(
@@ -238,6 +234,12 @@ class NativeKernels:
         _expect(x.shape[1] % 2 == 0, "silu_mul input (gate and up halves)", x, x)
         out = torch.empty((rows, inter), dtype=F32)  # [T, I]
         self._lib.silu_mul_f32(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inter, num_threads)
+        return out
+
+    def sigmoid(self, x: torch.Tensor, num_threads: int = 1) -> torch.Tensor:
+        rows, n = x.shape
+        out = torch.empty((rows, n), dtype=F32)  # [T, N]
+        self._lib.sigmoid_f32(x.data_ptr(), x.stride(0), out.data_ptr(), rows, n, num_threads)
         return out
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

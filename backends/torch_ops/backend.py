@@ -37,6 +37,7 @@ TORCH_KERNELS: KernelTable = {
     "silu_mul": silu_mul,
     "gelu_tanh_mul": gelu_tanh_mul,
     "add": add,
+    "sigmoid": torch.sigmoid,
     "moe": moe,
     "attention": attention,
     "paged_decode_attention": paged_decode_attention,

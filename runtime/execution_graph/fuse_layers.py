@@ -2,27 +2,43 @@
 kernel that runs them in one call (the kernel table's optional `decoder_layers`, backends/base.py).
 
 A layer is recognized by its instructions, in the order the optimized graph lowers them:
-    rmsnorm | add_rmsnorm, linear (qkv), split, rope, attention, linear (o), add_rmsnorm, linear (gate_up), silu_mul,
-    linear (down)
-wired as one layer, the next layer reading this one's output and residual. Tensor parallel ranks (all_reduce between
-the ops) and mixtures of experts do not match and keep their ops. The fused instruction keeps the original ones as
-its fallback: the backend's kernel declines a step it does not take (prefill rows, too many rows) by returning None,
-and the original ops then run one by one."""
+    rmsnorm | add_rmsnorm, <mixer>, add_rmsnorm, linear (gate_up), silu_mul, linear (down)
+with one of the mixers (MIXERS): attention, Qwen3.5's gated attention or its Gated DeltaNet; wired as one layer, the
+next layer reading this one's output and residual. Tensor parallel ranks (all_reduce between the ops) and mixtures
+of experts do not match and keep their ops. The fused instruction keeps the original ones as its fallback: the
+backend's kernel declines a step it does not take (prefill rows, too many rows) by returning None, and the original
+ops then run one by one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sagellm.backends.base import DecoderLayer, DecoderLayersKernel, DecoderShape, KernelTable
+from sagellm.backends.base import (
+    AttentionShape,
+    DecoderLayer,
+    DecoderLayersKernel,
+    DecoderShape,
+    DeltaNetShape,
+    KernelTable,
+)
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.plan import Instr, Plan
 
-LAYER_OPS = ("linear", "split", "rope", "attention", "linear", "add_rmsnorm", "linear", "silu_mul", "linear")
+MIXERS = {
+    "attention": ("linear", "split", "rope", "attention", "linear"),
+    "gated_attention": (
+        *("linear", "split", "split_head_halves", "head_rmsnorm", "head_rmsnorm", "sigmoid", "rope", "attention"),
+        *("mul", "linear"),
+    ),
+    "gated_delta_net": ("linear", "split", "gated_delta_net", "gated_rmsnorm", "linear"),
+}
+MLP_OPS = ("add_rmsnorm", "linear", "silu_mul", "linear")
 NORMS = ("rmsnorm", "add_rmsnorm")
 # Ops of the head that topological order may place between a last layer's ops (the rows whose logits are taken);
 # they move after the fused instruction when they read only what it outputs or what came before it.
 MOVABLE = ("index_rows",)
+STEP_INPUTS = ("hidden", "residual", "positions", "meta")  # the fused instruction's, those a run reads
 
 
 @dataclass(frozen=True)
@@ -31,7 +47,7 @@ class _Layer:
     movable: list[int]  # instructions inside the span that are not the layer's
     hidden: int  # slots: the layer's input
     residual: int | None  # and the residual stream it adds to (None: its input starts the stream)
-    positions: int
+    positions: int | None  # None: a layer without rope (a Gated DeltaNet)
     meta: int
     out_hidden: int
     out_residual: int
@@ -51,9 +67,10 @@ def fuse_decoder_layers(plan: Plan, graph: Graph, kernels: KernelTable) -> Plan:
     found = next((layer for i in range(len(ops)) if (layer := _match(instrs, ops, graph, i))), None)
     if found is None:
         return plan
-    start, run = found.span.start, [found]
-    while (layer := _match(instrs, ops, graph, run[-1].span.stop)) and _continues(run[-1], layer):
+    start, run, shape = found.span.start, [found], found.shape
+    while (layer := _match(instrs, ops, graph, run[-1].span.stop)) and (joined := _continues(run, shape, layer)):
         run.append(layer)
+        shape = joined
     first, last = run[0], run[-1]
     moved = {j for layer in run for j in layer.movable}
     # The run's outputs go to two fresh slots: its last residual's slot may be reused inside the run (by its last
@@ -62,14 +79,16 @@ def fuse_decoder_layers(plan: Plan, graph: Graph, kernels: KernelTable) -> Plan:
     rest = _after_run(plan, start, last, moved, outputs)
     if rest is None:
         return plan
-    kernel = build([layer.weights for layer in run], first.shape)
+    kernel = build([layer.weights for layer in run], shape)
     if kernel is None:
         return plan
     own = _own(instrs, range(start, last.span.stop), moved, last, outputs)
-    inputs = tuple(slot for slot in (first.hidden, first.residual, first.positions, first.meta) if slot is not None)
+    positions = next((layer.positions for layer in run if layer.positions is not None), None)
+    step = dict(zip(STEP_INPUTS, (first.hidden, first.residual, positions, first.meta)))
+    step = {name: slot for name, slot in step.items() if slot is not None}
     out_slots = {"hidden": outputs[0], "residual": outputs[1]}
-    fallback = Plan(own, plan.num_slots + 2, {str(slot): slot for slot in inputs}, out_slots)
-    fused = Instr(FusedLayers(kernel, fallback, first.residual is not None), inputs, (), outputs, _name(own))
+    fallback = Plan(own, plan.num_slots + 2, {str(slot): slot for slot in step.values()}, out_slots)
+    fused = Instr(FusedLayers(kernel, fallback, tuple(step)), tuple(step.values()), (), outputs, _name(own))
     output_slots, later = rest
     return Plan([*instrs[:start], fused, *later], plan.num_slots + 2, plan.input_slots, output_slots)
 
@@ -128,28 +147,27 @@ def _name(own: list[Instr]) -> str:
     return f"{own[0].node}..{own[-1].node}"
 
 
-def _continues(before: _Layer, layer: _Layer) -> bool:
-    """`layer` reads `before`'s output and residual, with the same step inputs and shape."""
-    return (layer.hidden, layer.residual, layer.positions, layer.meta) == (
-        before.out_hidden,
-        before.out_residual,
-        before.positions,
-        before.meta,
-    ) and layer.shape.key() == before.shape.key()
+def _continues(run: list[_Layer], shape: DecoderShape, layer: _Layer) -> DecoderShape | None:
+    """The shape of `run` with `layer` after it, when `layer` reads the run's output and residual, with the same
+    step inputs, and its shape agrees with the run's; else None."""
+    before = run[-1]
+    positions = {p for p in (layer.positions, *(r.positions for r in run)) if p is not None}
+    wired = (layer.hidden, layer.residual, layer.meta) == (before.out_hidden, before.out_residual, before.meta)
+    return shape.joined(layer.shape) if wired and len(positions) <= 1 else None
 
 
 class FusedLayers:
     """The fused instruction's kernel: the backend's one call, or the layers' own instructions for the steps it
-    declines."""
+    declines. `inputs`: which of STEP_INPUTS the instruction passes, in that order."""
 
-    def __init__(self, kernel: DecoderLayersKernel, fallback: Plan, has_residual: bool) -> None:
+    def __init__(self, kernel: DecoderLayersKernel, fallback: Plan, inputs: tuple[str, ...]) -> None:
         self.kernel = kernel
         self.fallback = fallback
-        self.has_residual = has_residual
+        self.inputs = inputs
 
     def __call__(self, *args: Any) -> tuple[Any, Any]:
-        hidden, residual, positions, meta = args if self.has_residual else (args[0], None, *args[1:])
-        out = self.kernel(hidden, residual, positions, meta)
+        given = dict(zip(self.inputs, args))
+        out = self.kernel(*(given.get(name) for name in STEP_INPUTS))
         if out is not None:
             return out
         result = self.fallback.run(**dict(zip(self.fallback.input_slots, args)))
@@ -157,22 +175,92 @@ class FusedLayers:
 
 
 def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer | None:
-    """The layer whose first instruction is instrs[i], if the next ten instructions other than MOVABLE ones are one
-    (wired as one layer)."""
+    """The layer whose first instruction is instrs[i], if the instructions after it other than MOVABLE ones are one
+    (a mixer of MIXERS and the MLP, wired as one layer)."""
     if i >= len(ops) or ops[i] not in NORMS:  # past the plan's end: a pipeline stage ends with its last layer
         return None
-    at = [i]  # the layer's instructions
-    j = i + 1
-    while len(at) < 10 and j < len(ops):
-        if ops[j] not in MOVABLE:
-            at.append(j)
-        j += 1
-    if tuple(ops[k] for k in at[1:]) != LAYER_OPS:
-        return None
-    span = range(i, at[-1] + 1)
-    norm, qkv, split, rope, attention, o_proj, post, gate_up, silu_mul, down = (instrs[k] for k in at)
+    for kind, mixer in MIXERS.items():
+        at = [i]  # the layer's instructions
+        j = i + 1
+        while len(at) < 1 + len(mixer) + len(MLP_OPS) and j < len(ops):
+            if ops[j] not in MOVABLE:
+                at.append(j)
+            j += 1
+        if tuple(ops[k] for k in at[1:]) == (*mixer, *MLP_OPS):
+            return _layer(kind, instrs, ops, graph, at)
+    return None
+
+
+def _layer(kind: str, instrs: list[Instr], ops: list[str], graph: Graph, at: list[int]) -> _Layer | None:
+    """The layer of `kind` at instructions `at` (its ops in the order MIXERS and MLP_OPS list them), if they are
+    wired as one and of shapes the kernels take."""
+    norm, *mixer, post, gate_up, silu_mul, down = (instrs[k] for k in at)
     x = norm.outputs[0]
-    residual = norm.inputs[0] if ops[i] == "rmsnorm" else norm.outputs[1]
+    residual = norm.inputs[0] if ops[at[0]] == "rmsnorm" else norm.outputs[1]
+    mixed = _MIXER_MATCHERS[kind](mixer, x)
+    if mixed is None:
+        return None
+    wired = (
+        post.inputs == (mixed.out, residual)
+        and gate_up.inputs == (post.outputs[0],)
+        and silu_mul.inputs == gate_up.outputs
+        and down.inputs == silu_mul.outputs
+    )
+    (input_norm, eps), (post_norm, post_eps) = norm.consts, post.consts
+    if not wired or post_eps != eps or mixed.eps not in (None, eps):
+        return None
+    gate_up_weight, gate_up_bias = gate_up.consts
+    down_weight, down_bias = down.consts
+    shape = DecoderShape(
+        hidden_size=input_norm.shape[0],
+        intermediate_size=graph.nodes[gate_up.node].params["out_features"] // 2,
+        eps=eps,
+        attention=mixed.attention,
+        delta_net=mixed.delta_net,
+    )
+    layer = DecoderLayer(
+        input_norm=input_norm,
+        post_norm=post_norm,
+        gate_up=gate_up_weight,
+        gate_up_bias=gate_up_bias,
+        down=down_weight,
+        down_bias=down_bias,
+        kind=kind,
+        **mixed.weights,
+    )
+    span = range(at[0], at[-1] + 1)
+    return _Layer(
+        span,
+        [j for j in span if j not in at],
+        hidden=norm.inputs[0],
+        residual=norm.inputs[1] if ops[at[0]] == "add_rmsnorm" else None,
+        positions=mixed.positions,
+        meta=mixed.meta,
+        out_hidden=down.outputs[0],
+        out_residual=post.outputs[1],
+        hidden_at=(at[-1], 0),
+        residual_at=(at[-4], 1),
+        weights=layer,
+        shape=shape,
+    )
+
+
+@dataclass(frozen=True)
+class _Mixer:
+    """A matched mixer: the slots of its output, of the positions (None: no rope) and of the step's metadata; the
+    DecoderLayer fields it binds; the eps of its own norms (None: none; else it must be the layer's); its shape."""
+
+    out: int
+    positions: int | None
+    meta: int
+    weights: dict[str, Any]
+    eps: float | None = None
+    attention: AttentionShape | None = None
+    delta_net: DeltaNetShape | None = None
+
+
+def _attention(mixer: list[Instr], x: int) -> _Mixer | None:
+    qkv, split, rope, attention, o_proj = mixer
     q, k, v = split.outputs
     wired = (
         qkv.inputs == (x,)
@@ -180,51 +268,81 @@ def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer 
         and rope.inputs[:2] == (q, k)
         and attention.inputs[:3] == (*rope.outputs, v)
         and o_proj.inputs == attention.outputs
-        and post.inputs == (o_proj.outputs[0], residual)
-        and gate_up.inputs == (post.outputs[0],)
-        and silu_mul.inputs == gate_up.outputs
-        and down.inputs == silu_mul.outputs
     )
     if not wired:
         return None
-    (input_norm, eps), (post_norm, post_eps) = norm.consts, post.consts
-    k_cache, v_cache, scale, window, softcap, sinks = attention.consts
-    if sinks is not None:  # attention sinks: not in the fused kernels, the ops run one by one
-        return None
-    (cos_sin,) = rope.consts
     q_size, kv_size, v_size = split.consts[0]
-    head_dim = k_cache.shape[-1]
-    gate_up_weight, gate_up_bias = gate_up.consts
-    if eps != post_eps or kv_size != v_size or q_size % head_dim or kv_size % head_dim:
+    shape = _attention_shape(attention, rope, q_size, kv_size)
+    if shape is None or kv_size != v_size:
         return None
-    if cos_sin.shape[-1] != head_dim:  # partial rotary: not (yet) in the fused kernels, the ops run one by one
+    weights = dict(zip(("qkv", "qkv_bias", "o_proj", "o_bias"), (*qkv.consts, *o_proj.consts))) | _caches(attention)
+    return _Mixer(o_proj.outputs[0], rope.inputs[2], attention.inputs[3], weights, attention=shape)
+
+
+def _gated_attention(mixer: list[Instr], x: int) -> _Mixer | None:
+    qkv, split, halves, norm_a, norm_b, sigmoid, rope, attention, mul, o_proj = mixer
+    both, k, v = split.outputs
+    q, gate = halves.outputs
+    norms = {norm_a.inputs: norm_a, norm_b.inputs: norm_b}
+    if set(norms) != {(q,), (k,)}:
         return None
-    shape = DecoderShape(
-        hidden_size=input_norm.shape[0],
-        num_heads=q_size // head_dim,
-        num_kv_heads=kv_size // head_dim,
-        head_dim=head_dim,
-        intermediate_size=graph.nodes[gate_up.node].params["out_features"] // 2,
-        eps=eps,
-        scale=scale,
-        cos_sin=cos_sin,
-        window=window,
-        softcap=softcap,
+    q_norm, k_norm = norms[(q,)], norms[(k,)]
+    wired = (
+        qkv.inputs == (x,)
+        and split.inputs == qkv.outputs
+        and halves.inputs == (both,)
+        and sigmoid.inputs == (gate,)
+        and rope.inputs[:2] == (q_norm.outputs[0], k_norm.outputs[0])
+        and attention.inputs[:3] == (*rope.outputs, v)
+        and set(mul.inputs) == {attention.outputs[0], sigmoid.outputs[0]}
+        and o_proj.inputs == mul.outputs
     )
-    weights = DecoderLayer(
-        input_norm, *qkv.consts, *o_proj.consts, post_norm, gate_up_weight, gate_up_bias, *down.consts, k_cache, v_cache
+    if not wired:
+        return None
+    both_size, kv_size, v_size = split.consts[0]
+    shape = _attention_shape(attention, rope, both_size // 2, kv_size)
+    (q_weight, q_eps), (k_weight, k_eps) = q_norm.consts, k_norm.consts
+    if shape is None or halves.consts != (shape.head_dim,) or q_eps != k_eps or kv_size != v_size:
+        return None
+    weights = dict(zip(("qkv", "qkv_bias", "o_proj", "o_bias"), (*qkv.consts, *o_proj.consts))) | _caches(attention)
+    weights |= {"q_norm": q_weight, "k_norm": k_weight}
+    return _Mixer(o_proj.outputs[0], rope.inputs[2], attention.inputs[3], weights, q_eps, attention=shape)
+
+
+def _attention_shape(attention: Instr, rope: Instr, q_size: int, kv_size: int) -> AttentionShape | None:
+    """The attention's shape, for queries and keys `q_size` and `kv_size` wide; None with sinks (not in the fused
+    kernels: the ops run one by one) or widths that are not whole heads of the cache's."""
+    k_cache, _, scale, window, softcap, sinks = attention.consts
+    (cos_sin,) = rope.consts
+    _, _, kv_heads, head_dim = k_cache.shape
+    if sinks is not None or q_size % head_dim or kv_size != kv_heads * head_dim:
+        return None
+    return AttentionShape(q_size // head_dim, kv_heads, head_dim, scale, cos_sin, window, softcap)
+
+
+def _caches(attention: Instr) -> dict[str, Any]:
+    return {"k_cache": attention.consts[0], "v_cache": attention.consts[1]}
+
+
+def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
+    in_proj, split, delta, norm, out_proj = mixer
+    qkv, z, b, a = split.outputs
+    wired = (
+        in_proj.inputs == (x,)
+        and split.inputs == in_proj.outputs
+        and delta.inputs[:3] == (qkv, b, a)
+        and norm.inputs == (delta.outputs[0], z)
+        and out_proj.inputs == norm.outputs
     )
-    return _Layer(
-        span,
-        [j for j in range(i, span.stop) if j not in at],
-        hidden=norm.inputs[0],
-        residual=norm.inputs[1] if ops[i] == "add_rmsnorm" else None,
-        positions=rope.inputs[2],
-        meta=attention.inputs[3],
-        out_hidden=down.outputs[0],
-        out_residual=post.outputs[1],
-        hidden_at=(at[9], 0),
-        residual_at=(at[6], 1),
-        weights=weights,
-        shape=shape,
-    )
+    if not wired:
+        return None
+    conv_states, ssm_states, conv_weight, a_log, dt_bias, num_k_heads, head_k_dim, head_v_dim = delta.consts
+    out_norm, eps = norm.consts
+    shape = DeltaNetShape(num_k_heads, head_k_dim, a_log.shape[0], head_v_dim, conv_weight.shape[1])
+    weights = dict(zip(("qkv", "qkv_bias", "o_proj", "o_bias"), (*in_proj.consts, *out_proj.consts)))
+    weights |= dict(conv_states=conv_states, ssm_states=ssm_states, conv_weight=conv_weight, a_log=a_log)
+    weights |= dict(dt_bias=dt_bias, out_norm=out_norm)
+    return _Mixer(out_proj.outputs[0], None, delta.inputs[3], weights, eps, delta_net=shape)
+
+
+_MIXER_MATCHERS = {"attention": _attention, "gated_attention": _gated_attention, "gated_delta_net": _gated_delta_net}

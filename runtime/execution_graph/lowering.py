@@ -334,7 +334,7 @@ _BINDERS: dict[str, Callable] = {
     "gated_delta_net": _bind_gated_delta_net,
     "gated_rmsnorm": _bind_norm("gated_rmsnorm"),
     "split_head_halves": lambda p, ctx, k: (_split_head_halves, (p["head_dim"],)),
-    "sigmoid": lambda p, ctx, k: (torch.sigmoid, ()),
+    "sigmoid": lambda p, ctx, k: (k["sigmoid"], ()),
     "silu_mul": lambda p, ctx, k: (k["silu_mul"], ()),
     "gelu_tanh_mul": lambda p, ctx, k: (k["gelu_tanh_mul"], ()),
     "add": lambda p, ctx, k: (k["add"], ()),

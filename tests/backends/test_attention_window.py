@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from sagellm.backends import torch_ops
-from sagellm.backends.base import DecoderLayer, DecoderShape
+from sagellm.backends.base import AttentionShape, DecoderLayer, DecoderShape
 from sagellm.backends.cpu import NativeDispatch, pack_block_weight
 from sagellm.backends.native import NativeKernels, prefill_scratch_size
 from sagellm.backends.quantized import QuantizedWeight
@@ -205,13 +205,20 @@ def test_dispatched_attention_runs_windows_and_caps_natively(
     assert counting.calls == {"paged_decode_attention": 4, "paged_prefill_attention": 4}, "no torch fallback"
 
 
-def test_the_window_and_cap_split_runs_of_fused_layers() -> None:
-    base = DecoderShape(64, 4, 2, 16, 96, 1e-6, 0.25, torch.zeros(1))
-    assert base.key() != DecoderShape(64, 4, 2, 16, 96, 1e-6, 0.25, base.cos_sin, window=4096).key()
-    assert base.key() != DecoderShape(64, 4, 2, 16, 96, 1e-6, 0.25, base.cos_sin, softcap=50.0).key()
-
-
 HIDDEN, HQ, HK, D, INTER = 64, 4, 2, 16, 96
+
+
+def shape_of(cos_sin: torch.Tensor, **options) -> DecoderShape:
+    return DecoderShape(HIDDEN, INTER, 1e-6, AttentionShape(HQ, HK, D, D**-0.5, cos_sin, **options))
+
+
+def test_the_window_and_cap_split_runs_of_fused_layers() -> None:
+    cos_sin = torch.zeros(1)
+    base = shape_of(cos_sin)
+    assert base.joined(shape_of(cos_sin)) == base
+    assert base.joined(shape_of(cos_sin, window=4096)) is None
+    assert base.joined(shape_of(cos_sin, softcap=50.0)) is None
+
 
 
 def q8_weight(n: int, k: int, native: NativeKernels, g: torch.Generator):
@@ -223,7 +230,7 @@ def q8_weight(n: int, k: int, native: NativeKernels, g: torch.Generator):
 
 def op_by_op(dispatch: NativeDispatch, layers: list[DecoderLayer], shape: DecoderShape, hidden, positions, meta):
     """The layers' ops one by one through the CPU backend's kernel table, as the plan runs them unfused."""
-    s, rows, residual = shape, hidden.shape[0], None
+    s, a, rows, residual = shape, shape.attention, hidden.shape[0], None
     for layer in layers:
         if residual is None:
             x, residual = dispatch.rmsnorm(hidden, layer.input_norm, s.eps), hidden
@@ -231,10 +238,10 @@ def op_by_op(dispatch: NativeDispatch, layers: list[DecoderLayer], shape: Decode
             x, residual = dispatch.add_rmsnorm(hidden, residual, layer.input_norm, s.eps)
         qkv = dispatch.linear(x, layer.qkv, layer.qkv_bias)
         q, k, v = qkv.split([HQ * D, HK * D, HK * D], dim=1)
-        q, k = dispatch.rope(q.view(rows, HQ, D), k.view(rows, HK, D), positions, s.cos_sin)
+        q, k = dispatch.rope(q.view(rows, HQ, D), k.view(rows, HK, D), positions, a.cos_sin)
         caches = layer.k_cache, layer.v_cache
-        a = dispatch.attention(q, k, v.view(rows, HK, D), *caches, meta, s.scale, s.window, s.softcap)
-        o = dispatch.linear(a.reshape(rows, -1), layer.o_proj, layer.o_bias)
+        attended = dispatch.attention(q, k, v.view(rows, HK, D), *caches, meta, a.scale, a.window, a.softcap)
+        o = dispatch.linear(attended.reshape(rows, -1), layer.o_proj, layer.o_bias)
         x, residual = dispatch.add_rmsnorm(o, residual, layer.post_norm, s.eps)
         hidden = dispatch.linear(dispatch.silu_mul(dispatch.linear(x, layer.gate_up, None)), layer.down, None)
     return hidden, residual
@@ -269,7 +276,7 @@ def test_fused_decoder_layers_with_a_window_are_bit_identical_to_op_by_op(
     ]
     angles = torch.arange(256.0)[:, None] * 10000 ** (-torch.arange(0, D, 2) / D)
     cos_sin = torch.cat([angles.cos(), angles.sin()], 1).contiguous()  # [256, D]
-    shape = DecoderShape(HIDDEN, HQ, HK, D, INTER, 1e-6, D**-0.5, cos_sin, window=window, softcap=softcap)
+    shape = shape_of(cos_sin, window=window, softcap=softcap)
     dispatch = NativeDispatch(native)
     fused = dispatch.decoder_layers(layers, shape)
     assert fused is not None, "every linear has its blocks"
@@ -283,7 +290,7 @@ def test_fused_decoder_layers_with_a_window_are_bit_identical_to_op_by_op(
     out = fused(hidden, None, positions, meta)
     assert out is not None and all(torch.equal(a, b) for a, b in zip(out, expected))
     assert all(torch.equal(a, b) for pair, pair_after in zip(caches, after) for a, b in zip(pair, pair_after))
-    unbounded = dispatch.decoder_layers(layers, DecoderShape(HIDDEN, HQ, HK, D, INTER, 1e-6, D**-0.5, cos_sin))
+    unbounded = dispatch.decoder_layers(layers, shape_of(cos_sin))
     for (kc, vc), (k0, v0) in zip(caches, before):
         kc.copy_(k0), vc.copy_(v0)
     assert not torch.allclose(unbounded(hidden, None, positions, meta)[0], out[0], atol=1e-4), "the options act"

@@ -97,17 +97,18 @@ def test_rope_on_fused_qkv_views_and_separate_tensors(
 
 
 @pytest.mark.parametrize(("tokens", "threads"), [(1, 1), (6, 1), (130, 2)])
-def test_head_rmsnorm_on_views_whose_heads_are_evenly_spaced(native: NativeKernels, tokens: int, threads: int) -> None:
-    """Qwen3's q/k norms (heads packed in a fused qkv's row: evenly spaced at one row) and Qwen3.5's (each query
-    head beside its gate); the dispatch leaves other layouts to torch."""
+def test_head_rmsnorm_on_views_of_a_fused_projection(native: NativeKernels, tokens: int, threads: int) -> None:
+    """Qwen3's q/k norms (heads packed in a fused qkv's row, rows its width apart), Qwen3.5's (each query head
+    beside its gate), and contiguous heads; the dispatch runs each natively."""
     heads, d = 8, 128
-    fused = torch.randn(tokens, heads * 2 * d)
+    fused = torch.randn(tokens, heads * 3 * d)
     packed = fused[:, : heads * d].view(tokens, heads, d)
-    beside_gates = fused.view(tokens, heads, 2 * d)[:, :, :d]
+    beside_gates = fused[:, : 2 * heads * d].view(tokens, heads, 2 * d)[:, :, :d]
     weight = torch.rand(d) + 0.5
-    for x in (packed if tokens == 1 else packed.contiguous(), beside_gates):
-        close(native.head_rmsnorm(x, weight, 1e-6, threads), torch_ops.head_rmsnorm(x, weight, 1e-6))
-    close(NativeDispatch(native).head_rmsnorm(packed, weight, 1e-6), torch_ops.head_rmsnorm(packed, weight, 1e-6))
+    for x in (packed, packed.contiguous(), beside_gates):
+        expected = torch_ops.head_rmsnorm(x, weight, 1e-6)
+        close(native.head_rmsnorm(x, weight, 1e-6, threads), expected)
+        assert torch.equal(NativeDispatch(native).head_rmsnorm(x, weight, 1e-6), native.head_rmsnorm(x, weight, 1e-6))
 
 
 @pytest.mark.parametrize(("tokens", "threads"), [(1, 1), (6, 1), (130, 2)])

@@ -1,8 +1,9 @@
 """The decoder layers as one native call (backends/native/decoder_layers.c, fused by
 runtime/execution_graph/fuse_layers.py): bit-identical to the op-by-op path it replaces at decode, on every
 instruction-set variant this CPU runs, with and without qkv biases, on the blocks of every kept kind (Q4_1, Q8_0,
-Q5_0 and the K-quants); declined (the ops run one by one) for prefill, for more rows than the block linears take,
-and where weights have no blocks."""
+Q5_0 and the K-quants), for Llama-shaped layers and Qwen3.5's mix of Gated DeltaNet and gated attention; declined
+(the ops run one by one) for prefill, for more rows than the block linears take, and where weights have no
+blocks."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.tensor_parallel import TensorShard
 from tests import tiny_models
-from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, write_tiny_gguf
+from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, make_tiny_qwen3_5, write_tiny_gguf
 
 K_QTYPES = {"Q5_0": "q8x", "Q4_K": "q4kx", "Q5_K": "q5kx", "Q6_K": "q6kx"}  # the layout each is read in
 
@@ -37,6 +38,11 @@ def tiny_ggufs(tmp_path_factory):
         hf_dir = make(root / arch)
         for qtype in ("Q4_1", "Q8_0", "F32"):
             made[arch, qtype] = write_tiny_gguf(root / f"{arch}.{qtype}.gguf", hf_dir, qtype)
+    # as many key heads as value heads: the file's value heads are then not tiled by key head, so out_proj keeps its
+    # blocks (a tiled one is dequantized to reorder its columns, and such layers run op by op)
+    hf_dir = make_tiny_qwen3_5(root / "qwen3_5", linear_num_key_heads=4)
+    for qtype in ("Q4_1", "Q8_0"):
+        made["qwen3_5", qtype] = write_tiny_gguf(root / f"qwen3_5.{qtype}.gguf", hf_dir, qtype)
     hf_dir = make_tiny_llama(root / "llama_k", hidden_size=256, intermediate_size=512)  # 4 heads of 64
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tiny_models, "quantize", kquant_pack.quantize)
@@ -100,6 +106,19 @@ def test_fused_layers_are_bit_identical_to_op_by_op(tiny_ggufs, monkeypatch, arc
     with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs[arch, qtype], prompts(7), 12)
     assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11  # 12 tokens: 1 prefilled
     assert not any(fused for _, decode_only, fused in taken if not decode_only)
+    assert with_fused == op_by_op
+
+
+@pytest.mark.parametrize("variant", runnable(), ids=lambda v: v.name)
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_qwen3_5s_hybrid_layers_fuse_bit_identically(tiny_ggufs, monkeypatch, qtype, variant):
+    """Gated DeltaNet layers (their states advanced in the fused call) and gated attention layers (per-head norms,
+    partial rotary, the sigmoid gate) in one run: the same tokens and logprobs as their ops one by one, each step
+    from the states the last one left (prompts of one token included: their states start from zeros)."""
+    monkeypatch.setenv(ISA_ENV, variant.name)
+    batch = [[5], *prompts(6, seed=2)]
+    with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs["qwen3_5", qtype], batch, 12)
+    assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11
     assert with_fused == op_by_op
 
 
