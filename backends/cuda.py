@@ -1,5 +1,6 @@
 """The NVIDIA CUDA backend: torch (cuBLAS, SDPA) for linear, embedding and prefill attention; triton kernels for
-paged decode attention, RMSNorm, add+RMSNorm, RoPE, SiLU-mul and the Gated DeltaNet's delta rule.
+paged decode attention, RMSNorm, add+RMSNorm, RoPE, SiLU-mul, the Gated DeltaNet's delta rule and linears on MXFP4
+weights (gpt-oss's experts), which stay GGUF blocks on the device; other GGUF kinds are dequantized at load.
 
 Triton is imported only when the kernel table is built, so registering and listing this backend works on machines
 without it. `attention` is the shared torch op with the triton kernel plugged in as its decode half."""
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from sagellm.backends import torch_ops
 from sagellm.backends.base import Availability, KernelTable
+from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 
 
@@ -35,11 +39,18 @@ class CudaBackend(torch_ops.TorchOpsBackend):
         name = torch.cuda.get_device_name(0)
         return Availability(True, f"{build}, CUDA {torch.version.cuda}, {torch.cuda.device_count()}x {name}")
 
+    def prepare_block_weight(self, parts: list[QuantizedWeight]) -> Any | None:
+        """An Mxfp4Weight on the device when every part is MXFP4, else None (the floats)."""
+        from sagellm.backends import triton_kernels
+
+        return triton_kernels.mxfp4_weight(parts, self.device)
+
     def kernels(self) -> KernelTable:
         from sagellm.backends import triton_kernels
 
         table = super().kernels()
         table.update(
+            linear=functools.partial(linear, blocks=triton_kernels.mxfp4_linear),
             rmsnorm=triton_kernels.rmsnorm,
             add_rmsnorm=triton_kernels.add_rmsnorm,
             rope=triton_kernels.rope,
@@ -51,3 +62,11 @@ class CudaBackend(torch_ops.TorchOpsBackend):
             ),
         )
         return table
+
+
+def linear(
+    x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None, *, blocks: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """The torch op on a tensor (`prepare_linear_weight`), `blocks` (the triton MXFP4 linear) on the Mxfp4Weight
+    `prepare_block_weight` made: the two forms this backend packs."""
+    return torch_ops.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else blocks(x, weight, bias)

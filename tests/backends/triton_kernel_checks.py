@@ -9,11 +9,17 @@ from __future__ import annotations
 import functools
 import os
 
+import gguf
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.base import Availability
+from sagellm.backends.cuda import CudaBackend
+from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net
 
 pytest.importorskip("triton")
@@ -182,3 +188,113 @@ def test_gated_delta_net_mixed_batch() -> None:
     rows and slots."""
     chunks = [(9, -1, 0, (4, 3)), (10, 6, 4, None), (5, 5, 5, None)]
     check_gated_delta_net(GDN_DIMS[1], decode_slots=[2, 1], chunks=chunks)
+
+
+def mxfp4_rows(rows: int, in_features: int, seed: int, exponents: tuple[int, int] = (115, 136)) -> torch.Tensor:
+    """Random GGML MXFP4 rows, uint8 [rows, in / 32 * 17]: exponent bytes in [exponents), random codes."""
+    g = np.random.default_rng(seed)
+    blocks = g.integers(0, 256, (rows, in_features // 32, 17), dtype=np.uint8)
+    blocks[..., 0] = g.integers(*exponents, blocks.shape[:2])
+    return torch.from_numpy(blocks.reshape(rows, -1))
+
+
+def gguf_floats(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    """gguf-py's floats of MXFP4 rows, fp32 [rows, in_features]."""
+    values = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.MXFP4)
+    return torch.from_numpy(values.reshape(-1, in_features))
+
+
+def close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Within rtol of each value and of the largest: MXFP4 weights span 2^-13..1536 here, so sums of thousands
+    cancel to values whose fp32 rounding is the large terms'."""
+    torch.testing.assert_close(actual.float(), expected, rtol=rtol, atol=1e-5 * expected.abs().max().item())
+
+
+def mxfp4_weight(
+    rows: int, in_features: int, seed: int, exponents: tuple[int, int] = (115, 136)
+) -> tuple[kernels.Mxfp4Weight, torch.Tensor]:
+    """(random MXFP4 rows as the CUDA backend packs them, their gguf-py floats on DEVICE)."""
+    blocks = mxfp4_rows(rows, in_features, seed, exponents)
+    return kernels.Mxfp4Weight(blocks.to(DEVICE), in_features), gguf_floats(blocks, in_features).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "out_features", "in_features", "dtype", "has_bias"),
+    [
+        (1, 72, 96, torch.float32, False),  # decode's row; N off the tile, K 3 blocks (one partial step)
+        (3, 100, 160, torch.float32, True),
+        (17, 64, 288, torch.float32, True),  # K 9 blocks: two full steps and one block
+        (70, 40, 32, torch.float32, True),  # two tiles of rows, K one block
+        (3, 72, 160, torch.bfloat16, False),
+        (17, 130, 96, torch.bfloat16, True),
+    ],
+)
+def test_mxfp4_linear_matches_gguf_dequantize(
+    tokens: int, out_features: int, in_features: int, dtype: torch.dtype, has_bias: bool
+) -> None:
+    weight, floats = mxfp4_weight(out_features, in_features, seed=tokens + out_features + in_features)
+    x = randn(tokens, in_features + 8).to(dtype)[:, 8:]  # rows strided as a view of a wider tensor's
+    bias = randn(out_features) if has_bias else None
+    y = kernels.mxfp4_linear(x, weight, bias)
+    expected = F.linear(x.float(), floats, bias)  # [T, N], fp32
+    assert y.dtype == dtype and y.shape == (tokens, out_features)
+    bf16 = dtype == torch.bfloat16  # y rounded to 8 bits (truncated when interpreted)
+    close_to_scale(y, expected, rtol=1e-2 if bf16 else 1e-5)
+
+
+def test_mxfp4_linear_weights_are_gguf_floats_exactly() -> None:
+    """x the identity: y is the weight transposed, bit for bit, over every exponent whose values stay finite (the
+    smallest two are gguf-py's denormal scales)."""
+    blocks = mxfp4_rows(40, 96, seed=1, exponents=(0, 253))
+    y = kernels.mxfp4_linear(torch.eye(96, device=DEVICE), kernels.Mxfp4Weight(blocks.to(DEVICE), 96))
+    assert torch.equal(y, gguf_floats(blocks, 96).to(DEVICE).t())
+
+
+class CudaBackendOnDevice(CudaBackend):
+    """The CUDA backend's packing and kernel table on DEVICE, without its GPU check (the interpreter's is the CPU)."""
+
+    device_type = DEVICE.type
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return Availability(True, "the checks' device")
+
+
+def test_cuda_backend_keeps_mxfp4_blocks_only() -> None:
+    """MXFP4 parts (gate, up) stay blocks, their rows stacked; a Q4_K part, alone or beside MXFP4, is left to the
+    floats; the table's linear reads both forms."""
+    backend = CudaBackendOnDevice()
+    gate, up = (QuantizedWeight("MXFP4", mxfp4_rows(n, 256, seed=n), 256) for n in (24, 40))
+    packed = backend.prepare_block_weight([gate, up])
+    assert isinstance(packed, kernels.Mxfp4Weight) and (packed.out_features, packed.in_features) == (64, 256)
+    assert packed.blocks.device.type == DEVICE.type
+    assert torch.equal(packed.blocks.cpu(), torch.cat([gate.blocks, up.blocks]))
+    q4_k = QuantizedWeight("Q4_K", torch.zeros(8, 144, dtype=torch.uint8), 256)
+    assert backend.prepare_block_weight([q4_k]) is None
+    assert backend.prepare_block_weight([gate, q4_k]) is None
+
+    linear = backend.kernels()["linear"]
+    x, bias, dense = randn(3, 256), randn(64), randn(64, 256)
+    floats = torch.cat([gguf_floats(p.blocks, 256) for p in (gate, up)]).to(DEVICE)
+    close_to_scale(linear(x, packed, bias), F.linear(x, floats, bias))
+    close(linear(x, dense, bias), F.linear(x, dense, bias))
+
+
+def test_moe_on_mxfp4_experts_through_the_cuda_linear() -> None:
+    """gpt-oss's MoE as lowering binds it on CUDA (each expert an Mxfp4Weight, `linear` the table's): as on the
+    experts' floats stacked, biases and the clamped SwiGLU included. Weights below 1.5, so few activations clamp."""
+    experts, hidden, inter, tokens = 4, 64, 32, 6
+    small = (118, 126)
+    gate_up, gate_up_floats = zip(*(mxfp4_weight(2 * inter, hidden, e, small) for e in range(experts)))
+    down, down_floats = zip(*(mxfp4_weight(hidden, inter, 10 + e, small) for e in range(experts)))
+    x, router = randn(tokens, hidden), randn(experts, hidden)
+    biases = {
+        "router_bias": randn(experts),
+        "gate_up_bias": randn(experts, 2 * inter),
+        "down_bias": randn(experts, hidden),
+    }
+    moe = functools.partial(torch_ops.moe, top_k=2, first_expert=0, activation="swiglu_oai", **biases)
+    linear = CudaBackendOnDevice().kernels()["linear"]
+    actual = moe(x, router, list(gate_up), list(down), linear=linear)
+    expected = moe(x, router, torch.stack(gate_up_floats), torch.stack(down_floats))
+    close_to_scale(actual, expected)
