@@ -38,7 +38,7 @@ def test_weights_are_each_storage_once_wherever_held_and_the_caches_left_out() -
     blocks = torch.zeros(50, dtype=torch.uint8)  # 50
     k, v = torch.zeros(4, 16), torch.zeros(4, 16)
     fallback = _plan(Packed(blocks, (embedding[:10],)), k, v, {"bias": norm})
-    fused = FusedLayers(kernel=lambda *a: None, fallback=fallback, has_residual=False)
+    fused = FusedLayers(kernel=lambda *a: None, fallback=fallback, inputs=("hidden", "positions", "meta"))
     plan = Plan(
         [
             Instr(print, (), (embedding, 1e-5, None), (0,), "embedding"),
