@@ -118,7 +118,7 @@ class NativeDecoderLayers:
             or meta.num_decode_tokens != rows  # prefill chunks in the step
             or not fits_dense(hidden, *(() if residual is None else (residual,)))
             or (s.attention is not None and not _attention_step_fits(positions, meta))
-            or (self._states and not (state_slots is not None and fits_dense(state_slots, dtype=I64)))
+            or (self._states and not self._slots_fit(state_slots))
         ):
             return None
         if self._states and meta.decode_state_seeds:
@@ -152,6 +152,13 @@ class NativeDecoderLayers:
             delta_rule_threads(rows * self._state_floats),
         )
         return hidden_out, residual_out
+
+    def _slots_fit(self, slots: torch.Tensor | None) -> bool:
+        """int64 state slots, each one of the states' (a wrong one would write outside them: the ops one by one
+        then refuse it by name)."""
+        count = self._states[0][1].shape[0]
+        fits = slots is not None and fits_dense(slots, dtype=I64)
+        return fits and (slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < count))
 
 
 def delta_rule_threads(state: int) -> int:
