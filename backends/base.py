@@ -36,10 +36,12 @@ which L are held):
   paged_decode_attention(q[B, Hq, D], k_cache, v_cache, block_tables[B, M] int32, context_lens[B] int32, scale,
                          window=0, softcap=0.0, sinks=None) -> [B, Hq, D]
   gated_delta_net(mixed_qkv[T, C], b[T, Hv], a[T, Hv], meta, conv_states[S, C, K-1], ssm_states[S, Hv, Dk, Dv],
-                  conv_weight[C, K], a_log[Hv], dt_bias[Hv], num_k_heads, head_k_dim, head_v_dim) -> [T, Hv * Dv]
+                  conv_weight[C, K], a_log[Hv], dt_bias[Hv], num_k_heads, head_k_dim, head_v_dim,
+                  tiled_value_heads=False) -> [T, Hv * Dv]
         # a Gated DeltaNet layer's core (Qwen3.5): causal depthwise convolution + SiLU, q/k L2-normed, the gated
         # delta rule over each sequence's state slot (meta.decode_state_slots, PrefillChunk.state_slot), states
-        # updated in place; C = 2 Hk Dk + Hv Dv; torch_ops/linear_attention.py is the reference
+        # updated in place; C = 2 Hk Dk + Hv Dv; value head h reads key head h // (Hv / Hk), or h % Hk when tiled
+        # (a GGUF's order); torch_ops/linear_attention.py is the reference
   gated_rmsnorm(x[T, Hv * Dv], z[T, Hv * Dv], weight[Dv], eps) -> [T, Hv * Dv]   # per-head RMSNorm, times silu(z)
 
 One entry is optional, and builds a kernel rather than being one:
@@ -120,13 +122,15 @@ class AttentionShape:
 
 @dataclass(frozen=True)
 class DeltaNetShape:
-    """What a run's Gated DeltaNet layers share: key heads and size, value heads and size, the convolution's width."""
+    """What a run's Gated DeltaNet layers share: key heads and size, value heads and size, the convolution's width,
+    whether the value heads are tiled by key head (`gated_delta_net`'s tiled_value_heads)."""
 
     num_k_heads: int
     head_k_dim: int
     num_v_heads: int
     head_v_dim: int
     conv_width: int
+    tiled_value_heads: bool = False
 
 
 @dataclass(frozen=True)

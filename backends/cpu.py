@@ -352,6 +352,7 @@ class NativeDispatch:
         num_k_heads: int,
         head_k_dim: int,
         head_v_dim: int,
+        tiled_value_heads: bool = False,
     ) -> torch.Tensor:
         """Natively (delta_rule.c), each head's state updated in place in its slot: the decode rows in one call,
         each prefill chunk token by token, in two calls around a checkpoint. Token by token beats the torch op's
@@ -361,14 +362,17 @@ class NativeDispatch:
         against 14-18 / 7-12."""
         states = (conv_states, ssm_states, conv_weight, a_log, dt_bias)
         if not fits_delta_rule(mixed_qkv, b, a, states, head_k_dim, head_v_dim):
-            return gated_delta_net(mixed_qkv, b, a, meta, *states, num_k_heads, head_k_dim, head_v_dim)
+            dims = (num_k_heads, head_k_dim, head_v_dim, tiled_value_heads)
+            return gated_delta_net(mixed_qkv, b, a, meta, *states, *dims)
 
         def run(start: int, end: int, starts: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
             """Rows start .. end - 1, sequences as in NativeKernels.gated_delta_net."""
             threads = delta_rule_threads((end - start) * ssm_states[0].numel())
             rows = slice(start, end)
-            args = (*states, num_k_heads, head_k_dim, head_v_dim, threads)
-            return self.native.gated_delta_net(mixed_qkv[rows], b[rows], a[rows], starts, slots, *args)
+            args = (*states, num_k_heads, head_k_dim, head_v_dim)
+            return self.native.gated_delta_net(
+                mixed_qkv[rows], b[rows], a[rows], starts, slots, *args, threads, tiled_value_heads
+            )
 
         nd = meta.num_decode_tokens
         if nd:

@@ -109,7 +109,7 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "gated_delta_net_f32": (
         (_P, _I64, _P, _I64, _P, _I64, _P, _P, _I64)  # x, a, b, starts, slots, sequences
         + (_P, _P, _P, _P, _P, _P)  # states, weights, out
-        + (_I64, _I64, _I64, _I64, _I64, _P, _I32)  # Hk, Dk, Hv, Dv, K, scratch, threads
+        + (_I64, _I64, _I64, _I64, _I64, _I64, _P, _I32)  # Hk, Dk, Hv, Dv, tiled, K, scratch, threads
     ),
 }
 RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64}  # the others return void

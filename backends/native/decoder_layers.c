@@ -54,6 +54,7 @@ typedef struct {
     float eps, scale, softcap;
     const float *cos_sin; /* [max_pos, rot] */
     int64_t lhk, ldk, lhv, ldv, conv_width; /* gated delta net: key heads and size, value heads and size */
+    int64_t tiled;                          /* its value heads tiled by key head (gated_delta_net_f32's) */
 } decoder_dims;
 
 /* In the order of decoder_layers.py LAYOUTS. */
@@ -155,7 +156,7 @@ static void gated_delta_net(const decoder_layer *l, const decoder_dims *s, const
     block_linear(&l->qkv, st->x, h, NULL, in, rows, n, h, st->packed, st->part, st->linear_threads);
     const float *z = in + channels, *b = z + vd, *a = b + s->lhv;
     gated_delta_net_f32(in, n, a, n, b, n, st->state_starts, st->state_slots, rows, l->conv_states, l->ssm_states,
-                        l->conv_weight, l->a_log, l->dt_bias, st->attn, s->lhk, s->ldk, s->lhv, s->ldv,
+                        l->conv_weight, l->a_log, l->dt_bias, st->attn, s->lhk, s->ldk, s->lhv, s->ldv, s->tiled,
                         s->conv_width, st->delta, st->delta_threads);
     gated_rmsnorm_f32(st->attn, vd, z, n, l->out_norm, st->gated, rows, s->lhv, s->ldv, s->eps, 1);
     block_linear(&l->o_proj, st->gated, vd, NULL, st->o, rows, h, vd, st->packed, st->part, st->linear_threads);

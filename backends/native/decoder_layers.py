@@ -9,6 +9,7 @@ DeltaNet layers (`KINDS`) mix in one run."""
 from __future__ import annotations
 
 import ctypes
+from dataclasses import astuple
 
 import torch
 
@@ -75,7 +76,7 @@ class _Dims(ctypes.Structure):
         *((name, ctypes.c_int64) for name in ("hidden", "inter", "hq", "hk", "d", "rot", "block_size", "window")),
         *((name, ctypes.c_float) for name in ("eps", "scale", "softcap")),
         ("cos_sin", ctypes.c_void_p),
-        *((name, ctypes.c_int64) for name in ("lhk", "ldk", "lhv", "ldv", "conv_width")),
+        *((name, ctypes.c_int64) for name in ("lhk", "ldk", "lhv", "ldv", "conv_width", "tiled")),
     ]
 
 
@@ -247,7 +248,7 @@ def _dims(shape: DecoderShape, layers: list[DecoderLayer]) -> _Dims:
         a.num_heads, a.num_kv_heads, a.head_dim, a.cos_sin.shape[1], block_size, a.window, shape.eps, a.scale,
         a.softcap, a.cos_sin.data_ptr(),
     )  # fmt: skip
-    delta = (0,) * 5 if dn is None else (dn.num_k_heads, dn.head_k_dim, dn.num_v_heads, dn.head_v_dim, dn.conv_width)
+    delta = (0,) * 6 if dn is None else (*astuple(dn)[:5], int(dn.tiled_value_heads))
     return _Dims(shape.hidden_size, shape.intermediate_size, *attention, *delta)
 
 

@@ -26,8 +26,8 @@ void paged_decode_attention_f32(const float *q, int64_t q_row, const float *k_ca
 void gated_delta_net_f32(const float *x, int64_t x_row, const float *a, int64_t a_row, const float *b, int64_t b_row,
                          const int64_t *starts, const int64_t *slots, int64_t sequences, float *conv_states,
                          float *ssm_states, const float *conv_weight, const float *a_log, const float *dt_bias,
-                         float *out, int64_t hk, int64_t dk, int64_t hv, int64_t dv, int64_t width, float *scratch,
-                         int32_t num_threads);
+                         float *out, int64_t hk, int64_t dk, int64_t hv, int64_t dv, int64_t tiled, int64_t width,
+                         float *scratch, int32_t num_threads);
 
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) on interleaved GGUF blocks (block_linear.c). */
 typedef void (*block_linear_fn)(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y,

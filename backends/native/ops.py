@@ -444,13 +444,15 @@ class NativeKernels:
         head_k_dim: int,
         head_v_dim: int,
         num_threads: int = 1,
+        tiled_value_heads: bool = False,
     ) -> torch.Tensor:
         """`gated_delta_net` (backends/base.py) over N sequences, each continuing from its slot's states: rows
         starts[i] .. starts[i + 1] - 1 of mixed_qkv [T, C], b and a [T, Hv] are sequence i's tokens, in order, and
         slots[i] its slot (starts int64 [N + 1] from 0 to T, slots int64 [N]; a decode step: one token each).
-        conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] are advanced in place. Returns [T, Hv * Dv]. Slots
-        are checked to be slots (a few numbers: a wrong one would write outside the states); starts are not: they
-        must rise from 0 to T, and slots be distinct."""
+        conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] are advanced in place; value head h reads key head
+        h // (Hv / Hk), or h % Hk with `tiled_value_heads`. Returns [T, Hv * Dv]. Slots are checked to be slots (a
+        few numbers: a wrong one would write outside the states); starts are not: they must rise from 0 to T, and
+        slots be distinct."""
         tokens, channels = mixed_qkv.shape
         hk, dk, hv, dv = num_k_heads, head_k_dim, b.shape[1], head_v_dim
         width = conv_weight.shape[1]
@@ -485,6 +487,7 @@ class NativeKernels:
             dk,
             hv,
             dv,
+            int(tiled_value_heads),
             width,
             scratch.data_ptr(),
             num_threads,

@@ -39,14 +39,16 @@ def gated_delta_net(
     num_k_heads: int,
     head_k_dim: int,
     head_v_dim: int,
+    tiled_value_heads: bool = False,
 ) -> torch.Tensor:
     """The core of a Gated DeltaNet layer over one batch (decodes first, then prefill chunks, as attention's):
     mixed_qkv [T, C] (the projected q, k, v before the convolution, C = 2 Hk Dk + Hv Dv), b and a [T, Hv];
     conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] every slot's, updated in place; conv_weight [C, K].
-    Returns the delta rule's output [T, Hv * Dv], before the gated norm."""
+    Value head h reads key head h // (Hv / Hk), or h % Hk when `tiled_value_heads` (a GGUF's order). Returns the
+    delta rule's output [T, Hv * Dv], before the gated norm."""
     num_v_heads = b.shape[1]
     out = mixed_qkv.new_empty(mixed_qkv.shape[0], num_v_heads * head_v_dim, dtype=torch.float32)
-    dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
+    dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim, tiled_value_heads)
     nd = meta.num_decode_tokens
     if nd:
         seed_decode_states(meta, conv_states, ssm_states)
@@ -84,10 +86,10 @@ def _prefill_chunks(
     conv_weight: torch.Tensor,
     a_log: torch.Tensor,
     dt_bias: torch.Tensor,
-    dims: tuple[int, int, int, int],
+    dims: tuple[int, int, int, int, bool],
     out: torch.Tensor,
 ) -> None:
-    """The prefill chunks of `gated_delta_net`'s batch (dims: Hk, Dk, Hv, Dv): their rows of out [T, Hv * Dv]
+    """The prefill chunks of `gated_delta_net`'s batch (dims: Hk, Dk, Hv, Dv, tiled): their rows of out [T, Hv * Dv]
     written, their slots' states advanced and their checkpoints taken."""
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
@@ -178,15 +180,16 @@ def _gates(a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch
     return decay, b.float().sigmoid()
 
 
-def _split_heads(x: torch.Tensor, dims: tuple[int, int, int, int]):
+def _split_heads(x: torch.Tensor, dims: tuple[int, int, int, int, bool]):
     """The convolved [N, C] as q, k [N, Hv, Dk] (L2-normed, q scaled; each key head serves Hv/Hk consecutive value
-    heads) and v [N, Hv, Dv]."""
-    num_k_heads, dk, num_v_heads, dv = dims
+    heads, or every Hk-th one when tiled) and v [N, Hv, Dv]."""
+    num_k_heads, dk, num_v_heads, dv, tiled = dims
     n = x.shape[0]
     q, k, v = x.split([num_k_heads * dk, num_k_heads * dk, num_v_heads * dv], dim=-1)
     q, k = (_l2norm(t.reshape(n, num_k_heads, dk)) for t in (q, k))
     if num_v_heads != num_k_heads:
-        q, k = (t.repeat_interleave(num_v_heads // num_k_heads, dim=1) for t in (q, k))
+        r = num_v_heads // num_k_heads
+        q, k = (t.repeat(1, r, 1) if tiled else t.repeat_interleave(r, dim=1) for t in (q, k))
     return q * dk**-0.5, k, v.reshape(n, num_v_heads, dv)
 
 

@@ -88,6 +88,7 @@ def _delta_rule_kernel(
     stride_sk,
     NUM_K_HEADS: tl.constexpr,
     NUM_V_HEADS: tl.constexpr,
+    TILED: tl.constexpr,
     DK: tl.constexpr,
     DK_P: tl.constexpr,
     DV: tl.constexpr,
@@ -96,7 +97,8 @@ def _delta_rule_kernel(
 ):
     seq = tl.program_id(0)
     h = tl.program_id(1)  # value head
-    kh = h // (NUM_V_HEADS // NUM_K_HEADS)  # its key head: each serves consecutive value heads
+    # its key head: each serves consecutive value heads, or every NUM_K_HEADS-th one when tiled (a GGUF's order)
+    kh = h % NUM_K_HEADS if TILED else h // (NUM_V_HEADS // NUM_K_HEADS)
     dk = tl.arange(0, DK_P)
     dv = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     dk_ok = dk < DK
@@ -158,6 +160,7 @@ def gated_delta_net(
     num_k_heads: int,
     head_k_dim: int,
     head_v_dim: int,
+    tiled_value_heads: bool = False,
 ) -> torch.Tensor:
     """The torch op's contract (backends/base.py): mixed_qkv [T, C], b and a [T, Hv], conv_states [S, C, K-1] and
     ssm_states [S, Hv, Dk, Dv] updated in place, conv_weight [C, K]. Returns [T, Hv * Dv] float32."""
@@ -211,6 +214,7 @@ def gated_delta_net(
             ssm_states.stride(2),
             NUM_K_HEADS=num_k_heads,
             NUM_V_HEADS=num_v_heads,
+            TILED=tiled_value_heads,
             DK=head_k_dim,
             DK_P=triton.next_power_of_2(head_k_dim),
             DV=head_v_dim,

@@ -336,9 +336,9 @@ def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
     )
     if not wired:
         return None
-    conv_states, ssm_states, conv_weight, a_log, dt_bias, num_k_heads, head_k_dim, head_v_dim = delta.consts
+    conv_states, ssm_states, conv_weight, a_log, dt_bias, num_k_heads, head_k_dim, head_v_dim, tiled = delta.consts
     out_norm, eps = norm.consts
-    shape = DeltaNetShape(num_k_heads, head_k_dim, a_log.shape[0], head_v_dim, conv_weight.shape[1])
+    shape = DeltaNetShape(num_k_heads, head_k_dim, a_log.shape[0], head_v_dim, conv_weight.shape[1], tiled)
     weights = dict(zip(("qkv", "qkv_bias", "o_proj", "o_bias"), (*in_proj.consts, *out_proj.consts)))
     weights |= dict(conv_states=conv_states, ssm_states=ssm_states, conv_weight=conv_weight, a_log=a_log)
     weights |= dict(dt_bias=dt_bias, out_norm=out_norm)

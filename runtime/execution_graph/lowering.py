@@ -208,13 +208,13 @@ def _bind_attention(params, ctx, kernels):
 
 
 def _bind_gated_delta_net(params, ctx, kernels):
-    """Constants: the layer's state caches, its convolution's weight [C, K], A_log and dt_bias, and its head
-    counts and sizes."""
+    """Constants: the layer's state caches, its convolution's weight [C, K], A_log and dt_bias, its head counts and
+    sizes, and whether its value heads are tiled by key head (a GGUF's order)."""
     conv_states, ssm_states = ctx.state_caches[params["state"]]
     device = ctx.backend.device
     conv_weight = _weight(ctx, params["conv_weight"]).float()[:, 0, :].contiguous().to(device)  # [C, 1, K] -> [C, K]
     a_log, dt_bias = (_weight(ctx, params[name]).float().to(device) for name in ("a_log", "dt_bias"))
-    dims = (params["num_k_heads"], params["head_k_dim"], params["head_v_dim"])
+    dims = (params["num_k_heads"], params["head_k_dim"], params["head_v_dim"], params.get("tiled_value_heads", False))
     return kernels["gated_delta_net"], (conv_states, ssm_states, conv_weight, a_log, dt_bias, *dims)
 
 

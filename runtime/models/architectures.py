@@ -260,7 +260,7 @@ def config_from_gguf(
         local_rope_theta=_from_float32(key("rope.freq_base_swa", 10000.0)) if arch.local_rope else None,
         rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
         attn_output_gate=arch.gated_delta_net,
-        **(_gguf_linear_attention(key) if arch.gated_delta_net else {}),
+        **(_gguf_linear_attention(key, arch.gguf_tiled_value_heads) if arch.gated_delta_net else {}),
         shared_expert_intermediate_size=int(metadata.get(f"{prefix}.expert_shared_feed_forward_length", 0)),
     )
     if arch.gemma3n:
@@ -349,13 +349,15 @@ def _gguf_hybrid_layer_types(metadata: Mapping[str, Any], prefix: str, layers: i
     return tuple("linear_attention" if flag else "full_attention" for flag in recurrent)
 
 
-def _gguf_linear_attention(key: Callable[[str], Any]) -> dict[str, int]:
+def _gguf_linear_attention(key: Callable[[str], Any], tiled: bool) -> dict[str, Any]:
     """The Gated DeltaNet sizes under llama.cpp's SSM keys: groups are key heads, the time-step rank the value heads,
-    the state size a key head's, the inner size all value heads'."""
-    value_heads = int(key("ssm.time_step_rank"))
+    the state size a key head's, the inner size all value heads'. `tiled`: the family's converter stores value heads
+    tiled by key head when there are more of them (ModelConfig.linear_value_heads_tiled)."""
+    value_heads, key_heads = int(key("ssm.time_step_rank")), int(key("ssm.group_count"))
     return {
-        "linear_num_key_heads": int(key("ssm.group_count")),
+        "linear_num_key_heads": key_heads,
         "linear_num_value_heads": value_heads,
+        "linear_value_heads_tiled": tiled and value_heads > key_heads,
         "linear_key_head_dim": int(key("ssm.state_size")),
         "linear_value_head_dim": int(key("ssm.inner_size")) // value_heads,
         "linear_conv_kernel": int(key("ssm.conv_kernel")),

@@ -78,6 +78,10 @@ class ModelConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
+    # The value heads in llama.cpp's order, tiled by key head (value head h reads key head h % Hk), as a GGUF stores
+    # them when there are more value heads than key heads; Hugging Face groups them (h reads key head h // (Hv / Hk)).
+    # Kept as stored: out_proj's inputs run over the same heads, so its quantized blocks stay whole.
+    linear_value_heads_tiled: bool = False
     # Gemma 4: full attention layers have a head size and a KV head count of their own (0: the other layers'), and
     # with `full_values_from_keys` no v_proj: their values are their keys' projection, normed but not turned.
     full_head_dim: int = 0

@@ -291,6 +291,7 @@ def _gated_delta_net(g: Graph, c: ModelConfig, i: int, state: int, x: Value, met
         num_k_heads=c.linear_num_key_heads,
         head_k_dim=c.linear_key_head_dim,
         head_v_dim=dv,
+        tiled_value_heads=c.linear_value_heads_tiled,
     )
     normed = g.add("gated_rmsnorm", [core, z], weight=p + "norm.weight", eps=c.rms_norm_eps)
     return g.add("linear", [normed], weight=p + "out_proj.weight", out_features=c.hidden_size)

@@ -41,7 +41,7 @@ from sagellm.runtime.models.architectures import (
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, GGUFTensor, read_gguf
-from sagellm.runtime.models.gguf_layouts import column_order, restore_values, row_order
+from sagellm.runtime.models.gguf_layouts import restore_values, row_order
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe
 from sagellm.runtime.models.sampling_defaults import from_gguf_metadata
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
@@ -206,10 +206,10 @@ def _read_weights(
                     experts = torch.from_numpy(_dense(tensor)[:, rows]).to(dtype)
                     ready |= {part.format(e): expert for e, expert in enumerate(experts)}
             continue
-        rows, columns = row_order(config, hf_name), column_order(config, hf_name)
-        dense = functools.cache(functools.partial(_dense_weight, tensor, hf_name, rows, columns, dtype))
+        rows = row_order(config, hf_name)
+        dense = functools.cache(functools.partial(_dense_weight, tensor, hf_name, rows, dtype))
         shape = tuple(tensor.shape)
-        if tensor.kind.name in KEPT_KINDS and len(shape) == 2 and dtype == torch.float32 and columns is None:
+        if tensor.kind.name in KEPT_KINDS and len(shape) == 2 and dtype == torch.float32:
             blocks = tensor.data.reshape(shape[0], -1)  # [out, row bytes]
             blocks = blocks[rows] if rows is not None else blocks
             quantized[hf_name] = QuantizedWeight(tensor.kind.name, _mapped(blocks), shape[1])
@@ -258,14 +258,11 @@ def _expert(whole: Callable[[], torch.Tensor], e: int, rows: slice) -> torch.Ten
     return whole()[e, rows]
 
 
-def _dense_weight(
-    tensor: GGUFTensor, hf_name: str, rows: np.ndarray | None, columns: np.ndarray | None, dtype: torch.dtype
-) -> torch.Tensor:
-    """The tensor dequantized, llama.cpp's rearrangements undone (gguf_layouts.py): its rows and columns put back
-    in Hugging Face's order, its values restored."""
+def _dense_weight(tensor: GGUFTensor, hf_name: str, rows: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor dequantized, llama.cpp's rearrangements undone (gguf_layouts.py): its rows put back in Hugging
+    Face's order, its values restored."""
     values = _dense(tensor)
     values = values[rows] if rows is not None else values
-    values = values[:, columns] if columns is not None else values
     return torch.from_numpy(np.ascontiguousarray(restore_values(hf_name, values))).to(dtype)
 
 

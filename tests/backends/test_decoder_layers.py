@@ -38,9 +38,7 @@ def tiny_ggufs(tmp_path_factory):
         hf_dir = make(root / arch)
         for qtype in ("Q4_1", "Q8_0", "F32"):
             made[arch, qtype] = write_tiny_gguf(root / f"{arch}.{qtype}.gguf", hf_dir, qtype)
-    # as many key heads as value heads: the file's value heads are then not tiled by key head, so out_proj keeps its
-    # blocks (a tiled one is dequantized to reorder its columns, and such layers run op by op)
-    hf_dir = make_tiny_qwen3_5(root / "qwen3_5", linear_num_key_heads=4)
+    hf_dir = make_tiny_qwen3_5(root / "qwen3_5")  # 2 key heads, 4 value heads: stored tiled by key head
     for qtype in ("Q4_1", "Q8_0"):
         made["qwen3_5", qtype] = write_tiny_gguf(root / f"qwen3_5.{qtype}.gguf", hf_dir, qtype)
     hf_dir = make_tiny_llama(root / "llama_k", hidden_size=256, intermediate_size=512)  # 4 heads of 64

@@ -151,3 +151,32 @@ def test_fits_fp32_heads_up_to_256_and_convolutions_up_to_8() -> None:
     assert not fits_delta_rule(qkv.double(), b, a, states, 8, 6)
     wide = (*states[:2], torch.zeros(layer.channels, 9), *states[3:])
     assert not fits_delta_rule(qkv, b, a, wide, 8, 6)
+
+
+def test_tiled_value_heads_are_the_grouped_op_in_the_files_order(native: NativeKernels) -> None:
+    """A GGUF's value heads tiled by key head (value head h reads key head h % Hk): the torch op with
+    `tiled_value_heads` on the tiled inputs equals the grouped op (h reads h // (Hv / Hk), transformers' order) on
+    the same heads grouped, its outputs and states tiled back; the native op on decode rows equals it."""
+    hk, dk, hv, dv = 2, 8, 6, 8
+    layer = Layer(hk, dk, hv, dv, seed=3)
+    tiled = torch.arange(hv).view(hk, hv // hk).T.reshape(-1)  # tiled position j holds grouped head tiled[j]
+    channels = torch.cat([torch.arange(2 * hk * dk), 2 * hk * dk + (tiled[:, None] * dv + torch.arange(dv)).flatten()])
+    slots, lengths = [7, 2], [1, 1]
+    qkv, b, a = layer.inputs(sum(lengths))
+    grouped_states = layer.copies()
+    grouped = gated_delta_net(qkv, b, a, decode_meta(slots), *layer.args(grouped_states))
+    as_tiled = lambda states: (states[0][:, channels], states[1][:, tiled])  # noqa: E731
+    weights = (layer.conv_weight[channels], layer.a_log[tiled], layer.dt_bias[tiled], *layer.dims)
+    for run in ("torch", "native"):
+        states = [s.clone() for s in as_tiled(layer.copies())]
+        inputs = (qkv[:, channels], b[:, tiled], a[:, tiled])
+        if run == "torch":
+            out = gated_delta_net(*inputs, decode_meta(slots), *states, *weights, tiled_value_heads=True)
+        else:
+            starts, picked = torch.arange(len(slots) + 1), torch.tensor(slots)
+            out = native.gated_delta_net(*inputs, starts, picked, *states, *weights, 1, tiled_value_heads=True)
+        assert_same(out, grouped.view(-1, hv, dv)[:, tiled].flatten(1))
+        assert_states(states, as_tiled(grouped_states))
+    untiled = gated_delta_net(qkv[:, channels], b[:, tiled], a[:, tiled], decode_meta(slots),
+                              *as_tiled(layer.copies()), *weights)  # fmt: skip
+    assert not torch.allclose(untiled, grouped.view(-1, hv, dv)[:, tiled].flatten(1), atol=1e-3), "the flag acts"

@@ -130,7 +130,9 @@ GDN_DIMS = [(2, 16, 4, 16), (1, 12, 3, 20)]
 GDN_WIDTH = 4  # the convolution's taps
 
 
-def check_gated_delta_net(dims: tuple[int, int, int, int], decode_slots: list[int], chunks: list[tuple]) -> None:
+def check_gated_delta_net(
+    dims: tuple[int, int, int, int], decode_slots: list[int], chunks: list[tuple], tiled: bool = False
+) -> None:
     """One batch (decodes, then prefill chunks given as (query_len, source_slot, state_slot, checkpoint)) through the
     triton op and the torch op from the same random states: outputs and every slot of both states must agree. Random
     states, so a chunk from position 0 that read a slot, or a write to a wrong slot, shows."""
@@ -154,7 +156,7 @@ def check_gated_delta_net(dims: tuple[int, int, int, int], decode_slots: list[in
         meta.prefills.append(chunk)
         start += n
     expected_states, actual_states = ([s.to(DEVICE, copy=True) for s in states] for _ in range(2))
-    dims_kw = {"num_k_heads": hk, "head_k_dim": dk, "head_v_dim": dv}
+    dims_kw = {"num_k_heads": hk, "head_k_dim": dk, "head_v_dim": dv, "tiled_value_heads": tiled}
     expected = gated_delta_net(qkv, b, a, meta, *expected_states, **weights, **dims_kw)
     actual = kernels.gated_delta_net(qkv, b, a, meta, *actual_states, **weights, **dims_kw)
     for got, want in zip([actual, *actual_states], [expected, *expected_states]):
@@ -175,6 +177,11 @@ def test_gated_delta_net_prefill_from_zero(dims: tuple[int, int, int, int]) -> N
 def test_gated_delta_net_prefill_continuing_from_a_slot(dims: tuple[int, int, int, int]) -> None:
     """From its own slot (chunked prefill), and from another that it leaves as it was (a prefix checkpoint)."""
     check_gated_delta_net(dims, decode_slots=[], chunks=[(12, 1, 1, None), (9, 3, 0, None)])
+
+
+def test_gated_delta_net_with_value_heads_tiled_by_key_head() -> None:
+    """A GGUF's order (value head h reads key head h % Hk): decodes and a prefill chunk, as the torch op reads it."""
+    check_gated_delta_net((2, 16, 6, 16), decode_slots=[4, 0], chunks=[(9, -1, 3, None)], tiled=True)
 
 
 @pytest.mark.parametrize("at", [0, 7, 16])
