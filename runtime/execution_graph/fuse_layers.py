@@ -275,7 +275,7 @@ def _attention(mixer: list[Instr], x: int) -> _Mixer | None:
     shape = _attention_shape(attention, rope, q_size, kv_size)
     if shape is None or kv_size != v_size:
         return None
-    weights = dict(zip(("qkv", "qkv_bias", "o_proj", "o_bias"), (*qkv.consts, *o_proj.consts))) | _caches(attention)
+    weights = _projections(qkv, o_proj) | _caches(attention)
     return _Mixer(o_proj.outputs[0], rope.inputs[2], attention.inputs[3], weights, attention=shape)
 
 
@@ -304,8 +304,7 @@ def _gated_attention(mixer: list[Instr], x: int) -> _Mixer | None:
     (q_weight, q_eps), (k_weight, k_eps) = q_norm.consts, k_norm.consts
     if shape is None or halves.consts != (shape.head_dim,) or q_eps != k_eps or kv_size != v_size:
         return None
-    weights = dict(zip(("qkv", "qkv_bias", "o_proj", "o_bias"), (*qkv.consts, *o_proj.consts))) | _caches(attention)
-    weights |= {"q_norm": q_weight, "k_norm": k_weight}
+    weights = _projections(qkv, o_proj) | _caches(attention) | {"q_norm": q_weight, "k_norm": k_weight}
     return _Mixer(o_proj.outputs[0], rope.inputs[2], attention.inputs[3], weights, q_eps, attention=shape)
 
 
@@ -318,6 +317,11 @@ def _attention_shape(attention: Instr, rope: Instr, q_size: int, kv_size: int) -
     if sinks is not None or q_size % head_dim or kv_size != kv_heads * head_dim:
         return None
     return AttentionShape(q_size // head_dim, kv_heads, head_dim, scale, cos_sin, window, softcap)
+
+
+def _projections(into: Instr, out: Instr) -> dict[str, Any]:
+    """The mixer's input and output projections (weight, bias) as DecoderLayer's qkv and o_proj fields."""
+    return dict(zip(("qkv", "qkv_bias", "o_proj", "o_bias"), (*into.consts, *out.consts)))
 
 
 def _caches(attention: Instr) -> dict[str, Any]:
@@ -339,7 +343,7 @@ def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
     conv_states, ssm_states, conv_weight, a_log, dt_bias, num_k_heads, head_k_dim, head_v_dim, tiled = delta.consts
     out_norm, eps = norm.consts
     shape = DeltaNetShape(num_k_heads, head_k_dim, a_log.shape[0], head_v_dim, conv_weight.shape[1], tiled)
-    weights = dict(zip(("qkv", "qkv_bias", "o_proj", "o_bias"), (*in_proj.consts, *out_proj.consts)))
+    weights = _projections(in_proj, out_proj)
     weights |= dict(conv_states=conv_states, ssm_states=ssm_states, conv_weight=conv_weight, a_log=a_log)
     weights |= dict(dt_bias=dt_bias, out_norm=out_norm)
     return _Mixer(out_proj.outputs[0], None, delta.inputs[3], weights, eps, delta_net=shape)
