@@ -20,7 +20,8 @@ hundreds of rows they share the rows among torch's threads, one pass over memory
 `NativeDispatch` picks per call, by shape, and falls back to the torch ops for anything the C code does not take
 (other dtypes, more rows) or when no C compiler is found. At decode even those calls cost: for a model whose linears
 all read GGUF blocks, `decoder_layers` runs every layer of a decode-only step in one C call
-(backends/native/decoder_layers.c), the same kernels in the same order. Qwen3.5's Gated DeltaNet layers run their
+(backends/native/decoder_layers.c; Llama-shaped layers and Qwen3.5's Gated DeltaNet and gated attention ones), the
+same kernels in the same order. Qwen3.5's Gated DeltaNet layers run their
 recurrence natively, decode and prefill alike, in place in each sequence's state slot (backends/native/delta_rule.c).
 The C kernels are built per instruction set (avx512vnni, avx512, avx2, portable) and the best one this CPU runs is
 loaded (backends/native/isa.py)."""
