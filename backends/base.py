@@ -144,7 +144,8 @@ class DecoderShape:
     delta_net: DeltaNetShape | None = None
 
     def key(self) -> tuple:
-        """What two layers must agree on to be in one run (the rotary table compared by identity)."""
+        """What every two layers of one run agree on; their attention and delta net parts are matched by `joined`
+        (the rotary table compared by identity)."""
         return (self.hidden_size, self.intermediate_size, self.eps)
 
     def joined(self, other: DecoderShape) -> DecoderShape | None:

@@ -16,7 +16,14 @@ import torch
 from sagellm.backends.attention_metadata import AttentionMetadata
 from sagellm.backends.base import AttentionShape, DecoderLayer, DecoderShape
 from sagellm.backends.native.block_layout import InterleavedBlocks
-from sagellm.backends.native.ops import MAX_CONV_WIDTH, MAX_DELTA_HEAD_DIM, MAX_HEAD_DIM, NativeKernels, fits_dense
+from sagellm.backends.native.ops import (
+    MAX_CONV_WIDTH,
+    MAX_DELTA_HEAD_DIM,
+    MAX_HEAD_DIM,
+    NativeKernels,
+    fits_dense,
+    slots_inside,
+)
 from sagellm.backends.torch_ops.linear_attention import seed_decode_states
 
 # decoder_layers.c BLOCK_LINEARS, in its order
@@ -109,7 +116,11 @@ class NativeDecoderLayers:
         return cls(native, layers, shape, max_rows)
 
     def __call__(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         rows = hidden.shape[0]
         s = self._shape
@@ -157,9 +168,8 @@ class NativeDecoderLayers:
     def _slots_fit(self, slots: torch.Tensor | None) -> bool:
         """int64 state slots, each one of the states' (a wrong one would write outside them: the ops one by one
         then refuse it by name)."""
-        count = self._states[0][1].shape[0]
         fits = slots is not None and fits_dense(slots, dtype=I64)
-        return fits and (slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < count))
+        return fits and slots_inside(slots, self._states[0][1].shape[0])
 
 
 def delta_rule_threads(state: int) -> int:

@@ -173,10 +173,11 @@ static float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); } /* to
  * [C, K-1] is the convolution's window and ssm_states[slot] [Hv, Dk, Dv] the delta rule's states, both advanced in
  * place; conv_weight [C, K]; a_log, dt_bias [Hv]; out [T, Hv Dv]; scratch: T * (C + 2 Hv) floats, each token's
  * convolved q, k, v, then per value head its decay factor g (exp of the op's log-space decay) and beta. Value head h
- * reads key head h / (Hv / Hk), or h % Hk when `tiled` (a GGUF's order). Slots must be distinct and inside the states. Two phases, each shared among
- * `num_threads` OpenMP threads: the convolution (and gates) by (sequence, head of q, k or v), and the delta rule by
- * (sequence, value head): a head's state stays in L2 over its sequence's tokens. (Taking it 32 columns at a time
- * through all the tokens, in L1, measured no faster.) With 1 no parallel region is entered. */
+ * reads key head h / (Hv / Hk), or h % Hk when `tiled` (a GGUF's order). Slots must be distinct and inside the
+ * states. Two phases, each shared among `num_threads` OpenMP threads: the convolution (and gates) by (sequence, head
+ * of q, k or v), and the delta rule by (sequence, value head): a head's state stays in L2 over its sequence's tokens.
+ * (Taking it 32 columns at a time through all the tokens, in L1, measured no faster.) With 1 no parallel region is
+ * entered. */
 void gated_delta_net_f32(const float *x, int64_t x_row, const float *a, int64_t a_row, const float *b, int64_t b_row,
                          const int64_t *starts, const int64_t *slots, int64_t sequences, float *conv_states,
                          float *ssm_states, const float *conv_weight, const float *a_log, const float *dt_bias,

@@ -35,6 +35,11 @@ def fits_rows(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == F32 and t.dim() == 2 and t.stride(1) == 1 for t in tensors)
 
 
+def slots_inside(slots: torch.Tensor, count: int) -> bool:
+    """Every one of `slots` a state slot of `count` (a wrong one would make a kernel write outside the states)."""
+    return slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < count)
+
+
 def fits_strided_heads(x: torch.Tensor) -> bool:
     """fp32 [T, H, D] whose heads are unit-stride (tokens and heads any distance apart): what head_rmsnorm reads."""
     return x.dtype == F32 and x.dim() == 3 and x.stride(2) == 1
@@ -463,7 +468,7 @@ class NativeKernels:
         _expect(conv_states.shape[1:] == (channels, width - 1), "gated_delta_net conv_states", conv_states, mixed_qkv)
         _expect(ssm_states.shape[1:] == (hv, dk, dv), "gated_delta_net ssm_states", ssm_states, b)
         _expect(a_log.shape == dt_bias.shape == (hv,), "gated_delta_net a_log and dt_bias", a_log, b)
-        inside = slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < ssm_states.shape[0])
+        inside = slots_inside(slots, ssm_states.shape[0])
         _expect(inside, "gated_delta_net slots (each within the states)", slots, ssm_states)
         out = torch.empty((tokens, hv * dv), dtype=F32)  # [T, Hv * Dv]
         scratch = torch.empty(tokens * (channels + 2 * hv), dtype=F32)  # each token's convolved q, k, v and gates
