@@ -74,7 +74,10 @@ class DecoderLayer:
     qkv, per-head norms of q and k before rope (`q_norm`, `k_norm`), the output times sigmoid(gate); or
     "gated_delta_net": qkv is the input projection (q k v | z | b | a), then gated_delta_net over the layer's
     states, gated_rmsnorm (`out_norm`), o_proj the output projection. Linear weights are what
-    `prepare_linear_weight` packed."""
+    `prepare_linear_weight` packed. An attention layer's sliding `window` (0: none) and `sinks` (gpt-oss's [Hq]
+    logits) are its own: models alternate them layer by layer. A mixture of experts' layer (`router` [E, H] set) has
+    `add_rmsnorm, moe` for its MLP: gate_up and down are then its held experts' weights (lists), their biases
+    stacked ([L, 2I], [L, H]), and DecoderShape.moe says how it routes."""
 
     input_norm: torch.Tensor  # [H]
     qkv: Any
@@ -99,6 +102,10 @@ class DecoderLayer:
     a_log: torch.Tensor | None = None
     dt_bias: torch.Tensor | None = None
     out_norm: torch.Tensor | None = None
+    window: int = 0
+    sinks: torch.Tensor | None = None
+    router: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -110,14 +117,10 @@ class AttentionShape:
     head_dim: int
     scale: float
     cos_sin: torch.Tensor  # [max_pos, R], as rope takes it (R < D: partial rotary)
-    # The sliding window and score soft-cap (0: none), as `attention` takes them: per layer in models that alternate
-    # them (Gemma 2), so they are part of the key and such a model's layers fuse as runs of one kind.
-    window: int = 0
-    softcap: float = 0.0
+    softcap: float = 0.0  # the score soft-cap (0: none), as `attention` takes it
 
     def key(self) -> tuple:
-        return (self.num_heads, self.num_kv_heads, self.head_dim, self.scale, id(self.cos_sin), self.window,
-                self.softcap)  # fmt: skip
+        return (self.num_heads, self.num_kv_heads, self.head_dim, self.scale, id(self.cos_sin), self.softcap)
 
 
 @dataclass(frozen=True)
@@ -134,19 +137,36 @@ class DeltaNetShape:
 
 
 @dataclass(frozen=True)
+class MoeShape:
+    """What a run's mixtures of experts share, as `moe` takes it: the router's experts, how many a token takes, the
+    held ones (first_expert.., `held` of them), whether the chosen weights are renormalized, the activation."""
+
+    num_experts: int
+    top_k: int
+    first_expert: int
+    held: int
+    normalize: bool
+    activation: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass(frozen=True)
 class DecoderShape:
-    """What every layer of a run shares; `attention` and `delta_net` are None in a run without such layers."""
+    """What every layer of a run shares; `attention`, `delta_net` and `moe` are None in a run without such layers
+    (`moe`: a run of mixture of experts' layers; its dense layers' MLPs otherwise)."""
 
     hidden_size: int
     intermediate_size: int
     eps: float
     attention: AttentionShape | None = None
     delta_net: DeltaNetShape | None = None
+    moe: MoeShape | None = None
 
     def key(self) -> tuple:
         """What every two layers of one run agree on; their attention and delta net parts are matched by `joined`
         (the rotary table compared by identity)."""
-        return (self.hidden_size, self.intermediate_size, self.eps)
+        return (self.hidden_size, self.intermediate_size, self.eps, self.moe)
 
     def joined(self, other: DecoderShape) -> DecoderShape | None:
         """The shape of a run holding layers of both shapes, or None when they disagree."""

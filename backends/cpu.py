@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +54,13 @@ from sagellm.backends.native import (
     prefill_scratch_size,
 )
 from sagellm.backends.native.decoder_layers import (
+    LINEARS,
     NativeDecoderLayers,
     attention_threads,
     delta_rule_threads,
     seen_keys,
 )
+from sagellm.backends.native.experts import NativeExperts
 from sagellm.backends.native.ops import fits_delta_rule, fits_strided_heads
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
@@ -164,6 +167,7 @@ class NativeDispatch:
         self.native = native
         self.buffers = torch_ops.GatherBuffers()  # for the torch decode attention, and prefill chunks' gathers
         self._prefill_scratch = torch.empty(0)  # the native prefill attention's transposed keys, reused
+        self._experts: dict[int, tuple[Any, NativeExperts | None]] = {}  # id(gate_up list) -> (it, its experts)
         # The torch attention with each part native where it fits: the K/V write, the decode tokens' attention and
         # each prefill chunk's. Whether decode attention is native depends only on the model and the cache (dtype,
         # head size, layouts), not on the step, so a model's decodes all go one way: the torch path's kept K/V
@@ -190,14 +194,14 @@ class NativeDispatch:
             "decoder_layers": self.decoder_layers,
             "gated_delta_net": self.gated_delta_net,
             "gated_rmsnorm": self.gated_rmsnorm,
+            "moe": self.moe,
         }
 
     def decoder_layers(self, layers: list[DecoderLayer], shape: DecoderShape) -> NativeDecoderLayers | None:
         """The layers in one native call for decode-only steps of up to NATIVE_BLOCK_ROWS rows, the steps whose
         linears all read GGUF blocks one op at a time too; None unless every linear has its blocks or its parts'
         (`build` checks)."""
-        linears = ("qkv", "o_proj", "gate_up", "down")
-        blocks = [replace(layer, **{name: _block_parts(getattr(layer, name)) for name in linears}) for layer in layers]
+        blocks = [replace(layer, **{name: _blocks_of(getattr(layer, name)) for name in LINEARS}) for layer in layers]
         return NativeDecoderLayers.build(self.native, blocks, shape, NATIVE_BLOCK_ROWS)
 
     def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,6 +224,42 @@ class NativeDispatch:
         if x.shape[0] >= (BLOCK_GEMM_ROWS_ONE_THREAD if threads == 1 else BLOCK_GEMM_ROWS):
             return self.native.block_linear_large(x, blocks, bias, threads)
         return self.native.block_linear(x, blocks, bias, threads)
+
+    def moe(
+        self,
+        x: torch.Tensor,
+        router: torch.Tensor,
+        gate_up: torch.Tensor | Sequence[CpuLinearWeight],
+        down: torch.Tensor | Sequence[CpuLinearWeight],
+        top_k: int,
+        first_expert: int,
+        normalize: bool = True,
+        router_bias: torch.Tensor | None = None,
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """The experts' MLP in one native call (moe.c) for decode's few rows when every expert is GGUF blocks and
+        the router picks them alone (not Gemma 4's scaled experts routed from their own input); else the torch op."""
+        routed_alone = options.get("routing") is None and options.get("expert_scale") is None
+        experts = self._native_experts(gate_up, down) if routed_alone and x.shape[0] <= NATIVE_BLOCK_ROWS else None
+        biases = (router_bias, gate_up_bias, down_bias)
+        if experts is not None:
+            activation = (options.get("activation", "silu"), options.get("alpha", 1.702), options.get("limit", 7.0))
+            out = experts(x, router, top_k, first_expert, normalize, *biases, *activation)
+            if out is not None:
+                return out
+        return torch_ops.moe(x, router, gate_up, down, top_k, first_expert, normalize, *biases, **options)
+
+    def _native_experts(self, gate_up: Any, down: Any) -> NativeExperts | None:
+        """The native experts of a layer's expert lists, built on first use (None: floats, or blocks moe.c lacks)."""
+        if isinstance(gate_up, torch.Tensor) or isinstance(down, torch.Tensor):
+            return None
+        key = id(gate_up)
+        if key not in self._experts:  # the lists live as long as the plan that binds them; kept here besides
+            parts = [[_block_parts(w) for w in weights] for weights in (gate_up, down)]
+            self._experts[key] = (gate_up, NativeExperts.build(self.native, *parts))
+        return self._experts[key][1]
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if fits_rows(x) and fits_dense(weight):
@@ -441,6 +481,11 @@ class CpuBackend(torch_ops.TorchOpsBackend):
         table = {**super().kernels(), "linear": linear}
         native = NativeKernels.load()
         return table if native is None else {**table, **NativeDispatch(native).ops()}
+
+
+def _blocks_of(weight: CpuLinearWeight | list[CpuLinearWeight]) -> Any:
+    """A fused layer's linear as block parts: one weight's, or each of a mixture's experts' (a list)."""
+    return [_block_parts(w) for w in weight] if isinstance(weight, list) else _block_parts(weight)
 
 
 def _block_parts(weight: CpuLinearWeight) -> tuple[InterleavedBlocks, ...]:

@@ -458,6 +458,7 @@ def write_tiny_gguf(
     qtype: GGMLQuantizationType | str = "F32",
     sampling: dict | None = None,
     drop: tuple[str, ...] = (),
+    beside_experts: str = "F32",
 ) -> Path:
     """Write the weights, config and tokenizer of the HF model in `hf_dir` as a GGUF file, like llama.cpp's
     convert_hf_to_gguf.py and llama-quantize: 2-D weights in `qtype` ("Q4_K_M": llama.cpp's mix, `q4_k_m_type`),
@@ -466,7 +467,8 @@ def write_tiny_gguf(
     experts stacked and its router in F32), Gemma's norms stored +1 with its window and soft-caps, Phi-3's LongRoPE
     factors as tensors, gpt-oss's gate and up experts apart with their biases and its sinks; `sampling`:
     llama.cpp's `general.sampling.*` keys (temp, top_p: float32; top_k: int32); `drop`: GGUF names left out (a bad
-    file)."""
+    file); `beside_experts`: the type of an MXFP4 file's 2-D weights other than its experts (llama.cpp's gpt-oss
+    files: Q8_0)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path, hf_dir = Path(path), Path(hf_dir)
@@ -574,8 +576,8 @@ def write_tiny_gguf(
                                 "conv1d.weight"))  # kept F32  # fmt: skip
         tensor_type = qtype if values.ndim >= 2 and not router else GGMLQuantizationType.F32
         expert = ".experts.w" in name and name.endswith(".weight")
-        if qtype == GGMLQuantizationType.MXFP4 and not expert:  # llama.cpp's gpt-oss: only experts in MXFP4
-            tensor_type = GGMLQuantizationType.F32
+        if qtype == GGMLQuantizationType.MXFP4 and not expert and tensor_type != GGMLQuantizationType.F32:
+            tensor_type = GGMLQuantizationType[beside_experts]  # llama.cpp's gpt-oss: only experts in MXFP4
         if mixture and tensor_type != GGMLQuantizationType.F32:
             tensor_type = q4_k_m_type(name, config.num_hidden_layers, values.shape[-1], config.tie_word_embeddings)
         if _gguf_name(name, arch) not in drop:

@@ -41,9 +41,12 @@ SOURCES = tuple(
         "prefill_attention.c",
         "decoder_layers.c",
         "delta_rule.c",
+        "moe.c",
     )
 )
-HEADERS = tuple(HERE / h for h in ("vector_math.h", "kernels.h", "block_layouts.h", "mxfp4.h"))  # included by them
+HEADERS = tuple(
+    HERE / h for h in ("vector_math.h", "kernels.h", "block_layouts.h", "mxfp4.h", "block_weight.h")
+)  # included by them
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
 BUILD_TIMEOUT_S = 300  # the build takes 27-64 s on two idle cores (portable the longest); one stuck longer must not
 # hold up the engine's start
@@ -105,6 +108,12 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
         + (_P, _I32, _I32, _I32)  # workspace, threads
     ),
     "decoder_layers_workspace": (_P, _I64),
+    "moe_f32": (
+        (_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64)  # x, rows, router, its bias, E, k, normalize, experts
+        + (_P, _P, _P, _P, _I64, _I64, _I64, _F32, _F32)  # weights, biases, H, I, activation, alpha, limit
+        + (_P, _P, _I32)  # out, workspace, threads
+    ),
+    "moe_workspace": (_I64, _I64, _I64, _I64),
     "sigmoid_f32": (_P, _I64, _P, _I64, _I64, _I32),
     "gated_delta_net_f32": (
         (_P, _I64, _P, _I64, _P, _I64, _P, _P, _I64)  # x, a, b, starts, slots, sequences
@@ -112,7 +121,7 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
         + (_I64, _I64, _I64, _I64, _I64, _I64, _P, _I32)  # Hk, Dk, Hv, Dv, tiled, K, scratch, threads
     ),
 }
-RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64}  # the others return void
+RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64, "moe_workspace": _I64}  # the others return void
 
 
 class NativeBuildError(Unavailable, RuntimeError):

@@ -10,9 +10,11 @@
  * Per layer, with R the residual stream and h the layer's input:
  *   x = rmsnorm(h + R) (R = h + R)   or, in the first layer of a model, x = rmsnorm(h) (R = h)
  *   m = mixer(x)
- *   x = rmsnorm(m + R) (R = m + R);  g = x . Wgate_up;  h = (silu(gate) * up) . Wdown
+ *   x = rmsnorm(m + R) (R = m + R);  g = x . Wgate_up;  h = (silu(gate) * up) . Wdown, or h = moe(x) (moe.c)
  * where the mixer is one of
  *   attention:        qkv = x . Wqkv (+ b);  q, k = rope(q, k);  cache[slots] = k, v;  m = attention(q, cache) . Wo
+ *                     (the layer's sliding window and sinks, gpt-oss's; q and k normed per head first when the
+ *                     layer has q_norm and k_norm, Qwen3's)
  *   gated attention:  (q gate) k v = x . Wqkv, each head's query beside its gate (Qwen3.5); q, k = rope(rmsnorm(q),
  *                     rmsnorm(k)) per head;  cache[slots] = k, v;  m = (attention(q, cache) * sigmoid(gate)) . Wo
  *   gated delta net:  qkv z b a = x . Win;  c = gated_delta_net(qkv, b, a; the row's state slot);
@@ -21,53 +23,48 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "block_weight.h"
 #include "kernels.h"
-
-/* A linear's weight: its interleaved GGUF blocks (`layout` indexes BLOCK_LINEARS), or the parts of a fused linear
- * whose blocks differ in kind (a Q4_K_M file's q/k Q4_K, v Q6_K), their outputs side by side. */
-enum { MAX_PARTS = 3 };
-typedef struct {
-    const uint8_t *data[MAX_PARTS];
-    int64_t layout[MAX_PARTS], outputs[MAX_PARTS];
-    int64_t parts;
-} block_weight;
 
 enum { ATTENTION = 0, GATED_ATTENTION = 1, GATED_DELTA_NET = 2 }; /* decoder_layers.py KINDS */
 
 /* One layer's weights and its cache or states. A gated delta net layer's `qkv` is its input projection, `o_proj`
- * its output projection. */
+ * its output projection. A mixture of experts' layer (`router` set) holds its experts' projections in
+ * `experts_gate_up` and `experts_down` ([held] each) and their biases in gate_up_bias [held, 2I] and down_bias
+ * [held, H]; a dense one its own in gate_up and down. */
 typedef struct {
     int64_t kind;
     const float *input_norm, *post_norm;
     block_weight qkv, o_proj, gate_up, down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* NULL: none */
     float *k_cache, *v_cache;                                  /* attention */
-    const float *q_norm, *k_norm;                              /* gated attention's per-head norms [D] */
+    const float *q_norm, *k_norm;                              /* attention's per-head norms [D], or NULL */
     float *conv_states, *ssm_states;                           /* gated delta net: [S, C, K-1], [S, Hv, Dk, Dv] */
     const float *conv_weight, *a_log, *dt_bias, *out_norm;     /* [C, K], [Hv], [Hv], [Dv] */
+    const float *sinks;                                        /* attention's per-head sink logits [Hq], or NULL */
+    int64_t window;                                            /* attention's sliding window (0: none) */
+    const float *router, *router_bias;                         /* a mixture of experts: [E, H], [E] or NULL */
+    const block_weight *experts_gate_up, *experts_down;
 } decoder_layer;
 
-/* What every layer of a run shares: its sizes, the attention layers' and the delta net layers' own. */
+/* What every layer of a run shares: its sizes, the attention layers' and the delta net layers' own, and its
+ * mixtures of experts' (experts: E, 0 for dense MLPs; moe.c's routing and activation). */
 typedef struct {
     int64_t hidden, inter;
-    int64_t hq, hk, d, rot, block_size, window; /* attention; rot: the rotated dims of a head */
+    int64_t hq, hk, d, rot, block_size; /* attention; rot: the rotated dims of a head */
     float eps, scale, softcap;
     const float *cos_sin; /* [max_pos, rot] */
     int64_t lhk, ldk, lhv, ldv, conv_width; /* gated delta net: key heads and size, value heads and size */
     int64_t tiled;                          /* its value heads tiled by key head (gated_delta_net_f32's) */
+    int64_t experts, top_k, normalize, first_expert, held, activation;
+    float alpha, limit;
 } decoder_dims;
-
-/* In the order of decoder_layers.py LAYOUTS. */
-static const block_linear_fn BLOCK_LINEARS[] = {linear_q4x8_f32,   linear_q8x8_f32,   linear_q4x16_f32,
-                                                linear_q8x16_f32,  linear_q5kx8_f32,  linear_q5kx16_f32,
-                                                linear_q6kx8_f32,  linear_q6kx16_f32, linear_q4kx8_f32,
-                                                linear_q4kx16_f32, linear_mxfp4x8_f32, linear_mxfp4x16_f32};
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* Per row: each intermediate's width. */
 typedef struct {
-    int64_t x, proj, heads, attn, gated, o, gate_up, act, delta, packed, part;
+    int64_t x, proj, heads, attn, gated, o, gate_up, act, delta, packed, part, moe;
 } row_widths;
 
 static row_widths widths(const decoder_dims *s) {
@@ -85,29 +82,15 @@ static row_widths widths(const decoder_dims *s) {
     w.delta = channels + 2 * s->lhv; /* gated_delta_net_f32's scratch */
     w.packed = max64(max64(h, qd), max64(s->inter, vd)); /* a block linear's packed input rows */
     w.part = max64(max64(h, w.proj), 2 * s->inter);      /* any linear part's out */
+    w.moe = s->experts ? moe_workspace(h, s->inter, s->experts, 1) : 0;
     return w;
 }
 
 /* Floats of workspace `decoder_layers_f32` needs for `rows` rows. */
 int64_t decoder_layers_workspace(const decoder_dims *dims, int64_t rows) {
     const row_widths w = widths(dims);
-    return rows * (w.x + w.proj + w.heads + w.attn + w.gated + w.o + w.gate_up + w.act + w.delta + w.packed + w.part);
-}
-
-/* y [rows, n] = x . w^T (+ bias): each part into `part_out`, then its columns of y. */
-static void block_linear(const block_weight *w, const float *x, int64_t x_row, const float *bias, float *y,
-                         int64_t rows, int64_t n, int64_t k, float *scratch, float *part_out, int32_t threads) {
-    if (w->parts == 1) {
-        BLOCK_LINEARS[w->layout[0]](x, x_row, w->data[0], bias, y, rows, n, k, scratch, threads);
-        return;
-    }
-    for (int64_t p = 0, column = 0; p < w->parts; column += w->outputs[p++]) {
-        const int64_t width = w->outputs[p];
-        BLOCK_LINEARS[w->layout[p]](x, x_row, w->data[p], bias != NULL ? bias + column : NULL, part_out, rows, width,
-                                    k, scratch, threads);
-        for (int64_t t = 0; t < rows; ++t)
-            memcpy(y + t * n + column, part_out + t * width, (size_t)width * sizeof(float));
-    }
+    return rows *
+           (w.x + w.proj + w.heads + w.attn + w.gated + w.o + w.gate_up + w.act + w.delta + w.packed + w.part + w.moe);
 }
 
 /* The step's own inputs, and where its intermediates go. */
@@ -117,7 +100,7 @@ typedef struct {
     int64_t max_blocks;
     const int64_t *state_starts, *state_slots; /* 0 .. rows, and each row's state slot */
     int64_t rows;
-    float *x, *proj, *heads, *attn, *gated, *o, *gate_up, *act, *delta, *packed, *part;
+    float *x, *proj, *heads, *attn, *gated, *o, *gate_up, *act, *delta, *packed, *part, *moe;
     int32_t linear_threads, attention_threads, delta_threads;
 } step;
 
@@ -130,17 +113,17 @@ static void attention(const decoder_layer *l, const decoder_dims *s, const step 
     block_linear(&l->qkv, st->x, h, l->qkv_bias, qkv, rows, nqkv, h, st->packed, st->part, st->linear_threads);
     const float *q = qkv, *k = qkv + nq, *v = k + kvd;
     int64_t q_row = nqkv, k_row = nqkv;
-    if (gated) { /* each head's query and key normed into `heads`: [rows, Hq D], then [rows, Hk D] */
+    if (l->q_norm != NULL) { /* each head's query and key normed into `heads`: [rows, Hq D], then [rows, Hk D] */
         float *qn = st->heads, *kn = qn + rows * qd;
-        head_rmsnorm_f32(qkv, nqkv, 2 * d, l->q_norm, qn, rows, s->hq, d, s->eps, 1);
+        head_rmsnorm_f32(qkv, nqkv, gated ? 2 * d : d, l->q_norm, qn, rows, s->hq, d, s->eps, 1);
         head_rmsnorm_f32(qkv + nq, nqkv, d, l->k_norm, kn, rows, s->hk, d, s->eps, 1);
         q = qn, k = kn, q_row = qd, k_row = kvd;
     }
     rope_f32(q, q_row, k, k_row, st->positions, s->cos_sin, turned, rows, s->hq, s->hk, d, s->rot, 1);
     write_kv_f32(turned + qd, nrot, v, nqkv, st->slots, l->k_cache, l->v_cache, rows, s->hk, d);
     paged_decode_attention_f32(turned, nrot, l->k_cache, l->v_cache, st->block_tables, st->max_blocks,
-                               st->context_lens, st->attn, rows, s->hq, s->hk, d, s->block_size, s->scale, s->window,
-                               s->softcap, NULL, st->attention_threads);
+                               st->context_lens, st->attn, rows, s->hq, s->hk, d, s->block_size, s->scale, l->window,
+                               s->softcap, l->sinks, st->attention_threads);
     if (gated) { /* the output times the sigmoid of each head's gate */
         for (int64_t t = 0; t < rows; ++t) sigmoid_f32(qkv + t * nqkv + d, 2 * d, st->gated + t * qd, s->hq, d, 1);
         for (int64_t i = 0; i < rows * qd; ++i) st->attn[i] *= st->gated[i];
@@ -182,8 +165,9 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const d
     step st = {positions, slots, block_tables, context_lens, max_blocks, state_starts, state_slots, rows};
     float *next = workspace;
     float **regions[] = {&st.x,      &st.proj, &st.heads, &st.attn,  &st.gated, &st.o,
-                         &st.gate_up, &st.act, &st.delta, &st.packed, &st.part};
-    const int64_t sizes[] = {w.x, w.proj, w.heads, w.attn, w.gated, w.o, w.gate_up, w.act, w.delta, w.packed, w.part};
+                         &st.gate_up, &st.act, &st.delta, &st.packed, &st.part, &st.moe};
+    const int64_t sizes[] = {w.x,      w.proj,  w.heads,  w.attn,   w.gated, w.o,
+                             w.gate_up, w.act, w.delta, w.packed, w.part,  w.moe};
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; ++i) *regions[i] = next, next += rows * sizes[i];
     st.linear_threads = linear_threads, st.attention_threads = attention_threads, st.delta_threads = delta_threads;
     for (int64_t i = 0; i < num_layers; ++i) {
@@ -202,6 +186,12 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const d
             attention(l, s, &st);
         rmsnorm_f32(st.o, h, residual, h, l->post_norm, st.x, residual_out, rows, h, s->eps, 1);
         residual = residual_out;
+        if (l->router != NULL) {
+            moe_f32(st.x, h, rows, l->router, l->router_bias, s->experts, s->top_k, s->normalize, s->first_expert,
+                    s->held, l->experts_gate_up, l->experts_down, l->gate_up_bias, l->down_bias, h, inter,
+                    s->activation, s->alpha, s->limit, hidden_out, st.moe, linear_threads);
+            continue;
+        }
         block_linear(&l->gate_up, st.x, h, l->gate_up_bias, st.gate_up, rows, 2 * inter, h, st.packed, st.part,
                      linear_threads);
         silu_mul_f32(st.gate_up, 2 * inter, st.act, rows, inter, 1);

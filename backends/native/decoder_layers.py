@@ -3,8 +3,9 @@
 Built once per model from the layers' bound weights: their pointers go into a ctypes array of `decoder_layer`
 structs, so a step passes only its own tensors. The C code runs the same kernels in the same order and on the same
 threads as the op-by-op path, so the two give bit-identical results; only the 10-15 Python calls a layer makes are
-gone (SmolLM2, one stream: ~1.5 ms of a ~6 ms step). Attention layers, Qwen3.5's gated attention and its Gated
-DeltaNet layers (`KINDS`) mix in one run."""
+gone (SmolLM2, one stream: ~1.5 ms of a ~6 ms step). Attention layers (each with its own sliding window and sinks),
+Qwen3.5's gated attention and its Gated DeltaNet layers (`KINDS`) mix in one run, their MLPs dense or a mixture of
+experts (moe.c, the op's own kernel)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from dataclasses import astuple
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata
-from sagellm.backends.base import AttentionShape, DecoderLayer, DecoderShape
-from sagellm.backends.native.block_layout import InterleavedBlocks
+from sagellm.backends.base import AttentionShape, DecoderLayer, DecoderShape, MoeShape
+from sagellm.backends.native.block_weight import BlockWeight, block_weight, fits_blocks
+from sagellm.backends.native.experts import ACTIVATIONS, routing_fits
 from sagellm.backends.native.ops import (
     MAX_CONV_WIDTH,
     MAX_DELTA_HEAD_DIM,
@@ -26,11 +28,6 @@ from sagellm.backends.native.ops import (
 )
 from sagellm.backends.torch_ops.linear_attention import seed_decode_states
 
-# decoder_layers.c BLOCK_LINEARS, in its order
-LAYOUTS = (
-    *("q4x8", "q8x8", "q4x16", "q8x16", "q5kx8", "q5kx16", "q6kx8", "q6kx16", "q4kx8", "q4kx16"),
-    *("mxfp4x8", "mxfp4x16"),
-)
 F32, I32, I64 = torch.float32, torch.int32, torch.int64
 # Cached keys (rows x context) from which native attention shares its tasks among torch's threads (with fewer
 # sequences than threads, shares of each sequence's keys); below it one thread finishes before a second would help.
@@ -43,19 +40,7 @@ NATIVE_PARALLEL_KEYS = 256
 # torch's threads: a quarter of a Qwen3.5-0.8B token's 1 MB, read twice and written once. One whole decode row, its
 # states from memory, on a 2-core AMD EPYC (AVX2 kernels): 0.16 ms on one thread, 0.11 on two.
 NATIVE_PARALLEL_STATE = 1 << 16
-MAX_PARTS = 3  # decoder_layers.c's: a fused linear's parts of different kinds (q, k, v)
 KINDS = ("attention", "gated_attention", "gated_delta_net")  # decoder_layers.c's, in its order
-
-
-class _Weight(ctypes.Structure):
-    """decoder_layers.c's `block_weight`: a linear's blocks, or its parts side by side."""
-
-    _fields_ = [
-        ("data", ctypes.c_void_p * MAX_PARTS),
-        ("layout", ctypes.c_int64 * MAX_PARTS),
-        ("outputs", ctypes.c_int64 * MAX_PARTS),
-        ("parts", ctypes.c_int64),
-    ]
 
 
 LINEARS = ("qkv", "o_proj", "gate_up", "down")
@@ -71,8 +56,11 @@ class _Layer(ctypes.Structure):
         ("kind", ctypes.c_int64),
         ("input_norm", ctypes.c_void_p),
         ("post_norm", ctypes.c_void_p),
-        *((name, _Weight) for name in LINEARS),
+        *((name, BlockWeight) for name in LINEARS),
         *((name, ctypes.c_void_p) for name in (*BIASES, *TENSORS)),
+        ("sinks", ctypes.c_void_p),
+        ("window", ctypes.c_int64),
+        *((name, ctypes.c_void_p) for name in ("router", "router_bias", "experts_gate_up", "experts_down")),
     ]
 
 
@@ -80,10 +68,12 @@ class _Dims(ctypes.Structure):
     """decoder_layers.c's `decoder_dims`."""
 
     _fields_ = [
-        *((name, ctypes.c_int64) for name in ("hidden", "inter", "hq", "hk", "d", "rot", "block_size", "window")),
+        *((name, ctypes.c_int64) for name in ("hidden", "inter", "hq", "hk", "d", "rot", "block_size")),
         *((name, ctypes.c_float) for name in ("eps", "scale", "softcap")),
         ("cos_sin", ctypes.c_void_p),
         *((name, ctypes.c_int64) for name in ("lhk", "ldk", "lhv", "ldv", "conv_width", "tiled")),
+        *((name, ctypes.c_int64) for name in ("experts", "top_k", "normalize", "first_expert", "held", "activation")),
+        *((name, ctypes.c_float) for name in ("alpha", "limit")),
     ]
 
 
@@ -95,8 +85,10 @@ class NativeDecoderLayers:
         self._lib = native.library
         self._shape = shape
         self._max_rows = max_rows
-        self._keep = layers  # the tensors whose addresses the structs hold
-        self._structs = (_Layer * len(layers))(*(_struct(layer) for layer in layers))
+        self._keep: list = [layers]  # the tensors and expert arrays whose addresses the structs hold
+        self._structs = (_Layer * len(layers))(*(_struct(layer, self._keep) for layer in layers))
+        attending = [layer.window for layer in layers if layer.kind != "gated_delta_net"]
+        self._window = 0 if not attending or 0 in attending else max(attending)  # the widest a layer reads
         self._dims = _dims(shape, layers)
         self._states = [(layer.conv_states, layer.ssm_states) for layer in layers if layer.kind == "gated_delta_net"]
         self._state_floats = self._states[0][1][0].numel() if self._states else 0  # a slot's delta-rule state
@@ -141,7 +133,7 @@ class NativeDecoderLayers:
             self._workspace = torch.empty(size, dtype=F32)
         hidden_out = torch.empty((rows, s.hidden_size), dtype=F32)  # [T, H]
         residual_out = torch.empty((rows, s.hidden_size), dtype=F32)  # [T, H]
-        keys = rows * seen_keys(tables.shape[1] * self._dims.block_size, self._dims.window) if s.attention else 0
+        keys = rows * seen_keys(tables.shape[1] * self._dims.block_size, self._window) if s.attention else 0
         self._lib.decoder_layers_f32(
             self._structs,
             len(self._structs),
@@ -206,7 +198,14 @@ def _attention_step_fits(positions: torch.Tensor | None, meta: AttentionMetadata
 def _layer_fits(layer: DecoderLayer, shape: DecoderShape) -> bool:
     """Whether `layer`'s weights, norms and caches or states are what decoder_layers.c reads for its kind."""
     h, inter = shape.hidden_size, shape.intermediate_size
-    mlp = (("gate_up", 2 * inter, h), ("down", h, inter))
+    if (layer.router is not None) != (shape.moe is not None):
+        return False
+    if shape.moe is not None:
+        if not _experts_fit(layer, shape.moe, h, inter):
+            return False
+        mlp: tuple = ()
+    else:
+        mlp = (("gate_up", 2 * inter, h), ("down", h, inter))
     if layer.kind == "gated_delta_net":
         dn = shape.delta_net
         if dn is None or layer.qkv_bias is not None or layer.o_bias is not None:
@@ -238,58 +237,71 @@ def _layer_fits(layer: DecoderLayer, shape: DecoderShape) -> bool:
         cache_shape = (a.num_kv_heads, a.head_dim)
         fits_own = all(c is not None and c.shape[2:] == cache_shape for c in caches) and fits_dense(*caches)
         fits_own = fits_own and layer.k_cache.shape == layer.v_cache.shape
-        if gated:
-            norms = layer.q_norm, layer.k_norm
+        sinks = layer.sinks
+        fits_own = fits_own and (sinks is None or (sinks.shape == (a.num_heads,) and fits_dense(sinks)))
+        norms = layer.q_norm, layer.k_norm
+        if gated or any(n is not None for n in norms):  # Qwen3.5's gated attention, Qwen3's normed heads
             fits_own = fits_own and all(n is not None and n.shape == (a.head_dim,) and fits_dense(n) for n in norms)
     for name, n, k in linears:
         bias = getattr(layer, name.removesuffix("_proj") + "_bias")
         bias_fits = bias is None or (fits_dense(bias) and bias.shape == (n,))
-        if not (_fits_blocks(getattr(layer, name), n, k) and bias_fits):
+        if not (fits_blocks(getattr(layer, name), n, k) and bias_fits):
             return False
     norms_fit = all(w.shape == (h,) and fits_dense(w) for w in (layer.input_norm, layer.post_norm))
     return fits_own and norms_fit
 
 
+def _experts_fit(layer: DecoderLayer, moe: MoeShape, h: int, inter: int) -> bool:
+    """A mixture of experts' layer: the router and biases moe.c reads, `held` experts of GGUF blocks."""
+    router, held = layer.router, moe.held
+    biases = (layer.router_bias, layer.gate_up_bias, layer.down_bias)
+    return (
+        router is not None
+        and router.shape == (moe.num_experts, h)
+        and routing_fits(router, *biases, held, inter, moe.top_k, moe.activation)
+        and len(layer.gate_up) == len(layer.down) == held
+        and all(fits_blocks(w, 2 * inter, h) for w in layer.gate_up)
+        and all(fits_blocks(w, h, inter) for w in layer.down)
+    )
+
+
 def _dims(shape: DecoderShape, layers: list[DecoderLayer]) -> _Dims:
-    a, dn = shape.attention, shape.delta_net
+    a, dn, moe = shape.attention, shape.delta_net, shape.moe
     block_size = next((layer.k_cache.shape[1] for layer in layers if layer.k_cache is not None), 0)
-    no_attention = (0, 0, 0, 0, 0, 0, shape.eps, 0.0, 0.0, None)
+    no_attention = (0, 0, 0, 0, 0, shape.eps, 0.0, 0.0, None)
     attention = no_attention if a is None else (
-        a.num_heads, a.num_kv_heads, a.head_dim, a.cos_sin.shape[1], block_size, a.window, shape.eps, a.scale,
-        a.softcap, a.cos_sin.data_ptr(),
+        a.num_heads, a.num_kv_heads, a.head_dim, a.cos_sin.shape[1], block_size, shape.eps, a.scale, a.softcap,
+        a.cos_sin.data_ptr(),
     )  # fmt: skip
     delta = (0,) * 6 if dn is None else (*astuple(dn)[:5], int(dn.tiled_value_heads))
-    return _Dims(shape.hidden_size, shape.intermediate_size, *attention, *delta)
+    experts = (0, 0, 0, 0, 0, 0, 0.0, 0.0) if moe is None else (
+        moe.num_experts, moe.top_k, int(moe.normalize), moe.first_expert, moe.held, ACTIVATIONS.index(moe.activation),
+        moe.alpha, moe.limit,
+    )  # fmt: skip
+    return _Dims(shape.hidden_size, shape.intermediate_size, *attention, *delta, *experts)
 
 
-def _fits_blocks(parts: tuple[InterleavedBlocks, ...], n: int, k: int) -> bool:
-    return (
-        0 < len(parts) <= MAX_PARTS
-        and all(p.layout in LAYOUTS and p.in_features == k for p in parts)
-        and sum(p.out_features for p in parts) == n
-    )
+def _struct(layer: DecoderLayer, keep: list) -> _Layer:
+    """The layer's struct; the arrays of its experts' weights it points at are appended to `keep`."""
 
-
-def _weight(parts: tuple[InterleavedBlocks, ...]) -> _Weight:
-    def each(values: list[int]) -> list[int]:
-        return values + [0] * (MAX_PARTS - len(values))
-
-    return _Weight(
-        (ctypes.c_void_p * MAX_PARTS)(*each([p.data.data_ptr() for p in parts])),
-        (ctypes.c_int64 * MAX_PARTS)(*each([LAYOUTS.index(p.layout) for p in parts])),
-        (ctypes.c_int64 * MAX_PARTS)(*each([p.out_features for p in parts])),
-        len(parts),
-    )
-
-
-def _struct(layer: DecoderLayer) -> _Layer:
     def address(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
+    moe = layer.router is not None
+    experts = [(BlockWeight * len(ws))(*map(block_weight, ws)) for ws in (layer.gate_up, layer.down)] if moe else []
+    keep.extend(experts)
     return _Layer(
         KINDS.index(layer.kind),
         address(layer.input_norm),
         address(layer.post_norm),
-        *(_weight(getattr(layer, name)) for name in LINEARS),
+        *(
+            BlockWeight() if moe and name in ("gate_up", "down") else block_weight(getattr(layer, name))
+            for name in LINEARS
+        ),
         *(address(getattr(layer, name)) for name in (*BIASES, *TENSORS)),
+        address(layer.sinks),
+        layer.window,
+        address(layer.router),
+        address(layer.router_bias),
+        *([ctypes.addressof(array) for array in experts] if moe else [None, None]),
     )

@@ -15,6 +15,8 @@ void rope_f32(const float *q, int64_t q_row, const float *k, int64_t k_row, cons
 void gated_rmsnorm_f32(const float *x, int64_t x_row, const float *z, int64_t z_row, const float *weight, float *out,
                        int64_t tokens, int64_t heads, int64_t d, float eps, int32_t num_threads);
 void silu_mul_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_t inter, int32_t num_threads);
+void linear_f32(const float *x, int64_t x_row, const float *w, const float *bias, float *y, int64_t tokens,
+                int64_t n, int64_t k);
 void sigmoid_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_t n, int32_t num_threads);
 void write_kv_f32(const float *k, int64_t k_row, const float *v, int64_t v_row, const int64_t *slots, float *k_cache,
                   float *v_cache, int64_t tokens, int64_t hk, int64_t d);

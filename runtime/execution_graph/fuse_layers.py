@@ -1,13 +1,14 @@
-"""Lowering's last step: a run of whole decoder layers in a plan becomes one instruction, when the backend has a
+"""Lowering's last step: each run of whole decoder layers in a plan becomes one instruction, when the backend has a
 kernel that runs them in one call (the kernel table's optional `decoder_layers`, backends/base.py).
 
 A layer is recognized by its instructions, in the order the optimized graph lowers them:
-    rmsnorm | add_rmsnorm, <mixer>, add_rmsnorm, linear (gate_up), silu_mul, linear (down)
-with one of the mixers (MIXERS): attention, Qwen3.5's gated attention or its Gated DeltaNet; wired as one layer, the
-next layer reading this one's output and residual. Tensor parallel ranks (all_reduce between the ops) and mixtures
-of experts do not match and keep their ops. The fused instruction keeps the original ones as its fallback: the
-backend's kernel declines a step it does not take (prefill rows, too many rows) by returning None, and the original
-ops then run one by one."""
+    rmsnorm | add_rmsnorm, <mixer>, add_rmsnorm, linear (gate_up), silu_mul, linear (down) | moe
+with one of the mixers (MIXERS): attention (with sinks and a sliding window, per layer; its heads normed, Qwen3's),
+Qwen3.5's gated attention or its Gated DeltaNet; and a dense MLP or a mixture of experts routed from the layer's own
+norm (MLPS); wired as one layer, the next layer reading this one's output and residual. Tensor parallel ranks
+(all_reduce between the ops), Gemma 4's experts beside a dense MLP and Qwen3.5-MoE's shared expert do not match and
+keep their ops. The fused instruction keeps the original ones as its fallback: the backend's kernel declines a step
+it does not take (prefill rows, too many rows) by returning None, and the original ops then run one by one."""
 
 from __future__ import annotations
 
@@ -21,19 +22,21 @@ from sagellm.backends.base import (
     DecoderShape,
     DeltaNetShape,
     KernelTable,
+    MoeShape,
 )
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.plan import Instr, Plan
 
 MIXERS = {
     "attention": ("linear", "split", "rope", "attention", "linear"),
+    "normed_attention": ("linear", "split", "head_rmsnorm", "head_rmsnorm", "rope", "attention", "linear"),
     "gated_attention": (
         *("linear", "split", "split_head_halves", "head_rmsnorm", "head_rmsnorm", "sigmoid", "rope", "attention"),
         *("mul", "linear"),
     ),
     "gated_delta_net": ("linear", "split", "gated_delta_net", "gated_rmsnorm", "linear"),
 }
-MLP_OPS = ("add_rmsnorm", "linear", "silu_mul", "linear")
+MLPS = {"dense": ("add_rmsnorm", "linear", "silu_mul", "linear"), "moe": ("add_rmsnorm", "moe")}
 NORMS = ("rmsnorm", "add_rmsnorm")
 # Ops of the head that topological order may place between a last layer's ops (the rows whose logits are taken);
 # they move after the fused instruction when they read only what it outputs or what came before it.
@@ -58,15 +61,25 @@ class _Layer:
 
 
 def fuse_decoder_layers(plan: Plan, graph: Graph, kernels: KernelTable) -> Plan:
-    """`plan` with its first run of whole decoder layers as one instruction, if the backend fuses them."""
+    """`plan` with each run of whole decoder layers as one instruction, where the backend fuses them (a model whose
+    layers differ in kind, dense and mixture of experts' MLPs, makes several runs)."""
     build = kernels.get("decoder_layers")
     if build is None:
         return plan
+    begin = 0
+    while (fused := _fuse_run(plan, graph, build, begin)) is not None:
+        plan, begin = fused
+    return plan
+
+
+def _fuse_run(plan: Plan, graph: Graph, build: Any, begin: int) -> tuple[Plan, int] | None:
+    """The plan with its first run of layers from instruction `begin` on fused (or left as it is, when the backend
+    declines it) and the instruction to look on from; None when no layer starts there or after."""
     instrs = plan.instrs
-    ops = [graph.nodes[instr.node].op for instr in instrs]
-    found = next((layer for i in range(len(ops)) if (layer := _match(instrs, ops, graph, i))), None)
+    ops = [graph.nodes[instr.node].op if instr.node in graph.nodes else "" for instr in instrs]  # "": a fused run
+    found = next((layer for i in range(begin, len(ops)) if (layer := _match(instrs, ops, graph, i))), None)
     if found is None:
-        return plan
+        return None
     start, run, shape = found.span.start, [found], found.shape
     while (layer := _match(instrs, ops, graph, run[-1].span.stop)) and (joined := _continues(run, shape, layer)):
         run.append(layer)
@@ -77,11 +90,9 @@ def fuse_decoder_layers(plan: Plan, graph: Graph, kernels: KernelTable) -> Plan:
     # hidden) once the instructions that now move after it had read it.
     outputs = (plan.num_slots, plan.num_slots + 1)
     rest = _after_run(plan, start, last, moved, outputs)
-    if rest is None:
-        return plan
-    kernel = build([layer.weights for layer in run], shape)
-    if kernel is None:
-        return plan
+    kernel = None if rest is None else build([layer.weights for layer in run], shape)
+    if rest is None or kernel is None:
+        return plan, last.span.stop
     own = _own(instrs, range(start, last.span.stop), moved, last, outputs)
     positions = next((layer.positions for layer in run if layer.positions is not None), None)
     step = dict(zip(STEP_INPUTS, (first.hidden, first.residual, positions, first.meta)))
@@ -90,7 +101,7 @@ def fuse_decoder_layers(plan: Plan, graph: Graph, kernels: KernelTable) -> Plan:
     fallback = Plan(own, plan.num_slots + 2, {str(slot): slot for slot in step.values()}, out_slots)
     fused = Instr(FusedLayers(kernel, fallback, tuple(step)), tuple(step.values()), (), outputs, _name(own))
     output_slots, later = rest
-    return Plan([*instrs[:start], fused, *later], plan.num_slots + 2, plan.input_slots, output_slots)
+    return Plan([*instrs[:start], fused, *later], plan.num_slots + 2, plan.input_slots, output_slots), start + 1
 
 
 def _own(instrs: list[Instr], span: range, moved: set[int], last: _Layer, outputs: tuple[int, int]) -> list[Instr]:
@@ -176,58 +187,41 @@ class FusedLayers:
 
 def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer | None:
     """The layer whose first instruction is instrs[i], if the instructions after it other than MOVABLE ones are one
-    (a mixer of MIXERS and the MLP, wired as one layer)."""
+    (a mixer of MIXERS and an MLP of MLPS, wired as one layer)."""
     if i >= len(ops) or ops[i] not in NORMS:  # past the plan's end: a pipeline stage ends with its last layer
         return None
     for kind, mixer in MIXERS.items():
-        at = [i]  # the layer's instructions
-        j = i + 1
-        while len(at) < 1 + len(mixer) + len(MLP_OPS) and j < len(ops):
-            if ops[j] not in MOVABLE:
-                at.append(j)
-            j += 1
-        if tuple(ops[k] for k in at[1:]) == (*mixer, *MLP_OPS):
-            return _layer(kind, instrs, ops, graph, at)
+        for mlp in MLPS.values():
+            at = [i]  # the layer's instructions
+            j = i + 1
+            while len(at) < 1 + len(mixer) + len(mlp) and j < len(ops):
+                if ops[j] not in MOVABLE:
+                    at.append(j)
+                j += 1
+            if tuple(ops[k] for k in at[1:]) == (*mixer, *mlp):
+                return _layer(kind, instrs, ops, graph, at, len(mlp))
     return None
 
 
-def _layer(kind: str, instrs: list[Instr], ops: list[str], graph: Graph, at: list[int]) -> _Layer | None:
-    """The layer of `kind` at instructions `at` (its ops in the order MIXERS and MLP_OPS list them), if they are
-    wired as one and of shapes the kernels take."""
-    norm, *mixer, post, gate_up, silu_mul, down = (instrs[k] for k in at)
+def _layer(kind: str, instrs: list[Instr], ops: list[str], graph: Graph, at: list[int], mlp: int) -> _Layer | None:
+    """The layer of `kind` at instructions `at` (its ops in the order MIXERS and MLPS list them; the last `mlp` its
+    MLP's), if they are wired as one and of shapes the kernels take."""
+    norm, *mixer = (instrs[k] for k in at[: len(at) - mlp])
+    post, *rest = (instrs[k] for k in at[len(at) - mlp :])
     x = norm.outputs[0]
     residual = norm.inputs[0] if ops[at[0]] == "rmsnorm" else norm.outputs[1]
     mixed = _MIXER_MATCHERS[kind](mixer, x)
     if mixed is None:
         return None
-    wired = (
-        post.inputs == (mixed.out, residual)
-        and gate_up.inputs == (post.outputs[0],)
-        and silu_mul.inputs == gate_up.outputs
-        and down.inputs == silu_mul.outputs
-    )
     (input_norm, eps), (post_norm, post_eps) = norm.consts, post.consts
+    mlp_fields = _dense_mlp(rest, post, graph) if len(rest) == 3 else _moe_mlp(rest[0], post, graph)
+    wired = post.inputs == (mixed.out, residual) and mlp_fields is not None
     if not wired or post_eps != eps or mixed.eps not in (None, eps):
         return None
-    gate_up_weight, gate_up_bias = gate_up.consts
-    down_weight, down_bias = down.consts
-    shape = DecoderShape(
-        hidden_size=input_norm.shape[0],
-        intermediate_size=graph.nodes[gate_up.node].params["out_features"] // 2,
-        eps=eps,
-        attention=mixed.attention,
-        delta_net=mixed.delta_net,
-    )
-    layer = DecoderLayer(
-        input_norm=input_norm,
-        post_norm=post_norm,
-        gate_up=gate_up_weight,
-        gate_up_bias=gate_up_bias,
-        down=down_weight,
-        down_bias=down_bias,
-        kind=kind,
-        **mixed.weights,
-    )
+    fields, intermediate_size, moe = mlp_fields
+    shape = DecoderShape(input_norm.shape[0], intermediate_size, eps, mixed.attention, mixed.delta_net, moe)
+    kind = "attention" if kind == "normed_attention" else kind  # its norms are the layer's q_norm and k_norm
+    layer = DecoderLayer(input_norm=input_norm, post_norm=post_norm, kind=kind, **fields, **mixed.weights)
     span = range(at[0], at[-1] + 1)
     return _Layer(
         span,
@@ -236,13 +230,38 @@ def _layer(kind: str, instrs: list[Instr], ops: list[str], graph: Graph, at: lis
         residual=norm.inputs[1] if ops[at[0]] == "add_rmsnorm" else None,
         positions=mixed.positions,
         meta=mixed.meta,
-        out_hidden=down.outputs[0],
+        out_hidden=instrs[at[-1]].outputs[0],
         out_residual=post.outputs[1],
         hidden_at=(at[-1], 0),
-        residual_at=(at[-4], 1),
+        residual_at=(at[-mlp], 1),
         weights=layer,
         shape=shape,
     )
+
+
+def _dense_mlp(ops: list[Instr], post: Instr, graph: Graph) -> tuple[dict[str, Any], int, None] | None:
+    """gate_up, silu_mul, down after the post-attention norm: their DecoderLayer fields and the MLP's width."""
+    gate_up, silu_mul, down = ops
+    wired = gate_up.inputs == (post.outputs[0],) and silu_mul.inputs == gate_up.outputs
+    if not (wired and down.inputs == silu_mul.outputs):
+        return None
+    fields = dict(zip(("gate_up", "gate_up_bias", "down", "down_bias"), (*gate_up.consts, *down.consts)))
+    return fields, graph.nodes[gate_up.node].params["out_features"] // 2, None
+
+
+def _moe_mlp(moe: Instr, post: Instr, graph: Graph) -> tuple[dict[str, Any], int, MoeShape] | None:
+    """A mixture of experts reading the post-attention norm: its DecoderLayer fields, its experts' width and how it
+    routes; None for one routed from another input (Gemma 4) or with float experts (stacked tensors)."""
+    params = graph.nodes[moe.node].params
+    if moe.inputs != (post.outputs[0],) or params.get("expert_scale"):
+        return None
+    router, gate_up, down, top_k, first, normalize, router_bias, gate_up_bias, down_bias = moe.consts
+    if not (isinstance(gate_up, list) and isinstance(down, list)) or not gate_up:
+        return None
+    options = {k: params[k] for k in ("activation", "alpha", "limit") if k in params}
+    shape = MoeShape(router.shape[0], top_k, first, len(gate_up), bool(normalize), **options)
+    fields = dict(gate_up=gate_up, gate_up_bias=gate_up_bias, down=down, down_bias=down_bias)
+    return fields | {"router": router, "router_bias": router_bias}, params["intermediate_size"], shape
 
 
 @dataclass(frozen=True)
@@ -260,8 +279,19 @@ class _Mixer:
 
 
 def _attention(mixer: list[Instr], x: int) -> _Mixer | None:
-    qkv, split, rope, attention, o_proj = mixer
+    """Attention, or with each head's query and key normed before rope (`normed_attention`: Qwen3)."""
+    qkv, split, *norms, rope, attention, o_proj = mixer
     q, k, v = split.outputs
+    own: dict[str, Any] = {}
+    eps = None
+    if norms:
+        pair = _head_norms(*norms, q, k)
+        if pair is None:
+            return None
+        (q_weight, eps), (k_weight, k_eps) = pair[0].consts, pair[1].consts
+        if eps != k_eps:
+            return None
+        q, k, own = pair[0].outputs[0], pair[1].outputs[0], {"q_norm": q_weight, "k_norm": k_weight}
     wired = (
         qkv.inputs == (x,)
         and split.inputs == qkv.outputs
@@ -275,18 +305,24 @@ def _attention(mixer: list[Instr], x: int) -> _Mixer | None:
     shape = _attention_shape(attention, rope, q_size, kv_size)
     if shape is None or kv_size != v_size:
         return None
-    weights = _projections(qkv, o_proj) | _caches(attention)
-    return _Mixer(o_proj.outputs[0], rope.inputs[2], attention.inputs[3], weights, attention=shape)
+    weights = _projections(qkv, o_proj) | _caches(attention) | own
+    return _Mixer(o_proj.outputs[0], rope.inputs[2], attention.inputs[3], weights, eps, attention=shape)
+
+
+def _head_norms(norm_a: Instr, norm_b: Instr, q: int, k: int) -> tuple[Instr, Instr] | None:
+    """The two per-head norms as (q's, k's), when they read q and k."""
+    norms = {norm_a.inputs: norm_a, norm_b.inputs: norm_b}
+    return (norms[(q,)], norms[(k,)]) if set(norms) == {(q,), (k,)} else None
 
 
 def _gated_attention(mixer: list[Instr], x: int) -> _Mixer | None:
     qkv, split, halves, norm_a, norm_b, sigmoid, rope, attention, mul, o_proj = mixer
     both, k, v = split.outputs
     q, gate = halves.outputs
-    norms = {norm_a.inputs: norm_a, norm_b.inputs: norm_b}
-    if set(norms) != {(q,), (k,)}:
+    norms = _head_norms(norm_a, norm_b, q, k)
+    if norms is None:
         return None
-    q_norm, k_norm = norms[(q,)], norms[(k,)]
+    q_norm, k_norm = norms
     wired = (
         qkv.inputs == (x,)
         and split.inputs == qkv.outputs
@@ -309,14 +345,14 @@ def _gated_attention(mixer: list[Instr], x: int) -> _Mixer | None:
 
 
 def _attention_shape(attention: Instr, rope: Instr, q_size: int, kv_size: int) -> AttentionShape | None:
-    """The attention's shape, for queries and keys `q_size` and `kv_size` wide; None with sinks (not in the fused
-    kernels: the ops run one by one) or widths that are not whole heads of the cache's."""
-    k_cache, _, scale, window, softcap, sinks = attention.consts
+    """The attention's shape, for queries and keys `q_size` and `kv_size` wide; None for widths that are not whole
+    heads of the cache's."""
+    k_cache, _, scale, _, softcap, _ = attention.consts
     (cos_sin,) = rope.consts
     _, _, kv_heads, head_dim = k_cache.shape
-    if sinks is not None or q_size % head_dim or kv_size != kv_heads * head_dim:
+    if q_size % head_dim or kv_size != kv_heads * head_dim:
         return None
-    return AttentionShape(q_size // head_dim, kv_heads, head_dim, scale, cos_sin, window, softcap)
+    return AttentionShape(q_size // head_dim, kv_heads, head_dim, scale, cos_sin, softcap)
 
 
 def _projections(into: Instr, out: Instr) -> dict[str, Any]:
@@ -325,7 +361,9 @@ def _projections(into: Instr, out: Instr) -> dict[str, Any]:
 
 
 def _caches(attention: Instr) -> dict[str, Any]:
-    return {"k_cache": attention.consts[0], "v_cache": attention.consts[1]}
+    """The layer's own attention constants: its caches, sliding window and sinks."""
+    k_cache, v_cache, _, window, _, sinks = attention.consts
+    return {"k_cache": k_cache, "v_cache": v_cache, "window": window, "sinks": sinks}
 
 
 def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
@@ -349,4 +387,9 @@ def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
     return _Mixer(out_proj.outputs[0], None, delta.inputs[3], weights, eps, delta_net=shape)
 
 
-_MIXER_MATCHERS = {"attention": _attention, "gated_attention": _gated_attention, "gated_delta_net": _gated_delta_net}
+_MIXER_MATCHERS = {
+    "attention": _attention,
+    "normed_attention": _attention,
+    "gated_attention": _gated_attention,
+    "gated_delta_net": _gated_delta_net,
+}

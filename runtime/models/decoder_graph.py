@@ -309,6 +309,7 @@ def _sparse_moe(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
         [x],
         layer=i,
         num_experts=c.num_experts,
+        intermediate_size=c.intermediate_size,
         top_k=c.experts_per_token,
         normalize=c.normalize_expert_weights,
         router=f"model.layers.{i}.block_sparse_moe.gate.weight",

@@ -7,8 +7,10 @@ as NaN in the output."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -212,13 +214,12 @@ def shape_of(cos_sin: torch.Tensor, **options) -> DecoderShape:
     return DecoderShape(HIDDEN, INTER, 1e-6, AttentionShape(HQ, HK, D, D**-0.5, cos_sin, **options))
 
 
-def test_the_window_and_cap_split_runs_of_fused_layers() -> None:
+def test_the_cap_splits_runs_of_fused_layers_and_the_window_is_each_layers() -> None:
     cos_sin = torch.zeros(1)
     base = shape_of(cos_sin)
     assert base.joined(shape_of(cos_sin)) == base
-    assert base.joined(shape_of(cos_sin, window=4096)) is None
     assert base.joined(shape_of(cos_sin, softcap=50.0)) is None
-
+    assert "window" in {f.name for f in dataclasses.fields(DecoderLayer)}
 
 
 def q8_weight(n: int, k: int, native: NativeKernels, g: torch.Generator):
@@ -240,7 +241,7 @@ def op_by_op(dispatch: NativeDispatch, layers: list[DecoderLayer], shape: Decode
         q, k, v = qkv.split([HQ * D, HK * D, HK * D], dim=1)
         q, k = dispatch.rope(q.view(rows, HQ, D), k.view(rows, HK, D), positions, a.cos_sin)
         caches = layer.k_cache, layer.v_cache
-        attended = dispatch.attention(q, k, v.view(rows, HK, D), *caches, meta, a.scale, a.window, a.softcap)
+        attended = dispatch.attention(q, k, v.view(rows, HK, D), *caches, meta, a.scale, layer.window, a.softcap)
         o = dispatch.linear(attended.reshape(rows, -1), layer.o_proj, layer.o_bias)
         x, residual = dispatch.add_rmsnorm(o, residual, layer.post_norm, s.eps)
         hidden = dispatch.linear(dispatch.silu_mul(dispatch.linear(x, layer.gate_up, None)), layer.down, None)
@@ -271,12 +272,13 @@ def test_fused_decoder_layers_with_a_window_are_bit_identical_to_op_by_op(
             q8_weight(HIDDEN, INTER, native, g),
             None,
             *cache,
+            window=layer_window,
         )
-        for cache in caches
+        for cache, layer_window in zip(caches, (window, 0))  # layers alternate a window and none (Gemma 2)
     ]
     angles = torch.arange(256.0)[:, None] * 10000 ** (-torch.arange(0, D, 2) / D)
     cos_sin = torch.cat([angles.cos(), angles.sin()], 1).contiguous()  # [256, D]
-    shape = shape_of(cos_sin, window=window, softcap=softcap)
+    shape = shape_of(cos_sin, softcap=softcap)
     dispatch = NativeDispatch(native)
     fused = dispatch.decoder_layers(layers, shape)
     assert fused is not None, "every linear has its blocks"
@@ -290,7 +292,7 @@ def test_fused_decoder_layers_with_a_window_are_bit_identical_to_op_by_op(
     out = fused(hidden, None, positions, meta)
     assert out is not None and all(torch.equal(a, b) for a, b in zip(out, expected))
     assert all(torch.equal(a, b) for pair, pair_after in zip(caches, after) for a, b in zip(pair, pair_after))
-    unbounded = dispatch.decoder_layers(layers, shape_of(cos_sin))
+    unbounded = dispatch.decoder_layers([replace(layer, window=0) for layer in layers], shape_of(cos_sin))
     for (kc, vc), (k0, v0) in zip(caches, before):
         kc.copy_(k0), vc.copy_(v0)
     assert not torch.allclose(unbounded(hidden, None, positions, meta)[0], out[0], atol=1e-4), "the options act"

@@ -1,9 +1,9 @@
 """The decoder layers as one native call (backends/native/decoder_layers.c, fused by
 runtime/execution_graph/fuse_layers.py): bit-identical to the op-by-op path it replaces at decode, on every
 instruction-set variant this CPU runs, with and without qkv biases, on the blocks of every kept kind (Q4_1, Q8_0,
-Q5_0 and the K-quants), for Llama-shaped layers and Qwen3.5's mix of Gated DeltaNet and gated attention; declined
-(the ops run one by one) for prefill, for more rows than the block linears take, and where weights have no
-blocks."""
+Q5_0, the K-quants and MXFP4), for Llama-shaped layers, Qwen3's normed heads, Qwen3.5's mix of Gated DeltaNet and
+gated attention, and mixtures of experts (gpt-oss with its sinks and alternating window, Mixtral); declined (the ops
+run one by one) for prefill, for more rows than the block linears take, and where weights have no blocks."""
 
 from __future__ import annotations
 
@@ -29,18 +29,23 @@ K_QTYPES = {"Q5_0": "q8x", "Q4_K": "q4kx", "Q5_K": "q5kx", "Q6_K": "q6kx"}  # th
 
 @pytest.fixture(scope="module")
 def tiny_ggufs(tmp_path_factory):
-    """(arch, qtype) -> a tiny GGUF: llama without biases, qwen2 with qkv biases (and tied embeddings); for the
+    """(arch, qtype) -> a tiny GGUF: llama without biases, qwen2 with qkv biases (and tied embeddings), qwen3 with
+    per-head q and k norms; gpt-oss and Mixtral's experts; for the
     K-quants (and Q5_0) a llama whose every linear has inputs in whole super-blocks of 256, their sub-block scales
     varied (sagellm.benchmarks.kquant_pack's encoders)."""
     root = tmp_path_factory.mktemp("decoder_layers")
     made = {}
-    for arch, make in (("llama", make_tiny_llama), ("qwen2", make_tiny_qwen2)):
+    for arch, make in (("llama", make_tiny_llama), ("qwen2", make_tiny_qwen2), ("qwen3", tiny_models.make_tiny_qwen3)):
         hf_dir = make(root / arch)
         for qtype in ("Q4_1", "Q8_0", "F32"):
             made[arch, qtype] = write_tiny_gguf(root / f"{arch}.{qtype}.gguf", hf_dir, qtype)
     hf_dir = make_tiny_qwen3_5(root / "qwen3_5")  # 2 key heads, 4 value heads: stored tiled by key head
     for qtype in ("Q4_1", "Q8_0"):
         made["qwen3_5", qtype] = write_tiny_gguf(root / f"qwen3_5.{qtype}.gguf", hf_dir, qtype)
+    hf_dir = tiny_models.make_tiny_gpt_oss(root / "gpt_oss")  # sinks, a window every other layer, biases
+    made["gpt_oss", "MXFP4"] = write_tiny_gguf(root / "gpt_oss.gguf", hf_dir, "MXFP4", beside_experts="Q8_0")
+    hf_dir = tiny_models.make_tiny_mixtral(root / "mixtral")
+    made["mixtral", "Q8_0"] = write_tiny_gguf(root / "mixtral.gguf", hf_dir, "Q8_0")
     hf_dir = make_tiny_llama(root / "llama_k", hidden_size=256, intermediate_size=512)  # 4 heads of 64
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tiny_models, "quantize", kquant_pack.quantize)
@@ -79,6 +84,8 @@ def fused_and_op_by_op(path, batch: list[list[int]], max_tokens: int, layouts: s
     try:
         fused = fused_of(llm)
         assert fused is not None, "every linear has its blocks, so the layers are fused"
+        runs = [i for i in llm.engine.runner.plan.instrs if isinstance(i.kernel, FusedLayers)]
+        assert len(runs) == 1 and len(fused.fallback.instrs) >= len(llm.engine.runner.plan.instrs), "one run"
         assert layouts is None or block_layouts(fused) == layouts
         native, taken = fused.kernel, []
 
@@ -98,7 +105,7 @@ def fused_and_op_by_op(path, batch: list[list[int]], max_tokens: int, layouts: s
 
 @pytest.mark.parametrize("variant", runnable(), ids=lambda v: v.name)
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_fused_layers_are_bit_identical_to_op_by_op(tiny_ggufs, monkeypatch, arch, qtype, variant):
     monkeypatch.setenv(ISA_ENV, variant.name)  # the library of this variant, and its group width of blocks
     with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs[arch, qtype], prompts(7), 12)
@@ -116,6 +123,18 @@ def test_qwen3_5s_hybrid_layers_fuse_bit_identically(tiny_ggufs, monkeypatch, qt
     monkeypatch.setenv(ISA_ENV, variant.name)
     batch = [[5], *prompts(6, seed=2)]
     with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs["qwen3_5", qtype], batch, 12)
+    assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11
+    assert with_fused == op_by_op
+
+
+@pytest.mark.parametrize("variant", runnable(), ids=lambda v: v.name)
+@pytest.mark.parametrize(("arch", "qtype"), [("gpt_oss", "MXFP4"), ("mixtral", "Q8_0")])
+def test_mixtures_of_experts_fuse_bit_identically(tiny_ggufs, monkeypatch, arch, qtype, variant):
+    """gpt-oss as llama.cpp ships it (MXFP4 experts with biases and clamped SwiGLU, Q8_0 attention with sinks and a
+    sliding window every other layer) and Mixtral (Q8_0, SiLU): every layer in one run, the experts routed and run
+    in the fused call; the same tokens and logprobs as the ops one by one, on prompts longer than the window."""
+    monkeypatch.setenv(ISA_ENV, variant.name)
+    with_fused, op_by_op, taken = fused_and_op_by_op(tiny_ggufs[arch, qtype], prompts(7, seed=3), 12)
     assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11
     assert with_fused == op_by_op
 
