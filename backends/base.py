@@ -70,7 +70,8 @@ KernelTable = dict[str, Callable[..., Any]]
 class DecoderLayer:
     """One decoder layer's bound constants, as lowering bound its ops: x = rmsnorm(h + R), a mixer, x = rmsnorm(o + R),
     gate_up = linear, silu_mul, down = linear. The mixer (`kind`) is "attention": qkv = linear, rope, attention over
-    the layer's cache, o = linear; "gated_attention" (Qwen3.5): the same with each head's query beside a gate in
+    the layer's cache, o = linear (with `q_norm` and `k_norm`: each head's q and k normed before rope, Qwen3's);
+    "gated_attention" (Qwen3.5): the same with each head's query beside a gate in
     qkv, per-head norms of q and k before rope (`q_norm`, `k_norm`), the output times sigmoid(gate); or
     "gated_delta_net": qkv is the input projection (q k v | z | b | a), then gated_delta_net over the layer's
     states, gated_rmsnorm (`out_norm`), o_proj the output projection. Linear weights are what

@@ -79,7 +79,8 @@ class _Dims(ctypes.Structure):
 
 class NativeDecoderLayers:
     """`(hidden, residual, positions, meta) -> (hidden, residual) | None` over the layers given to `build`, whose
-    linears are tuples of InterleavedBlocks: one, or a fused linear's parts of different kinds."""
+    linears are tuples of InterleavedBlocks: one, or a fused linear's parts of different kinds (a mixture of experts'
+    gate_up and down: a list of such tuples, one per held expert)."""
 
     def __init__(self, native: NativeKernels, layers: list[DecoderLayer], shape: DecoderShape, max_rows: int) -> None:
         self._lib = native.library

@@ -53,8 +53,7 @@ class NativeExperts:
         self._gate_up = (BlockWeight * len(gate_up))(*map(block_weight, gate_up))
         self._down = (BlockWeight * len(down))(*map(block_weight, down))
         self.held = len(gate_up)
-        self.hidden = down[0][0].out_features if down[0] else 0
-        self.inter = down[0][0].in_features if down[0] else 0
+        self.hidden, self.inter = down[0][0].out_features, down[0][0].in_features
         self._workspace = torch.empty(0, dtype=F32)  # grown to the most rows seen, never shrunk
 
     @classmethod

@@ -54,7 +54,7 @@ class _Layer:
     meta: int
     out_hidden: int
     out_residual: int
-    hidden_at: tuple[int, int]  # (instruction, output) that writes out_hidden: the down projection
+    hidden_at: tuple[int, int]  # (instruction, output) that writes out_hidden: the down projection, or the moe
     residual_at: tuple[int, int]  # and out_residual: the post-attention norm
     weights: DecoderLayer
     shape: DecoderShape
