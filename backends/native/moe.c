@@ -1,8 +1,8 @@
 /* A mixture of experts' MLP for a step of a few rows (decode), in one call from Python.
  *
  * At one row gpt-oss-20b's layer runs 4 of its 32 experts: eight block linears of ~0.3-0.6 ms each, and around them
- * the routing and each expert's gather, activation, weighting and scatter, ~40 torch ops that cost ~1 ms a layer
- * (24 ms of a ~200 ms token on two AVX2 cores), more than their work. Here the router (softmax over all experts, the
+ * the routing and each expert's gather, activation, weighting and scatter, ~40 torch ops that cost ~1.2 ms a layer
+ * (~28 ms of a ~200 ms token on two AVX2 cores), more than their work. Here the router (softmax over all experts, the
  * top k renormalized unless not `normalize`, as transformers does in fp32), then each held expert over the rows that
  * chose it, run in C with the block linears' own kernels on the caller's threads.
  *

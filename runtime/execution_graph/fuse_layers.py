@@ -191,7 +191,7 @@ def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer 
     if i >= len(ops) or ops[i] not in NORMS:  # past the plan's end: a pipeline stage ends with its last layer
         return None
     for kind, mixer in MIXERS.items():
-        for mlp in MLPS.values():
+        for mlp_kind, mlp in MLPS.items():
             at = [i]  # the layer's instructions
             j = i + 1
             while len(at) < 1 + len(mixer) + len(mlp) and j < len(ops):
@@ -199,13 +199,14 @@ def _match(instrs: list[Instr], ops: list[str], graph: Graph, i: int) -> _Layer 
                     at.append(j)
                 j += 1
             if tuple(ops[k] for k in at[1:]) == (*mixer, *mlp):
-                return _layer(kind, instrs, ops, graph, at, len(mlp))
+                return _layer(kind, mlp_kind, instrs, ops, graph, at)
     return None
 
 
-def _layer(kind: str, instrs: list[Instr], ops: list[str], graph: Graph, at: list[int], mlp: int) -> _Layer | None:
-    """The layer of `kind` at instructions `at` (its ops in the order MIXERS and MLPS list them; the last `mlp` its
-    MLP's), if they are wired as one and of shapes the kernels take."""
+def _layer(kind: str, mlp_kind: str, instrs: list[Instr], ops: list[str], graph: Graph, at: list[int]) -> _Layer | None:
+    """The layer of mixer `kind` and MLP `mlp_kind` at instructions `at` (its ops in the order MIXERS and MLPS list
+    them), if they are wired as one and of shapes the kernels take."""
+    mlp = len(MLPS[mlp_kind])
     norm, *mixer = (instrs[k] for k in at[: len(at) - mlp])
     post, *rest = (instrs[k] for k in at[len(at) - mlp :])
     x = norm.outputs[0]
@@ -214,7 +215,7 @@ def _layer(kind: str, instrs: list[Instr], ops: list[str], graph: Graph, at: lis
     if mixed is None:
         return None
     (input_norm, eps), (post_norm, post_eps) = norm.consts, post.consts
-    mlp_fields = _dense_mlp(rest, post, graph) if len(rest) == 3 else _moe_mlp(rest[0], post, graph)
+    mlp_fields = _MLP_MATCHERS[mlp_kind](rest, post, graph)
     wired = post.inputs == (mixed.out, residual) and mlp_fields is not None
     if not wired or post_eps != eps or mixed.eps not in (None, eps):
         return None
@@ -249,9 +250,10 @@ def _dense_mlp(ops: list[Instr], post: Instr, graph: Graph) -> tuple[dict[str, A
     return fields, graph.nodes[gate_up.node].params["out_features"] // 2, None
 
 
-def _moe_mlp(moe: Instr, post: Instr, graph: Graph) -> tuple[dict[str, Any], int, MoeShape] | None:
+def _moe_mlp(ops: list[Instr], post: Instr, graph: Graph) -> tuple[dict[str, Any], int, MoeShape] | None:
     """A mixture of experts reading the post-attention norm: its DecoderLayer fields, its experts' width and how it
     routes; None for one routed from another input (Gemma 4) or with float experts (stacked tensors)."""
+    (moe,) = ops
     params = graph.nodes[moe.node].params
     if moe.inputs != (post.outputs[0],) or params.get("expert_scale"):
         return None
@@ -387,6 +389,7 @@ def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
     return _Mixer(out_proj.outputs[0], None, delta.inputs[3], weights, eps, delta_net=shape)
 
 
+_MLP_MATCHERS = {"dense": _dense_mlp, "moe": _moe_mlp}
 _MIXER_MATCHERS = {
     "attention": _attention,
     "normed_attention": _attention,
