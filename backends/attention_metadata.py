@@ -41,6 +41,13 @@ class AttentionMetadata:
     # (slot, source) of decode rows that do not continue their slot's states: set from slot `source` first (a prefix
     # checkpoint's), or to zeros (source -1: the sequence's first token).
     decode_state_seeds: list[tuple[int, int]] = field(default_factory=list)
+    # A model whose sliding-window layers keep blocks of their own (window_blocks.py): the same batch in those
+    # blocks (its slots, decode and prefill tables), which every layer with a window reads instead.
+    sliding: AttentionMetadata | None = None
+
+    def for_window(self, window: int) -> AttentionMetadata:
+        """The metadata a layer of this sliding window (0: none) attends with."""
+        return self.sliding if window and self.sliding is not None else self
 
     @property
     def num_tokens(self) -> int:

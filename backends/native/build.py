@@ -105,6 +105,7 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     "decoder_layers_f32": (
         (_P, _I64, _P, _P, _P, _P, _P)  # layers, count, dims, hidden, residual and their outputs
         + (_P, _P, _P, _I64, _P, _P, _P, _I64)  # positions, slots, tables, max_blocks, lens, state starts/slots, rows
+        + (_P, _P, _I64)  # the sliding-window layers' own slots, tables and max_blocks (or NULL)
         + (_P, _I32, _I32, _I32)  # workspace, threads
     ),
     "decoder_layers_workspace": (_P, _I64),

@@ -100,6 +100,9 @@ typedef struct {
     int64_t max_blocks;
     const int64_t *state_starts, *state_slots; /* 0 .. rows, and each row's state slot */
     int64_t rows;
+    const int64_t *window_slots; /* the sliding-window layers' own blocks' (NULL: they share the others') */
+    const int32_t *window_tables;
+    int64_t window_max_blocks;
     float *x, *proj, *heads, *attn, *gated, *o, *gate_up, *act, *delta, *packed, *part, *moe;
     int32_t linear_threads, attention_threads, delta_threads;
 } step;
@@ -120,9 +123,11 @@ static void attention(const decoder_layer *l, const decoder_dims *s, const step 
         q = qn, k = kn, q_row = qd, k_row = kvd;
     }
     rope_f32(q, q_row, k, k_row, st->positions, s->cos_sin, turned, rows, s->hq, s->hk, d, s->rot, 1);
-    write_kv_f32(turned + qd, nrot, v, nqkv, st->slots, l->k_cache, l->v_cache, rows, s->hk, d);
-    paged_decode_attention_f32(turned, nrot, l->k_cache, l->v_cache, st->block_tables, st->max_blocks,
-                               st->context_lens, st->attn, rows, s->hq, s->hk, d, s->block_size, s->scale, l->window,
+    const int own_blocks = l->window > 0 && st->window_tables != NULL;
+    const int64_t *slots = own_blocks ? st->window_slots : st->slots;
+    write_kv_f32(turned + qd, nrot, v, nqkv, slots, l->k_cache, l->v_cache, rows, s->hk, d);
+    paged_decode_attention_f32(turned, nrot, l->k_cache, l->v_cache, own_blocks ? st->window_tables : st->block_tables,
+                               own_blocks ? st->window_max_blocks : st->max_blocks, st->context_lens, st->attn, rows, s->hq, s->hk, d, s->block_size, s->scale, l->window,
                                s->softcap, l->sinks, st->attention_threads);
     if (gated) { /* the output times the sigmoid of each head's gate */
         for (int64_t t = 0; t < rows; ++t) sigmoid_f32(qkv + t * nqkv + d, 2 * d, st->gated + t * qd, s->hq, d, 1);
@@ -149,7 +154,8 @@ static void gated_delta_net(const decoder_layer *l, const decoder_dims *s, const
  * into hidden_out and residual_out [T, H]. Row T is sequence T's one new token at `positions[T]`: an attention
  * layer stores it at flat cache slot `slots[T]` and attends over context_lens[T] cached tokens through
  * block_tables [T, max_blocks] (the last `window` of them when window > 0, scores soft-capped when softcap > 0:
- * paged_decode_attention_f32); a delta net layer advances the states of slot state_slots[T] (state_starts: 0 .. T).
+ * paged_decode_attention_f32); a sliding-window layer whose cache has blocks of its own (window_tables not NULL)
+ * uses window_slots and window_tables [T, window_max_blocks] instead; a delta net layer advances the states of slot state_slots[T] (state_starts: 0 .. T).
  * Linears share their outputs among `linear_threads`, attention its tasks among `attention_threads`, the delta rule
  * its heads among `delta_threads`; the rest run on the calling thread, as the op-by-op path runs them at these row
  * counts. */
@@ -157,12 +163,14 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const d
                         const float *residual, float *hidden_out, float *residual_out, const int64_t *positions,
                         const int64_t *slots, const int32_t *block_tables, int64_t max_blocks,
                         const int32_t *context_lens, const int64_t *state_starts, const int64_t *state_slots,
-                        int64_t rows, float *workspace, int32_t linear_threads, int32_t attention_threads,
-                        int32_t delta_threads) {
+                        int64_t rows, const int64_t *window_slots, const int32_t *window_tables,
+                        int64_t window_max_blocks, float *workspace, int32_t linear_threads,
+                        int32_t attention_threads, int32_t delta_threads) {
     const decoder_dims *s = dims;
     const int64_t h = s->hidden, inter = s->inter;
     const row_widths w = widths(s);
-    step st = {positions, slots, block_tables, context_lens, max_blocks, state_starts, state_slots, rows};
+    step st = {positions,    slots, block_tables,  context_lens,  max_blocks,       state_starts,
+               state_slots,  rows,  window_slots,  window_tables, window_max_blocks};
     float *next = workspace;
     float **regions[] = {&st.x,      &st.proj, &st.heads, &st.attn,  &st.gated, &st.o,
                          &st.gate_up, &st.act, &st.delta, &st.packed, &st.part, &st.moe};

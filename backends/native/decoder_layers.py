@@ -151,6 +151,7 @@ class NativeDecoderLayers:
             self._starts.data_ptr(),
             state_slots.data_ptr() if self._states else None,
             rows,
+            *_window_blocks(meta if s.attention else None),
             self._workspace.data_ptr(),
             torch.get_num_threads(),
             attention_threads(keys),
@@ -187,13 +188,26 @@ def _attention_fits(a: AttentionShape) -> bool:
 
 
 def _attention_step_fits(positions: torch.Tensor | None, meta: AttentionMetadata) -> bool:
-    """What the attention layers read of a step: its positions, slots, block tables and context lengths."""
+    """What the attention layers read of a step: its positions, slots, block tables and context lengths (and the
+    sliding-window layers' own slots and tables)."""
     tables, lens = meta.decode_block_tables, meta.decode_context_lens
+    sliding = meta.sliding
     return (
         positions is not None
         and fits_dense(positions, meta.slot_mapping, dtype=I64)
         and fits_dense(tables, lens, dtype=I32)
+        and (sliding is None or fits_dense(sliding.slot_mapping, dtype=I64))
+        and (sliding is None or fits_dense(sliding.decode_block_tables, dtype=I32))
     )
+
+
+def _window_blocks(meta: AttentionMetadata | None) -> tuple[int | None, int | None, int]:
+    """The sliding-window layers' own slots, tables and table width (window_blocks.py), or NULLs."""
+    sliding = meta.sliding if meta is not None else None
+    if sliding is None:
+        return None, None, 0
+    tables = sliding.decode_block_tables
+    return sliding.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1]
 
 
 def _layer_fits(layer: DecoderLayer, shape: DecoderShape) -> bool:

@@ -24,11 +24,30 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        table: str = "block_table",
+        window: int = 0,
+    ) -> None:
+        """`table`: the sequences' attribute holding their tables in these blocks; `window` > 0: the blocks of
+        sliding-window layers of that window, which keep a table of their own (window_blocks.py): blocks before
+        the window of every query still to come go back to the pool, their entries pointing at the null block."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.table = table
+        self.window = window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = next to reuse
+        # Where passed entries point: a block never handed out, never written, so a kernel that reads a whole table
+        # reads zeros there.
+        self.null_block: int | None = None
+        if window:
+            del self._free[0]
+            self.blocks[0].ref_count = 1
+            self.null_block = 0
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._seq_hashes: dict[str, list[int]] = {}  # request id -> hashes of its registered full blocks
         self.prefix_queries = 0  # prompt blocks looked up
@@ -44,17 +63,29 @@ class BlockManager:
 
     @property
     def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        usable = self.num_blocks - (self.null_block is not None)
+        return 1.0 - self.num_free_blocks / usable
+
+    @property
+    def cached_hashes(self) -> dict[int, int]:
+        """Block hash -> the block holding it, of every block findable in the prefix cache."""
+        return self._cached
+
+    def passed_blocks(self, first_query: int) -> int:
+        """How many leading blocks of a table no query at position >= `first_query` reads (0 without a window)."""
+        return max(0, first_query - self.window + 1) // self.block_size if self.window else 0
 
     # -- prefix cache -------------------------------------------------------------------------------------------
-    def find_cached_prefix(self, seq: Sequence, usable: Callable[[int], bool] | None = None) -> list[int]:
+    def find_cached_prefix(self, seq: Sequence, usable: Callable[[list[int]], bool] | None = None) -> list[int]:
         """Blocks already holding the longest cached prefix of `seq`. At least one token is always left to
-        compute, because the step that computes the last token is the one that samples the next. `usable(hash)`:
-        whether a prefix ending with the block of that hash may be resumed from (a model with recurrent layers needs
-        their states there too): the prefix is cut to the longest such."""
+        compute, because the step that computes the last token is the one that samples the next. `usable(hashes)`:
+        whether a prefix of blocks of those chained hashes may be resumed from (a model with recurrent layers needs
+        their states after its last block too, one whose sliding-window layers keep blocks of their own needs the
+        window's): the prefix is cut to the longest such."""
         if not self.enable_prefix_caching:
             return []
         found: list[int] = []
+        hashes: list[int] = []
         resumable = 0
         parent = prefix_root(seq.cache_salt)
         max_blocks = (seq.num_tokens - 1) // self.block_size
@@ -64,7 +95,8 @@ class BlockManager:
             if block_id is None:
                 break
             found.append(block_id)
-            if usable is None or usable(parent):
+            hashes.append(parent)
+            if usable is None or usable(hashes):
                 resumable = len(found)
         self.prefix_queries += max_blocks
         self.prefix_hits += resumable
@@ -82,40 +114,66 @@ class BlockManager:
         return parent
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Registers the blocks of `seq` that became full and computed, so later prompts can share them."""
-        if not self.enable_prefix_caching:
-            return
-        hashes = self._seq_hashes.setdefault(seq.request_id, [])
-        for i in range(len(hashes), seq.num_computed_tokens // self.block_size):
-            h = self._hash(hashes[-1] if hashes else prefix_root(seq.cache_salt), seq.token_ids, i)
-            hashes.append(h)
-            block = self.blocks[seq.block_table[i]]
-            if block.hash is None and h not in self._cached:
-                block.hash = h
-                self._cached[h] = block.id
+        """Registers the blocks of `seq` that became full and computed, so later prompts can share them; with a
+        window, then gives back those no query will read (its next query is at `num_computed_tokens`): full ones
+        stay findable until reused."""
+        if self.enable_prefix_caching:
+            hashes = self._seq_hashes.setdefault(seq.request_id, [])
+            for i in range(len(hashes), seq.num_computed_tokens // self.block_size):
+                h = self._hash(hashes[-1] if hashes else prefix_root(seq.cache_salt), seq.token_ids, i)
+                hashes.append(h)
+                block = self.blocks[getattr(seq, self.table)[i]]
+                if block.id != self.null_block and block.hash is None and h not in self._cached:
+                    block.hash = h
+                    self._cached[h] = block.id
+        if self.window:
+            self._release_passed(seq, self.passed_blocks(seq.num_computed_tokens))
 
     def _hash(self, parent: int, token_ids: list[int], index: int) -> int:
         start = index * self.block_size
         return hash_block(parent, token_ids[start : start + self.block_size])
 
     # -- allocation ---------------------------------------------------------------------------------------------
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+    def allocate(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = (), first_query: int | None = None
+    ) -> bool:
         """Gives `seq` the cached prefix blocks plus enough fresh blocks for `num_new_tokens` more tokens after
-        them. Changes nothing and answers False when the cache cannot hold that."""
-        computed = len(cached_blocks) * self.block_size if cached_blocks else seq.num_computed_tokens
-        needed = -(-(computed + num_new_tokens) // self.block_size) - len(seq.block_table) - len(cached_blocks)
-        revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)  # leave the free pool
-        if max(needed, 0) + revived > self.num_free_blocks:
+        them. Changes nothing and answers False when the cache cannot hold that. With a window, entries before the
+        window of `first_query` (the earliest position that will attend; default: the first new token) get the
+        null block instead, cached or not."""
+        if not self.fits(seq, num_new_tokens, cached_blocks, first_query):
             return False
-        for block_id in cached_blocks:
+        table = getattr(seq, self.table)
+        start, total, passed = self.span(seq, num_new_tokens, cached_blocks, first_query)
+        for i, block_id in enumerate(cached_blocks, start):
+            if i < passed:
+                table.append(self.null_block)
+                continue
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
-            seq.block_table.append(block_id)
-        for _ in range(max(needed, 0)):
-            seq.block_table.append(self._take_free_block())
+            table.append(block_id)
+        for i in range(start + len(cached_blocks), total):
+            table.append(self.null_block if i < passed else self._take_free_block())
         return True
+
+    def fits(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = (), first_query: int | None = None
+    ) -> bool:
+        """Whether `allocate` with these arguments would succeed."""
+        start, total, passed = self.span(seq, num_new_tokens, cached_blocks, first_query)
+        kept = [b for i, b in enumerate(cached_blocks, start) if i >= passed]
+        revived = sum(1 for b in kept if self.blocks[b].ref_count == 0)  # leave the free pool
+        return len(range(max(start + len(cached_blocks), passed), total)) + revived <= self.num_free_blocks
+
+    def span(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = (), first_query: int | None = None
+    ) -> tuple[int, int, int]:
+        """What `allocate` would do: (the table's length now, its length after, the entries below which are null)."""
+        computed = len(cached_blocks) * self.block_size if cached_blocks else seq.num_computed_tokens
+        passed = self.passed_blocks(computed if first_query is None else first_query)
+        return len(getattr(seq, self.table)), -(-(computed + num_new_tokens) // self.block_size), passed
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
@@ -129,15 +187,29 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Releases the blocks of `seq`; the tail is freed first so it is also evicted first."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
-                if block.hash is None:  # nothing to find in it: reuse it before cached blocks
-                    self._free.move_to_end(block_id, last=False)
-        seq.block_table = []
+        for block_id in reversed(getattr(seq, self.table)):
+            self._release(block_id)
+        setattr(seq, self.table, [])
         self._seq_hashes.pop(seq.request_id, None)
+
+    def _release_passed(self, seq: Sequence, passed: int) -> None:
+        """Gives back `seq`'s blocks below table index `passed` and points their entries at the null block."""
+        table = getattr(seq, self.table)
+        for i in reversed(range(min(passed, len(table)))):
+            if table[i] == self.null_block:  # those before it went earlier
+                break
+            self._release(table[i])
+            table[i] = self.null_block
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block_id == self.null_block:
+            return
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if block.hash is None:  # nothing to find in it: reuse it before cached blocks
+                self._free.move_to_end(block_id, last=False)
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:

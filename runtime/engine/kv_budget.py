@@ -17,7 +17,7 @@ import structlog
 
 from sagellm.common.memory import available_bytes
 from sagellm.runtime.engine.config import EngineConfig
-from sagellm.runtime.engine.kv_cache import bytes_per_block, num_blocks_for_budget
+from sagellm.runtime.engine.kv_cache import bytes_per_block, num_blocks_for_budget, window_group
 from sagellm.runtime.models.config import ModelConfig
 
 log = structlog.get_logger("sagellm.engine")
@@ -64,3 +64,30 @@ def kv_cache_blocks(
         fraction=KV_MEMORY_FRACTION if free is not None else None,
     )
     return blocks
+
+
+def window_group_blocks(
+    config: EngineConfig, cache: ModelConfig, num_blocks: int, max_model_len: int
+) -> tuple[int, int]:
+    """(the full attention layers' blocks, the sliding-window layers' own group's) for a model whose sliding layers
+    keep blocks of their own (window_blocks.py); (num_blocks, 0) for any other, and for a parallel engine (its
+    ranks keep one group). `num_blocks`: kv_cache_blocks' count, as if every layer kept every token.
+
+    The sliding group needs each seat's window (window / block_size + 2 blocks: it straddles one more, and a
+    chunk's first query reads one before it), twice over for the sequences waiting with imported KV, plus a step's
+    tokens, plus the null block; never more than the full group's. What the sliding layers no longer hold goes to
+    the full group, where the cache was cut to fit memory (not where its size was given in blocks)."""
+    window = window_group(cache)
+    if not window or config.world_size > 1:
+        return num_blocks, 0
+    bs = config.block_size
+    per_seat = window // bs + 2
+    sliding = min(num_blocks, 2 * config.max_num_seqs * per_seat + -(-config.max_num_batched_tokens // bs)) + 1
+    wanted = -(-max_model_len // bs) * config.max_num_seqs
+    full = num_blocks
+    if not config.num_kv_blocks and num_blocks < wanted:
+        per_full, per_sliding = bytes_per_block(cache, bs, window=0), bytes_per_block(cache, bs, window=window)
+        budget = num_blocks * (per_full + per_sliding)
+        full = min(wanted, (budget - sliding * per_sliding) // per_full)
+    log.info("kv_cache_groups", window=window, full_blocks=full, window_blocks=sliding)
+    return full, sliding

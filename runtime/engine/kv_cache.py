@@ -18,8 +18,13 @@ from sagellm.runtime.models.config import ModelConfig
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype = torch.float32) -> int:
-    per_token = sum(2 * config.num_kv_heads_of(i) * config.head_dim_of(i) for i in config.kv_layers)  # K and V
+def bytes_per_block(
+    config: ModelConfig, block_size: int, dtype: torch.dtype = torch.float32, window: int | None = None
+) -> int:
+    """A block's bytes over every layer with KV of its own, or (`window`) over those of that sliding window only
+    (0: the full attention layers)."""
+    layers = [i for i in config.kv_layers if window is None or config.window_of(i) == window]
+    per_token = sum(2 * config.num_kv_heads_of(i) * config.head_dim_of(i) for i in layers)  # K and V
     return per_token * dtype.itemsize * block_size
 
 
@@ -27,11 +32,28 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, budget_bytes: in
     return max(1, budget_bytes // bytes_per_block(config, block_size, dtype))
 
 
+def window_group(config: ModelConfig) -> int:
+    """The sliding window whose layers can keep a cache group of their own (window_blocks.py), 0 for none: a model
+    mixing full attention layers with sliding ones of one window (gpt-oss, Gemma 2, 3 and 4)."""
+    windows = {config.window_of(i) for i in config.kv_layers}
+    return max(windows) if len(windows) == 2 and 0 in windows else 0
+
+
 def allocate_kv_caches(
-    config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype = torch.float32
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    window_blocks: int = 0,
 ) -> KVCaches:
+    """`window_blocks`: the blocks of the sliding-window layers' own group (0: they take `num_blocks` as the others)."""
     zeros = untouched_zeros if device.type == "cpu" else partial(torch.zeros, device=device)
-    shapes = [(num_blocks, block_size, config.num_kv_heads_of(i), config.head_dim_of(i)) for i in config.kv_layers]
+    shapes = [
+        (window_blocks if window_blocks and config.window_of(i) else num_blocks, block_size,
+         config.num_kv_heads_of(i), config.head_dim_of(i))
+        for i in config.kv_layers
+    ]  # fmt: skip
     return [(zeros(shape, dtype=dtype), zeros(shape, dtype=dtype)) for shape in shapes]
 
 
@@ -47,38 +69,67 @@ def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps the region
 
 
-def token_slots(block_table: list[int], start: int, end: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """Flat cache slots (block * block_size + offset) of token positions [start, end) of one sequence."""
+def token_slots(
+    block_table: list[int],
+    start: int,
+    end: int,
+    block_size: int,
+    device: torch.device,
+    null_block: int | None = None,
+) -> torch.Tensor:
+    """Flat cache slots (block * block_size + offset) of token positions [start, end) of one sequence; -1 for those
+    in `null_block` (a sliding-window group's passed positions: not kept)."""
     positions = torch.arange(start, end)
     table = torch.tensor(block_table, dtype=torch.int64)
-    return (table[positions // block_size] * block_size + positions % block_size).to(device)  # [end - start]
+    blocks = table[positions // block_size]
+    slots = blocks * block_size + positions % block_size
+    if null_block is not None:
+        slots[blocks == null_block] = -1
+    return slots.to(device)  # [end - start]
 
 
-def read_tokens(caches: KVCaches, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+Slots = torch.Tensor | list[torch.Tensor]  # the same slots for every layer, or each layer's own (-1: none)
+
+
+def read_tokens(caches: KVCaches, slots: Slots, out: torch.Tensor | None = None) -> torch.Tensor:
     """The K and V of the given slots in every layer, as one [num_layers, 2, n, Hk, D] tensor (a copy): what a
-    prefill worker sends to a decode worker. Layers of different head shapes (Gemma 4) fill the widest shape's
-    first heads and dimensions, the rest zeros. `out`: where to gather them (shared memory the sender sends
-    without copying again), else a new tensor."""
+    prefill worker sends to a decode worker; zeros where a layer's slot is -1. Layers of different head shapes
+    (Gemma 4) fill the widest shape's first heads and dimensions, the rest zeros. `out`: where to gather them
+    (shared memory the sender sends without copying again), else a new tensor."""
     k0 = caches[0][0]
+    per_layer = slots if isinstance(slots, list) else [slots] * len(caches)
     heads, dims = max(k.shape[2] for k, _ in caches), max(k.shape[3] for k, _ in caches)
     if out is None:
-        out = torch.empty((len(caches), 2, slots.numel(), heads, dims), dtype=k0.dtype, device=k0.device)
-    for layer, (k, v) in enumerate(caches):
+        out = torch.empty((len(caches), 2, per_layer[0].numel(), heads, dims), dtype=k0.dtype, device=k0.device)
+    for layer, ((k, v), layer_slots) in enumerate(zip(caches, per_layer)):
+        missing = layer_slots < 0
+        some_missing = bool(missing.any())
+        if some_missing:
+            layer_slots = layer_slots.clamp(min=0)
         for kind, cache in enumerate((k, v)):
             rows = cache.flatten(0, 1)
             if rows.shape[1:] == (heads, dims):
-                torch.index_select(rows, 0, slots, out=out[layer, kind])
+                torch.index_select(rows, 0, layer_slots, out=out[layer, kind])
             else:
-                out[layer, kind].zero_()[:, : rows.shape[1], : rows.shape[2]] = rows.index_select(0, slots)
+                out[layer, kind].zero_()[:, : rows.shape[1], : rows.shape[2]] = rows.index_select(0, layer_slots)
+        if some_missing:
+            out[layer, :, missing] = 0
     return out
 
 
-def write_tokens(caches: KVCaches, slots: torch.Tensor, kv: torch.Tensor) -> None:
-    """Stores [num_layers, 2, n, Hk, D] K/V (from `read_tokens`, possibly another process's) at the given slots."""
-    if kv.shape[0] != len(caches) or kv.shape[1] != 2 or kv.shape[2] != slots.numel():
-        raise ValueError(f"KV of shape {tuple(kv.shape)} does not fit {len(caches)} layers x {slots.numel()} tokens")
+def write_tokens(caches: KVCaches, slots: Slots, kv: torch.Tensor) -> None:
+    """Stores [num_layers, 2, n, Hk, D] K/V (from `read_tokens`, possibly another process's) at the given slots
+    (where a layer's slot is -1, nothing)."""
+    per_layer = slots if isinstance(slots, list) else [slots] * len(caches)
+    if kv.shape[0] != len(caches) or kv.shape[1] != 2 or kv.shape[2] != per_layer[0].numel():
+        raise ValueError(
+            f"KV of shape {tuple(kv.shape)} does not fit {len(caches)} layers x {per_layer[0].numel()} tokens"
+        )
     kv = kv.to(device=caches[0][0].device, dtype=caches[0][0].dtype)
-    for (k, v), layer in zip(caches, kv):
+    for (k, v), layer, layer_slots in zip(caches, kv, per_layer):
         heads, dims = k.shape[2:]
-        k.flatten(0, 1).index_copy_(0, slots, layer[0, :, :heads, :dims])
-        v.flatten(0, 1).index_copy_(0, slots, layer[1, :, :heads, :dims])
+        kept = layer_slots >= 0
+        if not bool(kept.all()):
+            layer, layer_slots = layer[:, kept], layer_slots[kept]
+        k.flatten(0, 1).index_copy_(0, layer_slots, layer[0, :, :heads, :dims])
+        v.flatten(0, 1).index_copy_(0, layer_slots, layer[1, :, :heads, :dims])

@@ -22,8 +22,8 @@ from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, grammar_compiler, mask_logits, new_masks
-from sagellm.runtime.engine.kv_budget import kv_cache_blocks
-from sagellm.runtime.engine.kv_cache import token_slots
+from sagellm.runtime.engine.kv_budget import kv_cache_blocks, window_group_blocks
+from sagellm.runtime.engine.kv_cache import token_slots, window_group
 from sagellm.runtime.engine.memory_report import memory_report
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -94,7 +94,7 @@ class LLMEngine:
             raise FieldError("dtype", f"dtype {config.dtype}: {problem}")
         if config.world_size == 1:  # a group's rank 0 is placed by its runner, with the other ranks
             place(self.backend, config.device_ids, config.num_threads)
-        # The budget is each rank's: rank 0 holds the most KV heads and layers of a parallel group.
+        # The budget is each rank's: rank 0 holds the most KV heads, linear attention heads and layers of a group.
         rank0 = cache_config(
             model_config,
             TensorShard(0, config.tensor_parallel_size or 1),
@@ -102,12 +102,10 @@ class LLMEngine:
         )
         max_len = config.max_model_len or model_config.max_position_embeddings
         num_blocks = kv_cache_blocks(config, rank0, max_len, self.backend.device.type)
+        num_blocks, window_blocks = window_group_blocks(config, rank0, num_blocks, max_len)
         # A model with recurrent layers (Qwen3.5): a state slot per seat, and as many for the prefix cache's
         # checkpoints of them (state_slots.py).
         num_state_slots = config.max_num_seqs if model_config.num_linear_layers else 0
-        if num_state_slots and (config.tensor_parallel_size or 1) > 1:
-            raise InvalidInput("tensor parallel: a model with recurrent layers (Qwen3.5) splits over pipeline stages "
-                               "only, for now (--pipeline-parallel-size)")  # fmt: skip
         if (model_config.layer_scalar or model_config.altup_num_inputs) and config.world_size > 1:
             raise InvalidInput("tensor, pipeline and expert parallel: Gemma 4 and Gemma 3n (per-layer embeddings, "
                                "shared KV, layer scalars, AltUp) run on one rank only, for now")  # fmt: skip
@@ -126,6 +124,8 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 num_blocks=num_blocks,
                 block_size=config.block_size,
+                window=window_group(rank0) if window_blocks else 0,
+                num_window_blocks=window_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
                 scheduling_policy=config.scheduling_policy,
                 num_state_slots=num_state_slots,
@@ -146,6 +146,7 @@ class LLMEngine:
                 linear_dtype=linear_dtype,
                 mapped=self.model.mapped,
                 **({"num_state_slots": num_state_slots + checkpoints + rollbacks} if num_state_slots else {}),
+                **({"window_blocks": window_blocks} if window_blocks else {}),
             )
         # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
         self.model.weights, self.model.quantized = {}, {}
@@ -244,8 +245,8 @@ class LLMEngine:
             raise ValueError(f"recurrent states of {states.numel()} values; this model's are {self.runner.states_size}")
 
         def write_kv(start: int) -> None:
-            slots = token_slots(seq.block_table, start, n, self.runner.block_size, self.runner.device)
-            self.runner.write_kv(slots, kv[:, :, start:])
+            slots, window_slots = self._kv_slots(seq, start, n)
+            self.runner.write_kv(slots, kv[:, :, start:], window_slots)
 
         seq.imported_states = states if self.scheduler.state_slots is not None else None
         if not self.scheduler.import_prompt(seq, write_kv):
@@ -257,6 +258,16 @@ class LLMEngine:
         if not seq.is_finished:
             self.scheduler.add(seq)
         return output
+
+    def _kv_slots(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cache slots of `seq`'s positions [start, end), and where its sliding-window layers keep blocks of
+        their own (window_blocks.py), theirs (-1 for the passed positions)."""
+        bs, device = self.runner.block_size, self.runner.device
+        slots = token_slots(seq.block_table, start, end, bs, device)
+        if not seq.window_table:
+            return slots, None
+        null = self.scheduler.block_manager.sliding.null_block
+        return slots, token_slots(seq.window_table, start, end, bs, device, null)
 
     def _new_request(
         self,
@@ -586,11 +597,11 @@ class LLMEngine:
         kv = states = None
         if state.prefill_only and (finish is None or state.export_kv):
             finish = finish or "prefilled"
-            slots = token_slots(seq.block_table, 0, seq.num_prompt_tokens, self.runner.block_size, self.runner.device)
+            slots, window_slots = self._kv_slots(seq, 0, seq.num_prompt_tokens)
             c = self.model.config
             shape = (c.num_kv_layers, 2, seq.num_prompt_tokens, *c.kv_row_shape)
             out = self.kv_buffer(shape, torch.float32) if self.kv_buffer else None
-            kv = self.runner.read_kv(slots, out)  # [num_layers, 2, prompt_len, Hk, D]
+            kv = self.runner.read_kv(slots, out, window_slots)  # [num_layers, 2, prompt_len, Hk, D]
             states = self.runner.read_states(seq.state_slot) if self.scheduler.state_slots is not None else None
         if finish is not None:
             self.scheduler.finish(seq, finish)

@@ -73,7 +73,7 @@ def memory_report(runners: Iterable[ModelRunner]) -> MemoryReport:
         reserved, mapped = reserved + r, mapped + m
         r, m = kv_cache_bytes(runner.state_caches)
         state_reserved, state_mapped = state_reserved + r, state_mapped + m
-        tokens += runner.kv_caches[0][0].shape[0] * runner.block_size if runner.kv_caches else 0
+        tokens += max((k.shape[0] for k, _ in runner.kv_caches), default=0) * runner.block_size  # the full layers'
         slots += runner.state_caches[0][0].shape[0] if runner.state_caches else 0
         on_host &= runner.device.type == "cpu"
     rss = resident_bytes() or 0

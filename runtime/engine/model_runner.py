@@ -17,7 +17,7 @@ from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.common.errors import Lost
-from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, write_tokens
+from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, window_group, write_tokens
 from sagellm.runtime.engine.kv_prefault import KVPrefault
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
@@ -33,7 +33,8 @@ from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, sha
 
 
 def cache_config(config: ModelConfig, shard: TensorShard | None, stage: PipelineStage | None) -> ModelConfig:
-    """The config as one rank's KV cache sees it: its own KV heads, its stage's layers."""
+    """The config as one rank's KV cache and recurrent states see it: its own KV and linear attention heads, its
+    stage's layers."""
     config = rank_config(config, shard)
     if stage is None:
         return config
@@ -62,6 +63,11 @@ class StepInputs(msgspec.Struct, array_like=True, kw_only=True, tag="step"):
     logits_rows: list[int] | None  # None: every row is sampled
     decode_state_slots: list[int] = []  # a model with recurrent layers: each decode row's state slot
     decode_state_seeds: list[tuple[int, int]] = []  # and (slot, source) of those that start elsewhere (metadata)
+    # A model whose sliding-window layers keep blocks of their own: the same tokens' slots, the decodes' and the
+    # prefills' tables in those blocks (window_blocks.py).
+    window_slots: list[int] = []
+    window_decode_tables: list[list[int]] = []
+    window_prefill_tables: list[list[int]] = []
 
 
 class ModelRunner:
@@ -82,22 +88,29 @@ class ModelRunner:
         linear_dtype: torch.dtype = torch.float32,
         mapped: Any = None,
         num_state_slots: int = 0,
+        window_blocks: int = 0,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
         whole cache's memory in the background now, not just ahead of use; `linear_dtype`: the dtype the linears'
         weights are packed in (EngineConfig.dtype); `mapped`: the GGUF file `quantized` views (LoadedModel.mapped),
         whose pages are let go as each weight is packed; `num_state_slots`: the slots of a model's recurrent
-        layers' states (state_cache.py)."""
+        layers' states (state_cache.py); `window_blocks`: the blocks of the sliding-window layers' own cache group
+        (window_blocks.py; 0: every layer's cache has `num_blocks`)."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
         self.block_size = block_size
         self.device = backend.device
         own = cache_config(config, shard, stage)
-        self.kv_caches = allocate_kv_caches(own, num_blocks, block_size, self.device)
+        self.window_blocks = window_blocks if window_group(own) else 0
+        self.kv_caches = allocate_kv_caches(own, num_blocks, block_size, self.device, window_blocks=self.window_blocks)
         self.state_caches = allocate_state_caches(own, num_state_slots, self.device)
-        self._prefault = KVPrefault([t for pair in self.kv_caches for t in pair], everything=prefault_kv_cache)
+        self._windowed = [bool(self.window_blocks and own.window_of(i)) for i in own.kv_layers]
+        groups = [[t for pair, w in zip(self.kv_caches, self._windowed) if w == sliding for t in pair]
+                  for sliding in (False, True)]  # fmt: skip
+        self._prefault = KVPrefault(groups[0], everything=prefault_kv_cache)
+        self._window_prefault = KVPrefault(groups[1], everything=prefault_kv_cache) if groups[1] else None
         graph = build_decoder_graph(config, self.layers)
         self.graph = optimize(shard_tensor_parallel(graph, config, shard) if shard else graph)
         context = LoweringContext(
@@ -132,6 +145,8 @@ class ModelRunner:
         before."""
         if step.slots:
             self._prefault.written(max(step.slots) // self.block_size)
+        if step.window_slots:
+            self._window_prefault.written(max(step.window_slots) // self.block_size)
         return self.plan.run(**self.tensors(step), **(carried or {}))
 
     def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
@@ -168,6 +183,15 @@ class ModelRunner:
         continues &= all(s is t and n == m + 1 for (s, n), (t, m) in zip(progress, last))
         self._last_decodes = progress
         width = max((len(s.block_table) for s, _ in decodes), default=0)
+        window: dict[str, list] = {}
+        if self.window_blocks:
+            window["window_slots"] = [
+                s.window_table[p // bs] * bs + p % bs
+                for s, n in zip(batch.seqs, batch.num_new_tokens)
+                for p in range(s.num_computed_tokens, s.num_computed_tokens + n)
+            ]
+            window["window_decode_tables"] = [s.window_table + [0] * (width - len(s.window_table)) for s, _ in decodes]
+            window["window_prefill_tables"] = [s.window_table for s in batch.seqs[num_decodes:]]
         return StepInputs(
             input_ids=ids,
             positions=positions,
@@ -180,6 +204,7 @@ class ModelRunner:
             logits_rows=None if len(logits_rows) == len(ids) else logits_rows,
             decode_state_slots=[s.state_slot for s, _ in decodes] if self.state_caches else [],
             decode_state_seeds=self._decode_state_seeds(batch, decodes),
+            **window,
         )
 
     def _decode_state_seeds(self, batch: ScheduledBatch, decodes: list[tuple[Sequence, int]]) -> list[tuple[int, int]]:
@@ -195,8 +220,10 @@ class ModelRunner:
             slot_mapping=self._tensor(step.slots, torch.int64),
             block_size=self.block_size,
             num_decode_tokens=step.num_decodes,
-            prefills=[PrefillChunk(a, n, c, self._tensor(t, torch.int32), slot, source, at and tuple(at))
-                      for a, n, c, t, slot, source, at in step.prefills],  # fmt: skip
+            prefills=[
+                PrefillChunk(a, n, c, self._tensor(t, torch.int32), slot, source, at and tuple(at))
+                for a, n, c, t, slot, source, at in step.prefills
+            ],  # fmt: skip
             decode_continues=step.decode_continues,
         )
         if step.num_decodes:
@@ -205,6 +232,16 @@ class ModelRunner:
         if step.decode_state_slots:
             meta.decode_state_slots = self._tensor(step.decode_state_slots, torch.int64)
             meta.decode_state_seeds = [tuple(seed) for seed in step.decode_state_seeds]
+        if step.window_slots:
+            meta.sliding = dataclasses.replace(
+                meta,
+                slot_mapping=self._tensor(step.window_slots, torch.int64),
+                decode_block_tables=self._tensor(step.window_decode_tables, torch.int32) if step.num_decodes else None,
+                prefills=[
+                    dataclasses.replace(chunk, block_table=self._tensor(table, torch.int32))
+                    for chunk, table in zip(meta.prefills, step.window_prefill_tables)
+                ],  # fmt: skip
+            )
         return {
             "input_ids": self._tensor(step.input_ids, torch.int64),
             "positions": self._tensor(step.positions, torch.int64),
@@ -213,16 +250,28 @@ class ModelRunner:
             "logits_indices": None if step.logits_rows is None else self._tensor(step.logits_rows, torch.int64),
         }
 
-    def read_kv(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_kv(
+        self, slots: torch.Tensor, out: torch.Tensor | None = None, window_slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The K and V at `slots` in every layer, [num_layers, 2, n, Hk, D] (into `out` if given): a prompt's KV for
-        a decode worker."""
-        return read_tokens(self.kv_caches, slots, out)
+        a decode worker. `window_slots`: the same tokens' in the sliding-window layers' own blocks (-1: passed,
+        read as zeros)."""
+        return read_tokens(self.kv_caches, self._layer_slots(slots, window_slots), out)
 
-    def write_kv(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
-        """Stores `read_kv`'s K and V (another engine's) at `slots`."""
+    def write_kv(self, slots: torch.Tensor, kv: torch.Tensor, window_slots: torch.Tensor | None = None) -> None:
+        """Stores `read_kv`'s K and V (another engine's) at `slots` (and `window_slots`, where not -1)."""
         if slots.numel():
             self._prefault.written(int(slots.max()) // self.block_size)
-        write_tokens(self.kv_caches, slots, kv)
+        if window_slots is not None and window_slots.numel():
+            self._window_prefault.written(int(window_slots.max()) // self.block_size)
+        write_tokens(self.kv_caches, self._layer_slots(slots, window_slots), kv)
+
+    def _layer_slots(self, slots: torch.Tensor, window_slots: torch.Tensor | None) -> torch.Tensor | list[torch.Tensor]:
+        if not self.window_blocks:
+            return slots
+        if window_slots is None:
+            raise ValueError("this model's sliding-window layers keep blocks of their own: their slots are needed")
+        return [window_slots if windowed else slots for windowed in self._windowed]
 
     def read_states(self, slot: int) -> torch.Tensor:
         """The recurrent states in `slot`, every linear attention layer's convolution window then delta-rule state,
@@ -250,6 +299,8 @@ class ModelRunner:
         """Releases what the runner started: the cache's prefault thread (and, for a tensor parallel group, its
         other ranks)."""
         self._prefault.close()
+        if self._window_prefault is not None:
+            self._window_prefault.close()
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)

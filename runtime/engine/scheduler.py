@@ -22,6 +22,7 @@ from sagellm.runtime.engine.block_manager import BlockManager
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 from sagellm.runtime.engine.state_slots import StateSlots
+from sagellm.runtime.engine.window_blocks import WindowedBlocks
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class SchedulerConfig:
     max_model_len: int  # prompt + output tokens of one sequence
     num_blocks: int  # KV cache blocks
     block_size: int  # tokens per block
+    # A model whose sliding-window layers keep a cache group of their own: their window and that group's blocks.
+    window: int = 0
+    num_window_blocks: int = 0
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # a key of request_queue.QUEUES: fcfs or priority
     # A model with recurrent layers: the slots of their states, a seat per running sequence (0: no such layers), and
@@ -100,7 +104,12 @@ class Scheduler:
             raise InvalidInput(f"scheduling policy {config.scheduling_policy!r}: the policies are {', '.join(QUEUES)}")
         self.config = config
         self.by_priority = config.scheduling_policy == "priority"
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager: BlockManager | WindowedBlocks
+        if config.num_window_blocks:
+            self.block_manager = WindowedBlocks(config.num_blocks, config.num_window_blocks, config.block_size,
+                                                config.window, config.enable_prefix_caching)  # fmt: skip
+        else:
+            self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.state_slots: StateSlots | None = None
         if config.num_state_slots:
             self.state_slots = StateSlots(config.num_state_slots, config.num_state_checkpoints, config.speculative)
@@ -120,7 +129,8 @@ class Scheduler:
             return False
         cached = self.block_manager.find_cached_prefix(seq)
         start = len(cached) * self.block_manager.block_size
-        if not self.block_manager.allocate(seq, seq.num_prompt_tokens - start, cached):
+        # Its first query is the decode after the prompt: a sliding-window group needs only that window's blocks.
+        if not self.block_manager.allocate(seq, seq.num_prompt_tokens - start, cached, seq.num_prompt_tokens):
             return False
         write_kv(start)
         seq.num_computed_tokens = seq.num_prompt_tokens  # counted as cached tokens when admitted: none computed here
@@ -195,7 +205,7 @@ class Scheduler:
             elif seq.scores_prompt:  # a cached prefix's logits are gone: its prompt logprobs need them computed
                 cached, computed = [], 0
             else:
-                resumable = self.state_slots.has_checkpoint if self.state_slots is not None else None
+                resumable = self._has_checkpoint if self.state_slots is not None else None
                 cached = self.block_manager.find_cached_prefix(seq, resumable)
                 computed = len(cached) * self.block_manager.block_size
             n = min(seq.num_tokens - computed, step.budget)
@@ -214,6 +224,10 @@ class Scheduler:
                     step.restores[seq] = self.state_slots.restore(self.block_manager.blocks[cached[-1]].hash)
             self.running.append(seq)
             step.take(seq, n)
+
+    def _has_checkpoint(self, hashes: list[int]) -> bool:
+        """Whether the recurrent states after the prefix of these blocks are kept (a prefix hit resumes from them)."""
+        return self.state_slots.has_checkpoint(hashes[-1])
 
     def _allocate_preempting(self, seq: Sequence, n: int, cached: list[int], step: _Step) -> bool:
         """Blocks for the waiting `seq`'s `n` tokens, freeing those of running sequences that rank below it (under

@@ -32,6 +32,9 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens not computed here (prefix cache hits, KV imported from prefill)
     block_table: list[int] = field(default_factory=list)
+    # A model whose sliding-window layers keep blocks of their own (window_blocks.py): its table there, as long as
+    # `block_table`, with the blocks no query reads any more at the null block.
+    window_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0

@@ -24,14 +24,16 @@ def bytes_per_state_slot(config: ModelConfig) -> int:
 
 
 def values_per_state_slot(config: ModelConfig) -> int:
-    """One slot's state values in every linear attention layer of `config` (a pipeline stage's, for its config)."""
+    """One slot's state values in every linear attention layer of `config` (a pipeline stage's or a tensor parallel
+    rank's, for its config: its layers, its heads)."""
     conv = config.linear_conv_dim * (config.linear_conv_kernel - 1)
     recurrent = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
     return config.num_linear_layers * (conv + recurrent)
 
 
 def allocate_state_caches(config: ModelConfig, num_slots: int, device: torch.device) -> StateCaches:
-    """The states of `config`'s linear attention layers (its stage's, for a pipeline stage's config)."""
+    """The states of `config`'s linear attention layers (a rank's, for its `cache_config`: its stage's layers, its
+    heads)."""
     conv = (num_slots, config.linear_conv_dim, config.linear_conv_kernel - 1)
     recurrent = (num_slots, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim)
     zeros = untouched_zeros if device.type == "cpu" else partial(torch.zeros, device=device)

@@ -9,7 +9,7 @@ made when the backend reads those (`prepare_block_weight`): a Q4_K_M model stays
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -137,12 +137,22 @@ def _bind_embedding(params, ctx, kernels):
     return (lambda ids, weight: embed(ids.masked_fill(ids >= rows, 0), weight)), consts
 
 
-def _cut(tensor: torch.Tensor, shard: tuple[int, int, int] | None) -> torch.Tensor:
-    """A rank's slice `(dim, start, stop)` of a weight (or a bias, whose only dimension is the output's)."""
+def _cut(tensor: torch.Tensor, shard: tuple[int, ...] | None) -> torch.Tensor:
+    """A rank's slice `(dim, start, stop, ...)` of a weight (or a bias, whose only dimension is the output's)."""
     if shard is None:
         return tensor
-    dim, start, stop = shard
-    return tensor.narrow(min(dim, tensor.dim() - 1), start, stop - start).contiguous()
+    return _take_runs(tensor, min(shard[0], tensor.dim() - 1), _runs(shard))
+
+
+def _runs(shard: tuple[int, ...]) -> list[tuple[int, int]]:
+    """A `shard`'s ranges (start, stop): one, or several joined in order (tensor_parallel.py)."""
+    return list(zip(shard[1::2], shard[2::2]))
+
+
+def _take_runs(tensor: torch.Tensor, dim: int, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The ranges `runs` of `dim`, joined in order."""
+    parts = [tensor.narrow(dim, start, stop - start) for start, stop in runs]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim)).contiguous()
 
 
 def _bind_norm(op):
@@ -200,6 +210,7 @@ def _bind_attention(params, ctx, kernels):
 
     def attention_flat(q, k, v, meta, k_cache, v_cache, scale, window, softcap, sinks):
         n = q.shape[0]
+        meta = meta.for_window(window)
         out = attention(q, k, v.view(n, -1, d), k_cache, v_cache, meta, scale, window, softcap, sinks)  # [T, Hq, D]
         return out.reshape(n, -1)  # [T, Hq * D]
 
@@ -209,11 +220,16 @@ def _bind_attention(params, ctx, kernels):
 
 def _bind_gated_delta_net(params, ctx, kernels):
     """Constants: the layer's state caches, its convolution's weight [C, K], A_log and dt_bias, its head counts and
-    sizes, and whether its value heads are tiled by key head (a GGUF's order)."""
+    sizes, and whether its value heads are tiled by key head (a GGUF's order). A tensor parallel rank's are cut to
+    its `channels` and `value_heads` (tensor_parallel.py)."""
     conv_states, ssm_states = ctx.state_caches[params["state"]]
     device = ctx.backend.device
-    conv_weight = _weight(ctx, params["conv_weight"]).float()[:, 0, :].contiguous().to(device)  # [C, 1, K] -> [C, K]
-    a_log, dt_bias = (_weight(ctx, params[name]).float().to(device) for name in ("a_log", "dt_bias"))
+    conv_weight = _weight(ctx, params["conv_weight"]).float()[:, 0, :]  # [C, 1, K] -> [C, K]
+    a_log, dt_bias = (_weight(ctx, params[name]).float() for name in ("a_log", "dt_bias"))
+    if "channels" in params:
+        conv_weight = _take_runs(conv_weight, 0, params["channels"])
+        a_log, dt_bias = (_take_runs(t, 0, params["value_heads"]) for t in (a_log, dt_bias))
+    conv_weight, a_log, dt_bias = (t.contiguous().to(device) for t in (conv_weight, a_log, dt_bias))
     dims = (params["num_k_heads"], params["head_k_dim"], params["head_v_dim"], params.get("tiled_value_heads", False))
     return kernels["gated_delta_net"], (conv_states, ssm_states, conv_weight, a_log, dt_bias, *dims)
 
@@ -304,8 +320,16 @@ def _packed_blocks(ctx: LoweringContext, parts: list[QuantizedWeight]) -> Any | 
     return packed
 
 
-def _cut_blocks(blocks: QuantizedWeight | None, shard: tuple[int, int, int] | None) -> QuantizedWeight | None:
-    return blocks if blocks is None or shard is None else blocks.narrow(*shard)
+def _cut_blocks(blocks: QuantizedWeight | None, shard: tuple[int, ...] | None) -> QuantizedWeight | None:
+    """A rank's slice of a weight's blocks, None when a range of inputs cuts blocks (the dense copy is read)."""
+    if blocks is None or shard is None:
+        return blocks
+    dim = shard[0]
+    parts = [blocks.narrow(dim, start, stop) for start, stop in _runs(shard)]
+    if dim == 0 or len(parts) == 1 or any(part is None for part in parts):
+        return QuantizedWeight.concat(parts)
+    joined = torch.cat([part.blocks for part in parts], dim=1)  # ranges of whole blocks of inputs, side by side
+    return QuantizedWeight(blocks.kind, joined, sum(part.in_features for part in parts))
 
 
 def _group(ctx: LoweringContext):

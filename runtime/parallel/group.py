@@ -159,12 +159,16 @@ class ParallelRunner(ModelRunner):
         with self._leading(step):
             return take_part(self, self.layout, self._comms, step)
 
-    def read_kv(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_kv(
+        self, slots: torch.Tensor, out: torch.Tensor | None = None, window_slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        _one_group(window_slots)
         with self._leading(ReadKV(slots.tolist())):
             whole = take_part(self, self.layout, self._comms, ReadKV([]), slots)
         return whole if out is None else out.copy_(whole)
 
-    def write_kv(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    def write_kv(self, slots: torch.Tensor, kv: torch.Tensor, window_slots: torch.Tensor | None = None) -> None:
+        _one_group(window_slots)
         kv = kv.to(torch.float32).contiguous()
         with self._leading(WriteKV(slots.tolist(), list(kv.shape))):
             take_part(self, self.layout, self._comms, WriteKV([], list(kv.shape)), slots, kv)
@@ -282,6 +286,12 @@ def _ray_ranks(group: Any, commands: list[list[str]], engine: EngineConfig) -> l
         options = {"num_cpus": _rank_cpus(engine), "scheduling_strategy": where}
         ranks.append(RayProcess.launch(options, lambda host, port, c=command: c, env, START_TIMEOUT_S))
     return ranks
+
+
+def _one_group(window_slots: torch.Tensor | None) -> None:
+    """A parallel group's ranks keep every layer's blocks in one group (window_blocks.py is single-rank)."""
+    if window_slots is not None:
+        raise ValueError("a parallel engine's sliding-window layers share the full layers' blocks: no window slots")
 
 
 class _Segments:

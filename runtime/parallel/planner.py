@@ -13,7 +13,7 @@ Every split the devices allow is sized (weights and a KV budget on the fullest d
    bubbles), then, for a mixture of experts, experts spread whole over ranks (ep) before sliced.
 
 Tensor parallelism never leaves a fast-link group (it talks every layer); pipeline stages cross groups; a rank holds
-whole GQA groups, so tp never exceeds the KV heads."""
+whole GQA groups (and a Gated DeltaNet's whole key heads), so tp never exceeds the KV heads (nor those)."""
 
 from __future__ import annotations
 
@@ -78,11 +78,12 @@ class ParallelismOptimizer:
 
 
 def candidates(shape: ModelShape, devices: Devices) -> Iterator[ParallelismConfig]:
-    """Every split that uses all the devices: tp dividing a fast-link group and at most the KV heads, pp dividing
-    what is left and at most the layers, dp the rest; for a mixture of experts, ep unused and at its widest."""
+    """Every split that uses all the devices: tp dividing a fast-link group and at most the KV heads (and linear
+    attention key heads), pp dividing what is left and at most the layers, dp the rest; for a mixture of experts,
+    ep unused and at its widest."""
     config = shape.config
     for tp in _divisors(devices.group_size):
-        if tp > config.num_kv_heads:
+        if tp > config.num_kv_heads or (config.num_linear_layers and tp > config.linear_num_key_heads):
             continue
         for pp in _divisors(devices.count // tp):
             if pp > config.num_layers:

@@ -27,7 +27,7 @@ class RankSpec(msgspec.Struct, kw_only=True):
     world_capacity: int = 0
     stage_fds: list[int] = msgspec.field(default_factory=list)
     stage_capacity: int = 0
-    num_state_slots: int = 0  # a model with recurrent layers: every rank's state slots (its stage's layers')
+    num_state_slots: int = 0  # a model with recurrent layers: every rank's state slots (its layers', its heads)
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -8,9 +8,9 @@ work is `ModelRunner`'s, called as such: rank 0's runner overrides those methods
     read KV   a prompt's KV leaves whole, [layers, 2, n, Hk, D]: a stage's slices join their heads (all-gather),
               and each stage's slice 0 sends its layers to rank 0, which joins them in order.
     write KV  rank 0 broadcasts it whole; every rank stores its layers' heads of it.
-    states    a model with recurrent layers (pipeline parallel only): each stage reads, writes or copies its own
-              layers' states; what leaves goes to rank 0 stage by stage, what comes is broadcast whole and each stage
-              takes its share."""
+    states    a model with recurrent layers: each rank reads, writes or copies its own layers' states, of its
+              heads; what leaves is joined whole in each stage (all-gather) and goes to rank 0 stage by stage, what
+              comes is broadcast whole and each rank takes its share (state_shares.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs, cache_c
 from sagellm.runtime.engine.state_cache import values_per_state_slot
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.pipeline_stages import PipelineStage
-from sagellm.runtime.models.tensor_parallel import rank_slices
+from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, rank_slices
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
 from sagellm.runtime.parallel.rank_spec import CopyStates, ReadKV, ReadStates, WriteKV, WriteStates
+from sagellm.runtime.parallel.state_shares import join_state_shares, state_share
 
 CARRIED = ("hidden", "residual")  # what a layer boundary carries, in the order it is sent
 
@@ -81,23 +82,31 @@ def _states(
     order: ReadStates | WriteStates | CopyStates,
     states: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """A stage's part in a move of recurrent states (one slice per stage: tensor parallel does not split them)."""
+    """A rank's part in a move of recurrent states: its stage's layers, its slice's heads of them."""
     if isinstance(order, CopyStates):
         ModelRunner.copy_states(runner, order.source, order.slot)
         return None
-    sizes = [stage_states_size(runner.config, PipelineStage(i, layout.pp)) for i in range(layout.pp)]
-    mine = layout.rank  # a stage's only rank
+    stages = [PipelineStage(i, layout.pp) for i in range(layout.pp)]
+    sizes = [stage_states_size(runner.config, stage) for stage in stages]
+    mine = layout.rank // layout.tp  # the rank's stage
+    whole = cache_config(runner.config, None, stages[mine])  # the stage's layers, every head
+    split = layout.shard is not None and sizes[mine] > 0
     if isinstance(order, WriteStates):
         states = comms.world.broadcast(torch.empty(order.size) if states is None else states, 0)
         start = sum(sizes[:mine])
-        ModelRunner.write_states(runner, order.slot, states[start : start + sizes[mine]])
+        part = states[start : start + sizes[mine]]
+        ModelRunner.write_states(runner, order.slot, state_share(part, whole, layout.shard) if split else part)
         return None
     own = ModelRunner.read_states(runner, order.slot)
-    if mine != 0:
-        if sizes[mine]:
+    if split:
+        counts = [values_per_state_slot(rank_config(whole, TensorShard(s, layout.tp))) for s in range(layout.tp)]
+        own = join_state_shares(list(comms.stage.all_gather(own, counts).split(counts)), whole)
+    if layout.rank != 0:
+        if layout.slice == 0 and sizes[mine]:
             comms.world.send(own.cpu().contiguous(), 0)
         return None
-    parts = [own.cpu()] + [comms.world.recv(torch.empty(sizes[i]), i) for i in range(1, layout.pp) if sizes[i]]
+    parts = [own.cpu()]
+    parts += [comms.world.recv(torch.empty(sizes[i]), i * layout.tp) for i in range(1, layout.pp) if sizes[i]]
     return torch.cat(parts)
 
 

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
+from sagellm.runtime.engine.window_blocks import WindowedBlocks
 from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
@@ -102,6 +103,35 @@ def test_greedy_tokens_identical_alone_and_after_a_prefix_hit(tiny):
     out = llm.generate([again], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
     assert out.metrics.num_cached_tokens == (len(again) - 1) // 4 * 4
     assert out.outputs[0].token_ids == hf_greedy(hf, again, 16)
+
+
+def test_sliding_layers_give_back_the_blocks_before_their_window(tiny):
+    """A model mixing sliding and full attention layers keeps the sliding ones' blocks in a group of their own: as a
+    sequence runs, those before its window go back to the pool while the full layers' table grows; its tokens stay
+    transformers'. The next prompt sharing its prefix finds the window's blocks still cached."""
+    path, hf, prompts, expected, settings = tiny
+    if path.name not in ("gemma2", "gemma3", "gemma4", "gemma4_moe", "gemma3n", "gpt_oss"):
+        pytest.skip("every layer slides, or none does: one group of blocks")
+    engine = LLMEngine(EngineConfig(model=str(path), **settings))
+    blocks = engine.scheduler.block_manager
+    assert isinstance(blocks, WindowedBlocks)
+    engine.add_request("long", prompts[1], GREEDY)
+    held, tables, tokens = [], [], []
+    while engine.has_unfinished_requests():
+        for seq in engine.scheduler.running:
+            held.append(sum(b != blocks.sliding.null_block for b in seq.window_table))
+            tables.append(len(seq.block_table))
+        tokens += [t for out in engine.step() for t in out.outputs[0].token_ids_delta]
+    assert tokens == expected[1]
+    assert max(held) <= 8 // 4 + 2 and max(tables) * 4 >= len(prompts[1]) + TOKENS - 4  # (seen before each step)
+    assert blocks.sliding.num_free_blocks == blocks.sliding.num_blocks - 1  # all back but the null block
+    again = prompts[1][:-1] + [prompts[1][-1] % (hf.config.vocab_size - 3) + 3]
+    engine.add_request("again", again, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [out for out in engine.step() if out.finished]
+    assert finished[0].metrics.num_cached_tokens == (len(again) - 1) // 4 * 4
+    assert finished[0].outputs[0].token_ids == hf_greedy(hf, again, 4)
 
 
 def test_seeded_sampling_draws_the_same_alone_and_in_a_chunked_batch(tiny):

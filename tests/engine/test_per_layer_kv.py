@@ -54,6 +54,28 @@ def test_kv_travels_in_the_widest_shape_and_lands_in_each_layers_own():
         assert torch.equal(v.flatten(0, 1)[slots], v2.flatten(0, 1)[:3])
 
 
+def test_sliding_layers_with_blocks_of_their_own_move_only_the_tokens_they_hold():
+    """Where the sliding-window layers keep a group of blocks of their own, each layer reads and writes its own
+    group's slots; a passed position's (-1) reads as zeros and is not written."""
+    config = tiny_model_config(num_layers=6, layer_types=LAYER_TYPES, sliding_window=8, head_dim=8,
+                               full_head_dim=16, num_kv_heads=2, full_num_kv_heads=1)  # fmt: skip
+    source = allocate_kv_caches(config, num_blocks=6, block_size=4, device=torch.device("cpu"), window_blocks=3)
+    assert [k.shape[0] for k, _ in source] == [3, 3, 6, 3, 3, 6]
+    for k, v in source:
+        k.copy_(torch.randn(k.shape))
+        v.copy_(torch.randn(v.shape))
+    full, sliding = torch.tensor([17, 18, 19]), torch.tensor([-1, 5, 6])
+    per_layer = [full if k.shape[0] == 6 else sliding for k, _ in source]
+    kv = read_tokens(source, per_layer)
+    assert kv[0, :, 0].abs().sum() == 0 and torch.equal(kv[0, 0, 1, :2, :8], source[0][0].flatten(0, 1)[5])
+    target = allocate_kv_caches(config, num_blocks=6, block_size=4, device=torch.device("cpu"), window_blocks=3)
+    write_tokens(target, per_layer, kv)
+    for (k, _), (k2, _), slots in zip(source, target, per_layer):
+        kept = slots[slots >= 0]
+        assert torch.equal(k.flatten(0, 1)[kept], k2.flatten(0, 1)[kept])
+    assert target[0][0].flatten(0, 1)[:4].abs().sum() == 0  # the null block: never written
+
+
 def test_a_model_with_shared_kv_is_one_pipeline_stage():
     with pytest.raises(GraphError, match="one pipeline stage"):
         build_decoder_graph(gemma4_shaped(), range(0, 3))

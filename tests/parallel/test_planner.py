@@ -121,6 +121,11 @@ def test_tensor_parallel_stays_inside_a_group_and_within_the_kv_heads():
     config = dataclasses.replace(shape("Llama-3-70B").config, num_kv_heads=2, num_heads=16)
     plan = PLAN.recommend_strategy(config, Devices.gpus(16, 80, per_node=4))
     assert {a.config.tp for a in plan.alternatives} == {1, 2}
+    linear = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                  linear_conv_kernel=4, layer_types=("linear_attention", "full_attention") * 40)  # fmt: skip
+    hybrid = dataclasses.replace(shape("Llama-3-70B").config, **linear)  # 8 KV heads, 2 Gated DeltaNet key heads
+    hybrid_plan = PLAN.recommend_strategy(hybrid, Devices.gpus(16, 80, per_node=4))
+    assert {a.config.tp for a in hybrid_plan.alternatives} == {1, 2}
     wide = PLAN.recommend_strategy(shape("Llama-3.1-405B"), Devices.gpus(32, 80, per_node=4))
     assert max(a.config.tp for a in wide.alternatives) == 4 and wide.config == ParallelismConfig(tp=4, pp=8)
 
