@@ -79,3 +79,22 @@ def finished_outputs(engine) -> list:
     while engine.has_unfinished_requests():
         done += [o for o in engine.step() if o.finished]
     return done
+
+
+def assert_greedy_through_a_prefix_hit_and_proposals(engine, model, params) -> list[list[int]]:
+    """A recurrent model's hardest greedy run: a repetitive prompt alone (its states checkpointed at block
+    boundaries), then one more and one starting with the first in a batch (a prefix hit restoring a checkpoint),
+    under an n-gram proposer the engine was given (proposals mostly rejected, states rolled back). Every request's
+    tokens are transformers'; a hit and proposals are counted. Returns the three prompts."""
+    a, b = random_prompts(model.config.vocab_size, [6, 9], seed=3)
+    batch = [a * 3, b + b[:5], a * 3 + b[:3]]
+    engine.add_request("greedy-0", batch[0], params)
+    tokens = run_to_end(engine)  # the first alone: its states are checkpointed before the third comes
+    for i, p in enumerate(batch[1:], start=1):
+        engine.add_request(f"greedy-{i}", p, params)
+    tokens |= run_to_end(engine)
+    for i, p in enumerate(batch):
+        assert tokens[f"greedy-{i}"] == hf_greedy(model, p, params.max_tokens)
+    stats = engine.stats()
+    assert stats.prefix_cache_hits > 0 and stats.spec_decode_num_draft_tokens > 0
+    return batch

@@ -15,7 +15,14 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.parallel.engine import start_engine
-from tests.oracle import assert_last_logits_match, finished_outputs, hf_greedy, random_prompts, run_to_end
+from tests.oracle import (
+    assert_greedy_through_a_prefix_hit_and_proposals,
+    assert_last_logits_match,
+    finished_outputs,
+    hf_greedy,
+    random_prompts,
+    run_to_end,
+)
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen3_5
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -107,17 +114,7 @@ def test_qwen3_5_in_two_stages_each_holding_its_layers_states(qwen3_5):
     split = start_engine(config(path, 1, 2, max_num_batched_tokens=16, speculative_config=ngram))
     whole = start_engine(config(path, 1, 1))
     try:
-        a, b = random_prompts(hf.config.vocab_size, [6, 9], seed=3)
-        batch = [a * 3, b + b[:5], a * 3 + b[:3]]  # repetitive (proposals to reject), and a prefix of the first
-        split.add_request("greedy-0", batch[0], GREEDY)
-        tokens = run_to_end(split)  # the first alone: its states are checkpointed before the third comes
-        for i, p in enumerate(batch[1:], start=1):
-            split.add_request(f"greedy-{i}", p, GREEDY)
-        tokens |= run_to_end(split)
-        for i, p in enumerate(batch):
-            assert tokens[f"greedy-{i}"] == hf_greedy(hf, p, GREEDY.max_tokens)
-        stats = split.stats()
-        assert stats.prefix_cache_hits > 0 and stats.spec_decode_num_draft_tokens > 0
+        batch = assert_greedy_through_a_prefix_hit_and_proposals(split, hf, GREEDY)
         split.add_request("pd", batch[1], GREEDY, prefill_only=True)
         (handed,) = finished_outputs(split)
         assert handed.states is not None and handed.states.numel() == whole.runner.states_size

@@ -25,7 +25,14 @@ from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, rank_slices, shard_tensor_parallel
 from sagellm.runtime.parallel.engine import start_engine
 from sagellm.runtime.parallel.state_shares import join_state_shares, state_share
-from tests.oracle import assert_last_logits_match, finished_outputs, hf_greedy, random_prompts, run_to_end
+from tests.oracle import (
+    assert_greedy_through_a_prefix_hit_and_proposals,
+    assert_last_logits_match,
+    finished_outputs,
+    hf_greedy,
+    random_prompts,
+    run_to_end,
+)
 from tests.tiny_models import make_tiny_qwen3_5, make_tiny_qwen3_5_moe, make_tiny_qwen3_next, write_tiny_gguf
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -119,18 +126,7 @@ def test_tp2_prefill_logits_match_transformers(tiny, tp2):
 def test_tp2_greedy_tokens_equal_transformers_through_chunks_a_batch_and_a_prefix_hit(tiny, tp2):
     """Prompts of up to 27 tokens prefill in chunks of 8 beside decodes; the third starts with the first, whose
     states each rank checkpointed; n-gram proposals (mostly rejected) roll each rank's states back."""
-    _, hf = tiny
-    a, b = random_prompts(hf.config.vocab_size, [6, 9], seed=3)
-    batch = [a * 3, b + b[:5], a * 3 + b[:3]]
-    tp2.add_request("greedy-0", batch[0], GREEDY)
-    tokens = run_to_end(tp2)  # the first alone: its states are checkpointed before the third comes
-    for i, p in enumerate(batch[1:], start=1):
-        tp2.add_request(f"greedy-{i}", p, GREEDY)
-    tokens |= run_to_end(tp2)
-    for i, p in enumerate(batch):
-        assert tokens[f"greedy-{i}"] == hf_greedy(hf, p, GREEDY.max_tokens)
-    stats = tp2.stats()
-    assert stats.prefix_cache_hits > 0 and stats.spec_decode_num_draft_tokens > 0
+    assert_greedy_through_a_prefix_hit_and_proposals(tp2, tiny[1], GREEDY)
 
 
 def test_a_prompts_states_move_between_tp2_and_tp1_engines_and_decode_as_transformers(tiny, tp2):
