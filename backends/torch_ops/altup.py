@@ -8,6 +8,8 @@ and K-1 projections back, matched again. All arithmetic follows transformers' Ge
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +78,17 @@ def gaussian_top_k(x: torch.Tensor, std_multiplier: float) -> torch.Tensor:
     mean = x.mean(dim=-1, keepdim=True)
     std = x.std(dim=-1, keepdim=True, unbiased=False)
     return F.relu(x - (mean + std * std_multiplier))
+
+
+def split_gaussian_top_k(
+    x: torch.Tensor, std_multiplier: float, width: int, all_reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """gaussian_top_k of rows `width` wide split between tensor parallel ranks, x [T, I_rank] this rank's part: the
+    mean and deviation are the whole row's, each rank's sums added by `all_reduce` (in place), in two passes as
+    torch.std takes them (a sum of squares less the squared mean would lose the deviation to cancellation)."""
+    mean = all_reduce(x.sum(dim=-1, keepdim=True)) / width  # [T, 1]
+    variance = all_reduce((x - mean).square().sum(dim=-1, keepdim=True)) / width
+    return F.relu(x - (mean + variance.sqrt() * std_multiplier))
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:

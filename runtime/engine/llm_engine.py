@@ -88,6 +88,10 @@ class LLMEngine:
         self.tokenizer = self.model.tokenizer
         self.sampling_defaults = model_sampling_defaults(self.model)  # what a request that sets nothing gets
         model_config = self.model.config
+        if model_config.one_pipeline_stage and (config.pipeline_parallel_size or 1) > 1:
+            raise InvalidInput("pipeline parallel: Gemma 4 and Gemma 3n (per-layer embeddings, shared KV, layer "
+                               "scalars, AltUp) run as one pipeline stage; split them with tensor_parallel_size "
+                               "instead")  # fmt: skip
         self.backend = get_backend(config.backend)
         linear_dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
         if problem := self.backend.linear_dtype_problem(linear_dtype):
@@ -106,9 +110,6 @@ class LLMEngine:
         # A model with recurrent layers (Qwen3.5): a state slot per seat, and as many for the prefix cache's
         # checkpoints of them (state_slots.py).
         num_state_slots = config.max_num_seqs if model_config.num_linear_layers else 0
-        if (model_config.layer_scalar or model_config.altup_num_inputs) and config.world_size > 1:
-            raise InvalidInput("tensor, pipeline and expert parallel: Gemma 4 and Gemma 3n (per-layer embeddings, "
-                               "shared KV, layer scalars, AltUp) run on one rank only, for now")  # fmt: skip
         checkpoints = num_state_slots if config.enable_prefix_caching else 0
         spec = parse_speculative_config(config.speculative_config)
         rollbacks = num_state_slots if spec is not None else 0  # where a step keeps states from before its proposals
@@ -555,9 +556,7 @@ class LLMEngine:
         output.error = message
         return output
 
-    def _append(
-        self, seq: Sequence, tokens: list[int], logprobs: list, now: float, proposed: int = 0
-    ) -> RequestOutput:
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, now: float, proposed: int = 0) -> RequestOutput:
         """Appends a step's tokens to `seq` (its drawn token, or its accepted proposals and the token after them) up
         to the first that ends it; one output carries them all. `proposed`: how many tokens the step verified."""
         state = self._requests[seq.request_id]

@@ -254,9 +254,13 @@ def _bind_altup(op):
 
 
 def _bind_gaussian_top_k(params, ctx, kernels):
-    """Activation sparsity: the normal quantile of the share cut, in fp32 as transformers takes it."""
+    """Activation sparsity: the normal quantile of the share cut, in fp32 as transformers takes it. A tensor parallel
+    rank's rows are its slice of rows `width` wide, whose mean and deviation its group sums (tensor_parallel.py)."""
     quantile = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(params["sparsity"], dtype=torch.float32))
-    return altup.gaussian_top_k, (float(quantile),)
+    if "width" not in params:
+        return altup.gaussian_top_k, (float(quantile),)
+    split = functools.partial(altup.split_gaussian_top_k, all_reduce=_group(ctx).all_reduce)
+    return split, (float(quantile), params["width"])
 
 
 def _split_head_halves(x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -180,6 +180,14 @@ class ModelConfig:
         return max(self.num_kv_heads_of(i) for i in layers), max(self.head_dim_of(i) for i in layers)
 
     @property
+    def one_pipeline_stage(self) -> bool:
+        """Whether the graph needs every layer: per-layer embeddings (one table read for all layers), shared KV (a
+        layer attends with an earlier layer's K and V), layer scalars (a stream with no residual beside it) or AltUp
+        ([T, K, H] between layers): Gemma 4 and 3n."""
+        shared = self.per_layer_input_size or self.num_kv_shared_layers or self.layer_scalar or self.altup_num_inputs
+        return bool(shared)
+
+    @property
     def num_linear_layers(self) -> int:
         return sum(self.is_linear_attention(i) for i in range(self.num_layers))
 
@@ -192,10 +200,6 @@ class ModelConfig:
     @property
     def rotary_dims(self) -> int:
         return self.rotary_dim or self.head_dim
-
-    @property
-    def kv_heads_per_group(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
     @property
     def is_moe(self) -> bool:

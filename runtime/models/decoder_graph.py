@@ -30,8 +30,7 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
     positions = g.add("input", id="positions", name="positions")
     meta = g.add("input", id="attn_metadata", name="attn_metadata")
     residual: Value | None = None
-    whole = config.per_layer_input_size or config.num_kv_shared_layers or config.layer_scalar or config.altup_num_inputs
-    if whole and len(layers) != config.num_layers:
+    if config.one_pipeline_stage and len(layers) != config.num_layers:
         raise GraphError("a model with per-layer embeddings, shared KV, layer scalars or AltUp (Gemma 4, 3n) runs "
                          "as one pipeline stage")  # fmt: skip
     per_layer = None
@@ -135,7 +134,7 @@ def _mlp(g: Graph, c: ModelConfig, i: int, x: Value) -> Value:
     p, size = f"model.layers.{i}.mlp.", c.intermediate_size_of(i)
     gate = g.add("linear", [x], weight=p + "gate_proj.weight", out_features=size)
     if c.activation_sparsity and c.activation_sparsity[i]:
-        gate = g.add("gaussian_top_k", [gate], sparsity=c.activation_sparsity[i])
+        gate = g.add("gaussian_top_k", [gate], layer=i, sparsity=c.activation_sparsity[i])
     up = g.add("linear", [x], weight=p + "up_proj.weight", out_features=size)
     act = g.add("mul", [g.add(c.activation, [gate]), up])
     return g.add("linear", [act], weight=p + "down_proj.weight", out_features=c.hidden_size)
@@ -253,12 +252,12 @@ def _attention(
             k = g.add("head_rmsnorm", [k], weight=p + "self_attn.k_norm.weight", **norm)
         if c.value_norm:
             v = g.add("head_rmsnorm", [v], weight=None, **norm)
-        q, k = g.add_multi("rope", [q, k, positions], 2, table=table, **heads, **dims)
+        q, k = g.add_multi("rope", [q, k, positions], 2, layer=i, table=table, **heads, **dims)
         kv[i] = k, v
     else:
         if c.qk_norm:
             q = g.add("head_rmsnorm", [q], weight=p + "self_attn.q_norm.weight", **norm)
-        q = g.add("rope_query", [q, positions], table=table, num_heads=c.num_heads, **dims)
+        q = g.add("rope_query", [q, positions], layer=i, table=table, num_heads=c.num_heads, **dims)
         k, v = kv[c.kv_source(i)]
     attention = {"scale": c.attention_scale or d**-0.5, "window": window, "softcap": c.attn_softcap}
     if c.attention_sinks:

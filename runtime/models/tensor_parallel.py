@@ -20,6 +20,14 @@ over the tensor parallel group), never each expert by its features as vLLM does 
 only its own experts' weights, and its `moe` node's `experts` parameter, `(first, end)`, says which. Qwen3.5's gated
 attention keeps each head's query and gate together: q_proj's rows are cut by whole heads of both.
 
+The groups are each layer's own: Gemma 4's full attention layers have heads of another size and a KV head count of
+their own, so a rank's query heads may differ from layer to layer (6 query heads over 3 sliding KV heads are 4 + 2,
+over 2 full ones 3 + 3). A layer reading an earlier layer's KV (Gemma 4's and 3n's last ones) is of that layer's
+kind, so it is split the same way and reads the rank's own cache of it. MLPs are cut by each layer's width (Gemma
+3n's per layer, Gemma 4's double-wide ones); Gemma 3n's activation sparsity takes the mean and deviation of the
+whole row, so its node keeps the row's `width` and lowering sums the ranks' parts. Per-layer embeddings and their
+projections, layer scalars, AltUp and LAuReL act on the residual stream: whole on every rank.
+
 A Gated DeltaNet's key heads split as evenly as can be, as KV heads do, and each rank's recurrent states hold only
 its heads. Its value heads are grouped by key head (Hugging Face's order: value head h reads key head h // r,
 r = Hv / Hk) or tiled (a GGUF's: h % Hk): a rank with key heads [k0, k1) holds value heads [k0 r, k1 r), or the r
@@ -62,13 +70,19 @@ Runs = tuple[tuple[int, int], ...]  # ranges [start, stop) of a dimension, joine
 
 
 @dataclass(frozen=True)
+class HeadSlices:
+    """One attention layer's heads a rank holds: whole GQA groups, a KV head with the query heads reading it."""
+
+    kv_heads: tuple[int, int]
+    heads: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class RankSlices:
     """What one rank holds, in units of the dimension each names."""
 
-    kv_heads: tuple[int, int]
-    kv_head_counts: tuple[int, ...]  # every rank's number of KV heads, in rank order
-    heads: tuple[int, int]
-    intermediate: tuple[int, int]
+    attention: tuple[HeadSlices, ...]  # each layer's heads (a linear attention layer's: unused)
+    intermediate: tuple[tuple[int, int], ...]  # each layer's MLP features
     vocab_sizes: tuple[int, ...]  # every rank's share of the vocabulary, in rank order
     vocab: tuple[int, int]
     experts: tuple[int, int]  # (0, 0) for a dense model
@@ -79,30 +93,36 @@ class RankSlices:
 
 def rank_slices(config: ModelConfig, shard: TensorShard) -> RankSlices:
     rank, world = shard.rank, shard.world_size
-    if config.num_kv_heads < world:
-        raise InvalidInput(
-            f"tensor parallel size {world} is more than the model's {config.num_kv_heads} KV heads: "
-            f"each rank needs at least one KV head; use at most {config.num_kv_heads}"
-        )
-    kv = partition(config.num_kv_heads, world, rank)
-    group = config.kv_heads_per_group
     if config.num_experts and config.num_experts < world:
         raise InvalidInput(
             f"tensor parallel size {world} is more than the model's {config.num_experts} experts: expert parallel "
             f"gives each rank at least one; use at most {config.num_experts}"
         )
+    layers = range(config.num_layers)
+    kinds = {n: _head_slices(config, n, shard) for n in sorted({config.num_kv_heads_of(i) for i in layers})}
     vocab_sizes = tuple(b - a for a, b in (partition(config.vocab_size, world, r) for r in range(world)))
-    kv_counts = tuple(b - a for a, b in (partition(config.num_kv_heads, world, r) for r in range(world)))
     return RankSlices(
-        kv_heads=kv,
-        kv_head_counts=kv_counts,
-        heads=(kv[0] * group, kv[1] * group),
-        intermediate=partition(config.intermediate_size, world, rank),
+        attention=tuple(kinds[config.num_kv_heads_of(i)] for i in layers),
+        intermediate=tuple(partition(config.intermediate_size_of(i), world, rank) for i in layers),
         vocab_sizes=vocab_sizes,
         vocab=partition(config.vocab_size, world, rank),
         experts=partition(config.num_experts, world, rank),
         **_linear_attention_slices(config, shard),
     )
+
+
+def _head_slices(config: ModelConfig, num_kv_heads: int, shard: TensorShard) -> HeadSlices:
+    """The heads a rank holds of a layer with `num_kv_heads` (the model's, or Gemma 4's full attention layers')."""
+    world = shard.world_size
+    if num_kv_heads < world:
+        which = " of its full attention layers" if num_kv_heads != config.num_kv_heads else ""
+        raise InvalidInput(
+            f"tensor parallel size {world} is more than the model's {num_kv_heads} KV heads{which}: "
+            f"each rank needs at least one KV head; use at most {num_kv_heads}"
+        )
+    first, end = partition(num_kv_heads, world, shard.rank)
+    group = config.num_heads // num_kv_heads
+    return HeadSlices(kv_heads=(first, end), heads=(first * group, end * group))
 
 
 def _linear_attention_slices(config: ModelConfig, shard: TensorShard) -> dict[str, tuple]:
@@ -153,15 +173,19 @@ def _joined(runs: Runs) -> Runs:
 
 
 def rank_config(config: ModelConfig, shard: TensorShard | None) -> ModelConfig:
-    """The config as one rank's attention, KV cache and recurrent states see it: its own query, KV, and linear
-    attention key and value heads."""
+    """The config as one rank's KV cache and recurrent states see it: its own KV heads of each layer (Gemma 4's full
+    attention layers' count apart), and linear attention key and value heads. Its query heads are those of the
+    layers with the model's KV head count (another count's layers have their own: `rank_slices`)."""
     if shard is None or shard.world_size == 1:
         return config
     s = rank_slices(config, shard)
+    kv = _head_slices(config, config.num_kv_heads, shard)
+    full = _head_slices(config, config.full_num_kv_heads, shard) if config.full_num_kv_heads else None
     return dataclasses.replace(
         config,
-        num_heads=s.heads[1] - s.heads[0],
-        num_kv_heads=s.kv_heads[1] - s.kv_heads[0],
+        num_heads=kv.heads[1] - kv.heads[0],
+        num_kv_heads=kv.kv_heads[1] - kv.kv_heads[0],
+        full_num_kv_heads=full.kv_heads[1] - full.kv_heads[0] if full else 0,
         linear_num_key_heads=s.linear_key_heads[1] - s.linear_key_heads[0],
         linear_num_value_heads=run_length(s.linear_value_heads),
     )
@@ -172,13 +196,18 @@ def shard_tensor_parallel(graph: Graph, config: ModelConfig, shard: TensorShard)
         return graph
     g = graph.copy()
     s = rank_slices(config, shard)
-    column, row = _column_and_row(config, s)
+    roles = [_column_and_row(config, s, i) for i in range(config.num_layers)]
     lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     for node in list(g.nodes.values()):
-        if node.op in ("rope", "attention"):
-            node.params.update(num_heads=s.heads[1] - s.heads[0], num_kv_heads=s.kv_heads[1] - s.kv_heads[0])
-        if node.op == "attention" and node.params.get("sinks"):
-            node.params["sinks_heads"] = s.heads  # this rank's heads' sinks
+        if node.op in ("rope", "rope_query", "attention"):
+            heads = s.attention[node.params["layer"]]
+            node.params["num_heads"] = heads.heads[1] - heads.heads[0]
+            if node.op != "rope_query":
+                node.params["num_kv_heads"] = heads.kv_heads[1] - heads.kv_heads[0]
+            if node.params.get("sinks"):
+                node.params["sinks_heads"] = heads.heads  # this rank's heads' sinks
+        if node.op == "gaussian_top_k":  # the whole row's mean and deviation: lowering sums the ranks' parts
+            node.params["width"] = config.intermediate_size_of(node.params["layer"])
         if node.op == "gated_delta_net":  # lowering cuts its convolution, A_log and dt_bias to these
             first, end = s.linear_key_heads
             node.params.update(num_k_heads=end - first, value_heads=s.linear_value_heads, channels=s.linear_channels)
@@ -187,8 +216,11 @@ def shard_tensor_parallel(graph: Graph, config: ModelConfig, shard: TensorShard)
             _insert_after(g, Value(node.id), "all_reduce")
         if node.op != "linear":
             continue
-        weight = node.params["weight"]
-        role = weight.split(".", 3)[-1] if weight.startswith("model.layers.") else weight
+        weight = role = node.params["weight"]
+        column, row = {}, {}
+        if weight.startswith("model.layers."):  # model.layers.<i>.<role>
+            _, _, layer, role = weight.split(".", 3)
+            column, row = roles[int(layer)]
         if role in column:
             runs = column[role]
             node.params.update(out_features=run_length(runs), shard=_shard(0, runs))
@@ -204,20 +236,20 @@ def shard_tensor_parallel(graph: Graph, config: ModelConfig, shard: TensorShard)
     return g
 
 
-def _column_and_row(config: ModelConfig, s: RankSlices) -> tuple[dict[str, Runs], dict[str, Runs]]:
-    """Weight role -> the runs of its output features this rank computes (column-parallel), and of its input
-    features it reads (row-parallel)."""
-    d = config.head_dim
+def _column_and_row(config: ModelConfig, s: RankSlices, layer: int) -> tuple[dict[str, Runs], dict[str, Runs]]:
+    """Weight role in `layer` -> the runs of its output features this rank computes (column-parallel), and of its
+    input features it reads (row-parallel): the layer's own heads, of its own size, and its MLP's width."""
+    d, attention, intermediate = config.head_dim_of(layer), s.attention[layer], s.intermediate[layer]
     q = 2 * d if config.attn_output_gate else d  # a gated head's query, then its gate (Qwen3.5)
-    heads, kv = ((s.heads[0], s.heads[1]),), ((s.kv_heads[0], s.kv_heads[1]),)
+    heads, kv = (attention.heads,), (attention.kv_heads,)
     column = {
         "self_attn.q_proj.weight": scaled(heads, q),
         "self_attn.k_proj.weight": scaled(kv, d),
         "self_attn.v_proj.weight": scaled(kv, d),
-        "mlp.gate_proj.weight": (s.intermediate,),
-        "mlp.up_proj.weight": (s.intermediate,),
+        "mlp.gate_proj.weight": (intermediate,),
+        "mlp.up_proj.weight": (intermediate,),
     }
-    row = {"self_attn.o_proj.weight": scaled(heads, d), "mlp.down_proj.weight": (s.intermediate,)}
+    row = {"self_attn.o_proj.weight": scaled(heads, d), "mlp.down_proj.weight": (intermediate,)}
     if config.num_linear_layers:
         values = scaled(s.linear_value_heads, config.linear_value_head_dim)
         column |= {

@@ -13,7 +13,9 @@ Every split the devices allow is sized (weights and a KV budget on the fullest d
    bubbles), then, for a mixture of experts, experts spread whole over ranks (ep) before sliced.
 
 Tensor parallelism never leaves a fast-link group (it talks every layer); pipeline stages cross groups; a rank holds
-whole GQA groups (and a Gated DeltaNet's whole key heads), so tp never exceeds the KV heads (nor those)."""
+whole GQA groups of each layer (and a Gated DeltaNet's whole key heads), so tp never exceeds the KV heads of any
+layer (Gemma 4's full attention layers have fewer), nor those. A model whose graph needs every layer (Gemma 4, 3n)
+is never split into pipeline stages."""
 
 from __future__ import annotations
 
@@ -73,24 +75,29 @@ class ParallelismOptimizer:
             kv,
             devices.usable_gib,
             roomy=weights <= self.weights_share * devices.usable_gib,
-            uneven=shape.config.num_kv_heads % split.tp != 0,
+            uneven=any(heads % split.tp for heads in _kv_head_counts(shape.config)),
         )
 
 
 def candidates(shape: ModelShape, devices: Devices) -> Iterator[ParallelismConfig]:
-    """Every split that uses all the devices: tp dividing a fast-link group and at most the KV heads (and linear
-    attention key heads), pp dividing what is left and at most the layers, dp the rest; for a mixture of experts,
-    ep unused and at its widest."""
+    """Every split that uses all the devices: tp dividing a fast-link group and at most the KV heads of any layer
+    (and linear attention key heads), pp dividing what is left and at most the layers (1 for a model that is one
+    stage), dp the rest; for a mixture of experts, ep unused and at its widest."""
     config = shape.config
     for tp in _divisors(devices.group_size):
-        if tp > config.num_kv_heads or (config.num_linear_layers and tp > config.linear_num_key_heads):
+        if tp > min(_kv_head_counts(config)) or (config.num_linear_layers and tp > config.linear_num_key_heads):
             continue
         for pp in _divisors(devices.count // tp):
-            if pp > config.num_layers:
+            if pp > config.num_layers or (pp > 1 and config.one_pipeline_stage):
                 continue
             dp = devices.count // (tp * pp)
             for ep in _expert_choices(shape, tp, dp):
                 yield ParallelismConfig(tp, pp, dp, ep)
+
+
+def _kv_head_counts(config: ModelConfig) -> set[int]:
+    """The KV head counts of the model's attention layers (Gemma 4's full attention layers have one of their own)."""
+    return {config.num_kv_heads_of(i) for i in config.kv_layers or [0]}
 
 
 def _expert_choices(shape: ModelShape, tp: int, dp: int) -> list[int]:

@@ -5,8 +5,9 @@ work is `ModelRunner`'s, called as such: rank 0's runner overrides those methods
 
     step      a stage after the first receives the hidden state and residual [T, H] from the same slice of the
               stage before and sends its own on; slice 0 of the last stage sends the logits to rank 0.
-    read KV   a prompt's KV leaves whole, [layers, 2, n, Hk, D]: a stage's slices join their heads (all-gather),
-              and each stage's slice 0 sends its layers to rank 0, which joins them in order.
+    read KV   a prompt's KV leaves whole, [layers, 2, n, Hk, D]: a stage's slices join their heads (all-gather,
+              each layer's own heads: kv_shares.py), and each stage's slice 0 sends its layers to rank 0, which
+              joins them in order.
     write KV  rank 0 broadcasts it whole; every rank stores its layers' heads of it.
     states    a model with recurrent layers: each rank reads, writes or copies its own layers' states, of its
               heads; what leaves is joined whole in each stage (all-gather) and goes to rank 0 stage by stage, what
@@ -22,7 +23,8 @@ from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs, cache_c
 from sagellm.runtime.engine.state_cache import values_per_state_slot
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.pipeline_stages import PipelineStage
-from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, rank_slices
+from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config
+from sagellm.runtime.parallel.kv_shares import join_kv_shares, kv_share, share_widths
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
 from sagellm.runtime.parallel.rank_spec import CopyStates, ReadKV, ReadStates, WriteKV, WriteStates
 from sagellm.runtime.parallel.state_shares import join_state_shares, state_share
@@ -48,8 +50,7 @@ def take_part(
     kv = comms.world.broadcast(torch.empty(order.shape) if kv is None else kv, 0)
     part = kv[stage_kv_rows(runner.config, runner.layers)]
     if layout.shard is not None:
-        first, end = rank_slices(runner.config, layout.shard).kv_heads
-        part = part[:, :, :, first:end]
+        part = kv_share(part, runner.config, layout.shard, stage_kv_layers(runner.config, runner.layers))
     ModelRunner.write_kv(runner, slots, part)
     return None
 
@@ -110,10 +111,15 @@ def _states(
     return torch.cat(parts)
 
 
+def stage_kv_layers(config: ModelConfig, layers: range) -> list[int]:
+    """The layers with a cache of their own among a stage's `layers`, in order."""
+    return [i for i in config.kv_layers if i in layers]
+
+
 def stage_kv_rows(config: ModelConfig, layers: range) -> slice:
     """The rows of a whole model's KV ([KV layers, ...]: layers with a cache of their own) a stage's layers hold."""
     before = sum(1 for i in config.kv_layers if i < layers.start)
-    return slice(before, before + sum(1 for i in config.kv_layers if i in layers))
+    return slice(before, before + len(stage_kv_layers(config, layers)))
 
 
 def stage_states_size(config: ModelConfig, stage: PipelineStage) -> int:
@@ -125,8 +131,10 @@ def _read_kv(runner: ModelRunner, layout: RankLayout, comms: RankComms, slots: t
     config = runner.config
     mine = ModelRunner.read_kv(runner, slots)  # [stage layers, 2, n, the slice's KV heads, D]
     if layout.shard is not None:  # heads last: the all-gather joins the last dimension
-        counts = list(rank_slices(config, layout.shard).kv_head_counts)
-        mine = comms.stage.all_gather(mine.movedim(3, -1).contiguous(), counts).movedim(-1, 3)
+        layers = stage_kv_layers(config, runner.layers)
+        widths = share_widths(config, layout.tp, layers)
+        gathered = comms.stage.all_gather(mine.movedim(3, -1).contiguous(), widths).movedim(-1, 3)
+        mine = join_kv_shares(gathered, config, layout.tp, layers)
     if layout.pp == 1:
         return mine
     if layout.rank != 0:

@@ -1,7 +1,6 @@
 """Gemma 4's KV layout: full attention layers with heads of their own size and count, the last layers reading an
 earlier layer's cache (no cache of their own), KV moved between engines in the widest layer's shape; its per-layer
-embedding table kept in the checkpoint's bf16; and what such a model refuses (pipeline stages, more than one
-rank)."""
+embedding table kept in the checkpoint's bf16; and what such a model refuses (pipeline stages)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.parallel.engine import start_engine
 from tests.oracle import hf_greedy, random_prompts
-from tests.tiny_models import make_tiny_gemma4, tiny_model_config
+from tests.tiny_models import make_tiny_gemma3n, make_tiny_gemma4, tiny_model_config
 
 LAYER_TYPES = ("sliding_attention", "sliding_attention", "full_attention") * 2
 
@@ -81,10 +80,12 @@ def test_a_model_with_shared_kv_is_one_pipeline_stage():
         build_decoder_graph(gemma4_shaped(), range(0, 3))
 
 
-def test_gemma4_on_more_than_one_rank_is_refused_at_start(tmp_path):
-    model = make_tiny_gemma4(tmp_path / "gemma4")
-    with pytest.raises(InvalidInput, match="Gemma 4"):
-        start_engine(EngineConfig(model=str(model), backend="cpu", tensor_parallel_size=2, pipeline_parallel_size=1,
+@pytest.mark.parametrize("make", [make_tiny_gemma4, make_tiny_gemma3n])
+def test_gemma4_and_3n_in_pipeline_stages_are_refused_at_start(tmp_path, make):
+    """Before any rank starts, saying what to use instead (tests/parallel/test_tensor_parallel_gemma.py)."""
+    model = make(tmp_path / "model")
+    with pytest.raises(InvalidInput, match="Gemma 4 and Gemma 3n .* one pipeline stage; split them with tensor_par"):
+        start_engine(EngineConfig(model=str(model), backend="cpu", tensor_parallel_size=1, pipeline_parallel_size=2,
                                   num_kv_blocks=64))  # fmt: skip
 
 

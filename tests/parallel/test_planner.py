@@ -130,6 +130,17 @@ def test_tensor_parallel_stays_inside_a_group_and_within_the_kv_heads():
     assert max(a.config.tp for a in wide.alternatives) == 4 and wide.config == ParallelismConfig(tp=4, pp=8)
 
 
+def test_a_gemma4_shaped_model_splits_within_its_full_layers_kv_heads_in_one_stage():
+    """Gemma 4 31B's full attention layers have 4 KV heads to its sliding layers' 16, and its graph needs every layer
+    (shared KV, layer scalars): tp at most 4, never a pipeline."""
+    layers = ("sliding_attention",) * 3 + ("full_attention",)
+    gemma4 = dataclasses.replace(shape("Llama-3-70B").config, num_heads=32, num_kv_heads=16, full_num_kv_heads=4,
+                                 layer_types=layers * 20, sliding_window=1024, layer_scalar=True)  # fmt: skip
+    plan = PLAN.recommend_strategy(gemma4, Devices.gpus(16, 80))
+    assert max(a.config.tp for a in plan.alternatives) == 4 and {a.config.pp for a in plan.alternatives} == {1}
+    assert plan.config == ParallelismConfig(tp=4, dp=4)
+
+
 def test_this_machines_cpu_is_one_device_in_fp32():
     devices = Devices.from_topology(machine_topology())
     assert devices.kind == "cpu" and devices.count == 1
