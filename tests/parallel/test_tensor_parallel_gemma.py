@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM
 
 from sagellm import SamplingParams
 from sagellm.common.errors import InvalidInput
-from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, write_tokens
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loader import load_model
@@ -33,11 +32,11 @@ from tests.oracle import (
     random_prompts,
     run_to_end,
 )
+from tests.parallel.split_engines import NGRAM, engine_config
 from tests.tiny_models import make_tiny_gemma3n, make_tiny_gemma4, make_tiny_gemma4_moe
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 UNEVEN = {"num_attention_heads": 6, "num_key_value_heads": 3, "num_global_key_value_heads": 2}
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": False}
 MAKERS = {
     "gemma4": lambda path: make_tiny_gemma4(path, **UNEVEN),
     "gemma4_moe": lambda path: make_tiny_gemma4_moe(path, **UNEVEN),
@@ -49,11 +48,6 @@ MAKERS = {
 def tiny(request, tmp_path_factory):
     path = MAKERS[request.param](tmp_path_factory.mktemp(request.param) / request.param)
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def engine_config(path, tp: int, **settings) -> EngineConfig:
-    return EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=64, tensor_parallel_size=tp,
-                        **settings)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM
 
 from sagellm import SamplingParams
 from sagellm.common.errors import InvalidInput
-from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.state_cache import values_per_state_slot
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loader import load_model
@@ -33,11 +32,11 @@ from tests.oracle import (
     random_prompts,
     run_to_end,
 )
+from tests.parallel.split_engines import NGRAM, engine_config
 from tests.tiny_models import make_tiny_qwen3_5, make_tiny_qwen3_5_moe, make_tiny_qwen3_next, write_tiny_gguf
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 UNEVEN = {"num_attention_heads": 6, "num_key_value_heads": 3, "linear_num_key_heads": 3, "linear_num_value_heads": 6}
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": False}
 
 
 def _gguf(directory):
@@ -58,11 +57,6 @@ def tiny(request, tmp_path_factory):
     """(the model the engine loads, transformers' model of the same weights)."""
     path, hf_dir = MAKERS[request.param](tmp_path_factory.mktemp(request.param))
     return path, AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-
-
-def engine_config(path, tp: int, **settings) -> EngineConfig:
-    return EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=64, tensor_parallel_size=tp,
-                        **settings)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
