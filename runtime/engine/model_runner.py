@@ -154,6 +154,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        window_slots: list[int] = []  # the same tokens' in the sliding-window layers' own blocks, if they have them
         logits_rows: list[int] = []
         prefills: list[tuple[int, int, int, list[int], int, int, tuple[int, int] | None]] = []
         num_decodes = batch.num_decodes
@@ -167,6 +168,8 @@ class ModelRunner:
             span = range(start, start + n)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
+            if self.window_blocks:
+                window_slots.extend(seq.window_table[p // bs] * bs + p % bs for p in span)
             logits_rows.extend(range(len(ids) - seq.num_sampled_rows(n), len(ids)))
         # One decode row per token: a sequence's next token and each token proposed after it, each attending over the
         # cache up to its own position (the step writes all rows' K/V before any row attends: causal).
@@ -185,11 +188,7 @@ class ModelRunner:
         width = max((len(s.block_table) for s, _ in decodes), default=0)
         window: dict[str, list] = {}
         if self.window_blocks:
-            window["window_slots"] = [
-                s.window_table[p // bs] * bs + p % bs
-                for s, n in zip(batch.seqs, batch.num_new_tokens)
-                for p in range(s.num_computed_tokens, s.num_computed_tokens + n)
-            ]
+            window["window_slots"] = window_slots
             window["window_decode_tables"] = [s.window_table + [0] * (width - len(s.window_table)) for s, _ in decodes]
             window["window_prefill_tables"] = [s.window_table for s in batch.seqs[num_decodes:]]
         return StepInputs(
@@ -223,7 +222,7 @@ class ModelRunner:
             prefills=[
                 PrefillChunk(a, n, c, self._tensor(t, torch.int32), slot, source, at and tuple(at))
                 for a, n, c, t, slot, source, at in step.prefills
-            ],  # fmt: skip
+            ],
             decode_continues=step.decode_continues,
         )
         if step.num_decodes:
@@ -240,7 +239,7 @@ class ModelRunner:
                 prefills=[
                     dataclasses.replace(chunk, block_table=self._tensor(table, torch.int32))
                     for chunk, table in zip(meta.prefills, step.window_prefill_tables)
-                ],  # fmt: skip
+                ],
             )
         return {
             "input_ids": self._tensor(step.input_ids, torch.int64),
