@@ -790,3 +790,46 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """`values` [rows, cols] as raw GGUF blocks: gguf-py's quantizers, and sagellm.benchmarks.kquant_pack's for the
     K-quants (varied sub-block scales and mins), which gguf-py cannot write."""
     return quantize_blocks(values, qtype)
+
+
+def add_mtp_head(directory: str | Path, seed: int = 1) -> Path:
+    """Give the Qwen3.5 (or Qwen3.5-MoE) checkpoint at `directory` a random multi-token prediction head, as the
+    hub's carry one: `mtp.fc` [H, 2H], its three norms (offsets from 1, as the model's) and one full attention layer
+    of the model's own kind (experts each under its own name), in a file of their own (`mtp.safetensors`), and
+    `mtp_num_hidden_layers: 1` in config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    torch.manual_seed(seed)  # a full attention layer of another random model of the same config
+    layer = AutoModelForCausalLM.from_config(config).model.layers[config.layer_types.index("full_attention")]
+    h, norms = config.hidden_size, ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")
+    tensors = _per_expert({f"mtp.layers.0.{name}": t for name, t in layer.state_dict().items()})
+    tensors |= {"mtp.fc.weight": torch.empty(h, 2 * h).normal_(0, config.initializer_range)}
+    tensors |= {f"mtp.{norm}.weight": torch.zeros(h) for norm in norms}
+    for name, t in tensors.items():  # as _randomize_and_save makes the model's: distinct norms, decisive routers
+        if "norm" in name:
+            t.copy_(0.1 * torch.randn_like(t))
+        elif name.endswith("mlp.gate.weight"):
+            t.copy_(0.5 * torch.randn_like(t))
+    save_torch_file({name: t.contiguous() for name, t in tensors.items()}, str(directory / "mtp.safetensors"))
+    settings = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(settings | {"mtp_num_hidden_layers": 1}, indent=2))
+    return directory
+
+
+def _per_expert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' stacked experts (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) under the
+    hub's per-expert names (`experts.{e}.gate_proj.weight`, ...)."""
+    out = {}
+    for name, t in tensors.items():
+        head, dot, stacked = name.rpartition("experts.")
+        if dot and stacked == "gate_up_proj":
+            for e in range(t.shape[0]):
+                gate, up = t[e].chunk(2)
+                out |= {f"{head}experts.{e}.gate_proj.weight": gate, f"{head}experts.{e}.up_proj.weight": up}
+        elif dot and stacked == "down_proj":
+            out |= {f"{head}experts.{e}.down_proj.weight": t[e] for e in range(t.shape[0])}
+        else:
+            out[name] = t
+    return out

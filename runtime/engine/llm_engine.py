@@ -34,14 +34,17 @@ from sagellm.runtime.engine.sampler import Sampler, make_generator, token_logpro
 from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
-from sagellm.runtime.engine.speculative.config import parse_speculative_config
-from sagellm.runtime.engine.speculative.proposers import ProposerContext
+from sagellm.runtime.engine.speculative.config import FIELD, parse_speculative_config
+from sagellm.runtime.engine.speculative.proposers import ProposerContext, TargetHead
 from sagellm.runtime.engine.speculative.speculator import Speculator
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, accepted_tokens, sampled_rows
 from sagellm.runtime.engine.state_cache import bytes_per_state_slot
 from sagellm.runtime.engine.thinking import ThinkingTracker
+from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.models.mtp_head import SHARED_WEIGHTS, head_weights, is_head_weight, with_head_layer
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard
 
@@ -82,7 +85,12 @@ class LLMEngine:
         if loaded is None and not config.model:
             raise InvalidInput("EngineConfig.model: give the path of the model to load")
         self.config = config
-        self.model = loaded or load_model(config.model)
+        spec = parse_speculative_config(config.speculative_config)
+        mtp = spec is not None and spec.method == "mtp"  # the model's own head guesses: read with the model
+        if mtp and config.world_size > 1:
+            raise FieldError(FIELD, f"{FIELD}: method mtp runs on a single-process engine (no tensor or pipeline "
+                                    "parallel yet)")  # fmt: skip
+        self.model = loaded or load_model(config.model, mtp_head=mtp)
         if self.model.tokenizer is None:
             raise ModelLoadError(f"{self.model.source}: the engine needs a tokenizer, and this model has none")
         self.tokenizer = self.model.tokenizer
@@ -105,13 +113,14 @@ class LLMEngine:
             PipelineStage(0, config.pipeline_parallel_size or 1),
         )
         max_len = config.max_model_len or model_config.max_position_embeddings
-        num_blocks = kv_cache_blocks(config, rank0, max_len, self.backend.device.type)
+        # An MTP head's one layer keeps KV in as many blocks: the budget holds its layer too.
+        budgeted = with_head_layer(rank0) if mtp else rank0
+        num_blocks = kv_cache_blocks(config, budgeted, max_len, self.backend.device.type)
         num_blocks, window_blocks = window_group_blocks(config, rank0, num_blocks, max_len)
         # A model with recurrent layers (Qwen3.5): a state slot per seat, and as many for the prefix cache's
         # checkpoints of them (state_slots.py).
         num_state_slots = config.max_num_seqs if model_config.num_linear_layers else 0
         checkpoints = num_state_slots if config.enable_prefix_caching else 0
-        spec = parse_speculative_config(config.speculative_config)
         rollbacks = num_state_slots if spec is not None else 0  # where a step keeps states from before its proposals
         if num_state_slots:
             per_sequence = round(bytes_per_state_slot(rank0) / 2**20, 1)
@@ -148,7 +157,9 @@ class LLMEngine:
                 mapped=self.model.mapped,
                 **({"num_state_slots": num_state_slots + checkpoints + rollbacks} if num_state_slots else {}),
                 **({"window_blocks": window_blocks} if window_blocks else {}),
+                **({"graph": build_decoder_graph(model_config, hidden_states=True)} if mtp else {}),
             )
+        head = self._mtp_head(model_config) if mtp else None
         # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
         self.model.weights, self.model.quantized = {}, {}
         return_freed_memory()
@@ -159,7 +170,8 @@ class LLMEngine:
         if spec is not None:
             with stage(f"preparing speculative decoding ({spec.method})"):
                 context = ProposerContext(self.tokenizer, model_config.vocab_size, self.backend, num_blocks,
-                                          config.block_size, self.max_model_len, config.max_num_seqs)  # fmt: skip
+                                          config.block_size, self.max_model_len, config.max_num_seqs,
+                                          head)  # fmt: skip
                 self.speculator = Speculator(spec, context, config.max_num_batched_tokens)
         self._requests: dict[str, _RequestState] = {}
         # A request's choices share its prompt (`add_request`'s group): the first prefills it, the others wait here
@@ -388,6 +400,16 @@ class LLMEngine:
             spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
         )
 
+    def _mtp_head(self, model_config: ModelConfig) -> TargetHead:
+        """The model's MTP head, for its proposer: its weights (the model's embeddings and lm_head among them) and
+        the runner's packed lm_head (the head's layer 0 is not the model's, though named alike)."""
+        weights = head_weights(self.model.weights)
+        if not model_config.num_mtp_layers or not any(is_head_weight(name) for name in weights):
+            raise FieldError(FIELD, f"{FIELD}: method mtp: {self.model.source} has no multi-token prediction head "
+                                    "(Qwen3.5 and Qwen3-Next checkpoints carry one)")  # fmt: skip
+        shared = {name: self.runner.packed[name] for name in SHARED_WEIGHTS if name in self.runner.packed}
+        return TargetHead(model_config, weights, shared)
+
     # -- the loop -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
@@ -433,11 +455,13 @@ class LLMEngine:
             if not batch:
                 return failed
             logits = self.runner.execute(batch)
+        computed = [(seq, seq.num_computed_tokens, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         scored = [seq.prompt_scored_positions(n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
         if any(scored):
             logits = self._score_prompts(logits, batch, scored)
         sampled = self.scheduler.complete_step(batch)
         if not sampled:
+            self._step_done(computed)
             return failed
         rows = sampled_rows(sampled)  # a sequence's next token's row, then one per token proposed for it
         if masks is not None:
@@ -454,7 +478,13 @@ class LLMEngine:
                 self.speculator.verified(seq, kept - 1)
             seq.spec_token_ids = []
             outputs.append(self._append(seq, drawn[:kept], logprobs[:kept], now, len(drafts)))
+        self._step_done(computed)
         return outputs
+
+    def _step_done(self, computed: list[tuple[Sequence, int, int]]) -> None:
+        """Tells the proposer which rows the step computed from where (Proposer.step_done)."""
+        if self.speculator is not None:
+            self.speculator.step_done(computed, self.runner.hidden_states)
 
     def _may_speculate(self, seq: Sequence) -> bool:
         """Guided requests (their masks follow one token at a time), budgeted thinking not yet closed (its closing

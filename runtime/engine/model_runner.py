@@ -22,6 +22,7 @@ from sagellm.runtime.engine.kv_prefault import KVPrefault
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.state_cache import allocate_state_caches
+from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.lowering import Collectives, LoweringContext, lower
 from sagellm.runtime.execution_graph.passes import optimize
 from sagellm.runtime.execution_graph.plan import Plan
@@ -89,6 +90,8 @@ class ModelRunner:
         mapped: Any = None,
         num_state_slots: int = 0,
         window_blocks: int = 0,
+        graph: Graph | None = None,
+        packed: dict[str, Any] | None = None,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
@@ -96,7 +99,9 @@ class ModelRunner:
         weights are packed in (EngineConfig.dtype); `mapped`: the GGUF file `quantized` views (LoadedModel.mapped),
         whose pages are let go as each weight is packed; `num_state_slots`: the slots of a model's recurrent
         layers' states (state_cache.py); `window_blocks`: the blocks of the sliding-window layers' own cache group
-        (window_blocks.py; 0: every layer's cache has `num_blocks`)."""
+        (window_blocks.py; 0: every layer's cache has `num_blocks`); `graph`: one of `config` other than its
+        decoder's (build_mtp_graph's, or the decoder's with every row's hidden states), on one rank; `packed`:
+        another runner's packed linears (`self.packed`) to bind as they are where this graph reads the same."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
@@ -111,7 +116,9 @@ class ModelRunner:
                   for sliding in (False, True)]  # fmt: skip
         self._prefault = KVPrefault(groups[0], everything=prefault_kv_cache)
         self._window_prefault = KVPrefault(groups[1], everything=prefault_kv_cache) if groups[1] else None
-        graph = build_decoder_graph(config, self.layers)
+        if graph is not None and (shard or stage):
+            raise ValueError("a runner of another graph than the decoder's runs on one rank")
+        graph = graph or build_decoder_graph(config, self.layers)
         self.graph = optimize(shard_tensor_parallel(graph, config, shard) if shard else graph)
         context = LoweringContext(
             backend=backend,
@@ -124,8 +131,12 @@ class ModelRunner:
             linear_dtype=linear_dtype,
             mapped=mapped,
             state_caches=self.state_caches,
+            packed=dict(packed or {}),
         )
         self.plan: Plan = lower(self.graph, context)
+        self.packed = context.packed
+        # The last step's every-row final hidden states, where the graph outputs them (what the MTP head reads).
+        self.hidden_states: torch.Tensor | None = None
         self._last_decodes: list[tuple[Sequence, int]] = []  # (sequence, computed tokens) of last step's decodes
 
     @torch.inference_mode()
@@ -137,7 +148,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: StepInputs) -> torch.Tensor:
-        return self.forward(step)["logits"]
+        outputs = self.forward(step)
+        self.hidden_states = outputs.get("hidden_states")
+        return outputs["logits"]
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, carried: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

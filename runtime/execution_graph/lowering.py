@@ -50,6 +50,9 @@ class LoweringContext:
     # The linear attention layers' states, (conv [S, C, K-1], recurrent [S, Hv, Dk, Dv]) per layer
     # (runtime/engine/state_cache.py).
     state_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Whole linear weights as the backend packed them, by name: filled as they are bound, and handed to the lowering
+    # of another graph over the same weights (the MTP head shares the model's lm_head), which binds them as they are.
+    packed: dict[str, tuple[Any, tuple]] = field(default_factory=dict)
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -91,7 +94,18 @@ def _weight(ctx: LoweringContext, name: str) -> torch.Tensor:
 
 def _bind_linear(params, ctx, kernels):
     """One packed weight of the node's weights (several when fused), each cut to this rank's `shard` if it has one:
-    their GGUF blocks where the backend reads them all, else their floats."""
+    their GGUF blocks where the backend reads them all, else their floats. A whole weight is packed once
+    (`ctx.packed`)."""
+    whole = isinstance(params["weight"], str) and not params.get("shard") and not params.get("bias")
+    if whole and params["weight"] in ctx.packed:
+        return ctx.packed[params["weight"]]
+    bound = _pack_linear(params, ctx, kernels)
+    if whole:
+        ctx.packed[params["weight"]] = bound
+    return bound
+
+
+def _pack_linear(params, ctx, kernels):
     names = params["weight"] if isinstance(params["weight"], list) else [params["weight"]]
     shards = params.get("shard") or [None] * len(names)
     shards = shards if isinstance(shards, list) else [shards]
@@ -346,6 +360,10 @@ def _split(x, sizes):
     return torch.split(x, sizes, dim=-1)
 
 
+def _concat(*parts):
+    return torch.cat(parts, dim=-1)
+
+
 def _index_rows(x, indices):
     return x if indices is None else x.index_select(0, indices)
 
@@ -373,6 +391,7 @@ _BINDERS: dict[str, Callable] = {
     "gelu_tanh_mul": lambda p, ctx, k: (k["gelu_tanh_mul"], ()),
     "add": lambda p, ctx, k: (k["add"], ()),
     "split": lambda p, ctx, k: (_split, (p["sizes"],)),
+    "concat": lambda p, ctx, k: (_concat, ()),
     "index_rows": lambda p, ctx, k: (_index_rows, ()),
     "silu": lambda p, ctx, k: (torch.nn.functional.silu, ()),
     "gelu_tanh": lambda p, ctx, k: (functools.partial(torch.nn.functional.gelu, approximate="tanh"), ()),

@@ -179,6 +179,7 @@ def config_from_hf(
             attn_output_gate=arch.gated_delta_net,
             **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
             shared_expert_intermediate_size=shared,
+            num_mtp_layers=int(hf_config.get("mtp_num_hidden_layers") or 0) if arch.gated_delta_net else 0,
         )
         if arch.gemma3n:
             return replace(config, **_hf_gemma3n(hf_config, layers, source))
@@ -653,10 +654,15 @@ def stacked_expert_projections(name: str) -> tuple[str, tuple[str, ...]] | None:
     return f"{head}block_sparse_moe.experts.", _STACKED_EXPERTS[stacked]
 
 
-def check_weights(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], source: Path) -> None:
-    """Refuse weights (their shapes by name) that do not match `config` exactly: a wrong graph would fail far from
-    the cause."""
-    expected = expected_weight_shapes(config)
+def check_weights(
+    config: ModelConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    source: Path,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Refuse weights (their shapes by name) that do not match `config` (or `expected`, a part's) exactly: a wrong
+    graph would fail far from the cause."""
+    expected = expected_weight_shapes(config) if expected is None else expected
     missing = [name for name in expected if name not in shapes]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -106,6 +106,9 @@ class ModelConfig:
     laurel_rank: int = 0
     layer_intermediate_sizes: tuple[int, ...] = ()
     activation_sparsity: tuple[float, ...] = ()
+    # Qwen3.5's and Qwen3-Next's multi-token prediction layers (`mtp.*` in the checkpoint: mtp_head.py), read only
+    # by the MTP proposer.
+    num_mtp_layers: int = 0
 
     def first_layers(self, n: int) -> ModelConfig:
         """The model's first `n` layers as a model of their own (what `sagellm inspect` prints in full): its

@@ -24,7 +24,8 @@ from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.models.config import ModelConfig
 
 
-def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Graph:
+def build_decoder_graph(config: ModelConfig, layers: range | None = None, hidden_states: bool = False) -> Graph:
+    """`hidden_states`: also output every row's final hidden state, normed ([T, H], what the MTP head reads)."""
     layers = layers if layers is not None else range(config.num_layers)
     g = Graph(attrs={"model": config.architecture, "num_layers": len(layers)})
     positions = g.add("input", id="positions", name="positions")
@@ -66,19 +67,58 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None) -> Gra
 
     logits_indices = g.add("input", id="logits_indices", name="logits_indices")
 
+    if hidden_states:  # every row through the final norm, the sampled ones then through the lm_head
+        if config.altup_num_inputs:
+            raise GraphError("AltUp's streams (Gemma 3n) have no one final hidden state per row to output")
+        stream = hidden if residual is None else g.add("add", [hidden, residual])
+        every = g.add("rmsnorm", [stream], weight="model.norm.weight", eps=config.rms_norm_eps)
+        g.add("output", [every], id="hidden_states", name="hidden_states")
+        _lm_head(g, config, g.add("index_rows", [every, logits_indices]))
+        return g
     # Only the sampled rows go through the final norm and the lm_head.
     summed = g.add("index_rows", [hidden, logits_indices])
     if residual is not None:
         summed = g.add("add", [summed, g.add("index_rows", [residual, logits_indices])])
     if config.altup_num_inputs:
         summed = g.add("altup_unembed", [summed], weights=_altup_projections(config, "altup_unembed_projections"))
-    normed = g.add("rmsnorm", [summed], weight="model.norm.weight", eps=config.rms_norm_eps)
+    _lm_head(g, config, g.add("rmsnorm", [summed], weight="model.norm.weight", eps=config.rms_norm_eps))
+    return g
+
+
+def build_mtp_graph(config: ModelConfig) -> Graph:
+    """Qwen3.5's multi-token prediction head (mtp_head.py) as a graph of `head_config`'s one full attention layer:
+    each row's token embedding and the target's final hidden state at the row before it (input `hidden` [T, H]),
+    each normed, joined by `mtp.fc`, through the layer (its KV: the graph's one cache), normed by `mtp.norm` and
+    scored by the target's lm_head. Outputs logits [N, V] and the sampled rows' normed hidden states [N, H] (the
+    hidden state a next guess reads in place of the target's)."""
+    g = Graph(attrs={"model": f"{config.architecture} mtp", "num_layers": 1})
+    positions = g.add("input", id="positions", name="positions")
+    meta = g.add("input", id="attn_metadata", name="attn_metadata")
+    input_ids = g.add("input", id="input_ids", name="input_ids")
+    target = g.add("input", id="hidden", name="hidden")
+    eps = config.rms_norm_eps
+    embedded = g.add("rmsnorm", [g.add("embedding", [input_ids], weight="model.embed_tokens.weight")],
+                     weight="mtp.pre_fc_norm_embedding.weight", eps=eps)  # fmt: skip
+    target = g.add("rmsnorm", [target], weight="mtp.pre_fc_norm_hidden.weight", eps=eps)
+    joined = g.add("concat", [embedded, target])
+    hidden = g.add("linear", [joined], weight="mtp.fc.weight", out_features=config.hidden_size)
+    hidden, residual = _decoder_layer(g, config, 0, {0: 0}, {}, hidden, None, positions, meta)
+    logits_indices = g.add("input", id="logits_indices", name="logits_indices")
+    stream = g.add(
+        "add", [g.add("index_rows", [hidden, logits_indices]), g.add("index_rows", [residual, logits_indices])]
+    )
+    normed = g.add("rmsnorm", [stream], weight="mtp.norm.weight", eps=eps)
+    g.add("output", [normed], id="hidden_states", name="hidden_states")
+    _lm_head(g, config, normed)
+    return g
+
+
+def _lm_head(g: Graph, config: ModelConfig, normed: Value) -> None:
     lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     logits = g.add("linear", [normed], weight=lm_head, out_features=config.vocab_size)
     if config.final_softcap:
         logits = g.add("softcap", [logits], cap=config.final_softcap)
     g.add("output", [logits], id="logits", name="logits")
-    return g
 
 
 def _cache_indices(config: ModelConfig, layers: range) -> dict[int, int]:

@@ -30,17 +30,23 @@ from sagellm.runtime.models.architectures import (
 )
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe, read_json
+from sagellm.runtime.models.mtp_head import HEAD_NORMS, PREFIX, head_weight_shapes, is_head_weight
 from sagellm.runtime.models.sampling_defaults import from_generation_config
 from sagellm.runtime.models.tokenizer import load_hf_tokenizer, read_hf_chat_template
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def load_hf_dir(model_dir: Path, *, dtype: torch.dtype, load_tokenizer: bool, load_weights: bool) -> LoadedModel:
+def load_hf_dir(
+    model_dir: Path, *, dtype: torch.dtype, load_tokenizer: bool, load_weights: bool, mtp_head: bool = False
+) -> LoadedModel:
+    """`mtp_head`: read the multi-token prediction head's weights too (mtp_head.py), under their `mtp.` names."""
     generation_path = model_dir / "generation_config.json"
     generation = read_json(generation_path) if generation_path.is_file() else None
     config = config_from_hf(read_json(model_dir / "config.json"), generation, model_dir / "config.json")
-    weights, quantized = _read_weights(model_dir, config, dtype) if load_weights else ({}, {})
+    if mtp_head and not config.num_mtp_layers:
+        raise ModelLoadError(f"{model_dir}: has no multi-token prediction head (config.json: mtp_num_hidden_layers)")
+    weights, quantized = _read_weights(model_dir, config, dtype, mtp_head) if load_weights else ({}, {})
     tokenizer = load_hf_tokenizer(model_dir) if load_tokenizer else None
     template = read_hf_chat_template(model_dir)
     defaults = from_generation_config(generation)
@@ -50,7 +56,7 @@ def load_hf_dir(model_dir: Path, *, dtype: torch.dtype, load_tokenizer: bool, lo
 
 
 def _read_weights(
-    model_dir: Path, config: ModelConfig, dtype: torch.dtype
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype, mtp_head: bool
 ) -> tuple[WeightsOnRead, dict[str, QuantizedWeight]]:
     """The weights under their canonical names, and the MXFP4 experts as blocks (`quantized`; their floats made
     only if read)."""
@@ -62,7 +68,7 @@ def _read_weights(
         try:
             with safe_open(str(path), framework="pt") as f:
                 for stored in f.keys():  # noqa: SIM118 -- safe_open is not a Mapping
-                    name = canonical_name(config, stored)
+                    name = _head_name(config, stored) if mtp_head else canonical_name(config, stored)
                     if name is None or _ignored(name, config):
                         continue
                     tensor = f.get_tensor(stored)
@@ -86,8 +92,20 @@ def _read_weights(
             raise ModelLoadError(f"{path}: corrupt or truncated safetensors file: {describe(e)}") from e
     quantized, on_read = _mxfp4_experts(model_dir, mxfp4, dtype, weights)
     loaded = WeightsOnRead(weights, on_read)
-    check_weights(config, loaded.shapes(), model_dir)
+    shapes = loaded.shapes()
+    check_weights(config, {name: shape for name, shape in shapes.items() if not is_head_weight(name)}, model_dir)
+    if mtp_head:
+        head = {name: shape for name, shape in shapes.items() if is_head_weight(name)}
+        check_weights(config, head, model_dir, expected=head_weight_shapes(config))
     return loaded, quantized
+
+
+def _head_name(config: ModelConfig, stored: str) -> str | None:
+    """A tensor's name with the MTP head read too: the head's, canonicalized as the model's layers' names are."""
+    if not stored.startswith(PREFIX):
+        return canonical_name(config, stored)
+    name = canonical_name(config, "model." + stored.removeprefix(PREFIX))
+    return None if name is None else PREFIX + name.removeprefix("model.")
 
 
 MXFP4_HALVES = ("_blocks", "_scales")  # gpt-oss's MXFP4 experts: `<name>_blocks` and `<name>_scales`
@@ -152,7 +170,8 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 def _offset_norm(name: str) -> bool:
     """An RMSNorm weight stored as its offset from 1: all of a Gemma's or Qwen3.5's, but the Gated DeltaNet's output
     norm (stored whole)."""
-    return name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight")
+    norm = name.endswith("norm.weight") or name in HEAD_NORMS
+    return norm and not name.endswith("linear_attn.norm.weight")
 
 
 def _ignored(name: str, config: ModelConfig) -> bool:

@@ -21,19 +21,29 @@ GGUF_MAGIC = b"GGUF"
 
 
 def load_model(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, load_tokenizer: bool = True, load_weights: bool = True
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    load_tokenizer: bool = True,
+    load_weights: bool = True,
+    mtp_head: bool = False,
 ) -> LoadedModel:
     """Load the model at `path`: a Hugging Face directory, a .gguf file, or a directory holding exactly one .gguf.
 
-    `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model."""
+    `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model.
+    `mtp_head`: the multi-token prediction head's weights too (mtp_head.py; Hugging Face checkpoints only)."""
     source = Path(path).expanduser()
+    options: dict[str, Any] = {"dtype": dtype, "load_tokenizer": load_tokenizer, "load_weights": load_weights}
     with stage(f"loading {source.name}" if load_weights else f"reading {source.name}'s config and tokenizer"):
-        return _load(source, dtype=dtype, load_tokenizer=load_tokenizer, load_weights=load_weights)
+        return _load(source, mtp_head=mtp_head, **options)
 
 
-def _load(source: Path, **options: Any) -> LoadedModel:
+def _load(source: Path, mtp_head: bool, **options: Any) -> LoadedModel:
     if not source.exists():
         raise ModelLoadError(f"{source}: no such file or directory")
+    if mtp_head and not (source / "config.json").is_file():
+        raise ModelLoadError(f"{source}: the multi-token prediction head is read from Hugging Face checkpoints only "
+                             "(a GGUF's nextn layers are not read)")  # fmt: skip
     if source.is_file():
         if not _is_gguf(source):
             raise ModelLoadError(
@@ -41,7 +51,7 @@ def _load(source: Path, **options: Any) -> LoadedModel:
             )
         return _load_gguf(source, source.stem, options)
     if (source / "config.json").is_file():
-        return load_hf_dir(source, **options)
+        return load_hf_dir(source, mtp_head=mtp_head, **options)
     ggufs = sorted(source.glob("*.gguf"))
     if len(ggufs) == 1:
         return _load_gguf(ggufs[0], source.name, options)

@@ -11,8 +11,8 @@ from sagellm.common.errors import FieldError
 FIELD = "speculative_config"
 MAX_SPECULATIVE_TOKENS = 16  # beyond it a step verifies more rows than any acceptance rate pays for
 DEFAULT_LOOKUP = 5  # vLLM's n-gram length when neither lookup length is given
-METHODS = ("ngram", "draft_model")
-HEADS = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp")
+METHODS = ("ngram", "draft_model", "mtp")
+HEADS = ("eagle", "eagle3", "medusa", "mlp_speculator")
 KNOWN_KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "adaptive"}
 
 
@@ -26,12 +26,14 @@ class SpeculativeConfig:
     # False: every proposal, every step, as vLLM does.
     adaptive: bool = True
     model: str | None = None  # draft_model: the draft's path or name (the model cache resolves it)
+    # mtp: the model's own multi-token prediction head (Qwen3.5, Qwen3-Next: mtp_head.py) guesses
 
 
 def parse_speculative_config(raw: dict[str, Any] | None) -> SpeculativeConfig | None:
     """vLLM's keys and defaults: `{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n}` (one of
-    the lookup lengths given: the other is the same; neither: both 5, as vLLM's), or `{"model": DRAFT,
-    "num_speculative_tokens": k}` (method draft_model). EAGLE, Medusa and MLP heads are refused by name."""
+    the lookup lengths given: the other is the same; neither: both 5, as vLLM's), `{"model": DRAFT,
+    "num_speculative_tokens": k}` (method draft_model) or `{"method": "mtp", "num_speculative_tokens": k}` (the
+    model's own head). EAGLE, Medusa and MLP heads are refused by name."""
     if raw is None:
         return None
     unknown = sorted(set(raw) - KNOWN_KEYS)
@@ -54,8 +56,8 @@ def parse_speculative_config(raw: dict[str, Any] | None) -> SpeculativeConfig | 
                                 f"got {raw.get('num_speculative_tokens')!r}")  # fmt: skip
     low = _int(raw, "prompt_lookup_min", None)
     high = _int(raw, "prompt_lookup_max", None)
-    if method == "draft_model" and (low is not None or high is not None):
-        raise FieldError(FIELD, f"{FIELD}: prompt_lookup_min/max are ngram's, not draft_model's")
+    if method != "ngram" and (low is not None or high is not None):
+        raise FieldError(FIELD, f"{FIELD}: prompt_lookup_min/max are ngram's, not {method}'s")
     if low is None and high is None:
         low = high = DEFAULT_LOOKUP
     low = high if low is None else low

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from sagellm.runtime.engine.speculative.config import SpeculativeConfig
 from sagellm.runtime.engine.speculative.draft_model import DraftModelProposer
+from sagellm.runtime.engine.speculative.mtp import MtpProposer
 from sagellm.runtime.engine.speculative.proposers import PROPOSERS, NgramProposer, Proposer, ProposerContext
 
-BUILT_IN = (NgramProposer, DraftModelProposer)
+BUILT_IN = (NgramProposer, DraftModelProposer, MtpProposer)
 
 
 def make_proposer(config: SpeculativeConfig, context: ProposerContext) -> Proposer:

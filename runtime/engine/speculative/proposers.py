@@ -7,18 +7,30 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.common.registry import Registry
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.config import SpeculativeConfig
+from sagellm.runtime.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TargetHead:
+    """A head of the target model itself (its MTP head): its config and weights (the model's embeddings and lm_head
+    among them), and the model's packed linears, which it binds as they are where it reads the same weights."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    packed: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class ProposerContext:
     """What a proposer may need of the engine that runs it: a draft model runs beside the target, on its backend,
     with as many cache blocks of the same size (and, with recurrent layers, a state slot per running sequence), and
-    must speak its tokenizer."""
+    must speak its tokenizer; an MTP head runs on the target's own block tables."""
 
     tokenizer: Any
     vocab_size: int
@@ -27,6 +39,7 @@ class ProposerContext:
     block_size: int
     max_model_len: int
     max_num_seqs: int = 256
+    head: TargetHead | None = None
 
 
 class Proposer:
@@ -44,6 +57,11 @@ class Proposer:
     def propose_batch(self, requests: list[tuple[Sequence, int]]) -> list[list[int]]:
         """Each (sequence, k)'s guess, in order."""
         return [self.propose(seq.token_ids, k) for seq, k in requests]
+
+    def step_done(self, computed: list[tuple[Sequence, int, int]], hidden_states: torch.Tensor | None) -> None:
+        """After each target step: each (sequence, first position, rows) it computed, in row order, the sequence
+        now holding what the step sampled and kept; `hidden_states`: the rows' final hidden states, where the target
+        outputs them."""
 
     def keep_only(self, running: list[Sequence]) -> None:
         """After each step: the sequences the engine runs now; a proposer holding state per sequence lets go of the

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.budget import SpecBudget
 from sagellm.runtime.engine.speculative.config import SpeculativeConfig
@@ -57,6 +59,10 @@ class Speculator:
     def step_took(self, rows: int, seconds: float) -> None:
         """A step that only decoded (next tokens and proposals: `rows` in all) took `seconds`, whole."""
         self.budget.step_took(rows, seconds)
+
+    def step_done(self, computed: list[tuple[Sequence, int, int]], hidden_states: torch.Tensor | None) -> None:
+        """The target's step ran, sampled and kept its tokens (Proposer.step_done)."""
+        self.proposer.step_done(computed, hidden_states)
 
     def keep_only(self, running: list[Sequence]) -> None:
         self.proposer.keep_only(running)
