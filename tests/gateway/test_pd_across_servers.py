@@ -137,7 +137,8 @@ def test_a_decode_server_lost_mid_stream_is_resumed_through_pd_again(upstreams, 
         ),
     ):
         fetched = prefill.core.kv_outbox.fetched
-        body = GREEDY | {"max_tokens": 120, "ignore_eos": True, "stream": True}  # long enough to be cut
+        usage = {"stream_options": {"include_usage": True}}
+        body = GREEDY | {"max_tokens": 120, "ignore_eos": True, "stream": True} | usage  # long enough to be cut
         events, stopped = [], None
         with httpx.stream("POST", front.url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S) as reply:
             for line in reply.iter_lines():
@@ -150,7 +151,9 @@ def test_a_decode_server_lost_mid_stream_is_resumed_through_pd_again(upstreams, 
                         admin.delete(f"/v1/management/engines/{stopped}", params={"force": "true"}).status_code == 200
                     )
         assert stopped in (ids["d1"], ids["d2"]) and not [e for e in events if '"error"' in e]
-        assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-2].replace(" ", "")
+        assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-3].replace(" ", "")
+        resumed = httpx.Response(200, content=events[-2][6:]).json()["usage"]  # the server that finished it
+        assert resumed["completion_tokens"] < body["max_tokens"]  # asked for what was left, not the whole again
         assert prefill.core.kv_outbox.fetched == fetched + 2  # prefilled again for the other decode server
         assert httpx.get(f"{front.url}/v1/requests/{request_id}").json()["retries"] == 1
 

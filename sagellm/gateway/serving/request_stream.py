@@ -8,8 +8,9 @@ one may be restarting; up to `retry_wait_s`) and avoiding the instances that fai
 - after tokens, a resume: the prompt and the tokens so far are prefilled on the next instance (its prefix cache
   makes that cheap) and the client's stream goes on with no token repeated or missing. Greedy output is the
   uninterrupted run's; seeded sampling too, since the sampler seeds each token from (seed, position). Another
-  model's server is resumed from text: a completion's prompt plus the text so far; a chat there is not resumed (no
-  portable way to continue an assistant message), its failure is the client's.
+  model's server is resumed from text: a completion's prompt plus the text so far, max_tokens less one token per
+  event that brought text; a chat there is not resumed (no portable way to continue an assistant message), its
+  failure is the client's.
 An attempt that gives no first token within `first_token_timeout_s`, or no next one within `token_timeout_s`, is
 cancelled and counts as failed; with nothing left to try the client gets `timeout` (HTTP 504). The serving core checks
 these deadlines for every stream a few times a second (`expire_if_stalled`) rather than each wait arming a timer: a
@@ -86,6 +87,7 @@ class RequestStream:
         self._token_ids: list[int] = []  # what the client got so far
         self._text_without_ids = False  # some of the graph's model's text came without its token ids
         self._text = ""
+        self._text_events = 0  # events that brought text from another model's server: each a token or more
         self._reached_engine = False  # found past the gateway's queues once (`expire_if_queued_too_long`)
         self._first_token_timeout_s = request.first_token_timeout_s or policy.first_token_timeout_s
         self._token_timeout_s = request.token_timeout_s or policy.token_timeout_s
@@ -180,6 +182,7 @@ class RequestStream:
     def _as_client_sees(self, delta: TokenDelta) -> TokenDelta:
         self._token_ids += delta.token_ids
         self._text += delta.text
+        self._text_events += bool(delta.text)
         self._text_without_ids |= bool(delta.text and not delta.token_ids and self.request.model is None)
         resumed = self.attempt is not self.request and self.attempt.prompt_token_ids is not None
         if delta.metrics is not None and resumed:  # the resume's prompt held tokens the client counts as output
@@ -222,27 +225,26 @@ class RequestStream:
         )  # fmt: skip
         if self._text_without_ids:  # a replica that gave no token ids: where to resume is not known exactly
             return None
-        produced = len(self._token_ids) if first.model is None else len(self._text)
+        # What the client got, in tokens: exactly, or for another model's server (its tokens are not ours) at least
+        # one per event with text, so what is left of max_tokens is never cut short and never much exceeded.
+        produced = len(self._token_ids) if first.model is None else self._text_events
         if not produced:
             return msgspec.structs.replace(first, **fields)
-        sampling = first.sampling
         if first.model is None and first.prompt_token_ids is not None:
             fields.update(prompt_token_ids=first.prompt_token_ids + self._token_ids, prompt=None, messages=None)
             fields.update(resumed_tokens=len(self._token_ids))  # the engine's text goes on from them
         elif first.model is not None and first.messages is None and first.prompt is not None:
-            fields.update(prompt=first.prompt + self._text)  # the server counts tokens: max_tokens stays an upper bound
+            fields.update(prompt=first.prompt + self._text)
         else:
             return None
-        if first.model is None:  # the engine counts max_tokens and min_tokens from where it resumes
-            budgets: dict[str, int] = {}
-            if sampling.max_tokens is not None:
-                budgets["max_tokens"] = sampling.max_tokens - len(self._token_ids)
-                if budgets["max_tokens"] < 1:
-                    return None
-            if sampling.min_tokens:
-                budgets["min_tokens"] = max(0, sampling.min_tokens - len(self._token_ids))
-            sampling = dataclasses.replace(sampling, **budgets)
-        return msgspec.structs.replace(first, sampling=sampling, **fields)
+        sampling, budgets = first.sampling, {}  # max_tokens and min_tokens counted from where it resumes
+        if sampling.max_tokens is not None:
+            budgets["max_tokens"] = sampling.max_tokens - produced
+            if budgets["max_tokens"] < 1:
+                return None
+        if sampling.min_tokens:
+            budgets["min_tokens"] = max(0, sampling.min_tokens - produced)
+        return msgspec.structs.replace(first, sampling=dataclasses.replace(sampling, **budgets), **fields)
 
 
 def _worth_retrying(error: RequestError) -> bool:
