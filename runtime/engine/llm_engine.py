@@ -34,8 +34,8 @@ from sagellm.runtime.engine.sampler import Sampler, make_generator, token_logpro
 from sagellm.runtime.engine.sampling_params import SamplingParams, model_sampling_defaults
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence
-from sagellm.runtime.engine.speculative.config import FIELD, parse_speculative_config
-from sagellm.runtime.engine.speculative.proposers import ProposerContext, TargetHead
+from sagellm.runtime.engine.speculative.config import FIELD, parse_speculative_config, reads_mtp_head
+from sagellm.runtime.engine.speculative.proposers import ProposerContext, TargetHead, TargetStep
 from sagellm.runtime.engine.speculative.speculator import Speculator
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, accepted_tokens, sampled_rows
 from sagellm.runtime.engine.state_cache import bytes_per_state_slot
@@ -86,7 +86,7 @@ class LLMEngine:
             raise InvalidInput("EngineConfig.model: give the path of the model to load")
         self.config = config
         spec = parse_speculative_config(config.speculative_config)
-        mtp = spec is not None and spec.method == "mtp"  # the model's own head guesses: read with the model
+        mtp = reads_mtp_head(config.speculative_config)  # the model's own head guesses: read with the model
         if mtp and config.world_size > 1:
             raise FieldError(FIELD, f"{FIELD}: method mtp runs on a single-process engine (no tensor or pipeline "
                                     "parallel yet)")  # fmt: skip
@@ -173,6 +173,8 @@ class LLMEngine:
                                           config.block_size, self.max_model_len, config.max_num_seqs,
                                           head)  # fmt: skip
                 self.speculator = Speculator(spec, context, config.max_num_batched_tokens)
+        # An MTP head keeps KV of its own, which a prefill worker's hand-over carries after the model's.
+        self._head_kv = self.speculator.proposer if self.speculator is not None and mtp else None
         self._requests: dict[str, _RequestState] = {}
         # A request's choices share its prompt (`add_request`'s group): the first prefills it, the others wait here
         # until its KV is in the prefix cache, then each computes only the prompt's last, partial block.
@@ -253,6 +255,8 @@ class LLMEngine:
         if kv.shape[2] != n:
             del self._requests[request_id]
             raise ValueError(f"KV covers {kv.shape[2]} tokens, the prompt has {n}")
+        layers = self.model.config.num_kv_layers  # past them, a prefill worker's MTP head's layer
+        kv, head_kv = kv[:layers], (kv[layers:] if kv.shape[0] > layers and self._head_kv is not None else None)
         if states is not None and states.numel() != self.runner.states_size:
             del self._requests[request_id]
             raise ValueError(f"recurrent states of {states.numel()} values; this model's are {self.runner.states_size}")
@@ -260,6 +264,8 @@ class LLMEngine:
         def write_kv(start: int) -> None:
             slots, window_slots = self._kv_slots(seq, start, n)
             self.runner.write_kv(slots, kv[:, :, start:], window_slots)
+            if head_kv is not None:
+                self._head_kv.write_kv(seq, slots, head_kv[:, :, start:])
 
         seq.imported_states = states if self.scheduler.state_slots is not None else None
         if not self.scheduler.import_prompt(seq, write_kv):
@@ -461,14 +467,15 @@ class LLMEngine:
             logits = self._score_prompts(logits, batch, scored)
         sampled = self.scheduler.complete_step(batch)
         if not sampled:
-            self._step_done(computed)
+            self._step_done(computed, {})
             return failed
         rows = sampled_rows(sampled)  # a sequence's next token's row, then one per token proposed for it
         if masks is not None:
             self._apply_masks(logits, sampled, masks)
         result = self.sampler.sample(logits, rows.params, rows.generators, rows.histories)
         now = time.time()
-        outputs, row = failed, 0
+        kept_tokens: list[tuple[Sequence, list[int], list, int]] = []
+        row = 0
         for seq in sampled:
             drafts, width = seq.spec_token_ids, 1 + len(seq.spec_token_ids)
             drawn, logprobs = result.token_ids[row : row + width], result.logprobs[row : row + width]
@@ -477,14 +484,19 @@ class LLMEngine:
             if drafts:
                 self.speculator.verified(seq, kept - 1)
             seq.spec_token_ids = []
-            outputs.append(self._append(seq, drawn[:kept], logprobs[:kept], now, len(drafts)))
-        self._step_done(computed)
+            kept_tokens.append((seq, drawn[:kept], logprobs[:kept], len(drafts)))
+        # Before they are appended (a prefill worker's request ends, and its KV leaves, as its token is): an MTP
+        # head's KV of the step's positions then goes with the prompt's.
+        self._step_done(computed, {seq: tokens for seq, tokens, _, _ in kept_tokens})
+        outputs = failed
+        for seq, tokens, logprobs, proposed in kept_tokens:
+            outputs.append(self._append(seq, tokens, logprobs, now, proposed))
         return outputs
 
-    def _step_done(self, computed: list[tuple[Sequence, int, int]]) -> None:
-        """Tells the proposer which rows the step computed from where (Proposer.step_done)."""
+    def _step_done(self, computed: list[tuple[Sequence, int, int]], new_tokens: dict[Sequence, list[int]]) -> None:
+        """Tells the proposer which rows the step computed from where, and what it kept (Proposer.step_done)."""
         if self.speculator is not None:
-            self.speculator.step_done(computed, self.runner.hidden_states)
+            self.speculator.step_done(TargetStep(computed, self.runner.hidden_states, new_tokens))
 
     def _may_speculate(self, seq: Sequence) -> bool:
         """Guided requests (their masks follow one token at a time), budgeted thinking not yet closed (its closing
@@ -627,10 +639,15 @@ class LLMEngine:
         if state.prefill_only and (finish is None or state.export_kv):
             finish = finish or "prefilled"
             slots, window_slots = self._kv_slots(seq, 0, seq.num_prompt_tokens)
-            c = self.model.config
-            shape = (c.num_kv_layers, 2, seq.num_prompt_tokens, *c.kv_row_shape)
+            c, head = self.model.config, self._head_kv
+            shape = (c.num_kv_layers + bool(head), 2, seq.num_prompt_tokens, *c.kv_row_shape)
             out = self.kv_buffer(shape, torch.float32) if self.kv_buffer else None
-            kv = self.runner.read_kv(slots, out, window_slots)  # [num_layers, 2, prompt_len, Hk, D]
+            if head is None:
+                kv = self.runner.read_kv(slots, out, window_slots)  # [num_layers, 2, prompt_len, Hk, D]
+            else:  # the MTP head's layer after the model's
+                kv = out if out is not None else torch.empty(shape)
+                self.runner.read_kv(slots, kv[: c.num_kv_layers], window_slots)
+                head.read_kv(slots, kv[c.num_kv_layers :])
             states = self.runner.read_states(seq.state_slot) if self.scheduler.state_slots is not None else None
         if finish is not None:
             self.scheduler.finish(seq, finish)

@@ -14,6 +14,7 @@ import structlog
 
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
+from sagellm.runtime.engine.speculative.config import reads_mtp_head
 from sagellm.runtime.models.loaded import LoadedModel
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.parallel.group import ParallelRunner
@@ -22,8 +23,12 @@ log = structlog.get_logger("sagellm.parallel")
 
 
 def start_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
+    mtp = reads_mtp_head(config.speculative_config)
     if loaded is None and config.model:
-        loaded = load_model(config.model)  # once: the planner reads its config, the engine keeps it
+        loaded = load_model(config.model, mtp_head=mtp)  # once: the planner reads its config, the engine keeps it
+    if mtp:  # the MTP head proposes on a single process: nothing to plan
+        config = config.replace(tensor_parallel_size=config.tensor_parallel_size or 1,
+                                pipeline_parallel_size=config.pipeline_parallel_size or 1)  # fmt: skip
     config = planned(config, loaded)
     if config.world_size == 1:
         return LLMEngine(config, loaded)

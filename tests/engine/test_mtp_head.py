@@ -1,16 +1,20 @@
-"""Qwen3.5's multi-token prediction head, loaded with the model and run as a graph of its own: its logits against
-a reference made of transformers' own decoder layer and norms (transformers runs no MTP head), every row of a
-chunked prefill and a decode step, over the KV cache of its one layer; the model's every-row hidden states (what the
-head reads) against transformers' final hidden states. What the loader refuses."""
+"""Qwen3.5's (Qwen3.5-MoE's, Qwen3-Next's) multi-token prediction head, loaded with the model and run as a graph of
+its own: its logits against a reference made of transformers' own decoder layer and norms (transformers runs no MTP
+head) on every row of a chunked prefill and a decode over its one layer's cache, the model's every-row hidden states
+(what the head reads) against transformers'. As the engine's proposer: its guesses the reference's, the tokens
+transformers', through chunks, a batch, a prefix hit, a prefill worker's hand-over and seeded sampling. What is
+refused."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from sagellm import LLM
 from sagellm.backends.registry import get_backend
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import EngineConfig
@@ -20,14 +24,23 @@ from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.config import parse_speculative_config
+from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.models.decoder_graph import build_decoder_graph, build_mtp_graph
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.mtp_head import head_config, head_weights
-from tests.oracle import assert_greedy_through_a_prefix_hit_and_proposals, random_prompts, run_to_end
+from sagellm.runtime.pipeline.yaml_io import load_pipeline
+from tests.oracle import (
+    assert_greedy_through_a_prefix_hit_and_proposals,
+    finished_outputs,
+    hf_greedy,
+    random_prompts,
+    run_to_end,
+)
 from tests.tiny_models import add_mtp_head, make_tiny_qwen3_5, make_tiny_qwen3_5_moe, make_tiny_qwen3_next
 
 BLOCK_SIZE, NUM_BLOCKS, MAX_LEN = 4, 16, 64
+GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 
 
 MAKERS = {"qwen3_5": make_tiny_qwen3_5, "qwen3_5_moe": make_tiny_qwen3_5_moe, "qwen3_next": make_tiny_qwen3_next}
@@ -82,6 +95,20 @@ def reference_guesses(model_dir, hf, tokens: list[int], k: int) -> list[int]:
             guesses.append(int(logits[-1].argmax()))
             ids, hidden = ids + guesses[-1:], torch.cat([hidden, own[-1:]])
     return guesses
+
+
+def recorded_proposals(engine: LLMEngine) -> list[tuple[list[int], list[int]]]:
+    """What the engine's proposer will guess, as it guesses: (the sequence's tokens then, the guesses)."""
+    proposer, proposals = engine.speculator.proposer, []
+    propose_batch = proposer.propose_batch
+
+    def recorded(requests):
+        guesses = propose_batch(requests)
+        proposals.extend((list(seq.token_ids), made) for (seq, _), made in zip(requests, guesses) if made)
+        return guesses
+
+    proposer.propose_batch = recorded
+    return proposals
 
 
 def runner(loaded, graph, config=None) -> ModelRunner:
@@ -156,21 +183,55 @@ def test_mtp_proposals_are_the_heads_guesses_and_greedy_tokens_stay_transformers
     config = EngineConfig(model=str(qwen3_5_with_head), speculative_config=speculative, backend="cpu",
                           block_size=BLOCK_SIZE, num_kv_blocks=200, max_num_batched_tokens=16)  # fmt: skip
     engine = LLMEngine(config)
-    proposer = engine.speculator.proposer
-    proposals: list[tuple[list[int], list[int]]] = []
-    propose_batch = proposer.propose_batch
-
-    def recorded(requests):
-        guesses = propose_batch(requests)
-        proposals.extend((list(seq.token_ids), made) for (seq, _), made in zip(requests, guesses) if made)
-        return guesses
-
-    proposer.propose_batch = recorded
+    proposals = recorded_proposals(engine)
     assert_greedy_through_a_prefix_hit_and_proposals(engine, hf, SamplingParams(max_tokens=12, temperature=0,
                                                                                  ignore_eos=True))  # fmt: skip
     assert len(proposals) > 10 and max(len(made) for _, made in proposals) == 3
     for tokens, made in proposals[::3]:
         assert made == reference_guesses(qwen3_5_with_head, hf, tokens, len(made))
+
+
+def test_a_decode_worker_guesses_from_the_head_kv_the_prefill_worker_hands_over(qwen3_5_with_head):
+    """Prefill and decode workers, both with the head: the hand-over carries the head's KV of the prompt after the
+    model's layers; the decode worker's first guesses are the reference head's and its tokens transformers'. A
+    decode worker without the head takes the model's layers alone; one with the head given no head KV guesses
+    nothing for that prompt."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(qwen3_5_with_head, dtype=torch.float32).eval()
+    mtp = {"method": "mtp", "num_speculative_tokens": 2, "adaptive": False}
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = random_prompts(64, [9, 14], seed=7)
+
+    def engine(speculative):
+        return LLMEngine(EngineConfig(model=str(qwen3_5_with_head), speculative_config=speculative, backend="cpu",
+                                      block_size=BLOCK_SIZE, num_kv_blocks=100))  # fmt: skip
+
+    prefill = engine(mtp)
+    for i, p in enumerate(prompts):
+        prefill.add_request(str(i), p, greedy, prefill_only=True)
+    handed = finished_outputs(prefill)
+    layers = sum(kind == "full_attention" for kind in hf.config.layer_types)
+    assert all(o.kv.shape[0] == layers + 1 for o in handed)
+    for speculative, head_kv in ((mtp, True), (None, True), (mtp, False)):
+        decode = engine(speculative)
+        firsts = []
+        for o in handed:
+            kv = o.kv if head_kv else o.kv[:layers]
+            first = o.outputs[0].token_ids[0]
+            firsts.append(decode.add_prefilled_request(o.request_id, o.prompt_token_ids, greedy, first, kv,
+                                                       states=o.states))  # fmt: skip
+            assert decode._requests[o.request_id].seq.num_computed_tokens == len(o.prompt_token_ids)
+        proposals = recorded_proposals(decode) if speculative else []
+        tokens = run_to_end(decode, firsts)
+        assert [tokens[str(i)] for i in range(len(prompts))] == [hf_greedy(hf, p, 8) for p in prompts]
+        if speculative and head_kv:
+            first_guesses = [(t, m) for t, m in proposals if len(t) in {len(p) + 2 for p in prompts}]
+            assert len(first_guesses) == len(prompts)  # each prompt's first decode step's guesses
+            for t, made in first_guesses:
+                assert made == reference_guesses(qwen3_5_with_head, hf, t, len(made))
+        elif speculative:
+            assert not proposals
 
 
 def test_seeded_sampling_with_mtp_proposals_draws_what_plain_decoding_draws(qwen3_5_with_head):
@@ -195,3 +256,20 @@ def test_mtp_is_refused_for_a_model_without_a_head_and_with_ngram_settings(tmp_p
         LLMEngine(EngineConfig(model=str(plain), speculative_config=mtp, backend="cpu"))
     with pytest.raises(FieldError, match="prompt_lookup_min/max are ngram's, not mtp's"):
         parse_speculative_config(mtp | {"prompt_lookup_max": 3})
+
+
+@pytest.mark.slow  # two worker processes
+def test_pd_yaml_with_the_head_on_both_workers_gives_transformers_tokens(qwen3_5_with_head):
+    """graphs/pd.yaml, both workers with the head: the hand-over, the head's layer after the model's, crosses
+    processes; the tokens are one engine's alone."""
+    if qwen3_5_with_head.name != "qwen3_5":
+        pytest.skip("the dense model's run covers the hand-over: the head's layer is alike in each")
+    texts = ["w1 w2 w3 w4 w5 w6 w7", "w9 w8 w7 w6"]
+    mtp = {"method": "mtp", "num_speculative_tokens": 2}
+    source = {"prompts": texts, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "chat": False}
+    overrides = {"model": str(qwen3_5_with_head), **{f"source.{k}": v for k, v in source.items()}}
+    overrides |= {f"{node}.speculative_config": mtp for node in ("prefill", "decode")}
+    result = run_pipeline(load_pipeline(GRAPHS / "pd.yaml", overrides=overrides))
+    alone = LLM(str(qwen3_5_with_head)).generate(texts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [result.outcomes[f"req-{i}"].token_ids for i in range(len(texts))] == [o.outputs[0].token_ids for o in alone]
+    assert result.operators["pd_split"].decisions["pd"] == len(texts)

@@ -70,6 +70,12 @@ def parse_speculative_config(raw: dict[str, Any] | None) -> SpeculativeConfig | 
     return SpeculativeConfig(method, k, high, low, adaptive, model)
 
 
+def reads_mtp_head(raw: dict[str, Any] | None) -> bool:
+    """Whether these settings have the model's MTP head propose: the model is then loaded with it."""
+    spec = parse_speculative_config(raw)
+    return spec is not None and spec.method == "mtp"
+
+
 def _int(raw: dict[str, Any], key: str, default: int | None) -> int | None:
     value = raw.get(key, default)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):

@@ -12,13 +12,17 @@ allocates a step's blocks when it schedules it); their KV, past what the target 
 head catches up.
 
 Its cache is a tensor of its own, one layer with the target's number of blocks, so a sequence's block table indexes
-both. What the head cannot see it does not guess for: a prompt whose KV came from a prefill worker (the hidden states
-stayed there), a sequence whose head fell behind (a step run again after a failure). A prefix hit's last position
+both. A prefill worker's hand-over carries the head's KV of the prompt after the model's layers (`read_kv`, computed
+before the request ends with its first token), which a decode worker with the head stores (`write_kv`). What the
+head cannot see it does not guess for: a prompt whose KV came without the head's (a prefill worker without one), a
+sequence whose head fell behind (a step run again after a failure). A prefix hit's last position
 holds the head's KV computed with the token that followed it in the prompt that cached it: where the new prompt goes
 on differently, that one position of the head's attention is off, which costs guesses, never tokens (the target
 verifies every one)."""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -28,7 +32,7 @@ from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.config import FIELD, SpeculativeConfig
-from sagellm.runtime.engine.speculative.proposers import PROPOSERS, Proposer, ProposerContext
+from sagellm.runtime.engine.speculative.proposers import PROPOSERS, Proposer, ProposerContext, TargetStep
 from sagellm.runtime.models.decoder_graph import build_mtp_graph
 from sagellm.runtime.models.mtp_head import head_config
 
@@ -60,35 +64,47 @@ class MtpProposer(Proposer):
         self._next: dict[Sequence, int] = {}  # a sequence -> the first position the head has no KV for (or BEHIND)
         # ... -> (its length then, the head's first guess, the head's hidden state it was made from)
         self._first: dict[Sequence, tuple[int, int, torch.Tensor]] = {}
+        self._imported_with_kv: weakref.WeakSet[Sequence] = weakref.WeakSet()  # prompts whose head KV came along
 
-    def step_done(self, computed: list[tuple[Sequence, int, int]], hidden_states: torch.Tensor | None) -> None:
-        work: list[tuple[Sequence, int, int, torch.Tensor]] = []  # (sequence, from, to, the target's rows)
+    def step_done(self, step: TargetStep) -> None:
+        work: list[tuple[Sequence, list[int], int, int, torch.Tensor]] = []  # (sequence, its tokens, from, to, rows)
         row = 0
-        for seq, start, n in computed:
+        for seq, start, n in step.computed:
             rows, row = slice(row, row + n), row + n
-            if hidden_states is None or seq.is_finished:
+            if step.hidden_states is None or seq.is_finished:
                 continue
-            head = self._next.setdefault(seq, BEHIND if _imported(seq, start) else start)
+            seen = not _imported(seq, start) or seq in self._imported_with_kv
+            head = self._next.setdefault(seq, start if seen else BEHIND)
             if head == BEHIND or head < start:  # positions before this step's the head never saw
                 self._next[seq] = BEHIND
                 self._first.pop(seq, None)
                 continue
-            stop = min(start + n, seq.num_tokens - 1)  # a position's row needs the token after it
+            tokens = seq.token_ids + step.new_tokens.get(seq, [])
+            stop = min(start + n, len(tokens) - 1)  # a position's row needs the token after it
             if stop > start:
-                work.append((seq, start, stop, hidden_states[rows][: stop - start]))
+                work.append((seq, tokens, start, stop, step.hidden_states[rows][: stop - start]))
         if not work:
             return
-        work.sort(key=lambda item: item[2] - item[1] != 1)  # decodes first, as the runner takes them
-        shadows = [self._shadow(seq, seq.token_ids[1 : stop + 1], start) for seq, start, stop, _ in work]
-        batch = ScheduledBatch(shadows, [stop - start for _, start, stop, _ in work])
+        work.sort(key=lambda item: item[3] - item[2] != 1)  # decodes first, as the runner takes them
+        shadows = [self._shadow(seq, tokens[1 : stop + 1], start) for seq, tokens, start, stop, _ in work]
+        batch = ScheduledBatch(shadows, [stop - start for _, _, start, stop, _ in work])
         out = self.runner.forward(self.runner.step_inputs(batch), {"hidden": torch.cat([h for *_, h in work])})
         guesses = self._greedy(out["logits"])
-        for (seq, _, stop, _), guess, hidden in zip(work, guesses, out["hidden_states"]):
+        for (seq, tokens, _, stop, _), guess, hidden in zip(work, guesses, out["hidden_states"]):
             self._next[seq] = stop
-            if stop == seq.num_tokens - 1:
-                self._first[seq] = (seq.num_tokens, guess, hidden)
+            if stop == len(tokens) - 1:
+                self._first[seq] = (len(tokens), guess, hidden)
             else:
                 self._first.pop(seq, None)
+
+    def read_kv(self, slots: torch.Tensor, out: torch.Tensor) -> None:
+        """The head's K and V at `slots` into `out` [1, 2, n, Hk, D]: a prompt's, for a decode worker."""
+        self.runner.read_kv(slots, out)
+
+    def write_kv(self, seq: Sequence, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Stores a prefill worker's head KV of `seq`'s prompt (`read_kv`'s) at `slots`: the head guesses for it."""
+        self.runner.write_kv(slots, kv)
+        self._imported_with_kv.add(seq)
 
     def propose_batch(self, requests: list[tuple[Sequence, int]]) -> list[list[int]]:
         guesses: dict[Sequence, list[int]] = {}

@@ -27,6 +27,17 @@ class TargetHead:
 
 
 @dataclass(frozen=True)
+class TargetStep:
+    """A target step as a proposer may follow it (`Proposer.step_done`): each (sequence, first position, rows) it
+    computed, in row order; the rows' final hidden states, where the target outputs them; and what it sampled and
+    kept for each sequence, about to be appended."""
+
+    computed: list[tuple[Sequence, int, int]]
+    hidden_states: torch.Tensor | None
+    new_tokens: dict[Sequence, list[int]]
+
+
+@dataclass(frozen=True)
 class ProposerContext:
     """What a proposer may need of the engine that runs it: a draft model runs beside the target, on its backend,
     with as many cache blocks of the same size (and, with recurrent layers, a state slot per running sequence), and
@@ -58,10 +69,8 @@ class Proposer:
         """Each (sequence, k)'s guess, in order."""
         return [self.propose(seq.token_ids, k) for seq, k in requests]
 
-    def step_done(self, computed: list[tuple[Sequence, int, int]], hidden_states: torch.Tensor | None) -> None:
-        """After each target step: each (sequence, first position, rows) it computed, in row order, the sequence
-        now holding what the step sampled and kept; `hidden_states`: the rows' final hidden states, where the target
-        outputs them."""
+    def step_done(self, step: TargetStep) -> None:
+        """After each target step, before its tokens are appended."""
 
     def keep_only(self, running: list[Sequence]) -> None:
         """After each step: the sequences the engine runs now; a proposer holding state per sequence lets go of the

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.budget import SpecBudget
 from sagellm.runtime.engine.speculative.config import SpeculativeConfig
 from sagellm.runtime.engine.speculative.methods import make_proposer
-from sagellm.runtime.engine.speculative.proposers import ProposerContext
+from sagellm.runtime.engine.speculative.proposers import ProposerContext, TargetStep
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats
 
 
@@ -60,9 +58,8 @@ class Speculator:
         """A step that only decoded (next tokens and proposals: `rows` in all) took `seconds`, whole."""
         self.budget.step_took(rows, seconds)
 
-    def step_done(self, computed: list[tuple[Sequence, int, int]], hidden_states: torch.Tensor | None) -> None:
-        """The target's step ran, sampled and kept its tokens (Proposer.step_done)."""
-        self.proposer.step_done(computed, hidden_states)
+    def step_done(self, step: TargetStep) -> None:
+        self.proposer.step_done(step)
 
     def keep_only(self, running: list[Sequence]) -> None:
         self.proposer.keep_only(running)
