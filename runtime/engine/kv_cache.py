@@ -39,6 +39,13 @@ def window_group(config: ModelConfig) -> int:
     return max(windows) if len(windows) == 2 and 0 in windows else 0
 
 
+def uniform_window(config: ModelConfig) -> int:
+    """The window every KV layer slides over (Mistral 7B v0.1, Phi-3 mini), 0 otherwise: the one group of blocks
+    then gives back those the window has passed."""
+    windows = {config.window_of(i) for i in config.kv_layers}
+    return windows.pop() if len(windows) == 1 else 0
+
+
 def allocate_kv_caches(
     config: ModelConfig,
     num_blocks: int,

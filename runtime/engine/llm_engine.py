@@ -23,7 +23,7 @@ from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, grammar_compiler, mask_logits, new_masks
 from sagellm.runtime.engine.kv_budget import kv_cache_blocks, window_group_blocks
-from sagellm.runtime.engine.kv_cache import token_slots, window_group
+from sagellm.runtime.engine.kv_cache import token_slots, uniform_window, window_group
 from sagellm.runtime.engine.memory_report import memory_report
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -40,6 +40,7 @@ from sagellm.runtime.engine.speculative.speculator import Speculator
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, accepted_tokens, sampled_rows
 from sagellm.runtime.engine.state_cache import bytes_per_state_slot
 from sagellm.runtime.engine.thinking import ThinkingTracker
+from sagellm.runtime.engine.window_blocks import WindowedBlocks
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
@@ -134,7 +135,7 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 num_blocks=num_blocks,
                 block_size=config.block_size,
-                window=window_group(rank0) if window_blocks else 0,
+                window=window_group(rank0) if window_blocks else uniform_window(rank0),
                 num_window_blocks=window_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
                 scheduling_policy=config.scheduling_policy,
@@ -281,12 +282,11 @@ class LLMEngine:
     def _kv_slots(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cache slots of `seq`'s positions [start, end), and where its sliding-window layers keep blocks of
         their own (window_blocks.py), theirs (-1 for the passed positions)."""
-        bs, device = self.runner.block_size, self.runner.device
+        bs, device, blocks = self.runner.block_size, self.runner.device, self.scheduler.block_manager
+        if not isinstance(blocks, WindowedBlocks):  # one group, which slides when every layer does
+            return token_slots(seq.block_table, start, end, bs, device, blocks.null_block), None
         slots = token_slots(seq.block_table, start, end, bs, device)
-        if not seq.window_table:
-            return slots, None
-        null = self.scheduler.block_manager.sliding.null_block
-        return slots, token_slots(seq.window_table, start, end, bs, device, null)
+        return slots, token_slots(seq.window_table, start, end, bs, device, blocks.sliding.null_block)
 
     def _new_request(
         self,

@@ -32,7 +32,8 @@ class SchedulerConfig:
     max_model_len: int  # prompt + output tokens of one sequence
     num_blocks: int  # KV cache blocks
     block_size: int  # tokens per block
-    # A model whose sliding-window layers keep a cache group of their own: their window and that group's blocks.
+    # A model whose sliding-window layers keep a cache group of their own: their window and that group's blocks; a
+    # model whose every layer slides: the window of its one group.
     window: int = 0
     num_window_blocks: int = 0
     enable_prefix_caching: bool = True
@@ -108,8 +109,10 @@ class Scheduler:
         if config.num_window_blocks:
             self.block_manager = WindowedBlocks(config.num_blocks, config.num_window_blocks, config.block_size,
                                                 config.window, config.enable_prefix_caching)  # fmt: skip
-        else:
-            self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        else:  # one group, which slides when every layer does
+            self.block_manager = BlockManager(
+                config.num_blocks, config.block_size, config.enable_prefix_caching, window=config.window
+            )
         self.state_slots: StateSlots | None = None
         if config.num_state_slots:
             self.state_slots = StateSlots(config.num_state_slots, config.num_state_checkpoints, config.speculative)

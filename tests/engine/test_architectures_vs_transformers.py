@@ -134,6 +134,42 @@ def test_sliding_layers_give_back_the_blocks_before_their_window(tiny):
     assert finished[0].outputs[0].token_ids == hf_greedy(hf, again, 4)
 
 
+def test_a_model_whose_every_layer_slides_gives_back_the_blocks_its_window_passed(tiny):
+    """Mistral (every layer sliding over 8 positions): its one group of blocks gives back those before the window
+    as a sequence runs; tokens transformers', a prefix hit still found, and a hand-over to a decode worker carries
+    the window's KV (zeros for the passed positions, which nothing reads)."""
+    path, hf, prompts, expected, settings = tiny
+    if path.name != "mistral":
+        pytest.skip("Mistral's tiny model is the one whose every layer slides")
+    engine = LLMEngine(EngineConfig(model=str(path), **settings))
+    blocks = engine.scheduler.block_manager
+    assert blocks.window == 8 and blocks.null_block == 0
+    engine.add_request("long", prompts[1], GREEDY)
+    held, tokens = [], []
+    while engine.has_unfinished_requests():
+        held += [sum(b != blocks.null_block for b in seq.block_table) for seq in engine.scheduler.running]
+        tokens += [t for out in engine.step() for t in out.outputs[0].token_ids_delta]
+    assert tokens == expected[1] and max(held) <= 8 // 4 + 2
+    assert blocks.num_free_blocks == blocks.num_blocks - 1  # all back but the null block
+    again = prompts[1][:-1] + [prompts[1][-1] % (hf.config.vocab_size - 3) + 3]
+    engine.add_request("again", again, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), prefill_only=True)
+    (handed,) = run_until_finished(engine)
+    assert handed.metrics.num_cached_tokens == (len(again) - 1) // 4 * 4
+    decode = LLMEngine(EngineConfig(model=str(path), **settings))
+    first = decode.add_prefilled_request("again", again, GREEDY, handed.outputs[0].token_ids[0], handed.kv)
+    tokens = first.outputs[0].token_ids_delta
+    while decode.has_unfinished_requests():
+        tokens += [t for out in decode.step() for t in out.outputs[0].token_ids_delta]
+    assert tokens == hf_greedy(hf, again, TOKENS)
+
+
+def run_until_finished(engine: LLMEngine) -> list:
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [out for out in engine.step() if out.finished]
+    return finished
+
+
 def test_seeded_sampling_draws_the_same_alone_and_in_a_chunked_batch(tiny):
     path, _, prompts, _, settings = tiny
     seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
