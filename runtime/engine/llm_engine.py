@@ -281,7 +281,8 @@ class LLMEngine:
 
     def _kv_slots(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cache slots of `seq`'s positions [start, end), and where its sliding-window layers keep blocks of
-        their own (window_blocks.py), theirs (-1 for the passed positions)."""
+        their own (window_blocks.py), theirs; -1 for a position a sliding group has passed (in the one group too,
+        when every layer slides)."""
         bs, device, blocks = self.runner.block_size, self.runner.device, self.scheduler.block_manager
         if not isinstance(blocks, WindowedBlocks):  # one group, which slides when every layer does
             return token_slots(seq.block_table, start, end, bs, device, blocks.null_block), None

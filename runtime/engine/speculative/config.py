@@ -26,7 +26,6 @@ class SpeculativeConfig:
     # False: every proposal, every step, as vLLM does.
     adaptive: bool = True
     model: str | None = None  # draft_model: the draft's path or name (the model cache resolves it)
-    # mtp: the model's own multi-token prediction head (Qwen3.5, Qwen3-Next: mtp_head.py) guesses
 
 
 def parse_speculative_config(raw: dict[str, Any] | None) -> SpeculativeConfig | None:
