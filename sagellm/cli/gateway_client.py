@@ -17,6 +17,7 @@ from sagellm.common.home import gateway_dir
 from sagellm.gateway.state import PID_FILE, read_record
 
 ENGINES_PATH = "/v1/management/engines"
+MODELS_PATH = "/v1/management/models"
 
 
 class GatewayError(Unavailable):
@@ -93,6 +94,10 @@ class ManagementClient:
     def engines(self) -> list[dict[str, Any]]:
         return self.call("GET", ENGINES_PATH)["data"]
 
+    def models(self) -> list[dict[str, Any]]:
+        """The models loaded on demand (none for a gateway of one graph)."""
+        return self.call("GET", MODELS_PATH)["data"]
+
     def start_engine(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", ENGINES_PATH, {k: v for k, v in body.items() if v is not None})
 
@@ -131,6 +136,23 @@ def engines_table(engines: list[dict[str, Any]], title: str = "engines") -> Any:
             str(e.get("in_flight", "")),
             str(e.get("restarts", 0)),
         )
+    return table
+
+
+def models_table(models: list[dict[str, Any]]) -> Any:
+    """The models loaded on demand: status, memory (the engine's resident set), requests and idle time."""
+    from rich.table import Table
+
+    colors = {"loaded": "green", "loading": "yellow", "unloaded": "white", "failed": "red"}
+    table = Table(title="models on demand")
+    for column in ("model", "status", "engine", "memory", "in flight", "idle", "source"):
+        table.add_column(column, overflow="fold")
+    for m in models:
+        value = m["status"]["value"] + (" (draining)" if m["status"].get("draining") else "")
+        memory = f"{m['memory_bytes'] / 2**30:.2f} GiB" if m.get("memory_bytes") else ""
+        idle = f"{m['idle_s']:.0f} s" if m.get("idle_s") is not None else ""
+        table.add_row(m["id"], f"[{colors.get(m['status']['value'], 'white')}]{value}[/]", m.get("engine") or "",
+                      memory, str(m.get("in_flight", "")), idle, m.get("source") or "")  # fmt: skip
     return table
 
 

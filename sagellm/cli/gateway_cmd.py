@@ -1,7 +1,7 @@
 """`sagellm gateway start|stop|status|logs`: the gateway as a background process.
 
     sagellm gateway start --port 8000 --no-embedding     # `sagellm serve` detached; waits until /health answers
-    sagellm gateway status                              # address, pid, uptime, health, engines
+    sagellm gateway status                              # address, pid, uptime, health, engines, models on demand
     sagellm gateway logs --follow
     sagellm gateway stop                                # SIGTERM (graceful), SIGKILL after --timeout
 
@@ -25,6 +25,7 @@ from sagellm.cli.gateway_client import (
     ManagementClient,
     add_state_dir_argument,
     engines_table,
+    models_table,
     running_pid,
     state_dir_of,
 )
@@ -202,7 +203,11 @@ def run_status(args: argparse.Namespace) -> int:
     table.add_row("log", record.log)
     console.print(table)
     try:
-        console.print(engines_table(ManagementClient.from_args(args).engines()))
+        client = ManagementClient.from_args(args)
+        console.print(engines_table(client.engines()))
+        models = client.models()
+        if models:
+            console.print(models_table(models))
     except SageLLMError as error:  # unreachable, or a refused call (another admin key): the status is still shown
         console.print(f"[yellow]engines: {error}[/]")
     return 0 if health == "ok" else 1

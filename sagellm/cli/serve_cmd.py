@@ -5,13 +5,16 @@
     sagellm serve graphs/pd.yaml --port 8001 --api-key sk-local --no-embedding
     sagellm serve --no-llm -e all-minilm-l6-v2 --port 8002   # embeddings only (an `embedding` engine)
     sagellm serve --host 0.0.0.0 --join http://head:8000 --join-key ADMIN_KEY   # one more instance of the head's
+    sagellm serve --model chat=smollm2-135m-instruct --model big=./qwen3.gguf --max-loaded-models 1 --idle-unload-s 600
 
 A model (a path, a .gguf file, an alias or a hub id) is served on the default graph (colocated: one engine); a .yaml
 file or a shipped graph's name is served as that graph. The engine flags (vLLM's names: `--max-model-len`,
 `--max-num-seqs`, `--max-num-batched-tokens`, `--enable-prefix-caching`, ...) set every engine node of the graph, with
-the same checks as the graph file. The graph's sources are replaced by the HTTP source and its printing sinks dropped
-(see sagellm.gateway.serving.core). Models that are known aliases are downloaded first. Ctrl-C or SIGTERM stop it
-gracefully."""
+the same checks as the graph file. `--model NAME=MODEL`, repeated, serves each model as NAME, loaded when a request
+first names it and evicted or unloaded as `--max-loaded-models`, the memory and `--idle-unload-s` say
+(sagellm.gateway.control.model_pool); the engine flags set each. The graph's sources are replaced by the HTTP source
+and its printing sinks dropped (see sagellm.gateway.serving.core). Models that are known aliases are downloaded
+first. Ctrl-C or SIGTERM stop it gracefully."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sagellm.common.errors import InvalidInput
+from sagellm.common.errors import FieldError, InvalidInput
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +46,27 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="a model (path, .gguf, alias or org/name) on the default graph, or a pipeline YAML / shipped graph name "
         "(default: graphs/colocated.yaml with its model)",
     )
-    p.add_argument("--model", "-m", help="the LLM (path, .gguf, alias or org/name; default: the graph's model)")
+    p.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        metavar="[NAME=]MODEL",
+        help="the LLM (path, .gguf, alias or org/name; default: the graph's model); NAME=MODEL, repeatable: models "
+        "loaded on demand, each served as NAME",
+    )
+    p.add_argument(
+        "--max-loaded-models",
+        type=int,
+        metavar="N",
+        help="with NAME=MODEL: models loaded at once; the least recently used idle one makes room (default: as many "
+        "as memory allows)",
+    )
+    p.add_argument(
+        "--idle-unload-s",
+        type=float,
+        metavar="S",
+        help="with NAME=MODEL: unload a model no request has used for S seconds (default: only to make room)",
+    )
     p.add_argument("--embedding-model", "-e", help="the embedding model (default all-minilm-l6-v2)")
     p.add_argument("--no-embedding", action="store_true", help="serve no embedding model")
     p.add_argument("--no-llm", action="store_true", help="serve only the embedding model (no graph, no LLM)")
@@ -160,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
     from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
 
     embedding = None if args.no_embedding else (args.embedding_model or DEFAULT_EMBEDDING_MODEL)
+    on_demand = _models_on_demand(args)
+    if on_demand is not None:
+        return _serve_on_demand(args, embedding, on_demand)
     if args.no_llm:
         return _serve_embeddings_only(args, embedding)
     _model_or_graph(args)
@@ -185,12 +211,72 @@ def apply_autoscale(graph: Any, bounds: str | None) -> Any:
     return validate(graph, graph.attrs.get("_locations"), file=graph.attrs.get("_file"))
 
 
+def _models_on_demand(args: argparse.Namespace) -> Any:
+    """`--model NAME=MODEL ...` as the gateway's models on demand (None: one model, or none, given the usual way,
+    left in `args.model`)."""
+    from sagellm.gateway.config import ModelsOnDemand
+
+    given = args.model if isinstance(args.model, list) else [args.model] if args.model else []
+    named = [m for m in given if "=" in m and not Path(m).exists()]
+    if not named:
+        if len(given) > 1:
+            raise InvalidInput("several --model: give each as NAME=MODEL to serve them on demand")
+        args.model = given[0] if given else None
+        if args.max_loaded_models is not None or args.idle_unload_s is not None:
+            raise InvalidInput("--max-loaded-models and --idle-unload-s are for models given as --model NAME=MODEL")
+        return None
+    if len(named) < len(given):
+        raise InvalidInput("--model: give every model as NAME=MODEL when one is (a model alone has no name)")
+    pairs = [m.split("=", 1) for m in named]
+    models = dict(pairs)
+    if len(models) < len(pairs):
+        raise InvalidInput("--model NAME=MODEL: each NAME once")
+    return ModelsOnDemand(models, max_loaded=args.max_loaded_models, idle_unload_s=args.idle_unload_s)
+
+
+def _serve_on_demand(args: argparse.Namespace, embedding: str | None, on_demand: Any) -> int:
+    """`--model NAME=MODEL ...`: the models loaded on demand, each an engine of the control plane, on the graph with
+    no engine of its own (with the embedding model unless --no-embedding)."""
+    import dataclasses
+
+    import trio
+
+    from sagellm import graphs
+    from sagellm.cli.engine_flags import engine_settings
+    from sagellm.gateway.config import DEFAULT_GRAPH
+    from sagellm.runtime.models.model_cache import resolve_model
+    from sagellm.runtime.pipeline.yaml_io import load_pipeline
+
+    if args.graph != str(DEFAULT_GRAPH):
+        raise InvalidInput(f"--model NAME=MODEL names the models: leave out {args.graph!r} (graphs serve one model)")
+    clashes = [flag for flag, value in (("--no-llm", args.no_llm), ("--join", args.join), ("--autoscale",
+               args.autoscale), ("--api-servers", args.api_servers), ("--served-model-name", args.served_model_name))
+               if value]  # fmt: skip
+    if clashes:
+        raise InvalidInput(f"--model NAME=MODEL: {', '.join(clashes)} not served with models on demand yet")
+    try:
+        on_demand = dataclasses.replace(on_demand, engine=engine_settings(args))
+        on_demand.check()
+    except FieldError as error:
+        raise InvalidInput(f"--model NAME=MODEL: {error}") from None
+    for model in (*on_demand.models.values(), embedding):
+        if model:
+            resolve_model(model)  # download once, up front: a request then waits only for the load
+    graph = load_pipeline(graphs.find("control_plane"))
+    config = _config(args, embedding, next(iter(on_demand.models)))
+    config.models_on_demand = on_demand
+    trio.run(_serve_showing_progress, graph, config, 0)
+    return 0
+
+
 def _model_or_graph(args: argparse.Namespace) -> None:
     """The positional argument names a graph (a .yaml file, or a shipped graph's name) or else a model, served on the
     default graph (a model given both ways is an error: which one was meant?)."""
     from sagellm import graphs
     from sagellm.gateway.config import DEFAULT_GRAPH
 
+    if isinstance(args.model, list) and _models_on_demand(args) is not None:
+        raise InvalidInput("--model NAME=MODEL serves models on demand, without a graph of one model")
     target = Path(args.graph)
     if target.suffix in (".yaml", ".yml") or graphs.find(args.graph).suffix in (".yaml", ".yml"):
         return

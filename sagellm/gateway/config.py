@@ -58,6 +58,28 @@ class JoinSettings:
     drain_timeout_s: float = 120.0  # how long leaving waits for the head to drain this server
 
 
+@dataclass(frozen=True)
+class ModelsOnDemand:
+    """Models a gateway loads when a request names them (`sagellm serve --model NAME=MODEL ...`,
+    sagellm.gateway.control.model_pool)."""
+
+    models: dict[str, str]  # the name clients send -> the model (path, .gguf, alias or org/name)
+    engine: dict[str, Any] = field(default_factory=dict)  # every model's engine settings (EngineConfig's fields)
+    max_loaded: int | None = None  # models loaded at once (None: as many as memory allows)
+    idle_unload_s: float | None = None  # a model idle this long is unloaded (None: only to make room)
+
+    def check(self) -> None:
+        if not self.models:
+            raise FieldError("models", "models on demand need at least one NAME=MODEL")
+        for name, model in self.models.items():
+            if not name.strip() or not model.strip():
+                raise FieldError("models", f"a model on demand is NAME=MODEL, both non-empty; got {name}={model}")
+        if self.max_loaded is not None and self.max_loaded < 1:
+            raise FieldError("max_loaded", f"--max-loaded-models must be >= 1, got {self.max_loaded}")
+        if self.idle_unload_s is not None and not self.idle_unload_s > 0:
+            raise FieldError("idle_unload_s", f"--idle-unload-s must be > 0, got {self.idle_unload_s}")
+
+
 @dataclass
 class GatewayConfig:
     host: str = "127.0.0.1"
@@ -86,6 +108,7 @@ class GatewayConfig:
     # send none, such as the control-plane benchmark: only on a gateway bound to loopback, with no API hub, so every
     # caller is a process on this machine; browsers' cross-site requests stay refused by the Host/Origin check).
     admin_auth: str = "key"
+    models_on_demand: ModelsOnDemand | None = None  # models loaded when requests name them, besides the graph's
 
     def host_names(self) -> frozenset[str] | None:
         if self.allowed_hosts is not None:

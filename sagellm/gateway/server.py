@@ -34,9 +34,12 @@ from sagellm.gateway.api_servers.link import FrontEnd
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.control.admin_routes import AdminRoutes
 from sagellm.gateway.control.autoscaler import Autoscaler
+from sagellm.gateway.control.engine_spec import EngineSpec
 from sagellm.gateway.control.engines import EngineManager
 from sagellm.gateway.control.join import Membership
 from sagellm.gateway.control.management_routes import ManagementRoutes
+from sagellm.gateway.control.model_pool import ModelPool
+from sagellm.gateway.control.model_routes import ModelRoutes
 from sagellm.gateway.http.app import App
 from sagellm.gateway.http.auth import admin_key, key_guard
 from sagellm.gateway.http.limits import HttpLimits
@@ -72,10 +75,16 @@ class Gateway:
     engines: EngineManager
     hub: ApiServerHub | None = None  # with API servers: the core's end of them
     autoscaler: Autoscaler | None = None  # with `autoscale:` in the graph
+    models: ModelPool | None = None  # with models loaded on demand
 
 
 def build_app(
-    core: ServingCore, config: GatewayConfig, admin: str, engines: EngineManager, autoscaler: Autoscaler | None = None
+    core: ServingCore,
+    config: GatewayConfig,
+    admin: str,
+    engines: EngineManager,
+    autoscaler: Autoscaler | None = None,
+    models: ModelPool | None = None,
 ) -> App:
     problem = config.admin_auth_problem()
     if problem is not None:
@@ -87,12 +96,13 @@ def build_app(
     openai_routes = OpenAIRoutes(
         core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
         reasoning_budget=config.reasoning_budget,
-    )
+    )  # fmt: skip
     openai_routes.register(app, api_guard)
     ResponsesRoutes(openai_routes).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
-    AdminRoutes(core, (autoscaler,) if autoscaler is not None else ()).register(app, admin_guard)
+    AdminRoutes(core, tuple(c for c in (autoscaler, models) if c is not None)).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
+    ModelRoutes(models).register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
     tokenizer_routes = TokenizerRoutes(core)
     tokenizer_routes.register(app, api_guard)
@@ -138,7 +148,8 @@ async def serve(
     admin = admin_key(config.state_dir, config.admin_key)
     scaling = graph.attrs.get("autoscale")
     autoscaler = Autoscaler(core, engines, AutoscaleSettings.from_settings(scaling)) if scaling is not None else None
-    app = build_app(core, config, admin, engines, autoscaler)
+    models = model_pool(config, core, engines)
+    app = build_app(core, config, admin, engines, autoscaler, models)
     stop = trio.Event()
     membership = Membership(config.join) if config.join is not None else None
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
@@ -146,6 +157,10 @@ async def serve(
             await nursery.start(core.run)
             await nursery.start(engines.run)
             signals, member, scaling_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+            loading_scope = trio.CancelScope()
+            if models is not None:
+                _check_model_names(models, core)
+                await nursery.start(_keep_loading, models, loading_scope)
             if autoscaler is not None:
                 nursery.start_soon(_keep_scaling, autoscaler, scaling_scope)
             if handle_signals:
@@ -161,15 +176,44 @@ async def serve(
                 log.info("gateway_ready", url=url, models=core.models(), memory=process_memory(core))
                 if membership is not None:
                     nursery.start_soon(_keep_membership, membership, url, member)
-                task_status.started(Gateway(url, core, admin, stop, engines, hub, autoscaler))
+                task_status.started(Gateway(url, core, admin, stop, engines, hub, autoscaler, models))
             signals.cancel()  # the server returned: stop was set and the requests it held have finished
             scaling_scope.cancel()  # no replica is added or drained while the gateway stops
+            loading_scope.cancel()  # nor a model loaded or unloaded
             if membership is not None:
                 with trio.CancelScope(shield=True):
                     await membership.leave()  # no-op if a signal already made it leave
                 member.cancel()
             engines.shutdown()  # managed engine processes stop
             core.shutdown()  # the graph drains what is left, then core.run returns
+
+
+def model_pool(config: GatewayConfig, core: ServingCore, engines: EngineManager) -> ModelPool | None:
+    """The models loaded on demand (`--model NAME=MODEL ...`), each an llm engine of the control plane served as its
+    name, waiting as long as the failover's retry does; None without any."""
+    on_demand = config.models_on_demand
+    if on_demand is None:
+        return None
+    specs = {name: EngineSpec(model=model, served_model_name=name, engine=dict(on_demand.engine))
+             for name, model in on_demand.models.items()}  # fmt: skip
+    for spec in specs.values():
+        spec.check()
+    pool = ModelPool(engines, core, specs, max_loaded=on_demand.max_loaded, idle_unload_s=on_demand.idle_unload_s,
+                     wait_s=config.failover.retry_wait_s)  # fmt: skip
+    core.models_on_demand = pool
+    core.registry.on_demand = pool.names()
+    return pool
+
+
+def _check_model_names(models: ModelPool, core: ServingCore) -> None:
+    taken = set(_served_names(core)) & set(models.models)
+    if taken:
+        raise InvalidInput(f"--model NAME=MODEL: {', '.join(sorted(taken))} is the embedding model's name too")
+
+
+async def _keep_loading(models: ModelPool, scope: trio.CancelScope, *, task_status: trio.TaskStatus) -> None:
+    with scope:
+        await models.run(task_status=task_status)
 
 
 def process_memory(core: ServingCore) -> str:

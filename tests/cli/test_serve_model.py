@@ -110,13 +110,7 @@ def test_serve_a_model_with_vllm_flags_and_tensor_parallel_and_chat_with_it(tiny
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=_env(tmp_path))  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_until_ready(server, url)
         models = httpx.get(url + "/v1/models").json()["data"]
         assert [(m["id"], m["max_model_len"]) for m in models] == [(str(tiny), 64)]  # the flag's, not the model's 512
         long = httpx.post(url + "/v1/completions", json={"prompt": list(range(1, 101)), "max_tokens": 4}, timeout=60)
@@ -164,6 +158,17 @@ def test_chat_piped_to_a_local_model_answers_once_on_stdout(tiny, tmp_path):
     (tmp_path / "bad.json").write_text('{"type": "objec"}')
     bad = sagellm(tmp_path, "chat", str(tiny), "--json-schema", str(tmp_path / "bad.json"), input_text="Hi")
     assert bad.returncode == 2 and "Invalid type: objec" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def wait_until_ready(server: subprocess.Popen, url: str, timeout_s: float = 180) -> None:
+    """Until the server at `url` answers /ready with a 200 (or its process ends, or the time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

@@ -263,6 +263,10 @@ class RemoteCore:
         own = {self.state.model_name, *self.state.model_aliases}
         return instance_model(name, own, lambda: self.state.instance_models, self.models)
 
+    async def model_ready(self, model: str | None, submits: bool = True) -> None:
+        """As `ServingCore.model_ready`: at once, a core behind API servers loads no model on demand (`serve`
+        refuses the two together)."""
+
     async def tokenize_prompts(self, requests: list[Request], every: bool = False) -> None:
         """As `ServingCore.tokenize_prompts`; here every prompt is tokenized (the core's event loop is spared)."""
         await tokenize_prompts(requests, self.tokenizer, self.state.vocab_size, self.max_model_len, short_too=True)
@@ -363,9 +367,13 @@ def _app(link: CoreLink, served: ServedModel | None, settings: dict[str, Any]) -
     app = App(allowed_hosts=frozenset(allowed) if allowed is not None else None)
     to_core = CoreCalls(link)
     front = link.snapshot.front_end
-    routes = OpenAIRoutes(RemoteCore(link, served), to_core=to_core, tool_call_parser=front.tool_call_parser,
-                          reasoning_parser=front.reasoning_parser,
-                          reasoning_budget=front.reasoning_budget)  # type: ignore[arg-type]  # what it reads
+    routes = OpenAIRoutes(
+        RemoteCore(link, served),
+        to_core=to_core,
+        tool_call_parser=front.tool_call_parser,
+        reasoning_parser=front.reasoning_parser,
+        reasoning_budget=front.reasoning_budget,
+    )  # type: ignore[arg-type]  # what it reads
     routes.register_generation(app, key_guard(link.snapshot.front_end.api_keys, "API"))
     app.fallback = to_core
     return app

@@ -148,8 +148,11 @@ class AdminRoutes:
 
     def _status(self) -> dict[str, Any]:
         instances = list(self.core.registry.instances().values())
+        status = service_status(instances)
+        if status == "unavailable" and self.core.models_on_demand is not None:
+            status = "ok"  # no model loaded, and a request loads the one it names
         return {
-            "status": service_status(instances),
+            "status": status,
             "model": self.core.model_name,
             "engines": [
                 {"name": s.name, "role": s.role, "state": s.state, "healthy": s.healthy, "running": s.running}

@@ -128,7 +128,9 @@ class OpenAIRoutes:
             embedder = self.core.embedder(name)
             own = self.core.max_model_len if name == self.core.model_name else None
             length = {"max_model_len": embedder.max_length if embedder is not None else own}
-            return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length}
+            pool = getattr(self.core, "models_on_demand", None)  # (an API server's core loads none)
+            status = {"status": pool.status(name)} if pool is not None and name in pool.models else {}
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length, **status}
 
         return Response({"object": "list", "data": [card(name) for name in self.core.models()]})
 
@@ -136,6 +138,7 @@ class OpenAIRoutes:
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
         model = self.core.instance_model(body.model)
+        await self.core.model_ready(model)
         defaults = self.core.sampling_defaults(model)
         constraint = guided_decoding(body)
         guided = constraint[0] if constraint else None
@@ -278,6 +281,7 @@ class OpenAIRoutes:
     ) -> tuple[Request, ReplyPlan, list[dict[str, object]] | None]:
         """A chat's pipeline request ready to submit (grounded, tokenized if long, its constraint compiled), how its
         reply is read (thinking, tool calls), and a grounded chat's sources; `owner`: who may read its status."""
+        await self.core.model_ready(self.core.instance_model(body.model))  # a model loaded on demand: loaded first
         request, constraint, tool_use = self._chat_request(body, headers)
         request.owner = owner
         await self._hand_off(body, [request], body.n)

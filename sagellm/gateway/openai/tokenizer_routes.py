@@ -68,7 +68,7 @@ class TokenizerRoutes:
     async def tokens(self, body: TokenizeRequest) -> tuple[list[int], ServedModel]:
         """The tokens a prompt or a chat would be charged as served, and the model whose tokenizer counted them (for
         `/tokenize` and the Messages API's `count_tokens`)."""
-        served = self._served(body.model)
+        served = await self._served(body.model)
         tokenizer = served.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give one of prompt or messages", param="prompt")
@@ -86,7 +86,7 @@ class TokenizerRoutes:
 
     async def detokenize(self, http: HttpRequest) -> Response:
         body = http.json(DetokenizeRequest)
-        served = self._served(body.model)
+        served = await self._served(body.model)
         vocab = served.vocab_size
         beyond = next((t for t in body.tokens if vocab is not None and t >= vocab), None)
         if beyond is not None:
@@ -94,7 +94,7 @@ class TokenizerRoutes:
         return Response({"prompt": served.tokenizer.decode(body.tokens)})
 
     async def tokenizer_info(self, http: HttpRequest) -> Response:
-        served = self._served(http.query.get("model"))
+        served = await self._served(http.query.get("model"))
         tokenizer = served.tokenizer
         info = {key: _plain(value) for key, value in tokenizer.init_kwargs.items() if key not in _FILE_KEYS}
         info["tokenizer_class"] = type(tokenizer).__name__
@@ -107,9 +107,11 @@ class TokenizerRoutes:
     async def version(self, _: HttpRequest) -> Response:
         return Response({"version": version("sagellm")})
 
-    def _served(self, name: str | None) -> ServedModel:
-        """The front-end files of the model a request names: the graph's, or another whose engines are ours."""
+    async def _served(self, name: str | None) -> ServedModel:
+        """The front-end files of the model a request names: the graph's, or another whose engines are ours (one
+        loaded on demand is loaded first)."""
         model = self.core.instance_model(name)
+        await self.core.model_ready(model, submits=False)
         served = self.core.served if model is None else self.core.registry.files_of(model)
         if served is None or served.tokenizer is None:
             where = "the server that serves it tokenizes" if model is not None else "the model has no tokenizer here"

@@ -62,6 +62,9 @@ class ServingCore:
         self._live: dict[str, RequestStream] = {}  # by the client's request id, until the request ends
         # ended requests' owner and last status, oldest first
         self._recent: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+        self._live_of_model: Counter[str | None] = Counter()  # requests live, by `Request.model`
+        # The models loaded on demand (`control.model_pool.ModelPool`), when the gateway has any.
+        self.models_on_demand: Any = None
         self.new_id = RequestIds()
         self.registry = InstanceRegistry(self.model_name, lambda: self.local, model_aliases or ())
         self.kv_outbox = KVOutbox()  # prefills run here for decode servers elsewhere (vLLM's kv_transfer_params)
@@ -129,8 +132,11 @@ class ServingCore:
         for request in requests:
             stream = self._streams[request.request_id] = RequestStream(self, request, self.failover)
             self._live[request.request_id] = stream
+            self._live_of_model[request.model] += 1
             self.source.submit(request)
             streams.append(stream)
+        if self.models_on_demand is not None and requests and requests[0].model is not None:
+            self.models_on_demand.submitted(requests[0].model)
         return streams
 
     def cancel(self, request_id: str) -> None:
@@ -168,7 +174,8 @@ class ServingCore:
 
     def ended(self, stream: RequestStream) -> None:
         """A request's client got its last item (or left): its status is kept among the recent ones."""
-        self._live.pop(stream.request.request_id, None)
+        if self._live.pop(stream.request.request_id, None) is not None:
+            self._live_of_model[stream.request.model] -= 1
         self._recent[stream.request.request_id] = (stream.request.owner, stream.status())
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)
@@ -227,6 +234,18 @@ class ServingCore:
 
     def instance_model(self, name: str | None) -> str | None:
         return self.registry.instance_model(name)
+
+    async def model_ready(self, model: str | None, submits: bool = True) -> None:
+        """Waits until `model` (a request's `Request.model`) is loaded, when it is one loaded on demand (raises
+        ApiError 503 when it cannot be in time); returns at once for any other. `submits`: a request of it follows,
+        which the model is kept for (a tokenizer route's call submits none)."""
+        pool = self.models_on_demand
+        if pool is not None and model is not None and model in pool.models:
+            await pool.ready(model, hold=submits)
+
+    def streams_of(self, model: str | None) -> int:
+        """Requests of `model` (a `Request.model`) the gateway answers now."""
+        return self._live_of_model[model]
 
     def engines_of_ours(self, model: str) -> bool:
         """Whether another model's instances are engines of ours (workers of the graph), not servers we only reach."""

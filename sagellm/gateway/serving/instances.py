@@ -28,6 +28,7 @@ class InstanceRegistry:
         self.own_model, self._local = own_model, local
         self.aliases = [name for name in dict.fromkeys(aliases) if name != own_model]
         self._served: dict[str, ServedModel] = {}  # other models whose instances take tokens: their front-end files
+        self.on_demand: list[str] = []  # models loaded when a request names them (control.model_pool), in any status
 
     def instances(self) -> dict[str, Any]:
         local = self._local()
@@ -108,12 +109,12 @@ class InstanceRegistry:
         return False
 
     def models(self) -> list[str]:
-        """The model names served: the graph's own generation model (if it has engines), then the others (its
-        embedding model, those of attached instances that are not all failed), each once."""
+        """The model names served: the graph's own generation model (if it has engines), those loaded on demand,
+        then the others (its embedding model, those of attached instances that are not all failed), each once."""
         stats = self.instances().values()
         own = [self.own_model, *self.aliases] if any(s.model is None for s in stats) else []
         others = [s.model for s in stats if s.model is not None and not s.failed]
-        return list(dict.fromkeys([*own, *others]))
+        return list(dict.fromkeys([*own, *self.on_demand, *others]))
 
     def embedders(self) -> list[EmbeddingOperator]:
         """This process's embedding nodes."""
@@ -143,12 +144,19 @@ class InstanceRegistry:
 
     def instance_model(self, name: str | None) -> str | None:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
-        name itself for a model attached instances serve. Raises ApiError 404 for any other."""
-        return instance_model(name, {self.own_model, *self.aliases}, self._attached_models, self.models)
+        name itself for a model attached instances serve. Raises ApiError 404 for any other; 400 for none named when
+        the graph serves none and models load on demand (which one was meant?)."""
+        own = {self.own_model, *self.aliases}
+        graph_serves = any(s.model is None for s in self.instances().values())
+        if self.on_demand and (name is None or name in own) and not graph_serves:
+            names = ", ".join(map(repr, self.on_demand))
+            raise ApiError(400, f"model: name the model to use; this server loads {names}", param="model")
+        return instance_model(name, own, self._attached_models, self.models)
 
     def _attached_models(self) -> set[str | None]:
-        """The models attached instances serve, also those whose instances all failed (a request learns why)."""
-        return {s.model for s in self.instances().values()}
+        """The models attached instances serve, also those whose instances all failed (a request learns why), and
+        those loaded on demand."""
+        return {s.model for s in self.instances().values()} | set(self.on_demand)
 
 
 def instance_model(

@@ -1,0 +1,83 @@
+"""`sagellm serve --model NAME=MODEL ...`: the flags read as models on demand (refused where they would mean something
+else), and a real server subprocess whose two models the `openai` SDK lists and talks to, one loaded at a time, the
+engine flags set on each."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+
+import httpx
+import openai
+import pytest
+
+from sagellm.cli.serve_cmd import _model_or_graph, _models_on_demand, add_serve_arguments
+from sagellm.gateway.config import ModelsOnDemand
+from tests.cli.test_cli import SAGELLM
+from tests.cli.test_gateway_cli import free_port
+from tests.cli.test_serve_model import wait_until_ready
+from tests.tiny_models import make_tiny_llama
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_named_models_are_models_on_demand_and_one_model_stays_the_graph_s():
+    args = parse("-m", "a=smollm2-135m-instruct", "--model", "b=/m/x.gguf", "--max-loaded-models", "1")
+    assert _models_on_demand(args) == ModelsOnDemand({"a": "smollm2-135m-instruct", "b": "/m/x.gguf"}, max_loaded=1)
+    args = parse("--model", "smollm2-135m-instruct")
+    assert _models_on_demand(args) is None and args.model == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (("-m", "a", "-m", "b"), "give each as NAME=MODEL"),
+        (("-m", "a=x", "-m", "b"), "give every model as NAME=MODEL"),
+        (("-m", "a=x", "-m", "a=y"), "each NAME once"),
+        (("-m", "x", "--max-loaded-models", "2"), "for models given as --model NAME=MODEL"),
+    ],
+)
+def test_flags_that_mean_no_set_of_named_models_are_refused(argv, words):
+    with pytest.raises(ValueError, match=words):
+        _models_on_demand(parse(*argv))
+
+
+def test_named_models_with_a_graph_are_refused():
+    with pytest.raises(ValueError, match="without a graph of one model"):
+        _model_or_graph(parse("pd", "--model", "a=x"))
+
+
+@pytest.mark.slow
+def test_serve_two_models_on_demand_and_talk_to_both_through_the_openai_sdk(tmp_path):
+    first = make_tiny_llama(tmp_path / "first", seed=1)
+    second = make_tiny_llama(tmp_path / "second", seed=2)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    models = ["--model", f"first={first}", "--model", f"second={second}", "--max-loaded-models", "1"]
+    engine = ["--max-num-seqs", "2", "--kv-cache-memory-gb", "0.05"]
+    command = [SAGELLM, "serve", *models, *engine, "--port", str(port), "--no-embedding"]
+    env = {**os.environ, "SAGELLM_HOME": str(tmp_path / "home"), "SAGELLM_LOG_LEVEL": "warning"}
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        wait_until_ready(server, url, timeout_s=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["first", "second"]
+        texts = {}
+        for name in ("first", "second", "first"):
+            reply = client.completions.create(model=name, prompt="Hello", max_tokens=6, temperature=0)
+            texts.setdefault(name, reply.choices[0].text)
+            assert reply.choices[0].text == texts[name] and reply.model == name
+            cards = {m["id"]: m["status"]["value"] for m in httpx.get(url + "/v1/models").json()["data"]}
+            assert cards == {name: "loaded", ({"first", "second"} - {name}).pop(): "unloaded"}
+        assert texts["first"] != texts["second"]  # two models, not one answering for both
+        engines = httpx.get(url + "/v1/management/models").status_code
+        assert engines == 401  # the management API needs the admin key
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(60) == 0, server.stderr.read().decode()[-3000:] if server.stderr else ""
