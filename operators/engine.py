@@ -16,12 +16,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import structlog
+
 from sagellm.common.errors import FieldError, InvalidInput
+from sagellm.common.memory import return_freed_memory
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.step_trace import StepTraceFile
 from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
+
+log = structlog.get_logger("sagellm.engine")
 
 
 @dataclass
@@ -84,6 +89,8 @@ class EngineOperator(StepOperator):
         self._tracked: dict[str, TrackedRequest] = {}
         self.engine: Any = None
         self.step_trace: StepTraceFile | None = None
+        self.sleep_level = 0  # 1: its KV cache freed, 2: its weights too (vLLM's sleep mode); 0: awake
+        self._model = ""  # the model's path, resolved at open: a sleeping engine is started again from it
 
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:
@@ -104,12 +111,12 @@ class EngineOperator(StepOperator):
         super().open(ctx)
         # Imported here, not at the top: listing or validating operators must not load torch.
         from sagellm.runtime.models.model_cache import resolve_model
-        from sagellm.runtime.parallel.engine import start_engine
 
         model = self.config.model or ctx.graph_attrs.get("model")
         if not model:
             raise InvalidInput(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
-        self.engine = start_engine(self.config.replace(model=str(resolve_model(model))))  # a name resolved here
+        self._model = str(resolve_model(model))  # a name resolved here
+        self._start_engine()
         self.step_trace = StepTraceFile.from_env(self.engine, ctx.node_id)  # SAGELLM_STEP_TRACE=DIR: steps timed
         # The executor made this node's stats from the same parameters (route saw them before any engine opened).
         self.stats = ctx.instances.setdefault(ctx.node_id, self._new_stats(ctx.node_id))
@@ -121,6 +128,47 @@ class EngineOperator(StepOperator):
         if self.engine is not None:
             self.engine.close()
         self.engine = None
+
+    def _start_engine(self) -> None:
+        """The engine of the model resolved at open (again, after a deep sleep)."""
+        from sagellm.runtime.parallel.engine import start_engine
+
+        self.engine = start_engine(self.config.replace(model=self._model))
+
+    # -- sleep mode -------------------------------------------------------------------------------------------------
+    def sleep(self, level: int) -> None:
+        """Frees the engine's memory while it holds no request (vLLM's sleep mode): level 1 its KV cache (its
+        pages given back, the weights kept; where only a new engine frees the cache, as level 2), level 2 the
+        weights too (the engine is closed). Blocking: the gateway calls it off its event loop, between steps."""
+        if level not in (1, 2):
+            raise FieldError("level", f"level must be 1 (the KV cache) or 2 (the weights too), got {level}")
+        if self._tracked:
+            raise InvalidInput(f"{self.ctx.node_id}: an engine sleeps only while it holds no request")
+        if self.sleep_level >= level:
+            return
+        if level == 1 and self.engine.release_kv_cache():
+            self.sleep_level = 1
+        else:
+            self.engine.close()
+            self.engine = None
+            return_freed_memory()
+            self.sleep_level = 2
+        self.stats.sleep_level = self.sleep_level
+        log.info("engine_asleep", node=self.ctx.node_id, level=self.sleep_level)
+
+    def wake_up(self) -> None:
+        """Makes a sleeping engine serve again: at level 2 a new engine loads the weights (seconds), at level 1 the
+        cache is mapped again as it fills. Blocking, as `sleep`."""
+        if self.sleep_level == 1:
+            self.engine.restore_kv_cache()
+        elif self.sleep_level == 2:
+            self._start_engine()
+            if self.step_trace is not None:  # it timed the engine that was closed
+                self.step_trace.close()
+                self.step_trace = StepTraceFile.from_env(self.engine, self.ctx.node_id)
+        self.sleep_level = self.stats.sleep_level = 0
+        self._refresh_stats()
+        log.info("engine_awake", node=self.ctx.node_id)
 
     # -- the Step contract ------------------------------------------------------------------------------------------
     def add(self, item: Any) -> list[Any]:
@@ -173,19 +221,20 @@ class EngineOperator(StepOperator):
         return items
 
     def has_work(self) -> bool:
-        return self.engine.has_unfinished_requests()
+        return self.engine is not None and self.engine.has_unfinished_requests()
 
     def capacity(self) -> int:
-        """Requests this engine takes now: as many as it can run at once, so a policy queue upstream keeps the
-        rest and decides their order."""
-        return max(0, self.config.max_num_seqs - len(self._tracked))
+        """Requests this engine takes now: as many as it can run at once (none while it sleeps), so a policy queue
+        upstream keeps the rest and decides their order."""
+        return 0 if self.sleep_level else max(0, self.config.max_num_seqs - len(self._tracked))
 
     def in_flight(self) -> list[str]:
         return list(self._tracked)
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            self.engine.abort_request(rid)
+            if self.engine is not None:
+                self.engine.abort_request(rid)
             self._tracked.pop(rid, None)
         self._refresh_stats()
 
@@ -245,6 +294,8 @@ class EngineOperator(StepOperator):
         return [delta]
 
     def _refresh_stats(self) -> None:
+        if self.engine is None:  # asleep at level 2
+            return
         engine = self.engine.stats()
         self.stats.running = len(self._tracked)
         self.stats.waiting = engine.num_waiting
@@ -288,10 +339,11 @@ class PrefillOperator(EngineOperator):
     role = "prefill"
     accepts = (Request,)
 
-    def open(self, ctx: OperatorContext) -> None:
-        super().open(ctx)
+    def _start_engine(self) -> None:
+        super()._start_engine()
         from sagellm.runtime.comm import shared_memory
 
+        ctx = self.ctx
         cpu = self.engine.backend.device.type == "cpu"
         leaves = bool(ctx.remote_outputs) and ctx.graph_attrs.get("shared_memory", True)
         if cpu and leaves and shared_memory.available():
@@ -305,3 +357,7 @@ class DecodeOperator(EngineOperator):
 
     name = "decode"
     role = "decode"
+
+
+# The operators that run an LLMEngine in their process (what a gateway reports the memory of and puts to sleep).
+ENGINE_OPERATORS = (EngineOperator.name, PrefillOperator.name, DecodeOperator.name)

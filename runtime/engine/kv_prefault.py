@@ -23,7 +23,8 @@ from sagellm.common.memory import libc_function
 
 log = structlog.get_logger("sagellm.kv_prefault")
 
-MADV_POPULATE_WRITE = 23  # linux/mman.h
+MADV_DONTNEED = 4  # linux/mman.h
+MADV_POPULATE_WRITE = 23
 WINDOW_BLOCKS = 64  # blocks mapped ahead of the highest one written (SmolLM2: 47 MB over its 60 K/V tensors)
 
 
@@ -36,6 +37,7 @@ class KVPrefault:
         self._num_blocks = tensors[0].shape[0]
         self._window = window
         self._mapped = 0  # blocks [0, _mapped) are mapped
+        self._everything = everything
         self._wanted = self._num_blocks if everything else min(window, self._num_blocks)
         self._closed = False
         self._changed = threading.Condition()
@@ -50,6 +52,25 @@ class KVPrefault:
             with self._changed:
                 self._wanted = wanted
                 self._changed.notify()
+
+    def release(self) -> bool:
+        """Gives every page of the tensors back to the kernel and maps none ahead (a sleeping engine's cache: they
+        read as zeros after); False where madvise is missing (nothing was given back)."""
+        if self._madvise is None:
+            return False
+        with self._changed:
+            self._mapped = self._wanted = 0
+            for address, block_bytes in self._regions:
+                if self._madvise(ctypes.c_void_p(address), ctypes.c_size_t(block_bytes * self._num_blocks),
+                                 MADV_DONTNEED) != 0:  # fmt: skip
+                    return False
+        return True
+
+    def restore(self) -> None:
+        """Maps ahead again as at start (a woken engine)."""
+        with self._changed:
+            self._wanted = self._num_blocks if self._everything else min(self._window, self._num_blocks)
+            self._changed.notify()
 
     def close(self) -> None:
         with self._changed:

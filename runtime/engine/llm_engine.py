@@ -376,6 +376,22 @@ class LLMEngine:
         if self._mask_filler is not None:
             self._mask_filler.shutdown(wait=False)
 
+    def release_kv_cache(self) -> bool:
+        """Gives the KV cache's memory back while the engine holds no request (vLLM's sleep level 1), keeping the
+        weights: its prefix cache is forgotten (the blocks read as zeros after). False, and nothing changed, where
+        only a whole new engine frees it: a parallel group, a speculator with caches of its own, another device."""
+        if self.has_unfinished_requests():
+            raise InvalidInput("the engine's KV cache is freed only while it holds no request")
+        if self.config.world_size > 1 or self.speculator is not None or not self.runner.release_kv_cache():
+            return False
+        self.scheduler.block_manager.reset_prefix_cache()
+        return_freed_memory()
+        return True
+
+    def restore_kv_cache(self) -> None:
+        """Serves again after `release_kv_cache` (its pages are mapped as it writes)."""
+        self.runner.restore_kv_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or any(self._parked.values())
 

@@ -307,6 +307,20 @@ class ModelRunner:
         for t, part in zip(tensors, states.to(self.device, torch.float32).split([t[slot].numel() for t in tensors])):
             t[slot].copy_(part.view(t[slot].shape))
 
+    def release_kv_cache(self) -> bool:
+        """Gives the KV cache's memory back to the kernel (a sleeping engine): on the CPU its pages are dropped and
+        read as zeros, mapped again as the engine writes; False where that cannot be done (another device, no
+        madvise), and nothing changed."""
+        return self.device.type == "cpu" and all(p.release() for p in self._prefaults())
+
+    def restore_kv_cache(self) -> None:
+        """After `release_kv_cache`: the cache is mapped ahead of the writes again."""
+        for prefault in self._prefaults():
+            prefault.restore()
+
+    def _prefaults(self) -> list[KVPrefault]:
+        return [p for p in (self._prefault, self._window_prefault) if p is not None]
+
     def close(self) -> None:
         """Releases what the runner started: the cache's prefault thread (and, for a tensor parallel group, its
         other ranks)."""

@@ -77,6 +77,7 @@ class InstanceStats:
     starting: bool = False  # unhealthy until its first start is done (a server registered, not yet probed)
     problem: str | None = None  # why it is unhealthy, when its keeper knows (an attached server: "failed: ...")
     failed: bool = False  # its keeper gave up bringing it back (it could not start, or died too often)
+    sleep_level: int = 0  # asleep: 1 its KV cache freed, 2 its weights too (vLLM's sleep mode); 0 awake
 
     def lose(self, *, recovering: bool = False) -> None:
         """The engine's process is gone: unhealthy, and nothing is running or queued on it any more (its requests

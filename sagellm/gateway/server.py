@@ -40,6 +40,7 @@ from sagellm.gateway.control.join import Membership
 from sagellm.gateway.control.management_routes import ManagementRoutes
 from sagellm.gateway.control.model_pool import ModelPool
 from sagellm.gateway.control.model_routes import ModelRoutes
+from sagellm.gateway.control.sleep_mode import SleepMode
 from sagellm.gateway.http.app import App
 from sagellm.gateway.http.auth import admin_key, key_guard
 from sagellm.gateway.http.limits import HttpLimits
@@ -54,6 +55,7 @@ from sagellm.gateway.openai.tokenizer_routes import TokenizerRoutes
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
 from sagellm.gateway.sessions.store import SessionStore
+from sagellm.operators.engine import ENGINE_OPERATORS
 from sagellm.runtime.comm.curve import RunKeys, authenticator
 from sagellm.runtime.comm.zmq_trio import local_endpoint
 from sagellm.runtime.execution_graph.graph import Graph
@@ -61,7 +63,6 @@ from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.spec import WILDCARD_HOST
 
 log = structlog.get_logger("sagellm.gateway")
-ENGINE_OPERATORS = ("engine", "prefill", "decode")  # the operators that run an LLMEngine in their process
 
 
 @dataclass
@@ -103,6 +104,8 @@ def build_app(
     AdminRoutes(core, tuple(c for c in (autoscaler, models) if c is not None)).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
     ModelRoutes(models).register(app, admin_guard)
+    if core.sleep_mode is not None:
+        core.sleep_mode.register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
     tokenizer_routes = TokenizerRoutes(core)
     tokenizer_routes.register(app, api_guard)
@@ -149,6 +152,8 @@ async def serve(
     scaling = graph.attrs.get("autoscale")
     autoscaler = Autoscaler(core, engines, AutoscaleSettings.from_settings(scaling)) if scaling is not None else None
     models = model_pool(config, core, engines)
+    if not api_servers and config.api_hub is None:  # (API servers submit to the core without waking it)
+        core.sleep_mode = SleepMode(core, wake_timeout_s=config.failover.retry_wait_s)
     app = build_app(core, config, admin, engines, autoscaler, models)
     stop = trio.Event()
     membership = Membership(config.join) if config.join is not None else None

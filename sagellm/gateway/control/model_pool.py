@@ -11,8 +11,7 @@ recently used one drains: new requests for it wait (they load it again after), t
 so a swap never drops a request in flight. When that drain outlasts the wait, the load is given up (a 503 with
 Retry-After naming the busy model) and the model it drained serves again.
 
-A model is busy while the gateway answers a request of it, or a request has passed `ready` and not yet been
-submitted (a hold, dropped at submit or after HOLD_S: a request refused on its way in holds nothing long).
+A model is busy while the gateway answers a request of it, or one is on its way in (`ServingCore.requests_of`).
 
 Statuses, as llama.cpp's router names them: loaded, loading, unloaded, failed (its last load failed; the next request
 or `load` tries again)."""
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sagellm.gateway")
 
 LOADED, LOADING, UNLOADED, FAILED = "loaded", "loading", "unloaded", "failed"
-HOLD_S = 30.0  # longest a request between its wait and its submission keeps its model busy
 TICK_S = 0.5  # how often idle models are looked for
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt")
 GIB = 2**30
@@ -63,7 +61,6 @@ class PooledModel:
     error: str | None = None  # why its last load failed
     attempt: int = 0  # loads started
     failure: ApiError | None = None  # how attempt `attempt` ended, when it did not load
-    holds: list[float] = field(default_factory=list)  # deadlines of requests between `ready` and their submission
     making_room: str | None = None  # the model its load waits for to finish its requests and leave
     changed: trio.Event = field(default_factory=trio.Event)
 
@@ -116,23 +113,14 @@ class ModelPool:
     def names(self) -> list[str]:
         return list(self.models)
 
-    async def ready(self, name: str, hold: bool = True) -> None:
-        """Returns once `name` is loaded and serving (loading it, and making room for it, if need be); `hold`: keeps
-        it busy until the request is submitted. Raises ApiError 503 (Retry-After) when that takes longer than the
-        wait, or when its load fails."""
+    async def ready(self, name: str) -> None:
+        """Returns once `name` is loaded and serving (loading it, and making room for it, if need be). Raises
+        ApiError 503 (Retry-After) when that takes longer than the wait, or when its load fails."""
         model = self.models[name]
         model.last_used = time.monotonic()
         if not model.serving:
             await self._wait_for(model)
             model.last_used = time.monotonic()  # its idle time counts from the request, not from the load
-        if hold:
-            model.holds.append(time.monotonic() + HOLD_S)
-
-    def submitted(self, name: str) -> None:
-        """A request that passed `ready` is in the graph now (its stream keeps the model busy)."""
-        model = self.models.get(name)
-        if model is not None and model.holds:
-            model.holds.pop(0)
 
     async def _wait_for(self, model: PooledModel) -> None:
         began = time.monotonic()
@@ -150,8 +138,10 @@ class ModelPool:
             return
         self.waits[model.name] += 1
         self.wait_seconds[model.name] += time.monotonic() - began
+        if model.failure is not None and model.status != LOADING:  # the load ended as the wait did: say why
+            raise model.failure
         if model.making_room is not None:
-            running = self.core.streams_of(model.making_room)
+            running = self.core.requests_of(model.making_room)
             doing = f"its load waits for the model {model.making_room!r}, which still runs {running} requests, to leave"
         else:
             doing = "it was drained to load another" if model.draining else f"it is {model.status}"
@@ -254,7 +244,7 @@ class ModelPool:
             model.making_room = None
         victim.draining = False
         victim.notify()
-        running = self.core.streams_of(victim.name)
+        running = self.core.requests_of(victim.name)
         raise ApiError(503, f"no room to load the model {model.name!r}: the model {victim.name!r} it would replace "
                             f"still runs {running} requests; retry later", code="model_not_ready",
                        retry_after_s=self.wait_s)  # fmt: skip
@@ -301,9 +291,7 @@ class ModelPool:
                 self._spawn(self._drain_and_unload, model, f"idle {self.idle_unload_s:g} s")
 
     def _busy(self, model: PooledModel) -> bool:
-        now = time.monotonic()
-        model.holds = [deadline for deadline in model.holds if deadline > now]
-        return bool(model.holds) or self.core.streams_of(model.name) > 0
+        return self.core.requests_of(model.name) > 0
 
     # -- what the routes show -------------------------------------------------------------------------------------
     def status(self, name: str) -> dict[str, Any]:
@@ -330,7 +318,7 @@ class ModelPool:
             "pid": engine.pid if engine is not None else None,
             "memory_bytes": rss,
             "estimate_bytes": model.estimate,
-            "in_flight": self.core.streams_of(name),
+            "in_flight": self.core.requests_of(name),
             "idle_s": None if self._busy(model) or model.status != LOADED else round(now - model.last_used, 1),
             "loaded_s": round(now - model.loaded_at, 1) if model.loaded_at is not None else None,
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict
 from typing import Any
 
 import msgspec
@@ -35,6 +35,7 @@ from sagellm.runtime.pipeline.served_model import ServedModel
 log = structlog.get_logger("sagellm.gateway")
 STALL_CHECK_S = 0.1  # how often running attempts are checked against their token deadlines
 RECENT_REQUESTS = 10_000  # ended requests whose status is still kept (GET /v1/requests/{id})
+HOLD_S = 30.0  # longest a request between `model_ready` and its submission keeps its model busy
 
 
 class ServingCore:
@@ -63,8 +64,11 @@ class ServingCore:
         # ended requests' owner and last status, oldest first
         self._recent: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self._live_of_model: Counter[str | None] = Counter()  # requests live, by `Request.model`
+        # Requests between `model_ready` and their submission, by `Request.model`: the deadlines of their holds.
+        self._arriving: defaultdict[str | None, list[float]] = defaultdict(list)
         # The models loaded on demand (`control.model_pool.ModelPool`), when the gateway has any.
         self.models_on_demand: Any = None
+        self.sleep_mode: Any = None  # `control.sleep_mode.SleepMode`: the graph's engines asleep and woken
         self.new_id = RequestIds()
         self.registry = InstanceRegistry(self.model_name, lambda: self.local, model_aliases or ())
         self.kv_outbox = KVOutbox()  # prefills run here for decode servers elsewhere (vLLM's kv_transfer_params)
@@ -135,8 +139,8 @@ class ServingCore:
             self._live_of_model[request.model] += 1
             self.source.submit(request)
             streams.append(stream)
-        if self.models_on_demand is not None and requests and requests[0].model is not None:
-            self.models_on_demand.submitted(requests[0].model)
+        if requests and self._arriving[requests[0].model]:
+            self._arriving[requests[0].model].pop(0)  # it is live now
         return streams
 
     def cancel(self, request_id: str) -> None:
@@ -236,16 +240,26 @@ class ServingCore:
         return self.registry.instance_model(name)
 
     async def model_ready(self, model: str | None, submits: bool = True) -> None:
-        """Waits until `model` (a request's `Request.model`) is loaded, when it is one loaded on demand (raises
-        ApiError 503 when it cannot be in time); returns at once for any other. `submits`: a request of it follows,
-        which the model is kept for (a tokenizer route's call submits none)."""
+        """Waits until `model` (a request's `Request.model`) can serve: the graph's woken when it sleeps, one loaded
+        on demand loaded (raises ApiError 503 when that cannot be in time); returns at once for any other.
+        `submits`: a request of it follows, which keeps the model busy (not unloaded, not put to sleep) until it is
+        submitted, or HOLD_S (a tokenizer route's call submits none)."""
         pool = self.models_on_demand
-        if pool is not None and model is not None and model in pool.models:
-            await pool.ready(model, hold=submits)
+        if model is None and self.sleep_mode is not None:
+            await self.sleep_mode.awake()
+        elif pool is not None and model is not None and model in pool.models:
+            await pool.ready(model)
+        else:
+            return  # nothing waits for this model's requests to end
+        if submits:
+            self.requests_of(model)  # the expired holds go
+            self._arriving[model].append(time.monotonic() + HOLD_S)
 
-    def streams_of(self, model: str | None) -> int:
-        """Requests of `model` (a `Request.model`) the gateway answers now."""
-        return self._live_of_model[model]
+    def requests_of(self, model: str | None) -> int:
+        """Requests of `model` (a `Request.model`) the gateway answers now, or that are on their way in."""
+        now = time.monotonic()
+        holds = self._arriving[model] = [deadline for deadline in self._arriving[model] if deadline > now]
+        return self._live_of_model[model] + len(holds)
 
     def engines_of_ours(self, model: str) -> bool:
         """Whether another model's instances are engines of ours (workers of the graph), not servers we only reach."""
