@@ -43,6 +43,10 @@ which L are held):
         # updated in place; C = 2 Hk Dk + Hv Dv; value head h reads key head h // (Hv / Hk), or h % Hk when tiled
         # (a GGUF's order); torch_ops/linear_attention.py is the reference
   gated_rmsnorm(x[T, Hv * Dv], z[T, Hv * Dv], weight[Dv], eps) -> [T, Hv * Dv]   # per-head RMSNorm, times silu(z)
+  add_lora(out[T, N], x[T, K], row_slots[T] int64, lora_a[S, R, K], lora_b[S, N, R]) -> out
+        # LoRA adapters' updates added in place: out[t] += x[t] A[s]^T B[s]^T for s = row_slots[t] >= 0 (rows of -1
+        # untouched), grouped by slot; B holds the adapter's scaling; torch_ops/lora.py is the reference. Needed only
+        # by an engine with enable_lora
 
 One entry is optional, and builds a kernel rather than being one:
 

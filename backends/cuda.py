@@ -57,6 +57,7 @@ class CudaBackend(torch_ops.TorchOpsBackend):
             silu_mul=triton_kernels.silu_mul,
             paged_decode_attention=triton_kernels.paged_decode_attention,
             gated_delta_net=triton_kernels.gated_delta_net,
+            add_lora=triton_kernels.add_lora,
             attention=functools.partial(
                 torch_ops.attention, decode=triton_kernels.paged_decode_attention, buffers=torch_ops.GatherBuffers()
             ),

@@ -68,6 +68,8 @@ class ServeConfig:
     temperature: float = 0.0
     timeout_s: float = 600.0  # per request
     progress: bool = True
+    # vLLM's --lora-modules: the requests name these models (LoRA adapters) in turn, in place of `model`
+    lora_modules: tuple[str, ...] = ()
 
 
 @dataclass
@@ -243,16 +245,17 @@ async def _run(
     with tqdm(total=len(requests), desc=desc, unit="req", disable=not config.progress, file=sys.stderr) as bar:
         start, t0 = time.perf_counter(), trio.current_time()
 
-        async def one(request: SampleRequest, record: RequestRecord) -> None:
+        async def one(request: SampleRequest, record: RequestRecord, named: str) -> None:
             async with slots:
                 record.start_s = time.perf_counter() - start
-                await pool.send(_body(config, model, request.prompt, request.output_len), record)
+                await pool.send(_body(config, named, request.prompt, request.output_len), record)
             bar.update(1)
 
+        adapters = config.lora_modules
         async with trio.open_nursery() as nursery:
-            for request, record, offset in zip(requests, records, offsets):
+            for i, (request, record, offset) in enumerate(zip(requests, records, offsets)):
                 await trio.sleep_until(t0 + offset)
-                nursery.start_soon(one, request, record)
+                nursery.start_soon(one, request, record, adapters[i % len(adapters)] if adapters else model)
         wall = time.perf_counter() - start
     return RunResult(target.name, repeat, wall, records)
 

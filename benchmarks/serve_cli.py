@@ -92,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--endpoint", default=ENDPOINTS[0], choices=ENDPOINTS, help="(default: %(default)s)")
     a("--model", default=None, help="model name to send (default: each server's first of GET /v1/models)")
     a("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    a("--lora-modules", nargs="+", default=[], metavar="NAME", help="LoRA adapters the requests name in turn (vLLM's)")
     a("--dataset-name", default="random", choices=("random", "jsonl"), help="(default: %(default)s)")
     a("--dataset-path", type=Path, default=None, help='JSONL file, per line {"prompt": ..., "output_len": N}')
     a("--tokenizer", default=None, help="model path or alias whose tokenizer makes random prompts (default model)")
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInput(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     config = ServeConfig(
         targets, args.endpoint, args.model, args.api_key, args.max_concurrency, args.request_rate, args.seed,
-        args.ignore_eos, args.temperature, args.timeout, not args.no_progress,
+        args.ignore_eos, args.temperature, args.timeout, not args.no_progress, tuple(args.lora_modules),
     )  # fmt: skip
     result = trio.run(benchmark, config, _request_sets(args))
     every_q = sorted({*percentiles, *TABLE_PERCENTILES})

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from sagellm.common.errors import FieldError, InvalidInput
+from sagellm.common.errors import FieldError, InvalidInput, NotFound
 from sagellm.common.memory import return_freed_memory
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
@@ -184,6 +184,7 @@ class EngineOperator(StepOperator):
                 out = self.engine.add_prefilled_request(
                     rid, request.prompt_token_ids, request.sampling, done.first_token, done.kv.data,
                     resumed_tokens=request.resumed_tokens, cache_salt=request.cache_salt, states=done.kv.states,
+                    lora_request=_lora_request(request),
                 )  # fmt: skip
                 item = done
                 items = self._emit(out, time.time())
@@ -197,11 +198,12 @@ class EngineOperator(StepOperator):
             self.engine.add_request(
                 rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill",
                 export_kv=request.kv_export, resumed_tokens=request.resumed_tokens, group=request.group,
-                cache_salt=request.cache_salt,
+                cache_salt=request.cache_salt, lora_request=_lora_request(request),
             )  # fmt: skip
-        except ValueError as exc:
+        except (ValueError, NotFound) as exc:  # (a LoRA adapter's directory that is not there)
             del self._tracked[rid]
-            return [RequestError(request_id=rid, code="invalid_request", message=str(exc))]
+            code = "not_found" if isinstance(exc, NotFound) else "invalid_request"
+            return [RequestError(request_id=rid, code=code, message=str(exc))]
         finally:
             self._refresh_stats()
         return []
@@ -307,6 +309,15 @@ class EngineOperator(StepOperator):
         self.stats.spec_decode_num_accepted_tokens = engine.spec_decode_num_accepted_tokens
         self.stats.queued_prefill_tokens = engine.pending_prefill_tokens
         self.stats.queued_decode_tokens = engine.pending_decode_tokens
+
+
+def _lora_request(request: Request) -> Any:
+    """The engine's LoRARequest for the request's adapter (None: the base model)."""
+    if request.lora is None:
+        return None
+    from sagellm.runtime.engine.lora_slots import LoRARequest
+
+    return LoRARequest(request.lora.name, request.lora.id, request.lora.path)
 
 
 def _from_server(request: Request) -> PrefillDone:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from sagellm.common.errors import InvalidInput
 from sagellm.common.logging import default_logging
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
+from sagellm.runtime.engine.lora_slots import LoRARequest
 from sagellm.runtime.engine.outputs import RequestOutput
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.parallel.engine import start_engine
@@ -45,12 +46,16 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in prompt order. A prompt is text or token ids. With
-        `n` > 1, a prompt's output holds its n choices (`outputs[i].index == i`), its prompt prefilled once."""
+        `n` > 1, a prompt's output holds its n choices (`outputs[i].index == i`), its prompt prefilled once.
+        `lora_request` (vLLM's): the LoRA adapter every prompt is generated with, or one per prompt (None: the base
+        model), on an engine made with `enable_lora=True`; prompts of different adapters share steps."""
         batch = _as_batch(prompts)
         all_params = _per_prompt(params or self.default_sampling_params(), len(batch))
-        choices = [self._add(prompt, p) for prompt, p in zip(batch, all_params)]
+        adapters = _adapters(lora_request, len(batch))
+        choices = [self._add(prompt, p, lora) for prompt, p, lora in zip(batch, all_params, adapters)]
         finished: dict[str, RequestOutput] = {}
         total = sum(len(ids) for ids in choices)
         with tqdm(total=total, desc="generate", disable=not use_tqdm, unit="seq") as bar:
@@ -100,16 +105,16 @@ class LLM:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in newer transformers
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> list[str]:
+    def _add(self, prompt: Prompt, params: SamplingParams, lora: LoRARequest | None = None) -> list[str]:
         """The engine's request ids of the prompt's choices."""
         if params.n == 1:
             request_ids = [str(next(self._ids))]
-            self.engine.add_request(request_ids[0], prompt, params)
+            self.engine.add_request(request_ids[0], prompt, params, lora_request=lora)
             return request_ids
         group = str(next(self._ids))
         request_ids = [f"{group}-{i}" for i in range(params.n)]
         for i, request_id in enumerate(request_ids):
-            self.engine.add_request(request_id, prompt, params.choice(i), group=group)
+            self.engine.add_request(request_id, prompt, params.choice(i), group=group, lora_request=lora)
         return request_ids
 
 
@@ -131,6 +136,14 @@ def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if prompts and isinstance(prompts[0], int):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+def _adapters(lora: LoRARequest | Sequence[LoRARequest | None] | None, n: int) -> list[LoRARequest | None]:
+    if lora is None or isinstance(lora, LoRARequest):
+        return [lora] * n
+    if len(lora) != n:
+        raise InvalidInput(f"got {len(lora)} LoRA requests for {n} prompts")
+    return list(lora)
 
 
 def _per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

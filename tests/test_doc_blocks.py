@@ -29,6 +29,7 @@ NOT_RUN = {
     "source → admission": "a picture of the pipeline, not a command",
     "memory: weights": "a server's log line, shown as it prints",
     "ray start --head": "starts a Ray cluster across hosts",
+    "sagellm serve --model chat=": "two models on demand, one a GGUF this machine lacks (test_serve_on_demand.py)",
     "sagellm serve --no-embedding --port 8000": "the peer table: vLLM and llama.cpp servers beside ours, minutes",
     "sagellm bench numerics --peer": "needs the peers' servers (../shared/peers)",
     "sagellm serve --speculative-config": "servers that run until stopped; the speculation tests run the same",

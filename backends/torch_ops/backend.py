@@ -14,6 +14,7 @@ from sagellm.backends.base import Availability, HardwareBackend, KernelTable
 from sagellm.backends.torch_ops.attention import attention, paged_decode_attention
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm
+from sagellm.backends.torch_ops.lora import add_lora
 from sagellm.backends.torch_ops.token_ops import (
     add,
     add_rmsnorm,
@@ -43,6 +44,7 @@ TORCH_KERNELS: KernelTable = {
     "paged_decode_attention": paged_decode_attention,
     "gated_delta_net": gated_delta_net,
     "gated_rmsnorm": gated_rmsnorm,
+    "add_lora": add_lora,
 }
 
 

@@ -81,6 +81,11 @@ class EngineConfig:
         'speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}',
         None,
     )
+    # vLLM's --enable-lora, --max-loras, --max-lora-rank: requests may name a PEFT LoRA adapter (LoRARequest), and
+    # rows of up to max_loras adapters and of none share a step (runtime/engine/lora_slots.py).
+    enable_lora: bool = _help("serve LoRA adapters: requests name one, and adapters and the base share batches", False)
+    max_loras: int = _help("LoRA adapters a step may mix (each a slot of the engine's adapter weights)", 1)
+    max_lora_rank: int = _help("the largest rank of a LoRA adapter the engine takes", 16)
 
     # vLLM's --distributed-executor-backend: how the ranks other than 0 are started. mp: processes on this host,
     # sharing memory for the CPU's all-reduces. ray: Ray actors, one per rank, in a placement group spread over the
@@ -95,6 +100,8 @@ class EngineConfig:
         _at_least(self, "max_num_seqs", 1)
         _at_least(self, "max_num_batched_tokens", 1)
         _at_least(self, "block_size", 1)
+        _at_least(self, "max_loras", 1)
+        _at_least(self, "max_lora_rank", 1)
         for name in ("max_model_len", "num_kv_blocks", "num_threads", "tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) is not None:
                 _at_least(self, name, 1)

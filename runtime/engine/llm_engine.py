@@ -24,6 +24,7 @@ from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, grammar_compiler, mask_logits, new_masks
 from sagellm.runtime.engine.kv_budget import kv_cache_blocks, window_group_blocks
 from sagellm.runtime.engine.kv_cache import token_slots, uniform_window, window_group
+from sagellm.runtime.engine.lora_slots import LoRARequest, LoraSlots
 from sagellm.runtime.engine.memory_report import memory_report
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -45,6 +46,7 @@ from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.models.lora_adapter import LoraAdapter, is_lora_target
 from sagellm.runtime.models.mtp_head import SHARED_WEIGHTS, head_weights, is_head_weight, with_head_layer
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard
@@ -144,6 +146,7 @@ class LLMEngine:
                 speculative=spec is not None,
             )
         )
+        self.lora = self._lora_slots(spec is not None) if config.enable_lora else None
         with stage(f"preparing the weights for the {self.backend.name} backend"):
             self.runner = make_runner(
                 model_config,
@@ -159,6 +162,7 @@ class LLMEngine:
                 **({"num_state_slots": num_state_slots + checkpoints + rollbacks} if num_state_slots else {}),
                 **({"window_blocks": window_blocks} if window_blocks else {}),
                 **({"graph": build_decoder_graph(model_config, hidden_states=True)} if mtp else {}),
+                **({"lora": self.lora} if self.lora is not None else {}),
             )
         head = self._mtp_head(model_config) if mtp else None
         # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
@@ -177,6 +181,8 @@ class LLMEngine:
         # An MTP head keeps KV of its own, which a prefill worker's hand-over carries after the model's.
         self._head_kv = self.speculator.proposer if self.speculator is not None and mtp else None
         self._requests: dict[str, _RequestState] = {}
+        # Requests whose LoRA adapter waits for a free slot, in arrival order, each with its group (`add_request`).
+        self._lora_waiting: list[tuple[Sequence, LoraAdapter, str | None]] = []
         # A request's choices share its prompt (`add_request`'s group): the first prefills it, the others wait here
         # until its KV is in the prefix cache, then each computes only the prompt's last, partial block.
         self._group_leaders: dict[str, Sequence] = {}
@@ -210,6 +216,7 @@ class LLMEngine:
         resumed_tokens: int = 0,
         group: str | None = None,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queues a request. With `prefill_only` (a prefill worker), it ends after its first token with finish reason
         "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it. `export_kv`
@@ -218,11 +225,21 @@ class LLMEngine:
         `resumed_tokens`: the prompt ends with that many tokens another engine generated for this request (a resume):
         the text continues from them as that engine's would have. `group`: requests of one group share their
         prompt (the `n` choices of one request, each added with `SamplingParams.choice`): its blocks are computed
-        and held once. `cache_salt`: its prompt shares cached blocks only with prompts of the same salt."""
+        and held once. `cache_salt`: its prompt shares cached blocks only with prompts of the same salt.
+        `lora_request`: the LoRA adapter it is generated with (an engine with enable_lora)."""
         if params.n != 1:
             raise InvalidInput(f"n={params.n}: add each choice on its own (SamplingParams.choice) in one group")
+        adapter = self._lora_adapter(lora_request)
+        cache_salt = _salted(cache_salt, adapter)
         seq, state = self._new_request(request_id, prompt, params, priority, resumed_tokens, cache_salt=cache_salt)
         state.prefill_only, state.export_kv = prefill_only or export_kv, export_kv
+        if adapter is not None and not self._take_lora_slot(seq, adapter):
+            self._lora_waiting.append((seq, adapter, group))
+            return
+        self._enqueue(seq, group)
+
+    def _enqueue(self, seq: Sequence, group: str | None) -> None:
+        """Into the scheduler, or parked until its group's prompt is computed."""
         leader = self._group_leaders.get(group) if group is not None else None
         if leader is not None and not _prompt_computed(leader):
             self._parked.setdefault(group, []).append(seq)
@@ -243,12 +260,15 @@ class LLMEngine:
         resumed_tokens: int = 0,
         cache_salt: str | None = None,
         states: torch.Tensor | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestOutput:
         """Continues a request a prefill worker started: its prompt's KV `kv` [num_layers, 2, prompt_len, Hk, D]
         goes into this engine's own cache (blocks already cached here are shared, not written), with a model with
         recurrent layers its `states` after the prompt into a state slot when it is admitted, and `first_token` is
         appended as if sampled here. Returns the first token's output. Without room for the blocks, or without the
         states such a model needs, the prompt is recomputed instead: slower, same tokens."""
+        adapter = self._lora_adapter(lora_request)
+        cache_salt = _salted(cache_salt, adapter)
         seq, state = self._new_request(
             request_id, prompt_token_ids, params, priority, resumed_tokens, scored=True, cache_salt=cache_salt
         )
@@ -274,8 +294,13 @@ class LLMEngine:
             log.warning("kv_import_recomputed", request_id=request_id, prompt_tokens=n, why=why)
             seq.imported_states = None
         seq.first_scheduled_time = time.time()
+        waits = adapter is not None and not self._take_lora_slot(seq, adapter)
         output = self._append(seq, [first_token], [None], seq.first_scheduled_time)
-        if not seq.is_finished:
+        if seq.is_finished:
+            return output
+        if waits:  # its KV stays in its blocks until its adapter has a slot
+            self._lora_waiting.append((seq, adapter, None))
+        else:
             self.scheduler.add(seq)
         return output
 
@@ -351,8 +376,63 @@ class LLMEngine:
             for parked in self._parked.values():
                 if state.seq in parked:
                     parked.remove(state.seq)
-            self.scheduler.finish(state.seq, "abort")
+            self._lora_waiting = [w for w in self._lora_waiting if w[0] is not state.seq]
+            self._finish(state.seq, "abort")
         self._release_parked()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """Ends `seq` in the scheduler (its blocks freed) and gives its adapter's slot back."""
+        self.scheduler.finish(seq, reason)
+        if self.lora is not None and seq.lora_slot >= 0:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = -1
+
+    # -- LoRA adapters ------------------------------------------------------------------------------------------
+    def _lora_slots(self, speculative: bool) -> LoraSlots:
+        """The adapters' slots over every weight of the model they may change (read before the loader's copies are
+        dropped)."""
+        if self.config.world_size > 1 or speculative:
+            raise FieldError("enable_lora", "enable_lora: LoRA adapters run on a single-process engine without "
+                                            "speculative decoding (yet)")  # fmt: skip
+        weights = self.model.weights
+        dense = weights.shapes() if hasattr(weights, "shapes") else {n: tuple(t.shape) for n, t in weights.items()}
+        shapes = {n: (int(s[0]), int(s[1])) for n, s in dense.items() if is_lora_target(n)}
+        shapes |= {n: (q.out_features, q.in_features) for n, q in self.model.quantized.items() if is_lora_target(n)}
+        if not shapes:
+            raise FieldError("enable_lora", f"enable_lora: {self.model.name} has no weight LoRA adapters change")
+        kernel = self.backend.kernels().get("add_lora")
+        if kernel is None:
+            raise FieldError("enable_lora", f"enable_lora: the {self.backend.name} backend has no add_lora kernel")
+        return LoraSlots(shapes, self.config.max_loras, self.config.max_lora_rank, kernel, self.backend.device)
+
+    def _lora_adapter(self, request: LoRARequest | None) -> LoraAdapter | None:
+        if request is None:
+            return None
+        if self.lora is None:
+            raise InvalidInput(f"LoRA adapter {request.lora_name}: this engine serves none (start it with "
+                               "enable_lora)")  # fmt: skip
+        return self.lora.adapter(request)
+
+    def _take_lora_slot(self, seq: Sequence, adapter: LoraAdapter) -> bool:
+        assert self.lora is not None
+        slot = self.lora.acquire(adapter)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
+
+    def _admit_lora_waiting(self) -> None:
+        """Queues the requests whose adapter has a slot now, in arrival order (one that finds none keeps the rest
+        waiting behind it)."""
+        while self._lora_waiting:
+            seq, adapter, group = self._lora_waiting[0]
+            if not self._take_lora_slot(seq, adapter):
+                return
+            self._lora_waiting.pop(0)
+            if seq.num_computed_tokens:  # prefilled elsewhere: decodes from its imported KV
+                self.scheduler.add(seq)
+            else:
+                self._enqueue(seq, group)
 
     def _release_parked(self) -> None:
         """Queues the requests that waited for their group's prompt, once it is computed (or its first request
@@ -393,7 +473,7 @@ class LLMEngine:
         self.runner.restore_kv_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or any(self._parked.values())
+        return self.scheduler.has_unfinished() or any(self._parked.values()) or bool(self._lora_waiting)
 
     def stats(self) -> EngineStats:
         """The engine's load now, for whoever places requests on engines."""
@@ -437,6 +517,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         self._release_parked()
+        self._admit_lora_waiting()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._may_speculate)
         batch = self.scheduler.schedule()
@@ -610,7 +691,7 @@ class LLMEngine:
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         """Ends a request whose own data made a step fail; its blocks are freed, no other request is touched."""
         state = self._requests.pop(seq.request_id)
-        self.scheduler.finish(seq, "error")
+        self._finish(seq, "error")
         output = self._output(state, "", [], None, time.time())
         output.error = message
         return output
@@ -667,7 +748,7 @@ class LLMEngine:
                 head.read_kv(slots, kv[c.num_kv_layers :])
             states = self.runner.read_states(seq.state_slot) if self.scheduler.state_slots is not None else None
         if finish is not None:
-            self.scheduler.finish(seq, finish)
+            self._finish(seq, finish)
             delta += detok.flush()
             del self._requests[seq.request_id]
         output = self._output(state, delta, tokens[:appended], stop_reason, now)
@@ -700,6 +781,14 @@ class LLMEngine:
             m,
             prompt_logprobs=seq.prompt_logprobs,
         )
+
+
+def _salted(cache_salt: str | None, adapter: LoraAdapter | None) -> str | None:
+    """A request's cache salt with its adapter's name: an adapter's KV of a prompt is not the base model's, nor
+    another adapter's, so prefix blocks are shared only within one adapter."""
+    if adapter is None:
+        return cache_salt
+    return f"{cache_salt or ''}\x00lora:{adapter.name}"
 
 
 def _prompt_computed(seq: Sequence) -> bool:

@@ -19,6 +19,7 @@ from sagellm.backends.quantized import QuantizedWeight
 from sagellm.common.errors import Lost
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, window_group, write_tokens
 from sagellm.runtime.engine.kv_prefault import KVPrefault
+from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.state_cache import allocate_state_caches
@@ -69,6 +70,7 @@ class StepInputs(msgspec.Struct, array_like=True, kw_only=True, tag="step"):
     window_slots: list[int] = []
     window_decode_tables: list[list[int]] = []
     window_prefill_tables: list[list[int]] = []
+    lora_slots: list[int] = []  # each row's LoRA adapter slot (-1: none); empty when no row has one
 
 
 class ModelRunner:
@@ -92,6 +94,7 @@ class ModelRunner:
         window_blocks: int = 0,
         graph: Graph | None = None,
         packed: dict[str, Any] | None = None,
+        lora: LoraSlots | None = None,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
@@ -101,7 +104,8 @@ class ModelRunner:
         layers' states (state_cache.py); `window_blocks`: the blocks of the sliding-window layers' own cache group
         (window_blocks.py; 0: every layer's cache has `num_blocks`); `graph`: one of `config` other than its
         decoder's (build_mtp_graph's, or the decoder's with every row's hidden states), on one rank; `packed`:
-        another runner's packed linears (`self.packed`) to bind as they are where this graph reads the same."""
+        another runner's packed linears (`self.packed`) to bind as they are where this graph reads the same;
+        `lora`: the engine's LoRA adapters, whose updates the linears they change add (one rank's, one graph's)."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
@@ -132,7 +136,9 @@ class ModelRunner:
             mapped=mapped,
             state_caches=self.state_caches,
             packed=dict(packed or {}),
+            lora=lora,
         )
+        self.lora = lora
         self.plan: Plan = lower(self.graph, context)
         self.packed = context.packed
         # The last step's every-row final hidden states, where the graph outputs them (what the MTP head reads).
@@ -160,6 +166,8 @@ class ModelRunner:
             self._prefault.written(max(step.slots) // self.block_size)
         if step.window_slots:
             self._window_prefault.written(max(step.window_slots) // self.block_size)
+        if self.lora is not None:
+            self.lora.begin_step(step.lora_slots)
         return self.plan.run(**self.tensors(step), **(carried or {}))
 
     def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
@@ -169,6 +177,7 @@ class ModelRunner:
         slots: list[int] = []
         window_slots: list[int] = []  # the same tokens' in the sliding-window layers' own blocks, if they have them
         logits_rows: list[int] = []
+        lora_slots: list[int] = []  # each row's adapter slot, where some sequence has one
         prefills: list[tuple[int, int, int, list[int], int, int, tuple[int, int] | None]] = []
         num_decodes = batch.num_decodes
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -178,6 +187,7 @@ class ModelRunner:
                 prefills.append((len(ids), n, start + n, table, seq.state_slot, source, batch.checkpoints.get(seq)))
             logits_rows.extend(len(ids) + p - start for p in seq.prompt_scored_positions(n))
             ids.extend(seq.scheduled_token_ids(n))
+            lora_slots.extend([seq.lora_slot] * n)
             span = range(start, start + n)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
@@ -216,6 +226,7 @@ class ModelRunner:
             logits_rows=None if len(logits_rows) == len(ids) else logits_rows,
             decode_state_slots=[s.state_slot for s, _ in decodes] if self.state_caches else [],
             decode_state_seeds=self._decode_state_seeds(batch, decodes),
+            lora_slots=lora_slots if any(slot >= 0 for slot in lora_slots) else [],
             **window,
         )
 

@@ -53,6 +53,7 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None  # its prefix blocks are shared only with prompts of the same salt (vLLM's)
     state_slot: int = -1  # a model with recurrent layers: the slot of its states while it runs (state_slots.py)
+    lora_slot: int = -1  # the slot of its LoRA adapter's weights while it runs or waits (lora_slots.py); -1: none
     # ... and the states after its prompt a prefill worker computed, written into its slot when it is admitted
     imported_states: torch.Tensor | None = None
 

@@ -12,6 +12,7 @@ it does not take (prefill rows, too many rows) by returning None, and the origin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,19 +61,24 @@ class _Layer:
     shape: DecoderShape
 
 
-def fuse_decoder_layers(plan: Plan, graph: Graph, kernels: KernelTable) -> Plan:
+def fuse_decoder_layers(
+    plan: Plan, graph: Graph, kernels: KernelTable, declines: Callable[[], bool] | None = None
+) -> Plan:
     """`plan` with each run of whole decoder layers as one instruction, where the backend fuses them (a model whose
-    layers differ in kind, dense and mixture of experts' MLPs, makes several runs)."""
+    layers differ in kind, dense and mixture of experts' MLPs, makes several runs). `declines()`: the step runs the
+    layers' own instructions (they do what the backend's kernel does not: LoRA adapters' updates)."""
     build = kernels.get("decoder_layers")
     if build is None:
         return plan
     begin = 0
-    while (fused := _fuse_run(plan, graph, build, begin)) is not None:
+    while (fused := _fuse_run(plan, graph, build, begin, declines)) is not None:
         plan, begin = fused
     return plan
 
 
-def _fuse_run(plan: Plan, graph: Graph, build: Any, begin: int) -> tuple[Plan, int] | None:
+def _fuse_run(
+    plan: Plan, graph: Graph, build: Any, begin: int, declines: Callable[[], bool] | None
+) -> tuple[Plan, int] | None:
     """The plan with its first run of layers from instruction `begin` on fused (or left as it is, when the backend
     declines it) and the instruction to look on from; None when no layer starts there or after."""
     instrs = plan.instrs
@@ -99,7 +105,7 @@ def _fuse_run(plan: Plan, graph: Graph, build: Any, begin: int) -> tuple[Plan, i
     step = {name: slot for name, slot in step.items() if slot is not None}
     out_slots = {"hidden": outputs[0], "residual": outputs[1]}
     fallback = Plan(own, plan.num_slots + 2, {str(slot): slot for slot in step.values()}, out_slots)
-    fused = Instr(FusedLayers(kernel, fallback, tuple(step)), tuple(step.values()), (), outputs, _name(own))
+    fused = Instr(FusedLayers(kernel, fallback, tuple(step), declines), tuple(step.values()), (), outputs, _name(own))
     output_slots, later = rest
     return Plan([*instrs[:start], fused, *later], plan.num_slots + 2, plan.input_slots, output_slots), start + 1
 
@@ -169,18 +175,26 @@ def _continues(run: list[_Layer], shape: DecoderShape, layer: _Layer) -> Decoder
 
 class FusedLayers:
     """The fused instruction's kernel: the backend's one call, or the layers' own instructions for the steps it
-    declines. `inputs`: which of STEP_INPUTS the instruction passes, in that order."""
+    declines, and those `declines()` says. `inputs`: which of STEP_INPUTS the instruction passes, in that order."""
 
-    def __init__(self, kernel: DecoderLayersKernel, fallback: Plan, inputs: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        kernel: DecoderLayersKernel,
+        fallback: Plan,
+        inputs: tuple[str, ...],
+        declines: Callable[[], bool] | None = None,
+    ) -> None:
         self.kernel = kernel
         self.fallback = fallback
         self.inputs = inputs
+        self.declines = declines
 
     def __call__(self, *args: Any) -> tuple[Any, Any]:
-        given = dict(zip(self.inputs, args))
-        out = self.kernel(*(given.get(name) for name in STEP_INPUTS))
-        if out is not None:
-            return out
+        if self.declines is None or not self.declines():
+            given = dict(zip(self.inputs, args))
+            out = self.kernel(*(given.get(name) for name in STEP_INPUTS))
+            if out is not None:
+                return out
         result = self.fallback.run(**dict(zip(self.fallback.input_slots, args)))
         return result["hidden"], result["residual"]
 

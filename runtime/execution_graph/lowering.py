@@ -53,6 +53,9 @@ class LoweringContext:
     # Whole linear weights as the backend packed them, by name: filled as they are bound, and handed to the lowering
     # of another graph over the same weights (the MTP head shares the model's lm_head), which binds them as they are.
     packed: dict[str, tuple[Any, tuple]] = field(default_factory=dict)
+    # LoRA adapters (runtime/engine/lora_slots.LoraSlots): `shapes` names the weights they change, whose linears add
+    # each row's update (`add`) after the base matmul; None: no adapters.
+    lora: Any = None
 
 
 def lower(graph: Graph, ctx: LoweringContext) -> Plan:
@@ -79,7 +82,9 @@ def lower(graph: Graph, ctx: LoweringContext) -> Plan:
         outs = tuple(slots[Value(node_id, p)] for p in range(node.num_outputs))
         instrs.append(Instr(kernel, ins, tuple(consts), outs, node_id))
     plan = Plan(instrs, graph.attrs["num_slots"], input_slots, output_slots)
-    return fuse_decoder_layers(plan, graph, kernels)  # whole layers as one instruction, where the backend can
+    # Whole layers as one instruction, where the backend can: not for a step with adapters' rows (its kernel adds none).
+    declines = (lambda: ctx.lora.row_slots is not None) if ctx.lora is not None else None
+    return fuse_decoder_layers(plan, graph, kernels, declines)
 
 
 # -- binders: op params -> (kernel, constants appended after the slot inputs) ----------------------------------------
@@ -98,11 +103,41 @@ def _bind_linear(params, ctx, kernels):
     (`ctx.packed`)."""
     whole = isinstance(params["weight"], str) and not params.get("shard") and not params.get("bias")
     if whole and params["weight"] in ctx.packed:
-        return ctx.packed[params["weight"]]
+        return _with_lora(ctx.packed[params["weight"]], params, ctx)
     bound = _pack_linear(params, ctx, kernels)
     if whole:
         ctx.packed[params["weight"]] = bound
-    return bound
+    return _with_lora(bound, params, ctx)
+
+
+def _with_lora(bound: tuple[Any, tuple], params: dict[str, Any], ctx: LoweringContext) -> tuple[Any, tuple]:
+    """The linear's kernel followed by the adapters' updates of its weights that adapters change (each its own
+    columns of a fused linear's output), when the step has rows with an adapter."""
+    names = params["weight"] if isinstance(params["weight"], list) else [params["weight"]]
+    lora = ctx.lora
+    if lora is None or not any(name in lora.shapes for name in names):
+        return bound
+    parts, start = [], 0
+    for name in names:
+        width = _out_features(ctx, name)
+        if name in lora.shapes:
+            parts.append((name, start, start + width))
+        start += width
+    linear, whole = bound[0], start
+
+    def linear_with_lora(x: torch.Tensor, *consts: Any) -> torch.Tensor:
+        out = linear(x, *consts)
+        if lora.row_slots is not None:
+            for name, begin, end in parts:
+                lora.add(out if end - begin == whole else out[:, begin:end], x, name)
+        return out
+
+    return linear_with_lora, bound[1]
+
+
+def _out_features(ctx: LoweringContext, name: str) -> int:
+    blocks = ctx.quantized.get(name)
+    return blocks.out_features if blocks is not None else int(_weight(ctx, name).shape[0])
 
 
 def _pack_linear(params, ctx, kernels):

@@ -34,6 +34,15 @@ class _Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw
     request_id: str
 
 
+class LoraRef(msgspec.Struct, array_like=True, kw_only=True):
+    """The LoRA adapter a request is generated with: its served name, an id unique to it, and its PEFT directory,
+    which every engine that runs the request (a prefill and a decode worker alike) reads on first use."""
+
+    name: str
+    id: int
+    path: str
+
+
 class Request(_Message):
     """A request as it enters the graph with one of `prompt`, `prompt_token_ids` or `messages`; admission fills
     `prompt_token_ids`, pd_split `phase`, route `instance`."""
@@ -76,6 +85,7 @@ class Request(_Message):
     kv_export: bool = False
     prefilled: Prefilled | None = None  # another server prefilled it: decode from there (`do_remote_prefill`)
     decode_instance: str | None = None  # a prefill on an attached server: the server route chose to decode it
+    lora: LoraRef | None = None  # a LoRA adapter of the graph's model (vLLM's `model` naming one of --lora-modules)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -155,6 +165,7 @@ class Embedding(_Message):
 
 ErrorCode = Literal[
     "invalid_request",
+    "not_found",
     "context_length_exceeded",
     "overloaded",
     "rate_limited",
@@ -179,6 +190,7 @@ class RequestError(_Message):
 
 HTTP_STATUS: dict[str, int] = {
     "invalid_request": 400,
+    "not_found": 404,  # something the request names is not there (a LoRA adapter's directory)
     "context_length_exceeded": 400,
     "overloaded": 429,
     "rate_limited": 429,

@@ -41,6 +41,7 @@ PIPELINE_BENCHES = (
     ("chaos", "chaos", "bad input, junk, overload and killed workers against `sagellm serve` (the reliability table)"),
     ("overload", "overload", "abandoned streams, late refusals, a huge batch, the metastable test; vs vLLM"),
     ("faults", "faults", "one of three engine workers killed mid-run, failover off and on (the failover table)"),
+    ("lora", "lora", "W1-c16 over 4 LoRA adapters against the base; a model on demand's cold vs warm TTFT"),
     ("load", "load", "cold model load stage by stage, each in a fresh process, and a whole cold `sagellm run`"),
     ("parallel", "parallel", "one model split over processes (TP, PP) against one process, in one run"),
     ("kernels", "kernels", "the CPU kernels of each instruction set vs oneDNN and torch; --ops: W1-c16 op by op"),

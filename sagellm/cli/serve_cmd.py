@@ -55,6 +55,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "loaded on demand, each served as NAME",
     )
     p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="LoRA adapters (PEFT directories) of the graph's model, each served as a model named NAME, as vLLM's "
+        "flag (with --enable-lora; more at run time: POST /v1/load_lora_adapter)",
+    )
+    p.add_argument(
         "--max-loaded-models",
         type=int,
         metavar="N",
@@ -321,6 +328,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
     )
     return GatewayConfig.from_env(
         failover=failover,
+        lora_modules=_lora_modules(args.lora_modules),
         join=_join_settings(args, model) if args.join else None,
         host=args.host,
         port=args.port,
@@ -339,6 +347,19 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         api_hub=args.api_hub,
         admin_auth=args.admin_auth,
     )
+
+
+def _lora_modules(given: list[str] | None) -> dict[str, str] | None:
+    """`--lora-modules NAME=PATH ...` by name."""
+    if not given:
+        return None
+    pairs = [item.split("=", 1) for item in given]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise InvalidInput(f"--lora-modules: give each adapter as NAME=PATH, got {' '.join(given)}")
+    modules = dict(pairs)
+    if len(modules) < len(pairs):
+        raise InvalidInput("--lora-modules: each NAME once")
+    return modules
 
 
 def _join_settings(args: argparse.Namespace, model: str) -> Any:

@@ -109,6 +109,7 @@ class GatewayConfig:
     # caller is a process on this machine; browsers' cross-site requests stay refused by the Host/Origin check).
     admin_auth: str = "key"
     models_on_demand: ModelsOnDemand | None = None  # models loaded when requests name them, besides the graph's
+    lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters of the graph's model: name -> path
 
     def host_names(self) -> frozenset[str] | None:
         if self.allowed_hosts is not None:

@@ -43,12 +43,14 @@ from sagellm.gateway.control.model_routes import ModelRoutes
 from sagellm.gateway.control.sleep_mode import SleepMode
 from sagellm.gateway.http.app import App
 from sagellm.gateway.http.auth import admin_key, key_guard
+from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.openai import openapi
 from sagellm.gateway.openai.kv_transfer import KVTransferRoutes
+from sagellm.gateway.openai.lora_routes import LoraRoutes
 from sagellm.gateway.openai.responses_route import ResponsesRoutes
 from sagellm.gateway.openai.routes import OpenAIRoutes
 from sagellm.gateway.openai.tokenizer_routes import TokenizerRoutes
@@ -104,6 +106,7 @@ def build_app(
     AdminRoutes(core, tuple(c for c in (autoscaler, models) if c is not None)).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
     ModelRoutes(models).register(app, admin_guard)
+    LoraRoutes(core).register(app, admin_guard)
     if core.sleep_mode is not None:
         core.sleep_mode.register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
@@ -160,6 +163,7 @@ async def serve(
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
         async with trio.open_nursery() as nursery:
             await nursery.start(core.run)
+            _serve_lora_modules(core, config.lora_modules)
             await nursery.start(engines.run)
             signals, member, scaling_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
             loading_scope = trio.CancelScope()
@@ -208,6 +212,15 @@ def model_pool(config: GatewayConfig, core: ServingCore, engines: EngineManager)
     core.models_on_demand = pool
     core.registry.on_demand = pool.names()
     return pool
+
+
+def _serve_lora_modules(core: ServingCore, modules: dict[str, str]) -> None:
+    """`--lora-modules`: each adapter checked and served (one the engines cannot serve stops the start, saying why)."""
+    for name, path in modules.items():
+        try:
+            core.lora.add(name, path, core.served, {*core.models(), *core.registry.on_demand})
+        except ApiError as error:
+            raise InvalidInput(f"--lora-modules {name}={path}: {error}") from None
 
 
 def _check_model_names(models: ModelPool, core: ServingCore) -> None:

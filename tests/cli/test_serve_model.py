@@ -232,3 +232,14 @@ def api_servers_of(parent: int) -> list[int]:
         if f"\nPPid:\t{parent}\n" in text and b"sagellm.gateway.api_servers.server" in cmdline:
             found.append(int(status.parent.name))
     return found
+
+
+def test_lora_modules_are_name_path_pairs_each_name_once():
+    from sagellm.cli.serve_cmd import _lora_modules
+
+    assert _lora_modules(["sql=/a/sql", "chat=/a/chat"]) == {"sql": "/a/sql", "chat": "/a/chat"}
+    assert _lora_modules(None) is None
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        _lora_modules(["/a/sql"])
+    with pytest.raises(ValueError, match="each NAME once"):
+        _lora_modules(["sql=/a", "sql=/b"])

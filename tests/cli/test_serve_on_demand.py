@@ -61,7 +61,7 @@ def test_serve_two_models_on_demand_and_talk_to_both_through_the_openai_sdk(tmp_
     url = f"http://127.0.0.1:{port}"
     models = ["--model", f"first={first}", "--model", f"second={second}", "--max-loaded-models", "1"]
     engine = ["--max-num-seqs", "2", "--kv-cache-memory-gb", "0.05"]
-    command = [SAGELLM, "serve", *models, *engine, "--port", str(port), "--no-embedding"]
+    command = [SAGELLM, "serve", *models, *engine, "--port", str(port), "--no-embedding", "--retry-wait", "300"]
     env = {**os.environ, "SAGELLM_HOME": str(tmp_path / "home"), "SAGELLM_LOG_LEVEL": "warning"}
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:

@@ -263,6 +263,12 @@ class RemoteCore:
         own = {self.state.model_name, *self.state.model_aliases}
         return instance_model(name, own, lambda: self.state.instance_models, self.models)
 
+    def lora_of(self, name: str | None) -> None:
+        """As `ServingCore.lora_of`: none, a core behind API servers serves its adapters through its own port only."""
+
+    def lora_adapters(self) -> list:
+        return []
+
     async def model_ready(self, model: str | None, submits: bool = True) -> None:
         """As `ServingCore.model_ready`: at once, a core behind API servers loads no model on demand (`serve`
         refuses the two together)."""

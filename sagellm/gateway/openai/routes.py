@@ -132,7 +132,11 @@ class OpenAIRoutes:
             status = {"status": pool.status(name)} if pool is not None and name in pool.models else {}
             return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length, **status}
 
-        return Response({"object": "list", "data": [card(name) for name in self.core.models()]})
+        def adapter(name: str, path: str) -> dict[str, Any]:  # vLLM's card of a LoRA adapter
+            return {**card(self.core.model_name), "id": name, "root": path, "parent": self.core.model_name}
+
+        adapters = [adapter(ref.name, ref.path) for ref in self.core.lora_adapters()]
+        return Response({"object": "list", "data": [card(name) for name in self.core.models()] + adapters})
 
     # -- completions ----------------------------------------------------------------------------------------------
     async def completions(self, http: HttpRequest) -> Response | EventStream:
@@ -144,7 +148,7 @@ class OpenAIRoutes:
         guided = constraint[0] if constraint else None
         requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults, guided)
         for request in requests:
-            request.model, request.owner = model, key_owner(http)
+            request.model, request.owner, request.lora = model, key_owner(http), self.core.lora_of(body.model)
         if body.echo and model is not None:
             raise ApiError(400, f"echo: served for the graph's own model, not {model}", param="echo")
         count = body.best_of or body.n  # choices run per prompt
@@ -370,7 +374,7 @@ class OpenAIRoutes:
             request.tools, request.chat_template = tool_use.tools, tool_use.chat_template
             if tool_use.forwarded is not None:
                 request.tool_choice, request.parallel_tool_calls = tool_use.forwarded
-        request.model = model
+        request.model, request.lora = model, self.core.lora_of(body.model)
         if model is None and request.chat_template is None and self.core.served is not None:
             request.chat_template = fallback_template(self.core.tokenizer, self.core.served.config)
         if body.reasoning_effort is not None:

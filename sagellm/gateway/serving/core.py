@@ -22,6 +22,7 @@ from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.instances import InstanceRegistry
 from sagellm.gateway.serving.kv_outbox import KVOutbox
+from sagellm.gateway.serving.lora_modules import LoraModules
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
@@ -29,7 +30,7 @@ from sagellm.operators.admission import Admission
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
-from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import LoraRef, Request, RequestError, TokenDelta, is_terminal
 from sagellm.runtime.pipeline.served_model import ServedModel
 
 log = structlog.get_logger("sagellm.gateway")
@@ -71,6 +72,8 @@ class ServingCore:
         self.sleep_mode: Any = None  # `control.sleep_mode.SleepMode`: the graph's engines asleep and woken
         self.new_id = RequestIds()
         self.registry = InstanceRegistry(self.model_name, lambda: self.local, model_aliases or ())
+        self.lora = LoraModules(self.graph)  # LoRA adapters of the graph's model, requests' `model` names
+        self.registry.adapters = self.lora.adapters
         self.kv_outbox = KVOutbox()  # prefills run here for decode servers elsewhere (vLLM's kv_transfer_params)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -254,6 +257,13 @@ class ServingCore:
         if submits:
             self.requests_of(model)  # the expired holds go
             self._arriving[model].append(time.monotonic() + HOLD_S)
+
+    def lora_of(self, name: str | None) -> LoraRef | None:
+        """The LoRA adapter a request's `model` names (None: a model, not an adapter)."""
+        return self.lora.adapters.get(name) if name is not None else None
+
+    def lora_adapters(self) -> list[LoraRef]:
+        return list(self.lora.adapters.values())
 
     def requests_of(self, model: str | None) -> int:
         """Requests of `model` (a `Request.model`) the gateway answers now, or that are on their way in."""

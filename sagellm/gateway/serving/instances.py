@@ -8,7 +8,7 @@ attaching and detaching servers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import trio
@@ -29,6 +29,7 @@ class InstanceRegistry:
         self.aliases = [name for name in dict.fromkeys(aliases) if name != own_model]
         self._served: dict[str, ServedModel] = {}  # other models whose instances take tokens: their front-end files
         self.on_demand: list[str] = []  # models loaded when a request names them (control.model_pool), in any status
+        self.adapters: Mapping[str, Any] = {}  # LoRA adapters of the graph's model, by name (serving.lora_modules)
 
     def instances(self) -> dict[str, Any]:
         local = self._local()
@@ -146,7 +147,7 @@ class InstanceRegistry:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
         name itself for a model attached instances serve. Raises ApiError 404 for any other; 400 for none named when
         the graph serves none and models load on demand (which one was meant?)."""
-        own = {self.own_model, *self.aliases}
+        own = {self.own_model, *self.aliases, *self.adapters}
         graph_serves = any(s.model is None for s in self.instances().values())
         if self.on_demand and (name is None or name in own) and not graph_serves:
             names = ", ".join(map(repr, self.on_demand))

@@ -1,0 +1,50 @@
+"""vLLM's routes for LoRA adapters loaded at run time (admin key):
+
+    POST /v1/load_lora_adapter    {"lora_name": NAME, "lora_path": PEFT directory}
+    POST /v1/unload_lora_adapter  {"lora_name": NAME}
+
+A loaded adapter is served as a model named NAME (listed in /v1/models with its `parent`, the base model); an unload
+lets its requests in flight finish. Errors as vLLM's: 400 for an adapter the engines cannot serve (saying why) or a
+name in use, 404 for an unknown name or a path that is not there."""
+
+from __future__ import annotations
+
+import msgspec
+import structlog
+
+from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
+from sagellm.gateway.serving.core import ServingCore
+
+log = structlog.get_logger("sagellm.gateway")
+
+
+class LoadLoraAdapter(msgspec.Struct, forbid_unknown_fields=True):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapter(msgspec.Struct, forbid_unknown_fields=True):
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's body may carry it; the name says which
+
+
+class LoraRoutes:
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def register(self, app: App, admin: Guard | None) -> None:
+        app.route("POST", "/v1/load_lora_adapter", self.load, admin)
+        app.route("POST", "/v1/unload_lora_adapter", self.unload, admin)
+
+    async def load(self, http: HttpRequest) -> Response:
+        body = http.json(LoadLoraAdapter)
+        taken = {*self.core.models(), *self.core.registry.on_demand}
+        ref = self.core.lora.add(body.lora_name, body.lora_path, self.core.served, taken)
+        log.info("lora_adapter_loaded", name=ref.name, path=ref.path)
+        return Response({"success": True, "message": f"LoRA adapter {ref.name!r} added"})
+
+    async def unload(self, http: HttpRequest) -> Response:
+        name = http.json(UnloadLoraAdapter).lora_name
+        self.core.lora.remove(name)
+        log.info("lora_adapter_unloaded", name=name)
+        return Response({"success": True, "message": f"LoRA adapter {name!r} removed"})

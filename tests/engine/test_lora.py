@@ -1,0 +1,108 @@
+"""LoRA adapters in the engine, against PEFT's own model as the oracle: two adapters made with `peft` on a tiny random
+Llama (all seven projections at rank 4; q and v at rank 8 with rsLoRA) and the base, their prompts mixed in one
+batch, give PEFT's greedy tokens each; with one slot for two adapters the requests take turns and still do; a prompt
+cached under one adapter is not reused under another or the base; what the engine cannot serve is refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from sagellm import LLM, LoRARequest, SamplingParams
+from sagellm.common.errors import FieldError, InvalidInput
+from tests.oracle import hf_greedy, random_prompts
+from tests.tiny_models import make_tiny_llama
+
+TOKENS = 8
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _adapter(base: Path, directory: Path, seed: int, **lora) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(init_lora_weights=False, **lora)
+    with torch.no_grad():  # PEFT's random B is small: large enough here to change the greedy tokens
+        peft = get_peft_model(model, config)
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20)
+    peft.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = make_tiny_llama(root / "base")
+    first = _adapter(base, root / "first", 1, r=4, lora_alpha=8, target_modules=ALL)
+    second = _adapter(
+        base, root / "second", 2, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True
+    )
+    return base, first, second
+
+
+def _peft_greedy(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        return [hf_greedy(model, prompt, TOKENS) for prompt in prompts]
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+@pytest.mark.parametrize("max_loras", [2, 1])
+def test_adapters_and_the_base_mixed_in_one_batch_give_peft_s_greedy_tokens(models, max_loras):
+    base, first, second = models
+    prompts = random_prompts(256, [5, 9, 13, 7, 11, 6], seed=3)
+    adapters = {None: None, "first": first, "second": second}
+    names = ["first", "second", None, "second", "first", None]
+    expected = {name: _peft_greedy(base, path, prompts) for name, path in adapters.items()}
+    llm = LLM(str(base), enable_lora=True, max_loras=max_loras, max_lora_rank=8, kv_cache_memory_gb=0.05)
+    requests = {
+        None: None,
+        "first": LoRARequest("first", 1, str(first)),
+        "second": LoRARequest("second", 2, str(second)),
+    }
+    params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+    got = _tokens(llm.generate(prompts, params, lora_request=[requests[n] for n in names]))
+    assert got == [expected[name][i] for i, name in enumerate(names)]
+    assert expected["first"] != expected[None] != expected["second"]  # the adapters change what is generated
+
+
+def test_a_prompt_cached_under_one_adapter_is_not_reused_under_another_or_the_base(models):
+    base, first, _ = models
+    prompt = random_prompts(256, [40], seed=5)  # more than two blocks: cached after the first request
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=8, kv_cache_memory_gb=0.05)
+    params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+    adapter = LoRARequest("first", 1, str(first))
+    with_adapter = _tokens(llm.generate(prompt, params, lora_request=adapter))
+    base_after = _tokens(llm.generate(prompt, params))
+    assert base_after == _peft_greedy(base, None, prompt)
+    assert with_adapter == _peft_greedy(base, first, prompt)
+    assert _tokens(llm.generate(prompt, params, lora_request=adapter)) == with_adapter  # its own cache is reused
+    assert llm.engine.stats().prefix_cache_hits > 0
+
+
+def test_what_the_engine_cannot_serve_is_refused_by_name(models, tmp_path):
+    base, first, second = models
+    params = SamplingParams(temperature=0, max_tokens=2)
+    plain = LLM(str(base), kv_cache_memory_gb=0.05)
+    with pytest.raises(InvalidInput, match="enable_lora"):
+        plain.generate([[1, 2, 3]], params, lora_request=LoRARequest("first", 1, str(first)))
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, kv_cache_memory_gb=0.05)
+    with pytest.raises(FieldError, match="max_lora_rank"):  # rank 8 over the limit
+        llm.generate([[1, 2, 3]], params, lora_request=LoRARequest("second", 2, str(second)))
+    other = make_tiny_llama(tmp_path / "other", hidden_size=32, intermediate_size=64)
+    foreign = _adapter(other, tmp_path / "foreign", 3, r=4, lora_alpha=8, target_modules=ALL)
+    with pytest.raises(InvalidInput, match="another base model"):
+        llm.generate([[1, 2, 3]], params, lora_request=LoRARequest("foreign", 3, str(foreign)))
+    served = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+    assert _tokens(llm.generate([[1, 2, 3]], served)) == _peft_greedy(base, None, [[1, 2, 3]])  # it serves on
