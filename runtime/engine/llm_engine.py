@@ -784,11 +784,12 @@ class LLMEngine:
 
 
 def _salted(cache_salt: str | None, adapter: LoraAdapter | None) -> str | None:
-    """A request's cache salt with its adapter's name: an adapter's KV of a prompt is not the base model's, nor
-    another adapter's, so prefix blocks are shared only within one adapter."""
+    """A request's cache salt with its adapter's name and directory: an adapter's KV of a prompt is not the base
+    model's, nor another adapter's (one loaded anew under the same name included), so prefix blocks are shared only
+    within one adapter."""
     if adapter is None:
         return cache_salt
-    return f"{cache_salt or ''}\x00lora:{adapter.name}"
+    return f"{cache_salt or ''}\x00lora:{adapter.name}:{adapter.path}"
 
 
 def _prompt_computed(seq: Sequence) -> bool:

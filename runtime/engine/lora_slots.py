@@ -1,23 +1,25 @@
 """The engine's LoRA adapters (vLLM's multi-LoRA): `max_loras` slots, each holding one adapter's A and B for every
-base weight adapters may change, stacked per weight ([S, R, in] and [S, out, R], rank padded with zeros to
+base weight adapters may change, stacked per weight (A [S, R, in], B as [S, R, out]; rank padded with zeros to
 `max_lora_rank`, B scaled). A step's rows each name a slot (-1: the base alone); the linears of the model's plan
-add each row's low-rank update after the one base matmul of the whole batch (the backend's `add_lora` kernel,
-grouped by slot), so requests of different adapters and of none share every step.
+add each row's low-rank update after the one base matmul of the whole batch (the backend's `add_lora` kernel), so
+requests of different adapters and of none share every step.
 
 An adapter takes a slot while any of its requests runs or waits; a request whose adapter finds no free slot waits
 in the engine until one is released. The least recently used free slot is reloaded first; an adapter still in a
 slot needs no reload. Adapters are read from their directories once (`lora_adapter.read_lora_adapter`), checked
-against the engine's rank limit and the base model's weights."""
+against the engine's rank limit and the base model's weights; a name given again with another directory (an
+adapter unloaded and loaded anew at run time) is read again, and its old weights stay only in the slot of the
+requests that still use them."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.lora_adapter import LoraAdapter, check_adapter_fits, read_lora_adapter
 
 NO_ADAPTER = -1
@@ -50,7 +52,7 @@ class LoraSlots:
         self.b_t = {name: torch.zeros(max_loras, max_rank, o, device=device) for name, (o, _) in self.shapes.items()}
         self.row_slots: torch.Tensor | None = None  # this step's: a slot per row, None when no row has an adapter
         self.adapters: dict[str, LoraAdapter] = {}  # read and checked, by name
-        self._held: list[str | None] = [None] * max_loras  # the adapter in each slot
+        self._held: list[LoraAdapter | None] = [None] * max_loras  # the adapter in each slot
         self._users = [0] * max_loras  # requests of that adapter running or waiting
         self._used_at = [0] * max_loras  # when each slot was last taken (a counter): the least recent is reloaded
         self._clock = itertools.count(1)
@@ -60,10 +62,7 @@ class LoraSlots:
         """The adapter a request names, read from its directory the first time (InvalidInput, or a FieldError on
         max_lora_rank, when the engine cannot serve it)."""
         known = self.adapters.get(request.lora_name)
-        if known is not None:
-            if str(known.path) != str(request.lora_path).rstrip("/"):
-                raise InvalidInput(f"LoRA adapter {request.lora_name}: already served from {known.path}, not "
-                                   f"{request.lora_path}; give another name")  # fmt: skip
+        if known is not None and known.path == Path(request.lora_path).expanduser():
             return known
         adapter = read_lora_adapter(request.lora_path, request.lora_name, max_rank=self.max_rank)
         check_adapter_fits(adapter, self.shapes)
@@ -73,7 +72,7 @@ class LoraSlots:
     def acquire(self, adapter: LoraAdapter) -> int | None:
         """A slot holding `adapter` for one more request (loading it into the least recently used free slot if it
         is in none); None when every slot holds an adapter in use."""
-        slot = next((i for i, name in enumerate(self._held) if name == adapter.name), None)
+        slot = next((i for i, held in enumerate(self._held) if held is adapter), None)
         if slot is None:
             free = [i for i in range(self.max_loras) if not self._users[i]]
             if not free:
@@ -88,13 +87,6 @@ class LoraSlots:
         if slot != NO_ADAPTER:
             self._users[slot] -= 1
 
-    def forget(self, name: str) -> None:
-        """Drops a read adapter (unloaded at run time); its slot is reused once its requests have ended."""
-        self.adapters.pop(name, None)
-        for slot, held in enumerate(self._held):
-            if held == name and not self._users[slot]:
-                self._held[slot] = None
-
     def _load(self, slot: int, adapter: LoraAdapter) -> None:
         for name, a in self.a.items():
             a[slot].zero_()
@@ -102,7 +94,7 @@ class LoraSlots:
         for name, (a, b) in adapter.weights.items():
             self.a[name][slot, : adapter.rank].copy_(a)
             self.b_t[name][slot, : adapter.rank].copy_((b * adapter.scaling).t())
-        self._held[slot] = adapter.name
+        self._held[slot] = adapter
 
     # -- steps ------------------------------------------------------------------------------------------------------
     def begin_step(self, row_slots: list[int]) -> None:

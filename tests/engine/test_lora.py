@@ -91,6 +91,18 @@ def test_a_prompt_cached_under_one_adapter_is_not_reused_under_another_or_the_ba
     assert llm.engine.stats().prefix_cache_hits > 0
 
 
+def test_a_name_given_again_with_another_directory_serves_the_new_adapter(models):
+    base, first, second = models
+    prompt = random_prompts(256, [40], seed=7)
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=8, kv_cache_memory_gb=0.05)
+    params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+    assert _tokens(llm.generate(prompt, params, lora_request=LoRARequest("x", 1, str(first)))) == _peft_greedy(
+        base, first, prompt
+    )
+    again = _tokens(llm.generate(prompt, params, lora_request=LoRARequest("x", 2, str(second))))
+    assert again == _peft_greedy(base, second, prompt)  # neither its old weights nor its old cached prompt
+
+
 def test_what_the_engine_cannot_serve_is_refused_by_name(models, tmp_path):
     base, first, second = models
     params = SamplingParams(temperature=0, max_tokens=2)
