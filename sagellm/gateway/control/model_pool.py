@@ -31,6 +31,7 @@ import structlog
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from sagellm.common.errors import SageLLMError
 from sagellm.common.memory import available_bytes, resident_bytes
 from sagellm.gateway.control.engine_spec import FAILED as ENGINE_FAILED
 from sagellm.gateway.control.engine_spec import READY, EngineSpec
@@ -195,7 +196,10 @@ class ModelPool:
                 model.engine_id, model.error = None, engine.last_error
                 raise ApiError(503, f"the model {model.name!r} failed to load: {engine.last_error}",
                                code="model_load_failed")  # fmt: skip
-        except ApiError as error:
+        except (SageLLMError, OSError) as error:  # (its files unreadable, say: the model fails, not the gateway)
+            if not isinstance(error, ApiError):
+                model.error = str(error)
+                error = ApiError(503, f"the model {model.name!r} failed to load: {error}", code="model_load_failed")
             model.failure = error
             model.status = FAILED if error.code == "model_load_failed" else UNLOADED
             self.loads[model.name, model.status] += 1
