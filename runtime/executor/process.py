@@ -313,6 +313,7 @@ class ProcessExecutor:
     def _ended(self, nursery: trio.Nursery, group: str, end: wire.End) -> None:
         """A worker said End: it finished, or it failed on the error it names (it waits for our End, so its error is
         heard before its exit is seen)."""
+        progress.report(group, None)  # whatever it was waiting on, it waits no more
         if not end.error:
             self._finished.add(group)
             return
@@ -320,6 +321,7 @@ class ProcessExecutor:
         self._lose(nursery, group, f"failed: {end.error}")
 
     def _lose(self, nursery: trio.Nursery, group: str, why: str) -> None:
+        progress.report(group, None)
         if group in self._finished:
             return
         who = self.control.describe(group)
