@@ -218,7 +218,7 @@ def _serve_lora_modules(core: ServingCore, modules: dict[str, str]) -> None:
     """`--lora-modules`: each adapter checked and served (one the engines cannot serve stops the start, saying why)."""
     for name, path in modules.items():
         try:
-            core.lora.add(name, path, core.served, {*core.models(), *core.registry.on_demand})
+            core.add_lora(name, path)
         except ApiError as error:
             raise InvalidInput(f"--lora-modules {name}={path}: {error}") from None
 

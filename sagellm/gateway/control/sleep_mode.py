@@ -92,7 +92,7 @@ class SleepMode:
 
     def _engines(self) -> list:
         """The graph's engine operators; a 400 where they cannot sleep from here (in worker processes)."""
-        local = [op for name in ENGINE_OPERATORS for op in self.core.nodes_of(name).values()]
+        local = self.core.engine_operators()
         engine_nodes = [n.id for n in self.core.graph.nodes.values() if n.op in ENGINE_OPERATORS]
         elsewhere = sorted(set(engine_nodes) - {op.ctx.node_id for op in local})
         if elsewhere:

@@ -38,8 +38,7 @@ class LoraRoutes:
 
     async def load(self, http: HttpRequest) -> Response:
         body = http.json(LoadLoraAdapter)
-        taken = {*self.core.models(), *self.core.registry.on_demand}
-        ref = self.core.lora.add(body.lora_name, body.lora_path, self.core.served, taken)
+        ref = self.core.add_lora(body.lora_name, body.lora_path)
         log.info("lora_adapter_loaded", name=ref.name, path=ref.path)
         return Response({"success": True, "message": f"LoRA adapter {ref.name!r} added"})
 

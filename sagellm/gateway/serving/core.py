@@ -27,6 +27,7 @@ from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
 from sagellm.operators.admission import Admission
+from sagellm.operators.engine import ENGINE_OPERATORS
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
@@ -258,9 +259,18 @@ class ServingCore:
             self.requests_of(model)  # the expired holds go
             self._arriving[model].append(time.monotonic() + HOLD_S)
 
+    def engine_operators(self) -> list[Any]:
+        """The graph's operators that run an LLMEngine in this process."""
+        return [op for name in ENGINE_OPERATORS for op in self.nodes_of(name).values()]
+
     def lora_of(self, name: str | None) -> LoraRef | None:
         """The LoRA adapter a request's `model` names (None: a model, not an adapter)."""
         return self.lora.adapters.get(name) if name is not None else None
+
+    def add_lora(self, name: str, path: str) -> LoraRef:
+        """Serves the adapter in `path` as `name`, checked against the graph's model and the names served
+        (`LoraModules.add`)."""
+        return self.lora.add(name, path, self.served, set(self.models()))
 
     def lora_adapters(self) -> list[LoraRef]:
         return list(self.lora.adapters.values())

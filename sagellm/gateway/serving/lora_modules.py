@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from sagellm.common.errors import FieldError, InvalidInput, NotFound
+from sagellm.common.errors import InvalidInput, NotFound
 from sagellm.gateway.http.errors import ApiError
 from sagellm.operators.engine import ENGINE_OPERATORS
 from sagellm.runtime.engine.config import EngineConfig
@@ -48,9 +48,7 @@ class LoraModules:
                 check_adapter_fits(adapter, shapes)
         except NotFound as error:
             raise ApiError(404, str(error), param="lora_path", code="not_found") from None
-        except FieldError as error:
-            raise ApiError(400, str(error), param="lora_path") from None
-        except InvalidInput as error:
+        except InvalidInput as error:  # (a FieldError on max_lora_rank too)
             raise ApiError(400, str(error), param="lora_path") from None
         ref = self.adapters[name] = LoraRef(name=name, id=next(self._ids), path=str(adapter.path))
         return ref
