@@ -155,11 +155,13 @@ async def _cold_and_warm(args: argparse.Namespace, model: str, work: Path) -> di
 async def _ttft_ms(client: httpx.AsyncClient) -> float:
     body = {"model": "smol", "prompt": "Tell me about the sea.", "max_tokens": 4, "stream": True, "temperature": 0}
     started = time.perf_counter()
+    said = []
     async with client.stream("POST", "/v1/completions", json=body) as reply:
         async for line in reply.aiter_lines():
             if line.startswith("data: {"):
                 return 1000 * (time.perf_counter() - started)
-    raise InvalidInput(f"no token from the model on demand ({reply.status_code})")
+            said.append(line)
+    raise InvalidInput(f"no token from the model on demand ({reply.status_code}: {' '.join(said)[:500]})")
 
 
 def _plot(arms: dict, cold_warm: dict, path: Path, cpu: str) -> None:

@@ -161,12 +161,12 @@ async def staggered_loop(
     """`clients` clients in a closed loop, started `request_s / clients` apart (`request_s`: how long one request
     takes at this load), so their requests do not move in step: identical requests started together all prefill in
     one step, every round, a cohort no stream of arrivals forms. Completed requests/s and tokens/s in the steady
-    window (from one request after the last client started to the end: what ends in it was partly served before it,
+    window (`duration_s` from one request after the last client started: what ends in it was partly served before it,
     as much as what runs past its end), and that window's length."""
     attempts: list[Attempt] = []
     start = trio.current_time()
-    deadline = start + duration_s
     steady = start + request_s * (clients - 1) / clients + request_s
+    deadline = steady + duration_s  # the steady window lasts `duration_s` however slow a request is
 
     async def client(delay: float) -> None:
         await trio.sleep(delay)

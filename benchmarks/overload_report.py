@@ -63,9 +63,12 @@ def _metastable(r: dict[str, Any], a: dict[str, Any]) -> list[tuple[str, str]]:
     if r["refusals"]:
         refused = f"{_tally(r['refusal_status'])}, p99 {_ms(r['refusal_p99_ms'])} ms"
         refused += f" (Retry-After median {r['retry_after_s'][1]:.0f} s)" if r["retry_after_s"] else ""
-    pct = ""
+    shares = []  # a capacity window in which no request finished has no share to give
+    if r["goodput_apart_pct"] is not None:
+        shares.append(f"**{r['goodput_apart_pct']:.0f}%** of capacity started apart")
     if r["goodput_pct"] is not None:
-        pct = f" = **{r['goodput_apart_pct']:.0f}%** of capacity started apart, {r['goodput_pct']:.0f}% of in step"
+        shares.append(f"{r['goodput_pct']:.0f}% of in step")
+    pct = f" = {', '.join(shares)}" if shares else ""
     wasted = f"**{r['wasted_pct']:.0f}%** of {r['generated']:,.0f}" if r["wasted_pct"] is not None else "–"
     return [
         (f"capacity ({r['capacity_clients']} clients, closed loop): started together, in step",

@@ -99,6 +99,18 @@ class TrioSocket:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # done: yield, but a cancel must not lose it
                 return
 
+    def send_now(self, frames: Sequence[bytes | memoryview | zmq.Frame]) -> bool:
+        """Sends one multipart message if the socket takes it at once, without waiting (a task that cannot await);
+        False when it did not (a full queue, a closed socket): the message is dropped."""
+        if self._closed:
+            return False
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            return False
+        self._after_operation()  # the send may have consumed the FD edge a waiting receive sleeps on
+        return True
+
     async def receive_frames(self) -> list[zmq.Frame]:
         """The next multipart message as frames that own their memory (received with copy=False)."""
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -27,7 +27,6 @@ from typing import Any, NoReturn
 
 import structlog
 import trio
-import zmq
 
 from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.runtime.comm import wire
@@ -206,7 +205,5 @@ class ControlServer:
         await self.sock.send_frames([identity, *wire.encode(message)])
 
     def _send_now(self, identity: bytes, message: Any) -> None:
-        try:
-            self.sock.socket.send_multipart([identity, *wire.encode(message)], flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as error:  # a closed socket, or a full queue
-            log.debug("control_send_dropped", message=type(message).__name__, problem=str(error))
+        if not self.sock.send_now([identity, *wire.encode(message)]):  # a closed socket, or a full queue
+            log.debug("control_send_dropped", message=type(message).__name__)

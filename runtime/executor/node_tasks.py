@@ -206,8 +206,8 @@ class NodeTasks:
                 while buffer:
                     await self._feed(node_id, op, buffer.popleft())
                 room.fire()  # the buffer is empty again (and what passed through took no capacity)
-            if self._ledger.any_cancelled:
-                await self._end_cancelled(node_id, op)
+            if self._ledger.any_cancelled and await self._end_cancelled(node_id, op):
+                room.fire()  # the aborted requests' room: the feeder may wait for it
             if op.has_work():
                 outs = step_once(node_id, op) if op.inline else await trio.to_thread.run_sync(step_once, node_id, op)
                 room.fire()
@@ -215,6 +215,8 @@ class NodeTasks:
                     await self._send(node_id, out)
                 if op.inline:
                     await trio.lowlevel.checkpoint()
+                continue
+            if buffer:  # arrived while this loop sent (an abort): its signal had no waiter, so it is fed now
                 continue
             if closed:
                 return
@@ -245,12 +247,14 @@ class NodeTasks:
         for out in apply_operator(node_id, op, op.add, item):
             await self._send(node_id, out)
 
-    async def _end_cancelled(self, node_id: str, op: StepOperator) -> None:
+    async def _end_cancelled(self, node_id: str, op: StepOperator) -> bool:
+        """Aborts the held requests whose clients left; whether there were any."""
         held = [rid for rid in op.in_flight() if self._ledger.is_cancelled(rid)]
         if held:
             op.abort(held)
             for rid in held:
                 await self._send_abort(node_id, rid)
+        return bool(held)
 
     async def _run_stream(self, node_id: str, op: StreamOperator, nursery: trio.Nursery) -> None:
         """One task per item, at most `capacity()` at once; the node ends when its input has and every task did."""

@@ -128,3 +128,23 @@ def test_a_request_not_yet_polled_is_taken_back():
     source.submit(_request("b"))
     assert source.withdraw("a") and not source.withdraw("a") and len(source) == 1
     assert [r.request_id for r in source.poll()] == ["b"]
+
+
+async def test_the_room_a_cancelled_request_leaves_in_the_engine_is_taken_by_the_next(autojump_clock):
+    """The engine full with "a", "b" waits for its room; "a"'s client leaves, the engine aborts it (sending its
+    terminal on, a moment in which "b" may arrive): "b" goes in at once, not whenever something else wakes the
+    engine (nothing would: a request lost until its client gave up)."""
+
+    async def body(source, executor, engine, ended):
+        source.submit(_request("a"))
+        await _settle()
+        source.submit(_request("b"))
+        await _settle()
+        assert engine.held == ["a"]
+        start = trio.current_time()
+        executor.cancel("a")
+        await _settle()
+        assert ended["a"].finish_reason == "abort" and engine.held == ["b"] and trio.current_time() == start
+
+    ended, engine = await _run(body)
+    assert engine.added == ["a", "b"] and ended["b"].finish_reason == "length"

@@ -1,7 +1,7 @@
 """A managed replica of the gateway's own model is a worker of the gateway's graph, not a second gateway: each of its
 requests passes the gateway's one admission (counted per request id), then only its engine; its greedy answers are
 the graph engine's (same weights); killed, the one supervision loop starts it again and it serves again; stopped, it
-ends and its process with it."""
+ends and its process with it. A reply that arrives as its client leaves is dropped, and the link serves on."""
 
 from __future__ import annotations
 
@@ -13,13 +13,58 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
 
+from sagellm.gateway.control.engine_link import EngineLink
+from sagellm.operators.http_source import HttpSource
+from sagellm.runtime.pipeline.messages import Request, TokenDelta
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 
 ENGINES = "/v1/management/engines"
 PROMPTS = [f"Count to {n}:" for n in range(12)]
 
-pytestmark = pytest.mark.slow
+
+class Cancels:
+    """The link's executor, as far as a stream's end reaches it: the requests it is told to cancel."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+
+def test_a_reply_arriving_as_its_client_leaves_is_dropped_and_the_link_serves_on():
+    """The worker's replies reach `_deliver` from the executor's tasks at any moment; while a stream closes (its
+    client left after the first token) none may find its channel closed but still registered: that error would end
+    the whole link (every request on it lost). Replies keep arriving while each of 64 streams closes (trio orders
+    the two tasks differently from one close to the next)."""
+
+    async def main() -> None:
+        link = EngineLink.__new__(EngineLink)  # its request path alone: no worker
+        link._streams, link.source, link.done, link.local = {}, HttpSource(), trio.Event(), Cancels()
+        for n in range(64):
+            rid = f"r{n}"
+            stream = link.stream(Request(request_id=rid, prompt="hi"))
+            first: list[TokenDelta] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_append, first, stream.__anext__())
+                await wait_all_tasks_blocked()  # the stream is open and waits for its worker's replies
+                link._deliver(TokenDelta(request_id=rid, token_ids=[1]))
+            assert first[0].token_ids == [1]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.aclose)
+                for token in range(2, 6):
+                    link._deliver(TokenDelta(request_id=rid, token_ids=[token]))
+                    await trio.sleep(0)
+        assert link._streams == {} and link.local.cancelled == [f"r{n}" for n in range(64)]
+
+    trio.run(main)
+
+
+async def _append(items: list, awaitable) -> None:
+    items.append(await awaitable)
 
 
 def _wait(admin: httpx.Client, engine_id: str, ready, timeout_s: float = 120.0) -> dict:
@@ -39,6 +84,7 @@ def _complete(url: str, prompt: str) -> dict:
     return reply.json()
 
 
+@pytest.mark.slow
 def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(tiny_model, tmp_path):
     graph = GRAPHS / "colocated.yaml"
     overrides = {"engine.max_num_seqs": 2, "engine.kv_cache_memory_gb": 0.05}
@@ -89,6 +135,7 @@ def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(ti
                     time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_replica_whose_worker_cannot_start_fails_alone_with_its_cause(tiny_model, tmp_path):
     """A replica's worker that fails before it is ready (here its model is not there) fails that engine at once, with
     the worker's cause and where its log is; the gateway's own engine serves on, and nothing is restarted."""
@@ -106,6 +153,7 @@ def test_a_replica_whose_worker_cannot_start_fails_alone_with_its_cause(tiny_mod
             assert _complete(gw.url, "Still here?")["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 def test_an_engine_of_another_model_is_a_worker_too_and_its_requests_are_tokenized_once_with_its_files(tmp_path):
     """An llm engine of a model other than the gateway's (another architecture, other weights) is a worker of the
     gateway's graph as well: the gateway reads that model's files (no weights) so its one admission tokenizes and

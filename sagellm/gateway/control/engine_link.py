@@ -25,7 +25,8 @@ from typing import Any
 import structlog
 import trio
 
-from sagellm.common.nursery_errors import single_errors
+from sagellm.common.errors import SageLLMError
+from sagellm.common.nursery_errors import leaves, single_errors
 from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import FAILED as SUPERVISION_FAILED
 from sagellm.common.supervision import READY as SUPERVISION_READY
@@ -126,8 +127,11 @@ class EngineLink:
                     nursery.start_soon(self._follow)
         except Exception as error:  # it never became ready (WorkerStartError), or anything else: this engine alone
             if not engine.stopping:
-                engine.state, engine.last_error = FAILED, f"{error} (log: {self.log_file})"
-                log.warning("engine_failed", engine=engine.id, error=engine.last_error)
+                causes = leaves(error)
+                said = "; ".join(str(e) if isinstance(e, SageLLMError) else f"{type(e).__name__}: {e}" for e in causes)
+                engine.state, engine.last_error = FAILED, f"{said} (log: {self.log_file})"
+                bug = not all(isinstance(e, SageLLMError) for e in causes)  # its traceback says where
+                log.warning("engine_failed", engine=engine.id, error=engine.last_error, exc_info=error if bug else None)
         finally:
             for rid in list(self._streams):  # what the worker still held ends; failover moves it elsewhere
                 self._end(rid, f"engine {engine.id} stopped", "instance_lost")
@@ -185,14 +189,16 @@ class EngineLink:
         ended = False
         try:
             self.source.submit(request)
-            async with receive:
-                async for item in receive:
-                    ended = is_terminal(item)
-                    yield item
-                    if ended:
-                        return
+            async for item in receive:
+                ended = is_terminal(item)
+                yield item
+                if ended:
+                    return
         finally:
+            # No checkpoint between the two (an `async with` would take one as it closes): an item delivered then
+            # would find a closed channel, and the error would end the engine's link.
             self._streams.pop(rid, None)
+            receive.close()
             if not ended:
                 self.local.cancel(rid)
 
