@@ -59,7 +59,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -68,6 +68,18 @@ from sagellm.backends.quantized import QuantizedWeight
 from sagellm.common.errors import InvalidInput, Unavailable
 
 KernelTable = dict[str, Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class LoraPart:
+    """One weight's LoRA adapters as a linear adds them (the add_lora op's operands, stacked by slot): A [S, R, K] and
+    B^T [S, R, end - begin] (rank padded with zeros, scaling folded in), into the linear's output columns
+    begin .. end (a part of a fused q/k/v or gate/up). Their tensors are updated in place as adapters come and go."""
+
+    a: torch.Tensor
+    b_t: torch.Tensor
+    begin: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,9 @@ class DecoderLayer:
     sinks: torch.Tensor | None = None
     router: torch.Tensor | None = None
     router_bias: torch.Tensor | None = None
+    # LoRA adapters' parts of its linears, by field (qkv, o_proj, gate_up, down): a kernel taking the layer adds each
+    # row's update after the linear (decoder_layers' `lora_rows`), or declines steps with adapter rows
+    lora: dict[str, tuple[LoraPart, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,9 +207,11 @@ def _part_key(part: AttentionShape | DeltaNetShape) -> tuple:
 
 
 # (hidden[T, H], residual[T, H] | None (the model's first layer: R = h), positions[T] | None (a run without
-# attention), meta) -> (hidden, residual)
-# after the run's layers, or None for a step it does not take (the ops then run one by one).
-DecoderLayersKernel = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", Any], "tuple | None"]
+# attention), meta, lora_rows[T] int64 | None (each row's LoRA slot, -1: none; None: no row has an adapter))
+# -> (hidden, residual) after the run's layers, or None for a step it does not take (the ops then run one by one).
+DecoderLayersKernel = Callable[
+    [torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", Any, "torch.Tensor | None"], "tuple | None"
+]
 
 REQUIRED_OPS = (
     "embedding",

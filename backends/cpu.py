@@ -61,10 +61,12 @@ from sagellm.backends.native.decoder_layers import (
     seen_keys,
 )
 from sagellm.backends.native.experts import NativeExperts
+from sagellm.backends.native.lora import add_lora as native_add_lora
 from sagellm.backends.native.ops import fits_delta_rule, fits_strided_heads
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm, seed_decode_states
+from sagellm.backends.torch_ops.lora import add_lora as torch_add_lora
 
 # Without native kernels, outputs this wide (gate_up) also keep an [in, out] copy for one-row calls, where MKL's GEMV
 # streams the weight fastest. A vocabulary projection (49152 wide) is one call big enough that oneDNN's two threads
@@ -195,6 +197,7 @@ class NativeDispatch:
             "gated_delta_net": self.gated_delta_net,
             "gated_rmsnorm": self.gated_rmsnorm,
             "moe": self.moe,
+            "add_lora": self.add_lora,
         }
 
     def decoder_layers(self, layers: list[DecoderLayer], shape: DecoderShape) -> NativeDecoderLayers | None:
@@ -224,6 +227,14 @@ class NativeDispatch:
         if x.shape[0] >= (BLOCK_GEMM_ROWS_ONE_THREAD if threads == 1 else BLOCK_GEMM_ROWS):
             return self.native.block_linear_large(x, blocks, bias, threads)
         return self.native.block_linear(x, blocks, bias, threads)
+
+    def add_lora(
+        self, out: torch.Tensor, x: torch.Tensor, row_slots: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
+    ) -> torch.Tensor:
+        """Each row's adapter update in one native call (each row reading only its own slot's weights), else the
+        torch op (bf16 rows)."""
+        added = native_add_lora(self.native, out, x, row_slots, lora_a, lora_b, torch.get_num_threads())
+        return added if added is not None else torch_add_lora(out, x, row_slots, lora_a, lora_b)
 
     def moe(
         self,

@@ -42,6 +42,7 @@ SOURCES = tuple(
         "decoder_layers.c",
         "delta_rule.c",
         "moe.c",
+        "lora.c",
     )
 )
 HEADERS = tuple(
@@ -107,7 +108,9 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
         + (_P, _P, _P, _I64, _P, _P, _P, _I64)  # positions, slots, tables, max_blocks, lens, state starts/slots, rows
         + (_P, _P, _I64)  # the sliding-window layers' own slots, tables and max_blocks (or NULL)
         + (_P, _I32, _I32, _I32)  # workspace, threads
+        + (_P, _P, _I64, _P)  # the layers' LoRA adapters (or NULL), the rows' slots, the rank, scratch
     ),
+    "lora_add_f32": (_P, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _I64, _P, _I32),
     "decoder_layers_workspace": (_P, _I64),
     "moe_f32": (
         (_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64)  # x, rows, router, its bias, E, k, normalize, experts

@@ -60,6 +60,15 @@ typedef struct {
     float alpha, limit;
 } decoder_dims;
 
+/* One layer's LoRA adapters (lora.c): for each of its linears, the parts adapters change (none: count 0). */
+typedef struct {
+    lora_part parts[MAX_PARTS];
+    int64_t count;
+} lora_linear;
+typedef struct {
+    lora_linear qkv, o_proj, gate_up, down;
+} layer_lora;
+
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* Per row: each intermediate's width. */
@@ -105,7 +114,18 @@ typedef struct {
     int64_t window_max_blocks;
     float *x, *proj, *heads, *attn, *gated, *o, *gate_up, *act, *delta, *packed, *part, *moe;
     int32_t linear_threads, attention_threads, delta_threads;
+    const layer_lora *lora; /* this layer's adapters, NULL when no row of the step has one */
+    const int64_t *row_slots; /* each row's adapter slot (-1: none) */
+    int64_t rank;
+    float *shrunk; /* lora_add_f32's [rows, MAX_PARTS rank] */
 } step;
+
+/* The step's rows' adapter updates of one linear's output y [rows, n] from its input x. */
+static void add_lora(const lora_linear *l, const float *x, int64_t k, float *y, int64_t n, const step *st) {
+    if (l->count > 0)
+        lora_add_f32(l->parts, l->count, x, k, k, y, n, st->row_slots, st->rows, st->rank, st->shrunk,
+                     st->linear_threads);
+}
 
 /* Attention, gated or not: x -> s->o. */
 static void attention(const decoder_layer *l, const decoder_dims *s, const step *st) {
@@ -114,6 +134,7 @@ static void attention(const decoder_layer *l, const decoder_dims *s, const step 
     const int64_t nq = gated ? 2 * qd : qd, nqkv = nq + 2 * kvd, nrot = qd + kvd;
     float *qkv = st->proj, *turned = st->heads + rows * nrot;
     block_linear(&l->qkv, st->x, h, l->qkv_bias, qkv, rows, nqkv, h, st->packed, st->part, st->linear_threads);
+    if (st->lora != NULL) add_lora(&st->lora->qkv, st->x, h, qkv, nqkv, st);
     const float *q = qkv, *k = qkv + nq, *v = k + kvd;
     int64_t q_row = nqkv, k_row = nqkv;
     if (l->q_norm != NULL) { /* each head's query and key normed into `heads`: [rows, Hq D], then [rows, Hk D] */
@@ -134,6 +155,7 @@ static void attention(const decoder_layer *l, const decoder_dims *s, const step 
         for (int64_t i = 0; i < rows * qd; ++i) st->attn[i] *= st->gated[i];
     }
     block_linear(&l->o_proj, st->attn, qd, l->o_bias, st->o, rows, h, qd, st->packed, st->part, st->linear_threads);
+    if (st->lora != NULL) add_lora(&st->lora->o_proj, st->attn, qd, st->o, h, st);
 }
 
 /* A Gated DeltaNet: x -> s->o, each row's states advanced in its slot. */
@@ -142,12 +164,14 @@ static void gated_delta_net(const decoder_layer *l, const decoder_dims *s, const
     const int64_t n = channels + vd + 2 * s->lhv;
     float *in = st->proj; /* [rows, qkv | z | b | a] */
     block_linear(&l->qkv, st->x, h, NULL, in, rows, n, h, st->packed, st->part, st->linear_threads);
+    if (st->lora != NULL) add_lora(&st->lora->qkv, st->x, h, in, n, st);
     const float *z = in + channels, *b = z + vd, *a = b + s->lhv;
     gated_delta_net_f32(in, n, a, n, b, n, st->state_starts, st->state_slots, rows, l->conv_states, l->ssm_states,
                         l->conv_weight, l->a_log, l->dt_bias, st->attn, s->lhk, s->ldk, s->lhv, s->ldv, s->tiled,
                         s->conv_width, st->delta, st->delta_threads);
     gated_rmsnorm_f32(st->attn, vd, z, n, l->out_norm, st->gated, rows, s->lhv, s->ldv, s->eps, 1);
     block_linear(&l->o_proj, st->gated, vd, NULL, st->o, rows, h, vd, st->packed, st->part, st->linear_threads);
+    if (st->lora != NULL) add_lora(&st->lora->o_proj, st->gated, vd, st->o, h, st);
 }
 
 /* hidden [T, H] (and residual [T, H], or NULL when the first layer is a model's first) through `num_layers` layers
@@ -156,6 +180,8 @@ static void gated_delta_net(const decoder_layer *l, const decoder_dims *s, const
  * block_tables [T, max_blocks] (the last `window` of them when window > 0, scores soft-capped when softcap > 0:
  * paged_decode_attention_f32); a sliding-window layer whose cache has blocks of its own (window_tables not NULL)
  * uses window_slots and window_tables [T, window_max_blocks] instead; a delta net layer advances the states of slot state_slots[T] (state_starts: 0 .. T).
+ * With `lora` ([num_layers], or NULL), each linear's output then gets the LoRA updates of the rows whose
+ * row_slots[T] >= 0 (lora.c; adapters of rank `rank`, `shrunk` [T, MAX_PARTS rank] floats of scratch).
  * Linears share their outputs among `linear_threads`, attention its tasks among `attention_threads`, the delta rule
  * its heads among `delta_threads`; the rest run on the calling thread, as the op-by-op path runs them at these row
  * counts. */
@@ -165,7 +191,8 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const d
                         const int32_t *context_lens, const int64_t *state_starts, const int64_t *state_slots,
                         int64_t rows, const int64_t *window_slots, const int32_t *window_tables,
                         int64_t window_max_blocks, float *workspace, int32_t linear_threads,
-                        int32_t attention_threads, int32_t delta_threads) {
+                        int32_t attention_threads, int32_t delta_threads, const layer_lora *lora,
+                        const int64_t *row_slots, int64_t rank, float *shrunk) {
     const decoder_dims *s = dims;
     const int64_t h = s->hidden, inter = s->inter;
     const row_widths w = widths(s);
@@ -178,8 +205,10 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const d
                              w.gate_up, w.act, w.delta, w.packed, w.part,  w.moe};
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; ++i) *regions[i] = next, next += rows * sizes[i];
     st.linear_threads = linear_threads, st.attention_threads = attention_threads, st.delta_threads = delta_threads;
+    st.row_slots = row_slots, st.rank = rank, st.shrunk = shrunk;
     for (int64_t i = 0; i < num_layers; ++i) {
         const decoder_layer *l = layers + i;
+        st.lora = lora != NULL ? lora + i : NULL;
         const float *layer_in = i == 0 ? hidden : hidden_out;
         if (i == 0 && residual == NULL) { /* a model's first layer: the residual stream starts as its input */
             rmsnorm_f32(hidden, h, NULL, 0, l->input_norm, st.x, NULL, rows, h, s->eps, 1);
@@ -202,8 +231,10 @@ void decoder_layers_f32(const decoder_layer *layers, int64_t num_layers, const d
         }
         block_linear(&l->gate_up, st.x, h, l->gate_up_bias, st.gate_up, rows, 2 * inter, h, st.packed, st.part,
                      linear_threads);
+        if (st.lora != NULL) add_lora(&st.lora->gate_up, st.x, h, st.gate_up, 2 * inter, &st);
         silu_mul_f32(st.gate_up, 2 * inter, st.act, rows, inter, 1);
         block_linear(&l->down, st.act, inter, l->down_bias, hidden_out, rows, h, inter, st.packed, st.part,
                      linear_threads);
+        if (st.lora != NULL) add_lora(&st.lora->down, st.act, inter, hidden_out, h, &st);
     }
 }

@@ -18,6 +18,7 @@ from sagellm.backends.attention_metadata import AttentionMetadata
 from sagellm.backends.base import AttentionShape, DecoderLayer, DecoderShape, MoeShape
 from sagellm.backends.native.block_weight import BlockWeight, block_weight, fits_blocks
 from sagellm.backends.native.experts import ACTIVATIONS, routing_fits
+from sagellm.backends.native.lora import MAX_PARTS, LayerLora, layer_lora, parts_fit
 from sagellm.backends.native.ops import (
     MAX_CONV_WIDTH,
     MAX_DELTA_HEAD_DIM,
@@ -95,6 +96,8 @@ class NativeDecoderLayers:
         self._state_floats = self._states[0][1][0].numel() if self._states else 0  # a slot's delta-rule state
         self._starts = torch.arange(max_rows + 1)  # a decode's rows: one token per sequence
         self._workspace = torch.empty(0, dtype=F32)  # grown to the most rows seen, never shrunk (no page faults)
+        self._lora, self._lora_rank = _lora_structs(layers, shape)  # None: steps with adapter rows are declined
+        self._shrunk = torch.empty(max_rows * MAX_PARTS * self._lora_rank, dtype=F32)
 
     @classmethod
     def build(
@@ -114,12 +117,17 @@ class NativeDecoderLayers:
         residual: torch.Tensor | None,
         positions: torch.Tensor | None,
         meta: AttentionMetadata,
+        lora_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         rows = hidden.shape[0]
         s = self._shape
         tables, state_slots = meta.decode_block_tables, meta.decode_state_slots
+        lora_fits = lora_rows is None or (
+            self._lora is not None and fits_dense(lora_rows, dtype=I64) and lora_rows.shape == (rows,)
+        )
         if (
-            rows > self._max_rows
+            not lora_fits
+            or rows > self._max_rows
             or meta.num_decode_tokens != rows  # prefill chunks in the step
             or not fits_dense(hidden, *(() if residual is None else (residual,)))
             or (s.attention is not None and not _attention_step_fits(positions, meta))
@@ -156,6 +164,10 @@ class NativeDecoderLayers:
             torch.get_num_threads(),
             attention_threads(keys),
             delta_rule_threads(rows * self._state_floats),
+            None if lora_rows is None else self._lora,
+            None if lora_rows is None else lora_rows.data_ptr(),
+            self._lora_rank,
+            self._shrunk.data_ptr(),
         )
         return hidden_out, residual_out
 
@@ -278,6 +290,31 @@ def _experts_fit(layer: DecoderLayer, moe: MoeShape, h: int, inter: int) -> bool
         and all(fits_blocks(w, 2 * inter, h) for w in layer.gate_up)
         and all(fits_blocks(w, h, inter) for w in layer.down)
     )
+
+
+def _lora_structs(layers: list[DecoderLayer], shape: DecoderShape) -> tuple[ctypes.Array | None, int]:
+    """The layers' LoRA structs and the adapters' rank; (None, 0) when no layer has adapters or lora.c cannot read
+    theirs (a mixture of experts' MLP, or parts of another layout: such steps then run op by op)."""
+    if not any(layer.lora for layer in layers):
+        return None, 0
+    ranks = {part.a.shape[1] for layer in layers for parts in layer.lora.values() for part in parts}
+    fits = len(ranks) == 1 and all(
+        name in (inputs := _linear_inputs(shape, layer.kind))
+        and parts_fit(parts, inputs[name])
+        and not (shape.moe and name in ("gate_up", "down"))
+        for layer in layers
+        for name, parts in layer.lora.items()
+    )
+    if not fits:
+        return None, 0
+    return (LayerLora * len(layers))(*(layer_lora(layer.lora) for layer in layers)), ranks.pop()
+
+
+def _linear_inputs(shape: DecoderShape, kind: str) -> dict[str, int]:
+    """Each linear's input width in a layer of `kind`: what the adapters' A of its parts must read."""
+    a, dn = shape.attention, shape.delta_net
+    mixed = dn.num_v_heads * dn.head_v_dim if kind == "gated_delta_net" and dn else a.num_heads * a.head_dim if a else 0
+    return {"qkv": shape.hidden_size, "o_proj": mixed, "gate_up": shape.hidden_size, "down": shape.intermediate_size}
 
 
 def _dims(shape: DecoderShape, layers: list[DecoderLayer]) -> _Dims:

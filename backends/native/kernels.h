@@ -31,6 +31,16 @@ void gated_delta_net_f32(const float *x, int64_t x_row, const float *a, int64_t 
                          float *out, int64_t hk, int64_t dk, int64_t hv, int64_t dv, int64_t tiled, int64_t width,
                          float *scratch, int32_t num_threads);
 
+/* One weight's LoRA adapters, stacked by slot (lora.c): A [S, R, K] and B^T [S, R, width] (rank padded to R with
+ * zeros, scaling folded into B), adding to a linear's output columns begin .. begin + width. */
+typedef struct {
+    const float *a, *b_t;
+    int64_t begin, width;
+} lora_part;
+void lora_add_f32(const lora_part *parts, int64_t num_parts, const float *x, int64_t x_row, int64_t k, float *y,
+                  int64_t y_row, const int64_t *row_slots, int64_t rows, int64_t rank, float *shrunk,
+                  int32_t num_threads);
+
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) on interleaved GGUF blocks (block_linear.c). */
 typedef void (*block_linear_fn)(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y,
                                 int64_t tokens, int64_t n, int64_t k, float *scratch, int32_t num_threads);

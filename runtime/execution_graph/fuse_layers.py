@@ -8,13 +8,17 @@ Qwen3.5's gated attention or its Gated DeltaNet; and a dense MLP or a mixture of
 norm (MLPS); wired as one layer, the next layer reading this one's output and residual. Tensor parallel ranks
 (all_reduce between the ops), Gemma 4's experts beside a dense MLP and Qwen3.5-MoE's shared expert do not match and
 keep their ops. The fused instruction keeps the original ones as its fallback: the backend's kernel declines a step
-it does not take (prefill rows, too many rows) by returning None, and the original ops then run one by one."""
+it does not take (prefill rows, too many rows) by returning None, and the original ops then run one by one. Linears
+LoRA adapters change (lora_linear.LoraLinear) hand their adapters to the layer (DecoderLayer.lora), and each step
+its rows' adapter slots to the kernel."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+
+import torch
 
 from sagellm.backends.base import (
     AttentionShape,
@@ -23,9 +27,11 @@ from sagellm.backends.base import (
     DecoderShape,
     DeltaNetShape,
     KernelTable,
+    LoraPart,
     MoeShape,
 )
 from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.execution_graph.lora_linear import LoraLinear
 from sagellm.runtime.execution_graph.plan import Instr, Plan
 
 MIXERS = {
@@ -62,22 +68,22 @@ class _Layer:
 
 
 def fuse_decoder_layers(
-    plan: Plan, graph: Graph, kernels: KernelTable, declines: Callable[[], bool] | None = None
+    plan: Plan, graph: Graph, kernels: KernelTable, lora_rows: Callable[[], torch.Tensor | None] | None = None
 ) -> Plan:
     """`plan` with each run of whole decoder layers as one instruction, where the backend fuses them (a model whose
-    layers differ in kind, dense and mixture of experts' MLPs, makes several runs). `declines()`: the step runs the
-    layers' own instructions (they do what the backend's kernel does not: LoRA adapters' updates)."""
+    layers differ in kind, dense and mixture of experts' MLPs, makes several runs). `lora_rows()`: the step's rows'
+    LoRA adapter slots (None: no row has an adapter), which the kernel is given."""
     build = kernels.get("decoder_layers")
     if build is None:
         return plan
     begin = 0
-    while (fused := _fuse_run(plan, graph, build, begin, declines)) is not None:
+    while (fused := _fuse_run(plan, graph, build, begin, lora_rows)) is not None:
         plan, begin = fused
     return plan
 
 
 def _fuse_run(
-    plan: Plan, graph: Graph, build: Any, begin: int, declines: Callable[[], bool] | None
+    plan: Plan, graph: Graph, build: Any, begin: int, lora_rows: Callable[[], torch.Tensor | None] | None
 ) -> tuple[Plan, int] | None:
     """The plan with its first run of layers from instruction `begin` on fused (or left as it is, when the backend
     declines it) and the instruction to look on from; None when no layer starts there or after."""
@@ -105,7 +111,7 @@ def _fuse_run(
     step = {name: slot for name, slot in step.items() if slot is not None}
     out_slots = {"hidden": outputs[0], "residual": outputs[1]}
     fallback = Plan(own, plan.num_slots + 2, {str(slot): slot for slot in step.values()}, out_slots)
-    fused = Instr(FusedLayers(kernel, fallback, tuple(step), declines), tuple(step.values()), (), outputs, _name(own))
+    fused = Instr(FusedLayers(kernel, fallback, tuple(step), lora_rows), tuple(step.values()), (), outputs, _name(own))
     output_slots, later = rest
     return Plan([*instrs[:start], fused, *later], plan.num_slots + 2, plan.input_slots, output_slots), start + 1
 
@@ -175,26 +181,27 @@ def _continues(run: list[_Layer], shape: DecoderShape, layer: _Layer) -> Decoder
 
 class FusedLayers:
     """The fused instruction's kernel: the backend's one call, or the layers' own instructions for the steps it
-    declines, and those `declines()` says. `inputs`: which of STEP_INPUTS the instruction passes, in that order."""
+    declines. `inputs`: which of STEP_INPUTS the instruction passes, in that order; `lora_rows()`: the step's rows'
+    adapter slots, passed on to the kernel."""
 
     def __init__(
         self,
         kernel: DecoderLayersKernel,
         fallback: Plan,
         inputs: tuple[str, ...],
-        declines: Callable[[], bool] | None = None,
+        lora_rows: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         self.kernel = kernel
         self.fallback = fallback
         self.inputs = inputs
-        self.declines = declines
+        self.lora_rows = lora_rows
 
     def __call__(self, *args: Any) -> tuple[Any, Any]:
-        if self.declines is None or not self.declines():
-            given = dict(zip(self.inputs, args))
-            out = self.kernel(*(given.get(name) for name in STEP_INPUTS))
-            if out is not None:
-                return out
+        given = dict(zip(self.inputs, args))
+        rows = self.lora_rows() if self.lora_rows is not None else None
+        out = self.kernel(*(given.get(name) for name in STEP_INPUTS), rows)
+        if out is not None:
+            return out
         result = self.fallback.run(**dict(zip(self.fallback.input_slots, args)))
         return result["hidden"], result["residual"]
 
@@ -236,7 +243,8 @@ def _layer(kind: str, mlp_kind: str, instrs: list[Instr], ops: list[str], graph:
     fields, intermediate_size, moe = mlp_fields
     shape = DecoderShape(input_norm.shape[0], intermediate_size, eps, mixed.attention, mixed.delta_net, moe)
     kind = "attention" if kind == "normed_attention" else kind  # its norms are the layer's q_norm and k_norm
-    layer = DecoderLayer(input_norm=input_norm, post_norm=post_norm, kind=kind, **fields, **mixed.weights)
+    lora = _lora_parts([instrs[k] for k in at if ops[k] == "linear"])
+    layer = DecoderLayer(input_norm=input_norm, post_norm=post_norm, kind=kind, **fields, **mixed.weights, lora=lora)
     span = range(at[0], at[-1] + 1)
     return _Layer(
         span,
@@ -252,6 +260,13 @@ def _layer(kind: str, mlp_kind: str, instrs: list[Instr], ops: list[str], graph:
         weights=layer,
         shape=shape,
     )
+
+
+def _lora_parts(linears: list[Instr]) -> dict[str, tuple[LoraPart, ...]]:
+    """The adapters' parts of a layer's linears (its mixer's input and output projections, then a dense MLP's
+    gate_up and down, in DecoderLayer's order) that LoRA adapters change."""
+    names = ("qkv", "o_proj", "gate_up", "down")
+    return {name: i.kernel.parts for name, i in zip(names, linears) if isinstance(i.kernel, LoraLinear)}
 
 
 def _dense_mlp(ops: list[Instr], post: Instr, graph: Graph) -> tuple[dict[str, Any], int, None] | None:

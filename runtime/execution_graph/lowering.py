@@ -21,6 +21,7 @@ from sagellm.backends.torch_ops import altup
 from sagellm.common.memory import drop_pages_under
 from sagellm.runtime.execution_graph.fuse_layers import fuse_decoder_layers
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
+from sagellm.runtime.execution_graph.lora_linear import LoraLinear
 from sagellm.runtime.execution_graph.passes import plan_buffers
 from sagellm.runtime.execution_graph.plan import Instr, Plan
 
@@ -82,9 +83,9 @@ def lower(graph: Graph, ctx: LoweringContext) -> Plan:
         outs = tuple(slots[Value(node_id, p)] for p in range(node.num_outputs))
         instrs.append(Instr(kernel, ins, tuple(consts), outs, node_id))
     plan = Plan(instrs, graph.attrs["num_slots"], input_slots, output_slots)
-    # Whole layers as one instruction, where the backend can: not for a step with adapters' rows (its kernel adds none).
-    declines = (lambda: ctx.lora.row_slots is not None) if ctx.lora is not None else None
-    return fuse_decoder_layers(plan, graph, kernels, declines)
+    # Whole layers as one instruction, where the backend can (adding the step's adapter rows' updates too).
+    lora_rows = (lambda: ctx.lora.row_slots) if ctx.lora is not None else None
+    return fuse_decoder_layers(plan, graph, kernels, lora_rows)
 
 
 # -- binders: op params -> (kernel, constants appended after the slot inputs) ----------------------------------------
@@ -117,22 +118,13 @@ def _with_lora(bound: tuple[Any, tuple], params: dict[str, Any], ctx: LoweringCo
     lora = ctx.lora
     if lora is None or not any(name in lora.shapes for name in names):
         return bound
-    parts, start = [], 0
+    columns, start = [], 0
     for name in names:
         width = _out_features(ctx, name)
         if name in lora.shapes:
-            parts.append((name, start, start + width))
+            columns.append((name, start, start + width))
         start += width
-    linear, whole = bound[0], start
-
-    def linear_with_lora(x: torch.Tensor, *consts: Any) -> torch.Tensor:
-        out = linear(x, *consts)
-        if lora.row_slots is not None:
-            for name, begin, end in parts:
-                lora.add(out if end - begin == whole else out[:, begin:end], x, name)
-        return out
-
-    return linear_with_lora, bound[1]
+    return LoraLinear(bound[0], lora, columns), bound[1]
 
 
 def _out_features(ctx: LoweringContext, name: str) -> int:

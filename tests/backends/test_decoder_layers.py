@@ -89,8 +89,8 @@ def fused_and_op_by_op(path, batch: list[list[int]], max_tokens: int, layouts: s
         assert layouts is None or block_layouts(fused) == layouts
         native, taken = fused.kernel, []
 
-        def counted(hidden, residual, positions, meta):
-            out = native(hidden, residual, positions, meta)
+        def counted(hidden, residual, positions, meta, lora_rows):
+            out = native(hidden, residual, positions, meta, lora_rows)
             taken.append((hidden.shape[0], meta.num_decode_tokens == hidden.shape[0], out is not None))
             return out
 

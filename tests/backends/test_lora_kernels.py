@@ -1,12 +1,13 @@
-"""Batched LoRA (`add_lora`): the torch op and the triton kernel against a float64 reference taken row by row,
-out[t] + x[t] @ A[s].T @ B[s].T, rows of slot -1 left bit for bit as they were.
+"""Batched LoRA (`add_lora`): the torch op, the native CPU op (lora.c) and the triton kernel against a float64
+reference taken row by row, out[t] + x[t] @ A[s].T @ B[s].T, rows of slot -1 left bit for bit as they were.
 
-Each case runs for both: the torch op here, the triton kernel in a fresh Python under triton's CPU interpreter
-(`test_kernel_cases_under_cpu_interpreter`, as test_triton_kernels.py does: triton reads TRITON_INTERPRET when first
-imported), and natively here on a CUDA machine. Nothing is timed: speed lives in benchmarks."""
+Each case runs for each: the torch and native ops here, the triton kernel in a fresh Python under triton's CPU
+interpreter (`test_kernel_cases_under_cpu_interpreter`, as test_triton_kernels.py does: triton reads TRITON_INTERPRET
+when first imported), and natively here on a CUDA machine. Nothing is timed: speed lives in benchmarks."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -20,6 +21,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from sagellm.backends.native import NativeKernels
+from sagellm.backends.native.lora import add_lora as native_add_lora
 from sagellm.backends.torch_ops.lora import add_lora as torch_add_lora
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,6 +40,7 @@ class Impl:
 @pytest.fixture(
     params=[
         pytest.param("torch"),
+        pytest.param("native"),
         pytest.param(
             "triton",
             marks=pytest.mark.skipif(
@@ -48,10 +52,25 @@ class Impl:
 def impl(request: pytest.FixtureRequest) -> Impl:
     if request.param == "torch":
         return Impl(torch_add_lora, CPU)
+    if request.param == "native":
+        return Impl(functools.partial(_native_add_lora, NativeKernels.load(), 2), CPU)
     pytest.importorskip("triton")
     from sagellm.backends.triton_kernels.lora import add_lora
 
     return Impl(add_lora, torch.device("cpu" if INTERPRETED else "cuda"))
+
+
+def _native_add_lora(native: NativeKernels | None, threads: int, *args: torch.Tensor) -> torch.Tensor:
+    """The native op, which must take every fp32 case (bf16 rows are the torch op's); B handed over as the engine's
+    slots hand it: the transposed view of a contiguous B^T."""
+    out, x, row_slots, lora_a, lora_b = args
+    assert native is not None, "a C compiler is on PATH, so the native kernels must build"
+    if torch.float32 != out.dtype or x.dtype != torch.float32:
+        pytest.skip("the native op reads fp32 only (bf16 runs the torch op)")
+    lora_b = lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    added = native_add_lora(native, out, x, row_slots, lora_a, lora_b, threads)
+    assert added is not None, "fp32 rows the native op reads"
+    return added
 
 
 @dataclass
@@ -198,6 +217,26 @@ def test_torch_op_at_serving_sizes() -> None:
     row_slots = torch.randint(-1, 8, (256,), generator=g).tolist()
     batch = make_batch(row_slots, in_features=512, out_features=1536, rank=64, num_slots=8, seed=8)
     check(Impl(torch_add_lora, CPU), batch)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_op_on_every_instruction_set_and_thread_count(native: NativeKernels, threads: int) -> None:
+    """Each library this CPU runs, one thread and two (the shrink's dot products and the expand's column tiles
+    shared): a fused q/k/v's width of 1 + 64 tiles, every slot and none."""
+    g = torch.Generator().manual_seed(threads)
+    row_slots = torch.randint(-1, 4, (23,), generator=g).tolist()
+    batch = make_batch(row_slots, in_features=96, out_features=1040, rank=16, num_slots=4, seed=threads)
+    check(Impl(functools.partial(_native_add_lora, native, threads), CPU), batch)
+
+
+def test_native_op_declines_what_it_does_not_read() -> None:
+    """B not the transposed view of a contiguous B^T, or bf16 rows: None, and the torch op runs instead."""
+    native = NativeKernels.load()
+    batch = make_batch(MIXED)
+    assert native_add_lora(native, *batch.args(), 1) is None  # make_batch's B [S, N, R] is contiguous itself
+    bf16 = make_batch(MIXED, dtype=torch.bfloat16)
+    lora_b = bf16.lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    assert native_add_lora(native, bf16.out, bf16.x, bf16.row_slots, bf16.lora_a, lora_b, 1) is None
 
 
 @pytest.mark.slow

@@ -1,12 +1,15 @@
 """LoRA adapters in the engine, against PEFT's own model as the oracle: two adapters made with `peft` on a tiny random
 Llama (all seven projections at rank 4; q and v at rank 8 with rsLoRA) and the base, their prompts mixed in one
 batch, give PEFT's greedy tokens each; with one slot for two adapters the requests take turns and still do; a prompt
-cached under one adapter is not reused under another or the base; what the engine cannot serve is refused by name."""
+cached under one adapter is not reused under another or the base; what the engine cannot serve is refused by name.
+On a GGUF base the decode steps run every layer in one native call, which adds the adapters' updates as the ops one
+by one do, bit for bit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -14,8 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, LoRARequest, SamplingParams
 from sagellm.common.errors import FieldError, InvalidInput
+from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
 from tests.oracle import hf_greedy, random_prompts
-from tests.tiny_models import make_tiny_llama
+from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 
 TOKENS = 8
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -118,3 +122,37 @@ def test_what_the_engine_cannot_serve_is_refused_by_name(models, tmp_path):
         llm.generate([[1, 2, 3]], params, lora_request=LoRARequest("foreign", 3, str(foreign)))
     served = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
     assert _tokens(llm.generate([[1, 2, 3]], served)) == _peft_greedy(base, None, [[1, 2, 3]])  # it serves on
+
+
+def test_the_fused_decoder_layers_add_the_adapters_bit_identically_to_the_ops(models, tmp_path):
+    """The base as a Q8_0 GGUF (its linears GGUF blocks): decode steps with adapter rows run every layer in one
+    native call, each linear's updates added after it, and give the tokens and logprobs the layers' own ops give."""
+    base, first, second = models
+    gguf = write_tiny_gguf(tmp_path / "base.Q8_0.gguf", base, "Q8_0")
+    llm = LLM(str(gguf), enable_lora=True, max_loras=2, max_lora_rank=8, kv_cache_memory_gb=0.05)
+    try:
+        fused = next(i.kernel for i in llm.engine.runner.plan.instrs if isinstance(i.kernel, FusedLayers))
+        native, taken = fused.kernel, []
+
+        def counted(hidden, residual, positions, meta, lora_rows):
+            out = native(hidden, residual, positions, meta, lora_rows)
+            taken.append((lora_rows is not None, out is not None))
+            return out
+
+        prompts = random_prompts(256, [5, 9, 13, 7, 11, 6], seed=4)
+        requests = [LoRARequest("first", 1, str(first)), LoRARequest("second", 2, str(second)), None] * 2
+        params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True, logprobs=5)
+
+        def generate() -> list:
+            outs = llm.generate(prompts, params, lora_request=requests)
+            return [(o.outputs[0].token_ids, msgspec.to_builtins(o.outputs[0].logprobs)) for o in outs]
+
+        fused.kernel = counted
+        with_fused = generate()
+        fused.kernel = lambda *args: None
+        assert generate() == with_fused
+        assert taken.count((True, True)) == TOKENS - 1, "every decode step, its rows on two adapters and none"
+        tokens = [t for t, _ in with_fused]
+        assert tokens[0] != tokens[2] != tokens[1]  # the adapters act
+    finally:
+        llm.engine.close()
