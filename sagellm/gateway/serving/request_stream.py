@@ -85,7 +85,7 @@ class RequestStream:
         self.done = False
         self.outcome: TokenDelta | Embedding | RequestError | None = None  # the terminal item the client got
         self._token_ids: list[int] = []  # what the client got so far
-        self._text_without_ids = False  # some of the graph's model's text came without its token ids
+        self._text_without_ids = False  # some text came without its token ids
         self._text = ""
         self._text_events = 0  # events that brought text from another model's server: each a token or more
         self._reached_engine = False  # found past the gateway's queues once (`expire_if_queued_too_long`)
@@ -183,7 +183,7 @@ class RequestStream:
         self._token_ids += delta.token_ids
         self._text += delta.text
         self._text_events += bool(delta.text)
-        self._text_without_ids |= bool(delta.text and not delta.token_ids and self.request.model is None)
+        self._text_without_ids |= bool(delta.text and not delta.token_ids)
         resumed = self.attempt is not self.request and self.attempt.prompt_token_ids is not None
         if delta.metrics is not None and resumed:  # the resume's prompt held tokens the client counts as output
             extra = len(self.attempt.prompt_token_ids) - len(self.request.prompt_token_ids or ())
@@ -223,14 +223,16 @@ class RequestStream:
             request_id=f"{first.request_id}.{self.retries + 1}", retry=self.retries + 1, exclude=exclude,
             instance=None, phase=phase, admitted_time=None, dispatched_time=None,
         )  # fmt: skip
-        if self._text_without_ids:  # a replica that gave no token ids: where to resume is not known exactly
-            return None
-        # What the client got, in tokens: exactly, or for another model's server (its tokens are not ours) at least
-        # one per event with text, so what is left of max_tokens is never cut short and never much exceeded.
-        produced = len(self._token_ids) if first.model is None else self._text_events
+        if self._text_without_ids and first.model is None:  # a replica that gave no token ids: where to resume is
+            return None  # not known exactly
+        # What the client got, in tokens: exactly when the prompt's tokens and every reply's are known (the graph's
+        # model, or another served by our engines, whose files tokenized it), else, for another model's server, at
+        # least one per event with text, so what is left of max_tokens is never cut short and never much exceeded.
+        exact = first.prompt_token_ids is not None and not self._text_without_ids
+        produced = len(self._token_ids) if exact else self._text_events
         if not produced:
             return msgspec.structs.replace(first, **fields)
-        if first.model is None and first.prompt_token_ids is not None:
+        if exact:
             fields.update(prompt_token_ids=first.prompt_token_ids + self._token_ids, prompt=None, messages=None)
             fields.update(resumed_tokens=len(self._token_ids))  # the engine's text goes on from them
         elif first.model is not None and first.messages is None and first.prompt is not None:
