@@ -70,6 +70,10 @@ from sagellm.common.errors import InvalidInput, Unavailable
 KernelTable = dict[str, Callable[..., Any]]
 
 
+# DecoderLayer's linear weights, in the order the native structs hold them (decoder_layers.c)
+DECODER_LINEARS = ("qkv", "o_proj", "gate_up", "down")
+
+
 @dataclass(frozen=True)
 class LoraPart:
     """One weight's LoRA adapters as a linear adds them (the add_lora op's operands, stacked by slot): A [S, R, K] and

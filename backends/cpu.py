@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
-from sagellm.backends.base import Availability, DecoderLayer, DecoderShape, KernelTable
+from sagellm.backends.base import DECODER_LINEARS, Availability, DecoderLayer, DecoderShape, KernelTable
 from sagellm.backends.native import (
     DISABLE_ENV,
     InterleavedBlocks,
@@ -54,7 +54,6 @@ from sagellm.backends.native import (
     prefill_scratch_size,
 )
 from sagellm.backends.native.decoder_layers import (
-    LINEARS,
     NativeDecoderLayers,
     attention_threads,
     delta_rule_threads,
@@ -204,7 +203,9 @@ class NativeDispatch:
         """The layers in one native call for decode-only steps of up to NATIVE_BLOCK_ROWS rows, the steps whose
         linears all read GGUF blocks one op at a time too; None unless every linear has its blocks or its parts'
         (`build` checks)."""
-        blocks = [replace(layer, **{name: _blocks_of(getattr(layer, name)) for name in LINEARS}) for layer in layers]
+        blocks = [
+            replace(layer, **{name: _blocks_of(getattr(layer, name)) for name in DECODER_LINEARS}) for layer in layers
+        ]
         return NativeDecoderLayers.build(self.native, blocks, shape, NATIVE_BLOCK_ROWS)
 
     def linear(self, x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import astuple
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata
-from sagellm.backends.base import AttentionShape, DecoderLayer, DecoderShape, MoeShape
+from sagellm.backends.base import DECODER_LINEARS, AttentionShape, DecoderLayer, DecoderShape, MoeShape
 from sagellm.backends.native.block_weight import BlockWeight, block_weight, fits_blocks
 from sagellm.backends.native.experts import ACTIVATIONS, routing_fits
 from sagellm.backends.native.lora import MAX_PARTS, LayerLora, layer_lora, parts_fit
@@ -44,7 +44,6 @@ NATIVE_PARALLEL_STATE = 1 << 16
 KINDS = ("attention", "gated_attention", "gated_delta_net")  # decoder_layers.c's, in its order
 
 
-LINEARS = ("qkv", "o_proj", "gate_up", "down")
 BIASES = ("qkv_bias", "o_bias", "gate_up_bias", "down_bias")
 TENSORS = ("k_cache", "v_cache", "q_norm", "k_norm", "conv_states", "ssm_states", "conv_weight", "a_log", "dt_bias")
 TENSORS += ("out_norm",)
@@ -57,7 +56,7 @@ class _Layer(ctypes.Structure):
         ("kind", ctypes.c_int64),
         ("input_norm", ctypes.c_void_p),
         ("post_norm", ctypes.c_void_p),
-        *((name, BlockWeight) for name in LINEARS),
+        *((name, BlockWeight) for name in DECODER_LINEARS),
         *((name, ctypes.c_void_p) for name in (*BIASES, *TENSORS)),
         ("sinks", ctypes.c_void_p),
         ("window", ctypes.c_int64),
@@ -348,7 +347,7 @@ def _struct(layer: DecoderLayer, keep: list) -> _Layer:
         address(layer.post_norm),
         *(
             BlockWeight() if moe and name in ("gate_up", "down") else block_weight(getattr(layer, name))
-            for name in LINEARS
+            for name in DECODER_LINEARS
         ),
         *(address(getattr(layer, name)) for name in (*BIASES, *TENSORS)),
         address(layer.sinks),

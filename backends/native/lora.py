@@ -12,12 +12,11 @@ import ctypes
 
 import torch
 
-from sagellm.backends.base import LoraPart
+from sagellm.backends.base import DECODER_LINEARS, LoraPart
 from sagellm.backends.native.ops import NativeKernels, fits_dense, fits_rows
 
 F32 = torch.float32
 MAX_PARTS = 3  # block_weight.h's: a fused linear's parts (q, k, v)
-LINEARS = ("qkv", "o_proj", "gate_up", "down")  # decoder_layers.c's layer_lora, in its order
 
 
 class _Part(ctypes.Structure):
@@ -35,7 +34,7 @@ class _Linear(ctypes.Structure):
 class LayerLora(ctypes.Structure):
     """decoder_layers.c's `layer_lora`: a layer's linears' adapter parts."""
 
-    _fields_ = [(name, _Linear) for name in LINEARS]
+    _fields_ = [(name, _Linear) for name in DECODER_LINEARS]
 
 
 def parts_fit(parts: tuple[LoraPart, ...], in_features: int) -> bool:
@@ -54,7 +53,7 @@ def parts_fit(parts: tuple[LoraPart, ...], in_features: int) -> bool:
 
 def layer_lora(lora: dict[str, tuple[LoraPart, ...]]) -> LayerLora:
     """A layer's struct from its adapted linears' parts (a linear without adapters: no parts)."""
-    return LayerLora(*(_linear(lora.get(name, ())) for name in LINEARS))
+    return LayerLora(*(_linear(lora.get(name, ())) for name in DECODER_LINEARS))
 
 
 def _linear(parts: tuple[LoraPart, ...]) -> _Linear:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from sagellm.backends.base import (
+    DECODER_LINEARS,
     AttentionShape,
     DecoderLayer,
     DecoderLayersKernel,
@@ -265,8 +266,7 @@ def _layer(kind: str, mlp_kind: str, instrs: list[Instr], ops: list[str], graph:
 def _lora_parts(linears: list[Instr]) -> dict[str, tuple[LoraPart, ...]]:
     """The adapters' parts of a layer's linears (its mixer's input and output projections, then a dense MLP's
     gate_up and down, in DecoderLayer's order) that LoRA adapters change."""
-    names = ("qkv", "o_proj", "gate_up", "down")
-    return {name: i.kernel.parts for name, i in zip(names, linears) if isinstance(i.kernel, LoraLinear)}
+    return {name: i.kernel.parts for name, i in zip(DECODER_LINEARS, linears) if isinstance(i.kernel, LoraLinear)}
 
 
 def _dense_mlp(ops: list[Instr], post: Instr, graph: Graph) -> tuple[dict[str, Any], int, None] | None:

@@ -18,7 +18,6 @@ class LoraLinear:
         """`columns`: (weight name, begin, end) of each adapted weight's output columns; `lora`: the engine's
         LoraSlots."""
         self.linear, self.lora, self.columns = linear, lora, columns
-        self.width = columns[-1][2] if columns else 0
 
     def __call__(self, x: torch.Tensor, *consts: Any) -> torch.Tensor:
         out = self.linear(x, *consts)
