@@ -57,7 +57,6 @@ from sagellm.gateway.openai.tokenizer_routes import TokenizerRoutes
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
 from sagellm.gateway.sessions.store import SessionStore
-from sagellm.operators.engine import ENGINE_OPERATORS
 from sagellm.runtime.comm.curve import RunKeys, authenticator
 from sagellm.runtime.comm.zmq_trio import local_endpoint
 from sagellm.runtime.execution_graph.graph import Graph
@@ -243,7 +242,7 @@ def process_memory(core: ServingCore) -> str:
     """This process's resident memory with its engines' weights and KV caches apart (an engine in a worker process
     logs its own at `engine_ready`). The report is imported only where an engine runs here, which has loaded torch: a
     gateway of remote engines alone loads no torch to say its RSS."""
-    engines = [op.engine for name in ENGINE_OPERATORS for op in core.nodes_of(name).values() if op.engine is not None]
+    engines = [op.engine for op in core.engine_operators() if op.engine is not None]
     if not engines:
         return f"RSS {(resident_bytes() or 0) / 2**30:.2f} GiB"
     from sagellm.runtime.engine.memory_report import memory_report

@@ -18,7 +18,7 @@ def test_a_server_with_its_engine_here_splits_its_memory(gateway) -> None:
 
 def test_a_server_without_an_engine_here_says_its_rss() -> None:
     class RemoteOnly:  # a core whose graph's engines all run elsewhere
-        def nodes_of(self, op_name: str) -> dict:
-            return {}
+        def engine_operators(self) -> list:
+            return []
 
     assert re.fullmatch(f"RSS {GIB}", process_memory(RemoteOnly())), process_memory(RemoteOnly())
