@@ -194,10 +194,10 @@ def run(args: argparse.Namespace) -> int:
     on_demand = _models_on_demand(args)
     if on_demand is not None and not _graph_model_given(args):
         return _serve_on_demand(args, embedding, on_demand)
+    on_demand = _checked_on_demand(args, on_demand, embedding) if on_demand is not None else None
     if args.no_llm:
         return _serve_embeddings_only(args, embedding)
     _model_or_graph(args)
-    on_demand = _checked_on_demand(args, on_demand, embedding) if on_demand is not None else None
     graph = apply_autoscale(apply_engine_settings(build_graph(args), args), args.autoscale)
     if args.ray_address:
         graph.attrs["cluster"] = {**graph.attrs.get("cluster", {}), "ray": args.ray_address}
@@ -260,8 +260,8 @@ def _serve_on_demand(args: argparse.Namespace, embedding: str | None, on_demand:
     from sagellm import graphs
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
-    clashes = [flag for flag, value in (("--no-llm", args.no_llm), ("--autoscale", args.autoscale),
-               ("--served-model-name", args.served_model_name)) if value]  # fmt: skip
+    clashes = [flag for flag, value in (("--autoscale", args.autoscale), ("--served-model-name",
+               args.served_model_name)) if value]  # fmt: skip
     if clashes:
         raise InvalidInput(f"--model NAME=MODEL: {', '.join(clashes)} is for the graph's own model, and no model "
                            "without a name or graph file gives one")  # fmt: skip
@@ -281,7 +281,8 @@ def _checked_on_demand(args: argparse.Namespace, on_demand: Any, embedding: str 
     from sagellm.cli.engine_flags import engine_settings
     from sagellm.runtime.models.model_cache import resolve_model
 
-    clashes = [flag for flag, value in (("--join", args.join), ("--api-servers", args.api_servers)) if value]
+    clashes = [flag for flag, value in (("--no-llm", args.no_llm), ("--join", args.join), ("--api-servers",
+               args.api_servers)) if value]  # fmt: skip
     if clashes:
         raise InvalidInput(f"--model NAME=MODEL: {', '.join(clashes)} not served with models on demand yet")
     try:

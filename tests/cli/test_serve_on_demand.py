@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from sagellm.cli import serve_cmd
 from sagellm.cli.serve_cmd import _graph_model_given, _model_or_graph, _models_on_demand, add_serve_arguments
 from sagellm.gateway.config import ModelsOnDemand
 from tests.cli.test_cli import SAGELLM
@@ -63,6 +64,20 @@ def test_named_models_are_served_beside_a_graph_s_own_model(argv):
 def test_flags_that_mean_no_set_of_named_models_are_refused(argv, words):
     with pytest.raises(ValueError, match=words):
         _models_on_demand(parse(*argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (("-m", "a=/m/x.gguf", "--no-llm"), "--no-llm"),
+        (("smollm2-135m-instruct", "-m", "a=/m/x.gguf", "--no-llm"), "--no-llm"),  # beside a graph's model too
+        (("smollm2-135m-instruct", "-m", "a=/m/x.gguf", "--api-servers", "2"), "--api-servers"),
+        (("-m", "a=/m/x.gguf", "--autoscale", "1:2"), "--autoscale"),  # no graph's model to scale
+    ],
+)
+def test_flags_not_served_with_models_on_demand_are_refused_before_anything_starts(argv, flag):
+    with pytest.raises(ValueError, match=flag):
+        serve_cmd.run(parse(*argv))
 
 
 @pytest.mark.slow
