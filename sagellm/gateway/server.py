@@ -224,10 +224,7 @@ def _serve_lora_modules(core: ServingCore, modules: dict[str, str]) -> None:
 
 def _check_model_names(models: ModelPool, core: ServingCore) -> None:
     """No model on demand takes the name of the embedding model or of the graph's own model (when it has one)."""
-    registry = core.registry
-    graph_serves = any(s.model is None for s in registry.instances().values())
-    own = {registry.own_model, *registry.aliases} if graph_serves else set()
-    taken = (set(_served_names(core)) | own) & set(models.models)
+    taken = {*_served_names(core), *core.registry.own_names()} & set(models.models)
     if taken:
         raise InvalidInput(f"--model NAME=MODEL: {', '.join(sorted(taken))} is the name of a model the graph "
                            "serves itself")  # fmt: skip

@@ -109,13 +109,16 @@ class InstanceRegistry:
                 await trio.sleep(0.1)
         return False
 
+    def own_names(self) -> list[str]:
+        """The names the graph's own generation model is served as; none when the graph has no engine of its own."""
+        graph_serves = any(s.model is None for s in self.instances().values())
+        return [self.own_model, *self.aliases] if graph_serves else []
+
     def models(self) -> list[str]:
         """The model names served: the graph's own generation model (if it has engines), those loaded on demand,
         then the others (its embedding model, those of attached instances that are not all failed), each once."""
-        stats = self.instances().values()
-        own = [self.own_model, *self.aliases] if any(s.model is None for s in stats) else []
-        others = [s.model for s in stats if s.model is not None and not s.failed]
-        return list(dict.fromkeys([*own, *self.on_demand, *others]))
+        others = [s.model for s in self.instances().values() if s.model is not None and not s.failed]
+        return list(dict.fromkeys([*self.own_names(), *self.on_demand, *others]))
 
     def embedders(self) -> list[EmbeddingOperator]:
         """This process's embedding nodes."""
@@ -148,8 +151,7 @@ class InstanceRegistry:
         name itself for a model attached instances serve. Raises ApiError 404 for any other; 400 for none named when
         the graph serves none and models load on demand (which one was meant?)."""
         own = {self.own_model, *self.aliases, *self.adapters}
-        graph_serves = any(s.model is None for s in self.instances().values())
-        if self.on_demand and (name is None or name in own) and not graph_serves:
+        if self.on_demand and (name is None or name in own) and not self.own_names():
             names = ", ".join(map(repr, self.on_demand))
             raise ApiError(400, f"model: name the model to use; this server loads {names}", param="model")
         return instance_model(name, own, self._attached_models, self.models)
