@@ -62,6 +62,7 @@ class EngineOperator(StepOperator):
 
     name = "engine"
     role: ClassVar[str] = "colocated"
+    sleeps = True
     accepts = (Request, PrefillDone)
     # The engine settings' help is `EngineConfig`'s; these are the node's own.
     parameter_help: ClassVar[dict[str, str]] = {

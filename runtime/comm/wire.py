@@ -1,8 +1,8 @@
 """The wire format of a pipeline edge between processes: a message is a list of ZeroMQ frames.
 
     frame 0   one byte, the frame type: DATA (a `sagellm.runtime.pipeline.messages.Message` item), BATCH (several),
-              a control message (READY, HEARTBEAT, END, CANCEL; HELLO and ASSIGN, a peer joining), or APP (a message
-              of a higher floor's own, whose types it hands to `carry`: the gateway's calls and snapshots)
+              a control message (READY, HEARTBEAT, END, CANCEL, SLEEP; HELLO and ASSIGN, a peer joining), or APP (a
+              message of a higher floor's own, whose types it hands to `carry`: the gateway's calls and snapshots)
     frame 1   the struct, msgspec msgpack (`array_like`, `omit_defaults`: positional and compact)
     frame 2.. tensors, one frame each, their raw bytes (none for tensors sent through shared memory)
 
@@ -38,7 +38,7 @@ from sagellm.runtime.pipeline.messages import Message
 if TYPE_CHECKING:
     import torch
 
-PROTOCOL = 11  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
+PROTOCOL = 12  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
 HEARTBEAT_S = 0.5  # how often both ends of a control channel send a Heartbeat
 REQUESTS_KEY = "_requests"  # the Heartbeat stats entry listing the request ids the sender holds
 STAGE_KEY = "_stage"  # the Heartbeat stats entry saying what a starting worker waits on (common.progress)
@@ -71,6 +71,7 @@ class FrameType(enum.IntEnum):
     CANCEL = 7
     BATCH = 8
     APP = 9
+    SLEEP = 10
 
 
 class Ready(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
@@ -129,6 +130,15 @@ class Cancel(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     request_ids: list[str]
 
 
+class Sleep(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
+    """The parent puts a worker's engines to sleep at `level` (1: their KV caches freed, 2: their weights too;
+    vLLM's sleep mode) once they hold no request, or wakes them (0); its heartbeats then show each engine's
+    `sleep_level`."""
+
+    node: str
+    level: int
+
+
 class Batch(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     """Data items in one message: what a busy sender has for one peer in one turn of its loop (the tokens of every
     request an API server waits on), so it sends one message a turn, not one a token."""
@@ -136,7 +146,7 @@ class Batch(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
     items: list[Message]
 
 
-Control = Ready | Heartbeat | End | Hello | Assign | Cancel
+Control = Ready | Heartbeat | End | Hello | Assign | Cancel | Sleep
 WireMessage = Message | Batch | Control
 
 _FRAME_TYPES: dict[type, FrameType] = {
@@ -147,6 +157,7 @@ _FRAME_TYPES: dict[type, FrameType] = {
     Hello: FrameType.HELLO,
     Assign: FrameType.ASSIGN,
     Cancel: FrameType.CANCEL,
+    Sleep: FrameType.SLEEP,
     Batch: FrameType.BATCH,
 }
 _STRUCT_TYPES: dict[FrameType, Any] = {
@@ -157,6 +168,7 @@ _STRUCT_TYPES: dict[FrameType, Any] = {
     FrameType.HELLO: Hello,
     FrameType.ASSIGN: Assign,
     FrameType.CANCEL: Cancel,
+    FrameType.SLEEP: Sleep,
     FrameType.BATCH: Batch,
 }
 

@@ -9,6 +9,7 @@ Every worker, spawned by the parent or started by hand on another host (`sagellm
     worker -> End: it finished                      parent -> End: stop now (the run ended, or gave the worker up)
     worker -> End(error, kind): it failed, and why  parent -> End (it heard; it gives the worker up)
                                                     parent -> Cancel(request ids): their clients left
+                                                    parent -> Sleep(level): its engines sleep (0: they wake)
                                                     parent -> Ready(every group's endpoint) again, to the others,
                                                               when a lost worker's successor is ready elsewhere
 
@@ -185,6 +186,12 @@ class ControlServer:
         for group, worker in self.workers.items():
             if group not in self.gone:
                 self._send_now(worker.identity, wire.Cancel(node=MAIN, request_ids=request_ids))
+
+    def sleep(self, group: str, level: int) -> None:
+        """Tells a worker to put its engines to sleep at `level` (0: wake them); its heartbeats say when they did."""
+        worker = self.workers.get(group)
+        if worker is not None and group not in self.gone:
+            self._send_now(worker.identity, wire.Sleep(node=MAIN, level=level))
 
     def end(self, group: str) -> None:
         """Gives a worker up: tells it to stop (it may be alive behind a stall or a partition) and ignores it."""

@@ -57,6 +57,7 @@ from sagellm.runtime.executor.lost_requests import LostRequests
 from sagellm.runtime.executor.ray_placement import RayPlacement
 from sagellm.runtime.executor.worker_life import WorkerLife
 from sagellm.runtime.pipeline.cluster import RayCluster
+from sagellm.runtime.pipeline.operator import get_operator
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, is_loopback, is_secure
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 
@@ -296,6 +297,17 @@ class ProcessExecutor:
                 await process.wait()
             while any(g not in self._finished and g not in self._lost for g in self.remote):
                 await self.control.wait_changed()
+
+    def worker_sleepers(self) -> list[str]:
+        """The nodes in worker processes whose operators give their memory back while idle (engines: `sleeps`)."""
+        return [node for node, group in self.groups.items() if group != MAIN
+                and getattr(get_operator(self.graph.nodes[node].op), "sleeps", False)]  # fmt: skip
+
+    def sleep_workers(self, level: int) -> None:
+        """Tells the workers of `worker_sleepers` to sleep at `level` (0: to wake); the instances' `sleep_level`, from
+        their heartbeats, says when they did."""
+        for group in sorted({self.groups[node] for node in self.worker_sleepers()}):
+            self.control.sleep(group, level)
 
     def _on_heartbeat(self, group: str, message: wire.Heartbeat) -> None:
         stats = dict(message.stats)

@@ -25,7 +25,8 @@ import dataclasses
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -55,6 +56,7 @@ from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of
 from sagellm.runtime.executor.local import LocalExecutor, instances_of
 from sagellm.runtime.executor.worker_args import add_arguments
+from sagellm.runtime.pipeline.operator import StepOperator
 from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, host_problem
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
@@ -191,11 +193,12 @@ async def _serve(
     nodes = [node for node, g in groups_of(graph).items() if g == group]
     executor = LocalExecutor(graph, nodes=nodes, instances=instances_of(graph))
     bridge = Bridge(executor, group, zctx, keys=keys)
-    parent = _Parent(silence_s, bridge.repoint, executor.cancel_passing)
+    sleeping = trio.Lock()  # one sleep or wake at a time, in the order the parent asked them
+    parent = _Parent(silence_s, bridge.repoint, executor.cancel_passing, partial(sleep_engines, executor, sleeping))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat_loop, ctrl, group, wire.HEARTBEAT_S, lambda: stats_of(executor))
-            nursery.start_soon(parent.listen, ctrl, nursery.cancel_scope)
+            nursery.start_soon(parent.listen, ctrl, nursery)
             nursery.start_soon(parent.monitor.watch, parent.lost)
             await executor.open_operators()
             await announce_ready(ctrl, group, {"endpoint": endpoint})
@@ -211,24 +214,38 @@ async def _serve(
         bridge.close()
 
 
+async def sleep_engines(executor: LocalExecutor, one_at_a_time: trio.Lock, level: int) -> None:
+    """Puts this process's engines that sleep to sleep at `level` (0: wakes them), off the event loop; a failure is
+    logged, and the heartbeats show where each engine got (its `sleep_level`)."""
+    async with one_at_a_time:
+        for node_id, op in executor.operators.items():
+            if isinstance(op, StepOperator) and op.sleeps:
+                try:
+                    await trio.to_thread.run_sync(partial(op.sleep, level) if level else op.wake_up)
+                except Exception:
+                    log.exception("engine_sleep_failed", node=node_id, level=level)
+
+
 class _Parent:
     """What the worker hears from the parent on the control socket: its heartbeats, the endpoints (again when a
-    restarted group listens elsewhere: `on_peers`), requests whose clients left (`on_cancel`), its End."""
+    restarted group listens elsewhere: `on_peers`), requests whose clients left (`on_cancel`), sleep and wake
+    (`on_sleep`), its End."""
 
     def __init__(
         self,
         silence_s: tuple[float, float],
         on_peers: Callable[[dict[str, str]], None],
         on_cancel: Callable[[list[str]], None],
+        on_sleep: Callable[[int], Awaitable[None]],
     ) -> None:
         starting, self._running_timeout = silence_s
         self.monitor = PeerMonitor(max(starting, self._running_timeout))
         self.monitor.seen(MAIN)
-        self.on_peers, self.on_cancel = on_peers, on_cancel
+        self.on_peers, self.on_cancel, self.on_sleep = on_peers, on_cancel, on_sleep
         self._peers: dict[str, str] | None = None
         self._started = trio.Event()
 
-    async def listen(self, ctrl: TrioSocket, scope: trio.CancelScope) -> None:
+    async def listen(self, ctrl: TrioSocket, nursery: trio.Nursery) -> None:
         while True:
             try:
                 message = await ctrl.receive()
@@ -240,6 +257,8 @@ class _Parent:
             self.monitor.seen(MAIN)
             if isinstance(message, wire.Cancel):
                 self.on_cancel(message.request_ids)
+            elif isinstance(message, wire.Sleep):
+                nursery.start_soon(self.on_sleep, message.level)
             elif isinstance(message, wire.Ready) and self._started.is_set():
                 self.on_peers(message.info["peers"])
             elif isinstance(message, wire.Ready):
@@ -248,7 +267,7 @@ class _Parent:
                 self._started.set()
             elif isinstance(message, wire.End):
                 log.info("worker_stopped_by_parent")
-                scope.cancel()
+                nursery.cancel_scope.cancel()
                 return
 
     async def peers(self) -> dict[str, str]:

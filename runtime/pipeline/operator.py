@@ -264,6 +264,7 @@ class QueueOperator(Operator):
 class StepOperator(Operator):
     kind = "step"
     inline: ClassVar[bool] = False  # True: step() is cheap (no model), run it on the event loop, not in a thread
+    sleeps: ClassVar[bool] = False  # True: it gives its memory back while idle (`sleep`, `wake_up`)
 
     def add(self, item: Any) -> list[Any]:
         """Takes an item in; returns items to send on at once (errors, pass-through of items it does not handle)."""
@@ -286,6 +287,15 @@ class StepOperator(Operator):
 
     def abort(self, request_ids: list[str]) -> None:
         """Forgets the given requests (they failed or their client left); frees what they hold."""
+
+    def sleep(self, level: int) -> None:
+        """Frees its memory while it holds no request (vLLM's sleep mode: level 1 its KV cache, 2 its weights too),
+        for an operator that `sleeps`; blocking, so its host calls it off the event loop."""
+        raise NotImplementedError
+
+    def wake_up(self) -> None:
+        """Serves again after `sleep`; blocking, as `sleep`."""
+        raise NotImplementedError
 
 
 class StreamOperator(Operator):

@@ -143,8 +143,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--autoscale",
         metavar="MIN:MAX",
-        help="add replicas of the graph's engine under load and drain them when idle, from MIN to MAX instances (the "
-        "graph's `autoscale:` block sets the rest)",
+        help="add replicas of a model's engine under load and drain them when idle, from MIN to MAX instances: the "
+        "graph's model (its `autoscale:` block sets the rest) and each model on demand while it is loaded",
     )
     p.add_argument(
         "--ray-address",
@@ -260,10 +260,8 @@ def _serve_on_demand(args: argparse.Namespace, embedding: str | None, on_demand:
     from sagellm import graphs
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
-    clashes = [flag for flag, value in (("--autoscale", args.autoscale), ("--served-model-name",
-               args.served_model_name)) if value]  # fmt: skip
-    if clashes:
-        raise InvalidInput(f"--model NAME=MODEL: {', '.join(clashes)} is for the graph's own model, and no model "
+    if args.served_model_name:
+        raise InvalidInput("--model NAME=MODEL: --served-model-name is for the graph's own model, and no model "
                            "without a name or graph file gives one")  # fmt: skip
     on_demand = _checked_on_demand(args, on_demand, embedding)
     graph = load_pipeline(graphs.find("control_plane"))
@@ -274,26 +272,52 @@ def _serve_on_demand(args: argparse.Namespace, embedding: str | None, on_demand:
 
 
 def _checked_on_demand(args: argparse.Namespace, on_demand: Any, embedding: str | None) -> Any:
-    """The models on demand with the engine flags, checked, their files fetched (a request then waits only for the
-    load); InvalidInput for a flag they are not served with yet."""
+    """The models on demand (a preset's engine where one is named) with the engine flags, checked, their files
+    fetched (a request then waits only for the load); InvalidInput for a flag they are not served with yet."""
     import dataclasses
 
     from sagellm.cli.engine_flags import engine_settings
+    from sagellm.common.autoscale import instance_bounds
     from sagellm.runtime.models.model_cache import resolve_model
 
-    clashes = [flag for flag, value in (("--no-llm", args.no_llm), ("--join", args.join), ("--api-servers",
-               args.api_servers)) if value]  # fmt: skip
+    clashes = [flag for flag, value in (("--no-llm", args.no_llm), ("--join", args.join)) if value]
     if clashes:
         raise InvalidInput(f"--model NAME=MODEL: {', '.join(clashes)} not served with models on demand yet")
+    models = {name: _preset_engine(name, source) or source for name, source in on_demand.models.items()}
     try:
-        on_demand = dataclasses.replace(on_demand, engine=engine_settings(args))
+        scaling = instance_bounds(args.autoscale) if args.autoscale else None
+        on_demand = dataclasses.replace(on_demand, models=models, engine=engine_settings(args), autoscale=scaling)
         on_demand.check()
     except FieldError as error:
         raise InvalidInput(f"--model NAME=MODEL: {error}") from None
-    for model in (*on_demand.models.values(), embedding):
+    ours = [m if isinstance(m, str) else m["model"] for m in models.values() if isinstance(m, str) or
+            m.get("kind", "llm") == "llm"]  # fmt: skip
+    for model in (*ours, embedding):
         if model:
             resolve_model(model)
     return on_demand
+
+
+def _preset_engine(name: str, source: str) -> dict[str, Any] | None:
+    """The engine a preset (a built-in one's name, or a preset file) holds for `--model NAME=PRESET`, as
+    `EngineSpec`'s fields; None when `source` names a model. InvalidInput for a preset that is not one generation
+    engine."""
+    import msgspec
+
+    from sagellm.presets import builtin_presets, load_preset
+
+    path = Path(source)
+    if not (source.endswith((".yaml", ".yml")) and path.is_file()) and source not in builtin_presets():
+        return None
+    preset = load_preset(path if path.is_file() else builtin_presets()[source])
+    engines = [e for e in preset.engines if e.kind != "embedding"]
+    if len(preset.engines) != 1 or not engines:
+        held = ", ".join(f"{e.name} ({e.kind})" for e in preset.engines)
+        raise InvalidInput(f"--model {name}={source}: a preset served as a model holds one generation engine; "
+                           f"{preset.name} holds {held}")  # fmt: skip
+    fields = msgspec.structs.asdict(engines[0].spec())
+    del fields["served_model_name"]  # the NAME it is served as
+    return fields
 
 
 def _model_or_graph(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sagellm import graphs
+from sagellm.common.autoscale import AutoscaleSettings
 from sagellm.common.errors import FieldError
 from sagellm.common.home import gateway_dir
 
@@ -63,21 +64,29 @@ class ModelsOnDemand:
     """Models a gateway loads when a request names them (`sagellm serve --model NAME=MODEL ...`,
     sagellm.gateway.control.model_pool)."""
 
-    models: dict[str, str]  # the name clients send -> the model (path, .gguf, alias or org/name)
-    engine: dict[str, Any] = field(default_factory=dict)  # every model's engine settings (EngineConfig's fields)
+    # the name clients send -> the model (path, .gguf, alias or org/name), or the engine it is (a preset's engine:
+    # `control.engine_spec.EngineSpec`'s fields, its kind llm or another project's server started here)
+    models: dict[str, str | dict[str, Any]]
+    # every model's engine settings (EngineConfig's fields; a preset's llm engine's own settings take precedence)
+    engine: dict[str, Any] = field(default_factory=dict)
     max_loaded: int | None = None  # models loaded at once (None: as many as memory allows)
     idle_unload_s: float | None = None  # a model idle this long is unloaded (None: only to make room)
+    # each loaded model's replicas scaled so (`common.autoscale.AutoscaleSettings`' fields); None: one engine each
+    autoscale: dict[str, Any] | None = None
 
     def check(self) -> None:
         if not self.models:
             raise FieldError("models", "models on demand need at least one NAME=MODEL")
         for name, model in self.models.items():
-            if not name.strip() or not model.strip():
-                raise FieldError("models", f"a model on demand is NAME=MODEL, both non-empty; got {name}={model}")
+            source = model if isinstance(model, str) else model.get("model", "")
+            if not name.strip() or not source.strip():
+                raise FieldError("models", f"a model on demand is NAME=MODEL, both non-empty; got {name}={source}")
         if self.max_loaded is not None and self.max_loaded < 1:
             raise FieldError("max_loaded", f"--max-loaded-models must be >= 1, got {self.max_loaded}")
         if self.idle_unload_s is not None and not self.idle_unload_s > 0:
             raise FieldError("idle_unload_s", f"--idle-unload-s must be > 0, got {self.idle_unload_s}")
+        if self.autoscale is not None:
+            AutoscaleSettings.from_settings(self.autoscale)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 import zmq
@@ -33,7 +34,7 @@ from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
 from sagellm.gateway.api_servers.link import FrontEnd
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.control.admin_routes import AdminRoutes
-from sagellm.gateway.control.autoscaler import Autoscaler
+from sagellm.gateway.control.autoscaler import Autoscaler, Autoscalers
 from sagellm.gateway.control.engine_spec import EngineSpec
 from sagellm.gateway.control.engines import EngineManager
 from sagellm.gateway.control.join import Membership
@@ -85,7 +86,7 @@ def build_app(
     config: GatewayConfig,
     admin: str,
     engines: EngineManager,
-    autoscaler: Autoscaler | None = None,
+    scalers: Autoscalers | None = None,
     models: ModelPool | None = None,
 ) -> App:
     problem = config.admin_auth_problem()
@@ -102,12 +103,11 @@ def build_app(
     openai_routes.register(app, api_guard)
     ResponsesRoutes(openai_routes).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
-    AdminRoutes(core, tuple(c for c in (autoscaler, models) if c is not None)).register(app, admin_guard)
+    AdminRoutes(core, tuple(c for c in (scalers, models) if c is not None)).register(app, admin_guard)
     ManagementRoutes(core, engines).register(app, admin_guard)
     ModelRoutes(models).register(app, admin_guard)
     LoraRoutes(core).register(app, admin_guard)
-    if core.sleep_mode is not None:
-        core.sleep_mode.register(app, admin_guard)
+    core.sleep_mode.register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
     tokenizer_routes = TokenizerRoutes(core)
     tokenizer_routes.register(app, api_guard)
@@ -153,10 +153,12 @@ async def serve(
     admin = admin_key(config.state_dir, config.admin_key)
     scaling = graph.attrs.get("autoscale")
     autoscaler = Autoscaler(core, engines, AutoscaleSettings.from_settings(scaling)) if scaling is not None else None
-    models = model_pool(config, core, engines)
-    if not api_servers and config.api_hub is None:  # (API servers submit to the core without waking it)
-        core.sleep_mode = SleepMode(core, wake_timeout_s=config.failover.retry_wait_s)
-    app = build_app(core, config, admin, engines, autoscaler, models)
+    scalers = Autoscalers()
+    if autoscaler is not None:
+        scalers.running.append(autoscaler)
+    models = model_pool(config, core, engines, scalers)
+    core.sleep_mode = SleepMode(core, wake_timeout_s=config.failover.retry_wait_s)
+    app = build_app(core, config, admin, engines, scalers, models)
     stop = trio.Event()
     membership = Membership(config.join) if config.join is not None else None
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
@@ -196,21 +198,40 @@ async def serve(
             core.shutdown()  # the graph drains what is left, then core.run returns
 
 
-def model_pool(config: GatewayConfig, core: ServingCore, engines: EngineManager) -> ModelPool | None:
+def model_pool(
+    config: GatewayConfig, core: ServingCore, engines: EngineManager, scalers: Autoscalers
+) -> ModelPool | None:
     """The models loaded on demand (`--model NAME=MODEL ...`), each an llm engine of the control plane served as its
-    name, waiting as long as the failover's retry does; None without any."""
+    name (with `autoscale`, its replicas scaled, their autoscalers among `scalers`), waiting as long as the
+    failover's retry does; None without any."""
     on_demand = config.models_on_demand
     if on_demand is None:
         return None
-    specs = {name: EngineSpec(model=model, served_model_name=name, engine=dict(on_demand.engine))
-             for name, model in on_demand.models.items()}  # fmt: skip
-    for spec in specs.values():
-        spec.check()
+    specs = {name: pooled_spec(name, source, on_demand.engine) for name, source in on_demand.models.items()}
+    scaling = AutoscaleSettings.from_settings(on_demand.autoscale) if on_demand.autoscale is not None else None
     pool = ModelPool(engines, core, specs, max_loaded=on_demand.max_loaded, idle_unload_s=on_demand.idle_unload_s,
-                     wait_s=config.failover.retry_wait_s)  # fmt: skip
+                     wait_s=config.failover.retry_wait_s, autoscale=scaling, scalers=scalers)  # fmt: skip
     core.models_on_demand = pool
     core.registry.on_demand = pool.names()
     return pool
+
+
+def pooled_spec(name: str, source: str | dict[str, Any], engine: dict[str, Any]) -> EngineSpec:
+    """The engine a model on demand loads as, served as `name`: an llm engine of the model `source` with the `engine`
+    settings, or the engine `source` spells out (a preset's; the settings apply beneath an llm engine's own). Raises
+    FieldError."""
+    if isinstance(source, str):
+        spec = EngineSpec(model=source, served_model_name=name, engine=dict(engine))
+    else:
+        fields = {**source, "served_model_name": name}
+        if fields.get("kind", "llm") == "llm":
+            fields["engine"] = {**engine, **fields.get("engine", {})}
+        try:
+            spec = msgspec.convert(fields, EngineSpec)
+        except msgspec.ValidationError as error:
+            raise FieldError("models", f"the model {name!r}: {error}") from None
+    spec.check()
+    return spec
 
 
 def _serve_lora_modules(core: ServingCore, modules: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ import pytest
 from sagellm.cli import serve_cmd
 from sagellm.cli.serve_cmd import _graph_model_given, _model_or_graph, _models_on_demand, add_serve_arguments
 from sagellm.gateway.config import ModelsOnDemand
+from sagellm.gateway.server import pooled_spec
 from tests.cli.test_cli import SAGELLM
 from tests.cli.test_gateway_cli import free_port
 from tests.cli.test_serve_model import wait_until_ready
@@ -71,13 +72,27 @@ def test_flags_that_mean_no_set_of_named_models_are_refused(argv, words):
     [
         (("-m", "a=/m/x.gguf", "--no-llm"), "--no-llm"),
         (("smollm2-135m-instruct", "-m", "a=/m/x.gguf", "--no-llm"), "--no-llm"),  # beside a graph's model too
-        (("smollm2-135m-instruct", "-m", "a=/m/x.gguf", "--api-servers", "2"), "--api-servers"),
-        (("-m", "a=/m/x.gguf", "--autoscale", "1:2"), "--autoscale"),  # no graph's model to scale
+        (("smollm2-135m-instruct", "-m", "a=/m/x.gguf", "--join", "http://head:8000"), "--join"),
+        (("-m", "a=/m/x.gguf", "--served-model-name", "b"), "--served-model-name"),  # no graph's model to name
+        (("-m", "a=smollm2-embed"), "one generation engine"),  # a preset of an embedding engine
     ],
 )
 def test_flags_not_served_with_models_on_demand_are_refused_before_anything_starts(argv, flag):
     with pytest.raises(ValueError, match=flag):
         serve_cmd.run(parse(*argv))
+
+
+def test_a_preset_is_a_model_on_demand_served_by_its_engine_under_the_name_given(tmp_path):
+    model = make_tiny_llama(tmp_path / "tiny")
+    args = parse("-m", "chat=smollm2-cpu", "-m", f"tiny={model}", "--max-num-seqs", "4", "--autoscale", "1:3")
+    on_demand = serve_cmd._checked_on_demand(args, _models_on_demand(args), None)
+    assert on_demand.autoscale == {"min_instances": 1, "max_instances": 3}  # each model scaled from 1 to 3 engines
+    chat = pooled_spec("chat", on_demand.models["chat"], on_demand.engine)
+    assert (chat.model, chat.served_model_name, chat.max_concurrent, chat.label) == (
+        "smollm2-135m-instruct", "chat", 16, "cpu")  # fmt: skip
+    assert chat.engine["max_num_seqs"] == 4  # the flags' settings beneath the preset's own
+    tiny = pooled_spec("tiny", on_demand.models["tiny"], on_demand.engine)
+    assert (tiny.model, tiny.served_model_name, tiny.engine["max_num_seqs"]) == (str(model), "tiny", 4)
 
 
 @pytest.mark.slow

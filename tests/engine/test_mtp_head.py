@@ -143,7 +143,10 @@ def test_the_heads_logits_are_the_reference_through_a_chunked_prefill_and_a_deco
     seq = Sequence("r", ids[:-1].tolist(), SamplingParams(temperature=0))
     seq.block_table, seq.state_slot = list(range(NUM_BLOCKS)), 0
     hidden = every_row(target, seq, seq.num_tokens)["hidden_states"]
-    torch.testing.assert_close(hidden, expected_hidden[:-1], atol=1e-4, rtol=1e-4)
+    # to the oracle's tolerance (tests/oracle.py): 1e-4 of the largest value, as the sum order of the linear
+    # attention's chunks differs from transformers' (up to 2.3e-4 of hidden states up to 7, on one CPU)
+    scale = expected_hidden.abs().max().item()
+    torch.testing.assert_close(hidden, expected_hidden[:-1], atol=1e-4 * scale, rtol=1e-4)
 
     config = head_config(loaded.config)
     head = runner(loaded, build_mtp_graph(config), config)

@@ -11,6 +11,9 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,8 +30,12 @@ AUTOSCALE = {"min_instances": 1, "max_instances": 2, "up_waiting_per_instance": 
              "down_delay_s": 2, "interval_s": 0.25}  # fmt: skip
 
 
-def stream(url: str, index: int, texts: dict[int, str], ends: dict[int, list[str]], ids: dict[int, str]) -> None:
+def stream(
+    url: str, index: int, texts: dict[int, str], ends: dict[int, list[str]], ids: dict[int, str], model: str = ""
+) -> None:
     body = {"prompt": f"burst {index}", "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
+    if model:
+        body["model"] = model
     texts[index], ends[index] = "", []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S) as reply:
         for line in reply.iter_lines():
@@ -51,6 +58,38 @@ def wait_for(condition, what: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.1)
 
 
+def burst_and_wave(
+    gw: Any, scaler: Callable[[], Any], burst: int, wave: int, model: str = ""
+) -> tuple[str, dict[int, str], dict[int, str]]:
+    """`burst` streams, until the autoscaler `scaler()` adds a replica; `wave` more once the replica is ready; every
+    stream to its end, once. -> the replica, and each stream's text and request id."""
+    texts: dict[int, str] = {}
+    ends: dict[int, list[str]] = {}
+    ids: dict[int, str] = {}
+    threads = [threading.Thread(target=stream, args=(gw.url, i, texts, ends, ids, model)) for i in range(burst)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: scaler() is not None and scaler().decisions["up"] == 1, "a replica added")
+    (replica,) = scaler().replicas
+    wait_for(lambda: gw.gateway.engines.engines[replica].state == "ready", "the replica ready")
+    more = [threading.Thread(target=stream, args=(gw.url, i, texts, ends, ids, model))
+            for i in range(burst, burst + wave)]  # fmt: skip
+    for thread in more:
+        thread.start()
+    for thread in threads + more:
+        thread.join(REPLY_TIMEOUT_S)
+    assert not any(thread.is_alive() for thread in threads + more), "a stream hung"
+    assert ends == {i: ["length"] for i in range(burst + wave)}  # every stream ended, once
+    return replica, texts, ids
+
+
+def assert_texts_begin_as_offline(model: Path, texts: dict[int, str]) -> None:
+    """Each stream's text begins with the offline API's first EXACT greedy tokens of its prompt."""
+    prompts = [f"burst {i}" for i in range(len(texts))]
+    offline = LLM(str(model)).generate(prompts, SamplingParams(max_tokens=EXACT, temperature=0, ignore_eos=True))
+    assert [texts[i][: len(o.outputs[0].text)] for i, o in enumerate(offline)] == [o.outputs[0].text for o in offline]
+
+
 def test_a_burst_adds_a_replica_that_serves_and_the_quiet_after_it_drains_it(tmp_path):
     model = make_tiny_llama(tmp_path / "llama", max_position_embeddings=2048)
     config = tiny_config(tmp_path)
@@ -58,33 +97,15 @@ def test_a_burst_adds_a_replica_that_serves_and_the_quiet_after_it_drains_it(tmp
                          **{"engine.max_num_seqs": 2}) as gw:  # fmt: skip
         scaler = gw.gateway.autoscaler
         assert scaler is not None and scaler.template.engine["max_num_seqs"] == 2
-        texts: dict[int, str] = {}
-        ends: dict[int, list[str]] = {}
-        ids: dict[int, str] = {}
-        threads = [threading.Thread(target=stream, args=(gw.url, i, texts, ends, ids)) for i in range(BURST)]
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: scaler.decisions["up"] == 1, "a replica added")
-        (replica,) = scaler.replicas
-        wait_for(lambda: gw.gateway.engines.engines[replica].state == "ready", "the replica ready")
-        wave = [threading.Thread(target=stream, args=(gw.url, i, texts, ends, ids)) for i in range(BURST, BURST + WAVE)]
-        for thread in wave:
-            thread.start()
-        for thread in threads + wave:
-            thread.join(REPLY_TIMEOUT_S)
-        assert not any(thread.is_alive() for thread in threads + wave), "a stream hung"
+        replica, texts, ids = burst_and_wave(gw, lambda: scaler, BURST, WAVE)
         streams = range(BURST + WAVE)
-        assert ends == {i: ["length"] for i in streams}  # every stream ended, once
         served_by = {httpx.get(f"{gw.url}/v1/requests/{ids[i]}").json()["instance"] for i in streams}
         assert served_by == {"engine", replica}
-        prompts = [f"burst {i}" for i in streams]
-        offline = LLM(str(model)).generate(prompts, SamplingParams(max_tokens=EXACT, temperature=0, ignore_eos=True))
-        assert [texts[i][: len(o.outputs[0].text)] for i, o in zip(streams, offline)] == [
-            o.outputs[0].text for o in offline
-        ]
+        assert_texts_begin_as_offline(model, texts)
 
         wait_for(lambda: scaler.decisions["down"] == 1 and not scaler.replicas, "the replica drained")
         wait_for(lambda: replica not in gw.core.registry.instances(), "the replica gone from the instances")
         metrics = httpx.get(gw.url + "/metrics").text
-        found = dict(re.findall(r'^sagellm:autoscaler_decisions_total\{direction="(\w+)"\} (\S+)$', metrics, re.M))
-        assert found == {"up": "1.0", "down": "1.0"}
+        decided = r'^sagellm:autoscaler_decisions_total\{direction="(\w+)",model="([^"]+)"\} (\S+)$'
+        found = {(m, d): n for d, m, n in re.findall(decided, metrics, re.M)}
+        assert found == {(gw.core.model_name, "up"): "1.0", (gw.core.model_name, "down"): "1.0"}

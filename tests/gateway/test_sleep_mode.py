@@ -2,7 +2,8 @@
 at start: level 1 gives the cache's memory back and level 2 the weights too (this process's RSS measured: the
 engine runs in it), a request while asleep wakes the engine and gets the same greedy reply as before (after level 1
 too, whose prefix cache is forgotten with the cache: the same prompt again reads no zeroed blocks), a sleep waits
-for the stream in flight, and what is not served is refused by name."""
+for the stream in flight, and what is not served is refused by name. Served through the PD graph, the prefill and
+decode workers sleep and wake alike (their processes' RSS measured)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def _greedy(url: str, max_tokens: int = 12) -> str:
     return reply.json()["choices"][0]["text"]
 
 
-def _settled_rss() -> int:
-    """This process's resident memory once the prefault thread has mapped what it maps."""
+def _settled_rss(pid: int | str = "self") -> int:
+    """A process's resident memory (this one's by default) once the prefault thread has mapped what it maps."""
     time.sleep(1.0)
-    return resident_bytes() or 0
+    return resident_bytes(pid=pid) or 0
 
 
 def test_level_1_frees_the_kv_cache_and_a_request_wakes_the_engine_with_the_same_reply(gateway, admin):
@@ -98,3 +99,23 @@ def test_what_sleep_mode_does_not_serve_is_refused_by_name(gateway, admin):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "level"
     tags = admin.post("/wake_up", params={"tags": "weights"})
     assert tags.status_code == 400 and "tags" in tags.json()["error"]["message"]
+
+
+def test_the_prefill_and_decode_workers_of_a_pd_graph_sleep_and_wake_with_the_same_reply(smollm2_dir, tmp_path):
+    overrides = {f"{node}.{name}": value for node in ("prefill", "decode") for name, value in
+                 {"kv_cache_memory_gb": KV_GB, "max_num_seqs": 4, "prefault_kv_cache": True}.items()}  # fmt: skip
+    with running_gateway(GRAPHS / "pd.yaml", tiny_config(tmp_path), smollm2_dir, **overrides) as gw:
+        workers = gw.core.executor.pids
+        headers = {"authorization": f"Bearer {gw.gateway.admin_key}"}
+        with httpx.Client(base_url=gw.url, headers=headers, timeout=REPLY_TIMEOUT_S * 2) as admin:
+            before = _greedy(gw.url)
+            awake = {group: _settled_rss(pid) for group, pid in workers.items()}
+            assert admin.post("/sleep", params={"level": 1}).json() == {"is_sleeping": True, "level": 1}
+            asleep = {group: _settled_rss(pid) for group, pid in workers.items()}
+            for group in ("prefill", "decode"):  # each worker gave its whole cache back
+                assert awake[group] - asleep[group] > 0.8 * KV_GB * 2**30, (group, awake, asleep)
+            assert _greedy(gw.url) == before  # woken by the request
+            assert admin.get("/is_sleeping").json() == {"is_sleeping": False, "level": 0}
+            assert admin.post("/sleep", params={"level": 2}).json() == {"is_sleeping": True, "level": 2}
+            assert admin.post("/wake_up").json() == {"is_sleeping": False, "level": 0}
+            assert _greedy(gw.url) == before

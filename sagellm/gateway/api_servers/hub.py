@@ -37,6 +37,7 @@ from sagellm.gateway.api_servers.link import (
     EmbedderCard,
     FrontEnd,
     HangUp,
+    ModelReady,
     Reply,
     Snapshot,
 )
@@ -70,6 +71,8 @@ class ApiServerHub:
         self.changed = trio.Event()  # an API server attached or started serving
         self._streams: dict[bytes, dict[str, RequestStream]] = defaultdict(dict)  # routing id -> request id -> ...
         self._calls: dict[tuple[bytes, int], trio.CancelScope] = {}
+        # requests waiting for their model to serve before they enter: routing id -> request id -> their wait
+        self._waiting: dict[bytes, dict[str, trio.CancelScope]] = defaultdict(dict)
         self._monitor = PeerMonitor(PEER_TIMEOUT_S)  # routing ids, silent ones lost
         self._outbox: dict[bytes, list[Any]] = defaultdict(list)
         self._queued = trio.Event()
@@ -119,8 +122,13 @@ class ApiServerHub:
                 stream = self._streams[peer].get(request_id)
                 if stream is not None:
                     stream.cancel()
+                waiting = self._waiting[peer].get(request_id)
+                if waiting is not None:
+                    waiting.cancel()
         elif isinstance(message, Call):
             self._nursery.start_soon(self._answer, peer, message)
+        elif isinstance(message, ModelReady):
+            self._nursery.start_soon(self._model_ready, peer, message)
         elif isinstance(message, HangUp):
             scope = self._calls.get((peer, message.call_id))
             if scope is not None:
@@ -146,20 +154,68 @@ class ApiServerHub:
         self.changed = trio.Event()
 
     def _submit(self, peer: bytes, requests: list[Request]) -> None:
-        """A client request's prompts into the core (`ServingCore.submit_all`); a refusal answers each of them."""
+        """A client request's prompts into the core (`ServingCore.submit_all`) at once, or once their model serves
+        when it must load or wake first (as a route waits in a gateway without API servers); a refusal answers each
+        of them."""
+        if self.core.ready_now(requests[0].model):
+            self._enter(peer, requests)
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._enter_when_ready, peer, requests)
+
+    async def _enter_when_ready(self, peer: bytes, requests: list[Request]) -> None:
+        """Waits for the requests' model to serve, then submits them; a cancel of any of them, or its API server
+        leaving, ends the wait and they never enter."""
+        waiting = self._waiting[peer]
+        with trio.CancelScope() as scope:
+            for request in requests:
+                waiting[request.request_id] = scope
+            try:
+                await self.core.model_ready(requests[0].model)
+            except ApiError as error:
+                self._refuse(peer, requests, error)
+                return
+            finally:
+                for request in requests:
+                    waiting.pop(request.request_id, None)
+            self._enter(peer, requests)
+
+    def _enter(self, peer: bytes, requests: list[Request]) -> None:
         try:
             streams = self.core.submit_all(requests)
         except SageLLMError as failure:  # refused at the door, a request id in use, shutting down
-            error = ApiError.of(failure)
-            for request in requests:
-                self._queue(peer, RequestError(request_id=request.request_id, code=_code(error), message=error.message,
-                                               retry_after_s=error.retry_after_s))  # fmt: skip
+            self._refuse(peer, requests, ApiError.of(failure))
             return
         assert self._nursery is not None
         for stream in streams:
             self._streams[peer][stream.request.request_id] = stream
             self.submitted[self.pids.get(peer, 0)] += 1
             self._nursery.start_soon(self._forward, peer, stream)
+
+    def _refuse(self, peer: bytes, requests: list[Request], error: ApiError) -> None:
+        for request in requests:
+            self._queue(peer, RequestError(request_id=request.request_id, code=_code(error), message=error.message,
+                                           retry_after_s=error.retry_after_s))  # fmt: skip
+
+    async def _model_ready(self, peer: bytes, ask: ModelReady) -> None:
+        """Makes a model on demand serve for an API server (`ModelReady`): the core's state, which then holds the
+        model's files and defaults, goes first, then a 200; or the error. An API server's hang-up ends the wait."""
+        scope = self._calls[peer, ask.call_id] = trio.CancelScope()
+        try:
+            with scope:
+                await self.core.model_ready(ask.model, ask.submits)
+        except ApiError as error:
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in error.headers]
+            reply = Reply(call_id=ask.call_id, status=error.http_status, content_type="application/json",
+                          headers=headers, body=json.dumps(error.body()).encode())  # fmt: skip
+        else:
+            if scope.cancelled_caught:
+                return
+            self._queue(peer, self.snapshot())
+            reply = Reply(call_id=ask.call_id, status=200, content_type="application/json", headers=[], body=b"{}")
+        finally:
+            self._calls.pop((peer, ask.call_id), None)
+        self._queue(peer, reply)
 
     async def _forward(self, peer: bytes, stream: RequestStream) -> None:
         try:
@@ -214,6 +270,8 @@ class ApiServerHub:
         """An API server is gone (its clients with it): its requests and passed-on calls stop."""
         for stream in list(self._streams.pop(peer, {}).values()):
             stream.cancel()
+        for waiting in list(self._waiting.pop(peer, {}).values()):
+            waiting.cancel()
         for (owner, _), scope in list(self._calls.items()):
             if owner == peer:
                 scope.cancel()
@@ -234,6 +292,8 @@ class ApiServerHub:
             model_path=core.served.path if core.served is not None else None,
             models=core.models(),
             instance_models=sorted({s.model for s in instances if s.model is not None}),
+            own_names=core.registry.own_names(),
+            on_demand=list(core.registry.on_demand),
             embedders=embedders,
             embedding_models=core.registry.embedding_models(),
             max_model_len=core.max_model_len,

@@ -13,12 +13,18 @@ only way an API server reaches the core.
     api server -> a Request (DATA)              core -> Batch(items): everything ready for that API server when
     api server -> Cancel(request ids)                   the core's sender runs, one message a loop turn, not a token
     api server -> Call, HangUp (APP)            core -> Reply (APP)
+    api server -> ModelReady (APP)              core -> Snapshot, then Reply (APP), once the model serves
     both       -> Heartbeat each ALIVE_S        an end silent for PEER_TIMEOUT_S counts the other as gone (the core
                                                 forgets the API server and cancels its requests; the API server ends
                                                 its requests with an error, answers 503 and says Hello until the
                                                 core answers)
 
-The gateway's own messages (Call, HangUp, Reply, Snapshot) ride in the wire's APP frames (`wire.carry`)."""
+Requests of a model loaded on demand, or of the graph's model while its engines sleep, wait in the core until it
+serves (`ServingCore.model_ready`); an API server asks first for a model on demand (`ModelReady`), whose files and
+sampling defaults the core's Snapshot before the Reply brings.
+
+The gateway's own messages (Call, HangUp, Reply, Snapshot, ModelReady) ride in the wire's APP frames
+(`wire.carry`)."""
 
 from __future__ import annotations
 
@@ -59,6 +65,15 @@ class Reply(msgspec.Struct, tag=True, kw_only=True):
     body: bytes
 
 
+class ModelReady(msgspec.Struct, tag=True, kw_only=True):
+    """Asks the core to make a model loaded on demand serve (`ServingCore.model_ready`); its `Reply` is 200 once it
+    does, else the error (503, Retry-After). `submits`: a request of it follows."""
+
+    call_id: int
+    model: str
+    submits: bool = True
+
+
 class EmbedderCard(msgspec.Struct, kw_only=True):
     """What the OpenAI routes read of an embedding model served in the core (`core.embedder(name)`)."""
 
@@ -89,6 +104,8 @@ class Snapshot(msgspec.Struct, tag=True, kw_only=True):
     model_path: str | None
     models: list[str]
     instance_models: list[str]  # every model an attached instance serves (also those whose instances all failed)
+    own_names: list[str]  # the names the graph's own model is served as (none when the graph has no engine)
+    on_demand: list[str]  # the models loaded on demand, in any status
     embedders: list[EmbedderCard]
     embedding_models: list[str]
     max_model_len: int | None
@@ -100,5 +117,5 @@ class Snapshot(msgspec.Struct, tag=True, kw_only=True):
 
 ALIVE_S = 1.0  # how often each end says it is there (a Heartbeat)
 PEER_TIMEOUT_S = 10.0  # an end that heard nothing from the other for this long counts it as gone (a busy loop is not)
-GatewayMessage = Call | HangUp | Reply | Snapshot
+GatewayMessage = Call | HangUp | Reply | Snapshot | ModelReady
 wire.carry(GatewayMessage)

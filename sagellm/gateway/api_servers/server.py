@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,16 @@ from sagellm.common.logging import configure_logging
 from sagellm.common.parent_death import exit_with_parent
 from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.gateway.api_servers import link as api_link
-from sagellm.gateway.api_servers.link import ALIVE_S, API_SERVER, PEER_TIMEOUT_S, Call, HangUp, Reply, Snapshot
+from sagellm.gateway.api_servers.link import (
+    ALIVE_S,
+    API_SERVER,
+    PEER_TIMEOUT_S,
+    Call,
+    HangUp,
+    ModelReady,
+    Reply,
+    Snapshot,
+)
 from sagellm.gateway.http.app import App, HttpRequest, Response
 from sagellm.gateway.http.auth import key_guard
 from sagellm.gateway.http.errors import ApiError
@@ -107,6 +117,7 @@ class CoreLink:
         self.socket = socket
         self.streams: dict[str, RemoteStream] = {}
         self.calls: dict[int, ItemQueue] = {}  # call id -> where its Reply arrives (None: the core is lost)
+        self._call_ids = itertools.count()
         self.snapshot: Snapshot | None = None
         self.snapshot_arrived = trio.Event()
         self.url = ""  # where it listens, once it does
@@ -130,12 +141,24 @@ class CoreLink:
         self.send(requests[0] if len(requests) == 1 else wire.Batch(items=list(requests)))
         return streams
 
-    def call(self, call: Call) -> ItemQueue:
-        """Sends a passed-on request; its Reply arrives in the queue returned."""
+    async def ask(self, message: Callable[[int], Call | ModelReady]) -> Reply:
+        """Sends what `message(call_id)` makes (a passed-on request, a model to make ready) and returns the core's
+        Reply; a caller that leaves first hangs up. Raises ApiError 503 when the core is or falls silent."""
         self._check_reachable()
-        replies = self.calls[call.call_id] = ItemQueue()
-        self.send(call)
-        return replies
+        call_id = next(self._call_ids)
+        replies = self.calls[call_id] = ItemQueue()
+        self.send(message(call_id))
+        answered = False
+        try:
+            reply = await replies.get()
+            answered = True
+        finally:
+            if not answered and self.calls.pop(call_id, None) is not None:
+                self.send(HangUp(call_id=call_id))
+        if reply is None:
+            raise ApiError(503, "the serving core fell silent before it answered", code="unavailable")
+        assert isinstance(reply, Reply)
+        return reply
 
     def _check_reachable(self) -> None:
         if self.lost:
@@ -259,9 +282,12 @@ class RemoteCore:
         return model in self.state.instance_defaults
 
     def instance_model(self, name: str | None) -> str | None:
-        """As `ServingCore.instance_model`: None for the graph's own model, the name for an attached one."""
-        own = {self.state.model_name, *self.state.model_aliases}
-        return instance_model(name, own, lambda: self.state.instance_models, self.models)
+        """As `ServingCore.instance_model`: None for the graph's own model, the name for an attached one or one loaded
+        on demand."""
+        state = self.state
+        own = {state.model_name, *state.model_aliases}
+        alone = state.on_demand if not state.own_names else []
+        return instance_model(name, own, lambda: {*state.instance_models, *state.on_demand}, self.models, alone)
 
     def lora_of(self, name: str | None) -> None:
         """As `ServingCore.lora_of`: none, a core behind API servers serves its adapters through its own port only."""
@@ -270,8 +296,17 @@ class RemoteCore:
         return []
 
     async def model_ready(self, model: str | None, submits: bool = True) -> None:
-        """As `ServingCore.model_ready`: at once, a core behind API servers loads no model on demand (`serve`
-        refuses the two together)."""
+        """As `ServingCore.model_ready`: a model loaded on demand is made to serve by the core (`ModelReady`, whose
+        reply comes after the core's state with the model's defaults); raises its ApiError (503) when it cannot be in
+        time. The graph's model returns at once: its requests wait in the core while its engines wake."""
+        if model is None or model not in self.state.on_demand:
+            return
+        reply = await self.link.ask(lambda call_id: ModelReady(call_id=call_id, model=model, submits=submits))
+        if reply.status != 200:
+            error = json.loads(reply.body)["error"]
+            retry_after = next((float(v) for k, v in reply.headers if k.lower() == "retry-after"), None)
+            raise ApiError(reply.status, error["message"], param=error["param"], code=error["code"],
+                           retry_after_s=retry_after)  # fmt: skip
 
     async def tokenize_prompts(self, requests: list[Request], every: bool = False) -> None:
         """As `ServingCore.tokenize_prompts`; here every prompt is tokenized (the core's event loop is spared)."""
@@ -290,23 +325,11 @@ class CoreCalls:
 
     def __init__(self, link: CoreLink) -> None:
         self.link = link
-        self._ids = itertools.count()
 
     async def __call__(self, request: HttpRequest) -> Response:
-        call_id = next(self._ids)
-        call = Call(call_id=call_id, method=request.method, path=request.path, query=request.query,
-                    headers=request.headers, body=request.body)  # fmt: skip
-        replies = self.link.call(call)
-        answered = False
-        try:
-            reply = await replies.get()
-            answered = True
-        finally:
-            if not answered and self.link.calls.pop(call_id, None) is not None:
-                self.link.send(HangUp(call_id=call_id))
-        if reply is None:
-            raise ApiError(503, "the serving core fell silent before it answered", code="unavailable")
-        assert isinstance(reply, Reply)
+        reply = await self.link.ask(lambda call_id: Call(call_id=call_id, method=request.method, path=request.path,
+                                                         query=request.query, headers=request.headers,
+                                                         body=request.body))  # fmt: skip
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
         return Response(reply.body, reply.status, content_type=reply.content_type, headers=headers)
 

@@ -1,21 +1,23 @@
-"""The gateway's autoscaler: replicas of the graph's engine, added and removed as the load asks (`autoscale:` in the
-graph file, or `sagellm serve --autoscale MIN:MAX`).
+"""The gateway's autoscalers: replicas of a model's engine, added and removed as the load asks (`autoscale:` in the
+graph file, or `sagellm serve --autoscale MIN:MAX`), one autoscaler for the graph's own model and, with `--autoscale`,
+one for each model loaded on demand while it is loaded (`control.model_pool`).
 
-Every `interval_s` it reads the instances serving the graph's own model (the graph's engines and the replicas it
-added), the policy queues, and the SLO outcomes since its last reading, and applies `common.autoscale`'s decision. Up
-starts one more engine process of the same model with the graph's engine settings, through the engine manager (on
-a Ray node when the graph has a `cluster:`, placed by its `replicas` group's resources): an
-`llm` engine served under the gateway's model name, so it is a replica (admission tokenizes for it, route picks it
-beside the graph's engines, failover moves requests between them). Down drains the least-loaded replica it added
-(route sends it nothing new, what runs there finishes: no request is lost) and then stops it; the graph's own engines
-are never removed. A replica that fails to start is forgotten, and the next decision may try again after the
-cool-down. Each decision that changes something is logged (`autoscale`) and counted
-(`sagellm:autoscaler_decisions_total{direction}`); `sagellm:autoscaler_replicas{state}` shows what it runs."""
+Every `interval_s` it reads the instances serving its model (the graph's engines, or the model's loaded engine, and
+the replicas it added), the requests of that model the gateway holds beyond what those instances run, and (for the
+graph's model) the SLO outcomes since its last reading, and applies `common.autoscale`'s decision. Up starts one more
+engine process of the same model with the same engine settings, through the engine manager (on a Ray node when the
+graph has a `cluster:`, placed by its `replicas` group's resources): an `llm` engine served under the model's name, so
+it is a replica (admission tokenizes for it, route picks it beside the others, failover moves requests between
+them). Down drains the least-loaded replica it added (route sends it nothing new, what runs there finishes: no
+request is lost) and then stops it; the instances it did not add are never removed. A replica that fails to start is
+forgotten, and the next decision may try again after the cool-down. Each decision that changes something is logged
+(`autoscale`) and counted (`sagellm:autoscaler_decisions_total{direction,model}`); `sagellm:autoscaler_replicas
+{model,state}` shows what each runs."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -36,13 +38,26 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sagellm.gateway")
 SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size"}
 REPLICA_GROUP = "replicas"  # the `cluster.groups` entry that places replicas on a Ray cluster
+UNSAID_SLOTS = 16  # the requests a server runs at once when neither it nor its spec says (the presets' max_concurrent)
 
 
 class Autoscaler:
-    def __init__(self, core: ServingCore, engines: EngineManager, settings: AutoscaleSettings) -> None:
+    def __init__(
+        self,
+        core: ServingCore,
+        engines: EngineManager,
+        settings: AutoscaleSettings,
+        *,
+        model: str | None = None,
+        template: EngineSpec | None = None,
+        hold: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`model`: the `Request.model` it scales (None: the graph's own, its replica copied from the graph once it
+        runs); `template`: what a replica of another model is; `hold()`: true while nothing may change (its model
+        drains)."""
         self.core, self.engines = core, engines
         self.policy = Autoscale(settings)
-        self.template: EngineSpec | None = None  # what a replica is, known once the graph runs
+        self.model, self.template, self.hold = model, template, hold
         self.replicas: list[str] = []  # the engine ids it started, oldest first
         self.decisions: Counter[str] = Counter()  # "up" / "down" -> how many
         self._slo_seen = (0, 0)  # (checked, violations) at the last reading
@@ -54,35 +69,52 @@ class Autoscaler:
     async def run(self) -> None:
         """Reads and decides every `interval_s` until cancelled (the gateway stops its replicas with the manager).
         Raises ValueError for a graph it cannot copy an engine of."""
-        self.template = replica_spec(self.core, on_ray=self.engines.ray is not None)
-        log.info("autoscaler_started", settings=vars(self.settings), replica=self.template.engine)
+        if self.template is None:
+            self.template = replica_spec(self.core, on_ray=self.engines.ray is not None)
+        log.info("autoscaler_started", model=self.name, settings=vars(self.settings), replica=self.template.engine)
         async with trio.open_nursery() as nursery:
             while True:
                 decision = self.policy.decide(self.signals(), trio.current_time())
-                if decision.delta:
+                if decision.delta and not self.hold():
                     await self._apply(decision, nursery)
                 await trio.sleep(self.settings.interval_s)
 
+    @property
+    def name(self) -> str:
+        """The name its model is served as."""
+        return self.model if self.model is not None else self.core.model_name
+
+    async def stop_replicas(self) -> None:
+        """Stops every replica it added, each drained first (its model is being unloaded)."""
+        for engine_id in list(self.replicas):
+            await self._drain(engine_id)
+
     def signals(self) -> Signals:
+        """Its model's instances; as waiting, the requests of the model the gateway holds and they do not run (in
+        the policy queues, on their way to an engine, or in an engine's own queue)."""
         self._forget_gone()
         managed = self.engines.engines
         starting_ids = {i for i in self.replicas if managed[i].state == STARTING}
-        own = [s for s in self.core.registry.instances().values() if s.model is None and s.role == "colocated"]
+        instances = self.core.registry.instances().values()
+        own = [s for s in instances if s.model == self.model and s.role == "colocated"]
         ready = [s for s in own if s.healthy]
         starting = [s for s in own if s.on_its_way or (not s.healthy and s.name in starting_ids)]
-        waiting = sum(len(queue) for queue in self.core.nodes_of("policy_sort").values())
-        load = self.core.local.load if self.core.local is not None else None
+        running = sum(s.running for s in ready)
+        waiting = max(self.core.requests_of(self.model) - running, sum(s.waiting for s in ready))
+        # The SLO outcomes are the whole gateway's: they speak for the graph's model, which most requests name.
+        load = self.core.local.load if self.core.local is not None and self.model is None else None
         checked, violations = (load.slo_checked, load.slo_violations) if load is not None else (0, 0)
         new_checked, new_violations = checked - self._slo_seen[0], violations - self._slo_seen[1]
         self._slo_seen = (checked, violations)
-        assert self.template is not None and self.template.slots is not None
-        seqs = self.template.slots  # a joined server's slots, which its own stats do not say, count as a replica's
+        assert self.template is not None
+        # a server's slots its own stats do not say (a joined one, another project's) count as a replica's
+        seqs = self.template.slots or UNSAID_SLOTS
         return Signals(
             ready=len(ready),
             starting=len(starting),
             removable=sum(1 for i in self.replicas if managed[i].state == READY),
-            waiting=waiting + sum(s.waiting for s in ready),
-            running=sum(s.running for s in ready),
+            waiting=waiting,
+            running=running,
             slots=sum(s.max_running if s.max_running < UNLIMITED else seqs for s in ready),
             slo_violation_rate=new_violations / new_checked if new_checked else 0.0,
         )
@@ -94,7 +126,8 @@ class Autoscaler:
             try:
                 engine = await self.engines.start(self.template)
             except ApiError as error:
-                log.warning("autoscale_failed", direction=direction, reason=decision.reason, error=error.message)
+                log.warning("autoscale_failed", model=self.name, direction=direction, reason=decision.reason,
+                            error=error.message)  # fmt: skip
                 return
             self.replicas.append(engine.id)
             target = engine.id
@@ -102,7 +135,7 @@ class Autoscaler:
             target = self._least_loaded()
             nursery.start_soon(self._drain, target)
         self.decisions[direction] += 1
-        log.info("autoscale", direction=direction, engine=target, reason=decision.reason)
+        log.info("autoscale", model=self.name, direction=direction, engine=target, reason=decision.reason)
 
     def _least_loaded(self) -> str:
         ready = [i for i in self.replicas if self.engines.engines[i].state == READY]
@@ -124,18 +157,31 @@ class Autoscaler:
             if engine is None or engine.state in (FAILED, STOPPED):
                 self.replicas.remove(engine_id)
 
+
+class Autoscalers:
+    """Every autoscaler a gateway runs, its metrics labelled by the model each scales (a collector, read at each
+    scrape)."""
+
+    def __init__(self) -> None:
+        self.running: list[Autoscaler] = []
+
     def collect(self) -> Iterator[Any]:
-        """Its Prometheus families (a collector, read at each scrape)."""
-        about = "Replicas the autoscaler added (up) or drained (down)."
-        decisions = CounterMetricFamily("sagellm:autoscaler_decisions", about, labels=["direction"])
+        return autoscaler_families(self.running)
+
+
+def autoscaler_families(scalers: Iterable[Autoscaler]) -> Iterator[Any]:
+    """The autoscalers' Prometheus families: decisions by model and direction, replicas by model and state."""
+    about = "Replicas the autoscaler added (up) or drained (down)."
+    decisions = CounterMetricFamily("sagellm:autoscaler_decisions", about, labels=["model", "direction"])
+    replicas = GaugeMetricFamily("sagellm:autoscaler_replicas", "Its replicas by state.", labels=["model", "state"])
+    for scaler in scalers:
         for direction in ("up", "down"):
-            decisions.add_metric([direction], self.decisions[direction])
-        yield decisions
-        replicas = GaugeMetricFamily("sagellm:autoscaler_replicas", "Its replicas by state.", labels=["state"])
-        states = Counter(self.engines.engines[i].state for i in self.replicas if i in self.engines.engines)
+            decisions.add_metric([scaler.name, direction], scaler.decisions[direction])
+        managed = scaler.engines.engines
+        states = Counter(managed[i].state for i in scaler.replicas if i in managed)
         for state in (STARTING, READY, DRAINING):
-            replicas.add_metric([state], states[state])
-        yield replicas
+            replicas.add_metric([scaler.name, state], states[state])
+    yield from (decisions, replicas)
 
 
 def replica_spec(core: ServingCore, *, on_ray: bool = False) -> EngineSpec:

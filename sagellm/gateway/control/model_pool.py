@@ -13,6 +13,10 @@ Retry-After naming the busy model) and the model it drained serves again.
 
 A model is busy while the gateway answers a request of it, or one is on its way in (`ServingCore.requests_of`).
 
+With `autoscale` settings, each loaded model has an autoscaler of its own (`control.autoscaler`): replicas of its
+engine added and drained as its load asks, none while it drains; they stop with it when it is unloaded (or fails),
+before its own engine.
+
 Statuses, as llama.cpp's router names them: loaded, loading, unloaded, failed (its last load failed; the next request
 or `load` tries again)."""
 
@@ -27,12 +31,15 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from sagellm.common.autoscale import AutoscaleSettings
 from sagellm.common.errors import SageLLMError
 from sagellm.common.memory import available_bytes, resident_bytes
+from sagellm.gateway.control.autoscaler import Autoscaler, Autoscalers
 from sagellm.gateway.control.engine_spec import FAILED as ENGINE_FAILED
 from sagellm.gateway.control.engine_spec import READY, EngineSpec
 from sagellm.gateway.http.errors import ApiError
@@ -63,6 +70,8 @@ class PooledModel:
     attempt: int = 0  # loads started
     failure: ApiError | None = None  # how attempt `attempt` ended, when it did not load
     making_room: str | None = None  # the model its load waits for to finish its requests and leave
+    scaler: Autoscaler | None = None  # its replicas' autoscaler, while it is loaded
+    scaling: trio.CancelScope | None = None  # the scope its autoscaler runs in
     changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -86,14 +95,18 @@ class ModelPool:
         idle_unload_s: float | None = None,
         wait_s: float = 60.0,
         available: Callable[[], int | None] = available_bytes,
+        autoscale: AutoscaleSettings | None = None,
+        scalers: Autoscalers | None = None,
     ) -> None:
         """`models`: the engine each name loads as; `max_loaded`: models loaded at once (None: as memory allows);
         `idle_unload_s`: a model idle that long is unloaded (None: never); `wait_s`: how long a request waits for its
-        model (a load, or room for one); `available`: the memory a load may still take."""
+        model (a load, or room for one); `available`: the memory a load may still take; `autoscale`: each loaded
+        model's replicas scaled so (None: one engine each), its autoscaler listed in `scalers` while it runs."""
         self.engines, self.core = engines, core
         self.models = {name: PooledModel(name, spec) for name, spec in models.items()}
         self.max_loaded, self.idle_unload_s, self.wait_s = max_loaded, idle_unload_s, wait_s
         self.available = available
+        self.autoscale, self.scalers = autoscale, scalers or Autoscalers()
         self._room = trio.Lock()  # one load at a time decides what to evict
         self._nursery: trio.Nursery | None = None
         self.loads: Counter[tuple[str, str]] = Counter()  # (model, outcome) -> loads
@@ -209,8 +222,33 @@ class ModelPool:
             self.loads[model.name, LOADED] += 1
             took = round(time.monotonic() - began, 2)
             log.info("model_loaded", model=model.name, engine=model.engine_id, load_s=took)
+            if self.autoscale is not None:
+                model.scaling = trio.CancelScope()
+                self._spawn(self._scale, model, model.scaling)
         finally:
             model.notify()
+
+    async def _scale(self, model: PooledModel, scope: trio.CancelScope) -> None:
+        """Runs the model's autoscaler until the scope is cancelled (the model leaves)."""
+        assert self.autoscale is not None
+        replica = msgspec.structs.replace(model.spec, label="autoscaled")
+        scaler = model.scaler = Autoscaler(self.core, self.engines, self.autoscale, model=model.name,
+                                           template=replica, hold=lambda: model.draining)  # fmt: skip
+        self.scalers.running.append(scaler)
+        try:
+            with scope:
+                await scaler.run()
+        finally:
+            self.scalers.running.remove(scaler)
+
+    async def _stop_scaling(self, model: PooledModel) -> None:
+        """Ends the model's autoscaler and stops the replicas it added (drained: what they run finishes)."""
+        scaler, model.scaler = model.scaler, None
+        if model.scaling is not None:
+            model.scaling.cancel()
+            model.scaling = None
+        if scaler is not None:
+            await scaler.stop_replicas()
 
     async def _make_room(self, model: PooledModel) -> None:
         """Evicts the least recently used models until `model` fits the count and the memory available; raises
@@ -262,6 +300,7 @@ class ModelPool:
             await self._unload(model, reason)
 
     async def _unload(self, model: PooledModel, reason: str) -> None:
+        await self._stop_scaling(model)
         engine_id = model.engine_id
         if engine_id is not None and engine_id in self.engines.engines:
             await self.engines.stop(engine_id)
@@ -285,6 +324,7 @@ class ModelPool:
                                          code="model_load_failed")  # fmt: skip
                 model.engine_id = None
                 model.notify()
+                self._spawn(self._stop_scaling, model)
                 self._spawn(partial(self.engines.stop, engine.id, force=True))
                 continue
             if self._busy(model):
@@ -319,6 +359,7 @@ class ModelPool:
             "source": model.spec.model,
             "status": self.status(name),
             "engine": model.engine_id,
+            "replicas": list(model.scaler.replicas) if model.scaler is not None else [],
             "pid": engine.pid if engine is not None else None,
             "memory_bytes": rss,
             "estimate_bytes": model.estimate,
@@ -354,10 +395,16 @@ class ModelPool:
 
 def load_estimate(spec: EngineSpec) -> int:
     """Bytes a model takes loaded, as far as known before: its weight files, and a KV cache whose size its settings
-    fix (`kv_cache_memory_gb`); a cache the engine sizes itself takes a share of what is free when it starts."""
+    fix (`kv_cache_memory_gb`); a cache the engine sizes itself takes a share of what is free when it starts (and
+    another project's server, its own)."""
     from sagellm.runtime.models.model_cache import resolve_model
 
-    path = resolve_model(spec.model)
+    if spec.kind != "llm":  # another project's server: its files where given as a path (it fetches the others)
+        path = Path(spec.model)
+        if not path.exists():
+            return 0
+    else:
+        path = resolve_model(spec.model)
     files = [path] if path.is_file() else [p for p in Path(path).rglob("*") if p.suffix in WEIGHT_SUFFIXES]
     weights = sum(p.stat().st_size for p in files)
     kv_gb = spec.engine.get("kv_cache_memory_gb")

@@ -1,4 +1,5 @@
-"""Sleep mode, vLLM's routes (admin key), for the engines of the gateway's graph:
+"""Sleep mode, vLLM's routes (admin key), for the engines of the gateway's graph (in its process, and in worker
+processes: a PD graph's prefill and decode workers, told over their control channel):
 
     POST /sleep?level=1|2   level 1 frees their KV caches (weights kept: it wakes at once), level 2 their weights
                             too (it wakes by loading them again)
@@ -9,11 +10,13 @@ A sleep first lets the requests in flight finish (new ones wait meanwhile, up to
 refused with a 503, and they go on). A request that arrives while the engines sleep wakes them and waits for it (up to
 the failover's retry wait), so a sleeping server still answers every request, only later. An engine that can free its
 KV cache only by closing (a parallel group, a speculator with caches of its own, a GPU) sleeps at level 2; the level
-reported is the deepest any engine reached."""
+reported is the deepest any engine reached. A worker's engines have slept (or woken) once its heartbeats say so; a
+worker that does not within `wake_timeout_s` makes the change a 503 naming it."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import structlog
 import trio
@@ -21,7 +24,6 @@ import trio
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
-from sagellm.operators.engine import ENGINE_OPERATORS
 
 log = structlog.get_logger("sagellm.gateway")
 
@@ -45,33 +47,46 @@ class SleepMode:
         if level not in (1, 2):
             raise ApiError(400, f"level must be 1 (the KV cache) or 2 (the weights too), got {level}", param="level")
         async with self._changing:
-            engines = self._engines()
+            local, workers = self._engines()
             if self.level >= level:
                 return
             self._falling_asleep = True
             try:
                 await self._drain()
-                for engine in engines:
+                for engine in local:
                     await trio.to_thread.run_sync(engine.sleep, level)
-            finally:
+                if workers:
+                    self.core.executor.sleep_workers(level)
+                    await self._until(workers, lambda reached: reached >= level, "sleep")
+            finally:  # (after a failure, those that slept are woken by the next request)
                 self._falling_asleep = False
-            self.level = max(engine.sleep_level for engine in engines)
-        log.info("gateway_asleep", level=self.level, engines=[e.ctx.node_id for e in engines])
+                self.level = max(self._levels(local, workers))
+        log.info("gateway_asleep", level=self.level, engines=[*(e.ctx.node_id for e in local), *workers])
 
     async def wake_up(self) -> None:
         async with self._changing:
             if not self.level:
                 return
             began = time.monotonic()
-            for engine in self._engines():
+            local, workers = self._engines()
+            if workers:  # they load while the engines here do
+                self.core.executor.sleep_workers(0)
+            for engine in local:
                 await trio.to_thread.run_sync(engine.wake_up)
+            if workers:
+                await self._until(workers, lambda reached: reached == 0, "wake up")
             self.level = 0
         log.info("gateway_awake", wake_s=round(time.monotonic() - began, 2))
+
+    @property
+    def serving(self) -> bool:
+        """Awake, and not about to sleep: a request needs no wait."""
+        return not self.level and not self._falling_asleep
 
     async def awake(self) -> None:
         """A request's wait: returns once the engines serve, waking them if they sleep. Raises ApiError 503 when
         that takes longer than `wake_timeout_s`."""
-        if not self.level and not self._falling_asleep:
+        if self.serving:
             return
         with trio.move_on_after(self.wake_timeout_s):
             while self._falling_asleep:
@@ -90,17 +105,31 @@ class SleepMode:
         raise ApiError(503, f"not asleep: {running} requests still ran after {self.drain_timeout_s:g} s",
                        code="unavailable", retry_after_s=self.drain_timeout_s)  # fmt: skip
 
-    def _engines(self) -> list:
-        """The graph's engine operators; a 400 where they cannot sleep from here (in worker processes)."""
+    def _engines(self) -> tuple[list, list[str]]:
+        """The graph's engine operators in this process, and its engine nodes in worker processes; a 400 when it has
+        none."""
         local = self.core.engine_operators()
-        engine_nodes = [n.id for n in self.core.graph.nodes.values() if n.op in ENGINE_OPERATORS]
-        elsewhere = sorted(set(engine_nodes) - {op.ctx.node_id for op in local})
-        if elsewhere:
-            raise ApiError(400, f"sleep mode: the engines {', '.join(elsewhere)} run in worker processes, which do not "
-                                "sleep yet; a graph whose engines run in the gateway's process does")  # fmt: skip
-        if not local:
+        workers = self.core.executor.worker_sleepers() if self.core.executor is not self.core.local else []
+        if not local and not workers:
             raise ApiError(400, "sleep mode: the served graph has no engine of its own to put to sleep")
-        return local
+        return local, workers
+
+    def _levels(self, local: list, workers: list[str]) -> list[int]:
+        instances = self.core.registry.instances()
+        return [*(engine.sleep_level for engine in local), *(instances[node].sleep_level for node in workers)]
+
+    async def _until(self, workers: list[str], reached: Callable[[int], bool], change: str) -> None:
+        """Waits until every worker engine's heartbeats show a level that `reached` accepts; a 503 naming those that
+        do not within `wake_timeout_s`."""
+        with trio.move_on_after(self.wake_timeout_s):
+            while not all(reached(level) for level in self._levels([], workers)):
+                await trio.sleep(0.05)
+            return
+        instances = self.core.registry.instances()
+        late = [node for node in workers if not reached(instances[node].sleep_level)]
+        raise ApiError(503, f"the engines {', '.join(late)} in worker processes did not {change} within "
+                            f"{self.wake_timeout_s:g} s; retry later", code="unavailable",
+                       retry_after_s=self.wake_timeout_s)  # fmt: skip
 
     # -- the routes -----------------------------------------------------------------------------------------------
     async def _sleep_route(self, http: HttpRequest) -> Response:

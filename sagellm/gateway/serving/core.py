@@ -259,6 +259,14 @@ class ServingCore:
             self.requests_of(model)  # the expired holds go
             self._arriving[model].append(time.monotonic() + HOLD_S)
 
+    def ready_now(self, model: str | None) -> bool:
+        """Whether a request of `model` may enter at once, with no wait in `model_ready`: not while the graph's
+        engines sleep (or fall asleep), nor while a model on demand does not serve."""
+        if model is None:
+            return self.sleep_mode is None or self.sleep_mode.serving
+        pool = self.models_on_demand
+        return pool is None or model not in pool.models or pool.models[model].serving
+
     def engine_operators(self) -> list[Any]:
         """The graph's operators that run an LLMEngine in this process."""
         return [op for name in ENGINE_OPERATORS for op in self.nodes_of(name).values()]

@@ -151,10 +151,8 @@ class InstanceRegistry:
         name itself for a model attached instances serve. Raises ApiError 404 for any other; 400 for none named when
         the graph serves none and models load on demand (which one was meant?)."""
         own = {self.own_model, *self.aliases, *self.adapters}
-        if self.on_demand and (name is None or name in own) and not self.own_names():
-            names = ", ".join(map(repr, self.on_demand))
-            raise ApiError(400, f"model: name the model to use; this server loads {names}", param="model")
-        return instance_model(name, own, self._attached_models, self.models)
+        alone = self.on_demand if not self.own_names() else []
+        return instance_model(name, own, self._attached_models, self.models, alone)
 
     def _attached_models(self) -> set[str | None]:
         """The models attached instances serve, also those whose instances all failed (a request learns why), and
@@ -167,12 +165,17 @@ def instance_model(
     own: Collection[str],
     attached: Callable[[], Collection[str | None]],
     served: Callable[[], list[str]],
+    on_demand_alone: Collection[str] = (),
 ) -> str | None:
     """A request's `Request.model` for the model a client named: None for the graph's own (any of its names `own`,
     or none named), the name itself for a model attached instances serve. Raises ApiError 404, naming the `served`
-    ones, for any other. `attached` and `served` are asked only for another model's name: most requests name the
-    graph's own."""
+    ones, for any other; 400 for none named (or the graph's) when the graph serves no model of its own and
+    `on_demand_alone` load on demand. `attached` and `served` are asked only for another model's name: most
+    requests name the graph's own."""
     if name is None or name in own:
+        if on_demand_alone:
+            names = ", ".join(map(repr, on_demand_alone))
+            raise ApiError(400, f"model: name the model to use; this server loads {names}", param="model")
         return None
     if name in attached():
         return name
