@@ -157,19 +157,24 @@ class EngineOperator(StepOperator):
         self.stats.sleep_level = self.sleep_level
         log.info("engine_asleep", node=self.ctx.node_id, level=self.sleep_level)
 
-    def wake_up(self) -> None:
-        """Makes a sleeping engine serve again: at level 2 a new engine loads the weights (seconds), at level 1 the
-        cache is mapped again as it fills. Blocking, as `sleep`."""
-        if self.sleep_level == 1:
-            self.engine.restore_kv_cache()
-        elif self.sleep_level == 2:
+    def wake_up(self, level: int = 0) -> None:
+        """Makes a sleeping engine serve again (`level` 0): at level 2 a new engine loads the weights (seconds), at
+        level 1 the cache is mapped again as it fills. `level` 1, from level 2: the weights alone are loaded (vLLM's
+        wake-up of tags=weights; an engine that frees its cache only by closing wakes whole). Blocking, as `sleep`."""
+        if level >= self.sleep_level:
+            return
+        if self.sleep_level == 2:
             self._start_engine()
             if self.step_trace is not None:  # it timed the engine that was closed
                 self.step_trace.close()
                 self.step_trace = StepTraceFile.from_env(self.engine, self.ctx.node_id)
-        self.sleep_level = self.stats.sleep_level = 0
+            self.sleep_level = 1 if level == 1 and self.engine.release_kv_cache() else 0
+        if self.sleep_level == 1 and level == 0:
+            self.engine.restore_kv_cache()
+            self.sleep_level = 0
+        self.stats.sleep_level = self.sleep_level
         self._refresh_stats()
-        log.info("engine_awake", node=self.ctx.node_id)
+        log.info("engine_awake" if not self.sleep_level else "engine_weights_loaded", node=self.ctx.node_id)
 
     # -- the Step contract ------------------------------------------------------------------------------------------
     def add(self, item: Any) -> list[Any]:

@@ -131,9 +131,9 @@ class Cancel(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
 
 
 class Sleep(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):
-    """The parent puts a worker's engines to sleep at `level` (1: their KV caches freed, 2: their weights too;
-    vLLM's sleep mode) once they hold no request, or wakes them (0); its heartbeats then show each engine's
-    `sleep_level`."""
+    """The parent brings a worker's engines to sleep `level` (1: their KV caches freed, 2: their weights too; vLLM's
+    sleep mode) once they hold no request: deeper than they are, they sleep; shallower, they wake (0: whole, 1: the
+    weights alone); its heartbeats then show each engine's `sleep_level`."""
 
     node: str
     level: int

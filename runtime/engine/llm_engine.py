@@ -25,6 +25,7 @@ from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, gramm
 from sagellm.runtime.engine.kv_budget import kv_cache_blocks, window_group_blocks
 from sagellm.runtime.engine.kv_cache import token_slots, uniform_window, window_group
 from sagellm.runtime.engine.lora_slots import LoRARequest, LoraSlots
+from sagellm.runtime.engine.lora_weights import LoraWeights, adapted_shapes
 from sagellm.runtime.engine.memory_report import memory_report
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -46,7 +47,7 @@ from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 from sagellm.runtime.models.loader import load_model
-from sagellm.runtime.models.lora_adapter import LoraAdapter, is_lora_target
+from sagellm.runtime.models.lora_adapter import LoraAdapter
 from sagellm.runtime.models.mtp_head import SHARED_WEIGHTS, head_weights, is_head_weight, with_head_layer
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard
@@ -146,7 +147,7 @@ class LLMEngine:
                 speculative=spec is not None,
             )
         )
-        self.lora = self._lora_slots(spec is not None) if config.enable_lora else None
+        self.lora, lora_weights = self._lora_slots(spec is not None) if config.enable_lora else (None, None)
         with stage(f"preparing the weights for the {self.backend.name} backend"):
             self.runner = make_runner(
                 model_config,
@@ -162,8 +163,10 @@ class LLMEngine:
                 **({"num_state_slots": num_state_slots + checkpoints + rollbacks} if num_state_slots else {}),
                 **({"window_blocks": window_blocks} if window_blocks else {}),
                 **({"graph": build_decoder_graph(model_config, hidden_states=True)} if mtp else {}),
-                **({"lora": self.lora} if self.lora is not None else {}),
+                **({"lora": lora_weights} if lora_weights is not None else {}),
             )
+        if self.lora is not None:
+            self.lora.load = self.runner.load_lora
         head = self._mtp_head(model_config) if mtp else None
         # The plan holds what it needs (packed): drop the loader's copies, and give their memory back.
         self.model.weights, self.model.quantized = {}, {}
@@ -388,22 +391,21 @@ class LLMEngine:
             seq.lora_slot = -1
 
     # -- LoRA adapters ------------------------------------------------------------------------------------------
-    def _lora_slots(self, speculative: bool) -> LoraSlots:
-        """The adapters' slots over every weight of the model they may change (read before the loader's copies are
-        dropped)."""
-        if self.config.world_size > 1 or speculative:
-            raise FieldError("enable_lora", "enable_lora: LoRA adapters run on a single-process engine without "
-                                            "speculative decoding (yet)")  # fmt: skip
-        weights = self.model.weights
-        dense = weights.shapes() if hasattr(weights, "shapes") else {n: tuple(t.shape) for n, t in weights.items()}
-        shapes = {n: (int(s[0]), int(s[1])) for n, s in dense.items() if is_lora_target(n)}
-        shapes |= {n: (q.out_features, q.in_features) for n, q in self.model.quantized.items() if is_lora_target(n)}
+    def _lora_slots(self, speculative: bool) -> tuple[LoraSlots, LoraWeights]:
+        """The adapters' slots over every weight of the model they may change, and this process's weights of them
+        (read before the loader's copies are dropped)."""
+        if speculative:
+            raise FieldError("enable_lora", "enable_lora: LoRA adapters run on an engine without speculative "
+                                            "decoding (yet)")  # fmt: skip
+        shapes = adapted_shapes(self.model.weights, self.model.quantized)
         if not shapes:
             raise FieldError("enable_lora", f"enable_lora: {self.model.name} has no weight LoRA adapters change")
         kernel = self.backend.kernels().get("add_lora")
         if kernel is None:
             raise FieldError("enable_lora", f"enable_lora: the {self.backend.name} backend has no add_lora kernel")
-        return LoraSlots(shapes, self.config.max_loras, self.config.max_lora_rank, kernel, self.backend.device)
+        config = self.config
+        weights = LoraWeights(shapes, config.max_loras, config.max_lora_rank, kernel, self.backend.device)
+        return LoraSlots(shapes, config.max_loras, config.max_lora_rank), weights
 
     def _lora_adapter(self, request: LoRARequest | None) -> LoraAdapter | None:
         if request is None:

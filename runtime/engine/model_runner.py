@@ -19,7 +19,7 @@ from sagellm.backends.quantized import QuantizedWeight
 from sagellm.common.errors import Lost
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, window_group, write_tokens
 from sagellm.runtime.engine.kv_prefault import KVPrefault
-from sagellm.runtime.engine.lora_slots import LoraSlots
+from sagellm.runtime.engine.lora_weights import LoraWeights
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.state_cache import allocate_state_caches
@@ -29,6 +29,7 @@ from sagellm.runtime.execution_graph.passes import optimize
 from sagellm.runtime.execution_graph.plan import Plan
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
+from sagellm.runtime.models.lora_adapter import LoraAdapter
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.rope import rope_tables
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, shard_tensor_parallel
@@ -94,7 +95,7 @@ class ModelRunner:
         window_blocks: int = 0,
         graph: Graph | None = None,
         packed: dict[str, Any] | None = None,
-        lora: LoraSlots | None = None,
+        lora: LoraWeights | None = None,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
@@ -105,7 +106,7 @@ class ModelRunner:
         (window_blocks.py; 0: every layer's cache has `num_blocks`); `graph`: one of `config` other than its
         decoder's (build_mtp_graph's, or the decoder's with every row's hidden states), on one rank; `packed`:
         another runner's packed linears (`self.packed`) to bind as they are where this graph reads the same;
-        `lora`: the engine's LoRA adapters, whose updates the linears they change add (one rank's, one graph's)."""
+        `lora`: this rank's LoRA adapter weights, whose updates the linears they change add (one graph's)."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
@@ -331,6 +332,11 @@ class ModelRunner:
 
     def _prefaults(self) -> list[KVPrefault]:
         return [p for p in (self._prefault, self._window_prefault) if p is not None]
+
+    def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
+        """Puts a LoRA adapter in `slot` of the adapter weights (of every rank, for a parallel group)."""
+        assert self.lora is not None
+        self.lora.load(slot, adapter)
 
     def close(self) -> None:
         """Releases what the runner started: the cache's prefault thread (and, for a tensor parallel group, its

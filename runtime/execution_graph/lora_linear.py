@@ -1,7 +1,7 @@
 """A linear whose weights LoRA adapters change: the base matmul once for the whole step, then each row's adapter
 update of each adapted weight (its own columns of a fused q/k/v or gate/up output), through the backend's `add_lora`
-(runtime/engine/lora_slots.LoraSlots holds the adapters and the step's rows' slots). Fusing decoder layers reads
-its `parts` so the backend's one call adds the same updates (backends/base.py LoraPart)."""
+(runtime/engine/lora_weights.LoraWeights holds a rank's adapters and the step's rows' slots). Fusing decoder layers
+reads its `parts` so the backend's one call adds the same updates (backends/base.py LoraPart)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from sagellm.backends.base import LoraPart
 
 class LoraLinear:
     def __init__(self, linear: Callable[..., torch.Tensor], lora: Any, columns: list[tuple[str, int, int]]) -> None:
-        """`columns`: (weight name, begin, end) of each adapted weight's output columns; `lora`: the engine's
-        LoraSlots."""
+        """`columns`: (weight name, begin, end) of each adapted weight's output columns; `lora`: the rank's
+        LoraWeights."""
         self.linear, self.lora, self.columns = linear, lora, columns
 
     def __call__(self, x: torch.Tensor, *consts: Any) -> torch.Tensor:

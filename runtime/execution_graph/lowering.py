@@ -54,8 +54,8 @@ class LoweringContext:
     # Whole linear weights as the backend packed them, by name: filled as they are bound, and handed to the lowering
     # of another graph over the same weights (the MTP head shares the model's lm_head), which binds them as they are.
     packed: dict[str, tuple[Any, tuple]] = field(default_factory=dict)
-    # LoRA adapters (runtime/engine/lora_slots.LoraSlots): `shapes` names the weights they change, whose linears add
-    # each row's update (`add`) after the base matmul; None: no adapters.
+    # LoRA adapters (runtime/engine/lora_weights.LoraWeights): `whole` names the weights they change, whose linears
+    # bind their slice of the adapters (`bind`) and add each row's update (`add`) after the base matmul; None: none.
     lora: Any = None
 
 
@@ -116,13 +116,18 @@ def _with_lora(bound: tuple[Any, tuple], params: dict[str, Any], ctx: LoweringCo
     columns of a fused linear's output), when the step has rows with an adapter."""
     names = params["weight"] if isinstance(params["weight"], list) else [params["weight"]]
     lora = ctx.lora
-    if lora is None or not any(name in lora.shapes for name in names):
+    if lora is None or not any(name in lora.whole for name in names):
         return bound
+    shards = params.get("shard") or [None] * len(names)
+    shards = shards if isinstance(shards, list) else [shards]
     columns, start = [], 0
-    for name in names:
-        width = _out_features(ctx, name)
-        if name in lora.shapes:
+    for name, shard in zip(names, shards):
+        cut = (shard[0], _runs(shard)) if shard is not None else None
+        if name in lora.whole:
+            width = lora.bind(name, cut)[0]  # this rank's slice of its adapters' weights
             columns.append((name, start, start + width))
+        else:
+            width = _out_features(ctx, name) if cut is None or cut[0] else sum(b - a for a, b in cut[1])
         start += width
     return LoraLinear(bound[0], lora, columns), bound[1]
 
@@ -182,7 +187,7 @@ def _cut(tensor: torch.Tensor, shard: tuple[int, ...] | None) -> torch.Tensor:
     """A rank's slice `(dim, start, stop, ...)` of a weight (or a bias, whose only dimension is the output's)."""
     if shard is None:
         return tensor
-    return _take_runs(tensor, min(shard[0], tensor.dim() - 1), _runs(shard))
+    return take_runs(tensor, min(shard[0], tensor.dim() - 1), _runs(shard))
 
 
 def _runs(shard: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -190,7 +195,7 @@ def _runs(shard: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(zip(shard[1::2], shard[2::2]))
 
 
-def _take_runs(tensor: torch.Tensor, dim: int, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
+def take_runs(tensor: torch.Tensor, dim: int, runs: Sequence[tuple[int, int]]) -> torch.Tensor:
     """The ranges `runs` of `dim`, joined in order."""
     parts = [tensor.narrow(dim, start, stop - start) for start, stop in runs]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim)).contiguous()
@@ -268,8 +273,8 @@ def _bind_gated_delta_net(params, ctx, kernels):
     conv_weight = _weight(ctx, params["conv_weight"]).float()[:, 0, :]  # [C, 1, K] -> [C, K]
     a_log, dt_bias = (_weight(ctx, params[name]).float() for name in ("a_log", "dt_bias"))
     if "channels" in params:
-        conv_weight = _take_runs(conv_weight, 0, params["channels"])
-        a_log, dt_bias = (_take_runs(t, 0, params["value_heads"]) for t in (a_log, dt_bias))
+        conv_weight = take_runs(conv_weight, 0, params["channels"])
+        a_log, dt_bias = (take_runs(t, 0, params["value_heads"]) for t in (a_log, dt_bias))
     conv_weight, a_log, dt_bias = (t.contiguous().to(device) for t in (conv_weight, a_log, dt_bias))
     dims = (params["num_k_heads"], params["head_k_dim"], params["head_v_dim"], params.get("tiled_value_heads", False))
     return kernels["gated_delta_net"], (conv_states, ssm_states, conv_weight, a_log, dt_bias, *dims)

@@ -215,13 +215,14 @@ async def _serve(
 
 
 async def sleep_engines(executor: LocalExecutor, one_at_a_time: trio.Lock, level: int) -> None:
-    """Puts this process's engines that sleep to sleep at `level` (0: wakes them), off the event loop; a failure is
-    logged, and the heartbeats show where each engine got (its `sleep_level`)."""
+    """Brings this process's engines that sleep to sleep `level` (deeper: they sleep; shallower: they wake, 0 whole),
+    off the event loop; a failure is logged, and the heartbeats show where each engine got (its `sleep_level`)."""
     async with one_at_a_time:
         for node_id, op in executor.operators.items():
             if isinstance(op, StepOperator) and op.sleeps:
+                change = op.sleep if level > op.sleep_level else op.wake_up
                 try:
-                    await trio.to_thread.run_sync(partial(op.sleep, level) if level else op.wake_up)
+                    await trio.to_thread.run_sync(change, level)
                 except Exception:
                     log.exception("engine_sleep_failed", node=node_id, level=level)
 

@@ -36,14 +36,17 @@ from sagellm.common.ray_process import RayProcess, connect, import_ray
 from sagellm.runtime.comm import shared_collectives
 from sagellm.runtime.comm.collectives import CollectiveError, open_store
 from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.lora_weights import LoraWeights
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, StepInputs
 from sagellm.runtime.engine.placement import place
 from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.lora_adapter import LoraAdapter
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
 from sagellm.runtime.parallel.rank_spec import (
     ORDERS,
     CopyStates,
+    LoadLora,
     RankSpec,
     ReadKV,
     ReadStates,
@@ -80,7 +83,9 @@ class ParallelRunner(ModelRunner):
         linear_dtype: torch.dtype = torch.float32,
         mapped: Any = None,
         num_state_slots: int = 0,
+        lora: LoraWeights | None = None,
     ) -> None:
+        """`lora`: rank 0's LoRA adapter weights (every rank makes its own alike)."""
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
             raise InvalidInput("a parallel engine needs the model's path: every rank loads it")
@@ -110,6 +115,8 @@ class ParallelRunner(ModelRunner):
             stage_fds=segments.stage_fds,
             stage_capacity=segments.stage_capacity,
             num_state_slots=num_state_slots,
+            max_loras=lora.max_loras if lora is not None else 0,
+            max_lora_rank=lora.max_rank if lora is not None else 0,
         )
         self.layout = layout
         self._comms = RankComms.open(layout, store, backend.collective_library, spec)
@@ -144,6 +151,7 @@ class ParallelRunner(ModelRunner):
                 linear_dtype=linear_dtype,
                 mapped=mapped,
                 num_state_slots=num_state_slots,
+                lora=lora,
             )
             with stage(f"waiting for {layout.world_size - 1} more rank(s) of the engine to load the model"):
                 self._wait_ready(store)
@@ -190,6 +198,11 @@ class ParallelRunner(ModelRunner):
     def copy_states(self, source: int, slot: int) -> None:
         with self._leading(CopyStates(source, slot)):
             take_part(self, self.layout, self._comms, CopyStates(source, slot))
+
+    def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
+        order = LoadLora(slot, adapter.name, str(adapter.path))
+        with self._leading(order):
+            take_part(self, self.layout, self._comms, order, adapter=adapter)
 
     @contextlib.contextmanager
     def _leading(self, order: StepInputs | ORDERS) -> Iterator[None]:

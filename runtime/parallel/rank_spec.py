@@ -1,6 +1,6 @@
 """What rank 0 tells the other tensor parallel ranks: how to start (one JSON argument), then, beside each step's
-`StepInputs`, the KV hand-overs all ranks take part in, and for a model with recurrent layers the moves of their
-states (each stage holds its own layers')."""
+`StepInputs`, the KV hand-overs all ranks take part in, for a model with recurrent layers the moves of their
+states (each stage holds its own layers'), and the LoRA adapters put in the engine's slots."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class RankSpec(msgspec.Struct, kw_only=True):
     stage_fds: list[int] = msgspec.field(default_factory=list)
     stage_capacity: int = 0
     num_state_slots: int = 0  # a model with recurrent layers: every rank's state slots (its layers', its heads)
+    max_loras: int = 0  # LoRA adapter slots every rank holds its slice of (0: no adapters)
+    max_lora_rank: int = 0
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -70,7 +72,15 @@ class CopyStates(msgspec.Struct, array_like=True, tag="copy_states"):
     slot: int
 
 
-ORDERS = ReadKV | WriteKV | ReadStates | WriteStates | CopyStates  # what ranks take part in beside steps
+class LoadLora(msgspec.Struct, array_like=True, tag="load_lora"):
+    """Every rank puts a LoRA adapter in its slot: each reads the adapter's directory and keeps its slice of it."""
+
+    slot: int
+    name: str
+    path: str
+
+
+ORDERS = ReadKV | WriteKV | ReadStates | WriteStates | CopyStates | LoadLora  # what ranks take part in beside steps
 
 
 def ready_key(rank: int) -> str:

@@ -12,12 +12,18 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
 from sagellm.common.logging import configure_logging
 from sagellm.common.nursery_errors import named_failures
 from sagellm.common.openmp import prefer_short_spin
 from sagellm.common.parent_death import exit_with_parent
 from sagellm.runtime.parallel.rank_spec import RankSpec
+
+if TYPE_CHECKING:
+    from sagellm.backends.base import HardwareBackend
+    from sagellm.runtime.engine.lora_weights import LoraWeights
+    from sagellm.runtime.models.loaded import LoadedModel
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,6 +76,7 @@ def serve(spec: RankSpec) -> int:
             linear_dtype=getattr(torch, spec.dtype),
             mapped=model.mapped,
             num_state_slots=spec.num_state_slots,
+            lora=_lora_weights(spec, model, backend),
         )
         mapped = model.mapped
         del model
@@ -89,6 +96,16 @@ def serve(spec: RankSpec) -> int:
         log.warning("parallel_rank_orphaned", rank=spec.rank, error=str(error))
         return 1
     return 0
+
+
+def _lora_weights(spec: RankSpec, model: LoadedModel, backend: HardwareBackend) -> LoraWeights | None:
+    """This rank's LoRA adapter weights, made as rank 0's are (None: the engine serves no adapters)."""
+    if not spec.max_loras:
+        return None
+    from sagellm.runtime.engine.lora_weights import LoraWeights, adapted_shapes
+
+    shapes = adapted_shapes(model.weights, model.quantized)
+    return LoraWeights(shapes, spec.max_loras, spec.max_lora_rank, backend.kernels()["add_lora"], backend.device)
 
 
 if __name__ == "__main__":

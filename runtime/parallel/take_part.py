@@ -11,7 +11,8 @@ work is `ModelRunner`'s, called as such: rank 0's runner overrides those methods
     write KV  rank 0 broadcasts it whole; every rank stores its layers' heads of it.
     states    a model with recurrent layers: each rank reads, writes or copies its own layers' states, of its
               heads; what leaves is joined whole in each stage (all-gather) and goes to rank 0 stage by stage, what
-              comes is broadcast whole and each rank takes its share (state_shares.py)."""
+              comes is broadcast whole and each rank takes its share (state_shares.py).
+    LoRA      every rank reads the adapter's directory (rank 0 has it read) and keeps its slice in the slot."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ import torch
 from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs, cache_config
 from sagellm.runtime.engine.state_cache import values_per_state_slot
 from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.lora_adapter import LoraAdapter, read_lora_adapter
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config
 from sagellm.runtime.parallel.kv_shares import join_kv_shares, kv_share, share_widths
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
-from sagellm.runtime.parallel.rank_spec import CopyStates, ReadKV, ReadStates, WriteKV, WriteStates
+from sagellm.runtime.parallel.rank_spec import CopyStates, LoadLora, ReadKV, ReadStates, WriteKV, WriteStates
 from sagellm.runtime.parallel.state_shares import join_state_shares, state_share
 
 CARRIED = ("hidden", "residual")  # what a layer boundary carries, in the order it is sent
@@ -36,12 +38,19 @@ def take_part(
     runner: ModelRunner,
     layout: RankLayout,
     comms: RankComms,
-    order: StepInputs | ReadKV | WriteKV | ReadStates | WriteStates | CopyStates,
+    order: StepInputs | ReadKV | WriteKV | ReadStates | WriteStates | CopyStates | LoadLora,
     slots: torch.Tensor | None = None,
     kv: torch.Tensor | None = None,
+    adapter: LoraAdapter | None = None,
 ) -> Any:
     if isinstance(order, StepInputs):
         return _step(runner, layout, comms, order)
+    if isinstance(order, LoadLora):
+        assert runner.lora is not None
+        if adapter is None:
+            adapter = read_lora_adapter(order.path, order.name, max_rank=runner.lora.max_rank)
+        ModelRunner.load_lora(runner, order.slot, adapter)
+        return None
     if isinstance(order, (ReadStates, WriteStates, CopyStates)):
         return _states(runner, layout, comms, order, kv)
     slots = torch.tensor(order.slots, dtype=torch.int64) if slots is None else slots

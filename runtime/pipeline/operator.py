@@ -265,6 +265,7 @@ class StepOperator(Operator):
     kind = "step"
     inline: ClassVar[bool] = False  # True: step() is cheap (no model), run it on the event loop, not in a thread
     sleeps: ClassVar[bool] = False  # True: it gives its memory back while idle (`sleep`, `wake_up`)
+    sleep_level = 0  # how deep it sleeps: 0 awake, 1 its KV cache freed, 2 its weights too
 
     def add(self, item: Any) -> list[Any]:
         """Takes an item in; returns items to send on at once (errors, pass-through of items it does not handle)."""
@@ -293,8 +294,9 @@ class StepOperator(Operator):
         for an operator that `sleeps`; blocking, so its host calls it off the event loop."""
         raise NotImplementedError
 
-    def wake_up(self) -> None:
-        """Serves again after `sleep`; blocking, as `sleep`."""
+    def wake_up(self, level: int = 0) -> None:
+        """Serves again after `sleep` (`level` 0), or holds its weights alone (1, from level 2); blocking, as
+        `sleep`."""
         raise NotImplementedError
 
 

@@ -1,9 +1,9 @@
 """LoRA adapters in the engine, against PEFT's own model as the oracle: two adapters made with `peft` on a tiny random
 Llama (all seven projections at rank 4; q and v at rank 8 with rsLoRA) and the base, their prompts mixed in one
-batch, give PEFT's greedy tokens each; with one slot for two adapters the requests take turns and still do; a prompt
-cached under one adapter is not reused under another or the base; what the engine cannot serve is refused by name.
-On a GGUF base the decode steps run every layer in one native call, which adds the adapters' updates as the ops one
-by one do, bit for bit."""
+batch, give PEFT's greedy tokens each, on one process and on two ranks (tensor or pipeline parallel); with one slot
+for two adapters the requests take turns and still do; a prompt cached under one adapter is not reused under another
+or the base; what the engine cannot serve is refused by name. On a GGUF base the decode steps run every layer in one
+native call, which adds the adapters' updates as the ops one by one do, bit for bit."""
 
 from __future__ import annotations
 
@@ -79,6 +79,36 @@ def test_adapters_and_the_base_mixed_in_one_batch_give_peft_s_greedy_tokens(mode
     got = _tokens(llm.generate(prompts, params, lora_request=[requests[n] for n in names]))
     assert got == [expected[name][i] for i, name in enumerate(names)]
     assert expected["first"] != expected[None] != expected["second"]  # the adapters change what is generated
+
+
+@pytest.mark.parametrize(
+    ("parallel", "max_loras"),
+    [
+        ({"tensor_parallel_size": 2, "pipeline_parallel_size": 1}, 1),
+        ({"tensor_parallel_size": 1, "pipeline_parallel_size": 2}, 2),
+    ],  # fmt: skip
+    ids=["tp2", "pp2"],
+)
+def test_a_parallel_engine_s_ranks_add_their_slices_of_the_adapters_and_give_peft_s_greedy_tokens(
+    models, parallel, max_loras
+):
+    """Two ranks in two processes: each holds its slice of every adapter (tensor parallel: B's rows of the
+    column-parallel weights, A's columns of the row-parallel ones, whose partial updates the all-reduce sums), or its
+    stage's layers' (pipeline parallel); with one slot the adapters take turns, loaded on both ranks each time."""
+    base, first, second = models
+    prompts = random_prompts(256, [5, 9, 13, 7], seed=4)
+    adapters = {None: None, "first": first, "second": second}
+    names = ["first", "second", None, "first"]
+    expected = {name: _peft_greedy(base, path, prompts) for name, path in adapters.items()}
+    llm = LLM(str(base), enable_lora=True, max_loras=max_loras, max_lora_rank=8, kv_cache_memory_gb=0.05, **parallel)
+    requests = {None: None, "first": LoRARequest("first", 1, str(first)), "second": LoRARequest("second", 2,
+                str(second))}  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+    try:
+        got = _tokens(llm.generate(prompts, params, lora_request=[requests[n] for n in names]))
+    finally:
+        llm.engine.close()
+    assert got == [expected[name][i] for i, name in enumerate(names)]
 
 
 def test_a_prompt_cached_under_one_adapter_is_not_reused_under_another_or_the_base(models):

@@ -2,8 +2,9 @@
 at start: level 1 gives the cache's memory back and level 2 the weights too (this process's RSS measured: the
 engine runs in it), a request while asleep wakes the engine and gets the same greedy reply as before (after level 1
 too, whose prefix cache is forgotten with the cache: the same prompt again reads no zeroed blocks), a sleep waits
-for the stream in flight, and what is not served is refused by name. Served through the PD graph, the prefill and
-decode workers sleep and wake alike (their processes' RSS measured)."""
+for the stream in flight, a wake-up by tags loads the weights before the cache, and what is not served is refused
+by name. Served through the PD graph, the prefill and decode workers sleep and wake alike (their processes' RSS
+measured), by tags too."""
 
 from __future__ import annotations
 
@@ -73,6 +74,20 @@ def test_level_2_frees_the_weights_too_and_wake_up_loads_them_again(gateway, adm
     assert _greedy(gateway.url) == before
 
 
+def test_wake_up_with_tags_loads_the_weights_first_and_the_kv_cache_after(gateway, admin):
+    before = _greedy(gateway.url)
+    assert admin.post("/sleep", params={"level": 2}).json() == {"is_sleeping": True, "level": 2}
+    asleep = _settled_rss()
+    early = admin.post("/wake_up", params={"tags": "kv_cache"})  # no cache without its weights
+    assert early.status_code == 400 and "tags=weights" in early.json()["error"]["message"]
+    weights = admin.post("/wake_up", params={"tags": "weights"})
+    assert weights.json() == {"is_sleeping": True, "level": 1}  # vLLM's: still asleep, its cache freed
+    loaded = _settled_rss()
+    assert 50 * 2**20 < loaded - asleep < KV_GB * 2**30, (asleep, loaded)  # the weights back, not the cache
+    assert admin.post("/wake_up", params={"tags": "kv_cache"}).json() == {"is_sleeping": False, "level": 0}
+    assert _greedy(gateway.url) == before
+
+
 def test_a_sleep_waits_for_the_stream_in_flight_which_runs_to_its_last_token(gateway, admin):
     body = {"prompt": PROMPT, "max_tokens": 96, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
@@ -97,8 +112,8 @@ def test_what_sleep_mode_does_not_serve_is_refused_by_name(gateway, admin):
     assert httpx.post(gateway.url + "/sleep").status_code == 401  # admin only
     bad = admin.post("/sleep", params={"level": 3})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "level"
-    tags = admin.post("/wake_up", params={"tags": "weights"})
-    assert tags.status_code == 400 and "tags" in tags.json()["error"]["message"]
+    tags = admin.post("/wake_up", params={"tags": "weights,optimizer"})
+    assert tags.status_code == 400 and "optimizer is not weights or kv_cache" in tags.json()["error"]["message"]
 
 
 def test_the_prefill_and_decode_workers_of_a_pd_graph_sleep_and_wake_with_the_same_reply(smollm2_dir, tmp_path):
@@ -117,5 +132,7 @@ def test_the_prefill_and_decode_workers_of_a_pd_graph_sleep_and_wake_with_the_sa
             assert _greedy(gw.url) == before  # woken by the request
             assert admin.get("/is_sleeping").json() == {"is_sleeping": False, "level": 0}
             assert admin.post("/sleep", params={"level": 2}).json() == {"is_sleeping": True, "level": 2}
+            weights = admin.post("/wake_up", params={"tags": "weights"})
+            assert weights.json() == {"is_sleeping": True, "level": 1}
             assert admin.post("/wake_up").json() == {"is_sleeping": False, "level": 0}
             assert _greedy(gw.url) == before

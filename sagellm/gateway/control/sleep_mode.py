@@ -3,7 +3,8 @@ processes: a PD graph's prefill and decode workers, told over their control chan
 
     POST /sleep?level=1|2   level 1 frees their KV caches (weights kept: it wakes at once), level 2 their weights
                             too (it wakes by loading them again)
-    POST /wake_up           they serve again
+    POST /wake_up           they serve again (`?tags=weights`: their weights alone are loaded, the KV caches
+                            stay freed; `?tags=kv_cache` then: they serve)
     GET  /is_sleeping       {"is_sleeping": true|false, "level": 0|1|2}
 
 A sleep first lets the requests in flight finish (new ones wait meanwhile, up to `drain_timeout_s`; then the sleep is
@@ -26,6 +27,7 @@ from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
 
 log = structlog.get_logger("sagellm.gateway")
+WEIGHTS, KV_CACHE = "weights", "kv_cache"  # what vLLM's `/wake_up?tags=` names
 
 
 class SleepMode:
@@ -63,20 +65,25 @@ class SleepMode:
                 self.level = max(self._levels(local, workers))
         log.info("gateway_asleep", level=self.level, engines=[*(e.ctx.node_id for e in local), *workers])
 
-    async def wake_up(self) -> None:
+    async def wake_up(self, level: int = 0) -> None:
+        """Wakes the engines whole (`level` 0), or loads their weights alone (1: vLLM's `tags=weights`, after a
+        level-2 sleep; their KV caches stay freed and the server still sleeps)."""
         async with self._changing:
-            if not self.level:
+            if self.level <= level:
                 return
             began = time.monotonic()
             local, workers = self._engines()
-            if workers:  # they load while the engines here do
-                self.core.executor.sleep_workers(0)
-            for engine in local:
-                await trio.to_thread.run_sync(engine.wake_up)
-            if workers:
-                await self._until(workers, lambda reached: reached == 0, "wake up")
-            self.level = 0
-        log.info("gateway_awake", wake_s=round(time.monotonic() - began, 2))
+            try:
+                if workers:  # they load while the engines here do
+                    self.core.executor.sleep_workers(level)
+                for engine in local:
+                    await trio.to_thread.run_sync(engine.wake_up, level)
+                if workers:
+                    await self._until(workers, lambda reached: reached <= level, "wake up")
+            finally:
+                self.level = max(self._levels(local, workers))
+        log.info("gateway_awake" if not self.level else "gateway_weights_loaded", level=self.level,
+                 wake_s=round(time.monotonic() - began, 2))  # fmt: skip
 
     @property
     def serving(self) -> bool:
@@ -140,11 +147,23 @@ class SleepMode:
         return Response({"is_sleeping": True, "level": self.level})
 
     async def _wake_route(self, http: HttpRequest) -> Response:
-        tags = http.query.get("tags")
-        if tags is not None:
-            raise ApiError.unsupported("tags", "an engine wakes whole (its weights and KV cache together)")
-        await self.wake_up()
-        return Response({"is_sleeping": False, "level": 0})
+        await self.wake_up(self._wake_level(http.query.get("tags")))
+        return Response({"is_sleeping": bool(self.level), "level": self.level})
+
+    def _wake_level(self, tags: str | None) -> int:
+        """The level vLLM's `tags` (`weights`, `kv_cache`, comma-separated; none: both) wake the engines to: 1 for the
+        weights alone, 0 for the KV cache too. A 400 for another tag, or for the KV cache of engines whose weights
+        are not loaded."""
+        wanted = set(tags.split(",")) if tags else {WEIGHTS, KV_CACHE}
+        unknown = sorted(wanted - {WEIGHTS, KV_CACHE})
+        if unknown:
+            raise ApiError(400, f"tags: {', '.join(unknown)} is not weights or kv_cache", param="tags")
+        if KV_CACHE not in wanted:
+            return 1
+        if WEIGHTS not in wanted and self.level == 2:
+            raise ApiError(400, "tags: the engines' weights are not loaded; wake them first (tags=weights)",
+                           param="tags")  # fmt: skip
+        return 0
 
     async def _is_sleeping_route(self, _: HttpRequest) -> Response:
         return Response({"is_sleeping": bool(self.level), "level": self.level})
