@@ -60,6 +60,7 @@ class Autoscaler:
         self.model, self.template, self.hold = model, template, hold
         self.replicas: list[str] = []  # the engine ids it started, oldest first
         self.decisions: Counter[str] = Counter()  # "up" / "down" -> how many
+        self._running, self._closing, self._ended = False, trio.Event(), trio.Event()
         self._slo_seen = (0, 0)  # (checked, violations) at the last reading
 
     @property
@@ -67,17 +68,29 @@ class Autoscaler:
         return self.policy.settings
 
     async def run(self) -> None:
-        """Reads and decides every `interval_s` until cancelled (the gateway stops its replicas with the manager).
-        Raises ValueError for a graph it cannot copy an engine of."""
-        if self.template is None:
-            self.template = replica_spec(self.core, on_ray=self.engines.ray is not None)
-        log.info("autoscaler_started", model=self.name, settings=vars(self.settings), replica=self.template.engine)
-        async with trio.open_nursery() as nursery:
-            while True:
-                decision = self.policy.decide(self.signals(), trio.current_time())
-                if decision.delta and not self.hold():
-                    await self._apply(decision, nursery)
-                await trio.sleep(self.settings.interval_s)
+        """Reads and decides every `interval_s` until cancelled (the gateway stops its replicas with the manager) or
+        closed. Raises ValueError for a graph it cannot copy an engine of."""
+        self._running = True
+        try:
+            if self.template is None:
+                self.template = replica_spec(self.core, on_ray=self.engines.ray is not None)
+            log.info("autoscaler_started", model=self.name, settings=vars(self.settings),
+                     replica=self.template.engine)  # fmt: skip
+            async with trio.open_nursery() as nursery:  # (closed, it waits for the drains under way)
+                while not self._closing.is_set():
+                    decision = self.policy.decide(self.signals(), trio.current_time())
+                    if decision.delta and not self.hold():
+                        await self._apply(decision, nursery)
+                    with trio.move_on_after(self.settings.interval_s):
+                        await self._closing.wait()
+        finally:
+            self._ended.set()
+
+    async def close(self) -> None:
+        """Makes no more decisions, and returns once the drains under way have finished (`run` returns)."""
+        self._closing.set()
+        if self._running:
+            await self._ended.wait()
 
     @property
     def name(self) -> str:
@@ -85,7 +98,7 @@ class Autoscaler:
         return self.model if self.model is not None else self.core.model_name
 
     async def stop_replicas(self) -> None:
-        """Stops every replica it added, each drained first (its model is being unloaded)."""
+        """Stops every replica it added, each drained first (its model is being unloaded; it is closed)."""
         for engine_id in list(self.replicas):
             await self._drain(engine_id)
 

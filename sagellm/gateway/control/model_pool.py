@@ -71,7 +71,6 @@ class PooledModel:
     failure: ApiError | None = None  # how attempt `attempt` ended, when it did not load
     making_room: str | None = None  # the model its load waits for to finish its requests and leave
     scaler: Autoscaler | None = None  # its replicas' autoscaler, while it is loaded
-    scaling: trio.CancelScope | None = None  # the scope its autoscaler runs in
     changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -223,31 +222,27 @@ class ModelPool:
             took = round(time.monotonic() - began, 2)
             log.info("model_loaded", model=model.name, engine=model.engine_id, load_s=took)
             if self.autoscale is not None:
-                model.scaling = trio.CancelScope()
-                self._spawn(self._scale, model, model.scaling)
+                replica = msgspec.structs.replace(model.spec, label="autoscaled")
+                model.scaler = Autoscaler(self.core, self.engines, self.autoscale, model=model.name,
+                                          template=replica, hold=lambda: model.draining)  # fmt: skip
+                self._spawn(self._scale, model.scaler)
         finally:
             model.notify()
 
-    async def _scale(self, model: PooledModel, scope: trio.CancelScope) -> None:
-        """Runs the model's autoscaler until the scope is cancelled (the model leaves)."""
-        assert self.autoscale is not None
-        replica = msgspec.structs.replace(model.spec, label="autoscaled")
-        scaler = model.scaler = Autoscaler(self.core, self.engines, self.autoscale, model=model.name,
-                                           template=replica, hold=lambda: model.draining)  # fmt: skip
+    async def _scale(self, scaler: Autoscaler) -> None:
+        """Runs a model's autoscaler until it is closed (the model leaves; `_stop_scaling`)."""
         self.scalers.running.append(scaler)
         try:
-            with scope:
-                await scaler.run()
+            await scaler.run()
         finally:
             self.scalers.running.remove(scaler)
 
     async def _stop_scaling(self, model: PooledModel) -> None:
-        """Ends the model's autoscaler and stops the replicas it added (drained: what they run finishes)."""
+        """Closes the model's autoscaler (the drains under way finish) and stops the replicas it added (drained:
+        what they run finishes)."""
         scaler, model.scaler = model.scaler, None
-        if model.scaling is not None:
-            model.scaling.cancel()
-            model.scaling = None
         if scaler is not None:
+            await scaler.close()
             await scaler.stop_replicas()
 
     async def _make_room(self, model: PooledModel) -> None:
