@@ -53,7 +53,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="[NAME=]MODEL",
         help="the LLM (path, .gguf, alias or org/name; default: the graph's model); NAME=MODEL, repeatable: models "
-        "loaded on demand, each served as NAME, beside the one given without a name (the graph's)",
+        "loaded on demand, each served as NAME (MODEL may be a preset of one engine), beside the one given without a "
+        "name (the graph's)",
     )
     p.add_argument(
         "--lora-modules",
@@ -174,7 +175,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "token's)",
     )
     join = p.add_argument_group("joining another gateway as one of its instances (sagellm.gateway.control.join)")
-    join.add_argument("--join", metavar="URL", help="the head gateway to join; leaves it (drained) on SIGINT/SIGTERM")
+    join.add_argument(
+        "--join",
+        metavar="URL",
+        help="the head gateway to join, as the server of each model served here; leaves it (drained) on SIGINT/SIGTERM",
+    )
     join.add_argument("--join-key", help="the head's admin key (env SAGELLM_JOIN_KEY)")
     join.add_argument(
         "--advertise-url", help="where the head reaches this server (default: http://HOST:PORT it listens on)"
@@ -280,9 +285,8 @@ def _checked_on_demand(args: argparse.Namespace, on_demand: Any, embedding: str 
     from sagellm.common.autoscale import instance_bounds
     from sagellm.runtime.models.model_cache import resolve_model
 
-    clashes = [flag for flag, value in (("--no-llm", args.no_llm), ("--join", args.join)) if value]
-    if clashes:
-        raise InvalidInput(f"--model NAME=MODEL: {', '.join(clashes)} not served with models on demand yet")
+    if args.no_llm:
+        raise InvalidInput("--model NAME=MODEL: --no-llm serves embeddings alone, no model on demand")
     models = {name: _preset_engine(name, source) or source for name, source in on_demand.models.items()}
     try:
         scaling = instance_bounds(args.autoscale) if args.autoscale else None

@@ -37,7 +37,7 @@ from sagellm.gateway.control.admin_routes import AdminRoutes
 from sagellm.gateway.control.autoscaler import Autoscaler, Autoscalers
 from sagellm.gateway.control.engine_spec import EngineSpec
 from sagellm.gateway.control.engines import EngineManager
-from sagellm.gateway.control.join import Membership
+from sagellm.gateway.control.join import Memberships
 from sagellm.gateway.control.management_routes import ManagementRoutes
 from sagellm.gateway.control.model_pool import ModelPool
 from sagellm.gateway.control.model_routes import ModelRoutes
@@ -160,7 +160,7 @@ async def serve(
     core.sleep_mode = SleepMode(core, wake_timeout_s=config.failover.retry_wait_s)
     app = build_app(core, config, admin, engines, scalers, models)
     stop = trio.Event()
-    membership = Membership(config.join) if config.join is not None else None
+    membership = Memberships(config.join) if config.join is not None else None
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
         async with trio.open_nursery() as nursery:
             await nursery.start(core.run)
@@ -185,7 +185,9 @@ async def serve(
                     url = await http.start(own_http)
                 log.info("gateway_ready", url=url, models=core.models(), memory=process_memory(core))
                 if membership is not None:
-                    nursery.start_soon(_keep_membership, membership, url, member)
+                    own = [membership.settings.model] if core.registry.own_names() else []
+                    joined = [*own, *(models.names() if models is not None else ())]
+                    nursery.start_soon(_keep_membership, membership, url, joined, member)
                 task_status.started(Gateway(url, core, admin, stop, engines, hub, autoscaler, models))
             signals.cancel()  # the server returned: stop was set and the requests it held have finished
             scaling_scope.cancel()  # no replica is added or drained while the gateway stops
@@ -349,12 +351,12 @@ async def _keep_scaling(autoscaler: Autoscaler, scope: trio.CancelScope) -> None
         await autoscaler.run()
 
 
-async def _keep_membership(membership: Membership, listening: str, scope: trio.CancelScope) -> None:
+async def _keep_membership(membership: Memberships, listening: str, models: list[str], scope: trio.CancelScope) -> None:
     with scope:
-        await membership.run(listening)
+        await membership.run(listening, models)
 
 
-async def stop_on_signal(stop: trio.Event, scope: trio.CancelScope, membership: Membership | None = None) -> None:
+async def stop_on_signal(stop: trio.Event, scope: trio.CancelScope, membership: Memberships | None = None) -> None:
     """Stops the gateway at SIGINT/SIGTERM; one that joined another gateway leaves it first (a second signal does
     not wait for that)."""
     with scope, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -72,7 +72,6 @@ def test_flags_that_mean_no_set_of_named_models_are_refused(argv, words):
     [
         (("-m", "a=/m/x.gguf", "--no-llm"), "--no-llm"),
         (("smollm2-135m-instruct", "-m", "a=/m/x.gguf", "--no-llm"), "--no-llm"),  # beside a graph's model too
-        (("smollm2-135m-instruct", "-m", "a=/m/x.gguf", "--join", "http://head:8000"), "--join"),
         (("-m", "a=/m/x.gguf", "--served-model-name", "b"), "--served-model-name"),  # no graph's model to name
         (("-m", "a=smollm2-embed"), "one generation engine"),  # a preset of an embedding engine
     ],

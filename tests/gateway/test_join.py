@@ -1,7 +1,8 @@
 """A server joining a running gateway as one more instance of its model (`sagellm serve --join`), a real
 `sagellm serve` subprocess beside a gateway on the same tiny weights: it registers itself, route sends it a share of
 the head's own model's requests with the same greedy text, its streams carry token ids (what an exact resume needs),
-and SIGTERM makes it leave (drained) before it stops. The membership itself, against a real gateway: an admin's
+and SIGTERM makes it leave (drained) before it stops; a server of models on demand joins as the server of each, and
+loads one when the head sends it a request of it. The membership itself, against a real gateway: an admin's
 removal is final, a restarted head (another boot id) is joined again."""
 
 from __future__ import annotations
@@ -85,6 +86,41 @@ def test_a_joined_server_shares_the_heads_model_with_token_ids_and_leaves_draine
 
 def _complete(url: str, body: dict) -> dict:
     return httpx.post(url + "/v1/completions", json=body, timeout=REPLY_TIMEOUT_S).json()
+
+
+@pytest.mark.slow
+def test_a_server_of_models_on_demand_joins_as_each_and_loads_one_when_the_head_asks_for_it(tiny_model, tmp_path):
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path / "head"), tiny_model) as head:
+        admin = httpx.Client(base_url=head.url, headers={"authorization": f"Bearer {head.gateway.admin_key}"})
+        reference = httpx.post(head.url + "/v1/completions", json=BODY, timeout=REPLY_TIMEOUT_S).json()
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "sagellm.cli.main", "serve", "--model", f"tiny={tiny_model}", "--model",
+                   f"again={tiny_model}", "--max-loaded-models", "1", "--max-num-seqs", "2", "--kv-cache-memory-gb",
+                   "0.05", "--port", str(port), "--no-embedding", "--state-dir", str(tmp_path / "joiner"), "--join",
+                   head.url, "--join-key", head.gateway.admin_key]  # fmt: skip
+        log = (tmp_path / "joiner.log").open("wb")
+        joiner = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        try:
+            assert joined_engine(admin, url, joiner) is not None, (tmp_path / "joiner.log").read_text()[-3000:]
+            deadline = time.monotonic() + 60
+            while len([e for e in admin.get(ENGINES).json()["data"] if e.get("url") == url]) < 2:
+                assert time.monotonic() < deadline, admin.get(ENGINES).json()
+                time.sleep(0.2)
+            models = [m["id"] for m in httpx.get(head.url + "/v1/models").json()["data"]]
+            assert models == [str(tiny_model), "tiny", "again"]  # the head's own, and the joined server's two
+            for name in ("tiny", "again"):  # each loaded on the joined server by the head's request
+                reply = httpx.post(head.url + "/v1/completions", json={**BODY, "model": name}, timeout=REPLY_TIMEOUT_S)
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["choices"][0]["text"] == reference["choices"][0]["text"]
+            joiner.send_signal(signal.SIGTERM)
+            assert joiner.wait(60) == 0
+            assert all(e.get("url") != url for e in admin.get(ENGINES).json()["data"])  # both left before it stopped
+        finally:
+            if joiner.poll() is None:
+                joiner.kill()
+                joiner.wait(10)
+            log.close()
 
 
 def test_an_admins_removal_is_final_and_a_restarted_head_is_joined_again(gateway, admin):

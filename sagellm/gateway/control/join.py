@@ -10,10 +10,14 @@ the server stops asking and serves on by itself.
 Leaving is a drain: on SIGINT/SIGTERM the server first asks the head to stop it (the head sends nothing new and waits
 for what it sent), then stops serving. A server that dies without leaving is the head's health checks' to find.
 
-The head's admin key is what lets a server join (`--join-key`, or SAGELLM_JOIN_KEY); it is sent only to the head."""
+The head's admin key is what lets a server join (`--join-key`, or SAGELLM_JOIN_KEY); it is sent only to the head.
+
+A server with models on demand joins once for each model it serves (`Memberships`): the graph's own, if it has one,
+and each model on demand, loaded or not; a request the head sends for one that is unloaded loads it here."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import httpx
@@ -123,3 +127,28 @@ class Membership:
         except httpx.HTTPError:
             return True
         return reply.status_code != 404
+
+
+class Memberships:
+    """This server's registrations at the head, one for each model it serves, joined and left together."""
+
+    def __init__(self, settings: JoinSettings) -> None:
+        self.settings = settings
+        self.each: list[Membership] = []
+
+    async def run(
+        self, listening: str, models: list[str], *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Joins as the server of each of `models` (the settings' model for the graph's own), hands over once all
+        are joined, then keeps them until cancelled or left (`Membership.run`)."""
+        self.each = [Membership(dataclasses.replace(self.settings, model=model)) for model in models]
+        async with trio.open_nursery() as nursery:
+            for membership in self.each:
+                await nursery.start(membership.run, listening)
+            task_status.started()
+
+    async def leave(self) -> None:
+        """Leaves the head for every model at once (each drained there)."""
+        async with trio.open_nursery() as nursery:
+            for membership in self.each:
+                nursery.start_soon(membership.leave)
