@@ -61,7 +61,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="NAME=PATH",
         help="LoRA adapters (PEFT directories) of the graph's model, each served as a model named NAME, as vLLM's "
-        "flag (with --enable-lora; more at run time: POST /v1/load_lora_adapter)",
+        "flag (with --enable-lora; more at run time: POST /v1/load_lora_adapter); vLLM's JSON form "
+        '\'{"name": NAME, "path": PATH, "base_model_name": MODEL}\' names the model on demand it adapts',
     )
     p.add_argument(
         "--max-loaded-models",
@@ -374,9 +375,11 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         token_timeout_s=args.token_timeout,
         queue_timeout_s=args.queue_timeout,
     )
+    lora_modules, lora_bases = _lora_modules(args.lora_modules)
     return GatewayConfig.from_env(
         failover=failover,
-        lora_modules=_lora_modules(args.lora_modules),
+        lora_modules=lora_modules,
+        lora_bases=lora_bases,
         join=_join_settings(args, model) if args.join else None,
         host=args.host,
         port=args.port,
@@ -397,17 +400,38 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
     )
 
 
-def _lora_modules(given: list[str] | None) -> dict[str, str] | None:
-    """`--lora-modules NAME=PATH ...` by name."""
-    if not given:
-        return None
-    pairs = [item.split("=", 1) for item in given]
-    if any(len(pair) != 2 or not all(pair) for pair in pairs):
-        raise InvalidInput(f"--lora-modules: give each adapter as NAME=PATH, got {' '.join(given)}")
-    modules = dict(pairs)
-    if len(modules) < len(pairs):
-        raise InvalidInput("--lora-modules: each NAME once")
-    return modules
+def _lora_modules(given: list[str] | None) -> tuple[dict[str, str], dict[str, str]]:
+    """`--lora-modules NAME=PATH ...` (or vLLM's JSON form of one, with its `base_model_name`) -> each adapter's path,
+    and the base model of those that name one, by the adapter's name."""
+    modules: dict[str, str] = {}
+    bases: dict[str, str] = {}
+    for item in given or ():
+        name, path, base = _lora_module(item)
+        if name in modules:
+            raise InvalidInput("--lora-modules: each NAME once")
+        modules[name] = path
+        if base is not None:
+            bases[name] = base
+    return modules, bases
+
+
+def _lora_module(item: str) -> tuple[str, str, str | None]:
+    if item.lstrip().startswith("{"):
+        import json
+
+        try:
+            fields = json.loads(item)
+        except ValueError as error:
+            raise InvalidInput(f"--lora-modules: {item}: not valid JSON ({error})") from None
+        unknown = sorted(set(fields) - {"name", "path", "base_model_name"}) if isinstance(fields, dict) else []
+        if not isinstance(fields, dict) or unknown or not fields.get("name") or not fields.get("path"):
+            raise InvalidInput(f"--lora-modules: {item}: give {{\"name\", \"path\"}} and optionally \"base_model_name\""
+                               + (f" (not {', '.join(unknown)})" if unknown else ""))  # fmt: skip
+        return str(fields["name"]), str(fields["path"]), fields.get("base_model_name")
+    name, equals, path = item.partition("=")
+    if not equals or not name or not path:
+        raise InvalidInput(f"--lora-modules: give each adapter as NAME=PATH, got {item}")
+    return name, path, None
 
 
 def _join_settings(args: argparse.Namespace, model: str) -> Any:

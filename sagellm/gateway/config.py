@@ -118,7 +118,9 @@ class GatewayConfig:
     # caller is a process on this machine; browsers' cross-site requests stay refused by the Host/Origin check).
     admin_auth: str = "key"
     models_on_demand: ModelsOnDemand | None = None  # models loaded when requests name them, besides the graph's
-    lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters of the graph's model: name -> path
+    lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> path
+    # the model on demand an adapter of `lora_modules` adapts, by its name (an adapter not here: the graph's model's)
+    lora_bases: dict[str, str] = field(default_factory=dict)
 
     def host_names(self) -> frozenset[str] | None:
         if self.allowed_hosts is not None:

@@ -164,7 +164,7 @@ async def serve(
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
         async with trio.open_nursery() as nursery:
             await nursery.start(core.run)
-            _serve_lora_modules(core, config.lora_modules)
+            _serve_lora_modules(core, config.lora_modules, config.lora_bases)
             await nursery.start(engines.run)
             signals, member, scaling_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
             loading_scope = trio.CancelScope()
@@ -236,11 +236,12 @@ def pooled_spec(name: str, source: str | dict[str, Any], engine: dict[str, Any])
     return spec
 
 
-def _serve_lora_modules(core: ServingCore, modules: dict[str, str]) -> None:
-    """`--lora-modules`: each adapter checked and served (one the engines cannot serve stops the start, saying why)."""
+def _serve_lora_modules(core: ServingCore, modules: dict[str, str], bases: dict[str, str]) -> None:
+    """`--lora-modules`: each adapter checked and served, of the model `bases` names for it, else of the graph's (one
+    the engines cannot serve stops the start, saying why)."""
     for name, path in modules.items():
         try:
-            core.add_lora(name, path)
+            core.add_lora(name, path, bases.get(name))
         except ApiError as error:
             raise InvalidInput(f"--lora-modules {name}={path}: {error}") from None
 

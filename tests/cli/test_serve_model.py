@@ -234,12 +234,16 @@ def api_servers_of(parent: int) -> list[int]:
     return found
 
 
-def test_lora_modules_are_name_path_pairs_each_name_once():
+def test_lora_modules_are_name_path_pairs_or_vllm_s_json_naming_their_base_each_name_once():
     from sagellm.cli.serve_cmd import _lora_modules
 
-    assert _lora_modules(["sql=/a/sql", "chat=/a/chat"]) == {"sql": "/a/sql", "chat": "/a/chat"}
-    assert _lora_modules(None) is None
+    assert _lora_modules(["sql=/a/sql", "chat=/a/chat"]) == ({"sql": "/a/sql", "chat": "/a/chat"}, {})
+    assert _lora_modules(None) == ({}, {})
+    json_form = '{"name": "sql", "path": "/a/sql", "base_model_name": "code"}'
+    assert _lora_modules([json_form, "chat=/a/chat"]) == ({"sql": "/a/sql", "chat": "/a/chat"}, {"sql": "code"})
     with pytest.raises(ValueError, match="NAME=PATH"):
         _lora_modules(["/a/sql"])
     with pytest.raises(ValueError, match="each NAME once"):
         _lora_modules(["sql=/a", "sql=/b"])
+    with pytest.raises(ValueError, match="not base"):
+        _lora_modules(['{"name": "sql", "path": "/a", "base": "code"}'])

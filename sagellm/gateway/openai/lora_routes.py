@@ -1,9 +1,10 @@
 """vLLM's routes for LoRA adapters loaded at run time (admin key):
 
-    POST /v1/load_lora_adapter    {"lora_name": NAME, "lora_path": PEFT directory}
+    POST /v1/load_lora_adapter    {"lora_name": NAME, "lora_path": PEFT directory, "base_model_name": MODEL}
     POST /v1/unload_lora_adapter  {"lora_name": NAME}
 
-A loaded adapter is served as a model named NAME (listed in /v1/models with its `parent`, the base model); an unload
+A loaded adapter is served as a model named NAME (listed in /v1/models with its `parent`, the base model: the graph's,
+or the model loaded on demand `base_model_name` names, as vLLM's `--lora-modules` JSON form names it); an unload
 lets its requests in flight finish. Errors as vLLM's: 400 for an adapter the engines cannot serve (saying why) or a
 name in use, 404 for an unknown name or a path that is not there."""
 
@@ -21,6 +22,7 @@ log = structlog.get_logger("sagellm.gateway")
 class LoadLoraAdapter(msgspec.Struct, forbid_unknown_fields=True):
     lora_name: str
     lora_path: str
+    base_model_name: str | None = None  # a model loaded on demand (None: the graph's)
 
 
 class UnloadLoraAdapter(msgspec.Struct, forbid_unknown_fields=True):
@@ -38,7 +40,7 @@ class LoraRoutes:
 
     async def load(self, http: HttpRequest) -> Response:
         body = http.json(LoadLoraAdapter)
-        ref = self.core.add_lora(body.lora_name, body.lora_path)
+        ref = self.core.add_lora(body.lora_name, body.lora_path, body.base_model_name)
         log.info("lora_adapter_loaded", name=ref.name, path=ref.path)
         return Response({"success": True, "message": f"LoRA adapter {ref.name!r} added"})
 

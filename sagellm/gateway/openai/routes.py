@@ -134,10 +134,10 @@ class OpenAIRoutes:
                 status = {"status": pool.status(name) if name in pool.models else {"value": "loaded"}}
             return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length, **status}
 
-        def adapter(name: str, path: str) -> dict[str, Any]:  # vLLM's card of a LoRA adapter
-            return {**card(self.core.model_name), "id": name, "root": path, "parent": self.core.model_name}
+        def adapter(name: str, path: str, parent: str) -> dict[str, Any]:  # vLLM's card of a LoRA adapter
+            return {**card(parent), "id": name, "root": path, "parent": parent}
 
-        adapters = [adapter(ref.name, ref.path) for ref in self.core.lora_adapters()]
+        adapters = [adapter(ref.name, ref.path, parent) for ref, parent in self.core.lora_adapters()]
         return Response({"object": "list", "data": [card(name) for name in self.core.models()] + adapters})
 
     # -- completions ----------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class ServingCore:
         self.new_id = RequestIds()
         self.registry = InstanceRegistry(self.model_name, lambda: self.local, model_aliases or ())
         self.lora = LoraModules(self.graph)  # LoRA adapters of the graph's model, requests' `model` names
-        self.registry.adapters = self.lora.adapters
+        self.registry.lora_parents = self.lora.parents
         self.kv_outbox = KVOutbox()  # prefills run here for decode servers elsewhere (vLLM's kv_transfer_params)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -275,13 +275,30 @@ class ServingCore:
         """The LoRA adapter a request's `model` names (None: a model, not an adapter)."""
         return self.lora.adapters.get(name) if name is not None else None
 
-    def add_lora(self, name: str, path: str) -> LoraRef:
-        """Serves the adapter in `path` as `name`, checked against the graph's model and the names served
-        (`LoraModules.add`)."""
-        return self.lora.add(name, path, self.served, set(self.models()))
+    def add_lora(self, name: str, path: str, base: str | None = None) -> LoraRef:
+        """Serves the adapter in `path` as `name`, checked against its base model and the names served
+        (`LoraModules.add`): `base` names a model loaded on demand (None, or the graph's model's name: the graph's).
+        Raises ApiError 400 for a base not served here, or served by another project's server."""
+        pool = self.models_on_demand
+        if base is None and pool is not None and not self.registry.own_names():
+            raise ApiError(400, f"base_model_name: name the model the adapter {name!r} is of; this server loads "
+                                f"{', '.join(map(repr, pool.names()))}", param="base_model_name")  # fmt: skip
+        if base is None or base in self.registry.own_names():
+            return self.lora.add(name, path, self.served, set(self.models()))
+        if pool is None or base not in pool.models:
+            raise ApiError(400, f"base_model_name: {base!r} is not the graph's model nor one loaded on demand here",
+                           param="base_model_name")  # fmt: skip
+        spec = pool.models[base].spec
+        if spec.kind != "llm":
+            raise ApiError(400, f"base_model_name: the model {base!r} is served by a {spec.kind} server, which takes "
+                                "its own adapters", param="base_model_name")  # fmt: skip
+        served = self.registry.files_of(base)
+        return self.lora.add(name, path, served, set(self.models()), parent=base, engine=spec.engine)
 
-    def lora_adapters(self) -> list[LoraRef]:
-        return list(self.lora.adapters.values())
+    def lora_adapters(self) -> list[tuple[LoraRef, str]]:
+        """Every adapter served, with the name of the model it adapts."""
+        parents = self.lora.parents
+        return [(ref, parents.get(ref.name) or self.model_name) for ref in self.lora.adapters.values()]
 
     def requests_of(self, model: str | None) -> int:
         """Requests of `model` (a `Request.model`) the gateway answers now, or that are on their way in."""

@@ -29,7 +29,8 @@ class InstanceRegistry:
         self.aliases = [name for name in dict.fromkeys(aliases) if name != own_model]
         self._served: dict[str, ServedModel] = {}  # other models whose instances take tokens: their front-end files
         self.on_demand: list[str] = []  # models loaded when a request names them (control.model_pool), in any status
-        self.adapters: Mapping[str, Any] = {}  # LoRA adapters of the graph's model, by name (serving.lora_modules)
+        # LoRA adapters by name -> the model on demand each adapts, None for the graph's (serving.lora_modules)
+        self.lora_parents: Mapping[str, str | None] = {}
 
     def instances(self) -> dict[str, Any]:
         local = self._local()
@@ -150,7 +151,10 @@ class InstanceRegistry:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
         name itself for a model attached instances serve. Raises ApiError 404 for any other; 400 for none named when
         the graph serves none and models load on demand (which one was meant?)."""
-        own = {self.own_model, *self.aliases, *self.adapters}
+        parent = self.lora_parents.get(name) if name is not None else None
+        if parent is not None:  # an adapter of a model on demand: its requests are that model's
+            return parent
+        own = {self.own_model, *self.aliases, *(a for a, base in self.lora_parents.items() if base is None)}
         alone = self.on_demand if not self.own_names() else []
         return instance_model(name, own, self._attached_models, self.models, alone)
 

@@ -1,11 +1,11 @@
-"""The LoRA adapters a gateway serves on its graph's model (vLLM's `--lora-modules NAME=PATH` and its
-`/v1/load_lora_adapter`): a request names one as its `model` and carries it (`Request.lora`) to whichever engine runs
-it, which reads the adapter's directory on first use; requests of different adapters and of the base share its
-batches.
+"""The LoRA adapters a gateway serves on its graph's model, or on a model loaded on demand (vLLM's `--lora-modules
+NAME=PATH`, or its JSON form naming a `base_model_name`, and its `/v1/load_lora_adapter`): a request names one as its
+`model` and carries it (`Request.lora`) to whichever engine of its base runs it, which reads the adapter's directory
+on first use; requests of different adapters and of the base share its batches.
 
 An adapter is checked when it is added, as the engines would check it: a PEFT directory of plain LoRA, its rank
 within the engines' `max_lora_rank`, made for this base (its weights' shapes against the model's config, for a dense
-decoder; the engines check any other against their weights)."""
+decoder; the engines check any other, and an adapter of a model on demand not loaded yet, against their weights)."""
 
 from __future__ import annotations
 
@@ -27,22 +27,29 @@ class LoraModules:
         self.enabled = bool(engines) and all(params.get("enable_lora") for params in engines)
         self.max_rank = min((p.get("max_lora_rank", EngineConfig.max_lora_rank) for p in engines), default=0)
         self.adapters: dict[str, LoraRef] = {}
+        self.parents: dict[str, str | None] = {}  # adapter -> the model on demand it adapts (None: the graph's)
         self._ids = itertools.count(1)
 
-    def add(self, name: str, path: str, served: Any, taken: set[str]) -> LoraRef:
-        """Serves the adapter in `path` as `name` (`served`: the base model's front-end files; `taken`: the names
-        the gateway serves already). Raises ApiError: 400 for an adapter the engines cannot serve, naming why; 404
-        for a directory that is not there."""
+    def add(
+        self, name: str, path: str, served: Any, taken: set[str], parent: str | None = None, engine: Any = None
+    ) -> LoraRef:
+        """Serves the adapter in `path` as `name` (`served`: the base model's front-end files, None where not read
+        yet; `taken`: the names the gateway serves already; `parent`: the model on demand it adapts, whose engine
+        settings are `engine`, or None for the graph's model). Raises ApiError: 400 for an adapter the engines cannot
+        serve, naming why; 404 for a directory that is not there."""
         from sagellm.runtime.models.lora_adapter import check_adapter_fits, lora_target_shapes, read_lora_adapter
 
-        if not self.enabled:
-            raise ApiError(400, "LoRA adapters: the served graph's engines take none (serve with --enable-lora)",
-                           param="lora_name")  # fmt: skip
+        enabled, max_rank = self.enabled, self.max_rank
+        if parent is not None:
+            enabled, max_rank = bool(engine.get("enable_lora")), engine.get("max_lora_rank", EngineConfig.max_lora_rank)
+        if not enabled:
+            whose = f"the model {parent!r}'s engine takes" if parent is not None else "the served graph's engines take"
+            raise ApiError(400, f"LoRA adapters: {whose} none (serve with --enable-lora)", param="lora_name")
         if name in self.adapters or name in taken:
             raise ApiError(400, f"the LoRA adapter {name!r} has already been loaded (or the name is a model's)",
                            param="lora_name")  # fmt: skip
         try:
-            adapter = read_lora_adapter(path, name, max_rank=self.max_rank)
+            adapter = read_lora_adapter(path, name, max_rank=max_rank)
             shapes = lora_target_shapes(served.config) if served is not None and served.config is not None else None
             if shapes is not None:
                 check_adapter_fits(adapter, shapes)
@@ -51,9 +58,11 @@ class LoraModules:
         except InvalidInput as error:  # (a FieldError on max_lora_rank too)
             raise ApiError(400, str(error), param="lora_path") from None
         ref = self.adapters[name] = LoraRef(name=name, id=next(self._ids), path=str(adapter.path))
+        self.parents[name] = parent
         return ref
 
     def remove(self, name: str) -> None:
         """Stops serving `name` (requests already running finish with it). Raises ApiError 404 for another name."""
+        self.parents.pop(name, None)
         if self.adapters.pop(name, None) is None:
             raise ApiError(404, f"the LoRA adapter {name!r} cannot be found", param="lora_name", code="not_found")
