@@ -12,7 +12,7 @@ import pytest
 
 from sagellm.gateway.config import FailoverPolicy, ModelsOnDemand
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, sdk_client, tiny_config
-from tests.gateway.test_lora_serving import LORA, PROMPTS, TOKENS, models  # noqa: F401  (models: a fixture)
+from tests.gateway.test_lora_serving import LORA, PROMPTS, greedy_ids, models  # noqa: F401  (models: a fixture)
 
 pytestmark = pytest.mark.slow  # an engine process started
 
@@ -43,15 +43,9 @@ def test_adapters_of_a_model_on_demand_load_it_and_give_peft_s_greedy_tokens(gat
     assert cards["tiny"]["status"]["value"] == "unloaded"  # adapters load nothing until a request comes
     client = sdk_client(gateway)
 
-    def greedy(job: tuple[str, int]) -> list[int]:
-        name, index = job
-        reply = client.completions.create(model=name, prompt=PROMPTS[index], max_tokens=TOKENS, temperature=0,
-                                          extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
-        return reply.choices[0].token_ids
-
     jobs = [(name, i) for i in range(len(PROMPTS)) for name in ("first", "tiny", "second")]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        replies = list(pool.map(greedy, jobs))
+        replies = list(pool.map(lambda job: greedy_ids(client, *job), jobs))
     assert replies == [expected["base" if name == "tiny" else name][i] for name, i in jobs]
 
 

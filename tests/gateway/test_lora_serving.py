@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -46,6 +47,13 @@ def gateway(request, models, tmp_path_factory):
         yield gw
 
 
+def greedy_ids(client: Any, model: str, index: int) -> list[int]:
+    """The token ids of `model`'s greedy reply to PROMPTS[index], through the openai SDK's `client`."""
+    reply = client.completions.create(model=model, prompt=PROMPTS[index], max_tokens=TOKENS, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    return reply.choices[0].token_ids
+
+
 def _admin(gateway) -> httpx.Client:
     headers = {"authorization": f"Bearer {gateway.gateway.admin_key}"}
     return httpx.Client(base_url=gateway.url, headers=headers, timeout=REPLY_TIMEOUT_S)
@@ -62,10 +70,7 @@ def test_adapters_and_the_base_in_one_batch_give_peft_s_greedy_replies(gateway, 
 
     def greedy(job: tuple[str, int]) -> list[int]:
         name, index = job
-        model = gateway.core.model_name if name == "base" else name
-        reply = client.completions.create(model=model, prompt=PROMPTS[index], max_tokens=TOKENS, temperature=0,
-                                          extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
-        return reply.choices[0].token_ids
+        return greedy_ids(client, gateway.core.model_name if name == "base" else name, index)
 
     jobs = [(name, i) for i in range(len(PROMPTS)) for name in ("first", "base", "second")]
     with ThreadPoolExecutor(len(jobs)) as pool:
