@@ -42,7 +42,7 @@ from sagellm.gateway.api_servers.link import (
     Snapshot,
 )
 from sagellm.gateway.config import GatewayConfig
-from sagellm.gateway.http.app import App, EventStream, HttpRequest, Response, frame
+from sagellm.gateway.http.app import App, EventStream, HttpRequest, Response, error_response, frame
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.serving.request_stream import RequestStream
@@ -205,17 +205,15 @@ class ApiServerHub:
             with scope:
                 await self.core.model_ready(ask.model, ask.submits)
         except ApiError as error:
-            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in error.headers]
-            reply = Reply(call_id=ask.call_id, status=error.http_status, content_type="application/json",
-                          headers=headers, body=json.dumps(error.body()).encode())  # fmt: skip
+            answer = error_response(error)
         else:
             if scope.cancelled_caught:
                 return
             self._queue(peer, self.snapshot())
-            reply = Reply(call_id=ask.call_id, status=200, content_type="application/json", headers=[], body=b"{}")
+            answer = Response({})
         finally:
             self._calls.pop((peer, ask.call_id), None)
-        self._queue(peer, reply)
+        self._queue(peer, _reply(ask.call_id, answer))
 
     async def _forward(self, peer: bytes, stream: RequestStream) -> None:
         try:
@@ -234,9 +232,7 @@ class ApiServerHub:
                 reply = await self.app.handle(request, host_checked=True)
                 if not isinstance(reply, Response):  # a stream the core answers (/v1/responses): passed on whole
                     reply = await _whole(reply)
-                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in reply.headers]
-                self._queue(peer, Reply(call_id=call.call_id, status=reply.status, content_type=reply.content_type,
-                                        headers=headers, body=reply.encoded()))  # fmt: skip
+                self._queue(peer, _reply(call.call_id, reply))
             finally:
                 self._calls.pop((peer, call.call_id), None)
 
@@ -398,6 +394,13 @@ async def run_api_servers(
             async with trio.open_nursery() as stopping:
                 for supervision in supervisions:
                     stopping.start_soon(supervision.stop)
+
+
+def _reply(call_id: int, response: Response) -> Reply:
+    """A response of the core's as the API server that asked receives it."""
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers]
+    return Reply(call_id=call_id, status=response.status, content_type=response.content_type, headers=headers,
+                 body=response.encoded())  # fmt: skip
 
 
 def _code(error: ApiError) -> Any:

@@ -17,7 +17,7 @@ forgotten, and the next decision may try again after the cool-down. Each decisio
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -179,22 +179,18 @@ class Autoscalers:
         self.running: list[Autoscaler] = []
 
     def collect(self) -> Iterator[Any]:
-        return autoscaler_families(self.running)
-
-
-def autoscaler_families(scalers: Iterable[Autoscaler]) -> Iterator[Any]:
-    """The autoscalers' Prometheus families: decisions by model and direction, replicas by model and state."""
-    about = "Replicas the autoscaler added (up) or drained (down)."
-    decisions = CounterMetricFamily("sagellm:autoscaler_decisions", about, labels=["model", "direction"])
-    replicas = GaugeMetricFamily("sagellm:autoscaler_replicas", "Its replicas by state.", labels=["model", "state"])
-    for scaler in scalers:
-        for direction in ("up", "down"):
-            decisions.add_metric([scaler.name, direction], scaler.decisions[direction])
-        managed = scaler.engines.engines
-        states = Counter(managed[i].state for i in scaler.replicas if i in managed)
-        for state in (STARTING, READY, DRAINING):
-            replicas.add_metric([scaler.name, state], states[state])
-    yield from (decisions, replicas)
+        """Decisions by model and direction, replicas by model and state."""
+        about = "Replicas the autoscaler added (up) or drained (down)."
+        decisions = CounterMetricFamily("sagellm:autoscaler_decisions", about, labels=["model", "direction"])
+        replicas = GaugeMetricFamily("sagellm:autoscaler_replicas", "Its replicas by state.", labels=["model", "state"])
+        for scaler in self.running:
+            for direction in ("up", "down"):
+                decisions.add_metric([scaler.name, direction], scaler.decisions[direction])
+            managed = scaler.engines.engines
+            states = Counter(managed[i].state for i in scaler.replicas if i in managed)
+            for state in (STARTING, READY, DRAINING):
+                replicas.add_metric([scaler.name, state], states[state])
+        yield from (decisions, replicas)
 
 
 def replica_spec(core: ServingCore, *, on_ray: bool = False) -> EngineSpec:
