@@ -43,11 +43,11 @@ class LoraWeights:
         self.b_t: dict[str, torch.Tensor] = {}
         self.row_slots: torch.Tensor | None = None  # this step's: a slot per row, None when no row has an adapter
 
-    def bind(self, name: str, cut: tuple[int, list[tuple[int, int]]] | None) -> tuple[int, int]:
+    def bind(self, name: str, cut: tuple[int, list[tuple[int, int]]] | None) -> None:
         """Makes the slots of `name` for the linear lowering binds, `cut` to this rank's runs of its output (dim 0)
-        or input (dim 1) features; -> its [out, in] here."""
+        or input (dim 1) features (once: a weight bound again keeps them)."""
         if name in self.shapes:
-            return self.shapes[name]
+            return
         out, into = self.whole[name]
         if cut is not None:
             width = sum(stop - start for start, stop in cut[1])
@@ -55,7 +55,6 @@ class LoraWeights:
         self.shapes[name], self.cuts[name] = (out, into), cut
         self.a[name] = torch.zeros(self.max_loras, self.max_rank, into, device=self.device)
         self.b_t[name] = torch.zeros(self.max_loras, self.max_rank, out, device=self.device)
-        return out, into
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
         """Puts `adapter` in `slot`: its A and scaled B of each weight bound here, this rank's slice of them."""

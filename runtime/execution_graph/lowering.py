@@ -123,11 +123,10 @@ def _with_lora(bound: tuple[Any, tuple], params: dict[str, Any], ctx: LoweringCo
     columns, start = [], 0
     for name, shard in zip(names, shards):
         cut = (shard[0], _runs(shard)) if shard is not None else None
+        width = _out_features(ctx, name) if cut is None or cut[0] else sum(b - a for a, b in cut[1])  # this rank's
         if name in lora.whole:
-            width = lora.bind(name, cut)[0]  # this rank's slice of its adapters' weights
+            lora.bind(name, cut)  # this rank's slice of its adapters' weights
             columns.append((name, start, start + width))
-        else:
-            width = _out_features(ctx, name) if cut is None or cut[0] else sum(b - a for a, b in cut[1])
         start += width
     return LoraLinear(bound[0], lora, columns), bound[1]
 
