@@ -128,7 +128,9 @@ async def _run(args: argparse.Namespace) -> list[Run]:
                 ("kill -9 one of 3, failover on", (), True),
             ):
                 work = Path(scratch) / f"{setup}-{len(runs)}"
-                server = Server(work, str(graph), args.model, (*extra, "--routing", "round_robin"), bench="faults")
+                peer = ("--allowed-upstream", httpx.URL(args.peer_url).netloc.decode()) if args.peer_url else ()
+                flags = (*extra, *peer, "--routing", "round_robin")
+                server = Server(work, str(graph), args.model, flags, bench="faults")
                 await server.start("/v1/models" if setup == "engines" else "/ready")
                 try:
                     if setup == "workers":

@@ -47,12 +47,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"CPU: {cpu_description()}")
     ports = {"prefill": free_port(), "decode": free_port(), "router": free_port()}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    # each server's part in PD across servers: the decode server fetches KV from the prefill server alone
+    peers = ["--kv-transfer-peers", f"127.0.0.1:{ports['prefill']}"]
+    parts = {"prefill": ["--kv-transfer-role", "producer"], "decode": ["--kv-transfer-role", "consumer", *peers]}
     with ExitStack() as stack:
         for role in ("prefill", "decode"):
             state = stack.enter_context(tempfile.TemporaryDirectory(prefix="sagellm-bench-pd-servers-"))
             _start(stack, python_module("sagellm.cli.main", "serve", args.model, "--port", str(ports[role]),
                    "--state-dir", state, "--no-embedding", "--served-model-name", "model", "--max-num-seqs", "4",
-                   "--kv-cache-memory-gb", "1"))  # fmt: skip
+                   "--kv-cache-memory-gb", "1", *parts[role]))  # fmt: skip
         for role in ("prefill", "decode"):
             _wait(urls[role])
         _start(stack, [router, "--vllm-pd-disaggregation", "--prefill", urls["prefill"], "--decode", urls["decode"],

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from sagellm.common.errors import FieldError
+from sagellm.runtime.engine.penalties import bad_word_token_ids
 from sagellm.runtime.engine.prompt import request_token_problem
 from sagellm.runtime.models.tokenizer import encode_prompt
 from sagellm.runtime.pipeline.messages import ErrorCode, Request, RequestError
@@ -83,10 +84,10 @@ class SloLimit:
 
 
 def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -> str | None:
-    """Fills `prompt_token_ids` (rendering chat `messages` with the model's template first) when missing; returns
-    what is wrong with the prompt or the token ids its sampling names, if anything. Admission does it for every
-    request that arrives as text; a front end that can wait in a thread (the gateway, for a long prompt) does it
-    before, so the event loop never does."""
+    """Fills `prompt_token_ids` (rendering chat `messages` with the model's template first) and the bad words' token
+    ids when missing; returns what is wrong with the prompt or the token ids its sampling names, if anything.
+    Admission does it for every request that arrives as text; a front end that can wait in a thread (the gateway,
+    for a long prompt or many bad words) does it before, so the event loop never does."""
     if request.prompt_token_ids is None and request.prompt is None and request.messages:
         if tokenizer is None:
             return "no tokenizer is loaded to render the chat messages: send prompt_token_ids instead"
@@ -106,7 +107,13 @@ def tokenize_request(request: Request, tokenizer: Any, vocab_size: int | None) -
         if tokenizer is None:
             return "no tokenizer is loaded to tokenize the prompt: send prompt_token_ids instead"
         request.prompt_token_ids = encode_prompt(tokenizer, request.prompt)
-    return request_token_problem(request.prompt_token_ids, request.sampling, vocab_size)
+    sampling = request.sampling
+    if sampling.bad_words and sampling.bad_words_token_ids is None and tokenizer is not None and vocab_size:
+        try:
+            sampling.bad_words_token_ids = bad_word_token_ids(tokenizer, sampling.bad_words, vocab_size)
+        except FieldError as error:  # a word with no tokens
+            return str(error)
+    return request_token_problem(request.prompt_token_ids, sampling, vocab_size)
 
 
 class RecentCount:

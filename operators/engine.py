@@ -5,9 +5,10 @@
 - `decode`: continues `PrefillDone`s from its own paged cache (and, being a full engine, serves plain requests
   that pd_split kept colocated).
 
-The executor calls `add()` between steps and `step()` off the event loop, so the engine is never touched by two
-threads at once. Each step refreshes this node's `InstanceStats` (running requests, queued prefill and decode
-tokens, measured tokens/s), which route, pd_split and the policies read. Per-request timings are taken here on the
+The executor calls `add()` (between steps) and `step()` off the event loop, one at a time, so what an add prepares
+(a constraint's matcher, bad words' index) never stalls the loop and the engine is never touched by two threads.
+Each step refreshes this node's `InstanceStats` (running requests, queued prefill and decode tokens, measured
+tokens/s), which route, pd_split and the policies read. Per-request timings are taken here on the
 wall clock against the request's arrival, so they mean the same whichever process served which phase."""
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class EngineOperator(StepOperator):
         self.config = EngineConfig(**engine)
         self.price_per_1k_tokens = price_per_1k_tokens
         self._tracked: dict[str, TrackedRequest] = {}
+        self._waiting_long = 0  # long prompts the engine holds back behind a running one (`capacity`)
         self.engine: Any = None
         self.step_trace: StepTraceFile | None = None
         self.sleep_level = 0  # 1: its KV cache freed, 2: its weights too (vLLM's sleep mode); 0: awake
@@ -233,8 +235,11 @@ class EngineOperator(StepOperator):
 
     def capacity(self) -> int:
         """Requests this engine takes now: as many as it can run at once (none while it sleeps), so a policy queue
-        upstream keeps the rest and decides their order."""
-        return 0 if self.sleep_level else max(0, self.config.max_num_seqs - len(self._tracked))
+        upstream keeps the rest and decides their order. Long prompts waiting in the engine for a running one to be
+        through hold no seat yet (`runtime/engine/long_prefills.py`): as many more (up to a batch) come in and start
+        ahead of them, so short requests are not held upstream behind long ones."""
+        free = self.config.max_num_seqs - len(self._tracked) + min(self._waiting_long, self.config.max_num_seqs)
+        return 0 if self.sleep_level else max(0, free)
 
     def in_flight(self) -> list[str]:
         return list(self._tracked)
@@ -252,8 +257,8 @@ class EngineOperator(StepOperator):
         completion = out.outputs[0]
         if out.error is not None:  # the engine ended this request alone: a step failed on its data
             del self._tracked[out.request_id]
-            message = f"{self.ctx.node_id}: {out.error}"
-            return [RequestError(request_id=out.request_id, code="internal", message=message, time=now)]
+            message = out.error if out.error_code == "invalid_request" else f"{self.ctx.node_id}: {out.error}"
+            return [RequestError(request_id=out.request_id, code=out.error_code, message=message, time=now)]
         if out.kv is not None and tracked.request.kv_export:  # prefilled for another server: the KV goes back
             del self._tracked[out.request_id]
             tracked.token(now, 1)
@@ -315,6 +320,7 @@ class EngineOperator(StepOperator):
         self.stats.spec_decode_num_accepted_tokens = engine.spec_decode_num_accepted_tokens
         self.stats.queued_prefill_tokens = engine.pending_prefill_tokens
         self.stats.queued_decode_tokens = engine.pending_decode_tokens
+        self._waiting_long = engine.num_waiting_long  # read by `capacity()` on the event loop, between refreshes
 
 
 def _lora_request(request: Request) -> Any:
@@ -327,7 +333,9 @@ def _lora_request(request: Request) -> Any:
 
 
 def _from_server(request: Request) -> PrefillDone:
-    """A request another server prefilled (`Request.prefilled`), as a prefill worker's hand-over."""
+    """A request another server prefilled (`Request.prefilled`), as a prefill worker's hand-over. The gateway sets
+    it in one place (`OpenAIRoutes._hand_off`), from a prefill server its operator listed (`openai/kv_peers.py`);
+    its KV enters this engine's prefix cache only if it is this prompt's, as checked here."""
     prefilled = request.prefilled
     if prefilled.prompt_token_ids != request.prompt_token_ids:
         raise ValueError(

@@ -24,6 +24,20 @@ class EngineConfig:
     backend: str = _help("hardware backend: auto, cpu, cuda, ascend, cambricon, hygon", "auto")
     max_num_seqs: int = _help("requests the engine runs at once", 16)
     max_num_batched_tokens: int = _help("token budget of one step; chunked prefill cuts prompts to fit", 512)
+    # vLLM's --long-prefill-token-threshold, --max-num-partial-prefills and --max-long-partial-prefills
+    # (runtime/engine/long_prefills.py): a prompt with more tokens than the threshold left to compute is long and
+    # computes that many a step (fewer deeper in, where attention costs more), and a step scores that many prompt
+    # positions for prompt logprobs at most; at most max_num_partial_prefills prompts are prefilled across steps at
+    # once, max_long_partial_prefills of them long, and shorter prompts waiting behind the others start ahead of
+    # them, in a step of their own. So a short chat's first token waits for steps of about the threshold's tokens,
+    # not for whole long prompts. On by default, sized on a 2-core CPU (`sagellm bench fairness`); 0 turns it off.
+    long_prefill_token_threshold: int = _help(
+        "a prompt with more tokens left is long: it computes this many a step, fewer deeper in (0: off)", 64
+    )
+    max_num_partial_prefills: int = _help("prompts prefilled across steps at once (the rest wait)", 1)
+    max_long_partial_prefills: int = _help(
+        "long prompts prefilled at once; shorter ones waiting behind more start ahead of them", 1
+    )
     max_model_len: int | None = _help("context length (default: the model's, capped by the KV cache)", None)
     block_size: int = _help("tokens per KV cache block", 16)
     # vLLM's --kv-cache-memory-bytes, in GiB. None: what max_num_seqs sequences of max_model_len tokens need, at most
@@ -100,6 +114,13 @@ class EngineConfig:
         _at_least(self, "max_num_seqs", 1)
         _at_least(self, "max_num_batched_tokens", 1)
         _at_least(self, "block_size", 1)
+        _at_least(self, "long_prefill_token_threshold", 0)
+        _at_least(self, "max_num_partial_prefills", 1)
+        _at_least(self, "max_long_partial_prefills", 1)
+        if self.max_long_partial_prefills > self.max_num_partial_prefills:
+            long, partial = self.max_long_partial_prefills, self.max_num_partial_prefills
+            raise FieldError("max_long_partial_prefills", f"max_long_partial_prefills ({long}) must be <= "
+                             f"max_num_partial_prefills ({partial}): the long ones are among them")  # fmt: skip
         _at_least(self, "max_loras", 1)
         _at_least(self, "max_lora_rank", 1)
         for name in ("max_model_len", "num_kv_blocks", "num_threads", "tensor_parallel_size", "pipeline_parallel_size"):

@@ -11,11 +11,19 @@ bit-packed int32 rows; `mask_logits` applies them to a batch's logits.
 Compiled matchers are kept per constraint (a copy per request costs ~40 us), and one compiler serves every engine
 and the gateway's admission check of a process that share a tokenizer (`grammar_compiler`). A constraint that does
 not compile raises a `FieldError` naming its field. JSON is laid out compactly (`{"a": 1, "b": [2, 3]}`) unless a
-request asks for free whitespace: a small model given newlines to choose from fills objects with them."""
+request asks for free whitespace: a small model given newlines to choose from fills objects with them.
+
+A constraint no output can meet is refused when it compiles, not found while decoding: llguidance compiles lazily, so
+a `$ref` loop, a grammar whose rules never end or a regex matching nothing compiles, and fails at its first mask; a
+schema whose required property refers back to itself fails at the token after its forced start (`{`). Compiling
+walks that start (`_first_dead_end`). Where emptiness shows only later, or only with the request's own restrictions
+(`allowed_token_ids`, `bad_words`, `min_tokens`), the engine asks the matcher why no token followed
+(`GuidedMatcher.dead_end`) and ends that request alone."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import weakref
@@ -28,8 +36,12 @@ import torch
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.guided_params import COMPACT_JSON, GuidedDecoding
+from sagellm.runtime.engine.penalties import TokenHistory, adjust_logits
+from sagellm.runtime.engine.sampling_params import SamplingParams
 
+RESTRICTIONS = ("allowed_token_ids", "bad_words", "min_tokens")  # the request fields that rule tokens out (-inf)
 COMPILED_KEPT = 256  # compiled constraints kept per tokenizer, least recently used dropped first
+FORCED_START_WALKED = 32  # tokens of a constraint's forced start walked at compile time, looking for a dead end
 _compilers: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], GrammarCompiler]]
 _compilers = weakref.WeakKeyDictionary()
 _compilers_lock = threading.Lock()
@@ -46,28 +58,41 @@ class GrammarCompiler:
         self._llg = llguidance
         stops = sorted(stop_token_ids)
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stops or None)
-        self._compiled: OrderedDict[tuple[str, str, bool | None], Any] = OrderedDict()
+        self._vocab = vocab_size
+        self._compiled: OrderedDict[tuple[str, str, bool | None], Any] = OrderedDict()  # a matcher, or its refusal
         self._lock = threading.Lock()
 
     def compile(self, guided: GuidedDecoding) -> Any:
         """The constraint's pristine matcher (llguidance's `LLMatcher`, compiled once and kept); a `FieldError`
-        naming its field when it does not compile (an invalid schema, a regex or grammar with a syntax error)."""
+        naming its field when it does not compile (an invalid schema, a regex or grammar with a syntax error) or no
+        output can meet it (its first mask is empty, or its forced start leads nowhere)."""
         with self._lock:
-            if (matcher := self._compiled.get(guided.key)) is not None:
+            if (compiled := self._compiled.get(guided.key)) is not None:
                 self._compiled.move_to_end(guided.key)
-                return matcher
+                if isinstance(compiled, FieldError):
+                    raise compiled
+                return compiled
+        compiled = self._compile(guided)
+        with self._lock:  # a refusal is kept too: finding an empty grammar can take a worker thread ~0.5 s
+            self._compiled[guided.key] = compiled
+            while len(self._compiled) > COMPILED_KEPT:
+                self._compiled.popitem(last=False)
+        if isinstance(compiled, FieldError):
+            raise compiled
+        return compiled
+
+    def _compile(self, guided: GuidedDecoding) -> Any:
+        """A matcher for `guided`, or the FieldError that refuses it."""
         try:
             matcher = self._llg.LLMatcher(self._tokenizer, self._grammar(guided), log_level=0)
         except (ValueError, TypeError) as error:
-            raise FieldError(guided.kind, f"{guided.kind} cannot be used to constrain the output: {error}") from None
+            return _refusal(guided, str(error))
+        except RecursionError:  # a schema given as text, nested past Python's recursion limit
+            return _refusal(guided, "it nests deeper than Python can read")
         if matcher.is_error():
-            why = _reason(matcher.get_error())
-            raise FieldError(guided.kind, f"{guided.kind} cannot be used to constrain the output: {why}")
-        with self._lock:
-            self._compiled[guided.key] = matcher
-            while len(self._compiled) > COMPILED_KEPT:
-                self._compiled.popitem(last=False)
-        return matcher
+            return _refusal(guided, _reason(matcher.get_error()))
+        why = _first_dead_end(matcher.deep_copy(), self._vocab)
+        return matcher if why is None else _refusal(guided, why)
 
     def matcher(self, guided: GuidedDecoding) -> GuidedMatcher:
         return GuidedMatcher(self.compile(guided).deep_copy())
@@ -99,12 +124,36 @@ class GuidedMatcher:
         self._matcher.unsafe_compute_mask_ptr(view.data_ptr(), view.numel() * view.element_size())
 
     def accept(self, token: int) -> bool:
-        """Moves past `token`; False when the grammar does not allow it (the matcher is then unusable)."""
-        return bool(self._matcher.consume_token(token))
+        """Moves past `token`; False when the grammar does not allow it. The matcher then stays where it was, so
+        `may_end` and `dead_end` can say why, unless llguidance gave up on the grammar (`dead_end` says so)."""
+        return self._matcher.try_consume_tokens([token]) == 1
 
     @property
     def terminated(self) -> bool:
         return bool(self._matcher.is_stopped())
+
+    @property
+    def may_end(self) -> bool:
+        """The output so far is a whole instance of the constraint: it may end here."""
+        return not self._matcher.is_error() and bool(self._matcher.is_accepting())
+
+    def dead_end(self, params: SamplingParams) -> str:
+        """Why no token could follow the output so far, after `accept` refused one: a token outside the mask is
+        drawn only when the request's own restrictions (`params`') ruled out every token the constraint allows, or
+        when llguidance gave up on the grammar (a limit its parser hit: a constraint with no finite instance)."""
+        kind, named = _kind(params), _restrictions(params)
+        if self._matcher.is_error():
+            return f"{kind}: the output so far cannot go on: {_reason(self._matcher.get_error())}"
+        if not named:
+            return f"{kind}: no token it allows next could be drawn"
+        return f"{kind}: no token can follow the output so far: {_ruled_out(kind, named, 'next')}"
+
+    def allowed_tokens(self, vocab_size: int) -> np.ndarray:
+        """The ids of the tokens the constraint allows next, ascending (int64 [A]); in numpy, whose ops stay fast on
+        busy cores (see `mask_logits`)."""
+        masks = new_masks(1, vocab_size)
+        self.fill(masks, 0)
+        return np.flatnonzero(np.unpackbits(masks.numpy().view(np.uint8), count=vocab_size, bitorder="little"))
 
 
 def grammar_compiler(tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> GrammarCompiler:
@@ -139,6 +188,43 @@ def mask_logits(logits: torch.Tensor, masks: torch.Tensor, rows: list[int]) -> N
     allowed = ((masks.to(logits.device).unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, :vocab]  # [R, V]
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def restrictions_refusal(
+    matcher: GuidedMatcher, params: SamplingParams, history: TokenHistory, eos_token_ids: Iterable[int], vocab: int
+) -> str | None:
+    """Why the request's own restrictions (RESTRICTIONS) leave no token its constraint allows to start the output
+    (`matcher` and `history`: where it starts), naming those that do it alone (else all it sets); None when a token
+    is left. vLLM finds out at the first token and samples from nothing; here it is a 400 before any."""
+    named = _restrictions(params)
+    if not named:
+        return None
+    eos = list(eos_token_ids)
+    allowed = matcher.allowed_tokens(vocab)
+    logits = torch.full((1, vocab), -math.inf)  # [1, V]: 0 where the constraint allows, what the sampler then adjusts
+    logits[0, torch.from_numpy(allowed)] = 0.0
+    if torch.isfinite(adjust_logits(logits, [params], [history], eos)).any():
+        return None
+    firsts = set(allowed.tolist())
+    alone = {
+        "allowed_token_ids": not firsts.intersection(params.allowed_token_ids or ()),
+        "min_tokens": firsts <= {*eos, *params.stop_token_ids},
+    }
+    culprits = [name for name in named if alone.get(name)] or named
+    return _ruled_out(_kind(params), culprits, "to start the output")
+
+
+def _restrictions(params: SamplingParams) -> list[str]:
+    return [name for name in RESTRICTIONS if getattr(params, name)]
+
+
+def _kind(params: SamplingParams) -> str:
+    return params.guided.kind if params.guided is not None else "constraint"
+
+
+def _ruled_out(kind: str, culprits: list[str], where: str) -> str:
+    rules = "rule" if len(culprits) > 1 else "rules"
+    return f"{' and '.join(culprits)} {rules} out every token the request's {kind} allows {where}"
 
 
 def ascii_digits(regex: str) -> str:
@@ -179,8 +265,34 @@ def _ascii_patterns(schema: Any) -> Any:
     return out
 
 
+def _refusal(guided: GuidedDecoding, why: str) -> FieldError:
+    return FieldError(guided.kind, f"{guided.kind} cannot be used to constrain the output: {why}")
+
+
+def _first_dead_end(matcher: Any, vocab_size: int) -> str | None:
+    """Why no output can meet a freshly compiled constraint, found on its forced start (at most
+    FORCED_START_WALKED tokens, while the mask allows exactly one and the grammar cannot end yet); None when none
+    shows there. Walks `matcher`, a copy."""
+    walker = GuidedMatcher(matcher)
+    for _ in range(FORCED_START_WALKED):
+        allowed = walker.allowed_tokens(vocab_size)
+        if matcher.is_error() or walker.may_end or len(allowed) != 1:
+            break
+        walker.accept(int(allowed[0]))
+    return _reason(matcher.get_error()) if matcher.is_error() else None
+
+
 def _reason(message: str) -> str:
-    """llguidance's error on one line, without its drawings of where in the grammar (`  1 | start: ...`, `^`)."""
-    lines = [line.strip() for line in message.splitlines()]
+    """llguidance's error on one line, without its drawings of where in the grammar (`  1 | start: ...`, `^`) and
+    its dump of the parser's state; its names for a constraint with no instance said in words."""
+    lines = [line.strip() for line in message.split("<state>", 1)[0].splitlines()]
     kept = [line for line in lines if line and not re.match(r"\d+ \|", line) and set(line) != {"^"}]
-    return " ".join(kept) or "no reason given"
+    why = " ".join(kept) or "no reason given"
+    if why.startswith("NoExtensionBias"):  # the mask is empty: nothing at all can come next
+        return "it allows no text from here on, so no output can meet it"
+    if "Too many items" in why:  # its forced continuation never ends
+        return (
+            f"it has no finite instance: it must hold itself without end (a required property or a non-empty array "
+            f"whose $ref is its own schema, a rule that always recurses) (llguidance: {why})"
+        )
+    return why

@@ -21,7 +21,14 @@ from sagellm.common.memory import drop_mapped_pages, return_freed_memory
 from sagellm.common.progress import stage
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
-from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, grammar_compiler, mask_logits, new_masks
+from sagellm.runtime.engine.grammar import (
+    GrammarCompiler,
+    GuidedMatcher,
+    grammar_compiler,
+    mask_logits,
+    new_masks,
+    restrictions_refusal,
+)
 from sagellm.runtime.engine.kv_budget import kv_cache_blocks, window_group_blocks
 from sagellm.runtime.engine.kv_cache import token_slots, uniform_window, window_group
 from sagellm.runtime.engine.lora_slots import LoRARequest, LoraSlots
@@ -29,7 +36,7 @@ from sagellm.runtime.engine.lora_weights import LoraWeights, adapted_shapes
 from sagellm.runtime.engine.memory_report import memory_report
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, cache_config
 from sagellm.runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
-from sagellm.runtime.engine.penalties import bad_word_token_ids
+from sagellm.runtime.engine.penalties import BadWords, bad_word_token_ids
 from sagellm.runtime.engine.placement import place
 from sagellm.runtime.engine.prompt import request_token_problem
 from sagellm.runtime.engine.sampler import Sampler, make_generator, token_logprobs
@@ -142,6 +149,10 @@ class LLMEngine:
                 num_window_blocks=window_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
                 scheduling_policy=config.scheduling_policy,
+                long_prefill_token_threshold=config.long_prefill_token_threshold,
+                max_num_partial_prefills=config.max_num_partial_prefills,
+                max_long_partial_prefills=config.max_long_partial_prefills,
+                long_prefill_context_scale=3 * model_config.hidden_size,  # where attention costs the linears' (CPU)
                 num_state_slots=num_state_slots,
                 num_state_checkpoints=checkpoints,
                 speculative=spec is not None,
@@ -349,8 +360,13 @@ class LLMEngine:
         seq.resumed_tokens, seq.cache_salt = resumed_tokens, cache_salt
         if params.prompt_logprobs is not None and not (scored or resumed_tokens):
             seq.prompt_logprobs = [None]
-        if params.bad_words:
-            seq.bad_words_token_ids = bad_word_token_ids(self.tokenizer, params.bad_words, vocab)
+        if params.bad_words:  # tokenized where the prompt was (off the event loop), else here
+            sequences = params.bad_words_token_ids
+            seq.bad_words = BadWords(
+                sequences if sequences is not None else bad_word_token_ids(self.tokenizer, params.bad_words, vocab)
+            )
+        if matcher is not None and (refusal := restrictions_refusal(matcher, params, seq, self.eos_token_ids, vocab)):
+            raise InvalidInput(refusal)
         detok = IncrementalDetokenizer.from_params(self.tokenizer, token_ids, params, resumed_tokens)
         metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
         logprobs = [] if params.logprobs is not None else None
@@ -500,6 +516,7 @@ class LLMEngine:
             prefix_cache_hits=blocks.prefix_hits,
             pending_prefill_tokens=prefill,
             pending_decode_tokens=decode,
+            num_waiting_long=self.scheduler.num_held_back(),
             spec_decode_num_drafts=spec.num_drafts,
             spec_decode_num_draft_tokens=spec.num_draft_tokens,
             spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
@@ -690,12 +707,13 @@ class LLMEngine:
             return False
         return True
 
-    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
-        """Ends a request whose own data made a step fail; its blocks are freed, no other request is touched."""
+    def _fail(self, seq: Sequence, message: str, code: str = "internal") -> RequestOutput:
+        """Ends a request whose own data made a step fail (`code` "invalid_request": the request's own constraints
+        left no token to choose); its blocks are freed, no other request is touched."""
         state = self._requests.pop(seq.request_id)
         self._finish(seq, "error")
         output = self._output(state, "", [], None, time.time())
-        output.error = message
+        output.error, output.error_code = message, code
         return output
 
     def _append(self, seq: Sequence, tokens: list[int], logprobs: list, now: float, proposed: int = 0) -> RequestOutput:
@@ -705,14 +723,17 @@ class LLMEngine:
         params, detok = seq.params, state.detokenizer
         finish, stop_reason, delta, appended = None, None, "", 0
         for token, logprob in zip(tokens, logprobs):
+            if state.matcher is not None and not state.matcher.accept(token):  # drawn from a row with no token left
+                if not state.matcher.may_end:
+                    return self._fail(seq, state.matcher.dead_end(params), code="invalid_request")
+                finish = "stop"  # the output meets the constraint; the request's restrictions ruled its end out
+                break
             seq.append_token(token)
             appended += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if state.logprobs is not None:
                 state.logprobs.append(logprob)
-            if state.matcher is not None and not state.matcher.accept(token):
-                return self._fail(seq, f"token {token} does not follow the request's {params.guided.kind}")
             if not params.ignore_eos and token in self.eos_token_ids:
                 finish = "stop"
             elif token in params.stop_token_ids:

@@ -87,6 +87,8 @@ class EngineStats:
     prefix_cache_hits: int  # ... and found there
     pending_prefill_tokens: int  # prompt tokens still to compute
     pending_decode_tokens: int  # expected output tokens still to generate (none for a prefill worker's requests)
+    # waiting long prompts that start only once a running one is through: they hold no seat of the running batch yet
+    num_waiting_long: int = 0
     spec_decode_num_drafts: int = 0  # speculative decoding, since start: verifications of proposed tokens
     spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
     spec_decode_num_accepted_tokens: int = 0  # ... and accepted
@@ -117,3 +119,4 @@ class RequestOutput:
     kv: Any = None  # prefill-only requests (finish reason "prefilled"): the prompt's KV, [layers, 2, len, Hk, D]
     states: Any = None  # ... and a model with recurrent layers' states after the prompt (ModelRunner.read_states)
     error: str | None = None  # finish reason "error": what made a step fail for this request alone
+    error_code: str = "internal"  # ... as a RequestError's code ("invalid_request": its constraints left no token)

@@ -26,12 +26,18 @@ def prompt_token_problem(token_ids: Sequence[object], vocab_size: int | None) ->
 
 
 def sampling_token_problem(params: SamplingParams, vocab_size: int | None) -> str | None:
-    """What is wrong with the token ids `params` names (None: nothing): `logit_bias`'s or `allowed_token_ids`
-    outside the model's vocabulary, where a bias or an allowed token would index logits that do not exist."""
+    """What is wrong with the token ids `params` names (None: nothing): `logit_bias`'s, `allowed_token_ids` or the
+    bad words' (tokenized before they came) outside the model's vocabulary, where a bias, an allowed or a banned
+    token would index logits that do not exist."""
     if vocab_size is None:
         return None
-    for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
-        beyond = [t for t in ids if t >= vocab_size]
-        if beyond:
-            return f"{name} must name token ids in [0, {vocab_size}) (the model's vocabulary), got {beyond[0]}"
+    named = (
+        ("logit_bias", params.logit_bias or ()),
+        ("allowed_token_ids", params.allowed_token_ids or ()),
+        ("bad_words", [t for ids in params.bad_words_token_ids or () for t in ids]),
+    )
+    for name, ids in named:
+        beyond = next((t for t in ids if t >= vocab_size), None)
+        if beyond is not None:
+            return f"{name} must name token ids in [0, {vocab_size}) (the model's vocabulary), got {beyond}"
     return None

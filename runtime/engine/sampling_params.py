@@ -21,6 +21,15 @@ from typing import Any
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.guided_params import GuidedDecoding
+from sagellm.runtime.engine.request_limits import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 from sagellm.runtime.engine.thinking import ThinkingBudget
 from sagellm.runtime.models.loaded import ModelLoadError
 
@@ -39,7 +48,19 @@ MAX_LOGIT_BIAS = 100.0  # a logit bias is clamped to [-100, 100], as OpenAI's an
 
 def _require(ok: bool, name: str, rule: str, value: object) -> None:
     if not ok:
-        raise FieldError(name, f"{name} must be {rule}, got {value!r}")
+        raise FieldError(name, f"{name} must be {rule}, got {_shown(value)}")
+
+
+def _require_at_most(name: str, count: int, cap: int, what: str) -> None:
+    """A list or map over its cap (`request_limits`) is refused by its size, before any of its items is read."""
+    if count > cap:
+        raise FieldError(name, f"{name} must hold at most {cap} {what}, got {count}")
+
+
+def _shown(value: object) -> str:
+    """A refused value as an error shows it: its repr, cut short (a refused list may hold thousands of items)."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
 
 
 def _is_int(value: object) -> bool:
@@ -48,6 +69,10 @@ def _is_int(value: object) -> bool:
 
 def _is_token_id(value: object) -> bool:
     return _is_int(value) and 0 <= value < INT_END  # type: ignore[operator]
+
+
+def _is_token_ids(values: object) -> bool:
+    return isinstance(values, (list, tuple)) and all(map(_is_token_id, values))
 
 
 def _is_number(value: object) -> bool:
@@ -79,6 +104,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (clamped to [-100, 100])
     min_tokens: int = 0  # EOS and the stop token ids are never chosen before this many output tokens
     bad_words: list[str] = field(default_factory=list)  # never generated, with or without a leading space
+    # The bad words as the model's token id sequences (`penalties.bad_word_token_ids`), filled where the prompt is
+    # tokenized (admission, or the gateway in a worker thread), as vLLM's front end fills its own; None: the engine
+    # tokenizes them itself (an offline request).
+    bad_words_token_ids: list[list[int]] | None = None
     allowed_token_ids: list[int] | None = None  # only these token ids are ever chosen
 
     def __post_init__(self) -> None:
@@ -139,46 +168,55 @@ class SamplingParams:
         _require(_is_int(least) and 0 <= least < INT_END, "min_tokens", "an integer >= 0", least)
         if self.max_tokens is not None:
             _require(least <= self.max_tokens, "min_tokens", f"<= max_tokens ({self.max_tokens})", least)
-        words = [] if self.bad_words is None else self.bad_words
+        self.bad_words = self._normalize_bad_words(self.bad_words)
+        sequences = self.bad_words_token_ids
         _require(
-            isinstance(words, (list, tuple)) and all(isinstance(w, str) and not w.isspace() and w for w in words),
-            "bad_words",
-            "a list of strings that are not blank",
-            words,
+            sequences is None or (isinstance(sequences, list) and all(_is_token_ids(s) and s for s in sequences)),
+            "bad_words_token_ids",
+            "None or a list of non-empty lists of token ids",
+            sequences,
         )
-        self.bad_words = list(words)
         allowed = self.allowed_token_ids
         if allowed is not None:
-            _require(
-                isinstance(allowed, (list, tuple)) and len(allowed) > 0 and all(_is_token_id(t) for t in allowed),
-                "allowed_token_ids",
-                "None or a non-empty list of token ids (integers >= 0)",
-                allowed,
-            )
+            rule = "None or a non-empty list of token ids (integers >= 0)"
+            _require(isinstance(allowed, (list, tuple)), "allowed_token_ids", rule, allowed)
+            _require_at_most("allowed_token_ids", len(allowed), MAX_ALLOWED_TOKEN_IDS, "token ids")
+            _require(len(allowed) > 0 and _is_token_ids(allowed), "allowed_token_ids", rule, allowed)
             self.allowed_token_ids = list(allowed)
 
     @staticmethod
-    def _normalize_stop(stop: object) -> list[str]:
+    def _normalize_bad_words(words: Any) -> list[str]:
+        if words is None:
+            return []
+        rule = "a list of strings that are not blank"
+        _require(isinstance(words, (list, tuple)), "bad_words", rule, words)
+        _require_at_most("bad_words", len(words), MAX_BAD_WORDS, "words")
+        _require(all(isinstance(w, str) and w and not w.isspace() for w in words), "bad_words", rule, words)
+        _require_at_most("bad_words", max(map(len, words), default=0), MAX_BAD_WORD_CHARS, "characters per word")
+        return list(words)
+
+    @staticmethod
+    def _normalize_stop(stop: Any) -> list[str]:
         if stop is None:
             return []
         stops = [stop] if isinstance(stop, str) else stop
-        _require(
-            isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops),
-            "stop",
-            "a non-empty string or a list of non-empty strings",
-            stop,
-        )
+        rule = "a non-empty string or a list of non-empty strings"
+        _require(isinstance(stops, (list, tuple)), "stop", rule, stop)
+        _require_at_most("stop", len(stops), MAX_STOP_STRINGS, "strings")
+        _require(all(isinstance(s, str) and s for s in stops), "stop", rule, stop)
+        _require_at_most("stop", max(map(len, stops), default=0), MAX_STOP_CHARS, "characters per string")
         return list(stops)
 
     @staticmethod
-    def _normalize_logit_bias(bias: object) -> dict[int, float] | None:
+    def _normalize_logit_bias(bias: Any) -> dict[int, float] | None:
         """Token ids as integers (JSON's keys are strings: the openai SDK sends `{"123": 5}`), biases clamped to
         [-100, 100]; None when empty."""
         if bias is None:
             return None
         _require(isinstance(bias, Mapping), "logit_bias", "a map of token ids to numbers", bias)
+        _require_at_most("logit_bias", len(bias), MAX_LOGIT_BIAS_TOKENS, "token ids")
         normalized: dict[int, float] = {}
-        for key, value in bias.items():  # type: ignore[attr-defined]
+        for key, value in bias.items():
             token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
             _require(_is_token_id(token), "logit_bias", "keyed by token ids (integers >= 0)", key)
             _require(_is_number(value), "logit_bias", f"a finite number for token {token}", value)
@@ -186,15 +224,13 @@ class SamplingParams:
         return normalized or None
 
     @staticmethod
-    def _normalize_stop_token_ids(ids: object) -> list[int]:
+    def _normalize_stop_token_ids(ids: Any) -> list[int]:
         if ids is None:
             return []
-        _require(
-            isinstance(ids, (list, tuple)) and all(_is_token_id(i) for i in ids),
-            "stop_token_ids",
-            "a list of integers in [0, 2**63)",
-            ids,
-        )
+        rule = "a list of integers in [0, 2**63)"
+        _require(isinstance(ids, (list, tuple)), "stop_token_ids", rule, ids)
+        _require_at_most("stop_token_ids", len(ids), MAX_STOP_TOKEN_IDS, "token ids")
+        _require(_is_token_ids(ids), "stop_token_ids", rule, ids)
         return list(ids)
 
     @classmethod

@@ -7,7 +7,8 @@ is recomputed later (its prefix blocks are likely still cached). Under `fcfs` th
 under `priority` the lowest (largest priority value, latest arrival among equals), as in vLLM v1; and a waiting
 sequence that has no seat or no blocks preempts running ones that rank below it (as vLLM v0's priority scheduler
 did), so a high-priority request never waits for low ones that hold the engine to finish. Requests join and leave
-the running batch between steps: continuous batching.
+the running batch between steps: continuous batching. Long prompts take a share of each step, and shorter ones
+waiting behind them start ahead (`long_prefills.py`, vLLM's `--long-prefill-token-threshold`).
 
 The scheduler owns the block manager (as in nano-vllm): every block a sequence gets or gives back goes through it,
 so the engine and the runner never allocate."""
@@ -19,10 +20,13 @@ from dataclasses import dataclass, field
 
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.block_manager import BlockManager
+from sagellm.runtime.engine.long_prefills import PrefillShares
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 from sagellm.runtime.engine.state_slots import StateSlots
 from sagellm.runtime.engine.window_blocks import WindowedBlocks
+
+MAX_LONG_HOLDS = 3  # steps in a row short prompts may have alone: a long prompt computes in one step of four at least
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,13 @@ class SchedulerConfig:
     num_state_slots: int = 0
     num_state_checkpoints: int = 0
     speculative: bool = False  # proposals are verified: a recurrent model's seats get rollback slots
+    # vLLM's long-prefill settings (long_prefills.py): the threshold past which a prompt is long and computes that
+    # many tokens a step (0: off, each prompt takes what the budget leaves), the prompts and the long ones prefilled
+    # across steps at once, and the context at which a long prompt's chunk has shrunk to half (0: it never does).
+    long_prefill_token_threshold: int = 0
+    max_num_partial_prefills: int = 1
+    max_long_partial_prefills: int = 1
+    long_prefill_context_scale: int = 0
 
 
 @dataclass
@@ -86,11 +97,13 @@ class _Step:
     back to the budget."""
 
     budget: int
+    shares: PrefillShares = field(default_factory=PrefillShares)
     scheduled: dict[Sequence, int] = field(default_factory=dict)  # sequence -> its tokens, in scheduling order
     preempted: list[Sequence] = field(default_factory=list)
     restores: dict[Sequence, int] = field(default_factory=dict)  # admitted on a prefix hit -> its checkpoint slot
 
-    def take(self, seq: Sequence, n: int) -> None:
+    def take(self, seq: Sequence, n: int, admitted: bool = False) -> None:
+        self.shares.took(seq, n, admitted)
         self.scheduled[seq] = n
         self.budget -= n
 
@@ -118,6 +131,7 @@ class Scheduler:
             self.state_slots = StateSlots(config.num_state_slots, config.num_state_checkpoints, config.speculative)
         self.waiting = QUEUES[config.scheduling_policy]()
         self.running: list[Sequence] = []
+        self._long_holds = 0  # steps in a row that held long prompts' chunks back for short ones
 
     def add(self, seq: Sequence) -> None:
         self.waiting.add(seq)
@@ -144,11 +158,16 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        step = _Step(self.config.max_num_batched_tokens)
+        shares = self._shares(shorts_first=self._long_holds < MAX_LONG_HOLDS and self._short_prompt_waits())
+        step = _Step(self.config.max_num_batched_tokens, shares)
         index = 0
         while index < len(self.running) and step.budget > 0:
             seq = self.running[index]
-            n = min(seq.num_tokens - seq.num_computed_tokens + len(seq.spec_token_ids), step.budget)
+            computed = seq.num_computed_tokens
+            n = shares.share(seq, computed, min(seq.num_tokens - computed + len(seq.spec_token_ids), step.budget))
+            if n == 0:  # its prompt logprobs wait for the next step's share
+                index += 1
+                continue
             del seq.spec_token_ids[max(n - 1, 0) :]  # proposals beyond the budget are not verified this step
             while not self.block_manager.allocate(seq, n):
                 if seq.spec_token_ids:  # the proposals give way before anything is preempted
@@ -166,6 +185,7 @@ class Scheduler:
                 index += 1
         if not step.preempted:
             self._admit_waiting(step)
+        self._long_holds = self._long_holds + 1 if shares.held_long else 0
         recurrent = self.state_slots is not None
         scheduled = sorted(step.scheduled.items(), key=lambda item: not _decodes(*item, recurrent))  # decodes first
         batch = ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted,
@@ -174,6 +194,25 @@ class Scheduler:
             batch.restores = {seq: slot for seq, slot in step.restores.items() if seq in step.scheduled}
             batch.checkpoints = self._plan_checkpoints(scheduled)
         return batch
+
+    def num_held_back(self) -> int:
+        """Waiting long prompts that start only once a running long prompt is through (`long_prefills.py`): whoever
+        feeds the engine may give it as many more requests, which start ahead of them."""
+        return self._shares().held_back(self.waiting)
+
+    def _shares(self, shorts_first: bool = False) -> PrefillShares:
+        """The prefills' shares of the step to come, from the sequences running now."""
+        c = self.config
+        return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
+                             self.running, c.long_prefill_context_scale, shorts_first)  # fmt: skip
+
+    def _short_prompt_waits(self) -> bool:
+        """Whether a waiting prompt of at most the long-prefill threshold's tokens could start now (a seat is free):
+        the step is then its alone, the long prompts' chunks held for the next."""
+        threshold = self.config.long_prefill_token_threshold
+        if not threshold or len(self.running) >= self.config.max_num_seqs:
+            return False
+        return any(seq.num_tokens - seq.num_computed_tokens <= threshold for seq in self.waiting)
 
     def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
         """For each chunk verifying proposals, a checkpoint of its recurrent states after the sequence's own tokens
@@ -195,28 +234,29 @@ class Scheduler:
         return plans
 
     def _admit_waiting(self, step: _Step) -> None:
-        while self.waiting and step.budget > 0:
-            seq = self.waiting.peek()
+        """Starts waiting sequences in serving order while the step has budget, a seat and blocks for them; one
+        without its prefill's share this step (a long prompt with the long seats taken) is passed over, and the ones
+        behind it start ahead of it."""
+        line, place = list(self.waiting), 0
+        while place < len(line) and step.budget > 0:
+            seq = line[place]
             if seq in step.preempted:  # made room for the ones before it: taking it back now would undo that
                 break
+            cached, computed = self._start_point(seq)
+            n = step.shares.share(seq, computed, min(seq.num_tokens - computed, step.budget))
+            if n == 0 or not step.shares.has_seats(seq, computed, n):
+                place += 1
+                continue
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_below(seq, step):
                 break
             if self.state_slots is not None and not self.state_slots.can_seat():
                 break
-            if seq.block_table:  # its prompt's KV came from a prefill worker: already in its own blocks
-                cached, computed = [], seq.num_computed_tokens
-            elif seq.scores_prompt:  # a cached prefix's logits are gone: its prompt logprobs need them computed
-                cached, computed = [], 0
-            else:
-                resumable = self._has_checkpoint if self.state_slots is not None else None
-                cached = self.block_manager.find_cached_prefix(seq, resumable)
-                computed = len(cached) * self.block_manager.block_size
-            n = min(seq.num_tokens - computed, step.budget)
             if not self._allocate_preempting(seq, n, cached, step):
                 if self.running or not self._release_imported_kv():
                     break
-                continue  # the head may fit now
-            self.waiting.pop()
+                continue  # it may fit now
+            self.waiting.remove(seq)
+            place += 1
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = computed
             seq.num_computed_tokens = computed
@@ -226,7 +266,17 @@ class Scheduler:
                 if cached:  # its recurrent states resume from the checkpoint after its cached blocks
                     step.restores[seq] = self.state_slots.restore(self.block_manager.blocks[cached[-1]].hash)
             self.running.append(seq)
-            step.take(seq, n)
+            step.take(seq, n, admitted=True)
+
+    def _start_point(self, seq: Sequence) -> tuple[list[int], int]:
+        """The cached blocks a waiting `seq` starts from, and how many of its tokens they (or imported KV) hold."""
+        if seq.block_table:  # its prompt's KV came from a prefill worker: already in its own blocks
+            return [], seq.num_computed_tokens
+        if seq.scores_prompt:  # a cached prefix's logits are gone: its prompt logprobs need them computed
+            return [], 0
+        resumable = self._has_checkpoint if self.state_slots is not None else None
+        cached = self.block_manager.find_cached_prefix(seq, resumable)
+        return cached, len(cached) * self.block_manager.block_size
 
     def _has_checkpoint(self, hashes: list[int]) -> bool:
         """Whether the recurrent states after the prefix of these blocks are kept (a prefix hit resumes from them)."""

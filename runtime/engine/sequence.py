@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sagellm.runtime.engine.penalties import BadWords
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
 
@@ -41,9 +42,9 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     # What the sampler's penalties read besides the tokens (`penalties.TokenHistory`): the request's bad_words as
-    # token ids, tokenized once by the engine, and how many of the prompt's last tokens are output an earlier run of
+    # token ids, indexed once when it is added, and how many of the prompt's last tokens are output an earlier run of
     # this request generated (a resume).
-    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    bad_words: BadWords | None = None
     resumed_tokens: int = 0
     # With `prompt_logprobs`, the prompt's tokens scored so far (None first: nothing comes before it), filled from
     # the prefill's logits; None when this engine does not score them (not asked, or scored before a hand-over).

@@ -3,8 +3,10 @@
 `LocalExecutor` owns the graph's wiring: which channel feeds which node, where a node's outputs go, when its input
 ends. What a node does with what arrives depends only on its operator's kind, so that lives here, one loop per kind,
 behind the two things the wiring hands it: a node's input channel and a `send` to its downstream. Step operators'
-`step()` runs in a worker thread; `add()` runs between steps on the event loop, so an engine never sees two threads.
-A Stream operator serves each item in a task of its own, which a client's cancel cancels."""
+`step()` runs in a worker thread, and so does `add()`, between two steps, for everything that arrived meanwhile (an
+engine's add prepares a request: its constraint's matcher, its bad words' index; none of it may stall the event loop
+every stream and /health share), so an engine never sees two threads at once. A Stream operator serves each item in
+a task of its own, which a client's cancel cancels."""
 
 from __future__ import annotations
 
@@ -203,9 +205,8 @@ class NodeTasks:
         while True:
             await self._gather_routed(node_id, op, buffer)
             if buffer:
-                while buffer:
-                    await self._feed(node_id, op, buffer.popleft())
-                room.fire()  # the buffer is empty again (and what passed through took no capacity)
+                await self._feed(node_id, op, buffer)
+                room.fire()  # what was fed left the buffer (and what passed through took no capacity)
             if self._ledger.any_cancelled and await self._end_cancelled(node_id, op):
                 room.fire()  # the aborted requests' room: the feeder may wait for it
             if op.has_work():
@@ -238,13 +239,24 @@ class NodeTasks:
             await trio.lowlevel.checkpoint()
             idle = 0 if len(buffer) > before or inbox.statistics().tasks_waiting_send else idle + 1
 
-    async def _feed(self, node_id: str, op: StepOperator, item: Any) -> None:
-        rid = getattr(item, "request_id", None)
-        if self._ledger.is_cancelled(rid):  # its client left while it waited upstream
+    async def _feed(self, node_id: str, op: StepOperator, buffer: deque[Any]) -> None:
+        """Hands what the buffer holds to the operator: those whose clients left while they waited upstream are
+        aborted, the rest added in one worker thread (on the loop for an `inline` operator). They stay in the
+        buffer, counted against the operator's capacity, until they are in."""
+        batch = list(buffer)
+        left = [rid for item in batch if self._ledger.is_cancelled(rid := getattr(item, "request_id", None))]
+        taken = [item for item in batch if getattr(item, "request_id", None) not in left]
+
+        def add() -> list[Any]:
+            return [out for item in taken for out in apply_operator(node_id, op, op.add, item)]
+
+        outs = add() if op.inline or not taken else await trio.to_thread.run_sync(add)
+        for _ in batch:
+            buffer.popleft()
+        for rid in left:  # its client left while it waited upstream
             op.abort([rid])  # never held: what a router charged the engine's stats for it is given back
             await self._send_abort(node_id, rid)
-            return
-        for out in apply_operator(node_id, op, op.add, item):
+        for out in outs:
             await self._send(node_id, out)
 
     async def _end_cancelled(self, node_id: str, op: StepOperator) -> bool:

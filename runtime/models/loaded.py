@@ -25,12 +25,20 @@ class ModelLoadError(InvalidInput):
     """A model could not be loaded; the message names the file and the problem in one line (the CLI's exit 2)."""
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A model file's JSON object (config.json, generation_config.json): a bad one is an error naming it."""
+def read_json(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """A model file's JSON object (config.json, generation_config.json): a bad one is an error naming it. `max_bytes`
+    bounds a file a request names (a LoRA adapter's config): one larger is refused before it is parsed. Nesting
+    deeper than the parser recurses is refused too, never a crash of whoever asked."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            data = file.read() if max_bytes is None else file.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ModelLoadError(f"{path}: over {max_bytes} bytes, larger than any such file is")
+        value = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}: unreadable JSON: {describe(e)}") from e
+    except RecursionError:
+        raise ModelLoadError(f"{path}: its arrays or objects nest too deeply to be a model's JSON") from None
     if not isinstance(value, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
     return value

@@ -6,7 +6,13 @@ Only plain LoRA on a decoder layer's seven projections is read (`LORA_MODULES`).
 that would change what the adapter computes, and that we would otherwise silently drop (DoRA, biases, fully trained
 `modules_to_save`, per-module ranks, an embedding or lm_head target, a base the adapter was trained against after
 PEFT changed it, ...), is refused with the field it came from: serving such an adapter without it would answer
-plausible but wrong tokens, which nobody would notice. `check_adapter_fits` tells an adapter of another base model."""
+plausible but wrong tokens, which nobody would notice. `check_adapter_fits` tells an adapter of another base model.
+
+The path comes from a request (`/v1/load_lora_adapter`), so the server may be asked to read a file that is not an
+adapter's at all, as its own user: a symlink to a private file, say (symlinks are followed: a Hugging Face cache's
+snapshot links its files into `blobs/`). Errors therefore never echo what a file holds: a config must first say it
+is a LoRA config (`peft_type`), after which a setting or module is named but a value only by its JSON type; a config
+is read only up to MAX_CONFIG_BYTES, and a weights file's parse error says what broke, not the header it read."""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from sagellm.runtime.models.loaded import ModelLoadError, describe, read_json
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"  # PEFT's save with safe_serialization=False; read only when no safetensors is there
+MAX_CONFIG_BYTES = 1 << 20  # PEFT writes about 1 KB; larger is not an adapter's config
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # PEFT's name of an adapted module's factor: `base_model.model.<module>.lora_A.weight`; older saves kept the adapter's
@@ -94,15 +101,8 @@ def read_lora_adapter(path: str | Path, name: str, *, max_rank: int | None = Non
     """The adapter in PEFT's directory `path`, served as `name`. `max_rank` (the engine's `max_lora_rank`, None for
     no limit) refuses an adapter of a higher rank with a FieldError on that field."""
     directory = Path(path).expanduser()
-    if not directory.exists():
-        raise NotFound(f"LoRA adapter {name}: {directory}: no such directory")
-    if not directory.is_dir():
-        raise ModelLoadError(f"LoRA adapter {name}: {directory}: not a directory; pass PEFT's adapter directory "
-                             f"(with {CONFIG_FILE} and {SAFETENSORS_FILE})")  # fmt: skip
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise NotFound(f"LoRA adapter {name}: {directory}: no {CONFIG_FILE}; not a PEFT adapter directory")
-    config = read_json(config_path)
+    config_path = _config_file(directory, name)
+    config = read_json(config_path, max_bytes=MAX_CONFIG_BYTES)
     rank, alpha, use_rslora = _check_config(config, config_path)
     if max_rank is not None and rank > max_rank:
         raise FieldError("max_lora_rank", f"max_lora_rank: LoRA adapter {name} ({directory}) has rank {rank}, above "
@@ -142,32 +142,32 @@ def check_adapter_fits(adapter: LoraAdapter, weight_shapes: Mapping[str, tuple[i
 def _check_config(config: dict[str, Any], config_path: Path) -> tuple[int, float, bool]:
     """The rank, alpha and use_rslora of a plain LoRA config, after refusing every setting that would change what
     the adapter computes beyond `scaling * B @ A` on LORA_MODULES."""
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise ModelLoadError(f"{config_path}: peft_type: {peft_type!r} adapters are not supported; only LORA")
+    if config.get("peft_type") != "LORA":  # first: nothing of a file that is not a LoRA config is named
+        raise ModelLoadError(f'{config_path}: peft_type: not "LORA"; only PEFT LoRA adapters are supported')
     for key, what in _REFUSED.items():
         if config.get(key):
-            raise ModelLoadError(f"{config_path}: {key}: {config[key]!r}: {what} is not supported")
-    bias = config.get("bias", "none")
-    if bias != "none":
-        raise ModelLoadError(f'{config_path}: bias: {bias!r}: trained biases are not supported; only "none"')
+            raise ModelLoadError(f"{config_path}: {key}: {what} is not supported")
+    if config.get("bias", "none") != "none":
+        raise ModelLoadError(f'{config_path}: bias: trained biases are not supported; only "none"')
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
-        raise ModelLoadError(f"{config_path}: init_lora_weights: {init!r} changes the base model's weights, which "
+        method = next(m for m in _BASE_CHANGING_INITS if init.startswith(m))
+        raise ModelLoadError(f"{config_path}: init_lora_weights: {method!r} changes the base model's weights, which "
                              "an adapter cannot carry; convert it to plain LoRA with PEFT first "
                              "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")  # fmt: skip
     for key, value in config.items():
         if key not in _INERT and key not in _REFUSED and key != "bias" and value:
-            raise ModelLoadError(f"{config_path}: {key}: {value!r}: a setting this reader does not know; it may "
+            raise ModelLoadError(f"{config_path}: {_named(key)}: a setting this reader does not know; it may "
                                  "change what the adapter computes, so the adapter is not served")  # fmt: skip
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ModelLoadError(f"{config_path}: r: must be an integer >= 1, got {rank!r}")
+        got = "an integer below 1" if isinstance(rank, int) and not isinstance(rank, bool) else _kind(rank)
+        raise ModelLoadError(f"{config_path}: r: must be an integer >= 1, got {got}")
     if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise ModelLoadError(f"{config_path}: lora_alpha: must be a number, got {alpha!r}")
+        raise ModelLoadError(f"{config_path}: lora_alpha: must be a number, got {_kind(alpha)}")
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
-        raise ModelLoadError(f"{config_path}: use_rslora: must be true or false, got {use_rslora!r}")
+        raise ModelLoadError(f"{config_path}: use_rslora: must be true or false, got {_kind(use_rslora)}")
     _check_target_list(config.get("target_modules"), config_path)
     return rank, float(alpha), use_rslora
 
@@ -180,11 +180,11 @@ def _check_target_list(targets: object, config_path: Path) -> None:
         return
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ModelLoadError(f"{config_path}: target_modules: must be a list of module names or a regex, "
-                             f"got {targets!r}")  # fmt: skip
+                             f"got {_kind(targets)}")  # fmt: skip
     for target in targets:
         if target.rsplit(".", 1)[-1] not in LORA_MODULES:
-            raise ModelLoadError(f"{config_path}: target_modules: {target!r} is not supported; LoRA is applied to a "
-                                 f"decoder layer's {', '.join(LORA_MODULES)} only")  # fmt: skip
+            raise ModelLoadError(f"{config_path}: target_modules: {_named(target)!r} is not supported; LoRA is "
+                                 f"applied to a decoder layer's {', '.join(LORA_MODULES)} only")  # fmt: skip
 
 
 def _check_listed_targets(targets: object, weights: Mapping[str, object], config_path: Path) -> None:
@@ -199,11 +199,34 @@ def _check_listed_targets(targets: object, weights: Mapping[str, object], config
                                  "weights file adapts; the config and the weights disagree")  # fmt: skip
 
 
+def _config_file(directory: Path, name: str) -> Path:
+    """PEFT's adapter directory's config, a regular file (a device or a pipe, which reading would never finish, is
+    not one)."""
+    try:
+        if not directory.exists():
+            raise NotFound(f"LoRA adapter {name}: {directory}: no such directory")
+        if not directory.is_dir():
+            raise ModelLoadError(f"LoRA adapter {name}: {directory}: not a directory; pass PEFT's adapter directory "
+                                 f"(with {CONFIG_FILE} and {SAFETENSORS_FILE})")  # fmt: skip
+        if not (directory / CONFIG_FILE).is_file():
+            raise NotFound(f"LoRA adapter {name}: {directory}: no {CONFIG_FILE}; not a PEFT adapter directory")
+    except OSError as e:  # a directory the server may not look into (EACCES)
+        raise _unreadable(name, directory, e) from e
+    return directory / CONFIG_FILE
+
+
 def _weights_file(directory: Path, name: str) -> Path:
-    for file in (SAFETENSORS_FILE, BIN_FILE):
-        if (directory / file).is_file():
-            return directory / file
+    try:
+        for file in (SAFETENSORS_FILE, BIN_FILE):
+            if (directory / file).is_file():
+                return directory / file
+    except OSError as e:  # a link to where the server may not look (EACCES)
+        raise _unreadable(name, directory, e) from e
     raise NotFound(f"LoRA adapter {name}: {directory}: no {SAFETENSORS_FILE} (nor {BIN_FILE})")
+
+
+def _unreadable(name: str, directory: Path, error: OSError) -> ModelLoadError:
+    return ModelLoadError(f"LoRA adapter {name}: {directory}: cannot be read ({error.strerror})")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -219,8 +242,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 -- safe_open is not a Mapping
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file: {describe(e)}") from e
+    except (SafetensorError, OSError, RuntimeError) as e:  # its detail quotes the header: what broke, not where
+        cause = ": ".join(describe(e).split(": ")[:3])
+        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file: {cause}") from e
 
 
 def _pair_factors(
@@ -295,6 +319,17 @@ def _decoder_module(module: str) -> str | None:
             module = "model." + module.removeprefix(prefix)
             break
     return module if _DECODER_MODULE.match(module) else None
+
+
+def _kind(value: object) -> str:
+    """A config value as an error names it: by its JSON type, never its text."""
+    names = {bool: "true or false", str: "a string", list: "a list", dict: "an object", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _named(name: str) -> str:
+    """A setting or module name from a LoRA config as an error shows it: bounded, so a config cannot fill the error."""
+    return name if len(name) <= 64 else name[:64] + "..."
 
 
 def _weight_order(weight: str) -> tuple[int, int]:

@@ -40,6 +40,7 @@ PIPELINE_BENCHES = (
     ("serve", "serve_cli", "streaming load on OpenAI-compatible servers, several compared in one run (W1)"),
     ("chaos", "chaos", "bad input, junk, overload and killed workers against `sagellm serve` (the reliability table)"),
     ("overload", "overload", "abandoned streams, late refusals, a huge batch, the metastable test; vs vLLM"),
+    ("fairness", "fairness", "short chats' TTFT while an echo+logprobs batch or a 6,000-token prompt runs"),
     ("faults", "faults", "one of three engine workers killed mid-run, failover off and on (the failover table)"),
     ("lora", "lora", "W1-c16 over 4 LoRA adapters against the base; a model on demand's cold vs warm TTFT"),
     ("load", "load", "cold model load stage by stage, each in a fresh process, and a whole cold `sagellm run`"),

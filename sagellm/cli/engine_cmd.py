@@ -9,10 +9,11 @@
     sagellm engine stop llm-1 [--force]
 
 A vllm, sglang or llamacpp engine is that project's own server, run by the gateway as it runs ours (its program:
---engine-command, else $SAGELLM_VLLM, $SAGELLM_SGLANG or $SAGELLM_LLAMACPP, else on PATH). `start` waits until the
-engine is ready (or failed) unless --no-wait. Requests for the engine's model at the
-gateway then reach it (a generation engine is one more instance route chooses among). The gateway is the one
-`sagellm gateway start` recorded, or --url."""
+$SAGELLM_VLLM, $SAGELLM_SGLANG or $SAGELLM_LLAMACPP where the gateway runs, else on PATH: the operator's to name, not
+a request's; --engine-args takes the flags that tune it). An openai engine's URL must be in the gateway's
+--allowed-upstream. `start` waits until the engine is ready (or failed) unless --no-wait. Requests for the engine's
+model at the gateway then reach it (a generation engine is one more instance route chooses among). The gateway is the
+one `sagellm gateway start` recorded, or --url."""
 
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--served-model-name", help="the model name clients send to the gateway (default: MODEL)")
     start.add_argument("--engine-url", help="openai: the server's base URL")
     start.add_argument("--engine-api-key", help="openai: the key the server expects")
-    start.add_argument("--engine-command", help="vllm, sglang, llamacpp: the program that runs its server")
     start.add_argument("--engine-args", type=shlex.split, default=[], metavar="ARGS",
-                       help='vllm, sglang, llamacpp: more flags of its own (--engine-args="--a 1 --b")')  # fmt: skip
+                       help='vllm, sglang, llamacpp: more of its own flags, those that tune it '
+                            '(--engine-args="--a 1 --b")')  # fmt: skip
     start.add_argument("--no-wait", action="store_true", help="return at once instead of waiting until ready")
     start.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for ready (default 900)")
     add_connection_arguments(start)
@@ -92,7 +93,6 @@ def run_start(args: argparse.Namespace) -> int:
         "url": args.engine_url,
         "api_key": args.engine_api_key,
         "engine": settings,
-        "command": args.engine_command,
         "args": args.engine_args or None,
     }
     engine = client.start_engine(body)

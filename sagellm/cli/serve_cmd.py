@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Shared with `sagellm gateway start`, which runs `sagellm serve` in the background with the same options."""
     from sagellm.cli.engine_flags import add_engine_arguments
-    from sagellm.gateway.config import DEFAULT_GRAPH, DEFAULT_PORT
+    from sagellm.gateway.config import DEFAULT_GRAPH, DEFAULT_PORT, ROLES
 
     p.add_argument(
         "graph",
@@ -96,7 +96,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         choices=("key", "loopback"),
         default="key",
         help="key: admin and management routes need the admin key (default); loopback: they need none, for tools that "
-        "send none (a gateway bound to loopback only, without --api-hub)",
+        "send none (a gateway bound to loopback only, without --api-hub), except those that start a process, read a "
+        "path or add an upstream (engine starts, model and LoRA loads)",
+    )
+    p.add_argument(
+        "--allowed-upstream",
+        action="append",
+        dest="allowed_upstreams",
+        metavar="HOST[:PORT][,...]",
+        help="where an openai engine the management API registers (a server joining with --join too) may be: a host "
+        "name, an address or a network (10.0.0.0/24; IPv6 in brackets), any port or the one given; comma-separated "
+        "or repeated (default: nowhere; link-local and metadata addresses only when listed themselves)",
     )
     p.add_argument(
         "--served-model-name",
@@ -174,6 +184,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         help="seconds a request may wait for an engine before it ends with a 503 (default: no limit but the first "
         "token's)",
+    )
+    pd = p.add_argument_group("disaggregated serving across servers (vLLM's kv_transfer_params; off by default)")
+    pd.add_argument(
+        "--kv-transfer-role",
+        choices=ROLES,
+        help="this server's part, as vLLM's kv_role: producer prefills for decode servers elsewhere "
+        "(do_remote_decode), consumer decodes from the prefill servers of --kv-transfer-peers (do_remote_prefill), "
+        "both does either (default: none: kv_transfer_params that ask either are refused)",
+    )
+    pd.add_argument(
+        "--kv-transfer-peers",
+        action="append",
+        metavar="HOST:PORT[,...]",
+        help="the prefill servers a consumer fetches KV from, as its proxy reaches them (their replies' remote_host "
+        "and remote_port; a name also matches the addresses it resolves to at start); comma-separated or repeated",
     )
     join = p.add_argument_group("joining another gateway as one of its instances (sagellm.gateway.control.join)")
     join.add_argument(
@@ -397,7 +422,25 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         allowed_hosts=args.allowed_hosts,
         api_hub=args.api_hub,
         admin_auth=args.admin_auth,
+        allowed_upstreams=[h.strip() for given in args.allowed_upstreams or () for h in given.split(",") if h.strip()],
+        kv_transfer=_kv_transfer(args),
     )
+
+
+def _kv_transfer(args: argparse.Namespace) -> Any:
+    """`--kv-transfer-role` and `--kv-transfer-peers` as the gateway's settings (None: neither given), checked."""
+    from sagellm.gateway.config import KVTransferSettings
+
+    if args.kv_transfer_role is None and not args.kv_transfer_peers:
+        return None
+    if args.kv_transfer_role is None:
+        raise InvalidInput("--kv-transfer-peers lists the prefill servers a consumer fetches KV from: give "
+                           "--kv-transfer-role consumer (or both) too")  # fmt: skip
+    if args.api_servers:
+        raise InvalidInput("--kv-transfer-role: PD across servers is served by a gateway that answers HTTP itself; "
+                           "drop --api-servers")  # fmt: skip
+    peers = tuple(peer.strip() for given in args.kv_transfer_peers or () for peer in given.split(",") if peer.strip())
+    return KVTransferSettings(args.kv_transfer_role, peers)
 
 
 def _lora_modules(given: list[str] | None) -> tuple[dict[str, str], dict[str, str]]:

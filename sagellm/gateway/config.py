@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,70 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # the largest request body read
 API_KEY_ENV = "SAGELLM_API_KEY"
 ADMIN_KEY_ENV = "SAGELLM_ADMIN_KEY"
 JOIN_KEY_ENV = "SAGELLM_JOIN_KEY"  # the admin key of a gateway `sagellm serve --join` joins
+# Disaggregated serving across servers (`openai/kv_peers.py` checks requests against these settings).
+ROLES = ("producer", "consumer", "both")  # vLLM's kv_role: kv_producer, kv_consumer, kv_both
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # a DNS label (underscores too: container hosts' names)
+# what each kv_transfer_params asks of this server -> the roles that do it
+ASKS = {"do_remote_decode": ("producer", "both"), "do_remote_prefill": ("consumer", "both")}
+
+
+def host_of(text: str) -> str | None:
+    """`text` as a host a URL may name, or None: an IP address (canonical; an IPv6 one bare or in brackets, without a
+    zone) or an ASCII DNS name (lower case, no trailing dot, its last label not a number: `127.1` reads as an
+    address)."""
+    if not text.isascii():
+        return None
+    bracketed = text.startswith("[") and text.endswith("]")
+    try:
+        address = ipaddress.ip_address(text[1:-1] if bracketed else text)
+    except ValueError:
+        address = None
+    if address is not None:
+        zoned = isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None
+        return None if zoned or (bracketed and address.version != 6) else str(address)
+    name = text.lower().removesuffix(".")
+    labels = name.split(".")
+    if not 0 < len(name) <= 253 or labels[-1].isdigit() or not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    return name
+
+
+def peer_address(text: str) -> tuple[str, int]:
+    """A listed prefill server, `HOST:PORT` (`[ADDRESS]:PORT` for IPv6), as its host (`host_of`) and port."""
+    host, colon, port = text.strip().rpartition(":")
+    name = host_of(host) if colon and not (":" in host and not host.startswith("[")) else None
+    if name is None or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        message = f"--kv-transfer-peers: a prefill server is HOST:PORT ([ADDRESS]:PORT for IPv6), got {text!r}"
+        raise FieldError("kv_transfer.peers", message)
+    return name, int(port)
+
+
+@dataclass(frozen=True)
+class KVTransferSettings:
+    """The part this server plays in disaggregated serving across servers (`GatewayConfig.kv_transfer`): `role`
+    producer prefills for decode servers elsewhere (`do_remote_decode`), consumer decodes from the prefill servers
+    `peers` lists (`do_remote_prefill`), both does either."""
+
+    role: str
+    peers: tuple[str, ...] = ()  # HOST:PORT of each prefill server a consumer may fetch KV from
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise FieldError("kv_transfer.role", f"--kv-transfer-role: producer, consumer or both, got {self.role!r}")
+        for peer in self.peers:
+            peer_address(peer)
+        if self.consumes and not self.peers:
+            message = (f"--kv-transfer-role {self.role} fetches KV from the prefill servers --kv-transfer-peers "
+                       "lists: give at least one HOST:PORT")  # fmt: skip
+            raise FieldError("kv_transfer.peers", message)
+        if self.peers and not self.consumes:
+            message = ("--kv-transfer-peers lists the prefill servers a consumer fetches KV from; a producer fetches "
+                       "none (--kv-transfer-role consumer or both)")  # fmt: skip
+            raise FieldError("kv_transfer.peers", message)
+
+    @property
+    def consumes(self) -> bool:
+        return self.role in ASKS["do_remote_prefill"]
 
 
 @dataclass(frozen=True)
@@ -115,12 +181,19 @@ class GatewayConfig:
     api_hub: str | None = None
     # How the admin and management routes are guarded: "key" (the admin key), or "loopback" (no key, for tools that
     # send none, such as the control-plane benchmark: only on a gateway bound to loopback, with no API hub, so every
-    # caller is a process on this machine; browsers' cross-site requests stay refused by the Host/Origin check).
+    # caller is a process on this machine; browsers' cross-site requests stay refused by the Host/Origin check). The
+    # routes that start a process, read a path or add an upstream (engines, model and LoRA loads) need the key always.
     admin_auth: str = "key"
+    # Where an `openai` engine registered over the management API may be, servers joining with --join included:
+    # HOST[:PORT], HOST a name, an address or a network (`control.upstreams`); empty: nowhere.
+    allowed_upstreams: list[str] = field(default_factory=list)
     models_on_demand: ModelsOnDemand | None = None  # models loaded when requests name them, besides the graph's
     lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters: name -> path
     # the model on demand an adapter of `lora_modules` adapts, by its name (an adapter not here: the graph's model's)
     lora_bases: dict[str, str] = field(default_factory=dict)
+    # this server's part in disaggregated serving across servers (vLLM's kv_transfer_params: `--kv-transfer-role`,
+    # the prefill servers it fetches KV from `--kv-transfer-peers`); None: none, the field is refused
+    kv_transfer: KVTransferSettings | None = None
 
     def host_names(self) -> frozenset[str] | None:
         if self.allowed_hosts is not None:

@@ -29,6 +29,7 @@ from sagellm.common.home import keys_dir
 from sagellm.common.logging import default_logging
 from sagellm.common.memory import resident_bytes
 from sagellm.common.nursery_errors import single_errors
+from sagellm.gateway import openapi
 from sagellm.gateway.anthropic.routes import MessagesRoutes
 from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
 from sagellm.gateway.api_servers.link import FrontEnd
@@ -42,6 +43,7 @@ from sagellm.gateway.control.management_routes import ManagementRoutes
 from sagellm.gateway.control.model_pool import ModelPool
 from sagellm.gateway.control.model_routes import ModelRoutes
 from sagellm.gateway.control.sleep_mode import SleepMode
+from sagellm.gateway.control.upstreams import UpstreamAllowList
 from sagellm.gateway.http.app import App
 from sagellm.gateway.http.auth import admin_key, key_guard
 from sagellm.gateway.http.errors import ApiError
@@ -49,7 +51,6 @@ from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
-from sagellm.gateway.openai import openapi
 from sagellm.gateway.openai.kv_transfer import KVTransferRoutes
 from sagellm.gateway.openai.lora_routes import LoraRoutes
 from sagellm.gateway.openai.responses_route import ResponsesRoutes
@@ -93,20 +94,23 @@ def build_app(
     if problem is not None:
         raise FieldError("admin_auth", problem)
     app = App(allowed_hosts=config.host_names())
-    admin_guard = key_guard([admin], "admin") if config.admin_auth == "key" else None
+    # What starts a process, reads a path or adds an upstream takes the admin key always, --admin-auth loopback or not
+    launch_guard = key_guard([admin], "admin")
+    admin_guard = launch_guard if config.admin_auth == "key" else None
     api_guard = key_guard(config.api_keys, "API")
     indexes = IndexStore(core)
     openai_routes = OpenAIRoutes(
         core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
-        reasoning_budget=config.reasoning_budget,
+        reasoning_budget=config.reasoning_budget, kv_transfer=config.kv_transfer,
     )  # fmt: skip
     openai_routes.register(app, api_guard)
     ResponsesRoutes(openai_routes).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
     AdminRoutes(core, tuple(c for c in (scalers, models) if c is not None)).register(app, admin_guard)
-    ManagementRoutes(core, engines).register(app, admin_guard)
-    ModelRoutes(models).register(app, admin_guard)
-    LoraRoutes(core).register(app, admin_guard)
+    upstreams = UpstreamAllowList(config.allowed_upstreams)
+    ManagementRoutes(core, engines, upstreams).register(app, admin_guard, launch_guard)
+    ModelRoutes(models).register(app, admin_guard, launch_guard)
+    LoraRoutes(core).register(app, admin_guard, launch_guard)
     core.sleep_mode.register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
     tokenizer_routes = TokenizerRoutes(core)

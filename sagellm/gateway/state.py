@@ -39,6 +39,12 @@ def remove_record(state_dir: Path) -> None:
         (state_dir / name).unlink(missing_ok=True)
 
 
+def engine_log_hint(engine_id: str, log_file: Path) -> str:
+    """Where an engine's log is, as its failure text says it to callers: by file and engine, never by the state
+    directory's absolute path, which tells a caller how this host is laid out (the gateway's own log names it)."""
+    return f"log: {log_file.name} of engine {engine_id} in the gateway's state directory"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,9 @@
 
 An engine is the body of `POST /v1/management/engines` (`EngineSpec`: kind, model, `engine` settings, `url`,
 `api_key`, `served_model_name`, ...) with a `name`, which is its label when it has none; `kind: vllm` (`sglang`,
-`llamacpp`) has the gateway start that project's own server, its program named by `command` or found on PATH. The
+`llamacpp`) has the gateway start that project's own server, its program named by `command` or found on PATH
+(`command`, and `args` beyond those that tune the server, only where the operator serves the preset: `sagellm serve
+--model NAME=PRESET`; `sagellm preset apply` sends it over the API, which refuses them). The
 built-in presets are the YAML files in this folder, for the models `sagellm model download` can fetch here. A file is
 checked whole before anything starts, and every error names the file and the field
 (`my.yaml: engines[1].engine.max_num_seqs: ...`)."""

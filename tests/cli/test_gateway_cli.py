@@ -55,7 +55,8 @@ def test_gateway_lifecycle(tiny, tmp_path, capsys, monkeypatch):
     state = home / "gateway"
     url = f"http://127.0.0.1:{port}"
     try:
-        started = sagellm(home, "gateway", "start", "-m", str(tiny), "--no-embedding", "--port", str(port))
+        started = sagellm(home, "gateway", "start", "-m", str(tiny), "--no-embedding", "--port", str(port),
+                          "--allowed-upstream", "127.0.0.1")  # the preset below attaches the gateway itself
         assert started.returncode == 0, started.stderr + (state / "gateway.log").read_text()
         assert "gateway ready" in started.stderr and url in started.stderr
         record = json.loads((state / "gateway.json").read_text())

@@ -21,12 +21,12 @@ from sagellm.cli.reference import PAGES, cli_reference, configuration_reference,
 from sagellm.cli.reference.configuration import ENGINE_HEADING
 from sagellm.cli.reference.graph_files import KEY_HELP, NESTED, NODE_KEY_HELP, engine_operators, graph_operators
 from sagellm.cli.reference.markdown import NONE, anchor, code
-from sagellm.cli.reference.openai_api import BODIES, body_fields, field_help
+from sagellm.cli.reference.openai_api import body_fields
 from sagellm.gateway.http.app import App
 from sagellm.gateway.openai import field_help as openai_help
-from sagellm.gateway.openai.openapi import openapi_document
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
+from sagellm.gateway.openapi import BODIES, field_help, openapi_document
 from sagellm.runtime.engine.config import ENGINE_FIELDS
 from sagellm.runtime.pipeline.operator import list_operators
 from sagellm.runtime.pipeline.yaml_io import NODE_KEYS, TOP_KEYS

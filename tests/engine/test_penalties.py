@@ -2,12 +2,14 @@
 reference of its formulas, in a batch where some rows set none; through the engine, repetition penalty with greedy
 decoding equals transformers' `generate`, min_tokens holds EOS and the stop ids back, a +100 bias wins, bad words and
 tokens not allowed never come, and a seeded request draws the same tokens alone and in a batch. The values are
-checked where they are given, naming the field."""
+checked where they are given, naming the field; every list is capped (`request_limits`), and bad words are tokenized
+and matched in linear time."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -17,8 +19,17 @@ from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
 from sagellm.common.errors import FieldError, InvalidInput
-from sagellm.runtime.engine.penalties import adjust_logits, bad_word_token_ids
+from sagellm.runtime.engine.penalties import BadWords, adjust_logits, bad_word_token_ids
 from sagellm.runtime.engine.prompt import sampling_token_problem
+from sagellm.runtime.engine.request_limits import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 from sagellm.runtime.engine.sampler import Sampler
 from sagellm.runtime.pipeline.messages import Request
 from tests.oracle import random_prompts, run_to_end
@@ -38,6 +49,10 @@ class History:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def bad_words(self) -> BadWords | None:
+        return BadWords(self.bad_words_token_ids) if self.bad_words_token_ids else None
 
     @property
     def output_start(self) -> int:
@@ -154,6 +169,51 @@ def test_values_are_checked_naming_the_field() -> None:
     assert sampling_token_problem(SamplingParams(logit_bias={64: 1}), VOCAB).startswith("logit_bias must")
     assert sampling_token_problem(SamplingParams(allowed_token_ids=[1, 99]), VOCAB).startswith("allowed_token_ids")
     assert sampling_token_problem(SamplingParams(logit_bias={63: 1}, allowed_token_ids=[0]), VOCAB) is None
+    tokenized = SamplingParams(bad_words=["x"], bad_words_token_ids=[[3, 64]])  # tokenized for another vocabulary
+    assert sampling_token_problem(tokenized, VOCAB).startswith("bad_words must name token ids")
+
+
+def test_bad_words_are_tokenized_and_matched_in_linear_time() -> None:
+    """Thousands of distinct words (vLLM's quadratic dedup took seconds for a few thousand), each tokenized alone and
+    after a space, the same sequence once; the index answers what the output so far bans with a few lookups."""
+
+    class Letters:  # a character per token: "ab" -> [1, 2], " ab" -> [0, 1, 2]
+        def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+            return [0 if c == " " else ord(c) - ord("a") + 1 for c in text]
+
+    words = [a + b + c for a in "abcdefghijklmnop" for b in "abcdefghijklmnop" for c in "abcdefghijklmnop"]  # 4,096
+    started = time.perf_counter()
+    sequences = bad_word_token_ids(Letters(), [*words, *words, " abc"], vocab_size=27)
+    assert time.perf_counter() - started < 2.0  # ~0.05 s; the quadratic dedup took minutes
+    assert len(sequences) == 2 * len(words) and [1, 2, 3] in sequences and [0, 1, 2, 3] in sequences
+    assert sorted(BadWords(sequences).banned([9, 9, 1, 2], output_start=2)) == list(range(1, 17))  # "ab?" each
+    index = BadWords(bad_word_token_ids(Letters(), ["abc", "bd"], vocab_size=27))
+    assert index.banned([9, 9, 1, 2], output_start=2) == {3, 4}  # "ab" ends the output: "abc" would complete it
+    assert index.banned([9, 9, 0, 1], output_start=2) == set()  # " a": no word's last token would complete it
+    assert index.banned([9, 1, 2], output_start=2) == {4}  # "ab" straddles the prompt: not the output's; "b" is
+    assert BadWords([[5], [6, 7]]).banned([6], output_start=1) == {5}  # a one-token word is always banned
+
+
+def test_every_list_field_is_capped_by_its_size_before_its_items_are_read() -> None:
+    capped = {
+        "stop": (["s"] * (MAX_STOP_STRINGS + 1), "strings"),
+        "stop_token_ids": ([1] * (MAX_STOP_TOKEN_IDS + 1), "token ids"),
+        "bad_words": (["w"] * (MAX_BAD_WORDS + 1), "words"),
+        "logit_bias": ({i: 1.0 for i in range(MAX_LOGIT_BIAS_TOKENS + 1)}, "token ids"),
+        "allowed_token_ids": ([1] * (MAX_ALLOWED_TOKEN_IDS + 1), "token ids"),
+    }
+    for name, (value, what) in capped.items():
+        with pytest.raises(FieldError, match=f"^{name} must hold at most .* {what}, got {len(value)}$") as error:
+            SamplingParams(**{name: value})
+        assert error.value.field == name
+        at_cap = value[:-1] if isinstance(value, list) else dict(list(value.items())[:-1])
+        SamplingParams(**{name: at_cap})  # the cap itself is taken
+    with pytest.raises(FieldError, match=f"^stop must hold at most {MAX_STOP_CHARS} characters per string"):
+        SamplingParams(stop=["x" * (MAX_STOP_CHARS + 1)])
+    with pytest.raises(FieldError, match=f"^bad_words must hold at most {MAX_BAD_WORD_CHARS} characters per word"):
+        SamplingParams(bad_words=["x" * (MAX_BAD_WORD_CHARS + 1)])
+    with pytest.raises(FieldError, match=r"\.\.\. \(\d+ characters\)$"):  # a refused list is shown cut short
+        SamplingParams(stop_token_ids=[1] * 999 + [-1])
 
 
 def test_the_fields_cross_the_wire() -> None:

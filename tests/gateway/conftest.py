@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from sagellm.gateway.config import GatewayConfig
+from sagellm.gateway.config import GatewayConfig, KVTransferSettings
 from sagellm.gateway.server import GatewayThread
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests.tiny_models import make_tiny_llama
@@ -57,13 +57,29 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def upstreams(tiny_model, tmp_path_factory):
-    """Two gateways on the tiny weights, both serving them as "upstream": servers a module attaches by address."""
-    config = lambda name: tiny_config(tmp_path_factory.mktemp(name), served_model_name="upstream")  # noqa: E731
+    """Two gateways on the tiny weights, both serving them as "upstream": servers a module attaches by address. For
+    PD across servers the first prefills for decode servers elsewhere, and the second decodes from the first."""
     with (
-        running_gateway(GRAPHS / "colocated.yaml", config("a"), tiny_model) as first,
-        running_gateway(GRAPHS / "colocated.yaml", config("b"), tiny_model) as second,
+        running_upstream(tiny_model, tmp_path_factory.mktemp("a"), PRODUCER) as first,
+        running_upstream(tiny_model, tmp_path_factory.mktemp("b"), decoding_from(first)) as second,
     ):
         yield first, second
+
+
+PRODUCER = KVTransferSettings("producer")  # `sagellm serve --kv-transfer-role producer`
+
+
+def decoding_from(*prefill_servers: GatewayThread) -> KVTransferSettings:
+    """`--kv-transfer-role consumer --kv-transfer-peers HOST:PORT,...`: decodes from these prefill servers."""
+    return KVTransferSettings("consumer", tuple(server.url.removeprefix("http://") for server in prefill_servers))
+
+
+def running_upstream(
+    model: Path, tmp_path: Path, kv_transfer: KVTransferSettings | None = None
+) -> AbstractContextManager[GatewayThread]:
+    """A gateway on `model` served as "upstream", with its part in PD across servers (None: none)."""
+    config = tiny_config(tmp_path, served_model_name="upstream", kv_transfer=kv_transfer)
+    return running_gateway(GRAPHS / "colocated.yaml", config, model)
 
 
 def free_port() -> int:
@@ -96,9 +112,14 @@ def sdk_client(gateway: GatewayThread) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+# The servers tests attach by address run here: a gateway that attaches them allows it (`--allowed-upstream`).
+LOCAL_UPSTREAMS = ["127.0.0.1"]
+
+
 @pytest.fixture(scope="module")
 def gateway(tiny_model, tmp_path_factory):
-    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path_factory.mktemp("main")), tiny_model) as gw:
+    config = tiny_config(tmp_path_factory.mktemp("main"), allowed_upstreams=LOCAL_UPSTREAMS)
+    with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as gw:
         yield gw
 
 

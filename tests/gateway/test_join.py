@@ -3,7 +3,8 @@
 the head's own model's requests with the same greedy text, its streams carry token ids (what an exact resume needs),
 and SIGTERM makes it leave (drained) before it stops; a server of models on demand joins as the server of each, and
 loads one when the head sends it a request of it. The membership itself, against a real gateway: an admin's
-removal is final, a restarted head (another boot id) is joined again."""
+removal is final, a restarted head (another boot id) is joined again, and a refusal (a wrong key, a URL outside the
+head's `--allowed-upstream`) is said, not retried."""
 
 from __future__ import annotations
 
@@ -14,14 +15,22 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from sagellm.gateway.config import JoinSettings
+from sagellm.gateway.config import GatewayConfig, JoinSettings
 from sagellm.gateway.control.join import JoinRefused, Membership
-from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, free_port, running_gateway, tiny_config
+from tests.gateway.conftest import (
+    GRAPHS,
+    LOCAL_UPSTREAMS,
+    REPLY_TIMEOUT_S,
+    free_port,
+    running_gateway,
+    tiny_config,
+)
 from tests.gateway.test_management import ENGINES
 
 BODY = {"prompt": "The river flows", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -31,6 +40,11 @@ def completed(url: str) -> float:
     """Requests the server's metrics sink counted as finished."""
     text = httpx.get(url + "/metrics").text
     return sum(float(v) for v in re.findall(r"^sagellm:request_success_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
+
+
+def head_config(tmp_path: Path) -> GatewayConfig:
+    """A head that lets servers on this host join (`--allowed-upstream 127.0.0.1`)."""
+    return tiny_config(tmp_path / "head", allowed_upstreams=LOCAL_UPSTREAMS)
 
 
 def joined_engine(admin: httpx.Client, url: str, joiner: subprocess.Popen, timeout: float = 180) -> dict | None:
@@ -46,7 +60,7 @@ def joined_engine(admin: httpx.Client, url: str, joiner: subprocess.Popen, timeo
 
 @pytest.mark.slow
 def test_a_joined_server_shares_the_heads_model_with_token_ids_and_leaves_drained(tiny_model, tmp_path):
-    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path / "head"), tiny_model) as head:
+    with running_gateway(GRAPHS / "colocated.yaml", head_config(tmp_path), tiny_model) as head:
         admin = httpx.Client(base_url=head.url, headers={"authorization": f"Bearer {head.gateway.admin_key}"})
         asked = {**BODY, "return_token_ids": True}
         reference = httpx.post(head.url + "/v1/completions", json=asked, timeout=REPLY_TIMEOUT_S).json()["choices"][0]
@@ -90,7 +104,7 @@ def _complete(url: str, body: dict) -> dict:
 
 @pytest.mark.slow
 def test_a_server_of_models_on_demand_joins_as_each_and_loads_one_when_the_head_asks_for_it(tiny_model, tmp_path):
-    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path / "head"), tiny_model) as head:
+    with running_gateway(GRAPHS / "colocated.yaml", head_config(tmp_path), tiny_model) as head:
         admin = httpx.Client(base_url=head.url, headers={"authorization": f"Bearer {head.gateway.admin_key}"})
         reference = httpx.post(head.url + "/v1/completions", json=BODY, timeout=REPLY_TIMEOUT_S).json()
         port = free_port()
@@ -150,11 +164,20 @@ def test_an_admins_removal_is_final_and_a_restarted_head_is_joined_again(gateway
     assert all(e["id"] != second and e["model"] != "elsewhere" for e in admin.get(ENGINES).json()["data"])
 
 
-def test_a_join_the_head_refuses_is_said_not_retried(gateway):
-    wrong = JoinSettings(gateway=gateway.url, model="elsewhere", url="http://127.0.0.1:9", admin_key="not-the-key")
+@pytest.mark.parametrize(
+    ("url", "key", "words"),
+    [
+        ("http://127.0.0.1:9", "not-the-key", "invalid admin key"),
+        ("http://10.9.9.9:9", None, "is not an upstream this gateway allows (allowed: 127.0.0.1)"),  # not listed
+    ],
+)
+def test_a_join_the_head_refuses_is_said_not_retried(gateway, url, key, words):
+    key = key or gateway.gateway.admin_key
+    refused = JoinSettings(gateway=gateway.url, model="elsewhere", url=url, admin_key=key)
 
     async def join() -> None:
-        await Membership(wrong).run("unused")
+        await Membership(refused).run("unused")
 
-    with pytest.raises(JoinRefused, match="refused to add this server"):
+    with pytest.raises(JoinRefused, match="refused to add this server") as raised:
         trio.run(join)
+    assert words in str(raised.value)

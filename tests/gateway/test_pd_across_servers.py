@@ -2,7 +2,9 @@
 serving protocol: the prefill call (`kv_transfer_params: {"do_remote_decode": true}`) answers where the KV waits, the
 decode call fetches it and goes on; the greedy output is one server's alone (the oracle). Then a third gateway with
 both attached as prefill and decode servers does it for its clients, and a decode server lost mid-stream is resumed.
-What the protocol refuses, with the reason."""
+What the protocol refuses, with the reason. Each server is started in its part (`--kv-transfer-role`: the prefill
+server a producer, the decode server a consumer of the prefill server's KV, `--kv-transfer-peers`); what any other
+caller's params are refused is `tests/security/test_kv_transfer_trust.py`'s."""
 
 from __future__ import annotations
 
@@ -16,7 +18,17 @@ from pathlib import Path
 
 import httpx
 
-from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, free_port, running_gateway, tiny_config
+from tests.gateway.conftest import (
+    GRAPHS,
+    LOCAL_UPSTREAMS,
+    PRODUCER,
+    REPLY_TIMEOUT_S,
+    decoding_from,
+    free_port,
+    running_gateway,
+    running_upstream,
+    tiny_config,
+)
 
 PROMPT = "The history of the river begins with the melting of a glacier far upstream. "
 GREEDY = {"model": "upstream", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
@@ -85,13 +97,19 @@ def test_what_the_protocol_refuses(upstreams):
     plain = post(decode.url, "/v1/completions", GREEDY | {"kv_transfer_params": {"do_remote_decode": False}})
     assert plain.status_code == 200  # vLLM's default params ask for nothing
 
+    halves = {"consumer": (decode, REMOTE_DECODE), "producer": (prefill, params["kv_transfer_params"])}
+    for role, (server, asked) in halves.items():  # each server does its own half alone
+        other_half = post(server.url, "/v1/completions", GREEDY | {"kv_transfer_params": asked})
+        assert other_half.status_code == 400 and f"--kv-transfer-role {role}" in other_half.json()["error"]["message"]
+
 
 @contextmanager
 def front_of(tmp_path, servers: dict[str, tuple]) -> Iterator[tuple]:
     """A gateway with no engine of its own (`control_plane.yaml`), `servers` (name: (server, role)) attached; yields
     it, an admin client and the engine id of each name."""
     threshold = {"pd_split.threshold_tokens": 12}
-    with running_gateway(GRAPHS / "control_plane.yaml", tiny_config(tmp_path), **threshold) as front:
+    config = tiny_config(tmp_path, allowed_upstreams=LOCAL_UPSTREAMS)
+    with running_gateway(GRAPHS / "control_plane.yaml", config, **threshold) as front:
         headers = {"authorization": f"Bearer {front.gateway.admin_key}"}
         admin = httpx.Client(base_url=front.url, headers=headers, timeout=REPLY_TIMEOUT_S)
         ids = {}
@@ -127,9 +145,8 @@ def test_a_decode_server_lost_mid_stream_is_resumed_through_pd_again(upstreams, 
     """The decode server streaming a split request is stopped: the request resumes (its prompt and the text so
     far) through the prefill server and the other decode server, and the client's stream goes on to its end."""
     prefill, decode = upstreams
-    config = tiny_config(tmp_path / "second", served_model_name="upstream")
     with (
-        running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as second,
+        running_upstream(tiny_model, tmp_path / "second", decoding_from(prefill)) as second,
         front_of(tmp_path, {"p": (prefill, "prefill"), "d1": (decode, "decode"), "d2": (second, "decode")}) as (
             front,
             admin,
@@ -166,8 +183,7 @@ def test_a_prefill_server_gone_before_it_answers_leaves_the_request_whole_on_a_d
     _, decode = upstreams
     alone = post(decode.url, "/v1/completions", GREEDY).json()["choices"][0]["text"]
     with ExitStack() as stack:
-        config = tiny_config(tmp_path / "doomed", served_model_name="upstream")
-        doomed = stack.enter_context(running_gateway(GRAPHS / "colocated.yaml", config, tiny_model))
+        doomed = stack.enter_context(running_upstream(tiny_model, tmp_path / "doomed", PRODUCER))
         front, _, _ = stack.enter_context(front_of(tmp_path, {"p": (doomed, "prefill"), "d": (decode, "decode")}))
         doomed.stop()
         reply = post(front.url, "/v1/completions", GREEDY)

@@ -1,9 +1,10 @@
 """Managed third-party engines (`kind: vllm|sglang|llamacpp`): the command line and environment each kind's server
-starts with (no server needed); through the management API of a real gateway, the 400 naming what to install when
-the program is missing, and a stand-in `vllm` (a few lines of stdlib HTTP) supervised as our engines are: ready once
-it answers, restarted when killed, failed with its own last words, stopped with nothing left behind; and, where vLLM
-is installed ($SAGELLM_VLLM or `vllm` on PATH), a real vLLM server started by `sagellm engine start --kind vllm`,
-serving a chat through the gateway until `sagellm engine stop`."""
+starts with (no server needed), and the flags a start request over the API may give (those that tune a server: no
+program, no flag that runs code, reads or writes files or opens the server); through the management API of a real
+gateway, the 400 naming what to install when the program is missing, and a stand-in `vllm` (a few lines of stdlib
+HTTP) supervised as our engines are: ready once it answers, restarted when killed, failed with its own last words,
+stopped with nothing left behind; and, where vLLM is installed ($SAGELLM_VLLM or `vllm` on PATH), a real vLLM server
+started by `sagellm engine start --kind vllm`, serving a chat through the gateway until `sagellm engine stop`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import pytest
 from sagellm.common.errors import FieldError
 from sagellm.common.processes import alive
 from sagellm.gateway.control.engine_spec import EngineSpec
-from sagellm.gateway.control.third_party import server_launch
+from sagellm.gateway.control.third_party import KINDS, server_launch
 from sagellm.presets import PresetError, load_preset
 from tests.cli.in_process import in_process
 
@@ -142,12 +143,47 @@ def test_llama_server_from_path_gets_every_layer_on_its_gpu_and_none_without(tmp
         ({"kind": "llm", "command": "vllm"}, "command", "command and args are for vllm, sglang and llamacpp"),
         ({"kind": "openai", "url": "http://h", "args": ["--x"]}, "command", "not openai"),
         ({"kind": "vllm", "command": " "}, "command", "command must be a non-empty name"),
+        ({"kind": "vllm", "model": "--trust-remote-code"}, "model", "must not start with '-'"),  # `vllm serve -...`
+        ({"kind": "sglang", "served_model_name": "-x"}, "served_model_name", "SGLang's command line would read it"),
     ],
 )
 def test_what_a_kind_has_no_flag_for_is_refused(fields, field, words):
     with pytest.raises(FieldError) as raised:
-        spec(model="m", **fields)
+        spec(**{"model": "m", **fields})
     assert raised.value.field == field and words in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "args", "refused"),
+    [
+        ("vllm", ["--trust-remote-code"], "--trust-remote-code"),  # runs the model's own Python
+        ("vllm", ["--trust_remote_code"], "--trust_remote_code"),  # vLLM's parser takes `_` for `-`
+        ("vllm", ["--trust-remote"], "--trust-remote"),  # argparse expands an abbreviation
+        ("vllm", ["--enforce-eager", "--tool-parser-plugin", "/tmp/p.py"], "--tool-parser-plugin"),  # imports a file
+        ("vllm", ["--max-logprobs=5", "--config=/tmp/all-of-the-above.yaml"], "--config"),
+        ("vllm", ["--host=0.0.0.0"], "--host"),  # opens the server beyond the gateway
+        ("llamacpp", ["--path", "/"], "--path"),  # serves a folder
+        ("llamacpp", ["-c", "8192", "--log-file", "/tmp/written"], "--log-file"),
+        ("sglang", ["--enable-custom-logit-processor"], "--enable-custom-logit-processor"),  # runs code users send
+        ("sglang", ["--", "x"], "--"),
+    ],
+)
+def test_a_request_gives_only_the_flags_that_tune_a_server(kind, args, refused):
+    with pytest.raises(FieldError) as raised:
+        spec(model="m", kind=kind, args=args).check_requested()
+    assert raised.value.field == "args" and f"args: {refused!r} is not a flag a request may" in str(raised.value)
+
+
+def test_flags_that_tune_a_server_and_their_values_pass(tmp_path):
+    for kind, args in [
+        ("vllm", ["--enforce-eager", "--gpu-memory-utilization", "0.5", "--seed", "-1", "--max-logprobs=5"]),
+        ("llamacpp", ["-c", "8192", "-fa", "on", "--threads", "2"]),
+        ("sglang", ["--mem-fraction-static", "0.7", "--disable-radix-cache"]),
+    ]:
+        spec(model="m", kind=kind, args=args).check_requested()  # no error
+    with pytest.raises(FieldError, match=r"command: a request cannot name the program .*\$SAGELLM_VLLM") as raised:
+        spec(model="m", kind="vllm", command=str(executable(tmp_path, "vllm"))).check_requested()
+    assert raised.value.field == "command"
 
 
 def test_a_preset_engine_takes_the_same_kinds_and_checks(tmp_path):
@@ -183,8 +219,10 @@ def test_a_missing_program_is_a_400_that_says_what_to_install(admin, tmp_path, m
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert words in error["message"] and error["param"] == "kind"
-    named = admin.post(ENGINES, json={"model": "m", "kind": kind, "command": str(tmp_path / "missing")})
-    assert named.status_code == 400 and named.json()["error"]["param"] == "command"
+    monkeypatch.setenv(KINDS[kind].command_env, str(tmp_path / "missing"))  # the operator's, where the gateway runs
+    named = admin.post(ENGINES, json={"model": "m", "kind": kind})
+    assert named.status_code == 400 and named.json()["error"]["param"] == "kind"
+    assert f"${KINDS[kind].command_env} is " in named.json()["error"]["message"]
     assert "which names no executable" in named.json()["error"]["message"]
     assert [e for e in admin.get(ENGINES).json()["data"] if e["kind"] == kind] == []  # nothing was registered
 
@@ -273,10 +311,12 @@ def test_sagellm_engine_start_kind_llamacpp_serves_through_the_gateway(gateway, 
 
 
 def start_by_cli(gateway, tmp_path, capsys, monkeypatch, model, kind, command, name, *flags) -> Any:
-    """`sagellm engine start MODEL --kind KIND` against the gateway; the engine, ready."""
+    """`sagellm engine start MODEL --kind KIND` against the gateway, whose operator named `command` as the kind's
+    program (its environment variable: the gateway runs in this process); the engine, ready."""
+    monkeypatch.setenv(KINDS[kind].command_env, str(command))
     connect = ["--url", gateway.url, "--admin-key", gateway.gateway.admin_key]
     started = in_process(capsys, monkeypatch, tmp_path, "engine", "start", str(model), "--kind", kind,
-                         "--engine-command", str(command), "--served-model-name", name, *flags, *connect)  # fmt: skip
+                         "--served-model-name", name, *flags, *connect)  # fmt: skip
     engine = next(e for e in gateway.gateway.engines.engines.values() if e.name == name)
     assert started.code == 0, started.out + started.err + engine.directory.joinpath("engine.log").read_text()[-3000:]
     assert engine.state == "ready" and engine.spec.kind == kind

@@ -18,7 +18,14 @@ import jsonschema
 import pytest
 
 from sagellm.client import ClientError, UnifiedInferenceClient
-from tests.gateway.conftest import GRAPHS, assert_refused_chat, running_gateway, sdk_client, tiny_config
+from tests.gateway.conftest import (
+    GRAPHS,
+    LOCAL_UPSTREAMS,
+    assert_refused_chat,
+    running_gateway,
+    sdk_client,
+    tiny_config,
+)
 from tests.gateway.test_management import ENGINES, wait_for
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -141,7 +148,8 @@ def test_the_python_client_returns_calls_and_structured_replies(server) -> None:
 def test_an_attached_servers_model_gets_the_tools_and_its_calls_come_back(server, tiny_model, tmp_path) -> None:
     """The management API's `openai` engine: a gateway on another model attaches this server, and passes a chat's
     tools and tool_choice to it; its calls come back as calls, whole and streamed."""
-    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path), tiny_model) as front:
+    config = tiny_config(tmp_path, allowed_upstreams=LOCAL_UPSTREAMS)
+    with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as front:
         admin = {"authorization": f"Bearer {front.gateway.admin_key}"}
         body = {"kind": "openai", "model": server.core.model_name, "url": server.url + "/v1",
                 "served_model_name": "upstream"}  # fmt: skip

@@ -160,7 +160,7 @@ def test_refuses_what_plain_lora_on_decoder_projections_is_not(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"peft_type": "IA3"}, "peft_type: 'IA3'"),
+        ({"peft_type": "IA3"}, 'peft_type: not "LORA"'),
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),

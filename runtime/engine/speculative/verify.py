@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sagellm.runtime.engine.penalties import BadWords
 from sagellm.runtime.engine.sampler import make_generator, seed_at
 from sagellm.runtime.engine.sequence import Sequence
 
@@ -39,8 +40,8 @@ class DraftedHistory:
         return self.seq.num_output_tokens + len(self.drafts)
 
     @property
-    def bad_words_token_ids(self) -> list[list[int]]:
-        return self.seq.bad_words_token_ids
+    def bad_words(self) -> BadWords | None:
+        return self.seq.bad_words
 
 
 @dataclass

@@ -5,41 +5,15 @@ bodies, so a field the server accepts cannot be missing."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from types import UnionType
+from typing import Annotated, Union, get_args, get_origin
 
 import msgspec
 
 from sagellm.cli.reference.markdown import NONE, anchor, cell, code, table
 from sagellm.common.hints import describe
-from sagellm.gateway.anthropic import field_help as anthropic_help
-from sagellm.gateway.anthropic.protocol import CountTokensRequest, MessagesRequest
-from sagellm.gateway.openai import field_help as openai_help
-from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from sagellm.gateway.openai.responses import ResponsesRequest
-from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
 from sagellm.gateway.openai.vllm_fields import UNSET
-
-ANNOTATED = re.compile(r"Annotated\[([^,\[\]]+), msgspec\.Meta\([^)]*\)\]")
-Help = Callable[[str, str], str | None]  # (body, field) -> what the field does
-# route -> the body it decodes
-BODIES: dict[str, type[msgspec.Struct]] = {
-    "POST /v1/chat/completions": ChatCompletionRequest,
-    "POST /v1/completions": CompletionRequest,
-    "POST /v1/responses": ResponsesRequest,
-    "POST /v1/embeddings": EmbeddingRequest,
-    "POST /tokenize": TokenizeRequest,
-    "POST /detokenize": DetokenizeRequest,
-    "POST /v1/messages": MessagesRequest,
-    "POST /v1/messages/count_tokens": CountTokensRequest,
-}
-ANTHROPIC_BODIES = (MessagesRequest, CountTokensRequest)
-
-
-def field_help(body: type[msgspec.Struct], field: str) -> str | None:
-    """What `field` of `body` does, in the words of the API the body belongs to."""
-    helper = anthropic_help.field_help if body in ANTHROPIC_BODIES else openai_help.field_help
-    return helper(body.__name__, field)
+from sagellm.gateway.openapi import ANTHROPIC_BODIES, BODIES, field_help
 
 
 def openai_reference() -> str:
@@ -79,8 +53,19 @@ def _route(route: str, body: type[msgspec.Struct]) -> str:
 
 
 def _type(hint: object) -> str:
-    """The hint as a reader reads it: a constrained int (`Annotated[int, msgspec.Meta(...)]`) is an int."""
-    return ANNOTATED.sub(r"\1", describe(hint))
+    """The hint as a reader reads it: a constrained int (`Annotated[int, msgspec.Meta(...)]`) is an int; a capped
+    list, map or string says its cap (`request_limits`)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        shown = _type(args[0])
+        cap = next((m.max_length for m in args[1:] if isinstance(m, msgspec.Meta) and m.max_length is not None), None)
+        unit = " characters" if args[0] is str else ""
+        return shown if cap is None else f"{shown} (at most {cap:,}{unit})"
+    if origin in (Union, UnionType):
+        return " | ".join(_type(arg) for arg in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type(arg) for arg in args)}]"
+    return describe(hint)
 
 
 def _default(field: msgspec.structs.FieldInfo) -> str:

@@ -6,49 +6,62 @@ user's own text; `thinking` blocks of earlier turns are left out of the prompt, 
 `system` message in the middle of the conversation stays a system message there. Tools are functions with their
 `input_schema`; `tool_choice` `any` and `tool` force a call, enforced by guided decoding. Fields that ask the engine
 for nothing it has (`cache_control` on blocks, `context_management`, `output_config`, `service_tier`, betas) are
-accepted without effect; images and documents are refused by name (this server takes text)."""
+accepted without effect; images and documents are refused by name (this server takes text). Lists are capped as the
+chat's (`request_limits`), named by this API's field names."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import structlog
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage
+from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage, ContentParts
 from sagellm.gateway.openai.tools import NamedFunction, NamedToolChoice, Tool, ToolChoice
+from sagellm.runtime.engine.request_limits import (
+    MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+)
 
 log = structlog.get_logger("sagellm.gateway")
 
 
 class Message(msgspec.Struct, kw_only=True):
     role: Literal["user", "assistant", "system"]
-    content: str | list[dict[str, Any]]
+    content: str | ContentParts
+
+
+Messages = Annotated[list[Message], msgspec.Meta(max_length=MAX_MESSAGES)]
+Tools = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_TOOLS)]
+StopSequence = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
 
 
 class MessagesRequest(msgspec.Struct, kw_only=True):
     model: str
-    messages: list[Message]
+    messages: Messages
     max_tokens: int
-    system: str | list[dict[str, Any]] | None = None
-    stop_sequences: list[str] | None = None
+    system: str | ContentParts | None = None
+    stop_sequences: Annotated[list[StopSequence], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     metadata: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Tools | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
 
 
 class CountTokensRequest(msgspec.Struct, kw_only=True):
     model: str
-    messages: list[Message]
-    system: str | list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    messages: Messages
+    system: str | ContentParts | None = None
+    tools: Tools | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
 
@@ -131,6 +144,9 @@ def _messages(message: Message, index: int) -> list[dict[str, Any]]:
             raise ApiError.unsupported(f"{at}.type", f"{kind} blocks: this server takes text only")
         else:
             raise ApiError(400, f"{at}.type: {kind!r} blocks are not taken in a {message.role} message", param=at)
+    if len(calls) > MAX_TOOL_CALLS:  # a chat's assistant turn holds at most this many
+        message = f"{where}.content: at most {MAX_TOOL_CALLS} tool_use blocks, got {len(calls)}"
+        raise ApiError(400, message, param=f"{where}.content")
     out = list(results)
     if texts or calls or not results:
         turn: dict[str, Any] = {"role": message.role, "content": "\n".join(texts) if texts or not calls else None}

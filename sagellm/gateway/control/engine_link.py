@@ -31,6 +31,7 @@ from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import FAILED as SUPERVISION_FAILED
 from sagellm.common.supervision import READY as SUPERVISION_READY
 from sagellm.gateway.control.engine_spec import FAILED, READY, STARTING, ManagedEngine
+from sagellm.gateway.state import engine_log_hint
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import groups_of
@@ -129,9 +130,10 @@ class EngineLink:
             if not engine.stopping:
                 causes = leaves(error)
                 said = "; ".join(str(e) if isinstance(e, SageLLMError) else f"{type(e).__name__}: {e}" for e in causes)
-                engine.state, engine.last_error = FAILED, f"{said} (log: {self.log_file})"
+                engine.state, engine.last_error = FAILED, f"{said} ({engine_log_hint(engine.id, self.log_file)})"
                 bug = not all(isinstance(e, SageLLMError) for e in causes)  # its traceback says where
-                log.warning("engine_failed", engine=engine.id, error=engine.last_error, exc_info=error if bug else None)
+                log.warning("engine_failed", engine=engine.id, error=engine.last_error, log=str(self.log_file),
+                            exc_info=error if bug else None)
         finally:
             for rid in list(self._streams):  # what the worker still held ends; failover moves it elsewhere
                 self._end(rid, f"engine {engine.id} stopped", "instance_lost")

@@ -50,8 +50,11 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # llm: the engine's settings, `EngineConfig`'s fields by name (max_num_seqs, kv_cache_memory_gb, ...); vllm,
     # sglang, llamacpp: those its server has a flag for (`third_party.KINDS`)
     engine: dict[str, Any] = msgspec.field(default_factory=dict)
-    command: str | None = None  # vllm, sglang, llamacpp: the program that runs it (default: $SAGELLM_VLLM, ... or PATH)
-    args: list[str] = msgspec.field(default_factory=list)  # vllm, sglang, llamacpp: more of its own flags, as given
+    # vllm, sglang, llamacpp: the program that runs it (default: $SAGELLM_VLLM, ... or PATH), and more of its own flags,
+    # as given; the operator's alone (a preset served at start): a request over the API names no program and only the
+    # flags `check_requested` lets through
+    command: str | None = None
+    args: list[str] = msgspec.field(default_factory=list)
 
     def check(self) -> None:
         """Raises FieldError for a bad field (`engine.NAME` for an engine setting); whether the name or GPUs are
@@ -90,6 +93,19 @@ class EngineSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise FieldError("placement", f"a {self.kind} server runs on the gateway's host; leave placement out")
         if self.placement is not None and not RAY_PLACEMENT.fullmatch(self.placement):
             raise FieldError("placement", f"placement must be 'ray:GROUP' or left out, got {self.placement!r}")
+
+    def check_requested(self) -> None:
+        """Raises FieldError for what a start request over the management API may not say, which only the operator
+        may (presets served with `--model NAME=PRESET`, the environment): the program that runs a server (`command`:
+        an admin key is no shell on the host) and its flags beyond those that only tune it (`args`:
+        `third_party.check_requested_args`). `check()` comes first."""
+        kind = third_party.KINDS.get(self.kind)
+        if self.command is not None:
+            where = f"${kind.command_env} where the gateway runs, or " if kind is not None else ""
+            raise FieldError("command", f"command: a request cannot name the program an engine runs; the operator "
+                                        f"names it ({where}a preset served with --model NAME=PRESET)")  # fmt: skip
+        if self.args and kind is not None:
+            third_party.check_requested_args(self)
 
     @property
     def slots(self) -> int | None:

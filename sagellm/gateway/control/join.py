@@ -11,6 +11,11 @@ Leaving is a drain: on SIGINT/SIGTERM the server first asks the head to stop it 
 for what it sent), then stops serving. A server that dies without leaving is the head's health checks' to find.
 
 The head's admin key is what lets a server join (`--join-key`, or SAGELLM_JOIN_KEY); it is sent only to the head.
+The URL it joins at must be in the head's `--allowed-upstream` (`control.upstreams`), as any `openai` engine's: a
+joining server is not allowed implicitly, because its registration is a call like any other holder of the key could
+make, naming a URL the head cannot tell from one that is not the caller's own (a metadata service, an internal port).
+The operator who starts members knows where they run and lists those hosts or their network on the head once; a head
+that refuses is said at once (JoinRefused), not retried.
 
 A server with models on demand joins once for each model it serves (`Memberships`): the graph's own, if it has one,
 and each model on demand, loaded or not; a request the head sends for one that is unloaded loads it here."""

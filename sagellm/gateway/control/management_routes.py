@@ -9,7 +9,13 @@
     GET    /v1/management/gpu                 the NVIDIA GPUs (NVML), or why there are none
     GET    /v1/management/backends            every hardware backend and whether it runs here
 
-The graph's engines belong to the served graph: they are listed but not stoppable here (409)."""
+The graph's engines belong to the served graph: they are listed but not stoppable here (409).
+
+Starting an engine runs a process or adds an upstream, so it takes the admin key even where `--admin-auth loopback`
+lets the other routes go without (`launch`), and a request names neither a program nor a flag beyond its kind's tuning
+ones (`EngineSpec.check_requested`), nor an `openai` server outside the operator's allow-list (`control.upstreams`):
+the operator names those at start (the environment, presets served with `--model NAME=PRESET`,
+`--allowed-upstream`)."""
 
 from __future__ import annotations
 
@@ -18,8 +24,10 @@ from typing import Any
 
 import trio
 
+from sagellm.common.errors import FieldError
 from sagellm.gateway.control.engine_spec import EngineSpec
 from sagellm.gateway.control.engines import EngineManager
+from sagellm.gateway.control.upstreams import UpstreamAllowList
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
@@ -28,12 +36,15 @@ PREFIX = "/v1/management"
 
 
 class ManagementRoutes:
-    def __init__(self, core: ServingCore, engines: EngineManager) -> None:
-        self.core, self.engines = core, engines
+    def __init__(self, core: ServingCore, engines: EngineManager, upstreams: UpstreamAllowList) -> None:
+        """`upstreams`: where an `openai` engine a request registers may be."""
+        self.core, self.engines, self.upstreams = core, engines, upstreams
 
-    def register(self, app: App, admin: Guard | None) -> None:
+    def register(self, app: App, admin: Guard | None, launch: Guard | None) -> None:
+        """`admin` guards the routes; `launch`, always the admin key, the one that starts a process or adds an
+        upstream."""
         app.route("GET", f"{PREFIX}/engines", self.list_engines, admin)
-        app.route("POST", f"{PREFIX}/engines", self.start_engine, admin)
+        app.route("POST", f"{PREFIX}/engines", self.start_engine, launch)
         app.route("GET", f"{PREFIX}/engines/{{engine_id}}", self.get_engine, admin)
         app.route("DELETE", f"{PREFIX}/engines/{{engine_id}}", self.stop_engine, admin)
         app.route("GET", f"{PREFIX}/engines/{{engine_id}}/health", self.health_check, admin)
@@ -66,7 +77,16 @@ class ManagementRoutes:
         return Response({"object": "list", "data": [*self._graph_engines().values(), *managed]})
 
     async def start_engine(self, http: HttpRequest) -> Response:
-        engine = await self.engines.start(http.json(EngineSpec))
+        spec = http.json(EngineSpec)
+        try:
+            spec.check()
+            spec.check_requested()
+        except FieldError as error:
+            raise ApiError.of(error) from None
+        if spec.kind == "openai":
+            assert spec.url is not None  # `check` requires it
+            self.upstreams.check(spec.url)
+        engine = await self.engines.start(spec)
         return Response(engine.to_json(), 201)
 
     async def get_engine(self, http: HttpRequest) -> Response:

@@ -24,8 +24,9 @@ class ModelRoutes:
     def __init__(self, models: ModelPool | None) -> None:
         self.models = models
 
-    def register(self, app: App, admin: Guard | None) -> None:
-        app.route("POST", "/models/load", self.load, admin)
+    def register(self, app: App, admin: Guard | None, launch: Guard | None) -> None:
+        """`launch` (the admin key, even under --admin-auth loopback) guards the load, which starts a process."""
+        app.route("POST", "/models/load", self.load, launch)
         app.route("POST", "/models/unload", self.unload, admin)
         app.route("GET", "/v1/management/models", self.list_models, admin)
 

@@ -26,7 +26,7 @@ from sagellm.common.supervision import Supervised, Supervision, end_process, exi
 from sagellm.gateway.control.engine_spec import FAILED, READY, STARTING, ManagedEngine
 from sagellm.gateway.control.health import HealthChecks
 from sagellm.gateway.control.third_party import Launch
-from sagellm.gateway.state import log_tail
+from sagellm.gateway.state import engine_log_hint, log_tail
 
 log = structlog.get_logger("sagellm.gateway")
 READY_POLL_S = 0.5  # how often a starting server's /v1/models is asked
@@ -66,7 +66,7 @@ class ServerProcess(Supervised):
         except StartFailed as error:
             if not engine.stopping:
                 engine.state, engine.last_error = FAILED, str(error)
-                log.warning("engine_failed", engine=engine.id, error=engine.last_error)
+                log.warning("engine_failed", engine=engine.id, error=engine.last_error, log=str(self.log_file))
         finally:
             self.done.set()
 
@@ -101,9 +101,9 @@ class ServerProcess(Supervised):
         while not await self.health.answers(self.engine):
             if self.process.poll() is not None:
                 self._end_group()
-                last = log_tail(self.log_file, 1).strip()
+                last, hint = log_tail(self.log_file, 1).strip(), engine_log_hint(self.engine.id, self.log_file)
                 raise StartFailed(f"{self.name} {exit_cause(self.process.returncode)} before it answered"
-                                  + (f": {last}" if last else "") + f" (log: {self.log_file})")  # fmt: skip
+                                  + (f": {last}" if last else "") + f" ({hint})")  # fmt: skip
             await trio.sleep(READY_POLL_S)
 
     async def until_lost(self) -> str:

@@ -11,12 +11,21 @@ only turns an engine's start request (`engine_spec.EngineSpec`) into a command l
 The program is the spec's `command`, else the kind's environment variable (`SAGELLM_VLLM`, ...), else the kind's
 default (on PATH; for SGLang, sageLLM's own Python when it has the `sglang` package). One that is not there is a
 FieldError naming what to install, before anything starts. The server gets the GPUs the gateway gave the engine
-(`CUDA_VISIBLE_DEVICES`, empty: none) and a fresh API key, so only the gateway reaches it."""
+(`CUDA_VISIBLE_DEVICES`, empty: none) and a fresh API key, so only the gateway reaches it.
+
+Only the operator names a program or any flag (a preset served with `--model NAME=PRESET`, the environment, the
+Python control plane): a start request over the management API names neither `command` nor a flag outside its kind's
+`requestable` ones (`check_requested_args`), flags that only tune how the server runs. The rest would make the admin
+key a shell on the host: vLLM's --trust-remote-code runs the model's Python, --tool-parser-plugin and
+--logits-processors import code, --config and --kv-transfer-config name modules and files, llama.cpp's --path serves a
+folder and --log-file writes one, SGLang's --enable-custom-logit-processor runs code users send, and --host, --port
+or --api-key would open the server to others."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -39,6 +48,44 @@ class ServerSpec(Protocol):
 
 
 HOST = "127.0.0.1"  # a managed server listens here only: clients reach it through the gateway
+_NUMBER = re.compile(r"-?\d+(\.\d+)?([eE]-?\d+)?")  # a flag's value that may start with '-' (--seed -1)
+
+# The flags a start request over the API may give each kind's server in `args`: those that only tune how it runs
+# (memory, batching, kernels, quantization, parsers by their built-in names), as spelled; none runs code, reads or
+# writes a file the request names, or opens the server to others.
+VLLM_REQUESTABLE = frozenset({
+    "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--dtype", "--seed",
+    "--enforce-eager", "--gpu-memory-utilization", "--swap-space", "--cpu-offload-gb", "--kv-cache-dtype",
+    "--quantization", "-q", "--enable-prefix-caching", "--no-enable-prefix-caching", "--enable-chunked-prefill",
+    "--no-enable-chunked-prefill", "--max-num-partial-prefills", "--max-long-partial-prefills",
+    "--long-prefill-token-threshold", "--scheduling-policy", "--async-scheduling", "--max-seq-len-to-capture",
+    "--num-gpu-blocks-override", "--disable-custom-all-reduce", "--disable-cascade-attn",
+    "--disable-sliding-window", "--enable-expert-parallel", "--max-parallel-loading-workers", "--revision",
+    "--max-logprobs", "--enable-auto-tool-choice", "--tool-call-parser", "--reasoning-parser",
+    "--guided-decoding-backend", "--disable-log-stats", "--disable-log-requests", "--uvicorn-log-level",
+    "--disable-uvicorn-access-log", "--disable-fastapi-docs", "--enable-force-include-usage",
+    "--enable-prompt-tokens-details", "--return-tokens-as-token-ids",
+})  # fmt: skip
+SGLANG_REQUESTABLE = frozenset({
+    "--context-length", "--max-running-requests", "--chunked-prefill-size", "--dtype", "--random-seed",
+    "--mem-fraction-static", "--max-total-tokens", "--max-prefill-tokens", "--page-size", "--schedule-policy",
+    "--schedule-conservativeness", "--cuda-graph-max-bs", "--disable-cuda-graph", "--disable-radix-cache",
+    "--enable-torch-compile", "--torch-compile-max-bs", "--attention-backend", "--sampling-backend",
+    "--grammar-backend", "--quantization", "--kv-cache-dtype", "--cpu-offload-gb", "--stream-interval",
+    "--disable-overlap-schedule", "--enable-mixed-chunk", "--num-continuous-decode-steps", "--revision",
+    "--tool-call-parser", "--reasoning-parser", "--watchdog-timeout", "--log-level", "--enable-cache-report",
+    "--show-time-cost",
+})  # fmt: skip
+LLAMACPP_REQUESTABLE = frozenset({
+    "--parallel", "-np", "--threads", "-t", "--seed", "-s", "--ctx-size", "-c", "--batch-size", "-b",
+    "--ubatch-size", "-ub", "--threads-batch", "-tb", "--cont-batching", "-cb", "--no-cont-batching", "-nocb",
+    "--flash-attn", "-fa", "--cache-type-k", "-ctk", "--cache-type-v", "-ctv", "--n-gpu-layers", "-ngl",
+    "--split-mode", "-sm", "--tensor-split", "-ts", "--main-gpu", "-mg", "--no-mmap", "--mlock",
+    "--no-kv-offload", "-nkvo", "--cache-reuse", "--swa-full", "--context-shift", "--no-context-shift",
+    "--defrag-thold", "-dt", "--rope-scaling", "--rope-freq-base", "--rope-freq-scale", "--n-predict", "-n",
+    "--keep", "--temp", "--top-k", "--top-p", "--min-p", "--jinja", "--reasoning-format", "--reasoning-budget",
+    "--no-warmup", "--no-slots", "--no-webui", "--timeout", "-to", "--threads-http", "--log-disable",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,6 +102,7 @@ class ServerKind:
     tensor_parallel: str | None  # its flag; None: it has none (tensor_parallel stays 1)
     settings: dict[str, str]  # our engine setting -> its flag for the same thing
     key_env: str | None  # the environment variable it reads its API key from; None: its --api-key flag
+    requestable: frozenset[str]  # its flags a start request over the API may give in `args` (the operator: any)
     always: tuple[str, ...] = ()  # flags it always gets (metrics the health checks read)
     on_gpu: tuple[str, ...] = ()  # flags it gets when it has GPUs
 
@@ -74,12 +122,16 @@ KINDS: dict[str, ServerKind] = {
             "max_model_len": "--max-model-len",
             "max_num_seqs": "--max-num-seqs",
             "max_num_batched_tokens": "--max-num-batched-tokens",
+            "long_prefill_token_threshold": "--long-prefill-token-threshold",
+            "max_num_partial_prefills": "--max-num-partial-prefills",
+            "max_long_partial_prefills": "--max-long-partial-prefills",
             "kv_cache_memory_gb": "--kv-cache-memory-bytes",
             "block_size": "--block-size",
             "dtype": "--dtype",
             "seed": "--seed",
         },
         key_env="VLLM_API_KEY",
+        requestable=VLLM_REQUESTABLE,
     ),
     "sglang": ServerKind(
         title="SGLang",
@@ -99,6 +151,7 @@ KINDS: dict[str, ServerKind] = {
             "seed": "--random-seed",
         },
         key_env=None,
+        requestable=SGLANG_REQUESTABLE,
         always=("--enable-metrics",),
     ),
     "llamacpp": ServerKind(
@@ -112,6 +165,7 @@ KINDS: dict[str, ServerKind] = {
         tensor_parallel=None,
         settings={"max_num_seqs": "--parallel", "num_threads": "--threads", "seed": "--seed"},
         key_env="LLAMA_API_KEY",
+        requestable=LLAMACPP_REQUESTABLE,
         always=("--metrics",),
         on_gpu=("--n-gpu-layers", "999"),  # every layer on the GPUs it was given
     ),
@@ -130,8 +184,12 @@ class Launch:
 
 def check_settings(spec: ServerSpec) -> None:
     """Raises FieldError for what the kind's server has no flag for: a tensor parallel size, an engine setting (its
-    own flags go in `args`)."""
+    own flags go in `args`); and for a model or served name its command line would read as a flag."""
     kind = KINDS[spec.kind]
+    for name in ("model", "served_model_name"):
+        if (getattr(spec, name) or "").startswith("-"):
+            raise FieldError(name, f"{name} must not start with '-': {kind.title}'s command line would read it as a "
+                                   "flag")  # fmt: skip
     if spec.tensor_parallel > 1 and kind.tensor_parallel is None:
         raise FieldError("tensor_parallel", f"{kind.title} has no tensor parallelism; leave tensor_parallel at 1 "
                                             "(its own --split-mode goes in `args`)")  # fmt: skip
@@ -139,6 +197,20 @@ def check_settings(spec: ServerSpec) -> None:
         if name not in kind.settings:
             raise FieldError(f"engine.{name}", f"a {spec.kind} engine takes the settings {', '.join(kind.settings)}; "
                                                f"give its other flags in `args`")  # fmt: skip
+
+
+def check_requested_args(spec: ServerSpec) -> None:
+    """Raises FieldError naming `args` for a flag a start request over the API may not give: one outside the kind's
+    `requestable` flags, which are matched as spelled (`--flag` or `--flag=value`), so an abbreviation argparse would
+    expand or vLLM's `_` for `-` is refused too. A word that is not a flag is a flag's value (a number may start with
+    '-'); it cannot become a flag of its own, since the command line is run without a shell."""
+    kind = KINDS[spec.kind]
+    for arg in spec.args:
+        flag = arg.split("=", 1)[0]
+        if arg.startswith("-") and not _NUMBER.fullmatch(arg) and flag not in kind.requestable:
+            raise FieldError("args", f"args: {flag!r} is not a flag a request may give a {spec.kind} engine (only the "
+                                     f"operator may: a preset served with --model NAME=PRESET); a request may give "
+                                     f"{', '.join(sorted(kind.requestable))}")  # fmt: skip
 
 
 def program(spec: ServerSpec) -> list[str]:

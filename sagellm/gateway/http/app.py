@@ -20,6 +20,7 @@ import structlog
 
 from sagellm.common.errors import InternalError, SageLLMError
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.http.json_depth import MAX_BODY_DEPTH, too_deep
 
 log = structlog.get_logger("sagellm.gateway")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # what an echoed X-Request-Id may hold: nothing to inject
@@ -39,6 +40,9 @@ class HttpRequest:
         """The body decoded (and validated into the msgspec type `into`); a bad body is a 400 naming the field."""
         if not self.body:
             raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_request")
+        if (depth := too_deep(self.body)) is not None:
+            message = f"the request body nests arrays or objects too deeply: {depth} levels, at most {MAX_BODY_DEPTH}"
+            raise ApiError(400, message, code="invalid_request")
         try:
             return msgspec.json.decode(self.body, type=into) if into else msgspec.json.decode(self.body)
         except msgspec.ValidationError as exc:

@@ -3,6 +3,7 @@ connection (answered first with the reply it carries, for what does not parse)."
 
 from __future__ import annotations
 
+import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -22,6 +23,9 @@ class Close(Exception):
 
 TLS_HANDSHAKE = b"\x16"  # a TLS record's first byte when a client starts a handshake (its ClientHello)
 BARE_LINE_END = "a line of the request head ends with a bare LF or holds a bare CR; HTTP/1.1 lines end with CRLF"
+# A control character other than tab (NUL above all): RFC 9110 allows none in a field value, nor RFC 9112 in the
+# request line, and a proxy or log reading past one (a C string ends at NUL) would see another request than ours.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
@@ -30,6 +34,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     lines = head.split(b"\r\n")
     if any(b"\n" in line or b"\r" in line for line in lines):
         raise Close(error_reply(400, BARE_LINE_END))
+    _refuse_controls(lines)
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
         raise Close(error_reply(400, f"bad request line {lines[0][:100]!r}"))
@@ -50,6 +55,16 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     if version == "HTTP/1.1" and "host" not in headers:
         raise Close(error_reply(400, "an HTTP/1.1 request must carry a Host header"))
     return method.upper(), target, version, headers
+
+
+def _refuse_controls(lines: list[bytes]) -> None:
+    """Raises Close with a 400 naming the first line of the head (the request line, or a header by its name) that
+    holds a control character, and which one."""
+    for number, line in enumerate(lines):
+        if found := _CONTROL.search(line):
+            where = f"the header {line.partition(b':')[0][:40].decode('latin-1')!r}" if number else "the request line"
+            message = f"{where} holds a control character (0x{found[0][0]:02x}); RFC 9110 allows none but tab"
+            raise Close(error_reply(400, message))
 
 
 def check_head_start(partial: bytes | bytearray) -> None:

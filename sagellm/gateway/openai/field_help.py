@@ -8,6 +8,17 @@ from __future__ import annotations
 import json
 
 from sagellm.gateway.openai.vllm_fields import CHAT_ONLY, COMPLETION_ONLY, SHARED
+from sagellm.runtime.engine.request_limits import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
+    MAX_EMBEDDING_INPUTS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_PROMPTS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
 
 # field -> what it does; the same field means the same on every body, except where BY_BODY says otherwise
 FIELD_HELP: dict[str, str] = {
@@ -19,20 +30,22 @@ FIELD_HELP: dict[str, str] = {
     "n": "choices to return, up to 16; each samples with `seed` + i, the prompt prefilled once",
     "stream": "reply as server-sent events, ending with `data: [DONE]`",
     "stream_options": "`include_usage`: a last chunk with the token counts",
-    "stop": "strings that end the reply (not included unless `include_stop_str_in_output`)",
+    "stop": f"strings that end the reply (at most {MAX_STOP_STRINGS:,}, {MAX_STOP_CHARS:,} characters each; not "
+    "included unless `include_stop_str_in_output`)",
     "seed": "the sampler's seed: the same tokens on every path (batching, PD, resume)",
     "user": "the caller's name: admission's per-user rate limit and `affinity` routing read it",
     "presence_penalty": "[-2, 2], subtracted from each token already in the output",
     "frequency_penalty": "[-2, 2], times the count of each token in the output",
-    "logit_bias": "token id -> bias added to its logit, clamped to ±100",
+    "logit_bias": f"token id -> bias added to its logit, clamped to ±100 (at most {MAX_LOGIT_BIAS_TOKENS:,} token ids)",
     "top_k": "vLLM's: sample from the k most likely tokens (-1 or 0: off)",
     "min_p": "vLLM's: drop tokens below min_p times the most likely one's probability",
     "repetition_penalty": "vLLM's: over prompt and output tokens, as transformers applies it (1: off)",
     "min_tokens": "vLLM's: EOS and stop tokens are masked until this many tokens are out",
-    "bad_words": "vLLM's: words (as token sequences) never generated",
-    "allowed_token_ids": "vLLM's: the only tokens that may be generated",
+    "bad_words": f"vLLM's: words (as token sequences) never generated (at most {MAX_BAD_WORDS:,}, "
+    f"{MAX_BAD_WORD_CHARS:,} characters each)",
+    "allowed_token_ids": f"vLLM's: the only tokens that may be generated (at most {MAX_ALLOWED_TOKEN_IDS:,})",
     "ignore_eos": "vLLM's: keep generating past EOS (benchmarks)",
-    "stop_token_ids": "vLLM's: token ids that end the reply",
+    "stop_token_ids": f"vLLM's: token ids that end the reply (at most {MAX_STOP_TOKEN_IDS:,})",
     "skip_special_tokens": "vLLM's: leave special tokens out of the text",
     "include_stop_str_in_output": "vLLM's: keep the matched stop string in the text",
     "return_token_ids": "each choice, and each streamed chunk, also carries its output token ids",
@@ -40,7 +53,8 @@ FIELD_HELP: dict[str, str] = {
     "cache_salt": "vLLM's: the prompt shares prefix-cache blocks only with requests of the same salt (tenants apart)",
     "thinking_token_budget": "vLLM's: a reasoning model thinks at most this many tokens, then its thinking is closed "
     "for it and the answer follows (needs a reasoning parser)",
-    "kv_transfer_params": "vLLM's disaggregated serving across servers: prefill here, decode elsewhere, or the reverse",
+    "kv_transfer_params": "vLLM's disaggregated serving across servers: prefill here, decode elsewhere, or the reverse "
+    "(on a server started with --kv-transfer-role; a decode fetches only from its --kv-transfer-peers)",
     "priority": "a number (lower first) or `critical`, `high`, `normal`, `low`; also the `X-Request-Priority` header",
     "cost_budget": "the most the request may cost, in the instances' price unit (`cost_optimized` policy)",
     "ttft_slo_ms": "time-to-first-token target, for `slo_aware` ordering and SLO metrics",
@@ -58,7 +72,8 @@ FIELD_HELP: dict[str, str] = {
     "guided_whitespace_pattern": "refused when given: set `disable_any_whitespace` in `structured_outputs` instead",
     "guided_decoding_backend": "`auto`, `guidance` or `llguidance` (the one used); any other is refused",
     # completions
-    "prompt": "text, a list of texts, token ids, or a list of token-id lists (several prompts, admitted whole)",
+    "prompt": f"text, a list of texts, token ids, or a list of token-id lists (at most {MAX_PROMPTS:,} prompts, "
+    "admitted whole)",
     "logprobs": "completions: the top-N logprobs of each output token (with `echo`, of the prompt's too)",
     "echo": "completions: the prompt before the output; with `max_tokens: 0` the prompt alone, scored",
     "suffix": "refused when not empty: insertion is not served",
@@ -78,7 +93,8 @@ FIELD_HELP: dict[str, str] = {
     "index": "sageLLM's: answer from this retrieval index (`/admin/index`), its sources in the reply",
     "index_k": "sageLLM's: chunks retrieved from `index` (default 4)",
     # embeddings
-    "input": "embeddings: a text, texts, token ids or lists of them (at most 256); Responses: a string or items",
+    "input": f"embeddings: a text, texts, token ids or lists of them (at most {MAX_EMBEDDING_INPUTS:,}); Responses: a "
+    "string or items",
     "encoding_format": "`float` or `base64`",
     "dimensions": "the model's own dimension only: any other is a 400",
     # the Responses API
@@ -86,7 +102,7 @@ FIELD_HELP: dict[str, str] = {
     "text": "`format`: `text`, `json_object` or `json_schema` (the reply follows it)",
     "max_output_tokens": "most tokens to generate; a cut reply is `incomplete`",
     "previous_response_id": "continue a stored response's conversation",
-    "store": "keep the response for `previous_response_id` (the latest 1,000, readable by the key that made it)",
+    "store": "keep the response for `previous_response_id` (the latest 1,000 of each key, readable by that key)",
     "metadata": "string pairs, returned with the response",
     "background": "refused when true: send the request and wait for it, or stream it",
     "reasoning": "`effort` goes to a model whose template takes one (gpt-oss: none and minimal are low, xhigh is "

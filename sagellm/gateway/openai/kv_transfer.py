@@ -9,7 +9,10 @@ and decode).
 - The decode call carries those params back. This server fetches the KV from the prefill server
   (`GET /v1/kv_transfer/{remote_request_id}`, one msgpack body) and continues from it (the engine checks it is
   this prompt's: the same tokens): the first token is the prefill's, the rest is decoded here.
-A KV fetched is gone, so a decode that fails is retried from the prefill, as vLLM's proxies do."""
+A KV fetched is gone, so a decode that fails is retried from the prefill, as vLLM's proxies do.
+
+Either half is served only in the role the operator started this server in, and a decode fetches only from the
+prefill servers it listed (`kv_peers`): the KV fetched goes into the engine's prefix cache, shared by every user."""
 
 from __future__ import annotations
 
@@ -22,33 +25,31 @@ import structlog
 
 from sagellm.gateway.http.app import App, HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.openai.kv_peers import PARAM, KVPeer, KVPeers
 from sagellm.gateway.serving.kv_outbox import KVOutbox, KVPayload
 from sagellm.runtime.pipeline.messages import Prefilled
 
 log = structlog.get_logger("sagellm.kv_transfer")
 FETCH_TIMEOUT_S = 60.0  # the whole KV (tens of MB on a long prompt)
 CONNECT_TIMEOUT_S = 5.0
-PARAM = "kv_transfer_params"
+MAX_SECRET = 128  # characters of a remote_request_id (ours: 32)
 
 
 @dataclass(frozen=True)
 class RemotePrefill:
-    """Where a decode request's KV waits: the prefill server's address and the secret."""
+    """Where a decode request's KV waits: a prefill server the operator listed, and the secret."""
 
-    host: str
-    port: int
+    peer: KVPeer
     secret: str
 
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1/kv_transfer/{self.secret}"
 
-
-def handoff(params: dict[str, Any] | None, *, stream: bool, choices: int, prompts: int) -> str | RemotePrefill | None:
+def handoff(
+    params: dict[str, Any] | None, peers: KVPeers, *, stream: bool, choices: int, prompts: int
+) -> str | RemotePrefill | None:
     """What a body's `kv_transfer_params` asks: "export" (prefill here for a decode server), a `RemotePrefill`
-    (decode here from one), or None (neither: vLLM's default params). A 400 naming the field for anything else."""
-    asked = _asked(params or {})
+    (decode here from a listed one), or None (neither: vLLM's default params). A 400 naming the field for anything
+    else, and for what this server's role (`peers`) does not do."""
+    asked = _asked(params or {}, peers)
     if asked is not None and (choices != 1 or prompts != 1):
         raise ApiError(400, f"{PARAM}: one prompt, one choice (n=1) per disaggregated request", param=PARAM)
     if asked == "export" and stream:
@@ -56,18 +57,24 @@ def handoff(params: dict[str, Any] | None, *, stream: bool, choices: int, prompt
     return asked
 
 
-def _asked(params: dict[str, Any]) -> str | RemotePrefill | None:
+def _asked(params: dict[str, Any], peers: KVPeers) -> str | RemotePrefill | None:
     if params.get("do_remote_decode"):
+        peers.allow("do_remote_decode")
         return "export"
     if not params.get("do_remote_prefill"):
         return None
+    peers.allow("do_remote_prefill")
     host, port, secret = params.get("remote_host"), params.get("remote_port"), params.get("remote_request_id")
-    valid_port = isinstance(port, int) and 0 < port < 65536
-    valid_secret = isinstance(secret, str) and secret.replace("-", "").replace("_", "").isalnum()
+    valid_port = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+    valid_secret = isinstance(secret, str) and len(secret) <= MAX_SECRET and _url_safe(secret)
     if not (isinstance(host, str) and host and valid_port and valid_secret):
         message = f"{PARAM}: do_remote_prefill needs remote_host, remote_port and remote_request_id"
         raise ApiError(400, message, param=PARAM)
-    return RemotePrefill(host, port, secret)
+    return RemotePrefill(peers.source(host, port), secret)
+
+
+def _url_safe(secret: str) -> bool:
+    return secret.isascii() and secret.replace("-", "").replace("_", "").isalnum()
 
 
 def reply_params(outbox: KVOutbox, request_id: str, http: HttpRequest, engine_id: str) -> dict[str, Any] | None:
@@ -84,11 +91,12 @@ def reply_params(outbox: KVOutbox, request_id: str, http: HttpRequest, engine_id
 
 
 async def fetch(remote: RemotePrefill, client: httpx.AsyncClient) -> Prefilled:
-    """The KV a prefill server keeps for this request; a 503 (retry from the prefill) when it cannot be had."""
+    """The KV a listed prefill server keeps for this request; a 503 (retry from the prefill) when it cannot be had."""
+    url = remote.peer.url(remote.secret)
     try:
-        reply = await client.get(remote.url, timeout=httpx.Timeout(FETCH_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+        reply = await client.get(url, timeout=httpx.Timeout(FETCH_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
     except httpx.HTTPError as error:
-        raise ApiError(503, f"{PARAM}: the prefill server at {remote.host}:{remote.port}: {error}") from None
+        raise ApiError(503, f"{PARAM}: the prefill server at {remote.peer.host}:{remote.peer.port}: {error}") from None
     if reply.status_code != 200:
         message = f"{PARAM}: the prefill server has no KV under that id (fetched, expired or never made)"
         raise ApiError(503, message, code="unavailable")

@@ -34,8 +34,10 @@ class LoraRoutes:
     def __init__(self, core: ServingCore) -> None:
         self.core = core
 
-    def register(self, app: App, admin: Guard | None) -> None:
-        app.route("POST", "/v1/load_lora_adapter", self.load, admin)
+    def register(self, app: App, admin: Guard | None, launch: Guard | None) -> None:
+        """`launch` (the admin key, even under --admin-auth loopback) guards the load, which reads a path the
+        request names with the gateway's rights."""
+        app.route("POST", "/v1/load_lora_adapter", self.load, launch)
         app.route("POST", "/v1/unload_lora_adapter", self.unload, admin)
 
     async def load(self, http: HttpRequest) -> Response:

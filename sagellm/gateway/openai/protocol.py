@@ -7,7 +7,9 @@ penalties and `logit_bias` (token ids as string keys, as the openai SDK sends th
 extensions (`top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`, `min_tokens`, `bad_words`,
 `allowed_token_ids`, `prompt_logprobs`, the chat template's settings, ...), sageLLM's scheduling fields (`priority`
 by number or class name, SLOs, `cost_budget`; also as `X-Request-Priority` / `X-SLO-Deadline-Ms` headers) and
-failover timeouts are accepted in the body."""
+failover timeouts are accepted in the body. Every list or map a body holds has a cap (`request_limits`): the
+sampling fields' are SamplingParams' to check, the rest are declared here on the types (`msgspec.Meta`), so an
+oversized body is a 400 naming the field before any of its work is done."""
 
 from __future__ import annotations
 
@@ -21,6 +23,14 @@ from sagellm.gateway.openai.tools import Tool, ToolChoice
 from sagellm.gateway.openai.vllm_fields import UNSET as NOT_SENT
 from sagellm.gateway.openai.vllm_fields import VllmFields, refuse_unserved
 from sagellm.runtime.engine.guided_params import GuidedDecoding
+from sagellm.runtime.engine.request_limits import (
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_PROMPTS,
+    MAX_TEMPLATE_KWARGS,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+)
 from sagellm.runtime.engine.sampling_params import MAX_CHOICES, MAX_LOGPROBS, SamplingParams
 from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES, Priority, Request, TokenId
 
@@ -31,6 +41,10 @@ _PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1  # Priority's bounds, for the
 PriorityName = Literal["critical", "high", "normal", "low"]
 # A request's own failover timeout, seconds: under a second it would only turn a busy moment into a 504.
 Timeout = Annotated[float, msgspec.Meta(ge=1, le=86_400)]
+# The capped lists and maps the APIs share (`request_limits`): a longer one is a 400 naming it, from the decoder.
+ContentParts = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_CONTENT_PARTS)]
+ToolCalls = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_TOOL_CALLS)]
+TemplateKwargs = Annotated[dict[str, Any], msgspec.Meta(max_length=MAX_TEMPLATE_KWARGS)]
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -91,26 +105,30 @@ class CompletionRequest(_Generation, kw_only=True):
 
 class ChatMessage(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | ContentParts | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, as its reply gave them
+    tool_calls: ToolCalls | None = None  # an assistant's calls, as its reply gave them
     reasoning_content: str | None = None  # vLLM's: an assistant's thinking, as its reply gave it (Harmony keeps it)
     tool_call_id: str | None = None  # a tool message: the call it answers
 
 
+Messages = Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_MESSAGES)]
+Tools = Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)]
+
+
 class ChatCompletionRequest(_Generation, kw_only=True):
-    messages: list[ChatMessage]
+    messages: Messages
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[Tool] | None = None
+    tools: Tools | None = None
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, as OpenAI's
     parallel_tool_calls: bool = True
     echo: bool = False  # vLLM's: refused (a chat's prompt is its messages)
     # vLLM's template settings, rendered with the messages (by the model's template, or the server a chat goes to)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     # OpenAI's: how hard a reasoning model thinks, for a model whose chat template takes it (gpt-oss's Harmony)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     # vLLM's that are refused unless they ask for nothing (`vllm_fields.CHAT_ONLY`)
@@ -273,25 +291,26 @@ def completion_requests(
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:
+    """A completion's prompts: a text, texts, token ids or token-id lists (at most MAX_PROMPTS of them), checked by
+    msgspec rather than a Python loop: a body may hold a million token ids (the vocabulary is checked at admission)."""
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
         _refuse("prompt", "must not be empty")
-    if all(_is_token_id(p) for p in prompt):
-        return [list(prompt)]
-    if all(isinstance(p, str) for p in prompt) or (
-        all(isinstance(p, list) for p in prompt) and all(_is_token_id(t) for p in prompt for t in p)
-    ):
-        if any(not p for p in prompt):
-            _refuse("prompt", "no prompt in the list may be empty")
-        return list(prompt)
-    _refuse("prompt", "must be a string, a list of strings, a list of token ids or a list of token-id lists")
-    return []
-
-
-def _is_token_id(value: Any) -> bool:
-    """An integer a token id can be (JSON gives 1.5 and true as easily; the vocabulary is checked at admission)."""
-    return type(value) is int and 0 <= value < 2**63
+    first = prompt[0]
+    if type(first) is not int and len(prompt) > MAX_PROMPTS:
+        message = f"prompt: {len(prompt)} prompts in one request, more than {MAX_PROMPTS}: send several requests"
+        raise ApiError(400, message, param="prompt", code="invalid_request")
+    shape = list[TokenId] if type(first) is int else list[str] if isinstance(first, str) else list[list[TokenId]]
+    try:
+        prompts = msgspec.convert(prompt, shape)
+    except msgspec.ValidationError:
+        _refuse("prompt", "must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    if type(first) is int:
+        return [prompts]
+    if not all(prompts):
+        _refuse("prompt", "no prompt in the list may be empty")
+    return prompts
 
 
 def chat_request(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -29,6 +29,7 @@ from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage
 from sagellm.gateway.openai.responses_tools import function_tools
 from sagellm.gateway.openai.tool_parsers import ToolCall
 from sagellm.gateway.openai.tools import FunctionName, NamedFunction, NamedToolChoice, tool_call_json
+from sagellm.runtime.engine.request_limits import MAX_CONTENT_PARTS, MAX_INCLUDE, MAX_MESSAGES, MAX_METADATA, MAX_TOOLS
 
 # `include` values that name items this server never makes (no reasoning, no hosted tools, no input images): asking
 # for them adds nothing, as OpenAI's API adds nothing when a response has no such item
@@ -70,10 +71,13 @@ _CHAT_EFFORT = {"none": "low", "minimal": "low", "low": "low", "medium": "medium
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
+    """Its lists and maps are capped (`request_limits`): `input` as a chat's messages, `metadata` as OpenAI's."""
+
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    input: str | Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_MESSAGES)]
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None  # read by `responses_tools.function_tools`
+    # read by `responses_tools.function_tools` (which caps the functions namespaces hold too)
+    tools: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
@@ -84,10 +88,10 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     previous_response_id: str | None = None
     store: bool = True
     user: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA)] | None = None
     background: bool = False
     reasoning: Reasoning | None = None
-    include: list[str] | None = None
+    include: Annotated[list[str], msgspec.Meta(max_length=MAX_INCLUDE)] | None = None
     prompt_cache_key: str | None = None
 
 
@@ -139,6 +143,9 @@ def _text(content: Any, where: str) -> str:
     """A message's content: a string, or its text parts joined (`input_text`, `output_text`, `text`)."""
     if isinstance(content, str):
         return content
+    if isinstance(content, list) and len(content) > MAX_CONTENT_PARTS:
+        message = f"{where}.content: at most {MAX_CONTENT_PARTS} parts, got {len(content)}"
+        raise ApiError(400, message, param=f"{where}.content", code="invalid_request")
     kinds = ("input_text", "output_text", "text")
     if isinstance(content, list) and all(
         isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str) for p in content
@@ -167,9 +174,13 @@ def chat_body(
             message = "tool_choice: required, but no tool is a function this server runs"
             raise ApiError(400, message, param="tool_choice")
         choice = None
+    try:  # (consecutive calls are one assistant message, which holds at most MAX_TOOL_CALLS)
+        messages = msgspec.convert(system + conversation, list[ChatMessage])
+    except msgspec.ValidationError as error:
+        raise ApiError(400, f"input: {error}", param="input", code="invalid_request") from None
     chat = ChatCompletionRequest(
         model=body.model,
-        messages=msgspec.convert(system + conversation, list[ChatMessage]),
+        messages=messages,
         max_tokens=body.max_output_tokens,
         temperature=body.temperature,
         top_p=body.top_p,

@@ -7,7 +7,8 @@ its sub-agent tools so: `{"type": "namespace", "name": ..., "description": ..., 
 namespace (`function_call.namespace`), as a client that keys its tools by namespace and name looks them up. Hosted
 tools (`web_search`, `file_search`, `code_interpreter`, ...) run on OpenAI's side, and `custom` (freeform) tools need
 a grammar per tool that this server does not build: a client like Codex sends them with every request whatever the
-provider, so they are left out, each with a log line, instead of failing the request. Any other type is a 400."""
+provider, so they are left out, each with a log line, instead of failing the request. Any other type is a 400, and so
+are more functions than a chat may show (`request_limits.MAX_TOOLS`, namespaces' functions counted one by one)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import structlog
 
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.tools import Function, FunctionName, Tool
+from sagellm.runtime.engine.request_limits import MAX_TOOLS
 
 log = structlog.get_logger("sagellm.responses")
 
@@ -56,6 +58,9 @@ def function_tools(tools: list[dict[str, Any]] | None) -> FunctionTools:
 def _add(found: FunctionTools, tool: Any, where: str, namespace: str | None) -> None:
     kind = tool.get("type") if isinstance(tool, dict) else None
     if kind == "function":
+        if len(found.tools) == MAX_TOOLS:
+            message = f"tools: at most {MAX_TOOLS} functions, namespaces' counted one by one; {where} is one more"
+            raise ApiError(400, message, param="tools", code="invalid_request")
         function = _convert(tool, FunctionTool, where)
         found.tools.append(Tool(type="function", function=Function(
             name=function.name, description=function.description, parameters=function.parameters,

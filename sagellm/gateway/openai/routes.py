@@ -21,6 +21,7 @@ import numpy as np
 import trio
 
 from sagellm.common.errors import FieldError
+from sagellm.gateway.config import KVTransferSettings
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
@@ -30,6 +31,7 @@ from sagellm.gateway.openai.chat_templates import fallback_template, rendering_t
 from sagellm.gateway.openai.choices import best_of, fan_out
 from sagellm.gateway.openai.echo import Echo
 from sagellm.gateway.openai.harmony import CALL, RETURN
+from sagellm.gateway.openai.kv_peers import KVPeers
 from sagellm.gateway.openai.kv_transfer import RemotePrefill
 from sagellm.gateway.openai.protocol import (
     ChatCompletionRequest,
@@ -58,6 +60,7 @@ from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.request_stream import RequestStream, embedded
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.outputs import TokenLogprob
+from sagellm.runtime.engine.request_limits import MAX_EMBEDDING_INPUTS
 from sagellm.runtime.engine.thinking import ThinkingBudget
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 
@@ -65,9 +68,6 @@ DONE = b"[DONE]"
 # Template settings that shape the prompt's end, not the reply's start (whether it opens inside the thinking)
 _PROMPT_SHAPE = ("add_generation_prompt", "continue_final_message")
 TEXT_PROBE = "\x00text\x00"  # stands for a delta's text in a chunk's template (no real text is a NUL-framed word)
-# Inputs one embedding request may carry: a batch this size takes about a second of CPU here; more would hold the
-# model (one batch at a time) from every other client for as long as a client cares to send.
-MAX_EMBEDDING_INPUTS = 256
 
 
 # A streamed chat's first chunk: the assistant's role, before any content (as OpenAI's streams open).
@@ -83,11 +83,14 @@ class OpenAIRoutes:
         tool_call_parser: str | None = None,
         reasoning_parser: str | None = None,
         reasoning_budget: int | None = None,
+        kv_transfer: KVTransferSettings | None = None,
     ) -> None:
         """`indexes`: the retrieval indexes chats may name (`"index"`); None in an API server's process, which
         passes such chats on to the gateway's core, that holds them (`to_core`). `tool_call_parser`: how tool calls
         are read from replies, `reasoning_parser` how thinking is (None: each chosen from the model's template);
-        `reasoning_budget`: the thinking tokens of a request that sets no budget of its own (None: no bound)."""
+        `reasoning_budget`: the thinking tokens of a request that sets no budget of its own (None: no bound);
+        `kv_transfer`: this server's part in disaggregated serving across servers (None: none, `kv_transfer_params`
+        refused; an API server's, whose core keeps no KV for other servers)."""
         self.core = core
         self.indexes = indexes
         self.to_core = to_core
@@ -101,6 +104,7 @@ class OpenAIRoutes:
         self._starts_thinking: dict[tuple[str, str], bool] = {}  # (template, its settings) -> a reply opens inside
         self.created = int(time.time())
         self._kv_http: httpx.AsyncClient | None = None  # fetches prefills' KV from other servers, once one is asked
+        self.kv_peers = KVPeers(kv_transfer)  # its listed prefill servers' names resolved now, once
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("GET", "/v1/models", self.models, guard)
@@ -410,12 +414,11 @@ class OpenAIRoutes:
 
     async def _hand_off(self, body: Any, requests: list[Request], choices: int) -> None:
         """A request's part in disaggregated serving across servers (`kv_transfer_params`, vLLM's protocol): marked
-        to prefill for a decode server ("export"), or given the KV a prefill server made for it."""
-        outbox = getattr(self.core, "kv_outbox", None)  # (an API server's core keeps none: the gateway's does)
-        asked = kv_transfer.handoff(body.kv_transfer_params, stream=body.stream, choices=choices, prompts=len(requests))
-        if asked is not None and outbox is None:
-            message = "kv_transfer_params: served by a gateway that answers HTTP itself (no --api-servers)"
-            raise ApiError(400, message, param="kv_transfer_params")
+        to prefill for a decode server ("export"), or given the KV a prefill server made for it: the one place a KV
+        made elsewhere enters this server's engine, and its prefix cache shared by every user, so only one fetched
+        from a prefill server the operator listed (`kv_peers`; the engine checks it is this prompt's tokens)."""
+        params, count = body.kv_transfer_params, len(requests)
+        asked = kv_transfer.handoff(params, self.kv_peers, stream=body.stream, choices=choices, prompts=count)
         if body.prompt_logprobs is not None and asked is not None:
             raise ApiError.unsupported("prompt_logprobs", "not scored in a request split across servers")
         if asked == "export":

@@ -4,7 +4,8 @@ Four spellings reach the same constraint: OpenAI's `response_format` (`json_obje
 `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` and its newer `structured_outputs` object.
 A request gives at most one. Whether the constraint compiles is checked here too, before the request enters the
 graph, in a worker thread with a time bound (compiling takes milliseconds, a pathological schema far longer), so a
-schema that cannot be used is a 400 naming the field it came in, not an error after a wait in the queue."""
+schema that cannot be used, or that no output can meet (`GrammarCompiler.compile`), is a 400 naming the field it
+came in, not an error after a wait in the queue."""
 
 from __future__ import annotations
 

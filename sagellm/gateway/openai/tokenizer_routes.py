@@ -11,7 +11,7 @@ holds its files); a model another server serves is that server's to tokenize."""
 from __future__ import annotations
 
 from importlib.metadata import version
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import trio
@@ -19,10 +19,11 @@ import trio
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.chat_templates import fallback_template, rendering_template
-from sagellm.gateway.openai.protocol import ChatMessage, template_kwargs
-from sagellm.gateway.openai.tools import Tool, plan
+from sagellm.gateway.openai.protocol import Messages, Tools, template_kwargs
+from sagellm.gateway.openai.tools import plan
 from sagellm.gateway.serving.prompts import OFF_LOOP_CHARS
 from sagellm.operators.admission import tokenize_request
+from sagellm.runtime.engine.request_limits import MAX_DETOKENIZE_TOKENS
 from sagellm.runtime.pipeline.messages import Request, TokenId
 from sagellm.runtime.pipeline.served_model import ServedModel
 
@@ -35,8 +36,8 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    tools: list[Tool] | None = None
+    messages: Messages | None = None
+    tools: Tools | None = None
     add_special_tokens: bool | None = None  # None: as the server would (a prompt with them, a chat as rendered)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -45,7 +46,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
-    tokens: list[TokenId]
+    tokens: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_DETOKENIZE_TOKENS)]
 
 
 class TokenizerRoutes:
@@ -72,26 +73,32 @@ class TokenizerRoutes:
         tokenizer = served.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give one of prompt or messages", param="prompt")
-        text = self._render(body, served) if body.messages is not None else body.prompt or ""
 
         def encode() -> list[int]:
+            text = self._render(body, served) if body.messages is not None else body.prompt or ""
             if body.add_special_tokens is not None:
                 return tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
             request = Request(request_id="tokenize", prompt=text)  # as a request is tokenized when it is served
             tokenize_request(request, tokenizer, None)
             return request.prompt_token_ids or []
 
-        # a long text is encoded in a thread, never on the event loop every stream shares
-        return (encode() if len(text) <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(encode)), served
+        # a long text or chat is rendered and encoded in a thread, never on the event loop every stream shares
+        work = len(body.prompt or "") + len(msgspec.json.encode(body.messages)) + len(msgspec.json.encode(body.tools))
+        return (encode() if work <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(encode)), served
 
     async def detokenize(self, http: HttpRequest) -> Response:
         body = http.json(DetokenizeRequest)
         served = await self._served(body.model)
-        vocab = served.vocab_size
-        beyond = next((t for t in body.tokens if vocab is not None and t >= vocab), None)
-        if beyond is not None:
-            raise ApiError(400, f"tokens: {beyond} is outside the vocabulary of {vocab}", param="tokens")
-        return Response({"prompt": served.tokenizer.decode(body.tokens)})
+        vocab, tokens = served.vocab_size, body.tokens
+
+        def decode() -> str:
+            beyond = next((t for t in tokens if vocab is not None and t >= vocab), None)
+            if beyond is not None:
+                raise ApiError(400, f"tokens: {beyond} is outside the vocabulary of {vocab}", param="tokens")
+            return served.tokenizer.decode(tokens)
+
+        text = decode() if len(tokens) <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(decode)  # as encode
+        return Response({"prompt": text})
 
     async def tokenizer_info(self, http: HttpRequest) -> Response:
         served = await self._served(http.query.get("model"))

@@ -7,6 +7,7 @@ are its `registry` (`instances.InstanceRegistry`), which the control plane attac
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
@@ -68,6 +69,7 @@ class ServingCore:
         self._live_of_model: Counter[str | None] = Counter()  # requests live, by `Request.model`
         # Requests between `model_ready` and their submission, by `Request.model`: the deadlines of their holds.
         self._arriving: defaultdict[str | None, list[float]] = defaultdict(list)
+        self._fewer = trio.Event()  # set as a request ends: whoever waits for a model's requests to end looks again
         # The models loaded on demand (`control.model_pool.ModelPool`), when the gateway has any.
         self.models_on_demand: Any = None
         self.sleep_mode: Any = None  # `control.sleep_mode.SleepMode`: the graph's engines asleep and woken
@@ -104,10 +106,10 @@ class ServingCore:
 
     # -- requests -------------------------------------------------------------------------------------------------
     async def tokenize_prompts(self, requests: list[Request], every: bool = False) -> None:
-        """Renders and tokenizes, in a worker thread, the prompts too long to tokenize on the event loop (which
-        every stream and /health share), so admission finds their token ids ready; `every`: the short ones too (a
-        reply that shows the prompt's tokens). A prompt with more characters than the context could hold tokens is
-        refused at once, before any tokenizing. Raises ApiError (400)."""
+        """Renders and tokenizes, in a worker thread, the prompts (and bad words) too long to tokenize on the event
+        loop (which every stream and /health share), so admission finds their token ids ready; `every`: the short
+        ones too (a reply that shows the prompt's tokens). A prompt with more characters than the context could
+        hold tokens is refused at once, before any tokenizing. Raises ApiError (400)."""
         await tokenize_prompts(requests, self.tokenizer, self.vocab_size, self.max_model_len, short_too=every)
 
     def submit(self, request: Request) -> RequestStream:
@@ -184,6 +186,8 @@ class ServingCore:
         """A request's client got its last item (or left): its status is kept among the recent ones."""
         if self._live.pop(stream.request.request_id, None) is not None:
             self._live_of_model[stream.request.model] -= 1
+            self._fewer.set()
+            self._fewer = trio.Event()
         self._recent[stream.request.request_id] = (stream.request.owner, stream.status())
         while len(self._recent) > RECENT_REQUESTS:
             self._recent.popitem(last=False)
@@ -251,21 +255,25 @@ class ServingCore:
         pool = self.models_on_demand
         if model is None and self.sleep_mode is not None:
             await self.sleep_mode.awake()
+            if submits:
+                self.hold(model)
         elif pool is not None and model is not None and model in pool.models:
-            await pool.ready(model)
-        else:
-            return  # nothing waits for this model's requests to end
-        if submits:
-            self.requests_of(model)  # the expired holds go
-            self._arriving[model].append(time.monotonic() + HOLD_S)
+            await pool.ready(model, hold=submits)  # held the moment it serves, before another model's load may evict it
+
+    def hold(self, model: str | None) -> None:
+        """A request of `model` is on its way in (past `model_ready`): the model counts as busy (`requests_of`) until
+        the request is submitted, or HOLD_S."""
+        self._holds(model)  # the expired holds go
+        self._arriving[model].append(time.monotonic() + HOLD_S)
 
     def ready_now(self, model: str | None) -> bool:
         """Whether a request of `model` may enter at once, with no wait in `model_ready`: not while the graph's
-        engines sleep (or fall asleep), nor while a model on demand does not serve."""
+        engines sleep (or fall asleep), nor while a model on demand does not serve, unless a request of it is held on
+        its way in (its API server's `ModelReady` was answered; the model's drain, if one began since, waits for it)."""
         if model is None:
             return self.sleep_mode is None or self.sleep_mode.serving
         pool = self.models_on_demand
-        return pool is None or model not in pool.models or pool.models[model].serving
+        return pool is None or model not in pool.models or pool.models[model].serving or self._holds(model) > 0
 
     def engine_operators(self) -> list[Any]:
         """The graph's operators that run an LLMEngine in this process."""
@@ -302,9 +310,20 @@ class ServingCore:
 
     def requests_of(self, model: str | None) -> int:
         """Requests of `model` (a `Request.model`) the gateway answers now, or that are on their way in."""
+        return self._live_of_model[model] + self._holds(model)
+
+    def _holds(self, model: str | None) -> int:
+        """Requests of `model` past `model_ready` and not yet submitted (the expired holds go)."""
         now = time.monotonic()
         holds = self._arriving[model] = [deadline for deadline in self._arriving[model] if deadline > now]
-        return self._live_of_model[model] + len(holds)
+        return len(holds)
+
+    async def until_idle(self, model: str | None) -> None:
+        """Returns once `model` has no request (`requests_of` is 0): woken as requests end, and as holds expire."""
+        while self.requests_of(model):
+            holds = self._arriving[model]
+            with trio.move_on_after(min(holds) - time.monotonic() if holds else math.inf):
+                await self._fewer.wait()
 
     def engines_of_ours(self, model: str) -> bool:
         """Whether another model's instances are engines of ours (workers of the graph), not servers we only reach."""

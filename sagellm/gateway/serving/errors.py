@@ -10,8 +10,11 @@ from sagellm.gateway.http.errors import ApiError
 from sagellm.runtime.pipeline.messages import HTTP_STATUS, RequestError
 
 # The request fields an invalid request's message starts with when one of them is what is wrong (admission's and the
-# prompt checks' wording: `prompt_token_ids must be ...`, `logit_bias must name ...`).
-REQUEST_FIELDS = frozenset({"prompt", "prompt_token_ids", "messages", "logit_bias", "allowed_token_ids", "bad_words"})
+# prompt checks' wording: `prompt_token_ids must be ...`, `logit_bias must name ...`, and the engine's when they rule
+# out every token a constraint allows: `allowed_token_ids rules out ...`).
+REQUEST_FIELDS = frozenset(
+    {"prompt", "prompt_token_ids", "messages", "logit_bias", "allowed_token_ids", "bad_words", "min_tokens"}
+)
 
 
 def api_error(error: RequestError, param: str | None = None) -> ApiError:

@@ -1,15 +1,17 @@
 """Prompts tokenized before they enter the graph, off the event loop when long, and request ids.
 
-The event loop carries every stream and `/health`: a long prompt tokenized on it stalls them all, so prompts longer
-than OFF_LOOP_CHARS go to a worker thread and admission finds their token ids ready. The serving core does this for
-its own requests, an API server (`api_servers.server`) for all of them, short ones too (its own thread is the
-work it exists for)."""
+The event loop carries every stream and `/health`: a long prompt tokenized on it stalls them all, so a request whose
+preparation reads more than OFF_LOOP_CHARS (its prompt, or its chat's messages and tools, rendered and tokenized; its
+bad words, tokenized twice each) is prepared in a worker thread and admission finds its token ids ready. The serving
+core does this for its own requests, an API server (`api_servers.server`) for all of them, light ones too (its own
+thread is the work it exists for)."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
+import msgspec
 import trio
 
 from sagellm.gateway.http.errors import ApiError
@@ -17,8 +19,9 @@ from sagellm.gateway.serving.errors import field_named
 from sagellm.operators.admission import tokenize_request
 from sagellm.runtime.pipeline.messages import Request
 
-# Prompts longer than this are tokenized in a worker thread before they enter the graph (a short one costs less
-# inline than the thread hop); a prompt longer than its context times MAX_CHARS_PER_TOKEN is refused untokenized.
+# Requests whose preparation reads more than this many characters in all are prepared in a worker thread (a light
+# one costs less inline than the thread hop); a prompt longer than its context times MAX_CHARS_PER_TOKEN is refused
+# untokenized.
 OFF_LOOP_CHARS = 4096
 MAX_CHARS_PER_TOKEN = 64
 
@@ -26,15 +29,14 @@ MAX_CHARS_PER_TOKEN = 64
 async def tokenize_prompts(
     requests: list[Request], tokenizer: Any, vocab: int | None, max_model_len: int | None, *, short_too: bool
 ) -> None:
-    """Fills the token ids of the requests for the graph's own model: those longer than OFF_LOOP_CHARS in a worker
-    thread, the short ones (`short_too`) inline, where a thread hop would cost more than the tokenizing. A prompt
-    with more characters than the context could hold tokens is refused before any tokenizing. Raises ApiError (400)
-    for a prompt that cannot be tokenized or is too long."""
-    ours = [r for r in requests if r.model is None and r.prompt_token_ids is None]  # others' servers tokenize theirs
-    long = [r for r in ours if _characters(r) > OFF_LOOP_CHARS]
-    short = [r for r in ours if _characters(r) <= OFF_LOOP_CHARS] if short_too else []
+    """Fills the token ids of the requests for the graph's own model (their prompts' and their bad words',
+    `tokenize_request`): in one worker thread those whose preparation reads more than OFF_LOOP_CHARS, and with
+    `short_too` the light ones too, inline while they read that little in all. A prompt with more characters than the
+    context could hold tokens is refused before any tokenizing. Raises ApiError (400) for a prompt that cannot be
+    tokenized or is too long."""
+    ours = [r for r in requests if r.model is None and _unprepared(r)]  # others' servers tokenize theirs
     limit = (max_model_len or 0) * MAX_CHARS_PER_TOKEN
-    for request in long:
+    for request in ours:
         if limit and _characters(request) > limit:
             raise ApiError(
                 400,
@@ -42,12 +44,35 @@ async def tokenize_prompts(
                 f"tokens holds at most about {limit}",
                 code="context_length_exceeded",
             )
-    problems = [tokenize_request(r, tokenizer, vocab) for r in short]
-    if long:
-        problems += await trio.to_thread.run_sync(lambda: [tokenize_request(r, tokenizer, vocab) for r in long])
+    weighed = [(r, _work(r)) for r in ours]
+    chosen = [(r, work) for r, work in weighed if short_too or work > OFF_LOOP_CHARS]
+
+    def prepare() -> list[str | None]:
+        return [tokenize_request(r, tokenizer, vocab) for r, _ in chosen]
+
+    heavy = sum(work for _, work in chosen) > OFF_LOOP_CHARS
+    problems = await trio.to_thread.run_sync(prepare) if heavy else prepare()
     for problem in problems:
         if problem is not None:
             raise ApiError(400, problem, param=field_named(problem), code="invalid_request")
+
+
+def _unprepared(request: Request) -> bool:
+    sampling = request.sampling
+    return request.prompt_token_ids is None or (bool(sampling.bad_words) and sampling.bad_words_token_ids is None)
+
+
+def _work(request: Request) -> int:
+    """About how many characters preparing `request` reads: its prompt, or its chat's messages and tools as JSON
+    (what the template renders), unless tokenized; its bad words twice (alone and after a space), unless tokenized."""
+    work = 0
+    if request.prompt_token_ids is None:
+        work += len(request.prompt or "")
+        if request.prompt is None and request.messages:
+            work += len(msgspec.json.encode(request.messages)) + len(msgspec.json.encode(request.tools or []))
+    if request.sampling.bad_words_token_ids is None:
+        work += 2 * sum(len(word) + 1 for word in request.sampling.bad_words)
+    return work
 
 
 def _characters(request: Request) -> int:

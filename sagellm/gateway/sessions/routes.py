@@ -16,18 +16,18 @@ import msgspec
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage
+from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage, Messages
 from sagellm.gateway.openai.routes import OpenAIRoutes
 from sagellm.gateway.sessions.store import Session, SessionStore
 
 
 class NewSession(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     title: str | None = None
-    messages: list[ChatMessage] = msgspec.field(default_factory=list)
+    messages: Messages = msgspec.field(default_factory=list)
 
 
 class Append(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    messages: list[ChatMessage]
+    messages: Messages
 
 
 def _plain(messages: list[ChatMessage]) -> list[dict[str, Any]]:

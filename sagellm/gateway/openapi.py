@@ -1,6 +1,7 @@
 """The OpenAPI document of the gateway, generated from the same msgspec Structs that validate the bodies, so the
-document cannot drift from what the server accepts; each body's properties carry `field_help`'s words. Served at
-`/openapi.json`."""
+document cannot drift from what the server accepts; each body's properties carry its API's `field_help` words. Served
+at `/openapi.json`. Its map of routes to bodies is the one the API reference (`sagellm.cli.reference`) and the
+security suite's fuzzing read too; it sits above the API rooms because it names the bodies of all of them."""
 
 from __future__ import annotations
 
@@ -8,29 +9,43 @@ from typing import Any
 
 import msgspec
 
+from sagellm.gateway.anthropic import field_help as anthropic_help
+from sagellm.gateway.anthropic.protocol import CountTokensRequest, MessagesRequest
 from sagellm.gateway.http.app import App, HttpRequest, Response
-from sagellm.gateway.openai.field_help import field_help
+from sagellm.gateway.openai import field_help as openai_help
 from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from sagellm.gateway.openai.responses import ResponsesRequest
 from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
 
-_BODIES = {
-    "/v1/completions": CompletionRequest,
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/embeddings": EmbeddingRequest,
-    "/tokenize": TokenizeRequest,
-    "/detokenize": DetokenizeRequest,
+# route -> the body it decodes
+BODIES: dict[str, type[msgspec.Struct]] = {
+    "POST /v1/chat/completions": ChatCompletionRequest,
+    "POST /v1/completions": CompletionRequest,
+    "POST /v1/responses": ResponsesRequest,
+    "POST /v1/embeddings": EmbeddingRequest,
+    "POST /tokenize": TokenizeRequest,
+    "POST /detokenize": DetokenizeRequest,
+    "POST /v1/messages": MessagesRequest,
+    "POST /v1/messages/count_tokens": CountTokensRequest,
 }
+ANTHROPIC_BODIES = (MessagesRequest, CountTokensRequest)
 _ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def field_help(body: type[msgspec.Struct], field: str) -> str | None:
+    """What `field` of `body` does, in the words of the API the body belongs to."""
+    helper = anthropic_help.field_help if body in ANTHROPIC_BODIES else openai_help.field_help
+    return helper(body.__name__, field)
 
 
 def openapi_document(app: App, version: str) -> dict[str, Any]:
     (refs, components) = msgspec.json.schema_components(
-        list(_BODIES.values()), ref_template="#/components/schemas/{name}"
+        list(BODIES.values()), ref_template="#/components/schemas/{name}"
     )
-    body_refs = dict(zip(_BODIES, refs))
-    for body in _BODIES.values():
+    body_refs = dict(zip(BODIES, refs))
+    for body in BODIES.values():
         for name, schema in components[body.__name__].get("properties", {}).items():
-            if (words := field_help(body.__name__, name)) is not None:
+            if (words := field_help(body, name)) is not None:
                 schema["description"] = words
     components["Error"] = {
         "type": "object",
@@ -53,8 +68,8 @@ def openapi_document(app: App, version: str) -> dict[str, Any]:
                 },
             }
         }
-        if path in body_refs and route.method == "POST":
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_refs[path]}}}
+        if (body := body_refs.get(f"{route.method} {path}")) is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
         if route.guard is not None:
             operation["security"] = [{"bearer": []}]
         names = route.pattern.groupindex  # `{session_id}`, `{engine_id}`: every path parameter is declared

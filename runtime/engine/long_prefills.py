@@ -1,0 +1,131 @@
+"""Long prompts share the engine: vLLM's `--long-prefill-token-threshold`, `--max-num-partial-prefills` and
+`--max-long-partial-prefills`, as one step's shares of the prefill work.
+
+Chunked prefill alone lets one prompt of thousands of tokens (or a batch of prompts scored for their logprobs) take
+the whole token budget of step after step, so a short chat arriving meanwhile waits for steps each as long as the
+budget allows. With a threshold T:
+
+- a prompt with more than T tokens left to compute is *long*: it computes at most T of them a step (vLLM v1's rule),
+  so every step stays about as long as T tokens make it, whatever else waits. Deeper into a long prompt each token
+  also attends to every one before it, and a chunk of T tokens after 6,000 costs several times its first one. So a
+  long prompt's chunk after c computed tokens is T * S / (S + c), to its end, S the context at which a token's
+  attention costs what its linear layers do (`context_scale`), and each of its steps costs about what its first
+  did. The engine sets S to 3 x the hidden size: 6 x in FLOPs for a dense transformer, halved because a CPU runs
+  attention at about half the linears' rate (the step models `sagellm bench steps` fitted for SmolLM2 on this
+  project's CPUs put S at 1,100-1,700; 3 x 576 = 1,728);
+- a prompt whose prefill goes on past a step holds one of `max_num_partial_prefills` seats until it ends, and a long
+  one one of `max_long_partial_prefills` too; a waiting prompt that has no seat waits, and the shorter prompts behind
+  it start ahead of it (vLLM v0's rule), so short chats are never queued behind long prompts;
+- a step that can start a waiting short prompt (T tokens or fewer) leaves the long prompts' chunks for the next
+  (the scheduler allows this `MAX_LONG_HOLDS` steps in a row, so a long prompt still gets every few steps): a
+  short chat's first token then waits for the step under way and one short step of its own, not for a long chunk
+  beside it (ours: vLLM splits the step's budget between them instead);
+- a step scores at most T prompt positions for prompt logprobs (`echo` with `logprobs`), whoever asked: their
+  full-vocabulary log-softmax is the heaviest work a prompt row can ask for.
+
+T = 0 turns all of it off: each prompt takes what the budget leaves, as before. The seats are counted afresh each
+step from the running sequences, so there is no state to keep in step with preemption or aborts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
+
+
+def tokens_left(seq: Sequence, computed: int) -> int:
+    """The tokens `seq` still has to compute when `computed` of its tokens are in the cache (proposals included)."""
+    return seq.num_tokens - computed + len(seq.spec_token_ids)
+
+
+class PrefillShares:
+    """What one step lets each prefill take: built from the running sequences before the step, then asked about each
+    sequence in scheduling order (`share`, then for a waiting one `has_seats`) and told what each took (`took`)."""
+
+    def __init__(
+        self,
+        threshold: int = 0,
+        max_partial: int = 1,
+        max_long: int = 1,
+        running: Iterable[Sequence] = (),
+        context_scale: int = 0,
+        shorts_first: bool = False,
+    ) -> None:
+        """`threshold` 0: every prompt takes what the budget leaves it (the shares of a step that schedules
+        nothing new); `context_scale` 0: chunks in plain tokens, however deep (vLLM's); `shorts_first`: a short
+        prompt waits, and this step is its alone: long prompts' chunks wait for the next."""
+        self.threshold, self.max_partial, self.max_long = threshold, max_partial, max_long
+        self.context_scale, self.shorts_first = context_scale, shorts_first
+        self.held_long = False  # whether a long prompt's chunk was held back for the short ones
+        self.scored_left = threshold or None  # prompt positions this step may still score; None: no limit
+        # The running prompts mid-prefill: each holds a seat, and a long one a long seat, until its prefill ends.
+        self._prefilling = [seq for seq in running if seq.num_tokens - seq.num_computed_tokens > 1]
+        self._new_partial = self._new_long = 0  # seats taken this step by prompts admitted in it
+        self._scheduled: dict[Sequence, int] = {}  # what each running prompt mid-prefill computes this step
+
+    def is_long(self, left: int) -> bool:
+        return 0 < self.threshold < left
+
+    def chunk(self, computed: int) -> int:
+        """A long prompt's tokens in one step after `computed` of them: T at its start, fewer deeper in."""
+        if not self.context_scale:
+            return self.threshold
+        return max(1, self.threshold * self.context_scale // (self.context_scale + computed))
+
+    def share(self, seq: Sequence, computed: int, n: int) -> int:
+        """`n` (what the budget leaves `seq`) cut to its share: a long prompt's chunk (and a started prefill's, so
+        a long prompt's last chunk too), and no more prompt positions scored than the step has left. 0: nothing
+        this step. For a sequence that scores its prompt, `computed` is its `num_computed_tokens` (its prefix is
+        always recomputed for the logits)."""
+        left = tokens_left(seq, computed)
+        started = seq.status is SequenceStatus.RUNNING and seq.num_tokens - computed > 1
+        if self.threshold and (started or self.is_long(left)):
+            if self.shorts_first and left > self.chunk(computed):  # a long prompt, short of its last chunk
+                self.held_long = True
+                return 0
+            n = min(n, self.chunk(computed))
+        if self.scored_left is not None and seq.scores_prompt:
+            scored = seq.prompt_scored_positions(n)
+            if len(scored) > self.scored_left:  # the positions before the first still unscored cost no logits
+                n = scored.start + self.scored_left - computed
+        return n
+
+    def has_seats(self, seq: Sequence, computed: int, n: int) -> bool:
+        """Whether the waiting `seq`, computing `n` tokens this step, gets the seats it needs: none when its prefill
+        ends in this step, else a partial prefill's seat, and a long one's too when it is long."""
+        left = tokens_left(seq, computed)
+        if n >= left:
+            return True
+        if self._partial() >= self.max_partial:
+            return False
+        return not self.is_long(left) or self._long() < self.max_long
+
+    def took(self, seq: Sequence, n: int, admitted: bool) -> None:
+        """`seq` computes `n` tokens this step (`admitted`: it starts in this step); before its counter moves."""
+        if self.scored_left is not None and seq.scores_prompt:
+            self.scored_left -= len(seq.prompt_scored_positions(n))
+        left = tokens_left(seq, seq.num_computed_tokens)
+        if not admitted:
+            self._scheduled[seq] = n
+        elif n < left:
+            self._new_partial += 1
+            self._new_long += self.is_long(left)
+
+    def held_back(self, waiting: Iterable[Sequence]) -> int:
+        """How many of the `waiting` sequences (between steps) are long prompts that start only once a long prompt
+        running now is through: they take none of the running batch's seats until then."""
+        waiting_long = sum(self.is_long(tokens_left(seq, seq.num_computed_tokens)) for seq in waiting)
+        return max(0, waiting_long - max(0, self.max_long - self._long()))
+
+    def _partial(self) -> int:
+        """Prompts whose prefill goes on past this step: a running one whose last chunk is in it frees its seat."""
+        going_on = sum(tokens_left(s, s.num_computed_tokens) > self._scheduled.get(s, 0) for s in self._prefilling)
+        return going_on + self._new_partial
+
+    def _long(self) -> int:
+        """Long prompts prefilling: those admitted in this step, and the running ones whose next chunk is not
+        their last (a long prompt holds its seat to its last chunk, however deep in it that is)."""
+        going_on = sum(
+            s.num_tokens - s.num_computed_tokens > self.chunk(s.num_computed_tokens) for s in self._prefilling
+        )
+        return going_on + self._new_long
