@@ -32,6 +32,14 @@ from collections.abc import Iterable
 
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
+MAX_LONG_HOLDS = 3  # steps in a row short prompts may have alone: a long prompt computes in one step of four at least
+
+
+def short_prompt_waits(waiting: Iterable[Sequence], threshold: int) -> bool:
+    """Whether a prompt of at most `threshold` tokens waits (0: no prompt is long, none is short either): the step,
+    if it can start it, is then its alone, the long prompts' chunks held for the next."""
+    return threshold > 0 and any(seq.num_tokens - seq.num_computed_tokens <= threshold for seq in waiting)
+
 
 def tokens_left(seq: Sequence, computed: int) -> int:
     """The tokens `seq` still has to compute when `computed` of its tokens are in the cache (proposals included)."""

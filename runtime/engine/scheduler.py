@@ -20,13 +20,11 @@ from dataclasses import dataclass, field
 
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.block_manager import BlockManager
-from sagellm.runtime.engine.long_prefills import PrefillShares
+from sagellm.runtime.engine.long_prefills import MAX_LONG_HOLDS, PrefillShares, short_prompt_waits
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 from sagellm.runtime.engine.state_slots import StateSlots
 from sagellm.runtime.engine.window_blocks import WindowedBlocks
-
-MAX_LONG_HOLDS = 3  # steps in a row short prompts may have alone: a long prompt computes in one step of four at least
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        shares = self._shares(shorts_first=self._long_holds < MAX_LONG_HOLDS and self._short_prompt_waits())
+        seat_free = len(self.running) < self.config.max_num_seqs
+        threshold = self.config.long_prefill_token_threshold
+        shorts_first = self._long_holds < MAX_LONG_HOLDS and seat_free and short_prompt_waits(self.waiting, threshold)
+        shares = self._shares(shorts_first)
         step = _Step(self.config.max_num_batched_tokens, shares)
         index = 0
         while index < len(self.running) and step.budget > 0:
@@ -205,14 +206,6 @@ class Scheduler:
         c = self.config
         return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
                              self.running, c.long_prefill_context_scale, shorts_first)  # fmt: skip
-
-    def _short_prompt_waits(self) -> bool:
-        """Whether a waiting prompt of at most the long-prefill threshold's tokens could start now (a seat is free):
-        the step is then its alone, the long prompts' chunks held for the next."""
-        threshold = self.config.long_prefill_token_threshold
-        if not threshold or len(self.running) >= self.config.max_num_seqs:
-            return False
-        return any(seq.num_tokens - seq.num_computed_tokens <= threshold for seq in self.waiting)
 
     def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
         """For each chunk verifying proposals, a checkpoint of its recurrent states after the sequence's own tokens
