@@ -14,7 +14,6 @@ no one may make the gateway call.
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import pytest
 
 from sagellm.gateway.server import GatewayThread
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.security.listener import Listener
 
 pytestmark = pytest.mark.slow
 
@@ -47,33 +47,6 @@ class Models(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class Trap:
-    """A listening socket that counts the connections made to it."""
-
-    def __init__(self) -> None:
-        self.socket = socket.create_server(("127.0.0.1", 0))
-        self.socket.settimeout(0.1)
-        self.port = self.socket.getsockname()[1]
-        self.connections = 0
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                connection, _ = self.socket.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            connection.close()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join()
-        self.socket.close()
-
-
 @pytest.fixture(scope="module")
 def listed() -> Iterator[str]:
     """The one upstream the gateway allows: its base URL."""
@@ -85,8 +58,8 @@ def listed() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def trap() -> Iterator[Trap]:
-    trap = Trap()
+def trap() -> Iterator[Listener]:
+    trap = Listener()
     yield trap
     trap.close()
 
@@ -144,7 +117,7 @@ def test_flags_and_fields_that_would_run_code_or_reach_files_are_refused(
 
 
 def test_an_openai_engine_at_an_unlisted_url_is_refused_and_never_contacted(
-    gateway: GatewayThread, listed: str, trap: Trap
+    gateway: GatewayThread, listed: str, trap: Listener
 ) -> None:
     port = listed.rpartition(":")[2]
     unlisted = [

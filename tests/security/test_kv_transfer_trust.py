@@ -15,8 +15,6 @@ connections made to them:
 from __future__ import annotations
 
 import argparse
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,39 +28,13 @@ from sagellm.common.errors import InvalidInput
 from sagellm.gateway.config import KVTransferSettings
 from sagellm.gateway.server import GatewayThread
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.security.listener import Listener
 from tests.tiny_models import make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
 PARAM = "kv_transfer_params"
 SETTLE_S = 0.3  # how long a refused request is given to have connected anyway
-
-
-class Listener:
-    """A listening socket on 127.0.0.1 that counts the connections made to it, and closes each unanswered."""
-
-    def __init__(self) -> None:
-        self.socket = socket.create_server(("127.0.0.1", 0))
-        self.socket.settimeout(0.1)
-        self.port = self.socket.getsockname()[1]
-        self.connections = 0
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                connection, _ = self.socket.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            connection.close()
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join()
-        self.socket.close()
 
 
 @pytest.fixture(scope="module")
