@@ -215,7 +215,10 @@ def _calibrate_bare(config: StepBenchConfig, engine: LLMEngine | None) -> Measur
     from sagellm.runtime.engine.config import EngineConfig
     from sagellm.runtime.parallel.engine import start_engine
 
-    settings = {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens}
+    # The sweep sets each step's composition itself: the long prompts' shares (a scheduling policy, not a step's
+    # cost) would cut the chunks it times.
+    settings = {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
+                "long_prefill_token_threshold": 0}  # fmt: skip
     own = engine is None
     if engine is None:
         engine = start_engine(

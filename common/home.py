@@ -1,7 +1,7 @@
 """Where sageLLM keeps its files on this machine: $SAGELLM_HOME, by default ~/.cache/sagellm.
 
     models/     the model cache (downloads, wheel models)
-    kernels/    native CPU kernels compiled for this CPU
+    kernels/    native CPU kernels compiled for this CPU ($SAGELLM_KERNELS_DIR instead, when set)
     gateway/    a local gateway's state: admin key, sessions, pid, log
     keys/       the key of a secure pipeline run, for the workers started by hand on other hosts
     indexes/    retrieval indexes by name (`runtime.rag`), each a folder: its FAISS index and its chunks
@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 
 HOME_ENV = "SAGELLM_HOME"
+# The compiled kernels depend on the CPU and the sources only (build.py keys them so), not on whose home it is: homes
+# made for a run (a test's, a container's) can share one build, as TRITON_CACHE_DIR shares triton's.
+KERNELS_ENV = "SAGELLM_KERNELS_DIR"
 DEFAULT_HOME = "~/.cache/sagellm"
 
 
@@ -27,7 +30,7 @@ def models_dir() -> Path:
 
 
 def kernels_dir() -> Path:
-    return sagellm_home() / "kernels"
+    return Path(os.environ[KERNELS_ENV]).expanduser() if os.environ.get(KERNELS_ENV) else sagellm_home() / "kernels"
 
 
 def gateway_dir() -> Path:

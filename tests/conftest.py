@@ -1,15 +1,22 @@
 """Shared test set-up: every test starts from structlog's default configuration, so a test that runs the CLI in
 process (which configures logging for a user: JSON on stderr, warnings only) cannot hide the events a later test
-captures; and the real default model, downloaded once per session for the tests of several folders that need it."""
+captures; the real default model, downloaded once per session for the tests of several folders that need it; and
+one folder of compiled native kernels for every test and process of the run, whatever home each makes (a build is
+10-25 s of both cores, and dozens of tests start servers in homes of their own)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import structlog
 
+from sagellm.common.home import KERNELS_ENV
 from sagellm.common.openmp import prefer_short_spin
+
+os.environ.setdefault(KERNELS_ENV, str(Path(tempfile.gettempdir()) / f"sagellm-test-kernels-{os.getuid()}"))
 
 prefer_short_spin()  # the suite is a front end too: set before any test module imports torch
 

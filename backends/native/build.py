@@ -3,15 +3,16 @@
 Plain C and ctypes, not a torch extension: no torch headers to compile against. A build takes 10-25 s (most of it the
 block linears' instantiations per layout and row count), once per machine and instruction set. One library per
 variant (`isa.py`: avx512vnni, avx512, avx2, portable), each from explicit flags; the one this CPU runs best is
-chosen at run time. The library is cached as
-$SAGELLM_HOME/kernels/sagellm_kernels-<variant>-<key>.so (default ~/.cache/sagellm), keyed by the sources and
-flags. Builds go to a temporary file renamed into place, so processes starting at once (the workers of a pipeline)
-never load a half-written library. Any failure (no compiler, a failed build or load) is
-logged once and reported as None: the CPU backend then runs its torch ops, it never fails the engine."""
+chosen at run time. The library is cached as $SAGELLM_HOME/kernels/sagellm_kernels-<variant>-<key>.so (default
+~/.cache/sagellm; $SAGELLM_KERNELS_DIR instead when set), keyed by the sources and flags. Builds go to a temporary
+file renamed into place under a lock: processes starting at once (the workers of a pipeline) compile it once and
+never load a half-written library. Any failure (no compiler, a failed build or load) is logged once and reported as
+None: the CPU backend then runs its torch ops, it never fails the engine."""
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -160,6 +161,15 @@ def build(directory: Path | None = None, variant: Variant | None = None) -> Path
     if compiler is None:
         raise NativeBuildError("no C compiler (gcc or cc) on PATH")
     directory.mkdir(parents=True, exist_ok=True)
+    # The workers of a pipeline start at once: one compiles while the others wait on the lock, then find the library.
+    with open(directory / f".{target.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _compile(compiler, variant, directory, target)
+    return target
+
+
+def _compile(compiler: str, variant: Variant, directory: Path, target: Path) -> None:
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=directory)
     os.close(fd)
     try:
@@ -178,7 +188,6 @@ def build(directory: Path | None = None, variant: Variant | None = None) -> Path
     finally:
         Path(partial).unlink(missing_ok=True)
     log.info("native_kernels_built", path=str(target))
-    return target
 
 
 def _names() -> str:

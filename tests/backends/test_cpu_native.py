@@ -3,7 +3,11 @@ two, the build's failure modes, and greedy tokens of an engine with native kerne
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import structlog
@@ -274,7 +278,30 @@ def test_a_failed_build_is_an_error_naming_the_compiler_output(tmp_path, monkeyp
     monkeypatch.setattr(build, "SOURCES", (broken,))  # alone: the real sources would compile first, for a minute
     with pytest.raises(NativeBuildError, match=r"failed on .*broken\.c \(exit \d+\): .*error"):
         build.build(tmp_path / "kernels")
-    assert not list((tmp_path / "kernels").iterdir()), "no partial library is left behind"
+    assert not list((tmp_path / "kernels").glob("*.so*")), "no partial library is left behind"
+
+
+@pytest.mark.slow
+def test_processes_building_at_once_compile_once(tmp_path, monkeypatch) -> None:
+    """The workers of a pipeline load the kernels at once: one compiles, the others wait and load its library."""
+    source = tmp_path / "one.c"
+    source.write_text("int one(void) { return 1; }\n")
+    script = (
+        "import sys; from pathlib import Path; from sagellm.backends.native import build; "
+        f"build.SOURCES = (Path({str(source)!r}),); print(build.build(Path(sys.argv[1])))"
+    )
+    compilers = tmp_path / "bin"
+    compilers.mkdir()
+    log = tmp_path / "compiles"
+    gcc = compilers / "gcc"  # the real compiler, counting its calls
+    gcc.write_text(f'#!/bin/sh\necho x >> {log}\nsleep 1\nexec {shutil.which("gcc")} "$@"\n')
+    gcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{compilers}:{os.environ['PATH']}")
+    command = [sys.executable, "-c", script, str(tmp_path / "kernels")]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    paths = {run.communicate(timeout=120)[0].split()[-1] for run in runs}  # its last line (a log line may precede)
+    assert all(run.returncode == 0 for run in runs) and len(paths) == 1 and Path(paths.pop()).exists()
+    assert log.read_text().count("x") == 1, "one compile for three processes"
 
 
 def test_without_a_compiler_the_build_says_so(tmp_path, monkeypatch) -> None:
@@ -286,6 +313,7 @@ def test_without_a_compiler_the_build_says_so(tmp_path, monkeypatch) -> None:
 def test_an_unavailable_library_is_logged_once_and_the_backend_runs_torch_ops(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("SAGELLM_HOME", str(tmp_path / "home"))  # nothing cached there: it must build, and cannot
+    monkeypatch.delenv("SAGELLM_KERNELS_DIR")
     build._build_and_load.cache_clear()
     try:
         with structlog.testing.capture_logs() as logs:
