@@ -334,7 +334,7 @@ def _lora_request(request: Request) -> Any:
 
 def _from_server(request: Request) -> PrefillDone:
     """A request another server prefilled (`Request.prefilled`), as a prefill worker's hand-over. The gateway sets
-    it in one place (`OpenAIRoutes._hand_off`), from a prefill server its operator listed (`openai/kv_peers.py`);
+    it in one place (`KVHandOff.take`), from a prefill server its operator listed (`openai/kv_transfer/peers.py`);
     its KV enters this engine's prefix cache only if it is this prompt's, as checked here."""
     prefilled = request.prefilled
     if prefilled.prompt_token_ids != request.prompt_token_ids:

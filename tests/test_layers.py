@@ -42,6 +42,8 @@ FLOORS = [
     ["sagellm.gateway.http"],
     ["sagellm.gateway.serving"],
     ["sagellm.gateway.indexes"],
+    # What every API shares about a reply, below all of them: tool and reasoning parsers, Harmony, the reply reader
+    ["sagellm.gateway.replies"],
     ["sagellm.gateway.openai"],
     ["sagellm.gateway.anthropic"],  # the Messages API, run as the OpenAI chat it is
     ["sagellm.gateway.sessions"],

@@ -2,7 +2,8 @@
 
 Its rooms, bottom to top (each imports only the rooms below it; `tests/test_layers.py` holds them to it): `config` and
 `state` (what every room reads), `http/` (HTTP, no LLM code), `serving/` (the core that runs the graph), `indexes/`,
-`openai/`, `anthropic/` (the Messages API, run as the chat it is), `sessions/` (the APIs), `control/` (engines, their
-links and health checks, autoscaler, join, management and admin routes), `api_servers/` (processes in front of the
-core), and `server.serve()`, which puts them together. The Python client's embedded mode uses the serving core
-without HTTP."""
+`replies/` (what every API shares about a reply: tool and reasoning parsers, Harmony, the reply reader), `openai/` (a
+room per endpoint), `anthropic/` (the Messages API, run as the chat it is), `sessions/` (the APIs), `control/`
+(engines, their links and health checks, autoscaler, join, management and admin routes), `api_servers/` (processes in
+front of the core), and `server.serve()`, which puts them together. The Python client's embedded mode uses the
+serving core without HTTP."""

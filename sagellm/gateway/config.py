@@ -23,7 +23,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # the largest request body read
 API_KEY_ENV = "SAGELLM_API_KEY"
 ADMIN_KEY_ENV = "SAGELLM_ADMIN_KEY"
 JOIN_KEY_ENV = "SAGELLM_JOIN_KEY"  # the admin key of a gateway `sagellm serve --join` joins
-# Disaggregated serving across servers (`openai/kv_peers.py` checks requests against these settings).
+# Disaggregated serving across servers (`openai/kv_transfer/peers.py` checks requests against these settings).
 ROLES = ("producer", "consumer", "both")  # vLLM's kv_role: kv_producer, kv_consumer, kv_both
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # a DNS label (underscores too: container hosts' names)
 # what each kv_transfer_params asks of this server -> the roles that do it

@@ -13,9 +13,11 @@ from sagellm.gateway.anthropic import field_help as anthropic_help
 from sagellm.gateway.anthropic.protocol import CountTokensRequest, MessagesRequest
 from sagellm.gateway.http.app import App, HttpRequest, Response
 from sagellm.gateway.openai import field_help as openai_help
-from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from sagellm.gateway.openai.responses import ResponsesRequest
-from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
+from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest
+from sagellm.gateway.openai.completion.protocol import CompletionRequest
+from sagellm.gateway.openai.embedding.protocol import EmbeddingRequest
+from sagellm.gateway.openai.responses.protocol import ResponsesRequest
+from sagellm.gateway.openai.tokenization.protocol import DetokenizeRequest, TokenizeRequest
 
 # route -> the body it decodes
 BODIES: dict[str, type[msgspec.Struct]] = {

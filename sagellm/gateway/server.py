@@ -51,11 +51,11 @@ from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
-from sagellm.gateway.openai.kv_transfer import KVTransferRoutes
-from sagellm.gateway.openai.lora_routes import LoraRoutes
-from sagellm.gateway.openai.responses_route import ResponsesRoutes
-from sagellm.gateway.openai.routes import OpenAIRoutes
-from sagellm.gateway.openai.tokenizer_routes import TokenizerRoutes
+from sagellm.gateway.openai.api import OpenAIApi
+from sagellm.gateway.openai.kv_transfer.api_router import KVTransferRoutes
+from sagellm.gateway.openai.lora.api_router import LoraRoutes
+from sagellm.gateway.openai.responses.api_router import ResponsesRoutes
+from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
 from sagellm.gateway.sessions.store import SessionStore
@@ -99,13 +99,13 @@ def build_app(
     admin_guard = launch_guard if config.admin_auth == "key" else None
     api_guard = key_guard(config.api_keys, "API")
     indexes = IndexStore(core)
-    openai_routes = OpenAIRoutes(
+    openai_api = OpenAIApi(
         core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
         reasoning_budget=config.reasoning_budget, kv_transfer=config.kv_transfer,
     )  # fmt: skip
-    openai_routes.register(app, api_guard)
-    ResponsesRoutes(openai_routes).register(app, api_guard)
-    SessionRoutes(SessionStore(config.state_dir), openai_routes).register(app, api_guard)
+    openai_api.register(app, api_guard)
+    ResponsesRoutes(openai_api.preparation).register(app, api_guard)
+    SessionRoutes(SessionStore(config.state_dir), openai_api.chat).register(app, api_guard)
     AdminRoutes(core, tuple(c for c in (scalers, models) if c is not None)).register(app, admin_guard)
     upstreams = UpstreamAllowList(config.allowed_upstreams)
     ManagementRoutes(core, engines, upstreams).register(app, admin_guard, launch_guard)
@@ -115,7 +115,7 @@ def build_app(
     IndexRoutes(indexes).register(app, admin_guard)
     tokenizer_routes = TokenizerRoutes(core)
     tokenizer_routes.register(app, api_guard)
-    MessagesRoutes(openai_routes, tokenizer_routes).register(app, api_guard)
+    MessagesRoutes(openai_api.preparation, tokenizer_routes).register(app, api_guard)
     KVTransferRoutes(core.kv_outbox).register(app)  # a decode server's fetch: its secret id is the capability
     openapi.register(app, version("sagellm"))
     return app

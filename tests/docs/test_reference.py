@@ -24,8 +24,10 @@ from sagellm.cli.reference.markdown import NONE, anchor, code
 from sagellm.cli.reference.openai_api import body_fields
 from sagellm.gateway.http.app import App
 from sagellm.gateway.openai import field_help as openai_help
-from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from sagellm.gateway.openai.tokenizer_routes import DetokenizeRequest, TokenizeRequest
+from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest
+from sagellm.gateway.openai.completion.protocol import CompletionRequest
+from sagellm.gateway.openai.embedding.protocol import EmbeddingRequest
+from sagellm.gateway.openai.tokenization.protocol import DetokenizeRequest, TokenizeRequest
 from sagellm.gateway.openapi import BODIES, field_help, openapi_document
 from sagellm.runtime.engine.config import ENGINE_FIELDS
 from sagellm.runtime.pipeline.operator import list_operators

@@ -15,15 +15,15 @@ import httpx
 import openai
 import pytest
 
-from sagellm.gateway.openai.chat_templates import HARMONY_TEMPLATE, fallback_template, rendering_template
-from sagellm.gateway.openai.harmony import HarmonyReader
-from sagellm.gateway.openai.reasoning_parsers import GptOssParser, parser_class
-from sagellm.gateway.openai.reasoning_parsers import default_parser as default_reasoning
-from sagellm.gateway.openai.reply_events import ContentEvent
-from sagellm.gateway.openai.reply_reader import ReplyPlan, ReplyReader
-from sagellm.gateway.openai.responses import Reasoning, reasoning_effort
-from sagellm.gateway.openai.tool_parsers import OpenAIParser, parser_for
-from sagellm.gateway.openai.tool_parsers import default_parser as default_tools
+from sagellm.gateway.openai.responses.protocol import Reasoning, reasoning_effort
+from sagellm.gateway.replies.chat_templates import HARMONY_TEMPLATE, fallback_template, rendering_template
+from sagellm.gateway.replies.events import ContentEvent
+from sagellm.gateway.replies.harmony import HarmonyReader
+from sagellm.gateway.replies.reader import ReplyPlan, ReplyReader
+from sagellm.gateway.replies.reasoning_parsers import GptOssParser, parser_class
+from sagellm.gateway.replies.reasoning_parsers import default_parser as default_reasoning
+from sagellm.gateway.replies.tool_parsers import OpenAIParser, parser_for
+from sagellm.gateway.replies.tool_parsers import default_parser as default_tools
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.served_model import GIVEN, served_model
 from tests.gateway.conftest import GRAPHS, assert_refused_chat, running_gateway, tiny_config

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.routes import MAX_EMBEDDING_INPUTS, _embedding_inputs
+from sagellm.gateway.openai.embedding.api_router import _embedding_inputs
+from sagellm.runtime.engine.request_limits import MAX_EMBEDDING_INPUTS
 
 
 def test_an_embedding_request_carries_a_bounded_number_of_inputs() -> None:

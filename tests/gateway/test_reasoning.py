@@ -16,8 +16,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from sagellm.gateway.anthropic.replies import MessageEvents, content_blocks
-from sagellm.gateway.openai.responses import reasoning_item
-from sagellm.gateway.openai.tool_parsers import ToolCall
+from sagellm.gateway.openai.responses.protocol import reasoning_item
+from sagellm.gateway.replies.tool_parsers import ToolCall
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 from tests.tiny_models import CHAT_TEMPLATE, make_tiny_llama
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from sagellm.gateway.openai.reasoning_parsers import ReasoningParser, default_parser, starts_inside
-from sagellm.gateway.openai.reply_reader import Reply, ReplyPlan, ReplyReader
-from sagellm.gateway.openai.tool_parsers import ContentEvent, ToolCallEvent
+from sagellm.gateway.replies.reader import Reply, ReplyPlan, ReplyReader
+from sagellm.gateway.replies.reasoning_parsers import ReasoningParser, default_parser, starts_inside
+from sagellm.gateway.replies.tool_parsers import ContentEvent, ToolCallEvent
 from tests.tiny_models import make_tokenizer
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'

@@ -17,9 +17,9 @@ import pytest
 from openai.types.responses import ResponseFailedEvent
 from structlog.testing import capture_logs
 
-from sagellm.gateway.openai.responses_events import ResponseEvents, response_error
-from sagellm.gateway.openai.responses_tools import function_tools
-from sagellm.gateway.openai.tool_parsers import ToolCall
+from sagellm.gateway.openai.responses.events import ResponseEvents, response_error
+from sagellm.gateway.openai.responses.tools import function_tools
+from sagellm.gateway.replies.tool_parsers import ToolCall
 from tests.gateway.conftest import REPLY_TIMEOUT_S, sdk_client
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(900)]

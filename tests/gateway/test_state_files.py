@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from sagellm.cli.main import build_parser
 from sagellm.gateway.http.auth import ADMIN_KEY_FILE, admin_key, owner_of, read_admin_key
-from sagellm.gateway.openai.protocol import ChatMessage
+from sagellm.gateway.openai.chat_completion.protocol import ChatMessage
 from sagellm.gateway.sessions.routes import _without_oldest
 from sagellm.gateway.sessions.store import (
     MAX_SESSION_BYTES,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sagellm.gateway.openai.replies import Envelope
-from sagellm.gateway.openai.routes import _text_event
+from sagellm.gateway.openai.generation.reply_bodies import Envelope
+from sagellm.gateway.openai.generation.stream import _text_event
 
 
 def test_a_text_delta_event_from_its_template_has_the_bytes_of_the_whole_chunk() -> None:

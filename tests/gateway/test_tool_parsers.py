@@ -9,7 +9,7 @@ import re
 import pytest
 
 from sagellm.common.errors import InvalidInput
-from sagellm.gateway.openai.tool_parsers import (
+from sagellm.gateway.replies.tool_parsers import (
     FALLBACK_TEMPLATE,
     ContentEvent,
     StreamEvent,

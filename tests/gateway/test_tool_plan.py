@@ -8,8 +8,8 @@ import msgspec
 import pytest
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.tool_parsers import FALLBACK_TEMPLATE, FORWARDED_CALLS
-from sagellm.gateway.openai.tools import NamedToolChoice, Tool, plan
+from sagellm.gateway.replies.tool_parsers import FALLBACK_TEMPLATE, FORWARDED_CALLS
+from sagellm.gateway.replies.tools import NamedToolChoice, Tool, plan
 
 TOOLS = msgspec.convert(
     [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}], list[Tool]

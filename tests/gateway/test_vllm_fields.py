@@ -8,8 +8,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sagellm.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
-from sagellm.gateway.openai.vllm_fields import CHAT_ONLY, COMPLETION_ONLY, SHARED
+from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest
+from sagellm.gateway.openai.completion.protocol import CompletionRequest
+from sagellm.gateway.openai.generation.vllm_fields import CHAT_ONLY, COMPLETION_ONLY, SHARED
 from tests.gateway.conftest import REPLY_TIMEOUT_S
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from sagellm.gateway.openai.tool_parsers import FORWARDED_CALLS, parser_for
+from sagellm.gateway.replies.tool_parsers import FORWARDED_CALLS, parser_for
 from sagellm.operators.remote_engine import StreamedCalls, _refusal, _streamed_error, openai_call
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.sampling_params import SamplingParams

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.responses_store import ResponseStore
+from sagellm.gateway.openai.responses.store import ResponseStore
 from sagellm.gateway.server import GatewayThread
 from sagellm.runtime.models.lora_adapter import MAX_CONFIG_BYTES
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config

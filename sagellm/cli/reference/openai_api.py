@@ -12,7 +12,7 @@ import msgspec
 
 from sagellm.cli.reference.markdown import NONE, anchor, cell, code, table
 from sagellm.common.hints import describe
-from sagellm.gateway.openai.vllm_fields import UNSET
+from sagellm.gateway.openai.generation.vllm_fields import UNSET
 from sagellm.gateway.openapi import ANTHROPIC_BODIES, BODIES, field_help
 
 

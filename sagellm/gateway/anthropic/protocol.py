@@ -18,8 +18,8 @@ import msgspec
 import structlog
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage, ContentParts
-from sagellm.gateway.openai.tools import NamedFunction, NamedToolChoice, Tool, ToolChoice
+from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, ChatMessage, ContentParts
+from sagellm.gateway.replies.tools import NamedFunction, NamedToolChoice, Tool, ToolChoice
 from sagellm.runtime.engine.request_limits import (
     MAX_MESSAGES,
     MAX_STOP_CHARS,

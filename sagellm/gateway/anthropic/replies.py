@@ -13,8 +13,8 @@ from typing import Any
 
 from sagellm.gateway.http.app import NamedEvent, Response
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.replies import Choice
-from sagellm.gateway.openai.tool_parsers import ToolCall
+from sagellm.gateway.replies.choice import Choice
+from sagellm.gateway.replies.events import ToolCall
 
 # HTTP status -> Anthropic's error type (anything else over 500 is an api_error)
 ERROR_TYPES = {

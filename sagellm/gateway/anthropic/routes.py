@@ -1,5 +1,5 @@
 """`POST /v1/messages` and `POST /v1/messages/count_tokens`: a message request run as the chat it is
-(`OpenAIRoutes.prepared_chat`: admission, policy, route, failover, guided decoding and tool parsing are the chat's
+(`ChatPreparation.prepared_chat`: admission, policy, route, failover, guided decoding and tool parsing are the chat's
 own), answered whole or as Anthropic's event stream, its errors in Anthropic's shape.
 
 The gateway's core answers it: an API server passes it on (its route table has no `/v1/messages`)."""
@@ -22,18 +22,19 @@ from sagellm.gateway.anthropic.replies import (
 )
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, NamedEvent, Response
 from sagellm.gateway.http.auth import key_owner
-from sagellm.gateway.openai.replies import Choice
-from sagellm.gateway.openai.reply_reader import Reply, ReplyReader, rendered
-from sagellm.gateway.openai.routes import OpenAIRoutes, collect_choices, first_or_raise
-from sagellm.gateway.openai.tokenizer_routes import TokenizeRequest, TokenizerRoutes
+from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
+from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
+from sagellm.gateway.openai.tokenization.protocol import TokenizeRequest
+from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
+from sagellm.gateway.replies.reader import Reply, ReplyReader, rendered
 from sagellm.gateway.serving.errors import api_error
 from sagellm.gateway.serving.request_stream import RequestStream
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 
 
 class MessagesRoutes:
-    def __init__(self, chat: OpenAIRoutes, tokenizer: TokenizerRoutes) -> None:
-        self.chat_routes, self.tokenizer = chat, tokenizer
+    def __init__(self, chat: ChatPreparation, tokenizer: TokenizerRoutes) -> None:
+        self.chat, self.tokenizer = chat, tokenizer
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("POST", "/v1/messages", self.create, guard, error_response)
@@ -42,9 +43,9 @@ class MessagesRoutes:
     async def create(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(MessagesRequest)
         chat = chat_body(body, body.model)
-        request, plan, _ = await self.chat_routes.prepared_chat(chat, http.headers, key_owner(http))
+        request, plan, _ = await self.chat.prepared_chat(chat, http.headers, key_owner(http))
         message_id = new_message_id()
-        core = self.chat_routes.core
+        core = self.chat.core
         if not body.stream:
             (choice,) = await collect_choices([core.submit(request)])
             reply = ReplyReader.whole(plan, choice.text) if plan.reads else Reply(None, choice.text or None, [])

@@ -51,7 +51,7 @@ from sagellm.gateway.http.auth import key_guard
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
-from sagellm.gateway.openai.routes import OpenAIRoutes
+from sagellm.gateway.openai.api import OpenAIApi
 from sagellm.gateway.serving.instances import instance_model
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.gateway.serving.request_stream import ItemQueue
@@ -396,7 +396,7 @@ def _app(link: CoreLink, served: ServedModel | None, settings: dict[str, Any]) -
     app = App(allowed_hosts=frozenset(allowed) if allowed is not None else None)
     to_core = CoreCalls(link)
     front = link.snapshot.front_end
-    routes = OpenAIRoutes(
+    routes = OpenAIApi(
         RemoteCore(link, served),
         to_core=to_core,
         tool_call_parser=front.tool_call_parser,

@@ -1,13 +1,13 @@
 """What each field of the request bodies does here, in one phrase: the words `/openapi.json` gives each property and
-the docs' request reference shows. The bodies (`protocol.py`, `responses.py`, `tokenizer_routes.py`) say what a
-field is; this says what the server does with it. vLLM's fields the server refuses say why in `vllm_fields.py`; the
-docs' reference joins both, and a test fails when a body has a field neither explains."""
+the docs' request reference shows. The bodies (each endpoint room's `protocol.py`) say what a field is; this says what
+the server does with it. vLLM's fields the server refuses say why in `generation/vllm_fields.py`; the docs' reference
+joins both, and a test fails when a body has a field neither explains."""
 
 from __future__ import annotations
 
 import json
 
-from sagellm.gateway.openai.vllm_fields import CHAT_ONLY, COMPLETION_ONLY, SHARED
+from sagellm.gateway.openai.generation.vllm_fields import CHAT_ONLY, COMPLETION_ONLY, SHARED
 from sagellm.runtime.engine.request_limits import (
     MAX_ALLOWED_TOKEN_IDS,
     MAX_BAD_WORD_CHARS,

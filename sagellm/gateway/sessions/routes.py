@@ -16,8 +16,8 @@ import msgspec
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.protocol import ChatCompletionRequest, ChatMessage, Messages
-from sagellm.gateway.openai.routes import OpenAIRoutes
+from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, ChatMessage, Messages
+from sagellm.gateway.openai.chat_completion.serving import ChatServing
 from sagellm.gateway.sessions.store import Session, SessionStore
 
 
@@ -35,8 +35,8 @@ def _plain(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 class SessionRoutes:
-    def __init__(self, store: SessionStore, chat: OpenAIRoutes) -> None:
-        self.store, self.chat_routes = store, chat
+    def __init__(self, store: SessionStore, chat: ChatServing) -> None:
+        self.store, self.chat_serving = store, chat
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("POST", "/sessions", self.create, guard)
@@ -87,7 +87,7 @@ class SessionRoutes:
         dropped = 1  # then 2, 4, ...: a history far over the context takes a few tries, not one per message
         while True:
             try:
-                reply = await self.chat_routes.complete_chat(
+                reply = await self.chat_serving.complete(
                     msgspec.structs.replace(body, messages=history), http.headers, key_owner(http)
                 )
                 break

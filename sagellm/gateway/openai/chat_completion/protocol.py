@@ -1,0 +1,149 @@
+"""The body of `POST /v1/chat/completions` and the pipeline `Request` of a chat: its messages, tools and the chat
+template's settings on top of what every generation takes (`generation.protocol`). The Anthropic Messages API and
+the Responses API build these bodies too: theirs are run as the chats they are."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from sagellm.gateway.openai.generation.protocol import (
+    GenerationRequest,
+    check_unsupported,
+    refuse,
+    sampling_params,
+    scheduling,
+)
+from sagellm.gateway.openai.generation.vllm_fields import UNSET as NOT_SENT
+from sagellm.gateway.replies.tools import Tool, ToolChoice
+from sagellm.runtime.engine.guided_params import GuidedDecoding
+from sagellm.runtime.engine.request_limits import (
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_TEMPLATE_KWARGS,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+)
+from sagellm.runtime.engine.sampling_params import MAX_LOGPROBS
+from sagellm.runtime.pipeline.messages import Request
+
+# The capped lists and maps the APIs share (`request_limits`): a longer one is a 400 naming it, from the decoder.
+ContentParts = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_CONTENT_PARTS)]
+ToolCalls = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_TOOL_CALLS)]
+TemplateKwargs = Annotated[dict[str, Any], msgspec.Meta(max_length=MAX_TEMPLATE_KWARGS)]
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | ContentParts | None = None
+    name: str | None = None
+    tool_calls: ToolCalls | None = None  # an assistant's calls, as its reply gave them
+    reasoning_content: str | None = None  # vLLM's: an assistant's thinking, as its reply gave it (Harmony keeps it)
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+Messages = Annotated[list[ChatMessage], msgspec.Meta(max_length=MAX_MESSAGES)]
+Tools = Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)]
+
+
+class ChatCompletionRequest(GenerationRequest, kw_only=True):
+    messages: Messages
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: Tools | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, as OpenAI's
+    parallel_tool_calls: bool = True
+    echo: bool = False  # vLLM's: refused (a chat's prompt is its messages)
+    # vLLM's template settings, rendered with the messages (by the model's template, or the server a chat goes to)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: TemplateKwargs | None = None
+    # OpenAI's: how hard a reasoning model thinks, for a model whose chat template takes it (gpt-oss's Harmony)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    # vLLM's that are refused unless they ask for nothing (`vllm_fields.CHAT_ONLY`)
+    documents: Any = NOT_SENT
+    chat_template: Any = NOT_SENT
+    media_io_kwargs: Any = NOT_SENT
+    mm_processor_kwargs: Any = NOT_SENT
+    return_prompt_text: Any = NOT_SENT
+    include_reasoning: Any = NOT_SENT
+    index: str | None = None  # sageLLM: answer from this retrieval index (/admin/index), its sources in the reply
+    index_k: int = 4  # chunks retrieved from it
+
+
+def chat_request(
+    body: ChatCompletionRequest,
+    headers: dict[str, str],
+    request_id: str,
+    defaults: dict[str, Any] | None,
+    guided: GuidedDecoding | None = None,
+) -> Request:
+    """The pipeline request of a chat; `defaults`: the model's sampling defaults; `guided`: the reply's constraint.
+    Without `max_tokens` (or `max_completion_tokens`) the reply is bounded by the context alone, as OpenAI's and
+    vLLM's chats are."""
+    check_unsupported(body, chat=True)
+    if body.echo:
+        refuse("echo", "completions echo their prompt; a chat's is its messages")
+    if not body.messages:
+        refuse("messages", "must hold at least one message")
+    if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= MAX_LOGPROBS):
+        refuse("top_logprobs", f"needs logprobs=true and a value in [0, {MAX_LOGPROBS}]")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_tokens, logprobs, defaults, guided)
+    now = time.time()
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+    return Request(
+        request_id=request_id,
+        messages=messages,
+        template_kwargs=_chat_template_kwargs(body),
+        sampling=params,
+        model=body.model,
+        arrival_time=now,
+        **scheduling(body, headers, now),
+    )
+
+
+def _chat_template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    if body.continue_final_message and body.messages[-1].role != "assistant":
+        refuse("continue_final_message", "the last message must be the assistant's, to continue")
+    return template_kwargs(body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+
+
+def template_kwargs(
+    add_generation_prompt: bool, continue_final_message: bool, extra: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """What a chat's messages are rendered with besides them (vLLM's two switches, and its `chat_template_kwargs`:
+    `extra`), for a served chat and for /tokenize alike; None for the default (the generation prompt added). A 400
+    for settings that contradict each other."""
+    if continue_final_message and add_generation_prompt:
+        refuse("continue_final_message", "continues the last message: set add_generation_prompt false with it")
+    kwargs = dict(extra or {})
+    for name in ("add_generation_prompt", "continue_final_message", "tools", "chat_template", "messages"):
+        if name in kwargs:
+            refuse("chat_template_kwargs", f"{name} is a field of the request, not of chat_template_kwargs")
+    if not add_generation_prompt:
+        kwargs["add_generation_prompt"] = False
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
+    return kwargs or None
+
+
+def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+    """Text content as the chat template wants it; content parts of type text are joined, others refused."""
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                refuse(f"messages[{index}].content", "only text content parts are supported")
+            texts.append(part["text"])
+        content = "".join(texts)
+    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    for name in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+        if getattr(message, name) is not None:
+            out[name] = getattr(message, name)
+    return out

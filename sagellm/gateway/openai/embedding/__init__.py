@@ -1,0 +1,1 @@
+"""`POST /v1/embeddings`: the embedding body and its route."""

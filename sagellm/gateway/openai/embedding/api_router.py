@@ -1,0 +1,80 @@
+"""`POST /v1/embeddings`: OpenAI's embeddings of a text, texts or token ids, each input a pipeline request of its own
+to the embedding model (`phase: embed`), its vector as floats or base64 (little-endian float32, as OpenAI's)."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import numpy as np
+
+from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
+from sagellm.gateway.http.auth import key_owner
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.openai.embedding.protocol import EmbeddingRequest
+from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.request_stream import embedded
+from sagellm.runtime.engine.request_limits import MAX_EMBEDDING_INPUTS
+from sagellm.runtime.pipeline.messages import Request
+
+
+class EmbeddingRoutes:
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    def register(self, app: App, guard: Guard | None) -> None:
+        app.route("POST", "/v1/embeddings", self.embeddings, guard)
+
+    async def embeddings(self, http: HttpRequest) -> Response:
+        body = http.json(EmbeddingRequest)
+        model = self.core.embedding_model(body.model)
+        inputs = _embedding_inputs(body.input)
+        embedder = self.core.embedder(model)
+        if body.dimensions is not None and (embedder is None or body.dimensions != embedder.dim):
+            has = f"has {embedder.dim}" if embedder is not None else "is served elsewhere; its size is not asked for"
+            raise ApiError(400, f"dimensions: {model} {has}, got {body.dimensions}", param="dimensions")
+        now = time.time()
+        requests = [
+            Request(
+                request_id=self.core.new_id("embd"),
+                phase="embed",
+                model=model,
+                user=body.user,
+                arrival_time=now,
+                owner=key_owner(http),
+                **({"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}),
+            )  # fmt: skip
+            for item in inputs
+        ]
+        results = await embedded(self.core.submit_all(requests))
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(r.vector, body.encoding_format)}
+            for i, r in enumerate(results)
+        ]
+        tokens = sum(r.prompt_tokens for r in results)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return Response({"object": "list", "data": data, "model": model, "usage": usage})
+
+
+def _embedding_inputs(value: Any) -> list[str] | list[list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [list(value)]
+    if value and (all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value)):
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ApiError(
+                400, f"input: at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(value)}", param="input"
+            )
+        return list(value)
+    raise ApiError(
+        400, "input: a non-empty string, list of strings, token ids or list of token-id lists", param="input"
+    )
+
+
+def _encode_vector(vector: Any, encoding: str) -> list[float] | str:
+    array = np.asarray(vector, dtype=np.float32)
+    if encoding == "base64":
+        return base64.b64encode(array.astype("<f4").tobytes()).decode("ascii")
+    return array.tolist()

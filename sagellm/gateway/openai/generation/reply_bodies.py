@@ -1,0 +1,105 @@
+"""OpenAI response bodies and stream chunks of completions and chats, built from the choices a request's stream
+delivered (`replies.choice`).
+
+Kept apart from the routes so the shapes (which SDKs parse strictly) live in one place: `usage` with cached prompt
+tokens, completions' `logprobs` (tokens, token_logprobs, top_logprobs, text_offset) and chat's (`content` entries with
+`bytes` and `top_logprobs`), vLLM's `prompt_logprobs`. Token strings are each token decoded on its own, as vLLM reports
+them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagellm.gateway.replies.choice import Choice
+from sagellm.runtime.engine.outputs import TokenLogprob
+
+
+def usage(choices: list[Choice], per_prompt: int = 1) -> dict[str, Any]:
+    """The tokens of every choice's output, and of each prompt once (`per_prompt`: the choices of one prompt,
+    which follow each other)."""
+    firsts = choices[::per_prompt]
+    prompt = sum(c.metrics.num_prompt_tokens for c in firsts if c.metrics)
+    # Another model's server streams text only: its own count of the tokens is in the metrics.
+    completion = sum(len(c.token_ids) or (c.metrics.num_output_tokens if c.metrics else 0) for c in choices)
+    cached = sum(c.metrics.num_cached_tokens for c in firsts if c.metrics)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _token(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+def completion_logprobs(
+    tokenizer: Any, logprobs: list[TokenLogprob | None], offset: int, token_ids: list[int] | None = None
+) -> dict[str, Any]:
+    """`token_ids`: the tokens when an entry is None (an echoed prompt's first token, which nothing scores)."""
+    ids = token_ids if token_ids is not None else [lp.token_id for lp in logprobs if lp is not None]
+    tokens = [_token(tokenizer, t) for t in ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+        "top_logprobs": [None if lp is None else {_token(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def prompt_logprobs_json(tokenizer: Any, logprobs: list[TokenLogprob | None]) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), the token and its top alternatives by id,
+    each with its logprob, rank and text; -inf as -9999.0 (JSON has no infinity), as vLLM's."""
+
+    def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": _token(tokenizer, token_id)}
+
+    def position(lp: TokenLogprob) -> dict[str, Any]:
+        top = {str(t): entry(t, v, rank) for rank, (t, v) in enumerate(lp.top, 1)}
+        return {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank), **top}
+
+    return [None if lp is None else position(lp) for lp in logprobs]
+
+
+def chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        token = _token(tokenizer, token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs
+        ]
+    }
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """The engine's reasons are OpenAI's, except a cancelled request, which OpenAI has no word for."""
+    return "stop" if reason == "abort" else reason
+
+
+@dataclass
+class Envelope:
+    """The fields every response and chunk of one HTTP request share."""
+
+    id: str
+    model: str
+    object: str  # "text_completion" | "chat.completion" | "chat.completion.chunk"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }

@@ -1,0 +1,89 @@
+"""vLLM's request fields this server does not serve, refused by name when a request asks for something with them.
+
+A client written for vLLM sends vLLM's extra fields; one accepted and ignored would change what the client gets
+without a word (a `use_beam_search` run answered by sampling, a `cache_salt` that isolates nothing). So each is
+declared on the request bodies, where its presence is seen, and refused with a 400 naming it unless it holds a value
+that asks for nothing (vLLM's default). Fields of neither API are still ignored, as vLLM does: SDKs add new ones all
+the time. The fields sageLLM serves are the bodies' own (each endpoint's `protocol.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.openai.generation.structured import Constrained
+
+UNSET: Any = msgspec.UNSET
+_NO_MULTIMODAL = "this server takes text (or token ids) only"
+
+# name -> (the values that ask for nothing, why anything else is refused); for both endpoints
+SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "use_beam_search": ((False,), "beam search is not implemented: sample n choices instead"),
+    "length_penalty": ((1, 1.0), "it weighs beam search, which is not implemented"),
+    "watermarking": ((None,), "watermarked sampling is not implemented"),
+    "spaces_between_special_tokens": ((True,), "special tokens are always decoded as the tokenizer joins them"),
+    "truncate_prompt_tokens": ((None,), "prompts are not truncated here: a prompt over the context is a 400"),
+    "truncation_side": ((None,), "prompts are not truncated here: a prompt over the context is a 400"),
+    "logprob_token_ids": ((None,), "ask for logprobs with top alternatives instead"),
+    "prompt_embeds": ((None,), "prompts are text or token ids here"),
+    "request_id": ((None,), "send it as the X-Request-Id header, which the reply carries back"),
+    "session_id": ((None,), "sessions are sageLLM's /v1/sessions here"),
+    "return_tokens_as_token_ids": ((None, False), "ask for return_token_ids instead"),
+    "return_token_offsets": ((False,), "not implemented"),
+    "routed_experts_prompt_start": ((0,), "routed experts are not reported"),
+    "mm_payload": (("tensors",), _NO_MULTIMODAL),
+    "return_mm_kwargs": ((None, False), _NO_MULTIMODAL),
+    "ec_transfer_params": ((None,), _NO_MULTIMODAL),
+    "vllm_xargs": ((None,), "no custom logits processors run here"),
+    "repetition_detection": ((None,), "not implemented: repetition_penalty and frequency_penalty are"),
+    "stream_interval": ((None, 1), "every delta is streamed as it is made"),
+}
+COMPLETION_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
+    "add_special_tokens": ((True,), "a text prompt is tokenized with the model's special tokens: send token ids"),
+}
+CHAT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
+    "add_special_tokens": ((False,), "the chat template places the special tokens"),
+    "documents": ((None,), "ground a chat in an index (`index`) instead"),
+    "chat_template": ((None,), "this server renders chats with the model's own template (vLLM's default too)"),
+    "media_io_kwargs": ((None,), _NO_MULTIMODAL),
+    "mm_processor_kwargs": ((None,), _NO_MULTIMODAL),
+    "return_prompt_text": ((None, False), "ask /tokenize for the rendered prompt"),
+    "include_reasoning": ((True,), "this server's models are not reasoning models"),
+}
+
+
+class VllmFields(Constrained, kw_only=True):
+    """vLLM's fields of both endpoints (SHARED), declared so their presence is seen (UNSET: not sent); the chat's own
+    (CHAT_ONLY) are declared on its body."""
+
+    use_beam_search: Any = UNSET
+    length_penalty: Any = UNSET
+    watermarking: Any = UNSET
+    spaces_between_special_tokens: Any = UNSET
+    truncate_prompt_tokens: Any = UNSET
+    truncation_side: Any = UNSET
+    logprob_token_ids: Any = UNSET
+    prompt_embeds: Any = UNSET
+    request_id: Any = UNSET
+    session_id: Any = UNSET
+    return_tokens_as_token_ids: Any = UNSET
+    return_token_offsets: Any = UNSET
+    routed_experts_prompt_start: Any = UNSET
+    mm_payload: Any = UNSET
+    return_mm_kwargs: Any = UNSET
+    ec_transfer_params: Any = UNSET
+    vllm_xargs: Any = UNSET
+    repetition_detection: Any = UNSET
+    stream_interval: Any = UNSET
+    add_special_tokens: Any = UNSET
+
+
+def refuse_unserved(body: Any, chat: bool) -> None:
+    """A 400 naming the first of vLLM's fields the body sets to something this server does not serve."""
+    table = SHARED | (CHAT_ONLY if chat else COMPLETION_ONLY)
+    for name, (asks_nothing, why) in table.items():
+        value = getattr(body, name)
+        if value is not UNSET and not any(value == v and type(value) is type(v) for v in asks_nothing):
+            raise ApiError.unsupported(name, why)

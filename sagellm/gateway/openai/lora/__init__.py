@@ -1,0 +1,1 @@
+"""vLLM's routes that load and unload LoRA adapters at run time."""

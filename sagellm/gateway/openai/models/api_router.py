@@ -1,0 +1,37 @@
+"""`GET /v1/models`: the models this gateway serves as OpenAI's model cards (the graph's, attached servers', models
+loaded on demand with their status, and LoRA adapters as vLLM lists them: with their `parent`), each with its
+`max_model_len` where it is known here."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
+from sagellm.gateway.serving.core import ServingCore
+
+
+class ModelsRoutes:
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+        self.created = int(time.time())
+
+    def register(self, app: App, guard: Guard | None) -> None:
+        app.route("GET", "/v1/models", self.models, guard)
+
+    async def models(self, _: HttpRequest) -> Response:
+        def card(name: str) -> dict[str, Any]:
+            embedder = self.core.embedder(name)
+            own = self.core.max_model_len if name == self.core.model_name else None
+            length = {"max_model_len": embedder.max_length if embedder is not None else own}
+            pool = getattr(self.core, "models_on_demand", None)  # (an API server's core loads none)
+            status = {}
+            if pool is not None:  # the graph's own models are loaded as long as it runs
+                status = {"status": pool.status(name) if name in pool.models else {"value": "loaded"}}
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length, **status}
+
+        def adapter(name: str, path: str, parent: str) -> dict[str, Any]:  # vLLM's card of a LoRA adapter
+            return {**card(parent), "id": name, "root": path, "parent": parent}
+
+        adapters = [adapter(ref.name, ref.path, parent) for ref, parent in self.core.lora_adapters()]
+        return Response({"object": "list", "data": [card(name) for name in self.core.models()] + adapters})

@@ -1,0 +1,1 @@
+"""`GET /v1/requests/{request_id}`: a request's status."""

@@ -1,0 +1,115 @@
+"""`POST /v1/responses`: a response request run as the chat it is (`ChatPreparation.prepared_chat`, so admission,
+policy, route, failover, guided decoding and tool parsing are the chat's own), answered whole or as the Responses
+API's typed event stream, and kept for `previous_response_id` when stored. A stream always ends with the event that
+says how (`events`): a request that fails after its first token ends with `response.failed`.
+
+The gateway's core answers it: an API server passes it on (its route table has no `/v1/responses`), so every
+stored response is in one place whichever API server a follow-up reaches."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+
+from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
+from sagellm.gateway.http.auth import key_owner
+from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
+from sagellm.gateway.openai.generation.reply_bodies import usage
+from sagellm.gateway.openai.responses.events import ResponseEvents, response_error
+from sagellm.gateway.openai.responses.protocol import (
+    ResponsesRequest,
+    chat_body,
+    conversation_after,
+    created_at,
+    new_id,
+    output_items,
+    reasoning_effort,
+    reasoning_item,
+    response_body,
+)
+from sagellm.gateway.openai.responses.store import ResponseStore
+from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
+from sagellm.gateway.replies.reader import Reply, ReplyReader, rendered
+from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
+
+log = structlog.get_logger("sagellm.responses")
+
+
+class ResponsesRoutes:
+    def __init__(self, chat: ChatPreparation, store: ResponseStore | None = None) -> None:
+        self.chat, self.store = chat, store or ResponseStore()
+
+    def register(self, app: App, guard: Guard | None) -> None:
+        app.route("POST", "/v1/responses", self.create, guard)
+
+    async def create(self, http: HttpRequest) -> Response | EventStream:
+        body = http.json(ResponsesRequest)
+        owner = key_owner(http)
+        chat, conversation, namespaces = chat_body(body, self.store.conversation(body.previous_response_id, owner))
+        if self.chat.honours_effort(chat.model):  # else `reasoning` is taken and echoed, changing nothing
+            chat.reasoning_effort = reasoning_effort(body.reasoning)
+        request, plan, _ = await self.chat.prepared_chat(chat, http.headers, owner)
+        response_id, created = new_id("resp"), created_at()
+        model = request.model or self.chat.core.model_name
+
+        def answer(choice: Choice, reply: Reply) -> dict[str, Any]:
+            if body.store:
+                self.store.keep(response_id, owner, conversation_after(conversation, reply.content, reply.calls))
+            output = output_items(reply.content, reply.calls, namespaces)
+            if reply.reasoning is not None:  # the thinking first, as a reasoning item
+                output.insert(0, reasoning_item(reply.reasoning))
+            return response_body(response_id, model, body, output, usage([choice]), choice.finish_reason, created)
+
+        def failed(error: dict[str, str]) -> dict[str, Any]:
+            return response_body(response_id, model, body, [], None, None, created, status="failed", error=error)
+
+        if not body.stream:
+            (choice,) = await collect_choices([self.chat.core.submit(request)])
+            reply = ReplyReader.whole(plan, choice.text) if plan.reads else Reply(None, choice.text or None, [])
+            return Response(answer(choice, reply))
+        stream = self.chat.core.submit(request)
+        first = await first_or_raise(stream)
+        snapshot = response_body(response_id, model, body, [], None, None, created, status="in_progress")
+        events = _events(ResponseEvents(snapshot, namespaces), first, stream, ReplyReader(plan), answer, failed)
+        return EventStream(events, on_disconnect=stream.cancel)
+
+
+async def _events(
+    events: ResponseEvents,
+    first: TokenDelta,
+    stream: RequestStream,
+    reader: ReplyReader,
+    answer: Callable[[Choice, Reply], dict[str, Any]],
+    failed: Callable[[dict[str, str]], dict[str, Any]],
+) -> AsyncIterator[Any]:
+    """The stream's events: text deltas and calls as the reply's tokens come (read for thinking and tool calls as
+    the request's plan says), the whole response last, its thinking a reasoning item; a failure after the start (the
+    request's, or this code's) ends it with `response.failed`."""
+    yield tuple(events.start())
+    choice = Choice(0)
+    item: TokenDelta | RequestError = first
+    ready: list[dict[str, Any]] = []
+    try:
+        while not isinstance(item, RequestError):
+            choice.add(item)
+            ready = rendered(reader.step(item.text, item.finished), events)
+            if item.finished:
+                break
+            if ready:
+                yield tuple(ready)
+            following = await anext(stream, None)
+            if following is None:
+                break
+            item = following
+        if isinstance(item, RequestError):
+            last = events.fail(failed(response_error(item.code, item.message)))
+        else:
+            last = [*ready, *events.finish(answer(choice, reader.reply))]
+    except Exception as exc:  # a fault of this code's must still end the stream as clients expect
+        log.exception("responses_stream_failed", error=str(exc))
+        stream.cancel()
+        last = events.fail(failed(response_error("internal", f"the response failed: {exc}")))
+    yield LastEvents(last)
