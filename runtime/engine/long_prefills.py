@@ -23,8 +23,13 @@ budget allows. With a threshold T:
 - a step scores at most T prompt positions for prompt logprobs (`echo` with `logprobs`), whoever asked: their
   full-vocabulary log-softmax is the heaviest work a prompt row can ask for.
 
-T = 0 turns all of it off: each prompt takes what the budget leaves, as before. The seats are counted afresh each
-step from the running sequences, so there is no state to keep in step with preemption or aborts."""
+T = 0 turns all of it off: each prompt takes what the budget leaves, as before. The chunk may be set apart from
+what counts as long (`chunk_tokens`): the engine's default (`long_prefill_shares`) calls long only the prompts that
+take several steps anyway (more than a step's budget) and those scored for prompt logprobs past the chunk, so
+prompts that fit a step run as fast as without any of this (W1's 256-token prompts: throughput as with T = 0), and
+gives each long one AUTO_CHUNK_TOKENS a step. The
+seats are counted afresh each step from the running sequences, so there is no state to keep in step with
+preemption or aborts."""
 
 from __future__ import annotations
 
@@ -33,12 +38,33 @@ from collections.abc import Iterable
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
 MAX_LONG_HOLDS = 3  # steps in a row short prompts may have alone: a long prompt computes in one step of four at least
+# A long prompt's tokens a step, the threshold left to the engine: on a 2-core CPU a step of 64 prompt tokens keeps a
+# short chat's TTFT p99 within 3x its quiet value beside a 6,000-token prompt or an echo request (`sagellm bench
+# fairness`); 128 would double what it waits for.
+AUTO_CHUNK_TOKENS = 64
 
 
-def short_prompt_waits(waiting: Iterable[Sequence], threshold: int) -> bool:
-    """Whether a prompt of at most `threshold` tokens waits (0: no prompt is long, none is short either): the step,
-    if it can start it, is then its alone, the long prompts' chunks held for the next."""
-    return threshold > 0 and any(seq.num_tokens - seq.num_computed_tokens <= threshold for seq in waiting)
+def long_prefill_shares(threshold: int | None, budget: int) -> dict[str, int]:
+    """The scheduler's threshold and chunk for the engine's `long_prefill_token_threshold` (None: the default, long
+    past the step's `budget`, AUTO_CHUNK_TOKENS a step; a number: vLLM's meaning, long past it and that many a
+    step)."""
+    if threshold is None:
+        return {"long_prefill_token_threshold": budget, "long_prefill_chunk_tokens": min(AUTO_CHUNK_TOKENS, budget)}
+    return {"long_prefill_token_threshold": threshold, "long_prefill_chunk_tokens": threshold}
+
+
+def long_past(seq: Sequence, threshold: int, chunk_tokens: int) -> int:
+    """The tokens left past which `seq` is long: the threshold, or for a prompt scored for its logprobs the chunk
+    (each of its rows costs a full-vocabulary log-softmax: a prompt that fits a step is still a heavy one)."""
+    return (chunk_tokens or threshold) if seq.scores_prompt else threshold
+
+
+def short_prompt_waits(waiting: Iterable[Sequence], threshold: int, chunk_tokens: int = 0) -> bool:
+    """Whether a prompt that is not long waits (threshold 0: no prompt is long, none is short either): the step, if
+    it can start it, is then its alone, the long prompts' chunks held for the next."""
+    return threshold > 0 and any(
+        seq.num_tokens - seq.num_computed_tokens <= long_past(seq, threshold, chunk_tokens) for seq in waiting
+    )
 
 
 def tokens_left(seq: Sequence, computed: int) -> int:
@@ -58,27 +84,30 @@ class PrefillShares:
         running: Iterable[Sequence] = (),
         context_scale: int = 0,
         shorts_first: bool = False,
+        chunk_tokens: int = 0,
     ) -> None:
         """`threshold` 0: every prompt takes what the budget leaves it (the shares of a step that schedules
         nothing new); `context_scale` 0: chunks in plain tokens, however deep (vLLM's); `shorts_first`: a short
-        prompt waits, and this step is its alone: long prompts' chunks wait for the next."""
+        prompt waits, and this step is its alone: long prompts' chunks wait for the next; `chunk_tokens`: a long
+        prompt's tokens a step (0: the threshold's)."""
         self.threshold, self.max_partial, self.max_long = threshold, max_partial, max_long
         self.context_scale, self.shorts_first = context_scale, shorts_first
+        self.chunk_tokens = (chunk_tokens or threshold) if threshold else 0
         self.held_long = False  # whether a long prompt's chunk was held back for the short ones
-        self.scored_left = threshold or None  # prompt positions this step may still score; None: no limit
+        self.scored_left = self.chunk_tokens or None  # prompt positions this step may still score; None: no limit
         # The running prompts mid-prefill: each holds a seat, and a long one a long seat, until its prefill ends.
         self._prefilling = [seq for seq in running if seq.num_tokens - seq.num_computed_tokens > 1]
         self._new_partial = self._new_long = 0  # seats taken this step by prompts admitted in it
         self._scheduled: dict[Sequence, int] = {}  # what each running prompt mid-prefill computes this step
 
-    def is_long(self, left: int) -> bool:
-        return 0 < self.threshold < left
+    def is_long(self, seq: Sequence, left: int) -> bool:
+        return self.threshold > 0 and long_past(seq, self.threshold, self.chunk_tokens) < left
 
     def chunk(self, computed: int) -> int:
         """A long prompt's tokens in one step after `computed` of them: T at its start, fewer deeper in."""
         if not self.context_scale:
-            return self.threshold
-        return max(1, self.threshold * self.context_scale // (self.context_scale + computed))
+            return self.chunk_tokens
+        return max(1, self.chunk_tokens * self.context_scale // (self.context_scale + computed))
 
     def share(self, seq: Sequence, computed: int, n: int) -> int:
         """`n` (what the budget leaves `seq`) cut to its share: a long prompt's chunk (and a started prefill's, so
@@ -87,7 +116,7 @@ class PrefillShares:
         always recomputed for the logits)."""
         left = tokens_left(seq, computed)
         started = seq.status is SequenceStatus.RUNNING and seq.num_tokens - computed > 1
-        if self.threshold and (started or self.is_long(left)):
+        if self.threshold and (started or self.is_long(seq, left)):
             if self.shorts_first and left > self.chunk(computed):  # a long prompt, short of its last chunk
                 self.held_long = True
                 return 0
@@ -106,7 +135,7 @@ class PrefillShares:
             return True
         if self._partial() >= self.max_partial:
             return False
-        return not self.is_long(left) or self._long() < self.max_long
+        return not self.is_long(seq, left) or self._long() < self.max_long
 
     def took(self, seq: Sequence, n: int, admitted: bool) -> None:
         """`seq` computes `n` tokens this step (`admitted`: it starts in this step); before its counter moves."""
@@ -117,12 +146,12 @@ class PrefillShares:
             self._scheduled[seq] = n
         elif n < left:
             self._new_partial += 1
-            self._new_long += self.is_long(left)
+            self._new_long += self.is_long(seq, left)
 
     def held_back(self, waiting: Iterable[Sequence]) -> int:
         """How many of the `waiting` sequences (between steps) are long prompts that start only once a long prompt
         running now is through: they take none of the running batch's seats until then."""
-        waiting_long = sum(self.is_long(tokens_left(seq, seq.num_computed_tokens)) for seq in waiting)
+        waiting_long = sum(self.is_long(seq, tokens_left(seq, seq.num_computed_tokens)) for seq in waiting)
         return max(0, waiting_long - max(0, self.max_long - self._long()))
 
     def _partial(self) -> int:

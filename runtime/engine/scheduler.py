@@ -45,10 +45,12 @@ class SchedulerConfig:
     num_state_slots: int = 0
     num_state_checkpoints: int = 0
     speculative: bool = False  # proposals are verified: a recurrent model's seats get rollback slots
-    # vLLM's long-prefill settings (long_prefills.py): the threshold past which a prompt is long and computes that
-    # many tokens a step (0: off, each prompt takes what the budget leaves), the prompts and the long ones prefilled
-    # across steps at once, and the context at which a long prompt's chunk has shrunk to half (0: it never does).
+    # vLLM's long-prefill settings (long_prefills.py): the threshold past which a prompt is long and computes
+    # `long_prefill_chunk_tokens` a step (0: the threshold's; threshold 0: off, each prompt takes what the budget
+    # leaves), the prompts and the long ones prefilled across steps at once, and the context at which a long
+    # prompt's chunk has shrunk to half (0: it never does).
     long_prefill_token_threshold: int = 0
+    long_prefill_chunk_tokens: int = 0
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     long_prefill_context_scale: int = 0
@@ -78,6 +80,12 @@ class ScheduledBatch:
     @property
     def total_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @property
+    def samples_every_row(self) -> bool:
+        """Whether every row samples a token: a step of decoding rows only, each sequence's next token and its
+        proposals (before `complete_step`), which is what speculation's budget weighs."""
+        return all(seq.num_sampled_rows(n) == n for seq, n in zip(self.seqs, self.num_new_tokens))
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -157,8 +165,10 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         seat_free = len(self.running) < self.config.max_num_seqs
-        threshold = self.config.long_prefill_token_threshold
-        shorts_first = self._long_holds < MAX_LONG_HOLDS and seat_free and short_prompt_waits(self.waiting, threshold)
+        threshold, chunk = self.config.long_prefill_token_threshold, self.config.long_prefill_chunk_tokens
+        shorts_first = (
+            self._long_holds < MAX_LONG_HOLDS and seat_free and short_prompt_waits(self.waiting, threshold, chunk)
+        )
         shares = self._shares(shorts_first)
         step = _Step(self.config.max_num_batched_tokens, shares)
         index = 0
@@ -205,7 +215,8 @@ class Scheduler:
         """The prefills' shares of the step to come, from the sequences running now."""
         c = self.config
         return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
-                             self.running, c.long_prefill_context_scale, shorts_first)  # fmt: skip
+                             self.running, c.long_prefill_context_scale, shorts_first,
+                             c.long_prefill_chunk_tokens)  # fmt: skip
 
     def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
         """For each chunk verifying proposals, a checkpoint of its recurrent states after the sequence's own tokens

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import EngineConfig
-from sagellm.runtime.engine.long_prefills import PrefillShares
+from sagellm.runtime.engine.long_prefills import PrefillShares, long_prefill_shares
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 from sagellm.runtime.pipeline.messages import Request, TokenDelta
@@ -61,6 +61,19 @@ def test_a_long_prompts_chunk_never_exceeds_the_threshold():
     while a.num_output_tokens == 0:
         seen.append(chunks(step(s))["a"])
     assert seen == [8, 8, 8, 6]  # at most 8 while more than 8 are left; the rest (6) in one step
+
+
+def test_by_default_prompts_that_fit_a_step_are_not_long_and_the_longer_take_small_chunks():
+    """The engine's default: long past the step's budget (W1's prompts fill steps as before), 64 tokens a step."""
+    assert long_prefill_shares(None, 512) == {"long_prefill_token_threshold": 512, "long_prefill_chunk_tokens": 64}
+    assert long_prefill_shares(8, 512) == {"long_prefill_token_threshold": 8, "long_prefill_chunk_tokens": 8}
+    shares = long_prefill_shares(None, 64) | {"long_prefill_chunk_tokens": 8}  # the default's rule, a smaller chunk
+    s = Scheduler(SchedulerConfig(8, 64, 1024, 256, 4, **shares))
+    fits, other, long = seq("fits", 40), seq("other", 20, start=100), seq("long", 100, start=200)
+    for x in (fits, other, long):
+        s.add(x)
+    assert chunks(step(s)) == {"fits": 40, "other": 20}  # whole, together, as without long prefills
+    assert chunks(step(s))["long"] == 8
 
 
 def test_deeper_in_a_long_prompt_its_chunks_shrink_so_each_costs_about_the_same():

@@ -28,6 +28,7 @@ from sagellm.runtime.pipeline.messages import Request
 
 # Template settings that shape the prompt's end, not the reply's start (whether it opens inside the thinking)
 _PROMPT_SHAPE = ("add_generation_prompt", "continue_final_message")
+STARTS_THINKING_KEPT = 256  # (template, settings) pairs whose rendered opening is remembered
 
 
 class ChatPreparation:
@@ -117,9 +118,11 @@ class ChatPreparation:
             return ReplyPlan(tool_parser=tool_parser)
         settings = {k: v for k, v in (request.template_kwargs or {}).items() if k not in _PROMPT_SHAPE}
         key = (template or "", json.dumps(settings, sort_keys=True, default=str))
-        if key not in self._starts_thinking:
-            self._starts_thinking[key] = starts_inside(tokenizer, template, settings)
-        inside = self._starts_thinking[key]
+        inside = self._starts_thinking.get(key)
+        if inside is None:
+            if len(self._starts_thinking) >= STARTS_THINKING_KEPT:  # callers choose the settings: keep the newest
+                del self._starts_thinking[next(iter(self._starts_thinking))]
+            inside = self._starts_thinking[key] = starts_inside(tokenizer, template, settings)
         return ReplyPlan(tool_parser=tool_parser, reasoning_parser=reasoning, starts_thinking=inside)
 
     async def _ground(self, request: Request, body: ChatCompletionRequest) -> list[dict[str, object]] | None:

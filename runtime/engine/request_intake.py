@@ -1,0 +1,123 @@
+"""The engine's intake (vLLM v1's input processor): `add_request`'s arguments made into a request's engine state.
+
+It checks a request against the engine (its id unique, its prompt's tokens in the vocabulary and under the context,
+its LoRA adapter served), tokenizes what came as text (the prompt, the bad words), compiles its grammar and starts its
+detokenizer and thinking budget, then enters it in the engine's table of requests. So every reason a request is
+refused is raised here, before it holds anything, and the engine's loop only sees requests that can run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sagellm.common.errors import InvalidInput
+from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
+from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, grammar_compiler, restrictions_refusal
+from sagellm.runtime.engine.lora_slots import LoRARequest, LoraSlots
+from sagellm.runtime.engine.outputs import RequestMetrics
+from sagellm.runtime.engine.penalties import BadWords, bad_word_token_ids
+from sagellm.runtime.engine.prompt import request_token_problem
+from sagellm.runtime.engine.request_state import RequestState
+from sagellm.runtime.engine.sampler import make_generator
+from sagellm.runtime.engine.sampling_params import SamplingParams
+from sagellm.runtime.engine.sequence import Sequence
+from sagellm.runtime.engine.thinking import ThinkingTracker
+from sagellm.runtime.models.lora_adapter import LoraAdapter
+
+
+class RequestIntake:
+    def __init__(
+        self,
+        requests: dict[str, RequestState],
+        tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: set[int],
+        max_model_len: int,
+        lora: LoraSlots | None,
+    ) -> None:
+        """`requests`: the engine's table, by request id, that each new request enters."""
+        self._requests = requests
+        self._tokenizer, self._vocab, self._eos_token_ids = tokenizer, vocab_size, eos_token_ids
+        self._max_model_len = max_model_len
+        self._lora = lora
+        self._grammars: GrammarCompiler | None = None  # made with the first guided request
+
+    def new(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int,
+        resumed_tokens: int = 0,
+        scored: bool = False,
+        cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
+    ) -> RequestState:
+        """The request's state, entered in the engine's table. `scored`: the prompt's logprobs, if asked for, were
+        computed where it was prefilled; a resumed request's were too, on its first run."""
+        adapter = self._adapter(lora_request)
+        cache_salt = _salted(cache_salt, adapter)
+        if request_id in self._requests:
+            raise InvalidInput(f"request id {request_id!r} is already running")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self._tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            text, token_ids = None, list(prompt)
+        vocab = self._vocab
+        problem = request_token_problem(token_ids, params, vocab)
+        if problem is not None:
+            raise InvalidInput(problem)
+        budget = self._max_model_len - len(token_ids)
+        if budget <= 0:
+            raise InvalidInput(
+                f"prompt has {len(token_ids)} tokens; this engine's context is {self._max_model_len} tokens"
+            )
+        matcher = self._matcher(params, token_ids[len(token_ids) - resumed_tokens :]) if params.guided else None
+        seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
+        seq.resumed_tokens, seq.cache_salt = resumed_tokens, cache_salt
+        if params.prompt_logprobs is not None and not (scored or resumed_tokens):
+            seq.prompt_logprobs = [None]
+        if params.bad_words:  # tokenized where the prompt was (off the event loop), else here
+            sequences = params.bad_words_token_ids
+            seq.bad_words = BadWords(
+                sequences if sequences is not None else bad_word_token_ids(self._tokenizer, params.bad_words, vocab)
+            )
+        if matcher is not None and (refusal := restrictions_refusal(matcher, params, seq, self._eos_token_ids, vocab)):
+            raise InvalidInput(refusal)
+        detok = IncrementalDetokenizer.from_params(self._tokenizer, token_ids, params, resumed_tokens)
+        metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
+        logprobs = [] if params.logprobs is not None else None
+        state = RequestState(seq, text, detok, metrics, logprobs, matcher=matcher, adapter=adapter)
+        if params.thinking is not None:
+            state.thinking = ThinkingTracker(params.thinking)
+            for token in token_ids[len(token_ids) - resumed_tokens :]:  # a resume: where the output so far stands
+                state.thinking.accept(token, self._tokenizer.decode([token]))
+        self._requests[request_id] = state
+        return state
+
+    def _adapter(self, request: LoRARequest | None) -> LoraAdapter | None:
+        if request is None:
+            return None
+        if self._lora is None:
+            raise InvalidInput(f"LoRA adapter {request.lora_name}: this engine serves none (start it with "
+                               "enable_lora)")  # fmt: skip
+        return self._lora.adapter(request)
+
+    def _matcher(self, params: SamplingParams, generated: list[int]) -> GuidedMatcher:
+        """A guided request's matcher, past the tokens already `generated` for it (by another engine, before a
+        resume): its grammar compiled on first use in this process, then cached."""
+        if self._grammars is None:
+            self._grammars = grammar_compiler(self._tokenizer, self._vocab, self._eos_token_ids)
+        matcher = self._grammars.matcher(params.guided)
+        for token in generated:
+            if not matcher.accept(token):
+                raise InvalidInput(f"the tokens generated before the resume do not follow the {params.guided.kind}")
+        return matcher
+
+
+def _salted(cache_salt: str | None, adapter: LoraAdapter | None) -> str | None:
+    """A request's cache salt with its adapter's name and directory: an adapter's KV of a prompt is not the base
+    model's, nor another adapter's (one loaded anew under the same name included), so prefix blocks are shared only
+    within one adapter."""
+    if adapter is None:
+        return cache_salt
+    return f"{cache_salt or ''}\x00lora:{adapter.name}:{adapter.path}"
