@@ -69,5 +69,11 @@ def linear(
     x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None, *, blocks: Callable[..., torch.Tensor]
 ) -> torch.Tensor:
     """The torch op on a tensor (`prepare_linear_weight`), `blocks` (the triton MXFP4 linear) on the Mxfp4Weight
-    `prepare_block_weight` made: the two forms this backend packs."""
-    return torch_ops.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else blocks(x, weight, bias)
+    `prepare_block_weight` made: the two forms this backend packs. A bf16 weight (dtype=bfloat16) takes the fp32
+    activations cast to bf16 (cuBLAS sums in fp32) and gives fp32 back: the rest of the model stays fp32."""
+    if not isinstance(weight, torch.Tensor):
+        return blocks(x, weight, bias)
+    if weight.dtype == x.dtype:
+        return torch_ops.linear(x, weight, bias)
+    low_bias = None if bias is None else bias.to(weight.dtype)
+    return torch_ops.linear(x.to(weight.dtype), weight, low_bias).to(x.dtype)

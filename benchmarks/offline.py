@@ -208,20 +208,24 @@ def _sagellm_runner(config: OfflineConfig) -> WorkloadRunner:
 
 def _transformers_runner(config: OfflineConfig, tokenizer: PreTrainedTokenizerBase) -> WorkloadRunner:
     """Static batches of `batch_size` prompts, left-padded, greedy, `min_new_tokens = max_new_tokens` (the
-    ignore_eos equivalent). A streamer stamps each decoding step, which gives per-request TTFT and TPOT."""
+    ignore_eos equivalent), on the device our engine's backend runs on (a GPU for cuda). A streamer stamps each
+    decoding step as its tokens reach the host, which gives per-request TTFT and TPOT."""
     from transformers import AutoModelForCausalLM
+
+    from sagellm.backends.registry import get_backend
 
     torch.set_num_threads(config.threads)
     root, kwargs = _hf_location(config.model)
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, **kwargs).eval()
+    device = get_backend(config.backend).device
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, **kwargs).to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def generate_fn(new_tokens: int) -> GroupGenerator:
         def generate(group: Prompts, arrival: float) -> list[RequestTiming]:
             width = max(len(p) for p in group)
             batch = {  # left padding, so every row's next token comes at the same position
-                "input_ids": torch.tensor([[pad_id] * (width - len(p)) + p for p in group]),  # [B, width]
-                "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group]),  # [B, width]
+                "input_ids": torch.tensor([[pad_id] * (width - len(p)) + p for p in group], device=device),
+                "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device),
             }
             steps = _StepTimes()
             with torch.inference_mode():
@@ -343,6 +347,7 @@ def machine_info(threads: int) -> dict[str, object]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "transformers": transformers.__version__,
         "sagellm": sagellm.__version__,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

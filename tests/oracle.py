@@ -20,14 +20,14 @@ step_shapes = pytest.mark.parametrize("engine_args", list(STEP_SHAPES.values()),
 
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)  # the model's device: the GPU check runs it on CUDA
     past, out = None, []
     for _ in range(num_tokens):
         result = model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
         past = result.past_key_values
         token = int(result.logits[0, -1].argmax())
         out.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        ids = torch.cat([ids, torch.tensor([[token]], device=model.device)], dim=1)
     return out
 
 
@@ -54,7 +54,7 @@ def assert_last_logits_match(engine, model, prompts: list[list[int]]) -> None:
             slots.unseat(seq)
     for row, prompt in zip(ours, prompts):
         with torch.no_grad():
-            ref = model(torch.tensor([prompt])).logits[0, -1]
+            ref = model(torch.tensor([prompt], device=model.device)).logits[0, -1].to(row.device)
         assert torch.allclose(row, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), (row - ref).abs().max()
 
 

@@ -287,6 +287,16 @@ def test_cuda_backend_keeps_mxfp4_blocks_only() -> None:
     close(linear(x, dense, bias), F.linear(x, dense, bias))
 
 
+def test_cuda_linear_on_bf16_weights_takes_and_gives_fp32() -> None:
+    """dtype=bfloat16 packs dense weights in bf16 while activations stay fp32: the table's linear casts x (and the
+    bias) to the weight's dtype and its output back."""
+    linear = CudaBackendOnDevice().kernels()["linear"]
+    x, weight, bias = randn(5, 96), randn(40, 96), randn(40)
+    y = linear(x, weight.to(torch.bfloat16), bias)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=2e-2, atol=0.1)
+
+
 def test_moe_on_mxfp4_experts_through_the_cuda_linear() -> None:
     """gpt-oss's MoE as lowering binds it on CUDA (each expert an Mxfp4Weight, `linear` the table's): as on the
     experts' floats stacked, biases and the clamped SwiGLU included. Weights below 1.5, so few activations clamp."""
