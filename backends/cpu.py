@@ -11,7 +11,7 @@ native `linear_f32` streams them on one thread for one or two rows (24 vs 40 ms 
 GEMM reads them above (within a few percent of oneDNN's blocked layout from 64 rows up), and a vocabulary projection
 tied to the embedding shares the embedding's tensor. Without native kernels, weights take oneDNN's blocked layout
 (1.5-3x `F.linear` from two rows up), and a single row against a wide output (gate_up) uses MKL's GEMV on an
-[in, out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`).
+[in, out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`; the weights' forms: cpu_linear.py).
 
 Around the linears, at a few rows per step torch spends more on dispatching RMSNorm, RoPE, SiLU and attention and on
 waking its OpenMP worker than on their math, and its decode attention first copies every context into a padded
@@ -31,15 +31,15 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import DECODER_LINEARS, Availability, DecoderLayer, DecoderShape, KernelTable
+from sagellm.backends.cpu_linear import CpuLinearWeight, linear, pack_block_weight, pack_linear_weight
 from sagellm.backends.native import (
     DISABLE_ENV,
     InterleavedBlocks,
@@ -49,7 +49,6 @@ from sagellm.backends.native import (
     fits_heads,
     fits_prefill_attention,
     fits_rows,
-    interleave,
     isa,
     prefill_scratch_size,
 )
@@ -61,17 +60,12 @@ from sagellm.backends.native.decoder_layers import (
 )
 from sagellm.backends.native.experts import NativeExperts
 from sagellm.backends.native.lora import add_lora as native_add_lora
-from sagellm.backends.native.ops import fits_delta_rule, fits_strided_heads
+from sagellm.backends.native.tensor_fits import fits_delta_rule, fits_strided_heads
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm, seed_decode_states
 from sagellm.backends.torch_ops.lora import add_lora as torch_add_lora
 
-# Without native kernels, outputs this wide (gate_up) also keep an [in, out] copy for one-row calls, where MKL's GEMV
-# streams the weight fastest. A vocabulary projection (49152 wide) is one call big enough that oneDNN's two threads
-# beat it (4.9 vs 6.0 ms for SmolLM2's lm_head at 2 threads), and its copy would cost another 113 MB.
-GEMV_COPY_OUT = range(2048, 16384)
-PACK_BATCH_HINT = 16  # rows oneDNN tunes the blocked layout for; measured as good at 1, 16 and 256 rows
 I64 = torch.int64
 # Rows up to which the native RMSNorm / RoPE / SiLU run on the calling thread; more rows (prefill) are shared
 # among torch's threads.
@@ -90,75 +84,6 @@ NATIVE_BLOCK_ROWS = 48
 # the dense fp32 GEMM 13.9; at 64 rows 3.1 vs 2.5).
 BLOCK_GEMM_ROWS = 192
 BLOCK_GEMM_ROWS_ONE_THREAD = 128
-
-
-@dataclass(frozen=True)
-class CpuLinearWeight:
-    """A linear's weight in the one form its calls read: its GGUF blocks for the native block kernels, else its
-    floats (dense for the native kernels and torch's GEMM, oneDNN-blocked without native kernels)."""
-
-    packed: torch.Tensor | None  # [out, in], oneDNN-blocked (opaque mkldnn tensor) when the dtype allows, else dense
-    rows: torch.Tensor | None  # [in, out] contiguous, for outputs in GEMV_COPY_OUT when there is no `dense`
-    dense: torch.Tensor | None = None  # [out, in] contiguous fp32, for the native linear and torch's GEMM
-    blocks: InterleavedBlocks | None = None  # the GGUF blocks, for the native block linear
-    # A fused linear whose parts' blocks differ in kind (a Q4_K_M file's q/k Q4_K, v Q6_K): each read on its own,
-    # the outputs side by side.
-    parts: tuple[InterleavedBlocks, ...] = ()
-
-
-def pack_linear_weight(weight: torch.Tensor, native: NativeKernels | None = None) -> CpuLinearWeight:
-    """The one layout `linear` reads a weight's floats in: with the `native` kernels an fp32 weight stays dense
-    [out, in] (a tied vocabulary projection shares the embedding's tensor); otherwise oneDNN's blocked layout."""
-    weight = weight.to("cpu").contiguous()  # [N, K]
-    if native is not None and weight.dtype == torch.float32:
-        return CpuLinearWeight(None, None, weight)
-    rows = weight.t().contiguous() if weight.shape[0] in GEMV_COPY_OUT else None  # [K, N]
-    if _onednn_packs(weight.dtype):
-        return CpuLinearWeight(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), rows)
-    return CpuLinearWeight(weight, rows)
-
-
-def pack_block_weight(parts: list[QuantizedWeight], native: NativeKernels) -> CpuLinearWeight | None:
-    """The GGUF blocks of a linear's parts interleaved in the library's group width (groups of 8 when the outputs
-    are not a multiple of it), one weight when they share a kind, else one per run of neighbours of one kind (Qwen3.5's
-    Q5_K qkv, then its Q4_K z, b and a: two calls, not four); None for a shape the kernels do not take (the caller
-    then packs the floats)."""
-    runs: list[list[QuantizedWeight]] = []
-    for part in parts:
-        if runs and (runs[-1][0].kind, runs[-1][0].in_features) == (part.kind, part.in_features):
-            runs[-1].append(part)
-        else:
-            runs.append([part])
-    each = [QuantizedWeight.concat(run) for run in runs]
-    interleaved = [interleave(p, native.block_group) or interleave(p) for p in each]
-    if any(blocks is None for blocks in interleaved):
-        return None
-    if len(interleaved) == 1:
-        return CpuLinearWeight(None, None, blocks=interleaved[0])
-    return CpuLinearWeight(None, None, parts=tuple(b for b in interleaved if b is not None))
-
-
-def _onednn_packs(dtype: torch.dtype) -> bool:
-    """oneDNN's blocked layout is for fp32, and for bf16 only where its bf16 path runs on this CPU (AVX-512 BW/VL/DQ
-    or AVX-NE-CONVERT): elsewhere its reorder raises, and a bf16 weight stays dense for torch's own linear."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def linear(x: torch.Tensor, weight: CpuLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] -> [T, N] (+ bias [N]) on a weight packed by `pack_linear_weight`, with torch's GEMMs. A bf16 weight
-    (EngineConfig.dtype) takes x rounded to bf16, sums in fp32 and gives fp32, with the fp32 bias added after."""
-    if weight.packed is None:  # dense fp32 (the native kernels' layout, which this CPU lacks at this call)
-        return F.linear(x, weight.dense, bias)
-    if weight.packed.dtype != x.dtype:
-        out = linear(x.to(weight.packed.dtype), weight).to(x.dtype)
-        return out if bias is None else out + bias
-    if weight.rows is not None and x.shape[0] == 1:
-        return torch.mm(x, weight.rows) if bias is None else torch.addmm(bias, x, weight.rows)  # [1, N]
-    if weight.packed.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")  # [T, N]
-    return F.linear(x, weight.packed, bias)
 
 
 class NativeDispatch:

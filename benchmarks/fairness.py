@@ -145,6 +145,9 @@ async def _case(port: int, model: str, args: argparse.Namespace, rng: random.Ran
     ttfts = [c.first_token_s for c in counted if c.first_token_s is not None]
     summary |= {"chats": len(counted), "no_first_token": len(counted) - len(ttfts)}
     summary |= {"ttft_p50_ms": percentile_ms(ttfts, 50), "ttft_p99_ms": percentile_ms(ttfts, 99)}
+    # When in the heavy request the slowest chat was sent: at its end, the reply's building; all along, the steps.
+    slowest = max((c for c in counted if c.first_token_s is not None), key=lambda c: c.first_token_s, default=None)
+    summary["slowest_sent_at_s"] = None if slowest is None else round(slowest.sent - start, 2)
     return summary
 
 

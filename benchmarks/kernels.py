@@ -71,7 +71,7 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _onednn_gemm(m: int, n: int, k: int, repeats: int) -> float:
-    from sagellm.backends.cpu import linear, pack_linear_weight
+    from sagellm.backends.cpu_linear import linear, pack_linear_weight
 
     x, weight = torch.randn(m, k), pack_linear_weight(torch.randn(n, k))
     return best_time(lambda: linear(x, weight), repeats)
@@ -81,7 +81,7 @@ def _block_linears(variants, rows: list[int], layers: int, repeats: int) -> None
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    from sagellm.backends.cpu import pack_linear_weight
+    from sagellm.backends.cpu_linear import pack_linear_weight
     from sagellm.backends.native import NativeKernels, interleave
     from sagellm.backends.quantized import QuantizedWeight
 
@@ -114,7 +114,7 @@ def _run_blocks(kernels, weights, inputs: dict[int, torch.Tensor]) -> None:
 
 
 def _run_dense(weights, inputs: dict[int, torch.Tensor]) -> None:
-    from sagellm.backends.cpu import linear
+    from sagellm.backends.cpu_linear import linear
 
     for weight in weights:
         linear(inputs[weight.packed.shape[1]], weight)

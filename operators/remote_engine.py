@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Protocol
 
 import httpx
 import structlog
+import trio
 
 from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.sse import sse_data
@@ -88,6 +89,7 @@ class RemoteEngine(StreamOperator):
         self.connect_timeout_s = connect_timeout_s
         self.endpoints: dict[str, Endpoint] = {}
         self._sent: dict[str, dict[str, int]] = {}  # instance -> its requests here -> their expected output tokens
+        self._counted_again = trio.Event()  # set as an instance's count changes: a drain (`until_idle`) looks again
         self._client: httpx.AsyncClient | None = None
 
     def open(self, ctx: OperatorContext) -> None:
@@ -140,6 +142,12 @@ class RemoteEngine(StreamOperator):
         self.ctx.instances.pop(instance_id, None)
         self.endpoints.pop(instance_id, None)
         self._sent.pop(instance_id, None)
+
+    async def until_idle(self, instance_id: str) -> None:
+        """Returns once no request counts on the instance (its `running` is 0, or it is gone): woken as its requests
+        here end, not polled."""
+        while (stats := self.ctx.instances.get(instance_id)) is not None and stats.running:
+            await self._counted_again.wait()
 
     # -- requests ---------------------------------------------------------------------------------------------------
     async def serve(self, item: Request) -> AsyncIterator[TokenDelta | RequestError]:
@@ -227,6 +235,8 @@ class RemoteEngine(StreamOperator):
         return params
 
     def _report(self, name: str, endpoint: Endpoint, sent: dict[str, int]) -> None:
+        self._counted_again.set()
+        self._counted_again = trio.Event()
         stats = self.ctx.instances.get(name)
         if stats is None:
             return

@@ -21,7 +21,7 @@ from safetensors.torch import save_file as save_torch_file
 
 from sagellm.benchmarks.kquant_pack import q4_k_m_type
 from sagellm.benchmarks.kquant_pack import quantize as quantize_blocks
-from sagellm.runtime.models.architectures import expert_parts, fused_parts
+from sagellm.runtime.models.architectures.checkpoint_names import expert_parts, fused_parts
 from sagellm.runtime.models.config import ModelConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2: bos, turn start, eos

@@ -6,9 +6,8 @@ CPU backend's kernel table calls them for the shapes where they beat torch and r
 from sagellm.backends.native import isa
 from sagellm.backends.native.block_layout import InterleavedBlocks, interleave
 from sagellm.backends.native.build import DISABLE_ENV, NativeBuildError, native_library
-from sagellm.backends.native.ops import (
-    NativeKernels,
-    NativeShapeError,
+from sagellm.backends.native.ops import NativeKernels, NativeShapeError
+from sagellm.backends.native.tensor_fits import (
     fits_decode_attention,
     fits_dense,
     fits_heads,

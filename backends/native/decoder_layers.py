@@ -19,11 +19,11 @@ from sagellm.backends.base import DECODER_LINEARS, AttentionShape, DecoderLayer,
 from sagellm.backends.native.block_weight import BlockWeight, block_weight, fits_blocks
 from sagellm.backends.native.experts import ACTIVATIONS, routing_fits
 from sagellm.backends.native.lora import MAX_PARTS, LayerLora, layer_lora, parts_fit
-from sagellm.backends.native.ops import (
+from sagellm.backends.native.ops import NativeKernels
+from sagellm.backends.native.tensor_fits import (
     MAX_CONV_WIDTH,
     MAX_DELTA_HEAD_DIM,
     MAX_HEAD_DIM,
-    NativeKernels,
     fits_dense,
     slots_inside,
 )

@@ -10,7 +10,8 @@ import torch
 
 from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.block_weight import BlockWeight, block_weight, fits_blocks
-from sagellm.backends.native.ops import NativeKernels, fits_dense, fits_rows
+from sagellm.backends.native.ops import NativeKernels
+from sagellm.backends.native.tensor_fits import fits_dense, fits_rows
 
 ACTIVATIONS = ("silu", "swiglu_oai")  # moe.c's, in its order
 F32 = torch.float32

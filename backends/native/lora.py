@@ -13,7 +13,8 @@ import ctypes
 import torch
 
 from sagellm.backends.base import DECODER_LINEARS, LoraPart
-from sagellm.backends.native.ops import NativeKernels, fits_dense, fits_rows
+from sagellm.backends.native.ops import NativeKernels
+from sagellm.backends.native.tensor_fits import fits_dense, fits_rows
 
 F32 = torch.float32
 MAX_PARTS = 3  # block_weight.h's: a fused linear's parts (q, k, v)

@@ -112,7 +112,7 @@ def build_engine(
         place(backend, config.device_ids, config.num_threads)
     cache = _cache_layout(config, model_config, backend, mtp, spec is not None)
     scheduler = Scheduler(_scheduler_config(config, model_config, cache, spec is not None))
-    lora, lora_weights = _lora_slots(config, model, backend, spec is not None) if config.enable_lora else (None, None)
+    lora, lora_weights = _lora_slots(config, model, backend) if config.enable_lora else (None, None)
     state_slots = cache.num_state_slots + cache.checkpoints + cache.rollbacks
     with stage(f"preparing the weights for the {backend.name} backend"):
         runner = make_runner(
@@ -209,14 +209,14 @@ def _scheduler_config(
     )
 
 
-def _lora_slots(
-    config: EngineConfig, model: LoadedModel, backend: HardwareBackend, speculative: bool
-) -> tuple[LoraSlots, LoraWeights]:
+def _lora_slots(config: EngineConfig, model: LoadedModel, backend: HardwareBackend) -> tuple[LoraSlots, LoraWeights]:
     """The adapters' slots over every weight of the model they may change, and this process's weights of them
-    (read before the loader's copies are dropped)."""
-    if speculative:
-        raise FieldError("enable_lora", "enable_lora: LoRA adapters run on an engine without speculative "
-                                        "decoding (yet)")  # fmt: skip
+    (read before the loader's copies are dropped).
+
+    They compose with speculative decoding: a step's rows each name their sequence's slot, its proposed tokens' rows
+    too (the runner's `step_inputs`), so the target verifies every proposal with the request's adapter. Proposers
+    run without adapters (n-gram reads no model; a draft model's and an MTP head's runners bind no LoRA weights): a
+    base model's guesses cost acceptance under an adapter, never tokens."""
     shapes = adapted_shapes(model.weights, model.quantized)
     if not shapes:
         raise FieldError("enable_lora", f"enable_lora: {model.name} has no weight LoRA adapters change")

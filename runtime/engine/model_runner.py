@@ -188,7 +188,7 @@ class ModelRunner:
                 prefills.append((len(ids), n, start + n, table, seq.state_slot, source, batch.checkpoints.get(seq)))
             logits_rows.extend(len(ids) + p - start for p in seq.prompt_scored_positions(n))
             ids.extend(seq.scheduled_token_ids(n))
-            lora_slots.extend([seq.lora_slot] * n)
+            lora_slots.extend([seq.lora_slot] * n)  # its proposed tokens' rows too: verified under its adapter
             span = range(start, start + n)
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)

@@ -81,7 +81,7 @@ class ControlServer:
         return f"{self.name(group)} (pid {self.spawned.get(group)})"
 
     async def wait_changed(self) -> None:
-        """Until a worker joins, becomes ready, ends or is given up."""
+        """Until a worker joins, becomes ready, heartbeats (its stats applied), ends or is given up."""
         await self._changed.wait()
 
     def _fire(self) -> None:

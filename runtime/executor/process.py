@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,6 @@ import zmq
 
 from sagellm.common import progress
 from sagellm.common.errors import SageLLMError, StartFailed, kind_of
-from sagellm.common.home import keys_dir
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.parent_death import env_for_child
 from sagellm.common.processes import python_module
@@ -55,10 +52,11 @@ from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
 from sagellm.runtime.executor.lost_requests import LostRequests
 from sagellm.runtime.executor.ray_placement import RayPlacement
+from sagellm.runtime.executor.remote_workers import announce_remote_workers, worker_command, write_key_file
 from sagellm.runtime.executor.worker_life import WorkerLife
 from sagellm.runtime.pipeline.cluster import RayCluster
 from sagellm.runtime.pipeline.operator import get_operator
-from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, is_loopback, is_secure
+from sagellm.runtime.pipeline.spec import MAIN, WILDCARD_HOST, is_secure
 from sagellm.runtime.pipeline.yaml_io import dump_pipeline
 
 log = structlog.get_logger("sagellm.process_executor")
@@ -134,22 +132,14 @@ class ProcessExecutor:
                         zctx, self.transport, "control", host=self.bind_host, port=port, keys=keys
                     )
                     with sock:
-                        self._write_key_file(bound)
+                        if self.keys is not None and self.remote:
+                            self.key_file = write_key_file(self.keys, self.graph.attrs.get("name", "graph"), bound)
                         endpoint = with_host(data_endpoint, self.advertise_host)
                         return await self._serve(zctx, data, endpoint, sock, bound, task_status)
         finally:
             if self.key_file is not None:
                 self.key_file.unlink(missing_ok=True)  # the key dies with the run
             zctx.term()
-
-    def _write_key_file(self, control_endpoint: str) -> None:
-        """The run's key, for the workers started by hand (`--key-file`): a file only its owner can read, named after
-        the graph and the control port, under the sageLLM home."""
-        if self.keys is None or not self.remote:
-            return
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.graph.attrs.get("name", "graph"))
-        self.key_file = keys_dir() / f"{name}-{control_endpoint.rpartition(':')[2]}.key"
-        self.keys.write(self.key_file)
 
     async def _serve(
         self,
@@ -175,7 +165,7 @@ class ProcessExecutor:
                 for group in self.children:
                     if group not in self.remote:
                         await self.spawn(nursery, group)
-                self._announce_remote()
+                announce_remote_workers(self.remote, self.worker_command, self.key_file, self.advertise_host)
                 await self.executor.open_operators()
                 await self._await_ready()
                 self.data_endpoints = peers = {**control.endpoints, MAIN: data_endpoint}
@@ -228,24 +218,7 @@ class ProcessExecutor:
 
     def worker_command(self, group: str) -> str:
         """The shell command that starts the worker of a remote group on its host."""
-        key = f" --key-file {self.key_file}" if self.key_file is not None else ""
-        return f"sagellm worker --connect {self.control_endpoint} --group {group}{key}"
-
-    def _announce_remote(self) -> None:
-        """The user starts remote workers: say exactly how (stderr, whatever the log level)."""
-        for group in self.remote:
-            command = self.worker_command(group)
-            log.info("waiting_for_remote_worker", group=group, command=command)
-            print(f"sagellm: waiting for group {group!r}; on its host run: {command}", file=sys.stderr, flush=True)
-        if self.remote and self.key_file is not None:
-            print(
-                f"sagellm: the run is encrypted: first copy its key {self.key_file} to that host over a secure channel "
-                "(scp -p, keeping it readable by its owner only) and give its path there to --key-file",
-                file=sys.stderr,
-                flush=True,
-            )
-        if self.remote and is_loopback(self.advertise_host):
-            print("sagellm: (only this host can connect: set bind_host: 0.0.0.0 to accept others)", file=sys.stderr)
+        return worker_command(self.control_endpoint, group, self.key_file)
 
     async def _watch_exit(self, nursery: trio.Nursery, group: str, process: trio.Process) -> None:
         code = await process.wait()

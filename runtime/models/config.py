@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # the name of its row in architectures.ARCHITECTURES
+    architecture: str  # the name of its row in architectures.families.ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int

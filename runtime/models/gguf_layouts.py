@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sagellm.runtime.models.architectures import BY_NAME
+from sagellm.runtime.models.architectures.families import BY_NAME
 from sagellm.runtime.models.config import ModelConfig
 
 

@@ -30,14 +30,10 @@ import torch
 from gguf import GGMLQuantizationType
 
 from sagellm.backends.quantized import KEPT_KINDS, QuantizedWeight
-from sagellm.runtime.models.architectures import (
-    BY_NAME,
-    check_weights,
-    config_from_gguf,
-    fused_parts,
-    row_count,
-    take_rows,
-)
+from sagellm.runtime.models.architectures.checkpoint_names import fused_parts, row_count, take_rows
+from sagellm.runtime.models.architectures.families import BY_NAME
+from sagellm.runtime.models.architectures.gguf_config import config_from_gguf
+from sagellm.runtime.models.architectures.weight_shapes import check_weights
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, GGUFTensor, read_gguf

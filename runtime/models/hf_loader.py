@@ -18,16 +18,16 @@ from safetensors import SafetensorError, safe_open
 
 from sagellm.backends.mxfp4 import Mxfp4LayoutError, experts_from_hf
 from sagellm.backends.quantized import QuantizedWeight
-from sagellm.runtime.models.architectures import (
-    BY_NAME,
+from sagellm.runtime.models.architectures.checkpoint_names import (
     canonical_name,
-    check_weights,
-    config_from_hf,
     expert_parts,
     fused_parts,
     stacked_expert_projections,
     take_rows,
 )
+from sagellm.runtime.models.architectures.families import BY_NAME
+from sagellm.runtime.models.architectures.hf_config import config_from_hf
+from sagellm.runtime.models.architectures.weight_shapes import check_weights
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe, read_json
 from sagellm.runtime.models.mtp_head import HEAD_NORMS, PREFIX, head_weight_shapes, is_head_weight

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from sagellm.runtime.models.architectures import expected_weight_shapes
+from sagellm.runtime.models.architectures.weight_shapes import expected_weight_shapes
 from sagellm.runtime.models.config import ModelConfig
 
 PREFIX = "mtp."

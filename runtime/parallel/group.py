@@ -228,6 +228,10 @@ class ParallelRunner(ModelRunner):
         self._forget_ranks()
 
     def _wait_ready(self, store: Any) -> None:
+        """Returns once every other rank has said it is ready; raises RankStartError for one that failed, exited or
+        took longer than START_TIMEOUT_S. A poll, not an event: what it waits for is other processes (a note in the
+        store, or an exit code), and the store's blocking `wait` watches keys that all get set, so it would miss a
+        rank that fails or dies; a rank's start takes seconds, a look costs a round trip to the store."""
         pending = set(range(1, len(self.ranks) + 1))
         deadline = time.monotonic() + START_TIMEOUT_S
         while pending:

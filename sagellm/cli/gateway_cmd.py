@@ -39,7 +39,7 @@ _NOT_ARGUMENTS = ("help", "wait_timeout", "api_key", "admin_key")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from sagellm.cli.serve_cmd import add_serve_arguments
+    from sagellm.cli.serve_flags import add_serve_arguments
 
     p = sub.add_parser("gateway", help="run the gateway in the background: start, stop, status, logs",
                        description=__doc__.split("\n\n")[0])  # fmt: skip

@@ -32,15 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
-import httpx
 import msgspec
 
-from sagellm import graphs
 from sagellm.common.errors import InvalidInput
 from sagellm.control_plane import convert
+from sagellm.control_plane.gpus import GpuReader, allotted_gpus, gpu_utilization
+from sagellm.control_plane.graph import control_plane_graph
+from sagellm.control_plane.instances import attach_instance, served_model
 from sagellm.control_plane.parallelism import ParallelismOptimizer
 from sagellm.control_plane.policies import SchedulingPolicy, policy_name
 from sagellm.control_plane.routing import LoadBalancer, PDRoutingStrategy, RequestRouter
@@ -67,7 +67,6 @@ SEED_DEFAULTS: dict[str, Any] = {
     "restart_backoff_base": 1.0,
     "consecutive_failures_threshold": 2,
 }
-PROBE_TIMEOUT_S = 10.0  # start() and register_instance() wait this long for a server to answer its first probe
 
 
 class ControlPlaneManager:
@@ -121,16 +120,11 @@ class ControlPlaneManager:
         self._in_core: set[str] = set()  # of those, the ones the serving core has taken (it reports on them)
         self._refused: dict[str, dict[str, str]] = {}  # requests the gateway refused before queueing them
         self._state_dir: tempfile.TemporaryDirectory | None = None
-        self._no_gpu = False  # NVML found none once: not asked again
+        self._gpu_reader = GpuReader()
 
     @property
     def routing_strategy(self) -> str:
         return self.router.routing_strategy
-
-    @property
-    def pd_on(self) -> bool:
-        """PD separation runs: on, and engines of our own to split between (`model=`)."""
-        return self.enable_pd_separation and self.pd_config.enabled and self.model is not None
 
     # -- lifecycle (async; `sync` has them without await) -----------------------------------------------------------
     async def start(self) -> None:
@@ -200,38 +194,10 @@ class ControlPlaneManager:
         if instance.instance_id in self._instances:
             raise InvalidInput(f"an instance named {instance.instance_id!r} is registered")
         if not instance.model_name:
-            instance.model_name = _served_model(instance)
+            instance.model_name = served_model(instance)
         self._instances[instance.instance_id] = instance
         if self._gateway is not None:
-            self._attach(instance)
-
-    def _attach(self, instance: ExecutionInstance) -> None:
-        from sagellm.gateway.control.engine_spec import STARTING, EngineSpec
-
-        label = (
-            f"tp{instance.tensor_parallel_size} pp{instance.pipeline_parallel_size} dp{instance.data_parallel_size} "
-            f"ep{instance.expert_parallel_size} gpus{instance.gpu_count}"
-        )
-        common = dict(model=instance.model_name, max_concurrent=instance.max_concurrent_requests, label=label)
-        engines = self._gateway.gateway.engines
-        if instance.engine_kind is None:  # a server that runs already
-            role = instance.pd_role
-            spec = EngineSpec(kind="openai", url=instance.url, api_key=instance.api_key, role=role, **common)
-            self._gateway.wait(engines.start, spec, instance.instance_id)
-            self._gateway.wait(engines.health_check, instance.instance_id)  # its first probe: ready, or unreachable
-            return
-        gpus = instance.gpu_count > 0 and bool(self._gpus())
-        spec = EngineSpec(
-            kind=instance.engine_kind, tensor_parallel=instance.tensor_parallel_size, use_gpu=gpus,
-            engine=engine_settings(instance), role=instance.pd_role if instance.engine_kind != "llm" else "colocated",
-            **common,
-        )  # fmt: skip
-        self._gateway.wait(engines.start, spec, instance.instance_id)
-        engine = self._gateway.call(engines.get, instance.instance_id)
-        while self._gateway.call(lambda: engine.state) == STARTING:  # loading its model: minutes, for some
-            time.sleep(0.2)
-        address = urlsplit(engine.url)
-        instance.host, instance.port = address.hostname or instance.host, address.port or instance.port
+            attach_instance(self._gateway, instance, self._gpu_reader)
 
     def unregister_instance(self, instance_id: str, *, force: bool = False) -> None:
         """Drains the instance (its requests in flight finish; `force`: they move or fail now) and forgets it."""
@@ -243,8 +209,8 @@ class ControlPlaneManager:
         """The registered instances, their live fields (health, running requests, load, and for an engine started
         here on GPUs their utilization) read now."""
         stats = self._gateway.call(self._gateway.core.registry.instances) if self._gateway is not None else {}
-        allotted = self._gateway.call(self._allotted_gpus) if self._gateway is not None else {}
-        gpus = self._gpus() if any(allotted.values()) else []
+        allotted = self._gateway.call(allotted_gpus, self._gateway) if self._gateway is not None else {}
+        gpus = self._gpu_reader.gpus() if any(allotted.values()) else []
         instances = []
         for instance in self._instances.values():
             live = stats.get(instance.instance_id)
@@ -255,10 +221,6 @@ class ControlPlaneManager:
             instance.gpu_utilization = gpu_utilization(gpus, allotted.get(instance.instance_id, []))
             instances.append(instance)
         return instances
-
-    def _allotted_gpus(self) -> dict[str, list[int]]:
-        """The GPUs the gateway gave each engine it started (none for a server registered by address)."""
-        return {engine_id: engine.gpus for engine_id, engine in self._gateway.gateway.engines.engines.items()}
 
     async def health_check_all(self) -> dict[str, bool]:
         """Probes every registered instance now: its id -> whether it answered."""
@@ -289,8 +251,8 @@ class ControlPlaneManager:
             return metrics_snapshot(core), extra, queued
 
         snapshot, extra, queued = gateway.call(read)
-        allotted = gateway.call(self._allotted_gpus)
-        gpus = self._gpus() if any(allotted.values()) else []
+        allotted = gateway.call(allotted_gpus, gateway)
+        gpus = self._gpu_reader.gpus() if any(allotted.values()) else []
         for name, instance in extra["instances"].items():
             instance["gpus"] = allotted.get(name, [])
             instance["gpu_utilization"] = gpu_utilization(gpus, instance["gpus"])
@@ -309,28 +271,8 @@ class ControlPlaneManager:
             metrics.slo_compliance_rate = snapshot.slo_compliance if snapshot.slo_compliance is not None else 1.0
             metrics.avg_ttft_ms, metrics.avg_tpot_ms = snapshot.ttft.avg_ms, snapshot.tpot.avg_ms
             metrics.metadata["pipeline"] = msgspec.structs.asdict(snapshot)
-        self._read_gpus(metrics)
+        self._gpu_reader.read_into(metrics)
         return metrics
-
-    def _gpus(self) -> list[Any]:
-        """The GPUs NVML sees (asked once more each time while there are some)."""
-        if self._no_gpu:
-            return []
-        from sagellm.runtime.comm.topology import gpu_inventory
-
-        gpus = gpu_inventory().gpus
-        self._no_gpu = not gpus
-        return gpus
-
-    def _read_gpus(self, metrics: PerformanceMetrics) -> None:
-        """GPU utilization and memory from NVML, averaged over the GPUs it sees; left None where there is none."""
-        gpus = self._gpus()
-        if not gpus:
-            return
-        utilizations = [g.utilization_percent for g in gpus if g.utilization_percent is not None]
-        metrics.avg_gpu_utilization = sum(utilizations) / len(utilizations) if utilizations else None
-        metrics.total_gpu_memory_gb = sum(g.memory_total_mib for g in gpus) / 1024
-        metrics.used_gpu_memory_gb = sum(g.memory_used_mib for g in gpus) / 1024
 
     def get_status(self) -> dict[str, Any]:
         """The seed's summary: running, policy, strategy, requests pending and running, instances registered and
@@ -369,90 +311,6 @@ class ControlPlaneManager:
             raise RuntimeError("the control plane is not running: call start() first")
         return self._gateway
 
-    def _only_model(self) -> str | None:
-        """The model a request without one asks for: our own, else the one model the instances serve."""
-        if self.model is not None:
-            return None
-        served = self._gateway.call(self._gateway.core.models)  # no engine of our own: all are instances
-        if len(served) == 1:
-            return served[0]
-        raise InvalidInput(f"model_name: this control plane serves {served}; say which")
-
-    def _graph(self) -> Any:
-        from sagellm.runtime.pipeline.yaml_io import load_pipeline
-
-        if self.model is not None:
-            graph = load_pipeline(graphs.find("pd" if self.pd_on else "colocated"))
-            graph.attrs["model"] = self.model
-        else:
-            graph = load_pipeline(graphs.find("control_plane"))
-        for node in graph.nodes.values():
-            if node.op == "policy_sort":
-                node.params["policy"] = policy_name(self.scheduling_policy)
-            elif node.op == "route":
-                node.params["strategy"] = self.routing_strategy
-            elif node.op == "pd_split":
-                node.params.update(self.pd_config.pd_split_params())
-            elif node.op in ("prefill", "decode"):
-                devices = getattr(self.pd_config, f"{node.op}_device_ids")
-                if devices is not None:
-                    node.params["device_ids"] = devices
-        if not self.enable_pd_separation or not self.pd_config.enabled:
-            for node_id in [n.id for n in graph.nodes.values() if n.op == "pd_split"]:
-                _bypass(graph, node_id)
-        if not self.enable_monitoring:
-            for node_id in [n.id for n in graph.nodes.values() if n.op == "metrics_sink"]:
-                graph.remove_node(node_id)
-        return graph
-
-
-def engine_settings(instance: ExecutionInstance) -> dict[str, Any]:
-    """The settings an engine started for `instance` runs with, from its configs: a prefill instance's batch size and
-    chunk are its `max_num_seqs` and `max_num_batched_tokens`, a decode instance's parallel requests its
-    `max_num_seqs` and its prefix caching its own; only those its kind of engine has a setting for."""
-    from sagellm.gateway.control import third_party
-    from sagellm.runtime.engine.config import ENGINE_FIELDS
-
-    wanted: dict[str, Any] = {}
-    if instance.pipeline_parallel_size > 1:
-        wanted["pipeline_parallel_size"] = instance.pipeline_parallel_size
-    if (prefill := instance.prefilling_config) is not None:
-        wanted |= {"max_num_seqs": prefill.target_batch_size, "max_num_batched_tokens": prefill.max_chunk_size_tokens}
-    if (decode := instance.decoding_config) is not None:
-        wanted |= {"max_num_seqs": decode.max_parallel_requests, "enable_prefix_caching": decode.enable_prefix_caching}
-    known = ENGINE_FIELDS if instance.engine_kind == "llm" else third_party.KINDS[instance.engine_kind].settings
-    return {name: value for name, value in wanted.items() if name in known}
-
-
-def gpu_utilization(gpus: list[Any], allotted: list[int]) -> float | None:
-    """The mean utilization (%) NVML reports for the GPUs an engine was given; None when it was given none, or NVML
-    reports none of them."""
-    values = [g.utilization_percent for g in gpus if g.index in allotted and g.utilization_percent is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _bypass(graph: Any, node_id: str) -> None:
-    """Takes a one-input node out of the graph, its readers reading its input instead."""
-    from sagellm.runtime.execution_graph.graph import Value
-
-    into = next(e for e in graph.edges if e.dst == node_id)
-    graph.redirect(Value(node_id, 0), Value(into.src, into.src_port))
-    graph.remove_node(node_id)
-
-
-def _served_model(instance: ExecutionInstance) -> str:
-    """The model a server lists first (`GET /v1/models`): an instance registered without its model's name."""
-    headers = {"authorization": f"Bearer {instance.api_key}"} if instance.api_key else {}
-    try:
-        reply = httpx.get(f"{instance.url}/v1/models", headers=headers, timeout=PROBE_TIMEOUT_S)
-        reply.raise_for_status()
-        return reply.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
-        raise InvalidInput(
-            f"{instance.instance_id}: model_name is empty and {instance.url}/v1/models did not name one ({error}); "
-            "give model_name"
-        ) from None
-
 
 class SyncControlPlane:
     """`ControlPlaneManager`'s calls without `await` (`manager.sync`), for scripts and threads."""
@@ -469,9 +327,17 @@ class SyncControlPlane:
             raise RuntimeError("the control plane is already running")
         m._state_dir = tempfile.TemporaryDirectory(prefix="sagellm-control-plane-")
         config = GatewayConfig(host=m.host, port=m.port, state_dir=Path(m._state_dir.name))
-        m._gateway = GatewayThread(m._graph(), config, name="sagellm-control-plane")
+        graph = control_plane_graph(
+            m.model,
+            m.scheduling_policy,
+            m.routing_strategy,
+            m.pd_config,
+            pd_separation=m.enable_pd_separation,
+            monitoring=m.enable_monitoring,
+        )
+        m._gateway = GatewayThread(graph, config, name="sagellm-control-plane")
         for instance in m._instances.values():
-            m._attach(instance)
+            attach_instance(m._gateway, instance, m._gpu_reader)
 
     def stop(self) -> None:
         m = self._m
@@ -487,11 +353,20 @@ class SyncControlPlane:
         core = m._running().core
         if request.request_id in m._texts:
             raise InvalidInput(f"request id {request.request_id!r} is in use")
-        model = m._gateway.call(core.instance_model, request.model_name or m._only_model())
+        model = m._gateway.call(core.instance_model, request.model_name or self._only_model())
         pipeline_request = convert.pipeline_request(request, model=model)
         m._texts[request.request_id] = ""
         m._gateway.start_soon(self._follow, pipeline_request)
         return request.request_id
+
+    def _only_model(self) -> str | None:
+        """The model a request without one asks for: our own, else the one model the instances serve."""
+        if self._m.model is not None:
+            return None
+        served = self._m._gateway.call(self._m._gateway.core.models)  # no engine of our own: all are instances
+        if len(served) == 1:
+            return served[0]
+        raise InvalidInput(f"model_name: this control plane serves {served}; say which")
 
     async def _follow(self, request: Request) -> None:
         m = self._m

@@ -53,7 +53,10 @@ from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.openai.api import OpenAIApi
 from sagellm.gateway.openai.kv_transfer.api_router import KVTransferRoutes
+from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
 from sagellm.gateway.openai.lora.api_router import LoraRoutes
+from sagellm.gateway.openai.models.api_router import ModelsRoutes
+from sagellm.gateway.openai.request_status.api_router import RequestStatusRoutes
 from sagellm.gateway.openai.responses.api_router import ResponsesRoutes
 from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
 from sagellm.gateway.serving.core import ServingCore
@@ -87,6 +90,7 @@ def build_app(
     config: GatewayConfig,
     admin: str,
     engines: EngineManager,
+    sleep_mode: SleepMode,
     scalers: Autoscalers | None = None,
     models: ModelPool | None = None,
 ) -> App:
@@ -101,9 +105,11 @@ def build_app(
     indexes = IndexStore(core)
     openai_api = OpenAIApi(
         core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
-        reasoning_budget=config.reasoning_budget, kv_transfer=config.kv_transfer,
+        reasoning_budget=config.reasoning_budget, hand_off=KVHandOff(config.kv_transfer, core.kv_outbox, core.boot_id),
     )  # fmt: skip
+    ModelsRoutes(core).register(app, api_guard)
     openai_api.register(app, api_guard)
+    RequestStatusRoutes(core).register(app, api_guard)
     ResponsesRoutes(openai_api.preparation).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_api.chat).register(app, api_guard)
     AdminRoutes(core, tuple(c for c in (scalers, models) if c is not None)).register(app, admin_guard)
@@ -111,7 +117,7 @@ def build_app(
     ManagementRoutes(core, engines, upstreams).register(app, admin_guard, launch_guard)
     ModelRoutes(models).register(app, admin_guard, launch_guard)
     LoraRoutes(core).register(app, admin_guard, launch_guard)
-    core.sleep_mode.register(app, admin_guard)
+    sleep_mode.register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
     tokenizer_routes = TokenizerRoutes(core)
     tokenizer_routes.register(app, api_guard)
@@ -161,8 +167,9 @@ async def serve(
     if autoscaler is not None:
         scalers.running.append(autoscaler)
     models = model_pool(config, core, engines, scalers)
-    core.sleep_mode = SleepMode(core, wake_timeout_s=config.failover.retry_wait_s)
-    app = build_app(core, config, admin, engines, scalers, models)
+    sleep_mode = SleepMode(core, wake_timeout_s=config.failover.retry_wait_s)
+    core.readiness.add_sleep_mode(sleep_mode)
+    app = build_app(core, config, admin, engines, sleep_mode, scalers, models)
     stop = trio.Event()
     membership = Memberships(config.join) if config.join is not None else None
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
@@ -217,8 +224,7 @@ def model_pool(
     scaling = AutoscaleSettings.from_settings(on_demand.autoscale) if on_demand.autoscale is not None else None
     pool = ModelPool(engines, core, specs, max_loaded=on_demand.max_loaded, idle_unload_s=on_demand.idle_unload_s,
                      wait_s=config.failover.retry_wait_s, autoscale=scaling, scalers=scalers)  # fmt: skip
-    core.models_on_demand = pool
-    core.registry.on_demand = pool.names()
+    core.readiness.add_models_on_demand(pool)
     return pool
 
 
@@ -245,7 +251,7 @@ def _serve_lora_modules(core: ServingCore, modules: dict[str, str], bases: dict[
     the engines cannot serve stops the start, saying why)."""
     for name, path in modules.items():
         try:
-            core.add_lora(name, path, bases.get(name))
+            core.lora.add(name, path, bases.get(name))
         except ApiError as error:
             raise InvalidInput(f"--lora-modules {name}={path}: {error}") from None
 

@@ -13,7 +13,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from sagellm.backends.cpu import NATIVE_BLOCK_ROWS, NativeDispatch, pack_block_weight, pack_linear_weight
+from sagellm.backends.cpu import NATIVE_BLOCK_ROWS, NativeDispatch
+from sagellm.backends.cpu_linear import pack_block_weight, pack_linear_weight
 from sagellm.backends.native import NativeKernels, interleave
 from sagellm.backends.native.block_layout import GROUPS, LAYOUT_OF
 from sagellm.backends.quantized import BLOCK_INPUTS, KEPT_KINDS, QuantizedWeight

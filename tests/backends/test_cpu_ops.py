@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sagellm.backends.base import REQUIRED_OPS
-from sagellm.backends.cpu import GEMV_COPY_OUT, CpuBackend
+from sagellm.backends.cpu import CpuBackend
+from sagellm.backends.cpu_linear import GEMV_COPY_OUT
 from sagellm.backends.torch_ops import write_kv
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sagellm import LLM, SamplingParams
-from sagellm.backends.cpu import CpuLinearWeight
+from sagellm.backends.cpu_linear import CpuLinearWeight
 from sagellm.backends.native import DISABLE_ENV
 from sagellm.backends.native.isa import ISA_ENV, runnable
 from sagellm.backends.registry import get_backend

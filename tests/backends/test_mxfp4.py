@@ -13,7 +13,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from sagellm.backends.cpu import NativeDispatch, pack_block_weight
+from sagellm.backends.cpu import NativeDispatch
+from sagellm.backends.cpu_linear import pack_block_weight
 from sagellm.backends.mxfp4 import Mxfp4LayoutError, experts_from_hf, ggml_blocks_from_hf, weight_from_hf
 from sagellm.backends.native import NativeKernels
 from sagellm.backends.quantized import QuantizedWeight

@@ -14,7 +14,7 @@ import torch
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.cpu import NativeDispatch
 from sagellm.backends.native import NativeKernels
-from sagellm.backends.native.ops import fits_delta_rule
+from sagellm.backends.native.tensor_fits import fits_delta_rule
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net
 
 pytestmark = pytest.mark.skipif(

@@ -28,7 +28,7 @@ import openai
 import pytest
 
 from sagellm.gateway.config import FailoverPolicy
-from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
+from tests.gateway.conftest import GRAPHS, LOCAL_UPSTREAMS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.gateway.test_instances import attach
 from tests.tiny_models import make_tiny_gemma4, make_tiny_gpt_oss, make_tiny_llama, make_tiny_qwen3_5
 
@@ -258,7 +258,8 @@ def test_constrained_streams_on_a_killed_worker_resume_and_still_follow_their_sc
 
 def test_requests_for_a_server_gone_between_health_checks_go_to_the_other(long_model, tmp_path):
     with (
-        running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path / "front"), long_model) as gw,
+        running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path / "front", allowed_upstreams=LOCAL_UPSTREAMS),
+                        long_model) as gw,
         running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path / "a", served_model_name="upstream"),
                         long_model) as first,
         running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path / "b", served_model_name="upstream"),

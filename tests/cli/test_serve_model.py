@@ -17,7 +17,8 @@ import pytest
 
 from sagellm.cli.gateway_cmd import _serve_argv
 from sagellm.cli.run_cmd import build_graph
-from sagellm.cli.serve_cmd import _model_or_graph, add_serve_arguments, apply_autoscale, apply_engine_settings
+from sagellm.cli.serve_cmd import _model_or_graph, apply_autoscale, apply_engine_settings
+from sagellm.cli.serve_flags import add_serve_arguments
 from tests.cli.test_cli import SAGELLM
 from tests.cli.test_gateway_cli import free_port, sagellm
 from tests.tiny_models import make_tiny_llama

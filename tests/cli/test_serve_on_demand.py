@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from sagellm.cli import serve_cmd
-from sagellm.cli.serve_cmd import _graph_model_given, _model_or_graph, _models_on_demand, add_serve_arguments
+from sagellm.cli.serve_cmd import _graph_model_given, _model_or_graph, _models_on_demand
+from sagellm.cli.serve_flags import add_serve_arguments
 from sagellm.gateway.config import ModelsOnDemand
 from sagellm.gateway.server import pooled_spec
 from tests.cli.test_cli import SAGELLM

@@ -24,7 +24,7 @@ from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RUN_KEY_ENV, RunKeyError, RunKeys, authenticator, child_env
 from sagellm.runtime.comm.zmq_trio import bind_pull, bind_router, connect_push
 from sagellm.runtime.engine.sampling_params import SamplingParams
-from sagellm.runtime.executor import process
+from sagellm.runtime.executor import remote_workers
 from sagellm.runtime.executor.local import LocalExecutor
 from sagellm.runtime.executor.process import ProcessExecutor
 from sagellm.runtime.executor.run import run_pipeline
@@ -301,7 +301,7 @@ async def test_a_remote_worker_joins_a_secure_run_with_the_key_file_only(
     """The run writes its key for workers started by hand and prints the command that passes it; a worker without it
     gets no answer and says to pass one; with it, the run gives the tokens of one process; the file goes with the
     run."""
-    monkeypatch.setattr(process, "keys_dir", lambda: tmp_path / "keys")  # not the whole home: its kernels stay built
+    monkeypatch.setattr(remote_workers, "keys_dir", lambda: tmp_path / "keys")  # not the whole home: kernels stay built
     monkeypatch.delenv(RUN_KEY_ENV, raising=False)
     port = free_port()
     text = remote_pd_yaml(model_path, port).replace("transport: tcp\n", "transport: tcp\nsecure: true\n")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sagellm.backends import get_backend
-from sagellm.backends.cpu import linear, pack_linear_weight
+from sagellm.backends.cpu_linear import linear, pack_linear_weight
 from sagellm.backends.native import isa
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import EngineConfig

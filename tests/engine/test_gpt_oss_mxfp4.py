@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from sagellm.backends.cpu import CpuLinearWeight
+from sagellm.backends.cpu_linear import CpuLinearWeight
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.models.loader import load_model

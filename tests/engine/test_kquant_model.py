@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from sagellm.backends.cpu import CpuLinearWeight
+from sagellm.backends.cpu_linear import CpuLinearWeight
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine

@@ -3,7 +3,8 @@ Llama (all seven projections at rank 4; q and v at rank 8 with rsLoRA) and the b
 batch, give PEFT's greedy tokens each, on one process and on two ranks (tensor or pipeline parallel); with one slot
 for two adapters the requests take turns and still do; a prompt cached under one adapter is not reused under another
 or the base; what the engine cannot serve is refused by name. On a GGUF base the decode steps run every layer in one
-native call, which adds the adapters' updates as the ops one by one do, bit for bit."""
+native call, which adds the adapters' updates as the ops one by one do, bit for bit. With speculative decoding (n-gram,
+a draft model, Qwen3.5's MTP head) the proposals are verified under each request's adapter: PEFT's tokens still."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sagellm import LLM, LoRARequest, SamplingParams
 from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
 from tests.oracle import hf_greedy, random_prompts
-from tests.tiny_models import make_tiny_llama, write_tiny_gguf
+from tests.tiny_models import add_mtp_head, make_tiny_llama, make_tiny_qwen3_5, write_tiny_gguf
 
 TOKENS = 8
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -49,13 +50,15 @@ def models(tmp_path_factory):
     return base, first, second
 
 
-def _peft_greedy(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+def _peft_greedy(
+    base: Path, adapter: Path | None, prompts: list[list[int]], num_tokens: int = TOKENS
+) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     with torch.no_grad():
-        return [hf_greedy(model, prompt, TOKENS) for prompt in prompts]
+        return [hf_greedy(model, prompt, num_tokens) for prompt in prompts]
 
 
 def _tokens(outputs) -> list[list[int]]:
@@ -186,3 +189,65 @@ def test_the_fused_decoder_layers_add_the_adapters_bit_identically_to_the_ops(mo
         assert tokens[0] != tokens[2] != tokens[1]  # the adapters act
     finally:
         llm.engine.close()
+
+
+# Not adaptive: every proposal is verified, whatever this busy machine's step times say.
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+         "adaptive": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_adapters_with_speculative_decoding_give_peft_s_greedy_tokens(models, method):
+    """Proposals verified with each request's adapter on every row of its sequence: prompts that repeat themselves
+    (n-gram proposals hit) and one that does not, under two adapters and the base in one batch, give PEFT's greedy
+    tokens, and with n-gram requests with an adapter accept proposals. A draft model (the base itself) guesses
+    without the adapters: the base's requests accept all its guesses, the adapters' those the adapter agrees with."""
+    base, first, second = models
+    a, b, c = random_prompts(256, [6, 5, 9], seed=3)
+    prompts = [a * 3, b * 3 + a[:2], c, c + c[:4], a * 3, b * 3]
+    names = ["first", "second", None, "first", None, "second"]
+    num_tokens = 16
+    adapters = {None: None, "first": first, "second": second}
+    expected = {name: _peft_greedy(base, path, prompts, num_tokens) for name, path in adapters.items()}
+    config = NGRAM if method == "ngram" else {"model": str(base), "num_speculative_tokens": 3, "adaptive": False}
+    llm = LLM(str(base), enable_lora=True, max_loras=2, max_lora_rank=8, kv_cache_memory_gb=0.05,
+              speculative_config=config)  # fmt: skip
+    verified, checked = llm.engine.speculator.verified, {True: [0, 0], False: [0, 0]}  # adapter? -> proposed, kept
+
+    def counted(seq, accepted: int) -> None:
+        counts = checked[seq.lora_slot >= 0]
+        counts[0], counts[1] = counts[0] + len(seq.spec_token_ids), counts[1] + accepted
+        verified(seq, accepted)
+
+    llm.engine.speculator.verified = counted
+    requests = {None: None, "first": LoRARequest("first", 1, str(first)), "second": LoRARequest("second", 2,
+                str(second))}  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
+    got = _tokens(llm.generate(prompts, params, lora_request=[requests[n] for n in names]))
+    assert got == [expected[name][i] for i, name in enumerate(names)]
+    if method == "ngram":
+        assert checked[True][1] > 0, checked  # rows of proposals under an adapter were kept
+    else:
+        assert checked[True][0] > 0 and checked[False][0] == checked[False][1] > 0, checked
+    stats = llm.engine.stats()
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens  # hits and misses
+    assert expected["first"][0] != expected[None][0] and expected["second"][1] != expected[None][1]  # they act
+
+
+def test_an_adapter_with_the_model_s_mtp_head_proposing_gives_peft_s_greedy_tokens(tmp_path):
+    """Qwen3.5's MTP head guesses without the adapter, from the adapted model's hidden states; the target verifies
+    each guess with it, its recurrent layers' states rolled back past a rejected one: PEFT's tokens."""
+    base = add_mtp_head(make_tiny_qwen3_5(tmp_path / "qwen3_5"))
+    adapter = _adapter(base, tmp_path / "adapter", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                       "gate_proj", "down_proj"])  # fmt: skip
+    a, c = random_prompts(256, [6, 9], seed=3)
+    prompts, names = [a * 3, c, a * 3], ["adapter", "adapter", None]
+    expected = {name: _peft_greedy(base, path, prompts) for name, path in {None: None, "adapter": adapter}.items()}
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=4, kv_cache_memory_gb=0.05,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2, "adaptive": False})  # fmt: skip
+    request = LoRARequest("adapter", 1, str(adapter))
+    params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+    got = _tokens(llm.generate(prompts, params, lora_request=[request if n else None for n in names]))
+    assert got == [expected[name][i] for i, name in enumerate(names)]
+    assert expected["adapter"][0] != expected[None][0]
+    assert llm.engine.stats().spec_decode_num_draft_tokens > 0

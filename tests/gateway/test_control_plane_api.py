@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -28,7 +29,8 @@ from sagellm.control_plane import (
     SchedulingDecision,
     SchedulingPolicy,
 )
-from sagellm.control_plane.manager import gpu_utilization
+from sagellm.control_plane.gpus import gpu_utilization
+from sagellm.control_plane.graph import control_plane_graph
 from sagellm.runtime.comm.topology import gpu_inventory
 from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.gateway.test_third_party_engines import FAKE_VLLM, executable
@@ -189,15 +191,21 @@ def test_pd_separation_gives_each_role_its_devices_and_the_adaptive_ratio(tiny_m
     "adaptive" PD routing gives pd_split the prompt/output ratio too."""
     pd = PDSeparationConfig(prefill_device_ids=[0], decode_device_ids=[1], prefilling_threshold_ratio=3.0)
     cp = ControlPlaneManager(model=str(tiny_model), pd_config=pd)
-    nodes = cp._graph().nodes.values()
+    nodes = graph_of(cp).nodes.values()
     devices = {n.op: n.params.get("device_ids") for n in nodes if n.op in ("prefill", "decode")}
     assert devices == {"prefill": [0], "decode": [1]}
     (split,) = [n.params for n in nodes if n.op == "pd_split"]
     assert split == {"threshold_tokens": 800, "ratio": 3.0}
     threshold = ControlPlaneManager(model=str(tiny_model), pd_config=PDSeparationConfig(routing_policy="threshold"))
-    assert [n.params for n in threshold._graph().nodes.values() if n.op == "pd_split"] == [
+    assert [n.params for n in graph_of(threshold).nodes.values() if n.op == "pd_split"] == [
         {"threshold_tokens": 800, "ratio": 0.0}
     ]
+
+
+def graph_of(cp: ControlPlaneManager) -> Any:
+    """The graph `cp.start()` would run."""
+    return control_plane_graph(cp.model, cp.scheduling_policy, cp.routing_strategy, cp.pd_config,
+                               pd_separation=cp.enable_pd_separation, monitoring=cp.enable_monitoring)  # fmt: skip
 
 
 class ShortestPromptFirst(SchedulingPolicy):

@@ -1,21 +1,22 @@
 """The models on demand's turns and waits (`control.model_turns`, `control.model_waits`) on a virtual clock, with
 engines that only pretend to load: models load in the order their first requests came, every waiting request is
-served and none refused, the load counter counts loads alone; a wait that runs out is a 503 saying what it waited for
-and gives its model's turn up (the model it drained serves again); a client that leaves its wait leaves the line; a
-load that fails refuses those waiting, counted as a failed load."""
+served and none refused, the load counter counts loads alone; a request is let in the instant its model's engine is
+ready (an event, not a poll); a wait that runs out is a 503 saying what it waited for and gives its model's turn up
+(the model it drained serves again); a client that leaves its wait leaves the line; a load that fails refuses those
+waiting, counted as a failed load."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from sagellm.gateway.control.engine_spec import FAILED, READY, STARTING, EngineSpec
+from sagellm.gateway.control.engine_spec import FAILED, READY, EngineSpec, ManagedEngine
 from sagellm.gateway.control.model_pool import ModelPool
 from sagellm.gateway.http.errors import ApiError
 
@@ -23,26 +24,25 @@ LOAD_S = 2.0  # how long a pretend engine takes to start
 
 
 class PretendEngines:
-    """The engine manager's part the pool uses: each engine ready (or failed, for the models in `failing`) LOAD_S
+    """The engine manager's part the pool uses: each engine ready (or failed, for the models in `failing`) `load_s`
     after its start."""
 
-    def __init__(self, nursery: trio.Nursery, failing: tuple[str, ...] = ()) -> None:
-        self.nursery, self.failing = nursery, failing
+    def __init__(self, nursery: trio.Nursery, failing: tuple[str, ...] = (), load_s: float = LOAD_S) -> None:
+        self.nursery, self.failing, self.load_s = nursery, failing, load_s
         self.engines: dict[str, Any] = {}
         self.started: list[str] = []
         self._ids = itertools.count(1)
 
     async def start(self, spec: EngineSpec) -> Any:
         name = spec.served_model_name or spec.model
-        engine = SimpleNamespace(id=f"e{next(self._ids)}", state=STARTING, last_error=None, pid=None, link=None,
-                                 server=None)  # fmt: skip
+        engine = ManagedEngine(f"e{next(self._ids)}", spec, "", None)
         self.engines[engine.id] = engine
         self.started.append(name)
         self.nursery.start_soon(self._settle, engine, name)
         return engine
 
     async def _settle(self, engine: Any, name: str) -> None:
-        await trio.sleep(LOAD_S)
+        await trio.sleep(self.load_s)
         engine.state, engine.last_error = (FAILED, "no such architecture") if name in self.failing else (READY, None)
 
     async def stop(self, engine_id: str, *, force: bool = False) -> None:
@@ -112,6 +112,26 @@ def test_models_load_in_the_order_their_first_requests_came_and_every_waiting_re
     assert served == ["a", "a", "b", "b", "b", "c", "c"]  # a's two, then b's three, then c's two
     assert dict(pool.loads) == {("a", "loaded"): 1, ("b", "loaded"): 1, ("c", "loaded"): 1}
     assert not pool.lines.refusals and pool.lines.waits == Counter(a=2, b=3, c=2)
+
+
+def test_a_request_is_let_in_the_instant_its_models_engine_is_ready(clock):
+    async def main() -> float:
+        async with trio.open_nursery() as nursery:
+            engines, core = PretendEngines(nursery, load_s=math.inf), PretendCore()
+            pool = _pool(engines, core, "a")
+            await nursery.start(pool.run)
+
+            async def ready_at(when: float) -> None:
+                await trio.sleep_until(when)
+                engines.engines["e1"].state = READY
+
+            nursery.start_soon(ready_at, 1.234)  # off a 50 ms poll's beat
+            await pool.ready("a")
+            let_in = trio.current_time()
+            nursery.cancel_scope.cancel()
+        return let_in
+
+    assert trio.run(main, clock=clock) == pytest.approx(1.234, abs=1e-9)
 
 
 def test_a_wait_that_runs_out_says_what_it_waited_for_and_its_model_gives_its_turn_up(clock):

@@ -23,7 +23,9 @@ from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tin
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 IDLE_S = 8.0
-ENGINE = {"max_num_seqs": 8, "kv_cache_memory_gb": 0.05}
+# KV for 8 whole streams of LONG_STREAM_TOKENS (SmolLM2: 46 KB a token; 0.05 GB held ~1,100 tokens, and 8 x 400
+# preempted each other over and over: 190 s for the 400-token streams here, a ReadTimeout on a loaded CI runner).
+ENGINE = {"max_num_seqs": 8, "kv_cache_memory_gb": 0.2}
 STREAMS, STREAM_TOKENS = 8, 160
 LONG_STREAM_TOKENS = 400  # streams that outlast a 3 s wait on a loaded machine
 

@@ -95,7 +95,7 @@ def test_streams_abandoned_in_the_queue_generate_nothing(gateway):
         assert len(gateway.call(engine.in_flight)) == 2
     _until(lambda: not gateway.call(engine.in_flight) and gateway.core.in_flight == 0, within_s=5)
     assert (engine.stats.running, engine.stats.waiting) == (0, 0)  # what `sagellm:num_requests_*` read
-    cancelled = [s for _, s in gateway.core._recent.values() if s["status"] == "cancelled"]
+    cancelled = [s for _, s in gateway.core.attempts.recent.values() if s["status"] == "cancelled"]
     assert len(cancelled) >= 4 and all(s["output_tokens"] == 0 for s in cancelled[-6:-2])
 
 

@@ -1,16 +1,30 @@
-"""What the remote_engine operator sends a server, how it reads the server's refusals, and how a server's streamed tool
+"""What the remote_engine operator sends a server, how it reads the server's refusals, how a server's streamed tool
 calls come back (the streaming itself runs against real servers in tests/gateway/test_instances.py,
-tests/gateway/test_tool_calling.py and tests/chaos/test_failover.py)."""
+tests/gateway/test_tool_calling.py and tests/chaos/test_failover.py), and that a drain of an instance ends the instant
+its last request does (on a virtual clock)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+import pytest
+import trio
+import trio.testing
 
 from sagellm.gateway.replies.tool_parsers import FORWARDED_CALLS, parser_for
-from sagellm.operators.remote_engine import StreamedCalls, _refusal, _streamed_error, openai_call
+from sagellm.operators.remote_engine import (
+    Endpoint,
+    RemoteEngine,
+    StreamedCalls,
+    _refusal,
+    _streamed_error,
+    openai_call,
+)
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.sampling_params import SamplingParams
-from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.messages import Request, RequestError
 
 
 def test_a_request_becomes_the_call_an_openai_compatible_server_expects():
@@ -77,3 +91,35 @@ def test_a_chats_tools_go_to_the_server_and_its_streamed_calls_come_back_whole()
     assert content is None
     assert [(c.name, json.loads(c.arguments)) for c in parsed] == [("get_weather", {"city": "Paris"}),
                                                                     ("add", {"a": 1, "b": 2})]  # fmt: skip
+
+
+class SlowLink:
+    """An instance reached without HTTP whose requests end `took_s` after they reach it."""
+
+    def __init__(self, took_s: float) -> None:
+        self.took_s = took_s
+
+    async def stream(self, request: Request) -> AsyncIterator[RequestError]:
+        await trio.sleep(self.took_s)
+        yield RequestError(request_id=request.request_id, code="internal", message="done")
+
+
+def test_a_drain_of_an_instance_ends_the_instant_its_last_request_does():
+    async def main() -> float:
+        remote = RemoteEngine()
+        remote.ctx = SimpleNamespace(instances={}, node_id="remote")  # (what `open` would give it, minus the client)
+        remote.attach("e1", "m", Endpoint("", "m", link=SlowLink(1.234)))  # off a 50 ms poll's beat
+
+        async def request() -> None:
+            async for _ in remote.serve(Request(request_id="r", prompt="x", instance="e1")):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            await trio.sleep(0.5)
+            assert remote.ctx.instances["e1"].running == 1
+            await remote.until_idle("e1")
+            return trio.current_time()
+
+    drained_at = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert drained_at == pytest.approx(1.234, abs=1e-9)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sagellm.runtime.models.architectures import config_from_hf
+from sagellm.runtime.models.architectures.hf_config import config_from_hf
 from sagellm.runtime.parallel.model_shape import ModelShape
 
 LLAMA: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}

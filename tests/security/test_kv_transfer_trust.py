@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from sagellm.cli.serve_cmd import _config, add_serve_arguments
+from sagellm.cli.serve_cmd import _config
+from sagellm.cli.serve_flags import add_serve_arguments
 from sagellm.common.errors import InvalidInput
 from sagellm.gateway.config import KVTransferSettings
 from sagellm.gateway.server import GatewayThread

@@ -28,7 +28,7 @@ from sagellm.gateway.openai.tokenization.protocol import TokenizeRequest
 from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
 from sagellm.gateway.replies.reader import Reply, ReplyReader, rendered
 from sagellm.gateway.serving.errors import api_error
-from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.gateway.serving.item_stream import ItemStream
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 
 
@@ -69,7 +69,7 @@ class MessagesRoutes:
 async def _events(
     events: MessageEvents,
     first: TokenDelta,
-    stream: RequestStream,
+    stream: ItemStream,
     reader: ReplyReader,
     stop_sequences: list[str] | None,
 ) -> AsyncIterator[Any]:

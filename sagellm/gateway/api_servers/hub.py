@@ -157,7 +157,7 @@ class ApiServerHub:
         """A client request's prompts into the core (`ServingCore.submit_all`) at once, or once their model serves
         when it must load or wake first (as a route waits in a gateway without API servers); a refusal answers each
         of them."""
-        if self.core.ready_now(requests[0].model):
+        if self.core.readiness.ready_now(requests[0].model):
             self._enter(peer, requests)
             return
         assert self._nursery is not None
@@ -276,7 +276,7 @@ class ApiServerHub:
         self._monitor.forget(peer)
 
     def snapshot(self) -> Snapshot:
-        core = self.core
+        core, served = self.core, self.core.served
         instances = core.registry.instances().values()
         embedders = [
             EmbedderCard(served_model_name=op.served_model_name, dim=op.dim, max_length=op.max_length)
@@ -285,7 +285,7 @@ class ApiServerHub:
         return Snapshot(
             model_name=core.model_name,
             model_aliases=core.registry.aliases,
-            model_path=core.served.path if core.served is not None else None,
+            model_path=served.path if served is not None else None,
             models=core.models(),
             instance_models=sorted({s.model for s in instances if s.model is not None}),
             own_names=core.registry.own_names(),
@@ -293,7 +293,7 @@ class ApiServerHub:
             embedders=embedders,
             embedding_models=core.registry.embedding_models(),
             max_model_len=core.max_model_len,
-            vocab_size=core.vocab_size,
+            vocab_size=served.vocab_size if served is not None else None,
             sampling_defaults=core.sampling_defaults(),
             instance_defaults=core.registry.served_defaults(),
             front_end=self.front_end,

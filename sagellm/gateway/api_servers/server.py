@@ -52,13 +52,13 @@ from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.openai.api import OpenAIApi
-from sagellm.gateway.serving.instances import instance_model
+from sagellm.gateway.serving.instances import embedding_model, instance_model
+from sagellm.gateway.serving.item_stream import ItemStream
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
-from sagellm.gateway.serving.request_stream import ItemQueue
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer, reclaim_ipc_dirs
-from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
+from sagellm.runtime.pipeline.messages import LoraRef, Request, RequestError, is_terminal
 
 if TYPE_CHECKING:
     from sagellm.runtime.pipeline.served_model import ServedModel
@@ -69,35 +69,13 @@ CORE = "core"  # the one peer an API server watches
 START_TIMEOUT_S = 60.0  # for the core's first answer
 
 
-class RemoteStream:
-    """A request's items as the core sends them: what the routes read of a core's `RequestStream` (iteration, items
-    already here, cancel). Failover happens in the core; this end only carries the items."""
+class RemoteStream(ItemStream):
+    """A request's items as the core sends them: the `ItemStream` the routes read of a core's `RequestStream`.
+    Failover happens in the core; this end only carries the items."""
 
     def __init__(self, link: CoreLink, request_id: str) -> None:
+        super().__init__()
         self.link, self.request_id = link, request_id
-        self.done = False
-        self._items = ItemQueue()
-
-    def __aiter__(self) -> RemoteStream:
-        return self
-
-    async def __anext__(self) -> TokenDelta | Embedding | RequestError:
-        if self.done and not self._items:
-            raise StopAsyncIteration
-        item = await self._items.get()
-        if is_terminal(item):
-            self.done = True
-        return item
-
-    def has_ready(self) -> bool:
-        return bool(self._items)
-
-    def watch(self, lot: trio.lowlevel.ParkingLot) -> None:
-        """As `RequestStream.watch`."""
-        self._items.watchers.append(lot)
-
-    def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
-        self._items.put(item)
 
     def cancel(self) -> None:
         if not self.done:
@@ -116,7 +94,7 @@ class CoreLink:
     def __init__(self, socket: TrioSocket) -> None:
         self.socket = socket
         self.streams: dict[str, RemoteStream] = {}
-        self.calls: dict[int, ItemQueue] = {}  # call id -> where its Reply arrives (None: the core is lost)
+        self.calls: dict[int, trio.MemorySendChannel[Reply | None]] = {}  # call id -> where its Reply arrives
         self._call_ids = itertools.count()
         self.snapshot: Snapshot | None = None
         self.snapshot_arrived = trio.Event()
@@ -146,18 +124,17 @@ class CoreLink:
         Reply; a caller that leaves first hangs up. Raises ApiError 503 when the core is or falls silent."""
         self._check_reachable()
         call_id = next(self._call_ids)
-        replies = self.calls[call_id] = ItemQueue()
+        self.calls[call_id], replies = trio.open_memory_channel[Reply | None](1)  # None: the core is lost
         self.send(message(call_id))
         answered = False
         try:
-            reply = await replies.get()
+            reply = await replies.receive()
             answered = True
         finally:
             if not answered and self.calls.pop(call_id, None) is not None:
                 self.send(HangUp(call_id=call_id))
         if reply is None:
             raise ApiError(503, "the serving core fell silent before it answered", code="unavailable")
-        assert isinstance(reply, Reply)
         return reply
 
     def _check_reachable(self) -> None:
@@ -201,7 +178,7 @@ class CoreLink:
         elif isinstance(message, Reply):
             replies = self.calls.pop(message.call_id, None)
             if replies is not None:
-                replies.put(message)  # type: ignore[arg-type]  # the queue carries any item
+                replies.send_nowait(message)
         elif isinstance(message, Snapshot):
             self.snapshot = message
             self.snapshot_arrived.set()
@@ -225,7 +202,7 @@ class CoreLink:
             stream.deliver(RequestError(request_id=request_id, code="unavailable", message=message, retryable=True))
         self.streams.clear()
         for replies in self.calls.values():
-            replies.put(None)  # type: ignore[arg-type]
+            replies.send_nowait(None)
         self.calls.clear()
 
     async def _send_queued(self) -> None:
@@ -238,8 +215,9 @@ class CoreLink:
 
 
 class RemoteCore:
-    """What the OpenAI routes read of a `ServingCore`, answered from the core's latest snapshot; requests for the
-    graph's own model are tokenized here (the work this process exists for) before they go to the core."""
+    """The API server's `ServingApi`: what the routes that run requests read of a `ServingCore`, answered from the
+    core's latest snapshot; requests for the graph's own model are tokenized here (the work this process exists for)
+    before they go to the core."""
 
     def __init__(self, link: CoreLink, served: ServedModel | None) -> None:
         self.link, self.served = link, served
@@ -274,8 +252,9 @@ class RemoteCore:
     def embedder(self, model: str) -> api_link.EmbedderCard | None:
         return next((card for card in self.state.embedders if card.served_model_name == model), None)
 
-    def embedding_models(self) -> list[str]:
-        return self.state.embedding_models
+    def embedding_model(self, name: str | None) -> str:
+        """As `ServingCore.embedding_model`."""
+        return embedding_model(name, self.state.embedding_models)
 
     def engines_of_ours(self, model: str) -> bool:
         """As `ServingCore.engines_of_ours` (the core applies those models' sampling defaults, so it sent them)."""
@@ -289,11 +268,9 @@ class RemoteCore:
         alone = state.on_demand if not state.own_names else []
         return instance_model(name, own, lambda: {*state.instance_models, *state.on_demand}, self.models, alone)
 
-    def lora_of(self, name: str | None) -> None:
+    def lora_of(self, name: str | None) -> LoraRef | None:
         """As `ServingCore.lora_of`: none, a core behind API servers serves its adapters through its own port only."""
-
-    def lora_adapters(self) -> list:
-        return []
+        return None
 
     async def model_ready(self, model: str | None, submits: bool = True) -> None:
         """As `ServingCore.model_ready`: a model loaded on demand is made to serve by the core (`ModelReady`, whose
@@ -316,6 +293,7 @@ class RemoteCore:
         return self.link.submit([request])[0]
 
     def submit_all(self, requests: list[Request]) -> list[RemoteStream]:
+        """As `ServingCore.submit_all`: the core admits or refuses the prompts whole."""
         return self.link.submit(requests)
 
 
@@ -402,8 +380,8 @@ def _app(link: CoreLink, served: ServedModel | None, settings: dict[str, Any]) -
         tool_call_parser=front.tool_call_parser,
         reasoning_parser=front.reasoning_parser,
         reasoning_budget=front.reasoning_budget,
-    )  # type: ignore[arg-type]  # what it reads
-    routes.register_generation(app, key_guard(link.snapshot.front_end.api_keys, "API"))
+    )
+    routes.register(app, key_guard(link.snapshot.front_end.api_keys, "API"))
     app.fallback = to_core
     return app
 

@@ -149,7 +149,7 @@ class AdminRoutes:
     def _status(self) -> dict[str, Any]:
         instances = list(self.core.registry.instances().values())
         status = service_status(instances)
-        if status == "unavailable" and self.core.models_on_demand is not None:
+        if status == "unavailable" and self.core.readiness.models_on_demand is not None:
             status = "ok"  # no model loaded, and a request loads the one it names
         return {
             "status": status,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import trio
 
 from sagellm.common.errors import FieldError
 from sagellm.gateway.control import third_party
@@ -153,6 +154,7 @@ class ManagedEngine:
     last_error: str | None = None
     created: float = field(default_factory=time.time)
     stats: InstanceStats | None = None  # its entry in the gateway's registry of instances
+    _state_changed: trio.Event = field(default_factory=trio.Event, repr=False)  # set by each change of `state`
 
     @property
     def state(self) -> str:
@@ -167,6 +169,14 @@ class ManagedEngine:
             self.stats.starting = state == STARTING and not self.ever_ready
             self.stats.failed = state == FAILED
             self.stats.problem = None if state == READY else f"{state}: {self.last_error}" if self.last_error else state
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    async def until_state(self, *states: str) -> None:
+        """Returns once the engine is in one of `states`: woken by each change of its state, so a waiter learns of
+        it at once and nothing polls."""
+        while self._state not in states:
+            await self._state_changed.wait()
 
     @property
     def pid(self) -> int | None:

@@ -165,8 +165,7 @@ class EngineManager:
         engine.stopping, engine.state = True, DRAINING
         if not force:
             with trio.move_on_after(self.drain_timeout_s):
-                while engine.in_flight:
-                    await trio.sleep(0.05)
+                await self.core.registry.remote.until_idle(engine_id)
         await self._end(engine, force)
         engine.state = STOPPED
         self.core.registry.detach(engine_id)

@@ -169,8 +169,7 @@ class ModelPool:
             engine = await self.engines.start(model.spec)
             model.engine_id = engine.id
             log.info("model_loading", model=model.name, engine=engine.id, estimate_gib=gib(model.estimate))
-            while engine.state not in (READY, ENGINE_FAILED):  # (the manager mirrors its worker's state into it)
-                await trio.sleep(0.05)
+            await engine.until_state(READY, ENGINE_FAILED)  # (the manager mirrors its worker's state into it)
             if engine.state == ENGINE_FAILED:
                 await self.engines.stop(engine.id, force=True)
                 model.engine_id, model.error = None, engine.last_error

@@ -29,7 +29,9 @@ from sagellm.gateway.control.third_party import Launch
 from sagellm.gateway.state import engine_log_hint, log_tail
 
 log = structlog.get_logger("sagellm.gateway")
-READY_POLL_S = 0.5  # how often a starting server's /v1/models is asked
+# How often a starting server's /v1/models is asked: another project's server (vLLM, SGLang, llama.cpp) tells that it
+# is ready only by answering, so this wait stays a poll; its probe takes a round trip, and its start takes seconds.
+READY_POLL_S = 0.5
 
 
 class ServerProcess(Supervised):

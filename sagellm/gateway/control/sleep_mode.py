@@ -96,17 +96,14 @@ class SleepMode:
         if self.serving:
             return
         with trio.move_on_after(self.wake_timeout_s):
-            while self._falling_asleep:
-                await trio.sleep(0.05)
-            await self.wake_up()
+            await self.wake_up()  # (a sleep under way holds `_changing`: the wake waits for it to end, then undoes it)
             return
         raise ApiError(503, f"the engines are waking up (not done after {self.wake_timeout_s:g} s); retry later",
                        code="unavailable", retry_after_s=self.wake_timeout_s)  # fmt: skip
 
     async def _drain(self) -> None:
         with trio.move_on_after(self.drain_timeout_s):
-            while self.core.requests_of(None):
-                await trio.sleep(0.05)
+            await self.core.until_idle(None)
             return
         running = self.core.requests_of(None)
         raise ApiError(503, f"not asleep: {running} requests still ran after {self.drain_timeout_s:g} s",
@@ -126,11 +123,11 @@ class SleepMode:
         return [*(engine.sleep_level for engine in local), *(instances[node].sleep_level for node in workers)]
 
     async def _until(self, workers: list[str], reached: Callable[[int], bool], change: str) -> None:
-        """Waits until every worker engine's heartbeats show a level that `reached` accepts; a 503 naming those that
-        do not within `wake_timeout_s`."""
+        """Waits until every worker engine's heartbeats show a level that `reached` accepts (looked at as each message
+        of a worker is handled); a 503 naming those that do not within `wake_timeout_s`."""
         with trio.move_on_after(self.wake_timeout_s):
             while not all(reached(level) for level in self._levels([], workers)):
-                await trio.sleep(0.05)
+                await self.core.executor.control.wait_changed()
             return
         instances = self.core.registry.instances()
         late = [node for node in workers if not reached(instances[node].sleep_level)]

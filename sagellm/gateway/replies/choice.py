@@ -6,6 +6,7 @@ with its own HTTP status, never as a 200 stream that holds an error."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ import trio
 
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.errors import api_error
-from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.gateway.serving.item_stream import ItemStream
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 
@@ -42,7 +43,7 @@ class Choice:
 
 
 async def first_or_raise(stream: Any) -> Any:
-    """A streamed request's first item (a `RequestStream`'s, or `ChoiceStreams`' with its choice's index); a request
+    """A streamed request's first item (an `ItemStream`'s, or `ChoiceStreams`' with its choice's index); a request
     rejected before its first token answers with its status, its other choices cancelled. A client that leaves while
     it waits (its connection's scope is cancelled) aborts the request wherever it is."""
     try:
@@ -59,12 +60,12 @@ async def first_or_raise(stream: Any) -> Any:
     return first
 
 
-async def collect_choices(streams: list[RequestStream]) -> list[Choice]:
+async def collect_choices(streams: Sequence[ItemStream]) -> list[Choice]:
     """Every stream to its end; the first failure cancels the rest and answers for all."""
     choices = [Choice(i) for i in range(len(streams))]
     failure: RequestError | None = None
 
-    async def drain(stream: RequestStream, choice: Choice, scope: trio.CancelScope) -> None:
+    async def drain(stream: ItemStream, choice: Choice, scope: trio.CancelScope) -> None:
         nonlocal failure
         async for item in stream:
             if isinstance(item, RequestError):

@@ -6,27 +6,16 @@ their queues meanwhile, and come next."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import trio
 
-from sagellm.runtime.pipeline.messages import Embedding, RequestError, TokenDelta, is_terminal
-
-Item = TokenDelta | Embedding | RequestError
-
-
-class ChoiceStream(Protocol):
-    """What is read of each choice's stream: a `RequestStream`, or an API server's `RemoteStream`."""
-
-    def __aiter__(self) -> Any: ...
-    async def __anext__(self) -> Item: ...
-    def has_ready(self) -> bool: ...
-    def watch(self, lot: trio.lowlevel.ParkingLot) -> None: ...
-    def cancel(self) -> None: ...
+from sagellm.gateway.serving.item_stream import Item, ItemStream
+from sagellm.runtime.pipeline.messages import is_terminal
 
 
 class ChoiceStreams:
-    def __init__(self, streams: list[ChoiceStream]) -> None:
+    def __init__(self, streams: Sequence[ItemStream]) -> None:
         self.streams = streams
         self._open = list(range(len(streams)))  # the choices not ended yet
         self._arrived = trio.lowlevel.ParkingLot()

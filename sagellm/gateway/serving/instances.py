@@ -138,14 +138,7 @@ class InstanceRegistry:
     def embedding_model(self, name: str | None) -> str:
         """The embedding model a request asks for: the one named, else the first served (the gateway's own); a
         404 naming those served for any other."""
-        served = self.embedding_models()
-        if name is None and served:
-            return served[0]
-        if name in served:
-            return name
-        have = f"the embedding models here are {', '.join(map(repr, served))}" if served else "no embedding model here"
-        message = f"the embedding model {name!r} does not exist; {have}"
-        raise ApiError(404, message, param="model", code="model_not_found")
+        return embedding_model(name, self.embedding_models())
 
     def instance_model(self, name: str | None) -> str | None:
         """A request's `Request.model` for the model a client named: None for the graph's own (or none named), the
@@ -188,3 +181,15 @@ def instance_model(
         404, f"the model {name!r} does not exist here; this server has {served_names}", param="model",
         code="model_not_found",
     )  # fmt: skip
+
+
+def embedding_model(name: str | None, served: list[str]) -> str:
+    """The embedding model a request asks for among those `served` (own first): the one named, else the first; a
+    404 naming those served for any other."""
+    if name is None and served:
+        return served[0]
+    if name in served:
+        return name
+    have = f"the embedding models here are {', '.join(map(repr, served))}" if served else "no embedding model here"
+    message = f"the embedding model {name!r} does not exist; {have}"
+    raise ApiError(404, message, param="model", code="model_not_found")

@@ -10,27 +10,65 @@ decoder; the engines check any other, and an adapter of a model on demand not lo
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from sagellm.common.errors import InvalidInput, NotFound
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.instances import InstanceRegistry
+from sagellm.gateway.serving.readiness import ModelReadiness
 from sagellm.operators.engine import ENGINE_OPERATORS
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.pipeline.messages import LoraRef
+from sagellm.runtime.pipeline.served_model import ServedModel
 
 
 class LoraModules:
-    def __init__(self, graph: Graph) -> None:
-        """`graph`: the served graph, whose engine nodes say whether they serve adapters, and up to which rank."""
+    def __init__(
+        self,
+        graph: Graph,
+        registry: InstanceRegistry,
+        readiness: ModelReadiness,
+        served: Callable[[], ServedModel | None],
+    ) -> None:
+        """`graph`: the served graph, whose engine nodes say whether they serve adapters, and up to which rank;
+        `registry`: the models served (an adapter's name must be new, its base one of them); `readiness`: its models
+        loaded on demand, bases too; `served`: the graph's model's front-end files, once read."""
+        self.registry, self.readiness, self._served = registry, readiness, served
         engines = [node.params for node in graph.nodes.values() if node.op in ENGINE_OPERATORS]
         self.enabled = bool(engines) and all(params.get("enable_lora") for params in engines)
         self.max_rank = min((p.get("max_lora_rank", EngineConfig.max_lora_rank) for p in engines), default=0)
         self.adapters: dict[str, LoraRef] = {}
         self.parents: dict[str, str | None] = {}  # adapter -> the model on demand it adapts (None: the graph's)
         self._ids = itertools.count(1)
+        registry.lora_parents = self.parents
 
-    def add(
+    def add(self, name: str, path: str, base: str | None = None) -> LoraRef:
+        """Serves the adapter in `path` as `name`, checked against its base model and the names served: `base` names
+        a model loaded on demand (None, or the graph's model's name: the graph's). Raises ApiError 400 for a base not
+        served here, or served by another project's server (and `_check`'s errors)."""
+        pool, own = self.readiness.models_on_demand, self.registry.own_names()
+        if base is None and pool is not None and not own:
+            raise ApiError(400, f"base_model_name: name the model the adapter {name!r} is of; this server loads "
+                                f"{', '.join(map(repr, pool.names()))}", param="base_model_name")  # fmt: skip
+        taken = set(self.registry.models())
+        if base is None or base in own:
+            return self._add(name, path, self._served(), taken)
+        if pool is None or base not in pool.models:
+            raise ApiError(400, f"base_model_name: {base!r} is not the graph's model nor one loaded on demand here",
+                           param="base_model_name")  # fmt: skip
+        spec = pool.models[base].spec
+        if spec.kind != "llm":
+            raise ApiError(400, f"base_model_name: the model {base!r} is served by a {spec.kind} server, which takes "
+                                "its own adapters", param="base_model_name")  # fmt: skip
+        return self._add(name, path, self.registry.files_of(base), taken, parent=base, engine=spec.engine)
+
+    def listed(self) -> list[tuple[LoraRef, str]]:
+        """Every adapter served, with the name of the model it adapts."""
+        return [(ref, self.parents.get(ref.name) or self.registry.own_model) for ref in self.adapters.values()]
+
+    def _add(
         self, name: str, path: str, served: Any, taken: set[str], parent: str | None = None, engine: Any = None
     ) -> LoraRef:
         """Serves the adapter in `path` as `name` (`served`: the base model's front-end files, None where not read

@@ -19,7 +19,7 @@ token costs no cancel scope. Every request still ends with exactly one terminal 
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -28,6 +28,8 @@ import trio
 
 from sagellm.gateway.config import FailoverPolicy
 from sagellm.gateway.serving.errors import api_error
+from sagellm.gateway.serving.instances import InstanceRegistry
+from sagellm.gateway.serving.item_stream import ItemStream
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError, TokenDelta, is_terminal
 
 log = structlog.get_logger("sagellm.gateway")
@@ -35,54 +37,28 @@ RETRIED_CODES = frozenset({"instance_lost", "unavailable", "timeout"})  # what a
 
 
 class Attempts(Protocol):
-    """What a stream needs of whoever runs its attempts (the serving core)."""
+    """What a stream needs of whoever runs its attempts (`attempts.AttemptTable`)."""
+
+    registry: InstanceRegistry
 
     def cancel(self, request_id: str) -> None: ...
     def abandon(self, request_id: str) -> None: ...
     def take_back(self, request_id: str) -> bool: ...
     def resubmit(self, stream: RequestStream, attempt: Request) -> bool: ...
-    async def instance_ready(self, model: str | None, within_s: float, phase: str) -> bool: ...
     def count_retry(self, code: str, resumed: bool) -> None: ...
     def ended(self, stream: RequestStream) -> None: ...
 
 
-class ItemQueue:
-    """A request's items in arrival order: `put` never waits (unbounded: an engine never waits on a slow client),
-    `get` waits for the next; true while an item is waiting. A deque and a parking lot: cheaper per token than a
-    memory channel."""
-
-    def __init__(self) -> None:
-        self._items: deque[TokenDelta | Embedding | RequestError] = deque()
-        self._arrived = trio.lowlevel.ParkingLot()
-        self.watchers: list[trio.lowlevel.ParkingLot] = []  # unparked too: a reader of several queues waits there
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
-    def put(self, item: TokenDelta | Embedding | RequestError) -> None:
-        self._items.append(item)
-        if self._arrived:
-            self._arrived.unpark()
-        for watcher in self.watchers:
-            watcher.unpark_all()
-
-    async def get(self) -> TokenDelta | Embedding | RequestError:
-        while not self._items:
-            await self._arrived.park()
-        return self._items.popleft()
-
-
-class RequestStream:
+class RequestStream(ItemStream):
     """The items of one client request (TokenDeltas, then one terminal TokenDelta, Embedding or RequestError),
     whichever attempts produced them. Iterating it again goes on where the last iteration stopped."""
 
     def __init__(self, core: Attempts, request: Request, policy: FailoverPolicy) -> None:
+        super().__init__()
         self.core, self.request, self.policy = core, request, policy
         self.attempt = request  # the attempt running now
         self.retries = 0
-        self._items = ItemQueue()
         self._progress_at = trio.current_time()  # when the attempt started or last delivered an item
-        self.done = False
         self.outcome: TokenDelta | Embedding | RequestError | None = None  # the terminal item the client got
         self._token_ids: list[int] = []  # what the client got so far
         self._text_without_ids = False  # some text came without its token ids
@@ -92,14 +68,10 @@ class RequestStream:
         self._first_token_timeout_s = request.first_token_timeout_s or policy.first_token_timeout_s
         self._token_timeout_s = request.token_timeout_s or policy.token_timeout_s
 
-    def __aiter__(self) -> RequestStream:
-        return self
-
     async def __anext__(self) -> TokenDelta | Embedding | RequestError:
-        """The next item the client gets (a method, not an async generator: a reader that stops early, as one that
-        waits for the first item does, leaves no generator behind for the event loop to finalize)."""
+        """The next item the client gets, failed attempts retried (`ItemStream.__anext__`)."""
         while not self.done:
-            item = await self._next()
+            item = await self._items.get()
             if isinstance(item, RequestError) and _worth_retrying(item) and await self._retry(item):
                 continue
             if isinstance(item, TokenDelta):
@@ -110,16 +82,8 @@ class RequestStream:
             return item
         raise StopAsyncIteration
 
-    def has_ready(self) -> bool:
-        """An item is already here: the next iteration will not wait (a writer sends what is ready in one go)."""
-        return bool(self._items)
-
-    def watch(self, lot: trio.lowlevel.ParkingLot) -> None:
-        """Unparks `lot` too whenever an item arrives (`ChoiceStreams` reads several streams)."""
-        self._items.watchers.append(lot)
-
     def deliver(self, item: TokenDelta | Embedding | RequestError) -> None:
-        self._items.put(item)
+        super().deliver(item)
         self._progress_at = trio.current_time()
 
     def cancel(self) -> None:
@@ -148,9 +112,6 @@ class RequestStream:
             "finish_reason": self.outcome.finish_reason if isinstance(self.outcome, TokenDelta) else None,
             "error": {"code": error.code, "message": error.message} if error is not None else None,
         }
-
-    async def _next(self) -> TokenDelta | Embedding | RequestError:
-        return await self._items.get()
 
     def expire_if_stalled(self, now: float) -> None:
         """Ends the running attempt with a `timeout` error when it has given no item for longer than its deadline
@@ -254,12 +215,12 @@ def _worth_retrying(error: RequestError) -> bool:
     return error.retryable and error.code in RETRIED_CODES
 
 
-async def embedded(streams: list[RequestStream]) -> list[Embedding]:
+async def embedded(streams: Sequence[ItemStream]) -> list[Embedding]:
     """Each input's vector, in order; the first input that fails cancels the rest and answers for all."""
     results: list[Embedding | None] = [None] * len(streams)
     failure: tuple[int, RequestError] | None = None
 
-    async def wait(index: int, stream: RequestStream, scope: trio.CancelScope) -> None:
+    async def wait(index: int, stream: ItemStream, scope: trio.CancelScope) -> None:
         nonlocal failure
         async for item in stream:
             if isinstance(item, RequestError):

@@ -21,7 +21,7 @@ from sagellm.gateway.replies.reader import ReplyPlan
 from sagellm.gateway.replies.reasoning_parsers import default_parser, parser_class, starts_inside
 from sagellm.gateway.replies.tool_parsers import parser_for
 from sagellm.gateway.replies.tools import ToolUse, plan
-from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.interface import ServingApi
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.thinking import ThinkingBudget
 from sagellm.runtime.pipeline.messages import Request
@@ -34,7 +34,7 @@ STARTS_THINKING_KEPT = 256  # (template, settings) pairs whose rendered opening 
 class ChatPreparation:
     def __init__(
         self,
-        core: ServingCore,
+        core: ServingApi,
         hand_off: KVHandOff,
         indexes: IndexStore | None = None,
         tool_call_parser: str | None = None,

@@ -27,13 +27,13 @@ from sagellm.gateway.openai.generation.structured import guided_decoding
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
 from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
 from sagellm.gateway.serving.choice_streams import ChoiceStreams
-from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.interface import ServingApi
 from sagellm.runtime.engine.outputs import TokenLogprob
 from sagellm.runtime.pipeline.messages import TokenDelta
 
 
 class CompletionRoutes:
-    def __init__(self, core: ServingCore, hand_off: KVHandOff) -> None:
+    def __init__(self, core: ServingApi, hand_off: KVHandOff) -> None:
         """`hand_off`: the server's part in disaggregated serving across servers."""
         self.core, self.hand_off = core, hand_off
 

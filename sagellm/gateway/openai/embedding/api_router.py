@@ -13,14 +13,14 @@ from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.embedding.protocol import EmbeddingRequest
-from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.interface import ServingApi
 from sagellm.gateway.serving.request_stream import embedded
 from sagellm.runtime.engine.request_limits import MAX_EMBEDDING_INPUTS
 from sagellm.runtime.pipeline.messages import Request
 
 
 class EmbeddingRoutes:
-    def __init__(self, core: ServingCore) -> None:
+    def __init__(self, core: ServingApi) -> None:
         self.core = core
 
     def register(self, app: App, guard: Guard | None) -> None:

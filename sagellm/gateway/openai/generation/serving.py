@@ -5,13 +5,13 @@ shares: long prompts tokenized, and a constraint compiled for the graph's model,
 from __future__ import annotations
 
 from sagellm.gateway.openai.generation.structured import check_compiles
-from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.interface import ServingApi
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.pipeline.messages import Request
 
 
 async def prepare(
-    core: ServingCore,
+    core: ServingApi,
     requests: list[Request],
     constraint: tuple[GuidedDecoding, str] | None,
     every_prompt: bool = False,

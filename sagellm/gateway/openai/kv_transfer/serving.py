@@ -14,15 +14,18 @@ from sagellm.gateway.openai.generation.protocol import GenerationRequest
 from sagellm.gateway.openai.kv_transfer import protocol
 from sagellm.gateway.openai.kv_transfer.peers import KVPeers
 from sagellm.gateway.openai.kv_transfer.protocol import RemotePrefill
-from sagellm.gateway.serving.core import ServingCore
+from sagellm.gateway.serving.kv_outbox import KVOutbox
 from sagellm.runtime.pipeline.messages import Request
 
 
 class KVHandOff:
-    def __init__(self, core: ServingCore, settings: KVTransferSettings | None) -> None:
+    def __init__(
+        self, settings: KVTransferSettings | None = None, outbox: KVOutbox | None = None, boot_id: str = ""
+    ) -> None:
         """`settings`: this server's part in disaggregated serving across servers (None: none, `kv_transfer_params`
-        refused; an API server's, whose core keeps no KV for other servers)."""
-        self.core = core
+        refused; an API server's, whose core keeps no KV for other servers); `outbox`: where the KV of its prefills
+        waits for decode servers, in the run `boot_id` names (the gateway core's `kv_outbox` and `boot_id`)."""
+        self.outbox, self.boot_id = outbox, boot_id
         self._http: httpx.AsyncClient | None = None  # fetches prefills' KV from other servers, once one is asked
         self.peers = KVPeers(settings)  # its listed prefill servers' names resolved now, once
 
@@ -44,7 +47,8 @@ class KVHandOff:
         """A prefill's reply field: where its KV waits for the decode server."""
         if not request.kv_export or http is None:
             return {}
-        params = protocol.reply_params(self.core.kv_outbox, request.request_id, http, self.core.boot_id)
+        assert self.outbox is not None  # (a request exports its KV only where `settings` let it: the gateway's)
+        params = protocol.reply_params(self.outbox, request.request_id, http, self.boot_id)
         return {"kv_transfer_params": params}
 
     def _client(self) -> httpx.AsyncClient:

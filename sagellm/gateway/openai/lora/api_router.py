@@ -31,7 +31,7 @@ class LoraRoutes:
 
     async def load(self, http: HttpRequest) -> Response:
         body = http.json(LoadLoraAdapter)
-        ref = self.core.add_lora(body.lora_name, body.lora_path, body.base_model_name)
+        ref = self.core.lora.add(body.lora_name, body.lora_path, body.base_model_name)
         log.info("lora_adapter_loaded", name=ref.name, path=ref.path)
         return Response({"success": True, "message": f"LoRA adapter {ref.name!r} added"})
 

@@ -24,7 +24,7 @@ class ModelsRoutes:
             embedder = self.core.embedder(name)
             own = self.core.max_model_len if name == self.core.model_name else None
             length = {"max_model_len": embedder.max_length if embedder is not None else own}
-            pool = getattr(self.core, "models_on_demand", None)  # (an API server's core loads none)
+            pool = self.core.readiness.models_on_demand
             status = {}
             if pool is not None:  # the graph's own models are loaded as long as it runs
                 status = {"status": pool.status(name) if name in pool.models else {"value": "loaded"}}
@@ -33,5 +33,5 @@ class ModelsRoutes:
         def adapter(name: str, path: str, parent: str) -> dict[str, Any]:  # vLLM's card of a LoRA adapter
             return {**card(parent), "id": name, "root": path, "parent": parent}
 
-        adapters = [adapter(ref.name, ref.path, parent) for ref, parent in self.core.lora_adapters()]
+        adapters = [adapter(ref.name, ref.path, parent) for ref, parent in self.core.lora.listed()]
         return Response({"object": "list", "data": [card(name) for name in self.core.models()] + adapters})

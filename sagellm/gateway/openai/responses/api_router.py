@@ -32,7 +32,7 @@ from sagellm.gateway.openai.responses.protocol import (
 from sagellm.gateway.openai.responses.store import ResponseStore
 from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
 from sagellm.gateway.replies.reader import Reply, ReplyReader, rendered
-from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.gateway.serving.item_stream import ItemStream
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 
 log = structlog.get_logger("sagellm.responses")
@@ -80,7 +80,7 @@ class ResponsesRoutes:
 async def _events(
     events: ResponseEvents,
     first: TokenDelta,
-    stream: RequestStream,
+    stream: ItemStream,
     reader: ReplyReader,
     answer: Callable[[Choice, Reply], dict[str, Any]],
     failed: Callable[[dict[str, str]], dict[str, Any]],

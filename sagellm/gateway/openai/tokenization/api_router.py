@@ -22,6 +22,7 @@ from sagellm.gateway.openai.chat_completion.protocol import template_kwargs
 from sagellm.gateway.openai.tokenization.protocol import DetokenizeRequest, TokenizeRequest
 from sagellm.gateway.replies.chat_templates import fallback_template, rendering_template
 from sagellm.gateway.replies.tools import plan
+from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.serving.prompts import OFF_LOOP_CHARS
 from sagellm.operators.admission import tokenize_request
 from sagellm.runtime.pipeline.messages import Request
@@ -32,7 +33,7 @@ _FILE_KEYS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
 
 
 class TokenizerRoutes:
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: ServingCore) -> None:
         self.core = core
 
     def register(self, app: App, guard: Guard | None) -> None:

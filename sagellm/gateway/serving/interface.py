@@ -1,0 +1,95 @@
+"""What the routes that run requests may ask of a serving core: `ServingApi`.
+
+Two classes answer it: the gateway's `core.ServingCore`, which runs the graph, and an API server's
+`api_servers.server.RemoteCore`, which answers from the core's latest state and sends requests over the link. The
+OpenAI generation routes (completions, chats, embeddings), the Responses and Messages APIs and sessions are written
+against this protocol alone, so they run unchanged in either process; `tests/gateway/test_serving_api.py` checks
+that both classes have every member, with the same signatures. Routes the gateway's process alone answers (models,
+request status, LoRA, tokenizers, retrieval indexes) take the `ServingCore` itself."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from sagellm.gateway.serving.item_stream import ItemStream
+from sagellm.gateway.serving.prompts import RequestIds
+from sagellm.runtime.pipeline.messages import LoraRef, Request
+from sagellm.runtime.pipeline.served_model import ServedModel
+
+
+class Embedder(Protocol):
+    """What the routes read of an embedding model served in the core."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def max_length(self) -> int: ...
+
+
+class ServingApi(Protocol):
+    new_id: RequestIds  # request ids (unique across API servers)
+
+    @property
+    def model_name(self) -> str:
+        """The name the graph's own model is served as."""
+        ...
+
+    @property
+    def served(self) -> ServedModel | None:
+        """The graph's model's front-end files (tokenizer, config, defaults), None before they are read."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The context the graph's engines serve."""
+        ...
+
+    def models(self) -> list[str]:
+        """Every model name requests may ask for."""
+        ...
+
+    def embedder(self, model: str) -> Embedder | None:
+        """The embedding model `model` served in the core, or None (served elsewhere, or not an embedding model)."""
+        ...
+
+    def embedding_model(self, name: str | None) -> str:
+        """The embedding model a request asks for (None: the first served). Raises ApiError 404."""
+        ...
+
+    def instance_model(self, name: str | None) -> str | None:
+        """A request's `Request.model` for the model a client named: None for the graph's own. Raises ApiError."""
+        ...
+
+    async def model_ready(self, model: str | None, submits: bool = True) -> None:
+        """Returns once `model` serves (woken, or loaded on demand); `submits`: a request of it follows. Raises
+        ApiError 503."""
+        ...
+
+    def sampling_defaults(self, model: str | None = None) -> dict[str, Any] | None:
+        """A model's own sampling defaults (None: the graph's); None for a model whose server applies its own."""
+        ...
+
+    def engines_of_ours(self, model: str) -> bool:
+        """Whether another model's instances are engines of ours (its files read here), not servers we only reach."""
+        ...
+
+    def lora_of(self, name: str | None) -> LoraRef | None:
+        """The LoRA adapter a request's `model` names (None: a model, not an adapter)."""
+        ...
+
+    async def tokenize_prompts(self, requests: list[Request], every: bool = False) -> None:
+        """Tokenizes the requests' prompts off the event loop. Raises ApiError 400."""
+        ...
+
+    def submit(self, request: Request) -> ItemStream:
+        """A request of one prompt into the core. Raises ApiError (refused at the door, shutting down, unreachable)."""
+        ...
+
+    def submit_all(self, requests: list[Request]) -> Sequence[ItemStream]:
+        """A client's request of several prompts, admitted or refused whole. Raises ApiError."""
+        ...
