@@ -7,4 +7,5 @@
 - `errors`, `hints`: `FieldError` and type-hint checks for settings written by hand.
 - `nursery_errors`: a trio nursery's lone failure raised as itself; the failures the code named.
 - `processes`: how sageLLM starts a Python process of its own; whether a process runs.
-- `parent_death`: a child of ours that ends with the process that started it."""
+- `parent_death`: a child of ours that ends with the process that started it.
+- `pulse`: a wake-up for "something changed, look again", re-armed at each fire."""

@@ -38,9 +38,9 @@ from typing import Any, ClassVar, Protocol
 
 import httpx
 import structlog
-import trio
 
 from sagellm.common.errors import FieldError, InvalidInput
+from sagellm.common.pulse import Pulse
 from sagellm.common.sse import sse_data
 from sagellm.runtime.engine.guided_params import GuidedDecoding
 from sagellm.runtime.engine.outputs import RequestMetrics
@@ -89,7 +89,7 @@ class RemoteEngine(StreamOperator):
         self.connect_timeout_s = connect_timeout_s
         self.endpoints: dict[str, Endpoint] = {}
         self._sent: dict[str, dict[str, int]] = {}  # instance -> its requests here -> their expected output tokens
-        self._counted_again = trio.Event()  # set as an instance's count changes: a drain (`until_idle`) looks again
+        self._counted_again = Pulse()  # fired as an instance's count changes: a drain (`until_idle`) looks again
         self._client: httpx.AsyncClient | None = None
 
     def open(self, ctx: OperatorContext) -> None:
@@ -235,8 +235,7 @@ class RemoteEngine(StreamOperator):
         return params
 
     def _report(self, name: str, endpoint: Endpoint, sent: dict[str, int]) -> None:
-        self._counted_again.set()
-        self._counted_again = trio.Event()
+        self._counted_again.fire()
         stats = self.ctx.instances.get(name)
         if stats is None:
             return

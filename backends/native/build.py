@@ -4,10 +4,10 @@ Plain C and ctypes, not a torch extension: no torch headers to compile against. 
 block linears' instantiations per layout and row count), once per machine and instruction set. One library per
 variant (`isa.py`: avx512vnni, avx512, avx2, portable), each from explicit flags; the one this CPU runs best is
 chosen at run time. The library is cached as $SAGELLM_HOME/kernels/sagellm_kernels-<variant>-<key>.so (default
-~/.cache/sagellm; $SAGELLM_KERNELS_DIR instead when set), keyed by the sources and flags. Builds go to a temporary
-file renamed into place under a lock: processes starting at once (the workers of a pipeline) compile it once and
-never load a half-written library. Any failure (no compiler, a failed build or load) is logged once and reported as
-None: the CPU backend then runs its torch ops, it never fails the engine."""
+~/.cache/sagellm; $SAGELLM_KERNELS_DIR instead when set), keyed by the sources and flags. Builds (each source compiled
+on a core of its own) go to a temporary file renamed into place under a lock: processes starting at once (the workers
+of a pipeline) compile it once and never load a half-written library. Any failure (no compiler, a failed build or load)
+is logged once and reported as None: the CPU backend then runs its torch ops, it never fails the engine."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -50,8 +51,8 @@ HEADERS = tuple(
     HERE / h for h in ("vector_math.h", "kernels.h", "block_layouts.h", "mxfp4.h", "block_weight.h")
 )  # included by them
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
-BUILD_TIMEOUT_S = 300  # the build takes 27-64 s on two idle cores (portable the longest); one stuck longer must not
-# hold up the engine's start
+BUILD_TIMEOUT_S = 300  # a compiler's: the build takes 27-64 s on two idle cores (portable the longest); one stuck
+# longer must not hold up the engine's start
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -170,24 +171,36 @@ def build(directory: Path | None = None, variant: Variant | None = None) -> Path
 
 
 def _compile(compiler: str, variant: Variant, directory: Path, target: Path) -> None:
-    fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=directory)
-    os.close(fd)
-    try:
-        command = [compiler, *CFLAGS, *variant.cflags, "-o", partial, *map(str, SOURCES), "-lm"]
-        try:
-            with stage(f"compiling the CPU kernels for {variant.name} (once per machine)"):
-                done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise NativeBuildError(f"{compiler} took over {BUILD_TIMEOUT_S} s on {_names()}") from None
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines() or ["(no output)"]
-            first_error = next((line for line in lines if "error" in line), lines[0])
-            raise NativeBuildError(f"{compiler} failed on {_names()} (exit {done.returncode}): {first_error}")
-        os.chmod(partial, 0o755)  # mkstemp's 0600 would hide the library from other users of a shared cache
+    """Compiles each source to an object at once (one compiler per core: the block linears' file alone takes most
+    of a serial build), then links them into `target`."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as scratch:
+        objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
+        commands = [[compiler, *CFLAGS, *variant.cflags, "-c", "-o", str(o), str(s)] for s, o in zip(SOURCES, objects)]
+        partial = Path(scratch) / target.name
+        with stage(f"compiling the CPU kernels for {variant.name} (once per machine)"):
+            with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
+                for failure in pool.map(lambda command: _run(compiler, command), commands):
+                    if failure:
+                        raise NativeBuildError(failure)
+            failure = _run(compiler, [compiler, *CFLAGS, "-o", str(partial), *map(str, objects), "-lm"])
+            if failure:
+                raise NativeBuildError(failure)
+        os.chmod(partial, 0o755)  # the compiler's umask-made mode may hide it from other users of a shared cache
         os.replace(partial, target)
-    finally:
-        Path(partial).unlink(missing_ok=True)
     log.info("native_kernels_built", path=str(target))
+
+
+def _run(compiler: str, command: list[str]) -> str | None:
+    """Runs one compiler command; the failure's one-line reason, or None."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"{compiler} took over {BUILD_TIMEOUT_S} s on {_names()}"
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.strip().splitlines() or ["(no output)"]
+    first_error = next((line for line in lines if "error" in line), lines[0])
+    return f"{compiler} failed on {_names()} (exit {done.returncode}): {first_error}"
 
 
 def _names() -> str:

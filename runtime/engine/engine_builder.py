@@ -202,7 +202,7 @@ def _scheduler_config(
         **long_prefill_shares(config.long_prefill_token_threshold, config.max_num_batched_tokens),
         max_num_partial_prefills=config.max_num_partial_prefills,
         max_long_partial_prefills=config.max_long_partial_prefills,
-        long_prefill_context_scale=3 * model_config.hidden_size,  # where attention costs the linears' (CPU)
+        long_prefill_context_scale=2 * model_config.hidden_size,  # where attention costs the linears' (CPU)
         num_state_slots=cache.num_state_slots,
         num_state_checkpoints=cache.checkpoints,
         speculative=speculative,

@@ -10,9 +10,9 @@ budget allows. With a threshold T:
   also attends to every one before it, and a chunk of T tokens after 6,000 costs several times its first one. So a
   long prompt's chunk after c computed tokens is T * S / (S + c), to its end, S the context at which a token's
   attention costs what its linear layers do (`context_scale`), and each of its steps costs about what its first
-  did. The engine sets S to 3 x the hidden size: 6 x in FLOPs for a dense transformer, halved because a CPU runs
-  attention at about half the linears' rate (the step models `sagellm bench steps` fitted for SmolLM2 on this
-  project's CPUs put S at 1,100-1,700; 3 x 576 = 1,728);
+  did. The engine sets S to 2 x the hidden size: 6 x in FLOPs for a dense transformer, a third of it because a CPU
+  runs attention at about a third of the linears' rate (SmolLM2's steps on one thread of an AVX2 EPYC, 14-18 tokens
+  deep in a 6,000-token prompt: S = 1,250-1,400; 2 x 576 = 1,152);
 - a prompt whose prefill goes on past a step holds one of `max_num_partial_prefills` seats until it ends, and a long
   one one of `max_long_partial_prefills` too; a waiting prompt that has no seat waits, and the shorter prompts behind
   it start ahead of it (vLLM v0's rule), so short chats are never queued behind long prompts;
@@ -20,14 +20,14 @@ budget allows. With a threshold T:
   (the scheduler allows this `MAX_LONG_HOLDS` steps in a row, so a long prompt still gets every few steps): a
   short chat's first token then waits for the step under way and one short step of its own, not for a long chunk
   beside it (ours: vLLM splits the step's budget between them instead);
-- a step scores at most T prompt positions for prompt logprobs (`echo` with `logprobs`), whoever asked: their
-  full-vocabulary log-softmax is the heaviest work a prompt row can ask for.
+- a step scores at most T prompt positions for prompt logprobs (`echo` with `logprobs`), whoever asked (`scored_tokens`
+  may set it apart): each adds a row of the vocabulary projection and its log-softmax to the step.
 
 T = 0 turns all of it off: each prompt takes what the budget leaves, as before. The chunk may be set apart from
 what counts as long (`chunk_tokens`): the engine's default (`long_prefill_shares`) calls long only the prompts that
 take several steps anyway (more than a step's budget) and those scored for prompt logprobs past the chunk, so
 prompts that fit a step run as fast as without any of this (W1's 256-token prompts: throughput as with T = 0), and
-gives each long one AUTO_CHUNK_TOKENS a step. The
+gives each long one AUTO_CHUNK_TOKENS a step, and scores AUTO_SCORED_TOKENS prompt positions a step. The
 seats are counted afresh each step from the running sequences, so there is no state to keep in step with
 preemption or aborts."""
 
@@ -38,32 +38,42 @@ from collections.abc import Iterable
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
 MAX_LONG_HOLDS = 3  # steps in a row short prompts may have alone: a long prompt computes in one step of four at least
-# A long prompt's tokens a step, the threshold left to the engine: on a 2-core CPU a step of 64 prompt tokens keeps a
-# short chat's TTFT p99 within 3x its quiet value beside a 6,000-token prompt or an echo request (`sagellm bench
-# fairness`); 128 would double what it waits for.
-AUTO_CHUNK_TOKENS = 64
+# A long prompt's tokens a step, the threshold left to the engine. A chat arriving mid-step waits for the step under
+# way, then its own prefill: on one thread of a 2-core CPU 48 tokens make a ~400 ms step beside a ~280 ms quiet TTFT,
+# within 3x at p99 beside a 6,000-token prompt (`sagellm bench fairness`); 64 made 525 ms, at 2.7-3.2x. Smaller
+# chunks cost the long prompt little: its time is its attention's, however cut (a few more steps' fixed cost).
+AUTO_CHUNK_TOKENS = 48
+# Prompt positions scored a step, the threshold left to the engine. A scored prompt is shallow (lm-eval's are a few
+# hundred tokens), so its chunks do not shrink as a 6,000-token prompt's do, and each row costs a vocabulary projection
+# more: 64 of them made 600-750 ms steps on one thread beside a 280 ms quiet TTFT (2.4-3.6x at p99, `sagellm bench
+# fairness --cases echo`); 32 halve that for a few more steps of a batch scoring job.
+AUTO_SCORED_TOKENS = 32
 
 
 def long_prefill_shares(threshold: int | None, budget: int) -> dict[str, int]:
     """The scheduler's threshold and chunk for the engine's `long_prefill_token_threshold` (None: the default, long
     past the step's `budget`, AUTO_CHUNK_TOKENS a step; a number: vLLM's meaning, long past it and that many a
-    step)."""
+    step, and as many prompt positions scored)."""
     if threshold is None:
-        return {"long_prefill_token_threshold": budget, "long_prefill_chunk_tokens": min(AUTO_CHUNK_TOKENS, budget)}
-    return {"long_prefill_token_threshold": threshold, "long_prefill_chunk_tokens": threshold}
+        chunk = min(AUTO_CHUNK_TOKENS, budget)
+        return {"long_prefill_token_threshold": budget, "long_prefill_chunk_tokens": chunk,
+                "long_prefill_scored_tokens": min(AUTO_SCORED_TOKENS, chunk)}  # fmt: skip
+    return {"long_prefill_token_threshold": threshold, "long_prefill_chunk_tokens": threshold,
+            "long_prefill_scored_tokens": threshold}  # fmt: skip
 
 
-def long_past(seq: Sequence, threshold: int, chunk_tokens: int) -> int:
-    """The tokens left past which `seq` is long: the threshold, or for a prompt scored for its logprobs the chunk
-    (each of its rows costs a full-vocabulary log-softmax: a prompt that fits a step is still a heavy one)."""
-    return (chunk_tokens or threshold) if seq.scores_prompt else threshold
+def long_past(seq: Sequence, threshold: int, scored_tokens: int) -> int:
+    """The tokens left past which `seq` is long: the threshold, or for a prompt scored for its logprobs the positions
+    a step scores (each of its rows costs a vocabulary projection more: a prompt that fits a step is still a heavy
+    one)."""
+    return (scored_tokens or threshold) if seq.scores_prompt else threshold
 
 
-def short_prompt_waits(waiting: Iterable[Sequence], threshold: int, chunk_tokens: int = 0) -> bool:
+def short_prompt_waits(waiting: Iterable[Sequence], threshold: int, scored_tokens: int = 0) -> bool:
     """Whether a prompt that is not long waits (threshold 0: no prompt is long, none is short either): the step, if
     it can start it, is then its alone, the long prompts' chunks held for the next."""
     return threshold > 0 and any(
-        seq.num_tokens - seq.num_computed_tokens <= long_past(seq, threshold, chunk_tokens) for seq in waiting
+        seq.num_tokens - seq.num_computed_tokens <= long_past(seq, threshold, scored_tokens) for seq in waiting
     )
 
 
@@ -85,23 +95,26 @@ class PrefillShares:
         context_scale: int = 0,
         shorts_first: bool = False,
         chunk_tokens: int = 0,
+        scored_tokens: int = 0,
     ) -> None:
         """`threshold` 0: every prompt takes what the budget leaves it (the shares of a step that schedules
         nothing new); `context_scale` 0: chunks in plain tokens, however deep (vLLM's); `shorts_first`: a short
         prompt waits, and this step is its alone: long prompts' chunks wait for the next; `chunk_tokens`: a long
-        prompt's tokens a step (0: the threshold's)."""
+        prompt's tokens a step (0: the threshold's); `scored_tokens`: the prompt positions a step scores (0: the
+        chunk's)."""
         self.threshold, self.max_partial, self.max_long = threshold, max_partial, max_long
         self.context_scale, self.shorts_first = context_scale, shorts_first
         self.chunk_tokens = (chunk_tokens or threshold) if threshold else 0
         self.held_long = False  # whether a long prompt's chunk was held back for the short ones
-        self.scored_left = self.chunk_tokens or None  # prompt positions this step may still score; None: no limit
+        self.scored_tokens = (scored_tokens or self.chunk_tokens) if threshold else 0
+        self.scored_left = self.scored_tokens or None  # prompt positions this step may still score; None: no limit
         # The running prompts mid-prefill: each holds a seat, and a long one a long seat, until its prefill ends.
         self._prefilling = [seq for seq in running if seq.num_tokens - seq.num_computed_tokens > 1]
         self._new_partial = self._new_long = 0  # seats taken this step by prompts admitted in it
         self._scheduled: dict[Sequence, int] = {}  # what each running prompt mid-prefill computes this step
 
     def is_long(self, seq: Sequence, left: int) -> bool:
-        return self.threshold > 0 and long_past(seq, self.threshold, self.chunk_tokens) < left
+        return self.threshold > 0 and long_past(seq, self.threshold, self.scored_tokens) < left
 
     def chunk(self, computed: int) -> int:
         """A long prompt's tokens in one step after `computed` of them: T at its start, fewer deeper in."""
@@ -117,10 +130,11 @@ class PrefillShares:
         left = tokens_left(seq, computed)
         started = seq.status is SequenceStatus.RUNNING and seq.num_tokens - computed > 1
         if self.threshold and (started or self.is_long(seq, left)):
-            if self.shorts_first and left > self.chunk(computed):  # a long prompt, short of its last chunk
+            chunk = min(self.chunk(computed), self.scored_tokens) if seq.scores_prompt else self.chunk(computed)
+            if self.shorts_first and left > chunk:  # a long prompt, short of its last chunk
                 self.held_long = True
                 return 0
-            n = min(n, self.chunk(computed))
+            n = min(n, chunk)
         if self.scored_left is not None and seq.scores_prompt:
             scored = seq.prompt_scored_positions(n)
             if len(scored) > self.scored_left:  # the positions before the first still unscored cost no logits

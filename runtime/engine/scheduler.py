@@ -47,10 +47,12 @@ class SchedulerConfig:
     speculative: bool = False  # proposals are verified: a recurrent model's seats get rollback slots
     # vLLM's long-prefill settings (long_prefills.py): the threshold past which a prompt is long and computes
     # `long_prefill_chunk_tokens` a step (0: the threshold's; threshold 0: off, each prompt takes what the budget
-    # leaves), the prompts and the long ones prefilled across steps at once, and the context at which a long
-    # prompt's chunk has shrunk to half (0: it never does).
+    # leaves), the prompt positions a step scores for logprobs (0: the chunk's), the prompts and the long ones
+    # prefilled across steps at once, and the context at which a long prompt's chunk has shrunk to half (0: it never
+    # does).
     long_prefill_token_threshold: int = 0
     long_prefill_chunk_tokens: int = 0
+    long_prefill_scored_tokens: int = 0
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     long_prefill_context_scale: int = 0
@@ -165,11 +167,12 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         seat_free = len(self.running) < self.config.max_num_seqs
-        threshold, chunk = self.config.long_prefill_token_threshold, self.config.long_prefill_chunk_tokens
-        shorts_first = (
-            self._long_holds < MAX_LONG_HOLDS and seat_free and short_prompt_waits(self.waiting, threshold, chunk)
+        shares = self._shares()
+        shares.shorts_first = (
+            self._long_holds < MAX_LONG_HOLDS
+            and seat_free
+            and short_prompt_waits(self.waiting, shares.threshold, shares.scored_tokens)
         )
-        shares = self._shares(shorts_first)
         step = _Step(self.config.max_num_batched_tokens, shares)
         index = 0
         while index < len(self.running) and step.budget > 0:
@@ -211,12 +214,12 @@ class Scheduler:
         feeds the engine may give it as many more requests, which start ahead of them."""
         return self._shares().held_back(self.waiting)
 
-    def _shares(self, shorts_first: bool = False) -> PrefillShares:
+    def _shares(self) -> PrefillShares:
         """The prefills' shares of the step to come, from the sequences running now."""
         c = self.config
         return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
-                             self.running, c.long_prefill_context_scale, shorts_first,
-                             c.long_prefill_chunk_tokens)  # fmt: skip
+                             self.running, c.long_prefill_context_scale, False,
+                             c.long_prefill_chunk_tokens, c.long_prefill_scored_tokens)  # fmt: skip
 
     def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
         """For each chunk verifying proposals, a checkpoint of its recurrent states after the sequence's own tokens

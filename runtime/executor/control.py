@@ -30,6 +30,7 @@ import structlog
 import trio
 
 from sagellm.common.peer_monitor import PeerMonitor
+from sagellm.common.pulse import Pulse
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import TrioSocket
 from sagellm.runtime.pipeline.spec import MAIN
@@ -67,7 +68,7 @@ class ControlServer:
         self.workers: dict[str, Worker] = {}  # groups that joined
         self.endpoints: dict[str, str] = {}  # group -> its data endpoint, once Ready
         self.gone: set[str] = set()  # groups that said End or were given up: no more heartbeats, messages ignored
-        self._changed = trio.Event()
+        self._changed = Pulse()
 
     def name(self, group: str) -> str:
         """`worker process 'decode'` (started here) or `remote worker 'decode'` (started by hand)."""
@@ -83,10 +84,6 @@ class ControlServer:
     async def wait_changed(self) -> None:
         """Until a worker joins, becomes ready, heartbeats (its stats applied), ends or is given up."""
         await self._changed.wait()
-
-    def _fire(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     # -- receiving ------------------------------------------------------------------------------------------------
     async def serve(
@@ -126,7 +123,7 @@ class ControlServer:
                     self.monitor.forget(group)
                     self.gone.add(group)
                 on_end(group, message)
-            self._fire()
+            self._changed.fire()
 
     async def _hello(self, identity: bytes, hello: wire.Hello) -> None:
         problem = self._refusal(hello)
@@ -137,7 +134,7 @@ class ControlServer:
         self.workers[hello.node] = Worker(identity, hello.pid, hello.host)
         log.info("worker_joined", worker=self.describe(hello.node))
         await self._send(identity, wire.Assign(graph=self.graph_text, peer_timeout_s=self.peer_timeout_s))
-        self._fire()
+        self._changed.fire()
 
     def _refusal(self, hello: wire.Hello) -> str | None:
         group = hello.node
@@ -199,7 +196,7 @@ class ControlServer:
         self.gone.add(group)
         if group in self.workers:
             self._send_now(self.workers[group].identity, wire.End(node=MAIN))
-        self._fire()
+        self._changed.fire()
 
     def end_all(self) -> None:
         """The run is over: every worker still there stops (also from a `finally`, so it never waits)."""

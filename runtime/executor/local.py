@@ -24,9 +24,10 @@ from typing import Any
 
 import trio
 
+from sagellm.common.pulse import Pulse
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.ledger import RequestLedger, RequestOutcome
-from sagellm.runtime.executor.node_tasks import NodeTasks, Signal
+from sagellm.runtime.executor.node_tasks import NodeTasks
 from sagellm.runtime.executor.operator_calls import internal_error
 from sagellm.runtime.pipeline.operator import (
     Emit,
@@ -86,7 +87,7 @@ class LocalExecutor:
         self.instances = instances if instances is not None else instances_of(graph)
         # The graph's attributes for its operators, with the context its engine nodes limit requests to.
         self.graph_attrs = {"max_model_len": context_limit(graph), **graph.attrs, **(graph_attrs or {})}
-        self._progress = Signal()  # fired whenever a request ends
+        self._progress = Pulse()  # fired whenever a request ends
         self.ledger = RequestLedger(keep_outcomes=keep_outcomes)
         self.ledger.on_terminal.append(lambda _: self._progress.fire())
         self.load = self.ledger.load

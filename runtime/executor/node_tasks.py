@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 import trio
 
+from sagellm.common.pulse import Pulse
 from sagellm.runtime.executor.ledger import RequestLedger
 from sagellm.runtime.executor.operator_calls import apply_operator, serve_item, step_once
 from sagellm.runtime.pipeline.messages import Request, TokenDelta
@@ -46,7 +47,7 @@ class NodeTasks:
         ledger: RequestLedger,
         inputs: dict[str, trio.MemoryReceiveChannel],
         send: Send,
-        progress: Signal,
+        progress: Pulse,
         is_leaf: Callable[[str], bool],
     ) -> None:
         """`inputs`: each task node's input channel (filled in as the executor opens its operators); `send`: sends an
@@ -183,7 +184,7 @@ class NodeTasks:
         whole batch's worth between two steps (not one item per step), and whatever it has no room for stays
         upstream, where a policy queue orders it."""
         buffer: deque[Any] = deque()
-        arrived, room = Signal(), Signal()
+        arrived, room = Pulse(), Pulse()
         closed = False
 
         async def feed() -> None:
@@ -271,7 +272,7 @@ class NodeTasks:
     async def _run_stream(self, node_id: str, op: StreamOperator, nursery: trio.Nursery) -> None:
         """One task per item, at most `capacity()` at once; the node ends when its input has and every task did."""
         serving = self._serving[node_id] = {}
-        room = Signal()
+        room = Pulse()
         try:
             async for item in self._inputs[node_id]:
                 if op.accepts and not isinstance(item, op.accepts):
@@ -291,7 +292,7 @@ class NodeTasks:
             with trio.CancelScope(shield=True):
                 await op.drained()
 
-    async def _serve_one(self, node_id: str, op: StreamOperator, item: Any, room: Signal) -> None:
+    async def _serve_one(self, node_id: str, op: StreamOperator, item: Any, room: Pulse) -> None:
         """Sends on what `op.serve(item)` yields; a cancelled or failed item still ends with one terminal."""
         rid, serving = item.request_id, self._serving[node_id]
         ended = False
@@ -318,24 +319,6 @@ class _Queued:
     def __init__(self, op: QueueOperator) -> None:
         self.op = op
         self.withdrawn: list[str] = []
-        self.changed = Signal()
+        self.changed = Pulse()
         self.sending: str | None = None  # the request popped and being sent on (its send may wait for room)
         self.send_scope = trio.CancelScope()
-
-
-class Signal:
-    """Wakes whoever waits now; a fire with no waiter is not kept (waiters re-check their condition first), and
-    costs nothing (engines fire one after every step)."""
-
-    def __init__(self) -> None:
-        self._event: trio.Event | None = None
-
-    def fire(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            self._event = None
-
-    async def wait(self) -> None:
-        if self._event is None:
-            self._event = trio.Event()
-        await self._event.wait()

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 import trio
 
+from sagellm.common.pulse import Pulse
 from sagellm.runtime.executor.operator_calls import apply_operator, serve_item, step_once
 from sagellm.runtime.pipeline.operator import SourceOperator, StepOperator, StreamOperator
 
@@ -176,7 +177,7 @@ class StreamHost(_OperatorThread):
     def __init__(self, node_id: str, op: StreamOperator) -> None:
         super().__init__(node_id, op)
         self._serving = 0
-        self._wake: trio.Event | None = None
+        self._wake = Pulse()  # fired as an item arrives, one ends, or the host stops: the loop looks again
         self._token: trio.lowlevel.TrioToken | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._serve,), name=f"sagellm-{node_id}", daemon=True)
@@ -202,11 +203,7 @@ class StreamHost(_OperatorThread):
         """Wakes the trio loop (from any other thread)."""
         if self._token is not None:
             with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(self._wake_up, trio_token=self._token)
-
-    def _wake_up(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+                trio.from_thread.run_sync(self._wake.fire, trio_token=self._token)
 
     async def _serve(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -214,7 +211,6 @@ class StreamHost(_OperatorThread):
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    self._wake = trio.Event()
                     with self._changed:
                         if self._closing:
                             nursery.cancel_scope.cancel()
@@ -236,7 +232,7 @@ class StreamHost(_OperatorThread):
         finally:
             with self._changed:
                 self._serving -= 1
-            self._wake_up()
+            self._wake.fire()
 
     async def _emit_one(self, out: Any) -> None:
         self._emit([out])

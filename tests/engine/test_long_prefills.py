@@ -64,9 +64,12 @@ def test_a_long_prompts_chunk_never_exceeds_the_threshold():
 
 
 def test_by_default_prompts_that_fit_a_step_are_not_long_and_the_longer_take_small_chunks():
-    """The engine's default: long past the step's budget (W1's prompts fill steps as before), 64 tokens a step."""
-    assert long_prefill_shares(None, 512) == {"long_prefill_token_threshold": 512, "long_prefill_chunk_tokens": 64}
-    assert long_prefill_shares(8, 512) == {"long_prefill_token_threshold": 8, "long_prefill_chunk_tokens": 8}
+    """The engine's default: long past the step's budget (W1's prompts fill steps as before), 48 tokens a step, 32
+    prompt positions scored for logprobs."""
+    assert long_prefill_shares(None, 512) == {"long_prefill_token_threshold": 512, "long_prefill_chunk_tokens": 48,
+                                              "long_prefill_scored_tokens": 32}  # fmt: skip
+    assert long_prefill_shares(8, 512) == {"long_prefill_token_threshold": 8, "long_prefill_chunk_tokens": 8,
+                                           "long_prefill_scored_tokens": 8}  # fmt: skip
     shares = long_prefill_shares(None, 64) | {"long_prefill_chunk_tokens": 8}  # the default's rule, a smaller chunk
     s = Scheduler(SchedulerConfig(8, 64, 1024, 256, 4, **shares))
     fits, other, long = seq("fits", 40), seq("other", 20, start=100), seq("long", 100, start=200)
@@ -74,6 +77,32 @@ def test_by_default_prompts_that_fit_a_step_are_not_long_and_the_longer_take_sma
         s.add(x)
     assert chunks(step(s)) == {"fits": 40, "other": 20}  # whole, together, as without long prefills
     assert chunks(step(s))["long"] == 8
+
+
+def test_by_default_a_scored_prompt_is_long_past_the_scored_share_which_a_step_scores_at_most():
+    """A prompt scored for its logprobs computes 32 positions a step by default; one not scored, as long, is whole."""
+    s = Scheduler(SchedulerConfig(8, 512, 1024, 256, 4, **long_prefill_shares(None, 512)))
+    echo, plain = seq("echo", 100, prompt_logprobs=1), seq("plain", 100, start=200)
+    s.add(echo)
+    s.add(plain)
+    assert chunks(step(s)) == {"plain": 100}  # the short prompt's step alone: the scored one is long
+    seen = []
+    while echo.num_output_tokens == 0:
+        seen.append(chunks(step(s))["echo"])
+    assert seen == [32, 32, 32, 4]
+
+
+def test_a_scored_prompt_short_of_its_last_scored_share_is_held_for_a_short_one():
+    """Late in a scored prompt its chunk may cover what is left while its scored share does not: it is then not on
+    its last chunk, and a short prompt arriving has the step alone."""
+    s = Scheduler(SchedulerConfig(8, 512, 1024, 256, 4, **long_prefill_shares(None, 512)))
+    echo = seq("echo", 240, prompt_logprobs=1)
+    s.add(echo)
+    while echo.num_computed_tokens < 192:
+        step(s)
+    assert 240 - echo.num_computed_tokens == 48  # past its 32 scored a step, within its chunk of 48
+    s.add(seq("chat", 34, start=500))
+    assert chunks(step(s)) == {"chat": 34}
 
 
 def test_deeper_in_a_long_prompt_its_chunks_shrink_so_each_costs_about_the_same():

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from sagellm.common.pulse import Pulse
 from sagellm.gateway.control.engine_spec import FAILED, READY, EngineSpec, ManagedEngine
 from sagellm.gateway.control.model_pool import ModelPool
 from sagellm.gateway.http.errors import ApiError
@@ -55,7 +56,7 @@ class PretendCore:
     def __init__(self) -> None:
         self.held: Counter[str] = Counter()
         self.running: Counter[str] = Counter()
-        self._fewer = trio.Event()
+        self._fewer = Pulse()
 
     def hold(self, model: str) -> None:
         self.held[model] += 1
@@ -74,8 +75,7 @@ class PretendCore:
         self.running[model] += 1
         await trio.sleep(duration_s)
         self.running[model] -= 1
-        self._fewer.set()
-        self._fewer = trio.Event()
+        self._fewer.fire()
         served.append(model)
 
 

@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from sagellm.common.pulse import Pulse
 from sagellm.gateway.control.sleep_mode import SleepMode
 
 HEARTBEAT_S = 0.517  # when the worker's heartbeat shows the level it was told (off a 50 ms poll's beat)
@@ -26,7 +27,7 @@ class PretendWorkers:
         self.nursery = nursery
         self.engine = SimpleNamespace(sleep_level=0)
         self.control = self
-        self._changed = trio.Event()
+        self._changed = Pulse()
 
     def worker_sleepers(self) -> list[str]:
         return ["w"]
@@ -37,8 +38,7 @@ class PretendWorkers:
     async def _heartbeat(self, level: int) -> None:
         await trio.sleep(HEARTBEAT_S)
         self.engine.sleep_level = level
-        self._changed.set()
-        self._changed = trio.Event()
+        self._changed.fire()
 
     async def wait_changed(self) -> None:
         await self._changed.wait()

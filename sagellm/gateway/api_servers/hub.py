@@ -28,6 +28,7 @@ from sagellm.common.nursery_errors import single_errors
 from sagellm.common.parent_death import env_for_child
 from sagellm.common.peer_monitor import PeerMonitor
 from sagellm.common.processes import python_module
+from sagellm.common.pulse import Pulse
 from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import Supervised, Supervision, end_process, exit_cause
 from sagellm.gateway.api_servers.link import (
@@ -68,7 +69,7 @@ class ApiServerHub:
         self.submitted: Counter[int] = Counter()  # requests by the pid of the API server that sent them
         self.serving: dict[bytes, str] = {}  # API servers that listen: routing id -> their URL
         self.pids: dict[bytes, int] = {}
-        self.changed = trio.Event()  # an API server attached or started serving
+        self.changed = Pulse()  # fired as an API server attaches or starts serving
         self._streams: dict[bytes, dict[str, RequestStream]] = defaultdict(dict)  # routing id -> request id -> ...
         self._calls: dict[tuple[bytes, int], trio.CancelScope] = {}
         # requests waiting for their model to serve before they enter: routing id -> request id -> their wait
@@ -143,15 +144,11 @@ class ApiServerHub:
                 return
             self.pids[peer] = message.pid
             self._queue(peer, self.snapshot())
-            self._changed()
+            self.changed.fire()
         elif isinstance(message, wire.Ready) and peer in self.pids:
             self.serving[peer] = url = message.info.get("url", "")
             log.info("api_server_attached", url=url, pid=message.pid)
-            self._changed()
-
-    def _changed(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+            self.changed.fire()
 
     def _submit(self, peer: bytes, requests: list[Request]) -> None:
         """A client request's prompts into the core (`ServingCore.submit_all`) at once, or once their model serves

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import trio
 
 from sagellm.common.errors import FieldError
+from sagellm.common.pulse import Pulse
 from sagellm.gateway.control import third_party
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
 from sagellm.runtime.pipeline.operator import InstanceStats
@@ -154,7 +154,7 @@ class ManagedEngine:
     last_error: str | None = None
     created: float = field(default_factory=time.time)
     stats: InstanceStats | None = None  # its entry in the gateway's registry of instances
-    _state_changed: trio.Event = field(default_factory=trio.Event, repr=False)  # set by each change of `state`
+    _state_changed: Pulse = field(default_factory=Pulse, repr=False)  # fired by each change of `state`
 
     @property
     def state(self) -> str:
@@ -169,8 +169,7 @@ class ManagedEngine:
             self.stats.starting = state == STARTING and not self.ever_ready
             self.stats.failed = state == FAILED
             self.stats.problem = None if state == READY else f"{state}: {self.last_error}" if self.last_error else state
-        self._state_changed.set()
-        self._state_changed = trio.Event()
+        self._state_changed.fire()
 
     async def until_state(self, *states: str) -> None:
         """Returns once the engine is in one of `states`: woken by each change of its state, so a waiter learns of

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from sagellm.common.pulse import Pulse
 from sagellm.gateway.control.model_waits import WaitingLines
 from sagellm.gateway.control.pooled_model import LOADED, LOADING, PooledModel, gib, load_estimate
 from sagellm.gateway.http.errors import ApiError
@@ -51,12 +52,11 @@ class Turns:
         """`pool`: whose models take turns, under its settings (`max_loaded`, `available`, `wait_s`)."""
         self.pool = pool
         self.line: list[PooledModel] = []  # first come first: line[0] makes room
-        self._change = trio.Event()
+        self._change = Pulse()
 
     def changed(self) -> None:
         """A model's status, turn or drain changed: whoever waits on one looks again."""
-        self._change.set()
-        self._change = trio.Event()
+        self._change.fire()
 
     def join(self, model: PooledModel) -> None:
         model.queued, model.turn = True, trio.CancelScope()

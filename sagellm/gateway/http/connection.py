@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, unquote
 import structlog
 import trio
 
+from sagellm.common.pulse import Pulse
 from sagellm.gateway.http.app import EventStream, HttpRequest, LastEvents, frame
 from sagellm.gateway.http.connection_slots import ServerState
 from sagellm.gateway.http.framing import (
@@ -40,8 +41,8 @@ class Connection:
         self.limits = server.limits
         self.buffer = bytearray()
         self.eof = False
-        self.arrived = trio.Event()  # fired when bytes (or the end) arrive; replaced after each wait
-        self.room = trio.Event()  # set when a request was taken out of the buffer (the reader may read on)
+        self.arrived = Pulse()  # fired when bytes (or the end) arrive
+        self.room = Pulse()  # fired when a request was taken out of the buffer (the reader may read on)
         self.opened = trio.current_time()
         self.served = 0  # requests answered
         self.scope = trio.CancelScope()  # the connection's tasks: cancelled when it closes from outside
@@ -90,7 +91,6 @@ class Connection:
         try:
             while True:
                 while len(self.buffer) > MAX_HEAD_BYTES + self.limits.max_body_bytes:  # pipelined ahead: wait
-                    self.room = trio.Event()
                     await self.room.wait()
                 await trio.lowlevel.wait_readable(self.sock)  # waits first: a read right after a request finds nothing
                 try:
@@ -100,26 +100,19 @@ class Connection:
                 if not data:
                     break
                 self.buffer += data
-                self._fire()
+                self.arrived.fire()
         except (OSError, trio.ClosedResourceError):
             pass
         self.eof = True
-        self._fire()
+        self.arrived.fire()
         self.scope.cancel()  # the client left: the request being served stops, wherever it is
-
-    def _fire(self) -> None:
-        self.arrived.set()
-        self.arrived = trio.Event()
-
-    async def _wait_arrival(self) -> None:
-        await self.arrived.wait()
 
     async def _more(self, deadline: float) -> None:
         """Waits for more bytes; the end of stream closes the connection, the deadline answers 408."""
         if self.eof:
             raise Close()
         with trio.move_on_at(deadline):
-            await self._wait_arrival()
+            await self.arrived.wait()
             return
         raise Close(error_reply(408, f"the request did not arrive within {self.limits.body_timeout_s:g} s", "timeout"))
 
@@ -131,12 +124,12 @@ class Connection:
             else:  # (the server closes the connection if this lasts past its idle timeout, or it stops)
                 self.server.idle[self] = trio.current_time()
                 while not self.buffer and not self.eof:
-                    await self._wait_arrival()
+                    await self.arrived.wait()
                 self.server.idle.pop(self, None)  # (gone already if closed from outside)
                 if not self.buffer:
                     return
             request, keep_alive, head_only = await self._request()
-            self.room.set()
+            self.room.fire()
             reply_keeps = keep_alive and not self.server.stopping
             result = await self.server.app.handle(request)
             if isinstance(result, EventStream):

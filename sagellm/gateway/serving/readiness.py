@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import trio
 
+from sagellm.common.pulse import Pulse
 from sagellm.gateway.serving.instances import InstanceRegistry
 from sagellm.runtime.pipeline.messages import Request
 
@@ -82,7 +83,7 @@ class ModelReadiness:
         self._live_of_model: Counter[str | None] = Counter()  # requests live, by `Request.model`
         # Requests between `model_ready` and their submission, by `Request.model`: the deadlines of their holds.
         self._arriving: defaultdict[str | None, list[float]] = defaultdict(list)
-        self._fewer = trio.Event()  # set as a request ends: whoever waits for a model's requests to end looks again
+        self._fewer = Pulse()  # fired as a request ends: whoever waits for a model's requests to end looks again
 
     def add_sleep_mode(self, gate: SleepGate) -> None:
         """The graph's requests wait for `gate` while its engines sleep."""
@@ -131,8 +132,7 @@ class ModelReadiness:
     def left(self, model: str | None) -> None:
         """A request of `model` ended."""
         self._live_of_model[model] -= 1
-        self._fewer.set()
-        self._fewer = trio.Event()
+        self._fewer.fire()
 
     def requests_of(self, model: str | None) -> int:
         """Requests of `model` (a `Request.model`) the gateway answers now, or that are on their way in."""
