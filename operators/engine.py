@@ -64,6 +64,7 @@ class EngineOperator(StepOperator):
     name = "engine"
     role: ClassVar[str] = "colocated"
     sleeps = True
+    threads_param = "num_threads"
     accepts = (Request, PrefillDone)
     # The engine settings' help is `EngineConfig`'s; these are the node's own.
     parameter_help: ClassVar[dict[str, str]] = {

@@ -49,6 +49,7 @@ from sagellm.runtime.comm.zmq_trio import TrioSocket, bind_pull, bind_router, lo
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
+from sagellm.runtime.executor.core_shares import share_cores
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
 from sagellm.runtime.executor.lost_requests import LostRequests
 from sagellm.runtime.executor.ray_placement import RayPlacement
@@ -80,6 +81,7 @@ class ProcessExecutor:
     ) -> None:
         """`worker_env`: variables set for the worker a group's process runs (its GPUs, say); `worker_logs`: a file
         a group's worker writes its output to (appended; otherwise it shares this process's stderr)."""
+        share_cores(graph)  # before the graph goes to the workers
         self.graph = graph
         self.groups = groups_of(graph)
         self.children = sorted({g for g in self.groups.values() if g != MAIN})

@@ -196,6 +196,9 @@ class Operator:
     # Whether the node writes replies out of the process itself (stdout, a file): a server drops such sinks, since
     # its clients get the replies.
     writes_replies: ClassVar[bool] = False
+    # The parameter that sets the torch threads the node computes with ("": none): engines in processes of their own
+    # on one host get a share of its cores each through it (`runtime.executor.core_shares`).
+    threads_param: ClassVar[str] = ""
 
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:

@@ -136,6 +136,12 @@ def retries(url: str) -> dict[tuple[str, str], float]:
     return {(code, resumed): float(count) for code, resumed, count in found}
 
 
+def reference_texts(url: str) -> list[str]:
+    """Each stream's prompt again, uninterrupted, all at once (the reference a resumed stream must equal)."""
+    with ThreadPoolExecutor(STREAMS) as pool:
+        return list(pool.map(lambda i: completion(url, f"stream {i}", 300), range(STREAMS)))
+
+
 def test_streams_on_a_killed_worker_resume_on_the_other_with_the_same_text(long_model, tmp_path):
     graph = tmp_path / "two.yaml"
     graph.write_text(TWO_WORKERS.format(model=long_model))
@@ -144,8 +150,8 @@ def test_streams_on_a_killed_worker_resume_on_the_other_with_the_same_text(long_
         assert outcomes == {i: ["length"] for i in range(STREAMS)}  # every stream finished, once
         resumed = retries(gw.url).get(("instance_lost", "true"), 0)
         assert resumed >= 1
-        for i in range(STREAMS):  # the reference: each prompt again, uninterrupted
-            assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
+        for i, reference in enumerate(reference_texts(gw.url)):
+            assert texts[i] == reference, f"stream {i} differs after its resume"
 
 
 def _tiny_gpt_oss(directory: Path) -> Path:
@@ -168,8 +174,8 @@ def test_newer_architectures_streams_on_a_killed_worker_resume_with_the_same_tex
         texts, outcomes = streams_across_a_kill(gw, functools.partial(stream, gw.url))
         assert outcomes == {i: ["length"] for i in range(STREAMS)}
         assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
-        for i in range(STREAMS):
-            assert texts[i] == completion(gw.url, f"stream {i}", 300), f"stream {i} differs after its resume"
+        for i, reference in enumerate(reference_texts(gw.url)):
+            assert texts[i] == reference, f"stream {i} differs after its resume"
 
 
 def choices_stream(

@@ -3,7 +3,7 @@ fields OpenAI and vLLM read, and only those that change something."""
 
 from __future__ import annotations
 
-from sagellm.operators.remote_engine import openai_call
+from sagellm.operators.openai_wire import openai_call
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.pipeline.messages import Request
 
