@@ -13,6 +13,8 @@ budget allows. With a threshold T:
   did. The engine sets S to 2 x the hidden size: 6 x in FLOPs for a dense transformer, a third of it because a CPU
   runs attention at about a third of the linears' rate (SmolLM2's steps on one thread of an AVX2 EPYC, 14-18 tokens
   deep in a 6,000-token prompt: S = 1,250-1,400; 2 x 576 = 1,152);
+- what a quarter of a long prompt's chunk or less would leave is taken with that chunk (a step for a few tokens pays
+  a step's fixed cost, and a prompt's last token alone looks like a decode to whoever times the steps);
 - a prompt whose prefill goes on past a step holds one of `max_num_partial_prefills` seats until it ends, and a long
   one one of `max_long_partial_prefills` too; a waiting prompt that has no seat waits, and the shorter prompts behind
   it start ahead of it (vLLM v0's rule), so short chats are never queued behind long prompts;
@@ -25,7 +27,7 @@ budget allows. With a threshold T:
 
 T = 0 turns all of it off: each prompt takes what the budget leaves, as before. The chunk may be set apart from
 what counts as long (`chunk_tokens`): the engine's default (`long_prefill_shares`) calls long only the prompts that
-take several steps anyway (more than a step's budget) and those scored for prompt logprobs past the chunk, so
+take several steps anyway (more than a step's budget) and those scored for prompt logprobs past the scored share, so
 prompts that fit a step run as fast as without any of this (W1's 256-token prompts: throughput as with T = 0), and
 gives each long one AUTO_CHUNK_TOKENS a step, and scores AUTO_SCORED_TOKENS prompt positions a step. The
 seats are counted afresh each step from the running sequences, so there is no state to keep in step with
@@ -130,7 +132,7 @@ class PrefillShares:
         left = tokens_left(seq, computed)
         started = seq.status is SequenceStatus.RUNNING and seq.num_tokens - computed > 1
         if self.threshold and (started or self.is_long(seq, left)):
-            chunk = min(self.chunk(computed), self.scored_tokens) if seq.scores_prompt else self.chunk(computed)
+            chunk = self._piece(seq, computed, left)
             if self.shorts_first and left > chunk:  # a long prompt, short of its last chunk
                 self.held_long = True
                 return 0
@@ -140,6 +142,13 @@ class PrefillShares:
             if len(scored) > self.scored_left:  # the positions before the first still unscored cost no logits
                 n = scored.start + self.scored_left - computed
         return n
+
+    def _piece(self, seq: Sequence, computed: int, left: int) -> int:
+        """A long prompt's tokens this step: its chunk (its scored share, if less), or all it has `left` when what
+        would remain is a sliver, a quarter of the chunk or less (a step's fixed cost for a few tokens, and a step
+        that looks like a decode)."""
+        chunk = min(self.chunk(computed), self.scored_tokens) if seq.scores_prompt else self.chunk(computed)
+        return left if left - chunk <= chunk // 4 else chunk
 
     def has_seats(self, seq: Sequence, computed: int, n: int) -> bool:
         """Whether the waiting `seq`, computing `n` tokens this step, gets the seats it needs: none when its prefill
@@ -176,7 +185,8 @@ class PrefillShares:
     def _long(self) -> int:
         """Long prompts prefilling: those admitted in this step, and the running ones whose next chunk is not
         their last (a long prompt holds its seat to its last chunk, however deep in it that is)."""
-        going_on = sum(
-            s.num_tokens - s.num_computed_tokens > self.chunk(s.num_computed_tokens) for s in self._prefilling
-        )
+        going_on = 0
+        for s in self._prefilling:
+            left = tokens_left(s, s.num_computed_tokens)
+            going_on += left > self._piece(s, s.num_computed_tokens, left)
         return going_on + self._new_long

@@ -63,6 +63,18 @@ def test_a_long_prompts_chunk_never_exceeds_the_threshold():
     assert seen == [8, 8, 8, 6]  # at most 8 while more than 8 are left; the rest (6) in one step
 
 
+def test_a_sliver_left_after_a_chunk_rides_along_with_it():
+    """A step for 2 tokens pays a step's fixed cost and looks like a decode: what a quarter of the chunk or less would
+    leave is taken with the chunk before it."""
+    s = make(threshold=8, budget=64)
+    a = seq("a", 26)
+    s.add(a)
+    seen = []
+    while a.num_output_tokens == 0:
+        seen.append(chunks(step(s))["a"])
+    assert seen == [8, 8, 10]
+
+
 def test_by_default_prompts_that_fit_a_step_are_not_long_and_the_longer_take_small_chunks():
     """The engine's default: long past the step's budget (W1's prompts fill steps as before), 48 tokens a step, 32
     prompt positions scored for logprobs."""

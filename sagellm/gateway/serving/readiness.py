@@ -142,7 +142,8 @@ class ModelReadiness:
         """Returns once `model` has no request (`requests_of` is 0): woken as requests end, and as holds expire."""
         while self.requests_of(model):
             holds = self._arriving[model]
-            with trio.move_on_after(min(holds) - time.monotonic() if holds else math.inf):
+            # (the earliest hold may have expired since `requests_of` looked: then look again at once)
+            with trio.move_on_after(max(0.0, min(holds) - time.monotonic()) if holds else math.inf):
                 await self._fewer.wait()
 
     def _holds(self, model: str | None) -> int:
