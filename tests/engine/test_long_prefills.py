@@ -53,26 +53,26 @@ def chunks(batch: ScheduledBatch) -> dict[str, int]:
     return {x.request_id: n for x, n in zip(batch.seqs, batch.num_new_tokens)}
 
 
-def test_a_long_prompts_chunk_never_exceeds_the_threshold():
-    s = make(threshold=8, budget=64)
-    a = seq("a", 30)
-    s.add(a)
+def prefill_chunks(s: Scheduler, x: Sequence) -> list[int]:
+    """The tokens each step computes of `x`'s prompt, to its first token."""
     seen = []
-    while a.num_output_tokens == 0:
-        seen.append(chunks(step(s))["a"])
-    assert seen == [8, 8, 8, 6]  # at most 8 while more than 8 are left; the rest (6) in one step
+    while x.num_output_tokens == 0:
+        seen.append(chunks(step(s))[x.request_id])
+    return seen
 
 
-def test_a_sliver_left_after_a_chunk_rides_along_with_it():
-    """A step for 2 tokens pays a step's fixed cost and looks like a decode: what a quarter of the chunk or less would
-    leave is taken with the chunk before it."""
+@pytest.mark.parametrize(
+    "tokens, expected",
+    [(30, [8, 8, 8, 6]), (26, [8, 8, 10])],
+    ids=["at-most-the-threshold", "a-sliver-rides-along"],
+)
+def test_a_long_prompts_chunk_is_the_threshold_and_a_sliver_left_after_one_rides_along(tokens, expected):
+    """At most 8 while more than 8 are left; the rest in one step. A step for 2 tokens would pay a step's fixed cost
+    and look like a decode: what a quarter of the chunk or less would leave is taken with the chunk before it."""
     s = make(threshold=8, budget=64)
-    a = seq("a", 26)
+    a = seq("a", tokens)
     s.add(a)
-    seen = []
-    while a.num_output_tokens == 0:
-        seen.append(chunks(step(s))["a"])
-    assert seen == [8, 8, 10]
+    assert prefill_chunks(s, a) == expected
 
 
 def test_by_default_prompts_that_fit_a_step_are_not_long_and_the_longer_take_small_chunks():
@@ -98,10 +98,7 @@ def test_by_default_a_scored_prompt_is_long_past_the_scored_share_which_a_step_s
     s.add(echo)
     s.add(plain)
     assert chunks(step(s)) == {"plain": 100}  # the short prompt's step alone: the scored one is long
-    seen = []
-    while echo.num_output_tokens == 0:
-        seen.append(chunks(step(s))["echo"])
-    assert seen == [32, 32, 32, 4]
+    assert prefill_chunks(s, echo) == [32, 32, 32, 4]
 
 
 def test_a_scored_prompt_short_of_its_last_scored_share_is_held_for_a_short_one():
