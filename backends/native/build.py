@@ -179,10 +179,11 @@ def _compile(compiler: str, variant: Variant, directory: Path, target: Path) -> 
         partial = Path(scratch) / target.name
         with stage(f"compiling the CPU kernels for {variant.name} (once per machine)"):
             with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
-                for failure in pool.map(lambda command: _run(compiler, command), commands):
+                for failure in pool.map(_run, commands, [source.name for source in SOURCES]):
                     if failure:
                         raise NativeBuildError(failure)
-            failure = _run(compiler, [compiler, *CFLAGS, "-o", str(partial), *map(str, objects), "-lm"])
+            link = [compiler, *CFLAGS, "-o", str(partial), *map(str, objects), "-lm"]
+            failure = _run(link, "the link of " + ", ".join(source.name for source in SOURCES))
             if failure:
                 raise NativeBuildError(failure)
         os.chmod(partial, 0o755)  # the compiler's umask-made mode may hide it from other users of a shared cache
@@ -190,21 +191,19 @@ def _compile(compiler: str, variant: Variant, directory: Path, target: Path) -> 
     log.info("native_kernels_built", path=str(target))
 
 
-def _run(compiler: str, command: list[str]) -> str | None:
-    """Runs one compiler command; the failure's one-line reason, or None."""
+def _run(command: list[str], what: str) -> str | None:
+    """Runs one compiler command on `what` (a source, or the link); the failure's one-line reason naming it, or
+    None."""
+    compiler = command[0]
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return f"{compiler} took over {BUILD_TIMEOUT_S} s on {_names()}"
+        return f"{compiler} took over {BUILD_TIMEOUT_S} s on {what}"
     if done.returncode == 0:
         return None
     lines = done.stderr.strip().splitlines() or ["(no output)"]
     first_error = next((line for line in lines if "error" in line), lines[0])
-    return f"{compiler} failed on {_names()} (exit {done.returncode}): {first_error}"
-
-
-def _names() -> str:
-    return ", ".join(source.name for source in SOURCES)
+    return f"{compiler} failed on {what} (exit {done.returncode}): {first_error}"
 
 
 def load(path: Path, variant: Variant | None = None) -> ctypes.CDLL:
