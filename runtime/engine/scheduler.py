@@ -218,8 +218,8 @@ class Scheduler:
         """The prefills' shares of the step to come, from the sequences running now."""
         c = self.config
         return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
-                             self.running, c.long_prefill_context_scale, False,
-                             c.long_prefill_chunk_tokens, c.long_prefill_scored_tokens)  # fmt: skip
+                             self.running, c.long_prefill_context_scale, chunk_tokens=c.long_prefill_chunk_tokens,
+                             scored_tokens=c.long_prefill_scored_tokens)  # fmt: skip
 
     def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
         """For each chunk verifying proposals, a checkpoint of its recurrent states after the sequence's own tokens
