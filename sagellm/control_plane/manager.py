@@ -387,8 +387,13 @@ class SyncControlPlane:
         return result.status if result is not None else None
 
     def get_request_result(self, request_id: str) -> RequestResult | None:
+        # read on the gateway's thread, where `_follow` moves the request into the core: read from here, a request
+        # could be unknown to the core at the first look and in `_in_core` at the second, and be called unknown
+        return self._m._running().call(self._result, request_id)
+
+    def _result(self, request_id: str) -> RequestResult | None:
         m = self._m
-        status = m._running().call(m._gateway.core.request_status, request_id, "")  # submitted without a key
+        status = m._gateway.core.request_status(request_id, "")  # submitted without a key
         if status is None:
             refused = m._refused.get(request_id)
             if refused is not None:
