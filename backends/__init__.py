@@ -4,7 +4,8 @@
 says which can run here and why not. Importing this package loads no vendor stack (triton, torch_npu, torch_mlu)."""
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
-from sagellm.backends.base import REQUIRED_OPS, Availability, BackendUnavailableError, HardwareBackend, KernelTable
+from sagellm.backends.base import Availability, BackendUnavailableError, HardwareBackend
+from sagellm.backends.kernel_contracts import REQUIRED_OPS, KernelTable
 from sagellm.backends.registry import get_backend, list_backends, register_backend
 
 __all__ = [

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -38,8 +38,10 @@ import torch
 
 from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
-from sagellm.backends.base import DECODER_LINEARS, Availability, DecoderLayer, DecoderShape, KernelTable
+from sagellm.backends.base import Availability
 from sagellm.backends.cpu_linear import CpuLinearWeight, linear, pack_block_weight, pack_linear_weight
+from sagellm.backends.decoder_layer import DECODER_LINEARS, DecoderLayer, DecoderShape
+from sagellm.backends.kernel_contracts import Attention, KernelTable
 from sagellm.backends.native import (
     DISABLE_ENV,
     InterleavedBlocks,
@@ -98,7 +100,7 @@ class NativeDispatch:
         # each prefill chunk's. Whether decode attention is native depends only on the model and the cache (dtype,
         # head size, layouts), not on the step, so a model's decodes all go one way: the torch path's kept K/V
         # (GatherBuffers) is never left missing the tokens of steps that ran natively.
-        self.attention: Callable[..., torch.Tensor] = functools.partial(
+        self.attention: Attention = functools.partial(
             torch_ops.attention,
             decode=self.paged_decode_attention,
             buffers=self.buffers,
@@ -106,8 +108,10 @@ class NativeDispatch:
             prefill=self.prefill_attention,
         )
 
-    def ops(self) -> KernelTable:
+    def kernels(self, torch_kernels: KernelTable) -> KernelTable:
+        """`torch_kernels` with the ops that pick a native kernel or the torch one per call in their place."""
         return {
+            **torch_kernels,
             "linear": self.linear,
             "rmsnorm": self.rmsnorm,
             "add_rmsnorm": self.add_rmsnorm,
@@ -238,13 +242,18 @@ class NativeDispatch:
         return torch.sigmoid(x)
 
     def write_kv(
-        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
     ) -> None:
         """The native K/V write where it fits (torch's index_copy_ takes ~1.5 ms a layer for 500 tokens)."""
-        if fits_heads(k, v) and fits_dense(k_cache, v_cache) and fits_dense(slots, dtype=I64):
-            self.native.write_kv(k, v, k_cache, v_cache, slots)
+        if fits_heads(k, v) and fits_dense(k_cache, v_cache) and fits_dense(slot_mapping, dtype=I64):
+            self.native.write_kv(k, v, k_cache, v_cache, slot_mapping)
         else:
-            torch_ops.write_kv(k, v, k_cache, v_cache, slots)
+            torch_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def prefill_attention(
         self,
@@ -255,10 +264,11 @@ class NativeDispatch:
         v_cache: torch.Tensor,
         chunk: PrefillChunk,
         scale: float,
-        buffers: torch_ops.GatherBuffers | None = None,
         window: int = 0,
         softcap: float = 0.0,
         sinks: torch.Tensor | None = None,
+        *,
+        buffers: torch_ops.GatherBuffers | None = None,
     ) -> torch.Tensor:
         """A prefill chunk's causal attention (sliding-window, soft-capped) read from the paged cache in place (its
         K/V are written first), or the torch op for what the C code does not take."""
@@ -282,7 +292,7 @@ class NativeDispatch:
                 sinks,
             )
         return torch_ops.prefill_attention(
-            q, k, v, k_cache, v_cache, chunk, scale, buffers, window=window, softcap=softcap, sinks=sinks
+            q, k, v, k_cache, v_cache, chunk, scale, window, softcap, sinks, buffers=buffers
         )
 
     def paged_decode_attention(
@@ -304,16 +314,7 @@ class NativeDispatch:
                 q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys), window, softcap, sinks
             )
         return torch_ops.paged_decode_attention(
-            q,
-            k_cache,
-            v_cache,
-            block_tables,
-            context_lens,
-            scale,
-            self.buffers,
-            window=window,
-            softcap=softcap,
-            sinks=sinks,
+            q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks, buffers=self.buffers
         )
 
     def gated_delta_net(
@@ -415,9 +416,9 @@ class CpuBackend(torch_ops.TorchOpsBackend):
 
     def kernels(self) -> KernelTable:
         """The torch ops with the CPU `linear`, and native kernels where a C compiler built them."""
-        table = {**super().kernels(), "linear": linear}
+        table: KernelTable = {**super().kernels(), "linear": linear}
         native = NativeKernels.load()
-        return table if native is None else {**table, **NativeDispatch(native).ops()}
+        return table if native is None else NativeDispatch(native).kernels(table)
 
 
 def _blocks_of(weight: CpuLinearWeight | list[CpuLinearWeight]) -> Any:

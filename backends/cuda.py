@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from sagellm.backends import torch_ops
-from sagellm.backends.base import Availability, KernelTable
+from sagellm.backends.base import Availability
+from sagellm.backends.kernel_contracts import KernelTable
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.registry import register_backend
 

@@ -15,7 +15,7 @@ from dataclasses import astuple
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata
-from sagellm.backends.base import DECODER_LINEARS, AttentionShape, DecoderLayer, DecoderShape, MoeShape
+from sagellm.backends.decoder_layer import DECODER_LINEARS, AttentionShape, DecoderLayer, DecoderShape, MoeShape
 from sagellm.backends.native.block_weight import BlockWeight, block_weight, fits_blocks
 from sagellm.backends.native.experts import ACTIVATIONS, routing_fits
 from sagellm.backends.native.lora import MAX_PARTS, LayerLora, layer_lora, parts_fit

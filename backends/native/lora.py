@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-from sagellm.backends.base import DECODER_LINEARS, LoraPart
+from sagellm.backends.decoder_layer import DECODER_LINEARS, LoraPart
 from sagellm.backends.native.ops import NativeKernels
 from sagellm.backends.native.tensor_fits import fits_dense, fits_rows
 
@@ -71,7 +71,7 @@ def add_lora(
     lora_b: torch.Tensor,
     num_threads: int,
 ) -> torch.Tensor | None:
-    """The `add_lora` op (backends/base.py) in one native call: out [T, N] += each row's update, in place, and
+    """`AddLora` (backends/kernel_contracts.py) in one native call: out [T, N] += each row's update, in place, and
     returned; None when the tensors are not what lora.c reads (then the torch op runs). `lora_b` [S, N, R] must be
     the transposed view of a contiguous B^T [S, R, N], as the engine's slots hand it over."""
     b_t = lora_b.transpose(1, 2)

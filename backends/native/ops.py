@@ -1,5 +1,5 @@
 """The native kernels as kernel-table ops on torch tensors: allocate the output, pass pointers and strides, return
-what the torch op of the same name returns (backends/base.py).
+what the torch op of the same name returns (its contract: backends/kernel_contracts.py).
 
 The C code trusts its arguments, so the `fits_*` predicates (tensor_fits.py) say whether tensors have the dtype and
 layout it reads; the CPU backend's dispatch asks them before calling and runs the torch op otherwise. The wrappers
@@ -360,7 +360,7 @@ class NativeKernels:
         num_threads: int = 1,
         tiled_value_heads: bool = False,
     ) -> torch.Tensor:
-        """`gated_delta_net` (backends/base.py) over N sequences, each continuing from its slot's states: rows
+        """`GatedDeltaNet` (backends/kernel_contracts.py) over N sequences, each continuing from its slot's states: rows
         starts[i] .. starts[i + 1] - 1 of mixed_qkv [T, C], b and a [T, Hv] are sequence i's tokens, in order, and
         slots[i] its slot (starts int64 [N + 1] from 0 to T, slots int64 [N]; a decode step: one token each).
         conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] are advanced in place; value head h reads key head

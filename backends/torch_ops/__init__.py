@@ -28,6 +28,7 @@ from sagellm.backends.torch_ops.token_ops import (
     moe,
     rmsnorm,
     rope,
+    sigmoid,
     silu_mul,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "prefill_attention",
     "rmsnorm",
     "rope",
+    "sigmoid",
     "silu_mul",
     "write_kv",
 ]

@@ -2,27 +2,24 @@
 against their cached context in one batched call and each prefill chunk causally over its sequence. `attention` takes
 the parts a device swaps (the CUDA backend's triton decode kernel, the CPU's native ones).
 
-Two per-layer options change what a query sees and how it scores (Mistral, Gemma, Qwen3's sliding layers):
-`window` > 0 lets a query at position i see only keys i - window < j <= i (Hugging Face's `sliding_window`), and
-`softcap` > 0 squashes each scaled score s to softcap * tanh(s / softcap) before the mask (Gemma 2). `sinks` [Hq]
-(gpt-oss) give each query head a logit that joins its softmax's denominator and takes no value. SDPA can do
-neither, so a capped or sinking layer takes the explicit matmul-softmax path."""
+A layer's sliding `window` is a mask SDPA takes; its score `softcap` and attention `sinks` (what the three mean:
+kernel_contracts.py) change the softmax, which SDPA cannot, so a capped or sinking layer takes the explicit
+matmul-softmax path."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.kernel_contracts import KvWrite, PagedDecodeAttention, PrefillAttention
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers, cached_tokens, visibility_mask
 
 
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Stores each new token's K/V at its flat slot (block * block_size + offset) of the paged caches."""
+    """`KvWrite` (kernel_contracts.py) by index_copy_."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)  # [num_blocks * block_size, Hk, D]
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
@@ -34,12 +31,13 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    buffers: GatherBuffers | None = None,
     window: int = 0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    *,
+    buffers: GatherBuffers | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence against its whole cached context, all sequences in one batched call.
+    """`PagedDecodeAttention` (kernel_contracts.py), all sequences in one batched call.
 
     Each sequence's K/V is gathered into a [B, L, Hk, D] tensor padded to the longest context, and the G query heads
     sharing a kv head attend as G rows of one [B, Hk, G, D] query, so GQA needs no repeated K/V. Padded positions are
@@ -81,12 +79,13 @@ def prefill_attention(
     v_cache: torch.Tensor,
     chunk: PrefillChunk,
     scale: float,
-    buffers: GatherBuffers | None = None,
     window: int = 0,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    *,
+    buffers: GatherBuffers | None = None,
 ) -> torch.Tensor:
-    """Causal attention of one chunk's queries [n, Hq, D] over its sequence; k, v are the chunk's fresh [n, Hk, D].
+    """`PrefillAttention` (kernel_contracts.py).
 
     A chunk that starts the sequence attends to its fresh K/V directly; a later chunk reads its earlier context from
     the cache (which already holds this chunk too), and query i sees keys up to position context_len - n + i. Inputs
@@ -156,15 +155,15 @@ def attention(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     *,
-    decode: Callable[..., torch.Tensor] = paged_decode_attention,
+    decode: PagedDecodeAttention = paged_decode_attention,
     buffers: GatherBuffers | None = None,
-    write: Callable[..., None] = write_kv,
-    prefill: Callable[..., torch.Tensor] = prefill_attention,
+    write: KvWrite = write_kv,
+    prefill: PrefillAttention = prefill_attention,
 ) -> torch.Tensor:
-    """Writes the batch's K/V into the caches, then attends: the decode tokens in one `decode` call, each prefill
-    chunk in one `prefill` call (`prefill_attention`'s arguments, `window`, `softcap` and `sinks` by keyword). `decode`,
-    `write` and `prefill` are the parts a device swaps (the CUDA backend passes its triton decode kernel, the CPU
-    its native ones); `buffers` serve the prefill gathers (bind the same ones into `decode` to share them)."""
+    """`Attention` (kernel_contracts.py): `write`, then the decode tokens in one `decode` call and each prefill chunk
+    in one `prefill` call. `decode`, `write` and `prefill` are the parts a device swaps (the CUDA backend passes its
+    triton decode kernel, the CPU its native ones); `buffers` serve the prefill gathers (bind the same ones into
+    `decode` to share them)."""
     write(k, v, k_cache, v_cache, meta.slot_mapping)
     nd = meta.num_decode_tokens
     decoded = None
@@ -189,9 +188,9 @@ def attention(
             v_cache,
             chunk,
             scale,
-            buffers,
             window=window,
             softcap=softcap,
             sinks=sinks,
+            buffers=buffers,
         )
     return out

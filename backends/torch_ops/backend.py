@@ -10,7 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from sagellm.backends.base import Availability, HardwareBackend, KernelTable
+from sagellm.backends.base import Availability, HardwareBackend
+from sagellm.backends.kernel_contracts import KernelTable
 from sagellm.backends.torch_ops.attention import attention, paged_decode_attention
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm
@@ -25,6 +26,7 @@ from sagellm.backends.torch_ops.token_ops import (
     moe,
     rmsnorm,
     rope,
+    sigmoid,
     silu_mul,
 )
 
@@ -38,7 +40,7 @@ TORCH_KERNELS: KernelTable = {
     "silu_mul": silu_mul,
     "gelu_tanh_mul": gelu_tanh_mul,
     "add": add,
-    "sigmoid": torch.sigmoid,
+    "sigmoid": sigmoid,
     "moe": moe,
     "attention": attention,
     "paged_decode_attention": paged_decode_attention,

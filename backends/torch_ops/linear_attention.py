@@ -41,11 +41,8 @@ def gated_delta_net(
     head_v_dim: int,
     tiled_value_heads: bool = False,
 ) -> torch.Tensor:
-    """The core of a Gated DeltaNet layer over one batch (decodes first, then prefill chunks, as attention's):
-    mixed_qkv [T, C] (the projected q, k, v before the convolution, C = 2 Hk Dk + Hv Dv), b and a [T, Hv];
-    conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] every slot's, updated in place; conv_weight [C, K].
-    Value head h reads key head h // (Hv / Hk), or h % Hk when `tiled_value_heads` (a GGUF's order). Returns the
-    delta rule's output [T, Hv * Dv], before the gated norm."""
+    """`GatedDeltaNet` (backends/kernel_contracts.py): the decode rows by the recurrent rule, each prefill chunk by
+    the chunked form."""
     num_v_heads = b.shape[1]
     out = mixed_qkv.new_empty(mixed_qkv.shape[0], num_v_heads * head_v_dim, dtype=torch.float32)
     dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim, tiled_value_heads)
@@ -120,8 +117,7 @@ def _prefill_chunks(
 
 
 def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over each head of x [T, Hv * Dv] (weight [Dv]), then gated by silu(z) [T, Hv * Dv]: the Gated
-    DeltaNet's output norm, the norm before the gate."""
+    """`GatedRmsNorm` (backends/kernel_contracts.py), in float32."""
     n, d = x.shape[0], weight.shape[0]
     normed = F.rms_norm(x.view(n, -1, d).float(), (d,), weight.float(), eps)  # [T, Hv, Dv]
     return (normed * F.silu(z.view(n, -1, d).float())).view(n, -1)  # [T, Hv * Dv]

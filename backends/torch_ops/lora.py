@@ -25,9 +25,7 @@ _mask: tuple[torch.Tensor, int, int, torch.Tensor | None] | None = None  # (row_
 def add_lora(
     out: torch.Tensor, x: torch.Tensor, row_slots: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 ) -> torch.Tensor:
-    """Adds each row's update into out [T, N] in place and returns it; x [T, K] (fp32 or bf16), row_slots int64 [T]
-    with -1 for rows without an adapter, lora_a [S, R, K], lora_b [S, N, R]. out may be a strided view (one slice of a
-    fused projection's output)."""
+    """`AddLora` (backends/kernel_contracts.py)."""
     num_slots, rank = lora_a.shape[0], lora_a.shape[1]
     mask = _slot_mask(row_slots, num_slots, rank)
     if mask is None:

@@ -1,5 +1,6 @@
 """The torch ops that work on tokens' hidden states and nothing else (no KV cache): embedding, the norms, linear,
-rotary embedding, the gated activations, the residual add, and a mixture of experts' sparse MLP."""
+rotary embedding, the gated activations, the sigmoid gate, the residual add, and a mixture of experts' sparse MLP;
+what each takes and returns is its kernel_contracts.py protocol's."""
 
 from __future__ import annotations
 
@@ -38,11 +39,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding into new tensors; q and k may be strided views of a fused qkv output. A table
-    narrower than the head (partial rotary, [max_pos, R]) turns each head's first R dims; the rest pass unchanged.
-
-    When k's heads directly follow q's in memory (the fused qkv output), both are rotated in one pass over a joint
-    [T, Hq + Hk, D] view: half the ops, which is what a one-token decode step pays for (measured ~2x per layer)."""
+    """`Rope`. When k's heads directly follow q's in memory (the fused qkv output), both are rotated in one pass over
+    a joint [T, Hq + Hk, D] view: half the ops, which is what a one-token decode step pays for (measured ~2x per
+    layer)."""
     half = cos_sin.shape[-1] // 2
     cs = cos_sin.index_select(0, positions)  # [T, D]
     cos = cs[:, None, :half]  # [T, 1, D/2]
@@ -90,6 +89,12 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """torch.sigmoid as a Python function: a builtin's signature cannot be inspected, and the table's kernels are
+    checked against their contract (kernel_contracts.py) by theirs."""
+    return torch.sigmoid(x)
+
+
 def moe(
     x: torch.Tensor,
     router: torch.Tensor,
@@ -109,18 +114,10 @@ def moe(
     routing: torch.Tensor | None = None,
     expert_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mixtral's sparse MLP, computed by the experts `gate_up` and `down` hold: numbers first_expert.. of the E the
-    router [E, H] scores (all of them, or one expert parallel rank's share). The experts are float tensors stacked
-    ([L, 2I, H], [L, H, I]), or one weight per expert that the backend's `linear` reads (its packing of GGUF blocks).
-
-    Each token is routed over all E experts (softmax, top_k, the chosen weights renormalized to sum to 1 unless not
-    `normalize` (Qwen's norm_topk_prob), in fp32 as transformers does); the (token, choice) pairs are then sorted by
-    expert so each held expert runs once, one matmul over the tokens that chose it, and its weighted output is added
-    to theirs. Pairs routed to experts held elsewhere add nothing here, so the ranks' outputs sum to the whole
-    layer's. gpt-oss adds biases (the router's [E], the held experts' [L, 2I] and [L, H]) and its clamped SwiGLU
-    (`activation` "swiglu_oai" with `alpha` and `limit`). Gemma 4 routes from `routing` (its own norm of the
-    stream; x otherwise), scales each chosen expert's weight by its `expert_scale` [E], and uses GeGLU
-    (`activation` "gelu_tanh")."""
+    """`Moe`: each token routed over all E experts in fp32, as transformers does (`normalize` is Qwen's
+    norm_topk_prob); the (token, choice) pairs are then sorted by expert so each held expert runs once, one matmul over
+    the tokens that chose it, and its weighted output is added to theirs. Pairs routed to experts held elsewhere add
+    nothing here, so the ranks' outputs sum to the whole layer's."""
     probs = torch.softmax(F.linear(x if routing is None else routing, router, router_bias).float(), dim=-1)  # [T, E]
     weights, chosen = torch.topk(probs, top_k, dim=-1)  # [T, K]
     weights = weights / weights.sum(dim=-1, keepdim=True) if normalize else weights

@@ -162,8 +162,7 @@ def gated_delta_net(
     head_v_dim: int,
     tiled_value_heads: bool = False,
 ) -> torch.Tensor:
-    """The torch op's contract (backends/base.py): mixed_qkv [T, C], b and a [T, Hv], conv_states [S, C, K-1] and
-    ssm_states [S, Hv, Dk, Dv] updated in place, conv_weight [C, K]. Returns [T, Hv * Dv] float32."""
+    """`GatedDeltaNet` (backends/kernel_contracts.py), on tensors with unit-stride channels, heads, taps and Dv."""
     if any(t.stride(-1) != 1 for t in (mixed_qkv, a, b, conv_states, ssm_states, conv_weight)):
         raise ValueError("gated_delta_net needs unit-stride channels, heads, taps and Dv")
     tokens, channels = mixed_qkv.shape

@@ -105,9 +105,7 @@ def _expand_kernel(
 def add_lora(
     out: torch.Tensor, x: torch.Tensor, row_slots: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
 ) -> torch.Tensor:
-    """Adds each row's update into out [T, N] in place and returns it; x [T, K] (fp32 or bf16), row_slots int64 [T]
-    with -1 for rows without an adapter, lora_a [S, R, K], lora_b [S, N, R]: as torch_ops.lora.add_lora. Any strides
-    but row_slots' (out may be one slice of a fused projection's output)."""
+    """`AddLora` (backends/kernel_contracts.py), on tensors of any strides but row_slots'."""
     tokens, in_features = x.shape
     num_slots, rank, _ = lora_a.shape
     out_features = lora_b.shape[1]

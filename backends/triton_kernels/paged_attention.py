@@ -101,9 +101,8 @@ def paged_decode_attention(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, Hq, D], caches [num_blocks, block_size, Hk, D] -> [B, Hq, D]; every context_len must be >= 1. With
-    window > 0 each query sees only its sequence's last `window` tokens; softcap > 0 caps the scores; sinks [Hq]
-    join each head's softmax denominator."""
+    """`PagedDecodeAttention` (backends/kernel_contracts.py), on caches of one layout with a unit-stride head dim
+    and a power-of-two block size."""
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or q.stride(2) != 1:

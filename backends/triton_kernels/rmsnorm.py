@@ -67,12 +67,12 @@ def _launch(
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [T, H] -> [T, H]."""
+    """`RmsNorm` (backends/kernel_contracts.py) on rows with a unit-stride hidden dim."""
     return _launch(x, None, weight, eps)[0]
 
 
 def add_rmsnorm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual [T, H] -> (rmsnorm(x + residual) [T, H], x + residual [T, H])."""
+    """`AddRmsNorm` (backends/kernel_contracts.py) on rows with a unit-stride hidden dim."""
     return _launch(x, residual, weight, eps)

@@ -23,7 +23,7 @@ def _silu_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, INTER: tl.constexpr, BL
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [T, 2I] -> [T, I]."""
+    """`GatedActivation` (backends/kernel_contracts.py) on rows with a unit-stride last dim."""
     if x.stride(-1) != 1:
         raise ValueError("silu_mul needs rows with a unit-stride last dim")
     rows, inter = x.shape[0], x.shape[1] // 2

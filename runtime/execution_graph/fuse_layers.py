@@ -1,5 +1,5 @@
 """Lowering's last step: each run of whole decoder layers in a plan becomes one instruction, when the backend has a
-kernel that runs them in one call (the kernel table's optional `decoder_layers`, backends/base.py).
+kernel that runs them in one call (the kernel table's optional `decoder_layers`, backends/kernel_contracts.py).
 
 A layer is recognized by its instructions, in the order the optimized graph lowers them:
     rmsnorm | add_rmsnorm, <mixer>, add_rmsnorm, linear (gate_up), silu_mul, linear (down) | moe
@@ -20,17 +20,16 @@ from typing import Any
 
 import torch
 
-from sagellm.backends.base import (
+from sagellm.backends.decoder_layer import (
     DECODER_LINEARS,
     AttentionShape,
     DecoderLayer,
-    DecoderLayersKernel,
     DecoderShape,
     DeltaNetShape,
-    KernelTable,
     LoraPart,
     MoeShape,
 )
+from sagellm.backends.kernel_contracts import DecoderLayers, DecoderLayersKernel, KernelTable
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.lora_linear import LoraLinear
 from sagellm.runtime.execution_graph.plan import Instr, Plan
@@ -84,7 +83,7 @@ def fuse_decoder_layers(
 
 
 def _fuse_run(
-    plan: Plan, graph: Graph, build: Any, begin: int, lora_rows: Callable[[], torch.Tensor | None] | None
+    plan: Plan, graph: Graph, build: DecoderLayers, begin: int, lora_rows: Callable[[], torch.Tensor | None] | None
 ) -> tuple[Plan, int] | None:
     """The plan with its first run of layers from instruction `begin` on fused (or left as it is, when the backend
     declines it) and the instruction to look on from; None when no layer starts there or after."""

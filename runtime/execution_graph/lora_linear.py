@@ -1,7 +1,7 @@
 """A linear whose weights LoRA adapters change: the base matmul once for the whole step, then each row's adapter
 update of each adapted weight (its own columns of a fused q/k/v or gate/up output), through the backend's `add_lora`
 (runtime/engine/lora_weights.LoraWeights holds a rank's adapters and the step's rows' slots). Fusing decoder layers
-reads its `parts` so the backend's one call adds the same updates (backends/base.py LoraPart)."""
+reads its `parts` so the backend's one call adds the same updates (backends/decoder_layer.py LoraPart)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sagellm.backends.base import LoraPart
+from sagellm.backends.decoder_layer import LoraPart
 
 
 class LoraLinear:

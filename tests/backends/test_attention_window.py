@@ -17,9 +17,9 @@ import torch
 from gguf import GGMLQuantizationType
 
 from sagellm.backends import torch_ops
-from sagellm.backends.base import AttentionShape, DecoderLayer, DecoderShape
 from sagellm.backends.cpu import NativeDispatch
 from sagellm.backends.cpu_linear import pack_block_weight
+from sagellm.backends.decoder_layer import AttentionShape, DecoderLayer, DecoderShape
 from sagellm.backends.native import NativeKernels, prefill_scratch_size
 from sagellm.backends.quantized import QuantizedWeight
 from tests.tiny_models import quantize

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from sagellm.backends import registry
-from sagellm.backends.base import REQUIRED_OPS, Availability, BackendUnavailableError, HardwareBackend, KernelTable
+from sagellm.backends.base import Availability, BackendUnavailableError, HardwareBackend
 from sagellm.backends.cpu import CpuBackend
+from sagellm.backends.kernel_contracts import REQUIRED_OPS, KernelTable
 
 BUILTINS = ["cpu", "cuda", "ascend", "cambricon", "hygon"]
 
@@ -81,7 +82,7 @@ def test_a_name_taken_by_another_class_raises_and_a_new_name_registers(monkeypat
             return torch.device("cpu")
 
         def kernels(self) -> KernelTable:
-            return {}
+            raise AssertionError("never built: its availability check raises")
 
     registry.register_backend(Broken)
     registry.register_backend(Broken)  # the same class again, as a re-imported module registers it: no change

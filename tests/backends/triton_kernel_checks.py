@@ -46,14 +46,17 @@ def test_rmsnorm_and_add_rmsnorm(tokens: int, hidden: int) -> None:
     close(normed, expected_normed)
 
 
-@pytest.mark.parametrize(("hq", "hk", "d"), [(4, 4, 64), (9, 3, 64), (6, 2, 80)])
-def test_rope_on_strided_qkv_views(hq: int, hk: int, d: int) -> None:
+@pytest.mark.parametrize(
+    ("hq", "hk", "d", "rotary"),
+    [(4, 4, 64, 64), (9, 3, 64, 64), (6, 2, 80, 80), (4, 2, 64, 16), (6, 2, 80, 48)],  # rotary < d: partial rotary
+)
+def test_rope_on_strided_qkv_views(hq: int, hk: int, d: int, rotary: int) -> None:
     tokens = 7
     qkv = randn(tokens, (hq + 2 * hk) * d)
     q = qkv[:, : hq * d].view(tokens, hq, d)
     k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
     positions = torch.tensor([0, 1, 5, 16, 17, 200, 255], device=DEVICE)
-    cos_sin = randn(256, d)
+    cos_sin = randn(256, rotary)
     for actual, expected in zip(kernels.rope(q, k, positions, cos_sin), torch_ops.rope(q, k, positions, cos_sin)):
         close(actual, expected)
 
