@@ -24,6 +24,7 @@ import structlog
 import trio
 
 from sagellm.common.errors import StartFailed
+from sagellm.common.pulse import Pulse
 from sagellm.common.restart import RestartPolicy, Restarts
 
 log = structlog.get_logger("sagellm.supervision")
@@ -61,7 +62,8 @@ class Supervised(Protocol):
 
 
 class Supervision:
-    """Keeps one `Supervised` alive under a policy; `state`, `restarts.total` and `cause` are what status pages show."""
+    """Keeps one `Supervised` alive under a policy; `state`, `restarts.total` and `cause` are what status pages show,
+    and `changed` wakes whoever mirrors them as they change (no status page polls)."""
 
     def __init__(
         self,
@@ -74,12 +76,22 @@ class Supervision:
         """`startup_timeout_s`: how long a life may take to be ready (a first-run download, a model's load)."""
         self.unit, self.policy, self.startup_timeout_s = unit, policy, startup_timeout_s
         self.restarts = Restarts(policy, rng)
+        self.changed = Pulse()  # fired by each move of `state` (`restarts` and `cause` change along with one)
         self.state = STARTING
         self.cause = ""  # why the last life ended (or failed to start)
         self.lives = 0  # lives that became ready
         self._stopped = False  # `stop`: end the life, start none
         self._final = False  # `no_more_lives`: start none
         self._between = trio.CancelScope()  # the backoff and start of the next life, which `no_more_lives` cuts
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._state = state
+        self.changed.fire()
 
     async def run(self, *, ready: bool = False, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Keeps the unit alive until `stop`, `no_more_lives` or the policy gives up; `task_status.started()` once

@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from sagellm.common.errors import StartFailed
+from sagellm.common.flag import Flag
 from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import Supervised
 from sagellm.runtime.comm import wire
@@ -46,7 +47,7 @@ class WorkerLife(Supervised):
         self.name = executor.control.name(group)
         self.remote = group in executor.remote
         self.startup_timeout_s = math.inf if self.remote else executor.startup_timeout_s  # a remote one: until it comes
-        self._lost, self._cause = trio.Event(), ""
+        self._lost, self._cause = Flag(), ""  # set by `lose`, kept until `until_lost` takes it
 
     def policy(self, policy: RestartPolicy) -> RestartPolicy:
         """The graph's policy for a worker of ours; for a remote one, its slot reopens at once and always (the
@@ -81,8 +82,7 @@ class WorkerLife(Supervised):
             await control.wait_changed()
 
     async def until_lost(self) -> str:
-        await self._lost.wait()
-        self._lost = trio.Event()
+        await self._lost.take()
         return self._cause
 
     async def end(self, graceful: bool) -> None:

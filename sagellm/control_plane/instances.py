@@ -6,7 +6,6 @@ way route, failover and metrics then treat it as any engine of the gateway."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +21,7 @@ PROBE_TIMEOUT_S = 10.0  # start() and register_instance() wait this long for a s
 def attach_instance(gateway: Any, instance: ExecutionInstance, gpu_reader: GpuReader) -> None:
     """Starts `instance` as an engine of the running `gateway` (a `GatewayThread`); returns once a server has
     answered its first probe or been found unreachable, or an engine started here has loaded its model."""
-    from sagellm.gateway.control.engine_spec import STARTING, EngineSpec
+    from sagellm.gateway.control.engine_spec import DRAINING, FAILED, READY, STOPPED, UNHEALTHY, EngineSpec
 
     label = (
         f"tp{instance.tensor_parallel_size} pp{instance.pipeline_parallel_size} dp{instance.data_parallel_size} "
@@ -44,8 +43,8 @@ def attach_instance(gateway: Any, instance: ExecutionInstance, gpu_reader: GpuRe
     )  # fmt: skip
     gateway.wait(engines.start, spec, instance.instance_id)
     engine = gateway.call(engines.get, instance.instance_id)
-    while gateway.call(lambda: engine.state) == STARTING:  # loading its model: minutes, for some
-        time.sleep(0.2)
+    # any state but starting: its model loaded (minutes, for some), or it failed or was stopped meanwhile
+    gateway.wait(engine.until_state, READY, UNHEALTHY, DRAINING, STOPPED, FAILED)
     address = urlsplit(engine.url)
     instance.host, instance.port = address.hostname or instance.host, address.port or instance.port
 

@@ -1,7 +1,8 @@
 """A managed replica of the gateway's own model is a worker of the gateway's graph, not a second gateway: each of its
 requests passes the gateway's one admission (counted per request id), then only its engine; its greedy answers are
 the graph engine's (same weights); killed, the one supervision loop starts it again and it serves again; stopped, it
-ends and its process with it. A reply that arrives as its client leaves is dropped, and the link serves on."""
+ends and its process with it. A reply that arrives as its client leaves is dropped, and the link serves on. The
+link mirrors its worker's restarts and load the moment they happen, woken by them, not by a poll."""
 
 from __future__ import annotations
 
@@ -10,15 +11,22 @@ import signal
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
+from sagellm.common.pulse import Pulse
+from sagellm.common.restart import RestartPolicy
+from sagellm.common.supervision import Supervised, Supervision
 from sagellm.gateway.control.engine_link import EngineLink
+from sagellm.gateway.control.engine_spec import READY, STARTING, EngineSpec, ManagedEngine
 from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.pipeline.messages import Request, TokenDelta
+from sagellm.runtime.pipeline.operator import InstanceStats
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 
 ENGINES = "/v1/management/engines"
@@ -65,6 +73,62 @@ def test_a_reply_arriving_as_its_client_leaves_is_dropped_and_the_link_serves_on
 
 async def _append(items: list, awaitable) -> None:
     items.append(await awaitable)
+
+
+class Worker(Supervised):
+    """A replica's worker as its supervision sees it: serving until the test loses it."""
+
+    name = "engine e1"
+
+    def __init__(self) -> None:
+        self.lost = trio.Event()
+
+    async def until_lost(self) -> str:
+        await self.lost.wait()
+        return "killed by SIGKILL"
+
+
+class Executor:
+    """What the link follows of its process executor: its worker's supervision, the control channel's wake-up (a
+    heartbeat's stats applied), and the load those heartbeats bring."""
+
+    def __init__(self, supervision: Supervision) -> None:
+        self.supervisions, self.processes, self.control = {"g": supervision}, {}, self
+        self.heartbeat = Pulse()
+        self.executor = SimpleNamespace(instances={"e1": InstanceStats(name="e1")})
+
+    async def wait_changed(self) -> None:
+        await self.heartbeat.wait()
+
+
+async def test_the_link_mirrors_a_restart_and_a_heartbeat_the_moment_they_happen(mock_clock):
+    """The replica's state and load follow its worker's on the events that say they changed: the clock stands still
+    here, so a link that looked again only after a sleep (it polled every 0.25 s) would never see either change."""
+    worker = Worker()
+    supervision = Supervision(worker, RestartPolicy(backoff_base_s=1.0, jitter=0))
+    link = EngineLink.__new__(EngineLink)  # its following alone: no graph, no process
+    link.engine = engine = ManagedEngine("e1", EngineSpec(model="m"), "", None, stats=InstanceStats(name="e1"))
+    link.group, link.executor = "g", Executor(supervision)
+    executor = link.executor
+    link.local = executor.executor
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(supervision.run, ready=True))
+        await wait_all_tasks_blocked()  # (the executor starts its supervision before its link follows it)
+        nursery.start_soon(link._follow)
+        await wait_all_tasks_blocked()
+        assert engine.state == READY and engine.stats is not None and engine.stats.waiting == 0
+
+        executor.executor.instances["e1"].waiting = 3  # a heartbeat's stats, applied by the executor
+        executor.heartbeat.fire()
+        await wait_all_tasks_blocked()
+        assert engine.stats.waiting == 3
+
+        worker.lost.set()  # its process died: the supervision restarts it after its backoff
+        await wait_all_tasks_blocked()
+        assert (engine.state, engine.restarts, engine.last_error) == (STARTING, 1, "killed by SIGKILL")
+        assert engine.stats.recovering and not engine.stats.healthy
+        assert trio.current_time() == 0  # no time passed: each change was seen at once
+        nursery.cancel_scope.cancel()
 
 
 def _wait(admin: httpx.Client, engine_id: str, ready, timeout_s: float = 120.0) -> dict:

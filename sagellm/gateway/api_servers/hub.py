@@ -24,6 +24,7 @@ import trio
 import zmq
 
 from sagellm.common.errors import SageLLMError, StartFailed
+from sagellm.common.flag import Flag
 from sagellm.common.nursery_errors import single_errors
 from sagellm.common.parent_death import env_for_child
 from sagellm.common.peer_monitor import PeerMonitor
@@ -76,7 +77,7 @@ class ApiServerHub:
         self._waiting: dict[bytes, dict[str, trio.CancelScope]] = defaultdict(dict)
         self._monitor = PeerMonitor(PEER_TIMEOUT_S)  # routing ids, silent ones lost
         self._outbox: dict[bytes, list[Any]] = defaultdict(list)
-        self._queued = trio.Event()
+        self._queued = Flag()  # set as something is queued: the sender task takes it
         self._snapshot: Snapshot | None = None
         self._socket: TrioSocket | None = None
         self._nursery: trio.Nursery | None = None
@@ -242,9 +243,8 @@ class ApiServerHub:
         order."""
         assert self._socket is not None
         while True:
-            await self._queued.wait()
+            await self._queued.take()
             await trio.lowlevel.checkpoint()  # corked for one loop turn: what the engine makes meanwhile goes along
-            self._queued = trio.Event()
             outbox, self._outbox = self._outbox, defaultdict(list)
             for peer, queued in outbox.items():
                 items = [q for q in queued if isinstance(q, ITEMS)]

@@ -30,6 +30,7 @@ from sagellm.common.nursery_errors import leaves, single_errors
 from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import FAILED as SUPERVISION_FAILED
 from sagellm.common.supervision import READY as SUPERVISION_READY
+from sagellm.common.supervision import Supervision
 from sagellm.gateway.control.engine_spec import FAILED, READY, STARTING, ManagedEngine
 from sagellm.gateway.state import engine_log_hint
 from sagellm.operators.http_source import HttpSource
@@ -42,7 +43,6 @@ from sagellm.runtime.pipeline.served_model import ServedModel, served_model
 
 log = structlog.get_logger("sagellm.gateway")
 
-SYNC_S = 0.25  # how often the engine's state and load are read from its worker's heartbeats
 LOAD_FIELDS = ("waiting", "queued_prefill_tokens", "queued_decode_tokens", "kv_cache_usage", "prefix_cache_queries",
                "prefix_cache_hits", "tokens_per_s", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
                "spec_decode_num_accepted_tokens")  # fmt: skip
@@ -140,26 +140,38 @@ class EngineLink:
             self.done.set()
 
     async def _follow(self) -> None:
-        """Mirrors the worker's state (ready, restarting, given up), its pid and its load onto the managed engine."""
-        engine, group = self.engine, self.group
+        """Mirrors the worker onto the managed engine as it changes: its state (ready, restarting, given up) as its
+        supervision moves it, its load as each of its heartbeats brings it. Both wait for the change, so a restart
+        shows at once and nothing runs while nothing happens."""
+        engine = self.engine
         engine.state, engine.ever_ready = READY, True
         log.info("engine_ready", engine=engine.id, pid=self.pid)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._mirror_state, self.executor.supervisions[self.group])
+            nursery.start_soon(self._mirror_load)
+
+    async def _mirror_state(self, supervision: Supervision) -> None:
+        engine = self.engine
         while True:
-            supervision = self.executor.supervisions.get(group)
-            if supervision is not None and not engine.stopping:
+            if not engine.stopping:  # (a stop says the engine's state itself)
                 engine.restarts = supervision.restarts.total
                 if supervision.state != SUPERVISION_READY:
                     engine.last_error = supervision.cause
                 state = {SUPERVISION_READY: READY, SUPERVISION_FAILED: FAILED}.get(supervision.state, STARTING)
                 if state != engine.state:
                     engine.state = state
+            await supervision.changed.wait()
+
+    async def _mirror_load(self) -> None:
+        engine = self.engine
+        while True:
             worker = self.local.instances.get(engine.id)
             if worker is not None and engine.stats is not None:
                 for name in LOAD_FIELDS:
                     setattr(engine.stats, name, getattr(worker, name))
                 if engine.spec.slots is None and engine.spec.max_concurrent is None:
                     engine.stats.max_running = worker.max_running
-            await trio.sleep(SYNC_S)
+            await self.executor.control.wait_changed()  # a heartbeat's stats applied (or a worker came or went)
 
     @property
     def pid(self) -> int | None:
