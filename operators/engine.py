@@ -193,7 +193,7 @@ class EngineOperator(StepOperator):
                 out = self.engine.add_prefilled_request(
                     rid, request.prompt_token_ids, request.sampling, done.first_token, done.kv.data,
                     resumed_tokens=request.resumed_tokens, cache_salt=request.cache_salt, states=done.kv.states,
-                    lora_request=_lora_request(request),
+                    lora_request=request.lora,
                 )  # fmt: skip
                 item = done
                 items = self._emit(out, time.time())
@@ -207,7 +207,7 @@ class EngineOperator(StepOperator):
             self.engine.add_request(
                 rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill",
                 export_kv=request.kv_export, resumed_tokens=request.resumed_tokens, group=request.group,
-                cache_salt=request.cache_salt, lora_request=_lora_request(request),
+                cache_salt=request.cache_salt, lora_request=request.lora,
             )  # fmt: skip
         except (ValueError, NotFound) as exc:  # (a LoRA adapter's directory that is not there)
             del self._tracked[rid]
@@ -322,15 +322,6 @@ class EngineOperator(StepOperator):
         self.stats.queued_prefill_tokens = engine.pending_prefill_tokens
         self.stats.queued_decode_tokens = engine.pending_decode_tokens
         self._waiting_long = engine.num_waiting_long  # read by `capacity()` on the event loop, between refreshes
-
-
-def _lora_request(request: Request) -> Any:
-    """The engine's LoRARequest for the request's adapter (None: the base model)."""
-    if request.lora is None:
-        return None
-    from sagellm.runtime.engine.lora_slots import LoRARequest
-
-    return LoRARequest(request.lora.name, request.lora.id, request.lora.path)
 
 
 def _from_server(request: Request) -> PrefillDone:

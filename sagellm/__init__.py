@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from sagellm.common.errors import SageLLMError
     from sagellm.llm import LLM
     from sagellm.runtime.engine.guided_params import GuidedDecoding
-    from sagellm.runtime.engine.lora_slots import LoRARequest
+    from sagellm.runtime.engine.lora_request import LoRARequest
     from sagellm.runtime.engine.outputs import CompletionOutput, RequestOutput
     from sagellm.runtime.engine.sampling_params import SamplingParams
 
@@ -37,7 +37,7 @@ _LAZY = {
     "LLM": "sagellm.llm",
     "SamplingParams": "sagellm.runtime.engine.sampling_params",
     "GuidedDecoding": "sagellm.runtime.engine.guided_params",  # vLLM's GuidedDecodingParams: the same fields
-    "LoRARequest": "sagellm.runtime.engine.lora_slots",  # vLLM's: LoRARequest(name, id, path)
+    "LoRARequest": "sagellm.runtime.engine.lora_request",  # vLLM's: LoRARequest(name, id, path)
     "RequestOutput": "sagellm.runtime.engine.outputs",
     "CompletionOutput": "sagellm.runtime.engine.outputs",
     "UnifiedInferenceClient": "sagellm.client",

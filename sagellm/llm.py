@@ -13,7 +13,7 @@ from tqdm import tqdm
 from sagellm.common.errors import InvalidInput
 from sagellm.common.logging import default_logging
 from sagellm.runtime.engine.config import ENGINE_FIELDS, EngineConfig
-from sagellm.runtime.engine.lora_slots import LoRARequest
+from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.outputs import RequestOutput
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.parallel.engine import start_engine

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from sagellm.runtime.execution_graph.lowering import take_runs
-from sagellm.runtime.models.lora_adapter import LoraAdapter, is_lora_target
+from sagellm.runtime.models.lora_adapter import is_lora_target
 
 NO_ADAPTER = -1
 
@@ -56,21 +56,24 @@ class LoraWeights:
         self.a[name] = torch.zeros(self.max_loras, self.max_rank, into, device=self.device)
         self.b_t[name] = torch.zeros(self.max_loras, self.max_rank, out, device=self.device)
 
-    def load(self, slot: int, adapter: LoraAdapter) -> None:
-        """Puts `adapter` in `slot`: its A and scaled B of each weight bound here, this rank's slice of them."""
+    def load(
+        self, slot: int, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int, scaling: float
+    ) -> None:
+        """Puts an adapter in `slot`: its A and scaled B of each weight bound here (`factors`, A [rank, in] and
+        B [out, rank] by canonical name, as `LoraAdapter.weights`), this rank's slice of them."""
         for name, a in self.a.items():
             a[slot].zero_()
             self.b_t[name][slot].zero_()
-            if name not in adapter.weights:
+            if name not in factors:
                 continue
-            lora_a, lora_b = adapter.weights[name]
+            lora_a, lora_b = factors[name]
             cut = self.cuts[name]
             if cut is not None and cut[0] == 0:
                 lora_b = take_runs(lora_b, 0, cut[1])
             elif cut is not None:
                 lora_a = take_runs(lora_a, 1, cut[1])
-            a[slot, : adapter.rank].copy_(lora_a)
-            self.b_t[name][slot, : adapter.rank].copy_((lora_b * adapter.scaling).t())
+            a[slot, :rank].copy_(lora_a)
+            self.b_t[name][slot, :rank].copy_((lora_b * scaling).t())
 
     def begin_step(self, row_slots: list[int]) -> None:
         """This step's rows' slots ([] or all -1: the base alone, and the linears add nothing)."""

@@ -8,6 +8,11 @@ that would change what the adapter computes, and that we would otherwise silentl
 PEFT changed it, ...), is refused with the field it came from: serving such an adapter without it would answer
 plausible but wrong tokens, which nobody would notice. `check_adapter_fits` tells an adapter of another base model.
 
+An adapter's weights are read once, by the engine that serves it. A front end that checks an adapter when it is added
+(the gateway's `--lora-modules` and `/v1/load_lora_adapter`) reads it `values=False`: the config and the weights
+file's header, every check above run on the weights' names, shapes and dtypes (tensors on the meta device), and
+none of their values.
+
 The path comes from a request (`/v1/load_lora_adapter`), so the server may be asked to read a file that is not an
 adapter's at all, as its own user: a symlink to a private file, say (symlinks are followed: a Hugging Face cache's
 snapshot links its files into `blobs/`). Errors therefore never echo what a file holds: a config must first say it
@@ -88,7 +93,7 @@ class LoraAdapter:
     scaling: float  # alpha / r, or alpha / sqrt(r) with use_rslora: what B @ A is multiplied by
     base_model: str | None  # base_model_name_or_path: what it was trained on, as the trainer named it
     # canonical base weight name ("model.layers.0.self_attn.q_proj.weight") -> (A [r, in], B [out, r]), float32 on the
-    # CPU, scaling not folded in; in layer order, then LORA_MODULES' order.
+    # CPU (on the meta device when read without values), scaling not folded in; in layer order, then LORA_MODULES'.
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
 
     @property
@@ -97,9 +102,10 @@ class LoraAdapter:
         return {name.split(".")[-2] for name in self.weights}
 
 
-def read_lora_adapter(path: str | Path, name: str, *, max_rank: int | None = None) -> LoraAdapter:
+def read_lora_adapter(path: str | Path, name: str, *, max_rank: int | None = None, values: bool = True) -> LoraAdapter:
     """The adapter in PEFT's directory `path`, served as `name`. `max_rank` (the engine's `max_lora_rank`, None for
-    no limit) refuses an adapter of a higher rank with a FieldError on that field."""
+    no limit) refuses an adapter of a higher rank with a FieldError on that field. `values=False`: its weights as
+    the file's header describes them (meta tensors), checked as the engine will check them, none of them read."""
     directory = Path(path).expanduser()
     config_path = _config_file(directory, name)
     config = read_json(config_path, max_bytes=MAX_CONFIG_BYTES)
@@ -108,7 +114,7 @@ def read_lora_adapter(path: str | Path, name: str, *, max_rank: int | None = Non
         raise FieldError("max_lora_rank", f"max_lora_rank: LoRA adapter {name} ({directory}) has rank {rank}, above "
                          f"the limit max_lora_rank={max_rank}; raise max_lora_rank to at least {rank}")  # fmt: skip
     weights_path = _weights_file(directory, name)
-    weights = _pair_factors(_read_tensors(weights_path), rank, weights_path)
+    weights = _pair_factors(_read_tensors(weights_path, values), rank, weights_path)
     _check_listed_targets(config.get("target_modules"), weights, config_path)
     base_model = config.get("base_model_name_or_path")
     return LoraAdapter(
@@ -229,11 +235,12 @@ def _unreadable(name: str, directory: Path, error: OSError) -> ModelLoadError:
     return ModelLoadError(f"LoRA adapter {name}: {directory}: cannot be read ({error.strerror})")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors by PEFT's names, as stored."""
+def _read_tensors(path: Path, values: bool) -> dict[str, torch.Tensor]:
+    """The file's tensors by PEFT's names, as stored (without `values`: on the meta device, their shapes and dtypes
+    only, from the safetensors header or the checkpoint's pickle)."""
     if path.name == BIN_FILE:
         try:  # weights_only: a pickle that would run code is refused, not run
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu" if values else "meta", weights_only=True)
         except Exception as e:  # torch.load raises whatever an unpickler or its archive reader can
             raise ModelLoadError(f"{path}: unreadable PyTorch checkpoint: {describe(e)}") from e
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
@@ -241,10 +248,20 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return state
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 -- safe_open is not a Mapping
+            read = f.get_tensor if values else lambda key: _described(f, key)
+            return {key: read(key) for key in f.keys()}  # noqa: SIM118 -- safe_open is not a Mapping
     except (SafetensorError, OSError, RuntimeError) as e:  # its detail quotes the header: what broke, not where
         cause = ": ".join(describe(e).split(": ")[:3])
         raise ModelLoadError(f"{path}: corrupt or truncated safetensors file: {cause}") from e
+
+
+def _described(file: Any, key: str) -> torch.Tensor:
+    """What an open safetensors file stores under `key`, as its header describes it: a meta tensor of its shape and
+    dtype (the dtype torch reads it as, taken from a read of none of its rows, or of a scalar's few bytes)."""
+    stored = file.get_slice(key)
+    shape = stored.get_shape()
+    dtype = (stored[:0] if shape else file.get_tensor(key)).dtype
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def _pair_factors(

@@ -200,7 +200,8 @@ class ParallelRunner(ModelRunner):
             take_part(self, self.layout, self._comms, CopyStates(source, slot))
 
     def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
-        order = LoadLora(slot, adapter.name, str(adapter.path))
+        shapes = [(weight, b.shape[0], a.shape[1]) for weight, (a, b) in adapter.weights.items()]
+        order = LoadLora(slot, adapter.rank, adapter.scaling, shapes)
         with self._leading(order):
             take_part(self, self.layout, self._comms, order, adapter=adapter)
 

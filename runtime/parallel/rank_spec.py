@@ -73,11 +73,14 @@ class CopyStates(msgspec.Struct, array_like=True, tag="copy_states"):
 
 
 class LoadLora(msgspec.Struct, array_like=True, tag="load_lora"):
-    """Every rank puts a LoRA adapter in its slot: each reads the adapter's directory and keeps its slice of it."""
+    """Every rank puts a LoRA adapter in its slot: rank 0, which read it from its directory, broadcasts its factors
+    next as one float32 tensor (each weight's A [lora_rank, in], then its B [out, lora_rank], in `shapes`' order), and
+    every rank keeps its slice of them. No other rank reads the directory."""
 
     slot: int
-    name: str
-    path: str
+    lora_rank: int
+    scaling: float
+    shapes: list[tuple[str, int, int]]  # each base weight the adapter changes, by canonical name, and its [out, in]
 
 
 ORDERS = ReadKV | WriteKV | ReadStates | WriteStates | CopyStates | LoadLora  # what ranks take part in beside steps

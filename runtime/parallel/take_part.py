@@ -12,7 +12,7 @@ work is `ModelRunner`'s, called as such: rank 0's runner overrides those methods
     states    a model with recurrent layers: each rank reads, writes or copies its own layers' states, of its
               heads; what leaves is joined whole in each stage (all-gather) and goes to rank 0 stage by stage, what
               comes is broadcast whole and each rank takes its share (state_shares.py).
-    LoRA      every rank reads the adapter's directory (rank 0 has it read) and keeps its slice in the slot."""
+    LoRA      rank 0 broadcasts the adapter it read, its factors flat; every rank keeps its slice in the slot."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs, cache_config
 from sagellm.runtime.engine.state_cache import values_per_state_slot
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.lora_adapter import LoraAdapter, read_lora_adapter
+from sagellm.runtime.models.lora_adapter import LoraAdapter
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config
 from sagellm.runtime.parallel.kv_shares import join_kv_shares, kv_share, share_widths
@@ -47,9 +47,7 @@ def take_part(
         return _step(runner, layout, comms, order)
     if isinstance(order, LoadLora):
         assert runner.lora is not None
-        if adapter is None:
-            adapter = read_lora_adapter(order.path, order.name, max_rank=runner.lora.max_rank)
-        ModelRunner.load_lora(runner, order.slot, adapter)
+        runner.lora.load(order.slot, _lora_factors(comms, order, adapter), order.lora_rank, order.scaling)
         return None
     if isinstance(order, (ReadStates, WriteStates, CopyStates)):
         return _states(runner, layout, comms, order, kv)
@@ -62,6 +60,20 @@ def take_part(
         part = kv_share(part, runner.config, layout.shard, stage_kv_layers(runner.config, runner.layers))
     ModelRunner.write_kv(runner, slots, part)
     return None
+
+
+def _lora_factors(
+    comms: RankComms, order: LoadLora, adapter: LoraAdapter | None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The A and B of each weight the adapter changes, on every rank: rank 0 (which passes the `adapter` it read)
+    broadcasts them flat, the others cut them out in the order's shapes."""
+    if adapter is not None:
+        comms.world.broadcast(torch.cat([t.reshape(-1) for w, _, _ in order.shapes for t in adapter.weights[w]]), 0)
+        return adapter.weights
+    r = order.lora_rank
+    sizes = [size for _, out, into in order.shapes for size in (r * into, out * r)]
+    parts = iter(comms.world.broadcast(torch.empty(sum(sizes)), 0).split(sizes))
+    return {weight: (next(parts).view(r, into), next(parts).view(out, r)) for weight, out, into in order.shapes}
 
 
 def _step(runner: ModelRunner, layout: RankLayout, comms: RankComms, step: StepInputs) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
@@ -32,15 +33,6 @@ class _Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw
     """Base of every pipeline item: `request_id` is what the executor tracks in-flight work by."""
 
     request_id: str
-
-
-class LoraRef(msgspec.Struct, array_like=True, kw_only=True):
-    """The LoRA adapter a request is generated with: its served name, an id unique to it, and its PEFT directory,
-    which every engine that runs the request (a prefill and a decode worker alike) reads on first use."""
-
-    name: str
-    id: int
-    path: str
 
 
 class Request(_Message):
@@ -85,7 +77,7 @@ class Request(_Message):
     kv_export: bool = False
     prefilled: Prefilled | None = None  # another server prefilled it: decode from there (`do_remote_prefill`)
     decode_instance: str | None = None  # a prefill on an attached server: the server route chose to decode it
-    lora: LoraRef | None = None  # a LoRA adapter of the graph's model (vLLM's `model` naming one of --lora-modules)
+    lora: LoRARequest | None = None  # the LoRA adapter a request's `model` names (vLLM's --lora-modules)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -124,6 +124,24 @@ def test_older_saves_and_pytorch_checkpoints_read_the_same(saved: tuple[Path, Pe
         assert all(torch.equal(weights[n][i], reference[n][i]) for n in reference for i in (0, 1)), variant
 
 
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+def test_a_check_without_values_reads_the_header_and_refuses_alike(
+    tiny_llama: Path, tmp_path: Path, safe_serialization: bool
+) -> None:
+    """`values=False`, the gateway's check of an adapter its engines will read: the config's settings and every
+    weight's name and shape, as meta tensors (no value read); what the engine's read refuses, it refuses alike."""
+    _peft_model(tiny_llama).save_pretrained(tmp_path / "a", safe_serialization=safe_serialization)
+    read, described = read_lora_adapter(tmp_path / "a", "a"), read_lora_adapter(tmp_path / "a", "a", values=False)
+    assert (described.rank, described.scaling, list(described.weights)) == (read.rank, read.scaling, list(read.weights))
+    for weight, (a, b) in described.weights.items():
+        assert a.is_meta and b.is_meta and a.dtype == b.dtype == torch.float32
+        assert (a.shape, b.shape) == (read.weights[weight][0].shape, read.weights[weight][1].shape)
+    wrong_rank = _edited(tmp_path / "a", tmp_path / "r2", r=2)
+    for values in (True, False):
+        with pytest.raises(InvalidInput, match="do not have the rank r=2"):
+            read_lora_adapter(wrong_rank, "bad", values=values)
+
+
 def test_regex_target_takes_the_modules_in_the_weights(tiny_llama: Path, tmp_path: Path) -> None:
     adapter = read_lora_adapter(_save(tiny_llama, tmp_path / "re", target_modules=r".*\.(q_proj|v_proj)"), "re")
     assert adapter.target_modules == {"q_proj", "v_proj"}

@@ -32,6 +32,7 @@ import trio
 import zmq
 
 from sagellm.common.errors import JoinRefused, Unavailable
+from sagellm.common.flag import Flag
 from sagellm.common.logging import configure_logging
 from sagellm.common.parent_death import exit_with_parent
 from sagellm.common.peer_monitor import PeerMonitor
@@ -58,7 +59,8 @@ from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
 from sagellm.runtime.comm.zmq_trio import TrioSocket, connect_dealer, reclaim_ipc_dirs
-from sagellm.runtime.pipeline.messages import LoraRef, Request, RequestError, is_terminal
+from sagellm.runtime.engine.lora_request import LoRARequest
+from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
 
 if TYPE_CHECKING:
     from sagellm.runtime.pipeline.served_model import ServedModel
@@ -103,7 +105,7 @@ class CoreLink:
         self.monitor = PeerMonitor(PEER_TIMEOUT_S)  # the core, heard from in any message
         self.monitor.seen(CORE)
         self._outbox: list[Any] = []
-        self._queued = trio.Event()
+        self._queued = Flag()  # set as a message is queued: the sender task takes it
 
     def send(self, message: Any) -> None:
         self._outbox.append(message)
@@ -207,8 +209,7 @@ class CoreLink:
 
     async def _send_queued(self) -> None:
         while True:
-            await self._queued.wait()
-            self._queued = trio.Event()
+            await self._queued.take()
             outbox, self._outbox = self._outbox, []
             for message in outbox:
                 await self.socket.send_frames(wire.encode(message))
@@ -268,7 +269,7 @@ class RemoteCore:
         alone = state.on_demand if not state.own_names else []
         return instance_model(name, own, lambda: {*state.instance_models, *state.on_demand}, self.models, alone)
 
-    def lora_of(self, name: str | None) -> LoraRef | None:
+    def lora_of(self, name: str | None) -> LoRARequest | None:
         """As `ServingCore.lora_of`: none, a core behind API servers serves its adapters through its own port only."""
         return None
 

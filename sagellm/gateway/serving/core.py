@@ -28,9 +28,10 @@ from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
 from sagellm.operators.embedding import EmbeddingOperator
 from sagellm.operators.engine import ENGINE_OPERATORS
 from sagellm.operators.http_source import HttpSource
+from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
-from sagellm.runtime.pipeline.messages import LoraRef, Request
+from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.served_model import ServedModel
 
 
@@ -165,7 +166,7 @@ class ServingCore:
         """As `ModelReadiness.model_ready`: waits until `model` serves. Raises ApiError 503."""
         await self.readiness.model_ready(model, submits)
 
-    def lora_of(self, name: str | None) -> LoraRef | None:
+    def lora_of(self, name: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's `model` names (None: a model, not an adapter)."""
         return self.lora.adapters.get(name) if name is not None else None
 

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 from sagellm.gateway.serving.item_stream import ItemStream
 from sagellm.gateway.serving.prompts import RequestIds
-from sagellm.runtime.pipeline.messages import LoraRef, Request
+from sagellm.runtime.engine.lora_request import LoRARequest
+from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.served_model import ServedModel
 
 
@@ -78,7 +79,7 @@ class ServingApi(Protocol):
         """Whether another model's instances are engines of ours (its files read here), not servers we only reach."""
         ...
 
-    def lora_of(self, name: str | None) -> LoraRef | None:
+    def lora_of(self, name: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's `model` names (None: a model, not an adapter)."""
         ...
 

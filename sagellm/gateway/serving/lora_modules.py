@@ -1,11 +1,13 @@
 """The LoRA adapters a gateway serves on its graph's model, or on a model loaded on demand (vLLM's `--lora-modules
 NAME=PATH`, or its JSON form naming a `base_model_name`, and its `/v1/load_lora_adapter`): a request names one as its
-`model` and carries it (`Request.lora`) to whichever engine of its base runs it, which reads the adapter's directory
-on first use; requests of different adapters and of the base share its batches.
+`model` and carries it (`Request.lora`, vLLM's `LoRARequest`) to whichever engine of its base runs it, which reads the
+adapter's directory on first use; requests of different adapters and of the base share its batches.
 
-An adapter is checked when it is added, as the engines would check it: a PEFT directory of plain LoRA, its rank
-within the engines' `max_lora_rank`, made for this base (its weights' shapes against the model's config, for a dense
-decoder; the engines check any other, and an adapter of a model on demand not loaded yet, against their weights)."""
+An adapter is checked when it is added, as the engines would check it, so a client learns at once what is wrong
+with it (a 400 or a 404): a PEFT directory of plain LoRA, its rank within the engines' `max_lora_rank`, made for this
+base (its weights' shapes against the model's config, for a dense decoder; the engines check any other, and an
+adapter of a model on demand not loaded yet, against their weights). The check reads the config and the weights
+file's header, not the weights themselves: the engines read those, once each."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from sagellm.gateway.serving.instances import InstanceRegistry
 from sagellm.gateway.serving.readiness import ModelReadiness
 from sagellm.operators.engine import ENGINE_OPERATORS
 from sagellm.runtime.engine.config import EngineConfig
+from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.execution_graph.graph import Graph
-from sagellm.runtime.pipeline.messages import LoraRef
 from sagellm.runtime.pipeline.served_model import ServedModel
 
 
@@ -39,12 +41,12 @@ class LoraModules:
         engines = [node.params for node in graph.nodes.values() if node.op in ENGINE_OPERATORS]
         self.enabled = bool(engines) and all(params.get("enable_lora") for params in engines)
         self.max_rank = min((p.get("max_lora_rank", EngineConfig.max_lora_rank) for p in engines), default=0)
-        self.adapters: dict[str, LoraRef] = {}
+        self.adapters: dict[str, LoRARequest] = {}
         self.parents: dict[str, str | None] = {}  # adapter -> the model on demand it adapts (None: the graph's)
         self._ids = itertools.count(1)
         registry.lora_parents = self.parents
 
-    def add(self, name: str, path: str, base: str | None = None) -> LoraRef:
+    def add(self, name: str, path: str, base: str | None = None) -> LoRARequest:
         """Serves the adapter in `path` as `name`, checked against its base model and the names served: `base` names
         a model loaded on demand (None, or the graph's model's name: the graph's). Raises ApiError 400 for a base not
         served here, or served by another project's server (and `_check`'s errors)."""
@@ -64,13 +66,13 @@ class LoraModules:
                                 "its own adapters", param="base_model_name")  # fmt: skip
         return self._add(name, path, self.registry.files_of(base), taken, parent=base, engine=spec.engine)
 
-    def listed(self) -> list[tuple[LoraRef, str]]:
+    def listed(self) -> list[tuple[LoRARequest, str]]:
         """Every adapter served, with the name of the model it adapts."""
-        return [(ref, self.parents.get(ref.name) or self.registry.own_model) for ref in self.adapters.values()]
+        return [(ref, self.parents.get(ref.lora_name) or self.registry.own_model) for ref in self.adapters.values()]
 
     def _add(
         self, name: str, path: str, served: Any, taken: set[str], parent: str | None = None, engine: Any = None
-    ) -> LoraRef:
+    ) -> LoRARequest:
         """Serves the adapter in `path` as `name` (`served`: the base model's front-end files, None where not read
         yet; `taken`: the names the gateway serves already; `parent`: the model on demand it adapts, whose engine
         settings are `engine`, or None for the graph's model). Raises ApiError: 400 for an adapter the engines cannot
@@ -87,7 +89,7 @@ class LoraModules:
             raise ApiError(400, f"the LoRA adapter {name!r} has already been loaded (or the name is a model's)",
                            param="lora_name")  # fmt: skip
         try:
-            adapter = read_lora_adapter(path, name, max_rank=max_rank)
+            adapter = read_lora_adapter(path, name, max_rank=max_rank, values=False)
             shapes = lora_target_shapes(served.config) if served is not None and served.config is not None else None
             if shapes is not None:
                 check_adapter_fits(adapter, shapes)
@@ -95,7 +97,7 @@ class LoraModules:
             raise ApiError(404, str(error), param="lora_path", code="not_found") from None
         except InvalidInput as error:  # (a FieldError on max_lora_rank too)
             raise ApiError(400, str(error), param="lora_path") from None
-        ref = self.adapters[name] = LoraRef(name=name, id=next(self._ids), path=str(adapter.path))
+        ref = self.adapters[name] = LoRARequest(name, next(self._ids), str(adapter.path))
         self.parents[name] = parent
         return ref
 

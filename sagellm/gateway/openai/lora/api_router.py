@@ -32,8 +32,8 @@ class LoraRoutes:
     async def load(self, http: HttpRequest) -> Response:
         body = http.json(LoadLoraAdapter)
         ref = self.core.lora.add(body.lora_name, body.lora_path, body.base_model_name)
-        log.info("lora_adapter_loaded", name=ref.name, path=ref.path)
-        return Response({"success": True, "message": f"LoRA adapter {ref.name!r} added"})
+        log.info("lora_adapter_loaded", name=ref.lora_name, path=ref.lora_path)
+        return Response({"success": True, "message": f"LoRA adapter {ref.lora_name!r} added"})
 
     async def unload(self, http: HttpRequest) -> Response:
         name = http.json(UnloadLoraAdapter).lora_name

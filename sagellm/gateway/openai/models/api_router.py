@@ -33,5 +33,5 @@ class ModelsRoutes:
         def adapter(name: str, path: str, parent: str) -> dict[str, Any]:  # vLLM's card of a LoRA adapter
             return {**card(parent), "id": name, "root": path, "parent": parent}
 
-        adapters = [adapter(ref.name, ref.path, parent) for ref, parent in self.core.lora.listed()]
+        adapters = [adapter(ref.lora_name, ref.lora_path, parent) for ref, parent in self.core.lora.listed()]
         return Response({"object": "list", "data": [card(name) for name in self.core.models()] + adapters})
