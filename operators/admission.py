@@ -10,9 +10,10 @@ the rate requests have lately ended. With
 `ttft_slo_ms` the in-flight bound also adapts to that target (`SloLimit`): fewer requests are let in while first
 tokens come near it, so the ones admitted under overload still get their first token in time and the rest are shed at
 once with a 429 rather than queued past it. The cheap O(1) load checks run first, so an overloaded server spends no
-tokenizer time on requests it would shed anyway. At the gateway they run first at its door (`admit_group`): a
-client's request, of one prompt or several, is admitted or refused whole on arrival. Admitted requests leave with
-`prompt_token_ids` filled in (the engines never tokenize) and `admitted_time` stamped. A request for another model
+tokenizer time on requests it would shed anyway. At the gateway the whole admission runs at its door (`admit_group`):
+a client's request, of one prompt or several, is admitted or refused whole on arrival, and the graph's node lets
+what the door admitted through (admission happens once). Admitted requests leave with `prompt_token_ids` filled in
+(the engines never tokenize) and `admitted_time` stamped. A request for another model
 (`Request.model` set: instances the gateway attached serve it) is tokenized and checked with that model's own files
 when the gateway handed them in (`models`: its engines are workers that take tokens), and otherwise only load-checked
 (its server tokenizes and checks it).
@@ -201,12 +202,19 @@ class Admission(MapOperator):
             self.max_model_len = model.max_model_len
 
     def execute(self, item: Request) -> Request | RequestError:
+        if item.admitted_time is not None:  # admitted at the gateway's door (`admit_group`): once is enough
+            return item
         bound = self._bound_now()
         # The count includes this request (the source counted it). A retry was admitted once and may hold a client's
         # half-streamed answer: shedding it now would lose work the load bound was there to protect.
         if self.ctx.load.in_flight > bound and not item.retry:
             why = "" if bound == self.max_queue else f", fewer than {self.max_queue} while requests miss their TTFT SLO"
             return self._shed(item, f"server is at capacity ({bound} requests in flight{why})")
+        return self._admit(item)
+
+    def _admit(self, item: Request) -> Request | RequestError:
+        """A request's own checks, once the load allows it: its user's rate, its prompt's tokens, its context, the
+        bound in tokens."""
         if item.ttft_slo_ms is None and self.ttft_slo_ms is not None:
             item.ttft_slo_ms = self.ttft_slo_ms
         if self.rate_limit_per_user is not None and not item.retry and not self._take_token(item.user):
@@ -257,17 +265,33 @@ class Admission(MapOperator):
     def admit_group(self, requests: list[Request], waiting: int) -> RequestError | None:
         """A client's request of one or more prompts (`requests`) is admitted or refused as a whole, on arrival,
         before any prompt enters: refused when it can never fit the bound, or does not fit it now with `waiting`
-        requests submitted ahead of it that have not entered yet; None when it may enter (each prompt still passes
-        `execute`). Under overload most arrivals are refused, and a refusal here costs none of the graph's hops."""
+        requests submitted ahead of it that have not entered yet, or when any prompt fails its own checks (what the
+        others took is given back); None when all are admitted (stamped: `execute` lets them through). Under overload
+        most arrivals are refused, and a refusal here costs none of the graph's hops."""
         count, first = len(requests), requests[0]
         if count > self.max_queue:
-            message = f"{count} prompts in one request are more than the server holds at once ({self.max_queue})"
+            message = f"prompt: {count} prompts in one request are more than the server holds ({self.max_queue})"
             return self._reject(first, "invalid_request", message)
         room = self._bound_now() - self.ctx.load.in_flight - waiting
-        if count <= room:
-            return None
-        message = f"server is at capacity: room for {max(room, 0)} requests, not {count}"
-        return self._shed(first, message, count)
+        if count > room:
+            message = f"server is at capacity: room for {max(room, 0)} requests, not {count}"
+            return self._shed(first, message, count)
+        for i, request in enumerate(requests):
+            admitted = self._admit(request)
+            if isinstance(admitted, RequestError):
+                self.give_back(requests[:i])
+                return admitted
+        return None
+
+    def give_back(self, requests: list[Request]) -> None:
+        """Undoes `_admit` for admitted prompts of a group refused after all (by another prompt, or another
+        admission node): their tokens in flight, the tokens they took from their users' buckets, their stamps."""
+        for request in requests:
+            self.ctx.load.release_tokens(request.request_id)
+            if self.rate_limit_per_user is not None and not request.retry:
+                tokens, last = self._buckets[request.user]
+                self._buckets[request.user] = (tokens + 1.0, last)
+            request.admitted_time = None
 
     def retry_after_s(self, count: int = 1) -> float:
         """The `Retry-After` of a refusal of `count` requests: once the requests in flight and the clients already

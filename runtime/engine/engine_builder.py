@@ -81,56 +81,23 @@ def build_engine(
 ) -> EngineParts:
     """The parts of an engine with `config`, on the model `loaded` (None: loaded from `config.model`), its runner
     made by `make_runner` (`LLMEngine`'s)."""
-    if config.world_size > 1 and make_runner is ModelRunner:
-        raise InvalidInput(
-            "tensor_parallel_size or pipeline_parallel_size > 1 needs ranks in other processes: start the engine "
-            "with sagellm.runtime.parallel.engine.start_engine"
-        )
-    if config.seed is not None:
-        torch.manual_seed(config.seed)  # unseeded rows draw from the global generator (the sampler)
-    if loaded is None and not config.model:
-        raise InvalidInput("EngineConfig.model: give the path of the model to load")
     spec = parse_speculative_config(config.speculative_config)
     mtp = reads_mtp_head(config.speculative_config)  # the model's own head guesses: read with the model
-    if mtp and config.world_size > 1:
-        raise FieldError(FIELD, f"{FIELD}: method mtp runs on a single-process engine (no tensor or pipeline "
-                                "parallel yet)")  # fmt: skip
-    model = loaded or load_model(config.model, mtp_head=mtp)
-    if model.tokenizer is None:
-        raise ModelLoadError(f"{model.source}: the engine needs a tokenizer, and this model has none")
-    sampling_defaults = model_sampling_defaults(model)
-    model_config = model.config
-    if model_config.one_pipeline_stage and (config.pipeline_parallel_size or 1) > 1:
-        raise InvalidInput("pipeline parallel: Gemma 4 and Gemma 3n (per-layer embeddings, shared KV, layer "
-                           "scalars, AltUp) run as one pipeline stage; split them with tensor_parallel_size "
-                           "instead")  # fmt: skip
+    _refuse_before_loading(config, loaded, make_runner, mtp)
+    if config.seed is not None:
+        torch.manual_seed(config.seed)  # unseeded rows draw from the global generator (the sampler)
+    model = _load(config, loaded, mtp)
+    sampling_defaults = model_sampling_defaults(model)  # a bad one in its files is refused now
     backend = get_backend(config.backend)
     linear_dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     if problem := backend.linear_dtype_problem(linear_dtype):
         raise FieldError("dtype", f"dtype {config.dtype}: {problem}")
     if config.world_size == 1:  # a group's rank 0 is placed by its runner, with the other ranks
         place(backend, config.device_ids, config.num_threads)
-    cache = _cache_layout(config, model_config, backend, mtp, spec is not None)
-    scheduler = Scheduler(_scheduler_config(config, model_config, cache, spec is not None))
+    cache = _cache_layout(config, model.config, backend, mtp, spec is not None)
     lora, lora_weights = _lora_slots(config, model, backend) if config.enable_lora else (None, None)
-    state_slots = cache.num_state_slots + cache.checkpoints + cache.rollbacks
-    with stage(f"preparing the weights for the {backend.name} backend"):
-        runner = make_runner(
-            model_config,
-            model.weights,
-            backend,
-            num_blocks=cache.num_blocks,
-            block_size=config.block_size,
-            max_model_len=cache.max_model_len,
-            quantized=model.quantized if config.quantized_weights else {},
-            prefault_kv_cache=config.prefault_kv_cache,
-            linear_dtype=linear_dtype,
-            mapped=model.mapped,
-            **({"num_state_slots": state_slots} if cache.num_state_slots else {}),
-            **({"window_blocks": cache.window_blocks} if cache.window_blocks else {}),
-            **({"graph": build_decoder_graph(model_config, hidden_states=True)} if mtp else {}),
-            **({"lora": lora_weights} if lora_weights is not None else {}),
-        )
+    scheduler = Scheduler(_scheduler_config(config, model.config, cache, spec is not None), lora)
+    runner = _runner(config, model, backend, cache, linear_dtype, lora_weights, make_runner, mtp)
     if lora is not None:
         lora.load = runner.load_lora
     head = _mtp_head(model, runner) if mtp else None
@@ -141,7 +108,7 @@ def build_engine(
     speculator = None
     if spec is not None:
         with stage(f"preparing speculative decoding ({spec.method})"):
-            context = ProposerContext(model.tokenizer, model_config.vocab_size, backend, cache.num_blocks,
+            context = ProposerContext(model.tokenizer, model.config.vocab_size, backend, cache.num_blocks,
                                       config.block_size, cache.max_model_len, config.max_num_seqs,
                                       head)  # fmt: skip
             speculator = Speculator(spec, context, config.max_num_batched_tokens)
@@ -157,6 +124,67 @@ def build_engine(
     head_kv = speculator.proposer if speculator is not None and mtp else None
     return EngineParts(model, sampling_defaults, backend, cache.max_model_len, scheduler, runner, lora, speculator,
                        head_kv)  # fmt: skip
+
+
+def _refuse_before_loading(
+    config: EngineConfig, loaded: LoadedModel | None, make_runner: Callable[..., ModelRunner], mtp: bool
+) -> None:
+    """Settings no model could serve, refused before any weight is read."""
+    if config.world_size > 1 and make_runner is ModelRunner:
+        raise InvalidInput(
+            "tensor_parallel_size or pipeline_parallel_size > 1 needs ranks in other processes: start the engine "
+            "with sagellm.runtime.parallel.engine.start_engine"
+        )
+    if loaded is None and not config.model:
+        raise InvalidInput("EngineConfig.model: give the path of the model to load")
+    if mtp and config.world_size > 1:
+        raise FieldError(FIELD, f"{FIELD}: method mtp runs on a single-process engine (no tensor or pipeline "
+                                "parallel yet)")  # fmt: skip
+
+
+def _load(config: EngineConfig, loaded: LoadedModel | None, mtp: bool) -> LoadedModel:
+    """The model (`loaded`, else read from `config.model`, with its MTP head when it proposes), checked against
+    what the engine needs of it."""
+    model = loaded or load_model(config.model, mtp_head=mtp)
+    if model.tokenizer is None:
+        raise ModelLoadError(f"{model.source}: the engine needs a tokenizer, and this model has none")
+    if model.config.one_pipeline_stage and (config.pipeline_parallel_size or 1) > 1:
+        raise InvalidInput("pipeline parallel: Gemma 4 and Gemma 3n (per-layer embeddings, shared KV, layer "
+                           "scalars, AltUp) run as one pipeline stage; split them with tensor_parallel_size "
+                           "instead")  # fmt: skip
+    return model
+
+
+def _runner(
+    config: EngineConfig,
+    model: LoadedModel,
+    backend: HardwareBackend,
+    cache: _CacheLayout,
+    linear_dtype: torch.dtype,
+    lora_weights: LoraWeights | None,
+    make_runner: Callable[..., ModelRunner],
+    mtp: bool,
+) -> ModelRunner:
+    """The model runner over the cache, its weights packed for `backend` (with the hidden states an MTP head reads,
+    and the LoRA slots' weights)."""
+    state_slots = cache.num_state_slots + cache.checkpoints + cache.rollbacks
+    with stage(f"preparing the weights for the {backend.name} backend"):
+        return make_runner(
+            model.config,
+            model.weights,
+            backend,
+            num_blocks=cache.num_blocks,
+            block_size=config.block_size,
+            max_model_len=cache.max_model_len,
+            quantized=model.quantized if config.quantized_weights else {},
+            prefault_kv_cache=config.prefault_kv_cache,
+            linear_dtype=linear_dtype,
+            mapped=model.mapped,
+            **({"num_state_slots": state_slots} if cache.num_state_slots else {}),
+            **({"window_blocks": cache.window_blocks} if cache.window_blocks else {}),
+            **({"graph": build_decoder_graph(model.config, hidden_states=True)} if mtp else {}),
+            **({"lora": lora_weights} if lora_weights is not None else {}),
+        )
 
 
 def _cache_layout(

@@ -5,8 +5,9 @@
 as vLLM v1's `EngineCore.step`: the scheduler picks the step's tokens, the guided requests' masks are filled in a
 thread while the runner executes the model, the sampler draws, and the output processor appends, detokenizes and
 stops. Each job is a module of its own: the parts are built by engine_builder.py, a request becomes engine state in
-request_intake.py, waits ahead of the scheduler in waiting_lines.py, has its masks filled by guided_masks.py and its
-tokens made into outputs by output_processor.py; this file is the loop that joins them.
+request_intake.py, waits in the scheduler's one line until its admission gates let it start (admission_gates.py), has
+its masks filled by guided_masks.py and its tokens made into outputs by output_processor.py; this file is the loop
+that joins them.
 
 It knows nothing of sockets or event loops; the offline `LLM`, the prefill/decode operators and the servers all
 drive it through `add_request` / `step` / `abort_request`."""
@@ -26,7 +27,7 @@ from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.engine_builder import build_engine
 from sagellm.runtime.engine.guided_masks import GuidedMasks, Masks
 from sagellm.runtime.engine.kv_handover import KvBuffer, KvHandOver
-from sagellm.runtime.engine.lora_slots import LoRARequest
+from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError
 from sagellm.runtime.engine.output_processor import Computed, OutputProcessor
 from sagellm.runtime.engine.outputs import EngineStats, RequestOutput
@@ -38,7 +39,6 @@ from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, sampled_rows
-from sagellm.runtime.engine.waiting_lines import WaitingLines
 from sagellm.runtime.models.loaded import LoadedModel
 
 log = structlog.get_logger("sagellm.engine")
@@ -77,14 +77,12 @@ class LLMEngine:
         self._intake = RequestIntake(
             self._requests, self.tokenizer, vocab, self.eos_token_ids, self.max_model_len, self.lora
         )
-        self._waiting = WaitingLines(self.scheduler, self.lora)
         self._masks = GuidedMasks(self._requests, vocab)
         self._kv_handover = KvHandOver(self.runner, self.scheduler, self.model.config, parts.head_kv)
         self._outputs = OutputProcessor(
             self._requests,
             self.scheduler,
             self.runner,
-            lora=self.lora,
             speculator=self.speculator,
             kv_handover=self._kv_handover,
             eos_token_ids=self.eos_token_ids,
@@ -131,7 +129,8 @@ class LLMEngine:
             request_id, prompt, params, priority, resumed_tokens, cache_salt=cache_salt, lora_request=lora_request
         )
         state.prefill_only, state.export_kv = prefill_only or export_kv, export_kv
-        self._waiting.add(state.seq, state.adapter, group)
+        state.seq.group = group
+        self.scheduler.add(state.seq)
 
     def add_prefilled_request(
         self,
@@ -175,27 +174,22 @@ class LLMEngine:
             log.warning("kv_import_recomputed", request_id=request_id, prompt_tokens=n, why=why)
             seq.imported_states = None
         seq.first_scheduled_time = time.time()
-        waits = state.adapter is not None and not self._waiting.take_lora_slot(seq, state.adapter)
         output = self._outputs.append(seq, [first_token], [None], seq.first_scheduled_time)
         if not seq.is_finished:
-            self._waiting.add_prefilled(seq, state.adapter, waits)
+            self.scheduler.add(seq)
         return output
 
     def abort_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
         if state is not None and not state.seq.is_finished:
-            self._waiting.remove(state.seq)
-            self._outputs.finish(state.seq, "abort")
-        self._waiting.release_parked()
+            self.scheduler.finish(state.seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._waiting)
+        return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
         """The engine's load now, for whoever places requests on engines."""
-        parked = self._waiting.parked()
-        waiting = [*self.scheduler.waiting, *parked] if parked else self.scheduler.waiting
-        running = self.scheduler.running
+        waiting, running = self.scheduler.waiting, self.scheduler.running
         blocks = self.scheduler.block_manager
         spec = self.speculator.stats if self.speculator is not None else SpecDecodeStats()
         prefill = sum(s.num_tokens - s.num_computed_tokens for s in waiting) + sum(
@@ -262,19 +256,11 @@ class LLMEngine:
         return outputs
 
     def _schedule(self) -> ScheduledBatch:
-        """The step's batch: what waited ahead of the scheduler is queued, the speculator proposes tokens to the
-        running sequences, and the scheduler picks the step's tokens."""
-        self._waiting.admit()
+        """The step's batch: the speculator proposes tokens to the running sequences, and the scheduler picks the
+        step's tokens."""
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._may_speculate)
         batch = self.scheduler.schedule()
-        now = time.time()
-        for seq in batch.seqs:
-            if seq.imported_states is not None:  # admitted with states a prefill worker computed: into its slot
-                self.runner.write_states(seq.state_slot, seq.imported_states)
-                seq.imported_states = None
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
         # Prompt tokens computed this step: the operators' prefill rate, which predicts a request's wait for its first
         # token (decode steps, and the tokens proposed to them, would say nothing of it).
         self.last_step_prompt_tokens = sum(batch.num_new_tokens[batch.num_decodes :])

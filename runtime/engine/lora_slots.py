@@ -3,31 +3,22 @@ rank (`lora_weights.LoraWeights`, which a slot's load fills). A step's rows each
 linears of the model's plan add each row's low-rank update after the one base matmul of the whole batch, so requests
 of different adapters and of none share every step.
 
-An adapter takes a slot while any of its requests runs or waits; a request whose adapter finds no free slot waits
-in the engine until one is released. The least recently used free slot is reloaded first; an adapter still in a
-slot needs no reload. Adapters are read from their directories once (`lora_adapter.read_lora_adapter`), checked
-against the engine's rank limit and the base model's weights; a name given again with another directory (an
-adapter unloaded and loaded anew at run time) is read again, and its old weights stay only in the slot of the
-requests that still use them."""
+An adapter takes a slot while any of its requests runs; a request whose adapter finds no free slot waits in the
+scheduler's line until one is released (`admission_gates.LoraSlotGate`). The least recently used free slot is reloaded
+first; an adapter still in a slot needs no reload. Adapters are read from their directories once
+(`lora_adapter.read_lora_adapter`), checked against the engine's rank limit and the base model's weights; a name given
+again with another directory (an adapter unloaded and loaded anew at run time) is read again, and its old weights stay
+only in the slot of the requests that still use them."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
+from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.lora_weights import NO_ADAPTER
 from sagellm.runtime.models.lora_adapter import LoraAdapter, check_adapter_fits, read_lora_adapter
-
-
-@dataclass(frozen=True)
-class LoRARequest:
-    """vLLM's: an adapter a request is generated with, by its name, an id unique to it, and its PEFT directory."""
-
-    lora_name: str
-    lora_int_id: int
-    lora_path: str
 
 
 class LoraSlots:
@@ -38,7 +29,7 @@ class LoraSlots:
         self.load: Callable[[int, LoraAdapter], None] | None = None
         self.adapters: dict[str, LoraAdapter] = {}  # read and checked, by name
         self._held: list[LoraAdapter | None] = [None] * max_loras  # the adapter in each slot
-        self._users = [0] * max_loras  # requests of that adapter running or waiting
+        self._users = [0] * max_loras  # requests of that adapter running
         self._used_at = [0] * max_loras  # when each slot was last taken (a counter): the least recent is reloaded
         self._clock = itertools.count(1)
 
@@ -52,6 +43,10 @@ class LoraSlots:
         check_adapter_fits(adapter, self.shapes)
         self.adapters[request.lora_name] = adapter
         return adapter
+
+    def can_acquire(self, adapter: LoraAdapter) -> bool:
+        """Whether `acquire` would find `adapter` a slot now."""
+        return any(held is adapter for held in self._held) or not all(self._users)
 
     def acquire(self, adapter: LoraAdapter) -> int | None:
         """A slot holding `adapter` for one more request (loading it into the least recently used free slot if it

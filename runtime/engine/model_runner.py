@@ -150,7 +150,10 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [N, V] for the sequences whose last token this step computes, in batch order, each preceded by the
         rows that score its prompt (`Sequence.prompt_scored_positions`) and followed by one row per token proposed
-        for it (speculative decoding)."""
+        for it (speculative decoding). The states a sequence admitted now brought from a prefill worker are written
+        into its seat first."""
+        for seq, states in batch.state_writes.items():
+            self.write_states(seq.state_slot, states)
         return self.run(self.step_inputs(batch))
 
     @torch.inference_mode()
@@ -336,7 +339,7 @@ class ModelRunner:
     def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
         """Puts a LoRA adapter in `slot` of the adapter weights (of every rank, for a parallel group)."""
         assert self.lora is not None
-        self.lora.load(slot, adapter)
+        self.lora.load(slot, adapter.weights, adapter.rank, adapter.scaling)
 
     def close(self) -> None:
         """Releases what the runner started: the cache's prefault thread (and, for a tensor parallel group, its

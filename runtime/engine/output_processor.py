@@ -3,7 +3,7 @@
 For each sequence the step sampled: the proposals its draws confirm are kept (speculative decoding), then its tokens
 are appended up to the first that ends it (EOS, a stop token or string, its grammar's end, its length), each
 detokenized, accepted by its grammar and counted by its thinking budget; a prefill worker's request ends after its
-first token with its prompt's KV for the hand-over. A request that ends gives back its blocks and its adapter's slot.
+first token with its prompt's KV for the hand-over. A request that ends gives back what it holds (`Scheduler.finish`).
 vLLM v1's scheduler does this in `update_from_output`; it is one job, apart from the loop that schedules and runs
 steps, so a rule about when a request stops is written here and nowhere else."""
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 
 from sagellm.runtime.engine.kv_handover import KvHandOver
-from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.model_runner import ModelRunner
 from sagellm.runtime.engine.outputs import CompletionOutput, RequestOutput
 from sagellm.runtime.engine.request_state import RequestState
@@ -33,7 +32,6 @@ class OutputProcessor:
         scheduler: Scheduler,
         runner: ModelRunner,
         *,
-        lora: LoraSlots | None,
         speculator: Speculator | None,
         kv_handover: KvHandOver,
         eos_token_ids: set[int],
@@ -41,7 +39,7 @@ class OutputProcessor:
     ) -> None:
         """`requests`: the engine's table, by request id, whose requests leave it as they end."""
         self._requests, self._scheduler, self._runner = requests, scheduler, runner
-        self._lora, self._speculator, self._kv_handover = lora, speculator, kv_handover
+        self._speculator, self._kv_handover = speculator, kv_handover
         self._eos_token_ids, self._max_model_len = eos_token_ids, max_model_len
 
     def update(self, computed: Computed, sampled: list[Sequence], result: SamplerOutput | None) -> list[RequestOutput]:
@@ -111,7 +109,7 @@ class OutputProcessor:
             finish = finish or "prefilled"
             kv, states = self._kv_handover.export(seq)
         if finish is not None:
-            self.finish(seq, finish)
+            self._scheduler.finish(seq, finish)
             delta += detok.flush()
             del self._requests[seq.request_id]
         output = _output(state, delta, tokens[:appended], stop_reason, now)
@@ -122,17 +120,10 @@ class OutputProcessor:
         """Ends a request whose own data made a step fail (`code` "invalid_request": the request's own constraints
         left no token to choose); its blocks are freed, no other request is touched."""
         state = self._requests.pop(seq.request_id)
-        self.finish(seq, "error")
+        self._scheduler.finish(seq, "error")
         output = _output(state, "", [], None, time.time())
         output.error, output.error_code = message, code
         return output
-
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends `seq` in the scheduler (its blocks freed) and gives its adapter's slot back."""
-        self._scheduler.finish(seq, reason)
-        if self._lora is not None and seq.lora_slot >= 0:
-            self._lora.release(seq.lora_slot)
-            seq.lora_slot = -1
 
 
 def _output(state: RequestState, delta: str, new_ids: list[int], stop_reason, now: float) -> RequestOutput:

@@ -12,7 +12,8 @@ from typing import Any
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.engine.grammar import GrammarCompiler, GuidedMatcher, grammar_compiler, restrictions_refusal
-from sagellm.runtime.engine.lora_slots import LoRARequest, LoraSlots
+from sagellm.runtime.engine.lora_request import LoRARequest
+from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.engine.penalties import BadWords, bad_word_token_ids
 from sagellm.runtime.engine.prompt import request_token_problem
@@ -73,7 +74,7 @@ class RequestIntake:
             )
         matcher = self._matcher(params, token_ids[len(token_ids) - resumed_tokens :]) if params.guided else None
         seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
-        seq.resumed_tokens, seq.cache_salt = resumed_tokens, cache_salt
+        seq.resumed_tokens, seq.cache_salt, seq.lora_adapter = resumed_tokens, cache_salt, adapter
         if params.prompt_logprobs is not None and not (scored or resumed_tokens):
             seq.prompt_logprobs = [None]
         if params.bad_words:  # tokenized where the prompt was (off the event loop), else here
@@ -86,7 +87,7 @@ class RequestIntake:
         detok = IncrementalDetokenizer.from_params(self._tokenizer, token_ids, params, resumed_tokens)
         metrics = RequestMetrics(arrival_time=seq.arrival_time, num_prompt_tokens=len(token_ids))
         logprobs = [] if params.logprobs is not None else None
-        state = RequestState(seq, text, detok, metrics, logprobs, matcher=matcher, adapter=adapter)
+        state = RequestState(seq, text, detok, metrics, logprobs, matcher=matcher)
         if params.thinking is not None:
             state.thinking = ThinkingTracker(params.thinking)
             for token in token_ids[len(token_ids) - resumed_tokens :]:  # a resume: where the output so far stands

@@ -15,7 +15,6 @@ from sagellm.runtime.engine.grammar import GuidedMatcher
 from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.thinking import ThinkingTracker
-from sagellm.runtime.models.lora_adapter import LoraAdapter
 
 
 @dataclass(eq=False)
@@ -29,7 +28,6 @@ class RequestState:
     export_kv: bool = False  # prefill_only, and the KV goes out even when the first token ended the request
     matcher: GuidedMatcher | None = None  # where a guided request stands in its grammar
     thinking: ThinkingTracker | None = None  # where a budgeted request stands with its thinking
-    adapter: LoraAdapter | None = None  # the LoRA adapter it is generated with, which needs a slot to run
 
     @property
     def masker(self) -> GuidedMatcher | ThinkingTracker | None:

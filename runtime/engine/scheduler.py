@@ -15,12 +15,17 @@ so the engine and the runner never allocate."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from sagellm.common.errors import InvalidInput
+from sagellm.runtime.engine.admission_gates import AdmissionGate, admission_gates
 from sagellm.runtime.engine.block_manager import BlockManager
 from sagellm.runtime.engine.long_prefills import MAX_LONG_HOLDS, PrefillShares, short_prompt_waits
+from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 from sagellm.runtime.engine.state_slots import StateSlots
@@ -72,6 +77,8 @@ class ScheduledBatch:
     # prefill whose chunk crosses a block boundary, (its tokens up to that boundary, the checkpoint slot to fill).
     restores: dict[Sequence, int] = field(default_factory=dict)
     checkpoints: dict[Sequence, tuple[int, int]] = field(default_factory=dict)
+    # ... and the states a prefill worker computed after the prompt of a sequence admitted now, for its seat.
+    state_writes: dict[Sequence, torch.Tensor] = field(default_factory=dict)
     recurrent: bool = False
 
     @property
@@ -109,6 +116,7 @@ class _Step:
     scheduled: dict[Sequence, int] = field(default_factory=dict)  # sequence -> its tokens, in scheduling order
     preempted: list[Sequence] = field(default_factory=list)
     restores: dict[Sequence, int] = field(default_factory=dict)  # admitted on a prefix hit -> its checkpoint slot
+    state_writes: dict[Sequence, torch.Tensor] = field(default_factory=dict)  # admitted with imported states
 
     def take(self, seq: Sequence, n: int, admitted: bool = False) -> None:
         self.shares.took(seq, n, admitted)
@@ -121,7 +129,8 @@ class _Step:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, lora: LoraSlots | None = None) -> None:
+        """`lora`: the engine's LoRA adapter slots (an engine with enable_lora), which its requests wait for."""
         if config.scheduling_policy not in QUEUES:
             raise InvalidInput(f"scheduling policy {config.scheduling_policy!r}: the policies are {', '.join(QUEUES)}")
         self.config = config
@@ -136,13 +145,21 @@ class Scheduler:
             )
         self.state_slots: StateSlots | None = None
         if config.num_state_slots:
+            assert config.num_state_slots >= config.max_num_seqs, "a recurrent state slot for each seat of the batch"
             self.state_slots = StateSlots(config.num_state_slots, config.num_state_checkpoints, config.speculative)
-        self.waiting = QUEUES[config.scheduling_policy]()
+        self.gates: list[AdmissionGate] = admission_gates(self.state_slots, lora)
+        self.waiting = QUEUES[config.scheduling_policy]()  # every request not running: the one waiting line
         self.running: list[Sequence] = []
         self._long_holds = 0  # steps in a row that held long prompts' chunks back for short ones
 
     def add(self, seq: Sequence) -> None:
         self.waiting.add(seq)
+        for gate in self.gates:
+            gate.joined(seq)
+
+    def may_start(self, seq: Sequence) -> bool:
+        """Whether every admission gate lets the waiting `seq` start now (`admission_gates.py`)."""
+        return all(gate.ready(seq) for gate in self.gates)
 
     def import_prompt(self, seq: Sequence, write_kv: Callable[[int], None]) -> bool:
         """Gives a sequence whose prompt KV was computed elsewhere (a prefill worker) the blocks of its whole prompt,
@@ -171,7 +188,7 @@ class Scheduler:
         shares.shorts_first = (
             self._long_holds < MAX_LONG_HOLDS
             and seat_free
-            and short_prompt_waits(self.waiting, shares.threshold, shares.scored_tokens)
+            and short_prompt_waits(filter(self.may_start, self.waiting), shares.threshold, shares.scored_tokens)
         )
         step = _Step(self.config.max_num_batched_tokens, shares)
         index = 0
@@ -206,6 +223,7 @@ class Scheduler:
                                recurrent=recurrent)  # fmt: skip
         if self.state_slots is not None:
             batch.restores = {seq: slot for seq, slot in step.restores.items() if seq in step.scheduled}
+            batch.state_writes = {seq: states for seq, states in step.state_writes.items() if seq in step.scheduled}
             batch.checkpoints = self._plan_checkpoints(scheduled)
         return batch
 
@@ -249,14 +267,15 @@ class Scheduler:
             seq = line[place]
             if seq in step.preempted:  # made room for the ones before it: taking it back now would undo that
                 break
+            if not self.may_start(seq):
+                place += 1
+                continue
             cached, computed = self._start_point(seq)
             n = step.shares.share(seq, computed, min(seq.num_tokens - computed, step.budget))
             if n == 0 or not step.shares.has_seats(seq, computed, n):
                 place += 1
                 continue
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_below(seq, step):
-                break
-            if self.state_slots is not None and not self.state_slots.can_seat():
                 break
             if not self._allocate_preempting(seq, n, cached, step):
                 if self.running or not self._release_imported_kv():
@@ -268,10 +287,14 @@ class Scheduler:
                 seq.num_cached_tokens = computed
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
-            if self.state_slots is not None:
-                self.state_slots.seat(seq)
-                if cached:  # its recurrent states resume from the checkpoint after its cached blocks
-                    step.restores[seq] = self.state_slots.restore(self.block_manager.blocks[cached[-1]].hash)
+            for gate in self.gates:
+                gate.started(seq)
+            if self.state_slots is not None and cached:  # its recurrent states resume from the checkpoint after them
+                step.restores[seq] = self.state_slots.restore(self.block_manager.blocks[cached[-1]].hash)
+            if seq.imported_states is not None:
+                step.state_writes[seq], seq.imported_states = seq.imported_states, None
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.time()
             self.running.append(seq)
             step.take(seq, n, admitted=True)
 
@@ -329,7 +352,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.spec_token_ids.clear()
         step.drop(seq)
-        self._release(seq)
+        self._release(seq, finished=False)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -340,18 +363,17 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.spec_token_ids.clear()
-        self._release(seq)
+        self._release(seq, finished=True)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def _release(self, seq: Sequence) -> None:
-        """Gives back what `seq` holds: its blocks, and its state slot (and states it was given, now stale)."""
+    def _release(self, seq: Sequence, finished: bool) -> None:
+        """Gives back what `seq` holds: its blocks, and what its gates gave it (a state seat, an adapter's slot)."""
         self.block_manager.free(seq)
-        if self.state_slots is not None:
-            self.state_slots.unseat(seq)
-            seq.imported_states = None
+        for gate in self.gates:
+            gate.stopped(seq, finished)
 
     def complete_step(self, batch: ScheduledBatch) -> list[Sequence]:
         """Advances each sequence past the tokens just computed; returns those whose next token is sampled now. A

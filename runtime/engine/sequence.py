@@ -8,11 +8,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from sagellm.runtime.engine.penalties import BadWords
 from sagellm.runtime.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from sagellm.runtime.models.lora_adapter import LoraAdapter
 
 
 class SequenceStatus(enum.Enum):
@@ -54,7 +58,9 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None  # its prefix blocks are shared only with prompts of the same salt (vLLM's)
     state_slot: int = -1  # a model with recurrent layers: the slot of its states while it runs (state_slots.py)
-    lora_slot: int = -1  # the slot of its LoRA adapter's weights while it runs or waits (lora_slots.py); -1: none
+    lora_adapter: LoraAdapter | None = None  # the LoRA adapter it is generated with
+    lora_slot: int = -1  # the slot of that adapter's weights while it runs (lora_slots.py); -1: none
+    group: str | None = None  # the `n` choices of one request share their prompt (admission_gates.ChoiceGroups)
     # ... and the states after its prompt a prefill worker computed, written into its slot when it is admitted
     imported_states: torch.Tensor | None = None
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import functools
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
+import trio
 
 from sagellm.common.errors import InvalidInput
 from sagellm.control_plane import convert
@@ -118,6 +118,7 @@ class ControlPlaneManager:
         self._gateway: Any = None
         self._texts: dict[str, str] = {}  # what the requests submitted here produced so far
         self._in_core: set[str] = set()  # of those, the ones the serving core has taken (it reports on them)
+        self._ended: dict[str, trio.Event] = {}  # of those, set as each ends (its stream's end, or a refusal)
         self._refused: dict[str, dict[str, str]] = {}  # requests the gateway refused before queueing them
         self._state_dir: tempfile.TemporaryDirectory | None = None
         self._gpu_reader = GpuReader()
@@ -173,15 +174,10 @@ class ControlPlaneManager:
         return await anyio.to_thread.run_sync(self.sync.get_request_result, request_id)
 
     async def wait(self, request_id: str, timeout_s: float = 600.0) -> RequestResult:
-        """The request's result once it has ended (completed, failed or cancelled), or as it is at `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = await self.get_request_result(request_id)
-            if result is None:
-                raise KeyError(request_id)
-            if result.ended or time.monotonic() > deadline:
-                return result
-            await anyio.sleep(0.02)
+        """The result of a request submitted here once it has ended (completed, failed or cancelled), or as it is at
+        `timeout_s`; woken by its end, not polled. A caller cancelled leaves the thread it waits in waiting, idle,
+        until then."""
+        return await anyio.to_thread.run_sync(self.sync.wait, request_id, timeout_s, abandon_on_cancel=True)
 
     async def cancel_request(self, request_id: str) -> bool:
         """Cancels the request wherever it is; False when it is unknown or already ended."""
@@ -355,7 +351,7 @@ class SyncControlPlane:
             raise InvalidInput(f"request id {request.request_id!r} is in use")
         model = m._gateway.call(core.instance_model, request.model_name or self._only_model())
         pipeline_request = convert.pipeline_request(request, model=model)
-        m._texts[request.request_id] = ""
+        m._texts[request.request_id], m._ended[request.request_id] = "", trio.Event()
         m._gateway.start_soon(self._follow, pipeline_request)
         return request.request_id
 
@@ -369,6 +365,13 @@ class SyncControlPlane:
         raise InvalidInput(f"model_name: this control plane serves {served}; say which")
 
     async def _follow(self, request: Request) -> None:
+        """Runs a request submitted here (`_run`); its end, however it comes, wakes whoever `wait`s for it."""
+        try:
+            await self._run(request)
+        finally:
+            self._m._ended[request.request_id].set()
+
+    async def _run(self, request: Request) -> None:
         m = self._m
         core = m._gateway.core
         try:
@@ -412,14 +415,13 @@ class SyncControlPlane:
         )
 
     def wait(self, request_id: str, timeout_s: float = 600.0) -> RequestResult:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = self.get_request_result(request_id)
-            if result is None:
-                raise KeyError(request_id)
-            if result.ended or time.monotonic() > deadline:
-                return result
-            time.sleep(0.02)
+        ended = self._m._ended.get(request_id)
+        if ended is None:
+            raise KeyError(request_id)
+        self._m._running().wait(_until_set, ended, timeout_s)
+        result = self.get_request_result(request_id)
+        assert result is not None  # submitted here: known for good
+        return result
 
     def cancel_request(self, request_id: str) -> bool:
         result = self.get_request_result(request_id)
@@ -432,3 +434,8 @@ class SyncControlPlane:
         m = self._m
         m._running()
         return {instance_id: m.health_check(instance_id)["healthy"] for instance_id in list(m._instances)}
+
+
+async def _until_set(event: trio.Event, timeout_s: float) -> None:
+    with trio.move_on_after(timeout_s):
+        await event.wait()

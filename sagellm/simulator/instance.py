@@ -22,7 +22,10 @@ started at (an approximation: a decode worker's such step is short next to a pre
 and a prefill worker's chunk runs beside a decode worker that is mostly busy throughout).
 
 What is not modelled: the KV cache's size (no preemption: the instance is assumed to hold `max_num_seqs` sequences
-at full length) and prefix caching (prompts have lengths, not contents).
+at full length), prefix caching (prompts have lengths, not contents), LoRA slots and `n` groups (a request is one
+sequence of the base model), and the long-prefill rules (`runtime/engine/long_prefills.py`): the instance schedules as
+an engine with `long_prefill_token_threshold` 0, which tests/simulator/test_scheduler_agreement.py holds it to by
+running the real `Scheduler` on the same traces.
 
 Speed: a step that computes prompt tokens is one event. Between such steps the batch is decode only and its
 composition fixed until the first of its sequences finishes, so those steps differ only in context, which grows by

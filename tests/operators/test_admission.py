@@ -169,6 +169,21 @@ def test_a_group_is_admitted_or_refused_whole() -> None:
     assert isinstance(too_many, RequestError) and too_many.code == "invalid_request"
 
 
+def test_a_group_is_admitted_whole_once_and_a_refused_one_gives_back_what_its_prompts_took() -> None:
+    load = PipelineLoad()
+    op = make_admission(load=load, max_model_len=8, rate_limit_per_user=1.0, burst=3, max_tokens_in_flight=100)
+    fits = Request(request_id="a", prompt_token_ids=[1] * 4, user="u")
+    too_long = Request(request_id="b", prompt_token_ids=[1] * 9, user="u")
+    refused = op.admit_group([fits, too_long], waiting=0)
+    assert isinstance(refused, RequestError) and refused.code == "context_length_exceeded"
+    assert load.tokens_in_flight == 0 and fits.admitted_time is None  # `a`'s tokens and stamp given back ...
+    group = [Request(request_id=f"g{i}", prompt_token_ids=[1] * 4, user="u") for i in range(2)]
+    assert op.admit_group(group, waiting=0) is None  # ... and its bucket's token (`b`, refused, spent its own)
+    assert load.tokens_in_flight == 2 * (4 + 1) and all(r.admitted_time == 1000.0 for r in group)
+    load.in_flight = 10  # over max_queue, and the user's bucket is empty: the graph's node lets them through anyway
+    assert op.execute(group[0]) is group[0] and load.tokens_in_flight == 2 * (4 + 1)
+
+
 def test_rate_limit_token_bucket_per_user() -> None:
     op = make_admission(rate_limit_per_user=2.0, burst=3)
     clock = op.clock
