@@ -6,6 +6,8 @@ before."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -62,6 +64,17 @@ def test_requests_through_the_api_server_load_their_model_one_at_a_time(gateway,
                                          extra_body={"ignore_eos": True})  # fmt: skip
     assert "".join(chunk.choices[0].text for chunk in streamed) == expected["other"]
     assert sum(hub.submitted.values()) == 4  # every one came through the API server
+
+
+def test_a_request_the_api_server_refuses_after_its_model_was_made_ready_holds_it_busy_no_longer(gateway):
+    """The API server asked the core to make the model serve, which holds it busy for the request announced; the
+    request refused before it was sent on (echo: the graph's own model only) tells the core, which lets it go."""
+    echo = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "echo": True}
+    assert httpx.post(gateway.url + "/v1/completions", json=echo, timeout=REPLY_TIMEOUT_S).status_code == 400
+    deadline = time.monotonic() + 10  # (the API server's message crosses to the core)
+    while gateway.call(gateway.core.requests_of, "tiny"):
+        assert time.monotonic() < deadline, "the core still holds the model for a request that never came"
+        time.sleep(0.02)
 
 
 def test_the_api_server_says_why_a_model_is_not_served(gateway):

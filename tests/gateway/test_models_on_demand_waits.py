@@ -122,6 +122,18 @@ def test_a_client_that_leaves_its_wait_leaves_the_line_and_its_model_gives_up_it
     assert loads['sagellm:model_loads_total{model="b",outcome="loaded"}'] == 1.0  # b was not loaded again
 
 
+def test_a_request_refused_after_its_model_was_made_ready_holds_it_busy_no_longer(gateway, admin):
+    """A request's model is held busy from `model_ready` until the request is submitted (so no load of another
+    model evicts it in between): one refused on the way in lets it go at once, not HOLD_S later."""
+    assert _complete(gateway.url, "a").status_code == 200  # a serves
+    echo = {"model": "a", "prompt": "Hi", "max_tokens": 2, "echo": True}  # echo: the graph's own model only
+    assert httpx.post(gateway.url + "/v1/completions", json=echo, timeout=REPLY_TIMEOUT_S).status_code == 400
+    budget = {"model": "a", "messages": [{"role": "user", "content": "Hi"}], "thinking_token_budget": 8}
+    reply = httpx.post(gateway.url + "/v1/chat/completions", json=budget, timeout=REPLY_TIMEOUT_S)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "thinking_token_budget"
+    assert gateway.call(gateway.core.requests_of, "a") == 0
+
+
 def test_a_model_whose_worker_died_reads_restarting_at_once_never_loaded_with_a_dead_pid(gateway, admin):
     assert _complete(gateway.url, "a").status_code == 200
     before = _details(admin, "a")

@@ -40,6 +40,7 @@ from sagellm.gateway.api_servers.link import (
     FrontEnd,
     HangUp,
     ModelReady,
+    NotSubmitting,
     Reply,
     Snapshot,
 )
@@ -131,6 +132,8 @@ class ApiServerHub:
             self._nursery.start_soon(self._answer, peer, message)
         elif isinstance(message, ModelReady):
             self._nursery.start_soon(self._model_ready, peer, message)
+        elif isinstance(message, NotSubmitting):
+            self.core.not_submitting(message.model)
         elif isinstance(message, HangUp):
             scope = self._calls.get((peer, message.call_id))
             if scope is not None:

@@ -14,6 +14,7 @@ only way an API server reaches the core.
     api server -> Cancel(request ids)                   the core's sender runs, one message a loop turn, not a token
     api server -> Call, HangUp (APP)            core -> Reply (APP)
     api server -> ModelReady (APP)              core -> Snapshot, then Reply (APP), once the model serves
+    api server -> NotSubmitting (APP)           (the request a ModelReady announced will not come: its hold ends)
     both       -> Heartbeat each ALIVE_S        an end silent for PEER_TIMEOUT_S counts the other as gone (the core
                                                 forgets the API server and cancels its requests; the API server ends
                                                 its requests with an error, answers 503 and says Hello until the
@@ -23,7 +24,7 @@ Requests of a model loaded on demand, or of the graph's model while its engines 
 serves (`ServingCore.model_ready`); an API server asks first for a model on demand (`ModelReady`), whose files and
 sampling defaults the core's Snapshot before the Reply brings.
 
-The gateway's own messages (Call, HangUp, Reply, Snapshot, ModelReady) ride in the wire's APP frames
+The gateway's own messages (Call, HangUp, Reply, Snapshot, ModelReady, NotSubmitting) ride in the wire's APP frames
 (`wire.carry`)."""
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ class ModelReady(msgspec.Struct, tag=True, kw_only=True):
     submits: bool = True
 
 
+class NotSubmitting(msgspec.Struct, tag=True, kw_only=True):
+    """The request a `ModelReady` (`submits`) announced will not come (`ServingCore.not_submitting`)."""
+
+    model: str | None
+
+
 class EmbedderCard(msgspec.Struct, kw_only=True):
     """What the OpenAI routes read of an embedding model served in the core (`core.embedder(name)`)."""
 
@@ -117,5 +124,5 @@ class Snapshot(msgspec.Struct, tag=True, kw_only=True):
 
 ALIVE_S = 1.0  # how often each end says it is there (a Heartbeat)
 PEER_TIMEOUT_S = 10.0  # an end that heard nothing from the other for this long counts it as gone (a busy loop is not)
-GatewayMessage = Call | HangUp | Reply | Snapshot | ModelReady
+GatewayMessage = Call | HangUp | Reply | Snapshot | ModelReady | NotSubmitting
 wire.carry(GatewayMessage)

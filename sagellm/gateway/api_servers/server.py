@@ -44,6 +44,7 @@ from sagellm.gateway.api_servers.link import (
     Call,
     HangUp,
     ModelReady,
+    NotSubmitting,
     Reply,
     Snapshot,
 )
@@ -285,6 +286,11 @@ class RemoteCore:
             retry_after = next((float(v) for k, v in reply.headers if k.lower() == "retry-after"), None)
             raise ApiError(reply.status, error["message"], param=error["param"], code=error["code"],
                            retry_after_s=retry_after)  # fmt: skip
+
+    def not_submitting(self, model: str | None) -> None:
+        """As `ServingCore.not_submitting`: the core holds a model busy for the request its `ModelReady` announced."""
+        if model is not None and model in self.state.on_demand:
+            self.link.send(NotSubmitting(model=model))
 
     async def tokenize_prompts(self, requests: list[Request], every: bool = False) -> None:
         """As `ServingCore.tokenize_prompts`; here every prompt is tokenized (the core's event loop is spared)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from sagellm.common.errors import InvalidInput
+from sagellm.common.errors import InvalidInput, SageLLMError
 from sagellm.gateway.config import FailoverPolicy
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.attempts import AttemptTable
@@ -110,13 +110,17 @@ class ServingCore:
     def submit_all(self, requests: list[Request]) -> list[RequestStream]:
         """A client's request, its prompts admitted or refused as a whole on arrival (`Admission.admit_group`): a
         refused one raises its 429 (or 400) before any prompt enters. Raises ApiError."""
-        if self.source.finished:
-            raise ApiError(503, "the gateway is shutting down", code="unavailable")
-        for request in requests:
-            if self.attempts.in_use(request.request_id):
-                raise InvalidInput(f"request id {request.request_id!r} is in use")
-        operators = self.local.operators.values() if self.local is not None else ()
-        admit_at_door(requests, operators, len(self.source), lambda: self.nodes_of("metrics_sink").values())
+        try:
+            if self.source.finished:
+                raise ApiError(503, "the gateway is shutting down", code="unavailable")
+            for request in requests:
+                if self.attempts.in_use(request.request_id):
+                    raise InvalidInput(f"request id {request.request_id!r} is in use")
+            operators = self.local.operators.values() if self.local is not None else ()
+            admit_at_door(requests, operators, len(self.source), lambda: self.nodes_of("metrics_sink").values())
+        except SageLLMError:
+            self.readiness.dropped(requests[0].model)  # its model is held no longer for it
+            raise
         streams = []
         for request in requests:
             streams.append(self.attempts.open(request, self.failover))
@@ -165,6 +169,10 @@ class ServingCore:
     async def model_ready(self, model: str | None, submits: bool = True) -> None:
         """As `ModelReadiness.model_ready`: waits until `model` serves. Raises ApiError 503."""
         await self.readiness.model_ready(model, submits)
+
+    def not_submitting(self, model: str | None) -> None:
+        """As `ModelReadiness.dropped`."""
+        self.readiness.dropped(model)
 
     def lora_of(self, name: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's `model` names (None: a model, not an adapter)."""

@@ -67,8 +67,13 @@ class ServingApi(Protocol):
         ...
 
     async def model_ready(self, model: str | None, submits: bool = True) -> None:
-        """Returns once `model` serves (woken, or loaded on demand); `submits`: a request of it follows. Raises
-        ApiError 503."""
+        """Returns once `model` serves (woken, or loaded on demand); `submits`: a request of it follows, which keeps
+        the model busy until it is submitted (or `not_submitting`). Raises ApiError 503."""
+        ...
+
+    def not_submitting(self, model: str | None) -> None:
+        """The request `model_ready` was told would follow will not (refused, or its client left, before
+        `submit`): the model is no longer held busy for it."""
         ...
 
     def sampling_defaults(self, model: str | None = None) -> dict[str, Any] | None:

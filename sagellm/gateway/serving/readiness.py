@@ -129,6 +129,13 @@ class ModelReadiness:
         if requests and self._arriving[requests[0].model]:
             self._arriving[requests[0].model].pop(0)
 
+    def dropped(self, model: str | None) -> None:
+        """A request of `model` past `model_ready` will not be submitted (refused, or its client left, on its way
+        in): the hold of its way in ends now, not HOLD_S later."""
+        if self._holds(model):
+            self._arriving[model].pop(0)
+            self._fewer.fire()
+
     def left(self, model: str | None) -> None:
         """A request of `model` ended."""
         self._live_of_model[model] -= 1

@@ -63,7 +63,17 @@ class ChatPreparation:
     ) -> tuple[Request, ReplyPlan, list[dict[str, object]] | None]:
         """A chat's pipeline request ready to submit (grounded, tokenized if long, its constraint compiled), how its
         reply is read (thinking, tool calls), and a grounded chat's sources; `owner`: who may read its status."""
-        await self.core.model_ready(self.core.instance_model(body.model))  # a model loaded on demand: loaded first
+        model = self.core.instance_model(body.model)
+        await self.core.model_ready(model)  # a model loaded on demand: loaded first, and held busy for this chat
+        try:
+            return await self._prepared(body, headers, owner)
+        except BaseException:  # refused, or the client left, before it was submitted: the model is not held for it
+            self.core.not_submitting(model)
+            raise
+
+    async def _prepared(
+        self, body: ChatCompletionRequest, headers: dict[str, str], owner: str
+    ) -> tuple[Request, ReplyPlan, list[dict[str, object]] | None]:
         request, constraint, tool_use = self._chat_request(body, headers)
         request.owner = owner
         await self.hand_off.take(body, [request], body.n)

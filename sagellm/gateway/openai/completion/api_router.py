@@ -29,7 +29,7 @@ from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_rai
 from sagellm.gateway.serving.choice_streams import ChoiceStreams
 from sagellm.gateway.serving.interface import ServingApi
 from sagellm.runtime.engine.outputs import TokenLogprob
-from sagellm.runtime.pipeline.messages import TokenDelta
+from sagellm.runtime.pipeline.messages import Request, TokenDelta
 
 
 class CompletionRoutes:
@@ -43,18 +43,15 @@ class CompletionRoutes:
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
         model = self.core.instance_model(body.model)
-        await self.core.model_ready(model)
-        defaults = self.core.sampling_defaults(model)
-        constraint = guided_decoding(body)
-        guided = constraint[0] if constraint else None
-        requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults, guided)
-        for request in requests:
-            request.model, request.owner, request.lora = model, key_owner(http), self.core.lora_of(body.model)
-        if body.echo and model is not None:
-            raise ApiError(400, f"echo: served for the graph's own model, not {model}", param="echo")
+        await self.core.model_ready(model)  # a model loaded on demand: loaded first, and held busy for these
         count = body.best_of or body.n  # choices run per prompt
-        await self.hand_off.take(body, requests, count)
-        await prepare(self.core, requests, constraint, every_prompt=body.echo or count > 1)
+        try:
+            requests = await self._prepared(body, http, model, count)
+            if body.stream and len(requests) > 1:
+                raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
+        except BaseException:  # refused, or the client left, before they were submitted: the model is not held
+            self.core.not_submitting(model)
+            raise
         echoes = [Echo.of(r, self.core.tokenizer, body.max_tokens == 0) for r in requests] if body.echo else None
         new_id = lambda: self.core.new_id("cmpl")  # noqa: E731
         prompt_each = body.stream and body.echo  # each streamed choice shows the prompt it scored
@@ -62,8 +59,6 @@ class CompletionRoutes:
         envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion")
         wants_logprobs, ids = body.logprobs is not None, body.return_token_ids
         if body.stream:
-            if len(requests) > 1:
-                raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
             streams = ChoiceStreams(self.core.submit_all(runs))
             first = await first_or_raise(streams)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -85,6 +80,23 @@ class CompletionRoutes:
             for c in choices
         ]  # fmt: skip
         return Response(envelope.body(body_fields, usage=usage(ran, count), **kv))
+
+    async def _prepared(
+        self, body: CompletionRequest, http: HttpRequest, model: str | None, count: int
+    ) -> list[Request]:
+        """The prompts' pipeline requests, ready to submit (`count` choices each): tokenized, checked, their constraint
+        compiled, a prefill's KV fetched for a decode server."""
+        defaults = self.core.sampling_defaults(model)
+        constraint = guided_decoding(body)
+        guided = constraint[0] if constraint else None
+        requests = completion_requests(body, http.headers, lambda: self.core.new_id("cmpl"), defaults, guided)
+        for request in requests:
+            request.model, request.owner, request.lora = model, key_owner(http), self.core.lora_of(body.model)
+        if body.echo and model is not None:
+            raise ApiError(400, f"echo: served for the graph's own model, not {model}", param="echo")
+        await self.hand_off.take(body, requests, count)
+        await prepare(self.core, requests, constraint, every_prompt=body.echo or count > 1)
+        return requests
 
     def _choice(
         self,
