@@ -2,7 +2,9 @@
 `sagellm` and `python` first on PATH, Python blocks in a fresh interpreter, the JSONL block is the request file its
 command reads, and each YAML block is the shipped graph it says it abridges. Real models (SmolLM2 and
 all-MiniLM-L6-v2 from their PyPI wheels) in a home of this session's own. The quick start's `scripts/install.sh` and
-`scripts/test.sh` are this suite's own set-up and the suite itself: the test runs the rest of that block. Blocks of
+`scripts/test.sh` are this suite's own set-up and the suite itself: the test runs the rest of that block. The blocks
+that start the default gateway around their requests share one, started and stopped by those same commands once, and
+a block whose code another already ran (the same quick start on two pages) passes on that run. Blocks of
 other languages (console transcripts, text, mermaid diagrams) are shown, not run; so are the indented blocks listed
 in NOT_RUN, each with what a test here lacks to run it (a new one fails until it is fenced, and run, or listed)."""
 
@@ -12,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,10 @@ NOT_RUN = {
 INDENTED = re.compile(r"(?:^|\n\n)((?: {4}\S.*(?:\n|$))(?: {4}.*(?:\n|$)|\n)*)")
 ABRIDGED = re.compile(r"^# (graphs/[\w.]+\.yaml) \(abridged\)\n")
 SUITE_ITSELF = re.compile(r"bash scripts/(install|test)\.sh( &&)?\s*")
+GATEWAY_LINE = re.compile(r"^sagellm gateway (start|stop)[ \t]*(#.*)?\n?", re.M)  # the default one, no options
+COMMENT_LINE = re.compile(r"^[ \t]*#.*\n?", re.M)
+Runs = dict[tuple[str, str, Path], subprocess.CompletedProcess[str]]  # (language, code sans comments, cwd) -> run
+CAPTURED = dict(capture_output=True, text=True, stdin=subprocess.DEVNULL)
 RUN_TIMEOUT_S = 600
 # What each runnable block must print (stdout), beyond exiting 0, by its first line's start.
 EXPECTED = {
@@ -57,6 +64,11 @@ EXPECTED = {
     "sagellm gateway start\npython - <<'PY'\nimport anthropic": "tool_use get_weather",
     "import asyncio\n\nfrom sagellm.control_plane": "COMPLETED The capital of France is Paris.",
 }
+
+
+def _shares_the_gateway(text: str) -> bool:
+    """Starts the default gateway, runs requests, stops it: what the `gateway` fixture does once for all such."""
+    return sorted(m.group(1) for m in GATEWAY_LINE.finditer(text)) == ["start", "stop"]
 
 
 def _blocks(*languages: str) -> list[tuple[int, str]]:
@@ -76,6 +88,27 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def gateway(env: dict[str, str], workdir: Path) -> Iterator[None]:
+    """`sagellm gateway start` once for the blocks that start and stop it around their requests (SmolLM2 and
+    all-MiniLM-L6-v2 loading, ~20 s each time otherwise); `sagellm gateway stop` after the last of them."""
+    command = ["sagellm", "gateway"]
+    run = dict(cwd=workdir, env=env, **CAPTURED)
+    try:
+        started = subprocess.run([*command, "start"], timeout=RUN_TIMEOUT_S, **run)
+        assert started.returncode == 0, f"--- stdout\n{started.stdout[-3000:]}\n--- stderr\n{started.stderr[-5000:]}"
+        yield
+    finally:
+        stopped = subprocess.run([*command, "stop"], timeout=120, **run)
+    assert stopped.returncode == 0 and "gateway stopped" in stopped.stderr, stopped.stderr
+
+
+@pytest.fixture(scope="module")
+def runs() -> Runs:
+    """Each code run so far, by language, code without its comment lines and directory: the same code runs once."""
+    return {}
+
+
+@pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the blocks run (not the checkout: they write results files), holding the docs' request file."""
     work = tmp_path_factory.mktemp("readme-work")
@@ -90,23 +123,31 @@ def test_the_docs_have_the_blocks_this_test_runs() -> None:
     assert all(any(text.startswith(key) for text in texts) for key in EXPECTED)
 
 
-@pytest.mark.parametrize("index", [i for i, _ in _blocks("bash", "python")], ids=_block_id)
-def test_block_runs(index: int, env: dict[str, str], workdir: Path) -> None:
+# The blocks sharing the gateway last, so it runs only while they do.
+RUNNABLE = sorted((i for i, _ in _blocks("bash", "python")), key=lambda i: _shares_the_gateway(BLOCKS[i][2]))
+
+
+@pytest.mark.parametrize("index", RUNNABLE, ids=_block_id)
+def test_block_runs(index: int, env: dict[str, str], workdir: Path, runs: Runs, request: pytest.FixtureRequest) -> None:
     _, lang, text = BLOCKS[index]
     quick_start = "scripts/install.sh" in text
+    shared = _shares_the_gateway(text)
+    if shared:
+        request.getfixturevalue("gateway")
     if lang == "bash":
-        script = SUITE_ITSELF.sub("", text)
+        script = SUITE_ITSELF.sub("", GATEWAY_LINE.sub("", text) if shared else text)
         command = ["bash", "-euo", "pipefail", "-c", script]
     else:
         command = [sys.executable, "-c", text]
     cwd = ROOT if quick_start else workdir  # the quick start names .venv/bin/ as a fresh clone has it
+    code = (lang, COMMENT_LINE.sub("", command[-1]), cwd)
     try:
-        done = subprocess.run(
-            command, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, stdin=subprocess.DEVNULL
-        )
+        if code not in runs:  # else the same code, on another page, ran already: its run says
+            runs[code] = subprocess.run(command, cwd=cwd, env=env, timeout=RUN_TIMEOUT_S, **CAPTURED)
     finally:
-        if "gateway start" in text:  # never leave it running, whatever happened
+        if "gateway start" in text and not shared:  # never leave it running, whatever happened
             subprocess.run(["sagellm", "gateway", "stop"], env=env, capture_output=True, timeout=120)
+    done = runs[code]
     assert done.returncode == 0, f"{text}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-5000:]}"
     keys = [key for key in EXPECTED if text.startswith(key)]
     expected = EXPECTED[max(keys, key=len)] if keys else None  # the most specific start says

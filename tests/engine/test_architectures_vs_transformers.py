@@ -58,6 +58,17 @@ ARCHITECTURES = {
 ENGINE = dict(backend="cpu", block_size=4, num_kv_blocks=400)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Transformers' models and the in-process engines of this module on one torch thread (the count restored after):
+    a tiny model's ops are a few hundred values each, so a second OpenMP thread only adds its wake-ups (4-6x the CPU
+    time of one thread on 2 cores, for the same tokens). The PD run's worker processes take their own share anyway."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def tiny(request, tmp_path_factory):
     """(HF directory, transformers' model, its prompts and greedy tokens, the engine settings)."""
