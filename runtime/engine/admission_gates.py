@@ -2,10 +2,11 @@
 scheduler starts it: a seat for its recurrent states, a slot for its LoRA adapter, its `n` group's prompt computed.
 
 Every request waits in the scheduler's one line (`request_queue.py`); at each step the scheduler asks each gate of
-each request in serving order whether it may start (`ready`), passes over one that may not (the ones behind it may
-start ahead of it, as vLLM v1 skips a request whose adapter finds no slot), tells the gates when it starts (`started`)
-and when it stops running (`stopped`: preempted, or finished). A gate holds what a request takes only while it runs,
-so a request waiting in the line holds nothing another could use.
+each request in serving order whether it may start (`ready`, a question that changes nothing), passes over one that
+may not (the ones behind it may start ahead of it, as vLLM v1 skips a request whose adapter finds no slot), tells the
+gates when it starts (`started`), when a step has computed its prompt (`prompt_computed`) and when it stops running
+(`stopped`: preempted, or finished). A gate holds what a request takes only while it runs, so a request waiting in the
+line holds nothing another could use.
 
 A guided request's grammar is compiled when the engine takes the request (`request_intake.py`, from a cache the
 gateway's own check filled in-process), so no request waits on one here."""
@@ -30,6 +31,9 @@ class AdmissionGate(Protocol):
     def started(self, seq: Sequence) -> None:
         """`seq` starts running (it was `ready` and got its blocks): it takes what it holds while it runs."""
 
+    def prompt_computed(self, seq: Sequence) -> None:
+        """A step computed the last token of the running `seq`'s prompt: its full blocks are in the prefix cache."""
+
     def stopped(self, seq: Sequence, finished: bool) -> None:
         """`seq` stopped running (preempted; `finished`: ended, which a waiting sequence may do too)."""
 
@@ -50,6 +54,9 @@ class StateSeats:
 
     def started(self, seq: Sequence) -> None:
         self._slots.seat(seq)
+
+    def prompt_computed(self, seq: Sequence) -> None:
+        pass
 
     def stopped(self, seq: Sequence, finished: bool) -> None:
         self._slots.unseat(seq)
@@ -76,6 +83,9 @@ class LoraSlotGate:
             assert slot is not None, "started without being ready"
             seq.lora_slot = slot
 
+    def prompt_computed(self, seq: Sequence) -> None:
+        pass
+
     def stopped(self, seq: Sequence, finished: bool) -> None:
         if seq.lora_slot >= 0:
             self._slots.release(seq.lora_slot)
@@ -86,7 +96,7 @@ class LoraSlotGate:
 class _Group:
     members: int = 0  # in the line or running
     leader: Sequence | None = None  # the one computing the prompt the others will find cached
-    prompt_cached: bool = False
+    prompt_cached: bool = False  # the leader's prompt was computed: its KV is in the prefix cache
 
 
 class ChoiceGroups:
@@ -105,16 +115,19 @@ class ChoiceGroups:
         group = self._groups.get(seq.group) if seq.group is not None else None
         if group is None or group.prompt_cached or group.leader is None or group.leader is seq:
             return True
-        leader = group.leader
-        if leader.num_computed_tokens >= leader.num_prompt_tokens:
-            group.prompt_cached = True
-            return True
-        return leader.is_finished  # it ended without computing the prompt: whoever starts next leads
+        return group.leader.is_finished  # it ended without computing the prompt: whoever starts next leads
 
     def started(self, seq: Sequence) -> None:
         group = self._groups.get(seq.group) if seq.group is not None else None
         if group is not None and not group.prompt_cached and (group.leader is None or group.leader.is_finished):
             group.leader = seq
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:  # its prompt came computed (from a prefill worker)
+                group.prompt_cached = True
+
+    def prompt_computed(self, seq: Sequence) -> None:
+        group = self._groups.get(seq.group) if seq.group is not None else None
+        if group is not None and group.leader is seq:
+            group.prompt_cached = True
 
     def stopped(self, seq: Sequence, finished: bool) -> None:
         group = self._groups.get(seq.group) if seq.group is not None else None

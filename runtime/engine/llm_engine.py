@@ -38,6 +38,7 @@ from sagellm.runtime.engine.sampler import Sampler, SamplerOutput
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
+from sagellm.runtime.engine.speculative.speculator import StepTimer
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, sampled_rows
 from sagellm.runtime.models.loaded import LoadedModel
 
@@ -46,12 +47,12 @@ log = structlog.get_logger("sagellm.engine")
 
 @dataclass
 class _Executed:
-    """A step's run of the model: its batch (without the requests that failed it alone), each (sequence, first
-    position, rows) it computed, and the logits of the rows it samples."""
+    """A step's run of the model (without the requests that failed it alone): each (sequence, first position, rows)
+    it computed, the logits of the rows it samples, and the sequences those rows sample (`Scheduler.complete_step`)."""
 
-    batch: ScheduledBatch
     computed: Computed
     logits: torch.Tensor  # [N, V]
+    sampled: list[Sequence]
 
 
 class LLMEngine:
@@ -241,35 +242,34 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> masks -> execute -> sample -> update: a token more for each sequence the step samples (or the
         proposals its draws confirm, and the draw after them)."""
-        started = time.perf_counter()
-        batch = self._schedule()
+        batch, timer = self._schedule()
         if not batch:
             return []
-        decoding = batch.samples_every_row  # read before the step moves its sequences on
         masks = self._masks.fill(batch)  # filled in a thread while the model runs
         executed, outputs = self._execute(batch)  # `outputs`: the requests whose own data failed the model, ended
         if executed is not None:
-            sampled = self.scheduler.complete_step(executed.batch)
-            tokens = self._sample(executed.logits, sampled, masks)
-            outputs += self._outputs.update(executed.computed, sampled, tokens)
-        self._speculation_done(batch, decoding, started)
+            tokens = self._sample(executed.logits, executed.sampled, masks)
+            outputs += self._outputs.update(executed.computed, executed.sampled, tokens)
+        self._speculation_done(timer)
         return outputs
 
-    def _schedule(self) -> ScheduledBatch:
+    def _schedule(self) -> tuple[ScheduledBatch, StepTimer]:
         """The step's batch: the speculator proposes tokens to the running sequences, and the scheduler picks the
-        step's tokens."""
+        step's tokens; and the step's timer, started before the proposals, for the speculator's budget."""
+        started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._may_speculate)
         batch = self.scheduler.schedule()
         # Prompt tokens computed this step: the operators' prefill rate, which predicts a request's wait for its first
         # token (decode steps, and the tokens proposed to them, would say nothing of it).
         self.last_step_prompt_tokens = sum(batch.num_new_tokens[batch.num_decodes :])
-        return batch
+        return batch, StepTimer.of(batch, started)
 
     def _execute(self, batch: ScheduledBatch) -> tuple[_Executed | None, list[RequestOutput]]:
-        """Runs the model on `batch`, scoring its prompt rows for prompt logprobs. Requests whose own data fails the
-        model end alone (their outputs returned) and the rest run again; None when nothing is left to sample (a
-        model with recurrent layers then recomputes the rest)."""
+        """Runs the model on `batch`, scoring its prompt rows for prompt logprobs, and moves the sequences it computed
+        on (`Scheduler.complete_step`). Requests whose own data fails the model end alone (their outputs returned) and
+        the rest run again; None when nothing is left to sample (a model with recurrent layers then recomputes the
+        rest)."""
         failed: list[RequestOutput] = []
         try:
             logits = self.runner.execute(batch)  # [N, V] for the sequences sampled this step
@@ -284,7 +284,8 @@ class LLMEngine:
                 return None, failed
             logits = self.runner.execute(batch)
         computed = [(seq, seq.num_computed_tokens, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        return _Executed(batch, computed, score_prompts(logits, batch)), failed
+        logits = score_prompts(logits, batch)  # (before the sequences move on: it reads their positions)
+        return _Executed(computed, logits, self.scheduler.complete_step(batch)), failed
 
     def _sample(self, logits: torch.Tensor, sampled: list[Sequence], masks: Masks | None) -> SamplerOutput | None:
         """Draws the `sampled` sequences' rows, each guided one's mask applied first; None when there are none."""
@@ -295,13 +296,10 @@ class LLMEngine:
             self._masks.apply(logits, sampled, masks)
         return self.sampler.sample(logits, rows.params, rows.generators, rows.histories)
 
-    def _speculation_done(self, batch: ScheduledBatch, decoding: bool, started: float) -> None:
-        """Tells the speculator which sequences still run and, after a step of decoding rows only (each sequence's
-        next token and its proposals: what speculation weighs), how long the step took, whole."""
+    def _speculation_done(self, timer: StepTimer) -> None:
+        """Tells the speculator which sequences still run and how long the step took (`Speculator.step_ended`)."""
         if self.speculator is not None:
-            self.speculator.keep_only(self.scheduler.running)
-            if decoding:
-                self.speculator.step_took(batch.total_tokens, time.perf_counter() - started)
+            self.speculator.step_ended(timer, self.scheduler.running)
 
     def _may_speculate(self, seq: Sequence) -> bool:
         state = self._requests.get(seq.request_id)

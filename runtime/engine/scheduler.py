@@ -229,8 +229,9 @@ class Scheduler:
 
     def num_held_back(self) -> int:
         """Waiting long prompts that start only once a running long prompt is through (`long_prefills.py`): whoever
-        feeds the engine may give it as many more requests, which start ahead of them."""
-        return self._shares().held_back(self.waiting)
+        feeds the engine may give it as many more requests, which start ahead of them. One an admission gate holds
+        back (its adapter's slot, its `n` group's prompt) waits for that, not for a long prompt: it is not counted."""
+        return self._shares().held_back(filter(self.may_start, self.waiting))
 
     def _shares(self) -> PrefillShares:
         """The prefills' shares of the step to come, from the sequences running now."""
@@ -382,8 +383,12 @@ class Scheduler:
             self.state_slots.step_done()
         sampled = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            computed = seq.num_computed_tokens
             seq.num_computed_tokens += n - len(seq.spec_token_ids)
             self.block_manager.cache_full_blocks(seq)
+            if computed < seq.num_prompt_tokens <= seq.num_computed_tokens:
+                for gate in self.gates:
+                    gate.prompt_computed(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)
         return sampled

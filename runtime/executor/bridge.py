@@ -53,6 +53,9 @@ class Bridge:
         self.pushes: dict[str, TrioSocket] = {}
         self.endpoints: dict[str, str] = {}  # process group -> the endpoint its PUSH socket is connected to
         self.inbound: dict[tuple[str, str], trio.MemorySendChannel] = {}
+        self.deliveries: dict[tuple[str, str], Any] = {}  # the edges of groups that joined later (`hosted.Delivery`)
+        self.accepting = False  # such groups may still join: receive while no edge is open
+        self.on_inbound_ended: Callable[[], None] | None = None  # the graph's own inbound edges all ended
         self.nursery: trio.Nursery | None = None
         self.before_send: Callable[[str, Any], bool] | None = None  # (dst group, item) -> send it? (False: dropped)
         executor.remote_sender = self._remote_sender
@@ -86,6 +89,31 @@ class Bridge:
                 self.endpoints[target] = new
                 log.info("peer_repointed", group=target, endpoint=new)
 
+    def join_group(self, nodes: dict[str, str], endpoint: str) -> None:
+        """A process group that joined the run after it started (`hosted`): its `nodes` (node -> group, this
+        process's ends of its edges too) become known here, and a PUSH socket reaches it at `endpoint`."""
+        self.groups.update(nodes)
+        group = next(g for g in nodes.values() if g != self.group)
+        if group in self.pushes:
+            self.repoint({group: endpoint})
+            return
+        self.pushes[group] = connect_push(self.zctx, endpoint, keys=self.keys, shared_memory=self.shared_memory)
+        self.endpoints[group] = endpoint
+
+    def leave_group(self, group: str) -> None:
+        """The group of `join_group` is gone for good: its socket closes; its edges were ended."""
+        self.close_inbound_from(group)
+        for node in [node for node, g in self.groups.items() if g == group]:
+            del self.groups[node]
+        sock = self.pushes.pop(group, None)
+        if sock is not None:
+            sock.close()
+        self.endpoints.pop(group, None)
+
+    def sender(self, src: str, dst: str) -> trio.MemorySendChannel:
+        """A new edge from this process's `src` to `dst` in another process: closing it sends the edge's End."""
+        return self._remote_sender(src, dst)
+
     def open_inbound(self) -> None:
         """Senders into local inputs for every edge arriving from another process (before the executor wires its
         own edges, which closes the original senders)."""
@@ -95,28 +123,32 @@ class Bridge:
 
     def close_inbound_from(self, group: str) -> None:
         """Ends the edges from a process that is gone, as its `End`s would have."""
-        for (src, dst), send in list(self.inbound.items()):
-            if self.groups[src] == group:
-                send.close()
-                del self.inbound[(src, dst)]
+        for edges in (self.inbound, self.deliveries):
+            for (src, dst), send in list(edges.items()):
+                if self.groups[src] == group:
+                    send.close()
+                    del edges[(src, dst)]
 
     async def receive_loop(self, sock: TrioSocket) -> None:
-        """Delivers items from other processes until every inbound edge has ended. A message that is not one another
-        process of this graph could have sent (this socket may listen on a network) is logged and dropped: no input
-        ends the loop or the process."""
-        while self.inbound:
+        """Delivers items from other processes until every inbound edge has ended (and no more may join). A message
+        that is not one another process of this graph could have sent (this socket may listen on a network) is logged
+        and dropped: no input ends the loop or the process."""
+        while self.inbound or self.deliveries or self.accepting:
             frames = await sock.receive_frames()
             try:
                 src, dst, message = _parse(frames)
             except Exception as error:  # WireError, a frame that is not UTF-8, or anything else a stranger can send
                 log.warning("bad_message_dropped", frames=len(frames), problem=f"{type(error).__name__}: {error}")
                 continue
-            send = self.inbound.get((src, dst))
+            edges = self.inbound if (src, dst) in self.inbound else self.deliveries
+            send = edges.get((src, dst))
             if send is None:
                 log.warning("message_on_closed_edge", src=src, dst=dst, message=type(message).__name__)
             elif isinstance(message, wire.End):
                 send.close()
-                del self.inbound[(src, dst)]
+                del edges[(src, dst)]
+                if edges is self.inbound and not edges and self.on_inbound_ended is not None:
+                    self.on_inbound_ended()
             else:
                 await send.send(message)
 

@@ -61,6 +61,7 @@ class ControlServer:
         whose workers are started by hand."""
         self.sock = sock
         self.graph_text = graph_text
+        self.graph_texts: dict[str, str] = {}  # group -> the graph its worker runs, when not the run's (`hosted`)
         self.spawned = spawned
         self.remote = remote
         self.peer_timeout_s = peer_timeout_s
@@ -133,7 +134,8 @@ class ControlServer:
             return
         self.workers[hello.node] = Worker(identity, hello.pid, hello.host)
         log.info("worker_joined", worker=self.describe(hello.node))
-        await self._send(identity, wire.Assign(graph=self.graph_text, peer_timeout_s=self.peer_timeout_s))
+        graph = self.graph_texts.get(hello.node, self.graph_text)
+        await self._send(identity, wire.Assign(graph=graph, peer_timeout_s=self.peer_timeout_s))
         self._changed.fire()
 
     def _refusal(self, hello: wire.Hello) -> str | None:
@@ -161,6 +163,13 @@ class ControlServer:
         self.gone.discard(group)
         self.monitor.forget(group)
 
+    def forget(self, group: str) -> None:
+        """A group that joined at run time (`hosted`) is gone for good: nothing of it is kept."""
+        self.end(group)
+        self.reopen(group)
+        self.graph_texts.pop(group, None)
+        self.spawned.pop(group, None)
+
     # -- sending --------------------------------------------------------------------------------------------------
     async def start_all(self, peers: dict[str, str]) -> None:
         """Sends every worker the endpoints of all groups: the go to connect its edges and run (again after a restart:
@@ -178,10 +187,10 @@ class ControlServer:
                     await self._send(worker.identity, wire.Heartbeat(node=MAIN, time=time.time()))
             await trio.sleep(wire.HEARTBEAT_S)
 
-    def cancel(self, request_ids: list[str]) -> None:
-        """Tells every worker that these requests' clients left (whichever holds one aborts it)."""
+    def cancel(self, request_ids: list[str], group_only: str | None = None) -> None:
+        """Tells every worker (or `group_only`'s) that these requests' clients left (whichever holds one aborts it)."""
         for group, worker in self.workers.items():
-            if group not in self.gone:
+            if group not in self.gone and group_only in (None, group):
                 self._send_now(worker.identity, wire.Cancel(node=MAIN, request_ids=request_ids))
 
     def sleep(self, group: str, level: int) -> None:

@@ -50,6 +50,7 @@ from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.bridge import Bridge, groups_of, remote_groups
 from sagellm.runtime.executor.control import ControlServer
 from sagellm.runtime.executor.core_shares import share_cores
+from sagellm.runtime.executor.hosted import HostedGroups
 from sagellm.runtime.executor.local import LocalExecutor, PipelineResult
 from sagellm.runtime.executor.lost_requests import LostRequests
 from sagellm.runtime.executor.ray_placement import RayPlacement
@@ -104,16 +105,17 @@ class ProcessExecutor:
         self.data_endpoints: dict[str, str] = {}  # process group -> its data socket, once every worker is ready
         self.processes: dict[str, trio.Process] = {}
         self.pids: dict[str, int] = {}  # the workers this process started
-        self._finished: set[str] = set()  # workers that said End
+        self.finished_groups: set[str] = set()  # workers that said End
         self.failures: dict[str, wire.End] = {}  # group -> the error its last worker said it failed on
-        self._lost: set[str] = set()
+        self.lost_groups: set[str] = set()  # groups whose worker is lost now
         self.restart = RestartPolicy.from_settings(graph.attrs.get("restart"))
         self.lives: dict[str, WorkerLife] = {}
         self.supervisions: dict[str, Supervision] = {}  # group -> what restarts its worker, once the run runs
-        self._running = False  # every worker was ready once: from then on a lost worker of ours is restarted
+        self.running = False  # every worker was ready once: from then on a lost worker of ours is restarted
         self._stopping = False  # the edges toward the workers are ending: nothing is restarted any more
         self._local_control = ""  # the control endpoint for the workers this process starts
-        self.requests = LostRequests(self.executor, self.groups, self._lost)
+        self.requests = LostRequests(self.executor, self.groups, self.lost_groups)
+        self.hosted = HostedGroups(self)  # groups taken on while the run runs
         self.executor.on_cancel = lambda rid: self.control.cancel([rid])
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> PipelineResult:
@@ -173,14 +175,18 @@ class ProcessExecutor:
                 self.data_endpoints = peers = {**control.endpoints, MAIN: data_endpoint}
                 bridge.connect(peers)
                 await control.start_all(peers)
-                self._running = True
+                self.running = True
                 self._supervise(nursery)
                 bridge.nursery = nursery
                 bridge.before_send = self._before_send
                 bridge.open_inbound()
+                bridge.accepting = True  # groups may be hosted while the graph runs
+                bridge.on_inbound_ended = self.requests.close_injection_if_done
                 self.requests.open_injection()
                 nursery.start_soon(self._receive, data)
                 result = await self.executor.run(task_status=task_status)
+                bridge.accepting = False
+                self.hosted.finish_all()
                 await self._await_exit()
                 nursery.cancel_scope.cancel()
         finally:
@@ -224,7 +230,7 @@ class ProcessExecutor:
 
     async def _watch_exit(self, nursery: trio.Nursery, group: str, process: trio.Process) -> None:
         code = await process.wait()
-        if self.processes.get(group) is process and group not in self._finished:  # not a predecessor's exit
+        if self.processes.get(group) is process and group not in self.finished_groups:  # not a predecessor's exit
             self._lose(nursery, group, exit_cause(code))
 
     def kill(self, group: str) -> None:
@@ -237,7 +243,7 @@ class ProcessExecutor:
         """Until every worker is ready; a worker that fails or falls silent first fails the start at once."""
         deadline = trio.current_time() + self.startup_timeout_s
         while missing := [g for g in self.children if g not in self.control.endpoints]:
-            if self._lost:
+            if self.lost_groups:
                 raise self._start_failure()
             if trio.current_time() > deadline:
                 raise WorkerStartError(self._not_ready(missing))
@@ -246,7 +252,7 @@ class ProcessExecutor:
 
     def _start_failure(self) -> SageLLMError:
         """Why a worker failed before it was ready: the error it said it failed on, as its kind, else how it ended."""
-        told = next((self.failures[g] for g in self._lost if g in self.failures), None)
+        told = next((self.failures[g] for g in self.lost_groups if g in self.failures), None)
         if told is not None:
             return kind_of(told.kind)(f"{self.control.name(told.node)} failed before it was ready: {told.error}")
         return WorkerStartError(f"{self.executor.ledger.unfinished_error[1]} before it was ready (see its log)")
@@ -270,7 +276,7 @@ class ProcessExecutor:
         with trio.move_on_after(self.exit_timeout_s):
             for process in list(self.processes.values()):  # (a worker restarted meanwhile replaces its entry)
                 await process.wait()
-            while any(g not in self._finished and g not in self._lost for g in self.remote):
+            while any(g not in self.finished_groups and g not in self.lost_groups for g in self.remote):
                 await self.control.wait_changed()
 
     def worker_sleepers(self) -> list[str]:
@@ -289,10 +295,13 @@ class ProcessExecutor:
         held = set(stats.pop(wire.REQUESTS_KEY, {}).get("ids", ()))
         busy = stats.pop(wire.STAGE_KEY, {})
         progress.report(group, busy.get("what"), busy.get("elapsed_s", 0.0))
+        if group in self.hosted:
+            self.hosted.heard(group, stats)
+            return
         self.requests.heard(group, held)
         for name, fields in stats.items():
             instance = self.executor.instances.get(name)
-            if instance is not None and group not in self._lost:
+            if instance is not None and group not in self.lost_groups:
                 for key, value in fields.items():
                     setattr(instance, key, value)
 
@@ -302,34 +311,37 @@ class ProcessExecutor:
         heard before its exit is seen)."""
         progress.report(group, None)  # whatever it was waiting on, it waits no more
         if not end.error:
-            self._finished.add(group)
+            self.finished_groups.add(group)
             return
         self.failures[group] = end
         self._lose(nursery, group, f"failed: {end.error}")
 
     def _lose(self, nursery: trio.Nursery, group: str, why: str) -> None:
         progress.report(group, None)
-        if group in self._finished:
+        if group in self.finished_groups:
             return
         who = self.control.describe(group)
         self.kill(group)
         # Retired: a killed worker's exit may arrive late (a stopped one is reaped after SIGKILL, maybe during the
         # next attempt's spawn), and must not read as that attempt failing.
         self.processes.pop(group, None)
-        if group in self._lost:  # a restarted worker that failed before it was ready: that attempt is over
+        if group in self.lost_groups:  # a restarted worker that failed before it was ready: that attempt is over
             if group not in self.control.gone:
                 log.error("worker_restart_failed", worker=who, why=why)
                 self.control.end(group)
             return
-        self._lost.add(group)
+        self.lost_groups.add(group)
         # Before the run runs, the start fails with this cause (`_start_failure`), which its caller reports.
-        (log.error if self._running else log.info)("worker_lost", worker=who, why=why)
+        (log.error if self.running else log.info)("worker_lost", worker=who, why=why)
         self.control.end(group)
-        self.executor.ledger.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
-        for instance in self._instances_of(group):
-            instance.lose(recovering=self._running and not self._stopping)
-        nursery.start_soon(self.requests.fail_doomed, group, f"{who} {why}", self.control.cancel)
-        if self._running:  # its supervision restarts it, or gives it up (the run is ending, the policy says so)
+        if group in self.hosted:  # its requests are its owner's, ended there at once
+            self.hosted.lost(group, f"{who} {why}")
+        else:
+            self.executor.ledger.unfinished_error = ("instance_lost", f"{self.control.name(group)} {why}")
+            for instance in self._instances_of(group):
+                instance.lose(recovering=self.running and not self._stopping)
+            nursery.start_soon(self.requests.fail_doomed, group, f"{who} {why}", self.control.cancel)
+        if group in self.lives:  # its supervision restarts it, or gives it up (the run is ending, the policy says so)
             self.lives[group].lose(why)
         else:
             self.give_up(nursery, group)
@@ -361,7 +373,7 @@ class ProcessExecutor:
         """A restarted worker is ready: it takes the group's requests again, and every process that sends to the
         group (this one included) is pointed at its new data socket."""
         self.data_endpoints = peers = {**self.data_endpoints, group: self.control.endpoints[group]}
-        self._lost.discard(group)
+        self.lost_groups.discard(group)
         self.requests.rejoined(group)
         self.bridge.repoint(peers)
         for instance in self._instances_of(group):
@@ -379,9 +391,11 @@ class ProcessExecutor:
     def _before_send(self, target: str, item: Any) -> bool:
         """Items for a lost worker end as errors here instead of waiting on its socket; the run's end (None) stops
         every restart."""
+        if target in self.hosted:
+            return self.hosted.sending(target, item)
         if item is None:
             self._stop_restarting()
-            return target not in self._lost
+            return target not in self.lost_groups
         return self.requests.sending(target, getattr(item, "request_id", None), self.control.describe)
 
     async def _receive(self, data: Any) -> None:

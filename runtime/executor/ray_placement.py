@@ -24,13 +24,14 @@ class RayPlacement:
     """Where a run's `ray:` groups start their workers."""
 
     def __init__(self, cluster: RayCluster, groups: list[str]) -> None:
-        self.cluster, self.groups = cluster, groups
+        self.cluster = cluster
+        self.groups = {group: group for group in groups}  # worker group -> the cluster's group it is placed by
         self.placed: dict[str, str] = {}  # group -> the Ray node its latest worker runs on
 
     async def spawn(self, group: str, command: list[str], env: dict[str, str], timeout_s: float) -> RayProcess:
         """Starts the group's worker on a node that has what the group asks for; RayStartError when Ray places it
         nowhere within `timeout_s` or cannot start it, RayMissing without Ray."""
-        options = self.cluster.group(group).options()
+        options = self.cluster.group(self.groups[group]).options()
         process = await RayProcess.start(self.cluster.address, options, lambda host, port: command, env, timeout_s)
         self.placed[group] = await trio.to_thread.run_sync(process.node_id)
         log.info("ray_worker_placed", group=group, pid=process.pid, host=process.host, node=self.placed[group])

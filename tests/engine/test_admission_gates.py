@@ -97,3 +97,20 @@ def test_a_group_whose_first_choice_ends_before_its_prompt_is_computed_is_led_by
     s.finish(choices[0], "abort")
     assert run_step(s) == ["c1"]  # the next leads, alone (from c0's two cached blocks): c2 waits for its prompt
     assert run_step(s) == ["c1", "c2"]
+
+
+def test_long_prompts_a_gate_holds_back_are_not_counted_as_held_back_for_a_long_prompt():
+    """`num_held_back` counts the long prompts that wait for a running long one to be through (what the engine
+    operator adds to its capacity), not those that wait for their adapter's slot or their group's prompt."""
+    slots = LoraSlots({}, max_loras=1, max_rank=8)
+    slots.load = lambda slot, a: None
+    s = Scheduler(SchedulerConfig(8, 64, 1024, 256, 4, long_prefill_token_threshold=8), slots)
+    choices = [seq(f"c{i}", 40, group="g") for i in range(2)]
+    for q in (seq("a1", 4, 100, lora_adapter=adapter("a")), *choices):
+        s.add(q)
+    assert run_step(s) == ["a1"]  # a short prompt waited: the step was its alone
+    assert run_step(s) == ["a1", "c0"]  # c0 takes the one long seat; c1 waits for its prompt
+    s.add(seq("b1", 40, 200, lora_adapter=adapter("b")))  # long, and its adapter finds no slot (a1 holds the one)
+    s.add(seq("long", 40, 300))
+    assert not s.may_start(choices[1]) and [q.request_id for q in s.waiting] == ["c1", "b1", "long"]
+    assert s.num_held_back() == 1  # `long` alone waits for c0 to be through

@@ -134,9 +134,10 @@ def test_the_autoscaler_adds_a_replica_on_a_ray_node_under_a_burst_and_removes_i
         (replica,) = scaler.replicas
         wait_for(lambda: engines.engines[replica].state == "ready", "the replica ready", timeout_s=180)
         link = engines.engines[replica].link  # a worker of the gateway's graph, on the Ray node
-        process = link.executor.processes[link.group]
+        group = link.hosted.group  # the replica's own, hosted by the gateway's executor, placed by `replicas`
+        process = link.executor.processes[group]
         assert isinstance(process, RayProcess) and process.node_id() != cluster.head_node.node_id
-        assert link.group == "replicas" and link.executor.ray.placed[link.group] == process.node_id()
+        assert link.executor.ray.groups[group] == "replicas" and link.executor.ray.placed[group] == process.node_id()
         wave = [threading.Thread(target=burst_stream, args=(gw.url, i, texts, ends, ids)) for i in range(16, 24)]
         for thread in wave:
             thread.start()

@@ -72,7 +72,7 @@ def test_a_request_the_api_server_refuses_after_its_model_was_made_ready_holds_i
     echo = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "echo": True}
     assert httpx.post(gateway.url + "/v1/completions", json=echo, timeout=REPLY_TIMEOUT_S).status_code == 400
     deadline = time.monotonic() + 10  # (the API server's message crosses to the core)
-    while gateway.call(gateway.core.requests_of, "tiny"):
+    while gateway.call(gateway.core.readiness.requests_of, "tiny"):
         assert time.monotonic() < deadline, "the core still holds the model for a request that never came"
         time.sleep(0.02)
 

@@ -1,15 +1,17 @@
-"""A managed replica of the gateway's own model is a worker of the gateway's graph, not a second gateway: each of its
-requests passes the gateway's one admission (counted per request id), then only its engine; its greedy answers are
-the graph engine's (same weights); killed, the one supervision loop starts it again and it serves again; stopped, it
-ends and its process with it. A reply that arrives as its client leaves is dropped, and the link serves on. The
-link mirrors its worker's restarts and load the moment they happen, woken by them, not by a poll."""
+"""A managed replica of the gateway's own model is a worker the gateway's executor hosts, not a second gateway: each
+of its requests passes the gateway's one admission (counted per request id), its one executor and ledger, then only
+its engine; its greedy answers are the graph engine's (same weights); killed, the one supervision loop starts it
+again and it serves again; stopped, it ends, its process with it, and nothing of it is left in the gateway's run. A
+reply that arrives as its client leaves is dropped, and the link serves on. The link mirrors its worker's restarts
+and load the moment they happen, woken by them, not by a poll."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import SimpleNamespace
@@ -24,7 +26,7 @@ from sagellm.common.restart import RestartPolicy
 from sagellm.common.supervision import Supervised, Supervision
 from sagellm.gateway.control.engine_link import EngineLink
 from sagellm.gateway.control.engine_spec import READY, STARTING, EngineSpec, ManagedEngine
-from sagellm.operators.http_source import HttpSource
+from sagellm.runtime.executor.ledger import RequestLedger
 from sagellm.runtime.pipeline.messages import Request, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
@@ -33,14 +35,20 @@ ENGINES = "/v1/management/engines"
 PROMPTS = [f"Count to {n}:" for n in range(12)]
 
 
-class Cancels:
-    """The link's executor, as far as a stream's end reaches it: the requests it is told to cancel."""
+class Hosts:
+    """The link's worker and the gateway's executor, as far as a stream reaches them: requests sent to the worker
+    (none answered), and those its end tells the worker to cancel."""
 
     def __init__(self) -> None:
-        self.cancelled: list[str] = []
+        self.group, self.cancelled = "g", []
+        self.control = self
 
-    def cancel(self, request_id: str) -> None:
-        self.cancelled.append(request_id)
+    async def send(self, request: Request) -> None:
+        pass
+
+    def cancel(self, request_ids: list[str], group_only: str | None = None) -> None:
+        assert group_only == "g"
+        self.cancelled += request_ids
 
 
 def test_a_reply_arriving_as_its_client_leaves_is_dropped_and_the_link_serves_on():
@@ -51,7 +59,8 @@ def test_a_reply_arriving_as_its_client_leaves_is_dropped_and_the_link_serves_on
 
     async def main() -> None:
         link = EngineLink.__new__(EngineLink)  # its request path alone: no worker
-        link._streams, link.source, link.done, link.local = {}, HttpSource(), trio.Event(), Cancels()
+        hosts = Hosts()
+        link._streams, link._stopping, link.done, link.hosted, link.executor = {}, False, trio.Event(), hosts, hosts
         for n in range(64):
             rid = f"r{n}"
             stream = link.stream(Request(request_id=rid, prompt="hi"))
@@ -66,7 +75,7 @@ def test_a_reply_arriving_as_its_client_leaves_is_dropped_and_the_link_serves_on
                 for token in range(2, 6):
                     link._deliver(TokenDelta(request_id=rid, token_ids=[token]))
                     await trio.sleep(0)
-        assert link._streams == {} and link.local.cancelled == [f"r{n}" for n in range(64)]
+        assert link._streams == {} and hosts.cancelled == [f"r{n}" for n in range(64)]
 
     trio.run(main)
 
@@ -88,19 +97,6 @@ class Worker(Supervised):
         return "killed by SIGKILL"
 
 
-class Executor:
-    """What the link follows of its process executor: its worker's supervision, the control channel's wake-up (a
-    heartbeat's stats applied), and the load those heartbeats bring."""
-
-    def __init__(self, supervision: Supervision) -> None:
-        self.supervisions, self.processes, self.control = {"g": supervision}, {}, self
-        self.heartbeat = Pulse()
-        self.executor = SimpleNamespace(instances={"e1": InstanceStats(name="e1")})
-
-    async def wait_changed(self) -> None:
-        await self.heartbeat.wait()
-
-
 async def test_the_link_mirrors_a_restart_and_a_heartbeat_the_moment_they_happen(mock_clock):
     """The replica's state and load follow its worker's on the events that say they changed: the clock stands still
     here, so a link that looked again only after a sleep (it polled every 0.25 s) would never see either change."""
@@ -108,18 +104,17 @@ async def test_the_link_mirrors_a_restart_and_a_heartbeat_the_moment_they_happen
     supervision = Supervision(worker, RestartPolicy(backoff_base_s=1.0, jitter=0))
     link = EngineLink.__new__(EngineLink)  # its following alone: no graph, no process
     link.engine = engine = ManagedEngine("e1", EngineSpec(model="m"), "", None, stats=InstanceStats(name="e1"))
-    link.group, link.executor = "g", Executor(supervision)
-    executor = link.executor
-    link.local = executor.executor
+    hosted = SimpleNamespace(group="g", supervision=supervision, stats={}, heard=Pulse())  # as the executor hosts it
+    link.hosted, link.executor = hosted, SimpleNamespace(processes={})
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(supervision.run, ready=True))
         await wait_all_tasks_blocked()  # (the executor starts its supervision before its link follows it)
-        nursery.start_soon(link._follow)
+        nursery.start_soon(link._follow, hosted)
         await wait_all_tasks_blocked()
         assert engine.state == READY and engine.stats is not None and engine.stats.waiting == 0
 
-        executor.executor.instances["e1"].waiting = 3  # a heartbeat's stats, applied by the executor
-        executor.heartbeat.fire()
+        hosted.stats = {**dataclasses.asdict(InstanceStats(name="e1")), "waiting": 3}  # a heartbeat's stats
+        hosted.heard.fire()
         await wait_all_tasks_blocked()
         assert engine.stats.waiting == 3
 
@@ -149,8 +144,16 @@ def _complete(url: str, prompt: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(tiny_model, tmp_path):
+def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(tiny_model, tmp_path, monkeypatch):
     graph = GRAPHS / "colocated.yaml"
+    ledgers: defaultdict[str, set[int]] = defaultdict(set)  # request id -> the ledgers in this process it passed
+    observe = RequestLedger.observe
+
+    def observed(ledger: RequestLedger, item) -> bool:
+        ledgers[getattr(item, "request_id", "")].add(id(ledger))
+        return observe(ledger, item)
+
+    monkeypatch.setattr(RequestLedger, "observe", observed)
     overrides = {"engine.max_num_seqs": 2, "engine.kv_cache_memory_gb": 0.05}
     with running_gateway(graph, tiny_config(tmp_path), tiny_model, **overrides) as gw:
         core = gw.gateway.core
@@ -182,6 +185,9 @@ def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(ti
             served_by = Counter(core.request_status(r["id"], "")["instance"] for r in replies)
             assert served_by[replica["id"]] > 0 and served_by["engine"] > 0, served_by
             assert sorted(admitted) == sorted(r["id"] for r in replies) and set(admitted.values()) == {1}
+            on_replica = [r["id"] for r in replies if core.request_status(r["id"], "")["instance"] == replica["id"]]
+            assert link.executor is core.executor  # the gateway's one executor hosts the replica's worker
+            assert all(ledgers[rid] == {id(core.local.ledger)} for rid in on_replica), ledgers  # and one ledger
             alone = [_complete(gw.url, p) for p in PROMPTS]  # one at a time: each on whichever is free
             assert [r["choices"][0]["text"] for r in replies] == [r["choices"][0]["text"] for r in alone]
 
@@ -193,6 +199,9 @@ def test_a_replica_is_a_worker_of_the_graph_whose_requests_pass_one_admission(ti
             assert Counter(core.request_status(r["id"], "")["instance"] for r in replies)[replica["id"]] > 0
 
             assert admin.delete(f"{ENGINES}/{replica['id']}").json()["state"] == "stopped"
+            hosts = core.executor  # nothing of the replica is left in the gateway's run
+            assert not hosts.hosted.groups and replica["id"] not in {**hosts.processes, **hosts.supervisions}
+            assert replica["id"] not in {**hosts.control.workers, **hosts.bridge.pushes, **hosts.bridge.groups}
             with pytest.raises(ProcessLookupError):
                 for _ in range(100):  # reaped by its executor once stopped
                     os.kill(again["pid"], 0)

@@ -229,6 +229,6 @@ def test_an_engine_gets_its_engine_settings_as_parameters_of_its_worker_graph(tm
     spec = EngineSpec(model="m", engine=settings)
     spec.check()
     engine = ManagedEngine("e1", spec, "", None, directory=tmp_path)
-    graph = load_pipeline(dump_pipeline(worker_graph(engine, RestartPolicy())))
+    graph = load_pipeline(dump_pipeline(worker_graph(engine, {})))
     assert {k: graph.nodes["e1"].params[k] for k in settings} == settings
     assert graph.nodes["e1"].params["backend"] == "cpu" and graph.nodes["e1"].placement == "process"

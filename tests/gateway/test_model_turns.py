@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -50,8 +51,8 @@ class PretendEngines:
         self.engines.pop(engine_id)
 
 
-class PretendCore:
-    """The serving core's part the pool uses: requests held on their way in, then running, by model."""
+class PretendReadiness:
+    """The serving core's `readiness` as the pool asks it: requests held on their way in, then running, by model."""
 
     def __init__(self) -> None:
         self.held: Counter[str] = Counter()
@@ -79,8 +80,9 @@ class PretendCore:
         served.append(model)
 
 
-def _pool(engines: PretendEngines, core: PretendCore, names: str, wait_s: float = 60.0) -> ModelPool:
+def _pool(engines: PretendEngines, readiness: PretendReadiness, names: str, wait_s: float = 60.0) -> ModelPool:
     specs = {name: EngineSpec(model=f"/models/{name}", served_model_name=name) for name in names}
+    core = SimpleNamespace(readiness=readiness)
     pool = ModelPool(engines, core, specs, max_loaded=1, wait_s=wait_s, available=lambda: None)
     for model in pool.models.values():
         model.estimate = 0  # (no files to read)
@@ -97,13 +99,13 @@ def test_models_load_in_the_order_their_first_requests_came_and_every_waiting_re
 
     async def main() -> tuple[ModelPool, PretendEngines]:
         async with trio.open_nursery() as nursery:
-            engines, core = PretendEngines(nursery), PretendCore()
-            pool = _pool(engines, core, "abc")
+            engines, readiness = PretendEngines(nursery), PretendReadiness()
+            pool = _pool(engines, readiness, "abc")
             await nursery.start(pool.run)
             async with trio.open_nursery() as requests:
                 for at, model in [(0.0, "a"), (0.1, "b"), (0.1, "b"), (0.2, "c"), (0.3, "a"), (0.4, "b"), (0.5, "c")]:
                     await trio.sleep_until(at)
-                    requests.start_soon(core.serve, pool, model, 1.0, served)
+                    requests.start_soon(readiness.serve, pool, model, 1.0, served)
             nursery.cancel_scope.cancel()
         return pool, engines
 
@@ -117,8 +119,8 @@ def test_models_load_in_the_order_their_first_requests_came_and_every_waiting_re
 def test_a_request_is_let_in_the_instant_its_models_engine_is_ready(clock):
     async def main() -> float:
         async with trio.open_nursery() as nursery:
-            engines, core = PretendEngines(nursery, load_s=math.inf), PretendCore()
-            pool = _pool(engines, core, "a")
+            engines, readiness = PretendEngines(nursery, load_s=math.inf), PretendReadiness()
+            pool = _pool(engines, readiness, "a")
             await nursery.start(pool.run)
 
             async def ready_at(when: float) -> None:
@@ -137,10 +139,10 @@ def test_a_request_is_let_in_the_instant_its_models_engine_is_ready(clock):
 def test_a_wait_that_runs_out_says_what_it_waited_for_and_its_model_gives_its_turn_up(clock):
     async def main() -> tuple[ModelPool, ApiError, PretendEngines]:
         async with trio.open_nursery() as nursery:
-            engines, core = PretendEngines(nursery), PretendCore()
-            pool = _pool(engines, core, "ab", wait_s=5.0)
+            engines, readiness = PretendEngines(nursery), PretendReadiness()
+            pool = _pool(engines, readiness, "ab", wait_s=5.0)
             await nursery.start(pool.run)
-            nursery.start_soon(core.serve, pool, "a", 30.0, [])  # a long request of a
+            nursery.start_soon(readiness.serve, pool, "a", 30.0, [])  # a long request of a
             await trio.sleep(LOAD_S + 1)
             with pytest.raises(ApiError) as refused:
                 await pool.ready("b")  # its turn drains a, which is still busy when the wait runs out
@@ -162,16 +164,16 @@ def test_a_client_that_leaves_its_wait_leaves_the_line_and_the_next_model_takes_
 
     async def main() -> tuple[ModelPool, PretendEngines]:
         async with trio.open_nursery() as nursery:
-            engines, core = PretendEngines(nursery), PretendCore()
-            pool = _pool(engines, core, "abc")
+            engines, readiness = PretendEngines(nursery), PretendReadiness()
+            pool = _pool(engines, readiness, "abc")
             await nursery.start(pool.run)
-            nursery.start_soon(core.serve, pool, "a", 1.0, served)
+            nursery.start_soon(readiness.serve, pool, "a", 1.0, served)
             await trio.sleep(0.1)
             with trio.move_on_after(0.5):  # b's client leaves while a loads
                 await pool.ready("b")
             await trio.sleep(0.1)
             assert pool.lines.waiting("b") == 0 and not pool.models["b"].queued
-            await core.serve(pool, "c", 1.0, served)
+            await readiness.serve(pool, "c", 1.0, served)
             nursery.cancel_scope.cancel()
         return pool, engines
 
@@ -191,8 +193,8 @@ def test_a_load_that_fails_refuses_those_waiting_and_counts_as_a_failed_load(clo
                 errors.append(error)
 
         async with trio.open_nursery() as nursery:
-            engines, core = PretendEngines(nursery, failing=("a",)), PretendCore()
-            pool = _pool(engines, core, "a")
+            engines, readiness = PretendEngines(nursery, failing=("a",)), PretendReadiness()
+            pool = _pool(engines, readiness, "a")
             await nursery.start(pool.run)
             async with trio.open_nursery() as requests:
                 for _ in range(3):

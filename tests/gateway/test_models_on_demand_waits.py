@@ -131,7 +131,7 @@ def test_a_request_refused_after_its_model_was_made_ready_holds_it_busy_no_longe
     budget = {"model": "a", "messages": [{"role": "user", "content": "Hi"}], "thinking_token_budget": 8}
     reply = httpx.post(gateway.url + "/v1/chat/completions", json=budget, timeout=REPLY_TIMEOUT_S)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "thinking_token_budget"
-    assert gateway.call(gateway.core.requests_of, "a") == 0
+    assert gateway.call(gateway.core.readiness.requests_of, "a") == 0
 
 
 def test_a_model_whose_worker_died_reads_restarting_at_once_never_loaded_with_a_dead_pid(gateway, admin):

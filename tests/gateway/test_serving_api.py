@@ -1,7 +1,8 @@
 """The serving core's declared interface (`serving.interface.ServingApi`) holds for both cores the routes run
 against: the gateway's `ServingCore` and an API server's `RemoteCore` have every member, methods with the protocol's
-parameters (names, kinds, defaults and annotations) and coroutines where it has them; both request-stream types are
-one `ItemStream`; the control room's gates fit the protocols they are registered as."""
+parameters (names, kinds, defaults and annotations) and coroutines where it has them, and so do their readiness
+objects (`interface.Readiness`: `ModelReadiness`, `RemoteReadiness`); both request-stream types are one `ItemStream`;
+the control room's gates fit the protocols they are registered as."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from sagellm.gateway.api_servers.server import RemoteCore, RemoteStream
+from sagellm.gateway.api_servers.server import RemoteCore, RemoteReadiness, RemoteStream
 from sagellm.gateway.control.model_pool import ModelPool
 from sagellm.gateway.control.pooled_model import PooledModel
 from sagellm.gateway.control.sleep_mode import SleepMode
 from sagellm.gateway.serving.core import ServingCore
-from sagellm.gateway.serving.interface import ServingApi
+from sagellm.gateway.serving.interface import Readiness, ServingApi
 from sagellm.gateway.serving.item_stream import ItemStream
-from sagellm.gateway.serving.readiness import ModelsOnDemand, OnDemandModel, SleepGate
+from sagellm.gateway.serving.readiness import ModelReadiness, ModelsOnDemand, OnDemandModel, SleepGate
 from sagellm.gateway.serving.request_stream import RequestStream
 
 
@@ -55,6 +56,11 @@ def test_both_cores_answer_the_serving_api(core: type) -> None:
     _check(core, ServingApi)
 
 
+@pytest.mark.parametrize("readiness", [ModelReadiness, RemoteReadiness])
+def test_both_cores_readiness_answers_the_readiness_protocol(readiness: type) -> None:
+    _check(readiness, Readiness)
+
+
 def test_the_protocol_lists_what_the_routes_call() -> None:
     """Each member is one the routes use: a member nobody calls would be a promise both cores keep for nothing."""
     routes = Path(__file__).resolve().parents[2] / "sagellm" / "gateway"
@@ -62,6 +68,8 @@ def test_the_protocol_lists_what_the_routes_call() -> None:
     code = "".join(path.read_text() for room in rooms for path in (routes / room).rglob("*.py"))
     for name in _members(ServingApi):
         assert f"core.{name}" in code, f"ServingApi.{name} is called by no route"
+    for name in _members(Readiness):
+        assert f"core.readiness.{name}" in code, f"Readiness.{name} is called by no route"
 
 
 def test_one_request_stream_type() -> None:

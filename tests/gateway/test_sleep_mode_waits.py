@@ -44,17 +44,12 @@ class PretendWorkers:
         await self._changed.wait()
 
 
-class PretendCore:
-    """The serving core's part sleep mode uses: no engine in this process, one request in flight until it ends."""
+class PretendReadiness:
+    """The core's readiness as sleep mode asks it: one request in flight until it ends."""
 
-    def __init__(self, workers: PretendWorkers) -> None:
-        self.executor, self.local = workers, None
-        self.registry = SimpleNamespace(instances=lambda: {"w": workers.engine})
+    def __init__(self) -> None:
         self.running = 1
         self._ended = trio.Event()
-
-    def engine_operators(self) -> list:
-        return []
 
     def requests_of(self, model: str | None) -> int:
         return self.running
@@ -67,6 +62,18 @@ class PretendCore:
         await trio.sleep_until(REQUEST_ENDS_AT)
         self.running = 0
         self._ended.set()
+
+
+class PretendCore:
+    """The serving core's part sleep mode uses: no engine in this process, one request in flight until it ends."""
+
+    def __init__(self, workers: PretendWorkers) -> None:
+        self.executor, self.local = workers, None
+        self.registry = SimpleNamespace(instances=lambda: {"w": workers.engine})
+        self.readiness = PretendReadiness()
+
+    def engine_operators(self) -> list:
+        return []
 
 
 def test_a_sleep_and_the_wake_of_a_request_that_came_meanwhile_end_the_instant_their_changes_are_seen():
@@ -82,7 +89,7 @@ def test_a_sleep_and_the_wake_of_a_request_that_came_meanwhile_end_the_instant_t
                 await mode.sleep(1)
                 times["asleep"], times["level"] = trio.current_time(), mode.level
 
-            nursery.start_soon(core.end_the_request)
+            nursery.start_soon(core.readiness.end_the_request)
             nursery.start_soon(sleep)
             await trio.sleep(0.2)
             assert not mode.serving  # falling asleep: a request waits

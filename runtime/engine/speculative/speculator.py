@@ -3,14 +3,33 @@ the counters /metrics shows."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.budget import SpecBudget
 from sagellm.runtime.engine.speculative.config import SpeculativeConfig
 from sagellm.runtime.engine.speculative.methods import make_proposer
 from sagellm.runtime.engine.speculative.proposers import ProposerContext, TargetStep
 from sagellm.runtime.engine.speculative.verify import SpecDecodeStats
+
+
+@dataclass(frozen=True)
+class StepTimer:
+    """An engine step as the budget weighs it (`Speculator.step_ended`): timed whole, from before the speculator
+    proposes to after the step's outputs, and counted only when every row it computes samples (`decoding`: each
+    sequence's next token and its proposals), which its batch says before the step moves its sequences on."""
+
+    started: float
+    rows: int
+    decoding: bool
+
+    @classmethod
+    def of(cls, batch: ScheduledBatch, started: float) -> StepTimer:
+        """The timer of a step that started at `started` (`time.perf_counter`) and runs `batch`."""
+        return cls(started, batch.total_tokens, batch.samples_every_row)
 
 
 class Speculator:
@@ -54,15 +73,15 @@ class Speculator:
         self.stats.count(len(seq.spec_token_ids), accepted)
         self.budget.verified(seq, len(seq.spec_token_ids), accepted)
 
-    def step_took(self, rows: int, seconds: float) -> None:
-        """A step that only decoded (next tokens and proposals: `rows` in all) took `seconds`, whole."""
-        self.budget.step_took(rows, seconds)
+    def step_ended(self, step: StepTimer, running: list[Sequence]) -> None:
+        """Tells the proposer which sequences still run and, after a step of decoding rows only (what speculation
+        weighs), the budget how long the step took, whole."""
+        self.proposer.keep_only(running)
+        if step.decoding:
+            self.budget.step_took(step.rows, time.perf_counter() - step.started)
 
     def step_done(self, step: TargetStep) -> None:
         self.proposer.step_done(step)
-
-    def keep_only(self, running: list[Sequence]) -> None:
-        self.proposer.keep_only(running)
 
     def close(self) -> None:
         self.proposer.close()

@@ -133,7 +133,7 @@ class ApiServerHub:
         elif isinstance(message, ModelReady):
             self._nursery.start_soon(self._model_ready, peer, message)
         elif isinstance(message, NotSubmitting):
-            self.core.not_submitting(message.model)
+            self.core.readiness.not_submitting(message.model)
         elif isinstance(message, HangUp):
             scope = self._calls.get((peer, message.call_id))
             if scope is not None:
@@ -172,7 +172,7 @@ class ApiServerHub:
             for request in requests:
                 waiting[request.request_id] = scope
             try:
-                await self.core.model_ready(requests[0].model)
+                await self.core.readiness.model_ready(requests[0].model)
             except ApiError as error:
                 self._refuse(peer, requests, error)
                 return
@@ -204,7 +204,7 @@ class ApiServerHub:
         scope = self._calls[peer, ask.call_id] = trio.CancelScope()
         try:
             with scope:
-                await self.core.model_ready(ask.model, ask.submits)
+                await self.core.readiness.model_ready(ask.model, ask.submits)
         except ApiError as error:
             answer = error_response(error)
         else:

@@ -21,7 +21,7 @@ only way an API server reaches the core.
                                                 core answers)
 
 Requests of a model loaded on demand, or of the graph's model while its engines sleep, wait in the core until it
-serves (`ServingCore.model_ready`); an API server asks first for a model on demand (`ModelReady`), whose files and
+serves (`ModelReadiness.model_ready`); an API server asks first for a model on demand (`ModelReady`), whose files and
 sampling defaults the core's Snapshot before the Reply brings.
 
 The gateway's own messages (Call, HangUp, Reply, Snapshot, ModelReady, NotSubmitting) ride in the wire's APP frames
@@ -67,7 +67,7 @@ class Reply(msgspec.Struct, tag=True, kw_only=True):
 
 
 class ModelReady(msgspec.Struct, tag=True, kw_only=True):
-    """Asks the core to make a model loaded on demand serve (`ServingCore.model_ready`); its `Reply` is 200 once it
+    """Asks the core to make a model loaded on demand serve (`ModelReadiness.model_ready`); its `Reply` is 200 once it
     does, else the error (503, Retry-After). `submits`: a request of it follows."""
 
     call_id: int
@@ -76,7 +76,7 @@ class ModelReady(msgspec.Struct, tag=True, kw_only=True):
 
 
 class NotSubmitting(msgspec.Struct, tag=True, kw_only=True):
-    """The request a `ModelReady` (`submits`) announced will not come (`ServingCore.not_submitting`)."""
+    """The request a `ModelReady` (`submits`) announced will not come (`ModelReadiness.not_submitting`)."""
 
     model: str | None
 

@@ -216,6 +216,38 @@ class CoreLink:
                 await self.socket.send_frames(wire.encode(message))
 
 
+class RemoteReadiness:
+    """The API server's `Readiness`: only a model the core loads on demand is waited for here, by the core, which
+    holds it busy for the request that follows (`ModelReady`, `NotSubmitting`). The graph's own model needs no wait
+    here: its requests wait in the core while its engines wake."""
+
+    def __init__(self, link: CoreLink) -> None:
+        self.link = link
+
+    async def model_ready(self, model: str | None, submits: bool = True) -> None:
+        """As `ModelReadiness.model_ready`: a model loaded on demand is made to serve by the core (`ModelReady`, whose
+        reply comes after the core's state with the model's defaults); raises its ApiError (503) when it cannot be in
+        time."""
+        if model is None or model not in self._on_demand():
+            return
+        reply = await self.link.ask(lambda call_id: ModelReady(call_id=call_id, model=model, submits=submits))
+        if reply.status != 200:
+            error = json.loads(reply.body)["error"]
+            retry_after = next((float(v) for k, v in reply.headers if k.lower() == "retry-after"), None)
+            raise ApiError(reply.status, error["message"], param=error["param"], code=error["code"],
+                           retry_after_s=retry_after)  # fmt: skip
+
+    def not_submitting(self, model: str | None) -> None:
+        """As `ModelReadiness.not_submitting`: the core holds a model busy for the request `ModelReady` announced."""
+        if model is not None and model in self._on_demand():
+            self.link.send(NotSubmitting(model=model))
+
+    def _on_demand(self) -> list[str]:
+        """The models the core loads on demand, as its latest state says (routes run once it came)."""
+        assert self.link.snapshot is not None
+        return self.link.snapshot.on_demand
+
+
 class RemoteCore:
     """The API server's `ServingApi`: what the routes that run requests read of a `ServingCore`, answered from the
     core's latest snapshot; requests for the graph's own model are tokenized here (the work this process exists for)
@@ -224,6 +256,7 @@ class RemoteCore:
     def __init__(self, link: CoreLink, served: ServedModel | None) -> None:
         self.link, self.served = link, served
         self.new_id = RequestIds()  # request ids unique across API servers
+        self.readiness = RemoteReadiness(link)
 
     @property
     def tokenizer(self) -> Any:
@@ -273,24 +306,6 @@ class RemoteCore:
     def lora_of(self, name: str | None) -> LoRARequest | None:
         """As `ServingCore.lora_of`: none, a core behind API servers serves its adapters through its own port only."""
         return None
-
-    async def model_ready(self, model: str | None, submits: bool = True) -> None:
-        """As `ServingCore.model_ready`: a model loaded on demand is made to serve by the core (`ModelReady`, whose
-        reply comes after the core's state with the model's defaults); raises its ApiError (503) when it cannot be in
-        time. The graph's model returns at once: its requests wait in the core while its engines wake."""
-        if model is None or model not in self.state.on_demand:
-            return
-        reply = await self.link.ask(lambda call_id: ModelReady(call_id=call_id, model=model, submits=submits))
-        if reply.status != 200:
-            error = json.loads(reply.body)["error"]
-            retry_after = next((float(v) for k, v in reply.headers if k.lower() == "retry-after"), None)
-            raise ApiError(reply.status, error["message"], param=error["param"], code=error["code"],
-                           retry_after_s=retry_after)  # fmt: skip
-
-    def not_submitting(self, model: str | None) -> None:
-        """As `ServingCore.not_submitting`: the core holds a model busy for the request its `ModelReady` announced."""
-        if model is not None and model in self.state.on_demand:
-            self.link.send(NotSubmitting(model=model))
 
     async def tokenize_prompts(self, requests: list[Request], every: bool = False) -> None:
         """As `ServingCore.tokenize_prompts`; here every prompt is tokenized (the core's event loop is spared)."""

@@ -113,7 +113,7 @@ class Autoscaler:
         ready = [s for s in own if s.healthy]
         starting = [s for s in own if s.on_its_way or (not s.healthy and s.name in starting_ids)]
         running = sum(s.running for s in ready)
-        waiting = max(self.core.requests_of(self.model) - running, sum(s.waiting for s in ready))
+        waiting = max(self.core.readiness.requests_of(self.model) - running, sum(s.waiting for s in ready))
         # The SLO outcomes are the whole gateway's: they speak for the graph's model, which most requests name.
         load = self.core.local.load if self.core.local is not None and self.model is None else None
         checked, violations = (load.slo_checked, load.slo_violations) if load is not None else (0, 0)

@@ -135,8 +135,9 @@ class EngineManager:
             engine.directory.mkdir(parents=True, exist_ok=True)
             other_model = spec.kind == "llm" and not self._replica(spec)  # its requests need its tokenizer here
             serve_model = partial(self.core.registry.serve_model, engine.name) if other_model else None
-            engine.link = EngineLink(engine, self.restart, self.startup_timeout_s, engine.directory / LOG_FILE,
-                                     self.ray, serve_model)  # fmt: skip
+            assert self.core.executor is not None  # the core runs (this manager starts after it)
+            engine.link = EngineLink(engine, self.core.executor, self.restart, self.startup_timeout_s,
+                                     engine.directory / LOG_FILE, serve_model)  # fmt: skip
         server_model = engine.name if engine.server is not None else spec.model  # the name its server was given
         endpoint = Endpoint(engine.url, server_model, engine.api_key, spec.max_concurrent, link=engine.link)
         model = self._registry_model(engine)

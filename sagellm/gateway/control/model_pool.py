@@ -8,7 +8,7 @@ failover's retry wait, `control.model_waits`) before anything reads the model's 
 wait. Models take turns for room, first come first served (`control.model_turns`), so a swap never drops a request
 in flight and a model loading never turns away the requests of another: they wait their turn.
 
-A model is busy while the gateway answers a request of it, or one is on its way in (`ServingCore.requests_of`).
+A model is busy while the gateway answers a request of it, or one is on its way in (`ModelReadiness.requests_of`).
 
 With `autoscale` settings, each loaded model has an autoscaler of its own (`control.autoscaler`): replicas of its
 engine added and drained as its load asks, none while it drains; they stop with it when it is unloaded (or fails),
@@ -71,7 +71,7 @@ class ModelPool:
         self.max_loaded, self.idle_unload_s, self.wait_s = max_loaded, idle_unload_s, wait_s
         self.available = available
         self.autoscale, self.scalers = autoscale, scalers or Autoscalers()
-        self.lines = WaitingLines(core.hold)  # the requests waiting for each model
+        self.lines = WaitingLines(core.readiness.hold)  # the requests waiting for each model
         self.turns = Turns(self)  # the models waiting for room
         self._nursery: trio.Nursery | None = None
         self.loads: Counter[tuple[str, str]] = Counter()  # (model, outcome: loaded or failed) -> loads
@@ -92,13 +92,13 @@ class ModelPool:
 
     async def ready(self, name: str, hold: bool = True) -> None:
         """Returns once `name` is loaded and serving (loading it in its turn, and making room for it, if need be);
-        `hold`: a request of it follows, which holds it busy from that moment (`ServingCore.hold`). Raises ApiError
+        `hold`: a request of it follows, which holds it busy from that moment (`ModelReadiness.hold`). Raises ApiError
         503 (Retry-After) when that takes longer than the wait, or when its load fails or is given up."""
         model = self.models[name]
         model.last_used = time.monotonic()
         if model.serving:
             if hold:
-                self.core.hold(name)
+                self.core.readiness.hold(name)
             return
         ticket = self.lines.join(name, hold)
         if not (model.queued or model.status == LOADING or model.draining):
@@ -113,7 +113,7 @@ class ModelPool:
     def _not_ready(self, model: PooledModel) -> ApiError:
         """The 503 of a request whose wait ran out: what its model was doing."""
         if model.making_room is not None:
-            running = self.core.requests_of(model.making_room)
+            running = self.core.readiness.requests_of(model.making_room)
             doing = f"its load waits for the model {model.making_room!r}, which still runs {running} requests, to leave"
         elif ahead := self.turns.ahead_of(model):
             doing = f"it waits its turn for room, after {', '.join(map(repr, ahead))}"
@@ -221,7 +221,7 @@ class ModelPool:
     async def _drain_and_unload(self, model: PooledModel, reason: str) -> None:
         """Unloads a draining model once the requests it runs have finished (loads meanwhile go on: it takes no new
         request, and counts as loaded until it is gone), unless another unload of it came first."""
-        await self.core.until_idle(model.name)
+        await self.core.readiness.until_idle(model.name)
         if model.status == LOADED and model.draining and not model.stopping:
             await self.unload_now(model, reason)
 
@@ -266,7 +266,7 @@ class ModelPool:
                 self._spawn(self._drain_and_unload, model, f"idle {self.idle_unload_s:g} s")
 
     def busy(self, model: PooledModel) -> bool:
-        return self.core.requests_of(model.name) > 0
+        return self.core.readiness.requests_of(model.name) > 0
 
     def _engine_of(self, model: PooledModel) -> ManagedEngine | None:
         return self.engines.engines.get(model.engine_id) if model.engine_id else None
@@ -306,7 +306,7 @@ class ModelPool:
             "pid": pid,
             "memory_bytes": resident_bytes(pid=pid) if pid else None,
             "estimate_bytes": model.estimate,
-            "in_flight": self.core.requests_of(name),
+            "in_flight": self.core.readiness.requests_of(name),
             "waiting": self.lines.waiting(name),
             "idle_s": None if self.busy(model) or model.status != LOADED else round(now - model.last_used, 1),
             "loaded_s": round(now - model.loaded_at, 1) if model.loaded_at is not None else None,

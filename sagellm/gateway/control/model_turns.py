@@ -113,7 +113,7 @@ class Turns:
         self.changed()
         try:
             with trio.move_on_after(pool.wait_s):
-                await pool.core.until_idle(victim.name)
+                await pool.core.readiness.until_idle(victim.name)
                 if not victim.stopping:  # (else another unload of it is under way: the turn waits for it)
                     await pool.unload_now(victim, f"evicted for {model.name}")
                 unloaded = True
@@ -125,6 +125,6 @@ class Turns:
                     pool.lines.admit(victim.name)
                 self.changed()
         if not unloaded:
-            running = pool.core.requests_of(victim.name)
+            running = pool.core.readiness.requests_of(victim.name)
             raise NoRoom(f"no room to load the model {model.name!r}: the model {victim.name!r} it would replace "
                          f"still runs {running} requests; retry later", "busy", pool.wait_s)  # fmt: skip

@@ -2,7 +2,7 @@
 
 A request that finds its model not serving takes a ticket in the model's line and sleeps on it, woken by an event,
 never by polling. The pool settles a line's tickets all at once: admitted the moment the model serves (each ticket a
-request follows then holds the model busy, `ServingCore.hold`, with no checkpoint between, so no other model's load
+request follows then holds the model busy, `ModelReadiness.hold`, with no checkpoint between, so no other model's load
 can evict the model before its requests are in), or refused with the error its load ended on. A ticket whose wait
 runs out (`--retry-wait`) is refused on its own; one whose client leaves is taken out of its line, and the pool gives
 up the turn of a model nobody waits for any more.
@@ -38,7 +38,7 @@ class Ticket:
 
 class WaitingLines:
     def __init__(self, hold: Callable[[str], None]) -> None:
-        """`hold(model)`: marks a request of `model` on its way in (`ServingCore.hold`)."""
+        """`hold(model)`: marks a request of `model` on its way in (`ModelReadiness.hold`)."""
         self.hold = hold
         self.lines: defaultdict[str, list[Ticket]] = defaultdict(list)
         self.waits: Counter[str] = Counter()  # model -> requests that waited for it

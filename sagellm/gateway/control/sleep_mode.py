@@ -103,9 +103,9 @@ class SleepMode:
 
     async def _drain(self) -> None:
         with trio.move_on_after(self.drain_timeout_s):
-            await self.core.until_idle(None)
+            await self.core.readiness.until_idle(None)
             return
-        running = self.core.requests_of(None)
+        running = self.core.readiness.requests_of(None)
         raise ApiError(503, f"not asleep: {running} requests still ran after {self.drain_timeout_s:g} s",
                        code="unavailable", retry_after_s=self.drain_timeout_s)  # fmt: skip
 
@@ -113,7 +113,7 @@ class SleepMode:
         """The graph's engine operators in this process, and its engine nodes in worker processes; a 400 when it has
         none."""
         local = self.core.engine_operators()
-        workers = self.core.executor.worker_sleepers() if self.core.executor is not self.core.local else []
+        workers = self.core.executor.worker_sleepers() if self.core.executor is not None else []
         if not local and not workers:
             raise ApiError(400, "sleep mode: the served graph has no engine of its own to put to sleep")
         return local, workers

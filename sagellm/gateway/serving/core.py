@@ -31,6 +31,7 @@ from sagellm.operators.http_source import HttpSource
 from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.local import LocalExecutor
+from sagellm.runtime.executor.process import ProcessExecutor
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.served_model import ServedModel
 
@@ -59,7 +60,7 @@ class ServingCore:
         self.boot_id = uuid.uuid4().hex  # this run of the gateway: a server that joined it tells a restart by it
         self.executor_args = dict(executor_args or {})
         self.local: LocalExecutor | None = None  # the executor of this process's nodes, once running
-        self.executor: Any = None  # the graph's executor (a ProcessExecutor when nodes run in other processes)
+        self.executor: ProcessExecutor | None = None  # the graph's, which also hosts the managed engines of ours
         self.new_id = RequestIds()
         self.registry = InstanceRegistry(self.model_name, lambda: self.local, model_aliases or ())
         self.readiness = ModelReadiness(self.registry)
@@ -74,14 +75,8 @@ class ServingCore:
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Opens every operator (engines load their models), then serves until `shutdown()` and the graph drains."""
         args = dict(operators={SOURCE_NODE: self.source}, keep_outcomes=False, **self.executor_args)
-        if any(node.placement != "task" for node in self.graph.nodes.values()):
-            from sagellm.runtime.executor.process import ProcessExecutor
-
-            executor: Any = ProcessExecutor(self.graph, **args)
-            self.local = executor.executor
-        else:
-            executor = self.local = LocalExecutor(self.graph, **args)
-        self.executor = executor
+        self.executor = executor = ProcessExecutor(self.graph, **args)  # (with workers or not: it may host some)
+        self.local = executor.executor
         self.local.ledger.on_leaf_item = self.attempts.deliver
         self.source.wake = self.local.wake_sources
         async with trio.open_nursery() as nursery:
@@ -119,7 +114,7 @@ class ServingCore:
             operators = self.local.operators.values() if self.local is not None else ()
             admit_at_door(requests, operators, len(self.source), lambda: self.nodes_of("metrics_sink").values())
         except SageLLMError:
-            self.readiness.dropped(requests[0].model)  # its model is held no longer for it
+            self.readiness.not_submitting(requests[0].model)  # its model is held no longer for it
             raise
         streams = []
         for request in requests:
@@ -140,19 +135,6 @@ class ServingCore:
     def in_flight(self) -> int:
         return self.attempts.in_flight
 
-    # -- what the control room asks before it puts a model to sleep or unloads it (`ModelReadiness`) ---------------
-    def hold(self, model: str | None) -> None:
-        """A request of `model` is on its way in: the model counts as busy until it is submitted."""
-        self.readiness.hold(model)
-
-    def requests_of(self, model: str | None) -> int:
-        """Requests of `model` the gateway answers now, or that are on their way in."""
-        return self.readiness.requests_of(model)
-
-    async def until_idle(self, model: str | None) -> None:
-        """Returns once `model` has no request."""
-        await self.readiness.until_idle(model)
-
     # -- what the routes ask of the models served (`interface.ServingApi`: an API server's RemoteCore answers too) --
     def models(self) -> list[str]:
         return self.registry.models()
@@ -165,14 +147,6 @@ class ServingCore:
 
     def instance_model(self, name: str | None) -> str | None:
         return self.registry.instance_model(name)
-
-    async def model_ready(self, model: str | None, submits: bool = True) -> None:
-        """As `ModelReadiness.model_ready`: waits until `model` serves. Raises ApiError 503."""
-        await self.readiness.model_ready(model, submits)
-
-    def not_submitting(self, model: str | None) -> None:
-        """As `ModelReadiness.dropped`."""
-        self.readiness.dropped(model)
 
     def lora_of(self, name: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's `model` names (None: a model, not an adapter)."""

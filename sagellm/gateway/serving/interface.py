@@ -4,8 +4,9 @@ Two classes answer it: the gateway's `core.ServingCore`, which runs the graph, a
 `api_servers.server.RemoteCore`, which answers from the core's latest state and sends requests over the link. The
 OpenAI generation routes (completions, chats, embeddings), the Responses and Messages APIs and sessions are written
 against this protocol alone, so they run unchanged in either process; `tests/gateway/test_serving_api.py` checks
-that both classes have every member, with the same signatures. Routes the gateway's process alone answers (models,
-request status, LoRA, tokenizers, retrieval indexes) take the `ServingCore` itself."""
+that both classes have every member, with the same signatures, and so have their `readiness` objects (`Readiness`).
+Routes the gateway's process alone answers (models, request status, LoRA, tokenizers, retrieval indexes) take the
+`ServingCore` itself."""
 
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ class Embedder(Protocol):
 
     @property
     def max_length(self) -> int: ...
+
+
+class Readiness(Protocol):
+    """What the routes ask before they submit a request: that its model serve (woken, or loaded on demand), and that
+    the model stay busy for the request until it is submitted. The core's `readiness.ModelReadiness` answers it, and
+    an API server's `api_servers.server.RemoteReadiness`, which asks the core over the link."""
+
+    async def model_ready(self, model: str | None, submits: bool = True) -> None:
+        """Returns once `model` serves (woken, or loaded on demand); `submits`: a request of it follows, which keeps
+        the model busy until it is submitted (or `not_submitting`). Raises ApiError 503."""
+        ...
+
+    def not_submitting(self, model: str | None) -> None:
+        """The request `model_ready` was told would follow will not (refused, or its client left, before
+        `submit`): the model is no longer held busy for it."""
+        ...
 
 
 class ServingApi(Protocol):
@@ -66,14 +83,9 @@ class ServingApi(Protocol):
         """A request's `Request.model` for the model a client named: None for the graph's own. Raises ApiError."""
         ...
 
-    async def model_ready(self, model: str | None, submits: bool = True) -> None:
-        """Returns once `model` serves (woken, or loaded on demand); `submits`: a request of it follows, which keeps
-        the model busy until it is submitted (or `not_submitting`). Raises ApiError 503."""
-        ...
-
-    def not_submitting(self, model: str | None) -> None:
-        """The request `model_ready` was told would follow will not (refused, or its client left, before
-        `submit`): the model is no longer held busy for it."""
+    @property
+    def readiness(self) -> Readiness:
+        """Whether a request's model serves now: what a route waits on before it submits."""
         ...
 
     def sampling_defaults(self, model: str | None = None) -> dict[str, Any] | None:

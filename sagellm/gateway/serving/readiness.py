@@ -1,4 +1,5 @@
-"""Whether a request's model serves now, and the requests that keep each model busy.
+"""Whether a request's model serves now, and the requests that keep each model busy: `ModelReadiness`, the
+serving core's `readiness` (the routes ask it as `interface.Readiness`).
 
 Two gates of the control room decide whether a model serves: sleep mode for the graph's own engines
 (`control.sleep_mode.SleepMode`) and the pool of models loaded on demand (`control.model_pool.ModelPool`). The
@@ -129,7 +130,7 @@ class ModelReadiness:
         if requests and self._arriving[requests[0].model]:
             self._arriving[requests[0].model].pop(0)
 
-    def dropped(self, model: str | None) -> None:
+    def not_submitting(self, model: str | None) -> None:
         """A request of `model` past `model_ready` will not be submitted (refused, or its client left, on its way
         in): the hold of its way in ends now, not HOLD_S later."""
         if self._holds(model):

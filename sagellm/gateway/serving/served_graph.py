@@ -2,8 +2,10 @@
 
 Its source nodes give way to one `http_source`, the sinks that write replies out themselves (stdout, a JSONL file)
 are dropped, and a `remote_engine` node is added beside its engines (fed by its routes, feeding its metrics sink),
-so the same YAML runs as a batch job with `sagellm run` and as a server with `sagellm serve`. Nodes are chosen by
-their operator's class and traits, never by name, so an operator of another package fits the same way."""
+so the same YAML runs as a batch job with `sagellm run` and as a server with `sagellm serve`. A graph with a Ray
+`cluster:` listens on tcp (on every interface, unless it names its `bind_host`), where the engines the gateway places
+there reach it. Nodes are chosen by their operator's class and traits, never by name, so an operator of another
+package fits the same way."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from sagellm.operators.remote_engine import RemoteEngine
 from sagellm.operators.route import Route
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.pipeline.operator import SourceOperator, get_operator, nodes_running
+from sagellm.runtime.pipeline.spec import WILDCARD_HOST
 
 SOURCE_NODE = "http"
 REMOTE_NODE = "remote"
@@ -43,6 +46,9 @@ def served_graph(graph: Graph, embedding_model: str | None = None) -> Graph:
         params = {"model": embedding_model, "served_model_name": served_name(embedding_model)}
         if not _add_beside_engines(graph, EmbeddingOperator.name, EMBEDDING_NODE, **params):
             raise InvalidInput("the graph has no route in the gateway's process to send embedding requests to")
+    if "cluster" in graph.attrs and graph.attrs.get("transport") != "tcp":  # the engines it places there reach it
+        graph.attrs["transport"] = "tcp"
+        graph.attrs.setdefault("bind_host", WILDCARD_HOST)
     remote = [node_id for node_id in graph.leaves() if graph.nodes[node_id].placement != "task"]
     if remote:
         raise InvalidInput(f"the gateway reads replies in its own process; place the leaf nodes {remote} as `task`")

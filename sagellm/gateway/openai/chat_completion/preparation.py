@@ -64,11 +64,11 @@ class ChatPreparation:
         """A chat's pipeline request ready to submit (grounded, tokenized if long, its constraint compiled), how its
         reply is read (thinking, tool calls), and a grounded chat's sources; `owner`: who may read its status."""
         model = self.core.instance_model(body.model)
-        await self.core.model_ready(model)  # a model loaded on demand: loaded first, and held busy for this chat
+        await self.core.readiness.model_ready(model)  # a model on demand: loaded first, and held busy for this chat
         try:
             return await self._prepared(body, headers, owner)
         except BaseException:  # refused, or the client left, before it was submitted: the model is not held for it
-            self.core.not_submitting(model)
+            self.core.readiness.not_submitting(model)
             raise
 
     async def _prepared(

@@ -43,14 +43,14 @@ class CompletionRoutes:
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
         model = self.core.instance_model(body.model)
-        await self.core.model_ready(model)  # a model loaded on demand: loaded first, and held busy for these
+        await self.core.readiness.model_ready(model)  # a model loaded on demand: loaded first, and held busy for these
         count = body.best_of or body.n  # choices run per prompt
         try:
             requests = await self._prepared(body, http, model, count)
             if body.stream and len(requests) > 1:
                 raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
         except BaseException:  # refused, or the client left, before they were submitted: the model is not held
-            self.core.not_submitting(model)
+            self.core.readiness.not_submitting(model)
             raise
         echoes = [Echo.of(r, self.core.tokenizer, body.max_tokens == 0) for r in requests] if body.echo else None
         new_id = lambda: self.core.new_id("cmpl")  # noqa: E731

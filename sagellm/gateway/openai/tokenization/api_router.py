@@ -101,7 +101,7 @@ class TokenizerRoutes:
         """The front-end files of the model a request names: the graph's, or another whose engines are ours (one
         loaded on demand is loaded first)."""
         model = self.core.instance_model(name)
-        await self.core.model_ready(model, submits=False)
+        await self.core.readiness.model_ready(model, submits=False)
         served = self.core.served if model is None else self.core.registry.files_of(model)
         if served is None or served.tokenizer is None:
             where = "the server that serves it tokenizes" if model is not None else "the model has no tokenizer here"
