@@ -157,8 +157,9 @@ class ProcessExecutor:
         """Runs the graph once this process's data and control sockets are bound."""
         self.control_endpoint = with_host(bound, self.advertise_host)
         self._local_control = local_endpoint(bound)
+        graph_text = dump_pipeline(self.graph) if self.children else ""  # (only its own workers are sent it)
         self.control = control = ControlServer(
-            sock, dump_pipeline(self.graph), spawned=self.pids, remote=self.remote, peer_timeout_s=self.peer_timeout_s
+            sock, graph_text, spawned=self.pids, remote=self.remote, peer_timeout_s=self.peer_timeout_s
         )
         self.bridge = self.requests.bridge = bridge = Bridge(self.executor, MAIN, zctx, keys=self.keys)
         try:
