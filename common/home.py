@@ -5,6 +5,7 @@
     gateway/    a local gateway's state: admin key, sessions, pid, log
     keys/       the key of a secure pipeline run, for the workers started by hand on other hosts
     indexes/    retrieval indexes by name (`runtime.rag`), each a folder: its FAISS index and its chunks
+    chat_history  the lines typed at `sagellm chat`'s prompt (readline's history, the newest 1,000)
 
 One function per folder, so a user who moves the home moves everything, and no floor computes the path twice."""
 
@@ -43,3 +44,7 @@ def keys_dir() -> Path:
 
 def indexes_dir() -> Path:
     return sagellm_home() / "indexes"
+
+
+def chat_history_file() -> Path:
+    return sagellm_home() / "chat_history"

@@ -1,8 +1,10 @@
-"""structlog set-up shared by the CLI, servers and workers: JSON lines on stderr, one event per line."""
+"""structlog set-up shared by the CLI, servers and workers: one event per line on stderr, as JSON lines (for a log
+file and a log search) or, on a terminal, structlog's console lines (for a person reading them)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -10,21 +12,29 @@ import structlog
 from sagellm.common.errors import InvalidInput
 
 _ours: tuple[type, int] | None = None  # the wrapper class `configure_logging` made, and its level
+LOG_FORMAT_ENV = "SAGELLM_LOG_FORMAT"  # how a process logs when not told: its workers read it too
+LOG_FORMATS = ("auto", "console", "json")  # auto: console when stderr is a terminal, else json
 
 
 def default_logging() -> None:
     """For a program that uses sageLLM as a library and set up no logging: our events go to stderr (stdout is the
-    program's), warnings and above, as JSON lines. A program that configured structlog itself keeps its own set-up.
-    (structlog's own default prints to stdout and renders each traceback slowly with rich.)"""
+    program's), warnings and above, as JSON lines (console lines on a terminal). A program that configured structlog
+    itself keeps its own set-up. (structlog's own default prints to stdout and renders each traceback slowly with
+    rich.)"""
     if not structlog.is_configured():
         configure_logging("warning")
 
 
-def configure_logging(level: str = "info", *, json: bool = True) -> None:
+def configure_logging(level: str = "info", *, log_format: str | None = None) -> None:
+    """Our events at `level` and above on stderr, as `log_format` says (default: $SAGELLM_LOG_FORMAT, else auto)."""
     global _ours
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise InvalidInput(f"log level must be debug, info, warning or error, got {level!r}")
+    log_format = log_format or os.environ.get(LOG_FORMAT_ENV) or "auto"
+    if log_format not in LOG_FORMATS:
+        raise InvalidInput(f"log format must be {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     # JSON lines carry an exception as data (type, message, every frame), so a log search finds the cause of an
     # `internal` error; the console renderer prints the traceback itself.
     tail = (

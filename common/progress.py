@@ -78,6 +78,11 @@ def listening(listener: Callable[[], None]) -> Iterator[None]:
             _others.clear()
 
 
+def shown() -> bool:
+    """Whether a front end shows the stages: then code that waits draws no bar of its own (its stage says it)."""
+    return bool(_listeners)
+
+
 def _changed() -> None:
     for listener in list(_listeners):
         listener()

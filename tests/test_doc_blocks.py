@@ -32,7 +32,7 @@ NOT_RUN = {
     "source → admission": "a picture of the pipeline, not a command",
     "memory: weights": "a server's log line, shown as it prints",
     "ray start --head": "starts a Ray cluster across hosts",
-    "sagellm serve --model chat=": "two models on demand, one a GGUF this machine lacks (test_serve_on_demand.py)",
+    "sagellm serve --model chat=": "servers that run until stopped; test_serve_on_demand.py serves models on demand",
     "sagellm serve --no-embedding --port 8000": "the peer table: vLLM and llama.cpp servers beside ours, minutes",
     "sagellm bench numerics --peer": "needs the peers' servers (../shared/peers)",
     "sagellm serve --speculative-config": "servers that run until stopped; the speculation tests run the same",
@@ -61,6 +61,7 @@ EXPECTED = {
     "from sagellm.dsl import Environment\nfrom sagellm.sage": "Paris",
     "sagellm run graphs/pd.yaml --sage": "Paris",
     "# structured output": "City(name=",
+    "# tool calling": "get_weather",
     "sagellm gateway start\npython - <<'PY'\nimport anthropic": "tool_use get_weather",
     "import asyncio\n\nfrom sagellm.control_plane": "COMPLETED The capital of France is Paris.",
 }

@@ -20,7 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import structlog
@@ -53,6 +53,8 @@ HEADERS = tuple(
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
 BUILD_TIMEOUT_S = 300  # a compiler's: the build takes 27-64 s on two idle cores (portable the longest); one stuck
 # longer must not hold up the engine's start
+COMPILE_ESTIMATE = "30 s to 2 min"  # what start-up says the build takes: 27-64 s on two idle cores, ~100 s on two busy
+# ones; more cores shorten it down to block_linear.c's own time (one core's work)
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -177,13 +179,19 @@ def _compile(compiler: str, variant: Variant, directory: Path, target: Path) -> 
         objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
         commands = [[compiler, *CFLAGS, *variant.cflags, "-c", "-o", str(o), str(s)] for s, o in zip(SOURCES, objects)]
         partial = Path(scratch) / target.name
-        with stage(f"compiling the CPU kernels for {variant.name} (once per machine)"):
+        steps = len(SOURCES) + 1  # a compile per source, then the link
+        with stage(f"compiling the CPU kernels for {variant.name}, once per machine ({COMPILE_ESTIMATE})"):
             with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
-                for failure in pool.map(_run, commands, [source.name for source in SOURCES]):
+                compiles = [pool.submit(_run, command, source.name) for command, source in zip(commands, SOURCES)]
+                finished = as_completed(compiles)
+                for done in range(len(compiles)):  # each wait a stage of its own: the display counts the steps
+                    with stage(f"{done} of {steps} steps done"):
+                        failure = next(finished).result()
                     if failure:
                         raise NativeBuildError(failure)
             link = [compiler, *CFLAGS, "-o", str(partial), *map(str, objects), "-lm"]
-            failure = _run(link, "the link of " + ", ".join(source.name for source in SOURCES))
+            with stage(f"{steps - 1} of {steps} steps done: linking"):
+                failure = _run(link, "the link of " + ", ".join(source.name for source in SOURCES))
             if failure:
                 raise NativeBuildError(failure)
         os.chmod(partial, 0o755)  # the compiler's umask-made mode may hide it from other users of a shared cache

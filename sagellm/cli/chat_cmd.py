@@ -6,24 +6,28 @@
     echo "Why is the sky blue?" | sagellm chat       # piped: the input is one message, the reply goes to stdout
     sagellm chat --json-schema person.json           # every reply is JSON following the schema in person.json
 
-At the prompt: an empty line does nothing, `/clear` forgets the conversation, `/bye` or Ctrl-D ends it. The whole
-conversation is sent each turn (the model's chat template renders it); once it no longer fits the context, the oldest
-turns are dropped."""
+At the prompt: an empty line does nothing, `/clear` forgets the conversation, `/bye` or Ctrl-D (or Ctrl-C twice) ends
+it; the arrows edit the line and recall earlier ones, this session's and the last ones' ($SAGELLM_HOME/chat_history).
+Ctrl-C during a reply stops it and the session goes on. The whole conversation is sent each turn (the model's chat
+template renders it); once it no longer fits the context, the oldest turns are dropped."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+from sagellm.cli.chat_terminal import Prompt, interrupts_deferred, line_editing, write_reply
 from sagellm.cli.engine_flags import add_engine_arguments, engine_settings
 from sagellm.cli.sampling_flags import add_sampling_arguments, given_sampling
 from sagellm.common.errors import InvalidInput, SageLLMError, Unavailable, for_status
+from sagellm.common.home import chat_history_file
 
 Message = dict[str, str]
+Reply = Callable[[list[Message]], Generator[str, None, None]]  # the conversation -> the reply's text, piece by piece
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,36 +55,36 @@ def run(args: argparse.Namespace) -> int:
         text = sys.stdin.read().strip()
         if not text:
             raise InvalidInput("nothing to say: stdin was empty")
-        _turn(reply, history, text)
-        return 0
-    print("sagellm chat: /clear forgets the conversation, /bye or Ctrl-D ends it", file=sys.stderr)
-    while True:
-        try:
-            text = input(">>> ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if text == "/bye":
-            return 0
-        if text == "/clear":
-            del history[1 if args.system else 0 :]
-            continue
-        if text:
-            _turn(reply, history, text)
+        return 130 if _turn(reply, history, text) else 0
+    print("sagellm chat: Ctrl-C stops a reply, /clear forgets the conversation, /bye or Ctrl-D ends it",
+          file=sys.stderr)  # fmt: skip
+    prompt = Prompt()
+    with line_editing(chat_history_file()):
+        while (line := prompt.read()) is not None:
+            text = line.strip()
+            if text == "/bye":
+                break
+            if text == "/clear":
+                del history[1 if args.system else 0 :]
+                print("(conversation cleared)", file=sys.stderr)
+            elif text:
+                _turn(reply, history, text)
+    return 0
 
 
-def _turn(reply: Callable[[list[Message]], Iterator[str]], history: list[Message], text: str) -> None:
+def _turn(reply: Reply, history: list[Message], text: str) -> bool:
+    """Asks for and writes the reply to `text`; whether the user stopped it (Ctrl-C). A stopped reply stays in the
+    conversation as far as it was written (the turn goes if nothing was)."""
     history.append({"role": "user", "content": text})
-    parts = []
-    for piece in reply(history):
-        parts.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    history.append({"role": "assistant", "content": "".join(parts)})
+    written, stopped = write_reply(reply(history))
+    if stopped and not written:
+        history.pop()
+    else:
+        history.append({"role": "assistant", "content": written})
+    return stopped
 
 
-def _local(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]]:
+def _local(args: argparse.Namespace) -> Reply:
     """Replies from the engine in this process; the oldest turns go when the conversation outgrows the context."""
     from sagellm import LLM, GuidedDecoding, SamplingParams
     from sagellm.cli.progress_display import showing_progress
@@ -94,18 +98,26 @@ def _local(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]]
     context = llm.engine.max_model_len
     room = args.max_tokens or EXPECTED_OUTPUT_TOKENS  # kept free for the reply when old turns must go
 
-    def reply(history: list[Message]) -> Iterator[str]:
+    def reply(history: list[Message]) -> Generator[str, None, None]:
         prompt = llm.apply_chat_template(history)
         while len(prompt) + room > context and len(history) > 2:
             del history[1 if history[0]["role"] == "system" else 0]  # the oldest turn
             prompt = llm.apply_chat_template(history)
-        for out in llm.stream(prompt, params):
-            yield out.outputs[0].text_delta
+        outputs = llm.stream(prompt, params)
+        try:
+            while True:
+                with interrupts_deferred():  # Ctrl-C waits for the step's end: the engine's state stays whole
+                    out = next(outputs, None)
+                if out is None:
+                    return
+                yield out.outputs[0].text_delta
+        finally:
+            outputs.close()  # a stopped reply's request is aborted
 
     return reply
 
 
-def _remote(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]]:
+def _remote(args: argparse.Namespace) -> Reply:
     """Replies from a server's /v1/chat/completions, streamed; its first model unless `model` names one."""
     import httpx
 
@@ -116,7 +128,7 @@ def _remote(args: argparse.Namespace) -> Callable[[list[Message]], Iterator[str]
     schema = _json_schema(args.json_schema)
     constraint = {"response_format": {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}}
 
-    def reply(history: list[Message]) -> Iterator[str]:
+    def reply(history: list[Message]) -> Generator[str, None, None]:
         # what the command line left out, the server's defaults decide
         body: dict[str, Any] = {"model": model, "messages": history, "stream": True, **given_sampling(args)}
         body |= constraint if schema is not None else {}

@@ -74,7 +74,8 @@ def run_start(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from sagellm.gateway.config import ADMIN_KEY_ENV, API_KEY_ENV
-    from sagellm.gateway.state import free_port, log_tail, port_free
+    from sagellm.gateway.http.port import check_port_free
+    from sagellm.gateway.state import free_port, log_tail
 
     console = Console(stderr=True)
     state_dir = state_dir_of(args).resolve()
@@ -88,9 +89,7 @@ def run_start(args: argparse.Namespace) -> int:
         return 1
     args.state_dir = state_dir
     args.port = args.port or free_port()
-    if not port_free(args.port):
-        console.print(f"port {args.port} is in use; pick another with --port (0: any free port)")
-        return 1
+    check_port_free(args.host, args.port)
     url = f"http://{_client_host(args.host)}:{args.port}"
     env = dict(os.environ)
     if args.api_key:

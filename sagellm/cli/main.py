@@ -30,6 +30,7 @@ from sagellm.cli import (
     simulate_cmd,
     worker_cmd,
 )
+from sagellm.cli.hinting_parser import HintingParser
 from sagellm.common.logging import configure_logging
 from sagellm.common.nursery_errors import leaves, named_failures
 from sagellm.common.openmp import prefer_short_spin
@@ -57,7 +58,7 @@ COMMANDS = (
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """Every command; of `sagellm bench`'s benchmarks only the one `argv` runs brings its options (importing them all
     is most of what any `--help` would otherwise cost)."""
-    parser = argparse.ArgumentParser(prog="sagellm", description="sageLLM: LLM serving as a dataflow of operators")
+    parser = HintingParser(prog="sagellm", description="sageLLM: LLM serving as a dataflow of operators")
     parser.add_argument("--version", action="version", version=f"sagellm {version('sagellm')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     words = [arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")]
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     prefer_short_spin()  # before any command imports torch (the command modules themselves import nothing heavy)
     args = build_parser(argv).parse_args(argv)
     try:
-        configure_logging(args.log_level if hasattr(args, "log_level") else "warning")
+        configure_logging(getattr(args, "log_level", "warning"), log_format=getattr(args, "log_format", None))
         return args.run(args) or 0
     except KeyboardInterrupt:
         return 130

@@ -2,17 +2,34 @@
 
 On a terminal it is a live block, one line per busy process, redrawn four times a second and gone when start-up
 ends; otherwise (a log file, CI) one line each time a process moves on to something new, so a slow start still says
-where it is."""
+where it is. "Ready in" lines count from the process's start (`seconds_since_start`)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sagellm.common import progress
+
+_IMPORTED = time.monotonic()  # the start, where the process's own is not to be read
+
+
+def seconds_since_start() -> float:
+    """How long this process has run: what its user waited since pressing Enter, the imports, the model's download
+    and the kernels' build included (Linux's process start time; elsewhere since this module was imported)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: clock ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED
 
 
 @contextmanager

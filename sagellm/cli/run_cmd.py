@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
@@ -66,13 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from sagellm.cli.progress_display import showing_progress
+    from sagellm.cli.progress_display import seconds_since_start, showing_progress
     from sagellm.runtime.executor.run import run_pipeline
     from sagellm.runtime.pipeline.metrics import render_metrics_table
 
     graph = build_graph(args)
-    _ensure_model(graph.attrs.get("model"))
-    started = time.monotonic()
+    with showing_progress("sagellm run"):
+        _ensure_model(graph.attrs.get("model"))
     print(f"sagellm run: {_starting(graph, sage=args.sage)}", file=sys.stderr, flush=True)
 
     starting = ExitStack()
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     def ready() -> None:
         starting.close()  # the progress display ends before the replies start
-        print(f"sagellm run: ready in {time.monotonic() - started:.1f} s; requests flow", file=sys.stderr, flush=True)
+        print(f"sagellm run: ready in {seconds_since_start():.1f} s; requests flow", file=sys.stderr, flush=True)
 
     with starting:  # closed here too when the start fails
         if args.sage:
@@ -116,7 +115,7 @@ def build_graph(args: argparse.Namespace) -> Any:
     from sagellm.runtime.pipeline.spec import validate
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
-    graph = load_pipeline(graphs.find(args.graph), overrides=_overrides(args.set))
+    graph = load_pipeline(graphs.existing(args.graph), overrides=_overrides(args.set))
     if args.model:
         graph.attrs["model"] = args.model
     sources = [n for n in graph.nodes.values() if n.op in ("prompt_source", "jsonl_source", "stdin_source")]

@@ -20,11 +20,13 @@ first. Ctrl-C or SIGTERM stop it gracefully."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from sagellm.cli.serve_flags import add_serve_arguments
-from sagellm.common.errors import FieldError, InvalidInput
+from sagellm.common.errors import FieldError, InvalidInput, NotFound
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +41,13 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from sagellm.cli.run_cmd import build_graph
-    from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL, resolve_model
+    from sagellm.common.logging import LOG_FORMAT_ENV
+    from sagellm.gateway.http.port import check_port_free
+    from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL
 
+    check_port_free(args.host, args.port)  # before anything loads: a port in use is said at once, in one line
+    if args.log_format:
+        os.environ[LOG_FORMAT_ENV] = args.log_format  # the workers, API servers and engines log as this process does
     embedding = None if args.no_embedding else (args.embedding_model or DEFAULT_EMBEDDING_MODEL)
     on_demand = _models_on_demand(args)
     if on_demand is not None and not _graph_model_given(args):
@@ -52,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     graph = apply_autoscale(apply_engine_settings(build_graph(args), args), args.autoscale)
     if args.ray_address:
         graph.attrs["cluster"] = {**graph.attrs.get("cluster", {}), "ray": args.ray_address}
-    for model in (graph.attrs.get("model"), embedding):
-        if model:
-            resolve_model(model)  # download once, before any worker process looks for it
+    _fetch(graph.attrs.get("model"), embedding)
     config = _config(args, embedding, _first(args.served_model_name) or str(graph.attrs.get("model") or "default"))
     config.models_on_demand = on_demand
     trio.run(_serve_showing_progress, graph, config, args.api_servers)
@@ -129,7 +134,6 @@ def _checked_on_demand(args: argparse.Namespace, on_demand: Any, embedding: str 
 
     from sagellm.cli.engine_flags import engine_settings
     from sagellm.common.autoscale import instance_bounds
-    from sagellm.runtime.models.model_cache import resolve_model
 
     if args.no_llm:
         raise InvalidInput("--model NAME=MODEL: --no-llm serves embeddings alone, no model on demand")
@@ -142,9 +146,7 @@ def _checked_on_demand(args: argparse.Namespace, on_demand: Any, embedding: str 
         raise InvalidInput(f"--model NAME=MODEL: {error}") from None
     ours = [m if isinstance(m, str) else m["model"] for m in models.values() if isinstance(m, str) or
             m.get("kind", "llm") == "llm"]  # fmt: skip
-    for model in (*ours, embedding):
-        if model:
-            resolve_model(model)
+    _fetch(*ours, embedding)
     return on_demand
 
 
@@ -175,6 +177,7 @@ def _model_or_graph(args: argparse.Namespace) -> None:
     default graph (a model given both ways is an error: which one was meant?)."""
     from sagellm import graphs
     from sagellm.gateway.config import DEFAULT_GRAPH
+    from sagellm.runtime.models.model_cache import ALIASES
 
     if isinstance(args.model, list):  # as parsed: the one model without a name is the graph's
         _models_on_demand(args)
@@ -183,6 +186,9 @@ def _model_or_graph(args: argparse.Namespace) -> None:
         return
     if args.model:
         raise InvalidInput(f"{args.graph!r} is not a graph file, and --model names the model: give one or the other")
+    meant = graphs.likely_meant_graph(args.graph)
+    if meant and not target.exists() and args.graph not in ALIASES and "/" not in args.graph:  # no model: a typo
+        raise NotFound(f"{args.graph}: no such model or shipped graph; did you mean the graph {meant}?")
     args.model, args.graph = args.graph, str(DEFAULT_GRAPH)
 
 
@@ -314,8 +320,20 @@ def _join_settings(args: argparse.Namespace, model: str) -> Any:
     )  # fmt: skip
 
 
+def _fetch(*models: str | None) -> None:
+    """Downloads the models not cached yet, once, before any worker process looks for them, saying so as the rest of
+    start-up is said (a path that is not there is an error here, before anything loads)."""
+    from sagellm.cli.progress_display import showing_progress
+    from sagellm.runtime.models.model_cache import resolve_model
+
+    with showing_progress("sagellm serve"):
+        for model in models:
+            if model:
+                resolve_model(model)
+
+
 async def _serve_showing_progress(graph: Any, config: Any, api_servers: int = 0) -> None:
-    """The gateway until it stops, saying what its start-up waits for until it answers."""
+    """The gateway until it stops, saying what its start-up waits for until it answers, then where it answers."""
     from functools import partial
 
     import trio
@@ -325,7 +343,21 @@ async def _serve_showing_progress(graph: Any, config: Any, api_servers: int = 0)
 
     async with trio.open_nursery() as nursery:
         with showing_progress("sagellm serve"):
-            await nursery.start(partial(serve, graph, config, handle_signals=True, api_servers=api_servers))
+            gateway = await nursery.start(partial(serve, graph, config, handle_signals=True, api_servers=api_servers))
+        _say_ready(gateway.url, gateway.core.models())
+
+
+def _say_ready(url: str, models: list[str]) -> None:
+    """One plain line once the gateway answers: where, what, how long start-up took and how to stop it. From then on
+    the Hugging Face hub (a LoRA adapter fetched at run time) draws no progress bar into the log."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    from sagellm.cli.progress_display import seconds_since_start
+
+    served = ", ".join(models) or "no model yet"
+    print(f"sagellm serve: serving {served} on {url} (ready in {seconds_since_start():.1f} s; Ctrl-C to stop)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    disable_progress_bars()
 
 
 def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> int:
@@ -335,7 +367,6 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
 
     from sagellm import graphs
     from sagellm.operators.embedding import served_name
-    from sagellm.runtime.models.model_cache import resolve_model
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
     if embedding is None:
@@ -344,7 +375,7 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
         raise InvalidInput("--join adds a generation server to another gateway; an embeddings-only one cannot join")
     if args.autoscale:
         raise InvalidInput("--autoscale adds replicas of a generation engine; --no-llm serves none")
-    resolve_model(embedding)
+    _fetch(embedding)
     graph = load_pipeline(graphs.find("control_plane"))
     config = _config(args, embedding, _first(args.served_model_name) or served_name(embedding))
     trio.run(_serve_showing_progress, graph, config, args.api_servers)

@@ -13,6 +13,7 @@ from pathlib import Path
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Shared with `sagellm gateway start`, which runs `sagellm serve` in the background with the same options."""
     from sagellm.cli.engine_flags import add_engine_arguments
+    from sagellm.common.logging import LOG_FORMATS
     from sagellm.gateway.config import DEFAULT_GRAPH, DEFAULT_PORT, ROLES
 
     p.add_argument(
@@ -188,4 +189,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_engine_arguments(p)  # the KV cache mapped ahead of use (--prefault-kv-cache: all of it at start)
     p.add_argument("--log-level", default="info", help="debug, info, warning or error (default: %(default)s)")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="console: structlog's lines, for a person; json: a JSON object per line, for a log search; auto: console "
+        "when stderr is a terminal, else json (default: $SAGELLM_LOG_FORMAT, else auto)",
+    )
     p.set_defaults(prompt=[], requests=None, max_tokens=None, temperature=None)

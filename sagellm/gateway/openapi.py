@@ -60,7 +60,7 @@ def openapi_document(app: App, version: str) -> dict[str, Any]:
     }
     paths: dict[str, Any] = {}
     for route in app.routes:
-        path = route.pattern.pattern.strip("^$").replace("(?P<", "{").replace(">[^/]+)", "}")
+        path = route.pattern.pattern.strip("^$").replace("(?P<", "{").replace(">[^/]+)", "}").replace(">.+)", "}")
         operation: dict[str, Any] = {
             "responses": {
                 "200": {"description": "OK"},

@@ -51,15 +51,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def log_tail(path: Path, lines: int = 20) -> str:
     """The last `lines` lines of a log file ("" if there is none), for error messages."""
     try:

@@ -17,7 +17,6 @@ import openai
 import pytest
 
 from sagellm.backends import list_backends
-from sagellm.common.restart import RestartPolicy
 from sagellm.gateway.control.engine_link import worker_graph
 from sagellm.gateway.control.engine_spec import EngineSpec, ManagedEngine
 from sagellm.runtime.embedding import EmbeddingEngine
@@ -62,7 +61,7 @@ def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
         ({"model": "m\u0000x"}, "model", "model must be a non-empty name without NUL characters"),
         ({"model": " "}, "model", "model must be a non-empty name"),
         ({"model": "m", "served_model_name": ""}, "served_model_name", "served_model_name must be a non-empty name"),
-        ({"model": "m", "replicas": 2}, None, "unknown field `replicas`"),
+        ({"model": "m", "replicas": 2}, "replicas", "unknown field `replicas`"),
         ({"model": "m", "tensor_parallel": "two"}, "tensor_parallel", "Expected `int`"),
         ({"model": "m", "tensor_parallel": 0}, "tensor_parallel", "tensor_parallel must be >= 1"),
         (
@@ -78,7 +77,7 @@ def test_graph_engines_are_listed_but_not_stoppable(admin, gateway):
         ({"model": "m", "kind": "openai"}, "url", "an openai engine needs `url`"),
         ({"model": "m", "url": "http://127.0.0.1:1"}, "url", "url and api_key are for openai engines"),
         ({"model": "m", "max_concurrent": 0}, "max_concurrent", "max_concurrent must be >= 1"),
-        ({"model": "m", "port": 9000}, None, "unknown field `port`"),  # an engine of ours listens on no port
+        ({"model": "m", "port": 9000}, "port", "unknown field `port`"),  # an engine of ours listens on no port
         ({"model": "m", "placement": "remote:a"}, "placement", "placement must be 'ray:GROUP' or left out"),
         ({"model": "m", "placement": "ray:a"}, "placement", "placement ray:a needs a Ray cluster"),
         ({"model": "m", "kind": "openai", "url": "http://h", "placement": "ray:a"}, "kind", "placement are an openai"),

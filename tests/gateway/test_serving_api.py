@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sagellm.gateway.api_servers.server import RemoteCore, RemoteReadiness, RemoteStream
+from sagellm.gateway.api_servers.remote_core import RemoteCore, RemoteReadiness, RemoteStream
 from sagellm.gateway.control.model_pool import ModelPool
 from sagellm.gateway.control.pooled_model import PooledModel
 from sagellm.gateway.control.sleep_mode import SleepMode

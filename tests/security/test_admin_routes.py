@@ -106,7 +106,7 @@ def test_a_bodys_command_is_refused_and_never_runs(gateway: GatewayThread, tmp_p
         ({"kind": "llamacpp", "args": ["--path", "/"]}, "args", "'--path' is not a flag a request may give"),
         ({"kind": "sglang", "args": ["--enable-custom-logit-processor"]}, "args", "is not a flag a request may"),
         ({"kind": "vllm", "model": "--trust-remote-code"}, "model", "model must not start with '-'"),
-        ({"kind": "vllm", "env": {"LD_PRELOAD": "/tmp/evil.so"}}, None, "unknown field `env`"),
+        ({"kind": "vllm", "env": {"LD_PRELOAD": "/tmp/evil.so"}}, "env", "unknown field `env`"),
     ],
 )
 def test_flags_and_fields_that_would_run_code_or_reach_files_are_refused(

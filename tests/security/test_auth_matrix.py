@@ -24,7 +24,8 @@ USER_KEY, ADMIN_KEY, WRONG_KEY = "user-key-0123456789", "admin-key-0123456789", 
 PUBLIC = {"GET /", "GET /health", "GET /ready", "GET /metrics", "GET /openapi.json", "GET /v1/kv_transfer/{secret}"}
 # A user's API key: what programs ask of the models.
 USER = {
-    "GET /v1/models", "GET /v1/requests/{request_id}", "POST /v1/completions", "POST /v1/chat/completions",
+    "GET /v1/models", "GET /v1/models/{model}", "GET /v1/requests/{request_id}", "POST /v1/completions",
+    "POST /v1/chat/completions",
     "POST /v1/embeddings", "POST /v1/responses", "POST /v1/messages", "POST /v1/messages/count_tokens",
     "POST /tokenize", "POST /detokenize", "GET /tokenizer_info", "GET /version",
     "POST /sessions", "GET /sessions", "GET /sessions/{session_id}", "DELETE /sessions/{session_id}",

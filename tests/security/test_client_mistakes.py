@@ -180,8 +180,8 @@ def test_a_body_nested_near_the_decoders_limit_is_a_400_not_a_500(client, path, 
 
 
 def test_a_body_at_the_depth_bound_is_decoded(client) -> None:
-    template = '{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"metadata":{"x":%s}}'
-    at_bound = _post_raw(client, "/v1/chat/completions", template % _nested(MAX_BODY_DEPTH - 2))  # + the body, metadata
+    template = '{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"chat_template_kwargs":{"x":%s}}'
+    at_bound = _post_raw(client, "/v1/chat/completions", template % _nested(MAX_BODY_DEPTH - 2))  # + body, kwargs
     assert at_bound.status_code == 200, at_bound.text
     over = _post_raw(client, "/v1/chat/completions", template % _nested(MAX_BODY_DEPTH - 1))
     assert over.status_code == 400 and f"too deeply: {MAX_BODY_DEPTH + 1} levels" in over.text, over.text

@@ -41,9 +41,9 @@ def _route(route: str, body: type[msgspec.Struct]) -> str:
     rows = [[code(f.name), cell(_type(f.type)), _default(f), cell(field_help(body, f.name))] for f in served]
     parts = [f"## `{route}`", table(["field", "type", "default", "what it does"], rows)]
     if body in ANTHROPIC_BODIES:
-        parts.append("Other fields of Anthropic's API (`cache_control`, `context_management`, `output_config`, "
-                     "`service_tier`, `container`, betas' fields) ask the engine for nothing it has: they are "
-                     "accepted without effect.")  # fmt: skip
+        parts.append("Other fields of Anthropic's API (`cache_control`, `context_management`, `service_tier`, "
+                     "`container`, betas' fields) ask the engine for nothing it has: they are accepted without "
+                     "effect.")  # fmt: skip
     unserved = [f for f in body_fields(body) if refused(f)]
     if unserved:
         rows = [[code(f.name), cell(field_help(body, f.name))] for f in unserved]

@@ -1,6 +1,6 @@
 """What each field of a Messages API request does here, in one phrase: the words the docs' request reference shows.
-Fields the engine has nothing to do with (`cache_control`, `context_management`, `output_config`, `service_tier`,
-`container`, betas) are not in the bodies: unknown fields are accepted without effect, as the reference says."""
+Fields the engine has nothing to do with (`cache_control`, `context_management`, `service_tier`, `container`, betas)
+are not in the bodies: unknown fields are accepted without effect, as the reference says."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ FIELD_HELP: dict[str, str] = {
     "`disable_parallel_tool_use`",
     "thinking": "`adaptive`; `disabled` (the template's `enable_thinking` off); `enabled` with `budget_tokens`: the "
     "engine closes the thinking after that many tokens (needs a reasoning parser)",
+    "output_config": '`format`: `{"type": "json_schema", "schema": ...}` makes the reply\'s text follow the '
+    "schema (guided decoding, as `response_format`; what the SDK's `messages.parse` sends); `effort` has no effect",
 }
 
 

@@ -4,10 +4,12 @@ Content blocks map onto chat messages: text blocks join into a message's text; a
 its `tool_calls`; a user's `tool_result` blocks are `tool` messages (answering the call by its id) ahead of the
 user's own text; `thinking` blocks of earlier turns are left out of the prompt, as Anthropic's API leaves them; a
 `system` message in the middle of the conversation stays a system message there. Tools are functions with their
-`input_schema`; `tool_choice` `any` and `tool` force a call, enforced by guided decoding. Fields that ask the engine
-for nothing it has (`cache_control` on blocks, `context_management`, `output_config`, `service_tier`, betas) are
-accepted without effect; images and documents are refused by name (this server takes text). Lists are capped as the
-chat's (`request_limits`), named by this API's field names."""
+`input_schema`; `tool_choice` `any` and `tool` force a call, enforced by guided decoding. `output_config.format`
+(structured output: what the SDK's `messages.parse` sends) is the chat's `response_format` JSON schema, so the reply's
+text follows it by guided decoding. Fields that ask the engine for nothing it has (`cache_control` on blocks,
+`context_management`, `output_config.effort`, `service_tier`, betas) are accepted without effect; images and
+documents are refused by name (this server takes text). Lists are capped as the chat's (`request_limits`), named by
+this API's field names."""
 
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     tools: Tools | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
 
 
 class CountTokensRequest(msgspec.Struct, kw_only=True):
@@ -96,7 +99,20 @@ def chat_body(body: MessagesRequest | CountTokensRequest, model: str | None) -> 
         top_k=body.top_k,
         user=user if isinstance(user, str) else None,
         stream=body.stream,
+        response_format=_response_format(body.output_config),
     )
+
+
+def _response_format(output_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`output_config.format`, `{"type": "json_schema", "schema": {...}}`, as the chat's `response_format` (None
+    without one); `effort` asks nothing of this engine. A 400 naming the field for another shape."""
+    form = (output_config or {}).get("format")
+    if form is None:
+        return None
+    if not isinstance(form, dict) or form.get("type") != "json_schema" or not isinstance(form.get("schema"), dict):
+        message = 'output_config.format: {"type": "json_schema", "schema": {...}} is the format this API takes'
+        raise ApiError(400, message, param="output_config.format")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": form["schema"]}}
 
 
 def _thinking_budget(thinking: dict[str, Any] | None) -> int | None:

@@ -32,6 +32,22 @@ log = structlog.get_logger("sagellm.gateway")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
+# The engines' stats a scrape reads (InstanceStats fields), a family each, labelled by engine and named as vLLM names
+# them after "sagellm:".
+ENGINE_GAUGES = {  # field: (its name, help)
+    "scheduled": ("num_requests_running", "Requests the engine is computing (not waiting)."),
+    "waiting": ("num_requests_waiting", "Requests waiting in the engine."),
+    "kv_cache_usage": ("kv_cache_usage_perc", "KV cache blocks in use (0-1)."),
+}
+ENGINE_COUNTERS = {  # field, also its name: help
+    "prefix_cache_queries": "Prompt blocks looked up in the prefix cache.",
+    "prefix_cache_hits": "Prompt blocks found in the prefix cache.",
+    "spec_decode_num_drafts": "Speculative decoding: proposals verified.",
+    "spec_decode_num_draft_tokens": "Speculative decoding: tokens proposed.",
+    "spec_decode_num_accepted_tokens": "Speculative decoding: proposed tokens accepted.",
+}
+
+
 class SetPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     policy: str
     policy_args: dict[str, float] | None = None
@@ -44,34 +60,12 @@ class EngineGauges:
         self.core = core
 
     def collect(self) -> Any:
-        families = {
-            "scheduled": GaugeMetricFamily(
-                "sagellm:num_requests_running", "Requests the engine is computing (not waiting).", labels=["engine"]
-            ),
-            "waiting": GaugeMetricFamily(
-                "sagellm:num_requests_waiting", "Requests waiting in the engine.", labels=["engine"]
-            ),
-            "kv_cache_usage": GaugeMetricFamily(
-                "sagellm:kv_cache_usage_perc", "KV cache blocks in use (0-1).", labels=["engine"]
-            ),
-            "prefix_cache_queries": CounterMetricFamily(
-                "sagellm:prefix_cache_queries", "Prompt blocks looked up in the prefix cache.", labels=["engine"]
-            ),
-            "prefix_cache_hits": CounterMetricFamily(
-                "sagellm:prefix_cache_hits", "Prompt blocks found in the prefix cache.", labels=["engine"]
-            ),
-            "spec_decode_num_drafts": CounterMetricFamily(
-                "sagellm:spec_decode_num_drafts", "Speculative decoding: proposals verified.", labels=["engine"]
-            ),
-            "spec_decode_num_draft_tokens": CounterMetricFamily(
-                "sagellm:spec_decode_num_draft_tokens", "Speculative decoding: tokens proposed.", labels=["engine"]
-            ),
-            "spec_decode_num_accepted_tokens": CounterMetricFamily(
-                "sagellm:spec_decode_num_accepted_tokens",
-                "Speculative decoding: proposed tokens accepted.",
-                labels=["engine"],
-            ),
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            field: GaugeMetricFamily(f"sagellm:{name}", text, labels=["engine"])
+            for field, (name, text) in ENGINE_GAUGES.items()
         }
+        for field, text in ENGINE_COUNTERS.items():
+            families[field] = CounterMetricFamily(f"sagellm:{field}", text, labels=["engine"])
         acceptance = GaugeMetricFamily(
             "sagellm:spec_decode_acceptance_rate",
             "Speculative decoding: accepted / proposed tokens since start (engines that have proposed).",

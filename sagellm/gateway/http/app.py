@@ -21,6 +21,7 @@ import structlog
 from sagellm.common.errors import InternalError, SageLLMError
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.http.json_depth import MAX_BODY_DEPTH, too_deep
+from sagellm.gateway.http.unknown_fields import unknown_fields_error
 
 log = structlog.get_logger("sagellm.gateway")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # what an echoed X-Request-Id may hold: nothing to inject
@@ -46,6 +47,8 @@ class HttpRequest:
         try:
             return msgspec.json.decode(self.body, type=into) if into else msgspec.json.decode(self.body)
         except msgspec.ValidationError as exc:
+            if (unknown := unknown_fields_error(exc, self.body, into)) is not None:
+                raise unknown from None  # every unknown field named, each with the one it was probably meant to be
             raise ApiError(400, f"invalid request: {exc}", param=_field_of(str(exc)), code="invalid_request") from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_request") from None
@@ -123,9 +126,11 @@ class App:
         guard: Guard | None = None,
         error_shape: ErrorShape | None = None,
     ) -> None:
-        """`path` may hold `{name}` segments, given to the handler in `path_params`; `error_shape`: how the route's
+        """`path` may hold `{name}` segments, given to the handler in `path_params`, and a last `{name:path}` one
+        that takes the rest of the path, slashes too (a model named by its path); `error_shape`: how the route's
         errors (its guard's too) are written, for an API whose clients parse another shape than OpenAI's."""
-        pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+        segments = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
+        pattern = re.compile("^" + re.sub(r"\{(\w+):path\}", r"(?P<\1>.+)", segments) + "$")
         route = Route(method, pattern, handler, guard, error_shape or error_response)
         if "{" not in path and not any(r.method == method and r.pattern.match(path) for r in self.routes):
             self._fixed[method, path] = route  # a dict lookup, not a scan of every pattern, finds it

@@ -31,6 +31,7 @@ from sagellm.gateway.http.app import App
 from sagellm.gateway.http.connection import Connection, close_socket
 from sagellm.gateway.http.connection_slots import ServerState, refuse
 from sagellm.gateway.http.limits import HttpLimits, connection_cap, raise_fd_limit
+from sagellm.gateway.http.port import PortInUse
 
 log = structlog.get_logger("sagellm.gateway")
 BACKLOG = 1024  # a burst of new clients queues in the kernel instead of being refused
@@ -141,7 +142,12 @@ async def _listen(host: str, port: int, reuse_port: bool) -> list[socket.socket]
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(listeners) > 1:
                 address = (address[0], listeners[0].getsockname()[1], *address[2:])
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as error:  # taken since `serve` checked it (port.check_port_free)
+                if error.errno == errno.EADDRINUSE:
+                    raise PortInUse(address[1]) from None
+                raise
             sock.listen(BACKLOG)
             sock.setblocking(False)
     except BaseException:

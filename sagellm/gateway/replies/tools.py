@@ -7,7 +7,8 @@ models, gpt-oss); a ChatML model whose template ignores them (SmolLM2's) gets th
 tool request is a 400. `tool_choice` `none` leaves the tools out of the prompt; `auto` lets the model choose and
 parses what it wrote; `required` and a named function constrain the reply with guided decoding to the parser's
 format around each function's parameters schema (a llguidance Lark grammar with `%json`; for gpt-oss, Harmony's call
-messages), so the reply always parses and its arguments always follow the schema. A model another server serves (an
+messages), so the reply always parses and its arguments always follow the schema; an object there that declares its
+properties takes no others unless it says so, as vLLM's default grammar reads it. A model another server serves (an
 attached vLLM, llama.cpp or sageLLM) gets the tools and the choice as the client gave them: that server shows and
 enforces them, and its calls come back through `remote_engine` as Hermes blocks, read by that parser."""
 
@@ -132,14 +133,14 @@ def _harmony_call_grammar(tools: list[Tool], parallel: bool) -> str:
     more = ' (<|end|> <|start|> "assistant" call)*' if parallel else ""
     rules = [f"start: call{more}", "call: " + " | ".join(f"call{i}" for i in range(len(tools)))]
     for i, tool in enumerate(tools):
-        arguments = {**(tool.function.parameters or {"type": "object", "properties": {}}), "x-guidance": COMPACT_JSON}
+        arguments = {**_arguments_schema(tool), "x-guidance": COMPACT_JSON}
         header = json.dumps(f"commentary to=functions.{tool.function.name} ")
         rules.append(f'call{i}: <|channel|> {header} <|constrain|> "json" <|message|> %json {json.dumps(arguments)}')
     return "\n".join(rules) + "\n"
 
 
 def _call_schema(tool: Tool, parser: str) -> dict[str, Any]:
-    arguments = tool.function.parameters or {"type": "object", "properties": {}}
+    arguments = _arguments_schema(tool)
     key = "parameters" if parser == "llama3_json" else "arguments"
     return {
         "type": "object",
@@ -147,3 +148,40 @@ def _call_schema(tool: Tool, parser: str) -> dict[str, Any]:
         "required": ["name", key],
         "additionalProperties": False,
     }
+
+
+def _arguments_schema(tool: Tool) -> dict[str, Any]:
+    """The schema a forced call's arguments follow: the function's `parameters` (none: an empty object) with every
+    object closed to keys it does not declare, unless it says otherwise, as vLLM's default grammar backend reads a
+    schema (xgrammar's `strict_mode`). Left open, a small model adds keys of its own until `max_tokens` cuts the call
+    short, and a call that does not parse comes back as text (smolagents' tools, whose schemas say nothing of
+    further keys, then never run)."""
+    return _closed(tool.function.parameters or {"type": "object", "properties": {}})
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # name -> subschema
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")  # each item a subschema (not `allOf`: its parts add up to one)
+_OPEN_KEYS = ("additionalProperties", "unevaluatedProperties", "patternProperties")  # a schema's own say on more keys
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on each object schema that declares its `properties` and has no
+    say of its own on further keys, down through its properties, items, alternatives and definitions. An object
+    that declares none (`{"type": "object"}`, a free-form map) stays open: closed, it could only be `{}`."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _closed_within(key, value) for key, value in schema.items()}
+    if "properties" in schema and not any(key in schema for key in _OPEN_KEYS):
+        out["additionalProperties"] = False
+    return out
+
+
+def _closed_within(key: str, value: Any) -> Any:
+    """A schema keyword's value with the subschemas it holds closed (`_closed`)."""
+    if key in _SCHEMA_MAPS and isinstance(value, dict):
+        return {name: _closed(sub) for name, sub in value.items()}
+    if key in _SCHEMA_LISTS and isinstance(value, list):
+        return [_closed(sub) for sub in value]
+    if key in ("items", "additionalProperties"):
+        return [_closed(sub) for sub in value] if isinstance(value, list) else _closed(value)
+    return value

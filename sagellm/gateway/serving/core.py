@@ -145,6 +145,9 @@ class ServingCore:
     def embedding_model(self, name: str | None) -> str:
         return self.registry.embedding_model(name)
 
+    def embedding_models(self) -> list[str]:
+        return self.registry.embedding_models()
+
     def instance_model(self, name: str | None) -> str | None:
         return self.registry.instance_model(name)
 

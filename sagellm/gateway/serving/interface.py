@@ -1,7 +1,7 @@
 """What the routes that run requests may ask of a serving core: `ServingApi`.
 
 Two classes answer it: the gateway's `core.ServingCore`, which runs the graph, and an API server's
-`api_servers.server.RemoteCore`, which answers from the core's latest state and sends requests over the link. The
+`api_servers.remote_core.RemoteCore`, which answers from the core's latest state and sends requests over the link. The
 OpenAI generation routes (completions, chats, embeddings), the Responses and Messages APIs and sessions are written
 against this protocol alone, so they run unchanged in either process; `tests/gateway/test_serving_api.py` checks
 that both classes have every member, with the same signatures, and so have their `readiness` objects (`Readiness`).
@@ -33,7 +33,7 @@ class Embedder(Protocol):
 class Readiness(Protocol):
     """What the routes ask before they submit a request: that its model serve (woken, or loaded on demand), and that
     the model stay busy for the request until it is submitted. The core's `readiness.ModelReadiness` answers it, and
-    an API server's `api_servers.server.RemoteReadiness`, which asks the core over the link."""
+    an API server's `api_servers.remote_core.RemoteReadiness`, which asks the core over the link."""
 
     async def model_ready(self, model: str | None, submits: bool = True) -> None:
         """Returns once `model` serves (woken, or loaded on demand); `submits`: a request of it follows, which keeps
@@ -77,6 +77,10 @@ class ServingApi(Protocol):
 
     def embedding_model(self, name: str | None) -> str:
         """The embedding model a request asks for (None: the first served). Raises ApiError 404."""
+        ...
+
+    def embedding_models(self) -> list[str]:
+        """The names of the embedding models served (which write no text: a completion or chat of one is a 400)."""
         ...
 
     def instance_model(self, name: str | None) -> str | None:

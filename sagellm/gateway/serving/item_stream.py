@@ -1,9 +1,9 @@
 """A request's items as the routes read them, wherever they come from: the one stream type of the routes.
 
 In the gateway's process a request's items come from the graph (`request_stream.RequestStream`, which also retries
-and resumes); in an API server's they come over the link from the core (`api_servers.server.RemoteStream`, which only
-carries them). Both are an `ItemStream`: the routes iterate it, ask whether an item is already here, let a reader of
-several streams wait on one parking lot, and cancel it when the client leaves."""
+and resumes); in an API server's they come over the link from the core (`api_servers.remote_core.RemoteStream`,
+which only carries them). Both are an `ItemStream`: the routes iterate it, ask whether an item is already here, let a
+reader of several streams wait on one parking lot, and cancel it when the client leaves."""
 
 from __future__ import annotations
 

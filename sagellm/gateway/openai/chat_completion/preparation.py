@@ -12,7 +12,7 @@ from sagellm.common.errors import FieldError
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, chat_request
-from sagellm.gateway.openai.generation.serving import prepare
+from sagellm.gateway.openai.generation.serving import generation_model, prepare
 from sagellm.gateway.openai.generation.structured import guided_decoding
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
 from sagellm.gateway.replies.chat_templates import fallback_template, rendering_template, takes_reasoning_effort
@@ -63,7 +63,7 @@ class ChatPreparation:
     ) -> tuple[Request, ReplyPlan, list[dict[str, object]] | None]:
         """A chat's pipeline request ready to submit (grounded, tokenized if long, its constraint compiled), how its
         reply is read (thinking, tool calls), and a grounded chat's sources; `owner`: who may read its status."""
-        model = self.core.instance_model(body.model)
+        model = generation_model(self.core, body.model)
         await self.core.readiness.model_ready(model)  # a model on demand: loaded first, and held busy for this chat
         try:
             return await self._prepared(body, headers, owner)

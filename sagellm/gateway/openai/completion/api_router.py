@@ -21,7 +21,7 @@ from sagellm.gateway.openai.generation.reply_bodies import (
     prompt_logprobs_json,
     usage,
 )
-from sagellm.gateway.openai.generation.serving import prepare
+from sagellm.gateway.openai.generation.serving import generation_model, prepare
 from sagellm.gateway.openai.generation.stream import choice_events
 from sagellm.gateway.openai.generation.structured import guided_decoding
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
@@ -42,7 +42,7 @@ class CompletionRoutes:
 
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
-        model = self.core.instance_model(body.model)
+        model = generation_model(self.core, body.model)
         await self.core.readiness.model_ready(model)  # a model loaded on demand: loaded first, and held busy for these
         count = body.best_of or body.n  # choices run per prompt
         try:

@@ -1,8 +1,10 @@
 """What completions and chat completions share in their request bodies, and its reading into a pipeline `Request`.
 
 Bodies decode with msgspec into Structs (a wrong type is a 400 naming the field). Fields OpenAI or vLLM define that
-sageLLM cannot honour are refused with a 400 naming them (vLLM's in `vllm_fields.py`) rather than silently ignored;
-fields of neither are ignored, as vLLM does, because SDKs add new ones all the time. OpenAI's penalties and
+sageLLM cannot honour are refused with a 400 naming them (vLLM's in `vllm_fields.py`) rather than silently ignored, and
+so is a field the bodies do not have (`forbid_unknown_fields`), as OpenAI's API refuses it: vLLM's way, a warning in
+its log and a 200, turns `temprature` into a reply sampled at the default without a word to the client. The 400 names
+every unknown field, each with the one it was probably meant to be (`http.unknown_fields`). OpenAI's penalties and
 `logit_bias` (token ids as string keys, as the openai SDK sends them), vLLM's extensions (`top_k`, `min_p`,
 `ignore_eos`, `stop_token_ids`, `repetition_penalty`, `min_tokens`, `bad_words`, `allowed_token_ids`,
 `prompt_logprobs`, ...), sageLLM's scheduling fields (`priority` by number or class name, SLOs, `cost_budget`; also as
@@ -33,7 +35,7 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class GenerationRequest(VllmFields, kw_only=True):
+class GenerationRequest(VllmFields, kw_only=True, forbid_unknown_fields=True):
     """What completions and chat completions share (structured output's fields among them, and vLLM's that are
     refused unless they ask for nothing: `vllm_fields.py`)."""
 

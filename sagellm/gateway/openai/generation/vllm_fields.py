@@ -3,8 +3,8 @@
 A client written for vLLM sends vLLM's extra fields; one accepted and ignored would change what the client gets
 without a word (a `use_beam_search` run answered by sampling, a `cache_salt` that isolates nothing). So each is
 declared on the request bodies, where its presence is seen, and refused with a 400 naming it unless it holds a value
-that asks for nothing (vLLM's default). Fields of neither API are still ignored, as vLLM does: SDKs add new ones all
-the time. The fields sageLLM serves are the bodies' own (each endpoint's `protocol.py`)."""
+that asks for nothing (vLLM's default). A field of neither API is refused too, as unknown (`generation/protocol.py`).
+The fields sageLLM serves are the bodies' own (each endpoint's `protocol.py`)."""
 
 from __future__ import annotations
 

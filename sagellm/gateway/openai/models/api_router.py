@@ -1,6 +1,7 @@
 """`GET /v1/models`: the models this gateway serves as OpenAI's model cards (the graph's, attached servers', models
 loaded on demand with their status, and LoRA adapters as vLLM lists them: with their `parent`), each with its
-`max_model_len` where it is known here."""
+`max_model_len` where it is known here; `GET /v1/models/{model}` one of those cards (the openai SDK's
+`models.retrieve`), or OpenAI's 404 `model_not_found` for a name not served."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from typing import Any
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
+from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
 
 
@@ -18,8 +20,22 @@ class ModelsRoutes:
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("GET", "/v1/models", self.models, guard)
+        app.route("GET", "/v1/models/{model:path}", self.model, guard)  # a model named by its path has slashes
 
     async def models(self, _: HttpRequest) -> Response:
+        return Response({"object": "list", "data": self._cards()})
+
+    async def model(self, http: HttpRequest) -> Response:
+        cards = self._cards()
+        name = http.path_params["model"]
+        card = next((card for card in cards if card["id"] == name), None)
+        if card is None:
+            served = ", ".join(repr(card["id"]) for card in cards)
+            message = f"the model {name!r} does not exist here; this server has {served}"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return Response(card)
+
+    def _cards(self) -> list[dict[str, Any]]:
         def card(name: str) -> dict[str, Any]:
             embedder = self.core.embedder(name)
             own = self.core.max_model_len if name == self.core.model_name else None
@@ -34,4 +50,4 @@ class ModelsRoutes:
             return {**card(parent), "id": name, "root": path, "parent": parent}
 
         adapters = [adapter(ref.lora_name, ref.lora_path, parent) for ref, parent in self.core.lora.listed()]
-        return Response({"object": "list", "data": [card(name) for name in self.core.models()] + adapters})
+        return [card(name) for name in self.core.models()] + adapters
