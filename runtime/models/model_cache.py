@@ -74,7 +74,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
         return path
     name = str(name_or_path)
     if looks_like_path(name):
-        raise ModelCacheError(f"no such file or directory: {name}")
+        raise ModelCacheError(f"{name}: no such file or directory")
     if name in ALIASES or _HUB_ID.match(name):
         return download_model(name)
     raise ModelCacheError(

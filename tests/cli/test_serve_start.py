@@ -165,7 +165,7 @@ def test_logs_are_console_lines_on_a_terminal_and_json_through_a_pipe_or_when_as
 def test_a_path_that_is_not_there_is_named_as_such(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert looks_like_path(name)
-    with pytest.raises(ModelCacheError, match=f"^no such file or directory: {re.escape(name)}$"):
+    with pytest.raises(ModelCacheError, match=f"^{re.escape(name)}: no such file or directory$"):
         resolve_model(name)
 
 
@@ -186,7 +186,7 @@ def test_model_names_are_not_paths(name):
 def test_serve_and_generate_name_a_missing_local_model_in_one_line(args, path, tmp_path):
     port = ("--port", str(free_port())) if args[0] == "serve" else ()
     ran = sagellm(tmp_path / "home", *args, *port, cwd=tmp_path)
-    assert one_error_line(ran, args[0]) == f"no such file or directory: {path}"
+    assert one_error_line(ran, args[0]) == f"{path}: no such file or directory"
     assert "download" not in ran.stderr.lower() and "Hugging Face" not in ran.stderr
 
 

@@ -92,7 +92,8 @@ def test_what_the_protocol_refuses(upstreams):
     assert httpx.get(prefill.url + "/v1/kv_transfer/guessed").status_code == 404
 
     params = post(prefill.url, "/v1/completions", GREEDY | {"kv_transfer_params": REMOTE_DECODE}).json()
-    other = post(decode.url, "/v1/completions", GREEDY | {"prompt": "Another prompt.", **params})
+    other_prompt = {"prompt": "Another prompt.", "kv_transfer_params": params["kv_transfer_params"]}
+    other = post(decode.url, "/v1/completions", GREEDY | other_prompt)
     assert other.status_code == 400 and "not this request's" in other.json()["error"]["message"]
     plain = post(decode.url, "/v1/completions", GREEDY | {"kv_transfer_params": {"do_remote_decode": False}})
     assert plain.status_code == 200  # vLLM's default params ask for nothing

@@ -104,8 +104,11 @@ def test_a_thinking_budget_closes_the_thinking_and_the_answer_follows(opens_thin
                  extra_body={"ignore_eos": True})  # fmt: skip
     unbounded = sdk.chat.completions.create(**asked).choices[0].message
     assert unbounded.reasoning_content and unbounded.content is None  # it never closes its thinking by itself
-    body = {**asked, **asked.pop("extra_body"), "thinking_token_budget": 4, "return_token_ids": True}
-    choice = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
+    extra = asked.pop("extra_body")  # (popped first: the body spells out what the SDK sends, not its own argument)
+    body = {**asked, **extra, "thinking_token_budget": 4, "return_token_ids": True}
+    reply = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
     closing = httpx.post(gateway.url + "/tokenize", json={"prompt": "\n</think>\n\n", "add_special_tokens": False},
                          timeout=30).json()["tokens"]  # fmt: skip
     assert choice["token_ids"][4 : 4 + len(closing)] == closing  # 4 tokens thought, then the forced closing

@@ -1,4 +1,5 @@
-"""vLLM's request fields this server does not serve, refused by name when a request asks for something with them.
+"""vLLM's (and a few of SGLang's) request fields this server does not serve, refused by name when a request asks for
+something with them.
 
 A client written for vLLM sends vLLM's extra fields; one accepted and ignored would change what the client gets
 without a word (a `use_beam_search` run answered by sampling, a `cache_salt` that isolates nothing). So each is
@@ -39,6 +40,9 @@ SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
     "vllm_xargs": ((None,), "no custom logits processors run here"),
     "repetition_detection": ((None,), "not implemented: repetition_penalty and frequency_penalty are"),
     "stream_interval": ((None, 1), "every delta is streamed as it is made"),
+    # SGLang's, which vllm-router (the PD proxy vLLM deployments run) sends with its defaults
+    "no_stop_trim": ((None, False), "a stop string is always trimmed from the text"),
+    "return_hidden_states": ((None, False), "hidden states are not returned"),
 }
 COMPLETION_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "add_special_tokens": ((True,), "a text prompt is tokenized with the model's special tokens: send token ids"),
@@ -77,6 +81,8 @@ class VllmFields(Constrained, kw_only=True):
     vllm_xargs: Any = UNSET
     repetition_detection: Any = UNSET
     stream_interval: Any = UNSET
+    no_stop_trim: Any = UNSET
+    return_hidden_states: Any = UNSET
     add_special_tokens: Any = UNSET
 
 
