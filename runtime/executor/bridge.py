@@ -58,7 +58,7 @@ class Bridge:
         self.on_inbound_ended: Callable[[], None] | None = None  # the graph's own inbound edges all ended
         self.nursery: trio.Nursery | None = None
         self.before_send: Callable[[str, Any], bool] | None = None  # (dst group, item) -> send it? (False: dropped)
-        executor.remote_sender = self._remote_sender
+        executor.remote_sender = self.sender
 
     def cross_edges(self) -> list[tuple[str, str]]:
         return [(e.src, e.dst) for e in self.executor.graph.edges if self.groups[e.src] != self.groups[e.dst]]
@@ -110,10 +110,6 @@ class Bridge:
             sock.close()
         self.endpoints.pop(group, None)
 
-    def sender(self, src: str, dst: str) -> trio.MemorySendChannel:
-        """A new edge from this process's `src` to `dst` in another process: closing it sends the edge's End."""
-        return self._remote_sender(src, dst)
-
     def open_inbound(self) -> None:
         """Senders into local inputs for every edge arriving from another process (before the executor wires its
         own edges, which closes the original senders)."""
@@ -152,7 +148,8 @@ class Bridge:
             else:
                 await send.send(message)
 
-    def _remote_sender(self, src: str, dst: str) -> trio.MemorySendChannel:
+    def sender(self, src: str, dst: str) -> trio.MemorySendChannel:
+        """The edge from this process's `src` to `dst` in another process: closing it sends the edge's End."""
         send, recv = trio.open_memory_channel(0)
         assert self.nursery is not None, "Bridge.nursery must be set before the executor runs"
         self.nursery.start_soon(self._forward, src, dst, recv)

@@ -62,13 +62,12 @@ class Delivery:
 
     def __init__(self, deliver: Callable[[Any], None]) -> None:
         self.deliver = deliver
-        self.closed = False
 
     async def send(self, item: Any) -> None:
         self.deliver(item)
 
     def close(self) -> None:
-        self.closed = True
+        """The edge ended: nothing to do here (the owner ends its requests itself, `on_lost` or its own stop)."""
 
 
 class HostedGroup:
@@ -188,12 +187,10 @@ class HostedGroups:
             hosted.input = ex.bridge.sender(*hosted.input_edge)
             ex.bridge.deliveries[hosted.output_edge] = Delivery(hosted.deliver)
         else:
-            log.warning("worker_restarted", worker=ex.control.describe(group), restarts=self.restarts(group))
+            assert hosted.supervision is not None
+            log.warning("worker_restarted", worker=ex.control.describe(group),
+                        restarts=hosted.supervision.restarts.total)  # fmt: skip
         await ex.control.start_all(ex.data_endpoints)
-
-    def restarts(self, group: str) -> int:
-        supervision = self.groups[group].supervision
-        return supervision.restarts.total if supervision is not None else 0
 
     # -- what the executor tells ----------------------------------------------------------------------------------
     def heard(self, group: str, stats: dict[str, Any]) -> None:

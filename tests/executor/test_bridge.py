@@ -32,7 +32,7 @@ async def test_an_item_that_cannot_be_encoded_fails_its_request_alone() -> None:
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 bridge.nursery = nursery
-                send = bridge._remote_sender("src", "out")
+                send = bridge.sender("src", "out")
                 async with send:
                     await send.send(Request(request_id="bad", prompt="hi", priority=10**30))  # wider than msgpack
                     await send.send(Request(request_id="good", prompt="hi"))
