@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -42,6 +41,7 @@ from sagellm.backends.base import Availability
 from sagellm.backends.cpu_linear import CpuLinearWeight, linear, pack_block_weight, pack_linear_weight
 from sagellm.backends.decoder_layer import DECODER_LINEARS, DecoderLayer, DecoderShape
 from sagellm.backends.kernel_contracts import Attention, KernelTable
+from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
 from sagellm.backends.native import (
     DISABLE_ENV,
     InterleavedBlocks,
@@ -166,31 +166,17 @@ class NativeDispatch:
         added = native_add_lora(self.native, out, x, row_slots, lora_a, lora_b, torch.get_num_threads())
         return added if added is not None else torch_add_lora(out, x, row_slots, lora_a, lora_b)
 
-    def moe(
-        self,
-        x: torch.Tensor,
-        router: torch.Tensor,
-        gate_up: torch.Tensor | Sequence[CpuLinearWeight],
-        down: torch.Tensor | Sequence[CpuLinearWeight],
-        top_k: int,
-        first_expert: int,
-        normalize: bool = True,
-        router_bias: torch.Tensor | None = None,
-        gate_up_bias: torch.Tensor | None = None,
-        down_bias: torch.Tensor | None = None,
-        **options: Any,
-    ) -> torch.Tensor:
+    def moe(self, x: torch.Tensor, spec: MoeSpec, **options: Any) -> torch.Tensor:
         """The experts' MLP in one native call (moe.c) for decode's few rows when every expert is GGUF blocks and
         the router picks them alone (not Gemma 4's scaled experts routed from their own input); else the torch op."""
-        routed_alone = options.get("routing") is None and options.get("expert_scale") is None
-        experts = self._native_experts(gate_up, down) if routed_alone and x.shape[0] <= NATIVE_BLOCK_ROWS else None
-        biases = (router_bias, gate_up_bias, down_bias)
+        routed_alone = options.get("routing") is None and spec.expert_scale is None
+        few_rows = x.shape[0] <= NATIVE_BLOCK_ROWS
+        experts = self._native_experts(spec.gate_up, spec.down) if routed_alone and few_rows else None
         if experts is not None:
-            activation = (options.get("activation", "silu"), options.get("alpha", 1.702), options.get("limit", 7.0))
-            out = experts(x, router, top_k, first_expert, normalize, *biases, *activation)
+            out = experts(x, spec)
             if out is not None:
                 return out
-        return torch_ops.moe(x, router, gate_up, down, top_k, first_expert, normalize, *biases, **options)
+        return torch_ops.moe(x, spec, **options)
 
     def _native_experts(self, gate_up: Any, down: Any) -> NativeExperts | None:
         """The native experts of a layer's expert lists, built on first use (None: floats, or blocks moe.c lacks)."""
@@ -263,10 +249,7 @@ class NativeDispatch:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         chunk: PrefillChunk,
-        scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
+        spec: AttentionSpec,
         *,
         buffers: torch_ops.GatherBuffers | None = None,
     ) -> torch.Tensor:
@@ -274,26 +257,13 @@ class NativeDispatch:
         K/V are written first), or the torch op for what the C code does not take."""
         if fits_prefill_attention(q, k_cache, v_cache, chunk.block_table):
             n, ctx = chunk.query_len, chunk.context_len
-            threads = attention_threads(n * seen_keys(ctx, window))
-            size = prefill_scratch_size(ctx, k_cache.shape[2], q.shape[2], n, window)
+            threads = attention_threads(n * seen_keys(ctx, spec.window))
+            size = prefill_scratch_size(ctx, k_cache.shape[2], q.shape[2], n, spec.window)
             if self._prefill_scratch.numel() < size:  # grown, never shrunk: fresh memory costs page faults per call
                 self._prefill_scratch = torch.empty(size, dtype=torch.float32)
-            return self.native.paged_prefill_attention(
-                q,
-                k_cache,
-                v_cache,
-                chunk.block_table,
-                ctx,
-                scale,
-                threads,
-                self._prefill_scratch,
-                window,
-                softcap,
-                sinks,
-            )
-        return torch_ops.prefill_attention(
-            q, k, v, k_cache, v_cache, chunk, scale, window, softcap, sinks, buffers=buffers
-        )
+            table, scratch = chunk.block_table, self._prefill_scratch
+            return self.native.paged_prefill_attention(q, k_cache, v_cache, table, ctx, spec, threads, scratch)
+        return torch_ops.prefill_attention(q, k, v, k_cache, v_cache, chunk, spec, buffers=buffers)
 
     def paged_decode_attention(
         self,
@@ -302,19 +272,15 @@ class NativeDispatch:
         v_cache: torch.Tensor,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
-        scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
+        spec: AttentionSpec,
     ) -> torch.Tensor:
         if fits_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
             # An upper bound: tables span the contexts. NativeDecoderLayers counts the same, for the same threads.
-            keys = q.shape[0] * seen_keys(block_tables.shape[1] * k_cache.shape[1], window)
-            return self.native.paged_decode_attention(
-                q, k_cache, v_cache, block_tables, context_lens, scale, attention_threads(keys), window, softcap, sinks
-            )
+            keys = q.shape[0] * seen_keys(block_tables.shape[1] * k_cache.shape[1], spec.window)
+            threads = attention_threads(keys)
+            return self.native.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, spec, threads)
         return torch_ops.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks, buffers=self.buffers
+            q, k_cache, v_cache, block_tables, context_lens, spec, buffers=self.buffers
         )
 
     def gated_delta_net(
@@ -325,13 +291,7 @@ class NativeDispatch:
         meta: AttentionMetadata,
         conv_states: torch.Tensor,
         ssm_states: torch.Tensor,
-        conv_weight: torch.Tensor,
-        a_log: torch.Tensor,
-        dt_bias: torch.Tensor,
-        num_k_heads: int,
-        head_k_dim: int,
-        head_v_dim: int,
-        tiled_value_heads: bool = False,
+        spec: DeltaNetSpec,
     ) -> torch.Tensor:
         """Natively (delta_rule.c), each head's state updated in place in its slot: the decode rows in one call,
         each prefill chunk token by token, in two calls around a checkpoint. Token by token beats the torch op's
@@ -339,18 +299,16 @@ class NativeDispatch:
         one thread / two, a 64-token chunk 3 / 1.9 ms against 18-21 / 7, 512 tokens 25-33 / 17-22 against 104 /
         82-102; a decode row (its states from memory) 0.16 / 0.11 ms against 0.8-1.8 / 0.7, 8 rows 1.0 / 0.6-0.8
         against 14-18 / 7-12."""
-        states = (conv_states, ssm_states, conv_weight, a_log, dt_bias)
-        if not fits_delta_rule(mixed_qkv, b, a, states, head_k_dim, head_v_dim):
-            dims = (num_k_heads, head_k_dim, head_v_dim, tiled_value_heads)
-            return gated_delta_net(mixed_qkv, b, a, meta, *states, *dims)
+        states = (conv_states, ssm_states, spec.conv_weight, spec.a_log, spec.dt_bias)
+        if not fits_delta_rule(mixed_qkv, b, a, states, spec.head_k_dim, spec.head_v_dim):
+            return gated_delta_net(mixed_qkv, b, a, meta, conv_states, ssm_states, spec)
 
         def run(start: int, end: int, starts: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
             """Rows start .. end - 1, sequences as in NativeKernels.gated_delta_net."""
             threads = delta_rule_threads((end - start) * ssm_states[0].numel())
             rows = slice(start, end)
-            args = (*states, num_k_heads, head_k_dim, head_v_dim)
             return self.native.gated_delta_net(
-                mixed_qkv[rows], b[rows], a[rows], starts, slots, *args, threads, tiled_value_heads
+                mixed_qkv[rows], b[rows], a[rows], starts, slots, conv_states, ssm_states, spec, threads
             )
 
         nd = meta.num_decode_tokens
@@ -359,7 +317,7 @@ class NativeDispatch:
         decoded = run(0, nd, torch.arange(nd + 1), meta.decode_state_slots) if nd else None
         if not meta.prefills:
             return decoded
-        out = torch.empty(mixed_qkv.shape[0], b.shape[1] * head_v_dim)  # [T, Hv * Dv]
+        out = torch.empty(mixed_qkv.shape[0], b.shape[1] * spec.head_v_dim)  # [T, Hv * Dv]
         if decoded is not None:
             out[:nd] = decoded
         for chunk in meta.prefills:

@@ -22,6 +22,7 @@ import torch
 if TYPE_CHECKING:
     from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
     from sagellm.backends.decoder_layer import DecoderLayer, DecoderShape
+    from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
     from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
 
 
@@ -85,34 +86,17 @@ class Add(Protocol):
 
 class Moe(Protocol):
     def __call__(
-        self,
-        x: torch.Tensor,
-        router: torch.Tensor,
-        gate_up: Any,
-        down: Any,
-        top_k: int,
-        first_expert: int,
-        normalize: bool = True,
-        router_bias: torch.Tensor | None = None,
-        gate_up_bias: torch.Tensor | None = None,
-        down_bias: torch.Tensor | None = None,
-        *,
-        linear: Linear = ...,
-        activation: str = "silu",
-        alpha: float = 1.702,
-        limit: float = 7.0,
-        routing: torch.Tensor | None = None,
-        expert_scale: torch.Tensor | None = None,
+        self, x: torch.Tensor, spec: MoeSpec, *, linear: Linear = ..., routing: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mixtral's sparse MLP: x [T, H] -> [T, H]. Softmax over the router's [E, H] scores (of `routing` [T, H]
-        when given, Gemma 4's own norm of the stream; x otherwise), top_k experts, their weights renormalized to sum
-        to 1 if `normalize` and scaled by `expert_scale` [E] if given; then the weighted sum of
-        act(x W1^T) * (x W3^T) W2^T over the chosen experts among the L held, numbers first_expert.. (all E, or an
-        expert parallel rank's share: pairs routed elsewhere add nothing here). The experts are float tensors
-        stacked, gate_up [L, 2I, H] (gate_up[e] = cat(W1, W3)) and down [L, H, I], or lists of L weights `linear`
-        reads (packed GGUF blocks). act is silu, gelu_tanh (Gemma 4) or "swiglu_oai" (gpt-oss, with the biases:
-        router_bias [E], gate_up_bias [L, 2I], down_bias [L, H]): (clamp(up, ±limit) + 1) * g * sigmoid(alpha * g),
-        g = min(gate, limit)."""
+        """Mixtral's sparse MLP: x [T, H] -> [T, H], the layer's weights and routing in `spec` (layer_specs.py).
+        Softmax over the router's [E, H] scores (of `routing` [T, H] when given, Gemma 4's own norm of the stream; x
+        otherwise), top_k experts, their weights renormalized to sum to 1 if spec.normalize and scaled by
+        spec.expert_scale [E] if given; then the weighted sum of act(x W1^T) * (x W3^T) W2^T over the chosen experts
+        among the L held, numbers first_expert.. (all E, or an expert parallel rank's share: pairs routed elsewhere
+        add nothing here). The experts are float tensors stacked, gate_up [L, 2I, H] (gate_up[e] = cat(W1, W3)) and
+        down [L, H, I], or lists of L weights `linear` reads (packed GGUF blocks). act is silu, gelu_tanh (Gemma 4)
+        or "swiglu_oai" (gpt-oss, with the biases: router_bias [E], gate_up_bias [L, 2I], down_bias [L, H]):
+        (clamp(up, ±limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
 
 
 class KvWrite(Protocol):
@@ -131,17 +115,15 @@ class PagedDecodeAttention(Protocol):
         v_cache: torch.Tensor,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
-        scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
+        spec: AttentionSpec,
     ) -> torch.Tensor:
         """One query per sequence, q [B, Hq, D], against its whole cached context (its own token's K/V already
         written): block_tables [B, M] int32 (padded with 0), context_lens [B] int32, each >= 1 -> [B, Hq, D].
-        Query head h reads kv head h // (Hq / Hk). Scores are scale * q.k; window > 0: a query sees only its last
-        `window` positions (its own included); softcap > 0: each scaled score s becomes softcap * tanh(s / softcap)
-        before the softmax; sinks [Hq] float32 (gpt-oss): a logit per query head that joins its softmax's
-        denominator and takes no value. Padded cache positions are masked, so they must hold finite values."""
+        Query head h reads kv head h // (Hq / Hk). The layer's `spec` (layer_specs.py): scores are spec.scale * q.k;
+        window > 0: a query sees only its last `window` positions (its own included); softcap > 0: each scaled score
+        s becomes softcap * tanh(s / softcap) before the softmax; sinks [Hq] float32 (gpt-oss): a logit per query
+        head that joins its softmax's denominator and takes no value. Padded cache positions are masked, so they
+        must hold finite values."""
 
 
 class PrefillAttention(Protocol):
@@ -153,18 +135,14 @@ class PrefillAttention(Protocol):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         chunk: PrefillChunk,
-        scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
+        spec: AttentionSpec,
         *,
         buffers: GatherBuffers | None = None,
     ) -> torch.Tensor:
         """One prefill chunk's causal attention: q [n, Hq, D] and its fresh k, v [n, Hk, D] (already written to the
         caches) over the sequence's context_len cached tokens (chunk.block_table), query i at position
-        context_len - n + i -> [n, Hq, D]. `scale`, `window`, `softcap`, `sinks` as PagedDecodeAttention's;
-        `buffers`: the torch path's reusable gather memory (a kernel reading the cache in place ignores it).
-        `attention`'s prefill part (its `prefill`)."""
+        context_len - n + i -> [n, Hq, D]. `spec` as PagedDecodeAttention's; `buffers`: the torch path's reusable
+        gather memory (a kernel reading the cache in place ignores it). `attention`'s prefill part (its `prefill`)."""
 
 
 class Attention(Protocol):
@@ -176,15 +154,12 @@ class Attention(Protocol):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
-        scale: float,
-        window: int = 0,
-        softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
+        spec: AttentionSpec,
     ) -> torch.Tensor:
         """A layer's attention over the paged KV cache for the whole batch: q [T, Hq, D], k, v [T, Hk, D] ->
         [T, Hq, D]. First writes k, v into the caches in place at meta.slot_mapping (KvWrite), then attends: the
         meta.num_decode_tokens decode rows as PagedDecodeAttention (meta.decode_block_tables, decode_context_lens),
-        each of meta.prefills as PrefillAttention; `scale`, `window`, `softcap`, `sinks` as theirs."""
+        each of meta.prefills as PrefillAttention; `spec` as theirs."""
 
 
 class GatedDeltaNet(Protocol):
@@ -196,21 +171,16 @@ class GatedDeltaNet(Protocol):
         meta: AttentionMetadata,
         conv_states: torch.Tensor,
         ssm_states: torch.Tensor,
-        conv_weight: torch.Tensor,
-        a_log: torch.Tensor,
-        dt_bias: torch.Tensor,
-        num_k_heads: int,
-        head_k_dim: int,
-        head_v_dim: int,
-        tiled_value_heads: bool = False,
+        spec: DeltaNetSpec,
     ) -> torch.Tensor:
         """A Gated DeltaNet layer's core (Qwen3.5) over the batch: mixed_qkv [T, C] (C = 2 Hk Dk + Hv Dv, the
         projected q, k, v before the convolution), b, a [T, Hv] -> the delta rule's output [T, Hv * Dv] float32,
-        before the gated norm. A causal depthwise convolution (conv_weight [C, K]) + SiLU, q and k L2-normed, then the
-        gated delta rule (a_log, dt_bias [Hv]) over each sequence's states: conv_states [S, C, K-1] and ssm_states
-        [S, Hv, Dk, Dv], read and updated in place in its slot (meta.decode_state_slots, meta.decode_state_seeds;
-        a chunk's PrefillChunk.state_slot, source_slot and checkpoint). Value head h reads key head h // (Hv / Hk),
-        or h % Hk when `tiled_value_heads` (a GGUF's order). torch_ops/linear_attention.py is the reference."""
+        before the gated norm. The layer's `spec` (layer_specs.py) holds its weights and heads: a causal depthwise
+        convolution (spec.conv_weight [C, K]) + SiLU, q and k L2-normed, then the gated delta rule (spec.a_log,
+        spec.dt_bias [Hv]) over each sequence's states: conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv], read
+        and updated in place in its slot (meta.decode_state_slots, meta.decode_state_seeds; a chunk's
+        PrefillChunk.state_slot, source_slot and checkpoint). Value head h reads key head h // (Hv / Hk), or h % Hk
+        when spec.tiled_value_heads (a GGUF's order). torch_ops/linear_attention.py is the reference."""
 
 
 class AddLora(Protocol):

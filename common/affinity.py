@@ -3,6 +3,7 @@ rank of a tensor parallel group) keeps its threads there instead of both contend
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -12,6 +13,38 @@ from sagellm.common.errors import InvalidInput
 def usable_cores() -> list[int]:
     """The cores this process may run on (its affinity mask, which a container or taskset may have narrowed)."""
     return sorted(os.sched_getaffinity(0))
+
+
+def usable_core_count(cgroup: Path = Path("/sys/fs/cgroup"), cpus: Path = Path("/sys/devices/system/cpu")) -> int:
+    """The threads worth running: the physical cores among the usable CPUs (two hyperthreads of one core share its
+    arithmetic units, as torch counts), fewer where the process's cgroup grants less CPU time (a container started
+    with `--cpus 1.5` on 8 cores gets 2: more threads than that wait for quota in every parallel step)."""
+    cores = len({_siblings(cpu, cpus) for cpu in usable_cores()})
+    quota = cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def _siblings(cpu: int, cpus: Path) -> str:
+    """The CPUs sharing `cpu`'s core ("0,64", or "3-4"), or the CPU alone where the kernel does not say."""
+    try:
+        return (cpus / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip()
+    except OSError:
+        return str(cpu)
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU time the cgroup mounted at `cgroup` (a container's own) may use, in cores, or None when unlimited or
+    unreadable: cgroup v2's cpu.max ("quota period", "max" for none), or v1's cpu.cfs_quota_us (-1 for none)."""
+    try:
+        v2 = cgroup / "cpu.max"
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = cgroup / "cpu"
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        return None if quota_us <= 0 else quota_us / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def pin_process(cores: list[int]) -> None:

@@ -319,6 +319,7 @@ class EngineOperator(StepOperator):
         self.stats.spec_decode_num_drafts = engine.spec_decode_num_drafts
         self.stats.spec_decode_num_draft_tokens = engine.spec_decode_num_draft_tokens
         self.stats.spec_decode_num_accepted_tokens = engine.spec_decode_num_accepted_tokens
+        self.stats.threads = engine.num_threads
         self.stats.queued_prefill_tokens = engine.pending_prefill_tokens
         self.stats.queued_decode_tokens = engine.pending_decode_tokens
         self._waiting_long = engine.num_waiting_long  # read by `capacity()` on the event loop, between refreshes

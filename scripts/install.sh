@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs sageLLM into it, editable, on the CPU build of torch: its runtime
-# dependencies only, or with `--test` also the test and benchmark tools (what scripts/test.sh and CI need).
+# dependencies and the openai and anthropic SDKs the docs' examples use (the `client` extra), or with `--test` also the
+# test and benchmark tools (what scripts/test.sh and CI need).
 # Idempotent: a second run only refreshes the editable install. Says what it is doing: the first run downloads
 # torch and transformers (a few hundred MB), which takes minutes; pip's whole output is kept in .venv/install.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-target=.
-[[ "${1:-}" == "--test" ]] && target='.[test]'
+target='.[client]'
+[[ "${1:-}" == "--test" ]] && target='.[test]'  # the test extra holds the client one
 say() { echo "sagellm install: $*" >&2; }
 if [[ ! -x .venv/bin/python ]]; then
   say "creating .venv with $("$PYTHON" --version 2>&1)"

@@ -16,6 +16,9 @@ import structlog
 from sagellm.common.home import KERNELS_ENV
 from sagellm.common.openmp import prefer_short_spin
 
+# Outputs are compared bit for bit across runs (failover, PD, prefix hits): threads fixed, whatever the machine's load
+# (tests/engine/test_thread_governor.py runs the governor itself). Named here, not imported: torch must not load yet.
+os.environ.setdefault("SAGELLM_FIXED_THREADS", "1")
 os.environ.setdefault(KERNELS_ENV, str(Path(tempfile.gettempdir()) / f"sagellm-test-kernels-{os.getuid()}"))
 
 prefer_short_spin()  # the suite is a front end too: set before any test module imports torch

@@ -1,24 +1,31 @@
-"""Every code block of the README and the docs runs as written: bash blocks through a shell with this checkout's
-`sagellm` and `python` first on PATH, Python blocks in a fresh interpreter, the JSONL block is the request file its
-command reads, and each YAML block is the shipped graph it says it abridges. Real models (SmolLM2 and
-all-MiniLM-L6-v2 from their PyPI wheels) in a home of this session's own. The quick start's `scripts/install.sh` and
-`scripts/test.sh` are this suite's own set-up and the suite itself: the test runs the rest of that block. The blocks
-that start the default gateway around their requests share one, started and stopped by those same commands once, and
-a block whose code another already ran (the same quick start on two pages) passes on that run. Blocks of
-other languages (console transcripts, text, mermaid diagrams) are shown, not run; so are the indented blocks listed
-in NOT_RUN, each with what a test here lacks to run it (a new one fails until it is fenced, and run, or listed)."""
+"""Every code block of the README and the docs runs as a reader pastes it into a fresh shell after the README's
+install: no PATH, VIRTUAL_ENV or PYTHONPATH of this test process, the system's PATH, the checkout's `.venv` as the
+CI's clean clone's `scripts/install.sh --test` left it. The README's tour runs whole, its bash and Python blocks in
+order as one shell session in the checkout, as written but for its port. A block that names `.venv/` itself
+(activating it, or spelling its commands so) runs as written; the others run after `source .venv/bin/activate`,
+which getting-started.md asks for once per shell. Python blocks are pasted into that shell's `python -`; the JSONL
+block is the request file its command reads, and each YAML block is the shipped graph it says it abridges. Real
+models (SmolLM2 and all-MiniLM-L6-v2 from their PyPI wheels) in a home of this session's own. The quick start's
+`scripts/install.sh` and `scripts/test.sh` are this suite's own set-up and the suite itself: the test runs the rest
+of that block. The blocks that start the default gateway around their requests share one, started and stopped by
+those same commands once, and a block whose code another already ran (the same quick start on two pages) passes on
+that run. Every gateway listens on a free port: the docs' 8000 in a block's text is rewritten to it, nothing else is
+(xdist workers, and anything else on the machine, never meet on a port). Blocks of other languages (console
+transcripts, text, mermaid diagrams) are shown, not run; so are the indented blocks listed in NOT_RUN, each with what
+a test here lacks to run it (a new one fails until it is fenced, and run, or listed)."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.gateway.conftest import free_port
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -27,6 +34,15 @@ BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.S | re.M)
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # (page, language, text) of every fenced block, in page order
 BLOCKS = [(page, lang, text) for page in PAGES for lang, text in BLOCK.findall(page.read_text())]
+# The README's tour: its section's blocks, in order
+TOUR_SECTION = re.search(r"^## A tour\n(.*?)^## ", (ROOT / "README.md").read_text(), re.S | re.M)
+TOUR = [(lang, text) for lang, text in BLOCK.findall(TOUR_SECTION.group(1)) if lang in ("bash", "python")]
+# A fresh login shell's PATH (Debian's and Ubuntu's): no venv on it until a block, or the activation, puts one there
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ACTIVATE = "source .venv/bin/activate"
+ACTIVATION_LINE = re.compile(r"\Asource \.venv/bin/activate\b.*\n")
+DOCS_PORT = re.compile(r"\b8000\b")  # the port the docs name (the gateway's default)
+PYTHON_PASTE = "SAGELLM_DOC_BLOCK"  # the heredoc that pastes a Python block into `python -`
 # An indented block's first words -> why it is shown and not run
 NOT_RUN = {
     "source → admission": "a picture of the pipeline, not a command",
@@ -49,7 +65,7 @@ ABRIDGED = re.compile(r"^# (graphs/[\w.]+\.yaml) \(abridged\)\n")
 SUITE_ITSELF = re.compile(r"bash scripts/(install|test)\.sh( &&)?\s*")
 GATEWAY_LINE = re.compile(r"^sagellm gateway (start|stop)[ \t]*(#.*)?\n?", re.M)  # the default one, no options
 COMMENT_LINE = re.compile(r"^[ \t]*#.*\n?", re.M)
-Runs = dict[tuple[str, str, Path], subprocess.CompletedProcess[str]]  # (language, code sans comments, cwd) -> run
+Runs = dict[tuple[str, Path], subprocess.CompletedProcess[str]]  # (script sans comment lines, cwd) -> its run
 CAPTURED = dict(capture_output=True, text=True, stdin=subprocess.DEVNULL)
 RUN_TIMEOUT_S = 600
 # What each runnable block must print (stdout), beyond exiting 0, by its first line's start.
@@ -76,30 +92,68 @@ def _blocks(*languages: str) -> list[tuple[int, str]]:
     return [(i, text) for i, (_, lang, text) in enumerate(BLOCKS) if lang in languages]
 
 
+def _in_tour(index: int) -> bool:
+    page, lang, text = BLOCKS[index]
+    return page.name == "README.md" and (lang, text) in TOUR
+
+
+def _as_pasted(blocks: list[tuple[str, str]], port: int) -> str:
+    """Blocks as one shell session pastes them, bash as is and Python into `python -`, on `port` for 8000."""
+    script = "".join(text if lang == "bash" else f"python - <<'{PYTHON_PASTE}'\n{text}{PYTHON_PASTE}\n"
+                     for lang, text in blocks)  # fmt: skip
+    return DOCS_PORT.sub(str(port), script)
+
+
+def _in_fresh_shell(script: str, env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, timeout=timeout, **CAPTURED)
+
+
+def _stop_gateway(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`sagellm gateway stop` in the home of `env`, whatever ran before (nothing running: exit 1, said)."""
+    return _in_fresh_shell(f"{ACTIVATE}\nsagellm gateway stop", env, ROOT, 120)
+
+
+def _expected(text: str) -> str | None:
+    """What a block must print: the most specific start of EXPECTED's that it has, its activation line aside."""
+    start = ACTIVATION_LINE.sub("", text)
+    keys = [key for key in EXPECTED if start.startswith(key)]
+    return EXPECTED[max(keys, key=len)] if keys else None
+
+
 def _block_id(index: int) -> str:
     page = BLOCKS[index][0].relative_to(ROOT)
     return f"{page}-{sum(1 for p, _, _ in BLOCKS[:index] if p == BLOCKS[index][0])}"
 
 
+def _fresh_env(home: Path) -> dict[str, str]:
+    """A fresh shell's environment in the test's own home (models, gateway state; the kernels' folder is the run's,
+    tests/conftest.py): none of this process's venv (PATH, VIRTUAL_ENV, PYTHONPATH), the system's PATH."""
+    fresh = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    return {**fresh, "PATH": SYSTEM_PATH, "SAGELLM_HOME": str(home), "COLUMNS": "120"}
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    home = tmp_path_factory.mktemp("readme-home")
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SAGELLM_HOME": str(home), "COLUMNS": "120"}
+    assert (ROOT / ".venv/bin/activate").is_file(), "the docs' blocks run against the checkout's .venv: install.sh"
+    return _fresh_env(tmp_path_factory.mktemp("readme-home"))
 
 
 @pytest.fixture(scope="module")
-def gateway(env: dict[str, str], workdir: Path) -> Iterator[None]:
+def port() -> int:
+    """Where this module's gateways listen, for the docs' 8000."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def gateway(env: dict[str, str], port: int) -> Iterator[None]:
     """`sagellm gateway start` once for the blocks that start and stop it around their requests (SmolLM2 and
     all-MiniLM-L6-v2 loading, ~20 s each time otherwise); `sagellm gateway stop` after the last of them."""
-    command = ["sagellm", "gateway"]
-    run = dict(cwd=workdir, env=env, **CAPTURED)
     try:
-        started = subprocess.run([*command, "start"], timeout=RUN_TIMEOUT_S, **run)
+        started = _in_fresh_shell(f"{ACTIVATE}\nsagellm gateway start --port {port}", env, ROOT, RUN_TIMEOUT_S)
         assert started.returncode == 0, f"--- stdout\n{started.stdout[-3000:]}\n--- stderr\n{started.stderr[-5000:]}"
         yield
     finally:
-        stopped = subprocess.run([*command, "stop"], timeout=120, **run)
+        stopped = _stop_gateway(env)
     assert stopped.returncode == 0 and "gateway stopped" in stopped.stderr, stopped.stderr
 
 
@@ -120,38 +174,58 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_docs_have_the_blocks_this_test_runs() -> None:
     assert len(_blocks("bash")) >= 3 and len(_blocks("python")) >= 3
-    texts = [text for _, text in _blocks("bash", "python")]
+    texts = [ACTIVATION_LINE.sub("", text) for _, text in _blocks("bash", "python")]
     assert all(any(text.startswith(key) for text in texts) for key in EXPECTED)
+    assert [lang for lang, _ in TOUR] == ["bash", "python", "python"] and TOUR[0][1].startswith(f"{ACTIVATE}\n")
+    assert f"`{ACTIVATE}`, once per shell" in (ROOT / "docs/getting-started.md").read_text()  # what the rest run after
 
 
-# The blocks sharing the gateway last, so it runs only while they do.
-RUNNABLE = sorted((i for i, _ in _blocks("bash", "python")), key=lambda i: _shares_the_gateway(BLOCKS[i][2]))
+def test_the_readme_tour_runs_as_pasted_in_a_fresh_shell(env: dict[str, str], tmp_path: Path) -> None:
+    """In a home of its own, so a gateway another test of this module started (xdist may interleave them) is not
+    the one the tour's `gateway start` finds running; its models are the module's, downloaded once."""
+    shared = Path(env["SAGELLM_HOME"]) / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "models").symlink_to(shared)
+    tour_env = _fresh_env(tmp_path)
+    try:
+        ran = _in_fresh_shell(_as_pasted(TOUR, free_port()), tour_env, ROOT, RUN_TIMEOUT_S)
+    finally:
+        _stop_gateway(tour_env)  # never leave it running, whatever happened
+    assert ran.returncode == 0, f"--- stdout\n{ran.stdout[-3000:]}\n--- stderr\n{ran.stderr[-5000:]}"
+    for _, text in TOUR:
+        assert (_expected(text) or "") in ran.stdout, (text, ran.stdout[-3000:])
+
+
+# The blocks sharing the gateway last, so it runs only while they do; the tour's run above.
+RUNNABLE = sorted((i for i, _ in _blocks("bash", "python") if not _in_tour(i)),
+                  key=lambda i: _shares_the_gateway(BLOCKS[i][2]))  # fmt: skip
 
 
 @pytest.mark.parametrize("index", RUNNABLE, ids=_block_id)
-def test_block_runs(index: int, env: dict[str, str], workdir: Path, runs: Runs, request: pytest.FixtureRequest) -> None:
+def test_block_runs(
+    index: int, env: dict[str, str], port: int, workdir: Path, runs: Runs, request: pytest.FixtureRequest
+) -> None:
     _, lang, text = BLOCKS[index]
-    quick_start = "scripts/install.sh" in text
     shared = _shares_the_gateway(text)
     if shared:
         request.getfixturevalue("gateway")
     if lang == "bash":
-        script = SUITE_ITSELF.sub("", GATEWAY_LINE.sub("", text) if shared else text)
-        command = ["bash", "-euo", "pipefail", "-c", script]
-    else:
-        command = [sys.executable, "-c", text]
-    cwd = ROOT if quick_start else workdir  # the quick start names .venv/bin/ as a fresh clone has it
-    code = (lang, COMMENT_LINE.sub("", command[-1]), cwd)
+        text = SUITE_ITSELF.sub("", GATEWAY_LINE.sub("", text) if shared else text)
+    names_the_venv = ".venv/" in text
+    script = _as_pasted([(lang, text)], port)
+    if not names_the_venv:
+        script = f"source {ROOT}/.venv/bin/activate\n{script}"  # what getting-started.md asks for, once per shell
+    cwd = ROOT if names_the_venv else workdir  # a block naming .venv/ names the checkout's, from the checkout
+    code = (COMMENT_LINE.sub("", script), cwd)
     try:
         if code not in runs:  # else the same code, on another page, ran already: its run says
-            runs[code] = subprocess.run(command, cwd=cwd, env=env, timeout=RUN_TIMEOUT_S, **CAPTURED)
+            runs[code] = _in_fresh_shell(script, env, cwd, RUN_TIMEOUT_S)
     finally:
         if "gateway start" in text and not shared:  # never leave it running, whatever happened
-            subprocess.run(["sagellm", "gateway", "stop"], env=env, capture_output=True, timeout=120)
+            _stop_gateway(env)
     done = runs[code]
     assert done.returncode == 0, f"{text}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-5000:]}"
-    keys = [key for key in EXPECTED if text.startswith(key)]
-    expected = EXPECTED[max(keys, key=len)] if keys else None  # the most specific start says
+    expected = _expected(BLOCKS[index][2])
     if expected is not None:
         assert expected in done.stdout, done.stdout[-3000:]
 

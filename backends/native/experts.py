@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sagellm.backends.layer_specs import MoeSpec
 from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.block_weight import BlockWeight, block_weight, fits_blocks
 from sagellm.backends.native.ops import NativeKernels
@@ -40,8 +41,8 @@ def routing_fits(
 
 
 class NativeExperts:
-    """`(x, router, top_k, first_expert, normalize, router_bias, gate_up_bias, down_bias, activation, alpha, limit)
-    -> out | None` over the experts given to `build`, each projection a tuple of InterleavedBlocks."""
+    """`(x, spec) -> out | None` over the experts given to `build` (a layer's MoeSpec holds the same ones), each
+    projection a tuple of InterleavedBlocks."""
 
     def __init__(
         self,
@@ -71,23 +72,12 @@ class NativeExperts:
         fits = all(fits_blocks(g, 2 * inter, hidden) for g in gate_up)
         return cls(native, gate_up, down) if fits and all(fits_blocks(d, hidden, inter) for d in down) else None
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        router: torch.Tensor,
-        top_k: int,
-        first_expert: int,
-        normalize: bool,
-        router_bias: torch.Tensor | None,
-        gate_up_bias: torch.Tensor | None,
-        down_bias: torch.Tensor | None,
-        activation: str,
-        alpha: float,
-        limit: float,
-    ) -> torch.Tensor | None:
-        """The MLP of x [T, H], or None for what moe.c does not take (the torch op then runs)."""
+    def __call__(self, x: torch.Tensor, spec: MoeSpec) -> torch.Tensor | None:
+        """The MLP of x [T, H] routed as `spec` says (its experts: the ones given to `build`), or None for what moe.c
+        does not take (the torch op then runs)."""
+        router, top_k, activation = spec.router, spec.top_k, spec.activation
         rows, h, i, experts = x.shape[0], self.hidden, self.inter, router.shape[0]
-        biases = (router_bias, gate_up_bias, down_bias)
+        biases = (spec.router_bias, spec.gate_up_bias, spec.down_bias)
         shapes_fit = fits_rows(x) and x.shape[1] == h and router.dim() == 2 and router.shape[1] == h
         if not (shapes_fit and routing_fits(router, *biases, self.held, i, top_k, activation)):
             return None
@@ -104,21 +94,21 @@ class NativeExperts:
             x.stride(0),
             rows,
             router.data_ptr(),
-            address(router_bias),
+            address(spec.router_bias),
             experts,
             top_k,
-            int(normalize),
-            first_expert,
+            int(spec.normalize),
+            spec.first_expert,
             self.held,
             self._gate_up,
             self._down,
-            address(gate_up_bias),
-            address(down_bias),
+            address(spec.gate_up_bias),
+            address(spec.down_bias),
             h,
             i,
             ACTIVATIONS.index(activation),
-            alpha,
-            limit,
+            spec.alpha,
+            spec.limit,
             out.data_ptr(),
             self._workspace.data_ptr(),
             torch.get_num_threads(),

@@ -9,9 +9,11 @@ check is stated per op. Outputs are fresh tensors, never views of an input, like
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
+from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec
 from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.build import native_library
 from sagellm.backends.native.isa import Variant
@@ -158,45 +160,18 @@ class NativeKernels:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, K] @ weight [N, K]^T (+ bias [N]) -> [T, N]; weight and bias contiguous fp32."""
-        tokens, k = x.shape
-        n = weight.shape[0]
+        n, k = weight.shape[0], x.shape[1]
         _expect(weight.shape == (n, k) and (bias is None or bias.shape == (n,)), "linear weight and bias", weight, x)
-        out = torch.empty((tokens, n), dtype=F32)  # [T, N]
-        self._lib.linear_f32(
-            x.data_ptr(),
-            x.stride(0),
-            _f32(weight),
-            None if bias is None else _f32(bias),
-            out.data_ptr(),
-            tokens,
-            n,
-            k,
-        )
-        return out
+        return _linear_rows(self._lib.linear_f32, x, _f32(weight), bias, n)
 
     def block_linear(
         self, x: torch.Tensor, weight: InterleavedBlocks, bias: torch.Tensor | None, num_threads: int = 1
     ) -> torch.Tensor:
         """x [T, K] @ the dequantized weight^T (+ bias [N]) -> [T, N], reading the interleaved blocks."""
-        tokens, k = x.shape
-        n = weight.out_features
-        _expect(k == weight.in_features and (bias is None or bias.shape == (n,)), "block weight and bias", x, x)
-        out = torch.empty((tokens, n), dtype=F32)  # [T, N]
-        scratch = torch.empty(tokens * k, dtype=F32)  # x's rows repacked k-major by the kernel
+        n = _block_outputs(x, weight, bias)
+        scratch = torch.empty(x.numel(), dtype=F32)  # x's rows repacked k-major by the kernel
         kernel = getattr(self._lib, f"linear_{weight.layout}_f32")
-        kernel(
-            x.data_ptr(),
-            x.stride(0),
-            weight.data.data_ptr(),
-            None if bias is None else _f32(bias),
-            out.data_ptr(),
-            tokens,
-            n,
-            k,
-            scratch.data_ptr(),
-            num_threads,
-        )
-        return out
+        return _linear_rows(kernel, x, weight.data.data_ptr(), bias, n, scratch.data_ptr(), num_threads)
 
     def block_linear_large(
         self, x: torch.Tensor, weight: InterleavedBlocks, bias: torch.Tensor | None, num_threads: int = 1
@@ -206,8 +181,7 @@ class NativeKernels:
         GEMM multiplies x by it straight into the output's columns, adding the bias; so the sums are torch's. The
         tile is allocated per call: reusing one measured no faster."""
         tokens, k = x.shape
-        n = weight.out_features
-        _expect(k == weight.in_features and (bias is None or bias.shape == (n,)), "block weight and bias", x, x)
+        n = _block_outputs(x, weight, bias)
         groups = weight.data.shape[0]
         width = n // groups  # outputs per group
         tiles = -(-groups // max(1, DEQUANTIZED_TILE_BYTES // (4 * k * width)))
@@ -255,21 +229,17 @@ class NativeKernels:
         v_cache: torch.Tensor,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
-        scale: float,
+        spec: AttentionSpec,
         num_threads: int = 1,
-        window: int = 0,
-        softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [B, Hq, D] against each row's context_lens[b] cached tokens (the last `window` of them when window > 0),
-        scores soft-capped when softcap > 0, each head's sink logit (fp32 [Hq]) in its denominator; [B, Hq, D].
-        Block tables must only name blocks of the caches and context_lens be at most the table's width in tokens, as
-        the runner's are."""
-        batch, hq, d = q.shape
-        _, block_size, hk, _ = k_cache.shape
-        _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
+        """q [B, Hq, D] against each row's context_lens[b] cached tokens (the last spec.window of them when
+        window > 0), scores soft-capped when spec.softcap > 0, each head's sink logit (fp32 [Hq]) in its denominator;
+        [B, Hq, D]. Block tables must only name blocks of the caches and context_lens be at most the table's width in
+        tokens, as the runner's are."""
+        batch = q.shape[0]
+        layer = _attention_layer(q, k_cache, v_cache, spec)
         _expect(block_tables.shape[0] == batch and context_lens.shape == (batch,), "tables", block_tables, q)
-        out = torch.empty((batch, hq, d), dtype=F32)  # [B, Hq, D]
+        out = torch.empty(q.shape, dtype=F32)  # [B, Hq, D]
         self._lib.paged_decode_attention_f32(
             q.data_ptr(),
             q.stride(0),
@@ -280,14 +250,7 @@ class NativeKernels:
             _contiguous(context_lens, torch.int32),
             out.data_ptr(),
             batch,
-            hq,
-            hk,
-            d,
-            block_size,
-            scale,
-            window,
-            softcap,
-            _sinks(sinks, hq),
+            *layer,
             num_threads,
         )
         return out
@@ -299,25 +262,22 @@ class NativeKernels:
         v_cache: torch.Tensor,
         block_table: torch.Tensor,
         context_len: int,
-        scale: float,
+        spec: AttentionSpec,
         num_threads: int = 1,
         scratch: torch.Tensor | None = None,
-        window: int = 0,
-        softcap: float = 0.0,
-        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of a chunk's queries q [n, Hq, D], the sequence's tokens context_len - n ..
         context_len - 1, over its first context_len cached tokens (the chunk's own K/V written first); [n, Hq, D].
-        With window > 0 the query at position i sees only keys above i - window; softcap > 0 caps the scores; sinks
-        (fp32 [Hq]) join each head's softmax denominator. The block table must name the sequence's blocks of the
-        caches, as the runner's do. `scratch`: fp32 memory to reuse for the transposed keys (`prefill_scratch_size`
-        floats), else it is allocated."""
-        n, hq, d = q.shape
+        With spec.window > 0 the query at position i sees only keys above i - window; spec.softcap > 0 caps the
+        scores; spec.sinks (fp32 [Hq]) join each head's softmax denominator. The block table must name the sequence's
+        blocks of the caches, as the runner's do. `scratch`: fp32 memory to reuse for the transposed keys
+        (`prefill_scratch_size` floats), else it is allocated."""
+        n, _, d = q.shape
         _, block_size, hk, _ = k_cache.shape
-        _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
+        layer = _attention_layer(q, k_cache, v_cache, spec)
         _expect(0 < n <= context_len <= block_table.shape[0] * block_size, "block table", block_table, q)
-        out = torch.empty((n, hq, d), dtype=F32)  # [n, Hq, D]
-        size = prefill_scratch_size(context_len, hk, d, n, window)
+        out = torch.empty(q.shape, dtype=F32)  # [n, Hq, D]
+        size = prefill_scratch_size(context_len, hk, d, n, spec.window)
         if scratch is None or scratch.numel() < size or scratch.dtype != F32 or not scratch.is_contiguous():
             scratch = torch.empty(size, dtype=F32)
         self._lib.paged_prefill_attention_f32(
@@ -329,14 +289,7 @@ class NativeKernels:
             context_len,
             n,
             out.data_ptr(),
-            hq,
-            hk,
-            d,
-            block_size,
-            scale,
-            window,
-            softcap,
-            _sinks(sinks, hq),
+            *layer,
             scratch.data_ptr(),
             num_threads,
         )
@@ -351,24 +304,19 @@ class NativeKernels:
         slots: torch.Tensor,
         conv_states: torch.Tensor,
         ssm_states: torch.Tensor,
-        conv_weight: torch.Tensor,
-        a_log: torch.Tensor,
-        dt_bias: torch.Tensor,
-        num_k_heads: int,
-        head_k_dim: int,
-        head_v_dim: int,
+        spec: DeltaNetSpec,
         num_threads: int = 1,
-        tiled_value_heads: bool = False,
     ) -> torch.Tensor:
         """`GatedDeltaNet` (backends/kernel_contracts.py) over N sequences, each continuing from its slot's states: rows
         starts[i] .. starts[i + 1] - 1 of mixed_qkv [T, C], b and a [T, Hv] are sequence i's tokens, in order, and
         slots[i] its slot (starts int64 [N + 1] from 0 to T, slots int64 [N]; a decode step: one token each).
         conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] are advanced in place; value head h reads key head
-        h // (Hv / Hk), or h % Hk with `tiled_value_heads`. Returns [T, Hv * Dv]. Slots are checked to be slots (a
+        h // (Hv / Hk), or h % Hk with spec.tiled_value_heads. Returns [T, Hv * Dv]. Slots are checked to be slots (a
         few numbers: a wrong one would write outside the states); starts are not: they must rise from 0 to T, and
         slots be distinct."""
         tokens, channels = mixed_qkv.shape
-        hk, dk, hv, dv = num_k_heads, head_k_dim, b.shape[1], head_v_dim
+        hk, dk, hv, dv = spec.num_k_heads, spec.head_k_dim, b.shape[1], spec.head_v_dim
+        conv_weight, a_log, dt_bias = spec.conv_weight, spec.a_log, spec.dt_bias
         width = conv_weight.shape[1]
         _expect(channels == 2 * hk * dk + hv * dv and hv % hk == 0, "gated_delta_net heads", mixed_qkv, b)
         _expect(b.shape == a.shape == (tokens, hv), "gated_delta_net b and a", a, mixed_qkv)
@@ -401,7 +349,7 @@ class NativeKernels:
             dk,
             hv,
             dv,
-            int(tiled_value_heads),
+            int(spec.tiled_value_heads),
             width,
             scratch.data_ptr(),
             num_threads,
@@ -409,9 +357,36 @@ class NativeKernels:
         return out
 
 
+def _linear_rows(
+    kernel: Callable[..., None], x: torch.Tensor, weight: int, bias: torch.Tensor | None, n: int, *rest: int
+) -> torch.Tensor:
+    """x [T, K] through a linear kernel of the C code's calling convention for them (x's rows and row stride, the
+    weight's address, the bias's or NULL, the output's, T, N, K, then the kernel's own arguments `rest`) -> [T, N]."""
+    tokens, k = x.shape
+    out = torch.empty((tokens, n), dtype=F32)  # [T, N]
+    kernel(x.data_ptr(), x.stride(0), weight, None if bias is None else _f32(bias), out.data_ptr(), tokens, n, k, *rest)
+    return out
+
+
+def _block_outputs(x: torch.Tensor, weight: InterleavedBlocks, bias: torch.Tensor | None) -> int:
+    """N, the outputs of a linear on `weight`'s blocks, once x [T, K] and bias [N] are checked to fit them."""
+    n = weight.out_features
+    _expect(x.shape[1] == weight.in_features and (bias is None or bias.shape == (n,)), "block weight and bias", x, x)
+    return n
+
+
 def _expect(fits: bool, what: str, tensor: torch.Tensor, against: torch.Tensor) -> None:
     if not fits:
         raise NativeShapeError(f"{what} of shape {tuple(tensor.shape)} does not fit {tuple(against.shape)}")
+
+
+def _attention_layer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spec: AttentionSpec) -> tuple:
+    """What the C attention kernels take of a layer, after the tokens' own arguments: its query and kv heads, head
+    size, block size and spec (scale, window, softcap, the sinks' address or NULL); the caches checked to fit q."""
+    hq, d = q.shape[1:]
+    _, block_size, hk, _ = k_cache.shape
+    _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
+    return hq, hk, d, block_size, spec.scale, spec.window, spec.softcap, _sinks(spec.sinks, hq)
 
 
 def _sinks(sinks: torch.Tensor | None, heads: int) -> int | None:

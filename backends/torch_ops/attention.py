@@ -2,9 +2,9 @@
 against their cached context in one batched call and each prefill chunk causally over its sequence. `attention` takes
 the parts a device swaps (the CUDA backend's triton decode kernel, the CPU's native ones).
 
-A layer's sliding `window` is a mask SDPA takes; its score `softcap` and attention `sinks` (what the three mean:
-kernel_contracts.py) change the softmax, which SDPA cannot, so a capped or sinking layer takes the explicit
-matmul-softmax path."""
+A layer's sliding `window` is a mask SDPA takes; its score `softcap` and attention `sinks` (its AttentionSpec's; what
+the three mean: kernel_contracts.py) change the softmax, which SDPA cannot, so a capped or sinking layer takes the
+explicit matmul-softmax path."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.kernel_contracts import KvWrite, PagedDecodeAttention, PrefillAttention
+from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers, cached_tokens, visibility_mask
 
 
@@ -30,10 +31,7 @@ def paged_decode_attention(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    scale: float,
-    window: int = 0,
-    softcap: float = 0.0,
-    sinks: torch.Tensor | None = None,
+    spec: AttentionSpec,
     *,
     buffers: GatherBuffers | None = None,
 ) -> torch.Tensor:
@@ -53,6 +51,7 @@ def paged_decode_attention(
         keys = buffers.decode_kv("k", k_cache, block_tables, context_lens)  # [B, L, Hk, D]
         values = buffers.decode_kv("v", v_cache, block_tables, context_lens)
     visible = visibility_mask(context_lens, keys.shape[1], buffers)  # [B, 1, 1, L] or None
+    window, sinks = spec.window, spec.sinks
     if window:
         position = torch.arange(keys.shape[1], device=q.device)
         recent = (position >= context_lens[:, None] - window).view(batch, 1, 1, -1)  # [B, 1, 1, L]
@@ -64,8 +63,8 @@ def paged_decode_attention(
         values.transpose(1, 2),
         visible,
         False,
-        scale,
-        softcap,
+        spec.scale,
+        spec.softcap,
         None if sinks is None else sinks.view(num_kv_heads, group, 1),  # [Hk, G, 1]: one per query row
     )  # [B, Hk, G, D]
     return out.flatten(1, 2)  # [B, Hq, D]
@@ -78,10 +77,7 @@ def prefill_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     chunk: PrefillChunk,
-    scale: float,
-    window: int = 0,
-    softcap: float = 0.0,
-    sinks: torch.Tensor | None = None,
+    spec: AttentionSpec,
     *,
     buffers: GatherBuffers | None = None,
 ) -> torch.Tensor:
@@ -99,6 +95,7 @@ def prefill_attention(
         table = chunk.block_table[: -(-ctx // block_size)]
         keys = cached_tokens(k_cache, table, buffers, "k")[:ctx]  # [ctx, Hk, D]
         values = cached_tokens(v_cache, table, buffers, "v")[:ctx]
+    window, sinks = spec.window, spec.sinks
     windowed = 0 < window < ctx
     causal = ctx == n and not windowed
     mask = None
@@ -113,8 +110,8 @@ def prefill_attention(
         values.transpose(0, 1)[:, None].expand(-1, group, -1, -1),
         mask,
         causal,
-        scale,
-        softcap,
+        spec.scale,
+        spec.softcap,
         None if sinks is None else sinks.view(num_kv_heads, group, 1, 1),  # [Hk, G, 1, 1]
     )  # [Hk, G, n, D]
     return out.flatten(0, 1).transpose(0, 1)  # [n, Hq, D]
@@ -150,10 +147,7 @@ def attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
-    scale: float,
-    window: int = 0,
-    softcap: float = 0.0,
-    sinks: torch.Tensor | None = None,
+    spec: AttentionSpec,
     *,
     decode: PagedDecodeAttention = paged_decode_attention,
     buffers: GatherBuffers | None = None,
@@ -172,7 +166,7 @@ def attention(
         if buffers is not None:
             buffers.decode_continues = meta.decode_continues
         tables, lens = meta.decode_block_tables, meta.decode_context_lens
-        decoded = decode(q[:nd], k_cache, v_cache, tables, lens, scale, window=window, softcap=softcap, sinks=sinks)
+        decoded = decode(q[:nd], k_cache, v_cache, tables, lens, spec)
         if nd == q.shape[0]:  # a decode-only step, the steady state: no staging copy
             return decoded
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
@@ -180,17 +174,5 @@ def attention(
         out[:nd] = decoded
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = prefill(
-            q[rows],
-            k[rows],
-            v[rows],
-            k_cache,
-            v_cache,
-            chunk,
-            scale,
-            window=window,
-            softcap=softcap,
-            sinks=sinks,
-            buffers=buffers,
-        )
+        out[rows] = prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, spec, buffers=buffers)
     return out

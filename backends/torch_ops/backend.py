@@ -12,36 +12,24 @@ import torch
 
 from sagellm.backends.base import Availability, HardwareBackend
 from sagellm.backends.kernel_contracts import KernelTable
+from sagellm.backends.torch_ops import token_ops
 from sagellm.backends.torch_ops.attention import attention, paged_decode_attention
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm
 from sagellm.backends.torch_ops.lora import add_lora
-from sagellm.backends.torch_ops.token_ops import (
-    add,
-    add_rmsnorm,
-    embedding,
-    gelu_tanh_mul,
-    head_rmsnorm,
-    linear,
-    moe,
-    rmsnorm,
-    rope,
-    sigmoid,
-    silu_mul,
-)
 
 TORCH_KERNELS: KernelTable = {
-    "embedding": embedding,
-    "rmsnorm": rmsnorm,
-    "add_rmsnorm": add_rmsnorm,
-    "head_rmsnorm": head_rmsnorm,
-    "linear": linear,
-    "rope": rope,
-    "silu_mul": silu_mul,
-    "gelu_tanh_mul": gelu_tanh_mul,
-    "add": add,
-    "sigmoid": sigmoid,
-    "moe": moe,
+    "embedding": token_ops.embedding,
+    "rmsnorm": token_ops.rmsnorm,
+    "add_rmsnorm": token_ops.add_rmsnorm,
+    "head_rmsnorm": token_ops.head_rmsnorm,
+    "linear": token_ops.linear,
+    "rope": token_ops.rope,
+    "silu_mul": token_ops.silu_mul,
+    "gelu_tanh_mul": token_ops.gelu_tanh_mul,
+    "add": token_ops.add,
+    "sigmoid": token_ops.sigmoid,
+    "moe": token_ops.moe,
     "attention": attention,
     "paged_decode_attention": paged_decode_attention,
     "gated_delta_net": gated_delta_net,

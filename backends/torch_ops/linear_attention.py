@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sagellm.backends.attention_metadata import AttentionMetadata
+from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.layer_specs import DeltaNetSpec
 
 CHUNK = 64  # tokens per chunk of the chunked delta rule: its triangular solves are CHUNK x CHUNK
 
@@ -33,31 +34,27 @@ def gated_delta_net(
     meta: AttentionMetadata,
     conv_states: torch.Tensor,
     ssm_states: torch.Tensor,
-    conv_weight: torch.Tensor,
-    a_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    num_k_heads: int,
-    head_k_dim: int,
-    head_v_dim: int,
-    tiled_value_heads: bool = False,
+    spec: DeltaNetSpec,
 ) -> torch.Tensor:
     """`GatedDeltaNet` (backends/kernel_contracts.py): the decode rows by the recurrent rule, each prefill chunk by
     the chunked form."""
     num_v_heads = b.shape[1]
-    out = mixed_qkv.new_empty(mixed_qkv.shape[0], num_v_heads * head_v_dim, dtype=torch.float32)
-    dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim, tiled_value_heads)
+    out = mixed_qkv.new_empty(mixed_qkv.shape[0], num_v_heads * spec.head_v_dim, dtype=torch.float32)
+    dims = (spec.num_k_heads, spec.head_k_dim, num_v_heads, spec.head_v_dim, spec.tiled_value_heads)
     nd = meta.num_decode_tokens
     if nd:
         seed_decode_states(meta, conv_states, ssm_states)
         slots = meta.decode_state_slots  # [nd]
-        decay, beta = _gates(a[:nd], b[:nd], a_log, dt_bias)  # [nd, Hv] each
-        x = _conv_step(mixed_qkv[:nd].float(), conv_states, slots, conv_weight)  # [nd, C]
+        decay, beta = _gates(a[:nd], b[:nd], spec.a_log, spec.dt_bias)  # [nd, Hv] each
+        x = _conv_step(mixed_qkv[:nd].float(), conv_states, slots, spec.conv_weight)  # [nd, C]
         q, k, v = _split_heads(x, dims)  # [nd, Hv, Dk], [nd, Hv, Dk], [nd, Hv, Dv]
         state = ssm_states.index_select(0, slots)  # [nd, Hv, Dk, Dv]
         o = recurrent_gated_delta_rule(q, k, v, decay, beta, state)  # state advanced in place
         ssm_states.index_copy_(0, slots, state)
         out[:nd] = o.flatten(1)
-    _prefill_chunks(mixed_qkv, b, a, meta, conv_states, ssm_states, conv_weight, a_log, dt_bias, dims, out)
+    for chunk in meta.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        out[rows] = _prefill_chunk(chunk, mixed_qkv[rows], b[rows], a[rows], conv_states, ssm_states, spec, dims)
     return out
 
 
@@ -73,47 +70,42 @@ def seed_decode_states(meta: AttentionMetadata, conv_states: torch.Tensor, ssm_s
                 states[slot].copy_(states[source])
 
 
-def _prefill_chunks(
+def _prefill_chunk(
+    chunk: PrefillChunk,
     mixed_qkv: torch.Tensor,
     b: torch.Tensor,
     a: torch.Tensor,
-    meta: AttentionMetadata,
     conv_states: torch.Tensor,
     ssm_states: torch.Tensor,
-    conv_weight: torch.Tensor,
-    a_log: torch.Tensor,
-    dt_bias: torch.Tensor,
+    spec: DeltaNetSpec,
     dims: tuple[int, int, int, int, bool],
-    out: torch.Tensor,
-) -> None:
-    """The prefill chunks of `gated_delta_net`'s batch (dims: Hk, Dk, Hv, Dv, tiled): their rows of out [T, Hv * Dv]
-    written, their slots' states advanced and their checkpoints taken."""
-    for chunk in meta.prefills:
-        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        fresh = chunk.source_slot < 0  # starts at position 0
-        inputs = mixed_qkv[rows].float()  # [n, C]
-        window = conv_states.new_zeros(conv_states.shape[1:]) if fresh else conv_states[chunk.source_slot]
-        joined = torch.cat([window.T, inputs])  # [K-1+n, C]: the window, then this chunk's inputs
-        x = _conv_prefill(joined, conv_weight)  # [n, C]
-        q, k, v = _split_heads(x, dims)
-        decay, beta = _gates(a[rows], b[rows], a_log, dt_bias)  # [n, Hv] each
-        state = ssm_states.new_zeros(ssm_states.shape[1:]) if fresh else ssm_states[chunk.source_slot].clone()
-        pieces = [(0, chunk.query_len)]
-        if chunk.checkpoint is not None:
-            at, _ = chunk.checkpoint
-            pieces = [(0, at), (at, chunk.query_len)]
-        outputs = []
-        for start, end in pieces:
-            if end > start:
-                span = slice(start, end)
-                outputs.append(chunk_gated_delta_rule(q[span], k[span], v[span], decay[span], beta[span], state))
-            if chunk.checkpoint is not None and end == chunk.checkpoint[0]:
-                _, keep = chunk.checkpoint
-                ssm_states[keep] = state
-                conv_states[keep] = _window_after(joined, end, conv_states.shape[2])
-        ssm_states[chunk.state_slot] = state
-        conv_states[chunk.state_slot] = _window_after(joined, chunk.query_len, conv_states.shape[2])
-        out[rows] = torch.cat(outputs).flatten(1)
+) -> torch.Tensor:
+    """One prefill chunk of `gated_delta_net`'s batch, its rows of mixed_qkv [n, C], b and a [n, Hv] (dims: Hk, Dk,
+    Hv, Dv, tiled): its slot's states advanced, its checkpoint taken; returns its output [n, Hv * Dv]."""
+    fresh = chunk.source_slot < 0  # starts at position 0
+    inputs = mixed_qkv.float()  # [n, C]
+    window = conv_states.new_zeros(conv_states.shape[1:]) if fresh else conv_states[chunk.source_slot]
+    joined = torch.cat([window.T, inputs])  # [K-1+n, C]: the window, then this chunk's inputs
+    x = _conv_prefill(joined, spec.conv_weight)  # [n, C]
+    q, k, v = _split_heads(x, dims)
+    decay, beta = _gates(a, b, spec.a_log, spec.dt_bias)  # [n, Hv] each
+    state = ssm_states.new_zeros(ssm_states.shape[1:]) if fresh else ssm_states[chunk.source_slot].clone()
+    pieces = [(0, chunk.query_len)]
+    if chunk.checkpoint is not None:
+        at, _ = chunk.checkpoint
+        pieces = [(0, at), (at, chunk.query_len)]
+    outputs = []
+    for start, end in pieces:
+        if end > start:
+            span = slice(start, end)
+            outputs.append(chunk_gated_delta_rule(q[span], k[span], v[span], decay[span], beta[span], state))
+        if chunk.checkpoint is not None and end == chunk.checkpoint[0]:
+            _, keep = chunk.checkpoint
+            ssm_states[keep] = state
+            conv_states[keep] = _window_after(joined, end, conv_states.shape[2])
+    ssm_states[chunk.state_slot] = state
+    conv_states[chunk.state_slot] = _window_after(joined, chunk.query_len, conv_states.shape[2])
+    return torch.cat(outputs).flatten(1)
 
 
 def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

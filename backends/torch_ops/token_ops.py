@@ -4,11 +4,12 @@ what each takes and returns is its kernel_contracts.py protocol's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from sagellm.backends.layer_specs import MoeSpec
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -97,33 +98,24 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 def moe(
     x: torch.Tensor,
-    router: torch.Tensor,
-    gate_up: torch.Tensor | Sequence[Any],
-    down: torch.Tensor | Sequence[Any],
-    top_k: int,
-    first_expert: int,
-    normalize: bool = True,
-    router_bias: torch.Tensor | None = None,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
+    spec: MoeSpec,
     *,
     linear: Callable[..., torch.Tensor] = F.linear,
-    activation: str = "silu",
-    alpha: float = 1.702,
-    limit: float = 7.0,
     routing: torch.Tensor | None = None,
-    expert_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`Moe`: each token routed over all E experts in fp32, as transformers does (`normalize` is Qwen's
     norm_topk_prob); the (token, choice) pairs are then sorted by expert so each held expert runs once, one matmul over
     the tokens that chose it, and its weighted output is added to theirs. Pairs routed to experts held elsewhere add
     nothing here, so the ranks' outputs sum to the whole layer's."""
-    probs = torch.softmax(F.linear(x if routing is None else routing, router, router_bias).float(), dim=-1)  # [T, E]
+    gate_up, down, top_k = spec.gate_up, spec.down, spec.top_k
+    gate_up_bias, down_bias = spec.gate_up_bias, spec.down_bias
+    probs = torch.softmax(F.linear(x if routing is None else routing, spec.router, spec.router_bias).float(), dim=-1)
     weights, chosen = torch.topk(probs, top_k, dim=-1)  # [T, K]
-    weights = weights / weights.sum(dim=-1, keepdim=True) if normalize else weights
+    weights = weights / weights.sum(dim=-1, keepdim=True) if spec.normalize else weights
+    expert_scale = spec.expert_scale
     weights = (weights if expert_scale is None else weights * expert_scale[chosen]).flatten()  # [T * K], fp32
     held = len(gate_up)
-    local = chosen.flatten() - first_expert  # [T * K]: 0..held-1 for experts held here
+    local = chosen.flatten() - spec.first_expert  # [T * K]: 0..held-1 for experts held here
     order = local.argsort(stable=True)  # pairs grouped by expert, those held elsewhere below 0 first
     counts = torch.bincount(local.clamp(-1, held) + 1, minlength=held + 2).tolist()  # [below, expert 0.., above]
     out = torch.zeros_like(x)  # [T, H]
@@ -138,7 +130,7 @@ def moe(
         tokens = pairs // top_k  # [n]
         up_bias = None if gate_up_bias is None else gate_up_bias[expert]
         projected = project_up(x.index_select(0, tokens), gate_up[expert], up_bias)  # [n, 2I]
-        hidden = _expert_activation(projected, activation, alpha, limit)  # [n, I]
+        hidden = _expert_activation(projected, spec.activation, spec.alpha, spec.limit)  # [n, I]
         out_bias = None if down_bias is None else down_bias[expert]
         contribution = project_down(hidden, down[expert], out_bias) * weights[pairs, None]  # [n, H]
         out.index_add_(0, tokens, contribution.to(x.dtype))

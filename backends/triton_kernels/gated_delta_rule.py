@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.layer_specs import DeltaNetSpec
 from sagellm.backends.torch_ops.linear_attention import seed_decode_states
 
 BLOCK_V = 8  # FLA's choice for its fused recurrent kernel (one warp, a [Dk, 8] tile); not tuned here
@@ -154,15 +155,10 @@ def gated_delta_net(
     meta: AttentionMetadata,
     conv_states: torch.Tensor,
     ssm_states: torch.Tensor,
-    conv_weight: torch.Tensor,
-    a_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    num_k_heads: int,
-    head_k_dim: int,
-    head_v_dim: int,
-    tiled_value_heads: bool = False,
+    spec: DeltaNetSpec,
 ) -> torch.Tensor:
     """`GatedDeltaNet` (backends/kernel_contracts.py), on tensors with unit-stride channels, heads, taps and Dv."""
+    conv_weight, head_k_dim, head_v_dim = spec.conv_weight, spec.head_k_dim, spec.head_v_dim
     if any(t.stride(-1) != 1 for t in (mixed_qkv, a, b, conv_states, ssm_states, conv_weight)):
         raise ValueError("gated_delta_net needs unit-stride channels, heads, taps and Dv")
     tokens, channels = mixed_qkv.shape
@@ -198,8 +194,8 @@ def gated_delta_net(
             x,
             a,
             b,
-            a_log,
-            dt_bias,
+            spec.a_log,
+            spec.dt_bias,
             ssm_states,
             slots,
             chunks,
@@ -211,9 +207,9 @@ def gated_delta_net(
             ssm_states.stride(0),
             ssm_states.stride(1),
             ssm_states.stride(2),
-            NUM_K_HEADS=num_k_heads,
+            NUM_K_HEADS=spec.num_k_heads,
             NUM_V_HEADS=num_v_heads,
-            TILED=tiled_value_heads,
+            TILED=spec.tiled_value_heads,
             DK=head_k_dim,
             DK_P=triton.next_power_of_2(head_k_dim),
             DV=head_v_dim,

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sagellm.backends.layer_specs import AttentionSpec
+
 
 @triton.jit
 def _paged_decode_kernel(
@@ -96,10 +98,7 @@ def paged_decode_attention(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
-    scale: float,
-    window: int = 0,
-    softcap: float = 0.0,
-    sinks: torch.Tensor | None = None,
+    spec: AttentionSpec,
 ) -> torch.Tensor:
     """`PagedDecodeAttention` (backends/kernel_contracts.py), on caches of one layout with a unit-stride head dim
     and a power-of-two block size."""
@@ -110,6 +109,7 @@ def paged_decode_attention(
     if block_size & (block_size - 1):
         raise ValueError(f"paged_decode_attention needs a power-of-two block size, got {block_size}")
     group = num_q_heads // num_kv_heads
+    sinks, softcap = spec.sinks, spec.softcap
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, Hq, D]
     _paged_decode_kernel[(batch, num_kv_heads)](
         out,
@@ -119,8 +119,8 @@ def paged_decode_attention(
         block_tables,
         context_lens,
         q if sinks is None else sinks.contiguous(),  # any pointer when there are none: the kernel does not read it
-        scale,
-        int(window),
+        spec.scale,
+        int(spec.window),
         float(softcap),
         q.stride(0),
         q.stride(1),

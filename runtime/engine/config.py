@@ -59,7 +59,13 @@ class EngineConfig:
     scheduling_policy: str = _help(
         "fcfs (arrival order) or priority (requests' priority, lower first; low ones preempted for high ones)", "fcfs"
     )
-    num_threads: int | None = _help("torch intra-op threads on the CPU (default: all cores)", None)
+    num_threads: int | None = _help("torch intra-op threads on the CPU (default: the cores this process may use)", None)
+    # Each step's parallel regions wait for their slowest thread, and a thread sharing its core with another busy
+    # program waits a time slice at a time: the engine runs fewer threads while others use its cores
+    # (runtime/engine/thread_governor.py), never more than num_threads. False: num_threads all the time.
+    adaptive_threads: bool = _help(
+        "run fewer threads while other programs keep the cores busy (at most num_threads)", True
+    )
     # A GGUF file's blocks (Q4_0/Q4_1/Q5_0/Q8_0 and the K-quants) as the linears' one form on a backend whose kernels
     # read them: the same weight values in a fraction of the memory and of the bytes per step. False: the weights
     # dequantized to fp32 at load, everywhere.

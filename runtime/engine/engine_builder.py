@@ -93,7 +93,7 @@ def build_engine(
     if problem := backend.linear_dtype_problem(linear_dtype):
         raise FieldError("dtype", f"dtype {config.dtype}: {problem}")
     if config.world_size == 1:  # a group's rank 0 is placed by its runner, with the other ranks
-        place(backend, config.device_ids, config.num_threads)
+        place(backend, config.device_ids, config.num_threads, adaptive=config.adaptive_threads)
     cache = _cache_layout(config, model.config, backend, mtp, spec is not None)
     lora, lora_weights = _lora_slots(config, model, backend) if config.enable_lora else (None, None)
     scheduler = Scheduler(_scheduler_config(config, model.config, cache, spec is not None), lora)

@@ -213,6 +213,7 @@ class LLMEngine:
             spec_decode_num_drafts=spec.num_drafts,
             spec_decode_num_draft_tokens=spec.num_draft_tokens,
             spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
+            num_threads=torch.get_num_threads(),
         )
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from sagellm.runtime.engine.lora_weights import LoraWeights
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.state_cache import allocate_state_caches
+from sagellm.runtime.engine.thread_governor import fit_threads
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.lowering import Collectives, LoweringContext, lower
 from sagellm.runtime.execution_graph.passes import optimize
@@ -166,6 +167,7 @@ class ModelRunner:
     def forward(self, step: StepInputs, carried: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The graph's outputs: logits, or a pipeline stage's hidden and residual; `carried`: those of the stage
         before."""
+        fit_threads()  # to the cores other programs leave this process
         if step.slots:
             self._prefault.written(max(step.slots) // self.block_size)
         if step.window_slots:

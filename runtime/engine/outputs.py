@@ -92,6 +92,7 @@ class EngineStats:
     spec_decode_num_drafts: int = 0  # speculative decoding, since start: verifications of proposed tokens
     spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
     spec_decode_num_accepted_tokens: int = 0  # ... and accepted
+    num_threads: int = 0  # the threads its steps compute with now (fewer while other programs use its cores)
 
 
 @dataclass

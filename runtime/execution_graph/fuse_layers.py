@@ -285,13 +285,14 @@ def _moe_mlp(ops: list[Instr], post: Instr, graph: Graph) -> tuple[dict[str, Any
     params = graph.nodes[moe.node].params
     if moe.inputs != (post.outputs[0],) or params.get("expert_scale"):
         return None
-    router, gate_up, down, top_k, first, normalize, router_bias, gate_up_bias, down_bias = moe.consts
+    (spec,) = moe.consts
+    gate_up, down = spec.gate_up, spec.down
     if not (isinstance(gate_up, list) and isinstance(down, list)) or not gate_up:
         return None
-    options = {k: params[k] for k in ("activation", "alpha", "limit") if k in params}
-    shape = MoeShape(router.shape[0], top_k, first, len(gate_up), bool(normalize), **options)
-    fields = dict(gate_up=gate_up, gate_up_bias=gate_up_bias, down=down, down_bias=down_bias)
-    return fields | {"router": router, "router_bias": router_bias}, params["intermediate_size"], shape
+    routing = (spec.router.shape[0], spec.top_k, spec.first_expert, len(gate_up), bool(spec.normalize))
+    shape = MoeShape(*routing, spec.activation, spec.alpha, spec.limit)
+    fields = dict(gate_up=gate_up, gate_up_bias=spec.gate_up_bias, down=down, down_bias=spec.down_bias)
+    return fields | {"router": spec.router, "router_bias": spec.router_bias}, params["intermediate_size"], shape
 
 
 @dataclass(frozen=True)
@@ -377,12 +378,12 @@ def _gated_attention(mixer: list[Instr], x: int) -> _Mixer | None:
 def _attention_shape(attention: Instr, rope: Instr, q_size: int, kv_size: int) -> AttentionShape | None:
     """The attention's shape, for queries and keys `q_size` and `kv_size` wide; None for widths that are not whole
     heads of the cache's."""
-    k_cache, _, scale, _, softcap, _ = attention.consts
+    k_cache, _, spec = attention.consts
     (cos_sin,) = rope.consts
     _, _, kv_heads, head_dim = k_cache.shape
     if q_size % head_dim or kv_size != kv_heads * head_dim:
         return None
-    return AttentionShape(q_size // head_dim, kv_heads, head_dim, scale, cos_sin, softcap)
+    return AttentionShape(q_size // head_dim, kv_heads, head_dim, spec.scale, cos_sin, spec.softcap)
 
 
 def _projections(into: Instr, out: Instr) -> dict[str, Any]:
@@ -392,8 +393,8 @@ def _projections(into: Instr, out: Instr) -> dict[str, Any]:
 
 def _caches(attention: Instr) -> dict[str, Any]:
     """The layer's own attention constants: its caches, sliding window and sinks."""
-    k_cache, v_cache, _, window, _, sinks = attention.consts
-    return {"k_cache": k_cache, "v_cache": v_cache, "window": window, "sinks": sinks}
+    k_cache, v_cache, spec = attention.consts
+    return {"k_cache": k_cache, "v_cache": v_cache, "window": spec.window, "sinks": spec.sinks}
 
 
 def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
@@ -408,12 +409,19 @@ def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
     )
     if not wired:
         return None
-    conv_states, ssm_states, conv_weight, a_log, dt_bias, num_k_heads, head_k_dim, head_v_dim, tiled = delta.consts
+    conv_states, ssm_states, spec = delta.consts
     out_norm, eps = norm.consts
-    shape = DeltaNetShape(num_k_heads, head_k_dim, a_log.shape[0], head_v_dim, conv_weight.shape[1], tiled)
+    shape = DeltaNetShape(
+        spec.num_k_heads,
+        spec.head_k_dim,
+        spec.a_log.shape[0],
+        spec.head_v_dim,
+        spec.conv_weight.shape[1],
+        spec.tiled_value_heads,
+    )
     weights = _projections(in_proj, out_proj)
-    weights |= dict(conv_states=conv_states, ssm_states=ssm_states, conv_weight=conv_weight, a_log=a_log)
-    weights |= dict(dt_bias=dt_bias, out_norm=out_norm)
+    weights |= dict(conv_states=conv_states, ssm_states=ssm_states, conv_weight=spec.conv_weight, a_log=spec.a_log)
+    weights |= dict(dt_bias=spec.dt_bias, out_norm=out_norm)
     return _Mixer(out_proj.outputs[0], None, delta.inputs[3], weights, eps, delta_net=shape)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from sagellm.backends.base import HardwareBackend
+from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.torch_ops import altup
 from sagellm.common.memory import drop_pages_under
@@ -244,8 +245,8 @@ def _bind_rope_query(params, ctx, kernels):
 
 
 def _bind_attention(params, ctx, kernels):
-    """Constants: the layer's caches, then its scale, sliding window (0: none), score soft-cap (0: none) and
-    attention sinks (a logit per query head, or None)."""
+    """Constants: the layer's caches, then its AttentionSpec: its scale, sliding window (0: none), score soft-cap
+    (0: none) and attention sinks (a logit per query head, or None), built once here."""
     attention, d = kernels["attention"], params.get("head_dim", ctx.head_dim)
     k_cache, v_cache = ctx.kv_caches[params["cache"]]
     sinks = None
@@ -253,20 +254,20 @@ def _bind_attention(params, ctx, kernels):
         first, end = params.get("sinks_heads") or (0, params["num_heads"])  # a tensor parallel rank's heads
         sinks = _weight(ctx, params["sinks"])[first:end].float().contiguous().to(ctx.backend.device)
 
-    def attention_flat(q, k, v, meta, k_cache, v_cache, scale, window, softcap, sinks):
+    def attention_flat(q, k, v, meta, k_cache, v_cache, spec):
         n = q.shape[0]
-        meta = meta.for_window(window)
-        out = attention(q, k, v.view(n, -1, d), k_cache, v_cache, meta, scale, window, softcap, sinks)  # [T, Hq, D]
+        meta = meta.for_window(spec.window)
+        out = attention(q, k, v.view(n, -1, d), k_cache, v_cache, meta, spec)  # [T, Hq, D]
         return out.reshape(n, -1)  # [T, Hq * D]
 
-    consts = (k_cache, v_cache, params["scale"], params.get("window", 0), params.get("softcap", 0.0), sinks)
-    return attention_flat, consts
+    spec = AttentionSpec(params["scale"], params.get("window", 0), params.get("softcap", 0.0), sinks)
+    return attention_flat, (k_cache, v_cache, spec)
 
 
 def _bind_gated_delta_net(params, ctx, kernels):
-    """Constants: the layer's state caches, its convolution's weight [C, K], A_log and dt_bias, its head counts and
-    sizes, and whether its value heads are tiled by key head (a GGUF's order). A tensor parallel rank's are cut to
-    its `channels` and `value_heads` (tensor_parallel.py)."""
+    """Constants: the layer's state caches, then its DeltaNetSpec: its convolution's weight [C, K], A_log and
+    dt_bias, its head counts and sizes, and whether its value heads are tiled by key head (a GGUF's order). A tensor
+    parallel rank's are cut to its `channels` and `value_heads` (tensor_parallel.py)."""
     conv_states, ssm_states = ctx.state_caches[params["state"]]
     device = ctx.backend.device
     conv_weight = _weight(ctx, params["conv_weight"]).float()[:, 0, :]  # [C, 1, K] -> [C, K]
@@ -274,9 +275,9 @@ def _bind_gated_delta_net(params, ctx, kernels):
     if "channels" in params:
         conv_weight = take_runs(conv_weight, 0, params["channels"])
         a_log, dt_bias = (take_runs(t, 0, params["value_heads"]) for t in (a_log, dt_bias))
-    conv_weight, a_log, dt_bias = (t.contiguous().to(device) for t in (conv_weight, a_log, dt_bias))
+    weights = (t.contiguous().to(device) for t in (conv_weight, a_log, dt_bias))
     dims = (params["num_k_heads"], params["head_k_dim"], params["head_v_dim"], params.get("tiled_value_heads", False))
-    return kernels["gated_delta_net"], (conv_states, ssm_states, conv_weight, a_log, dt_bias, *dims)
+    return kernels["gated_delta_net"], (conv_states, ssm_states, DeltaNetSpec(*weights, *dims))
 
 
 def _bind_altup(op):
@@ -319,7 +320,7 @@ def _bind_moe(params, ctx, kernels):
     """The router whole, and the experts this rank holds (`experts`: (first, end), every one when absent): each
     expert's gate and up projections as one weight [2I, H] and its down projection [H, I], as the GGUF blocks the
     backend reads when the loader kept them (prepared per expert), else as floats stacked once ([L, 2I, H] and
-    [L, H, I]); with `bias`, the router's and the projections' biases, stacked the same way."""
+    [L, H, I]); with `bias`, the router's and the projections' biases, stacked the same way: one MoeSpec."""
     first, end = params.get("experts") or (0, params["num_experts"])
     held = range(first, end)
     device = ctx.backend.device
@@ -336,13 +337,13 @@ def _bind_moe(params, ctx, kernels):
         down_bias = [bias(down.format(e)) for e in held]
         biases = (bias(params["router"]), torch.stack(gate_up_bias), torch.stack(down_bias))
         biases = tuple(b.to(device) for b in biases)  # router [E], gate_up [L, 2I], down [L, H]
-    activation = {k: params[k] for k in ("activation", "alpha", "limit") if k in params}
+    options = {k: params[k] for k in ("activation", "alpha", "limit") if k in params}
     if params.get("expert_scale"):  # Gemma 4: each expert's weight scaled, routed from the node's second input
-        activation["expert_scale"] = _weight(ctx, params["expert_scale"]).float().to(device)
-    moe = functools.partial(kernels["moe"], linear=kernels["linear"], **activation)
-    routed = lambda x, routing, *consts: moe(x, *consts, routing=routing)  # noqa: E731
-    kernel = routed if "expert_scale" in activation else moe
-    return kernel, (router, *stacked, params["top_k"], first, params.get("normalize", True), *biases)
+        options["expert_scale"] = _weight(ctx, params["expert_scale"]).float().to(device)
+    spec = MoeSpec(router, *stacked, params["top_k"], first, params.get("normalize", True), *biases, **options)
+    moe = functools.partial(kernels["moe"], linear=kernels["linear"])
+    routed = lambda x, routing, spec: moe(x, spec, routing=routing)  # noqa: E731
+    return (routed if spec.expert_scale is not None else moe), (spec,)
 
 
 def _experts(ctx: LoweringContext, names: list[list[str]]) -> list[Any] | torch.Tensor:

@@ -5,7 +5,10 @@ decode workers, two replicas behind a router) then run twice as many OpenMP thre
 parallel region waits for a thread the other process holds: on 2 cores two tiny gpt-oss replicas decoding one
 request each took 18.6 s for 300 tokens, against 2.4 s for one alone. So each process group that runs engines here
 gets an even share of the usable cores as its engines' `num_threads` (vLLM-CPU gives each instance cores of its own
-likewise), unless the graph sets the threads, cores or parallelism of any of them itself: then it decides."""
+likewise), unless the graph sets the threads, cores or parallelism of any of them itself: then it decides. Where
+each share is two cores or more, a group's process is also pinned to cores of its own (`shares`: the executor sets
+its affinity when it starts it), so one engine's threads never wait behind another's and each engine's thread
+governor reads the load of its own cores; with a core each they stay free to move, off a core a busy program takes."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import structlog
 from sagellm.common.affinity import usable_cores
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.pipeline.operator import get_operator
-from sagellm.runtime.pipeline.spec import placement_group
+from sagellm.runtime.pipeline.spec import MAIN, placement_group
 
 log = structlog.get_logger("sagellm.executor")
 
@@ -24,9 +27,10 @@ LOCAL_KINDS = ("task", "process")  # placements this process runs or starts on t
 PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "tp", "pp")  # its ranks share its cores themselves
 
 
-def share_cores(graph: Graph, cores: int | None = None) -> None:
+def share_cores(graph: Graph, cores: list[int] | None = None) -> dict[str, list[int]]:
     """Sets `num_threads` on the engine nodes of `graph` that run on this host, an even share of its `cores`
-    (default: the usable ones) per process group that runs any, when two groups or more do."""
+    (default: the usable ones) per process group that runs any, when two groups or more do; returns the cores each
+    of those groups is pinned to, where each gets two or more (none otherwise)."""
     groups: dict[str, list[Any]] = {}
     for node in graph.nodes.values():
         threads_param = get_operator(node.op).threads_param
@@ -34,12 +38,17 @@ def share_cores(graph: Graph, cores: int | None = None) -> None:
         if threads_param and kind in LOCAL_KINDS:
             groups.setdefault(group, []).append((node, threads_param))
     if len(groups) < 2 or any(_chosen(node.params) for nodes in groups.values() for node, _ in nodes):
-        return
-    threads = max(1, (cores or len(usable_cores())) // len(groups))
+        return {}
+    cores = cores or usable_cores()
+    threads = max(1, len(cores) // len(groups))
     for nodes in groups.values():
         for node, threads_param in nodes:
             node.params[threads_param] = threads
-    log.info("cores_shared", groups=sorted(groups), threads_each=threads)
+    # The graph's own process (an engine placed as a task) is not one this executor starts: nothing is pinned then.
+    pinned = threads >= 2 and MAIN not in groups
+    shares = {g: cores[i * threads : (i + 1) * threads] for i, g in enumerate(sorted(groups))} if pinned else {}
+    log.info("cores_shared", groups=sorted(groups), threads_each=threads, pinned=shares or None)
+    return shares
 
 
 def _chosen(params: dict[str, Any]) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -82,7 +83,7 @@ class ProcessExecutor:
     ) -> None:
         """`worker_env`: variables set for the worker a group's process runs (its GPUs, say); `worker_logs`: a file
         a group's worker writes its output to (appended; otherwise it shares this process's stderr)."""
-        share_cores(graph)  # before the graph goes to the workers
+        self.core_shares = share_cores(graph)  # before the graph goes to the workers: group -> its cores, if pinned
         self.graph = graph
         self.groups = groups_of(graph)
         self.children = sorted({g for g in self.groups.values() if g != MAIN})
@@ -222,6 +223,8 @@ class ProcessExecutor:
             process = await trio.lowlevel.open_process(
                 command, stdin=subprocess.DEVNULL, stdout=output, stderr=output and subprocess.STDOUT, env=env
             )
+        if group in self.core_shares:  # before it starts a thread: every thread it starts inherits the cores
+            os.sched_setaffinity(process.pid, self.core_shares[group])
         self.processes[group], self.pids[group] = process, process.pid
         nursery.start_soon(self._watch_exit, nursery, group, process)
 

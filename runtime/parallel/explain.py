@@ -16,10 +16,19 @@ def explain(
     tokens: int,
     weight_bytes: float | None = None,
 ) -> str:
+    """Why the best-ranked split is recommended; or, when it does not fit, that nothing does and what would help.
+    `weight_bytes`: per parameter, where the weights are held otherwise than in `dtype` (a GGUF's blocks)."""
+    needs = _needs(shape, dtype, tokens, weight_bytes)
+    if not ranked[0].fits:
+        return _too_big(needs, devices, ranked)
+    return _recommended(needs, shape, devices, ranked, tokens)
+
+
+def _recommended(needs: str, shape: ModelShape, devices: Devices, ranked: list[Alternative], tokens: int) -> str:
     choice = ranked[0]
     split = choice.config
     parts = [
-        _needs(shape, dtype, tokens, weight_bytes),
+        needs,
         f"Devices: {devices.describe()}.",
         f"Recommended {split}: {'; '.join(_what_it_does(shape, devices, choice))}.",
         f"Each device holds {gib(choice.weights_gib)} GiB of weights and {gib(choice.kv_gib)} GiB of KV cache "
@@ -38,25 +47,16 @@ def explain(
     return " ".join(parts)
 
 
-def too_big(
-    shape: ModelShape,
-    devices: Devices,
-    ranked: list[Alternative],
-    dtype: str,
-    tokens: int,
-    weight_bytes: float | None = None,
-) -> str:
+def _too_big(needs: str, devices: Devices, ranked: list[Alternative]) -> str:
     closest = min(ranked, key=lambda a: a.total_gib)
     return (
-        f"{_needs(shape, dtype, tokens, weight_bytes)} No split over {devices.describe()} holds it: the leanest, "
-        f"{closest.config}, "
+        f"{needs} No split over {devices.describe()} holds it: the leanest, {closest.config}, "
         f"still needs {gib(closest.total_gib)} GiB per device ({gib(closest.weights_gib)} weights + "
         f"{gib(closest.kv_gib)} KV). Add devices, use a smaller dtype, or hold fewer KV tokens (max_model_len)."
     )
 
 
 def _needs(shape: ModelShape, dtype: str, tokens: int, weight_bytes: float | None) -> str:
-    """`weight_bytes`: per parameter, where the weights are held otherwise than in `dtype` (a GGUF's blocks)."""
     bytes_per = DTYPE_BYTES[dtype]
     params = shape.num_params()
     active = ""

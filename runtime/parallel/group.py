@@ -89,7 +89,7 @@ class ParallelRunner(ModelRunner):
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
             raise InvalidInput("a parallel engine needs the model's path: every rank loads it")
-        place(backend, engine.device_ids, engine.num_threads, 0, layout.world_size)
+        place(backend, engine.device_ids, engine.num_threads, 0, layout.world_size, engine.adaptive_threads)
         on_ray = engine.distributed_executor_backend == "ray"
         ray = connect(os.environ.get("RAY_ADDRESS", "auto")) if on_ray else None
         store = open_store(layout.world_size)
@@ -109,6 +109,7 @@ class ParallelRunner(ModelRunner):
             quantized_weights=engine.quantized_weights,
             dtype=str(linear_dtype).removeprefix("torch."),
             num_threads=engine.num_threads,
+            adaptive_threads=engine.adaptive_threads,
             device_ids=engine.device_ids,
             world_fd=segments.world_fd,
             world_capacity=segments.world_capacity,

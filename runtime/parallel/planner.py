@@ -26,7 +26,7 @@ from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.parallel.config import ParallelismConfig
 from sagellm.runtime.parallel.devices import Devices
-from sagellm.runtime.parallel.explain import explain, too_big
+from sagellm.runtime.parallel.explain import explain
 from sagellm.runtime.parallel.model_shape import DTYPE_BYTES, GIB, ModelShape
 from sagellm.runtime.parallel.plan import Alternative, PlanError, Recommendation
 
@@ -59,9 +59,9 @@ class ParallelismOptimizer:
         roomy = [a for a in fitting if a.roomy]
         size = min((a.config.replica_size for a in roomy or fitting), default=0)
         ranked = sorted(sized, key=lambda a: _rank(a, size))
-        if not ranked[0].fits:
-            raise PlanError(too_big(shape, devices, ranked, dtype, tokens, self.weight_bytes_per_param), ranked)
         why = explain(shape, devices, ranked, dtype, tokens, self.weight_bytes_per_param)
+        if not ranked[0].fits:
+            raise PlanError(why, ranked)
         return Recommendation(ranked[0], ranked, why)
 
     def _size(

@@ -21,6 +21,7 @@ class RankSpec(msgspec.Struct, kw_only=True):
     quantized_weights: bool
     dtype: str = "float32"  # the linears' (EngineConfig.dtype)
     num_threads: int | None
+    adaptive_threads: bool = True  # fewer threads while others use the rank's cores (runtime/engine/thread_governor.py)
     device_ids: list[int] | None = None  # the engine's; the rank takes its share (runtime/engine/placement.py)
     # Shared memory segments (memfds rank 0 passed down): the whole group's, and each stage's (tp > 1 and pp > 1).
     world_fd: int | None = None

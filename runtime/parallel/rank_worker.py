@@ -56,7 +56,7 @@ def serve(spec: RankSpec) -> int:
     store = open_store(layout.world_size, GroupAddress(spec.host, spec.port))
     try:
         backend = get_backend(spec.backend)
-        place(backend, spec.device_ids, spec.num_threads, spec.rank, layout.world_size)
+        place(backend, spec.device_ids, spec.num_threads, spec.rank, layout.world_size, spec.adaptive_threads)
         comms = RankComms.open(layout, store, backend.collective_library, spec)
         for fd in (spec.world_fd, *spec.stage_fds):
             if fd is not None:

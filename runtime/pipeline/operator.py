@@ -32,9 +32,11 @@ from sagellm.common.errors import InvalidInput
 from sagellm.common.registry import Registry, load_entry_points
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.execution_graph.graph import Graph
+from sagellm.runtime.pipeline.health_changes import health_changed
 
 RECENT_ENDS = 64  # served requests whose end times give the rate slots free at
 RECENT_TTFTS = 256  # first-token times the graph keeps (admission judges windows of them)
+HEALTH_FIELDS = frozenset({"healthy", "starting", "recovering", "failed"})  # what `state` and `on_its_way` read
 
 
 class OperatorError(InvalidInput):
@@ -73,11 +75,22 @@ class InstanceStats:
     spec_decode_num_drafts: int = 0  # speculative decoding since start: verifications of proposed tokens
     spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
     spec_decode_num_accepted_tokens: int = 0  # ... and accepted
+    threads: int = 0  # the threads its steps compute with now (runtime/engine/thread_governor.py); 0: not said
     recovering: bool = False  # unhealthy while its lost process is being started again
     starting: bool = False  # unhealthy until its first start is done (a server registered, not yet probed)
     problem: str | None = None  # why it is unhealthy, when its keeper knows (an attached server: "failed: ...")
     failed: bool = False  # its keeper gave up bringing it back (it could not start, or died too often)
     sleep_level: int = 0  # asleep: 1 its KV cache freed, 2 its weights too (vLLM's sleep mode); 0 awake
+
+    def __post_init__(self) -> None:
+        health_changed()  # a new instance: one waiting for an instance of its model may take it
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Every write goes through here, so a change of health, whoever writes it, wakes its waiters."""
+        changes = name in HEALTH_FIELDS and getattr(self, name) != value
+        super().__setattr__(name, value)
+        if changes:
+            health_changed()
 
     def lose(self, *, recovering: bool = False) -> None:
         """The engine's process is gone: unhealthy, and nothing is running or queued on it any more (its requests

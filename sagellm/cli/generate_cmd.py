@@ -21,11 +21,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sagellm import LLM, SamplingParams
     from sagellm.cli.progress_display import showing_progress
+    from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
 
     with showing_progress("sagellm generate"):
-        llm = LLM(args.model, **engine_settings(args))
+        # The model first, as `serve` does: a path that is not there is said before torch is imported (5-10 s).
+        model = resolve_model(args.model or DEFAULT_MODEL)
+        from sagellm import LLM, SamplingParams
+
+        llm = LLM(str(model), **engine_settings(args))
     params = SamplingParams.with_defaults(llm.engine.sampling_defaults, **given_sampling(args))
     prompt = args.prompt if args.raw else llm.apply_chat_template([{"role": "user", "content": args.prompt}])
     final = None

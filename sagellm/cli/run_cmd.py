@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from sagellm.cli.progress_display import seconds_since_start, showing_progress
+
+    with showing_progress("sagellm run"):
+        _ensure_model(args.model)  # first: a path that is not there is said before torch is imported (5-10 s)
     from sagellm.runtime.executor.run import run_pipeline
     from sagellm.runtime.pipeline.metrics import render_metrics_table
 

@@ -56,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
     if args.no_llm:
         return _serve_embeddings_only(args, embedding)
     _model_or_graph(args)
+    _fetch(args.model, embedding)  # before the graph is built, which imports the engine (torch: 5-10 s)
     graph = apply_autoscale(apply_engine_settings(build_graph(args), args), args.autoscale)
     if args.ray_address:
         graph.attrs["cluster"] = {**graph.attrs.get("cluster", {}), "ray": args.ray_address}
-    _fetch(graph.attrs.get("model"), embedding)
+    _fetch(graph.attrs.get("model"))  # a graph file's own model
     config = _config(args, embedding, _first(args.served_model_name) or str(graph.attrs.get("model") or "default"))
     config.models_on_demand = on_demand
     trio.run(_serve_showing_progress, graph, config, args.api_servers)

@@ -20,6 +20,7 @@ from sagellm.backends import torch_ops
 from sagellm.backends.cpu import NativeDispatch
 from sagellm.backends.cpu_linear import pack_block_weight
 from sagellm.backends.decoder_layer import AttentionShape, DecoderLayer, DecoderShape
+from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.native import NativeKernels, prefill_scratch_size
 from sagellm.backends.quantized import QuantizedWeight
 from tests.tiny_models import quantize
@@ -102,15 +103,16 @@ def test_paged_decode_attention(
 ) -> None:
     seqs, q, names, meta, owners = decode_batch(paged_sequences, hq, hk, d, prompt_lens, block_size)
     tables, lens, scale = meta.decode_block_tables, meta.decode_context_lens, d**-0.5
-    args = (q, seqs.k_cache, seqs.v_cache, tables, lens, scale)
-    expected = torch_ops.paged_decode_attention(*args, window=window, softcap=softcap)
+    args, spec = (q, seqs.k_cache, seqs.v_cache, tables, lens), AttentionSpec(scale, window, softcap)
+    expected = torch_ops.paged_decode_attention(*args, spec)
     close(expected, reference(seqs, q, owners, scale, window, softcap))  # the torch op is the definition
     if window or softcap:
-        assert not torch.allclose(expected, torch_ops.paged_decode_attention(*args), atol=1e-3), "the options act"
+        plain = torch_ops.paged_decode_attention(*args, AttentionSpec(scale))
+        assert not torch.allclose(expected, plain, atol=1e-3), "the options act"
     if window:
         for name, ctx in zip(names, lens.tolist()):
             poison_below(seqs, name, ctx - window)
-    close(native.paged_decode_attention(*args, threads, window, softcap), expected)
+    close(native.paged_decode_attention(*args, spec, threads), expected)
 
 
 @pytest.mark.parametrize(
@@ -138,13 +140,12 @@ def test_paged_prefill_attention(
     threads: int,
 ) -> None:
     seqs, scale = paged_sequences(hq, hk, d), d**-0.5
+    spec = AttentionSpec(scale, window, softcap)
     for n in chunks:
         q, k, v, meta, owners = seqs.step([], [("a", n)])
         native.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
         chunk, q = meta.prefills[0], q * 3
-        expected = torch_ops.prefill_attention(
-            q, k, v, seqs.k_cache, seqs.v_cache, chunk, scale, window=window, softcap=softcap
-        )
+        expected = torch_ops.prefill_attention(q, k, v, seqs.k_cache, seqs.v_cache, chunk, spec)
         close(expected, reference(seqs, q, owners, scale, window, softcap))
         caches = seqs.k_cache.clone(), seqs.v_cache.clone()
         ctx = chunk.context_len
@@ -153,7 +154,7 @@ def test_paged_prefill_attention(
         size = prefill_scratch_size(ctx, hk, d, n, window)
         scratch = torch.empty(size)  # exactly the size the C code is told it has
         out = native.paged_prefill_attention(
-            q, seqs.k_cache, seqs.v_cache, chunk.block_table, ctx, scale, threads, scratch, window, softcap
+            q, seqs.k_cache, seqs.v_cache, chunk.block_table, ctx, spec, threads, scratch
         )
         close(out, expected)
         seqs.k_cache.copy_(caches[0]), seqs.v_cache.copy_(caches[1])
@@ -190,7 +191,7 @@ def test_dispatched_attention_runs_windows_and_caps_natively(
     """The CPU backend's attention over mixed and decode-only steps, every part native, equal to the torch op's."""
     counting = Counting(native)
     dispatch = NativeDispatch(counting)
-    seqs = paged_sequences(9, 3, 64, block_size=4)
+    seqs, spec = paged_sequences(9, 3, 64, block_size=4), AttentionSpec(0.125, window, softcap)
     schedule = [
         ([], [("a", 37), ("b", 9)]),
         (["a", "b"], []),
@@ -201,8 +202,8 @@ def test_dispatched_attention_runs_windows_and_caps_natively(
     for decodes, prefills in schedule:
         q, k, v, meta, owners = seqs.step(decodes, prefills)
         k_cache, v_cache = seqs.k_cache.clone(), seqs.v_cache.clone()
-        expected = torch_ops.attention(q, k, v, k_cache, v_cache, meta, 0.125, window, softcap)
-        out = dispatch.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, 0.125, window, softcap)
+        expected = torch_ops.attention(q, k, v, k_cache, v_cache, meta, spec)
+        out = dispatch.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, spec)
         close(out, expected)
         close(out, reference(seqs, q, owners, 0.125, window, softcap))
     assert counting.calls == {"paged_decode_attention": 4, "paged_prefill_attention": 4}, "no torch fallback"
@@ -242,7 +243,8 @@ def op_by_op(dispatch: NativeDispatch, layers: list[DecoderLayer], shape: Decode
         q, k, v = qkv.split([HQ * D, HK * D, HK * D], dim=1)
         q, k = dispatch.rope(q.view(rows, HQ, D), k.view(rows, HK, D), positions, a.cos_sin)
         caches = layer.k_cache, layer.v_cache
-        attended = dispatch.attention(q, k, v.view(rows, HK, D), *caches, meta, a.scale, layer.window, a.softcap)
+        spec = AttentionSpec(a.scale, layer.window, a.softcap)
+        attended = dispatch.attention(q, k, v.view(rows, HK, D), *caches, meta, spec)
         o = dispatch.linear(attended.reshape(rows, -1), layer.o_proj, layer.o_bias)
         x, residual = dispatch.add_rmsnorm(o, residual, layer.post_norm, s.eps)
         hidden = dispatch.linear(dispatch.silu_mul(dispatch.linear(x, layer.gate_up, None)), layer.down, None)

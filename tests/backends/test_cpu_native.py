@@ -17,6 +17,7 @@ from sagellm import SamplingParams
 from sagellm.backends import torch_ops
 from sagellm.backends.cpu import NATIVE_LINEAR_ROWS, NATIVE_SERIAL_ROWS, CpuBackend, NativeDispatch
 from sagellm.backends.cpu_linear import linear, pack_linear_weight
+from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.native import DISABLE_ENV, NativeBuildError, NativeKernels, NativeShapeError, build, isa
 from sagellm.backends.torch_ops.linear_attention import gated_rmsnorm
 from sagellm.runtime.engine.config import EngineConfig
@@ -153,9 +154,10 @@ def test_paged_decode_attention(
     assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
     assert torch.equal(seqs.v_cache.flatten(0, 1)[meta.slot_mapping], v)
     tables, lens = meta.decode_block_tables, meta.decode_context_lens
-    out = native.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, d**-0.5, threads)
+    spec = AttentionSpec(d**-0.5)
+    out = native.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, spec, threads)
     close(out, seqs.reference(q, owners, d**-0.5))
-    close(out, torch_ops.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, d**-0.5))
+    close(out, torch_ops.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, spec))
 
 
 @pytest.mark.parametrize(
@@ -178,7 +180,7 @@ def test_paged_prefill_attention(
         chunk = meta.prefills[0]
         q = torch.cat([q, torch.randn(n, 1, d)], 1)[:, :hq]  # heads packed in rows of a wider tensor
         out = native.paged_prefill_attention(
-            q, seqs.k_cache, seqs.v_cache, chunk.block_table, chunk.context_len, d**-0.5, threads
+            q, seqs.k_cache, seqs.v_cache, chunk.block_table, chunk.context_len, AttentionSpec(d**-0.5), threads
         )
         close(out, seqs.reference(q, owners, d**-0.5))
 
@@ -196,7 +198,7 @@ def test_shapes_that_do_not_fit_raise_instead_of_reading_out_of_bounds(native: N
             cache,
             torch.zeros(1, 1, dtype=torch.int32),
             torch.ones(1, dtype=torch.int32),
-            1.0,
+            AttentionSpec(1.0),
         )
 
 
@@ -263,7 +265,7 @@ def test_dispatched_attention_over_mixed_and_decode_only_steps(
     ]
     for decodes, prefills in schedule:
         q, k, v, meta, owners = seqs.step(decodes, prefills)
-        out = dispatch.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, d**-0.5)
+        out = dispatch.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, AttentionSpec(d**-0.5))
         close(out, seqs.reference(q, owners, d**-0.5))
         assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata
+from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.torch_ops import DECODE_KV_HEADROOM, attention, paged_decode_attention
 
 BLOCK, HQ, HK, D = 4, 4, 2, 8
@@ -29,8 +30,9 @@ def decode_step(caches, tables: list[list[int]], lens: list[int], continues: boo
         decode_continues=continues,
     )
     decode = lambda *a, **kw: paged_decode_attention(*a, buffers=buffers, **kw)  # noqa: E731
-    extended = attention(q, k, v, k_cache, v_cache, meta, 0.3, decode=decode, buffers=buffers)
-    reference = paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, 0.3)
+    spec = AttentionSpec(0.3)
+    extended = attention(q, k, v, k_cache, v_cache, meta, spec, decode=decode, buffers=buffers)
+    reference = paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, spec)
     return extended, reference
 
 

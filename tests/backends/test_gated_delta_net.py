@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.layer_specs import DeltaNetSpec
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm
 
 qwen3_5 = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
@@ -24,6 +25,10 @@ def _weights(seed: int = 0):
         "a_log": torch.rand(HV, generator=g).add(0.1).log(),
         "dt_bias": torch.randn(HV, generator=g),
     }
+
+
+def _spec(w) -> DeltaNetSpec:
+    return DeltaNetSpec(**w, num_k_heads=HK, head_k_dim=DK, head_v_dim=DV)
 
 
 def _inputs(n: int, seed: int):
@@ -57,8 +62,7 @@ def _prefill(qkv, b, a, start: int, n: int, slot: int, states, w, checkpoint=Non
     table = torch.zeros(1, dtype=torch.int32)
     meta.prefills = [PrefillChunk(0, n, start + n, table, slot, source, checkpoint)]
     span = slice(start, start + n)
-    return gated_delta_net(qkv[span], b[span], a[span], meta, *states, **w, num_k_heads=HK, head_k_dim=DK,
-                           head_v_dim=DV)  # fmt: skip
+    return gated_delta_net(qkv[span], b[span], a[span], meta, *states, _spec(w))
 
 
 def _decode(rows, slots: list[int], states, w):
@@ -66,7 +70,7 @@ def _decode(rows, slots: list[int], states, w):
     meta = AttentionMetadata(slot_mapping=torch.zeros(len(slots), dtype=torch.int64), block_size=16,
                              num_decode_tokens=len(slots))  # fmt: skip
     meta.decode_state_slots = torch.tensor(slots)
-    return gated_delta_net(qkv, b, a, meta, *states, **w, num_k_heads=HK, head_k_dim=DK, head_v_dim=DV)
+    return gated_delta_net(qkv, b, a, meta, *states, _spec(w))
 
 
 def test_prefill_in_one_chunk_matches_transformers():
@@ -128,6 +132,6 @@ def test_decode_rows_seeded_from_zeros_or_a_checkpoint():
     meta.decode_state_slots = torch.tensor([0, 1])
     meta.decode_state_seeds = [(0, -1), (1, 3)]
     rows = torch.stack([qkv[0], qkv[8]]), torch.stack([b[0], b[8]]), torch.stack([a[0], a[8]])
-    out = gated_delta_net(*rows, meta, *states, **w, num_k_heads=HK, head_k_dim=DK, head_v_dim=DV)
+    out = gated_delta_net(*rows, meta, *states, _spec(w))
     reference = _reference(qkv, b, a, w)
     torch.testing.assert_close(out, reference[[0, 8]], atol=1e-4, rtol=1e-4)

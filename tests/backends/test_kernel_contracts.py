@@ -5,6 +5,7 @@ backends run, called with the protocols' shapes: what they return and what they 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from typing import Any
@@ -19,10 +20,12 @@ from sagellm.backends.kernel_contracts import (
     REQUIRED_OPS,
     KernelTable,
     KvWrite,
+    Linear,
     PagedDecodeAttention,
     PrefillAttention,
     RmsNorm,
 )
+from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
 from sagellm.backends.registry import BACKENDS
 from sagellm.backends.torch_ops import TorchOpsBackend
 
@@ -119,21 +122,23 @@ def test_a_drifting_kernel_is_caught() -> None:
     def needs_more(x, weight, eps, scale): ...
     def takes_more(x, weight, eps, scale=1.0): ...
 
-    def decode(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, softcap=0.0, sinks=None): ...
-    def buffers_first(q, k_cache, v_cache, block_tables, context_lens, scale, buffers=None, window=0, softcap=0.0,
-                      sinks=None): ...  # fmt: skip
-    def other_default(q, k_cache, v_cache, block_tables, context_lens, scale, window=64, softcap=0.0, sinks=None): ...
-    def no_default(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap=0.0, sinks=None): ...
+    def decode(q, k_cache, v_cache, block_tables, context_lens, spec): ...
+    def buffers_first(q, k_cache, v_cache, block_tables, context_lens, buffers=None, spec=None): ...
+    def restated(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, softcap=0.0, sinks=None): ...
+    def linear(x, weight, bias=None): ...
+    def other_default(x, weight, bias=0.0): ...
+    def no_default(x, weight, bias): ...
 
     assert mismatches(good, RmsNorm) == [] and mismatches(takes_more, RmsNorm) == []
-    assert mismatches(decode, PagedDecodeAttention) == []
+    assert mismatches(decode, PagedDecodeAttention) == [] and mismatches(linear, Linear) == []
     for drifted, protocol, says in [
         (renamed, RmsNorm, "parameter 1"),
         (keyword_only, RmsNorm, "parameter 2"),
         (needs_more, RmsNorm, "needs 'scale'"),
-        (buffers_first, PagedDecodeAttention, "parameter 6"),
-        (other_default, PagedDecodeAttention, "defaults to 64"),
-        (no_default, PagedDecodeAttention, "'window' has no default"),
+        (buffers_first, PagedDecodeAttention, "parameter 5"),
+        (restated, PagedDecodeAttention, "parameter 5"),  # the layer's settings one by one, not its AttentionSpec
+        (other_default, Linear, "defaults to 0.0"),
+        (no_default, Linear, "'bias' has no default"),
     ]:
         assert any(says in problem for problem in mismatches(drifted, protocol)), drifted.__name__
 
@@ -160,9 +165,21 @@ def runnable(request) -> tuple[HardwareBackend, KernelTable]:
     return backend, backend.kernels()
 
 
+def tensors_in(values: Any) -> list[torch.Tensor]:
+    """The tensors among `values`, and among the fields of those that are dataclasses (a layer's spec)."""
+    found = []
+    for value in values:
+        if dataclasses.is_dataclass(value):
+            found += tensors_in(getattr(value, f.name) for f in dataclasses.fields(value))
+        elif isinstance(value, torch.Tensor):
+            found.append(value)
+    return found
+
+
 def call(kernel: Any, *args: Any, writes: tuple[torch.Tensor, ...] = (), **kwargs: Any) -> Any:
-    """kernel(*args, **kwargs), checking it left every tensor argument but those it `writes` as it was."""
-    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and all(a is not w for w in writes)]
+    """kernel(*args, **kwargs), checking it left every tensor argument (a spec's too) but those it `writes` as it
+    was."""
+    inputs = [a for a in tensors_in((*args, *kwargs.values())) if all(a is not w for w in writes)]
     before = [a.clone() for a in inputs]
     out = kernel(*args, **kwargs)
     for tensor, copy in zip(inputs, before):
@@ -217,7 +234,8 @@ def test_moe_returns_the_hidden_shape(runnable: tuple[HardwareBackend, KernelTab
     _, ops = runnable
     experts, held = 4, 2  # experts 1 and 2 held here, of 4
     gate_up, down = torch.randn(held, 2 * INTER, H), torch.randn(held, H, INTER)
-    out = call(ops["moe"], torch.randn(T, H), torch.randn(experts, H), gate_up, down, 2, 1, linear=ops["linear"])
+    spec = MoeSpec(torch.randn(experts, H), gate_up, down, top_k=2, first_expert=1)
+    out = call(ops["moe"], torch.randn(T, H), spec, linear=ops["linear"])
     expect(out, T, H)
 
 
@@ -229,11 +247,12 @@ def test_attention_writes_the_cache_then_attends(
     seqs.step([], [("a", 4), ("b", 19)])
     q, k, v, meta, _ = seqs.step(["a", "b"], [("c", 3)])  # two decode rows, then a prefill chunk
     caches = (seqs.k_cache, seqs.v_cache)
-    expect(call(ops["attention"], q, k, v, *caches, meta, D**-0.5, writes=caches), T, HQ, D)
+    expect(call(ops["attention"], q, k, v, *caches, meta, AttentionSpec(D**-0.5), writes=caches), T, HQ, D)
     assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
     assert torch.equal(seqs.v_cache.flatten(0, 1)[meta.slot_mapping], v)
     tables, lens = meta.decode_block_tables, meta.decode_context_lens
-    expect(call(ops["paged_decode_attention"], q[:2], *caches, tables, lens, D**-0.5, window=3, softcap=5.0), 2, HQ, D)
+    spec = AttentionSpec(D**-0.5, window=3, softcap=5.0, sinks=torch.randn(HQ))
+    expect(call(ops["paged_decode_attention"], q[:2], *caches, tables, lens, spec), 2, HQ, D)
 
 
 def test_gated_delta_net_updates_only_its_sequences_state_slots(runnable: tuple[HardwareBackend, KernelTable]) -> None:
@@ -247,7 +266,8 @@ def test_gated_delta_net_updates_only_its_sequences_state_slots(runnable: tuple[
     before = conv_states.clone(), ssm_states.clone()
     weights = torch.randn(channels, width), torch.rand(hv).add(0.1).log(), torch.randn(hv)
     states = (conv_states, ssm_states)
-    args = (torch.randn(T, channels), torch.randn(T, hv), torch.randn(T, hv), meta, *states, *weights, hk, dk, dv)
+    spec = DeltaNetSpec(*weights, hk, dk, dv)
+    args = (torch.randn(T, channels), torch.randn(T, hv), torch.randn(T, hv), meta, *states, spec)
     expect(call(ops["gated_delta_net"], *args, writes=states), T, hv * dv)
     for state, old in zip(states, before):
         assert [not torch.equal(state[s], old[s]) for s in range(slots)] == [True, False, True, True, False]

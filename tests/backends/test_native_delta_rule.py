@@ -7,12 +7,14 @@ prefill's chunked form within test_gated_delta_net's tolerance. Then the CPU bac
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.cpu import NativeDispatch
+from sagellm.backends.layer_specs import DeltaNetSpec
 from sagellm.backends.native import NativeKernels
 from sagellm.backends.native.tensor_fits import fits_delta_rule
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net
@@ -38,6 +40,7 @@ class Layer:
         self.conv_weight = torch.randn(self.channels, K, generator=g) * 0.5
         self.a_log = torch.rand(hv, generator=g).add(0.1).log()
         self.dt_bias = torch.randn(hv, generator=g)
+        self.spec = DeltaNetSpec(self.conv_weight, self.a_log, self.dt_bias, *self.dims)
         self.gen = g
 
     def inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,8 +50,8 @@ class Layer:
                 torch.randn(n, self.hv, generator=g))  # fmt: skip
 
     def args(self, states: tuple[torch.Tensor, torch.Tensor]) -> tuple:
-        """The op's arguments after meta: these states (copies of the layer's), then the weights and dims."""
-        return (*states, self.conv_weight, self.a_log, self.dt_bias, *self.dims)
+        """The op's arguments after meta: these states (copies of the layer's), then the layer's spec."""
+        return (*states, self.spec)
 
     def copies(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.conv_states.clone(), self.ssm_states.clone()
@@ -166,17 +169,18 @@ def test_tiled_value_heads_are_the_grouped_op_in_the_files_order(native: NativeK
     grouped_states = layer.copies()
     grouped = gated_delta_net(qkv, b, a, decode_meta(slots), *layer.args(grouped_states))
     as_tiled = lambda states: (states[0][:, channels], states[1][:, tiled])  # noqa: E731
-    weights = (layer.conv_weight[channels], layer.a_log[tiled], layer.dt_bias[tiled], *layer.dims)
+    weights = (layer.conv_weight[channels], layer.a_log[tiled], layer.dt_bias[tiled])
+    spec = DeltaNetSpec(*weights, *layer.dims, tiled_value_heads=True)
     for run in ("torch", "native"):
         states = [s.clone() for s in as_tiled(layer.copies())]
         inputs = (qkv[:, channels], b[:, tiled], a[:, tiled])
         if run == "torch":
-            out = gated_delta_net(*inputs, decode_meta(slots), *states, *weights, tiled_value_heads=True)
+            out = gated_delta_net(*inputs, decode_meta(slots), *states, spec)
         else:
             starts, picked = torch.arange(len(slots) + 1), torch.tensor(slots)
-            out = native.gated_delta_net(*inputs, starts, picked, *states, *weights, 1, tiled_value_heads=True)
+            out = native.gated_delta_net(*inputs, starts, picked, *states, spec, 1)
         assert_same(out, grouped.view(-1, hv, dv)[:, tiled].flatten(1))
         assert_states(states, as_tiled(grouped_states))
     untiled = gated_delta_net(qkv[:, channels], b[:, tiled], a[:, tiled], decode_meta(slots),
-                              *as_tiled(layer.copies()), *weights)  # fmt: skip
+                              *as_tiled(layer.copies()), replace(spec, tiled_value_heads=False))  # fmt: skip
     assert not torch.allclose(untiled, grouped.view(-1, hv, dv)[:, tiled].flatten(1), atol=1e-3), "the flag acts"

@@ -11,6 +11,7 @@ import torch
 
 from sagellm.backends import torch_ops
 from sagellm.backends.cpu import NATIVE_BLOCK_ROWS, CpuBackend
+from sagellm.backends.layer_specs import MoeSpec
 from tests.backends.test_block_linear import quantized_weight
 
 E, TOP_K = 8, 3
@@ -35,16 +36,15 @@ def experts(kind: str, hidden: int, inter: int, count: int, seed: int = 0) -> tu
     return gate_up, down
 
 
-def both(x, router, gate_up, down, first, normalize, biases, **options) -> tuple[torch.Tensor, torch.Tensor]:
+def both(
+    x, router, gate_up, down, first, normalize, biases, routing=None, **options
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The native op's output and the torch op's over the same `linear`."""
     kernels = table()
     assert kernels["moe"].__self__._native_experts(gate_up, down) is not None or isinstance(gate_up, torch.Tensor)
-    native = kernels["moe"](
-        x, router, gate_up, down, TOP_K, first, normalize, *biases, linear=kernels["linear"], **options
-    )
-    reference = torch_ops.moe(
-        x, router, gate_up, down, TOP_K, first, normalize, *biases, linear=kernels["linear"], **options
-    )
+    spec = MoeSpec(router, gate_up, down, TOP_K, first, normalize, *biases, **options)
+    native = kernels["moe"](x, spec, linear=kernels["linear"], routing=routing)
+    reference = torch_ops.moe(x, spec, linear=kernels["linear"], routing=routing)
     return native, reference
 
 

@@ -19,6 +19,7 @@ from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import Availability
 from sagellm.backends.cuda import CudaBackend
+from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net
 
@@ -73,7 +74,7 @@ def test_paged_decode_attention(paged_sequences: type, hq: int, hk: int, d: int)
     for decodes, prefills in [([], [("a", 1), ("b", 15), ("c", 16), ("d", 33), ("e", 58)]), (list("abcde"), [])]:
         q, k, v, meta, _ = seqs.step(decodes, prefills)
         torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
-    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, d**-0.5)
+    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, AttentionSpec(d**-0.5))
     close(kernels.paged_decode_attention(*args), torch_ops.paged_decode_attention(*args))
 
 
@@ -84,8 +85,8 @@ def test_attention_with_triton_decode_matches_torch(paged_sequences: type) -> No
     for decodes, prefills in [([], [("a", 20), ("b", 17)]), (["a", "b"], [("c", 9)]), (["c", "a"], [("b", 12)])]:
         q, k, v, meta, _ = seqs.step(decodes, prefills)
         k_cache, v_cache = seqs.k_cache.clone(), seqs.v_cache.clone()
-        expected = torch_ops.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, 0.125)
-        close(triton_attention(q, k, v, k_cache, v_cache, meta, 0.125), expected)
+        expected = torch_ops.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, AttentionSpec(0.125))
+        close(triton_attention(q, k, v, k_cache, v_cache, meta, AttentionSpec(0.125)), expected)
         assert torch.equal(k_cache, seqs.k_cache) and torch.equal(v_cache, seqs.v_cache)
 
 
@@ -107,11 +108,13 @@ def test_paged_decode_attention_with_window_and_softcap(
         q, k, v, meta, _ = seqs.step(decodes, prefills)
         torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
     q = q * 4  # scores of several units, so the cap bends them
-    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, d**-0.5)
-    expected = torch_ops.paged_decode_attention(*args, window=window, softcap=softcap)
-    close(kernels.paged_decode_attention(*args, window=window, softcap=softcap), expected)
+    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens)
+    spec = AttentionSpec(d**-0.5, window, softcap)
+    expected = torch_ops.paged_decode_attention(*args, spec)
+    close(kernels.paged_decode_attention(*args, spec), expected)
     if window or softcap:
-        assert not torch.allclose(expected, torch_ops.paged_decode_attention(*args), atol=1e-3), "an option that acts"
+        plain = torch_ops.paged_decode_attention(*args, AttentionSpec(d**-0.5))
+        assert not torch.allclose(expected, plain, atol=1e-3), "an option that acts"
 
 
 @pytest.mark.parametrize(("hq", "hk", "d", "window"), [(9, 3, 64, 0), (8, 2, 32, 20)])
@@ -122,10 +125,12 @@ def test_paged_decode_attention_with_sinks(paged_sequences: type, hq: int, hk: i
         q, k, v, meta, _ = seqs.step(decodes, prefills)
         torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
     sinks = torch.linspace(-4.0, 6.0, hq).to(DEVICE)
-    args = (q * 3, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, d**-0.5)
-    expected = torch_ops.paged_decode_attention(*args, window=window, sinks=sinks)
-    close(kernels.paged_decode_attention(*args, window=window, sinks=sinks), expected)
-    assert not torch.allclose(expected, torch_ops.paged_decode_attention(*args, window=window), atol=1e-3)
+    args = (q * 3, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens)
+    spec = AttentionSpec(d**-0.5, window, sinks=sinks)
+    expected = torch_ops.paged_decode_attention(*args, spec)
+    close(kernels.paged_decode_attention(*args, spec), expected)
+    unsunk = torch_ops.paged_decode_attention(*args, AttentionSpec(d**-0.5, window))
+    assert not torch.allclose(expected, unsunk, atol=1e-3)
 
 
 # Gated DeltaNet: (Hk, Dk, Hv, Dv) of Qwen3.5's shape in small, then a Dk and a Dv off powers of 2 (Dv in 3 blocks)
@@ -159,9 +164,9 @@ def check_gated_delta_net(
         meta.prefills.append(chunk)
         start += n
     expected_states, actual_states = ([s.to(DEVICE, copy=True) for s in states] for _ in range(2))
-    dims_kw = {"num_k_heads": hk, "head_k_dim": dk, "head_v_dim": dv, "tiled_value_heads": tiled}
-    expected = gated_delta_net(qkv, b, a, meta, *expected_states, **weights, **dims_kw)
-    actual = kernels.gated_delta_net(qkv, b, a, meta, *actual_states, **weights, **dims_kw)
+    spec = DeltaNetSpec(**weights, num_k_heads=hk, head_k_dim=dk, head_v_dim=dv, tiled_value_heads=tiled)
+    expected = gated_delta_net(qkv, b, a, meta, *expected_states, spec)
+    actual = kernels.gated_delta_net(qkv, b, a, meta, *actual_states, spec)
     for got, want in zip([actual, *actual_states], [expected, *expected_states]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -313,8 +318,8 @@ def test_moe_on_mxfp4_experts_through_the_cuda_linear() -> None:
         "gate_up_bias": randn(experts, 2 * inter),
         "down_bias": randn(experts, hidden),
     }
-    moe = functools.partial(torch_ops.moe, top_k=2, first_expert=0, activation="swiglu_oai", **biases)
+    spec = functools.partial(MoeSpec, router, top_k=2, first_expert=0, activation="swiglu_oai", **biases)
     linear = CudaBackendOnDevice().kernels()["linear"]
-    actual = moe(x, router, list(gate_up), list(down), linear=linear)
-    expected = moe(x, router, torch.stack(gate_up_floats), torch.stack(down_floats))
+    actual = torch_ops.moe(x, spec(list(gate_up), list(down)), linear=linear)
+    expected = torch_ops.moe(x, spec(torch.stack(gate_up_floats), torch.stack(down_floats)))
     close_to_scale(actual, expected)

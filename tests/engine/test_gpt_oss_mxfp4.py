@@ -47,7 +47,7 @@ def test_every_expert_is_kept_as_mxfp4_blocks(tiny, source):
     engine = LLMEngine(EngineConfig(model=str(path), **ENGINE))
     moes = [instr for instr in engine.runner.plan.instrs if instr.node.startswith("moe")]
     for instr in moes:  # the held experts as the native kernels' packing, not float tensors
-        gate_up, down = instr.consts[1], instr.consts[2]
+        gate_up, down = instr.consts[0].gate_up, instr.consts[0].down
         assert all(isinstance(w, CpuLinearWeight) for w in [*gate_up, *down])
 
 

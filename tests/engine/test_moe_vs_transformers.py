@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
 from sagellm.backends import torch_ops
+from sagellm.backends.layer_specs import MoeSpec
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.models.loaded import ModelLoadError
@@ -95,9 +96,9 @@ def test_the_kernels_shares_of_the_experts_add_up_to_the_whole_layer():
     router = torch.randn(experts, hidden, generator=g)
     gate_up = 0.3 * torch.randn(experts, 2 * inter, hidden, generator=g)
     down = 0.3 * torch.randn(experts, hidden, inter, generator=g)
-    whole = torch_ops.moe(x, router, gate_up, down, top_k, 0)
+    whole = torch_ops.moe(x, MoeSpec(router, gate_up, down, top_k, 0))
     shares = [(0, 2), (2, 3), (3, 5)]
-    parts = sum(torch_ops.moe(x, router, gate_up[a:b], down[a:b], top_k, a) for a, b in shares)
+    parts = sum(torch_ops.moe(x, MoeSpec(router, gate_up[a:b], down[a:b], top_k, a)) for a, b in shares)
     torch.testing.assert_close(parts, whole)
     expected = torch.zeros_like(x)  # one token at a time, as Mixtral's paper writes it
     for t in range(tokens):

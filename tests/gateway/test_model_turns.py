@@ -3,7 +3,7 @@ engines that only pretend to load: models load in the order their first requests
 served and none refused, the load counter counts loads alone; a request is let in the instant its model's engine is
 ready (an event, not a poll); a wait that runs out is a 503 saying what it waited for and gives its model's turn up
 (the model it drained serves again); a client that leaves its wait leaves the line; a load that fails refuses those
-waiting, counted as a failed load."""
+waiting, counted as a failed load; a loaded model whose engine fails for good is forgotten the instant it fails."""
 
 from __future__ import annotations
 
@@ -207,3 +207,24 @@ def test_a_load_that_fails_refuses_those_waiting_and_counts_as_a_failed_load(clo
 
     errors = trio.run(main, clock=clock)
     assert [(e.http_status, e.code) for e in errors] == [(503, "model_load_failed")] * 3
+
+
+def test_a_loaded_model_whose_engine_fails_for_good_is_forgotten_the_instant_it_fails(clock):
+    async def main() -> tuple[ModelPool, PretendEngines, float]:
+        async with trio.open_nursery() as nursery:
+            engines, readiness = PretendEngines(nursery), PretendReadiness()
+            pool = _pool(engines, readiness, "a")
+            await nursery.start(pool.run)
+            await pool.ready("a", hold=False)
+            await trio.sleep_until(5.123)  # off the idle check's beat
+            engine = engines.engines["e1"]
+            engine.last_error, engine.state = "died 3 times", FAILED
+            await trio.testing.wait_all_tasks_blocked()
+            forgotten_at = trio.current_time()
+            nursery.cancel_scope.cancel()
+        return pool, engines, forgotten_at
+
+    pool, engines, forgotten_at = trio.run(main, clock=clock)
+    assert forgotten_at == pytest.approx(5.123, abs=1e-9)
+    assert pool.status("a") == {"value": "failed", "failed": True, "error": "died 3 times"}
+    assert pool.models["a"].engine_id is None and not engines.engines  # its engine stopped: the next request loads

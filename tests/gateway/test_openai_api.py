@@ -306,6 +306,7 @@ def test_health_metrics_openapi_and_admin(gateway):
         "num_requests_waiting",
         "kv_cache_usage_perc",
         "prefix_cache_hits",
+        "engine_threads",
     ):
         assert f"sagellm:{name}" in text, name  # fmt: skip
     spec = httpx.get(gateway.url + "/openapi.json").json()

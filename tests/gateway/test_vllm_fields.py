@@ -10,7 +10,7 @@ import pytest
 
 from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest
 from sagellm.gateway.openai.completion.protocol import CompletionRequest
-from sagellm.gateway.openai.generation.vllm_fields import CHAT_ONLY, COMPLETION_ONLY, SHARED
+from sagellm.gateway.openai.generation.vllm_fields import unserved
 from tests.gateway.conftest import REPLY_TIMEOUT_S
 
 
@@ -70,14 +70,10 @@ ASKING = {
 }
 
 
-def _refused(chat: bool) -> dict[str, tuple]:
-    return SHARED | (CHAT_ONLY if chat else COMPLETION_ONLY)
-
-
 @pytest.mark.parametrize(("chat", "fields"), [(False, VLLM_COMPLETION), (True, VLLM_CHAT)], ids=["completions", "chat"])
 def test_every_vllm_field_is_served_or_refused(chat: bool, fields: list[str]) -> None:
     body = ChatCompletionRequest if chat else CompletionRequest
-    refused = _refused(chat)
+    refused = unserved(chat)
     for name in fields:
         assert name in body.__struct_fields__, f"{name} is not even read: it would be ignored"
         assert name not in refused or name in ASKING or name == "add_special_tokens", name
@@ -85,7 +81,7 @@ def test_every_vllm_field_is_served_or_refused(chat: bool, fields: list[str]) ->
 
 @pytest.mark.parametrize(("chat", "fields"), [(False, VLLM_COMPLETION), (True, VLLM_CHAT)], ids=["completions", "chat"])
 def test_each_field_not_served_is_a_400_naming_it(gateway, chat: bool, fields: list[str]) -> None:
-    refused = _refused(chat)
+    refused = unserved(chat)
     path = "/v1/chat/completions" if chat else "/v1/completions"
     base = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
     names = [n for n in fields if n in refused or (n in REFUSED_ELSEWHERE and (chat or n != "echo"))]

@@ -58,7 +58,7 @@ def test_each_rank_routes_over_every_expert_and_computes_its_own_then_all_reduce
 
 
 def test_rank_0_holds_only_its_experts(ep2):
-    stacked = [instr.consts[1] for instr in ep2.runner.plan.instrs if instr.node.startswith("moe")]
+    stacked = [instr.consts[0].gate_up for instr in ep2.runner.plan.instrs if instr.node.startswith("moe")]
     inter = ep2.model.config.intermediate_size  # an expert's: Mixtral's 128, Qwen3-MoE's moe_intermediate_size 32
     assert [tuple(gate_up.shape) for gate_up in stacked] == [(2, 2 * inter, 64)] * 2  # [L, 2I, H], each layer
 

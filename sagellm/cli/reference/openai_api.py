@@ -1,7 +1,7 @@
 """The request reference of the gateway's APIs (OpenAI's, and Anthropic's Messages): every field of every body the
 gateway decodes, with its type, its default and what the server does with it (each API's `field_help`), and vLLM's
-fields it refuses, with the value that asks for nothing and why. Read from the msgspec Structs that validate the
-bodies, so a field the server accepts cannot be missing."""
+and OpenAI's fields it refuses, with the values that ask for nothing and why. Read from the msgspec Structs that
+validate the bodies, so a field the server accepts cannot be missing."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def body_fields(body: type[msgspec.Struct]) -> list[msgspec.structs.FieldInfo]:
 
 
 def refused(field: msgspec.structs.FieldInfo) -> bool:
-    """vLLM's fields declared only so their presence is seen (`vllm_fields.py`)."""
+    """vLLM's and OpenAI's fields declared only so their presence is seen (`vllm_fields.py`)."""
     return field.default is UNSET
 
 
@@ -47,8 +47,8 @@ def _route(route: str, body: type[msgspec.Struct]) -> str:
     unserved = [f for f in body_fields(body) if refused(f)]
     if unserved:
         rows = [[code(f.name), cell(field_help(body, f.name))] for f in unserved]
-        parts += ["vLLM's fields this server does not serve: a request that sets one to anything but the value that "
-                  "asks for nothing gets a 400 naming it.", table(["field", "why"], rows)]  # fmt: skip
+        parts += ["Fields of vLLM's and OpenAI's APIs this server does not serve: a request that sets one to anything "
+                  "but a value that asks for nothing gets a 400 naming it.", table(["field", "why"], rows)]  # fmt: skip
     return "\n\n".join(parts)
 
 

@@ -38,6 +38,7 @@ ENGINE_GAUGES = {  # field: (its name, help)
     "scheduled": ("num_requests_running", "Requests the engine is computing (not waiting)."),
     "waiting": ("num_requests_waiting", "Requests waiting in the engine."),
     "kv_cache_usage": ("kv_cache_usage_perc", "KV cache blocks in use (0-1)."),
+    "threads": ("engine_threads", "Threads the engine computes with now: fewer while others use its cores."),
 }
 ENGINE_COUNTERS = {  # field, also its name: help
     "prefix_cache_queries": "Prompt blocks looked up in the prefix cache.",

@@ -33,7 +33,7 @@ from sagellm.common.memory import available_bytes, resident_bytes
 from sagellm.common.processes import alive
 from sagellm.gateway.control.autoscaler import Autoscaler, Autoscalers
 from sagellm.gateway.control.engine_spec import FAILED as ENGINE_FAILED
-from sagellm.gateway.control.engine_spec import READY, STARTING, EngineSpec, ManagedEngine
+from sagellm.gateway.control.engine_spec import READY, STARTING, STOPPED, EngineSpec, ManagedEngine
 from sagellm.gateway.control.model_turns import NoRoom, Turns
 from sagellm.gateway.control.model_waits import WaitingLines
 from sagellm.gateway.control.pooled_model import FAILED, LOADED, LOADING, RESTARTING, UNLOADED, PooledModel, gib
@@ -194,6 +194,7 @@ class ModelPool:
             self.lines.admit(model.name)  # (before anything else runs: no turn evicts it before they are in)
             took = round(time.monotonic() - began, 2)
             log.info("model_loaded", model=model.name, engine=model.engine_id, load_s=took)
+            self._spawn(self._forget_when_failed, model, engine)
             if self.autoscale is not None:
                 replica = msgspec.structs.replace(model.spec, label="autoscaled")
                 model.scaler = Autoscaler(self.core, self.engines, self.autoscale, model=model.name,
@@ -244,19 +245,22 @@ class ModelPool:
             self._load_soon(model)
         self.turns.changed()
 
+    async def _forget_when_failed(self, model: PooledModel, engine: ManagedEngine) -> None:
+        """Forgets a loaded model's engine the moment it fails for good (its worker died too often): the next request
+        loads the model again. Woken by the engine's changes of state; done once it stops (the model unloaded)."""
+        await engine.until_state(ENGINE_FAILED, STOPPED)
+        if engine.state != ENGINE_FAILED or model.engine_id != engine.id or model.status != LOADED or model.draining:
+            return  # (a draining model's engine is stopped by its unload)
+        model.status, model.error, model.engine_id = FAILED, engine.last_error, None
+        self.turns.changed()
+        self._spawn(self._stop_scaling, model)
+        self._spawn(partial(self.engines.stop, engine.id, force=True))
+
     def _look_for_idle(self) -> None:
-        """Unloads the models idle for `idle_unload_s`, and forgets the engine of one that failed for good (its
-        worker died too often): the next request loads it again."""
+        """Unloads the models idle for `idle_unload_s` (a matter of time passing: looked for every TICK_S)."""
         now = time.monotonic()
         for model in self.models.values():
             if model.status != LOADED or model.draining:
-                continue
-            engine = self._engine_of(model)
-            if engine is not None and engine.state == ENGINE_FAILED:
-                model.status, model.error, model.engine_id = FAILED, engine.last_error, None
-                self.turns.changed()
-                self._spawn(self._stop_scaling, model)
-                self._spawn(partial(self.engines.stop, engine.id, force=True))
                 continue
             if self.busy(model):
                 model.last_used = now
@@ -275,7 +279,7 @@ class ModelPool:
     def status(self, name: str) -> dict[str, Any]:
         """`name`'s status as `/v1/models` shows it (llama.cpp's shape: {"value": ..., "failed": ...}); a loaded model's
         engine speaks for it when it is not ready: restarting (its worker died and is being started again, its
-        requests resume there) or failed (given up; the pool forgets that engine within TICK_S)."""
+        requests resume there) or failed (given up; the pool forgets that engine as it fails: `_forget_when_failed`)."""
         model = self.models[name]
         status: dict[str, Any] = {"value": LOADING if model.queued else model.status}
         engine = self._engine_of(model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from sagellm.gateway.openai.generation.vllm_fields import CHAT_ONLY, COMPLETION_ONLY, SHARED
+from sagellm.gateway.openai.generation.vllm_fields import ANY_VALUE, OPENAI_CHAT, unserved
 from sagellm.runtime.engine.request_limits import (
     MAX_ALLOWED_TOKEN_IDS,
     MAX_BAD_WORD_CHARS,
@@ -142,16 +142,20 @@ BY_BODY: dict[str, dict[str, str]] = {
 }
 
 
-# the bodies vLLM's refused fields are declared on, and which of vllm_fields' tables applies to each
-_VLLM_TABLES = {"CompletionRequest": SHARED | COMPLETION_ONLY, "ChatCompletionRequest": SHARED | CHAT_ONLY}
+# the bodies vLLM's (and OpenAI's) refused fields are declared on, and which of vllm_fields' tables applies to each
+_UNSERVED = {"CompletionRequest": unserved(chat=False), "ChatCompletionRequest": unserved(chat=True)}
 
 
 def field_help(body: str, field: str) -> str | None:
-    """What `field` of the body named `body` does, or None when nothing here says: vLLM's fields this server does not
-    serve read "refused unless VALUE: why", the rest this module's own words."""
-    refused = _VLLM_TABLES.get(body, {}).get(field)
+    """What `field` of the body named `body` does, or None when nothing here says: vLLM's and OpenAI's fields this
+    server does not serve read "refused unless VALUE: why" (or "taken at any value, no effect: why"), the rest this
+    module's own words."""
+    refused = _UNSERVED.get(body, {}).get(field)
     if refused is not None:
         asks_nothing, why = refused
+        whose = "OpenAI's" if field in OPENAI_CHAT else "vLLM's"
+        if ANY_VALUE in asks_nothing:
+            return f"{whose}; taken at any value, no effect: {why}"
         values = " or ".join(json.dumps(v) for v in asks_nothing)
-        return f"vLLM's; refused unless absent or {values}: {why}"
+        return f"{whose}; refused unless absent or {values}: {why}"
     return BY_BODY.get(body, {}).get(field) or FIELD_HELP.get(field)

@@ -18,6 +18,7 @@ from sagellm.gateway.serving.served_graph import REMOTE_NODE
 from sagellm.operators.admission import Admission
 from sagellm.operators.embedding import EmbeddingOperator
 from sagellm.operators.route import ROLES_FOR_PHASE
+from sagellm.runtime.pipeline.health_changes import next_health_change
 from sagellm.runtime.pipeline.served_model import ServedModel
 
 
@@ -98,7 +99,8 @@ class InstanceRegistry:
         """Waits up to `within_s` until an instance of `model` (None: the graph's) that can run a `phase` request
         whole (not a prefill worker alone) is healthy; False at once when none is healthy and none is starting or
         being restarted (an attached server that stopped answering may never do so again: its clients are not kept
-        waiting on it; one just registered and not yet probed is waited for)."""
+        waiting on it; one just registered and not yet probed is waited for). Woken by each change of an instance's
+        health, so it returns the moment one is ready, and nothing polls."""
         whole = ROLES_FOR_PHASE["embed" if phase == "embed" else "colocated"]
         with trio.move_on_after(within_s):
             while True:
@@ -107,7 +109,7 @@ class InstanceRegistry:
                     return True
                 if not any(s.on_its_way for s in fitting):  # nothing is on its way either
                     return False
-                await trio.sleep(0.1)
+                await next_health_change()
         return False
 
     def own_names(self) -> list[str]:

@@ -70,6 +70,22 @@ class ChatCompletionRequest(GenerationRequest, kw_only=True):
     mm_processor_kwargs: Any = NOT_SENT
     return_prompt_text: Any = NOT_SENT
     include_reasoning: Any = NOT_SENT
+    # OpenAI's, the same (`vllm_fields.OPENAI_CHAT`): `store=False`, any `metadata`, `service_tier="auto"` are taken
+    store: Any = NOT_SENT
+    metadata: Any = NOT_SENT
+    service_tier: Any = NOT_SENT
+    safety_identifier: Any = NOT_SENT
+    prompt_cache_key: Any = NOT_SENT
+    prompt_cache_retention: Any = NOT_SENT
+    prompt_cache_options: Any = NOT_SENT
+    modalities: Any = NOT_SENT
+    audio: Any = NOT_SENT
+    prediction: Any = NOT_SENT
+    web_search_options: Any = NOT_SENT
+    verbosity: Any = NOT_SENT
+    moderation: Any = NOT_SENT
+    functions: Any = NOT_SENT
+    function_call: Any = NOT_SENT
     index: str | None = None  # sageLLM: answer from this retrieval index (/admin/index), its sources in the reply
     index_k: int = 4  # chunks retrieved from it
 

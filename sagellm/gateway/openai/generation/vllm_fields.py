@@ -1,11 +1,15 @@
-"""vLLM's (and a few of SGLang's) request fields this server does not serve, refused by name when a request asks for
-something with them.
+"""vLLM's (and a few of SGLang's) request fields this server does not serve, and OpenAI's chat fields it does not,
+refused by name when a request asks for something with them.
 
 A client written for vLLM sends vLLM's extra fields; one accepted and ignored would change what the client gets
 without a word (a `use_beam_search` run answered by sampling, a `cache_salt` that isolates nothing). So each is
 declared on the request bodies, where its presence is seen, and refused with a 400 naming it unless it holds a value
-that asks for nothing (vLLM's default). A field of neither API is refused too, as unknown (`generation/protocol.py`).
-The fields sageLLM serves are the bodies' own (each endpoint's `protocol.py`)."""
+that asks for nothing (vLLM's default). OpenAI's own chat fields are held to the same rule: the openai SDK sends
+`store=False` or `service_tier="auto"` as a program's habit, and a `metadata` map or a `prompt_cache_key` only ever
+asks OpenAI to keep or route something (ANY_VALUE: every value asks for nothing), so those are taken, as vLLM takes
+them; `modalities=["audio"]` or `store=True` ask for what this server does not do, and are refused. A field of
+neither API is refused too, as unknown (`generation/protocol.py`). The fields sageLLM serves are the bodies' own
+(each endpoint's `protocol.py`)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,16 @@ from sagellm.gateway.openai.generation.structured import Constrained
 
 UNSET: Any = msgspec.UNSET
 _NO_MULTIMODAL = "this server takes text (or token ids) only"
+
+
+class _AnyValue:
+    """In a table's values that ask for nothing: every value does (a field only kept or routed on by OpenAI)."""
+
+    def __repr__(self) -> str:
+        return "any value"
+
+
+ANY_VALUE: Any = _AnyValue()
 
 # name -> (the values that ask for nothing, why anything else is refused); for both endpoints
 SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -56,6 +70,25 @@ CHAT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "return_prompt_text": ((None, False), "ask /tokenize for the rendered prompt"),
     "include_reasoning": ((True,), "this server's models are not reasoning models"),
 }
+# OpenAI's chat fields (the openai SDK's `chat.completions.create` arguments) that the chat body has no field of its own
+# for; the same rule as vLLM's
+OPENAI_CHAT: dict[str, tuple[tuple[Any, ...], str]] = {
+    "store": ((None, False), "completions are not stored here: nothing keeps them for distillation or evals"),
+    "metadata": ((ANY_VALUE,), "OpenAI only stores it with a stored completion; it never changes the reply"),
+    "service_tier": ((None, "auto", "default"), "one tier serves every request here: order them with `priority`"),
+    "safety_identifier": ((ANY_VALUE,), "an opaque end-user id for OpenAI's abuse detection; the reply is the same"),
+    "prompt_cache_key": ((ANY_VALUE,), "every prompt's prefix is cached here and found by its tokens, whatever key"),
+    "prompt_cache_retention": ((None, "in_memory"), "cached prefixes stay while the KV cache has room, no longer"),
+    "prompt_cache_options": ((None,), "cached prefixes are found by their tokens: no breakpoints or lifetimes"),
+    "modalities": ((None, ["text"]), "replies are text only: no audio output"),
+    "audio": ((None,), "replies are text only: no audio output"),
+    "prediction": ((None,), "predicted outputs are not implemented (speculative decoding is a server setting)"),
+    "web_search_options": ((None,), "no web search runs here: give the model a search tool (`tools`)"),
+    "verbosity": ((None, "medium"), "not implemented: ask for a length in the prompt, or cap it with `max_tokens`"),
+    "moderation": ((None,), "no moderation runs here"),
+    "functions": ((None,), "the deprecated function calling: send `tools`"),
+    "function_call": ((None,), "the deprecated function calling: send `tool_choice`"),
+}
 
 
 class VllmFields(Constrained, kw_only=True):
@@ -86,10 +119,20 @@ class VllmFields(Constrained, kw_only=True):
     add_special_tokens: Any = UNSET
 
 
+def unserved(chat: bool) -> dict[str, tuple[tuple[Any, ...], str]]:
+    """The fields a chat's body (`chat`) or a completion's declares only to see them: name -> (the values that ask
+    for nothing, why anything else is refused)."""
+    return SHARED | (CHAT_ONLY | OPENAI_CHAT if chat else COMPLETION_ONLY)
+
+
 def refuse_unserved(body: Any, chat: bool) -> None:
-    """A 400 naming the first of vLLM's fields the body sets to something this server does not serve."""
-    table = SHARED | (CHAT_ONLY if chat else COMPLETION_ONLY)
-    for name, (asks_nothing, why) in table.items():
+    """A 400 naming the first of those fields the body sets to something this server does not serve."""
+    for name, (asks_nothing, why) in unserved(chat).items():
         value = getattr(body, name)
-        if value is not UNSET and not any(value == v and type(value) is type(v) for v in asks_nothing):
+        if value is not UNSET and not _asks_nothing(value, asks_nothing):
             raise ApiError.unsupported(name, why)
+
+
+def _asks_nothing(value: Any, values: tuple[Any, ...]) -> bool:
+    """`value` is one of `values` (False is not 0 here), or `values` take any."""
+    return ANY_VALUE in values or any(value == v and type(value) is type(v) for v in values)
