@@ -224,7 +224,8 @@ class ProcessExecutor:
                 command, stdin=subprocess.DEVNULL, stdout=output, stderr=output and subprocess.STDOUT, env=env
             )
         if group in self.core_shares:  # before it starts a thread: every thread it starts inherits the cores
-            os.sched_setaffinity(process.pid, self.core_shares[group])
+            with contextlib.suppress(ProcessLookupError):  # gone already: _watch_exit reports its exit
+                os.sched_setaffinity(process.pid, self.core_shares[group])
         self.processes[group], self.pids[group] = process, process.pid
         nursery.start_soon(self._watch_exit, nursery, group, process)
 
