@@ -15,6 +15,13 @@ def usable_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+def default_thread_count() -> int:
+    """An engine's threads when nothing names them: OMP_NUM_THREADS where it is set (a whole number, as torch itself
+    reads it: the user's or a test runner's share of the machine), else `usable_core_count()`."""
+    named = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(named) if named.isdigit() and int(named) > 0 else usable_core_count()
+
+
 def usable_core_count(cgroup: Path = Path("/sys/fs/cgroup"), cpus: Path = Path("/sys/devices/system/cpu")) -> int:
     """The threads worth running: the physical cores among the usable CPUs (two hyperthreads of one core share its
     arithmetic units, as torch counts), fewer where the process's cgroup grants less CPU time (a container started

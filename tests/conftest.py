@@ -19,6 +19,10 @@ from sagellm.common.openmp import prefer_short_spin
 # Outputs are compared bit for bit across runs (failover, PD, prefix hits): threads fixed, whatever the machine's load
 # (tests/engine/test_thread_governor.py runs the governor itself). Named here, not imported: torch must not load yet.
 os.environ.setdefault("SAGELLM_FIXED_THREADS", "1")
+# Each xdist worker's share of the cores as every engine's (and torch's) threads: two workers running two threads each
+# on two cores stall each other's parallel regions a time slice at a time (docs/performance.md, "On a busy machine").
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 os.environ.setdefault(KERNELS_ENV, str(Path(tempfile.gettempdir()) / f"sagellm-test-kernels-{os.getuid()}"))
 
 prefer_short_spin()  # the suite is a front end too: set before any test module imports torch

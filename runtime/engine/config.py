@@ -59,7 +59,10 @@ class EngineConfig:
     scheduling_policy: str = _help(
         "fcfs (arrival order) or priority (requests' priority, lower first; low ones preempted for high ones)", "fcfs"
     )
-    num_threads: int | None = _help("torch intra-op threads on the CPU (default: the cores this process may use)", None)
+    num_threads: int | None = _help(
+        "torch intra-op threads on the CPU (default: OMP_NUM_THREADS where set, else the cores this process may use)",
+        None,
+    )
     # Each step's parallel regions wait for their slowest thread, and a thread sharing its core with another busy
     # program waits a time slice at a time: the engine runs fewer threads while others use its cores
     # (runtime/engine/thread_governor.py), never more than num_threads. False: num_threads all the time.

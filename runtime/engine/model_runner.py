@@ -313,7 +313,8 @@ class ModelRunner:
         return sum(t[0].numel() for pair in self.state_caches for t in pair)
 
     def copy_states(self, source: int, slot: int) -> None:
-        """Every linear attention layer's states in `source` copied into `slot` (a rollback after proposals)."""
+        """Every linear attention layer's states in `source` copied into `slot` (a draft model's shadows keep and take
+        back theirs so; the target's rollbacks are planned: `ScheduledBatch.restores`)."""
         for pair in self.state_caches:
             for states in pair:
                 states[slot].copy_(states[source])

@@ -102,8 +102,8 @@ class OutputProcessor:
             if finish is not None:
                 break
         verified = finish is None and (appended > 1 or proposed)
-        if verified and self._scheduler.accept_proposed(seq, appended - 1, proposed):  # recurrent states go back
-            self._runner.copy_states(self._scheduler.state_slots.rollback_slot(seq.state_slot), seq.state_slot)
+        if verified:
+            self._scheduler.accept_proposed(seq, appended - 1, proposed)
         kv = states = None
         if state.prefill_only and (finish is None or state.export_kv):
             finish = finish or "prefilled"

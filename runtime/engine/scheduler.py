@@ -73,8 +73,9 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    # A model with recurrent layers: the checkpoint slot a sequence admitted on a prefix hit starts from, and, for a
-    # prefill whose chunk crosses a block boundary, (its tokens up to that boundary, the checkpoint slot to fill).
+    # A model with recurrent layers: the slot a sequence's states start from (a prefix hit's checkpoint, or its
+    # rollback slot after rejected proposals), and, for a prefill whose chunk crosses a block boundary, (its tokens
+    # up to that boundary, the checkpoint slot to fill).
     restores: dict[Sequence, int] = field(default_factory=dict)
     checkpoints: dict[Sequence, tuple[int, int]] = field(default_factory=dict)
     # ... and the states a prefill worker computed after the prompt of a sequence admitted now, for its seat.
@@ -150,6 +151,8 @@ class Scheduler:
         self.gates: list[AdmissionGate] = admission_gates(self.state_slots, lora)
         self.waiting = QUEUES[config.scheduling_policy]()  # every request not running: the one waiting line
         self.running: list[Sequence] = []
+        # A recurrent model's sequence whose proposals were rejected -> the slot its next chunk starts from
+        self._rollbacks: dict[Sequence, int] = {}
         self._long_holds = 0  # steps in a row that held long prompts' chunks back for short ones
 
     def add(self, seq: Sequence) -> None:
@@ -222,7 +225,8 @@ class Scheduler:
         batch = ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted,
                                recurrent=recurrent)  # fmt: skip
         if self.state_slots is not None:
-            batch.restores = {seq: slot for seq, slot in step.restores.items() if seq in step.scheduled}
+            rolled_back = {seq: self._rollbacks.pop(seq) for seq in list(self._rollbacks) if seq in step.scheduled}
+            batch.restores = {seq: slot for seq, slot in step.restores.items() if seq in step.scheduled} | rolled_back
             batch.state_writes = {seq: states for seq, states in step.state_writes.items() if seq in step.scheduled}
             batch.checkpoints = self._plan_checkpoints(scheduled)
         return batch
@@ -373,6 +377,7 @@ class Scheduler:
     def _release(self, seq: Sequence, finished: bool) -> None:
         """Gives back what `seq` holds: its blocks, and what its gates gave it (a state seat, an adapter's slot)."""
         self.block_manager.free(seq)
+        self._rollbacks.pop(seq, None)
         for gate in self.gates:
             gate.stopped(seq, finished)
 
@@ -402,14 +407,14 @@ class Scheduler:
                 self._preempt(seq, _Step(0))
         self.state_slots.step_done(ran=False)
 
-    def accept_proposed(self, seq: Sequence, n: int, proposed: int) -> bool:
+    def accept_proposed(self, seq: Sequence, n: int, proposed: int) -> None:
         """`seq`'s last step verified `n` of `proposed` tokens, now appended to it: their KV, written by that step,
         counts as computed, and their full blocks join the prefix cache. The rejected ones' KV lies past
         `num_computed_tokens`, where the next step overwrites it. A model with recurrent layers whose states went
-        past the accepted tokens rolls them back to its rollback slot's (the states after the sequence's own tokens,
-        kept by that step) and recomputes the accepted ones: True when the caller must copy them so."""
+        past the accepted tokens recomputes the accepted ones in its next step, from the states after the sequence's
+        own tokens that the verifying step kept in its rollback slot: the next plan restores them."""
         if self.state_slots is not None and n < proposed:
-            return True  # computed up to its own tokens: the accepted ones are computed again from there
+            self._rollbacks[seq] = self.state_slots.rollback_slot(seq.state_slot)
+            return
         seq.num_computed_tokens += n
         self.block_manager.cache_full_blocks(seq)
-        return False

@@ -45,7 +45,6 @@ from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
 from sagellm.runtime.parallel.rank_spec import (
     ORDERS,
-    CopyStates,
     LoadLora,
     RankSpec,
     ReadKV,
@@ -195,10 +194,6 @@ class ParallelRunner(ModelRunner):
         states = states.to(torch.float32).contiguous()  # its size checked by the engine when the request came
         with self._leading(WriteStates(slot, states.numel())):
             take_part(self, self.layout, self._comms, WriteStates(slot, states.numel()), kv=states)
-
-    def copy_states(self, source: int, slot: int) -> None:
-        with self._leading(CopyStates(source, slot)):
-            take_part(self, self.layout, self._comms, CopyStates(source, slot))
 
     def load_lora(self, slot: int, adapter: LoraAdapter) -> None:
         shapes = [(weight, b.shape[0], a.shape[1]) for weight, (a, b) in adapter.weights.items()]

@@ -66,13 +66,6 @@ class WriteStates(msgspec.Struct, array_like=True, tag="write_states"):
     size: int
 
 
-class CopyStates(msgspec.Struct, array_like=True, tag="copy_states"):
-    """Every stage copies its layers' states from slot `source` into `slot` (a rollback after proposals)."""
-
-    source: int
-    slot: int
-
-
 class LoadLora(msgspec.Struct, array_like=True, tag="load_lora"):
     """Every rank puts a LoRA adapter in its slot: rank 0, which read it from its directory, broadcasts its factors
     next as one float32 tensor (each weight's A [lora_rank, in], then its B [out, lora_rank], in `shapes`' order), and
@@ -84,7 +77,7 @@ class LoadLora(msgspec.Struct, array_like=True, tag="load_lora"):
     shapes: list[tuple[str, int, int]]  # each base weight the adapter changes, by canonical name, and its [out, in]
 
 
-ORDERS = ReadKV | WriteKV | ReadStates | WriteStates | CopyStates | LoadLora  # what ranks take part in beside steps
+ORDERS = ReadKV | WriteKV | ReadStates | WriteStates | LoadLora  # what ranks take part in beside steps
 
 
 def ready_key(rank: int) -> str:

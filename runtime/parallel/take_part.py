@@ -28,7 +28,7 @@ from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config
 from sagellm.runtime.parallel.kv_shares import join_kv_shares, kv_share, share_widths
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
-from sagellm.runtime.parallel.rank_spec import CopyStates, LoadLora, ReadKV, ReadStates, WriteKV, WriteStates
+from sagellm.runtime.parallel.rank_spec import LoadLora, ReadKV, ReadStates, WriteKV, WriteStates
 from sagellm.runtime.parallel.state_shares import join_state_shares, state_share
 
 CARRIED = ("hidden", "residual")  # what a layer boundary carries, in the order it is sent
@@ -38,7 +38,7 @@ def take_part(
     runner: ModelRunner,
     layout: RankLayout,
     comms: RankComms,
-    order: StepInputs | ReadKV | WriteKV | ReadStates | WriteStates | CopyStates | LoadLora,
+    order: StepInputs | ReadKV | WriteKV | ReadStates | WriteStates | LoadLora,
     slots: torch.Tensor | None = None,
     kv: torch.Tensor | None = None,
     adapter: LoraAdapter | None = None,
@@ -49,7 +49,7 @@ def take_part(
         assert runner.lora is not None
         runner.lora.load(order.slot, _lora_factors(comms, order, adapter), order.lora_rank, order.scaling)
         return None
-    if isinstance(order, (ReadStates, WriteStates, CopyStates)):
+    if isinstance(order, (ReadStates, WriteStates)):
         return _states(runner, layout, comms, order, kv)
     slots = torch.tensor(order.slots, dtype=torch.int64) if slots is None else slots
     if isinstance(order, ReadKV):
@@ -101,13 +101,10 @@ def _states(
     runner: ModelRunner,
     layout: RankLayout,
     comms: RankComms,
-    order: ReadStates | WriteStates | CopyStates,
+    order: ReadStates | WriteStates,
     states: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """A rank's part in a move of recurrent states: its stage's layers, its slice's heads of them."""
-    if isinstance(order, CopyStates):
-        ModelRunner.copy_states(runner, order.source, order.slot)
-        return None
     stages = [PipelineStage(i, layout.pp) for i in range(layout.pp)]
     sizes = [stage_states_size(runner.config, stage) for stage in stages]
     mine = layout.rank // layout.tp  # the rank's stage

@@ -46,6 +46,13 @@ class Prompt:
         self._interrupted = False  # the last prompt ended with Ctrl-C
 
     def read(self) -> str | None:
+        try:
+            return self._read()
+        except KeyboardInterrupt:  # one outside input(): pressed again while the notice of the first was written
+            print(file=sys.stderr)
+            return None
+
+    def _read(self) -> str | None:
         while True:
             try:
                 line = input(PROMPT)
@@ -53,11 +60,11 @@ class Prompt:
                 print(file=sys.stderr)
                 return None
             except KeyboardInterrupt:
-                print(file=sys.stderr)
                 if self._interrupted:
+                    print(file=sys.stderr)
                     return None
                 self._interrupted = True
-                print("(Ctrl-C again or Ctrl-D to exit)", file=sys.stderr)
+                print("\n(Ctrl-C again or Ctrl-D to exit)", file=sys.stderr)
                 continue
             self._interrupted = False
             return line

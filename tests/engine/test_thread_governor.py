@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sagellm.common.affinity import cpu_quota, usable_core_count, usable_cores
+from sagellm.common.affinity import cpu_quota, default_thread_count, usable_core_count, usable_cores
 from sagellm.common.core_load import CoreLoad
 from sagellm.runtime.engine.thread_governor import INTERVAL_S, ThreadGovernor
 
@@ -148,3 +148,11 @@ def test_the_cores_counted_through_affinity_physical_cores_and_quota(tmp_path: P
     assert usable_core_count(tmp_path / "none", tmp_path / "no-topology") == len(usable_cores())
     (v2 / "cpu.max").write_text("50000 100000\n")
     assert usable_core_count(v2, tmp_path / "no-topology") == 1
+
+
+def test_omp_num_threads_is_the_default_count_where_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    for named, count in (("3", 3), (" 1 ", 1), ("0", usable_core_count()), ("two", usable_core_count())):
+        monkeypatch.setenv("OMP_NUM_THREADS", named)
+        assert default_thread_count() == count, named
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_thread_count() == usable_core_count()

@@ -50,12 +50,20 @@ class HttpRequest:
             if (unknown := unknown_fields_error(exc, self.body, into)) is not None:
                 raise unknown from None  # every unknown field named, each with the one it was probably meant to be
             raise ApiError(400, f"invalid request: {exc}", param=_field_of(str(exc)), code="invalid_request") from None
-        except msgspec.DecodeError as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_request") from None
-        except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
-            raise ApiError(400, f"the request body is not UTF-8: {exc}", code="invalid_request") from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec's versions differ in which one bad UTF-8 is
+            raise _undecodable(self.body, exc) from None
         except RecursionError:
             raise ApiError(400, "the request body nests arrays or objects too deeply", code="invalid_request") from None
+
+
+def _undecodable(body: bytes, exc: Exception) -> ApiError:
+    """A body msgspec could not decode: said as not UTF-8 where it is not (the position of the first bad byte), else
+    as not JSON with msgspec's reason."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return ApiError(400, f"the request body is not UTF-8: {bad}", code="invalid_request")
+    return ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_request")
 
 
 @dataclass
