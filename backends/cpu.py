@@ -3,10 +3,10 @@ native C kernels (backends/native) for small-batch decode.
 
 A CPU LLM server is memory-bound at decode: every step streams every weight once. Each linear weight is held in one
 form. A weight the GGUF file stored as blocks the kernels read (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) stays
-blocks (block_linear.c: dequantized in registers to gguf-py's floats, a quarter to a fifth of fp32's bytes): up to
-BLOCK_GEMM_ROWS rows the kernel multiplies from them directly (SmolLM2's 210 layer linears with the AVX-512 kernels
-at 16 rows 11.1 vs 16.5 ms for oneDNN on fp32, at 1 row 3.1 vs 18); from there, prefill, the blocks are dequantized
-a tile at a time into a small buffer torch's GEMM reads. Other fp32 weights stay dense [out, in]: the
+blocks (block_linear.c: dequantized in registers to gguf-py's floats, a quarter to a fifth of fp32's bytes): the
+kernel multiplies from them directly (SmolLM2's 210 layer linears with the AVX-512 kernels at 16 rows 11.1 vs 16.5 ms
+for oneDNN on fp32, at 1 row 3.1 vs 18); on Intel's CPUs, from BLOCK_GEMM_ROWS rows (prefill), the blocks are
+dequantized a tile at a time into a small buffer torch's GEMM reads. Other fp32 weights stay dense [out, in]: the
 native `linear_f32` streams them on one thread for one or two rows (24 vs 40 ms for oneDNN a batch-1 step), torch's
 GEMM reads them above (within a few percent of oneDNN's blocked layout from 64 rows up), and a vocabulary projection
 tied to the embedding shares the embedding's tensor. Without native kernels, weights take oneDNN's blocked layout
@@ -80,12 +80,17 @@ NATIVE_LINEAR_ROWS = 2
 # 16 rows 11.1 vs 16.4 ms, 48: 29.1 vs 36.0, 64: 44.5 vs 40.5 in one run and 37.0 vs 39.9 in another; AVX2 kernels on
 # a machine without AVX-512: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
 NATIVE_BLOCK_ROWS = 48
-# Rows from which a linear on blocks dequantizes tiles of the weight (4 MB, L2-sized) for torch's GEMM instead of
-# multiplying in registers: block_linear's cost grows with the rows where the GEMM's amortizes, and they cross near
-# 256 rows on 2 threads, 128 on one (AVX-512 Sapphire Rapids, 2048x2048 Q4/Q6_K/Q8_0: at 512 rows 15.1 vs 21.7 ms,
-# the dense fp32 GEMM 13.9; at 64 rows 3.1 vs 2.5).
-BLOCK_GEMM_ROWS = 192
-BLOCK_GEMM_ROWS_ONE_THREAD = 128
+# Rows from which a linear on blocks dequantizes tiles of the weight (4 MB, L2-sized) for torch's GEMM (MKL's sgemm)
+# instead of multiplying in registers, by thread count; None: never. On Intel's CPUs block_linear's cost grows with
+# the rows where the GEMM's amortizes, and they cross near 256 rows on 2 threads, 128 on one (AVX-512 Sapphire
+# Rapids, 2048x2048 Q4/Q6_K/Q8_0: at 512 rows 15.1 vs 21.7 ms, the dense fp32 GEMM 13.9; at 64 rows 3.1 vs 2.5). On
+# AMD's they never cross: a 2-core AMD EPYC (AVX-512 VNNI kernels), Q4_1 576x576 to 2048x8192, native over GEMM time
+# at 256 / 1024 rows 0.76-0.96 / 0.95-1.05 on one thread, 0.47-0.58 / 0.50-0.60 on two; SmolLM2's 256-token prefill
+# 308 vs 606 ms on one thread, 168 vs 316 on two (MKL's sgemm there runs K = 576 at 104 GFLOP/s, 1536 at 183).
+BLOCK_GEMM_ROWS: dict[str, tuple[int | None, int | None]] = {  # vendor -> (rows on one thread, on more)
+    "GenuineIntel": (128, 192),
+    "AuthenticAMD": (None, None),
+}
 
 
 class NativeDispatch:
@@ -93,6 +98,7 @@ class NativeDispatch:
 
     def __init__(self, native: NativeKernels) -> None:
         self.native = native
+        self._gemm_rows = BLOCK_GEMM_ROWS.get(isa.cpu_vendor(), BLOCK_GEMM_ROWS["GenuineIntel"])
         self.buffers = torch_ops.GatherBuffers()  # for the torch decode attention, and prefill chunks' gathers
         self._prefill_scratch = torch.empty(0)  # the native prefill attention's transposed keys, reused
         self._experts: dict[int, tuple[Any, NativeExperts | None]] = {}  # id(gate_up list) -> (it, its experts)
@@ -149,12 +155,13 @@ class NativeDispatch:
         return linear(x, weight, bias)
 
     def _block_linear(self, x: torch.Tensor, blocks: InterleavedBlocks, bias: torch.Tensor | None) -> torch.Tensor:
-        """Every row count from the blocks, the weight's one form: the kernel dequantizing in registers below
-        BLOCK_GEMM_ROWS rows, tiles dequantized for torch's GEMM from there (prefill)."""
+        """Every row count from the blocks, the weight's one form: the kernel dequantizing in registers, or from the
+        CPU's BLOCK_GEMM_ROWS rows on, tiles dequantized for torch's GEMM (prefill on Intel's CPUs)."""
         x = x if fits_rows(x) else x.float().contiguous()
         bias = None if bias is None else bias.float().contiguous()
         threads = torch.get_num_threads()
-        if x.shape[0] >= (BLOCK_GEMM_ROWS_ONE_THREAD if threads == 1 else BLOCK_GEMM_ROWS):
+        gemm_rows = self._gemm_rows[0 if threads == 1 else 1]
+        if gemm_rows is not None and x.shape[0] >= gemm_rows:
             return self.native.block_linear_large(x, blocks, bias, threads)
         return self.native.block_linear(x, blocks, bias, threads)
 
