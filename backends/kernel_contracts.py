@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sagellm.backends.decoder_layer import DecoderLayer, DecoderShape
     from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
     from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
+    from sagellm.backends.torch_ops.vision import EncoderMetadata
 
 
 class Embedding(Protocol):
@@ -52,6 +53,12 @@ class GatedRmsNorm(Protocol):
         Gated DeltaNet's output norm)."""
 
 
+class LayerNorm(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        """(x - mean) / sqrt(var + eps) * weight + bias over x's last dim: x [T, D], weight and bias [D] -> [T, D]
+        (a vision encoder's norms)."""
+
+
 class Linear(Protocol):
     def __call__(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, K], the weight as the backend packed it (`prepare_linear_weight` from [N, K] floats, or
@@ -76,7 +83,8 @@ class GatedActivation(Protocol):
 
 class Elementwise(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, N] -> f(x) [T, N] elementwise. `sigmoid`: Qwen3.5's attention output gate."""
+        """x [T, N] -> f(x) [T, N] elementwise. `sigmoid`: Qwen3.5's attention output gate; `gelu`: the exact (erf)
+        GELU and `quick_gelu`: x * sigmoid(1.702 x), a vision encoder's activations."""
 
 
 class Add(Protocol):
@@ -162,6 +170,15 @@ class Attention(Protocol):
         each of meta.prefills as PrefillAttention; `spec` as theirs."""
 
 
+class EncoderAttention(Protocol):
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: EncoderMetadata, scale: float
+    ) -> torch.Tensor:
+        """A vision encoder's attention: q, k, v [T, H, D] (strided views of a fused qkv output will do) -> [T, H, D],
+        each image's rows (meta.seq_lens, in order) attending to all of that image's rows and no other's, scores
+        scale * q.k, no cache."""
+
+
 class GatedDeltaNet(Protocol):
     def __call__(
         self,
@@ -241,6 +258,10 @@ class KernelTable(OptionalKernels):
     attention: Attention
     paged_decode_attention: PagedDecodeAttention
     gated_delta_net: GatedDeltaNet
+    layernorm: LayerNorm
+    gelu: Elementwise
+    quick_gelu: Elementwise
+    encoder_attention: EncoderAttention
 
 
 REQUIRED_OPS = tuple(sorted(KernelTable.__required_keys__))

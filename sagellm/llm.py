@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -18,7 +19,8 @@ from sagellm.runtime.engine.outputs import RequestOutput
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.parallel.engine import start_engine
 
-Prompt = str | list[int]
+# Text, token ids, or (vLLM's) {"prompt": text or "prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, str]
 
 
@@ -51,7 +53,9 @@ class LLM:
         """Runs every prompt to completion; outputs come back in prompt order. A prompt is text or token ids. With
         `n` > 1, a prompt's output holds its n choices (`outputs[i].index == i`), its prompt prefilled once.
         `lora_request` (vLLM's): the LoRA adapter every prompt is generated with, or one per prompt (None: the base
-        model), on an engine made with `enable_lora=True`; prompts of different adapters share steps."""
+        model), on an engine made with `enable_lora=True`; prompts of different adapters share steps. A prompt
+        with images is a dict, as vLLM's: {"prompt": text (or "prompt_token_ids": ids), "multi_modal_data":
+        {"image": a PIL image or a list}}, each image at a placeholder of the prompt (LLaVA's "<image>")."""
         batch = _as_batch(prompts)
         all_params = _per_prompt(params or self.default_sampling_params(), len(batch))
         adapters = _adapters(lora_request, len(batch))
@@ -107,15 +111,30 @@ class LLM:
 
     def _add(self, prompt: Prompt, params: SamplingParams, lora: LoRARequest | None = None) -> list[str]:
         """The engine's request ids of the prompt's choices."""
+        prompt, media = _prompt_and_media(prompt)
         if params.n == 1:
             request_ids = [str(next(self._ids))]
-            self.engine.add_request(request_ids[0], prompt, params, lora_request=lora)
+            self.engine.add_request(request_ids[0], prompt, params, lora_request=lora, multi_modal_data=media)
             return request_ids
         group = str(next(self._ids))
         request_ids = [f"{group}-{i}" for i in range(params.n)]
         for i, request_id in enumerate(request_ids):
-            self.engine.add_request(request_id, prompt, params.choice(i), group=group, lora_request=lora)
+            self.engine.add_request(request_id, prompt, params.choice(i), group=group, lora_request=lora,
+                                    multi_modal_data=media)  # fmt: skip
         return request_ids
+
+
+def _prompt_and_media(prompt: Prompt) -> tuple[str | list[int], dict[str, Any] | None]:
+    """A prompt's text or ids, and its media (vLLM's dict form)."""
+    if not isinstance(prompt, dict):
+        return prompt, None
+    if unknown := set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}:
+        raise InvalidInput(f"a prompt's dict takes prompt or prompt_token_ids, and multi_modal_data: not "
+                           f"{', '.join(sorted(unknown))}")  # fmt: skip
+    if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise InvalidInput("a prompt's dict has one of prompt (text) and prompt_token_ids")
+    text_or_ids = prompt["prompt"] if "prompt" in prompt else list(prompt["prompt_token_ids"])
+    return text_or_ids, prompt.get("multi_modal_data")
 
 
 def _joined(outputs: list[RequestOutput]) -> RequestOutput:
@@ -130,7 +149,7 @@ def _joined(outputs: list[RequestOutput]) -> RequestOutput:
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
     prompts = list(prompts)
     if prompts and isinstance(prompts[0], int):

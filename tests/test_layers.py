@@ -31,6 +31,7 @@ FLOORS = [
     ["sagellm.backends"],
     ["sagellm.runtime.execution_graph"],
     ["sagellm.runtime.models"],
+    ["sagellm.runtime.multimodal"],  # images into what the engine runs: preprocessing, features, the encoder
     ["sagellm.runtime.engine", "sagellm.runtime.embedding"],
     ["sagellm.runtime.pipeline"],
     ["sagellm.runtime.comm"],
@@ -40,6 +41,7 @@ FLOORS = [
     # the serving core; the APIs; the control plane; API server processes; the gateway process that joins them.
     ["sagellm.gateway.config", "sagellm.gateway.state"],
     ["sagellm.gateway.http"],
+    ["sagellm.gateway.media"],  # a request's images and audio fetched and decoded under the operator's policy
     ["sagellm.gateway.serving"],
     ["sagellm.gateway.indexes"],
     # What every API shares about a reply, below all of them: tool and reasoning parsers, Harmony, the reply reader

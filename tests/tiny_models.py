@@ -833,3 +833,52 @@ def _per_expert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[name] = t
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- multimodal
+
+IMAGE_TOKEN = "<image>"
+# ChatML with list content (what a multimodal chat template iterates): an image part is the processor's placeholder
+# (which it expands to the image's tokens), a text part its text.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_llava(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny LlavaForConditionalGeneration to `directory`: make_tiny_llama's text model (with `<image>`
+    added to the tokenizer as id 320) beside a 3-layer CLIP tower on 28-pixel images of 14-pixel patches (4 image
+    tokens each) whose second-to-last hidden state LLaVA's projector reads, its class row dropped; and the
+    LlavaProcessor (CLIP's image processor, LLAVA_CHAT_TEMPLATE) that writes the prompts. `overrides` go to
+    LlavaConfig (vision_feature_layer, vision_feature_select_strategy, ...)."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=14)  # fmt: skip
+    text = LlamaConfig(**_LLAMA_DEFAULTS, vocab_size=len(tokenizer))
+    settings = dict(image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
+                    vision_feature_select_strategy="default", projector_hidden_act="gelu")  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=text, **(settings | overrides))
+    torch.manual_seed(seed)
+    path = _randomize_and_save(Path(directory), LlavaForConditionalGeneration(config).eval(), tokenizer)
+    images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy=config.vision_feature_select_strategy,
+                               num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)  # fmt: skip
+    processor.save_pretrained(path)  # transformers 5 nests the image processor's settings in processor_config.json
+    images.save_pretrained(path)  # and, as hub checkpoints ship them, in preprocessor_config.json too
+    return path

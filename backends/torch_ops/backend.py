@@ -12,7 +12,7 @@ import torch
 
 from sagellm.backends.base import Availability, HardwareBackend
 from sagellm.backends.kernel_contracts import KernelTable
-from sagellm.backends.torch_ops import token_ops
+from sagellm.backends.torch_ops import token_ops, vision
 from sagellm.backends.torch_ops.attention import attention, paged_decode_attention
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm
@@ -35,6 +35,10 @@ TORCH_KERNELS: KernelTable = {
     "gated_delta_net": gated_delta_net,
     "gated_rmsnorm": gated_rmsnorm,
     "add_lora": add_lora,
+    "layernorm": vision.layernorm,
+    "gelu": vision.gelu,
+    "quick_gelu": vision.quick_gelu,
+    "encoder_attention": vision.encoder_attention,
 }
 
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sagellm.runtime.engine.prefix_hash import hash_block, prefix_root
+from sagellm.runtime.engine.prefix_hash import hash_block, media_keys, prefix_root
 from sagellm.runtime.engine.sequence import Sequence
 
 
@@ -90,7 +90,7 @@ class BlockManager:
         parent = prefix_root(seq.cache_salt)
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
-            parent = self._hash(parent, seq.token_ids, i)
+            parent = self._hash(parent, seq, i)
             block_id = self._cached.get(parent)
             if block_id is None:
                 break
@@ -110,7 +110,7 @@ class BlockManager:
             return hashes[num_blocks - 1]
         parent = hashes[-1] if hashes else prefix_root(seq.cache_salt)
         for i in range(len(hashes), num_blocks):
-            parent = self._hash(parent, seq.token_ids, i)
+            parent = self._hash(parent, seq, i)
         return parent
 
     def cache_full_blocks(self, seq: Sequence) -> None:
@@ -120,7 +120,7 @@ class BlockManager:
         if self.enable_prefix_caching:
             hashes = self._seq_hashes.setdefault(seq.request_id, [])
             for i in range(len(hashes), seq.num_computed_tokens // self.block_size):
-                h = self._hash(hashes[-1] if hashes else prefix_root(seq.cache_salt), seq.token_ids, i)
+                h = self._hash(hashes[-1] if hashes else prefix_root(seq.cache_salt), seq, i)
                 hashes.append(h)
                 block = self.blocks[getattr(seq, self.table)[i]]
                 if block.id != self.null_block and block.hash is None and h not in self._cached:
@@ -129,9 +129,9 @@ class BlockManager:
         if self.window:
             self._release_passed(seq, self.passed_blocks(seq.num_computed_tokens))
 
-    def _hash(self, parent: int, token_ids: list[int], index: int) -> int:
-        start = index * self.block_size
-        return hash_block(parent, token_ids[start : start + self.block_size])
+    def _hash(self, parent: int, seq: Sequence, index: int) -> int:
+        start, end = index * self.block_size, (index + 1) * self.block_size
+        return hash_block(parent, seq.token_ids[start:end], media_keys(seq.mm_features, start, end))
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def allocate(

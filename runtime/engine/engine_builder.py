@@ -44,6 +44,7 @@ from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.mtp_head import SHARED_WEIGHTS, head_weights, is_head_weight, with_head_layer
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.tensor_parallel import TensorShard
+from sagellm.runtime.multimodal.engine_media import EngineMedia, engine_media
 
 log = structlog.get_logger("sagellm.engine")
 
@@ -61,6 +62,7 @@ class EngineParts:
     lora: LoraSlots | None  # with enable_lora
     speculator: Speculator | None  # with a speculative config
     head_kv: MtpProposer | None  # an MTP head, whose own KV a prefill's hand-over carries after the model's
+    media: EngineMedia | None  # a model that sees images: its prompts' preprocessing and its encoder
 
 
 @dataclass
@@ -97,7 +99,8 @@ def build_engine(
     cache = _cache_layout(config, model.config, backend, mtp, spec is not None)
     lora, lora_weights = _lora_slots(config, model, backend) if config.enable_lora else (None, None)
     scheduler = Scheduler(_scheduler_config(config, model.config, cache, spec is not None), lora)
-    runner = _runner(config, model, backend, cache, linear_dtype, lora_weights, make_runner, mtp)
+    media = engine_media(model.config, model.weights, model.source, backend, linear_dtype, config.world_size)
+    runner = _runner(config, model, backend, cache, linear_dtype, lora_weights, make_runner, mtp, media)
     if lora is not None:
         lora.load = runner.load_lora
     head = _mtp_head(model, runner) if mtp else None
@@ -123,7 +126,7 @@ def build_engine(
     )
     head_kv = speculator.proposer if speculator is not None and mtp else None
     return EngineParts(model, sampling_defaults, backend, cache.max_model_len, scheduler, runner, lora, speculator,
-                       head_kv)  # fmt: skip
+                       head_kv, media)  # fmt: skip
 
 
 def _refuse_before_loading(
@@ -164,9 +167,10 @@ def _runner(
     lora_weights: LoraWeights | None,
     make_runner: Callable[..., ModelRunner],
     mtp: bool,
+    media: EngineMedia | None,
 ) -> ModelRunner:
     """The model runner over the cache, its weights packed for `backend` (with the hidden states an MTP head reads,
-    and the LoRA slots' weights)."""
+    the LoRA slots' weights, and the vision encoder of a model that sees images)."""
     state_slots = cache.num_state_slots + cache.checkpoints + cache.rollbacks
     with stage(f"preparing the weights for the {backend.name} backend"):
         return make_runner(
@@ -184,6 +188,7 @@ def _runner(
             **({"window_blocks": cache.window_blocks} if cache.window_blocks else {}),
             **({"graph": build_decoder_graph(model.config, hidden_states=True)} if mtp else {}),
             **({"lora": lora_weights} if lora_weights is not None else {}),
+            **({"encoder": media.encoder} if media is not None else {}),
         )
 
 

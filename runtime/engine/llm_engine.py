@@ -15,8 +15,9 @@ drive it through `add_request` / `step` / `abort_request`."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import torch
@@ -75,9 +76,8 @@ class LLMEngine:
         self.last_step_prompt_tokens = 0
         self._requests: dict[str, RequestState] = {}  # by id: the intake enters them, the output processor ends them
         vocab = self.model.config.vocab_size
-        self._intake = RequestIntake(
-            self._requests, self.tokenizer, vocab, self.eos_token_ids, self.max_model_len, self.lora
-        )
+        self._intake = RequestIntake(self._requests, self.tokenizer, vocab, self.eos_token_ids, self.max_model_len,
+                                     self.lora, parts.media.prompts if parts.media else None)  # fmt: skip
         self._masks = GuidedMasks(self._requests, vocab)
         self._kv_handover = KvHandOver(self.runner, self.scheduler, self.model.config, parts.head_kv)
         self._outputs = OutputProcessor(
@@ -114,6 +114,7 @@ class LLMEngine:
         group: str | None = None,
         cache_salt: str | None = None,
         lora_request: LoRARequest | None = None,
+        multi_modal_data: Mapping[str, Any] | None = None,
     ) -> None:
         """Queues a request. With `prefill_only` (a prefill worker), it ends after its first token with finish reason
         "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it. `export_kv`
@@ -123,12 +124,12 @@ class LLMEngine:
         the text continues from them as that engine's would have. `group`: requests of one group share their
         prompt (the `n` choices of one request, each added with `SamplingParams.choice`): its blocks are computed
         and held once. `cache_salt`: its prompt shares cached blocks only with prompts of the same salt.
-        `lora_request`: the LoRA adapter it is generated with (an engine with enable_lora)."""
+        `lora_request`: the LoRA adapter it is generated with (an engine with enable_lora). `multi_modal_data`
+        (vLLM's): {"image": images}, one per image placeholder of the prompt (a model with a vision encoder)."""
         if params.n != 1:
             raise InvalidInput(f"n={params.n}: add each choice on its own (SamplingParams.choice) in one group")
-        state = self._intake.new(
-            request_id, prompt, params, priority, resumed_tokens, cache_salt=cache_salt, lora_request=lora_request
-        )
+        state = self._intake.new(request_id, prompt, params, priority, resumed_tokens, cache_salt=cache_salt,
+                                 lora_request=lora_request, multi_modal_data=multi_modal_data)  # fmt: skip
         state.prefill_only, state.export_kv = prefill_only or export_kv, export_kv
         state.seq.group = group
         self.scheduler.add(state.seq)

@@ -34,6 +34,8 @@ from sagellm.runtime.models.lora_adapter import LoraAdapter
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.rope import rope_tables
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, shard_tensor_parallel
+from sagellm.runtime.multimodal.encoder_cache import EncoderCache
+from sagellm.runtime.multimodal.step_media import step_media
 
 
 def cache_config(config: ModelConfig, shard: TensorShard | None, stage: PipelineStage | None) -> ModelConfig:
@@ -97,6 +99,7 @@ class ModelRunner:
         graph: Graph | None = None,
         packed: dict[str, Any] | None = None,
         lora: LoraWeights | None = None,
+        encoder: EncoderCache | None = None,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
@@ -107,7 +110,9 @@ class ModelRunner:
         (window_blocks.py; 0: every layer's cache has `num_blocks`); `graph`: one of `config` other than its
         decoder's (build_mtp_graph's, or the decoder's with every row's hidden states), on one rank; `packed`:
         another runner's packed linears (`self.packed`) to bind as they are where this graph reads the same;
-        `lora`: this rank's LoRA adapter weights, whose updates the linears they change add (one graph's)."""
+        `lora`: this rank's LoRA adapter weights, whose updates the linears they change add (one graph's);
+        `encoder`: a model that sees images, its vision encoder (behind its cache), whose embeddings fill the
+        placeholder rows of a step's prompts."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
@@ -141,7 +146,10 @@ class ModelRunner:
             lora=lora,
         )
         self.lora = lora
+        self.encoder = encoder
         self.plan: Plan = lower(self.graph, context)
+        # A step without images still gives the graph's placeholder inputs: none to fill.
+        self._no_media = dict.fromkeys(("mm_rows", "mm_embeds") & self.plan.input_slots.keys())
         self.packed = context.packed
         # The last step's every-row final hidden states, where the graph outputs them (what the MTP head reads).
         self.hidden_states: torch.Tensor | None = None
@@ -155,18 +163,22 @@ class ModelRunner:
         into its seat first."""
         for seq, states in batch.state_writes.items():
             self.write_states(seq.state_slot, states)
-        return self.run(self.step_inputs(batch))
+        if self.encoder is None:  # (a parallel group's runner never has one: its `run` takes the step alone)
+            return self.run(self.step_inputs(batch))
+        scheduled = [(s.mm_features, s.num_computed_tokens, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        return self.run(self.step_inputs(batch), step_media(scheduled, self.encoder, self.device))
 
     @torch.inference_mode()
-    def run(self, step: StepInputs) -> torch.Tensor:
-        outputs = self.forward(step)
+    def run(self, step: StepInputs, media: dict[str, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """`media`: the step's image rows and embeddings (step_media.py), where it has any."""
+        outputs = self.forward(step, media)
         self.hidden_states = outputs.get("hidden_states")
         return outputs["logits"]
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, carried: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The graph's outputs: logits, or a pipeline stage's hidden and residual; `carried`: those of the stage
-        before."""
+        before (or a step's image rows and embeddings)."""
         fit_threads()  # to the cores other programs leave this process
         if step.slots:
             self._prefault.written(max(step.slots) // self.block_size)
@@ -174,7 +186,7 @@ class ModelRunner:
             self._window_prefault.written(max(step.window_slots) // self.block_size)
         if self.lora is not None:
             self.lora.begin_step(step.lora_slots)
-        return self.plan.run(**self.tensors(step), **(carried or {}))
+        return self.plan.run(**self.tensors(step), **{**self._no_media, **(carried or {})})
 
     def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from sagellm.common.errors import FieldError
+
+if TYPE_CHECKING:
+    from sagellm.runtime.multimodal.media_feature import MediaFeature
 
 ROOT_HASH = 0  # the parent of a prompt's first block
 
@@ -22,9 +26,21 @@ def stable_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def hash_block(parent: int, tokens: Sequence[int]) -> int:
-    """Hash of one block of token ids chained to the hash of the prefix before it."""
-    return stable_hash(struct.pack(f"<Q{len(tokens)}q", parent, *tokens))
+def hash_block(parent: int, tokens: Sequence[int], extra: bytes = b"") -> int:
+    """Hash of one block of token ids chained to the hash of the prefix before it; `extra`: what else its tokens
+    stand for (media_keys), so a block of an image's placeholders is another block for another image. A block
+    without any hashes as it always has."""
+    return stable_hash(struct.pack(f"<Q{len(tokens)}q", parent, *tokens) + extra)
+
+
+def media_keys(features: Iterable[MediaFeature], start: int, end: int) -> bytes:
+    """The keys of the media whose placeholders lie in positions [start, end) (vLLM's extra keys): each one's hash
+    and where it starts relative to `start`."""
+    keys = b""
+    for feature in features:
+        if feature.overlap(start, end):
+            keys += feature.hash + struct.pack("<q", feature.offset - start)
+    return keys
 
 
 def prefix_root(cache_salt: str | None) -> int:

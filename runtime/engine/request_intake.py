@@ -7,6 +7,7 @@ refused is raised here, before it holds anything, and the engine's loop only see
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sagellm.common.errors import InvalidInput
@@ -23,6 +24,8 @@ from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.thinking import ThinkingTracker
 from sagellm.runtime.models.lora_adapter import LoraAdapter
+from sagellm.runtime.multimodal.media_feature import MediaFeature
+from sagellm.runtime.multimodal.prompt_media import PromptMedia
 
 
 class RequestIntake:
@@ -34,9 +37,12 @@ class RequestIntake:
         eos_token_ids: set[int],
         max_model_len: int,
         lora: LoraSlots | None,
+        media: PromptMedia | None = None,
     ) -> None:
-        """`requests`: the engine's table, by request id, that each new request enters."""
+        """`requests`: the engine's table, by request id, that each new request enters; `media`: a model that sees
+        images, how a prompt's images become its placeholders and features."""
         self._requests = requests
+        self._media = media
         self._tokenizer, self._vocab, self._eos_token_ids = tokenizer, vocab_size, eos_token_ids
         self._max_model_len = max_model_len
         self._lora = lora
@@ -52,9 +58,11 @@ class RequestIntake:
         scored: bool = False,
         cache_salt: str | None = None,
         lora_request: LoRARequest | None = None,
+        multi_modal_data: Mapping[str, Any] | None = None,
     ) -> RequestState:
         """The request's state, entered in the engine's table. `scored`: the prompt's logprobs, if asked for, were
-        computed where it was prefilled; a resumed request's were too, on its first run."""
+        computed where it was prefilled; a resumed request's were too, on its first run. `multi_modal_data`
+        (vLLM's): {"image": a PIL image or a list of them}, one per image placeholder of the prompt."""
         adapter = self._adapter(lora_request)
         cache_salt = _salted(cache_salt, adapter)
         if request_id in self._requests:
@@ -63,6 +71,7 @@ class RequestIntake:
             text, token_ids = prompt, self._tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, token_ids = None, list(prompt)
+        token_ids, features = self._with_media(token_ids, multi_modal_data)
         vocab = self._vocab
         problem = request_token_problem(token_ids, params, vocab)
         if problem is not None:
@@ -75,6 +84,7 @@ class RequestIntake:
         matcher = self._matcher(params, token_ids[len(token_ids) - resumed_tokens :]) if params.guided else None
         seq = Sequence(request_id, token_ids, params, make_generator(params.seed), priority)
         seq.resumed_tokens, seq.cache_salt, seq.lora_adapter = resumed_tokens, cache_salt, adapter
+        seq.mm_features = features
         if params.prompt_logprobs is not None and not (scored or resumed_tokens):
             seq.prompt_logprobs = [None]
         if params.bad_words:  # tokenized where the prompt was (off the event loop), else here
@@ -94,6 +104,17 @@ class RequestIntake:
                 state.thinking.accept(token, self._tokenizer.decode([token]))
         self._requests[request_id] = state
         return state
+
+    def _with_media(self, token_ids: list[int], data: Mapping[str, Any] | None) -> tuple[list[int], list[MediaFeature]]:
+        """The prompt with its images' placeholders expanded, and their features (none without images)."""
+        if not data:
+            return token_ids, []
+        if unknown := set(data) - {"image"}:
+            raise InvalidInput(f'multi_modal_data: {", ".join(sorted(unknown))} not taken; images are ("image")')
+        if self._media is None:
+            raise InvalidInput("this model takes no images (multi_modal_data): serve one with a vision encoder")
+        images = data["image"]
+        return self._media.expand(token_ids, images if isinstance(images, (list, tuple)) else [images])
 
     def _adapter(self, request: LoRARequest | None) -> LoraAdapter | None:
         if request is None:

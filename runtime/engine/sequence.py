@@ -17,6 +17,7 @@ from sagellm.runtime.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from sagellm.runtime.models.lora_adapter import LoraAdapter
+    from sagellm.runtime.multimodal.media_feature import MediaFeature
 
 
 class SequenceStatus(enum.Enum):
@@ -63,6 +64,8 @@ class Sequence:
     group: str | None = None  # the `n` choices of one request share their prompt (admission_gates.ChoiceGroups)
     # ... and the states after its prompt a prefill worker computed, written into its slot when it is admitted
     imported_states: torch.Tensor | None = None
+    # A prompt's images, in prompt order: where their placeholder tokens stand and what the encoder reads for them
+    mm_features: list[MediaFeature] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -23,6 +23,7 @@ from sagellm.common.memory import drop_pages_under
 from sagellm.runtime.execution_graph.fuse_layers import fuse_decoder_layers
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.execution_graph.lora_linear import LoraLinear
+from sagellm.runtime.execution_graph.multimodal_binders import MULTIMODAL_BINDERS
 from sagellm.runtime.execution_graph.passes import plan_buffers
 from sagellm.runtime.execution_graph.plan import Instr, Plan
 
@@ -440,4 +441,5 @@ _BINDERS: dict[str, Callable] = {
     "mul_weight": lambda p, ctx, k: (torch.mul, (_weight(ctx, p["weight"]).to(ctx.backend.device),)),
     "all_reduce": lambda p, ctx, k: (_group(ctx).all_reduce, ()),
     "all_gather": lambda p, ctx, k: (_group(ctx).all_gather, (p["sizes"],)),
+    **MULTIMODAL_BINDERS,  # a vision encoder's ops, and the decoder's scatter of its embeddings
 }

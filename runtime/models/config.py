@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from sagellm.runtime.models.vision_config import VisionConfig
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -109,6 +111,8 @@ class ModelConfig:
     # Qwen3.5's and Qwen3-Next's multi-token prediction layers (`mtp.*` in the checkpoint: mtp_head.py), read only
     # by the MTP proposer.
     num_mtp_layers: int = 0
+    # The vision encoder whose image embeddings replace the placeholder tokens' rows (LLaVA); None: text only.
+    vision: VisionConfig | None = field(default=None, hash=False, compare=False)
 
     def first_layers(self, n: int) -> ModelConfig:
         """The model's first `n` layers as a model of their own (what `sagellm inspect` prints in full): its

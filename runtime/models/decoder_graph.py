@@ -8,15 +8,16 @@ batch layout from its metadata input. Weights are named by their canonical Huggi
 A mixture of experts (Mixtral) differs only in its MLP: one `moe` op per layer, holding the router and every expert,
 whose weights lowering stacks once.
 
-Graph inputs: input_ids [T], positions [T], attn_metadata, logits_indices [N] (rows whose next token is sampled,
-so the lm_head runs on N rows, not T). Output: logits [N, V]. A pipeline stage's graph covers some `layers`: one
-that does not start at layer 0 reads `hidden` and `residual` [T, H] instead of input_ids, and one that does not end
-at the last layer gives them as its outputs instead of logits. Attention node `cache` is the layer's place among
-the graph's own attention layers, its index into the stage's KV caches; a Gated DeltaNet node's `state` is its place
-among the graph's own linear attention layers, its index into the stage's state caches. Gemma 4's per-layer
-embeddings, shared KV (a layer attends with an earlier layer's K and V over that one's cache) and layer scalars, and
-Gemma 3n's AltUp streams ([T, K, H] between layers), need the whole model in one graph: such a model is not split into
-pipeline stages."""
+Graph inputs: input_ids [T], positions [T], attn_metadata, logits_indices [N] (rows whose next token is sampled, so
+the lm_head runs on N rows, not T); a model that sees images also mm_rows [M] and mm_embeds [M, H], the rows of the
+step's image placeholders and their encoder's embeddings, which replace those rows' token embeddings. Output: logits
+[N, V]. A pipeline stage's graph covers some `layers`: one that does not start at layer 0 reads `hidden` and
+`residual` [T, H] instead of input_ids, and one that does not end at the last layer gives them as its outputs
+instead of logits. Attention node `cache` is the layer's place among the graph's own attention layers, its index
+into the stage's KV caches; a Gated DeltaNet node's `state` is its place among the graph's own linear attention
+layers, its index into the stage's state caches. Gemma 4's per-layer embeddings, shared KV (a layer attends with an
+earlier layer's K and V over that one's cache) and layer scalars, and Gemma 3n's AltUp streams ([T, K, H] between
+layers), need the whole model in one graph: such a model is not split into pipeline stages."""
 
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None, hidden
         hidden = g.add("embedding", [input_ids], weight="model.embed_tokens.weight")
         if config.embedding_scale != 1.0:
             hidden = g.add("scale", [hidden], factor=config.embedding_scale)
+        if (
+            config.vision is not None
+        ):  # an image's placeholder rows take its encoder's embeddings (None: a step without)
+            rows = g.add("input", id="mm_rows", name="mm_rows")
+            embeds = g.add("input", id="mm_embeds", name="mm_embeds")
+            hidden = g.add("scatter_rows", [hidden, rows, embeds])
         if config.per_layer_input_size:
             per_layer = _per_layer_inputs(g, config, input_ids, hidden)
         if config.altup_num_inputs:  # Gemma 3n: the stream widened into AltUp's streams, [T, K, H]

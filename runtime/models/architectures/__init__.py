@@ -5,5 +5,6 @@ A Hugging Face config.json names its class in `architectures`; a GGUF file names
 layer (the features ModelConfig records for the one graph builder), and anything else is refused at load time with
 the list of what is supported, instead of failing later inside the model graph. One module per job: the families
 (`families`), config.json translated (`hf_config`), GGUF metadata translated (`gguf_config`), the tensors a config
-implies, which every loader checks its weights against (`weight_shapes`), and a checkpoint's tensor names and fused
-or stacked tensors mapped to the graph's (`checkpoint_names`)."""
+implies, which every loader checks its weights against (`weight_shapes`), a checkpoint's tensor names and fused
+or stacked tensors mapped to the graph's (`checkpoint_names`), and a vision encoder's names and shapes
+(`vision_weights`)."""

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sagellm.runtime.models.architectures.vision_weights import VISION_PREFIXES, vision_name
 from sagellm.runtime.models.config import ModelConfig
 
 _QWEN_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Qwen's expert projections, Mixtral's names
@@ -23,9 +24,12 @@ _LANGUAGE_MODEL = {"language_model.model.": "model.", "model.language_model.": "
 def canonical_name(config: ModelConfig, name: str) -> str | None:
     """The name the graph reads for a checkpoint's tensor, None for one it does not read: a multimodal checkpoint's
     text model drops its prefix (`language_model.model.` in transformers 4, `model.language_model.` in 5) and its
-    vision tower and projector are not read; Qwen's mixture of experts (`mlp.gate`, `mlp.experts.{e}.gate_proj`,
+    vision tower and projector are read only by a model with a vision encoder (`config.vision`: their names are
+    vision_weights.py's), else dropped; Qwen's mixture of experts (`mlp.gate`, `mlp.experts.{e}.gate_proj`,
     ...) takes Mixtral's names (`block_sparse_moe.gate`, `...experts.{e}.w1`), as llama.cpp gives both the same GGUF
     names; every other name is already the graph's."""
+    if config.vision is not None and name.startswith(VISION_PREFIXES):
+        return vision_name(config.vision, name)
     for prefix, replacement in _LANGUAGE_MODEL.items():
         if name.startswith(prefix):
             name = replacement + name.removeprefix(prefix)

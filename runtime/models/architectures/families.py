@@ -81,12 +81,24 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("qwen3_next", ("Qwen3NextForCausalLM",), "qwen3next", qk_norm=True, moe=True, gated_delta_net=True),
 )  # fmt: skip
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
-_SUPPORTED_HF = ", ".join(c for a in ARCHITECTURES for c in a.hf_classes)
+# Checkpoints of a vision encoder beside a text model of one of several families (config.json's `text_config`
+# names it by model_type), by class: the families of text model each takes. Not Gemma's: transformers scales its
+# input embeddings by sqrt(hidden) with the image rows among them, where our graph puts those rows in after the scale.
+MULTIMODAL: dict[str, tuple[str, ...]] = {"LlavaForConditionalGeneration": ("llama", "mistral", "qwen2")}
+_SUPPORTED_HF = ", ".join([*(c for a in ARCHITECTURES for c in a.hf_classes), *MULTIMODAL])
 _SUPPORTED_GGUF = ", ".join(dict.fromkeys(a.gguf_arch for a in ARCHITECTURES if a.gguf_arch))
 
 
 def architecture_for_hf(hf_config: Mapping[str, Any], source: Path) -> Architecture:
+    """The family row of a config.json; a multimodal class's (MULTIMODAL) is its text model's."""
     classes = hf_config.get("architectures") or []
+    wrapper = next((c for c in classes if c in MULTIMODAL), None)
+    if wrapper is not None:
+        text_type = (hf_config.get("text_config") or {}).get("model_type", "llama")  # LLaVA's default text model
+        if text_type not in MULTIMODAL[wrapper]:
+            raise ModelLoadError(f"{source}: {wrapper} with a {text_type!r} text model is not supported (its text "
+                                 f"model may be {', '.join(MULTIMODAL[wrapper])})")  # fmt: skip
+        return BY_NAME[text_type]
     for arch in ARCHITECTURES:
         if any(c in arch.hf_classes for c in classes) or (not classes and hf_config.get("model_type") == arch.name):
             return arch

@@ -9,14 +9,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from sagellm.runtime.models.architectures.vision_weights import vision_weight_shapes
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the graph builder reads for `config`, under its canonical Hugging Face name."""
+    """Every tensor the graph builders read for `config` (its vision encoder's too), under its canonical Hugging Face
+    name."""
     h, vocab = config.hidden_size, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    if config.vision is not None:
+        shapes |= vision_weight_shapes(config.vision)
     for j in range(config.altup_num_inputs - 1 if config.altup_num_inputs else 0):  # Gemma 3n's stream projections
         shapes |= {f"model.altup_projections.{j}.weight": (h, h), f"model.altup_unembed_projections.{j}.weight": (h, h)}
     if config.per_layer_input_size:

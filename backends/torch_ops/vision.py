@@ -1,0 +1,76 @@
+"""The torch ops a vision encoder adds to the decoder's: LayerNorm with a bias, the erf GELU and CLIP's quick GELU,
+dense bidirectional attention within each image (`EncoderMetadata` says where each image's rows are), and CLIP's
+embeddings: pixels cut into patches, the class row and the learned positions.
+
+An encoder step stacks its images' rows, [T, D] with T = sum of each image's rows, as a decoder step stacks its
+tokens, so every op but attention is the decoder's row-wise kind; attention reads each image's rows alone. What the
+kernel-table ones take and return is their kernel_contracts.py protocol's."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class EncoderMetadata:
+    """An encoder step's images in its rows: image i is the `seq_lens[i]` rows after those of the images before it
+    (its patches, and its class row first where the tower has one)."""
+
+    seq_lens: tuple[int, ...]
+
+
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, weight.shape, weight, bias, eps)  # [T, D]
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)  # [T, N], the exact (erf) GELU
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's approximation, x * sigmoid(1.702 x), as transformers computes it."""
+    return x * torch.sigmoid(1.702 * x)  # [T, N]
+
+
+def encoder_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: EncoderMetadata, scale: float
+) -> torch.Tensor:
+    """Each image's rows attend to all of its own rows (no mask, no cache): q, k, v [T, H, D] -> [T, H, D]. Images
+    of one size in a row go as one batch."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
+    start = 0
+    for length, same in itertools.groupby(meta.seq_lens):
+        rows = slice(start, start + len(list(same)) * length)
+        q_, k_, v_ = (x[rows].unflatten(0, (-1, length)).transpose(1, 2) for x in (q, k, v))  # [n, H, S, D]
+        attended = F.scaled_dot_product_attention(q_, k_, v_, scale=scale)  # [n, H, S, D]
+        out[rows] = attended.transpose(1, 2).flatten(0, 1)  # [n * S, H, D]
+        start = rows.stop
+    return out
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images [N, C, H, W] -> their patches [N * gh * gw, C * p * p], row by row, each flattened in (C, ph, pw)
+    order: a patch embedding's convolution [D, C, p, p] is then a linear on [D, C * p * p]."""
+    n, c, h, w = pixel_values.shape
+    p = patch_size
+    grid = pixel_values.reshape(n, c, h // p, p, w // p, p)  # [N, C, gh, p, gw, p]
+    return grid.permute(0, 2, 4, 1, 3, 5).reshape(n * (h // p) * (w // p), c * p * p)
+
+
+def class_and_positions(patches: torch.Tensor, class_row: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """Embedded patches [N * P, D] -> each image's rows [P (+ 1), D], its class row [D] first when given, plus the
+    learned position rows [P (+ 1), D]: [N * (P (+ 1)), D]."""
+    rows, d = positions.shape
+    images = patches.view(-1, rows - (class_row is not None), d)  # [N, P, D]
+    if class_row is not None:
+        images = torch.cat([class_row.expand(images.shape[0], 1, d), images], dim=1)  # [N, P + 1, D]
+    return (images + positions).view(-1, d)
+
+
+def drop_class_rows(x: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
+    """Each image's rows but its first (the class row): [T, D] -> [T - N, D]."""
+    return torch.cat([image[1:] for image in x.split(list(meta.seq_lens))])

@@ -1,0 +1,88 @@
+"""The binders multimodal models add to lowering's table (lowering.py registers MULTIMODAL_BINDERS): the vision
+encoder graph's ops (models/encoder_graph.py) and the decoder's `scatter_rows`, which puts the encoder's embeddings
+into the rows of their placeholder tokens.
+
+A binder takes a node's params, the LoweringContext and the backend's kernel table, and gives (kernel, constants
+appended after the node's inputs), as lowering's own do. The vision kernels are the backend's (kernel_contracts.py);
+the row bookkeeping around them (patches, class rows, scattered rows) is plain torch, as lowering's `index_rows` is.
+Norm weights, class and position rows are bound in float32 (the hidden states' dtype) whatever the checkpoint's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from sagellm.backends.torch_ops import vision
+from sagellm.runtime.execution_graph.graph import GraphError
+
+
+class _Context(Protocol):
+    """What these binders read of lowering's LoweringContext (named so, not imported: lowering imports them)."""
+
+    weights: Mapping[str, torch.Tensor]
+    backend: Any
+    linear_dtype: torch.dtype
+
+
+def _weight(ctx: _Context, name: str) -> torch.Tensor:
+    try:
+        return ctx.weights[name]
+    except KeyError:
+        raise GraphError(f"the encoder graph needs weight {name!r}, which the loaded model lacks") from None
+
+
+def _float_weight(ctx: _Context, name: str) -> torch.Tensor:
+    return _weight(ctx, name).float().to(ctx.backend.device)
+
+
+def _bind_patch_embed(params, ctx, kernels):
+    """CLIP's embeddings: the images cut into patches, each through the patch convolution (its weight [D, C, p, p]
+    as a linear on [D, C * p * p], packed as the backend packs linears), the class row prepended (`class_embedding`,
+    None: no class row) and the position rows added."""
+    weight = _weight(ctx, params["weight"]).flatten(1).to(ctx.linear_dtype)  # [D, C * p * p]
+    packed = ctx.backend.prepare_linear_weight(weight)
+    bias = _float_weight(ctx, params["weight"].removesuffix(".weight") + ".bias") if params.get("bias") else None
+    class_row = _float_weight(ctx, params["class_embedding"]) if params.get("class_embedding") else None
+    linear, patch_size = kernels["linear"], params["patch_size"]
+
+    def patch_embed(pixel_values, weight, bias, class_row, positions):
+        patches = linear(vision.patchify(pixel_values, patch_size), weight, bias)  # [N * P, D]
+        return vision.class_and_positions(patches, class_row, positions)  # [N * (P + 1), D]
+
+    return patch_embed, (packed, bias, class_row, _float_weight(ctx, params["position_embedding"]))
+
+
+def _bind_layernorm(params, ctx, kernels):
+    weight = _float_weight(ctx, params["weight"])
+    return kernels["layernorm"], (weight, _float_weight(ctx, params["weight"].removesuffix(".weight") + ".bias"),
+                                  params["eps"])  # fmt: skip
+
+
+def _bind_encoder_attention(params, ctx, kernels):
+    """The kernel on q, k, v [T, H * D] seen as heads, its output flat again."""
+    attention, d = kernels["encoder_attention"], params["head_dim"]
+
+    def encoder_attention_flat(q, k, v, meta, scale):
+        n = q.shape[0]
+        return attention(q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d), meta, scale).reshape(n, -1)
+
+    return encoder_attention_flat, (params["scale"],)
+
+
+def _scatter_rows(hidden: torch.Tensor, rows: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
+    """hidden [T, H] with rows `rows` [M] int64 replaced by `embeds` [M, H] (a new tensor); hidden itself when the
+    step has no such rows (None)."""
+    return hidden if rows is None else hidden.index_copy(0, rows, embeds.to(hidden.dtype))
+
+
+MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tuple]]] = {
+    "patch_embed": _bind_patch_embed,
+    "layernorm": _bind_layernorm,
+    "encoder_attention": _bind_encoder_attention,
+    "gelu": lambda p, ctx, k: (k["gelu"], ()),
+    "quick_gelu": lambda p, ctx, k: (k["quick_gelu"], ()),
+    "drop_class_rows": lambda p, ctx, k: (vision.drop_class_rows, ()),
+    "scatter_rows": lambda p, ctx, k: (_scatter_rows, ()),
+}

@@ -1,0 +1,61 @@
+"""A vision encoder's tensors: the checkpoint's names mapped to the encoder graph's, and the shapes a VisionConfig
+implies, which the loaders check the kept tensors against.
+
+LLaVA checkpoints name the tower by the transformers version that wrote them (`vision_tower.vision_model.` in 4,
+`model.vision_tower.` in 5, and `vision_tower.` as transformers 5 saves them again) and the projector with or
+without `model.`; the graph reads one name each, `vision_tower.<CLIP name>` and `multi_modal_projector.<name>`.
+Tower layers past the last hidden state read, and the post-layernorm (which only CLIP's pooled output takes), are
+not read, so they are not kept."""
+
+from __future__ import annotations
+
+from sagellm.runtime.models.vision_config import VisionConfig
+
+TOWER, PROJECTOR = "vision_tower.", "multi_modal_projector."
+# A checkpoint's prefixes of the tower and projector, longest first, and the graph's for each
+_PREFIXES = (
+    ("model.vision_tower.vision_model.", TOWER),
+    ("vision_tower.vision_model.", TOWER),
+    ("model.vision_tower.", TOWER),
+    (TOWER, TOWER),
+    ("model.multi_modal_projector.", PROJECTOR),
+    (PROJECTOR, PROJECTOR),
+)
+VISION_PREFIXES = tuple(prefix for prefix, _ in _PREFIXES)
+
+
+def vision_name(vision: VisionConfig, name: str) -> str | None:
+    """The graph's name of a tower or projector tensor (one starting with a VISION_PREFIXES entry), None for one
+    the encoder does not read."""
+    prefix, ours = next((p, o) for p, o in _PREFIXES if name.startswith(p))
+    name = ours + name.removeprefix(prefix)
+    layer = name.removeprefix(TOWER + "encoder.layers.").partition(".")[0]
+    if layer.isdigit() and int(layer) >= vision.num_layers_run:
+        return None
+    return None if name.startswith(TOWER + "post_layernorm.") else name
+
+
+def vision_weight_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the encoder graph reads for `vision`, under the graph's names."""
+    d, inner, text = vision.hidden_size, vision.intermediate_size, vision.text_hidden_size
+    e = TOWER + "embeddings."
+    shapes: dict[str, tuple[int, ...]] = {
+        e + "class_embedding": (d,),
+        e + "patch_embedding.weight": (d, vision.num_channels, vision.patch_size, vision.patch_size),
+        e + "position_embedding.weight": (vision.rows_per_image, d),
+        TOWER + "pre_layrnorm.weight": (d,),
+        TOWER + "pre_layrnorm.bias": (d,),
+    }
+    for i in range(vision.num_layers_run):
+        p = f"{TOWER}encoder.layers.{i}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes |= {f"{p}{norm}.weight": (d,), f"{p}{norm}.bias": (d,)}
+        for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes |= {f"{p}self_attn.{projection}.weight": (d, d), f"{p}self_attn.{projection}.bias": (d,)}
+        shapes |= {f"{p}mlp.fc1.weight": (inner, d), f"{p}mlp.fc1.bias": (inner,)}
+        shapes |= {f"{p}mlp.fc2.weight": (d, inner), f"{p}mlp.fc2.bias": (d,)}
+    shapes |= {PROJECTOR + "linear_1.weight": (text, d * len(vision.feature_layers)),
+               PROJECTOR + "linear_2.weight": (text, text)}  # fmt: skip
+    if vision.projector_bias:
+        shapes |= {PROJECTOR + "linear_1.bias": (text,), PROJECTOR + "linear_2.bias": (text,)}
+    return shapes

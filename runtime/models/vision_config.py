@@ -1,0 +1,57 @@
+"""What a model's vision encoder is, as the encoder graph (encoder_graph.py) reads it: the tower's sizes, which of
+its hidden states the projector reads, and the projector that maps them into the text model's embedding space.
+
+Loaders translate a checkpoint's own settings into this one record (Hugging Face's LLaVA config:
+architectures/hf_config.vision_from_hf), so the graph builder never looks at a family's spelling. A model served
+text only has none (`ModelConfig.vision` is None)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    tower: str  # "clip": a ViT with a class row, learned positions, a pre-norm, layernorms with biases
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int  # the tower's layers in the checkpoint (those past the last one read are not loaded)
+    num_heads: int
+    num_channels: int
+    patch_size: int
+    image_size: int  # the square side every image is resized and cropped to (CLIP's positions are for this grid)
+    layer_norm_eps: float
+    activation: str  # the tower MLP's graph op: quick_gelu, gelu (erf) or gelu_tanh
+    # Which of the tower's hidden states the projector reads (0: the embeddings after the pre-norm, i: layer i's
+    # output), joined along features when several (LLaVA's vision_feature_layer, as indices from the front).
+    feature_layers: tuple[int, ...]
+    drop_class: bool  # the class row is not an image token (LLaVA's vision_feature_select_strategy "default")
+    projector: str  # "llava_mlp": linear_1, activation, linear_2
+    projector_activation: str  # its graph op, as `activation`
+    projector_bias: bool
+    text_hidden_size: int  # the projector's output: the text model's embedding width
+    image_token_id: int  # the placeholder id whose rows take the projected embeddings
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_layers_run(self) -> int:
+        """The tower layers the encoder runs: up to the last one whose output is read."""
+        return max(self.feature_layers)
+
+    @property
+    def grid(self) -> int:
+        """Patches along each side of an image."""
+        return self.image_size // self.patch_size
+
+    @property
+    def rows_per_image(self) -> int:
+        """The tower's rows per image: its patches and the class row."""
+        return self.grid * self.grid + 1
+
+    @property
+    def tokens_per_image(self) -> int:
+        """The embeddings (placeholder tokens) an image gives the text model."""
+        return self.rows_per_image - (1 if self.drop_class else 0)

@@ -1,0 +1,39 @@
+"""What preprocessing one prompt's images gives the model: the pixel values in the layout the Hugging Face processor
+returns for the same images, each family's extras, and per image the number of placeholder tokens the HF processor
+puts into the prompt for it (the tokens whose embeddings the vision encoder's output replaces)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ProcessedImages:
+    """One prompt's images, in prompt order.
+
+    `pixel_values` is float32 in HF's layout: [N, 3, H, W] for CLIP and SigLIP (N = images, plus Gemma 3's crops);
+    [patches, 3 * temporal_patch_size * P * P] for Qwen-VL; [1, tiles, 3, H, W] for Idefics3 / SmolVLM.
+    `pixel_values_per_image[i]` is how many of those images, crops, patches or tiles image i holds, so a caller
+    can cut the batch per image (for an encoder cache keyed on the image) without knowing the family."""
+
+    pixel_values: torch.Tensor
+    num_tokens: tuple[int, ...]  # placeholder tokens the HF processor puts into the prompt per image
+    pixel_values_per_image: tuple[int, ...]
+    image_grid_thw: torch.Tensor | None = None  # Qwen-VL: int64 [images, 3], (t, h, w) in patches
+    pixel_attention_mask: torch.Tensor | None = None  # Idefics3: int64 [1, tiles, H, W], 1 on real pixels
+    rows: tuple[int, ...] | None = None  # Idefics3: the tile grid per image; 0 and 0 when it was not split
+    cols: tuple[int, ...] | None = None
+    num_crops: tuple[int, ...] | None = None  # Gemma 3: pan-and-scan crops per image, after the image itself
+
+
+class ImageProcessor(Protocol):
+    """A family's preprocessing, configured from a checkpoint's preprocessor_config.json."""
+
+    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> ProcessedImages:
+        """One prompt's images (any PIL mode and size) as the model takes them."""
+        ...

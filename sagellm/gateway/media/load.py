@@ -1,0 +1,42 @@
+"""A request's media reference to decoded media, the room's one door: where it points is checked (`source`), its
+bytes read under the policy's caps (`fetch`), then decoded in a worker thread (`image`, `audio`), since PIL on a large
+image holds a core for a while and the event loop has other requests to serve. `param` names the request's part
+(`messages[0].content[1].image_url`) in every refusal."""
+
+from __future__ import annotations
+
+import trio
+from PIL import Image
+
+from sagellm.gateway.media.audio import MP3_REFUSED, Audio, decode_audio, decode_wav
+from sagellm.gateway.media.fetch import base64_bytes, read_bytes
+from sagellm.gateway.media.image import decode_image
+from sagellm.gateway.media.policy import MediaPolicy
+from sagellm.gateway.media.refusal import refused
+from sagellm.gateway.media.source import locate
+
+
+async def load_image(url: str, policy: MediaPolicy, param: str) -> Image.Image:
+    """An `image_url` part's image, in its own mode (the processor converts it)."""
+    data = await read_bytes(locate(url, "image", policy, param), policy, param)
+    return await trio.to_thread.run_sync(decode_image, data, policy.max_pixels, param)
+
+
+async def load_audio(url: str, policy: MediaPolicy, param: str) -> Audio:
+    """An `audio_url` part's audio (vLLM's extension of OpenAI's content parts): a URL, as an image's."""
+    data = await read_bytes(locate(url, "audio", policy, param), policy, param)
+    return await trio.to_thread.run_sync(decode_audio, data, param)
+
+
+async def load_input_audio(data: str, audio_format: str, policy: MediaPolicy, param: str) -> Audio:
+    """OpenAI's `input_audio` part: base64 `data` in `audio_format` ("wav" or "mp3"). Refusals name the field at
+    fault (`{param}.format`, `{param}.data`)."""
+    if audio_format == "mp3":
+        raise refused(f"{param}.format", MP3_REFUSED)
+    if audio_format != "wav":
+        raise refused(f"{param}.format", f"must be 'wav' or 'mp3', got {audio_format!r}")
+
+    def decode() -> Audio:
+        return decode_wav(base64_bytes(data, policy.max_bytes, f"{param}.data"), f"{param}.data")
+
+    return await trio.to_thread.run_sync(decode)
