@@ -24,6 +24,7 @@ from sagellm.common.memory import return_freed_memory
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.step_trace import StepTraceFile
+from sagellm.runtime.multimodal.prompt_media import decoded_images
 from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
 
@@ -193,7 +194,7 @@ class EngineOperator(StepOperator):
                 out = self.engine.add_prefilled_request(
                     rid, request.prompt_token_ids, request.sampling, done.first_token, done.kv.data,
                     resumed_tokens=request.resumed_tokens, cache_salt=request.cache_salt, states=done.kv.states,
-                    lora_request=request.lora,
+                    lora_request=request.lora, multi_modal_data=_media(request),
                 )  # fmt: skip
                 item = done
                 items = self._emit(out, time.time())
@@ -207,7 +208,7 @@ class EngineOperator(StepOperator):
             self.engine.add_request(
                 rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill",
                 export_kv=request.kv_export, resumed_tokens=request.resumed_tokens, group=request.group,
-                cache_salt=request.cache_salt, lora_request=request.lora,
+                cache_salt=request.cache_salt, lora_request=request.lora, multi_modal_data=_media(request),
             )  # fmt: skip
         except (ValueError, NotFound) as exc:  # (a LoRA adapter's directory that is not there)
             del self._tracked[rid]
@@ -379,3 +380,8 @@ class DecodeOperator(EngineOperator):
 
 # The operators that run an LLMEngine in their process (what a gateway reports the memory of and puts to sleep).
 ENGINE_OPERATORS = (EngineOperator.name, PrefillOperator.name, DecodeOperator.name)
+
+
+def _media(request: Request) -> dict[str, Any] | None:
+    """A request's images as the engine takes them (vLLM's multi_modal_data), decoded from the files it carries."""
+    return {"image": decoded_images(request.images)} if request.images else None

@@ -147,22 +147,18 @@ class LLMEngine:
         cache_salt: str | None = None,
         states: torch.Tensor | None = None,
         lora_request: LoRARequest | None = None,
+        multi_modal_data: Mapping[str, Any] | None = None,
     ) -> RequestOutput:
         """Continues a request a prefill worker started: its prompt's KV `kv` [num_layers, 2, prompt_len, Hk, D]
         goes into this engine's own cache (blocks already cached here are shared, not written), with a model with
         recurrent layers its `states` after the prompt into a state slot when it is admitted, and `first_token` is
         appended as if sampled here. Returns the first token's output. Without room for the blocks, or without the
-        states such a model needs, the prompt is recomputed instead: slower, same tokens."""
-        state = self._intake.new(
-            request_id,
-            prompt_token_ids,
-            params,
-            priority,
-            resumed_tokens,
-            scored=True,
-            cache_salt=cache_salt,
-            lora_request=lora_request,
-        )
+        states such a model needs, the prompt is recomputed instead: slower, same tokens. `multi_modal_data`: the
+        prompt's images, as the prefill worker had them: their placeholders expand alike, and the blocks they fill
+        are cached under the images' keys, never shared with another image's (or a text's of the same ids)."""
+        state = self._intake.new(request_id, prompt_token_ids, params, priority, resumed_tokens, scored=True,
+                                 cache_salt=cache_salt, lora_request=lora_request,
+                                 multi_modal_data=multi_modal_data)  # fmt: skip
         seq, n = state.seq, state.seq.num_prompt_tokens
         if kv.shape[2] != n:
             del self._requests[request_id]

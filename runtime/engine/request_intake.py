@@ -106,14 +106,15 @@ class RequestIntake:
         return state
 
     def _with_media(self, token_ids: list[int], data: Mapping[str, Any] | None) -> tuple[list[int], list[MediaFeature]]:
-        """The prompt with its images' placeholders expanded, and their features (none without images)."""
-        if not data:
-            return token_ids, []
-        if unknown := set(data) - {"image"}:
+        """The prompt with its images' placeholders expanded, and their features; a model that sees images checks
+        every prompt's placeholders pair up with images, so none reads a placeholder's own embedding."""
+        if unknown := set(data or ()) - {"image"}:
             raise InvalidInput(f'multi_modal_data: {", ".join(sorted(unknown))} not taken; images are ("image")')
         if self._media is None:
-            raise InvalidInput("this model takes no images (multi_modal_data): serve one with a vision encoder")
-        images = data["image"]
+            if data:
+                raise InvalidInput("this model takes no images (multi_modal_data): serve one with a vision encoder")
+            return token_ids, []
+        images = (data or {}).get("image", [])
         return self._media.expand(token_ids, images if isinstance(images, (list, tuple)) else [images])
 
     def _adapter(self, request: LoRARequest | None) -> LoraAdapter | None:

@@ -8,6 +8,7 @@ is what expanding the text before tokenizing gives."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,16 @@ class PromptMedia:
             expanded += [self.image_token_id] * n
             last = place + 1
         return expanded + list(token_ids[last:]), features
+
+
+def decoded_images(files: Sequence[bytes]) -> list[Image.Image]:
+    """Images as a request carries them (their files' bytes, checked where they were fetched), decoded."""
+    images = []
+    for data in files:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        images.append(image)
+    return images
 
 
 def _read_json(path: Path) -> dict:

@@ -78,6 +78,7 @@ class Request(_Message):
     prefilled: Prefilled | None = None  # another server prefilled it: decode from there (`do_remote_prefill`)
     decode_instance: str | None = None  # a prefill on an attached server: the server route chose to decode it
     lora: LoRARequest | None = None  # the LoRA adapter a request's `model` names (vLLM's --lora-modules)
+    images: list[bytes] | None = None  # a chat's images, their files as sent, one per placeholder in prompt order
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -246,6 +246,8 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         reasoning_budget=args.reasoning_budget if args.reasoning_budget >= 0 else None,
+        allowed_media_domains=args.allowed_media_domains,
+        allowed_local_media_path=args.allowed_local_media_path,
         allowed_hosts=args.allowed_hosts,
         api_hub=args.api_hub,
         admin_auth=args.admin_auth,

@@ -116,6 +116,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "flag: then its thinking is closed and the answer follows (-1: no bound; 0: no thinking)",
     )
     p.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=[],
+        metavar="HOST",
+        help="hosts a chat's image_url parts may be fetched from over http(s), as vLLM's flag (default: none; data: "
+        "URLs always work); redirects are not followed",
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="a directory whose files a chat's image_url parts may name (file:// or a path), as vLLM's flag "
+        "(default: none)",
+    )
+    p.add_argument(
         "--reasoning-parser",
         help="how a reasoning model's thinking is read from its replies (reasoning_content, thinking blocks), as "
         "vLLM's flag: qwen3, deepseek_r1 or openai_gptoss (default: openai_gptoss for gpt-oss's Harmony template, "

@@ -169,6 +169,10 @@ class GatewayConfig:
     tool_call_parser: str | None = None  # vLLM's --tool-call-parser (None: chosen from the model's chat template)
     reasoning_parser: str | None = None  # vLLM's --reasoning-parser (None: chosen from the model's chat template)
     reasoning_budget: int | None = None  # llama.cpp's --reasoning-budget: thinking tokens of a request that sets none
+    # vLLM's --allowed-media-domains and --allowed-local-media-path: where a chat's image_url parts may be fetched
+    # from (hosts of http(s) URLs; a directory for local files); none by default (gateway/media/policy.py)
+    allowed_media_domains: list[str] = field(default_factory=list)
+    allowed_local_media_path: str | None = None
     state_dir: Path = field(default_factory=gateway_dir)
     graceful_timeout_s: float = 30.0
     # Host names requests may address the gateway by (Host, a browser's Origin). None: loopback names when bound to

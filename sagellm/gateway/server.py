@@ -51,6 +51,7 @@ from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
+from sagellm.gateway.media import media_policy
 from sagellm.gateway.openai.api import OpenAIApi
 from sagellm.gateway.openai.kv_transfer.api_router import KVTransferRoutes
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
@@ -106,6 +107,7 @@ def build_app(
     openai_api = OpenAIApi(
         core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
         reasoning_budget=config.reasoning_budget, hand_off=KVHandOff(config.kv_transfer, core.kv_outbox, core.boot_id),
+        media=media_policy(config.allowed_media_domains, config.allowed_local_media_path),
     )  # fmt: skip
     ModelsRoutes(core).register(app, api_guard)
     openai_api.register(app, api_guard)
@@ -140,7 +142,8 @@ def front_end(config: GatewayConfig) -> FrontEnd:
     return FrontEnd(api_keys=list(config.api_keys), max_body_bytes=config.max_body_bytes,
                     graceful_timeout_s=config.graceful_timeout_s, max_connections=config.max_connections,
                     tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
-                    reasoning_budget=config.reasoning_budget)  # fmt: skip
+                    reasoning_budget=config.reasoning_budget, allowed_media_domains=config.allowed_media_domains,
+                    allowed_local_media_path=config.allowed_local_media_path)  # fmt: skip
 
 
 async def serve(

@@ -99,6 +99,8 @@ class FrontEnd(msgspec.Struct, kw_only=True):
     tool_call_parser: str | None = None  # how tool calls are read from replies (None: chosen from the model)
     reasoning_parser: str | None = None  # how thinking is read from replies (None: chosen from the model)
     reasoning_budget: int | None = None  # thinking tokens of a request that sets none (None: no bound)
+    allowed_media_domains: list[str] = []  # where image_url parts may be fetched from (GatewayConfig's)
+    allowed_local_media_path: str | None = None
 
 
 class Snapshot(msgspec.Struct, tag=True, kw_only=True):

@@ -38,6 +38,7 @@ from sagellm.gateway.http.app import App
 from sagellm.gateway.http.auth import key_guard
 from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
+from sagellm.gateway.media import media_policy
 from sagellm.gateway.openai.api import OpenAIApi
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.curve import RunKeys
@@ -119,6 +120,7 @@ def _app(link: CoreLink, served: ServedModel | None, settings: dict[str, Any]) -
         tool_call_parser=front.tool_call_parser,
         reasoning_parser=front.reasoning_parser,
         reasoning_budget=front.reasoning_budget,
+        media=media_policy(front.allowed_media_domains, front.allowed_local_media_path),
     )
     routes.register(app, key_guard(link.snapshot.front_end.api_keys, "API"))
     app.fallback = to_core

@@ -112,8 +112,13 @@ class EngineLink:
                 said = "; ".join(str(e) if isinstance(e, SageLLMError) else f"{type(e).__name__}: {e}" for e in causes)
                 engine.state, engine.last_error = FAILED, f"{said} ({engine_log_hint(engine.id, self.log_file)})"
                 bug = not all(isinstance(e, SageLLMError) for e in causes)  # its traceback says where
-                log.warning("engine_failed", engine=engine.id, error=engine.last_error, log=str(self.log_file),
-                            exc_info=error if bug else None)
+                log.warning(
+                    "engine_failed",
+                    engine=engine.id,
+                    error=engine.last_error,
+                    log=str(self.log_file),
+                    exc_info=error if bug else None,
+                )
         finally:
             self._lost(f"engine {engine.id} stopped")  # what the worker still held ends; failover moves it elsewhere
             self.done.set()

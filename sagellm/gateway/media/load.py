@@ -22,6 +22,14 @@ async def load_image(url: str, policy: MediaPolicy, param: str) -> Image.Image:
     return await trio.to_thread.run_sync(decode_image, data, policy.max_pixels, param)
 
 
+async def image_bytes(url: str, policy: MediaPolicy, param: str) -> bytes:
+    """An `image_url` part's file as it came, checked to decode as an image under the caps: what a request carries
+    to the engine, which decodes it again (a few kilobytes over the wire, not its pixels)."""
+    data = await read_bytes(locate(url, "image", policy, param), policy, param)
+    await trio.to_thread.run_sync(decode_image, data, policy.max_pixels, param)
+    return data
+
+
 async def load_audio(url: str, policy: MediaPolicy, param: str) -> Audio:
     """An `audio_url` part's audio (vLLM's extension of OpenAI's content parts): a URL, as an image's."""
     data = await read_bytes(locate(url, "audio", policy, param), policy, param)

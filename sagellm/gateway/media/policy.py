@@ -54,3 +54,10 @@ class MediaPolicy:
     def allows_host(self, host: str) -> bool:
         """Whether media may be fetched from `host` (a URL's host, as httpx gives it)."""
         return host.lower().rstrip(".") in self.allowed_domains
+
+
+def media_policy(allowed_domains: list[str], allowed_local_path: str | None) -> MediaPolicy:
+    """The policy of a gateway's settings (`--allowed-media-domains`, each may list several hosts by commas, and
+    `--allowed-local-media-path`), with the default caps."""
+    hosts = frozenset(h.strip() for given in allowed_domains for h in given.split(",") if h.strip())
+    return MediaPolicy(allowed_domains=hosts, allowed_local_path=allowed_local_path)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.indexes.store import IndexStore
+from sagellm.gateway.media import MediaPolicy
 from sagellm.gateway.openai.chat_completion.api_router import ChatRoutes
 from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
 from sagellm.gateway.openai.chat_completion.serving import ChatServing
@@ -30,17 +31,19 @@ class OpenAIApi:
         reasoning_parser: str | None = None,
         reasoning_budget: int | None = None,
         hand_off: KVHandOff | None = None,
+        media: MediaPolicy | None = None,
     ) -> None:
         """`indexes`: the retrieval indexes chats may name (`"index"`); None in an API server's process, which
         passes such chats on to the gateway's core, that holds them (`to_core`). `tool_call_parser`: how tool calls
         are read from replies, `reasoning_parser` how thinking is (None: each chosen from the model's template);
         `reasoning_budget`: the thinking tokens of a request that sets no budget of its own (None: no bound);
         `hand_off`: this server's part in disaggregated serving across servers (None: none, `kv_transfer_params`
-        refused; an API server's, whose core keeps no KV for other servers)."""
+        refused; an API server's, whose core keeps no KV for other servers); `media`: where a chat's images may be
+        fetched from (None: data URLs only)."""
         hand_off = hand_off or KVHandOff()
         self.preparation = ChatPreparation(
             core, hand_off, indexes, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
-            reasoning_budget=reasoning_budget,
+            reasoning_budget=reasoning_budget, media=media,
         )  # fmt: skip
         self.chat = ChatServing(self.preparation)
         self._completions = CompletionRoutes(core, hand_off)

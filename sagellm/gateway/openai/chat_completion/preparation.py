@@ -11,7 +11,8 @@ import json
 from sagellm.common.errors import FieldError
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.indexes.store import IndexStore
-from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, chat_request
+from sagellm.gateway.media import MediaPolicy, image_bytes
+from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, chat_request, image_parts
 from sagellm.gateway.openai.generation.serving import generation_model, prepare
 from sagellm.gateway.openai.generation.structured import guided_decoding
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
@@ -40,12 +41,13 @@ class ChatPreparation:
         tool_call_parser: str | None = None,
         reasoning_parser: str | None = None,
         reasoning_budget: int | None = None,
+        media: MediaPolicy | None = None,
     ) -> None:
         """`hand_off`: the server's part in disaggregated serving across servers; `indexes`: the retrieval indexes
         chats may name (`"index"`; None in an API server's process, whose core holds them). `tool_call_parser`: how
         tool calls are read from replies, `reasoning_parser` how thinking is (None: each chosen from the model's
         template); `reasoning_budget`: the thinking tokens of a request that sets no budget of its own (None: no
-        bound)."""
+        bound); `media`: where a chat's images may be fetched from (None: data URLs only)."""
         self.core = core
         self.hand_off = hand_off
         self.indexes = indexes
@@ -56,6 +58,7 @@ class ChatPreparation:
             parser_class(reasoning_parser)  # as above
         self.reasoning_parser = reasoning_parser
         self.reasoning_budget = reasoning_budget
+        self.media = media or MediaPolicy()
         self._starts_thinking: dict[tuple[str, str], bool] = {}  # (template, its settings) -> a reply opens inside
 
     async def prepared_chat(
@@ -76,6 +79,9 @@ class ChatPreparation:
     ) -> tuple[Request, ReplyPlan, list[dict[str, object]] | None]:
         request, constraint, tool_use = self._chat_request(body, headers)
         request.owner = owner
+        if parts := image_parts(body):  # each image's file, fetched and checked under the operator's policy
+            self._check_sees_images(request, parts[0][0])
+            request.images = [await image_bytes(url, self.media, param) for param, url in parts]
         await self.hand_off.take(body, [request], body.n)
         sources = await self._ground(request, body)
         await prepare(self.core, [request], constraint)
@@ -87,6 +93,14 @@ class ChatPreparation:
         elif self.reasoning_budget is not None and plan.reasoning_parser is not None and not request.sampling.guided:
             request.sampling.thinking = self._thinking_budget(self.reasoning_budget, plan, request)
         return request, plan, sources
+
+    def _check_sees_images(self, request: Request, param: str) -> None:
+        """Images go to the graph's own model where it has a vision encoder; a 400 naming the first image part
+        otherwise (a model served by another server is sent text only, for now)."""
+        served = self.core.served
+        if request.model is not None or served is None or served.config.vision is None:
+            name = request.model or self.core.model_name
+            raise ApiError(400, f"{param}: model {name!r} takes no images (it has no vision encoder here)", param=param)
 
     def _keep_harmony_markers(self, request: Request) -> None:
         """A Harmony reply is read by its markers, which are special tokens: its text keeps them (the engine leaves

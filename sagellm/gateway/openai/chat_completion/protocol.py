@@ -148,16 +148,41 @@ def template_kwargs(
     return kwargs or None
 
 
+def image_parts(body: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(the part's name, its URL) of each `image_url` part of the chat's messages, in order."""
+    parts = []
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.get("type") == "image_url":
+                    parts.append((f"messages[{i}].content[{j}].image_url", _image_url(part, i, j)))
+    return parts
+
+
+def _image_url(part: dict[str, Any], i: int, j: int) -> str:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str) or not url:
+        refuse(f"messages[{i}].content[{j}].image_url", "needs a url (a data: URL, or http(s) from an allowed host)")
+    return url
+
+
 def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
-    """Text content as the chat template wants it; content parts of type text are joined, others refused."""
+    """Text content as the chat template wants it: text parts joined; with images, the parts as Hugging Face
+    templates iterate them ({"type": "text", "text": ...}, {"type": "image"} where each image stands)."""
     content = message.content
     if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                refuse(f"messages[{index}].content", "only text content parts are supported")
-            texts.append(part["text"])
-        content = "".join(texts)
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(content):
+            if part.get("type") == "image_url":
+                _image_url(part, index, j)
+                parts.append({"type": "image"})
+            elif part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            else:
+                refuse(f"messages[{index}].content[{j}]", "content parts are text and image_url")
+        images = any(part["type"] == "image" for part in parts)
+        content = parts if images else "".join(part["text"] for part in parts)
     out: dict[str, Any] = {"role": message.role, "content": content or ""}
     for name in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
         if getattr(message, name) is not None:

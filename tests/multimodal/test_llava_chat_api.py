@@ -1,0 +1,137 @@
+"""Images through the OpenAI chat API: the openai SDK, unchanged, sends `image_url` parts (a data URL, and an http
+URL of a test server on 127.0.0.1 the operator allowed) to `sagellm serve` on the tiny LLaVA, and the reply's tokens
+are transformers' for the same chat and images; a host not allowed, a redirect, a corrupt image and a part without a
+URL are each a 400 naming the part, and a model without a vision encoder refuses images with a 400."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.tiny_models import make_tiny_llama, make_tiny_llava
+
+TOKENS = 6
+
+
+def png(seed: int, size: tuple[int, int] = (33, 21)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "PNG")
+    return out.getvalue()
+
+
+FIRST, SECOND = png(1), png(2, (48, 60))
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path == "/moved.png":
+            self.send_response(302)
+            self.send_header("Location", "/second.png")
+            self.end_headers()
+            return
+        body = {"/second.png": SECOND, "/broken.png": b"\x89PNG not really"}.get(self.path)
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def files() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> Path:
+    return make_tiny_llava(tmp_path_factory.mktemp("llava") / "llava")
+
+
+@pytest.fixture(scope="module")
+def client(llava, tmp_path_factory) -> Iterator[openai.OpenAI]:
+    config = tiny_config(tmp_path_factory.mktemp("gw"), allowed_media_domains=["127.0.0.1"])
+    with running_gateway(GRAPHS / "colocated.yaml", config, llava) as gateway:
+        yield openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+
+
+def chat(client: openai.OpenAI, *urls: str, model: str | None = None):
+    parts = [{"type": "text", "text": "look at"}]
+    for url in urls:
+        parts += [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": " and"}]
+    return client.chat.completions.create(
+        model=model or client.models.list().data[0].id, messages=[{"role": "user", "content": parts}],
+        max_tokens=TOKENS, temperature=0, extra_body={"return_token_ids": True},
+    )  # fmt: skip
+
+
+def reference(llava: Path, *images: bytes) -> list[int]:
+    """transformers' greedy tokens for the same chat, rendered and processed by the checkpoint's processor."""
+    hf = LlavaForConditionalGeneration.from_pretrained(llava, dtype=torch.float32, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(llava)
+    parts = [{"type": "text", "text": "look at"}]
+    for _ in images:
+        parts += [{"type": "image"}, {"type": "text", "text": " and"}]
+    text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+    inputs = processor(text=text, images=[Image.open(io.BytesIO(i)) for i in images], return_tensors="pt")
+    with torch.inference_mode():
+        out = hf.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_the_sdk_sends_a_data_url_and_an_allowed_http_image_and_gets_transformers_tokens(client, files, llava):
+    reply = chat(client, data_url(FIRST), f"{files}/second.png")
+    assert reply.choices[0].token_ids == reference(llava, FIRST, SECOND)
+    assert reply.usage.prompt_tokens > 8  # the images' placeholders counted: 4 tokens each
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://localhost:9/x.png", "is not allowed"),  # the same machine by another name: not listed
+        ("{files}/moved.png", "redirect"),
+        ("{files}/broken.png", "image"),
+        ("ftp://127.0.0.1/x.png", "urls are not read"),
+    ],
+)
+def test_what_may_not_be_read_is_a_400_naming_the_part(client, files, url, words):
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, url.format(files=files))
+    assert refused.value.body["param"] == "messages[0].content[1].image_url", refused.value.body
+    assert words in refused.value.body["message"].lower(), refused.value.body
+
+
+def test_a_model_without_a_vision_encoder_refuses_images_with_a_400(tmp_path):
+    with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path), make_tiny_llama(tmp_path / "m")) as gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="takes no images"):
+            chat(client, data_url(FIRST))
+
+
+def test_through_the_pd_graph_the_decode_worker_continues_the_images_prompt_as_transformers(llava, tmp_path):
+    """The prefill worker encodes the images; the decode worker takes its KV for the expanded prompt, cached under
+    the images' keys."""
+    with running_gateway(GRAPHS / "pd.yaml", tiny_config(tmp_path), llava) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        assert chat(client, data_url(SECOND), data_url(FIRST)).choices[0].token_ids == reference(llava, SECOND, FIRST)
