@@ -138,7 +138,8 @@ def test_errors_have_anthropics_shape_and_status(server) -> None:
     with pytest.raises(anthropic.BadRequestError) as refused:
         client.messages.create(model=server.core.model_name, max_tokens=8,
                                messages=[{"role": "user", "content": [image]}])  # fmt: skip
-    assert "text only" in refused.value.body["error"]["message"]
+    message = refused.value.body["error"]["message"]
+    assert "messages[0].content[0].source" in message and "takes no images" in message, message
     with pytest.raises(anthropic.BadRequestError) as thinking:
         client.messages.create(model=server.core.model_name, max_tokens=8, messages=QUESTION,
                                thinking={"type": "enabled", "budget_tokens": 1024})  # fmt: skip

@@ -39,10 +39,16 @@ def llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(llava):
+def hf(llava):
+    """transformers' LLaVA on the checkpoint, and the checkpoint's own processor."""
+    model = LlavaForConditionalGeneration.from_pretrained(llava, dtype=torch.float32, attn_implementation="eager")
+    return model.eval(), AutoProcessor.from_pretrained(llava)
+
+
+@pytest.fixture(scope="module")
+def reference(hf):
     """Greedy tokens of transformers' LLaVA for (text, images), its inputs from the checkpoint's own processor."""
-    hf = LlavaForConditionalGeneration.from_pretrained(llava, dtype=torch.float32, attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(llava)
+    hf, processor = hf
 
     def greedy(text: str, images: list[Image.Image]) -> list[int]:
         inputs = processor(text=text, images=images or None, return_tensors="pt")
@@ -88,6 +94,25 @@ def test_the_same_image_again_is_a_prefix_hit_and_another_one_shares_only_the_te
     assert again.metrics.num_cached_tokens > image_at + 4  # blocks past the image's were shared
     assert other.metrics.num_cached_tokens == image_at // 16 * 16  # only the whole blocks before the image
     assert tokens([first, again]) == [reference(ONE, [RED])] * 2 and tokens([other]) == [reference(ONE, [OTHER])]
+
+
+def test_the_first_tokens_logprobs_are_transformers_for_each_image_and_follow_the_image(llm, hf):
+    """Greedy tokens of a tiny random model barely depend on its images: the first token's logprobs show that the
+    pixels reach the model, each image's as transformers' do."""
+    model, processor = hf
+    expected, ours = {}, {}
+    for name, image in (("red", RED), ("noise", NOISE)):
+        inputs = processor(text=ONE, images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            expected[name] = model(**inputs).logits[0, -1].log_softmax(-1)
+        out = llm.generate(prompt(ONE, image), SamplingParams(max_tokens=1, temperature=0, logprobs=5))[0]
+        (first,) = out.outputs[0].logprobs
+        ours[name] = dict(first.top)
+        for token, logprob in first.top:
+            assert abs(logprob - float(expected[name][token])) < 1e-5, (name, token)
+    # The images move those logprobs far more than the tolerance: the check above tells one image from the other
+    moved = max(abs(ours["red"][t] - float(expected["noise"][t])) for t in ours["red"])
+    assert moved > 1e-3, moved
 
 
 def test_placeholders_and_images_must_pair_up(llm):

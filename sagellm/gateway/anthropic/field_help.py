@@ -7,7 +7,8 @@ from __future__ import annotations
 FIELD_HELP: dict[str, str] = {
     "model": "the served model name (`/v1/models`; `--served-model-name` gives it more names, such as a client's own)",
     "messages": "`user`, `assistant` and `system` turns: a string, or `text`, `tool_use`, `tool_result`, `thinking` "
-    "blocks (earlier thinking is left out of the prompt; images and documents are refused)",
+    "blocks, and a user's `image` blocks (`base64` or `url` sources, for a model with a vision encoder; earlier "
+    "thinking is left out of the prompt; documents are refused)",
     "max_tokens": "required: most tokens to generate",
     "system": "a string or text blocks, put first as the system message",
     "stop_sequences": "strings that end the reply: `stop_reason` is then `stop_sequence`, naming it",

@@ -7,9 +7,11 @@ user's own text; `thinking` blocks of earlier turns are left out of the prompt, 
 `input_schema`; `tool_choice` `any` and `tool` force a call, enforced by guided decoding. `output_config.format`
 (structured output: what the SDK's `messages.parse` sends) is the chat's `response_format` JSON schema, so the reply's
 text follows it by guided decoding. Fields that ask the engine for nothing it has (`cache_control` on blocks,
-`context_management`, `output_config.effort`, `service_tier`, betas) are accepted without effect; images and
-documents are refused by name (this server takes text). Lists are capped as the chat's (`request_limits`), named by
-this API's field names."""
+`context_management`, `output_config.effort`, `service_tier`, betas) are accepted without effect. A user's `image`
+blocks are the chat's `image_url` parts, in place among its text blocks (a `base64` source as a data: URL, a `url`
+source as its URL, fetched under the same policy); a refusal of one names the block (`images_named`). Documents, and
+images anywhere but a user message's content, are refused by name. Lists are capped as the chat's
+(`request_limits`), named by this API's field names."""
 
 from __future__ import annotations
 
@@ -20,7 +22,12 @@ import msgspec
 import structlog
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, ChatMessage, ContentParts
+from sagellm.gateway.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ContentParts,
+    image_part,
+)
 from sagellm.gateway.replies.tools import NamedFunction, NamedToolChoice, Tool, ToolChoice
 from sagellm.runtime.engine.request_limits import (
     MAX_MESSAGES,
@@ -137,13 +144,15 @@ def _messages(message: Message, index: int) -> list[dict[str, Any]]:
     where = f"messages[{index}]"
     if isinstance(message.content, str):
         return [{"role": message.role, "content": message.content}]
-    texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and image parts, in order
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     for j, block in enumerate(message.content):
         kind, at = block.get("type"), f"{where}.content[{j}]"
         if kind == "text":
-            texts.append(_string(block, "text", at))
+            parts.append({"type": "text", "text": _string(block, "text", at)})
+        elif kind == "image" and message.role == "user":
+            parts.append(image_part(_image_url(block, at)))
         elif kind == "tool_use" and message.role == "assistant":
             arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
             function = {"name": _string(block, "name", at), "arguments": arguments}
@@ -156,20 +165,56 @@ def _messages(message: Message, index: int) -> list[dict[str, Any]]:
             results.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", at), "content": text})
         elif kind in ("thinking", "redacted_thinking") and message.role == "assistant":
             continue  # earlier turns' thinking is not part of the prompt
-        elif kind in ("image", "document", "search_result", "container_upload"):
-            raise ApiError.unsupported(f"{at}.type", f"{kind} blocks: this server takes text only")
+        elif kind in ("document", "search_result", "container_upload"):
+            raise ApiError.unsupported(f"{at}.type", f"{kind} blocks: this server takes text and images only")
         else:
             raise ApiError(400, f"{at}.type: {kind!r} blocks are not taken in a {message.role} message", param=at)
     if len(calls) > MAX_TOOL_CALLS:  # a chat's assistant turn holds at most this many
         message = f"{where}.content: at most {MAX_TOOL_CALLS} tool_use blocks, got {len(calls)}"
         raise ApiError(400, message, param=f"{where}.content")
     out = list(results)
-    if texts or calls or not results:
-        turn: dict[str, Any] = {"role": message.role, "content": "\n".join(texts) if texts or not calls else None}
+    if parts or calls or not results:
+        turn: dict[str, Any] = {"role": message.role, "content": _content(parts) if parts or not calls else None}
         if calls:
             turn["tool_calls"] = calls
         out.append(turn)
     return out
+
+
+def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """A message's content: its text blocks joined by newlines; with images, its text and image parts in order."""
+    if any(part["type"] == "image_url" for part in parts):
+        return parts
+    return "\n".join(part["text"] for part in parts)
+
+
+def image_blocks(body: MessagesRequest | CountTokensRequest) -> list[str]:
+    """The name of each image block's source, in the order the chat holds their parts (`images_named`)."""
+    return [
+        f"messages[{i}].content[{j}].source"
+        for i, message in enumerate(body.messages)
+        if message.role == "user" and isinstance(message.content, list)
+        for j, block in enumerate(message.content)
+        if block.get("type") == "image"
+    ]
+
+
+def _image_url(block: dict[str, Any], where: str) -> str:
+    """An image block's source as the chat's image URL: a `base64` source as a data: URL, a `url` source as its URL;
+    a `file` source is refused (files are not stored here)."""
+    source, at = block.get("source"), f"{where}.source"
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        media_type = _string(source, "media_type", at)
+        return f"data:{media_type};base64,{_string(source, 'data', at)}"
+    if kind == "url":
+        url = _string(source, "url", at)
+        if not url:
+            raise ApiError(400, f"{at}.url: the URL is empty", param=f"{at}.url")
+        return url
+    if kind == "file":
+        raise ApiError.unsupported(f"{at}.type", "file sources: files are not stored here; send base64 or url")
+    raise ApiError(400, f"{at}.type: an image source is base64 or url, got {kind!r}", param=f"{at}.type")
 
 
 def _text(blocks: list[dict[str, Any]], where: str) -> str:

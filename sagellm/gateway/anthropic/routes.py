@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sagellm.gateway.anthropic.protocol import CountTokensRequest, MessagesRequest, chat_body
+from sagellm.gateway.anthropic.protocol import CountTokensRequest, MessagesRequest, chat_body, image_blocks
 from sagellm.gateway.anthropic.replies import (
     MessageEvents,
     content_blocks,
@@ -22,7 +22,9 @@ from sagellm.gateway.anthropic.replies import (
 )
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, NamedEvent, Response
 from sagellm.gateway.http.auth import key_owner
+from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
+from sagellm.gateway.openai.chat_completion.protocol import images_named
 from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
 from sagellm.gateway.openai.tokenization.protocol import TokenizeRequest
 from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
@@ -43,7 +45,8 @@ class MessagesRoutes:
     async def create(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(MessagesRequest)
         chat = chat_body(body, body.model)
-        request, plan, _ = await self.chat.prepared_chat(chat, http.headers, key_owner(http))
+        with images_named(chat, image_blocks(body)):  # an image's refusal names its block
+            request, plan, _ = await self.chat.prepared_chat(chat, http.headers, key_owner(http))
         message_id = new_message_id()
         core = self.chat.core
         if not body.stream:
@@ -59,6 +62,8 @@ class MessagesRoutes:
 
     async def count_tokens(self, http: HttpRequest) -> Response:
         body = http.json(CountTokensRequest)
+        if images := image_blocks(body):  # an image's tokens are its placeholders, which the engine expands
+            raise ApiError.unsupported(images[0], "images are not counted here yet; count the text without them")
         chat = chat_body(body, body.model)
         tools = chat.tools if chat.tool_choice != "none" else None
         counted = TokenizeRequest(model=chat.model, messages=chat.messages, tools=tools)

@@ -5,10 +5,13 @@ the Responses API build these bodies too: theirs are run as the chats they are."
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.generation.protocol import (
     GenerationRequest,
     check_unsupported,
@@ -157,6 +160,28 @@ def image_parts(body: ChatCompletionRequest) -> list[tuple[str, str]]:
                 if part.get("type") == "image_url":
                     parts.append((f"messages[{i}].content[{j}].image_url", _image_url(part, i, j)))
     return parts
+
+
+def image_part(url: str) -> dict[str, Any]:
+    """The chat's `image_url` part for an image another API's request holds (a data: URL or an http(s) URL)."""
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@contextmanager
+def images_named(chat: ChatCompletionRequest, names: list[str]) -> Iterator[None]:
+    """For the APIs whose requests are run as chats: a refusal of one of the chat's images (`image_parts`, which
+    the media room names as the chat's parts) named as the request named it instead; `names` holds the request's
+    names for the chat's images, in the same order (`messages[0].content[1].source` in the Messages API)."""
+    renames = {param: name for (param, _), name in zip(image_parts(chat), names, strict=True)}
+    try:
+        yield
+    except ApiError as error:
+        param = error.param or ""
+        for chat_param, name in renames.items():
+            if param == chat_param or param.startswith(chat_param + "."):
+                message, renamed = error.message.replace(chat_param, name, 1), param.replace(chat_param, name, 1)
+                raise ApiError(error.http_status, message, param=renamed, code=error.code) from None
+        raise
 
 
 def _image_url(part: dict[str, Any], i: int, j: int) -> str:

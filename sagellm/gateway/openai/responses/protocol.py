@@ -1,8 +1,9 @@
 """OpenAI's Responses API (`POST /v1/responses`) read into a chat, and a chat's result written back as a response.
 
 A response request is a chat in other words: `instructions` is the system message, `input` the turns (a string, or
-items: messages, `developer` ones as system messages as OpenAI reads them for a model without that role, the
-`function_call`s of an earlier response and their `function_call_output`s), `tools` function tools
+items: messages, their `input_image` parts the chat's `image_url` parts (`content.py`), `developer` ones as system
+messages as OpenAI reads them for a model without that role, the `function_call`s of an earlier response and their
+`function_call_output`s), `tools` function tools
 (`tools.py`: a namespace's functions in its place, hosted tools left out), `text.format` the structured
 output, `max_output_tokens` the bound. So it takes the chat's whole path (admission, policy, route, failover, guided
 decoding, the tool-call parser) and only its two ends are here: `chat_body` builds the chat, `output_items` /
@@ -26,13 +27,14 @@ import msgspec
 
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, ChatMessage
+from sagellm.gateway.openai.responses.content import message_content, text_content
 from sagellm.gateway.openai.responses.tools import function_tools
 from sagellm.gateway.replies.events import ToolCall
 from sagellm.gateway.replies.tools import FunctionName, NamedFunction, NamedToolChoice, tool_call_json
-from sagellm.runtime.engine.request_limits import MAX_CONTENT_PARTS, MAX_INCLUDE, MAX_MESSAGES, MAX_METADATA, MAX_TOOLS
+from sagellm.runtime.engine.request_limits import MAX_INCLUDE, MAX_MESSAGES, MAX_METADATA, MAX_TOOLS
 
-# `include` values that name items this server never makes (no reasoning, no hosted tools, no input images): asking
-# for them adds nothing, as OpenAI's API adds nothing when a response has no such item
+# `include` values that name items this server never makes (no reasoning, no hosted tools, input images not echoed):
+# asking for them adds nothing, as OpenAI's API adds nothing when a response has no such item
 INCLUDES_OF_NOTHING = frozenset({
     "reasoning.encrypted_content", "file_search_call.results", "web_search_call.results",
     "web_search_call.action.sources", "code_interpreter_call.outputs", "computer_call_output.output.image_url",
@@ -101,7 +103,7 @@ def new_id(prefix: str) -> str:
 
 def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chat messages of a response's `input`: a string is one user message; items are messages (content a
-    string or `input_text` / `output_text` parts), `function_call`s (an assistant's calls, consecutive ones in one
+    string, or text and image parts: `content.py`), `function_call`s (an assistant's calls, consecutive ones in one
     message) and `function_call_output`s (tool messages). A 400 naming the item for anything else."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
@@ -114,7 +116,7 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             if role not in ("user", "system", "developer", "assistant"):
                 raise ApiError(400, f"{where}.role: user, system, developer or assistant, got {role!r}", param=where)
             role = "system" if role == "developer" else role  # OpenAI's reading of it for models without the role
-            messages.append({"role": role, "content": _text(item.get("content"), where)})
+            messages.append({"role": role, "content": message_content(item.get("content"), where)})
         elif kind == "function_call":
             call = tool_call_json(ToolCall(id=_field(item, "call_id", where), name=_field(item, "name", where),
                                            arguments=_field(item, "arguments", where)))  # fmt: skip
@@ -125,7 +127,7 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
-            content = output if isinstance(output, str) else _text(output, where)
+            content = output if isinstance(output, str) else text_content(output, where)
             messages.append({"role": "tool", "tool_call_id": _field(item, "call_id", where), "content": content})
         else:
             raise ApiError.unsupported(where, f"items of type {kind!r} are not supported")
@@ -137,21 +139,6 @@ def _field(item: dict[str, Any], name: str, where: str) -> str:
     if not isinstance(value, str):
         raise ApiError(400, f"{where}.{name}: a string is required, got {value!r}", param=f"{where}.{name}")
     return value
-
-
-def _text(content: Any, where: str) -> str:
-    """A message's content: a string, or its text parts joined (`input_text`, `output_text`, `text`)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and len(content) > MAX_CONTENT_PARTS:
-        message = f"{where}.content: at most {MAX_CONTENT_PARTS} parts, got {len(content)}"
-        raise ApiError(400, message, param=f"{where}.content", code="invalid_request")
-    kinds = ("input_text", "output_text", "text")
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str) for p in content
-    ):
-        return "".join(p["text"] for p in content)
-    raise ApiError.unsupported(f"{where}.content", "text or text parts only")
 
 
 def chat_body(
