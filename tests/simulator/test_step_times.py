@@ -149,7 +149,9 @@ def test_pd_calibration_times_each_worker_in_its_process(tmp_path: Path) -> None
     assert any(s.decode_seqs and not s.prefill_tokens for s in decode.samples)  # every decode is the decode worker's
     assert sum(decode.steps) == decode.model.source["steps_timed"]
     assert prefill.model.per_decode_seq_s == prefill.model.per_context_token_s == 0.0  # never seen, never fitted
-    assert prefill.model.per_prefill_step_s == 0.0 < prefill.model.fixed_s  # every step prefills: one term
+    # Every step prefills, so a step's own cost is one term, the fixed one (which a fit may find ~0 where the
+    # kernels' cost is nearly all per token: the CI run this session, native prefill on an AMD CPU)
+    assert prefill.model.per_prefill_step_s == 0.0 <= prefill.model.fixed_s
 
 
 def test_pool_takes_the_median_composition_and_the_mean_time_of_like_steps() -> None:
