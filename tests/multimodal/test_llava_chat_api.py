@@ -100,6 +100,11 @@ def reference(llava: Path, *images: bytes) -> list[int]:
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+def test_the_model_card_says_it_reads_images(client):
+    (card,) = client.models.list().data
+    assert card.model_extra["input_modalities"] == ["text", "image"]
+
+
 def test_the_sdk_sends_a_data_url_and_an_allowed_http_image_and_gets_transformers_tokens(client, files, llava):
     reply = chat(client, data_url(FIRST), f"{files}/second.png")
     assert reply.choices[0].token_ids == reference(llava, FIRST, SECOND)

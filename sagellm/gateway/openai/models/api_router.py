@@ -1,7 +1,8 @@
 """`GET /v1/models`: the models this gateway serves as OpenAI's model cards (the graph's, attached servers', models
 loaded on demand with their status, and LoRA adapters as vLLM lists them: with their `parent`), each with its
-`max_model_len` where it is known here; `GET /v1/models/{model}` one of those cards (the openai SDK's
-`models.retrieve`), or OpenAI's 404 `model_not_found` for a name not served."""
+`max_model_len` where it is known here and, for the graph's own model and the embedding model, the inputs it reads
+(`input_modalities`: text, and image for a model with a vision encoder); `GET /v1/models/{model}` one of those
+cards (the openai SDK's `models.retrieve`), or OpenAI's 404 `model_not_found` for a name not served."""
 
 from __future__ import annotations
 
@@ -44,10 +45,20 @@ class ModelsRoutes:
             status = {}
             if pool is not None:  # the graph's own models are loaded as long as it runs
                 status = {"status": pool.status(name) if name in pool.models else {"value": "loaded"}}
-            return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length, **status}
+            inputs = self._input_modalities(name, embedder is not None)
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "sagellm", **length, **status,
+                    **inputs}  # fmt: skip
 
         def adapter(name: str, path: str, parent: str) -> dict[str, Any]:  # vLLM's card of a LoRA adapter
             return {**card(parent), "id": name, "root": path, "parent": parent}
 
         adapters = [adapter(ref.lora_name, ref.lora_path, parent) for ref, parent in self.core.lora.listed()]
         return [card(name) for name in self.core.models()] + adapters
+
+    def _input_modalities(self, name: str, embedder: bool) -> dict[str, list[str]]:
+        """What a model reads (OpenRouter's and LiteLLM's `input_modalities`), where this server knows: the graph's
+        own model (text, and images with a vision encoder) and the embedding model; nothing said of others'."""
+        served = self.core.served
+        if name == self.core.model_name and served is not None and not embedder:
+            return {"input_modalities": ["text", "image"] if served.config.vision is not None else ["text"]}
+        return {"input_modalities": ["text"]} if embedder else {}
