@@ -49,20 +49,21 @@ def variants() -> tuple[Variant, ...]:
 
 
 def cpu_flags() -> frozenset[str]:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    return frozenset(_cpuinfo_field("flags").split())
 
 
 def cpu_vendor() -> str:
     """The CPU's maker as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"; "" where it does not say)."""
+    return _cpuinfo_field("vendor_id")
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first CPU's `name` line of /proc/cpuinfo, its value ("" where there is none, or no such file)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), "")
 
 
 def runnable(flags: frozenset[str] | None = None) -> list[Variant]:
