@@ -41,6 +41,7 @@ from sagellm.backends.base import Availability
 from sagellm.backends.cpu_linear import CpuLinearWeight, linear, pack_block_weight, pack_linear_weight
 from sagellm.backends.decoder_layer import DECODER_LINEARS, DecoderLayer, DecoderShape
 from sagellm.backends.kernel_contracts import Attention, KernelTable
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
 from sagellm.backends.native import (
     DISABLE_ENV,
@@ -234,27 +235,19 @@ class NativeDispatch:
             return self.native.sigmoid(x, _row_threads(x))
         return torch.sigmoid(x)
 
-    def write_kv(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: PagedKv, slot_mapping: torch.Tensor) -> None:
         """The native K/V write where it fits (torch's index_copy_ takes ~1.5 ms a layer for 500 tokens)."""
-        if fits_heads(k, v) and fits_dense(k_cache, v_cache) and fits_dense(slot_mapping, dtype=I64):
-            self.native.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        if fits_heads(k, v) and fits_dense(*cache) and fits_dense(slot_mapping, dtype=I64):
+            self.native.write_kv(k, v, cache, slot_mapping)
         else:
-            torch_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
+            torch_ops.write_kv(k, v, cache, slot_mapping)
 
     def prefill_attention(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: PagedKv,
         chunk: PrefillChunk,
         spec: AttentionSpec,
         *,
@@ -262,43 +255,33 @@ class NativeDispatch:
     ) -> torch.Tensor:
         """A prefill chunk's causal attention (sliding-window, soft-capped) read from the paged cache in place (its
         K/V are written first), or the torch op for what the C code does not take."""
-        if fits_prefill_attention(q, k_cache, v_cache, chunk.block_table):
+        if fits_prefill_attention(q, cache, chunk.block_table):
             n, ctx = chunk.query_len, chunk.context_len
             threads = attention_threads(n * seen_keys(ctx, spec.window))
-            size = prefill_scratch_size(ctx, k_cache.shape[2], q.shape[2], n, spec.window)
+            size = prefill_scratch_size(ctx, cache.k.shape[2], q.shape[2], n, spec.window)
             if self._prefill_scratch.numel() < size:  # grown, never shrunk: fresh memory costs page faults per call
                 self._prefill_scratch = torch.empty(size, dtype=torch.float32)
             table, scratch = chunk.block_table, self._prefill_scratch
-            return self.native.paged_prefill_attention(q, k_cache, v_cache, table, ctx, spec, threads, scratch)
-        return torch_ops.prefill_attention(q, k, v, k_cache, v_cache, chunk, spec, buffers=buffers)
+            return self.native.paged_prefill_attention(q, cache, table, ctx, spec, threads, scratch)
+        return torch_ops.prefill_attention(q, k, v, cache, chunk, spec, buffers=buffers)
 
     def paged_decode_attention(
         self,
         q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: PagedKv,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         spec: AttentionSpec,
     ) -> torch.Tensor:
-        if fits_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
+        if fits_decode_attention(q, cache, block_tables, context_lens):
             # An upper bound: tables span the contexts. NativeDecoderLayers counts the same, for the same threads.
-            keys = q.shape[0] * seen_keys(block_tables.shape[1] * k_cache.shape[1], spec.window)
+            keys = q.shape[0] * seen_keys(block_tables.shape[1] * cache.k.shape[1], spec.window)
             threads = attention_threads(keys)
-            return self.native.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, spec, threads)
-        return torch_ops.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, spec, buffers=self.buffers
-        )
+            return self.native.paged_decode_attention(q, cache, block_tables, context_lens, spec, threads)
+        return torch_ops.paged_decode_attention(q, cache, block_tables, context_lens, spec, buffers=self.buffers)
 
     def gated_delta_net(
-        self,
-        mixed_qkv: torch.Tensor,
-        b: torch.Tensor,
-        a: torch.Tensor,
-        meta: AttentionMetadata,
-        conv_states: torch.Tensor,
-        ssm_states: torch.Tensor,
-        spec: DeltaNetSpec,
+        self, mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, meta: AttentionMetadata, spec: DeltaNetSpec
     ) -> torch.Tensor:
         """Natively (delta_rule.c), each head's state updated in place in its slot: the decode rows in one call,
         each prefill chunk token by token, in two calls around a checkpoint. Token by token beats the torch op's
@@ -306,21 +289,19 @@ class NativeDispatch:
         one thread / two, a 64-token chunk 3 / 1.9 ms against 18-21 / 7, 512 tokens 25-33 / 17-22 against 104 /
         82-102; a decode row (its states from memory) 0.16 / 0.11 ms against 0.8-1.8 / 0.7, 8 rows 1.0 / 0.6-0.8
         against 14-18 / 7-12."""
-        states = (conv_states, ssm_states, spec.conv_weight, spec.a_log, spec.dt_bias)
-        if not fits_delta_rule(mixed_qkv, b, a, states, spec.head_k_dim, spec.head_v_dim):
-            return gated_delta_net(mixed_qkv, b, a, meta, conv_states, ssm_states, spec)
+        if not fits_delta_rule(mixed_qkv, b, a, spec):
+            return gated_delta_net(mixed_qkv, b, a, meta, spec)
+        states = spec.states
 
         def run(start: int, end: int, starts: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
             """Rows start .. end - 1, sequences as in NativeKernels.gated_delta_net."""
-            threads = delta_rule_threads((end - start) * ssm_states[0].numel())
+            threads = delta_rule_threads((end - start) * states.ssm[0].numel())
             rows = slice(start, end)
-            return self.native.gated_delta_net(
-                mixed_qkv[rows], b[rows], a[rows], starts, slots, conv_states, ssm_states, spec, threads
-            )
+            return self.native.gated_delta_net(mixed_qkv[rows], b[rows], a[rows], starts, slots, spec, threads)
 
         nd = meta.num_decode_tokens
         if nd:
-            seed_decode_states(meta, conv_states, ssm_states)
+            seed_decode_states(meta, states)
         decoded = run(0, nd, torch.arange(nd + 1), meta.decode_state_slots) if nd else None
         if not meta.prefills:
             return decoded
@@ -329,25 +310,15 @@ class NativeDispatch:
             out[:nd] = decoded
         for chunk in meta.prefills:
             slot, n, first = chunk.state_slot, chunk.query_len, chunk.query_start
-            _copy_states(conv_states, ssm_states, chunk.source_slot, slot)  # the chunk's starting states
+            states.copy_slot(chunk.source_slot, slot)  # the chunk's starting states
             cut = n if chunk.checkpoint is None else chunk.checkpoint[0]
             for start, end in ((0, cut), (cut, n)):
                 if end > start:
                     starts, slots = torch.tensor([0, end - start]), torch.tensor([slot])
                     out[first + start : first + end] = run(first + start, first + end, starts, slots)
                 if chunk.checkpoint is not None and start == 0:  # the states after `cut` tokens, kept
-                    _copy_states(conv_states, ssm_states, slot, chunk.checkpoint[1])
+                    states.copy_slot(slot, chunk.checkpoint[1])
         return out
-
-
-def _copy_states(conv_states: torch.Tensor, ssm_states: torch.Tensor, source: int, slot: int) -> None:
-    """Both states of `slot` set to `source`'s, or to zeros for source -1 (a sequence's start: a freed slot is never
-    cleared); nothing when they are the same slot."""
-    for states in (conv_states, ssm_states):
-        if source < 0:
-            states[slot].zero_()
-        elif source != slot:
-            states[slot].copy_(states[source])
 
 
 def _row_threads(x: torch.Tensor) -> int:

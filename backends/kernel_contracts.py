@@ -10,8 +10,9 @@ kinds and defaults of the parameters), so a kernel that drifts from its family f
 Shapes: T tokens in the batch (decodes first, then prefill chunks: AttentionMetadata), H hidden, Hq/Hk query/kv heads,
 D head dim, R rotary dims, I intermediate, V vocabulary, E experts of which L are held, B decode rows, M blocks per
 table, S slots. Hidden states are float32; token ids, positions, cache slots, state slots and LoRA row slots int64;
-block tables and context lengths int32. Caches are [num_blocks, block_size, Hk, D]. A kernel returns new tensors and
-leaves its inputs alone unless its docstring says it writes one in place."""
+block tables and context lengths int32. A layer's KV cache is one `PagedKv` (k and v [num_blocks, block_size, Hk, D])
+and a Gated DeltaNet layer's states one `RecurrentStates` (layer_caches.py). A kernel returns new tensors and leaves
+its inputs alone unless its docstring says it writes one in place."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 if TYPE_CHECKING:
     from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
     from sagellm.backends.decoder_layer import DecoderLayer, DecoderShape
+    from sagellm.backends.layer_caches import PagedKv
     from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
     from sagellm.backends.torch_ops.gather_buffers import GatherBuffers
     from sagellm.backends.torch_ops.vision import EncoderMetadata
@@ -108,10 +110,8 @@ class Moe(Protocol):
 
 
 class KvWrite(Protocol):
-    def __call__(
-        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-    ) -> None:
-        """Writes the batch's k, v [T, Hk, D] into the caches in place, token t at flat slot slot_mapping[t] int64
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, cache: PagedKv, slot_mapping: torch.Tensor) -> None:
+        """Writes the batch's k, v [T, Hk, D] into the cache in place, token t at flat slot slot_mapping[t] int64
         (block * block_size + offset). `attention`'s first part (its `write`)."""
 
 
@@ -119,8 +119,7 @@ class PagedDecodeAttention(Protocol):
     def __call__(
         self,
         q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: PagedKv,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         spec: AttentionSpec,
@@ -140,8 +139,7 @@ class PrefillAttention(Protocol):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: PagedKv,
         chunk: PrefillChunk,
         spec: AttentionSpec,
         *,
@@ -159,13 +157,12 @@ class Attention(Protocol):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: PagedKv,
         meta: AttentionMetadata,
         spec: AttentionSpec,
     ) -> torch.Tensor:
         """A layer's attention over the paged KV cache for the whole batch: q [T, Hq, D], k, v [T, Hk, D] ->
-        [T, Hq, D]. First writes k, v into the caches in place at meta.slot_mapping (KvWrite), then attends: the
+        [T, Hq, D]. First writes k, v into the cache in place at meta.slot_mapping (KvWrite), then attends: the
         meta.num_decode_tokens decode rows as PagedDecodeAttention (meta.decode_block_tables, decode_context_lens),
         each of meta.prefills as PrefillAttention; `spec` as theirs."""
 
@@ -181,20 +178,13 @@ class EncoderAttention(Protocol):
 
 class GatedDeltaNet(Protocol):
     def __call__(
-        self,
-        mixed_qkv: torch.Tensor,
-        b: torch.Tensor,
-        a: torch.Tensor,
-        meta: AttentionMetadata,
-        conv_states: torch.Tensor,
-        ssm_states: torch.Tensor,
-        spec: DeltaNetSpec,
+        self, mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, meta: AttentionMetadata, spec: DeltaNetSpec
     ) -> torch.Tensor:
         """A Gated DeltaNet layer's core (Qwen3.5) over the batch: mixed_qkv [T, C] (C = 2 Hk Dk + Hv Dv, the
         projected q, k, v before the convolution), b, a [T, Hv] -> the delta rule's output [T, Hv * Dv] float32,
         before the gated norm. The layer's `spec` (layer_specs.py) holds its weights and heads: a causal depthwise
         convolution (spec.conv_weight [C, K]) + SiLU, q and k L2-normed, then the gated delta rule (spec.a_log,
-        spec.dt_bias [Hv]) over each sequence's states: conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv], read
+        spec.dt_bias [Hv]) over each sequence's states (spec.states: conv [S, C, K-1], ssm [S, Hv, Dk, Dv]), read
         and updated in place in its slot (meta.decode_state_slots, meta.decode_state_seeds; a chunk's
         PrefillChunk.state_slot, source_slot and checkpoint). Value head h reads key head h // (Hv / Hk), or h % Hk
         when spec.tiled_value_heads (a GGUF's order). torch_ops/linear_attention.py is the reference."""

@@ -1,11 +1,15 @@
 """A layer's fixed inputs to its kernel family, as one value: an attention layer's settings (`AttentionSpec`), a
-Gated DeltaNet layer's weights and shape (`DeltaNetSpec`) and a mixture of experts' weights and routing (`MoeSpec`).
+Gated DeltaNet layer's states, weights and shape (`DeltaNetSpec`) and a mixture of experts' weights and routing
+(`MoeSpec`).
 
 Lowering builds each once per layer (runtime/execution_graph/lowering.py) and binds it as a constant, so every call
 passes the same object and a decode step allocates nothing for it. As vLLM's Attention layer carries its scale,
 sliding window, soft-cap and sinks as attributes, the kernel families (kernel_contracts.py) take the layer's spec
-in one parameter instead of each backend restating four to twelve of them; what each field means is there. Specs
-compare by identity (`eq=False`): they hold tensors, whose `==` is no bool."""
+in one parameter instead of each backend restating four to twelve of them; what each field means is there. As
+vLLM's Mamba layers hold their own states, a Gated DeltaNet layer's spec names its state tensors too (fixed tensors
+whose contents its kernel advances), where an attention layer's KV cache is a parameter of its own, as vLLM's
+attention backends take it (layer_caches.py). Specs compare by identity (`eq=False`): they hold tensors, whose `==`
+is no bool."""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from sagellm.backends.layer_caches import RecurrentStates
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -28,8 +34,9 @@ class AttentionSpec:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class DeltaNetSpec:
-    """What a Gated DeltaNet layer's kernel (`GatedDeltaNet`) holds fixed: its weights and head shape."""
+    """What a Gated DeltaNet layer's kernel (`GatedDeltaNet`) holds fixed: its states, weights and head shape."""
 
+    states: RecurrentStates  # a slot per sequence, read and advanced in place
     conv_weight: torch.Tensor  # [C, K]: the causal depthwise convolution
     a_log: torch.Tensor  # [Hv]
     dt_bias: torch.Tensor  # [Hv]

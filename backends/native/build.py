@@ -58,6 +58,19 @@ COMPILE_ESTIMATE = "30 s to 2 min"  # what start-up says the build takes: 27-64 
 DISABLE_ENV = "SAGELLM_NATIVE_KERNELS"  # "0" turns the native kernels off (the torch ops run instead)
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+# The block kernels (kernels.h): a linear and a dequantizer per block kind and interleave (8 or 16 outputs a group),
+# and for the K-quants and MXFP4 a second linear that multiplies int8-quantized rows (block_int8.c).
+_BLOCK_LINEAR = (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32)  # x, x_row, w, bias, y, T, N, K, scratch, threads
+_BLOCK_DEQUANTIZE = (_P, _I64, _I64, _I64, _P, _I32)  # w, K, first group, groups, out, threads
+_BLOCK_KINDS = {"q4": ("f32",), "q8": ("f32",), "q4k": ("f32", "i8"), "q5k": ("f32", "i8"), "q6k": ("f32", "i8")}
+_BLOCK_KINDS |= {"mxfp4": ("f32", "i8")}
+_BLOCK_PROTOTYPES = {
+    f"{op}_{kind}x{width}_{x_type}": args
+    for kind, x_types in _BLOCK_KINDS.items()
+    for width in (8, 16)
+    for op, args, op_x_types in (("linear", _BLOCK_LINEAR, x_types), ("dequantize", _BLOCK_DEQUANTIZE, ("f32",)))
+    for x_type in op_x_types
+}
 # Each exported function's arguments, in the order kernels.h and the C files declare them.
 PROTOTYPES: dict[str, tuple[type, ...]] = {
     "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32),
@@ -75,38 +88,6 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
         (_P, _I64, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64)
         + (_F32, _I64, _F32, _P, _P, _I32)  # scale, window, softcap, sinks, scratch, threads
     ),
-    "linear_q4x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q8x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q4x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q8x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q4kx8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q4kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q5kx8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q5kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q6kx8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q6kx16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q4kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q4kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q5kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q5kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q6kx8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_q6kx16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_mxfp4x8_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_mxfp4x16_f32": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_mxfp4x8_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "linear_mxfp4x16_i8": (_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q4x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q8x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q4x16_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q8x16_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q4kx8_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q4kx16_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q5kx8_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q5kx16_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q6kx8_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_q6kx16_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_mxfp4x8_f32": (_P, _I64, _I64, _I64, _P, _I32),
-    "dequantize_mxfp4x16_f32": (_P, _I64, _I64, _I64, _P, _I32),
     "decoder_layers_f32": (
         (_P, _I64, _P, _P, _P, _P, _P)  # layers, count, dims, hidden, residual and their outputs
         + (_P, _P, _P, _I64, _P, _P, _P, _I64)  # positions, slots, tables, max_blocks, lens, state starts/slots, rows
@@ -128,6 +109,7 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
         + (_P, _P, _P, _P, _P, _P)  # states, weights, out
         + (_I64, _I64, _I64, _I64, _I64, _I64, _P, _I32)  # Hk, Dk, Hv, Dv, tiled, K, scratch, threads
     ),
+    **_BLOCK_PROTOTYPES,
 }
 RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64, "moe_workspace": _I64}  # the others return void
 

@@ -16,6 +16,7 @@ import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata
 from sagellm.backends.decoder_layer import DECODER_LINEARS, AttentionShape, DecoderLayer, DecoderShape, MoeShape
+from sagellm.backends.layer_caches import RecurrentStates
 from sagellm.backends.native.block_weight import BlockWeight, block_weight, fits_blocks
 from sagellm.backends.native.experts import ACTIVATIONS, routing_fits
 from sagellm.backends.native.lora import MAX_PARTS, LayerLora, layer_lora, parts_fit
@@ -91,8 +92,9 @@ class NativeDecoderLayers:
         attending = [layer.window for layer in layers if layer.kind != "gated_delta_net"]
         self._window = 0 if not attending or 0 in attending else max(attending)  # the widest a layer reads
         self._dims = _dims(shape, layers)
-        self._states = [(layer.conv_states, layer.ssm_states) for layer in layers if layer.kind == "gated_delta_net"]
-        self._state_floats = self._states[0][1][0].numel() if self._states else 0  # a slot's delta-rule state
+        deltas = [layer for layer in layers if layer.kind == "gated_delta_net"]
+        self._states = [RecurrentStates(layer.conv_states, layer.ssm_states) for layer in deltas]
+        self._state_floats = self._states[0].ssm[0].numel() if self._states else 0  # a slot's delta-rule state
         self._starts = torch.arange(max_rows + 1)  # a decode's rows: one token per sequence
         self._workspace = torch.empty(0, dtype=F32)  # grown to the most rows seen, never shrunk (no page faults)
         self._lora, self._lora_rank = _lora_structs(layers, shape)  # None: steps with adapter rows are declined
@@ -134,8 +136,8 @@ class NativeDecoderLayers:
         ):
             return None
         if self._states and meta.decode_state_seeds:
-            for conv_states, ssm_states in self._states:
-                seed_decode_states(meta, conv_states, ssm_states)
+            for states in self._states:
+                seed_decode_states(meta, states)
         size = self._lib.decoder_layers_workspace(ctypes.byref(self._dims), rows)
         if self._workspace.numel() < size:
             self._workspace = torch.empty(size, dtype=F32)

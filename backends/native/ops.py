@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec
 from sagellm.backends.native.block_layout import InterleavedBlocks
 from sagellm.backends.native.build import native_library
@@ -201,12 +202,11 @@ class NativeKernels:
                 torch.addmm(bias[columns], x, tile, out=out[:, columns])
         return out
 
-    def write_kv(
-        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
-    ) -> None:
-        """Stores k, v [T, Hk, D] at their flat slots of the caches [num_blocks, block_size, Hk, D]; the slots are
-        not checked against the caches' size (the runner's come from the block manager)."""
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, cache: PagedKv, slots: torch.Tensor) -> None:
+        """Stores k, v [T, Hk, D] at their flat slots of the cache (k and v [num_blocks, block_size, Hk, D]); the
+        slots are not checked against the cache's size (the runner's come from the block manager)."""
         tokens, hk, d = k.shape
+        k_cache, v_cache = cache
         _expect(v.shape == k.shape and slots.shape == (tokens,), "write_kv v and slots", v, k)
         _expect(k_cache.shape == v_cache.shape and k_cache.shape[2:] == (hk, d), "write_kv caches", k_cache, k)
         self._lib.write_kv_f32(
@@ -225,8 +225,7 @@ class NativeKernels:
     def paged_decode_attention(
         self,
         q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: PagedKv,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         spec: AttentionSpec,
@@ -237,14 +236,14 @@ class NativeKernels:
         [B, Hq, D]. Block tables must only name blocks of the caches and context_lens be at most the table's width in
         tokens, as the runner's are."""
         batch = q.shape[0]
-        layer = _attention_layer(q, k_cache, v_cache, spec)
+        layer = _attention_layer(q, cache, spec)
         _expect(block_tables.shape[0] == batch and context_lens.shape == (batch,), "tables", block_tables, q)
         out = torch.empty(q.shape, dtype=F32)  # [B, Hq, D]
         self._lib.paged_decode_attention_f32(
             q.data_ptr(),
             q.stride(0),
-            k_cache.data_ptr(),
-            v_cache.data_ptr(),
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
             _contiguous(block_tables, torch.int32),
             block_tables.shape[1],
             _contiguous(context_lens, torch.int32),
@@ -258,8 +257,7 @@ class NativeKernels:
     def paged_prefill_attention(
         self,
         q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: PagedKv,
         block_table: torch.Tensor,
         context_len: int,
         spec: AttentionSpec,
@@ -273,8 +271,8 @@ class NativeKernels:
         blocks of the caches, as the runner's do. `scratch`: fp32 memory to reuse for the transposed keys
         (`prefill_scratch_size` floats), else it is allocated."""
         n, _, d = q.shape
-        _, block_size, hk, _ = k_cache.shape
-        layer = _attention_layer(q, k_cache, v_cache, spec)
+        _, block_size, hk, _ = cache.k.shape
+        layer = _attention_layer(q, cache, spec)
         _expect(0 < n <= context_len <= block_table.shape[0] * block_size, "block table", block_table, q)
         out = torch.empty(q.shape, dtype=F32)  # [n, Hq, D]
         size = prefill_scratch_size(context_len, hk, d, n, spec.window)
@@ -283,8 +281,8 @@ class NativeKernels:
         self._lib.paged_prefill_attention_f32(
             q.data_ptr(),
             q.stride(0),
-            k_cache.data_ptr(),
-            v_cache.data_ptr(),
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
             _contiguous(block_table, torch.int32),
             context_len,
             n,
@@ -302,21 +300,20 @@ class NativeKernels:
         a: torch.Tensor,
         starts: torch.Tensor,
         slots: torch.Tensor,
-        conv_states: torch.Tensor,
-        ssm_states: torch.Tensor,
         spec: DeltaNetSpec,
         num_threads: int = 1,
     ) -> torch.Tensor:
         """`GatedDeltaNet` (backends/kernel_contracts.py) over N sequences, each continuing from its slot's states: rows
         starts[i] .. starts[i + 1] - 1 of mixed_qkv [T, C], b and a [T, Hv] are sequence i's tokens, in order, and
         slots[i] its slot (starts int64 [N + 1] from 0 to T, slots int64 [N]; a decode step: one token each).
-        conv_states [S, C, K-1] and ssm_states [S, Hv, Dk, Dv] are advanced in place; value head h reads key head
+        spec.states (conv [S, C, K-1], ssm [S, Hv, Dk, Dv]) are advanced in place; value head h reads key head
         h // (Hv / Hk), or h % Hk with spec.tiled_value_heads. Returns [T, Hv * Dv]. Slots are checked to be slots (a
         few numbers: a wrong one would write outside the states); starts are not: they must rise from 0 to T, and
         slots be distinct."""
         tokens, channels = mixed_qkv.shape
         hk, dk, hv, dv = spec.num_k_heads, spec.head_k_dim, b.shape[1], spec.head_v_dim
         conv_weight, a_log, dt_bias = spec.conv_weight, spec.a_log, spec.dt_bias
+        conv_states, ssm_states = spec.states
         width = conv_weight.shape[1]
         _expect(channels == 2 * hk * dk + hv * dv and hv % hk == 0, "gated_delta_net heads", mixed_qkv, b)
         _expect(b.shape == a.shape == (tokens, hv), "gated_delta_net b and a", a, mixed_qkv)
@@ -380,10 +377,11 @@ def _expect(fits: bool, what: str, tensor: torch.Tensor, against: torch.Tensor) 
         raise NativeShapeError(f"{what} of shape {tuple(tensor.shape)} does not fit {tuple(against.shape)}")
 
 
-def _attention_layer(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spec: AttentionSpec) -> tuple:
+def _attention_layer(q: torch.Tensor, cache: PagedKv, spec: AttentionSpec) -> tuple:
     """What the C attention kernels take of a layer, after the tokens' own arguments: its query and kv heads, head
-    size, block size and spec (scale, window, softcap, the sinks' address or NULL); the caches checked to fit q."""
+    size, block size and spec (scale, window, softcap, the sinks' address or NULL); the cache checked to fit q."""
     hq, d = q.shape[1:]
+    k_cache, v_cache = cache
     _, block_size, hk, _ = k_cache.shape
     _expect(v_cache.shape == k_cache.shape and k_cache.shape[3] == d and hq % hk == 0, "caches", k_cache, q)
     return hq, hk, d, block_size, spec.scale, spec.window, spec.softcap, _sinks(spec.sinks, hq)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from sagellm.backends.layer_caches import PagedKv
+from sagellm.backends.layer_specs import DeltaNetSpec
+
 F32 = torch.float32
 MAX_HEAD_DIM = 256  # decode_kernels.c and prefill_attention.c MAX_HEAD_DIM
 MAX_QUERY_GROUP = 48  # prefill_attention.c MAX_QUERIES: query heads per kv head it takes
@@ -42,9 +45,7 @@ def fits_dense(*tensors: torch.Tensor, dtype: torch.dtype = F32) -> bool:
     return all(t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 
-def fits_decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor
-) -> bool:
+def fits_decode_attention(q: torch.Tensor, cache: PagedKv, block_tables: torch.Tensor, lens: torch.Tensor) -> bool:
     """What `paged_decode_attention` reads: packed fp32 heads of a size the C code vectorizes (a multiple of 8, at
     most MAX_HEAD_DIM), contiguous fp32 caches and int32 tables."""
     d = q.shape[-1]
@@ -52,43 +53,36 @@ def fits_decode_attention(
         d % 8 == 0
         and d <= MAX_HEAD_DIM
         and fits_heads(q)
-        and fits_dense(k_cache, v_cache)
+        and fits_dense(*cache)
         and fits_dense(block_tables, lens, dtype=torch.int32)
     )
 
 
-def fits_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor) -> bool:
+def fits_prefill_attention(q: torch.Tensor, cache: PagedKv, table: torch.Tensor) -> bool:
     """What `paged_prefill_attention` reads: packed fp32 query heads of a size a multiple of 16 (at most MAX_HEAD_DIM),
     at most MAX_QUERY_GROUP of them per kv head, contiguous fp32 caches and an int32 block table."""
     d = q.shape[-1]
     return (
         d % 16 == 0
         and d <= MAX_HEAD_DIM
-        and q.shape[1] // k_cache.shape[2] <= MAX_QUERY_GROUP
+        and q.shape[1] // cache.k.shape[2] <= MAX_QUERY_GROUP
         and fits_heads(q)
-        and fits_dense(k_cache, v_cache)
+        and fits_dense(*cache)
         and fits_dense(table, dtype=torch.int32)
     )
 
 
-def fits_delta_rule(
-    mixed_qkv: torch.Tensor,
-    b: torch.Tensor,
-    a: torch.Tensor,
-    states: tuple[torch.Tensor, ...],
-    head_k_dim: int,
-    head_v_dim: int,
-) -> bool:
+def fits_delta_rule(mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, spec: DeltaNetSpec) -> bool:
     """What `gated_delta_net` reads: fp32 rows of mixed_qkv, b and a (any row stride: views of a fused projection
-    qualify), the contiguous fp32 `states` (conv_states, ssm_states, conv_weight, a_log, dt_bias), heads of at most
-    MAX_DELTA_HEAD_DIM and a convolution of at most MAX_CONV_WIDTH."""
-    conv_weight = states[2]
+    qualify), contiguous fp32 states and weights (conv_weight, a_log, dt_bias), heads of at most MAX_DELTA_HEAD_DIM
+    and a convolution of at most MAX_CONV_WIDTH."""
+    conv_weight = spec.conv_weight
     return (
-        max(head_k_dim, head_v_dim) <= MAX_DELTA_HEAD_DIM
+        max(spec.head_k_dim, spec.head_v_dim) <= MAX_DELTA_HEAD_DIM
         and conv_weight.dim() == 2
         and conv_weight.shape[1] <= MAX_CONV_WIDTH
         and fits_rows(mixed_qkv, b, a)
-        and fits_dense(*states)
+        and fits_dense(*spec.states, conv_weight, spec.a_log, spec.dt_bias)
     )
 
 

@@ -13,22 +13,20 @@ import torch.nn.functional as F
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.kernel_contracts import KvWrite, PagedDecodeAttention, PrefillAttention
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.torch_ops.gather_buffers import GatherBuffers, cached_tokens, visibility_mask
 
 
-def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKv, slot_mapping: torch.Tensor) -> None:
     """`KvWrite` (kernel_contracts.py) by index_copy_."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)  # [num_blocks * block_size, Hk, D]
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    for new, layer in ((k, cache.k), (v, cache.v)):
+        layer.view(-1, *layer.shape[2:]).index_copy_(0, slot_mapping, new)  # [num_blocks * block_size, Hk, D]
 
 
 def paged_decode_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: PagedKv,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     spec: AttentionSpec,
@@ -41,15 +39,15 @@ def paged_decode_attention(
     sharing a kv head attend as G rows of one [B, Hk, G, D] query, so GQA needs no repeated K/V. Padded positions are
     masked out, so the caches must hold finite values there (allocate them zeroed)."""
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads = cache.k.shape[2]
     # The table's width bounds the context (the runner sends exactly the blocks the longest context needs), so no
     # per-layer reduction over context_lens, and no host-device sync, is needed to size the gather.
     if buffers is None:
-        keys = cached_tokens(k_cache, block_tables, None, "k").unflatten(0, (batch, -1))  # [B, L, Hk, D]
-        values = cached_tokens(v_cache, block_tables, None, "v").unflatten(0, (batch, -1))
+        keys = cached_tokens(cache.k, block_tables, None, "k").unflatten(0, (batch, -1))  # [B, L, Hk, D]
+        values = cached_tokens(cache.v, block_tables, None, "v").unflatten(0, (batch, -1))
     else:
-        keys = buffers.decode_kv("k", k_cache, block_tables, context_lens)  # [B, L, Hk, D]
-        values = buffers.decode_kv("v", v_cache, block_tables, context_lens)
+        keys = buffers.decode_kv("k", cache.k, block_tables, context_lens)  # [B, L, Hk, D]
+        values = buffers.decode_kv("v", cache.v, block_tables, context_lens)
     visible = visibility_mask(context_lens, keys.shape[1], buffers)  # [B, 1, 1, L] or None
     window, sinks = spec.window, spec.sinks
     if window:
@@ -74,8 +72,7 @@ def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: PagedKv,
     chunk: PrefillChunk,
     spec: AttentionSpec,
     *,
@@ -91,10 +88,10 @@ def prefill_attention(
     if ctx == n:
         keys, values = k, v
     else:
-        block_size = k_cache.shape[1]
+        block_size = cache.k.shape[1]
         table = chunk.block_table[: -(-ctx // block_size)]
-        keys = cached_tokens(k_cache, table, buffers, "k")[:ctx]  # [ctx, Hk, D]
-        values = cached_tokens(v_cache, table, buffers, "v")[:ctx]
+        keys = cached_tokens(cache.k, table, buffers, "k")[:ctx]  # [ctx, Hk, D]
+        values = cached_tokens(cache.v, table, buffers, "v")[:ctx]
     window, sinks = spec.window, spec.sinks
     windowed = 0 < window < ctx
     causal = ctx == n and not windowed
@@ -118,9 +115,15 @@ def prefill_attention(
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float,
-    softcap: float, sinks: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    softcap: float,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(scale * q k^T, masked) v over [..., n, D] x [..., L, D]; through SDPA unless the scores are capped or
     a sink (a logit broadcast over [..., n, 1]) joins each row's softmax as a column of its own, dropped after."""
     if not softcap and sinks is None:
@@ -144,8 +147,7 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: PagedKv,
     meta: AttentionMetadata,
     spec: AttentionSpec,
     *,
@@ -158,7 +160,7 @@ def attention(
     in one `prefill` call. `decode`, `write` and `prefill` are the parts a device swaps (the CUDA backend passes its
     triton decode kernel, the CPU its native ones); `buffers` serve the prefill gathers (bind the same ones into
     `decode` to share them)."""
-    write(k, v, k_cache, v_cache, meta.slot_mapping)
+    write(k, v, cache, meta.slot_mapping)
     nd = meta.num_decode_tokens
     decoded = None
     if nd:
@@ -166,7 +168,7 @@ def attention(
         if buffers is not None:
             buffers.decode_continues = meta.decode_continues
         tables, lens = meta.decode_block_tables, meta.decode_context_lens
-        decoded = decode(q[:nd], k_cache, v_cache, tables, lens, spec)
+        decoded = decode(q[:nd], cache, tables, lens, spec)
         if nd == q.shape[0]:  # a decode-only step, the steady state: no staging copy
             return decoded
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
@@ -174,5 +176,5 @@ def attention(
         out[:nd] = decoded
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, spec, buffers=buffers)
+        out[rows] = prefill(q[rows], k[rows], v[rows], cache, chunk, spec, buffers=buffers)
     return out

@@ -22,52 +22,43 @@ import torch
 import torch.nn.functional as F
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.layer_caches import RecurrentStates
 from sagellm.backends.layer_specs import DeltaNetSpec
 
 CHUNK = 64  # tokens per chunk of the chunked delta rule: its triangular solves are CHUNK x CHUNK
 
 
 def gated_delta_net(
-    mixed_qkv: torch.Tensor,
-    b: torch.Tensor,
-    a: torch.Tensor,
-    meta: AttentionMetadata,
-    conv_states: torch.Tensor,
-    ssm_states: torch.Tensor,
-    spec: DeltaNetSpec,
+    mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, meta: AttentionMetadata, spec: DeltaNetSpec
 ) -> torch.Tensor:
     """`GatedDeltaNet` (backends/kernel_contracts.py): the decode rows by the recurrent rule, each prefill chunk by
     the chunked form."""
     num_v_heads = b.shape[1]
     out = mixed_qkv.new_empty(mixed_qkv.shape[0], num_v_heads * spec.head_v_dim, dtype=torch.float32)
     dims = (spec.num_k_heads, spec.head_k_dim, num_v_heads, spec.head_v_dim, spec.tiled_value_heads)
-    nd = meta.num_decode_tokens
+    nd, states = meta.num_decode_tokens, spec.states
     if nd:
-        seed_decode_states(meta, conv_states, ssm_states)
+        seed_decode_states(meta, states)
         slots = meta.decode_state_slots  # [nd]
         decay, beta = _gates(a[:nd], b[:nd], spec.a_log, spec.dt_bias)  # [nd, Hv] each
-        x = _conv_step(mixed_qkv[:nd].float(), conv_states, slots, spec.conv_weight)  # [nd, C]
+        x = _conv_step(mixed_qkv[:nd].float(), states.conv, slots, spec.conv_weight)  # [nd, C]
         q, k, v = _split_heads(x, dims)  # [nd, Hv, Dk], [nd, Hv, Dk], [nd, Hv, Dv]
-        state = ssm_states.index_select(0, slots)  # [nd, Hv, Dk, Dv]
+        state = states.ssm.index_select(0, slots)  # [nd, Hv, Dk, Dv]
         o = recurrent_gated_delta_rule(q, k, v, decay, beta, state)  # state advanced in place
-        ssm_states.index_copy_(0, slots, state)
+        states.ssm.index_copy_(0, slots, state)
         out[:nd] = o.flatten(1)
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = _prefill_chunk(chunk, mixed_qkv[rows], b[rows], a[rows], conv_states, ssm_states, spec, dims)
+        out[rows] = _prefill_chunk(chunk, mixed_qkv[rows], b[rows], a[rows], states, spec, dims)
     return out
 
 
-def seed_decode_states(meta: AttentionMetadata, conv_states: torch.Tensor, ssm_states: torch.Tensor) -> None:
+def seed_decode_states(meta: AttentionMetadata, states: RecurrentStates) -> None:
     """Before the decode rows: a row whose token is its sequence's first (a one-token prompt) starts from zero
     states, and one that follows a prefix hit from the checkpoint's (`meta.decode_state_seeds`), both copied into the
     row's own slot, which the decode then advances."""
     for slot, source in meta.decode_state_seeds:
-        for states in (conv_states, ssm_states):
-            if source < 0:
-                states[slot].zero_()
-            else:
-                states[slot].copy_(states[source])
+        states.copy_slot(source, slot)
 
 
 def _prefill_chunk(
@@ -75,8 +66,7 @@ def _prefill_chunk(
     mixed_qkv: torch.Tensor,
     b: torch.Tensor,
     a: torch.Tensor,
-    conv_states: torch.Tensor,
-    ssm_states: torch.Tensor,
+    states: RecurrentStates,
     spec: DeltaNetSpec,
     dims: tuple[int, int, int, int, bool],
 ) -> torch.Tensor:
@@ -84,6 +74,7 @@ def _prefill_chunk(
     Hv, Dv, tiled): its slot's states advanced, its checkpoint taken; returns its output [n, Hv * Dv]."""
     fresh = chunk.source_slot < 0  # starts at position 0
     inputs = mixed_qkv.float()  # [n, C]
+    conv_states, ssm_states = states
     window = conv_states.new_zeros(conv_states.shape[1:]) if fresh else conv_states[chunk.source_slot]
     joined = torch.cat([window.T, inputs])  # [K-1+n, C]: the window, then this chunk's inputs
     x = _conv_prefill(joined, spec.conv_weight)  # [n, C]

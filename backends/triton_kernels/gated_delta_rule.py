@@ -149,16 +149,11 @@ def _delta_rule_kernel(
 
 
 def gated_delta_net(
-    mixed_qkv: torch.Tensor,
-    b: torch.Tensor,
-    a: torch.Tensor,
-    meta: AttentionMetadata,
-    conv_states: torch.Tensor,
-    ssm_states: torch.Tensor,
-    spec: DeltaNetSpec,
+    mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, meta: AttentionMetadata, spec: DeltaNetSpec
 ) -> torch.Tensor:
     """`GatedDeltaNet` (backends/kernel_contracts.py), on tensors with unit-stride channels, heads, taps and Dv."""
     conv_weight, head_k_dim, head_v_dim = spec.conv_weight, spec.head_k_dim, spec.head_v_dim
+    conv_states, ssm_states = spec.states
     if any(t.stride(-1) != 1 for t in (mixed_qkv, a, b, conv_states, ssm_states, conv_weight)):
         raise ValueError("gated_delta_net needs unit-stride channels, heads, taps and Dv")
     tokens, channels = mixed_qkv.shape
@@ -167,7 +162,7 @@ def gated_delta_net(
     out = torch.empty(tokens, num_v_heads * head_v_dim, dtype=torch.float32, device=mixed_qkv.device)
     nd = meta.num_decode_tokens
     if nd:
-        seed_decode_states(meta, conv_states, ssm_states)
+        seed_decode_states(meta, spec.states)
         width = conv_weight.shape[1]
         _conv_step_kernel[(nd, triton.cdiv(channels, BLOCK_C))](
             x,

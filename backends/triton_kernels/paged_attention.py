@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import AttentionSpec
 
 
@@ -93,16 +94,12 @@ def _paged_decode_kernel(
 
 
 def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    spec: AttentionSpec,
+    q: torch.Tensor, cache: PagedKv, block_tables: torch.Tensor, context_lens: torch.Tensor, spec: AttentionSpec
 ) -> torch.Tensor:
     """`PagedDecodeAttention` (backends/kernel_contracts.py), on caches of one layout with a unit-stride head dim
     and a power-of-two block size."""
     batch, num_q_heads, head_dim = q.shape
+    k_cache, v_cache = cache
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1 or q.stride(2) != 1:
         raise ValueError("paged_decode_attention needs caches of one layout with a unit-stride head dim")

@@ -21,6 +21,7 @@ from sagellm.backends.base import HardwareBackend
 from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.memory import drop_mapped_pages, return_freed_memory
 from sagellm.common.progress import stage
+from sagellm.runtime.engine.cache_geometry import CacheGeometry
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.kv_budget import kv_cache_blocks, window_group_blocks
 from sagellm.runtime.engine.kv_cache import uniform_window, window_group
@@ -30,6 +31,7 @@ from sagellm.runtime.engine.lora_weights import LoraWeights, adapted_shapes
 from sagellm.runtime.engine.memory_report import memory_report
 from sagellm.runtime.engine.model_runner import ModelRunner, cache_config
 from sagellm.runtime.engine.placement import place
+from sagellm.runtime.engine.runner_over_model import runner_over
 from sagellm.runtime.engine.sampling_params import model_sampling_defaults
 from sagellm.runtime.engine.scheduler import Scheduler, SchedulerConfig
 from sagellm.runtime.engine.speculative.config import FIELD, parse_speculative_config, reads_mtp_head
@@ -70,8 +72,7 @@ class _CacheLayout:
     """One rank's cache (rank 0's: it holds the most KV heads, linear attention heads and layers of a group)."""
 
     rank0: ModelConfig  # the model as rank 0's cache sees it
-    max_model_len: int
-    num_blocks: int
+    geometry: CacheGeometry
     window_blocks: int  # a sliding-window group's own blocks (window_blocks.py), 0 for none
     num_state_slots: int  # recurrent layers (Qwen3.5): a state slot per seat (state_slots.py) ...
     checkpoints: int  # ... and as many for the prefix cache's checkpoints of them ...
@@ -111,22 +112,21 @@ def build_engine(
     speculator = None
     if spec is not None:
         with stage(f"preparing speculative decoding ({spec.method})"):
-            context = ProposerContext(model.tokenizer, model.config.vocab_size, backend, cache.num_blocks,
-                                      config.block_size, cache.max_model_len, config.max_num_seqs,
-                                      head)  # fmt: skip
+            context = ProposerContext(model.tokenizer, model.config.vocab_size, backend, cache.geometry,
+                                      config.max_num_seqs, head)  # fmt: skip
             speculator = Speculator(spec, context, config.max_num_batched_tokens)
     log.info(
         "engine_ready",
         model=model.name,
         backend=backend.name,
-        kv_blocks=cache.num_blocks,
-        block_size=config.block_size,
-        max_model_len=cache.max_model_len,
+        kv_blocks=cache.geometry.num_blocks,
+        block_size=cache.geometry.block_size,
+        max_model_len=cache.geometry.max_model_len,
         memory=memory_report([runner]).line(),  # this process's: weights, KV cache, the rest
     )
     head_kv = speculator.proposer if speculator is not None and mtp else None
-    return EngineParts(model, sampling_defaults, backend, cache.max_model_len, scheduler, runner, lora, speculator,
-                       head_kv, media)  # fmt: skip
+    return EngineParts(model, sampling_defaults, backend, cache.geometry.max_model_len, scheduler, runner, lora,
+                       speculator, head_kv, media)  # fmt: skip
 
 
 def _refuse_before_loading(
@@ -173,17 +173,14 @@ def _runner(
     the LoRA slots' weights, and the vision encoder of a model that sees images)."""
     state_slots = cache.num_state_slots + cache.checkpoints + cache.rollbacks
     with stage(f"preparing the weights for the {backend.name} backend"):
-        return make_runner(
-            model.config,
-            model.weights,
+        return runner_over(
+            model,
             backend,
-            num_blocks=cache.num_blocks,
-            block_size=config.block_size,
-            max_model_len=cache.max_model_len,
-            quantized=model.quantized if config.quantized_weights else {},
+            cache.geometry,
+            make=make_runner,
+            quantized=config.quantized_weights,
             prefault_kv_cache=config.prefault_kv_cache,
             linear_dtype=linear_dtype,
-            mapped=model.mapped,
             **({"num_state_slots": state_slots} if cache.num_state_slots else {}),
             **({"window_blocks": cache.window_blocks} if cache.window_blocks else {}),
             **({"graph": build_decoder_graph(model.config, hidden_states=True)} if mtp else {}),
@@ -216,7 +213,8 @@ def _cache_layout(
         log.info("state_slots", seats=num_state_slots, checkpoints=checkpoints, rollbacks=rollbacks,
                  mib_per_slot=per_sequence)  # fmt: skip
     max_model_len = min(max_len, num_blocks * config.block_size)
-    return _CacheLayout(rank0, max_model_len, num_blocks, window_blocks, num_state_slots, checkpoints, rollbacks)
+    geometry = CacheGeometry(num_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len)
+    return _CacheLayout(rank0, geometry, window_blocks, num_state_slots, checkpoints, rollbacks)
 
 
 def _scheduler_config(
@@ -225,9 +223,9 @@ def _scheduler_config(
     return SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=cache.max_model_len,
-        num_blocks=cache.num_blocks,
-        block_size=config.block_size,
+        max_model_len=cache.geometry.max_model_len,
+        num_blocks=cache.geometry.num_blocks,
+        block_size=cache.geometry.block_size,
         window=window_group(cache.rank0) if cache.window_blocks else uniform_window(cache.rank0),
         num_window_blocks=cache.window_blocks,
         enable_prefix_caching=config.enable_prefix_caching,

@@ -13,9 +13,10 @@ from functools import partial
 
 import torch
 
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.runtime.models.config import ModelConfig
 
-KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+KVCaches = list[PagedKv]
 
 
 def bytes_per_block(
@@ -61,7 +62,7 @@ def allocate_kv_caches(
          config.num_kv_heads_of(i), config.head_dim_of(i))
         for i in config.kv_layers
     ]  # fmt: skip
-    return [(zeros(shape, dtype=dtype), zeros(shape, dtype=dtype)) for shape in shapes]
+    return [PagedKv(zeros(shape, dtype=dtype), zeros(shape, dtype=dtype)) for shape in shapes]
 
 
 def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

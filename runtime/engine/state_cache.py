@@ -12,10 +12,11 @@ from functools import partial
 
 import torch
 
+from sagellm.backends.layer_caches import RecurrentStates
 from sagellm.runtime.engine.kv_cache import untouched_zeros
 from sagellm.runtime.models.config import ModelConfig
 
-StateCaches = list[tuple[torch.Tensor, torch.Tensor]]
+StateCaches = list[RecurrentStates]
 
 
 def bytes_per_state_slot(config: ModelConfig) -> int:
@@ -37,4 +38,7 @@ def allocate_state_caches(config: ModelConfig, num_slots: int, device: torch.dev
     conv = (num_slots, config.linear_conv_dim, config.linear_conv_kernel - 1)
     recurrent = (num_slots, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim)
     zeros = untouched_zeros if device.type == "cpu" else partial(torch.zeros, device=device)
-    return [(zeros(conv, torch.float32), zeros(recurrent, torch.float32)) for _ in range(config.num_linear_layers)]
+    return [
+        RecurrentStates(zeros(conv, torch.float32), zeros(recurrent, torch.float32))
+        for _ in range(config.num_linear_layers)
+    ]

@@ -378,9 +378,9 @@ def _gated_attention(mixer: list[Instr], x: int) -> _Mixer | None:
 def _attention_shape(attention: Instr, rope: Instr, q_size: int, kv_size: int) -> AttentionShape | None:
     """The attention's shape, for queries and keys `q_size` and `kv_size` wide; None for widths that are not whole
     heads of the cache's."""
-    k_cache, _, spec = attention.consts
+    cache, spec = attention.consts
     (cos_sin,) = rope.consts
-    _, _, kv_heads, head_dim = k_cache.shape
+    _, _, kv_heads, head_dim = cache.k.shape
     if q_size % head_dim or kv_size != kv_heads * head_dim:
         return None
     return AttentionShape(q_size // head_dim, kv_heads, head_dim, spec.scale, cos_sin, spec.softcap)
@@ -393,8 +393,8 @@ def _projections(into: Instr, out: Instr) -> dict[str, Any]:
 
 def _caches(attention: Instr) -> dict[str, Any]:
     """The layer's own attention constants: its caches, sliding window and sinks."""
-    k_cache, v_cache, spec = attention.consts
-    return {"k_cache": k_cache, "v_cache": v_cache, "window": spec.window, "sinks": spec.sinks}
+    cache, spec = attention.consts
+    return {"k_cache": cache.k, "v_cache": cache.v, "window": spec.window, "sinks": spec.sinks}
 
 
 def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
@@ -409,7 +409,7 @@ def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
     )
     if not wired:
         return None
-    conv_states, ssm_states, spec = delta.consts
+    (spec,) = delta.consts
     out_norm, eps = norm.consts
     shape = DeltaNetShape(
         spec.num_k_heads,
@@ -420,8 +420,8 @@ def _gated_delta_net(mixer: list[Instr], x: int) -> _Mixer | None:
         spec.tiled_value_heads,
     )
     weights = _projections(in_proj, out_proj)
-    weights |= dict(conv_states=conv_states, ssm_states=ssm_states, conv_weight=spec.conv_weight, a_log=spec.a_log)
-    weights |= dict(dt_bias=spec.dt_bias, out_norm=out_norm)
+    weights |= dict(conv_states=spec.states.conv, ssm_states=spec.states.ssm, conv_weight=spec.conv_weight)
+    weights |= dict(a_log=spec.a_log, dt_bias=spec.dt_bias, out_norm=out_norm)
     return _Mixer(out_proj.outputs[0], None, delta.inputs[3], weights, eps, delta_net=shape)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from sagellm.backends.base import HardwareBackend
+from sagellm.backends.layer_caches import PagedKv, RecurrentStates
 from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.torch_ops import altup
@@ -42,7 +43,7 @@ class LoweringContext:
 
     backend: HardwareBackend
     weights: Mapping[str, torch.Tensor]  # dense weights (a GGUF's made only when read: models/loaded.WeightsOnRead)
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    kv_caches: list[PagedKv]
     rope_tables: dict[str, torch.Tensor]  # by the rope node's `table`: [max_positions, rotary dims] (rope.py)
     head_dim: int
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
@@ -50,9 +51,8 @@ class LoweringContext:
     linear_dtype: torch.dtype = torch.float32  # the dtype linear weights are packed in (EngineConfig.dtype)
     # The mapped GGUF file `quantized` views: each weight's pages are let go once the backend has packed it.
     mapped: Any = None
-    # The linear attention layers' states, (conv [S, C, K-1], recurrent [S, Hv, Dk, Dv]) per layer
-    # (runtime/engine/state_cache.py).
-    state_caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # The linear attention layers' states, per layer (runtime/engine/state_cache.py).
+    state_caches: list[RecurrentStates] = field(default_factory=list)
     # Whole linear weights as the backend packed them, by name: filled as they are bound, and handed to the lowering
     # of another graph over the same weights (the MTP head shares the model's lm_head), which binds them as they are.
     packed: dict[str, tuple[Any, tuple]] = field(default_factory=dict)
@@ -246,30 +246,30 @@ def _bind_rope_query(params, ctx, kernels):
 
 
 def _bind_attention(params, ctx, kernels):
-    """Constants: the layer's caches, then its AttentionSpec: its scale, sliding window (0: none), score soft-cap
+    """Constants: the layer's cache, then its AttentionSpec: its scale, sliding window (0: none), score soft-cap
     (0: none) and attention sinks (a logit per query head, or None), built once here."""
     attention, d = kernels["attention"], params.get("head_dim", ctx.head_dim)
-    k_cache, v_cache = ctx.kv_caches[params["cache"]]
+    cache = ctx.kv_caches[params["cache"]]
     sinks = None
     if params.get("sinks"):
         first, end = params.get("sinks_heads") or (0, params["num_heads"])  # a tensor parallel rank's heads
         sinks = _weight(ctx, params["sinks"])[first:end].float().contiguous().to(ctx.backend.device)
 
-    def attention_flat(q, k, v, meta, k_cache, v_cache, spec):
+    def attention_flat(q, k, v, meta, cache, spec):
         n = q.shape[0]
         meta = meta.for_window(spec.window)
-        out = attention(q, k, v.view(n, -1, d), k_cache, v_cache, meta, spec)  # [T, Hq, D]
+        out = attention(q, k, v.view(n, -1, d), cache, meta, spec)  # [T, Hq, D]
         return out.reshape(n, -1)  # [T, Hq * D]
 
     spec = AttentionSpec(params["scale"], params.get("window", 0), params.get("softcap", 0.0), sinks)
-    return attention_flat, (k_cache, v_cache, spec)
+    return attention_flat, (cache, spec)
 
 
 def _bind_gated_delta_net(params, ctx, kernels):
-    """Constants: the layer's state caches, then its DeltaNetSpec: its convolution's weight [C, K], A_log and
-    dt_bias, its head counts and sizes, and whether its value heads are tiled by key head (a GGUF's order). A tensor
+    """Constant: the layer's DeltaNetSpec: its states, its convolution's weight [C, K], A_log and dt_bias, its head
+    counts and sizes, and whether its value heads are tiled by key head (a GGUF's order). A tensor
     parallel rank's are cut to its `channels` and `value_heads` (tensor_parallel.py)."""
-    conv_states, ssm_states = ctx.state_caches[params["state"]]
+    states = ctx.state_caches[params["state"]]
     device = ctx.backend.device
     conv_weight = _weight(ctx, params["conv_weight"]).float()[:, 0, :]  # [C, 1, K] -> [C, K]
     a_log, dt_bias = (_weight(ctx, params[name]).float() for name in ("a_log", "dt_bias"))
@@ -278,7 +278,7 @@ def _bind_gated_delta_net(params, ctx, kernels):
         a_log, dt_bias = (take_runs(t, 0, params["value_heads"]) for t in (a_log, dt_bias))
     weights = (t.contiguous().to(device) for t in (conv_weight, a_log, dt_bias))
     dims = (params["num_k_heads"], params["head_k_dim"], params["head_v_dim"], params.get("tiled_value_heads", False))
-    return kernels["gated_delta_net"], (conv_states, ssm_states, DeltaNetSpec(*weights, *dims))
+    return kernels["gated_delta_net"], (DeltaNetSpec(states, *weights, *dims),)
 
 
 def _bind_altup(op):

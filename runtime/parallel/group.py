@@ -35,6 +35,7 @@ from sagellm.common.progress import stage
 from sagellm.common.ray_process import RayProcess, connect, import_ray
 from sagellm.runtime.comm import shared_collectives
 from sagellm.runtime.comm.collectives import CollectiveError, open_store
+from sagellm.runtime.engine.cache_geometry import CacheGeometry
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.lora_weights import LoraWeights
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError, StepInputs
@@ -102,9 +103,7 @@ class ParallelRunner(ModelRunner):
             host=host,
             port=store.port,
             backend=backend.name,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            max_model_len=max_model_len,
+            cache=CacheGeometry(num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len),
             quantized_weights=engine.quantized_weights,
             dtype=str(linear_dtype).removeprefix("torch."),
             num_threads=engine.num_threads,

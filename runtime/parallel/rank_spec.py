@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import msgspec
 
+from sagellm.runtime.engine.cache_geometry import CacheGeometry
+
 
 class RankSpec(msgspec.Struct, kw_only=True):
     model: str  # the model's path: every rank loads it and keeps its own part
@@ -15,9 +17,7 @@ class RankSpec(msgspec.Struct, kw_only=True):
     host: str  # rank 0's group store
     port: int
     backend: str
-    num_blocks: int  # rank 0 sized the cache; every rank allocates as many blocks (for its own heads and layers)
-    block_size: int
-    max_model_len: int
+    cache: CacheGeometry  # rank 0 sized it; every rank allocates as many blocks (for its own heads and layers)
     quantized_weights: bool
     dtype: str = "float32"  # the linears' (EngineConfig.dtype)
     num_threads: int | None

@@ -44,8 +44,9 @@ def serve(spec: RankSpec) -> int:
     from sagellm.backends import get_backend
     from sagellm.common.memory import drop_mapped_pages, return_freed_memory
     from sagellm.runtime.comm.collectives import CollectiveError, GroupAddress, open_store
-    from sagellm.runtime.engine.model_runner import ModelRunner, StepInputs
+    from sagellm.runtime.engine.model_runner import StepInputs
     from sagellm.runtime.engine.placement import place
+    from sagellm.runtime.engine.runner_over_model import runner_over
     from sagellm.runtime.models.loader import load_model
     from sagellm.runtime.parallel.layout import RankComms, RankLayout
     from sagellm.runtime.parallel.rank_spec import ORDERS, failed_key, ready_key
@@ -62,19 +63,15 @@ def serve(spec: RankSpec) -> int:
             if fd is not None:
                 os.close(fd)  # mapped
         model = load_model(spec.model)
-        runner = ModelRunner(
-            model.config,
-            model.weights,
+        runner = runner_over(
+            model,
             backend,
-            num_blocks=spec.num_blocks,
-            block_size=spec.block_size,
-            max_model_len=spec.max_model_len,
-            quantized=model.quantized if spec.quantized_weights else {},
+            spec.cache,
+            quantized=spec.quantized_weights,
             shard=layout.shard,
             stage=layout.stage,
             collectives=comms.stage,
             linear_dtype=getattr(torch, spec.dtype),
-            mapped=model.mapped,
             num_state_slots=spec.num_state_slots,
             lora=_lora_weights(spec, model, backend),
         )

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.native import NativeKernels
 from sagellm.backends.native.isa import runnable
 
@@ -41,8 +42,7 @@ class PagedSequences:
         self.hq, self.hk, self.d, self.block_size = num_q_heads, num_kv_heads, head_dim, block_size
         num_blocks = 64
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_cache = (torch.randn(shape, generator=self.gen) * 50).to(self.device)
-        self.v_cache = (torch.randn(shape, generator=self.gen) * 50).to(self.device)
+        self.cache = PagedKv(*((torch.randn(shape, generator=self.gen) * 50).to(self.device) for _ in "kv"))
         self.free = torch.randperm(num_blocks, generator=self.gen).tolist()
         self.blocks: dict[str, list[int]] = {}
         self.keys: dict[str, torch.Tensor] = {}

@@ -11,6 +11,7 @@ import torch
 
 from sagellm.backends import torch_ops
 from sagellm.backends.cpu import NativeDispatch
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.native import NativeKernels, prefill_scratch_size
 from tests.backends.test_attention_window import close, decode_batch, reference
@@ -41,7 +42,7 @@ def test_paged_decode_attention_with_sinks(
 ) -> None:
     seqs, q, _, meta, owners = decode_batch(paged_sequences, hq, hk, d, [0, 40, 300] if threads == 1 else [300])
     sinks, scale = sinks_for(hq), d**-0.5
-    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens)
+    args = (q, seqs.cache, meta.decode_block_tables, meta.decode_context_lens)
     spec = AttentionSpec(scale, window, softcap, sinks)
     expected = torch_ops.paged_decode_attention(*args, spec)
     close(expected, reference(seqs, q, owners, scale, window, softcap, sinks))
@@ -58,15 +59,13 @@ def test_paged_prefill_attention_with_sinks(
     spec = AttentionSpec(scale, window, softcap, sinks)
     for n in (37, 9, 100):
         q, k, v, meta, owners = seqs.step([], [("a", n)])
-        native.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+        native.write_kv(k, v, seqs.cache, meta.slot_mapping)
         chunk, q = meta.prefills[0], q * 3
-        expected = torch_ops.prefill_attention(q, k, v, seqs.k_cache, seqs.v_cache, chunk, spec)
+        expected = torch_ops.prefill_attention(q, k, v, seqs.cache, chunk, spec)
         close(expected, reference(seqs, q, owners, scale, window, softcap, sinks))
         ctx = chunk.context_len
         scratch = torch.empty(prefill_scratch_size(ctx, hk, d, n, window))
-        out = native.paged_prefill_attention(
-            q, seqs.k_cache, seqs.v_cache, chunk.block_table, ctx, spec, threads, scratch
-        )
+        out = native.paged_prefill_attention(q, seqs.cache, chunk.block_table, ctx, spec, threads, scratch)
         close(out, expected)
 
 
@@ -77,8 +76,7 @@ def test_dispatched_attention_with_sinks_runs_natively(native: NativeKernels, pa
     spec = AttentionSpec(0.25, 8, 0.0, sinks)
     for decodes, prefills in [([], [("a", 37), ("b", 9)]), (["a", "b"], []), (["a", "b"], [("c", 30)])]:
         q, k, v, meta, owners = seqs.step(decodes, prefills)
-        k_cache, v_cache = seqs.k_cache.clone(), seqs.v_cache.clone()
-        expected = torch_ops.attention(q, k, v, k_cache, v_cache, meta, spec)
-        out = dispatch.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, spec)
+        expected = torch_ops.attention(q, k, v, PagedKv(*(c.clone() for c in seqs.cache)), meta, spec)
+        out = dispatch.attention(q, k, v, seqs.cache, meta, spec)
         close(out, expected)
         close(out, reference(seqs, q, owners, 0.25, 8, 0.0, sinks))

@@ -20,6 +20,7 @@ from sagellm.backends import torch_ops
 from sagellm.backends.cpu import NativeDispatch
 from sagellm.backends.cpu_linear import pack_block_weight
 from sagellm.backends.decoder_layer import AttentionShape, DecoderLayer, DecoderShape
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.native import NativeKernels, prefill_scratch_size
 from sagellm.backends.quantized import QuantizedWeight
@@ -61,8 +62,8 @@ def poison_below(seqs, seq: str, low: int) -> None:
     """NaN in the cache at `seq`'s positions below `low`: what a window says is never read."""
     for pos in range(low):
         row = seqs.blocks[seq][pos // seqs.block_size] * seqs.block_size + pos % seqs.block_size
-        seqs.k_cache.flatten(0, 1)[row] = math.nan
-        seqs.v_cache.flatten(0, 1)[row] = math.nan
+        seqs.cache.k.flatten(0, 1)[row] = math.nan
+        seqs.cache.v.flatten(0, 1)[row] = math.nan
 
 
 def decode_batch(paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: list[int], block_size: int = 16):
@@ -70,9 +71,9 @@ def decode_batch(paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: l
     seqs = paged_sequences(hq, hk, d, block_size=block_size, seed=len(prompt_lens) + d)
     names = [f"s{i}" for i in range(len(prompt_lens))]
     q, k, v, meta, _ = seqs.step([], list(zip(names, prompt_lens)))
-    torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    torch_ops.write_kv(k, v, seqs.cache, meta.slot_mapping)
     q, k, v, meta, owners = seqs.step(names, [])
-    torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    torch_ops.write_kv(k, v, seqs.cache, meta.slot_mapping)
     return seqs, q * 3, names, meta, owners  # scores of several units: a cap of a few bends them
 
 
@@ -103,7 +104,7 @@ def test_paged_decode_attention(
 ) -> None:
     seqs, q, names, meta, owners = decode_batch(paged_sequences, hq, hk, d, prompt_lens, block_size)
     tables, lens, scale = meta.decode_block_tables, meta.decode_context_lens, d**-0.5
-    args, spec = (q, seqs.k_cache, seqs.v_cache, tables, lens), AttentionSpec(scale, window, softcap)
+    args, spec = (q, seqs.cache, tables, lens), AttentionSpec(scale, window, softcap)
     expected = torch_ops.paged_decode_attention(*args, spec)
     close(expected, reference(seqs, q, owners, scale, window, softcap))  # the torch op is the definition
     if window or softcap:
@@ -143,21 +144,19 @@ def test_paged_prefill_attention(
     spec = AttentionSpec(scale, window, softcap)
     for n in chunks:
         q, k, v, meta, owners = seqs.step([], [("a", n)])
-        native.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+        native.write_kv(k, v, seqs.cache, meta.slot_mapping)
         chunk, q = meta.prefills[0], q * 3
-        expected = torch_ops.prefill_attention(q, k, v, seqs.k_cache, seqs.v_cache, chunk, spec)
+        expected = torch_ops.prefill_attention(q, k, v, seqs.cache, chunk, spec)
         close(expected, reference(seqs, q, owners, scale, window, softcap))
-        caches = seqs.k_cache.clone(), seqs.v_cache.clone()
+        caches = seqs.cache.k.clone(), seqs.cache.v.clone()
         ctx = chunk.context_len
         if window:
             poison_below(seqs, "a", ctx - n - window + 1)  # below the first query's window
         size = prefill_scratch_size(ctx, hk, d, n, window)
         scratch = torch.empty(size)  # exactly the size the C code is told it has
-        out = native.paged_prefill_attention(
-            q, seqs.k_cache, seqs.v_cache, chunk.block_table, ctx, spec, threads, scratch
-        )
+        out = native.paged_prefill_attention(q, seqs.cache, chunk.block_table, ctx, spec, threads, scratch)
         close(out, expected)
-        seqs.k_cache.copy_(caches[0]), seqs.v_cache.copy_(caches[1])
+        seqs.cache.k.copy_(caches[0]), seqs.cache.v.copy_(caches[1])
 
 
 def test_a_windowed_prefill_transposes_only_the_keys_its_queries_see() -> None:
@@ -201,9 +200,8 @@ def test_dispatched_attention_runs_windows_and_caps_natively(
     ]
     for decodes, prefills in schedule:
         q, k, v, meta, owners = seqs.step(decodes, prefills)
-        k_cache, v_cache = seqs.k_cache.clone(), seqs.v_cache.clone()
-        expected = torch_ops.attention(q, k, v, k_cache, v_cache, meta, spec)
-        out = dispatch.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, spec)
+        expected = torch_ops.attention(q, k, v, PagedKv(*(c.clone() for c in seqs.cache)), meta, spec)
+        out = dispatch.attention(q, k, v, seqs.cache, meta, spec)
         close(out, expected)
         close(out, reference(seqs, q, owners, 0.125, window, softcap))
     assert counting.calls == {"paged_decode_attention": 4, "paged_prefill_attention": 4}, "no torch fallback"
@@ -242,9 +240,9 @@ def op_by_op(dispatch: NativeDispatch, layers: list[DecoderLayer], shape: Decode
         qkv = dispatch.linear(x, layer.qkv, layer.qkv_bias)
         q, k, v = qkv.split([HQ * D, HK * D, HK * D], dim=1)
         q, k = dispatch.rope(q.view(rows, HQ, D), k.view(rows, HK, D), positions, a.cos_sin)
-        caches = layer.k_cache, layer.v_cache
+        caches = PagedKv(layer.k_cache, layer.v_cache)
         spec = AttentionSpec(a.scale, layer.window, a.softcap)
-        attended = dispatch.attention(q, k, v.view(rows, HK, D), *caches, meta, spec)
+        attended = dispatch.attention(q, k, v.view(rows, HK, D), caches, meta, spec)
         o = dispatch.linear(attended.reshape(rows, -1), layer.o_proj, layer.o_bias)
         x, residual = dispatch.add_rmsnorm(o, residual, layer.post_norm, s.eps)
         hidden = dispatch.linear(dispatch.silu_mul(dispatch.linear(x, layer.gate_up, None)), layer.down, None)
@@ -259,9 +257,9 @@ def test_fused_decoder_layers_with_a_window_are_bit_identical_to_op_by_op(
     seqs = paged_sequences(HQ, HK, D, block_size=4, seed=1)
     names, prompt_lens = ["a", "b", "c"], [10, 60, 150]  # below and above the window, up to 38 blocks
     q, k, v, meta, _ = seqs.step([], list(zip(names, prompt_lens)))
-    torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    torch_ops.write_kv(k, v, seqs.cache, meta.slot_mapping)
     _, _, _, meta, _ = seqs.step(names, [])  # the decode step: its new K/V come from the layers
-    caches = [(seqs.k_cache.clone(), seqs.v_cache.clone()), (seqs.k_cache.flip(0), seqs.v_cache.flip(0))]
+    caches = [PagedKv(*(c.clone() for c in seqs.cache)), PagedKv(*(c.flip(0) for c in seqs.cache))]
     layers = [
         DecoderLayer(
             torch.rand(HIDDEN, generator=g) + 0.5,

@@ -17,6 +17,7 @@ from sagellm import SamplingParams
 from sagellm.backends import torch_ops
 from sagellm.backends.cpu import NATIVE_LINEAR_ROWS, NATIVE_SERIAL_ROWS, CpuBackend, NativeDispatch
 from sagellm.backends.cpu_linear import linear, pack_linear_weight
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.native import DISABLE_ENV, NativeBuildError, NativeKernels, NativeShapeError, build, isa
 from sagellm.backends.torch_ops.linear_attention import gated_rmsnorm
@@ -130,7 +131,7 @@ def decode_batch(paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: l
     seqs = paged_sequences(hq, hk, d, block_size=block_size, seed=len(prompt_lens))
     names = [f"s{i}" for i in range(len(prompt_lens))]
     q, k, v, meta, _ = seqs.step([], list(zip(names, prompt_lens)))
-    torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+    torch_ops.write_kv(k, v, seqs.cache, meta.slot_mapping)
     q, k, v, meta, owners = seqs.step(names, [])
     return seqs, q, k, v, meta, owners
 
@@ -150,14 +151,14 @@ def test_paged_decode_attention(
     native: NativeKernels, paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: list[int], threads: int
 ) -> None:
     seqs, q, k, v, meta, owners = decode_batch(paged_sequences, hq, hk, d, prompt_lens)
-    native.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
-    assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
-    assert torch.equal(seqs.v_cache.flatten(0, 1)[meta.slot_mapping], v)
+    native.write_kv(k, v, seqs.cache, meta.slot_mapping)
+    assert torch.equal(seqs.cache.k.flatten(0, 1)[meta.slot_mapping], k)
+    assert torch.equal(seqs.cache.v.flatten(0, 1)[meta.slot_mapping], v)
     tables, lens = meta.decode_block_tables, meta.decode_context_lens
     spec = AttentionSpec(d**-0.5)
-    out = native.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, spec, threads)
+    out = native.paged_decode_attention(q, seqs.cache, tables, lens, spec, threads)
     close(out, seqs.reference(q, owners, d**-0.5))
-    close(out, torch_ops.paged_decode_attention(q, seqs.k_cache, seqs.v_cache, tables, lens, spec))
+    close(out, torch_ops.paged_decode_attention(q, seqs.cache, tables, lens, spec))
 
 
 @pytest.mark.parametrize(
@@ -176,11 +177,11 @@ def test_paged_prefill_attention(
     seqs = paged_sequences(hq, hk, d)
     for n in chunks:
         q, k, v, meta, owners = seqs.step([], [("a", n)])
-        native.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+        native.write_kv(k, v, seqs.cache, meta.slot_mapping)
         chunk = meta.prefills[0]
         q = torch.cat([q, torch.randn(n, 1, d)], 1)[:, :hq]  # heads packed in rows of a wider tensor
         out = native.paged_prefill_attention(
-            q, seqs.k_cache, seqs.v_cache, chunk.block_table, chunk.context_len, AttentionSpec(d**-0.5), threads
+            q, seqs.cache, chunk.block_table, chunk.context_len, AttentionSpec(d**-0.5), threads
         )
         close(out, seqs.reference(q, owners, d**-0.5))
 
@@ -190,11 +191,10 @@ def test_shapes_that_do_not_fit_raise_instead_of_reading_out_of_bounds(native: N
         native.linear(torch.randn(1, 64), torch.randn(8, 32), None)
     with pytest.raises(NativeShapeError, match="add_rmsnorm residual"):
         native.add_rmsnorm(torch.randn(2, 8), torch.randn(1, 8), torch.rand(8), 1e-6)
-    cache = torch.zeros(4, 16, 2, 32)
+    cache = PagedKv(torch.zeros(4, 16, 2, 32), torch.zeros(4, 16, 2, 32))
     with pytest.raises(NativeShapeError, match="caches"):  # head size 64 against a cache of 32
         native.paged_decode_attention(
             torch.randn(1, 4, 64),
-            cache,
             cache,
             torch.zeros(1, 1, dtype=torch.int32),
             torch.ones(1, dtype=torch.int32),
@@ -265,9 +265,9 @@ def test_dispatched_attention_over_mixed_and_decode_only_steps(
     ]
     for decodes, prefills in schedule:
         q, k, v, meta, owners = seqs.step(decodes, prefills)
-        out = dispatch.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, AttentionSpec(d**-0.5))
+        out = dispatch.attention(q, k, v, seqs.cache, meta, AttentionSpec(d**-0.5))
         close(out, seqs.reference(q, owners, d**-0.5))
-        assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
+        assert torch.equal(seqs.cache.k.flatten(0, 1)[meta.slot_mapping], k)
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def test_attention_mixed_decode_and_prefill_chunks(ops: dict, paged_sequences: t
     results = []
     for decodes, prefills in schedule:
         q, k, v, meta, owners = seqs.step(decodes, prefills)
-        out = ops["attention"](q, k, v, seqs.k_cache, seqs.v_cache, meta, AttentionSpec(scale))
+        out = ops["attention"](q, k, v, seqs.cache, meta, AttentionSpec(scale))
         results.append((out, q, owners))
     for out, q, owners in results:  # checked after all steps: no output aliases the reused gather buffers
         close(out, seqs.reference(q, owners, scale))
@@ -136,18 +136,18 @@ def test_attention_mixed_decode_and_prefill_chunks(ops: dict, paged_sequences: t
 def test_attention_writes_kv_at_slots(ops: dict, paged_sequences: type) -> None:
     seqs = paged_sequences(2, 2, 8)
     q, k, v, meta, _ = seqs.step([], [("a", 21)])
-    ops["attention"](q, k, v, seqs.k_cache, seqs.v_cache, meta, AttentionSpec(1.0))
-    assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
-    assert torch.equal(seqs.v_cache.flatten(0, 1)[meta.slot_mapping], v)
+    ops["attention"](q, k, v, seqs.cache, meta, AttentionSpec(1.0))
+    assert torch.equal(seqs.cache.k.flatten(0, 1)[meta.slot_mapping], k)
+    assert torch.equal(seqs.cache.v.flatten(0, 1)[meta.slot_mapping], v)
 
 
 def test_paged_decode_attention_ragged(ops: dict, paged_sequences: type) -> None:
     seqs = paged_sequences(6, 2, 32, seed=3)
     for decodes, prefills in [([], [("a", 1), ("b", 15), ("c", 16), ("d", 17), ("e", 70)]), (list("abcde"), [])]:
         q, k, v, meta, owners = seqs.step(decodes, prefills)
-        write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+        write_kv(k, v, seqs.cache, meta.slot_mapping)
     # decode contexts 2, 16, 17, 18, 71
     out = ops["paged_decode_attention"](
-        q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, AttentionSpec(0.3)
+        q, seqs.cache, meta.decode_block_tables, meta.decode_context_lens, AttentionSpec(0.3)
     )
     close(out, seqs.reference(q, owners, 0.3))

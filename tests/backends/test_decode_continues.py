@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata
+from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import AttentionSpec
 from sagellm.backends.torch_ops import DECODE_KV_HEADROOM, attention, paged_decode_attention
 
@@ -14,7 +15,6 @@ BLOCK, HQ, HK, D = 4, 4, 2, 8
 
 def decode_step(caches, tables: list[list[int]], lens: list[int], continues: bool, buffers, g):
     """Writes one new token per row at position lens[i] - 1, then attends; returns (extended, reference)."""
-    k_cache, v_cache = caches
     q = torch.randn(len(lens), HQ, D, generator=g)
     k, v = torch.randn(len(lens), HK, D, generator=g), torch.randn(len(lens), HK, D, generator=g)
     slots = [tables[i][(n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for i, n in enumerate(lens)]
@@ -31,8 +31,8 @@ def decode_step(caches, tables: list[list[int]], lens: list[int], continues: boo
     )
     decode = lambda *a, **kw: paged_decode_attention(*a, buffers=buffers, **kw)  # noqa: E731
     spec = AttentionSpec(0.3)
-    extended = attention(q, k, v, k_cache, v_cache, meta, spec, decode=decode, buffers=buffers)
-    reference = paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, spec)
+    extended = attention(q, k, v, caches, meta, spec, decode=decode, buffers=buffers)
+    reference = paged_decode_attention(q, caches, meta.decode_block_tables, meta.decode_context_lens, spec)
     return extended, reference
 
 
@@ -41,7 +41,7 @@ def test_extending_equals_regathering_over_many_steps():
 
     g = torch.Generator().manual_seed(0)
     num_blocks = 300
-    caches = (torch.randn(num_blocks, BLOCK, HK, D, generator=g), torch.randn(num_blocks, BLOCK, HK, D, generator=g))
+    caches = PagedKv(*(torch.randn(num_blocks, BLOCK, HK, D, generator=g) for _ in "kv"))
     free = iter(torch.randperm(num_blocks, generator=g).tolist())
     tables = [[next(free) for _ in range(80)] for _ in range(3)]
     lens = [5, 9, 2]

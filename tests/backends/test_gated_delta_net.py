@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
+from sagellm.backends.layer_caches import RecurrentStates
 from sagellm.backends.layer_specs import DeltaNetSpec
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net, gated_rmsnorm
 
@@ -27,8 +28,8 @@ def _weights(seed: int = 0):
     }
 
 
-def _spec(w) -> DeltaNetSpec:
-    return DeltaNetSpec(**w, num_k_heads=HK, head_k_dim=DK, head_v_dim=DV)
+def _spec(w, states: RecurrentStates) -> DeltaNetSpec:
+    return DeltaNetSpec(states, **w, num_k_heads=HK, head_k_dim=DK, head_v_dim=DV)
 
 
 def _inputs(n: int, seed: int):
@@ -51,7 +52,7 @@ def _reference(qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, w) -> torch.
 
 
 def _states(slots: int = 4):
-    return torch.zeros(slots, C, K - 1), torch.zeros(slots, HV, DK, DV)
+    return RecurrentStates(torch.zeros(slots, C, K - 1), torch.zeros(slots, HV, DK, DV))
 
 
 def _prefill(qkv, b, a, start: int, n: int, slot: int, states, w, checkpoint=None, source: int | None = None):
@@ -62,7 +63,7 @@ def _prefill(qkv, b, a, start: int, n: int, slot: int, states, w, checkpoint=Non
     table = torch.zeros(1, dtype=torch.int32)
     meta.prefills = [PrefillChunk(0, n, start + n, table, slot, source, checkpoint)]
     span = slice(start, start + n)
-    return gated_delta_net(qkv[span], b[span], a[span], meta, *states, _spec(w))
+    return gated_delta_net(qkv[span], b[span], a[span], meta, _spec(w, states))
 
 
 def _decode(rows, slots: list[int], states, w):
@@ -70,7 +71,7 @@ def _decode(rows, slots: list[int], states, w):
     meta = AttentionMetadata(slot_mapping=torch.zeros(len(slots), dtype=torch.int64), block_size=16,
                              num_decode_tokens=len(slots))  # fmt: skip
     meta.decode_state_slots = torch.tensor(slots)
-    return gated_delta_net(qkv, b, a, meta, *states, _spec(w))
+    return gated_delta_net(qkv, b, a, meta, _spec(w, states))
 
 
 def test_prefill_in_one_chunk_matches_transformers():
@@ -132,6 +133,6 @@ def test_decode_rows_seeded_from_zeros_or_a_checkpoint():
     meta.decode_state_slots = torch.tensor([0, 1])
     meta.decode_state_seeds = [(0, -1), (1, 3)]
     rows = torch.stack([qkv[0], qkv[8]]), torch.stack([b[0], b[8]]), torch.stack([a[0], a[8]])
-    out = gated_delta_net(*rows, meta, *states, _spec(w))
+    out = gated_delta_net(*rows, meta, _spec(w, states))
     reference = _reference(qkv, b, a, w)
     torch.testing.assert_close(out, reference[[0, 8]], atol=1e-4, rtol=1e-4)

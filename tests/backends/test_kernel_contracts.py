@@ -25,6 +25,7 @@ from sagellm.backends.kernel_contracts import (
     PrefillAttention,
     RmsNorm,
 )
+from sagellm.backends.layer_caches import RecurrentStates
 from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
 from sagellm.backends.registry import BACKENDS
 from sagellm.backends.torch_ops import TorchOpsBackend
@@ -122,9 +123,9 @@ def test_a_drifting_kernel_is_caught() -> None:
     def needs_more(x, weight, eps, scale): ...
     def takes_more(x, weight, eps, scale=1.0): ...
 
-    def decode(q, k_cache, v_cache, block_tables, context_lens, spec): ...
-    def buffers_first(q, k_cache, v_cache, block_tables, context_lens, buffers=None, spec=None): ...
-    def restated(q, k_cache, v_cache, block_tables, context_lens, scale, window=0, softcap=0.0, sinks=None): ...
+    def decode(q, cache, block_tables, context_lens, spec): ...
+    def buffers_first(q, cache, block_tables, context_lens, buffers=None, spec=None): ...
+    def restated(q, cache, block_tables, context_lens, scale, window=0, softcap=0.0, sinks=None): ...
     def linear(x, weight, bias=None): ...
     def other_default(x, weight, bias=0.0): ...
     def no_default(x, weight, bias): ...
@@ -135,8 +136,8 @@ def test_a_drifting_kernel_is_caught() -> None:
         (renamed, RmsNorm, "parameter 1"),
         (keyword_only, RmsNorm, "parameter 2"),
         (needs_more, RmsNorm, "needs 'scale'"),
-        (buffers_first, PagedDecodeAttention, "parameter 5"),
-        (restated, PagedDecodeAttention, "parameter 5"),  # the layer's settings one by one, not its AttentionSpec
+        (buffers_first, PagedDecodeAttention, "parameter 4"),
+        (restated, PagedDecodeAttention, "parameter 4"),  # the layer's settings one by one, not its AttentionSpec
         (other_default, Linear, "defaults to 0.0"),
         (no_default, Linear, "'bias' has no default"),
     ]:
@@ -166,11 +167,14 @@ def runnable(request) -> tuple[HardwareBackend, KernelTable]:
 
 
 def tensors_in(values: Any) -> list[torch.Tensor]:
-    """The tensors among `values`, and among the fields of those that are dataclasses (a layer's spec)."""
+    """The tensors among `values`, and among the fields of those that are dataclasses (a layer's spec) or tuples (its
+    cache or states)."""
     found = []
     for value in values:
         if dataclasses.is_dataclass(value):
             found += tensors_in(getattr(value, f.name) for f in dataclasses.fields(value))
+        elif isinstance(value, tuple):
+            found += tensors_in(value)
         elif isinstance(value, torch.Tensor):
             found.append(value)
     return found
@@ -246,13 +250,12 @@ def test_attention_writes_the_cache_then_attends(
     seqs = paged_sequences(HQ, HK, D)
     seqs.step([], [("a", 4), ("b", 19)])
     q, k, v, meta, _ = seqs.step(["a", "b"], [("c", 3)])  # two decode rows, then a prefill chunk
-    caches = (seqs.k_cache, seqs.v_cache)
-    expect(call(ops["attention"], q, k, v, *caches, meta, AttentionSpec(D**-0.5), writes=caches), T, HQ, D)
-    assert torch.equal(seqs.k_cache.flatten(0, 1)[meta.slot_mapping], k)
-    assert torch.equal(seqs.v_cache.flatten(0, 1)[meta.slot_mapping], v)
+    expect(call(ops["attention"], q, k, v, seqs.cache, meta, AttentionSpec(D**-0.5), writes=seqs.cache), T, HQ, D)
+    assert torch.equal(seqs.cache.k.flatten(0, 1)[meta.slot_mapping], k)
+    assert torch.equal(seqs.cache.v.flatten(0, 1)[meta.slot_mapping], v)
     tables, lens = meta.decode_block_tables, meta.decode_context_lens
     spec = AttentionSpec(D**-0.5, window=3, softcap=5.0, sinks=torch.randn(HQ))
-    expect(call(ops["paged_decode_attention"], q[:2], *caches, tables, lens, spec), 2, HQ, D)
+    expect(call(ops["paged_decode_attention"], q[:2], seqs.cache, tables, lens, spec), 2, HQ, D)
 
 
 def test_gated_delta_net_updates_only_its_sequences_state_slots(runnable: tuple[HardwareBackend, KernelTable]) -> None:
@@ -262,12 +265,11 @@ def test_gated_delta_net_updates_only_its_sequences_state_slots(runnable: tuple[
     meta = AttentionMetadata(torch.zeros(T, dtype=torch.int64), 16, num_decode_tokens=2)
     meta.decode_state_slots = torch.tensor([0, 2])
     meta.prefills = [PrefillChunk(2, 3, 3, torch.zeros(1, dtype=torch.int32), state_slot=3)]  # from zero states
-    conv_states, ssm_states = torch.randn(slots, channels, width - 1), torch.randn(slots, hv, dk, dv)
-    before = conv_states.clone(), ssm_states.clone()
+    states = RecurrentStates(torch.randn(slots, channels, width - 1), torch.randn(slots, hv, dk, dv))
+    before = [state.clone() for state in states]
     weights = torch.randn(channels, width), torch.rand(hv).add(0.1).log(), torch.randn(hv)
-    states = (conv_states, ssm_states)
-    spec = DeltaNetSpec(*weights, hk, dk, dv)
-    args = (torch.randn(T, channels), torch.randn(T, hv), torch.randn(T, hv), meta, *states, spec)
+    spec = DeltaNetSpec(states, *weights, hk, dk, dv)
+    args = (torch.randn(T, channels), torch.randn(T, hv), torch.randn(T, hv), meta, spec)
     expect(call(ops["gated_delta_net"], *args, writes=states), T, hv * dv)
     for state, old in zip(states, before):
         assert [not torch.equal(state[s], old[s]) for s in range(slots)] == [True, False, True, True, False]

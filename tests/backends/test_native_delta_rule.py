@@ -14,6 +14,7 @@ import torch
 
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.cpu import NativeDispatch
+from sagellm.backends.layer_caches import RecurrentStates
 from sagellm.backends.layer_specs import DeltaNetSpec
 from sagellm.backends.native import NativeKernels
 from sagellm.backends.native.tensor_fits import fits_delta_rule
@@ -40,7 +41,8 @@ class Layer:
         self.conv_weight = torch.randn(self.channels, K, generator=g) * 0.5
         self.a_log = torch.rand(hv, generator=g).add(0.1).log()
         self.dt_bias = torch.randn(hv, generator=g)
-        self.spec = DeltaNetSpec(self.conv_weight, self.a_log, self.dt_bias, *self.dims)
+        states = RecurrentStates(self.conv_states, self.ssm_states)
+        self.spec = DeltaNetSpec(states, self.conv_weight, self.a_log, self.dt_bias, *self.dims)
         self.gen = g
 
     def inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,12 +51,12 @@ class Layer:
         return (torch.randn(n, self.channels, generator=g), torch.randn(n, self.hv, generator=g),
                 torch.randn(n, self.hv, generator=g))  # fmt: skip
 
-    def args(self, states: tuple[torch.Tensor, torch.Tensor]) -> tuple:
-        """The op's arguments after meta: these states (copies of the layer's), then the layer's spec."""
-        return (*states, self.spec)
+    def spec_with(self, states: RecurrentStates) -> DeltaNetSpec:
+        """The layer's spec over these states (copies of the layer's)."""
+        return replace(self.spec, states=states)
 
-    def copies(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.conv_states.clone(), self.ssm_states.clone()
+    def copies(self) -> RecurrentStates:
+        return RecurrentStates(self.conv_states.clone(), self.ssm_states.clone())
 
 
 def decode_meta(slots: list[int], prefills: list[PrefillChunk] = ()) -> AttentionMetadata:
@@ -81,9 +83,11 @@ def test_decode_matches_the_torch_op(native: NativeKernels, shape: tuple[int, in
     slots = [7, 2, 5, 0]  # scattered; slots 1, 3, 4, 6, 8 must stay as they are
     qkv, b, a = layer.inputs(len(slots))
     expected_states, states = layer.copies(), layer.copies()
-    expected = gated_delta_net(qkv, b, a, decode_meta(slots), *layer.args(expected_states))
+    expected = gated_delta_net(qkv, b, a, decode_meta(slots), layer.spec_with(expected_states))
     starts = torch.arange(len(slots) + 1)
-    assert_same(native.gated_delta_net(qkv, b, a, starts, torch.tensor(slots), *layer.args(states), threads), expected)
+    assert_same(
+        native.gated_delta_net(qkv, b, a, starts, torch.tensor(slots), layer.spec_with(states), threads), expected
+    )
     assert_states(states, expected_states)
 
 
@@ -97,8 +101,8 @@ def test_sequences_match_the_torch_prefill(native: NativeKernels, shape: tuple[i
     table = torch.zeros(1, dtype=torch.int32)
     chunks = [PrefillChunk(int(first), n, n + 10, table, slot, slot) for first, n, slot in zip(starts, lengths, slots)]
     expected_states, states = layer.copies(), layer.copies()
-    expected = gated_delta_net(qkv, b, a, decode_meta([], chunks), *layer.args(expected_states))
-    out = native.gated_delta_net(qkv, b, a, starts, torch.tensor(slots), *layer.args(states), threads)
+    expected = gated_delta_net(qkv, b, a, decode_meta([], chunks), layer.spec_with(expected_states))
+    out = native.gated_delta_net(qkv, b, a, starts, torch.tensor(slots), layer.spec_with(states), threads)
     assert_same(out, expected, 1e-4)
     assert_states(states, expected_states, 1e-4)
 
@@ -111,9 +115,9 @@ def test_inputs_may_be_rows_of_a_wider_projection(native: NativeKernels) -> None
     c, hv = layer.channels, layer.hv
     views = fused[:, :c], fused[:, c : c + hv], fused[:, c + hv : c + 2 * hv]
     expected_states, states = layer.copies(), layer.copies()
-    expected = gated_delta_net(qkv, b, a, decode_meta([4, 1, 8]), *layer.args(expected_states))
+    expected = gated_delta_net(qkv, b, a, decode_meta([4, 1, 8]), layer.spec_with(expected_states))
     slots = torch.tensor([4, 1, 8])
-    assert_same(native.gated_delta_net(*views, torch.arange(4), slots, *layer.args(states)), expected)
+    assert_same(native.gated_delta_net(*views, torch.arange(4), slots, layer.spec_with(states)), expected)
     assert_states(states, expected_states)
 
 
@@ -139,8 +143,8 @@ def test_dispatch_runs_the_batch_natively(
     expected_states, states = layer.copies(), layer.copies()
     for meta in (mixed, decodes):
         qkv, b, a = layer.inputs(meta.num_tokens)
-        expected = gated_delta_net(qkv, b, a, meta, *layer.args(expected_states))
-        assert_same(dispatch.gated_delta_net(qkv, b, a, meta, *layer.args(states)), expected, 1e-4)
+        expected = gated_delta_net(qkv, b, a, meta, layer.spec_with(expected_states))
+        assert_same(dispatch.gated_delta_net(qkv, b, a, meta, layer.spec_with(states)), expected, 1e-4)
         assert_states(states, expected_states, 1e-4)
     assert calls == [2, 70, 2, 3, 9, 3]
 
@@ -148,12 +152,12 @@ def test_dispatch_runs_the_batch_natively(
 def test_fits_fp32_heads_up_to_256_and_convolutions_up_to_8() -> None:
     layer = Layer(*SHAPES[0])
     qkv, b, a = layer.inputs(2)
-    states = (*layer.copies(), layer.conv_weight, layer.a_log, layer.dt_bias)
-    assert fits_delta_rule(qkv, b, a, states, 256, 256)
-    assert not fits_delta_rule(qkv, b, a, states, 8, 257)
-    assert not fits_delta_rule(qkv.double(), b, a, states, 8, 6)
-    wide = (*states[:2], torch.zeros(layer.channels, 9), *states[3:])
-    assert not fits_delta_rule(qkv, b, a, wide, 8, 6)
+    spec = layer.spec
+    assert fits_delta_rule(qkv, b, a, replace(spec, head_k_dim=256, head_v_dim=256))
+    assert not fits_delta_rule(qkv, b, a, replace(spec, head_k_dim=8, head_v_dim=257))
+    assert fits_delta_rule(qkv, b, a, spec) and not fits_delta_rule(qkv.double(), b, a, spec)
+    assert not fits_delta_rule(qkv, b, a, replace(spec, conv_weight=torch.zeros(layer.channels, 9)))
+    assert not fits_delta_rule(qkv, b, a, layer.spec_with(RecurrentStates(spec.states.conv.double(), spec.states.ssm)))
 
 
 def test_tiled_value_heads_are_the_grouped_op_in_the_files_order(native: NativeKernels) -> None:
@@ -167,20 +171,20 @@ def test_tiled_value_heads_are_the_grouped_op_in_the_files_order(native: NativeK
     slots, lengths = [7, 2], [1, 1]
     qkv, b, a = layer.inputs(sum(lengths))
     grouped_states = layer.copies()
-    grouped = gated_delta_net(qkv, b, a, decode_meta(slots), *layer.args(grouped_states))
-    as_tiled = lambda states: (states[0][:, channels], states[1][:, tiled])  # noqa: E731
+    grouped = gated_delta_net(qkv, b, a, decode_meta(slots), layer.spec_with(grouped_states))
+    as_tiled = lambda states: RecurrentStates(states.conv[:, channels], states.ssm[:, tiled])  # noqa: E731
     weights = (layer.conv_weight[channels], layer.a_log[tiled], layer.dt_bias[tiled])
-    spec = DeltaNetSpec(*weights, *layer.dims, tiled_value_heads=True)
+    spec = DeltaNetSpec(layer.spec.states, *weights, *layer.dims, tiled_value_heads=True)
     for run in ("torch", "native"):
-        states = [s.clone() for s in as_tiled(layer.copies())]
+        states = RecurrentStates(*(s.clone() for s in as_tiled(layer.copies())))
         inputs = (qkv[:, channels], b[:, tiled], a[:, tiled])
         if run == "torch":
-            out = gated_delta_net(*inputs, decode_meta(slots), *states, spec)
+            out = gated_delta_net(*inputs, decode_meta(slots), replace(spec, states=states))
         else:
             starts, picked = torch.arange(len(slots) + 1), torch.tensor(slots)
-            out = native.gated_delta_net(*inputs, starts, picked, *states, spec, 1)
+            out = native.gated_delta_net(*inputs, starts, picked, replace(spec, states=states), 1)
         assert_same(out, grouped.view(-1, hv, dv)[:, tiled].flatten(1))
         assert_states(states, as_tiled(grouped_states))
     untiled = gated_delta_net(qkv[:, channels], b[:, tiled], a[:, tiled], decode_meta(slots),
-                              *as_tiled(layer.copies()), replace(spec, tiled_value_heads=False))  # fmt: skip
+                              replace(spec, states=as_tiled(layer.copies()), tiled_value_heads=False))  # fmt: skip
     assert not torch.allclose(untiled, grouped.view(-1, hv, dv)[:, tiled].flatten(1), atol=1e-3), "the flag acts"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 
 import gguf
 import numpy as np
@@ -19,6 +20,7 @@ from sagellm.backends import torch_ops
 from sagellm.backends.attention_metadata import AttentionMetadata, PrefillChunk
 from sagellm.backends.base import Availability
 from sagellm.backends.cuda import CudaBackend
+from sagellm.backends.layer_caches import PagedKv, RecurrentStates
 from sagellm.backends.layer_specs import AttentionSpec, DeltaNetSpec, MoeSpec
 from sagellm.backends.quantized import QuantizedWeight
 from sagellm.backends.torch_ops.linear_attention import gated_delta_net
@@ -73,8 +75,8 @@ def test_paged_decode_attention(paged_sequences: type, hq: int, hk: int, d: int)
     seqs = paged_sequences(hq, hk, d, seed=hq + d, device=DEVICE)
     for decodes, prefills in [([], [("a", 1), ("b", 15), ("c", 16), ("d", 33), ("e", 58)]), (list("abcde"), [])]:
         q, k, v, meta, _ = seqs.step(decodes, prefills)
-        torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
-    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens, AttentionSpec(d**-0.5))
+        torch_ops.write_kv(k, v, seqs.cache, meta.slot_mapping)
+    args = (q, seqs.cache, meta.decode_block_tables, meta.decode_context_lens, AttentionSpec(d**-0.5))
     close(kernels.paged_decode_attention(*args), torch_ops.paged_decode_attention(*args))
 
 
@@ -84,10 +86,10 @@ def test_attention_with_triton_decode_matches_torch(paged_sequences: type) -> No
     seqs = paged_sequences(9, 3, 64, device=DEVICE)
     for decodes, prefills in [([], [("a", 20), ("b", 17)]), (["a", "b"], [("c", 9)]), (["c", "a"], [("b", 12)])]:
         q, k, v, meta, _ = seqs.step(decodes, prefills)
-        k_cache, v_cache = seqs.k_cache.clone(), seqs.v_cache.clone()
-        expected = torch_ops.attention(q, k, v, seqs.k_cache, seqs.v_cache, meta, AttentionSpec(0.125))
-        close(triton_attention(q, k, v, k_cache, v_cache, meta, AttentionSpec(0.125)), expected)
-        assert torch.equal(k_cache, seqs.k_cache) and torch.equal(v_cache, seqs.v_cache)
+        cache = PagedKv(*(c.clone() for c in seqs.cache))
+        expected = torch_ops.attention(q, k, v, seqs.cache, meta, AttentionSpec(0.125))
+        close(triton_attention(q, k, v, cache, meta, AttentionSpec(0.125)), expected)
+        assert all(torch.equal(mine, theirs) for mine, theirs in zip(cache, seqs.cache))
 
 
 @pytest.mark.parametrize(
@@ -106,9 +108,9 @@ def test_paged_decode_attention_with_window_and_softcap(
     seqs = paged_sequences(hq, hk, d, seed=window + d, device=DEVICE)
     for decodes, prefills in [([], [("a", 1), ("b", 15), ("c", 16), ("d", 33), ("e", 58)]), (list("abcde"), [])]:
         q, k, v, meta, _ = seqs.step(decodes, prefills)
-        torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+        torch_ops.write_kv(k, v, seqs.cache, meta.slot_mapping)
     q = q * 4  # scores of several units, so the cap bends them
-    args = (q, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens)
+    args = (q, seqs.cache, meta.decode_block_tables, meta.decode_context_lens)
     spec = AttentionSpec(d**-0.5, window, softcap)
     expected = torch_ops.paged_decode_attention(*args, spec)
     close(kernels.paged_decode_attention(*args, spec), expected)
@@ -123,9 +125,9 @@ def test_paged_decode_attention_with_sinks(paged_sequences: type, hq: int, hk: i
     seqs = paged_sequences(hq, hk, d, seed=d, device=DEVICE)
     for decodes, prefills in [([], [("a", 1), ("b", 15), ("c", 58)]), (list("abc"), [])]:
         q, k, v, meta, _ = seqs.step(decodes, prefills)
-        torch_ops.write_kv(k, v, seqs.k_cache, seqs.v_cache, meta.slot_mapping)
+        torch_ops.write_kv(k, v, seqs.cache, meta.slot_mapping)
     sinks = torch.linspace(-4.0, 6.0, hq).to(DEVICE)
-    args = (q * 3, seqs.k_cache, seqs.v_cache, meta.decode_block_tables, meta.decode_context_lens)
+    args = (q * 3, seqs.cache, meta.decode_block_tables, meta.decode_context_lens)
     spec = AttentionSpec(d**-0.5, window, sinks=sinks)
     expected = torch_ops.paged_decode_attention(*args, spec)
     close(kernels.paged_decode_attention(*args, spec), expected)
@@ -154,7 +156,9 @@ def check_gated_delta_net(
         "a_log": torch.rand(hv, generator=g).add(0.1).log().to(DEVICE),
         "dt_bias": torch.randn(hv, generator=g).to(DEVICE),
     }
-    states = (torch.randn(8, channels, GDN_WIDTH - 1, generator=g), torch.randn(8, hv, dk, dv, generator=g))
+    states = RecurrentStates(
+        torch.randn(8, channels, GDN_WIDTH - 1, generator=g), torch.randn(8, hv, dk, dv, generator=g)
+    )
     meta = AttentionMetadata(slot_mapping=torch.zeros(tokens, dtype=torch.int64), block_size=16)
     meta.num_decode_tokens = len(decode_slots)
     meta.decode_state_slots = torch.tensor(decode_slots, device=DEVICE)
@@ -163,10 +167,10 @@ def check_gated_delta_net(
         chunk = PrefillChunk(start, n, n, no_blocks, state_slot=slot, source_slot=source, checkpoint=checkpoint)
         meta.prefills.append(chunk)
         start += n
-    expected_states, actual_states = ([s.to(DEVICE, copy=True) for s in states] for _ in range(2))
-    spec = DeltaNetSpec(**weights, num_k_heads=hk, head_k_dim=dk, head_v_dim=dv, tiled_value_heads=tiled)
-    expected = gated_delta_net(qkv, b, a, meta, *expected_states, spec)
-    actual = kernels.gated_delta_net(qkv, b, a, meta, *actual_states, spec)
+    expected_states, actual_states = (RecurrentStates(*(s.to(DEVICE, copy=True) for s in states)) for _ in range(2))
+    spec = DeltaNetSpec(states, **weights, num_k_heads=hk, head_k_dim=dk, head_v_dim=dv, tiled_value_heads=tiled)
+    expected = gated_delta_net(qkv, b, a, meta, replace(spec, states=expected_states))
+    actual = kernels.gated_delta_net(qkv, b, a, meta, replace(spec, states=actual_states))
     for got, want in zip([actual, *actual_states], [expected, *expected_states]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 

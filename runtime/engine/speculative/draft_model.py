@@ -22,7 +22,7 @@ import torch
 from sagellm.common.errors import FieldError
 from sagellm.common.memory import drop_mapped_pages, return_freed_memory
 from sagellm.runtime.engine.block_manager import BlockManager
-from sagellm.runtime.engine.model_runner import ModelRunner
+from sagellm.runtime.engine.runner_over_model import runner_over
 from sagellm.runtime.engine.sampling_params import SamplingParams
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
@@ -47,22 +47,13 @@ class DraftModelProposer(Proposer):
         # A draft with recurrent layers: a seat per shadow, each with its rollback slot.
         seats = context.max_num_seqs if loaded.config.num_linear_layers else 0
         self.slots = StateSlots(seats, rollbacks=True) if seats else None
-        self.runner = ModelRunner(
-            loaded.config,
-            loaded.weights,
-            context.backend,
-            num_blocks=context.num_blocks,
-            block_size=context.block_size,
-            max_model_len=context.max_model_len,
-            quantized=loaded.quantized,
-            mapped=loaded.mapped,
-            **({"num_state_slots": self.slots.num_slots} if self.slots else {}),
-        )
+        num_state_slots = self.slots.num_slots if self.slots else 0
+        self.runner = runner_over(loaded, context.backend, context.cache, num_state_slots=num_state_slots)
         self._caught_up: dict[Sequence, int] = {}  # a shadow -> its computed count when its states were kept
         loaded.weights, loaded.quantized = {}, {}
         return_freed_memory()
         drop_mapped_pages(loaded.mapped)
-        self.blocks = BlockManager(context.num_blocks, context.block_size, enable_prefix_caching=False)
+        self.blocks = BlockManager(context.cache.num_blocks, context.cache.block_size, enable_prefix_caching=False)
         self._shadows: dict[Sequence, Sequence] = {}  # a target sequence -> its shadow here
         self._synced: dict[Sequence, int] = {}  # ... -> how many of its tokens the shadow had from it last round
 

@@ -49,15 +49,15 @@ class MtpProposer(Proposer):
         if context.head is None:
             raise FieldError(FIELD, f"{FIELD}: method mtp needs the model's multi-token prediction head")
         self.vocab_size = context.vocab_size
-        self.block_size = context.block_size
+        self.block_size = context.cache.block_size
         head = head_config(context.head.config)
         self.runner = ModelRunner(
             head,
             context.head.weights,
             context.backend,
-            num_blocks=context.num_blocks,
-            block_size=context.block_size,
-            max_model_len=context.max_model_len,
+            num_blocks=context.cache.num_blocks,
+            block_size=context.cache.block_size,
+            max_model_len=context.cache.max_model_len,
             graph=build_mtp_graph(head),
             packed=context.head.packed,
         )

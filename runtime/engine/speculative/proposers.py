@@ -11,6 +11,7 @@ import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.common.registry import Registry
+from sagellm.runtime.engine.cache_geometry import CacheGeometry
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.speculative.config import SpeculativeConfig
 from sagellm.runtime.models.config import ModelConfig
@@ -46,9 +47,7 @@ class ProposerContext:
     tokenizer: Any
     vocab_size: int
     backend: HardwareBackend
-    num_blocks: int
-    block_size: int
-    max_model_len: int
+    cache: CacheGeometry  # the target's: a draft model's cache has as many blocks of the same size
     max_num_seqs: int = 256
     head: TargetHead | None = None
 

@@ -38,7 +38,7 @@ class Speculator:
         self.proposer = make_proposer(config, context)
         self.budget = SpecBudget()
         self.stats = SpecDecodeStats()
-        self._max_model_len = context.max_model_len
+        self._max_model_len = context.cache.max_model_len
         self._max_step_tokens = max_num_batched_tokens
 
     def propose(self, running: list[Sequence], may_speculate: Callable[[Sequence], bool]) -> None:

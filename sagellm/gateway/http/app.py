@@ -13,7 +13,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
@@ -106,6 +106,15 @@ Guard = Callable[[HttpRequest], None]  # raises ApiError to refuse (API keys)
 ErrorShape = Callable[["ApiError"], Response]  # an API's own error body for a status (OpenAI's by default)
 
 
+class Collection(Protocol):
+    """The handlers of a collection of named things under one path (`App.collection`)."""
+
+    async def create(self, http: HttpRequest) -> Response: ...
+    async def list(self, http: HttpRequest) -> Response: ...
+    async def show(self, http: HttpRequest) -> Response: ...
+    async def delete(self, http: HttpRequest) -> Response: ...
+
+
 @dataclass
 class Route:
     method: str
@@ -143,6 +152,14 @@ class App:
         if "{" not in path and not any(r.method == method and r.pattern.match(path) for r in self.routes):
             self._fixed[method, path] = route  # a dict lookup, not a scan of every pattern, finds it
         self.routes.append(route)
+
+    def collection(self, path: str, item: str, handlers: Collection, guard: Guard | None = None) -> None:
+        """A collection's routes, the same for every one: POST `path` creates, GET `path` lists, GET `path/{item}`
+        shows one and DELETE `path/{item}` deletes it (`item`: the path parameter that names it)."""
+        self.route("POST", path, handlers.create, guard)
+        self.route("GET", path, handlers.list, guard)
+        self.route("GET", f"{path}/{{{item}}}", handlers.show, guard)
+        self.route("DELETE", f"{path}/{{{item}}}", handlers.delete, guard)
 
     async def handle(self, request: HttpRequest, *, host_checked: bool = False) -> Response | EventStream:
         """The reply to one request: the handler's, or an OpenAI-shaped error: a SageLLMError's status and code, and

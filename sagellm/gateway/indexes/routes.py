@@ -36,10 +36,7 @@ class IndexRoutes:
         self.store = store
 
     def register(self, app: App, admin: Guard | None) -> None:
-        app.route("POST", "/admin/index", self.create, admin)
-        app.route("GET", "/admin/index", self.list, admin)
-        app.route("GET", "/admin/index/{name}", self.show, admin)
-        app.route("DELETE", "/admin/index/{name}", self.delete, admin)
+        app.collection("/admin/index", "name", self, admin)
         app.route("POST", "/admin/index/{name}/documents", self.add, admin)
         app.route("DELETE", "/admin/index/{name}/documents/{document_id}", self.remove, admin)
         app.route("POST", "/admin/index/{name}/query", self.query, admin)

@@ -39,10 +39,7 @@ class SessionRoutes:
         self.store, self.chat_serving = store, chat
 
     def register(self, app: App, guard: Guard | None) -> None:
-        app.route("POST", "/sessions", self.create, guard)
-        app.route("GET", "/sessions", self.list, guard)
-        app.route("GET", "/sessions/{session_id}", self.read, guard)
-        app.route("DELETE", "/sessions/{session_id}", self.delete, guard)
+        app.collection("/sessions", "session_id", self, guard)
         app.route("POST", "/sessions/{session_id}/messages", self.append, guard)
         app.route("POST", "/sessions/{session_id}/chat", self.chat, guard)
 
@@ -61,7 +58,7 @@ class SessionRoutes:
     async def list(self, http: HttpRequest) -> Response:
         return Response({"object": "list", "data": [s.summary() for s in self.store.owned_by(key_owner(http))]})
 
-    async def read(self, http: HttpRequest) -> Response:
+    async def show(self, http: HttpRequest) -> Response:
         return Response(self._session(http).public())
 
     async def delete(self, http: HttpRequest) -> Response:

@@ -31,6 +31,14 @@ PriorityName = Literal["critical", "high", "normal", "low"]
 Timeout = Annotated[float, msgspec.Meta(ge=1, le=86_400)]
 
 
+# The body's fields that are SamplingParams' of the same name and meaning, taken as sent.
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos", "skip_special_tokens",
+    "include_stop_str_in_output", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+    "min_tokens", "bad_words", "allowed_token_ids",
+)  # fmt: skip
+
+
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
@@ -104,31 +112,17 @@ def sampling_params(
     the body's constraint (`structured.guided_decoding`); `prompt_logprobs`: the body's, or what echo asks for."""
     if body.stream and body.prompt_logprobs is not None:
         refuse("prompt_logprobs", "not available with stream=true (as vLLM's)")
-    args: dict[str, Any] = dict(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        seed=body.seed,
-        stop=body.stop,
-        stop_token_ids=body.stop_token_ids or [],
-        ignore_eos=body.ignore_eos,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else body.prompt_logprobs,
-        skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output,
-        guided=guided,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
-        logit_bias=body.logit_bias,
-        min_tokens=body.min_tokens,
-        bad_words=body.bad_words,
-        allowed_token_ids=body.allowed_token_ids,
-    )
+    as_sent = {name: getattr(body, name) for name in SAMPLING_FIELDS}
     try:
-        return SamplingParams.with_defaults(defaults, **args)
+        return SamplingParams.with_defaults(
+            defaults,
+            **as_sent,
+            max_tokens=max_tokens,
+            stop_token_ids=body.stop_token_ids or [],
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else body.prompt_logprobs,
+            guided=guided,
+        )
     except ValueError as exc:
         raise ApiError.from_value_error(exc) from None
 
