@@ -121,17 +121,18 @@ def _run_dense(weights, inputs: dict[int, torch.Tensor]) -> None:
 
 
 def _decode_attention(kernels, layers: int, repeats: int) -> tuple[float, float]:
+    from sagellm.backends.layer_caches import PagedKv
     from sagellm.backends.layer_specs import AttentionSpec
 
     batch, ctx, hq, hk, d, block = 16, 320, 9, 3, 64, 16
     blocks = batch * ctx // block
-    caches = [(torch.randn(blocks, block, hk, d), torch.randn(blocks, block, hk, d)) for _ in range(layers)]
+    caches = [PagedKv(torch.randn(blocks, block, hk, d), torch.randn(blocks, block, hk, d)) for _ in range(layers)]
     tables = torch.randperm(blocks).to(torch.int32).view(batch, -1).contiguous()
     lens = torch.full((batch,), ctx, dtype=torch.int32)
     q = torch.randn(batch, hq, d)
     threads, spec = torch.get_num_threads(), AttentionSpec(d**-0.5)
     seconds = best_time(
-        lambda: [kernels.paged_decode_attention(q, k, v, tables, lens, spec, threads) for k, v in caches], repeats
+        lambda: [kernels.paged_decode_attention(q, cache, tables, lens, spec, threads) for cache in caches], repeats
     )
     return seconds * 1e3, layers * batch * ctx * hk * d * 4 * 2 / seconds / 1e9
 
@@ -139,18 +140,19 @@ def _decode_attention(kernels, layers: int, repeats: int) -> tuple[float, float]
 def _prefill_attention(kernels, n: int, ctx: int, repeats: int) -> tuple[float, float]:
     from sagellm.backends import torch_ops
     from sagellm.backends.attention_metadata import PrefillChunk
+    from sagellm.backends.layer_caches import PagedKv
     from sagellm.backends.layer_specs import AttentionSpec
 
     hq, hk, d, block = 9, 3, 64, 16
     blocks = -(-ctx // block)
-    k_cache, v_cache = torch.randn(blocks, block, hk, d), torch.randn(blocks, block, hk, d)
+    cache = PagedKv(torch.randn(blocks, block, hk, d), torch.randn(blocks, block, hk, d))
     table = torch.randperm(blocks).to(torch.int32)
     q, k, v = torch.randn(n, hq, d), torch.randn(n, hk, d), torch.randn(n, hk, d)
     threads, spec = torch.get_num_threads(), AttentionSpec(d**-0.5)
-    attend = functools.partial(kernels.paged_prefill_attention, q, k_cache, v_cache, table, ctx, spec, threads)
+    attend = functools.partial(kernels.paged_prefill_attention, q, cache, table, ctx, spec, threads)
     native = best_time(attend, repeats)
     chunk = PrefillChunk(0, n, ctx, table)
-    reference = best_time(lambda: torch_ops.prefill_attention(q, k, v, k_cache, v_cache, chunk, spec), repeats)
+    reference = best_time(lambda: torch_ops.prefill_attention(q, k, v, cache, chunk, spec), repeats)
     return native * 1e3, reference * 1e3
 
 

@@ -1,6 +1,7 @@
 """The torch ops a vision encoder adds to the decoder's: LayerNorm with a bias, the erf GELU and CLIP's quick GELU,
-dense bidirectional attention within each image (`EncoderMetadata` says where each image's rows are), and CLIP's
-embeddings: pixels cut into patches, the class row and the learned positions.
+dense bidirectional attention within each image (`EncoderMetadata` says where each image's rows are), the
+embeddings (pixels cut into patches, CLIP's class row, the learned positions: `grid_position_ids` for Idefics3's
+tower, which numbers them by fractional coordinates) and Idefics3's pixel shuffle.
 
 An encoder step stacks its images' rows, [T, D] with T = sum of each image's rows, as a decoder step stacks its
 tokens, so every op but attention is the decoder's row-wise kind; attention reads each image's rows alone. What the
@@ -74,3 +75,23 @@ def class_and_positions(patches: torch.Tensor, class_row: torch.Tensor | None, p
 def drop_class_rows(x: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
     """Each image's rows but its first (the class row): [T, D] -> [T - N, D]."""
     return torch.cat([image[1:] for image in x.split(list(meta.seq_lens))])
+
+
+def grid_position_ids(grid: int) -> torch.Tensor:
+    """The position ids Idefics3's embeddings give a whole picture of grid x grid patches, computed as its
+    Idefics3VisionEmbeddings does (each patch's fractional coordinates bucketized against the grid's boundaries, in
+    float32), so an id its rounding moves is moved here too: [grid * grid] int64."""
+    boundaries = torch.arange(1 / grid, 1.0, 1 / grid)
+    step = 1.0 / torch.tensor(grid)  # float32, as HF's 1.0 / nb_patches
+    fractional = (torch.arange(grid, dtype=torch.float32) * step).clamp(max=1.0 - 1e-6)
+    bucket = torch.bucketize(fractional, boundaries, right=True)  # [grid]
+    return (bucket[:, None] * grid + bucket[None, :]).flatten()
+
+
+def pixel_shuffle(x: torch.Tensor, grid: int, scale: int) -> torch.Tensor:
+    """Idefics3Connector.pixel_shuffle on each picture's grid x grid rows: every scale x scale square of patches
+    joined along features, [N * grid^2, D] -> [N * grid^2 / scale^2, D * scale^2]."""
+    d, side = x.shape[1], grid // scale
+    x = x.view(-1, grid, side, d * scale).permute(0, 2, 1, 3)  # [N, grid / s, grid, D * s]
+    x = x.reshape(-1, side, side, d * scale * scale).permute(0, 2, 1, 3)  # [N, grid / s, grid / s, D * s^2]
+    return x.reshape(-1, d * scale * scale)

@@ -109,6 +109,11 @@ class EngineConfig:
         'speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}',
         None,
     )
+    # vLLM's --limit-mm-per-prompt: {"image": n} caps the images one prompt may carry (0: a model that sees images
+    # takes none); a modality not named has no cap beyond the context.
+    limit_mm_per_prompt: dict[str, int] | None = _help(
+        'the most media of each kind one prompt may carry, vLLM\'s JSON: {"image": 2} (default: no cap)', None
+    )
     # vLLM's --enable-lora, --max-loras, --max-lora-rank: requests may name a PEFT LoRA adapter (LoRARequest), and
     # rows of up to max_loras adapters and of none share a step (runtime/engine/lora_slots.py).
     enable_lora: bool = _help("serve LoRA adapters: requests name one, and adapters and the base share batches", False)
@@ -152,6 +157,10 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise FieldError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_speculative_config(self.speculative_config)  # a bad one is an error now, not at the first request
+        for kind, most in (self.limit_mm_per_prompt or {}).items():
+            if kind not in MEDIA_KINDS or not isinstance(most, int) or isinstance(most, bool) or most < 0:
+                raise FieldError("limit_mm_per_prompt", f"limit_mm_per_prompt takes {{kind: count >= 0}} for kinds "
+                                 f"{', '.join(MEDIA_KINDS)}; got {kind!r}: {most!r}")  # fmt: skip
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise FieldError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
@@ -166,6 +175,7 @@ class EngineConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16")  # auto is float32
+MEDIA_KINDS = ("image", "audio", "video")  # limit_mm_per_prompt's keys, vLLM's modalities
 EXECUTOR_BACKENDS = ("mp", "ray")
 SCHEDULING_POLICIES = ("fcfs", "priority")  # the scheduler's queues: runtime/engine/request_queue.py QUEUES
 

@@ -38,9 +38,10 @@ def _float_weight(ctx: _Context, name: str) -> torch.Tensor:
 
 
 def _bind_patch_embed(params, ctx, kernels):
-    """CLIP's embeddings: the images cut into patches, each through the patch convolution (its weight [D, C, p, p]
-    as a linear on [D, C * p * p], packed as the backend packs linears), the class row prepended (`class_embedding`,
-    None: no class row) and the position rows added."""
+    """A ViT's embeddings: the pictures cut into patches, each through the patch convolution (its weight [D, C, p, p]
+    as a linear on [D, C * p * p], packed as the backend packs linears; its bias where `bias`), the class row
+    prepended (`class_embedding`, CLIP's; none without) and the position rows added: all of them, class row first,
+    with a class row; without one, Idefics3's numbering of a whole grid's patches."""
     weight = _weight(ctx, params["weight"]).flatten(1).to(ctx.linear_dtype)  # [D, C * p * p]
     packed = ctx.backend.prepare_linear_weight(weight)
     bias = _float_weight(ctx, params["weight"].removesuffix(".weight") + ".bias") if params.get("bias") else None
@@ -51,7 +52,10 @@ def _bind_patch_embed(params, ctx, kernels):
         patches = linear(vision.patchify(pixel_values, patch_size), weight, bias)  # [N * P, D]
         return vision.class_and_positions(patches, class_row, positions)  # [N * (P + 1), D]
 
-    return patch_embed, (packed, bias, class_row, _float_weight(ctx, params["position_embedding"]))
+    positions = _float_weight(ctx, params["position_embedding"])
+    if class_row is None:
+        positions = positions[vision.grid_position_ids(params["grid"]).to(positions.device)]  # [P, D]
+    return patch_embed, (packed, bias, class_row, positions)
 
 
 def _bind_layernorm(params, ctx, kernels):
@@ -84,5 +88,6 @@ MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tu
     "gelu": lambda p, ctx, k: (k["gelu"], ()),
     "quick_gelu": lambda p, ctx, k: (k["quick_gelu"], ()),
     "drop_class_rows": lambda p, ctx, k: (vision.drop_class_rows, ()),
+    "pixel_shuffle": lambda p, ctx, k: (vision.pixel_shuffle, (p["grid"], p["scale_factor"])),
     "scatter_rows": lambda p, ctx, k: (_scatter_rows, ()),
 }

@@ -1,9 +1,13 @@
 """What a model's vision encoder is, as the encoder graph (encoder_graph.py) reads it: the tower's sizes, which of
 its hidden states the projector reads, and the projector that maps them into the text model's embedding space.
 
-Loaders translate a checkpoint's own settings into this one record (Hugging Face's LLaVA config:
-architectures/hf_config.vision_from_hf), so the graph builder never looks at a family's spelling. A model served
-text only has none (`ModelConfig.vision` is None)."""
+Loaders translate a checkpoint's own settings into this one record (Hugging Face's LLaVA and Idefics3 / SmolVLM
+configs: architectures/hf_vision_config.py), so the graph builder never looks at a family's spelling. A model
+served text only has none (`ModelConfig.vision` is None).
+
+The encoder reads one square picture at a time, `image_size` pixels a side: a whole image (LLaVA) or one tile of an
+image cut into tiles (Idefics3, which adds the whole image shrunk to a tile), and gives it `tokens_per_image`
+embeddings, one per placeholder token of a run of them in the prompt."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class VisionConfig:
-    tower: str  # "clip": a ViT with a class row, learned positions, a pre-norm, layernorms with biases
+    # "clip": a ViT with a class row, learned positions and a pre-norm; "siglip": no class row, a bias on the patch
+    # convolution, no pre-norm and a post-norm on the last layer's output (Idefics3's tower). Layernorms with biases.
+    tower: str
     hidden_size: int
     intermediate_size: int
     num_layers: int  # the tower's layers in the checkpoint (those past the last one read are not loaded)
@@ -26,11 +32,14 @@ class VisionConfig:
     # output), joined along features when several (LLaVA's vision_feature_layer, as indices from the front).
     feature_layers: tuple[int, ...]
     drop_class: bool  # the class row is not an image token (LLaVA's vision_feature_select_strategy "default")
-    projector: str  # "llava_mlp": linear_1, activation, linear_2
-    projector_activation: str  # its graph op, as `activation`
+    # "llava_mlp": linear_1, activation, linear_2; "pixel_shuffle": each scale_factor x scale_factor square of
+    # patches joined along features (Idefics3's), then one linear without a bias
+    projector: str
+    projector_activation: str  # llava_mlp's graph op, as `activation`
     projector_bias: bool
     text_hidden_size: int  # the projector's output: the text model's embedding width
     image_token_id: int  # the placeholder id whose rows take the projected embeddings
+    scale_factor: int = 1  # pixel_shuffle's square side
 
     @property
     def head_dim(self) -> int:
@@ -47,11 +56,17 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     @property
+    def class_row(self) -> bool:
+        return self.tower == "clip"
+
+    @property
     def rows_per_image(self) -> int:
         """The tower's rows per image: its patches and the class row."""
-        return self.grid * self.grid + 1
+        return self.grid * self.grid + self.class_row
 
     @property
     def tokens_per_image(self) -> int:
-        """The embeddings (placeholder tokens) an image gives the text model."""
+        """The embeddings (placeholder tokens) an image or tile gives the text model."""
+        if self.projector == "pixel_shuffle":
+            return self.grid * self.grid // (self.scale_factor * self.scale_factor)
         return self.rows_per_image - (1 if self.drop_class else 0)

@@ -14,19 +14,16 @@ import torch
 from PIL import Image
 
 from sagellm.common.errors import FieldError
-from sagellm.runtime.multimodal.pixel_steps import (
+from sagellm.runtime.multimodal.pixel_steps import as_image_list, center_crop, resize, to_rgb
+from sagellm.runtime.multimodal.preprocessor_settings import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     Normalization,
     ResizeTarget,
-    as_image_list,
-    center_crop,
     per_channel,
     positive_int,
     resample_filter,
-    resize,
     setting,
-    to_rgb,
 )
 from sagellm.runtime.multimodal.processed_images import ProcessedImages
 

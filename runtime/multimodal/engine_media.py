@@ -5,9 +5,11 @@ mmproj, tensor or pipeline parallel ranks)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +20,7 @@ from sagellm.runtime.multimodal.encoder_cache import EncoderCache
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
 
-IMAGES_CACHED = 64  # the encoder cache's size, in images' worth of rows
+IMAGES_CACHED = 64  # the encoder cache's size, in pictures' worth of rows
 
 
 @dataclass
@@ -31,10 +33,14 @@ def engine_media(
     config: ModelConfig,
     weights: Mapping[str, torch.Tensor],
     source: Path,
+    tokenizer: Any,
     backend: HardwareBackend,
     linear_dtype: torch.dtype,
     world_size: int,
+    max_images: int | None = None,
 ) -> EngineMedia | None:
+    """`tokenizer`: the model's (a Hugging Face tokenizer), which tokenizes what a placeholder becomes;
+    `max_images`: the most a prompt may carry (None: no cap)."""
     vision = config.vision
     if vision is None:
         return None
@@ -43,6 +49,7 @@ def engine_media(
                            "pipeline_parallel_size 1")  # fmt: skip
     if not source.is_dir():
         raise InvalidInput(f"{source}: images need the checkpoint's directory (its preprocessor's settings)")
-    prompts = PromptMedia.from_model_dir(source, vision.image_token_id, vision.tokens_per_image)
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    prompts = PromptMedia.from_model_dir(source, vision.image_token_id, vision.tokens_per_image, encode, max_images)
     encoder = EncoderRunner(config, weights, backend, linear_dtype=linear_dtype)
     return EngineMedia(prompts, EncoderCache(encoder, IMAGES_CACHED * vision.tokens_per_image))

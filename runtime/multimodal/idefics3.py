@@ -3,7 +3,8 @@ image's longest edge resized (Lanczos) to size's longest_edge, then up to multip
 than one tile it is cut into rows x cols tiles of max_image_size, and the whole image, resized to one tile, follows
 them as the global image (a small image is only the global image, rows = cols = 0). Every tile is rescaled and
 normalized to [-1, 1]. The prompt gets `image_seq_len` image tokens per tile and for the global image:
-image_seq_len * (rows * cols + 1), which the processor wraps in <row_r_col_c> and <global-img> tags."""
+image_seq_len * (rows * cols + 1), which the processor wraps in <row_r_col_c> and <global-img> tags
+(`placeholder_text`)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,24 @@ import torch
 from PIL import Image
 
 from sagellm.common.errors import FieldError
-from sagellm.runtime.multimodal.pixel_steps import (
-    HALF,
-    Normalization,
-    as_image_list,
-    positive_int,
-    resample_filter,
-    resize,
-    setting,
-    to_rgb,
-)
+from sagellm.runtime.multimodal.pixel_steps import as_image_list, resize, to_rgb
+from sagellm.runtime.multimodal.preprocessor_settings import HALF, Normalization, positive_int, resample_filter, setting
 from sagellm.runtime.multimodal.processed_images import ProcessedImages
 
 MAX_IMAGE_SIZE = 4096  # HF's cap on either side after the first resize
+# The processor's tokens (Idefics3Processor's; SmolVLM's tokenizers name the same ones)
+FAKE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = "<fake_token_around_image>", "<image>", "<global-img>"
+
+
+def placeholder_text(rows: int, cols: int, image_seq_len: int) -> str:
+    """What an image's `<image>` becomes in the prompt, as Idefics3Processor.replace_image_token writes it: each
+    tile's image tokens after its <row_r_col_c> tag, a line per row of tiles, then the global image's; the global
+    image's alone for an image not split (rows = cols = 0)."""
+    tiles = image_seq_len * IMAGE_TOKEN
+    rows_text = "".join("".join(f"{FAKE_TOKEN}<row_{r + 1}_col_{c + 1}>{tiles}" for c in range(cols)) + "\n"
+                        for r in range(rows))  # fmt: skip
+    whole = f"{FAKE_TOKEN}{GLOBAL_IMAGE_TOKEN}{tiles}{FAKE_TOKEN}"
+    return f"{rows_text}\n{whole}" if rows or cols else whole
 
 
 def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
@@ -114,6 +120,7 @@ class Idefics3ImageProcessor:
             pixel_attention_mask=mask,  # every tile is tile x tile, so HF's padding never pads
             rows=tuple(rows),
             cols=tuple(cols),
+            placeholder_texts=tuple(placeholder_text(r, c, self.image_seq_len) for r, c in zip(rows, cols)),
         )
 
     def _tiles(self, image: np.ndarray) -> tuple[list[np.ndarray], int, int]:

@@ -1,5 +1,6 @@
-"""One image of a prompt as the engine carries it (vLLM v1's MultiModalFeatureSpec): where its placeholder tokens
-stand, what the encoder reads for it, and the hash that names it.
+"""One picture of a prompt as the engine carries it (vLLM v1's MultiModalFeatureSpec): an image, or one tile of an
+image the processor cut into tiles (Idefics3's), each a run of placeholder tokens: where they stand, what the encoder
+reads for it, and the hash that names it.
 
 The placeholder tokens of two images are the same ids, so the hash is what tells their KV apart in the prefix cache
 (prefix_hash.media_keys) and what finds an image already encoded (encoder_cache.py): a digest of the pixel values the

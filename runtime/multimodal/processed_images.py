@@ -29,6 +29,9 @@ class ProcessedImages:
     rows: tuple[int, ...] | None = None  # Idefics3: the tile grid per image; 0 and 0 when it was not split
     cols: tuple[int, ...] | None = None
     num_crops: tuple[int, ...] | None = None  # Gemma 3: pan-and-scan crops per image, after the image itself
+    # Where an image's placeholder becomes more than its image tokens repeated, the text that replaces it (HF's
+    # processor's replace_image_token: Idefics3's tiles, each tagged, then the whole image): one per image
+    placeholder_texts: tuple[str, ...] | None = None
 
 
 class ImageProcessor(Protocol):

@@ -16,16 +16,14 @@ import torch
 from PIL import Image
 
 from sagellm.common.errors import InvalidInput
-from sagellm.runtime.multimodal.pixel_steps import (
+from sagellm.runtime.multimodal.pixel_steps import as_image_list, resize, to_rgb
+from sagellm.runtime.multimodal.preprocessor_settings import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     Normalization,
-    as_image_list,
     positive_int,
     resample_filter,
-    resize,
     setting,
-    to_rgb,
 )
 from sagellm.runtime.multimodal.processed_images import ProcessedImages
 

@@ -20,7 +20,8 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
-from tests.tiny_models import make_tiny_llama, make_tiny_llava
+from tests.tiny_models import make_tiny_llama
+from tests.tiny_vision_models import make_tiny_llava
 
 TOKENS = 6
 

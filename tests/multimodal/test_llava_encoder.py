@@ -20,7 +20,8 @@ from sagellm import LLM, SamplingParams
 from sagellm.backends.cpu import CpuBackend
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.lowering import LoweringContext, lower
-from sagellm.runtime.models.architectures.hf_config import config_from_hf, vision_from_hf
+from sagellm.runtime.models.architectures.hf_config import config_from_hf
+from sagellm.runtime.models.architectures.hf_vision_config import vision_from_hf
 from sagellm.runtime.models.architectures.vision_weights import vision_weight_shapes
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
@@ -28,7 +29,7 @@ from sagellm.runtime.models.vision_config import VisionConfig
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.image_processing import image_processor_for
 from tests.oracle import hf_greedy, random_prompts
-from tests.tiny_models import IMAGE_TOKEN, make_tiny_llava
+from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_llava
 
 TOKENS = 8
 
@@ -133,8 +134,8 @@ def test_a_llava_of_an_unsupported_text_model_or_tower_is_refused():
     config = {"architectures": ["LlavaForConditionalGeneration"], "text_config": {"model_type": "llama",
               "hidden_size": 64}, "vision_config": {"model_type": "siglip_vision_model"}}  # fmt: skip
     with pytest.raises(ModelLoadError, match="siglip_vision_model"):
-        vision_from_hf(config)
-    assert vision_from_hf({"architectures": ["Gemma3ForConditionalGeneration"]}) is None  # served text only
+        vision_from_hf(config, 64)
+    assert vision_from_hf({"architectures": ["Gemma3ForConditionalGeneration"]}, 64) is None  # served text only
     gemma = dict(config, text_config={"model_type": "gemma2"})
     with pytest.raises(ModelLoadError, match="'gemma2' text model"):
         config_from_hf(gemma, None, Path("config.json"))

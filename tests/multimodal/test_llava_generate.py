@@ -17,7 +17,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sagellm import LLM, SamplingParams
 from sagellm.common.errors import InvalidInput
-from tests.tiny_models import IMAGE_TOKEN, make_tiny_llama, make_tiny_llava
+from tests.tiny_models import make_tiny_llama
+from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_llava
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)

@@ -17,13 +17,15 @@ from sagellm.runtime.models.config import ModelConfig
 _QWEN_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Qwen's expert projections, Mixtral's names
 
 
+# a multimodal checkpoint's text model
 _LANGUAGE_MODEL = {"language_model.model.": "model.", "model.language_model.": "model.",
-                   "language_model.lm_head.": "lm_head."}  # a multimodal checkpoint's text model  # fmt: skip
+                   "language_model.lm_head.": "lm_head.", "model.text_model.": "model."}  # fmt: skip
 
 
 def canonical_name(config: ModelConfig, name: str) -> str | None:
     """The name the graph reads for a checkpoint's tensor, None for one it does not read: a multimodal checkpoint's
-    text model drops its prefix (`language_model.model.` in transformers 4, `model.language_model.` in 5) and its
+    text model drops its prefix (`language_model.model.` in transformers 4, `model.language_model.` in 5,
+    Idefics3's `model.text_model.`) and its
     vision tower and projector are read only by a model with a vision encoder (`config.vision`: their names are
     vision_weights.py's), else dropped; Qwen's mixture of experts (`mlp.gate`, `mlp.experts.{e}.gate_proj`,
     ...) takes Mixtral's names (`block_sparse_moe.gate`, `...experts.{e}.w1`), as llama.cpp gives both the same GGUF
@@ -45,6 +47,8 @@ def canonical_name(config: ModelConfig, name: str) -> str | None:
                 "model.embed_vision.",
                 "model.embed_audio.",
                 "model.visual.",
+                "model.vision_model.",
+                "model.connector.",
                 "mtp.",
             )
         ):  # a vision tower; Qwen3.5's multi-token prediction head

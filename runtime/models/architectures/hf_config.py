@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from sagellm.runtime.models.architectures.families import Architecture, architecture_for_hf, check_experts
+from sagellm.runtime.models.architectures.hf_vision_config import GELU_TANH, vision_from_hf
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
-from sagellm.runtime.models.vision_config import VisionConfig
-
-GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # transformers' names of the tanh-approximated GELU
 
 
 def config_from_hf(
@@ -86,7 +84,7 @@ def config_from_hf(
             **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
             shared_expert_intermediate_size=shared,
             num_mtp_layers=int(hf_config.get("mtp_num_hidden_layers") or 0) if arch.gated_delta_net else 0,
-            vision=vision_from_hf(whole, source),
+            vision=vision_from_hf(whole, int(hf_config["hidden_size"]), source),
         )
         if arch.gemma3n:
             return replace(config, **_hf_gemma3n(hf_config, layers, source))
@@ -118,65 +116,6 @@ def _text_config(hf_config: Mapping[str, Any]) -> Mapping[str, Any]:
         if key in hf_config and text.get(key) is None:
             text[key] = hf_config[key]
     return text
-
-
-# transformers' CLIPVisionConfig defaults, for the keys a hub config leaves out of `vision_config`
-_CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                  "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
-                  "layer_norm_eps": 1e-5}  # fmt: skip
-# LlavaConfig's tower when config.json gives none: CLIP ViT-L/14 at 336 pixels
-_LLAVA_TOWER = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-                "image_size": 336, "patch_size": 14}  # fmt: skip
-# transformers' activation names -> the graph's ops
-_VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", **dict.fromkeys(GELU_TANH, "gelu_tanh")}
-
-
-def vision_from_hf(hf_config: Mapping[str, Any], source: Path = Path("config.json")) -> VisionConfig | None:
-    """The vision encoder of a LLaVA config.json (a CLIP tower, LLaVA's two-layer projector), None for a checkpoint
-    served text only (every other class: Gemma 3's and Qwen3.5's towers are not run yet)."""
-    if "LlavaForConditionalGeneration" not in (hf_config.get("architectures") or []):
-        return None
-    given = hf_config.get("vision_config")
-    tower = _CLIP_DEFAULTS | (_LLAVA_TOWER if given is None else {k: v for k, v in given.items() if v is not None})
-    if tower.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise ModelLoadError(f"{source}: vision_config.model_type {tower['model_type']!r} is not supported (LLaVA's "
-                             "tower: clip_vision_model)")  # fmt: skip
-    layers = int(tower["num_hidden_layers"])
-    given_layer = hf_config.get("vision_feature_layer", -2)
-    chosen = given_layer if isinstance(given_layer, list) else [given_layer]
-    feature_layers = tuple(int(j) + (layers + 1 if int(j) < 0 else 0) for j in chosen)  # of layers + 1 states
-    if not chosen or not all(0 <= j <= layers for j in feature_layers):
-        raise ModelLoadError(f"{source}: vision_feature_layer {given_layer!r} names no hidden state of the "
-                             f"{layers}-layer vision tower")  # fmt: skip
-    strategy = hf_config.get("vision_feature_select_strategy", "default")
-    projector_act = hf_config.get("projector_hidden_act", "gelu")
-    if strategy not in ("default", "full"):
-        raise ModelLoadError(f"{source}: vision_feature_select_strategy {strategy!r} is not 'default' or 'full'")
-    return VisionConfig(
-        tower="clip",
-        hidden_size=int(tower["hidden_size"]),
-        intermediate_size=int(tower["intermediate_size"]),
-        num_layers=layers,
-        num_heads=int(tower["num_attention_heads"]),
-        num_channels=int(tower["num_channels"]),
-        patch_size=int(tower["patch_size"]),
-        image_size=int(tower["image_size"]),
-        layer_norm_eps=float(tower["layer_norm_eps"]),
-        activation=_vision_activation(tower["hidden_act"], "vision_config.hidden_act", source),
-        feature_layers=feature_layers,
-        drop_class=strategy == "default",
-        projector="llava_mlp",
-        projector_activation=_vision_activation(projector_act, "projector_hidden_act", source),
-        projector_bias=bool(hf_config.get("multimodal_projector_bias", True)),
-        text_hidden_size=int(_text_config(hf_config)["hidden_size"]),
-        image_token_id=int(hf_config.get("image_token_index", hf_config.get("image_token_id", 32000))),
-    )
-
-
-def _vision_activation(name: str, key: str, source: Path) -> str:
-    if name not in _VISION_ACTIVATIONS:
-        raise ModelLoadError(f"{source}: {key} {name!r} is not supported (have {', '.join(_VISION_ACTIVATIONS)})")
-    return _VISION_ACTIVATIONS[name]
 
 
 def _hf_sliding_window(

@@ -3,9 +3,9 @@ implies, which the loaders check the kept tensors against.
 
 LLaVA checkpoints name the tower by the transformers version that wrote them (`vision_tower.vision_model.` in 4,
 `model.vision_tower.` in 5, and `vision_tower.` as transformers 5 saves them again) and the projector with or
-without `model.`; the graph reads one name each, `vision_tower.<CLIP name>` and `multi_modal_projector.<name>`.
-Tower layers past the last hidden state read, and the post-layernorm (which only CLIP's pooled output takes), are
-not read, so they are not kept."""
+without `model.`; Idefics3 and SmolVLM name theirs `model.vision_model.` and `model.connector.`. The graph reads one
+name each, `vision_tower.<the tower's name>` and `multi_modal_projector.<name>`. Tower layers past the last hidden
+state read are not kept, nor a CLIP tower's post-layernorm (which only its pooled output takes)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,21 @@ _PREFIXES = (
     ("model.vision_tower.vision_model.", TOWER),
     ("vision_tower.vision_model.", TOWER),
     ("model.vision_tower.", TOWER),
+    ("model.vision_model.", TOWER),
     (TOWER, TOWER),
     ("model.multi_modal_projector.", PROJECTOR),
+    ("model.connector.", PROJECTOR),
     (PROJECTOR, PROJECTOR),
 )
 VISION_PREFIXES = tuple(prefix for prefix, _ in _PREFIXES)
+# Each projector's weights: name -> its shape's (rows, columns) as functions of the config
+_PROJECTORS = {
+    "llava_mlp": lambda v: {
+        "linear_1": (v.text_hidden_size, v.hidden_size * len(v.feature_layers)),
+        "linear_2": (v.text_hidden_size, v.text_hidden_size),
+    },
+    "pixel_shuffle": lambda v: {"modality_projection.proj": (v.text_hidden_size, v.hidden_size * v.scale_factor**2)},
+}
 
 
 def vision_name(vision: VisionConfig, name: str) -> str | None:
@@ -32,20 +42,21 @@ def vision_name(vision: VisionConfig, name: str) -> str | None:
     layer = name.removeprefix(TOWER + "encoder.layers.").partition(".")[0]
     if layer.isdigit() and int(layer) >= vision.num_layers_run:
         return None
-    return None if name.startswith(TOWER + "post_layernorm.") else name
+    return None if vision.class_row and name.startswith(TOWER + "post_layernorm.") else name
 
 
 def vision_weight_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the encoder graph reads for `vision`, under the graph's names."""
-    d, inner, text = vision.hidden_size, vision.intermediate_size, vision.text_hidden_size
+    d, inner = vision.hidden_size, vision.intermediate_size
     e = TOWER + "embeddings."
     shapes: dict[str, tuple[int, ...]] = {
-        e + "class_embedding": (d,),
         e + "patch_embedding.weight": (d, vision.num_channels, vision.patch_size, vision.patch_size),
         e + "position_embedding.weight": (vision.rows_per_image, d),
-        TOWER + "pre_layrnorm.weight": (d,),
-        TOWER + "pre_layrnorm.bias": (d,),
     }
+    # CLIP: a class row and a pre-norm; SigLIP: a patch bias and a post-norm
+    norm = TOWER + ("pre_layrnorm." if vision.class_row else "post_layernorm.")
+    shapes |= {norm + "weight": (d,), norm + "bias": (d,)}
+    shapes |= {e + "class_embedding": (d,)} if vision.class_row else {e + "patch_embedding.bias": (d,)}
     for i in range(vision.num_layers_run):
         p = f"{TOWER}encoder.layers.{i}."
         for norm in ("layer_norm1", "layer_norm2"):
@@ -54,8 +65,8 @@ def vision_weight_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
             shapes |= {f"{p}self_attn.{projection}.weight": (d, d), f"{p}self_attn.{projection}.bias": (d,)}
         shapes |= {f"{p}mlp.fc1.weight": (inner, d), f"{p}mlp.fc1.bias": (inner,)}
         shapes |= {f"{p}mlp.fc2.weight": (d, inner), f"{p}mlp.fc2.bias": (d,)}
-    shapes |= {PROJECTOR + "linear_1.weight": (text, d * len(vision.feature_layers)),
-               PROJECTOR + "linear_2.weight": (text, text)}  # fmt: skip
-    if vision.projector_bias:
-        shapes |= {PROJECTOR + "linear_1.bias": (text,), PROJECTOR + "linear_2.bias": (text,)}
+    for name, (rows, columns) in _PROJECTORS[vision.projector](vision).items():
+        shapes[f"{PROJECTOR}{name}.weight"] = (rows, columns)
+        if vision.projector_bias:
+            shapes[f"{PROJECTOR}{name}.bias"] = (rows,)
     return shapes

@@ -1,0 +1,121 @@
+"""The vision encoder of a multimodal config.json as a VisionConfig: LLaVA's (a CLIP tower, its two-layer projector)
+and Idefics3's, which SmolVLM shares (a SigLIP-style tower read per tile, a pixel shuffle and one linear).
+
+Hub configs leave out the keys transformers defaults, so each family's defaults fill them as its config class
+would; a setting the encoder graph does not implement is refused naming its key."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sagellm.runtime.models.loaded import ModelLoadError
+from sagellm.runtime.models.vision_config import VisionConfig
+
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # transformers' names of the tanh-approximated GELU
+# transformers' activation names -> the graph's ops
+_VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", **dict.fromkeys(GELU_TANH, "gelu_tanh")}
+# transformers' CLIPVisionConfig defaults, for the keys a hub config leaves out of `vision_config`
+_CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
+                  "layer_norm_eps": 1e-5}  # fmt: skip
+# LlavaConfig's tower when config.json gives none: CLIP ViT-L/14 at 336 pixels
+_LLAVA_TOWER = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "image_size": 336, "patch_size": 14}  # fmt: skip
+# transformers' Idefics3VisionConfig defaults (SmolVLMVisionConfig's differ only in hidden_size and image_size, which
+# every hub config gives)
+_IDEFICS3_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 12,
+                      "num_attention_heads": 16, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}  # fmt: skip
+_IDEFICS3 = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+
+
+def vision_from_hf(
+    hf_config: Mapping[str, Any], text_hidden_size: int, source: Path = Path("config.json")
+) -> VisionConfig | None:
+    """The vision encoder of a LLaVA, Idefics3 or SmolVLM config.json, None for a checkpoint served text only (every
+    other class: Gemma 3's and Qwen3.5's towers are not run yet). `text_hidden_size`: its text model's width."""
+    classes = hf_config.get("architectures") or []
+    if "LlavaForConditionalGeneration" in classes:
+        return _llava(hf_config, text_hidden_size, source)
+    if any(c in _IDEFICS3 for c in classes):
+        return _idefics3(hf_config, text_hidden_size, source)
+    return None
+
+
+def _llava(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) -> VisionConfig:
+    given = hf_config.get("vision_config")
+    tower = _CLIP_DEFAULTS | (_LLAVA_TOWER if given is None else _given(given))
+    if tower.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise ModelLoadError(f"{source}: vision_config.model_type {tower['model_type']!r} is not supported (LLaVA's "
+                             "tower: clip_vision_model)")  # fmt: skip
+    layers = int(tower["num_hidden_layers"])
+    given_layer = hf_config.get("vision_feature_layer", -2)
+    chosen = given_layer if isinstance(given_layer, list) else [given_layer]
+    feature_layers = tuple(int(j) + (layers + 1 if int(j) < 0 else 0) for j in chosen)  # of layers + 1 states
+    if not chosen or not all(0 <= j <= layers for j in feature_layers):
+        raise ModelLoadError(f"{source}: vision_feature_layer {given_layer!r} names no hidden state of the "
+                             f"{layers}-layer vision tower")  # fmt: skip
+    strategy = hf_config.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ModelLoadError(f"{source}: vision_feature_select_strategy {strategy!r} is not 'default' or 'full'")
+    return VisionConfig(
+        tower="clip",
+        **_tower_sizes(tower, source),
+        feature_layers=feature_layers,
+        drop_class=strategy == "default",
+        projector="llava_mlp",
+        projector_activation=_activation(hf_config.get("projector_hidden_act", "gelu"), "projector_hidden_act", source),
+        projector_bias=bool(hf_config.get("multimodal_projector_bias", True)),
+        text_hidden_size=text_hidden_size,
+        image_token_id=int(hf_config.get("image_token_index", hf_config.get("image_token_id", 32000))),
+    )
+
+
+def _idefics3(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) -> VisionConfig:
+    """Its tower's last hidden state, post-normed, each scale_factor x scale_factor square of patches joined
+    (Idefics3Connector.pixel_shuffle) and projected by one linear without a bias."""
+    tower = _IDEFICS3_DEFAULTS | _given(hf_config.get("vision_config") or {})
+    sizes = _tower_sizes(tower, source)
+    scale = int(hf_config.get("scale_factor", 2))
+    grid = sizes["image_size"] // sizes["patch_size"]
+    if scale < 1 or grid % scale:
+        raise ModelLoadError(f"{source}: scale_factor {scale} does not divide the tower's {grid} x {grid} patches")
+    return VisionConfig(
+        tower="siglip",
+        **sizes,
+        feature_layers=(sizes["num_layers"],),
+        drop_class=False,
+        projector="pixel_shuffle",
+        projector_activation="",
+        projector_bias=False,
+        text_hidden_size=text_hidden_size,
+        image_token_id=int(hf_config.get("image_token_id", 128257)),
+        scale_factor=scale,
+    )
+
+
+def _given(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _tower_sizes(tower: Mapping[str, Any], source: Path) -> dict[str, Any]:
+    """The VisionConfig fields a `vision_config` gives alike in every family."""
+    return dict(
+        hidden_size=int(tower["hidden_size"]),
+        intermediate_size=int(tower["intermediate_size"]),
+        num_layers=int(tower["num_hidden_layers"]),
+        num_heads=int(tower["num_attention_heads"]),
+        num_channels=int(tower["num_channels"]),
+        patch_size=int(tower["patch_size"]),
+        image_size=int(tower["image_size"]),
+        layer_norm_eps=float(tower["layer_norm_eps"]),
+        activation=_activation(tower["hidden_act"], "vision_config.hidden_act", source),
+    )
+
+
+def _activation(name: str, key: str, source: Path) -> str:
+    if name not in _VISION_ACTIVATIONS:
+        raise ModelLoadError(f"{source}: {key} {name!r} is not supported (have {', '.join(_VISION_ACTIVATIONS)})")
+    return _VISION_ACTIVATIONS[name]
