@@ -1,5 +1,5 @@
 """The graphs shipped with sageLLM, installed as `sagellm.graphs` beside the code: `colocated.yaml` (what `sagellm
-serve` runs unless given a graph), `multi_instance.yaml`, `pd.yaml`, `pd_remote.yaml`.
+serve` runs unless given a graph), `multi_instance.yaml`, `pd.yaml`, `pd_remote.yaml`, `epd.yaml`.
 
 `find` resolves a graph as a user names it: a file that exists, else a shipped graph by its file name, its name
 without `.yaml`, or its path in the repository (`graphs/pd.yaml`), so the README's commands work from any directory

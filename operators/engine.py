@@ -24,6 +24,7 @@ from sagellm.common.memory import return_freed_memory
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.step_trace import StepTraceFile
+from sagellm.runtime.multimodal.media_feature import MediaFeature
 from sagellm.runtime.multimodal.prompt_media import decoded_images
 from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
@@ -383,5 +384,9 @@ ENGINE_OPERATORS = (EngineOperator.name, PrefillOperator.name, DecodeOperator.na
 
 
 def _media(request: Request) -> dict[str, Any] | None:
-    """A request's images as the engine takes them (vLLM's multi_modal_data), decoded from the files it carries."""
+    """A request's images as the engine takes them (vLLM's multi_modal_data): decoded from the files it carries, or
+    the pictures an `encode` node encoded (its prompt then came expanded)."""
+    if request.encoded_images:
+        encoded = [MediaFeature("image", e.hash, e.offset, e.length, None, e.embeds) for e in request.encoded_images]
+        return {"encoded": encoded}
     return {"image": decoded_images(request.images)} if request.images else None

@@ -62,7 +62,8 @@ class RequestIntake:
     ) -> RequestState:
         """The request's state, entered in the engine's table. `scored`: the prompt's logprobs, if asked for, were
         computed where it was prefilled; a resumed request's were too, on its first run. `multi_modal_data`
-        (vLLM's): {"image": a PIL image or a list of them}, one per image placeholder of the prompt."""
+        (vLLM's): {"image": a PIL image or a list of them}, one per image placeholder of the prompt; or {"encoded":
+        MediaFeatures with their embeddings}, an `encode` node's, the prompt given already expanded."""
         adapter = self._adapter(lora_request)
         cache_salt = _salted(cache_salt, adapter)
         if request_id in self._requests:
@@ -108,12 +109,16 @@ class RequestIntake:
     def _with_media(self, token_ids: list[int], data: Mapping[str, Any] | None) -> tuple[list[int], list[MediaFeature]]:
         """The prompt with its images' placeholders expanded, and their features; a model that sees images checks
         every prompt's placeholders pair up with images, so none reads a placeholder's own embedding."""
-        if unknown := set(data or ()) - {"image"}:
+        if unknown := set(data or ()) - {"image", "encoded"}:
             raise InvalidInput(f'multi_modal_data: {", ".join(sorted(unknown))} not taken; images are ("image")')
         if self._media is None:
             if data:
                 raise InvalidInput("this model takes no images (multi_modal_data): serve one with a vision encoder")
             return token_ids, []
+        if "encoded" in (data or {}):  # an `encode` node's: the prompt came expanded, its pictures encoded
+            features = list(data["encoded"])
+            self._media.check_encoded(token_ids, features)
+            return token_ids, features
         images = (data or {}).get("image", [])
         return self._media.expand(token_ids, images if isinstance(images, (list, tuple)) else [images])
 

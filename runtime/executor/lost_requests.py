@@ -107,14 +107,29 @@ class LostRequests:
 
     # -- errors into the graph ------------------------------------------------------------------------------------
     def open_injection(self) -> None:
-        """Errors for lost requests enter where the workers' outputs enter this process (the bridge runs now)."""
+        """Errors for lost requests enter where the workers' outputs enter this process (the bridge runs now), at an
+        entry after which no worker runs: the injection ends only once every worker's output has, so a node that
+        feeds workers (pd_split after an `encode` worker) would wait on itself."""
         bridge = self.bridge
         assert bridge is not None
         targets = [dst for src, dst in bridge.cross_edges() if self.groups[dst] == MAIN]
+        last = [dst for dst in targets if all(self.groups[n] == MAIN for n in self._after(dst))]
         if targets:
             send, recv = trio.open_memory_channel(float("inf"))
             self._inject = send
-            bridge.nursery.start_soon(self._pump_injection, recv, self.executor.inbox(targets[0]))
+            bridge.nursery.start_soon(self._pump_injection, recv, self.executor.inbox((last or targets)[0]))
+
+    def _after(self, node: str) -> set[str]:
+        """The nodes downstream of `node` along the graph's edges."""
+        edges = self.executor.graph.edges
+        seen, frontier = set(), [node]
+        while frontier:
+            at = frontier.pop()
+            for e in edges:
+                if e.src == at and e.dst not in seen:
+                    seen.add(e.dst)
+                    frontier.append(e.dst)
+        return seen
 
     async def _pump_injection(self, recv: trio.MemoryReceiveChannel, inbox: trio.MemorySendChannel) -> None:
         async with recv, inbox:

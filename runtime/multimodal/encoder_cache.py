@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from sagellm.common.errors import InvalidInput
+from sagellm.common.errors import InternalError, InvalidInput
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.media_feature import MediaFeature
 
@@ -22,13 +22,18 @@ class EncoderCache:
         self.hits = self.misses = 0
 
     def embeddings(self, feature: MediaFeature) -> torch.Tensor:
-        """The feature's embeddings [length, H], encoded now unless cached."""
+        """The feature's embeddings [length, H]: those it carries (an `encode` node's), else encoded now unless
+        cached."""
+        if feature.embeds is not None:
+            return feature.embeds
         cached = self._entries.get(feature.hash)
         if cached is not None:
             self._entries.move_to_end(feature.hash)
             self.hits += 1
             return cached
         self.misses += 1
+        if feature.pixel_values is None:
+            raise InternalError("a picture encoded elsewhere came without its embeddings")
         (embeds,) = self.encoder.encode(feature.pixel_values)
         if embeds.shape[0] != feature.length:
             raise InvalidInput(f"the encoder gave {embeds.shape[0]} rows for an image of {feature.length} placeholders")

@@ -20,7 +20,8 @@ class MediaFeature:
     hash: bytes  # media_hash(pixel_values)
     offset: int  # its first placeholder token's position in the prompt
     length: int  # its placeholder tokens: the rows its embeddings fill
-    pixel_values: torch.Tensor  # what the encoder reads for it ([1, C, H, W] for a CLIP tower)
+    pixel_values: torch.Tensor | None  # what the encoder reads for it ([1, C, H, W]); None when encoded elsewhere
+    embeds: torch.Tensor | None = None  # its embeddings [length, H] where an `encode` node computed them
 
     @property
     def end(self) -> int:

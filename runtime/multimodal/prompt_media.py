@@ -86,6 +86,24 @@ class PromptMedia:
             last = place + 1
         return expanded + list(token_ids[last:]), features
 
+    def check_encoded(self, token_ids: Sequence[int], features: Sequence[MediaFeature]) -> None:
+        """Pictures an `encode` node expanded and encoded: each its run of image tokens in the prompt (already
+        expanded), its embeddings one per placeholder, and no image token left without them."""
+        covered = 0
+        for f in features:
+            if f.embeds is None or f.embeds.shape[0] != f.length or f.length != self.tokens_per_image:
+                raise InvalidInput(f"an encoded picture of {f.length} placeholders came with embeddings of shape "
+                                   f"{None if f.embeds is None else tuple(f.embeds.shape)}")  # fmt: skip
+            if (
+                f.offset < 0
+                or any(t != self.image_token_id for t in token_ids[f.offset : f.end])
+                or f.end > len(token_ids)
+            ):
+                raise InvalidInput(f"an encoded picture's placeholders at {f.offset}..{f.end} are not image tokens")
+            covered += f.length
+        if covered != sum(t == self.image_token_id for t in token_ids):
+            raise InvalidInput("the prompt's image tokens and its encoded pictures do not pair up")
+
     def _placeholders(self, processed: ProcessedImages, i: int) -> list[int]:
         """What image i's placeholder becomes: its text tokenized where the processor writes one, else its image
         tokens."""

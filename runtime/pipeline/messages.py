@@ -35,6 +35,17 @@ class _Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw
     request_id: str
 
 
+class EncodedImage(msgspec.Struct, array_like=True, kw_only=True):
+    """One picture of a prompt (an image, or one of its tiles) an `encode` node ran through the vision encoder: its
+    placeholders' place in the expanded prompt, the hash that keys its KV blocks, and its embeddings, which the
+    engine puts in place of those placeholders' token embeddings. `embeds` [length, text hidden] travels as a frame."""
+
+    hash: bytes
+    offset: int
+    length: int
+    embeds: Any = None  # torch.Tensor; None where only its place and key are needed (a decode worker's copy)
+
+
 class Request(_Message):
     """A request as it enters the graph with one of `prompt`, `prompt_token_ids` or `messages`; admission fills
     `prompt_token_ids`, pd_split `phase`, route `instance`."""
@@ -79,6 +90,8 @@ class Request(_Message):
     decode_instance: str | None = None  # a prefill on an attached server: the server route chose to decode it
     lora: LoRARequest | None = None  # the LoRA adapter a request's `model` names (vLLM's --lora-modules)
     images: list[bytes] | None = None  # a chat's images, their files as sent, one per placeholder in prompt order
+    # Its images encoded by an `encode` node (the EPD graph): `prompt_token_ids` is then the expanded prompt
+    encoded_images: list[EncodedImage] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

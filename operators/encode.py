@@ -1,0 +1,127 @@
+"""The `encode` operator: a model's vision encoder as a stage of the graph before prefill (vLLM's and SGLang's "E" of
+EPD), in its own process or beside the engines.
+
+Each request with images is expanded and encoded here: its images preprocessed as the model's processor does, its
+prompt's placeholders expanded (runtime/multimodal/prompt_media.py), every picture of the requests a step took run
+through the encoder in one pass, and the request sent on with its expanded prompt and its pictures' embeddings
+(`Request.encoded_images`, frames on the wire) in place of the image files. The prefill or colocated engine then puts
+those embeddings in place of the placeholders' token embeddings without an encoder pass of its own, and a decode
+worker keys the prompt's blocks by the same hashes. A request without images passes through untouched; one whose
+images cannot be read, or do not pair up with its placeholders, fails alone with a 400's error."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar
+
+from sagellm.common.errors import FieldError, InvalidInput
+from sagellm.runtime.pipeline.messages import EncodedImage, Request, RequestError
+from sagellm.runtime.pipeline.operator import OperatorContext, StepOperator, register_operator
+
+
+@register_operator
+class EncodeOperator(StepOperator):
+    name = "encode"
+    accepts = (Request,)
+    threads_param = "num_threads"
+    parameter_help: ClassVar[dict[str, str]] = {
+        "model": "the model whose vision encoder runs here (default: the graph's)",
+        "backend": "the backend the encoder runs on (cpu, cuda, ...)",
+        "max_batch": "requests whose images one step encodes together",
+        "num_threads": "torch threads the encoder computes with (default: torch's)",
+        "limit_images": "the most images one prompt may carry (vLLM's --limit-mm-per-prompt; default: no cap)",
+    }
+
+    def __init__(
+        self,
+        model: str | None = None,
+        backend: str = "cpu",
+        max_batch: int = 8,
+        num_threads: int | None = None,
+        limit_images: int | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise FieldError("max_batch", f"max_batch must be >= 1, got {max_batch}")
+        if limit_images is not None and limit_images < 0:
+            raise FieldError("limit_images", f"limit_images must be >= 0, got {limit_images}")
+        self.model, self.backend, self.max_batch = model, backend, max_batch
+        self.num_threads, self.limit_images = num_threads, limit_images
+        self._queue: list[Request] = []
+        self.encoder: Any = None
+        self.prompts: Any = None
+        self.tokenizer: Any = None
+
+    def open(self, ctx: OperatorContext) -> None:
+        super().open(ctx)
+        # Imported here: listing or validating operators must not load torch.
+        import torch
+
+        from sagellm.backends import get_backend
+        from sagellm.runtime.models.loader import load_model
+        from sagellm.runtime.models.model_cache import resolve_model
+        from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
+        from sagellm.runtime.multimodal.prompt_media import PromptMedia
+
+        model = self.model or ctx.graph_attrs.get("model")
+        if not model:
+            raise InvalidInput(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        loaded = load_model(resolve_model(str(model)))
+        vision = loaded.config.vision
+        if vision is None:
+            raise InvalidInput(f"node {ctx.node_id!r}: model {model} has no vision encoder to run")
+        kept = {name: w for name, w in loaded.weights.items() if name.startswith(("vision_tower.", "multi_modal"))}
+        self.encoder = EncoderRunner(loaded.config, kept, get_backend(self.backend))
+        self.tokenizer = loaded.tokenizer
+        encode = functools.partial(loaded.tokenizer.encode, add_special_tokens=False)
+        self.prompts = PromptMedia.from_model_dir(loaded.source, vision.image_token_id, vision.tokens_per_image,
+                                                  encode, self.limit_images)  # fmt: skip
+
+    def close(self) -> None:
+        self.encoder = self.prompts = self.tokenizer = None
+
+    # -- the Step contract ----------------------------------------------------------------------------------------
+    def add(self, item: Request) -> list[Any]:
+        if not item.images:
+            return [item]
+        self._queue.append(item)
+        return []
+
+    def step(self) -> list[Any]:
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        import torch
+
+        from sagellm.runtime.multimodal.prompt_media import decoded_images
+
+        out: list[Any] = []
+        expanded: list[tuple[Request, list[int], list[Any]]] = []
+        for request in batch:
+            try:
+                ids = request.prompt_token_ids
+                if ids is None:
+                    ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=True)
+                expanded.append((request, *self.prompts.expand(ids, decoded_images(request.images))))
+            except (InvalidInput, OSError, ValueError) as error:  # (PIL's UnidentifiedImageError is an OSError)
+                out.append(RequestError(request_id=request.request_id, code="invalid_request", message=str(error)))
+        pictures = [f.pixel_values for _, _, features in expanded for f in features]
+        embeds = iter(self.encoder.encode(torch.cat(pictures)) if pictures else [])
+        for request, ids, features in expanded:
+            request.prompt_token_ids, request.images = ids, None
+            request.encoded_images = [EncodedImage(hash=f.hash, offset=f.offset, length=f.length,
+                                                   embeds=next(embeds).clone()) for f in features]  # fmt: skip
+            out.append(request)
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def capacity(self) -> int:
+        return max(0, 4 * self.max_batch - len(self._queue))
+
+    def in_flight(self) -> list[str]:
+        return [r.request_id for r in self._queue]
+
+    def abort(self, request_ids: list[str]) -> None:
+        gone = set(request_ids)
+        self._queue = [r for r in self._queue if r.request_id not in gone]

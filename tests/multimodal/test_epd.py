@@ -1,0 +1,115 @@
+"""The encoder as a stage of the graph (EPD): the `encode` operator expands a request's image placeholders and encodes
+its pictures, an engine given its output runs no encoder pass of its own and gives the tokens it gives the images
+themselves, and through `graphs/epd.yaml` (encode, prefill and decode in three processes, the embeddings sent on as
+frames) the openai SDK's images get transformers' tokens on the tiny SmolVLM (tests/tiny_vision_models.py), a text
+chat passes the encoder untouched, and a corrupt image fails its request alone with a 400."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, SmolVLMForConditionalGeneration
+
+import sagellm.operators  # noqa: F401  (registers the operators)
+from sagellm import LLM, SamplingParams
+from sagellm.operators.encode import EncodeOperator
+from sagellm.operators.engine import _media
+from sagellm.runtime.pipeline.messages import Request, RequestError
+from sagellm.runtime.pipeline.operator import OperatorContext
+from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_idefics3
+
+TOKENS = 6
+GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
+PROMPT = f"User:{IMAGE_TOKEN}what is it?<end_of_utterance>\nAssistant:"
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "PNG")
+    return out.getvalue()
+
+
+WIDE, TALL = png(40, 30, 0), png(20, 41, 1)  # 2 x 2 tiles and the whole image; 2 x 1 and the whole image
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory) -> Path:
+    return make_tiny_idefics3(tmp_path_factory.mktemp("smolvlm") / "smolvlm", smolvlm=True)
+
+
+@pytest.fixture(scope="module")
+def encoder(smolvlm) -> EncodeOperator:
+    operator = EncodeOperator(max_batch=4)
+    operator.open(OperatorContext("encode", graph_attrs={"model": str(smolvlm)}))
+    return operator
+
+
+def test_an_engine_given_the_encode_nodes_output_encodes_nothing_and_gives_the_same_tokens(smolvlm, encoder):
+    requests = [Request(request_id=f"r{i}", prompt=PROMPT, images=[image]) for i, image in enumerate((WIDE, TALL))]
+    for request in requests:
+        assert encoder.add(request) == []
+    plain = Request(request_id="text", prompt="User: hello<end_of_utterance>\nAssistant:")
+    assert encoder.add(plain) == [plain] and encoder.has_work()  # no images: passed on at once
+    encoded = encoder.step()
+    assert [r.request_id for r in encoded] == ["r0", "r1"] and not encoder.has_work()
+    assert [len(r.encoded_images) for r in encoded] == [5, 3] and all(r.images is None for r in encoded)
+    llm = LLM(str(smolvlm), max_num_seqs=2, num_kv_blocks=64, enable_prefix_caching=False)
+    given = llm.generate([{"prompt_token_ids": r.prompt_token_ids, "multi_modal_data": _media(r)} for r in encoded],
+                         GREEDY)  # fmt: skip
+    assert llm.engine.runner.encoder.misses == 0  # the pictures came encoded
+    images = [Image.open(io.BytesIO(data)) for data in (WIDE, TALL)]
+    own = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": [image]}} for image in images], GREEDY)
+    assert llm.engine.runner.encoder.misses == 8  # its own encoder, once a picture
+    assert [o.outputs[0].token_ids for o in given] == [o.outputs[0].token_ids for o in own]
+    assert [o.prompt_token_ids for o in given] == [o.prompt_token_ids for o in own]
+
+
+def test_a_request_whose_image_does_not_decode_fails_alone(encoder):
+    good = Request(request_id="good", prompt=PROMPT, images=[TALL])
+    bad = Request(request_id="bad", prompt=PROMPT, images=[b"\x89PNG not really"])
+    unpaired = Request(request_id="unpaired", prompt="no placeholder here", images=[TALL])
+    for request in (good, bad, unpaired):
+        encoder.add(request)
+    out = {item.request_id: item for item in encoder.step()}
+    assert isinstance(out["good"], Request) and out["good"].encoded_images
+    assert isinstance(out["bad"], RequestError) and out["bad"].code == "invalid_request"
+    assert isinstance(out["unpaired"], RequestError) and "placeholder" in out["unpaired"].message
+
+
+def test_the_epd_graph_serves_the_sdks_images_with_transformers_tokens(smolvlm, tmp_path):
+    hf = SmolVLMForConditionalGeneration.from_pretrained(smolvlm, dtype=torch.float32, attn_implementation="eager")
+    processor = AutoProcessor.from_pretrained(smolvlm)
+    parts = [{"type": "image"}, {"type": "text", "text": "what is this?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+    expected = []
+    for data in (WIDE, TALL):
+        inputs = processor(text=text, images=[[Image.open(io.BytesIO(data))]], return_tensors="pt")
+        with torch.inference_mode():
+            out = hf.eval().generate(**inputs, max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
+        expected.append(out[0, inputs["input_ids"].shape[1] :].tolist())
+    with running_gateway(GRAPHS / "epd.yaml", tiny_config(tmp_path), smolvlm) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+
+        def chat(content: list[dict]):
+            return client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": content}], max_tokens=TOKENS, temperature=0,
+                extra_body={"return_token_ids": True},
+            )  # fmt: skip
+
+        replies = []
+        for data in (WIDE, TALL):
+            url = "data:image/png;base64," + base64.b64encode(data).decode()
+            replies.append(chat([{"type": "image_url", "image_url": {"url": url}}, parts[1]]))
+        text_only = chat([{"type": "text", "text": "hello"}])  # no images: past the encode node as ever
+    assert [r.choices[0].token_ids for r in replies] == expected
+    assert text_only.choices[0].token_ids and text_only.usage.prompt_tokens < 30
