@@ -39,7 +39,7 @@ from sagellm.runtime.pipeline.operator import (
     StepOperator,
     get_operator,
 )
-from sagellm.runtime.pipeline.served_model import context_limit
+from sagellm.runtime.pipeline.served_model import context_limit, image_limit
 
 
 @dataclass
@@ -86,7 +86,8 @@ class LocalExecutor:
         self.local = list(nodes if nodes is not None else graph.nodes)
         self.instances = instances if instances is not None else instances_of(graph)
         # The graph's attributes for its operators, with the context its engine nodes limit requests to.
-        self.graph_attrs = {"max_model_len": context_limit(graph), **graph.attrs, **(graph_attrs or {})}
+        limits = {"max_model_len": context_limit(graph), "max_images": image_limit(graph)}
+        self.graph_attrs = {**limits, **graph.attrs, **(graph_attrs or {})}
         self._progress = Pulse()  # fired whenever a request ends
         self.ledger = RequestLedger(keep_outcomes=keep_outcomes)
         self.ledger.on_terminal.append(lambda _: self._progress.fire())

@@ -1,10 +1,11 @@
 """What a graph's front (admission, the sources, the gateway) reads of the model the graph serves, without its
-weights: the tokenizer, the config, the sampling defaults and the context its engines serve.
+weights: the tokenizer, the config, the sampling defaults, the context its engines serve and how many images a
+prompt may carry.
 
 The operators that need it (admission, the sources, the gateway's `http_source`, `rag_retrieve`) load it at `open`, from
 the graph's `model` as written (a name is resolved, and an alias downloaded, on the host that runs the node), once per
 process however many of them read it. The executor knows nothing of models: it hands operators the graph's attributes
-and the context limit its engine nodes set."""
+and the limits its engine and encode nodes set."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class ServedModel:
     config: Any
     sampling_defaults: dict[str, Any] | None = None
     max_model_len: int | None = None  # the context the graph's engines serve (`served_context`)
+    max_images: int | None = None  # images a prompt may carry (`image_limit`; None: no cap)
 
     @property
     def vocab_size(self) -> int | None:
@@ -38,6 +40,15 @@ def context_limit(graph: Graph) -> int | None:
     """The smallest `max_model_len` any node of the graph sets, in any process (None: none sets one)."""
     lengths = [n.params["max_model_len"] for n in graph.nodes.values() if n.params.get("max_model_len") is not None]
     return min(lengths, default=None)
+
+
+def image_limit(graph: Graph) -> int | None:
+    """The fewest images per prompt any node of the graph allows (an engine's `limit_mm_per_prompt`, an encode
+    node's `limit_images`; None: none caps them), so the gateway refuses more before it fetches any."""
+    nodes = graph.nodes.values()
+    engines = [(n.params.get("limit_mm_per_prompt") or {}).get("image") for n in nodes]
+    encoders = [n.params.get("limit_images") for n in nodes]
+    return min((limit for limit in (*engines, *encoders) if limit is not None), default=None)
 
 
 def served_context(limit: int | None, model_config: Any) -> int | None:
@@ -54,11 +65,11 @@ def served_model(attrs: Mapping[str, Any]) -> ServedModel | None:
     if given is not None:
         return given
     model = attrs.get("model")
-    return _load(str(model), attrs.get("max_model_len")) if model else None
+    return _load(str(model), attrs.get("max_model_len"), attrs.get("max_images")) if model else None
 
 
 @functools.lru_cache(maxsize=8)
-def _load(model: str, limit: int | None) -> ServedModel:
+def _load(model: str, limit: int | None, max_images: int | None) -> ServedModel:
     # Imported here: listing or validating operators must not load torch.
     from sagellm.runtime.engine.sampling_params import model_sampling_defaults
     from sagellm.runtime.models.loader import load_model
@@ -67,4 +78,4 @@ def _load(model: str, limit: int | None) -> ServedModel:
     path = resolve_model(model)
     loaded = load_model(path, load_weights=False)
     context = served_context(limit, loaded.config)
-    return ServedModel(str(path), loaded.tokenizer, loaded.config, model_sampling_defaults(loaded), context)
+    return ServedModel(str(path), loaded.tokenizer, loaded.config, model_sampling_defaults(loaded), context, max_images)

@@ -170,8 +170,9 @@ def test_the_openai_sdk_sends_smolvlm_an_image_and_gets_transformers_tokens_with
             )  # fmt: skip
 
         reply = chat(image)
-        with pytest.raises(openai.BadRequestError, match="limit_mm_per_prompt"):
-            chat(image, image)
+        with pytest.raises(openai.BadRequestError, match="limit_mm_per_prompt") as refused:
+            chat(image, image)  # refused at the door, before either image is read
+        assert refused.value.body["param"] == "messages[0].content[1].image_url"
     assert reply.choices[0].token_ids == expected
     assert reply.usage.prompt_tokens == hf_inputs(processor, text, [WIDE])["input_ids"].shape[1]
 

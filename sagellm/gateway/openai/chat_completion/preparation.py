@@ -80,7 +80,7 @@ class ChatPreparation:
         request, constraint, tool_use = self._chat_request(body, headers)
         request.owner = owner
         if parts := image_parts(body):  # each image's file, fetched and checked under the operator's policy
-            self._check_sees_images(request, parts[0][0])
+            self._check_sees_images(request, [param for param, _ in parts])
             request.images = [await image_bytes(url, self.media, param) for param, url in parts]
         await self.hand_off.take(body, [request], body.n)
         sources = await self._ground(request, body)
@@ -94,13 +94,19 @@ class ChatPreparation:
             request.sampling.thinking = self._thinking_budget(self.reasoning_budget, plan, request)
         return request, plan, sources
 
-    def _check_sees_images(self, request: Request, param: str) -> None:
-        """Images go to the graph's own model where it has a vision encoder; a 400 naming the first image part
-        otherwise (a model served by another server is sent text only, for now)."""
-        served = self.core.served
+    def _check_sees_images(self, request: Request, params: list[str]) -> None:
+        """Images go to the graph's own model where it has a vision encoder, as many as its engines take (checked
+        here, before any is fetched); a 400 naming the first image part otherwise, or the first one too many (a model
+        served by another server is sent text only, for now)."""
+        served, param = self.core.served, params[0]
         if request.model is not None or served is None or served.config.vision is None:
             name = request.model or self.core.model_name
             raise ApiError(400, f"{param}: model {name!r} takes no images (it has no vision encoder here)", param=param)
+        if served.max_images is not None and len(params) > served.max_images:
+            extra = params[served.max_images]
+            message = (f"{extra}: at most {served.max_images} image(s) may be given in one prompt "
+                       f"(limit_mm_per_prompt); this one has {len(params)}")  # fmt: skip
+            raise ApiError(400, message, param=extra)
 
     def _keep_harmony_markers(self, request: Request) -> None:
         """A Harmony reply is read by its markers, which are special tokens: its text keeps them (the engine leaves
