@@ -67,12 +67,9 @@ class EncodeOperator(StepOperator):
             raise InvalidInput(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        loaded = load_model(resolve_model(str(model)))
+        loaded = load_model(resolve_model(str(model)), vision_only=True)  # the tower and projector alone
         vision = loaded.config.vision
-        if vision is None:
-            raise InvalidInput(f"node {ctx.node_id!r}: model {model} has no vision encoder to run")
-        kept = {name: w for name, w in loaded.weights.items() if name.startswith(("vision_tower.", "multi_modal"))}
-        self.encoder = EncoderRunner(loaded.config, kept, get_backend(self.backend))
+        self.encoder = EncoderRunner(loaded.config, loaded.weights, get_backend(self.backend))
         self.tokenizer = loaded.tokenizer
         encode = functools.partial(loaded.tokenizer.encode, add_special_tokens=False)
         self.prompts = PromptMedia.from_model_dir(loaded.source, vision.image_token_id, vision.tokens_per_image,

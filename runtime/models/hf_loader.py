@@ -27,6 +27,7 @@ from sagellm.runtime.models.architectures.checkpoint_names import (
 )
 from sagellm.runtime.models.architectures.families import BY_NAME
 from sagellm.runtime.models.architectures.hf_config import config_from_hf
+from sagellm.runtime.models.architectures.vision_weights import vision_weight_shapes
 from sagellm.runtime.models.architectures.weight_shapes import check_weights
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe, read_json
@@ -38,15 +39,24 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def load_hf_dir(
-    model_dir: Path, *, dtype: torch.dtype, load_tokenizer: bool, load_weights: bool, mtp_head: bool = False
+    model_dir: Path,
+    *,
+    dtype: torch.dtype,
+    load_tokenizer: bool,
+    load_weights: bool,
+    mtp_head: bool = False,
+    vision_only: bool = False,
 ) -> LoadedModel:
-    """`mtp_head`: read the multi-token prediction head's weights too (mtp_head.py), under their `mtp.` names."""
+    """`mtp_head`: read the multi-token prediction head's weights too (mtp_head.py), under their `mtp.` names;
+    `vision_only`: the vision encoder's alone (a model that sees images)."""
     generation_path = model_dir / "generation_config.json"
     generation = read_json(generation_path) if generation_path.is_file() else None
     config = config_from_hf(read_json(model_dir / "config.json"), generation, model_dir / "config.json")
     if mtp_head and not config.num_mtp_layers:
         raise ModelLoadError(f"{model_dir}: has no multi-token prediction head (config.json: mtp_num_hidden_layers)")
-    weights, quantized = _read_weights(model_dir, config, dtype, mtp_head) if load_weights else ({}, {})
+    if vision_only and config.vision is None:
+        raise ModelLoadError(f"{model_dir}: has no vision encoder")
+    weights, quantized = _read_weights(model_dir, config, dtype, mtp_head, vision_only) if load_weights else ({}, {})
     tokenizer = load_hf_tokenizer(model_dir) if load_tokenizer else None
     template = read_hf_chat_template(model_dir)
     defaults = from_generation_config(generation)
@@ -56,10 +66,11 @@ def load_hf_dir(
 
 
 def _read_weights(
-    model_dir: Path, config: ModelConfig, dtype: torch.dtype, mtp_head: bool
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype, mtp_head: bool, vision_only: bool = False
 ) -> tuple[WeightsOnRead, dict[str, QuantizedWeight]]:
     """The weights under their canonical names, and the MXFP4 experts as blocks (`quantized`; their floats made
-    only if read)."""
+    only if read); `vision_only`: the vision encoder's alone, the others never read from the files."""
+    vision = vision_weight_shapes(config.vision) if vision_only and config.vision is not None else None
     weights: dict[str, torch.Tensor] = {}
     mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a stacked expert tensor's blocks and scales, as they are read
     arch = BY_NAME[config.architecture]
@@ -69,7 +80,7 @@ def _read_weights(
             with safe_open(str(path), framework="pt") as f:
                 for stored in f.keys():  # noqa: SIM118 -- safe_open is not a Mapping
                     name = _head_name(config, stored) if mtp_head else canonical_name(config, stored)
-                    if name is None or _ignored(name, config):
+                    if name is None or _ignored(name, config) or (vision is not None and name not in vision):
                         continue
                     tensor = f.get_tensor(stored)
                     if name.endswith(MXFP4_HALVES):  # a pair may span two shards: joined once all are read
@@ -93,6 +104,9 @@ def _read_weights(
     quantized, on_read = _mxfp4_experts(model_dir, mxfp4, dtype, weights)
     loaded = WeightsOnRead(weights, on_read)
     shapes = loaded.shapes()
+    if vision is not None:
+        check_weights(config, shapes, model_dir, expected=vision)
+        return loaded, quantized
     check_weights(config, {name: shape for name, shape in shapes.items() if not is_head_weight(name)}, model_dir)
     if mtp_head:
         head = {name: shape for name, shape in shapes.items() if is_head_weight(name)}

@@ -2,7 +2,8 @@
 its pictures, an engine given its output runs no encoder pass of its own and gives the tokens it gives the images
 themselves, and through `graphs/epd.yaml` (encode, prefill and decode in three processes, the embeddings sent on as
 frames) the openai SDK's images get transformers' tokens on the tiny SmolVLM (tests/tiny_vision_models.py), a text
-chat passes the encoder untouched, and a corrupt image fails its request alone with a 400."""
+chat passes the encoder untouched, and a corrupt image fails its request alone with a 400; the encode node reads
+the encoder's weights alone."""
 
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ import sagellm.operators  # noqa: F401  (registers the operators)
 from sagellm import LLM, SamplingParams
 from sagellm.operators.encode import EncodeOperator
 from sagellm.operators.engine import _media
+from sagellm.runtime.models.architectures.vision_weights import vision_weight_shapes
+from sagellm.runtime.models.loaded import ModelLoadError
+from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import OperatorContext
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.tiny_models import make_tiny_llama
 from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_idefics3
 
 TOKENS = 6
@@ -113,3 +118,10 @@ def test_the_epd_graph_serves_the_sdks_images_with_transformers_tokens(smolvlm, 
         text_only = chat([{"type": "text", "text": "hello"}])  # no images: past the encode node as ever
     assert [r.choices[0].token_ids for r in replies] == expected
     assert text_only.choices[0].token_ids and text_only.usage.prompt_tokens < 30
+
+
+def test_the_encode_node_reads_the_vision_encoders_weights_alone(smolvlm, tmp_path):
+    loaded = load_model(smolvlm, vision_only=True)
+    assert set(loaded.weights) == set(vision_weight_shapes(loaded.config.vision))
+    with pytest.raises(ModelLoadError, match="has no vision encoder"):
+        load_model(make_tiny_llama(tmp_path / "llama"), vision_only=True)
