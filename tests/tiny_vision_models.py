@@ -23,12 +23,15 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_llava(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+def make_tiny_llava(
+    directory: str | Path, seed: int = 0, text_settings: dict[str, Any] | None = None, **overrides: Any
+) -> Path:
     """Save a random tiny LlavaForConditionalGeneration to `directory`: make_tiny_llama's text model (with `<image>`
     added to the tokenizer as id 320) beside a 3-layer CLIP tower on 28-pixel images of 14-pixel patches (4 image
     tokens each) whose second-to-last hidden state LLaVA's projector reads, its class row dropped; and the
     LlavaProcessor (CLIP's image processor, LLAVA_CHAT_TEMPLATE) that writes the prompts. `overrides` go to
-    LlavaConfig (vision_feature_layer, vision_feature_select_strategy, ...)."""
+    LlavaConfig (vision_feature_layer, vision_feature_select_strategy, ...), `text_settings` to the text model's
+    LlamaConfig (max_position_embeddings, ...)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -43,7 +46,7 @@ def make_tiny_llava(directory: str | Path, seed: int = 0, **overrides: Any) -> P
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=28, patch_size=14)  # fmt: skip
-    text = LlamaConfig(**_LLAMA_DEFAULTS, vocab_size=len(tokenizer))
+    text = LlamaConfig(**(_LLAMA_DEFAULTS | (text_settings or {})), vocab_size=len(tokenizer))
     settings = dict(image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
                     vision_feature_select_strategy="default", projector_hidden_act="gelu")  # fmt: skip
     config = LlavaConfig(vision_config=vision, text_config=text, **(settings | overrides))

@@ -2,7 +2,7 @@
 - one of two engine worker processes killed (SIGKILL) during 16 greedy streams: every stream ends once, with
   `length` and exactly the text an uninterrupted run gives (those on the lost worker resumed on the other one from
   their prompt and the tokens so far, with what is left of their `min_tokens`), and the gateway counts the resumed
-  retries (also with gpt-oss's layer); the same for 16 streams of 4 seeded sampled choices each (every choice
+  retries (also with gpt-oss's layer, and for chats about an image); the same for 16 streams of 4 seeded sampled choices each (every choice
   resumes on its own and draws what it would have), and for 16 chats whose replies are constrained to a JSON
   schema (through the openai SDK): each resumed one still follows the schema;
 - one of two attached servers gone between two health checks: the requests sent to it are tried again on the other
@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
 import json
 import os
 import re
@@ -26,11 +28,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from sagellm.gateway.config import FailoverPolicy
 from tests.gateway.conftest import GRAPHS, LOCAL_UPSTREAMS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.gateway.test_instances import attach
 from tests.tiny_models import make_tiny_gemma4, make_tiny_gpt_oss, make_tiny_llama, make_tiny_qwen3_5
+from tests.tiny_vision_models import make_tiny_llava
 
 pytestmark = pytest.mark.slow  # worker processes and servers
 
@@ -331,3 +335,46 @@ def test_no_token_in_time_is_a_timeout_once_nothing_is_left_to_try(long_model, t
         while gw.core.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         assert gw.core.in_flight == 0  # the abandoned attempts left nothing behind
+
+
+def image_stream(url: str, image: str, index: int, outcomes: dict[int, list[str]], texts: dict[int, str]) -> None:
+    """`stream`'s greedy stream as a chat about an image (a data URL): its prompt holds the image's placeholders."""
+    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": f"stream {index}"}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 300, "min_tokens": 300,
+            "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+    ends, texts[index] = outcomes.setdefault(index, []), ""
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=REPLY_TIMEOUT_S) as reply:
+        if reply.status_code != 200:
+            ends.append(json.loads(reply.read())["error"]["code"])
+            return
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if "error" in event:
+                ends.append(event["error"]["code"])
+                continue
+            choice = event["choices"][0]
+            texts[index] += choice["delta"].get("content") or ""
+            if choice["finish_reason"]:
+                ends.append(choice["finish_reason"])
+
+
+def test_streams_about_an_image_on_a_killed_worker_resume_with_the_same_text(tmp_path):
+    """A chat about an image resumed on the other worker: its prompt (the image's placeholders expanded there again,
+    the image encoded again) plus its tokens so far, prefilled anew, continue as the uninterrupted stream does."""
+    model = make_tiny_llava(tmp_path / "llava", text_settings={"max_position_embeddings": 4096})
+    graph = tmp_path / "two.yaml"
+    graph.write_text(TWO_WORKERS.format(model=model))
+    pixels = io.BytesIO()
+    Image.effect_noise((37, 23), 60).convert("RGB").save(pixels, "PNG")
+    image = "data:image/png;base64," + base64.b64encode(pixels.getvalue()).decode()
+    with running_gateway(graph, tiny_config(tmp_path)) as gw:
+        texts, outcomes = streams_across_a_kill(gw, functools.partial(image_stream, gw.url, image))
+        assert outcomes == {i: ["length"] for i in range(STREAMS)}
+        assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
+        reference: dict[int, str] = {}
+        with ThreadPoolExecutor(STREAMS) as pool:
+            list(pool.map(lambda i: image_stream(gw.url, image, i, {}, reference), range(STREAMS)))
+        for i in range(STREAMS):
+            assert texts[i] == reference[i], f"stream {i} differs after its resume"
