@@ -25,6 +25,10 @@ from tests.tiny_models import make_tiny_llama
 SAGELLM = shutil.which("sagellm", path=str(Path(sys.executable).parent)) or "sagellm"
 UP_ARROW, CTRL_C = "\x1b[A", "\x03"
 
+# How long a person takes at least to press a key after the prompt shows: CPython's readline waits for input in a
+# select() it enters after drawing the prompt, and a Ctrl-C in the moment between is handled only at the next key.
+AT_PROMPT_S = 0.2
+
 
 class Terminal:
     """A command on a pseudo-terminal of its own (its controlling terminal: Ctrl-C typed is its SIGINT)."""
@@ -122,8 +126,11 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session_and_up_recalls_the_last_li
     chat.type("/clear\r")
     chat.expect("(conversation cleared)")
     chat.expect(PROMPT)
+    time.sleep(AT_PROMPT_S)
     chat.type(CTRL_C)
     chat.expect("Ctrl-C again")
+    chat.expect(PROMPT)
+    time.sleep(AT_PROMPT_S)
     chat.type(CTRL_C)
     assert chat.exit_code() == 0
     history = (home / "chat_history").read_text()
