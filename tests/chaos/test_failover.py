@@ -2,9 +2,9 @@
 - one of two engine worker processes killed (SIGKILL) during 16 greedy streams: every stream ends once, with
   `length` and exactly the text an uninterrupted run gives (those on the lost worker resumed on the other one from
   their prompt and the tokens so far, with what is left of their `min_tokens`), and the gateway counts the resumed
-  retries (also with gpt-oss's layer, and for chats about an image); the same for 16 streams of 4 seeded sampled choices each (every choice
-  resumes on its own and draws what it would have), and for 16 chats whose replies are constrained to a JSON
-  schema (through the openai SDK): each resumed one still follows the schema;
+  retries (also with gpt-oss's layer, and for chats about an image); the same for 16 streams of 4 seeded sampled
+  choices each (every choice resumes on its own and draws what it would have), and for 16 chats whose replies are
+  constrained to a JSON schema (through the openai SDK): each resumed one still follows the schema;
 - one of two attached servers gone between two health checks: the requests sent to it are tried again on the other
   before any token, and all succeed;
 - a request whose instance gives no token in time ends with a `timeout` (HTTP 504, or an error event once
