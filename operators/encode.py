@@ -11,7 +11,6 @@ images cannot be read, or do not pair up with its placeholders, fails alone with
 
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar
 
 from sagellm.common.errors import FieldError, InvalidInput
@@ -68,12 +67,9 @@ class EncodeOperator(StepOperator):
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
         loaded = load_model(resolve_model(str(model)), vision_only=True)  # the tower and projector alone
-        vision = loaded.config.vision
         self.encoder = EncoderRunner(loaded.config, loaded.weights, get_backend(self.backend))
         self.tokenizer = loaded.tokenizer
-        encode = functools.partial(loaded.tokenizer.encode, add_special_tokens=False)
-        self.prompts = PromptMedia.from_model_dir(loaded.source, vision.image_token_id, vision.tokens_per_image,
-                                                  encode, self.limit_images)  # fmt: skip
+        self.prompts = PromptMedia.of_model(loaded.config.vision, loaded.source, loaded.tokenizer, self.limit_images)
 
     def close(self) -> None:
         self.encoder = self.prompts = self.tokenizer = None

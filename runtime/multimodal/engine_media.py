@@ -5,7 +5,6 @@ mmproj, tensor or pipeline parallel ranks)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,6 @@ def engine_media(
                            "pipeline_parallel_size 1")  # fmt: skip
     if not source.is_dir():
         raise InvalidInput(f"{source}: images need the checkpoint's directory (its preprocessor's settings)")
-    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
-    prompts = PromptMedia.from_model_dir(source, vision.image_token_id, vision.tokens_per_image, encode, max_images)
+    prompts = PromptMedia.of_model(vision, source, tokenizer, max_images)
     encoder = EncoderRunner(config, weights, backend, linear_dtype=linear_dtype)
     return EngineMedia(prompts, EncoderCache(encoder, IMAGES_CACHED * vision.tokens_per_image))

@@ -10,15 +10,18 @@ tags), so expanding ids is what expanding the text before tokenizing gives."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from sagellm.common.errors import InvalidInput
+from sagellm.runtime.models.vision_config import VisionConfig
 from sagellm.runtime.multimodal.image_processing import image_processor_for
 from sagellm.runtime.multimodal.media_feature import MediaFeature, media_hash
 from sagellm.runtime.multimodal.processed_images import ImageProcessor, ProcessedImages
@@ -60,6 +63,13 @@ class PromptMedia:
                                ": the model's images cannot be preprocessed")  # fmt: skip
         processor = image_processor_for(preprocessor, processor_file)
         return cls(processor, image_token_id, tokens_per_image, encode, max_images)
+
+    @classmethod
+    def of_model(cls, vision: VisionConfig, directory: Path, tokenizer: Any, max_images: int | None) -> PromptMedia:
+        """A loaded model's: its checkpoint `directory`, its vision encoder's placeholder and embeddings per picture,
+        its (Hugging Face) tokenizer for the placeholders' text."""
+        encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+        return cls.from_model_dir(directory, vision.image_token_id, vision.tokens_per_image, encode, max_images)
 
     def expand(self, token_ids: Sequence[int], images: Sequence[Image.Image]) -> tuple[list[int], list[MediaFeature]]:
         """The prompt with each image's placeholder expanded, and its pictures' features in order."""
