@@ -7,7 +7,8 @@ through the encoder in one pass, and the request sent on with its expanded promp
 (`Request.encoded_images`, frames on the wire) in place of the image files. The prefill or colocated engine then puts
 those embeddings in place of the placeholders' token embeddings without an encoder pass of its own, and a decode
 worker keys the prompt's blocks by the same hashes. A request without images passes through untouched; one whose
-images cannot be read, or do not pair up with its placeholders, fails alone with a 400's error."""
+images cannot be read, or do not pair up with its placeholders, fails alone with a 400's error. Audio clips pass
+through too, to the engine that prefills their prompt, which encodes them itself (this node runs images only)."""
 
 from __future__ import annotations
 
@@ -66,17 +67,19 @@ class EncodeOperator(StepOperator):
             raise InvalidInput(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        loaded = load_model(resolve_model(str(model)), vision_only=True)  # the tower and projector alone
-        self.encoder = EncoderRunner(loaded.config, loaded.weights, get_backend(self.backend))
+        loaded = load_model(resolve_model(str(model)), encoders_only=True)  # the tower and projector alone
+        vision = loaded.config.vision is not None  # a model that hears but does not see: everything passes
+        self.encoder = EncoderRunner(loaded.config, loaded.weights, get_backend(self.backend)) if vision else None
         self.tokenizer = loaded.tokenizer
-        self.prompts = PromptMedia.of_model(loaded.config.vision, loaded.source, loaded.tokenizer, self.limit_images)
+        limits = {"image": self.limit_images} if self.limit_images is not None else None
+        self.prompts = PromptMedia.of_model(loaded.config, loaded.source, loaded.tokenizer, limits)
 
     def close(self) -> None:
         self.encoder = self.prompts = self.tokenizer = None
 
     # -- the Step contract ----------------------------------------------------------------------------------------
     def add(self, item: Request) -> list[Any]:
-        if not item.images:
+        if not item.images or self.encoder is None:
             return [item]
         self._queue.append(item)
         return []
@@ -94,10 +97,10 @@ class EncodeOperator(StepOperator):
                 ids = request.prompt_token_ids
                 if ids is None:
                     ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=True)
-                expanded.append((request, *self.prompts.expand(ids, decoded_images(request.images))))
+                expanded.append((request, *self.prompts.expand(ids, {"image": decoded_images(request.images)})))
             except (InvalidInput, OSError, ValueError) as error:  # (PIL's UnidentifiedImageError is an OSError)
                 out.append(RequestError(request_id=request.request_id, code="invalid_request", message=str(error)))
-        pictures = [f.pixel_values for _, _, features in expanded for f in features]
+        pictures = [f.encoder_input for _, _, features in expanded for f in features]
         embeds = iter(self.encoder.encode(torch.cat(pictures)) if pictures else [])
         for request, ids, features in expanded:
             request.prompt_token_ids, request.images = ids, None

@@ -57,6 +57,6 @@ def _check(item: PrefillDone) -> str | None:
         return f"expected KV [layers, 2, tokens, kv_heads, head_dim], got shape {shape}"
     # A prompt with images is longer in the engines than here, each image's placeholder repeated for its rows: the
     # decode engine checks the KV against its own expanded prompt.
-    if shape[2] != item.kv.num_tokens or (shape[2] != n and not item.request.images):
+    if shape[2] != item.kv.num_tokens or (shape[2] != n and not (item.request.images or item.request.audios)):
         return f"KV holds {shape[2]} tokens; the prompt has {n}"
     return None

@@ -109,8 +109,8 @@ class EngineConfig:
         'speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}',
         None,
     )
-    # vLLM's --limit-mm-per-prompt: {"image": n} caps the images one prompt may carry (0: a model that sees images
-    # takes none); a modality not named has no cap beyond the context.
+    # vLLM's --limit-mm-per-prompt: {"image": n, "audio": n} caps the images and clips one prompt may carry (0: none)
+    # and a modality not named has no cap beyond the context.
     limit_mm_per_prompt: dict[str, int] | None = _help(
         'the most media of each kind one prompt may carry, vLLM\'s JSON: {"image": 2} (default: no cap)', None
     )

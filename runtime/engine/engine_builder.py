@@ -100,9 +100,8 @@ def build_engine(
     cache = _cache_layout(config, model.config, backend, mtp, spec is not None)
     lora, lora_weights = _lora_slots(config, model, backend) if config.enable_lora else (None, None)
     scheduler = Scheduler(_scheduler_config(config, model.config, cache, spec is not None), lora)
-    max_images = (config.limit_mm_per_prompt or {}).get("image")
     media = engine_media(model.config, model.weights, model.source, model.tokenizer, backend, linear_dtype,
-                         config.world_size, max_images)  # fmt: skip
+                         config.world_size, config.limit_mm_per_prompt)  # fmt: skip
     runner = _runner(config, model, backend, cache, linear_dtype, lora_weights, make_runner, mtp, media)
     if lora is not None:
         lora.load = runner.load_lora

@@ -107,20 +107,27 @@ class RequestIntake:
         return state
 
     def _with_media(self, token_ids: list[int], data: Mapping[str, Any] | None) -> tuple[list[int], list[MediaFeature]]:
-        """The prompt with its images' placeholders expanded, and their features; a model that sees images checks
-        every prompt's placeholders pair up with images, so none reads a placeholder's own embedding."""
-        if unknown := set(data or ()) - {"image", "encoded"}:
-            raise InvalidInput(f'multi_modal_data: {", ".join(sorted(unknown))} not taken; images are ("image")')
+        """The prompt with its images' and clips' placeholders expanded, and their features; a model that takes media
+        checks every prompt's placeholders pair up with items, so none reads a placeholder's own embedding."""
+        if unknown := set(data or ()) - {"image", "audio", "encoded"}:
+            raise InvalidInput(f'multi_modal_data: {", ".join(sorted(unknown))} not taken; it takes "image" and '
+                               '"audio"')  # fmt: skip
         if self._media is None:
             if data:
-                raise InvalidInput("this model takes no images (multi_modal_data): serve one with a vision encoder")
+                raise InvalidInput("this model takes no images or audio (multi_modal_data): serve one with a vision "
+                                   "or audio encoder")  # fmt: skip
             return token_ids, []
-        if "encoded" in (data or {}):  # an `encode` node's: the prompt came expanded, its pictures encoded
-            features = list(data["encoded"])
+        data = dict(data or {})
+        if "encoded" in data:  # an `encode` node's: the prompt came expanded, its pictures encoded
+            features = list(data.pop("encoded"))
             self._media.check_encoded(token_ids, features)
-            return token_ids, features
-        images = (data or {}).get("image", [])
-        return self._media.expand(token_ids, images if isinstance(images, (list, tuple)) else [images])
+            if not data:
+                return token_ids, features
+            expanded, more = self._media.expand(token_ids, data)  # clips the encode node left to this engine
+            return expanded, sorted([*features, *more], key=lambda f: f.offset)
+        items = {m: v if isinstance(v, (list, tuple)) and not _one_clip(m, v) else [v] for m, v in data.items() if v}
+        # every modality the model takes, so a placeholder without its item is refused
+        return self._media.expand(token_ids, dict.fromkeys(self._media.modalities, ()) | items)
 
     def _adapter(self, request: LoRARequest | None) -> LoraAdapter | None:
         if request is None:
@@ -149,3 +156,8 @@ def _salted(cache_salt: str | None, adapter: LoraAdapter | None) -> str | None:
     if adapter is None:
         return cache_salt
     return f"{cache_salt or ''}\x00lora:{adapter.name}:{adapter.path}"
+
+
+def _one_clip(modality: str, value: Any) -> bool:
+    """vLLM takes one clip as (samples, sample_rate), and several as a list of those."""
+    return modality == "audio" and isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int)

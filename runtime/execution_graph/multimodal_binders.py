@@ -1,6 +1,6 @@
 """The binders multimodal models add to lowering's table (lowering.py registers MULTIMODAL_BINDERS): the vision
-encoder graph's ops (models/encoder_graph.py) and the decoder's `scatter_rows`, which puts the encoder's embeddings
-into the rows of their placeholder tokens.
+and audio encoder graphs' ops (models/encoder_graph.py) and the decoder's `scatter_rows`, which puts the encoder's
+embeddings into the rows of their placeholder tokens.
 
 A binder takes a node's params, the LoweringContext and the backend's kernel table, and gives (kernel, constants
 appended after the node's inputs), as lowering's own do. The vision kernels are the backend's (kernel_contracts.py);
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sagellm.backends.torch_ops import vision
+from sagellm.backends.torch_ops import audio, vision
 from sagellm.runtime.execution_graph.graph import GraphError
 
 
@@ -75,6 +75,12 @@ def _bind_encoder_attention(params, ctx, kernels):
     return encoder_attention_flat, (params["scale"],)
 
 
+def _bind_conv1d(params, ctx, kernels):
+    """A convolution along the rows (an audio tower's), in float32 as the hidden states."""
+    bias = _float_weight(ctx, params["weight"].removesuffix(".weight") + ".bias")
+    return audio.conv1d_rows, (_float_weight(ctx, params["weight"]), bias, params["stride"])
+
+
 def _scatter_rows(hidden: torch.Tensor, rows: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
     """hidden [T, H] with rows `rows` [M] int64 replaced by `embeds` [M, H] (a new tensor); hidden itself when the
     step has no such rows (None)."""
@@ -90,4 +96,7 @@ MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tu
     "drop_class_rows": lambda p, ctx, k: (vision.drop_class_rows, ()),
     "pixel_shuffle": lambda p, ctx, k: (vision.pixel_shuffle, (p["grid"], p["scale_factor"])),
     "scatter_rows": lambda p, ctx, k: (_scatter_rows, ()),
+    "conv1d": _bind_conv1d,
+    "positioned_rows": lambda p, ctx, k: (audio.positioned_rows, (_float_weight(ctx, p["positions"]),)),
+    "pool_row_pairs": lambda p, ctx, k: (audio.pool_row_pairs, ()),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from sagellm.runtime.models.audio_config import AudioConfig
 from sagellm.runtime.models.vision_config import VisionConfig
 
 
@@ -113,6 +114,13 @@ class ModelConfig:
     num_mtp_layers: int = 0
     # The vision encoder whose image embeddings replace the placeholder tokens' rows (LLaVA); None: text only.
     vision: VisionConfig | None = field(default=None, hash=False, compare=False)
+    # The audio encoder whose clip embeddings replace the placeholder tokens' rows (Qwen2-Audio); None: no audio.
+    audio: AudioConfig | None = field(default=None, hash=False, compare=False)
+
+    @property
+    def takes_media(self) -> bool:
+        """Some prompt rows may take an encoder's embeddings instead of their tokens' (images, audio)."""
+        return self.vision is not None or self.audio is not None
 
     def first_layers(self, n: int) -> ModelConfig:
         """The model's first `n` layers as a model of their own (what `sagellm inspect` prints in full): its

@@ -41,9 +41,7 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None, hidden
         hidden = g.add("embedding", [input_ids], weight="model.embed_tokens.weight")
         if config.embedding_scale != 1.0:
             hidden = g.add("scale", [hidden], factor=config.embedding_scale)
-        if (
-            config.vision is not None
-        ):  # an image's placeholder rows take its encoder's embeddings (None: a step without)
+        if config.takes_media:  # an image's or clip's placeholder rows take its encoder's embeddings (None: none)
             rows = g.add("input", id="mm_rows", name="mm_rows")
             embeds = g.add("input", id="mm_embeds", name="mm_embeds")
             hidden = g.add("scatter_rows", [hidden, rows, embeds])

@@ -1,6 +1,7 @@
-"""The forward pass of a vision encoder as an IR graph, in the same IR as the decoder's (decoder_graph.py), lowered by
-the same `lower` onto the backend's kernels: LLaVA's (a CLIP tower and its two-layer projector) and Idefics3's /
-SmolVLM's (a SigLIP-style tower, a pixel shuffle and one linear).
+"""The forward pass of a media encoder as an IR graph, in the same IR as the decoder's (decoder_graph.py), lowered by
+the same `lower` onto the backend's kernels: LLaVA's vision encoder (a CLIP tower and its two-layer projector),
+Idefics3's / SmolVLM's (a SigLIP-style tower, a pixel shuffle and one linear), and Qwen2-Audio's audio encoder
+(Whisper's tower, its rows averaged in pairs, one linear).
 
 The graph is written as the model reads, one op per line, unfused: the passes fuse each layer's q/k/v into one
 linear, and lowering binds the ops (execution_graph/multimodal_binders.py for those a decoder lacks). Weights are
@@ -8,15 +9,48 @@ named by vision_weights.py's names. A step's pictures (images, or an image's til
 picture's rows its class row (CLIP) then its patches; attention reads each picture's rows alone
 (`encoder_metadata`, backends/torch_ops/vision.EncoderMetadata).
 
-Graph inputs: pixel_values [N, C, H, W] (the Hugging Face processor's, float32), encoder_metadata (each picture's
-rows). Output: embeds [N * tokens_per_image, text hidden]: each picture's embeddings, in order, one per placeholder
-token."""
+Vision graph inputs: pixel_values [N, C, H, W] (the Hugging Face processor's, float32), encoder_metadata (each
+picture's rows). Output: embeds [N * tokens_per_image, text hidden]: each picture's embeddings, in order, one per
+placeholder token. Audio graph inputs: input_features [F, mel] (one clip's log-mel frames as rows, float32),
+encoder_metadata (the clip's rows after the convolutions). Output: embeds [tokens, text hidden]."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
+from sagellm.runtime.models.architectures.audio_weights import AUDIO_PROJECTOR, AUDIO_TOWER
 from sagellm.runtime.models.architectures.vision_weights import PROJECTOR, TOWER
+from sagellm.runtime.models.audio_config import AudioConfig
 from sagellm.runtime.models.vision_config import VisionConfig
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A pre-norm transformer encoder layer's shape and its tensors' names (CLIP / SigLIP and Whisper spell them
+    differently): `prefix` holds layer i's tensors with {i} in it."""
+
+    prefix: str
+    attn_norm: str
+    mlp_norm: str
+    fc1: str
+    fc2: str
+    key_bias: bool  # Whisper's key projection has none
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    layer_norm_eps: float
+    activation: str
+
+
+def _vision_layer(v: VisionConfig) -> _Layer:
+    return _Layer(TOWER + "encoder.layers.{i}.", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2", True,
+                  v.hidden_size, v.intermediate_size, v.num_heads, v.layer_norm_eps, v.activation)  # fmt: skip
+
+
+def _audio_layer(a: AudioConfig) -> _Layer:
+    return _Layer(AUDIO_TOWER + "layers.{i}.", "self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", False,
+                  a.hidden_size, a.intermediate_size, a.num_heads, a.layer_norm_eps, a.activation)  # fmt: skip
 
 
 def build_vision_graph(vision: VisionConfig) -> Graph:
@@ -34,8 +68,9 @@ def build_vision_graph(vision: VisionConfig) -> Graph:
     if vision.class_row:
         hidden = g.add("layernorm", [hidden], weight=TOWER + "pre_layrnorm.weight", eps=eps)
     states = [hidden]  # the tower's hidden states: the embeddings, then each layer's output
+    layer = _vision_layer(vision)
     for i in range(vision.num_layers_run):
-        states.append(_encoder_layer(g, vision, i, states[-1], meta))
+        states.append(_encoder_layer(g, layer, i, states[-1], meta))
     if not vision.class_row:  # SigLIP's last hidden state is post-normed
         states[-1] = g.add("layernorm", [states[-1]], weight=TOWER + "post_layernorm.weight", eps=eps)
     features = [states[j] for j in vision.feature_layers]
@@ -56,17 +91,40 @@ def build_vision_graph(vision: VisionConfig) -> Graph:
     return g
 
 
-def _encoder_layer(g: Graph, v: VisionConfig, i: int, hidden: Value, meta: Value) -> Value:
-    """A pre-norm ViT layer: attention over the image's rows, then the MLP, each added to the stream."""
-    p, d = f"{TOWER}encoder.layers.{i}.", v.hidden_size
-    x = g.add("layernorm", [hidden], weight=p + "layer_norm1.weight", eps=v.layer_norm_eps)
-    q, k, val = (g.add("linear", [x], weight=f"{p}self_attn.{name}_proj.weight", out_features=d, bias=True)
-                 for name in ("q", "k", "v"))  # fmt: skip
-    attn = g.add("encoder_attention", [q, k, val, meta], layer=i, num_heads=v.num_heads, head_dim=v.head_dim,
-                 scale=v.head_dim**-0.5)  # fmt: skip
+def build_audio_graph(audio: AudioConfig) -> Graph:
+    """Qwen2-Audio's encoder on one clip: the convolutions (the second of stride 2, one row per two frames), each
+    with a GELU; the clip's own rows with their positions; the tower's layers; the rows averaged in pairs and
+    normed; the projector."""
+    g = Graph(attrs={"model": "audio tower", "num_layers": audio.num_layers})
+    frames = g.add("input", id="input_features", name="input_features")
+    meta = g.add("input", id="encoder_metadata", name="encoder_metadata")
+    x = g.add("gelu", [g.add("conv1d", [frames], weight=AUDIO_TOWER + "conv1.weight", stride=1)])
+    x = g.add("gelu", [g.add("conv1d", [x], weight=AUDIO_TOWER + "conv2.weight", stride=2)])
+    hidden = g.add("positioned_rows", [x, meta], positions=AUDIO_TOWER + "embed_positions.weight")
+    layer = _audio_layer(audio)
+    for i in range(audio.num_layers):
+        hidden = _encoder_layer(g, layer, i, hidden, meta)
+    x = g.add("pool_row_pairs", [hidden, meta])
+    x = g.add("layernorm", [x], weight=AUDIO_TOWER + "layer_norm.weight", eps=audio.layer_norm_eps)
+    x = g.add("linear", [x], weight=AUDIO_PROJECTOR + "linear.weight", out_features=audio.text_hidden_size,
+              bias=True)  # fmt: skip
+    g.add("output", [x], id="embeds", name="embeds")
+    return g
+
+
+def _encoder_layer(g: Graph, layer: _Layer, i: int, hidden: Value, meta: Value) -> Value:
+    """A pre-norm encoder layer: attention over the picture's or clip's rows, then the MLP, each added to the
+    stream."""
+    p, d, eps = layer.prefix.format(i=i), layer.hidden_size, layer.layer_norm_eps
+    head_dim = d // layer.num_heads
+    x = g.add("layernorm", [hidden], weight=f"{p}{layer.attn_norm}.weight", eps=eps)
+    q, k, val = (g.add("linear", [x], weight=f"{p}self_attn.{name}_proj.weight", out_features=d,
+                       bias=name != "k" or layer.key_bias) for name in ("q", "k", "v"))  # fmt: skip
+    attn = g.add("encoder_attention", [q, k, val, meta], layer=i, num_heads=layer.num_heads, head_dim=head_dim,
+                 scale=head_dim**-0.5)  # fmt: skip
     attn = g.add("linear", [attn], weight=p + "self_attn.out_proj.weight", out_features=d, bias=True)
     hidden = g.add("add", [hidden, attn])
-    x = g.add("layernorm", [hidden], weight=p + "layer_norm2.weight", eps=v.layer_norm_eps)
-    x = g.add("linear", [x], weight=p + "mlp.fc1.weight", out_features=v.intermediate_size, bias=True)
-    x = g.add("linear", [g.add(v.activation, [x])], weight=p + "mlp.fc2.weight", out_features=d, bias=True)
+    x = g.add("layernorm", [hidden], weight=f"{p}{layer.mlp_norm}.weight", eps=eps)
+    x = g.add("linear", [x], weight=f"{p}{layer.fc1}.weight", out_features=layer.intermediate_size, bias=True)
+    x = g.add("linear", [g.add(layer.activation, [x])], weight=f"{p}{layer.fc2}.weight", out_features=d, bias=True)
     return g.add("add", [hidden, x])

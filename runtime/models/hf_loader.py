@@ -27,8 +27,7 @@ from sagellm.runtime.models.architectures.checkpoint_names import (
 )
 from sagellm.runtime.models.architectures.families import BY_NAME
 from sagellm.runtime.models.architectures.hf_config import config_from_hf
-from sagellm.runtime.models.architectures.vision_weights import vision_weight_shapes
-from sagellm.runtime.models.architectures.weight_shapes import check_weights
+from sagellm.runtime.models.architectures.weight_shapes import check_weights, encoder_weight_shapes
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe, read_json
 from sagellm.runtime.models.mtp_head import HEAD_NORMS, PREFIX, head_weight_shapes, is_head_weight
@@ -45,18 +44,18 @@ def load_hf_dir(
     load_tokenizer: bool,
     load_weights: bool,
     mtp_head: bool = False,
-    vision_only: bool = False,
+    encoders_only: bool = False,
 ) -> LoadedModel:
     """`mtp_head`: read the multi-token prediction head's weights too (mtp_head.py), under their `mtp.` names;
-    `vision_only`: the vision encoder's alone (a model that sees images)."""
+    `encoders_only`: its media encoders' alone (a model that sees images or hears audio)."""
     generation_path = model_dir / "generation_config.json"
     generation = read_json(generation_path) if generation_path.is_file() else None
     config = config_from_hf(read_json(model_dir / "config.json"), generation, model_dir / "config.json")
     if mtp_head and not config.num_mtp_layers:
         raise ModelLoadError(f"{model_dir}: has no multi-token prediction head (config.json: mtp_num_hidden_layers)")
-    if vision_only and config.vision is None:
-        raise ModelLoadError(f"{model_dir}: has no vision encoder")
-    weights, quantized = _read_weights(model_dir, config, dtype, mtp_head, vision_only) if load_weights else ({}, {})
+    if encoders_only and not config.takes_media:
+        raise ModelLoadError(f"{model_dir}: has no vision or audio encoder")
+    weights, quantized = _read_weights(model_dir, config, dtype, mtp_head, encoders_only) if load_weights else ({}, {})
     tokenizer = load_hf_tokenizer(model_dir) if load_tokenizer else None
     template = read_hf_chat_template(model_dir)
     defaults = from_generation_config(generation)
@@ -66,11 +65,11 @@ def load_hf_dir(
 
 
 def _read_weights(
-    model_dir: Path, config: ModelConfig, dtype: torch.dtype, mtp_head: bool, vision_only: bool = False
+    model_dir: Path, config: ModelConfig, dtype: torch.dtype, mtp_head: bool, encoders_only: bool = False
 ) -> tuple[WeightsOnRead, dict[str, QuantizedWeight]]:
     """The weights under their canonical names, and the MXFP4 experts as blocks (`quantized`; their floats made
-    only if read); `vision_only`: the vision encoder's alone, the others never read from the files."""
-    vision = vision_weight_shapes(config.vision) if vision_only and config.vision is not None else None
+    only if read); `encoders_only`: the media encoders' alone, the others never read from the files."""
+    vision = encoder_weight_shapes(config) if encoders_only else None
     weights: dict[str, torch.Tensor] = {}
     mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a stacked expert tensor's blocks and scales, as they are read
     arch = BY_NAME[config.architecture]

@@ -27,19 +27,19 @@ def load_model(
     load_tokenizer: bool = True,
     load_weights: bool = True,
     mtp_head: bool = False,
-    vision_only: bool = False,
+    encoders_only: bool = False,
 ) -> LoadedModel:
     """Load the model at `path`: a Hugging Face directory, a .gguf file, or a directory holding exactly one .gguf.
 
     `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model.
     `mtp_head`: the multi-token prediction head's weights too (mtp_head.py; Hugging Face checkpoints only).
-    `vision_only`: the vision encoder's weights alone (an `encode` node's; Hugging Face checkpoints only)."""
+    `encoders_only`: the media encoders' weights alone (an `encode` node's; Hugging Face checkpoints only)."""
     source = Path(path).expanduser()
     options: dict[str, Any] = {"dtype": dtype, "load_tokenizer": load_tokenizer, "load_weights": load_weights}
-    if vision_only:
+    if encoders_only:
         if not (source / "config.json").is_file():
-            raise ModelLoadError(f"{source}: a vision encoder is read from a Hugging Face checkpoint's directory")
-        options["vision_only"] = True
+            raise ModelLoadError(f"{source}: a media encoder is read from a Hugging Face checkpoint's directory")
+        options["encoders_only"] = True
     with stage(f"loading {source.name}" if load_weights else f"reading {source.name}'s config and tokenizer"):
         return _load(source, mtp_head=mtp_head, **options)
 

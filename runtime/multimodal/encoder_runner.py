@@ -1,29 +1,50 @@
-"""A model's vision encoder, built and lowered once like the decoder (models/encoder_graph.py through the same
-`optimize` and `lower`): a step's images in, each image's embeddings out, one row per placeholder token of its in
-the prompt, in the text model's width.
+"""A model's media encoders, each built and lowered once like the decoder (models/encoder_graph.py through the same
+`optimize` and `lower`): a picture's pixels or a clip's log-mel frames in, its embeddings out, one row per
+placeholder token of its in the prompt, in the text model's width.
 
     encoder = EncoderRunner(loaded.config, loaded.weights, backend)
     embeds = encoder.encode(processed.pixel_values)  # [tokens_per_image, text hidden] per image
+    embeds = AudioEncoderRunner(loaded.config, loaded.weights, backend).encode(frames)  # [tokens, text hidden]
 
-The pixel values are the Hugging Face processor's (image_processing.image_processor_for gives the same)."""
+The inputs are the Hugging Face processor's (image_processing.image_processor_for and audio_features give the
+same)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.torch_ops.vision import EncoderMetadata
 from sagellm.common.errors import InvalidInput
+from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.lowering import LoweringContext, lower
 from sagellm.runtime.execution_graph.passes import optimize
+from sagellm.runtime.execution_graph.plan import Plan
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.encoder_graph import build_vision_graph
+from sagellm.runtime.models.encoder_graph import build_audio_graph, build_vision_graph
+
+AUDIO_FRAMES_PAST_CLIP = 2  # the padding's frames the convolutions read past a clip's own (audio_prompts.py)
+
+
+class Encoder(Protocol):
+    def encode(self, inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Its pictures' or clip's inputs -> each one's embeddings [tokens, text hidden] float32, in order."""
+        ...
+
+
+def _lowered(graph: Graph, weights: Mapping[str, torch.Tensor], backend: HardwareBackend, head_dim: int,
+             linear_dtype: torch.dtype) -> Plan:  # fmt: skip
+    context = LoweringContext(backend=backend, weights=weights, kv_caches=[], rope_tables={}, head_dim=head_dim,
+                              linear_dtype=linear_dtype)  # fmt: skip
+    return lower(optimize(graph), context)
 
 
 class EncoderRunner:
-    """`linear_dtype`: the dtype the encoder's linears are packed in (EngineConfig.dtype), as the decoder's."""
+    """A vision encoder. `linear_dtype`: the dtype its linears are packed in (EngineConfig.dtype), as the
+    decoder's."""
 
     def __init__(
         self,
@@ -37,9 +58,7 @@ class EncoderRunner:
             raise InvalidInput(f"this {config.architecture} model has no vision encoder: it takes no images")
         self.vision = config.vision
         self.device = backend.device
-        context = LoweringContext(backend=backend, weights=weights, kv_caches=[], rope_tables={},
-                                  head_dim=self.vision.head_dim, linear_dtype=linear_dtype)  # fmt: skip
-        self.plan = lower(optimize(build_vision_graph(self.vision)), context)
+        self.plan = _lowered(build_vision_graph(self.vision), weights, backend, self.vision.head_dim, linear_dtype)
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -53,3 +72,34 @@ class EncoderRunner:
         pixels = pixel_values.to(self.device, torch.float32)
         embeds = self.plan.run(pixel_values=pixels, encoder_metadata=meta)["embeds"]  # [N * tokens, text hidden]
         return list(embeds.split(v.tokens_per_image))
+
+
+class AudioEncoderRunner:
+    """An audio encoder (Qwen2-Audio's), one clip a run."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, torch.Tensor],
+        backend: HardwareBackend,
+        *,
+        linear_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if config.audio is None:
+            raise InvalidInput(f"this {config.architecture} model has no audio encoder: it takes no audio")
+        self.audio = config.audio
+        self.device = backend.device
+        self.plan = _lowered(build_audio_graph(self.audio), weights, backend, self.audio.head_dim, linear_dtype)
+
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """A clip's log-mel frames [1, mel, L + AUDIO_FRAMES_PAST_CLIP] (its own L frames, then the padding's the
+        convolutions read) -> [its embeddings [tokens_for_frames(L), text hidden] float32]."""
+        a = self.audio
+        length = frames.shape[-1] - AUDIO_FRAMES_PAST_CLIP
+        if frames.dim() != 3 or frames.shape[:2] != (1, a.num_mel_bins) or not 0 < length <= a.max_frames:
+            raise InvalidInput(f"log-mel frames of shape {tuple(frames.shape)}: the audio tower takes [1, "
+                               f"{a.num_mel_bins}, at most {a.max_frames} + {AUDIO_FRAMES_PAST_CLIP}]")  # fmt: skip
+        meta = EncoderMetadata((a.rows_for_frames(length),))
+        rows = frames[0].t().to(self.device, torch.float32)  # [F, mel]
+        return [self.plan.run(input_features=rows, encoder_metadata=meta)["embeds"]]

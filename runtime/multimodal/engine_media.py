@@ -1,7 +1,7 @@
-"""What an engine needs to take images, made once when it is built: the prompts' side (PromptMedia: preprocessing,
-placeholders, features) and the model's side (the vision encoder behind its cache). None for a model that sees
-none, and refused where it does not run yet (a checkpoint without its preprocessor's settings, a GGUF without its
-mmproj, tensor or pipeline parallel ranks)."""
+"""What an engine needs to take images and audio, made once when it is built: the prompts' side (PromptMedia:
+preprocessing, placeholders, features) and the model's side (its vision and audio encoders behind one cache). None
+for a model that takes neither, and refused where it does not run yet (a checkpoint without its preprocessor's
+settings, a GGUF without its mmproj, tensor or pipeline parallel ranks)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from sagellm.backends.base import HardwareBackend
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.multimodal.encoder_cache import EncoderCache
-from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
+from sagellm.runtime.multimodal.encoder_runner import AudioEncoderRunner, Encoder, EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
 
-IMAGES_CACHED = 64  # the encoder cache's size, in pictures' worth of rows
+ROWS_CACHED = 64 * 576  # the encoder cache's size in rows: 64 of LLaVA-1.5's pictures, or 49 clips of 30 s
 
 
 @dataclass
@@ -36,18 +36,29 @@ def engine_media(
     backend: HardwareBackend,
     linear_dtype: torch.dtype,
     world_size: int,
-    max_images: int | None = None,
+    limits: Mapping[str, int] | None = None,
 ) -> EngineMedia | None:
     """`tokenizer`: the model's (a Hugging Face tokenizer), which tokenizes what a placeholder becomes;
-    `max_images`: the most a prompt may carry (None: no cap)."""
-    vision = config.vision
-    if vision is None:
+    `limits`: the most items of each modality a prompt may carry (limit_mm_per_prompt; none: no cap)."""
+    if not config.takes_media:
         return None
     if world_size > 1:
-        raise InvalidInput("a model that sees images runs on one rank for now: tensor_parallel_size and "
+        raise InvalidInput("a model that takes images or audio runs on one rank for now: tensor_parallel_size and "
                            "pipeline_parallel_size 1")  # fmt: skip
     if not source.is_dir():
-        raise InvalidInput(f"{source}: images need the checkpoint's directory (its preprocessor's settings)")
-    prompts = PromptMedia.of_model(vision, source, tokenizer, max_images)
-    encoder = EncoderRunner(config, weights, backend, linear_dtype=linear_dtype)
-    return EngineMedia(prompts, EncoderCache(encoder, IMAGES_CACHED * vision.tokens_per_image))
+        raise InvalidInput(f"{source}: images and audio need the checkpoint's directory (its preprocessor's "
+                           "settings)")  # fmt: skip
+    prompts = PromptMedia.of_model(config, source, tokenizer, limits)
+    return EngineMedia(prompts, EncoderCache(encoders(config, weights, backend, linear_dtype), ROWS_CACHED))
+
+
+def encoders(
+    config: ModelConfig, weights: Mapping[str, torch.Tensor], backend: HardwareBackend, linear_dtype: torch.dtype
+) -> dict[str, Encoder]:
+    """The model's encoders, by the modality each reads."""
+    out: dict[str, Encoder] = {}
+    if config.vision is not None:
+        out["image"] = EncoderRunner(config, weights, backend, linear_dtype=linear_dtype)
+    if config.audio is not None:
+        out["audio"] = AudioEncoderRunner(config, weights, backend, linear_dtype=linear_dtype)
+    return out

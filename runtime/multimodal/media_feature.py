@@ -1,10 +1,10 @@
-"""One picture of a prompt as the engine carries it (vLLM v1's MultiModalFeatureSpec): an image, or one tile of an
-image the processor cut into tiles (Idefics3's), each a run of placeholder tokens: where they stand, what the encoder
-reads for it, and the hash that names it.
+"""One picture or clip of a prompt as the engine carries it (vLLM v1's MultiModalFeatureSpec): an image, one tile of
+an image the processor cut into tiles (Idefics3's), or an audio clip, each a run of placeholder tokens: where they
+stand, what the encoder reads for it, and the hash that names it.
 
-The placeholder tokens of two images are the same ids, so the hash is what tells their KV apart in the prefix cache
-(prefix_hash.media_keys) and what finds an image already encoded (encoder_cache.py): a digest of the pixel values the
-encoder reads, so the same picture sent again, by any request, is the same feature."""
+The placeholder tokens of two images (or clips) are the same ids, so the hash is what tells their KV apart in the
+prefix cache (prefix_hash.media_keys) and what finds one already encoded (encoder_cache.py): a digest of the values
+the encoder reads, so the same picture or clip sent again, by any request, is the same feature."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ import torch
 
 @dataclass(frozen=True, eq=False)
 class MediaFeature:
-    modality: str  # "image"
-    hash: bytes  # media_hash(pixel_values)
+    modality: str  # "image" or "audio": which of the model's encoders reads it
+    hash: bytes  # media_hash(encoder_input)
     offset: int  # its first placeholder token's position in the prompt
     length: int  # its placeholder tokens: the rows its embeddings fill
-    pixel_values: torch.Tensor | None  # what the encoder reads for it ([1, C, H, W]); None when encoded elsewhere
+    # What the encoder reads for it (a picture's pixel values [1, C, H, W], a clip's log-mel frames [1, mel, F]);
+    # None when encoded elsewhere
+    encoder_input: torch.Tensor | None
     embeds: torch.Tensor | None = None  # its embeddings [length, H] where an `encode` node computed them
 
     @property
@@ -32,9 +34,19 @@ class MediaFeature:
         return range(max(start, self.offset), min(end, self.end))
 
 
-def media_hash(pixel_values: torch.Tensor) -> bytes:
-    """A 128-bit digest of the values and their shape: equal for the same picture preprocessed the same way."""
-    values = pixel_values.detach().to("cpu", torch.float32).contiguous()
+def media_hash(encoder_input: torch.Tensor) -> bytes:
+    """A 128-bit digest of the values and their shape: equal for the same picture or clip preprocessed the same
+    way."""
+    values = encoder_input.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.blake2b(repr(tuple(values.shape)).encode(), digest_size=16)
     digest.update(values.numpy().tobytes())
     return digest.digest()
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """What one placeholder of a prompt becomes: its tokens, and the features among them (offsets counted from the
+    expansion's first token; prompt_media.PromptMedia puts them in the prompt)."""
+
+    tokens: list[int]
+    features: list[MediaFeature]

@@ -1,150 +1,130 @@
-"""A prompt's images made into what the engine runs: each image preprocessed as the model's Hugging Face processor
-does (image_processing.py), its one placeholder token in the prompt expanded as that processor expands it, and a
-MediaFeature per picture the encoder reads (an image, or one tile of an image cut into tiles) at its run of image
-tokens.
+"""A prompt's media made into what the engine runs: each placeholder token of an image or a clip expanded as the
+model's Hugging Face processor expands it, and a MediaFeature per picture or clip at its run of placeholders. Each
+modality's own work (preprocessing, what a placeholder becomes) is its ModalityPrompts' (image_prompts.py,
+audio_prompts.py); this puts their expansions in the prompt, in the order the placeholders stand.
 
 The expansion works on token ids, so a prompt given as text and one given as ids (a chat template's rendering)
-expand alike: the placeholder is a special token, which tokenizers never merge with its neighbours, and what it
-becomes begins and ends with one (LLaVA's image tokens repeated; Idefics3's tiles between <fake_token_around_image>
-tags), so expanding ids is what expanding the text before tokenizing gives."""
+expand alike: a placeholder is a special token, which tokenizers never merge with its neighbours."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import torch
 from PIL import Image
 
 from sagellm.common.errors import InvalidInput
-from sagellm.runtime.models.vision_config import VisionConfig
-from sagellm.runtime.multimodal.image_processing import image_processor_for
-from sagellm.runtime.multimodal.media_feature import MediaFeature, media_hash
-from sagellm.runtime.multimodal.processed_images import ImageProcessor, ProcessedImages
+from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.multimodal.audio_prompts import AudioPrompts
+from sagellm.runtime.multimodal.image_prompts import ImagePrompts
+from sagellm.runtime.multimodal.media_feature import Expansion, MediaFeature
+
+NOUNS = {"image": "image(s)", "audio": "audio clip(s)"}
+
+
+class ModalityPrompts(Protocol):
+    modality: str  # multi_modal_data's key
+    placeholder_id: int  # the token each item of it stands for in a prompt
+    max_items: int | None  # the most one prompt may carry (None: no cap)
+
+    def expansions(self, items: Sequence[Any]) -> list[Expansion]:
+        """Each item's placeholder tokens and features, in order."""
+        ...
+
+    def check_feature(self, feature: MediaFeature) -> None:
+        """Refuse a feature encoded elsewhere that does not fit this model."""
+        ...
 
 
 class PromptMedia:
-    def __init__(
-        self,
-        processor: ImageProcessor,
-        image_token_id: int,
-        tokens_per_image: int,
-        encode: Callable[[str], list[int]],
-        max_images: int | None = None,
-    ) -> None:
-        """`tokens_per_image`: the encoder's embeddings per picture, which every run of image tokens must match;
-        `encode`: the tokenizer, without special tokens added (for a placeholder's text); `max_images`: the most
-        images a prompt may carry (limit_mm_per_prompt's; None: no cap)."""
-        self.processor = processor
-        self.image_token_id = image_token_id
-        self.tokens_per_image = tokens_per_image
-        self.encode = encode
-        self.max_images = max_images
+    def __init__(self, modalities: Sequence[ModalityPrompts]) -> None:
+        self.modalities = {m.modality: m for m in modalities}
+        self._by_placeholder = {m.placeholder_id: m for m in modalities}
 
     @classmethod
-    def from_model_dir(
-        cls,
-        directory: Path,
-        image_token_id: int,
-        tokens_per_image: int,
-        encode: Callable[[str], list[int]],
-        max_images: int | None = None,
+    def of_model(
+        cls, config: ModelConfig, directory: Path, tokenizer: Any, limits: Mapping[str, int] | None = None
     ) -> PromptMedia:
-        """From a checkpoint's preprocessor_config.json, or processor_config.json's "image_processor" (where
-        transformers 5 writes it), and processor_config.json's counting settings."""
+        """A loaded model's: its checkpoint `directory` (the processor's settings), its encoders' placeholders and
+        sizes, its (Hugging Face) tokenizer for the placeholders' text; `limits`: limit_mm_per_prompt's."""
+        limits = limits or {}
         processor_file = _read_json(directory / "processor_config.json")
-        preprocessor = _read_json(directory / "preprocessor_config.json") or processor_file.get("image_processor")
-        if not preprocessor:
-            raise InvalidInput(f"{directory}: no preprocessor_config.json (nor processor_config.json's image_processor)"
-                               ": the model's images cannot be preprocessed")  # fmt: skip
-        processor = image_processor_for(preprocessor, processor_file)
-        return cls(processor, image_token_id, tokens_per_image, encode, max_images)
+        preprocessor = _read_json(directory / "preprocessor_config.json")
+        modalities: list[ModalityPrompts] = []
+        try:
+            if (vision := config.vision) is not None:
+                encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+                modalities.append(ImagePrompts.from_settings(
+                    preprocessor if "image_processor_type" in preprocessor else None, processor_file,
+                    vision.image_token_id, vision.tokens_per_image, encode, limits.get("image")))  # fmt: skip
+            if config.audio is not None:
+                modalities.append(AudioPrompts.from_settings(
+                    preprocessor if "feature_extractor_type" in preprocessor else None, processor_file,
+                    config.audio, limits.get("audio")))  # fmt: skip
+        except InvalidInput as error:
+            raise InvalidInput(f"{directory}: {error}") from None
+        return cls(modalities)
 
-    @classmethod
-    def of_model(cls, vision: VisionConfig, directory: Path, tokenizer: Any, max_images: int | None) -> PromptMedia:
-        """A loaded model's: its checkpoint `directory`, its vision encoder's placeholder and embeddings per picture,
-        its (Hugging Face) tokenizer for the placeholders' text."""
-        encode = functools.partial(tokenizer.encode, add_special_tokens=False)
-        return cls.from_model_dir(directory, vision.image_token_id, vision.tokens_per_image, encode, max_images)
-
-    def expand(self, token_ids: Sequence[int], images: Sequence[Image.Image]) -> tuple[list[int], list[MediaFeature]]:
-        """The prompt with each image's placeholder expanded, and its pictures' features in order."""
-        if self.max_images is not None and len(images) > self.max_images:
-            raise InvalidInput(f"at most {self.max_images} image(s) may be given in one prompt (limit_mm_per_prompt)"
-                               f"; this one has {len(images)}")  # fmt: skip
-        places = [i for i, token in enumerate(token_ids) if token == self.image_token_id]
-        if len(places) != len(images):
-            raise InvalidInput(f"the prompt has {len(places)} image placeholder(s) and {len(images)} image(s) came "
-                               "with it: one placeholder per image")  # fmt: skip
-        if not images:
+    def expand(
+        self, token_ids: Sequence[int], media: Mapping[str, Sequence[Any]]
+    ) -> tuple[list[int], list[MediaFeature]]:
+        """The prompt with each item's placeholder expanded, and their features in order; `media`: the items of
+        each modality (multi_modal_data's), one per placeholder of it in the prompt, in order. Only the modalities
+        `media` names are expanded (an `encode` node's images may come expanded, a clip's placeholder not)."""
+        if unknown := media.keys() - self.modalities.keys():
+            raise InvalidInput(f"this model takes no {', '.join(sorted(unknown))}: it has no encoder for it")
+        expansions: dict[str, list[Expansion]] = {}
+        for modality, items in media.items():
+            prompts, items = self.modalities[modality], list(items or ())
+            noun = NOUNS.get(modality, modality)
+            if prompts.max_items is not None and len(items) > prompts.max_items:
+                raise InvalidInput(f"at most {prompts.max_items} {noun} may be given in one prompt "
+                                   f"(limit_mm_per_prompt); this one has {len(items)}")  # fmt: skip
+            places = sum(t == prompts.placeholder_id for t in token_ids)
+            if places != len(items):
+                raise InvalidInput(f"the prompt has {places} {modality} placeholder(s) and {len(items)} {noun} came "
+                                   f"with it: one placeholder per {modality}")  # fmt: skip
+            expansions[modality] = list(reversed(prompts.expansions(items))) if items else []
+        if not any(expansions.values()):
             return list(token_ids), []
-        processed = self.processor.preprocess(list(images))
-        pictures = processed.pixel_values.reshape(-1, *processed.pixel_values.shape[-3:])  # [pictures, C, H, W]
-        per_image = pictures.split(list(processed.pixel_values_per_image))
         expanded: list[int] = []
         features: list[MediaFeature] = []
-        last = 0
-        for i, (place, image_pictures) in enumerate(zip(places, per_image)):
-            expanded += token_ids[last:place]
-            placeholders = self._placeholders(processed, i)
-            features += self._features(placeholders, image_pictures, len(expanded))
-            expanded += placeholders
-            last = place + 1
-        return expanded + list(token_ids[last:]), features
+        for token in token_ids:
+            prompts = self._by_placeholder.get(token)
+            if prompts is None or prompts.modality not in expansions:
+                expanded.append(token)
+                continue
+            expansion = expansions[prompts.modality].pop()
+            features += [dataclasses.replace(f, offset=len(expanded) + f.offset) for f in expansion.features]
+            expanded += expansion.tokens
+        return expanded, features
 
     def check_encoded(self, token_ids: Sequence[int], features: Sequence[MediaFeature]) -> None:
-        """Pictures an `encode` node expanded and encoded: each its run of image tokens in the prompt (already
-        expanded), its embeddings one per placeholder, and no image token left without them."""
+        """Pictures and clips an `encode` node expanded and encoded: each its run of placeholders in the prompt
+        (already expanded), its embeddings one per placeholder, and no placeholder left without them."""
         covered = 0
         for f in features:
-            if f.embeds is None or f.embeds.shape[0] != f.length or f.length != self.tokens_per_image:
-                raise InvalidInput(f"an encoded picture of {f.length} placeholders came with embeddings of shape "
-                                   f"{None if f.embeds is None else tuple(f.embeds.shape)}")  # fmt: skip
+            prompts = self.modalities.get(f.modality)
+            if prompts is None:
+                raise InvalidInput(f"this model takes no {f.modality}")
+            if f.embeds is None or f.embeds.shape[0] != f.length:
+                raise InvalidInput(f"an encoded {f.modality} of {f.length} placeholders came with embeddings of "
+                                   f"shape {None if f.embeds is None else tuple(f.embeds.shape)}")  # fmt: skip
+            prompts.check_feature(f)
             if (
                 f.offset < 0
-                or any(t != self.image_token_id for t in token_ids[f.offset : f.end])
                 or f.end > len(token_ids)
+                or any(t != prompts.placeholder_id for t in token_ids[f.offset : f.end])
             ):
-                raise InvalidInput(f"an encoded picture's placeholders at {f.offset}..{f.end} are not image tokens")
+                raise InvalidInput(f"an encoded {f.modality}'s placeholders at {f.offset}..{f.end} are not its tokens")
             covered += f.length
-        if covered != sum(t == self.image_token_id for t in token_ids):
-            raise InvalidInput("the prompt's image tokens and its encoded pictures do not pair up")
-
-    def _placeholders(self, processed: ProcessedImages, i: int) -> list[int]:
-        """What image i's placeholder becomes: its text tokenized where the processor writes one, else its image
-        tokens."""
-        if processed.placeholder_texts is not None:
-            return self.encode(processed.placeholder_texts[i])
-        return [self.image_token_id] * processed.num_tokens[i]
-
-    def _features(self, placeholders: list[int], pictures: torch.Tensor, offset: int) -> list[MediaFeature]:
-        """A feature per run of image tokens among `placeholders` (which start at `offset` in the prompt), the
-        pictures [n, C, H, W] in order: one run each, each as long as the encoder's embeddings of one."""
-        runs = _runs(placeholders, self.image_token_id)
-        lengths = [n for _, n in runs]
-        if len(runs) != len(pictures) or any(n != self.tokens_per_image for n in lengths):
-            raise InvalidInput(f"the image's {len(pictures)} picture(s) took runs of {lengths} image tokens in the "
-                               f"prompt; the encoder gives {self.tokens_per_image} per picture: the checkpoint's "
-                               "processor and model disagree")  # fmt: skip
-        return [MediaFeature("image", media_hash(picture[None]), offset + start, n, picture[None])
-                for (start, n), picture in zip(runs, pictures)]  # fmt: skip
-
-
-def _runs(ids: Sequence[int], token: int) -> list[tuple[int, int]]:
-    """(start, length) of each run of `token` in `ids`."""
-    runs: list[tuple[int, int]] = []
-    for i, t in enumerate(ids):
-        if t != token:
-            continue
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    return runs
+        if covered != sum(t in self._by_placeholder for t in token_ids):
+            raise InvalidInput("the prompt's placeholders and its encoded pictures and clips do not pair up")
 
 
 def decoded_images(files: Sequence[bytes]) -> list[Image.Image]:

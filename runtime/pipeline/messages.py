@@ -92,6 +92,7 @@ class Request(_Message):
     images: list[bytes] | None = None  # a chat's images, their files as sent, one per placeholder in prompt order
     # Its images encoded by an `encode` node (the EPD graph): `prompt_token_ids` is then the expanded prompt
     encoded_images: list[EncodedImage] | None = None
+    audios: list[bytes] | None = None  # a chat's audio clips, their WAV files, one per placeholder in prompt order
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -21,11 +21,13 @@ import re
 import signal
 import threading
 import time
+import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -33,6 +35,7 @@ from PIL import Image
 from sagellm.gateway.config import FailoverPolicy
 from tests.gateway.conftest import GRAPHS, LOCAL_UPSTREAMS, REPLY_TIMEOUT_S, running_gateway, tiny_config
 from tests.gateway.test_instances import attach
+from tests.tiny_audio_models import make_tiny_qwen2_audio
 from tests.tiny_models import make_tiny_gemma4, make_tiny_gpt_oss, make_tiny_llama, make_tiny_qwen3_5
 from tests.tiny_vision_models import make_tiny_llava
 
@@ -337,9 +340,9 @@ def test_no_token_in_time_is_a_timeout_once_nothing_is_left_to_try(long_model, t
         assert gw.core.in_flight == 0  # the abandoned attempts left nothing behind
 
 
-def image_stream(url: str, image: str, index: int, outcomes: dict[int, list[str]], texts: dict[int, str]) -> None:
-    """`stream`'s greedy stream as a chat about an image (a data URL): its prompt holds the image's placeholders."""
-    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": f"stream {index}"}]
+def media_stream(url: str, part: dict, index: int, outcomes: dict[int, list[str]], texts: dict[int, str]) -> None:
+    """`stream`'s greedy stream as a chat about an image or a clip (`part`): its prompt holds the placeholders."""
+    content = [part, {"type": "text", "text": f"stream {index}"}]
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 300, "min_tokens": 300,
             "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
     ends, texts[index] = outcomes.setdefault(index, []), ""
@@ -360,21 +363,44 @@ def image_stream(url: str, image: str, index: int, outcomes: dict[int, list[str]
                 ends.append(choice["finish_reason"])
 
 
-def test_streams_about_an_image_on_a_killed_worker_resume_with_the_same_text(tmp_path):
-    """A chat about an image resumed on the other worker: its prompt (the image's placeholders expanded there again,
-    the image encoded again) plus its tokens so far, prefilled anew, continue as the uninterrupted stream does."""
-    model = make_tiny_llava(tmp_path / "llava", text_settings={"max_position_embeddings": 4096})
-    graph = tmp_path / "two.yaml"
-    graph.write_text(TWO_WORKERS.format(model=model))
+def _image_part() -> dict:
     pixels = io.BytesIO()
     Image.effect_noise((37, 23), 60).convert("RGB").save(pixels, "PNG")
-    image = "data:image/png;base64," + base64.b64encode(pixels.getvalue()).decode()
+    return {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(pixels.getvalue()).decode()},
+    }
+
+
+def _audio_part() -> dict:
+    clip = io.BytesIO()
+    with wave.open(clip, "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(16000)
+        file.writeframes((np.random.default_rng(5).standard_normal(19000) * 3000).astype("<i2").tobytes())
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip.getvalue()).decode(), "format": "wav"}}
+
+
+@pytest.mark.parametrize(
+    ("make_model", "make_part"),
+    [(make_tiny_llava, _image_part), (make_tiny_qwen2_audio, _audio_part)],
+    ids=["image", "audio"],
+)
+def test_streams_about_an_image_or_a_clip_on_a_killed_worker_resume_with_the_same_text(make_model, make_part, tmp_path):
+    """A chat about an image (or an audio clip) resumed on the other worker: its prompt (the placeholders expanded
+    there again, the image encoded again) plus its tokens so far, prefilled anew, continue as the uninterrupted
+    stream does."""
+    model = make_model(tmp_path / "model", text_settings={"max_position_embeddings": 4096})
+    graph = tmp_path / "two.yaml"
+    graph.write_text(TWO_WORKERS.format(model=model))
+    part = make_part()
     with running_gateway(graph, tiny_config(tmp_path)) as gw:
-        texts, outcomes = streams_across_a_kill(gw, functools.partial(image_stream, gw.url, image))
+        texts, outcomes = streams_across_a_kill(gw, functools.partial(media_stream, gw.url, part))
         assert outcomes == {i: ["length"] for i in range(STREAMS)}
         assert retries(gw.url).get(("instance_lost", "true"), 0) >= 1
         reference: dict[int, str] = {}
         with ThreadPoolExecutor(STREAMS) as pool:
-            list(pool.map(lambda i: image_stream(gw.url, image, i, {}, reference), range(STREAMS)))
+            list(pool.map(lambda i: media_stream(gw.url, part, i, {}, reference), range(STREAMS)))
         for i in range(STREAMS):
             assert texts[i] == reference[i], f"stream {i} differs after its resume"

@@ -23,7 +23,8 @@ from PIL import Image
 
 from sagellm.common.errors import FieldError
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.media import Audio, MediaPolicy, load_audio, load_image, load_input_audio
+from sagellm.gateway.media import Audio, MediaPolicy, audio_bytes, load_image
+from sagellm.gateway.media.audio import decode_audio
 
 PART = "messages[0].content[1].image_url"
 LIMIT = 4096  # the tests' byte cap: the PNG and WAV below are under it
@@ -48,6 +49,16 @@ def png_claiming(width: int, height: int) -> bytes:
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     return bytes(data)
+
+
+async def load_audio(url: str, policy: MediaPolicy, param: str) -> Audio:
+    """An `audio_url` part's clip as the engine will decode it from the bytes the gateway checked and sends on."""
+    return decode_audio(await audio_bytes({"url": url}, policy, param), param)
+
+
+async def load_input_audio(data: str, audio_format: str, policy: MediaPolicy, param: str) -> Audio:
+    """An `input_audio` part's clip, likewise."""
+    return decode_audio(await audio_bytes({"data": data, "format": audio_format}, policy, param), param)
 
 
 def wav(width: int = 2, channels: int = 2, frames: int = 50, rate: int = 16000) -> bytes:

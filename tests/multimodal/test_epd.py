@@ -127,7 +127,7 @@ def test_the_epd_graph_serves_the_sdks_images_with_transformers_tokens(family, s
 
 
 def test_the_encode_node_reads_the_vision_encoders_weights_alone(smolvlm, tmp_path):
-    loaded = load_model(smolvlm, vision_only=True)
+    loaded = load_model(smolvlm, encoders_only=True)
     assert set(loaded.weights) == set(vision_weight_shapes(loaded.config.vision))
-    with pytest.raises(ModelLoadError, match="has no vision encoder"):
-        load_model(make_tiny_llama(tmp_path / "llama"), vision_only=True)
+    with pytest.raises(ModelLoadError, match="has no vision or audio encoder"):
+        load_model(make_tiny_llama(tmp_path / "llama"), encoders_only=True)

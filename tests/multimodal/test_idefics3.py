@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.models.architectures.vision_weights import vision_weight_shapes
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
+from sagellm.runtime.multimodal.image_prompts import ImagePrompts
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_idefics3
@@ -89,14 +91,15 @@ def test_the_prompt_expands_as_the_processors_input_ids(checkpoint):
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     encode = functools.partial(tokenizer.encode, add_special_tokens=False)
-    media = PromptMedia.from_model_dir(path, image_token, 4, encode)
+    settings = [json.loads((path / name).read_text()) for name in ("preprocessor_config.json", "processor_config.json")]
+    media = PromptMedia([ImagePrompts.from_settings(*settings, image_token, 4, encode)])
     for text, images in ((ONE, [WIDE]), (ONE, [SMALL]), (TWO, [TALL, WIDE])):
-        ids, features = media.expand(tokenizer.encode(text), images)
+        ids, features = media.expand(tokenizer.encode(text), {"image": images})
         expected = hf_inputs(processor, text, images)
         assert ids == expected["input_ids"][0].tolist()
         tiles = expected["pixel_values"][0]  # [tiles, 3, 16, 16]
         assert [f.length for f in features] == [4] * len(tiles)
-        assert all(torch.equal(f.pixel_values[0], tile) for f, tile in zip(features, tiles))
+        assert all(torch.equal(f.encoder_input[0], tile) for f, tile in zip(features, tiles))
         assert all(set(ids[f.offset : f.end]) == {image_token} for f in features)
 
 

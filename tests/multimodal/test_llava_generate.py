@@ -120,7 +120,7 @@ def test_placeholders_and_images_must_pair_up(llm):
     with pytest.raises(InvalidInput, match="1 image placeholder"):
         llm.generate(prompt(ONE, RED, OTHER), GREEDY)
     with pytest.raises(InvalidInput, match="not taken"):
-        llm.generate({"prompt": ONE, "multi_modal_data": {"audio": [b"..."]}}, GREEDY)
+        llm.generate({"prompt": ONE, "multi_modal_data": {"video": [b"..."]}}, GREEDY)
 
 
 def test_a_model_without_a_vision_encoder_refuses_images(tmp_path):

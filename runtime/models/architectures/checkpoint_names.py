@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sagellm.runtime.models.architectures.audio_weights import AUDIO_PREFIXES, audio_name
 from sagellm.runtime.models.architectures.vision_weights import VISION_PREFIXES, vision_name
 from sagellm.runtime.models.config import ModelConfig
 
@@ -25,13 +26,15 @@ _LANGUAGE_MODEL = {"language_model.model.": "model.", "model.language_model.": "
 def canonical_name(config: ModelConfig, name: str) -> str | None:
     """The name the graph reads for a checkpoint's tensor, None for one it does not read: a multimodal checkpoint's
     text model drops its prefix (`language_model.model.` in transformers 4, `model.language_model.` in 5,
-    Idefics3's `model.text_model.`) and its
-    vision tower and projector are read only by a model with a vision encoder (`config.vision`: their names are
-    vision_weights.py's), else dropped; Qwen's mixture of experts (`mlp.gate`, `mlp.experts.{e}.gate_proj`,
-    ...) takes Mixtral's names (`block_sparse_moe.gate`, `...experts.{e}.w1`), as llama.cpp gives both the same GGUF
-    names; every other name is already the graph's."""
+    Idefics3's `model.text_model.`); its vision tower and projector are read only by a model with a vision encoder
+    (`config.vision`: their names are vision_weights.py's), its audio tower only by one with an audio encoder, else
+    dropped; Qwen's mixture of experts (`mlp.gate`, `mlp.experts.{e}.gate_proj`, ...) takes Mixtral's names
+    (`block_sparse_moe.gate`, `...experts.{e}.w1`), as llama.cpp gives both the same GGUF names; every other name is
+    already the graph's."""
     if config.vision is not None and name.startswith(VISION_PREFIXES):
         return vision_name(config.vision, name)
+    if config.audio is not None and name.startswith(AUDIO_PREFIXES):
+        return audio_name(name)
     for prefix, replacement in _LANGUAGE_MODEL.items():
         if name.startswith(prefix):
             name = replacement + name.removeprefix(prefix)
@@ -43,6 +46,7 @@ def canonical_name(config: ModelConfig, name: str) -> str | None:
                 "multi_modal_projector.",
                 "model.vision_tower.",
                 "model.multi_modal",
+                "audio_tower.",
                 "model.audio_tower.",
                 "model.embed_vision.",
                 "model.embed_audio.",

@@ -81,13 +81,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("qwen3_next", ("Qwen3NextForCausalLM",), "qwen3next", qk_norm=True, moe=True, gated_delta_net=True),
 )  # fmt: skip
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
-# Checkpoints of a vision encoder beside a text model of one of several families (config.json's `text_config`
+# Checkpoints of a vision (or audio) encoder beside a text model of one of several families (config.json's `text_config`
 # names it by model_type), by class: the families of text model each takes. Not Gemma's: transformers scales its
 # input embeddings by sqrt(hidden) with the image rows among them, where our graph puts those rows in after the scale.
 MULTIMODAL: dict[str, tuple[str, ...]] = {
     "LlavaForConditionalGeneration": ("llama", "mistral", "qwen2"),
     "Idefics3ForConditionalGeneration": ("llama",),
     "SmolVLMForConditionalGeneration": ("llama",),
+    "Qwen2AudioForConditionalGeneration": ("qwen2",),  # an audio encoder beside the text model
 }
 _SUPPORTED_HF = ", ".join([*(c for a in ARCHITECTURES for c in a.hf_classes), *MULTIMODAL])
 _SUPPORTED_GGUF = ", ".join(dict.fromkeys(a.gguf_arch for a in ARCHITECTURES if a.gguf_arch))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sagellm.runtime.models.architectures.families import Architecture, architecture_for_hf, check_experts
+from sagellm.runtime.models.architectures.hf_audio_config import audio_from_hf
 from sagellm.runtime.models.architectures.hf_vision_config import GELU_TANH, vision_from_hf
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
@@ -85,6 +86,7 @@ def config_from_hf(
             shared_expert_intermediate_size=shared,
             num_mtp_layers=int(hf_config.get("mtp_num_hidden_layers") or 0) if arch.gated_delta_net else 0,
             vision=vision_from_hf(whole, int(hf_config["hidden_size"]), source),
+            audio=audio_from_hf(whole, int(hf_config["hidden_size"]), source),
         )
         if arch.gemma3n:
             return replace(config, **_hf_gemma3n(hf_config, layers, source))

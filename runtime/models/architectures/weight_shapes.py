@@ -9,9 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from sagellm.runtime.models.architectures.audio_weights import audio_weight_shapes
 from sagellm.runtime.models.architectures.vision_weights import vision_weight_shapes
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
+
+
+def encoder_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of the model's media encoders (its vision and audio towers and projectors)."""
+    shapes = vision_weight_shapes(config.vision) if config.vision is not None else {}
+    return shapes | (audio_weight_shapes(config.audio) if config.audio is not None else {})
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -19,8 +26,7 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     name."""
     h, vocab = config.hidden_size, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
-    if config.vision is not None:
-        shapes |= vision_weight_shapes(config.vision)
+    shapes |= encoder_weight_shapes(config)
     for j in range(config.altup_num_inputs - 1 if config.altup_num_inputs else 0):  # Gemma 3n's stream projections
         shapes |= {f"model.altup_projections.{j}.weight": (h, h), f"model.altup_unembed_projections.{j}.weight": (h, h)}
     if config.per_layer_input_size:

@@ -8,16 +8,15 @@ room knows HTTP's errors (`http.errors`), nothing of LLMs; the chat route's proc
 
 from sagellm.gateway.media.audio import Audio
 from sagellm.gateway.media.image import IMAGE_FORMATS
-from sagellm.gateway.media.load import image_bytes, load_audio, load_image, load_input_audio
+from sagellm.gateway.media.load import audio_bytes, image_bytes, load_image
 from sagellm.gateway.media.policy import MediaPolicy, media_policy
 
 __all__ = [
     "IMAGE_FORMATS",
     "Audio",
     "MediaPolicy",
+    "audio_bytes",
     "image_bytes",
-    "load_audio",
     "load_image",
-    "load_input_audio",
     "media_policy",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import trio
 from PIL import Image
 
-from sagellm.gateway.media.audio import MP3_REFUSED, Audio, decode_audio, decode_wav
+from sagellm.gateway.media.audio import MP3_REFUSED, decode_audio, decode_wav
 from sagellm.gateway.media.fetch import base64_bytes, read_bytes
 from sagellm.gateway.media.image import decode_image
 from sagellm.gateway.media.policy import MediaPolicy
@@ -30,21 +30,21 @@ async def image_bytes(url: str, policy: MediaPolicy, param: str) -> bytes:
     return data
 
 
-async def load_audio(url: str, policy: MediaPolicy, param: str) -> Audio:
-    """An `audio_url` part's audio (vLLM's extension of OpenAI's content parts): a URL, as an image's."""
-    data = await read_bytes(locate(url, "audio", policy, param), policy, param)
-    return await trio.to_thread.run_sync(decode_audio, data, param)
+async def audio_bytes(part: dict[str, str], policy: MediaPolicy, param: str) -> bytes:
+    """An audio part's WAV file, checked to decode under the caps: what a request carries to the engine (which
+    decodes it again). `part`: input_audio's {data, format} or audio_url's {url}; `param` names the part."""
+    if "url" in part:
+        data = await read_bytes(locate(part["url"], "audio", policy, param), policy, param)
+        await trio.to_thread.run_sync(decode_audio, data, param)
+        return data
+    _check_format(part["format"], param)
+    data = await trio.to_thread.run_sync(base64_bytes, part["data"], policy.max_bytes, f"{param}.data")
+    await trio.to_thread.run_sync(decode_wav, data, f"{param}.data")
+    return data
 
 
-async def load_input_audio(data: str, audio_format: str, policy: MediaPolicy, param: str) -> Audio:
-    """OpenAI's `input_audio` part: base64 `data` in `audio_format` ("wav" or "mp3"). Refusals name the field at
-    fault (`{param}.format`, `{param}.data`)."""
+def _check_format(audio_format: str, param: str) -> None:
     if audio_format == "mp3":
         raise refused(f"{param}.format", MP3_REFUSED)
     if audio_format != "wav":
         raise refused(f"{param}.format", f"must be 'wav' or 'mp3', got {audio_format!r}")
-
-    def decode() -> Audio:
-        return decode_wav(base64_bytes(data, policy.max_bytes, f"{param}.data"), f"{param}.data")
-
-    return await trio.to_thread.run_sync(decode)

@@ -11,8 +11,13 @@ import json
 from sagellm.common.errors import FieldError
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.indexes.store import IndexStore
-from sagellm.gateway.media import MediaPolicy, image_bytes
-from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, chat_request, image_parts
+from sagellm.gateway.media import MediaPolicy, audio_bytes, image_bytes
+from sagellm.gateway.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    audio_parts,
+    chat_request,
+    image_parts,
+)
 from sagellm.gateway.openai.generation.serving import generation_model, prepare
 from sagellm.gateway.openai.generation.structured import guided_decoding
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
@@ -82,6 +87,9 @@ class ChatPreparation:
         if parts := image_parts(body):  # each image's file, fetched and checked under the operator's policy
             self._check_sees_images(request, [param for param, _ in parts])
             request.images = [await image_bytes(url, self.media, param) for param, url in parts]
+        if clips := audio_parts(body):  # each clip's WAV file, fetched or decoded and checked likewise
+            self._check_hears_audio(request, clips[0][0])
+            request.audios = [await audio_bytes(part, self.media, param) for param, part in clips]
         await self.hand_off.take(body, [request], body.n)
         sources = await self._ground(request, body)
         await prepare(self.core, [request], constraint)
@@ -107,6 +115,14 @@ class ChatPreparation:
             message = (f"{extra}: at most {served.max_images} image(s) may be given in one prompt "
                        f"(limit_mm_per_prompt); this one has {len(params)}")  # fmt: skip
             raise ApiError(400, message, param=extra)
+
+    def _check_hears_audio(self, request: Request, param: str) -> None:
+        """Audio goes to the graph's own model where it has an audio encoder; a 400 naming the first audio part
+        otherwise (the engine counts a prompt's clips against its limit_mm_per_prompt)."""
+        served = self.core.served
+        if request.model is not None or served is None or served.config.audio is None:
+            name = request.model or self.core.model_name
+            raise ApiError(400, f"{param}: model {name!r} takes no audio (it has no audio encoder here)", param=param)
 
     def _keep_harmony_markers(self, request: Request) -> None:
         """A Harmony reply is read by its markers, which are special tokens: its text keeps them (the engine leaves

@@ -36,6 +36,7 @@ from sagellm.runtime.pipeline.messages import Request
 ContentParts = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_CONTENT_PARTS)]
 ToolCalls = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_TOOL_CALLS)]
 TemplateKwargs = Annotated[dict[str, Any], msgspec.Meta(max_length=MAX_TEMPLATE_KWARGS)]
+AUDIO_PARTS = ("input_audio", "audio_url")  # OpenAI's content part of base64 audio; vLLM's of an audio URL
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
@@ -162,6 +163,18 @@ def image_parts(body: ChatCompletionRequest) -> list[tuple[str, str]]:
     return parts
 
 
+def audio_parts(body: ChatCompletionRequest) -> list[tuple[str, dict[str, Any]]]:
+    """(the part's name, the part) of each audio part of the chat's messages, in order: OpenAI's `input_audio`
+    (base64 data and its format) and vLLM's `audio_url`."""
+    parts = []
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.get("type") in AUDIO_PARTS:
+                    parts.append((f"messages[{i}].content[{j}].{part['type']}", _audio(part, i, j)))
+    return parts
+
+
 def image_part(url: str) -> dict[str, Any]:
     """The chat's `image_url` part for an image another API's request holds (a data: URL or an http(s) URL)."""
     return {"type": "image_url", "image_url": {"url": url}}
@@ -192,9 +205,26 @@ def _image_url(part: dict[str, Any], i: int, j: int) -> str:
     return url
 
 
+def _audio(part: dict[str, Any], i: int, j: int) -> dict[str, Any]:
+    """The audio part's own field, checked for its shape: input_audio's {data, format}, audio_url's {url}."""
+    kind = part["type"]
+    param, value = f"messages[{i}].content[{j}].{kind}", part.get(kind)
+    if kind == "input_audio":
+        if not isinstance(value, dict) or not isinstance(value.get("data"), str) or not value["data"]:
+            refuse(param, "needs {data: base64 audio, format: 'wav'}")
+        if not isinstance(value.get("format"), str):
+            refuse(f"{param}.format", "needs the audio's format ('wav')")
+        return value
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        refuse(param, "needs a url (a data: URL, or http(s) from an allowed host)")
+    return {"url": url}
+
+
 def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
-    """Text content as the chat template wants it: text parts joined; with images, the parts as Hugging Face
-    templates iterate them ({"type": "text", "text": ...}, {"type": "image"} where each image stands)."""
+    """Text content as the chat template wants it: text parts joined; with media, the parts as Hugging Face
+    templates iterate them ({"type": "text", "text": ...}, {"type": "image"} where each image stands, and
+    {"type": "audio", "audio": None} where each clip does: Qwen2-Audio's template asks for an "audio" key)."""
     content = message.content
     if isinstance(content, list):
         parts: list[dict[str, Any]] = []
@@ -202,12 +232,16 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
             if part.get("type") == "image_url":
                 _image_url(part, index, j)
                 parts.append({"type": "image"})
+            elif part.get("type") in AUDIO_PARTS:
+                _audio(part, index, j)
+                parts.append({"type": "audio", "audio": None})
             elif part.get("type") == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
             else:
-                refuse(f"messages[{index}].content[{j}]", "content parts are text and image_url")
-        images = any(part["type"] == "image" for part in parts)
-        content = parts if images else "".join(part["text"] for part in parts)
+                kinds = "text, image_url, input_audio and audio_url"
+                refuse(f"messages[{index}].content[{j}]", f"content parts are {kinds}")
+        media = any(part["type"] != "text" for part in parts)
+        content = parts if media else "".join(part["text"] for part in parts)
     out: dict[str, Any] = {"role": message.role, "content": content or ""}
     for name in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
         if getattr(message, name) is not None:

@@ -57,8 +57,11 @@ class ModelsRoutes:
 
     def _input_modalities(self, name: str, embedder: bool) -> dict[str, list[str]]:
         """What a model reads (OpenRouter's and LiteLLM's `input_modalities`), where this server knows: the graph's
-        own model (text, and images with a vision encoder) and the embedding model; nothing said of others'."""
+        own model (text, images with a vision encoder, audio with an audio encoder) and the embedding model;
+        nothing said of others'."""
         served = self.core.served
         if name == self.core.model_name and served is not None and not embedder:
-            return {"input_modalities": ["text", "image"] if served.config.vision is not None else ["text"]}
+            config = served.config
+            return {"input_modalities": ["text"] + ["image"] * (config.vision is not None)
+                    + ["audio"] * (config.audio is not None)}  # fmt: skip
         return {"input_modalities": ["text"]} if embedder else {}
