@@ -22,7 +22,6 @@ from sagellm.common.errors import InvalidInput
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.execution_graph.lowering import LoweringContext, lower
 from sagellm.runtime.execution_graph.passes import optimize
-from sagellm.runtime.execution_graph.plan import Plan
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.encoder_graph import build_audio_graph, build_vision_graph
 
@@ -35,16 +34,9 @@ class Encoder(Protocol):
         ...
 
 
-def _lowered(graph: Graph, weights: Mapping[str, torch.Tensor], backend: HardwareBackend, head_dim: int,
-             linear_dtype: torch.dtype) -> Plan:  # fmt: skip
-    context = LoweringContext(backend=backend, weights=weights, kv_caches=[], rope_tables={}, head_dim=head_dim,
-                              linear_dtype=linear_dtype)  # fmt: skip
-    return lower(optimize(graph), context)
-
-
-class EncoderRunner:
-    """A vision encoder. `linear_dtype`: the dtype its linears are packed in (EngineConfig.dtype), as the
-    decoder's."""
+class _GraphEncoder:
+    """An encoder graph built for the model and lowered onto the backend. `linear_dtype`: the dtype its linears are
+    packed in (EngineConfig.dtype), as the decoder's."""
 
     def __init__(
         self,
@@ -54,11 +46,25 @@ class EncoderRunner:
         *,
         linear_dtype: torch.dtype = torch.float32,
     ) -> None:
+        graph, head_dim = self._graph(config)
+        self.device = backend.device
+        context = LoweringContext(backend=backend, weights=weights, kv_caches=[], rope_tables={}, head_dim=head_dim,
+                                  linear_dtype=linear_dtype)  # fmt: skip
+        self.plan = lower(optimize(graph), context)
+
+    def _graph(self, config: ModelConfig) -> tuple[Graph, int]:
+        """The model's encoder graph and its attention's head size."""
+        raise NotImplementedError
+
+
+class EncoderRunner(_GraphEncoder):
+    """A vision encoder."""
+
+    def _graph(self, config: ModelConfig) -> tuple[Graph, int]:
         if config.vision is None:
             raise InvalidInput(f"this {config.architecture} model has no vision encoder: it takes no images")
         self.vision = config.vision
-        self.device = backend.device
-        self.plan = _lowered(build_vision_graph(self.vision), weights, backend, self.vision.head_dim, linear_dtype)
+        return build_vision_graph(self.vision), self.vision.head_dim
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -74,22 +80,14 @@ class EncoderRunner:
         return list(embeds.split(v.tokens_per_image))
 
 
-class AudioEncoderRunner:
+class AudioEncoderRunner(_GraphEncoder):
     """An audio encoder (Qwen2-Audio's), one clip a run."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        weights: Mapping[str, torch.Tensor],
-        backend: HardwareBackend,
-        *,
-        linear_dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def _graph(self, config: ModelConfig) -> tuple[Graph, int]:
         if config.audio is None:
             raise InvalidInput(f"this {config.architecture} model has no audio encoder: it takes no audio")
         self.audio = config.audio
-        self.device = backend.device
-        self.plan = _lowered(build_audio_graph(self.audio), weights, backend, self.audio.head_dim, linear_dtype)
+        return build_audio_graph(self.audio), self.audio.head_dim
 
     @torch.inference_mode()
     def encode(self, frames: torch.Tensor) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ from sagellm.runtime.multimodal.encoder_cache import EncoderCache
 from sagellm.runtime.multimodal.encoder_runner import AudioEncoderRunner, Encoder, EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
 
-ROWS_CACHED = 64 * 576  # the encoder cache's size in rows: 64 of LLaVA-1.5's pictures, or 49 clips of 30 s
+PICTURES_CACHED, CLIPS_CACHED = 64, 16  # the encoder cache's size: the rows of so many pictures, or of 30-s clips
 
 
 @dataclass
@@ -49,7 +49,10 @@ def engine_media(
         raise InvalidInput(f"{source}: images and audio need the checkpoint's directory (its preprocessor's "
                            "settings)")  # fmt: skip
     prompts = PromptMedia.of_model(config, source, tokenizer, limits)
-    return EngineMedia(prompts, EncoderCache(encoders(config, weights, backend, linear_dtype), ROWS_CACHED))
+    pictures = PICTURES_CACHED * config.vision.tokens_per_image if config.vision is not None else 0
+    clips = CLIPS_CACHED * config.audio.tokens_for_frames(config.audio.max_frames) if config.audio is not None else 0
+    rows = max(pictures, clips)
+    return EngineMedia(prompts, EncoderCache(encoders(config, weights, backend, linear_dtype), rows))
 
 
 def encoders(

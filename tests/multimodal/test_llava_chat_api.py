@@ -6,9 +6,7 @@ URL are each a 400 naming the part, and a model without a vision encoder refuses
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.multimodal.file_server import file_server
 from tests.tiny_models import make_tiny_llama
 from tests.tiny_vision_models import make_tiny_llava
 
@@ -40,29 +39,12 @@ def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-class _Files(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        if self.path == "/moved.png":
-            self.send_response(302)
-            self.send_header("Location", "/second.png")
-            self.end_headers()
-            return
-        body = {"/second.png": SECOND, "/broken.png": b"\x89PNG not really"}.get(self.path)
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Length", str(len(body or b"")))
-        self.end_headers()
-        self.wfile.write(body or b"")
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def files() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with file_server(
+        {"/second.png": SECOND, "/broken.png": b"\x89PNG not really"}, {"/moved.png": "/second.png"}
+    ) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

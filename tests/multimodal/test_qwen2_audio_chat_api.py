@@ -7,9 +7,7 @@ graph; an MP3, a file that is not WAV, a clip over 30 s and audio sent to a mode
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import threading
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from sagellm.runtime.multimodal.wav import decode_wav
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.multimodal.file_server import file_server
 from tests.tiny_audio_models import make_tiny_qwen2_audio
 from tests.tiny_models import make_tiny_llama
 
@@ -42,24 +41,10 @@ def wav(seconds: float, seed: int, rate: int = 16000) -> bytes:
 FIRST, SECOND = wav(0.8, 1), wav(1.7, 2)
 
 
-class _Files(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        body = {"/second.wav": SECOND}.get(self.path)
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Length", str(len(body or b"")))
-        self.end_headers()
-        self.wfile.write(body or b"")
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def files() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with file_server({"/second.wav": SECOND}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
