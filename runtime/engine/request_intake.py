@@ -119,12 +119,11 @@ class RequestIntake:
             return token_ids, []
         data = dict(data or {})
         if "encoded" in data:  # an `encode` node's: the prompt came expanded, its pictures encoded
-            features = list(data.pop("encoded"))
+            if any(v for m, v in data.items() if m != "encoded"):  # no model both sees and hears yet
+                raise InvalidInput("a prompt an encode node expanded carries no media left to expand")
+            features = list(data["encoded"])
             self._media.check_encoded(token_ids, features)
-            if not data:
-                return token_ids, features
-            expanded, more = self._media.expand(token_ids, data)  # clips the encode node left to this engine
-            return expanded, sorted([*features, *more], key=lambda f: f.offset)
+            return token_ids, features
         items = {m: v if isinstance(v, (list, tuple)) and not _one_clip(m, v) else [v] for m, v in data.items() if v}
         # every modality the model takes, so a placeholder without its item is refused
         return self._media.expand(token_ids, dict.fromkeys(self._media.modalities, ()) | items)

@@ -38,9 +38,13 @@ async def audio_bytes(part: dict[str, str], policy: MediaPolicy, param: str) -> 
         await trio.to_thread.run_sync(decode_audio, data, param)
         return data
     _check_format(part["format"], param)
-    data = await trio.to_thread.run_sync(base64_bytes, part["data"], policy.max_bytes, f"{param}.data")
-    await trio.to_thread.run_sync(decode_wav, data, f"{param}.data")
-    return data
+
+    def decoded_and_checked() -> bytes:
+        data = base64_bytes(part["data"], policy.max_bytes, f"{param}.data")
+        decode_wav(data, f"{param}.data")
+        return data
+
+    return await trio.to_thread.run_sync(decoded_and_checked)
 
 
 def _check_format(audio_format: str, param: str) -> None:
