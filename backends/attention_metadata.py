@@ -24,6 +24,9 @@ class PrefillChunk:
     state_slot: int = -1
     source_slot: int = -1
     checkpoint: tuple[int, int] | None = None
+    # A model whose pictures attend both ways (Gemma 3): the runs [start, end) of image tokens that overlap the chunk,
+    # as sequence positions; a query inside one sees every key before its end, not only those up to itself.
+    bidirectional: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass

@@ -254,8 +254,9 @@ class NativeDispatch:
         buffers: torch_ops.GatherBuffers | None = None,
     ) -> torch.Tensor:
         """A prefill chunk's causal attention (sliding-window, soft-capped) read from the paged cache in place (its
-        K/V are written first), or the torch op for what the C code does not take."""
-        if fits_prefill_attention(q, cache, chunk.block_table):
+        K/V are written first), or the torch op for what the C code does not take: other layouts, and picture runs
+        that attend both ways (the C kernel's mask is causal only)."""
+        if not chunk.bidirectional and fits_prefill_attention(q, cache, chunk.block_table):
             n, ctx = chunk.query_len, chunk.context_len
             threads = attention_threads(n * seen_keys(ctx, spec.window))
             size = prefill_scratch_size(ctx, cache.k.shape[2], q.shape[2], n, spec.window)

@@ -147,8 +147,10 @@ class PrefillAttention(Protocol):
     ) -> torch.Tensor:
         """One prefill chunk's causal attention: q [n, Hq, D] and its fresh k, v [n, Hk, D] (already written to the
         caches) over the sequence's context_len cached tokens (chunk.block_table), query i at position
-        context_len - n + i -> [n, Hq, D]. `spec` as PagedDecodeAttention's; `buffers`: the torch path's reusable
-        gather memory (a kernel reading the cache in place ignores it). `attention`'s prefill part (its `prefill`)."""
+        context_len - n + i -> [n, Hq, D]; a query inside one of `chunk.bidirectional`'s picture runs [s, e) sees the
+        run's keys up to e - 1 too (Gemma 3's images). `spec` as PagedDecodeAttention's; `buffers`: the torch path's
+        reusable gather memory (a kernel reading the cache in place ignores it). `attention`'s prefill part (its
+        `prefill`)."""
 
 
 class Attention(Protocol):

@@ -67,12 +67,13 @@ class EncodeOperator(StepOperator):
             raise InvalidInput(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        loaded = load_model(resolve_model(str(model)), encoders_only=True)  # the tower and projector alone
+        mmproj = ctx.graph_attrs.get("mmproj")  # a GGUF model's vision encoder, in its own file
+        loaded = load_model(resolve_model(str(model)), encoders_only=True, mmproj=mmproj)  # the encoder alone
         vision = loaded.config.vision is not None  # a model that hears but does not see: everything passes
         self.encoder = EncoderRunner(loaded.config, loaded.weights, get_backend(self.backend)) if vision else None
         self.tokenizer = loaded.tokenizer
         limits = {"image": self.limit_images} if self.limit_images is not None else None
-        self.prompts = PromptMedia.of_model(loaded.config, loaded.source, loaded.tokenizer, limits)
+        self.prompts = PromptMedia.of_model(loaded.config, loaded.processor_files, loaded.tokenizer, limits)
 
     def close(self) -> None:
         self.encoder = self.prompts = self.tokenizer = None

@@ -315,22 +315,6 @@ def hf_mxfp4(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)), np.ascontiguousarray(scales)
 
 
-def make_tiny_gemma3_multimodal(directory: str | Path, seed: int = 0) -> Path:
-    """Save a random tiny Gemma3ForConditionalGeneration (how Gemma 3 4B and up ship): make_tiny_gemma3's text model
-    under `language_model.`, beside a one-layer vision tower and projector, its config nested as `text_config`."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
-
-    tokenizer = make_tokenizer()
-    text = dict(_LLAMA_DEFAULTS, vocab_size=len(tokenizer), head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
-                num_hidden_layers=3, sliding_window_pattern=3, tie_word_embeddings=True)  # fmt: skip
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)  # fmt: skip
-    text_config = Gemma3TextConfig(**text).to_dict()
-    config = Gemma3Config(text_config=text_config, vision_config=vision.to_dict(), mm_tokens_per_image=4)
-    torch.manual_seed(seed)
-    return _randomize_and_save(Path(directory), Gemma3ForConditionalGeneration(config).eval(), tokenizer)
-
-
 def _save_model(
     directory: Path, config_class: type, model_class: type, seed: int, overrides: dict, adjust: Any = None
 ) -> Path:
@@ -464,7 +448,8 @@ def write_tiny_gguf(
     convert_hf_to_gguf.py and llama-quantize: 2-D weights in `qtype` ("Q4_K_M": llama.cpp's mix, `q4_k_m_type`),
     norms and biases in F32, llama q/k rows permuted, no output.weight when embeddings are tied, llama3 rope scaling
     as a rope_freqs.weight tensor, Mixtral and Mistral as "llama" models (Mixtral with expert counts, each layer's
-    experts stacked and its router in F32), Gemma's norms stored +1 with its window and soft-caps, Phi-3's LongRoPE
+    experts stacked and its router in F32), Gemma's norms stored +1 with its window and soft-caps (Gemma 3's text
+    model alone from a Gemma3ForConditionalGeneration; its tower goes to write_tiny_mmproj), Phi-3's LongRoPE
     factors as tensors, gpt-oss's gate and up experts apart with their biases and its sinks; `sampling`:
     llama.cpp's `general.sampling.*` keys (temp, top_p: float32; top_k: int32); `drop`: GGUF names left out (a bad
     file); `beside_experts`: the type of an MXFP4 file's 2-D weights other than its experts (llama.cpp's gpt-oss
@@ -475,6 +460,8 @@ def write_tiny_gguf(
     mixture = qtype == "Q4_K_M"  # llama.cpp's mix of types per tensor (q4_k_m_type)
     qtype = GGMLQuantizationType.Q4_K if mixture else GGMLQuantizationType[qtype] if isinstance(qtype, str) else qtype
     config = AutoConfig.from_pretrained(hf_dir)
+    multimodal = config.model_type == "gemma3"  # Gemma3ForConditionalGeneration: its text model (mmproj: the tower)
+    config = config.text_config if multimodal else config
     if hasattr(config, "per_layer_config"):  # Gemma 4: its heads' sizes per layer; the top level's the sliding ones'
         config.allow_global_per_layer_attribute_access = True
     arch = _GGUF_ARCH.get(config.model_type, config.model_type)
@@ -552,6 +539,9 @@ def write_tiny_gguf(
     _add_tokenizer(writer, AutoTokenizer.from_pretrained(hf_dir), config.vocab_size)
 
     tensors = load_file(hf_dir / "model.safetensors")
+    if multimodal:
+        tensors = {"model." + k.removeprefix("language_model.model."): v for k, v in tensors.items()
+                   if k.startswith("language_model.model.")}  # fmt: skip
     if arch == "gemma3n":  # its streams' projections stacked, [K-1, H, H], as llama.cpp's converter writes them
         for name, stacked in (("altup_projections", "altup_proj"), ("altup_unembed_projections", "altup_unembd_proj")):
             parts = [tensors.pop(f"model.{name}.{j}.weight") for j in range(config.altup_num_inputs - 1)]

@@ -4,9 +4,11 @@ tile, a pixel shuffle). Their text models are tiny_models.make_tiny_llama's."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tests.tiny_models import _LLAMA_DEFAULTS, _randomize_and_save, make_tokenizer
@@ -114,4 +116,113 @@ def make_tiny_idefics3(directory: str | Path, seed: int = 0, smolvlm: bool = Fal
                                   chat_template=IDEFICS3_CHAT_TEMPLATE)  # fmt: skip
     processor.save_pretrained(path)
     images.save_pretrained(path)
+    return path
+
+
+# Gemma 3's image tokens, turn tags, and the newline runs its tokenizer holds as single tokens (which the processor's
+# blank lines around an image join with the prompt's newlines)
+GEMMA3_TOKENS = ("<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>")
+GEMMA3_NEWLINES = ("\n\n", "\n\n\n", "\n\n\n\n")
+# Gemma 3's chat template, in short: an image part is <start_of_image>, a text part its text trimmed
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' }}"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}{{ '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def make_tiny_gemma3_vision(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Gemma3ForConditionalGeneration with its vision tower to `directory`: a 3-layer Gemma 3
+    text model (two layers sliding over 8 positions), a 2-layer SigLIP tower on 32-pixel images of 4-pixel patches
+    whose 8 x 8 patches pool into 16 soft tokens (so an image's run is longer than the window), and the
+    Gemma3Processor (Gemma3ImageProcessor, GEMMA3_CHAT_TEMPLATE) that writes its prompts. `overrides` go to the
+    image processor (do_pan_and_scan, ...)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA3_TOKENS)})
+    tokenizer.add_tokens(list(GEMMA3_NEWLINES))
+    tokenizer._set_model_specific_special_tokens(dict(zip(("boi_token", "image_token", "eoi_token"), GEMMA3_TOKENS)))
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    ids = dict(zip(("boi_token_index", "image_token_index", "eoi_token_index"),
+                   tokenizer.convert_tokens_to_ids(list(GEMMA3_TOKENS[:3]))))  # fmt: skip
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
+    text = Gemma3TextConfig(**(_LLAMA_DEFAULTS | dict(
+        vocab_size=len(tokenizer), head_dim=16, query_pre_attn_scalar=16, sliding_window=8, num_hidden_layers=3,
+        sliding_window_pattern=3, rope_parameters=rope, tie_word_embeddings=True)))  # fmt: skip
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=4, vision_use_head=False)  # fmt: skip
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=16, **ids)
+    torch.manual_seed(seed)
+    path = _randomize_and_save(Path(directory), Gemma3ForConditionalGeneration(config).eval(), tokenizer)
+    images = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **overrides)
+    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16,
+                                chat_template=GEMMA3_CHAT_TEMPLATE)  # fmt: skip
+    processor.save_pretrained(path)
+    images.save_pretrained(path)
+    return path
+
+
+def write_tiny_mmproj(path: str | Path, hf_dir: str | Path) -> Path:
+    """Write the vision tower and projector of the Gemma 3 checkpoint in `hf_dir` as llama.cpp's
+    `convert_hf_to_gguf.py --mmproj --outtype f32` writes them (its Gemma3VisionModel): general.type "mmproj", the
+    `clip.vision.*` sizes, the preprocessor's mean and std, projector "gemma3" with its pooling as
+    `projector.scale_factor`, gguf-py's `v.*` / `mm.*` names, the soft-token norm stored +1 and the input projection
+    in F16 (as the converter forces it). Checked once against that converter's own file for make_tiny_gemma3_vision
+    (the same keys, values, names, types and shapes)."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path, hf_dir = Path(path), Path(hf_dir)
+    config = AutoConfig.from_pretrained(hf_dir)
+    vision, images = config.vision_config, json.loads((hf_dir / "preprocessor_config.json").read_text())
+    writer = gguf.GGUFWriter(path, "clip")
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(hf_dir.name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_vision_projection_dim(config.text_config.hidden_size)
+    writer.add_vision_image_size(vision.image_size)
+    writer.add_vision_patch_size(vision.patch_size)
+    writer.add_vision_embedding_length(vision.hidden_size)
+    writer.add_vision_feed_forward_length(vision.intermediate_size)
+    writer.add_vision_block_count(vision.num_hidden_layers)
+    writer.add_vision_head_count(vision.num_attention_heads)
+    writer.add_vision_image_mean(images["image_mean"])
+    writer.add_vision_image_std(images["image_std"])
+    writer.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
+    writer.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
+    writer.add_vision_use_gelu(True)
+    scale = (vision.image_size // vision.patch_size) // int(config.mm_tokens_per_image**0.5)
+    if scale != 4:  # the converter writes it only where it is not llama.cpp's default
+        writer.add_vision_projector_scale_factor(scale)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.num_hidden_layers)
+    for name, tensor in load_file(hf_dir / "model.safetensors").items():
+        if not name.startswith(("vision_tower.", "multi_modal_projector.")):
+            continue
+        name = name.replace("vision_tower.", "vision_tower.vision_model.").replace("_weight", ".weight")
+        values = tensor.float().numpy()
+        if "soft_emb_norm" in name:
+            values = values + 1
+        base, _, kind = name.rpartition(".")
+        gguf_name = f"{names.get_name(base)}.{kind}"
+        kind = gguf.GGMLQuantizationType.F16 if "input_projection" in name else gguf.GGMLQuantizationType.F32
+        writer.add_tensor(gguf_name, values.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32),
+                          raw_dtype=kind)  # fmt: skip
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path

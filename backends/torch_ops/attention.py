@@ -1,5 +1,6 @@
 """The torch attention over the paged KV cache: each new token's K/V written to its slot, then the decode tokens
-against their cached context in one batched call and each prefill chunk causally over its sequence. `attention` takes
+against their cached context in one batched call and each prefill chunk causally over its sequence (a picture's
+run of image tokens both ways, for a model whose pictures attend so: `PrefillChunk.bidirectional`). `attention` takes
 the parts a device swaps (the CUDA backend's triton decode kernel, the CPU's native ones).
 
 A layer's sliding `window` is a mask SDPA takes; its score `softcap` and attention `sinks` (its AttentionSpec's; what
@@ -94,12 +95,14 @@ def prefill_attention(
         values = cached_tokens(cache.v, table, buffers, "v")[:ctx]
     window, sinks = spec.window, spec.sinks
     windowed = 0 < window < ctx
-    causal = ctx == n and not windowed
+    causal = ctx == n and not windowed and not chunk.bidirectional
     mask = None
     if not causal:
         rows = torch.arange(n, device=q.device)[:, None] + (ctx - n)  # [n, 1]: each query's position
         position = torch.arange(ctx, device=q.device)[None, :]  # [1, ctx]
-        mask = (position <= rows) & (position > rows - window) if windowed else position <= rows  # [n, ctx]
+        mask = position <= _last_keys(rows, chunk.bidirectional)  # [n, ctx]
+        if windowed:
+            mask &= position > rows - window
     num_kv_heads, group = keys.shape[1], q.shape[1] // keys.shape[1]
     out = _attend(
         q.transpose(0, 1).unflatten(0, (num_kv_heads, group)),  # [Hk, G, n, D]
@@ -112,6 +115,16 @@ def prefill_attention(
         None if sinks is None else sinks.view(num_kv_heads, group, 1, 1),  # [Hk, G, 1, 1]
     )  # [Hk, G, n, D]
     return out.flatten(0, 1).transpose(0, 1)  # [n, Hq, D]
+
+
+def _last_keys(rows: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The last key position each query at `rows` [n, 1] sees: its own, or for one inside a picture's run [s, e)
+    that attends both ways (Gemma 3), the run's last (e - 1)."""
+    last = rows
+    for start, end in runs:
+        inside = (rows >= start) & (rows < end)
+        last = torch.where(inside, end - 1, last)
+    return last
 
 
 def _attend(

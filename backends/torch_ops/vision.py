@@ -1,7 +1,7 @@
 """The torch ops a vision encoder adds to the decoder's: LayerNorm with a bias, the erf GELU and CLIP's quick GELU,
 dense bidirectional attention within each image (`EncoderMetadata` says where each image's rows are), the
 embeddings (pixels cut into patches, CLIP's class row, the learned positions: `grid_position_ids` for Idefics3's
-tower, which numbers them by fractional coordinates) and Idefics3's pixel shuffle.
+tower, which numbers them by fractional coordinates), Idefics3's pixel shuffle and Gemma 3's pooling.
 
 An encoder step stacks its images' rows, [T, D] with T = sum of each image's rows, as a decoder step stacks its
 tokens, so every op but attention is the decoder's row-wise kind; attention reads each image's rows alone. What the
@@ -95,3 +95,12 @@ def pixel_shuffle(x: torch.Tensor, grid: int, scale: int) -> torch.Tensor:
     x = x.view(-1, grid, side, d * scale).permute(0, 2, 1, 3)  # [N, grid / s, grid, D * s]
     x = x.reshape(-1, side, side, d * scale * scale).permute(0, 2, 1, 3)  # [N, grid / s, grid / s, D * s^2]
     return x.reshape(-1, d * scale * scale)
+
+
+def pool_squares(x: torch.Tensor, grid: int, side: int) -> torch.Tensor:
+    """Gemma 3's soft tokens: each picture's grid x grid rows averaged over squares into side x side rows, row-major
+    (its projector's AvgPool2d over the patch grid), [N * grid^2, D] -> [N * side^2, D]."""
+    d = x.shape[1]
+    planes = x.view(-1, grid, grid, d).permute(0, 3, 1, 2)  # [N, D, grid, grid]
+    pooled = F.avg_pool2d(planes, kernel_size=grid // side)  # [N, D, side, side]
+    return pooled.flatten(2).transpose(1, 2).reshape(-1, d)

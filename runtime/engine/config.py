@@ -21,6 +21,9 @@ def _help(text: str, default: Any) -> Any:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = _help("model path (a .gguf file or an HF directory); engine operators take the graph's", None)
+    # llama.cpp's --mmproj: a GGUF model's vision encoder, in the file llama.cpp's converter writes beside it
+    # (runtime/models/gguf_mmproj.py); engine and encode operators take the graph's, as they take its model.
+    mmproj: str | None = _help("a GGUF model's multimodal projector file (llama.cpp's --mmproj): it sees images", None)
     backend: str = _help("hardware backend: auto, cpu, cuda, ascend, cambricon, hygon", "auto")
     max_num_seqs: int = _help("requests the engine runs at once", 16)
     max_num_batched_tokens: int = _help("token budget of one step; chunked prefill cuts prompts to fit", 512)

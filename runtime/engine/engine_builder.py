@@ -100,7 +100,7 @@ def build_engine(
     cache = _cache_layout(config, model.config, backend, mtp, spec is not None)
     lora, lora_weights = _lora_slots(config, model, backend) if config.enable_lora else (None, None)
     scheduler = Scheduler(_scheduler_config(config, model.config, cache, spec is not None), lora)
-    media = engine_media(model.config, model.weights, model.source, model.tokenizer, backend, linear_dtype,
+    media = engine_media(model.config, model.weights, model.processor_files, model.tokenizer, backend, linear_dtype,
                          config.world_size, config.limit_mm_per_prompt)  # fmt: skip
     runner = _runner(config, model, backend, cache, linear_dtype, lora_weights, make_runner, mtp, media)
     if lora is not None:
@@ -149,13 +149,19 @@ def _refuse_before_loading(
 def _load(config: EngineConfig, loaded: LoadedModel | None, mtp: bool) -> LoadedModel:
     """The model (`loaded`, else read from `config.model`, with its MTP head when it proposes), checked against
     what the engine needs of it."""
-    model = loaded or load_model(config.model, mtp_head=mtp)
+    model = loaded or load_model(config.model, mtp_head=mtp, mmproj=config.mmproj)
     if model.tokenizer is None:
         raise ModelLoadError(f"{model.source}: the engine needs a tokenizer, and this model has none")
     if model.config.one_pipeline_stage and (config.pipeline_parallel_size or 1) > 1:
         raise InvalidInput("pipeline parallel: Gemma 4 and Gemma 3n (per-layer embeddings, shared KV, layer "
                            "scalars, AltUp) run as one pipeline stage; split them with tensor_parallel_size "
                            "instead")  # fmt: skip
+    vision = model.config.vision
+    if model.config.media_attends_both_ways and config.max_num_batched_tokens < vision.tokens_per_image:
+        # A picture's run is computed in one step (media_spans.py): a smaller budget could never start it.
+        raise FieldError("max_num_batched_tokens", f"max_num_batched_tokens {config.max_num_batched_tokens}: "
+                         f"{model.name}'s pictures are prefilled whole, {vision.tokens_per_image} tokens each, so a "
+                         f"step's budget must hold at least that many")  # fmt: skip
     return model
 
 
@@ -238,6 +244,7 @@ def _scheduler_config(
         num_state_slots=cache.num_state_slots,
         num_state_checkpoints=cache.checkpoints,
         speculative=speculative,
+        whole_media_runs=model_config.media_attends_both_ways,
     )
 
 

@@ -20,6 +20,7 @@ from sagellm.common.errors import Lost
 from sagellm.runtime.engine.kv_cache import allocate_kv_caches, read_tokens, window_group, write_tokens
 from sagellm.runtime.engine.kv_prefault import KVPrefault
 from sagellm.runtime.engine.lora_weights import LoraWeights
+from sagellm.runtime.engine.media_spans import chunk_runs
 from sagellm.runtime.engine.scheduler import ScheduledBatch
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.state_cache import allocate_state_caches
@@ -75,6 +76,9 @@ class StepInputs(msgspec.Struct, array_like=True, kw_only=True, tag="step"):
     window_decode_tables: list[list[int]] = []
     window_prefill_tables: list[list[int]] = []
     lora_slots: list[int] = []  # each row's LoRA adapter slot (-1: none); empty when no row has one
+    # A model whose pictures attend both ways (Gemma 3): each prefill's picture runs (PrefillChunk.bidirectional);
+    # empty for any other model.
+    prefill_media_runs: list[list[tuple[int, int]]] = []
 
 
 class ModelRunner:
@@ -197,12 +201,16 @@ class ModelRunner:
         logits_rows: list[int] = []
         lora_slots: list[int] = []  # each row's adapter slot, where some sequence has one
         prefills: list[tuple[int, int, int, list[int], int, int, tuple[int, int] | None]] = []
+        media_runs: list[list[tuple[int, int]]] = []
+        both_ways = self.config.media_attends_both_ways
         num_decodes = batch.num_decodes
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, table = seq.num_computed_tokens, seq.block_table
             if i >= num_decodes:
                 source = batch.restores.get(seq, seq.state_slot if start else -1)
                 prefills.append((len(ids), n, start + n, table, seq.state_slot, source, batch.checkpoints.get(seq)))
+                if both_ways:
+                    media_runs.append(chunk_runs(seq, start, n))
             logits_rows.extend(len(ids) + p - start for p in seq.prompt_scored_positions(n))
             ids.extend(seq.scheduled_token_ids(n))
             lora_slots.extend([seq.lora_slot] * n)  # its proposed tokens' rows too: verified under its adapter
@@ -245,6 +253,7 @@ class ModelRunner:
             decode_state_slots=[s.state_slot for s, _ in decodes] if self.state_caches else [],
             decode_state_seeds=self._decode_state_seeds(batch, decodes),
             lora_slots=lora_slots if any(slot >= 0 for slot in lora_slots) else [],
+            prefill_media_runs=media_runs if any(media_runs) else [],
             **window,
         )
 
@@ -257,13 +266,14 @@ class ModelRunner:
         return [(s.state_slot, batch.restores.get(s, -1)) for s in starting]
 
     def tensors(self, step: StepInputs) -> dict[str, object]:
+        runs = step.prefill_media_runs or [()] * len(step.prefills)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(step.slots, torch.int64),
             block_size=self.block_size,
             num_decode_tokens=step.num_decodes,
             prefills=[
-                PrefillChunk(a, n, c, self._tensor(t, torch.int32), slot, source, at and tuple(at))
-                for a, n, c, t, slot, source, at in step.prefills
+                PrefillChunk(a, n, c, self._tensor(t, torch.int32), slot, source, at and tuple(at), tuple(spans))
+                for (a, n, c, t, slot, source, at), spans in zip(step.prefills, runs)
             ],
             decode_continues=step.decode_continues,
         )

@@ -26,6 +26,7 @@ from sagellm.runtime.engine.admission_gates import AdmissionGate, admission_gate
 from sagellm.runtime.engine.block_manager import BlockManager
 from sagellm.runtime.engine.long_prefills import MAX_LONG_HOLDS, PrefillShares, short_prompt_waits
 from sagellm.runtime.engine.lora_slots import LoraSlots
+from sagellm.runtime.engine.media_spans import whole_runs_chunk
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 from sagellm.runtime.engine.state_slots import StateSlots
@@ -61,6 +62,9 @@ class SchedulerConfig:
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     long_prefill_context_scale: int = 0
+    # A model whose pictures attend both ways in a prefill (Gemma 3): no chunk ends inside a picture's run
+    # (media_spans.py).
+    whole_media_runs: bool = False
 
 
 @dataclass
@@ -199,7 +203,8 @@ class Scheduler:
             seq = self.running[index]
             computed = seq.num_computed_tokens
             n = shares.share(seq, computed, min(seq.num_tokens - computed + len(seq.spec_token_ids), step.budget))
-            if n == 0:  # its prompt logprobs wait for the next step's share
+            n = self._whole_runs(seq, computed, n, step.budget)
+            if n == 0:  # its prompt logprobs wait for the next step's share, or a picture for room
                 index += 1
                 continue
             del seq.spec_token_ids[max(n - 1, 0) :]  # proposals beyond the budget are not verified this step
@@ -277,6 +282,7 @@ class Scheduler:
                 continue
             cached, computed = self._start_point(seq)
             n = step.shares.share(seq, computed, min(seq.num_tokens - computed, step.budget))
+            n = self._whole_runs(seq, computed, n, step.budget)
             if n == 0 or not step.shares.has_seats(seq, computed, n):
                 place += 1
                 continue
@@ -302,6 +308,12 @@ class Scheduler:
                 seq.first_scheduled_time = time.time()
             self.running.append(seq)
             step.take(seq, n, admitted=True)
+
+    def _whole_runs(self, seq: Sequence, computed: int, n: int, budget: int) -> int:
+        """`n` as a model whose pictures attend both ways may compute it: ending outside every picture's run."""
+        if not (self.config.whole_media_runs and n and seq.mm_features):
+            return n
+        return whole_runs_chunk(seq, computed, n, budget)
 
     def _start_point(self, seq: Sequence) -> tuple[list[int], int]:
         """The cached blocks a waiting `seq` starts from, and how many of its tokens they (or imported KV) hold."""

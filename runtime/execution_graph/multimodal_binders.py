@@ -40,8 +40,8 @@ def _float_weight(ctx: _Context, name: str) -> torch.Tensor:
 def _bind_patch_embed(params, ctx, kernels):
     """A ViT's embeddings: the pictures cut into patches, each through the patch convolution (its weight [D, C, p, p]
     as a linear on [D, C * p * p], packed as the backend packs linears; its bias where `bias`), the class row
-    prepended (`class_embedding`, CLIP's; none without) and the position rows added: all of them, class row first,
-    with a class row; without one, Idefics3's numbering of a whole grid's patches."""
+    prepended (`class_embedding`, CLIP's; none without) and the position rows added: all of them in order, class
+    row first where there is one; Idefics3's numbering of a whole grid's patches where `bucketed_positions`."""
     weight = _weight(ctx, params["weight"]).flatten(1).to(ctx.linear_dtype)  # [D, C * p * p]
     packed = ctx.backend.prepare_linear_weight(weight)
     bias = _float_weight(ctx, params["weight"].removesuffix(".weight") + ".bias") if params.get("bias") else None
@@ -53,9 +53,15 @@ def _bind_patch_embed(params, ctx, kernels):
         return vision.class_and_positions(patches, class_row, positions)  # [N * (P + 1), D]
 
     positions = _float_weight(ctx, params["position_embedding"])
-    if class_row is None:
+    if params.get("bucketed_positions"):
         positions = positions[vision.grid_position_ids(params["grid"]).to(positions.device)]  # [P, D]
     return patch_embed, (packed, bias, class_row, positions)
+
+
+def _bind_transposed_linear(params, ctx, kernels):
+    """A matrix stored [in, out] (Gemma 3's projection) as a linear: transposed once, packed as linears are."""
+    weight = _weight(ctx, params["weight"]).t().contiguous().to(ctx.linear_dtype)  # [out, in]
+    return kernels["linear"], (ctx.backend.prepare_linear_weight(weight), None)
 
 
 def _bind_layernorm(params, ctx, kernels):
@@ -95,6 +101,8 @@ MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tu
     "quick_gelu": lambda p, ctx, k: (k["quick_gelu"], ()),
     "drop_class_rows": lambda p, ctx, k: (vision.drop_class_rows, ()),
     "pixel_shuffle": lambda p, ctx, k: (vision.pixel_shuffle, (p["grid"], p["scale_factor"])),
+    "pool_squares": lambda p, ctx, k: (vision.pool_squares, (p["grid"], p["side"])),
+    "transposed_linear": _bind_transposed_linear,
     "scatter_rows": lambda p, ctx, k: (_scatter_rows, ()),
     "conv1d": _bind_conv1d,
     "positioned_rows": lambda p, ctx, k: (audio.positioned_rows, (_float_weight(ctx, p["positions"]),)),

@@ -122,6 +122,11 @@ class ModelConfig:
         """Some prompt rows may take an encoder's embeddings instead of their tokens' (images, audio)."""
         return self.vision is not None or self.audio is not None
 
+    @property
+    def media_attends_both_ways(self) -> bool:
+        """A picture's placeholder rows attend to each other both ways in a prefill (Gemma 3), not causally."""
+        return self.vision is not None and self.vision.bidirectional
+
     def first_layers(self, n: int) -> ModelConfig:
         """The model's first `n` layers as a model of their own (what `sagellm inspect` prints in full): its
         per-layer lists cut, and of the layers that share KV only those among them."""

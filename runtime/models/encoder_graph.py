@@ -1,6 +1,7 @@
 """The forward pass of a media encoder as an IR graph, in the same IR as the decoder's (decoder_graph.py), lowered by
 the same `lower` onto the backend's kernels: LLaVA's vision encoder (a CLIP tower and its two-layer projector),
-Idefics3's / SmolVLM's (a SigLIP-style tower, a pixel shuffle and one linear), and Qwen2-Audio's audio encoder
+Idefics3's / SmolVLM's (a SigLIP-style tower, a pixel shuffle and one linear), Gemma 3's (a SigLIP tower, its patches
+pooled into soft tokens, normed and projected), and Qwen2-Audio's audio encoder
 (Whisper's tower, its rows averaged in pairs, one linear).
 
 The graph is written as the model reads, one op per line, unfused: the passes fuse each layer's q/k/v into one
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.models.architectures.audio_weights import AUDIO_PROJECTOR, AUDIO_TOWER
-from sagellm.runtime.models.architectures.vision_weights import PROJECTOR, TOWER
+from sagellm.runtime.models.architectures.vision_weights import POOLED_NORM, POOLED_PROJECTION, PROJECTOR, TOWER
 from sagellm.runtime.models.audio_config import AudioConfig
 from sagellm.runtime.models.vision_config import VisionConfig
 
@@ -53,8 +54,11 @@ def _audio_layer(a: AudioConfig) -> _Layer:
                   a.hidden_size, a.intermediate_size, a.num_heads, a.layer_norm_eps, a.activation)  # fmt: skip
 
 
+_VISION_GRAPHS = (("clip", "llava_mlp"), ("siglip", "pixel_shuffle"), ("siglip", "pooled"))  # (tower, projector)
+
+
 def build_vision_graph(vision: VisionConfig) -> Graph:
-    if (vision.tower, vision.projector) not in (("clip", "llava_mlp"), ("siglip", "pixel_shuffle")):
+    if (vision.tower, vision.projector) not in _VISION_GRAPHS:
         raise GraphError(f"no encoder graph for a {vision.tower} tower with a {vision.projector} projector")
     g = Graph(attrs={"model": f"{vision.tower} vision tower", "num_layers": vision.num_layers_run})
     pixels = g.add("input", id="pixel_values", name="pixel_values")
@@ -64,7 +68,8 @@ def build_vision_graph(vision: VisionConfig) -> Graph:
     if vision.class_row:
         embeddings["class_embedding"] = e + "class_embedding"
     hidden = g.add("patch_embed", [pixels], weight=e + "patch_embedding.weight", patch_size=vision.patch_size,
-                   bias=not vision.class_row, **embeddings)  # fmt: skip
+                   bias=not vision.class_row, bucketed_positions=vision.projector == "pixel_shuffle",
+                   **embeddings)  # fmt: skip
     if vision.class_row:
         hidden = g.add("layernorm", [hidden], weight=TOWER + "pre_layrnorm.weight", eps=eps)
     states = [hidden]  # the tower's hidden states: the embeddings, then each layer's output
@@ -77,7 +82,11 @@ def build_vision_graph(vision: VisionConfig) -> Graph:
     x = features[0] if len(features) == 1 else g.add("concat", features)
     if vision.drop_class:
         x = g.add("drop_class_rows", [x, meta])
-    if vision.projector == "pixel_shuffle":
+    if vision.projector == "pooled":
+        x = g.add("pool_squares", [x], grid=vision.grid, side=vision.pooled_side)
+        x = g.add("rmsnorm", [x], weight=POOLED_NORM, eps=eps)
+        x = g.add("transposed_linear", [x], weight=POOLED_PROJECTION, out_features=vision.text_hidden_size)
+    elif vision.projector == "pixel_shuffle":
         x = g.add("pixel_shuffle", [x], grid=vision.grid, scale_factor=vision.scale_factor)
         x = g.add("linear", [x], weight=PROJECTOR + "modality_projection.proj.weight",
                   out_features=vision.text_hidden_size, bias=False)  # fmt: skip

@@ -27,10 +27,12 @@ from sagellm.runtime.models.architectures.checkpoint_names import (
 )
 from sagellm.runtime.models.architectures.families import BY_NAME
 from sagellm.runtime.models.architectures.hf_config import config_from_hf
+from sagellm.runtime.models.architectures.vision_weights import TOWER
 from sagellm.runtime.models.architectures.weight_shapes import check_weights, encoder_weight_shapes
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe, read_json
 from sagellm.runtime.models.mtp_head import HEAD_NORMS, PREFIX, head_weight_shapes, is_head_weight
+from sagellm.runtime.models.processor_files import ProcessorFiles
 from sagellm.runtime.models.sampling_defaults import from_generation_config
 from sagellm.runtime.models.tokenizer import load_hf_tokenizer, read_hf_chat_template
 
@@ -59,9 +61,9 @@ def load_hf_dir(
     tokenizer = load_hf_tokenizer(model_dir) if load_tokenizer else None
     template = read_hf_chat_template(model_dir)
     defaults = from_generation_config(generation)
-    return LoadedModel(
-        config, weights, tokenizer, template, model_dir, model_dir.name, quantized, sampling_defaults=defaults
-    )
+    files = ProcessorFiles.read(model_dir) if config.takes_media else None
+    return LoadedModel(config, weights, tokenizer, template, model_dir, model_dir.name, quantized,
+                       sampling_defaults=defaults, processor_files=files)  # fmt: skip
 
 
 def _read_weights(
@@ -181,10 +183,10 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def _offset_norm(name: str) -> bool:
-    """An RMSNorm weight stored as its offset from 1: all of a Gemma's or Qwen3.5's, but the Gated DeltaNet's output
-    norm (stored whole)."""
+    """An RMSNorm weight stored as its offset from 1: all of a Gemma's or Qwen3.5's (Gemma 3's projector's too), but
+    the Gated DeltaNet's output norm and a vision tower's layernorms (stored whole)."""
     norm = name.endswith("norm.weight") or name in HEAD_NORMS
-    return norm and not name.endswith("linear_attn.norm.weight")
+    return norm and not name.endswith("linear_attn.norm.weight") and not name.startswith(TOWER)
 
 
 def _ignored(name: str, config: ModelConfig) -> bool:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # annotations only: the model cache and the executors import 
     from transformers import PreTrainedTokenizerBase
 
     from sagellm.backends.quantized import QuantizedWeight
+    from sagellm.runtime.models.processor_files import ProcessorFiles
 
 
 class ModelLoadError(InvalidInput):
@@ -73,6 +74,10 @@ class WeightsOnRead(Mapping[str, "torch.Tensor"]):
     def __contains__(self, name: object) -> bool:
         return name in self._ready or name in self._on_read
 
+    def with_ready(self, weights: Mapping[str, torch.Tensor]) -> WeightsOnRead:
+        """These weights and `weights` beside them (a GGUF model's and its mmproj's)."""
+        return WeightsOnRead({**self._ready, **weights}, self._on_read)
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every weight's shape, none made for it."""
         on_read = {name: shape for name, (shape, _) in self._on_read.items()}
@@ -97,3 +102,6 @@ class LoadedModel:
     # The mapped GGUF file `quantized` views (an mmap.mmap), so its pages can leave this process's resident memory
     # once the weights are packed (common/memory.py `drop_mapped_pages`); None for other formats.
     mapped: Any = None
+    # A model that takes images or audio: its processor's settings (a Hugging Face directory's files, or those an
+    # mmproj file's metadata implies); None for a text model.
+    processor_files: ProcessorFiles | None = None

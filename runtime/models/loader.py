@@ -14,6 +14,7 @@ import torch
 from sagellm.common.progress import stage
 from sagellm.runtime.models import sampling_defaults
 from sagellm.runtime.models.gguf_loader import load_gguf
+from sagellm.runtime.models.gguf_mmproj import with_mmproj
 from sagellm.runtime.models.hf_loader import load_hf_dir
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
 
@@ -28,20 +29,39 @@ def load_model(
     load_weights: bool = True,
     mtp_head: bool = False,
     encoders_only: bool = False,
+    mmproj: str | Path | None = None,
 ) -> LoadedModel:
     """Load the model at `path`: a Hugging Face directory, a .gguf file, or a directory holding exactly one .gguf.
 
     `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model.
     `mtp_head`: the multi-token prediction head's weights too (mtp_head.py; Hugging Face checkpoints only).
-    `encoders_only`: the media encoders' weights alone (an `encode` node's; Hugging Face checkpoints only)."""
+    `encoders_only`: the media encoders' weights alone (an `encode` node's). `mmproj`: a GGUF model's vision
+    encoder, llama.cpp's multimodal projector file (gguf_mmproj.py)."""
     source = Path(path).expanduser()
     options: dict[str, Any] = {"dtype": dtype, "load_tokenizer": load_tokenizer, "load_weights": load_weights}
-    if encoders_only:
-        if not (source / "config.json").is_file():
-            raise ModelLoadError(f"{source}: a media encoder is read from a Hugging Face checkpoint's directory")
-        options["encoders_only"] = True
+    hf_dir = (source / "config.json").is_file()
+    if mmproj is not None and hf_dir:
+        raise ModelLoadError(f"{source}: an mmproj file goes with a GGUF model; a Hugging Face checkpoint holds its "
+                             "vision encoder")  # fmt: skip
+    if encoders_only and not hf_dir and mmproj is None:
+        raise ModelLoadError(f"{source}: a media encoder is read from a Hugging Face checkpoint's directory or a "
+                             "GGUF model's mmproj file")  # fmt: skip
     with stage(f"loading {source.name}" if load_weights else f"reading {source.name}'s config and tokenizer"):
+        if mmproj is not None:
+            return _load_with_mmproj(source, Path(mmproj).expanduser(), encoders_only, options)
+        if encoders_only:
+            options["encoders_only"] = True
         return _load(source, mtp_head=mtp_head, **options)
+
+
+def _load_with_mmproj(source: Path, mmproj: Path, encoders_only: bool, options: dict[str, Any]) -> LoadedModel:
+    """A GGUF model with its vision encoder read from `mmproj`; `encoders_only`: the text model's config and
+    tokenizer, the encoder's weights alone."""
+    load_weights = options["load_weights"]
+    loaded = _load(source, mtp_head=False, **(options | {"load_weights": load_weights and not encoders_only}))
+    if not isinstance(loaded.source, Path) or loaded.source.suffix != ".gguf":
+        raise ModelLoadError(f"{source}: an mmproj file goes with a GGUF model")
+    return with_mmproj(loaded, mmproj, options["dtype"], load_weights)
 
 
 def _load(source: Path, mtp_head: bool, **options: Any) -> LoadedModel:

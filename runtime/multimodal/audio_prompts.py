@@ -35,7 +35,7 @@ class AudioPrompts:
                                f"{audio.num_mel_bins} and {audio.max_frames}")  # fmt: skip
         self.extractor = extractor
         self.audio = audio
-        self.placeholder_id = audio.audio_token_id
+        self.placeholder_id = self.token_id = audio.audio_token_id  # a clip's placeholder is its run's token
         self.max_items = max_items
 
     @classmethod

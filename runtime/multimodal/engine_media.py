@@ -1,13 +1,11 @@
 """What an engine needs to take images and audio, made once when it is built: the prompts' side (PromptMedia:
 preprocessing, placeholders, features) and the model's side (its vision and audio encoders behind one cache). None
-for a model that takes neither, and refused where it does not run yet (a checkpoint without its preprocessor's
-settings, a GGUF without its mmproj, tensor or pipeline parallel ranks)."""
+for a model that takes neither, and refused where it does not run yet (tensor or pipeline parallel ranks)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +13,7 @@ import torch
 from sagellm.backends.base import HardwareBackend
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.processor_files import ProcessorFiles
 from sagellm.runtime.multimodal.encoder_cache import EncoderCache
 from sagellm.runtime.multimodal.encoder_runner import AudioEncoderRunner, Encoder, EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
@@ -31,24 +30,25 @@ class EngineMedia:
 def engine_media(
     config: ModelConfig,
     weights: Mapping[str, torch.Tensor],
-    source: Path,
+    files: ProcessorFiles | None,
     tokenizer: Any,
     backend: HardwareBackend,
     linear_dtype: torch.dtype,
     world_size: int,
     limits: Mapping[str, int] | None = None,
 ) -> EngineMedia | None:
-    """`tokenizer`: the model's (a Hugging Face tokenizer), which tokenizes what a placeholder becomes;
-    `limits`: the most items of each modality a prompt may carry (limit_mm_per_prompt; none: no cap)."""
+    """`files`: the model's processor settings (LoadedModel.processor_files); `tokenizer`: the model's (a Hugging
+    Face tokenizer), which tokenizes what a placeholder becomes; `limits`: the most items of each modality a prompt
+    may carry (limit_mm_per_prompt; none: no cap)."""
     if not config.takes_media:
         return None
     if world_size > 1:
         raise InvalidInput("a model that takes images or audio runs on one rank for now: tensor_parallel_size and "
                            "pipeline_parallel_size 1")  # fmt: skip
-    if not source.is_dir():
-        raise InvalidInput(f"{source}: images and audio need the checkpoint's directory (its preprocessor's "
-                           "settings)")  # fmt: skip
-    prompts = PromptMedia.of_model(config, source, tokenizer, limits)
+    if files is None:
+        raise InvalidInput("images and audio need the checkpoint's preprocessing settings (a Hugging Face "
+                           "directory's preprocessor_config.json, or a GGUF model's mmproj file)")  # fmt: skip
+    prompts = PromptMedia.of_model(config, files, tokenizer, limits)
     pictures = PICTURES_CACHED * config.vision.tokens_per_image if config.vision is not None else 0
     clips = CLIPS_CACHED * config.audio.tokens_for_frames(config.audio.max_frames) if config.audio is not None else 0
     rows = max(pictures, clips)

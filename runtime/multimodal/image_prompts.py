@@ -4,7 +4,8 @@ picture the encoder reads (an image, or one tile of an image cut into tiles) at 
 
 What a placeholder becomes begins and ends with a special token (LLaVA's image tokens repeated; Idefics3's tiles
 between <fake_token_around_image> tags), which tokenizers never merge with its neighbours, so expanding ids is what
-expanding the text before tokenizing gives."""
+expanding the text before tokenizing gives; Gemma 3's blank lines around <start_of_image> ... <end_of_image> are
+the exception, joined with the newlines beside them (prompt_media.py)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,15 @@ class ImagePrompts:
         tokens_per_image: int,
         encode: Callable[[str], list[int]],
         max_items: int | None = None,
+        placeholder_id: int | None = None,
     ) -> None:
         """`tokens_per_image`: the encoder's embeddings per picture, which every run of image tokens must match;
         `encode`: the tokenizer, without special tokens added (for a placeholder's text); `max_items`: the most
-        images a prompt may carry (limit_mm_per_prompt's; None: no cap)."""
+        images a prompt may carry (limit_mm_per_prompt's; None: no cap); `placeholder_id`: the token a prompt
+        carries per image where it is not the image token (Gemma 3's <start_of_image>)."""
         self.processor = processor
-        self.placeholder_id = image_token_id
+        self.placeholder_id = image_token_id if placeholder_id is None else placeholder_id
+        self.token_id = image_token_id
         self.tokens_per_image = tokens_per_image
         self.encode = encode
         self.max_items = max_items
@@ -50,6 +54,7 @@ class ImagePrompts:
         tokens_per_image: int,
         encode: Callable[[str], list[int]],
         max_items: int | None = None,
+        placeholder_id: int | None = None,
     ) -> ImagePrompts:
         """From a checkpoint's preprocessor_config.json, or processor_config.json's "image_processor" (where
         transformers 5 writes it), and processor_config.json's counting settings."""
@@ -58,7 +63,7 @@ class ImagePrompts:
             raise InvalidInput("no preprocessor_config.json (nor processor_config.json's image_processor): the "
                                "model's images cannot be preprocessed")  # fmt: skip
         processor = image_processor_for(preprocessor, processor_file)
-        return cls(processor, image_token_id, tokens_per_image, encode, max_items)
+        return cls(processor, image_token_id, tokens_per_image, encode, max_items, placeholder_id)
 
     def expansions(self, images: Sequence[Any]) -> list[Expansion]:
         """Each image's placeholder tokens and its pictures' features (offsets from the expansion's start)."""
@@ -81,12 +86,12 @@ class ImagePrompts:
         tokens."""
         if processed.placeholder_texts is not None:
             return self.encode(processed.placeholder_texts[i])
-        return [self.placeholder_id] * processed.num_tokens[i]
+        return [self.token_id] * processed.num_tokens[i]
 
     def _features(self, placeholders: list[int], pictures: torch.Tensor) -> list[MediaFeature]:
         """A feature per run of image tokens among `placeholders`, the pictures [n, C, H, W] in order: one run
         each, each as long as the encoder's embeddings of one."""
-        runs = _runs(placeholders, self.placeholder_id)
+        runs = _runs(placeholders, self.token_id)
         lengths = [n for _, n in runs]
         if len(runs) != len(pictures) or any(n != self.tokens_per_image for n in lengths):
             raise InvalidInput(f"the image's {len(pictures)} picture(s) took runs of {lengths} image tokens in the "

@@ -4,25 +4,26 @@ modality's own work (preprocessing, what a placeholder becomes) is its ModalityP
 audio_prompts.py); this puts their expansions in the prompt, in the order the placeholders stand.
 
 The expansion works on token ids, so a prompt given as text and one given as ids (a chat template's rendering)
-expand alike: a placeholder is a special token, which tokenizers never merge with its neighbours."""
+expand alike: a placeholder is a special token, which tokenizers never merge with its neighbours (newlines an
+expansion begins or ends with are joined with the prompt's beside them: newline_join.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import io
-import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
 
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.processor_files import ProcessorFiles
 from sagellm.runtime.multimodal.audio_prompts import AudioPrompts
 from sagellm.runtime.multimodal.image_prompts import ImagePrompts
 from sagellm.runtime.multimodal.media_feature import Expansion, MediaFeature
+from sagellm.runtime.multimodal.newline_join import NewlineJoin
 
 NOUNS = {"image": "image(s)", "audio": "audio clip(s)"}
 
@@ -30,6 +31,7 @@ NOUNS = {"image": "image(s)", "audio": "audio clip(s)"}
 class ModalityPrompts(Protocol):
     modality: str  # multi_modal_data's key
     placeholder_id: int  # the token each item of it stands for in a prompt
+    token_id: int  # the token of each run its expansion holds, whose rows take the embeddings
     max_items: int | None  # the most one prompt may carry (None: no cap)
 
     def expansions(self, items: Sequence[Any]) -> list[Expansion]:
@@ -42,33 +44,36 @@ class ModalityPrompts(Protocol):
 
 
 class PromptMedia:
-    def __init__(self, modalities: Sequence[ModalityPrompts]) -> None:
+    def __init__(self, modalities: Sequence[ModalityPrompts], newlines: NewlineJoin | None = None) -> None:
+        """`newlines`: the tokenizer's, where an expansion may begin or end with newlines (newline_join.py)."""
         self.modalities = {m.modality: m for m in modalities}
         self._by_placeholder = {m.placeholder_id: m for m in modalities}
+        self._tokens = {m.token_id for m in modalities}
+        self.newlines = newlines
 
     @classmethod
     def of_model(
-        cls, config: ModelConfig, directory: Path, tokenizer: Any, limits: Mapping[str, int] | None = None
+        cls, config: ModelConfig, files: ProcessorFiles, tokenizer: Any, limits: Mapping[str, int] | None = None
     ) -> PromptMedia:
-        """A loaded model's: its checkpoint `directory` (the processor's settings), its encoders' placeholders and
-        sizes, its (Hugging Face) tokenizer for the placeholders' text; `limits`: limit_mm_per_prompt's."""
+        """A loaded model's: its processor's settings (`files`), its encoders' placeholders and sizes, its (Hugging
+        Face) tokenizer for the placeholders' text; `limits`: limit_mm_per_prompt's."""
         limits = limits or {}
-        processor_file = _read_json(directory / "processor_config.json")
-        preprocessor = _read_json(directory / "preprocessor_config.json")
+        preprocessor, processor_file = files.preprocessor, files.processor
         modalities: list[ModalityPrompts] = []
+        encode = functools.partial(tokenizer.encode, add_special_tokens=False)
         try:
             if (vision := config.vision) is not None:
-                encode = functools.partial(tokenizer.encode, add_special_tokens=False)
                 modalities.append(ImagePrompts.from_settings(
                     preprocessor if "image_processor_type" in preprocessor else None, processor_file,
-                    vision.image_token_id, vision.tokens_per_image, encode, limits.get("image")))  # fmt: skip
+                    vision.image_token_id, vision.tokens_per_image, encode, limits.get("image"),
+                    vision.placeholder_token_id))  # fmt: skip
             if config.audio is not None:
                 modalities.append(AudioPrompts.from_settings(
                     preprocessor if "feature_extractor_type" in preprocessor else None, processor_file,
                     config.audio, limits.get("audio")))  # fmt: skip
         except InvalidInput as error:
-            raise InvalidInput(f"{directory}: {error}") from None
-        return cls(modalities)
+            raise InvalidInput(f"{files.origin}: {error}") from None
+        return cls(modalities, NewlineJoin(encode, tokenizer.decode))
 
     def expand(
         self, token_ids: Sequence[int], media: Mapping[str, Sequence[Any]]
@@ -94,15 +99,25 @@ class PromptMedia:
             return list(token_ids), []
         expanded: list[int] = []
         features: list[MediaFeature] = []
+        after_expansion = False
         for token in token_ids:
             prompts = self._by_placeholder.get(token)
             if prompts is None or prompts.modality not in expansions:
-                expanded.append(token)
+                self._append(expanded, [token], after_expansion)
+                after_expansion = False
                 continue
             expansion = expansions[prompts.modality].pop()
-            features += [dataclasses.replace(f, offset=len(expanded) + f.offset) for f in expansion.features]
-            expanded += expansion.tokens
+            self._append(expanded, expansion.tokens, True)
+            start = len(expanded) - len(expansion.tokens)  # where its first token would stand (newlines may join)
+            features += [dataclasses.replace(f, offset=start + f.offset) for f in expansion.features]
+            after_expansion = True
         return expanded, features
+
+    def _append(self, ids: list[int], tokens: list[int], edge: bool) -> None:
+        if self.newlines is None:
+            ids += tokens
+        else:
+            self.newlines.append(ids, tokens, edge)
 
     def check_encoded(self, token_ids: Sequence[int], features: Sequence[MediaFeature]) -> None:
         """Pictures and clips an `encode` node expanded and encoded: each its run of placeholders in the prompt
@@ -116,14 +131,11 @@ class PromptMedia:
                 raise InvalidInput(f"an encoded {f.modality} of {f.length} placeholders came with embeddings of "
                                    f"shape {None if f.embeds is None else tuple(f.embeds.shape)}")  # fmt: skip
             prompts.check_feature(f)
-            if (
-                f.offset < 0
-                or f.end > len(token_ids)
-                or any(t != prompts.placeholder_id for t in token_ids[f.offset : f.end])
-            ):
+            tokens = token_ids[f.offset : f.end]
+            if f.offset < 0 or f.end > len(token_ids) or any(t != prompts.token_id for t in tokens):
                 raise InvalidInput(f"an encoded {f.modality}'s placeholders at {f.offset}..{f.end} are not its tokens")
             covered += f.length
-        if covered != sum(t in self._by_placeholder for t in token_ids):
+        if covered != sum(t in self._tokens for t in token_ids):
             raise InvalidInput("the prompt's placeholders and its encoded pictures and clips do not pair up")
 
 
@@ -135,12 +147,3 @@ def decoded_images(files: Sequence[bytes]) -> list[Image.Image]:
         image.load()
         images.append(image)
     return images
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"{path}: {exc}") from None

@@ -2,7 +2,8 @@
 whole image resized to one fixed size (896 x 896 for Gemma 3; bilinear for Gemma 3, bicubic for SigLIP), rescaled
 and normalized to [-1, 1]. Gemma 3 may also pan and scan: a wide or tall image adds crops along its long side, each
 preprocessed as an image of its own after the whole one. The prompt gets `image_seq_length` image tokens (Gemma 3's
-mm_tokens_per_image, 256) for the image and as many again for each crop."""
+mm_tokens_per_image, 256) for the image and as many again for each crop; Gemma 3's each between <start_of_image> and
+<end_of_image> with blank lines around (`placeholder_texts`, as Gemma3Processor writes them)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from sagellm.runtime.multimodal.preprocessor_settings import (
     setting,
 )
 from sagellm.runtime.multimodal.processed_images import ProcessedImages
+
+# Gemma 3's image tokens, as every Gemma 3 tokenizer spells them (its processor reads them from the tokenizer)
+GEMMA3_BOI, GEMMA3_IMAGE, GEMMA3_EOI = "<start_of_image>", "<image_soft_token>", "<end_of_image>"
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,17 @@ class SiglipImageProcessor:
             num_tokens=tuple((1 + n) * self.image_seq_length for n in num_crops),
             pixel_values_per_image=tuple(1 + n for n in num_crops),
             num_crops=tuple(num_crops) if self.is_gemma3 else None,
+            placeholder_texts=tuple(self._gemma3_text(n) for n in num_crops) if self.is_gemma3 else None,
         )
+
+    def _gemma3_text(self, num_crops: int) -> str:
+        """What Gemma3Processor puts for an image's <start_of_image>: its soft tokens between <start_of_image> and
+        <end_of_image>, blank lines around, and after it each crop's the same (its replace_image_token)."""
+        picture = f"\n\n{GEMMA3_BOI}{GEMMA3_IMAGE * self.image_seq_length}{GEMMA3_EOI}\n\n"
+        if not num_crops:
+            return picture
+        crops = " ".join([picture] * num_crops)
+        return f"Here is the original image {picture} and here are some crops to help you see better {crops}"
 
     def _one(self, image: np.ndarray) -> np.ndarray:
         if self.height is not None and self.width is not None:

@@ -25,7 +25,8 @@ log = structlog.get_logger("sagellm.parallel")
 def start_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
     mtp = reads_mtp_head(config.speculative_config)
     if loaded is None and config.model:
-        loaded = load_model(config.model, mtp_head=mtp)  # once: the planner reads its config, the engine keeps it
+        # once: the planner reads its config, the engine keeps it
+        loaded = load_model(config.model, mtp_head=mtp, mmproj=config.mmproj)
     if mtp:  # the MTP head proposes on a single process: nothing to plan
         config = config.replace(tensor_parallel_size=config.tensor_parallel_size or 1,
                                 pipeline_parallel_size=config.pipeline_parallel_size or 1)  # fmt: skip

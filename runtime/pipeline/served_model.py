@@ -65,17 +65,19 @@ def served_model(attrs: Mapping[str, Any]) -> ServedModel | None:
     if given is not None:
         return given
     model = attrs.get("model")
-    return _load(str(model), attrs.get("max_model_len"), attrs.get("max_images")) if model else None
+    if not model:
+        return None
+    return _load(str(model), attrs.get("max_model_len"), attrs.get("max_images"), attrs.get("mmproj"))
 
 
 @functools.lru_cache(maxsize=8)
-def _load(model: str, limit: int | None, max_images: int | None) -> ServedModel:
+def _load(model: str, limit: int | None, max_images: int | None, mmproj: str | None = None) -> ServedModel:
     # Imported here: listing or validating operators must not load torch.
     from sagellm.runtime.engine.sampling_params import model_sampling_defaults
     from sagellm.runtime.models.loader import load_model
     from sagellm.runtime.models.model_cache import resolve_model
 
     path = resolve_model(model)
-    loaded = load_model(path, load_weights=False)
+    loaded = load_model(path, load_weights=False, mmproj=mmproj)
     context = served_context(limit, loaded.config)
     return ServedModel(str(path), loaded.tokenizer, loaded.config, model_sampling_defaults(loaded), context, max_images)

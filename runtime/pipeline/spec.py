@@ -28,7 +28,9 @@ from sagellm.runtime.pipeline.operator import (
     parameter_types,
 )
 
-# Graph-level settings a pipeline may set (graph.attrs), with their types. `restart` is the RestartPolicy of the
+# Graph-level settings a pipeline may set (graph.attrs), with their types. `model` is what its engine and encode
+# nodes serve unless they name their own, `mmproj` a GGUF model's vision encoder beside it (llama.cpp's file).
+# `restart` is the RestartPolicy of the
 # worker processes the run starts; `autoscale` the AutoscaleSettings of a gateway serving the graph (it adds and
 # removes replicas of the graph's engine); `cluster` the Ray cluster of its `ray:GROUP` groups (`pipeline.cluster`).
 # `shared_memory` (default true): tensors between processes on one host go
@@ -40,6 +42,7 @@ GRAPH_ATTRS: dict[str, Any] = {
     "name": str,
     "description": str,
     "model": str,
+    "mmproj": str,
     "transport": Literal["ipc", "tcp"],
     "restart": dict[str, Any],
     "autoscale": dict[str, Any],

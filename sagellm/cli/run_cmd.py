@@ -121,6 +121,8 @@ def build_graph(args: argparse.Namespace) -> Any:
     graph = load_pipeline(graphs.existing(args.graph), overrides=_overrides(args.set))
     if args.model:
         graph.attrs["model"] = args.model
+    if getattr(args, "mmproj", None):  # a GGUF model's vision encoder: every node that reads the model reads it
+        graph.attrs["mmproj"] = args.mmproj
     sources = [n for n in graph.nodes.values() if n.op in ("prompt_source", "jsonl_source", "stdin_source")]
     if (args.prompt or args.requests) and len(sources) != 1:
         raise InvalidInput(f"{args.graph}: --prompt/--requests need exactly one source node, found {len(sources)}")

@@ -32,6 +32,7 @@ from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests import tiny_models
 from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
+from tests.tiny_vision_models import make_tiny_gemma3_vision
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 TOKENS = 32  # past every prompt and window: the issue asks 16 or more
@@ -228,11 +229,12 @@ def test_qwen3_moe_without_renormalized_expert_weights(tmp_path):
 
 def test_gemma3_as_it_ships_multimodal_serves_its_text_model(tmp_path):
     """Gemma 3 4B and up: Gemma3ForConditionalGeneration, the text config nested and the weights under
-    `language_model.`; the vision tower is not read. Text in, transformers' own multimodal model's logits out."""
-    path = tiny_models.make_tiny_gemma3_multimodal(tmp_path / "gemma3mm")
+    `language_model.`, its vision tower beside (tests/multimodal/test_gemma3_vision.py runs it). Text in,
+    transformers' own multimodal model's logits out."""
+    path = make_tiny_gemma3_vision(tmp_path / "gemma3mm")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     loaded = load_model(path, load_tokenizer=False)
-    assert loaded.config.architecture == "gemma3_text" and not any("vision" in n for n in loaded.weights)
+    assert loaded.config.architecture == "gemma3_text" and loaded.config.vision is not None
     engine = LLMEngine(EngineConfig(model=str(path), **ENGINE))
     prompts = random_prompts(loaded.config.vocab_size, [7, 25])
     assert type(hf).__name__ == "Gemma3ForConditionalGeneration"

@@ -135,7 +135,9 @@ def test_a_llava_of_an_unsupported_text_model_or_tower_is_refused():
               "hidden_size": 64}, "vision_config": {"model_type": "siglip_vision_model"}}  # fmt: skip
     with pytest.raises(ModelLoadError, match="siglip_vision_model"):
         vision_from_hf(config, 64)
-    assert vision_from_hf({"architectures": ["Gemma3ForConditionalGeneration"]}, 64) is None  # served text only
+    with pytest.raises(ModelLoadError, match="mm_tokens_per_image 256"):  # transformers' defaults do not pool
+        vision_from_hf({"architectures": ["Gemma3ForConditionalGeneration"]}, 64)
+    assert vision_from_hf({"architectures": ["Qwen3_5ForConditionalGeneration"]}, 64) is None  # served text only
     gemma = dict(config, text_config={"model_type": "gemma2"})
     with pytest.raises(ModelLoadError, match="'gemma2' text model"):
         config_from_hf(gemma, None, Path("config.json"))

@@ -91,7 +91,7 @@ def tokens(outputs) -> list[list[int]]:
 def test_the_prompt_and_the_encoders_embeddings_are_the_processors_and_transformers(checkpoint, hf):
     model, processor = hf
     loaded = load_model(checkpoint)
-    media = PromptMedia.of_model(loaded.config, checkpoint, loaded.tokenizer)
+    media = PromptMedia.of_model(loaded.config, loaded.processor_files, loaded.tokenizer)
     encoder = AudioEncoderRunner(loaded.config, loaded.weights, CpuBackend())
     ids, features = media.expand(loaded.tokenizer.encode(TWO), {"audio": [(SHORT, RATE), (LONGER, RATE)]})
     inputs = hf_inputs(processor, TWO, [SHORT, LONGER])

@@ -59,7 +59,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("mixtral", ("MixtralForCausalLM",), "llama", gguf_qk_permuted=True, moe=True),
     Architecture("qwen3_moe", ("Qwen3MoeForCausalLM",), "qwen3moe", qk_norm=True, moe=True),
     Architecture("gemma2", ("Gemma2ForCausalLM",), "gemma2", gemma=True, attn_softcap=True, sliding_pattern=2),
-    # Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: its text model is served (the vision tower is not).
+    # Gemma 3 4B and up ship as Gemma3ForConditionalGeneration, served with its vision tower (MULTIMODAL).
     Architecture("gemma3_text", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), "gemma3", qk_norm=True,
                  gemma=True, sliding_pattern=6, local_rope=True),
     Architecture("gemma3n_text", ("Gemma3nForCausalLM", "Gemma3nForConditionalGeneration"), "gemma3n", qk_norm=True,
@@ -82,9 +82,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 )  # fmt: skip
 BY_NAME: dict[str, Architecture] = {arch.name: arch for arch in ARCHITECTURES}
 # Checkpoints of a vision (or audio) encoder beside a text model of one of several families (config.json's `text_config`
-# names it by model_type), by class: the families of text model each takes. Not Gemma's: transformers scales its
-# input embeddings by sqrt(hidden) with the image rows among them, where our graph puts those rows in after the scale.
+# names it by model_type), by class: the families of text model each takes. (Gemma 3's image rows, like ours, take
+# the place of embeddings already scaled by sqrt(hidden): transformers scatters them after its scaled embedding.)
 MULTIMODAL: dict[str, tuple[str, ...]] = {
+    "Gemma3ForConditionalGeneration": ("gemma3_text",),
     "LlavaForConditionalGeneration": ("llama", "mistral", "qwen2"),
     "Idefics3ForConditionalGeneration": ("llama",),
     "SmolVLMForConditionalGeneration": ("llama",),

@@ -1,11 +1,13 @@
-"""The vision encoder of a multimodal config.json as a VisionConfig: LLaVA's (a CLIP tower, its two-layer projector)
-and Idefics3's, which SmolVLM shares (a SigLIP-style tower read per tile, a pixel shuffle and one linear).
+"""The vision encoder of a multimodal config.json as a VisionConfig: LLaVA's (a CLIP tower, its two-layer projector),
+Idefics3's, which SmolVLM shares (a SigLIP-style tower read per tile, a pixel shuffle and one linear), and Gemma 3's
+(a SigLIP tower, its patches pooled into soft tokens).
 
 Hub configs leave out the keys transformers defaults, so each family's defaults fill them as its config class
 would; a setting the encoder graph does not implement is refused naming its key."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,18 +31,26 @@ _IDEFICS3_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 3072, "num_hidde
                       "num_attention_heads": 16, "num_channels": 3, "image_size": 224, "patch_size": 32,
                       "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}  # fmt: skip
 _IDEFICS3 = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+# transformers' SiglipVisionConfig defaults (Gemma 3's tower; hub configs give its sizes: 27 layers of 1152 at 896
+# pixels in 14-pixel patches)
+_SIGLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+                    "layer_norm_eps": 1e-6}  # fmt: skip
 
 
 def vision_from_hf(
     hf_config: Mapping[str, Any], text_hidden_size: int, source: Path = Path("config.json")
 ) -> VisionConfig | None:
-    """The vision encoder of a LLaVA, Idefics3 or SmolVLM config.json, None for a checkpoint served text only (every
-    other class: Gemma 3's and Qwen3.5's towers are not run yet). `text_hidden_size`: its text model's width."""
+    """The vision encoder of a LLaVA, Idefics3, SmolVLM or Gemma 3 config.json, None for a checkpoint served text
+    only (every other class: Qwen3.5's and Gemma 4's towers are not run yet). `text_hidden_size`: its text model's
+    width."""
     classes = hf_config.get("architectures") or []
     if "LlavaForConditionalGeneration" in classes:
         return _llava(hf_config, text_hidden_size, source)
     if any(c in _IDEFICS3 for c in classes):
         return _idefics3(hf_config, text_hidden_size, source)
+    if "Gemma3ForConditionalGeneration" in classes:
+        return _gemma3(hf_config, text_hidden_size, source)
     return None
 
 
@@ -93,6 +103,34 @@ def _idefics3(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path)
         text_hidden_size=text_hidden_size,
         image_token_id=int(hf_config.get("image_token_id", 128257)),
         scale_factor=scale,
+    )
+
+
+def _gemma3(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) -> VisionConfig:
+    """A SigLIP tower's post-normed last hidden state, each square of patches averaged into one of
+    mm_tokens_per_image soft tokens, RMS-normed and projected (Gemma3MultiModalProjector); the prompt's
+    <start_of_image> expanded around them, which attend to each other both ways in a prefill."""
+    tower = _SIGLIP_DEFAULTS | _given(hf_config.get("vision_config") or {})
+    sizes = _tower_sizes(tower, source)
+    grid = sizes["image_size"] // sizes["patch_size"]
+    tokens = int(hf_config.get("mm_tokens_per_image", 256))
+    side = math.isqrt(tokens)
+    if side * side != tokens or grid % side:
+        raise ModelLoadError(f"{source}: mm_tokens_per_image {tokens} is not a square whose side divides the tower's "
+                             f"{grid} x {grid} patches")  # fmt: skip
+    return VisionConfig(
+        tower="siglip",
+        **sizes,
+        feature_layers=(sizes["num_layers"],),
+        drop_class=False,
+        projector="pooled",
+        projector_activation="",
+        projector_bias=False,
+        text_hidden_size=text_hidden_size,
+        image_token_id=int(hf_config.get("image_token_index", 262_144)),
+        pooled_side=side,
+        placeholder_token_id=int(hf_config.get("boi_token_index", 255_999)),
+        bidirectional=True,
     )
 
 

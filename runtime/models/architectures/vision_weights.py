@@ -2,10 +2,11 @@
 implies, which the loaders check the kept tensors against.
 
 LLaVA checkpoints name the tower by the transformers version that wrote them (`vision_tower.vision_model.` in 4,
-`model.vision_tower.` in 5, and `vision_tower.` as transformers 5 saves them again) and the projector with or
-without `model.`; Idefics3 and SmolVLM name theirs `model.vision_model.` and `model.connector.`. The graph reads one
-name each, `vision_tower.<the tower's name>` and `multi_modal_projector.<name>`. Tower layers past the last hidden
-state read are not kept, nor a CLIP tower's post-layernorm (which only its pooled output takes)."""
+`model.vision_tower.` in 5, and `vision_tower.` as transformers 5 saves them again; Gemma 3's add `vision_model.`
+after any of them) and the projector with or without `model.`; Idefics3 and SmolVLM name theirs
+`model.vision_model.` and `model.connector.`. The graph reads one name each, `vision_tower.<the tower's name>` and
+`multi_modal_projector.<name>`. Tower layers past the last hidden state read are not kept, nor a CLIP tower's
+post-layernorm (which only its pooled output takes)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,19 @@ _PREFIXES = (
     (PROJECTOR, PROJECTOR),
 )
 VISION_PREFIXES = tuple(prefix for prefix, _ in _PREFIXES)
-# Each projector's weights: name -> its shape's (rows, columns) as functions of the config
+# Each projector's linears: name -> its weight's (rows, columns) as functions of the config (a bias beside each where
+# the config has them)
 _PROJECTORS = {
     "llava_mlp": lambda v: {
         "linear_1": (v.text_hidden_size, v.hidden_size * len(v.feature_layers)),
         "linear_2": (v.text_hidden_size, v.text_hidden_size),
     },
     "pixel_shuffle": lambda v: {"modality_projection.proj": (v.text_hidden_size, v.hidden_size * v.scale_factor**2)},
+    "pooled": lambda v: {},
 }
+# Gemma 3's pooled projector: an RMSNorm (stored as its offset from 1, as the text model's) and a matrix stored
+# [vision hidden, text hidden], the transpose of a linear's weight
+POOLED_NORM, POOLED_PROJECTION = PROJECTOR + "mm_soft_emb_norm.weight", PROJECTOR + "mm_input_projection_weight"
 
 
 def vision_name(vision: VisionConfig, name: str) -> str | None:
@@ -41,6 +47,8 @@ def vision_name(vision: VisionConfig, name: str) -> str | None:
     name = ours + name.removeprefix(prefix)
     layer = name.removeprefix(TOWER + "encoder.layers.").partition(".")[0]
     if layer.isdigit() and int(layer) >= vision.num_layers_run:
+        return None
+    if name.startswith(TOWER + "head."):  # a SigLIP tower's pooling head (Gemma 3 reads its hidden states)
         return None
     return None if vision.class_row and name.startswith(TOWER + "post_layernorm.") else name
 
@@ -69,4 +77,6 @@ def vision_weight_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{PROJECTOR}{name}.weight"] = (rows, columns)
         if vision.projector_bias:
             shapes[f"{PROJECTOR}{name}.bias"] = (rows,)
+    if vision.projector == "pooled":
+        shapes |= {POOLED_NORM: (d,), POOLED_PROJECTION: (d, vision.text_hidden_size)}
     return shapes

@@ -28,6 +28,8 @@ KEY_HELP = {  # top-level key -> what it sets
     "name": "the graph's name (default: the file's name without `.yaml`)",
     "description": "what the graph does, in a line",
     "model": "the model of every engine node that names none: a path, a `.gguf` file, a cache alias or org/name",
+    "mmproj": "a `.gguf` model's vision encoder, llama.cpp's multimodal projector file (`--mmproj`): the graph's "
+    "engine and encode nodes see images through it",
     "transport": "how the run's processes are linked: `ipc` on this host (default) or `tcp`, which `remote` and "
     "`ray` placements need",
     "restart": "how worker processes that die are started again (its keys: below)",

@@ -1,0 +1,121 @@
+"""Gemma 3's images through the gateway: the openai SDK's `image_url` parts (a data URL, and an http URL of a test
+server on 127.0.0.1 the operator allowed) and the anthropic SDK's `image` blocks, sent unchanged to `sagellm serve`
+on the tiny Gemma 3 (tests/tiny_vision_models.make_tiny_gemma3_vision), get transformers' tokens for the same chat
+and images, colocated and through `graphs/epd.yaml` (the encode node expands each <start_of_image> and encodes the
+picture; the prefill worker attends over its soft tokens both ways)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.multimodal.file_server import file_server
+from tests.tiny_vision_models import make_tiny_gemma3_vision
+
+TOKENS = 6
+
+
+def png(seed: int, size: tuple[int, int]) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "PNG")
+    return out.getvalue()
+
+
+FIRST, SECOND = png(1, (33, 21)), png(2, (48, 60))
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def files() -> Iterator[str]:
+    with file_server({"/second.png": SECOND}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory) -> Path:
+    return make_tiny_gemma3_vision(tmp_path_factory.mktemp("gemma3") / "gemma3")
+
+
+@pytest.fixture(scope="module")
+def gateway(gemma3, tmp_path_factory) -> Iterator:
+    config = tiny_config(tmp_path_factory.mktemp("gw"), allowed_media_domains=["127.0.0.1"])
+    with running_gateway(GRAPHS / "colocated.yaml", config, gemma3) as running:
+        yield running
+
+
+def look_at(images: int) -> list[dict]:
+    """The user's turn every request here sends, as Hugging Face templates take it: "look at <image> and ..."."""
+    parts = [{"type": "text", "text": "look at"}]
+    for _ in range(images):
+        parts += [{"type": "image"}, {"type": "text", "text": "and"}]
+    return parts
+
+
+def reference(gemma3: Path, *images: bytes) -> list[int]:
+    """transformers' greedy tokens for the chat, rendered and processed by the checkpoint's processor."""
+    model = Gemma3ForConditionalGeneration.from_pretrained(gemma3, dtype=torch.float32, attn_implementation="eager")
+    processor = AutoProcessor.from_pretrained(gemma3)
+    text = processor.apply_chat_template([{"role": "user", "content": look_at(len(images))}],
+                                         add_generation_prompt=True)  # fmt: skip
+    inputs = processor(text=text, images=[Image.open(io.BytesIO(i)) for i in images], return_tensors="pt",
+                       add_special_tokens=False)  # fmt: skip
+    with torch.inference_mode():
+        out = model.eval().generate(**inputs, max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def openai_chat(url: str, *images: str):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    parts = [{"type": "text", "text": "look at"}]
+    for image in images:
+        parts += [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "and"}]
+    return client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=[{"role": "user", "content": parts}], max_tokens=TOKENS,
+        temperature=0, extra_body={"return_token_ids": True, "min_tokens": TOKENS},
+    )  # fmt: skip
+
+
+def test_the_model_card_says_it_reads_images(gateway):
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    assert client.models.list().data[0].model_extra["input_modalities"] == ["text", "image"]
+
+
+def test_the_openai_sdks_data_url_and_allowed_http_image_give_transformers_tokens(gateway, files, gemma3):
+    reply = openai_chat(gateway.url, data_url(FIRST), f"{files}/second.png")
+    assert reply.choices[0].token_ids == reference(gemma3, FIRST, SECOND)
+    assert reply.usage.prompt_tokens > 2 * 16  # each image's 16 soft tokens counted
+
+
+def test_the_anthropic_sdks_image_block_gives_transformers_tokens(gateway, gemma3):
+    client = anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0, timeout=300)
+    source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(SECOND).decode()}
+    blocks = [{"type": "text", "text": "look at"}, {"type": "image", "source": source}, {"type": "text", "text": "and"}]
+    message = client.messages.create(
+        model=gateway.core.model_name, max_tokens=TOKENS, messages=[{"role": "user", "content": blocks}],
+        extra_body={"temperature": 0, "min_tokens": TOKENS},
+    )  # fmt: skip
+    tokenizer = AutoProcessor.from_pretrained(gemma3).tokenizer
+    expected = tokenizer.decode(reference(gemma3, SECOND), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert "".join(block.text for block in message.content if block.type == "text") == expected
+    assert message.usage.output_tokens == TOKENS
+
+
+def test_through_the_epd_graph_the_encode_node_expands_and_encodes_the_images(gemma3, tmp_path):
+    with running_gateway(GRAPHS / "epd.yaml", tiny_config(tmp_path), gemma3) as gateway:
+        reply = openai_chat(gateway.url, data_url(SECOND), data_url(FIRST))
+    assert reply.choices[0].token_ids == reference(gemma3, SECOND, FIRST)
