@@ -27,8 +27,7 @@ from sagellm.runtime.models.architectures.weight_shapes import check_weights
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, read_gguf
-from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe
-from sagellm.runtime.models.processor_files import ProcessorFiles
+from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, ProcessorFiles, WeightsOnRead, describe
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 from sagellm.runtime.models.vision_config import VisionConfig
 

@@ -30,9 +30,15 @@ from sagellm.runtime.models.architectures.hf_config import config_from_hf
 from sagellm.runtime.models.architectures.vision_weights import TOWER
 from sagellm.runtime.models.architectures.weight_shapes import check_weights, encoder_weight_shapes
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, WeightsOnRead, describe, read_json
+from sagellm.runtime.models.loaded import (
+    LoadedModel,
+    ModelLoadError,
+    ProcessorFiles,
+    WeightsOnRead,
+    describe,
+    read_json,
+)
 from sagellm.runtime.models.mtp_head import HEAD_NORMS, PREFIX, head_weight_shapes, is_head_weight
-from sagellm.runtime.models.processor_files import ProcessorFiles
 from sagellm.runtime.models.sampling_defaults import from_generation_config
 from sagellm.runtime.models.tokenizer import load_hf_tokenizer, read_hf_chat_template
 

@@ -19,7 +19,6 @@ if TYPE_CHECKING:  # annotations only: the model cache and the executors import 
     from transformers import PreTrainedTokenizerBase
 
     from sagellm.backends.quantized import QuantizedWeight
-    from sagellm.runtime.models.processor_files import ProcessorFiles
 
 
 class ModelLoadError(InvalidInput):
@@ -82,6 +81,23 @@ class WeightsOnRead(Mapping[str, "torch.Tensor"]):
         """Every weight's shape, none made for it."""
         on_read = {name: shape for name, (shape, _) in self._on_read.items()}
         return on_read | {name: tuple(t.shape) for name, t in self._ready.items()}
+
+
+@dataclass(frozen=True)
+class ProcessorFiles:
+    """A model's preprocessing settings as transformers' processors read them: a Hugging Face directory's
+    preprocessor_config.json and processor_config.json, or what a GGUF model's mmproj file implies (gguf_mmproj.py),
+    so the prompts' side of images never knows which format it serves."""
+
+    origin: Path  # where they were read from (a directory, or an mmproj file), for errors
+    preprocessor: Mapping[str, Any] = field(default_factory=dict)  # preprocessor_config.json's
+    processor: Mapping[str, Any] = field(default_factory=dict)  # processor_config.json's
+
+    @classmethod
+    def read(cls, directory: Path) -> ProcessorFiles:
+        """A Hugging Face directory's (either file may be absent: empty)."""
+        files = [directory / name for name in ("preprocessor_config.json", "processor_config.json")]
+        return cls(directory, *(read_json(f) if f.is_file() else {} for f in files))
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from sagellm.backends.base import HardwareBackend
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.processor_files import ProcessorFiles
+from sagellm.runtime.models.loaded import ProcessorFiles
 from sagellm.runtime.multimodal.encoder_cache import EncoderCache
 from sagellm.runtime.multimodal.encoder_runner import AudioEncoderRunner, Encoder, EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia

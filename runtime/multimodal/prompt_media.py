@@ -19,7 +19,7 @@ from PIL import Image
 
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.processor_files import ProcessorFiles
+from sagellm.runtime.models.loaded import ProcessorFiles
 from sagellm.runtime.multimodal.audio_prompts import AudioPrompts
 from sagellm.runtime.multimodal.image_prompts import ImagePrompts
 from sagellm.runtime.multimodal.media_feature import Expansion, MediaFeature

@@ -58,6 +58,7 @@ PIPELINE_BENCHES = (
     ("make-gguf", "synthetic_gguf", "write a 1B- or 7B-shaped Llama Q4_K_M GGUF of random weights, SmolLM2 tokenizer"),
     ("make-gpt-oss", "synthetic_gpt_oss", "write a gpt-oss-20b-shaped GGUF of random weights, experts in MXFP4"),
     ("make-qwen35", "synthetic_qwen35", "write a Qwen3.5-0.8B-shaped GGUF of random weights in the Q4_K_M mix"),
+    ("make-gemma3", "synthetic_gemma3", "write a small Gemma 3 that sees images (HF checkpoint), random weights"),
     ("kquant", "kquant", "block linears per GGUF kind, and a 1B Q4_K_M's decode and prefill against llama-bench"),
 )
 
