@@ -46,12 +46,12 @@ fi
 
 start() {  # NAME -> the server's pid in $server, its model name in $name
   case $1 in
-    sagellm) "$SAGELLM" serve "$model" --no-embedding --port "$PORT" --max-num-seqs 8 --log-format json \
-      >"$out/$1.log" 2>&1 & name=gemma3 ;;
-    sagellm-epd) "$SAGELLM" serve "$here/graphs/epd.yaml" --model "$model" --no-embedding --port "$PORT" \
-      --max-num-seqs 8 --log-format json >"$out/$1.log" 2>&1 & name=gemma3 ;;
-    sagellm-gguf) "$SAGELLM" serve "$out/gemma3.gguf" --mmproj "$out/mmproj-gemma3.gguf" --no-embedding \
+    sagellm) "$SAGELLM" serve "$model" --no-embedding --served-model-name gemma3 --port "$PORT" --max-num-seqs 8 \
+      --log-format json >"$out/$1.log" 2>&1 & name=gemma3 ;;
+    sagellm-epd) "$SAGELLM" serve "$here/graphs/epd.yaml" --model "$model" --no-embedding --served-model-name gemma3 \
       --port "$PORT" --max-num-seqs 8 --log-format json >"$out/$1.log" 2>&1 & name=gemma3 ;;
+    sagellm-gguf) "$SAGELLM" serve "$out/gemma3.gguf" --mmproj "$out/mmproj-gemma3.gguf" --no-embedding \
+      --served-model-name gemma3 --port "$PORT" --max-num-seqs 8 --log-format json >"$out/$1.log" 2>&1 & name=gemma3 ;;
     llamacpp) "$PEERS/llama-build/bin/llama-server" -m "$out/gemma3.gguf" --mmproj "$out/mmproj-gemma3.gguf" \
       --host 127.0.0.1 --port "$PORT" -a gemma3 -np 8 -c 8192 --cont-batching -t 2 -tb 2 >"$out/$1.log" 2>&1 &
       name=gemma3 ;;
@@ -86,6 +86,7 @@ bench() {  # ROW CONCURRENCY PROMPTS SEED: results as ROW_cCONCURRENCY_sSEED.jso
     --temperature 0 --seed "$4" --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 \
     --save-result --result-dir "$out" --result-filename "${1}_c${2}_s${4}.json" >"$out/${1}_c${2}_s${4}.log" 2>&1 \
     || echo "$1 failed (c$2, seed $4): $out/${1}_c${2}_s${4}.log" >&2
+  grep -E "^Failed requests: +[1-9]" "$out/${1}_c${2}_s${4}.log" >&2 || true  # said here, not only in the table
 }
 
 trap 'stop 2>/dev/null' EXIT

@@ -3,12 +3,13 @@ EPD), in its own process or beside the engines.
 
 Each request with images is expanded and encoded here: its images preprocessed as the model's processor does, its
 prompt's placeholders expanded (runtime/multimodal/prompt_media.py), every picture of the requests a step took run
-through the encoder in one pass, and the request sent on with its expanded prompt and its pictures' embeddings
-(`Request.encoded_images`, frames on the wire) in place of the image files. The prefill or colocated engine then puts
-those embeddings in place of the placeholders' token embeddings without an encoder pass of its own, and a decode
-worker keys the prompt's blocks by the same hashes. A request without images passes through untouched; one whose
-images cannot be read, or do not pair up with its placeholders, fails alone with a 400's error. Audio clips pass
-through too, to the engine that prefills their prompt, which encodes them itself (this node runs images only)."""
+through the encoder in one pass but those it encoded before (kept by hash, as an engine's encoder cache keeps them),
+and the request sent on with its expanded prompt and its pictures' embeddings (`Request.encoded_images`, frames on
+the wire) in place of the image files. The prefill or colocated engine then puts those embeddings in place of the
+placeholders' token embeddings without an encoder pass of its own, and a decode worker keys the prompt's blocks by the
+same hashes. A request without images passes through untouched; one whose images cannot be read, or do not pair up
+with its placeholders, fails alone with a 400's error. Audio clips pass through too, to the engine that prefills
+their prompt, which encodes them itself (this node runs images only)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ class EncodeOperator(StepOperator):
         from sagellm.backends import get_backend
         from sagellm.runtime.models.loader import load_model
         from sagellm.runtime.models.model_cache import resolve_model
+        from sagellm.runtime.multimodal.encoder_cache import EncoderCache
         from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
+        from sagellm.runtime.multimodal.engine_media import PICTURES_CACHED
         from sagellm.runtime.multimodal.prompt_media import PromptMedia
 
         model = self.model or ctx.graph_attrs.get("model")
@@ -69,8 +72,11 @@ class EncodeOperator(StepOperator):
             torch.set_num_threads(self.num_threads)
         mmproj = ctx.graph_attrs.get("mmproj")  # a GGUF model's vision encoder, in its own file
         loaded = load_model(resolve_model(str(model)), encoders_only=True, mmproj=mmproj)  # the encoder alone
-        vision = loaded.config.vision is not None  # a model that hears but does not see: everything passes
-        self.encoder = EncoderRunner(loaded.config, loaded.weights, get_backend(self.backend)) if vision else None
+        vision = loaded.config.vision  # a model that hears but does not see: everything passes
+        self.encoder = None
+        if vision is not None:  # an image sent again is not encoded again (as an engine's own encoder cache)
+            runner = EncoderRunner(loaded.config, loaded.weights, get_backend(self.backend))
+            self.encoder = EncoderCache({"image": runner}, PICTURES_CACHED * vision.tokens_per_image)
         self.tokenizer = loaded.tokenizer
         limits = {"image": self.limit_images} if self.limit_images is not None else None
         self.prompts = PromptMedia.of_model(loaded.config, loaded.processor_files, loaded.tokenizer, limits)
@@ -87,8 +93,6 @@ class EncodeOperator(StepOperator):
 
     def step(self) -> list[Any]:
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-        import torch
-
         from sagellm.runtime.multimodal.prompt_media import decoded_images
 
         out: list[Any] = []
@@ -101,12 +105,11 @@ class EncodeOperator(StepOperator):
                 expanded.append((request, *self.prompts.expand(ids, {"image": decoded_images(request.images)})))
             except (InvalidInput, OSError, ValueError) as error:  # (PIL's UnidentifiedImageError is an OSError)
                 out.append(RequestError(request_id=request.request_id, code="invalid_request", message=str(error)))
-        pictures = [f.encoder_input for _, _, features in expanded for f in features]
-        embeds = iter(self.encoder.encode(torch.cat(pictures)) if pictures else [])
+        embeds = iter(self.encoder.embeddings_of([f for _, _, features in expanded for f in features]))
         for request, ids, features in expanded:
             request.prompt_token_ids, request.images = ids, None
-            request.encoded_images = [EncodedImage(hash=f.hash, offset=f.offset, length=f.length,
-                                                   embeds=next(embeds).clone()) for f in features]  # fmt: skip
+            request.encoded_images = [EncodedImage(hash=f.hash, offset=f.offset, length=f.length, embeds=next(embeds))
+                                      for f in features]  # fmt: skip
             out.append(request)
         return out
 

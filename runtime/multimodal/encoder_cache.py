@@ -6,7 +6,7 @@ encoders, each feature encoded by its modality's."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -27,20 +27,47 @@ class EncoderCache:
     def embeddings(self, feature: MediaFeature) -> torch.Tensor:
         """The feature's embeddings [length, H]: those it carries (an `encode` node's), else encoded now unless
         cached."""
-        if feature.embeds is not None:
-            return feature.embeds
-        cached = self._entries.get(feature.hash)
-        if cached is not None:
-            self._entries.move_to_end(feature.hash)
-            self.hits += 1
-            return cached
-        self.misses += 1
-        if feature.encoder_input is None:
-            raise InternalError("a picture or clip encoded elsewhere came without its embeddings")
+        (embeds,) = self.embeddings_of([feature])
+        return embeds
+
+    def embeddings_of(self, features: Sequence[MediaFeature]) -> list[torch.Tensor]:
+        """Each feature's embeddings, in order: those it carries, else cached, else encoded now, the pictures not
+        cached encoded together in one pass (an `encode` node's step) and a clip one at a time."""
+        found: dict[bytes, torch.Tensor] = {}
+        fresh: dict[bytes, MediaFeature] = {}  # the same picture twice is encoded once
+        for f in features:
+            if f.embeds is not None or f.hash in found:
+                continue
+            cached = self._entries.get(f.hash)
+            if cached is None:
+                fresh.setdefault(f.hash, f)
+                continue
+            self._entries.move_to_end(f.hash)
+            found[f.hash] = cached
+        self.misses += len(fresh)
+        self.hits += sum(f.embeds is None for f in features) - len(fresh)  # each feature not encoded now
+        pictures = [f for f in fresh.values() if f.modality == "image"]
+        runs = [pictures] if pictures else []
+        runs += [[f] for f in fresh.values() if f.modality != "image"]
+        for run in runs:
+            for f, embeds in zip(run, self._encoder(run[0]).encode(torch.cat([self._input(f) for f in run]))):
+                found[f.hash] = self._keep(f, embeds)
+        return [f.embeds if f.embeds is not None else found[f.hash] for f in features]
+
+    def _encoder(self, feature: MediaFeature) -> Encoder:
         encoder = self.encoders.get(feature.modality)
         if encoder is None:
             raise InvalidInput(f"this model has no {feature.modality} encoder")
-        (embeds,) = encoder.encode(feature.encoder_input)
+        return encoder
+
+    @staticmethod
+    def _input(feature: MediaFeature) -> torch.Tensor:
+        if feature.encoder_input is None:
+            raise InternalError("a picture or clip encoded elsewhere came without its embeddings")
+        return feature.encoder_input
+
+    def _keep(self, feature: MediaFeature, embeds: torch.Tensor) -> torch.Tensor:
+        """Checks a feature's fresh embeddings and keeps them, the least recently used going past capacity."""
         if embeds.shape[0] != feature.length:
             raise InvalidInput(f"the encoder gave {embeds.shape[0]} rows for {feature.modality} of "
                                f"{feature.length} placeholders")  # fmt: skip

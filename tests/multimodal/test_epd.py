@@ -78,6 +78,24 @@ def test_an_engine_given_the_encode_nodes_output_encodes_nothing_and_gives_the_s
     assert [o.prompt_token_ids for o in given] == [o.prompt_token_ids for o in own]
 
 
+def test_the_encode_node_does_not_encode_a_picture_it_encoded_before(encoder):
+    """Its pictures are kept by hash as an engine's are: the same image in later requests (two in one step) takes
+    its embeddings as they were."""
+    first = Request(request_id="first", prompt=PROMPT, images=[png(30, 17, 7)])
+    encoder.add(first)
+    (done,) = encoder.step()
+    misses, hits = encoder.encoder.misses, encoder.encoder.hits
+    again = [Request(request_id=f"again{i}", prompt=PROMPT, images=[png(30, 17, 7)]) for i in range(2)]
+    for request in again:
+        encoder.add(request)
+    repeated = encoder.step()
+    pictures = len(done.encoded_images)  # its tiles and the whole image
+    assert encoder.encoder.misses == misses and encoder.encoder.hits == hits + 2 * pictures  # none encoded again
+    for request in repeated:
+        pairs = zip(request.encoded_images, done.encoded_images, strict=True)
+        assert all(torch.equal(a.embeds, b.embeds) for a, b in pairs)
+
+
 def test_a_request_whose_image_does_not_decode_fails_alone(encoder):
     good = Request(request_id="good", prompt=PROMPT, images=[TALL])
     bad = Request(request_id="bad", prompt=PROMPT, images=[b"\x89PNG not really"])
