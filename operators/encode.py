@@ -102,7 +102,9 @@ class EncodeOperator(StepOperator):
                 ids = request.prompt_token_ids
                 if ids is None:
                     ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=True)
-                expanded.append((request, *self.prompts.expand(ids, {"image": decoded_images(request.images)})))
+                cut = len(ids) - request.resumed_tokens  # a resume's output so far: tokens, not placeholders
+                prompt, features = self.prompts.expand(ids[:cut], {"image": decoded_images(request.images)})
+                expanded.append((request, prompt + list(ids[cut:]), features))
             except (InvalidInput, OSError, ValueError) as error:  # (PIL's UnidentifiedImageError is an OSError)
                 out.append(RequestError(request_id=request.request_id, code="invalid_request", message=str(error)))
         embeds = iter(self.encoder.embeddings_of([f for _, _, features in expanded for f in features]))

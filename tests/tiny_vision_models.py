@@ -134,12 +134,14 @@ GEMMA3_CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_gemma3_vision(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+def make_tiny_gemma3_vision(
+    directory: str | Path, seed: int = 0, text_settings: dict[str, Any] | None = None, **overrides: Any
+) -> Path:
     """Save a random tiny Gemma3ForConditionalGeneration with its vision tower to `directory`: a 3-layer Gemma 3
     text model (two layers sliding over 8 positions), a 2-layer SigLIP tower on 32-pixel images of 4-pixel patches
     whose 8 x 8 patches pool into 16 soft tokens (so an image's run is longer than the window), and the
     Gemma3Processor (Gemma3ImageProcessor, GEMMA3_CHAT_TEMPLATE) that writes its prompts. `overrides` go to the
-    image processor (do_pan_and_scan, ...)."""
+    image processor (do_pan_and_scan, ...), `text_settings` to the text model's Gemma3TextConfig."""
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -160,7 +162,7 @@ def make_tiny_gemma3_vision(directory: str | Path, seed: int = 0, **overrides: A
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
     text = Gemma3TextConfig(**(_LLAMA_DEFAULTS | dict(
         vocab_size=len(tokenizer), head_dim=16, query_pre_attn_scalar=16, sliding_window=8, num_hidden_layers=3,
-        sliding_window_pattern=3, rope_parameters=rope, tie_word_embeddings=True)))  # fmt: skip
+        sliding_window_pattern=3, rope_parameters=rope, tie_word_embeddings=True) | (text_settings or {})))  # fmt: skip
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=32, patch_size=4, vision_use_head=False)  # fmt: skip
     config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=16, **ids)

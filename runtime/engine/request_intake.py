@@ -72,7 +72,11 @@ class RequestIntake:
             text, token_ids = prompt, self._tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, token_ids = None, list(prompt)
-        token_ids, features = self._with_media(token_ids, multi_modal_data)
+        # A resume's output so far ends the prompt: tokens as generated, never placeholders to expand (a model may
+        # well have written its image token)
+        cut = len(token_ids) - resumed_tokens
+        expanded, features = self._with_media(token_ids[:cut], multi_modal_data)
+        token_ids = expanded + token_ids[cut:]
         vocab = self._vocab
         problem = request_token_problem(token_ids, params, vocab)
         if problem is not None:

@@ -22,6 +22,7 @@ from sagellm.common.errors import FieldError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
+from tests.oracle import run_to_end
 from tests.tiny_vision_models import make_tiny_gemma3_vision
 
 TOKENS = 8
@@ -160,3 +161,27 @@ def test_pan_and_scan_crops_each_take_their_run_as_the_processor_writes_them(tmp
 def test_a_step_budget_below_a_pictures_run_is_refused_naming_it(gemma3):
     with pytest.raises(FieldError, match="max_num_batched_tokens 8.*16 tokens each"):
         LLM(str(gemma3), num_kv_blocks=16, max_num_batched_tokens=8)
+
+
+def test_a_resume_whose_output_so_far_holds_image_tokens_takes_them_as_tokens(llm, hf):
+    """A resumed request's prompt ends with its output so far, tokens as generated (`resumed_tokens`): an image
+    token the model wrote there is neither a placeholder to expand nor one more image to pair up. The continuation
+    is transformers' on the same sequence (its <start_of_image> there a plain token: only soft tokens take images)."""
+    model, processor = hf
+    boi, soft = processor.tokenizer.convert_tokens_to_ids([BOI, "<image_soft_token>"])
+    prompt_ids = processor.tokenizer.encode(ONE, add_special_tokens=False)
+    written = [boi, 7, 9]  # as if the model had written them before its worker died
+    params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
+    image = {"image": [NOISE]}
+    llm.engine.add_request("resumed", prompt_ids + written, params, resumed_tokens=3, multi_modal_data=image)
+    llm.engine.add_request("soft", prompt_ids + [soft], params, resumed_tokens=1, multi_modal_data=image)
+    replies = run_to_end(llm.engine)
+    inputs = processor(text=ONE, images=[NOISE], return_tensors="pt", add_special_tokens=False)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([written])], dim=1)
+    types = torch.cat([inputs["token_type_ids"], torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=types,
+                             pixel_values=inputs["pixel_values"], max_new_tokens=TOKENS, do_sample=False,
+                             min_new_tokens=TOKENS)  # fmt: skip
+    assert replies["resumed"] == out[0, ids.shape[1] :].tolist()
+    assert len(replies["soft"]) == TOKENS
