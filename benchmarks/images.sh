@@ -30,6 +30,7 @@ REPEATS=${REPEATS:-2}
 SEED=${SEED:-$((RANDOM * 10))}
 PORT=${PORT:-8190}
 mkdir -p "$out"
+source "$here/benchmarks/server_lifecycle.sh"  # wait_ready, stop
 model="$out/gemma3"
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $(nproc) cores; $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' \
   | grep -E '^(avx|fma|f16c|amx)' | tr '\n' ' ')"
@@ -58,22 +59,7 @@ start() {  # NAME -> the server's pid in $server, its model name in $name
     *) echo "unknown server $1 (sagellm sagellm-epd sagellm-gguf llamacpp)" >&2; exit 2 ;;
   esac
   server=$!
-  for ((waited = 0; waited < 600; waited += 5)); do
-    if curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null; then echo "$(date +%T) $1 ready" >&2; return; fi
-    kill -0 "$server" 2>/dev/null || { echo "$1 exited: $out/$1.log" >&2; tail -5 "$out/$1.log" >&2; exit 1; }
-    ((waited % 30 == 0)) && echo "$(date +%T) waiting for $1 (${waited} s)" >&2
-    sleep 5
-  done
-  echo "$1 not ready after 600 s: $out/$1.log" >&2; exit 1
-}
-
-stop() {  # the server and every process it started
-  pkill -INT -P "$server" 2>/dev/null || true
-  kill -INT "$server" 2>/dev/null || true
-  for _ in $(seq 30); do kill -0 "$server" 2>/dev/null || break; sleep 1; done
-  pkill -KILL -P "$server" 2>/dev/null || true
-  kill -KILL "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
+  wait_ready "$1"
 }
 
 bench() {  # ROW CONCURRENCY PROMPTS SEED: results as ROW_cCONCURRENCY_sSEED.json
