@@ -85,10 +85,12 @@ def read_mmproj(path: Path, text: ModelConfig, tokenizer: Any, dtype: torch.dtyp
         raise ModelLoadError(f"{path}: a Gemma 3 mmproj beside a {text.architecture} model")
     vision = _gemma3_vision(path, meta, text, tokenizer)
     weights = _weights(path, file, vision, text, dtype) if load_weights else {}
-    size = vision.image_size
-    preprocessor = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": size, "width": size},
-                    "image_mean": [float(x) for x in meta["clip.vision.image_mean"]],
-                    "image_std": [float(x) for x in meta["clip.vision.image_std"]]}  # fmt: skip
+    size, stats = vision.image_size, {}
+    for name in ("image_mean", "image_std"):
+        if (values := meta.get(f"clip.vision.{name}")) is None or len(values) != 3:
+            raise ModelLoadError(f"{path}: lacks clip.vision.{name} (three values)")
+        stats[name] = [float(x) for x in values]
+    preprocessor = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": size, "width": size}, **stats}
     return Mmproj(vision, weights, ProcessorFiles(path, preprocessor, {"image_seq_length": vision.tokens_per_image}))
 
 
