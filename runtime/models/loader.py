@@ -59,8 +59,6 @@ def _load_with_mmproj(source: Path, mmproj: Path, encoders_only: bool, options: 
     tokenizer, the encoder's weights alone."""
     load_weights = options["load_weights"]
     loaded = _load(source, mtp_head=False, **(options | {"load_weights": load_weights and not encoders_only}))
-    if not isinstance(loaded.source, Path) or loaded.source.suffix != ".gguf":
-        raise ModelLoadError(f"{source}: an mmproj file goes with a GGUF model")
     return with_mmproj(loaded, mmproj, options["dtype"], load_weights)
 
 

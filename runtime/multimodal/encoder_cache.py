@@ -24,15 +24,10 @@ class EncoderCache:
         self._rows = 0
         self.hits = self.misses = 0
 
-    def embeddings(self, feature: MediaFeature) -> torch.Tensor:
-        """The feature's embeddings [length, H]: those it carries (an `encode` node's), else encoded now unless
-        cached."""
-        (embeds,) = self.embeddings_of([feature])
-        return embeds
-
     def embeddings_of(self, features: Sequence[MediaFeature]) -> list[torch.Tensor]:
-        """Each feature's embeddings, in order: those it carries, else cached, else encoded now, the pictures not
-        cached encoded together in one pass (an `encode` node's step) and a clip one at a time."""
+        """Each feature's embeddings [length, H], in order: those it carries (an `encode` node's), else cached, else
+        encoded now, the pictures not cached encoded together in one pass (an engine's or an `encode` node's step)
+        and a clip one at a time."""
         found: dict[bytes, torch.Tensor] = {}
         fresh: dict[bytes, MediaFeature] = {}  # the same picture twice is encoded once
         for f in features:

@@ -22,15 +22,17 @@ def step_media(
     """`scheduled`: each sequence's (features, first position computed, positions computed) in the step's row order
     -> the decoder graph's mm_rows [M] and mm_embeds [M, H] (both None for a step without placeholders)."""
     rows: list[int] = []
-    embeds: list[torch.Tensor] = []
+    read: list[tuple[MediaFeature, range]] = []  # each feature the step reads, and the positions it reads
     first_row = 0
     for features, start, n in scheduled:
         for feature in features:
             span = feature.overlap(start, start + n)
             if span:
                 rows.extend(range(first_row + span.start - start, first_row + span.stop - start))
-                embeds.append(encoder.embeddings(feature)[span.start - feature.offset : span.stop - feature.offset])
+                read.append((feature, span))
         first_row += n
     if not rows:
         return {"mm_rows": None, "mm_embeds": None}
+    whole = encoder.embeddings_of([feature for feature, _ in read])  # the step's uncached pictures in one pass
+    embeds = [e[span.start - f.offset : span.stop - f.offset] for (f, span), e in zip(read, whole, strict=True)]
     return {"mm_rows": torch.tensor(rows, dtype=torch.int64, device=device), "mm_embeds": torch.cat(embeds)}
