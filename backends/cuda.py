@@ -27,6 +27,12 @@ class CudaBackend(torch_ops.TorchOpsBackend):
     collective_library = "nccl"
     device_type = "cuda"
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The engine's float32 is float32: cuDNN's convolutions (the audio tower's, a Gated DeltaNet prefill's) would
+        # otherwise round their inputs to TF32's 10-bit mantissa, as torch lets them by default (its matmuls do not).
+        torch.backends.cudnn.allow_tf32 = False
+
     @classmethod
     def availability(cls) -> Availability:
         build = f"torch {torch.__version__}"

@@ -8,10 +8,11 @@ import sys
 
 
 def python_module(module: str, *args: str) -> list[str]:
-    """`python -I -m MODULE ARGS` with this interpreter. Isolated mode (-I) keeps the working directory and
-    PYTHONPATH off `sys.path`, so a `sagellm/` folder where the user happens to stand (the parent of a clone, say)
-    cannot stand in for the installed package in a process we start."""
-    return [sys.executable, "-I", "-m", module, *args]
+    """`python -P -m MODULE ARGS` with this interpreter. -P keeps the working directory off `sys.path`, so a
+    `sagellm/` folder where the user happens to stand (the parent of a clone, say) cannot stand in for the installed
+    package in a process we start. Not -I: that would also drop PYTHONPATH and the user's site-packages, where a
+    `pip install --user` or `--target` sageLLM lives, and the child would not find the package its parent runs."""
+    return [sys.executable, "-P", "-m", module, *args]
 
 
 def alive(pid: int) -> bool:

@@ -11,11 +11,16 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT_DIR=.whl
 # name==version of each carried dependency
+# transformers and its hub client too: the oracle is the transformers CI runs (the image's 5.17 builds no tokenizer from
+# several families' GGUF metadata, saves a tiny Qwen2-Audio under names no checkpoint has, and fails on Gemma 3n's).
 CARRIED=(trio==0.35.0 outcome==1.3.0.post0 sniffio==1.3.1 msgspec==0.22.0 pyzmq==27.3.0 structlog==26.1.0
-  gguf==0.19.0 llguidance==1.9.1)
+  gguf==0.19.0 llguidance==1.9.1 transformers==5.24.0 huggingface-hub==2.4.0
+  httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 click==8.5.1 hf-xet==1.8.0
+  openai==3.57.0 jiter==0.19.0 distro==1.9.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+  typing-inspection==0.4.5)  # the openai SDK: the suite's image tests send it
 # On the GPU image already (the device notes' package list), among the names our requirements reach.
-DEVICE_HAS=(torch transformers tokenizers safetensors huggingface-hub jinja2 numpy anyio prometheus-client
-  nvidia-ml-py rich tqdm pyyaml httpx attrs idna sortedcontainers requests)
+DEVICE_HAS=(torch tokenizers safetensors jinja2 numpy anyio prometheus-client nvidia-ml-py rich tqdm pyyaml httpx
+  attrs idna sortedcontainers requests pillow packaging regex typer filelock fsspec typing-extensions h11)
 
 say() { echo "gpu_bundle: $*" >&2; }
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo '/.whl/' >> .git/info/exclude; }

@@ -7,7 +7,12 @@
 #            working tree's code (a stale wheel is named)
 #   kernels  the triton kernels compiled for the GPU (not interpreted) against the torch ops
 #   oracle   our engine on cuda against transformers on the same GPU (tests/backends/gpu_oracle_checks.py)
+#   suite    the test suite's oracle files (every architecture, MoE, hybrid caches, speculation, LoRA, penalties,
+#            prompt logprobs, GGUF and K-quants, images and audio) with their engines on cuda
+#            (SAGELLM_TEST_BACKEND=cuda, or the auto backend), transformers and PEFT on the CPU as in CI
 #   w1       W1 against transformers' generate and the GPU's memory-bandwidth roofline (benchmarks/gpu_w1.py)
+#   profile  a decode step's wall time against its kernels' device time, at 1 and 16 sequences
+#            (benchmarks/step_profile.py: is the step bound by the host or by the GPU?)
 # and ends with a table of the stages. Run from anywhere: `bash scripts/gpu_check.sh` (logs and w1.json in $OUT, a
 # temporary folder when OUT is unset). `--dry-run` (or SAGELLM_GPU_CHECK_DRY=1) runs the same stages on a machine
 # without a GPU, small: the kernels and the oracle under triton's CPU interpreter, W1 on the cpu backend, and only the
@@ -138,6 +143,25 @@ stage_oracle() {
   fi
 }
 
+# The suite's files whose engines the GPU can take; not the checks of CPU-only machinery (the native kernels'
+# packing and fused layers) or of several ranks (one GPU here).
+SUITE_FILES=(tests/engine/test_engine_vs_transformers.py tests/engine/test_architectures_vs_transformers.py
+  tests/engine/test_moe_vs_transformers.py tests/engine/test_hybrid_cache.py tests/engine/test_speculative.py
+  tests/engine/test_penalties.py tests/engine/test_prompt_logprobs.py tests/engine/test_rope_scaling.py
+  tests/engine/test_gguf_logits.py tests/engine/test_kquant_model.py tests/engine/test_lora.py
+  tests/multimodal/test_llava_generate.py tests/multimodal/test_idefics3.py tests/multimodal/test_gemma3_vision.py
+  tests/multimodal/test_gemma3_gguf.py tests/multimodal/test_qwen2_audio.py)
+SUITE_SKIP="not fused_decoder and not parallel and not holds_only_its_blocks"
+stage_suite() {
+  local files
+  read -ra files <<< "$SUITE_FILES_LIST"
+  if [[ $DRY == 1 ]]; then  # CI runs them on the cpu backend: here, only that the selection still names tests
+    run_pytest --collect-only -q "${files[@]}" -k "$SUITE_SKIP" | tail -3
+    return "${PIPESTATUS[0]}"
+  fi
+  SAGELLM_TEST_BACKEND=cuda run_pytest -rfE --tb=short -n "${SUITE_WORKERS:-12}" --timeout 150 "${files[@]}" -k "$SUITE_SKIP"
+}
+
 stage_w1() {
   if [[ $DRY == 1 ]]; then
     "$PY" -P -m sagellm.benchmarks.gpu_w1 --backend cpu --layers 2 --prompts 4 --c1-prompts 1 --input-len 32 \
@@ -147,7 +171,17 @@ stage_w1() {
   fi
 }
 
-export -f run_pytest stage_env stage_install stage_kernels stage_oracle stage_w1
+stage_profile() {
+  if [[ $DRY == 1 ]]; then
+    "$PY" -P -m sagellm.benchmarks.step_profile --backend cpu --layers 2 --steps 4 --batches 1 --prompt-len 16 \
+      --rows 5 --out "$OUT/profile.txt"
+  else
+    "$PY" -P -m sagellm.benchmarks.step_profile --out "$OUT/profile.txt"
+  fi
+}
+
+export SUITE_FILES_LIST="${SUITE_FILES[*]}" SUITE_SKIP
+export -f run_pytest stage_env stage_install stage_kernels stage_oracle stage_suite stage_w1 stage_profile
 SUMMARY=()
 FAILED=0
 run_stage() {  # NAME LIMIT_S: runs stage_NAME under its limit (or what is left of TOTAL_S), logged to $OUT/NAME.log
@@ -173,7 +207,9 @@ run_stage env 60
 run_stage install 90
 run_stage kernels 180
 run_stage oracle 180
+run_stage suite 270
 run_stage w1 240
+run_stage profile 60
 {
   echo "gpu_check $([[ $DRY == 1 ]] && echo "(dry run) ")on $(hostname), $(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS} s in all"
   echo "| stage | result | seconds |"

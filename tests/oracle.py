@@ -6,9 +6,39 @@ what the engine tests compare with it share: random prompts, and an engine stepp
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+# The backend the oracle tests run our engine on: cpu here and in CI; scripts/gpu_check.sh sets cuda to run the same
+# comparisons (transformers on the CPU as here) on a GPU; cuda-interpreted runs the CUDA backend's kernel table on the
+# CPU (with TRITON_INTERPRET=1), to find here what the GPU run found.
+ENGINE_BACKEND = os.environ.get("SAGELLM_TEST_BACKEND", "cpu")
+
+
+def register_interpreted_cuda() -> None:
+    """Registers `cuda-interpreted`: the CUDA backend's kernels (its triton ones under TRITON_INTERPRET=1) on the CPU's
+    tensors."""
+    from sagellm.backends.base import Availability
+    from sagellm.backends.cuda import CudaBackend
+    from sagellm.backends.registry import BACKENDS, register_backend
+
+    if "cuda-interpreted" in BACKENDS:
+        return
+
+    @register_backend
+    class CudaBackendInterpreted(CudaBackend):
+        name = "cuda-interpreted"
+        device_type = "cpu"
+
+        @classmethod
+        def availability(cls) -> Availability:
+            return Availability(True, "the CUDA backend's kernels in triton's interpreter, on the CPU")
+
+
+if ENGINE_BACKEND == "cuda-interpreted":
+    register_interpreted_cuda()
 # The ways an engine runs the same prompts (block size 4, sequences of up to 42 tokens): each path the oracle checks.
 STEP_SHAPES = {
     "whole": dict(max_num_batched_tokens=512),  # whole prompts in one step

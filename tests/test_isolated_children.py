@@ -2,7 +2,7 @@
 kind is started from a working directory holding one whose `__init__` leaves a mark and exits 77, and none ran it.
 The kinds: a pipeline worker (a graph's engine placed `process`), an API server (`--api-servers`), a managed engine
 (the management API) and its parallel rank (`tensor_parallel: 2`). `tests/common/test_processes.py` holds the code
-to the one command builder (`common.processes.python_module`, `python -I`); this holds the processes to it."""
+to the one command builder (`common.processes.python_module`, `python -P`); this holds the processes to it."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_no_child_of_any_kind_imports_a_sagellm_folder_in_the_working_directory(
             reply = admin.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})  # through the API server
             assert reply.status_code == 200, reply.text
         children = descendants(gateway.pid).values()
-        started_kinds = {kind: sum(f" -I -m {kind} " in f"{c} " for c in children) for kind in KINDS}
+        started_kinds = {kind: sum(f" -P -m {kind} " in f"{c} " for c in children) for kind in KINDS}
         assert started_kinds == KINDS, list(children)
         assert not mark.exists()
     finally:

@@ -164,10 +164,14 @@ class Sampler:
         probs = torch.softmax(x, dim=-1)  # [R, V]
         # Exp(1) noise as -log(U): uniform draws are several times cheaper than exponential_ on CPU, and U < 1 keeps
         # the noise > 0, so no 0/0 NaN can win the argmax (CPU exponential_ can return 0, pytorch#22557).
+        # A seeded row's draws come from its CPU generator whatever the logits' device, the same numbers on any
+        # backend: a GPU engine's seeded request samples what a CPU engine's does.
         noise = torch.rand(probs.shape, device=device)  # [R, V], global RNG for unseeded rows
         for row, generator in enumerate(generators):
-            if generator is not None:
+            if generator is not None and generator.device == noise.device:
                 noise[row].uniform_(generator=generator)
+            elif generator is not None:
+                noise[row].copy_(torch.empty(vocab, dtype=noise.dtype).uniform_(generator=generator))
         noise.log_().neg_()
         return (probs / noise).argmax(dim=-1)  # [R]
 

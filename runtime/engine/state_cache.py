@@ -39,6 +39,6 @@ def allocate_state_caches(config: ModelConfig, num_slots: int, device: torch.dev
     recurrent = (num_slots, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim)
     zeros = untouched_zeros if device.type == "cpu" else partial(torch.zeros, device=device)
     return [
-        RecurrentStates(zeros(conv, torch.float32), zeros(recurrent, torch.float32))
+        RecurrentStates(zeros(conv, dtype=torch.float32), zeros(recurrent, dtype=torch.float32))
         for _ in range(config.num_linear_layers)
     ]

@@ -1,6 +1,6 @@
 """A rank of an engine's group other than 0: loads the model, keeps its part, then runs every step rank 0 orders.
 
-    python -I -m sagellm.runtime.parallel.rank_worker '<RankSpec JSON>'
+    python -P -m sagellm.runtime.parallel.rank_worker '<RankSpec JSON>'
 
 It has no scheduler and no sampler: each step's inputs arrive as a `StepInputs` from rank 0, or a KV hand-over to
 take part in (an empty message ends the loop), and the logits the group computes are rank 0's to sample.

@@ -17,12 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from sagellm.backends.base import Availability
-from sagellm.backends.cuda import CudaBackend
-from sagellm.backends.registry import BACKENDS, register_backend
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
-from tests.oracle import STEP_SHAPES, assert_last_logits_match, hf_greedy, random_prompts
+from tests.oracle import STEP_SHAPES, assert_last_logits_match, hf_greedy, random_prompts, register_interpreted_cuda
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 BACKEND = os.environ.get("SAGELLM_CHECK_BACKEND", "cuda")
@@ -38,18 +35,8 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=2 if S
 TIE_MARGIN = 1e-4  # of the logits' spread: two tokens this close are a tie that fp32 rounding may break either way
 
 
-if BACKEND == "cuda-interpreted" and BACKEND not in BACKENDS:
-
-    @register_backend
-    class CudaBackendInterpreted(CudaBackend):
-        """The CUDA backend's kernel table (its triton kernels under TRITON_INTERPRET=1) on the CPU's tensors."""
-
-        name = "cuda-interpreted"
-        device_type = "cpu"
-
-        @classmethod
-        def availability(cls) -> Availability:
-            return Availability(True, "the CUDA backend's kernels in triton's interpreter, on the CPU")
+if BACKEND == "cuda-interpreted":
+    register_interpreted_cuda()
 
 
 MAKERS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,15 @@ def test_every_python_child_is_started_through_the_isolated_command_builder() ->
         if "sys.executable" in line and '"-m"' in line
     ]
     assert by_hand == []
+
+
+def test_a_package_on_pythonpath_is_found_by_the_children(tmp_path: Path) -> None:
+    """A sageLLM installed with `pip install --target DIR` and PYTHONPATH=DIR (or `--user`): the processes it starts
+    find it as the parent does."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "probe_package.py").write_text("print('found on PYTHONPATH')\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    child = subprocess.run(python_module("probe_package"), cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert child.stdout == "found on PYTHONPATH\n", child.stderr

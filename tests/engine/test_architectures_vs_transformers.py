@@ -31,7 +31,7 @@ from sagellm.runtime.executor.run import run_pipeline
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.yaml_io import load_pipeline
 from tests import tiny_models
-from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
+from tests.oracle import ENGINE_BACKEND, assert_last_logits_match, hf_greedy, random_prompts
 from tests.tiny_vision_models import make_tiny_gemma3_vision
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
@@ -56,7 +56,7 @@ ARCHITECTURES = {
     "qwen3_5_moe": dict(lengths=LENGTHS),
     "qwen3_next": dict(lengths=LENGTHS),
 }
-ENGINE = dict(backend="cpu", block_size=4, num_kv_blocks=400)
+ENGINE = dict(backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=400)
 
 
 @pytest.fixture(scope="module", autouse=True)

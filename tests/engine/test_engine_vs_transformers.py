@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
-from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts, step_shapes
+from tests.oracle import ENGINE_BACKEND, assert_last_logits_match, hf_greedy, random_prompts, step_shapes
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -26,7 +26,7 @@ def tiny(request, tmp_path_factory):
 
 def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):
     path, hf = tiny
-    engine = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(model=str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64))
     batch_prompts = random_prompts(hf.config.vocab_size, [1, 7, 16, 23])
     assert_last_logits_match(engine, hf, batch_prompts)
 
@@ -34,7 +34,7 @@ def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):
 @step_shapes
 def test_greedy_tokens_identical_to_transformers(tiny, engine_args):
     path, hf = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, **({"num_kv_blocks": 64} | engine_args))
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, **({"num_kv_blocks": 64} | engine_args))
     batch_prompts = random_prompts(hf.config.vocab_size, [5, 30, 17, 9])
     outs = llm.generate(batch_prompts, GREEDY)
     for p, out in zip(batch_prompts, outs):
@@ -46,7 +46,7 @@ def test_greedy_tokens_identical_to_transformers(tiny, engine_args):
 
 def test_prefix_cache_hits_keep_greedy_tokens_identical(tiny):
     path, hf = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     shared = random_prompts(hf.config.vocab_size, [21], seed=1)[0]
     suffixes = random_prompts(hf.config.vocab_size, [3, 6, 1], seed=2)
     first = llm.generate([shared + suffixes[0]], GREEDY)[0]
@@ -59,7 +59,7 @@ def test_prefix_cache_hits_keep_greedy_tokens_identical(tiny):
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
     path, hf = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     p = random_prompts(hf.config.vocab_size, [8])[0]
     seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = llm.generate([p], seeded)[0].outputs[0].token_ids
@@ -70,7 +70,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
 
 def test_stop_token_ids_max_tokens_and_logprobs(tiny):
     path, hf = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     p = random_prompts(hf.config.vocab_size, [6])[0]
     reference = hf_greedy(hf, p, 12)
     stop_at = reference[4]
@@ -86,7 +86,7 @@ def test_stop_token_ids_max_tokens_and_logprobs(tiny):
 
 def test_stream_deltas_add_up_to_the_text(tiny):
     path, _ = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     deltas, last = [], None
     for out in llm.stream("Hello world!", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)):
         deltas.append(out.outputs[0].text_delta)
@@ -97,7 +97,7 @@ def test_stream_deltas_add_up_to_the_text(tiny):
 
 def test_chat_applies_the_template(tiny):
     path, _ = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     out = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=4, temperature=0))[0]
     expected = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
@@ -115,7 +115,7 @@ def test_chat_applies_the_template(tiny):
 )
 def test_bad_prompts_are_refused_with_a_clear_error(tiny, prompt, message):
     path, _ = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     with pytest.raises(ValueError, match=message):
         llm.generate([prompt], GREEDY)
     assert not llm.engine.has_unfinished_requests()

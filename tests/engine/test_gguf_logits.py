@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.models.loader import load_model
-from tests.oracle import hf_greedy
+from tests.oracle import ENGINE_BACKEND, hf_greedy
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, write_tiny_gguf
 
 
@@ -31,12 +31,12 @@ def test_gguf_matches_its_dequantized_reference(tmp_path, arch, qtype):
     prompt = torch.randint(3, reference.config.vocab_size, (19,), generator=torch.Generator().manual_seed(0)).tolist()
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
     expected = hf_greedy(reference, prompt, 8)
-    llm = LLM(str(gguf_path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(gguf_path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     out = llm.generate([prompt], greedy)[0]
     assert out.outputs[0].token_ids == expected
     if qtype != "F32":
         assert llm.engine.model.quantized == {} and loaded.quantized, "blocks were kept, and handed to the plan"
-        dense = LLM(str(gguf_path), backend="cpu", block_size=4, num_kv_blocks=64, quantized_weights=False)
+        dense = LLM(str(gguf_path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64, quantized_weights=False)
         assert dense.generate([prompt], greedy)[0].outputs[0].token_ids == expected
     with torch.no_grad():
         ref_logprobs = torch.log_softmax(reference(torch.tensor([prompt])).logits[0, -1], -1)

@@ -14,10 +14,12 @@ from sagellm import LLM, SamplingParams
 from sagellm.gateway.serving.kv_outbox import KVPayload
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
+from sagellm.runtime.engine.state_cache import allocate_state_caches
+from sagellm.runtime.models.loader import load_model
 from tests import tiny_models
-from tests.oracle import finished_outputs, hf_greedy, random_prompts, run_to_end, step_shapes
+from tests.oracle import ENGINE_BACKEND, finished_outputs, hf_greedy, random_prompts, run_to_end, step_shapes
 
-ENGINE = dict(backend="cpu", block_size=4)
+ENGINE = dict(backend=ENGINE_BACKEND, block_size=4)
 TOKENS = 24
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
 
@@ -156,3 +158,12 @@ def test_seeded_sampling_with_partly_accepted_guesses_draws_what_plain_decoding_
     assert runs[True] == runs[False]
     stats = engine.stats()
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+
+
+def test_the_states_are_allocated_on_an_accelerators_device(qwen3_5):
+    """Off the CPU the states are torch.zeros on the device (found on a GPU: the dtype was passed as torch.zeros
+    cannot take it); the meta device takes that path here."""
+    config = load_model(qwen3_5[0], load_tokenizer=False, load_weights=False).config
+    caches = allocate_state_caches(config, 3, torch.device("meta"))
+    assert len(caches) == config.num_linear_layers
+    assert all(t.device.type == "meta" and t.dtype == torch.float32 and t.shape[0] == 3 for c in caches for t in c)

@@ -18,11 +18,11 @@ from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
 from sagellm.runtime.models.loader import load_model
-from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
+from tests.oracle import ENGINE_BACKEND, assert_last_logits_match, hf_greedy, random_prompts
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-ENGINE = dict(backend="cpu", block_size=4, num_kv_blocks=128)
+ENGINE = dict(backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=128)
 # Whole super-blocks of 256 inputs in every linear (else llama.cpp falls back to Q5_0/Q8_0), 4 layers: attn_v and
 # ffn_down are Q6_K in layers 2 and 3 (use_more_bits: i >= 7n/8, or (i - n/8) % 3 == 2), Q4_K in 0 and 1.
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)

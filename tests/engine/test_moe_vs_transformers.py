@@ -19,7 +19,7 @@ from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
-from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
+from tests.oracle import ENGINE_BACKEND, assert_last_logits_match, hf_greedy, random_prompts
 from tests.tiny_models import make_tiny_mixtral, write_tiny_gguf
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
 
 def test_the_graph_has_one_moe_op_per_layer_and_no_dense_mlp(tiny):
     path, hf = tiny
-    engine = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(model=str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64))
     counts = engine.runner.graph.op_counts()
     assert counts["moe"] == hf.config.num_hidden_layers and counts["silu_mul"] == 0
     assert engine.model.config.num_params() == sum(p.numel() for p in hf.parameters())
@@ -42,7 +42,7 @@ def test_the_graph_has_one_moe_op_per_layer_and_no_dense_mlp(tiny):
 
 def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):
     path, hf = tiny
-    engine = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(model=str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64))
     batch_prompts = random_prompts(hf.config.vocab_size, [1, 7, 16, 23])
     assert_last_logits_match(engine, hf, batch_prompts)
 
@@ -51,7 +51,7 @@ def test_prefill_logits_match_transformers_for_a_mixed_batch(tiny):
 def test_greedy_tokens_identical_to_transformers_in_a_continuous_batch(tiny, batched_tokens):
     """Chunked: every prompt over several steps, its chunks in the same batches as other sequences' decodes."""
     path, hf = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64, max_num_batched_tokens=batched_tokens)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64, max_num_batched_tokens=batched_tokens)
     batch_prompts = random_prompts(hf.config.vocab_size, [5, 30, 17, 9])
     for p, out in zip(batch_prompts, llm.generate(batch_prompts, GREEDY)):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, GREEDY.max_tokens)
@@ -68,7 +68,7 @@ def test_a_gguf_mixtral_decodes_as_transformers_on_its_weights(tiny, tmp_path, q
     if qtype != "F32":  # transformers holding exactly the dequantized weights we load
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         reference.load_state_dict(_fused_experts(loaded.weights, hf.config.num_hidden_layers, 4))
-    llm = LLM(str(gguf_path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(gguf_path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     batch_prompts = random_prompts(hf.config.vocab_size, [19, 6])
     for p, out in zip(batch_prompts, llm.generate(batch_prompts, GREEDY)):
         assert out.outputs[0].token_ids == hf_greedy(reference, p, GREEDY.max_tokens)

@@ -32,7 +32,7 @@ from sagellm.runtime.engine.request_limits import (
 )
 from sagellm.runtime.engine.sampler import Sampler
 from sagellm.runtime.pipeline.messages import Request
-from tests.oracle import random_prompts, run_to_end
+from tests.oracle import ENGINE_BACKEND, random_prompts, run_to_end
 from tests.tiny_models import EOS_ID, make_tiny_llama
 
 VOCAB = 64
@@ -227,7 +227,7 @@ def test_the_fields_cross_the_wire() -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp("penalties") / "llama")
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=128)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=128)
     return path, llm
 
 

@@ -16,7 +16,7 @@ from sagellm.runtime.execution_graph.graph import GraphError
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.parallel.engine import start_engine
-from tests.oracle import hf_greedy, random_prompts
+from tests.oracle import ENGINE_BACKEND, hf_greedy, random_prompts
 from tests.tiny_models import make_tiny_gemma3n, make_tiny_gemma4, tiny_model_config
 
 LAYER_TYPES = ("sliding_attention", "sliding_attention", "full_attention") * 2
@@ -110,5 +110,5 @@ def test_a_bf16_per_layer_table_stays_bf16_and_decodes_as_transformers(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = random_prompts(hf.config.vocab_size, [7, 19])
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    outs = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64).generate(prompts, greedy)
+    outs = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64).generate(prompts, greedy)
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 16) for p in prompts]

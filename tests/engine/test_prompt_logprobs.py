@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from tests.oracle import hf_greedy, random_prompts, step_shapes
+from tests.oracle import ENGINE_BACKEND, hf_greedy, random_prompts, step_shapes
 from tests.tiny_models import make_tiny_llama
 
 TOP = 3
@@ -41,7 +41,7 @@ def assert_matches_oracle(prompt_logprobs, prompt: list[int], expected: torch.Te
 @step_shapes
 def test_prompt_logprobs_equal_transformers(tiny, engine_args):
     path, hf = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, **({"num_kv_blocks": 64} | engine_args))
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, **({"num_kv_blocks": 64} | engine_args))
     prompts = random_prompts(hf.config.vocab_size, [5, 30, 17, 9])
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=TOP)
     outs = llm.generate(prompts, params)
@@ -54,7 +54,7 @@ def test_prompt_logprobs_equal_transformers(tiny, engine_args):
 
 def test_a_cached_prefix_is_recomputed_for_its_logprobs(tiny):
     path, hf = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     prompt = random_prompts(hf.config.vocab_size, [21], seed=3)[0]
     greedy = SamplingParams(max_tokens=2, temperature=0)
     llm.generate([prompt], greedy)  # its blocks are now in the prefix cache
@@ -66,6 +66,6 @@ def test_a_cached_prefix_is_recomputed_for_its_logprobs(tiny):
 
 def test_without_prompt_logprobs_the_output_has_none(tiny):
     path, hf = tiny
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=64)
+    llm = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=64)
     out = llm.generate(random_prompts(hf.config.vocab_size, [6]), SamplingParams(max_tokens=2))[0]
     assert out.prompt_logprobs is None

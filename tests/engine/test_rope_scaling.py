@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
-from tests.oracle import assert_last_logits_match, hf_greedy, random_prompts
+from tests.oracle import ENGINE_BACKEND, assert_last_logits_match, hf_greedy, random_prompts
 from tests.tiny_models import make_tiny_llama
 
 SCALINGS = {
@@ -34,10 +34,10 @@ def test_scaled_rope_gives_transformers_logits_and_tokens(name, tmp_path):
     path = make_tiny_llama(tmp_path / name, rope_parameters={"rope_theta": 10000.0, **SCALINGS[name]})
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = random_prompts(hf.config.vocab_size, [9, 40, 90])
-    engine = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=96))
+    engine = LLMEngine(EngineConfig(model=str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=96))
     assert_last_logits_match(engine, hf, prompts)
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    outs = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=96).generate(prompts, greedy)
+    outs = LLM(str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=96).generate(prompts, greedy)
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in prompts]
 
 

@@ -20,7 +20,15 @@ from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.engine.prefix_hash import ROOT_HASH, hash_block
 from sagellm.runtime.engine.speculative.config import parse_speculative_config
 from sagellm.runtime.parallel.engine import start_engine
-from tests.oracle import STEP_SHAPES, finished_outputs, hf_greedy, random_prompts, run_to_end, step_shapes
+from tests.oracle import (
+    ENGINE_BACKEND,
+    STEP_SHAPES,
+    finished_outputs,
+    hf_greedy,
+    random_prompts,
+    run_to_end,
+    step_shapes,
+)
 from tests.tiny_models import make_tiny_llama
 
 # Not adaptive: every proposal verified, whatever this busy machine's step times say (SpecBudget has its own tests).
@@ -41,7 +49,7 @@ def tiny(tmp_path_factory):
 
 
 def engine(path, speculative: bool, **overrides) -> LLMEngine:
-    args = dict(model=str(path), backend="cpu", block_size=4, num_kv_blocks=128) | overrides
+    args = dict(model=str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=128) | overrides
     return LLMEngine(EngineConfig(**args, speculative_config=NGRAM if speculative else None))
 
 
@@ -82,7 +90,7 @@ def test_greedy_tokens_identical_to_transformers_with_speculation(tiny, engine_a
 def test_the_adaptive_default_keeps_the_tokens_whatever_it_verifies(tiny):
     path, hf = tiny
     prompts = repetitive_prompts(hf.config.vocab_size)
-    eng = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=128,
+    eng = LLMEngine(EngineConfig(model=str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=128,
                                  speculative_config={k: v for k, v in NGRAM.items() if k != "adaptive"}))  # fmt: skip
     tokens = run_to_end(_added(eng, prompts, GREEDY))
     for i, p in enumerate(prompts):
@@ -275,7 +283,7 @@ def test_a_draft_model_keeps_greedy_tokens_identical_to_transformers(tiny, other
     path, hf = tiny
     prompts = random_prompts(hf.config.vocab_size, [5, 17, 9, 30], seed=5)
     draft_path = path if draft == "itself" else other_draft
-    eng = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, num_kv_blocks=128,
+    eng = LLMEngine(EngineConfig(model=str(path), backend=ENGINE_BACKEND, block_size=4, num_kv_blocks=128,
                                  speculative_config=draft_config(draft_path)))  # fmt: skip
     outputs, steps = generate(eng, prompts, GREEDY)
     for i, p in enumerate(prompts):
@@ -293,7 +301,7 @@ def test_a_draft_model_under_preemption_and_seeded_sampling_agrees(tiny, other_d
     prompts = repetitive_prompts(hf.config.vocab_size)
     seeded = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
     plain, _ = generate(engine(path, False, **STEP_SHAPES["preempted"]), prompts, seeded)
-    eng = LLMEngine(EngineConfig(model=str(path), backend="cpu", block_size=4, **STEP_SHAPES["preempted"],
+    eng = LLMEngine(EngineConfig(model=str(path), backend=ENGINE_BACKEND, block_size=4, **STEP_SHAPES["preempted"],
                                  speculative_config=draft_config(other_draft)))  # fmt: skip
     fast, _ = generate(eng, prompts, seeded)
     assert _tokens(fast) == _tokens(plain)
