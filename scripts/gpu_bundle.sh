@@ -23,7 +23,8 @@ DEVICE_HAS=(torch tokenizers safetensors jinja2 numpy anyio prometheus-client nv
   attrs idna sortedcontainers requests pillow packaging regex typer filelock fsspec typing-extensions h11)
 
 say() { echo "gpu_bundle: $*" >&2; }
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo '/.whl/' >> .git/info/exclude; }
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # .git/info/exclude; in a worktree, its own
+grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null || { mkdir -p "$(dirname "$EXCLUDE")" && echo '/.whl/' >> "$EXCLUDE"; }
 rm -rf "$OUT_DIR" && mkdir -p "$OUT_DIR"
 
 say "building the sagellm wheel"

@@ -27,6 +27,21 @@ class ServedModel:
     sampling_defaults: dict[str, Any] | None = None
     max_model_len: int | None = None  # the context the graph's engines serve (`served_context`)
     max_images: int | None = None  # images a prompt may carry (`image_limit`; None: no cap)
+    processor_files: Any = None  # ProcessorFiles: the checkpoint's preprocessing settings (a model with encoders)
+
+    @functools.cached_property
+    def prompt_media(self) -> Any:
+        """The model's PromptMedia (its placeholders expanded as its engines expand them: what `/tokenize` and the
+        Messages API's `count_tokens` count), built on first use; None for a model without encoders. Raises
+        InvalidInput where the checkpoint lacks the preprocessing settings its encoders need."""
+        if self.config is None or (self.config.vision is None and self.config.audio is None):
+            return None
+        from sagellm.common.errors import InvalidInput
+        from sagellm.runtime.multimodal.prompt_media import PromptMedia
+
+        if self.processor_files is None:
+            raise InvalidInput(f"{self.path}: images and audio need the checkpoint's preprocessing settings")
+        return PromptMedia.of_model(self.config, self.processor_files, self.tokenizer)
 
     @property
     def vocab_size(self) -> int | None:
@@ -80,4 +95,5 @@ def _load(model: str, limit: int | None, max_images: int | None, mmproj: str | N
     path = resolve_model(model)
     loaded = load_model(path, load_weights=False, mmproj=mmproj)
     context = served_context(limit, loaded.config)
-    return ServedModel(str(path), loaded.tokenizer, loaded.config, model_sampling_defaults(loaded), context, max_images)
+    return ServedModel(str(path), loaded.tokenizer, loaded.config, model_sampling_defaults(loaded), context, max_images,
+                       loaded.processor_files)  # fmt: skip

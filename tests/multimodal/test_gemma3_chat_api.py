@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -113,6 +114,41 @@ def test_the_anthropic_sdks_image_block_gives_transformers_tokens(gateway, gemma
     expected = tokenizer.decode(reference(gemma3, SECOND), skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert "".join(block.text for block in message.content if block.type == "text") == expected
     assert message.usage.output_tokens == TOKENS
+
+
+def processor_ids(gemma3: Path, *images: bytes) -> list[int]:
+    """The chat's prompt ids as the checkpoint's processor gives them: each image's blank lines joined to the
+    prompt's newlines, its 16 soft tokens between <start_of_image> and <end_of_image>."""
+    processor = AutoProcessor.from_pretrained(gemma3)
+    text = processor.apply_chat_template([{"role": "user", "content": look_at(len(images))}],
+                                         add_generation_prompt=True)  # fmt: skip
+    inputs = processor(text=text, images=[Image.open(io.BytesIO(i)) for i in images], add_special_tokens=False)
+    return inputs["input_ids"][0]
+
+
+def test_tokenize_and_count_tokens_count_each_image_as_served(gateway, files, gemma3):
+    """vLLM's /tokenize on a chat with images gives the expanded prompt the request is charged: the processor's
+    ids, and a chat's prompt_tokens; the Messages API's count_tokens counts an image block the same way."""
+    parts = [{"type": "text", "text": "look at"}, {"type": "image_url", "image_url": {"url": data_url(FIRST)}},
+             {"type": "text", "text": "and"}, {"type": "image_url", "image_url": {"url": f"{files}/second.png"}},
+             {"type": "text", "text": "and"}]  # fmt: skip
+    body = {"model": gateway.core.model_name, "messages": [{"role": "user", "content": parts}]}
+    tokenized = httpx.post(f"{gateway.url}/tokenize", json=body, timeout=60).json()
+    assert tokenized["tokens"] == processor_ids(gemma3, FIRST, SECOND)
+    assert tokenized["count"] == openai_chat(gateway.url, data_url(FIRST), f"{files}/second.png").usage.prompt_tokens
+    client = anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0, timeout=300)
+    source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(SECOND).decode()}
+    blocks = [{"type": "text", "text": "look at"}, {"type": "image", "source": source}, {"type": "text", "text": "and"}]
+    message = [{"role": "user", "content": blocks}]
+    counted = client.messages.count_tokens(model=gateway.core.model_name, messages=message)
+    assert counted.input_tokens == len(processor_ids(gemma3, SECOND))
+
+
+def test_tokenize_refuses_an_image_it_may_not_read_naming_the_part(gateway):
+    parts = [{"type": "text", "text": "look at"}, {"type": "image_url", "image_url": {"url": "http://localhost:9/x.png"}}]
+    body = {"model": gateway.core.model_name, "messages": [{"role": "user", "content": parts}]}
+    refused = httpx.post(f"{gateway.url}/tokenize", json=body, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content[1].image_url"
 
 
 @pytest.mark.parametrize("graph", ["pd.yaml", "epd.yaml"])

@@ -141,11 +141,19 @@ def test_an_anthropic_image_that_may_not_be_read_is_a_400_naming_the_block(gatew
     assert message.startswith("messages[0].content[1].source") and words in message, message
 
 
-def test_anthropic_count_tokens_refuses_images_by_block(gateway):
+def test_anthropic_count_tokens_counts_image_blocks_as_the_message_is_charged(gateway, files, llava):
     client = anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0)
-    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": B64}}
-    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]\.source"):
-        client.messages.count_tokens(model=gateway.core.model_name, messages=[{"role": "user", "content": [image]}])
+    base64_source = {"type": "base64", "media_type": "image/png", "data": B64}
+    url_source = {"type": "url", "url": f"{files}/second.png"}
+    blocks = [{"type": "text", "text": "look at"}, {"type": "image", "source": base64_source},
+              {"type": "text", "text": " and"}, {"type": "image", "source": url_source},
+              {"type": "text", "text": " and"}]  # fmt: skip
+    message = [{"role": "user", "content": blocks}]
+    counted = client.messages.count_tokens(model=gateway.core.model_name, messages=message)
+    assert counted.input_tokens == expected(llava, [{"role": "user", "content": look_at(2)}], FIRST, SECOND)[0]
+    disallowed = [{"type": "image", "source": {"type": "url", "url": "http://localhost:9/x.png"}}]
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]\.source.*is not allowed"):
+        client.messages.count_tokens(model=gateway.core.model_name, messages=[{"role": "user", "content": disallowed}])
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -94,6 +95,21 @@ def test_the_sdk_sends_input_audio_and_an_allowed_audio_url_and_gets_transformer
     reply = chat(client, input_audio(FIRST), {"type": "audio_url", "audio_url": {"url": f"{files}/second.wav"}})
     assert reply.choices[0].token_ids == reference(checkpoint, FIRST, SECOND)
     assert reply.usage.prompt_tokens > 20 + 42  # the clips' placeholders counted: 20 and 42 tokens
+
+
+def test_tokenize_counts_each_clip_as_the_chat_is_charged(client, files, checkpoint):
+    """/tokenize on the same chat gives the processor's ids, each clip's placeholder expanded to its frames."""
+    parts = [input_audio(FIRST), {"type": "audio_url", "audio_url": {"url": f"{files}/second.wav"}}]
+    content = [*parts, {"type": "text", "text": "what do you hear"}]
+    body = {"model": client.models.list().data[0].id, "messages": [{"role": "user", "content": content}]}
+    tokenized = httpx.post(str(client.base_url).removesuffix("/v1/") + "/tokenize", json=body, timeout=60).json()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    template = [{"type": "audio", "audio": "clip"}] * 2 + [{"type": "text", "text": "what do you hear"}]
+    text = processor.apply_chat_template([{"role": "user", "content": template}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+    inputs = processor(text=text, audio=[decode_wav(c)[0] for c in (FIRST, SECOND)], sampling_rate=16000)
+    assert tokenized["tokens"] == inputs["input_ids"][0]
+    assert tokenized["count"] == chat(client, *parts).usage.prompt_tokens
 
 
 @pytest.mark.parametrize(

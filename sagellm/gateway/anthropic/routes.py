@@ -22,7 +22,6 @@ from sagellm.gateway.anthropic.replies import (
 )
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, NamedEvent, Response
 from sagellm.gateway.http.auth import key_owner
-from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
 from sagellm.gateway.openai.chat_completion.protocol import images_named
 from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
@@ -62,12 +61,11 @@ class MessagesRoutes:
 
     async def count_tokens(self, http: HttpRequest) -> Response:
         body = http.json(CountTokensRequest)
-        if images := image_blocks(body):  # an image's tokens are its placeholders, which the engine expands
-            raise ApiError.unsupported(images[0], "images are not counted here yet; count the text without them")
         chat = chat_body(body, body.model)
         tools = chat.tools if chat.tool_choice != "none" else None
         counted = TokenizeRequest(model=chat.model, messages=chat.messages, tools=tools)
-        tokens, _ = await self.tokenizer.tokens(counted)
+        with images_named(chat, image_blocks(body)):  # images counted as served; a refusal names its block
+            tokens, _ = await self.tokenizer.tokens(counted)
         return Response({"input_tokens": len(tokens)})
 
 

@@ -5,7 +5,7 @@ the Responses API build these bodies too: theirs are run as the chats they are."
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
@@ -115,10 +115,9 @@ def chat_request(
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, defaults, guided)
     now = time.time()
-    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
     return Request(
         request_id=request_id,
-        messages=messages,
+        messages=template_messages(body.messages),
         template_kwargs=_chat_template_kwargs(body),
         sampling=params,
         model=body.model,
@@ -219,6 +218,11 @@ def _audio(part: dict[str, Any], i: int, j: int) -> dict[str, Any]:
     if not isinstance(url, str) or not url:
         refuse(param, "needs a url (a data: URL, or http(s) from an allowed host)")
     return {"url": url}
+
+
+def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """A chat's messages as its chat template renders them when it is served (and when `/tokenize` counts it)."""
+    return [_message_dict(m, i) for i, m in enumerate(messages)]
 
 
 def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:

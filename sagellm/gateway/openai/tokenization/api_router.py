@@ -5,8 +5,9 @@ Clients count and check prompts with them before they send one, and lm-evaluatio
 reads the server's tokenizer through them (its default `tokenizer_backend=auto` asks `/tokenizer_info` for the
 `eos_token`, then `/tokenize`). A chat is tokenized as a chat request is served (`tokenize_request`: the model's chat
 template, its tools), so `count` is the request's `prompt_tokens`; `add_special_tokens` set by the client encodes
-the text that way instead. They serve the graph's own model, and another model whose engines are ours (the gateway
-holds its files); a model another server serves is that server's to tokenize."""
+the text that way instead; a chat's images and audio are counted as the engine expands them (`media_tokens`). They
+serve the graph's own model, and another model whose engines are ours (the gateway holds its files); a model another
+server serves is that server's to tokenize."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import trio
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.chat_completion.protocol import template_kwargs
+from sagellm.gateway.media import MediaPolicy
+from sagellm.gateway.openai.chat_completion.protocol import template_kwargs, template_messages
+from sagellm.gateway.openai.tokenization.media_tokens import with_media_expanded
 from sagellm.gateway.openai.tokenization.protocol import DetokenizeRequest, TokenizeRequest
 from sagellm.gateway.replies.chat_templates import fallback_template, rendering_template
 from sagellm.gateway.replies.tools import plan
@@ -33,8 +36,10 @@ _FILE_KEYS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
 
 
 class TokenizerRoutes:
-    def __init__(self, core: ServingCore) -> None:
+    def __init__(self, core: ServingCore, media: MediaPolicy | None = None) -> None:
+        """`media`: where a chat's images may be fetched from (the chats' own policy; None: data URLs only)."""
         self.core = core
+        self.media = media or MediaPolicy()
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("POST", "/tokenize", self.tokenize, guard)
@@ -67,7 +72,10 @@ class TokenizerRoutes:
 
         # a long text or chat is rendered and encoded in a thread, never on the event loop every stream shares
         work = len(body.prompt or "") + len(msgspec.json.encode(body.messages)) + len(msgspec.json.encode(body.tools))
-        return (encode() if work <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(encode)), served
+        ids = encode() if work <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(encode)
+        if body.messages is not None:
+            ids = await with_media_expanded(ids, body, served, body.model or self.core.model_name, self.media)
+        return ids, served
 
     async def detokenize(self, http: HttpRequest) -> Response:
         body = http.json(DetokenizeRequest)
@@ -112,7 +120,7 @@ class TokenizerRoutes:
     def _render(body: TokenizeRequest, served: ServedModel) -> str:
         tokenizer = served.tokenizer
         settings = template_kwargs(body.add_generation_prompt, body.continue_final_message)
-        messages = [msgspec.to_builtins(m) for m in body.messages or ()]
+        messages = template_messages(body.messages or [])
         template = rendering_template(tokenizer, served.config)
         tools = plan(body.tools, None, True, template) if body.tools else None  # the template a served chat gets
         chosen = (tools.chat_template if tools else None) or fallback_template(tokenizer, served.config)
