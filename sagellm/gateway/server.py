@@ -121,7 +121,8 @@ def build_app(
     LoraRoutes(core).register(app, admin_guard, launch_guard)
     sleep_mode.register(app, admin_guard)
     IndexRoutes(indexes).register(app, admin_guard)
-    tokenizer_routes = TokenizerRoutes(core, openai_api.preparation.media)
+    preparation = openai_api.preparation
+    tokenizer_routes = TokenizerRoutes(core, preparation.media, preparation.media_by_uuid)
     tokenizer_routes.register(app, api_guard)
     MessagesRoutes(openai_api.preparation, tokenizer_routes).register(app, api_guard)
     KVTransferRoutes(core.kv_outbox).register(app)  # a decode server's fetch: its secret id is the capability

@@ -110,6 +110,34 @@ def test_what_may_not_be_read_is_a_400_naming_the_part(client, files, url, words
     assert words in refused.value.body["message"].lower(), refused.value.body
 
 
+def named_chat(client: openai.OpenAI, image: dict | None, uuid: str, api_key: str = "unused"):
+    """A chat whose image part carries vLLM's `uuid`, its `image_url` given or None (the name alone)."""
+    parts = [{"type": "text", "text": "look at"}, {"type": "image_url", "image_url": image, "uuid": uuid},
+             {"type": "text", "text": " and"}]  # fmt: skip
+    return client.with_options(api_key=api_key).chat.completions.create(
+        model=client.models.list().data[0].id, messages=[{"role": "user", "content": parts}],
+        max_tokens=TOKENS, temperature=0, extra_body={"return_token_ids": True},
+    )  # fmt: skip
+
+
+def test_a_part_naming_an_image_by_uuid_alone_reads_the_one_sent_under_it(client, llava):
+    """vLLM's `uuid`: sent once with its data, later by name alone; the engine sees the same picture (transformers'
+    tokens, its blocks read from the prefix cache), and a name the server holds nothing under is a 400 asking for
+    the data."""
+    first = named_chat(client, {"url": data_url(SECOND)}, "the-second-picture")
+    again = named_chat(client, None, "the-second-picture")
+    assert first.choices[0].token_ids == again.choices[0].token_ids == reference(llava, SECOND)
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    with pytest.raises(openai.BadRequestError) as unknown:
+        named_chat(client, None, "never-sent")
+    assert unknown.value.body["param"] == "messages[0].content[1].image_url", unknown.value.body
+    assert "send the data with the uuid" in unknown.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        named_chat(client, None, "")
+    assert bad.value.body["param"] == "messages[0].content[1].uuid", bad.value.body
+
+
 def test_a_model_without_a_vision_encoder_refuses_images_with_a_400(tmp_path):
     with running_gateway(GRAPHS / "colocated.yaml", tiny_config(tmp_path), make_tiny_llama(tmp_path / "m")) as gw:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)

@@ -65,7 +65,7 @@ class MessagesRoutes:
         tools = chat.tools if chat.tool_choice != "none" else None
         counted = TokenizeRequest(model=chat.model, messages=chat.messages, tools=tools)
         with images_named(chat, image_blocks(body)):  # images counted as served; a refusal names its block
-            tokens, _ = await self.tokenizer.tokens(counted)
+            tokens, _ = await self.tokenizer.tokens(counted, key_owner(http))
         return Response({"input_tokens": len(tokens)})
 
 

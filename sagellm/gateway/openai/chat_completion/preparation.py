@@ -11,7 +11,9 @@ import json
 from sagellm.common.errors import FieldError
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.indexes.store import IndexStore
-from sagellm.gateway.media import MediaPolicy, audio_bytes, image_bytes
+from sagellm.gateway.media import MediaPolicy
+from sagellm.gateway.media.by_uuid import MediaByUuid
+from sagellm.gateway.openai.chat_completion.media_files import chat_media_files
 from sagellm.gateway.openai.chat_completion.protocol import (
     ChatCompletionRequest,
     audio_parts,
@@ -64,6 +66,7 @@ class ChatPreparation:
         self.reasoning_parser = reasoning_parser
         self.reasoning_budget = reasoning_budget
         self.media = media or MediaPolicy()
+        self.media_by_uuid = MediaByUuid()  # the files senders named (a part's `uuid`), for parts giving the name alone
         self._starts_thinking: dict[tuple[str, str], bool] = {}  # (template, its settings) -> a reply opens inside
 
     async def prepared_chat(
@@ -84,12 +87,13 @@ class ChatPreparation:
     ) -> tuple[Request, ReplyPlan, list[dict[str, object]] | None]:
         request, constraint, tool_use = self._chat_request(body, headers)
         request.owner = owner
-        if parts := image_parts(body):  # each image's file, fetched and checked under the operator's policy
-            self._check_sees_images(request, [param for param, _ in parts])
-            request.images = [await image_bytes(url, self.media, param) for param, url in parts]
-        if clips := audio_parts(body):  # each clip's WAV file, fetched or decoded and checked likewise
-            self._check_hears_audio(request, clips[0][0])
-            request.audios = [await audio_bytes(part, self.media, param) for param, part in clips]
+        if parts := image_parts(body):  # checked before any image is fetched
+            self._check_sees_images(request, [part.param for part in parts])
+        if clips := audio_parts(body):
+            self._check_hears_audio(request, clips[0].param)
+        if parts or clips:  # each file fetched or decoded and checked under the operator's policy, or recalled
+            images, audios = await chat_media_files(body, self.media, self.media_by_uuid, owner)
+            request.images, request.audios = images or None, audios or None
         await self.hand_off.take(body, [request], body.n)
         sources = await self._ground(request, body)
         await prepare(self.core, [request], constraint)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.media.by_uuid import MAX_UUID_CHARS
 from sagellm.gateway.openai.generation.protocol import (
     GenerationRequest,
     check_unsupported,
@@ -151,27 +152,35 @@ def template_kwargs(
     return kwargs or None
 
 
-def image_parts(body: ChatCompletionRequest) -> list[tuple[str, str]]:
-    """(the part's name, its URL) of each `image_url` part of the chat's messages, in order."""
-    parts = []
+class MediaPart(NamedTuple):
+    """An image or audio part of a chat: `param` names its media field (`messages[0].content[1].image_url`),
+    `source` is the image's URL or the audio part's own field (None: a part that gives only its `uuid`), `uuid` the
+    name its sender gave it (vLLM's; None: none)."""
+
+    param: str
+    source: Any
+    uuid: str | None
+
+
+def image_parts(body: Any) -> list[MediaPart]:
+    """Each `image_url` part of the chat's messages (`body.messages`: a chat's, or /tokenize's), in order."""
+    return [MediaPart(f"messages[{i}].content[{j}].image_url", _image_url(part, i, j), _uuid(part, i, j))
+            for i, j, part in _parts(body, ("image_url",))]  # fmt: skip
+
+
+def audio_parts(body: Any) -> list[MediaPart]:
+    """Each audio part of the chat's messages, in order: OpenAI's `input_audio` (base64 data and its format) and
+    vLLM's `audio_url`, `source` the part's own field ({data, format} or {url})."""
+    return [MediaPart(f"messages[{i}].content[{j}].{part['type']}", _audio(part, i, j), _uuid(part, i, j))
+            for i, j, part in _parts(body, AUDIO_PARTS)]  # fmt: skip
+
+
+def _parts(body: Any, kinds: tuple[str, ...]) -> Iterator[tuple[int, int, dict[str, Any]]]:
     for i, message in enumerate(body.messages):
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
-                if part.get("type") == "image_url":
-                    parts.append((f"messages[{i}].content[{j}].image_url", _image_url(part, i, j)))
-    return parts
-
-
-def audio_parts(body: ChatCompletionRequest) -> list[tuple[str, dict[str, Any]]]:
-    """(the part's name, the part) of each audio part of the chat's messages, in order: OpenAI's `input_audio`
-    (base64 data and its format) and vLLM's `audio_url`."""
-    parts = []
-    for i, message in enumerate(body.messages):
-        if isinstance(message.content, list):
-            for j, part in enumerate(message.content):
-                if part.get("type") in AUDIO_PARTS:
-                    parts.append((f"messages[{i}].content[{j}].{part['type']}", _audio(part, i, j)))
-    return parts
+                if part.get("type") in kinds:
+                    yield i, j, part
 
 
 def image_part(url: str) -> dict[str, Any]:
@@ -184,7 +193,7 @@ def images_named(chat: ChatCompletionRequest, names: list[str]) -> Iterator[None
     """For the APIs whose requests are run as chats: a refusal of one of the chat's images (`image_parts`, which
     the media room names as the chat's parts) named as the request named it instead; `names` holds the request's
     names for the chat's images, in the same order (`messages[0].content[1].source` in the Messages API)."""
-    renames = {param: name for (param, _), name in zip(image_parts(chat), names, strict=True)}
+    renames = {part.param: name for part, name in zip(image_parts(chat), names, strict=True)}
     try:
         yield
     except ApiError as error:
@@ -196,18 +205,31 @@ def images_named(chat: ChatCompletionRequest, names: list[str]) -> Iterator[None
         raise
 
 
-def _image_url(part: dict[str, Any], i: int, j: int) -> str:
+def _uuid(part: dict[str, Any], i: int, j: int) -> str | None:
+    uuid = part.get("uuid")
+    if uuid is not None and not (isinstance(uuid, str) and 0 < len(uuid) <= MAX_UUID_CHARS):
+        refuse(f"messages[{i}].content[{j}].uuid", f"must be a string of 1 to {MAX_UUID_CHARS} characters")
+    return uuid
+
+
+def _image_url(part: dict[str, Any], i: int, j: int) -> str | None:
+    """The part's URL; None where it gives only its uuid (the image sent before under it)."""
     image = part.get("image_url")
+    if image is None and _uuid(part, i, j) is not None:
+        return None
     url = image.get("url") if isinstance(image, dict) else image
     if not isinstance(url, str) or not url:
         refuse(f"messages[{i}].content[{j}].image_url", "needs a url (a data: URL, or http(s) from an allowed host)")
     return url
 
 
-def _audio(part: dict[str, Any], i: int, j: int) -> dict[str, Any]:
-    """The audio part's own field, checked for its shape: input_audio's {data, format}, audio_url's {url}."""
+def _audio(part: dict[str, Any], i: int, j: int) -> dict[str, Any] | None:
+    """The audio part's own field, checked for its shape: input_audio's {data, format}, audio_url's {url}; None
+    where the part gives only its uuid."""
     kind = part["type"]
     param, value = f"messages[{i}].content[{j}].{kind}", part.get(kind)
+    if value is None and _uuid(part, i, j) is not None:
+        return None
     if kind == "input_audio":
         if not isinstance(value, dict) or not isinstance(value.get("data"), str) or not value["data"]:
             refuse(param, "needs {data: base64 audio, format: 'wav'}")

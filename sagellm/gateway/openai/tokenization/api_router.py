@@ -18,8 +18,10 @@ import msgspec
 import trio
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
+from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.media import MediaPolicy
+from sagellm.gateway.media.by_uuid import MediaByUuid
 from sagellm.gateway.openai.chat_completion.protocol import template_kwargs, template_messages
 from sagellm.gateway.openai.tokenization.media_tokens import with_media_expanded
 from sagellm.gateway.openai.tokenization.protocol import DetokenizeRequest, TokenizeRequest
@@ -36,10 +38,12 @@ _FILE_KEYS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")
 
 
 class TokenizerRoutes:
-    def __init__(self, core: ServingCore, media: MediaPolicy | None = None) -> None:
-        """`media`: where a chat's images may be fetched from (the chats' own policy; None: data URLs only)."""
+    def __init__(self, core: ServingCore, media: MediaPolicy | None = None, kept: MediaByUuid | None = None) -> None:
+        """`media`: where a chat's images may be fetched from, `kept`: the files senders named by uuid (the chats'
+        own; None: data URLs only, no names)."""
         self.core = core
         self.media = media or MediaPolicy()
+        self.kept = kept or MediaByUuid()
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("POST", "/tokenize", self.tokenize, guard)
@@ -49,14 +53,14 @@ class TokenizerRoutes:
 
     async def tokenize(self, http: HttpRequest) -> Response:
         body = http.json(TokenizeRequest)
-        tokens, served = await self.tokens(body)
+        tokens, served = await self.tokens(body, key_owner(http))
         reply: dict[str, Any] = {"count": len(tokens), "max_model_len": served.max_model_len, "tokens": tokens}
         reply["token_strs"] = served.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
         return Response(reply)
 
-    async def tokens(self, body: TokenizeRequest) -> tuple[list[int], ServedModel]:
+    async def tokens(self, body: TokenizeRequest, owner: str) -> tuple[list[int], ServedModel]:
         """The tokens a prompt or a chat would be charged as served, and the model whose tokenizer counted them (for
-        `/tokenize` and the Messages API's `count_tokens`)."""
+        `/tokenize` and the Messages API's `count_tokens`); `owner`: who asks (the media it named by uuid)."""
         served = await self._served(body.model)
         tokenizer = served.tokenizer
         if (body.prompt is None) == (body.messages is None):
@@ -74,7 +78,8 @@ class TokenizerRoutes:
         work = len(body.prompt or "") + len(msgspec.json.encode(body.messages)) + len(msgspec.json.encode(body.tools))
         ids = encode() if work <= OFF_LOOP_CHARS else await trio.to_thread.run_sync(encode)
         if body.messages is not None:
-            ids = await with_media_expanded(ids, body, served, body.model or self.core.model_name, self.media)
+            name = body.model or self.core.model_name
+            ids = await with_media_expanded(ids, body, served, name, self.media, self.kept, owner)
         return ids, served
 
     async def detokenize(self, http: HttpRequest) -> Response:
