@@ -112,6 +112,24 @@ def test_tokenize_counts_each_clip_as_the_chat_is_charged(client, files, checkpo
     assert tokenized["count"] == chat(client, *parts).usage.prompt_tokens
 
 
+def test_the_responses_apis_input_audio_gets_transformers_reply(client, checkpoint):
+    """The openai SDK's Responses `input_audio` parts reach the engine as the chat's: the reply is transformers'
+    greedy tokens decoded; an MP3 is refused naming the Responses part."""
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(FIRST).decode(), "format": "wav"}}
+    content = [audio, {"type": "input_text", "text": "what do you hear"}]
+    model = client.models.list().data[0].id
+    reply = client.responses.create(model=model, input=[{"role": "user", "content": content}],
+                                    max_output_tokens=TOKENS, temperature=0)  # fmt: skip
+    tokenizer = AutoProcessor.from_pretrained(checkpoint).tokenizer
+    expected = reference(checkpoint, FIRST)
+    assert reply.output_text == tokenizer.decode(expected, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert reply.usage.output_tokens == len(expected)
+    mp3 = {"type": "input_audio", "input_audio": {"data": audio["input_audio"]["data"], "format": "mp3"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model, input=[{"role": "user", "content": [mp3]}], max_output_tokens=TOKENS)
+    assert refused.value.body["param"] == "input[0].content[0].input_audio.format", refused.value.body
+
+
 @pytest.mark.parametrize(
     ("part", "param", "words"),
     [

@@ -189,11 +189,14 @@ def image_part(url: str) -> dict[str, Any]:
 
 
 @contextmanager
-def images_named(chat: ChatCompletionRequest, names: list[str]) -> Iterator[None]:
+def images_named(chat: ChatCompletionRequest, names: list[str], audio_names: list[str] | None = None) -> Iterator[None]:
     """For the APIs whose requests are run as chats: a refusal of one of the chat's images (`image_parts`, which
     the media room names as the chat's parts) named as the request named it instead; `names` holds the request's
-    names for the chat's images, in the same order (`messages[0].content[1].source` in the Messages API)."""
+    names for the chat's images, in the same order (`messages[0].content[1].source` in the Messages API), and
+    `audio_names` for its audio parts (None: named as the chat's)."""
     renames = {part.param: name for part, name in zip(image_parts(chat), names, strict=True)}
+    if audio_names is not None:
+        renames |= {part.param: name for part, name in zip(audio_parts(chat), audio_names, strict=True)}
     try:
         yield
     except ApiError as error:

@@ -16,9 +16,9 @@ import structlog
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
-from sagellm.gateway.openai.chat_completion.protocol import image_parts, images_named
+from sagellm.gateway.openai.chat_completion.protocol import audio_parts, image_parts, images_named
 from sagellm.gateway.openai.generation.reply_bodies import usage
-from sagellm.gateway.openai.responses.content import input_images
+from sagellm.gateway.openai.responses.content import input_audios, input_images
 from sagellm.gateway.openai.responses.events import ResponseEvents, response_error
 from sagellm.gateway.openai.responses.protocol import (
     ResponsesRequest,
@@ -55,7 +55,8 @@ class ResponsesRoutes:
             chat.reasoning_effort = reasoning_effort(body.reasoning)
         # an image's refusal names its input part; the images of earlier inputs, fetched again, the response named
         earlier = ["previous_response_id"] * (len(image_parts(chat)) - len(input_images(body.input)))
-        with images_named(chat, earlier + input_images(body.input)):
+        heard = ["previous_response_id"] * (len(audio_parts(chat)) - len(input_audios(body.input)))
+        with images_named(chat, earlier + input_images(body.input), heard + input_audios(body.input)):
             request, plan, _ = await self.chat.prepared_chat(chat, http.headers, owner)
         response_id, created = new_id("resp"), created_at()
         model = request.model or self.chat.core.model_name

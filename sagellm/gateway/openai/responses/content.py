@@ -1,11 +1,13 @@
 """A Responses API message's content as a chat message's: a string, its text parts (`input_text`, `output_text`,
-`text`) joined, or, with `input_image` parts, its text and image parts in order as the chat's (`image_url` parts,
-which the chat's preparation fetches under the operator's policy). An image's `image_url` is a data: or http(s) URL;
+`text`) joined, or, with `input_image` or `input_audio` parts, its text and media parts in order as the chat's
+(`image_url` parts, which the chat's preparation fetches under the operator's policy, and `input_audio` parts, the
+chat's own shape: base64 data and its format). An image's `image_url` is a data: or http(s) URL;
 `detail` is taken and ignored, as vLLM takes it (the model's processor sets the resolution); a `file_id` is refused,
 as this server stores no files. Each refusal names the item's part (`input[0].content[1].image_url`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sagellm.gateway.http.errors import ApiError
@@ -18,21 +20,30 @@ IMAGE_DETAILS = (None, "auto", "low", "high", "original")  # OpenAI's, each take
 
 def input_images(value: str | list[dict[str, Any]]) -> list[str]:
     """The name of each `input_image` part's URL in `input`, in the order the chat holds their parts."""
+    return _named(value, _is_image, "image_url")
+
+
+def input_audios(value: str | list[dict[str, Any]]) -> list[str]:
+    """The name of each `input_audio` part's audio in `input`, in the order the chat holds their parts."""
+    return _named(value, _is_audio, "input_audio")
+
+
+def _named(value: str | list[dict[str, Any]], kind: Callable[[Any], bool], field: str) -> list[str]:
     if isinstance(value, str):
         return []
     return [
-        f"input[{i}].content[{j}].image_url"
+        f"input[{i}].content[{j}].{field}"
         for i, item in enumerate(value)
         if item.get("type", "message") == "message" and isinstance(item.get("content"), list)
         for j, part in enumerate(item["content"])
-        if _is_image(part)
+        if kind(part)
     ]
 
 
 def message_content(content: Any, where: str) -> str | list[dict[str, Any]]:
-    """A message's content: its text (`text_content`); with `input_image` parts, its text and image parts in order,
-    as a chat's."""
-    if not isinstance(content, list) or not any(_is_image(part) for part in content):
+    """A message's content: its text (`text_content`); with `input_image` or `input_audio` parts, its text and media
+    parts in order, as a chat's."""
+    if not isinstance(content, list) or not any(_is_image(part) or _is_audio(part) for part in content):
         return text_content(content, where)
     _check_count(content, where)
     parts = []
@@ -40,10 +51,12 @@ def message_content(content: Any, where: str) -> str | list[dict[str, Any]]:
         at = f"{where}.content[{j}]"
         if _is_image(part):
             parts.append(image_part(_image_url(part, at)))
+        elif _is_audio(part):  # the chat's own part: checked there, a refusal renamed to this one
+            parts.append({"type": "input_audio", "input_audio": part.get("input_audio")})
         elif part.get("type") in TEXT_PARTS and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
         else:
-            raise ApiError.unsupported(at, "text and input_image parts only")
+            raise ApiError.unsupported(at, "text, input_image and input_audio parts only")
     return parts
 
 
@@ -60,6 +73,10 @@ def text_content(content: Any, where: str) -> str:
 
 def _is_image(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "input_image"
+
+
+def _is_audio(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "input_audio"
 
 
 def _image_url(part: dict[str, Any], at: str) -> str:
