@@ -47,10 +47,15 @@ class AttentionMetadata:
     # A model whose sliding-window layers keep blocks of their own (window_blocks.py): the same batch in those
     # blocks (its slots, decode and prefill tables), which every layer with a window reads instead.
     sliding: AttentionMetadata | None = None
+    # A model whose pictures attend both ways in its sliding-window layers alone (Gemma 4's "vision"): the same batch
+    # with every chunk's picture runs causal, which its full attention layers read.
+    full_layers: AttentionMetadata | None = None
 
     def for_window(self, window: int) -> AttentionMetadata:
         """The metadata a layer of this sliding window (0: none) attends with."""
-        return self.sliding if window and self.sliding is not None else self
+        if window:
+            return self.sliding if self.sliding is not None else self
+        return self.full_layers if self.full_layers is not None else self
 
     @property
     def num_tokens(self) -> int:

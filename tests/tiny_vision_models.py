@@ -228,3 +228,80 @@ def write_tiny_mmproj(path: str | Path, hf_dir: str | Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# Gemma 4's image and audio tokens (boi, image, eoi, boa, audio, eoa) as its tokenizers spell them, and the video
+# token Gemma4Processor adds to a tokenizer that lacks it
+GEMMA4_TOKENS = ("<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>", "<audio|>", "<|video|>")
+GEMMA4_TOKEN_NAMES = ("boi_token", "image_token", "eoi_token", "boa_token", "audio_token", "eoa_token")
+
+
+def make_tiny_gemma4_vision(
+    directory: str | Path, seed: int = 0, text_settings: dict[str, Any] | None = None, **overrides: Any
+) -> Path:
+    """Save a random tiny Gemma4ForConditionalGeneration with its vision tower to `directory`: make_tiny_gemma4's
+    text model (per-layer embeddings, shared KV, two of every three layers sliding over 8 positions; its pictures
+    attend causally, use_bidirectional_attention null as E2B's), a 2-layer tower of 32 (2 heads of 16) on 4-pixel
+    patches pooled 2 x 2, and its Gemma4ImageProcessorPil at max_soft_tokens 70 (the least it takes: an image is
+    resized to at most 280 patches, 70 soft tokens). Gemma4Processor needs torchvision for its video processor,
+    which the tests lack: a test builds it from the saved tokenizer and image processor (`gemma4_processor`).
+    `overrides` go to the vision config (use_clipped_linears, standardize, ...), `text_settings` to the text model's
+    Gemma4TextConfig (use_bidirectional_attention "vision": its sliding layers' pictures attend both ways)."""
+    from transformers import (
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4ImageProcessorPil,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA4_TOKENS)})
+    tokenizer._set_model_specific_special_tokens(dict(zip(GEMMA4_TOKEN_NAMES, GEMMA4_TOKENS)))
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # the text model's pad_token_id (the processor pads)
+    ids = tokenizer.convert_tokens_to_ids(list(GEMMA4_TOKENS))
+    rope = {"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
+    text = Gemma4TextConfig(**(_LLAMA_DEFAULTS | dict(
+        vocab_size=len(tokenizer), head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, sliding_window=8, num_hidden_layers=6, max_position_embeddings=1024,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=len(tokenizer), num_kv_shared_layers=2, use_double_wide_mlp=True,
+        final_logit_softcapping=30.0, rope_parameters=rope, initializer_range=0.1,
+        tie_word_embeddings=True) | (text_settings or {})))  # fmt: skip
+    vision = Gemma4VisionConfig(**(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
+                                        pooling_kernel_size=2, position_embedding_size=160,
+                                        initializer_range=0.1) | overrides))  # fmt: skip
+    config = Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(), audio_config=None,
+                          boi_token_id=ids[0], image_token_id=ids[1], eoi_token_id=ids[2], boa_token_id=ids[3],
+                          audio_token_id=ids[4], eoa_token_index=ids[5], video_token_id=ids[6])  # fmt: skip
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.layer_scalar.uniform_(0.5, 1.5)
+        if vision.standardize:
+            model.model.vision_tower.std_bias.normal_(0.0, 0.1)
+            model.model.vision_tower.std_scale.uniform_(0.5, 1.5)
+        if vision.use_clipped_linears:  # bounds that bite: each linear's input and output clamped to +-0.5
+            for module in model.model.vision_tower.modules():
+                if hasattr(module, "input_min"):
+                    module.input_min.fill_(-0.5), module.input_max.fill_(0.5)
+                    module.output_min.fill_(-0.5), module.output_max.fill_(0.5)
+    path = _randomize_and_save(Path(directory), model, tokenizer)
+    Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70).save_pretrained(path)
+    return path
+
+
+def gemma4_processor(path: str | Path) -> Any:
+    """The Gemma4Processor of a make_tiny_gemma4_vision checkpoint: its tokenizer and image processor, without the
+    audio feature extractor and the video processor (torchvision's), which the tests do not read."""
+    from transformers import AutoTokenizer, Gemma4ImageProcessorPil, Gemma4Processor
+
+    class ImagesOnly(Gemma4Processor):
+        def check_argument_for_proper_class(self, name: str, argument: Any) -> Any:
+            return None if argument is None else super().check_argument_for_proper_class(name, argument)
+
+    return ImagesOnly(feature_extractor=None, image_processor=Gemma4ImageProcessorPil.from_pretrained(path),
+                      tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None)  # fmt: skip

@@ -1,6 +1,7 @@
 """The binders multimodal models add to lowering's table (lowering.py registers MULTIMODAL_BINDERS): the vision
-and audio encoder graphs' ops (models/encoder_graph.py) and the decoder's `scatter_rows`, which puts the encoder's
-embeddings into the rows of their placeholder tokens.
+and audio encoder graphs' ops (models/encoder_graph.py; Gemma 4's tower's: torch_ops/gemma4_vision.py), the decoder's
+`scatter_rows`, which puts the encoder's embeddings into the rows of their placeholder tokens, and `replace_rows`,
+which gives those rows another token for Gemma 4's per-layer embeddings.
 
 A binder takes a node's params, the LoweringContext and the backend's kernel table, and gives (kernel, constants
 appended after the node's inputs), as lowering's own do. The vision kernels are the backend's (kernel_contracts.py);
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sagellm.backends.torch_ops import audio, vision
+from sagellm.backends.torch_ops import audio, gemma4_vision, vision
 from sagellm.runtime.execution_graph.graph import GraphError
 
 
@@ -35,6 +36,10 @@ def _weight(ctx: _Context, name: str) -> torch.Tensor:
 
 def _float_weight(ctx: _Context, name: str) -> torch.Tensor:
     return _weight(ctx, name).float().to(ctx.backend.device)
+
+
+def _float_weights(ctx: _Context, *names: str) -> tuple[torch.Tensor, ...]:
+    return tuple(_float_weight(ctx, name) for name in names)
 
 
 def _bind_patch_embed(params, ctx, kernels):
@@ -62,6 +67,23 @@ def _bind_transposed_linear(params, ctx, kernels):
     """A matrix stored [in, out] (Gemma 3's projection) as a linear: transposed once, packed as linears are."""
     weight = _weight(ctx, params["weight"]).t().contiguous().to(ctx.linear_dtype)  # [out, in]
     return kernels["linear"], (ctx.backend.prepare_linear_weight(weight), None)
+
+
+def _bind_gemma4_patch_embed(params, ctx, kernels):
+    """Gemma 4's patch embedder on rows of patches and positions (gemma4_vision.patch_embed): its linear packed as
+    the backend packs linears, its two position tables in float32."""
+    weight = ctx.backend.prepare_linear_weight(_weight(ctx, params["weight"]).to(ctx.linear_dtype))
+    linear = kernels["linear"]
+
+    def embed(rows, positions, weight, table):
+        return gemma4_vision.patch_embed(rows, linear, weight, table, positions)
+
+    return embed, (weight, _float_weight(ctx, params["table"]))
+
+
+def _bind_clamp(params, ctx, kernels):
+    """A Gemma 4 clipped linear's clamp of its input or output, its bounds (scalars) in float32."""
+    return gemma4_vision.clamp, _float_weights(ctx, params["low"], params["high"])
 
 
 def _bind_layernorm(params, ctx, kernels):
@@ -93,6 +115,12 @@ def _scatter_rows(hidden: torch.Tensor, rows: torch.Tensor | None, embeds: torch
     return hidden if rows is None else hidden.index_copy(0, rows, embeds.to(hidden.dtype))
 
 
+def _replace_rows(ids: torch.Tensor, rows: torch.Tensor | None, token: int) -> torch.Tensor:
+    """ids [T] with rows `rows` [M] set to `token` (a new tensor): what Gemma 4's per-layer embedding reads at an
+    image's rows (transformers' pad token); ids itself when the step has no such rows."""
+    return ids if rows is None else ids.index_fill(0, rows, token)
+
+
 MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tuple]]] = {
     "patch_embed": _bind_patch_embed,
     "layernorm": _bind_layernorm,
@@ -107,4 +135,11 @@ MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tu
     "conv1d": _bind_conv1d,
     "positioned_rows": lambda p, ctx, k: (audio.positioned_rows, (_float_weight(ctx, p["positions"]),)),
     "pool_row_pairs": lambda p, ctx, k: (audio.pool_row_pairs, ()),
+    "patch_positions": lambda p, ctx, k: (gemma4_vision.patch_positions, ()),
+    "gemma4_patch_embed": _bind_gemma4_patch_embed,
+    "axial_rope": lambda p, ctx, k: (gemma4_vision.axial_rope, (p["head_dim"], p["theta"])),
+    "pool_by_positions": lambda p, ctx, k: (gemma4_vision.pool_by_positions, (p["kernel"], p["scale"])),
+    "clamp": _bind_clamp,
+    "standardize": lambda p, ctx, k: (gemma4_vision.standardize, _float_weights(ctx, p["bias"], p["scale"])),
+    "replace_rows": lambda p, ctx, k: (_replace_rows, (p["token"],)),
 }

@@ -41,12 +41,16 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None, hidden
         hidden = g.add("embedding", [input_ids], weight="model.embed_tokens.weight")
         if config.embedding_scale != 1.0:
             hidden = g.add("scale", [hidden], factor=config.embedding_scale)
+        ple_ids = input_ids
         if config.takes_media:  # an image's or clip's placeholder rows take its encoder's embeddings (None: none)
             rows = g.add("input", id="mm_rows", name="mm_rows")
             embeds = g.add("input", id="mm_embeds", name="mm_embeds")
             hidden = g.add("scatter_rows", [hidden, rows, embeds])
+            if config.vision is not None and config.vision.per_layer_token_id is not None:
+                # Gemma 4: those rows' per-layer embeddings are the pad token's, as transformers reads them
+                ple_ids = g.add("replace_rows", [input_ids, rows], token=config.vision.per_layer_token_id)
         if config.per_layer_input_size:
-            per_layer = _per_layer_inputs(g, config, input_ids, hidden)
+            per_layer = _per_layer_inputs(g, config, ple_ids, hidden)
         if config.altup_num_inputs:  # Gemma 3n: the stream widened into AltUp's streams, [T, K, H]
             hidden = g.add("altup_embed", [hidden], weights=_altup_projections(config, "altup_projections"))
     else:

@@ -1,7 +1,8 @@
 """The forward pass of a media encoder as an IR graph, in the same IR as the decoder's (decoder_graph.py), lowered by
 the same `lower` onto the backend's kernels: LLaVA's vision encoder (a CLIP tower and its two-layer projector),
 Idefics3's / SmolVLM's (a SigLIP-style tower, a pixel shuffle and one linear), Gemma 3's (a SigLIP tower, its patches
-pooled into soft tokens, normed and projected), and Qwen2-Audio's audio encoder
+pooled into soft tokens, normed and projected), Gemma 4's (its own tower on pictures of any shape: rows of patches
+and their positions, a 2-D rope, pooled by positions), and Qwen2-Audio's audio encoder
 (Whisper's tower, its rows averaged in pairs, one linear).
 
 The graph is written as the model reads, one op per line, unfused: the passes fuse each layer's q/k/v into one
@@ -21,7 +22,13 @@ from dataclasses import dataclass
 
 from sagellm.runtime.execution_graph.graph import Graph, GraphError, Value
 from sagellm.runtime.models.architectures.audio_weights import AUDIO_PROJECTOR, AUDIO_TOWER
-from sagellm.runtime.models.architectures.vision_weights import POOLED_NORM, POOLED_PROJECTION, PROJECTOR, TOWER
+from sagellm.runtime.models.architectures.vision_weights import (
+    CLIP_BOUNDS,
+    POOLED_NORM,
+    POOLED_PROJECTION,
+    PROJECTOR,
+    TOWER,
+)
 from sagellm.runtime.models.audio_config import AudioConfig
 from sagellm.runtime.models.vision_config import VisionConfig
 
@@ -58,6 +65,8 @@ _VISION_GRAPHS = (("clip", "llava_mlp"), ("siglip", "pixel_shuffle"), ("siglip",
 
 
 def build_vision_graph(vision: VisionConfig) -> Graph:
+    if vision.tower == "gemma4":
+        return _gemma4_vision_graph(vision)
     if (vision.tower, vision.projector) not in _VISION_GRAPHS:
         raise GraphError(f"no encoder graph for a {vision.tower} tower with a {vision.projector} projector")
     g = Graph(attrs={"model": f"{vision.tower} vision tower", "num_layers": vision.num_layers_run})
@@ -98,6 +107,58 @@ def build_vision_graph(vision: VisionConfig) -> Graph:
                   bias=vision.projector_bias)  # fmt: skip
     g.add("output", [x], id="embeds", name="embeds")
     return g
+
+
+def _gemma4_vision_graph(v: VisionConfig) -> Graph:
+    """Gemma 4's tower on pictures given as rows of patches and their positions (torch_ops/gemma4_vision.py): the
+    patch embedder; layers of attention (q, k RMS-normed with weights and v without, the 2-D rope on q and k, scores
+    unscaled) and a gated MLP, each sandwiched between two RMSNorms; each picture's patches pooled into its soft
+    tokens; then the embedder: an RMSNorm without a weight and one linear into the text model's width."""
+    g = Graph(attrs={"model": "gemma4 vision tower", "num_layers": v.num_layers_run})
+    rows = g.add("input", id="pixel_values", name="pixel_values")  # [T, C * p * p + 2]
+    meta = g.add("input", id="encoder_metadata", name="encoder_metadata")
+    positions = g.add("patch_positions", [rows])
+    e, eps, d, head = TOWER + "patch_embedder.", v.layer_norm_eps, v.hidden_size, v.head_dim
+    hidden = g.add("gemma4_patch_embed", [rows, positions], weight=e + "input_proj.weight",
+                   table=e + "position_embedding_table")  # fmt: skip
+    for i in range(v.num_layers_run):
+        p = f"{TOWER}encoder.layers.{i}."
+
+        def linear(x: Value, name: str, out: int, p: str = p) -> Value:
+            return _clipped_linear(g, x, f"{p}{name}", out, v.clipped_linears)
+
+        x = g.add("rmsnorm", [hidden], weight=p + "input_layernorm.weight", eps=eps)
+        q, k, val = (linear(x, f"self_attn.{name}_proj", d) for name in ("q", "k", "v"))
+        q = g.add("head_rmsnorm", [q], weight=p + "self_attn.q_norm.weight", eps=eps, head_dim=head)
+        k = g.add("head_rmsnorm", [k], weight=p + "self_attn.k_norm.weight", eps=eps, head_dim=head)
+        val = g.add("head_rmsnorm", [val], weight=None, eps=eps, head_dim=head)
+        q, k = (g.add("axial_rope", [t, positions], head_dim=head, theta=v.rope_theta) for t in (q, k))
+        attn = g.add("encoder_attention", [q, k, val, meta], layer=i, num_heads=v.num_heads, head_dim=head,
+                     scale=1.0)  # fmt: skip
+        attn = linear(attn, "self_attn.o_proj", d)
+        hidden = g.add("add", [hidden, g.add("rmsnorm", [attn], weight=p + "post_attention_layernorm.weight",
+                                             eps=eps)])  # fmt: skip
+        x = g.add("rmsnorm", [hidden], weight=p + "pre_feedforward_layernorm.weight", eps=eps)
+        gate = g.add(v.activation, [linear(x, "mlp.gate_proj", v.intermediate_size)])
+        x = linear(g.add("mul", [gate, linear(x, "mlp.up_proj", v.intermediate_size)]), "mlp.down_proj", d)
+        hidden = g.add("add", [hidden, g.add("rmsnorm", [x], weight=p + "post_feedforward_layernorm.weight",
+                                             eps=eps)])  # fmt: skip
+    x = g.add("pool_by_positions", [hidden, positions, meta], kernel=v.pooling_kernel, scale=d**0.5)
+    if v.standardize:
+        x = g.add("standardize", [x], bias=TOWER + "std_bias", scale=TOWER + "std_scale")
+    x = g.add("head_rmsnorm", [x], weight=None, eps=eps, head_dim=d)
+    x = g.add("linear", [x], weight=PROJECTOR + "embedding_projection.weight", out_features=v.text_hidden_size)
+    g.add("output", [x], id="embeds", name="embeds")
+    return g
+
+
+def _clipped_linear(g: Graph, x: Value, name: str, out_features: int, clipped: bool) -> Value:
+    """Gemma4ClippableLinear `name`: its linear, the input and output clamped to its stored bounds where `clipped`."""
+    low_in, high_in, low_out, high_out = (f"{name}.{bound}" for bound in CLIP_BOUNDS)
+    if clipped:
+        x = g.add("clamp", [x], low=low_in, high=high_in)
+    x = g.add("linear", [x], weight=f"{name}.linear.weight", out_features=out_features)
+    return g.add("clamp", [x], low=low_out, high=high_out) if clipped else x
 
 
 def build_audio_graph(audio: AudioConfig) -> Graph:

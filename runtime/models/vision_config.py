@@ -1,13 +1,14 @@
 """What a model's vision encoder is, as the encoder graph (encoder_graph.py) reads it: the tower's sizes, which of
 its hidden states the projector reads, and the projector that maps them into the text model's embedding space.
 
-Loaders translate a checkpoint's own settings into this one record (Hugging Face's LLaVA, Idefics3 / SmolVLM and
-Gemma 3 configs: architectures/hf_vision_config.py), so the graph builder never looks at a family's spelling. A model
-served text only has none (`ModelConfig.vision` is None).
+Loaders translate a checkpoint's own settings into this one record (Hugging Face's LLaVA, Idefics3 / SmolVLM,
+Gemma 3 and Gemma 4 configs: architectures/hf_vision_config.py), so the graph builder never looks at a family's
+spelling. A model served text only has none (`ModelConfig.vision` is None).
 
 The encoder reads one square picture at a time, `image_size` pixels a side: a whole image (LLaVA) or one tile of an
 image cut into tiles (Idefics3, which adds the whole image shrunk to a tile), and gives it `tokens_per_image`
-embeddings, one per placeholder token of a run of them in the prompt."""
+embeddings, one per placeholder token of a run of them in the prompt. Gemma 4's tower reads a picture at the size its
+processor resized it to (its patches and their positions) and gives as many embeddings as that size pools into."""
 
 from __future__ import annotations
 
@@ -48,6 +49,28 @@ class VisionConfig:
     # Gemma 3: in a prefill, each picture's image tokens attend to one another both ways (transformers' block mask
     # over token_type_ids), not causally; so a prefill chunk never ends inside a picture's run.
     bidirectional: bool = False
+    # Gemma 4's "vision" mode: only the sliding-window layers' pictures attend both ways, the full attention layers
+    # stay causal (transformers' create_masks_for_vision_model)
+    bidirectional_sliding_only: bool = False
+    # Gemma 4's tower ("gemma4"; projector "gemma4_embedder"): a picture of any shape, cut into patches at its own size
+    # (image_size unused), each patch placed by its (x, y) in two learned tables and a 2-D rope; the tower's output
+    # pooled over pooling_kernel x pooling_kernel patches into soft tokens, at most max_soft_tokens a picture
+    pooling_kernel: int = 0
+    max_soft_tokens: int = 0
+    position_embedding_size: int = 0  # rows of each of its two position tables
+    rope_theta: float = 0.0
+    clipped_linears: bool = False  # each tower linear clamps its input and output to stored bounds
+    standardize: bool = False  # the pooled rows shifted and scaled by stored vectors (std_bias, std_scale)
+    # Gemma 4: the token whose per-layer embedding an image token's row reads (transformers puts the text model's
+    # pad_token_id there); None: the image token's own
+    per_layer_token_id: int | None = None
+    # The tokens an image's run of image tokens is wrapped in where its processor puts them (Gemma 4's <boi>, <eoi>)
+    around_image: tuple[int, int] | None = None
+
+    @property
+    def variable_tokens(self) -> bool:
+        """Pictures give as many soft tokens as their shape does (Gemma 4's), up to `tokens_per_image`."""
+        return self.tower == "gemma4"
 
     @property
     def head_dim(self) -> int:
@@ -79,4 +102,6 @@ class VisionConfig:
             return self.grid * self.grid // (self.scale_factor * self.scale_factor)
         if self.projector == "pooled":
             return self.pooled_side * self.pooled_side
+        if self.variable_tokens:
+            return self.max_soft_tokens  # the most: each picture's own count is its patches / pooling_kernel^2
         return self.rows_per_image - (1 if self.drop_class else 0)

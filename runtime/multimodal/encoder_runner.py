@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from sagellm.backends.base import HardwareBackend
+from sagellm.backends.torch_ops.gemma4_vision import POSITION_COLUMNS
 from sagellm.backends.torch_ops.vision import EncoderMetadata
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.execution_graph.graph import Graph
@@ -69,8 +70,10 @@ class EncoderRunner(_GraphEncoder):
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values [N, C, H, W] -> each image's embeddings [tokens_per_image, text hidden] float32 (views of
-        one tensor), in order."""
+        one tensor), in order. Gemma 4's tower takes its pictures' rows of patches instead (`_encode_patches`)."""
         v = self.vision
+        if v.variable_tokens:
+            return self._encode_patches(pixel_values)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
             raise InvalidInput(f"pixel_values of shape {tuple(pixel_values.shape)}: the vision tower takes [N, "
                                f"{v.num_channels}, {v.image_size}, {v.image_size}]")  # fmt: skip
@@ -78,6 +81,23 @@ class EncoderRunner(_GraphEncoder):
         pixels = pixel_values.to(self.device, torch.float32)
         embeds = self.plan.run(pixel_values=pixels, encoder_metadata=meta)["embeds"]  # [N * tokens, text hidden]
         return list(embeds.split(v.tokens_per_image))
+
+    def _encode_patches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Gemma 4's pictures, each its rows [P, C * p * p + 2] (gemma4_vision.patch_rows; a picture's first patch
+        is at (0, 0), and no other is), stacked -> each one's soft tokens [P / kernel^2, text hidden] float32."""
+        v = self.vision
+        width = v.num_channels * v.patch_size**2 + POSITION_COLUMNS
+        if rows.dim() != 2 or rows.shape[1] != width:
+            raise InvalidInput(f"patch rows of shape {tuple(rows.shape)}: Gemma 4's vision tower takes [patches, "
+                               f"{width}]")  # fmt: skip
+        starts = ((rows[:, -2] == 0) & (rows[:, -1] == 0)).nonzero().flatten().tolist()
+        lengths = [end - start for start, end in zip(starts, [*starts[1:], rows.shape[0]])]
+        if not starts or starts[0] != 0 or any(n % v.pooling_kernel**2 for n in lengths):
+            raise InvalidInput(f"patch rows of pictures of {lengths} patches: each must start at (0, 0) and hold "
+                               f"a multiple of {v.pooling_kernel ** 2}")  # fmt: skip
+        meta = EncoderMetadata(tuple(lengths))
+        embeds = self.plan.run(pixel_values=rows.to(self.device, torch.float32), encoder_metadata=meta)["embeds"]
+        return list(embeds.split([n // v.pooling_kernel**2 for n in lengths]))
 
 
 class AudioEncoderRunner(_GraphEncoder):

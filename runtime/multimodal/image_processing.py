@@ -1,7 +1,7 @@
 """The image preprocessing for a checkpoint, picked by its preprocessor_config.json's "image_processor_type" the way
 Hugging Face's AutoImageProcessor picks a class, and equal to that class's output (its PIL/NumPy backend, which the
-torchvision "Fast" one approximates): CLIP (LLaVA-1.5), SigLIP (Gemma 3, PaliGemma), Qwen2-VL (Qwen2.5-VL, Qwen3-VL)
-and Idefics3 (SmolVLM). We carry our own so the server needs neither transformers nor torchvision.
+torchvision "Fast" one approximates): CLIP (LLaVA-1.5), SigLIP (Gemma 3, PaliGemma), Qwen2-VL (Qwen2.5-VL, Qwen3-VL),
+Idefics3 (SmolVLM) and Gemma 4. We carry our own so the server needs neither transformers nor torchvision.
 
     processor = image_processor_for(preprocessor_config, processor_config)
     processed = processor.preprocess(images)  # pixel_values, num_tokens per image, the family's extras
@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 from sagellm.common.errors import FieldError
 from sagellm.runtime.multimodal.clip import ClipImageProcessor
+from sagellm.runtime.multimodal.gemma4_images import Gemma4ImageProcessor
 from sagellm.runtime.multimodal.idefics3 import Idefics3ImageProcessor
 from sagellm.runtime.multimodal.processed_images import ImageProcessor, ProcessedImages
 from sagellm.runtime.multimodal.qwen_vl import QwenVLImageProcessor
@@ -31,6 +32,7 @@ IMAGE_PROCESSOR_TYPES: dict[str, Builder] = {
     "Qwen2_5_VLImageProcessor": lambda pre, proc: QwenVLImageProcessor.from_config(pre),
     "Idefics3ImageProcessor": Idefics3ImageProcessor.from_config,
     "SmolVLMImageProcessor": Idefics3ImageProcessor.from_config,
+    "Gemma4ImageProcessor": Gemma4ImageProcessor.from_config,
 }
 
 

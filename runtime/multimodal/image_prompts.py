@@ -33,17 +33,23 @@ class ImagePrompts:
         encode: Callable[[str], list[int]],
         max_items: int | None = None,
         placeholder_id: int | None = None,
+        variable_tokens: bool = False,
+        around: tuple[int, int] | None = None,
     ) -> None:
-        """`tokens_per_image`: the encoder's embeddings per picture, which every run of image tokens must match;
+        """`tokens_per_image`: the encoder's embeddings per picture, which every run of image tokens must match
+        (with `variable_tokens`, Gemma 4's, the most a run may hold: each picture's is its own);
         `encode`: the tokenizer, without special tokens added (for a placeholder's text); `max_items`: the most
         images a prompt may carry (limit_mm_per_prompt's; None: no cap); `placeholder_id`: the token a prompt
-        carries per image where it is not the image token (Gemma 3's <start_of_image>)."""
+        carries per image where it is not the image token (Gemma 3's <start_of_image>); `around`: the tokens before
+        and after each run of image tokens (Gemma 4's <boi> and <eoi>)."""
         self.processor = processor
         self.placeholder_id = image_token_id if placeholder_id is None else placeholder_id
         self.token_id = image_token_id
         self.tokens_per_image = tokens_per_image
         self.encode = encode
         self.max_items = max_items
+        self.variable_tokens = variable_tokens
+        self.around = around
 
     @classmethod
     def from_settings(
@@ -55,6 +61,8 @@ class ImagePrompts:
         encode: Callable[[str], list[int]],
         max_items: int | None = None,
         placeholder_id: int | None = None,
+        variable_tokens: bool = False,
+        around: tuple[int, int] | None = None,
     ) -> ImagePrompts:
         """From a checkpoint's preprocessor_config.json, or processor_config.json's "image_processor" (where
         transformers 5 writes it), and processor_config.json's counting settings."""
@@ -63,13 +71,17 @@ class ImagePrompts:
             raise InvalidInput("no preprocessor_config.json (nor processor_config.json's image_processor): the "
                                "model's images cannot be preprocessed")  # fmt: skip
         processor = image_processor_for(preprocessor, processor_file)
-        return cls(processor, image_token_id, tokens_per_image, encode, max_items, placeholder_id)
+        return cls(processor, image_token_id, tokens_per_image, encode, max_items, placeholder_id, variable_tokens,
+                   around)  # fmt: skip
 
     def expansions(self, images: Sequence[Any]) -> list[Expansion]:
         """Each image's placeholder tokens and its pictures' features (offsets from the expansion's start)."""
         processed = self.processor.preprocess([_image(image) for image in images])
-        pictures = processed.pixel_values.reshape(-1, *processed.pixel_values.shape[-3:])  # [pictures, C, H, W]
-        per_image = pictures.split(list(processed.pixel_values_per_image))
+        if processed.encoder_inputs is not None:  # pictures the encoder reads otherwise (Gemma 4's patch rows)
+            per_image = [[picture] for picture in processed.encoder_inputs]
+        else:
+            pictures = processed.pixel_values.reshape(-1, *processed.pixel_values.shape[-3:])  # [pictures, C, H, W]
+            per_image = pictures.split(list(processed.pixel_values_per_image))
         out = []
         for i, image_pictures in enumerate(per_image):
             placeholders = self._placeholders(processed, i)
@@ -77,6 +89,8 @@ class ImagePrompts:
         return out
 
     def check_feature(self, feature: MediaFeature) -> None:
+        if self.variable_tokens and 0 < feature.length <= self.tokens_per_image:
+            return
         if feature.length != self.tokens_per_image:
             raise InvalidInput(f"an encoded picture of {feature.length} placeholders: the encoder gives "
                                f"{self.tokens_per_image} per picture")  # fmt: skip
@@ -86,13 +100,20 @@ class ImagePrompts:
         tokens."""
         if processed.placeholder_texts is not None:
             return self.encode(processed.placeholder_texts[i])
-        return [self.token_id] * processed.num_tokens[i]
+        run = [self.token_id] * processed.num_tokens[i]
+        return run if self.around is None else [self.around[0], *run, self.around[1]]
 
-    def _features(self, placeholders: list[int], pictures: torch.Tensor) -> list[MediaFeature]:
-        """A feature per run of image tokens among `placeholders`, the pictures [n, C, H, W] in order: one run
-        each, each as long as the encoder's embeddings of one."""
+    def _features(self, placeholders: list[int], pictures: Sequence[torch.Tensor]) -> list[MediaFeature]:
+        """A feature per run of image tokens among `placeholders`, the pictures (each [C, H, W], or Gemma 4's patch
+        rows [P, K] read whole) in order: one run each, each as long as the encoder's embeddings of one."""
         runs = _runs(placeholders, self.token_id)
         lengths = [n for _, n in runs]
+        if self.variable_tokens:
+            if len(runs) != len(pictures) or any(n > self.tokens_per_image for n in lengths):
+                raise InvalidInput(f"the image's {len(pictures)} picture(s) took runs of {lengths} image tokens in "
+                                   f"the prompt: one run a picture, of at most {self.tokens_per_image}")  # fmt: skip
+            return [MediaFeature("image", media_hash(picture), start, n, picture)
+                    for (start, n), picture in zip(runs, pictures)]  # fmt: skip
         if len(runs) != len(pictures) or any(n != self.tokens_per_image for n in lengths):
             raise InvalidInput(f"the image's {len(pictures)} picture(s) took runs of {lengths} image tokens in the "
                                f"prompt; the encoder gives {self.tokens_per_image} per picture: the checkpoint's "

@@ -17,7 +17,8 @@ class ProcessedImages:
     """One prompt's images, in prompt order.
 
     `pixel_values` is float32 in HF's layout: [N, 3, H, W] for CLIP and SigLIP (N = images, plus Gemma 3's crops);
-    [patches, 3 * temporal_patch_size * P * P] for Qwen-VL; [1, tiles, 3, H, W] for Idefics3 / SmolVLM.
+    [patches, 3 * temporal_patch_size * P * P] for Qwen-VL; [1, tiles, 3, H, W] for Idefics3 / SmolVLM;
+    [N, max_patches, 3 * P * P] for Gemma 4.
     `pixel_values_per_image[i]` is how many of those images, crops, patches or tiles image i holds, so a caller
     can cut the batch per image (for an encoder cache keyed on the image) without knowing the family."""
 
@@ -32,6 +33,12 @@ class ProcessedImages:
     # Where an image's placeholder becomes more than its image tokens repeated, the text that replaces it (HF's
     # processor's replace_image_token: Idefics3's tiles, each tagged, then the whole image): one per image
     placeholder_texts: tuple[str, ...] | None = None
+    # Gemma 4: pixel_values are [images, max_patches, 3 * P * P], each image's patches padded; these their (x, y)
+    # int64 [images, max_patches, 2] (-1 on padding), as its image processor returns them
+    image_position_ids: torch.Tensor | None = None
+    # Where the encoder reads each picture other than as pixel_values' [C, H, W] (Gemma 4: its own patches and their
+    # positions, gemma4_vision.patch_rows): one per picture, in order
+    encoder_inputs: tuple[torch.Tensor, ...] | None = None
 
 
 class ImageProcessor(Protocol):

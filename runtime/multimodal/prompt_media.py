@@ -66,7 +66,7 @@ class PromptMedia:
                 modalities.append(ImagePrompts.from_settings(
                     preprocessor if "image_processor_type" in preprocessor else None, processor_file,
                     vision.image_token_id, vision.tokens_per_image, encode, limits.get("image"),
-                    vision.placeholder_token_id))  # fmt: skip
+                    vision.placeholder_token_id, vision.variable_tokens, vision.around_image))  # fmt: skip
             if config.audio is not None:
                 modalities.append(AudioPrompts.from_settings(
                     preprocessor if "feature_extractor_type" in preprocessor else None, processor_file,

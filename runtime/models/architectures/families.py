@@ -64,7 +64,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  gemma=True, sliding_pattern=6, local_rope=True),
     Architecture("gemma3n_text", ("Gemma3nForCausalLM", "Gemma3nForConditionalGeneration"), "gemma3n", qk_norm=True,
                  gemma=True, sliding_pattern=5, local_rope=True, gemma3n=True),
-    # Gemma 4 ships as Gemma4ForConditionalGeneration: its text model is served (vision and audio are not).
+    # Gemma 4 ships as Gemma4ForConditionalGeneration: served with its vision tower (hf_vision_config._gemma4); its
+    # audio tower is not read.
     Architecture("gemma4_text", ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"), "gemma4", qk_norm=True,
                  gemma=True, sliding_pattern=6, local_rope=True, gemma4=True),
     Architecture("phi3", ("Phi3ForCausalLM",), "phi3", fused_projections=True),

@@ -1,12 +1,14 @@
 """The vision encoder of a multimodal config.json as a VisionConfig: LLaVA's (a CLIP tower, its two-layer projector),
-Idefics3's, which SmolVLM shares (a SigLIP-style tower read per tile, a pixel shuffle and one linear), and Gemma 3's
-(a SigLIP tower, its patches pooled into soft tokens).
+Idefics3's, which SmolVLM shares (a SigLIP-style tower read per tile, a pixel shuffle and one linear), Gemma 3's
+(a SigLIP tower, its patches pooled into soft tokens) and Gemma 4's (its own tower on pictures of any shape, pooled
+by patch positions and projected).
 
 Hub configs leave out the keys transformers defaults, so each family's defaults fill them as its config class
 would; a setting the encoder graph does not implement is refused naming its key."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,14 +38,22 @@ _IDEFICS3 = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneratio
 _SIGLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                     "num_channels": 3, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
                     "layer_norm_eps": 1e-6}  # fmt: skip
+# transformers' Gemma4VisionConfig defaults
+_GEMMA4_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 16, "num_attention_heads": 12,
+                    "num_key_value_heads": 12, "head_dim": 64, "hidden_activation": "gelu_pytorch_tanh",
+                    "rms_norm_eps": 1e-6, "pooling_kernel_size": 3, "patch_size": 16,
+                    "position_embedding_size": 10 * 1024, "use_clipped_linears": False, "standardize": False,
+                    "rope_parameters": None}  # fmt: skip
+GEMMA4_MAX_SOFT_TOKENS = 1120  # the most Gemma4ImageProcessor's max_soft_tokens may be (70, 140, 280, 560, 1120)
+GEMMA4_DEFAULT_SOFT_TOKENS = 280  # its default
 
 
 def vision_from_hf(
     hf_config: Mapping[str, Any], text_hidden_size: int, source: Path = Path("config.json")
 ) -> VisionConfig | None:
-    """The vision encoder of a LLaVA, Idefics3, SmolVLM or Gemma 3 config.json, None for a checkpoint served text
-    only (every other class: Qwen3.5's and Gemma 4's towers are not run yet). `text_hidden_size`: its text model's
-    width."""
+    """The vision encoder of a LLaVA, Idefics3, SmolVLM, Gemma 3 or Gemma 4 config.json, None for a checkpoint served
+    text only (every other class: Qwen3.5's tower is not run yet; a Gemma 4 without a vision_config).
+    `text_hidden_size`: its text model's width."""
     classes = hf_config.get("architectures") or []
     if "LlavaForConditionalGeneration" in classes:
         return _llava(hf_config, text_hidden_size, source)
@@ -51,6 +61,8 @@ def vision_from_hf(
         return _idefics3(hf_config, text_hidden_size, source)
     if "Gemma3ForConditionalGeneration" in classes:
         return _gemma3(hf_config, text_hidden_size, source)
+    if "Gemma4ForConditionalGeneration" in classes and hf_config.get("vision_config") is not None:
+        return _gemma4(hf_config, text_hidden_size, source)
     return None
 
 
@@ -132,6 +144,80 @@ def _gemma3(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) -
         placeholder_token_id=int(hf_config.get("boi_token_index", 255_999)),
         bidirectional=True,
     )
+
+
+def _gemma4(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) -> VisionConfig:
+    """Gemma 4's tower (Gemma4VisionModel: patches placed by learned (x, y) rows and a 2-D rope, q/k/v RMS-normed,
+    four norms a layer, pooled by patch positions and scaled by sqrt(hidden)) and its embedder (an RMSNorm without a
+    scale, one linear). The prompt's image token becomes <boi>, a picture's soft tokens, <eoi>; they attend causally
+    (use_bidirectional_attention null: E2B, E4B), or both ways in the sliding layers alone ("vision": 26B-A4B, 31B).
+    A picture gives at most the image processor's max_soft_tokens (its preprocessor_config.json beside `source`)."""
+    tower = _GEMMA4_DEFAULTS | _given(hf_config["vision_config"])
+    text = hf_config.get("text_config") or {}
+    both_ways = text.get("use_bidirectional_attention")
+    if both_ways not in (None, "vision"):
+        raise ModelLoadError(f"{source}: text_config.use_bidirectional_attention {both_ways!r} is not supported")
+    heads, head_dim, hidden = int(tower["num_attention_heads"]), int(tower["head_dim"]), int(tower["hidden_size"])
+    if int(tower["num_key_value_heads"]) != heads or heads * head_dim != hidden:
+        raise ModelLoadError(f"{source}: vision_config: a tower of {heads} heads of {head_dim} over {hidden} with "
+                             f"{tower['num_key_value_heads']} KV heads; we run heads * head_dim == hidden_size, one "
+                             "KV head per head")  # fmt: skip
+    rope = tower["rope_parameters"] or {}
+    if rope.get("rope_type", "axial") != "axial":
+        raise ModelLoadError(f"{source}: vision_config.rope_parameters.rope_type {rope['rope_type']!r}: the tower "
+                             "takes axial rope only")  # fmt: skip
+    return VisionConfig(
+        tower="gemma4",
+        hidden_size=hidden,
+        intermediate_size=int(tower["intermediate_size"]),
+        num_layers=int(tower["num_hidden_layers"]),
+        num_heads=heads,
+        num_channels=3,
+        patch_size=int(tower["patch_size"]),
+        image_size=0,
+        layer_norm_eps=float(tower["rms_norm_eps"]),
+        activation=_activation(tower["hidden_activation"], "vision_config.hidden_activation", source),
+        feature_layers=(int(tower["num_hidden_layers"]),),
+        drop_class=False,
+        projector="gemma4_embedder",
+        projector_activation="",
+        projector_bias=False,
+        text_hidden_size=text_hidden_size,
+        image_token_id=int(hf_config.get("image_token_id", 258_880)),
+        pooling_kernel=int(tower["pooling_kernel_size"]),
+        max_soft_tokens=_gemma4_max_soft_tokens(source),
+        position_embedding_size=int(tower["position_embedding_size"]),
+        rope_theta=float(rope.get("rope_theta", 100.0)),
+        clipped_linears=bool(tower["use_clipped_linears"]),
+        standardize=bool(tower["standardize"]),
+        per_layer_token_id=_per_layer_token(text),
+        around_image=(int(hf_config.get("boi_token_id", 255_999)), int(hf_config.get("eoi_token_id", 258_882))),
+        bidirectional=both_ways == "vision",
+        bidirectional_sliding_only=both_ways == "vision",
+    )
+
+
+def _gemma4_max_soft_tokens(source: Path) -> int:
+    """The most soft tokens a picture gives: the image processor's max_soft_tokens (preprocessor_config.json, or
+    processor_config.json's image_processor, beside config.json; 280, its default, where they leave it out), or the
+    most any may say where there is neither."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = source.parent / name
+        settings = json.loads(path.read_text()) if path.is_file() else {}
+        settings = (settings.get(key) or {}) if key else settings
+        if settings.get("max_soft_tokens") is not None:
+            return int(settings["max_soft_tokens"])
+        if settings.get("image_processor_type"):
+            return GEMMA4_DEFAULT_SOFT_TOKENS
+    return GEMMA4_MAX_SOFT_TOKENS
+
+
+def _per_layer_token(text: Mapping[str, Any]) -> int | None:
+    """The token whose per-layer embedding Gemma 4 reads at an image's rows (transformers' pad_token_id, 0 by
+    default); None for a text model without per-layer embeddings (26B-A4B, 31B)."""
+    if not text.get("hidden_size_per_layer_input", 256):
+        return None
+    return int(text.get("pad_token_id") or 0)
 
 
 def _given(settings: Mapping[str, Any]) -> dict[str, Any]:

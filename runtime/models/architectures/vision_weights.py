@@ -4,7 +4,8 @@ implies, which the loaders check the kept tensors against.
 LLaVA checkpoints name the tower by the transformers version that wrote them (`vision_tower.vision_model.` in 4,
 `model.vision_tower.` in 5, and `vision_tower.` as transformers 5 saves them again; Gemma 3's add `vision_model.`
 after any of them) and the projector with or without `model.`; Idefics3 and SmolVLM name theirs
-`model.vision_model.` and `model.connector.`. The graph reads one name each, `vision_tower.<the tower's name>` and
+`model.vision_model.` and `model.connector.`; Gemma 4 its tower `model.vision_tower.` and its embedder
+`model.embed_vision.` (read as the projector). The graph reads one name each, `vision_tower.<the tower's name>` and
 `multi_modal_projector.<name>`. Tower layers past the last hidden state read are not kept, nor a CLIP tower's
 post-layernorm (which only its pooled output takes)."""
 
@@ -22,6 +23,7 @@ _PREFIXES = (
     (TOWER, TOWER),
     ("model.multi_modal_projector.", PROJECTOR),
     ("model.connector.", PROJECTOR),
+    ("model.embed_vision.", PROJECTOR),
     (PROJECTOR, PROJECTOR),
 )
 VISION_PREFIXES = tuple(prefix for prefix, _ in _PREFIXES)
@@ -35,6 +37,13 @@ _PROJECTORS = {
     "pixel_shuffle": lambda v: {"modality_projection.proj": (v.text_hidden_size, v.hidden_size * v.scale_factor**2)},
     "pooled": lambda v: {},
 }
+CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")  # a Gemma 4 clipped linear's scalars
+_GEMMA4_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 # Gemma 3's pooled projector: an RMSNorm (stored as its offset from 1, as the text model's) and a matrix stored
 # [vision hidden, text hidden], the transpose of a linear's weight
 POOLED_NORM, POOLED_PROJECTION = PROJECTOR + "mm_soft_emb_norm.weight", PROJECTOR + "mm_input_projection_weight"
@@ -55,6 +64,8 @@ def vision_name(vision: VisionConfig, name: str) -> str | None:
 
 def vision_weight_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the encoder graph reads for `vision`, under the graph's names."""
+    if vision.tower == "gemma4":
+        return _gemma4_shapes(vision)
     d, inner = vision.hidden_size, vision.intermediate_size
     e = TOWER + "embeddings."
     shapes: dict[str, tuple[int, ...]] = {
@@ -79,4 +90,29 @@ def vision_weight_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{PROJECTOR}{name}.bias"] = (rows,)
     if vision.projector == "pooled":
         shapes |= {POOLED_NORM: (d,), POOLED_PROJECTION: (d, vision.text_hidden_size)}
+    return shapes
+
+
+def _gemma4_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Gemma 4's tower (its linears each `<name>.linear.weight`, with four scalar bounds beside where clipped) and
+    its embedder's one linear (its norm has no weight)."""
+    d, inner, head, p = vision.hidden_size, vision.intermediate_size, vision.head_dim, vision.patch_size
+    e = TOWER + "patch_embedder."
+    shapes: dict[str, tuple[int, ...]] = {
+        e + "input_proj.weight": (d, vision.num_channels * p * p),
+        e + "position_embedding_table": (2, vision.position_embedding_size, d),
+    }
+    for i in range(vision.num_layers_run):
+        layer = f"{TOWER}encoder.layers.{i}."
+        linears = {f"self_attn.{name}_proj": (d, d) for name in ("q", "k", "v", "o")}
+        linears |= {"mlp.gate_proj": (inner, d), "mlp.up_proj": (inner, d), "mlp.down_proj": (d, inner)}
+        for name, shape in linears.items():
+            shapes[f"{layer}{name}.linear.weight"] = shape
+            if vision.clipped_linears:
+                shapes |= {f"{layer}{name}.{bound}": () for bound in CLIP_BOUNDS}
+        shapes |= {f"{layer}self_attn.{norm}.weight": (head,) for norm in ("q_norm", "k_norm")}
+        shapes |= {f"{layer}{norm}.weight": (d,) for norm in _GEMMA4_NORMS}
+    if vision.standardize:
+        shapes |= {TOWER + "std_bias": (d,), TOWER + "std_scale": (d,)}
+    shapes[PROJECTOR + "embedding_projection.weight"] = (vision.text_hidden_size, d)
     return shapes
