@@ -101,7 +101,7 @@ def build_engine(
     lora, lora_weights = _lora_slots(config, model, backend) if config.enable_lora else (None, None)
     scheduler = Scheduler(_scheduler_config(config, model.config, cache, spec is not None), lora)
     media = engine_media(model.config, model.weights, model.processor_files, model.tokenizer, backend, linear_dtype,
-                         config.world_size, config.limit_mm_per_prompt)  # fmt: skip
+                         config.limit_mm_per_prompt)  # fmt: skip
     runner = _runner(config, model, backend, cache, linear_dtype, lora_weights, make_runner, mtp, media)
     if lora is not None:
         lora.load = runner.load_lora
@@ -157,6 +157,11 @@ def _load(config: EngineConfig, loaded: LoadedModel | None, mtp: bool) -> Loaded
                            "scalars, AltUp) run as one pipeline stage; split them with tensor_parallel_size "
                            "instead")  # fmt: skip
     vision = model.config.vision
+    if model.config.media_attends_both_ways and (config.pipeline_parallel_size or 1) > 1:
+        # Measured: the first token right, the next ones off (a later stage's KV of a picture's run); tensor
+        # parallel is exact.
+        raise InvalidInput(f"pipeline parallel: {model.name}'s pictures attend both ways, which a pipeline stage "
+                           "does not keep yet; split it with tensor_parallel_size instead")  # fmt: skip
     if model.config.media_attends_both_ways and config.max_num_batched_tokens < vision.tokens_per_image:
         # A picture's run is computed in one step (media_spans.py): a smaller budget could never start it.
         raise FieldError("max_num_batched_tokens", f"max_num_batched_tokens {config.max_num_batched_tokens}: "

@@ -79,6 +79,9 @@ class StepInputs(msgspec.Struct, array_like=True, kw_only=True, tag="step"):
     # A model whose pictures attend both ways (Gemma 3): each prefill's picture runs (PrefillChunk.bidirectional);
     # empty for any other model.
     prefill_media_runs: list[list[tuple[int, int]]] = []
+    # A parallel group's step with images or audio: the rows their embeddings replace (rank 0's encoder made them;
+    # the embeddings follow the step as one tensor, `take_part`); empty otherwise.
+    media_rows: list[int] = []
 
 
 class ModelRunner:
@@ -167,7 +170,7 @@ class ModelRunner:
         into its seat first."""
         for seq, states in batch.state_writes.items():
             self.write_states(seq.state_slot, states)
-        if self.encoder is None:  # (a parallel group's runner never has one: its `run` takes the step alone)
+        if self.encoder is None:
             return self.run(self.step_inputs(batch))
         scheduled = [(s.mm_features, s.num_computed_tokens, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
         return self.run(self.step_inputs(batch), step_media(scheduled, self.encoder, self.device))
@@ -283,6 +286,11 @@ class ModelRunner:
         if step.decode_state_slots:
             meta.decode_state_slots = self._tensor(step.decode_state_slots, torch.int64)
             meta.decode_state_seeds = [tuple(seed) for seed in step.decode_state_seeds]
+        vision = self.config.vision
+        if vision is not None and vision.bidirectional_sliding_only and any(c.bidirectional for c in meta.prefills):
+            # Gemma 4's full attention layers read the pictures causally (media_spans.py)
+            causal = [dataclasses.replace(chunk, bidirectional=()) for chunk in meta.prefills]
+            meta.full_layers = dataclasses.replace(meta, prefills=causal)
         if step.window_slots:
             meta.sliding = dataclasses.replace(
                 meta,

@@ -1,6 +1,7 @@
 """What an engine needs to take images and audio, made once when it is built: the prompts' side (PromptMedia:
 preprocessing, placeholders, features) and the model's side (its vision and audio encoders behind one cache). None
-for a model that takes neither, and refused where it does not run yet (tensor or pipeline parallel ranks)."""
+for a model that takes neither. In a parallel engine they live on rank 0 alone, whose step hands the embeddings to
+the first stage's ranks (`parallel/take_part.py`)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ def engine_media(
     tokenizer: Any,
     backend: HardwareBackend,
     linear_dtype: torch.dtype,
-    world_size: int,
     limits: Mapping[str, int] | None = None,
 ) -> EngineMedia | None:
     """`files`: the model's processor settings (LoadedModel.processor_files); `tokenizer`: the model's (a Hugging
@@ -42,9 +42,6 @@ def engine_media(
     may carry (limit_mm_per_prompt; none: no cap)."""
     if not config.takes_media:
         return None
-    if world_size > 1:
-        raise InvalidInput("a model that takes images or audio runs on one rank for now: tensor_parallel_size and "
-                           "pipeline_parallel_size 1")  # fmt: skip
     if files is None:
         raise InvalidInput("images and audio need the checkpoint's preprocessing settings (a Hugging Face "
                            "directory's preprocessor_config.json, or a GGUF model's mmproj file)")  # fmt: skip

@@ -43,6 +43,7 @@ from sagellm.runtime.engine.placement import place
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.lora_adapter import LoraAdapter
 from sagellm.runtime.models.pipeline_stages import PipelineStage
+from sagellm.runtime.multimodal.encoder_cache import EncoderCache
 from sagellm.runtime.parallel.layout import RankComms, RankLayout
 from sagellm.runtime.parallel.rank_spec import (
     ORDERS,
@@ -84,8 +85,10 @@ class ParallelRunner(ModelRunner):
         mapped: Any = None,
         num_state_slots: int = 0,
         lora: LoraWeights | None = None,
+        encoder: EncoderCache | None = None,
     ) -> None:
-        """`lora`: rank 0's LoRA adapter weights (every rank makes its own alike)."""
+        """`lora`: rank 0's LoRA adapter weights (every rank makes its own alike); `encoder`: a model that sees
+        images or hears audio, its encoders, here alone (each step's embeddings go to the first stage's ranks)."""
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
             raise InvalidInput("a parallel engine needs the model's path: every rank loads it")
@@ -151,6 +154,7 @@ class ParallelRunner(ModelRunner):
                 mapped=mapped,
                 num_state_slots=num_state_slots,
                 lora=lora,
+                encoder=encoder,
             )
             with stage(f"waiting for {layout.world_size - 1} more rank(s) of the engine to load the model"):
                 self._wait_ready(store)
@@ -162,9 +166,14 @@ class ParallelRunner(ModelRunner):
             segments.close_fds()  # every rank has mapped them, or failed
         log.info("parallel_engine_ready", tp=layout.tp, pp=layout.pp, threads=torch.get_num_threads())
 
-    def run(self, step: StepInputs) -> torch.Tensor:
+    def run(self, step: StepInputs, media: dict[str, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """`media`: the step's image and audio rows and their embeddings (step_media.py), which the step's order
+        names and its embeddings follow to the other ranks."""
+        rows = (media or {}).get("mm_rows")
+        if rows is not None:
+            step = msgspec.structs.replace(step, media_rows=rows.tolist())
         with self._leading(step):
-            return take_part(self, self.layout, self._comms, step)
+            return take_part(self, self.layout, self._comms, step, media_embeds=(media or {}).get("mm_embeds"))
 
     def read_kv(
         self, slots: torch.Tensor, out: torch.Tensor | None = None, window_slots: torch.Tensor | None = None

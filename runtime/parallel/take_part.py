@@ -42,9 +42,10 @@ def take_part(
     slots: torch.Tensor | None = None,
     kv: torch.Tensor | None = None,
     adapter: LoraAdapter | None = None,
+    media_embeds: torch.Tensor | None = None,
 ) -> Any:
     if isinstance(order, StepInputs):
-        return _step(runner, layout, comms, order)
+        return _step(runner, layout, comms, order, media_embeds)
     if isinstance(order, LoadLora):
         assert runner.lora is not None
         runner.lora.load(order.slot, _lora_factors(comms, order, adapter), order.lora_rank, order.scaling)
@@ -76,10 +77,19 @@ def _lora_factors(
     return {weight: (next(parts).view(r, into), next(parts).view(out, r)) for weight, out, into in order.shapes}
 
 
-def _step(runner: ModelRunner, layout: RankLayout, comms: RankComms, step: StepInputs) -> torch.Tensor | None:
-    """The logits on rank 0 (and on every rank of a single stage); None elsewhere."""
+def _step(
+    runner: ModelRunner, layout: RankLayout, comms: RankComms, step: StepInputs, media_embeds: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The logits on rank 0 (and on every rank of a single stage); None elsewhere. A step with images or audio
+    (`step.media_rows`) has rank 0's encoder embeddings (`media_embeds`) broadcast, taken by the first stage."""
     rows, hidden_size = len(step.input_ids), runner.config.hidden_size
     carried = None
+    if step.media_rows:
+        held = media_embeds.float().cpu().contiguous() if media_embeds is not None else None
+        embeds = comms.world.broadcast(held if held is not None else torch.empty(len(step.media_rows), hidden_size), 0)
+        if layout.previous is None:  # the first stage: its embedding's rows take them
+            mm_rows = torch.tensor(step.media_rows, dtype=torch.int64, device=runner.device)
+            carried = {"mm_rows": mm_rows, "mm_embeds": embeds.to(runner.device)}
     if layout.previous is not None:  # through the CPU group: on a GPU, a copy each way
         received = {name: comms.world.recv(torch.empty(rows, hidden_size), layout.previous) for name in CARRIED}
         carried = {name: tensor.to(runner.device) for name, tensor in received.items()}

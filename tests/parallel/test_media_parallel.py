@@ -1,0 +1,62 @@
+"""Images in a tensor or pipeline parallel engine: rank 0 holds the encoders and the encoder cache, and each step
+with pictures hands their embeddings to the first stage's ranks after the step's order (`parallel/take_part.py`).
+The tiny LLaVA in two slices and in two stages, and the tiny Gemma 3 (its pictures attending both ways) in two
+slices, give transformers' greedy tokens with one and two images beside a text-only prompt, whole and through a
+chunked prefill that splits an image's placeholders; Gemma 3 in pipeline stages is refused, naming the way that
+works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+from sagellm import LLM
+from sagellm.common.errors import InvalidInput
+from tests.multimodal import test_gemma3_vision as gemma3_case
+from tests.multimodal import test_llava_generate as llava_case
+from tests.multimodal.test_llava_generate import hf as hf  # the fixtures: the tiny LLaVA, transformers on it
+from tests.multimodal.test_llava_generate import llava as llava
+from tests.multimodal.test_llava_generate import reference as reference  # and its greedy tokens
+from tests.tiny_vision_models import make_tiny_gemma3_vision
+
+pytestmark = pytest.mark.slow  # each engine starts a second rank's process
+
+LLAVA_CASES = [(llava_case.ONE, [llava_case.NOISE]), (llava_case.TWO, [llava_case.OTHER, llava_case.RED]),
+               ("a prompt without a picture", [])]  # fmt: skip
+
+
+@pytest.mark.parametrize("budget", [512, 5], ids=["whole", "chunked"])
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_llava_in_two_slices_or_two_stages_gives_transformers_tokens(llava, reference, parallel, budget):
+    llm = LLM(str(llava), max_num_seqs=4, num_kv_blocks=64, max_num_batched_tokens=budget, **parallel)
+    outputs = llm.generate([llava_case.prompt(text, *images) for text, images in LLAVA_CASES], llava_case.GREEDY)
+    assert llava_case.tokens(outputs) == [reference(text, images) for text, images in LLAVA_CASES]
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory) -> Path:
+    return make_tiny_gemma3_vision(tmp_path_factory.mktemp("gemma3") / "gemma3")
+
+
+def gemma3_greedy(checkpoint: Path, text: str, images: list) -> list[int]:
+    model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
+    inputs = AutoProcessor.from_pretrained(checkpoint)(text=text, images=images, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.eval().generate(**inputs, max_new_tokens=gemma3_case.TOKENS, do_sample=False,
+                                    min_new_tokens=gemma3_case.TOKENS)  # fmt: skip
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_gemma3_in_two_slices_gives_transformers_tokens(gemma3):
+    cases = [(gemma3_case.ONE, [gemma3_case.NOISE]), (gemma3_case.TWO, [gemma3_case.OTHER, gemma3_case.RED])]
+    llm = LLM(str(gemma3), max_num_seqs=4, num_kv_blocks=64, tensor_parallel_size=2)
+    outputs = llm.generate([gemma3_case.prompt(text, *images) for text, images in cases], gemma3_case.GREEDY)
+    assert gemma3_case.tokens(outputs) == [gemma3_greedy(gemma3, text, images) for text, images in cases]
+
+
+def test_gemma3_in_pipeline_stages_is_refused_naming_tensor_parallel(gemma3):
+    with pytest.raises(InvalidInput, match="pipeline parallel: .*tensor_parallel_size"):
+        LLM(str(gemma3), num_kv_blocks=64, pipeline_parallel_size=2)
