@@ -8,13 +8,12 @@ would; a setting the encoder graph does not implement is refused naming its key.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sagellm.runtime.models.loaded import ModelLoadError
+from sagellm.runtime.models.loaded import ModelLoadError, ProcessorFiles
 from sagellm.runtime.models.vision_config import VisionConfig
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # transformers' names of the tanh-approximated GELU
@@ -201,10 +200,8 @@ def _gemma4_max_soft_tokens(source: Path) -> int:
     """The most soft tokens a picture gives: the image processor's max_soft_tokens (preprocessor_config.json, or
     processor_config.json's image_processor, beside config.json; 280, its default, where they leave it out), or the
     most any may say where there is neither."""
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-        path = source.parent / name
-        settings = json.loads(path.read_text()) if path.is_file() else {}
-        settings = (settings.get(key) or {}) if key else settings
+    files = ProcessorFiles.read(source.parent)
+    for settings in (files.preprocessor, files.processor.get("image_processor") or {}):
         if settings.get("max_soft_tokens") is not None:
             return int(settings["max_soft_tokens"])
         if settings.get("image_processor_type"):
