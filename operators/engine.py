@@ -25,8 +25,7 @@ from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConf
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.step_trace import StepTraceFile
 from sagellm.runtime.multimodal.media_feature import MediaFeature
-from sagellm.runtime.multimodal.prompt_media import decoded_images
-from sagellm.runtime.multimodal.wav import decode_wav
+from sagellm.runtime.multimodal.prompt_media import decoded_media
 from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
 
@@ -388,12 +387,8 @@ ENGINE_OPERATORS = (EngineOperator.name, PrefillOperator.name, DecodeOperator.na
 def _media(request: Request) -> dict[str, Any] | None:
     """A request's images and audio as the engine takes them (vLLM's multi_modal_data): decoded from the files it
     carries, or the pictures an `encode` node encoded (its prompt then came expanded)."""
-    data: dict[str, Any] = {}
+    data = decoded_media(None if request.encoded_images else request.images, request.audios)
     if request.encoded_images:
         data["encoded"] = [MediaFeature("image", e.hash, e.offset, e.length, None, e.embeds)
                            for e in request.encoded_images]  # fmt: skip
-    elif request.images:
-        data["image"] = decoded_images(request.images)
-    if request.audios:
-        data["audio"] = [decode_wav(clip) for clip in request.audios]
     return data or None

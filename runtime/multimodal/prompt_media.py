@@ -24,6 +24,7 @@ from sagellm.runtime.multimodal.audio_prompts import AudioPrompts
 from sagellm.runtime.multimodal.image_prompts import ImagePrompts
 from sagellm.runtime.multimodal.media_feature import Expansion, MediaFeature
 from sagellm.runtime.multimodal.newline_join import NewlineJoin
+from sagellm.runtime.multimodal.wav import decode_wav
 
 NOUNS = {"image": "image(s)", "audio": "audio clip(s)"}
 
@@ -137,6 +138,17 @@ class PromptMedia:
             covered += f.length
         if covered != sum(t in self._tokens for t in token_ids):
             raise InvalidInput("the prompt's placeholders and its encoded pictures and clips do not pair up")
+
+
+def decoded_media(images: Sequence[bytes] | None, audios: Sequence[bytes] | None) -> dict[str, list[Any]]:
+    """A request's image and WAV files (as it carries them) as multi_modal_data: {"image": [...], "audio": [...]},
+    each key only where it has files."""
+    data: dict[str, list[Any]] = {}
+    if images:
+        data["image"] = decoded_images(images)
+    if audios:
+        data["audio"] = [decode_wav(clip) for clip in audios]
+    return data
 
 
 def decoded_images(files: Sequence[bytes]) -> list[Image.Image]:

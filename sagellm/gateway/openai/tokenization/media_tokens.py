@@ -41,15 +41,9 @@ async def with_media_expanded(
     image_files, clip_files = await chat_media_files(chat, policy, kept, owner)
 
     def expanded() -> list[int]:
-        from sagellm.runtime.multimodal.prompt_media import decoded_images
-        from sagellm.runtime.multimodal.wav import decode_wav
+        from sagellm.runtime.multimodal.prompt_media import decoded_media
 
-        media: dict[str, list[Any]] = {}
-        if image_files:
-            media["image"] = decoded_images(image_files)
-        if clip_files:
-            media["audio"] = [decode_wav(clip) for clip in clip_files]
-        return prompts.expand(ids, media)[0]
+        return prompts.expand(ids, decoded_media(image_files, clip_files))[0]
 
     try:  # decoding and resizing hold a core a while: off the event loop, as a chat's images are
         return await trio.to_thread.run_sync(expanded)
