@@ -84,12 +84,13 @@ def _step(
     (`step.media_rows`) has rank 0's encoder embeddings (`media_embeds`) broadcast, taken by the first stage."""
     rows, hidden_size = len(step.input_ids), runner.config.hidden_size
     carried = None
-    if step.media_rows:
+    if step.media_rows:  # through the CPU group; rank 0 keeps its own (on its device) for its own stage
         held = media_embeds.float().cpu().contiguous() if media_embeds is not None else None
         embeds = comms.world.broadcast(held if held is not None else torch.empty(len(step.media_rows), hidden_size), 0)
         if layout.previous is None:  # the first stage: its embedding's rows take them
             mm_rows = torch.tensor(step.media_rows, dtype=torch.int64, device=runner.device)
-            carried = {"mm_rows": mm_rows, "mm_embeds": embeds.to(runner.device)}
+            mine = media_embeds if media_embeds is not None else embeds.to(runner.device)
+            carried = {"mm_rows": mm_rows, "mm_embeds": mine}
     if layout.previous is not None:  # through the CPU group: on a GPU, a copy each way
         received = {name: comms.world.recv(torch.empty(rows, hidden_size), layout.previous) for name in CARRIED}
         carried = {name: tensor.to(runner.device) for name, tensor in received.items()}
