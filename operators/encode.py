@@ -110,8 +110,10 @@ class EncodeOperator(StepOperator):
         embeds = iter(self.encoder.embeddings_of([f for _, _, features in expanded for f in features]))
         for request, ids, features in expanded:
             request.prompt_token_ids, request.images = ids, None
-            request.encoded_images = [EncodedImage(hash=f.hash, offset=f.offset, length=f.length, embeds=next(embeds))
-                                      for f in features]  # fmt: skip
+            request.encoded_images = [
+                EncodedImage(hash=f.hash, offset=f.offset, length=f.length, embeds=next(embeds), grid=f.grid)
+                for f in features
+            ]
             out.append(request)
         return out
 

@@ -389,6 +389,6 @@ def _media(request: Request) -> dict[str, Any] | None:
     carries, or the pictures an `encode` node encoded (its prompt then came expanded)."""
     data = decoded_media(None if request.encoded_images else request.images, request.audios)
     if request.encoded_images:
-        data["encoded"] = [MediaFeature("image", e.hash, e.offset, e.length, None, e.embeds)
+        data["encoded"] = [MediaFeature("image", e.hash, e.offset, e.length, None, e.embeds, e.grid)
                            for e in request.encoded_images]  # fmt: skip
     return data or None

@@ -305,3 +305,75 @@ def gemma4_processor(path: str | Path) -> Any:
 
     return ImagesOnly(feature_extractor=None, image_processor=Gemma4ImageProcessorPil.from_pretrained(path),
                       tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None)  # fmt: skip
+
+
+# Qwen3.5's vision tokens as its tokenizer spells them: a picture's run of <|image_pad|> between <|vision_start|> and
+# <|vision_end|> (the chat template writes one <|image_pad|> an image, the processor repeats it per merged patch)
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# ChatML with list content, an image part written as Qwen3.5's chat template writes it
+QWEN3_5_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Its image processor's settings at a tiny scale: 16-pixel patches merged 2 x 2, a picture resized to 32 x 32 to
+# 128 x 128 pixels (1 to 16 image tokens), mean and std 0.5 as Qwen3.5's preprocessor_config.json
+QWEN3_5_IMAGES = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128})  # fmt: skip
+
+
+def make_tiny_qwen3_5_vision(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Save a random tiny Qwen3_5ForConditionalGeneration to `directory`: make_tiny_qwen3_5's text model (DeltaNet
+    and gated attention layers, heads of 16) with multimodal rotary positions as the hub's config gives them (half
+    of each head rotated, mrope_section [2, 1, 1] over its 4 frequencies, interleaved), a 2-layer tower of 32 (4
+    heads) on 16-pixel patches of 2 frames, its learned positions a 5 x 5 grid interpolated to each picture's, its
+    merger joining 2 x 2 patches into one token of the text width; its tokenizer (with Qwen's vision tokens and
+    QWEN3_5_CHAT_TEMPLATE) and its Qwen2VLImageProcessorPil (QWEN3_5_IMAGES) saved beside it. Qwen3VLProcessor, which
+    AutoProcessor picks, needs torchvision for its video processor, which the tests lack: `qwen3_5_processor` builds
+    it from the saved tokenizer and image processor. `overrides` go to the vision config."""
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5TextConfig,
+        Qwen3_5VisionConfig,
+    )
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})
+    tokenizer.chat_template = QWEN3_5_CHAT_TEMPLATE
+    start, end, image, video = tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))
+    rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True}  # fmt: skip
+    text = Qwen3_5TextConfig(**(_LLAMA_DEFAULTS | dict(
+        vocab_size=len(tokenizer), head_dim=16, num_hidden_layers=4, full_attention_interval=2,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        rope_parameters=rope, initializer_range=0.1)))  # fmt: skip
+    vision = Qwen3_5VisionConfig(**(dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=16,
+                                         spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=25,
+                                         out_hidden_size=text.hidden_size, initializer_range=0.1)
+                                    | overrides))  # fmt: skip
+    config = Qwen3_5Config(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=image,
+                           video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+                           tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    path = _randomize_and_save(Path(directory), Qwen3_5ForConditionalGeneration(config).eval(), tokenizer)
+    Qwen2VLImageProcessorPil(**QWEN3_5_IMAGES).save_pretrained(path)
+    return path
+
+
+def qwen3_5_processor(path: str | Path) -> Any:
+    """The Qwen3VLProcessor of a make_tiny_qwen3_5_vision checkpoint (what AutoProcessor gives Qwen3.5): its tokenizer
+    and image processor, without the video processor (torchvision's), which the tests do not read."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLProcessor
+
+    class ImagesOnly(Qwen3VLProcessor):
+        def check_argument_for_proper_class(self, name: str, argument: Any) -> Any:
+            return None if argument is None else super().check_argument_for_proper_class(name, argument)
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return ImagesOnly(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer=tokenizer,
+                      video_processor=None, chat_template=tokenizer.chat_template)  # fmt: skip

@@ -12,3 +12,6 @@ class CacheGeometry(msgspec.Struct, frozen=True, kw_only=True):
     num_blocks: int  # every rank of a group allocates as many blocks (for its own heads and layers)
     block_size: int  # tokens a block holds
     max_model_len: int  # the longest sequence: the model's context, cut to what the blocks hold
+    # The most tokens one step runs (the scheduler's budget): as many rope table rows for a step's pictures where a
+    # model's rope is multimodal (models/mrope.py); 0: none
+    max_step_tokens: int = 0

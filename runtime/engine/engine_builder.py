@@ -225,7 +225,8 @@ def _cache_layout(
         log.info("state_slots", seats=num_state_slots, checkpoints=checkpoints, rollbacks=rollbacks,
                  mib_per_slot=per_sequence)  # fmt: skip
     max_model_len = min(max_len, num_blocks * config.block_size)
-    geometry = CacheGeometry(num_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len)
+    geometry = CacheGeometry(num_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len,
+                             max_step_tokens=config.max_num_batched_tokens)  # fmt: skip
     return _CacheLayout(rank0, geometry, window_blocks, num_state_slots, checkpoints, rollbacks)
 
 

@@ -32,10 +32,12 @@ from sagellm.runtime.execution_graph.plan import Plan
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.decoder_graph import build_decoder_graph
 from sagellm.runtime.models.lora_adapter import LoraAdapter
+from sagellm.runtime.models.mrope import StepRopeRows
 from sagellm.runtime.models.pipeline_stages import PipelineStage
 from sagellm.runtime.models.rope import rope_tables
 from sagellm.runtime.models.tensor_parallel import TensorShard, rank_config, shard_tensor_parallel
 from sagellm.runtime.multimodal.encoder_cache import EncoderCache
+from sagellm.runtime.multimodal.mrope_positions import token_positions
 from sagellm.runtime.multimodal.step_media import step_media
 
 
@@ -82,6 +84,9 @@ class StepInputs(msgspec.Struct, array_like=True, kw_only=True, tag="step"):
     # A parallel group's step with images or audio: the rows their embeddings replace (rank 0's encoder made them;
     # the embeddings follow the step as one tensor, `take_part`); empty otherwise.
     media_rows: list[int] = []
+    # A Qwen-VL model's step with pictures: the time, height and width positions of each picture token, in order;
+    # such a token's entry in `positions` is the rope table row composed from them (models/mrope.py)
+    picture_positions: list[list[int]] = []
 
 
 class ModelRunner:
@@ -107,6 +112,7 @@ class ModelRunner:
         packed: dict[str, Any] | None = None,
         lora: LoraWeights | None = None,
         encoder: EncoderCache | None = None,
+        max_step_tokens: int = 0,
     ) -> None:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
@@ -119,7 +125,8 @@ class ModelRunner:
         another runner's packed linears (`self.packed`) to bind as they are where this graph reads the same;
         `lora`: this rank's LoRA adapter weights, whose updates the linears they change add (one graph's);
         `encoder`: a model that sees images, its vision encoder (behind its cache), whose embeddings fill the
-        placeholder rows of a step's prompts."""
+        placeholder rows of a step's prompts; `max_step_tokens`: the most tokens a step runs (the rope table's rows
+        for a step's pictures where the model's rope is multimodal)."""
         self.config = config
         self.layers = stage.layers(config.num_layers) if stage else range(config.num_layers)
         self.backend = backend
@@ -138,11 +145,15 @@ class ModelRunner:
             raise ValueError("a runner of another graph than the decoder's runs on one rank")
         graph = graph or build_decoder_graph(config, self.layers)
         self.graph = optimize(shard_tensor_parallel(graph, config, shard) if shard else graph)
+        # M-RoPE (Qwen-VL, the MTP head of one): a picture's tokens read rows of the rope table composed each step
+        mrope = bool(config.mrope_section and max_step_tokens)
+        tables = rope_tables(config, max_model_len, self.device, step_rows=max_step_tokens if mrope else 0)
+        self._picture_rows = StepRopeRows(config, tables["global"], max_model_len) if mrope else None
         context = LoweringContext(
             backend=backend,
             weights=weights,
             kv_caches=self.kv_caches,
-            rope_tables=rope_tables(config, max_model_len, self.device),
+            rope_tables=tables,
             head_dim=config.head_dim,
             quantized=quantized or {},
             collectives=collectives,
@@ -204,6 +215,7 @@ class ModelRunner:
         logits_rows: list[int] = []
         lora_slots: list[int] = []  # each row's adapter slot, where some sequence has one
         prefills: list[tuple[int, int, int, list[int], int, int, tuple[int, int] | None]] = []
+        pictures: list[list[int]] = [[], [], []]  # M-RoPE: each picture token's time, height and width positions
         media_runs: list[list[tuple[int, int]]] = []
         both_ways = self.config.media_attends_both_ways
         num_decodes = batch.num_decodes
@@ -218,7 +230,7 @@ class ModelRunner:
             ids.extend(seq.scheduled_token_ids(n))
             lora_slots.extend([seq.lora_slot] * n)  # its proposed tokens' rows too: verified under its adapter
             span = range(start, start + n)
-            positions.extend(span)
+            positions.extend(self._positions(seq, start, n, pictures) if self._picture_rows else span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             if self.window_blocks:
                 window_slots.extend(seq.window_table[p // bs] * bs + p % bs for p in span)
@@ -257,8 +269,21 @@ class ModelRunner:
             decode_state_seeds=self._decode_state_seeds(batch, decodes),
             lora_slots=lora_slots if any(slot >= 0 for slot in lora_slots) else [],
             prefill_media_runs=media_runs if any(media_runs) else [],
+            picture_positions=pictures if pictures[0] else [],
             **window,
         )
+
+    def _positions(self, seq: Sequence, start: int, n: int, pictures: list[list[int]]) -> list[int] | range:
+        """A sequence's tokens' positions under M-RoPE: a picture's tokens read rows past the table's positions,
+        in step order, whose three positions join `pictures`."""
+        if not any(f.grid for f in seq.mm_features):
+            return range(start, start + n)
+        positions, three = token_positions(seq.mm_features, start, n)
+        for i, *thw in three:
+            positions[i] = self._picture_rows.first + len(pictures[0])
+            for column, p in zip(pictures, thw):
+                column.append(p)
+        return positions
 
     def _decode_state_seeds(self, batch: ScheduledBatch, decodes: list[tuple[Sequence, int]]) -> list[tuple[int, int]]:
         """(slot, source) of the decode rows that do not continue their own states: a sequence's first token (from
@@ -301,6 +326,8 @@ class ModelRunner:
                     for chunk, table in zip(meta.prefills, step.window_prefill_tables)
                 ],
             )
+        if step.picture_positions:
+            self._picture_rows.write(self._tensor(step.picture_positions, torch.int64))
         return {
             "input_ids": self._tensor(step.input_ids, torch.int64),
             "positions": self._tensor(step.positions, torch.int64),

@@ -34,6 +34,7 @@ def runner_over(
         num_blocks=cache.num_blocks,
         block_size=cache.block_size,
         max_model_len=cache.max_model_len,
+        max_step_tokens=cache.max_step_tokens,
         quantized=model.quantized if quantized else {},
         mapped=model.mapped,
         **options,

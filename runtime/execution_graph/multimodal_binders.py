@@ -1,5 +1,6 @@
 """The binders multimodal models add to lowering's table (lowering.py registers MULTIMODAL_BINDERS): the vision
-and audio encoder graphs' ops (models/encoder_graph.py; Gemma 4's tower's: torch_ops/gemma4_vision.py), the decoder's
+and audio encoder graphs' ops (models/encoder_graph.py; Gemma 4's tower's: torch_ops/gemma4_vision.py; Qwen3.5's:
+torch_ops/qwen_vision.py), the decoder's
 `scatter_rows`, which puts the encoder's embeddings into the rows of their placeholder tokens, and `replace_rows`,
 which gives those rows another token for Gemma 4's per-layer embeddings.
 
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sagellm.backends.torch_ops import audio, gemma4_vision, vision
+from sagellm.backends.torch_ops import audio, gemma4_vision, qwen_vision, vision
 from sagellm.runtime.execution_graph.graph import GraphError
 
 
@@ -81,6 +82,14 @@ def _bind_gemma4_patch_embed(params, ctx, kernels):
     return embed, (weight, _float_weight(ctx, params["table"]))
 
 
+def _bind_conv_as_linear(params, ctx, kernels):
+    """A convolution whose kernel is its whole input (Qwen3.5's Conv3d on one patch's frames) as a linear: its
+    weight [D, C, T, p, p] flattened to [D, C * T * p * p], packed as the backend packs linears, with its bias."""
+    weight = _weight(ctx, params["weight"]).flatten(1).to(ctx.linear_dtype)
+    bias = _float_weight(ctx, params["weight"].removesuffix(".weight") + ".bias")
+    return kernels["linear"], (ctx.backend.prepare_linear_weight(weight), bias)
+
+
 def _bind_clamp(params, ctx, kernels):
     """A Gemma 4 clipped linear's clamp of its input or output, its bounds (scalars) in float32."""
     return gemma4_vision.clamp, _float_weights(ctx, params["low"], params["high"])
@@ -142,4 +151,9 @@ MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tu
     "clamp": _bind_clamp,
     "standardize": lambda p, ctx, k: (gemma4_vision.standardize, _float_weights(ctx, p["bias"], p["scale"])),
     "replace_rows": lambda p, ctx, k: (_replace_rows, (p["token"],)),
+    "conv_as_linear": _bind_conv_as_linear,
+    "grid_positions": lambda p, ctx, k: (qwen_vision.add_grid_positions, (_float_weight(ctx, p["table"]), p["merge"])),
+    "grid_rope": lambda p, ctx, k: (qwen_vision.grid_rope, (p["head_dim"], p["theta"], p["merge"])),
+    "rotate_heads": lambda p, ctx, k: (qwen_vision.rotate_heads, (p["head_dim"],)),
+    "join_rows": lambda p, ctx, k: (qwen_vision.join_rows, (p["group"],)),
 }

@@ -70,6 +70,12 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     local_rope_theta: float | None = None  # the sliding layers' own rope (Gemma 3: theta 1e4, unscaled)
     rotary_dim: int = 0  # rope turns only the first rotary_dim of each head (Phi-3's partial rotary); 0: head_dim
+    # Qwen-VL's multimodal rope (M-RoPE): each rotary frequency turns by one of a token's three positions (time,
+    # height, width): `mrope_section[i]` frequencies by position i, in turn (Qwen2-VL, Qwen2.5-VL) or interleaved
+    # t h w t h w ... (`mrope_interleaved`: Qwen3-VL, Qwen3.5). A text token's three are equal, so text alone turns
+    # as plain rope; a picture's tokens get their own table rows (models/mrope.py). (): plain rope.
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
     # Gated attention (Qwen3.5, Qwen3-Next): q_proj gives each head's query and a gate of the same size, interleaved
     # per head; the attention output is multiplied by sigmoid(gate) before o_proj.
     attn_output_gate: bool = False

@@ -2,7 +2,8 @@
 the same `lower` onto the backend's kernels: LLaVA's vision encoder (a CLIP tower and its two-layer projector),
 Idefics3's / SmolVLM's (a SigLIP-style tower, a pixel shuffle and one linear), Gemma 3's (a SigLIP tower, its patches
 pooled into soft tokens, normed and projected), Gemma 4's (its own tower on pictures of any shape: rows of patches
-and their positions, a 2-D rope, pooled by positions), and Qwen2-Audio's audio encoder
+and their positions, a 2-D rope, pooled by positions), Qwen3.5's (a ViT on rows of patches whose grids the metadata
+carries: interpolated positions, a 2-D rope, squares of patches merged), and Qwen2-Audio's audio encoder
 (Whisper's tower, its rows averaged in pairs, one linear).
 
 The graph is written as the model reads, one op per line, unfused: the passes fuse each layer's q/k/v into one
@@ -67,6 +68,8 @@ _VISION_GRAPHS = (("clip", "llava_mlp"), ("siglip", "pixel_shuffle"), ("siglip",
 def build_vision_graph(vision: VisionConfig) -> Graph:
     if vision.tower == "gemma4":
         return _gemma4_vision_graph(vision)
+    if vision.tower == "qwen3_5":
+        return _qwen3_5_vision_graph(vision)
     if (vision.tower, vision.projector) not in _VISION_GRAPHS:
         raise GraphError(f"no encoder graph for a {vision.tower} tower with a {vision.projector} projector")
     g = Graph(attrs={"model": f"{vision.tower} vision tower", "num_layers": vision.num_layers_run})
@@ -148,6 +151,42 @@ def _gemma4_vision_graph(v: VisionConfig) -> Graph:
         x = g.add("standardize", [x], bias=TOWER + "std_bias", scale=TOWER + "std_scale")
     x = g.add("head_rmsnorm", [x], weight=None, eps=eps, head_dim=d)
     x = g.add("linear", [x], weight=PROJECTOR + "embedding_projection.weight", out_features=v.text_hidden_size)
+    g.add("output", [x], id="embeds", name="embeds")
+    return g
+
+
+def _qwen3_5_vision_graph(v: VisionConfig) -> Graph:
+    """Qwen3.5's tower on pictures given as rows of patches, each picture's grid in `encoder_metadata`
+    (torch_ops/qwen_vision.GridMetadata): the Conv3d as a linear, the learned positions interpolated to each grid,
+    blocks of a LayerNorm, a fused qkv with the 2-D rope on q and k, attention within each frame, the projection, a
+    LayerNorm and the MLP, each added to the stream; then the merger: a LayerNorm, each square of merge^2 rows
+    joined, two linears with a GELU between, into the text model's width."""
+    g = Graph(attrs={"model": "qwen3_5 vision tower", "num_layers": v.num_layers_run})
+    rows = g.add("input", id="pixel_values", name="pixel_values")  # [T, C * t * p * p]
+    meta = g.add("input", id="encoder_metadata", name="encoder_metadata")
+    d, head, eps, merge = v.hidden_size, v.head_dim, v.layer_norm_eps, v.spatial_merge_size
+    hidden = g.add("conv_as_linear", [rows], weight=TOWER + "patch_embed.proj.weight")
+    hidden = g.add("grid_positions", [hidden, meta], table=TOWER + "pos_embed.weight", merge=merge)
+    cos, sin = g.add_multi("grid_rope", [hidden, meta], 2, head_dim=head, theta=v.rope_theta, merge=merge)
+
+    def linear(x: Value, name: str, out: int) -> Value:
+        return g.add("linear", [x], weight=f"{name}.weight", out_features=out, bias=True)
+
+    for i in range(v.num_layers_run):
+        p = f"{TOWER}blocks.{i}."
+        x = g.add("layernorm", [hidden], weight=p + "norm1.weight", eps=eps)
+        q, k, val = g.add_multi("split", [linear(x, p + "attn.qkv", 3 * d)], 3, sizes=[d, d, d])
+        q, k = (g.add("rotate_heads", [t, cos, sin], head_dim=head) for t in (q, k))
+        attn = g.add("encoder_attention", [q, k, val, meta], layer=i, num_heads=v.num_heads, head_dim=head,
+                     scale=head**-0.5)  # fmt: skip
+        hidden = g.add("add", [hidden, linear(attn, p + "attn.proj", d)])
+        x = g.add("layernorm", [hidden], weight=p + "norm2.weight", eps=eps)
+        x = linear(g.add(v.activation, [linear(x, p + "mlp.linear_fc1", v.intermediate_size)]), p + "mlp.linear_fc2", d)
+        hidden = g.add("add", [hidden, x])
+    x = g.add("layernorm", [hidden], weight=TOWER + "merger.norm.weight", eps=eps)
+    x = g.add("join_rows", [x], group=merge**2)
+    x = g.add(v.projector_activation, [linear(x, TOWER + "merger.linear_fc1", d * merge**2)])
+    x = linear(x, TOWER + "merger.linear_fc2", v.text_hidden_size)
     g.add("output", [x], id="embeds", name="embeds")
     return g
 

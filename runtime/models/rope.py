@@ -132,11 +132,17 @@ def cos_sin_table(config: ModelConfig, max_positions: int, device: torch.device 
     return (table * scale if scale != 1.0 else table).to(device)
 
 
-def rope_tables(config: ModelConfig, max_positions: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def rope_tables(
+    config: ModelConfig, max_positions: int, device: torch.device | str = "cpu", step_rows: int = 0
+) -> dict[str, torch.Tensor]:
     """The tables a model's rope nodes name: "global", and "local" for sliding layers with their own rope (Gemma 3's
-    sliding layers turn by theta 1e4, unscaled, its global ones by 1e6 with the model's scaling)."""
+    sliding layers turn by theta 1e4, unscaled, its global ones by 1e6 with the model's scaling). `step_rows`: rows
+    past the positions for a step's picture tokens to read (M-RoPE, mrope.StepRopeRows), written each step."""
     full = replace(config, head_dim=config.full_head_dim) if config.full_head_dim else config  # Gemma 4's head size
-    tables = {"global": cos_sin_table(full, max_positions, device)}
+    table = cos_sin_table(full, max_positions, device)
+    if step_rows:
+        table = torch.cat([table, table.new_zeros(step_rows, table.shape[1])])
+    tables = {"global": table}
     if config.local_rope_theta is not None:
         local = replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
         tables["local"] = cos_sin_table(local, max_positions, device)

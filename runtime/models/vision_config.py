@@ -8,7 +8,8 @@ spelling. A model served text only has none (`ModelConfig.vision` is None).
 The encoder reads one square picture at a time, `image_size` pixels a side: a whole image (LLaVA) or one tile of an
 image cut into tiles (Idefics3, which adds the whole image shrunk to a tile), and gives it `tokens_per_image`
 embeddings, one per placeholder token of a run of them in the prompt. Gemma 4's tower reads a picture at the size its
-processor resized it to (its patches and their positions) and gives as many embeddings as that size pools into."""
+processor resized it to (its patches and their positions) and gives as many embeddings as that size pools into;
+Qwen3.5's reads a picture's patch rows and the grid they form, and gives one embedding per merged square of them."""
 
 from __future__ import annotations
 
@@ -66,11 +67,18 @@ class VisionConfig:
     per_layer_token_id: int | None = None
     # The tokens an image's run of image tokens is wrapped in where its processor puts them (Gemma 4's <boi>, <eoi>)
     around_image: tuple[int, int] | None = None
+    # Qwen3.5's tower ("qwen3_5"; projector "qwen_merger"): a picture of any shape as rows of patches, each
+    # temporal_patch_size frames of patch_size^2 pixels (a linear: the Conv3d on its own patch), its learned
+    # positions (a square of num_position_embeddings) interpolated to the picture's grid, a 2-D rope (rope_theta),
+    # and each spatial_merge_size^2 square of patches merged into one token; at most max_soft_tokens a picture
+    spatial_merge_size: int = 0
+    temporal_patch_size: int = 0
+    num_position_embeddings: int = 0
 
     @property
     def variable_tokens(self) -> bool:
-        """Pictures give as many soft tokens as their shape does (Gemma 4's), up to `tokens_per_image`."""
-        return self.tower == "gemma4"
+        """Pictures give as many soft tokens as their shape does (Gemma 4's, Qwen3.5's), up to `tokens_per_image`."""
+        return self.tower in ("gemma4", "qwen3_5")
 
     @property
     def head_dim(self) -> int:
@@ -103,5 +111,6 @@ class VisionConfig:
         if self.projector == "pooled":
             return self.pooled_side * self.pooled_side
         if self.variable_tokens:
-            return self.max_soft_tokens  # the most: each picture's own count is its patches / pooling_kernel^2
+            return self.max_soft_tokens  # the most: each picture's own count is its patches / pooling_kernel^2 (or
+            # / spatial_merge_size^2)
         return self.rows_per_image - (1 if self.drop_class else 0)

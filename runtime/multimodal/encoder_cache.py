@@ -45,7 +45,8 @@ class EncoderCache:
         runs = [pictures] if pictures else []
         runs += [[f] for f in fresh.values() if f.modality != "image"]
         for run in runs:
-            for f, embeds in zip(run, self._encoder(run[0]).encode(torch.cat([self._input(f) for f in run]))):
+            grids = [f.grid for f in run] if run[0].grid is not None else None  # Qwen-VL's pictures' token grids
+            for f, embeds in zip(run, self._encoder(run[0]).encode(torch.cat([self._input(f) for f in run]), grids)):
                 found[f.hash] = self._keep(f, embeds)
         return [f.embeds if f.embeds is not None else found[f.hash] for f in features]
 

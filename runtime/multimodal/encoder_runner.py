@@ -4,6 +4,7 @@ placeholder token of its in the prompt, in the text model's width.
 
     encoder = EncoderRunner(loaded.config, loaded.weights, backend)
     embeds = encoder.encode(processed.pixel_values)  # [tokens_per_image, text hidden] per image
+    embeds = encoder.encode(patch_rows, grids)  # Qwen3.5: its pictures' patch rows, and each one's token grid
     embeds = AudioEncoderRunner(loaded.config, loaded.weights, backend).encode(frames)  # [tokens, text hidden]
 
 The inputs are the Hugging Face processor's (image_processing.image_processor_for and audio_features give the
@@ -11,13 +12,14 @@ same)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
 
 from sagellm.backends.base import HardwareBackend
 from sagellm.backends.torch_ops.gemma4_vision import POSITION_COLUMNS
+from sagellm.backends.torch_ops.qwen_vision import GridMetadata
 from sagellm.backends.torch_ops.vision import EncoderMetadata
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.execution_graph.graph import Graph
@@ -29,9 +31,13 @@ from sagellm.runtime.models.encoder_graph import build_audio_graph, build_vision
 AUDIO_FRAMES_PAST_CLIP = 2  # the padding's frames the convolutions read past a clip's own (audio_prompts.py)
 
 
+Grid = tuple[int, int, int]  # (t, h, w): the grid of a picture's placeholder tokens (MediaFeature.grid)
+
+
 class Encoder(Protocol):
-    def encode(self, inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Its pictures' or clip's inputs -> each one's embeddings [tokens, text hidden] float32, in order."""
+    def encode(self, inputs: torch.Tensor, grids: Sequence[Grid] | None = None) -> list[torch.Tensor]:
+        """Its pictures' or clip's inputs -> each one's embeddings [tokens, text hidden] float32, in order;
+        `grids`: each picture's token grid, where its inputs do not say it (Qwen3.5's patch rows)."""
         ...
 
 
@@ -68,10 +74,13 @@ class EncoderRunner(_GraphEncoder):
         return build_vision_graph(self.vision), self.vision.head_dim
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, pixel_values: torch.Tensor, grids: Sequence[Grid] | None = None) -> list[torch.Tensor]:
         """pixel_values [N, C, H, W] -> each image's embeddings [tokens_per_image, text hidden] float32 (views of
-        one tensor), in order. Gemma 4's tower takes its pictures' rows of patches instead (`_encode_patches`)."""
+        one tensor), in order. Gemma 4's tower takes its pictures' rows of patches instead (`_encode_patches`),
+        Qwen3.5's their rows of patches and `grids` (`_encode_grids`)."""
         v = self.vision
+        if v.tower == "qwen3_5":
+            return self._encode_grids(pixel_values, grids)
         if v.variable_tokens:
             return self._encode_patches(pixel_values)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
@@ -99,6 +108,22 @@ class EncoderRunner(_GraphEncoder):
         embeds = self.plan.run(pixel_values=rows.to(self.device, torch.float32), encoder_metadata=meta)["embeds"]
         return list(embeds.split([n // v.pooling_kernel**2 for n in lengths]))
 
+    def _encode_grids(self, rows: torch.Tensor, grids: Sequence[Grid] | None) -> list[torch.Tensor]:
+        """Qwen3.5's pictures, each its patch rows [t * h * w * m^2, C * T * p * p] in its processor's order,
+        stacked, and `grids`, each one's token grid (t, h, w) (m = spatial_merge_size: its patches are t frames of
+        h * m by w * m) -> each one's embeddings [t * h * w, text hidden] float32."""
+        v = self.vision
+        m, width = v.spatial_merge_size, v.num_channels * v.temporal_patch_size * v.patch_size**2
+        if grids is None or any(len(grid) != 3 or min(grid) < 1 for grid in grids):
+            raise InvalidInput(f"Qwen3.5's vision tower takes each picture's token grid (t, h, w), not {grids!r}")
+        tokens = [t * h * w for t, h, w in grids]
+        if rows.dim() != 2 or rows.shape[1] != width or rows.shape[0] != sum(tokens) * m * m:
+            raise InvalidInput(f"patch rows of shape {tuple(rows.shape)} for token grids {list(grids)}: the tower "
+                               f"takes [{sum(tokens) * m * m}, {width}]")  # fmt: skip
+        meta = GridMetadata.of([(t, h * m, w * m) for t, h, w in grids])
+        embeds = self.plan.run(pixel_values=rows.to(self.device, torch.float32), encoder_metadata=meta)["embeds"]
+        return list(embeds.split(tokens))
+
 
 class AudioEncoderRunner(_GraphEncoder):
     """An audio encoder (Qwen2-Audio's), one clip a run."""
@@ -110,9 +135,9 @@ class AudioEncoderRunner(_GraphEncoder):
         return build_audio_graph(self.audio), self.audio.head_dim
 
     @torch.inference_mode()
-    def encode(self, frames: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, frames: torch.Tensor, grids: Sequence[Grid] | None = None) -> list[torch.Tensor]:
         """A clip's log-mel frames [1, mel, L + AUDIO_FRAMES_PAST_CLIP] (its own L frames, then the padding's the
-        convolutions read) -> [its embeddings [tokens_for_frames(L), text hidden] float32]."""
+        convolutions read) -> [its embeddings [tokens_for_frames(L), text hidden] float32]. (A clip has no grid.)"""
         a = self.audio
         length = frames.shape[-1] - AUDIO_FRAMES_PAST_CLIP
         if frames.dim() != 3 or frames.shape[:2] != (1, a.num_mel_bins) or not 0 < length <= a.max_frames:

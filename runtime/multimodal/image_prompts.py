@@ -37,7 +37,7 @@ class ImagePrompts:
         around: tuple[int, int] | None = None,
     ) -> None:
         """`tokens_per_image`: the encoder's embeddings per picture, which every run of image tokens must match
-        (with `variable_tokens`, Gemma 4's, the most a run may hold: each picture's is its own);
+        (with `variable_tokens`, Gemma 4's and Qwen-VL's, the most a run may hold: each picture's is its own);
         `encode`: the tokenizer, without special tokens added (for a placeholder's text); `max_items`: the most
         images a prompt may carry (limit_mm_per_prompt's; None: no cap); `placeholder_id`: the token a prompt
         carries per image where it is not the image token (Gemma 3's <start_of_image>); `around`: the tokens before
@@ -77,15 +77,16 @@ class ImagePrompts:
     def expansions(self, images: Sequence[Any]) -> list[Expansion]:
         """Each image's placeholder tokens and its pictures' features (offsets from the expansion's start)."""
         processed = self.processor.preprocess([_image(image) for image in images])
-        if processed.encoder_inputs is not None:  # pictures the encoder reads otherwise (Gemma 4's patch rows)
+        if processed.encoder_inputs is not None:  # pictures the encoder reads otherwise (Gemma 4's, Qwen-VL's rows)
             per_image = [[picture] for picture in processed.encoder_inputs]
         else:
             pictures = processed.pixel_values.reshape(-1, *processed.pixel_values.shape[-3:])  # [pictures, C, H, W]
             per_image = pictures.split(list(processed.pixel_values_per_image))
+        grids = processed.token_grids or (None,) * len(per_image)
         out = []
-        for i, image_pictures in enumerate(per_image):
+        for i, (image_pictures, grid) in enumerate(zip(per_image, grids)):
             placeholders = self._placeholders(processed, i)
-            out.append(Expansion(placeholders, self._features(placeholders, image_pictures)))
+            out.append(Expansion(placeholders, self._features(placeholders, image_pictures, grid)))
         return out
 
     def check_feature(self, feature: MediaFeature) -> None:
@@ -103,16 +104,19 @@ class ImagePrompts:
         run = [self.token_id] * processed.num_tokens[i]
         return run if self.around is None else [self.around[0], *run, self.around[1]]
 
-    def _features(self, placeholders: list[int], pictures: Sequence[torch.Tensor]) -> list[MediaFeature]:
-        """A feature per run of image tokens among `placeholders`, the pictures (each [C, H, W], or Gemma 4's patch
-        rows [P, K] read whole) in order: one run each, each as long as the encoder's embeddings of one."""
+    def _features(
+        self, placeholders: list[int], pictures: Sequence[torch.Tensor], grid: tuple[int, int, int] | None = None
+    ) -> list[MediaFeature]:
+        """A feature per run of image tokens among `placeholders`, the pictures (each [C, H, W], or Gemma 4's or
+        Qwen-VL's patch rows [P, K] read whole) in order: one run each, each as long as the encoder's embeddings of
+        one; `grid`: the grid of a Qwen-VL picture's tokens, which its feature carries and its hash covers."""
         runs = _runs(placeholders, self.token_id)
         lengths = [n for _, n in runs]
         if self.variable_tokens:
             if len(runs) != len(pictures) or any(n > self.tokens_per_image for n in lengths):
                 raise InvalidInput(f"the image's {len(pictures)} picture(s) took runs of {lengths} image tokens in "
                                    f"the prompt: one run a picture, of at most {self.tokens_per_image}")  # fmt: skip
-            return [MediaFeature("image", media_hash(picture), start, n, picture)
+            return [MediaFeature("image", media_hash(picture, grid), start, n, picture, grid=grid)
                     for (start, n), picture in zip(runs, pictures)]  # fmt: skip
         if len(runs) != len(pictures) or any(n != self.tokens_per_image for n in lengths):
             raise InvalidInput(f"the image's {len(pictures)} picture(s) took runs of {lengths} image tokens in the "

@@ -24,6 +24,9 @@ class MediaFeature:
     # None when encoded elsewhere
     encoder_input: torch.Tensor | None
     embeds: torch.Tensor | None = None  # its embeddings [length, H] where an `encode` node computed them
+    # Qwen-VL's pictures: (t, h, w), the grid its placeholder tokens form (the patches after merging), from which the
+    # text model's multimodal rotary positions are laid out (mrope.py); None for every other family
+    grid: tuple[int, int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -34,12 +37,15 @@ class MediaFeature:
         return range(max(start, self.offset), min(end, self.end))
 
 
-def media_hash(encoder_input: torch.Tensor) -> bytes:
-    """A 128-bit digest of the values and their shape: equal for the same picture or clip preprocessed the same
-    way."""
+def media_hash(encoder_input: torch.Tensor, grid: tuple[int, int, int] | None = None) -> bytes:
+    """A 128-bit digest of the values and their shape, and of the picture's `grid` where it has one (Qwen-VL's patch
+    rows read alike under two grids of as many patches, and encode differently): equal for the same picture or clip
+    preprocessed the same way. Without a grid, the digest is what it always was."""
     values = encoder_input.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.blake2b(repr(tuple(values.shape)).encode(), digest_size=16)
     digest.update(values.numpy().tobytes())
+    if grid is not None:
+        digest.update(repr(tuple(int(n) for n in grid)).encode())
     return digest.digest()
 
 

@@ -39,6 +39,9 @@ class ProcessedImages:
     # Where the encoder reads each picture other than as pixel_values' [C, H, W] (Gemma 4: its own patches and their
     # positions, gemma4_vision.patch_rows): one per picture, in order
     encoder_inputs: tuple[torch.Tensor, ...] | None = None
+    # Qwen-VL: the (t, h, w) grid of each picture's placeholder tokens (image_grid_thw with h and w divided by
+    # merge_size), which its MediaFeature carries for the encoder and the text model's multimodal rotary positions
+    token_grids: tuple[tuple[int, int, int], ...] | None = None
 
 
 class ImageProcessor(Protocol):

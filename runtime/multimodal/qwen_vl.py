@@ -3,7 +3,8 @@ patches and a 0.5 mean and std): each image resized (bicubic) to the nearest mul
 whose area lies within [min_pixels, max_pixels], rescaled, normalized, and flattened into patches of
 3 * temporal_patch_size * P * P values (the image repeated over the temporal patch, as a video's frames would be),
 ordered so that each merge_size x merge_size group of neighbouring patches is contiguous. The prompt gets
-t * h * w / merge_size^2 image tokens per image, one per merged group."""
+t * h * w / merge_size^2 image tokens per image, one per merged group (Qwen3.5's processor, Qwen3VLProcessor, writes
+them as Qwen2-VL's does). The encoder reads each image's own patch rows, and the grid of its tokens beside them."""
 
 from __future__ import annotations
 
@@ -81,12 +82,14 @@ class QwenVLImageProcessor:
             image_patches, grid_h, grid_w = self._patchify(self.normalization.apply(self._resized(to_rgb(image))))
             patches.append(image_patches)
             grids.append((1, grid_h, grid_w))
-        merged = self.merge_size**2
+        merged, m = self.merge_size**2, self.merge_size
         return ProcessedImages(
             pixel_values=torch.from_numpy(np.concatenate(patches)),  # all patches, 3 * T * P * P
             num_tokens=tuple(t * h * w // merged for t, h, w in grids),
             pixel_values_per_image=tuple(t * h * w for t, h, w in grids),
             image_grid_thw=torch.tensor(grids, dtype=torch.int64),  # images, 3
+            encoder_inputs=tuple(torch.from_numpy(one) for one in patches),  # each [t * h * w, 3 * T * P * P]
+            token_grids=tuple((t, h // m, w // m) for t, h, w in grids),
         )
 
     def _resized(self, image: np.ndarray) -> np.ndarray:

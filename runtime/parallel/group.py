@@ -106,7 +106,12 @@ class ParallelRunner(ModelRunner):
             host=host,
             port=store.port,
             backend=backend.name,
-            cache=CacheGeometry(num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len),
+            cache=CacheGeometry(
+                num_blocks=num_blocks,
+                block_size=block_size,
+                max_model_len=max_model_len,
+                max_step_tokens=engine.max_num_batched_tokens,
+            ),
             quantized_weights=engine.quantized_weights,
             dtype=str(linear_dtype).removeprefix("torch."),
             num_threads=engine.num_threads,

@@ -44,6 +44,7 @@ class EncodedImage(msgspec.Struct, array_like=True, kw_only=True):
     offset: int
     length: int
     embeds: Any = None  # torch.Tensor; None where only its place and key are needed (a decode worker's copy)
+    grid: tuple[int, int, int] | None = None  # a Qwen-VL picture's token grid (MediaFeature.grid)
 
 
 class Request(_Message):

@@ -58,6 +58,7 @@ class MtpProposer(Proposer):
             num_blocks=context.cache.num_blocks,
             block_size=context.cache.block_size,
             max_model_len=context.cache.max_model_len,
+            max_step_tokens=context.cache.max_step_tokens,
             graph=build_mtp_graph(head),
             packed=context.head.packed,
         )

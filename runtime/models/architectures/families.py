@@ -72,7 +72,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     # llama.cpp slides gpt-oss's even layers (its GGUF does not say), as its config's layer_types do.
     Architecture("gpt_oss", ("GptOssForCausalLM",), "gpt-oss", qkv_bias=True, moe=True, sliding_pattern=2,
                  gpt_oss=True),
-    # Qwen3.5 ships as Qwen3_5ForConditionalGeneration: its text model is served (the vision tower is not).
+    # Qwen3.5 ships as Qwen3_5ForConditionalGeneration (Qwen3_5MoeForConditionalGeneration): served with its vision
+    # tower (hf_vision_config._qwen3_5) unless its config.json has no vision_config or says language_model_only.
     Architecture("qwen3_5", ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"), "qwen35", qk_norm=True,
                  gated_delta_net=True, gguf_tiled_value_heads=True),
     # Its mixture of experts: Qwen's experts (a checkpoint holds each under its own name) and a gated shared expert.

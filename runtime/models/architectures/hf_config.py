@@ -81,6 +81,7 @@ def config_from_hf(
             layer_types=layer_types,
             local_rope_theta=local_theta,
             rotary_dim=int(head_dim * partial) if partial != 1.0 else 0,
+            **_hf_mrope(hf_config, head_dim * partial, source),
             attn_output_gate=arch.gated_delta_net,
             **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
             shared_expert_intermediate_size=shared,
@@ -274,12 +275,29 @@ def _hf_rope(
         scaling.pop(key, None)
     if "type" in scaling:
         scaling.setdefault("rope_type", scaling.pop("type"))
+    if scaling.get("rope_type") == "mrope":  # Qwen2-VL's hub spelling: plain rope's angles (its sections: _hf_mrope)
+        scaling["rope_type"] = "default"
     if scaling.get("rope_type") == "su":  # Phi-3's first name for longrope
         scaling["rope_type"] = "longrope"
     if hf_config.get("original_max_position_embeddings") and scaling.get("rope_type") == "longrope":
         scaling["original_max_position_embeddings"] = int(hf_config["original_max_position_embeddings"])
     local = float(local_theta or 10000.0) if arch.local_rope else None
     return theta, (scaling if scaling.get("rope_type", "default") != "default" else None), local, partial
+
+
+def _hf_mrope(hf_config: Mapping[str, Any], rotary_dims: float, source: Path) -> dict[str, Any]:
+    """Qwen-VL's multimodal rope sections, from `rope_parameters` (transformers 5) or `rope_scaling` (hub configs of
+    Qwen2-VL and Qwen2.5-VL, whose type "mrope" is plain rope's angles), if it has them: in turn they cover the
+    rotary half-dimensions; interleaved, at most those (the rest turn by time)."""
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    if not rope.get("mrope_section"):
+        return {}
+    section, interleaved = tuple(int(n) for n in rope["mrope_section"]), bool(rope.get("mrope_interleaved", False))
+    half = int(rotary_dims) // 2
+    if len(section) != 3 or not (sum(section) <= half if interleaved else sum(section) == half):
+        raise ModelLoadError(f"{source}: mrope_section {list(section)} must be three counts of rotary frequencies "
+                             f"adding up to {half}")  # fmt: skip
+    return {"mrope_section": section, "mrope_interleaved": interleaved}
 
 
 def _ids(value: int | list[int] | None) -> list[int]:

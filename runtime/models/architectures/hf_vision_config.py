@@ -1,7 +1,7 @@
 """The vision encoder of a multimodal config.json as a VisionConfig: LLaVA's (a CLIP tower, its two-layer projector),
 Idefics3's, which SmolVLM shares (a SigLIP-style tower read per tile, a pixel shuffle and one linear), Gemma 3's
-(a SigLIP tower, its patches pooled into soft tokens) and Gemma 4's (its own tower on pictures of any shape, pooled
-by patch positions and projected).
+(a SigLIP tower, its patches pooled into soft tokens), Gemma 4's (its own tower on pictures of any shape, pooled
+by patch positions and projected) and Qwen3.5's (a ViT on pictures of any shape, its patches merged in squares).
 
 Hub configs leave out the keys transformers defaults, so each family's defaults fill them as its config class
 would; a setting the encoder graph does not implement is refused naming its key."""
@@ -45,14 +45,22 @@ _GEMMA4_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_l
                     "rope_parameters": None}  # fmt: skip
 GEMMA4_MAX_SOFT_TOKENS = 1120  # the most Gemma4ImageProcessor's max_soft_tokens may be (70, 140, 280, 560, 1120)
 GEMMA4_DEFAULT_SOFT_TOKENS = 280  # its default
+# transformers' Qwen3_5VisionConfig defaults (Qwen3_5MoeVisionConfig's are the same)
+_QWEN3_5_DEFAULTS = {"depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 4304,
+                     "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2,
+                     "temporal_patch_size": 2, "out_hidden_size": 3584, "num_position_embeddings": 2304,
+                     "rope_parameters": None}  # fmt: skip
+_QWEN3_5 = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+QWEN_VL_MAX_PIXELS = 16_777_216  # Qwen3.5's preprocessor_config.json's size.longest_edge, where a checkpoint has none
+QWEN_VL_LAYER_NORM_EPS = 1e-6  # its tower's and merger's LayerNorms (fixed in transformers, not in the config)
 
 
 def vision_from_hf(
     hf_config: Mapping[str, Any], text_hidden_size: int, source: Path = Path("config.json")
 ) -> VisionConfig | None:
-    """The vision encoder of a LLaVA, Idefics3, SmolVLM, Gemma 3 or Gemma 4 config.json, None for a checkpoint served
-    text only (every other class: Qwen3.5's tower is not run yet; a Gemma 4 without a vision_config).
-    `text_hidden_size`: its text model's width."""
+    """The vision encoder of a LLaVA, Idefics3, SmolVLM, Gemma 3, Gemma 4 or Qwen3.5 config.json, None for a
+    checkpoint served text only (every other class; a Gemma 4 or Qwen3.5 without a vision_config, or a Qwen3.5 whose
+    config says language_model_only). `text_hidden_size`: its text model's width."""
     classes = hf_config.get("architectures") or []
     if "LlavaForConditionalGeneration" in classes:
         return _llava(hf_config, text_hidden_size, source)
@@ -62,6 +70,8 @@ def vision_from_hf(
         return _gemma3(hf_config, text_hidden_size, source)
     if "Gemma4ForConditionalGeneration" in classes and hf_config.get("vision_config") is not None:
         return _gemma4(hf_config, text_hidden_size, source)
+    if any(c in _QWEN3_5 for c in classes) and hf_config.get("vision_config") is not None:
+        return None if hf_config.get("language_model_only") else _qwen3_5(hf_config, text_hidden_size, source)
     return None
 
 
@@ -215,6 +225,67 @@ def _per_layer_token(text: Mapping[str, Any]) -> int | None:
     if not text.get("hidden_size_per_layer_input", 256):
         return None
     return int(text.get("pad_token_id") or 0)
+
+
+def _qwen3_5(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) -> VisionConfig:
+    """Qwen3.5's tower (Qwen3_5VisionModel: patches of temporal_patch_size frames embedded by a Conv3d, learned
+    positions interpolated to the picture's grid, a 2-D rope, LayerNorm blocks with a fused qkv and an MLP) and its
+    merger (a LayerNorm, then each spatial_merge_size^2 square of patches joined and through two linears with a GELU
+    between) into the text model's width. The prompt's <|image_pad|> becomes one per merged square; a picture gives
+    at most what the image processor's largest size does (its preprocessor_config.json beside `source`)."""
+    tower = _QWEN3_5_DEFAULTS | _given(hf_config["vision_config"])
+    hidden, heads, out = int(tower["hidden_size"]), int(tower["num_heads"]), int(tower["out_hidden_size"])
+    patch, temporal = tower["patch_size"], tower["temporal_patch_size"]
+    if not isinstance(patch, int) or not isinstance(temporal, int):
+        raise ModelLoadError(f"{source}: vision_config: patch_size {patch!r} and temporal_patch_size {temporal!r} "
+                             "must be single numbers (the tower's patches are square)")  # fmt: skip
+    if hidden % heads or (hidden // heads) % 4:
+        raise ModelLoadError(f"{source}: vision_config: {heads} heads over {hidden}: each head's width must divide "
+                             "into four (its 2-D rope turns a quarter of it by each axis, twice)")  # fmt: skip
+    if out != text_hidden_size:
+        raise ModelLoadError(f"{source}: vision_config.out_hidden_size {out} is not the text model's width "
+                             f"{text_hidden_size}")  # fmt: skip
+    rope = tower["rope_parameters"] or {}
+    if rope.get("rope_type", "axial") != "axial":
+        raise ModelLoadError(f"{source}: vision_config.rope_parameters.rope_type {rope['rope_type']!r}: the tower "
+                             "takes axial rope only")  # fmt: skip
+    merge = int(tower["spatial_merge_size"])
+    return VisionConfig(
+        tower="qwen3_5",
+        hidden_size=hidden,
+        intermediate_size=int(tower["intermediate_size"]),
+        num_layers=int(tower["depth"]),
+        num_heads=heads,
+        num_channels=int(tower["in_channels"]),
+        patch_size=patch,
+        image_size=0,
+        layer_norm_eps=QWEN_VL_LAYER_NORM_EPS,
+        activation=_activation(tower["hidden_act"], "vision_config.hidden_act", source),
+        feature_layers=(int(tower["depth"]),),
+        drop_class=False,
+        projector="qwen_merger",
+        projector_activation="gelu",
+        projector_bias=True,
+        text_hidden_size=out,
+        image_token_id=int(hf_config.get("image_token_id", 248_056)),
+        max_soft_tokens=_qwen_vl_max_tokens(source, patch * merge),
+        rope_theta=float(rope.get("rope_theta", 10_000.0)),
+        spatial_merge_size=merge,
+        temporal_patch_size=temporal,
+        num_position_embeddings=int(tower["num_position_embeddings"]),
+    )
+
+
+def _qwen_vl_max_tokens(source: Path, factor: int) -> int:
+    """The most image tokens a picture gives: the image processor's largest area (max_pixels, or size's longest_edge,
+    in preprocessor_config.json or processor_config.json's image_processor beside config.json) in squares of `factor`
+    (patch_size * merge_size) pixels; QWEN_VL_MAX_PIXELS's where neither says."""
+    files = ProcessorFiles.read(source.parent)
+    for settings in (files.preprocessor, files.processor.get("image_processor") or {}):
+        largest = settings.get("max_pixels") or (settings.get("size") or {}).get("longest_edge")
+        if largest:
+            return int(largest) // factor**2
+    return QWEN_VL_MAX_PIXELS // factor**2
 
 
 def _given(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,9 +5,10 @@ LLaVA checkpoints name the tower by the transformers version that wrote them (`v
 `model.vision_tower.` in 5, and `vision_tower.` as transformers 5 saves them again; Gemma 3's add `vision_model.`
 after any of them) and the projector with or without `model.`; Idefics3 and SmolVLM name theirs
 `model.vision_model.` and `model.connector.`; Gemma 4 its tower `model.vision_tower.` and its embedder
-`model.embed_vision.` (read as the projector). The graph reads one name each, `vision_tower.<the tower's name>` and
-`multi_modal_projector.<name>`. Tower layers past the last hidden state read are not kept, nor a CLIP tower's
-post-layernorm (which only its pooled output takes)."""
+`model.embed_vision.` (read as the projector); Qwen3.5 its tower and merger `model.visual.` (both read as the tower,
+its Conv3d's weight [D, C, T, p, p] kept whole: the binder reads it as a linear's [D, C * T * p * p]). The graph
+reads one name each, `vision_tower.<the tower's name>` and `multi_modal_projector.<name>`. Tower layers past the
+last hidden state read are not kept, nor a CLIP tower's post-layernorm (which only its pooled output takes)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ _PREFIXES = (
     ("vision_tower.vision_model.", TOWER),
     ("model.vision_tower.", TOWER),
     ("model.vision_model.", TOWER),
+    ("model.visual.", TOWER),
     (TOWER, TOWER),
     ("model.multi_modal_projector.", PROJECTOR),
     ("model.connector.", PROJECTOR),
@@ -66,6 +68,8 @@ def vision_weight_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the encoder graph reads for `vision`, under the graph's names."""
     if vision.tower == "gemma4":
         return _gemma4_shapes(vision)
+    if vision.tower == "qwen3_5":
+        return _qwen3_5_shapes(vision)
     d, inner = vision.hidden_size, vision.intermediate_size
     e = TOWER + "embeddings."
     shapes: dict[str, tuple[int, ...]] = {
@@ -116,3 +120,31 @@ def _gemma4_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {TOWER + "std_bias": (d,), TOWER + "std_scale": (d,)}
     shapes[PROJECTOR + "embedding_projection.weight"] = (vision.text_hidden_size, d)
     return shapes
+
+
+def _qwen3_5_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Qwen3.5's tower (its Conv3d patch embedding, learned positions, blocks of LayerNorms, a fused qkv and an MLP,
+    every linear with a bias) and its merger (a LayerNorm over the tower's width, two linears over the merged
+    squares'), all under the tower's name."""
+    d, inner, p, t = vision.hidden_size, vision.intermediate_size, vision.patch_size, vision.temporal_patch_size
+    merged = d * vision.spatial_merge_size**2
+
+    def linear(name: str, rows: int, columns: int) -> dict[str, tuple[int, ...]]:
+        return {f"{name}.weight": (rows, columns), f"{name}.bias": (rows,)}
+
+    def norm(name: str, width: int) -> dict[str, tuple[int, ...]]:
+        return {f"{name}.weight": (width,), f"{name}.bias": (width,)}
+
+    shapes: dict[str, tuple[int, ...]] = {
+        TOWER + "patch_embed.proj.weight": (d, vision.num_channels, t, p, p),
+        TOWER + "patch_embed.proj.bias": (d,),
+        TOWER + "pos_embed.weight": (vision.num_position_embeddings, d),
+    }
+    for i in range(vision.num_layers_run):
+        block = f"{TOWER}blocks.{i}."
+        shapes |= norm(block + "norm1", d) | norm(block + "norm2", d)
+        shapes |= linear(block + "attn.qkv", 3 * d, d) | linear(block + "attn.proj", d, d)
+        shapes |= linear(block + "mlp.linear_fc1", inner, d) | linear(block + "mlp.linear_fc2", d, inner)
+    shapes |= norm(TOWER + "merger.norm", d)
+    shapes |= linear(TOWER + "merger.linear_fc1", merged, merged)
+    return shapes | linear(TOWER + "merger.linear_fc2", vision.text_hidden_size, merged)

@@ -1,0 +1,160 @@
+"""Qwen3.5 generating about images, against transformers' Qwen3_5ForConditionalGeneration on the same tiny random
+checkpoint (tests/tiny_vision_models.make_tiny_qwen3_5_vision): the text model's multimodal rotary positions (each
+picture's tokens at their grid's (t, h, w), the text after it shifted) through every path a prompt's tokens take:
+one and two pictures beside a text-only prompt in one batch, the first token's logprobs, a chunked prefill whose
+chunks end inside pictures, a prefix hit ending inside a picture's run, speculative proposals verified past a
+picture, and a resume whose prompt ends with the output so far."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen3_5ForConditionalGeneration
+
+from sagellm import LLM, SamplingParams
+from tests.tiny_vision_models import make_tiny_qwen3_5_vision, qwen3_5_processor
+
+TOKENS = 8
+GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
+PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
+
+
+# token grids (1, 2, 3), (1, 4, 4) (the most: 128 x 128 pixels) and (1, 3, 2): 6, 16 and 6 tokens
+WIDE, BIG, TALL = random_image(96, 64, 1), random_image(128, 128, 2), random_image(64, 96, 3)
+ONE = f"user: {PICTURE} what is in the picture?\nassistant:"
+TWO = f"user: first {PICTURE} then {PICTURE} which is brighter?\nassistant:"
+TEXT = "user: a prompt without a picture\nassistant:"
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> Path:
+    return make_tiny_qwen3_5_vision(tmp_path_factory.mktemp("qwen3_5") / "qwen3_5")
+
+
+@pytest.fixture(scope="module")
+def hf(qwen):
+    model = Qwen3_5ForConditionalGeneration.from_pretrained(qwen, dtype=torch.float32)
+    return model.eval(), qwen3_5_processor(qwen)
+
+
+def inputs_of(processor, text: str, images: list[Image.Image]):
+    return processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def reference(hf):
+    """transformers' greedy tokens for a prompt and its images (memoized: each is asked for more than once)."""
+    model, processor = hf
+    seen: dict[tuple, list[int]] = {}
+
+    def generate(text: str, images: list[Image.Image]) -> list[int]:
+        key = (text, *(id(image) for image in images))
+        if key not in seen:
+            inputs = inputs_of(processor, text, images)
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
+            seen[key] = out[0, inputs["input_ids"].shape[1] :].tolist()
+        return seen[key]
+
+    return generate
+
+
+@pytest.fixture(scope="module")
+def llm(qwen) -> LLM:
+    return LLM(str(qwen), max_num_seqs=4, num_kv_blocks=64, block_size=4)
+
+
+def prompt(text: str, *images: Image.Image) -> dict:
+    return {"prompt": text, "multi_modal_data": {"image": list(images)}} if images else {"prompt": text}
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+CASES = [(ONE, [WIDE]), (TWO, [BIG, TALL]), (TEXT, [])]
+
+
+def test_one_and_two_pictures_beside_a_text_only_prompt_give_transformers_tokens(llm, reference):
+    outputs = llm.generate([prompt(text, *images) for text, images in CASES], GREEDY)
+    assert tokens(outputs) == [reference(text, images) for text, images in CASES]
+
+
+def test_the_first_tokens_logprobs_are_transformers_and_move_with_the_pictures_grid(llm, hf):
+    """WIDE and TALL are the same count of tokens in transposed grids: the positions (and so the logprobs) differ
+    between them, and each is transformers'."""
+    model, processor = hf
+    firsts = []
+    for image in (WIDE, TALL):
+        inputs = inputs_of(processor, ONE, [image])
+        with torch.inference_mode():
+            expected = model(**inputs).logits[0, -1].log_softmax(-1)
+        out = llm.generate(prompt(ONE, image), SamplingParams(max_tokens=1, temperature=0, logprobs=5))[0]
+        for token, logprob in out.outputs[0].logprobs[0].top:
+            assert abs(logprob - float(expected[token])) < 1e-5, token
+        firsts.append(out.outputs[0].logprobs[0].top)
+    assert firsts[0] != firsts[1]
+
+
+@pytest.mark.parametrize("budget", [5, 12])
+def test_a_chunked_prefill_whose_chunks_end_inside_pictures_gives_the_same_tokens(qwen, reference, budget):
+    chunked = LLM(str(qwen), max_num_seqs=2, num_kv_blocks=64, max_num_batched_tokens=budget,
+                  enable_prefix_caching=False)  # fmt: skip
+    assert tokens(chunked.generate([prompt(ONE, WIDE), prompt(TWO, BIG, TALL)], GREEDY)) == [
+        reference(ONE, [WIDE]), reference(TWO, [BIG, TALL])
+    ]  # fmt: skip
+
+
+def test_the_same_picture_again_is_a_prefix_hit_inside_its_run_and_another_grid_is_not(llm, hf, reference):
+    """4-token blocks: the hit ends inside BIG's 16 tokens; a picture of as many tokens in the transposed grid,
+    after the first (neither seen before), shares only the text before it."""
+    ends_soon = f"user: {PICTURE}?"
+    first = llm.generate(prompt(ends_soon, BIG), GREEDY)[0]
+    again = llm.generate(prompt(ends_soon, BIG), GREEDY)[0]
+    pad = hf[1].tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    at, length = first.prompt_token_ids.index(pad), first.prompt_token_ids.count(pad)
+    assert at < again.metrics.num_cached_tokens < at + length
+    assert tokens([first, again]) == [reference(ends_soon, [BIG])] * 2
+    wide, tall = random_image(96, 64, 4), random_image(64, 96, 5)
+    llm.generate(prompt(ONE, wide), GREEDY)
+    other = llm.generate(prompt(ONE, tall), GREEDY)[0]
+    assert other.metrics.num_cached_tokens <= other.prompt_token_ids.index(pad)
+    assert tokens([other]) == [reference(ONE, [tall])]
+
+
+def test_speculative_proposals_past_a_picture_are_verified_at_its_shifted_positions(qwen, reference):
+    """n-gram proposals after the prompt: each proposed token's row stands where transformers' rope_deltas put
+    it, so the verified tokens are transformers'."""
+    speculating = LLM(str(qwen), max_num_seqs=2, num_kv_blocks=64,
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
+                                          "prompt_lookup_min": 1})  # fmt: skip
+    assert tokens(speculating.generate([prompt(ONE, WIDE), prompt(TWO, BIG, TALL)], GREEDY)) == [
+        reference(ONE, [WIDE]), reference(TWO, [BIG, TALL])
+    ]  # fmt: skip
+
+
+def test_a_resume_whose_prompt_ends_with_the_output_so_far_continues_as_transformers(llm, hf, reference):
+    """A resumed request's prompt is its own plus the tokens it wrote (`resumed_tokens`): the written ones stand
+    after the picture's shift, as the uninterrupted run had them."""
+    model, processor = hf
+    expected = reference(ONE, [WIDE])
+    ids = inputs_of(processor, ONE, [WIDE])["input_ids"][0].tolist()
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    unexpanded = ids[: ids.index(pad) + 1] + ids[ids.index(pad) + ids.count(pad) :]  # one placeholder again
+    params = SamplingParams(max_tokens=TOKENS - 3, temperature=0, ignore_eos=True)
+    llm.engine.add_request("resumed", unexpanded + expected[:3], params, resumed_tokens=3,
+                           multi_modal_data={"image": WIDE})  # fmt: skip
+    written: list[int] = []
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            if out.finished:
+                written = out.outputs[0].token_ids
+    assert written == expected[3:]
