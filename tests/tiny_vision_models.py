@@ -325,7 +325,9 @@ QWEN3_5_IMAGES = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_
                       size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128})  # fmt: skip
 
 
-def make_tiny_qwen3_5_vision(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+def make_tiny_qwen3_5_vision(
+    directory: str | Path, seed: int = 0, text_settings: dict[str, Any] | None = None, **overrides: Any
+) -> Path:
     """Save a random tiny Qwen3_5ForConditionalGeneration to `directory`: make_tiny_qwen3_5's text model (DeltaNet
     and gated attention layers, heads of 16) with multimodal rotary positions as the hub's config gives them (half
     of each head rotated, mrope_section [2, 1, 1] over its 4 frequencies, interleaved), a 2-layer tower of 32 (4
@@ -333,7 +335,8 @@ def make_tiny_qwen3_5_vision(directory: str | Path, seed: int = 0, **overrides: 
     merger joining 2 x 2 patches into one token of the text width; its tokenizer (with Qwen's vision tokens and
     QWEN3_5_CHAT_TEMPLATE) and its Qwen2VLImageProcessorPil (QWEN3_5_IMAGES) saved beside it. Qwen3VLProcessor, which
     AutoProcessor picks, needs torchvision for its video processor, which the tests lack: `qwen3_5_processor` builds
-    it from the saved tokenizer and image processor. `overrides` go to the vision config."""
+    it from the saved tokenizer and image processor. `text_settings` go to the text config, `overrides` to the
+    vision config."""
     from transformers import (
         Qwen2VLImageProcessorPil,
         Qwen3_5Config,
@@ -351,7 +354,7 @@ def make_tiny_qwen3_5_vision(directory: str | Path, seed: int = 0, **overrides: 
     text = Qwen3_5TextConfig(**(_LLAMA_DEFAULTS | dict(
         vocab_size=len(tokenizer), head_dim=16, num_hidden_layers=4, full_attention_interval=2,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-        rope_parameters=rope, initializer_range=0.1)))  # fmt: skip
+        rope_parameters=rope, initializer_range=0.1) | (text_settings or {})))  # fmt: skip
     vision = Qwen3_5VisionConfig(**(dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=16,
                                          spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=25,
                                          out_hidden_size=text.hidden_size, initializer_range=0.1)

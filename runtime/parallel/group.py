@@ -86,9 +86,11 @@ class ParallelRunner(ModelRunner):
         num_state_slots: int = 0,
         lora: LoraWeights | None = None,
         encoder: EncoderCache | None = None,
+        max_step_tokens: int = 0,
     ) -> None:
         """`lora`: rank 0's LoRA adapter weights (every rank makes its own alike); `encoder`: a model that sees
-        images or hears audio, its encoders, here alone (each step's embeddings go to the first stage's ranks)."""
+        images or hears audio, its encoders, here alone (each step's embeddings go to the first stage's ranks);
+        `max_step_tokens`: ModelRunner's, every rank's (their rope rows for a step's pictures)."""
         layout = RankLayout(engine.tensor_parallel_size, engine.pipeline_parallel_size, 0)
         if not engine.model:
             raise InvalidInput("a parallel engine needs the model's path: every rank loads it")
@@ -110,7 +112,7 @@ class ParallelRunner(ModelRunner):
                 num_blocks=num_blocks,
                 block_size=block_size,
                 max_model_len=max_model_len,
-                max_step_tokens=engine.max_num_batched_tokens,
+                max_step_tokens=max_step_tokens,
             ),
             quantized_weights=engine.quantized_weights,
             dtype=str(linear_dtype).removeprefix("torch."),
@@ -160,6 +162,7 @@ class ParallelRunner(ModelRunner):
                 num_state_slots=num_state_slots,
                 lora=lora,
                 encoder=encoder,
+                max_step_tokens=max_step_tokens,
             )
             with stage(f"waiting for {layout.world_size - 1} more rank(s) of the engine to load the model"):
                 self._wait_ready(store)

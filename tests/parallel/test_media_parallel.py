@@ -1,9 +1,10 @@
 """Images in a tensor or pipeline parallel engine: rank 0 holds the encoders and the encoder cache, and each step
 with pictures hands their embeddings to the first stage's ranks after the step's order (`parallel/take_part.py`).
 The tiny LLaVA in two slices and in two stages, and the tiny Gemma 3 (its pictures attending both ways) in two
-slices, give transformers' greedy tokens with one and two images beside a text-only prompt, whole and through a
-chunked prefill that splits an image's placeholders; Gemma 3 in pipeline stages is refused, naming the way that
-works."""
+slices, and the tiny Qwen3.5 (each rank turning its pictures' tokens by their multimodal rotary positions) in two
+slices and two stages give transformers' greedy tokens with one and two images beside a text-only prompt, whole and
+through a chunked prefill that splits an image's placeholders; Gemma 3 in pipeline stages is refused, naming the
+way that works."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sagellm import LLM
 from sagellm.common.errors import InvalidInput
 from tests.multimodal import test_gemma3_vision as gemma3_case
 from tests.multimodal import test_llava_generate as llava_case
+from tests.multimodal import test_qwen3_5_generate as qwen_case
 from tests.multimodal.test_llava_generate import hf as hf  # the fixtures: the tiny LLaVA, transformers on it
 from tests.multimodal.test_llava_generate import llava as llava
 from tests.multimodal.test_llava_generate import reference as reference  # and its greedy tokens
@@ -60,3 +62,19 @@ def test_gemma3_in_two_slices_gives_transformers_tokens(gemma3):
 def test_gemma3_in_pipeline_stages_is_refused_naming_tensor_parallel(gemma3):
     with pytest.raises(InvalidInput, match="pipeline parallel: .*tensor_parallel_size"):
         LLM(str(gemma3), num_kv_blocks=64, pipeline_parallel_size=2)
+
+
+@pytest.fixture(scope="module")
+def qwen_reference(tmp_path_factory):
+    """The tiny Qwen3.5 and transformers' greedy tokens on it (test_qwen3_5_generate's fixtures, called here)."""
+    checkpoint = qwen_case.qwen.__wrapped__(tmp_path_factory)
+    return checkpoint, qwen_case.reference.__wrapped__(qwen_case.hf.__wrapped__(checkpoint))
+
+
+@pytest.mark.parametrize("budget", [512, 5], ids=["whole", "chunked"])
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_qwen3_5_in_two_slices_or_two_stages_gives_transformers_tokens(qwen_reference, parallel, budget):
+    checkpoint, reference = qwen_reference
+    llm = LLM(str(checkpoint), max_num_seqs=4, num_kv_blocks=64, max_num_batched_tokens=budget, **parallel)
+    outputs = llm.generate([qwen_case.prompt(text, *images) for text, images in qwen_case.CASES], qwen_case.GREEDY)
+    assert qwen_case.tokens(outputs) == [reference(text, images) for text, images in qwen_case.CASES]
