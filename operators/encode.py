@@ -62,7 +62,7 @@ class EncodeOperator(StepOperator):
         from sagellm.runtime.models.model_cache import resolve_model
         from sagellm.runtime.multimodal.encoder_cache import EncoderCache
         from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
-        from sagellm.runtime.multimodal.engine_media import PICTURES_CACHED
+        from sagellm.runtime.multimodal.engine_media import cached_rows
         from sagellm.runtime.multimodal.prompt_media import PromptMedia
 
         model = self.model or ctx.graph_attrs.get("model")
@@ -71,12 +71,13 @@ class EncodeOperator(StepOperator):
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
         mmproj = ctx.graph_attrs.get("mmproj")  # a GGUF model's vision encoder, in its own file
-        loaded = load_model(resolve_model(str(model)), encoders_only=True, mmproj=mmproj)  # the encoder alone
+        text_only = bool(ctx.graph_attrs.get("language_model_only"))  # refused: this node is the encoder
+        loaded = load_model(resolve_model(str(model)), encoders_only=True, mmproj=mmproj, language_model_only=text_only)
         vision = loaded.config.vision  # a model that hears but does not see: everything passes
         self.encoder = None
         if vision is not None:  # an image sent again is not encoded again (as an engine's own encoder cache)
             runner = EncoderRunner(loaded.config, loaded.weights, get_backend(self.backend))
-            self.encoder = EncoderCache({"image": runner}, PICTURES_CACHED * vision.tokens_per_image)
+            self.encoder = EncoderCache({"image": runner}, cached_rows(loaded.config))
         self.tokenizer = loaded.tokenizer
         limits = {"image": self.limit_images} if self.limit_images is not None else None
         self.prompts = PromptMedia.of_model(loaded.config, loaded.processor_files, loaded.tokenizer, limits)

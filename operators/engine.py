@@ -123,6 +123,7 @@ class EngineOperator(StepOperator):
             raise InvalidInput(f"node {ctx.node_id!r}: no model (set the graph's `model` or the node's `model`)")
         self._model = str(resolve_model(model))  # a name resolved here
         self._mmproj = self.config.mmproj or ctx.graph_attrs.get("mmproj")
+        self._text_only = self.config.language_model_only or bool(ctx.graph_attrs.get("language_model_only"))
         self._start_engine()
         self.step_trace = StepTraceFile.from_env(self.engine, ctx.node_id)  # SAGELLM_STEP_TRACE=DIR: steps timed
         # The executor made this node's stats from the same parameters (route saw them before any engine opened).
@@ -140,7 +141,8 @@ class EngineOperator(StepOperator):
         """The engine of the model resolved at open (again, after a deep sleep)."""
         from sagellm.runtime.parallel.engine import start_engine
 
-        self.engine = start_engine(self.config.replace(model=self._model, mmproj=self._mmproj))
+        config = self.config.replace(model=self._model, mmproj=self._mmproj, language_model_only=self._text_only)
+        self.engine = start_engine(config)
 
     # -- sleep mode -------------------------------------------------------------------------------------------------
     def sleep(self, level: int) -> None:

@@ -24,6 +24,9 @@ class EngineConfig:
     # llama.cpp's --mmproj: a GGUF model's vision encoder, in the file llama.cpp's converter writes beside it
     # (runtime/models/gguf_mmproj.py); engine and encode operators take the graph's, as they take its model.
     mmproj: str | None = _help("a GGUF model's multimodal projector file (llama.cpp's --mmproj): it sees images", None)
+    # vLLM's --language-model-only: a checkpoint that sees images or hears audio served as its text model alone, its
+    # encoders neither loaded nor run, media refused (engine operators take the graph's, as they take its model)
+    language_model_only: bool = _help("serve a multimodal model's text model alone: no encoders, no media", False)
     backend: str = _help("hardware backend: auto, cpu, cuda, ascend, cambricon, hygon", "auto")
     max_num_seqs: int = _help("requests the engine runs at once", 16)
     max_num_batched_tokens: int = _help("token budget of one step; chunked prefill cuts prompts to fit", 512)

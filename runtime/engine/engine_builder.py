@@ -149,7 +149,8 @@ def _refuse_before_loading(
 def _load(config: EngineConfig, loaded: LoadedModel | None, mtp: bool) -> LoadedModel:
     """The model (`loaded`, else read from `config.model`, with its MTP head when it proposes), checked against
     what the engine needs of it."""
-    model = loaded or load_model(config.model, mtp_head=mtp, mmproj=config.mmproj)
+    model = loaded or load_model(config.model, mtp_head=mtp, mmproj=config.mmproj,
+                                 language_model_only=config.language_model_only)  # fmt: skip
     if model.tokenizer is None:
         raise ModelLoadError(f"{model.source}: the engine needs a tokenizer, and this model has none")
     if model.config.one_pipeline_stage and (config.pipeline_parallel_size or 1) > 1:

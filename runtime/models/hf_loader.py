@@ -9,6 +9,7 @@ blocks, repacked into GGUF's MXFP4 (`LoadedModel.quantized`), as the GGUF loader
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -53,12 +54,16 @@ def load_hf_dir(
     load_weights: bool,
     mtp_head: bool = False,
     encoders_only: bool = False,
+    language_model_only: bool = False,
 ) -> LoadedModel:
     """`mtp_head`: read the multi-token prediction head's weights too (mtp_head.py), under their `mtp.` names;
-    `encoders_only`: its media encoders' alone (a model that sees images or hears audio)."""
+    `encoders_only`: its media encoders' alone (a model that sees images or hears audio); `language_model_only`:
+    its text model alone, as if it had no encoders (their tensors not read: canonical_name keeps none)."""
     generation_path = model_dir / "generation_config.json"
     generation = read_json(generation_path) if generation_path.is_file() else None
     config = config_from_hf(read_json(model_dir / "config.json"), generation, model_dir / "config.json")
+    if language_model_only:
+        config = dataclasses.replace(config, vision=None, audio=None)
     if mtp_head and not config.num_mtp_layers:
         raise ModelLoadError(f"{model_dir}: has no multi-token prediction head (config.json: mtp_num_hidden_layers)")
     if encoders_only and not config.takes_media:

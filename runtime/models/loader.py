@@ -30,19 +30,23 @@ def load_model(
     mtp_head: bool = False,
     encoders_only: bool = False,
     mmproj: str | Path | None = None,
+    language_model_only: bool = False,
 ) -> LoadedModel:
     """Load the model at `path`: a Hugging Face directory, a .gguf file, or a directory holding exactly one .gguf.
 
     `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model.
     `mtp_head`: the multi-token prediction head's weights too (mtp_head.py; Hugging Face checkpoints only).
     `encoders_only`: the media encoders' weights alone (an `encode` node's). `mmproj`: a GGUF model's vision
-    encoder, llama.cpp's multimodal projector file (gguf_mmproj.py)."""
+    encoder, llama.cpp's multimodal projector file (gguf_mmproj.py). `language_model_only`: a multimodal
+    checkpoint's text model alone, as a text model's (its encoders' weights not read; EngineConfig's)."""
     source = Path(path).expanduser()
     options: dict[str, Any] = {"dtype": dtype, "load_tokenizer": load_tokenizer, "load_weights": load_weights}
     hf_dir = (source / "config.json").is_file()
     if mmproj is not None and hf_dir:
         raise ModelLoadError(f"{source}: an mmproj file goes with a GGUF model; a Hugging Face checkpoint holds its "
                              "vision encoder")  # fmt: skip
+    if language_model_only and (encoders_only or mmproj is not None):
+        raise ModelLoadError(f"{source}: language_model_only serves the text model alone: no mmproj, no encoder")
     if encoders_only and not hf_dir and mmproj is None:
         raise ModelLoadError(f"{source}: a media encoder is read from a Hugging Face checkpoint's directory or a "
                              "GGUF model's mmproj file")  # fmt: skip
@@ -51,6 +55,8 @@ def load_model(
             return _load_with_mmproj(source, Path(mmproj).expanduser(), encoders_only, options)
         if encoders_only:
             options["encoders_only"] = True
+        if language_model_only and hf_dir:  # (a GGUF's encoder is in an mmproj file, not given)
+            options["language_model_only"] = True
         return _load(source, mtp_head=mtp_head, **options)
 
 

@@ -20,6 +20,9 @@ from sagellm.runtime.multimodal.encoder_runner import AudioEncoderRunner, Encode
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
 
 PICTURES_CACHED, CLIPS_CACHED = 64, 16  # the encoder cache's size: the rows of so many pictures, or of 30-s clips
+# ... but no more rows than this many bytes of float32 embeddings hold (a Qwen-VL picture may be 16,384 tokens of
+# 4,096 numbers), nor fewer than the largest picture or clip
+CACHED_BYTES = 2**30
 
 
 @dataclass
@@ -46,10 +49,16 @@ def engine_media(
         raise InvalidInput("images and audio need the checkpoint's preprocessing settings (a Hugging Face "
                            "directory's preprocessor_config.json, or a GGUF model's mmproj file)")  # fmt: skip
     prompts = PromptMedia.of_model(config, files, tokenizer, limits)
-    pictures = PICTURES_CACHED * config.vision.tokens_per_image if config.vision is not None else 0
-    clips = CLIPS_CACHED * config.audio.tokens_for_frames(config.audio.max_frames) if config.audio is not None else 0
-    rows = max(pictures, clips)
-    return EngineMedia(prompts, EncoderCache(encoders(config, weights, backend, linear_dtype), rows))
+    return EngineMedia(prompts, EncoderCache(encoders(config, weights, backend, linear_dtype), cached_rows(config)))
+
+
+def cached_rows(config: ModelConfig) -> int:
+    """The encoder cache's size in embeddings: PICTURES_CACHED pictures' or CLIPS_CACHED clips' at the most each
+    gives, within CACHED_BYTES, and at least the largest one's."""
+    picture = config.vision.tokens_per_image if config.vision is not None else 0
+    clip = config.audio.tokens_for_frames(config.audio.max_frames) if config.audio is not None else 0
+    rows = min(max(PICTURES_CACHED * picture, CLIPS_CACHED * clip), CACHED_BYTES // (4 * config.hidden_size))
+    return max(picture, clip, rows)
 
 
 def encoders(

@@ -26,7 +26,8 @@ def start_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLM
     mtp = reads_mtp_head(config.speculative_config)
     if loaded is None and config.model:
         # once: the planner reads its config, the engine keeps it
-        loaded = load_model(config.model, mtp_head=mtp, mmproj=config.mmproj)
+        loaded = load_model(config.model, mtp_head=mtp, mmproj=config.mmproj,
+                            language_model_only=config.language_model_only)  # fmt: skip
     if mtp:  # the MTP head proposes on a single process: nothing to plan
         config = config.replace(tensor_parallel_size=config.tensor_parallel_size or 1,
                                 pipeline_parallel_size=config.pipeline_parallel_size or 1)  # fmt: skip

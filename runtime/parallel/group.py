@@ -102,6 +102,7 @@ class ParallelRunner(ModelRunner):
         segments = _Segments(layout, backend, _shared_capacity(config, engine), shared=not on_ray)
         spec = RankSpec(
             model=engine.model,
+            language_model_only=engine.language_model_only,
             rank=0,
             tensor_parallel_size=layout.tp,
             pipeline_parallel_size=layout.pp,

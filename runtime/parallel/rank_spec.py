@@ -11,6 +11,7 @@ from sagellm.runtime.engine.cache_geometry import CacheGeometry
 
 class RankSpec(msgspec.Struct, kw_only=True):
     model: str  # the model's path: every rank loads it and keeps its own part
+    language_model_only: bool = False  # a multimodal model's text model alone (EngineConfig's)
     rank: int
     tensor_parallel_size: int
     pipeline_parallel_size: int

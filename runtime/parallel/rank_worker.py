@@ -62,7 +62,7 @@ def serve(spec: RankSpec) -> int:
         for fd in (spec.world_fd, *spec.stage_fds):
             if fd is not None:
                 os.close(fd)  # mapped
-        model = load_model(spec.model)
+        model = load_model(spec.model, language_model_only=spec.language_model_only)
         runner = runner_over(
             model,
             backend,

@@ -82,18 +82,21 @@ def served_model(attrs: Mapping[str, Any]) -> ServedModel | None:
     model = attrs.get("model")
     if not model:
         return None
-    return _load(str(model), attrs.get("max_model_len"), attrs.get("max_images"), attrs.get("mmproj"))
+    return _load(str(model), attrs.get("max_model_len"), attrs.get("max_images"), attrs.get("mmproj"),
+                 bool(attrs.get("language_model_only")))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
-def _load(model: str, limit: int | None, max_images: int | None, mmproj: str | None = None) -> ServedModel:
+def _load(
+    model: str, limit: int | None, max_images: int | None, mmproj: str | None = None, text_only: bool = False
+) -> ServedModel:
     # Imported here: listing or validating operators must not load torch.
     from sagellm.runtime.engine.sampling_params import model_sampling_defaults
     from sagellm.runtime.models.loader import load_model
     from sagellm.runtime.models.model_cache import resolve_model
 
     path = resolve_model(model)
-    loaded = load_model(path, load_weights=False, mmproj=mmproj)
+    loaded = load_model(path, load_weights=False, mmproj=mmproj, language_model_only=text_only)
     context = served_context(limit, loaded.config)
     return ServedModel(str(path), loaded.tokenizer, loaded.config, model_sampling_defaults(loaded), context, max_images,
                        loaded.processor_files)  # fmt: skip

@@ -29,7 +29,8 @@ from sagellm.runtime.pipeline.operator import (
 )
 
 # Graph-level settings a pipeline may set (graph.attrs), with their types. `model` is what its engine and encode
-# nodes serve unless they name their own, `mmproj` a GGUF model's vision encoder beside it (llama.cpp's file).
+# nodes serve unless they name their own, `mmproj` a GGUF model's vision encoder beside it (llama.cpp's file),
+# `language_model_only` serves a multimodal model's text model alone (vLLM's flag).
 # `restart` is the RestartPolicy of the
 # worker processes the run starts; `autoscale` the AutoscaleSettings of a gateway serving the graph (it adds and
 # removes replicas of the graph's engine); `cluster` the Ray cluster of its `ray:GROUP` groups (`pipeline.cluster`).
@@ -43,6 +44,7 @@ GRAPH_ATTRS: dict[str, Any] = {
     "description": str,
     "model": str,
     "mmproj": str,
+    "language_model_only": bool,
     "transport": Literal["ipc", "tcp"],
     "restart": dict[str, Any],
     "autoscale": dict[str, Any],

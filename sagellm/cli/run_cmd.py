@@ -123,6 +123,8 @@ def build_graph(args: argparse.Namespace) -> Any:
         graph.attrs["model"] = args.model
     if getattr(args, "mmproj", None):  # a GGUF model's vision encoder: every node that reads the model reads it
         graph.attrs["mmproj"] = args.mmproj
+    if getattr(args, "language_model_only", None):  # and so does every node that reads its config
+        graph.attrs["language_model_only"] = True
     sources = [n for n in graph.nodes.values() if n.op in ("prompt_source", "jsonl_source", "stdin_source")]
     if (args.prompt or args.requests) and len(sources) != 1:
         raise InvalidInput(f"{args.graph}: --prompt/--requests need exactly one source node, found {len(sources)}")

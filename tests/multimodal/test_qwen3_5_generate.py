@@ -3,7 +3,7 @@ checkpoint (tests/tiny_vision_models.make_tiny_qwen3_5_vision): the text model's
 picture's tokens at their grid's (t, h, w), the text after it shifted) through every path a prompt's tokens take:
 one and two pictures beside a text-only prompt in one batch, the first token's logprobs, a chunked prefill whose
 chunks end inside pictures, a prefix hit ending inside a picture's run, speculative proposals verified past a
-picture, and a resume whose prompt ends with the output so far."""
+picture, and a resume whose prompt ends with the output so far; and served as its text model alone."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from PIL import Image
 from transformers import Qwen3_5ForConditionalGeneration
 
 from sagellm import LLM, SamplingParams
+from sagellm.common.errors import InvalidInput
+from sagellm.runtime.models.loader import load_model
+from sagellm.runtime.pipeline.served_model import served_model
 from tests.tiny_vision_models import make_tiny_qwen3_5_vision, qwen3_5_processor
 
 TOKENS = 8
@@ -158,3 +161,20 @@ def test_a_resume_whose_prompt_ends_with_the_output_so_far_continues_as_transfor
             if out.finished:
                 written = out.outputs[0].token_ids
     assert written == expected[3:]
+
+
+def test_language_model_only_serves_the_text_model_alone_and_refuses_pictures(qwen, hf):
+    """vLLM's --language-model-only: the tower's weights are not read, a text prompt gets transformers' tokens, a
+    picture is refused naming why, and the served model's card says text."""
+    text_only = LLM(str(qwen), max_num_seqs=2, num_kv_blocks=32, language_model_only=True)
+    assert text_only.engine.model.config.vision is None
+    model, processor = hf
+    inputs = inputs_of(processor, TEXT, [])
+    with torch.inference_mode():
+        expected = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
+    assert tokens(text_only.generate([prompt(TEXT)], GREEDY)) == [expected[0, inputs["input_ids"].shape[1] :].tolist()]
+    with pytest.raises(InvalidInput, match="takes no images"):
+        text_only.generate([prompt(ONE, WIDE)], GREEDY)
+    loaded = load_model(qwen, language_model_only=True)
+    assert not any(name.startswith("vision_tower.") for name in loaded.weights) and loaded.processor_files is None
+    assert served_model({"model": str(qwen), "language_model_only": True}).config.vision is None

@@ -30,6 +30,8 @@ KEY_HELP = {  # top-level key -> what it sets
     "model": "the model of every engine node that names none: a path, a `.gguf` file, a cache alias or org/name",
     "mmproj": "a `.gguf` model's vision encoder, llama.cpp's multimodal projector file (`--mmproj`): the graph's "
     "engine and encode nodes see images through it",
+    "language_model_only": "a multimodal model's text model alone (vLLM's `--language-model-only`): the graph's engine "
+    "nodes load no encoder and refuse images and audio with a 400",
     "transport": "how the run's processes are linked: `ipc` on this host (default) or `tcp`, which `remote` and "
     "`ray` placements need",
     "restart": "how worker processes that die are started again (its keys: below)",
