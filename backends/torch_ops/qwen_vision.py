@@ -1,11 +1,15 @@
-"""The torch ops Qwen3.5's vision tower adds to the other encoders' (vision.py): pictures arrive as rows of patches
-in its processor's order (each merge x merge square of neighbouring patches contiguous, the squares row-major), each
-row a patch's temporal_patch_size frames of pixels, several pictures stacked as a decoder step stacks tokens; what
-the rows cannot say, each picture's grid, rides in the step's metadata (`GridMetadata`).
+"""The torch ops Qwen-VL's vision towers (Qwen3.5's, Qwen2.5-VL's) add to the other encoders' (vision.py): pictures
+arrive as rows of patches in their processor's order (each merge x merge square of neighbouring patches contiguous,
+the squares row-major), each row a patch's temporal_patch_size frames of pixels, several pictures stacked as a
+decoder step stacks tokens; what the rows cannot say, each picture's grid, rides in the step's metadata
+(`GridMetadata`).
 
-Each op is transformers' Qwen3_5VisionModel on the step's pictures, computed as it computes them (vision_utils'
-get_vision_position_ids and get_vision_interpolation_indices_and_weights, Qwen3_5VisionRotaryEmbedding,
-apply_rotary_pos_emb_vision), so its results are transformers' to float rounding."""
+Each op is transformers' Qwen3_5VisionModel or Qwen2_5_VisionTransformerPretrainedModel on the step's pictures,
+computed as it computes them (vision_utils' get_vision_position_ids, get_vision_interpolation_indices_and_weights and
+get_vision_window_index, Qwen3_5VisionRotaryEmbedding, apply_rotary_pos_emb_vision), so its results are
+transformers' to float rounding. Qwen2.5-VL's window attention reorders the rows so that each window's merged squares
+are contiguous (`window_order`), attends within each window (`window_metadata`'s lengths) or each frame, and puts
+the merged rows back in the processor's order (`window_restore`)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from sagellm.backends.torch_ops.vision import EncoderMetadata
 
@@ -106,3 +111,46 @@ def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim
 def join_rows(x: torch.Tensor, group: int) -> torch.Tensor:
     """Each `group` consecutive rows side by side (the merger's view(-1, D * merge^2)): [T, D] -> [T / g, g * D]."""
     return x.reshape(-1, x.shape[1] * group)
+
+
+@functools.lru_cache(maxsize=256)
+def _windows(grid: Grid, merge: int, side: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """get_vision_window_index of one picture: its merged squares in window order (each frame's windows of side x
+    side squares row-major, the squares in each row-major), int64 [t * h * w / merge^2]; and each window's rows
+    (patches). The windows at the right and bottom edges hold what is left of the picture."""
+    t, h, w = grid
+    down, across = h // merge, w // merge  # the picture's squares
+    rows, columns = -(-down // side), -(-across // side)  # its windows
+    squares = torch.arange(t * down * across).view(t, down, across)
+    padded = F.pad(squares, (0, columns * side - across, 0, rows * side - down), value=-1)
+    windows = padded.view(t, rows, side, columns, side).transpose(2, 3).reshape(t * rows * columns, side * side)
+    return windows[windows >= 0], tuple(((windows >= 0).sum(1) * merge * merge).tolist())
+
+
+@functools.lru_cache(maxsize=256)
+def _window_order(meta: GridMetadata, merge: int, side: int) -> torch.Tensor:
+    """Every picture's merged squares in window order, numbered across the step: int64 [T / merge^2]."""
+    orders, first = [], 0
+    for grid in meta.grids:
+        order, _ = _windows(grid, merge, side)
+        orders.append(order + first)
+        first += order.shape[0]
+    return torch.cat(orders)
+
+
+def window_metadata(meta: GridMetadata, merge: int, side: int) -> EncoderMetadata:
+    """What a windowed layer's attention reads: each window's rows, in window order (`window_order`'s)."""
+    return EncoderMetadata(tuple(n for grid in meta.grids for n in _windows(grid, merge, side)[1]))
+
+
+def window_order(x: torch.Tensor, meta: GridMetadata, merge: int, side: int) -> torch.Tensor:
+    """x [T, D] in the processor's order -> in window order, each merged square's merge^2 rows kept together
+    (permute_input_for_window_attn): [T, D]."""
+    order = _window_order(meta, merge, side).to(x.device)
+    return x.view(order.shape[0], -1)[order].view(x.shape)  # [T / merge^2, merge^2 * D] gathered
+
+
+def window_restore(x: torch.Tensor, meta: GridMetadata, merge: int, side: int) -> torch.Tensor:
+    """The merger's rows x [T / merge^2, D], one per merged square in window order -> in the processor's order."""
+    order = _window_order(meta, merge, side).to(x.device)
+    return torch.empty_like(x).index_copy_(0, order, x)

@@ -1,6 +1,6 @@
 """The binders multimodal models add to lowering's table (lowering.py registers MULTIMODAL_BINDERS): the vision
-and audio encoder graphs' ops (models/encoder_graph.py; Gemma 4's tower's: torch_ops/gemma4_vision.py; Qwen3.5's:
-torch_ops/qwen_vision.py), the decoder's
+and audio encoder graphs' ops (models/encoder_graph.py; Gemma 4's tower's: torch_ops/gemma4_vision.py; Qwen3.5's and
+Qwen2.5-VL's: torch_ops/qwen_vision.py), the decoder's
 `scatter_rows`, which puts the encoder's embeddings into the rows of their placeholder tokens, and `replace_rows`,
 which gives those rows another token for Gemma 4's per-layer embeddings.
 
@@ -83,10 +83,11 @@ def _bind_gemma4_patch_embed(params, ctx, kernels):
 
 
 def _bind_conv_as_linear(params, ctx, kernels):
-    """A convolution whose kernel is its whole input (Qwen3.5's Conv3d on one patch's frames) as a linear: its
-    weight [D, C, T, p, p] flattened to [D, C * T * p * p], packed as the backend packs linears, with its bias."""
+    """A convolution whose kernel is its whole input (Qwen-VL's Conv3d on one patch's frames) as a linear: its
+    weight [D, C, T, p, p] flattened to [D, C * T * p * p], packed as the backend packs linears, with its bias
+    where `bias` (Qwen3.5's; Qwen2.5-VL's has none)."""
     weight = _weight(ctx, params["weight"]).flatten(1).to(ctx.linear_dtype)
-    bias = _float_weight(ctx, params["weight"].removesuffix(".weight") + ".bias")
+    bias = _float_weight(ctx, params["weight"].removesuffix(".weight") + ".bias") if params["bias"] else None
     return kernels["linear"], (ctx.backend.prepare_linear_weight(weight), bias)
 
 
@@ -156,4 +157,7 @@ MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tu
     "grid_rope": lambda p, ctx, k: (qwen_vision.grid_rope, (p["head_dim"], p["theta"], p["merge"])),
     "rotate_heads": lambda p, ctx, k: (qwen_vision.rotate_heads, (p["head_dim"],)),
     "join_rows": lambda p, ctx, k: (qwen_vision.join_rows, (p["group"],)),
+    "window_order": lambda p, ctx, k: (qwen_vision.window_order, (p["merge"], p["side"])),
+    "window_metadata": lambda p, ctx, k: (qwen_vision.window_metadata, (p["merge"], p["side"])),
+    "window_restore": lambda p, ctx, k: (qwen_vision.window_restore, (p["merge"], p["side"])),
 }

@@ -3,7 +3,8 @@ the same `lower` onto the backend's kernels: LLaVA's vision encoder (a CLIP towe
 Idefics3's / SmolVLM's (a SigLIP-style tower, a pixel shuffle and one linear), Gemma 3's (a SigLIP tower, its patches
 pooled into soft tokens, normed and projected), Gemma 4's (its own tower on pictures of any shape: rows of patches
 and their positions, a 2-D rope, pooled by positions), Qwen3.5's (a ViT on rows of patches whose grids the metadata
-carries: interpolated positions, a 2-D rope, squares of patches merged), and Qwen2-Audio's audio encoder
+carries: interpolated positions, a 2-D rope, squares of patches merged), Qwen2.5-VL's (the same without positions,
+most layers attending within windows), and Qwen2-Audio's audio encoder
 (Whisper's tower, its rows averaged in pairs, one linear).
 
 The graph is written as the model reads, one op per line, unfused: the passes fuse each layer's q/k/v into one
@@ -70,6 +71,8 @@ def build_vision_graph(vision: VisionConfig) -> Graph:
         return _gemma4_vision_graph(vision)
     if vision.tower == "qwen3_5":
         return _qwen3_5_vision_graph(vision)
+    if vision.tower == "qwen2_5_vl":
+        return _qwen2_5_vl_vision_graph(vision)
     if (vision.tower, vision.projector) not in _VISION_GRAPHS:
         raise GraphError(f"no encoder graph for a {vision.tower} tower with a {vision.projector} projector")
     g = Graph(attrs={"model": f"{vision.tower} vision tower", "num_layers": vision.num_layers_run})
@@ -165,7 +168,7 @@ def _qwen3_5_vision_graph(v: VisionConfig) -> Graph:
     rows = g.add("input", id="pixel_values", name="pixel_values")  # [T, C * t * p * p]
     meta = g.add("input", id="encoder_metadata", name="encoder_metadata")
     d, head, eps, merge = v.hidden_size, v.head_dim, v.layer_norm_eps, v.spatial_merge_size
-    hidden = g.add("conv_as_linear", [rows], weight=TOWER + "patch_embed.proj.weight")
+    hidden = g.add("conv_as_linear", [rows], weight=TOWER + "patch_embed.proj.weight", bias=True)
     hidden = g.add("grid_positions", [hidden, meta], table=TOWER + "pos_embed.weight", merge=merge)
     cos, sin = g.add_multi("grid_rope", [hidden, meta], 2, head_dim=head, theta=v.rope_theta, merge=merge)
 
@@ -187,6 +190,49 @@ def _qwen3_5_vision_graph(v: VisionConfig) -> Graph:
     x = g.add("join_rows", [x], group=merge**2)
     x = g.add(v.projector_activation, [linear(x, TOWER + "merger.linear_fc1", d * merge**2)])
     x = linear(x, TOWER + "merger.linear_fc2", v.text_hidden_size)
+    g.add("output", [x], id="embeds", name="embeds")
+    return g
+
+
+def _qwen2_5_vl_vision_graph(v: VisionConfig) -> Graph:
+    """Qwen2.5-VL's tower on pictures given as rows of patches, each picture's grid in `encoder_metadata`
+    (torch_ops/qwen_vision.GridMetadata): the Conv3d as a linear without a bias; the rows, and the 2-D rope's angles
+    for them, reordered so each window's merged squares are contiguous; blocks of an RMSNorm, a fused qkv with the
+    rope on q and k, attention within each window (each frame in full_attention_layers), the projection, an RMSNorm
+    and the gated MLP, each added to the stream; then the merger (an RMSNorm, each square of merge^2 rows joined, two
+    linears with a GELU between, into the text model's width) and its rows back in the processor's order."""
+    g = Graph(attrs={"model": "qwen2_5_vl vision tower", "num_layers": v.num_layers_run})
+    rows = g.add("input", id="pixel_values", name="pixel_values")  # [T, C * t * p * p]
+    frames = g.add("input", id="encoder_metadata", name="encoder_metadata")
+    d, head, eps, inner = v.hidden_size, v.head_dim, v.layer_norm_eps, v.intermediate_size
+    windowing = dict(merge=v.spatial_merge_size, side=v.window_tokens)
+    windows = g.add("window_metadata", [frames], **windowing)
+    hidden = g.add("conv_as_linear", [rows], weight=TOWER + "patch_embed.proj.weight", bias=False)
+    cos, sin = g.add_multi("grid_rope", [hidden, frames], 2, head_dim=head, theta=v.rope_theta,
+                           merge=v.spatial_merge_size)  # fmt: skip
+    hidden, cos, sin = (g.add("window_order", [x, frames], **windowing) for x in (hidden, cos, sin))
+
+    def linear(x: Value, name: str, out: int) -> Value:
+        return g.add("linear", [x], weight=f"{name}.weight", out_features=out, bias=True)
+
+    for i in range(v.num_layers_run):
+        p = f"{TOWER}blocks.{i}."
+        x = g.add("rmsnorm", [hidden], weight=p + "norm1.weight", eps=eps)
+        q, k, val = g.add_multi("split", [linear(x, p + "attn.qkv", 3 * d)], 3, sizes=[d, d, d])
+        q, k = (g.add("rotate_heads", [t, cos, sin], head_dim=head) for t in (q, k))
+        seen = frames if i in v.full_attention_layers else windows
+        attn = g.add("encoder_attention", [q, k, val, seen], layer=i, num_heads=v.num_heads, head_dim=head,
+                     scale=head**-0.5)  # fmt: skip
+        hidden = g.add("add", [hidden, linear(attn, p + "attn.proj", d)])
+        x = g.add("rmsnorm", [hidden], weight=p + "norm2.weight", eps=eps)
+        gate = g.add(v.activation, [linear(x, p + "mlp.gate_proj", inner)])
+        x = linear(g.add("mul", [gate, linear(x, p + "mlp.up_proj", inner)]), p + "mlp.down_proj", d)
+        hidden = g.add("add", [hidden, x])
+    x = g.add("rmsnorm", [hidden], weight=TOWER + "merger.ln_q.weight", eps=eps)
+    x = g.add("join_rows", [x], group=v.spatial_merge_size**2)
+    x = g.add(v.projector_activation, [linear(x, TOWER + "merger.mlp.0", d * v.spatial_merge_size**2)])
+    x = linear(x, TOWER + "merger.mlp.2", v.text_hidden_size)
+    x = g.add("window_restore", [x, frames], **windowing)
     g.add("output", [x], id="embeds", name="embeds")
     return g
 

@@ -9,11 +9,14 @@ The encoder reads one square picture at a time, `image_size` pixels a side: a wh
 image cut into tiles (Idefics3, which adds the whole image shrunk to a tile), and gives it `tokens_per_image`
 embeddings, one per placeholder token of a run of them in the prompt. Gemma 4's tower reads a picture at the size its
 processor resized it to (its patches and their positions) and gives as many embeddings as that size pools into;
-Qwen3.5's reads a picture's patch rows and the grid they form, and gives one embedding per merged square of them."""
+Qwen3.5's and Qwen2.5-VL's read a picture's patch rows and the grid they form, and give one embedding per merged
+square of them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+_GRID_TOWERS = ("qwen3_5", "qwen2_5_vl")  # Qwen-VL's: see `takes_grids`
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,27 @@ class VisionConfig:
     spatial_merge_size: int = 0
     temporal_patch_size: int = 0
     num_position_embeddings: int = 0
+    # Qwen2.5-VL's tower ("qwen2_5_vl"; projector "qwen_merger"): Qwen3.5's rows and merged squares, without learned
+    # positions, in RMSNorm blocks with a gated MLP; its layers attend within windows of window_size pixels a side
+    # (squares of merged squares) but those in full_attention_layers, which attend over the whole picture
+    window_size: int = 0
+    full_attention_layers: tuple[int, ...] = ()
 
     @property
     def variable_tokens(self) -> bool:
-        """Pictures give as many soft tokens as their shape does (Gemma 4's, Qwen3.5's), up to `tokens_per_image`."""
-        return self.tower in ("gemma4", "qwen3_5")
+        """Pictures give as many soft tokens as their shape does (Gemma 4's, Qwen-VL's), up to `tokens_per_image`."""
+        return self.tower == "gemma4" or self.takes_grids
+
+    @property
+    def takes_grids(self) -> bool:
+        """The tower reads a picture as rows of patches beside the grid they form (Qwen-VL's), which the rows cannot
+        say: the encoder takes both."""
+        return self.tower in _GRID_TOWERS
+
+    @property
+    def window_tokens(self) -> int:
+        """The merged squares along each side of Qwen2.5-VL's attention windows."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
 
     @property
     def head_dim(self) -> int:

@@ -77,9 +77,9 @@ class EncoderRunner(_GraphEncoder):
     def encode(self, pixel_values: torch.Tensor, grids: Sequence[Grid] | None = None) -> list[torch.Tensor]:
         """pixel_values [N, C, H, W] -> each image's embeddings [tokens_per_image, text hidden] float32 (views of
         one tensor), in order. Gemma 4's tower takes its pictures' rows of patches instead (`_encode_patches`),
-        Qwen3.5's their rows of patches and `grids` (`_encode_grids`)."""
+        Qwen-VL's (Qwen3.5's, Qwen2.5-VL's) their rows of patches and `grids` (`_encode_grids`)."""
         v = self.vision
-        if v.tower == "qwen3_5":
+        if v.takes_grids:
             return self._encode_grids(pixel_values, grids)
         if v.variable_tokens:
             return self._encode_patches(pixel_values)
@@ -109,13 +109,13 @@ class EncoderRunner(_GraphEncoder):
         return list(embeds.split([n // v.pooling_kernel**2 for n in lengths]))
 
     def _encode_grids(self, rows: torch.Tensor, grids: Sequence[Grid] | None) -> list[torch.Tensor]:
-        """Qwen3.5's pictures, each its patch rows [t * h * w * m^2, C * T * p * p] in its processor's order,
+        """Qwen-VL's pictures, each its patch rows [t * h * w * m^2, C * T * p * p] in its processor's order,
         stacked, and `grids`, each one's token grid (t, h, w) (m = spatial_merge_size: its patches are t frames of
         h * m by w * m) -> each one's embeddings [t * h * w, text hidden] float32."""
         v = self.vision
         m, width = v.spatial_merge_size, v.num_channels * v.temporal_patch_size * v.patch_size**2
         if grids is None or any(len(grid) != 3 or min(grid) < 1 for grid in grids):
-            raise InvalidInput(f"Qwen3.5's vision tower takes each picture's token grid (t, h, w), not {grids!r}")
+            raise InvalidInput(f"Qwen-VL's vision tower takes each picture's token grid (t, h, w), not {grids!r}")
         tokens = [t * h * w for t, h, w in grids]
         if rows.dim() != 2 or rows.shape[1] != width or rows.shape[0] != sum(tokens) * m * m:
             raise InvalidInput(f"patch rows of shape {tuple(rows.shape)} for token grids {list(grids)}: the tower "

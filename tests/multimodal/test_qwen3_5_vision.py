@@ -158,13 +158,12 @@ def test_a_text_only_request_gives_transformers_greedy_tokens(qwen, hf):
     assert ours.outputs[0].token_ids == out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def test_the_config_takes_images_unless_it_has_no_tower_or_says_language_model_only(qwen, ours):
+def test_the_config_takes_images_unless_it_has_no_tower(qwen, ours):
     vision = ours[0].config.vision
     assert (vision.tower, vision.spatial_merge_size, vision.temporal_patch_size) == ("qwen3_5", 2, 2)
     assert vision.tokens_per_image == 16  # the processor's longest_edge, 128 x 128 pixels, in 32-pixel squares
     config = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "vision_config": {"out_hidden_size": 64}}
     assert vision_from_hf(config, 64).tower == "qwen3_5"
-    assert vision_from_hf(config | {"language_model_only": True}, 64) is None
     assert vision_from_hf({"architectures": ["Qwen3_5ForConditionalGeneration"]}, 64) is None
     with pytest.raises(ModelLoadError, match="out_hidden_size 3584 is not the text model's width 64"):
         vision_from_hf({"architectures": ["Qwen3_5ForConditionalGeneration"], "vision_config": {}}, 64)

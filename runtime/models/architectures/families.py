@@ -73,7 +73,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("gpt_oss", ("GptOssForCausalLM",), "gpt-oss", qkv_bias=True, moe=True, sliding_pattern=2,
                  gpt_oss=True),
     # Qwen3.5 ships as Qwen3_5ForConditionalGeneration (Qwen3_5MoeForConditionalGeneration): served with its vision
-    # tower (hf_vision_config._qwen3_5) unless its config.json has no vision_config or says language_model_only.
+    # tower (hf_vision_config._qwen3_5) unless its config.json has no vision_config (or the engine's
+    # language_model_only drops it).
     Architecture("qwen3_5", ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"), "qwen35", qk_norm=True,
                  gated_delta_net=True, gguf_tiled_value_heads=True),
     # Its mixture of experts: Qwen's experts (a checkpoint holds each under its own name) and a gated shared expert.
@@ -92,7 +93,12 @@ MULTIMODAL: dict[str, tuple[str, ...]] = {
     "Idefics3ForConditionalGeneration": ("llama",),
     "SmolVLMForConditionalGeneration": ("llama",),
     "Qwen2AudioForConditionalGeneration": ("qwen2",),  # an audio encoder beside the text model
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2",),  # its own vision tower (hf_vision_config._qwen2_5_vl)
 }
+# A wrapper's text model where config.json nests none (LLaVA's default; hub Qwen2.5-VL configs keep its settings at
+# the top level), and the model_types that name a family's layer under another name (Qwen2.5-VL's is Qwen2's).
+_DEFAULT_TEXT_TYPE = {"Qwen2_5_VLForConditionalGeneration": "qwen2"}
+_TEXT_TYPE_ROWS = {"qwen2_5_vl_text": "qwen2"}
 _SUPPORTED_HF = ", ".join([*(c for a in ARCHITECTURES for c in a.hf_classes), *MULTIMODAL])
 _SUPPORTED_GGUF = ", ".join(dict.fromkeys(a.gguf_arch for a in ARCHITECTURES if a.gguf_arch))
 
@@ -102,7 +108,9 @@ def architecture_for_hf(hf_config: Mapping[str, Any], source: Path) -> Architect
     classes = hf_config.get("architectures") or []
     wrapper = next((c for c in classes if c in MULTIMODAL), None)
     if wrapper is not None:
-        text_type = (hf_config.get("text_config") or {}).get("model_type", "llama")  # LLaVA's default text model
+        default = _DEFAULT_TEXT_TYPE.get(wrapper, "llama")
+        text_type = (hf_config.get("text_config") or {}).get("model_type", default)
+        text_type = _TEXT_TYPE_ROWS.get(text_type, text_type)
         if text_type not in MULTIMODAL[wrapper]:
             raise ModelLoadError(f"{source}: {wrapper} with a {text_type!r} text model is not supported (its text "
                                  f"model may be {', '.join(MULTIMODAL[wrapper])})")  # fmt: skip

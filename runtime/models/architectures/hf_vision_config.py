@@ -1,7 +1,8 @@
 """The vision encoder of a multimodal config.json as a VisionConfig: LLaVA's (a CLIP tower, its two-layer projector),
 Idefics3's, which SmolVLM shares (a SigLIP-style tower read per tile, a pixel shuffle and one linear), Gemma 3's
 (a SigLIP tower, its patches pooled into soft tokens), Gemma 4's (its own tower on pictures of any shape, pooled
-by patch positions and projected) and Qwen3.5's (a ViT on pictures of any shape, its patches merged in squares).
+by patch positions and projected), Qwen3.5's (a ViT on pictures of any shape, its patches merged in squares) and
+Qwen2.5-VL's (the same with window attention).
 
 Hub configs leave out the keys transformers defaults, so each family's defaults fill them as its config class
 would; a setting the encoder graph does not implement is refused naming its key."""
@@ -18,7 +19,8 @@ from sagellm.runtime.models.vision_config import VisionConfig
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")  # transformers' names of the tanh-approximated GELU
 # transformers' activation names -> the graph's ops
-_VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", **dict.fromkeys(GELU_TANH, "gelu_tanh")}
+_VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", **dict.fromkeys(GELU_TANH, "gelu_tanh"),
+                       "silu": "silu"}  # fmt: skip
 # transformers' CLIPVisionConfig defaults, for the keys a hub config leaves out of `vision_config`
 _CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                   "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
@@ -51,6 +53,12 @@ _QWEN3_5_DEFAULTS = {"depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytor
                      "temporal_patch_size": 2, "out_hidden_size": 3584, "num_position_embeddings": 2304,
                      "rope_parameters": None}  # fmt: skip
 _QWEN3_5 = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+# transformers' Qwen2_5_VLVisionConfig defaults (hub configs give the sizes, spelling in_channels `in_chans`)
+_QWEN2_5_VL_DEFAULTS = {"depth": 32, "hidden_size": 3584, "hidden_act": "silu", "intermediate_size": 3420,
+                        "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
+                        "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 3584,
+                        "fullatt_block_indexes": (7, 15, 23, 31), "rope_parameters": None}  # fmt: skip
+QWEN2_VL_MAX_PIXELS = 28 * 28 * 1280  # Qwen2VLImageProcessor's default max_pixels, where a checkpoint gives none
 QWEN_VL_MAX_PIXELS = 16_777_216  # Qwen3.5's preprocessor_config.json's size.longest_edge, where a checkpoint has none
 QWEN_VL_LAYER_NORM_EPS = 1e-6  # its tower's and merger's LayerNorms (fixed in transformers, not in the config)
 
@@ -58,9 +66,9 @@ QWEN_VL_LAYER_NORM_EPS = 1e-6  # its tower's and merger's LayerNorms (fixed in t
 def vision_from_hf(
     hf_config: Mapping[str, Any], text_hidden_size: int, source: Path = Path("config.json")
 ) -> VisionConfig | None:
-    """The vision encoder of a LLaVA, Idefics3, SmolVLM, Gemma 3, Gemma 4 or Qwen3.5 config.json, None for a
-    checkpoint served text only (every other class; a Gemma 4 or Qwen3.5 without a vision_config, or a Qwen3.5 whose
-    config says language_model_only). `text_hidden_size`: its text model's width."""
+    """The vision encoder of a LLaVA, Idefics3, SmolVLM, Gemma 3, Gemma 4, Qwen3.5 or Qwen2.5-VL config.json, None
+    for a checkpoint served text only (every other class; a Gemma 4 or Qwen3.5 without a vision_config; any, with
+    the engine's language_model_only, which drops it). `text_hidden_size`: its text model's width."""
     classes = hf_config.get("architectures") or []
     if "LlavaForConditionalGeneration" in classes:
         return _llava(hf_config, text_hidden_size, source)
@@ -71,7 +79,9 @@ def vision_from_hf(
     if "Gemma4ForConditionalGeneration" in classes and hf_config.get("vision_config") is not None:
         return _gemma4(hf_config, text_hidden_size, source)
     if any(c in _QWEN3_5 for c in classes) and hf_config.get("vision_config") is not None:
-        return None if hf_config.get("language_model_only") else _qwen3_5(hf_config, text_hidden_size, source)
+        return _qwen3_5(hf_config, text_hidden_size, source)
+    if "Qwen2_5_VLForConditionalGeneration" in classes:
+        return _qwen2_5_vl(hf_config, text_hidden_size, source)
     return None
 
 
@@ -234,6 +244,48 @@ def _qwen3_5(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) 
     between) into the text model's width. The prompt's <|image_pad|> becomes one per merged square; a picture gives
     at most what the image processor's largest size does (its preprocessor_config.json beside `source`)."""
     tower = _QWEN3_5_DEFAULTS | _given(hf_config["vision_config"])
+    return VisionConfig(
+        tower="qwen3_5",
+        **_qwen_vl_tower(tower, text_hidden_size, source, QWEN_VL_MAX_PIXELS),
+        image_token_id=int(hf_config.get("image_token_id", 248_056)),
+        num_position_embeddings=int(tower["num_position_embeddings"]),
+    )
+
+
+def _qwen2_5_vl(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) -> VisionConfig:
+    """Qwen2.5-VL's tower (Qwen2_5_VisionTransformerPretrainedModel: Qwen3.5's without a bias on its Conv3d nor
+    learned positions, in RMSNorm blocks with a gated MLP, attending within windows of window_size pixels but in
+    fullatt_block_indexes' layers) and its merger (Qwen3.5's with an RMSNorm). A picture gives at most what the image
+    processor's max_pixels does (its preprocessor_config.json beside `source`, else Qwen2VLImageProcessor's
+    default)."""
+    given = _given(hf_config.get("vision_config") or {})
+    if "in_chans" in given:  # the hub's spelling
+        given.setdefault("in_channels", given.pop("in_chans"))
+    tower = _QWEN2_5_VL_DEFAULTS | given
+    common = _qwen_vl_tower(tower, text_hidden_size, source, QWEN2_VL_MAX_PIXELS)
+    square, depth = common["spatial_merge_size"] * common["patch_size"], common["num_layers"]
+    window, full = int(tower["window_size"]), tuple(int(i) for i in tower["fullatt_block_indexes"])
+    if window < square or window % square:
+        raise ModelLoadError(f"{source}: vision_config.window_size {window} is not a multiple of the tower's merged "
+                             f"squares of {square} pixels")  # fmt: skip
+    if not all(0 <= i < depth for i in full):
+        raise ModelLoadError(f"{source}: vision_config.fullatt_block_indexes {list(full)} names no layer of the "
+                             f"{depth}-layer tower")  # fmt: skip
+    return VisionConfig(
+        tower="qwen2_5_vl",
+        **common,
+        image_token_id=int(hf_config.get("image_token_id", 151_655)),
+        window_size=window,
+        full_attention_layers=full,
+    )
+
+
+def _qwen_vl_tower(
+    tower: Mapping[str, Any], text_hidden_size: int, source: Path, default_pixels: int
+) -> dict[str, Any]:
+    """The VisionConfig fields Qwen-VL's `vision_config`s give alike (Qwen3.5's, Qwen2.5-VL's): the tower's sizes, its
+    2-D rope, its merger of spatial_merge_size^2 squares into the text model's width, and the most tokens a picture
+    gives (`_qwen_vl_max_tokens`)."""
     hidden, heads, out = int(tower["hidden_size"]), int(tower["num_heads"]), int(tower["out_hidden_size"])
     patch, temporal = tower["patch_size"], tower["temporal_patch_size"]
     if not isinstance(patch, int) or not isinstance(temporal, int):
@@ -249,43 +301,40 @@ def _qwen3_5(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) 
     if rope.get("rope_type", "axial") != "axial":
         raise ModelLoadError(f"{source}: vision_config.rope_parameters.rope_type {rope['rope_type']!r}: the tower "
                              "takes axial rope only")  # fmt: skip
-    merge = int(tower["spatial_merge_size"])
-    return VisionConfig(
-        tower="qwen3_5",
+    merge, depth = int(tower["spatial_merge_size"]), int(tower["depth"])
+    return dict(
         hidden_size=hidden,
         intermediate_size=int(tower["intermediate_size"]),
-        num_layers=int(tower["depth"]),
+        num_layers=depth,
         num_heads=heads,
         num_channels=int(tower["in_channels"]),
         patch_size=patch,
         image_size=0,
         layer_norm_eps=QWEN_VL_LAYER_NORM_EPS,
         activation=_activation(tower["hidden_act"], "vision_config.hidden_act", source),
-        feature_layers=(int(tower["depth"]),),
+        feature_layers=(depth,),
         drop_class=False,
         projector="qwen_merger",
         projector_activation="gelu",
         projector_bias=True,
         text_hidden_size=out,
-        image_token_id=int(hf_config.get("image_token_id", 248_056)),
-        max_soft_tokens=_qwen_vl_max_tokens(source, patch * merge),
+        max_soft_tokens=_qwen_vl_max_tokens(source, patch * merge, default_pixels),
         rope_theta=float(rope.get("rope_theta", 10_000.0)),
         spatial_merge_size=merge,
         temporal_patch_size=temporal,
-        num_position_embeddings=int(tower["num_position_embeddings"]),
     )
 
 
-def _qwen_vl_max_tokens(source: Path, factor: int) -> int:
+def _qwen_vl_max_tokens(source: Path, factor: int, default_pixels: int) -> int:
     """The most image tokens a picture gives: the image processor's largest area (max_pixels, or size's longest_edge,
     in preprocessor_config.json or processor_config.json's image_processor beside config.json) in squares of `factor`
-    (patch_size * merge_size) pixels; QWEN_VL_MAX_PIXELS's where neither says."""
+    (patch_size * merge_size) pixels; `default_pixels`' (the processor's default) where neither says."""
     files = ProcessorFiles.read(source.parent)
     for settings in (files.preprocessor, files.processor.get("image_processor") or {}):
         largest = settings.get("max_pixels") or (settings.get("size") or {}).get("longest_edge")
         if largest:
             return int(largest) // factor**2
-    return QWEN_VL_MAX_PIXELS // factor**2
+    return default_pixels // factor**2
 
 
 def _given(settings: Mapping[str, Any]) -> dict[str, Any]:

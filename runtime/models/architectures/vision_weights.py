@@ -5,8 +5,9 @@ LLaVA checkpoints name the tower by the transformers version that wrote them (`v
 `model.vision_tower.` in 5, and `vision_tower.` as transformers 5 saves them again; Gemma 3's add `vision_model.`
 after any of them) and the projector with or without `model.`; Idefics3 and SmolVLM name theirs
 `model.vision_model.` and `model.connector.`; Gemma 4 its tower `model.vision_tower.` and its embedder
-`model.embed_vision.` (read as the projector); Qwen3.5 its tower and merger `model.visual.` (both read as the tower,
-its Conv3d's weight [D, C, T, p, p] kept whole: the binder reads it as a linear's [D, C * T * p * p]). The graph
+`model.embed_vision.` (read as the projector); Qwen3.5 its tower and merger `model.visual.`, Qwen2.5-VL `visual.`
+(both read as the tower, its Conv3d's weight [D, C, T, p, p] kept whole: the binder reads it as a linear's
+[D, C * T * p * p]). The graph
 reads one name each, `vision_tower.<the tower's name>` and `multi_modal_projector.<name>`. Tower layers past the
 last hidden state read are not kept, nor a CLIP tower's post-layernorm (which only its pooled output takes)."""
 
@@ -22,6 +23,7 @@ _PREFIXES = (
     ("model.vision_tower.", TOWER),
     ("model.vision_model.", TOWER),
     ("model.visual.", TOWER),
+    ("visual.", TOWER),
     (TOWER, TOWER),
     ("model.multi_modal_projector.", PROJECTOR),
     ("model.connector.", PROJECTOR),
@@ -70,6 +72,8 @@ def vision_weight_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
         return _gemma4_shapes(vision)
     if vision.tower == "qwen3_5":
         return _qwen3_5_shapes(vision)
+    if vision.tower == "qwen2_5_vl":
+        return _qwen2_5_vl_shapes(vision)
     d, inner = vision.hidden_size, vision.intermediate_size
     e = TOWER + "embeddings."
     shapes: dict[str, tuple[int, ...]] = {
@@ -122,15 +126,17 @@ def _gemma4_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _linear(name: str, rows: int, columns: int) -> dict[str, tuple[int, ...]]:
+    """A linear's weight and bias."""
+    return {f"{name}.weight": (rows, columns), f"{name}.bias": (rows,)}
+
+
 def _qwen3_5_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Qwen3.5's tower (its Conv3d patch embedding, learned positions, blocks of LayerNorms, a fused qkv and an MLP,
     every linear with a bias) and its merger (a LayerNorm over the tower's width, two linears over the merged
     squares'), all under the tower's name."""
     d, inner, p, t = vision.hidden_size, vision.intermediate_size, vision.patch_size, vision.temporal_patch_size
     merged = d * vision.spatial_merge_size**2
-
-    def linear(name: str, rows: int, columns: int) -> dict[str, tuple[int, ...]]:
-        return {f"{name}.weight": (rows, columns), f"{name}.bias": (rows,)}
 
     def norm(name: str, width: int) -> dict[str, tuple[int, ...]]:
         return {f"{name}.weight": (width,), f"{name}.bias": (width,)}
@@ -143,8 +149,26 @@ def _qwen3_5_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
     for i in range(vision.num_layers_run):
         block = f"{TOWER}blocks.{i}."
         shapes |= norm(block + "norm1", d) | norm(block + "norm2", d)
-        shapes |= linear(block + "attn.qkv", 3 * d, d) | linear(block + "attn.proj", d, d)
-        shapes |= linear(block + "mlp.linear_fc1", inner, d) | linear(block + "mlp.linear_fc2", d, inner)
+        shapes |= _linear(block + "attn.qkv", 3 * d, d) | _linear(block + "attn.proj", d, d)
+        shapes |= _linear(block + "mlp.linear_fc1", inner, d) | _linear(block + "mlp.linear_fc2", d, inner)
     shapes |= norm(TOWER + "merger.norm", d)
-    shapes |= linear(TOWER + "merger.linear_fc1", merged, merged)
-    return shapes | linear(TOWER + "merger.linear_fc2", vision.text_hidden_size, merged)
+    shapes |= _linear(TOWER + "merger.linear_fc1", merged, merged)
+    return shapes | _linear(TOWER + "merger.linear_fc2", vision.text_hidden_size, merged)
+
+
+def _qwen2_5_vl_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Qwen2.5-VL's tower (its Conv3d patch embedding without a bias, blocks of RMSNorms, a fused qkv and a gated
+    MLP, every linear with a bias) and its merger (an RMSNorm over the tower's width, `mlp.0` and `mlp.2` over the
+    merged squares'), all under the tower's name."""
+    d, inner, p, t = vision.hidden_size, vision.intermediate_size, vision.patch_size, vision.temporal_patch_size
+    merged = d * vision.spatial_merge_size**2
+    shapes: dict[str, tuple[int, ...]] = {TOWER + "patch_embed.proj.weight": (d, vision.num_channels, t, p, p)}
+    for i in range(vision.num_layers_run):
+        block = f"{TOWER}blocks.{i}."
+        shapes |= {block + "norm1.weight": (d,), block + "norm2.weight": (d,)}
+        shapes |= _linear(block + "attn.qkv", 3 * d, d) | _linear(block + "attn.proj", d, d)
+        shapes |= _linear(block + "mlp.gate_proj", inner, d) | _linear(block + "mlp.up_proj", inner, d)
+        shapes |= _linear(block + "mlp.down_proj", d, inner)
+    shapes[TOWER + "merger.ln_q.weight"] = (d,)
+    shapes |= _linear(TOWER + "merger.mlp.0", merged, merged)
+    return shapes | _linear(TOWER + "merger.mlp.2", vision.text_hidden_size, merged)
