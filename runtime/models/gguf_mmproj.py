@@ -7,10 +7,14 @@ Gemma 3's projector ("gemma3") is read: a SigLIP tower, its patches pooled `clip
 a side into soft tokens (4 when absent, as llama.cpp defaults it), the soft-token norm stored as 1 + w (what the
 graph reads), the projection as Hugging Face stores it ([vision hidden, text hidden], in F16 as the converter
 forces it). Its image tokens are the text model's (`<start_of_image>`, `<image_soft_token>`, found by name in its
-vocabulary). Images are preprocessed as Gemma3ImageProcessor does, from the file's image size, mean and std."""
+vocabulary). Images are preprocessed as Gemma3ImageProcessor does, from the file's image size, mean and std.
+
+So is Qwen3.5's ("qwen3vl_merger", which llama.cpp writes for Qwen3-VL too: gguf_mmproj_qwen.py), beside a Qwen3.5
+text model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,11 +31,19 @@ from sagellm.runtime.models.architectures.weight_shapes import check_weights
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, read_gguf
+from sagellm.runtime.models.gguf_mmproj_keys import check_projection, clip_key, image_statistics, token_ids
+from sagellm.runtime.models.gguf_mmproj_qwen import (
+    QWEN3_5_PROJECTOR,
+    QWEN3_5_TEXT,
+    qwen3_5_graph_weights,
+    qwen3_5_preprocessor,
+    qwen3_5_vision,
+)
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, ProcessorFiles, WeightsOnRead, describe
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 from sagellm.runtime.models.vision_config import VisionConfig
 
-PROJECTORS = ("gemma3",)  # the clip.projector_type values read
+PROJECTORS = ("gemma3", QWEN3_5_PROJECTOR)  # the clip.projector_type values read
 GEMMA3_POOL = 4  # llama.cpp's default clip.vision.projector.scale_factor for Gemma 3 (64 patches a side -> 16)
 # Gemma 3's image tokens, as its tokenizers spell them
 GEMMA3_TOKENS = {"boi": "<start_of_image>", "image": "<image_soft_token>"}
@@ -81,38 +93,33 @@ def read_mmproj(path: Path, text: ModelConfig, tokenizer: Any, dtype: torch.dtyp
     projector = meta.get("clip.vision.projector_type", meta.get("clip.projector_type"))
     if projector not in PROJECTORS:
         raise ModelLoadError(f"{path}: mmproj projector {projector!r} is not supported (have {', '.join(PROJECTORS)})")
+    if projector == QWEN3_5_PROJECTOR:
+        if text.architecture not in QWEN3_5_TEXT:
+            raise ModelLoadError(f"{path}: a Qwen3.5 mmproj beside a {text.architecture} model")
+        vision = qwen3_5_vision(path, meta, text, tokenizer)
+        weights = _weights(path, file, vision, text, dtype, qwen3_5_graph_weights) if load_weights else {}
+        return Mmproj(vision, weights, ProcessorFiles(path, qwen3_5_preprocessor(path, meta, vision)))
     if text.architecture != "gemma3_text":
         raise ModelLoadError(f"{path}: a Gemma 3 mmproj beside a {text.architecture} model")
     vision = _gemma3_vision(path, meta, text, tokenizer)
-    weights = _weights(path, file, vision, text, dtype) if load_weights else {}
-    size, stats = vision.image_size, {}
-    for name in ("image_mean", "image_std"):
-        if (values := meta.get(f"clip.vision.{name}")) is None or len(values) != 3:
-            raise ModelLoadError(f"{path}: lacks clip.vision.{name} (three values)")
-        stats[name] = [float(x) for x in values]
-    preprocessor = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": size, "width": size}, **stats}
+    weights = _weights(path, file, vision, text, dtype, _gemma3_graph_weights) if load_weights else {}
+    size = vision.image_size
+    preprocessor = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": size, "width": size},
+                    **image_statistics(path, meta)}  # fmt: skip
     return Mmproj(vision, weights, ProcessorFiles(path, preprocessor, {"image_seq_length": vision.tokens_per_image}))
 
 
 def _gemma3_vision(path: Path, meta: dict[str, Any], text: ModelConfig, tokenizer: Any) -> VisionConfig:
     def key(name: str) -> Any:
-        if (value := meta.get(f"clip.vision.{name}")) is None:
-            raise ModelLoadError(f"{path}: lacks clip.vision.{name}")
-        return value
+        return clip_key(path, meta, name)
 
     size, patch = int(key("image_size")), int(key("patch_size"))
     pool = int(meta.get("clip.vision.projector.scale_factor", GEMMA3_POOL))
     grid = size // patch
-    if int(key("projection_dim")) != text.hidden_size:
-        raise ModelLoadError(f"{path}: projects to {key('projection_dim')} features; the text model has "
-                             f"{text.hidden_size}")  # fmt: skip
+    check_projection(path, meta, text)
     if pool < 1 or grid % pool:
         raise ModelLoadError(f"{path}: projector scale factor {pool} does not divide the {grid} x {grid} patches")
-    ids = {}
-    for role, token in GEMMA3_TOKENS.items():
-        ids[role] = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else None
-        if ids[role] is None or ids[role] == getattr(tokenizer, "unk_token_id", None):
-            raise ModelLoadError(f"{path}: the text model's vocabulary has no {token}, which Gemma 3's images need")
+    ids = token_ids(path, tokenizer, GEMMA3_TOKENS, "Gemma 3")
     return VisionConfig(
         tower="siglip", hidden_size=int(key("embedding_length")), intermediate_size=int(key("feed_forward_length")),
         num_layers=int(key("block_count")), num_heads=int(key("attention.head_count")), num_channels=3,
@@ -124,22 +131,35 @@ def _gemma3_vision(path: Path, meta: dict[str, Any], text: ModelConfig, tokenize
 
 
 def _weights(
-    path: Path, file: GGUFFile, vision: VisionConfig, text: ModelConfig, dtype: torch.dtype
+    path: Path,
+    file: GGUFFile,
+    vision: VisionConfig,
+    text: ModelConfig,
+    dtype: torch.dtype,
+    graph_weights: Callable[[Path, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
-    """Every tensor under the graph's name, dequantized (an mmproj is small, and mostly F32 and F16)."""
-    weights = {}
+    """Every tensor dequantized (an mmproj is small, and mostly F32 and F16), under the graph's names
+    (`graph_weights`: the family's, from the file's)."""
+    stored = {}
     for name, tensor in file.tensors.items():
-        ours = _graph_name(name)
-        if ours is None:
-            raise ModelLoadError(f"{path}: tensor {name} is not one a Gemma 3 mmproj holds")
         values = dequantize(tensor.data, tensor.kind, tensor.shape)
-        weights[ours] = torch.from_numpy(values.copy()).to(dtype)
+        stored[name] = torch.from_numpy(values.copy()).to(dtype)
+    weights = graph_weights(path, stored)
     check_weights(text, {n: tuple(w.shape) for n, w in weights.items()}, path,
                   expected=vision_weight_shapes(vision))  # fmt: skip
     return weights
 
 
-def _graph_name(name: str) -> str | None:
+def _gemma3_graph_weights(path: Path, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    weights = {}
+    for name, values in stored.items():
+        if (ours := _gemma3_name(name)) is None:
+            raise ModelLoadError(f"{path}: tensor {name} is not one a Gemma 3 mmproj holds")
+        weights[ours] = values
+    return weights
+
+
+def _gemma3_name(name: str) -> str | None:
     if name in _GLOBAL:
         return _GLOBAL[name]
     parts = name.split(".")  # v.blk.{i}.{part}.{weight|bias}

@@ -99,6 +99,7 @@ def config_from_gguf(
         layer_types=layer_types,
         local_rope_theta=_from_float32(key("rope.freq_base_swa", 10000.0)) if arch.local_rope else None,
         rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
+        **_gguf_mrope(metadata, prefix, rotary_dim, source),
         attn_output_gate=arch.gated_delta_net,
         **(_gguf_linear_attention(key, arch.gguf_tiled_value_heads) if arch.gated_delta_net else {}),
         shared_expert_intermediate_size=int(metadata.get(f"{prefix}.expert_shared_feed_forward_length", 0)),
@@ -175,6 +176,30 @@ def _gguf_gemma4(
         "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": turned / (full_dim // 2)},
         "layer_scalar": True,
     }
+
+
+# The GGUF architectures whose rope llama.cpp turns by M-RoPE's `rope.dimension_sections`, and whether interleaved
+# (its LLAMA_ROPE_TYPE_IMROPE, Qwen3-VL's and Qwen3.5's) or in turn (LLAMA_ROPE_TYPE_MROPE, Qwen2-VL's)
+_MROPE_INTERLEAVED = {"qwen35": True, "qwen35moe": True}
+
+
+def _gguf_mrope(metadata: Mapping[str, Any], prefix: str, rotary_dims: int, source: Path) -> dict[str, Any]:
+    """M-RoPE's sections as llama.cpp reads them: `rope.dimension_sections`' first three counts (time, height,
+    width; a fourth turns a vision encoder's extra position), for the architectures whose rope it turns by them.
+    In turn, they cover the rotary half-dimensions exactly, as hf_config._hf_mrope asks; interleaved, at least (not
+    at most, as it asks of a config.json): llama.cpp counts a frequency's sector modulo their sum, so sections short
+    of the rotary frequencies wrap where transformers' do not, and its converter writes Qwen3.5's default
+    [11, 11, 10] for a checkpoint without sections whatever its head's size (the counts past the rotary frequencies
+    are never read, by either)."""
+    sections = metadata.get(f"{prefix}.rope.dimension_sections")
+    if prefix not in _MROPE_INTERLEAVED or sections is None:
+        return {}
+    interleaved, counts = _MROPE_INTERLEAVED[prefix], [int(n) for n in list(sections)]
+    section, half = tuple(counts[:3]), rotary_dims // 2
+    if len(section) != 3 or min(section) < 0 or not (sum(section) >= half if interleaved else sum(section) == half):
+        raise ModelLoadError(f"{source}: {prefix}.rope.dimension_sections {counts} must begin with three counts of "
+                             f"rotary frequencies adding up to {'at least ' if interleaved else ''}{half}")  # fmt: skip
+    return {"mrope_section": section, "mrope_interleaved": interleaved}
 
 
 def _gguf_hybrid_layer_types(metadata: Mapping[str, Any], prefix: str, layers: int) -> tuple[str, ...]:

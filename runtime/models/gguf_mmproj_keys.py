@@ -1,0 +1,46 @@
+"""An mmproj file's metadata as each family's reader (gguf_mmproj.py, gguf_mmproj_qwen.py) takes it: the
+`clip.vision.*` keys its tower needs, the projection's width against the text model's, the image tokens by name in
+the text model's vocabulary and the preprocessor's mean and std, each refused naming the file where it is missing
+or wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sagellm.runtime.models.config import ModelConfig
+from sagellm.runtime.models.loaded import ModelLoadError
+
+
+def clip_key(path: Path, meta: dict[str, Any], name: str) -> Any:
+    """The file's `clip.vision.<name>`, which its tower needs."""
+    if (value := meta.get(f"clip.vision.{name}")) is None:
+        raise ModelLoadError(f"{path}: lacks clip.vision.{name}")
+    return value
+
+
+def check_projection(path: Path, meta: dict[str, Any], text: ModelConfig) -> None:
+    """The projector gives the text model's width (the file's `projection_dim`, the text model's hidden size)."""
+    if int(clip_key(path, meta, "projection_dim")) != text.hidden_size:
+        raise ModelLoadError(f"{path}: projects to {meta['clip.vision.projection_dim']} features; the text model has "
+                             f"{text.hidden_size}")  # fmt: skip
+
+
+def token_ids(path: Path, tokenizer: Any, tokens: dict[str, str], family: str) -> dict[str, int]:
+    """Each role's token (role -> its text) by its id in the text model's vocabulary, which must have it."""
+    ids = {}
+    for role, token in tokens.items():
+        ids[role] = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else None
+        if ids[role] is None or ids[role] == getattr(tokenizer, "unk_token_id", None):
+            raise ModelLoadError(f"{path}: the text model's vocabulary has no {token}, which {family}'s images need")
+    return ids
+
+
+def image_statistics(path: Path, meta: dict[str, Any]) -> dict[str, list[float]]:
+    """The preprocessor's image_mean and image_std, as the converter copies them into the file."""
+    stats = {}
+    for name in ("image_mean", "image_std"):
+        if (values := meta.get(f"clip.vision.{name}")) is None or len(values) != 3:
+            raise ModelLoadError(f"{path}: lacks clip.vision.{name} (three values)")
+        stats[name] = [float(x) for x in values]
+    return stats
