@@ -446,3 +446,43 @@ def qwen2_5_vl_processor(path: str | Path) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(path)
     return ImagesOnly(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer=tokenizer,
                       video_processor=None, chat_template=tokenizer.chat_template)  # fmt: skip
+
+
+def make_tiny_qwen3_vl(
+    directory: str | Path, seed: int = 0, text_settings: dict[str, Any] | None = None, **overrides: Any
+) -> Path:
+    """Save a random tiny Qwen3VLForConditionalGeneration to `directory`: a 4-layer Qwen3 text model (q/k RMSNorms,
+    heads of 16) with multimodal rotary positions as the hub's config gives them (mrope_section [4, 2, 2] over its 8
+    frequencies, interleaved); make_tiny_qwen3_5_vision's tower (Qwen3-VL's is Qwen3.5's) at 3 layers, with
+    DeepStack mergers on layers 0 and 1, whose rows join the text model's after its layers 0 and 1; its tokenizer
+    (Qwen's vision tokens, QWEN3_5_CHAT_TEMPLATE) and QWEN3_5_IMAGES (Qwen3-VL's settings too) beside it.
+    `qwen3_5_processor` builds its Qwen3VLProcessor. `text_settings` go to the text config, `overrides` to the vision
+    config."""
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLTextConfig,
+        Qwen3VLVisionConfig,
+    )
+
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})
+    tokenizer.chat_template = QWEN3_5_CHAT_TEMPLATE
+    start, end, image, video = tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    text = Qwen3VLTextConfig(**(_LLAMA_DEFAULTS | dict(vocab_size=len(tokenizer), head_dim=16, num_hidden_layers=4,
+                                                       rope_parameters=rope, initializer_range=0.1)
+                                | (text_settings or {})))  # fmt: skip
+    vision = Qwen3VLVisionConfig(**(dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=16,
+                                         spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=25,
+                                         deepstack_visual_indexes=[0, 1], out_hidden_size=text.hidden_size,
+                                         initializer_range=0.1)
+                                    | overrides))  # fmt: skip
+    config = Qwen3VLConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=image,
+                           video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+                           tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    path = _randomize_and_save(Path(directory), Qwen3VLForConditionalGeneration(config).eval(), tokenizer)
+    Qwen2VLImageProcessorPil(**QWEN3_5_IMAGES).save_pretrained(path)
+    return path

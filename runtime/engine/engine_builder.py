@@ -158,11 +158,12 @@ def _load(config: EngineConfig, loaded: LoadedModel | None, mtp: bool) -> Loaded
                            "scalars, AltUp) run as one pipeline stage; split them with tensor_parallel_size "
                            "instead")  # fmt: skip
     vision = model.config.vision
-    if model.config.media_attends_both_ways and (config.pipeline_parallel_size or 1) > 1:
-        # Measured: the first token right, the next ones off (a later stage's KV of a picture's run); tensor
-        # parallel is exact.
-        raise InvalidInput(f"pipeline parallel: {model.name}'s pictures attend both ways, which a pipeline stage "
-                           "does not keep yet; split it with tensor_parallel_size instead")  # fmt: skip
+    stages = config.pipeline_parallel_size or 1
+    deepstack = len(vision.deepstack_layers) if vision is not None else 0
+    if stages > 1 and PipelineStage(0, stages).layers(model.config.num_layers).stop < deepstack:
+        raise InvalidInput(f"pipeline parallel: {model.name}'s DeepStack adds its pictures' rows after layers 0 to "
+                           f"{deepstack - 1}, which the first of {stages} stages does not hold all of; split it with "
+                           "tensor_parallel_size instead")  # fmt: skip
     if model.config.media_attends_both_ways and config.max_num_batched_tokens < vision.tokens_per_image:
         # A picture's run is computed in one step (media_spans.py): a smaller budget could never start it.
         raise FieldError("max_num_batched_tokens", f"max_num_batched_tokens {config.max_num_batched_tokens}: "
@@ -240,7 +241,9 @@ def _scheduler_config(
         max_model_len=cache.geometry.max_model_len,
         num_blocks=cache.geometry.num_blocks,
         block_size=cache.geometry.block_size,
-        window=window_group(cache.rank0) if cache.window_blocks else uniform_window(cache.rank0),
+        # The windows of every layer, not rank 0's alone: a first pipeline stage of sliding layers alone must not give
+        # back blocks a later stage's full attention layers still read
+        window=window_group(model_config) if cache.window_blocks else uniform_window(model_config),
         num_window_blocks=cache.window_blocks,
         enable_prefix_caching=config.enable_prefix_caching,
         scheduling_policy=config.scheduling_policy,

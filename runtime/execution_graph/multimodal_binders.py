@@ -1,8 +1,9 @@
 """The binders multimodal models add to lowering's table (lowering.py registers MULTIMODAL_BINDERS): the vision
 and audio encoder graphs' ops (models/encoder_graph.py; Gemma 4's tower's: torch_ops/gemma4_vision.py; Qwen3.5's and
 Qwen2.5-VL's: torch_ops/qwen_vision.py), the decoder's
-`scatter_rows`, which puts the encoder's embeddings into the rows of their placeholder tokens, and `replace_rows`,
-which gives those rows another token for Gemma 4's per-layer embeddings.
+`scatter_rows`, which puts the encoder's embeddings into the rows of their placeholder tokens, `add_rows`, which adds
+Qwen3-VL's DeepStack columns of them to those rows after its first layers, and `replace_rows`, which gives those
+rows another token for Gemma 4's per-layer embeddings.
 
 A binder takes a node's params, the LoweringContext and the backend's kernel table, and gives (kernel, constants
 appended after the node's inputs), as lowering's own do. The vision kernels are the backend's (kernel_contracts.py);
@@ -120,9 +121,22 @@ def _bind_conv1d(params, ctx, kernels):
 
 
 def _scatter_rows(hidden: torch.Tensor, rows: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
-    """hidden [T, H] with rows `rows` [M] int64 replaced by `embeds` [M, H] (a new tensor); hidden itself when the
-    step has no such rows (None)."""
-    return hidden if rows is None else hidden.index_copy(0, rows, embeds.to(hidden.dtype))
+    """hidden [T, H] with rows `rows` [M] int64 replaced by the first H columns of `embeds` [M, >= H] (a new
+    tensor; Qwen3-VL's DeepStack columns follow them); hidden itself when the step has no such rows (None)."""
+    if rows is None:
+        return hidden
+    return hidden.index_copy(0, rows, embeds[:, : hidden.shape[-1]].to(hidden.dtype))
+
+
+def _add_rows(
+    hidden: torch.Tensor, rows: torch.Tensor | None, embeds: torch.Tensor | None, first: int, width: int
+) -> torch.Tensor:
+    """hidden [T, H] with columns [first, first + width) of `embeds` [M, ...] added at rows `rows` [M] (a new
+    tensor): a Qwen3-VL DeepStack layer's rows joining a decoder layer's output; hidden itself when the step has no
+    such rows."""
+    if rows is None:
+        return hidden
+    return hidden.index_add(0, rows, embeds[:, first : first + width].to(hidden.dtype))
 
 
 def _replace_rows(ids: torch.Tensor, rows: torch.Tensor | None, token: int) -> torch.Tensor:
@@ -142,6 +156,7 @@ MULTIMODAL_BINDERS: dict[str, Callable[[dict[str, Any], Any, Any], tuple[Any, tu
     "pool_squares": lambda p, ctx, k: (vision.pool_squares, (p["grid"], p["side"])),
     "transposed_linear": _bind_transposed_linear,
     "scatter_rows": lambda p, ctx, k: (_scatter_rows, ()),
+    "add_rows": lambda p, ctx, k: (_add_rows, (p["first"], p["width"])),
     "conv1d": _bind_conv1d,
     "positioned_rows": lambda p, ctx, k: (audio.positioned_rows, (_float_weight(ctx, p["positions"]),)),
     "pool_row_pairs": lambda p, ctx, k: (audio.pool_row_pairs, ()),

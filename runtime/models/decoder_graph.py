@@ -10,14 +10,16 @@ whose weights lowering stacks once.
 
 Graph inputs: input_ids [T], positions [T], attn_metadata, logits_indices [N] (rows whose next token is sampled, so
 the lm_head runs on N rows, not T); a model that sees images also mm_rows [M] and mm_embeds [M, H], the rows of the
-step's image placeholders and their encoder's embeddings, which replace those rows' token embeddings. Output: logits
-[N, V]. A pipeline stage's graph covers some `layers`: one that does not start at layer 0 reads `hidden` and
-`residual` [T, H] instead of input_ids, and one that does not end at the last layer gives them as its outputs
-instead of logits. Attention node `cache` is the layer's place among the graph's own attention layers, its index
-into the stage's KV caches; a Gated DeltaNet node's `state` is its place among the graph's own linear attention
-layers, its index into the stage's state caches. Gemma 4's per-layer embeddings, shared KV (a layer attends with an
-earlier layer's K and V over that one's cache) and layer scalars, and Gemma 3n's AltUp streams ([T, K, H] between
-layers), need the whole model in one graph: such a model is not split into pipeline stages."""
+step's image placeholders and their encoder's embeddings, which replace those rows' token embeddings (Qwen3-VL's
+are [M, H * (1 + k)]: the first H columns replace them, the next H are added to those rows after layer 0, and so on
+for its k DeepStack layers). Output: logits [N, V]. A pipeline stage's graph covers some `layers`: one that does
+not start at layer 0 reads `hidden` and `residual` [T, H] instead of input_ids, and one that does not end at the
+last layer gives them as its outputs instead of logits (the first stage holds every DeepStack layer). Attention
+node `cache` is the layer's place among the graph's own attention layers, its index into the stage's KV caches; a
+Gated DeltaNet node's `state` is its place among the graph's own linear attention layers, its index into the
+stage's state caches. Gemma 4's per-layer embeddings, shared KV (a layer attends with an earlier layer's K and V
+over that one's cache) and layer scalars, and Gemma 3n's AltUp streams ([T, K, H] between layers), need the whole
+model in one graph: such a model is not split into pipeline stages."""
 
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None, hidden
     if config.one_pipeline_stage and len(layers) != config.num_layers:
         raise GraphError("a model with per-layer embeddings, shared KV, layer scalars or AltUp (Gemma 4, 3n) runs "
                          "as one pipeline stage")  # fmt: skip
+    deepstack = len(config.vision.deepstack_layers) if config.vision is not None else 0
+    if 0 < layers.start < deepstack:
+        raise GraphError(f"Qwen3-VL's DeepStack adds its pictures' rows after layers 0 to {deepstack - 1}: the first "
+                         "pipeline stage must hold them all")  # fmt: skip
     per_layer = None
     if layers.start == 0:
         input_ids = g.add("input", id="input_ids", name="input_ids")
@@ -64,6 +70,10 @@ def build_decoder_graph(config: ModelConfig, layers: range | None = None, hidden
             hidden = _altup_layer(g, config, layer, caches, kv, hidden, per_layer[layer], positions, meta)
             continue
         hidden, residual = _decoder_layer(g, config, layer, caches, kv, hidden, residual, positions, meta)
+        if layer < deepstack:  # Qwen3-VL: the layer's output at the pictures' rows gains their layer'th DeepStack
+            # columns (added to its branch, which the next layer joins to the residual: the stream transformers adds to)
+            hidden = g.add("add_rows", [hidden, rows, embeds], first=config.hidden_size * (1 + layer),
+                           width=config.hidden_size)  # fmt: skip
         if per_layer is not None:
             hidden, residual = _per_layer_block(g, config, layer, per_layer[layer], hidden, residual)
         if config.layer_scalar:  # the stream whole again, scaled: the next layer reads no residual

@@ -3,8 +3,8 @@ the same `lower` onto the backend's kernels: LLaVA's vision encoder (a CLIP towe
 Idefics3's / SmolVLM's (a SigLIP-style tower, a pixel shuffle and one linear), Gemma 3's (a SigLIP tower, its patches
 pooled into soft tokens, normed and projected), Gemma 4's (its own tower on pictures of any shape: rows of patches
 and their positions, a 2-D rope, pooled by positions), Qwen3.5's (a ViT on rows of patches whose grids the metadata
-carries: interpolated positions, a 2-D rope, squares of patches merged), Qwen2.5-VL's (the same without positions,
-most layers attending within windows), and Qwen2-Audio's audio encoder
+carries: interpolated positions, a 2-D rope, squares of patches merged; Qwen3-VL's with its DeepStack mergers),
+Qwen2.5-VL's (the same without positions, most layers attending within windows), and Qwen2-Audio's audio encoder
 (Whisper's tower, its rows averaged in pairs, one linear).
 
 The graph is written as the model reads, one op per line, unfused: the passes fuse each layer's q/k/v into one
@@ -15,8 +15,9 @@ picture's rows its class row (CLIP) then its patches; attention reads each pictu
 
 Vision graph inputs: pixel_values [N, C, H, W] (the Hugging Face processor's, float32), encoder_metadata (each
 picture's rows). Output: embeds [N * tokens_per_image, text hidden]: each picture's embeddings, in order, one per
-placeholder token. Audio graph inputs: input_features [F, mel] (one clip's log-mel frames as rows, float32),
-encoder_metadata (the clip's rows after the convolutions). Output: embeds [tokens, text hidden]."""
+placeholder token (Qwen3-VL's: each with its DeepStack rows beside it, [tokens, text hidden * (1 + k)]). Audio
+graph inputs: input_features [F, mel] (one clip's log-mel frames as rows, float32), encoder_metadata (the clip's
+rows after the convolutions). Output: embeds [tokens, text hidden]."""
 
 from __future__ import annotations
 
@@ -163,7 +164,9 @@ def _qwen3_5_vision_graph(v: VisionConfig) -> Graph:
     (torch_ops/qwen_vision.GridMetadata): the Conv3d as a linear, the learned positions interpolated to each grid,
     blocks of a LayerNorm, a fused qkv with the 2-D rope on q and k, attention within each frame, the projection, a
     LayerNorm and the MLP, each added to the stream; then the merger: a LayerNorm, each square of merge^2 rows
-    joined, two linears with a GELU between, into the text model's width."""
+    joined, two linears with a GELU between, into the text model's width. Qwen3-VL's tower is the same with
+    DeepStack: each of `deepstack_layers`' outputs through a merger of its own (its LayerNorm after the join), its
+    rows beside the main merger's, in layer order (transformers' deepstack_features)."""
     g = Graph(attrs={"model": "qwen3_5 vision tower", "num_layers": v.num_layers_run})
     rows = g.add("input", id="pixel_values", name="pixel_values")  # [T, C * t * p * p]
     meta = g.add("input", id="encoder_metadata", name="encoder_metadata")
@@ -175,6 +178,16 @@ def _qwen3_5_vision_graph(v: VisionConfig) -> Graph:
     def linear(x: Value, name: str, out: int) -> Value:
         return g.add("linear", [x], weight=f"{name}.weight", out_features=out, bias=True)
 
+    def merger(x: Value, name: str, norm_joined: bool) -> Value:
+        if not norm_joined:
+            x = g.add("layernorm", [x], weight=f"{name}.norm.weight", eps=eps)
+        x = g.add("join_rows", [x], group=merge**2)
+        if norm_joined:
+            x = g.add("layernorm", [x], weight=f"{name}.norm.weight", eps=eps)
+        x = g.add(v.projector_activation, [linear(x, f"{name}.linear_fc1", d * merge**2)])
+        return linear(x, f"{name}.linear_fc2", v.text_hidden_size)
+
+    deepstack = []  # Qwen3-VL's DeepStack rows, in layer order
     for i in range(v.num_layers_run):
         p = f"{TOWER}blocks.{i}."
         x = g.add("layernorm", [hidden], weight=p + "norm1.weight", eps=eps)
@@ -186,10 +199,12 @@ def _qwen3_5_vision_graph(v: VisionConfig) -> Graph:
         x = g.add("layernorm", [hidden], weight=p + "norm2.weight", eps=eps)
         x = linear(g.add(v.activation, [linear(x, p + "mlp.linear_fc1", v.intermediate_size)]), p + "mlp.linear_fc2", d)
         hidden = g.add("add", [hidden, x])
-    x = g.add("layernorm", [hidden], weight=TOWER + "merger.norm.weight", eps=eps)
-    x = g.add("join_rows", [x], group=merge**2)
-    x = g.add(v.projector_activation, [linear(x, TOWER + "merger.linear_fc1", d * merge**2)])
-    x = linear(x, TOWER + "merger.linear_fc2", v.text_hidden_size)
+        if i in v.deepstack_layers:
+            name = f"{TOWER}deepstack_merger_list.{v.deepstack_layers.index(i)}"
+            deepstack.append(merger(hidden, name, norm_joined=True))
+    x = merger(hidden, TOWER + "merger", norm_joined=False)
+    if deepstack:  # [tokens, text hidden * (1 + k)]: VisionConfig.embedding_width
+        x = g.add("concat", [x, *deepstack])
     g.add("output", [x], id="embeds", name="embeds")
     return g
 

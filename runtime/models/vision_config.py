@@ -9,8 +9,8 @@ The encoder reads one square picture at a time, `image_size` pixels a side: a wh
 image cut into tiles (Idefics3, which adds the whole image shrunk to a tile), and gives it `tokens_per_image`
 embeddings, one per placeholder token of a run of them in the prompt. Gemma 4's tower reads a picture at the size its
 processor resized it to (its patches and their positions) and gives as many embeddings as that size pools into;
-Qwen3.5's and Qwen2.5-VL's read a picture's patch rows and the grid they form, and give one embedding per merged
-square of them."""
+Qwen3.5's, Qwen3-VL's and Qwen2.5-VL's read a picture's patch rows and the grid they form, and give one embedding
+per merged square of them (Qwen3-VL's with its DeepStack rows beside it: `embedding_width`)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ class VisionConfig:
     # (squares of merged squares) but those in full_attention_layers, which attend over the whole picture
     window_size: int = 0
     full_attention_layers: tuple[int, ...] = ()
+    # Qwen3-VL's DeepStack (its tower is Qwen3.5's, "qwen3_5", with these): the tower layers (from 0) whose outputs
+    # each go through a merger of their own (its LayerNorm over the joined merge^2 rows) into the text width; the
+    # i-th of them is added to the text model's hidden states at the picture's rows after decoder layer i. The
+    # encoder gives each image token its main row and these side by side (`embedding_width`).
+    deepstack_layers: tuple[int, ...] = ()
 
     @property
     def variable_tokens(self) -> bool:
@@ -98,6 +103,12 @@ class VisionConfig:
     def window_tokens(self) -> int:
         """The merged squares along each side of Qwen2.5-VL's attention windows."""
         return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def embedding_width(self) -> int:
+        """The width of the encoder's row per image token: the text model's, once and once more per DeepStack layer
+        (what the decoder adds after its first layers, carried beside the embedding wherever the embedding goes)."""
+        return self.text_hidden_size * (1 + len(self.deepstack_layers))
 
     @property
     def head_dim(self) -> int:

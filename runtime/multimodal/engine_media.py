@@ -57,7 +57,8 @@ def cached_rows(config: ModelConfig) -> int:
     gives, within CACHED_BYTES, and at least the largest one's."""
     picture = config.vision.tokens_per_image if config.vision is not None else 0
     clip = config.audio.tokens_for_frames(config.audio.max_frames) if config.audio is not None else 0
-    rows = min(max(PICTURES_CACHED * picture, CLIPS_CACHED * clip), CACHED_BYTES // (4 * config.hidden_size))
+    width = config.vision.embedding_width if config.vision is not None else config.hidden_size  # Qwen3-VL's wider
+    rows = min(max(PICTURES_CACHED * picture, CLIPS_CACHED * clip), CACHED_BYTES // (4 * width))
     return max(picture, clip, rows)
 
 

@@ -4,7 +4,8 @@ Rank 0 passes its own `slots` and `kv`; the others take them from the order and 
 work is `ModelRunner`'s, called as such: rank 0's runner overrides those methods to give the orders.
 
     step      a stage after the first receives the hidden state and residual [T, H] from the same slice of the
-              stage before and sends its own on; slice 0 of the last stage sends the logits to rank 0.
+              stage before and sends its own on; slice 0 of the last stage sends the logits to rank 0. A step's
+              media embeddings [M, `media_width`] are broadcast from rank 0.
     read KV   a prompt's KV leaves whole, [layers, 2, n, Hk, D]: a stage's slices join their heads (all-gather,
               each layer's own heads: kv_shares.py), and each stage's slice 0 sends its layers to rank 0, which
               joins them in order.
@@ -86,7 +87,8 @@ def _step(
     carried = None
     if step.media_rows:  # through the CPU group; rank 0 keeps its own (on its device) for its own stage
         held = media_embeds.float().cpu().contiguous() if media_embeds is not None else None
-        embeds = comms.world.broadcast(held if held is not None else torch.empty(len(step.media_rows), hidden_size), 0)
+        width = media_width(runner.config)
+        embeds = comms.world.broadcast(held if held is not None else torch.empty(len(step.media_rows), width), 0)
         if layout.previous is None:  # the first stage: its embedding's rows take them
             mm_rows = torch.tensor(step.media_rows, dtype=torch.int64, device=runner.device)
             mine = media_embeds if media_embeds is not None else embeds.to(runner.device)
@@ -106,6 +108,12 @@ def _step(
         sampled = rows if step.logits_rows is None else len(step.logits_rows)
         return comms.world.recv(torch.empty(sampled, runner.config.vocab_size), layout.logits_rank)
     return None
+
+
+def media_width(config: ModelConfig) -> int:
+    """The width of a step's media embeddings, which the ranks that receive them must know beforehand: the text
+    model's, or a vision encoder's rows with DeepStack's beside them (Qwen3-VL's)."""
+    return config.vision.embedding_width if config.vision is not None else config.hidden_size
 
 
 def _states(

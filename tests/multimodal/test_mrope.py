@@ -127,3 +127,17 @@ def test_config_reads_the_sections_and_refuses_ones_that_do_not_cover_the_rotary
     assert (config.mrope_section, config.mrope_interleaved, config.rope_scaling) == ((6, 5, 5), False, None)
     with pytest.raises(ModelLoadError, match="mrope_section"):
         config_from_hf({**base, "rope_scaling": {"type": "mrope", "mrope_section": [6, 5, 4]}}, None, tmp_path)
+
+
+def test_qwen3_vl_and_qwen3_5_classes_interleave_whatever_the_config_says(tmp_path) -> None:
+    """transformers turns their text models by interleaved sections unconditionally, its defaults where the config
+    has none."""
+    text = {"model_type": "qwen3_vl_text", "vocab_size": 8, "hidden_size": 256, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 128}  # fmt: skip
+    base = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "text_config": text,
+            "vision_config": {"out_hidden_size": 256}}  # fmt: skip
+    config = config_from_hf(base, None, tmp_path)
+    assert (config.mrope_section, config.mrope_interleaved) == ((24, 20, 20), True)
+    given = {**text, "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24]}}
+    config = config_from_hf({**base, "text_config": given}, None, tmp_path)
+    assert (config.mrope_section, config.mrope_interleaved) == ((16, 24, 24), True)

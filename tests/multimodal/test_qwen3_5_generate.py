@@ -3,16 +3,19 @@ checkpoint (tests/tiny_vision_models.make_tiny_qwen3_5_vision): the text model's
 picture's tokens at their grid's (t, h, w), the text after it shifted) through every path a prompt's tokens take:
 one and two pictures beside a text-only prompt in one batch, the first token's logprobs, a chunked prefill whose
 chunks end inside pictures, a prefix hit ending inside a picture's run, speculative proposals verified past a
-picture, and a resume whose prompt ends with the output so far; and served as its text model alone."""
+picture (n-gram's and the model's own MTP head's), and a resume whose prompt ends with the output so far; and
+served as its text model alone."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from transformers import Qwen3_5ForConditionalGeneration
 
 from sagellm import LLM, SamplingParams
@@ -178,3 +181,36 @@ def test_language_model_only_serves_the_text_model_alone_and_refuses_pictures(qw
     loaded = load_model(qwen, language_model_only=True)
     assert not any(name.startswith("vision_tower.") for name in loaded.weights) and loaded.processor_files is None
     assert served_model({"model": str(qwen), "language_model_only": True}).config.vision is None
+
+
+def with_mtp_head(checkpoint: Path, model) -> Path:
+    """The checkpoint with a random multi-token prediction head, as the hub's Qwen3.5 carry one (tests/tiny_models
+    .add_mtp_head's, its text config nested): a full attention layer, `mtp.fc` and three norms, in mtp.safetensors."""
+    text = model.config.text_config
+    torch.manual_seed(1)
+    layer = model.model.language_model.layers[text.layer_types.index("full_attention")]
+    tensors = {f"mtp.layers.0.{name}": t + 0.01 * torch.randn_like(t) for name, t in layer.state_dict().items()}
+    tensors["mtp.fc.weight"] = 0.1 * torch.randn(text.hidden_size, 2 * text.hidden_size)
+    tensors |= {f"mtp.{norm}.weight": 0.1 * torch.randn(text.hidden_size)
+                for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}  # fmt: skip
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(checkpoint / "mtp.safetensors"))
+    settings = json.loads((checkpoint / "config.json").read_text())
+    settings["text_config"]["mtp_num_hidden_layers"] = 1
+    (checkpoint / "config.json").write_text(json.dumps(settings))
+    return checkpoint
+
+
+def test_the_mtp_heads_proposals_past_pictures_are_verified_to_transformers_tokens(tmp_path, hf):
+    """Qwen3.5's own head proposes (its rows turn by the same multimodal positions); the target verifies."""
+    model = hf[0]
+    checkpoint = with_mtp_head(make_tiny_qwen3_5_vision(tmp_path / "with_head"), model)
+    llm = LLM(str(checkpoint), max_num_seqs=2, num_kv_blocks=64,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2})  # fmt: skip
+    cases = [(ONE, [WIDE]), (TWO, [BIG, TALL])]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outputs = llm.generate([prompt(text, *images) for text, images in cases], params)
+    for (text, images), out in zip(cases, outputs):
+        inputs = inputs_of(hf[1], text, images)
+        with torch.inference_mode():
+            expected = model.generate(**inputs, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert out.outputs[0].token_ids == expected[0, inputs["input_ids"].shape[1] :].tolist()

@@ -1,10 +1,9 @@
 """Images in a tensor or pipeline parallel engine: rank 0 holds the encoders and the encoder cache, and each step
 with pictures hands their embeddings to the first stage's ranks after the step's order (`parallel/take_part.py`).
-The tiny LLaVA in two slices and in two stages, and the tiny Gemma 3 (its pictures attending both ways) in two
-slices, and the tiny Qwen3.5 (each rank turning its pictures' tokens by their multimodal rotary positions) in two
-slices and two stages give transformers' greedy tokens with one and two images beside a text-only prompt, whole and
-through a chunked prefill that splits an image's placeholders; Gemma 3 in pipeline stages is refused, naming the
-way that works."""
+The tiny LLaVA, the tiny Gemma 3 (its pictures attending both ways) and the tiny Qwen3.5 (each rank turning its
+pictures' tokens by their multimodal rotary positions) in two slices and in two stages give transformers' greedy
+tokens with one and two images beside a text-only prompt, LLaVA and Qwen3.5 whole and through a chunked prefill that
+splits an image's placeholders."""
 
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ import torch
 from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
 from sagellm import LLM
-from sagellm.common.errors import InvalidInput
 from tests.multimodal import test_gemma3_vision as gemma3_case
 from tests.multimodal import test_llava_generate as llava_case
 from tests.multimodal import test_qwen3_5_generate as qwen_case
@@ -45,23 +43,23 @@ def gemma3(tmp_path_factory) -> Path:
 
 def gemma3_greedy(checkpoint: Path, text: str, images: list) -> list[int]:
     model = Gemma3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
-    inputs = AutoProcessor.from_pretrained(checkpoint)(text=text, images=images, return_tensors="pt")
+    inputs = AutoProcessor.from_pretrained(checkpoint)(text=text, images=images or None, return_tensors="pt")
     with torch.inference_mode():
         out = model.eval().generate(**inputs, max_new_tokens=gemma3_case.TOKENS, do_sample=False,
                                     min_new_tokens=gemma3_case.TOKENS)  # fmt: skip
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def test_gemma3_in_two_slices_gives_transformers_tokens(gemma3):
-    cases = [(gemma3_case.ONE, [gemma3_case.NOISE]), (gemma3_case.TWO, [gemma3_case.OTHER, gemma3_case.RED])]
-    llm = LLM(str(gemma3), max_num_seqs=4, num_kv_blocks=64, tensor_parallel_size=2)
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_gemma3_in_two_slices_or_two_stages_gives_transformers_tokens(gemma3, parallel):
+    """In two stages its first stage holds sliding-window layers alone (layers 0 and 1 of 3, window 8), the second
+    its full attention layer: the blocks a window has passed stay for that layer (the scheduler sliding by every
+    layer's window, not the first stage's), past the window in a long text prompt and in a picture's prompt."""
+    cases = [(gemma3_case.ONE, [gemma3_case.NOISE]), (gemma3_case.TWO, [gemma3_case.OTHER, gemma3_case.RED]),
+             ("word " * 60, [])]  # fmt: skip
+    llm = LLM(str(gemma3), max_num_seqs=4, num_kv_blocks=64, **parallel)
     outputs = llm.generate([gemma3_case.prompt(text, *images) for text, images in cases], gemma3_case.GREEDY)
     assert gemma3_case.tokens(outputs) == [gemma3_greedy(gemma3, text, images) for text, images in cases]
-
-
-def test_gemma3_in_pipeline_stages_is_refused_naming_tensor_parallel(gemma3):
-    with pytest.raises(InvalidInput, match="pipeline parallel: .*tensor_parallel_size"):
-        LLM(str(gemma3), num_kv_blocks=64, pipeline_parallel_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -94,11 +94,13 @@ MULTIMODAL: dict[str, tuple[str, ...]] = {
     "SmolVLMForConditionalGeneration": ("llama",),
     "Qwen2AudioForConditionalGeneration": ("qwen2",),  # an audio encoder beside the text model
     "Qwen2_5_VLForConditionalGeneration": ("qwen2",),  # its own vision tower (hf_vision_config._qwen2_5_vl)
+    "Qwen3VLForConditionalGeneration": ("qwen3",),  # Qwen3.5's tower with DeepStack (hf_vision_config._qwen3_vl)
 }
 # A wrapper's text model where config.json nests none (LLaVA's default; hub Qwen2.5-VL configs keep its settings at
-# the top level), and the model_types that name a family's layer under another name (Qwen2.5-VL's is Qwen2's).
-_DEFAULT_TEXT_TYPE = {"Qwen2_5_VLForConditionalGeneration": "qwen2"}
-_TEXT_TYPE_ROWS = {"qwen2_5_vl_text": "qwen2"}
+# the top level), and the model_types that name a family's layer under another name (Qwen2.5-VL's is Qwen2's,
+# Qwen3-VL's Qwen3's).
+_DEFAULT_TEXT_TYPE = {"Qwen2_5_VLForConditionalGeneration": "qwen2", "Qwen3VLForConditionalGeneration": "qwen3"}
+_TEXT_TYPE_ROWS = {"qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}
 _SUPPORTED_HF = ", ".join([*(c for a in ARCHITECTURES for c in a.hf_classes), *MULTIMODAL])
 _SUPPORTED_GGUF = ", ".join(dict.fromkeys(a.gguf_arch for a in ARCHITECTURES if a.gguf_arch))
 

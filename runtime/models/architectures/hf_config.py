@@ -6,7 +6,7 @@ blame, at load time instead of inside the graph."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ def config_from_hf(
             layer_types=layer_types,
             local_rope_theta=local_theta,
             rotary_dim=int(head_dim * partial) if partial != 1.0 else 0,
-            **_hf_mrope(hf_config, head_dim * partial, source),
+            **_hf_mrope(hf_config, head_dim * partial, source, whole.get("architectures") or ()),
             attn_output_gate=arch.gated_delta_net,
             **(_hf_linear_attention(hf_config) if arch.gated_delta_net else {}),
             shared_expert_intermediate_size=shared,
@@ -285,14 +285,29 @@ def _hf_rope(
     return theta, (scaling if scaling.get("rope_type", "default") != "default" else None), local, partial
 
 
-def _hf_mrope(hf_config: Mapping[str, Any], rotary_dims: float, source: Path) -> dict[str, Any]:
+# The classes whose text model transformers turns by interleaved M-RoPE whatever the config says, and the sections
+# it takes where the config gives none
+_INTERLEAVED_MROPE = {
+    "Qwen3VLForConditionalGeneration": (24, 20, 20),
+    "Qwen3VLMoeForConditionalGeneration": (24, 20, 20),
+    "Qwen3_5ForConditionalGeneration": (11, 11, 10),
+    "Qwen3_5MoeForConditionalGeneration": (11, 11, 10),
+}
+
+
+def _hf_mrope(
+    hf_config: Mapping[str, Any], rotary_dims: float, source: Path, classes: Sequence[str] = ()
+) -> dict[str, Any]:
     """Qwen-VL's multimodal rope sections, from `rope_parameters` (transformers 5) or `rope_scaling` (hub configs of
-    Qwen2-VL and Qwen2.5-VL, whose type "mrope" is plain rope's angles), if it has them: in turn they cover the
-    rotary half-dimensions; interleaved, at most those (the rest turn by time)."""
+    Qwen2-VL and Qwen2.5-VL, whose type "mrope" is plain rope's angles), if it has them (Qwen3-VL's and Qwen3.5's
+    multimodal classes: always, interleaved, their defaults where missing): in turn they cover the rotary
+    half-dimensions; interleaved, at most those (the rest turn by time)."""
     rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    if not rope.get("mrope_section"):
+    forced = next((_INTERLEAVED_MROPE[c] for c in classes if c in _INTERLEAVED_MROPE), None)
+    if not rope.get("mrope_section") and forced is None:
         return {}
-    section, interleaved = tuple(int(n) for n in rope["mrope_section"]), bool(rope.get("mrope_interleaved", False))
+    section = tuple(int(n) for n in rope.get("mrope_section") or forced)
+    interleaved = forced is not None or bool(rope.get("mrope_interleaved", False))
     half = int(rotary_dims) // 2
     if len(section) != 3 or not (sum(section) <= half if interleaved else sum(section) == half):
         raise ModelLoadError(f"{source}: mrope_section {list(section)} must be three counts of rotary frequencies "

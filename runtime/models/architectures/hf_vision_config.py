@@ -1,8 +1,8 @@
 """The vision encoder of a multimodal config.json as a VisionConfig: LLaVA's (a CLIP tower, its two-layer projector),
 Idefics3's, which SmolVLM shares (a SigLIP-style tower read per tile, a pixel shuffle and one linear), Gemma 3's
 (a SigLIP tower, its patches pooled into soft tokens), Gemma 4's (its own tower on pictures of any shape, pooled
-by patch positions and projected), Qwen3.5's (a ViT on pictures of any shape, its patches merged in squares) and
-Qwen2.5-VL's (the same with window attention).
+by patch positions and projected), Qwen3.5's (a ViT on pictures of any shape, its patches merged in squares),
+Qwen3-VL's (the same with DeepStack's mergers) and Qwen2.5-VL's (the same with window attention).
 
 Hub configs leave out the keys transformers defaults, so each family's defaults fill them as its config class
 would; a setting the encoder graph does not implement is refused naming its key."""
@@ -53,6 +53,8 @@ _QWEN3_5_DEFAULTS = {"depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytor
                      "temporal_patch_size": 2, "out_hidden_size": 3584, "num_position_embeddings": 2304,
                      "rope_parameters": None}  # fmt: skip
 _QWEN3_5 = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+# transformers' Qwen3VLVisionConfig defaults: Qwen3.5's and the tower layers DeepStack reads
+_QWEN3_VL_DEFAULTS = _QWEN3_5_DEFAULTS | {"deepstack_visual_indexes": (8, 16, 24)}
 # transformers' Qwen2_5_VLVisionConfig defaults (hub configs give the sizes, spelling in_channels `in_chans`)
 _QWEN2_5_VL_DEFAULTS = {"depth": 32, "hidden_size": 3584, "hidden_act": "silu", "intermediate_size": 3420,
                         "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
@@ -66,9 +68,10 @@ QWEN_VL_LAYER_NORM_EPS = 1e-6  # its tower's and merger's LayerNorms (fixed in t
 def vision_from_hf(
     hf_config: Mapping[str, Any], text_hidden_size: int, source: Path = Path("config.json")
 ) -> VisionConfig | None:
-    """The vision encoder of a LLaVA, Idefics3, SmolVLM, Gemma 3, Gemma 4, Qwen3.5 or Qwen2.5-VL config.json, None
-    for a checkpoint served text only (every other class; a Gemma 4 or Qwen3.5 without a vision_config; any, with
-    the engine's language_model_only, which drops it). `text_hidden_size`: its text model's width."""
+    """The vision encoder of a LLaVA, Idefics3, SmolVLM, Gemma 3, Gemma 4, Qwen3.5, Qwen3-VL or Qwen2.5-VL
+    config.json, None for a checkpoint served text only (every other class; a Gemma 4 or Qwen3.5 without a
+    vision_config; any, with the engine's language_model_only, which drops it). `text_hidden_size`: its text model's
+    width."""
     classes = hf_config.get("architectures") or []
     if "LlavaForConditionalGeneration" in classes:
         return _llava(hf_config, text_hidden_size, source)
@@ -82,6 +85,8 @@ def vision_from_hf(
         return _qwen3_5(hf_config, text_hidden_size, source)
     if "Qwen2_5_VLForConditionalGeneration" in classes:
         return _qwen2_5_vl(hf_config, text_hidden_size, source)
+    if "Qwen3VLForConditionalGeneration" in classes:
+        return _qwen3_vl(hf_config, text_hidden_size, source)
     return None
 
 
@@ -249,6 +254,25 @@ def _qwen3_5(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) 
         **_qwen_vl_tower(tower, text_hidden_size, source, QWEN_VL_MAX_PIXELS),
         image_token_id=int(hf_config.get("image_token_id", 248_056)),
         num_position_embeddings=int(tower["num_position_embeddings"]),
+    )
+
+
+def _qwen3_vl(hf_config: Mapping[str, Any], text_hidden_size: int, source: Path) -> VisionConfig:
+    """Qwen3-VL's tower (Qwen3VLVisionModel: Qwen3.5's, which took it whole) with DeepStack: the outputs of the
+    layers deepstack_visual_indexes names each through a merger of their own (deepstack_merger_list: the LayerNorm
+    over the joined merge^2 rows), added to the text model's hidden states after its first layers."""
+    tower = _QWEN3_VL_DEFAULTS | _given(hf_config.get("vision_config") or {})
+    common = _qwen_vl_tower(tower, text_hidden_size, source, QWEN_VL_MAX_PIXELS)
+    deepstack = tuple(int(i) for i in tower["deepstack_visual_indexes"])
+    if not all(0 <= i < common["num_layers"] for i in deepstack):
+        raise ModelLoadError(f"{source}: vision_config.deepstack_visual_indexes {list(deepstack)} names no layer of "
+                             f"the {common['num_layers']}-layer tower")  # fmt: skip
+    return VisionConfig(
+        tower="qwen3_5",
+        **common,
+        image_token_id=int(hf_config.get("image_token_id", 151_655)),
+        num_position_embeddings=int(tower["num_position_embeddings"]),
+        deepstack_layers=deepstack,
     )
 
 

@@ -5,11 +5,11 @@ LLaVA checkpoints name the tower by the transformers version that wrote them (`v
 `model.vision_tower.` in 5, and `vision_tower.` as transformers 5 saves them again; Gemma 3's add `vision_model.`
 after any of them) and the projector with or without `model.`; Idefics3 and SmolVLM name theirs
 `model.vision_model.` and `model.connector.`; Gemma 4 its tower `model.vision_tower.` and its embedder
-`model.embed_vision.` (read as the projector); Qwen3.5 its tower and merger `model.visual.`, Qwen2.5-VL `visual.`
-(both read as the tower, its Conv3d's weight [D, C, T, p, p] kept whole: the binder reads it as a linear's
-[D, C * T * p * p]). The graph
-reads one name each, `vision_tower.<the tower's name>` and `multi_modal_projector.<name>`. Tower layers past the
-last hidden state read are not kept, nor a CLIP tower's post-layernorm (which only its pooled output takes)."""
+`model.embed_vision.` (read as the projector); Qwen3.5 and Qwen3-VL their tower and mergers `model.visual.`,
+Qwen2.5-VL `visual.` (all read as the tower, its Conv3d's weight [D, C, T, p, p] kept whole: the binder reads it as
+a linear's [D, C * T * p * p]). The graph reads one name each, `vision_tower.<the tower's name>` and
+`multi_modal_projector.<name>`. Tower layers past the last hidden state read are not kept, nor a CLIP tower's
+post-layernorm (which only its pooled output takes)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _linear(name: str, rows: int, columns: int) -> dict[str, tuple[int, ...]]:
 def _qwen3_5_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Qwen3.5's tower (its Conv3d patch embedding, learned positions, blocks of LayerNorms, a fused qkv and an MLP,
     every linear with a bias) and its merger (a LayerNorm over the tower's width, two linears over the merged
-    squares'), all under the tower's name."""
+    squares'), and Qwen3-VL's DeepStack mergers beside it, all under the tower's name."""
     d, inner, p, t = vision.hidden_size, vision.intermediate_size, vision.patch_size, vision.temporal_patch_size
     merged = d * vision.spatial_merge_size**2
 
@@ -152,6 +152,10 @@ def _qwen3_5_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
         shapes |= _linear(block + "attn.qkv", 3 * d, d) | _linear(block + "attn.proj", d, d)
         shapes |= _linear(block + "mlp.linear_fc1", inner, d) | _linear(block + "mlp.linear_fc2", d, inner)
     shapes |= norm(TOWER + "merger.norm", d)
+    for j in range(len(vision.deepstack_layers)):  # Qwen3-VL's: each normed over the joined merged squares' width
+        shapes |= norm(f"{TOWER}deepstack_merger_list.{j}.norm", merged)
+        shapes |= _linear(f"{TOWER}deepstack_merger_list.{j}.linear_fc1", merged, merged)
+        shapes |= _linear(f"{TOWER}deepstack_merger_list.{j}.linear_fc2", vision.text_hidden_size, merged)
     shapes |= _linear(TOWER + "merger.linear_fc1", merged, merged)
     return shapes | _linear(TOWER + "merger.linear_fc2", vision.text_hidden_size, merged)
 
