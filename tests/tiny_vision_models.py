@@ -259,6 +259,7 @@ def make_tiny_gemma4_vision(
     tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA4_TOKENS)})
     tokenizer._set_model_specific_special_tokens(dict(zip(GEMMA4_TOKEN_NAMES, GEMMA4_TOKENS)))
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # the text model's pad_token_id (the processor pads)
+    tokenizer.chat_template = image_chat_template("<|image|>")  # Gemma 4's image token, which its processor expands
     ids = tokenizer.convert_tokens_to_ids(list(GEMMA4_TOKENS))
     rope = {"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
@@ -303,22 +304,29 @@ def gemma4_processor(path: str | Path) -> Any:
         def check_argument_for_proper_class(self, name: str, argument: Any) -> Any:
             return None if argument is None else super().check_argument_for_proper_class(name, argument)
 
+    tokenizer = AutoTokenizer.from_pretrained(path)
     return ImagesOnly(feature_extractor=None, image_processor=Gemma4ImageProcessorPil.from_pretrained(path),
-                      tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None)  # fmt: skip
+                      tokenizer=tokenizer, video_processor=None, chat_template=tokenizer.chat_template)  # fmt: skip
 
 
 # Qwen3.5's vision tokens as its tokenizer spells them: a picture's run of <|image_pad|> between <|vision_start|> and
 # <|vision_end|> (the chat template writes one <|image_pad|> an image, the processor repeats it per merged patch)
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-# ChatML with list content, an image part written as Qwen3.5's chat template writes it
-QWEN3_5_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+
+
+def image_chat_template(image: str) -> str:
+    """ChatML with list content, each image part written as `image` (the placeholder a family's template writes)."""
+    return (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ '" + image + "' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+
+
+QWEN3_5_CHAT_TEMPLATE = image_chat_template("<|vision_start|><|image_pad|><|vision_end|>")  # as Qwen3.5's writes it
 # Its image processor's settings at a tiny scale: 16-pixel patches merged 2 x 2, a picture resized to 32 x 32 to
 # 128 x 128 pixels (1 to 16 image tokens), mean and std 0.5 as Qwen3.5's preprocessor_config.json
 QWEN3_5_IMAGES = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,

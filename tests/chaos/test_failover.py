@@ -37,7 +37,14 @@ from tests.gateway.conftest import GRAPHS, LOCAL_UPSTREAMS, REPLY_TIMEOUT_S, run
 from tests.gateway.test_instances import attach
 from tests.tiny_audio_models import make_tiny_qwen2_audio
 from tests.tiny_models import make_tiny_gemma4, make_tiny_gpt_oss, make_tiny_llama, make_tiny_qwen3_5
-from tests.tiny_vision_models import make_tiny_gemma3_vision, make_tiny_llava, make_tiny_qwen3_5_vision
+from tests.tiny_vision_models import (
+    make_tiny_gemma3_vision,
+    make_tiny_gemma4_vision,
+    make_tiny_llava,
+    make_tiny_qwen2_5_vl,
+    make_tiny_qwen3_5_vision,
+    make_tiny_qwen3_vl,
+)
 
 pytestmark = pytest.mark.slow  # worker processes and servers
 
@@ -387,15 +394,18 @@ def _audio_part() -> dict:
     [
         (make_tiny_llava, _image_part),
         (make_tiny_gemma3_vision, _image_part),
+        (make_tiny_gemma4_vision, _image_part),
         (make_tiny_qwen3_5_vision, _image_part),
+        (make_tiny_qwen2_5_vl, _image_part),
+        (make_tiny_qwen3_vl, _image_part),
         (make_tiny_qwen2_audio, _audio_part),
     ],
-    ids=["image", "gemma3-image", "qwen3_5-image", "audio"],
+    ids=["image", "gemma3-image", "gemma4-image", "qwen3_5-image", "qwen2_5_vl-image", "qwen3_vl-image", "audio"],
 )
 def test_streams_about_an_image_or_a_clip_on_a_killed_worker_resume_with_the_same_text(make_model, make_part, tmp_path):
     """A chat about an image (or an audio clip) resumed on the other worker: its prompt (the placeholders expanded
     there again, the image encoded again; Gemma 3's soft tokens attending both ways again; Qwen3.5's text after the
-    picture at the positions its grid shifted) plus its tokens so far,
+    picture at the positions its grid shifted, Qwen3-VL's DeepStack rows again) plus its tokens so far,
     prefilled anew, continue as the uninterrupted stream does."""
     model = make_model(tmp_path / "model", text_settings={"max_position_embeddings": 4096})
     graph = tmp_path / "two.yaml"

@@ -1,22 +1,18 @@
 """The encoder as a stage of the graph (EPD): the `encode` operator expands a request's image placeholders and encodes
 its pictures, an engine given its output runs no encoder pass of its own and gives the tokens it gives the images
-themselves, and through `graphs/epd.yaml` (encode, prefill and decode in three processes, the embeddings sent on as
-frames) the openai SDK's images get transformers' tokens on the tiny SmolVLM and LLaVA
-(tests/tiny_vision_models.py), a text chat passes the encoder untouched, and a corrupt image fails its request alone
-with a 400; the encode node reads the encoder's weights alone."""
+themselves, a picture encoded once is not encoded again, and a corrupt image fails its request alone with a 400;
+the encode node reads the encoder's weights alone. Every family through `graphs/epd.yaml` (encode, prefill and
+decode in three processes, the embeddings sent on as frames): test_families_through_graphs.py."""
 
 from __future__ import annotations
 
-import base64
 import io
 from pathlib import Path
 
 import numpy as np
-import openai
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration, SmolVLMForConditionalGeneration
 
 import sagellm.operators  # noqa: F401  (registers the operators)
 from sagellm import LLM, SamplingParams
@@ -27,9 +23,8 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import OperatorContext
-from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 from tests.tiny_models import make_tiny_llama
-from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_idefics3, make_tiny_llava
+from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_idefics3
 
 TOKENS = 6
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
@@ -106,42 +101,6 @@ def test_a_request_whose_image_does_not_decode_fails_alone(encoder):
     assert isinstance(out["good"], Request) and out["good"].encoded_images
     assert isinstance(out["bad"], RequestError) and out["bad"].code == "invalid_request"
     assert isinstance(out["unpaired"], RequestError) and "placeholder" in out["unpaired"].message
-
-
-@pytest.mark.parametrize("family", ["smolvlm", "llava"])
-def test_the_epd_graph_serves_the_sdks_images_with_transformers_tokens(family, smolvlm, tmp_path):
-    if family == "llava":
-        checkpoint, model_class = make_tiny_llava(tmp_path / "llava"), LlavaForConditionalGeneration
-    else:
-        checkpoint, model_class = smolvlm, SmolVLMForConditionalGeneration
-    hf = model_class.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    parts = [{"type": "image"}, {"type": "text", "text": "what is this?"}]
-    text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
-    expected = []
-    for data in (WIDE, TALL):
-        image = Image.open(io.BytesIO(data))
-        inputs = processor(text=text, images=[[image]] if family == "smolvlm" else [image], return_tensors="pt")
-        with torch.inference_mode():
-            out = hf.eval().generate(**inputs, max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
-        expected.append(out[0, inputs["input_ids"].shape[1] :].tolist())
-    with running_gateway(GRAPHS / "epd.yaml", tiny_config(tmp_path), checkpoint) as gateway:
-        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
-        model = client.models.list().data[0].id
-
-        def chat(content: list[dict]):
-            return client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": content}], max_tokens=TOKENS, temperature=0,
-                extra_body={"return_token_ids": True},
-            )  # fmt: skip
-
-        replies = []
-        for data in (WIDE, TALL):
-            url = "data:image/png;base64," + base64.b64encode(data).decode()
-            replies.append(chat([{"type": "image_url", "image_url": {"url": url}}, parts[1]]))
-        text_only = chat([{"type": "text", "text": "hello"}])  # no images: past the encode node as ever
-    assert [r.choices[0].token_ids for r in replies] == expected
-    assert text_only.choices[0].token_ids and text_only.usage.prompt_tokens < 30
 
 
 def test_the_encode_node_reads_the_vision_encoders_weights_alone(smolvlm, tmp_path):

@@ -1,8 +1,7 @@
 """Gemma 3's images through the gateway: the openai SDK's `image_url` parts (a data URL, and an http URL of a test
 server on 127.0.0.1 the operator allowed) and the anthropic SDK's `image` blocks, sent unchanged to `sagellm serve`
 on the tiny Gemma 3 (tests/tiny_vision_models.make_tiny_gemma3_vision), get transformers' tokens for the same chat
-and images, colocated and through `graphs/pd.yaml` and `graphs/epd.yaml` (the encode node expands each
-<start_of_image> and encodes the picture; the prefill worker attends over its soft tokens both ways)."""
+and images (through `graphs/pd.yaml` and `graphs/epd.yaml`: test_families_through_graphs.py)."""
 
 from __future__ import annotations
 
@@ -149,13 +148,3 @@ def test_tokenize_refuses_an_image_it_may_not_read_naming_the_part(gateway):
     body = {"model": gateway.core.model_name, "messages": [{"role": "user", "content": parts}]}
     refused = httpx.post(f"{gateway.url}/tokenize", json=body, timeout=60)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content[1].image_url"
-
-
-@pytest.mark.parametrize("graph", ["pd.yaml", "epd.yaml"])
-def test_through_the_pd_and_epd_graphs_the_images_give_transformers_tokens(graph, gemma3, tmp_path):
-    """PD: the prefill worker expands, encodes and prefills (its images' runs whole), the decode worker continues
-    from its KV; EPD: the encode node expands and encodes, the prefill worker attends over the soft tokens both
-    ways."""
-    with running_gateway(GRAPHS / graph, tiny_config(tmp_path), gemma3) as gateway:
-        reply = openai_chat(gateway.url, data_url(SECOND), data_url(FIRST))
-    assert reply.choices[0].token_ids == reference(gemma3, SECOND, FIRST)

@@ -143,11 +143,3 @@ def test_a_model_without_a_vision_encoder_refuses_images_with_a_400(tmp_path):
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="takes no images"):
             chat(client, data_url(FIRST))
-
-
-def test_through_the_pd_graph_the_decode_worker_continues_the_images_prompt_as_transformers(llava, tmp_path):
-    """The prefill worker encodes the images; the decode worker takes its KV for the expanded prompt, cached under
-    the images' keys."""
-    with running_gateway(GRAPHS / "pd.yaml", tiny_config(tmp_path), llava) as gateway:
-        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
-        assert chat(client, data_url(SECOND), data_url(FIRST)).choices[0].token_ids == reference(llava, SECOND, FIRST)

@@ -224,3 +224,14 @@ def test_a_chunked_prefill_whose_chunks_end_inside_pictures_gives_the_same_token
     assert tokens(chunked.generate([prompt(ONE, WIDE), prompt(TWO, BIG, TALL)], GREEDY)) == [
         reference(ONE, [WIDE]), reference(TWO, [BIG, TALL])
     ]  # fmt: skip
+
+
+def test_the_same_picture_again_is_a_prefix_hit_inside_its_run(llm, hf, reference):
+    """4-token blocks: the hit ends inside BIG's 36 tokens, the rest of them computed on from there."""
+    ends_soon = f"user: {PICTURE}?"
+    first = llm.generate(prompt(ends_soon, BIG), GREEDY)[0]
+    again = llm.generate(prompt(ends_soon, BIG), GREEDY)[0]
+    pad = hf[1].tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    at, length = first.prompt_token_ids.index(pad), first.prompt_token_ids.count(pad)
+    assert at < again.metrics.num_cached_tokens < at + length
+    assert tokens([first, again]) == [reference(ends_soon, [BIG])] * 2

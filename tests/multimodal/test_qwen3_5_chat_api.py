@@ -1,9 +1,8 @@
 """Qwen3.5's images through the gateway: the openai SDK's `image_url` parts (a data URL, and an http URL of a test
 server on 127.0.0.1 the operator allowed) and the anthropic SDK's `image` blocks, sent unchanged to `sagellm serve`
 on the tiny Qwen3.5 (tests/tiny_vision_models.make_tiny_qwen3_5_vision), get transformers' tokens for the same chat
-and images, colocated and through `graphs/pd.yaml` (the decode worker continues at the positions the pictures
-shifted) and `graphs/epd.yaml` (each picture's token grid goes with its embeddings to the prefill worker);
-/tokenize counts each picture's tokens as its processor does."""
+and images; /tokenize counts each picture's tokens as its processor does (through `graphs/pd.yaml` and
+`graphs/epd.yaml`: test_families_through_graphs.py)."""
 
 from __future__ import annotations
 
@@ -120,10 +119,3 @@ def test_tokenize_counts_each_pictures_tokens_as_its_processor(gateway, qwen):
     body = {"model": gateway.core.model_name, "messages": [{"role": "user", "content": parts}]}
     tokenized = httpx.post(f"{gateway.url}/tokenize", json=body, timeout=60).json()
     assert tokenized["tokens"] == processed(qwen, SECOND)["input_ids"][0].tolist()
-
-
-@pytest.mark.parametrize("graph", ["pd.yaml", "epd.yaml"])
-def test_through_the_pd_and_epd_graphs_the_images_give_transformers_tokens(graph, qwen, tmp_path):
-    with running_gateway(GRAPHS / graph, tiny_config(tmp_path), qwen) as gateway:
-        reply = openai_chat(gateway.url, data_url(SECOND), data_url(FIRST))
-    assert reply.choices[0].token_ids == reference(qwen, SECOND, FIRST)

@@ -4,12 +4,11 @@ main merger's embedding and every DeepStack merger's side by side, equal to get_
 deepstack_features; and, with the text model's DeepStack additions after its first layers and its interleaved
 multimodal rotary positions, greedy tokens and first logprobs with one and two pictures beside a text-only prompt,
 chunked prefills whose chunks end inside pictures, a prefix hit inside a picture, a backend fusing decoder layers,
-the PD and EPD graphs, and tensor parallel and pipeline engines (slow). A pipeline whose first stage would not hold
-every DeepStack layer is refused."""
+and tensor parallel and pipeline engines (slow; the PD and EPD graphs: test_families_through_graphs.py). A pipeline
+whose first stage would not hold every DeepStack layer is refused."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,6 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
-from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
-from tests.multimodal import test_qwen3_5_chat_api as chat_api  # its chat through the gateway's SDKs
 from tests.tiny_vision_models import make_tiny_qwen3_vl, qwen3_5_processor
 
 TOKENS = 8
@@ -225,18 +222,6 @@ def test_a_stage_after_the_first_holding_a_deepstack_layer_is_refused(ours, tmp_
     three = make_tiny_qwen3_vl(tmp_path / "three", deepstack_visual_indexes=[0, 1, 2])
     with pytest.raises(InvalidInput, match="pipeline parallel: .*DeepStack.*tensor_parallel_size"):
         LLM(str(three), num_kv_blocks=64, pipeline_parallel_size=2)
-
-
-@pytest.mark.parametrize("graph", ["pd.yaml", "epd.yaml"])
-def test_through_the_pd_and_epd_graphs_the_pictures_give_transformers_tokens(graph, qwen, hf, reference, tmp_path):
-    """EPD: the encode node's rows, DeepStack's columns beside each embedding, reach the prefill worker as one frame;
-    PD: the decode worker continues at the positions the pictures shifted."""
-    text = hf[1].apply_chat_template([{"role": "user", "content": chat_api.look_at(2)}], tokenize=False,
-                                     add_generation_prompt=True)  # fmt: skip
-    pictures = [Image.open(io.BytesIO(data)) for data in (chat_api.SECOND, chat_api.FIRST)]
-    with running_gateway(GRAPHS / graph, tiny_config(tmp_path), qwen) as gateway:
-        reply = chat_api.openai_chat(gateway.url, *(chat_api.data_url(d) for d in (chat_api.SECOND, chat_api.FIRST)))
-    assert reply.choices[0].token_ids == reference(text, pictures)[: chat_api.TOKENS]
 
 
 @pytest.mark.slow  # each engine starts a second rank's process
