@@ -77,7 +77,13 @@ IDEFICS3_CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_idefics3(directory: str | Path, seed: int = 0, smolvlm: bool = False, **overrides: Any) -> Path:
+def make_tiny_idefics3(
+    directory: str | Path,
+    seed: int = 0,
+    smolvlm: bool = False,
+    text_settings: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Path:
     """Save a random tiny Idefics3ForConditionalGeneration (SmolVLMForConditionalGeneration with `smolvlm`) to
     `directory`: make_tiny_llama's text model (with the processor's tokens and the tile tags added to the
     tokenizer) beside a 2-layer tower on 16-pixel tiles of 4-pixel patches, shuffled by 2 into 4 image tokens a
@@ -85,7 +91,7 @@ def make_tiny_idefics3(directory: str | Path, seed: int = 0, smolvlm: bool = Fal
     image up to 16 pixels is one tile, a larger one 2 x 2 or 1 x 2 tiles and the whole image after them). SmolVLM's
     own processor needs torchvision and num2words (for videos), which the tests lack: its checkpoint gets
     Idefics3Processor, which writes an image's prompt as SmolVLMProcessor does, beside SmolVLM's image processor.
-    `overrides` go to the model's config (scale_factor, ...)."""
+    `overrides` go to the model's config (scale_factor, ...), `text_settings` to its LlamaConfig."""
     from transformers import Idefics3Processor, LlamaConfig
 
     if smolvlm:
@@ -105,7 +111,7 @@ def make_tiny_idefics3(directory: str | Path, seed: int = 0, smolvlm: bool = Fal
     tokenizer.chat_template = IDEFICS3_CHAT_TEMPLATE
     vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           image_size=16, patch_size=4)  # fmt: skip
-    text = LlamaConfig(**_LLAMA_DEFAULTS, vocab_size=len(tokenizer))
+    text = LlamaConfig(**(_LLAMA_DEFAULTS | {"vocab_size": len(tokenizer)} | (text_settings or {})))
     settings = dict(image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), scale_factor=2)
     config = Config(vision_config=vision, text_config=text, **(settings | overrides))
     torch.manual_seed(seed)

@@ -40,6 +40,7 @@ from tests.tiny_models import make_tiny_gemma4, make_tiny_gpt_oss, make_tiny_lla
 from tests.tiny_vision_models import (
     make_tiny_gemma3_vision,
     make_tiny_gemma4_vision,
+    make_tiny_idefics3,
     make_tiny_llava,
     make_tiny_qwen2_5_vl,
     make_tiny_qwen3_5_vision,
@@ -395,12 +396,22 @@ def _audio_part() -> dict:
         (make_tiny_llava, _image_part),
         (make_tiny_gemma3_vision, _image_part),
         (make_tiny_gemma4_vision, _image_part),
+        (make_tiny_idefics3, _image_part),
         (make_tiny_qwen3_5_vision, _image_part),
         (make_tiny_qwen2_5_vl, _image_part),
         (make_tiny_qwen3_vl, _image_part),
         (make_tiny_qwen2_audio, _audio_part),
     ],
-    ids=["image", "gemma3-image", "gemma4-image", "qwen3_5-image", "qwen2_5_vl-image", "qwen3_vl-image", "audio"],
+    ids=[
+        "image",
+        "gemma3-image",
+        "gemma4-image",
+        "idefics3-image",
+        "qwen3_5-image",
+        "qwen2_5_vl-image",
+        "qwen3_vl-image",
+        "audio",
+    ],
 )
 def test_streams_about_an_image_or_a_clip_on_a_killed_worker_resume_with_the_same_text(make_model, make_part, tmp_path):
     """A chat about an image (or an audio clip) resumed on the other worker: its prompt (the placeholders expanded
