@@ -150,7 +150,9 @@ SUITE_FILES=(tests/engine/test_engine_vs_transformers.py tests/engine/test_archi
   tests/engine/test_penalties.py tests/engine/test_prompt_logprobs.py tests/engine/test_rope_scaling.py
   tests/engine/test_gguf_logits.py tests/engine/test_kquant_model.py tests/engine/test_lora.py
   tests/multimodal/test_llava_generate.py tests/multimodal/test_idefics3.py tests/multimodal/test_gemma3_vision.py
-  tests/multimodal/test_gemma3_gguf.py tests/multimodal/test_qwen2_audio.py)
+  tests/multimodal/test_gemma3_gguf.py tests/multimodal/test_qwen2_audio.py tests/multimodal/test_gemma4_vision.py
+  tests/multimodal/test_qwen3_5_generate.py tests/multimodal/test_qwen2_5_vl.py tests/multimodal/test_qwen3_vl.py
+  tests/multimodal/test_qwen3_5_gguf.py)
 SUITE_SKIP="not fused_decoder and not parallel and not holds_only_its_blocks"
 stage_suite() {
   local files

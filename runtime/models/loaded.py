@@ -86,7 +86,7 @@ class WeightsOnRead(Mapping[str, "torch.Tensor"]):
 @dataclass(frozen=True)
 class ProcessorFiles:
     """A model's preprocessing settings as transformers' processors read them: a Hugging Face directory's
-    preprocessor_config.json and processor_config.json, or what a GGUF model's mmproj file implies (gguf_mmproj.py),
+    preprocessor_config.json and processor_config.json, or what a GGUF model's mmproj file implies (mmproj/reader.py),
     so the prompts' side of images never knows which format it serves."""
 
     origin: Path  # where they were read from (a directory, or an mmproj file), for errors

@@ -14,9 +14,9 @@ import torch
 from sagellm.common.progress import stage
 from sagellm.runtime.models import sampling_defaults
 from sagellm.runtime.models.gguf_loader import load_gguf
-from sagellm.runtime.models.gguf_mmproj import with_mmproj
 from sagellm.runtime.models.hf_loader import load_hf_dir
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError
+from sagellm.runtime.models.mmproj.reader import with_mmproj
 
 GGUF_MAGIC = b"GGUF"
 
@@ -37,7 +37,7 @@ def load_model(
     `load_weights=False` reads only the config (and tokenizer), leaving `weights` empty: for inspecting a model.
     `mtp_head`: the multi-token prediction head's weights too (mtp_head.py; Hugging Face checkpoints only).
     `encoders_only`: the media encoders' weights alone (an `encode` node's). `mmproj`: a GGUF model's vision
-    encoder, llama.cpp's multimodal projector file (gguf_mmproj.py). `language_model_only`: a multimodal
+    encoder, llama.cpp's multimodal projector file (mmproj/reader.py). `language_model_only`: a multimodal
     checkpoint's text model alone, as a text model's (its encoders' weights not read; EngineConfig's)."""
     source = Path(path).expanduser()
     options: dict[str, Any] = {"dtype": dtype, "load_tokenizer": load_tokenizer, "load_weights": load_weights}

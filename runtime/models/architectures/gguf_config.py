@@ -19,6 +19,10 @@ from sagellm.runtime.models.architectures.families import Architecture, architec
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
 
+# GGUF architectures llama.cpp writes for a family's text model under another name: Qwen2.5-VL's (and Qwen2-VL's) is
+# Qwen2's layer, Qwen3-VL's Qwen3's, each rope turned by M-RoPE's sections (_MROPE_INTERLEAVED)
+_GGUF_ALIASES = {"qwen2vl": "qwen2", "qwen3vl": "qwen3"}
+
 
 def config_from_gguf(
     metadata: Mapping[str, Any],
@@ -35,9 +39,9 @@ def config_from_gguf(
     gguf_arch = metadata.get("general.architecture")
     experts = int(metadata.get(f"{gguf_arch}.expert_count", 0))
     per_token = int(metadata.get(f"{gguf_arch}.expert_used_count", 0))
-    arch = architecture_for_gguf(gguf_arch, experts > 0, source)
+    arch = architecture_for_gguf(_GGUF_ALIASES.get(gguf_arch, gguf_arch), experts > 0, source)
     check_experts(experts, per_token, f"{gguf_arch}.expert_count/expert_used_count", source)
-    prefix = arch.gguf_arch
+    prefix = gguf_arch  # the file's own: an alias's keys are under its name
 
     def key(name: str, default: Any = None) -> Any:
         value = metadata.get(f"{prefix}.{name}", default)
@@ -180,7 +184,7 @@ def _gguf_gemma4(
 
 # The GGUF architectures whose rope llama.cpp turns by M-RoPE's `rope.dimension_sections`, and whether interleaved
 # (its LLAMA_ROPE_TYPE_IMROPE, Qwen3-VL's and Qwen3.5's) or in turn (LLAMA_ROPE_TYPE_MROPE, Qwen2-VL's)
-_MROPE_INTERLEAVED = {"qwen35": True, "qwen35moe": True}
+_MROPE_INTERLEAVED = {"qwen35": True, "qwen35moe": True, "qwen2vl": False, "qwen3vl": True}
 
 
 def _gguf_mrope(metadata: Mapping[str, Any], prefix: str, rotary_dims: int, source: Path) -> dict[str, Any]:

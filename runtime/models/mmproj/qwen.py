@@ -21,8 +21,8 @@ import torch
 from sagellm.runtime.models.architectures.hf_vision_config import QWEN_VL_LAYER_NORM_EPS
 from sagellm.runtime.models.architectures.vision_weights import TOWER
 from sagellm.runtime.models.config import ModelConfig
-from sagellm.runtime.models.gguf_mmproj_keys import check_projection, clip_key, image_statistics, token_ids
 from sagellm.runtime.models.loaded import ModelLoadError
+from sagellm.runtime.models.mmproj.keys import check_projection, clip_key, image_statistics, token_ids
 from sagellm.runtime.models.vision_config import VisionConfig
 
 QWEN3_5_PROJECTOR = "qwen3vl_merger"  # llama.cpp's clip.projector_type for Qwen3-VL's and Qwen3.5's towers
@@ -64,15 +64,14 @@ def qwen3_5_vision(path: Path, meta: dict[str, Any], text: ModelConfig, tokenize
                              "rope turns a quarter of it by each axis, twice)")  # fmt: skip
     merge = int(meta.get("clip.vision.spatial_merge_size", QWEN_VL_MERGE))
     side = key("image_size") // patch  # the learned positions' square, in patches
-    _, most = _pixel_range(meta, patch * merge)
     return VisionConfig(
         tower="qwen3_5", hidden_size=hidden, intermediate_size=key("feed_forward_length"), num_layers=layers,
         num_heads=heads, num_channels=3, patch_size=patch, image_size=0, layer_norm_eps=QWEN_VL_LAYER_NORM_EPS,
         activation="gelu_tanh", feature_layers=(layers,), drop_class=False, projector="qwen_merger",
         projector_activation="gelu", projector_bias=True, text_hidden_size=text.hidden_size,
         image_token_id=token_ids(path, tokenizer, QWEN3_5_TOKENS, "Qwen3.5")["image"],
-        max_soft_tokens=most // (patch * merge) ** 2, rope_theta=QWEN_VL_ROPE_THETA, spatial_merge_size=merge,
-        temporal_patch_size=len(PATCH_HALVES), num_position_embeddings=side * side,
+        max_soft_tokens=qwen_vl_most_tokens(meta, patch * merge), rope_theta=QWEN_VL_ROPE_THETA,
+        spatial_merge_size=merge, temporal_patch_size=len(PATCH_HALVES), num_position_embeddings=side * side,
     )  # fmt: skip
 
 
@@ -106,6 +105,11 @@ def _graph_name(name: str) -> str | None:
     if len(parts) == 5 and parts[:2] == ["v", "blk"] and parts[3] in _LAYER:
         return f"blocks.{parts[2]}.{_LAYER[parts[3]]}.{parts[4]}"
     return None
+
+
+def qwen_vl_most_tokens(meta: dict[str, Any], square: int) -> int:
+    """The most merged squares of `square` pixels a side a picture is resized to (`_pixel_range`)."""
+    return _pixel_range(meta, square)[1] // square**2
 
 
 def _pixel_range(meta: dict[str, Any], square: int) -> tuple[int, int]:

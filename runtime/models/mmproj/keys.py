@@ -1,4 +1,4 @@
-"""An mmproj file's metadata as each family's reader (gguf_mmproj.py, gguf_mmproj_qwen.py) takes it: the
+"""An mmproj file's metadata as each family's reader (mmproj/reader.py, mmproj/qwen.py) takes it: the
 `clip.vision.*` keys its tower needs, the projection's width against the text model's, the image tokens by name in
 the text model's vocabulary and the preprocessor's mean and std, each refused naming the file where it is missing
 or wrong."""
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
@@ -17,6 +19,12 @@ def clip_key(path: Path, meta: dict[str, Any], name: str) -> Any:
     if (value := meta.get(f"clip.vision.{name}")) is None:
         raise ModelLoadError(f"{path}: lacks clip.vision.{name}")
     return value
+
+
+def clip_float(path: Path, meta: dict[str, Any], name: str) -> float:
+    """The file's `clip.vision.<name>`, a float32, as the shortest decimal that rounds to it (1e-05, not
+    9.999999747378752e-06): the value the checkpoint's config held."""
+    return float(str(np.float32(clip_key(path, meta, name))))
 
 
 def check_projection(path: Path, meta: dict[str, Any], text: ModelConfig) -> None:

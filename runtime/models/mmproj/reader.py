@@ -9,8 +9,12 @@ graph reads), the projection as Hugging Face stores it ([vision hidden, text hid
 forces it). Its image tokens are the text model's (`<start_of_image>`, `<image_soft_token>`, found by name in its
 vocabulary). Images are preprocessed as Gemma3ImageProcessor does, from the file's image size, mean and std.
 
-So is Qwen3.5's ("qwen3vl_merger", which llama.cpp writes for Qwen3-VL too: gguf_mmproj_qwen.py), beside a Qwen3.5
-text model."""
+So are Qwen3.5's and Qwen3-VL's ("qwen3vl_merger", which llama.cpp writes for both: the text model beside it tells
+which, mmproj/qwen3_vl.py; Qwen3.5's tower: mmproj/qwen.py), LLaVA-1.5's ("mlp",
+from llama.cpp's legacy converter, which writes no general.type: mmproj/llava.py), Idefics3's and SmolVLM's
+("idefics3": mmproj/idefics3.py) and Qwen2.5-VL's ("qwen2.5vl_merger": mmproj/qwen2_5_vl.py), each beside
+the text models its family has (`_FAMILIES`), and Gemma 4's ("gemma4v": mmproj/gemma4.py). A file of an audio
+encoder alone (Qwen2-Audio's "qwen2a": mmproj/audio.py) gives the model's `audio` instead."""
 
 from __future__ import annotations
 
@@ -28,22 +32,36 @@ from sagellm.runtime.models.architectures.vision_weights import (
     vision_weight_shapes,
 )
 from sagellm.runtime.models.architectures.weight_shapes import check_weights
+from sagellm.runtime.models.audio_config import AudioConfig
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import CorruptGGUF, GGUFFile, read_gguf
-from sagellm.runtime.models.gguf_mmproj_keys import check_projection, clip_key, image_statistics, token_ids
-from sagellm.runtime.models.gguf_mmproj_qwen import (
-    QWEN3_5_PROJECTOR,
-    QWEN3_5_TEXT,
-    qwen3_5_graph_weights,
-    qwen3_5_preprocessor,
-    qwen3_5_vision,
-)
 from sagellm.runtime.models.loaded import LoadedModel, ModelLoadError, ProcessorFiles, WeightsOnRead, describe
+from sagellm.runtime.models.mmproj.audio import read_audio_mmproj
+from sagellm.runtime.models.mmproj.gemma4 import GEMMA4_PROJECTOR, GEMMA4_TEXT, gemma4_graph_weights, gemma4_vision
+from sagellm.runtime.models.mmproj.idefics3 import (
+    IDEFICS3_PROJECTOR,
+    IDEFICS3_TEXT,
+    idefics3_graph_weights,
+    idefics3_vision,
+)
+from sagellm.runtime.models.mmproj.keys import check_projection, clip_key, image_statistics, token_ids
+from sagellm.runtime.models.mmproj.llava import LLAVA_PROJECTOR, LLAVA_TEXT, llava_graph_weights, llava_vision
+from sagellm.runtime.models.mmproj.qwen import QWEN3_5_PROJECTOR
+from sagellm.runtime.models.mmproj.qwen2_5_vl import (
+    QWEN2_5_VL_PROJECTOR,
+    QWEN2_5_VL_TEXT,
+    qwen2_5_vl_graph_weights,
+    qwen2_5_vl_vision,
+)
+from sagellm.runtime.models.mmproj.qwen3_vl import (
+    QWEN3VL_MERGER_TEXT,
+    qwen3vl_merger_graph_weights,
+    qwen3vl_merger_vision,
+)
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
 from sagellm.runtime.models.vision_config import VisionConfig
 
-PROJECTORS = ("gemma3", QWEN3_5_PROJECTOR)  # the clip.projector_type values read
 GEMMA3_POOL = 4  # llama.cpp's default clip.vision.projector.scale_factor for Gemma 3 (64 patches a side -> 16)
 # Gemma 3's image tokens, as its tokenizers spell them
 GEMMA3_TOKENS = {"boi": "<start_of_image>", "image": "<image_soft_token>"}
@@ -62,22 +80,24 @@ _LAYER = {"ln1": "layer_norm1", "ln2": "layer_norm2", "attn_q": "self_attn.q_pro
 
 
 def with_mmproj(loaded: LoadedModel, path: Path, dtype: torch.dtype, load_weights: bool = True) -> LoadedModel:
-    """`loaded` (a GGUF model) seeing images through the vision encoder in `path`: its config's `vision`, the
-    encoder's weights beside its own, the processor settings the file implies."""
+    """`loaded` (a GGUF model) seeing images (hearing audio) through the vision (audio) encoder in `path`: its
+    config's `vision` (`audio`), the encoder's weights beside its own, the processor settings the file implies."""
     tokenizer = loaded.tokenizer if loaded.tokenizer is not None else load_gguf_tokenizer(loaded.source)
     mmproj = read_mmproj(path, loaded.config, tokenizer, dtype, load_weights)
     weights = loaded.weights
     if mmproj.weights:
         weights = weights.with_ready(mmproj.weights) if isinstance(weights, WeightsOnRead) else weights | mmproj.weights
-    return replace(loaded, config=replace(loaded.config, vision=mmproj.vision), weights=weights,
+    config = replace(loaded.config, vision=mmproj.vision, audio=mmproj.audio)
+    return replace(loaded, config=config, weights=weights,
                    processor_files=mmproj.files)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Mmproj:
-    vision: VisionConfig
+    vision: VisionConfig | None  # None for an audio encoder's file (mmproj/audio.py)
     weights: dict[str, torch.Tensor]  # empty when read without them
     files: ProcessorFiles
+    audio: AudioConfig | None = None
 
 
 def read_mmproj(path: Path, text: ModelConfig, tokenizer: Any, dtype: torch.dtype, load_weights: bool = True) -> Mmproj:
@@ -87,26 +107,40 @@ def read_mmproj(path: Path, text: ModelConfig, tokenizer: Any, dtype: torch.dtyp
     except (CorruptGGUF, OSError) as e:
         raise ModelLoadError(f"{path}: not a readable GGUF file: {describe(e)}") from e
     meta = file.metadata
-    if meta.get("general.type") != "mmproj" or not meta.get("clip.has_vision_encoder"):
+    hears_only = meta.get("clip.has_audio_encoder") and not meta.get("clip.has_vision_encoder")
+    if hears_only and meta.get("general.type") == "mmproj":  # an audio encoder's (Qwen2-Audio's)
+        audio, weights, files = read_audio_mmproj(path, file, text, tokenizer, dtype, load_weights)
+        return Mmproj(None, weights, files, audio)
+    legacy = "mmproj" if meta.get("general.architecture") == "clip" else None  # the legacy converter writes no type
+    if meta.get("general.type", legacy) != "mmproj" or not meta.get("clip.has_vision_encoder"):
         raise ModelLoadError(f"{path}: not an mmproj file with a vision encoder (general.type "
                              f"{meta.get('general.type')!r})")  # fmt: skip
     projector = meta.get("clip.vision.projector_type", meta.get("clip.projector_type"))
-    if projector not in PROJECTORS:
+    if projector not in _FAMILIES:
         raise ModelLoadError(f"{path}: mmproj projector {projector!r} is not supported (have {', '.join(PROJECTORS)})")
-    if projector == QWEN3_5_PROJECTOR:
-        if text.architecture not in QWEN3_5_TEXT:
-            raise ModelLoadError(f"{path}: a Qwen3.5 mmproj beside a {text.architecture} model")
-        vision = qwen3_5_vision(path, meta, text, tokenizer)
-        weights = _weights(path, file, vision, text, dtype, qwen3_5_graph_weights) if load_weights else {}
-        return Mmproj(vision, weights, ProcessorFiles(path, qwen3_5_preprocessor(path, meta, vision)))
-    if text.architecture != "gemma3_text":
-        raise ModelLoadError(f"{path}: a Gemma 3 mmproj beside a {text.architecture} model")
-    vision = _gemma3_vision(path, meta, text, tokenizer)
-    weights = _weights(path, file, vision, text, dtype, _gemma3_graph_weights) if load_weights else {}
+    family = _FAMILIES[projector]
+    if text.architecture not in family.texts:
+        raise ModelLoadError(f"{path}: a {family.name} mmproj beside a {text.architecture} model")
+    vision, files = family.vision(path, file, text, tokenizer)
+    weights = _weights(path, file, vision, text, dtype, family.graph_weights) if load_weights else {}
+    return Mmproj(vision, weights, files)
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    texts: tuple[str, ...]  # the text models (ModelConfig.architecture) it goes beside
+    # its VisionConfig and processor settings, from the file (path, its contents, the text model and its tokenizer)
+    vision: Callable[[Path, GGUFFile, ModelConfig, Any], tuple[VisionConfig, ProcessorFiles]]
+    graph_weights: Callable[[Path, dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # the file's, renamed
+
+
+def _gemma3(path: Path, file: GGUFFile, text: ModelConfig, tokenizer: Any) -> tuple[VisionConfig, ProcessorFiles]:
+    vision = _gemma3_vision(path, file.metadata, text, tokenizer)
     size = vision.image_size
     preprocessor = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": size, "width": size},
-                    **image_statistics(path, meta)}  # fmt: skip
-    return Mmproj(vision, weights, ProcessorFiles(path, preprocessor, {"image_seq_length": vision.tokens_per_image}))
+                    **image_statistics(path, file.metadata)}  # fmt: skip
+    return vision, ProcessorFiles(path, preprocessor, {"image_seq_length": vision.tokens_per_image})
 
 
 def _gemma3_vision(path: Path, meta: dict[str, Any], text: ModelConfig, tokenizer: Any) -> VisionConfig:
@@ -166,3 +200,16 @@ def _gemma3_name(name: str) -> str | None:
     if len(parts) == 5 and parts[:2] == ["v", "blk"] and parts[3] in _LAYER:
         return f"{TOWER}encoder.layers.{parts[2]}.{_LAYER[parts[3]]}.{parts[4]}"
     return None
+
+
+_FAMILIES = {
+    "gemma3": _Family("Gemma 3", ("gemma3_text",), _gemma3, _gemma3_graph_weights),
+    QWEN3_5_PROJECTOR: _Family(
+        "Qwen3-VL or Qwen3.5", QWEN3VL_MERGER_TEXT, qwen3vl_merger_vision, qwen3vl_merger_graph_weights
+    ),
+    LLAVA_PROJECTOR: _Family("LLaVA", LLAVA_TEXT, llava_vision, llava_graph_weights),
+    IDEFICS3_PROJECTOR: _Family("Idefics3", IDEFICS3_TEXT, idefics3_vision, idefics3_graph_weights),
+    QWEN2_5_VL_PROJECTOR: _Family("Qwen2.5-VL", QWEN2_5_VL_TEXT, qwen2_5_vl_vision, qwen2_5_vl_graph_weights),
+    GEMMA4_PROJECTOR: _Family("Gemma 4", GEMMA4_TEXT, gemma4_vision, gemma4_graph_weights),
+}
+PROJECTORS = tuple(_FAMILIES)  # the clip.projector_type values read
