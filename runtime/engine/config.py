@@ -22,7 +22,7 @@ def _help(text: str, default: Any) -> Any:
 class EngineConfig:
     model: str | None = _help("model path (a .gguf file or an HF directory); engine operators take the graph's", None)
     # llama.cpp's --mmproj: a GGUF model's vision encoder, in the file llama.cpp's converter writes beside it
-    # (runtime/models/gguf_mmproj.py); engine and encode operators take the graph's, as they take its model.
+    # (runtime/models/mmproj/reader.py); engine and encode operators take the graph's, as they take its model.
     mmproj: str | None = _help("a GGUF model's multimodal projector file (llama.cpp's --mmproj): it sees images", None)
     # vLLM's --language-model-only: a checkpoint that sees images or hears audio served as its text model alone, its
     # encoders neither loaded nor run, media refused (engine operators take the graph's, as they take its model)
