@@ -39,3 +39,27 @@ def takes_reasoning_effort(template: str | None) -> bool:
     """Whether rendering with `template` honours a `reasoning_effort` (Harmony's, gpt-oss's own template: both read
     the variable); a template that never reads it would drop the effort without a word."""
     return bool(template) and "reasoning_effort" in template
+
+
+# The media parts as template_messages writes them, by kind
+MEDIA_PARTS = {"image": {"type": "image"}, "audio": {"type": "audio", "audio": None}}
+
+
+def media_placeholders(tokenizer: Any) -> dict[str, str]:
+    """What the model's own template writes for each kind of media part (Qwen-VL's
+    `<|vision_start|><|image_pad|><|vision_end|>`, LLaVA's `<image>`), found by rendering a turn with the part between
+    two texts: the fallback tool template (tool_template.jinja) writes the same where it renders media, so a chat
+    with tools and pictures reaches the encoder as the model's own template would have it. Kinds the template does
+    not render are left out."""
+    found = {}
+    for kind, part in MEDIA_PARTS.items():
+        turn = [{"role": "user", "content": [{"type": "text", "text": "\x01"}, part, {"type": "text", "text": "\x02"}]}]
+        try:
+            text = tokenizer.apply_chat_template(turn, tokenize=False)
+        except Exception:  # noqa: BLE001 -- a template that cannot render the part: no placeholder for it
+            continue
+        before, _, rest = text.partition("\x01")
+        written, marked, _ = rest.partition("\x02")
+        if marked and written:
+            found[kind] = written
+    return found

@@ -23,7 +23,12 @@ from sagellm.gateway.openai.chat_completion.protocol import (
 from sagellm.gateway.openai.generation.serving import generation_model, prepare
 from sagellm.gateway.openai.generation.structured import guided_decoding
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
-from sagellm.gateway.replies.chat_templates import fallback_template, rendering_template, takes_reasoning_effort
+from sagellm.gateway.replies.chat_templates import (
+    fallback_template,
+    media_placeholders,
+    rendering_template,
+    takes_reasoning_effort,
+)
 from sagellm.gateway.replies.harmony import CALL, RETURN
 from sagellm.gateway.replies.reader import ReplyPlan
 from sagellm.gateway.replies.reasoning_parsers import default_parser, parser_class, starts_inside
@@ -66,6 +71,7 @@ class ChatPreparation:
         self.reasoning_parser = reasoning_parser
         self.reasoning_budget = reasoning_budget
         self.media = media or MediaPolicy()
+        self._media_placeholders: dict[str, str] | None = None  # what the model's template writes for media parts
         self.media_by_uuid = MediaByUuid()  # the files senders named (a part's `uuid`), for parts giving the name alone
         self._starts_thinking: dict[tuple[str, str], bool] = {}  # (template, its settings) -> a reply opens inside
 
@@ -202,6 +208,8 @@ class ChatPreparation:
         request = chat_request(body, headers, self.core.new_id("chatcmpl"), defaults, guided)
         if tool_use is not None:
             request.tools, request.chat_template = tool_use.tools, tool_use.chat_template
+            if tool_use.chat_template is not None and model is None:
+                request.template_kwargs = self._with_media_placeholders(request.template_kwargs)
             if tool_use.forwarded is not None:
                 request.tool_choice, request.parallel_tool_calls = tool_use.forwarded
         request.model, request.lora = model, self.core.lora_of(body.model)
@@ -213,6 +221,16 @@ class ChatPreparation:
                 raise ApiError.unsupported("reasoning_effort", why)
             request.template_kwargs = (request.template_kwargs or {}) | {"reasoning_effort": body.reasoning_effort}
         return request, constraint, tool_use
+
+    def _with_media_placeholders(self, kwargs: dict[str, object] | None) -> dict[str, object] | None:
+        """`kwargs` with what the graph's model's own template writes for a picture or a clip, which the fallback
+        tool template writes in their place (a model that sees or hears); `kwargs` for any other model."""
+        served = self.core.served
+        if served is None or not served.config.takes_media:
+            return kwargs
+        if self._media_placeholders is None:
+            self._media_placeholders = media_placeholders(self.core.tokenizer)
+        return (kwargs or {}) | {"media_placeholders": self._media_placeholders}
 
     def honours_effort(self, name: str | None) -> bool:
         """Whether a chat for the model `name` (None: the graph's) honours a reasoning effort: its template reads it
