@@ -1,4 +1,4 @@
-"""A Qwen3.5 checkpoint with its vision tower (tests/tiny_vision_models.make_tiny_qwen3_5_vision) as llama.cpp's
+"""A Qwen3.5 checkpoint with its vision tower (tests/tiny_qwen_vl_models.make_tiny_qwen3_5_vision) as llama.cpp's
 convert_hf_to_gguf.py writes it: its text model as a `qwen35` GGUF with the checkpoint's multimodal rope sections
 (`write_tiny_qwen3_5_gguf`) and its tower and merger as the `--mmproj` file (`write_tiny_qwen3_5_mmproj`).
 

@@ -1,4 +1,4 @@
-"""A Qwen3-VL checkpoint (tests/tiny_vision_models.make_tiny_qwen3_vl) as llama.cpp's convert_hf_to_gguf.py writes it:
+"""A Qwen3-VL checkpoint (tests/tiny_qwen_vl_models.make_tiny_qwen3_vl) as llama.cpp's convert_hf_to_gguf.py writes it:
 its text model as a `qwen3vl` GGUF (Qwen3VLTextModel: Qwen3's keys and tensors under that architecture, with the
 multimodal rope's sections and the DeepStack layers' count; `write_tiny_qwen3_vl_gguf`) and its tower and mergers as
 the `--mmproj` file (Qwen3VLVisionModel: Qwen3.5's file with DeepStack; `write_tiny_qwen3_vl_mmproj`). Each is the

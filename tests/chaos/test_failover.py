@@ -37,14 +37,12 @@ from tests.gateway.conftest import GRAPHS, LOCAL_UPSTREAMS, REPLY_TIMEOUT_S, run
 from tests.gateway.test_instances import attach
 from tests.tiny_audio_models import make_tiny_qwen2_audio
 from tests.tiny_models import make_tiny_gemma4, make_tiny_gpt_oss, make_tiny_llama, make_tiny_qwen3_5
+from tests.tiny_qwen_vl_models import make_tiny_qwen2_5_vl, make_tiny_qwen3_5_vision, make_tiny_qwen3_vl
 from tests.tiny_vision_models import (
     make_tiny_gemma3_vision,
     make_tiny_gemma4_vision,
     make_tiny_idefics3,
     make_tiny_llava,
-    make_tiny_qwen2_5_vl,
-    make_tiny_qwen3_5_vision,
-    make_tiny_qwen3_vl,
 )
 
 pytestmark = pytest.mark.slow  # worker processes and servers

@@ -22,17 +22,19 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.tiny_qwen_vl_models import (
+    make_tiny_qwen2_5_vl,
+    make_tiny_qwen3_5_vision,
+    make_tiny_qwen3_vl,
+    qwen2_5_vl_processor,
+    qwen3_5_processor,
+)
 from tests.tiny_vision_models import (
     gemma4_processor,
     make_tiny_gemma3_vision,
     make_tiny_gemma4_vision,
     make_tiny_idefics3,
     make_tiny_llava,
-    make_tiny_qwen2_5_vl,
-    make_tiny_qwen3_5_vision,
-    make_tiny_qwen3_vl,
-    qwen2_5_vl_processor,
-    qwen3_5_processor,
 )
 
 TOKENS = 6

@@ -144,7 +144,10 @@ def test_tokenize_and_count_tokens_count_each_image_as_served(gateway, files, ge
 
 
 def test_tokenize_refuses_an_image_it_may_not_read_naming_the_part(gateway):
-    parts = [{"type": "text", "text": "look at"}, {"type": "image_url", "image_url": {"url": "http://localhost:9/x.png"}}]
+    parts = [
+        {"type": "text", "text": "look at"},
+        {"type": "image_url", "image_url": {"url": "http://localhost:9/x.png"}},
+    ]
     body = {"model": gateway.core.model_name, "messages": [{"role": "user", "content": parts}]}
     refused = httpx.post(f"{gateway.url}/tokenize", json=body, timeout=60)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content[1].image_url"

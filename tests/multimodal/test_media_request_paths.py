@@ -21,7 +21,7 @@ from tests.multimodal.test_qwen3_5_generate import BIG, ONE, TALL, TWO, WIDE, pr
 from tests.multimodal.test_qwen3_5_generate import hf as hf  # the fixtures: transformers on the tiny Qwen3.5
 from tests.multimodal.test_qwen3_5_generate import qwen as qwen
 from tests.multimodal.test_qwen3_5_generate import reference as reference  # and its greedy tokens
-from tests.tiny_vision_models import make_tiny_qwen3_5_vision
+from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision
 
 TOKENS = 8
 

@@ -43,13 +43,8 @@ from tests.tiny_gguf_mmproj import (
     write_tiny_text_gguf,
 )
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
-from tests.tiny_vision_models import (
-    IMAGE_TOKEN,
-    make_tiny_idefics3,
-    make_tiny_llava,
-    make_tiny_qwen2_5_vl,
-    qwen2_5_vl_processor,
-)
+from tests.tiny_qwen_vl_models import make_tiny_qwen2_5_vl, qwen2_5_vl_processor
+from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_idefics3, make_tiny_llava
 
 TOKENS = 6
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)

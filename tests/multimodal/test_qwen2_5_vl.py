@@ -1,5 +1,5 @@
 """Qwen2.5-VL with its vision tower, against transformers' `Qwen2_5_VLForConditionalGeneration` and the
-Qwen2_5_VLProcessor for the same tiny random checkpoint (tests/tiny_vision_models.make_tiny_qwen2_5_vl): the chat's
+Qwen2_5_VLProcessor for the same tiny random checkpoint (tests/tiny_qwen_vl_models.make_tiny_qwen2_5_vl): the chat's
 prompt ids (each <|image_pad|> repeated once per merged square), the patch rows and token grids, the encoder's
 embeddings (get_image_features) for one and two pictures of different shapes in one run, their windows really
 splitting them; the loader's reading of the checkpoint and of a hub config.json (its text settings at the top level,
@@ -26,7 +26,7 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
-from tests.tiny_vision_models import make_tiny_qwen2_5_vl, qwen2_5_vl_processor
+from tests.tiny_qwen_vl_models import make_tiny_qwen2_5_vl, qwen2_5_vl_processor
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)

@@ -1,6 +1,6 @@
 """Qwen3.5's images through the gateway: the openai SDK's `image_url` parts (a data URL, and an http URL of a test
 server on 127.0.0.1 the operator allowed) and the anthropic SDK's `image` blocks, sent unchanged to `sagellm serve`
-on the tiny Qwen3.5 (tests/tiny_vision_models.make_tiny_qwen3_5_vision), get transformers' tokens for the same chat
+on the tiny Qwen3.5 (tests/tiny_qwen_vl_models.make_tiny_qwen3_5_vision), get transformers' tokens for the same chat
 and images; /tokenize counts each picture's tokens as its processor does (through `graphs/pd.yaml` and
 `graphs/epd.yaml`: test_families_through_graphs.py)."""
 
@@ -22,7 +22,7 @@ from transformers import Qwen3_5ForConditionalGeneration
 
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 from tests.multimodal.file_server import file_server
-from tests.tiny_vision_models import make_tiny_qwen3_5_vision, qwen3_5_processor
+from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
 
 TOKENS = 6
 

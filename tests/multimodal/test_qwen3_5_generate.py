@@ -1,5 +1,5 @@
 """Qwen3.5 generating about images, against transformers' Qwen3_5ForConditionalGeneration on the same tiny random
-checkpoint (tests/tiny_vision_models.make_tiny_qwen3_5_vision): the text model's multimodal rotary positions (each
+checkpoint (tests/tiny_qwen_vl_models.make_tiny_qwen3_5_vision): the text model's multimodal rotary positions (each
 picture's tokens at their grid's (t, h, w), the text after it shifted) through every path a prompt's tokens take:
 one and two pictures beside a text-only prompt in one batch, the first token's logprobs, a chunked prefill whose
 chunks end inside pictures, a prefix hit ending inside a picture's run, speculative proposals verified past a
@@ -22,7 +22,7 @@ from sagellm import LLM, SamplingParams
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.served_model import served_model
-from tests.tiny_vision_models import make_tiny_qwen3_5_vision, qwen3_5_processor
+from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)

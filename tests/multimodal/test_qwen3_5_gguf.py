@@ -32,12 +32,8 @@ from sagellm.runtime.models.loader import load_model
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 from tests.tiny_gguf_qwen import write_tiny_qwen3_5_gguf, write_tiny_qwen3_5_mmproj
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
-from tests.tiny_vision_models import (
-    make_tiny_gemma3_vision,
-    make_tiny_qwen3_5_vision,
-    qwen3_5_processor,
-    write_tiny_mmproj,
-)
+from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
+from tests.tiny_vision_models import make_tiny_gemma3_vision, write_tiny_mmproj
 
 TOKENS = 6
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)

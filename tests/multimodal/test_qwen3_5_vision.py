@@ -1,5 +1,5 @@
 """Qwen3.5 with its vision tower, against transformers' `Qwen3_5ForConditionalGeneration` and the Qwen3VLProcessor for
-the same tiny random checkpoint (tests/tiny_vision_models.make_tiny_qwen3_5_vision): the chat's prompt ids (each
+the same tiny random checkpoint (tests/tiny_qwen_vl_models.make_tiny_qwen3_5_vision): the chat's prompt ids (each
 <|image_pad|> between <|vision_start|> and <|vision_end|> repeated once per merged square of the picture's patches),
 the patch rows and token grids (image_grid_thw, merged), the encoder's embeddings (get_image_features) for one and
 two pictures of different shapes in one run, the pictures' hashes (their grids in them), and a text-only request's
@@ -26,7 +26,7 @@ from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_cache import EncoderCache
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
-from tests.tiny_vision_models import make_tiny_qwen3_5_vision, qwen3_5_processor
+from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)

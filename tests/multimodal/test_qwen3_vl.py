@@ -1,5 +1,5 @@
 """Qwen3-VL seeing images, against transformers' Qwen3VLForConditionalGeneration and the Qwen3VLProcessor on the same
-tiny random checkpoint (tests/tiny_vision_models.make_tiny_qwen3_vl): the prompt ids; the encoder's rows, each the
+tiny random checkpoint (tests/tiny_qwen_vl_models.make_tiny_qwen3_vl): the prompt ids; the encoder's rows, each the
 main merger's embedding and every DeepStack merger's side by side, equal to get_image_features' pooler_output and
 deepstack_features; and, with the text model's DeepStack additions after its first layers and its interleaved
 multimodal rotary positions, greedy tokens and first logprobs with one and two pictures beside a text-only prompt,
@@ -29,7 +29,7 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
-from tests.tiny_vision_models import make_tiny_qwen3_vl, qwen3_5_processor
+from tests.tiny_qwen_vl_models import make_tiny_qwen3_vl, qwen3_5_processor
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)

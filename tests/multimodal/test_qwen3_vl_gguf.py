@@ -26,7 +26,7 @@ from sagellm.runtime.models.loader import load_model
 from tests.llama_cpp_converter import CONVERTER_HERE, assert_same_gguf, convert
 from tests.tiny_gguf_qwen3_vl import write_tiny_qwen3_vl_gguf, write_tiny_qwen3_vl_mmproj
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
-from tests.tiny_vision_models import make_tiny_qwen3_vl, qwen3_5_processor
+from tests.tiny_qwen_vl_models import make_tiny_qwen3_vl, qwen3_5_processor
 
 TOKENS = 6
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
