@@ -17,7 +17,8 @@ import pytest
 
 from sagellm import LLM, SamplingParams
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
-from tests.multimodal.test_qwen3_5_generate import BIG, ONE, TALL, TWO, WIDE, prompt, tokens
+from tests.multimodal.qwen_vl_cases import prompt, tokens
+from tests.multimodal.test_qwen3_5_generate import BIG, ONE, TALL, TWO, WIDE
 from tests.multimodal.test_qwen3_5_generate import hf as hf  # the fixtures: transformers on the tiny Qwen3.5
 from tests.multimodal.test_qwen3_5_generate import qwen as qwen
 from tests.multimodal.test_qwen3_5_generate import reference as reference  # and its greedy tokens

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -26,15 +25,11 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
+from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, prompt, random_image, tokens
 from tests.tiny_qwen_vl_models import make_tiny_qwen2_5_vl, qwen2_5_vl_processor
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
-PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 # 28-pixel merged squares, windows of 2 x 2 of them: token grids (1, 4, 6) (6 windows), (1, 6, 6) (the most, 36
@@ -57,6 +52,11 @@ def qwen(tmp_path_factory) -> Path:
 def hf(qwen):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen, dtype=torch.float32)
     return model.eval(), qwen2_5_vl_processor(qwen)
+
+
+@pytest.fixture(scope="module")
+def reference(hf):
+    return greedy_references(*hf, TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -160,34 +160,8 @@ def test_a_hub_config_with_its_text_settings_at_the_top_level(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(hf):
-    """transformers' greedy tokens for a prompt and its images (memoized: each is asked for more than once)."""
-    model, processor = hf
-    seen: dict[tuple, list[int]] = {}
-
-    def generate(text: str, images: list[Image.Image]) -> list[int]:
-        key = (text, *(id(image) for image in images))
-        if key not in seen:
-            inputs = processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
-            with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
-            seen[key] = out[0, inputs["input_ids"].shape[1] :].tolist()
-        return seen[key]
-
-    return generate
-
-
-@pytest.fixture(scope="module")
 def llm(qwen) -> LLM:
     return LLM(str(qwen), max_num_seqs=4, num_kv_blocks=128, block_size=4)
-
-
-def prompt(text: str, *images: Image.Image) -> dict:
-    return {"prompt": text, "multi_modal_data": {"image": list(images)}} if images else {"prompt": text}
-
-
-def tokens(outputs) -> list[list[int]]:
-    return [out.outputs[0].token_ids for out in outputs]
 
 
 ONE = f"user: {PICTURE} what is in the picture?\nassistant:"

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from transformers import Qwen3_5ForConditionalGeneration
 
@@ -22,15 +20,11 @@ from sagellm import LLM, SamplingParams
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.served_model import served_model
+from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, inputs_of, prompt, random_image, tokens
 from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
-PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 # token grids (1, 2, 3), (1, 4, 4) (the most: 128 x 128 pixels) and (1, 3, 2): 6, 16 and 6 tokens
@@ -51,39 +45,14 @@ def hf(qwen):
     return model.eval(), qwen3_5_processor(qwen)
 
 
-def inputs_of(processor, text: str, images: list[Image.Image]):
-    return processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
-
-
 @pytest.fixture(scope="module")
 def reference(hf):
-    """transformers' greedy tokens for a prompt and its images (memoized: each is asked for more than once)."""
-    model, processor = hf
-    seen: dict[tuple, list[int]] = {}
-
-    def generate(text: str, images: list[Image.Image]) -> list[int]:
-        key = (text, *(id(image) for image in images))
-        if key not in seen:
-            inputs = inputs_of(processor, text, images)
-            with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
-            seen[key] = out[0, inputs["input_ids"].shape[1] :].tolist()
-        return seen[key]
-
-    return generate
+    return greedy_references(*hf, TOKENS)
 
 
 @pytest.fixture(scope="module")
 def llm(qwen) -> LLM:
     return LLM(str(qwen), max_num_seqs=4, num_kv_blocks=64, block_size=4)
-
-
-def prompt(text: str, *images: Image.Image) -> dict:
-    return {"prompt": text, "multi_modal_data": {"image": list(images)}} if images else {"prompt": text}
-
-
-def tokens(outputs) -> list[list[int]]:
-    return [out.outputs[0].token_ids for out in outputs]
 
 
 CASES = [(ONE, [WIDE]), (TWO, [BIG, TALL]), (TEXT, [])]

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 from sagellm import LLM, SamplingParams
@@ -29,16 +27,12 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
+from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, inputs_of, prompt, random_image, tokens
 from tests.tiny_qwen_vl_models import make_tiny_qwen3_vl, qwen3_5_processor
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
-PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
 HIDDEN, DEEPSTACK = 64, 2  # the tiny text model's width; its DeepStack layers (the tower's 0 and 1)
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 # token grids (1, 2, 3), (1, 4, 4) (the most: 128 x 128 pixels) and (1, 3, 2): 6, 16 and 6 tokens
@@ -61,45 +55,20 @@ def hf(qwen):
 
 
 @pytest.fixture(scope="module")
+def reference(hf):
+    return greedy_references(*hf, TOKENS)
+
+
+@pytest.fixture(scope="module")
 def ours(qwen):
     loaded = load_model(qwen)
     media = PromptMedia.of_model(loaded.config, loaded.processor_files, loaded.tokenizer)
     return loaded, media, EncoderRunner(loaded.config, loaded.weights, CpuBackend())
 
 
-def inputs_of(processor, text: str, images: list[Image.Image]):
-    return processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
-
-
-@pytest.fixture(scope="module")
-def reference(hf):
-    """transformers' greedy tokens for a prompt and its images (memoized: each is asked for more than once)."""
-    model, processor = hf
-    seen: dict[tuple, list[int]] = {}
-
-    def generate(text: str, images: list[Image.Image]) -> list[int]:
-        key = (text, *(id(image) for image in images))
-        if key not in seen:
-            inputs = inputs_of(processor, text, images)
-            with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
-            seen[key] = out[0, inputs["input_ids"].shape[1] :].tolist()
-        return seen[key]
-
-    return generate
-
-
 @pytest.fixture(scope="module")
 def llm(qwen) -> LLM:
     return LLM(str(qwen), max_num_seqs=4, num_kv_blocks=64, block_size=4)
-
-
-def prompt(text: str, *images: Image.Image) -> dict:
-    return {"prompt": text, "multi_modal_data": {"image": list(images)}} if images else {"prompt": text}
-
-
-def tokens(outputs) -> list[list[int]]:
-    return [out.outputs[0].token_ids for out in outputs]
 
 
 @pytest.mark.parametrize(("text", "images"), CASES[:2], ids=["one", "two"])

@@ -17,6 +17,7 @@ from sagellm import LLM
 from tests.multimodal import test_gemma3_vision as gemma3_case
 from tests.multimodal import test_llava_generate as llava_case
 from tests.multimodal import test_qwen3_5_generate as qwen_case
+from tests.multimodal.qwen_vl_cases import greedy_references, prompt, tokens
 from tests.multimodal.test_llava_generate import hf as hf  # the fixtures: the tiny LLaVA, transformers on it
 from tests.multimodal.test_llava_generate import llava as llava
 from tests.multimodal.test_llava_generate import reference as reference  # and its greedy tokens
@@ -66,7 +67,7 @@ def test_gemma3_in_two_slices_or_two_stages_gives_transformers_tokens(gemma3, pa
 def qwen_reference(tmp_path_factory):
     """The tiny Qwen3.5 and transformers' greedy tokens on it (test_qwen3_5_generate's fixtures, called here)."""
     checkpoint = qwen_case.qwen.__wrapped__(tmp_path_factory)
-    return checkpoint, qwen_case.reference.__wrapped__(qwen_case.hf.__wrapped__(checkpoint))
+    return checkpoint, greedy_references(*qwen_case.hf.__wrapped__(checkpoint), qwen_case.TOKENS)
 
 
 @pytest.mark.parametrize("budget", [512, 5], ids=["whole", "chunked"])
@@ -74,5 +75,5 @@ def qwen_reference(tmp_path_factory):
 def test_qwen3_5_in_two_slices_or_two_stages_gives_transformers_tokens(qwen_reference, parallel, budget):
     checkpoint, reference = qwen_reference
     llm = LLM(str(checkpoint), max_num_seqs=4, num_kv_blocks=64, max_num_batched_tokens=budget, **parallel)
-    outputs = llm.generate([qwen_case.prompt(text, *images) for text, images in qwen_case.CASES], qwen_case.GREEDY)
-    assert qwen_case.tokens(outputs) == [reference(text, images) for text, images in qwen_case.CASES]
+    outputs = llm.generate([prompt(text, *images) for text, images in qwen_case.CASES], qwen_case.GREEDY)
+    assert tokens(outputs) == [reference(text, images) for text, images in qwen_case.CASES]
