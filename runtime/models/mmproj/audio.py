@@ -26,7 +26,7 @@ from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.dequantize import dequantize
 from sagellm.runtime.models.gguf_file import GGUFFile
 from sagellm.runtime.models.loaded import ModelLoadError, ProcessorFiles
-from sagellm.runtime.models.mmproj.keys import token_ids
+from sagellm.runtime.models.mmproj.keys import graph_name, token_ids
 
 QWEN2_AUDIO_PROJECTOR = "qwen2a"  # llama.cpp's clip.projector_type for Qwen2-Audio's tower
 QWEN2_AUDIO_TEXT = ("qwen2",)  # the text models it goes beside
@@ -101,18 +101,9 @@ def _weights(path: Path, file: GGUFFile, audio: AudioConfig, text: ModelConfig, 
     columns flat again."""
     weights = {}
     for name, tensor in file.tensors.items():
-        if (ours := _graph_name(name)) is None:
+        if (ours := graph_name(name, _GLOBAL, _LAYER, AUDIO_TOWER + "layers.{}.", tower="a")) is None:
             raise ModelLoadError(f"{path}: tensor {name} is not one a Qwen2-Audio mmproj holds")
         values = torch.from_numpy(dequantize(tensor.data, tensor.kind, tensor.shape).copy()).to(dtype)
         weights[ours] = values.reshape(-1) if name.startswith("a.conv1d.") and name.endswith(".bias") else values
     check_weights(text, {n: tuple(w.shape) for n, w in weights.items()}, path, expected=audio_weight_shapes(audio))
     return weights
-
-
-def _graph_name(name: str) -> str | None:
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    parts = name.split(".")  # a.blk.{i}.{part}.{weight|bias}
-    if len(parts) == 5 and parts[:2] == ["a", "blk"] and parts[3] in _LAYER:
-        return f"{AUDIO_TOWER}layers.{parts[2]}.{_LAYER[parts[3]]}.{parts[4]}"
-    return None

@@ -1,10 +1,11 @@
 """An mmproj file's metadata as each family's reader (mmproj/reader.py, mmproj/qwen.py) takes it: the
 `clip.vision.*` keys its tower needs, the projection's width against the text model's, the image tokens by name in
 the text model's vocabulary and the preprocessor's mean and std, each refused naming the file where it is missing
-or wrong."""
+or wrong; and its tensors' gguf-py names under the graph's (`graph_name`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,17 @@ def image_statistics(path: Path, meta: dict[str, Any]) -> dict[str, list[float]]
             raise ModelLoadError(f"{path}: lacks clip.vision.{name} (three values)")
         stats[name] = [float(x) for x in values]
     return stats
+
+
+def graph_name(
+    name: str, whole: Mapping[str, str], layers: Mapping[str, str], layer: str, tower: str = "v"
+) -> str | None:
+    """gguf-py's tensor `name` under the graph's: a whole-tower tensor's as `whole` names it, a block's
+    (`{tower}.blk.{i}.{part}.{weight|bias}`, its part in `layers`) as `layer.format(i)` + the part's name + its kind;
+    None for one the family's files do not hold."""
+    if name in whole:
+        return whole[name]
+    parts = name.split(".")
+    if len(parts) == 5 and parts[:2] == [tower, "blk"] and parts[3] in layers:
+        return f"{layer.format(parts[2])}{layers[parts[3]]}.{parts[4]}"
+    return None

@@ -22,7 +22,7 @@ from sagellm.runtime.models.architectures.hf_vision_config import QWEN_VL_LAYER_
 from sagellm.runtime.models.architectures.vision_weights import TOWER
 from sagellm.runtime.models.config import ModelConfig
 from sagellm.runtime.models.loaded import ModelLoadError
-from sagellm.runtime.models.mmproj.keys import check_projection, clip_key, image_statistics, token_ids
+from sagellm.runtime.models.mmproj.keys import check_projection, clip_key, graph_name, image_statistics, token_ids
 from sagellm.runtime.models.vision_config import VisionConfig
 
 QWEN3_5_PROJECTOR = "qwen3vl_merger"  # llama.cpp's clip.projector_type for Qwen3-VL's and Qwen3.5's towers
@@ -92,19 +92,10 @@ def qwen3_5_graph_weights(path: Path, stored: dict[str, torch.Tensor]) -> dict[s
     for name, values in stored.items():
         if name in PATCH_HALVES:
             continue
-        if (ours := _graph_name(name)) is None:
+        if (ours := graph_name(name, _GLOBAL, _LAYER, "blocks.{}.")) is None:
             raise ModelLoadError(f"{path}: tensor {name} is not one a Qwen3.5 mmproj holds")
         weights[TOWER + ours] = values
     return weights
-
-
-def _graph_name(name: str) -> str | None:
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    parts = name.split(".")  # v.blk.{i}.{part}.{weight|bias}
-    if len(parts) == 5 and parts[:2] == ["v", "blk"] and parts[3] in _LAYER:
-        return f"blocks.{parts[2]}.{_LAYER[parts[3]]}.{parts[4]}"
-    return None
 
 
 def qwen_vl_most_tokens(meta: dict[str, Any], square: int) -> int:

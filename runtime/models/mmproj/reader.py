@@ -45,7 +45,7 @@ from sagellm.runtime.models.mmproj.idefics3 import (
     idefics3_graph_weights,
     idefics3_vision,
 )
-from sagellm.runtime.models.mmproj.keys import check_projection, clip_key, image_statistics, token_ids
+from sagellm.runtime.models.mmproj.keys import check_projection, clip_key, graph_name, image_statistics, token_ids
 from sagellm.runtime.models.mmproj.llava import LLAVA_PROJECTOR, LLAVA_TEXT, llava_graph_weights, llava_vision
 from sagellm.runtime.models.mmproj.qwen import QWEN3_5_PROJECTOR
 from sagellm.runtime.models.mmproj.qwen2_5_vl import (
@@ -187,19 +187,10 @@ def _weights(
 def _gemma3_graph_weights(path: Path, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     weights = {}
     for name, values in stored.items():
-        if (ours := _gemma3_name(name)) is None:
+        if (ours := graph_name(name, _GLOBAL, _LAYER, TOWER + "encoder.layers.{}.")) is None:
             raise ModelLoadError(f"{path}: tensor {name} is not one a Gemma 3 mmproj holds")
         weights[ours] = values
     return weights
-
-
-def _gemma3_name(name: str) -> str | None:
-    if name in _GLOBAL:
-        return _GLOBAL[name]
-    parts = name.split(".")  # v.blk.{i}.{part}.{weight|bias}
-    if len(parts) == 5 and parts[:2] == ["v", "blk"] and parts[3] in _LAYER:
-        return f"{TOWER}encoder.layers.{parts[2]}.{_LAYER[parts[3]]}.{parts[4]}"
-    return None
 
 
 _FAMILIES = {
