@@ -7,15 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"  # what a Qwen-VL chat template writes for an image
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 def inputs_of(processor: Any, text: str, images: list[Image.Image]) -> Any:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openai
 import pytest
 import torch
@@ -22,6 +21,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.multimodal.pictures import png
 from tests.tiny_qwen_vl_models import (
     make_tiny_qwen2_5_vl,
     make_tiny_qwen3_5_vision,
@@ -38,13 +38,6 @@ from tests.tiny_vision_models import (
 )
 
 TOKENS = 6
-
-
-def png(seed: int, size: tuple[int, int]) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, "PNG")
-    return out.getvalue()
 
 
 PICTURES = (png(1, (70, 120)), png(2, (96, 64)))

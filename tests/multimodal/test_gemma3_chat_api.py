@@ -12,7 +12,6 @@ from pathlib import Path
 
 import anthropic
 import httpx
-import numpy as np
 import openai
 import pytest
 import torch
@@ -21,23 +20,13 @@ from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 from tests.multimodal.file_server import file_server
+from tests.multimodal.pictures import data_url, png
 from tests.tiny_vision_models import make_tiny_gemma3_vision
 
 TOKENS = 6
 
 
-def png(seed: int, size: tuple[int, int]) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, "PNG")
-    return out.getvalue()
-
-
 FIRST, SECOND = png(1, (33, 21)), png(2, (48, 60))
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import io
 import shutil
 from pathlib import Path
 
-import numpy as np
 import openai
 import pytest
 import torch
@@ -22,6 +21,7 @@ from sagellm import LLM, SamplingParams
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.multimodal.pictures import random_image
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 from tests.tiny_vision_models import make_tiny_gemma3_vision, write_tiny_mmproj
 
@@ -30,10 +30,6 @@ GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
 BOI = "<start_of_image>"
 PROMPT = f"the words before the picture come first\n{BOI}and then what it shows is said"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 NOISE, OTHER = random_image(37, 23, 1), random_image(50, 64, 2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,16 +21,13 @@ from sagellm.common.errors import FieldError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
+from tests.multimodal.pictures import random_image
 from tests.oracle import run_to_end
 from tests.tiny_vision_models import make_tiny_gemma3_vision
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
 BOI = "<start_of_image>"
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 RED, NOISE, OTHER = Image.new("RGB", (40, 30), (200, 30, 30)), random_image(37, 23, 1), random_image(50, 64, 2)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,6 +23,7 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.mmproj.gemma4 import gemma4_graph_weights, gemma4_vision
 from tests.llama_cpp_converter import CONVERTER_HERE, assert_same_gguf, convert
+from tests.multimodal.pictures import random_image
 from tests.tiny_gguf_gemma4 import write_tiny_gemma4_gguf, write_tiny_gemma4_mmproj
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 from tests.tiny_vision_models import gemma4_processor, make_tiny_gemma4_vision
@@ -33,10 +33,6 @@ GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
 IMAGE = "<|image|>"
 ONE = f"the words before the picture come first {IMAGE} and then what it shows is said"
 TWO = f"first {IMAGE} a picture, and second\n\n{IMAGE}\nanother one"
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 NOISE, TALL = random_image(37, 23, 1), random_image(30, 90, 2)

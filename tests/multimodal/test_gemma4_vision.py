@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,15 +26,12 @@ from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.gemma4_images import Gemma4ImageProcessor
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
+from tests.multimodal.pictures import random_image
 from tests.tiny_vision_models import gemma4_processor, make_tiny_gemma4_vision
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
 IMAGE = "<|image|>"
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 # Three shapes: 40 x 30 (60 soft tokens), 37 x 23 (a resize down), 30 x 90 (tall: 54)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,15 +16,12 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from sagellm import LLM, SamplingParams
 from sagellm.common.errors import InvalidInput
+from tests.multimodal.pictures import random_image
 from tests.tiny_models import make_tiny_llama
 from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_llava
 
 TOKENS = 8
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 RED, NOISE, OTHER = Image.new("RGB", (40, 30), (200, 30, 30)), random_image(37, 23, 1), random_image(50, 64, 2)

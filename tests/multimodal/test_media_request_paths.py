@@ -6,8 +6,6 @@ honoured (the reply is the schema's, the call the tool's)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from collections.abc import Iterator
 
@@ -17,6 +15,7 @@ import pytest
 
 from sagellm import LLM, SamplingParams
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.multimodal.pictures import data_url, png_of
 from tests.multimodal.qwen_vl_cases import prompt, tokens
 from tests.multimodal.test_qwen3_5_generate import BIG, ONE, TALL, TWO, WIDE
 from tests.multimodal.test_qwen3_5_generate import hf as hf  # the fixtures: transformers on the tiny Qwen3.5
@@ -44,12 +43,6 @@ def test_n_choices_about_one_picture_encode_it_once_and_each_get_transformers_to
     assert llm.engine.runner.encoder.misses == 2  # its two pictures, once
 
 
-def data_url(image) -> str:
-    data = io.BytesIO()
-    image.save(data, "PNG")
-    return "data:image/png;base64," + base64.b64encode(data.getvalue()).decode()
-
-
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Iterator[openai.OpenAI]:
     """The same tiny Qwen3.5 (its weights the `qwen` fixture's) with room for a tool's schema in the prompt."""
@@ -61,7 +54,7 @@ def client(tmp_path_factory) -> Iterator[openai.OpenAI]:
 
 
 def about_a_picture(text: str) -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": data_url(WIDE)}}, {"type": "text", "text": text}]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(png_of(WIDE))}}, {"type": "text", "text": text}]
     return [{"role": "user", "content": parts}]
 
 

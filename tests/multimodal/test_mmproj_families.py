@@ -36,6 +36,7 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 from tests.llama_cpp_converter import CONVERTER_HERE, assert_same_gguf, convert, convert_legacy_llava
+from tests.multimodal.pictures import random_image
 from tests.tiny_gguf_mmproj import (
     write_tiny_idefics3_mmproj,
     write_tiny_llava_mmproj,
@@ -49,10 +50,6 @@ from tests.tiny_vision_models import IMAGE_TOKEN, make_tiny_idefics3, make_tiny_
 TOKENS = 6
 GREEDY = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
 FIRST = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 SMALL, WIDE = random_image(37, 23, 1), random_image(160, 96, 2)

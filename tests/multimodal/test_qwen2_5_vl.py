@@ -25,7 +25,8 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
-from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, prompt, random_image, tokens
+from tests.multimodal.pictures import random_image
+from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, prompt, tokens
 from tests.tiny_qwen_vl_models import make_tiny_qwen2_5_vl, qwen2_5_vl_processor
 
 TOKENS = 8

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import anthropic
 import httpx
-import numpy as np
 import openai
 import pytest
 import torch
@@ -22,23 +21,13 @@ from transformers import Qwen3_5ForConditionalGeneration
 
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 from tests.multimodal.file_server import file_server
+from tests.multimodal.pictures import data_url, png
 from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
 
 TOKENS = 6
 
 
-def png(seed: int, size: tuple[int, int]) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, "PNG")
-    return out.getvalue()
-
-
 FIRST, SECOND = png(1, (96, 64)), png(2, (70, 120))  # token grids (1, 2, 3) and (1, 4, 2)
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")

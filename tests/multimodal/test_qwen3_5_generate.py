@@ -20,7 +20,8 @@ from sagellm import LLM, SamplingParams
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.pipeline.served_model import served_model
-from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, inputs_of, prompt, random_image, tokens
+from tests.multimodal.pictures import random_image
+from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, inputs_of, prompt, tokens
 from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
 
 TOKENS = 8

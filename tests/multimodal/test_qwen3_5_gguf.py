@@ -30,6 +30,7 @@ from sagellm.runtime.models.gguf_file import read_gguf
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+from tests.multimodal.pictures import random_image
 from tests.tiny_gguf_qwen import write_tiny_qwen3_5_gguf, write_tiny_qwen3_5_mmproj
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
@@ -51,10 +52,6 @@ conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0] + "/convert_hf_to_gguf.py", run_name="__main__")
 """
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 # Grids of (1, 3, 4) merged squares (37 x 23 pixels, resized up to llama.cpp's fewest) and (1, 3, 5) (as it is)

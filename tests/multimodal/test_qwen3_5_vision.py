@@ -25,7 +25,7 @@ from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_cache import EncoderCache
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
-from tests.multimodal.qwen_vl_cases import random_image
+from tests.multimodal.pictures import random_image
 from tests.tiny_qwen_vl_models import make_tiny_qwen3_5_vision, qwen3_5_processor
 
 TOKENS = 8

@@ -27,7 +27,8 @@ from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.multimodal.encoder_runner import EncoderRunner
 from sagellm.runtime.multimodal.prompt_media import PromptMedia
-from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, inputs_of, prompt, random_image, tokens
+from tests.multimodal.pictures import random_image
+from tests.multimodal.qwen_vl_cases import PICTURE, greedy_references, inputs_of, prompt, tokens
 from tests.tiny_qwen_vl_models import make_tiny_qwen3_vl, qwen3_5_processor
 
 TOKENS = 8

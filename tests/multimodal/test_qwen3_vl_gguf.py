@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,6 +23,7 @@ from sagellm import LLM, SamplingParams
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from tests.llama_cpp_converter import CONVERTER_HERE, assert_same_gguf, convert
+from tests.multimodal.pictures import random_image
 from tests.tiny_gguf_qwen3_vl import write_tiny_qwen3_vl_gguf, write_tiny_qwen3_vl_mmproj
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 from tests.tiny_qwen_vl_models import make_tiny_qwen3_vl, qwen3_5_processor
@@ -36,10 +36,6 @@ TWO = f"user: first {PICTURE} then {PICTURE} which is brighter?\nassistant:"
 SQUARE = 16 * 2  # the tiny tower's patch side times its merge size
 LLAMA_CPP_PIXELS = {"shortest_edge": 8 * SQUARE**2, "longest_edge": 4096 * SQUARE**2}  # its qwen3vl_merger's range
 DEEPSTACK = [0, 2]  # the tower layers whose mergers' rows join the text model's after its layers 0 and 1
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8), "RGB")
 
 
 # Grids of (1, 3, 4) merged squares (37 x 23 pixels, resized up to llama.cpp's fewest) and (1, 3, 5) (as it is)
