@@ -14,7 +14,8 @@ What is cached: pd_split sees only its own decisions, not which instance route l
 `PrefixIndex` for the whole pool of decode-capable instances and records every prompt it passes on (colocated ones
 are cached by the engine that runs them; PD ones land, as transferred KV, on a decode worker's cache). A prefix counts
 as cached if any of them was sent before: optimistic when route spreads equal prefixes over instances, which the
-cache_aware and locality strategies avoid.
+cache_aware and locality strategies avoid. Prompts are hashed under their salt and LoRA adapter (`route.prefix_salt`),
+as the engine and route hash them: a prompt cached for another tenant or adapter is not cached for this one.
 
 Even a long prompt stays colocated when the PD path cannot take it, each reason counted in `decisions`:
 "no_prompt_tokens" (not tokenized, so unmeasurable), "no_prefill_instance", "prefill_unhealthy", "prefill_failed"
@@ -31,6 +32,7 @@ from typing import ClassVar
 
 from sagellm.common.errors import FieldError
 from sagellm.operators.prefix_index import PrefixIndex
+from sagellm.operators.route import prefix_salt
 from sagellm.runtime.pipeline.messages import Request
 from sagellm.runtime.pipeline.operator import InstanceStats, MapOperator, register_operator
 
@@ -73,17 +75,21 @@ class PDSplit(MapOperator):
         item.phase = "prefill" if reason == "pd" else "colocated"
         return item
 
-    def uncached_tokens(self, request: Request) -> int:
+    def uncached_tokens(self, request: Request, hashes: list[int] | None = None) -> int:
+        """The prompt's tokens past its longest prefix sent before under the same salt and adapter (`hashes`: its
+        blocks', when the caller has them)."""
         tokens = request.prompt_token_ids or []
-        return len(tokens) - self.prefix_index.cached_tokens(_pool(request), tokens)
+        hashes = self.prefix_index.hashes(tokens, prefix_salt(request)) if hashes is None else hashes
+        return len(tokens) - self.prefix_index.cached_tokens(_pool(request), tokens, hashes)
 
     def _decide(self, request: Request) -> str:
         """The reason for this request's phase: "pd" for the PD path, any other reason means colocated."""
         if request.kv_export or request.prefilled is not None:  # one half of a PD pair across servers already
             return "remote_pd"
         if request.prompt_token_ids is not None:
-            uncached = self.uncached_tokens(request)
-            self.prefix_index.record(_pool(request), request.prompt_token_ids)
+            hashes = self.prefix_index.hashes(request.prompt_token_ids, prefix_salt(request))
+            uncached = self.uncached_tokens(request, hashes)
+            self.prefix_index.record(_pool(request), request.prompt_token_ids, hashes)
         elif request.model is not None:  # another model's servers: no tokenizer here, so the seeds' estimate
             uncached = estimated_tokens(request)
         else:

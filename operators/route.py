@@ -10,7 +10,8 @@ any other can take it. The request goes to the node that serves the chosen insta
 After choosing, route charges the instance's `InstanceStats` at once (uncached prompt tokens, expected output tokens,
 one more running request), so a burst routed before the engine reports back is still spread by the strategies that
 read load; the engine operator overwrites these numbers with its own accounting. The prompt is recorded in the
-`PrefixIndex` of what each instance has cached, which cache_aware reads and which gives the uncached-token charge.
+`PrefixIndex` of what each instance has cached, which cache_aware reads and which gives the uncached-token charge;
+its blocks are hashed under the request's salt and LoRA adapter's digest (`prefix_salt`), as the engine hashes them.
 The choices of one request (`request.group`) go where the first went, while it can take them: that engine prefills
 their prompt once. A request to prefill on an attached server (vLLM's disaggregated serving across servers) also
 gets the server that decodes it (`request.decode_instance`); one another server prefilled (`request.prefilled`) goes
@@ -25,6 +26,7 @@ from typing import ClassVar
 from sagellm.common.errors import FieldError
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.operators.routing import make_strategy
+from sagellm.runtime.engine.prefix_hash import effective_salt
 from sagellm.runtime.pipeline.messages import Request, RequestError
 from sagellm.runtime.pipeline.operator import Emit, InstanceStats, MapOperator, OperatorError, register_operator
 
@@ -69,7 +71,7 @@ class Route(MapOperator):
         if not candidates:
             return self._no_candidate(item, engines, fitting)
         tokens = item.prompt_token_ids or []
-        hashes = self.prefix_index.hashes(tokens, item.cache_salt)
+        hashes = self.prefix_index.hashes(tokens, prefix_salt(item))
         pinned = item.instance
         if pinned is None and item.group is not None:
             first = self._group_instance.get(item.group)
@@ -145,3 +147,13 @@ class Route(MapOperator):
             message=f"route {self.ctx.node_id!r} has no {roles} instance downstream for a {request.phase} request; "
             f"engines downstream: {have}",
         )
+
+
+def prefix_salt(request: Request) -> str | None:
+    """The salt the engine hashes `request`'s prompt blocks under: its cache salt and its LoRA adapter, by the
+    digest the gateway computed when it added the adapter (by name where the request carries none, which matches
+    other such requests in the index though not the engine's blocks)."""
+    lora = request.lora
+    if lora is None:
+        return effective_salt(request.cache_salt, None, None)
+    return effective_salt(request.cache_salt, lora.lora_name, lora.lora_digest)

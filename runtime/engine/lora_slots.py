@@ -8,7 +8,8 @@ scheduler's line until one is released (`admission_gates.LoraSlotGate`). The lea
 first; an adapter still in a slot needs no reload. Adapters are read from their directories once
 (`lora_adapter.read_lora_adapter`), checked against the engine's rank limit and the base model's weights; a name given
 again with another directory (an adapter unloaded and loaded anew at run time) is read again, and its old weights stay
-only in the slot of the requests that still use them."""
+only in the slot of the requests that still use them. Each adapter's digest (`lora_digest`) is computed once, as it
+is read: its requests' prefix blocks are hashed under it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import itertools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from sagellm.runtime.engine.lora_digest import adapter_digest
 from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.lora_weights import NO_ADAPTER
 from sagellm.runtime.models.lora_adapter import LoraAdapter, check_adapter_fits, read_lora_adapter
@@ -28,6 +30,7 @@ class LoraSlots:
         self.shapes, self.max_loras, self.max_rank = dict(shapes), max_loras, max_rank
         self.load: Callable[[int, LoraAdapter], None] | None = None
         self.adapters: dict[str, LoraAdapter] = {}  # read and checked, by name
+        self._digests: dict[LoraAdapter, str] = {}  # those adapters' digests (an adapter hashes as itself)
         self._held: list[LoraAdapter | None] = [None] * max_loras  # the adapter in each slot
         self._users = [0] * max_loras  # requests of that adapter running
         self._used_at = [0] * max_loras  # when each slot was last taken (a counter): the least recent is reloaded
@@ -41,8 +44,17 @@ class LoraSlots:
             return known
         adapter = read_lora_adapter(request.lora_path, request.lora_name, max_rank=self.max_rank)
         check_adapter_fits(adapter, self.shapes)
+        if known is not None:
+            del self._digests[known]
         self.adapters[request.lora_name] = adapter
+        self._digests[adapter] = adapter_digest(adapter)
         return adapter
+
+    def digest(self, adapter: LoraAdapter) -> str:
+        """The digest of an adapter `adapter()` returned, which its requests' prefix blocks are hashed under: the one
+        computed as it was read (computed again for one since replaced under its name)."""
+        known = self._digests.get(adapter)
+        return known if known is not None else adapter_digest(adapter)
 
     def can_acquire(self, adapter: LoraAdapter) -> bool:
         """Whether `acquire` would find `adapter` a slot now."""

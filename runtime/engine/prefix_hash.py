@@ -49,6 +49,29 @@ def prefix_root(cache_salt: str | None) -> int:
     return ROOT_HASH if cache_salt is None else stable_hash(b"cache_salt\x00" + cache_salt.encode())
 
 
+def effective_salt(cache_salt: str | None, lora_name: str | None, lora_digest: str | None) -> str | None:
+    """The salt a request's prefix blocks are hashed under: its `cache_salt`, with its LoRA adapter's part. The engine
+    (request_intake) and the control plane (route, pd_split) both call this, so they name a request's blocks alike.
+
+    An adapter's KV of a prompt is neither the base model's nor another adapter's, so its part names what the KV
+    depends on: `lora_digest`, the digest of its weights and scaling (`lora_digest.adapter_digest`), never its name or
+    path (a file replaced under the same path must not find the old file's KV, and equal weights under two names may
+    share theirs). Without a digest (a `LoRARequest` made without one, which only the control plane sees: the engine
+    always has its adapter's) the part is the name: such prompts still match one another in the router's index,
+    though not the engine's blocks.
+
+    The encoding is injective: a NUL of `cache_salt` is doubled, so a plain salt holds only even runs of NULs and an
+    adapter's part follows one lone NUL: no salt a client sends can name another request's, or an adapter's, blocks."""
+    salt = None if cache_salt is None else _nul_doubled(cache_salt)
+    if lora_digest is not None:
+        adapter = "lora:" + _nul_doubled(lora_digest)
+    elif lora_name is not None:
+        adapter = "lora-name:" + _nul_doubled(lora_name)
+    else:
+        return salt
+    return ("-" if salt is None else "+" + salt) + "\x00" + adapter
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int = 16, cache_salt: str | None = None) -> list[int]:
     """Chained hashes of the full blocks of `token_ids` (a trailing partial block is never cached, so not hashed)."""
     if block_size < 1:
@@ -59,3 +82,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int = 16, cache_salt: str
         parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)
     return hashes
+
+
+def _nul_doubled(text: str) -> str:
+    return text.replace("\x00", "\x00\x00")

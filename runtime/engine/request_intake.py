@@ -17,6 +17,7 @@ from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.engine.penalties import BadWords, bad_word_token_ids
+from sagellm.runtime.engine.prefix_hash import effective_salt
 from sagellm.runtime.engine.prompt import request_token_problem
 from sagellm.runtime.engine.request_state import RequestState
 from sagellm.runtime.engine.sampler import make_generator
@@ -65,7 +66,7 @@ class RequestIntake:
         (vLLM's): {"image": a PIL image or a list of them}, one per image placeholder of the prompt; or {"encoded":
         MediaFeatures with their embeddings}, an `encode` node's, the prompt given already expanded."""
         adapter = self._adapter(lora_request)
-        cache_salt = _salted(cache_salt, adapter)
+        cache_salt = self._salted(cache_salt, adapter)
         if request_id in self._requests:
             raise InvalidInput(f"request id {request_id!r} is already running")
         if isinstance(prompt, str):
@@ -140,6 +141,14 @@ class RequestIntake:
                                "enable_lora)")  # fmt: skip
         return self._lora.adapter(request)
 
+    def _salted(self, cache_salt: str | None, adapter: LoraAdapter | None) -> str | None:
+        """A request's cache salt with its adapter's digest: an adapter's KV of a prompt is not the base model's, nor
+        another adapter's (one loaded anew under the same name or path included), so prefix blocks are shared only
+        among requests of adapters of the same weights."""
+        if adapter is None or self._lora is None:
+            return effective_salt(cache_salt, None, None)
+        return effective_salt(cache_salt, adapter.name, self._lora.digest(adapter))
+
     def _matcher(self, params: SamplingParams, generated: list[int]) -> GuidedMatcher:
         """A guided request's matcher, past the tokens already `generated` for it (by another engine, before a
         resume): its grammar compiled on first use in this process, then cached."""
@@ -150,15 +159,6 @@ class RequestIntake:
             if not matcher.accept(token):
                 raise InvalidInput(f"the tokens generated before the resume do not follow the {params.guided.kind}")
         return matcher
-
-
-def _salted(cache_salt: str | None, adapter: LoraAdapter | None) -> str | None:
-    """A request's cache salt with its adapter's name and directory: an adapter's KV of a prompt is not the base
-    model's, nor another adapter's (one loaded anew under the same name included), so prefix blocks are shared only
-    within one adapter."""
-    if adapter is None:
-        return cache_salt
-    return f"{cache_salt or ''}\x00lora:{adapter.name}:{adapter.path}"
 
 
 def _one_clip(modality: str, value: Any) -> bool:

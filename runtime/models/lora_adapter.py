@@ -8,10 +8,10 @@ that would change what the adapter computes, and that we would otherwise silentl
 PEFT changed it, ...), is refused with the field it came from: serving such an adapter without it would answer
 plausible but wrong tokens, which nobody would notice. `check_adapter_fits` tells an adapter of another base model.
 
-An adapter's weights are read once, by the engine that serves it. A front end that checks an adapter when it is added
-(the gateway's `--lora-modules` and `/v1/load_lora_adapter`) reads it `values=False`: the config and the weights
-file's header, every check above run on the weights' names, shapes and dtypes (tensors on the meta device), and
-none of their values.
+An adapter's weights are read by the engine that serves it, and by a front end that adds it (the gateway's
+`--lora-modules` and `/v1/load_lora_adapter`) for their digest, which names its requests' prefix blocks
+(`lora_digest.py`). `values=False` reads the config and the weights file's header only, every check above run on
+the weights' names, shapes and dtypes (tensors on the meta device), and none of their values.
 
 The path comes from a request (`/v1/load_lora_adapter`), so the server may be asked to read a file that is not an
 adapter's at all, as its own user: a symlink to a private file, say (symlinks are followed: a Hugging Face cache's

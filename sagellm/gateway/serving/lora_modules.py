@@ -6,8 +6,11 @@ adapter's directory on first use; requests of different adapters and of the base
 An adapter is checked when it is added, as the engines would check it, so a client learns at once what is wrong
 with it (a 400 or a 404): a PEFT directory of plain LoRA, its rank within the engines' `max_lora_rank`, made for this
 base (its weights' shapes against the model's config, for a dense decoder; the engines check any other, and an
-adapter of a model on demand not loaded yet, against their weights). The check reads the config and the weights
-file's header, not the weights themselves: the engines read those, once each."""
+adapter of a model on demand not loaded yet, against their weights). The gateway reads the weights too, once as it
+adds an adapter, for their digest (`lora_digest.adapter_digest`): a request carries it (`LoRARequest.lora_digest`) so
+the router hashes the request's prompt blocks as the engines will (by the weights, which the path alone does not
+name). That is one read of the adapter per add (made on the event loop by `/v1/load_lora_adapter`, as the header's
+was: megabytes for a usual rank). Each engine still reads and digests it itself, trusting no request's digest."""
 
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ class LoraModules:
         yet; `taken`: the names the gateway serves already; `parent`: the model on demand it adapts, whose engine
         settings are `engine`, or None for the graph's model). Raises ApiError: 400 for an adapter the engines cannot
         serve, naming why; 404 for a directory that is not there."""
+        from sagellm.runtime.engine.lora_digest import adapter_digest
         from sagellm.runtime.models.lora_adapter import check_adapter_fits, lora_target_shapes, read_lora_adapter
 
         enabled, max_rank = self.enabled, self.max_rank
@@ -89,7 +93,7 @@ class LoraModules:
             raise ApiError(400, f"the LoRA adapter {name!r} has already been loaded (or the name is a model's)",
                            param="lora_name")  # fmt: skip
         try:
-            adapter = read_lora_adapter(path, name, max_rank=max_rank, values=False)
+            adapter = read_lora_adapter(path, name, max_rank=max_rank)
             shapes = lora_target_shapes(served.config) if served is not None and served.config is not None else None
             if shapes is not None:
                 check_adapter_fits(adapter, shapes)
@@ -97,7 +101,7 @@ class LoraModules:
             raise ApiError(404, str(error), param="lora_path", code="not_found") from None
         except InvalidInput as error:  # (a FieldError on max_lora_rank too)
             raise ApiError(400, str(error), param="lora_path") from None
-        ref = self.adapters[name] = LoRARequest(name, next(self._ids), str(adapter.path))
+        ref = self.adapters[name] = LoRARequest(name, next(self._ids), str(adapter.path), adapter_digest(adapter))
         self.parents[name] = parent
         return ref
 
