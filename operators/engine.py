@@ -308,6 +308,7 @@ class EngineOperator(StepOperator):
             delta.finish_reason, delta.stop_reason = completion.finish_reason, completion.stop_reason
             if not tracked.prefilled_elsewhere:
                 tracked.metrics.num_cached_tokens = out.metrics.num_cached_tokens
+                tracked.metrics.cached_tokens_by_tier = out.metrics.cached_tokens_by_tier
             tracked.metrics.num_preemptions = out.metrics.num_preemptions
             delta.metrics = tracked.finish(now)
         return [delta]
@@ -325,6 +326,11 @@ class EngineOperator(StepOperator):
         self.stats.spec_decode_num_draft_tokens = engine.spec_decode_num_draft_tokens
         self.stats.spec_decode_num_accepted_tokens = engine.spec_decode_num_accepted_tokens
         self.stats.threads = engine.num_threads
+        if engine.kv_offload is not None:
+            tiers = engine.kv_offload
+            self.stats.kv_offload_ram_bytes, self.stats.kv_offload_disk_bytes = tiers.ram_bytes, tiers.disk_bytes
+            self.stats.kv_offload_stored_blocks = tiers.stored_blocks
+            self.stats.kv_offload_loaded_blocks = tiers.loaded_blocks
         self.stats.queued_prefill_tokens = engine.pending_prefill_tokens
         self.stats.queued_decode_tokens = engine.pending_decode_tokens
         self._waiting_long = engine.num_waiting_long  # read by `capacity()` on the event loop, between refreshes

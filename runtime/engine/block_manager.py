@@ -11,9 +11,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from sagellm.runtime.engine.kv_tiers.block_file import BlockMeta
 from sagellm.runtime.engine.prefix_hash import hash_block, media_keys, prefix_root
 from sagellm.runtime.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from sagellm.runtime.engine.kv_events.engine_events import EngineKvEvents
 
 
 @dataclass
@@ -21,6 +26,7 @@ class Block:
     id: int
     ref_count: int = 0
     hash: int | None = None  # set once the block is full and registered in the prefix cache
+    meta: BlockMeta | None = None  # what `hash` was computed from, kept where evicted blocks go to a tier
 
 
 class BlockManager:
@@ -49,6 +55,12 @@ class BlockManager:
             self.blocks[0].ref_count = 1
             self.null_block = 0
         self._cached: dict[int, int] = {}  # block hash -> block id
+        # Where a cached block goes as it is evicted (the tiers under the prefix cache, kv_tiers/): called before its
+        # memory is reused, so it may still read it.
+        self.on_evict: Callable[[Block], None] | None = None
+        # The engine's KV events (kv_events/): blocks registered and evicted here, as vLLM's group `group_idx`.
+        self.events: EngineKvEvents | None = None
+        self.group_idx = 0
         self._seq_hashes: dict[str, list[int]] = {}  # request id -> hashes of its registered full blocks
         self.prefix_queries = 0  # prompt blocks looked up
         self.prefix_hits = 0  # ... and found
@@ -119,19 +131,65 @@ class BlockManager:
         stay findable until reused."""
         if self.enable_prefix_caching:
             hashes = self._seq_hashes.setdefault(seq.request_id, [])
+            registered: list[Block] = []
             for i in range(len(hashes), seq.num_computed_tokens // self.block_size):
-                h = self._hash(hashes[-1] if hashes else prefix_root(seq.cache_salt), seq, i)
+                parent = hashes[-1] if hashes else prefix_root(seq.cache_salt)
+                h = self._hash(parent, seq, i)
                 hashes.append(h)
                 block = self.blocks[getattr(seq, self.table)[i]]
                 if block.id != self.null_block and block.hash is None and h not in self._cached:
                     block.hash = h
                     self._cached[h] = block.id
+                    if self.on_evict is not None or self.events is not None:
+                        block.meta = self._meta(parent, seq, i)
+                        registered.append(block)
+            if self.events is not None and registered:
+                self.events.cached(self.group_idx, registered)
         if self.window:
             self._release_passed(seq, self.passed_blocks(seq.num_computed_tokens))
 
     def _hash(self, parent: int, seq: Sequence, index: int) -> int:
         start, end = index * self.block_size, (index + 1) * self.block_size
         return hash_block(parent, seq.token_ids[start:end], media_keys(seq.mm_features, start, end))
+
+    def _meta(self, parent: int, seq: Sequence, index: int) -> BlockMeta:
+        start, end = index * self.block_size, (index + 1) * self.block_size
+        return BlockMeta(parent, tuple(seq.token_ids[start:end]), media_keys(seq.mm_features, start, end))
+
+    def block_meta(self, seq: Sequence, index: int) -> BlockMeta:
+        """What the hash of `seq`'s block `index` is computed from (its parent's hash, its tokens, its media keys)."""
+        parent = self.prefix_hash(seq, index) if index else prefix_root(seq.cache_salt)
+        return self._meta(parent, seq, index)
+
+    # -- the tiers under the prefix cache (kv_tiers/) -----------------------------------------------------------
+    def adopt(self, block_hash: int, meta: BlockMeta) -> int:
+        """A free block taken (the least recently used) to hold the block of `block_hash` loaded from a tier: it is
+        registered in the prefix cache, free and most recently used, so the lookup that follows finds it. The caller
+        writes its KV before any step runs."""
+        block_id = self._take_free_block()
+        block = self.blocks[block_id]
+        block.hash, block.meta, block.ref_count = block_hash, meta, 0
+        self._cached[block_hash] = block_id
+        self._free[block_id] = None
+        if self.events is not None:
+            self.events.cached(self.group_idx, [block])
+        return block_id
+
+    def forget(self, block_id: int) -> None:
+        """Unregisters an adopted block whose load failed: reused first, found by nobody."""
+        block = self.blocks[block_id]
+        if block.hash is not None and self._cached.get(block.hash) == block_id:
+            del self._cached[block.hash]
+            if self.events is not None:
+                self.events.evicted(self.group_idx, [block.hash])
+        block.hash = block.meta = None
+        self._free.move_to_end(block_id, last=False)
+
+    def touch(self, block_ids: list[int]) -> None:
+        """Makes these free blocks the most recently used, so adopting others next does not evict them."""
+        for block_id in block_ids:
+            if block_id in self._free:
+                self._free.move_to_end(block_id)
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def allocate(
@@ -181,7 +239,11 @@ class BlockManager:
         if block.hash is not None:  # evict it from the prefix cache
             if self._cached.get(block.hash) == block_id:
                 del self._cached[block.hash]
-            block.hash = None
+                if self.on_evict is not None and block.meta is not None:
+                    self.on_evict(block)
+                if self.events is not None:
+                    self.events.evicted(self.group_idx, [block.hash])
+            block.hash = block.meta = None
         block.ref_count = 1
         return block_id
 
@@ -214,5 +276,8 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
             if block.ref_count == 0:
-                block.hash = None
+                block.hash = block.meta = None
+        dropped = [h for h, b in self._cached.items() if self.blocks[b].hash != h]
         self._cached = {h: b for h, b in self._cached.items() if self.blocks[b].hash == h}
+        if self.events is not None and dropped:
+            self.events.evicted(self.group_idx, dropped)

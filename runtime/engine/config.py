@@ -11,6 +11,7 @@ from typing import Any, get_type_hints
 
 from sagellm.common.errors import FieldError
 from sagellm.common.hints import conforms, describe
+from sagellm.runtime.engine.kv_events.config import parse_kv_events_config
 from sagellm.runtime.engine.speculative.config import parse_speculative_config
 
 
@@ -58,6 +59,24 @@ class EngineConfig:
     )
     num_kv_blocks: int | None = _help("KV cache blocks, overriding kv_cache_memory_gb", None)
     enable_prefix_caching: bool = _help("share the KV of equal prompt prefixes between requests", True)
+    kv_offload_ram_gb: float = _help(
+        "RAM under the prefix cache, GiB: blocks evicted from the KV cache are kept there (least recently used out) "
+        "and loaded back for a prompt that starts with them (0: none)",
+        0.0,
+    )
+    kv_offload_dir: str | None = _help(
+        "a directory for the disk tier under the RAM one: blocks are kept there across restarts, shared by every "
+        "instance on the host that names it",
+        None,
+    )
+    kv_offload_disk_gb: float | None = _help(
+        "the disk tier's size, GiB (default: 32, or half the free space of its file system where that is less)", None
+    )
+    kv_events_config: dict[str, Any] | None = _help(
+        "KV cache events, vLLM's JSON: {\"enable_kv_cache_events\": true, \"endpoint\": \"tcp://*:5557\", "
+        "\"replay_endpoint\": \"tcp://*:5558\"}: every block the engine caches or drops, in its pages, RAM or disk",
+        None,
+    )
     # vLLM's --scheduling-policy. fcfs: waiting requests start in arrival order, and when the KV cache runs out the
     # most recently admitted is preempted. priority: a request's `priority` (lower first, the pipeline's convention)
     # orders the waiting queue, the lowest running request is preempted first, and a waiting request preempts running
@@ -163,10 +182,20 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise FieldError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         parse_speculative_config(self.speculative_config)  # a bad one is an error now, not at the first request
+        parse_kv_events_config(self.kv_events_config)
         for kind, most in (self.limit_mm_per_prompt or {}).items():
             if kind not in MEDIA_KINDS or not isinstance(most, int) or isinstance(most, bool) or most < 0:
                 raise FieldError("limit_mm_per_prompt", f"limit_mm_per_prompt takes {{kind: count >= 0}} for kinds "
                                  f"{', '.join(MEDIA_KINDS)}; got {kind!r}: {most!r}")  # fmt: skip
+        if not self.kv_offload_ram_gb >= 0:
+            raise FieldError("kv_offload_ram_gb", f"kv_offload_ram_gb must be >= 0, got {self.kv_offload_ram_gb}")
+        if self.kv_offload_disk_gb is not None and not self.kv_offload_disk_gb > 0:
+            raise FieldError("kv_offload_disk_gb", f"kv_offload_disk_gb must be > 0, got {self.kv_offload_disk_gb}")
+        if self.kv_offload_dir is not None and not self.kv_offload_dir.strip():
+            raise FieldError("kv_offload_dir", "kv_offload_dir must name a directory")
+        if self.kv_tiers and not self.enable_prefix_caching:
+            raise FieldError("enable_prefix_caching", "the KV offload tiers keep the prefix cache's blocks: they need "
+                             "enable_prefix_caching")  # fmt: skip
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise FieldError("kv_cache_memory_gb", f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
@@ -175,6 +204,11 @@ class EngineConfig:
         """The engine's processes: a rank for each tensor parallel slice of each pipeline stage (an unset size is
         1 here; `start_engine` sets it from the planner first)."""
         return (self.tensor_parallel_size or 1) * (self.pipeline_parallel_size or 1)
+
+    @property
+    def kv_tiers(self) -> bool:
+        """Whether blocks leaving the KV cache go to a RAM or disk tier (kv_tiers/)."""
+        return self.kv_offload_ram_gb > 0 or self.kv_offload_dir is not None
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -25,6 +25,8 @@ from sagellm.runtime.engine.cache_geometry import CacheGeometry
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.kv_budget import kv_cache_blocks, window_group_blocks
 from sagellm.runtime.engine.kv_cache import uniform_window, window_group
+from sagellm.runtime.engine.kv_events.engine_events import EngineKvEvents, engine_kv_events
+from sagellm.runtime.engine.kv_tiers.setup import prefix_tiers
 from sagellm.runtime.engine.long_prefills import long_prefill_shares
 from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.lora_weights import LoraWeights, adapted_shapes
@@ -65,6 +67,7 @@ class EngineParts:
     speculator: Speculator | None  # with a speculative config
     head_kv: MtpProposer | None  # an MTP head, whose own KV a prefill's hand-over carries after the model's
     media: EngineMedia | None  # a model that sees images: its prompts' preprocessing and its encoder
+    kv_events: EngineKvEvents | None  # with kv_events_config: every block cached or dropped, vLLM's events
 
 
 @dataclass
@@ -126,8 +129,11 @@ def build_engine(
         memory=memory_report([runner]).line(),  # this process's: weights, KV cache, the rest
     )
     head_kv = speculator.proposer if speculator is not None and mtp else None
+    if config.kv_tiers:
+        scheduler.tiers = prefix_tiers(config, model, backend, scheduler, runner, head_kv.runner if head_kv else None)
+    events = engine_kv_events(config, scheduler)
     return EngineParts(model, sampling_defaults, backend, cache.geometry.max_model_len, scheduler, runner, lora,
-                       speculator, head_kv, media)  # fmt: skip
+                       speculator, head_kv, media, events)  # fmt: skip
 
 
 def _refuse_before_loading(

@@ -44,6 +44,7 @@ from sagellm.runtime.engine.speculative.verify import SpecDecodeStats, sampled_r
 from sagellm.runtime.models.loaded import LoadedModel
 
 log = structlog.get_logger("sagellm.engine")
+FLUSH_TIMEOUT_S = 30.0  # the longest a sleep, unload or exit waits for the tiers' disk writes
 
 
 @dataclass
@@ -71,6 +72,7 @@ class LLMEngine:
         self.tokenizer, self.sampling_defaults = parts.model.tokenizer, parts.sampling_defaults
         self.max_model_len, self.scheduler = parts.max_model_len, parts.scheduler
         self.lora, self.speculator = parts.lora, parts.speculator
+        self.kv_events = parts.kv_events
         self.eos_token_ids = set(self.model.config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self.last_step_prompt_tokens = 0
@@ -211,10 +213,17 @@ class LLMEngine:
             spec_decode_num_draft_tokens=spec.num_draft_tokens,
             spec_decode_num_accepted_tokens=spec.num_accepted_tokens,
             num_threads=torch.get_num_threads(),
+            kv_offload=self.scheduler.tiers.stats() if self.scheduler.tiers is not None else None,
         )
 
     def close(self) -> None:
-        """Stops what the engine started besides itself (a tensor parallel group's ranks, the mask thread)."""
+        """Stops what the engine started besides itself (a tensor parallel group's ranks, the mask thread); the tiers
+        under the prefix cache keep its cached blocks on disk first, for the next start."""
+        if self.scheduler.tiers is not None:
+            self.scheduler.tiers.close(FLUSH_TIMEOUT_S)
+            self.scheduler.tiers = None
+        if self.kv_events is not None:
+            self.kv_events.close()
         self.runner.close()
         if self.speculator is not None:
             self.speculator.close()
@@ -226,9 +235,15 @@ class LLMEngine:
         only a whole new engine frees it: a parallel group, a speculator with caches of its own, another device."""
         if self.has_unfinished_requests():
             raise InvalidInput("the engine's KV cache is freed only while it holds no request")
-        if self.config.world_size > 1 or self.speculator is not None or not self.runner.release_kv_cache():
+        if self.config.world_size > 1 or self.speculator is not None:
+            return False
+        if self.scheduler.tiers is not None:  # its blocks go down to the tiers first: found again after waking
+            self.scheduler.tiers.flush(FLUSH_TIMEOUT_S)
+        if not self.runner.release_kv_cache():
             return False
         self.scheduler.block_manager.reset_prefix_cache()
+        if self.kv_events is not None:
+            self.kv_events.flush()
         return_freed_memory()
         return True
 
@@ -240,6 +255,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> masks -> execute -> sample -> update: a token more for each sequence the step samples (or the
         proposals its draws confirm, and the draw after them)."""
+        try:
+            return self._step()
+        finally:
+            if self.kv_events is not None:
+                self.kv_events.flush()  # the blocks this step cached, evicted, stored and loaded: one batch
+
+    def _step(self) -> list[RequestOutput]:
         batch, timer = self._schedule()
         if not batch:
             return []

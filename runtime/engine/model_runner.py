@@ -352,6 +352,18 @@ class ModelRunner:
             self._window_prefault.written(int(window_slots.max()) // self.block_size)
         write_tokens(self.kv_caches, self._layer_slots(slots, window_slots), kv)
 
+    def kv_written(self, block: int, sliding: bool = False) -> None:
+        """Block `block` (of the sliding-window layers' own group, `sliding`) is being written from outside a step
+        (a tier's copy): its pages are mapped ahead as a step's writes would map them."""
+        prefault = self._window_prefault if sliding else self._prefault
+        if prefault is not None:
+            prefault.written(block)
+
+    @property
+    def windowed_caches(self) -> list[bool]:
+        """For each of `kv_caches`, whether it is a sliding-window layer's with blocks of its own (window_blocks.py)."""
+        return self._windowed
+
     def _layer_slots(self, slots: torch.Tensor, window_slots: torch.Tensor | None) -> torch.Tensor | list[torch.Tensor]:
         if not self.window_blocks:
             return slots

@@ -130,6 +130,7 @@ def _output(state: RequestState, delta: str, new_ids: list[int], stop_reason, no
     seq, m = state.seq, state.metrics
     m.first_scheduled_time, m.first_token_time = seq.first_scheduled_time, seq.first_token_time
     m.num_output_tokens, m.num_cached_tokens = seq.num_output_tokens, seq.num_cached_tokens
+    m.cached_tokens_by_tier = seq.cached_by_tier
     m.num_preemptions = seq.num_preemptions
     if seq.is_finished:
         m.finished_time = now

@@ -41,6 +41,9 @@ class RequestMetrics(msgspec.Struct, array_like=True, omit_defaults=True, kw_onl
     slo_met: bool | None = None  # None: the request set no SLO
     # PD: the prefill worker's first token to the decode worker's (KV gathered, sent, copied into decode's cache)
     kv_handover_s: float | None = None
+    # Of `num_cached_tokens`, those found where: "pages" (the KV cache), "ram", "disk" (the tiers under it, kv_tiers/);
+    # None without tiers. (Last: the struct travels as an array.)
+    cached_tokens_by_tier: dict[str, int] | None = None
 
     @property
     def queue_s(self) -> float | None:
@@ -93,6 +96,17 @@ class EngineStats:
     spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
     spec_decode_num_accepted_tokens: int = 0  # ... and accepted
     num_threads: int = 0  # the threads its steps compute with now (fewer while other programs use its cores)
+    kv_offload: KvOffloadStats | None = None  # the tiers under its prefix cache, where it has them
+
+
+@dataclass
+class KvOffloadStats:
+    """What the tiers under an engine's prefix cache hold and have done (kv_tiers/)."""
+
+    ram_bytes: int = 0
+    disk_bytes: int = 0  # this instance's estimate of the shared directory's bytes
+    stored_blocks: int = 0  # blocks (and recurrent checkpoints) put in the tiers, since start
+    loaded_blocks: int = 0  # ... and loaded back into the KV cache
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 from sagellm.runtime.engine.state_slots import StateSlots
 from sagellm.runtime.engine.window_blocks import WindowedBlocks
+
+if TYPE_CHECKING:
+    from sagellm.runtime.engine.kv_tiers.prefix_tiers import PrefixTiers
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class Scheduler:
         # A recurrent model's sequence whose proposals were rejected -> the slot its next chunk starts from
         self._rollbacks: dict[Sequence, int] = {}
         self._long_holds = 0  # steps in a row that held long prompts' chunks back for short ones
+        self.tiers: PrefixTiers | None = None  # the tiers under the prefix cache (set by the engine's builder)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.add(seq)
@@ -263,7 +268,9 @@ class Scheduler:
             boundary = min(start + n, seq.num_tokens - 1) // bs * bs
             if not self.block_manager.enable_prefix_caching or _decodes(seq, n, True) or boundary <= start:
                 continue
-            slot = self.state_slots.plan_checkpoint(self.block_manager.prefix_hash(seq, boundary // bs))
+            index = boundary // bs
+            meta = self.block_manager.block_meta(seq, index - 1) if self.tiers is not None else None
+            slot = self.state_slots.plan_checkpoint(self.block_manager.prefix_hash(seq, index), meta)
             if slot is not None:
                 plans[seq] = (boundary - start, slot)
         return plans
@@ -296,6 +303,8 @@ class Scheduler:
             place += 1
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = computed
+                if self.tiers is not None and computed == len(cached) * self.block_manager.block_size:  # not imported
+                    seq.cached_by_tier = self.tiers.cached_by_tier(seq, cached)
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
             for gate in self.gates:
@@ -321,6 +330,8 @@ class Scheduler:
             return [], seq.num_computed_tokens
         if seq.scores_prompt:  # a cached prefix's logits are gone: its prompt logprobs need them computed
             return [], 0
+        if self.tiers is not None:
+            self.tiers.revive(seq)
         resumable = self._has_checkpoint if self.state_slots is not None else None
         cached = self.block_manager.find_cached_prefix(seq, resumable)
         return cached, len(cached) * self.block_manager.block_size

@@ -58,6 +58,10 @@ class Sequence:
     # and kept only as far as the target model agrees; never in `token_ids`, so prefix hashes see accepted tokens only.
     spec_token_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None  # its prefix blocks are shared only with prompts of the same salt (vLLM's)
+    # The blocks the tiers under the prefix cache loaded for it (block id -> "ram" or "disk"), and once admitted, its
+    # cached tokens by where they were: "pages", "ram", "disk" (None without tiers).
+    cached_by_tier_blocks: dict[int, str] = field(default_factory=dict)
+    cached_by_tier: dict[str, int] | None = None
     state_slot: int = -1  # a model with recurrent layers: the slot of its states while it runs (state_slots.py)
     lora_adapter: LoraAdapter | None = None  # the LoRA adapter it is generated with
     lora_slot: int = -1  # the slot of that adapter's weights while it runs (lora_slots.py); -1: none

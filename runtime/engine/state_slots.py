@@ -14,7 +14,9 @@ all are taken, never one a scheduled step reads."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
+from sagellm.runtime.engine.kv_tiers.block_file import BlockMeta
 from sagellm.runtime.engine.sequence import Sequence
 
 
@@ -28,6 +30,10 @@ class StateSlots:
         self._checkpoints: OrderedDict[int, int] = OrderedDict()  # prefix hash -> slot, least recently used first
         self._planned: dict[int, int] = {}  # written by the step being scheduled: usable once it completes
         self._read: set[int] = set()  # checkpoint slots the step being scheduled restores from
+        # Where a checkpoint goes as its slot is replaced (the tiers under the prefix cache, kv_tiers/), called with
+        # (prefix hash, slot, the meta of the prefix's last block) before the slot is written again.
+        self.on_evict: Callable[[int, int, BlockMeta], None] | None = None
+        self._meta: dict[int, BlockMeta] = {}  # prefix hash -> its last block's meta, of checkpoints given one
 
     # -- seats ----------------------------------------------------------------------------------------------------
     def can_seat(self) -> bool:
@@ -58,19 +64,44 @@ class StateSlots:
         self._read.add(slot)
         return slot
 
-    def plan_checkpoint(self, prefix_hash: int) -> int | None:
+    def plan_checkpoint(self, prefix_hash: int, meta: BlockMeta | None = None) -> int | None:
         """A slot for the step being scheduled to write the states after the prefix `prefix_hash` into; None when
-        that checkpoint exists or is planned already, or no slot is free or replaceable."""
+        that checkpoint exists or is planned already, or no slot is free or replaceable. `meta`: the prefix's last
+        block's (kept for `on_evict`)."""
         if prefix_hash in self._checkpoints or prefix_hash in self._planned:
             return None
-        if self._free_checkpoints:
-            slot = self._free_checkpoints.pop()
-        else:
-            oldest = next((h for h, s in self._checkpoints.items() if s not in self._read), None)
-            if oldest is None:
-                return None
-            slot = self._checkpoints.pop(oldest)
+        slot = self._take_checkpoint_slot()
+        if slot is None:
+            return None
         self._planned[prefix_hash] = slot
+        if meta is not None:
+            self._meta[prefix_hash] = meta
+        return slot
+
+    def adopt(self, prefix_hash: int, meta: BlockMeta) -> int | None:
+        """A slot for the checkpoint after `prefix_hash` loaded from a tier, usable at once (the caller writes it
+        before any step runs); None when no slot is free or replaceable."""
+        slot = self._take_checkpoint_slot()
+        if slot is not None:
+            self._checkpoints[prefix_hash] = slot
+            self._meta[prefix_hash] = meta
+        return slot
+
+    def checkpoints(self) -> list[tuple[int, int, BlockMeta]]:
+        """(prefix hash, slot, meta) of every usable checkpoint that has a meta: what a flush to the tiers stores."""
+        return [(h, s, self._meta[h]) for h, s in self._checkpoints.items() if h in self._meta]
+
+    def _take_checkpoint_slot(self) -> int | None:
+        """A free checkpoint slot, or the least recently used one no scheduled step reads (its checkpoint evicted)."""
+        if self._free_checkpoints:
+            return self._free_checkpoints.pop()
+        oldest = next((h for h, s in self._checkpoints.items() if s not in self._read), None)
+        if oldest is None:
+            return None
+        slot = self._checkpoints.pop(oldest)
+        meta = self._meta.pop(oldest, None)
+        if self.on_evict is not None and meta is not None:
+            self.on_evict(oldest, slot, meta)
         return slot
 
     def step_done(self, ran: bool = True) -> None:
@@ -79,5 +110,7 @@ class StateSlots:
             self._checkpoints.update(self._planned)
         else:
             self._free_checkpoints.extend(self._planned.values())
+            for prefix_hash in self._planned:
+                self._meta.pop(prefix_hash, None)
         self._planned.clear()
         self._read.clear()

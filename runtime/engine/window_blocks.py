@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sagellm.runtime.engine.block_manager import Block, BlockManager
+from sagellm.runtime.engine.kv_tiers.block_file import BlockMeta
 from sagellm.runtime.engine.sequence import Sequence
 
 
@@ -56,6 +57,9 @@ class WindowedBlocks:
 
     def prefix_hash(self, seq: Sequence, num_blocks: int) -> int:
         return self.full.prefix_hash(seq, num_blocks)
+
+    def block_meta(self, seq: Sequence, index: int) -> BlockMeta:
+        return self.full.block_meta(seq, index)
 
     def allocate(
         self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = (), first_query: int | None = None

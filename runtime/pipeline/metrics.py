@@ -124,6 +124,12 @@ class PipelineMetrics:
         self.cache_hit_rate = Gauge(
             "sagellm:prefix_cache_hit_rate", "Cached prompt tokens / prompt tokens, since start.", registry=r
         )
+        self.cached_by_tier = Counter(
+            "sagellm:prefix_cache_hit_tokens_total",
+            "Cached prompt tokens of finished requests by where they were: the KV cache (pages) or a tier under it.",
+            ["tier"],
+            registry=r,
+        )
 
     def record(
         self,
@@ -155,6 +161,8 @@ class PipelineMetrics:
                 self.slo_violations.inc()
         if cache_hit_rate is not None:
             self.cache_hit_rate.set(cache_hit_rate)
+        for tier, tokens in (m.cached_tokens_by_tier or {}).items():
+            self.cached_by_tier.labels(tier=tier).inc(tokens)
 
 
 def _latencies(m: RequestMetrics) -> tuple[float | None, ...]:

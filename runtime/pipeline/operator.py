@@ -72,6 +72,10 @@ class InstanceStats:
     kv_cache_usage: float = 0.0  # fraction of KV cache blocks in use
     prefix_cache_queries: int = 0  # prompt blocks looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # ... and found there
+    kv_offload_ram_bytes: int = 0  # the tiers under its prefix cache (kv_tiers/): bytes in RAM ...
+    kv_offload_disk_bytes: int = 0  # ... and on disk
+    kv_offload_stored_blocks: int = 0  # blocks put in the tiers, since start ...
+    kv_offload_loaded_blocks: int = 0  # ... and loaded back
     spec_decode_num_drafts: int = 0  # speculative decoding since start: verifications of proposed tokens
     spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
     spec_decode_num_accepted_tokens: int = 0  # ... and accepted

@@ -39,6 +39,8 @@ ENGINE_GAUGES = {  # field: (its name, help)
     "waiting": ("num_requests_waiting", "Requests waiting in the engine."),
     "kv_cache_usage": ("kv_cache_usage_perc", "KV cache blocks in use (0-1)."),
     "threads": ("engine_threads", "Threads the engine computes with now: fewer while others use its cores."),
+    "kv_offload_ram_bytes": ("kv_offload_ram_bytes", "KV blocks in the RAM tier under the prefix cache, bytes."),
+    "kv_offload_disk_bytes": ("kv_offload_disk_bytes", "KV blocks in the disk tier under the prefix cache, bytes."),
 }
 ENGINE_COUNTERS = {  # field, also its name: help
     "prefix_cache_queries": "Prompt blocks looked up in the prefix cache.",
@@ -46,6 +48,8 @@ ENGINE_COUNTERS = {  # field, also its name: help
     "spec_decode_num_drafts": "Speculative decoding: proposals verified.",
     "spec_decode_num_draft_tokens": "Speculative decoding: tokens proposed.",
     "spec_decode_num_accepted_tokens": "Speculative decoding: proposed tokens accepted.",
+    "kv_offload_stored_blocks": "KV blocks (and recurrent checkpoints) put in the tiers under the prefix cache.",
+    "kv_offload_loaded_blocks": "KV blocks (and recurrent checkpoints) loaded back from those tiers.",
 }
 
 

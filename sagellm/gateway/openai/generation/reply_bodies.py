@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +26,18 @@ def usage(choices: list[Choice], per_prompt: int = 1) -> dict[str, Any]:
     # Another model's server streams text only: its own count of the tokens is in the metrics.
     completion = sum(len(c.token_ids) or (c.metrics.num_output_tokens if c.metrics else 0) for c in choices)
     cached = sum(c.metrics.num_cached_tokens for c in firsts if c.metrics)
+    details: dict[str, Any] = {"cached_tokens": cached}
+    tiers = [c.metrics.cached_tokens_by_tier for c in firsts if c.metrics and c.metrics.cached_tokens_by_tier]
+    if tiers:  # our extension, where the engine has tiers under its prefix cache: where the cached tokens were
+        by_tier: Counter[str] = Counter()
+        for tier in tiers:
+            by_tier.update(tier)
+        details["cached_tokens_by_tier"] = dict(by_tier)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens_details": details,
     }
 
 

@@ -1,0 +1,112 @@
+"""One engine's KV events: every change to the set of blocks it holds, in its pages ("GPU", as vLLM names an
+engine's own cache whatever the device), its RAM tier ("CPU") and its disk tier ("DISK"), as vLLM's events.
+
+The block managers and the tiers call this on the engine thread as blocks are cached, evicted, stored and dropped;
+the disk tier's writer thread reports what it published through a queue, applied at the next `flush`. The engine
+flushes once a step: one batch per step that changed anything, numbered in order, to the publisher (or kept for a
+consumer in this process)."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from sagellm.runtime.engine.kv_events.config import KvEventsConfig, parse_kv_events_config
+from sagellm.runtime.engine.kv_events.publisher import ZmqKvEventPublisher
+from sagellm.runtime.engine.kv_events.recorder import KvEventRecorder
+from sagellm.runtime.engine.kv_events.wire import CPU, DISK, GPU, KVEventBatch
+from sagellm.runtime.engine.kv_tiers.block_file import BlockKey, BlockMeta
+
+if TYPE_CHECKING:
+    from sagellm.runtime.engine.block_manager import Block
+    from sagellm.runtime.engine.config import EngineConfig
+    from sagellm.runtime.engine.scheduler import Scheduler
+
+GROUPS = {"f": 0, "s": 1}  # a payload group's vLLM group_idx (recurrent checkpoints, "r", are not blocks: no events)
+
+
+class _Batches(list):
+    """Where batches go when no publisher runs (`publisher: "null"`): the last few, for a consumer in this process."""
+
+    def append(self, item: tuple[int, KVEventBatch], /) -> None:
+        super().append(item)
+        del self[:-1000]
+
+
+class EngineKvEvents:
+    def __init__(self, config: KvEventsConfig, block_size: int, rank: int | None = None) -> None:
+        self.block_size = block_size
+        self.batches: _Batches | None = None if config.publishes else _Batches()
+        self.publisher = (
+            ZmqKvEventPublisher(config, lambda: self.recorder.snapshot(), rank) if config.publishes else None
+        )
+        self.recorder = KvEventRecorder(self.publisher if self.publisher is not None else self.batches)
+        self._from_threads: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    # -- the pages ------------------------------------------------------------------------------------------------
+    def cached(self, group_idx: int, blocks: Iterable[Block]) -> None:
+        """Blocks the prefix cache registered in the pages of `group_idx`."""
+        for block in blocks:
+            self._stored(block.hash, block.meta, GPU, group_idx)
+
+    def evicted(self, group_idx: int, hashes: list[int]) -> None:
+        self.recorder.removed(hashes, GPU, group_idx)
+
+    def cleared(self) -> None:
+        """The pages are all gone (a sleep, a reset): what RAM and disk still hold is announced again after it."""
+        self.recorder.cleared()
+
+    # -- the tiers ------------------------------------------------------------------------------------------------
+    def tier_stored(self, key: BlockKey, meta: BlockMeta, medium: str) -> None:
+        if key.group in GROUPS:
+            self._stored(key.block_hash, meta, medium, GROUPS[key.group])
+
+    def tier_removed(self, key: BlockKey, medium: str) -> None:
+        if key.group in GROUPS:
+            self.recorder.removed([key.block_hash], medium, GROUPS[key.group])
+
+    def disk_written(self, key: BlockKey, meta: BlockMeta) -> None:
+        """From the disk tier's writer thread: applied on the engine thread at the next flush."""
+        self._from_threads.put(lambda: self.tier_stored(key, meta, DISK))
+
+    def disk_removed(self, key: BlockKey) -> None:
+        """From the disk tier's janitor (its writer thread), likewise."""
+        self._from_threads.put(lambda: self.tier_removed(key, DISK))
+
+    # -- batches --------------------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Once a step: what changed since the last flush goes out as one batch."""
+        while True:
+            try:
+                self._from_threads.get_nowait()()
+            except queue.Empty:
+                break
+        self.recorder.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.publisher is not None:
+            self.publisher.close()
+
+    def _stored(self, block_hash: int, meta: BlockMeta, medium: str, group_idx: int) -> None:
+        extra = [(meta.extra.hex(),)] if meta.extra else None
+        self.recorder.stored([block_hash], meta.parent or None, list(meta.tokens), self.block_size, medium,
+                             group_idx, extra_keys=extra)  # fmt: skip
+
+
+def engine_kv_events(config: EngineConfig, scheduler: Scheduler) -> EngineKvEvents | None:
+    """The events `config.kv_events_config` asks for, told by `scheduler`'s block managers and tiers; None: off."""
+    settings = parse_kv_events_config(config.kv_events_config)
+    if not settings.enable_kv_cache_events:
+        return None
+    events = EngineKvEvents(settings, config.block_size)
+    blocks = scheduler.block_manager
+    for group_idx, manager in enumerate((blocks.full, blocks.sliding) if hasattr(blocks, "sliding") else (blocks,)):
+        manager.events, manager.group_idx = events, group_idx
+    if scheduler.tiers is not None:
+        scheduler.tiers.store.announce(events)
+    return events
+
+
+__all__ = ["CPU", "DISK", "GPU", "EngineKvEvents", "engine_kv_events"]

@@ -1,0 +1,201 @@
+"""The prefix cache's tiers joined to the engine: blocks go down as the KV cache evicts them, and come back up into
+free blocks of the cache ahead of a prompt that starts with them.
+
+Going down: the block manager calls `_store_block` as it reuses a cached block's memory (before anything writes
+it), so the tiers hold what the pages lost, each block once: a block the RAM tier still holds costs no copy. A model
+with recurrent layers stores a checkpoint of their states as its slot is replaced (`_store_states`).
+
+Coming up: before the scheduler looks a waiting prompt's prefix up, `revive` walks its chained hashes past what the
+pages hold, finds the deepest prefix the tiers can complete (every block, the window's blocks of a sliding-window
+group, the recurrent states after its last block), and loads the missing pieces into free blocks (and a checkpoint
+slot) registered under their hashes. The lookup that follows then finds an ordinary cached prefix, so every path a
+page hit takes (chunked prefill, windows, checkpoints, speculation, PD, resume) takes it unchanged. A block that
+fails its checks cuts the prefix there: the rest is computed, never served wrong. Loads run at schedule time,
+before the step that reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from sagellm.runtime.engine.block_manager import Block, BlockManager
+from sagellm.runtime.engine.kv_tiers.block_file import BlockKey, BlockMeta
+from sagellm.runtime.engine.kv_tiers.block_payloads import FULL, SLIDING, STATES, BlockPayloads
+from sagellm.runtime.engine.kv_tiers.tier_store import TierStore
+from sagellm.runtime.engine.outputs import KvOffloadStats
+from sagellm.runtime.engine.prefix_hash import hash_block, media_keys, prefix_root
+from sagellm.runtime.engine.sequence import Sequence
+from sagellm.runtime.engine.state_slots import StateSlots
+from sagellm.runtime.engine.window_blocks import WindowedBlocks
+
+log = structlog.get_logger("sagellm.kv_tiers")
+
+
+@dataclass
+class _Link:
+    """One block of a prompt's chain: its hash, what the hash is of, and where the full group's block is."""
+
+    hash: int
+    meta: BlockMeta
+    page: int | None  # the full group's cached block holding it, None: a tier holds it
+
+
+class PrefixTiers:
+    def __init__(
+        self, blocks: BlockManager | WindowedBlocks, slots: StateSlots | None, store: TierStore, payloads: BlockPayloads
+    ) -> None:
+        self.store, self.payloads, self.slots = store, payloads, slots
+        windowed = isinstance(blocks, WindowedBlocks)
+        self.full: BlockManager = blocks.full if windowed else blocks
+        self.sliding: BlockManager | None = blocks.sliding if windowed else None
+        self.full.on_evict = lambda block: self._store_block(FULL, block)
+        if self.sliding is not None:
+            self.sliding.on_evict = lambda block: self._store_block(SLIDING, block)
+        if slots is not None:
+            slots.on_evict = self._store_states
+
+    # -- going down -----------------------------------------------------------------------------------------------
+    def _store_block(self, group: str, block: Block) -> None:
+        key = BlockKey(group, block.hash)
+        if not self.store.holds(key):
+            self.store.put(key, block.meta, self.payloads.read(group, block.id))
+
+    def _store_states(self, prefix_hash: int, slot: int, meta: BlockMeta) -> None:
+        key = BlockKey(STATES, prefix_hash)
+        if not self.store.holds(key):
+            self.store.put(key, meta, self.payloads.read(STATES, slot))
+
+    def flush(self, timeout_s: float) -> int:
+        """Stores every cached block and checkpoint the pages hold, then moves RAM's to the disk and waits (before
+        sleep, unload or exit: the next start finds them). Returns the writes left undone at the deadline."""
+        for group, manager in ((FULL, self.full), (SLIDING, self.sliding)):
+            for block in manager.blocks if manager is not None else ():
+                if block.hash is not None and block.meta is not None:
+                    self._store_block(group, block)
+        for prefix_hash, slot, meta in self.slots.checkpoints() if self.slots is not None else ():
+            self._store_states(prefix_hash, slot, meta)
+        left = self.store.flush(timeout_s)
+        if left:
+            log.warning("kv_tiers_flush_incomplete", blocks_left=left, timeout_s=timeout_s)
+        return left
+
+    def stats(self) -> KvOffloadStats:
+        store = self.store
+        return KvOffloadStats(
+            ram_bytes=store.ram.bytes_used if store.ram is not None else 0,
+            disk_bytes=store.disk.bytes_used if store.disk is not None else 0,
+            stored_blocks=store.stored,
+            loaded_blocks=sum(store.loaded.values()),
+        )
+
+    def close(self, timeout_s: float) -> None:
+        self.flush(timeout_s)
+        self.store.close(timeout_s)
+
+    # -- coming up ------------------------------------------------------------------------------------------------
+    def revive(self, seq: Sequence) -> None:
+        """Loads into the KV cache the blocks (and recurrent states) of `seq`'s longest prefix the pages lack and the
+        tiers hold, registered in the prefix cache; `seq.cached_by_tier_blocks` records where each came from."""
+        chain = self._chain(seq)
+        n = self._deepest_usable(chain)
+        if n == 0:
+            return
+        window = range(self.sliding.passed_blocks(n * self.full.block_size), n) if self.sliding is not None else ()
+        missing_full = [i for i in range(n) if chain[i].page is None]
+        missing_window = [i for i in window if chain[i].hash not in self.sliding.cached_hashes]
+        states_missing = self.slots is not None and not self.slots.has_checkpoint(chain[n - 1].hash)
+        if not (missing_full or missing_window or states_missing):
+            return  # the pages hold it all: an ordinary hit
+        if not self._room(self.full, [link.page for link in chain[:n]], len(missing_full)):
+            return
+        if missing_window:
+            pages = [self.sliding.cached_hashes.get(chain[i].hash) for i in window]
+            if not self._room(self.sliding, pages, len(missing_window)):
+                return
+        loaded = self._load_blocks(FULL, self.full, chain, missing_full, n)
+        seq.cached_by_tier_blocks = loaded
+        n = min(n, missing_full[len(loaded)] if len(loaded) < len(missing_full) else n)
+        if self.sliding is not None:
+            self._load_blocks(SLIDING, self.sliding, chain, [i for i in missing_window if i < n], n)
+        if states_missing and n == self._deepest_usable(chain[:n]):
+            self._load_states(chain[n - 1])
+
+    def _chain(self, seq: Sequence) -> list[_Link]:
+        """`seq`'s prompt blocks, from the first, as long as the pages or a tier hold each (at least one token is left
+        to compute, as in `find_cached_prefix`)."""
+        chain: list[_Link] = []
+        bs, parent = self.full.block_size, prefix_root(seq.cache_salt)
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens, extra = seq.token_ids[i * bs : (i + 1) * bs], media_keys(seq.mm_features, i * bs, (i + 1) * bs)
+            block_hash = hash_block(parent, tokens, extra)
+            page = self.full.cached_hashes.get(block_hash)
+            meta = BlockMeta(parent, tuple(tokens), extra)
+            if page is None and self.store.where(BlockKey(FULL, block_hash), meta) is None:
+                break
+            chain.append(_Link(block_hash, meta, page))
+            parent = block_hash
+        return chain
+
+    def _deepest_usable(self, chain: list[_Link]) -> int:
+        """The most blocks of `chain` a prompt may resume after: with recurrent layers, a prefix whose states after it
+        are kept; with a sliding-window group, one whose window's blocks are kept there too."""
+        for n in range(len(chain), 0, -1):
+            block_hash = chain[n - 1].hash
+            if self.slots is not None and not (
+                self.slots.has_checkpoint(block_hash) or self.store.where(BlockKey(STATES, block_hash))
+            ):
+                continue
+            if self.sliding is not None and not all(
+                chain[i].hash in self.sliding.cached_hashes or self.store.where(BlockKey(SLIDING, chain[i].hash))
+                for i in range(self.sliding.passed_blocks(n * self.full.block_size), n)
+            ):
+                continue
+            return n
+        return 0
+
+    @staticmethod
+    def _room(manager: BlockManager, pages: list[int | None], wanted: int) -> bool:
+        """Whether `wanted` blocks can be adopted without evicting the prefix's own cached `pages` (made the most
+        recently used first) and with a block left for the prompt's next tokens."""
+        held = [page for page in pages if page is not None]
+        manager.touch(held)
+        free_held = sum(1 for page in held if manager.blocks[page].ref_count == 0)
+        return wanted + free_held < manager.num_free_blocks
+
+    def _load_blocks(
+        self, group: str, manager: BlockManager, chain: list[_Link], indexes: list[int], n: int
+    ) -> dict[int, str]:
+        """Loads the blocks of `chain` at `indexes` into adopted blocks, in order, stopping at the first no tier
+        holds whole; block id -> the tier it came from, of those loaded."""
+        loaded: dict[int, str] = {}
+        nbytes = self.payloads.nbytes(group)
+        for i in indexes:
+            link = chain[i]
+            found = self.store.load(BlockKey(group, link.hash), link.meta, nbytes)
+            if found is None:
+                break
+            block_id = manager.adopt(link.hash, link.meta)
+            self.payloads.write(group, block_id, found[1])
+            loaded[block_id] = found[0]
+        return loaded
+
+    def _load_states(self, link: _Link) -> None:
+        found = self.store.load(BlockKey(STATES, link.hash), link.meta, self.payloads.nbytes(STATES))
+        if found is None:
+            return
+        slot = self.slots.adopt(link.hash, link.meta)
+        if slot is not None:
+            self.payloads.write(STATES, slot, found[1])
+
+    def cached_by_tier(self, seq: Sequence, cached: list[int]) -> dict[str, int]:
+        """The tokens of `seq`'s cached prefix `cached` (block ids) by where they came from: the pages, or a tier
+        `revive` loaded them from for it."""
+        bs = self.full.block_size
+        by_tier = {"pages": len(cached) * bs}
+        for block_id in cached:
+            tier = seq.cached_by_tier_blocks.get(block_id)
+            if tier is not None:
+                by_tier[tier] = by_tier.get(tier, 0) + bs
+                by_tier["pages"] -= bs
+        return by_tier
