@@ -43,6 +43,7 @@ PIPELINE_BENCHES = (
     ("fairness", "fairness", "short chats' TTFT while an echo+logprobs batch or a 6,000-token prompt runs"),
     ("faults", "faults", "one of three engine workers killed mid-run, failover off and on (the failover table)"),
     ("lora", "lora", "W1-c16 over 4 LoRA adapters against the base; a model on demand's cold vs warm TTFT"),
+    ("agents", "agents", "coding agents' sessions returning across a restart: KV tiers vs none vs peers (TTFT)"),
     ("load", "load", "cold model load stage by stage, each in a fresh process, and a whole cold `sagellm run`"),
     ("parallel", "parallel", "one model split over processes (TP, PP) against one process, in one run"),
     ("kernels", "kernels", "the CPU kernels of each instruction set vs oneDNN and torch; --ops: W1-c16 op by op"),
