@@ -22,6 +22,7 @@ import structlog
 from sagellm.common.errors import FieldError, InvalidInput, NotFound
 from sagellm.common.memory import return_freed_memory
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
+from sagellm.runtime.engine.kv_events.publisher import connectable
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.step_trace import StepTraceFile
 from sagellm.runtime.multimodal.media_feature import MediaFeature
@@ -326,6 +327,11 @@ class EngineOperator(StepOperator):
         self.stats.spec_decode_num_draft_tokens = engine.spec_decode_num_draft_tokens
         self.stats.spec_decode_num_accepted_tokens = engine.spec_decode_num_accepted_tokens
         self.stats.threads = engine.num_threads
+        events = getattr(self.engine, "kv_events", None)
+        publisher = events.publisher if events is not None else None
+        if publisher is not None:
+            self.stats.kv_events_endpoint = connectable(publisher.endpoint)
+            self.stats.kv_events_replay_endpoint = connectable(publisher.replay_endpoint)
         if engine.kv_offload is not None:
             tiers = engine.kv_offload
             self.stats.kv_offload_ram_bytes, self.stats.kv_offload_disk_bytes = tiers.ram_bytes, tiers.disk_bytes

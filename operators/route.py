@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from sagellm.common.errors import FieldError
+from sagellm.operators.kv_event_index import EventIndex
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.operators.routing import make_strategy
 from sagellm.runtime.engine.prefix_hash import effective_salt
@@ -49,10 +50,13 @@ class Route(MapOperator):
         "strategy": "routing strategy: load_balanced, round_robin, random, affinity, locality or cache_aware",
         "seed": "seed of the random strategy",
         "block_size": "tokens per block of the prefix index the cache-aware strategies read (the engines' block_size)",
+        "kv_events": "read which prefixes an engine holds from its KV events where it publishes them (else estimate)",
     }
 
-    def __init__(self, strategy: str = "load_balanced", seed: int | None = None, block_size: int = 16) -> None:
-        self.prefix_index = PrefixIndex(block_size=block_size)
+    def __init__(
+        self, strategy: str = "load_balanced", seed: int | None = None, block_size: int = 16, kv_events: bool = True
+    ) -> None:
+        self.prefix_index = EventIndex(block_size=block_size) if kv_events else PrefixIndex(block_size=block_size)
         self._group_instance: OrderedDict[str, str] = OrderedDict()  # group -> the instance its first choice got
         try:
             self.strategy = make_strategy(strategy, prefix_index=self.prefix_index, seed=seed)
@@ -70,6 +74,8 @@ class Route(MapOperator):
             candidates = [s for s in candidates if s.node is None]
         if not candidates:
             return self._no_candidate(item, engines, fitting)
+        if isinstance(self.prefix_index, EventIndex):
+            self.prefix_index.follow(candidates)
         tokens = item.prompt_token_ids or []
         hashes = self.prefix_index.hashes(tokens, prefix_salt(item))
         pinned = item.instance
@@ -94,6 +100,10 @@ class Route(MapOperator):
             if len(self._group_instance) > GROUPS_REMEMBERED:
                 self._group_instance.popitem(last=False)
         return Emit(to=chosen.target, item=item)
+
+    def close(self) -> None:
+        if isinstance(self.prefix_index, EventIndex):
+            self.prefix_index.close()
 
     def _decode_server(
         self, request: Request, engines: Sequence[InstanceStats], prefill: InstanceStats, hashes: list[int]

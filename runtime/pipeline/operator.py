@@ -76,6 +76,10 @@ class InstanceStats:
     kv_offload_disk_bytes: int = 0  # ... and on disk
     kv_offload_stored_blocks: int = 0  # blocks put in the tiers, since start ...
     kv_offload_loaded_blocks: int = 0  # ... and loaded back
+    # Where its engine publishes its KV events (kv_events_config): what `cache_aware` routing follows to know exactly
+    # which blocks it holds, in its pages and the tiers under them
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
     spec_decode_num_drafts: int = 0  # speculative decoding since start: verifications of proposed tokens
     spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
     spec_decode_num_accepted_tokens: int = 0  # ... and accepted

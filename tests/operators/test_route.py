@@ -54,7 +54,8 @@ def send(route: Route, request: Request) -> str:
 
 def test_registered_with_typed_params_and_validates_strategy():
     assert get_operator("route") is Route and Route.multi_output
-    assert parameter_types(Route) == {"strategy": (str, False), "seed": (int | None, False), "block_size": (int, False)}
+    assert parameter_types(Route) == {"strategy": (str, False), "seed": (int | None, False), "block_size": (int, False),
+                                      "kv_events": (bool, False)}  # fmt: skip
     with pytest.raises(FieldError, match=r"'fastest'.*cache_aware.*round_robin") as raised:
         Route(strategy="fastest")
     assert raised.value.field == "strategy"

@@ -1,15 +1,16 @@
 """One engine's KV events: every change to the set of blocks it holds, in its pages ("GPU", as vLLM names an
 engine's own cache whatever the device), its RAM tier ("CPU") and its disk tier ("DISK"), as vLLM's events.
 
-The block managers and the tiers call this on the engine thread as blocks are cached, evicted, stored and dropped;
-the disk tier's writer thread reports what it published through a queue, applied at the next `flush`. The engine
-flushes once a step: one batch per step that changed anything, numbered in order, to the publisher (or kept for a
-consumer in this process)."""
+The block managers and the tiers call this as blocks are cached, evicted, stored and dropped (the disk tier's
+writer and a start's announcement of what the disk already holds, from threads of their own: the recorder takes a
+lock). The engine flushes once a step, and a thread of this object every FLUSH_S while the engine idles (what a disk
+writes after the last step, a start's announcement): one batch per flush that has anything, numbered in order, to the
+publisher (or kept for a consumer in this process)."""
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from sagellm.runtime.engine.kv_events.config import KvEventsConfig, parse_kv_events_config
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from sagellm.runtime.engine.config import EngineConfig
     from sagellm.runtime.engine.scheduler import Scheduler
 
+FLUSH_S = 0.5  # the longest a change waits for its batch while the engine takes no step
 GROUPS = {"f": 0, "s": 1}  # a payload group's vLLM group_idx (recurrent checkpoints, "r", are not blocks: no events)
 
 
@@ -42,7 +44,9 @@ class EngineKvEvents:
             ZmqKvEventPublisher(config, lambda: self.recorder.snapshot(), rank) if config.publishes else None
         )
         self.recorder = KvEventRecorder(self.publisher if self.publisher is not None else self.batches)
-        self._from_threads: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_while_idle, name="kv-events-flush", daemon=True)
+        self._flusher.start()
 
     # -- the pages ------------------------------------------------------------------------------------------------
     def cached(self, group_idx: int, blocks: Iterable[Block]) -> None:
@@ -67,27 +71,28 @@ class EngineKvEvents:
             self.recorder.removed([key.block_hash], medium, GROUPS[key.group])
 
     def disk_written(self, key: BlockKey, meta: BlockMeta) -> None:
-        """From the disk tier's writer thread: applied on the engine thread at the next flush."""
-        self._from_threads.put(lambda: self.tier_stored(key, meta, DISK))
+        """A block the disk tier's writer published, or a start found there (from their threads)."""
+        self.tier_stored(key, meta, DISK)
 
     def disk_removed(self, key: BlockKey) -> None:
-        """From the disk tier's janitor (its writer thread), likewise."""
-        self._from_threads.put(lambda: self.tier_removed(key, DISK))
+        """A block the disk tier's janitor deleted (from its thread)."""
+        self.tier_removed(key, DISK)
 
     # -- batches --------------------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Once a step: what changed since the last flush goes out as one batch."""
-        while True:
-            try:
-                self._from_threads.get_nowait()()
-            except queue.Empty:
-                break
         self.recorder.flush()
 
     def close(self) -> None:
+        self._closed.set()
+        self._flusher.join(timeout=5)
         self.flush()
         if self.publisher is not None:
             self.publisher.close()
+
+    def _flush_while_idle(self) -> None:
+        while not self._closed.wait(FLUSH_S):
+            self.recorder.flush()
 
     def _stored(self, block_hash: int, meta: BlockMeta, medium: str, group_idx: int) -> None:
         extra = [(meta.extra.hex(),)] if meta.extra else None

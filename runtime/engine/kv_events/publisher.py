@@ -158,3 +158,13 @@ def _open(sock: zmq.Socket, endpoint: str, key: str, bind: bool | None = None) -
         return endpoint
     except zmq.ZMQError as e:
         raise FieldError(f"{FIELD}.{key}", f"{FIELD}.{key}: cannot open {endpoint}: {e.strerror}") from None
+
+
+def connectable(endpoint: str | None) -> str | None:
+    """A bound endpoint as a subscriber on this host connects to it: a wildcard host (`*`, 0.0.0.0, ::) is loopback."""
+    if endpoint is None or not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    if host in ("*", "0.0.0.0", "[::]", "::", "[*]"):
+        host = "127.0.0.1"
+    return f"tcp://{host}:{port}"

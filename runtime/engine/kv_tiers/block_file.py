@@ -99,6 +99,24 @@ def read_block(file: FileIO, identity_sha: bytes, key: BlockKey, meta: BlockMeta
     """Read the block file open (unbuffered) in `file` straight into `out` (writable bytes of the payload's size), or
     raise BadBlock saying why it must not be served. `out` holds garbage after a BadBlock."""
     size = os.fstat(file.fileno()).st_size
+    header_len, stored_key, stored_meta, payload_len, payload_crc = read_header(file, identity_sha, size)
+    if stored_key != key:
+        raise BadBlock("mismatch", f"file holds {stored_key}, its name says {key}")
+    if stored_meta != meta:
+        raise BadBlock("mismatch", "stored (parent, tokens, extra) differ from the chain being loaded")
+    if payload_len != len(out):
+        raise BadBlock("mismatch", f"payload is {payload_len} bytes, this engine's block is {len(out)}")
+    if size != header_len + payload_len:
+        why = "truncated" if size < header_len + payload_len else "corrupt"
+        raise BadBlock(why, f"{size} bytes, header and payload make {header_len + payload_len}")
+    _read_exactly_into(file, out)
+    if zlib.crc32(out) != payload_crc:
+        raise BadBlock("corrupt", "payload CRC32")
+
+
+def read_header(file: FileIO, identity_sha: bytes, size: int) -> tuple[int, BlockKey, BlockMeta, int, int]:
+    """(header length, key, meta, payload length, payload CRC) of the block file open in `file` (`size` bytes), its
+    header checked (magic, CRC, our identity, the hash of what it names), or BadBlock."""
     fixed = _read_exactly(file, _FIXED.size)
     magic, fmt, _flags, header_len = _FIXED.unpack(fixed)
     if magic != MAGIC or fmt != FORMAT:
@@ -113,20 +131,9 @@ def read_block(file: FileIO, identity_sha: bytes, key: BlockKey, meta: BlockMeta
     stored_sha, stored_key, stored_meta, payload_len, payload_crc = _parse(header)
     if stored_sha != identity_sha:
         raise BadBlock("foreign", f"identity sha256 {stored_sha.hex()[:16]}…, ours {identity_sha.hex()[:16]}…")
-    if stored_key != key:
-        raise BadBlock("mismatch", f"file holds {stored_key}, its name says {key}")
-    if hash_block(stored_meta.parent, stored_meta.tokens, stored_meta.extra) != key.block_hash:
+    if hash_block(stored_meta.parent, stored_meta.tokens, stored_meta.extra) != stored_key.block_hash:
         raise BadBlock("corrupt", "hash_block(parent, tokens, extra) is not the stored hash")
-    if stored_meta != meta:
-        raise BadBlock("mismatch", "stored (parent, tokens, extra) differ from the chain being loaded")
-    if payload_len != len(out):
-        raise BadBlock("mismatch", f"payload is {payload_len} bytes, this engine's block is {len(out)}")
-    if size != header_len + payload_len:
-        why = "truncated" if size < header_len + payload_len else "corrupt"
-        raise BadBlock(why, f"{size} bytes, header and payload make {header_len + payload_len}")
-    _read_exactly_into(file, out)
-    if zlib.crc32(out) != payload_crc:
-        raise BadBlock("corrupt", "payload CRC32")
+    return header_len, stored_key, stored_meta, payload_len, payload_crc
 
 
 def _parse(header: bytes) -> tuple[bytes, BlockKey, BlockMeta, int, int]:

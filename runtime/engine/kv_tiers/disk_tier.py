@@ -39,6 +39,7 @@ from sagellm.runtime.engine.kv_tiers.block_file import (
     check_name,
     encode_header,
     read_block,
+    read_header,
 )
 
 log = structlog.get_logger("sagellm.kv_tiers")
@@ -196,6 +197,16 @@ class DiskTier:
         self._writer.join(timeout_s)
         if not self._writer.is_alive():
             os.close(self._lock_fd)
+
+    def meta_of(self, key: BlockKey) -> BlockMeta | None:
+        """What a published block's hash is of, from its file's header (None: gone, or not a good header): what a
+        start announces of the blocks already on disk."""
+        try:
+            with open(self._path(key), "rb", buffering=0) as file:
+                _, stored_key, meta, _, _ = read_header(file, self._identity_sha, os.fstat(file.fileno()).st_size)
+        except (OSError, BadBlock):
+            return None
+        return meta if stored_key == key else None
 
     def published(self) -> set[BlockKey]:
         """Every block published in this namespace, by any instance (a directory scan)."""

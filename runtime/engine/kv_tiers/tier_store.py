@@ -6,6 +6,7 @@ instance's files count). Counters say what was stored, loaded and from where, fo
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,14 @@ class TierStore:
         self.events = events
         if self.disk is not None:
             self.disk.on_removed = events.disk_removed
+            threading.Thread(target=self._announce_disk, name="kv-disk-announce", daemon=True).start()
+
+    def _announce_disk(self) -> None:
+        """The blocks already on disk at start (earlier runs', other instances'), announced as this instance's, read
+        from their files' headers in a thread of its own."""
+        for key in self.disk.published():
+            if (meta := self.disk.meta_of(key)) is not None:
+                self.events.disk_written(key, meta)
 
     def put(self, key: BlockKey, meta: BlockMeta, payload: torch.Tensor) -> None:
         """Keeps a block leaving the KV cache (the payload is owned from now on)."""
