@@ -31,6 +31,7 @@ from collections import Counter
 from typing import ClassVar
 
 from sagellm.common.errors import FieldError
+from sagellm.operators.kv_event_index import EventIndex
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.operators.route import prefix_salt
 from sagellm.runtime.pipeline.messages import Request
@@ -48,10 +49,16 @@ class PDSplit(MapOperator):
         "block_size": "tokens per block of its prefix index (the engines' block_size)",
         "max_transfer_failures": "failed KV transfers in a row into a decode worker before it is avoided",
         "ratio": "also split a shorter prompt over this many times the expected output (0: off)",
+        "kv_events": "read what each engine holds from its KV events where it publishes them (else estimate)",
     }
 
     def __init__(
-        self, threshold_tokens: int = 512, block_size: int = 16, max_transfer_failures: int = 3, ratio: float = 0.0
+        self,
+        threshold_tokens: int = 512,
+        block_size: int = 16,
+        max_transfer_failures: int = 3,
+        ratio: float = 0.0,
+        kv_events: bool = True,
     ) -> None:
         if threshold_tokens < 0:
             raise FieldError("threshold_tokens", f"threshold_tokens must be >= 0, got {threshold_tokens}")
@@ -64,7 +71,7 @@ class PDSplit(MapOperator):
             )
         self.threshold_tokens = threshold_tokens
         self.max_transfer_failures = max_transfer_failures
-        self.prefix_index = PrefixIndex(block_size=block_size)
+        self.prefix_index = EventIndex(block_size=block_size) if kv_events else PrefixIndex(block_size=block_size)
         self.decisions: Counter[str] = Counter()
 
     def execute(self, item: Request) -> Request:
@@ -80,7 +87,20 @@ class PDSplit(MapOperator):
         blocks', when the caller has them)."""
         tokens = request.prompt_token_ids or []
         hashes = self.prefix_index.hashes(tokens, prefix_salt(request)) if hashes is None else hashes
-        return len(tokens) - self.prefix_index.cached_tokens(_pool(request), tokens, hashes)
+        cached = self.prefix_index.cached_tokens(_pool(request), tokens, hashes)
+        index = self.prefix_index
+        if isinstance(index, EventIndex) and hasattr(self, "ctx"):  # what the engines that publish events hold
+            engines = [s for s in self.ctx.instances.values() if s.model == request.model and s.role != "embedding"]
+            index.follow(engines)
+            followed = [s.name for s in engines if index.follows(s.name)]
+            if followed:
+                held = max(index.cached_tokens(name, tokens, hashes) for name in followed)
+                cached = held if len(followed) == len(engines) else max(cached, held)
+        return len(tokens) - cached
+
+    def close(self) -> None:
+        if isinstance(self.prefix_index, EventIndex):
+            self.prefix_index.close()
 
     def _decide(self, request: Request) -> str:
         """The reason for this request's phase: "pd" for the PD path, any other reason means colocated."""

@@ -43,6 +43,7 @@ def test_registered_with_typed_params():
         "block_size": (int, False),
         "max_transfer_failures": (int, False),
         "ratio": (float, False),
+        "kv_events": (bool, False),
     }
     with pytest.raises(ValueError, match="threshold_tokens"):
         PDSplit(threshold_tokens=-1)
