@@ -202,7 +202,8 @@ def test_jsonl_sink_writes_one_line_per_finished_request(tmp_path: Path):
         "request_id": "a", "text": "Hello", "token_ids": [3, 2], "finish_reason": "stop",
         "metrics": {"arrival_time": 1.0, "first_scheduled_time": None, "first_token_time": 1.1, "finished_time": 1.5,
                     "num_prompt_tokens": 3, "num_output_tokens": 3, "num_cached_tokens": 0, "num_preemptions": 0,
-                    "slo_met": True, "kv_handover_s": None, "cached_tokens_by_tier": None, "queue_s": None, "ttft_s": pytest.approx(0.1),
+                    "slo_met": True, "kv_handover_s": None, "cached_tokens_by_tier": None, "queue_s": None,
+                    "ttft_s": pytest.approx(0.1),
                     "tpot_s": pytest.approx(0.2), "e2e_s": 0.5},
     }  # fmt: skip
     assert b == {
