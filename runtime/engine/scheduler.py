@@ -186,6 +186,8 @@ class Scheduler:
         # Its first query is the decode after the prompt: a sliding-window group needs only that window's blocks.
         if not self.block_manager.allocate(seq, seq.num_prompt_tokens - start, cached, seq.num_prompt_tokens):
             return False
+        if self.tiers is not None:
+            self.tiers.store_evicted()
         write_kv(start)
         seq.num_computed_tokens = seq.num_prompt_tokens  # counted as cached tokens when admitted: none computed here
         self.block_manager.cache_full_blocks(seq)
@@ -239,6 +241,8 @@ class Scheduler:
             batch.restores = {seq: slot for seq, slot in step.restores.items() if seq in step.scheduled} | rolled_back
             batch.state_writes = {seq: states for seq, states in step.state_writes.items() if seq in step.scheduled}
             batch.checkpoints = self._plan_checkpoints(scheduled)
+        if self.tiers is not None:  # the blocks this schedule evicted go down before the step writes them
+            self.tiers.store_evicted()
         return batch
 
     def num_held_back(self) -> int:

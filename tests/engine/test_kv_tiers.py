@@ -5,6 +5,8 @@ layers slide over a window (gpt-oss: a group of blocks of their own; Mistral: ev
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -110,3 +112,35 @@ def test_a_damaged_block_file_is_skipped_and_what_follows_recomputed(tmp_path, d
     assert out.outputs[0].token_ids == hf_greedy(hf, prompt, TOKENS)
     assert not bad.exists() and list(bad.parent.glob(bad.name + ".bad.*"))
     again.engine.close()
+
+
+def _serve_prompts(path: str, kv_dir: str, prompts: list[list[int]]) -> None:
+    """One instance (a process of its own) running `prompts` over a shared disk tier, then exiting cleanly."""
+    llm = LLM(path, backend=ENGINE_BACKEND, block_size=BS, num_kv_blocks=40, max_num_seqs=2, kv_offload_dir=kv_dir)
+    for prompt in prompts:
+        llm.generate([prompt], GREEDY)
+    llm.engine.close()
+
+
+def test_two_instances_writing_one_directory_at_once_lose_nothing(tmp_path):
+    """Two engines in two processes share a disk tier and write it at once, half their prompts in common: a third
+    finds every prompt's prefix there afterwards, and decodes as transformers."""
+    path = tiny_models.make_tiny_llama(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts(hf.config.vocab_size, [57] * 6, seed=8)
+    context = multiprocessing.get_context("spawn")
+    kv_dir = str(tmp_path / "kv")
+    workers = [context.Process(target=_serve_prompts, args=(str(path), kv_dir, share))
+               for share in (prompts[:4], prompts[2:])]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    third = engine(path, tmp_path, disk=True)
+    for i, prompt in enumerate(prompts):
+        returning = prompt + random_prompts(hf.config.vocab_size, [5], seed=20 + i)[0]
+        out = third.generate([returning], GREEDY)[0]
+        assert out.metrics.cached_tokens_by_tier["disk"] == 56, (i, out.metrics.cached_tokens_by_tier)
+        assert out.outputs[0].token_ids == hf_greedy(hf, returning, TOKENS)
+    third.engine.close()

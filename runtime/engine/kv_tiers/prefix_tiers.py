@@ -1,9 +1,11 @@
 """The prefix cache's tiers joined to the engine: blocks go down as the KV cache evicts them, and come back up into
 free blocks of the cache ahead of a prompt that starts with them.
 
-Going down: the block manager calls `_store_block` as it reuses a cached block's memory (before anything writes
-it), so the tiers hold what the pages lost, each block once: a block the RAM tier still holds costs no copy. A model
-with recurrent layers stores a checkpoint of their states as its slot is replaced (`_store_states`).
+Going down: the block manager calls `_store_block` as it reuses a cached block's memory, so the tiers hold what the
+pages lost, each block once: a block the RAM tier still holds costs no copy. The copies are made together, one
+gather a layer for all the blocks a schedule evicted (`store_evicted`), before anything writes the cache again: the
+scheduler calls it as a schedule ends and before an import writes, a load before it writes. A model with recurrent
+layers stores a checkpoint of their states as its slot is replaced (`_store_states`).
 
 Coming up: before the scheduler looks a waiting prompt's prefix up, `revive` walks its chained hashes past what the
 pages hold, finds the deepest prefix the tiers can complete (every block, the window's blocks of a sliding-window
@@ -54,12 +56,26 @@ class PrefixTiers:
             self.sliding.on_evict = lambda block: self._store_block(SLIDING, block)
         if slots is not None:
             slots.on_evict = self._store_states
+        self._evicted: list[tuple[str, int, BlockKey, BlockMeta]] = []  # (group, block, key, meta): not yet copied
 
     # -- going down -----------------------------------------------------------------------------------------------
     def _store_block(self, group: str, block: Block) -> None:
         key = BlockKey(group, block.hash)
         if not self.store.holds(key):
-            self.store.put(key, block.meta, self.payloads.read(group, block.id))
+            self._evicted.append((group, block.id, key, block.meta))
+
+    def store_evicted(self) -> None:
+        """Copies the blocks evicted since the last call out of the cache into the tiers; their memory must not have
+        been written since (the step that reuses it runs after the schedule that evicted them)."""
+        if not self._evicted:
+            return
+        evicted, self._evicted = self._evicted, []
+        for group in (FULL, SLIDING):
+            ours = [(block_id, key, meta) for g, block_id, key, meta in evicted if g == group]
+            if ours:
+                payloads = self.payloads.read_many(group, [block_id for block_id, _, _ in ours])
+                for (_, key, meta), payload in zip(ours, payloads):
+                    self.store.put(key, meta, payload)
 
     def _store_states(self, prefix_hash: int, slot: int, meta: BlockMeta) -> None:
         key = BlockKey(STATES, prefix_hash)
@@ -73,6 +89,7 @@ class PrefixTiers:
             for block in manager.blocks if manager is not None else ():
                 if block.hash is not None and block.meta is not None:
                     self._store_block(group, block)
+        self.store_evicted()
         for prefix_hash, slot, meta in self.slots.checkpoints() if self.slots is not None else ():
             self._store_states(prefix_hash, slot, meta)
         left = self.store.flush(timeout_s)
@@ -176,6 +193,7 @@ class PrefixTiers:
             if found is None:
                 break
             block_id = manager.adopt(link.hash, link.meta)
+            self.store_evicted()  # what the block held before, if anything, goes down first
             self.payloads.write(group, block_id, found[1])
             loaded[block_id] = found[0]
         return loaded
