@@ -130,11 +130,11 @@ class PrefixTiers:
             pages = [self.sliding.cached_hashes.get(chain[i].hash) for i in window]
             if not self._room(self.sliding, pages, len(missing_window)):
                 return
-        loaded = self._load_blocks(FULL, self.full, chain, missing_full, n)
+        loaded = self._load_blocks(FULL, self.full, chain, missing_full)
         seq.cached_by_tier_blocks = loaded
         n = min(n, missing_full[len(loaded)] if len(loaded) < len(missing_full) else n)
         if self.sliding is not None:
-            self._load_blocks(SLIDING, self.sliding, chain, [i for i in missing_window if i < n], n)
+            self._load_blocks(SLIDING, self.sliding, chain, [i for i in missing_window if i < n])
         if states_missing and n == self._deepest_usable(chain[:n]):
             self._load_states(chain[n - 1])
 
@@ -180,9 +180,7 @@ class PrefixTiers:
         free_held = sum(1 for page in held if manager.blocks[page].ref_count == 0)
         return wanted + free_held < manager.num_free_blocks
 
-    def _load_blocks(
-        self, group: str, manager: BlockManager, chain: list[_Link], indexes: list[int], n: int
-    ) -> dict[int, str]:
+    def _load_blocks(self, group: str, manager: BlockManager, chain: list[_Link], indexes: list[int]) -> dict[int, str]:
         """Loads the blocks of `chain` at `indexes` into adopted blocks, in order, stopping at the first no tier
         holds whole; block id -> the tier it came from, of those loaded."""
         loaded: dict[int, str] = {}
