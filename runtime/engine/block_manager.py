@@ -18,7 +18,7 @@ from sagellm.runtime.engine.prefix_hash import hash_block, media_keys, prefix_ro
 from sagellm.runtime.engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from sagellm.runtime.engine.kv_events.engine_events import EngineKvEvents
+    from sagellm.runtime.engine.block_events import BlockEvents
 
 
 @dataclass
@@ -59,7 +59,7 @@ class BlockManager:
         # memory is reused, so it may still read it.
         self.on_evict: Callable[[Block], None] | None = None
         # The engine's KV events (kv_events/): blocks registered and evicted here, as vLLM's group `group_idx`.
-        self.events: EngineKvEvents | None = None
+        self.events: BlockEvents | None = None
         self.group_idx = 0
         self._seq_hashes: dict[str, list[int]] = {}  # request id -> hashes of its registered full blocks
         self.prefix_queries = 0  # prompt blocks looked up
@@ -144,7 +144,7 @@ class BlockManager:
                         block.meta = self._meta(parent, seq, i)
                         registered.append(block)
             if self.events is not None and registered:
-                self.events.cached(self.group_idx, registered)
+                self.events.cached(self.group_idx, [(b.hash, b.meta) for b in registered])
         if self.window:
             self._release_passed(seq, self.passed_blocks(seq.num_computed_tokens))
 
@@ -172,7 +172,7 @@ class BlockManager:
         self._cached[block_hash] = block_id
         self._free[block_id] = None
         if self.events is not None:
-            self.events.cached(self.group_idx, [block])
+            self.events.cached(self.group_idx, [(block_hash, meta)])
         return block_id
 
     def forget(self, block_id: int) -> None:

@@ -255,13 +255,6 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> masks -> execute -> sample -> update: a token more for each sequence the step samples (or the
         proposals its draws confirm, and the draw after them)."""
-        try:
-            return self._step()
-        finally:
-            if self.kv_events is not None:
-                self.kv_events.flush()  # the blocks this step cached, evicted, stored and loaded: one batch
-
-    def _step(self) -> list[RequestOutput]:
         batch, timer = self._schedule()
         if not batch:
             return []
@@ -277,6 +270,8 @@ class LLMEngine:
         """The step's batch: the speculator proposes tokens to the running sequences, and the scheduler picks the
         step's tokens; and the step's timer, started before the proposals, for the speculator's budget."""
         started = time.perf_counter()
+        if self.kv_events is not None:  # what the last step cached, evicted, stored and loaded: one batch
+            self.kv_events.flush()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._may_speculate)
         batch = self.scheduler.schedule()

@@ -20,7 +20,6 @@ from sagellm.runtime.engine.kv_events.wire import CPU, DISK, GPU, KVEventBatch
 from sagellm.runtime.engine.kv_tiers.block_file import BlockKey, BlockMeta
 
 if TYPE_CHECKING:
-    from sagellm.runtime.engine.block_manager import Block
     from sagellm.runtime.engine.config import EngineConfig
     from sagellm.runtime.engine.scheduler import Scheduler
 
@@ -36,7 +35,7 @@ class _Batches(list):
         del self[:-1000]
 
 
-class EngineKvEvents:
+class EngineKvEvents:  # a BlockEvents (block_events.py)
     def __init__(self, config: KvEventsConfig, block_size: int, rank: int | None = None) -> None:
         self.block_size = block_size
         self.batches: _Batches | None = None if config.publishes else _Batches()
@@ -49,10 +48,10 @@ class EngineKvEvents:
         self._flusher.start()
 
     # -- the pages ------------------------------------------------------------------------------------------------
-    def cached(self, group_idx: int, blocks: Iterable[Block]) -> None:
-        """Blocks the prefix cache registered in the pages of `group_idx`."""
-        for block in blocks:
-            self._stored(block.hash, block.meta, GPU, group_idx)
+    def cached(self, group_idx: int, blocks: Iterable[tuple[int, BlockMeta]]) -> None:
+        """(hash, meta) of blocks the prefix cache registered in the pages of `group_idx`."""
+        for block_hash, meta in blocks:
+            self._stored(block_hash, meta, GPU, group_idx)
 
     def evicted(self, group_idx: int, hashes: list[int]) -> None:
         self.recorder.removed(hashes, GPU, group_idx)

@@ -20,6 +20,7 @@ import zlib
 from dataclasses import dataclass
 from io import FileIO
 
+from sagellm.common.errors import ProtocolError
 from sagellm.runtime.engine.prefix_hash import hash_block
 
 MAGIC = b"SGKV"
@@ -61,8 +62,9 @@ class BlockMeta:
         object.__setattr__(self, "tokens", tuple(int(token) for token in self.tokens))  # lists and tensors compare too
 
 
-class BadBlock(Exception):
-    """A block file that must not be served; `why` is the metric's label: truncated, corrupt, foreign or mismatch."""
+class BadBlock(ProtocolError):
+    """A block file that must not be served (what another writer, a crash or another model left there); `why` is the
+    metric's label: truncated, corrupt, foreign or mismatch."""
 
     def __init__(self, why: str, detail: str) -> None:
         super().__init__(f"{why}: {detail}")

@@ -10,18 +10,36 @@ never look inside."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from sagellm.runtime.engine.model_runner import ModelRunner
+from sagellm.backends.layer_caches import PagedKv
 
 FULL, SLIDING, STATES = "f", "s", "r"
 
 
+class RunnerCaches(Protocol):
+    """What of a model runner (model_runner.ModelRunner) the payloads read and write."""
+
+    kv_caches: list[PagedKv]
+    window_blocks: int
+
+    @property
+    def windowed_caches(self) -> list[bool]: ...
+
+    @property
+    def states_size(self) -> int: ...
+
+    def read_states(self, slot: int) -> torch.Tensor: ...
+
+    def write_states(self, slot: int, states: torch.Tensor) -> None: ...
+
+    def kv_written(self, block: int, sliding: bool = False) -> None: ...
+
+
 class BlockPayloads:
-    def __init__(self, runner: ModelRunner, head_runner: ModelRunner | None = None) -> None:
+    def __init__(self, runner: RunnerCaches, head_runner: RunnerCaches | None = None) -> None:
         """`head_runner`: an MTP head's runner, whose KV cache the model's block tables index too."""
         self._runner = runner
         windowed = runner.windowed_caches

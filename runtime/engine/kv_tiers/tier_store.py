@@ -17,7 +17,7 @@ from sagellm.runtime.engine.kv_tiers.disk_tier import DiskTier
 from sagellm.runtime.engine.kv_tiers.ram_tier import RamTier
 
 if TYPE_CHECKING:
-    from sagellm.runtime.engine.kv_events.engine_events import EngineKvEvents
+    from sagellm.runtime.engine.block_events import BlockEvents
 
 RAM, DISK = "ram", "disk"
 CPU_MEDIUM, DISK_MEDIUM = "CPU", "DISK"  # their KV events' media (vLLM's names: kv_events/wire.py)
@@ -30,14 +30,14 @@ class TierStore:
             ram.on_evict = self._demote
         self.stored = 0  # blocks put
         self.loaded: Counter[str] = Counter()  # blocks loaded, by tier
-        self.events: EngineKvEvents | None = None
+        self.events: BlockEvents | None = None
         # Blocks handed to the disk's writer and not yet written: still served from memory meanwhile (a prompt
         # returning right after its blocks left RAM finds them). Entries leave from the writer thread.
         self._writing: dict[BlockKey, tuple[BlockMeta, torch.Tensor]] = {}
         if disk is not None:
             disk.on_written = self._written
 
-    def announce(self, events: EngineKvEvents) -> None:
+    def announce(self, events: BlockEvents) -> None:
         """Reports to `events` from now on: what RAM takes and drops, what the disk's writer publishes and its
         janitor deletes, and the disk blocks lookups find or lose (an instance's DISK set is the blocks it knows
         of: those it wrote and those it found)."""
