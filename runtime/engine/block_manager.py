@@ -175,16 +175,6 @@ class BlockManager:
             self.events.cached(self.group_idx, [(block_hash, meta)])
         return block_id
 
-    def forget(self, block_id: int) -> None:
-        """Unregisters an adopted block whose load failed: reused first, found by nobody."""
-        block = self.blocks[block_id]
-        if block.hash is not None and self._cached.get(block.hash) == block_id:
-            del self._cached[block.hash]
-            if self.events is not None:
-                self.events.evicted(self.group_idx, [block.hash])
-        block.hash = block.meta = None
-        self._free.move_to_end(block_id, last=False)
-
     def touch(self, block_ids: list[int]) -> None:
         """Makes these free blocks the most recently used, so adopting others next does not evict them."""
         for block_id in block_ids:

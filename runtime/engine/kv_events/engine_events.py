@@ -56,10 +56,6 @@ class EngineKvEvents:  # a BlockEvents (block_events.py)
     def evicted(self, group_idx: int, hashes: list[int]) -> None:
         self.recorder.removed(hashes, GPU, group_idx)
 
-    def cleared(self) -> None:
-        """The pages are all gone (a sleep, a reset): what RAM and disk still hold is announced again after it."""
-        self.recorder.cleared()
-
     # -- the tiers ------------------------------------------------------------------------------------------------
     def tier_stored(self, key: BlockKey, meta: BlockMeta, medium: str) -> None:
         if key.group in GROUPS:
