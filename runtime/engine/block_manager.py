@@ -141,7 +141,7 @@ class BlockManager:
                     block.hash = h
                     self._cached[h] = block.id
                     if self.on_evict is not None or self.events is not None:
-                        block.meta = self._meta(parent, seq, i)
+                        block.meta = self.meta_of(parent, seq, i)
                         registered.append(block)
             if self.events is not None and registered:
                 self.events.cached(self.group_idx, [(b.hash, b.meta) for b in registered])
@@ -152,14 +152,15 @@ class BlockManager:
         start, end = index * self.block_size, (index + 1) * self.block_size
         return hash_block(parent, seq.token_ids[start:end], media_keys(seq.mm_features, start, end))
 
-    def _meta(self, parent: int, seq: Sequence, index: int) -> BlockMeta:
+    def meta_of(self, parent: int, seq: Sequence, index: int) -> BlockMeta:
+        """What the hash of `seq`'s block `index`, chained to `parent`, is computed from."""
         start, end = index * self.block_size, (index + 1) * self.block_size
         return BlockMeta(parent, tuple(seq.token_ids[start:end]), media_keys(seq.mm_features, start, end))
 
     def block_meta(self, seq: Sequence, index: int) -> BlockMeta:
         """What the hash of `seq`'s block `index` is computed from (its parent's hash, its tokens, its media keys)."""
         parent = self.prefix_hash(seq, index) if index else prefix_root(seq.cache_salt)
-        return self._meta(parent, seq, index)
+        return self.meta_of(parent, seq, index)
 
     # -- the tiers under the prefix cache (kv_tiers/) -----------------------------------------------------------
     def adopt(self, block_hash: int, meta: BlockMeta) -> int:

@@ -26,7 +26,7 @@ from sagellm.runtime.engine.kv_tiers.block_file import BlockKey, BlockMeta
 from sagellm.runtime.engine.kv_tiers.block_payloads import FULL, SLIDING, STATES, BlockPayloads
 from sagellm.runtime.engine.kv_tiers.tier_store import TierStore
 from sagellm.runtime.engine.outputs import KvOffloadStats
-from sagellm.runtime.engine.prefix_hash import hash_block, media_keys, prefix_root
+from sagellm.runtime.engine.prefix_hash import hash_block, prefix_root
 from sagellm.runtime.engine.sequence import Sequence
 from sagellm.runtime.engine.state_slots import StateSlots
 from sagellm.runtime.engine.window_blocks import WindowedBlocks
@@ -144,10 +144,9 @@ class PrefixTiers:
         chain: list[_Link] = []
         bs, parent = self.full.block_size, prefix_root(seq.cache_salt)
         for i in range((seq.num_tokens - 1) // bs):
-            tokens, extra = seq.token_ids[i * bs : (i + 1) * bs], media_keys(seq.mm_features, i * bs, (i + 1) * bs)
-            block_hash = hash_block(parent, tokens, extra)
+            meta = self.full.meta_of(parent, seq, i)
+            block_hash = hash_block(meta.parent, meta.tokens, meta.extra)
             page = self.full.cached_hashes.get(block_hash)
-            meta = BlockMeta(parent, tuple(tokens), extra)
             if page is None and self.store.where(BlockKey(FULL, block_hash), meta) is None:
                 break
             chain.append(_Link(block_hash, meta, page))
