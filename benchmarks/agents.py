@@ -13,7 +13,9 @@ not installed is skipped with a note. TTFT p50/p99 of first turns, of returning 
 and the cached prompt tokens the servers report: a table with the CPU, `--out`.json and .png.
 
 `--w1-overhead`: W1-c16 (`sagellm bench serve`'s client) against `sagellm serve` without and with the tiers' flags,
-a fresh server per run, `--repeats` runs of each interleaved: output tok/s and TTFT p50 (the gate: at most 3% worse)."""
+a fresh server per run, `--repeats` runs of each interleaved: output tok/s and TTFT p50 (the gate: at most 3% worse).
+`--across-instances`: the sessions' second turns sent to the other of two instances, whose engine fetches the
+session's blocks from the first, against computing them and against routing to the holder (agents_instances.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from typing import Any
 import httpx
 import trio
 
+from sagellm.benchmarks.agents_instances import run_across
 from sagellm.benchmarks.agents_load import Conversations, Turn, Workload, converse, send_turn
 from sagellm.benchmarks.agents_report import markdown, overhead_markdown, overhead_plot, plot, summarize
 from sagellm.benchmarks.chaos_report import progress
@@ -50,6 +53,8 @@ PEERS_MODEL = "smollm2-135m-instruct"  # the model the peers serve (serve.sh): a
 BLOCK_SIZE = 16
 STOP_TIMEOUT_S = 180  # a clean shutdown writes the tiers' blocks to disk first
 W1_OPTIONS = ("ram-gb", "disk-gb", "server-args", "seed", "repeats", "w1-prompts")  # what --w1-overhead reads
+ACROSS_OPTIONS = ("sessions", "prefix-tokens", "tool-tokens", "max-tokens", "cache-sessions", "ram-gb", "server-args",
+                  "seed")  # fmt: skip  # what --across-instances reads
 OVERHEAD_GATE = 1.03  # the tiers' W1-c16: output tok/s at most 3% lower, TTFT p50 at most 3% higher
 # (flag, default, help): every option that changes what is measured, written out in the command stored with results
 OPTIONS: tuple[tuple[str, Any, str], ...] = (
@@ -77,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, default, text in OPTIONS:
         parser.add_argument(f"--{flag}", type=type(default), default=default, help=f"{text} (default: %(default)s)")
     parser.add_argument("--w1-overhead", action="store_true", help="run the W1-c16 overhead check instead")
+    across = "two instances: second turns on the other one, fetched from the first or computed"
+    parser.add_argument("--across-instances", action="store_true", help=across)
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="seconds one turn may take")
     parser.add_argument(
         "--peers-dir", type=Path, default=None,
@@ -94,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     cpu, command = cpu_description(), _command(args)
     if args.w1_overhead:
         return trio.run(_w1_overhead, args, cpu, command)
+    if args.across_instances:
+        return trio.run(run_across, args, cpu, command)
     workload = Workload(args.sessions, args.turns, args.prefix_tokens, args.tool_tokens, args.max_tokens,
                         args.restart_after, args.seed)  # fmt: skip
     results = trio.run(_agents, args, arms, workload)
@@ -322,8 +331,9 @@ async def _w1_overhead(args: argparse.Namespace, cpu: str, command: str) -> int:
 def _command(args: argparse.Namespace) -> str:
     """The run spelled out in full (every default made explicit), so the table's numbers can be reproduced."""
     parts = ["sagellm", "bench", "agents", "--model", args.model] + (["--w1-overhead"] if args.w1_overhead else [])
+    parts += ["--across-instances"] if args.across_instances else []
     for flag, _, _ in OPTIONS:
-        if args.w1_overhead and flag not in W1_OPTIONS:
+        if args.w1_overhead and flag not in W1_OPTIONS or args.across_instances and flag not in ACROSS_OPTIONS:
             continue
         value = getattr(args, flag.replace("-", "_"))
         parts += [f"--{flag}", value if isinstance(value, str) else f"{value:g}"]

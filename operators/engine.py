@@ -21,6 +21,7 @@ import structlog
 
 from sagellm.common.errors import FieldError, InvalidInput, NotFound
 from sagellm.common.memory import return_freed_memory
+from sagellm.operators.kv_block_serving import BlockServing, exclusive
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.kv_events.publisher import connectable
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
@@ -98,6 +99,7 @@ class EngineOperator(StepOperator):
         self.step_trace: StepTraceFile | None = None
         self.sleep_level = 0  # 1: its KV cache freed, 2: its weights too (vLLM's sleep mode); 0: awake
         self._model = ""  # the model's path, resolved at open: a sleeping engine is started again from it
+        self.blocks = BlockServing()  # its blocks served to the other instances, and the lock that makes it safe
 
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:
@@ -130,13 +132,16 @@ class EngineOperator(StepOperator):
         # The executor made this node's stats from the same parameters (route saw them before any engine opened).
         self.stats = ctx.instances.setdefault(ctx.node_id, self._new_stats(ctx.node_id))
         self._refresh_stats()
+        self.blocks.start(lambda: self.engine, self.stats)
 
     def close(self) -> None:
-        if self.step_trace is not None:
-            self.step_trace.close()
-        if self.engine is not None:
-            self.engine.close()
-        self.engine = None
+        self.blocks.close()  # first: an answer under way holds the lock
+        with self.blocks.lock:
+            if self.step_trace is not None:
+                self.step_trace.close()
+            if self.engine is not None:
+                self.engine.close()
+            self.engine = None
 
     def _start_engine(self) -> None:
         """The engine of the model resolved at open (again, after a deep sleep)."""
@@ -146,6 +151,7 @@ class EngineOperator(StepOperator):
         self.engine = start_engine(config)
 
     # -- sleep mode -------------------------------------------------------------------------------------------------
+    @exclusive
     def sleep(self, level: int) -> None:
         """Frees the engine's memory while it holds no request (vLLM's sleep mode): level 1 its KV cache (its
         pages given back, the weights kept; where only a new engine frees the cache, as level 2), level 2 the
@@ -166,6 +172,7 @@ class EngineOperator(StepOperator):
         self.stats.sleep_level = self.sleep_level
         log.info("engine_asleep", node=self.ctx.node_id, level=self.sleep_level)
 
+    @exclusive
     def wake_up(self, level: int = 0) -> None:
         """Makes a sleeping engine serve again (`level` 0): at level 2 a new engine loads the weights (seconds), at
         level 1 the cache is mapped again as it fills. `level` 1, from level 2: the weights alone are loaded (vLLM's
@@ -186,6 +193,7 @@ class EngineOperator(StepOperator):
         log.info("engine_awake" if not self.sleep_level else "engine_weights_loaded", node=self.ctx.node_id)
 
     # -- the Step contract ------------------------------------------------------------------------------------------
+    @exclusive
     def add(self, item: Any) -> list[Any]:
         rid = item.request_id
         if rid in self._tracked:
@@ -214,6 +222,7 @@ class EngineOperator(StepOperator):
                 rid, prompt or "", request.sampling, priority=request.priority, prefill_only=self.role == "prefill",
                 export_kv=request.kv_export, resumed_tokens=request.resumed_tokens, group=request.group,
                 cache_salt=request.cache_salt, lora_request=request.lora, multi_modal_data=_media(request),
+                peer_prefix=request.peer_prefix,
             )  # fmt: skip
         except (ValueError, NotFound) as exc:  # (a LoRA adapter's directory that is not there)
             del self._tracked[rid]
@@ -223,6 +232,7 @@ class EngineOperator(StepOperator):
             self._refresh_stats()
         return []
 
+    @exclusive
     def step(self) -> list[Any]:
         started = time.perf_counter()
         outputs = self.engine.step()
@@ -251,6 +261,7 @@ class EngineOperator(StepOperator):
     def in_flight(self) -> list[str]:
         return list(self._tracked)
 
+    @exclusive
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             if self.engine is not None:

@@ -6,7 +6,10 @@ so a prompt sent elsewhere, a prefix evicted, a restart (the gateway's memory of
 disks are not) are all seen. For such an instance this index follows its stream (a thread per instance: a ZeroMQ
 subscriber that heals its gaps by replay or snapshot) and counts a block cached when the instance holds it in any
 medium: loading from RAM or disk costs a small fraction of computing it (`sagellm bench agents`). A prompt sent in the
-last few seconds counts too, since its events follow a step later. An instance without events keeps the estimate."""
+last few seconds counts too, since its events follow a step later. An instance without events keeps the estimate.
+
+Knowing who holds what, it also says when another instance holds more of a prompt than the one chosen for it
+(`peer_prefix`): the chosen engine fetches those blocks from it (kv_tiers/peer_blocks.py) instead of computing them."""
 
 from __future__ import annotations
 
@@ -20,12 +23,14 @@ import structlog
 from sagellm.common.errors import Unavailable
 from sagellm.operators.prefix_index import PrefixIndex
 from sagellm.runtime.engine.kv_events.subscriber import KvEventSubscriber
+from sagellm.runtime.engine.peer_prefix import PeerPrefix
 from sagellm.runtime.pipeline.operator import InstanceStats
 
 log = structlog.get_logger("sagellm.route")
 
 RECENT_S = 5.0  # how long a prompt just sent counts as held where it went, before its events arrive
 RETRY_S = 1.0  # how soon a feed whose publisher did not answer tries again
+PEER_GAIN_BLOCKS = 4  # how many more blocks another instance must hold for the chosen one to fetch them from it
 
 
 class _Feed:
@@ -110,6 +115,27 @@ class EventIndex(PrefixIndex):
                 break
             matched += 1
         return matched * self.block_size
+
+    def peer_prefix(
+        self, chosen: InstanceStats, instances: Iterable[InstanceStats], token_ids: Sequence[int], hashes: list[int]
+    ) -> PeerPrefix | None:
+        """The instance among `instances` that its events say holds the most more of the prompt (block `hashes`)
+        than `chosen` holds, at least `PEER_GAIN_BLOCKS` more, where both serve and fetch blocks; None otherwise."""
+        if chosen.kv_blocks_endpoint is None or not self.follows(chosen.name):
+            return None
+        own = self.cached_tokens(chosen.name, token_ids, hashes) // self.block_size
+        best: tuple[int, InstanceStats] | None = None
+        for stats in instances:
+            if stats.name == chosen.name or not stats.healthy or stats.kv_blocks_token is None:
+                continue
+            feed = self._feeds.get(stats.name)
+            held = next((i for i, h in enumerate(hashes) if not feed.holds(h)), len(hashes)) if feed else 0
+            if held >= own + PEER_GAIN_BLOCKS and (best is None or held > best[0]):
+                best = held, stats
+        if best is None:
+            return None
+        held, stats = best
+        return PeerPrefix(stats.name, stats.kv_blocks_endpoint, stats.kv_blocks_token, held)
 
     def record(self, instance: str, token_ids: Sequence[int], hashes: list[int] | None = None) -> None:
         hashes = self.hashes(token_ids) if hashes is None else hashes

@@ -15,7 +15,9 @@ its blocks are hashed under the request's salt and LoRA adapter's digest (`prefi
 The choices of one request (`request.group`) go where the first went, while it can take them: that engine prefills
 their prompt once. A request to prefill on an attached server (vLLM's disaggregated serving across servers) also
 gets the server that decodes it (`request.decode_instance`); one another server prefilled (`request.prefilled`) goes
-to an engine of the graph, the only kind its KV can go into."""
+to an engine of the graph, the only kind its KV can go into. Where the engines' KV events say another instance holds
+more of the prompt than the chosen one, the request names it (`request.peer_prefix`): the chosen engine fetches the
+blocks from there."""
 
 from __future__ import annotations
 
@@ -86,6 +88,8 @@ class Route(MapOperator):
         if chosen is None:
             untried = [c for c in candidates if c.name not in item.exclude] or candidates
             chosen = self.strategy.choose(item, untried, hashes)
+        if isinstance(self.prefix_index, EventIndex):  # before the charge records the prompt as the chosen's
+            item.peer_prefix = self.prefix_index.peer_prefix(chosen, engines, tokens, hashes)
         self._charge(item, chosen, tokens, hashes)
         item.instance = chosen.name
         if item.phase == "prefill" and chosen.node is not None:

@@ -38,7 +38,7 @@ from sagellm.runtime.pipeline.messages import Message
 if TYPE_CHECKING:
     import torch
 
-PROTOCOL = 12  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
+PROTOCOL = 13  # the wire format's version: raise it whenever a struct below or in the pipeline's messages changes
 HEARTBEAT_S = 0.5  # how often both ends of a control channel send a Heartbeat
 REQUESTS_KEY = "_requests"  # the Heartbeat stats entry listing the request ids the sender holds
 STAGE_KEY = "_stage"  # the Heartbeat stats entry saying what a starting worker waits on (common.progress)

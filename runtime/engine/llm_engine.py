@@ -32,6 +32,7 @@ from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.model_runner import ModelRunner, RunnerLostError
 from sagellm.runtime.engine.output_processor import Computed, OutputProcessor
 from sagellm.runtime.engine.outputs import EngineStats, RequestOutput
+from sagellm.runtime.engine.peer_prefix import PeerPrefix
 from sagellm.runtime.engine.prompt_logprobs import score_prompts
 from sagellm.runtime.engine.request_intake import RequestIntake
 from sagellm.runtime.engine.request_state import RequestState
@@ -117,6 +118,7 @@ class LLMEngine:
         cache_salt: str | None = None,
         lora_request: LoRARequest | None = None,
         multi_modal_data: Mapping[str, Any] | None = None,
+        peer_prefix: PeerPrefix | None = None,
     ) -> None:
         """Queues a request. With `prefill_only` (a prefill worker), it ends after its first token with finish reason
         "prefilled" and its prompt's KV in `RequestOutput.kv`, unless that token already finished it. `export_kv`
@@ -127,13 +129,15 @@ class LLMEngine:
         prompt (the `n` choices of one request, each added with `SamplingParams.choice`): its blocks are computed
         and held once. `cache_salt`: its prompt shares cached blocks only with prompts of the same salt.
         `lora_request`: the LoRA adapter it is generated with (an engine with enable_lora). `multi_modal_data`
-        (vLLM's): {"image": images}, one per image placeholder of the prompt (a model with a vision encoder)."""
+        (vLLM's): {"image": images}, one per image placeholder of the prompt (a model with a vision encoder).
+        `peer_prefix`: another instance holds more of the prompt's prefix (the router's word): an engine with tiers
+        under its prefix cache fetches it from there."""
         if params.n != 1:
             raise InvalidInput(f"n={params.n}: add each choice on its own (SamplingParams.choice) in one group")
         state = self._intake.new(request_id, prompt, params, priority, resumed_tokens, cache_salt=cache_salt,
                                  lora_request=lora_request, multi_modal_data=multi_modal_data)  # fmt: skip
         state.prefill_only, state.export_kv = prefill_only or export_kv, export_kv
-        state.seq.group = group
+        state.seq.group, state.seq.peer_prefix = group, peer_prefix
         self.scheduler.add(state.seq)
 
     def add_prefilled_request(

@@ -41,8 +41,8 @@ class RequestMetrics(msgspec.Struct, array_like=True, omit_defaults=True, kw_onl
     slo_met: bool | None = None  # None: the request set no SLO
     # PD: the prefill worker's first token to the decode worker's (KV gathered, sent, copied into decode's cache)
     kv_handover_s: float | None = None
-    # Of `num_cached_tokens`, those found where: "pages" (the KV cache), "ram", "disk" (the tiers under it, kv_tiers/);
-    # None without tiers. (Last: the struct travels as an array.)
+    # Of `num_cached_tokens`, those found where: "pages" (the KV cache), "ram", "disk" (the tiers under it, kv_tiers/),
+    # "peer" (fetched from another instance); None without tiers. (Last: the struct travels as an array.)
     cached_tokens_by_tier: dict[str, int] | None = None
 
     @property

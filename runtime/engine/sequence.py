@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sagellm.runtime.engine.peer_prefix import PeerPrefix
 from sagellm.runtime.engine.penalties import BadWords
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
@@ -58,10 +59,12 @@ class Sequence:
     # and kept only as far as the target model agrees; never in `token_ids`, so prefix hashes see accepted tokens only.
     spec_token_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None  # its prefix blocks are shared only with prompts of the same salt (vLLM's)
-    # The blocks the tiers under the prefix cache loaded for it (block id -> "ram" or "disk"), and once admitted, its
-    # cached tokens by where they were: "pages", "ram", "disk" (None without tiers).
+    # The blocks the tiers under the prefix cache loaded for it (block id -> "ram", "disk" or "peer"), and once
+    # admitted, its cached tokens by where they were: "pages", "ram", "disk", "peer" (None without tiers).
     cached_by_tier_blocks: dict[int, str] = field(default_factory=dict)
     cached_by_tier: dict[str, int] | None = None
+    # Another instance holds more of its prefix (the router's word): fetched from there once, as it is first looked up
+    peer_prefix: PeerPrefix | None = None
     state_slot: int = -1  # a model with recurrent layers: the slot of its states while it runs (state_slots.py)
     lora_adapter: LoraAdapter | None = None  # the LoRA adapter it is generated with
     lora_slot: int = -1  # the slot of that adapter's weights while it runs (lora_slots.py); -1: none

@@ -18,6 +18,7 @@ import msgspec
 
 from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
+from sagellm.runtime.engine.peer_prefix import PeerPrefix
 from sagellm.runtime.engine.sampling_params import SamplingParams
 
 Phase = Literal["colocated", "prefill", "decode", "embed"]  # embed: the prompt's vector, from an embedding model
@@ -89,6 +90,7 @@ class Request(_Message):
     kv_export: bool = False
     prefilled: Prefilled | None = None  # another server prefilled it: decode from there (`do_remote_prefill`)
     decode_instance: str | None = None  # a prefill on an attached server: the server route chose to decode it
+    peer_prefix: PeerPrefix | None = None  # route: another instance holds more of its prefix (fetched from there)
     lora: LoRARequest | None = None  # the LoRA adapter a request's `model` names (vLLM's --lora-modules)
     images: list[bytes] | None = None  # a chat's images, their files as sent, one per placeholder in prompt order
     # Its images encoded by an `encode` node (the EPD graph): `prompt_token_ids` is then the expanded prompt

@@ -126,7 +126,8 @@ class PipelineMetrics:
         )
         self.cached_by_tier = Counter(
             "sagellm:prefix_cache_hit_tokens_total",
-            "Cached prompt tokens of finished requests by where they were: the KV cache (pages) or a tier under it.",
+            "Cached prompt tokens of finished requests by where they were: the KV cache (pages), a tier under it, or "
+            "another instance (peer).",
             ["tier"],
             registry=r,
         )

@@ -80,6 +80,9 @@ class InstanceStats:
     # which blocks it holds, in its pages and the tiers under them
     kv_events_endpoint: str | None = None
     kv_events_replay_endpoint: str | None = None
+    # Where it serves the blocks it holds to the other instances, and the token it asks for (operators/kv_block_serving)
+    kv_blocks_endpoint: str | None = None
+    kv_blocks_token: str | None = None
     spec_decode_num_drafts: int = 0  # speculative decoding since start: verifications of proposed tokens
     spec_decode_num_draft_tokens: int = 0  # ... tokens proposed
     spec_decode_num_accepted_tokens: int = 0  # ... and accepted

@@ -70,3 +70,23 @@ def test_the_w1_overhead_check_compares_our_server_without_and_with_the_tiers(tm
     assert {name: m["completed"] for name, m in results["medians"].items()} == {"sagellm": 4, "sagellm-tiers": 4}
     assert results["command"].endswith("--w1-prompts 4") and "--sessions" not in results["command"]
     assert (tmp_path / "agents_w1_overhead.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_across_instances_fetches_second_turns_from_the_other_instance(tmp_path, capsys):
+    """Two instances, each session's second turn on the other: fetched whole from the first where route reads the
+    events, computed where it does not, found on the holder under cache_aware."""
+    model = make_tiny_llama(tmp_path / "tiny-llama", max_position_embeddings=1024)
+    out = tmp_path / "agents"
+    argv = ["bench", "agents", "--across-instances", "--model", str(model), "--sessions", "2", "--prefix-tokens", "160"]
+    argv += ["--tool-tokens", "24", "--max-tokens", "8", "--cache-sessions", "2", "--ram-gb", "0.05", "--out", str(out)]
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert "| fetch |" in printed and "| recompute |" in printed and "| holder |" in printed and "\nCPU: " in printed
+    arms = json.loads((tmp_path / "agents_instances.json").read_text())["arms"]
+    second = {name: [t for t in arm["turns"] if t["turn"] == 2] for name, arm in arms.items()}
+    assert all(len(turns) == 2 and not any(t["error"] for t in turns) for turns in second.values())
+    assert all((t["cached_by_tier"] or {}).get("peer", 0) >= 160 for t in second["fetch"]), second["fetch"]
+    assert all(not (t["cached_by_tier"] or {}).get("peer") for t in second["recompute"] + second["holder"])
+    assert all(t["cached_tokens"] >= 160 for t in second["holder"])
+    assert (tmp_path / "agents_instances.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -118,16 +118,21 @@ def read_block(file: FileIO, identity_sha: bytes, key: BlockKey, meta: BlockMeta
 
 def read_header(file: FileIO, identity_sha: bytes, size: int) -> tuple[int, BlockKey, BlockMeta, int, int]:
     """(header length, key, meta, payload length, payload CRC) of the block file open in `file` (`size` bytes), its
-    header checked (magic, CRC, our identity, the hash of what it names), or BadBlock."""
+    header checked (`check_header`), or BadBlock."""
     fixed = _read_exactly(file, _FIXED.size)
-    magic, fmt, _flags, header_len = _FIXED.unpack(fixed)
-    if magic != MAGIC or fmt != FORMAT:
-        raise BadBlock("corrupt", f"magic {magic!r} format {fmt}, expected {MAGIC!r} format {FORMAT}")
-    if header_len % HEADER_ALIGN or not _FIXED.size + _NAME.size < header_len <= MAX_HEADER_BYTES:
-        raise BadBlock("corrupt", f"header_len {header_len}")
+    header_len = _header_length(fixed)
     if size < header_len:
         raise BadBlock("truncated", f"{size} bytes, header alone is {header_len}")
-    header = fixed + _read_exactly(file, header_len - _FIXED.size)
+    return header_len, *check_header(fixed + _read_exactly(file, header_len - _FIXED.size), identity_sha)
+
+
+def check_header(header: bytes, identity_sha: bytes) -> tuple[BlockKey, BlockMeta, int, int]:
+    """(key, meta, payload length, payload CRC) of a whole header (a file's, or one another instance sent: peer
+    fetches carry the same bytes), checked: magic, length, CRC, our identity, the hash of what it names; or
+    BadBlock."""
+    header_len = _header_length(header[: _FIXED.size])
+    if len(header) != header_len:
+        raise BadBlock("truncated", f"header of {len(header)} bytes, its length field says {header_len}")
     if zlib.crc32(memoryview(header)[: -_LENGTH.size]) != _LENGTH.unpack_from(header, header_len - _LENGTH.size)[0]:
         raise BadBlock("corrupt", "header CRC32")
     stored_sha, stored_key, stored_meta, payload_len, payload_crc = _parse(header)
@@ -135,7 +140,19 @@ def read_header(file: FileIO, identity_sha: bytes, size: int) -> tuple[int, Bloc
         raise BadBlock("foreign", f"identity sha256 {stored_sha.hex()[:16]}…, ours {identity_sha.hex()[:16]}…")
     if hash_block(stored_meta.parent, stored_meta.tokens, stored_meta.extra) != stored_key.block_hash:
         raise BadBlock("corrupt", "hash_block(parent, tokens, extra) is not the stored hash")
-    return header_len, stored_key, stored_meta, payload_len, payload_crc
+    return stored_key, stored_meta, payload_len, payload_crc
+
+
+def _header_length(fixed: bytes) -> int:
+    """The header's length from its first fixed bytes (magic, format and length checked)."""
+    if len(fixed) < _FIXED.size:
+        raise BadBlock("truncated", f"{len(fixed)} bytes, a header starts with {_FIXED.size}")
+    magic, fmt, _flags, header_len = _FIXED.unpack(fixed)
+    if magic != MAGIC or fmt != FORMAT:
+        raise BadBlock("corrupt", f"magic {magic!r} format {fmt}, expected {MAGIC!r} format {FORMAT}")
+    if header_len % HEADER_ALIGN or not _FIXED.size + _NAME.size < header_len <= MAX_HEADER_BYTES:
+        raise BadBlock("corrupt", f"header_len {header_len}")
+    return header_len
 
 
 def _parse(header: bytes) -> tuple[bytes, BlockKey, BlockMeta, int, int]:

@@ -16,7 +16,6 @@ import collections
 import contextlib
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -41,6 +40,7 @@ from sagellm.runtime.engine.kv_tiers.block_file import (
     read_block,
     read_header,
 )
+from sagellm.runtime.engine.kv_tiers.identity import canonical, identity_digest
 
 log = structlog.get_logger("sagellm.kv_tiers")
 
@@ -81,15 +81,14 @@ class DiskTier:
         max_queued: int = 4096,
         on_removed: Callable[[BlockKey], None] | None = None,
     ) -> None:
-        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        self._identity_sha = hashlib.sha256(canonical.encode()).digest()
+        self._identity_sha = identity_digest(identity)
         self.namespace = self._identity_sha.hex()[:16]
         self.root = Path(directory) / ROOT / self.namespace
         self.budget_bytes = budget_bytes
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._part_numbers = itertools.count()
-        self._publish_layout({"format": LAYOUT_FORMAT, "identity": json.loads(canonical)})
+        self._publish_layout({"format": LAYOUT_FORMAT, "identity": json.loads(canonical(identity))})
 
         self.on_removed = on_removed  # given here, it misses no deletion: the first sweep may run at once
         # Called from the writer thread as each submitted block is done with: (key, meta, whether it is on disk now).

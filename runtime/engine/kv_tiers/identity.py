@@ -10,7 +10,9 @@ kernel that writes KV changes. The cache salt, a LoRA adapter and media are in e
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,16 @@ def tier_identity(
         "backend": backend,
         "kernels": kernels,
     }
+
+
+def canonical(identity: Mapping[str, Any]) -> str:
+    """The identity as the one JSON text both its digest and a disk tier's layout.json are made from."""
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def identity_digest(identity: Mapping[str, Any]) -> bytes:
+    """The sha256 every block's header carries (block_file.py): a reader refuses a block of another identity."""
+    return hashlib.sha256(canonical(identity).encode()).digest()
 
 
 def weights_fingerprint(source: Path) -> str:

@@ -13,7 +13,12 @@ group, the recurrent states after its last block), and loads the missing pieces 
 slot) registered under their hashes. The lookup that follows then finds an ordinary cached prefix, so every path a
 page hit takes (chunked prefill, windows, checkpoints, speculation, PD, resume) takes it unchanged. A block that
 fails its checks cuts the prefix there: the rest is computed, never served wrong. Loads run at schedule time,
-before the step that reads them."""
+before the step that reads them.
+
+Across instances: where the router says another instance holds more of the prompt (`Sequence.peer_prefix`), the
+walk fetches the blocks past what this instance holds from that one in one round trip (`peers`: peer_blocks.py) and
+loads them like a tier's. The other side is `export`: the blocks of given keys from the pages, the checkpoints and
+the tiers, for a fetch that arrives while no step runs (the operator running the engine serves them)."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import structlog
 from sagellm.runtime.engine.block_manager import Block, BlockManager
 from sagellm.runtime.engine.kv_tiers.block_file import BlockKey, BlockMeta
 from sagellm.runtime.engine.kv_tiers.block_payloads import FULL, SLIDING, STATES, BlockPayloads
+from sagellm.runtime.engine.kv_tiers.peer_blocks import BlockClient, Found
 from sagellm.runtime.engine.kv_tiers.tier_store import TierStore
 from sagellm.runtime.engine.outputs import KvOffloadStats
 from sagellm.runtime.engine.prefix_hash import hash_block, prefix_root
@@ -57,6 +63,8 @@ class PrefixTiers:
         if slots is not None:
             slots.on_evict = self._store_states
         self._evicted: list[tuple[str, int, BlockKey, BlockMeta]] = []  # (group, block, key, meta): not yet copied
+        self.peers: BlockClient | None = None  # set with the identity (setup.py)
+        self.identity_sha = b""  # what the blocks' headers carry (kv_tiers/identity.py): peers refuse another's
 
     # -- going down -----------------------------------------------------------------------------------------------
     def _store_block(self, group: str, block: Block) -> None:
@@ -113,7 +121,14 @@ class PrefixTiers:
     # -- coming up ------------------------------------------------------------------------------------------------
     def revive(self, seq: Sequence) -> None:
         """Loads into the KV cache the blocks (and recurrent states) of `seq`'s longest prefix the pages lack and the
-        tiers hold, registered in the prefix cache; `seq.cached_by_tier_blocks` records where each came from."""
+        tiers (or the peer the router named) hold, registered in the prefix cache; `seq.cached_by_tier_blocks`
+        records where each came from."""
+        try:
+            self._revive(seq)
+        finally:
+            self.store.unstage()
+
+    def _revive(self, seq: Sequence) -> None:
         chain = self._chain(seq)
         n = self._deepest_usable(chain)
         if n == 0:
@@ -143,15 +158,64 @@ class PrefixTiers:
         to compute, as in `find_cached_prefix`)."""
         chain: list[_Link] = []
         bs, parent = self.full.block_size, prefix_root(seq.cache_salt)
-        for i in range((seq.num_tokens - 1) // bs):
+        limit = (seq.num_tokens - 1) // bs
+        for i in range(limit):
             meta = self.full.meta_of(parent, seq, i)
             block_hash = hash_block(meta.parent, meta.tokens, meta.extra)
             page = self.full.cached_hashes.get(block_hash)
-            if page is None and self.store.where(BlockKey(FULL, block_hash), meta) is None:
+            key = BlockKey(FULL, block_hash)
+            missing = page is None and self.store.where(key, meta) is None
+            if missing and (not self._fetch(seq, i, parent, limit) or self.store.where(key, meta) is None):
                 break
             chain.append(_Link(block_hash, meta, page))
             parent = block_hash
         return chain
+
+    def _fetch(self, seq: Sequence, start: int, parent: int, limit: int) -> bool:
+        """Fetches from the peer the router named for `seq` (once) its blocks from `start` (chained to `parent`) as
+        far as the peer holds them, with the window's sliding-group blocks and the recurrent states after each, and
+        stages what came; whether anything did."""
+        peer, seq.peer_prefix = seq.peer_prefix, None
+        end = min(peer.blocks, limit) if peer is not None and self.peers is not None else 0
+        if end <= start:
+            return False
+        wanted: list[tuple[BlockKey, BlockMeta]] = []
+        passed = self.sliding.passed_blocks(end * self.full.block_size) if self.sliding is not None else end
+        for i in range(start, end):
+            meta = self.full.meta_of(parent, seq, i)
+            parent = hash_block(meta.parent, meta.tokens, meta.extra)
+            wanted.append((BlockKey(FULL, parent), meta))
+            if i >= passed:
+                wanted.append((BlockKey(SLIDING, parent), meta))
+            if self.slots is not None:
+                wanted.append((BlockKey(STATES, parent), meta))
+        nbytes = {group: self.payloads.nbytes(group) for group in (FULL, SLIDING, STATES)}
+        found = self.peers.fetch(peer, wanted, nbytes)
+        for key, meta, payload in found:
+            self.store.stage(key, meta, payload)
+        return bool(found)
+
+    def export(self, keys: list[BlockKey]) -> Found:
+        """The blocks of `keys` this engine holds, from its pages, checkpoints and tiers, for another instance that
+        fetches them; those it lacks are left out. Called while no step runs."""
+        found: Found = []
+        paged: dict[str, list[tuple[int, BlockKey, BlockMeta]]] = {FULL: [], SLIDING: []}
+        managers = {FULL: self.full, SLIDING: self.sliding}
+        checkpoints = {h: (slot, meta) for h, slot, meta in self.slots.checkpoints()} if self.slots is not None else {}
+        for key in keys:
+            manager = managers.get(key.group)
+            page = manager.cached_hashes.get(key.block_hash) if manager is not None else None
+            if page is not None and manager.blocks[page].meta is not None:
+                paged[key.group].append((page, key, manager.blocks[page].meta))
+            elif key.group == STATES and key.block_hash in checkpoints:
+                slot, meta = checkpoints[key.block_hash]
+                found.append((key, meta, self.payloads.read(STATES, slot)))
+            elif (entry := self.store.serve(key, self.payloads.nbytes(key.group))) is not None:
+                found.append((key, *entry))
+        for group, blocks in paged.items():
+            payloads = self.payloads.read_many(group, [page for page, _, _ in blocks]) if blocks else []
+            found += [(key, meta, payload) for (_, key, meta), payload in zip(blocks, payloads)]
+        return found
 
     def _deepest_usable(self, chain: list[_Link]) -> int:
         """The most blocks of `chain` a prompt may resume after: with recurrent layers, a prefix whose states after it

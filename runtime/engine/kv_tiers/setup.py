@@ -5,6 +5,7 @@ scheduler's block bookkeeping."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -15,7 +16,8 @@ from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.kv_tiers.block_payloads import FULL, SLIDING, STATES, BlockPayloads
 from sagellm.runtime.engine.kv_tiers.disk_tier import DiskTier, ForeignLayout
-from sagellm.runtime.engine.kv_tiers.identity import default_disk_budget, tier_identity
+from sagellm.runtime.engine.kv_tiers.identity import default_disk_budget, identity_digest, tier_identity
+from sagellm.runtime.engine.kv_tiers.peer_blocks import BlockClient
 from sagellm.runtime.engine.kv_tiers.prefix_tiers import PrefixTiers
 from sagellm.runtime.engine.kv_tiers.ram_tier import RamTier
 from sagellm.runtime.engine.kv_tiers.tier_store import TierStore
@@ -40,17 +42,21 @@ def prefix_tiers(
         raise FieldError("kv_offload_ram_gb", "the KV offload tiers serve an engine of one rank (no tensor or "
                          "pipeline parallelism) for now")  # fmt: skip
     payloads = BlockPayloads(runner, head_runner)
+    layouts = {group: payloads.nbytes(group) for group in (FULL, SLIDING, STATES)}
+    identity = tier_identity(model.source, model.config.architecture, layouts, config.block_size, config.dtype,
+                             backend.name, _kernels(backend))  # fmt: skip
     ram = RamTier(int(config.kv_offload_ram_gb * GIB)) if config.kv_offload_ram_gb > 0 else None
-    disk = _disk_tier(config, model, backend, payloads) if config.kv_offload_dir is not None else None
+    disk = _disk_tier(config, identity) if config.kv_offload_dir is not None else None
     if ram is None and disk is None:  # a foreign directory, refused
         raise FieldError("kv_offload_dir", f"kv_offload_dir {config.kv_offload_dir}: holds another model's blocks "
                          "under this one's name; name another directory")  # fmt: skip
-    return PrefixTiers(scheduler.block_manager, scheduler.state_slots, TierStore(ram, disk), payloads)
+    tiers = PrefixTiers(scheduler.block_manager, scheduler.state_slots, TierStore(ram, disk), payloads)
+    tiers.identity_sha = identity_digest(identity)
+    tiers.peers = BlockClient(tiers.identity_sha)
+    return tiers
 
 
-def _disk_tier(
-    config: EngineConfig, model: LoadedModel, backend: HardwareBackend, payloads: BlockPayloads
-) -> DiskTier | None:
+def _disk_tier(config: EngineConfig, identity: dict[str, Any]) -> DiskTier | None:
     """The disk tier, or None (logged) where the directory's namespace for this identity holds another's blocks: an
     engine never reads those, and runs with the RAM tier alone."""
     directory = Path(config.kv_offload_dir).expanduser()
@@ -58,9 +64,6 @@ def _disk_tier(
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise FieldError("kv_offload_dir", f"kv_offload_dir {directory}: {error.strerror}") from None
-    layouts = {group: payloads.nbytes(group) for group in (FULL, SLIDING, STATES)}
-    identity = tier_identity(model.source, model.config.architecture, layouts, config.block_size, config.dtype,
-                             backend.name, _kernels(backend))  # fmt: skip
     budget = int(config.kv_offload_disk_gb * GIB) if config.kv_offload_disk_gb else default_disk_budget(directory)
     try:
         disk = DiskTier(directory, identity, budget)

@@ -1,8 +1,9 @@
 """The tiers under the prefix cache as one store: RAM, then disk, each optional.
 
 A block put here goes to RAM; what RAM evicts goes to the disk tier's writer thread (off the engine's step), or is
-dropped without one (or straight to disk with no RAM tier). A lookup asks RAM, then the disk (a `stat`: another
-instance's files count). Counters say what was stored, loaded and from where, for the engine's metrics."""
+dropped without one (or straight to disk with no RAM tier). A lookup asks the blocks just fetched from another
+instance for one prompt (`stage`), then RAM, then the disk (a `stat`: another instance's files count). Counters say
+what was stored, loaded and from where, for the engine's metrics."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sagellm.runtime.engine.kv_tiers.ram_tier import RamTier
 if TYPE_CHECKING:
     from sagellm.runtime.engine.block_events import BlockEvents
 
-RAM, DISK = "ram", "disk"
+RAM, DISK, PEER = "ram", "disk", "peer"
 CPU_MEDIUM, DISK_MEDIUM = "CPU", "DISK"  # their KV events' media (vLLM's names: kv_events/wire.py)
 
 
@@ -36,6 +37,8 @@ class TierStore:
         self._writing: dict[BlockKey, tuple[BlockMeta, torch.Tensor]] = {}
         if disk is not None:
             disk.on_written = self._written
+        # Blocks fetched from another instance for the prompt being looked up (`stage`), until it has its blocks.
+        self._staged: dict[BlockKey, tuple[BlockMeta, torch.Tensor]] = {}
 
     def announce(self, events: BlockEvents) -> None:
         """Reports to `events` from now on: what RAM takes and drops, what the disk's writer publishes and its
@@ -67,7 +70,9 @@ class TierStore:
         return self.ram is not None and key in self.ram
 
     def where(self, key: BlockKey, meta: BlockMeta | None = None) -> str | None:
-        """The tier holding `key` (whose hash is of `meta`): RAM, DISK or None."""
+        """The tier holding `key` (whose hash is of `meta`): PEER (staged), RAM, DISK or None."""
+        if key in self._staged:
+            return PEER
         if self.ram is not None and key in self.ram or key in self._writing:
             return RAM
         if self.disk is not None and self.disk.contains(key):
@@ -79,12 +84,10 @@ class TierStore:
     def load(self, key: BlockKey, meta: BlockMeta, nbytes: int) -> tuple[str, torch.Tensor] | None:
         """(tier, payload) of the block `key` whose hash was computed from `meta`, checked to be that block and
         `nbytes` long; None when no tier holds it whole (a bad disk file is set aside there and counted)."""
-        entry = self.ram.get(key) if self.ram is not None else None
-        if entry is not None or (entry := self._writing.get(key)) is not None:
-            stored_meta, payload = entry
-            if stored_meta == meta and payload.numel() == nbytes:
-                self.loaded[RAM] += 1
-                return RAM, payload
+        for tier, entry in ((PEER, self._staged.get(key)), (RAM, self._in_memory(key))):
+            if entry is not None and entry[0] == meta and entry[1].numel() == nbytes:
+                self.loaded[tier] += 1
+                return tier, entry[1]
         if self.disk is not None:
             payload = torch.empty(nbytes, dtype=torch.uint8)
             if self.disk.read_into(key, meta, payload):
@@ -93,6 +96,27 @@ class TierStore:
             if self.events is not None:  # gone, or bad and set aside
                 self.events.tier_removed(key, DISK_MEDIUM)
         return None
+
+    def serve(self, key: BlockKey, nbytes: int) -> tuple[BlockMeta, torch.Tensor] | None:
+        """(meta, payload) of `key`, `nbytes` long, from RAM or the disk, for another instance that fetches it (the
+        disk's file checked as for a load); None when neither holds it."""
+        entry = self._in_memory(key)
+        if entry is not None or self.disk is None or (meta := self.disk.meta_of(key)) is None:
+            return entry
+        payload = torch.empty(nbytes, dtype=torch.uint8)
+        return (meta, payload) if self.disk.read_into(key, meta, payload) else None
+
+    def stage(self, key: BlockKey, meta: BlockMeta, payload: torch.Tensor) -> None:
+        """Holds a block fetched from another instance for the prompt being looked up (until `unstage`)."""
+        self._staged[key] = (meta, payload)
+
+    def unstage(self) -> None:
+        self._staged.clear()
+
+    def _in_memory(self, key: BlockKey) -> tuple[BlockMeta, torch.Tensor] | None:
+        """RAM's entry for `key`, or that of a block on its way to the disk."""
+        entry = self.ram.get(key) if self.ram is not None else None
+        return entry if entry is not None else self._writing.get(key)
 
     def flush(self, timeout_s: float) -> int:
         """Moves RAM's blocks to the disk and waits for the writes (before sleep, unload or exit); without a disk,

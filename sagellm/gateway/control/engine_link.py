@@ -43,7 +43,7 @@ LOAD_FIELDS = ("waiting", "queued_prefill_tokens", "queued_decode_tokens", "kv_c
                "prefix_cache_hits", "tokens_per_s", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
                "spec_decode_num_accepted_tokens", "threads", "kv_offload_ram_bytes", "kv_offload_disk_bytes",
                "kv_offload_stored_blocks", "kv_offload_loaded_blocks", "kv_events_endpoint",
-               "kv_events_replay_endpoint")  # fmt: skip
+               "kv_events_replay_endpoint", "kv_blocks_endpoint", "kv_blocks_token")  # fmt: skip
 SOURCE, SINK = "requests", "replies"
 LINK_ATTRS = ("transport", "bind_host", "advertise_host", "secure", "shared_memory", "cluster")  # the run's, as its own
 
