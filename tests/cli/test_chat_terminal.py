@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Generator
 from pathlib import Path
 
@@ -80,6 +81,18 @@ class Terminal:
             return False
         self.unread += chunk.decode(errors="replace")
         return bool(chunk)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C as a user's process has it: KeyboardInterrupt here, the default in the commands started (an ignored
+    SIGINT is inherited across exec). What ran before in this worker may have left it ignored or handled elsewise
+    (seen once in a while in CI's shared workers), which these tests are not about."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    if previous is not signal.default_int_handler:  # the warnings summary names what left it so
+        warnings.warn(f"SIGINT's handler was {previous!r} before this test; set to the default for it", stacklevel=1)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
