@@ -39,11 +39,13 @@ class EngineConfig:
     # them, in a step of their own. So a short chat's first token waits for steps of about the threshold's tokens,
     # not for whole long prompts. By default (None) a prompt is long past the step's budget (max_num_batched_tokens:
     # prompts that take several steps anyway; a prompt scored for logprobs past AUTO_SCORED_TOKENS) and computes
-    # AUTO_CHUNK_TOKENS a step, scoring AUTO_SCORED_TOKENS positions, sized on a 2-core CPU (`sagellm bench
-    # fairness`): prompts that fit a step keep their speed (W1's); 0 turns it off.
+    # AUTO_CHUNK_TOKENS a step (the whole budget while nothing else runs or waits), scoring AUTO_SCORED_TOKENS
+    # positions, sized on a 2-core CPU (`sagellm bench fairness`): prompts that fit a step keep their speed (W1's);
+    # 0 turns it off.
     long_prefill_token_threshold: int | None = _help(
         "a prompt with more tokens left is long: it computes this many a step, fewer deeper in (default: prompts "
-        "over the step's budget, 48 tokens a step; scored for logprobs, over 32, 32 a step; 0: off)",
+        "over the step's budget, 48 tokens a step beside other requests, the step's budget alone; scored for "
+        "logprobs, over 32, 32 a step; 0: off)",
         None,
     )
     max_num_partial_prefills: int = _help("prompts prefilled across steps at once (the rest wait)", 1)

@@ -58,14 +58,16 @@ class SchedulerConfig:
     # vLLM's long-prefill settings (long_prefills.py): the threshold past which a prompt is long and computes
     # `long_prefill_chunk_tokens` a step (0: the threshold's; threshold 0: off, each prompt takes what the budget
     # leaves), the prompt positions a step scores for logprobs (0: the chunk's), the prompts and the long ones
-    # prefilled across steps at once, and the context at which a long prompt's chunk has shrunk to half (0: it never
-    # does).
+    # prefilled across steps at once, the context at which a long prompt's chunk has shrunk to half (0: it never
+    # does), and whether a long prompt alone in the engine takes whole steps (the engine's default; vLLM's threshold
+    # cuts it alone too).
     long_prefill_token_threshold: int = 0
     long_prefill_chunk_tokens: int = 0
     long_prefill_scored_tokens: int = 0
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     long_prefill_context_scale: int = 0
+    long_prefill_whole_alone: bool = False
     # A model whose pictures attend both ways in a prefill (Gemma 3): no chunk ends inside a picture's run
     # (media_spans.py).
     whole_media_runs: bool = False
@@ -254,9 +256,10 @@ class Scheduler:
     def _shares(self) -> PrefillShares:
         """The prefills' shares of the step to come, from the sequences running now."""
         c = self.config
+        alone = c.long_prefill_whole_alone and len(self.running) + len(self.waiting) == 1
         return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
                              self.running, c.long_prefill_context_scale, chunk_tokens=c.long_prefill_chunk_tokens,
-                             scored_tokens=c.long_prefill_scored_tokens)  # fmt: skip
+                             scored_tokens=c.long_prefill_scored_tokens, alone=alone)  # fmt: skip
 
     def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
         """For each chunk verifying proposals, a checkpoint of its recurrent states after the sequence's own tokens

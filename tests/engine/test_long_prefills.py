@@ -79,7 +79,8 @@ def test_by_default_prompts_that_fit_a_step_are_not_long_and_the_longer_take_sma
     """The engine's default: long past the step's budget (W1's prompts fill steps as before), 48 tokens a step, 32
     prompt positions scored for logprobs."""
     assert long_prefill_shares(None, 512) == {"long_prefill_token_threshold": 512, "long_prefill_chunk_tokens": 48,
-                                              "long_prefill_scored_tokens": 32}  # fmt: skip
+                                              "long_prefill_scored_tokens": 32,
+                                              "long_prefill_whole_alone": True}  # fmt: skip
     assert long_prefill_shares(8, 512) == {"long_prefill_token_threshold": 8, "long_prefill_chunk_tokens": 8,
                                            "long_prefill_scored_tokens": 8}  # fmt: skip
     shares = long_prefill_shares(None, 64) | {"long_prefill_chunk_tokens": 8}  # the default's rule, a smaller chunk
@@ -89,6 +90,23 @@ def test_by_default_prompts_that_fit_a_step_are_not_long_and_the_longer_take_sma
         s.add(x)
     assert chunks(step(s)) == {"fits": 40, "other": 20}  # whole, together, as without long prefills
     assert chunks(step(s))["long"] == 8
+
+
+def test_by_default_a_long_prompt_alone_takes_whole_steps_and_its_share_again_once_a_chat_comes():
+    """Alone in the engine a long prompt computes the step's budget (nobody waits on its chunks); a chat arriving
+    has the next step to itself, and the long prompt computes its small chunks beside the chat's decodes after."""
+    shares = long_prefill_shares(None, 64) | {"long_prefill_chunk_tokens": 8}
+    s = Scheduler(SchedulerConfig(8, 64, 1024, 256, 4, **shares))
+    long = seq("long", 300)
+    s.add(long)
+    assert [chunks(step(s))["long"] for _ in range(2)] == [64, 64]
+    s.add(seq("chat", 20, start=500))
+    assert chunks(step(s)) == {"chat": 20}
+    assert chunks(step(s)) == {"chat": 1, "long": 8}
+    explicit = make(threshold=8, budget=64)  # vLLM's threshold: alone or not, 8 a step
+    alone = seq("alone", 30)
+    explicit.add(alone)
+    assert prefill_chunks(explicit, alone) == [8, 8, 8, 6]
 
 
 def test_by_default_a_scored_prompt_is_long_past_the_scored_share_which_a_step_scores_at_most():
