@@ -61,6 +61,7 @@ PIPELINE_BENCHES = (
     ("make-qwen35", "synthetic_qwen35", "write a Qwen3.5-0.8B-shaped GGUF of random weights in the Q4_K_M mix"),
     ("make-gemma3", "synthetic_gemma3", "write a small Gemma 3 that sees images (HF checkpoint), random weights"),
     ("kquant", "kquant", "block linears per GGUF kind, and a 1B Q4_K_M's decode and prefill against llama-bench"),
+    ("roofline", "roofline", "memory bandwidth and peak FLOPs of this CPU, and decode and prefill against them"),
 )
 
 
