@@ -23,7 +23,8 @@ budget allows. With a threshold T:
   short chat's first token then waits for the step under way and one short step of its own, not for a long chunk
   beside it (ours: vLLM splits the step's budget between them instead);
 - by the engine's default (not with vLLM's threshold set), a long prompt alone in the engine (nothing else running
-  or waiting) takes the whole budget of its step: nobody
+  or waiting, and no prompt that is not long arrived for SHORTS_QUIET_S: a server that chats may chat again) takes
+  the whole budget of its step: nobody
   waits on its chunk, and its own time is then not multiplied by small steps (each re-reads every weight, re-lays the
   keys out for attention, and pays a step's fixed cost: SmolLM2's 3,072-token prompt alone in 64 steps of its chunks
   6.0 s, in 6 steps of the 512-token budget 3.5 s, on a 2-core AMD EPYC). A chat arriving meanwhile waits for the
@@ -45,6 +46,11 @@ from collections.abc import Iterable
 
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
+# How long after the last prompt that was not long a long prompt alone still takes its share, not whole steps: a chat
+# arriving during a whole step waits for it (a 512-token step is 5x a quiet chat's TTFT on a 2-core AMD EPYC, and the
+# first chat beside a 6,000-token prompt then missed `sagellm bench fairness`'s 3x: 3.6x, against 1.1x with shares).
+# Agents' and batch jobs' long prompts come without chats between them; a server chats in bursts seconds apart.
+SHORTS_QUIET_S = 10.0
 MAX_LONG_HOLDS = 3  # steps in a row short prompts may have alone: a long prompt computes in one step of four at least
 # A long prompt's tokens a step, the threshold left to the engine. A chat arriving mid-step waits for the step under
 # way, then its own prefill: on one thread of a 2-core CPU 48 tokens make a ~400 ms step beside a ~280 ms quiet TTFT,

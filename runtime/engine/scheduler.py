@@ -25,7 +25,7 @@ import torch
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.admission_gates import AdmissionGate, admission_gates
 from sagellm.runtime.engine.block_manager import BlockManager
-from sagellm.runtime.engine.long_prefills import MAX_LONG_HOLDS, PrefillShares, short_prompt_waits
+from sagellm.runtime.engine.long_prefills import MAX_LONG_HOLDS, SHORTS_QUIET_S, PrefillShares, short_prompt_waits
 from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.media_spans import whole_runs_chunk
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
@@ -164,9 +164,13 @@ class Scheduler:
         # A recurrent model's sequence whose proposals were rejected -> the slot its next chunk starts from
         self._rollbacks: dict[Sequence, int] = {}
         self._long_holds = 0  # steps in a row that held long prompts' chunks back for short ones
+        self.clock: Callable[[], float] = time.monotonic
+        self._last_short = float("-inf")  # when a prompt that is not long last arrived (`clock`)
         self.tiers: PrefixTiers | None = None  # the tiers under the prefix cache (set by the engine's builder)
 
     def add(self, seq: Sequence) -> None:
+        if seq.num_tokens <= self.config.long_prefill_token_threshold:
+            self._last_short = self.clock()
         self.waiting.add(seq)
         for gate in self.gates:
             gate.joined(seq)
@@ -256,7 +260,8 @@ class Scheduler:
     def _shares(self) -> PrefillShares:
         """The prefills' shares of the step to come, from the sequences running now."""
         c = self.config
-        alone = c.long_prefill_whole_alone and len(self.running) + len(self.waiting) == 1
+        alone = (c.long_prefill_whole_alone and len(self.running) + len(self.waiting) == 1
+                 and self.clock() - self._last_short > SHORTS_QUIET_S)  # fmt: skip
         return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
                              self.running, c.long_prefill_context_scale, chunk_tokens=c.long_prefill_chunk_tokens,
                              scored_tokens=c.long_prefill_scored_tokens, alone=alone)  # fmt: skip

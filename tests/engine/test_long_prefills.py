@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from sagellm import LLM, SamplingParams
 from sagellm.common.errors import FieldError
 from sagellm.runtime.engine.config import EngineConfig
-from sagellm.runtime.engine.long_prefills import PrefillShares, long_prefill_shares
+from sagellm.runtime.engine.long_prefills import SHORTS_QUIET_S, PrefillShares, long_prefill_shares
 from sagellm.runtime.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 from sagellm.runtime.pipeline.messages import Request, TokenDelta
@@ -94,15 +94,24 @@ def test_by_default_prompts_that_fit_a_step_are_not_long_and_the_longer_take_sma
 
 def test_by_default_a_long_prompt_alone_takes_whole_steps_and_its_share_again_once_a_chat_comes():
     """Alone in the engine a long prompt computes the step's budget (nobody waits on its chunks); a chat arriving
-    has the next step to itself, and the long prompt computes its small chunks beside the chat's decodes after."""
+    has the next step to itself, and the long prompt computes its small chunks beside the chat's decodes after, and
+    for SHORTS_QUIET_S after the last chat (a server that chats may chat again) even once it is alone again."""
     shares = long_prefill_shares(None, 64) | {"long_prefill_chunk_tokens": 8}
     s = Scheduler(SchedulerConfig(8, 64, 1024, 256, 4, **shares))
-    long = seq("long", 300)
+    now = [100.0]
+    s.clock = lambda: now[0]
+    long = seq("long", 400)
     s.add(long)
     assert [chunks(step(s))["long"] for _ in range(2)] == [64, 64]
-    s.add(seq("chat", 20, start=500))
+    chat = seq("chat", 20, start=500)
+    s.add(chat)
     assert chunks(step(s)) == {"chat": 20}
     assert chunks(step(s)) == {"chat": 1, "long": 8}
+    s.finish(chat, "abort")  # its client left
+    now[0] += SHORTS_QUIET_S / 2
+    assert chunks(step(s)) == {"long": 8}  # alone, but a chat came 5 s ago
+    now[0] += SHORTS_QUIET_S
+    assert chunks(step(s)) == {"long": 64}
     explicit = make(threshold=8, budget=64)  # vLLM's threshold: alone or not, 8 a step
     alone = seq("alone", 30)
     explicit.add(alone)

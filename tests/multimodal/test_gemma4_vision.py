@@ -138,8 +138,8 @@ def test_the_first_tokens_logprobs_are_transformers_for_each_image(llm, hf):
         with torch.inference_mode():
             expected = model(**inputs).logits[0, -1].log_softmax(-1)
         out = llm.generate(prompt(ONE, image), SamplingParams(max_tokens=1, temperature=0, logprobs=5))[0]
-        for token, logprob in out.outputs[0].logprobs[0].top:
-            assert abs(logprob - float(expected[token])) < 1e-5, token
+        for token, logprob in out.outputs[0].logprobs[0].top:  # to 1e-4, as the other oracles' logprobs: our
+            assert abs(logprob - float(expected[token])) < 1e-4, token  # GEMMs sum in another order than torch's
         firsts.append(out.outputs[0].logprobs[0].top)
     assert firsts[0] != firsts[1]
 
