@@ -42,7 +42,8 @@ preemption or aborts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
@@ -75,6 +76,22 @@ def long_prefill_shares(threshold: int | None, budget: int) -> dict[str, int | b
                 "long_prefill_whole_alone": True}  # fmt: skip
     return {"long_prefill_token_threshold": threshold, "long_prefill_chunk_tokens": threshold,
             "long_prefill_scored_tokens": threshold}  # fmt: skip
+
+
+class ShortArrivals:
+    """When a prompt that is not long last arrived (by `clock`): a long prompt alone takes whole steps only once
+    none came for SHORTS_QUIET_S."""
+
+    def __init__(self, threshold: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold, self.clock = threshold, clock
+        self._last = float("-inf")
+
+    def saw(self, seq: Sequence) -> None:
+        if seq.num_tokens <= self.threshold:
+            self._last = self.clock()
+
+    def quiet(self) -> bool:
+        return self.clock() - self._last > SHORTS_QUIET_S
 
 
 def long_past(seq: Sequence, threshold: int, scored_tokens: int) -> int:

@@ -25,7 +25,7 @@ import torch
 from sagellm.common.errors import InvalidInput
 from sagellm.runtime.engine.admission_gates import AdmissionGate, admission_gates
 from sagellm.runtime.engine.block_manager import BlockManager
-from sagellm.runtime.engine.long_prefills import MAX_LONG_HOLDS, SHORTS_QUIET_S, PrefillShares, short_prompt_waits
+from sagellm.runtime.engine.long_prefills import MAX_LONG_HOLDS, PrefillShares, ShortArrivals, short_prompt_waits
 from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.media_spans import whole_runs_chunk
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
@@ -58,16 +58,15 @@ class SchedulerConfig:
     # vLLM's long-prefill settings (long_prefills.py): the threshold past which a prompt is long and computes
     # `long_prefill_chunk_tokens` a step (0: the threshold's; threshold 0: off, each prompt takes what the budget
     # leaves), the prompt positions a step scores for logprobs (0: the chunk's), the prompts and the long ones
-    # prefilled across steps at once, the context at which a long prompt's chunk has shrunk to half (0: it never
-    # does), and whether a long prompt alone in the engine takes whole steps (the engine's default; vLLM's threshold
-    # cuts it alone too).
+    # prefilled across steps at once, and the context at which a long prompt's chunk has shrunk to half (0: it never
+    # does).
     long_prefill_token_threshold: int = 0
     long_prefill_chunk_tokens: int = 0
     long_prefill_scored_tokens: int = 0
     max_num_partial_prefills: int = 1
     max_long_partial_prefills: int = 1
     long_prefill_context_scale: int = 0
-    long_prefill_whole_alone: bool = False
+    long_prefill_whole_alone: bool = False  # a long prompt alone takes whole steps (the default's; not vLLM's)
     # A model whose pictures attend both ways in a prefill (Gemma 3): no chunk ends inside a picture's run
     # (media_spans.py).
     whole_media_runs: bool = False
@@ -164,13 +163,11 @@ class Scheduler:
         # A recurrent model's sequence whose proposals were rejected -> the slot its next chunk starts from
         self._rollbacks: dict[Sequence, int] = {}
         self._long_holds = 0  # steps in a row that held long prompts' chunks back for short ones
-        self.clock: Callable[[], float] = time.monotonic
-        self._last_short = float("-inf")  # when a prompt that is not long last arrived (`clock`)
+        self.shorts = ShortArrivals(self.config.long_prefill_token_threshold)
         self.tiers: PrefixTiers | None = None  # the tiers under the prefix cache (set by the engine's builder)
 
     def add(self, seq: Sequence) -> None:
-        if seq.num_tokens <= self.config.long_prefill_token_threshold:
-            self._last_short = self.clock()
+        self.shorts.saw(seq)
         self.waiting.add(seq)
         for gate in self.gates:
             gate.joined(seq)
@@ -260,8 +257,7 @@ class Scheduler:
     def _shares(self) -> PrefillShares:
         """The prefills' shares of the step to come, from the sequences running now."""
         c = self.config
-        alone = (c.long_prefill_whole_alone and len(self.running) + len(self.waiting) == 1
-                 and self.clock() - self._last_short > SHORTS_QUIET_S)  # fmt: skip
+        alone = c.long_prefill_whole_alone and len(self.running) + len(self.waiting) == 1 and self.shorts.quiet()
         return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
                              self.running, c.long_prefill_context_scale, chunk_tokens=c.long_prefill_chunk_tokens,
                              scored_tokens=c.long_prefill_scored_tokens, alone=alone)  # fmt: skip

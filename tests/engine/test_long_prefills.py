@@ -99,7 +99,7 @@ def test_by_default_a_long_prompt_alone_takes_whole_steps_and_its_share_again_on
     shares = long_prefill_shares(None, 64) | {"long_prefill_chunk_tokens": 8}
     s = Scheduler(SchedulerConfig(8, 64, 1024, 256, 4, **shares))
     now = [100.0]
-    s.clock = lambda: now[0]
+    s.shorts.clock = lambda: now[0]
     long = seq("long", 400)
     s.add(long)
     assert [chunks(step(s))["long"] for _ in range(2)] == [64, 64]
