@@ -37,7 +37,7 @@ import httpx
 import trio
 
 from sagellm.benchmarks.agents_instances import run_across
-from sagellm.benchmarks.agents_load import Conversations, Turn, Workload, converse, send_turn
+from sagellm.benchmarks.agents_load import Conversations, Workload, converse, warm_up
 from sagellm.benchmarks.agents_report import markdown, overhead_markdown, overhead_plot, plot, summarize
 from sagellm.benchmarks.chaos_report import progress
 from sagellm.benchmarks.chaos_server import Server, answers_ok, free_port
@@ -204,7 +204,7 @@ async def _arm(
     try:
         await server.start()
         model = await served_model(server.port)
-        await _warm_up(server.port, model)
+        await warm_up(server.port, model)
 
         async def restart() -> None:
             began = time.monotonic()
@@ -212,7 +212,7 @@ async def _arm(
             stop(server.process, group)
             _keep_log(server.log, logs, f"{name}-before-restart.log")
             await server.start()
-            await _warm_up(server.port, model)
+            await warm_up(server.port, model)
             restarts.append(time.monotonic() - began)
 
         turns = await converse(lambda: server.port, model, conversations, restart, timeout_s, name)
@@ -230,13 +230,6 @@ def _keep_log(log: Path, logs: Path | None, name: str) -> None:
     if logs is not None and log.exists():
         logs.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(log, logs / name)
-
-
-async def _warm_up(port: int, model: str) -> None:
-    """A short chat none of the sessions starts with: the first request after a start pays for what is made on first
-    use, which is no cache's doing."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
-    await send_turn(port, body, Turn(-1, 0, "warm-up"), 300)
 
 
 def stop(process: subprocess.Popen | None, group: bool) -> None:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sagellm.benchmarks.agents_load import Conversations, Turn, Workload, send_turn
+from sagellm.benchmarks.agents_load import Conversations, Turn, Workload, converse, warm_up
 from sagellm.benchmarks.agents_report import markdown, plot, summarize
 from sagellm.benchmarks.chaos_report import progress
 from sagellm.benchmarks.chaos_server import Server
@@ -96,25 +96,14 @@ async def _sessions(port: int, conversations: Conversations, timeout_s: float, l
     """Every session's first turn, then every second turn, round-robin over the sessions; a short request between
     the rounds where their number is even, so each second turn goes to the other instance under round robin."""
     model = await served_model(port)
-    await _short(port, model)  # what a first request pays for (made on first use) paid here
-    await _short(port, model)  # ... on both instances
-    sessions, replies, turns = conversations.sessions(), {}, []
-    for t in (1, 2):
-        if t == 2 and len(sessions) % 2 == 0:
-            await _short(port, model)
-        for session in sessions:
-            if t == 2:
-                conversations.next_turn(session, replies[session.index], t)
-            turn = Turn(session.index, t, conversations.workload.phase(t))
-            replies[session.index] = await send_turn(port, session.body(model, conversations.workload.max_tokens),
-                                                     turn, timeout_s)  # fmt: skip
-            turns.append(turn)
-            ttft = "–" if turn.ttft_s is None else f"{1000 * turn.ttft_s:.0f} ms"
-            progress(f"{label}: session {session.index} turn {t}: TTFT {ttft}, cached {turn.cached_by_tier}"
-                     f"{' ' + turn.error if turn.error else ''}", "agents")  # fmt: skip
-    return turns
+    await warm_up(port, model)  # what a first request pays for (made on first use) paid here
+    await warm_up(port, model)  # ... on both instances
 
+    async def between_rounds() -> None:
+        if conversations.workload.sessions % 2 == 0:
+            await warm_up(port, model)
 
-async def _short(port: int, model: str) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
-    await send_turn(port, body, Turn(-1, 0, "warm-up"), 300)
+    async def no_restart() -> None:  # the workload has none
+        raise AssertionError("no restart in this workload")
+
+    return await converse(lambda: port, model, conversations, no_restart, timeout_s, label, between_rounds)

@@ -239,9 +239,11 @@ async def converse(
     restart: Callable[[], Awaitable[None]],
     timeout_s: float,
     label: str,
+    between_rounds: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Turn]:
     """Every session's turns round-robin, one request at a time; `restart()` after every session's turn
-    `restart_after`. `port()`: the server's port now (a restarted server may have another)."""
+    `restart_after`, and `between_rounds()` before every round of turns after the first. `port()`: the server's port
+    now (a restarted server may have another)."""
     workload = conversations.workload
     sessions = conversations.sessions()
     replies: dict[int, str] = {}
@@ -249,6 +251,8 @@ async def converse(
     for t in range(1, workload.turns + 1):
         if t > 1 and t - 1 == workload.restart_after:
             await restart()
+        if t > 1 and between_rounds is not None:
+            await between_rounds()
         for session in sessions:
             if t > 1:
                 conversations.next_turn(session, replies[session.index], t)
@@ -259,3 +263,10 @@ async def converse(
             progress(f"{label}: session {session.index} turn {t}: TTFT {ttft}, prompt {turn.prompt_tokens}, "
                      f"cached {turn.cached_tokens}{' ' + turn.error if turn.error else ''}", "agents")  # fmt: skip
     return turns
+
+
+async def warm_up(port: int, model: str) -> None:
+    """A short chat none of the sessions starts with: the first request after a start pays for what is made on first
+    use, which is no cache's doing."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    await send_turn(port, body, Turn(-1, 0, "warm-up"), 300)

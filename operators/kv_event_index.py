@@ -106,30 +106,36 @@ class EventIndex(PrefixIndex):
     def cached_tokens(self, instance: str, token_ids: Sequence[int], hashes: list[int] | None = None) -> int:
         if not self.follows(instance):
             return super().cached_tokens(instance, token_ids, hashes)
-        feed, recent = self._feeds[instance], self._recent.get(instance, {})
         hashes = self.hashes(token_ids) if hashes is None else hashes
-        now, matched = time.monotonic(), 0
+        return self._held_blocks(instance, hashes, recent=True) * self.block_size
+
+    def _held_blocks(self, instance: str, hashes: list[int], recent: bool) -> int:
+        """How many of `hashes`, from the first, `instance`'s events say it holds; with `recent`, those just sent to
+        it count too (their events follow a step later)."""
+        feed = self._feeds.get(instance)
+        if feed is None:
+            return 0
+        sends, now, held = self._recent.get(instance, {}) if recent else {}, time.monotonic(), 0
         for block_hash in hashes:
-            sent = recent.get(block_hash)
+            sent = sends.get(block_hash)
             if not (feed.holds(block_hash) or (sent is not None and now - sent < RECENT_S)):
                 break
-            matched += 1
-        return matched * self.block_size
+            held += 1
+        return held
 
     def peer_prefix(
-        self, chosen: InstanceStats, instances: Iterable[InstanceStats], token_ids: Sequence[int], hashes: list[int]
+        self, chosen: InstanceStats, instances: Iterable[InstanceStats], hashes: list[int]
     ) -> PeerPrefix | None:
         """The instance among `instances` that its events say holds the most more of the prompt (block `hashes`)
         than `chosen` holds, at least `PEER_GAIN_BLOCKS` more, where both serve and fetch blocks; None otherwise."""
         if chosen.kv_blocks_endpoint is None or not self.follows(chosen.name):
             return None
-        own = self.cached_tokens(chosen.name, token_ids, hashes) // self.block_size
+        own = self._held_blocks(chosen.name, hashes, recent=True)
         best: tuple[int, InstanceStats] | None = None
         for stats in instances:
             if stats.name == chosen.name or not stats.healthy or stats.kv_blocks_token is None:
                 continue
-            feed = self._feeds.get(stats.name)
-            held = next((i for i, h in enumerate(hashes) if not feed.holds(h)), len(hashes)) if feed else 0
+            held = self._held_blocks(stats.name, hashes, recent=False)  # only what it holds can be fetched
             if held >= own + PEER_GAIN_BLOCKS and (best is None or held > best[0]):
                 best = held, stats
         if best is None:

@@ -89,7 +89,7 @@ class Route(MapOperator):
             untried = [c for c in candidates if c.name not in item.exclude] or candidates
             chosen = self.strategy.choose(item, untried, hashes)
         if isinstance(self.prefix_index, EventIndex):  # before the charge records the prompt as the chosen's
-            item.peer_prefix = self.prefix_index.peer_prefix(chosen, engines, tokens, hashes)
+            item.peer_prefix = self.prefix_index.peer_prefix(chosen, engines, hashes)
         self._charge(item, chosen, tokens, hashes)
         item.instance = chosen.name
         if item.phase == "prefill" and chosen.node is not None:
