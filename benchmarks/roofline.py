@@ -1,11 +1,12 @@
 """`sagellm bench roofline`: this machine's memory bandwidth and peak arithmetic, and our engine against them.
 
-The machine (roofline_machine.py): read GB/s and peak fp32 FMA, bf16 and int8 dot-product rates with 1 thread and
-all, from C kernels compiled here, measured before and after the engine (each number the better of the two: a
+The machine (roofline_machine.py): read GB/s and peak fp32 FMA, bf16, int8 and int16 dot-product rates with 1 thread
+and all, from C kernels compiled here, measured before and after the engine (each number the better of the two: a
 neighbour on a shared host can take a core for seconds). The engine (roofline_engine.py), per model: single-stream
 decode's bytes per token (the weights as stored, the KV cache at the mean context) and its fraction of the read
-bandwidth at the engine's threads, and prefill's FLOPs at each prompt length and their fraction of the fp32 peak (of
-the int8 peak too for a quantized file, though its prefill multiplies in fp32; the table says which kernels run).
+bandwidth at the engine's threads, and prefill's FLOPs at each prompt length and their fraction of the fp32 peak and
+of the int16 one (a quantized file's prefill runs int16 dot products where the CPU has AVX-512 VNNI, block_int16.c;
+the table says which kernels run).
 Models: SmolLM2-135M (the default alias; its GGUF's Q4_1 blocks) and `synthetic-q4_k_m`, a Llama of random weights
 in llama.cpp's Q4_K_M mix written once by `sagellm bench make-gguf`'s writer (`--gguf-shape`); a name ending in
 `:fp32` runs a GGUF with its floats. A markdown table with the CPU on stdout, `--out`.json and .png (a roofline
@@ -131,7 +132,7 @@ def _judged(result: EngineResult, machine: MachineRoofline) -> dict[str, Any]:
     decode["of_bandwidth_1_thread"] = decode["gbs"] / machine.read_gbs[1]
     decode["path"] = decode_path(result.weights)
     for prefill in row["prefill"]:
-        for kind in ("fp32", "int8"):
+        for kind in ("fp32", "int16"):
             peak = machine.peaks.get(kind)
             prefill[f"of_{kind}_peak"] = None if peak is None else prefill["gflops"] / peak[threads]
         prefill["path"] = prefill_path(result.weights, prefill["tokens"], threads)
@@ -148,7 +149,7 @@ def markdown(cpu: str, machine: MachineRoofline, rows: list[dict[str, Any]], com
              "|---|" + "---:|" * len(counts) + "---|",
              "| read bandwidth, GB/s | " + " | ".join(f"{machine.read_gbs[t]:.1f}" for t in counts)
              + f" | sum of a {machine.array_bytes >> 20} MiB float32 array |"]  # fmt: skip
-    for kind, unit in (("fp32", "GFLOP/s"), ("bf16", "GFLOP/s"), ("int8", "GOP/s")):
+    for kind, unit in (("fp32", "GFLOP/s"), ("bf16", "GFLOP/s"), ("int8", "GOP/s"), ("int16", "GOP/s")):
         peak = machine.peaks[kind]
         cells = [_number(None if peak is None else peak[t], "{:.0f}") for t in counts]
         lines.append(f"| peak {kind}, {unit} | " + " | ".join(cells) + f" | {machine.kernels[kind]} |")
@@ -168,11 +169,11 @@ def markdown(cpu: str, machine: MachineRoofline, rows: list[dict[str, Any]], com
             f"| {row['model']} | {kinds} | {d['bytes'] / 1e6:.1f} | {d['tpot_ms']:.2f} | {d['gbs']:.1f} | "
             f"{fraction} | {linears} | {d['path']} |"
         )
-    lines += ["", "| model | prefill tokens | GFLOP | ms | GFLOP/s | of fp32 peak | of int8 peak | prefill kernels |",
+    lines += ["", "| model | prefill tokens | GFLOP | ms | GFLOP/s | of fp32 peak | of int16 peak | prefill kernels |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for row in rows:
         for p in row["prefill"]:
-            fractions = [_number(p[f"of_{k}_peak"], "{:.0%}") for k in ("fp32", "int8")]
+            fractions = [_number(p[f"of_{k}_peak"], "{:.0%}") for k in ("fp32", "int16")]
             lines.append(f"| {row['model']} | {p['tokens']} | {p['flops'] / 1e9:.1f} | {p['ms']:.0f} | "
                          f"{p['gflops']:.1f} | {' | '.join(fractions)} | {p['path']} |")  # fmt: skip
     return "\n".join([*lines, "", f"Command: `{command}`"])
@@ -196,7 +197,7 @@ def plot(path: Path, cpu: str, machine: MachineRoofline, rows: list[dict[str, An
         roof = np.minimum(roof, fp32[threads]) if fp32 else roof
         style = "-" if threads == engine else ":"
         ax.plot(intensity, roof, color="black", linestyle=style, label=f"fp32 roof, {threads} thread(s)")
-    for kind in ("bf16", "int8"):
+    for kind in ("bf16", "int8", "int16"):
         if peak := machine.peaks[kind]:
             ax.axhline(peak[engine], color="grey", linestyle="--", linewidth=0.8)
             ax.annotate(f"{kind} peak, {engine} thread(s)", (intensity[0], peak[engine]), fontsize=8, va="bottom")

@@ -35,6 +35,9 @@ DEQUANTIZED = ":fp32"  # a model name's suffix: the engine holds its floats (qua
 DTYPE_NAMES = {4: "F32", 2: "BF16"}  # a float weight's kind by element size, as the loader holds it
 # The kinds block_linear.c hands to block_int8.c's int8 dot products at up to INT8_MAX_ROWS (4) rows: decode's.
 INT8_DECODE_KINDS = frozenset({"Q4_K", "Q5_K", "Q6_K", "MXFP4"})
+# The kinds whose 16-wide layouts it hands to block_int16.c's int16 dot products from INT16_MIN_ROWS (8) rows on, in
+# the library built with AVX-512 VNNI: prefill's.
+INT16_KINDS, INT16_MIN_ROWS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}), 8
 
 
 @dataclass(frozen=True)
@@ -233,9 +236,11 @@ def decode_path(weights: WeightCount) -> str:
 
 
 def prefill_path(weights: WeightCount, tokens: int, threads: int) -> str:
-    """Which kernels a `tokens`-row prefill's linears run: fp32 FMA in every case (int8 dots are decode's)."""
+    """Which kernels a `tokens`-row prefill's linears run: fp32 GEMMs for floats, else the blocks' int16 dot products
+    where the library has them (AVX-512 VNNI), dequantized to fp32 otherwise."""
     from sagellm.backends.cpu import BLOCK_GEMM_ROWS
     from sagellm.backends.cpu_linear import ONEDNN_DENSE
+    from sagellm.backends.native import NativeKernels
     from sagellm.backends.native.isa import cpu_vendor
 
     if set(weights.formats) <= {"F32"}:
@@ -243,4 +248,8 @@ def prefill_path(weights: WeightCount, tokens: int, threads: int) -> str:
     gemm_rows = BLOCK_GEMM_ROWS.get(cpu_vendor(), (None, None))[0 if threads == 1 else 1]
     if gemm_rows is not None and tokens >= gemm_rows:
         return "blocks dequantized to fp32 tiles, torch GEMM"
+    native = NativeKernels.load()
+    int16 = sorted(set(weights.formats) & INT16_KINDS)
+    if native is not None and native.isa == "avx512vnni" and tokens >= INT16_MIN_ROWS and int16:
+        return f"int16 dot products (block_int16.c) for {'/'.join(int16)}"
     return "blocks dequantized in registers, fp32 FMA (block_linear.c)"

@@ -10,8 +10,9 @@ with all of them, from small C kernels compiled here with the system `cc` (cache
   count both ways). GB/s are 10^9 bytes;
 - peak arithmetic: register-only microkernels, 16 independent accumulator chains (enough to cover each unit's
   latency times its ports on current x86 cores), no memory traffic: fp32 FMA (vfmadd, 512- or 256-bit), bf16 dot
-  products (vdpbf16ps, AVX512-BF16: 2 multiply-adds per fp32 lane) and int8 dot products (vpdpbusd, AVX-512 VNNI or
-  AVX-VNNI: 4 per int32 lane), each counted as 2 operations per multiply-add. A CPU without the instructions gets no
+  products (vdpbf16ps, AVX512-BF16: 2 multiply-adds per fp32 lane), int8 dot products (vpdpbusd, AVX-512 VNNI or
+  AVX-VNNI: 4 per int32 lane) and int16 ones (vpdpwssd, AVX-512 VNNI: 2 per lane, what the quantized linears'
+  prefill runs), each counted as 2 operations per multiply-add. A CPU without the instructions gets no
   number ("not available"), never an emulation's. AMX tiles are reported when the flags show them, not measured.
 
 Threads are pthreads pinned one per CPU of this process's affinity mask, so "all" is the cores the engine may use."""
@@ -100,6 +101,12 @@ static double vnni512(int64_t iters) {
     CHAIN_LOOP(16, __m512i, int32_t, _mm512_set1_epi32(j), _mm512_dpbusd_epi32(c[j], a, b))
 }
 
+__attribute__((target("avx512f,avx512vnni")))
+static double vnni16x512(int64_t iters) {
+    __m512i a = _mm512_set1_epi16(3), b = _mm512_set1_epi16(-5);
+    CHAIN_LOOP(16, __m512i, int32_t, _mm512_set1_epi32(j), _mm512_dpwssd_epi32(c[j], a, b))
+}
+
 __attribute__((target("avx2,avxvnni")))
 static double vnni256(int64_t iters) {
     __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-5);
@@ -123,6 +130,7 @@ static void *work(void *arg) {
     case 3: job->result = bf16dot512(job->count); break;
     case 4: job->result = vnni512(job->count); break;
     case 5: job->result = vnni256(job->count); break;
+    case 6: job->result = vnni16x512(job->count); break;
     }
     return NULL;
 }
@@ -162,6 +170,7 @@ PEAK_KERNELS = {
     "bf16": [(3, 16 * 16 * 2 * 2, {"avx512f", "avx512_bf16"}, "AVX512-BF16 vdpbf16ps")],
     "int8": [(4, 16 * 16 * 4 * 2, {"avx512f", "avx512_vnni"}, "AVX-512 VNNI vpdpbusd"),
              (5, 12 * 8 * 4 * 2, {"avx2", "avx_vnni"}, "AVX-VNNI vpdpbusd")],
+    "int16": [(6, 16 * 16 * 2 * 2, {"avx512f", "avx512_vnni"}, "AVX-512 VNNI vpdpwssd")],
 }  # fmt: skip
 READ_PASS_BYTES = 4 * 128  # a slice is whole 128-float runs
 
@@ -173,7 +182,7 @@ class MachineRoofline:
 
     threads: tuple[int, ...]  # the thread counts measured
     read_gbs: dict[int, float]
-    peaks: dict[str, dict[int, float] | None]  # "fp32" / "bf16" / "int8" -> threads -> G(FL)OP/s
+    peaks: dict[str, dict[int, float] | None]  # "fp32" / "bf16" / "int8" / "int16" -> threads -> G(FL)OP/s
     kernels: dict[str, str]  # which instruction each peak ran, or why none did
     amx: str  # "" or the AMX flags the CPU shows (not measured)
     array_bytes: int

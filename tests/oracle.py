@@ -61,9 +61,10 @@ def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     return out
 
 
-def assert_last_logits_match(engine, model, prompts: list[list[int]]) -> None:
+def assert_last_logits_match(engine, model, prompts: list[list[int]], tolerance: float = 1e-4) -> None:
     """One prefill step of `prompts` as a batch through `engine`'s runner: each prompt's last-position logits equal
-    the Hugging Face `model`'s within fp32 tolerance. The blocks are freed after, so the engine can go on."""
+    the Hugging Face `model`'s within fp32 tolerance (`tolerance`, relative and of the largest logit, wider where
+    the linears round x). The blocks are freed after, so the engine can go on."""
     from sagellm import SamplingParams
     from sagellm.runtime.engine.scheduler import ScheduledBatch
     from sagellm.runtime.engine.sequence import Sequence
@@ -85,7 +86,8 @@ def assert_last_logits_match(engine, model, prompts: list[list[int]]) -> None:
     for row, prompt in zip(ours, prompts):
         with torch.no_grad():
             ref = model(torch.tensor([prompt], device=model.device)).logits[0, -1].to(row.device)
-        assert torch.allclose(row, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), (row - ref).abs().max()
+        allowed = tolerance * ref.abs().max().item()
+        assert torch.allclose(row, ref, rtol=tolerance, atol=allowed), (row - ref).abs().max()
 
 
 def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:

@@ -40,6 +40,7 @@ SOURCES = tuple(
         "decode_kernels.c",
         "block_linear.c",
         "block_int8.c",
+        "block_int16.c",
         "prefill_attention.c",
         "decoder_layers.c",
         "delta_rule.c",
@@ -48,7 +49,7 @@ SOURCES = tuple(
     )
 )
 HEADERS = tuple(
-    HERE / h for h in ("vector_math.h", "kernels.h", "block_layouts.h", "mxfp4.h", "block_weight.h")
+    HERE / h for h in ("vector_math.h", "kernels.h", "block_layouts.h", "block_readers.h", "mxfp4.h", "block_weight.h")
 )  # included by them
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
 BUILD_TIMEOUT_S = 300  # a compiler's: the build takes 27-64 s on two idle cores (portable the longest); one stuck

@@ -45,14 +45,7 @@ static inline vec exp_vec(vec x) {
     const vec zero = {0};
     x = blend(x < -87.0f, zero - 87.0f, blend(x > 88.0f, zero + 88.0f, x));
     const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (vec)((__builtin_convertvector(n, ivec) + 127) << 23);
+    return EXP_OF_REDUCED(vec, x, n) * (vec)((__builtin_convertvector(n, ivec) + 127) << 23);
 }
 
 /* y[t, c] = sum_j window_t[c, j] * w[c, j] for the n channels of one task and `tokens` tokens in order (x's rows

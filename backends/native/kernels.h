@@ -91,6 +91,25 @@ void linear_mxfp4x8_i8(const float *x, int64_t x_row, const uint8_t *w, const fl
 void linear_mxfp4x16_i8(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
                         int64_t n, int64_t k, float *scratch, int32_t num_threads);
 
+/* The 16-wide layouts' linears on int16 dot products (block_int16.c): what those linears run from INT16_MIN_ROWS rows
+ * on, where the fp32 kernels' multiply-adds, not memory, bound them (SmolLM2's Q4_1 layer linears on two AVX-512
+ * cores: even at 8 rows, 1.7x faster at 48 and up); built only where the compiler may use AVX-512 VNNI (the
+ * variant's flags), NULL elsewhere (and for the 8-wide layouts, which no AVX-512 variant reads). */
+enum { INT16_MIN_ROWS = 8 };
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define WIDE_LINEAR_DECLARE(NAME)                                                                                      \
+    void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
+              int64_t n, int64_t k, float *scratch, int32_t num_threads);
+WIDE_LINEAR_DECLARE(linear_q4x16_i16)
+WIDE_LINEAR_DECLARE(linear_q8x16_i16)
+WIDE_LINEAR_DECLARE(linear_q4kx16_i16)
+WIDE_LINEAR_DECLARE(linear_q5kx16_i16)
+WIDE_LINEAR_DECLARE(linear_q6kx16_i16)
+#define INT16_LINEAR(NAME) NAME
+#else
+#define INT16_LINEAR(NAME) NULL
+#endif
+
 /* out[k][j] = the weight of output first_group * G + j at input k, for `groups` groups of G outputs: a k-major fp32
  * tile [K, groups * G] of the interleaved blocks, for a GEMM to multiply by (block_linear.c). */
 void dequantize_q4x8_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,

@@ -8,19 +8,23 @@
  * whole layer. Here the keys and values are read in place.
  *
  * First every kv head's keys are copied transposed, a chunk of KEY_CHUNK tokens at a time, into the caller's
- * scratch kt[Hk][chunks][D][KEY_CHUNK] (SmolLM2, 544 tokens: 0.4 MB, in L2), so a query's scores for a chunk are D
- * broadcast multiply-adds on KEY_CHUNK / LANES vectors, no horizontal sums. A task is then one kv head and a tile of
- * query rows, every query head sharing that kv head (GQA) at once: M query vectors (rows x group, at most MAX_QUERIES);
- * SCORE_BATCH queries are scored together, eight independent FMA chains, so the FMA latency is hidden. Then an online
- * softmax (the running max and sum per query) and acc += p . V, eight chains per output row for D = 64. Vectors are
- * one register of the variant's instruction set (16 floats with AVX-512, 8 below it), and the batch and chain counts
- * follow, so every variant keeps its accumulators in its registers: a 16-float vector on AVX2 is two registers, and
- * code written for 16 spilled there (512 queries over 512 tokens 63 ms a layer, against 5.6 for torch's SDPA).
+ * scratch kt[Hk][chunks][D][KEY_CHUNK] (SmolLM2, 544 tokens: 0.4 MB, in L2), so a query's scores are D broadcast
+ * multiply-adds on vectors of keys, no horizontal sums. A task is then one kv head and a tile of query rows, every
+ * query head sharing that kv head (GQA) at once: M query vectors (rows x group, at most MAX_QUERIES). They go through
+ * the keys a step of two chunks (KEY_STEP) at a time, BLOCK queries together: scored (BLOCK x 4 independent FMA
+ * chains), the online softmax (running max and sum per query) in registers with a vector exp, then acc += p . v
+ * with each value vector loaded once for the BLOCK queries (BLOCK x 4 accumulators). Vectors are one register of the
+ * variant's instruction set (16 floats with AVX-512, 8 below it) and BLOCK follows (4, 3 with AVX2, 2), so every
+ * variant keeps its accumulators in its registers: a 16-float vector on AVX2 is two registers, and code written for
+ * 16 spilled there (512 queries over 512 tokens 63 ms a layer, against 5.6 for torch's SDPA). On a 2-core Zen 5
+ * (SmolLM2, 512-query chunks, 2 threads) the six chunks of a 3,072-token prompt took 46-50 ms (~225 GFLOP/s) with
+ * one query per p . v pass, scalar horizontal max and sum and 32-key steps; now 27-29 ms (~390 GFLOP/s of a ~540
+ * peak), AVX2 104-112 -> 52-58 ms.
  * Tasks are shared among `num_threads` OpenMP threads, the ones seeing the most keys first.
  *
  * Sliding-window attention (window > 0): query i also sees no key below ctx - n + i - window + 1. Only the chunks from
  * the one holding the chunk's first query's lowest key are transposed, a task starts at the chunk holding its first
- * row's, and a row is scored against a chunk only while its window reaches into it, so a chunk costs
+ * row's, and a row is scored against a step only while its window reaches into it, so a chunk costs
  * O(n x window), not O(n x ctx). The soft cap (softcap > 0: s -> softcap * tanh(s / softcap), Gemma 2) applies to
  * the scaled scores before the mask. */
 #include <math.h>
@@ -43,13 +47,25 @@ typedef i32x8 ivec;
 enum { LANES = 8 };
 #endif
 
+/* Queries scored, softmaxed and summed together: BLOCK x 4 accumulators, plus 4 key or value vectors, fit the
+ * registers (AVX-512's 32; AVX2's 16; SSE2's 16 hold 8 of these 2-register vectors). */
+#if defined(__AVX512F__)
+enum { BLOCK = 4 };
+#elif defined(__AVX2__)
+enum { BLOCK = 3 };
+#else
+enum { BLOCK = 2 };
+#endif
+
 enum {
-    KEY_CHUNK = 32,
-    KEY_VECS = KEY_CHUNK / LANES, /* vectors of a query's scores for a chunk */
+    KEY_CHUNK = 32,              /* keys per transposed chunk of the scratch (tensor_fits.py's KEY_CHUNK) */
+    KEY_STEP = 2 * KEY_CHUNK,    /* keys per softmax step: two chunks, half the per-step costs of one */
+    HALF_VECS = KEY_CHUNK / LANES,
+    KEY_VECS = KEY_STEP / LANES, /* vectors of a query's scores for a step */
+    KEY_GROUP = 4,               /* key vectors scored at once: BLOCK x KEY_GROUP accumulators */
+    SLICES = 4,                  /* output vectors per pass over a step's values: BLOCK x SLICES accumulators */
     MAX_HEAD_DIM = 256,
     MAX_QUERIES = 48,
-    SCORE_BATCH = 8 / KEY_VECS, /* queries scored at once: eight accumulators */
-    VALUE_KEYS = LANES / 8,     /* keys summed at once into separate accumulators: 2 x D / 16 chains, or D / 8 */
 };
 
 /* The lane-wise max (C's vector extension has no vector ?:, so a select by mask). */
@@ -58,32 +74,145 @@ static inline vec max_vec(vec a, vec b) {
     return (vec)(((ivec)a & take_a) | ((ivec)b & ~take_a));
 }
 
-/* The queries [m0, m0 + count) (count <= SCORE_BATCH) against the chunk's transposed keys: s[m][0 .. KEY_CHUNK). */
-static inline __attribute__((always_inline)) void score(const float *const *qs, const float *kt, int64_t d, int count,
-                                                        float *s) {
-    vec acc[SCORE_BATCH][KEY_VECS] = {{{0}}};
-    for (int64_t i = 0; i < d; ++i) {
-        vec k[KEY_VECS];
-        for (int c = 0; c < KEY_VECS; ++c) k[c] = load_vec(kt + i * KEY_CHUNK + c * LANES);
-        for (int m = 0; m < count; ++m)
-            for (int c = 0; c < KEY_VECS; ++c) acc[m][c] += qs[m][i] * k[c];
-    }
-    for (int m = 0; m < count; ++m)
-        for (int c = 0; c < KEY_VECS; ++c) store_vec(s + m * KEY_CHUNK + c * LANES, acc[m][c]);
+/* The largest lane: a shuffle tree, not LANES dependent scalar steps (once per query and step). */
+static inline float max_lane(vec x) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps((__m512)x);
+#elif defined(__AVX2__)
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#else
+    float top = x[0];
+    for (int i = 1; i < LANES; ++i) top = x[i] > top ? x[i] : top;
+    return top;
+#endif
 }
 
-/* The scaled scores of one query for a chunk, capped when softcap > 0, the keys outside [from, to) masked. */
-static inline __attribute__((always_inline)) void scale_and_mask(float *sm, float scale, float softcap, int64_t from,
-                                                                 int64_t to) {
+/* exp_f32 (vector_math.h) of x <= 0 (scores less their max, here) on a vector, so the softmax stays in registers:
+ * the same clamp at -87, range reduction and polynomial; AVX-512 clamps, rounds and multiplies by 2^n with one
+ * instruction each. */
+static inline vec exp_vec(vec x) {
+#if defined(__AVX512F__)
+    x = (vec)_mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f));
+    const vec n = (vec)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
+#else
+    x = max_vec(x, (vec){0} - 87.0f);
+    const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+#endif
+    const vec p = EXP_OF_REDUCED(vec, x, n);
+#if defined(__AVX512F__)
+    return (vec)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
+    return p * (vec)((__builtin_convertvector(n, ivec) + 127) << 23);
+#endif
+}
+
+/* count (<= BLOCK) queries against a step's transposed keys (its two chunks at kt[0], kt[1]), KEY_GROUP key vectors
+ * at a time (count x KEY_GROUP independent chains, so the FMA latency is hidden): the scaled scores
+ * s[m][0 .. KEY_STEP) and their max tops[m]. */
+static inline __attribute__((always_inline)) void score(const float *const *qs, const float *const *kt, int64_t d,
+                                                        int count, float scale, float *s, float *tops) {
+    for (int g = 0; g < KEY_VECS; g += KEY_GROUP) {
+        vec acc[BLOCK][KEY_GROUP] = {{{0}}};
+        for (int64_t i = 0; i < d; ++i) {
+            vec k[KEY_GROUP];
+            for (int c = 0; c < KEY_GROUP; ++c)
+                k[c] = load_vec(kt[(g + c) / HALF_VECS] + i * KEY_CHUNK + (g + c) % HALF_VECS * LANES);
+            for (int m = 0; m < count; ++m)
+                for (int c = 0; c < KEY_GROUP; ++c) acc[m][c] += qs[m][i] * k[c];
+        }
+        for (int m = 0; m < count; ++m) {
+            vec top = acc[m][0] * scale;
+            for (int c = 0; c < KEY_GROUP; ++c) {
+                store_vec(s + m * KEY_STEP + (g + c) * LANES, acc[m][c] * scale);
+                top = max_vec(top, acc[m][c] * scale);
+            }
+            const float group_top = max_lane(top);
+            if (g == 0 || group_top > tops[m]) tops[m] = group_top;
+        }
+    }
+}
+
+/* The scaled scores of one query for a step, capped when softcap > 0, the keys outside [from, to) masked. */
+static inline __attribute__((always_inline)) void cap_and_mask(float *sm, float softcap, int from, int to) {
     if (softcap > 0.0f) { /* capped before the mask: a masked -inf would come out of tanh as -softcap */
-        const float inv = scale / softcap;
+        const float inv = 1.0f / softcap;
 #pragma omp simd
-        for (int64_t j = 0; j < KEY_CHUNK; ++j)
-            sm[j] = j >= from && j < to ? softcap * tanh_f32(sm[j] * inv) : -INFINITY;
+        for (int j = 0; j < KEY_STEP; ++j) sm[j] = j >= from && j < to ? softcap * tanh_f32(sm[j] * inv) : -INFINITY;
         return;
     }
 #pragma omp simd
-    for (int64_t j = 0; j < KEY_CHUNK; ++j) sm[j] = j >= from && j < to ? sm[j] * scale : -INFINITY;
+    for (int j = 0; j < KEY_STEP; ++j) sm[j] = j >= from && j < to ? sm[j] : -INFINITY;
+}
+
+/* acc rows am[0 .. count) = acc * shrink + p . v over the step's keys [j0, j1), output vectors [c0, c0 + vecs):
+ * a value vector loaded once feeds count multiply-adds, count x vecs accumulators in registers. */
+static inline __attribute__((always_inline)) void add_values(float *const *am, const float *p, const float *shrink,
+                                                             const float *const *values, int64_t j0, int64_t j1,
+                                                             int64_t c0, int count, int vecs) {
+    vec a[BLOCK][SLICES];
+    for (int m = 0; m < count; ++m)
+        for (int c = 0; c < vecs; ++c) a[m][c] = load_vec(am[m] + c0 + c * LANES) * shrink[m];
+    for (int64_t j = j0; j < j1; ++j) {
+        const float *vj = values[j] + c0;
+        for (int c = 0; c < vecs; ++c) {
+            const vec x = load_vec(vj + c * LANES);
+            for (int m = 0; m < count; ++m) a[m][c] += p[m * KEY_STEP + j] * x;
+        }
+    }
+    for (int m = 0; m < count; ++m)
+        for (int c = 0; c < vecs; ++c) store_vec(am[m] + c0 + c * LANES, a[m][c]);
+}
+
+/* Queries m .. m + count - 1 of a task (see attend_rows) against one step: scores, the online softmax (the running
+ * max best[] and the lane-wise running sums total[], added up at the end), then acc = acc * shrink + p . v. The
+ * block's rescale factors are one vector exp: a scalar one is a chain of ~15 dependent operations per query. */
+static inline __attribute__((always_inline)) void attend_block(const float *const *qs, const float *const *kt,
+                                                               const float *const *values, int64_t d, int count,
+                                                               int64_t m, int64_t group, int64_t pos0, int64_t start,
+                                                               int64_t n, float scale, int64_t window, float softcap,
+                                                               float *s, float *best, vec *total, float *acc) {
+    float shrink[BLOCK], top[BLOCK] = {0}, *am[BLOCK]; /* top: score sets it (zeroed: GCC cannot tell) */
+    int from[BLOCK], visible[BLOCK];
+    score(qs + m, kt, d, count, scale, s, top);
+    for (int b = 0; b < count; ++b) {
+        const int64_t pos = pos0 + (m + b) / group, seen = pos + 1 - start; /* keys of this step it sees: */
+        visible[b] = seen < n ? (int)seen : (int)n;                         /* [from, visible) */
+        from[b] = window > 0 && pos - window + 1 > start ? (int)(pos - window + 1 - start) : 0;
+        if (softcap > 0.0f || from[b] > 0 || visible[b] < KEY_STEP) { /* then score's max is not theirs */
+            float *sm = s + b * KEY_STEP;
+            cap_and_mask(sm, softcap, from[b], visible[b]);
+            vec tops = load_vec(sm);
+            for (int c = 1; c < KEY_VECS; ++c) tops = max_vec(tops, load_vec(sm + c * LANES));
+            top[b] = max_lane(tops);
+        }
+        top[b] = best[m + b] > top[b] ? best[m + b] : top[b];
+    }
+#pragma omp simd
+    for (int b = 0; b < BLOCK; ++b) shrink[b] = exp_f32(b < count ? best[m + b] - top[b] : 0.0f);
+    for (int b = 0; b < count; ++b) {
+        float *sm = s + b * KEY_STEP;
+        const int masked = from[b] > 0 || visible[b] < KEY_STEP;
+        vec sums = (vec){0};
+        for (int c = 0; c < KEY_VECS; ++c) {
+            vec p = exp_vec(load_vec(sm + c * LANES) - top[b]);
+            if (masked) { /* exactly 0 outside [from, visible): the clamped exp of -inf is not */
+                ivec j;
+                for (int i = 0; i < LANES; ++i) j[i] = c * LANES + i;
+                p = (vec)((ivec)p & ((j >= from[b]) & (j < visible[b])));
+            }
+            store_vec(sm + c * LANES, p);
+            sums += p;
+        }
+        best[m + b] = top[b];
+        total[m + b] = total[m + b] * shrink[b] + sums;
+        am[b] = acc + (m + b) * d;
+    }
+    const int64_t j0 = from[0], j1 = visible[count - 1]; /* rows in position order; p is 0 outside each's range */
+    int64_t c0 = 0;
+    for (; c0 + SLICES * LANES <= d; c0 += SLICES * LANES) add_values(am, s, shrink, values, j0, j1, c0, count, SLICES);
+    for (; c0 < d; c0 += LANES) add_values(am, s, shrink, values, j0, j1, c0, count, 1);
 }
 
 /* One task: query rows [r0, r0 + rows) of the chunk, query heads h * group .. (h + 1) * group - 1. kt_head holds
@@ -96,78 +225,44 @@ static inline __attribute__((always_inline)) void attend_rows(const float *q, in
                                                               float softcap, const float *sinks, float *out) {
     const int64_t nq = rows * group, stride = hk * d, end = first + r0 + rows; /* the last row sees keys < end */
     const int64_t low = window > 0 && first + r0 - window + 1 > 0 ? first + r0 - window + 1 : 0; /* row r0's lowest */
-    float s[MAX_QUERIES * KEY_CHUNK], acc[MAX_QUERIES * MAX_HEAD_DIM];
-    float best[MAX_QUERIES], total[MAX_QUERIES];
+    float s[BLOCK * KEY_STEP], acc[MAX_QUERIES * MAX_HEAD_DIM], best[MAX_QUERIES];
+    vec total[MAX_QUERIES];
     const float *qs[MAX_QUERIES];
-    const float *values[KEY_CHUNK];
+    const float *values[KEY_STEP];
     for (int64_t m = 0; m < nq; ++m) {
         qs[m] = q + (r0 + m / group) * q_row + (h * group + m % group) * d;
-        best[m] = -INFINITY, total[m] = 0.0f;
+        best[m] = -INFINITY, total[m] = (vec){0};
     }
     memset(acc, 0, sizeof(float) * nq * d);
-    for (int64_t start = low - low % KEY_CHUNK; start < end; start += KEY_CHUNK) {
-        const int64_t n = end - start < KEY_CHUNK ? end - start : KEY_CHUNK;
-        const float *kt = kt_head + (start - key0) * d; /* this chunk's keys, transposed */
+    for (int64_t start = low - low % KEY_CHUNK; start < end; start += KEY_STEP) {
+        const int64_t n = end - start < KEY_STEP ? end - start : KEY_STEP;
+        /* This step's two chunks of transposed keys; with n <= KEY_CHUNK the second may lie past the scratch's end,
+         * so it reads the first again: those scores are masked. */
+        const float *kt[2] = {kt_head + (start - key0) * d, kt_head + (start - key0 + (n > KEY_CHUNK) * KEY_CHUNK) * d};
+        int64_t block = start / block_size, offset = start % block_size; /* one division per step, not per key */
         for (int64_t j = 0; j < n; ++j) {
-            const int64_t pos = start + j;
-            values[j] = v_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * stride + h * d;
+            values[j] = v_cache + ((int64_t)table[block] * block_size + offset) * stride + h * d;
+            if (++offset == block_size) offset = 0, ++block;
         }
-        /* Rows are in position order: the first that sees any of this chunk, and with a window the first whose
-         * window starts past it (m_end); score those between. Each of them sees a key of the chunk. */
+        /* Rows are in position order: the first that sees any of this step, and with a window the first whose
+         * window starts past it (m_end); those between, BLOCK at a time. Each of them sees a key of the step. */
         const int64_t m_first = (start > first + r0 ? start - first - r0 : 0) * group;
-        int64_t m_end = nq;
+        int64_t m_end = nq, m = m_first;
         if (window > 0) {
             const int64_t reach = (start + n + window - 1 - first - r0) * group;
             m_end = reach < m_end ? (reach > 0 ? reach : 0) : m_end;
         }
-        for (int64_t m = m_first; m < m_end; m += SCORE_BATCH) {
-            const int count = m_end - m < SCORE_BATCH ? (int)(m_end - m) : SCORE_BATCH;
-            if (count == SCORE_BATCH)
-                score(qs + m, kt, d, SCORE_BATCH, s + m * KEY_CHUNK);
-            else
-                for (int c = 0; c < count; ++c) score(qs + m + c, kt, d, 1, s + (m + c) * KEY_CHUNK);
-        }
-        for (int64_t m = m_first; m < m_end; ++m) { /* online softmax, then acc = acc * shrink + p . v */
-            const int64_t pos = first + r0 + m / group, seen = pos + 1 - start; /* keys of this chunk it sees: */
-            const int64_t visible = seen < n ? seen : n;                          /* [from, visible) */
-            const int64_t from = window > 0 && pos - window + 1 > start ? pos - window + 1 - start : 0;
-            float *sm = s + m * KEY_CHUNK;
-            scale_and_mask(sm, scale, softcap, from, visible);
-            vec tops = load_vec(sm), sums;
-            for (int c = 1; c < KEY_VECS; ++c) tops = max_vec(tops, load_vec(sm + c * LANES));
-            float top = best[m];
-            for (int i = 0; i < LANES; ++i) top = tops[i] > top ? tops[i] : top;
-            const float shrink = exp_f32(best[m] - top);
-#pragma omp simd
-            for (int64_t j = 0; j < KEY_CHUNK; ++j) sm[j] = j >= from && j < visible ? exp_f32(sm[j] - top) : 0.0f;
-            sums = load_vec(sm);
-            for (int c = 1; c < KEY_VECS; ++c) sums += load_vec(sm + c * LANES);
-            float chunk_total = 0.0f;
-            for (int i = 0; i < LANES; ++i) chunk_total += sums[i];
-            best[m] = top;
-            total[m] = total[m] * shrink + chunk_total;
-            /* Every LANES-float slice of the output row in its own accumulator, VALUE_KEYS keys at a time. */
-            float *am = acc + m * d;
-            const int64_t slices = d / LANES;
-            vec a[VALUE_KEYS][MAX_HEAD_DIM / LANES];
-            for (int64_t c = 0; c < slices; ++c) {
-                a[0][c] = load_vec(am + LANES * c) * shrink;
-                for (int r = 1; r < VALUE_KEYS; ++r) a[r][c] = (vec){0};
-            }
-            int64_t j = from;
-            for (; j + VALUE_KEYS <= visible; j += VALUE_KEYS)
-                for (int r = 0; r < VALUE_KEYS; ++r)
-                    for (int64_t c = 0; c < slices; ++c) a[r][c] += sm[j + r] * load_vec(values[j + r] + LANES * c);
-            for (; j < visible; ++j)
-                for (int64_t c = 0; c < slices; ++c) a[0][c] += sm[j] * load_vec(values[j] + LANES * c);
-            for (int64_t c = 0; c < slices; ++c) {
-                for (int r = 1; r < VALUE_KEYS; ++r) a[0][c] += a[r][c];
-                store_vec(am + LANES * c, a[0][c]);
-            }
-        }
+        for (; m + BLOCK <= m_end; m += BLOCK)
+            attend_block(qs, kt, values, d, BLOCK, m, group, first + r0, start, n, scale, window, softcap, s, best,
+                         total, acc);
+        for (; m < m_end; ++m)
+            attend_block(qs, kt, values, d, 1, m, group, first + r0, start, n, scale, window, softcap, s, best, total,
+                         acc);
     }
     for (int64_t m = 0; m < nq; ++m) {
-        const float inv = 1.0f / (total[m] + sink_weight(sinks, h * group + m % group, best[m]));
+        float sum = 0.0f;
+        for (int i = 0; i < LANES; ++i) sum += total[m][i];
+        const float inv = 1.0f / (sum + sink_weight(sinks, h * group + m % group, best[m]));
         float *om = out + (r0 + m / group) * hq * d + (h * group + m % group) * d;
         for (int64_t i = 0; i < d; ++i) om[i] = acc[m * d + i] * inv;
     }

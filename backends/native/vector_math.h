@@ -58,17 +58,24 @@ static inline i32x16 widen16(const uint8_t *p) {
  * `omp simd` loops instead. exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; exp(r) is Cephes' degree-6
  * polynomial (about 1 ulp). x is clamped to [-87, 88], where 2^n stays a normal float; below that the true result
  * is < 2e-38, negligible next to the 1-sized terms it is summed with. */
+/* exp(r) of r = x - n ln 2 (ln 2 in two parts), n = round(x / ln 2): Cephes' degree-6 polynomial, for a float or a
+ * vector of them (type T): exp_f32's, and the kernels' vector exps', which clamp, round and scale by 2^n their own
+ * ways. */
+#define EXP_OF_REDUCED(T, x, n)                                                                                        \
+    ({                                                                                                                 \
+        const T r_ = (x) - (n) * 0.693359375f + (n) * 2.12194440e-4f;                                                  \
+        T p_ = r_ * 1.9875691500e-4f + 1.3981999507e-3f;                                                               \
+        p_ = p_ * r_ + 8.3334519073e-3f;                                                                               \
+        p_ = p_ * r_ + 4.1665795894e-2f;                                                                               \
+        p_ = p_ * r_ + 1.6666665459e-1f;                                                                               \
+        p_ = p_ * r_ + 5.0000001201e-1f;                                                                               \
+        p_ * r_ * r_ + r_ + 1.0f;                                                                                      \
+    })
+
 static inline float exp_f32(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* not fminf/fmaxf: their NaN rules stop vectorizing */
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;               /* x - n ln 2, ln 2 in two parts */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const float p = EXP_OF_REDUCED(float, x, n);
     const int32_t bits = ((int32_t)n + 127) << 23; /* the float 2^n */
     float scale;
     memcpy(&scale, &bits, sizeof(scale));

@@ -55,6 +55,7 @@ PIPELINE_BENCHES = (
     ("simulator", "simulator", "cluster simulator: 10^6 requests on 1,000 instances; goodput vs load per policy"),
     ("trace-ops", "trace_ops", "ops by self time in a torch profiler trace (vLLM's, beside `bench kernels --ops`)"),
     ("steps", "step_times", "time engine steps by batch composition; fit the simulator's step model"),
+    ("feature-costs", "feature_costs", "what each engine feature costs a W1-c16 decode step of requests not using it"),
     ("sim-check", "sim_check", "the cluster simulator against the real engine on W4- and W6-sized traces, one run"),
     ("make-gguf", "synthetic_gguf", "write a 1B- or 7B-shaped Llama Q4_K_M GGUF of random weights, SmolLM2 tokenizer"),
     ("make-gpt-oss", "synthetic_gpt_oss", "write a gpt-oss-20b-shaped GGUF of random weights, experts in MXFP4"),

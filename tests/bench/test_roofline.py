@@ -41,7 +41,7 @@ def test_quick_run_prints_the_cpu_and_writes_every_measure(tmp_path):
     assert ran.returncode == 0, ran.stderr
 
     assert "CPU: " in ran.stdout and "cores" in ran.stdout
-    for words in ("read bandwidth, GB/s", "peak fp32", "peak bf16", "peak int8", "of read roofline", "of fp32 peak"):
+    for words in ("read bandwidth, GB/s", "peak fp32", "peak int8", "peak int16", "of read roofline", "of int16 peak"):
         assert words in ran.stdout, words
     assert ran.stdout.count(f"| {hf_dir} |") == 3 and ran.stdout.count(f"| {gguf} |") == 3  # decode, 2 prefills
     assert "[roofline]" in ran.stderr  # progress lines
@@ -60,7 +60,7 @@ def test_quick_run_prints_the_cpu_and_writes_every_measure(tmp_path):
     for row in results["models"]:
         for key in ("tpot_ms", "bytes", "gbs", "of_bandwidth", "linears_ms", "linears_gbs", "linears_1_thread_gbs"):
             assert key in row["decode"], key
-        for key in ("ms", "flops", "gflops", "of_fp32_peak", "of_int8_peak"):
+        for key in ("ms", "flops", "gflops", "of_fp32_peak", "of_int16_peak"):
             assert all(key in p for p in row["prefill"]), key
     assert _positive_numbers(results) == []
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -69,7 +69,9 @@ def test_logits_and_greedy_tokens_match_transformers_on_the_dequantized_weights(
     path, reference = q4_k_m
     prompts = random_prompts(reference.config.vocab_size, [5, 30, 17, 9, 60, 180])
     engine = LLMEngine(EngineConfig(model=str(path), **ENGINE))
-    assert_last_logits_match(engine, reference, prompts)  # 301 rows in one step: the tiles for torch's GEMM
+    # 301 rows in one step: the tiles for torch's GEMM (Intel), block_int16.c's int16 path where built (x rounded to
+    # 2^-16 of each block's largest, ~1e-4 of the logits after 4 layers: 9.6e-5 measured), else the fp32 kernels
+    assert_last_logits_match(engine, reference, prompts, tolerance=3e-4)
     for batched_tokens in (512, 8):
         llm = LLM(str(path), max_num_batched_tokens=batched_tokens, **ENGINE)
         outs = llm.generate(prompts, GREEDY)
