@@ -35,9 +35,9 @@ DEQUANTIZED = ":fp32"  # a model name's suffix: the engine holds its floats (qua
 DTYPE_NAMES = {4: "F32", 2: "BF16"}  # a float weight's kind by element size, as the loader holds it
 # The kinds block_linear.c hands to block_int8.c's int8 dot products at up to INT8_MAX_ROWS (4) rows: decode's.
 INT8_DECODE_KINDS = frozenset({"Q4_K", "Q5_K", "Q6_K", "MXFP4"})
-# The kinds whose 16-wide layouts it hands to block_int16.c's int16 dot products from INT16_MIN_ROWS (8) rows on, in
+# The kinds whose 16-wide layouts it hands to block_int16.c's int16 dot products from INT16_MIN_ROWS (16) rows on, in
 # the library built with AVX-512 VNNI: prefill's.
-INT16_KINDS, INT16_MIN_ROWS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}), 8
+INT16_KINDS, INT16_MIN_ROWS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}), 16
 
 
 @dataclass(frozen=True)

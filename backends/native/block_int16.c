@@ -19,8 +19,7 @@
  * offsets reaches a tile's rows; each row's sums run in one order wherever its tile puts it, so a row's outputs do not
  * depend on the rows beside it. A block with a NaN or infinity gets a NaN scale and zero integers: its row's
  * outputs are NaN (block_int8.c's rule). SmolLM2's layer linears, Q4_1, 512 rows, two AVX-512 cores (Zen 5):
- * 4.9 ms against the fp32 kernels' 9.2 (746 against 394 GFLOP/s; 8 rows 0.164 ms either way, 16: 0.245 vs 0.309,
- * 48: 0.49 vs 0.84). */
+ * 4.8 ms against the fp32 kernels' 9.2 (750 against 394 GFLOP/s); from memory, as decode reads them, kernels.h. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -43,7 +43,7 @@ def assert_within_int16_rounding(actual: torch.Tensor, x: torch.Tensor, dense: t
 
 
 @pytest.mark.parametrize("kind", INT16_KINDS)
-@pytest.mark.parametrize("rows", [INT16_MIN_ROWS, 13, 24, 100])  # tiles of 12 rows and their rests
+@pytest.mark.parametrize("rows", [INT16_MIN_ROWS, 17, 29, 100])  # tiles of 12 rows and their rests
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int16_path_is_the_linear_on_the_dequantized_weight(vnni, kind: str, rows: int, threads: int) -> None:
     k = inputs(kind)
@@ -67,11 +67,11 @@ def test_a_rows_outputs_do_not_depend_on_the_rows_beside_it(vnni) -> None:
 
 def test_a_non_finite_input_poisons_its_own_row_only(vnni) -> None:
     weight, dense = quantized_weight("Q4_K", n=32, k=512)
-    x = torch.randn(12, 512)
+    x = torch.randn(INT16_MIN_ROWS + 4, 512)
     x[2, 10], x[5, 300], x[9, 0] = float("nan"), float("inf"), float("-inf")
     x[7] = 0.0  # a row of zeros: scale 0, the outputs the bias (none: zeros)
     actual = vnni.block_linear(x, interleave(weight, 16), None)
     assert actual[[2, 5, 9]].isnan().all(), "a NaN or infinity in a block makes its row's outputs NaN, as fp32's"
-    clean = [0, 1, 3, 4, 6, 7, 8, 10, 11]
+    clean = [row for row in range(x.shape[0]) if row not in (2, 5, 9)]
     assert torch.equal(actual[7], torch.zeros(32))
     assert_within_int16_rounding(actual[clean], x[clean], dense)

@@ -26,7 +26,7 @@ from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 K_QUANTS = [kind for kind in KEPT_KINDS if BLOCK_INPUTS[kind] == 256]
 INT8_KINDS = ["Q4_K", "Q5_K", "Q6_K", "MXFP4"]  # the kinds with block_int8.c's path
 INT8_MAX_ROWS = 4  # kernels.h: up to this many rows those kinds take it
-INT16_MIN_ROWS = 8  # kernels.h: from this many rows the 16-wide layouts take block_int16.c's path, where built
+INT16_MIN_ROWS = 16  # kernels.h: from this many rows the 16-wide layouts take block_int16.c's path, where built
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler (gcc or cc)"
@@ -82,7 +82,8 @@ def assert_linear_close(
 def test_the_kernels_dequantize_to_exactly_gguf_pys_floats(native: NativeKernels, kind: str, group: int) -> None:
     """One-hot rows pick single weights out, with no sum to round: y = I @ W^T must equal W^T bit for bit, so every
     value of the layout sits where the kernel reads it and dequantizes exactly (an fp16 scale times a small int).
-    In calls of 5-7 rows, the fp32 kernels' (the int8 and int16 paths round x: the other tests bound them)."""
+    In calls of 5 to INT16_MIN_ROWS - 1 rows, the fp32 kernels' (the int8 and int16 paths round x: the other tests
+    bound them)."""
     k = 2 * BLOCK_INPUTS[kind]
     weight, dense = quantized_weight(kind, n=48, k=k)
     blocks = interleave(weight, group)
