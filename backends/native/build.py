@@ -38,6 +38,7 @@ SOURCES = tuple(
     HERE / c
     for c in (
         "decode_kernels.c",
+        "decode_attention.c",
         "block_linear.c",
         "block_int8.c",
         "block_int16.c",

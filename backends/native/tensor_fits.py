@@ -13,7 +13,7 @@ from sagellm.backends.layer_caches import PagedKv
 from sagellm.backends.layer_specs import DeltaNetSpec
 
 F32 = torch.float32
-MAX_HEAD_DIM = 256  # decode_kernels.c and prefill_attention.c MAX_HEAD_DIM
+MAX_HEAD_DIM = 256  # decode_attention.c and prefill_attention.c MAX_HEAD_DIM
 MAX_QUERY_GROUP = 48  # prefill_attention.c MAX_QUERIES: query heads per kv head it takes
 KEY_CHUNK = 32  # prefill_attention.c KEY_CHUNK
 MAX_DELTA_HEAD_DIM = 256  # delta_rule.c MAX_HEAD_DIM: the Gated DeltaNet's Dk and Dv

@@ -107,4 +107,32 @@ static inline float sink_weight(const float *sinks, int64_t h, float best) {
     return exp_f32(x < 80.0f ? x : 80.0f);
 }
 
+/* Lane sums and halves of the 8- and 16-float vectors, for the kernels' horizontal reductions. */
+static inline f32x8 low8(f32x16 v) { return (f32x8){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}; }
+
+static inline f32x8 high8(f32x16 v) { return (f32x8){v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]}; }
+
+static inline float sum8(f32x8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+
+/* Lanes of a and b (b's numbered 8-15) picked into one vector; clang and GCC before 12 each know only one spelling. */
+#if defined(__clang__)
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (i32x8){__VA_ARGS__})
+#endif
+
+/* The eight lane sums of v[0..7] as one vector: a transposing tree of shuffles and adds, three levels for all eight
+ * where eight sum8 calls take three levels each, their lanes extracted one by one. */
+static inline f32x8 sum8x8(const f32x8 v[8]) {
+    f32x8 pairs[4], quads[2];
+    for (int i = 0; i < 4; ++i) /* lanes 2m, 2m+1: v[2i] and v[2i+1] summed over their lanes 2m..2m+1 */
+        pairs[i] = SHUFFLE8(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                   SHUFFLE8(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; ++i) /* lanes 0-3: four vectors over lanes 0..3; lanes 4-7: the same over lanes 4..7 */
+        quads[i] = SHUFFLE8(pairs[2 * i], pairs[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+                   SHUFFLE8(pairs[2 * i], pairs[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE8(quads[0], quads[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           SHUFFLE8(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 #endif

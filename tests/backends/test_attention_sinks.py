@@ -1,5 +1,5 @@
 """Attention sinks (gpt-oss: a logit per query head in each softmax's denominator, taking no value) in the native
-CPU kernels (decode_kernels.c, prefill_attention.c) against the torch ops that define them and a float64 reference,
+CPU kernels (decode_attention.c, prefill_attention.c) against the torch ops that define them and a float64 reference,
 alone and with a sliding window and a soft cap, decode split into shares across threads too."""
 
 from __future__ import annotations

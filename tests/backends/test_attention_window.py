@@ -1,4 +1,4 @@
-"""Sliding-window attention and score soft-capping in the native CPU kernels (decode_kernels.c, prefill_attention.c,
+"""Sliding-window attention and score soft-capping in the native CPU kernels (decode_attention.c, prefill_attention.c,
 decoder_layers.c) against the torch ops that define them (backends/torch_ops/attention.py) and a float64 reference.
 
 A window must bound the keys the kernels read, not only mask them: the cache below the lowest visible key is
