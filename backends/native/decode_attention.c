@@ -40,15 +40,8 @@ static inline void prefetch_rows(const float *k_cache, const float *v_cache, con
 /* The lanes of a where mask is set, else b's (C's vector extension has no vector ?:). */
 static inline f32x8 select8(i32x8 mask, f32x8 a, f32x8 b) { return (f32x8)(((i32x8)a & mask) | ((i32x8)b & ~mask)); }
 
-/* exp_f32 on eight lanes: the same clamp, rounding and polynomial, in vector registers on every instruction set. */
-static inline f32x8 exp8(f32x8 x) {
-    const f32x8 low = (f32x8){0} - 87.0f, high = (f32x8){0} + 88.0f;
-    x = select8(x < low, low, x);
-    x = select8(x > high, high, x);
-    const f32x8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    const f32x8 p = EXP_OF_REDUCED(f32x8, x, n);
-    return p * (f32x8)((__builtin_convertvector(n, i32x8) + 127) << 23);
-}
+/* exp_f32 on eight lanes, in vector registers on every instruction set. */
+static inline f32x8 exp8(f32x8 x) { return EXP_LANES(f32x8, i32x8, x); }
 
 /* One query head's chunk of scores ph [KEY_CHUNK] (the first n real; the rest junk, left 0 after) turned into the
  * online softmax's weights exp(s - top): soft-capped first when softcap > 0, best and total brought up to date.

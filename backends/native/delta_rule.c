@@ -35,18 +35,9 @@ enum { LANES = sizeof(vec) / sizeof(float) };
  * each pass reads S in order; on AVX2 5-15% faster than halves of 64 columns, which fit the registers better. */
 enum { TILE = 128, TILE_VECTORS = TILE / LANES };
 
-/* Lanes of a where `mask` is set, else of b. */
-static inline vec blend(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
-
-/* exp_f32 lane by lane. GCC 12 keeps a loop calling exp_f32 scalar under its default -ftrapping-math ("control
- * flow in loop": the clamp's select before float arithmetic), so the SiLU of a row's 6144 channels took a quarter
- * of this kernel's time; here the clamp is a select of lanes. */
-static inline vec exp_vec(vec x) {
-    const vec zero = {0};
-    x = blend(x < -87.0f, zero - 87.0f, blend(x > 88.0f, zero + 88.0f, x));
-    const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    return EXP_OF_REDUCED(vec, x, n) * (vec)((__builtin_convertvector(n, ivec) + 127) << 23);
-}
+/* exp_f32 lane by lane (vector_math.h's EXP_LANES: the SiLU of a row's 6144 channels took a quarter of this kernel's
+ * time while GCC kept a loop of exp_f32 calls scalar). */
+static inline vec exp_vec(vec x) { return EXP_LANES(vec, ivec, x); }
 
 /* y[t, c] = sum_j window_t[c, j] * w[c, j] for the n channels of one task and `tokens` tokens in order (x's rows
  * x_row apart, y's y_row), window_t = [the K-1 inputs before token t, x[t]], starting from the `kept` ones [n, K-1],

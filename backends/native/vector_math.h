@@ -72,6 +72,19 @@ static inline i32x16 widen16(const uint8_t *p) {
         p_ * r_ * r_ + r_ + 1.0f;                                                                                      \
     })
 
+/* exp_f32 on every lane of x, a vector of type V whose int32 lanes are IV: the clamp as selects of lanes, not a branch
+ * (GCC 12 keeps a loop calling exp_f32 scalar under its default -ftrapping-math, "control flow in loop"), the same
+ * rounding and polynomial, 2^n built from the exponent bits. */
+#define EXP_LANES(V, IV, x)                                                                                            \
+    ({                                                                                                                 \
+        V x_ = (x);                                                                                                    \
+        const IV low_ = x_ < -87.0f, high_ = x_ > 88.0f;                                                               \
+        x_ = (V)(((IV)x_ & ~low_) | ((IV)((V){0} - 87.0f) & low_));                                                    \
+        x_ = (V)(((IV)x_ & ~high_) | ((IV)((V){0} + 88.0f) & high_));                                                  \
+        const V n_ = (x_ * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */       \
+        EXP_OF_REDUCED(V, x_, n_) * (V)((__builtin_convertvector(n_, IV) + 127) << 23);                               \
+    })
+
 static inline float exp_f32(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* not fminf/fmaxf: their NaN rules stop vectorizing */
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
