@@ -238,17 +238,17 @@ def decode_path(weights: WeightCount) -> str:
 def prefill_path(weights: WeightCount, tokens: int, threads: int) -> str:
     """Which kernels a `tokens`-row prefill's linears run: fp32 GEMMs for floats, else the blocks' int16 dot products
     where the library has them (AVX-512 VNNI), dequantized to fp32 otherwise."""
-    from sagellm.backends.cpu import BLOCK_GEMM_ROWS
+    from sagellm.backends.cpu import block_gemm_rows
     from sagellm.backends.cpu_linear import ONEDNN_DENSE
     from sagellm.backends.native import NativeKernels
     from sagellm.backends.native.isa import cpu_vendor
 
     if set(weights.formats) <= {"F32"}:
         return "fp32 GEMM (oneDNN)" if ONEDNN_DENSE else "fp32 GEMM (torch)"
-    gemm_rows = BLOCK_GEMM_ROWS.get(cpu_vendor(), (None, None))[0 if threads == 1 else 1]
+    native = NativeKernels.load()
+    gemm_rows = block_gemm_rows(cpu_vendor(), native.isa if native is not None else "")[0 if threads == 1 else 1]
     if gemm_rows is not None and tokens >= gemm_rows:
         return "blocks dequantized to fp32 tiles, torch GEMM"
-    native = NativeKernels.load()
     int16 = sorted(set(weights.formats) & INT16_KINDS)
     if native is not None and native.isa == "avx512vnni" and tokens >= INT16_MIN_ROWS and int16:
         return f"int16 dot products (block_int16.c) for {'/'.join(int16)}"

@@ -1,12 +1,14 @@
 /* Linears over GGUF blocks on int16 dot products (AVX-512 VNNI's vpdpwssd), called by block_linear.c's linears on
  * the 16-wide layouts from INT16_MIN_ROWS rows on: prefill, and decode steps of many sequences.
  *
- * block_linear.c's fp32 kernels dequantize a weight once per 16 rows and multiply in fp32: 16 multiply-adds per
- * instruction, the FMA units' peak. vpdpwssd does 32 (16 lanes of two int16 products added into an int32) in the
- * same time. Here x is rounded per 32 inputs to int16 (scale s = the block's largest |x| / 32767, so each value to
- * within 2^-16 of that largest |x|, as block_int8.c's two int8 pieces round it for decode), the weights' integer q
- * are unpacked to int16 pairs once per call for a group of 16 outputs, and each (row, block) sums its 32 products
- * exactly in int32; one convert, a multiply and two FMAs per block then apply the scales:
+ * block_linear.c's fp32 kernels dequantize a weight once per 16 rows (AVX-512's tiles) and multiply in fp32: 16
+ * multiply-adds per instruction, the FMA units' peak. vpdpwssd does 32 (16 lanes of two int16 products added into an
+ * int32) in the same time (AVX2 has no such instruction to gain by: its vpmaddwd, 16 int16 multiply-adds, and the add
+ * after it, measured 36 GMAC/s on a Zen 3 core against fp32 FMA's 49). Here x is rounded per 32 inputs to int16 (scale
+ * s = the block's largest |x| / 32767, so each value to within 2^-16 of that largest |x|, as block_int8.c's two int8
+ * pieces round it for decode), the weights' integer q are unpacked to int16 pairs once per call for a group of 16
+ * outputs, and each (row, block) sums its 32 products exactly in int32; one convert, a multiply and two FMAs per block
+ * then apply the scales:
  *     y += (d s) . sum_i q_i x'_i  +  m . sum_i x_i
  * (m the sub-block's min, times the fp32 sum of the block's x; Q6_K's sub-blocks of 16 take a scale each and no
  * min). llama.cpp rounds x to int8 for its quantized GEMMs (2^-8 of the largest); this keeps x at 2^-16, within the

@@ -29,13 +29,13 @@
  *   mxfp4x8, mxfp4x16 (MXFP4): per block of 32 inputs the 4-bit E2M1 codes in q4kx's 4 chunks of 8 inputs, then
  *                       uint8 e[G]; w = kvalues_mxfp4[code] * 2^(e - 128) (mxfp4.h), both factors formed here.
  * One k's weights for G outputs then dequantize into one vector, which every row's broadcast x[t, k] multiplies:
- * the dequantization is paid once per 16 rows. Rows are first copied k-major (pack_rows), so one pointer with
+ * the dequantization is paid once per ROW_TILE rows. Rows are first copied k-major (pack_rows), so one pointer with
  * constant offsets reaches every row's value at k. Groups are shared among `num_threads` OpenMP threads.
  *
  * G = 16 fills AVX-512's 512-bit registers (isa.py's avx512 variants load those layouts): half the instructions per
- * multiply-add of G = 8, at the FMA units' full width; the other variants read G = 8, whose accumulators fit AVX2's
- * sixteen registers. Every variant builds every layout (the vector extension splits a wider vector), so each is
- * tested everywhere. */
+ * multiply-add of G = 8, at the FMA units' full width; the other variants read G = 8, whose 8 rows' accumulators
+ * fit AVX2's sixteen registers. Every variant builds every layout (the vector extension splits a wider vector), so
+ * each is tested everywhere. */
 #include <stdint.h>
 #include <string.h>
 
@@ -63,7 +63,15 @@
 #define UNROLL_IN_8
 #endif
 
-enum { ROW_TILE = 16 }; /* rows sharing each dequantized weight */
+/* Rows sharing each dequantized weight: as many accumulators as the vector registers hold beside the weight, its
+ * scales and the row's broadcast value. AVX-512's 32 registers take 16; AVX2's 16 take 8, where 16 spilled to the
+ * stack: 1.2-1.5x at 16 rows with 8 (a 2-core AVX2 EPYC, Zen 3: Q4_1 576x1536 to 3072x576 53-70 -> 75-85 GFLOP/s,
+ * Q4_K 2048x2048 to 2048x8192 46-63 -> 73-86), 10 and 12 no better. */
+#if defined(__AVX512F__)
+enum { ROW_TILE = 16 };
+#else
+enum { ROW_TILE = 8 };
+#endif
 
 /* y[rt, G] (rows n apart) = the packed rows xp [blocks][INPUTS][rt] times one group's weights (+ bias[G]), G the
  * width of vector type V; each block of INPUTS inputs in sub-blocks of SUB sharing their scales (S). A row's FMAs

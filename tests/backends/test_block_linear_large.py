@@ -1,7 +1,7 @@
 """The prefill path over GGUF blocks (block_linear.c's dequantize_* kernels, ops.py's block_linear_large): the
 k-major tiles hold exactly gguf-py's floats, and the tiled GEMM equals torch's linear on the dequantized weight up to
 its summation order, for every kept kind, both group widths, tiles of unequal size, with and without a bias, on
-every instruction-set variant this CPU runs."""
+every instruction-set variant this CPU runs; and which CPUs take it for prefill."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from sagellm.backends.cpu import GEMM_ROWS_MEASURED, block_gemm_rows
 from sagellm.backends.native import NativeKernels, interleave, ops
 from sagellm.backends.native.block_layout import GROUPS, InterleavedBlocks
 from sagellm.backends.quantized import BLOCK_INPUTS, KEPT_KINDS, QuantizedWeight
@@ -90,3 +91,12 @@ def test_block_linear_large_checks_shapes(native: NativeKernels) -> None:
         native.block_linear_large(torch.randn(4, 96), interleave(weight), None)
     with pytest.raises(ops.NativeShapeError):
         native.block_linear_large(torch.randn(4, 64), interleave(weight), torch.randn(N + 1))
+
+
+def test_prefill_takes_the_tiled_gemm_on_every_cpu_but_amds_with_avx512() -> None:
+    """AMD's AVX-512 kernels beat the GEMM at every row count measured; AVX2's 8-row tiles (and Intel's CPUs) do
+    not from ~128-192 rows (backends/cpu.py says by how much)."""
+    assert block_gemm_rows("AuthenticAMD", "avx512vnni") == block_gemm_rows("AuthenticAMD", "avx512") == (None, None)
+    for vendor, isa in [("AuthenticAMD", "avx2"), ("AuthenticAMD", "portable"), ("GenuineIntel", "avx512vnni"),
+                        ("GenuineIntel", "avx2"), ("", "portable")]:  # fmt: skip
+        assert block_gemm_rows(vendor, isa) == GEMM_ROWS_MEASURED
