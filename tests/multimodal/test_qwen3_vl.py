@@ -200,5 +200,8 @@ def test_a_stage_after_the_first_holding_a_deepstack_layer_is_refused(ours, tmp_
 def test_two_slices_or_two_stages_give_transformers_tokens(qwen, reference, parallel, budget):
     """Rank 0 broadcasts each step's rows at their whole width (the text width times 1 + DeepStack's layers)."""
     llm = LLM(str(qwen), max_num_seqs=4, num_kv_blocks=64, max_num_batched_tokens=budget, **parallel)
-    outputs = llm.generate([prompt(text, *images) for text, images in CASES], GREEDY)
+    try:
+        outputs = llm.generate([prompt(text, *images) for text, images in CASES], GREEDY)
+    finally:
+        llm.engine.close()  # its rank worker: it would live as long as the test process
     assert tokens(outputs) == [reference(text, images) for text, images in CASES]

@@ -33,7 +33,10 @@ LLAVA_CASES = [(llava_case.ONE, [llava_case.NOISE]), (llava_case.TWO, [llava_cas
 @pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
 def test_llava_in_two_slices_or_two_stages_gives_transformers_tokens(llava, reference, parallel, budget):
     llm = LLM(str(llava), max_num_seqs=4, num_kv_blocks=64, max_num_batched_tokens=budget, **parallel)
-    outputs = llm.generate([llava_case.prompt(text, *images) for text, images in LLAVA_CASES], llava_case.GREEDY)
+    try:
+        outputs = llm.generate([llava_case.prompt(text, *images) for text, images in LLAVA_CASES], llava_case.GREEDY)
+    finally:
+        llm.engine.close()  # its rank workers: they would live as long as the test process
     assert llava_case.tokens(outputs) == [reference(text, images) for text, images in LLAVA_CASES]
 
 
@@ -59,7 +62,10 @@ def test_gemma3_in_two_slices_or_two_stages_gives_transformers_tokens(gemma3, pa
     cases = [(gemma3_case.ONE, [gemma3_case.NOISE]), (gemma3_case.TWO, [gemma3_case.OTHER, gemma3_case.RED]),
              ("word " * 60, [])]  # fmt: skip
     llm = LLM(str(gemma3), max_num_seqs=4, num_kv_blocks=64, **parallel)
-    outputs = llm.generate([gemma3_case.prompt(text, *images) for text, images in cases], gemma3_case.GREEDY)
+    try:
+        outputs = llm.generate([gemma3_case.prompt(text, *images) for text, images in cases], gemma3_case.GREEDY)
+    finally:
+        llm.engine.close()
     assert gemma3_case.tokens(outputs) == [gemma3_greedy(gemma3, text, images) for text, images in cases]
 
 
@@ -75,5 +81,8 @@ def qwen_reference(tmp_path_factory):
 def test_qwen3_5_in_two_slices_or_two_stages_gives_transformers_tokens(qwen_reference, parallel, budget):
     checkpoint, reference = qwen_reference
     llm = LLM(str(checkpoint), max_num_seqs=4, num_kv_blocks=64, max_num_batched_tokens=budget, **parallel)
-    outputs = llm.generate([prompt(text, *images) for text, images in qwen_case.CASES], qwen_case.GREEDY)
+    try:
+        outputs = llm.generate([prompt(text, *images) for text, images in qwen_case.CASES], qwen_case.GREEDY)
+    finally:
+        llm.engine.close()
     assert tokens(outputs) == [reference(text, images) for text, images in qwen_case.CASES]
