@@ -5,13 +5,14 @@ A CPU LLM server is memory-bound at decode: every step streams every weight once
 form. A weight the GGUF file stored as blocks the kernels read (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) stays
 blocks (block_linear.c: dequantized in registers to gguf-py's floats, a quarter to a fifth of fp32's bytes): the
 kernel multiplies from them directly (SmolLM2's 210 layer linears with the AVX-512 kernels at 16 rows 11.1 vs 16.5 ms
-for oneDNN on fp32, at 1 row 3.1 vs 18); from block_gemm_rows' rows (prefill) on all but AMD's AVX-512 CPUs, the
-blocks are dequantized a tile at a time into a small buffer torch's GEMM reads. Other fp32 weights stay dense [out,
-in]: the native `linear_f32` streams them on one thread for one or two rows (24 vs 40 ms for oneDNN a batch-1 step),
-torch's GEMM reads them above (within a few percent of oneDNN's blocked layout from 64 rows up), and a vocabulary
-projection tied to the embedding shares the embedding's tensor. Without native kernels, weights take oneDNN's blocked
-layout (1.5-3x `F.linear` from two rows up), and a single row against a wide output (gate_up) uses MKL's GEMV on an
-[in, out] copy, 1.4-2x faster than oneDNN there (`GEMV_COPY_OUT`; the weights' forms: cpu_linear.py).
+for oneDNN on fp32, at 1 row 3.1 vs 18; the AVX2 kernels from 9 rows in panels, block_panel.c); from block_gemm_rows'
+rows (long prefill chunks) on all but AMD's AVX-512 CPUs, the blocks are dequantized a tile at a time into a small
+buffer torch's GEMM reads. Other fp32 weights stay dense [out, in]: the native `linear_f32` streams them on one
+thread for one or two rows (24 vs 40 ms for oneDNN a batch-1 step), torch's GEMM reads them above (within a few
+percent of oneDNN's blocked layout from 64 rows up), and a vocabulary projection tied to the embedding shares the
+embedding's tensor. Without native kernels, weights take oneDNN's blocked layout (1.5-3x `F.linear` from two rows
+up), and a single row against a wide output (gate_up) uses MKL's GEMV on an [in, out] copy, 1.4-2x faster than
+oneDNN there (`GEMV_COPY_OUT`; the weights' forms: cpu_linear.py).
 
 Around the linears, at a few rows per step torch spends more on dispatching RMSNorm, RoPE, SiLU and attention and on
 waking its OpenMP worker than on their math, and its decode attention first copies every context into a padded
@@ -82,23 +83,28 @@ NATIVE_LINEAR_ROWS = 2
 # a machine without AVX-512: 16 rows 20.5 vs 26.7 ms, 48: 57.4 vs 61.1, 64: 76.6 vs 73.4.
 NATIVE_BLOCK_ROWS = 48
 # Rows from which a linear on blocks dequantizes tiles of the weight (4 MB, L2-sized) for torch's GEMM (MKL's sgemm)
-# instead of multiplying in registers, by thread count; None: never. On Intel's CPUs block_linear's cost grows with
-# the rows where the GEMM's amortizes, and they cross near 256 rows on 2 threads, 128 on one (AVX-512 Sapphire
-# Rapids, 2048x2048 Q4/Q6_K/Q8_0: at 512 rows 15.1 vs 21.7 ms, the dense fp32 GEMM 13.9; at 64 rows 3.1 vs 2.5). So
-# they do on AMD's CPUs without AVX-512, whose 16 vector registers hold a tile of 8 rows: a 2-core AVX2 EPYC (Zen 3),
-# Q4_1 576x1536 to 3072x576 and Q4_K/Q6_K/Q8_0 2048x2048 to 2048x8192, GEMM over native speed 1.0-1.2x at 128 rows,
-# 1.2-1.5x at 192, 1.3-1.7x at 512 on two threads (MKL ~100-135 GFLOP/s against the kernel's 60-90), 1.4-1.7x from
-# 128 rows on one. On AMD's with AVX-512 they never cross: a 2-core AMD EPYC (AVX-512 VNNI kernels), Q4_1 576x576 to
-# 2048x8192, native over GEMM time at 256 / 1024 rows 0.76-0.96 / 0.95-1.05 on one thread, 0.47-0.58 / 0.50-0.60 on
-# two; SmolLM2's 256-token prefill 308 vs 606 ms on one thread, 168 vs 316 on two (MKL's sgemm there runs K = 576 at
-# 104 GFLOP/s, 1536 at 183); the int16 kernels (block_int16.c) have widened the gap since.
+# instead of multiplying in registers, by thread count; None: never. On Intel's CPUs with AVX-512 block_linear's cost
+# grows with the rows where the GEMM's amortizes, and they cross near 256 rows on 2 threads, 128 on one (Sapphire
+# Rapids, 2048x2048 Q4/Q6_K/Q8_0: at 512 rows 15.1 vs 21.7 ms, the dense fp32 GEMM 13.9; at 64 rows 3.1 vs 2.5). On
+# AMD's with AVX-512 they never cross: a 2-core AMD EPYC (AVX-512 VNNI kernels), Q4_1 576x576 to 2048x8192, native
+# over GEMM time at 256 / 1024 rows 0.76-0.96 / 0.95-1.05 on one thread, 0.47-0.58 / 0.50-0.60 on two; SmolLM2's
+# 256-token prefill 308 vs 606 ms on one thread, 168 vs 316 on two (MKL's sgemm there runs K = 576 at 104 GFLOP/s,
+# 1536 at 183); the int16 kernels (block_int16.c) have widened the gap since.
 GEMM_ROWS_MEASURED = (128, 192)  # (rows on one thread, on more)
+# The variants that read the 8-wide layouts (AVX2, portable) multiply from 9 rows on in block_panel.c's panels (each
+# weight dequantized once, then an FMA-bound 6x16 tile), which keep up with the GEMM to ~384 rows: a 2-core AVX2 EPYC
+# (Zen 3), SmolLM2's Q4_1 960x576 to 3072x576 and Q4_K 2048x2048 to 2048x8192, panel vs GEMM GFLOP/s (medians) at 256
+# rows 77-139 vs 73-125, at 512 77-141 vs 76-150, at 1024 78-135 vs 75-151; one thread at 128-512 rows 53-77 vs
+# 52-81. The portable variant, unmeasured, follows AVX2.
+PANEL_GEMM_ROWS = (384, 384)
 
 
 def block_gemm_rows(vendor: str, isa: str) -> tuple[int | None, int | None]:
     """(rows on one thread, on more) from which block linears take the dequantized tiles' GEMM on a CPU of `vendor`
     (/proc/cpuinfo's vendor_id) running the kernel variant `isa`: never on AMD's with AVX-512."""
-    return (None, None) if vendor == "AuthenticAMD" and isa.startswith("avx512") else GEMM_ROWS_MEASURED
+    if not isa.startswith("avx512"):
+        return PANEL_GEMM_ROWS
+    return (None, None) if vendor == "AuthenticAMD" else GEMM_ROWS_MEASURED
 
 
 class NativeDispatch:
@@ -163,8 +169,9 @@ class NativeDispatch:
         return linear(x, weight, bias)
 
     def _block_linear(self, x: torch.Tensor, blocks: InterleavedBlocks, bias: torch.Tensor | None) -> torch.Tensor:
-        """Every row count from the blocks, the weight's one form: the kernel dequantizing in registers, or from the
-        CPU's block_gemm_rows on, tiles dequantized for torch's GEMM (prefill on all but AMD's AVX-512 CPUs)."""
+        """Every row count from the blocks, the weight's one form: the native kernels (registers, AVX2's panels,
+        AVX-512's int16), or from the CPU's block_gemm_rows on, tiles dequantized for torch's GEMM (long prefill
+        chunks on all but AMD's AVX-512 CPUs)."""
         x = x if fits_rows(x) else x.float().contiguous()
         bias = None if bias is None else bias.float().contiguous()
         threads = torch.get_num_threads()

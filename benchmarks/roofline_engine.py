@@ -38,6 +38,8 @@ INT8_DECODE_KINDS = frozenset({"Q4_K", "Q5_K", "Q6_K", "MXFP4"})
 # The kinds whose 16-wide layouts it hands to block_int16.c's int16 dot products from INT16_MIN_ROWS (16) rows on, in
 # the library built with AVX-512 VNNI: prefill's.
 INT16_KINDS, INT16_MIN_ROWS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}), 16
+# Rows from which the library reading 8-wide layouts (AVX2, portable) multiplies in block_panel.c's panels.
+PANEL_MIN_ROWS = 9
 
 
 @dataclass(frozen=True)
@@ -252,4 +254,6 @@ def prefill_path(weights: WeightCount, tokens: int, threads: int) -> str:
     int16 = sorted(set(weights.formats) & INT16_KINDS)
     if native is not None and native.isa == "avx512vnni" and tokens >= INT16_MIN_ROWS and int16:
         return f"int16 dot products (block_int16.c) for {'/'.join(int16)}"
+    if native is not None and native.block_group == 8 and tokens >= PANEL_MIN_ROWS:
+        return "blocks dequantized once into L1 panels, fp32 6x16 FMA tiles (block_panel.c)"
     return "blocks dequantized in registers, fp32 FMA (block_linear.c)"

@@ -30,7 +30,9 @@
  *                       uint8 e[G]; w = kvalues_mxfp4[code] * 2^(e - 128) (mxfp4.h), both factors formed here.
  * One k's weights for G outputs then dequantize into one vector, which every row's broadcast x[t, k] multiplies:
  * the dequantization is paid once per ROW_TILE rows. Rows are first copied k-major (pack_rows), so one pointer with
- * constant offsets reaches every row's value at k. Groups are shared among `num_threads` OpenMP threads.
+ * constant offsets reaches every row's value at k. Groups are shared among `num_threads` OpenMP threads. From
+ * PANEL_MIN_ROWS rows on the 8-wide layouts go to block_panel.c, which pays it once per call and multiplies in
+ * FMA-bound tiles of 6 rows.
  *
  * G = 16 fills AVX-512's 512-bit registers (isa.py's avx512 variants load those layouts): half the instructions per
  * multiply-add of G = 8, at the FMA units' full width; the other variants read G = 8, whose 8 rows' accumulators
@@ -154,9 +156,10 @@ static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, 
     }
 
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) for w packed as `TILE`'s layout in groups of G; N a multiple
- * of G, K of the layout's INPUTS per block; scratch holds T * K floats (the packed rows). FEW_ROWS, MANY_ROWS: the
- * layout's int8 linear for up to INT8_MAX_ROWS rows, its int16 one from INT16_MIN_ROWS rows, or NULL. */
-#define BLOCK_LINEAR(NAME, TILE, G, INPUTS, BLOCK_BYTES, FEW_ROWS, MANY_ROWS)                                          \
+ * of G, K of the layout's INPUTS per block; scratch holds T * K floats (the packed rows). FEW_ROWS: the layout's
+ * int8 linear for up to INT8_MAX_ROWS rows, or NULL; MANY_ROWS: its linear from MANY_FROM rows on (the 16-wide
+ * layouts' int16 one, the 8-wide ones' panels), or NULL. */
+#define BLOCK_LINEAR(NAME, TILE, G, INPUTS, BLOCK_BYTES, FEW_ROWS, MANY_ROWS, MANY_FROM)                               \
     void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
               int64_t n, int64_t k, float *scratch, int32_t num_threads) {                                             \
         const block_linear_fn few_rows = FEW_ROWS, many_rows = MANY_ROWS;                                              \
@@ -164,7 +167,7 @@ static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, 
             few_rows(x, x_row, w, bias, y, tokens, n, k, scratch, num_threads);                                        \
             return;                                                                                                    \
         }                                                                                                              \
-        if (many_rows != NULL && tokens >= INT16_MIN_ROWS) {                                                           \
+        if (many_rows != NULL && tokens >= MANY_FROM) {                                                                \
             many_rows(x, x_row, w, bias, y, tokens, n, k, scratch, num_threads);                                       \
             return;                                                                                                    \
         }                                                                                                              \
@@ -183,18 +186,25 @@ static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, 
         }                                                                                                              \
     }
 
-BLOCK_LINEAR(linear_q4x8_f32, q4x8_tile, 8, QK, Q4X8_BLOCK, NULL, NULL)
-BLOCK_LINEAR(linear_q8x8_f32, q8x8_tile, 8, QK, Q8X8_BLOCK, NULL, NULL)
-BLOCK_LINEAR(linear_q4x16_f32, q4x16_tile, 16, QK, Q4X16_BLOCK, NULL, INT16_LINEAR(linear_q4x16_i16))
-BLOCK_LINEAR(linear_q8x16_f32, q8x16_tile, 16, QK, Q8X16_BLOCK, NULL, INT16_LINEAR(linear_q8x16_i16))
-BLOCK_LINEAR(linear_q4kx8_f32, q4kx8_tile, 8, QK_K, Q4KX8_BLOCK, linear_q4kx8_i8, NULL)
-BLOCK_LINEAR(linear_q4kx16_f32, q4kx16_tile, 16, QK_K, Q4KX16_BLOCK, linear_q4kx16_i8, INT16_LINEAR(linear_q4kx16_i16))
-BLOCK_LINEAR(linear_q5kx8_f32, q5kx8_tile, 8, QK_K, Q5KX8_BLOCK, linear_q5kx8_i8, NULL)
-BLOCK_LINEAR(linear_q5kx16_f32, q5kx16_tile, 16, QK_K, Q5KX16_BLOCK, linear_q5kx16_i8, INT16_LINEAR(linear_q5kx16_i16))
-BLOCK_LINEAR(linear_q6kx8_f32, q6kx8_tile, 8, QK_K, Q6KX8_BLOCK, linear_q6kx8_i8, NULL)
-BLOCK_LINEAR(linear_q6kx16_f32, q6kx16_tile, 16, QK_K, Q6KX16_BLOCK, linear_q6kx16_i8, INT16_LINEAR(linear_q6kx16_i16))
-BLOCK_LINEAR(linear_mxfp4x8_f32, mxfp4x8_tile, 8, QK, MXFP4X8_BLOCK, linear_mxfp4x8_i8, NULL)
-BLOCK_LINEAR(linear_mxfp4x16_f32, mxfp4x16_tile, 16, QK, MXFP4X16_BLOCK, linear_mxfp4x16_i8, NULL)
+BLOCK_LINEAR(linear_q4x8_f32, q4x8_tile, 8, QK, Q4X8_BLOCK, NULL, linear_q4x8_panel, PANEL_MIN_ROWS)
+BLOCK_LINEAR(linear_q8x8_f32, q8x8_tile, 8, QK, Q8X8_BLOCK, NULL, linear_q8x8_panel, PANEL_MIN_ROWS)
+BLOCK_LINEAR(linear_q4x16_f32, q4x16_tile, 16, QK, Q4X16_BLOCK, NULL, INT16_LINEAR(linear_q4x16_i16), INT16_MIN_ROWS)
+BLOCK_LINEAR(linear_q8x16_f32, q8x16_tile, 16, QK, Q8X16_BLOCK, NULL, INT16_LINEAR(linear_q8x16_i16), INT16_MIN_ROWS)
+BLOCK_LINEAR(linear_q4kx8_f32, q4kx8_tile, 8, QK_K, Q4KX8_BLOCK, linear_q4kx8_i8, linear_q4kx8_panel,
+             PANEL_MIN_ROWS)
+BLOCK_LINEAR(linear_q4kx16_f32, q4kx16_tile, 16, QK_K, Q4KX16_BLOCK, linear_q4kx16_i8, INT16_LINEAR(linear_q4kx16_i16),
+             INT16_MIN_ROWS)
+BLOCK_LINEAR(linear_q5kx8_f32, q5kx8_tile, 8, QK_K, Q5KX8_BLOCK, linear_q5kx8_i8, linear_q5kx8_panel,
+             PANEL_MIN_ROWS)
+BLOCK_LINEAR(linear_q5kx16_f32, q5kx16_tile, 16, QK_K, Q5KX16_BLOCK, linear_q5kx16_i8, INT16_LINEAR(linear_q5kx16_i16),
+             INT16_MIN_ROWS)
+BLOCK_LINEAR(linear_q6kx8_f32, q6kx8_tile, 8, QK_K, Q6KX8_BLOCK, linear_q6kx8_i8, linear_q6kx8_panel,
+             PANEL_MIN_ROWS)
+BLOCK_LINEAR(linear_q6kx16_f32, q6kx16_tile, 16, QK_K, Q6KX16_BLOCK, linear_q6kx16_i8, INT16_LINEAR(linear_q6kx16_i16),
+             INT16_MIN_ROWS)
+BLOCK_LINEAR(linear_mxfp4x8_f32, mxfp4x8_tile, 8, QK, MXFP4X8_BLOCK, linear_mxfp4x8_i8, linear_mxfp4x8_panel,
+             PANEL_MIN_ROWS)
+BLOCK_LINEAR(linear_mxfp4x16_f32, mxfp4x16_tile, 16, QK, MXFP4X16_BLOCK, linear_mxfp4x16_i8, NULL, INT16_MIN_ROWS)
 
 /* out[k][j] (rows groups * G floats apart) = the weight of output first_group * G + j at input k, for the outputs
  * of groups [first_group, first_group + groups): a k-major fp32 tile of the weight, for prefill-sized calls to

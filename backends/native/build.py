@@ -42,6 +42,7 @@ SOURCES = tuple(
         "block_linear.c",
         "block_int8.c",
         "block_int16.c",
+        "block_panel.c",
         "prefill_attention.c",
         "decoder_layers.c",
         "delta_rule.c",

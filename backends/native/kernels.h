@@ -111,6 +111,20 @@ WIDE_LINEAR_DECLARE(linear_q6kx16_i16)
 #define INT16_LINEAR(NAME) NULL
 #endif
 
+/* The 8-wide layouts' linears from PANEL_MIN_ROWS rows on (block_panel.c): each weight dequantized once into an L1
+ * buffer, then multiplied by tiles of 6 rows x 16 outputs, where block_linear.c's register tiles dequantize it once
+ * per 8 rows. */
+enum { PANEL_MIN_ROWS = 9 };
+#define PANEL_DECLARE(NAME)                                                                                            \
+    void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
+              int64_t n, int64_t k, float *scratch, int32_t num_threads);
+PANEL_DECLARE(linear_q4x8_panel)
+PANEL_DECLARE(linear_q8x8_panel)
+PANEL_DECLARE(linear_q4kx8_panel)
+PANEL_DECLARE(linear_q5kx8_panel)
+PANEL_DECLARE(linear_q6kx8_panel)
+PANEL_DECLARE(linear_mxfp4x8_panel)
+
 /* out[k][j] = the weight of output first_group * G + j at input k, for `groups` groups of G outputs: a k-major fp32
  * tile [K, groups * G] of the interleaved blocks, for a GEMM to multiply by (block_linear.c). */
 void dequantize_q4x8_f32(const uint8_t *w, int64_t k, int64_t first_group, int64_t groups, float *out,
