@@ -136,8 +136,10 @@ stage_kernels() {
 
 stage_oracle() {
   if [[ $DRY == 1 ]]; then
+    # The llama checks' kernels, not their engine paths: preemption and the prefix hit schedule as on the CPU (the
+    # suite checks them there), and interpreted they took 32 of the stage's 79 s in CI.
     export SAGELLM_CHECK_BACKEND=cuda-interpreted TRITON_INTERPRET=1 SAGELLM_CHECK_SIZE=small
-    run_pytest -s tests/backends/gpu_oracle_checks.py -k "llama"
+    run_pytest -s tests/backends/gpu_oracle_checks.py -k "llama and not preempted and not prefix_cache"
   else
     run_pytest -s tests/backends/gpu_oracle_checks.py
   fi
