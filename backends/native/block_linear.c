@@ -29,8 +29,8 @@
  *   mxfp4x8, mxfp4x16 (MXFP4): per block of 32 inputs the 4-bit E2M1 codes in q4kx's 4 chunks of 8 inputs, then
  *                       uint8 e[G]; w = kvalues_mxfp4[code] * 2^(e - 128) (mxfp4.h), both factors formed here.
  * One k's weights for G outputs then dequantize into one vector, which every row's broadcast x[t, k] multiplies:
- * the dequantization is paid once per ROW_TILE rows. Rows are first copied k-major (pack_rows), so one pointer with
- * constant offsets reaches every row's value at k. Groups are shared among `num_threads` OpenMP threads. From
+ * the dequantization is paid once per ROW_TILE rows. Rows are first copied k-major (pack_row_tiles), so one pointer
+ * with constant offsets reaches every row's value at k. Groups are shared among `num_threads` OpenMP threads. From
  * PANEL_MIN_ROWS rows on the 8-wide layouts go to block_panel.c, which pays it once per call and multiplies in
  * FMA-bound tiles of 6 rows.
  *
@@ -124,17 +124,6 @@ GROUP_TILE(q6kx16_tile, f32x16, 16, scales16, QK_K, 16, q6kx16_scales, q6kx16_we
 GROUP_TILE(mxfp4x8_tile, f32x8, 8, scales8, QK, QK, mxfp4x8_scales, mxfp4x8_weights, MXFP4X8_BLOCK)
 GROUP_TILE(mxfp4x16_tile, f32x16, 16, scales16, QK, QK, mxfp4x16_scales, mxfp4x16_weights, MXFP4X16_BLOCK)
 
-/* xp[tile][i][t] = x[tile * ROW_TILE + t][i] for tiles of ROW_TILE rows (the last one shorter): k-major, so the
- * rows' values of a block of any size are contiguous. */
-static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, int64_t k) {
-    for (int64_t t0 = 0; t0 < tokens; t0 += ROW_TILE) {
-        const int64_t rt = tokens - t0 < ROW_TILE ? tokens - t0 : ROW_TILE;
-        float *tile = xp + t0 * k;
-        for (int64_t t = 0; t < rt; ++t)
-            for (int64_t i = 0; i < k; ++i) tile[i * rt + t] = x[(t0 + t) * x_row + i];
-    }
-}
-
 #define EACH_TILE_SIZE(TILE)                                                                                           \
     switch (rt) {                                                                                                      \
     case 1: TILE(xp, group, blocks, bg, yt, n, 1); break;                                                              \
@@ -172,7 +161,7 @@ static void pack_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, 
             return;                                                                                                    \
         }                                                                                                              \
         const int64_t blocks = k / INPUTS;                                                                             \
-        pack_rows(x, x_row, scratch, tokens, k);                                                                       \
+        pack_row_tiles(x, x_row, scratch, tokens, k, ROW_TILE);                                                        \
         _Pragma("omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)")                     \
         for (int64_t g = 0; g < n / G; ++g) {                                                                          \
             const uint8_t *group = w + g * blocks * BLOCK_BYTES;                                                       \

@@ -26,17 +26,6 @@ enum { PANEL_ROWS = 6, PANEL_INPUTS = 256, PANEL_GROUPS = 2, PANEL_ROW_BLOCK = 3
 #define UNROLL_RUN
 #endif
 
-/* xp[tile][i][t] = x[tile * PANEL_ROWS + t][i] for tiles of PANEL_ROWS rows (the last one shorter): k-major, so a
- * chunk of inputs of a tile is contiguous. */
-static void pack_panel_rows(const float *x, int64_t x_row, float *xp, int64_t tokens, int64_t k) {
-    for (int64_t t0 = 0; t0 < tokens; t0 += PANEL_ROWS) {
-        const int64_t rt = tokens - t0 < PANEL_ROWS ? tokens - t0 : PANEL_ROWS;
-        float *tile = xp + t0 * k;
-        for (int64_t t = 0; t < rt; ++t)
-            for (int64_t i = 0; i < k; ++i) tile[i * rt + t] = x[(t0 + t) * x_row + i];
-    }
-}
-
 /* y[rt, 8 * ng] (rows n apart) += xp[inputs][rt] . w[inputs][8 * ng] (the buffer, rows 16 floats apart), starting
  * from zero when `first`, adding bias[8 * ng] when it is not NULL (the last chunk). Inlined per constant rt and ng. */
 static inline __attribute__((always_inline)) void panel_tile(const float *xp, const float *w, int64_t inputs,
@@ -77,7 +66,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *xp, co
     void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,            \
               int64_t n, int64_t k, float *scratch, int32_t num_threads) {                                             \
         const int64_t blocks = k / INPUTS, groups = n / 8, chunk_blocks = PANEL_INPUTS / INPUTS;                       \
-        pack_panel_rows(x, x_row, scratch, tokens, k);                                                                 \
+        pack_row_tiles(x, x_row, scratch, tokens, k, PANEL_ROWS);                                                      \
         _Pragma("omp parallel num_threads(num_threads) if (num_threads > 1)") {                                        \
             float buffer[PANEL_INPUTS * 8 * PANEL_GROUPS] __attribute__((aligned(64)));                                \
             for (int64_t r0 = 0; r0 < tokens; r0 += PANEL_ROW_BLOCK) {                                                 \

@@ -1,6 +1,7 @@
 /* Readers of the interleaved GGUF layouts (block_linear.c draws them): a group's scales per sub-block, and each
  * input's weights for the group's outputs, as integers (the `_q` readers) and dequantized (`_weights`), shared by
- * block_linear.c's fp32 kernels and block_int16.c's int16 ones so the two read one layout one way. */
+ * block_linear.c's fp32 kernels and block_int16.c's int16 ones so the two read one layout one way; and the rows'
+ * packing the fp32 kernels multiply from. */
 #ifndef SAGELLM_BLOCK_READERS_H
 #define SAGELLM_BLOCK_READERS_H
 
@@ -12,6 +13,18 @@
 #include "vector_math.h"
 
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
+
+/* xp[tile][i][t] = x[tile * rows + t][i] for tiles of `rows` rows (the last one shorter): k-major, so one tile's
+ * values at any input, and its inputs of any block, are contiguous. The fp32 kernels multiply from it (block_linear.c's
+ * register tiles, block_panel.c's panels), each with its own tile height. */
+static inline void pack_row_tiles(const float *x, int64_t x_row, float *xp, int64_t tokens, int64_t k, int64_t rows) {
+    for (int64_t t0 = 0; t0 < tokens; t0 += rows) {
+        const int64_t rt = tokens - t0 < rows ? tokens - t0 : rows;
+        float *tile = xp + t0 * k;
+        for (int64_t t = 0; t < rt; ++t)
+            for (int64_t i = 0; i < k; ++i) tile[i * rt + t] = x[(t0 + t) * x_row + i];
+    }
+}
 
 /* A group's float scales for one sub-block of inputs, formed once and read by each input's WEIGHTS: w = d * q + m
  * (m unused where the layout has no min). */

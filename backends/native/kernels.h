@@ -44,6 +44,10 @@ void lora_add_f32(const lora_part *parts, int64_t num_parts, const float *x, int
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) on interleaved GGUF blocks (block_linear.c). */
 typedef void (*block_linear_fn)(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y,
                                 int64_t tokens, int64_t n, int64_t k, float *scratch, int32_t num_threads);
+/* A linear of block_linear_fn's signature, declared: the int16 and panel linears below. */
+#define BLOCK_LINEAR_DECLARE(NAME)                                                                                     \
+    void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
+              int64_t n, int64_t k, float *scratch, int32_t num_threads);
 void linear_q4x8_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
                      int64_t n, int64_t k, float *scratch, int32_t num_threads);
 void linear_q8x8_f32(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,
@@ -98,14 +102,11 @@ void linear_mxfp4x16_i8(const float *x, int64_t x_row, const uint8_t *w, const f
  * for the 8-wide layouts, which no AVX-512 variant reads). */
 enum { INT16_MIN_ROWS = 16 };
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
-#define WIDE_LINEAR_DECLARE(NAME)                                                                                      \
-    void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
-              int64_t n, int64_t k, float *scratch, int32_t num_threads);
-WIDE_LINEAR_DECLARE(linear_q4x16_i16)
-WIDE_LINEAR_DECLARE(linear_q8x16_i16)
-WIDE_LINEAR_DECLARE(linear_q4kx16_i16)
-WIDE_LINEAR_DECLARE(linear_q5kx16_i16)
-WIDE_LINEAR_DECLARE(linear_q6kx16_i16)
+BLOCK_LINEAR_DECLARE(linear_q4x16_i16)
+BLOCK_LINEAR_DECLARE(linear_q8x16_i16)
+BLOCK_LINEAR_DECLARE(linear_q4kx16_i16)
+BLOCK_LINEAR_DECLARE(linear_q5kx16_i16)
+BLOCK_LINEAR_DECLARE(linear_q6kx16_i16)
 #define INT16_LINEAR(NAME) NAME
 #else
 #define INT16_LINEAR(NAME) NULL
@@ -115,15 +116,12 @@ WIDE_LINEAR_DECLARE(linear_q6kx16_i16)
  * buffer, then multiplied by tiles of 6 rows x 16 outputs, where block_linear.c's register tiles dequantize it once
  * per 8 rows. */
 enum { PANEL_MIN_ROWS = 9 };
-#define PANEL_DECLARE(NAME)                                                                                            \
-    void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
-              int64_t n, int64_t k, float *scratch, int32_t num_threads);
-PANEL_DECLARE(linear_q4x8_panel)
-PANEL_DECLARE(linear_q8x8_panel)
-PANEL_DECLARE(linear_q4kx8_panel)
-PANEL_DECLARE(linear_q5kx8_panel)
-PANEL_DECLARE(linear_q6kx8_panel)
-PANEL_DECLARE(linear_mxfp4x8_panel)
+BLOCK_LINEAR_DECLARE(linear_q4x8_panel)
+BLOCK_LINEAR_DECLARE(linear_q8x8_panel)
+BLOCK_LINEAR_DECLARE(linear_q4kx8_panel)
+BLOCK_LINEAR_DECLARE(linear_q5kx8_panel)
+BLOCK_LINEAR_DECLARE(linear_q6kx8_panel)
+BLOCK_LINEAR_DECLARE(linear_mxfp4x8_panel)
 
 /* out[k][j] = the weight of output first_group * G + j at input k, for `groups` groups of G outputs: a k-major fp32
  * tile [K, groups * G] of the interleaved blocks, for a GEMM to multiply by (block_linear.c). */
