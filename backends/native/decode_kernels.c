@@ -93,8 +93,10 @@ void gated_rmsnorm_f32(const float *x, int64_t x_row, const float *z, int64_t z_
 #pragma omp simd reduction(+ : squares)
             for (int64_t i = 0; i < d; ++i) squares += xh[i] * xh[i];
             const float inv = 1.0f / sqrtf(squares / (float)d + eps);
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) oh[i] = xh[i] * inv * weight[i] * (zh[i] / (1.0f + exp_f32(-zh[i])));
+            int64_t i = 0;
+            for (; i + LANES <= d; i += LANES)
+                store_vec(oh + i, load_vec(xh + i) * inv * load_vec(weight + i) * silu_lanes(load_vec(zh + i)));
+            for (; i < d; ++i) oh[i] = xh[i] * inv * weight[i] * silu_scalar(zh[i]);
         }
     }
 }
@@ -105,8 +107,9 @@ void silu_mul_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64
     for (int64_t t = 0; t < rows; ++t) {
         const float *gate = x + t * x_row, *up = gate + inter;
         float *ot = out + t * inter;
-#pragma omp simd
-        for (int64_t i = 0; i < inter; ++i) ot[i] = gate[i] / (1.0f + exp_f32(-gate[i])) * up[i];
+        int64_t i = 0;
+        for (; i + LANES <= inter; i += LANES) store_vec(ot + i, silu_lanes(load_vec(gate + i)) * load_vec(up + i));
+        for (; i < inter; ++i) ot[i] = silu_scalar(gate[i]) * up[i];
     }
 }
 
@@ -116,8 +119,9 @@ void sigmoid_f32(const float *x, int64_t x_row, float *out, int64_t rows, int64_
     for (int64_t t = 0; t < rows; ++t) {
         const float *xt = x + t * x_row;
         float *ot = out + t * n;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ot[i] = 1.0f / (1.0f + exp_f32(-xt[i]));
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES) store_vec(ot + i, sigmoid_lanes(load_vec(xt + i)));
+        for (; i < n; ++i) ot[i] = sigmoid_scalar(xt[i]);
     }
 }
 

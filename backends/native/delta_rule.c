@@ -18,26 +18,9 @@
 enum { MAX_HEAD_DIM = 256 }; /* ops.py MAX_DELTA_HEAD_DIM: Dk and Dv at most this (the per-head arrays below) */
 enum { MAX_WIDTH = 8 };      /* ops.py MAX_CONV_WIDTH: the convolution's K at most this */
 
-/* One register of floats. Not f32x16 everywhere: GCC splits a vector wider than the instruction set's through the
- * stack, which made this kernel 2.5x slower on AVX2. */
-#if defined(__AVX512F__)
-typedef f32x16 vec;
-#define LOADV load16
-#define STOREV store16
-#else
-typedef f32x8 vec;
-#define LOADV load8
-#define STOREV store8
-#endif
-typedef int32_t ivec __attribute__((vector_size(sizeof(vec))));
-enum { LANES = sizeof(vec) / sizeof(float) };
 /* Columns of S summed per sweep over its rows: a whole row of Qwen3.5's 128 (8 AVX-512 registers, 16 AVX2 ones), so
  * each pass reads S in order; on AVX2 5-15% faster than halves of 64 columns, which fit the registers better. */
 enum { TILE = 128, TILE_VECTORS = TILE / LANES };
-
-/* exp_f32 lane by lane (vector_math.h's EXP_LANES: the SiLU of a row's 6144 channels took a quarter of this kernel's
- * time while GCC kept a loop of exp_f32 calls scalar). */
-static inline vec exp_vec(vec x) { return EXP_LANES(vec, ivec, x); }
 
 /* y[t, c] = sum_j window_t[c, j] * w[c, j] for the n channels of one task and `tokens` tokens in order (x's rows
  * x_row apart, y's y_row), window_t = [the K-1 inputs before token t, x[t]], starting from the `kept` ones [n, K-1],
@@ -72,11 +55,8 @@ static void convolve(const float *x, int64_t x_row, float *kept, const float *w,
 /* y = silu(y) over n floats, whole vectors then one at a time. */
 static void silu(float *y, int64_t n) {
     int64_t c = 0;
-    for (; c + LANES <= n; c += LANES) {
-        const vec v = LOADV(y + c);
-        STOREV(y + c, v / (1.0f + exp_vec(-v)));
-    }
-    for (; c < n; ++c) y[c] = y[c] / (1.0f + exp_f32(-y[c]));
+    for (; c + LANES <= n; c += LANES) store_vec(y + c, silu_lanes(load_vec(y + c)));
+    for (; c < n; ++c) y[c] = silu_scalar(y[c]);
 }
 
 /* y *= scale / sqrt(sum(y^2) + 1e-6): q's and k's L2 norm per key head (q also scaled by Dk^-0.5). */
@@ -96,8 +76,8 @@ static inline __attribute__((always_inline)) void recall(const float *s, int64_t
     vec acc[TILE_VECTORS];
     for (int u = 0; u < nvec; ++u) acc[u] = (vec){0};
     for (int64_t i = 0; i < dk; ++i)
-        for (int u = 0; u < nvec; ++u) acc[u] += key[i] * LOADV(s + i * dv + c0 + LANES * u);
-    for (int u = 0; u < nvec; ++u) STOREV(recalled + c0 + LANES * u, acc[u]);
+        for (int u = 0; u < nvec; ++u) acc[u] += key[i] * load_vec(s + i * dv + c0 + LANES * u);
+    for (int u = 0; u < nvec; ++u) store_vec(recalled + c0 + LANES * u, acc[u]);
 }
 
 /* s[i, c0 ..] = g s[i, c0 ..] + key[i] delta[c0 ..] for every row i, and o[c0, c0 + LANES nvec) = sum_i query[i] of
@@ -106,17 +86,17 @@ static inline __attribute__((always_inline)) void update(float *s, int64_t dk, i
                                                          const float *query, const float *delta, float g, int64_t c0,
                                                          int nvec, float *o) {
     vec d[TILE_VECTORS], acc[TILE_VECTORS];
-    for (int u = 0; u < nvec; ++u) d[u] = LOADV(delta + c0 + LANES * u), acc[u] = (vec){0};
+    for (int u = 0; u < nvec; ++u) d[u] = load_vec(delta + c0 + LANES * u), acc[u] = (vec){0};
     for (int64_t i = 0; i < dk; ++i) {
         float *row = s + i * dv + c0;
         const float ki = key[i], qi = query[i]; /* read once: the stores to s could alias them */
         for (int u = 0; u < nvec; ++u) {
-            const vec value = g * LOADV(row + LANES * u) + ki * d[u];
-            STOREV(row + LANES * u, value);
+            const vec value = g * load_vec(row + LANES * u) + ki * d[u];
+            store_vec(row + LANES * u, value);
             acc[u] += qi * value;
         }
     }
-    for (int u = 0; u < nvec; ++u) STOREV(o + c0 + LANES * u, acc[u]);
+    for (int u = 0; u < nvec; ++u) store_vec(o + c0 + LANES * u, acc[u]);
 }
 
 /* One value head's delta rule for one token, S [Dk, Dv] advanced in place, o [Dv] written:

@@ -25,8 +25,15 @@ static void swiglu_oai_f32(const float *x, float *out, int64_t rows, int64_t int
     for (int64_t t = 0; t < rows; ++t) {
         const float *gate = x + t * 2 * inter, *up = gate + inter;
         float *ot = out + t * inter;
-#pragma omp simd
-        for (int64_t i = 0; i < inter; ++i) {
+        const vec top = (vec){0} + limit, bottom = (vec){0} - limit;
+        int64_t i = 0;
+        for (; i + LANES <= inter; i += LANES) { /* a NaN compares false: kept, as below */
+            vec g = load_vec(gate + i), u = load_vec(up + i);
+            g = select_lanes(g > top, top, g);
+            u = select_lanes(u > top, top, select_lanes(u < bottom, bottom, u));
+            store_vec(ot + i, (u + 1.0f) * (g / (1.0f + exp_lanes(-alpha * g))));
+        }
+        for (; i < inter; ++i) {
             const float g = gate[i] > limit ? limit : gate[i];
             const float u = up[i] > limit ? limit : up[i] < -limit ? -limit : up[i];
             ot[i] = (u + 1.0f) * (g / (1.0f + exp_f32(-alpha * g)));

@@ -33,20 +33,6 @@
 
 #include "vector_math.h"
 
-#if defined(__AVX512F__)
-typedef f32x16 vec;
-typedef i32x16 ivec;
-#define load_vec load16
-#define store_vec store16
-enum { LANES = 16 };
-#else
-typedef f32x8 vec;
-typedef i32x8 ivec;
-#define load_vec load8
-#define store_vec store8
-enum { LANES = 8 };
-#endif
-
 /* Queries scored, softmaxed and summed together: BLOCK x 4 accumulators, plus 4 key or value vectors, fit the
  * registers (AVX-512's 32; AVX2's 16; SSE2's 16 hold 8 of these 2-register vectors). */
 #if defined(__AVX512F__)
@@ -92,7 +78,7 @@ static inline float max_lane(vec x) {
 /* exp_f32 (vector_math.h) of x <= 0 (scores less their max, here) on a vector, so the softmax stays in registers:
  * the same clamp at -87, range reduction and polynomial; AVX-512 clamps, rounds and multiplies by 2^n with one
  * instruction each. */
-static inline vec exp_vec(vec x) {
+static inline vec exp_nonpositive(vec x) {
 #if defined(__AVX512F__)
     x = (vec)_mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f));
     const vec n = (vec)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
@@ -196,7 +182,7 @@ static inline __attribute__((always_inline)) void attend_block(const float *cons
         const int masked = from[b] > 0 || visible[b] < KEY_STEP;
         vec sums = (vec){0};
         for (int c = 0; c < KEY_VECS; ++c) {
-            vec p = exp_vec(load_vec(sm + c * LANES) - top[b]);
+            vec p = exp_nonpositive(load_vec(sm + c * LANES) - top[b]);
             if (masked) { /* exactly 0 outside [from, visible): the clamped exp of -inf is not */
                 ivec j;
                 for (int i = 0; i < LANES; ++i) j[i] = c * LANES + i;

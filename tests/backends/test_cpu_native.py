@@ -121,9 +121,18 @@ def test_gated_rmsnorm_on_a_view_of_the_fused_projection(native: NativeKernels, 
 
 
 @pytest.mark.parametrize(("rows", "threads"), [(1, 1), (7, 1), (257, 2)])
-def test_silu_mul(native: NativeKernels, rows: int, threads: int) -> None:
-    x = strided_rows(rows, 2 * 1536) * 4  # gate values far into both tails of the sigmoid
-    close(native.silu_mul(x, threads), torch_ops.silu_mul(x))
+@pytest.mark.parametrize("inter", [1536, 1539])  # 1539: a tail past the last whole vector
+def test_silu_mul(native: NativeKernels, rows: int, threads: int, inter: int) -> None:
+    x = strided_rows(rows, 2 * inter) * 4  # gate values far into both tails of the sigmoid
+    x[0, 1] = x[0, inter - 1] = float("nan")  # in a vector's lanes and (at 1539) in the tail: NaN out, as torch's
+    torch.testing.assert_close(native.silu_mul(x, threads), torch_ops.silu_mul(x), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("n", [1024, 1027])
+def test_sigmoid_on_a_view(native: NativeKernels, n: int) -> None:
+    """Qwen3.5's attention output gate, vector lanes and a tail; the tails of the curve saturate to 0 and 1."""
+    x = strided_rows(5, n) * 30
+    close(native.sigmoid(x, 2), torch.sigmoid(x))
 
 
 def decode_batch(paged_sequences: type, hq: int, hk: int, d: int, prompt_lens: list[int], block_size: int = 16):
