@@ -27,7 +27,7 @@ budget allows. With a threshold T:
   the whole budget of its step: nobody
   waits on its chunk, and its own time is then not multiplied by small steps (each re-reads every weight, re-lays the
   keys out for attention, and pays a step's fixed cost: SmolLM2's 3,072-token prompt alone in 64 steps of its chunks
-  6.0 s, in 6 steps of the 512-token budget 3.5 s, on a 2-core AMD EPYC). A chat arriving meanwhile waits for the
+  6.0 s, in 6 steps of a 512-token budget 3.5 s, on a 2-core AMD EPYC). A chat arriving meanwhile waits for the
   step under way, then has a step of its own, and the long prompt's chunks are its share again from then on;
 - a step scores at most T prompt positions for prompt logprobs (`echo` with `logprobs`), whoever asked (`scored_tokens`
   may set it apart): each adds a row of the vocabulary projection and its log-softmax to the step.
