@@ -30,11 +30,10 @@ class EngineConfig:
     language_model_only: bool = _help("serve a multimodal model's text model alone: no encoders, no media", False)
     backend: str = _help("hardware backend: auto, cpu, cuda, ascend, cambricon, hygon", "auto")
     max_num_seqs: int = _help("requests the engine runs at once", 16)
-    # 1,024 (vLLM-CPU's server takes 2,048): W1 at 16 streams on a 2-core AVX2 EPYC spent 20% less in the steps that
-    # carry prompts than with 512 (its waves of 16 new 256-token prompts in 4 steps, not 8; the GEMMs of 1,024 rows
-    # run at ~115 GFLOP/s against ~95 at 512), 1.1x the output tok/s; a step that carries one costs the streams
-    # running beside it ~2 s there, not ~1 (prompts past the budget are long and take their share, long_prefills.py).
-    max_num_batched_tokens: int = _help("token budget of one step; chunked prefill cuts prompts to fit", 1024)
+    # 512, not vLLM-CPU's server's 2,048: through the server (W1-c16, `vllm bench serve`, AVX2 EPYC, session 56)
+    # 1,024 made no more output tok/s (110.4 against 116.8, two rounds) at nearly twice the TTFT p50 (3.8 s against
+    # 2.1), though offline, where every prompt waits from the start, its larger GEMMs made 1.1x.
+    max_num_batched_tokens: int = _help("token budget of one step; chunked prefill cuts prompts to fit", 512)
     # vLLM's --long-prefill-token-threshold, --max-num-partial-prefills and --max-long-partial-prefills
     # (runtime/engine/long_prefills.py): a prompt with more tokens than the threshold left to compute is long and
     # computes that many a step (fewer deeper in, where attention costs more), and a step scores that many prompt
