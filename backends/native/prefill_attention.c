@@ -54,11 +54,8 @@ enum {
     MAX_QUERIES = 48,
 };
 
-/* The lane-wise max (C's vector extension has no vector ?:, so a select by mask). */
-static inline vec max_vec(vec a, vec b) {
-    const ivec take_a = a > b;
-    return (vec)(((ivec)a & take_a) | ((ivec)b & ~take_a));
-}
+/* The lane-wise max (a select by mask: C's vector extension has no vector ?:). */
+static inline vec max_vec(vec a, vec b) { return select_lanes(a > b, a, b); }
 
 /* The largest lane: a shuffle tree, not LANES dependent scalar steps (once per query and step). */
 static inline float max_lane(vec x) {
