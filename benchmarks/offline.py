@@ -53,7 +53,7 @@ class OfflineConfig:
     seed: int = 0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     backend: str = "cpu"
-    max_num_batched_tokens: int | None = None  # our engine's step budget; None: the engine's default
+    max_num_batched_tokens: int = 512
     progress: bool = True
 
 
@@ -183,12 +183,11 @@ def _sagellm_runner(config: OfflineConfig) -> WorkloadRunner:
     from sagellm import LLM, SamplingParams
 
     def run_workload(w: Workload, prompt_sets: list[Prompts], warmup: Prompts, progress: Progress) -> list[Run]:
-        budget = config.max_num_batched_tokens
         llm = LLM(
             str(config.model),
             backend=config.backend,
             max_num_seqs=w.batch_size,
-            **({} if budget is None else {"max_num_batched_tokens": budget}),
+            max_num_batched_tokens=config.max_num_batched_tokens,
             num_threads=config.threads,
             block_size=KV_BLOCK_SIZE,
             num_kv_blocks=w.batch_size * (math.ceil((w.input_len + w.output_len) / KV_BLOCK_SIZE) + 1),

@@ -85,8 +85,7 @@ def add_parser(sub: argparse._SubParsersAction, *, kind: str | None = None) -> N
     o.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     o.add_argument("--threads", type=int, default=None, help="torch threads for every engine (default: all cores)")
     o.add_argument("--backend", default="cpu", help="our engine's backend (default: %(default)s)")
-    o.add_argument("--max-num-batched-tokens", type=int, default=None, help="our engine's per-step token budget "
-                   "(default: the engine's)")
+    o.add_argument("--max-num-batched-tokens", type=int, default=512, help="our engine's per-step token budget")
     o.add_argument("--out", type=Path, default=Path("benchmarks/results/offline.json"), help="JSON results file")
     o.add_argument("--plot", default="benchmarks/results/offline.png", help="PNG chart ('' = none)")
     o.add_argument("--markdown", type=Path, default=None, help="write the markdown table here instead of stdout")
