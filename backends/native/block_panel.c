@@ -59,25 +59,31 @@ static inline __attribute__((always_inline)) void panel_tile(const float *xp, co
     }
 
 /* y[T, N] = x[T, K] (rows x_row apart) . w^T (+ bias[N]) for w in an 8-wide layout (SCALES and WEIGHTS its
- * readers, INPUTS per block in sub-blocks of SUB); scratch holds T * K floats (the packed rows). Rows go in blocks of
- * PANEL_ROW_BLOCK, whose chunk of packed inputs stays in L2 while every pair of groups reads it; the `num_threads`
- * OpenMP threads share the pairs, each the same ones in every block (static schedule), so none waits on another. */
+ * readers, INPUTS per block in sub-blocks of SUB); scratch holds T * K floats (the packed rows, which the threads
+ * pack a tile each). Rows go in blocks of PANEL_ROW_BLOCK, and each block's inputs in chunks of PANEL_INPUTS: a
+ * chunk of packed rows (192 x 256 floats, 192 KB) stays in L2 while every pair of groups of the thread reads it. The
+ * `num_threads` OpenMP threads share the pairs, each the same ones in every chunk (static schedule), so none waits on
+ * another. Taking every chunk of a pair before the next pair re-read each pair's whole row block (K = 1536: 1.2 MB)
+ * from L3, ~10 GB/s a core: on two cores of an AVX2 EPYC (Zen 3), SmolLM2's Q4_1 layer linears at 256 rows took
+ * ~18 ms where this order takes ~16.5, and a 256-token prefill 573 ms (median of 10) where it takes 524. */
 #define PANEL_LINEAR(NAME, INPUTS, SUB, SCALES, WEIGHTS, BLOCK_BYTES)                                                  \
     void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,            \
               int64_t n, int64_t k, float *scratch, int32_t num_threads) {                                             \
         const int64_t blocks = k / INPUTS, groups = n / 8, chunk_blocks = PANEL_INPUTS / INPUTS;                       \
-        pack_row_tiles(x, x_row, scratch, tokens, k, PANEL_ROWS);                                                      \
         _Pragma("omp parallel num_threads(num_threads) if (num_threads > 1)") {                                        \
+            _Pragma("omp for schedule(static)")                                                                        \
+            for (int64_t t0 = 0; t0 < tokens; t0 += PANEL_ROWS)                                                        \
+                pack_row_tile(x, x_row, scratch, tokens, k, PANEL_ROWS, t0);                                           \
             float buffer[PANEL_INPUTS * 8 * PANEL_GROUPS] __attribute__((aligned(64)));                                \
             for (int64_t r0 = 0; r0 < tokens; r0 += PANEL_ROW_BLOCK) {                                                 \
                 const int64_t r1 = r0 + PANEL_ROW_BLOCK < tokens ? r0 + PANEL_ROW_BLOCK : tokens;                      \
-                _Pragma("omp for schedule(static) nowait")                                                             \
-                for (int64_t pair = 0; pair < (groups + 1) / PANEL_GROUPS; ++pair) {                                   \
-                    const int64_t g0 = pair * PANEL_GROUPS;                                                            \
-                    const int ng = groups - g0 < PANEL_GROUPS ? (int)(groups - g0) : PANEL_GROUPS;                     \
-                    for (int64_t b0 = 0; b0 < blocks; b0 += chunk_blocks) {                                            \
-                        const int64_t b1 = b0 + chunk_blocks < blocks ? b0 + chunk_blocks : blocks;                    \
-                        const int64_t inputs = (b1 - b0) * INPUTS;                                                     \
+                for (int64_t b0 = 0; b0 < blocks; b0 += chunk_blocks) {                                                \
+                    const int64_t b1 = b0 + chunk_blocks < blocks ? b0 + chunk_blocks : blocks;                        \
+                    const int64_t inputs = (b1 - b0) * INPUTS;                                                         \
+                    _Pragma("omp for schedule(static) nowait")                                                         \
+                    for (int64_t pair = 0; pair < (groups + 1) / PANEL_GROUPS; ++pair) {                               \
+                        const int64_t g0 = pair * PANEL_GROUPS;                                                        \
+                        const int ng = groups - g0 < PANEL_GROUPS ? (int)(groups - g0) : PANEL_GROUPS;                 \
                         for (int g = 0; g < ng; ++g)                                                                   \
                             for (int64_t b = b0; b < b1; ++b) {                                                        \
                                 const uint8_t *block = w + ((g0 + g) * blocks + b) * BLOCK_BYTES;                      \

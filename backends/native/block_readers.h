@@ -16,14 +16,18 @@ typedef uint64_t u64x8 __attribute__((vector_size(64)));
 
 /* xp[tile][i][t] = x[tile * rows + t][i] for tiles of `rows` rows (the last one shorter): k-major, so one tile's
  * values at any input, and its inputs of any block, are contiguous. The fp32 kernels multiply from it (block_linear.c's
- * register tiles, block_panel.c's panels), each with its own tile height. */
+ * register tiles, block_panel.c's panels), each with its own tile height. pack_row_tile packs the tile of rows
+ * t0 .. t0 + rows - 1, so the panels' threads can share the tiles. */
+static inline void pack_row_tile(const float *x, int64_t x_row, float *xp, int64_t tokens, int64_t k, int64_t rows,
+                                 int64_t t0) {
+    const int64_t rt = tokens - t0 < rows ? tokens - t0 : rows;
+    float *tile = xp + t0 * k;
+    for (int64_t t = 0; t < rt; ++t)
+        for (int64_t i = 0; i < k; ++i) tile[i * rt + t] = x[(t0 + t) * x_row + i];
+}
+
 static inline void pack_row_tiles(const float *x, int64_t x_row, float *xp, int64_t tokens, int64_t k, int64_t rows) {
-    for (int64_t t0 = 0; t0 < tokens; t0 += rows) {
-        const int64_t rt = tokens - t0 < rows ? tokens - t0 : rows;
-        float *tile = xp + t0 * k;
-        for (int64_t t = 0; t < rt; ++t)
-            for (int64_t i = 0; i < k; ++i) tile[i * rt + t] = x[(t0 + t) * x_row + i];
-    }
+    for (int64_t t0 = 0; t0 < tokens; t0 += rows) pack_row_tile(x, x_row, xp, tokens, k, rows, t0);
 }
 
 /* A group's float scales for one sub-block of inputs, formed once and read by each input's WEIGHTS: w = d * q + m
