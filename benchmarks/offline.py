@@ -28,6 +28,7 @@ from sagellm.benchmarks.errors import BenchmarkError
 from sagellm.benchmarks.report import median_summary
 from sagellm.benchmarks.workloads import Workload, random_token_prompts
 from sagellm.common.errors import InvalidInput
+from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.models.loader import load_model
 
 PEERS = ("transformers",)
@@ -53,7 +54,7 @@ class OfflineConfig:
     seed: int = 0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     backend: str = "cpu"
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens  # our engine's step budget: its own default
     progress: bool = True
 
 

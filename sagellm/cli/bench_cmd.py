@@ -85,7 +85,12 @@ def add_parser(sub: argparse._SubParsersAction, *, kind: str | None = None) -> N
     o.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     o.add_argument("--threads", type=int, default=None, help="torch threads for every engine (default: all cores)")
     o.add_argument("--backend", default="cpu", help="our engine's backend (default: %(default)s)")
-    o.add_argument("--max-num-batched-tokens", type=int, default=512, help="our engine's per-step token budget")
+    o.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="our engine's per-step token budget (default: the engine's, spelled out in the command the report prints)",
+    )
     o.add_argument("--out", type=Path, default=Path("benchmarks/results/offline.json"), help="JSON results file")
     o.add_argument("--plot", default="benchmarks/results/offline.png", help="PNG chart ('' = none)")
     o.add_argument("--markdown", type=Path, default=None, help="write the markdown table here instead of stdout")
@@ -118,7 +123,11 @@ def add_parser(sub: argparse._SubParsersAction, *, kind: str | None = None) -> N
 def run(args: argparse.Namespace) -> int:
     from sagellm.benchmarks.offline import OfflineConfig, run_offline
     from sagellm.benchmarks.workloads import WORKLOAD_GROUPS, standard_workloads
+    from sagellm.runtime.engine.config import EngineConfig
     from sagellm.runtime.models.model_cache import DEFAULT_MODEL, resolve_model
+
+    if args.max_num_batched_tokens is None:  # the engine's own budget, so the printed command reproduces the run
+        args.max_num_batched_tokens = EngineConfig.max_num_batched_tokens
 
     groups = [g.strip() for g in args.workloads.split(",") if g.strip()] if args.workloads else list(WORKLOAD_GROUPS)
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none")
