@@ -58,8 +58,15 @@ class HardwareBackend(ABC):
         """Packs a [out, in] weight into the layout this backend's `linear` reads fastest."""
         return weight.to(self.device).contiguous()
 
-    def prepare_block_weight(self, parts: list[QuantizedWeight]) -> Any | None:
+    def int8_activations_problem(self, kinds: set[str]) -> str | None:
+        """Why this backend cannot round the inputs of linears on GGUF blocks of `kinds` (the model's, as kept) to
+        int8 (EngineConfig.int8_activations), or None where it can for some of them."""
+        return f"the {self.name} backend has no linears on int8 activations (the cpu backend's native kernels do)"
+
+    def prepare_block_weight(self, parts: list[QuantizedWeight], int8_activations: bool = False) -> Any | None:
         """A linear weight this backend's `linear` reads from GGUF blocks (its parts' rows stacked: a fused q/k/v
         may mix kinds, as a Q4_K_M file's does), or None when it does not read them: the caller then packs the
-        dequantized floats with `prepare_linear_weight`. Held in one form: no float copy beside the blocks."""
+        dequantized floats with `prepare_linear_weight`. Held in one form: no float copy beside the blocks.
+        `int8_activations`: the linear rounds x to int8 where its kind allows (only asked of a backend whose
+        int8_activations_problem is None)."""
         return None

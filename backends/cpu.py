@@ -56,6 +56,7 @@ from sagellm.backends.native import (
     isa,
     prefill_scratch_size,
 )
+from sagellm.backends.native.block_layout import Q8_X_KINDS
 from sagellm.backends.native.decoder_layers import (
     NativeDecoderLayers,
     attention_threads,
@@ -171,12 +172,13 @@ class NativeDispatch:
     def _block_linear(self, x: torch.Tensor, blocks: InterleavedBlocks, bias: torch.Tensor | None) -> torch.Tensor:
         """Every row count from the blocks, the weight's one form: the native kernels (registers, AVX2's panels,
         AVX-512's int16), or from the CPU's block_gemm_rows on, tiles dequantized for torch's GEMM (long prefill
-        chunks on all but AMD's AVX-512 CPUs)."""
+        chunks on all but AMD's AVX-512 CPUs); a weight whose linear rounds x (x_type q8) takes its kernel at every
+        row count."""
         x = x if fits_rows(x) else x.float().contiguous()
         bias = None if bias is None else bias.float().contiguous()
         threads = torch.get_num_threads()
         gemm_rows = self._gemm_rows[0 if threads == 1 else 1]
-        if gemm_rows is not None and x.shape[0] >= gemm_rows:
+        if gemm_rows is not None and x.shape[0] >= gemm_rows and blocks.x_type == "f32":
             return self.native.block_linear_large(x, blocks, bias, threads)
         return self.native.block_linear(x, blocks, bias, threads)
 
@@ -361,9 +363,19 @@ class CpuBackend(torch_ops.TorchOpsBackend):
     def prepare_linear_weight(self, weight: torch.Tensor) -> CpuLinearWeight:
         return pack_linear_weight(weight, NativeKernels.load())
 
-    def prepare_block_weight(self, parts: list[QuantizedWeight]) -> CpuLinearWeight | None:
+    def int8_activations_problem(self, kinds: set[str]) -> str | None:
+        if NativeKernels.load() is None:
+            return f"int8 activations need the native kernels, which are off or not built ({DISABLE_ENV})"
+        if not kinds & set(Q8_X_KINDS):
+            held = ", ".join(sorted(kinds)) or "none: the weights are floats"
+            return f"only linears on {' or '.join(Q8_X_KINDS)} blocks round x to int8; this model's blocks: {held}"
+        return None
+
+    def prepare_block_weight(
+        self, parts: list[QuantizedWeight], int8_activations: bool = False
+    ) -> CpuLinearWeight | None:
         native = NativeKernels.load()
-        return None if native is None else pack_block_weight(parts, native)
+        return None if native is None else pack_block_weight(parts, native, int8_activations)
 
     def kernels(self) -> KernelTable:
         """The torch ops with the CPU `linear`, and native kernels where a C compiler built them."""

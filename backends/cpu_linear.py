@@ -53,11 +53,13 @@ def pack_linear_weight(weight: torch.Tensor, native: NativeKernels | None = None
     return CpuLinearWeight(weight, rows)
 
 
-def pack_block_weight(parts: list[QuantizedWeight], native: NativeKernels) -> CpuLinearWeight | None:
+def pack_block_weight(
+    parts: list[QuantizedWeight], native: NativeKernels, int8_activations: bool = False
+) -> CpuLinearWeight | None:
     """The GGUF blocks of a linear's parts interleaved in the library's group width (groups of 8 when the outputs
     are not a multiple of it), one weight when they share a kind, else one per run of neighbours of one kind (Qwen3.5's
     Q5_K qkv, then its Q4_K z, b and a: two calls, not four); None for a shape the kernels do not take (the caller
-    then packs the floats)."""
+    then packs the floats). `int8_activations`: the parts of kinds with such a kernel multiply x rounded to int8."""
     runs: list[list[QuantizedWeight]] = []
     for part in parts:
         if runs and (runs[-1][0].kind, runs[-1][0].in_features) == (part.kind, part.in_features):
@@ -65,7 +67,8 @@ def pack_block_weight(parts: list[QuantizedWeight], native: NativeKernels) -> Cp
         else:
             runs.append([part])
     each = [QuantizedWeight.concat(run) for run in runs]
-    interleaved = [interleave(p, native.block_group) or interleave(p) for p in each]
+    widths = (native.block_group, 8)
+    interleaved = [next((b for w in widths if (b := interleave(p, w, int8_activations))), None) for p in each]
     if any(blocks is None for blocks in interleaved):
         return None
     if len(interleaved) == 1:

@@ -46,7 +46,7 @@ class CudaBackend(torch_ops.TorchOpsBackend):
         name = torch.cuda.get_device_name(0)
         return Availability(True, f"{build}, CUDA {torch.version.cuda}, {torch.cuda.device_count()}x {name}")
 
-    def prepare_block_weight(self, parts: list[QuantizedWeight]) -> Any | None:
+    def prepare_block_weight(self, parts: list[QuantizedWeight], int8_activations: bool = False) -> Any | None:
         """An Mxfp4Weight on the device when every part is MXFP4, else None (the floats)."""
         from sagellm.backends import triton_kernels
 

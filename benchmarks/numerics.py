@@ -1,11 +1,12 @@
-"""`sagellm bench numerics`: what the opt-in bfloat16 linears (`--dtype bfloat16`) cost in accuracy against float32, and
-what they gain in speed, in one run.
+"""`sagellm bench numerics`: what the opt-in fast numerics cost in accuracy against exact float32, and what they gain in
+speed, in one run: the bfloat16 linears (`--dtype bfloat16`, where the CPU multiplies bf16) and the int8 activations of
+the Q4_0/Q4_1 linears (`--int8-activations`, llama.cpp's rounding).
 
-Accuracy: the same prompts through an fp32 and a bf16 engine on one model, greedy: the share of replies that are
-identical, how many tokens the others agree on before they first differ, and the logits of the last position of the
-prompts whose prefill ends in the first step (the same ones in both engines): the largest and mean absolute
-difference, relative to the fp32 logits' spread, and whether the top token is the same. Speed: the offline W1-c16
-shape (random 256-token prompts, 128 tokens each, 16 at once) through both engines.
+Accuracy: the same prompts through the float32 engine and one engine per mode on one model, greedy: the share of
+replies that are identical, how many tokens the others agree on before they first differ, and the logits of the last
+position of the prompts whose prefill ends in the first step (the same ones in every engine): the largest and mean
+absolute difference, relative to the fp32 logits' spread. Speed: the offline W1-c16 shape (random 256-token prompts,
+128 tokens each, 16 at once) through each engine.
 
 `--peer NAME=URL=MODEL` adds a running OpenAI-compatible server (vLLM with `--dtype bfloat16`, llama.cpp on the
 Q4_1 file, ...) to the accuracy table: the same chat prompts, rendered to token ids by our tokenizer so every server
@@ -17,6 +18,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+
+# Each opt-in mode: the EngineConfig fields that turn it on.
+MODES = {"bfloat16": {"dtype": "bfloat16"}, "int8-activations": {"int8_activations": True}}
 
 # Short instructions of the kinds people send a small chat model: facts, lists, code, arithmetic, rewriting.
 PROMPTS = (
@@ -60,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt (default: 64)")
     parser.add_argument("--prompts", type=int, default=64, help="W1-c16 prompts of the speed run, 0: none")
     parser.add_argument(
+        "--mode",
+        action="append",
+        choices=sorted(MODES),
+        help="a fast mode to measure (repeatable; default: each one this machine runs)",
+    )
+    parser.add_argument(
         "--peer",
         action="append",
         default=[],
@@ -79,17 +89,18 @@ def run(args: argparse.Namespace) -> int:
     texts: dict[str, list[str]] = {}
     logits: dict[str, torch.Tensor] = {}
     speed: dict[str, float] = {}
-    for dtype in ("float32", "bfloat16"):
-        llm = LLM(args.model, dtype=dtype) if args.model else LLM(dtype=dtype)
+    modes = {"float32": {}} | {m: MODES[m] for m in args.mode or _runnable_modes(args.model)}
+    for mode, fields in modes.items():
+        llm = LLM(args.model, **fields) if args.model else LLM(**fields)
         execute = llm.engine.runner.execute
-        llm.engine.runner.execute = lambda batch, run=execute, d=dtype: _first(logits, d, run(batch))
+        llm.engine.runner.execute = lambda batch, run=execute, m=mode: _first(logits, m, run(batch))
         chats = [llm.apply_chat_template([{"role": "user", "content": prompt}]) for prompt in PROMPTS]
         outs = [out.outputs[0] for out in llm.generate(chats, greedy)]
-        replies[dtype], texts[dtype] = [list(out.token_ids) for out in outs], [out.text for out in outs]
+        replies[mode], texts[mode] = [list(out.token_ids) for out in outs], [out.text for out in outs]
         llm.engine.runner.execute = execute
         if args.prompts:
             tokens, seconds = offline_w1_c16(llm, args.prompts)
-            speed[dtype] = tokens / seconds
+            speed[mode] = tokens / seconds
         tokenizer = llm.tokenizer
         llm.engine.close()
     for peer in args.peer:
@@ -105,16 +116,28 @@ def run(args: argparse.Namespace) -> int:
         first = sum(a[:1] == b[:1] for a, b in zip(reference[1], replies[name]))
         pairs = zip(reference[1], replies[name], reference[0], texts[name])
         agreed = sorted(_common_prefix(ids, other) for ids, other, text, peer in pairs if text != peer)
-        label = "sageLLM bfloat16" if name == "bfloat16" else name
+        label = f"sageLLM {name}" if name in modes else name
         print(f"| {label} | {same}/{len(PROMPTS)} | {first}/{len(PROMPTS)} | {agreed} |")
-    fp32, bf16 = logits["float32"], logits["bfloat16"]
-    error = (bf16 - fp32).abs() / fp32.std(dim=-1, keepdim=True)
-    print(f"\nsageLLM bfloat16, logits of the {fp32.shape[0]} prompts prefilled in the first step: error max / mean "
-          f"{error.max():.3f} / {error.mean():.4f} (in units of the fp32 logits' std)")  # fmt: skip
+    fp32 = logits["float32"]
+    for mode in [m for m in modes if m != "float32"]:
+        error = (logits[mode] - fp32).abs() / fp32.std(dim=-1, keepdim=True)
+        print(f"\nsageLLM {mode}, logits of the {fp32.shape[0]} prompts prefilled in the first step: error max / "
+              f"mean {error.max():.3f} / {error.mean():.4f} (in units of the fp32 logits' std)")  # fmt: skip
     if speed:
-        print(f"\nW1-c16 offline ({args.prompts} prompts): float32 {speed['float32']:.1f} out tok/s, "
-              f"bfloat16 {speed['bfloat16']:.1f} ({speed['bfloat16'] / speed['float32']:.2f}x)")  # fmt: skip
+        each = ", ".join(f"{m} {v:.1f}" + ("" if m == "float32" else f" ({v / speed['float32']:.2f}x)")
+                         for m, v in speed.items())  # fmt: skip
+        print(f"\nW1-c16 offline ({args.prompts} prompts), out tok/s: {each}")
     return 0
+
+
+def _runnable_modes(model: str | None) -> list[str]:
+    """The modes this machine runs on `model`'s default weights: bfloat16 where the CPU multiplies it, int8
+    activations where the native kernels are built (the default model's weights are Q4_1)."""
+    from sagellm.backends.registry import get_backend
+
+    backend = get_backend("cpu")
+    modes = [] if backend.linear_dtype_problem(torch.bfloat16) else ["bfloat16"]
+    return modes + ([] if backend.int8_activations_problem({"Q4_1"}) else ["int8-activations"])
 
 
 def _peer_replies(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> list[str]:

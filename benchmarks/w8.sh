@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # W8, long-prompt prefill (issue 67): a 3,072-token random prompt, 8 tokens out, one stream, `vllm bench serve` as
 # the client of every server; the servers one after another, each alone on the machine with an 8,192-token context:
-# `sagellm serve` (its default model), vLLM-CPU and llama.cpp's server on SmolLM2's F32 and Q4_1 files as
-# ../shared/peers/serve.sh runs them. Prints TTFT p50 / p99 per server and the CPU; the result files stay in OUT_DIR.
+# `sagellm serve` (its default model; sagellm-int8: with --int8-activations, llama.cpp's rounding of the linears'
+# inputs), vLLM-CPU and llama.cpp's server on SmolLM2's F32 and Q4_1 files as ../shared/peers/serve.sh runs them.
+# Prints TTFT p50 / p99 per server and the CPU; the result files stay in OUT_DIR.
 #
-#   benchmarks/w8.sh OUT_DIR [SERVER...]      (servers: sagellm vllm llamacpp llamacpp-q4; default: all four)
+#   benchmarks/w8.sh OUT_DIR [SERVER...]      (servers: sagellm sagellm-int8 vllm llamacpp llamacpp-q4; default:
+#                                              sagellm vllm llamacpp llamacpp-q4)
 #
 # Needs the peers (../shared/peers/setup.sh: vLLM's client and server, llama.cpp, the weights under $PEERS).
 set -euo pipefail
@@ -24,6 +26,9 @@ start() {  # NAME -> the pid of a server on $PORT, leading a session (and proces
   local command
   case $1 in
     sagellm) command=("$here/.venv/bin/sagellm" serve --port "$PORT" --no-embedding --max-model-len 8192) ;;
+    sagellm-int8)
+      command=("$here/.venv/bin/sagellm" serve --port "$PORT" --no-embedding --max-model-len 8192 --int8-activations)
+      ;;
     vllm) command=(bash "$SERVE" vllm "$PORT" --max-model-len 8192) ;;
     llamacpp | llamacpp-q4) command=(bash "$SERVE" "$1" "$PORT" -np 1 -c 8192) ;;
   esac

@@ -130,3 +130,14 @@ def assert_greedy_through_a_prefix_hit_and_proposals(engine, model, params) -> l
     stats = engine.stats()
     assert stats.prefix_cache_hits > 0 and stats.spec_decode_num_draft_tokens > 0
     return batch
+
+
+def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x with each 32 values of a row rounded as llama.cpp's Q8_1 rounds them: a scale s = max |x| / 127 and
+    q = round(x / s) (ties to even), x ~ s q; a block of zeros stays zeros. What `--int8-activations`' linears
+    (backends/native/block_q8.c) multiply by, so the oracle of an engine run with it rounds each such linear's input
+    this way (a forward pre-hook) and multiplies in fp32."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(blocks / scale), torch.zeros_like(blocks))
+    return (q * scale).reshape(x.shape).to(x.dtype)

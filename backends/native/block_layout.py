@@ -17,6 +17,9 @@ Layouts per kind, in bits per weight (bpw) resident, against the file's:
   mxfp4xG MXFP4 (4.25)                        4.25 bpw: per 32 inputs the 4-bit E2M1 codes in q4kxG's chunks of 8
         inputs, then the uint8 E8M0 exponent e per output; w = kvalues_mxfp4[code] * 2^(e - 128), formed in the
         kernel (exact in fp32).
+  q4cxG Q4_0, Q4_1 with --int8-activations    6.0 bpw: q4xG's d and m, then the 4-bit q in q4kxG's chunks of 8
+        inputs (a 32-bit lane per output, the int8 dot products' operands): read only by block_q8.c's kernel, which
+        multiplies x rounded to int8.
 Q4_K fits q4x too (its D, M per 32 inputs as floats: 6.0 bpw); q4kx forms them per 32 inputs in the kernel instead,
 so decode streams 4.75 bits a weight for the same floats.
 Scales widen from fp16 to fp32 exactly and every D = d * sc is exact in fp32 (at most 11 + 8 bits), so the kernels
@@ -43,8 +46,11 @@ LAYOUT_OF = {
     "MXFP4": "mxfp4x",
 }
 # Per layout: inputs per block, and bytes per block per output of the group (block_linear.c's *_BLOCK / G).
-LAYOUT_INPUTS = {"q4x": 32, "q8x": 32, "q4kx": 256, "q5kx": 256, "q6kx": 256, "mxfp4x": 32}
-LAYOUT_BYTES = {"q4x": 24, "q8x": 36, "q4kx": 152, "q5kx": 184, "q6kx": 276, "mxfp4x": 17}
+LAYOUT_INPUTS = {"q4x": 32, "q4cx": 32, "q8x": 32, "q4kx": 256, "q5kx": 256, "q6kx": 256, "mxfp4x": 32}
+LAYOUT_BYTES = {"q4x": 24, "q4cx": 24, "q8x": 36, "q4kx": 152, "q5kx": 184, "q6kx": 276, "mxfp4x": 17}
+# The kinds whose linears also run on x rounded to int8 per 32 inputs (block_q8.c, `--int8-activations`), packed
+# then in q4cx.
+Q8_X_KINDS = ("Q4_0", "Q4_1")
 # Weights interleaved at a time: the decoders' temporaries (up to ~5 bytes a weight) stay ~20 MB on any tensor.
 CHUNK_WEIGHTS = 1 << 22
 
@@ -55,11 +61,15 @@ class InterleavedBlocks:
     data: torch.Tensor  # uint8 [out / G, in / block inputs, bytes per (group, block)]
     out_features: int
     in_features: int
+    # What the kernel multiplies the weights by: x as it is ("f32"), or x rounded per 32 inputs to int8 as llama.cpp
+    # rounds it ("q8": q4cx, block_q8.c's int8 dot products). The suffix of the kernel's name.
+    x_type: str = "f32"
 
 
-def interleave(weight: QuantizedWeight, group: int = 8) -> InterleavedBlocks | None:
+def interleave(weight: QuantizedWeight, group: int = 8, int8_activations: bool = False) -> InterleavedBlocks | None:
     """The kernels' layout of `weight` in groups of `group` outputs (8 or 16), or None for a shape they do not take
-    (outputs not a multiple of `group`, inputs not whole blocks of the kind).
+    (outputs not a multiple of `group`, inputs not whole blocks of the kind). `int8_activations`: its linears multiply x
+    rounded to int8 where its kind has such a kernel (Q8_X_KINDS), else x as it is.
 
     Each part is written straight into its place in the result through a strided view, in bytes, a chunk of
     outputs at a time (CHUNK_WEIGHTS), so the temporaries stay small beside the result (all of SmolLM2-135M's Q4
@@ -69,13 +79,14 @@ def interleave(weight: QuantizedWeight, group: int = 8) -> InterleavedBlocks | N
     n, k, kind = weight.out_features, weight.in_features, weight.kind
     if kind not in LAYOUT_OF or n % group or k % BLOCK_INPUTS[kind]:
         return None
-    layout = LAYOUT_OF[kind]
+    rounded = int8_activations and kind in Q8_X_KINDS
+    layout, pack = ("q4cx", _CHUNK_PACKERS[kind]) if rounded else (LAYOUT_OF[kind], _PACKERS[kind])
     blocks = weight.blocks.numpy().reshape(n, k // BLOCK_INPUTS[kind], BLOCK_BYTES[kind])
     data = np.empty((n // group, k // LAYOUT_INPUTS[layout], LAYOUT_BYTES[layout] * group), np.uint8)
     rows = max(group, CHUNK_WEIGHTS // k // group * group)
     for start in range(0, n, rows):
-        _PACKERS[kind](blocks[start : start + rows], group, data[start // group : (start + rows) // group])
-    return InterleavedBlocks(f"{layout}{group}", torch.from_numpy(data), n, k)
+        pack(blocks[start : start + rows], group, data[start // group : (start + rows) // group])
+    return InterleavedBlocks(f"{layout}{group}", torch.from_numpy(data), n, k, "q8" if rounded else "f32")
 
 
 # Each packer writes the layout of blocks [N, B, block bytes] (a chunk of outputs) into `out` [N / G, blocks of the
@@ -109,6 +120,24 @@ def _q4_simple(d: np.ndarray, m: np.ndarray, packed: np.ndarray, group: int, out
     _q4x_scales(d, m, group, out)
     words = _part(out, 8 * group, 2, 16, group // 2)  # [G, B, low / high half, 16 inputs, word bytes]
     words[:, :, 0], words[:, :, 1] = _nibble_words(packed, group, False), _nibble_words(packed, group, True)
+
+
+def _q4_0_chunks(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    _q4_chunks(fp16(blocks, 0), -8.0 * fp16(blocks, 0), blocks[..., 2:], group, out)
+
+
+def _q4_1_chunks(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    _q4_chunks(fp16(blocks, 0), fp16(blocks, 2), blocks[..., 4:], group, out)
+
+
+def _q4_chunks(d: np.ndarray, m: np.ndarray, packed: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q4cxG of Q4_0 / Q4_1: q4xG's scales, then per block 4 chunks of 8 inputs, chunk c a 32-bit lane per output
+    whose byte i holds input 8c + i low and 8c + 4 + i high (the block stores input i < 16 in byte i's low nibble,
+    16 + i in its high)."""
+    _q4x_scales(d, m, group, out)
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:2], 4, 2, 4)  # [N, B, c, half, i]
+    lanes = _by_group(q[..., 0, :] | (q[..., 1, :] << 4), group)  # [N / G, B, chunk, byte, G]
+    _part(out, 8 * group, 4, group, 4)[:] = np.swapaxes(lanes, -1, -2)
 
 
 def _q4_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
@@ -191,6 +220,7 @@ _PACKERS: dict[str, Callable[[np.ndarray, int, np.ndarray], None]] = {
     "Q6_K": _q6_k,
     "MXFP4": _mxfp4,
 }
+_CHUNK_PACKERS = {"Q4_0": _q4_0_chunks, "Q4_1": _q4_1_chunks}
 
 
 def _nibble_words(packed: np.ndarray, group: int, high: bool) -> np.ndarray:

@@ -6,6 +6,7 @@
 enum { QK = 32, QK_K = 256 }; /* inputs per block, per K-quant super-block */
 enum { Q4X8_BLOCK = 16 * 4 + QK * 4, Q8X8_BLOCK = 8 * 4 + QK * 8 };      /* bytes per (group, block) */
 enum { Q4X16_BLOCK = 32 * 4 + QK * 8, Q8X16_BLOCK = 16 * 4 + QK * 16 }; /* the same for groups of 16 */
+enum { Q4CX8_BLOCK = Q4X8_BLOCK, Q4CX16_BLOCK = Q4X16_BLOCK }; /* q4x's scales, its nibbles in chunks of 8 inputs */
 /* Bytes per (group, super-block) of the K-quant layouts: per output 8 + 16 + 128 (q4kx), + 32 (q5kx), 4 + 16 + 256
  * (q6kx). */
 enum { Q4KX8_BLOCK = 152 * 8, Q4KX16_BLOCK = 152 * 16 };

@@ -12,15 +12,15 @@
 enum { MAX_PARTS = 3 };
 typedef struct {
     const uint8_t *data[MAX_PARTS];
-    int64_t layout[MAX_PARTS], outputs[MAX_PARTS]; /* `layout` indexes BLOCK_LINEARS */
+    int64_t linear[MAX_PARTS], outputs[MAX_PARTS]; /* `linear` indexes BLOCK_LINEARS */
     int64_t parts;
 } block_weight;
 
-/* In the order of block_weight.py LAYOUTS. */
-static const block_linear_fn BLOCK_LINEARS[] = {linear_q4x8_f32,   linear_q8x8_f32,   linear_q4x16_f32,
-                                                linear_q8x16_f32,  linear_q5kx8_f32,  linear_q5kx16_f32,
-                                                linear_q6kx8_f32,  linear_q6kx16_f32, linear_q4kx8_f32,
-                                                linear_q4kx16_f32, linear_mxfp4x8_f32, linear_mxfp4x16_f32};
+/* In the order of block_weight.py LINEARS. */
+static const block_linear_fn BLOCK_LINEARS[] = {
+    linear_q4x8_f32,  linear_q8x8_f32,  linear_q4x16_f32,   linear_q8x16_f32,   linear_q5kx8_f32, linear_q5kx16_f32,
+    linear_q6kx8_f32, linear_q6kx16_f32, linear_q4kx8_f32, linear_q4kx16_f32, linear_mxfp4x8_f32, linear_mxfp4x16_f32,
+    linear_q4cx8_q8,  linear_q4cx16_q8};
 
 /* y [rows, n] = x . w^T (+ bias): each part into `part_out` [rows, its outputs], then its columns of y; `scratch`
  * holds the block linears' packed input rows (rows * k floats). */
@@ -28,12 +28,12 @@ static inline void block_linear(const block_weight *w, const float *x, int64_t x
                                 int64_t rows, int64_t n, int64_t k, float *scratch, float *part_out,
                                 int32_t threads) {
     if (w->parts == 1) {
-        BLOCK_LINEARS[w->layout[0]](x, x_row, w->data[0], bias, y, rows, n, k, scratch, threads);
+        BLOCK_LINEARS[w->linear[0]](x, x_row, w->data[0], bias, y, rows, n, k, scratch, threads);
         return;
     }
     for (int64_t p = 0, column = 0; p < w->parts; column += w->outputs[p++]) {
         const int64_t width = w->outputs[p];
-        BLOCK_LINEARS[w->layout[p]](x, x_row, w->data[p], bias != NULL ? bias + column : NULL, part_out, rows, width,
+        BLOCK_LINEARS[w->linear[p]](x, x_row, w->data[p], bias != NULL ? bias + column : NULL, part_out, rows, width,
                                     k, scratch, threads);
         for (int64_t t = 0; t < rows; ++t)
             memcpy(y + t * n + column, part_out + t * width, (size_t)width * sizeof(float));

@@ -7,10 +7,10 @@ import ctypes
 
 from sagellm.backends.native.block_layout import InterleavedBlocks
 
-# block_weight.h BLOCK_LINEARS, in its order
-LAYOUTS = (
-    *("q4x8", "q8x8", "q4x16", "q8x16", "q5kx8", "q5kx16", "q6kx8", "q6kx16", "q4kx8", "q4kx16"),
-    *("mxfp4x8", "mxfp4x16"),
+# block_weight.h BLOCK_LINEARS, in its order: each kernel's layout and x_type (InterleavedBlocks')
+LINEARS = (
+    *("q4x8_f32", "q8x8_f32", "q4x16_f32", "q8x16_f32", "q5kx8_f32", "q5kx16_f32", "q6kx8_f32", "q6kx16_f32"),
+    *("q4kx8_f32", "q4kx16_f32", "mxfp4x8_f32", "mxfp4x16_f32", "q4cx8_q8", "q4cx16_q8"),
 )
 MAX_PARTS = 3  # block_weight.h's: a fused linear's parts of different kinds (q, k, v)
 
@@ -20,7 +20,7 @@ class BlockWeight(ctypes.Structure):
 
     _fields_ = [
         ("data", ctypes.c_void_p * MAX_PARTS),
-        ("layout", ctypes.c_int64 * MAX_PARTS),
+        ("linear", ctypes.c_int64 * MAX_PARTS),
         ("outputs", ctypes.c_int64 * MAX_PARTS),
         ("parts", ctypes.c_int64),
     ]
@@ -30,7 +30,7 @@ def fits_blocks(parts: tuple[InterleavedBlocks, ...], n: int, k: int) -> bool:
     """Whether `parts` are a [n, k] linear the fused kernels read: layouts they know, the outputs summing to n."""
     return (
         0 < len(parts) <= MAX_PARTS
-        and all(p.layout in LAYOUTS and p.in_features == k for p in parts)
+        and all(_linear(p) in LINEARS and p.in_features == k for p in parts)
         and sum(p.out_features for p in parts) == n
     )
 
@@ -41,7 +41,12 @@ def block_weight(parts: tuple[InterleavedBlocks, ...]) -> BlockWeight:
 
     return BlockWeight(
         (ctypes.c_void_p * MAX_PARTS)(*each([p.data.data_ptr() for p in parts])),
-        (ctypes.c_int64 * MAX_PARTS)(*each([LAYOUTS.index(p.layout) for p in parts])),
+        (ctypes.c_int64 * MAX_PARTS)(*each([LINEARS.index(_linear(p)) for p in parts])),
         (ctypes.c_int64 * MAX_PARTS)(*each([p.out_features for p in parts])),
         len(parts),
     )
+
+
+def _linear(blocks: InterleavedBlocks) -> str:
+    """The name of the kernel that multiplies by `blocks`, without its `linear_` prefix."""
+    return f"{blocks.layout}_{blocks.x_type}"

@@ -43,6 +43,7 @@ SOURCES = tuple(
         "block_int8.c",
         "block_int16.c",
         "block_panel.c",
+        "block_q8.c",
         "prefill_attention.c",
         "decoder_layers.c",
         "delta_rule.c",
@@ -74,6 +75,8 @@ _BLOCK_PROTOTYPES = {
     for op, args, op_x_types in (("linear", _BLOCK_LINEAR, x_types), ("dequantize", _BLOCK_DEQUANTIZE, ("f32",)))
     for x_type in op_x_types
 }
+# Q4_0 / Q4_1 in chunks, for the linear on x rounded to int8 alone (block_q8.c, --int8-activations).
+_BLOCK_PROTOTYPES |= {f"linear_q4cx{width}_q8": _BLOCK_LINEAR for width in (8, 16)}
 # Each exported function's arguments, in the order kernels.h and the C files declare them.
 PROTOTYPES: dict[str, tuple[type, ...]] = {
     "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32),

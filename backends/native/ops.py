@@ -168,19 +168,20 @@ class NativeKernels:
     def block_linear(
         self, x: torch.Tensor, weight: InterleavedBlocks, bias: torch.Tensor | None, num_threads: int = 1
     ) -> torch.Tensor:
-        """x [T, K] @ the dequantized weight^T (+ bias [N]) -> [T, N], reading the interleaved blocks."""
+        """x [T, K] @ the dequantized weight^T (+ bias [N]) -> [T, N], reading the interleaved blocks (x rounded to
+        int8 per 32 inputs first where the weight's x_type is q8)."""
         n = _block_outputs(x, weight, bias)
-        scratch = torch.empty(x.numel(), dtype=F32)  # x's rows repacked k-major by the kernel
-        kernel = getattr(self._lib, f"linear_{weight.layout}_f32")
+        scratch = torch.empty(x.numel(), dtype=F32)  # x's rows repacked k-major (or rounded) by the kernel
+        kernel = getattr(self._lib, f"linear_{weight.layout}_{weight.x_type}")
         return _linear_rows(kernel, x, weight.data.data_ptr(), bias, n, scratch.data_ptr(), num_threads)
 
     def block_linear_large(
         self, x: torch.Tensor, weight: InterleavedBlocks, bias: torch.Tensor | None, num_threads: int = 1
     ) -> torch.Tensor:
-        """`block_linear` for prefill-sized calls, without an fp32 copy of the weight: a tile of output groups at a
-        time is dequantized k-major (the floats `block_linear` multiplies by, by `num_threads` threads) and torch's
-        GEMM multiplies x by it straight into the output's columns, adding the bias; so the sums are torch's. The
-        tile is allocated per call: reusing one measured no faster."""
+        """`block_linear` for prefill-sized calls of an x_type f32 weight, without an fp32 copy of it: a tile of
+        output groups at a time is dequantized k-major (the floats `block_linear` multiplies by, by `num_threads`
+        threads) and torch's GEMM multiplies x by it straight into the output's columns, adding the bias; so the sums
+        are torch's. The tile is allocated per call: reusing one measured no faster."""
         tokens, k = x.shape
         n = _block_outputs(x, weight, bias)
         groups = weight.data.shape[0]

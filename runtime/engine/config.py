@@ -103,6 +103,14 @@ class EngineConfig:
     # read them: the same weight values in a fraction of the memory and of the bytes per step. False: the weights
     # dequantized to fp32 at load, everywhere.
     quantized_weights: bool = _help("keep a GGUF's quantized blocks as the weights (else dequantize to fp32)", True)
+    # llama.cpp's numerics for the linears on Q4_0/Q4_1 blocks (the default model's): each input row rounded per 32
+    # values to a scale and int8 (its Q8_1), the blocks' dot products in int8 (backends/native/block_q8.c): SmolLM2's
+    # layer linears 1.5-2.1x the exact kernels at every row count on AVX2, a row's floats the same whatever it is
+    # batched with. Off: x as it is, exact against transformers to fp32's rounding; on: exact against the fp32 linear
+    # on x so rounded (each value within 2^-8 of its block's largest). Refused where no linear can take it.
+    int8_activations: bool = _help(
+        "round the Q4_0/Q4_1 linears' inputs to int8 per 32 values as llama.cpp does: faster prefill (opt-in)", False
+    )
     # vLLM's --dtype. auto and float32 compute everything in fp32. bfloat16 is opt-in, on a CPU with AVX512-BF16 or
     # AMX: the linears oneDNN runs (prefill-sized batches, and decode of weights without GGUF blocks) take bf16
     # weights and inputs and sum in fp32 (twice fp32's rate); attention, norms, the KV cache and the linears on GGUF

@@ -98,6 +98,10 @@ def build_engine(
     linear_dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     if problem := backend.linear_dtype_problem(linear_dtype):
         raise FieldError("dtype", f"dtype {config.dtype}: {problem}")
+    if config.int8_activations:
+        kinds = {w.kind for w in model.quantized.values()} if config.quantized_weights else set()
+        if problem := backend.int8_activations_problem(kinds):
+            raise FieldError("int8_activations", f"int8_activations: {problem}")
     if config.world_size == 1:  # a group's rank 0 is placed by its runner, with the other ranks
         place(backend, config.device_ids, config.num_threads, adaptive=config.adaptive_threads)
     cache = _cache_layout(config, model.config, backend, mtp, spec is not None)
@@ -201,6 +205,7 @@ def _runner(
             quantized=config.quantized_weights,
             prefault_kv_cache=config.prefault_kv_cache,
             linear_dtype=linear_dtype,
+            int8_activations=config.int8_activations,
             **({"num_state_slots": state_slots} if cache.num_state_slots else {}),
             **({"window_blocks": cache.window_blocks} if cache.window_blocks else {}),
             **({"graph": build_decoder_graph(model.config, hidden_states=True)} if mtp else {}),

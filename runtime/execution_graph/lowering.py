@@ -49,6 +49,7 @@ class LoweringContext:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # GGUF blocks of some weights, by name
     collectives: Collectives | None = None  # a tensor parallel rank's group
     linear_dtype: torch.dtype = torch.float32  # the dtype linear weights are packed in (EngineConfig.dtype)
+    int8_activations: bool = False  # the linears on blocks that allow it round x to int8 (EngineConfig's)
     # The mapped GGUF file `quantized` views: each weight's pages are let go once the backend has packed it.
     mapped: Any = None
     # The linear attention layers' states, per layer (runtime/engine/state_cache.py).
@@ -364,7 +365,7 @@ def _experts(ctx: LoweringContext, names: list[list[str]]) -> list[Any] | torch.
 def _packed_blocks(ctx: LoweringContext, parts: list[QuantizedWeight]) -> Any | None:
     """The backend's packing of `parts`' blocks (their rows stacked), None when it does not read them; once packed,
     the file's pages under them leave this process's memory."""
-    packed = ctx.backend.prepare_block_weight(parts)
+    packed = ctx.backend.prepare_block_weight(parts, ctx.int8_activations)
     if packed is not None:
         for part in parts:
             drop_pages_under(ctx.mapped, part.blocks)

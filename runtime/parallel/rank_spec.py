@@ -21,6 +21,7 @@ class RankSpec(msgspec.Struct, kw_only=True):
     cache: CacheGeometry  # rank 0 sized it; every rank allocates as many blocks (for its own heads and layers)
     quantized_weights: bool
     dtype: str = "float32"  # the linears' (EngineConfig.dtype)
+    int8_activations: bool = False  # EngineConfig's
     num_threads: int | None
     adaptive_threads: bool = True  # fewer threads while others use the rank's cores (runtime/engine/thread_governor.py)
     device_ids: list[int] | None = None  # the engine's; the rank takes its share (runtime/engine/placement.py)

@@ -72,6 +72,7 @@ def serve(spec: RankSpec) -> int:
             stage=layout.stage,
             collectives=comms.stage,
             linear_dtype=getattr(torch, spec.dtype),
+            int8_activations=spec.int8_activations,
             num_state_slots=spec.num_state_slots,
             lora=_lora_weights(spec, model, backend),
         )

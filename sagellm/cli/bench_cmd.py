@@ -47,7 +47,7 @@ PIPELINE_BENCHES = (
     ("load", "load", "cold model load stage by stage, each in a fresh process, and a whole cold `sagellm run`"),
     ("parallel", "parallel", "one model split over processes (TP, PP) against one process, in one run"),
     ("kernels", "kernels", "the CPU kernels of each instruction set vs oneDNN and torch; --ops: W1-c16 op by op"),
-    ("numerics", "numerics", "the opt-in --dtype bfloat16 against float32: replies, logits and speed"),
+    ("numerics", "numerics", "opt-in fast numerics (bf16, int8 activations) against float32: replies, logits, speed"),
     ("cli", "cli_startup", "`sagellm --help` and every command's `--help` in fresh processes (budget: 0.3 s)"),
     ("vllm-results", "vllm_results", "the table and chart of `vllm bench serve` result files (W1 against peers)"),
     ("gateway", "gateway", "W5 over HTTP: our gateway against vllm-router, both in front of a no-compute engine"),

@@ -76,11 +76,12 @@ def block_layouts(fused: FusedLayers) -> set[str]:
     return {w.blocks.layout for w in weights if w.blocks is not None}
 
 
-def fused_and_op_by_op(path, batch: list[list[int]], max_tokens: int, layouts: set[str] | None = None):
+def fused_and_op_by_op(path, batch: list[list[int]], max_tokens: int, layouts: set[str] | None = None, **engine):
     """The outputs of `batch` with the fused layers, then with their own ops (the kernel declining every step),
     and per step of the first: (rows, decode-only, taken by the fused kernel). `layouts`: the block layouts the
-    fused layers must read."""
-    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=512, max_num_seqs=64, enable_prefix_caching=False)
+    fused layers must read; `engine`: more of EngineConfig."""
+    llm = LLM(str(path), backend="cpu", block_size=4, num_kv_blocks=512, max_num_seqs=64, enable_prefix_caching=False,
+              **engine)  # fmt: skip
     try:
         fused = fused_of(llm)
         assert fused is not None, "every linear has its blocks, so the layers are fused"
@@ -112,6 +113,20 @@ def test_fused_layers_are_bit_identical_to_op_by_op(tiny_ggufs, monkeypatch, arc
     assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11  # 12 tokens: 1 prefilled
     assert not any(fused for _, decode_only, fused in taken if not decode_only)
     assert with_fused == op_by_op
+
+
+@pytest.mark.parametrize("variant", runnable(), ids=lambda v: v.name)
+def test_fused_layers_round_x_to_int8_as_their_ops_do(tiny_ggufs, monkeypatch, variant):
+    """--int8-activations: the Q4_1 linears' kernel on x rounded (block_q8.c) in the fused call as op by op."""
+    monkeypatch.setenv(ISA_ENV, variant.name)
+    width = "16" if variant.name.startswith("avx512") else "8"
+    with_fused, op_by_op, taken = fused_and_op_by_op(
+        tiny_ggufs["qwen2", "Q4_1"], prompts(7), 12, {f"q4cx{width}"}, int8_activations=True
+    )
+    assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11
+    assert with_fused == op_by_op
+    exact, _, _ = fused_and_op_by_op(tiny_ggufs["qwen2", "Q4_1"], prompts(7), 12)
+    assert exact != with_fused, "x was rounded: the logprobs differ from the exact linears'"
 
 
 @pytest.mark.parametrize("variant", runnable(), ids=lambda v: v.name)

@@ -1,0 +1,72 @@
+"""The Q4_0 / Q4_1 linears on x rounded to int8 (block_q8.c, `--int8-activations`): the fp32 linear on gguf-py's
+weights and on x rounded as llama.cpp rounds it (tests/oracle.py's round_to_int8_blocks), to fp32's rounding; a row's
+outputs the same floats alone or in a batch of any size, on one thread or two; a NaN or infinity in one row leaving
+the others as they are; every layout (8- and 16-wide, an odd last group of 8), on every instruction-set variant this
+CPU runs (AVX2's vpmaddubsw, the portable C)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from sagellm.backends.native import NativeKernels, interleave
+from sagellm.backends.native.block_layout import GROUPS, Q8_X_KINDS
+from tests.backends.test_block_linear import assert_linear_close, quantized_weight
+from tests.oracle import round_to_int8_blocks
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler (gcc or cc)"
+)
+K = 18 * 32  # two chunks of 8 blocks (block_q8.c's CHUNK_BLOCKS) and a part one
+
+
+def rounded_blocks(kind: str, group: int, n: int, k: int = K):
+    weight, dense = quantized_weight(kind, n, k)
+    blocks = interleave(weight, group, int8_activations=True)
+    assert blocks is not None and (blocks.layout, blocks.x_type) == (f"q4cx{group}", "q8")
+    return blocks, dense
+
+
+@pytest.mark.parametrize("kind", Q8_X_KINDS)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_linear_is_fp32s_on_x_rounded_and_each_rows_floats_do_not_depend_on_its_batch(
+    native: NativeKernels, kind: str, group: int, threads: int
+) -> None:
+    n = 8 * 7 if group == 8 else 16 * 5  # seven groups of 8: the last unit of 16 half empty
+    blocks, dense = rounded_blocks(kind, group, n)
+    bias = torch.randn(n)
+    x = torch.randn(200, K + 8)[:, :K]  # rows of a wider tensor, as the graph's views
+    alone = torch.cat([native.block_linear(x[t : t + 1], blocks, bias, 1) for t in range(len(x))])
+    for rows in (1, 2, 3, 4, 5, 16, 200):  # each tile height, the rest of one, a decode step of 16, a prompt chunk
+        out = native.block_linear(x[:rows], blocks, bias, threads)
+        assert torch.equal(out, alone[:rows]), f"{rows} rows"
+    assert_linear_close(alone, round_to_int8_blocks(x), dense, kind, bias, rounded=False)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_a_row_of_nan_infinity_or_zeros_leaves_the_others_as_they_are(native: NativeKernels, group: int) -> None:
+    blocks, dense = rounded_blocks("Q4_1", group, 32)
+    x = torch.randn(6, K)
+    clean = native.block_linear(x, blocks, None)
+    x[1, 5], x[3, 40], x[4] = float("nan"), float("inf"), 0.0
+    out = native.block_linear(x, blocks, None)
+    assert out[1].isnan().all() and out[3].isnan().all(), "a block's NaN or infinity spreads over its row alone"
+    assert torch.equal(out[[0, 2, 5]], clean[[0, 2, 5]])
+    assert torch.equal(out[4], torch.zeros(32)), "zeros round to zeros"
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1e3, 1e30])
+def test_rows_of_any_magnitude_round_relative_to_their_blocks(native: NativeKernels, scale: float) -> None:
+    blocks, dense = rounded_blocks("Q4_0", 8, 48)
+    x = torch.randn(9, K) * scale
+    out = native.block_linear(x, blocks, None)
+    expected = round_to_int8_blocks(x).double() @ dense.double().T
+    assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_other_kinds_keep_x_as_it_is() -> None:
+    weight, _ = quantized_weight("Q8_0", 16, 64)
+    assert interleave(weight, 8, int8_activations=True).x_type == "f32"
