@@ -69,9 +69,7 @@ static pieces_t split_rows(const float *x, int64_t x_row, int64_t tokens, int64_
         }
         for (int64_t b = 0; b < k / X_BLOCK; ++b) {
             const float *v = row + X_BLOCK * b;
-            float amax = 0.0f;
-            for (int i = 0; i < X_BLOCK; ++i) amax = fabsf(v[i]) > amax || isnan(v[i]) ? fabsf(v[i]) : amax;
-            const float scale = isfinite(amax) ? amax / 127.0f : NAN;
+            const float scale = int8_scale(v, X_BLOCK);
             scales[t * (k / X_BLOCK) + b] = scale;
             for (int i = 0; i < X_BLOCK; ++i) {
                 float rest = scale > 0.0f ? v[i] / scale : 0.0f; /* NaN > 0 is false */

@@ -131,13 +131,9 @@ def _q4_1_chunks(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
 
 
 def _q4_chunks(d: np.ndarray, m: np.ndarray, packed: np.ndarray, group: int, out: np.ndarray) -> None:
-    """q4cxG of Q4_0 / Q4_1: q4xG's scales, then per block 4 chunks of 8 inputs, chunk c a 32-bit lane per output
-    whose byte i holds input 8c + i low and 8c + 4 + i high (the block stores input i < 16 in byte i's low nibble,
-    16 + i in its high)."""
+    """q4cxG of Q4_0 / Q4_1: q4xG's scales, then per block 4 chunks of 8 inputs (`_chunks_of_32`)."""
     _q4x_scales(d, m, group, out)
-    q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:2], 4, 2, 4)  # [N, B, c, half, i]
-    lanes = _by_group(q[..., 0, :] | (q[..., 1, :] << 4), group)  # [N / G, B, chunk, byte, G]
-    _part(out, 8 * group, 4, group, 4)[:] = np.swapaxes(lanes, -1, -2)
+    _chunks_of_32(packed, group, out, 8 * group)
 
 
 def _q4_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
@@ -203,11 +199,17 @@ def _mxfp4(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
     """mxfp4xG from MXFP4 blocks (e, qs[16]: input j in qs[j]'s low nibble, j + 16 in its high one): per (group,
     block of 32) 4 chunks of 8 inputs, a 32-bit lane per output whose byte i holds input 8c + i low and 8c + 4 + i
     high (q4kxG's chunks), then uint8 e[G]."""
-    qs = blocks[..., 1:]
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(*qs.shape[:2], 4, 2, 4)  # [N, B, c, half, byte]
-    lanes = _by_group(codes[..., 0, :] | (codes[..., 1, :] << 4), group)  # [N / G, B, chunk, byte, G]
-    _part(out, 0, 4, group, 4)[:] = np.swapaxes(lanes, -1, -2)
+    _chunks_of_32(blocks[..., 1:], group, out, 0)
     _part(out, 16 * group, group)[:] = _by_group(blocks[..., 0], group)
+
+
+def _chunks_of_32(packed: np.ndarray, group: int, out: np.ndarray, start: int) -> None:
+    """A block's 4-bit codes [N, B, 16] (input i < 16 in byte i's low nibble, 16 + i in its high: Q4_0's, Q4_1's and
+    MXFP4's order) written from byte `start` of each (group, block) as 4 chunks of 8 inputs, chunk c a 32-bit lane per
+    output whose byte i holds input 8c + i low and 8c + 4 + i high."""
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:2], 4, 2, 4)  # c, half, i
+    lanes = _by_group(codes[..., 0, :] | (codes[..., 1, :] << 4), group)  # [N / G, B, chunk, byte, G]
+    _part(out, start, 4, group, 4)[:] = np.swapaxes(lanes, -1, -2)
 
 
 _PACKERS: dict[str, Callable[[np.ndarray, int, np.ndarray], None]] = {

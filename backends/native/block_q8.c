@@ -69,9 +69,7 @@ typedef struct {
 static void round_row(const float *x, int64_t k, int8_t *q, float *scales, float *sums) {
     for (int64_t b = 0; b < k / QK; ++b) {
         const float *v = x + QK * b;
-        float amax = 0.0f;
-        for (int i = 0; i < QK; ++i) amax = fabsf(v[i]) > amax || isnan(v[i]) ? fabsf(v[i]) : amax;
-        const float scale = isfinite(amax) ? amax / 127.0f : NAN;
+        const float scale = int8_scale(v, QK);
         int32_t total = 0;
         for (int i = 0; i < QK; ++i) {
             const int8_t r = scale > 0.0f ? (int8_t)rintf(v[i] / scale) : 0; /* NaN > 0 is false */

@@ -2,6 +2,7 @@
 #ifndef SAGELLM_VECTOR_MATH_H
 #define SAGELLM_VECTOR_MATH_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -25,6 +26,15 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
         memcpy(&v_, (p), sizeof(v_));                                                                                  \
         v_;                                                                                                            \
     })
+
+/* The scale that rounds a block of n inputs to int8 (|q| <= 127): its largest |x| / 127, NaN where one is NaN or
+ * infinite (so its row's outputs turn NaN, as fp32's would); 0 for zeros or values whose largest / 127 underflows.
+ * block_int8.c's pieces and block_q8.c's one int8 both start from it. */
+static inline float int8_scale(const float *v, int n) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; ++i) amax = fabsf(v[i]) > amax || isnan(v[i]) ? fabsf(v[i]) : amax;
+    return isfinite(amax) ? amax / 127.0f : NAN;
+}
 
 static inline f32x8 load8(const float *p) { return LOAD(f32x8, p); }
 static inline f32x16 load16(const float *p) { return LOAD(f32x16, p); }
