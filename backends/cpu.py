@@ -368,7 +368,7 @@ class CpuBackend(torch_ops.TorchOpsBackend):
             return f"int8 activations need the native kernels, which are off or not built ({DISABLE_ENV})"
         if not kinds & set(Q8_X_KINDS):
             held = ", ".join(sorted(kinds)) or "none: the weights are floats"
-            return f"only linears on {' or '.join(Q8_X_KINDS)} blocks round x to int8; this model's blocks: {held}"
+            return f"only linears on {', '.join(Q8_X_KINDS)} blocks round x to int8; this model's blocks: {held}"
         return None
 
     def prepare_block_weight(

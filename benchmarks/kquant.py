@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batches", default="1,4", help="our batch sizes (default: %(default)s; llama-bench runs 1)")
     a("--gen-repeats", type=int, default=3, help="runs of each generation; medians (default: %(default)s)")
     a("--kv-gb", type=float, default=0.25, help="our KV cache, GiB (default: %(default)s)")
+    a("--int8-activations", action="store_true",
+      help="ours with the linears on x rounded to int8 as llama.cpp's; the block linears both ways")  # fmt: skip
     a("--llama-bench", default=None, help=f"llama-bench program (default: ${LLAMA_BENCH_ENV}, or on PATH)")
     a("--with-7b", nargs="?", const="make", default=None, metavar="GGUF",
       help="also load the 7b preset (or this file) and decode a few tokens")  # fmt: skip
@@ -67,11 +69,12 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"cpu": cpu, "threads": threads}
     if "linears" not in skip:
         rows = [int(r) for r in args.rows.split(",")]
-        results["linears"] = block_linears(rows, args.layers, args.repeats)
+        results["linears"] = block_linears(rows, args.layers, args.repeats, args.int8_activations)
         print(linears_table(results["linears"], rows, args.layers))
     if "model" not in skip:
         model = args.model or synthetic_file("1b")
-        ours = _child(model, args.kv_gb, args.prompt_len, args.output_len, args.batches, args.gen_repeats)
+        ours = _child(model, args.kv_gb, args.prompt_len, args.output_len, args.batches, args.gen_repeats,
+                      args.int8_activations)  # fmt: skip
         peer = llama_bench(model, args.prompt_len, args.output_len, threads, args.gen_repeats, args.llama_bench)
         results["model"] = {"path": str(model), "ours": ours, "llama_bench": peer}
         print(model_table(model, ours, peer, args.prompt_len, args.output_len))
@@ -89,12 +92,14 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ block linears
 
 
-def block_linears(rows: list[int], layers: int, repeats: int) -> dict[str, dict[str, Any]]:
+def block_linears(rows: list[int], layers: int, repeats: int, int8: bool = False) -> dict[str, dict[str, Any]]:
     """Per kind: bits per weight in the file and resident, and seconds for `layers` copies of the 1B's layer
-    linears at each row count (the best of `repeats`)."""
+    linears at each row count (the best of `repeats`); `int8`: also each kind's linears on x rounded to int8 where
+    it has them (--int8-activations), as "KIND int8 x"."""
     import torch
 
     from sagellm.backends.native import NativeKernels, interleave
+    from sagellm.backends.native.block_layout import Q8_X_KINDS
     from sagellm.backends.quantized import QuantizedWeight
     from sagellm.benchmarks.kquant_pack import quantize
 
@@ -105,19 +110,22 @@ def block_linears(rows: list[int], layers: int, repeats: int) -> dict[str, dict[
     weights_count = sum(n * k for _, n, k in SHAPES_1B)
     inputs = {count: {k: torch.randn(count, k) for k in {k for _, _, k in SHAPES_1B}} for count in rows}
     out: dict[str, dict[str, Any]] = {}
-    for kind in KINDS:
-        print(f"kquant: {kind}: quantizing and interleaving one layer, {layers} copies", file=sys.stderr)
+    cases = [(kind, False) for kind in KINDS] + [(kind, True) for kind in KINDS if int8 and kind in Q8_X_KINDS]
+    for kind, rounded in cases:
+        name = f"{kind} int8 x" if rounded else kind
+        print(f"kquant: {name}: quantizing and interleaving one layer, {layers} copies", file=sys.stderr)
         rng = np.random.default_rng(0)
         layer, file_bytes = [], 0
         for _, n, k in SHAPES_1B:
             blocks = quantize(rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.02), kind)
             file_bytes += blocks.nbytes
-            layer.append(interleave(QuantizedWeight(kind, torch.from_numpy(blocks), k), kernels.block_group))
+            weight = QuantizedWeight(kind, torch.from_numpy(blocks), k)
+            layer.append(interleave(weight, kernels.block_group, int8_activations=rounded))
         copies = [[_copy(w) for w in layer] for _ in range(layers)]
         resident = sum(w.data.nbytes for w in copies[0])
         run = functools.partial(_run_linears, kernels, copies, threads=threads)
         seconds = {str(count): best_time(functools.partial(run, inputs[count]), repeats) for count in rows}
-        out[kind] = {
+        out[name] = {
             "file_bpw": 8 * file_bytes / weights_count,
             "resident_bpw": 8 * resident / weights_count,
             "resident_bytes": resident * layers,
@@ -175,15 +183,18 @@ def synthetic_file(preset: str) -> Path:
     return path
 
 
-def _child(path: Path, kv_gb: float, prompt_len: int, output_len: int, batches: str, repeats: int) -> dict[str, Any]:
-    """kquant_load.py's measurement of `path` in a fresh process (its stderr shown as it goes)."""
+def _child(
+    path: Path, kv_gb: float, prompt_len: int, output_len: int, batches: str, repeats: int, int8: bool = False
+) -> dict[str, Any]:
+    """kquant_load.py's measurement of `path` in a fresh process (its stderr shown as it goes); `int8`: with
+    --int8-activations."""
     from sagellm.benchmarks.kquant_load import MODULE
     from sagellm.common.processes import python_module
 
     print(f"kquant: loading and running {path.name} in a fresh process", file=sys.stderr)
     lengths = ["--prompt-len", str(prompt_len), "--output-len", str(output_len)]
     command = python_module(MODULE, str(path), "--kv-gb", str(kv_gb), *lengths, "--batches", batches,
-                            "--repeats", str(repeats))  # fmt: skip
+                            "--repeats", str(repeats), *(["--int8-activations"] if int8 else []))  # fmt: skip
     env = {**os.environ, "SAGELLM_LOG_LEVEL": os.environ.get("SAGELLM_LOG_LEVEL", "warning")}
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     if done.returncode:
@@ -240,8 +251,9 @@ def model_table(
         "| engine | batch | prefill tok/s | decode tok/s |",
         "|---|---|---|---|",
     ]
+    name = "sageLLM, int8 activations" if ours.get("int8_activations") else "sageLLM"
     for batch, r in ours["batches"].items():
-        lines.append(f"| sageLLM | {batch} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |")
+        lines.append(f"| {name} | {batch} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |")
         if batch == "1" and peer:
             lines.append(f"| llama.cpp (llama-bench) | 1 | {peer['prefill_tok_s']:.1f} | {peer['decode_tok_s']:.2f} |")
             ratio = [r[key] / peer[key] for key in ("prefill_tok_s", "decode_tok_s")]

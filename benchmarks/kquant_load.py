@@ -23,14 +23,22 @@ MODULE = "sagellm.benchmarks.kquant_load"
 
 
 def measure(
-    path: Path, *, kv_gb: float, prompt_len: int, output_len: int, batches: list[int], repeats: int, seed: int = 0
+    path: Path,
+    *,
+    kv_gb: float,
+    prompt_len: int,
+    output_len: int,
+    batches: list[int],
+    repeats: int,
+    seed: int = 0,
+    int8_activations: bool = False,
 ) -> dict[str, Any]:
     import numpy as np
 
     from sagellm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(str(path), kv_cache_memory_gb=kv_gb, max_num_seqs=max(batches))
+    llm = LLM(str(path), kv_cache_memory_gb=kv_gb, max_num_seqs=max(batches), int8_activations=int8_activations)
     loaded = {"load_s": time.perf_counter() - start, "rss_loaded_gib": _gib(resident_bytes())}
     vocab = llm.engine.model.config.vocab_size
     rng = np.random.default_rng(seed)
@@ -59,6 +67,7 @@ def measure(
         "rss_gib": _gib(resident_bytes()),
         "hwm_gib": _gib(resident_bytes(field="VmHWM")),
         "memory": said,
+        "int8_activations": int8_activations,
         "batches": runs,
     }
 
@@ -75,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--batches", default="1,4", help="comma list of batch sizes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--int8-activations", action="store_true", help="the linears on x rounded to int8")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     result = measure(args.path, kv_gb=args.kv_gb, prompt_len=args.prompt_len, output_len=args.output_len,
-                     batches=batches, repeats=args.repeats)  # fmt: skip
+                     batches=batches, repeats=args.repeats, int8_activations=args.int8_activations)  # fmt: skip
     print(json.dumps(result))
     return 0
 

@@ -1,6 +1,6 @@
 """`sagellm bench numerics`: what the opt-in fast numerics cost in accuracy against exact float32, and what they gain in
 speed, in one run: the bfloat16 linears (`--dtype bfloat16`, where the CPU multiplies bf16) and the int8 activations of
-the Q4_0/Q4_1 linears (`--int8-activations`, llama.cpp's rounding).
+the Q4_0/Q4_1 and K-quant linears (`--int8-activations`, llama.cpp's rounding).
 
 Accuracy: the same prompts through the float32 engine and one engine per mode on one model, greedy: the share of
 replies that are identical, how many tokens the others agree on before they first differ, and the logits of the last

@@ -141,3 +141,17 @@ def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     q = torch.where(scale > 0, torch.round(blocks / scale), torch.zeros_like(blocks))
     return (q * scale).reshape(x.shape).to(x.dtype)
+
+
+def round_int8_linears_inputs(reference, quantized: dict) -> None:
+    """Make `reference` (transformers, holding a GGUF's dequantized weights) the oracle of `--int8-activations`: each
+    linear whose weight the engine keeps in blocks it multiplies on x rounded to int8 (Q8_X_KINDS; `quantized`: the
+    load's blocks by name, the tied lm_head's under the embedding's) takes its input rounded by round_to_int8_blocks,
+    through a forward pre-hook."""
+    from sagellm.backends.native.block_layout import Q8_X_KINDS
+
+    tied = reference.config.tie_word_embeddings
+    for name, module in reference.named_modules():
+        weight = "model.embed_tokens.weight" if tied and name == "lm_head" else f"{name}.weight"
+        if isinstance(module, torch.nn.Linear) and getattr(quantized.get(weight), "kind", None) in Q8_X_KINDS:
+            module.register_forward_pre_hook(lambda _, args: (round_to_int8_blocks(args[0]),))

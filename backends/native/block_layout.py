@@ -20,6 +20,8 @@ Layouts per kind, in bits per weight (bpw) resident, against the file's:
   q4cxG Q4_0, Q4_1 with --int8-activations    6.0 bpw: q4xG's d and m, then the 4-bit q in q4kxG's chunks of 8
         inputs (a 32-bit lane per output, the int8 dot products' operands): read only by block_q8.c's kernel, which
         multiplies x rounded to int8.
+  q6cxG Q6_K with --int8-activations          8.625 bpw: q6kxG's d and sc, then q + 32 as unsigned bytes, 4 inputs a
+        32-bit lane per output (block_q8.c's operands). Q4_K and Q5_K keep q4kxG and q5kxG, whose chunks already are.
 Q4_K fits q4x too (its D, M per 32 inputs as floats: 6.0 bpw); q4kx forms them per 32 inputs in the kernel instead,
 so decode streams 4.75 bits a weight for the same floats.
 Scales widen from fp16 to fp32 exactly and every D = d * sc is exact in fp32 (at most 11 + 8 bits), so the kernels
@@ -46,11 +48,12 @@ LAYOUT_OF = {
     "MXFP4": "mxfp4x",
 }
 # Per layout: inputs per block, and bytes per block per output of the group (block_linear.c's *_BLOCK / G).
-LAYOUT_INPUTS = {"q4x": 32, "q4cx": 32, "q8x": 32, "q4kx": 256, "q5kx": 256, "q6kx": 256, "mxfp4x": 32}
-LAYOUT_BYTES = {"q4x": 24, "q4cx": 24, "q8x": 36, "q4kx": 152, "q5kx": 184, "q6kx": 276, "mxfp4x": 17}
-# The kinds whose linears also run on x rounded to int8 per 32 inputs (block_q8.c, `--int8-activations`), packed
-# then in q4cx.
-Q8_X_KINDS = ("Q4_0", "Q4_1")
+LAYOUT_INPUTS = {"q4x": 32, "q4cx": 32, "q8x": 32, "q4kx": 256, "q5kx": 256, "q6kx": 256, "q6cx": 256, "mxfp4x": 32}
+LAYOUT_BYTES = {"q4x": 24, "q4cx": 24, "q8x": 36, "q4kx": 152, "q5kx": 184, "q6kx": 276, "q6cx": 276, "mxfp4x": 17}
+# The kinds whose linears also run on x rounded to int8 per 32 inputs (block_q8.c, `--int8-activations`): the
+# layout each is packed in then, with its packer where that layout is not its own.
+Q8_X_LAYOUT_OF = {"Q4_0": "q4cx", "Q4_1": "q4cx", "Q4_K": "q4kx", "Q5_K": "q5kx", "Q6_K": "q6cx"}
+Q8_X_KINDS = tuple(Q8_X_LAYOUT_OF)
 # Weights interleaved at a time: the decoders' temporaries (up to ~5 bytes a weight) stay ~20 MB on any tensor.
 CHUNK_WEIGHTS = 1 << 22
 
@@ -62,7 +65,7 @@ class InterleavedBlocks:
     out_features: int
     in_features: int
     # What the kernel multiplies the weights by: x as it is ("f32"), or x rounded per 32 inputs to int8 as llama.cpp
-    # rounds it ("q8": q4cx, block_q8.c's int8 dot products). The suffix of the kernel's name.
+    # rounds it ("q8": block_q8.c's int8 dot products). The suffix of the kernel's name.
     x_type: str = "f32"
 
 
@@ -80,7 +83,8 @@ def interleave(weight: QuantizedWeight, group: int = 8, int8_activations: bool =
     if kind not in LAYOUT_OF or n % group or k % BLOCK_INPUTS[kind]:
         return None
     rounded = int8_activations and kind in Q8_X_KINDS
-    layout, pack = ("q4cx", _CHUNK_PACKERS[kind]) if rounded else (LAYOUT_OF[kind], _PACKERS[kind])
+    layout = Q8_X_LAYOUT_OF[kind] if rounded else LAYOUT_OF[kind]
+    pack = _CHUNK_PACKERS.get(kind, _PACKERS[kind]) if rounded else _PACKERS[kind]
     blocks = weight.blocks.numpy().reshape(n, k // BLOCK_INPUTS[kind], BLOCK_BYTES[kind])
     data = np.empty((n // group, k // LAYOUT_INPUTS[layout], LAYOUT_BYTES[layout] * group), np.uint8)
     rows = max(group, CHUNK_WEIGHTS // k // group * group)
@@ -195,6 +199,15 @@ def _q6_k(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
     _part(out, 20 * group, 256, group)[:] = _by_group(q6_k_values(blocks).view(np.uint8), group)
 
 
+def _q6_k_chunks(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
+    """q6cxG: q6kxG's d and sc, then q + 32 (0..63) [64 runs of 4 inputs, G outputs, 4 bytes]: a 32-bit lane per
+    output whose byte i holds input 4r + i of run r."""
+    out.view(np.float32)[..., :group] = _by_group(fp16(blocks, 208), group)
+    _part(out, 4 * group, 16, group)[:] = _by_group(blocks[..., 192:208], group)
+    q = (q6_k_values(blocks) + 32).astype(np.uint8).reshape(*blocks.shape[:2], 64, 4)
+    _part(out, 20 * group, 64, group, 4)[:] = np.swapaxes(_by_group(q, group), -1, -2)
+
+
 def _mxfp4(blocks: np.ndarray, group: int, out: np.ndarray) -> None:
     """mxfp4xG from MXFP4 blocks (e, qs[16]: input j in qs[j]'s low nibble, j + 16 in its high one): per (group,
     block of 32) 4 chunks of 8 inputs, a 32-bit lane per output whose byte i holds input 8c + i low and 8c + 4 + i
@@ -222,7 +235,7 @@ _PACKERS: dict[str, Callable[[np.ndarray, int, np.ndarray], None]] = {
     "Q6_K": _q6_k,
     "MXFP4": _mxfp4,
 }
-_CHUNK_PACKERS = {"Q4_0": _q4_0_chunks, "Q4_1": _q4_1_chunks}
+_CHUNK_PACKERS = {"Q4_0": _q4_0_chunks, "Q4_1": _q4_1_chunks, "Q6_K": _q6_k_chunks}
 
 
 def _nibble_words(packed: np.ndarray, group: int, high: bool) -> np.ndarray:

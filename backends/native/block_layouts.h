@@ -11,6 +11,8 @@ enum { Q4CX8_BLOCK = Q4X8_BLOCK, Q4CX16_BLOCK = Q4X16_BLOCK }; /* q4x's scales, 
  * (q6kx). */
 enum { Q4KX8_BLOCK = 152 * 8, Q4KX16_BLOCK = 152 * 16 };
 enum { Q5KX8_BLOCK = 184 * 8, Q5KX16_BLOCK = 184 * 16, Q6KX8_BLOCK = 276 * 8, Q6KX16_BLOCK = 276 * 16 };
+/* q6kx's scales, then Q6_K's q + 32 as bytes, 4 inputs a 32-bit lane per output (block_q8.c's operands). */
+enum { Q6CX8_BLOCK = Q6KX8_BLOCK, Q6CX16_BLOCK = Q6KX16_BLOCK };
 /* MXFP4's layout per (group, block of 32): 16 bytes of 4-bit codes and an exponent byte per output. */
 enum { MXFP4X8_BLOCK = 17 * 8, MXFP4X16_BLOCK = 17 * 16 };
 

@@ -1,27 +1,28 @@
-/* Q4_0 and Q4_1 linears on x rounded to int8 as llama.cpp rounds it (its Q8_1): what `--int8-activations` runs at
- * every row count, for the engine's linears on those blocks, which it then packs as q4cxG.
+/* The linears on x rounded to int8 as llama.cpp rounds it: what `--int8-activations` runs at every row count, for
+ * the engine's linears on Q4_0 / Q4_1 blocks (packed then as q4cxG), Q4_K (q4kxG), Q5_K (q5kxG) and Q6_K (q6cxG).
  *
  * Prefill's linears are bound by multiply-adds, and fp32's cost one FMA lane each. With x rounded per 32 inputs to a
- * scale s and int8 q (|q| <= 127), a block's dot product with the weights' 4-bit q is an integer: vpmaddubsw
- * multiplies 32 byte pairs and adds them in pairs into int16 in one instruction, 1.6x the multiply-adds of two FMAs
- * on a Zen 3 core (82 against 51 G a second). Each pair sum is at most 2 x 15 x 127 = 3,810, so a block's eight
- * products add in int16 without saturating (30,480 < 32,767) and one vpmaddwd widens them: the sums are exact. Per
- * block, row and output, w = d q + m then contributes
- *   d s sum(qw qx) + m s sum(qx),
- * so the result is the fp32 linear on exactly gguf-py's weights and on x rounded to s qx: llama.cpp's rounding
- * (2^-8 of each block's largest |x|), not the fp32 kernels' exactness; the oracle is the fp32 linear on x so
- * rounded. Every row takes the same steps at any row count and thread count, so a row's floats do not depend on
- * what it is batched with.
+ * scale s and int8 q (|q| <= 127; llama.cpp's Q8_1, and finer than its Q8_K's one scale per 256), a sub-block's dot
+ * product with the weights' unsigned q is an integer: vpmaddubsw multiplies 32 byte pairs and adds them in pairs
+ * into int16 in one instruction, 1.6x the multiply-adds of two FMAs on a Zen 3 core (82 against 51 G a second). The
+ * int16 lanes are widened (one vpmaddwd) before they can saturate: a lane gains 4 products per chunk of 8 inputs, so
+ * after 4 chunks for 4-bit q (16 x 15 x 127 = 30,480 < 32,767), 2 for Q5_K's 5 bits (8 x 31 x 127), 1 for Q6_K's 6
+ * (4 x 63 x 127): the sums are exact. Per sub-block, row and output, w = D q + M then contributes
+ *   D s sum(qw qx) + M s sum(qx)
+ * (Q4_0 / Q4_1: D = d, M = m; Q4_K / Q5_K: D = d sc_j, M = -dmin m_j, as gguf-py forms them; Q6_K: D = d sc_j over 16
+ * inputs, M = -32 D for its q stored plus 32), so the result is the fp32 linear on exactly gguf-py's weights and on x
+ * rounded to s qx: llama.cpp's rounding (2^-8 of each block's largest |x|), not the fp32 kernels' exactness; the
+ * oracle is the fp32 linear on x so rounded. Every row takes the same steps at any row count and thread count, so a
+ * row's floats do not depend on what it is batched with.
  *
- * Layout q4cxG (block_layout.py writes it): per (group, block of 32) q4xG's float d[G], float m[G], then the 4-bit q
- * in 4 chunks of 8 inputs, chunk c a 32-bit lane per output whose byte i holds input 8c + i (low nibble) and
- * 8c + 4 + i (high): masking a chunk gives the vpmaddubsw operand of inputs 0-3, shifting it the one of 4-7, with
- * no repacking per call (q4xG's input-major words cost ~20 instructions per 32 weights to turn into such lanes, which
- * made single-stream decode 13% slower than the fp32 kernels). A thread takes a unit of 16 outputs (two groups of
- * q4cx8, one of q4cx16), whose blocks (7-18 KB for SmolLM2's linears) stay in L1 while it multiplies every tile of
- * Q8_ROWS rows by them over all of K: per chunk two loads and three masks or shifts per 8 outputs, and per row two
- * broadcasts, four vpmaddubsw and four vpaddw, the row's int16 sums in registers. The portable build computes the
- * same integers in C. */
+ * The weights' q sit in chunks of 8 inputs, a 32-bit lane per output whose byte i holds input i (low nibble) and
+ * 4 + i (high): masking a chunk gives the vpmaddubsw operand of inputs 0-3, shifting it the one of 4-7 (q4cx, q4kx,
+ * q5kx, whose fifth bits are shifted in; block_layout.py writes them), with no repacking per call (repacking q4x's
+ * input-major words per call made single-stream decode 13% slower than the fp32 kernels). q6cxG holds Q6_K's q + 32
+ * as bytes, 4 inputs a lane per output. A thread takes a unit of 16 outputs (two groups of 8, one of 16), whose
+ * blocks (7-18 KB for SmolLM2's linears) stay in L1 while it multiplies every tile of Q8_ROWS rows by them over all
+ * of K: per chunk two loads and a few masks or shifts per 8 outputs, and per row two broadcasts, four vpmaddubsw and
+ * four vpaddw, the row's int16 sums in registers. The portable build computes the same integers in C. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -30,7 +31,10 @@
 #include "kernels.h"
 #include "vector_math.h"
 
-enum { Q8_ROWS = 4, UNIT = 16 }; /* rows per tile; outputs per unit */
+enum { Q8_ROWS = 4, UNIT = 16, X_HALF = 16 }; /* rows per tile; outputs per unit; inputs per sum of a row's q */
+
+/* The layouts the kernels read (a constant of the inlined tile). */
+typedef enum { Q4CX, Q4KX, Q5KX, Q6CX } q8_layout;
 
 typedef int16_t i16x16 __attribute__((vector_size(32)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
@@ -46,38 +50,32 @@ static inline i16x16 add_products(i16x16 acc, i32x8 u, i32x8 s) {
 #endif
 }
 
-/* The int16 lanes added in pairs into int32 (vpmaddwd by ones). */
-static inline i32x8 pair_sums(i16x16 v) {
-#if defined(__AVX2__)
-    return (i32x8)_mm256_madd_epi16((__m256i)v, _mm256_set1_epi16(1));
-#else
-    return (((i32x8)v << 16) >> 16) + ((i32x8)v >> 16);
-#endif
-}
-
-/* x's rows rounded, in the linear's scratch (tokens * k floats; this takes 1.25 bytes an input): per row int8 q[k],
- * and per block of 32 the scale s and s sum(q). */
+/* x's rows rounded, in the linear's scratch (tokens * k floats; this takes 1.375 bytes an input): per row int8 q[k],
+ * per block of 32 the scale s, and per 16 inputs the sum of their q (Q6_K's sub-blocks are 16 inputs). */
 typedef struct {
     const int8_t *q;
-    const float *scales, *sums;
+    const float *scales;
+    const int32_t *sums;
     int64_t k;
 } rounded_rows;
 
 /* Row t rounded: s = max |x| / 127 per block of 32, q = rint(x / s) (divided, not multiplied by 1 / s, so subnormal
  * scales stay exact enough). A block with a NaN or infinity gets NaN as its scale and zero q, so that row's outputs
  * are NaN as fp32's would be; a block of zeros (or of values whose max / 127 underflows) gets 0. */
-static void round_row(const float *x, int64_t k, int8_t *q, float *scales, float *sums) {
+static void round_row(const float *x, int64_t k, int8_t *q, float *scales, int32_t *sums) {
     for (int64_t b = 0; b < k / QK; ++b) {
         const float *v = x + QK * b;
         const float scale = int8_scale(v, QK);
-        int32_t total = 0;
-        for (int i = 0; i < QK; ++i) {
-            const int8_t r = scale > 0.0f ? (int8_t)rintf(v[i] / scale) : 0; /* NaN > 0 is false */
-            q[QK * b + i] = r;
-            total += r;
+        for (int half = 0; half < QK / X_HALF; ++half) {
+            int32_t total = 0;
+            for (int i = X_HALF * half; i < X_HALF * (half + 1); ++i) {
+                const int8_t r = scale > 0.0f ? (int8_t)rintf(v[i] / scale) : 0; /* NaN > 0 is false */
+                q[QK * b + i] = r;
+                total += r;
+            }
+            sums[2 * b + half] = total;
         }
         scales[b] = scale;
-        sums[b] = scale * (float)total;
     }
 }
 
@@ -88,61 +86,144 @@ static inline i32x8 broadcast4(const int8_t *p) {
     return (i32x8){} + v;
 }
 
-/* Where a unit's half h (outputs 8h .. 8h + 7) has block b: its d at at[h] + b step[h], m at m_at bytes after its
- * d, chunk c's lanes at lanes_at + c chunk_bytes after it. */
+/* A unit's halves (outputs 8h .. 8h + 7): half h's group starts at at[h], its blocks (super-blocks for the K-quants)
+ * step[h] bytes apart, and in its group it is outputs 8 slot[h] .. (0 in a group of 8; 0 or 1 in one of 16), so a
+ * field of 4-byte values per output sits 32 slot[h] bytes into its run, one of bytes 8 slot[h]. */
 typedef struct {
     const uint8_t *at[2];
     int64_t step[2];
-    int m_at, lanes_at, chunk_bytes;
+    int slot[2], g;
 } unit_blocks;
 
-/* An absent half (the odd last group of q4cx8): zero scales and q, its outputs computed and never stored. */
-static const uint8_t NO_HALF[Q4CX8_BLOCK];
+/* An absent half (the odd last group of 8): zero scales and q from block to block (step 0), its outputs computed and
+ * never stored. As large as the largest block of 8 outputs. */
+static const uint8_t NO_HALF[Q6CX8_BLOCK];
 
-static inline unit_blocks q4cx8_unit(const uint8_t *w, int64_t blocks, int64_t groups, int64_t u) {
+static inline unit_blocks unit_of_8(const uint8_t *w, int64_t block_bytes, int64_t blocks, int64_t groups, int64_t u) {
     const int64_t g = 2 * u;
     const int second = g + 1 < groups;
-    return (unit_blocks){{w + g * blocks * Q4CX8_BLOCK, second ? w + (g + 1) * blocks * Q4CX8_BLOCK : NO_HALF},
-                         {Q4CX8_BLOCK, second ? Q4CX8_BLOCK : 0}, 32, 64, 32};
+    return (unit_blocks){{w + g * blocks * block_bytes, second ? w + (g + 1) * blocks * block_bytes : NO_HALF},
+                         {block_bytes, second ? block_bytes : 0},
+                         {0, 0},
+                         8};
 }
 
-static inline unit_blocks q4cx16_unit(const uint8_t *w, int64_t blocks, int64_t groups, int64_t u) {
-    (void)groups;
-    const uint8_t *group = w + u * blocks * Q4CX16_BLOCK;
-    return (unit_blocks){{group, group + 32}, {Q4CX16_BLOCK, Q4CX16_BLOCK}, 64, 128, 64};
+static inline unit_blocks unit_of_16(const uint8_t *w, int64_t block_bytes, int64_t blocks, int64_t u) {
+    const uint8_t *group = w + u * blocks * block_bytes;
+    return (unit_blocks){{group, group}, {block_bytes, block_bytes}, {0, 1}, 16};
+}
+
+/* Inputs per block of the layout (its blocks' step); chunks of 8 inputs between widenings of the int16 sums (see the
+ * header). */
+static inline int64_t layout_inputs(q8_layout l) { return l == Q4CX ? QK : QK_K; }
+static inline int widen_every(q8_layout l) { return l == Q4CX || l == Q4KX ? 4 : l == Q5KX ? 2 : 1; }
+
+/* Half h's block holding x block b (of 32 inputs). */
+static inline const uint8_t *block_at(const unit_blocks *unit, q8_layout l, int64_t b, int h) {
+    return unit->at[h] + b / (layout_inputs(l) / QK) * unit->step[h];
+}
+
+/* What x block b's integer sums are multiplied by for half h's 8 outputs: D, and M per 16 inputs (see the header).
+ * Q6_K's two sub-blocks' scales sc are in its sums already (`widen_by`), so its D is d and its M -32 d sc. */
+static inline __attribute__((always_inline)) void factors(const unit_blocks *unit, q8_layout l, int64_t b, int h,
+                                                          f32x8 *d, f32x8 m[2]) {
+    const uint8_t *block = block_at(unit, l, b, h);
+    const int g = unit->g, floats = 32 * unit->slot[h], bytes = 8 * unit->slot[h], j = (int)(b % 8);
+    *d = load8((const float *)(block + floats));
+    if (l == Q4CX) {
+        m[0] = m[1] = load8((const float *)(block + 4 * g + floats));
+    } else if (l == Q6CX) {
+        for (int p = 0; p < 2; ++p)
+            m[p] = -32.0f * *d * __builtin_convertvector(widen8(block + 4 * g + g * (2 * j + p) + bytes), f32x8);
+    } else {
+        *d *= __builtin_convertvector(widen8(block + 8 * g + g * j + bytes), f32x8);
+        m[0] = m[1] = -(load8((const float *)(block + 4 * g + floats)) *
+                        __builtin_convertvector(widen8(block + 16 * g + g * j + bytes), f32x8));
+    }
+}
+
+/* The int16 weights vpmaddwd widens chunk c's pair sums by, the same in both halves of an output's lane: 1, or for
+ * Q6_K its sub-block's scale sc (int8), so its two sub-blocks of 16 inputs sum in one int32 per x block. */
+static inline __attribute__((always_inline)) i32x8 widen_by(const unit_blocks *unit, q8_layout l, int64_t b, int c,
+                                                           int h) {
+    if (l != Q6CX) return (i32x8){} + 0x00010001;
+    const int g = unit->g, j = (int)(b % 8);
+    const i32x8 sc = widen8(block_at(unit, l, b, h) + 4 * g + g * (2 * j + c / 2) + 8 * unit->slot[h]);
+    return (sc & 0xFFFF) | (sc << 16);
+}
+
+/* Chunk c (8 inputs) of x block b for half h's outputs: the unsigned q of its inputs 0-3 (`low`) and 4-7 (`high`),
+ * 4 a lane per output. */
+static inline __attribute__((always_inline)) void chunk(const unit_blocks *unit, q8_layout l, int64_t b, int c, int h,
+                                                        i32x8 *low, i32x8 *high) {
+    const uint8_t *block = block_at(unit, l, b, h);
+    const int g = unit->g, lanes = 32 * unit->slot[h], j = (int)(b % 8);
+    if (l == Q6CX) {
+        const uint8_t *at = block + 20 * g + 4 * g * (8 * j + 2 * c) + lanes;
+        *low = LOAD(i32x8, at);
+        *high = LOAD(i32x8, at + 4 * g);
+        return;
+    }
+    const int at = l == Q4CX ? 8 * g + 4 * g * c : 24 * g + 4 * g * (4 * j + c);
+    const u32x8 raw = LOAD(u32x8, block + at + lanes);
+    *low = (i32x8)(raw & 0x0F0F0F0Fu);
+    *high = (i32x8)((raw >> 4) & 0x0F0F0F0Fu);
+    if (l == Q5KX) { /* sub-block j's fifth bits: input 8c + i's at bit 8 (i % 4) + 4 (i / 4) + c of its lane */
+        const u32x8 fifth = LOAD(u32x8, block + 152 * g + 4 * g * j + lanes);
+        *low |= (i32x8)((fifth << (4 - c)) & 0x10101010u);
+        *high |= (i32x8)((fifth >> c) & 0x10101010u);
+    }
+}
+
+/* The int16 lanes added in pairs into int32, each times w's int16 (the same in both halves of a lane: vpmaddwd). */
+static inline i32x8 weighted_pair_sums(i16x16 v, i32x8 w) {
+#if defined(__AVX2__)
+    return (i32x8)_mm256_madd_epi16((__m256i)v, (__m256i)w);
+#else
+    return ((((i32x8)v << 16) >> 16) + ((i32x8)v >> 16)) * ((w << 16) >> 16);
+#endif
 }
 
 /* y[rt, 16] (rows n apart, `outputs` of them stored) = rows t0.. of x times the unit's blocks (+ bias[16] when not
- * NULL). Inlined per constant rt. */
+ * NULL). Inlined per constant layout and rt. */
 static inline __attribute__((always_inline)) void q8_tile(const rounded_rows *x, int64_t t0, const unit_blocks *unit,
-                                                          float *y, int64_t n, int outputs, const float *bias,
-                                                          const int rt) {
+                                                          q8_layout l, float *y, int64_t n, int outputs,
+                                                          const float *bias, const int rt) {
     const int64_t blocks = x->k / QK;
+    const int widen = widen_every(l);
     f32x8 acc[Q8_ROWS][2] = {};
     for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t *half[2] = {unit->at[0] + b * unit->step[0], unit->at[1] + b * unit->step[1]};
-        i16x16 sums[Q8_ROWS][2] = {};
+        i32x8 sums[Q8_ROWS][2] = {};
+        i16x16 pairs[Q8_ROWS][2] = {};
 #pragma GCC unroll 1
         for (int c = 0; c < QK / 8; ++c) {
             i32x8 low[2], high[2];
-            for (int h = 0; h < 2; ++h) {
-                const u32x8 raw = LOAD(u32x8, half[h] + unit->lanes_at + c * unit->chunk_bytes);
-                low[h] = (i32x8)(raw & 0x0F0F0F0Fu);
-                high[h] = (i32x8)((raw >> 4) & 0x0F0F0F0Fu);
-            }
+            for (int h = 0; h < 2; ++h) chunk(unit, l, b, c, h, &low[h], &high[h]);
             for (int t = 0; t < rt; ++t) {
                 const int8_t *xq = x->q + (t0 + t) * x->k + QK * b + 8 * c;
                 const i32x8 first = broadcast4(xq), second = broadcast4(xq + 4);
                 for (int h = 0; h < 2; ++h)
-                    sums[t][h] = add_products(add_products(sums[t][h], low[h], first), high[h], second);
+                    pairs[t][h] = add_products(add_products(pairs[t][h], low[h], first), high[h], second);
             }
+            if ((c + 1) % widen == 0)
+                for (int h = 0; h < 2; ++h) {
+                    const i32x8 by = widen_by(unit, l, b, c, h);
+                    for (int t = 0; t < rt; ++t) {
+                        sums[t][h] += weighted_pair_sums(pairs[t][h], by);
+                        pairs[t][h] = (i16x16){};
+                    }
+                }
         }
         for (int h = 0; h < 2; ++h) {
-            const f32x8 d = load8((const float *)half[h]), m = load8((const float *)(half[h] + unit->m_at));
+            f32x8 d, m[2];
+            factors(unit, l, b, h, &d, m);
             for (int t = 0; t < rt; ++t) {
-                const int64_t at = (t0 + t) * blocks + b;
-                const f32x8 dots = __builtin_convertvector(pair_sums(sums[t][h]), f32x8);
-                acc[t][h] += dots * (d * x->scales[at]) + m * x->sums[at];
+                const int64_t row = t0 + t;
+                const float s = x->scales[row * blocks + b];
+                const int32_t *q_sums = x->sums + row * (x->k / X_HALF) + 2 * b;
+                const f32x8 offset = l == Q6CX ? m[0] * (s * (float)q_sums[0]) + m[1] * (s * (float)q_sums[1])
+                                               : m[0] * (s * (float)(q_sums[0] + q_sums[1]));
+                acc[t][h] += __builtin_convertvector(sums[t][h], f32x8) * (d * s) + offset;
             }
         }
     }
@@ -154,36 +235,44 @@ static inline __attribute__((always_inline)) void q8_tile(const rounded_rows *x,
         }
 }
 
-/* y[T, N] = round(x)[T, K] (rows x_row apart) . w^T (+ bias[N]) for w in q4cxG (UNIT_OF: its units, G outputs a
- * group); scratch holds T * K floats. The threads round a share of the rows each, then share the units. */
-#define Q8_LINEAR(NAME, UNIT_OF, G)                                                                                    \
+/* y[T, N] = round(x)[T, K] (rows x_row apart) . w^T (+ bias[N]) for w in layout L of G outputs a group, BYTES a
+ * block; scratch holds T * K floats. The threads round a share of the rows each, then share the units. */
+#define Q8_LINEAR(NAME, L, G, BYTES)                                                                                   \
     void NAME(const float *x, int64_t x_row, const uint8_t *w, const float *bias, float *y, int64_t tokens,           \
               int64_t n, int64_t k, float *scratch, int32_t num_threads) {                                             \
-        const int64_t blocks = k / QK, groups = n / G, units = (n + UNIT - 1) / UNIT;                                 \
+        const int64_t blocks = k / layout_inputs(L), groups = n / G, units = (n + UNIT - 1) / UNIT;                   \
         int8_t *q = (int8_t *)scratch;                                                                                 \
-        float *scales = (float *)(q + tokens * k), *sums = scales + tokens * blocks;                                   \
+        float *scales = (float *)(q + tokens * k);                                                                     \
+        int32_t *sums = (int32_t *)(scales + tokens * (k / QK));                                                       \
         const rounded_rows rounded = {q, scales, sums, k};                                                             \
         _Pragma("omp parallel num_threads(num_threads) if (num_threads > 1)") {                                        \
             _Pragma("omp for schedule(static)")                                                                        \
             for (int64_t t = 0; t < tokens; ++t)                                                                       \
-                round_row(x + t * x_row, k, q + t * k, scales + t * blocks, sums + t * blocks);                        \
+                round_row(x + t * x_row, k, q + t * k, scales + t * (k / QK), sums + t * (k / X_HALF));                 \
             _Pragma("omp for schedule(static)")                                                                        \
             for (int64_t u = 0; u < units; ++u) {                                                                      \
-                const unit_blocks unit = UNIT_OF(w, blocks, groups, u);                                                \
+                const unit_blocks unit = G == 8 ? unit_of_8(w, BYTES, blocks, groups, u)                               \
+                                                : unit_of_16(w, BYTES, blocks, u);                                     \
                 const int outputs = n - UNIT * u < UNIT ? (int)(n - UNIT * u) : UNIT;                                 \
                 const float *bias_u = bias != NULL ? bias + UNIT * u : NULL;                                           \
                 for (int64_t t0 = 0; t0 < tokens; t0 += Q8_ROWS) {                                                     \
                     float *yt = y + t0 * n + UNIT * u;                                                                 \
                     switch (tokens - t0 < Q8_ROWS ? tokens - t0 : Q8_ROWS) {                                           \
-                    case 1: q8_tile(&rounded, t0, &unit, yt, n, outputs, bias_u, 1); break;                           \
-                    case 2: q8_tile(&rounded, t0, &unit, yt, n, outputs, bias_u, 2); break;                           \
-                    case 3: q8_tile(&rounded, t0, &unit, yt, n, outputs, bias_u, 3); break;                           \
-                    default: q8_tile(&rounded, t0, &unit, yt, n, outputs, bias_u, Q8_ROWS); break;                    \
+                    case 1: q8_tile(&rounded, t0, &unit, L, yt, n, outputs, bias_u, 1); break;                        \
+                    case 2: q8_tile(&rounded, t0, &unit, L, yt, n, outputs, bias_u, 2); break;                        \
+                    case 3: q8_tile(&rounded, t0, &unit, L, yt, n, outputs, bias_u, 3); break;                        \
+                    default: q8_tile(&rounded, t0, &unit, L, yt, n, outputs, bias_u, Q8_ROWS); break;                 \
                     }                                                                                                  \
                 }                                                                                                      \
             }                                                                                                          \
         }                                                                                                              \
     }
 
-Q8_LINEAR(linear_q4cx8_q8, q4cx8_unit, 8)
-Q8_LINEAR(linear_q4cx16_q8, q4cx16_unit, 16)
+Q8_LINEAR(linear_q4cx8_q8, Q4CX, 8, Q4CX8_BLOCK)
+Q8_LINEAR(linear_q4cx16_q8, Q4CX, 16, Q4CX16_BLOCK)
+Q8_LINEAR(linear_q4kx8_q8, Q4KX, 8, Q4KX8_BLOCK)
+Q8_LINEAR(linear_q4kx16_q8, Q4KX, 16, Q4KX16_BLOCK)
+Q8_LINEAR(linear_q5kx8_q8, Q5KX, 8, Q5KX8_BLOCK)
+Q8_LINEAR(linear_q5kx16_q8, Q5KX, 16, Q5KX16_BLOCK)
+Q8_LINEAR(linear_q6cx8_q8, Q6CX, 8, Q6CX8_BLOCK)
+Q8_LINEAR(linear_q6cx16_q8, Q6CX, 16, Q6CX16_BLOCK)

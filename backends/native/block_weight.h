@@ -20,7 +20,8 @@ typedef struct {
 static const block_linear_fn BLOCK_LINEARS[] = {
     linear_q4x8_f32,  linear_q8x8_f32,  linear_q4x16_f32,   linear_q8x16_f32,   linear_q5kx8_f32, linear_q5kx16_f32,
     linear_q6kx8_f32, linear_q6kx16_f32, linear_q4kx8_f32, linear_q4kx16_f32, linear_mxfp4x8_f32, linear_mxfp4x16_f32,
-    linear_q4cx8_q8,  linear_q4cx16_q8};
+    linear_q4cx8_q8,  linear_q4cx16_q8,  linear_q4kx8_q8,  linear_q4kx16_q8,  linear_q5kx8_q8,    linear_q5kx16_q8,
+    linear_q6cx8_q8,  linear_q6cx16_q8};
 
 /* y [rows, n] = x . w^T (+ bias): each part into `part_out` [rows, its outputs], then its columns of y; `scratch`
  * holds the block linears' packed input rows (rows * k floats). */

@@ -10,7 +10,8 @@ from sagellm.backends.native.block_layout import InterleavedBlocks
 # block_weight.h BLOCK_LINEARS, in its order: each kernel's layout and x_type (InterleavedBlocks')
 LINEARS = (
     *("q4x8_f32", "q8x8_f32", "q4x16_f32", "q8x16_f32", "q5kx8_f32", "q5kx16_f32", "q6kx8_f32", "q6kx16_f32"),
-    *("q4kx8_f32", "q4kx16_f32", "mxfp4x8_f32", "mxfp4x16_f32", "q4cx8_q8", "q4cx16_q8"),
+    *("q4kx8_f32", "q4kx16_f32", "mxfp4x8_f32", "mxfp4x16_f32", "q4cx8_q8", "q4cx16_q8", "q4kx8_q8", "q4kx16_q8"),
+    *("q5kx8_q8", "q5kx16_q8", "q6cx8_q8", "q6cx16_q8"),
 )
 MAX_PARTS = 3  # block_weight.h's: a fused linear's parts of different kinds (q, k, v)
 

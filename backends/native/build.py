@@ -75,8 +75,10 @@ _BLOCK_PROTOTYPES = {
     for op, args, op_x_types in (("linear", _BLOCK_LINEAR, x_types), ("dequantize", _BLOCK_DEQUANTIZE, ("f32",)))
     for x_type in op_x_types
 }
-# Q4_0 / Q4_1 in chunks, for the linear on x rounded to int8 alone (block_q8.c, --int8-activations).
-_BLOCK_PROTOTYPES |= {f"linear_q4cx{width}_q8": _BLOCK_LINEAR for width in (8, 16)}
+# The linears on x rounded to int8 alone (block_q8.c, --int8-activations): Q4_0 / Q4_1 and Q6_K in their chunks,
+# Q4_K and Q5_K in their own layouts.
+_Q8_LAYOUTS = ("q4c", "q4k", "q5k", "q6c")
+_BLOCK_PROTOTYPES |= {f"linear_{kind}x{width}_q8": _BLOCK_LINEAR for kind in _Q8_LAYOUTS for width in (8, 16)}
 # Each exported function's arguments, in the order kernels.h and the C files declare them.
 PROTOTYPES: dict[str, tuple[type, ...]] = {
     "rmsnorm_f32": (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32),

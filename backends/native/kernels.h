@@ -123,11 +123,17 @@ BLOCK_LINEAR_DECLARE(linear_q5kx8_panel)
 BLOCK_LINEAR_DECLARE(linear_q6kx8_panel)
 BLOCK_LINEAR_DECLARE(linear_mxfp4x8_panel)
 
-/* The Q4_0 / Q4_1 linears on x rounded per 32 inputs to int8 (block_q8.c), reading q4cx8 and q4cx16:
- * `--int8-activations`' linears at every row count, on vpmaddubsw's int8 dot products, at llama.cpp's rounding of x
- * rather than fp32's exactness. */
+/* The linears on x rounded per 32 inputs to int8 (block_q8.c), reading Q4_0 / Q4_1 as q4cx, Q4_K as q4kx, Q5_K as
+ * q5kx, Q6_K as q6cx: `--int8-activations`' linears at every row count, on vpmaddubsw's int8 dot products, at
+ * llama.cpp's rounding of x rather than fp32's exactness. */
 BLOCK_LINEAR_DECLARE(linear_q4cx8_q8)
 BLOCK_LINEAR_DECLARE(linear_q4cx16_q8)
+BLOCK_LINEAR_DECLARE(linear_q4kx8_q8)
+BLOCK_LINEAR_DECLARE(linear_q4kx16_q8)
+BLOCK_LINEAR_DECLARE(linear_q5kx8_q8)
+BLOCK_LINEAR_DECLARE(linear_q5kx16_q8)
+BLOCK_LINEAR_DECLARE(linear_q6cx8_q8)
+BLOCK_LINEAR_DECLARE(linear_q6cx16_q8)
 
 /* out[k][j] = the weight of output first_group * G + j at input k, for `groups` groups of G outputs: a k-major fp32
  * tile [K, groups * G] of the interleaved blocks, for a GEMM to multiply by (block_linear.c). */

@@ -103,13 +103,15 @@ class EngineConfig:
     # read them: the same weight values in a fraction of the memory and of the bytes per step. False: the weights
     # dequantized to fp32 at load, everywhere.
     quantized_weights: bool = _help("keep a GGUF's quantized blocks as the weights (else dequantize to fp32)", True)
-    # llama.cpp's numerics for the linears on Q4_0/Q4_1 blocks (the default model's): each input row rounded per 32
-    # values to a scale and int8 (its Q8_1), the blocks' dot products in int8 (backends/native/block_q8.c): SmolLM2's
-    # layer linears 1.5-2.1x the exact kernels at every row count on AVX2, a row's floats the same whatever it is
-    # batched with. Off: x as it is, exact against transformers to fp32's rounding; on: exact against the fp32 linear
-    # on x so rounded (each value within 2^-8 of its block's largest). Refused where no linear can take it.
+    # llama.cpp's numerics for the linears on Q4_0/Q4_1 blocks (the default model's) and Q4_K/Q5_K/Q6_K (a Q4_K_M
+    # file's): each input row rounded per 32 values to a scale and int8 (its Q8_1), the blocks' dot products in int8
+    # (backends/native/block_q8.c): SmolLM2's layer linears 1.5-2.1x the exact kernels at every row count on AVX2, a
+    # 7B Q4_K's 1.7x at 512 rows; a row's floats the same whatever it is batched with. Off: x as it is, exact against
+    # transformers to fp32's rounding; on: exact against the fp32 linear on x so rounded (each value within 2^-8 of
+    # its block's largest). Refused where no linear can take it.
     int8_activations: bool = _help(
-        "round the Q4_0/Q4_1 linears' inputs to int8 per 32 values as llama.cpp does: faster prefill (opt-in)", False
+        "round the 4-bit and K-quant linears' inputs to int8 per 32 values as llama.cpp does: faster prefill (opt-in)",
+        False,
     )
     # vLLM's --dtype. auto and float32 compute everything in fp32. bfloat16 is opt-in, on a CPU with AVX512-BF16 or
     # AMX: the linears oneDNN runs (prefill-sized batches, and decode of weights without GGUF blocks) take bf16

@@ -118,8 +118,8 @@ class ModelRunner:
         """`shard`: this process is one rank of a tensor parallel group, whose other ranks `collectives` reaches;
         `stage`: it runs one pipeline stage's layers (and holds their KV cache only); `prefault_kv_cache`: map the
         whole cache's memory in the background now, not just ahead of use; `linear_dtype`: the dtype the linears'
-        weights are packed in (EngineConfig.dtype); `int8_activations`: the linears on Q4_0/Q4_1 blocks round x to
-        int8 (EngineConfig.int8_activations); `mapped`: the GGUF file `quantized` views (LoadedModel.mapped),
+        weights are packed in (EngineConfig.dtype); `int8_activations`: the linears on Q4_0/Q4_1 and K-quant blocks
+        round x to int8 (EngineConfig.int8_activations); `mapped`: the GGUF file `quantized` views (LoadedModel.mapped),
         whose pages are let go as each weight is packed; `num_state_slots`: the slots of a model's recurrent
         layers' states (state_cache.py); `window_blocks`: the blocks of the sliding-window layers' own cache group
         (window_blocks.py; 0: every layer's cache has `num_blocks`); `graph`: one of `config` other than its

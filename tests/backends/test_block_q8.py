@@ -1,8 +1,8 @@
-"""The Q4_0 / Q4_1 linears on x rounded to int8 (block_q8.c, `--int8-activations`): the fp32 linear on gguf-py's
-weights and on x rounded as llama.cpp rounds it (tests/oracle.py's round_to_int8_blocks), to fp32's rounding; a row's
-outputs the same floats alone or in a batch of any size, on one thread or two; a NaN or infinity in one row leaving
-the others as they are; every layout (8- and 16-wide, an odd last group of 8), on every instruction-set variant this
-CPU runs (AVX2's vpmaddubsw, the portable C)."""
+"""The linears on x rounded to int8 (block_q8.c, `--int8-activations`; Q4_0, Q4_1, Q4_K, Q5_K, Q6_K): the fp32
+linear on gguf-py's weights and on x rounded as llama.cpp rounds it (tests/oracle.py's round_to_int8_blocks), to fp32's
+rounding; a row's outputs the same floats alone or in a batch of any size, on one thread or two; a NaN or infinity in
+one row leaving the others as they are; every layout (8- and 16-wide, an odd last group of 8), on every
+instruction-set variant this CPU runs (AVX2's vpmaddubsw, the portable C)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,20 @@ import pytest
 import torch
 
 from sagellm.backends.native import NativeKernels, interleave
-from sagellm.backends.native.block_layout import GROUPS, Q8_X_KINDS
+from sagellm.backends.native.block_layout import GROUPS, Q8_X_KINDS, Q8_X_LAYOUT_OF
 from tests.backends.test_block_linear import assert_linear_close, quantized_weight
 from tests.oracle import round_to_int8_blocks
 
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler (gcc or cc)"
 )
-K = 18 * 32  # two chunks of 8 blocks (block_q8.c's CHUNK_BLOCKS) and a part one
+K = 3 * 256  # three K-quant super-blocks, 24 blocks of 32
 
 
 def rounded_blocks(kind: str, group: int, n: int, k: int = K):
     weight, dense = quantized_weight(kind, n, k)
     blocks = interleave(weight, group, int8_activations=True)
-    assert blocks is not None and (blocks.layout, blocks.x_type) == (f"q4cx{group}", "q8")
+    assert blocks is not None and (blocks.layout, blocks.x_type) == (f"{Q8_X_LAYOUT_OF[kind]}{group}", "q8")
     return blocks, dense
 
 
@@ -46,9 +46,12 @@ def test_the_linear_is_fp32s_on_x_rounded_and_each_rows_floats_do_not_depend_on_
     assert_linear_close(alone, round_to_int8_blocks(x), dense, kind, bias, rounded=False)
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q6_K"])
 @pytest.mark.parametrize("group", GROUPS)
-def test_a_row_of_nan_infinity_or_zeros_leaves_the_others_as_they_are(native: NativeKernels, group: int) -> None:
-    blocks, dense = rounded_blocks("Q4_1", group, 32)
+def test_a_row_of_nan_infinity_or_zeros_leaves_the_others_as_they_are(
+    native: NativeKernels, kind: str, group: int
+) -> None:
+    blocks, dense = rounded_blocks(kind, group, 32)
     x = torch.randn(6, K)
     clean = native.block_linear(x, blocks, None)
     x[1, 5], x[3, 40], x[4] = float("nan"), float("inf"), 0.0
@@ -58,9 +61,10 @@ def test_a_row_of_nan_infinity_or_zeros_leaves_the_others_as_they_are(native: Na
     assert torch.equal(out[4], torch.zeros(32)), "zeros round to zeros"
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K"])
 @pytest.mark.parametrize("scale", [1e-30, 1e-3, 1e3, 1e30])
-def test_rows_of_any_magnitude_round_relative_to_their_blocks(native: NativeKernels, scale: float) -> None:
-    blocks, dense = rounded_blocks("Q4_0", 8, 48)
+def test_rows_of_any_magnitude_round_relative_to_their_blocks(native: NativeKernels, kind: str, scale: float) -> None:
+    blocks, dense = rounded_blocks(kind, 8, 48)
     x = torch.randn(9, K) * scale
     out = native.block_linear(x, blocks, None)
     expected = round_to_int8_blocks(x).double() @ dense.double().T

@@ -116,16 +116,21 @@ def test_fused_layers_are_bit_identical_to_op_by_op(tiny_ggufs, monkeypatch, arc
 
 
 @pytest.mark.parametrize("variant", runnable(), ids=lambda v: v.name)
-def test_fused_layers_round_x_to_int8_as_their_ops_do(tiny_ggufs, monkeypatch, variant):
-    """--int8-activations: the Q4_1 linears' kernel on x rounded (block_q8.c) in the fused call as op by op."""
+@pytest.mark.parametrize(
+    ("arch", "qtype", "layouts"),
+    [("qwen2", "Q4_1", ("q4cx",)), ("llama", "Q4_K_M", ("q4kx", "q6cx")), ("llama", "Q5_K", ("q5kx",))],
+)
+def test_fused_layers_round_x_to_int8_as_their_ops_do(tiny_ggufs, monkeypatch, variant, arch, qtype, layouts):
+    """--int8-activations: the linears' kernels on x rounded (block_q8.c) in the fused call as op by op."""
     monkeypatch.setenv(ISA_ENV, variant.name)
     width = "16" if variant.name.startswith("avx512") else "8"
+    path = tiny_ggufs[arch, qtype]
     with_fused, op_by_op, taken = fused_and_op_by_op(
-        tiny_ggufs["qwen2", "Q4_1"], prompts(7), 12, {f"q4cx{width}"}, int8_activations=True
+        path, prompts(7), 12, {f"{layout}{width}" for layout in layouts}, int8_activations=True
     )
     assert [fused for _, decode_only, fused in taken if decode_only] == [True] * 11
     assert with_fused == op_by_op
-    exact, _, _ = fused_and_op_by_op(tiny_ggufs["qwen2", "Q4_1"], prompts(7), 12)
+    exact, _, _ = fused_and_op_by_op(path, prompts(7), 12)
     assert exact != with_fused, "x was rounded: the logprobs differ from the exact linears'"
 
 

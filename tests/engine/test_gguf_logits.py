@@ -11,10 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sagellm import LLM, SamplingParams
-from sagellm.backends.native.block_layout import Q8_X_KINDS
 from sagellm.common.errors import FieldError
 from sagellm.runtime.models.loader import load_model
-from tests.oracle import ENGINE_BACKEND, hf_greedy, round_to_int8_blocks
+from tests.oracle import ENGINE_BACKEND, hf_greedy, round_int8_linears_inputs
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2, write_tiny_gguf
 
 
@@ -59,14 +58,10 @@ def test_gguf_matches_its_dequantized_reference(tmp_path, arch, qtype):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_int8_activations_match_the_reference_with_each_linears_input_rounded(tmp_path, arch, qtype):
     """The oracle of --int8-activations: transformers on the same weights, each linear whose weight we keep as
-    Q4_0/Q4_1 blocks (the tied lm_head's too) taking its input rounded by round_to_int8_blocks (a forward pre-hook).
-    Greedy tokens and logprobs as tight as the exact path's."""
+    Q4_0/Q4_1 blocks (the tied lm_head's too) taking its input rounded as llama.cpp rounds it (a forward pre-hook).
+    Greedy tokens and logprobs as tight as the exact path's (the K-quants': test_kquant_model.py)."""
     gguf_path, loaded, reference = reference_of(tmp_path, arch, qtype)
-    tied = reference.config.tie_word_embeddings
-    for name, module in reference.named_modules():
-        weight = "model.embed_tokens.weight" if tied and name == "lm_head" else f"{name}.weight"
-        if isinstance(module, torch.nn.Linear) and getattr(loaded.quantized.get(weight), "kind", None) in Q8_X_KINDS:
-            module.register_forward_pre_hook(lambda _, args: (round_to_int8_blocks(args[0]),))
+    round_int8_linears_inputs(reference, loaded.quantized)
     prompt = torch.randint(3, reference.config.vocab_size, (19,), generator=torch.Generator().manual_seed(0)).tolist()
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
     llm = LLM(str(gguf_path), backend="cpu", block_size=4, num_kv_blocks=64, int8_activations=True)
@@ -82,5 +77,6 @@ def test_int8_activations_match_the_reference_with_each_linears_input_rounded(tm
 @pytest.mark.skipif(ENGINE_BACKEND != "cpu", reason="int8 activations are the cpu backend's native kernels")
 def test_int8_activations_are_refused_where_no_linear_can_take_them(tmp_path):
     gguf_path, _, _ = reference_of(tmp_path, "llama", "Q8_0")
-    with pytest.raises(FieldError, match="int8_activations: only linears on Q4_0 or Q4_1 blocks .* blocks: Q8_0"):
+    refusal = "int8_activations: only linears on Q4_0, Q4_1, Q4_K, Q5_K, Q6_K blocks .* blocks: Q8_0"
+    with pytest.raises(FieldError, match=refusal):
         LLM(str(gguf_path), backend="cpu", block_size=4, num_kv_blocks=64, int8_activations=True)

@@ -1,10 +1,13 @@
 """A Q4_K_M GGUF, the file people download, served from its blocks: a tiny Llama written with llama.cpp's mix of
 types (Q4_K, with Q6_K for the output, a tied embedding and some layers' attn_v and ffn_down; Q5_0 and Q8_0 where
 rows are not whole super-blocks) gives transformers' logits and greedy tokens on the dequantized weights, while
-every linear of the engine's plan holds only its blocks (no float copy) and the embedding reads its rows from them."""
+every linear of the engine's plan holds only its blocks (no float copy) and the embedding reads its rows from them; with
+--int8-activations (and on a Q5_K file), the same against transformers with each such linear's input rounded as
+llama.cpp rounds it."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
@@ -18,7 +21,13 @@ from sagellm.runtime.engine.config import EngineConfig
 from sagellm.runtime.engine.llm_engine import LLMEngine
 from sagellm.runtime.execution_graph.fuse_layers import FusedLayers
 from sagellm.runtime.models.loader import load_model
-from tests.oracle import ENGINE_BACKEND, assert_last_logits_match, hf_greedy, random_prompts
+from tests.oracle import (
+    ENGINE_BACKEND,
+    assert_last_logits_match,
+    hf_greedy,
+    random_prompts,
+    round_int8_linears_inputs,
+)
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -84,3 +93,58 @@ def _constants(plan):
         yield from instr.consts
         if isinstance(instr.kernel, FusedLayers):
             yield from _constants(instr.kernel.fallback)
+
+
+@pytest.fixture(scope="module")
+def q5_k(tmp_path_factory):
+    """A GGUF of Q5_K linears (Q4_K_M's shapes) and transformers holding its dequantized weights."""
+    root = tmp_path_factory.mktemp("q5k")
+    hf_dir = make_tiny_llama(root / "llama", **SHAPE, tie_word_embeddings=False)
+    path = write_tiny_gguf(root / "llama.Q5_K.gguf", hf_dir, "Q5_K")
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    reference.load_state_dict(dict(load_model(path).weights), strict=False)
+    return path, reference
+
+
+INT8_ONLY_ON_CPU = pytest.mark.skipif(ENGINE_BACKEND != "cpu", reason="int8 activations: the cpu backend's kernels")
+
+
+@INT8_ONLY_ON_CPU
+def test_int8_activations_match_the_reference_with_each_linears_input_rounded(q4_k_m):
+    """Q4_K's and Q6_K's linears on x rounded per 32 inputs to int8 (block_q8.c) against transformers whose linears
+    take their input so rounded: greedy tokens through prompt chunks and decode, and every step's logprobs."""
+    assert_int8_activations_match(*q4_k_m)
+
+
+@INT8_ONLY_ON_CPU
+def test_int8_activations_on_q5_k_match_the_reference_likewise(q5_k):
+    path, reference = q5_k
+    assert "Q5_K" in {w.kind for w in load_model(path, load_tokenizer=False).quantized.values()}
+    assert_int8_activations_match(path, reference)
+
+
+def assert_int8_activations_match(path, reference) -> None:
+    """Each step's token the rounded reference's greedy choice and its logprob the reference's to fp32, but where a
+    rounding flipped: fp32's order of sums differs between engines by ~1e-7, and an x that close to a rounding
+    boundary (q + 0.5) rounds to the neighbouring int8, moving the outputs by ~1e-3 (a few of 48 steps here, more
+    with longer prompts; on a tiny random model's near-ties it can pick the other token). So: most steps exact to
+    1e-5, none off by more than a flip's size, while the unrounded reference is off at most."""
+    rounded = copy.deepcopy(reference)  # the hooks stay off the module's shared model
+    round_int8_linears_inputs(rounded, load_model(path, load_tokenizer=False).quantized)
+    prompts = random_prompts(reference.config.vocab_size, [3, 4, 5, 6, 7, 9])
+    llm = LLM(str(path), int8_activations=True, max_num_batched_tokens=4, **ENGINE)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
+    errors: dict[str, list[float]] = {"rounded": [], "unrounded": []}
+    for prompt, out in zip(prompts, llm.generate(prompts, greedy)):
+        tokens, chosen = out.outputs[0].token_ids, out.outputs[0].logprobs
+        for name, model in (("rounded", rounded), ("unrounded", reference)):
+            with torch.no_grad():  # teacher-forced on our tokens
+                expected = torch.log_softmax(
+                    model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :], -1
+                )
+            errors[name] += [abs(c.logprob - expected[i, c.token_id].item()) for i, c in enumerate(chosen)]
+            if name == "rounded":  # its greedy choice, or a near-tie's other token
+                assert all(expected[i].max() - expected[i, token] <= 1e-2 for i, token in enumerate(tokens))
+    rounded_errors, unrounded_errors = torch.tensor(errors["rounded"]), torch.tensor(errors["unrounded"])
+    assert rounded_errors.median() <= 1e-5 and rounded_errors.max() <= 1e-2, rounded_errors
+    assert unrounded_errors.median() > 1e-4, "the unrounded reference is farther: x was rounded"
