@@ -57,7 +57,7 @@ NOT_RUN = {
     "sagellm serve smollm2-135m-instruct --api-hub": "an API server on another host",
     "sagellm serve MODEL": "MODEL is the reader's; tests/agents runs Claude Code and Codex this way",
     "ANTHROPIC_BASE_URL=": "Claude Code with the reader's MODEL; tests/agents/test_claude_code.py runs it so",
-    "model = \"MODEL\"": "Codex's config with the reader's MODEL; tests/agents/test_codex.py writes it so",
+    'model = "MODEL"': "Codex's config with the reader's MODEL; tests/agents/test_codex.py writes it so",
     "sagellm simulate --instances 1000": "a million requests: minutes; tests/simulator runs it small",
 }
 INDENTED = re.compile(r"(?:^|\n\n)((?: {4}\S.*(?:\n|$))(?: {4}.*(?:\n|$)|\n)*)")
@@ -79,6 +79,7 @@ EXPECTED = {
     "# structured output": "City(name=",
     "# tool calling": "get_weather",
     "sagellm gateway start\npython - <<'PY'\nimport anthropic": "tool_use get_weather",
+    "sagellm gateway start\npython - <<'PY'\nimport ollama": "all-minilm-l6-v2:latest",
     "import asyncio\n\nfrom sagellm.control_plane": "COMPLETED The capital of France is Paris.",
 }
 

@@ -52,6 +52,7 @@ from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
 from sagellm.gateway.media import media_policy
+from sagellm.gateway.ollama.routes import OllamaRoutes
 from sagellm.gateway.openai.api import OpenAIApi
 from sagellm.gateway.openai.kv_transfer.api_router import KVTransferRoutes
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
@@ -125,6 +126,8 @@ def build_app(
     tokenizer_routes = TokenizerRoutes(core, preparation.media, preparation.media_by_uuid)
     tokenizer_routes.register(app, api_guard)
     MessagesRoutes(openai_api.preparation, tokenizer_routes).register(app, api_guard)
+    ollama = OllamaRoutes(core, openai_api.preparation, openai_api.completions, openai_api.embeddings)
+    ollama.register(app, api_guard)
     KVTransferRoutes(core.kv_outbox).register(app)  # a decode server's fetch: its secret id is the capability
     openapi.register(app, version("sagellm"))
     return app

@@ -30,6 +30,9 @@ USER = {
     "POST /tokenize", "POST /detokenize", "GET /tokenizer_info", "GET /version",
     "POST /sessions", "GET /sessions", "GET /sessions/{session_id}", "DELETE /sessions/{session_id}",
     "POST /sessions/{session_id}/messages", "POST /sessions/{session_id}/chat",
+    "GET /api/version", "GET /api/tags", "POST /api/show", "GET /api/ps", "POST /api/chat", "POST /api/generate",
+    "POST /api/embed", "POST /api/embeddings", "POST /api/pull", "POST /api/create", "POST /api/copy",
+    "DELETE /api/delete", "POST /api/push", "GET /api/blobs/{digest}", "POST /api/blobs/{digest}",
 }  # fmt: skip
 # The admin key: what changes the server (engines, models, adapters, policies, sleep, indexes) or shows its insides.
 ADMIN = {

@@ -45,7 +45,7 @@ from sagellm.gateway.api_servers.link import (
     Snapshot,
 )
 from sagellm.gateway.config import GatewayConfig
-from sagellm.gateway.http.app import App, EventStream, HttpRequest, Response, error_response, frame
+from sagellm.gateway.http.app import App, EventStream, HttpRequest, Response, error_response
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.serving.request_stream import RequestStream
@@ -416,8 +416,8 @@ async def _whole(stream: EventStream) -> Response:
     events = []
     try:
         async for item in stream.events:
-            events += [frame(e) for e in (item if isinstance(item, tuple) else (item,))]
+            events.append(stream.framed(item))
     except BaseException:
         stream.on_disconnect()
         raise
-    return Response(b"".join(events), content_type="text/event-stream")
+    return Response(b"".join(events), content_type=stream.content_type.decode())

@@ -190,6 +190,7 @@ class ModelPool:
             self.lines.refuse(model.name, error, FAILED)
         else:
             model.status, model.loaded_at, model.error = LOADED, time.monotonic(), None
+            model.last_used = model.loaded_at  # idle from now: a load longer than the idle time is not unloaded at once
             self.loads[model.name, LOADED] += 1
             self.lines.admit(model.name)  # (before anything else runs: no turn evicts it before they are in)
             took = round(time.monotonic() - began, 2)
@@ -239,6 +240,7 @@ class ModelPool:
         idle_s = round(time.monotonic() - model.last_used, 1)
         model.status, model.engine_id, model.loaded_at = UNLOADED, None, None
         model.draining = model.stopping = False
+        model.keep_alive_s = None  # a request's keep-alive held for that load; the next load's is its requests'
         self.evictions[model.name, reason.split()[0]] += 1
         log.info("model_unloaded", model=model.name, reason=reason, idle_s=idle_s)
         if self.lines.waiting(model.name):
@@ -256,18 +258,25 @@ class ModelPool:
         self._spawn(self._stop_scaling, model)
         self._spawn(partial(self.engines.stop, engine.id, force=True))
 
+    def keep_alive(self, name: str, seconds: float) -> None:
+        """`name` stays loaded `seconds` once idle, from now on (Ollama's `keep_alive`: math.inf, never unloaded; 0,
+        unloaded as soon as its requests are done), in place of the pool's `idle_unload_s`."""
+        self.models[name].keep_alive_s = seconds
+
     def _look_for_idle(self) -> None:
-        """Unloads the models idle for `idle_unload_s` (a matter of time passing: looked for every TICK_S)."""
+        """Unloads the models idle for their keep-alive or `idle_unload_s` (a matter of time passing: looked for every
+        TICK_S)."""
         now = time.monotonic()
         for model in self.models.values():
             if model.status != LOADED or model.draining:
                 continue
+            limit = model.keep_alive_s if model.keep_alive_s is not None else self.idle_unload_s
             if self.busy(model):
                 model.last_used = now
-            elif self.idle_unload_s is not None and now - model.last_used >= self.idle_unload_s:
+            elif limit is not None and now - model.last_used >= limit:
                 model.draining = True
                 self.turns.changed()
-                self._spawn(self._drain_and_unload, model, f"idle {self.idle_unload_s:g} s")
+                self._spawn(self._drain_and_unload, model, f"idle {limit:g} s")
 
     def busy(self, model: PooledModel) -> bool:
         return self.core.readiness.requests_of(model.name) > 0

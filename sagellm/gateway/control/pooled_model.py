@@ -39,6 +39,7 @@ class PooledModel:
     error: str | None = None  # why its last load failed
     making_room: str | None = None  # the model its load waits for to finish its requests and leave
     scaler: Autoscaler | None = None  # its replicas' autoscaler, while it is loaded
+    keep_alive_s: float | None = None  # idle time before it is unloaded, as a request asked (None: the pool's)
 
     @property
     def serving(self) -> bool:

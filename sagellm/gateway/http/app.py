@@ -81,11 +81,24 @@ class Response:
 class EventStream:
     """`text/event-stream`: each item from `events` is sent as one `data: ...` event (bytes as is, anything else as
     JSON), a tuple of them as that many events in one write (fewer sends when several are ready at once);
-    `on_disconnect` runs if the client leaves first."""
+    `on_disconnect` runs if the client leaves first. `ndjson`: `application/x-ndjson` instead, each item one JSON
+    line (Ollama's streams)."""
 
     events: AsyncIterator[Any]
     on_disconnect: Callable[[], None] = lambda: None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    ndjson: bool = False
+
+    @property
+    def content_type(self) -> bytes:
+        return b"application/x-ndjson" if self.ndjson else b"text/event-stream"
+
+    def framed(self, item: Any) -> bytes:
+        """An item's bytes on the wire (a tuple's, its events' together)."""
+        each = item if isinstance(item, tuple) else (item,)
+        if self.ndjson:
+            return b"".join(msgspec.json.encode(event) + b"\n" for event in each)
+        return b"".join(frame(event) for event in each)
 
 
 @dataclass(frozen=True)

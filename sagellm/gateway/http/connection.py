@@ -16,7 +16,7 @@ import structlog
 import trio
 
 from sagellm.common.pulse import Pulse
-from sagellm.gateway.http.app import EventStream, HttpRequest, LastEvents, frame
+from sagellm.gateway.http.app import EventStream, HttpRequest, LastEvents
 from sagellm.gateway.http.connection_slots import ServerState
 from sagellm.gateway.http.framing import (
     Close,
@@ -30,7 +30,7 @@ from sagellm.gateway.http.framing import (
 from sagellm.gateway.http.limits import MAX_HEAD_BYTES, READ_BYTES
 
 log = structlog.get_logger("sagellm.gateway")
-STREAM_HEADERS = b"content-type: text/event-stream\r\ncache-control: no-cache\r\n"
+STREAM_HEADERS = b"cache-control: no-cache\r\n"
 
 
 class Connection:
@@ -219,14 +219,15 @@ class Connection:
         another request after it."""
         chunked = version == "HTTP/1.1"
         keep_alive &= chunked
-        headers = STREAM_HEADERS + b"".join(b"%b: %b\r\n" % (name, value) for name, value in stream.headers)
+        headers = b"content-type: %b\r\n" % stream.content_type + STREAM_HEADERS
+        headers += b"".join(b"%b: %b\r\n" % (name, value) for name, value in stream.headers)
         pending = head_bytes(200, headers + (b"transfer-encoding: chunked\r\n" if chunked else b""), keep_alive)
         ended = False
         end = b"0\r\n\r\n" if chunked else b""
         try:
             async with aclosing(stream.events):
                 async for item in stream.events:
-                    body = b"".join(frame(event) for event in (item if isinstance(item, tuple) else (item,)))
+                    body = stream.framed(item)
                     if body:  # (an empty chunk would end a chunked reply)
                         pending += b"%x\r\n%b\r\n" % (len(body), body) if chunked else body
                     if isinstance(item, LastEvents):

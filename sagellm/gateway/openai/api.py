@@ -46,12 +46,12 @@ class OpenAIApi:
             reasoning_budget=reasoning_budget, media=media,
         )  # fmt: skip
         self.chat = ChatServing(self.preparation)
-        self._completions = CompletionRoutes(core, hand_off)
+        self.completions = CompletionRoutes(core, hand_off)
         self._chats = ChatRoutes(self.chat, to_core)
-        self._embeddings = EmbeddingRoutes(core)
+        self.embeddings = EmbeddingRoutes(core)
 
     def register(self, app: App, guard: Guard | None) -> None:
         """The routes that run requests: all an API server answers itself (`api_servers`)."""
-        self._completions.register(app, guard)
+        self.completions.register(app, guard)
         self._chats.register(app, guard)
-        self._embeddings.register(app, guard)
+        self.embeddings.register(app, guard)

@@ -102,11 +102,17 @@ def tool_call_json(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
+def takes_tools(model_template: str) -> bool:
+    """Whether a model with this chat template is given tools: its template shows them, or it speaks ChatML (the
+    fallback's format)."""
+    return "tools" in model_template or "<|im_start|>" in model_template
+
+
 def _template_for_tools(model_template: str) -> str | None:
     """None to render with the model's own template (it shows tools), else the fallback; a 400 when neither can."""
     if "tools" in model_template:
         return None
-    if "<|im_start|>" in model_template:
+    if takes_tools(model_template):
         return FALLBACK_TEMPLATE
     message = "tools: this model's chat template has no tool support (and it is not ChatML, the fallback's format)"
     raise ApiError(400, message, param="tools")

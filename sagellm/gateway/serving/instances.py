@@ -171,6 +171,8 @@ def instance_model(
     ones, for any other; 400 for none named (or the graph's) when the graph serves no model of its own and
     `on_demand_alone` load on demand. `attached` and `served` are asked only for another model's name: most
     requests name the graph's own."""
+    if name is not None and name not in own:
+        name = untagged(name, [*own, *attached()])
     if name is None or name in own:
         if on_demand_alone:
             names = ", ".join(map(repr, on_demand_alone))
@@ -185,9 +187,24 @@ def instance_model(
     )  # fmt: skip
 
 
+LATEST = ":latest"  # Ollama's tag of a model's only version
+
+
+def untagged(name: str, known: Collection[str | None]) -> str:
+    """`name` as the model it means among `known`: Ollama's clients name a model `NAME:latest` as Ollama's
+    `/api/tags` lists it (and send that name to the OpenAI routes too), which is the model NAME where no model is
+    served under the tagged name itself."""
+    if name in known or not name.endswith(LATEST):
+        return name
+    bare = name.removesuffix(LATEST)
+    return bare if bare in known else name
+
+
 def embedding_model(name: str | None, served: list[str]) -> str:
-    """The embedding model a request asks for among those `served` (own first): the one named, else the first; a
-    404 naming those served for any other."""
+    """The embedding model a request asks for among those `served` (own first): the one named (`untagged`), else the
+    first; a 404 naming those served for any other."""
+    if name is not None:
+        name = untagged(name, served)
     if name is None and served:
         return served[0]
     if name in served:

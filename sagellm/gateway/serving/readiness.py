@@ -75,6 +75,10 @@ class ModelsOnDemand(Protocol):
         """Its load status as `/v1/models` shows it."""
         ...
 
+    def keep_alive(self, name: str, seconds: float) -> None:
+        """How long `name` stays loaded once idle, from now on (Ollama's `keep_alive`; 0: unloaded once idle)."""
+        ...
+
 
 class ModelReadiness:
     def __init__(self, registry: InstanceRegistry) -> None:

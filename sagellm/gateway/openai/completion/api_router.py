@@ -43,15 +43,8 @@ class CompletionRoutes:
     async def completions(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(CompletionRequest)
         model = generation_model(self.core, body.model)
-        await self.core.readiness.model_ready(model)  # a model loaded on demand: loaded first, and held busy for these
         count = body.best_of or body.n  # choices run per prompt
-        try:
-            requests = await self._prepared(body, http, model, count)
-            if body.stream and len(requests) > 1:
-                raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
-        except BaseException:  # refused, or the client left, before they were submitted: the model is not held
-            self.core.readiness.not_submitting(model)
-            raise
+        requests = await self.prepared(body, http, model)
         echoes = [Echo.of(r, self.core.tokenizer, body.max_tokens == 0) for r in requests] if body.echo else None
         new_id = lambda: self.core.new_id("cmpl")  # noqa: E731
         prompt_each = body.stream and body.echo  # each streamed choice shows the prompt it scored
@@ -81,11 +74,25 @@ class CompletionRoutes:
         ]  # fmt: skip
         return Response(envelope.body(body_fields, usage=usage(ran, count), **kv))
 
+    async def prepared(self, body: CompletionRequest, http: HttpRequest, model: str | None) -> list[Request]:
+        """The prompts' pipeline requests, ready to submit: `model` (a model on demand) loaded first and held busy
+        for them, unless they are refused (or the client leaves) before they are submitted. Ollama's raw
+        `/api/generate` runs its prompt through here too."""
+        await self.core.readiness.model_ready(model)
+        try:
+            requests = await self._prepared(body, http, model, body.best_of or body.n)
+            if body.stream and len(requests) > 1:
+                raise ApiError(400, "stream=true takes one prompt; send several requests", param="prompt")
+        except BaseException:  # refused, or the client left, before they were submitted: the model is not held
+            self.core.readiness.not_submitting(model)
+            raise
+        return requests
+
     async def _prepared(
         self, body: CompletionRequest, http: HttpRequest, model: str | None, count: int
     ) -> list[Request]:
-        """The prompts' pipeline requests, ready to submit (`count` choices each): tokenized, checked, their constraint
-        compiled, a prefill's KV fetched for a decode server."""
+        """The prompts' pipeline requests (`count` choices each): tokenized, checked, their constraint compiled, a
+        prefill's KV fetched for a decode server."""
         defaults = self.core.sampling_defaults(model)
         constraint = guided_decoding(body)
         guided = constraint[0] if constraint else None

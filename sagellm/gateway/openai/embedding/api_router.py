@@ -16,7 +16,7 @@ from sagellm.gateway.openai.embedding.protocol import EmbeddingRequest
 from sagellm.gateway.serving.interface import ServingApi
 from sagellm.gateway.serving.request_stream import embedded
 from sagellm.runtime.engine.request_limits import MAX_EMBEDDING_INPUTS
-from sagellm.runtime.pipeline.messages import Request
+from sagellm.runtime.pipeline.messages import Embedding, Request
 
 
 class EmbeddingRoutes:
@@ -29,25 +29,7 @@ class EmbeddingRoutes:
     async def embeddings(self, http: HttpRequest) -> Response:
         body = http.json(EmbeddingRequest)
         model = self.core.embedding_model(body.model)
-        inputs = _embedding_inputs(body.input)
-        embedder = self.core.embedder(model)
-        if body.dimensions is not None and (embedder is None or body.dimensions != embedder.dim):
-            has = f"has {embedder.dim}" if embedder is not None else "is served elsewhere; its size is not asked for"
-            raise ApiError(400, f"dimensions: {model} {has}, got {body.dimensions}", param="dimensions")
-        now = time.time()
-        requests = [
-            Request(
-                request_id=self.core.new_id("embd"),
-                phase="embed",
-                model=model,
-                user=body.user,
-                arrival_time=now,
-                owner=key_owner(http),
-                **({"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}),
-            )  # fmt: skip
-            for item in inputs
-        ]
-        results = await embedded(self.core.submit_all(requests))
+        results = await self.vectors(model, _embedding_inputs(body.input), body.dimensions, key_owner(http), body.user)
         data = [
             {"object": "embedding", "index": i, "embedding": _encode_vector(r.vector, body.encoding_format)}
             for i, r in enumerate(results)
@@ -55,6 +37,35 @@ class EmbeddingRoutes:
         tokens = sum(r.prompt_tokens for r in results)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return Response({"object": "list", "data": data, "model": model, "usage": usage})
+
+    async def vectors(
+        self,
+        model: str,
+        inputs: list[str] | list[list[int]],
+        dimensions: int | None,
+        owner: str,
+        user: str | None = None,
+    ) -> list[Embedding]:
+        """Each input's vector from the embedding model `model`, each a pipeline request of its own; `dimensions`:
+        the size the caller asks for (a 400 unless it is the model's). Ollama's `/api/embed` runs through here."""
+        embedder = self.core.embedder(model)
+        if dimensions is not None and (embedder is None or dimensions != embedder.dim):
+            has = f"has {embedder.dim}" if embedder is not None else "is served elsewhere; its size is not asked for"
+            raise ApiError(400, f"dimensions: {model} {has}, got {dimensions}", param="dimensions")
+        now = time.time()
+        requests = [
+            Request(
+                request_id=self.core.new_id("embd"),
+                phase="embed",
+                model=model,
+                user=user,
+                arrival_time=now,
+                owner=owner,
+                **({"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}),
+            )  # fmt: skip
+            for item in inputs
+        ]
+        return await embedded(self.core.submit_all(requests))
 
 
 def _embedding_inputs(value: Any) -> list[str] | list[list[int]]:
