@@ -47,6 +47,10 @@ class OllamaCards:
         loaded = [n for n in names if pool is None or n not in pool.models or pool.status(n)["value"] == "loaded"]
         return [{**self._card(name), "expires_at": FOREVER, "size_vram": 0, **self._context(name)} for name in loaded]
 
+    def knows(self, name: str) -> bool:
+        """Whether the gateway holds `name`'s files (its template, its config), so its capabilities are its own."""
+        return self._files(name) is not None or self.core.embedder(name) is not None
+
     def capabilities(self, name: str) -> list[str]:
         """What `name` can do, as `/api/show` says (`_capabilities`); an embedding model embeds."""
         if self.core.embedder(name) is not None:

@@ -164,8 +164,11 @@ class OllamaRoutes:
 
     # -------------------------------------------------------------------------------------------------- running
     def _check_thinking(self, model: str, think: bool | str | None) -> None:
-        """Thinking asked of a model that cannot think is a 400, as Ollama's (`think: false` asks nothing)."""
-        if think not in (None, False) and "thinking" not in self.cards.capabilities(model):
+        """Thinking asked of a model that cannot think is a 400, as Ollama's (`think: false` asks nothing); another
+        server's model is left to say so itself."""
+        if think in (None, False) or not self.cards.knows(model):
+            return
+        if "thinking" not in self.cards.capabilities(model):
             raise ApiError(400, f"think: {model!r} does not support thinking", param="think")
 
     def _keep_alive(self, model: str, value: str | float | None) -> bool:
