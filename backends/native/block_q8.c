@@ -22,7 +22,10 @@
  * as bytes, 4 inputs a lane per output. A thread takes a unit of 16 outputs (two groups of 8, one of 16), whose
  * blocks (7-18 KB for SmolLM2's linears) stay in L1 while it multiplies every tile of Q8_ROWS rows by them over all
  * of K: per chunk two loads and a few masks or shifts per 8 outputs, and per row two broadcasts, four vpmaddubsw and
- * four vpaddw, the row's int16 sums in registers. The portable build computes the same integers in C. */
+ * four vpaddw, the row's int16 sums in registers. With AVX-512 VNNI, vpdpbusd multiplies the byte pairs and adds
+ * them by 4 straight into int32 lanes, one instruction for vpmaddubsw's and vpaddw's two and nothing to widen but
+ * Q6_K's two sub-blocks, each multiplied by its scale (vpmulld) once per 16 inputs. Every path sums the same
+ * integers, so the outputs are bit for bit the same; the portable build computes them in C. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -40,9 +43,21 @@ typedef int16_t i16x16 __attribute__((vector_size(32)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
-/* acc + u's unsigned bytes times s's signed ones, added in pairs into int16 lanes (vpmaddubsw, vpaddw). */
-static inline i16x16 add_products(i16x16 acc, i32x8 u, i32x8 s) {
-#if defined(__AVX2__)
+/* A row's running sums of products between widenings: int32 lanes under VNNI, int16 ones elsewhere (see the header). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+enum { DPBUSD = 1 };
+typedef i32x8 products;
+#else
+enum { DPBUSD = 0 };
+typedef i16x16 products;
+#endif
+
+/* acc + u's unsigned bytes times s's signed ones, added in fours into int32 lanes (vpdpbusd), or in pairs into int16
+ * lanes (vpmaddubsw, vpaddw). */
+static inline products add_products(products acc, i32x8 u, i32x8 s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return (products)_mm256_dpbusd_epi32((__m256i)acc, (__m256i)u, (__m256i)s);
+#elif defined(__AVX2__)
     return (i16x16)_mm256_add_epi16((__m256i)acc, _mm256_maddubs_epi16((__m256i)u, (__m256i)s));
 #else
     const i16x16 uu = (i16x16)u, ss = (i16x16)s;
@@ -113,10 +128,13 @@ static inline unit_blocks unit_of_16(const uint8_t *w, int64_t block_bytes, int6
     return (unit_blocks){{group, group}, {block_bytes, block_bytes}, {0, 1}, 16};
 }
 
-/* Inputs per block of the layout (its blocks' step); chunks of 8 inputs between widenings of the int16 sums (see the
- * header). */
+/* Inputs per block of the layout (its blocks' step); chunks of 8 inputs between widenings of the running sums (see
+ * the header): under VNNI once per x block, or per Q6_K sub-block. */
 static inline int64_t layout_inputs(q8_layout l) { return l == Q4CX ? QK : QK_K; }
-static inline int widen_every(q8_layout l) { return l == Q4CX || l == Q4KX ? 4 : l == Q5KX ? 2 : 1; }
+static inline int widen_every(q8_layout l) {
+    if (DPBUSD) return l == Q6CX ? 2 : QK / 8;
+    return l == Q4CX || l == Q4KX ? 4 : l == Q5KX ? 2 : 1;
+}
 
 /* Half h's block holding x block b (of 32 inputs). */
 static inline const uint8_t *block_at(const unit_blocks *unit, q8_layout l, int64_t b, int h) {
@@ -142,14 +160,14 @@ static inline __attribute__((always_inline)) void factors(const unit_blocks *uni
     }
 }
 
-/* The int16 weights vpmaddwd widens chunk c's pair sums by, the same in both halves of an output's lane: 1, or for
- * Q6_K its sub-block's scale sc (int8), so its two sub-blocks of 16 inputs sum in one int32 per x block. */
+/* What the running sums are multiplied by when widened after chunk c: 1, or for Q6_K its sub-block's scale sc (int8),
+ * so its two sub-blocks of 16 inputs sum in one int32 per x block. For vpmaddwd, the int16 in both halves of a lane. */
 static inline __attribute__((always_inline)) i32x8 widen_by(const unit_blocks *unit, q8_layout l, int64_t b, int c,
                                                            int h) {
-    if (l != Q6CX) return (i32x8){} + 0x00010001;
+    if (l != Q6CX) return (i32x8){} + (DPBUSD ? 1 : 0x00010001);
     const int g = unit->g, j = (int)(b % 8);
     const i32x8 sc = widen8(block_at(unit, l, b, h) + 4 * g + g * (2 * j + c / 2) + 8 * unit->slot[h]);
-    return (sc & 0xFFFF) | (sc << 16);
+    return DPBUSD ? sc : (sc & 0xFFFF) | (sc << 16);
 }
 
 /* Chunk c (8 inputs) of x block b for half h's outputs: the unsigned q of its inputs 0-3 (`low`) and 4-7 (`high`),
@@ -175,11 +193,16 @@ static inline __attribute__((always_inline)) void chunk(const unit_blocks *unit,
     }
 }
 
-/* The int16 lanes added in pairs into int32, each times w's int16 (the same in both halves of a lane: vpmaddwd). */
-static inline i32x8 weighted_pair_sums(i16x16 v, i32x8 w) {
-#if defined(__AVX2__)
+/* The running sums as int32 times w: under VNNI the int32 lanes themselves, times w for Q6_K only (vpmulld);
+ * elsewhere the int16 lanes added in pairs, each times w's int16 (vpmaddwd). */
+static inline __attribute__((always_inline)) i32x8 widened(products v, q8_layout l, i32x8 w) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return l == Q6CX ? v * w : v;
+#elif defined(__AVX2__)
+    (void)l;
     return (i32x8)_mm256_madd_epi16((__m256i)v, (__m256i)w);
 #else
+    (void)l;
     return ((((i32x8)v << 16) >> 16) + ((i32x8)v >> 16)) * ((w << 16) >> 16);
 #endif
 }
@@ -194,7 +217,7 @@ static inline __attribute__((always_inline)) void q8_tile(const rounded_rows *x,
     f32x8 acc[Q8_ROWS][2] = {};
     for (int64_t b = 0; b < blocks; ++b) {
         i32x8 sums[Q8_ROWS][2] = {};
-        i16x16 pairs[Q8_ROWS][2] = {};
+        products pairs[Q8_ROWS][2] = {};
 #pragma GCC unroll 1
         for (int c = 0; c < QK / 8; ++c) {
             i32x8 low[2], high[2];
@@ -209,8 +232,8 @@ static inline __attribute__((always_inline)) void q8_tile(const rounded_rows *x,
                 for (int h = 0; h < 2; ++h) {
                     const i32x8 by = widen_by(unit, l, b, c, h);
                     for (int t = 0; t < rt; ++t) {
-                        sums[t][h] += weighted_pair_sums(pairs[t][h], by);
-                        pairs[t][h] = (i16x16){};
+                        sums[t][h] += widened(pairs[t][h], l, by);
+                        pairs[t][h] = (products){};
                     }
                 }
         }

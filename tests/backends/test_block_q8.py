@@ -2,7 +2,8 @@
 linear on gguf-py's weights and on x rounded as llama.cpp rounds it (tests/oracle.py's round_to_int8_blocks), to fp32's
 rounding; a row's outputs the same floats alone or in a batch of any size, on one thread or two; a NaN or infinity in
 one row leaving the others as they are; every layout (8- and 16-wide, an odd last group of 8), on every
-instruction-set variant this CPU runs (AVX2's vpmaddubsw, the portable C)."""
+instruction-set variant this CPU runs (AVX-512 VNNI's vpdpbusd, AVX2's vpmaddubsw, the portable C), VNNI's floats
+bit for bit AVX2's."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from sagellm.backends.native import NativeKernels, interleave
 from sagellm.backends.native.block_layout import GROUPS, Q8_X_KINDS, Q8_X_LAYOUT_OF
+from sagellm.backends.native.isa import runnable
 from tests.backends.test_block_linear import assert_linear_close, quantized_weight
 from tests.oracle import round_to_int8_blocks
 
@@ -69,6 +71,20 @@ def test_rows_of_any_magnitude_round_relative_to_their_blocks(native: NativeKern
     out = native.block_linear(x, blocks, None)
     expected = round_to_int8_blocks(x).double() @ dense.double().T
     assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", Q8_X_KINDS)
+def test_vnnis_dot_products_sum_the_same_integers_as_avx2s(native: NativeKernels, kind: str) -> None:
+    """vpdpbusd's int32 sums and vpmaddubsw's widened int16 ones are the same integers, and the float steps after them
+    the same instructions (both variants have FMA; the portable build's floats may round apart where it has none)."""
+    avx2 = [variant for variant in runnable() if variant.name == "avx2"]
+    if native.isa == "portable" or not avx2:
+        pytest.skip("compares a variant with FMA against AVX2's")
+    reference = NativeKernels.load(avx2[0])
+    for group in GROUPS:
+        blocks, _ = rounded_blocks(kind, group, 48)
+        x = torch.randn(7, K) * 3
+        assert torch.equal(native.block_linear(x, blocks, None, 2), reference.block_linear(x, blocks, None, 2))
 
 
 def test_other_kinds_keep_x_as_it_is() -> None:
