@@ -20,14 +20,15 @@
  * q5kx, whose fifth bits are shifted in; block_layout.py writes them), with no repacking per call (repacking q4x's
  * input-major words per call made single-stream decode 13% slower than the fp32 kernels). q6cxG holds Q6_K's q + 32
  * as bytes, 4 inputs a lane per output. A thread takes a unit of 16 outputs (two groups of 8, one of 16), whose
- * blocks (7-18 KB for SmolLM2's linears) stay in L1 while it multiplies every tile of Q8_ROWS rows by them over all
- * of K: per chunk two loads and a few masks or shifts per 8 outputs, and per row two broadcasts, four vpmaddubsw and
- * four vpaddw, the row's int16 sums in registers. With AVX-512 VNNI, vpdpbusd multiplies the byte pairs and adds
- * them by 4 straight into int32 lanes, one instruction for vpmaddubsw's and vpaddw's two and nothing to widen (Q6_K's
- * two sub-blocks' sums are converted each and multiplied by d sc as floats: in integers they would take a register
- * per row and half more than the 32). Every path sums the same integers, so the outputs are bit for bit the same, but
- * for Q6_K's under VNNI; the portable build computes them in C. On an Ice Lake Xeon, one thread, 256 rows of a
- * 2048x2048 linear: Q4_1, Q4_K, Q5_K 1.32-1.34x the same CPU's vpmaddubsw path, Q6_K 1.11x. */
+ * blocks (7-18 KB for SmolLM2's linears) stay in L1 while it multiplies every tile of 4 rows by them over all of K:
+ * per chunk two loads and a few masks or shifts per 8 outputs, and per row two broadcasts, four vpmaddubsw and four
+ * vpaddw, the row's int16 sums in registers. With AVX-512 VNNI the unit's 16 outputs are one 512-bit register and a
+ * tile is 8 rows: vpdpbusd multiplies the byte pairs and adds them by 4 straight into int32 lanes, one instruction
+ * for vpmaddubsw's and vpaddw's two and nothing to widen (Q6_K's two sub-blocks' sums are converted each and
+ * multiplied by d sc as floats: in integers they would take a register per row more). Every path sums the same
+ * integers, so the outputs are bit for bit the same, but for Q6_K's under VNNI; the portable build computes them in
+ * C. On an Emerald Rapids Xeon (VNNI, its AMX hidden by the VM), two threads, 512 rows of a 2048x2048 linear: Q4_1
+ * 415, Q4_K 404, Q5_K 339, Q6_K 340 GFLOP/s, 1.6-1.8x the same CPU's vpmaddubsw path (258, 238, 193, 207). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -36,7 +37,7 @@
 #include "kernels.h"
 #include "vector_math.h"
 
-enum { Q8_ROWS = 4, UNIT = 16, X_HALF = 16 }; /* rows per tile; outputs per unit; inputs per sum of a row's q */
+enum { UNIT = 16, X_HALF = 16 }; /* outputs per unit; inputs per sum of a row's q */
 
 /* The layouts the kernels read (a constant of the inlined tile). */
 typedef enum { Q4CX, Q4KX, Q5KX, Q6CX } q8_layout;
@@ -45,24 +46,37 @@ typedef int16_t i16x16 __attribute__((vector_size(32)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
-/* A row's running sums of products between widenings: int32 lanes under VNNI, int16 ones elsewhere (see the header).
+/* The tile's vectors: under VNNI a unit's 16 outputs in one 512-bit register (iv, fv), tiles of 8 rows, a row's
+ * running sums int32; elsewhere two vectors of 8 outputs, tiles of 4 rows, int16 running sums (see the header).
  * GCC's register allocator, region by region, spilled VNNI's chunks of q to the stack and back in every chunk's loop
- * with 8 of the 32 registers free; allocating over the whole function keeps them (AVX2's 16 registers spill either
- * way, more so allocated whole). */
+ * with registers free; allocating over the whole function keeps them (AVX2's 16 registers spill either way, more so
+ * allocated whole). */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #pragma GCC optimize("ira-region=one")
-enum { DPBUSD = 1 };
-typedef i32x8 products;
+#define Q8_DPBUSD 1
+enum { DPBUSD = 1, VECS = 1, TILE_ROWS = 8 };
+typedef i32x16 iv;
+typedef f32x16 fv;
+typedef i32x16 products;
+typedef uint32_t u32v __attribute__((vector_size(64)));
+static inline iv join(i32x8 a, i32x8 b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
 #else
-enum { DPBUSD = 0 };
+#define Q8_DPBUSD 0
+enum { DPBUSD = 0, VECS = 2, TILE_ROWS = 4 };
+typedef i32x8 iv;
+typedef f32x8 fv;
 typedef i16x16 products;
+typedef u32x8 u32v;
 #endif
+enum { VECTOR_OUTPUTS = UNIT / VECS };
 
 /* acc + u's unsigned bytes times s's signed ones, added in fours into int32 lanes (vpdpbusd), or in pairs into int16
  * lanes (vpmaddubsw, vpaddw). */
-static inline products add_products(products acc, i32x8 u, i32x8 s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return (products)_mm256_dpbusd_epi32((__m256i)acc, (__m256i)u, (__m256i)s);
+static inline products add_products(products acc, iv u, iv s) {
+#if Q8_DPBUSD
+    return (products)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)u, (__m512i)s);
 #elif defined(__AVX2__)
     return (i16x16)_mm256_add_epi16((__m256i)acc, _mm256_maddubs_epi16((__m256i)u, (__m256i)s));
 #else
@@ -101,10 +115,10 @@ static void round_row(const float *x, int64_t k, int8_t *q, float *scales, int32
 }
 
 /* Four bytes of x's q in every lane. */
-static inline i32x8 broadcast4(const int8_t *p) {
+static inline iv broadcast4(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, sizeof(v));
-    return (i32x8){} + v;
+    return (iv){} + v;
 }
 
 /* A unit's halves (outputs 8h .. 8h + 7): half h's group starts at at[h], its blocks (super-blocks for the K-quants)
@@ -147,77 +161,102 @@ static inline const uint8_t *block_at(const unit_blocks *unit, q8_layout l, int6
     return unit->at[h] + b / (layout_inputs(l) / QK) * unit->step[h];
 }
 
-/* What x block b's integer sums are multiplied by for half h's 8 outputs: D, and M per 16 inputs (see the header).
- * Q6_K's two sub-blocks' scales sc are in its sums already (`widen_by`), so its D is d and its M -32 d sc. */
-static inline __attribute__((always_inline)) void factors(const unit_blocks *unit, q8_layout l, int64_t b, int h,
-                                                          f32x8 *d, f32x8 m[2]) {
-    const uint8_t *block = block_at(unit, l, b, h);
-    const int g = unit->g, floats = 32 * unit->slot[h], bytes = 8 * unit->slot[h], j = (int)(b % 8);
-    *d = load8((const float *)(block + floats));
-    if (l == Q4CX) {
-        m[0] = m[1] = load8((const float *)(block + 4 * g + floats));
-    } else if (l == Q6CX) {
-        for (int p = 0; p < 2; ++p)
-            m[p] = -32.0f * *d * __builtin_convertvector(widen8(block + 4 * g + g * (2 * j + p) + bytes), f32x8);
-    } else {
-        *d *= __builtin_convertvector(widen8(block + 8 * g + g * j + bytes), f32x8);
-        m[0] = m[1] = -(load8((const float *)(block + 4 * g + floats)) *
-                        __builtin_convertvector(widen8(block + 16 * g + g * j + bytes), f32x8));
-    }
+/* Vector v's field of 4-byte values per output (`words_at`, `floats_at`) or of int8 ones, sign-extended (`bytes_at`),
+ * at `offset` into the run of its block holding x block b. Under VNNI the vector is the unit's both halves: in a group
+ * of 16 one load (its two halves' runs side by side), in two groups of 8 two joined. */
+static inline __attribute__((always_inline)) iv words_at(const unit_blocks *unit, q8_layout l, int64_t b, int v,
+                                                         int offset) {
+#if Q8_DPBUSD
+    (void)v;
+    if (unit->g == 16) return LOAD(iv, block_at(unit, l, b, 0) + offset);
+    return join(LOAD(i32x8, block_at(unit, l, b, 0) + offset), LOAD(i32x8, block_at(unit, l, b, 1) + offset));
+#else
+    return LOAD(iv, block_at(unit, l, b, v) + offset + 32 * unit->slot[v]);
+#endif
 }
 
-/* What the running sums are multiplied by when widened after chunk c: 1, or for Q6_K its sub-block's scale sc (int8),
- * so its two sub-blocks of 16 inputs sum in one int32 per x block. For vpmaddwd, the int16 in both halves of a lane. */
-static inline __attribute__((always_inline)) i32x8 widen_by(const unit_blocks *unit, q8_layout l, int64_t b, int c,
-                                                           int h) {
-    if (l != Q6CX) return (i32x8){} + (DPBUSD ? 1 : 0x00010001);
+static inline __attribute__((always_inline)) fv floats_at(const unit_blocks *unit, q8_layout l, int64_t b, int v,
+                                                          int offset) {
+    return (fv)words_at(unit, l, b, v, offset);
+}
+
+static inline __attribute__((always_inline)) iv bytes_at(const unit_blocks *unit, q8_layout l, int64_t b, int v,
+                                                         int offset) {
+#if Q8_DPBUSD
+    (void)v;
+    if (unit->g == 16) return widen16(block_at(unit, l, b, 0) + offset);
+    return join(widen8(block_at(unit, l, b, 0) + offset), widen8(block_at(unit, l, b, 1) + offset));
+#else
+    return widen8(block_at(unit, l, b, v) + offset + 8 * unit->slot[v]);
+#endif
+}
+
+static inline __attribute__((always_inline)) fv bytes_as_floats(const unit_blocks *unit, q8_layout l, int64_t b, int v,
+                                                                int offset) {
+    return __builtin_convertvector(bytes_at(unit, l, b, v, offset), fv);
+}
+
+/* What x block b's integer sums are multiplied by for vector v's outputs: D (`d_of`), and M per 16 inputs p (`m_of`;
+ * see the header). Q6_K's two sub-blocks' scales sc are in its sums already (`widen_by`, `sub_block_d`), so its D is
+ * d and its M -32 d sc. */
+static inline __attribute__((always_inline)) fv d_of(const unit_blocks *unit, q8_layout l, int64_t b, int v) {
+    const fv d = floats_at(unit, l, b, v, 0);
+    if (l == Q4CX || l == Q6CX) return d;
+    return d * bytes_as_floats(unit, l, b, v, 8 * unit->g + unit->g * (int)(b % 8));
+}
+
+static inline __attribute__((always_inline)) fv m_of(const unit_blocks *unit, q8_layout l, int64_t b, int p, int v) {
     const int g = unit->g, j = (int)(b % 8);
-    const i32x8 sc = widen8(block_at(unit, l, b, h) + 4 * g + g * (2 * j + c / 2) + 8 * unit->slot[h]);
-    return DPBUSD ? sc : (sc & 0xFFFF) | (sc << 16);
+    if (l == Q4CX) return floats_at(unit, l, b, v, 4 * g);
+    if (l == Q6CX) return -32.0f * floats_at(unit, l, b, v, 0) * bytes_as_floats(unit, l, b, v, 4 * g + g * (2 * j + p));
+    return -(floats_at(unit, l, b, v, 4 * g) * bytes_as_floats(unit, l, b, v, 16 * g + g * j));
 }
 
-/* Q6_K's d times the scale of chunk c's sub-block, for half h's 8 outputs: what VNNI's int32 sums of that sub-block are
- * multiplied by as floats (its scale applied in integers would take a register per row and half for the sums). */
-static inline __attribute__((always_inline)) f32x8 sub_block_d(const unit_blocks *unit, int64_t b, int c, int h) {
-    const uint8_t *block = block_at(unit, Q6CX, b, h);
+/* What vpmaddwd multiplies the int16 sums by when it widens them after chunk c (the int16 in both halves of a lane):
+ * 1, or for Q6_K its sub-block's scale sc (int8), so its two sub-blocks of 16 inputs sum in one int32 per x block. */
+static inline __attribute__((always_inline)) iv widen_by(const unit_blocks *unit, q8_layout l, int64_t b, int c,
+                                                         int v) {
+    if (l != Q6CX) return (iv){} + 0x00010001;
+    const iv sc = bytes_at(unit, l, b, v, 4 * unit->g + unit->g * (2 * (int)(b % 8) + c / 2));
+    return (sc & 0xFFFF) | (sc << 16);
+}
+
+/* Q6_K's d times the scale of chunk c's sub-block, for vector v's outputs: what VNNI's int32 sums of that sub-block
+ * are multiplied by as floats (its scale applied in integers would take a register per row for the sums). */
+static inline __attribute__((always_inline)) fv sub_block_d(const unit_blocks *unit, int64_t b, int c, int v) {
     const int g = unit->g, j = (int)(b % 8);
-    const f32x8 d = load8((const float *)(block + 32 * unit->slot[h]));
-    return d * __builtin_convertvector(widen8(block + 4 * g + g * (2 * j + c / 2) + 8 * unit->slot[h]), f32x8);
+    return floats_at(unit, Q6CX, b, v, 0) * bytes_as_floats(unit, Q6CX, b, v, 4 * g + g * (2 * j + c / 2));
 }
 
-/* Chunk c (8 inputs) of x block b for half h's outputs: the unsigned q of its inputs 0-3 (`low`) and 4-7 (`high`),
+/* Chunk c (8 inputs) of x block b for vector v's outputs: the unsigned q of its inputs 0-3 (`low`) and 4-7 (`high`),
  * 4 a lane per output. */
-static inline __attribute__((always_inline)) void chunk(const unit_blocks *unit, q8_layout l, int64_t b, int c, int h,
-                                                        i32x8 *low, i32x8 *high) {
-    const uint8_t *block = block_at(unit, l, b, h);
-    const int g = unit->g, lanes = 32 * unit->slot[h], j = (int)(b % 8);
+static inline __attribute__((always_inline)) void chunk(const unit_blocks *unit, q8_layout l, int64_t b, int c, int v,
+                                                        iv *low, iv *high) {
+    const int g = unit->g, j = (int)(b % 8);
     if (l == Q6CX) {
-        const uint8_t *at = block + 20 * g + 4 * g * (8 * j + 2 * c) + lanes;
-        *low = LOAD(i32x8, at);
-        *high = LOAD(i32x8, at + 4 * g);
+        *low = words_at(unit, l, b, v, 20 * g + 4 * g * (8 * j + 2 * c));
+        *high = words_at(unit, l, b, v, 20 * g + 4 * g * (8 * j + 2 * c + 1));
         return;
     }
-    const int at = l == Q4CX ? 8 * g + 4 * g * c : 24 * g + 4 * g * (4 * j + c);
-    const u32x8 raw = LOAD(u32x8, block + at + lanes);
-    *low = (i32x8)(raw & 0x0F0F0F0Fu);
-    *high = (i32x8)((raw >> 4) & 0x0F0F0F0Fu);
+    const u32v raw = (u32v)words_at(unit, l, b, v, l == Q4CX ? 8 * g + 4 * g * c : 24 * g + 4 * g * (4 * j + c));
+    *low = (iv)(raw & 0x0F0F0F0Fu);
+    *high = (iv)((raw >> 4) & 0x0F0F0F0Fu);
     if (l == Q5KX) { /* sub-block j's fifth bits: input 8c + i's at bit 8 (i % 4) + 4 (i / 4) + c of its lane */
-        const u32x8 fifth = LOAD(u32x8, block + 152 * g + 4 * g * j + lanes);
-        *low |= (i32x8)((fifth << (4 - c)) & 0x10101010u);
-        *high |= (i32x8)((fifth >> c) & 0x10101010u);
+        const u32v fifth = (u32v)words_at(unit, l, b, v, 152 * g + 4 * g * j);
+        *low |= (iv)((fifth << (4 - c)) & 0x10101010u);
+        *high |= (iv)((fifth >> c) & 0x10101010u);
     }
 }
 
-/* The running sums as int32 times w: under VNNI the int32 lanes themselves, times w for Q6_K only (vpmulld);
- * elsewhere the int16 lanes added in pairs, each times w's int16 (vpmaddwd). */
-static inline __attribute__((always_inline)) i32x8 widened(products v, q8_layout l, i32x8 w) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return l == Q6CX ? v * w : v;
+/* The running sums as int32: under VNNI the lanes themselves; elsewhere the int16 lanes added in pairs, each times
+ * w's int16 (vpmaddwd; see widen_by). */
+static inline __attribute__((always_inline)) iv widened(products v, iv w) {
+#if Q8_DPBUSD
+    (void)w;
+    return v;
 #elif defined(__AVX2__)
-    (void)l;
     return (i32x8)_mm256_madd_epi16((__m256i)v, (__m256i)w);
 #else
-    (void)l;
     return ((((i32x8)v << 16) >> 16) + ((i32x8)v >> 16)) * ((w << 16) >> 16);
 #endif
 }
@@ -229,57 +268,81 @@ static inline __attribute__((always_inline)) void q8_tile(const rounded_rows *x,
                                                           const float *bias, const int rt) {
     const int64_t blocks = x->k / QK;
     const int widen = widen_every(l), scaled_in_floats = DPBUSD && l == Q6CX;
-    f32x8 acc[Q8_ROWS][2] = {};
+    fv acc[TILE_ROWS][VECS] = {};
     for (int64_t b = 0; b < blocks; ++b) {
-        i32x8 sums[Q8_ROWS][2] = {};
-        products pairs[Q8_ROWS][2] = {};
+        iv sums[TILE_ROWS][VECS] = {};
+        products pairs[TILE_ROWS][VECS] = {};
 #pragma GCC unroll 1
         for (int c = 0; c < QK / 8; ++c) {
-            i32x8 low[2], high[2];
-            for (int h = 0; h < 2; ++h) chunk(unit, l, b, c, h, &low[h], &high[h]);
+            iv low[VECS], high[VECS];
+            for (int v = 0; v < VECS; ++v) chunk(unit, l, b, c, v, &low[v], &high[v]);
             for (int t = 0; t < rt; ++t) {
                 const int8_t *xq = x->q + (t0 + t) * x->k + QK * b + 8 * c;
-                const i32x8 first = broadcast4(xq), second = broadcast4(xq + 4);
-                for (int h = 0; h < 2; ++h)
-                    pairs[t][h] = add_products(add_products(pairs[t][h], low[h], first), high[h], second);
+                const iv first = broadcast4(xq), second = broadcast4(xq + 4);
+                for (int v = 0; v < VECS; ++v)
+                    pairs[t][v] = add_products(add_products(pairs[t][v], low[v], first), high[v], second);
             }
             if ((c + 1) % widen == 0 && scaled_in_floats)
-                for (int h = 0; h < 2; ++h) {
-                    const f32x8 d_sc = sub_block_d(unit, b, c, h);
+                for (int v = 0; v < VECS; ++v) {
+                    const fv d_sc = sub_block_d(unit, b, c, v);
                     for (int t = 0; t < rt; ++t) {
                         const float s = x->scales[(t0 + t) * blocks + b];
-                        acc[t][h] += __builtin_convertvector((i32x8)pairs[t][h], f32x8) * (d_sc * s); /* VNNI only */
-                        pairs[t][h] = (products){};
+                        acc[t][v] += __builtin_convertvector((iv)pairs[t][v], fv) * (d_sc * s); /* VNNI only */
+                        pairs[t][v] = (products){};
                     }
                 }
             else if ((c + 1) % widen == 0)
-                for (int h = 0; h < 2; ++h) {
-                    const i32x8 by = widen_by(unit, l, b, c, h);
+                for (int v = 0; v < VECS; ++v) {
+                    const iv by = widen_by(unit, l, b, c, v);
                     for (int t = 0; t < rt; ++t) {
-                        sums[t][h] += widened(pairs[t][h], l, by);
-                        pairs[t][h] = (products){};
+                        sums[t][v] += widened(pairs[t][v], by);
+                        pairs[t][v] = (products){};
                     }
                 }
         }
-        for (int h = 0; h < 2; ++h) {
-            f32x8 d, m[2];
-            factors(unit, l, b, h, &d, m);
+        for (int v = 0; v < VECS; ++v) {
+            const fv d = d_of(unit, l, b, v), m0 = m_of(unit, l, b, 0, v), m1 = m_of(unit, l, b, 1, v);
             for (int t = 0; t < rt; ++t) {
                 const int64_t row = t0 + t;
                 const float s = x->scales[row * blocks + b];
                 const int32_t *q_sums = x->sums + row * (x->k / X_HALF) + 2 * b;
-                const f32x8 offset = l == Q6CX ? m[0] * (s * (float)q_sums[0]) + m[1] * (s * (float)q_sums[1])
-                                               : m[0] * (s * (float)(q_sums[0] + q_sums[1]));
-                acc[t][h] += scaled_in_floats ? offset : __builtin_convertvector(sums[t][h], f32x8) * (d * s) + offset;
+                const fv offset = l == Q6CX ? m0 * (s * (float)q_sums[0]) + m1 * (s * (float)q_sums[1])
+                                            : m0 * (s * (float)(q_sums[0] + q_sums[1]));
+                acc[t][v] += scaled_in_floats ? offset : __builtin_convertvector(sums[t][v], fv) * (d * s) + offset;
             }
         }
     }
     for (int t = 0; t < rt; ++t)
-        for (int h = 0; h < 2 && 8 * h < outputs; ++h) {
-            f32x8 sum = acc[t][h];
-            if (bias != NULL) sum += load8(bias + 8 * h);
-            memcpy(y + t * n + 8 * h, &sum, sizeof(sum));
+        for (int v = 0; v < VECS && VECTOR_OUTPUTS * v < outputs; ++v) {
+            float *out = y + t * n + VECTOR_OUTPUTS * v;
+            const float *add = bias != NULL ? bias + VECTOR_OUTPUTS * v : NULL;
+            if (outputs - VECTOR_OUTPUTS * v >= VECTOR_OUTPUTS) {
+                const fv sum = add != NULL ? acc[t][v] + LOAD(fv, add) : acc[t][v];
+                memcpy(out, &sum, sizeof(sum));
+            } else { /* under VNNI, an odd last group of 8: the vector's first half */
+                f32x8 sum = __builtin_shufflevector(acc[t][v], acc[t][v], 0, 1, 2, 3, 4, 5, 6, 7);
+                if (add != NULL) sum += load8(add);
+                memcpy(out, &sum, sizeof(sum));
+            }
         }
+}
+
+/* The tile for `rows` rows (at most TILE_ROWS), each height its own inlined copy. */
+static inline __attribute__((always_inline)) void q8_tiles(const rounded_rows *x, int64_t t0, const unit_blocks *unit,
+                                                           q8_layout l, float *y, int64_t n, int outputs,
+                                                           const float *bias, int64_t rows) {
+    switch (rows) {
+    case 1: q8_tile(x, t0, unit, l, y, n, outputs, bias, 1); break;
+    case 2: q8_tile(x, t0, unit, l, y, n, outputs, bias, 2); break;
+    case 3: q8_tile(x, t0, unit, l, y, n, outputs, bias, 3); break;
+#if Q8_DPBUSD
+    case 4: q8_tile(x, t0, unit, l, y, n, outputs, bias, 4); break;
+    case 5: q8_tile(x, t0, unit, l, y, n, outputs, bias, 5); break;
+    case 6: q8_tile(x, t0, unit, l, y, n, outputs, bias, 6); break;
+    case 7: q8_tile(x, t0, unit, l, y, n, outputs, bias, 7); break;
+#endif
+    default: q8_tile(x, t0, unit, l, y, n, outputs, bias, TILE_ROWS); break;
+    }
 }
 
 /* y[T, N] = round(x)[T, K] (rows x_row apart) . w^T (+ bias[N]) for w in layout L of G outputs a group, BYTES a
@@ -302,15 +365,9 @@ static inline __attribute__((always_inline)) void q8_tile(const rounded_rows *x,
                                                 : unit_of_16(w, BYTES, blocks, u);                                     \
                 const int outputs = n - UNIT * u < UNIT ? (int)(n - UNIT * u) : UNIT;                                 \
                 const float *bias_u = bias != NULL ? bias + UNIT * u : NULL;                                           \
-                for (int64_t t0 = 0; t0 < tokens; t0 += Q8_ROWS) {                                                     \
-                    float *yt = y + t0 * n + UNIT * u;                                                                 \
-                    switch (tokens - t0 < Q8_ROWS ? tokens - t0 : Q8_ROWS) {                                           \
-                    case 1: q8_tile(&rounded, t0, &unit, L, yt, n, outputs, bias_u, 1); break;                        \
-                    case 2: q8_tile(&rounded, t0, &unit, L, yt, n, outputs, bias_u, 2); break;                        \
-                    case 3: q8_tile(&rounded, t0, &unit, L, yt, n, outputs, bias_u, 3); break;                        \
-                    default: q8_tile(&rounded, t0, &unit, L, yt, n, outputs, bias_u, Q8_ROWS); break;                 \
-                    }                                                                                                  \
-                }                                                                                                      \
+                for (int64_t t0 = 0; t0 < tokens; t0 += TILE_ROWS)                                                     \
+                    q8_tiles(&rounded, t0, &unit, L, y + t0 * n + UNIT * u, n, outputs, bias_u,                        \
+                             tokens - t0 < TILE_ROWS ? tokens - t0 : TILE_ROWS);                                       \
             }                                                                                                          \
         }                                                                                                              \
     }

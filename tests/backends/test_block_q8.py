@@ -42,7 +42,7 @@ def test_the_linear_is_fp32s_on_x_rounded_and_each_rows_floats_do_not_depend_on_
     bias = torch.randn(n)
     x = torch.randn(200, K + 8)[:, :K]  # rows of a wider tensor, as the graph's views
     alone = torch.cat([native.block_linear(x[t : t + 1], blocks, bias, 1) for t in range(len(x))])
-    for rows in (1, 2, 3, 4, 5, 16, 200):  # each tile height, the rest of one, a decode step of 16, a prompt chunk
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 200):  # each tile height (to 4, or 8 under VNNI), 16, a chunk
         out = native.block_linear(x[:rows], blocks, bias, threads)
         assert torch.equal(out, alone[:rows]), f"{rows} rows"
     assert_linear_close(alone, round_to_int8_blocks(x), dense, kind, bias, rounded=False)
