@@ -54,7 +54,7 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #pragma GCC optimize("ira-region=one")
 #define Q8_DPBUSD 1
-enum { DPBUSD = 1, VECS = 1, TILE_ROWS = 8 };
+enum { VECS = 1, TILE_ROWS = 8 };
 typedef i32x16 iv;
 typedef f32x16 fv;
 typedef i32x16 products;
@@ -64,7 +64,7 @@ static inline iv join(i32x8 a, i32x8 b) {
 }
 #else
 #define Q8_DPBUSD 0
-enum { DPBUSD = 0, VECS = 2, TILE_ROWS = 4 };
+enum { VECS = 2, TILE_ROWS = 4 };
 typedef i32x8 iv;
 typedef f32x8 fv;
 typedef i16x16 products;
@@ -152,7 +152,7 @@ static inline unit_blocks unit_of_16(const uint8_t *w, int64_t block_bytes, int6
  * the header): under VNNI once per x block, or per Q6_K sub-block. */
 static inline int64_t layout_inputs(q8_layout l) { return l == Q4CX ? QK : QK_K; }
 static inline int widen_every(q8_layout l) {
-    if (DPBUSD) return l == Q6CX ? 2 : QK / 8;
+    if (Q8_DPBUSD) return l == Q6CX ? 2 : QK / 8;
     return l == Q4CX || l == Q4KX ? 4 : l == Q5KX ? 2 : 1;
 }
 
@@ -267,7 +267,7 @@ static inline __attribute__((always_inline)) void q8_tile(const rounded_rows *x,
                                                           q8_layout l, float *y, int64_t n, int outputs,
                                                           const float *bias, const int rt) {
     const int64_t blocks = x->k / QK;
-    const int widen = widen_every(l), scaled_in_floats = DPBUSD && l == Q6CX;
+    const int widen = widen_every(l), scaled_in_floats = Q8_DPBUSD && l == Q6CX;
     fv acc[TILE_ROWS][VECS] = {};
     for (int64_t b = 0; b < blocks; ++b) {
         iv sums[TILE_ROWS][VECS] = {};
