@@ -44,6 +44,7 @@ SOURCES = tuple(
         "block_int16.c",
         "block_panel.c",
         "block_q8.c",
+        "block_q8_amx.c",
         "prefill_attention.c",
         "decoder_layers.c",
         "delta_rule.c",
@@ -52,7 +53,9 @@ SOURCES = tuple(
     )
 )
 HEADERS = tuple(
-    HERE / h for h in ("vector_math.h", "kernels.h", "block_layouts.h", "block_readers.h", "mxfp4.h", "block_weight.h")
+    HERE / h
+    for h in ("vector_math.h", "kernels.h", "block_layouts.h", "block_readers.h", "mxfp4.h", "block_weight.h")
+    + ("block_q8.h",)
 )  # included by them
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")  # and the variant's own (isa.py)
 BUILD_TIMEOUT_S = 300  # a compiler's: the build takes 27-64 s on two idle cores (portable the longest); one stuck
@@ -119,7 +122,8 @@ PROTOTYPES: dict[str, tuple[type, ...]] = {
     ),
     **_BLOCK_PROTOTYPES,
 }
-RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64, "moe_workspace": _I64}  # the others return void
+PROTOTYPES["q8_amx"] = (_I32,)  # whether the q8 linears use AMX's tiles; 0 / 1 turns that off / on, -1 asks
+RETURNS: dict[str, type] = {"decoder_layers_workspace": _I64, "moe_workspace": _I64, "q8_amx": _I32}  # others: void
 
 
 class NativeBuildError(Unavailable, RuntimeError):
@@ -214,6 +218,8 @@ def load(path: Path, variant: Variant | None = None) -> ctypes.CDLL:
     except (OSError, AttributeError) as exc:
         raise NativeBuildError(f"cannot load {path}: {exc}") from exc
     library.isa = (variant or isa.chosen()).name
+    if os.environ.get(isa.AMX_ENV) == "0":
+        library.q8_amx(0)
     return library
 
 

@@ -5,7 +5,9 @@ what the compiler may use (AVX-512's 512-bit registers and masked loads, AVX2's 
 paths pick intrinsics by the `__AVX512F__` / `__AVX2__` the flags define. The best variant whose instructions the CPU
 has (its /proc/cpuinfo flags) is loaded; `SAGELLM_NATIVE_ISA=avx512` (`avx2`, `portable`) asks for a lower one. Every
 variant is built from explicit flags, never `-march=native`, so a library is the same on every machine that builds
-it, and a CPU without a variant's instructions never loads it."""
+it, and a CPU without a variant's instructions never loads it. AMX's tile multiplies are no variant of their own: the
+avx512vnni library runs its int8 linears' rows on them where the CPU has AMX-INT8 and the kernel grants the tile state
+(asked at run time); `SAGELLM_NATIVE_AMX=0` turns that off."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from sagellm.common.errors import InvalidInput
 
 ISA_ENV = "SAGELLM_NATIVE_ISA"
+AMX_ENV = "SAGELLM_NATIVE_AMX"  # "0": the q8 linears leave AMX's tiles for VNNI's vpdpbusd (block_q8_amx.c)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,9 @@ BLOCK_LINEAR_DECLARE(linear_q5kx8_q8)
 BLOCK_LINEAR_DECLARE(linear_q5kx16_q8)
 BLOCK_LINEAR_DECLARE(linear_q6cx8_q8)
 BLOCK_LINEAR_DECLARE(linear_q6cx16_q8)
+/* Whether the q8 linears run their rows in 16s on AMX's tiles (a CPU with AMX-INT8 whose kernel grants the tile
+ * state); `wanted` 0 or 1 turns that off or back on (-1 leaves it), so both paths can be compared. */
+int32_t q8_amx(int32_t wanted);
 
 /* out[k][j] = the weight of output first_group * G + j at input k, for `groups` groups of G outputs: a k-major fp32
  * tile [K, groups * G] of the interleaved blocks, for a GEMM to multiply by (block_linear.c). */

@@ -54,6 +54,12 @@ class NativeKernels:
         """The instruction-set variant the loaded library was built for (avx512vnni, avx512, avx2, portable)."""
         return self._lib.isa
 
+    def amx_tiles(self, enabled: bool | None = None) -> bool:
+        """Whether the q8 linears (`--int8-activations`) run their rows in 16s on AMX's tile multiplies: a CPU with
+        AMX-INT8 whose kernel grants the tile state. `enabled` turns that off or back on for this process (to
+        compare both paths); the floats are the same either way."""
+        return bool(self._lib.q8_amx(-1 if enabled is None else int(enabled)))
+
     @property
     def block_group(self) -> int:
         """Outputs per group of the interleaved layouts this library reads fastest: one vector register of floats

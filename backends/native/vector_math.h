@@ -2,6 +2,7 @@
 #ifndef SAGELLM_VECTOR_MATH_H
 #define SAGELLM_VECTOR_MATH_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -31,9 +32,28 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
  * infinite (so its row's outputs turn NaN, as fp32's would); 0 for zeros or values whose largest / 127 underflows.
  * block_int8.c's pieces and block_q8.c's one int8 both start from it. */
 static inline float int8_scale(const float *v, int n) {
-    float amax = 0.0f;
-    for (int i = 0; i < n; ++i) amax = fabsf(v[i]) > amax || isnan(v[i]) ? fabsf(v[i]) : amax;
-    return isfinite(amax) ? amax / 127.0f : NAN;
+    /* Eight lanes at a time, no branch on the data (a mispredicted one a value was two thirds of a q8 linear's time
+     * rounding its rows): the largest |x| of each lane, and whether one was NaN or infinite (not <= FLT_MAX). */
+    f32x8 amax = {};
+    i32x8 non_finite = {};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const f32x8 a = (f32x8)(LOAD(i32x8, v + i) & 0x7FFFFFFF);
+        const i32x8 larger = a > amax;
+        amax = (f32x8)((larger & (i32x8)a) | (~larger & (i32x8)amax));
+        non_finite |= ~(a <= FLT_MAX);
+    }
+    float largest = 0.0f;
+    int finite = 1;
+    for (int lane = 0; lane < 8; ++lane) {
+        largest = amax[lane] > largest ? amax[lane] : largest;
+        finite &= non_finite[lane] == 0;
+    }
+    for (; i < n; ++i) {
+        largest = fabsf(v[i]) > largest ? fabsf(v[i]) : largest;
+        finite &= isfinite(v[i]) != 0;
+    }
+    return finite ? largest / 127.0f : NAN;
 }
 
 static inline f32x8 load8(const float *p) { return LOAD(f32x8, p); }

@@ -3,7 +3,7 @@ linear on gguf-py's weights and on x rounded as llama.cpp rounds it (tests/oracl
 rounding; a row's outputs the same floats alone or in a batch of any size, on one thread or two; a NaN or infinity in
 one row leaving the others as they are; every layout (8- and 16-wide, an odd last group of 8), on every
 instruction-set variant this CPU runs (AVX-512 VNNI's vpdpbusd, AVX2's vpmaddubsw, the portable C), VNNI's floats
-bit for bit AVX2's but for Q6_K's."""
+bit for bit AVX2's but for Q6_K's, and AMX's tiles' bit for bit VNNI's."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def test_the_linear_is_fp32s_on_x_rounded_and_each_rows_floats_do_not_depend_on_
     bias = torch.randn(n)
     x = torch.randn(200, K + 8)[:, :K]  # rows of a wider tensor, as the graph's views
     alone = torch.cat([native.block_linear(x[t : t + 1], blocks, bias, 1) for t in range(len(x))])
-    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 200):  # each tile height (to 4, or 8 under VNNI), 16, a chunk
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 48, 200):  # each tile height (to 4, or 8 under VNNI); AMX's 16 and
+        # 32 (48: one of each), a chunk
         out = native.block_linear(x[:rows], blocks, bias, threads)
         assert torch.equal(out, alone[:rows]), f"{rows} rows"
     assert_linear_close(alone, round_to_int8_blocks(x), dense, kind, bias, rounded=False)
@@ -86,6 +87,23 @@ def test_vnnis_dot_products_sum_the_same_integers_as_avx2s(native: NativeKernels
         blocks, _ = rounded_blocks(kind, group, 48)
         x = torch.randn(7, K) * 3
         assert torch.equal(native.block_linear(x, blocks, None, 2), reference.block_linear(x, blocks, None, 2))
+
+
+@pytest.mark.parametrize("kind", Q8_X_KINDS)
+def test_amxs_tiles_sum_the_same_floats_as_vnnis(native: NativeKernels, kind: str) -> None:
+    """Rows in 16s on AMX's tile multiplies (tdpbsud) and the rest on VNNI's: the same integers, scaled by the same
+    float steps, so the same outputs bit for bit, over pairs of units and of 16 rows, a lone unit and a lone 16."""
+    if not native.amx_tiles():
+        pytest.skip("needs a CPU with AMX-INT8 (and a kernel that grants its tile state)")
+    blocks, _ = rounded_blocks(kind, 16, 16 * 3)  # a pair of units and a lone one
+    x = torch.randn(48 + 5, K) * 3  # a pair of 16 rows, a lone 16, and 5 left to VNNI's tiles
+    try:
+        on = native.block_linear(x, blocks, None, 2)
+        assert not native.amx_tiles(False)
+        off = native.block_linear(x, blocks, None, 2)
+    finally:
+        native.amx_tiles(True)
+    assert torch.equal(on, off)
 
 
 def test_other_kinds_keep_x_as_it_is() -> None:
