@@ -28,7 +28,8 @@
  * multiplied by d sc as floats: in integers they would take a register per row more). Every path sums the same
  * integers, so the outputs are bit for bit the same, but for Q6_K's under VNNI; the portable build computes them in
  * C. On an Emerald Rapids Xeon (VNNI, its AMX hidden by the VM), two threads, 512 rows of a 2048x2048 linear: Q4_1
- * 415, Q4_K 404, Q5_K 339, Q6_K 340 GFLOP/s, 1.6-1.8x the same CPU's vpmaddubsw path (258, 238, 193, 207). */
+ * 415, Q4_K 404, Q5_K 339, Q6_K 340 GFLOP/s, 1.6-1.8x the same CPU's vpmaddubsw path (258, 238, 193, 207). Where
+ * the CPU has AMX, rows in 16s take its tiles instead (block_q8_amx.c), to the same floats. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
