@@ -1,6 +1,7 @@
 """`sagellm bench roofline`: this machine's memory bandwidth and peak arithmetic, and our engine against them.
 
-The machine (roofline_machine.py): read GB/s and peak fp32 FMA, bf16, int8 and int16 dot-product rates with 1 thread
+The machine (roofline_machine.py): read GB/s and peak fp32 FMA, bf16, int8 and int16 dot-product rates (and AMX's
+int8 tile multiplies where the CPU has them) with 1 thread
 and all, from C kernels compiled here, measured before and after the engine (each number the better of the two: a
 neighbour on a shared host can take a core for seconds). The engine (roofline_engine.py), per model: single-stream
 decode's bytes per token (the weights as stored, the KV cache at the mean context) and its fraction of the read
@@ -149,11 +150,13 @@ def markdown(cpu: str, machine: MachineRoofline, rows: list[dict[str, Any]], com
              "|---|" + "---:|" * len(counts) + "---|",
              "| read bandwidth, GB/s | " + " | ".join(f"{machine.read_gbs[t]:.1f}" for t in counts)
              + f" | sum of a {machine.array_bytes >> 20} MiB float32 array |"]  # fmt: skip
-    for kind, unit in (("fp32", "GFLOP/s"), ("bf16", "GFLOP/s"), ("int8", "GOP/s"), ("int16", "GOP/s")):
-        peak = machine.peaks[kind]
+    for kind, unit in (("fp32", "GFLOP/s"), ("bf16", "GFLOP/s"), ("int8", "GOP/s"), ("int16", "GOP/s"),
+                       ("amx_int8", "GOP/s")):  # fmt: skip
+        peak = machine.peaks.get(kind)
         cells = [_number(None if peak is None else peak[t], "{:.0f}") for t in counts]
-        lines.append(f"| peak {kind}, {unit} | " + " | ".join(cells) + f" | {machine.kernels[kind]} |")
-    lines += [f"\nAMX: {machine.amx} (tiles present, not measured)" if machine.amx else "\nAMX: none", ""]
+        kernel = machine.kernels.get(kind, "not measured")  # a run saved before its kind was measured
+        lines.append(f"| peak {kind}, {unit} | " + " | ".join(cells) + f" | {kernel} |")
+    lines += [f"\nAMX: {machine.amx}" if machine.amx else "\nAMX: none", ""]
     lines += ["| model | weights | decode: MB read/token | TPOT ms | GB/s | of read roofline, threads "
               "| linears alone, one row, as held | decode kernels |",
               "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
@@ -197,8 +200,8 @@ def plot(path: Path, cpu: str, machine: MachineRoofline, rows: list[dict[str, An
         roof = np.minimum(roof, fp32[threads]) if fp32 else roof
         style = "-" if threads == engine else ":"
         ax.plot(intensity, roof, color="black", linestyle=style, label=f"fp32 roof, {threads} thread(s)")
-    for kind in ("bf16", "int8", "int16"):
-        if peak := machine.peaks[kind]:
+    for kind in ("bf16", "int8", "int16", "amx_int8"):
+        if peak := machine.peaks.get(kind):
             ax.axhline(peak[engine], color="grey", linestyle="--", linewidth=0.8)
             ax.annotate(f"{kind} peak, {engine} thread(s)", (intensity[0], peak[engine]), fontsize=8, va="bottom")
     for i, row in enumerate(rows):

@@ -12,8 +12,9 @@ with all of them, from small C kernels compiled here with the system `cc` (cache
   latency times its ports on current x86 cores), no memory traffic: fp32 FMA (vfmadd, 512- or 256-bit), bf16 dot
   products (vdpbf16ps, AVX512-BF16: 2 multiply-adds per fp32 lane), int8 dot products (vpdpbusd, AVX-512 VNNI or
   AVX-VNNI: 4 per int32 lane) and int16 ones (vpdpwssd, AVX-512 VNNI: 2 per lane, what the quantized linears'
-  prefill runs), each counted as 2 operations per multiply-add. A CPU without the instructions gets no
-  number ("not available"), never an emulation's. AMX tiles are reported when the flags show them, not measured.
+  prefill runs), and AMX's tile multiplies (tdpbusd on four tiles of sums, 16,384 multiply-adds each, what
+  `--int8-activations`' prefill runs where the CPU has them), each counted as 2 operations per multiply-add. A CPU
+  without the instructions gets no number ("not available"), never an emulation's.
 
 Threads are pthreads pinned one per CPU of this process's affinity mask, so "all" is the cores the engine may use."""
 
@@ -113,6 +114,37 @@ static double vnni256(int64_t iters) {
     CHAIN_LOOP(12, __m256i, int32_t, _mm256_set1_epi32(j), _mm256_dpbusd_avx_epi32(c[j], a, b))
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#include <sys/syscall.h>
+#include <unistd.h>
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t bytes_per_row[16]; uint8_t rows[16]; } tiles_t;
+
+/* Four tiles of 16 x 16 int32 sums, each tdpbusd 16 rows x 64 bytes by 16 x 64: 16,384 multiply-adds. The thread
+   asks Linux for the tile state first; NAN where it is refused. */
+__attribute__((target("amx-tile,amx-int8")))
+static double amx_int8(int64_t iters) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) return __builtin_nan("");
+    tiles_t config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+    _tile_loadconfig(&config);
+    static const int8_t a[16 * 64] __attribute__((aligned(64))) = {1, 2, 3};
+    _tile_loadd(4, a, 64); _tile_loadd(5, a, 64); _tile_loadd(6, a, 64); _tile_loadd(7, a, 64);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t i = 0; i < iters; i++) {
+        _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
+    }
+    int32_t sums[4][256] __attribute__((aligned(64)));
+    _tile_stored(0, sums[0], 64); _tile_stored(1, sums[1], 64);
+    _tile_stored(2, sums[2], 64); _tile_stored(3, sums[3], 64);
+    _tile_release();
+    double total = 0;
+    for (int t = 0; t < 4; t++) for (int j = 0; j < 256; j++) total += sums[t][j];
+    return total;
+}
+#else
+static double amx_int8(int64_t iters) { (void)iters; return __builtin_nan(""); }
+#endif
+
 typedef struct { int32_t kind; const float *data; int64_t n, count; int32_t cpu; double result; } job_t;
 
 static void *work(void *arg) {
@@ -131,13 +163,14 @@ static void *work(void *arg) {
     case 4: job->result = vnni512(job->count); break;
     case 5: job->result = vnni256(job->count); break;
     case 6: job->result = vnni16x512(job->count); break;
+    case 7: job->result = amx_int8(job->count); break;
     }
     return NULL;
 }
 
 /* Runs `kind` on `threads` pthreads, thread t pinned to cpus[t] (none if cpus[t] < 0); kind 0 reads its slice of
    data[n] `count` times, the others run `count` iterations of their chains. Stores the results' sum in *sink (so no
-   compiler drops the work); returns 0, or -1 if a thread could not start. */
+   compiler drops the work); returns 0, -1 if a thread could not start, -2 if a kernel could not run (NAN). */
 int32_t roofline_run(int32_t kind, const float *data, int64_t n, int64_t count, int32_t threads, const int32_t *cpus,
                      double *sink) {
     static job_t jobs[MAX_THREADS];
@@ -158,7 +191,7 @@ int32_t roofline_run(int32_t kind, const float *data, int64_t n, int64_t count, 
         total += jobs[t].result;
     }
     *sink = total;
-    return 0;
+    return total != total ? -2 : 0;
 }
 """
 
@@ -171,6 +204,7 @@ PEAK_KERNELS = {
     "int8": [(4, 16 * 16 * 4 * 2, {"avx512f", "avx512_vnni"}, "AVX-512 VNNI vpdpbusd"),
              (5, 12 * 8 * 4 * 2, {"avx2", "avx_vnni"}, "AVX-VNNI vpdpbusd")],
     "int16": [(6, 16 * 16 * 2 * 2, {"avx512f", "avx512_vnni"}, "AVX-512 VNNI vpdpwssd")],
+    "amx_int8": [(7, 4 * 16 * 16 * 64 * 2, {"amx_tile", "amx_int8"}, "AMX tdpbusd")],
 }  # fmt: skip
 READ_PASS_BYTES = 4 * 128  # a slice is whole 128-float runs
 
@@ -241,7 +275,11 @@ def measure_machine(
         kernels[name], peaks[name] = label, {}
         for threads in counts:
             progress(f"peak {name} ({label}), {threads} thread(s)")
-            iters, best = _timed(lib, kind, None, threads, cpus, repeats, seconds)
+            try:
+                iters, best = _timed(lib, kind, None, threads, cpus, repeats, seconds)
+            except Unavailable as exc:  # AMX's tiles where Linux will not grant them
+                peaks[name], kernels[name] = None, f"not available: {label} {exc}"
+                break
             peaks[name][threads] = iters * ops * threads / best / 1e9
     amx = " ".join(sorted(f for f in flags if f.startswith("amx")))
     return MachineRoofline(counts, read_gbs, peaks, kernels, amx, array_bytes)
@@ -256,7 +294,10 @@ def _timed(lib, kind: int, array: np.ndarray | None, threads: int, cpus: list[in
 
     def call(count: int) -> float:
         start = time.perf_counter()
-        if lib.roofline_run(kind, data, n, count, threads, pinned, ctypes.byref(sink)) < 0:
+        status = lib.roofline_run(kind, data, n, count, threads, pinned, ctypes.byref(sink))
+        if status == -2:
+            raise Unavailable("refused by the kernel or not built by this compiler")
+        if status < 0:
             raise Unavailable(f"roofline kernel: could not start {threads} threads")
         return time.perf_counter() - start
 
