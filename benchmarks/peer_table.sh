@@ -38,4 +38,5 @@ for ((r = 0; r < REPEATS; r++)); do
     bench "$name-w3" "$url" "$model" $((SEED + 200 + r)) 1 16 32 16 --random-prefix-len 512
   done
 done
-"${SAGELLM:-sagellm}" bench vllm-results "$out" --out "$out/summary"
+here=$(cd "$(dirname "$0")/.." && pwd)
+"${SAGELLM:-$here/.venv/bin/sagellm}" bench vllm-results "$out" --out "$out/summary"  # the checkout's, not PATH's
