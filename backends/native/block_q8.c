@@ -156,18 +156,9 @@ static inline __attribute__((always_inline)) void q8_tile(const rounded_rows *x,
         }
     }
     for (int t = 0; t < rt; ++t)
-        for (int v = 0; v < VECS && VECTOR_OUTPUTS * v < outputs; ++v) {
-            float *out = y + t * n + VECTOR_OUTPUTS * v;
-            const float *add = bias != NULL ? bias + VECTOR_OUTPUTS * v : NULL;
-            if (outputs - VECTOR_OUTPUTS * v >= VECTOR_OUTPUTS) {
-                const fv sum = add != NULL ? acc[t][v] + LOAD(fv, add) : acc[t][v];
-                memcpy(out, &sum, sizeof(sum));
-            } else { /* under VNNI, an odd last group of 8: the vector's first half */
-                f32x8 sum = __builtin_shufflevector(acc[t][v], acc[t][v], 0, 1, 2, 3, 4, 5, 6, 7);
-                if (add != NULL) sum += load8(add);
-                memcpy(out, &sum, sizeof(sum));
-            }
-        }
+        for (int v = 0; v < VECS && VECTOR_OUTPUTS * v < outputs; ++v)
+            store_outputs(y + t * n + VECTOR_OUTPUTS * v, acc[t][v], bias != NULL ? bias + VECTOR_OUTPUTS * v : NULL,
+                          outputs - VECTOR_OUTPUTS * v);
 }
 
 /* The tile for `rows` rows (at most TILE_ROWS), each height its own inlined copy. */

@@ -178,6 +178,19 @@ static inline __attribute__((always_inline)) fv block_step(fv acc, const rounded
     return sums == NULL ? acc + offset : acc + (__builtin_convertvector(*sums, fv) * (d * s) + offset);
 }
 
+/* A vector of a row's outputs stored at out (+ add's, when not NULL): all of it, or where `outputs` is fewer (under
+ * VNNI, an odd last group of 8) its first half. */
+static inline __attribute__((always_inline)) void store_outputs(float *out, fv sum, const float *add, int outputs) {
+    if (outputs >= VECTOR_OUTPUTS) {
+        if (add != NULL) sum += LOAD(fv, add);
+        memcpy(out, &sum, sizeof(sum));
+    } else {
+        f32x8 half = __builtin_shufflevector(sum, sum, 0, 1, 2, 3, 4, 5, 6, 7);
+        if (add != NULL) half += load8(add);
+        memcpy(out, &half, sizeof(half));
+    }
+}
+
 /* AMX's rows (block_q8_amx.c): whether the CPU and kernel allow its tiles; a thread's room for two units' q where
  * they run (NULL where not); the first rows of `count` units (1 or 2) run on them, returning how many (a multiple of
  * 16; 0 where w_q is NULL). */

@@ -146,17 +146,8 @@ amx_block(const rounded_rows *x, int64_t t0, int row_tiles, const unit_blocks *u
     }
     for (int i = 0; i < row_tiles; ++i)
         for (int j = 0; j < count; ++j)
-            for (int t = 0; t < AMX_ROWS; ++t) {
-                float *out = y + (AMX_ROWS * i + t) * n + UNIT * j;
-                if (outputs[j] == UNIT) {
-                    const fv sum = bias[j] != NULL ? acc[i][j][t] + LOAD(fv, bias[j]) : acc[i][j][t];
-                    memcpy(out, &sum, sizeof(sum));
-                } else { /* an odd last group of 8 */
-                    f32x8 sum = __builtin_shufflevector(acc[i][j][t], acc[i][j][t], 0, 1, 2, 3, 4, 5, 6, 7);
-                    if (bias[j] != NULL) sum += load8(bias[j]);
-                    memcpy(out, &sum, sizeof(sum));
-                }
-            }
+            for (int t = 0; t < AMX_ROWS; ++t)
+                store_outputs(y + (AMX_ROWS * i + t) * n + UNIT * j, acc[i][j][t], bias[j], outputs[j]);
 }
 
 /* The thread's room for two units' unpacked q where the rows run on AMX (NULL where they do not). */
