@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sagellm.benchmarks.chaos_report import progress as say
+from sagellm.benchmarks.decode_parts import PARTS
 from sagellm.benchmarks.report import write_json_and_plot
 from sagellm.benchmarks.roofline_engine import DEQUANTIZED, EngineResult, decode_path, measure_engine, prefill_path
 from sagellm.benchmarks.roofline_machine import MachineRoofline, measure_machine, usable_cpus
@@ -172,6 +173,17 @@ def markdown(cpu: str, machine: MachineRoofline, rows: list[dict[str, Any]], com
             f"| {row['model']} | {kinds} | {d['bytes'] / 1e6:.1f} | {d['tpot_ms']:.2f} | {d['gbs']:.1f} | "
             f"{fraction} | {linears} | {d['path']} |"
         )
+    lines += [
+        "",
+        "Where a decode step's time goes, ms (medians of the steps; the parts' medians need not add up to the step's):",
+        "",
+        "| model | step | " + " | ".join(PARTS) + " |",
+        "|---|" + "---:|" * (len(PARTS) + 1),
+    ]
+    for row in rows:
+        if parts := row["decode"].get("parts_ms"):  # runs saved before the parts were timed have none
+            cells = " | ".join(f"{parts[p]:.2f}" for p in ("step", *PARTS))
+            lines.append(f"| {row['model']} | {cells} |")
     lines += ["", "| model | prefill tokens | GFLOP | ms | GFLOP/s | of fp32 peak | of int16 peak | prefill kernels |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for row in rows:

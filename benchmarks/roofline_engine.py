@@ -9,7 +9,8 @@ counted from the loaded weights, and what `LLM.generate` achieves against that.
   order, on the engine's threads and on one (`linears_ms`, `linears_1_thread_ms`; GB/s of the layouts the engine
   holds, whose interleaved blocks carry fp32 scales): kernels that read below what a plain sum reads on the same
   threads are bound by their instructions, not by memory, and TPOT less their time is attention, norms, sampling
-  and the step's overhead;
+  and the step's overhead; and where a decode step's time goes, each part timed as the engine runs
+  (decode_parts.py: the decoder layers' native call, the vocabulary projection, the embedding, the engine's Python);
 - prefill: a P-token random prompt with max_tokens=1 (one step: the token budget is the longest prompt), its TTFT
   the median of `repeats` after a warm-up; FLOPs = 2 x layer-linear parameters x P + causal attention (QK^T and PV,
   2 x 2 x head_dim x heads x P(P + 1) / 2 per layer) + the vocabulary projection for the last row.
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sagellm.benchmarks.decode_parts import decode_parts
 from sagellm.common.errors import InvalidInput
 
 DEQUANTIZED = ":fp32"  # a model name's suffix: the engine holds its floats (quantized_weights=False)
@@ -148,6 +150,7 @@ def measure_engine(
     tpots = [run(decode_prompt, decode_tokens).tpot_s for _ in range(repeats)]
     context = decode_prompt + decode_tokens / 2  # the mean context a decode step reads
     tpot = statistics.median(tpots)
+    parts = decode_parts(llm, lambda: run(decode_prompt, decode_tokens))
     read = count.layer_bytes + count.head_bytes + count.other_bytes + count.embedding_row_bytes
     kv = result.kv_bytes_per_token * context
     flops = 2 * (count.layer_params + count.head_params) + 4 * count.head_dim * count.heads * context * count.layers
@@ -162,7 +165,7 @@ def measure_engine(
         "linears_ms": None if linears is None else linears * 1e3, "held_linear_bytes": held,
         "linears_gbs": None if linears is None else held / linears / 1e9,
         "linears_1_thread_ms": None if linears_1 is None else linears_1 * 1e3,
-        "linears_1_thread_gbs": None if linears_1 is None else held / linears_1 / 1e9,
+        "linears_1_thread_gbs": None if linears_1 is None else held / linears_1 / 1e9, "parts_ms": parts,
     }  # fmt: skip
     for tokens in prefill_lens:
         progress(f"{name}: prefill of {tokens} tokens, warm-up + {repeats}")

@@ -87,27 +87,36 @@ class EmbeddingOperator(StepOperator):
 
     # -- embedding ------------------------------------------------------------------------------------------------
     def _embed(self, batch: list[Request], started: float) -> list[Any]:
-        """The batch's items; an input the model refuses fails alone, the others are embedded without it."""
-        texts = [r for r in batch if r.prompt_token_ids is None]
-        ids = [r for r in batch if r.prompt_token_ids is not None]
+        """The batch's items; an input the model refuses fails alone, the others are embedded without it. Texts,
+        token ids and pairs of texts (a cross-encoder's) go in one pass each, those cut to the model's length in
+        another."""
         out: list[Any] = []
-        for group, inputs in ((texts, [r.prompt or "" for r in texts]), (ids, [r.prompt_token_ids for r in ids])):
-            if group:
-                out += self._embed_group(group, inputs, started)
+        for truncate in (False, True):
+            cut = [r for r in batch if r.truncate == truncate]
+            texts = [r for r in cut if r.prompt_token_ids is None and r.pair is None]
+            ids = [r for r in cut if r.prompt_token_ids is not None]
+            pairs = [r for r in cut if r.prompt_token_ids is None and r.pair is not None]
+            for group, inputs in (
+                (texts, [r.prompt or "" for r in texts]),
+                (ids, [r.prompt_token_ids for r in ids]),
+                (pairs, [(r.prompt or "", r.pair) for r in pairs]),
+            ):
+                if group:
+                    out += self._embed_group(group, inputs, started, truncate)
         return out
 
-    def _embed_group(self, group: list[Request], inputs: list[Any], started: float) -> list[Any]:
+    def _embed_group(self, group: list[Request], inputs: list[Any], started: float, truncate: bool) -> list[Any]:
         from sagellm.runtime.embedding import EmbeddingInputError
 
         try:
-            result = self.engine.embed(inputs)
+            result = self.engine.embed(inputs, truncate)
         except EmbeddingInputError as error:
             index = error.index if error.index is not None else 0
             code = error.code  # invalid_request, or context_length_exceeded for an input over the model's limit
             refused = RequestError(request_id=group[index].request_id, code=code, message=_of_one_input(str(error)))
             rest = [i for i in range(len(group)) if i != index]
             return (
-                [refused, *self._embed_group([group[i] for i in rest], [inputs[i] for i in rest], started)]
+                [refused, *self._embed_group([group[i] for i in rest], [inputs[i] for i in rest], started, truncate)]
                 if rest
                 else [refused]
             )
@@ -129,6 +138,19 @@ class EmbeddingOperator(StepOperator):
     @property
     def max_length(self) -> int:
         return self.engine.max_length
+
+    @property
+    def task(self) -> str:
+        """ "embed" (its vectors) or "classify" (a sequence classifier's logits: a reranker's, a classifier's)."""
+        return self.engine.task
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.engine.labels
+
+    @property
+    def activation(self) -> str:
+        return self.engine.activation
 
 
 def served_name(model: str) -> str:

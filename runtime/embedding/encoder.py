@@ -1,14 +1,19 @@
-"""Loads an embedding model from disk, offline: the encoder and its tokenizer through `transformers`, plus the
-pooling/normalization spec and the longest input it accepts.
+"""Loads a pooling model from disk, offline, through `transformers`: an embedding model (an encoder, its tokenizer,
+the pooling/normalization spec) or a sequence classifier (a cross-encoder reranker such as ms-marco-MiniLM, or a
+text classifier: an encoder with a classification head, `*ForSequenceClassification`), and the longest input it
+accepts.
 
-Only encoders (model types transformers can run as a masked LM: BERT, RoBERTa, MPNet, ...) are accepted: a
-decoder directory would load but pool into meaningless vectors, so it is refused with a one-line ModelLoadError."""
+Only encoders (model types transformers can run as a masked LM: BERT, RoBERTa, XLM-R, MPNet, ...) are accepted: a
+decoder directory would load but pool into meaningless vectors, so it is refused with a one-line ModelLoadError.
+A classifier's scores go through the activation sentence-transformers' CrossEncoder applies in `predict`: the one
+its config names (`sentence_transformers.activation_fn`, or the older `sbert_ce_default_activation_function`), else
+a sigmoid for one label and none for several."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -20,19 +25,32 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+Task = Literal["embed", "classify"]
+Activation = Literal["sigmoid", "softmax", "identity"]
+# sentence-transformers' activation_fn paths (trusted: torch's own modules) -> what the scores go through
+_ACTIVATIONS: dict[str, Activation] = {
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+    "torch.nn.modules.activation.Softmax": "softmax",
+    "torch.nn.modules.linear.Identity": "identity",
+}
+
+
 @dataclass
 class LoadedEncoder:
     model: PreTrainedModel  # in eval mode, float32
     tokenizer: PreTrainedTokenizerBase
     spec: EncoderSpec
     max_length: int  # longest input in tokens, special tokens included
-    dim: int  # length of the pooled vector
+    dim: int  # length of the pooled vector (a classifier's: its labels)
     vocab_size: int  # rows of the token embedding: token-id inputs must be below it
+    task: Task = "embed"  # "classify": a sequence classifier, whose output is its labels' logits
+    labels: tuple[str, ...] = ()  # a classifier's labels, by index
+    activation: Activation = "identity"  # what a classifier's scores go through (CrossEncoder.predict's)
 
 
 def load_encoder(model_dir: Path) -> LoadedEncoder:
     """The encoder in `model_dir`, a sentence-transformers directory or a plain Hugging Face encoder directory."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     if not model_dir.exists():
@@ -53,19 +71,36 @@ def load_encoder(model_dir: Path) -> LoadedEncoder:
             f"{spec.encoder_dir}: {config.model_type} is not an encoder model; embeddings need a BERT-style encoder "
             "such as all-minilm-l6-v2"
         )
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
+    loader = AutoModelForSequenceClassification if classifier else AutoModel
     try:
-        model = AutoModel.from_pretrained(spec.encoder_dir, config=config, local_files_only=True, dtype=torch.float32)
+        model = loader.from_pretrained(spec.encoder_dir, config=config, local_files_only=True, dtype=torch.float32)
     except Exception as e:
         raise ModelLoadError(f"{spec.encoder_dir}: cannot load the encoder weights: {describe(e)}") from e
     tokenizer = load_hf_tokenizer(spec.encoder_dir)
-    return LoadedEncoder(
+    common = dict(
         model=model.eval(),
         tokenizer=tokenizer,
         spec=spec,
         max_length=_max_length(spec, tokenizer, config.max_position_embeddings),
-        dim=config.hidden_size * len(spec.pooling),
         vocab_size=model.get_input_embeddings().num_embeddings,
     )
+    if not classifier:
+        return LoadedEncoder(**common, dim=config.hidden_size * len(spec.pooling))
+    labels = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
+    activation = _activation(config)
+    return LoadedEncoder(**common, dim=config.num_labels, task="classify", labels=labels, activation=activation)
+
+
+def _activation(config: object) -> Activation:
+    """The activation sentence-transformers' CrossEncoder gives this classifier's scores: the one its config names
+    where torch has it, else sigmoid for one label and identity for more."""
+    named = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn") or getattr(
+        config, "sbert_ce_default_activation_function", None
+    )
+    if named in _ACTIVATIONS:
+        return _ACTIVATIONS[named]
+    return "sigmoid" if getattr(config, "num_labels", 1) == 1 else "identity"
 
 
 def _max_length(spec: EncoderSpec, tokenizer: PreTrainedTokenizerBase, positions: int) -> int:

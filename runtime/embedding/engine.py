@@ -1,8 +1,12 @@
-"""`EmbeddingEngine`: texts (or token ids) in, one vector per input out, for `POST /v1/embeddings`.
+"""`EmbeddingEngine`: texts (or token ids, or text pairs) in, one vector per input out: an embedding model's
+vectors for `POST /v1/embeddings`, a sequence classifier's logits (a cross-encoder's relevance, a classifier's
+labels) for the rerank, score and classify routes.
 
-An embedding request is a single forward pass with no KV cache and no decoding, so the engine is synchronous:
+A pooling request is a single forward pass with no KV cache and no decoding, so the engine is synchronous:
 tokenize everything, check every input before any compute (one bad input fails the request, as OpenAI does), sort
-by length and cut into batches so each pads only to its own longest input, run the encoder, pool, normalize."""
+by length and cut into batches so each pads only to its own longest input, run the encoder, pool, normalize (a
+classifier: its head's logits, as they are). A pair (query, document) is tokenized as one input,
+`[CLS] query [SEP] document [SEP]` with its segment ids, as a cross-encoder was trained."""
 
 from __future__ import annotations
 
@@ -42,9 +46,12 @@ class InputTooLongError(EmbeddingInputError):
         self.limit = limit
 
 
+Input = str | Sequence[int] | tuple[str, str]  # a text, token ids, or a pair of texts (a classifier's)
+
+
 @dataclass
 class EmbeddingResult:
-    embeddings: torch.Tensor  # [N, dim] float32, in input order
+    embeddings: torch.Tensor  # [N, dim] float32, in input order (a classifier's: its logits)
     prompt_tokens: list[int]  # tokens per input, special tokens ([CLS], [SEP]) included
 
     @property
@@ -78,39 +85,61 @@ class EmbeddingEngine:
         self.dim = self._encoder.dim
         self.max_length = self._encoder.max_length
         self.normalized = self._encoder.spec.normalize  # unit-length vectors: cosine similarity is a dot product
+        self.task, self.labels, self.activation = self._encoder.task, self._encoder.labels, self._encoder.activation
         self.max_batch_tokens = max_batch_tokens
         # Padding is masked out, but RoBERTa-style models number positions from the pad id, so use the real one.
         self._pad_id = self.tokenizer.pad_token_id or 0
 
-    def embed(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> EmbeddingResult:
+    def embed(self, inputs: Sequence[Input], truncate: bool = False) -> EmbeddingResult:
         """One vector per input, in order. A text is tokenized with the model's special tokens; token ids are the
-        model's input as given (what `tokenizer(text).input_ids` returns, special tokens included).
+        model's input as given (what `tokenizer(text).input_ids` returns, special tokens included); a pair of texts
+        (a classifier's only) as the model's tokenizer joins two segments. `truncate`: an input over `max_length`
+        tokens is cut to it as the tokenizer cuts (its end, the longer segment of a pair first; token ids: their
+        last ones dropped) rather than refused.
 
-        Raises EmbeddingInputError (a ValueError) for no inputs, an empty input or an out-of-range token id, and
-        its subclass InputTooLongError for an input over `max_length` tokens; nothing is computed then."""
-        token_ids = self._token_ids(inputs)
-        embeddings = torch.empty(len(token_ids), self.dim, dtype=torch.float32)  # [N, D]
-        for batch in _length_batches([len(ids) for ids in token_ids], self.max_batch_tokens):
-            embeddings[batch] = self._forward([token_ids[i] for i in batch])  # [B, D]
-        return EmbeddingResult(embeddings, [len(ids) for ids in token_ids])
+        Raises EmbeddingInputError (a ValueError) for no inputs, an empty input, an out-of-range token id or a pair
+        sent to an embedding model, and its subclass InputTooLongError for an input over `max_length` tokens
+        (unless `truncate`); nothing is computed then."""
+        encoded = self._encoded(inputs, truncate)
+        embeddings = torch.empty(len(encoded), self.dim, dtype=torch.float32)  # [N, D]
+        for batch in _length_batches([len(ids) for ids, _ in encoded], self.max_batch_tokens):
+            embeddings[batch] = self._forward([encoded[i] for i in batch])  # [B, D]
+        return EmbeddingResult(embeddings, [len(ids) for ids, _ in encoded])
 
-    def _token_ids(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+    def _encoded(self, inputs: Sequence[Input], truncate: bool) -> list[tuple[list[int], list[int] | None]]:
+        """Each input's token ids and, for a pair, its segment ids."""
         if isinstance(inputs, str):
             raise TypeError("embed() takes a list of inputs; wrap a single text as [text]")
         if not inputs:
             raise EmbeddingInputError("no inputs; send at least one text or token-id list", None)
+        pairs = {i: item for i, item in enumerate(inputs) if isinstance(item, tuple)}
+        if pairs and self.task != "classify":
+            raise EmbeddingInputError(f"{self.name} embeds texts; pairs of texts are scored by a cross-encoder", None)
         texts = {i: item for i, item in enumerate(inputs) if isinstance(item, str)}
-        for i, text in texts.items():
-            if not text:
-                raise EmbeddingInputError(f"input {i} is an empty string; embeddings need at least one character", i)
+        for i, text in [*texts.items(), *((i, t) for i, pair in pairs.items() for t in pair)]:
+            if not isinstance(text, str) or not text:
+                raise EmbeddingInputError(f"input {i} is an empty string; {self.task} needs at least one character", i)
         if self._encoder.spec.lowercase:
             texts = {i: text.lower() for i, text in texts.items()}
-        encoded = dict(zip(texts, self.tokenizer(list(texts.values()), verbose=False)["input_ids"])) if texts else {}
-        token_ids = [encoded[i] if i in encoded else self._checked_ids(i, item) for i, item in enumerate(inputs)]
-        for i, ids in enumerate(token_ids):
+            pairs = {i: (a.lower(), b.lower()) for i, (a, b) in pairs.items()}
+        encoded: dict[int, tuple[list[int], list[int] | None]] = {}
+        cut = {"truncation": True, "max_length": self.max_length} if truncate else {}
+        if texts:
+            tokenized = self.tokenizer(list(texts.values()), verbose=False, **cut)["input_ids"]
+            encoded |= {i: (ids, None) for i, ids in zip(texts, tokenized)}
+        if pairs:
+            firsts, seconds = [a for a, _ in pairs.values()], [b for _, b in pairs.values()]
+            tokenized = self.tokenizer(firsts, seconds, verbose=False, **cut)
+            types = tokenized.get("token_type_ids") or [None] * len(pairs)
+            encoded |= {i: (ids, t) for i, ids, t in zip(pairs, tokenized["input_ids"], types)}
+        items = [
+            encoded[i] if i in encoded else (self._checked_ids(i, item)[: self.max_length if truncate else None], None)
+            for i, item in enumerate(inputs)
+        ]
+        for i, (ids, _) in enumerate(items):
             if len(ids) > self.max_length:
                 raise InputTooLongError(i, len(ids), self.max_length)
-        return token_ids
+        return items
 
     def _checked_ids(self, index: int, ids: Sequence[int]) -> list[int]:
         vocab = self._encoder.vocab_size
@@ -121,14 +150,23 @@ class EmbeddingEngine:
         return list(ids)
 
     @torch.inference_mode()
-    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
-        """The vectors of a batch of token-id lists, longest first: right-padded to the first one's length."""
-        input_ids = torch.full((len(batch), len(batch[0])), self._pad_id, dtype=torch.long)  # [B, T]
+    def _forward(self, batch: list[tuple[list[int], list[int] | None]]) -> torch.Tensor:
+        """The vectors (or logits) of a batch of token-id lists, longest first: right-padded to the first one's
+        length, a pair's segment ids beside its tokens."""
+        input_ids = torch.full((len(batch), len(batch[0][0])), self._pad_id, dtype=torch.long)  # [B, T]
         mask = torch.zeros_like(input_ids)  # [B, T]
-        for row, ids in enumerate(batch):
+        segments = torch.zeros_like(input_ids)  # [B, T]
+        for row, (ids, types) in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
-        hidden = self._encoder.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+            if types is not None:
+                segments[row, : len(types)] = torch.tensor(types)
+        given = {"input_ids": input_ids, "attention_mask": mask}
+        if any(types is not None for _, types in batch):
+            given["token_type_ids"] = segments
+        if self.task == "classify":
+            return self._encoder.model(**given).logits.float()  # [B, labels]
+        hidden = self._encoder.model(**given).last_hidden_state  # [B, T, H]
         vectors = pool(hidden, mask, self._encoder.spec.pooling)  # [B, D]
         return F.normalize(vectors, p=2, dim=-1) if self.normalized else vectors  # [B, D]
 

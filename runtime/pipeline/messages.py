@@ -54,6 +54,8 @@ class Request(_Message):
 
     prompt: str | None = None
     prompt_token_ids: list[TokenId] | None = None
+    pair: str | None = None  # an embed request's second text: a cross-encoder scores the pair (prompt, pair)
+    truncate: bool = False  # an embed request's input over the model's length is cut to it (Ollama's), not refused
     messages: list[dict[str, Any]] | None = None  # a chat: admission renders it with the model's chat template
     tools: list[dict[str, Any]] | None = None  # the chat's tools (OpenAI's `tools`), rendered by the template too
     # For a model another server serves, which reads the tools itself: the chat's `tool_choice` (None: its default)

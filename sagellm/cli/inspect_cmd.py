@@ -26,8 +26,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]{config.architecture}[/]: {config.num_layers} layers, hidden {config.hidden_size}, "
         f"{config.num_heads}/{config.num_kv_heads} heads of {config.head_dim}, vocab {config.vocab_size}"
-        + (f"; full attention {config.full_num_kv_heads or config.num_kv_heads} KV heads of {config.full_head_dim}"
-           if config.full_head_dim else "")  # fmt: skip
+        + (
+            f"; full attention {config.full_num_kv_heads or config.num_kv_heads} KV heads of {config.full_head_dim}"
+            if config.full_head_dim
+            else ""
+        )  # fmt: skip
     )
     before = build_decoder_graph(config)
     after = optimize(before)

@@ -4,6 +4,7 @@
     sagellm serve smollm2-135m-instruct --max-model-len 2048 --max-num-seqs 8   # a model, vLLM's flags
     sagellm serve graphs/pd.yaml --port 8001 --api-key sk-local --no-embedding
     sagellm serve --no-llm -e all-minilm-l6-v2 --port 8002   # embeddings only (an `embedding` engine)
+    sagellm serve --pooling-model ./ms-marco-MiniLM-L6-v2   # and a reranker: /rerank, /v2/rerank, /score
     sagellm serve --host 0.0.0.0 --join http://head:8000 --join-key ADMIN_KEY   # one more instance of the head's
     sagellm serve --model chat=smollm2-135m-instruct --model big=./qwen3.gguf --max-loaded-models 1 --idle-unload-s 600
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_llm:
         return _serve_embeddings_only(args, embedding)
     _model_or_graph(args)
-    _fetch(args.model, embedding)  # before the graph is built, which imports the engine (torch: 5-10 s)
+    _fetch(args.model, embedding, *args.pooling_model)  # before the graph is built: it imports torch (5-10 s)
     graph = apply_autoscale(apply_engine_settings(build_graph(args), args), args.autoscale)
     if args.ray_address:
         graph.attrs["cluster"] = {**graph.attrs.get("cluster", {}), "ray": args.ray_address}
@@ -147,7 +148,7 @@ def _checked_on_demand(args: argparse.Namespace, on_demand: Any, embedding: str 
         raise InvalidInput(f"--model NAME=MODEL: {error}") from None
     ours = [m if isinstance(m, str) else m["model"] for m in models.values() if isinstance(m, str) or
             m.get("kind", "llm") == "llm"]  # fmt: skip
-    _fetch(*ours, embedding)
+    _fetch(*ours, embedding, *args.pooling_model)
     return on_demand
 
 
@@ -238,6 +239,7 @@ def _config(args: argparse.Namespace, embedding: str | None, model: str) -> Any:
         api_keys=args.api_key,
         admin_key=args.admin_key,
         embedding_model=embedding,
+        pooling_models=args.pooling_model,
         served_model_name=_first(args.served_model_name),
         model_aliases=(args.served_model_name or [])[1:],
         state_dir=args.state_dir,
@@ -372,14 +374,14 @@ def _serve_embeddings_only(args: argparse.Namespace, embedding: str | None) -> i
     from sagellm.operators.embedding import served_name
     from sagellm.runtime.pipeline.yaml_io import load_pipeline
 
-    if embedding is None:
+    if embedding is None and not args.pooling_model:
         raise InvalidInput("--no-llm with --no-embedding leaves nothing to serve")
     if args.join:
         raise InvalidInput("--join adds a generation server to another gateway; an embeddings-only one cannot join")
     if args.autoscale:
         raise InvalidInput("--autoscale adds replicas of a generation engine; --no-llm serves none")
-    _fetch(embedding)
+    _fetch(embedding, *args.pooling_model)
     graph = load_pipeline(graphs.find("control_plane"))
-    config = _config(args, embedding, _first(args.served_model_name) or served_name(embedding))
+    config = _config(args, embedding, _first(args.served_model_name) or served_name(embedding or args.pooling_model[0]))
     trio.run(_serve_showing_progress, graph, config, args.api_servers)
     return 0

@@ -56,6 +56,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--embedding-model", "-e", help="the embedding model (default all-minilm-l6-v2)")
     p.add_argument("--no-embedding", action="store_true", help="serve no embedding model")
+    p.add_argument(
+        "--pooling-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="also serve this reranker (a cross-encoder), classifier or embedding model for /rerank, /score, "
+        "/classify, /pooling and /v1/embeddings (repeatable)",
+    )
     p.add_argument("--no-llm", action="store_true", help="serve only the embedding model (no graph, no LLM)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument(

@@ -162,6 +162,7 @@ class GatewayConfig:
     api_keys: list[str] = field(default_factory=list)
     admin_key: str | None = None
     embedding_model: str | None = None
+    pooling_models: list[str] = field(default_factory=list)  # rerankers, classifiers, more embedding models
     served_model_name: str | None = None
     model_aliases: list[str] = field(default_factory=list)  # more names clients may use for it (vLLM's extra names)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES

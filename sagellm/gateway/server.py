@@ -164,6 +164,7 @@ async def serve(
     core = ServingCore(
         graph, served_model_name=config.served_model_name, model_aliases=config.model_aliases,
         failover=config.failover, embedding_model=config.embedding_model,
+        pooling_models=config.pooling_models,
     )  # fmt: skip
     cluster = RayCluster.from_settings(graph.attrs["cluster"]) if "cluster" in graph.attrs else None
     engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core), ray=cluster)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from sagellm.backends.native.isa import cpu_flags
+from sagellm.benchmarks.decode_parts import PARTS
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,8 @@ def test_quick_run_prints_the_cpu_and_writes_every_measure(tmp_path):
     assert "CPU: " in ran.stdout and "cores" in ran.stdout
     for words in ("read bandwidth, GB/s", "peak fp32", "peak int8", "peak int16", "of read roofline", "of int16 peak"):
         assert words in ran.stdout, words
-    assert ran.stdout.count(f"| {hf_dir} |") == 3 and ran.stdout.count(f"| {gguf} |") == 3  # decode, 2 prefills
+    # decode, where its step's time goes, 2 prefills
+    assert ran.stdout.count(f"| {hf_dir} |") == 4 and ran.stdout.count(f"| {gguf} |") == 4
     assert "[roofline]" in ran.stderr  # progress lines
 
     results = json.loads(out.with_suffix(".json").read_text())
@@ -60,6 +62,8 @@ def test_quick_run_prints_the_cpu_and_writes_every_measure(tmp_path):
     for row in results["models"]:
         for key in ("tpot_ms", "bytes", "gbs", "of_bandwidth", "linears_ms", "linears_gbs", "linears_1_thread_gbs"):
             assert key in row["decode"], key
+        parts = row["decode"]["parts_ms"]
+        assert set(parts) == {*PARTS, "step"} and parts["decoder layers"] < parts["step"]
         for key in ("ms", "flops", "gflops", "of_fp32_peak", "of_int16_peak"):
             assert all(key in p for p in row["prefill"]), key
     assert _positive_numbers(results) == []

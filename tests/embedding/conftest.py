@@ -16,9 +16,11 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello"
 MAX_SEQ_LENGTH = 24  # sentence_bert_config.json's limit, below the 64 positions so the test can hit it cheaply
 
 
-def make_tiny_bert(directory: Path, seed: int = 0) -> Path:
-    """A random 2-layer BertModel and its uncased WordPiece tokenizer (any ASCII word splits into letters)."""
-    from transformers import BertConfig, BertModel, BertTokenizer
+def make_tiny_bert(directory: Path, seed: int = 0, num_labels: int | None = None, **config_extra: object) -> Path:
+    """A random 2-layer BertModel and its uncased WordPiece tokenizer (any ASCII word splits into letters); with
+    `num_labels`, a BertForSequenceClassification (a cross-encoder with one label, a classifier with more), its
+    `config_extra` in its config.json."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
     pieces = list(string.ascii_lowercase) + [f"##{c}" for c in string.ascii_lowercase + string.digits]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS + pieces + list(string.digits))}
@@ -31,9 +33,11 @@ def make_tiny_bert(directory: Path, seed: int = 0) -> Path:
         intermediate_size=64,
         max_position_embeddings=64,
         pad_token_id=0,
+        **({} if num_labels is None else {"num_labels": num_labels}),
+        **config_extra,
     )
     torch.manual_seed(seed)
-    model = BertModel(config).eval()
+    model = (BertModel if num_labels is None else BertForSequenceClassification)(config).eval()
     with torch.no_grad():  # BERT initializes weights tiny; larger ones make tokens' states differ visibly
         for param in model.parameters():
             param.normal_(0, 0.5)
@@ -85,3 +89,19 @@ def tiny_st_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT as a sentence-transformers model: mean pooling, normalized, at most 24 tokens."""
     directory = make_tiny_bert(tmp_path_factory.mktemp("embedding") / "tiny-st")
     return write_sentence_transformers_files(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-label BertForSequenceClassification: a reranker as sentence-transformers' CrossEncoder loads it."""
+    return make_tiny_bert(tmp_path_factory.mktemp("pooling") / "tiny-reranker", seed=1, num_labels=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-label text classifier with named labels."""
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    return make_tiny_bert(
+        tmp_path_factory.mktemp("pooling") / "tiny-classifier", seed=2, num_labels=3, id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )  # fmt: skip

@@ -114,6 +114,20 @@ def test_embed_is_v1_embeddings(gateway, client) -> None:
     assert numpy.allclose(one, embedded.embeddings[0], atol=1e-6)
 
 
+def test_embed_cuts_a_long_input_unless_told_not_to(gateway, client) -> None:
+    from transformers import AutoTokenizer
+
+    text = " ".join(["the quick brown fox"] * 20)  # ~80 tokens, past the model's 24 (MAX_SEQ_LENGTH)
+    cut = AutoTokenizer.from_pretrained(gateway.core.embedder(EMBEDDER).model)(text, truncation=True, max_length=24)
+    embedded = client.embed(model=EMBEDDER, input=[text, "the cat"])  # Ollama's default: truncate
+    reference = sdk_client(gateway).embeddings.create(model=EMBEDDER, input=[cut.input_ids])
+    assert numpy.allclose(embedded.embeddings[0], reference.data[0].embedding, atol=1e-6)
+    assert embedded.prompt_eval_count == 24 + client.embed(model=EMBEDDER, input="the cat").prompt_eval_count
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.embed(model=EMBEDDER, input=text, truncate=False)
+    assert refused.value.status_code == 400 and "more than this model's limit of 24" in refused.value.error
+
+
 def test_a_format_schema_is_followed(gateway, client) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}  # fmt: skip

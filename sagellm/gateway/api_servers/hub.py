@@ -279,7 +279,14 @@ class ApiServerHub:
         core, served = self.core, self.core.served
         instances = core.registry.instances().values()
         embedders = [
-            EmbedderCard(served_model_name=op.served_model_name, dim=op.dim, max_length=op.max_length)
+            EmbedderCard(
+                served_model_name=op.served_model_name,
+                dim=op.dim,
+                max_length=op.max_length,
+                task=op.task,
+                labels=list(op.labels),
+                activation=op.activation,
+            )
             for op in core.registry.embedders()
         ]
         return Snapshot(

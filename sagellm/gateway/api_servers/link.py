@@ -87,6 +87,9 @@ class EmbedderCard(msgspec.Struct, kw_only=True):
     served_model_name: str
     dim: int
     max_length: int
+    task: str = "embed"  # "classify": a sequence classifier (a reranker's or a classifier's logits)
+    labels: list[str] = msgspec.field(default_factory=list)
+    activation: str = "identity"  # what its scores go through (sentence-transformers CrossEncoder's)
 
 
 class FrontEnd(msgspec.Struct, kw_only=True):

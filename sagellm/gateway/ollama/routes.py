@@ -149,7 +149,7 @@ class OllamaRoutes:
         if not inputs or not all(inputs):
             raise ApiError(400, "input: a non-empty string or list of non-empty strings", param="input")
         start = time.perf_counter()
-        results = await self.embeddings.vectors(model, inputs, body.dimensions, key_owner(http))
+        results = await self.embeddings.vectors(model, inputs, body.dimensions, key_owner(http), truncate=body.truncate)
         total = int((time.perf_counter() - start) * NS)
         return Response({"model": body.model, "embeddings": [r.vector for r in results], "total_duration": total,
                          "load_duration": 0, "prompt_eval_count": sum(r.prompt_tokens for r in results)})  # fmt: skip

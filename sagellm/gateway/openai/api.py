@@ -1,9 +1,10 @@
 """The OpenAI API's endpoints that run requests, built over one serving core (`ServingApi`: the gateway's, or an API
 server's remote one) and registered in the order their routes are listed (`/openapi.json` follows it):
-`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`. Built once, so the endpoints share what is one per
-server (the KV hand-off across servers, the chat's preparation), and the APIs that run chats take the narrow piece
-they use: `preparation` for the Responses and Messages APIs, `chat` for sessions. The gateway's process registers
-`/v1/models` before them and `/v1/requests/{id}` after them (`ModelsRoutes`, `RequestStatusRoutes`)."""
+`/v1/completions`, `/v1/chat/completions`, `/v1/embeddings`, then the pooling routes (rerank, score, classify).
+Built once, so the endpoints share what is one per server (the KV hand-off across servers, the chat's preparation),
+and the APIs that run chats take the narrow piece they use: `preparation` for the Responses and Messages APIs,
+`chat` for sessions. The gateway's process registers `/v1/models` before them and `/v1/requests/{id}` after them
+(`ModelsRoutes`, `RequestStatusRoutes`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sagellm.gateway.openai.chat_completion.serving import ChatServing
 from sagellm.gateway.openai.completion.api_router import CompletionRoutes
 from sagellm.gateway.openai.embedding.api_router import EmbeddingRoutes
 from sagellm.gateway.openai.kv_transfer.serving import KVHandOff
+from sagellm.gateway.openai.pooling.api_router import PoolingRoutes
 from sagellm.gateway.serving.interface import ServingApi
 
 
@@ -49,9 +51,11 @@ class OpenAIApi:
         self.completions = CompletionRoutes(core, hand_off)
         self._chats = ChatRoutes(self.chat, to_core)
         self.embeddings = EmbeddingRoutes(core)
+        self._pooling = PoolingRoutes(self.embeddings)
 
     def register(self, app: App, guard: Guard | None) -> None:
         """The routes that run requests: all an API server answers itself (`api_servers`)."""
         self.completions.register(app, guard)
         self._chats.register(app, guard)
         self.embeddings.register(app, guard)
+        self._pooling.register(app, guard)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -51,9 +52,11 @@ class ServingCore:
         executor_args: Any = None,
         failover: FailoverPolicy | None = None,
         embedding_model: str | None = None,
+        pooling_models: Sequence[str] = (),
     ) -> None:
-        """`embedding_model`: also serve this embedding model, on a node of the graph (sagellm.operators.embedding)."""
-        self.graph = served_graph(graph, embedding_model)
+        """`embedding_model`: also serve this embedding model, on a node of the graph (sagellm.operators.embedding);
+        `pooling_models`: and these (rerankers, classifiers, more embedding models), a node each."""
+        self.graph = served_graph(graph, embedding_model, pooling_models)
         self.failover = failover or FailoverPolicy()
         self.source = HttpSource()
         self.model_name = served_model_name or str(graph.attrs.get("model") or "default")

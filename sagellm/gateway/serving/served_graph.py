@@ -9,6 +9,7 @@ package fits the same way."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sagellm.common.errors import InvalidInput
@@ -24,12 +25,13 @@ from sagellm.runtime.pipeline.spec import WILDCARD_HOST
 SOURCE_NODE = "http"
 REMOTE_NODE = "remote"
 EMBEDDING_NODE = "embedding"
+POOLING_NODE = "pooling"  # pooling-1, pooling-2, ...: --pooling-model's nodes
 
 
-def served_graph(graph: Graph, embedding_model: str | None = None) -> Graph:
+def served_graph(graph: Graph, embedding_model: str | None = None, pooling_models: Sequence[str] = ()) -> Graph:
     """The graph with one `http_source` in place of its sources, without the sinks that write replies themselves,
-    with the node that serves instances attached at run time and, given `embedding_model`, an embedding node beside
-    its engines."""
+    with the node that serves instances attached at run time and, given `embedding_model` and `pooling_models`
+    (rerankers, classifiers, more embedding models), an embedding node for each beside its engines."""
     graph = graph.copy()
     sources = nodes_running(graph, SourceOperator)
     if not sources:
@@ -42,9 +44,14 @@ def served_graph(graph: Graph, embedding_model: str | None = None) -> Graph:
     for target in targets:
         graph.connect(SOURCE_NODE, target)
     _add_beside_engines(graph, RemoteEngine.name, REMOTE_NODE)
-    if embedding_model:
-        params = {"model": embedding_model, "served_model_name": served_name(embedding_model)}
-        if not _add_beside_engines(graph, EmbeddingOperator.name, EMBEDDING_NODE, **params):
+    pooling = [(EMBEDDING_NODE, embedding_model)] if embedding_model else []
+    pooling += [(f"{POOLING_NODE}-{i}", model) for i, model in enumerate(pooling_models, 1)]
+    names = [served_name(model) for _, model in pooling]
+    if len(set(names)) < len(names):
+        raise InvalidInput(f"two pooling models are served as one name: {', '.join(names)}")
+    for (node_id, model), name in zip(pooling, names):
+        params = {"model": model, "served_model_name": name}
+        if not _add_beside_engines(graph, EmbeddingOperator.name, node_id, **params):
             raise InvalidInput("the graph has no route in the gateway's process to send embedding requests to")
     if "cluster" in graph.attrs and graph.attrs.get("transport") != "tcp":  # the engines it places there reach it
         graph.attrs["transport"] = "tcp"

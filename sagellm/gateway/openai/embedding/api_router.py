@@ -29,7 +29,11 @@ class EmbeddingRoutes:
     async def embeddings(self, http: HttpRequest) -> Response:
         body = http.json(EmbeddingRequest)
         model = self.core.embedding_model(body.model)
-        results = await self.vectors(model, _embedding_inputs(body.input), body.dimensions, key_owner(http), body.user)
+        card = self.core.embedder(model)
+        if card is not None and card.task != "embed":
+            why = "a sequence classifier, not an embedding model; its scores are served by /rerank, /score, /classify"
+            raise ApiError(400, f"model: {model} is {why} and /pooling", param="model")
+        results = await self.vectors(model, embedding_inputs(body.input), body.dimensions, key_owner(http), body.user)
         data = [
             {"object": "embedding", "index": i, "embedding": _encode_vector(r.vector, body.encoding_format)}
             for i, r in enumerate(results)
@@ -41,13 +45,16 @@ class EmbeddingRoutes:
     async def vectors(
         self,
         model: str,
-        inputs: list[str] | list[list[int]],
+        inputs: list[str] | list[list[int]] | list[tuple[str, str]],
         dimensions: int | None,
         owner: str,
         user: str | None = None,
+        truncate: bool = False,
     ) -> list[Embedding]:
         """Each input's vector from the embedding model `model`, each a pipeline request of its own; `dimensions`:
-        the size the caller asks for (a 400 unless it is the model's). Ollama's `/api/embed` runs through here."""
+        the size the caller asks for (a 400 unless it is the model's); a pair of texts is a cross-encoder's input;
+        `truncate`: an input over the model's length is cut to it (Ollama's default), not refused.
+        Ollama's `/api/embed` and the pooling routes run through here."""
         embedder = self.core.embedder(model)
         if dimensions is not None and (embedder is None or dimensions != embedder.dim):
             has = f"has {embedder.dim}" if embedder is not None else "is served elsewhere; its size is not asked for"
@@ -61,14 +68,23 @@ class EmbeddingRoutes:
                 user=user,
                 arrival_time=now,
                 owner=owner,
-                **({"prompt": item} if isinstance(item, str) else {"prompt_token_ids": item}),
+                truncate=truncate,
+                **_input_fields(item),
             )  # fmt: skip
             for item in inputs
         ]
         return await embedded(self.core.submit_all(requests))
 
 
-def _embedding_inputs(value: Any) -> list[str] | list[list[int]]:
+def _input_fields(item: str | list[int] | tuple[str, str]) -> dict[str, Any]:
+    if isinstance(item, str):
+        return {"prompt": item}
+    if isinstance(item, tuple):
+        return {"prompt": item[0], "pair": item[1]}
+    return {"prompt_token_ids": item}
+
+
+def embedding_inputs(value: Any) -> list[str] | list[list[int]]:
     if isinstance(value, str):
         return [value]
     if value and all(isinstance(v, int) for v in value):

@@ -1,0 +1,154 @@
+"""The pooling routes against a gateway serving a tiny random cross-encoder, a three-label classifier and an
+embedding model (`--pooling-model`, beside `-e`), one API server process in front so the cards cross processes:
+rerank in Jina's shape (`/rerank`, `/v1/rerank`) and Cohere's (`/v2/rerank`) equals sentence-transformers'
+CrossEncoder on the same weights (1e-4), best first, cut to top_n; `/score` pairs as vLLM does, on a cross-encoder
+and (cosine similarity) on an embedding model; `/classify` equals the transformers pipeline; `/pooling` returns the
+raw output; every client mistake is a 400 naming its field, and the models still serve after."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
+from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+
+pytestmark = pytest.mark.slow
+
+RERANKER, CLASSIFIER, EMBEDDER = "tiny-reranker", "tiny-classifier", "tiny-st"
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+QUERY = "the quick brown fox"
+DOCUMENTS = ["the lazy dog", "hello world !", "quick quick fox jumps over the lazy brown dog", "café"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("pooling")
+    return {
+        RERANKER: str(make_tiny_bert(root / RERANKER, seed=1, num_labels=1)),
+        CLASSIFIER: str(make_tiny_bert(root / CLASSIFIER, seed=2, num_labels=3, id2label=LABELS,
+                                       label2id={v: k for k, v in LABELS.items()})),
+        EMBEDDER: str(write_sentence_transformers_files(make_tiny_bert(root / EMBEDDER))),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gateway(models, tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("pool"), embedding_model=models[EMBEDDER],
+                         pooling_models=[models[RERANKER], models[CLASSIFIER]])  # fmt: skip
+    with running_gateway(GRAPHS / "control_plane.yaml", config, api_servers=1) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def http(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def oracle(models) -> list[float]:
+    """sentence-transformers' CrossEncoder on the reranker's weights: each document's score for QUERY."""
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(models[RERANKER], device="cpu").predict([(QUERY, d) for d in DOCUMENTS]).tolist()
+
+
+def _post(http: httpx.Client, path: str, body: dict) -> dict:
+    reply = http.post(path, json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank"])
+def test_rerank_in_jinas_shape_equals_the_cross_encoder(http, oracle, path) -> None:
+    body = _post(http, path, {"model": RERANKER, "query": QUERY, "documents": DOCUMENTS})
+    order = sorted(range(len(DOCUMENTS)), key=lambda i: -oracle[i])
+    assert [r["index"] for r in body["results"]] == order
+    for result in body["results"]:
+        assert result["relevance_score"] == pytest.approx(oracle[result["index"]], abs=1e-4)
+        assert result["document"] == {"text": DOCUMENTS[result["index"]]}
+    assert body["model"] == RERANKER and body["usage"]["total_tokens"] > 0
+    top = _post(http, path, {"model": RERANKER, "query": QUERY, "documents": [{"text": d} for d in DOCUMENTS],
+                             "top_n": 2, "return_documents": False})  # fmt: skip
+    assert [r["index"] for r in top["results"]] == order[:2] and "document" not in top["results"][0]
+
+
+def test_rerank_in_cohere_v2_shape(http, oracle) -> None:
+    body = _post(http, "/v2/rerank", {"model": RERANKER, "query": QUERY, "documents": DOCUMENTS, "top_n": 3})
+    assert len(body["results"]) == 3 and set(body["results"][0]) == {"index", "relevance_score"}
+    for result in body["results"]:
+        assert result["relevance_score"] == pytest.approx(oracle[result["index"]], abs=1e-4)
+    assert body["meta"]["billed_units"]["search_units"] == 1 and body["id"]
+
+
+def test_score_pairs_as_vllm_does(http, oracle) -> None:
+    many = _post(http, "/score", {"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS})
+    assert [d["score"] for d in many["data"]] == pytest.approx(oracle, abs=1e-4)
+    assert many["object"] == "list" and many["data"][0]["object"] == "score"
+    pairwise = _post(http, "/v1/score", {"model": RERANKER, "text_1": [QUERY, QUERY], "text_2": DOCUMENTS[:2]})
+    assert [d["score"] for d in pairwise["data"]] == pytest.approx(oracle[:2], abs=1e-4)
+
+
+def test_an_embedding_model_scores_by_cosine_similarity(http) -> None:
+    scored = _post(http, "/score", {"model": EMBEDDER, "text_1": QUERY, "text_2": DOCUMENTS[:2]})
+    vectors = _post(http, "/v1/embeddings", {"model": EMBEDDER, "input": [QUERY, *DOCUMENTS[:2]]})["data"]
+    query, *docs = (np.asarray(v["embedding"]) for v in vectors)
+    want = [float(query @ d / np.linalg.norm(query) / np.linalg.norm(d)) for d in docs]
+    assert [d["score"] for d in scored["data"]] == pytest.approx(want, abs=1e-5)
+    ranked = _post(http, "/rerank", {"model": EMBEDDER, "query": QUERY, "documents": DOCUMENTS[:2]})
+    assert [r["relevance_score"] for r in ranked["results"]] == pytest.approx(sorted(want, reverse=True), abs=1e-5)
+
+
+def test_classify_equals_the_transformers_pipeline(http, models) -> None:
+    from transformers import pipeline
+
+    body = _post(http, "/classify", {"model": CLASSIFIER, "input": DOCUMENTS})
+    classify = pipeline("text-classification", model=models[CLASSIFIER], device="cpu", top_k=None)
+    for row, scores in zip(body["data"], classify(DOCUMENTS)):
+        theirs = [next(s["score"] for s in scores if s["label"] == LABELS[i]) for i in range(3)]
+        assert row["probs"] == pytest.approx(theirs, abs=1e-5) and row["num_classes"] == 3
+        assert row["label"] == max(scores, key=lambda s: s["score"])["label"]
+
+
+def test_pooling_returns_the_raw_output(http) -> None:
+    logits = _post(http, "/pooling", {"model": CLASSIFIER, "input": DOCUMENTS[0]})["data"][0]["data"]
+    probs = _post(http, "/classify", {"model": CLASSIFIER, "input": DOCUMENTS[0]})["data"][0]["probs"]
+    assert torch.tensor(logits).softmax(-1).tolist() == pytest.approx(probs, abs=1e-6)
+    vector = _post(http, "/pooling", {"model": EMBEDDER, "input": "hello"})["data"][0]["data"]
+    assert vector == pytest.approx(
+        _post(http, "/v1/embeddings", {"model": EMBEDDER, "input": "hello"})["data"][0]["embedding"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/rerank", {"model": RERANKER, "query": QUERY, "documents": []}, "documents"),
+        ("/rerank", {"model": RERANKER, "query": QUERY, "documents": [{"image": "x"}]}, "documents[0]"),
+        ("/rerank", {"model": RERANKER, "query": QUERY, "documents": ["a"], "top_n": -1}, "top_n"),
+        (
+            "/rerank",
+            {"model": RERANKER, "query": QUERY, "documents": ["a"], "max_chunks_per_doc": 2},
+            "max_chunks_per_doc",
+        ),
+        (
+            "/v2/rerank",
+            {"model": RERANKER, "query": QUERY, "documents": ["a"], "return_documents": True},
+            "return_documents",
+        ),
+        ("/score", {"model": RERANKER, "text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_2"),
+        ("/score", {"model": CLASSIFIER, "text_1": "a", "text_2": "b"}, "model"),
+        ("/classify", {"model": EMBEDDER, "input": "a"}, "model"),
+        ("/v1/embeddings", {"model": RERANKER, "input": "a"}, "model"),
+        ("/rerank", {"model": "nope", "query": QUERY, "documents": ["a"]}, None),
+    ],
+)
+def test_client_mistakes_are_400s_naming_the_field(http, path, body, param) -> None:
+    reply = http.post(path, json=body)
+    assert reply.status_code == (404 if body["model"] == "nope" else 400), reply.text
+    error = reply.json()["error"]
+    assert error.get("param") == param or param is None, error
+    assert _post(http, "/score", {"model": RERANKER, "text_1": QUERY, "text_2": "dog"})["data"]  # still serving
