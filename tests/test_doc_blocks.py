@@ -80,6 +80,7 @@ EXPECTED = {
     "# tool calling": "get_weather",
     "sagellm gateway start\npython - <<'PY'\nimport anthropic": "tool_use get_weather",
     "sagellm gateway start\npython - <<'PY'\nimport ollama": "all-minilm-l6-v2:latest",
+    "sagellm gateway start\npython - <<'PY'\nimport json, time": "completed BatchRequestCounts(completed=2",
     "import asyncio\n\nfrom sagellm.control_plane": "COMPLETED The capital of France is Paris.",
 }
 

@@ -33,6 +33,10 @@ from sagellm.gateway import openapi
 from sagellm.gateway.anthropic.routes import MessagesRoutes
 from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
 from sagellm.gateway.api_servers.link import FrontEnd
+from sagellm.gateway.batches.batch_store import BatchStore
+from sagellm.gateway.batches.files import FileStore
+from sagellm.gateway.batches.routes import BatchRoutes
+from sagellm.gateway.batches.runner import BatchRunner
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.control.admin_routes import AdminRoutes
 from sagellm.gateway.control.autoscaler import Autoscaler, Autoscalers
@@ -95,6 +99,7 @@ def build_app(
     sleep_mode: SleepMode,
     scalers: Autoscalers | None = None,
     models: ModelPool | None = None,
+    batches: BatchRunner | None = None,
 ) -> App:
     problem = config.admin_auth_problem()
     if problem is not None:
@@ -115,6 +120,9 @@ def build_app(
     RequestStatusRoutes(core).register(app, api_guard)
     ResponsesRoutes(openai_api.preparation).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_api.chat).register(app, api_guard)
+    if batches is not None:
+        BatchRoutes(batches.files, batches.store, batches).register(app, api_guard)
+        batches.app = app
     AdminRoutes(core, tuple(c for c in (scalers, models) if c is not None)).register(app, admin_guard)
     upstreams = UpstreamAllowList(config.allowed_upstreams)
     ManagementRoutes(core, engines, upstreams).register(app, admin_guard, launch_guard)
@@ -177,7 +185,8 @@ async def serve(
     models = model_pool(config, core, engines, scalers)
     sleep_mode = SleepMode(core, wake_timeout_s=config.failover.retry_wait_s)
     core.readiness.add_sleep_mode(sleep_mode)
-    app = build_app(core, config, admin, engines, sleep_mode, scalers, models)
+    batches = BatchRunner(BatchStore(config.state_dir), FileStore(config.state_dir))
+    app = build_app(core, config, admin, engines, sleep_mode, scalers, models, batches)
     stop = trio.Event()
     membership = Memberships(config.join) if config.join is not None else None
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
@@ -187,6 +196,7 @@ async def serve(
             await nursery.start(engines.run)
             signals, member, scaling_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
             loading_scope = trio.CancelScope()
+            await nursery.start(batches.run)
             if models is not None:
                 _check_model_names(models, core)
                 await nursery.start(_keep_loading, models, loading_scope)
@@ -211,6 +221,7 @@ async def serve(
             signals.cancel()  # the server returned: stop was set and the requests it held have finished
             scaling_scope.cancel()  # no replica is added or drained while the gateway stops
             loading_scope.cancel()  # nor a model loaded or unloaded
+            batches.stop()  # batches stop where they are: the next start takes them up again
             if membership is not None:
                 with trio.CancelScope(shield=True):
                     await membership.leave()  # no-op if a signal already made it leave

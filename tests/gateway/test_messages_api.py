@@ -109,8 +109,14 @@ def test_a_tool_result_round_trip_and_its_stream(server) -> None:
     second = client.messages.create(model=server.core.model_name, max_tokens=30, tools=[WEATHER], messages=history,
                                     extra_body=GREEDY)  # fmt: skip
     assert second.content and second.stop_reason in ("end_turn", "max_tokens", "tool_use")
-    with client.messages.stream(model=server.core.model_name, max_tokens=80, tools=[WEATHER], extra_body=GREEDY,
-                                tool_choice={"type": "tool", "name": "get_weather"}, messages=question) as stream:
+    with client.messages.stream(
+        model=server.core.model_name,
+        max_tokens=80,
+        tools=[WEATHER],
+        extra_body=GREEDY,
+        tool_choice={"type": "tool", "name": "get_weather"},
+        messages=question,
+    ) as stream:
         final = stream.get_final_message()  # fmt: skip
     (streamed,) = [block for block in final.content if block.type == "tool_use"]
     assert final.stop_reason == "tool_use" and streamed.input == use.input  # greedy: the same call either way

@@ -84,6 +84,16 @@ def test_rerank_in_cohere_v2_shape(http, oracle) -> None:
     assert body["meta"]["billed_units"]["search_units"] == 1 and body["id"]
 
 
+def test_cohere_sdk_reranks_unchanged(gateway, oracle) -> None:
+    import cohere
+
+    client = cohere.ClientV2(api_key="unused", base_url=gateway.url, timeout=60)
+    reply = client.rerank(model=RERANKER, query=QUERY, documents=DOCUMENTS, top_n=2)
+    order = sorted(range(len(DOCUMENTS)), key=lambda i: -oracle[i])
+    assert [r.index for r in reply.results] == order[:2]
+    assert [r.relevance_score for r in reply.results] == pytest.approx([oracle[i] for i in order[:2]], abs=1e-4)
+
+
 def test_score_pairs_as_vllm_does(http, oracle) -> None:
     many = _post(http, "/score", {"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS})
     assert [d["score"] for d in many["data"]] == pytest.approx(oracle, abs=1e-4)

@@ -33,6 +33,11 @@ USER = {
     "GET /api/version", "GET /api/tags", "POST /api/show", "GET /api/ps", "POST /api/chat", "POST /api/generate",
     "POST /api/embed", "POST /api/embeddings", "POST /api/pull", "POST /api/create", "POST /api/copy",
     "DELETE /api/delete", "POST /api/push", "GET /api/blobs/{digest}", "POST /api/blobs/{digest}",
+    "POST /rerank", "POST /v1/rerank", "POST /v2/rerank", "POST /score", "POST /v1/score", "POST /classify",
+    "POST /pooling",
+    "POST /v1/files", "GET /v1/files", "GET /v1/files/{file_id}", "GET /v1/files/{file_id}/content",
+    "DELETE /v1/files/{file_id}", "POST /v1/batches", "GET /v1/batches", "GET /v1/batches/{batch_id}",
+    "POST /v1/batches/{batch_id}/cancel",
 }  # fmt: skip
 # The admin key: what changes the server (engines, models, adapters, policies, sleep, indexes) or shows its insides.
 ADMIN = {

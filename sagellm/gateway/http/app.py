@@ -36,6 +36,7 @@ class HttpRequest:
     body: bytes
     path_params: dict[str, str] = field(default_factory=dict)
     version: str = "HTTP/1.1"
+    owner: str | None = None  # the gateway's own request for a client (a batch's line): the key digest it runs for
 
     def json(self, into: type | None = None) -> Any:
         """The body decoded (and validated into the msgspec type `into`); a bad body is a 400 naming the field."""
@@ -174,16 +175,20 @@ class App:
         self.route("GET", f"{path}/{{{item}}}", handlers.show, guard)
         self.route("DELETE", f"{path}/{{{item}}}", handlers.delete, guard)
 
-    async def handle(self, request: HttpRequest, *, host_checked: bool = False) -> Response | EventStream:
+    async def handle(
+        self, request: HttpRequest, *, host_checked: bool = False, guarded: bool = True
+    ) -> Response | EventStream:
         """The reply to one request: the handler's, or an OpenAI-shaped error: a SageLLMError's status and code, and
         for a bug (an InternalError too) a 500 whose error id finds the traceback in the log. `host_checked`: an API
-        server that passed the request on checked its Host. Every reply carries an `x-request-id` (`request_id`)."""
-        reply = await self._reply(request, host_checked)
+        server that passed the request on checked its Host; `guarded=False`: the gateway's own request, for the
+        `owner` it names (a batch's line, whose key was checked when the batch was created), passes no guard. Every
+        reply carries an `x-request-id` (`request_id`)."""
+        reply = await self._reply(request, host_checked, guarded)
         if not any(name == b"x-request-id" for name, _ in reply.headers):  # (one a core's reply already has stays)
             reply.headers.append((b"x-request-id", request_id(request).encode()))
         return reply
 
-    async def _reply(self, request: HttpRequest, host_checked: bool) -> Response | EventStream:
+    async def _reply(self, request: HttpRequest, host_checked: bool, guarded: bool = True) -> Response | EventStream:
         shape = error_response  # OpenAI's, until the request's route says otherwise
         try:
             if not host_checked:
@@ -193,7 +198,7 @@ class App:
             route, request.path_params = self._match(request.method, request.path)
             shape = route.error_shape
             _check_content_type(request)
-            if route.guard is not None:
+            if route.guard is not None and guarded:
                 route.guard(request)
             return await route.handler(request)
         except Exception as exc:

@@ -26,8 +26,9 @@ def presented_key(request: HttpRequest) -> str | None:
 
 
 def key_owner(request: HttpRequest) -> str:
-    """Who sent a request, as the state the gateway keeps records it (sessions, request status)."""
-    return owner_of(presented_key(request))
+    """Who sent a request, as the state the gateway keeps records it (sessions, request status); the gateway's own
+    request (a batch's line) runs for the owner it names."""
+    return request.owner if request.owner is not None else owner_of(presented_key(request))
 
 
 def owner_of(key: str | None) -> str:

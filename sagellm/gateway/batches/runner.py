@@ -1,0 +1,200 @@
+"""Runs the batches: each request line of a batch's input file through the gateway's own route for its endpoint
+(`App.handle`, as if a client had sent it: admission, the scheduling policies, routing, failover), at the low
+priority class unless the line's body sets another, so live traffic goes first; at most LINES_IN_FLIGHT lines at a
+time across every batch. Each result is appended as it comes (batch_store.py); a batch unfinished when the gateway
+stopped is taken up again when it starts, from the lines without a result."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgspec
+import structlog
+import trio
+
+from sagellm.gateway.batches.batch_store import BatchRecord, BatchStore
+from sagellm.gateway.batches.files import FileStore
+from sagellm.gateway.http.app import App, EventStream, HttpRequest
+from sagellm.gateway.http.errors import ApiError
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank")
+LINES_IN_FLIGHT = 8  # a batch's requests in the engines at once, every batch together
+MAX_LINES = 50_000  # OpenAI's limit of requests in one batch
+MAX_ERRORS = 20  # validation errors reported of a bad input file
+log = structlog.get_logger("sagellm.gateway")
+
+
+class BatchRunner:
+    def __init__(self, store: BatchStore, files: FileStore) -> None:
+        self.store, self.files = store, files
+        self.app: App | None = None  # the gateway's application, set once it is built
+        self._limiter = trio.CapacityLimiter(LINES_IN_FLIGHT)
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._stopped = trio.CancelScope()
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs every batch until `stop`: first those a stopped gateway left unfinished."""
+        with self._stopped:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for record in self.store.unfinished():
+                    log.info("batch_resumed", batch=record.id, status=record.status)
+                    nursery.start_soon(self._run, record)
+                task_status.started()
+                await trio.sleep_forever()
+
+    def stop(self) -> None:
+        """Stops every batch where it is (the gateway stops): each is taken up again at the next start."""
+        self._stopped.cancel()
+
+    def start(self, record: BatchRecord) -> None:
+        if self._nursery is None:
+            raise RuntimeError("the batch runner is not running")
+        self._nursery.start_soon(self._run, record)
+
+    def cancel(self, record: BatchRecord) -> None:
+        """Stops a batch: no line starts after this, the ones running are cancelled, and what is done is kept."""
+        if record.status in ("validating", "in_progress"):
+            record.moved_to("cancelling")
+            self.store.save(record)
+        scope = self._scopes.get(record.id)
+        if scope is not None:
+            scope.cancel()
+
+    async def _run(self, record: BatchRecord) -> None:
+        """The batch to its end; a failure of its own (its input file gone, a full disk) fails it, not the
+        gateway."""
+        try:
+            with trio.CancelScope() as scope:
+                self._scopes[record.id] = scope
+                try:
+                    if record.status != "cancelling":
+                        await self._run_lines(record)
+                finally:
+                    del self._scopes[record.id]
+            self._finish(record)
+        except Exception as error:
+            log.exception("batch_failed", batch=record.id)
+            record.errors = [{"code": "server_error", "message": f"the batch stopped: {error}", "param": None,
+                              "line": None}]  # fmt: skip
+            record.moved_to("failed")
+            self.store.save(record)
+
+    async def _run_lines(self, record: BatchRecord) -> None:
+        try:
+            data = self.files.content(record.input_file_id, record.owner)
+        except (ApiError, OSError) as error:
+            data, gone = b"", str(error)
+        else:
+            gone = None
+        lines, errors = _parsed(data, record.endpoint)
+        if gone is not None:
+            errors = [{"code": "file_not_found", "message": gone, "param": "input_file_id", "line": None}]
+        if errors:
+            record.errors = errors
+            record.moved_to("failed")
+            self.store.save(record)
+            return
+        done, record.completed, record.failed = self.store.done(record)
+        record.total = len(lines)
+        if record.status == "validating":
+            record.moved_to("in_progress")
+        self.store.save(record)
+        async with trio.open_nursery() as nursery:
+            for line in lines:
+                if line["custom_id"] in done:
+                    continue
+                await self._limiter.acquire_on_behalf_of((record.id, line["custom_id"]))
+                nursery.start_soon(self._run_line, record, line)
+
+    async def _run_line(self, record: BatchRecord, line: dict[str, Any]) -> None:
+        try:
+            status, body = await self._answer(record, line)
+        finally:
+            self._limiter.release_on_behalf_of((record.id, line["custom_id"]))
+        failed = status != 200
+        result = {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line["custom_id"],
+                  "response": {"status_code": status, "request_id": secrets.token_hex(16), "body": body},
+                  "error": None}  # fmt: skip
+        self.store.append(record, result, failed)
+        if failed:
+            record.failed += 1
+        else:
+            record.completed += 1
+
+    async def _answer(self, record: BatchRecord, line: dict[str, Any]) -> tuple[int, Any]:
+        """The route's reply to the line's request, sent for the batch's owner at the low priority class."""
+        assert self.app is not None
+        headers = {"content-type": "application/json", "x-request-priority": "low"}
+        request = HttpRequest("POST", line["url"], headers, {}, msgspec.json.encode(line["body"]), owner=record.owner)
+        reply = await self.app.handle(request, host_checked=True, guarded=False)
+        if isinstance(reply, EventStream):  # refused when the batch was read; a route's own stream is a bug
+            return 500, {"error": {"message": "the route answered with a stream", "type": "server_error"}}
+        body = reply.body if not isinstance(reply.body, bytes) else msgspec.json.decode(reply.body or b"null")
+        return reply.status, body
+
+    def _finish(self, record: BatchRecord) -> None:
+        """The batch's output and error files, and its last status: completed, or cancelled."""
+        if record.status == "failed":
+            return
+        cancelled = record.status == "cancelling"
+        record.moved_to("finalizing")
+        for failed in (False, True):
+            data = self.store.results(record, failed)
+            if data:
+                name = f"{record.id}_{'error' if failed else 'output'}.jsonl"
+                file = self.files.add(record.owner, name, "batch_output", data)
+                setattr(record, "error_file_id" if failed else "output_file_id", file.id)
+        record.moved_to("cancelled" if cancelled else "completed")
+        self.store.save(record)
+        log.info("batch_done", batch=record.id, status=record.status, completed=record.completed, failed=record.failed)
+
+
+def _parsed(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The input file's request lines, and OpenAI's validation errors (empty when every line is good): each line a
+    JSON object with a unique `custom_id`, `method` POST, `url` the batch's endpoint and an object `body`, not
+    streamed."""
+    lines: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def bad(number: int, code: str, message: str, param: str | None = None) -> None:
+        if len(errors) < MAX_ERRORS:
+            errors.append({"code": code, "message": message, "param": param, "line": number})
+
+    for number, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            bad(number, "invalid_json_line", "this line is not valid JSON")
+            continue
+        if not isinstance(line, dict):
+            bad(number, "invalid_request", "a line is a JSON object")
+            continue
+        custom_id = line.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            bad(number, "missing_required_parameter", "a line needs a custom_id", "custom_id")
+        elif custom_id in seen:
+            bad(number, "duplicate_custom_id", f"the custom_id {custom_id!r} is on an earlier line too", "custom_id")
+        if line.get("method") != "POST":
+            bad(number, "invalid_method", "a line's method is POST", "method")
+        if line.get("url") != endpoint:
+            bad(number, "mismatched_url", f"this batch's lines go to {endpoint}, not {line.get('url')!r}", "url")
+        body = line.get("body")
+        if not isinstance(body, dict):
+            bad(number, "invalid_request", "a line's body is a JSON object", "body")
+        elif body.get("stream"):
+            bad(number, "invalid_request", "a batch's requests are not streamed", "body.stream")
+        seen.add(custom_id if isinstance(custom_id, str) else "")
+        lines.append(line)
+    if not lines and not errors:
+        errors.append({"code": "empty_file", "message": "the input file has no request lines", "param": None,
+                       "line": None})  # fmt: skip
+    if len(lines) > MAX_LINES:
+        message = f"at most {MAX_LINES} requests a batch, got {len(lines)}"
+        errors.append({"code": "too_many_requests", "message": message, "param": None, "line": None})
+    return lines, errors
