@@ -33,6 +33,7 @@ from sagellm.gateway import openapi
 from sagellm.gateway.anthropic.routes import MessagesRoutes
 from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
 from sagellm.gateway.api_servers.link import FrontEnd
+from sagellm.gateway.background import BackgroundTasks
 from sagellm.gateway.batches.batch_store import BatchStore
 from sagellm.gateway.batches.files import FileStore
 from sagellm.gateway.batches.routes import BatchRoutes
@@ -64,6 +65,7 @@ from sagellm.gateway.openai.lora.api_router import LoraRoutes
 from sagellm.gateway.openai.models.api_router import ModelsRoutes
 from sagellm.gateway.openai.request_status.api_router import RequestStatusRoutes
 from sagellm.gateway.openai.responses.api_router import ResponsesRoutes
+from sagellm.gateway.openai.responses.store import RESPONSES_DIR, ResponseStore
 from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
@@ -97,10 +99,11 @@ def build_app(
     admin: str,
     engines: EngineManager,
     sleep_mode: SleepMode,
+    batches: BatchRunner,
     scalers: Autoscalers | None = None,
     models: ModelPool | None = None,
-    batches: BatchRunner | None = None,
 ) -> App:
+    """The gateway's routes; `batches` runs the Batch API's batches, its tasks the background responses too."""
     problem = config.admin_auth_problem()
     if problem is not None:
         raise FieldError("admin_auth", problem)
@@ -118,11 +121,11 @@ def build_app(
     ModelsRoutes(core).register(app, api_guard)
     openai_api.register(app, api_guard)
     RequestStatusRoutes(core).register(app, api_guard)
-    ResponsesRoutes(openai_api.preparation).register(app, api_guard)
+    stored = ResponseStore(root=config.state_dir / RESPONSES_DIR)
+    ResponsesRoutes(openai_api.preparation, stored, batches.tasks).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_api.chat).register(app, api_guard)
-    if batches is not None:
-        BatchRoutes(batches.files, batches.store, batches).register(app, api_guard)
-        batches.app = app
+    BatchRoutes(batches.files, batches.store, batches).register(app, api_guard)
+    batches.app = app
     AdminRoutes(core, tuple(c for c in (scalers, models) if c is not None)).register(app, admin_guard)
     upstreams = UpstreamAllowList(config.allowed_upstreams)
     ManagementRoutes(core, engines, upstreams).register(app, admin_guard, launch_guard)
@@ -185,8 +188,9 @@ async def serve(
     models = model_pool(config, core, engines, scalers)
     sleep_mode = SleepMode(core, wake_timeout_s=config.failover.retry_wait_s)
     core.readiness.add_sleep_mode(sleep_mode)
-    batches = BatchRunner(BatchStore(config.state_dir), FileStore(config.state_dir))
-    app = build_app(core, config, admin, engines, sleep_mode, scalers, models, batches)
+    tasks = BackgroundTasks()
+    batches = BatchRunner(BatchStore(config.state_dir), FileStore(config.state_dir), tasks)
+    app = build_app(core, config, admin, engines, sleep_mode, batches, scalers, models)
     stop = trio.Event()
     membership = Memberships(config.join) if config.join is not None else None
     with single_errors():  # one failure (a join the head refused) is raised as itself, for the CLI to say
@@ -196,7 +200,9 @@ async def serve(
             await nursery.start(engines.run)
             signals, member, scaling_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
             loading_scope = trio.CancelScope()
-            await nursery.start(batches.run)
+            await nursery.start(tasks.run)
+            nursery.start_soon(tasks.stop_when, stop)  # at once: a batch's lines must not meet the drain's refusals
+            batches.resume()
             if models is not None:
                 _check_model_names(models, core)
                 await nursery.start(_keep_loading, models, loading_scope)
@@ -221,7 +227,6 @@ async def serve(
             signals.cancel()  # the server returned: stop was set and the requests it held have finished
             scaling_scope.cancel()  # no replica is added or drained while the gateway stops
             loading_scope.cancel()  # nor a model loaded or unloaded
-            batches.stop()  # batches stop where they are: the next start takes them up again
             if membership is not None:
                 with trio.CancelScope(shield=True):
                     await membership.leave()  # no-op if a signal already made it leave

@@ -38,6 +38,7 @@ USER = {
     "POST /v1/files", "GET /v1/files", "GET /v1/files/{file_id}", "GET /v1/files/{file_id}/content",
     "DELETE /v1/files/{file_id}", "POST /v1/batches", "GET /v1/batches", "GET /v1/batches/{batch_id}",
     "POST /v1/batches/{batch_id}/cancel",
+    "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}", "POST /v1/responses/{response_id}/cancel",
 }  # fmt: skip
 # The admin key: what changes the server (engines, models, adapters, policies, sleep, indexes) or shows its insides.
 ADMIN = {

@@ -10,34 +10,19 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
-from typing import TypeVar
 
 import msgspec
 import structlog
 
 from sagellm.common.private_files import write_private
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.state_records import kept_records
 
 FILES_DIR = "files"
 MAX_FILES = 500  # per API key
 MAX_OWNER_BYTES = 2 << 30  # per API key, uploads and outputs together
 PURPOSES = ("batch", "batch_output", "user_data", "evals", "fine-tune", "assistants", "vision")
 log = structlog.get_logger("sagellm.gateway")
-
-
-Record = TypeVar("Record")
-
-
-def kept_records(root: Path, pattern: str, kind: type[Record]) -> list[Record]:
-    """The records `root` keeps as `pattern` files, oldest name first; one that cannot be read is skipped, said in
-    the log (a store starts with the rest rather than not at all)."""
-    records = []
-    for path in sorted(root.glob(pattern)) if root.is_dir() else ():
-        try:
-            records.append(msgspec.json.decode(path.read_bytes(), type=kind))
-        except (OSError, msgspec.DecodeError) as error:
-            log.warning("record_unreadable", path=str(path), problem=str(error))
-    return records
 
 
 class FileRecord(msgspec.Struct, kw_only=True):

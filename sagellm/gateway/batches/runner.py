@@ -13,6 +13,7 @@ import msgspec
 import structlog
 import trio
 
+from sagellm.gateway.background import BackgroundTasks
 from sagellm.gateway.batches.batch_store import BatchRecord, BatchStore
 from sagellm.gateway.batches.files import FileStore
 from sagellm.gateway.http.app import App, EventStream, HttpRequest
@@ -26,54 +27,43 @@ log = structlog.get_logger("sagellm.gateway")
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStore, files: FileStore) -> None:
-        self.store, self.files = store, files
+    """Runs each batch as a task of the gateway's `BackgroundTasks`: stopped where it is when the gateway stops,
+    taken up again (`resume`) when it starts."""
+
+    def __init__(self, store: BatchStore, files: FileStore, tasks: BackgroundTasks) -> None:
+        self.store, self.files, self.tasks = store, files, tasks
         self.app: App | None = None  # the gateway's application, set once it is built
         self._limiter = trio.CapacityLimiter(LINES_IN_FLIGHT)
-        self._nursery: trio.Nursery | None = None
-        self._scopes: dict[str, trio.CancelScope] = {}
-        self._stopped = trio.CancelScope()
+        self._lines: dict[str, trio.CancelScope] = {}  # a running batch's lines: its cancel ends them, not the task
 
-    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Runs every batch until `stop`: first those a stopped gateway left unfinished."""
-        with self._stopped:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for record in self.store.unfinished():
-                    log.info("batch_resumed", batch=record.id, status=record.status)
-                    nursery.start_soon(self._run, record)
-                task_status.started()
-                await trio.sleep_forever()
-
-    def stop(self) -> None:
-        """Stops every batch where it is (the gateway stops): each is taken up again at the next start."""
-        self._stopped.cancel()
+    def resume(self) -> None:
+        """Takes up the batches a stopped gateway left unfinished."""
+        for record in self.store.unfinished():
+            log.info("batch_resumed", batch=record.id, status=record.status)
+            self.start(record)
 
     def start(self, record: BatchRecord) -> None:
-        if self._nursery is None:
-            raise RuntimeError("the batch runner is not running")
-        self._nursery.start_soon(self._run, record)
+        self.tasks.start(record.id, lambda: self._run(record))
 
     def cancel(self, record: BatchRecord) -> None:
         """Stops a batch: no line starts after this, the ones running are cancelled, and what is done is kept."""
         if record.status in ("validating", "in_progress"):
             record.moved_to("cancelling")
             self.store.save(record)
-        scope = self._scopes.get(record.id)
-        if scope is not None:
-            scope.cancel()
+        if (lines := self._lines.get(record.id)) is not None:
+            lines.cancel()
 
     async def _run(self, record: BatchRecord) -> None:
         """The batch to its end; a failure of its own (its input file gone, a full disk) fails it, not the
         gateway."""
         try:
-            with trio.CancelScope() as scope:
-                self._scopes[record.id] = scope
+            with trio.CancelScope() as lines:  # a cancel of the batch ends its lines; the gateway's stop, all of it
+                self._lines[record.id] = lines
                 try:
                     if record.status != "cancelling":
                         await self._run_lines(record)
                 finally:
-                    del self._scopes[record.id]
+                    del self._lines[record.id]
             self._finish(record)
         except Exception as error:
             log.exception("batch_failed", batch=record.id)

@@ -104,7 +104,7 @@ FIELD_HELP: dict[str, str] = {
     "previous_response_id": "continue a stored response's conversation",
     "store": "keep the response for `previous_response_id` (the latest 1,000 of each key, readable by that key)",
     "metadata": "string pairs, returned with the response",
-    "background": "refused when true: send the request and wait for it, or stream it",
+    "background": "run it in the background: answered `queued` at once, polled with GET /v1/responses/{id}",
     "reasoning": "`effort` goes to a model whose template takes one (gpt-oss: none and minimal are low, xhigh is "
     "high); otherwise `effort` and `summary` are taken and echoed, changing nothing",
     "include": "values naming items this server never makes (`reasoning.encrypted_content`, hosted tools' results) "

@@ -1,7 +1,10 @@
 """`POST /v1/responses`: a response request run as the chat it is (`ChatPreparation.prepared_chat`, so admission,
 policy, route, failover, guided decoding and tool parsing are the chat's own), answered whole or as the Responses
-API's typed event stream, and kept for `previous_response_id` when stored. A stream always ends with the event that
-says how (`events`): a request that fails after its first token ends with `response.failed`.
+API's typed event stream, and kept for `previous_response_id` and `GET /v1/responses/{id}` when stored (`DELETE`
+forgets it). A stream always ends with the event that says how (`events`): a request that fails after its first
+token ends with `response.failed`. With `background: true` the reply is the response `queued` at once; it runs as a
+task of the gateway's (`BackgroundTasks`), its states kept as they come for the client to poll, and `POST
+/v1/responses/{id}/cancel` ends it `cancelled`. One a restart interrupted reads `failed`, saying so.
 
 The gateway's core answers it: an API server passes it on (its route table has no `/v1/responses`), so every
 stored response is in one place whichever API server a follow-up reaches."""
@@ -13,8 +16,10 @@ from typing import Any
 
 import structlog
 
+from sagellm.gateway.background import BackgroundTasks
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.http.auth import key_owner
+from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
 from sagellm.gateway.openai.chat_completion.protocol import audio_parts, image_parts, images_named
 from sagellm.gateway.openai.generation.reply_bodies import usage
@@ -41,11 +46,41 @@ log = structlog.get_logger("sagellm.responses")
 
 
 class ResponsesRoutes:
-    def __init__(self, chat: ChatPreparation, store: ResponseStore | None = None) -> None:
-        self.chat, self.store = chat, store or ResponseStore()
+    def __init__(self, chat: ChatPreparation, store: ResponseStore, tasks: BackgroundTasks) -> None:
+        self.chat, self.store, self.tasks = chat, store, tasks
+        for stored in store.unfinished():
+            assert stored.body is not None
+            error = {"code": "server_error", "message": "the gateway restarted before this response finished"}
+            store.keep(
+                stored.id, stored.owner, stored.conversation, {**stored.body, "status": "failed", "error": error}
+            )
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("POST", "/v1/responses", self.create, guard)
+        app.route("GET", "/v1/responses/{response_id}", self.retrieve, guard)
+        app.route("DELETE", "/v1/responses/{response_id}", self.delete, guard)
+        app.route("POST", "/v1/responses/{response_id}/cancel", self.cancel, guard)
+
+    async def retrieve(self, http: HttpRequest) -> Response:
+        return Response(self.store.get(http.path_params["response_id"], key_owner(http)))
+
+    async def delete(self, http: HttpRequest) -> Response:
+        response_id, owner = http.path_params["response_id"], key_owner(http)
+        self.store.delete(response_id, owner)
+        self.tasks.cancel(response_id)  # a background one still running is not answered to anyone
+        return Response({"id": response_id, "object": "response", "deleted": True})
+
+    async def cancel(self, http: HttpRequest) -> Response:
+        """Cancels a background response that runs (OpenAI's: only those can be); one already done is as it is."""
+        response_id, owner = http.path_params["response_id"], key_owner(http)
+        body = self.store.get(response_id, owner)
+        if not body.get("background"):
+            raise ApiError(400, f"response {response_id!r} was not created in the background; only those are cancelled",
+                           param="response_id")  # fmt: skip
+        if self.tasks.cancel(response_id):
+            body = {**body, "status": "cancelled"}
+            self.store.keep(response_id, owner, self.store.conversation(response_id, owner), body)
+        return Response(body)
 
     async def create(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(ResponsesRequest)
@@ -62,16 +97,37 @@ class ResponsesRoutes:
         model = request.model or self.chat.core.model_name
 
         def answer(choice: Choice, reply: Reply) -> dict[str, Any]:
-            if body.store:
-                self.store.keep(response_id, owner, conversation_after(conversation, reply.content, reply.calls))
             output = output_items(reply.content, reply.calls, namespaces)
             if reply.reasoning is not None:  # the thinking first, as a reasoning item
                 output.insert(0, reasoning_item(reply.reasoning))
-            return response_body(response_id, model, body, output, usage([choice]), choice.finish_reason, created)
+            done = response_body(response_id, model, body, output, usage([choice]), choice.finish_reason, created)
+            if body.store:
+                self.store.keep(response_id, owner, conversation_after(conversation, reply.content, reply.calls), done)
+            return done
 
         def failed(error: dict[str, str]) -> dict[str, Any]:
             return response_body(response_id, model, body, [], None, None, created, status="failed", error=error)
 
+        if body.background:
+            queued = response_body(response_id, model, body, [], None, None, created, status="queued")
+            self.store.keep(response_id, owner, conversation, queued)
+
+            async def run() -> None:
+                self.store.keep(response_id, owner, conversation, {**queued, "status": "in_progress"})
+                stream = self.chat.core.submit(request)
+                try:
+                    (choice,) = await collect_choices([stream])
+                    reply = ReplyReader.whole(plan, choice.text) if plan.reads else Reply(None, choice.text or None, [])
+                except Exception as error:  # the request's failure, or this code's: the response says it
+                    code, why = (error.code, error.message) if isinstance(error, ApiError) else ("internal", str(error))
+                    self.store.keep(response_id, owner, conversation, failed(response_error(code, why)))
+                    return
+                finally:
+                    stream.cancel()  # a cancelled response's request ends too (a no-op once it has)
+                answer(choice, reply)
+
+            self.tasks.start(response_id, run)
+            return Response(queued)
         if not body.stream:
             (choice,) = await collect_choices([self.chat.core.submit(request)])
             reply = ReplyReader.whole(plan, choice.text) if plan.reads else Reply(None, choice.text or None, [])

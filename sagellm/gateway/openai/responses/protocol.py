@@ -147,8 +147,10 @@ def chat_body(
     """The chat a response request is, after the conversation so far (`history`: a stored response's), the
     conversation it makes (without the instructions, which apply to this response only, as OpenAI's do), and the
     namespace of each function a namespace tool held (its calls carry it)."""
-    if body.background:
-        raise ApiError.unsupported("background", "not supported; send the request and wait for it, or stream it")
+    if body.background and not body.store:
+        raise ApiError(400, "store: a background response is stored (store: true), to be read back", param="store")
+    if body.background and body.stream:
+        raise ApiError.unsupported("background", "not streamed yet: create it, then poll GET /v1/responses/{id}")
     _check_include(body.include)
     conversation = history + input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
@@ -285,6 +287,7 @@ def response_body(
         "parallel_tool_calls": body.parallel_tool_calls,
         "previous_response_id": body.previous_response_id,
         "store": body.store,
+        "background": body.background,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "text": {"format": msgspec.to_builtins(form) if (form := body.text and body.text.format) else {"type": "text"}},

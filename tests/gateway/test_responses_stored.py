@@ -1,0 +1,99 @@
+"""Responses that keep state, through the official openai SDK against a tiny llama: `responses.retrieve` returns a
+stored response as created, `responses.delete` forgets it (and its `previous_response_id`), a background response is
+`queued` at once and polled to the same output as the same request answered whole, `responses.cancel` ends a running
+one `cancelled`; and stored responses outlive a gateway restart: `previous_response_id` continues a conversation
+across it, and a background response the restart interrupted reads `failed`, saying why."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+
+from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return tiny_config(tmp_path_factory.mktemp("responses"), served_model_name=MODEL, api_keys=["sk-a", "sk-b"])
+
+
+@pytest.fixture(scope="module")
+def gateway(config, tiny_model):
+    with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as gw:
+        yield gw
+
+
+def _client(gateway, key: str = "sk-a") -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _polled(client: openai.OpenAI, response_id: str) -> openai.types.responses.Response:
+    deadline = time.monotonic() + 120
+    while (response := client.responses.retrieve(response_id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, response
+        time.sleep(0.05)
+    return response
+
+
+def test_retrieve_and_delete(gateway) -> None:
+    client = _client(gateway)
+    created = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=8, temperature=0)
+    kept = client.responses.retrieve(created.id)
+    assert kept.model_dump() == created.model_dump()
+    with pytest.raises(openai.NotFoundError):
+        _client(gateway, "sk-b").responses.retrieve(created.id)  # another key's is as good as absent
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="and?", previous_response_id=created.id, max_output_tokens=4)
+
+
+def test_a_background_response_is_polled_to_the_same_output(gateway) -> None:
+    client = _client(gateway)
+    asked = dict(model=MODEL, input="Count to five.", max_output_tokens=12, temperature=0)
+    queued = client.responses.create(**asked, background=True)
+    assert queued.status == "queued" and queued.background and queued.output == []
+    done = _polled(client, queued.id)
+    whole = client.responses.create(**asked)
+    assert done.status == whole.status and done.output_text == whole.output_text
+    assert done.usage.output_tokens == whole.usage.output_tokens
+    follow = client.responses.create(model=MODEL, input="Again.", previous_response_id=done.id, max_output_tokens=4)
+    assert follow.usage.input_tokens > whole.usage.input_tokens  # the conversation went on from the background one
+
+
+def test_cancel_ends_a_running_background_response(gateway) -> None:
+    client = _client(gateway)
+    running = client.responses.create(model=MODEL, input="Tell me a long story.", max_output_tokens=200,
+                                      background=True, extra_body={"ignore_eos": True})  # fmt: skip
+    cancelled = client.responses.cancel(running.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(running.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError):  # only background responses are cancelled
+        client.responses.cancel(client.responses.create(model=MODEL, input="hi", max_output_tokens=2).id)
+
+
+def test_stored_responses_outlive_a_restart(config, tiny_model) -> None:
+    with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as gw:
+        client = _client(gw)
+        first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=6, temperature=0)
+        interrupted = client.responses.create(model=MODEL, input="A long one.", max_output_tokens=200,
+                                              background=True, extra_body={"ignore_eos": True})  # fmt: skip
+        while client.responses.retrieve(interrupted.id).status == "queued":
+            time.sleep(0.02)
+    kept = json.loads((config.state_dir / "responses" / f"{first.id}.json").read_text())
+    assert kept["body"]["id"] == first.id and "sk-a" not in json.dumps(kept)  # the key's digest only
+    with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as gw:
+        client = _client(gw)
+        assert client.responses.retrieve(first.id).output_text == first.output_text
+        follow = client.responses.create(model=MODEL, input="What is my name?", previous_response_id=first.id,
+                                         max_output_tokens=4)  # fmt: skip
+        assert follow.usage.input_tokens > first.usage.input_tokens
+        stopped = client.responses.retrieve(interrupted.id)
+        assert stopped.status == "failed" and "restarted" in stopped.error.message
