@@ -65,7 +65,6 @@ from sagellm.gateway.openai.lora.api_router import LoraRoutes
 from sagellm.gateway.openai.models.api_router import ModelsRoutes
 from sagellm.gateway.openai.request_status.api_router import RequestStatusRoutes
 from sagellm.gateway.openai.responses.api_router import ResponsesRoutes
-from sagellm.gateway.openai.responses.store import RESPONSES_DIR, ResponseStore
 from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
@@ -121,8 +120,7 @@ def build_app(
     ModelsRoutes(core).register(app, api_guard)
     openai_api.register(app, api_guard)
     RequestStatusRoutes(core).register(app, api_guard)
-    stored = ResponseStore(root=config.state_dir / RESPONSES_DIR)
-    ResponsesRoutes(openai_api.preparation, stored, batches.tasks).register(app, api_guard)
+    ResponsesRoutes.kept_in(config.state_dir, openai_api.preparation, batches.tasks).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_api.chat).register(app, api_guard)
     BatchRoutes(batches.files, batches.store, batches).register(app, api_guard)
     batches.app = app

@@ -1,8 +1,9 @@
 """Responses that keep state, through the official openai SDK against a tiny llama: `responses.retrieve` returns a
 stored response as created, `responses.delete` forgets it (and its `previous_response_id`), a background response is
 `queued` at once and polled to the same output as the same request answered whole, `responses.cancel` ends a running
-one `cancelled`; and stored responses outlive a gateway restart: `previous_response_id` continues a conversation
-across it, and a background response the restart interrupted reads `failed`, saying why."""
+one `cancelled`; stored responses outlive a gateway restart: `previous_response_id` continues a conversation
+across it, and a background response the restart interrupted reads `failed`, saying why; and the Conversations API
+(`conversations.create`, `items.list`, `items.create`, ...) holds a conversation that a response continues."""
 
 from __future__ import annotations
 
@@ -97,3 +98,39 @@ def test_stored_responses_outlive_a_restart(config, tiny_model) -> None:
         assert follow.usage.input_tokens > first.usage.input_tokens
         stopped = client.responses.retrieve(interrupted.id)
         assert stopped.status == "failed" and "restarted" in stopped.error.message
+
+
+def test_conversations_through_the_sdk(gateway) -> None:
+    client, other = _client(gateway), _client(gateway, "sk-b")
+    conversation = client.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "My name is Ada."}], metadata={"topic": "names"}
+    )
+    assert conversation.id.startswith("conv_") and conversation.metadata == {"topic": "names"}
+    first = client.responses.create(model=MODEL, input="Hello!", conversation=conversation.id, max_output_tokens=6,
+                                    temperature=0)  # fmt: skip
+    assert first.conversation.id == conversation.id
+    items = client.conversations.items.list(conversation.id, order="asc").data
+    assert [(i.type, getattr(i, "role", None)) for i in items] == [("message", "user"), ("message", "user"),
+                                                                    ("message", "assistant")]  # fmt: skip
+    assert items[2].content[0].text == first.output_text
+    # the same turn sent as plain input over the conversation's history says the same
+    again = client.responses.create(model=MODEL, max_output_tokens=6, temperature=0, input=[
+        {"role": "user", "content": "My name is Ada."}, {"role": "user", "content": "Hello!"}])  # fmt: skip
+    assert again.output_text == first.output_text
+    added = client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "Bye."}])
+    assert (
+        len(added.data) == 1
+        and client.conversations.items.retrieve(added.data[0].id, conversation_id=conversation.id).id
+    )
+    client.conversations.items.delete(added.data[0].id, conversation_id=conversation.id)
+    assert len(client.conversations.items.list(conversation.id).data) == 3
+    assert client.conversations.update(conversation.id, metadata={"topic": "x"}).metadata == {"topic": "x"}
+    with pytest.raises(openai.NotFoundError):
+        other.conversations.retrieve(conversation.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=MODEL, input="hi", conversation=conversation.id, previous_response_id=first.id)
+    with pytest.raises(openai.BadRequestError):
+        client.conversations.create(items=[{"type": "image_generation_call"}])
+    assert client.conversations.delete(conversation.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, input="hi", conversation=conversation.id)

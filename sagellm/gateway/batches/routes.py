@@ -16,6 +16,7 @@ from sagellm.gateway.batches.runner import ENDPOINTS, BatchRunner
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.http.paging import page
 
 WINDOW_S = 24 * 3600  # the one completion window OpenAI offers, "24h"
 MAX_METADATA = 16  # OpenAI's: keys of at most 64 characters, values of at most 512
@@ -95,15 +96,7 @@ class BatchRoutes:
     async def list_batches(self, http: HttpRequest) -> Response:
         owned = sorted((r for r in self.batches.records.values() if r.owner == key_owner(http)),
                        key=lambda r: (-r.created_at, r.id))  # fmt: skip
-        after = http.query.get("after")
-        if after is not None:
-            ids = [r.id for r in owned]
-            owned = owned[ids.index(after) + 1 :] if after in ids else []
-        limit = _limit(http.query.get("limit"))
-        page = owned[:limit]
-        return Response({"object": "list", "data": [r.public() for r in page],
-                         "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
-                         "has_more": len(owned) > limit})  # fmt: skip
+        return Response(page([r.public() for r in owned], http.query))
 
     async def show(self, http: HttpRequest) -> Response:
         return Response(self._batch(http).public())
@@ -129,11 +122,3 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
         return
     if len(metadata) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
         raise ApiError(400, f"metadata: at most {MAX_METADATA} keys of 64 characters, values of 512", param="metadata")
-
-
-def _limit(value: str | None) -> int:
-    if value is None:
-        return 20
-    if not value.isdigit() or not 1 <= int(value) <= 100:
-        raise ApiError(400, f"limit: a number from 1 to 100, got {value!r}", param="limit")
-    return int(value)

@@ -12,6 +12,7 @@ stored response is in one place whichever API server a follow-up reaches."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,11 +25,19 @@ from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
 from sagellm.gateway.openai.chat_completion.protocol import audio_parts, image_parts, images_named
 from sagellm.gateway.openai.generation.reply_bodies import usage
 from sagellm.gateway.openai.responses.content import input_audios, input_images
+from sagellm.gateway.openai.responses.conversation_routes import ConversationRoutes
+from sagellm.gateway.openai.responses.conversations import (
+    CONVERSATIONS_DIR,
+    Conversation,
+    ConversationStore,
+    conversation_items,
+)
 from sagellm.gateway.openai.responses.events import ResponseEvents, response_error
 from sagellm.gateway.openai.responses.protocol import (
     ResponsesRequest,
     chat_body,
     conversation_after,
+    conversation_id,
     created_at,
     new_id,
     output_items,
@@ -36,7 +45,7 @@ from sagellm.gateway.openai.responses.protocol import (
     reasoning_item,
     response_body,
 )
-from sagellm.gateway.openai.responses.store import ResponseStore
+from sagellm.gateway.openai.responses.store import RESPONSES_DIR, ResponseStore
 from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
 from sagellm.gateway.replies.reader import Reply, ReplyReader, rendered
 from sagellm.gateway.serving.item_stream import ItemStream
@@ -46,8 +55,10 @@ log = structlog.get_logger("sagellm.responses")
 
 
 class ResponsesRoutes:
-    def __init__(self, chat: ChatPreparation, store: ResponseStore, tasks: BackgroundTasks) -> None:
-        self.chat, self.store, self.tasks = chat, store, tasks
+    def __init__(
+        self, chat: ChatPreparation, store: ResponseStore, tasks: BackgroundTasks, conversations: ConversationStore
+    ) -> None:
+        self.chat, self.store, self.tasks, self.conversations = chat, store, tasks, conversations
         for stored in store.unfinished():
             assert stored.body is not None
             error = {"code": "server_error", "message": "the gateway restarted before this response finished"}
@@ -55,11 +66,28 @@ class ResponsesRoutes:
                 stored.id, stored.owner, stored.conversation, {**stored.body, "status": "failed", "error": error}
             )
 
+    @classmethod
+    def kept_in(cls, state_dir: Path, chat: ChatPreparation, tasks: BackgroundTasks) -> ResponsesRoutes:
+        """The routes over the responses and conversations kept under `state_dir`."""
+        store = ResponseStore(root=state_dir / RESPONSES_DIR)
+        return cls(chat, store, tasks, ConversationStore(state_dir / CONVERSATIONS_DIR))
+
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("POST", "/v1/responses", self.create, guard)
+        ConversationRoutes(self.conversations).register(app, guard)
         app.route("GET", "/v1/responses/{response_id}", self.retrieve, guard)
         app.route("DELETE", "/v1/responses/{response_id}", self.delete, guard)
         app.route("POST", "/v1/responses/{response_id}/cancel", self.cancel, guard)
+
+    def _conversation(self, body: ResponsesRequest, owner: str) -> Conversation | None:
+        """The conversation the response continues, if it names one (not with previous_response_id: one history)."""
+        conversation = conversation_id(body)
+        if conversation is None:
+            return None
+        if body.previous_response_id is not None:
+            raise ApiError(400, "conversation: a response continues a conversation or a previous response, not both",
+                           param="conversation")  # fmt: skip
+        return self.conversations.get(conversation, owner)
 
     async def retrieve(self, http: HttpRequest) -> Response:
         return Response(self.store.get(http.path_params["response_id"], key_owner(http)))
@@ -85,7 +113,9 @@ class ResponsesRoutes:
     async def create(self, http: HttpRequest) -> Response | EventStream:
         body = http.json(ResponsesRequest)
         owner = key_owner(http)
-        chat, conversation, namespaces = chat_body(body, self.store.conversation(body.previous_response_id, owner))
+        thread = self._conversation(body, owner)
+        history = thread.history() if thread is not None else self.store.conversation(body.previous_response_id, owner)
+        chat, conversation, namespaces = chat_body(body, history)
         if self.chat.honours_effort(chat.model):  # else `reasoning` is taken and echoed, changing nothing
             chat.reasoning_effort = reasoning_effort(body.reasoning)
         # an image's refusal names its input part; the images of earlier inputs, fetched again, the response named
@@ -101,6 +131,8 @@ class ResponsesRoutes:
             if reply.reasoning is not None:  # the thinking first, as a reasoning item
                 output.insert(0, reasoning_item(reply.reasoning))
             done = response_body(response_id, model, body, output, usage([choice]), choice.finish_reason, created)
+            if thread is not None:  # the conversation goes on with this turn's input and output
+                self.conversations.add(thread, conversation_items(body.input, "input") + output)
             if body.store:
                 self.store.keep(response_id, owner, conversation_after(conversation, reply.content, reply.calls), done)
             return done

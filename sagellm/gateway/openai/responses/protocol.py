@@ -88,6 +88,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     top_p: float | None = None
     stream: bool = False
     previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None  # a conversation's id (or {"id": ...}): its items go before
     store: bool = True
     user: str | None = None
     metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA)] | None = None
@@ -95,6 +96,16 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     reasoning: Reasoning | None = None
     include: Annotated[list[str], msgspec.Meta(max_length=MAX_INCLUDE)] | None = None
     prompt_cache_key: str | None = None
+
+
+def conversation_id(body: ResponsesRequest) -> str | None:
+    """The conversation a response continues (`conversation`: its id, or an object with one)."""
+    given = body.conversation
+    if given is None or isinstance(given, str):
+        return given
+    if not isinstance(given.get("id"), str):
+        raise ApiError(400, 'conversation: a conversation\'s id, or an object {"id": ...}', param="conversation")
+    return given["id"]
 
 
 def new_id(prefix: str) -> str:
@@ -286,6 +297,7 @@ def response_body(
         "output": output,
         "parallel_tool_calls": body.parallel_tool_calls,
         "previous_response_id": body.previous_response_id,
+        "conversation": {"id": conversation_id(body)} if body.conversation is not None else None,
         "store": body.store,
         "background": body.background,
         "temperature": body.temperature,
