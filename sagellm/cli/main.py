@@ -25,6 +25,7 @@ from sagellm.cli import (
     model_cmd,
     plan_cmd,
     preset_cmd,
+    run_batch_cmd,
     run_cmd,
     serve_cmd,
     simulate_cmd,
@@ -38,6 +39,7 @@ from sagellm.common.openmp import prefer_short_spin
 COMMANDS = (
     run_cmd,
     serve_cmd,
+    run_batch_cmd,
     chat_cmd,
     gateway_cmd,
     engine_cmd,

@@ -41,7 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from sagellm.cli.run_cmd import build_graph
     from sagellm.common.logging import LOG_FORMAT_ENV
     from sagellm.gateway.http.port import check_port_free
     from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL
@@ -56,16 +55,24 @@ def run(args: argparse.Namespace) -> int:
     on_demand = _checked_on_demand(args, on_demand, embedding) if on_demand is not None else None
     if args.no_llm:
         return _serve_embeddings_only(args, embedding)
+    graph, config = graph_and_config(args, embedding)
+    config.models_on_demand = on_demand
+    trio.run(_serve_showing_progress, graph, config, args.api_servers)
+    return 0
+
+
+def graph_and_config(args: argparse.Namespace, embedding: str | None) -> tuple[Any, Any]:
+    """The graph `sagellm serve` runs for its model or graph argument, with the engine flags applied, and the
+    gateway's settings; the models fetched first (`sagellm run-batch` serves the same)."""
+    from sagellm.cli.run_cmd import build_graph
+
     _model_or_graph(args)
     _fetch(args.model, embedding, *args.pooling_model)  # before the graph is built: it imports torch (5-10 s)
     graph = apply_autoscale(apply_engine_settings(build_graph(args), args), args.autoscale)
     if args.ray_address:
         graph.attrs["cluster"] = {**graph.attrs.get("cluster", {}), "ray": args.ray_address}
     _fetch(graph.attrs.get("model"))  # a graph file's own model
-    config = _config(args, embedding, _first(args.served_model_name) or str(graph.attrs.get("model") or "default"))
-    config.models_on_demand = on_demand
-    trio.run(_serve_showing_progress, graph, config, args.api_servers)
-    return 0
+    return graph, _config(args, embedding, _first(args.served_model_name) or str(graph.attrs.get("model") or "default"))
 
 
 def apply_autoscale(graph: Any, bounds: str | None) -> Any:

@@ -90,6 +90,7 @@ class Gateway:
     hub: ApiServerHub | None = None  # with API servers: the core's end of them
     autoscaler: Autoscaler | None = None  # with `autoscale:` in the graph
     models: ModelPool | None = None  # with models loaded on demand
+    batches: BatchRunner | None = None  # the Batch API's batches (`sagellm run-batch` feeds them directly)
 
 
 def build_app(
@@ -221,7 +222,7 @@ async def serve(
                     own = [membership.settings.model] if core.registry.own_names() else []
                     joined = [*own, *(models.names() if models is not None else ())]
                     nursery.start_soon(_keep_membership, membership, url, joined, member)
-                task_status.started(Gateway(url, core, admin, stop, engines, hub, autoscaler, models))
+                task_status.started(Gateway(url, core, admin, stop, engines, hub, autoscaler, models, batches))
             signals.cancel()  # the server returned: stop was set and the requests it held have finished
             scaling_scope.cancel()  # no replica is added or drained while the gateway stops
             loading_scope.cancel()  # nor a model loaded or unloaded

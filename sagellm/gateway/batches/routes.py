@@ -4,9 +4,6 @@ is kept, never the key): another key's is a 404."""
 
 from __future__ import annotations
 
-import secrets
-import time
-
 import msgspec
 
 from sagellm.gateway.batches.batch_store import BatchRecord, BatchStore
@@ -18,7 +15,6 @@ from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.http.paging import page
 
-WINDOW_S = 24 * 3600  # the one completion window OpenAI offers, "24h"
 MAX_METADATA = 16  # OpenAI's: keys of at most 64 characters, values of at most 512
 
 
@@ -85,13 +81,7 @@ class BatchRoutes:
         if file.purpose != "batch":
             raise ApiError(400, f"input_file_id: {file.id} was uploaded for {file.purpose!r}, not 'batch'",
                            param="input_file_id")  # fmt: skip
-        now = int(time.time())
-        record = BatchRecord(id=f"batch_{secrets.token_hex(12)}", endpoint=body.endpoint, input_file_id=file.id,
-                             completion_window=body.completion_window, created_at=now, expires_at=now + WINDOW_S,
-                             owner=owner, metadata=body.metadata)  # fmt: skip
-        self.batches.save(record)
-        self.runner.start(record)
-        return Response(record.public())
+        return Response(self.runner.create(owner, file.id, body.endpoint, body.metadata).public())
 
     async def list_batches(self, http: HttpRequest) -> Response:
         owned = sorted((r for r in self.batches.records.values() if r.owner == key_owner(http)),

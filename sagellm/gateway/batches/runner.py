@@ -7,6 +7,7 @@ stopped is taken up again when it starts, from the lines without a result."""
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/r
 LINES_IN_FLIGHT = 8  # a batch's requests in the engines at once, every batch together
 MAX_LINES = 50_000  # OpenAI's limit of requests in one batch
 MAX_ERRORS = 20  # validation errors reported of a bad input file
+WINDOW_S = 24 * 3600  # the one completion window OpenAI offers, "24h"
 log = structlog.get_logger("sagellm.gateway")
 
 
@@ -41,6 +43,16 @@ class BatchRunner:
         for record in self.store.unfinished():
             log.info("batch_resumed", batch=record.id, status=record.status)
             self.start(record)
+
+    def create(self, owner: str, file_id: str, endpoint: str, metadata: dict[str, str] | None = None) -> BatchRecord:
+        """A new batch of the requests in `owner`'s file `file_id` to `endpoint`, started."""
+        now = int(time.time())
+        record = BatchRecord(id=f"batch_{secrets.token_hex(12)}", endpoint=endpoint, input_file_id=file_id,
+                             completion_window="24h", created_at=now, expires_at=now + WINDOW_S, owner=owner,
+                             metadata=metadata)  # fmt: skip
+        self.store.save(record)
+        self.start(record)
+        return record
 
     def start(self, record: BatchRecord) -> None:
         self.tasks.start(record.id, lambda: self._run(record))

@@ -102,6 +102,7 @@ FIELD_HELP: dict[str, str] = {
     "text": "`format`: `text`, `json_object` or `json_schema` (the reply follows it)",
     "max_output_tokens": "most tokens to generate; a cut reply is `incomplete`",
     "previous_response_id": "continue a stored response's conversation",
+    "conversation": "a conversation (`/v1/conversations`) whose items come first, this turn added to it after",
     "store": "keep the response for `previous_response_id` (the latest 1,000 of each key, readable by that key)",
     "metadata": "string pairs, returned with the response",
     "background": "run it in the background: answered `queued` at once, polled with GET /v1/responses/{id}",
