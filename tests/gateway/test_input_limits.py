@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.openai.embedding.api_router import _embedding_inputs
+from sagellm.gateway.openai.embedding.api_router import embedding_inputs
 from sagellm.runtime.engine.request_limits import MAX_EMBEDDING_INPUTS
 
 
 def test_an_embedding_request_carries_a_bounded_number_of_inputs() -> None:
-    assert _embedding_inputs(["a"] * MAX_EMBEDDING_INPUTS) == ["a"] * MAX_EMBEDDING_INPUTS
-    assert _embedding_inputs([[1, 2]] * 3) == [[1, 2]] * 3 and _embedding_inputs("one") == ["one"]
+    assert embedding_inputs(["a"] * MAX_EMBEDDING_INPUTS) == ["a"] * MAX_EMBEDDING_INPUTS
+    assert embedding_inputs([[1, 2]] * 3) == [[1, 2]] * 3 and embedding_inputs("one") == ["one"]
     with pytest.raises(ApiError) as raised:
-        _embedding_inputs(["a"] * (MAX_EMBEDDING_INPUTS + 1))
+        embedding_inputs(["a"] * (MAX_EMBEDDING_INPUTS + 1))
     assert raised.value.http_status == 400 and raised.value.param == "input" and "at most" in raised.value.message
