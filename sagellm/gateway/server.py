@@ -18,7 +18,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 import trio
 import zmq
@@ -41,7 +40,7 @@ from sagellm.gateway.batches.runner import BatchRunner
 from sagellm.gateway.config import GatewayConfig
 from sagellm.gateway.control.admin_routes import AdminRoutes
 from sagellm.gateway.control.autoscaler import Autoscaler, Autoscalers
-from sagellm.gateway.control.engine_spec import EngineSpec
+from sagellm.gateway.control.engine_spec import pooled_spec
 from sagellm.gateway.control.engines import EngineManager
 from sagellm.gateway.control.join import Memberships
 from sagellm.gateway.control.management_routes import ManagementRoutes
@@ -249,24 +248,6 @@ def model_pool(
                      wait_s=config.failover.retry_wait_s, autoscale=scaling, scalers=scalers)  # fmt: skip
     core.readiness.add_models_on_demand(pool)
     return pool
-
-
-def pooled_spec(name: str, source: str | dict[str, Any], engine: dict[str, Any]) -> EngineSpec:
-    """The engine a model on demand loads as, served as `name`: an llm engine of the model `source` with the `engine`
-    settings, or the engine `source` spells out (a preset's; the settings apply beneath an llm engine's own). Raises
-    FieldError."""
-    if isinstance(source, str):
-        spec = EngineSpec(model=source, served_model_name=name, engine=dict(engine))
-    else:
-        fields = {**source, "served_model_name": name}
-        if fields.get("kind", "llm") == "llm":
-            fields["engine"] = {**engine, **fields.get("engine", {})}
-        try:
-            spec = msgspec.convert(fields, EngineSpec)
-        except msgspec.ValidationError as error:
-            raise FieldError("models", f"the model {name!r}: {error}") from None
-    spec.check()
-    return spec
 
 
 def _serve_lora_modules(core: ServingCore, modules: dict[str, str], bases: dict[str, str]) -> None:

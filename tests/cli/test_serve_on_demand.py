@@ -17,7 +17,7 @@ from sagellm.cli import serve_cmd
 from sagellm.cli.serve_cmd import _graph_model_given, _model_or_graph, _models_on_demand
 from sagellm.cli.serve_flags import add_serve_arguments
 from sagellm.gateway.config import ModelsOnDemand
-from sagellm.gateway.server import pooled_spec
+from sagellm.gateway.control.engine_spec import pooled_spec
 from tests.cli.test_cli import SAGELLM
 from tests.cli.test_gateway_cli import free_port
 from tests.cli.test_serve_model import wait_until_ready

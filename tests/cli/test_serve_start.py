@@ -23,9 +23,9 @@ from sagellm.backends.native import build, isa
 from sagellm.cli.progress_display import _IMPORTED, seconds_since_start
 from sagellm.cli.serve_cmd import _preset_engine
 from sagellm.common import progress
+from sagellm.gateway.control.engine_spec import pooled_spec
 from sagellm.gateway.http.port import PortInUse, check_port_free
 from sagellm.gateway.http.server import _listen
-from sagellm.gateway.server import pooled_spec
 from sagellm.runtime.models.model_cache import ModelCacheError, looks_like_path, resolve_model
 from tests.cli.test_cli import SAGELLM
 from tests.cli.test_gateway_cli import free_port

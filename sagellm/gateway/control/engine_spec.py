@@ -210,3 +210,21 @@ class ManagedEngine:
             "gpus": self.gpus,
             "uptime_s": round(time.time() - self.created, 1),
         }
+
+
+def pooled_spec(name: str, source: str | dict[str, Any], engine: dict[str, Any]) -> EngineSpec:
+    """The engine a model on demand loads as, served as `name`: an llm engine of the model `source` with the `engine`
+    settings, or the engine `source` spells out (a preset's; the settings apply beneath an llm engine's own). Raises
+    FieldError."""
+    if isinstance(source, str):
+        spec = EngineSpec(model=source, served_model_name=name, engine=dict(engine))
+    else:
+        fields = {**source, "served_model_name": name}
+        if fields.get("kind", "llm") == "llm":
+            fields["engine"] = {**engine, **fields.get("engine", {})}
+        try:
+            spec = msgspec.convert(fields, EngineSpec)
+        except msgspec.ValidationError as error:
+            raise FieldError("models", f"the model {name!r}: {error}") from None
+    spec.check()
+    return spec
