@@ -32,7 +32,6 @@ from sagellm.gateway import openapi
 from sagellm.gateway.anthropic.routes import MessagesRoutes
 from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
 from sagellm.gateway.api_servers.link import FrontEnd
-from sagellm.gateway.background import BackgroundTasks
 from sagellm.gateway.batches.batch_store import BatchStore
 from sagellm.gateway.batches.files import FileStore
 from sagellm.gateway.batches.routes import BatchRoutes
@@ -65,6 +64,7 @@ from sagellm.gateway.openai.models.api_router import ModelsRoutes
 from sagellm.gateway.openai.request_status.api_router import RequestStatusRoutes
 from sagellm.gateway.openai.responses.api_router import ResponsesRoutes
 from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
+from sagellm.gateway.serving.background import BackgroundTasks
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
 from sagellm.gateway.sessions.store import SessionStore

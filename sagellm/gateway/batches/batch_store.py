@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from sagellm.common.private_files import write_private
-from sagellm.gateway.state_records import kept_records
+from sagellm.gateway.serving.state_records import kept_records
 
 BATCHES_DIR = "batches"
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")

@@ -16,7 +16,7 @@ import structlog
 
 from sagellm.common.private_files import write_private
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.state_records import kept_records
+from sagellm.gateway.serving.state_records import kept_records
 
 FILES_DIR = "files"
 MAX_FILES = 500  # per API key

@@ -14,11 +14,11 @@ import msgspec
 import structlog
 import trio
 
-from sagellm.gateway.background import BackgroundTasks
 from sagellm.gateway.batches.batch_store import BatchRecord, BatchStore
 from sagellm.gateway.batches.files import FileStore
 from sagellm.gateway.http.app import App, EventStream, HttpRequest
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.background import BackgroundTasks
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank")
 LINES_IN_FLIGHT = 8  # a batch's requests in the engines at once, every batch together

@@ -17,7 +17,6 @@ from typing import Any
 
 import structlog
 
-from sagellm.gateway.background import BackgroundTasks
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
@@ -48,6 +47,7 @@ from sagellm.gateway.openai.responses.protocol import (
 from sagellm.gateway.openai.responses.store import RESPONSES_DIR, ResponseStore
 from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
 from sagellm.gateway.replies.reader import Reply, ReplyReader, rendered
+from sagellm.gateway.serving.background import BackgroundTasks
 from sagellm.gateway.serving.item_stream import ItemStream
 from sagellm.runtime.pipeline.messages import RequestError, TokenDelta
 

@@ -15,7 +15,7 @@ import msgspec
 from sagellm.common.private_files import write_private
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.responses.protocol import input_messages, new_id
-from sagellm.gateway.state_records import kept_records
+from sagellm.gateway.serving.state_records import kept_records
 
 CONVERSATIONS_DIR = "conversations"
 MAX_CONVERSATIONS = 1_000  # per API key

@@ -18,7 +18,7 @@ import msgspec
 
 from sagellm.common.private_files import write_private
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.state_records import kept_records
+from sagellm.gateway.serving.state_records import kept_records
 
 MAX_STORED_PER_KEY = 1_000  # responses kept per key (API key owner) for previous_response_id, its oldest forgotten
 MAX_STORED = 10_000  # responses kept in all: the memory bound whatever the number of keys
