@@ -122,7 +122,7 @@ def build_app(
     RequestStatusRoutes(core).register(app, api_guard)
     ResponsesRoutes.kept_in(config.state_dir, openai_api.preparation, batches.tasks).register(app, api_guard)
     SessionRoutes(SessionStore(config.state_dir), openai_api.chat).register(app, api_guard)
-    BatchRoutes(batches.files, batches.store, batches).register(app, api_guard)
+    BatchRoutes(batches).register(app, api_guard)
     batches.app = app
     AdminRoutes(core, tuple(c for c in (scalers, models) if c is not None)).register(app, admin_guard)
     upstreams = UpstreamAllowList(config.allowed_upstreams)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import msgspec
 
-from sagellm.gateway.batches.batch_store import BatchRecord, BatchStore
-from sagellm.gateway.batches.files import PURPOSES, FileStore
+from sagellm.gateway.batches.batch_store import BatchRecord
+from sagellm.gateway.batches.files import PURPOSES
 from sagellm.gateway.batches.multipart import form_fields
 from sagellm.gateway.batches.runner import ENDPOINTS, BatchRunner
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
@@ -26,8 +26,8 @@ class CreateBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class BatchRoutes:
-    def __init__(self, files: FileStore, batches: BatchStore, runner: BatchRunner) -> None:
-        self.files, self.batches, self.runner = files, batches, runner
+    def __init__(self, runner: BatchRunner) -> None:
+        self.runner, self.files, self.batches = runner, runner.files, runner.store
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("POST", "/v1/files", self.upload, guard)
