@@ -32,6 +32,9 @@ budget allows. With a threshold T:
 - a step scores at most T prompt positions for prompt logprobs (`echo` with `logprobs`), whoever asked (`scored_tokens`
   may set it apart): each adds a row of the vocabulary projection and its log-softmax to the step.
 
+The classes that yield (`low` and after: a batch job's requests) take their shares by `yielding.py`'s rules: a
+step's worth of prompt tokens between them at most, held in a step that can start a higher class's short prompt.
+
 T = 0 turns all of it off: each prompt takes what the budget leaves, as before. The chunk may be set apart from
 what counts as long (`chunk_tokens`): the engine's default (`long_prefill_shares`) calls long only the prompts that
 take several steps anyway (more than a step's budget) and those scored for prompt logprobs past the scored share, so
@@ -45,6 +48,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from sagellm.runtime.engine.priority_classes import YIELDING_PRIORITY, yields
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
 
 # How long after the last prompt that was not long a long prompt alone still takes its share, not whole steps: a chat
@@ -101,11 +105,16 @@ def long_past(seq: Sequence, threshold: int, scored_tokens: int) -> int:
     return (scored_tokens or threshold) if seq.scores_prompt else threshold
 
 
-def short_prompt_waits(waiting: Iterable[Sequence], threshold: int, scored_tokens: int = 0) -> bool:
-    """Whether a prompt that is not long waits (threshold 0: no prompt is long, none is short either): the step, if
-    it can start it, is then its alone, the long prompts' chunks held for the next."""
+def short_prompt_waits(
+    waiting: Iterable[Sequence], threshold: int, scored_tokens: int = 0, yielding_from: int | None = None
+) -> bool:
+    """Whether a prompt that is not long waits (threshold 0: no prompt is long, none is short either), of a class
+    that does not yield: the step, if it can start it, is then its alone, the long and yielding prompts' chunks held
+    for the next."""
     return threshold > 0 and any(
-        seq.num_tokens - seq.num_computed_tokens <= long_past(seq, threshold, scored_tokens) for seq in waiting
+        seq.num_tokens - seq.num_computed_tokens <= long_past(seq, threshold, scored_tokens)
+        and not yields(seq.priority, yielding_from)
+        for seq in waiting
     )
 
 
@@ -129,18 +138,26 @@ class PrefillShares:
         chunk_tokens: int = 0,
         scored_tokens: int = 0,
         alone: bool = False,
+        yielding_from: int | None = None,
+        yielding_tokens: int | None = None,
     ) -> None:
         """`threshold` 0: every prompt takes what the budget leaves it (the shares of a step that schedules
         nothing new); `context_scale` 0: chunks in plain tokens, however deep (vLLM's); `shorts_first`: a short
         prompt waits, and this step is its alone: long prompts' chunks wait for the next; `chunk_tokens`: a long
         prompt's tokens a step (0: the threshold's); `scored_tokens`: the prompt positions a step scores (0: the
-        chunk's); `alone`: the one sequence in the engine, running or waiting: a long prompt's chunk is the budget."""
+        chunk's); `alone`: the one sequence in the engine, running or waiting: a long prompt's chunk is the budget;
+        `yielding_from`: the classes from this priority on yield to a higher one this step (None: none does);
+        `yielding_tokens`: the prompt tokens the yielding classes may compute this step between them (None: no
+        limit)."""
         self.threshold, self.max_partial, self.max_long = threshold, max_partial, max_long
         self.context_scale, self.shorts_first, self.alone = context_scale, shorts_first, alone
         self.chunk_tokens = (chunk_tokens or threshold) if threshold else 0
         self.held_long = False  # whether a long prompt's chunk was held back for the short ones
         self.scored_tokens = (scored_tokens or self.chunk_tokens) if threshold else 0
         self.scored_left = self.scored_tokens or None  # prompt positions this step may still score; None: no limit
+        self.yielding_from = yielding_from if threshold else None
+        self.yielding_left = yielding_tokens if threshold else None  # what the yielding prompts may still compute
+        self.yielding_spent = 0
         # The running prompts mid-prefill: each holds a seat, and a long one a long seat, until its prefill ends.
         self._prefilling = [seq for seq in running if seq.num_tokens - seq.num_computed_tokens > 1]
         self._new_partial = self._new_long = 0  # seats taken this step by prompts admitted in it
@@ -168,6 +185,11 @@ class PrefillShares:
                 self.held_long = True
                 return 0
             n = min(n, chunk)
+        if self._yielding_prefill(seq, computed):
+            if self.shorts_first and self.yielding_from is not None:  # a higher class's short prompt waits
+                self.held_long = True
+                return 0
+            n = min(n, self.yielding_left)
         if self.scored_left is not None and seq.scores_prompt:
             scored = seq.prompt_scored_positions(n)
             if len(scored) > self.scored_left:  # the positions before the first still unscored cost no logits
@@ -195,6 +217,9 @@ class PrefillShares:
         """`seq` computes `n` tokens this step (`admitted`: it starts in this step); before its counter moves."""
         if self.scored_left is not None and seq.scores_prompt:
             self.scored_left -= len(seq.prompt_scored_positions(n))
+        if self._yielding_prefill(seq, seq.num_computed_tokens):
+            self.yielding_left -= n
+            self.yielding_spent += n
         left = tokens_left(seq, seq.num_computed_tokens)
         if not admitted:
             self._scheduled[seq] = n
@@ -207,6 +232,10 @@ class PrefillShares:
         running now is through: they take none of the running batch's seats until then."""
         waiting_long = sum(self.is_long(seq, tokens_left(seq, seq.num_computed_tokens)) for seq in waiting)
         return max(0, waiting_long - max(0, self.max_long - self._long()))
+
+    def _yielding_prefill(self, seq: Sequence, computed: int) -> bool:
+        """Whether `seq` computes its prompt (not its next token), of a class that yields."""
+        return self.yielding_left is not None and seq.num_tokens - computed > 1 and seq.priority >= YIELDING_PRIORITY
 
     def _partial(self) -> int:
         """Prompts whose prefill goes on past this step: a running one whose last chunk is in it frees its seat."""

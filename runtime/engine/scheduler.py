@@ -30,8 +30,9 @@ from sagellm.runtime.engine.lora_slots import LoraSlots
 from sagellm.runtime.engine.media_spans import whole_runs_chunk
 from sagellm.runtime.engine.request_queue import QUEUES, serving_order
 from sagellm.runtime.engine.sequence import Sequence, SequenceStatus
-from sagellm.runtime.engine.state_slots import StateSlots
+from sagellm.runtime.engine.state_slots import StateSlots, plan_checkpoints
 from sagellm.runtime.engine.window_blocks import WindowedBlocks
+from sagellm.runtime.engine.yielding import YieldingCredit
 
 if TYPE_CHECKING:
     from sagellm.runtime.engine.kv_tiers.prefix_tiers import PrefixTiers
@@ -164,6 +165,7 @@ class Scheduler:
         self._rollbacks: dict[Sequence, int] = {}
         self._long_holds = 0  # steps in a row that held long prompts' chunks back for short ones
         self.shorts = ShortArrivals(self.config.long_prefill_token_threshold)
+        self.yielding = YieldingCredit()  # what a batch job's prompts may compute beside live requests
         self.tiers: PrefixTiers | None = None  # the tiers under the prefix cache (set by the engine's builder)
 
     def add(self, seq: Sequence) -> None:
@@ -205,7 +207,9 @@ class Scheduler:
         shares.shorts_first = (
             self._long_holds < MAX_LONG_HOLDS
             and seat_free
-            and short_prompt_waits(filter(self.may_start, self.waiting), shares.threshold, shares.scored_tokens)
+            and short_prompt_waits(
+                filter(self.may_start, self.waiting), shares.threshold, shares.scored_tokens, shares.yielding_from
+            )
         )
         step = _Step(self.config.max_num_batched_tokens, shares)
         index = 0
@@ -235,6 +239,7 @@ class Scheduler:
         if not step.preempted:
             self._admit_waiting(step)
         self._long_holds = self._long_holds + 1 if shares.held_long else 0
+        self.yielding.stepped(step.scheduled, shares.yielding_from, shares.yielding_spent)
         recurrent = self.state_slots is not None
         scheduled = sorted(step.scheduled.items(), key=lambda item: not _decodes(*item, recurrent))  # decodes first
         batch = ScheduledBatch([seq for seq, _ in scheduled], [n for _, n in scheduled], step.preempted,
@@ -243,7 +248,8 @@ class Scheduler:
             rolled_back = {seq: self._rollbacks.pop(seq) for seq in list(self._rollbacks) if seq in step.scheduled}
             batch.restores = {seq: slot for seq, slot in step.restores.items() if seq in step.scheduled} | rolled_back
             batch.state_writes = {seq: states for seq, states in step.state_writes.items() if seq in step.scheduled}
-            batch.checkpoints = self._plan_checkpoints(scheduled)
+            tiered = self.tiers is not None
+            batch.checkpoints = plan_checkpoints(self.state_slots, self.block_manager, scheduled, tiered)
         if self.tiers is not None:  # the blocks this schedule evicted go down before the step writes them
             self.tiers.store_evicted()
         return batch
@@ -258,30 +264,11 @@ class Scheduler:
         """The prefills' shares of the step to come, from the sequences running now."""
         c = self.config
         alone = c.long_prefill_whole_alone and len(self.running) + len(self.waiting) == 1 and self.shorts.quiet()
+        yielding_from, yielding_tokens = self.yielding.plan((*self.running, *self.waiting))
         return PrefillShares(c.long_prefill_token_threshold, c.max_num_partial_prefills, c.max_long_partial_prefills,
                              self.running, c.long_prefill_context_scale, chunk_tokens=c.long_prefill_chunk_tokens,
-                             scored_tokens=c.long_prefill_scored_tokens, alone=alone)  # fmt: skip
-
-    def _plan_checkpoints(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, tuple[int, int]]:
-        """For each chunk verifying proposals, a checkpoint of its recurrent states after the sequence's own tokens
-        into its seat's rollback slot; for each prefill chunk, one at the last block boundary it computes (at most
-        the prompt's last token but one: a prompt that shares all of it still computes its last token)."""
-        plans: dict[Sequence, tuple[int, int]] = {}
-        bs = self.block_manager.block_size
-        for seq, n in scheduled:
-            start = seq.num_computed_tokens
-            if seq.spec_token_ids:
-                plans[seq] = (seq.num_tokens - start, self.state_slots.rollback_slot(seq.state_slot))
-                continue
-            boundary = min(start + n, seq.num_tokens - 1) // bs * bs
-            if not self.block_manager.enable_prefix_caching or _decodes(seq, n, True) or boundary <= start:
-                continue
-            index = boundary // bs
-            meta = self.block_manager.block_meta(seq, index - 1) if self.tiers is not None else None
-            slot = self.state_slots.plan_checkpoint(self.block_manager.prefix_hash(seq, index), meta)
-            if slot is not None:
-                plans[seq] = (boundary - start, slot)
-        return plans
+                             scored_tokens=c.long_prefill_scored_tokens, alone=alone, yielding_from=yielding_from,
+                             yielding_tokens=yielding_tokens)  # fmt: skip
 
     def _admit_waiting(self, step: _Step) -> None:
         """Starts waiting sequences in serving order while the step has budget, a seat and blocks for them; one

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sagellm.runtime.engine.kv_tiers.block_file import BlockMeta
 from sagellm.runtime.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from sagellm.runtime.engine.block_manager import BlockManager
+    from sagellm.runtime.engine.window_blocks import WindowedBlocks
 
 
 class StateSlots:
@@ -114,3 +119,28 @@ class StateSlots:
                 self._meta.pop(prefix_hash, None)
         self._planned.clear()
         self._read.clear()
+
+
+def plan_checkpoints(
+    slots: StateSlots, blocks: BlockManager | WindowedBlocks, scheduled: list[tuple[Sequence, int]], tiered: bool
+) -> dict[Sequence, tuple[int, int]]:
+    """A step's checkpoints, (tokens before it, slot) by sequence: for each chunk verifying proposals, one of its
+    recurrent states after the sequence's own tokens into its seat's rollback slot; for each prefill chunk, one at
+    the last block boundary it computes (at most the prompt's last token but one: a prompt that shares all of it
+    still computes its last token). `tiered`: the prefix cache has tiers under it, which keep each block's meta."""
+    plans: dict[Sequence, tuple[int, int]] = {}
+    bs = blocks.block_size
+    for seq, n in scheduled:
+        start = seq.num_computed_tokens
+        if seq.spec_token_ids:
+            plans[seq] = (seq.num_tokens - start, slots.rollback_slot(seq.state_slot))
+            continue
+        boundary = min(start + n, seq.num_tokens - 1) // bs * bs
+        if not blocks.enable_prefix_caching or n == 1 or boundary <= start:  # n == 1: a decode
+            continue
+        index = boundary // bs
+        meta = blocks.block_meta(seq, index - 1) if tiered else None
+        slot = slots.plan_checkpoint(blocks.prefix_hash(seq, index), meta)
+        if slot is not None:
+            plans[seq] = (boundary - start, slot)
+    return plans

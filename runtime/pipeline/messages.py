@@ -25,8 +25,6 @@ Phase = Literal["colocated", "prefill", "decode", "embed"]  # embed: the prompt'
 # Bounded integers for what a client writes: whatever decodes into them also fits the wire's 64-bit msgpack integers,
 # so no value a client sends can fail to encode when its request crosses processes.
 Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
-# Priority classes by name (the control-plane API's RequestPriority, a body's `priority`); lower runs first.
-PRIORITY_CLASSES = {"critical": -1, "high": 0, "normal": 1, "low": 2}
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # the model's vocabulary is checked at admission
 
 

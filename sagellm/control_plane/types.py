@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sagellm.common.errors import FieldError
-from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES
+from sagellm.runtime.engine.priority_classes import PRIORITY_CLASSES
 
 DEFAULT_MAX_TOKENS = 512  # a request that sets none: the seed's executors send `max_tokens or 512`
 

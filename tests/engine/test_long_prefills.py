@@ -271,7 +271,7 @@ def test_under_priority_a_long_prompt_without_a_seat_is_passed_over_too():
     s.add(seq("running", 30))
     step(s)
     s.add(seq("long", 30, start=100, priority=0))
-    s.add(seq("short", 4, start=200, priority=5))
+    s.add(seq("short", 4, start=200, priority=1))
     assert chunks(step(s)) == {"short": 4}
     assert chunks(step(s)) == {"running": 8, "short": 1}  # `long` waits for the long seat `running` holds
 

@@ -204,7 +204,7 @@ def test_a_graph_s_engine_node_takes_the_policy():
 # -- the engine ---------------------------------------------------------------------------------------------------
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPTS = {"low1": [5, 6, 7, 8, 9], "low2": [10, 11, 12], "high": [13, 14, 15, 16]}
-PRIORITIES = {"low1": 2, "low2": 2, "high": 0}
+PRIORITIES = {"low1": 1, "low2": 1, "high": 0}  # classes that do not yield: the queue alone orders them
 
 
 @pytest.fixture(scope="module")

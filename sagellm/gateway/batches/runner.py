@@ -35,6 +35,9 @@ class BatchRunner:
     def __init__(self, store: BatchStore, files: FileStore, tasks: BackgroundTasks) -> None:
         self.store, self.files, self.tasks = store, files, tasks
         self.app: App | None = None  # the gateway's application, set once it is built
+        # The class the lines are sent at: `low` yields to live requests in the engine (yielding.py); `sagellm
+        # run-batch`'s gateway serves nobody else, and sends them `normal`.
+        self.priority = "low"
         self._limiter = trio.CapacityLimiter(LINES_IN_FLIGHT)
         self._lines: dict[str, trio.CancelScope] = {}  # a running batch's lines: its cancel ends them, not the task
 
@@ -127,9 +130,9 @@ class BatchRunner:
             record.completed += 1
 
     async def _answer(self, record: BatchRecord, line: dict[str, Any]) -> tuple[int, Any]:
-        """The route's reply to the line's request, sent for the batch's owner at the low priority class."""
+        """The route's reply to the line's request, sent for the batch's owner at the runner's class."""
         assert self.app is not None
-        headers = {"content-type": "application/json", "x-request-priority": "low"}
+        headers = {"content-type": "application/json", "x-request-priority": self.priority}
         request = HttpRequest("POST", line["url"], headers, {}, msgspec.json.encode(line["body"]), owner=record.owner)
         reply = await self.app.handle(request, host_checked=True, guarded=False)
         if isinstance(reply, EventStream):  # refused when the batch was read; a route's own stream is a bug

@@ -22,8 +22,9 @@ import msgspec
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.generation.vllm_fields import VllmFields, refuse_unserved
 from sagellm.runtime.engine.guided_params import GuidedDecoding
+from sagellm.runtime.engine.priority_classes import PRIORITY_CLASSES
 from sagellm.runtime.engine.sampling_params import MAX_CHOICES, SamplingParams
-from sagellm.runtime.pipeline.messages import PRIORITY_CLASSES, Priority, TokenId
+from sagellm.runtime.pipeline.messages import Priority, TokenId
 
 _PRIORITY_MIN, _PRIORITY_MAX = -(2**31), 2**31 - 1  # Priority's bounds, for the header that bypasses the struct
 PriorityName = Literal["critical", "high", "normal", "low"]
