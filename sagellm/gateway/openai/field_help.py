@@ -55,7 +55,8 @@ FIELD_HELP: dict[str, str] = {
     "for it and the answer follows (needs a reasoning parser)",
     "kv_transfer_params": "vLLM's disaggregated serving across servers: prefill here, decode elsewhere, or the reverse "
     "(on a server started with --kv-transfer-role; a decode fetches only from its --kv-transfer-peers)",
-    "priority": "a number (lower first) or `critical`, `high`, `normal`, `low`; also the `X-Request-Priority` header",
+    "priority": "a number (lower first) or `critical`, `high`, `normal`, `low` (which yields to the others in the "
+    "engine: a batch job's class); also the `X-Request-Priority` header",
     "cost_budget": "the most the request may cost, in the instances' price unit (`cost_optimized` policy)",
     "ttft_slo_ms": "time-to-first-token target, for `slo_aware` ordering and SLO metrics",
     "tpot_slo_ms": "time-per-output-token target, for SLO metrics",
