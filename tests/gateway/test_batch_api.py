@@ -119,6 +119,22 @@ def test_a_bad_input_file_fails_the_batch_naming_the_line(gateway) -> None:
     assert [(e.code, e.line) for e in batch.errors.data] == [("mismatched_url", 2), ("duplicate_custom_id", 3)]
 
 
+@pytest.mark.parametrize(
+    "metadata", [{"k" * 65: "v"}, {"k": "v" * 513}, {f"k{i}": "v" for i in range(17)}], ids=["key", "value", "pairs"]
+)
+def test_metadata_past_openais_bounds_is_a_400_naming_it(gateway, metadata) -> None:
+    """Batches, responses and conversations bound `metadata` with one type (gateway/http/metadata.py)."""
+    client = _client(gateway)
+    file_id = _upload(client, [_chat_line(1)])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+                              metadata=metadata)  # fmt: skip
+    assert refused.value.body["param"] == "metadata"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.conversations.create(metadata=metadata)
+    assert refused.value.body["param"] == "metadata"
+
+
 def test_cancel_keeps_what_was_done(gateway) -> None:
     client = _client(gateway)
     lines = [_chat_line(i, max_tokens=48, ignore_eos=True) for i in range(40)]

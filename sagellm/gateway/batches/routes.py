@@ -13,16 +13,15 @@ from sagellm.gateway.batches.runner import ENDPOINTS, BatchRunner
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.http.metadata import Metadata
 from sagellm.gateway.http.paging import page
-
-MAX_METADATA = 16  # OpenAI's: keys of at most 64 characters, values of at most 512
 
 
 class CreateBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     input_file_id: str
     endpoint: str
     completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
 
 
 class BatchRoutes:
@@ -76,7 +75,6 @@ class BatchRoutes:
             raise ApiError(400, f"endpoint: one of {', '.join(ENDPOINTS)}, got {body.endpoint!r}", param="endpoint")
         if body.completion_window != "24h":
             raise ApiError(400, f"completion_window: 24h, got {body.completion_window!r}", param="completion_window")
-        _check_metadata(body.metadata)
         file = self.files.get(body.input_file_id, owner)
         if file.purpose != "batch":
             raise ApiError(400, f"input_file_id: {file.id} was uploaded for {file.purpose!r}, not 'batch'",
@@ -105,10 +103,3 @@ class BatchRoutes:
         if record is None or record.owner != key_owner(http):
             raise ApiError(404, f"no batch {batch_id!r}", code="not_found", param="batch_id")
         return record
-
-
-def _check_metadata(metadata: dict[str, str] | None) -> None:
-    if metadata is None:
-        return
-    if len(metadata) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
-        raise ApiError(400, f"metadata: at most {MAX_METADATA} keys of 64 characters, values of 512", param="metadata")

@@ -279,9 +279,10 @@ def host_name(value: str) -> str:
 
 
 def _field_of(message: str) -> str | None:
-    """`Expected int, got str - at $.max_tokens` -> `max_tokens` (msgspec names the field in its message)."""
-    found = re.search(r"at `?\$\.([\w.\[\]]+)", message)
-    return found.group(1) if found else None
+    """`Expected int, got str - at $.max_tokens` -> `max_tokens` (msgspec names the field in its message); a map's
+    key or value (`at key in $.metadata`, `at $.metadata[...]`) names the map."""
+    found = re.search(r"\$\.([\w.\[\]]+)", message)
+    return found.group(1).replace("[...]", "") if found else None
 
 
 # Characters JSON leaves raw that Python's str.splitlines() (and so httpx's `iter_lines`) takes for line breaks:

@@ -10,11 +10,11 @@ import msgspec
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.http.metadata import Metadata
 from sagellm.gateway.http.paging import listed, page
 from sagellm.gateway.openai.responses.conversations import ConversationStore, conversation_items
-from sagellm.runtime.engine.request_limits import MAX_MESSAGES, MAX_METADATA
+from sagellm.runtime.engine.request_limits import MAX_MESSAGES
 
-Metadata = Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA)]
 Items = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_MESSAGES)]
 
 

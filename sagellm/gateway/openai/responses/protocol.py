@@ -26,12 +26,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.http.metadata import Metadata
 from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, ChatMessage
 from sagellm.gateway.openai.responses.content import message_content, text_content
 from sagellm.gateway.openai.responses.tools import function_tools
 from sagellm.gateway.replies.events import ToolCall
 from sagellm.gateway.replies.tools import FunctionName, NamedFunction, NamedToolChoice, tool_call_json
-from sagellm.runtime.engine.request_limits import MAX_INCLUDE, MAX_MESSAGES, MAX_METADATA, MAX_TOOLS
+from sagellm.runtime.engine.request_limits import MAX_INCLUDE, MAX_MESSAGES, MAX_TOOLS
 
 # `include` values that name items this server never makes (no reasoning, no hosted tools, input images not echoed):
 # asking for them adds nothing, as OpenAI's API adds nothing when a response has no such item
@@ -91,7 +92,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     conversation: str | dict[str, Any] | None = None  # a conversation's id (or {"id": ...}): its items go before
     store: bool = True
     user: str | None = None
-    metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA)] | None = None
+    metadata: Metadata | None = None
     background: bool = False
     reasoning: Reasoning | None = None
     include: Annotated[list[str], msgspec.Meta(max_length=MAX_INCLUDE)] | None = None
