@@ -12,9 +12,9 @@ from typing import Any
 
 import msgspec
 
-from sagellm.common.private_files import write_private
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.responses.protocol import input_messages, new_id
+from sagellm.gateway.serving.file_writer import FileWriter
 from sagellm.gateway.serving.state_records import kept_records
 
 CONVERSATIONS_DIR = "conversations"
@@ -60,8 +60,11 @@ def conversation_items(given: str | list[dict[str, Any]], where: str = "items") 
 
 
 class ConversationStore:
+    """Conversations by id, each also a file under `root` (written behind the event loop, as stored responses are)."""
+
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root, self._files = root, FileWriter.of(root)
+        self._files.settle()  # what a gateway before this one in this process left to write
         self.kept = {c.id: c for c in kept_records(root, "conv_*.json", Conversation)}
 
     def create(self, owner: str, items: list[dict[str, Any]], metadata: dict[str, str] | None) -> Conversation:
@@ -85,10 +88,9 @@ class ConversationStore:
         self.save(conversation)
 
     def save(self, conversation: Conversation) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_private(self.root / f"{conversation.id}.json", msgspec.json.encode(conversation))
+        self._files.write(f"{conversation.id}.json", msgspec.json.encode(conversation))
         self.kept[conversation.id] = conversation
 
     def delete(self, conversation: Conversation) -> None:
-        (self.root / f"{conversation.id}.json").unlink(missing_ok=True)
+        self._files.remove(f"{conversation.id}.json")
         self.kept.pop(conversation.id, None)

@@ -1,7 +1,8 @@
 """Stored responses (`store`, the default): each one's body, for `GET /v1/responses/{id}`, and its conversation, so
 `previous_response_id` continues it; each readable only by the key that made it. Given a directory (the gateway's
 `STATE/responses/`), every one is also a file there, readable by its owner only, so they outlive a restart: a
-follow-up's `previous_response_id` works against a gateway started again.
+follow-up's `previous_response_id` works against a gateway started again. The files are written behind the event
+loop (`FileWriter`): memory answers every read, the files only a restart.
 
 The cap is per key: a key's newest response forgets that key's oldest, never another key's, so one busy caller
 cannot evict everyone else's conversations. A gateway without API keys takes any key a caller sends, so callers can
@@ -16,8 +17,8 @@ from typing import Any
 
 import msgspec
 
-from sagellm.common.private_files import write_private
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.serving.file_writer import FileWriter
 from sagellm.gateway.serving.state_records import kept_records
 
 MAX_STORED_PER_KEY = 1_000  # responses kept per key (API key owner) for previous_response_id, its oldest forgotten
@@ -40,6 +41,7 @@ class ResponseStore:
 
     def __init__(self, per_owner: int = MAX_STORED_PER_KEY, total: int = MAX_STORED, root: Path | None = None) -> None:
         self.per_owner, self.total, self.root = per_owner, total, root
+        self._files = FileWriter.of(root) if root is not None else None
         self._owned: dict[str, OrderedDict[str, Stored]] = {}  # owner -> response id -> it, oldest first
         self._count = 0  # responses kept, over all owners
         kept = self._load() if root is not None else []
@@ -117,14 +119,14 @@ class ResponseStore:
         self._count -= 1
         if not owned:
             del self._owned[owner]
-        if self.root is not None:
-            (self.root / f"{response_id}.json").unlink(missing_ok=True)
+        if self._files is not None:
+            self._files.remove(f"{response_id}.json")
 
     def _write(self, stored: Stored) -> None:
-        if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_private(self.root / f"{stored.id}.json", msgspec.json.encode(stored))
+        if self._files is not None:
+            self._files.write(f"{stored.id}.json", msgspec.json.encode(stored))
 
     def _load(self) -> list[Stored]:
-        assert self.root is not None
+        assert self.root is not None and self._files is not None
+        self._files.settle()  # what a gateway before this one in this process left to write
         return sorted(kept_records(self.root, "*.json", Stored), key=lambda s: s.clock)
