@@ -80,6 +80,27 @@ def test_cancel_ends_a_running_background_response(gateway) -> None:
         client.responses.cancel(client.responses.create(model=MODEL, input="hi", max_output_tokens=2).id)
 
 
+def test_input_items_list_what_a_response_was_answered_after(gateway) -> None:
+    """Its own input, after a previous response's input items and output: newest first by default, in pages."""
+    client = _client(gateway)
+    first = client.responses.create(model=MODEL, input="Name a river.", max_output_tokens=6, temperature=0)
+    (given,) = client.responses.input_items.list(first.id).data
+    assert (given.type, given.role, given.content[0].text) == ("message", "user", "Name a river.")
+    second = client.responses.create(model=MODEL, input=[{"role": "user", "content": "Another."}],
+                                     previous_response_id=first.id, max_output_tokens=6, temperature=0)  # fmt: skip
+    items = client.responses.input_items.list(second.id, order="asc").data
+    assert [i.id for i in items][:1] == [given.id] and items[1].id == first.output[0].id
+    assert items[2].content[0].text == "Another." and len(items) == 3
+    newest = client.responses.input_items.list(second.id, limit=1)
+    assert [i.id for i in newest.data] == [items[2].id] and newest.has_more
+    rest = client.responses.input_items.list(second.id, limit=5, after=newest.last_id)
+    assert [i.id for i in rest.data] == [items[1].id, items[0].id] and not rest.has_more
+    with pytest.raises(openai.BadRequestError):  # nothing to include: a parameter not served is refused
+        client.responses.input_items.list(second.id, include=["message.input_image.image_url"])
+    with pytest.raises(openai.NotFoundError):
+        _client(gateway, "sk-b").responses.input_items.list(second.id)
+
+
 def test_stored_responses_outlive_a_restart(config, tiny_model) -> None:
     with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as gw:
         client = _client(gw)
@@ -124,6 +145,8 @@ def test_conversations_through_the_sdk(gateway) -> None:
     )
     client.conversations.items.delete(added.data[0].id, conversation_id=conversation.id)
     assert len(client.conversations.items.list(conversation.id).data) == 3
+    with pytest.raises(openai.BadRequestError):
+        client.conversations.items.list(conversation.id, include=["message.input_image.image_url"])
     assert client.conversations.update(conversation.id, metadata={"topic": "x"}).metadata == {"topic": "x"}
     with pytest.raises(openai.NotFoundError):
         other.conversations.retrieve(conversation.id)

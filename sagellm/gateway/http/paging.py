@@ -26,6 +26,14 @@ def page(items: Sequence[dict[str, Any]], query: dict[str, str]) -> dict[str, An
     return listed(shown, len(items) > limit)
 
 
+def ordered_page(items: Sequence[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:
+    """`page` of a list kept oldest first, shown newest first unless `order=asc` (OpenAI's item lists)."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"order: asc or desc, got {order!r}", param="order")
+    return page(items if order == "asc" else list(reversed(items)), query)
+
+
 def listed(items: list[dict[str, Any]], more: bool = False) -> dict[str, Any]:
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": more}  # fmt: skip

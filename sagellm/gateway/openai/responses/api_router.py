@@ -20,6 +20,7 @@ import structlog
 from sagellm.gateway.http.app import App, EventStream, Guard, HttpRequest, LastEvents, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.http.paging import ordered_page
 from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
 from sagellm.gateway.openai.chat_completion.protocol import audio_parts, image_parts, images_named
 from sagellm.gateway.openai.generation.reply_bodies import usage
@@ -42,6 +43,7 @@ from sagellm.gateway.openai.responses.protocol import (
     output_items,
     reasoning_effort,
     reasoning_item,
+    refuse_include,
     response_body,
 )
 from sagellm.gateway.openai.responses.store import RESPONSES_DIR, ResponseStore
@@ -78,6 +80,7 @@ class ResponsesRoutes:
         app.route("GET", "/v1/responses/{response_id}", self.retrieve, guard)
         app.route("DELETE", "/v1/responses/{response_id}", self.delete, guard)
         app.route("POST", "/v1/responses/{response_id}/cancel", self.cancel, guard)
+        app.route("GET", "/v1/responses/{response_id}/input_items", self.input_items, guard)
 
     def _conversation(self, body: ResponsesRequest, owner: str) -> Conversation | None:
         """The conversation the response continues, if it names one (not with previous_response_id: one history)."""
@@ -91,6 +94,13 @@ class ResponsesRoutes:
 
     async def retrieve(self, http: HttpRequest) -> Response:
         return Response(self.store.get(http.path_params["response_id"], key_owner(http)))
+
+    async def input_items(self, http: HttpRequest) -> Response:
+        """A page of the items the response was answered after (a previous response's input and output, or the
+        conversation's items, then its own input), newest first by default (OpenAI's)."""
+        refuse_include(http.query)
+        items = self.store.input_items(http.path_params["response_id"], key_owner(http))
+        return Response(ordered_page(items, http.query))
 
     async def delete(self, http: HttpRequest) -> Response:
         response_id, owner = http.path_params["response_id"], key_owner(http)
@@ -116,6 +126,10 @@ class ResponsesRoutes:
         thread = self._conversation(body, owner)
         history = thread.history() if thread is not None else self.store.conversation(body.previous_response_id, owner)
         chat, conversation, namespaces = chat_body(body, history)
+        given = conversation_items(body.input, "input")
+        context = (
+            list(thread.items) if thread is not None else self.store.context_items(body.previous_response_id, owner)
+        )
         if self.chat.honours_effort(chat.model):  # else `reasoning` is taken and echoed, changing nothing
             chat.reasoning_effort = reasoning_effort(body.reasoning)
         # an image's refusal names its input part; the images of earlier inputs, fetched again, the response named
@@ -132,9 +146,10 @@ class ResponsesRoutes:
                 output.insert(0, reasoning_item(reply.reasoning))
             done = response_body(response_id, model, body, output, usage([choice]), choice.finish_reason, created)
             if thread is not None:  # the conversation goes on with this turn's input and output
-                self.conversations.add(thread, conversation_items(body.input, "input") + output)
+                self.conversations.add(thread, given + output)
             if body.store:
-                self.store.keep(response_id, owner, conversation_after(conversation, reply.content, reply.calls), done)
+                after = conversation_after(conversation, reply.content, reply.calls)
+                self.store.keep(response_id, owner, after, done, context + given)
             return done
 
         def failed(error: dict[str, str]) -> dict[str, Any]:
@@ -142,7 +157,7 @@ class ResponsesRoutes:
 
         if body.background:
             queued = response_body(response_id, model, body, [], None, None, created, status="queued")
-            self.store.keep(response_id, owner, conversation, queued)
+            self.store.keep(response_id, owner, conversation, queued, context + given)
 
             async def run() -> None:
                 self.store.keep(response_id, owner, conversation, {**queued, "status": "in_progress"})

@@ -11,8 +11,9 @@ from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.http.metadata import Metadata
-from sagellm.gateway.http.paging import listed, page
+from sagellm.gateway.http.paging import listed, ordered_page
 from sagellm.gateway.openai.responses.conversations import ConversationStore, conversation_items
+from sagellm.gateway.openai.responses.protocol import refuse_include
 from sagellm.runtime.engine.request_limits import MAX_MESSAGES
 
 Items = Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_MESSAGES)]
@@ -67,13 +68,8 @@ class ConversationRoutes:
 
     async def list_items(self, http: HttpRequest) -> Response:
         """A page of its items: oldest first with `order=asc`, newest first by default (OpenAI's), from `after`."""
-        items = list(self._conversation(http).items)
-        order = http.query.get("order", "desc")
-        if order not in ("asc", "desc"):
-            raise ApiError(400, f"order: asc or desc, got {order!r}", param="order")
-        if order == "desc":
-            items.reverse()
-        return Response(page(items, http.query))
+        refuse_include(http.query)
+        return Response(ordered_page(self._conversation(http).items, http.query))
 
     async def add_items(self, http: HttpRequest) -> Response:
         conversation = self._conversation(http)

@@ -202,6 +202,13 @@ def reasoning_effort(reasoning: Reasoning | None) -> Any:
     return _CHAT_EFFORT[effort] if effort is not None else None
 
 
+def refuse_include(query: dict[str, str]) -> None:
+    """An item list's `include` (the SDKs send `include[]`): items are kept as they were given, with nothing more to
+    add, so asking for more is a 400 rather than a silent no."""
+    if "include" in query or "include[]" in query:
+        raise ApiError.unsupported("include", "items are kept as they were given; nothing more to include")
+
+
 def _check_include(include: list[str] | None) -> None:
     """`include`: values naming items this server never makes are taken; logprobs, which it could make but does
     not here, and unknown values are a 400 naming the value."""

@@ -32,6 +32,7 @@ class Stored(msgspec.Struct, kw_only=True):
     clock: int  # the order responses were kept in, across restarts
     conversation: list[dict[str, Any]]
     body: dict[str, Any] | None = None  # the response object a GET returns (None: kept for its conversation only)
+    input_items: list[dict[str, Any]] = []  # what it was answered after, as items with ids (`/input_items`)
 
 
 class ResponseStore:
@@ -62,17 +63,35 @@ class ResponseStore:
                            code="not_found")  # fmt: skip
         return body
 
+    def input_items(self, response_id: str, owner: str) -> list[dict[str, Any]]:
+        return self._stored(response_id, owner, "response_id").input_items
+
+    def context_items(self, response_id: str | None, owner: str) -> list[dict[str, Any]]:
+        """What a response continuing `response_id` is answered after: that one's input items and output."""
+        if response_id is None:
+            return []
+        stored = self._stored(response_id, owner, "previous_response_id")
+        return [*stored.input_items, *(stored.body or {}).get("output", [])]
+
     def keep(
-        self, response_id: str, owner: str, conversation: list[dict[str, Any]], body: dict[str, Any] | None = None
+        self,
+        response_id: str,
+        owner: str,
+        conversation: list[dict[str, Any]],
+        body: dict[str, Any] | None = None,
+        input_items: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Keeps (or replaces: a background response's later states) a response's conversation and body."""
+        """Keeps (or replaces: a background response's later states) a response's conversation and body, and its
+        input items (kept as they were when not given)."""
         owned = self._owned.get(owner, {})
         stored = owned.get(response_id)
         if stored is not None:
             stored.conversation, stored.body = conversation, body
+            stored.input_items = stored.input_items if input_items is None else input_items
             self._write(stored)
             return
-        stored = Stored(id=response_id, owner=owner, clock=next(self._clock), conversation=conversation, body=body)
+        stored = Stored(id=response_id, owner=owner, clock=next(self._clock), conversation=conversation, body=body,
+                        input_items=input_items or [])  # fmt: skip
         self._write(stored)
         self._add(stored)
 
