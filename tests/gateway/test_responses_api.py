@@ -94,7 +94,6 @@ def test_what_it_cannot_do_is_refused_by_name(server) -> None:
         sdk.responses.create(model=server.core.model_name, input="hi", previous_response_id="resp_nope")
     assert missing.value.body["param"] == "previous_response_id"
     for body, param in [
-        ({"background": True, "stream": True}, "background"),
         ({"background": True, "store": False}, "store"),
         ({"tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search"}}, "tool_choice"),
         ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tool_choice"),

@@ -70,6 +70,32 @@ def test_a_background_response_is_polled_to_the_same_output(gateway) -> None:
     assert follow.usage.input_tokens > whole.usage.input_tokens  # the conversation went on from the background one
 
 
+def test_a_background_response_streams_and_streams_again_from_where_it_was(gateway) -> None:
+    """`background` with `stream`: the events as they come, the response running on whoever listens; then
+    `responses.retrieve(stream=True, starting_after=N)` gives the same events after N."""
+    client = _client(gateway)
+    asked = dict(model=MODEL, input="Count to five.", max_output_tokens=12, temperature=0)
+    events = list(client.responses.create(**asked, background=True, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    response_id = events[0].response.id
+    done = _polled(client, response_id)
+    assert events[0].type == "response.created" and events[-1].type == f"response.{done.status}"  # incomplete: cut
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == done.output_text == client.responses.create(**asked).output_text
+    again = list(client.responses.retrieve(response_id, stream=True, starting_after=2))
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in events[3:]]
+    left = client.responses.create(**asked, background=True, stream=True)
+    first = next(iter(left))
+    left.close()  # a client that leaves does not stop a background response
+    assert _polled(client, first.response.id).output_text == done.output_text
+    with pytest.raises(openai.BadRequestError):  # a response answered whole has no events kept
+        client.responses.retrieve(client.responses.create(**asked).id, stream=True)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.retrieve(response_id, starting_after=2)
+    with pytest.raises(openai.NotFoundError):
+        _client(gateway, "sk-b").responses.retrieve(response_id, stream=True)
+
+
 def test_cancel_ends_a_running_background_response(gateway) -> None:
     client = _client(gateway)
     running = client.responses.create(model=MODEL, input="Tell me a long story.", max_output_tokens=200,

@@ -106,7 +106,8 @@ FIELD_HELP: dict[str, str] = {
     "conversation": "a conversation (`/v1/conversations`) whose items come first, this turn added to it after",
     "store": "keep the response for `previous_response_id` (the latest 1,000 of each key, readable by that key)",
     "metadata": "string pairs, returned with the response",
-    "background": "run it in the background: answered `queued` at once, polled with GET /v1/responses/{id}",
+    "background": "run it in the background: answered `queued` at once (or its events streamed, with `stream`), "
+    "polled with GET /v1/responses/{id}, streamed again from `starting_after`",
     "reasoning": "`effort` goes to a model whose template takes one (gpt-oss: none and minimal are low, xhigh is "
     "high); otherwise `effort` and `summary` are taken and echoed, changing nothing",
     "include": "values naming items this server never makes (`reasoning.encrypted_content`, hosted tools' results) "

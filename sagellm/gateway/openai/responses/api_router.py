@@ -2,8 +2,9 @@
 policy, route, failover, guided decoding and tool parsing are the chat's own), answered whole or as the Responses
 API's typed event stream, and kept for `previous_response_id` and `GET /v1/responses/{id}` when stored (`DELETE`
 forgets it). A stream always ends with the event that says how (`events`): a request that fails after its first
-token ends with `response.failed`. With `background: true` the reply is the response `queued` at once; it runs as a
-task of the gateway's (`BackgroundTasks`), its states kept as they come for the client to poll, and `POST
+token ends with `response.failed`. With `background: true` the reply is the response `queued` at once (or, with
+`stream`, its events as they come); it runs as a task of the gateway's (`BackgroundTasks`), its states kept as they
+come for the client to poll, its events for it to stream again (`event_logs.py`), and `POST
 /v1/responses/{id}/cancel` ends it `cancelled`. One a restart interrupted reads `failed`, saying so.
 
 The gateway's core answers it: an API server passes it on (its route table has no `/v1/responses`), so every
@@ -32,6 +33,7 @@ from sagellm.gateway.openai.responses.conversations import (
     ConversationStore,
     conversation_items,
 )
+from sagellm.gateway.openai.responses.event_logs import EventLogs
 from sagellm.gateway.openai.responses.events import ResponseEvents, response_error
 from sagellm.gateway.openai.responses.protocol import (
     ResponsesRequest,
@@ -61,6 +63,7 @@ class ResponsesRoutes:
         self, chat: ChatPreparation, store: ResponseStore, tasks: BackgroundTasks, conversations: ConversationStore
     ) -> None:
         self.chat, self.store, self.tasks, self.conversations = chat, store, tasks, conversations
+        self.event_logs = EventLogs()  # background responses' events, to stream them again
         for stored in store.unfinished():
             assert stored.body is not None
             error = {"code": "server_error", "message": "the gateway restarted before this response finished"}
@@ -92,8 +95,22 @@ class ResponsesRoutes:
                            param="conversation")  # fmt: skip
         return self.conversations.get(conversation, owner)
 
-    async def retrieve(self, http: HttpRequest) -> Response:
-        return Response(self.store.get(http.path_params["response_id"], key_owner(http)))
+    async def retrieve(self, http: HttpRequest) -> Response | EventStream:
+        """The stored response; with `stream=true`, a background response's events after `starting_after` (all of
+        them without it), as they come until it ends."""
+        response_id, query = http.path_params["response_id"], http.query
+        body = self.store.get(response_id, key_owner(http))
+        if query.get("stream", "false") not in ("true", "false"):
+            raise ApiError(400, f"stream: true or false, got {query['stream']!r}", param="stream")
+        after = query.get("starting_after")
+        if query.get("stream") != "true":
+            if after is not None:
+                raise ApiError(400, "starting_after: a place in the response's events, with stream=true",
+                               param="starting_after")  # fmt: skip
+            return Response(body)
+        if after is not None and not after.lstrip("-").isdigit():
+            raise ApiError(400, f"starting_after: an event's sequence number, got {after!r}", param="starting_after")
+        return EventStream(self.event_logs.get(response_id).follow(int(after) if after is not None else -1))
 
     async def input_items(self, http: HttpRequest) -> Response:
         """A page of the items the response was answered after (a previous response's input and output, or the
@@ -158,23 +175,31 @@ class ResponsesRoutes:
         if body.background:
             queued = response_body(response_id, model, body, [], None, None, created, status="queued")
             self.store.keep(response_id, owner, conversation, queued, context + given)
+            snapshot = {**queued, "status": "in_progress"}
+            events, log = ResponseEvents(snapshot, namespaces), self.event_logs.open(response_id)
+
+            def failed_kept(error: dict[str, str]) -> dict[str, Any]:  # kept, for whoever polls it
+                ended = failed(error)
+                self.store.keep(response_id, owner, conversation, ended)
+                return ended
 
             async def run() -> None:
-                self.store.keep(response_id, owner, conversation, {**queued, "status": "in_progress"})
+                self.store.keep(response_id, owner, conversation, snapshot)
                 stream = self.chat.core.submit(request)
                 try:
-                    (choice,) = await collect_choices([stream])
-                    reply = ReplyReader.whole(plan, choice.text) if plan.reads else Reply(None, choice.text or None, [])
-                except Exception as error:  # the request's failure, or this code's: the response says it
+                    first = await first_or_raise(stream)
+                    async for ready in _events(events, first, stream, ReplyReader(plan), answer, failed_kept):
+                        log.add(ready)
+                except Exception as error:  # a failure before its first token: the request's, or this code's
                     code, why = (error.code, error.message) if isinstance(error, ApiError) else ("internal", str(error))
-                    self.store.keep(response_id, owner, conversation, failed(response_error(code, why)))
-                    return
+                    log.add([*events.start(), *events.fail(failed_kept(response_error(code, why)))])
                 finally:
                     stream.cancel()  # a cancelled response's request ends too (a no-op once it has)
-                answer(choice, reply)
+                    log.end()
 
             self.tasks.start(response_id, run)
-            return Response(queued)
+            # Streamed, its events are the log's: a client that leaves does not stop it (it is a background one).
+            return EventStream(log.follow(-1)) if body.stream else Response(queued)
         if not body.stream:
             (choice,) = await collect_choices([self.chat.core.submit(request)])
             reply = ReplyReader.whole(plan, choice.text) if plan.reads else Reply(None, choice.text or None, [])

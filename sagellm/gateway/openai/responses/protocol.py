@@ -161,8 +161,6 @@ def chat_body(
     namespace of each function a namespace tool held (its calls carry it)."""
     if body.background and not body.store:
         raise ApiError(400, "store: a background response is stored (store: true), to be read back", param="store")
-    if body.background and body.stream:
-        raise ApiError.unsupported("background", "not streamed yet: create it, then poll GET /v1/responses/{id}")
     _check_include(body.include)
     conversation = history + input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
