@@ -84,6 +84,17 @@ def test_rerank_in_cohere_v2_shape(http, oracle) -> None:
     assert body["meta"]["billed_units"]["search_units"] == 1 and body["id"]
 
 
+def test_a_document_past_the_models_length_is_cut_as_the_cross_encoder_cuts_it(http, models) -> None:
+    from sentence_transformers import CrossEncoder
+
+    long = " ".join(["quick brown fox jumps over the lazy dog"] * 12)  # ~100 tokens, past the model's 64
+    expected = CrossEncoder(models[RERANKER], device="cpu", max_length=64).predict([(QUERY, long), (QUERY, "dog")])
+    for path in ("/rerank", "/v2/rerank"):
+        body = _post(http, path, {"model": RERANKER, "query": QUERY, "documents": [long, "dog"]})
+        scores = {r["index"]: r["relevance_score"] for r in body["results"]}
+        assert [scores[0], scores[1]] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
 def test_cohere_sdk_reranks_unchanged(gateway, oracle) -> None:
     import cohere
 

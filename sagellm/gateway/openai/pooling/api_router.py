@@ -6,7 +6,9 @@
 - `/pooling`: a model's raw output for each input (an embedding model's vector, a classifier's logits).
 
 A relevance score is a cross-encoder's (a one-label sequence classifier: its logit through the activation its
-sentence-transformers config names, a sigmoid by default, as CrossEncoder.predict gives it), or, from an embedding
+sentence-transformers config names, a sigmoid by default, as CrossEncoder.predict gives it; a pair past the model's
+length cut to it as CrossEncoder's tokenizer call cuts it, the longer text first, as Cohere's and Jina's APIs cut long
+documents rather than refuse them), or, from an embedding
 model, the cosine similarity of the two texts' vectors (vLLM's score for embedding models). Every text or pair is a
 pipeline request of its own (`phase: embed`) on the path `/v1/embeddings` takes, so the embedding node batches them
 with everyone else's."""
@@ -130,7 +132,8 @@ class PoolingRoutes:
             if card.dim != 1:
                 raise ApiError(400, f"model: {model} classifies into {card.dim} labels; scores need one (a reranker)",
                                param="model")  # fmt: skip
-            results = await self.embeddings.vectors(model, list(zip(firsts, seconds)), None, owner, user)
+            pairs = list(zip(firsts, seconds))  # a pair past the model's length cut as CrossEncoder cuts it
+            results = await self.embeddings.vectors(model, pairs, None, owner, user, truncate=True)
             return [_activated(r.vector[0], card.activation) for r in results], _tokens(results)
         texts = list(dict.fromkeys([*firsts, *seconds]))
         results = await self.embeddings.vectors(model, texts, None, owner, user)
