@@ -109,7 +109,7 @@ class EmbeddingOperator(StepOperator):
         from sagellm.runtime.embedding import EmbeddingInputError
 
         try:
-            result = self.engine.embed(inputs, truncate)
+            result = self.engine.embed(inputs, truncate, [r.pair_max_tokens for r in group])
         except EmbeddingInputError as error:
             index = error.index if error.index is not None else 0
             code = error.code  # invalid_request, or context_length_exceeded for an input over the model's limit

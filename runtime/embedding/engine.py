@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,16 +91,24 @@ class EmbeddingEngine:
         # Padding is masked out, but RoBERTa-style models number positions from the pad id, so use the real one.
         self._pad_id = self.tokenizer.pad_token_id or 0
 
-    def embed(self, inputs: Sequence[Input], truncate: bool = False) -> EmbeddingResult:
+    def embed(
+        self, inputs: Sequence[Input], truncate: bool = False, second_max_tokens: Sequence[int | None] = ()
+    ) -> EmbeddingResult:
         """One vector per input, in order. A text is tokenized with the model's special tokens; token ids are the
         model's input as given (what `tokenizer(text).input_ids` returns, special tokens included); a pair of texts
         (a classifier's only) as the model's tokenizer joins two segments. `truncate`: an input over `max_length`
         tokens is cut to it as the tokenizer cuts (its end, the longer segment of a pair first; token ids: their
-        last ones dropped) rather than refused.
+        last ones dropped) rather than refused. `second_max_tokens[i]`: the pair `inputs[i]`'s second text cut to
+        its first that many tokens first (Cohere's `max_tokens_per_doc`; None: as it is).
 
         Raises EmbeddingInputError (a ValueError) for no inputs, an empty input, an out-of-range token id or a pair
         sent to an embedding model, and its subclass InputTooLongError for an input over `max_length` tokens
         (unless `truncate`); nothing is computed then."""
+        if any(second_max_tokens):
+            inputs = [
+                (item[0], _first_tokens(self.tokenizer, item[1], cap)) if cap and isinstance(item, tuple) else item
+                for item, cap in zip(inputs, second_max_tokens)
+            ]
         encoded = self._encoded(inputs, truncate)
         embeddings = torch.empty(len(encoded), self.dim, dtype=torch.float32)  # [N, D]
         for batch in _length_batches([len(ids) for ids, _ in encoded], self.max_batch_tokens):
@@ -169,6 +178,12 @@ class EmbeddingEngine:
         hidden = self._encoder.model(**given).last_hidden_state  # [B, T, H]
         vectors = pool(hidden, mask, self._encoder.spec.pooling)  # [B, D]
         return F.normalize(vectors, p=2, dim=-1) if self.normalized else vectors  # [B, D]
+
+
+def _first_tokens(tokenizer: Any, text: str, count: int) -> str:
+    """`text` up to the end of its `count`-th token (without special tokens), as the tokenizer splits it alone."""
+    spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text if len(spans) <= count else text[: spans[count - 1][1]]
 
 
 def _length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:

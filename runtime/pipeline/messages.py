@@ -54,6 +54,7 @@ class Request(_Message):
     prompt_token_ids: list[TokenId] | None = None
     pair: str | None = None  # an embed request's second text: a cross-encoder scores the pair (prompt, pair)
     truncate: bool = False  # an embed request's input over the model's length is cut to it (Ollama's), not refused
+    pair_max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None  # `pair` cut to its first N tokens (Cohere's)
     messages: list[dict[str, Any]] | None = None  # a chat: admission renders it with the model's chat template
     tools: list[dict[str, Any]] | None = None  # the chat's tools (OpenAI's `tools`), rendered by the template too
     # For a model another server serves, which reads the tools itself: the chat's `tool_choice` (None: its default)

@@ -105,6 +105,19 @@ def test_cohere_sdk_reranks_unchanged(gateway, oracle) -> None:
     assert [r.relevance_score for r in reply.results] == pytest.approx([oracle[i] for i in order[:2]], abs=1e-4)
 
 
+def test_cohere_sdk_cuts_each_document_to_max_tokens_per_doc(gateway, models) -> None:
+    """Each document's first N tokens ("dog" is one token here), then the pair as the cross-encoder reads it."""
+    import cohere
+    from sentence_transformers import CrossEncoder
+
+    documents = ["dog " * 40, "lazy dog", "the quick brown fox jumps"]
+    cut = ["dog dog dog dog dog", "lazy dog", "the quick brown fox jumps"]
+    expected = CrossEncoder(models[RERANKER], device="cpu", max_length=64).predict([(QUERY, d) for d in cut])
+    client = cohere.ClientV2(api_key="unused", base_url=gateway.url, timeout=60)
+    reply = client.rerank(model=RERANKER, query=QUERY, documents=documents, max_tokens_per_doc=5)
+    assert {r.index: r.relevance_score for r in reply.results} == pytest.approx(dict(enumerate(expected)), abs=1e-4)
+
+
 def test_score_pairs_as_vllm_does(http, oracle) -> None:
     many = _post(http, "/score", {"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS})
     assert [d["score"] for d in many["data"]] == pytest.approx(oracle, abs=1e-4)
@@ -159,6 +172,16 @@ def test_pooling_returns_the_raw_output(http) -> None:
             "/v2/rerank",
             {"model": RERANKER, "query": QUERY, "documents": ["a"], "return_documents": True},
             "return_documents",
+        ),
+        (
+            "/v2/rerank",
+            {"model": RERANKER, "query": QUERY, "documents": ["a"], "max_tokens_per_doc": 0},
+            "max_tokens_per_doc",
+        ),
+        (
+            "/v2/rerank",
+            {"model": EMBEDDER, "query": QUERY, "documents": ["a"], "max_tokens_per_doc": 4},
+            "max_tokens_per_doc",
         ),
         ("/score", {"model": RERANKER, "text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_2"),
         ("/score", {"model": CLASSIFIER, "text_1": "a", "text_2": "b"}, "model"),

@@ -50,10 +50,12 @@ class EmbeddingRoutes:
         owner: str,
         user: str | None = None,
         truncate: bool = False,
+        pair_max_tokens: int | None = None,
     ) -> list[Embedding]:
         """Each input's vector from the embedding model `model`, each a pipeline request of its own; `dimensions`:
         the size the caller asks for (a 400 unless it is the model's); a pair of texts is a cross-encoder's input;
-        `truncate`: an input over the model's length is cut to it (Ollama's default), not refused.
+        `truncate`: an input over the model's length is cut to it (Ollama's default), not refused;
+        `pair_max_tokens`: a pair's second text cut to its first that many tokens (Cohere's `max_tokens_per_doc`).
         Ollama's `/api/embed` and the pooling routes run through here."""
         embedder = self.core.embedder(model)
         if dimensions is not None and (embedder is None or dimensions != embedder.dim):
@@ -69,6 +71,7 @@ class EmbeddingRoutes:
                 arrival_time=now,
                 owner=owner,
                 truncate=truncate,
+                pair_max_tokens=pair_max_tokens if isinstance(item, tuple) else None,
                 **_input_fields(item),
             )  # fmt: skip
             for item in inputs

@@ -112,15 +112,23 @@ class PoolingRoutes:
             raise ApiError(400, "documents: at least one document to rank", param="documents")
         if body.top_n is not None and body.top_n < 0:
             raise ApiError(400, f"top_n: a count of documents (0 for all), got {body.top_n}", param="top_n")
-        scores, tokens = await self._relevance(http, model, [body.query] * len(documents), documents, body.user)
+        firsts = [body.query] * len(documents)
+        scores, tokens = await self._relevance(http, model, firsts, documents, body.user, body.max_tokens_per_doc)
         ranked = sorted(zip(range(len(documents)), documents, scores), key=lambda r: -r[2])
         return model, ranked[: body.top_n or None], tokens
 
     async def _relevance(
-        self, http: HttpRequest, model: str, firsts: list[str], seconds: list[str], user: str | None
+        self,
+        http: HttpRequest,
+        model: str,
+        firsts: list[str],
+        seconds: list[str],
+        user: str | None,
+        second_max_tokens: int | None = None,
     ) -> tuple[list[float], int]:
         """Each pair's relevance and the tokens counted: a cross-encoder's activated logit, or an embedding model's
-        cosine similarity (each distinct text embedded once)."""
+        cosine similarity (each distinct text embedded once); `second_max_tokens`: each second text (a document)
+        cut to its first that many tokens."""
         if len(firsts) > MAX_EMBEDDING_INPUTS:
             raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} pairs a request, got {len(firsts)}")
         for text in [*firsts, *seconds]:
@@ -133,8 +141,12 @@ class PoolingRoutes:
                 raise ApiError(400, f"model: {model} classifies into {card.dim} labels; scores need one (a reranker)",
                                param="model")  # fmt: skip
             pairs = list(zip(firsts, seconds))  # a pair past the model's length cut as CrossEncoder cuts it
-            results = await self.embeddings.vectors(model, pairs, None, owner, user, truncate=True)
+            results = await self.embeddings.vectors(model, pairs, None, owner, user, True, second_max_tokens)
             return [_activated(r.vector[0], card.activation) for r in results], _tokens(results)
+        if second_max_tokens is not None:
+            raise ApiError.unsupported(
+                "max_tokens_per_doc", "documents are cut for cross-encoders, not embedding models"
+            )
         texts = list(dict.fromkeys([*firsts, *seconds]))
         results = await self.embeddings.vectors(model, texts, None, owner, user)
         vectors = dict(zip(texts, (_unit(r.vector) for r in results)))

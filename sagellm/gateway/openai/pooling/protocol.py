@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -16,6 +16,7 @@ class RerankRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     top_n: int | None = None  # None or 0: every document
     return_documents: bool | None = None  # Jina's (default true); Cohere's v2 returns none
+    max_tokens_per_doc: Annotated[int, msgspec.Meta(ge=1)] | None = None  # Cohere's: each document's first N tokens
     user: str | None = None
 
 
