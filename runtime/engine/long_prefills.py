@@ -33,7 +33,8 @@ budget allows. With a threshold T:
   may set it apart): each adds a row of the vocabulary projection and its log-softmax to the step.
 
 The classes that yield (`low` and after: a batch job's requests) take their shares by `yielding.py`'s rules: a
-step's worth of prompt tokens between them at most, held in a step that can start a higher class's short prompt.
+step's worth of prompt tokens between them at most, held in a step that can start a higher class's short prompt;
+beside a higher class their prompts hold no seat of the partial prefills, which a live long prompt would wait for.
 
 T = 0 turns all of it off: each prompt takes what the budget leaves, as before. The chunk may be set apart from
 what counts as long (`chunk_tokens`): the engine's default (`long_prefill_shares`) calls long only the prompts that
@@ -158,8 +159,10 @@ class PrefillShares:
         self.yielding_from = yielding_from if threshold else None
         self.yielding_left = yielding_tokens if threshold else None  # what the yielding prompts may still compute
         self.yielding_spent = 0
-        # The running prompts mid-prefill: each holds a seat, and a long one a long seat, until its prefill ends.
-        self._prefilling = [seq for seq in running if seq.num_tokens - seq.num_computed_tokens > 1]
+        # The running prompts mid-prefill: each holds a seat, and a long one a long seat, until its prefill ends; a
+        # yielding one none beside a higher class (its prefill goes at what it earns: a live prompt would wait on it).
+        self._prefilling = [seq for seq in running if seq.num_tokens - seq.num_computed_tokens > 1
+                            and not yields(seq.priority, self.yielding_from)]  # fmt: skip
         self._new_partial = self._new_long = 0  # seats taken this step by prompts admitted in it
         self._scheduled: dict[Sequence, int] = {}  # what each running prompt mid-prefill computes this step
 
@@ -223,7 +226,7 @@ class PrefillShares:
         left = tokens_left(seq, seq.num_computed_tokens)
         if not admitted:
             self._scheduled[seq] = n
-        elif n < left:
+        elif n < left and not yields(seq.priority, self.yielding_from):
             self._new_partial += 1
             self._new_long += self.is_long(seq, left)
 

@@ -60,6 +60,19 @@ def test_a_step_that_starts_a_live_prompt_gives_the_low_ones_none_but_their_deco
     assert chunks(step(s)) == {"done": 1, "chat": 1, "live": 1, "batch": 8}
 
 
+def test_a_low_prompt_mid_prefill_holds_no_seat_a_live_long_prompt_needs(small_steps):
+    """One partial prefill at a time (vLLM's default): the low prompt, going on at what it earns, must not keep a
+    live long prompt waiting for that seat."""
+    s = make(threshold=8, partial=1, long=1, budget=32)
+    s.add(seq("chat", 4, priority=NORMAL))
+    s.add(seq("batch", 40, start=100, priority=LOW))
+    step(s)  # the chat's prompt
+    while "batch" not in chunks(step(s)):  # the chat's decodes earn the low prompt its first 8 tokens
+        pass
+    s.add(seq("long", 30, start=200, priority=NORMAL))
+    assert chunks(step(s)) == {"chat": 1, "long": 8}
+
+
 def test_once_no_higher_class_is_left_they_need_no_credit(small_steps):
     s = make(threshold=8, partial=2, long=2, budget=64)
     s.add(chat := seq("chat", 4, priority=NORMAL))
