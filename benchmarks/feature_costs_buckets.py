@@ -73,6 +73,8 @@ RULES: Mapping[str, str] = {
     "runtime/engine/admission_gates.py": SCHEDULER,
     "runtime/engine/long_prefills.py": SCHEDULER,
     "runtime/engine/request_queue.py": SCHEDULER,
+    "runtime/engine/priority_classes.py": SCHEDULER,
+    "runtime/engine/yielding.py": SCHEDULER,
     "runtime/engine/sequence.py": SCHEDULER,
     "runtime/engine/kv_budget.py": SCHEDULER,
     "runtime/engine/block_manager.py": BLOCKS,
