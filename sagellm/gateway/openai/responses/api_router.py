@@ -31,7 +31,7 @@ from sagellm.gateway.openai.responses.conversations import (
     CONVERSATIONS_DIR,
     Conversation,
     ConversationStore,
-    conversation_items,
+    kept_items,
 )
 from sagellm.gateway.openai.responses.event_logs import EventLogs
 from sagellm.gateway.openai.responses.events import ResponseEvents, response_error
@@ -143,7 +143,7 @@ class ResponsesRoutes:
         thread = self._conversation(body, owner)
         history = thread.history() if thread is not None else self.store.conversation(body.previous_response_id, owner)
         chat, conversation, namespaces = chat_body(body, history)
-        given = conversation_items(body.input, "input")
+        given = kept_items(body.input)  # checked by chat_body
         context = (
             list(thread.items) if thread is not None else self.store.context_items(body.previous_response_id, owner)
         )

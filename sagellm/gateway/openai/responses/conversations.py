@@ -39,15 +39,21 @@ class Conversation(msgspec.Struct, kw_only=True):
 
 
 def conversation_items(given: str | list[dict[str, Any]], where: str = "items") -> list[dict[str, Any]]:
-    """Items as a conversation keeps them: checked as a response's input is (a 400 naming the bad one), each with an
-    id, a message's text as content parts (`input_text`, an assistant's `output_text`)."""
-    items = [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else given
+    """Items as a conversation keeps them (`kept_items`), checked first as a response's input is (a 400 naming the
+    bad one)."""
+    items = _as_items(given)
     try:
         input_messages([i for i in items if i.get("type") != "reasoning"])
     except ApiError as error:
         raise ApiError(400, error.message.replace("input[", f"{where}["), param=where) from None
+    return kept_items(items)
+
+
+def kept_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Items already checked (a response's input, which its chat was made of) as a conversation keeps them: each
+    with an id, a message's text as content parts (`input_text`, an assistant's `output_text`)."""
     kept = []
-    for item in items:
+    for item in _as_items(given):
         kind = item.get("type", "message")
         item = {**item, "type": kind, "id": item.get("id") or new_id(ID_PREFIX.get(kind, "item"))}
         if kind == "message" and isinstance(item.get("content"), str):
@@ -57,6 +63,10 @@ def conversation_items(given: str | list[dict[str, Any]], where: str = "items") 
             item.setdefault("status", "completed")
         kept.append(item)
     return kept
+
+
+def _as_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else given
 
 
 class ConversationStore:
