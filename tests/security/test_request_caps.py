@@ -96,6 +96,19 @@ def health_watched(gateway: GatewayThread) -> Iterator[list[float]]:
         poller.join(REPLY_TIMEOUT_S)
 
 
+def sent_watched(gateway: GatewayThread, send: Callable[[], httpx.Response]) -> tuple[httpx.Response, list[float]]:
+    """`send()` under `health_watched`; sent once more when an answer took a second or longer. A stall that the
+    request's own work causes comes back every time; one from this 2-core machine's other tests (CI runs two
+    workers beside each other's servers, one /health answer in 47 took 1.26 s) almost never twice in a row."""
+    with health_watched(gateway) as took:
+        reply = send()
+    if took and max(took) < HEALTH_WITHIN_S:
+        return reply, took
+    with health_watched(gateway) as took:
+        reply = send()
+    return reply, took
+
+
 def post(gateway: GatewayThread, route: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(gateway.url + route, json=body, timeout=REPLY_TIMEOUT_S)
 
@@ -205,8 +218,7 @@ CAPPED = [
 def test_a_field_at_its_cap_is_taken_without_stalling_the_loop_and_one_more_is_a_400_naming_it(
     gateway: GatewayThread, capped: Capped
 ) -> None:
-    with health_watched(gateway) as took:
-        at_cap = post(gateway, capped.route, capped.body(capped.cap))
+    at_cap, took = sent_watched(gateway, lambda: post(gateway, capped.route, capped.body(capped.cap)))
     assert at_cap.status_code < 500, at_cap.text
     assert at_cap.status_code != 400 or not names(at_cap, capped.param), at_cap.text  # else: a tiny context's 400
     assert took and max(took) < HEALTH_WITHIN_S, (len(took), max(took, default=None))
@@ -217,8 +229,7 @@ def test_a_field_at_its_cap_is_taken_without_stalling_the_loop_and_one_more_is_a
 
 def test_a_hundred_thousand_bad_words_are_refused_by_name(gateway: GatewayThread) -> None:
     """Issue 62: 100,000 bad words (989 KB, under the body limit) froze the gateway for 15 minutes."""
-    with health_watched(gateway) as took:
-        reply = post(gateway, CHAT, chat(bad_words=words(100_000)))
+    reply, took = sent_watched(gateway, lambda: post(gateway, CHAT, chat(bad_words=words(100_000))))
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "bad_words", reply.text
     assert f"at most {MAX_BAD_WORDS} words, got 100000" in reply.json()["error"]["message"]
     assert took and max(took) < HEALTH_WITHIN_S
@@ -226,19 +237,24 @@ def test_a_hundred_thousand_bad_words_are_refused_by_name(gateway: GatewayThread
 
 def test_twenty_thousand_bad_words_leave_health_answering(gateway: GatewayThread) -> None:
     """Issue 62: 20,000 bad words stalled every request and /health for 15 s; now refused, and fast."""
-    with health_watched(gateway) as took:
+    answered_s: list[float] = []
+
+    def send() -> httpx.Response:
         started = time.perf_counter()
         reply = post(gateway, CHAT, chat(bad_words=words(20_000)))
-        answered_s = time.perf_counter() - started
+        answered_s.append(time.perf_counter() - started)
+        return reply
+
+    reply, took = sent_watched(gateway, send)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "bad_words", reply.text
-    assert answered_s < HEALTH_WITHIN_S and took and max(took) < HEALTH_WITHIN_S
+    assert answered_s[-1] < HEALTH_WITHIN_S and took and max(took) < HEALTH_WITHIN_S
 
 
 def test_a_million_prompt_token_ids_are_refused_for_the_context_without_stalling(gateway: GatewayThread) -> None:
     """A prompt's token ids have no cap of their own but the context, which admission checks: a body of a million
     (6.9 MB, under the body limit) is checked at C speed, refused as too long, and /health keeps answering."""
-    with health_watched(gateway) as took:
-        reply = post(gateway, COMPLETIONS, {"prompt": [i % 300 for i in range(1_000_000)], "max_tokens": 1})
+    body = {"prompt": [i % 300 for i in range(1_000_000)], "max_tokens": 1}
+    reply, took = sent_watched(gateway, lambda: post(gateway, COMPLETIONS, body))
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded", reply.text
     assert took and max(took) < HEALTH_WITHIN_S
 
