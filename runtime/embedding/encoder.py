@@ -3,8 +3,9 @@ the pooling/normalization spec) or a sequence classifier (a cross-encoder rerank
 text classifier: an encoder with a classification head, `*ForSequenceClassification`), and the longest input it
 accepts.
 
-Only encoders (model types transformers can run as a masked LM: BERT, RoBERTa, XLM-R, MPNet, ...) are accepted: a
-decoder directory would load but pool into meaningless vectors, so it is refused with a one-line ModelLoadError.
+Encoders (model types transformers can run as a masked LM: BERT, RoBERTa, XLM-R, MPNet, ...) embed and classify;
+a decoder (`*ForCausalLM`) is a reranker scored by its yes/no tokens (causal_scorer.py); any other decoder
+directory would load but pool into meaningless vectors, so it is refused with a one-line ModelLoadError.
 A classifier's scores go through the activation sentence-transformers' CrossEncoder applies in `predict`: the one
 its config names (`sentence_transformers.activation_fn`, or the older `sbert_ce_default_activation_function`), else
 a sigmoid for one label and none for several."""
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from sagellm.runtime.embedding.causal_scorer import CausalScoring, causal_scoring
 from sagellm.runtime.embedding.spec import EncoderSpec, read_encoder_spec
 from sagellm.runtime.models.loaded import ModelLoadError, describe
 from sagellm.runtime.models.tokenizer import load_hf_tokenizer
@@ -46,11 +48,12 @@ class LoadedEncoder:
     task: Task = "embed"  # "classify": a sequence classifier, whose output is its labels' logits
     labels: tuple[str, ...] = ()  # a classifier's labels, by index
     activation: Activation = "identity"  # what a classifier's scores go through (CrossEncoder.predict's)
+    causal: CausalScoring | None = None  # a decoder reranker's: how a pair is rendered and scored
 
 
 def load_encoder(model_dir: Path) -> LoadedEncoder:
     """The encoder in `model_dir`, a sentence-transformers directory or a plain Hugging Face encoder directory."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     if not model_dir.exists():
@@ -66,13 +69,16 @@ def load_encoder(model_dir: Path) -> LoadedEncoder:
         config = AutoConfig.from_pretrained(spec.encoder_dir, local_files_only=True)
     except Exception as e:
         raise ModelLoadError(f"{config_path}: unreadable model config: {describe(e)}") from e
-    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False):
+    causal = spec.logit_score is not None or any(a.endswith("ForCausalLM") for a in config.architectures or ())
+    if not causal and (
+        config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False)
+    ):
         raise ModelLoadError(
-            f"{spec.encoder_dir}: {config.model_type} is not an encoder model; embeddings need a BERT-style encoder "
-            "such as all-minilm-l6-v2"
+            f"{spec.encoder_dir}: {config.model_type} is not an encoder model or a causal LM reranker; embeddings "
+            "need a BERT-style encoder such as all-minilm-l6-v2"
         )
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
-    loader = AutoModelForSequenceClassification if classifier else AutoModel
+    loader = AutoModelForCausalLM if causal else AutoModelForSequenceClassification if classifier else AutoModel
     try:
         model = loader.from_pretrained(spec.encoder_dir, config=config, local_files_only=True, dtype=torch.float32)
     except Exception as e:
@@ -85,6 +91,12 @@ def load_encoder(model_dir: Path) -> LoadedEncoder:
         max_length=_max_length(spec, tokenizer, config.max_position_embeddings),
         vocab_size=model.get_input_embeddings().num_embeddings,
     )
+    if causal:
+        scoring = causal_scoring(tokenizer, config.model_type, spec.logit_score, str(model_dir))
+        activation = _activation(config, labels=1)
+        return LoadedEncoder(
+            **common, dim=1, task="classify", labels=("LABEL_0",), activation=activation, causal=scoring
+        )
     if not classifier:
         return LoadedEncoder(**common, dim=config.hidden_size * len(spec.pooling))
     labels = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
@@ -92,15 +104,16 @@ def load_encoder(model_dir: Path) -> LoadedEncoder:
     return LoadedEncoder(**common, dim=config.num_labels, task="classify", labels=labels, activation=activation)
 
 
-def _activation(config: object) -> Activation:
+def _activation(config: object, labels: int | None = None) -> Activation:
     """The activation sentence-transformers' CrossEncoder gives this classifier's scores: the one its config names
-    where torch has it, else sigmoid for one label and identity for more."""
+    where torch has it, else sigmoid for one label (a decoder reranker's one score, whatever its config's
+    `num_labels`) and identity for more."""
     named = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn") or getattr(
         config, "sbert_ce_default_activation_function", None
     )
     if named in _ACTIVATIONS:
         return _ACTIVATIONS[named]
-    return "sigmoid" if getattr(config, "num_labels", 1) == 1 else "identity"
+    return "sigmoid" if (labels or getattr(config, "num_labels", 1)) == 1 else "identity"
 
 
 def _max_length(spec: EncoderSpec, tokenizer: PreTrainedTokenizerBase, positions: int) -> int:

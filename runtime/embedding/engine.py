@@ -6,7 +6,8 @@ A pooling request is a single forward pass with no KV cache and no decoding, so 
 tokenize everything, check every input before any compute (one bad input fails the request, as OpenAI does), sort
 by length and cut into batches so each pads only to its own longest input, run the encoder, pool, normalize (a
 classifier: its head's logits, as they are). A pair (query, document) is tokenized as one input,
-`[CLS] query [SEP] document [SEP]` with its segment ids, as a cross-encoder was trained."""
+`[CLS] query [SEP] document [SEP]` with its segment ids, as a cross-encoder was trained (a decoder reranker's as its
+chat template renders a query and a document: causal_scorer.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sagellm.common.errors import InvalidInput
+from sagellm.runtime.embedding.causal_scorer import causal_scores
 from sagellm.runtime.embedding.encoder import load_encoder
 from sagellm.runtime.embedding.pooling import pool
 
@@ -136,7 +138,11 @@ class EmbeddingEngine:
         if texts:
             tokenized = self.tokenizer(list(texts.values()), verbose=False, **cut)["input_ids"]
             encoded |= {i: (ids, None) for i, ids in zip(texts, tokenized)}
-        if pairs:
+        causal = self._encoder.causal
+        if pairs and causal is not None and causal.templated:
+            rendered = {i: causal.render(self.tokenizer, a, b) for i, (a, b) in pairs.items()}
+            encoded |= {i: (causal.cut(ids, self.max_length) if truncate else ids, None) for i, ids in rendered.items()}
+        elif pairs:
             firsts, seconds = [a for a, _ in pairs.values()], [b for _, b in pairs.values()]
             tokenized = self.tokenizer(firsts, seconds, verbose=False, **cut)
             types = tokenized.get("token_type_ids") or [None] * len(pairs)
@@ -161,7 +167,9 @@ class EmbeddingEngine:
     @torch.inference_mode()
     def _forward(self, batch: list[tuple[list[int], list[int] | None]]) -> torch.Tensor:
         """The vectors (or logits) of a batch of token-id lists, longest first: right-padded to the first one's
-        length, a pair's segment ids beside its tokens."""
+        length, a pair's segment ids beside its tokens (a decoder reranker's: its scores, padded on the left)."""
+        if self._encoder.causal is not None:
+            return causal_scores(self._encoder.model, [ids for ids, _ in batch], self._pad_id, self._encoder.causal)
         input_ids = torch.full((len(batch), len(batch[0][0])), self._pad_id, dtype=torch.long)  # [B, T]
         mask = torch.zeros_like(input_ids)  # [B, T]
         segments = torch.zeros_like(input_ids)  # [B, T]

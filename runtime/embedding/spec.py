@@ -2,7 +2,8 @@
 lives, which pooling, whether the vector is L2-normalized, and the longest input the model was trained for.
 
 sentence-transformers describes a model as a chain of modules in modules.json (Transformer -> Pooling ->
-optional Normalize), each configured by a JSON file in its own sub-directory. We support exactly that chain;
+optional Normalize), each configured by a JSON file in its own sub-directory. We support exactly that chain, and a
+decoder reranker's (Transformer -> LogitScore: the scores of a "yes" and a "no" token at the last position);
 anything else (a Dense projection, a router, weighted-mean or last-token pooling) is refused at load time rather
 than served with silently different vectors. A plain Hugging Face encoder directory (no modules.json) gets what
 sentence-transformers gives it: mean pooling, no normalization."""
@@ -10,7 +11,7 @@ sentence-transformers gives it: mean pooling, no normalization."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_lasttoken": "lasttoken",
 }
 _CHAIN = ("Transformer", "Pooling")  # then an optional Normalize
+_LOGIT_CHAIN = ("Transformer", "LogitScore")  # a decoder reranker's
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class EncoderSpec:
     normalize: bool  # L2-normalize the pooled vector
     max_seq_length: int | None  # sentence_bert_config.json's limit; None: the tokenizer's and positions' limit
     lowercase: bool  # sentence_bert_config.json's do_lower_case: lowercase text before tokenizing
+    # LogitScore's token ids (true, false or None): a decoder's score is logit(true) - logit(false) at its last token
+    logit_score: tuple[int, int | None] | None = None
 
 
 def read_encoder_spec(model_dir: Path) -> EncoderSpec:
@@ -48,11 +52,15 @@ def read_encoder_spec(model_dir: Path) -> EncoderSpec:
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise ModelLoadError(f"{modules_path}: expected a JSON list of modules")
     kinds = tuple(str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules)
-    if kinds not in (_CHAIN, (*_CHAIN, "Normalize")):
+    if kinds not in (_CHAIN, (*_CHAIN, "Normalize"), _LOGIT_CHAIN):
         raise ModelLoadError(
             f"{modules_path}: modules {', '.join(kinds)} are not supported; expected Transformer, Pooling[, Normalize]"
+            " or Transformer, LogitScore"
         )
     encoder_dir = model_dir / modules[0].get("path", "")
+    if kinds == _LOGIT_CHAIN:
+        spec = _with_bert_config(encoder_dir, (), normalize=False)
+        return replace(spec, logit_score=_logit_score_tokens(model_dir / modules[1].get("path", "") / "config.json"))
     pooling = _pooling_modes(model_dir / modules[1].get("path", "") / "config.json")
     return _with_bert_config(encoder_dir, pooling, normalize=len(kinds) == 3)
 
@@ -66,6 +74,15 @@ def _with_bert_config(encoder_dir: Path, pooling: tuple[PoolingMode, ...], *, no
     if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length < 1):
         raise ModelLoadError(f"{path}: max_seq_length must be a positive integer, not {max_seq_length!r}")
     return EncoderSpec(encoder_dir, pooling, normalize, max_seq_length, bool(config.get("do_lower_case", False)))
+
+
+def _logit_score_tokens(path: Path) -> tuple[int, int | None]:
+    config = _read_json(path) if path.is_file() else None
+    true_id = config.get("true_token_id") if isinstance(config, dict) else None
+    false_id = config.get("false_token_id") if isinstance(config, dict) else None
+    if not isinstance(true_id, int) or not (false_id is None or isinstance(false_id, int)):
+        raise ModelLoadError(f"{path}: LogitScore needs an integer true_token_id (and false_token_id or null)")
+    return true_id, false_id
 
 
 def _pooling_modes(path: Path) -> tuple[PoolingMode, ...]:

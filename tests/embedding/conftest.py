@@ -1,6 +1,7 @@
 """Tiny random sentence-transformers models for the embedding tests: a BERT encoder (safetensors + a WordPiece
 tokenizer) saved with `transformers`, plus the modules.json / 1_Pooling / sentence_bert_config.json files that
-sentence-transformers writes. Built offline and deterministically; a model is about 100 KB."""
+sentence-transformers writes; and a decoder reranker (a tiny Qwen3 with "yes", "no" and Qwen3-Reranker's prompt as
+its chat template). Built offline and deterministically; a model is about 100 KB."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.tiny_models import make_tiny_qwen3, make_tokenizer
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "café", "你", "好", ".", "!"]
@@ -105,3 +108,26 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("pooling") / "tiny-classifier", seed=2, num_labels=3, id2label=labels,
         label2id={v: k for k, v in labels.items()},
     )  # fmt: skip
+
+
+RERANKER_TEMPLATE = (  # Qwen3-Reranker's prompt, with sentence-transformers' query and document roles
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n<Instruct>: Given a '
+    "web search query, retrieve relevant passages that answer the query\n<Query>: "
+    '{{ messages | selectattr("role", "eq", "query") | map(attribute="content") | first }}\n<Document>: '
+    '{{ messages | selectattr("role", "eq", "document") | map(attribute="content") | first }}<|im_end|>\n'
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
+def make_tiny_reranker(directory: Path, template: str | None = RERANKER_TEMPLATE) -> Path:
+    """A tiny random Qwen3ForCausalLM with "yes" and "no" in its vocabulary and `template` as its chat template."""
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens(["yes", "no"])
+    tokenizer.pad_token = "<|endoftext|>"  # as Qwen3-Reranker's
+    make_tiny_qwen3(directory, vocab_size=len(tokenizer), max_position_embeddings=512)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(directory)
+    if template is None:
+        (directory / "chat_template.jinja").unlink(missing_ok=True)
+    return directory

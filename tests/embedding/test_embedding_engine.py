@@ -143,9 +143,10 @@ def test_bad_model_directories_are_one_line_load_errors(tmp_path: Path, tiny_ber
         "not a directory; pass a sentence-transformers or Hugging Face encoder"
     )
     llama = make_tiny_llama(tmp_path / "llama")
-    assert (
-        load_error(llama)
-        == f"{llama}: llama is not an encoder model; embeddings need a BERT-style encoder such as all-minilm-l6-v2"
+    assert load_error(llama) == (
+        f"{llama}: a causal LM serves here only as a reranker, scored by its 'yes' and 'no' tokens, which its "
+        "vocabulary lacks (a LogitScore module in modules.json names others); embeddings need a BERT-style encoder "
+        "such as all-minilm-l6-v2"
     )
 
     no_weights = Path(shutil.copytree(tiny_bert, tmp_path / "no-weights"))
@@ -158,6 +159,7 @@ def test_bad_model_directories_are_one_line_load_errors(tmp_path: Path, tiny_ber
     (dense / "modules.json").write_text(json.dumps(modules))
     assert load_error(dense).endswith(
         "modules Transformer, Pooling, Dense, Normalize are not supported; expected Transformer, Pooling[, Normalize]"
+        " or Transformer, LogitScore"
     )
 
     last_token = write_sentence_transformers_files(

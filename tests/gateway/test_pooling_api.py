@@ -1,9 +1,10 @@
-"""The pooling routes against a gateway serving a tiny random cross-encoder, a three-label classifier and an
-embedding model (`--pooling-model`, beside `-e`), one API server process in front so the cards cross processes:
-rerank in Jina's shape (`/rerank`, `/v1/rerank`) and Cohere's (`/v2/rerank`) equals sentence-transformers'
-CrossEncoder on the same weights (1e-4), best first, cut to top_n; `/score` pairs as vLLM does, on a cross-encoder
-and (cosine similarity) on an embedding model; `/classify` equals the transformers pipeline; `/pooling` returns the
-raw output; every client mistake is a 400 naming its field, and the models still serve after."""
+"""The pooling routes against a gateway serving a tiny random cross-encoder, a decoder reranker (Qwen3-Reranker's
+shape), a three-label classifier and an embedding model (`--pooling-model`, beside `-e`), one API server process in
+front so the cards cross processes: rerank in Jina's shape (`/rerank`, `/v1/rerank`) and Cohere's (`/v2/rerank`)
+equals sentence-transformers' CrossEncoder on the same weights (1e-4), best first, cut to top_n, the decoder's as
+the encoder's; `/score` pairs as vLLM does, on a cross-encoder and (cosine similarity) on an embedding model;
+`/classify` equals the transformers pipeline; `/pooling` returns the raw output; every client mistake is a 400
+naming its field, and the models still serve after."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
+from tests.embedding.conftest import make_tiny_bert, make_tiny_reranker, write_sentence_transformers_files
 from tests.gateway.conftest import GRAPHS, running_gateway, tiny_config
 
 pytestmark = pytest.mark.slow
 
-RERANKER, CLASSIFIER, EMBEDDER = "tiny-reranker", "tiny-classifier", "tiny-st"
+RERANKER, CLASSIFIER, EMBEDDER, DECODER = "tiny-reranker", "tiny-classifier", "tiny-st", "tiny-qwen3-reranker"
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 QUERY = "the quick brown fox"
 DOCUMENTS = ["the lazy dog", "hello world !", "quick quick fox jumps over the lazy brown dog", "café"]
@@ -31,13 +32,14 @@ def models(tmp_path_factory) -> dict[str, str]:
         CLASSIFIER: str(make_tiny_bert(root / CLASSIFIER, seed=2, num_labels=3, id2label=LABELS,
                                        label2id={v: k for k, v in LABELS.items()})),
         EMBEDDER: str(write_sentence_transformers_files(make_tiny_bert(root / EMBEDDER))),
+        DECODER: str(make_tiny_reranker(root / DECODER)),
     }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def gateway(models, tmp_path_factory):
     config = tiny_config(tmp_path_factory.mktemp("pool"), embedding_model=models[EMBEDDER],
-                         pooling_models=[models[RERANKER], models[CLASSIFIER]])  # fmt: skip
+                         pooling_models=[models[RERANKER], models[CLASSIFIER], models[DECODER]])  # fmt: skip
     with running_gateway(GRAPHS / "control_plane.yaml", config, api_servers=1) as gw:
         yield gw
 
@@ -124,6 +126,20 @@ def test_score_pairs_as_vllm_does(http, oracle) -> None:
     assert many["object"] == "list" and many["data"][0]["object"] == "score"
     pairwise = _post(http, "/v1/score", {"model": RERANKER, "text_1": [QUERY, QUERY], "text_2": DOCUMENTS[:2]})
     assert [d["score"] for d in pairwise["data"]] == pytest.approx(oracle[:2], abs=1e-4)
+
+
+def test_a_decoder_reranker_ranks_and_scores_as_the_cross_encoder_in_every_shape(http, models) -> None:
+    from sentence_transformers import CrossEncoder
+
+    expected = CrossEncoder(models[DECODER], device="cpu").predict([(QUERY, d) for d in DOCUMENTS]).tolist()
+    for path in ("/v1/rerank", "/v2/rerank"):
+        body = _post(http, path, {"model": DECODER, "query": QUERY, "documents": DOCUMENTS})
+        assert [r["index"] for r in body["results"]] == sorted(range(len(DOCUMENTS)), key=lambda i: -expected[i])
+        assert {r["index"]: r["relevance_score"] for r in body["results"]} == pytest.approx(
+            dict(enumerate(expected)), abs=1e-4
+        )
+    scored = _post(http, "/score", {"model": DECODER, "text_1": QUERY, "text_2": DOCUMENTS})
+    assert [d["score"] for d in scored["data"]] == pytest.approx(expected, abs=1e-4)
 
 
 def test_an_embedding_model_scores_by_cosine_similarity(http) -> None:
