@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sagellm.common.errors import FieldError
+from sagellm.runtime.embedding.card import PoolingCard
 from sagellm.runtime.engine.outputs import RequestMetrics
 from sagellm.runtime.pipeline.messages import Embedding, Request, RequestError
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
@@ -130,6 +131,10 @@ class EmbeddingOperator(StepOperator):
             out.append(Embedding(request_id=request.request_id, vector=vector, prompt_tokens=tokens, time=now,
                                  metrics=metrics))  # fmt: skip
         return out
+
+    @property
+    def card(self) -> PoolingCard:
+        return self.engine.card
 
     @property
     def dim(self) -> int:

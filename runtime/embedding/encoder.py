@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from sagellm.runtime.embedding.card import Activation, PoolingCard
 from sagellm.runtime.embedding.causal_scorer import CausalScoring, causal_scoring
 from sagellm.runtime.embedding.spec import EncoderSpec, read_encoder_spec
 from sagellm.runtime.models.loaded import ModelLoadError, describe
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-Task = Literal["embed", "classify"]
-Activation = Literal["sigmoid", "softmax", "identity"]
-# sentence-transformers' activation_fn paths (trusted: torch's own modules) -> what the scores go through
 _ACTIVATIONS: dict[str, Activation] = {
     "torch.nn.modules.activation.Sigmoid": "sigmoid",
     "torch.nn.modules.activation.Softmax": "softmax",
@@ -42,18 +40,47 @@ class LoadedEncoder:
     model: PreTrainedModel  # in eval mode, float32
     tokenizer: PreTrainedTokenizerBase
     spec: EncoderSpec
-    max_length: int  # longest input in tokens, special tokens included
-    dim: int  # length of the pooled vector (a classifier's: its labels)
+    card: PoolingCard
     vocab_size: int  # rows of the token embedding: token-id inputs must be below it
-    task: Task = "embed"  # "classify": a sequence classifier, whose output is its labels' logits
-    labels: tuple[str, ...] = ()  # a classifier's labels, by index
-    activation: Activation = "identity"  # what a classifier's scores go through (CrossEncoder.predict's)
     causal: CausalScoring | None = None  # a decoder reranker's: how a pair is rendered and scored
+
+
+@dataclass(frozen=True)
+class _Described:
+    spec: EncoderSpec
+    config: Any  # transformers' PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    kind: Literal["embed", "classify", "causal"]
+    card: PoolingCard
+
+
+def read_pooling_card(model_dir: Path) -> PoolingCard:
+    """The card of the pooling model in `model_dir` (a ModelLoadError as `load_encoder` raises it)."""
+    return _describe(model_dir).card
 
 
 def load_encoder(model_dir: Path) -> LoadedEncoder:
     """The encoder in `model_dir`, a sentence-transformers directory or a plain Hugging Face encoder directory."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    described = _describe(model_dir)
+    spec, kind = described.spec, described.kind
+    loader = {"causal": AutoModelForCausalLM, "classify": AutoModelForSequenceClassification, "embed": AutoModel}[kind]
+    try:
+        model = loader.from_pretrained(
+            spec.encoder_dir, config=described.config, local_files_only=True, dtype=torch.float32
+        )
+    except Exception as e:
+        raise ModelLoadError(f"{spec.encoder_dir}: cannot load the encoder weights: {describe(e)}") from e
+    causal = None
+    if kind == "causal":
+        causal = causal_scoring(described.tokenizer, described.config.model_type, spec.logit_score, str(model_dir))
+    vocab_size = model.get_input_embeddings().num_embeddings
+    return LoadedEncoder(model.eval(), described.tokenizer, spec, described.card, vocab_size, causal)
+
+
+def _describe(model_dir: Path) -> _Described:
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     if not model_dir.exists():
@@ -78,30 +105,20 @@ def load_encoder(model_dir: Path) -> LoadedEncoder:
             "need a BERT-style encoder such as all-minilm-l6-v2"
         )
     classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
-    loader = AutoModelForCausalLM if causal else AutoModelForSequenceClassification if classifier else AutoModel
-    try:
-        model = loader.from_pretrained(spec.encoder_dir, config=config, local_files_only=True, dtype=torch.float32)
-    except Exception as e:
-        raise ModelLoadError(f"{spec.encoder_dir}: cannot load the encoder weights: {describe(e)}") from e
     tokenizer = load_hf_tokenizer(spec.encoder_dir)
-    common = dict(
-        model=model.eval(),
-        tokenizer=tokenizer,
-        spec=spec,
-        max_length=_max_length(spec, tokenizer, config.max_position_embeddings),
-        vocab_size=model.get_input_embeddings().num_embeddings,
-    )
+    max_length = _max_length(spec, tokenizer, config.max_position_embeddings)
     if causal:
-        scoring = causal_scoring(tokenizer, config.model_type, spec.logit_score, str(model_dir))
-        activation = _activation(config, labels=1)
-        return LoadedEncoder(
-            **common, dim=1, task="classify", labels=("LABEL_0",), activation=activation, causal=scoring
-        )
+        causal_scoring(tokenizer, config.model_type, spec.logit_score, str(model_dir))  # refused here, not later
+        card = PoolingCard(dim=1, max_length=max_length, task="classify", labels=("LABEL_0",),
+                           activation=_activation(config, labels=1))  # fmt: skip
+        return _Described(spec, config, tokenizer, "causal", card)
     if not classifier:
-        return LoadedEncoder(**common, dim=config.hidden_size * len(spec.pooling))
+        card = PoolingCard(dim=config.hidden_size * len(spec.pooling), max_length=max_length)
+        return _Described(spec, config, tokenizer, "embed", card)
     labels = tuple(str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels))
-    activation = _activation(config)
-    return LoadedEncoder(**common, dim=config.num_labels, task="classify", labels=labels, activation=activation)
+    card = PoolingCard(dim=config.num_labels, max_length=max_length, task="classify", labels=labels,
+                       activation=_activation(config))  # fmt: skip
+    return _Described(spec, config, tokenizer, "classify", card)
 
 
 def _activation(config: object, labels: int | None = None) -> Activation:

@@ -85,10 +85,10 @@ class EmbeddingEngine:
         self.name = name or path.name
         self._encoder = load_encoder(path)
         self.tokenizer = self._encoder.tokenizer
-        self.dim = self._encoder.dim
-        self.max_length = self._encoder.max_length
+        self.card = self._encoder.card
+        self.dim, self.max_length = self.card.dim, self.card.max_length
         self.normalized = self._encoder.spec.normalize  # unit-length vectors: cosine similarity is a dot product
-        self.task, self.labels, self.activation = self._encoder.task, self._encoder.labels, self._encoder.activation
+        self.task, self.labels, self.activation = self.card.task, self.card.labels, self.card.activation
         self.max_batch_tokens = max_batch_tokens
         # Padding is masked out, but RoBERTa-style models number positions from the pad id, so use the real one.
         self._pad_id = self.tokenizer.pad_token_id or 0

@@ -8,6 +8,8 @@ naming its field, and the models still serve after."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import numpy as np
 import pytest
@@ -140,6 +142,38 @@ def test_a_decoder_reranker_ranks_and_scores_as_the_cross_encoder_in_every_shape
         )
     scored = _post(http, "/score", {"model": DECODER, "text_1": QUERY, "text_2": DOCUMENTS})
     assert [d["score"] for d in scored["data"]] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_reranker_in_an_engine_of_its_own_ranks_as_one_served_here(gateway, http, models, oracle) -> None:
+    """A reranker started as an engine of the gateway (`kind: embedding`, as presets and models on demand start
+    pooling models): the gateway reads its card from its files, the API server learns it, and it ranks as the
+    cross-encoder does; embeddings of it are refused as of one served here; stopped, it is no longer served."""
+    headers = {"authorization": f"Bearer {gateway.gateway.admin_key}"}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=60) as admin:
+        body = {"model": models[RERANKER], "kind": "embedding", "served_model_name": "engine-reranker"}
+        started = admin.post("/v1/management/engines", json=body)
+        assert started.status_code == 201, started.text
+        engine = f"/v1/management/engines/{started.json()['id']}"
+        deadline = time.monotonic() + 120
+        while (state := admin.get(engine).json())["state"] not in ("ready", "failed"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.1)
+        assert state["state"] == "ready", state["last_error"]
+        rerank = {"model": "engine-reranker", "query": QUERY, "documents": DOCUMENTS}
+        deadline = time.monotonic() + 10
+        while (reply := http.post("/v1/rerank", json=rerank)).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the API server has the engine's card
+        assert reply.status_code == 200, reply.text
+        scores = {r["index"]: r["relevance_score"] for r in reply.json()["results"]}
+        assert scores == pytest.approx(dict(enumerate(oracle)), abs=1e-4)
+        refused = http.post("/v1/embeddings", json={"model": "engine-reranker", "input": "hi"})
+        assert refused.status_code == 400 and "sequence classifier" in refused.json()["error"]["message"]
+        assert admin.delete(engine).json()["state"] == "stopped"
+    deadline = time.monotonic() + 10
+    while (gone := http.post("/v1/rerank", json=rerank)).status_code != 404 and time.monotonic() < deadline:
+        assert gone.status_code == 503, gone.text  # "no instance serves it any more", until the API server knows
+        time.sleep(0.1)
+    assert gone.status_code == 404, gone.text
 
 
 def test_an_embedding_model_scores_by_cosine_similarity(http) -> None:

@@ -36,7 +36,6 @@ from sagellm.gateway.api_servers.link import (
     ALIVE_S,
     PEER_TIMEOUT_S,
     Call,
-    EmbedderCard,
     FrontEnd,
     HangUp,
     ModelReady,
@@ -278,17 +277,6 @@ class ApiServerHub:
     def snapshot(self) -> Snapshot:
         core, served = self.core, self.core.served
         instances = core.registry.instances().values()
-        embedders = [
-            EmbedderCard(
-                served_model_name=op.served_model_name,
-                dim=op.dim,
-                max_length=op.max_length,
-                task=op.task,
-                labels=list(op.labels),
-                activation=op.activation,
-            )
-            for op in core.registry.embedders()
-        ]
         return Snapshot(
             model_name=core.model_name,
             model_aliases=core.registry.aliases,
@@ -297,7 +285,7 @@ class ApiServerHub:
             instance_models=sorted({s.model for s in instances if s.model is not None}),
             own_names=core.registry.own_names(),
             on_demand=list(core.registry.on_demand),
-            embedders=embedders,
+            embedders=core.registry.cards(),
             embedding_models=core.registry.embedding_models(),
             max_model_len=core.max_model_len,
             vocab_size=served.vocab_size if served is not None else None,

@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from sagellm.runtime.comm import wire
+from sagellm.runtime.embedding.card import PoolingCard
 
 API_SERVER = "api-server"  # the node name API servers give in their messages
 
@@ -81,17 +82,6 @@ class NotSubmitting(msgspec.Struct, tag=True, kw_only=True):
     model: str | None
 
 
-class EmbedderCard(msgspec.Struct, kw_only=True):
-    """What the OpenAI routes read of an embedding model served in the core (`core.embedder(name)`)."""
-
-    served_model_name: str
-    dim: int
-    max_length: int
-    task: str = "embed"  # "classify": a sequence classifier (a reranker's or a classifier's logits)
-    labels: list[str] = msgspec.field(default_factory=list)
-    activation: str = "identity"  # what its scores go through (sentence-transformers CrossEncoder's)
-
-
 class FrontEnd(msgspec.Struct, kw_only=True):
     """What every API server enforces as the gateway would: its API keys, its body limit, its graceful stop."""
 
@@ -118,7 +108,7 @@ class Snapshot(msgspec.Struct, tag=True, kw_only=True):
     instance_models: list[str]  # every model an attached instance serves (also those whose instances all failed)
     own_names: list[str]  # the names the graph's own model is served as (none when the graph has no engine)
     on_demand: list[str]  # the models loaded on demand, in any status
-    embedders: list[EmbedderCard]
+    embedders: dict[str, PoolingCard]  # the pooling models served in the core and its engines, by name
     embedding_models: list[str]
     max_model_len: int | None
     vocab_size: int | None

@@ -19,7 +19,6 @@ import trio
 from sagellm.common.errors import JoinRefused
 from sagellm.common.flag import Flag
 from sagellm.common.peer_monitor import PeerMonitor
-from sagellm.gateway.api_servers import link as api_link
 from sagellm.gateway.api_servers.link import (
     ALIVE_S,
     API_SERVER,
@@ -38,6 +37,7 @@ from sagellm.gateway.serving.item_stream import ItemStream
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import TrioSocket
+from sagellm.runtime.embedding.card import PoolingCard
 from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
 
@@ -260,8 +260,8 @@ class RemoteCore:
     def models(self) -> list[str]:
         return self.state.models
 
-    def embedder(self, model: str) -> api_link.EmbedderCard | None:
-        return next((card for card in self.state.embedders if card.served_model_name == model), None)
+    def embedder(self, model: str) -> PoolingCard | None:
+        return self.state.embedders.get(model)
 
     def embedding_model(self, name: str | None) -> str:
         """As `ServingCore.embedding_model`."""

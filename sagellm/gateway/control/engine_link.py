@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -31,11 +33,15 @@ from sagellm.common.supervision import READY as SUPERVISION_READY
 from sagellm.common.supervision import Supervision
 from sagellm.gateway.control.engine_spec import FAILED, READY, STARTING, ManagedEngine
 from sagellm.gateway.state import engine_log_hint
+from sagellm.runtime.embedding.card import PoolingCard
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.executor.hosted import HostedGroup
 from sagellm.runtime.executor.process import ProcessExecutor
 from sagellm.runtime.pipeline.messages import Request, RequestError, is_terminal
-from sagellm.runtime.pipeline.served_model import ServedModel, served_model
+from sagellm.runtime.pipeline.served_model import served_model
+
+if TYPE_CHECKING:
+    from sagellm.gateway.serving.instances import InstanceRegistry
 
 log = structlog.get_logger("sagellm.gateway")
 
@@ -68,6 +74,30 @@ def worker_graph(engine: ManagedEngine, run_attrs: dict[str, Any]) -> Graph:
     return graph
 
 
+@dataclass(frozen=True)
+class FrontFiles:
+    """What the gateway reads of an engine's model before the engine serves, and where it puts what it read."""
+
+    read: Callable[[], Any]  # run in a thread: it reads files (a ModelLoadError fails the engine with its message)
+    serve: Callable[[Any], None]  # run on the gateway's loop with what `read` returned
+
+
+def front_files(engine: ManagedEngine, registry: InstanceRegistry) -> FrontFiles:
+    """A pooling engine's card, or a generation engine's front-end files (another model than the gateway's)."""
+    spec = engine.spec
+    if spec.kind == "embedding":
+        return FrontFiles(partial(_pooling_card, spec.model), partial(registry.serve_card, engine.name))
+    attrs = {"model": spec.model, "max_model_len": spec.engine.get("max_model_len")}
+    return FrontFiles(partial(served_model, attrs), partial(registry.serve_model, engine.name))
+
+
+def _pooling_card(model: str) -> PoolingCard:
+    from sagellm.runtime.embedding.encoder import read_pooling_card  # imports torch: not for a listing
+    from sagellm.runtime.models.model_cache import resolve_model
+
+    return read_pooling_card(resolve_model(model))
+
+
 class EngineLink:
     def __init__(
         self,
@@ -76,12 +106,13 @@ class EngineLink:
         restart: RestartPolicy,
         startup_timeout_s: float,
         log_file: Path,
-        serve_model: Callable[[ServedModel], None] | None = None,
+        front: FrontFiles | None = None,
     ) -> None:
         """`executor`: the gateway's, which hosts the engine's worker; `log_file`: where a worker on this host writes
-        its log; `serve_model`: for an engine of another model than the gateway's, handed that model's front-end
-        files (read here, without weights) before it serves, so admission tokenizes its requests."""
-        self.engine, self.executor, self.log_file, self.serve_model = engine, executor, log_file, serve_model
+        its log; `front`: what the gateway reads of the engine's model (its files, without weights) before it
+        serves: another generation model's front-end files, so admission tokenizes its requests; a pooling model's
+        card, so the routes know its task."""
+        self.engine, self.executor, self.log_file, self.front = engine, executor, log_file, front
         self.restart, self.startup_timeout_s = restart, startup_timeout_s
         self.graph = worker_graph(engine, executor.graph.attrs)
         self.hosted: HostedGroup | None = None  # once its first worker is ready
@@ -97,9 +128,8 @@ class EngineLink:
         engine = self.engine
         try:
             with self._scope:
-                if self.serve_model is not None:
-                    attrs = {"model": engine.spec.model, "max_model_len": engine.spec.engine.get("max_model_len")}
-                    self.serve_model(await trio.to_thread.run_sync(served_model, attrs))
+                if self.front is not None:
+                    self.front.serve(await trio.to_thread.run_sync(self.front.read))
                 placement = engine.spec.placement
                 self.hosted = await self.executor.hosted.start(
                     self.graph, self._deliver, self._lost, restart=self.restart,

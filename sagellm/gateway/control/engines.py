@@ -20,7 +20,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,7 @@ from sagellm.common.errors import FieldError
 from sagellm.common.processes import alive
 from sagellm.common.restart import RestartPolicy
 from sagellm.gateway.control import third_party
-from sagellm.gateway.control.engine_link import EngineLink
+from sagellm.gateway.control.engine_link import EngineLink, front_files
 from sagellm.gateway.control.engine_spec import DRAINING, READY, STOPPED, EngineSpec, ManagedEngine
 from sagellm.gateway.control.health import HealthChecks
 from sagellm.gateway.control.server_process import ServerProcess
@@ -133,11 +132,11 @@ class EngineManager:
         else:  # an engine of ours: a worker of the gateway's graph
             engine = ManagedEngine(engine_id, spec, "", None, gpus=gpus, directory=self.state_dir / engine_id)
             engine.directory.mkdir(parents=True, exist_ok=True)
-            other_model = spec.kind == "llm" and not self._replica(spec)  # its requests need its tokenizer here
-            serve_model = partial(self.core.registry.serve_model, engine.name) if other_model else None
+            # its requests need its tokenizer here (another generation model), or its card (a pooling model)
+            front = front_files(engine, self.core.registry) if not self._replica(spec) else None
             assert self.core.executor is not None  # the core runs (this manager starts after it)
             engine.link = EngineLink(engine, self.core.executor, self.restart, self.startup_timeout_s,
-                                     engine.directory / LOG_FILE, serve_model)  # fmt: skip
+                                     engine.directory / LOG_FILE, front)  # fmt: skip
         server_model = engine.name if engine.server is not None else spec.model  # the name its server was given
         endpoint = Endpoint(engine.url, server_model, engine.api_key, spec.max_concurrent, link=engine.link)
         model = self._registry_model(engine)

@@ -18,6 +18,7 @@ from sagellm.gateway.serving.served_graph import REMOTE_NODE
 from sagellm.operators.admission import Admission
 from sagellm.operators.embedding import EmbeddingOperator
 from sagellm.operators.route import ROLES_FOR_PHASE
+from sagellm.runtime.embedding.card import PoolingCard
 from sagellm.runtime.pipeline.health_changes import next_health_change
 from sagellm.runtime.pipeline.served_model import ServedModel
 
@@ -29,6 +30,7 @@ class InstanceRegistry:
         self.own_model, self._local = own_model, local
         self.aliases = [name for name in dict.fromkeys(aliases) if name != own_model]
         self._served: dict[str, ServedModel] = {}  # other models whose instances take tokens: their front-end files
+        self._cards: dict[str, PoolingCard] = {}  # pooling models engines of ours serve: what the routes know of them
         self.on_demand: list[str] = []  # models loaded when a request names them (control.model_pool), in any status
         # LoRA adapters by name -> the model on demand each adapts, None for the graph's (serving.lora_modules)
         self.lora_parents: Mapping[str, str | None] = {}
@@ -64,8 +66,10 @@ class InstanceRegistry:
         if self.remote is not None:
             self.remote.detach(instance_id)
         model = stats.model if stats is not None else None
-        if model in self._served and not any(s.model == model for s in self.instances().values()):
-            del self._served[model]
+        if model is None or any(s.model == model for s in self.instances().values()):
+            return
+        self._cards.pop(model, None)
+        if self._served.pop(model, None) is not None:
             for admission in self._admissions():
                 admission.models.pop(model, None)
 
@@ -129,9 +133,19 @@ class InstanceRegistry:
         operators = local.operators.values() if local is not None else ()
         return [op for op in operators if isinstance(op, EmbeddingOperator)]
 
-    def embedder(self, model: str) -> EmbeddingOperator | None:
-        """This process's embedding node serving `model` (its `dim` and `max_length`), or None."""
-        return next((op for op in self.embedders() if op.served_model_name == model), None)
+    def embedder(self, model: str) -> EmbeddingOperator | PoolingCard | None:
+        """This process's embedding node serving `model`, else the card of an engine of ours serving it (its
+        `dim`, `max_length`, task, labels and activation alike), else None."""
+        own = next((op for op in self.embedders() if op.served_model_name == model), None)
+        return own if own is not None else self._cards.get(model)
+
+    def serve_card(self, model: str, card: PoolingCard) -> None:
+        """An engine of ours serves the pooling model `model`: the routes know it by its card."""
+        self._cards[model] = card
+
+    def cards(self) -> dict[str, PoolingCard]:
+        """The card of every pooling model served here or by an engine of ours, by name."""
+        return {**self._cards, **{op.served_model_name: op.card for op in self.embedders()}}
 
     def embedding_models(self) -> list[str]:
         """The embedding models served here or by attached instances, own first."""

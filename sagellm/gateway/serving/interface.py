@@ -21,13 +21,22 @@ from sagellm.runtime.pipeline.served_model import ServedModel
 
 
 class Embedder(Protocol):
-    """What the routes read of an embedding model served in the core."""
+    """What the routes read of a pooling model served in the core or an engine of its (`PoolingCard`'s fields)."""
 
     @property
     def dim(self) -> int: ...
 
     @property
     def max_length(self) -> int: ...
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+
+    @property
+    def activation(self) -> str: ...
 
 
 class Readiness(Protocol):

@@ -156,11 +156,12 @@ class PoolingRoutes:
         return self.core.embedding_model(name)
 
     def _card(self, model: str, what: str) -> Any:
-        """The model's card (its task, labels, activation); a model on another instance is not scored here."""
+        """The model's card (its task, labels, activation): a model served here or by an engine of ours; one another
+        server serves (its task unknown here) is not scored here."""
         card = self.core.embedder(model)
         if card is None:
-            raise ApiError(400, f"model: {model} is served by another instance; {what} runs on models served here",
-                           param="model")  # fmt: skip
+            raise ApiError(400, f"model: {model} is served by another server; {what} runs on the pooling models of "
+                                "this gateway and its engines", param="model")  # fmt: skip
         return card
 
     def _listed(self, model: str, data: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
