@@ -65,6 +65,26 @@ def read_encoder_spec(model_dir: Path) -> EncoderSpec:
     return _with_bert_config(encoder_dir, pooling, normalize=len(kinds) == 3)
 
 
+def is_pooling_model(source: str) -> bool:
+    """Whether `source` (a path, or a model cache name) is a pooling model rather than a generation model: the
+    built-in embedding model, a sentence-transformers directory (modules.json), or a Hugging Face directory of an
+    encoder (embeddings, or a classifier: a reranker). Read from its files without its weights or tokenizer. A
+    decoder reranker looks like a chat model here (a causal LM): it is served as a pooling model when named one
+    (an engine of `kind: embedding`, or --pooling-model)."""
+    from sagellm.runtime.models.model_cache import DEFAULT_EMBEDDING_MODEL
+
+    path = Path(source).expanduser()
+    if source == DEFAULT_EMBEDDING_MODEL or (path / "modules.json").is_file():
+        return True
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    read = _read_json(config)
+    return isinstance(read, dict) and read.get("model_type") in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 def _with_bert_config(encoder_dir: Path, pooling: tuple[PoolingMode, ...], *, normalize: bool) -> EncoderSpec:
     path = encoder_dir / "sentence_bert_config.json"
     config = _read_json(path) if path.is_file() else {}

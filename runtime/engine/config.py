@@ -78,8 +78,8 @@ class EngineConfig:
         "the disk tier's size, GiB (default: 32, or half the free space of its file system where that is less)", None
     )
     kv_events_config: dict[str, Any] | None = _help(
-        "KV cache events, vLLM's JSON: {\"enable_kv_cache_events\": true, \"endpoint\": \"tcp://*:5557\", "
-        "\"replay_endpoint\": \"tcp://*:5558\"}: every block the engine caches or drops, in its pages, RAM or disk",
+        'KV cache events, vLLM\'s JSON: {"enable_kv_cache_events": true, "endpoint": "tcp://*:5557", '
+        '"replay_endpoint": "tcp://*:5558"}: every block the engine caches or drops, in its pages, RAM or disk',
         None,
     )
     # vLLM's --scheduling-policy. fcfs: waiting requests start in arrival order, and when the KV cache runs out the

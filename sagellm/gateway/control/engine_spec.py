@@ -214,9 +214,13 @@ class ManagedEngine:
 
 def pooled_spec(name: str, source: str | dict[str, Any], engine: dict[str, Any]) -> EngineSpec:
     """The engine a model on demand loads as, served as `name`: an llm engine of the model `source` with the `engine`
-    settings, or the engine `source` spells out (a preset's; the settings apply beneath an llm engine's own). Raises
-    FieldError."""
-    if isinstance(source, str):
+    settings (an embedding engine when `source` is a pooling model: an encoder, a reranker), or the engine `source`
+    spells out (a preset's; the settings apply beneath an llm engine's own). Raises FieldError."""
+    from sagellm.runtime.embedding.spec import is_pooling_model
+
+    if isinstance(source, str) and is_pooling_model(source):
+        spec = EngineSpec(model=source, served_model_name=name, kind="embedding")
+    elif isinstance(source, str):
         spec = EngineSpec(model=source, served_model_name=name, engine=dict(engine))
     else:
         fields = {**source, "served_model_name": name}

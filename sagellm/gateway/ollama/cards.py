@@ -52,8 +52,8 @@ class OllamaCards:
         return self._files(name) is not None or self.core.embedder(name) is not None
 
     def capabilities(self, name: str) -> list[str]:
-        """What `name` can do, as `/api/show` says (`_capabilities`); an embedding model embeds."""
-        if self.core.embedder(name) is not None:
+        """What `name` can do, as `/api/show` says (`_capabilities`); a pooling model (loaded or on demand) embeds."""
+        if self.core.embedder(name) is not None or name in self.core.embedding_models():
             return ["embedding"]
         return _capabilities(self._files(name), self._template(name))
 

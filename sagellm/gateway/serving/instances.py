@@ -32,6 +32,7 @@ class InstanceRegistry:
         self._served: dict[str, ServedModel] = {}  # other models whose instances take tokens: their front-end files
         self._cards: dict[str, PoolingCard] = {}  # pooling models engines of ours serve: what the routes know of them
         self.on_demand: list[str] = []  # models loaded when a request names them (control.model_pool), in any status
+        self.on_demand_pooling: list[str] = []  # those of them that are pooling models (embedding engines)
         # LoRA adapters by name -> the model on demand each adapts, None for the graph's (serving.lora_modules)
         self.lora_parents: Mapping[str, str | None] = {}
 
@@ -148,8 +149,9 @@ class InstanceRegistry:
         return {**self._cards, **{op.served_model_name: op.card for op in self.embedders()}}
 
     def embedding_models(self) -> list[str]:
-        """The embedding models served here or by attached instances, own first."""
-        return list(dict.fromkeys(s.model for s in self.instances().values() if s.role == "embedding" and s.model))
+        """The pooling models served here or by attached instances, own first, then those loaded on demand."""
+        serving = [s.model for s in self.instances().values() if s.role == "embedding" and s.model]
+        return list(dict.fromkeys([*serving, *self.on_demand_pooling]))
 
     def embedding_model(self, name: str | None) -> str:
         """The embedding model a request asks for: the one named, else the first served (the gateway's own); a

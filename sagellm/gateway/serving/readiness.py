@@ -98,6 +98,7 @@ class ModelReadiness:
         """Requests of `pool`'s models wait for them to load; the names are the registry's too."""
         self.models_on_demand = pool
         self.registry.on_demand = pool.names()
+        self.registry.on_demand_pooling = [name for name, m in pool.models.items() if m.spec.kind == "embedding"]
 
     async def model_ready(self, model: str | None, submits: bool = True) -> None:
         """Waits until `model` (a request's `Request.model`) can serve: the graph's woken when it sleeps, one loaded

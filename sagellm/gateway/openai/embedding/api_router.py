@@ -13,7 +13,7 @@ from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
 from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.openai.embedding.protocol import EmbeddingRequest
-from sagellm.gateway.serving.interface import ServingApi
+from sagellm.gateway.serving.interface import Embedder, ServingApi
 from sagellm.gateway.serving.request_stream import embedded
 from sagellm.runtime.engine.request_limits import MAX_EMBEDDING_INPUTS
 from sagellm.runtime.pipeline.messages import Embedding, Request
@@ -29,7 +29,7 @@ class EmbeddingRoutes:
     async def embeddings(self, http: HttpRequest) -> Response:
         body = http.json(EmbeddingRequest)
         model = self.core.embedding_model(body.model)
-        card = self.core.embedder(model)
+        card = await self.ready_card(model)
         if card is not None and card.task != "embed":
             why = "a sequence classifier, not an embedding model; its scores are served by /rerank, /score, /classify"
             raise ApiError(400, f"model: {model} is {why} and /pooling", param="model")
@@ -41,6 +41,12 @@ class EmbeddingRoutes:
         tokens = sum(r.prompt_tokens for r in results)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return Response({"object": "list", "data": data, "model": model, "usage": usage})
+
+    async def ready_card(self, model: str) -> Embedder | None:
+        """`model`'s card (its task, length, labels) once it serves: a pooling model on demand is loaded first, as
+        its card is read when its engine starts."""
+        await self.core.readiness.model_ready(model, submits=False)
+        return self.core.embedder(model)
 
     async def vectors(
         self,
@@ -57,10 +63,17 @@ class EmbeddingRoutes:
         `truncate`: an input over the model's length is cut to it (Ollama's default), not refused;
         `pair_max_tokens`: a pair's second text cut to its first that many tokens (Cohere's `max_tokens_per_doc`).
         Ollama's `/api/embed` and the pooling routes run through here."""
-        embedder = self.core.embedder(model)
-        if dimensions is not None and (embedder is None or dimensions != embedder.dim):
-            has = f"has {embedder.dim}" if embedder is not None else "is served elsewhere; its size is not asked for"
-            raise ApiError(400, f"dimensions: {model} {has}, got {dimensions}", param="dimensions")
+        await self.core.readiness.model_ready(model)  # a model on demand: loaded, and held busy for these requests
+        try:
+            embedder = self.core.embedder(model)
+            if dimensions is not None and (embedder is None or dimensions != embedder.dim):
+                has = (
+                    f"has {embedder.dim}" if embedder is not None else "is served elsewhere; its size is not asked for"
+                )
+                raise ApiError(400, f"dimensions: {model} {has}, got {dimensions}", param="dimensions")
+        except BaseException:  # refused before they were submitted: the model is not held
+            self.core.readiness.not_submitting(model)
+            raise
         now = time.time()
         requests = [
             Request(

@@ -80,7 +80,7 @@ class PoolingRoutes:
         """Each text's most likely label, and every label's probability (a softmax of the logits, vLLM's)."""
         body = http.json(PoolingInputRequest)
         model = self._model(body.model)
-        card = self._card(model, "classify")
+        card = await self._card(model, "classify")
         if card.task != "classify":
             raise ApiError(400, f"model: {model} embeds texts; /classify needs a sequence classifier", param="model")
         texts = embedding_inputs(body.input)
@@ -134,7 +134,7 @@ class PoolingRoutes:
         for text in [*firsts, *seconds]:
             if not text:
                 raise ApiError(400, "an empty text has nothing to score; send at least one character")
-        card = self._card(model, "score")
+        card = await self._card(model, "score")
         owner = key_owner(http)
         if card.task == "classify":
             if card.dim != 1:
@@ -155,10 +155,10 @@ class PoolingRoutes:
     def _model(self, name: str | None) -> str:
         return self.core.embedding_model(name)
 
-    def _card(self, model: str, what: str) -> Any:
-        """The model's card (its task, labels, activation): a model served here or by an engine of ours; one another
-        server serves (its task unknown here) is not scored here."""
-        card = self.core.embedder(model)
+    async def _card(self, model: str, what: str) -> Any:
+        """The model's card (its task, labels, activation): a model served here or by an engine of ours (on demand:
+        once loaded); one another server serves (its task unknown here) is not scored here."""
+        card = await self.embeddings.ready_card(model)
         if card is None:
             raise ApiError(400, f"model: {model} is served by another server; {what} runs on the pooling models of "
                                 "this gateway and its engines", param="model")  # fmt: skip
