@@ -30,8 +30,7 @@ from sagellm.benchmarks.chaos_report import progress
 from sagellm.benchmarks.chaos_server import Server
 from sagellm.benchmarks.overload_servers import served_model
 from sagellm.benchmarks.report import write_json_and_plot
-from sagellm.benchmarks.vllm_results import cpu_description
-from sagellm.common.errors import NotFound
+from sagellm.benchmarks.vllm_results import add_peers_argument, bench_serve_command, cpu_description, vllm_client
 
 ACCEPTED_RATIO = 1.2  # the live TTFT p99 beside the batch, against alone
 LIVE_KEYS = ("completed", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms", "output_throughput")
@@ -50,16 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live-prompts", type=int, default=64, help="W1 requests in each live run (default: 64)")
     parser.add_argument("--concurrency", type=int, default=4, help="the live load's concurrency (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the batch files and the live prompts (default: 0)")
-    parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS", "/tmp/peers")),
-                        help="where ../shared/peers/setup.sh put vLLM's client and the tokenizer")  # fmt: skip
+    add_peers_argument(parser)
     parser.add_argument("--server-args", default="", help="more options of `sagellm serve`, one string")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/batch_live"), help="OUT.json, OUT.png")
 
 
 def run(args: argparse.Namespace) -> int:
-    vllm = args.peers / "venv-vllm/bin/vllm"
-    if not vllm.exists() or not (args.peers / "smollm2-hf").exists():
-        raise NotFound(f"{vllm} or its tokenizer is missing: run ../shared/peers/setup.sh hf vllm (PEERS={args.peers})")
+    vllm_client(args.peers)
     started = time.monotonic()
     rounds = trio.run(_run, args)
     cpu = cpu_description()
@@ -123,13 +119,9 @@ async def _live(
 ) -> dict[str, Any]:
     """W1 at `--concurrency` through `vllm bench serve` (`prompts` requests, `--live-prompts` by default): its
     numbers; what it prints goes to a log beside its results."""
-    command = [str(args.peers / "venv-vllm/bin/vllm"), "bench", "serve", "--backend", "openai", "--base-url",
-               server.url, "--endpoint", "/v1/completions", "--model", model, "--tokenizer",
-               str(args.peers / "smollm2-hf"), "--dataset-name", "random", "--random-input-len", "256",
-               "--random-output-len", "128", "--num-prompts", str(prompts or args.live_prompts), "--max-concurrency",
-               str(args.concurrency), "--ignore-eos", "--temperature", "0", "--seed", str(seed),
-               "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--save-result",
-               "--result-dir", str(out.parent), "--result-filename", out.name]  # fmt: skip
+    load = ["--max-concurrency", str(args.concurrency)]
+    command = bench_serve_command(args.peers, server.url, model, seed, out, prompts or args.live_prompts, (256, 128),
+                                  load)  # fmt: skip
     progress(f"live W1-c{args.concurrency}, {prompts or args.live_prompts} requests, seed {seed}", "batch")
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
     with out.with_suffix(".log").open("wb") as log:

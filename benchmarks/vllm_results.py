@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -82,6 +83,33 @@ def markdown(medians: dict[tuple[str, int], dict[str, float | None]], repeats: d
             "| " + " | ".join([str(concurrency), server, str(repeats[server, concurrency]), counts, *cells]) + " |"
         )
     return "\n".join(lines)
+
+
+def add_peers_argument(parser: argparse.ArgumentParser) -> None:
+    """`--peers`: where the benchmarks that run `vllm bench serve` as their client find it and the tokenizer."""
+    parser.add_argument("--peers", type=Path, default=Path(os.environ.get("PEERS", "/tmp/peers")),
+                        help="where ../shared/peers/setup.sh put vLLM's client and the tokenizer")  # fmt: skip
+
+
+def vllm_client(peers: Path) -> Path:
+    """`vllm` of the peers' install (`--peers`). Raises NotFound, saying how to install it."""
+    vllm = peers / "venv-vllm/bin/vllm"
+    if not vllm.exists() or not (peers / "smollm2-hf").exists():
+        raise NotFound(f"{vllm} or its tokenizer is missing: run ../shared/peers/setup.sh hf vllm (PEERS={peers})")
+    return vllm
+
+
+def bench_serve_command(peers: Path, url: str, model: str, seed: int, out: Path, prompts: int,
+                        lengths: tuple[int, int], load: list[str]) -> list[str]:  # fmt: skip
+    """One `vllm bench serve` run as our benchmarks run it: random prompts of `lengths` = (in, out) tokens, EOS
+    ignored, greedy, at `load` (a concurrency or a request rate, and more options); TTFT, TPOT, ITL and e2e at p50
+    and p99; its result file `out`."""
+    return [str(vllm_client(peers)), "bench", "serve", "--backend", "openai", "--base-url", url, "--endpoint",
+            "/v1/completions", "--model", model, "--tokenizer", str(peers / "smollm2-hf"), "--dataset-name", "random",
+            "--random-input-len", str(lengths[0]), "--random-output-len", str(lengths[1]), "--num-prompts",
+            str(prompts), *load, "--ignore-eos", "--temperature", "0", "--seed", str(seed), "--percentile-metrics",
+            "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(out.parent),
+            "--result-filename", out.name]  # fmt: skip
 
 
 def cpu_description() -> str:

@@ -143,6 +143,7 @@ class Admission(MapOperator):
 
     name = "admission"
     accepts = (Request,)
+    traced = False  # a traced request came through the gateway, whose door's checks are its admission span
     parameter_help: ClassVar[dict[str, str]] = {
         "max_queue": "most requests in flight in the graph; more are refused as overloaded",
         "max_model_len": "context length prompts are checked against (default: the engines', else the model's)",

@@ -14,11 +14,12 @@ wall clock against the request's arrival, so they mean the same whichever proces
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import structlog
 
+from sagellm.common import tracing
 from sagellm.common.errors import FieldError, InvalidInput, NotFound
 from sagellm.common.memory import return_freed_memory
 from sagellm.operators.kv_block_serving import BlockServing, exclusive
@@ -42,6 +43,7 @@ class TrackedRequest:
     request: Request
     metrics: RequestMetrics
     prefilled_elsewhere: bool = False  # a PrefillDone: its cache hits were counted by the prefill worker
+    received: float = field(default_factory=time.time)  # when this engine took it: its span's start
 
     @classmethod
     def of(cls, request: Request) -> TrackedRequest:
@@ -60,6 +62,20 @@ class TrackedRequest:
         self.metrics.finished_time = now
         self.metrics.slo_met = self.request.slo_met(self.metrics)
         return self.metrics
+
+    def span(self, name: str, node_id: str, now: float, error: str | None = None, **attributes: Any) -> None:
+        """Its span on this engine (`name`: the engine's part), when the request is traced."""
+        if self.request.trace is None:
+            return
+        m = self.metrics
+        attributes |= {"sagellm.node": node_id, "gen_ai.usage.input_tokens": m.num_prompt_tokens,
+                       "gen_ai.usage.output_tokens": m.num_output_tokens, "sagellm.cached_tokens": m.num_cached_tokens,
+                       "sagellm.resumed_tokens": self.request.resumed_tokens}  # fmt: skip
+        if m.first_token_time is not None:
+            attributes["sagellm.first_token_s"] = m.first_token_time - self.received
+        if error is not None:
+            attributes["error.type"] = error
+        tracing.record(name, self.request.trace, self.received, now, attributes)
 
 
 class EngineOperator(StepOperator):
@@ -210,7 +226,10 @@ class EngineOperator(StepOperator):
                     lora_request=request.lora, multi_modal_data=_media(request),
                 )  # fmt: skip
                 item = done
-                items = self._emit(out, time.time())
+                now = time.time()  # the KV is in this engine's cache: the hand-over from the prefill worker is over
+                tracing.record("kv_transfer", request.trace, done.first_token_time, now,
+                               {"sagellm.node": self.ctx.node_id, "sagellm.kv_tokens": done.kv.num_tokens})  # fmt: skip
+                items = self._emit(out, now)
                 if tracked.metrics.first_token_time is not None:
                     tracked.metrics.kv_handover_s = tracked.metrics.first_token_time - item.first_token_time
                 if item.first_logprob is not None:  # the prefill worker sampled the first token
@@ -275,6 +294,7 @@ class EngineOperator(StepOperator):
         completion = out.outputs[0]
         if out.error is not None:  # the engine ended this request alone: a step failed on its data
             del self._tracked[out.request_id]
+            tracked.span(self.name, self.ctx.node_id, now, error=out.error_code)
             message = out.error if out.error_code == "invalid_request" else f"{self.ctx.node_id}: {out.error}"
             return [RequestError(request_id=out.request_id, code=out.error_code, message=message, time=now)]
         if out.kv is not None and tracked.request.kv_export:  # prefilled for another server: the KV goes back
@@ -285,6 +305,7 @@ class EngineOperator(StepOperator):
             reason = "length" if completion.finish_reason == "prefilled" else completion.finish_reason
             kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv, states=out.states)
             first = completion.token_ids_delta
+            tracked.span("prefill", self.ctx.node_id, now, **{"sagellm.kv_export": True})
             return [
                 TokenDelta(
                     request_id=out.request_id, token_ids=list(first), text=completion.text_delta, time=now,
@@ -295,6 +316,9 @@ class EngineOperator(StepOperator):
             del self._tracked[out.request_id]
             kv = KVBlocks(num_tokens=int(out.kv.shape[2]), data=out.kv, states=out.states)
             cached = out.metrics.num_cached_tokens
+            tracked.metrics.num_prompt_tokens, tracked.metrics.num_cached_tokens = len(out.prompt_token_ids), cached
+            tracked.token(now, 1)
+            tracked.span("prefill", self.ctx.node_id, now)
             done = PrefillDone(
                 request_id=out.request_id,
                 request=tracked.request,
@@ -323,6 +347,7 @@ class EngineOperator(StepOperator):
                 tracked.metrics.cached_tokens_by_tier = out.metrics.cached_tokens_by_tier
             tracked.metrics.num_preemptions = out.metrics.num_preemptions
             delta.metrics = tracked.finish(now)
+            tracked.span(self.name, self.ctx.node_id, now, **{"gen_ai.response.finish_reasons": [delta.finish_reason]})
         return [delta]
 
     def _refresh_stats(self) -> None:

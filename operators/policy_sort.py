@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import ClassVar
 
+from sagellm.common import tracing
 from sagellm.common.errors import FieldError
 from sagellm.operators.policies import POLICIES, Policy, make_policy
 from sagellm.runtime.pipeline.messages import Request, RequestError
@@ -24,6 +25,7 @@ from sagellm.runtime.pipeline.operator import OperatorContext, OperatorError, Qu
 class PolicySort(QueueOperator):
     name = "policy_sort"
     accepts = (Request,)
+    traced = False  # a traced request's span here is its wait, from its push to its pop (`pop`)
     parameter_help: ClassVar[dict[str, str]] = {
         "policy": "the scheduling policy: fifo, priority, slo_aware, cost_optimized or adaptive",
         "max_len": "most waiting requests; the lowest-ranked leaves as overloaded (default: unbounded)",
@@ -75,6 +77,10 @@ class PolicySort(QueueOperator):
         item = self.policy.pop()
         if isinstance(item, Request):
             item.dispatched_time = self.clock()
+            if item.trace is not None:  # its wait here, in the policy's order, is a span of its trace
+                waited_from = item.admitted_time or item.arrival_time
+                tracing.record("policy_queue", item.trace, waited_from, item.dispatched_time,
+                               {"sagellm.policy": self.policy_name})  # fmt: skip
         return item
 
     def withdraw(self, request_ids: set[str]) -> list[Request]:

@@ -63,7 +63,7 @@ NOT_RUN = {
 INDENTED = re.compile(r"(?:^|\n\n)((?: {4}\S.*(?:\n|$))(?: {4}.*(?:\n|$)|\n)*)")
 ABRIDGED = re.compile(r"^# (graphs/[\w.]+\.yaml) \(abridged\)\n")
 SUITE_ITSELF = re.compile(r"bash scripts/(install|test)\.sh( &&)?\s*")
-GATEWAY_LINE = re.compile(r"^sagellm gateway (start|stop)[ \t]*(#.*)?\n?", re.M)  # the default one, no options
+GATEWAY_LINE = re.compile(r"^sagellm gateway (start|stop)[ \t]*(#.*)?$\n?", re.M)  # the default one, no options
 COMMENT_LINE = re.compile(r"^[ \t]*#.*\n?", re.M)
 Runs = dict[tuple[str, Path], subprocess.CompletedProcess[str]]  # (script sans comment lines, cwd) -> its run
 CAPTURED = dict(capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -82,6 +82,8 @@ EXPECTED = {
     "sagellm gateway start\npython - <<'PY'\nimport ollama": "all-minilm-l6-v2:latest",
     "sagellm gateway start\npython - <<'PY'\nimport json, time": "completed BatchRequestCounts(completed=2",
     "import asyncio\n\nfrom sagellm.control_plane": "COMPLETED The capital of France is Paris.",
+    "cat > keys.yaml": "200\n200\n429\n",
+    "pip install -q opentelemetry-sdk": "otlp_sink: 8 spans received",
 }
 
 

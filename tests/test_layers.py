@@ -41,6 +41,7 @@ FLOORS = [
     # the serving core; the APIs; the control plane; API server processes; the gateway process that joins them.
     ["sagellm.gateway.config", "sagellm.gateway.state"],
     ["sagellm.gateway.http"],
+    ["sagellm.gateway.keys"],  # API keys with their policies: the front ends' ring, the core's limits
     ["sagellm.gateway.media"],  # a request's images and audio fetched and decoded under the operator's policy
     ["sagellm.gateway.serving"],
     ["sagellm.gateway.indexes"],

@@ -8,11 +8,13 @@ held, and the engine serves on); a stream that stops without a terminal item end
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
+from sagellm.common import tracing
 from sagellm.runtime.pipeline.messages import RequestError, is_terminal
 from sagellm.runtime.pipeline.operator import Operator, StepOperator, StreamOperator
 
@@ -24,12 +26,16 @@ def apply_operator(node_id: str, op: Operator, fn: Callable[[Any], Any], item: A
     through; an exception becomes the item's `internal` error (logged); None means nothing."""
     if op.accepts and not isinstance(item, op.accepts):
         return [item]
+    trace = getattr(item, "trace", None) if op.traced else None
+    started = time.time() if trace is not None else 0.0
     try:
         result = fn(item)
     except Exception as exc:
         log.exception("operator_failed", node=node_id, request_id=getattr(item, "request_id", None))
         rid = getattr(item, "request_id", None)
         return [internal_error(rid, node_id, exc)] if rid is not None else []
+    if trace is not None and not isinstance(op, StepOperator):  # (an engine records its spans as they end)
+        tracing.record(op.name, trace, started, time.time(), {"sagellm.node": node_id})
     if result is None:
         return []
     return result if isinstance(result, list) else [result]

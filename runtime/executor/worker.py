@@ -34,7 +34,7 @@ import structlog
 import trio
 import zmq
 
-from sagellm.common import parent_death, progress
+from sagellm.common import parent_death, progress, tracing
 from sagellm.common.errors import InvalidInput, JoinRefused, SageLLMError, Unavailable
 from sagellm.common.logging import configure_logging
 from sagellm.common.nursery_errors import named_failures, single_errors
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "warning"))
+    tracing.configure_from_env(f"sagellm-worker:{args.group}")  # traces where the gateway's go, if it traces
     code = 0
     try:
         trio.run(serve_args, args)
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         code = max(failure.exit_code for failure in named)
     # The run is over and every socket closed: skip the interpreter's teardown of torch and the model (~0.4 s the
     # parent would wait for before it reports).
+    tracing.shutdown()  # the spans still batched go out first
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from sagellm.common.tracing import TraceContext
 from sagellm.runtime.engine.lora_request import LoRARequest
 from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
 from sagellm.runtime.engine.peer_prefix import PeerPrefix
@@ -97,6 +98,7 @@ class Request(_Message):
     # Its images encoded by an `encode` node (the EPD graph): `prompt_token_ids` is then the expanded prompt
     encoded_images: list[EncodedImage] | None = None
     audios: list[bytes] | None = None  # a chat's audio clips, their WAV files, one per placeholder in prompt order
+    trace: TraceContext | None = None  # a traced request: where its spans go (sagellm/common/tracing.py)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -180,12 +182,24 @@ ErrorCode = Literal[
     "context_length_exceeded",
     "overloaded",
     "rate_limited",
+    "rate_limit_exceeded",
+    "model_not_found",
     "unavailable",
     "instance_lost",
     "timeout",
     "queue_timeout",
     "internal",
 ]
+
+
+class LimitReached(msgspec.Struct, array_like=True, kw_only=True):
+    """The limit of its key a `rate_limited` refusal met (the gateway's keys file): what a client's
+    `x-ratelimit-*` headers say."""
+
+    kind: Literal["requests", "tokens", "concurrent"]
+    limit: int
+    remaining: int
+    reset_s: float  # until the request would fit
 
 
 class RequestError(_Message):
@@ -197,6 +211,7 @@ class RequestError(_Message):
     time: float = msgspec.field(default_factory=time.time)
     metrics: RequestMetrics | None = None
     retry_after_s: float | None = None  # a shed request: when a retry may find room (the queue's expected drain)
+    limit: LimitReached | None = None  # a key's limit that refused it
 
 
 HTTP_STATUS: dict[str, int] = {
@@ -205,6 +220,8 @@ HTTP_STATUS: dict[str, int] = {
     "context_length_exceeded": 400,
     "overloaded": 429,
     "rate_limited": 429,
+    "rate_limit_exceeded": 429,  # a key's limit (OpenAI's code)
+    "model_not_found": 404,  # a model its key may not use
     "unavailable": 503,  # no healthy instance can take it now
     "instance_lost": 503,
     "timeout": 504,

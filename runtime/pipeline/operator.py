@@ -223,6 +223,8 @@ class Operator:
     # The parameter that sets the torch threads the node computes with ("": none): engines in processes of their own
     # on one host get a share of its cores each through it (`runtime.executor.core_shares`).
     threads_param: ClassVar[str] = ""
+    # Whether what the node does with a traced request is a span of its trace (`operator_calls.apply_operator`)
+    traced: ClassVar[bool] = True
 
     @classmethod
     def parameters(cls) -> dict[str, tuple[Any, bool]]:

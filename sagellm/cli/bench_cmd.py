@@ -42,6 +42,7 @@ PIPELINE_BENCHES = (
     ("overload", "overload", "abandoned streams, late refusals, a huge batch, the metastable test; vs vLLM"),
     ("fairness", "fairness", "short chats' TTFT while an echo+logprobs batch or a 6,000-token prompt runs"),
     ("batch", "batch_live", "a Batch API job beside live W1-c4: live TTFT with and without it; a restart mid-batch"),
+    ("keys", "keys_limits", "two API keys, one rate-limited, --api-servers 2: 429s at its limit, the other's TTFT"),
     ("faults", "faults", "one of three engine workers killed mid-run, failover off and on (the failover table)"),
     ("lora", "lora", "W1-c16 over 4 LoRA adapters against the base; a model on demand's cold vs warm TTFT"),
     ("agents", "agents", "coding agents' sessions returning across a restart: KV tiers vs none vs peers (TTFT)"),

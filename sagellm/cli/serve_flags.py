@@ -75,7 +75,39 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the port to listen on (default: %(default)s)")
     p.add_argument("--api-key", action="append", default=None, help="accepted API key (repeat; env SAGELLM_API_KEY)")
+    p.add_argument(
+        "--api-keys-file",
+        type=Path,
+        metavar="PATH",
+        help="a YAML file of API keys, each with a name and its limits (requests and tokens per minute, concurrent "
+        "requests, max_tokens), priority class, allowed models and cache salt; read again when it changes or on "
+        "SIGHUP (docs/serving/api-keys.md)",
+    )
     p.add_argument("--admin-key", help="admin key for management routes (env SAGELLM_ADMIN_KEY; default: generated)")
+    p.add_argument(
+        "--access-log",
+        type=Path,
+        metavar="PATH",
+        help="append a JSON line a request to PATH as it ends or is refused (its key's name, model, tokens, timings, "
+        "status, trace id), rotated by size into PATH.1 ... PATH.5",
+    )
+    p.add_argument(
+        "--access-log-max-mb", type=float, default=100.0, help="the access log's size before it rotates (default: 100)"
+    )
+    p.add_argument(
+        "--enable-per-request-metrics",
+        action="store_true",
+        help="each reply of one generation carries vLLM's per-request `metrics` (time to first token, queue, "
+        "generation time, mean inter-token latency, tokens/s): chat, completions (the usage chunk when streamed) "
+        "and responses",
+    )
+    p.add_argument(
+        "--otlp-traces-endpoint",
+        metavar="URL",
+        help="export each request's trace (gateway, admission, route, engines, KV transfer, in every process) with "
+        "OTLP over HTTP to URL, e.g. http://127.0.0.1:4318/v1/traces (vLLM's flag; needs sagellm[tracing]); a "
+        "client's traceparent header is the parent of its request's spans",
+    )
     p.add_argument(
         "--admin-auth",
         choices=("key", "loopback"),

@@ -160,6 +160,11 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0: any free port (tests)
     api_keys: list[str] = field(default_factory=list)
+    api_keys_file: Path | None = None  # keys with names and policies (gateway/keys/keys_file.py)
+    otlp_traces_endpoint: str | None = None  # where request traces go (OTLP/HTTP; sagellm/common/tracing.py)
+    access_log: Path | None = None  # a JSON line a request (serving/access_log.py), rotated at access_log_max_mb
+    access_log_max_mb: float = 100.0
+    per_request_metrics: bool = False  # vLLM's --enable-per-request-metrics: a reply's `metrics` beside its usage
     admin_key: str | None = None
     embedding_model: str | None = None
     pooling_models: list[str] = field(default_factory=list)  # rerankers, classifiers, more embedding models

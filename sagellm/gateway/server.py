@@ -8,29 +8,25 @@ from __future__ import annotations
 
 import queue
 import signal
-import socket
-import sys
 import threading
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
-import zmq
 
+from sagellm.common import tracing
 from sagellm.common.autoscale import AutoscaleSettings
 from sagellm.common.errors import FieldError, InvalidInput
-from sagellm.common.home import keys_dir
 from sagellm.common.logging import default_logging
 from sagellm.common.memory import resident_bytes
 from sagellm.common.nursery_errors import single_errors
 from sagellm.gateway import openapi
 from sagellm.gateway.anthropic.routes import MessagesRoutes
-from sagellm.gateway.api_servers.hub import ApiServerHub, run_api_servers
+from sagellm.gateway.api_servers.hub import ApiServerHub
+from sagellm.gateway.api_servers.hub_serving import serve_with_hub
 from sagellm.gateway.api_servers.link import FrontEnd
 from sagellm.gateway.batches.batch_store import BatchStore
 from sagellm.gateway.batches.files import FileStore
@@ -54,6 +50,9 @@ from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
 from sagellm.gateway.indexes.routes import IndexRoutes
 from sagellm.gateway.indexes.store import IndexStore
+from sagellm.gateway.keys.reload import keep_keys_current
+from sagellm.gateway.keys.tenants import Tenants
+from sagellm.gateway.keys.usage_metrics import KeyUsageMetrics
 from sagellm.gateway.media import media_policy
 from sagellm.gateway.ollama.routes import OllamaRoutes
 from sagellm.gateway.openai.api import OpenAIApi
@@ -64,15 +63,13 @@ from sagellm.gateway.openai.models.api_router import ModelsRoutes
 from sagellm.gateway.openai.request_status.api_router import RequestStatusRoutes
 from sagellm.gateway.openai.responses.api_router import ResponsesRoutes
 from sagellm.gateway.openai.tokenization.api_router import TokenizerRoutes
+from sagellm.gateway.serving.access_log import AccessLog
 from sagellm.gateway.serving.background import BackgroundTasks
 from sagellm.gateway.serving.core import ServingCore
 from sagellm.gateway.sessions.routes import SessionRoutes
 from sagellm.gateway.sessions.store import SessionStore
-from sagellm.runtime.comm.curve import RunKeys, authenticator
-from sagellm.runtime.comm.zmq_trio import local_endpoint
 from sagellm.runtime.execution_graph.graph import Graph
 from sagellm.runtime.pipeline.cluster import RayCluster
-from sagellm.runtime.pipeline.spec import WILDCARD_HOST
 
 log = structlog.get_logger("sagellm.gateway")
 
@@ -110,12 +107,13 @@ def build_app(
     # What starts a process, reads a path or adds an upstream takes the admin key always, --admin-auth loopback or not
     launch_guard = key_guard([admin], "admin")
     admin_guard = launch_guard if config.admin_auth == "key" else None
-    api_guard = key_guard(config.api_keys, "API")
+    api_guard = core.tenants.ring.guard if core.tenants.ring.required else None
     indexes = IndexStore(core)
     openai_api = OpenAIApi(
         core, indexes, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
         reasoning_budget=config.reasoning_budget, hand_off=KVHandOff(config.kv_transfer, core.kv_outbox, core.boot_id),
         media=media_policy(config.allowed_media_domains, config.allowed_local_media_path),
+        per_request_metrics=config.per_request_metrics,
     )  # fmt: skip
     ModelsRoutes(core).register(app, api_guard)
     openai_api.register(app, api_guard)
@@ -124,7 +122,8 @@ def build_app(
     SessionRoutes(SessionStore(config.state_dir), openai_api.chat).register(app, api_guard)
     BatchRoutes(batches).register(app, api_guard)
     batches.app = app
-    AdminRoutes(core, tuple(c for c in (scalers, models) if c is not None)).register(app, admin_guard)
+    collectors = (KeyUsageMetrics(core.tenants), *(c for c in (scalers, models) if c is not None))
+    AdminRoutes(core, collectors).register(app, admin_guard)
     upstreams = UpstreamAllowList(config.allowed_upstreams)
     ManagementRoutes(core, engines, upstreams).register(app, admin_guard, launch_guard)
     ModelRoutes(models).register(app, admin_guard, launch_guard)
@@ -152,11 +151,13 @@ def http_limits(config: GatewayConfig) -> HttpLimits:
 
 def front_end(config: GatewayConfig) -> FrontEnd:
     """What every API server enforces as this gateway does."""
-    return FrontEnd(api_keys=list(config.api_keys), max_body_bytes=config.max_body_bytes,
+    return FrontEnd(keys=[], keys_required=bool(config.api_keys or config.api_keys_file),
+                    max_body_bytes=config.max_body_bytes,
                     graceful_timeout_s=config.graceful_timeout_s, max_connections=config.max_connections,
                     tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser,
                     reasoning_budget=config.reasoning_budget, allowed_media_domains=config.allowed_media_domains,
-                    allowed_local_media_path=config.allowed_local_media_path)  # fmt: skip
+                    allowed_local_media_path=config.allowed_local_media_path,
+                    per_request_metrics=config.per_request_metrics)  # fmt: skip
 
 
 async def serve(
@@ -170,11 +171,15 @@ async def serve(
     """Runs until `Gateway.stop` is set (or, with `handle_signals`, a SIGINT/SIGTERM arrives); hands the running
     `Gateway` to `task_status` once it answers HTTP. `api_servers`: that many API server processes answer HTTP on
     the gateway's port (`api_server`) and this process runs the core behind them; 0: this process answers HTTP."""
+    if config.otlp_traces_endpoint:  # before any process starts: they inherit where to send theirs
+        tracing.configure(config.otlp_traces_endpoint, "sagellm-gateway")
     core = ServingCore(
         graph, served_model_name=config.served_model_name, model_aliases=config.model_aliases,
         failover=config.failover, embedding_model=config.embedding_model,
-        pooling_models=config.pooling_models,
+        pooling_models=config.pooling_models, tenants=Tenants(config.api_keys, config.api_keys_file),
     )  # fmt: skip
+    if config.access_log is not None:
+        core.access_log = AccessLog(config.access_log, max_bytes=int(config.access_log_max_mb * 2**20))
     cluster = RayCluster.from_settings(graph.attrs["cluster"]) if "cluster" in graph.attrs else None
     engines = EngineManager(config.state_dir, core, reserved_names=lambda: _served_names(core), ray=cluster)
     admin = admin_key(config.state_dir, config.admin_key)
@@ -197,7 +202,7 @@ async def serve(
             _serve_lora_modules(core, config.lora_modules, config.lora_bases)
             await nursery.start(engines.run)
             signals, member, scaling_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
-            loading_scope = trio.CancelScope()
+            loading_scope, keys_scope = trio.CancelScope(), trio.CancelScope()
             await nursery.start(tasks.run)
             nursery.start_soon(tasks.stop_when, stop)  # at once: a batch's lines must not meet the drain's refusals
             batches.resume()
@@ -208,12 +213,13 @@ async def serve(
                 nursery.start_soon(_keep_scaling, autoscaler, scaling_scope)
             if handle_signals:
                 nursery.start_soon(stop_on_signal, stop, signals, membership)
+            nursery.start_soon(keep_keys_current, core.tenants, handle_signals, keys_scope)
             async with trio.open_nursery() as http:
                 limits = http_limits(config)
                 own_http = partial(serve_http, app, config.host, config.port, limits, shutdown_trigger=stop.wait)
                 hub = ApiServerHub(core, app, front_end(config)) if api_servers or config.api_hub else None
                 if hub is not None:
-                    url = await http.start(_serve_with_hub, hub, own_http, config, api_servers, stop)
+                    url = await http.start(serve_with_hub, hub, own_http, config, api_servers, stop)
                 else:
                     url = await http.start(own_http)
                 log.info("gateway_ready", url=url, models=core.models(), memory=process_memory(core))
@@ -225,12 +231,14 @@ async def serve(
             signals.cancel()  # the server returned: stop was set and the requests it held have finished
             scaling_scope.cancel()  # no replica is added or drained while the gateway stops
             loading_scope.cancel()  # nor a model loaded or unloaded
+            keys_scope.cancel()
             if membership is not None:
                 with trio.CancelScope(shield=True):
                     await membership.leave()  # no-op if a signal already made it leave
                 member.cancel()
             engines.shutdown()  # managed engine processes stop
             core.shutdown()  # the graph drains what is left, then core.run returns
+    tracing.flush()  # the last requests' spans go out before the process ends
 
 
 def model_pool(
@@ -283,77 +291,6 @@ def process_memory(core: ServingCore) -> str:
     from sagellm.runtime.engine.memory_report import memory_report
 
     return memory_report(engine.runner for engine in engines).line()
-
-
-async def _serve_with_hub(
-    hub: ApiServerHub,
-    own_http: Callable[..., Awaitable[None]],
-    config: GatewayConfig,
-    count: int,
-    stop: trio.Event,
-    *,
-    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """The gateway with API servers: the hub they attach to (ipc, or tcp at `config.api_hub` for API servers on
-    other hosts too, encrypted with a key made here), and on the gateway's port `count` API server processes, or
-    with none this process's own HTTP (`own_http`); hands the port's URL to `task_status`. On `stop` the HTTP front
-    ends stop first (requests in flight finish here), then the hub."""
-    zctx = zmq.Context()
-    keys = RunKeys.generate() if config.api_hub else None
-    key_file: Path | None = None
-    try:
-        with authenticator(zctx, keys):
-            hub_scope = trio.CancelScope()
-            async with trio.open_nursery() as nursery:
-
-                async def run_hub(task_status: trio.TaskStatus) -> None:
-                    with hub_scope:
-                        await hub.run(zctx, _host_port(config.api_hub), keys, task_status=task_status)
-
-                endpoint = await nursery.start(run_hub)
-                if keys is not None:
-                    hub.key_file = key_file = _announce_hub(endpoint, keys)
-                async with trio.open_nursery() as front:  # returns once `stop` was set and the front ends ended
-                    if count:
-                        url = await front.start(
-                            run_api_servers, hub, local_endpoint(endpoint), config, count, stop, keys
-                        )
-                    else:
-                        url = await front.start(own_http)
-                    task_status.started(url)
-                hub_scope.cancel()
-    finally:
-        if key_file is not None:
-            key_file.unlink(missing_ok=True)  # the key dies with the run
-        zctx.term()
-
-
-def _host_port(value: str | None) -> tuple[str, int] | None:
-    """`api_hub`'s HOST:PORT (a bare PORT: loopback)."""
-    if value is None:
-        return None
-    host, _, port = value.rpartition(":")
-    if not port.isdigit() or int(port) > 65535:
-        raise InvalidInput(f"--api-hub: expected HOST:PORT (port 0: any free one), got {value!r}")
-    return host or "127.0.0.1", int(port)
-
-
-def _announce_hub(endpoint: str, keys: RunKeys) -> Path:
-    """Writes the run's key for API servers on other hosts (a file only its owner can read) and says, on stderr,
-    how to start one."""
-    port = endpoint.rpartition(":")[2]
-    key_file = keys_dir() / f"api-hub-{port}.key"
-    keys.write(key_file)
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
-    core = f"tcp://{socket.gethostname() if host == WILDCARD_HOST else host}:{port}"
-    log.info("api_hub_listening", endpoint=endpoint, key_file=str(key_file))
-    print(
-        f"sagellm: API servers on other hosts attach here: copy {key_file} to the host over a secure channel "
-        f"(scp -p) and run there: sagellm api-server --core {core} --key-file {key_file} --host 0.0.0.0",
-        file=sys.stderr,
-        flush=True,
-    )
-    return key_file
 
 
 def _served_names(core: ServingCore) -> list[str]:

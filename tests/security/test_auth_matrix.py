@@ -50,7 +50,7 @@ ADMIN = {
     "POST /admin/set_policy", "GET /admin/metrics",
     "GET /v1/management/engines", "POST /v1/management/engines", "GET /v1/management/engines/{engine_id}",
     "DELETE /v1/management/engines/{engine_id}", "GET /v1/management/engines/{engine_id}/health",
-    "GET /v1/management/health", "GET /v1/management/gpu", "GET /v1/management/backends",
+    "GET /v1/management/health", "GET /v1/management/gpu", "GET /v1/management/backends", "GET /v1/management/usage",
     "POST /models/load", "POST /models/unload", "GET /v1/management/models",
     "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter",
     "POST /sleep", "POST /wake_up", "GET /is_sleeping",

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 import zmq
@@ -195,7 +196,7 @@ class ApiServerHub:
     def _refuse(self, peer: bytes, requests: list[Request], error: ApiError) -> None:
         for request in requests:
             self._queue(peer, RequestError(request_id=request.request_id, code=_code(error), message=error.message,
-                                           retry_after_s=error.retry_after_s))  # fmt: skip
+                                           retry_after_s=error.retry_after_s, limit=error.limit))  # fmt: skip
 
     async def _model_ready(self, peer: bytes, ask: ModelReady) -> None:
         """Makes a model on demand serve for an API server (`ModelReady`): the core's state, which then holds the
@@ -291,7 +292,7 @@ class ApiServerHub:
             vocab_size=served.vocab_size if served is not None else None,
             sampling_defaults=core.sampling_defaults(),
             instance_defaults=core.registry.served_defaults(),
-            front_end=self.front_end,
+            front_end=msgspec.structs.replace(self.front_end, keys=core.tenants.known_keys()),
         )
 
     async def _keep_in_touch(self) -> None:

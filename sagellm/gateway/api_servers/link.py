@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from sagellm.gateway.keys.key_ring import KnownKey
 from sagellm.runtime.comm import wire
 from sagellm.runtime.embedding.card import PoolingCard
 
@@ -85,7 +86,8 @@ class NotSubmitting(msgspec.Struct, tag=True, kw_only=True):
 class FrontEnd(msgspec.Struct, kw_only=True):
     """What every API server enforces as the gateway would: its API keys, its body limit, its graceful stop."""
 
-    api_keys: list[str]
+    keys: list[KnownKey]  # the keys the API routes accept, by digest (the core's, changed as its keys file is)
+    keys_required: bool  # a key is needed (also when `keys` is empty: a keys file that lists none)
     max_body_bytes: int
     graceful_timeout_s: float
     max_connections: int | None = None  # each API server's own cap
@@ -94,6 +96,7 @@ class FrontEnd(msgspec.Struct, kw_only=True):
     reasoning_budget: int | None = None  # thinking tokens of a request that sets none (None: no bound)
     allowed_media_domains: list[str] = []  # where image_url parts may be fetched from (GatewayConfig's)
     allowed_local_media_path: str | None = None
+    per_request_metrics: bool = False  # replies carry vLLM's per-request `metrics`
 
 
 class Snapshot(msgspec.Struct, tag=True, kw_only=True):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from sagellm.common import tracing
 from sagellm.common.errors import JoinRefused
 from sagellm.common.flag import Flag
 from sagellm.common.peer_monitor import PeerMonitor
@@ -92,7 +93,10 @@ class CoreLink:
         """A client request's prompts, in one message when several: the core admits or refuses them whole."""
         self._check_reachable()
         streams = []
+        trace = tracing.incoming_context()  # the client's traceparent: the core's span of the request goes under it
         for request in requests:
+            if request.trace is None:
+                request.trace = trace
             streams.append(RemoteStream(self, request.request_id))
             self.streams[request.request_id] = streams[-1]
         self.send(requests[0] if len(requests) == 1 else wire.Batch(items=list(requests)))

@@ -27,6 +27,7 @@ import structlog
 import trio
 import zmq
 
+from sagellm.common import tracing
 from sagellm.common.errors import Unavailable
 from sagellm.common.logging import configure_logging
 from sagellm.common.parent_death import exit_with_parent
@@ -34,10 +35,10 @@ from sagellm.gateway.api_servers.link import (
     API_SERVER,
 )
 from sagellm.gateway.api_servers.remote_core import CoreCalls, CoreLink, RemoteCore
-from sagellm.gateway.http.app import App
-from sagellm.gateway.http.auth import key_guard
+from sagellm.gateway.http.app import App, Guard, HttpRequest
 from sagellm.gateway.http.limits import HttpLimits
 from sagellm.gateway.http.server import serve_http
+from sagellm.gateway.keys.key_ring import KeyRing
 from sagellm.gateway.media import media_policy
 from sagellm.gateway.openai.api import OpenAIApi
 from sagellm.runtime.comm import wire
@@ -121,10 +122,28 @@ def _app(link: CoreLink, served: ServedModel | None, settings: dict[str, Any]) -
         reasoning_parser=front.reasoning_parser,
         reasoning_budget=front.reasoning_budget,
         media=media_policy(front.allowed_media_domains, front.allowed_local_media_path),
+        per_request_metrics=front.per_request_metrics,
     )
-    routes.register(app, key_guard(link.snapshot.front_end.api_keys, "API"))
+    routes.register(app, _key_guard(link))
     app.fallback = to_core
     return app
+
+
+def _key_guard(link: CoreLink) -> Guard | None:
+    """The API routes' guard: the core's keys as its latest snapshot gives them (a reloaded keys file's too)."""
+    assert link.snapshot is not None
+    if not link.snapshot.front_end.keys_required:
+        return None
+    ring = KeyRing([], required=True)
+
+    def guard(request: HttpRequest) -> None:
+        assert link.snapshot is not None
+        keys = link.snapshot.front_end.keys
+        if keys is not ring.keys:  # a new snapshot
+            ring.replace(keys)
+        ring.guard(request)
+
+    return guard
 
 
 def _served(model_path: str | None) -> ServedModel | None:
@@ -159,6 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(os.environ.get("SAGELLM_LOG_LEVEL", "info"))
+    tracing.configure_from_env("sagellm-api-server")
     settings, keys = json.loads(os.environ[SETTINGS_ENV]), RunKeys.from_env()
     trio.run(partial(run_api_server, by_gateway=True), args.core, settings, keys)
 

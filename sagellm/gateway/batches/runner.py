@@ -130,15 +130,21 @@ class BatchRunner:
             record.completed += 1
 
     async def _answer(self, record: BatchRecord, line: dict[str, Any]) -> tuple[int, Any]:
-        """The route's reply to the line's request, sent for the batch's owner at the runner's class."""
+        """The route's reply to the line's request, sent for the batch's owner at the runner's class. A line its
+        owner's key limits refuse (a 429 `rate_limit_exceeded`: its requests or tokens per minute) waits as long
+        as the refusal says and goes again: a batch runs within its key's limits, it does not fail on them."""
         assert self.app is not None
         headers = {"content-type": "application/json", "x-request-priority": self.priority}
         request = HttpRequest("POST", line["url"], headers, {}, msgspec.json.encode(line["body"]), owner=record.owner)
-        reply = await self.app.handle(request, host_checked=True, guarded=False)
-        if isinstance(reply, EventStream):  # refused when the batch was read; a route's own stream is a bug
-            return 500, {"error": {"message": "the route answered with a stream", "type": "server_error"}}
-        body = reply.body if not isinstance(reply.body, bytes) else msgspec.json.decode(reply.body or b"null")
-        return reply.status, body
+        while True:
+            reply = await self.app.handle(request, host_checked=True, guarded=False)
+            if isinstance(reply, EventStream):  # refused when the batch was read; a route's own stream is a bug
+                return 500, {"error": {"message": "the route answered with a stream", "type": "server_error"}}
+            body = reply.body if not isinstance(reply.body, bytes) else msgspec.json.decode(reply.body or b"null")
+            wait_s = _key_limit_wait_s(reply.status, body, reply.headers)
+            if wait_s is None:
+                return reply.status, body
+            await trio.sleep(wait_s)
 
     def _finish(self, record: BatchRecord) -> None:
         """The batch's output and error files, and its last status: completed, or cancelled."""
@@ -155,6 +161,15 @@ class BatchRunner:
         record.moved_to("cancelled" if cancelled else "completed")
         self.store.save(record)
         log.info("batch_done", batch=record.id, status=record.status, completed=record.completed, failed=record.failed)
+
+
+def _key_limit_wait_s(status: int, body: Any, headers: list[tuple[bytes, bytes]]) -> float | None:
+    """How long to wait before sending again a line its key's limits refused (its Retry-After); None for any other
+    reply, which is the line's result."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if status != 429 or not isinstance(error, dict) or error.get("code") != "rate_limit_exceeded":
+        return None
+    return float(dict(headers).get(b"retry-after", b"1"))
 
 
 def _parsed(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

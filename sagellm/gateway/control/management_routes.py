@@ -51,6 +51,7 @@ class ManagementRoutes:
         app.route("GET", f"{PREFIX}/health", self.health_check_all, admin)
         app.route("GET", f"{PREFIX}/gpu", self.gpu, admin)
         app.route("GET", f"{PREFIX}/backends", self.backends, admin)
+        app.route("GET", f"{PREFIX}/usage", self.usage, admin)
 
     # -- engines --------------------------------------------------------------------------------------------------
     def _graph_engines(self) -> dict[str, dict[str, Any]]:
@@ -131,6 +132,10 @@ class ManagementRoutes:
         return await self.engines.health_check(engine_id)
 
     # -- hardware -------------------------------------------------------------------------------------------------
+    async def usage(self, _: HttpRequest) -> Response:
+        """Each API key's use by its name (`Tenants.usage`): totals, its last minute, in flight, refusals, limits."""
+        return Response({"object": "usage", "keys": self.core.tenants.usage()})
+
     async def gpu(self, _: HttpRequest) -> Response:
         """The machine's devices: the GPU inventory's keys, with the CPU and its NUMA nodes under "cpu"."""
         from sagellm.runtime.comm.topology import machine_topology

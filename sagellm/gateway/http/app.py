@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
+from sagellm.common import tracing
 from sagellm.common.errors import InternalError, SageLLMError
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.http.json_depth import MAX_BODY_DEPTH, too_deep
@@ -200,6 +201,7 @@ class App:
             _check_content_type(request)
             if route.guard is not None and guarded:
                 route.guard(request)
+            tracing.incoming.set(request.headers.get("traceparent"))  # what a request it submits is a child of
             return await route.handler(request)
         except Exception as exc:
             if isinstance(exc, SageLLMError) and not isinstance(exc, InternalError):

@@ -11,6 +11,7 @@ import math
 import msgspec
 
 from sagellm.common.errors import SageLLMError
+from sagellm.runtime.pipeline.messages import LimitReached
 
 RETRY_AFTER_S = 1  # what a shed request is told to wait before retrying
 
@@ -41,13 +42,16 @@ class ApiError(SageLLMError):
         code: str | None = None,
         allow: list[str] | None = None,
         retry_after_s: float | None = None,
+        limit: LimitReached | None = None,
     ) -> None:
         """`allow`: the methods a 405's path takes (its `Allow` header, as HTTP requires); `retry_after_s`: a 429's
-        or 503's `Retry-After` (default RETRY_AFTER_S), in whole seconds rounded up."""
+        or 503's `Retry-After` (default RETRY_AFTER_S), in whole seconds rounded up; `limit`: the key's limit a 429
+        met, told in OpenAI's `x-ratelimit-*` headers."""
         super().__init__(message)
         self.http_status, self.message, self.param, self.code = status, message, param, code
         self.allow = allow or []
         self.retry_after_s = retry_after_s
+        self.limit = limit
 
     @classmethod
     def of(cls, error: SageLLMError) -> ApiError:
@@ -62,6 +66,8 @@ class ApiError(SageLLMError):
         headers = [(b"retry-after", str(retry_after).encode())] if self.http_status in (429, 503) else []
         if self.allow:
             headers.append((b"allow", ", ".join(sorted(set(self.allow))).encode()))
+        if self.limit is not None:
+            headers += ratelimit_headers(self.limit)
         return headers
 
     def body(self) -> dict:
@@ -83,3 +89,15 @@ class ApiError(SageLLMError):
         message = str(error)
         field = message.split(" ", 1)[0]
         return cls(400, message, param=field if field.isidentifier() else None, code="invalid_request")
+
+
+def ratelimit_headers(limit: LimitReached) -> list[tuple[bytes, bytes]]:
+    """OpenAI's headers for the limit a request met: `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` (reset
+    as OpenAI writes it: `1.5s`, `6m0s`); a limit on requests in flight, which OpenAI has not, as `-concurrent`."""
+    minutes, seconds = divmod(limit.reset_s, 60)
+    reset = f"{int(minutes)}m{seconds:.0f}s" if minutes else f"{seconds:.3g}s"
+    return [
+        (f"x-ratelimit-limit-{limit.kind}".encode(), str(limit.limit).encode()),
+        (f"x-ratelimit-remaining-{limit.kind}".encode(), str(limit.remaining).encode()),
+        (f"x-ratelimit-reset-{limit.kind}".encode(), reset.encode()),
+    ]

@@ -37,8 +37,9 @@ class OllamaCards:
             raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
         return served
 
-    def listed(self) -> list[dict[str, Any]]:
-        return [self._card(name) for name in self.core.models()]
+    def listed(self, owner: str) -> list[dict[str, Any]]:
+        """The models the caller's key (`owner`) may use."""
+        return [self._card(name) for name in self.core.models() if self.core.tenants.ring.may_use(owner, name)]
 
     def running(self) -> list[dict[str, Any]]:
         """The models loaded now: the graph's own always, models on demand while loaded."""

@@ -85,8 +85,8 @@ class OllamaRoutes:
     async def version(self, _: HttpRequest) -> Response:
         return Response({"version": OLLAMA_VERSION})
 
-    async def tags(self, _: HttpRequest) -> Response:
-        return Response({"models": self.cards.listed()})
+    async def tags(self, http: HttpRequest) -> Response:
+        return Response({"models": self.cards.listed(key_owner(http))})
 
     async def ps(self, _: HttpRequest) -> Response:
         return Response({"models": self.cards.running()})

@@ -34,6 +34,7 @@ class OpenAIApi:
         reasoning_budget: int | None = None,
         hand_off: KVHandOff | None = None,
         media: MediaPolicy | None = None,
+        per_request_metrics: bool = False,
     ) -> None:
         """`indexes`: the retrieval indexes chats may name (`"index"`); None in an API server's process, which
         passes such chats on to the gateway's core, that holds them (`to_core`). `tool_call_parser`: how tool calls
@@ -41,14 +42,15 @@ class OpenAIApi:
         `reasoning_budget`: the thinking tokens of a request that sets no budget of its own (None: no bound);
         `hand_off`: this server's part in disaggregated serving across servers (None: none, `kv_transfer_params`
         refused; an API server's, whose core keeps no KV for other servers); `media`: where a chat's images may be
-        fetched from (None: data URLs only)."""
+        fetched from (None: data URLs only); `per_request_metrics`: replies carry vLLM's per-request `metrics`
+        (`--enable-per-request-metrics`)."""
         hand_off = hand_off or KVHandOff()
         self.preparation = ChatPreparation(
             core, hand_off, indexes, tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
-            reasoning_budget=reasoning_budget, media=media,
+            reasoning_budget=reasoning_budget, media=media, per_request_metrics=per_request_metrics,
         )  # fmt: skip
         self.chat = ChatServing(self.preparation)
-        self.completions = CompletionRoutes(core, hand_off)
+        self.completions = CompletionRoutes(core, hand_off, per_request_metrics)
         self._chats = ChatRoutes(self.chat, to_core)
         self.embeddings = EmbeddingRoutes(core)
         self._pooling = PoolingRoutes(self.embeddings)

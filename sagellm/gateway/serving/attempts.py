@@ -48,6 +48,7 @@ class AttemptTable:
         self._live: dict[str, RequestStream] = {}  # by the client's request id, until the request ends
         # ended requests' owner and last status, oldest first
         self.recent: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+        self.on_ended: Callable[[RequestStream], None] = lambda stream: None
 
     @property
     def in_flight(self) -> int:
@@ -98,9 +99,11 @@ class AttemptTable:
         self.retries[code, resumed] += 1
 
     def ended(self, stream: RequestStream) -> None:
-        """A request's client got its last item (or left): its status is kept among the recent ones."""
+        """A request's client got its last item (or left): its status is kept among the recent ones, and what it
+        produced counted for its key (`on_ended`)."""
         if self._live.pop(stream.request.request_id, None) is not None:
             self.readiness.left(stream.request.model)
+            self.on_ended(stream)
         self.recent[stream.request.request_id] = (stream.request.owner, stream.status())
         while len(self.recent) > RECENT_REQUESTS:
             self.recent.popitem(last=False)

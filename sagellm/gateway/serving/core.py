@@ -7,6 +7,7 @@ are its `registry` (`instances.InstanceRegistry`), which the control plane attac
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ import trio
 from sagellm.common.errors import InvalidInput, SageLLMError
 from sagellm.gateway.config import FailoverPolicy
 from sagellm.gateway.http.errors import ApiError
+from sagellm.gateway.keys.tenants import Tenants
+from sagellm.gateway.serving.access_log import AccessLog
 from sagellm.gateway.serving.attempts import AttemptTable
 from sagellm.gateway.serving.door import admit_at_door
 from sagellm.gateway.serving.instances import InstanceRegistry
@@ -25,6 +28,7 @@ from sagellm.gateway.serving.lora_modules import LoraModules
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.gateway.serving.readiness import ModelReadiness
 from sagellm.gateway.serving.request_stream import RequestStream
+from sagellm.gateway.serving.request_traces import RequestTraces
 from sagellm.gateway.serving.served_graph import SOURCE_NODE, served_graph
 from sagellm.operators.embedding import EmbeddingOperator
 from sagellm.operators.engine import ENGINE_OPERATORS
@@ -53,9 +57,11 @@ class ServingCore:
         failover: FailoverPolicy | None = None,
         embedding_model: str | None = None,
         pooling_models: Sequence[str] = (),
+        tenants: Tenants | None = None,
     ) -> None:
         """`embedding_model`: also serve this embedding model, on a node of the graph (sagellm.operators.embedding);
-        `pooling_models`: and these (rerankers, classifiers, more embedding models), a node each."""
+        `pooling_models`: and these (rerankers, classifiers, more embedding models), a node each; `tenants`: the
+        API keys and their policies (None: none, the routes open)."""
         self.graph = served_graph(graph, embedding_model, pooling_models)
         self.failover = failover or FailoverPolicy()
         self.source = HttpSource()
@@ -70,9 +76,13 @@ class ServingCore:
         self.lora = LoraModules(self.graph, self.registry, self.readiness, lambda: self.served)
         self.kv_outbox = KVOutbox()  # prefills run here for decode servers elsewhere (vLLM's kv_transfer_params)
         self.retries: Counter[tuple[str, bool]] = Counter()  # (failure code, resumed after tokens) -> retries
+        self.tenants = tenants or Tenants([], None)
         self.attempts = AttemptTable(
             self.source, lambda: self.local, self.registry, self.readiness, self.kv_outbox, self.retries
         )
+        self.traces = RequestTraces()
+        self.access_log: AccessLog | None = None  # `--access-log`: a line a request
+        self.attempts.on_ended = self._ended
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -114,17 +124,41 @@ class ServingCore:
             for request in requests:
                 if self.attempts.in_use(request.request_id):
                     raise InvalidInput(f"request id {request.request_id!r} is in use")
+            self.tenants.admit(requests, self._asked_for(requests[0]))
             operators = self.local.operators.values() if self.local is not None else ()
-            admit_at_door(requests, operators, len(self.source), lambda: self.nodes_of("metrics_sink").values())
-        except SageLLMError:
+            started = time.time()
+            try:
+                admit_at_door(requests, operators, len(self.source), lambda: self.nodes_of("metrics_sink").values())
+            except SageLLMError:
+                self.tenants.give_back(requests)
+                raise
+        except SageLLMError as refusal:
             self.readiness.not_submitting(requests[0].model)  # its model is held no longer for it
+            if self.access_log is not None:
+                self.access_log.refused(requests, ApiError.of(refusal), self.tenants.name_of(requests[0].owner))
             raise
+        self.tenants.entered(requests)
+        self.traces.open(requests)
+        self.traces.admitted(requests, started)
         streams = []
         for request in requests:
             streams.append(self.attempts.open(request, self.failover))
             self.source.submit(request)
         self.readiness.entered(requests)
         return streams
+
+    def _ended(self, stream: RequestStream) -> None:
+        """A request's client got its last item, or left: what it used counts for its key, its span ends, its line
+        is written."""
+        request_id = stream.request.request_id
+        self.tenants.ended(request_id, stream.output_tokens)
+        self.traces.close(request_id, stream.outcome, stream.retries, stream.output_tokens)
+        if self.access_log is not None:
+            self.access_log.ended(stream, self.tenants.name_of(stream.request.owner))
+
+    def _asked_for(self, request: Request) -> str:
+        """The model name a request's client used: its adapter's, another model's, or the graph's."""
+        return request.lora.lora_name if request.lora is not None else request.model or self.model_name
 
     def cancel(self, request_id: str) -> None:
         """Aborts a request's attempt wherever it is (`AttemptTable.cancel`)."""

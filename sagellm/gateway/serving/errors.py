@@ -13,7 +13,16 @@ from sagellm.runtime.pipeline.messages import HTTP_STATUS, RequestError
 # prompt checks' wording: `prompt_token_ids must be ...`, `logit_bias must name ...`, and the engine's when they rule
 # out every token a constraint allows: `allowed_token_ids rules out ...`).
 REQUEST_FIELDS = frozenset(
-    {"prompt", "prompt_token_ids", "messages", "logit_bias", "allowed_token_ids", "bad_words", "min_tokens"}
+    {
+        "prompt",
+        "prompt_token_ids",
+        "messages",
+        "logit_bias",
+        "allowed_token_ids",
+        "bad_words",
+        "min_tokens",
+        "max_tokens",
+    }
 )
 
 
@@ -21,7 +30,10 @@ def api_error(error: RequestError, param: str | None = None) -> ApiError:
     status = HTTP_STATUS.get(error.code, 500)
     if param is None and error.code == "invalid_request":
         param = field_named(error.message)
-    return ApiError(status, error.message, param=param, code=error.code, retry_after_s=error.retry_after_s)
+    if param is None and error.code == "model_not_found":
+        param = "model"
+    return ApiError(status, error.message, param=param, code=error.code, retry_after_s=error.retry_after_s,
+                    limit=error.limit)  # fmt: skip
 
 
 def field_named(message: str) -> str | None:

@@ -93,6 +93,11 @@ class RequestStream(ItemStream):
             self.core.cancel(self.attempt.request_id)
             self.core.ended(self)
 
+    @property
+    def output_tokens(self) -> int:
+        """The tokens the client got (another model's server's: one per event with text, at least)."""
+        return len(self._token_ids) or self._text_events
+
     def status(self) -> dict[str, Any]:
         """Where the request is: queued (waiting for an instance), running, completed, failed or cancelled."""
         if self.outcome is not None:
@@ -108,7 +113,7 @@ class RequestStream(ItemStream):
             "instance": self.attempt.instance,
             "retries": self.retries,
             "created": self.request.arrival_time,
-            "output_tokens": len(self._token_ids),
+            "output_tokens": self.output_tokens,
             "finish_reason": self.outcome.finish_reason if isinstance(self.outcome, TokenDelta) else None,
             "error": {"code": error.code, "message": error.message} if error is not None else None,
         }

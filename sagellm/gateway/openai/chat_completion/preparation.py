@@ -54,12 +54,14 @@ class ChatPreparation:
         reasoning_parser: str | None = None,
         reasoning_budget: int | None = None,
         media: MediaPolicy | None = None,
+        per_request_metrics: bool = False,
     ) -> None:
         """`hand_off`: the server's part in disaggregated serving across servers; `indexes`: the retrieval indexes
         chats may name (`"index"`; None in an API server's process, whose core holds them). `tool_call_parser`: how
         tool calls are read from replies, `reasoning_parser` how thinking is (None: each chosen from the model's
         template); `reasoning_budget`: the thinking tokens of a request that sets no budget of its own (None: no
-        bound); `media`: where a chat's images may be fetched from (None: data URLs only)."""
+        bound); `media`: where a chat's images may be fetched from (None: data URLs only); `per_request_metrics`:
+        replies (chats, responses) carry vLLM's per-request `metrics`."""
         self.core = core
         self.hand_off = hand_off
         self.indexes = indexes
@@ -70,6 +72,7 @@ class ChatPreparation:
             parser_class(reasoning_parser)  # as above
         self.reasoning_parser = reasoning_parser
         self.reasoning_budget = reasoning_budget
+        self.per_request_metrics = per_request_metrics
         self.media = media or MediaPolicy()
         self._media_placeholders: dict[str, str] | None = None  # what the model's template writes for media parts
         self.media_by_uuid = MediaByUuid()  # the files senders named (a part's `uuid`), for parts giving the name alone

@@ -16,7 +16,6 @@ from sagellm.gateway.openai.generation.reply_bodies import (
     chat_logprobs,
     finish_reason,
     prompt_logprobs_json,
-    usage,
 )
 from sagellm.gateway.openai.generation.stream import choice_events
 from sagellm.gateway.replies.choice import Choice, collect_choices, first_or_raise
@@ -41,20 +40,22 @@ class ChatServing:
         """A whole chat completion as OpenAI's response body (the sessions route uses it too); `owner`: who may read
         its status; `http`: the call it answers (where a prefill's KV is fetched from, for kv_transfer_params)."""
         request, plan, sources = await self.preparation.prepared_chat(body, headers, owner)
-        envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion")
+        envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion",
+                            with_metrics=self.preparation.per_request_metrics)  # fmt: skip
         choices = await collect_choices(self.core.submit_all(self._choices(request, body.n)))
         kv = self.preparation.hand_off.reply(request, http)
         fields = [self._choice(c, plan, body.logprobs, body.return_token_ids) for c in choices]
         extra: dict[str, Any] = {"sources": sources} if sources is not None else {}
         if body.prompt_logprobs is not None:  # vLLM's, beside the choices
             extra["prompt_logprobs"] = prompt_logprobs_json(self.core.tokenizer, choices[0].prompt_logprobs or [])
-        return envelope.body(fields, usage=usage(choices, len(choices)), **extra, **kv)
+        return envelope.body(fields, **envelope.usage_fields(choices, len(choices)), **extra, **kv)
 
     async def stream(self, body: ChatCompletionRequest, headers: dict[str, str], owner: str) -> EventStream:
         """A streamed chat completion: its choices' chunks as they come (`generation.stream`), opened with the
         assistant's role, its thinking and tool calls read out of its text as they complete (`_render`)."""
         request, plan, sources = await self.preparation.prepared_chat(body, headers, owner)
-        envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk")
+        envelope = Envelope(request.request_id, request.model or self.core.model_name, "chat.completion.chunk",
+                            with_metrics=self.preparation.per_request_metrics)  # fmt: skip
         streams = ChoiceStreams(self.core.submit_all(self._choices(request, body.n)))
         first = await first_or_raise(streams)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

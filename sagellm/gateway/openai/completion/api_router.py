@@ -19,7 +19,6 @@ from sagellm.gateway.openai.generation.reply_bodies import (
     completion_logprobs,
     finish_reason,
     prompt_logprobs_json,
-    usage,
 )
 from sagellm.gateway.openai.generation.serving import generation_model, prepare
 from sagellm.gateway.openai.generation.stream import choice_events
@@ -33,9 +32,10 @@ from sagellm.runtime.pipeline.messages import Request, TokenDelta
 
 
 class CompletionRoutes:
-    def __init__(self, core: ServingApi, hand_off: KVHandOff) -> None:
-        """`hand_off`: the server's part in disaggregated serving across servers."""
-        self.core, self.hand_off = core, hand_off
+    def __init__(self, core: ServingApi, hand_off: KVHandOff, per_request_metrics: bool = False) -> None:
+        """`hand_off`: the server's part in disaggregated serving across servers; `per_request_metrics`: replies
+        carry vLLM's per-request `metrics`."""
+        self.core, self.hand_off, self.per_request_metrics = core, hand_off, per_request_metrics
 
     def register(self, app: App, guard: Guard | None) -> None:
         app.route("POST", "/v1/completions", self.completions, guard)
@@ -49,7 +49,8 @@ class CompletionRoutes:
         new_id = lambda: self.core.new_id("cmpl")  # noqa: E731
         prompt_each = body.stream and body.echo  # each streamed choice shows the prompt it scored
         runs = [run for r in requests for run in fan_out(r, count, new_id, count > body.n, prompt_each)]
-        envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion")
+        envelope = Envelope(requests[0].request_id, model or self.core.model_name, "text_completion",
+                            with_metrics=self.per_request_metrics)  # fmt: skip
         wants_logprobs, ids = body.logprobs is not None, body.return_token_ids
         if body.stream:
             streams = ChoiceStreams(self.core.submit_all(runs))
@@ -72,7 +73,7 @@ class CompletionRoutes:
             ) | ({"token_ids": c.token_ids} if ids else {})
             for c in choices
         ]  # fmt: skip
-        return Response(envelope.body(body_fields, usage=usage(ran, count), **kv))
+        return Response(envelope.body(body_fields, **envelope.usage_fields(ran, count), **kv))
 
     async def prepared(self, body: CompletionRequest, http: HttpRequest, model: str | None) -> list[Request]:
         """The prompts' pipeline requests, ready to submit: `model` (a model on demand) loaded first and held busy

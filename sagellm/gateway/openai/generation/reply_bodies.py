@@ -41,6 +41,29 @@ def usage(choices: list[Choice], per_prompt: int = 1) -> dict[str, Any]:
     }
 
 
+def request_metrics(choices: list[Choice]) -> dict[str, float | None] | None:
+    """vLLM's per-request `metrics` (`--enable-per-request-metrics`): the one generation's timings from the engine's
+    record, in ms (TTFT from when it was scheduled, as vLLM counts it); None for several choices or prompts, whose
+    timings belong to none of them alone, as vLLM does."""
+    if len(choices) != 1 or choices[0].metrics is None:
+        return None
+    m = choices[0].metrics
+    tokens = m.num_output_tokens or len(choices[0].token_ids)
+    generation = _ms(m.first_token_time, m.finished_time)
+    inference = _ms(m.first_scheduled_time, m.finished_time)
+    return {
+        "time_to_first_token_ms": _ms(m.first_scheduled_time, m.first_token_time),
+        "generation_time_ms": generation,
+        "queue_time_ms": _ms(m.arrival_time, m.first_scheduled_time),
+        "mean_itl_ms": round(generation / (tokens - 1), 3) if generation is not None and tokens > 1 else None,
+        "tokens_per_second": round(tokens / inference * 1000, 3) if inference else None,
+    }
+
+
+def _ms(start: float | None, end: float | None) -> float | None:
+    return round((end - start) * 1000, 3) if start is not None and end is not None else None
+
+
 _TOKEN_TEXTS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
@@ -114,6 +137,14 @@ class Envelope:
     model: str
     object: str  # "text_completion" | "chat.completion" | "chat.completion.chunk"
     created: int = field(default_factory=lambda: int(time.time()))
+    with_metrics: bool = False  # vLLM's per-request `metrics` beside the usage (`--enable-per-request-metrics`)
+
+    def usage_fields(self, choices: list[Choice], per_prompt: int) -> dict[str, Any]:
+        """`usage` of the choices (`usage`), and their `metrics` when the server gives them."""
+        fields: dict[str, Any] = {"usage": usage(choices, per_prompt)}
+        if self.with_metrics:
+            fields["metrics"] = request_metrics(choices)
+        return fields
 
     def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {

@@ -14,7 +14,7 @@ import msgspec
 import trio
 
 from sagellm.gateway.http.app import LastEvents
-from sagellm.gateway.openai.generation.reply_bodies import Envelope, usage
+from sagellm.gateway.openai.generation.reply_bodies import Envelope
 from sagellm.gateway.replies.choice import Choice
 from sagellm.gateway.serving.choice_streams import ChoiceStreams
 from sagellm.gateway.serving.errors import api_error
@@ -84,7 +84,7 @@ async def choice_events(
         except StopAsyncIteration:
             break
     if include_usage and all(c.finish_reason is not None for c in choices):
-        ready.append(envelope.body([], usage=usage(choices, len(choices))))
+        ready.append(envelope.body([], **envelope.usage_fields(choices, len(choices))))
     yield LastEvents((*ready, DONE))
 
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from sagellm.gateway.http.app import App, Guard, HttpRequest, Response
+from sagellm.gateway.http.auth import key_owner
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.core import ServingCore
 
@@ -23,11 +24,11 @@ class ModelsRoutes:
         app.route("GET", "/v1/models", self.models, guard)
         app.route("GET", "/v1/models/{model:path}", self.model, guard)  # a model named by its path has slashes
 
-    async def models(self, _: HttpRequest) -> Response:
-        return Response({"object": "list", "data": self._cards()})
+    async def models(self, http: HttpRequest) -> Response:
+        return Response({"object": "list", "data": self._cards(key_owner(http))})
 
     async def model(self, http: HttpRequest) -> Response:
-        cards = self._cards()
+        cards = self._cards(key_owner(http))
         name = http.path_params["model"]
         card = next((card for card in cards if card["id"] == name), None)
         if card is None:
@@ -36,7 +37,9 @@ class ModelsRoutes:
             raise ApiError(404, message, param="model", code="model_not_found")
         return Response(card)
 
-    def _cards(self) -> list[dict[str, Any]]:
+    def _cards(self, owner: str) -> list[dict[str, Any]]:
+        """The cards of the models (and adapters) the caller's key may use."""
+
         def card(name: str) -> dict[str, Any]:
             embedder = self.core.embedder(name)
             own = self.core.max_model_len if name == self.core.model_name else None
@@ -53,7 +56,8 @@ class ModelsRoutes:
             return {**card(parent), "id": name, "root": path, "parent": parent}
 
         adapters = [adapter(ref.lora_name, ref.lora_path, parent) for ref, parent in self.core.lora.listed()]
-        return [card(name) for name in self.core.models()] + adapters
+        cards = [card(name) for name in self.core.models()] + adapters
+        return [card for card in cards if self.core.tenants.ring.may_use(owner, card["id"])]
 
     def _input_modalities(self, name: str, embedder: bool) -> dict[str, list[str]]:
         """What a model reads (OpenRouter's and LiteLLM's `input_modalities`), where this server knows: the graph's

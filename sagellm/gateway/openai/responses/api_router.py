@@ -24,7 +24,7 @@ from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.http.paging import ordered_page
 from sagellm.gateway.openai.chat_completion.preparation import ChatPreparation
 from sagellm.gateway.openai.chat_completion.protocol import audio_parts, image_parts, images_named
-from sagellm.gateway.openai.generation.reply_bodies import usage
+from sagellm.gateway.openai.generation.reply_bodies import request_metrics, usage
 from sagellm.gateway.openai.responses.content import input_audios, input_images
 from sagellm.gateway.openai.responses.conversation_routes import ConversationRoutes
 from sagellm.gateway.openai.responses.conversations import (
@@ -162,6 +162,8 @@ class ResponsesRoutes:
             if reply.reasoning is not None:  # the thinking first, as a reasoning item
                 output.insert(0, reasoning_item(reply.reasoning))
             done = response_body(response_id, model, body, output, usage([choice]), choice.finish_reason, created)
+            if self.chat.per_request_metrics:  # vLLM's, at the top level (a streamed one's in response.completed)
+                done["metrics"] = request_metrics([choice])
             if thread is not None:  # the conversation goes on with this turn's input and output
                 self.conversations.add(thread, given + output)
             if body.store:
