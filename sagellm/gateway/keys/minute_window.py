@@ -24,6 +24,7 @@ class MinuteWindow:
         return self._total
 
     def add(self, now: float, amount: int) -> None:
+        self.used(now)  # what left the window goes: a key no limit reads still keeps only its last minute
         if amount:
             self._uses.append((now, amount))
             self._total += amount
