@@ -14,7 +14,8 @@ from sagellm.benchmarks.keys_limits import (
     limited_key,
     markdown,
 )
-from sagellm.gateway.keys.keys_file import key_digest, read_keys_file
+from sagellm.gateway.http.auth import key_digest
+from sagellm.gateway.keys.keys_file import read_keys_file
 
 
 def _args(*argv: str) -> argparse.Namespace:

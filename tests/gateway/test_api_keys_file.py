@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from sagellm.gateway.http.auth import owner_of
 from sagellm.gateway.keys.tenants import Tenants
 from sagellm.runtime.pipeline.messages import Request
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
@@ -168,7 +169,7 @@ def test_a_keys_class_is_the_highest_its_requests_run_at(tmp_path):
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text("keys: [{name: batchy, key: sk-batchy-key, priority: low}]\n")
     tenants = Tenants([], keys_file)
-    owner = hashlib.sha256(b"sk-batchy-key").hexdigest()[:24]
+    owner = owner_of("sk-batchy-key")
     asked_high = Request(request_id="a", prompt="x", owner=owner, priority=0)
     asked_lower = Request(request_id="b", prompt="x", owner=owner, priority=5)
     tenants.admit([asked_high], "m")

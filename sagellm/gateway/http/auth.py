@@ -31,9 +31,22 @@ def key_owner(request: HttpRequest) -> str:
     return request.owner if request.owner is not None else owner_of(presented_key(request))
 
 
+OWNER_CHARS = 24  # an owner is a key's digest's first 24 hex digits
+
+
 def owner_of(key: str | None) -> str:
     """The owner recorded for a presented API key: a digest, so nothing kept holds a key; "" for none."""
-    return hashlib.sha256(key.encode()).hexdigest()[:24] if key else ""
+    return owner_of_digest(key_digest(key)) if key else ""
+
+
+def owner_of_digest(digest: str) -> str:
+    """The owner of the key whose SHA-256 is `digest` (a keys file may give a key by its digest alone)."""
+    return digest[:OWNER_CHARS]
+
+
+def key_digest(key: str) -> str:
+    """A key's SHA-256 in hex: what the API routes compare a presented key by, and its owner's source."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def key_guard(keys: list[str], what: str) -> Guard | None:

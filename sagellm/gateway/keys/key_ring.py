@@ -13,11 +13,8 @@ import fnmatch
 import msgspec
 
 from sagellm.gateway.http.app import HttpRequest
-from sagellm.gateway.http.auth import presented_key
+from sagellm.gateway.http.auth import key_digest, owner_of_digest, presented_key
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.keys.keys_file import key_digest
-
-OWNER_CHARS = 24  # an owner (`auth.owner_of`) is the digest's first 24 hex digits
 
 
 class KnownKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,7 +65,7 @@ class KeyRing:
     def replace(self, keys: list[KnownKey]) -> None:
         self.keys = keys
         self._by_digest = {key.digest: key for key in keys}
-        self._by_owner = {key.digest[:OWNER_CHARS]: key for key in keys}
+        self._by_owner = {owner_of_digest(key.digest): key for key in keys}
 
     def guard(self, request: HttpRequest) -> None:
         """The API routes' guard: a known key, else a 401. Looked up by the presented key's digest: how long the

@@ -13,18 +13,17 @@ its members, and as LiteLLM's proxy and SGLang's gateway give their keys.
         cache_salt: team-a          # its prefix cache is its own: no other key's request reuses its blocks
 
 YAML (or JSON, which YAML reads). A wrong file is refused whole with the field it got wrong; the gateway reads it
-again when it changes and on SIGHUP (`key_ring.KeysFileWatch`), keeping the keys it had while a new one is wrong."""
+again when it changes and on SIGHUP (`reload.keep_keys_current`), keeping the keys it had while a new one is wrong."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 
 from sagellm.common.errors import FieldError
+from sagellm.gateway.http.auth import key_digest
 from sagellm.runtime.engine.priority_classes import PRIORITY_CLASSES
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -56,14 +55,6 @@ class KeyPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen
 
 class KeysFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     keys: list[KeyPolicy]
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def same_digest(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def read_keys_file(path: Path) -> list[KeyPolicy]:

@@ -23,8 +23,9 @@ from pathlib import Path
 import structlog
 
 from sagellm.common.errors import FieldError
+from sagellm.gateway.http.auth import owner_of_digest
 from sagellm.gateway.http.errors import ApiError
-from sagellm.gateway.keys.key_ring import OWNER_CHARS, KeyRing, KnownKey, not_allowed, plain_keys
+from sagellm.gateway.keys.key_ring import KeyRing, KnownKey, not_allowed, plain_keys
 from sagellm.gateway.keys.keys_file import KeyPolicy, read_keys_file
 from sagellm.gateway.keys.minute_window import MinuteWindow
 from sagellm.runtime.pipeline.messages import LimitReached, Request
@@ -103,7 +104,7 @@ class Tenants:
         known = plain_keys(self.plain)
         known += [KnownKey(digest=p.digest, name=p.name, models=p.models) for p in policies]
         self.ring.replace(known)
-        self.policies = {p.digest[:OWNER_CHARS]: p for p in policies}
+        self.policies = {owner_of_digest(p.digest): p for p in policies}
         for key in known:
             self.use.setdefault(key.name, KeyUse())
 

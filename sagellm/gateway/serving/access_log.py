@@ -57,9 +57,6 @@ class AccessLog:
         line.update(status=error.http_status, outcome="refused", error=error.code, prompts=len(requests))
         self._write(line)
 
-    def close(self) -> None:
-        self._handler.close()
-
     def _write(self, line: dict[str, Any]) -> None:
         text = msgspec.json.encode(line).decode()
         self._handler.handle(logging.LogRecord("sagellm.access", logging.INFO, "", 0, text, None, None))
