@@ -1,10 +1,10 @@
 """Request traces exported with OTLP over HTTP (`--otlp-traces-endpoint`) to a real OTLP/HTTP endpoint in the test
-process (tests/otlp_receiver.py, OpenTelemetry's protobuf types): one streamed request through graphs/pd.yaml is one
-trace under the client's `traceparent`, its spans recorded by the processes that did the work (the gateway: the
-request, admission, the policy queue, pd_split, route; the prefill worker: prefill; the decode worker: the KV
-transfer and decode); a request without a `traceparent` starts a trace of its own, one marked not sampled is not
-traced; the access log (`--access-log`) has a line for each, naming its trace, and one for a refusal, rotated by
-size; and a stream resumed after its worker was killed shows its resume as a span of the other worker."""
+process (`sagellm.benchmarks.otlp_sink`, OpenTelemetry's protobuf types): one streamed request through
+graphs/pd.yaml is one trace under the client's `traceparent`, its spans recorded by the processes that did the work
+(the gateway: the request, admission, the policy queue, pd_split, route; the prefill worker: prefill; the decode
+worker: the KV transfer and decode); a request without a `traceparent` starts a trace of its own, one marked not
+sampled is not traced; the access log (`--access-log`) has a line for each, naming its trace, and one for a refusal,
+rotated by size; and a stream resumed after its worker was killed shows its resume as a span of the other worker."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import time
 import httpx
 import pytest
 
+from sagellm.benchmarks.otlp_sink import OtlpReceiver
 from sagellm.common import tracing
 from tests.chaos.test_failover import TWO_WORKERS, wait_for_streams_midway
 from tests.gateway.conftest import GRAPHS, REPLY_TIMEOUT_S, running_gateway, tiny_config
-from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.slow
 
