@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from sagellm.operators.engine import TrackedRequest
+from sagellm.operators.tracked_request import TrackedRequest
 from sagellm.runtime.pipeline.messages import Request, RequestError, TokenDelta
 from sagellm.runtime.pipeline.operator import (
     InstanceStats,

@@ -122,6 +122,11 @@ def parse_traceparent(header: str) -> tuple[str, str, bool] | None:
     return match[1], match[2], bool(int(match[3], 16) & 1)
 
 
+def traceparent(context: TraceContext) -> str:
+    """The W3C header naming `context`'s span as the parent of a call's spans on another server (sampled)."""
+    return f"00-{context.trace_id}-{context.span_id}-01"
+
+
 def start(name: str, parent: TraceContext, start_s: float, attributes: Mapping[str, Any] | None = None) -> Any:
     """A span begun at `start_s` (wall clock), ended later with `end`: one whose id its children need first (the
     gateway's span of a request). None when this process does not trace."""

@@ -14,7 +14,6 @@ wall clock against the request's arrival, so they mean the same whichever proces
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import structlog
@@ -23,9 +22,10 @@ from sagellm.common import tracing
 from sagellm.common.errors import FieldError, InvalidInput, NotFound
 from sagellm.common.memory import return_freed_memory
 from sagellm.operators.kv_block_serving import BlockServing, exclusive
+from sagellm.operators.tracked_request import TrackedRequest
 from sagellm.runtime.engine.config import ENGINE_FIELDS, SHORT_NAMES, EngineConfig
 from sagellm.runtime.engine.kv_events.publisher import connectable
-from sagellm.runtime.engine.outputs import RequestMetrics, TokenLogprob
+from sagellm.runtime.engine.outputs import TokenLogprob
 from sagellm.runtime.engine.step_trace import StepTraceFile
 from sagellm.runtime.multimodal.media_feature import MediaFeature
 from sagellm.runtime.multimodal.prompt_media import decoded_media
@@ -33,49 +33,6 @@ from sagellm.runtime.pipeline.messages import KVBlocks, PrefillDone, Request, Re
 from sagellm.runtime.pipeline.operator import InstanceStats, OperatorContext, StepOperator, register_operator
 
 log = structlog.get_logger("sagellm.engine")
-
-
-@dataclass
-class TrackedRequest:
-    """What an engine node keeps per request to report its metrics (the W5 fixture keeps the same): the timeline
-    from the request's own arrival, wall clock, so it means the same whichever process served which phase."""
-
-    request: Request
-    metrics: RequestMetrics
-    prefilled_elsewhere: bool = False  # a PrefillDone: its cache hits were counted by the prefill worker
-    received: float = field(default_factory=time.time)  # when this engine took it: its span's start
-
-    @classmethod
-    def of(cls, request: Request) -> TrackedRequest:
-        return cls(
-            request, RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time)
-        )
-
-    def token(self, now: float, count: int = 1) -> None:
-        """`count` new output tokens at `now`."""
-        if self.metrics.first_token_time is None:
-            self.metrics.first_token_time = now
-        self.metrics.num_output_tokens += count
-
-    def finish(self, now: float) -> RequestMetrics:
-        """The metrics of the finished request, its SLO judged."""
-        self.metrics.finished_time = now
-        self.metrics.slo_met = self.request.slo_met(self.metrics)
-        return self.metrics
-
-    def span(self, name: str, node_id: str, now: float, error: str | None = None, **attributes: Any) -> None:
-        """Its span on this engine (`name`: the engine's part), when the request is traced."""
-        if self.request.trace is None:
-            return
-        m = self.metrics
-        attributes |= {"sagellm.node": node_id, "gen_ai.usage.input_tokens": m.num_prompt_tokens,
-                       "gen_ai.usage.output_tokens": m.num_output_tokens, "sagellm.cached_tokens": m.num_cached_tokens,
-                       "sagellm.resumed_tokens": self.request.resumed_tokens}  # fmt: skip
-        if m.first_token_time is not None:
-            attributes["sagellm.first_token_s"] = m.first_token_time - self.received
-        if error is not None:
-            attributes["error.type"] = error
-        tracing.record(name, self.request.trace, self.received, now, attributes)
 
 
 class EngineOperator(StepOperator):
@@ -254,10 +211,13 @@ class EngineOperator(StepOperator):
     @exclusive
     def step(self) -> list[Any]:
         started = time.perf_counter()
+        began = time.time()
         outputs = self.engine.step()
         if self.step_trace is not None:
             self.step_trace.flush()
         now = time.time()
+        if tracing.enabled():
+            self._note_prefill_chunks(began, now)
         items = [item for out in outputs for item in self._emit(out, now)]
         elapsed = time.perf_counter() - started
         tokens = self.engine.last_step_prompt_tokens
@@ -287,6 +247,13 @@ class EngineOperator(StepOperator):
                 self.engine.abort_request(rid)
             self._tracked.pop(rid, None)
         self._refresh_stats()
+
+    def _note_prefill_chunks(self, began: float, now: float) -> None:
+        """The traced requests' prompt chunks computed by the step that ran from `began` to `now`."""
+        for rid, tokens in self.engine.last_step_prefills:
+            tracked = self._tracked.get(rid)
+            if tracked is not None and tracked.request.trace is not None:
+                tracked.chunks.append((began, now, tokens))
 
     # -- outputs ------------------------------------------------------------------------------------------------
     def _emit(self, out: Any, now: float) -> list[Any]:

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Protocol
 import httpx
 import structlog
 
+from sagellm.common import tracing
 from sagellm.common.errors import FieldError, InvalidInput
 from sagellm.common.pulse import Pulse
 from sagellm.common.sse import sse_data
@@ -232,9 +233,9 @@ class RemoteEngine(StreamOperator):
         path, body = openai_call(request, endpoint.model)
         body.update(stream=False, max_tokens=1, kv_transfer_params=dict(REMOTE_DECODE))
         body.pop("stream_options", None)
-        headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         try:
-            reply = await self._client.post(endpoint.url + path, json=body, headers=headers)
+            async with _upstream_call(name, endpoint, request, path) as headers:
+                reply = await self._client.post(endpoint.url + path, json=body, headers=headers)
             if reply.status_code != 200:
                 return refusal(request, name, reply.status_code, reply.content)
             params = reply.json().get("kv_transfer_params")
@@ -265,11 +266,13 @@ class RemoteEngine(StreamOperator):
         path, body = openai_call(request, endpoint.model, return_token_ids=ours)
         if kv_transfer_params is not None:
             body["kv_transfer_params"] = kv_transfer_params
-        headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         metrics = RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.dispatched_time)
         chunks, finish, stop, calls = 0, None, None, StreamedCalls()
         try:
-            async with self._client.stream("POST", endpoint.url + path, json=body, headers=headers) as reply:
+            async with (
+                _upstream_call(name, endpoint, request, path) as headers,
+                self._client.stream("POST", endpoint.url + path, json=body, headers=headers) as reply,
+            ):
                 if reply.status_code != 200:
                     yield refusal(request, name, reply.status_code, await reply.aread())
                     return
@@ -321,11 +324,11 @@ class RemoteEngine(StreamOperator):
 
     async def _embed(self, name: str, endpoint: Endpoint, request: Request) -> AsyncIterator[Embedding | RequestError]:
         """An embed request: one call to /v1/embeddings, its one vector back."""
-        headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         prompt = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
         body = {"model": endpoint.model, "input": [prompt], "encoding_format": "float"}
         try:
-            reply = await self._client.post(endpoint.url + "/v1/embeddings", json=body, headers=headers)
+            async with _upstream_call(name, endpoint, request, "/v1/embeddings") as headers:
+                reply = await self._client.post(endpoint.url + "/v1/embeddings", json=body, headers=headers)
             if reply.status_code != 200:
                 yield refusal(request, name, reply.status_code, reply.content)
                 return
@@ -343,6 +346,28 @@ class RemoteEngine(StreamOperator):
             finished_time=now, num_prompt_tokens=tokens,
         )  # fmt: skip
         yield Embedding(request_id=request.request_id, vector=vector, prompt_tokens=tokens, time=now, metrics=metrics)
+
+
+@contextlib.asynccontextmanager
+async def _upstream_call(name: str, endpoint: Endpoint, request: Request, path: str) -> AsyncIterator[dict[str, str]]:
+    """The headers of a call to a server: its key, and for a traced request the `traceparent` of the call's span
+    (`remote_call`, from the call to its answer's end), under which a server that traces (vLLM with
+    `--otlp-traces-endpoint`, another sageLLM) records its own spans of the request."""
+    headers = {"authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+    if request.trace is None or not tracing.enabled():
+        yield headers
+        return
+    attributes = {"sagellm.instance": name, "server.address": endpoint.url, "url.path": path}
+    span = tracing.start("remote_call", request.trace, time.time(), attributes)
+    headers["traceparent"] = tracing.traceparent(tracing.context_of(span))
+    error = None
+    try:
+        yield headers
+    except Exception as exc:  # (a client that left is not the call's error)
+        error = _reason(exc)
+        raise
+    finally:
+        tracing.end(span, time.time(), error=error)
 
 
 def _reason(exc: Exception) -> str:

@@ -83,7 +83,7 @@ EXPECTED = {
     "sagellm gateway start\npython - <<'PY'\nimport json, time": "completed BatchRequestCounts(completed=2",
     "import asyncio\n\nfrom sagellm.control_plane": "COMPLETED The capital of France is Paris.",
     "cat > keys.yaml": "200\n200\n429\n",
-    "pip install -q opentelemetry-sdk": "otlp_sink: 8 spans received",
+    "pip install -q opentelemetry-sdk": "otlp_sink: 10 spans received",
 }
 
 

@@ -77,6 +77,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model.config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self.last_step_prompt_tokens = 0
+        self.last_step_prefills: list[tuple[str, int]] = []  # (request id, prompt tokens) computed by the last step
         self._requests: dict[str, RequestState] = {}  # by id: the intake enters them, the output processor ends them
         vocab = self.model.config.vocab_size
         self._intake = RequestIntake(self._requests, self.tokenizer, vocab, self.eos_token_ids, self.max_model_len,
@@ -279,9 +280,14 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self._may_speculate)
         batch = self.scheduler.schedule()
-        # Prompt tokens computed this step: the operators' prefill rate, which predicts a request's wait for its first
-        # token (decode steps, and the tokens proposed to them, would say nothing of it).
-        self.last_step_prompt_tokens = sum(batch.num_new_tokens[batch.num_decodes :])
+        # Prompt tokens computed this step, by request (a traced request's prefill chunks), and in all: the operators'
+        # prefill rate, which predicts a request's wait for its first token (decode steps, and the tokens proposed to
+        # them, would say nothing of it).
+        decodes = batch.num_decodes
+        self.last_step_prefills = [
+            (seq.request_id, n) for seq, n in zip(batch.seqs[decodes:], batch.num_new_tokens[decodes:])
+        ]
+        self.last_step_prompt_tokens = sum(n for _, n in self.last_step_prefills)
         return batch, StepTimer.of(batch, started)
 
     def _execute(self, batch: ScheduledBatch) -> tuple[_Executed | None, list[RequestOutput]]:

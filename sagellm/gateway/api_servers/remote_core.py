@@ -34,7 +34,7 @@ from sagellm.gateway.api_servers.link import (
 from sagellm.gateway.http.app import HttpRequest, Response
 from sagellm.gateway.http.errors import ApiError
 from sagellm.gateway.serving.instances import embedding_model, instance_model
-from sagellm.gateway.serving.item_stream import ItemStream
+from sagellm.gateway.serving.item_stream import Item, ItemStream
 from sagellm.gateway.serving.prompts import RequestIds, tokenize_prompts
 from sagellm.runtime.comm import wire
 from sagellm.runtime.comm.zmq_trio import TrioSocket
@@ -53,15 +53,45 @@ class RemoteStream(ItemStream):
     """A request's items as the core sends them: the `ItemStream` the routes read of a core's `RequestStream`.
     Failover happens in the core; this end only carries the items."""
 
-    def __init__(self, link: CoreLink, request_id: str) -> None:
+    def __init__(self, link: CoreLink, request_id: str, span: ServerSpan | None = None) -> None:
         super().__init__()
-        self.link, self.request_id = link, request_id
+        self.link, self.request_id, self.span = link, request_id, span
+
+    def deliver(self, item: Item) -> None:
+        super().deliver(item)
+        if self.span is not None and is_terminal(item):
+            self.span, span = None, self.span  # (a cancel that follows ends nothing more)
+            span.stream_ended(item)
 
     def cancel(self) -> None:
         if not self.done:
             self.done = True
             self.link.send(wire.Cancel(node=API_SERVER, request_ids=[self.request_id]))
             self.link.streams.pop(self.request_id, None)
+            if self.span is not None:
+                self.span, span = None, self.span
+                span.stream_ended(None)
+
+
+class ServerSpan:
+    """A traced client request's span on this API server (`sagellm.api_server`): from its submission to the end of the
+    last of its prompts' streams; the core's span of each prompt is its child."""
+
+    def __init__(self, parent: tracing.TraceContext, requests: list[Request]) -> None:
+        attributes = {"sagellm.request_id": requests[0].request_id, "sagellm.pid": os.getpid(),
+                      "sagellm.prompts": len(requests)}  # fmt: skip
+        self.span = tracing.start("sagellm.api_server", parent, time.time(), attributes)
+        self.context = tracing.context_of(self.span)
+        self.open = len(requests)
+        self.error: str | None = None
+
+    def stream_ended(self, item: Item | None) -> None:
+        """One prompt's stream ended with `item` (None: the client left)."""
+        if isinstance(item, RequestError):
+            self.error = item.code
+        self.open -= 1
+        if self.open == 0:
+            tracing.end(self.span, time.time(), {"sagellm.cancelled": item is None}, self.error)
 
 
 class CoreLink:
@@ -93,11 +123,12 @@ class CoreLink:
         """A client request's prompts, in one message when several: the core admits or refuses them whole."""
         self._check_reachable()
         streams = []
-        trace = tracing.incoming_context()  # the client's traceparent: the core's span of the request goes under it
+        trace = tracing.incoming_context()  # the client's traceparent: this server's span of the request goes under it
+        span = ServerSpan(trace, requests) if trace is not None else None
         for request in requests:
-            if request.trace is None:
-                request.trace = trace
-            streams.append(RemoteStream(self, request.request_id))
+            if request.trace is None and span is not None:
+                request.trace = span.context
+            streams.append(RemoteStream(self, request.request_id, span))
             self.streams[request.request_id] = streams[-1]
         self.send(requests[0] if len(requests) == 1 else wire.Batch(items=list(requests)))
         return streams
