@@ -58,6 +58,24 @@ def joined_engine(admin: httpx.Client, url: str, joiner: subprocess.Popen, timeo
     return None
 
 
+def start_joiner(head, tmp_path: Path, *serving: str) -> tuple[subprocess.Popen, str]:
+    """`sagellm serve SERVING... --join HEAD` in a subprocess, logging to tmp_path/joiner.log; it and its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "sagellm.cli.main", "serve", *serving, "--port", str(port), "--no-embedding",
+               "--state-dir", str(tmp_path / "joiner"), "--join", head.url,
+               "--join-key", head.gateway.admin_key]  # fmt: skip
+    log = (tmp_path / "joiner.log").open("wb")
+    env = {**os.environ, "SAGELLM_LOG_LEVEL": "info"}
+    with log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), f"http://127.0.0.1:{port}"
+
+
+def stop(joiner: subprocess.Popen) -> None:
+    if joiner.poll() is None:
+        joiner.kill()
+        joiner.wait(10)
+
+
 @pytest.mark.slow
 def test_a_joined_server_shares_the_heads_model_with_token_ids_and_leaves_drained(tiny_model, tmp_path):
     with running_gateway(GRAPHS / "colocated.yaml", head_config(tmp_path), tiny_model) as head:
@@ -65,14 +83,7 @@ def test_a_joined_server_shares_the_heads_model_with_token_ids_and_leaves_draine
         asked = {**BODY, "return_token_ids": True}
         reference = httpx.post(head.url + "/v1/completions", json=asked, timeout=REPLY_TIMEOUT_S).json()["choices"][0]
         assert len(reference["token_ids"]) == BODY["max_tokens"]
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "sagellm.cli.main", "serve", str(GRAPHS / "colocated.yaml"),
-                   "--model", str(tiny_model), "--port", str(port), "--no-embedding", "--state-dir",
-                   str(tmp_path / "joiner"), "--join", head.url, "--join-key", head.gateway.admin_key]  # fmt: skip
-        log = (tmp_path / "joiner.log").open("wb")
-        env = {**os.environ, "SAGELLM_LOG_LEVEL": "info"}
-        joiner = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        joiner, url = start_joiner(head, tmp_path, str(GRAPHS / "colocated.yaml"), "--model", str(tiny_model))
         try:
             engine = joined_engine(admin, url, joiner)
             assert engine is not None, (tmp_path / "joiner.log").read_text()[-3000:]
@@ -93,9 +104,7 @@ def test_a_joined_server_shares_the_heads_model_with_token_ids_and_leaves_draine
             assert after.status_code == 200 and after.json()["choices"][0]["text"] == reference["text"]
             assert "left" in (tmp_path / "joiner.log").read_text()
         finally:
-            if joiner.poll() is None:
-                joiner.kill()
-            log.close()
+            stop(joiner)
 
 
 def _complete(url: str, body: dict) -> dict:
@@ -107,14 +116,9 @@ def test_a_server_of_models_on_demand_joins_as_each_and_loads_one_when_the_head_
     with running_gateway(GRAPHS / "colocated.yaml", head_config(tmp_path), tiny_model) as head:
         admin = httpx.Client(base_url=head.url, headers={"authorization": f"Bearer {head.gateway.admin_key}"})
         reference = httpx.post(head.url + "/v1/completions", json=BODY, timeout=REPLY_TIMEOUT_S).json()
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "sagellm.cli.main", "serve", "--model", f"tiny={tiny_model}", "--model",
-                   f"again={tiny_model}", "--max-loaded-models", "1", "--max-num-seqs", "2", "--kv-cache-memory-gb",
-                   "0.05", "--port", str(port), "--no-embedding", "--state-dir", str(tmp_path / "joiner"), "--join",
-                   head.url, "--join-key", head.gateway.admin_key]  # fmt: skip
-        log = (tmp_path / "joiner.log").open("wb")
-        joiner = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        serving = ["--model", f"tiny={tiny_model}", "--model", f"again={tiny_model}", "--max-loaded-models", "1",
+                   "--max-num-seqs", "2", "--kv-cache-memory-gb", "0.05"]  # fmt: skip
+        joiner, url = start_joiner(head, tmp_path, *serving)
         try:
             assert joined_engine(admin, url, joiner) is not None, (tmp_path / "joiner.log").read_text()[-3000:]
             deadline = time.monotonic() + 60
@@ -131,10 +135,35 @@ def test_a_server_of_models_on_demand_joins_as_each_and_loads_one_when_the_head_
             assert joiner.wait(60) == 0
             assert all(e.get("url") != url for e in admin.get(ENGINES).json()["data"])  # both left before it stopped
         finally:
-            if joiner.poll() is None:
-                joiner.kill()
-                joiner.wait(10)
-            log.close()
+            stop(joiner)
+
+
+@pytest.mark.slow
+def test_a_keys_limits_hold_for_the_requests_the_head_sends_to_a_joined_server(tiny_model, tmp_path):
+    """The head's door counts a key's requests and tokens whichever instance serves them: of twelve requests at
+    once under a limit of eight a minute, eight run (a share of them on the joined server), four get a 429, and the
+    completions the joined server streamed back count against the key's tokens."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {name: team, key: sk-team-key, requests_per_minute: 8}\n")
+    config = tiny_config(tmp_path / "head", allowed_upstreams=LOCAL_UPSTREAMS, api_keys_file=keys)
+    with running_gateway(GRAPHS / "colocated.yaml", config, tiny_model) as head:
+        admin = httpx.Client(base_url=head.url, headers={"authorization": f"Bearer {head.gateway.admin_key}"})
+        joiner, url = start_joiner(head, tmp_path, str(GRAPHS / "colocated.yaml"), "--model", str(tiny_model))
+        try:
+            assert joined_engine(admin, url, joiner) is not None, (tmp_path / "joiner.log").read_text()[-3000:]
+            team = {"authorization": "Bearer sk-team-key"}
+            with ThreadPoolExecutor(6) as pool:
+                replies = list(pool.map(lambda _: httpx.post(head.url + "/v1/completions", json=BODY, headers=team,
+                                                             timeout=REPLY_TIMEOUT_S), range(12)))  # fmt: skip
+            assert sorted(r.status_code for r in replies) == [200] * 8 + [429] * 4, [r.text for r in replies]
+            assert completed(url) > 0  # the joined server ran some of the eight
+            used = admin.get("/v1/management/usage").json()["keys"]["team"]
+            served = [r.json()["usage"] for r in replies if r.status_code == 200]
+            assert used["requests"] == 8 and used["rate_limited"] == {"requests": 4}
+            assert used["completion_tokens"] == sum(u["completion_tokens"] for u in served) == 8 * BODY["max_tokens"]
+            assert used["last_minute"]["tokens"] == sum(u["total_tokens"] for u in served)
+        finally:
+            stop(joiner)
 
 
 def test_an_admins_removal_is_final_and_a_restarted_head_is_joined_again(gateway, admin):
