@@ -17,7 +17,6 @@ out=$1; shift
 servers=("${@:-sagellm sagellm-pd vllm llamacpp-q4}")
 read -r -a servers <<<"${servers[*]}"
 here=$(cd "$(dirname "$0")/.." && pwd)
-PEERS=${PEERS:-/tmp/peers}
 SERVE=${SERVE:-$here/../shared/peers/serve.sh}
 SAGELLM=${SAGELLM:-$here/.venv/bin/sagellm}
 REPEATS=${REPEATS:-2}
@@ -25,8 +24,8 @@ SEED=${SEED:-$((RANDOM * 10))}
 PORT=${PORT:-8190}
 mkdir -p "$out"
 source "$here/benchmarks/server_lifecycle.sh"  # wait_ready, stop
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $(nproc) cores; $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' \
-  | grep -E '^(avx|fma|f16c|amx)' | tr '\n' ' ')"
+source "$here/benchmarks/vllm_client.sh"  # print_cpu, vllm_bench
+print_cpu
 
 start() {  # NAME -> the server's pid in $server, its model name in $model
   case $1 in
@@ -42,14 +41,8 @@ start() {  # NAME -> the server's pid in $server, its model name in $model
   wait_ready "$1"
 }
 
-bench() {  # NAME SEED
-  echo "$(date +%T) $1 seed $2" >&2
-  VLLM_TARGET_DEVICE=cpu "$PEERS/venv-vllm/bin/vllm" bench serve --backend openai --base-url "http://127.0.0.1:$PORT" \
-    --endpoint /v1/completions --model "$model" --tokenizer "$PEERS/smollm2-hf" --dataset-name random \
-    --random-input-len 256 --random-output-len 128 --num-prompts 8 --max-concurrency 1 --ignore-eos \
-    --temperature 0 --seed "$2" --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 \
-    --save-result --result-dir "$out" --result-filename "${1}_c1_s${2}.json" >"$out/${1}_s${2}.log" 2>&1 \
-    || echo "$1 failed (seed $2): $out/${1}_s${2}.log" >&2
+bench() {  # NAME SEED: one W1 single-stream run
+  vllm_bench "$1" "http://127.0.0.1:$PORT" "$model" "$2" 1 8 256 128
 }
 
 busy() {  # NAME SEED: the run with one busy program beside the server

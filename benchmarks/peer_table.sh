@@ -11,31 +11,19 @@
 set -euo pipefail
 out=$1; shift
 servers=("$@")
-PEERS=${PEERS:-/tmp/peers}
 REPEATS=${REPEATS:-3}
 SEED=${SEED:-$((RANDOM * 10))}  # fresh prompts every run: vLLM's prefix cache and llama.cpp's slots remember
 mkdir -p "$out"
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|fma|f16c|amx)' | tr '\n' ' ')"
-
-bench() {  # NAME URL MODEL SEED CONCURRENCY PROMPTS INPUT OUTPUT [extra vllm bench serve flags]
-  local name=$1 url=$2 model=$3 seed=$4 concurrency=$5 prompts=$6 input=$7 output=$8; shift 8
-  echo "$(date +%T) $name c$concurrency seed $seed" >&2
-  VLLM_TARGET_DEVICE=cpu "$PEERS/venv-vllm/bin/vllm" bench serve --backend openai --base-url "$url" \
-    --endpoint /v1/completions --model "$model" --tokenizer "$PEERS/smollm2-hf" --dataset-name random \
-    --random-input-len "$input" --random-output-len "$output" --num-prompts "$prompts" \
-    --max-concurrency "$concurrency" --ignore-eos --temperature 0 --seed "$seed" \
-    --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 "$@" \
-    --save-result --result-dir "$out" --result-filename "${name}_c${concurrency}_s${seed}.json" >/dev/null 2>&1 \
-    || echo "$name failed (seed $seed)" >&2
-}
+source "$(dirname "$0")/vllm_client.sh"  # print_cpu, vllm_bench
+print_cpu
 
 for ((r = 0; r < REPEATS; r++)); do
   n=${#servers[@]}
   for ((i = 0; i < n; i++)); do  # round r starts with server r: every server goes first once in three rounds
     IFS== read -r name url model <<<"${servers[(i + r) % n]}"
-    bench "$name" "$url" "$model" $((SEED + r)) 16 64 256 128
-    bench "$name" "$url" "$model" $((SEED + 100 + r)) 1 8 256 128
-    bench "$name-w3" "$url" "$model" $((SEED + 200 + r)) 1 16 32 16 --random-prefix-len 512
+    vllm_bench "$name" "$url" "$model" $((SEED + r)) 16 64 256 128
+    vllm_bench "$name" "$url" "$model" $((SEED + 100 + r)) 1 8 256 128
+    vllm_bench "$name-w3" "$url" "$model" $((SEED + 200 + r)) 1 16 32 16 --random-prefix-len 512
   done
 done
 here=$(cd "$(dirname "$0")/.." && pwd)

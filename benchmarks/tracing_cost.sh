@@ -11,12 +11,12 @@
 # Needs vLLM's client (../shared/peers/setup.sh vllm) and a quiet machine.
 set -euo pipefail
 out=$1 base=$2
-PEERS=${PEERS:-/tmp/peers}
 REPEATS=${REPEATS:-2}
 SEED=${SEED:-$((RANDOM * 10))}
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|fma|f16c|amx)' | tr '\n' ' ')"
+source "$here/benchmarks/vllm_client.sh"  # print_cpu, vllm_bench
+print_cpu
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null' EXIT
 
@@ -33,14 +33,8 @@ serve off "$here" 8102
 serve on "$here" 8103 --otlp-traces-endpoint http://127.0.0.1:4318/v1/traces
 model=$(curl -s http://127.0.0.1:8101/v1/models | "$here/.venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 
-bench() {  # NAME PORT SEED
-  echo "$(date +%T) $1 seed $3" >&2
-  VLLM_TARGET_DEVICE=cpu "$PEERS/venv-vllm/bin/vllm" bench serve --backend openai --base-url "http://127.0.0.1:$2" \
-    --endpoint /v1/completions --model "$model" --tokenizer "$PEERS/smollm2-hf" --dataset-name random \
-    --random-input-len 256 --random-output-len 128 --num-prompts 64 --max-concurrency 16 --ignore-eos \
-    --temperature 0 --seed "$3" --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 \
-    --save-result --result-dir "$out" --result-filename "${1}_c16_s${3}.json" >"$out/${1}_s${3}.log" 2>&1 \
-    || echo "$1 failed (seed $3): $out/${1}_s${3}.log" >&2
+bench() {  # NAME PORT SEED: one W1-c16 run
+  vllm_bench "$1" "http://127.0.0.1:$2" "$model" "$3" 16 64 256 128
 }
 names=(before off on) ports=(8101 8102 8103)
 for ((r = 0; r < REPEATS; r++)); do

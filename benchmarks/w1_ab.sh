@@ -12,21 +12,14 @@
 set -euo pipefail
 out=$1 suffix=$2 body=$3 title=$4; shift 4
 servers=("$@")
-PEERS=${PEERS:-/tmp/peers}
 REPEATS=${REPEATS:-2}
 SEED=${SEED:-$((RANDOM * 10))}
 mkdir -p "$out"
-echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'); $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|fma|f16c|amx)' | tr '\n' ' ')"
+source "$(dirname "$0")/vllm_client.sh"  # print_cpu, vllm_bench
+print_cpu
 
-bench() {  # NAME URL MODEL SEED [extra vllm bench serve flags]
-  local name=$1 url=$2 model=$3 seed=$4; shift 4
-  echo "$(date +%T) $name seed $seed" >&2
-  VLLM_TARGET_DEVICE=cpu "$PEERS/venv-vllm/bin/vllm" bench serve --backend openai --base-url "$url" \
-    --endpoint /v1/completions --model "$model" --tokenizer "$PEERS/smollm2-hf" --dataset-name random \
-    --random-input-len 256 --random-output-len 128 --num-prompts 64 --max-concurrency 16 --ignore-eos \
-    --temperature 0 --seed "$seed" --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99 "$@" \
-    --save-result --result-dir "$out" --result-filename "${name}_c16_s${seed}.json" >"$out/${name}_s${seed}.log" 2>&1 \
-    || echo "$name failed (seed $seed): $out/${name}_s${seed}.log" >&2
+bench() {  # NAME URL MODEL SEED [flags]: one W1-c16 run
+  vllm_bench "$1" "$2" "$3" "$4" 16 64 256 128 "${@:5}"
 }
 
 for ((r = 0; r < REPEATS; r++)); do
