@@ -115,7 +115,8 @@ def main() -> None:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-    print(f"otlp_sink: {len(receiver.spans)} spans received")
+    names = sorted({span.name for span in receiver.spans})
+    print(f"otlp_sink: {len(receiver.spans)} spans received ({', '.join(names)})")
 
 
 if __name__ == "__main__":

@@ -282,10 +282,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         # Prompt tokens computed this step, by request (a traced request's prefill chunks), and in all: the operators'
         # prefill rate, which predicts a request's wait for its first token (decode steps, and the tokens proposed to
-        # them, would say nothing of it).
+        # them, would say nothing of it). A one-token prompt's entry has a decode's shape: its uncomputed prompt
+        # says it is not one.
         decodes = batch.num_decodes
         self.last_step_prefills = [
-            (seq.request_id, n) for seq, n in zip(batch.seqs[decodes:], batch.num_new_tokens[decodes:])
+            (seq.request_id, n)
+            for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+            if i >= decodes or seq.num_computed_tokens < seq.num_prompt_tokens
         ]
         self.last_step_prompt_tokens = sum(n for _, n in self.last_step_prefills)
         return batch, StepTimer.of(batch, started)
