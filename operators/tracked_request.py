@@ -24,10 +24,9 @@ class TrackedRequest:
     prefilled_elsewhere: bool = False  # a PrefillDone: its cache hits were counted by the prefill worker
     received: float = field(default_factory=time.time)  # when this engine took it: its span's start
     # Its steps here, children of its span when traced: its prompt's chunks (start, end, tokens; noted only when
-    # traced), and its decoding steps after the first token and when they began.
+    # traced), and its decoding steps after the first token (decoding began with it).
     chunks: list[tuple[float, float, int]] = field(default_factory=list)
     decode_steps: int = 0
-    decode_began: float | None = None
 
     @classmethod
     def of(cls, request: Request) -> TrackedRequest:
@@ -39,8 +38,7 @@ class TrackedRequest:
         """`count` new output tokens at `now`."""
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
-        else:  # a decoding step's: decoding began with the first token
-            self.decode_began = self.decode_began or self.metrics.first_token_time
+        else:
             self.decode_steps += 1
         self.metrics.num_output_tokens += count
 
@@ -68,6 +66,6 @@ class TrackedRequest:
         steps = tracing.context_of(span)
         for index, (start, end, tokens) in enumerate(self.chunks):
             tracing.record("prefill_chunk", steps, start, end, {"sagellm.chunk": index, "sagellm.chunk_tokens": tokens})
-        if self.decode_began is not None:
-            tracing.record("decode_steps", steps, self.decode_began, now, {"sagellm.steps": self.decode_steps})
+        if self.decode_steps and m.first_token_time is not None:
+            tracing.record("decode_steps", steps, m.first_token_time, now, {"sagellm.steps": self.decode_steps})
         tracing.end(span, now, error=error)
